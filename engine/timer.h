@@ -1,0 +1,62 @@
+/*
+ * timer: a binary min-heap of deadlines, one per worker. Thousands of
+ * per-connection deadlines are re-armed on every read, so arm and cancel
+ * are O(log n) with the heap slot kept in the timer itself; the loop asks
+ * timer_next() for how long it may sleep and timer_run() fires what is due.
+ *
+ * Ties fire in arming order (a sequence number), so equal deadlines are
+ * deterministic. A timer is embedded in its owner; the heap only borrows it.
+ *
+ * Threading: a heap belongs to one thread (its worker).
+ */
+#ifndef SLUICE_ENGINE_TIMER_H
+#define SLUICE_ENGINE_TIMER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct timer;
+typedef void timer_fn(struct timer *t, void *ctx);
+
+struct timer {
+    uint64_t deadline; /* CLOCK_MONOTONIC nanoseconds */
+    uint64_t seq;      /* arming order, breaks ties */
+    uint32_t slot;     /* heap index + 1; 0 when not armed */
+    timer_fn *fire;    /* called once when due, after the timer was disarmed */
+};
+
+struct timer_heap {
+    struct timer **v; /* owned array of borrowed timers */
+    uint32_t n, cap;
+    uint64_t seq;
+};
+
+static inline void
+timer_init(struct timer *t, timer_fn *fire)
+{
+    t->deadline = 0;
+    t->seq = 0;
+    t->slot = 0;
+    t->fire = fire;
+}
+
+static inline bool
+timer_armed(const struct timer *t)
+{
+    return t->slot != 0;
+}
+
+int timer_heap_init(struct timer_heap *h, uint32_t cap);
+void timer_heap_fini(struct timer_heap *h);
+/* Arm or re-arm t for deadline. Returns 0 or -ENOMEM (heap growth). */
+int timer_arm(struct timer_heap *h, struct timer *t, uint64_t deadline);
+/* Disarm t if armed; a cancelled timer never fires. */
+void timer_cancel(struct timer_heap *h, struct timer *t);
+/* The earliest deadline, or UINT64_MAX when none is armed. */
+uint64_t timer_next(const struct timer_heap *h);
+/* Fire every timer whose deadline <= now, earliest first; a fire callback
+ * may arm or cancel any timer (including itself); a timer armed during
+ * the run fires on the next run at the earliest. Returns how many fired. */
+unsigned timer_run(struct timer_heap *h, uint64_t now, void *ctx);
+
+#endif

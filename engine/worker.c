@@ -1,0 +1,269 @@
+/*
+ * worker: the loop of worker.h.
+ *
+ * The ring is set up with SINGLE_ISSUER and DEFER_TASKRUN where the kernel
+ * has them (6.1+): completions are then processed only when this thread
+ * enters the kernel to wait, which is exactly once per turn. Older kernels
+ * fall back to COOP_TASKRUN, then to no flags.
+ */
+#include "engine/worker.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+
+uint64_t
+clock_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static int
+ring_setup(struct io_uring *ring, unsigned entries)
+{
+    static const unsigned flag_sets[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int rc = -EINVAL;
+    for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof(p));
+        p.flags = flag_sets[i] | IORING_SETUP_CQSIZE;
+        p.cq_entries = entries * 4;
+        rc = io_uring_queue_init_params(entries, ring, &p);
+        if (rc != -EINVAL)
+            return rc;
+    }
+    return rc;
+}
+
+static void worker_on_stop(struct worker *w, struct worker_msg *m);
+
+int
+worker_init(struct worker *w, unsigned id, unsigned entries, void *ctx)
+{
+    memset(w, 0, sizeof(*w));
+    w->id = id;
+    w->ctx = ctx;
+    w->wake_fd = -1;
+    snprintf(w->name, sizeof(w->name), "w%u", id);
+    w->mbox_tail = &w->mbox_head;
+    w->stop_msg.fn = worker_on_stop;
+    w->wake_op.kind = OP_WAKE;
+    int rc = pthread_mutex_init(&w->mbox_lock, NULL);
+    if (rc != 0)
+        return -rc;
+    rc = timer_heap_init(&w->timers, 1024);
+    if (rc < 0)
+        goto fail_mutex;
+    w->wake_fd = eventfd(0, EFD_CLOEXEC);
+    if (w->wake_fd < 0) {
+        rc = -errno;
+        goto fail_timers;
+    }
+    rc = ring_setup(&w->ring, entries);
+    if (rc < 0)
+        goto fail_fd;
+    /* SINGLE_ISSUER binds the ring to the first thread that submits; the
+     * first submit happens in worker_run(), on the worker's thread. */
+    w->now = clock_now_ns();
+    return 0;
+
+fail_fd:
+    close(w->wake_fd);
+    w->wake_fd = -1;
+fail_timers:
+    timer_heap_fini(&w->timers);
+fail_mutex:
+    pthread_mutex_destroy(&w->mbox_lock);
+    return rc;
+}
+
+void
+worker_fini(struct worker *w)
+{
+    io_uring_queue_exit(&w->ring);
+    if (w->wake_fd >= 0)
+        close(w->wake_fd);
+    w->wake_fd = -1;
+    timer_heap_fini(&w->timers);
+    pthread_mutex_destroy(&w->mbox_lock);
+}
+
+struct io_uring_sqe *
+worker_sqe(struct worker *w, struct op *op)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&w->ring);
+    if (sqe == NULL) {
+        int rc = io_uring_submit(&w->ring);
+        sqe = io_uring_get_sqe(&w->ring);
+        if (sqe == NULL) {
+            log_msg(LOG_CRIT, "worker=%s event=panic reason=no_sqe submit=%d", w->name, rc);
+            abort();
+        }
+    }
+    io_uring_sqe_set_data(sqe, op);
+    return sqe;
+}
+
+static void
+wake_arm(struct worker *w)
+{
+    struct io_uring_sqe *sqe = worker_sqe(w, &w->wake_op);
+    io_uring_prep_read(sqe, w->wake_fd, &w->wake_buf, sizeof(w->wake_buf), 0);
+    w->wake_armed = true;
+}
+
+void
+worker_post(struct worker *w, struct worker_msg *m)
+{
+    m->next = NULL;
+    pthread_mutex_lock(&w->mbox_lock);
+    bool was_empty = w->mbox_head == NULL;
+    *w->mbox_tail = m;
+    w->mbox_tail = &m->next;
+    pthread_mutex_unlock(&w->mbox_lock);
+    /* Only the post that makes the box non-empty wakes: the worker takes
+     * the whole list at once, so later posts ride on the same wake-up. */
+    if (was_empty) {
+        uint64_t one = 1;
+        while (write(w->wake_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+            ;
+    }
+}
+
+static void
+mbox_drain(struct worker *w)
+{
+    pthread_mutex_lock(&w->mbox_lock);
+    struct worker_msg *m = w->mbox_head;
+    w->mbox_head = NULL;
+    w->mbox_tail = &w->mbox_head;
+    pthread_mutex_unlock(&w->mbox_lock);
+    while (m != NULL) {
+        struct worker_msg *next = m->next;
+        w->stats.msgs++;
+        m->fn(w, m);
+        m = next;
+    }
+}
+
+static void
+worker_on_stop(struct worker *w, struct worker_msg *m)
+{
+    (void)m;
+    w->stopping = true;
+}
+
+void
+worker_stop(struct worker *w)
+{
+    worker_post(w, &w->stop_msg);
+}
+
+static void
+dispatch(struct worker *w, struct io_uring_cqe *cqe)
+{
+    struct op *op = io_uring_cqe_get_data(cqe);
+    if (op == NULL)
+        return; /* a cancel or close whose result nobody wants */
+    switch ((enum op_kind)op->kind) {
+    case OP_WAKE:
+        w->wake_armed = false;
+        if (cqe->res < 0 && cqe->res != -EINTR && cqe->res != -ECANCELED)
+            log_msg(LOG_ERR, "worker=%s event=wake_read_failed err=%s", w->name,
+                    strerror(-cqe->res));
+        mbox_drain(w);
+        if (!w->stopping)
+            wake_arm(w);
+        break;
+    case OP_CALLBACK:
+        op->done(w, op, cqe->res, cqe->flags);
+        break;
+    case OP_NONE:
+    default:
+        log_msg(LOG_CRIT, "worker=%s event=panic reason=bad_op kind=%u", w->name, op->kind);
+        abort();
+    }
+}
+
+int
+worker_run(struct worker *w)
+{
+    log_set_thread_name(w->name);
+    wake_arm(w);
+    /* A message posted before the loop started wrote the eventfd, so the
+     * read armed above completes at once: nothing is missed. */
+    while (!w->stopping) {
+        w->stats.loops++;
+        w->now = clock_now_ns();
+        w->stats.timers += timer_run(&w->timers, w->now, w);
+
+        struct __kernel_timespec ts, *tsp = NULL;
+        uint64_t next = timer_next(&w->timers);
+        if (next != UINT64_MAX) {
+            uint64_t now = clock_now_ns();
+            uint64_t wait = next > now ? next - now : 0;
+            ts.tv_sec = (long long)(wait / 1000000000ULL);
+            ts.tv_nsec = (long long)(wait % 1000000000ULL);
+            tsp = &ts;
+        }
+        struct io_uring_cqe *cqe;
+        int rc = io_uring_submit_and_wait_timeout(&w->ring, &cqe, 1, tsp, NULL);
+        if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+            log_msg(LOG_CRIT, "worker=%s event=ring_failed err=%s", w->name, strerror(-rc));
+            return rc;
+        }
+        unsigned head, n = 0;
+        io_uring_for_each_cqe(&w->ring, head, cqe)
+        {
+            n++;
+            dispatch(w, cqe);
+        }
+        io_uring_cq_advance(&w->ring, n);
+        w->stats.cqes += n;
+        w->now = clock_now_ns();
+    }
+    return 0;
+}
+
+static void *
+worker_thread(void *arg)
+{
+    struct worker *w = arg;
+    intptr_t rc = worker_run(w);
+    return (void *)rc;
+}
+
+int
+worker_start(struct worker *w)
+{
+    int rc = pthread_create(&w->thread, NULL, worker_thread, w);
+    if (rc != 0)
+        return -rc;
+    w->started = true;
+    return 0;
+}
+
+int
+worker_join(struct worker *w)
+{
+    if (!w->started)
+        return 0;
+    void *ret = NULL;
+    int rc = pthread_join(w->thread, &ret);
+    w->started = false;
+    if (rc != 0)
+        return -rc;
+    return (int)(intptr_t)ret;
+}
