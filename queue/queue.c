@@ -1,0 +1,2157 @@
+/*
+ * queue: the spool (see queue.h). This file owns the LMDB environment, the
+ * committer thread, the request hand-over between callers and the
+ * committer, completion ports, and every read of the spool.
+ *
+ * Threading: callers build a request on their own thread (envelope and
+ * recipients serialized there, so the committer only copies bytes) and
+ * append it to the inbound list under q->mu. The committer takes up to
+ * max_batch requests, applies them all in one write transaction, commits,
+ * and only then pushes each request onto its port (port->mu) and wakes the
+ * port's eventfd. The port owner runs the callbacks and frees the
+ * requests, so requests are allocated and freed on the caller's thread.
+ * Readers take a read transaction of their own (MDB_NOTLS) and end it
+ * before returning. Fields marked "committer only" are touched by no
+ * other thread once the committer has started.
+ *
+ * On disk (one LMDB environment, a directory with data.mdb and lock.mdb,
+ * plus sluice.lock which keeps a second process out):
+ *
+ *   meta  "schema"  -> u32 schema version (a newer one is refused)
+ *         "created" -> u64 Unix ms
+ *         "last_id" -> u64 highest message id ever stored (ids stay unique
+ *                      even if the clock steps back across a restart)
+ *   msg   id (8 bytes big-endian, so keys sort by time) ->
+ *         struct msg_head, then sender, envid, auth user, client address
+ *         (no NULs, lengths in the head), then the body when it is at most
+ *         BODY_INLINE_MAX: one put per message on the hot path
+ *   body  id + chunk number (4 bytes BE) -> BODY_CHUNK bytes of a larger body.
+ *         Chunks keep every LMDB allocation at 64 contiguous pages at most:
+ *         a 10 MB value would need 2560 contiguous free pages, which a
+ *         fragmented free list rarely has, so the file would grow instead.
+ *   rcpt  id + index (2 bytes BE) -> struct rcpt_head, then address,
+ *         lowercased domain, ORCPT, last reply text. Delivered and bounced
+ *         recipients are deleted; the message goes with its last one.
+ *   due   due ms (8 BE) + id + index -> empty: the deferred recipients in
+ *         time order.
+ *
+ * Records are native-endian (LMDB files are not portable across
+ * architectures anyway) and carry lengths that readers check before use.
+ *
+ * Durability choices. The environment is opened without MDB_WRITEMAP:
+ * pages are written with pwrite, so a full disk is an ENOSPC error from a
+ * commit, which we report, instead of a SIGBUS on a write into a sparse
+ * mapping, which would kill the server; it also keeps application bugs
+ * from scribbling on the map, and keeps nested transactions available.
+ * Each commit is LMDB's default: data pages, fdatasync, then the meta page
+ * (written O_DSYNC); only after that does any completion leave. With
+ * unsafe_no_sync the commits are not synced (MDB_NOSYNC); the file is
+ * synced once at close.
+ *
+ * A full map. LMDB needs free pages even to delete (copy-on-write), so a
+ * spool filled to the last page could never be emptied. The committer
+ * therefore admits an enqueue only if the pages it needs leave a reserve
+ * (2% of the map, 32 pages at least, 32 MB at most) for outcome updates.
+ * If a commit still fails for space, the enqueues of that batch get the
+ * error and its updates are committed alone (split in halves on failure).
+ * The map cannot grow while the server runs: raise map_size and restart.
+ */
+#include "queue/queue.h"
+
+#include <endian.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <lmdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+
+#define SCHEMA_VERSION  1u
+#define MSG_MAGIC       0x314d5153u /* "SQM1" */
+#define BODY_INLINE_MAX (256u * 1024)
+#define BODY_CHUNK      (256u * 1024)
+#define SCAN_CHUNK      4096 /* records per read transaction in long scans */
+#define MAX_READERS     510
+#define REPLY_STORE_MAX QUEUE_MAX_REPLY
+#define RCPT_REC_MAX                                                                               \
+    (sizeof(struct rcpt_head) + 2 * QUEUE_MAX_ADDR + QUEUE_MAX_PARAM + QUEUE_MAX_REPLY)
+
+/* ---- records ---- */
+
+enum { MSG_F_8BITMIME = 1, MSG_F_BINARYMIME = 2, MSG_F_SMTPUTF8 = 4 };
+
+struct msg_head {
+    uint32_t magic;
+    uint8_t flags;
+    uint8_t ret;
+    uint16_t nrcpt;       /* recipients at enqueue */
+    uint32_t body_chunks; /* 0: the body follows the strings in this record */
+    uint32_t reserved;
+    uint16_t sender_len, envid_len, auth_len, client_len;
+    uint64_t arrival_ms;
+    uint64_t expire_ms;
+    uint64_t body_len;
+};
+_Static_assert(sizeof(struct msg_head) == 48, "msg_head is an on-disk format");
+
+struct rcpt_head {
+    uint8_t state;
+    uint8_t notify;
+    uint16_t attempts;
+    uint16_t code;
+    uint16_t addr_len, domain_len, orcpt_len, reply_len;
+    uint16_t reserved;
+    uint64_t due_ms;
+    uint64_t last_ms;
+};
+_Static_assert(sizeof(struct rcpt_head) == 32, "rcpt_head is an on-disk format");
+
+#define MSG_KEY_LEN  8
+#define RCPT_KEY_LEN 10
+#define BODY_KEY_LEN 12
+#define DUE_KEY_LEN  18
+
+static void
+msg_key(unsigned char *k, uint64_t id)
+{
+    uint64_t be = htobe64(id);
+    memcpy(k, &be, 8);
+}
+
+static void
+rcpt_key(unsigned char *k, uint64_t id, unsigned idx)
+{
+    msg_key(k, id);
+    k[8] = (unsigned char)(idx >> 8);
+    k[9] = (unsigned char)idx;
+}
+
+static void
+body_key(unsigned char *k, uint64_t id, uint32_t chunk)
+{
+    msg_key(k, id);
+    uint32_t be = htobe32(chunk);
+    memcpy(k + 8, &be, 4);
+}
+
+static void
+due_key(unsigned char *k, uint64_t due, uint64_t id, unsigned idx)
+{
+    msg_key(k, due);
+    rcpt_key(k + 8, id, idx);
+}
+
+static uint64_t
+key_u64(const void *p)
+{
+    uint64_t be;
+    memcpy(&be, p, 8);
+    return be64toh(be);
+}
+
+static unsigned
+key_u16(const unsigned char *p)
+{
+    return (unsigned)p[0] << 8 | p[1];
+}
+
+/* Check a msg record and return its head; strings and inline body follow. */
+static bool
+msg_decode(const MDB_val *v, struct msg_head *h)
+{
+    if (v->mv_size < sizeof(*h))
+        return false;
+    memcpy(h, v->mv_data, sizeof(*h));
+    size_t strings = (size_t)h->sender_len + h->envid_len + h->auth_len + h->client_len;
+    size_t body = h->body_chunks ? 0 : h->body_len;
+    return h->magic == MSG_MAGIC && h->nrcpt > 0 && h->body_len <= SIZE_MAX - strings &&
+           v->mv_size == sizeof(*h) + strings + body;
+}
+
+static size_t
+msg_head_len(const struct msg_head *h)
+{
+    return sizeof(*h) + h->sender_len + h->envid_len + h->auth_len + h->client_len;
+}
+
+static bool
+rcpt_decode(const MDB_val *v, struct rcpt_head *h)
+{
+    if (v->mv_size < sizeof(*h))
+        return false;
+    memcpy(h, v->mv_data, sizeof(*h));
+    return (h->state == QUEUE_RCPT_READY || h->state == QUEUE_RCPT_DEFERRED) &&
+           v->mv_size ==
+               sizeof(*h) + (size_t)h->addr_len + h->domain_len + h->orcpt_len + h->reply_len;
+}
+
+/* ---- requests and ports ---- */
+
+enum req_kind { REQ_ENQUEUE, REQ_UPDATE };
+
+struct upd_item {
+    uint64_t id;
+    uint64_t due_ms;
+    const char *reply; /* borrowed: points into the request's data */
+    uint32_t rcpt;
+    uint16_t code;
+    uint16_t reply_len;
+    uint8_t kind;
+};
+
+struct queue_req {
+    struct queue_req *next;  /* inbound list, then the port's list */
+    struct queue_port *port; /* borrowed: the caller keeps it until the callback ran */
+    queue_done_fn *done;
+    void *cookie;
+    int rc;
+    enum req_kind kind;
+    uint64_t cost; /* body bytes, against max_batch_bytes */
+    union {
+        struct {
+            uint64_t id;
+            uint64_t body_len;
+            const struct iovec *iov; /* into data: the caller's iovecs, copied */
+            unsigned iovcnt;
+            unsigned nrcpt;
+            uint32_t chunks;
+            size_t head_len;
+            const unsigned char *head;  /* into data: the msg record's head */
+            const unsigned char *rcpts; /* into data: nrcpt times (u32 len, record, pad to 4) */
+            size_t rcpt_bytes;
+        } enq;
+        struct {
+            size_t n;
+            const struct upd_item *items; /* into data */
+        } upd;
+    } u;
+    uint64_t data[]; /* 8-aligned serialized payload */
+};
+
+struct queue_port {
+    int efd;
+    pthread_mutex_t mu;
+    struct queue_req *head, *tail; /* completed, not drained; guarded by mu */
+    atomic_uint pending;           /* submitted, callback not yet run */
+    /* committer only: completions of the current batch for this port */
+    uint64_t mark;
+    struct queue_req *chain_head, *chain_tail;
+};
+
+/* Counts of one write transaction, folded into the stats after commit. */
+struct tally {
+    uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, max_id;
+};
+
+struct queue_counters {
+    _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
+        enqueue_refused, outcomes, outcomes_stale, removed, batch_max, commit_us_total,
+        commit_us_max, backlog, map_size, map_used;
+};
+
+struct queue {
+    struct queue_config cfg; /* owned copy */
+    MDB_env *env;            /* owned */
+    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due;
+    int lock_fd;
+    size_t psize;
+    size_t map_pages;
+    size_t reserve_pages;
+    _Atomic uint64_t last_id; /* generator state, see queue_id_next */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    struct queue_req *in_head, *in_tail; /* guarded by mu */
+    size_t in_count;                     /* guarded by mu */
+    bool stopping;                       /* guarded by mu */
+    bool idle;                           /* guarded by mu: committer waits on cond */
+    pthread_t committer;
+    bool committer_started;
+
+    /* committer only */
+    struct queue_req **vec_upd, **vec_enq; /* owned, max_batch each */
+    struct queue_port **ports;             /* owned, max_batch */
+    uint64_t *touched;                     /* owned: ids whose recipients changed */
+    size_t touched_n, touched_cap;
+    uint64_t batch_no;
+    size_t last_pgno;
+    uint64_t high_id;    /* "last_id" as stored */
+    unsigned since_free; /* commits since the last one that removed messages, up to 2 */
+    bool full;
+    uint64_t full_logged_ms;
+    bool panic_logged;
+
+    struct queue_counters st;
+};
+
+static uint64_t
+now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint64_t
+mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+/* LMDB (and errno) codes to ours: the only place they are translated. */
+static int
+lmdb_err(int rc)
+{
+    switch (rc) {
+    case 0:
+        return 0;
+    case MDB_MAP_FULL:
+        return QUEUE_EMAPFULL;
+    case MDB_NOTFOUND:
+        return QUEUE_ENOTFOUND;
+    case MDB_KEYEXIST:
+        return QUEUE_EEXIST;
+    case MDB_PANIC:
+    case MDB_MAP_RESIZED:
+        return QUEUE_EPANIC;
+    case MDB_READERS_FULL:
+        return QUEUE_EREADERS;
+    case MDB_CORRUPTED:
+    case MDB_PAGE_NOTFOUND:
+    case MDB_INVALID:
+    case MDB_VERSION_MISMATCH:
+    case MDB_INCOMPATIBLE:
+        return QUEUE_ECORRUPT;
+    case ENOSPC:
+    case EDQUOT:
+        return -ENOSPC;
+    }
+    if (rc > 0)
+        return -rc;
+    return QUEUE_ESTORE;
+}
+
+static bool
+lmdb_space_err(int rc)
+{
+    return rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT;
+}
+
+/* ---- ports ---- */
+
+struct queue_port *
+queue_port_new(void)
+{
+    struct queue_port *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return NULL;
+    p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (p->efd < 0) {
+        int e = errno;
+        free(p);
+        errno = e;
+        return NULL;
+    }
+    pthread_mutex_init(&p->mu, NULL);
+    atomic_init(&p->pending, 0);
+    return p;
+}
+
+struct queue_port *
+queue_port_free(struct queue_port *port)
+{
+    if (port == NULL)
+        return NULL;
+    if (atomic_load(&port->pending) != 0) {
+        log_msg(LOG_CRIT, "queue=port_free pending=%u bug=freed_with_requests_in_flight",
+                atomic_load(&port->pending));
+        abort();
+    }
+    close(port->efd);
+    pthread_mutex_destroy(&port->mu);
+    free(port);
+    return NULL;
+}
+
+int
+queue_port_fd(const struct queue_port *port)
+{
+    return port->efd;
+}
+
+unsigned
+queue_port_pending(const struct queue_port *port)
+{
+    return atomic_load(&((struct queue_port *)port)->pending);
+}
+
+int
+queue_port_drain(struct queue_port *port)
+{
+    /* Clear the eventfd before taking the list: a push after the take
+     * finds the list empty and signals again, so nothing is missed. */
+    uint64_t v;
+    ssize_t rd = read(port->efd, &v, sizeof(v));
+    (void)rd;
+    pthread_mutex_lock(&port->mu);
+    struct queue_req *r = port->head;
+    port->head = port->tail = NULL;
+    pthread_mutex_unlock(&port->mu);
+    unsigned n = 0;
+    for (struct queue_req *x = r; x != NULL; x = x->next)
+        n++;
+    /* Counted down before any callback, so a callback may free the port. */
+    if (n > 0)
+        atomic_fetch_sub(&port->pending, n);
+    while (r != NULL) {
+        struct queue_req *next = r->next;
+        r->done(r->cookie, r->rc);
+        free(r);
+        r = next;
+    }
+    return (int)n;
+}
+
+int
+queue_port_wait(struct queue_port *port, int timeout_ms)
+{
+    struct pollfd pfd = {.fd = port->efd, .events = POLLIN};
+    int rc = poll(&pfd, 1, timeout_ms);
+    if (rc < 0)
+        return -errno;
+    return queue_port_drain(port);
+}
+
+/* Committer: hand a chain of completed requests to their port. The
+ * eventfd is written under the lock: once the lock is released the owner
+ * may drain, see pending reach 0 and free the port. */
+static void
+port_push(struct queue_port *p, struct queue_req *head, struct queue_req *tail)
+{
+    pthread_mutex_lock(&p->mu);
+    bool was_empty = p->head == NULL;
+    if (was_empty)
+        p->head = head;
+    else
+        p->tail->next = head;
+    p->tail = tail;
+    if (was_empty) {
+        uint64_t one = 1;
+        ssize_t wr = write(p->efd, &one, sizeof(one));
+        (void)wr; /* only fails when the counter is saturated: still readable */
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- submitting ---- */
+
+static int
+submit(struct queue *q, struct queue_req *r)
+{
+    r->next = NULL;
+    atomic_fetch_add(&r->port->pending, 1);
+    pthread_mutex_lock(&q->mu);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->mu);
+        atomic_fetch_sub(&r->port->pending, 1);
+        return QUEUE_ECLOSED;
+    }
+    if (q->in_tail != NULL)
+        q->in_tail->next = r;
+    else
+        q->in_head = r;
+    q->in_tail = r;
+    q->in_count++;
+    atomic_store_explicit(&q->st.backlog, q->in_count, memory_order_relaxed);
+    if (q->idle)
+        pthread_cond_signal(&q->cond);
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+static size_t
+str_len(const char *s)
+{
+    return s ? strlen(s) : 0;
+}
+
+static size_t
+align4(size_t n)
+{
+    return (n + 3) & ~(size_t)3;
+}
+
+static unsigned char *
+put_bytes(unsigned char *p, const char *s, size_t n)
+{
+    if (n > 0)
+        memcpy(p, s, n);
+    return p + n;
+}
+
+int
+queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
+              const struct iovec *body, unsigned iovcnt, queue_done_fn *done, void *cookie)
+{
+    if (q == NULL || port == NULL || env == NULL || done == NULL || env->id == 0 ||
+        env->nrcpt == 0 || env->nrcpt > QUEUE_MAX_RCPT || env->rcpt == NULL ||
+        (iovcnt > 0 && body == NULL) || iovcnt > 1024 || (unsigned)env->ret > QUEUE_RET_HDRS ||
+        (unsigned)env->body_type > QUEUE_BODY_BINARYMIME)
+        return -EINVAL;
+    size_t sender_len = str_len(env->sender), envid_len = str_len(env->envid);
+    size_t auth_len = str_len(env->auth_user), client_len = str_len(env->client_addr);
+    if (sender_len > QUEUE_MAX_ADDR || envid_len > QUEUE_MAX_PARAM || auth_len > QUEUE_MAX_PARAM ||
+        client_len > QUEUE_MAX_PARAM)
+        return -EINVAL;
+    uint64_t body_len = 0;
+    for (unsigned i = 0; i < iovcnt; i++)
+        body_len += body[i].iov_len;
+    size_t rcpt_bytes = 0;
+    for (unsigned i = 0; i < env->nrcpt; i++) {
+        const struct queue_rcpt *r = &env->rcpt[i];
+        size_t alen = str_len(r->addr), olen = str_len(r->orcpt);
+        if (alen == 0 || alen > QUEUE_MAX_ADDR || olen > QUEUE_MAX_PARAM || r->notify > 15)
+            return -EINVAL;
+        const char *at = strrchr(r->addr, '@');
+        size_t dlen = at ? alen - (size_t)(at + 1 - r->addr) : 0;
+        rcpt_bytes += 4 + align4(sizeof(struct rcpt_head) + alen + dlen + olen);
+    }
+    size_t head_len = sizeof(struct msg_head) + sender_len + envid_len + auth_len + client_len;
+    size_t iov_bytes = iovcnt * sizeof(struct iovec);
+    size_t data_len = iov_bytes + align4(head_len) + rcpt_bytes;
+
+    struct queue_req *req = malloc(sizeof(*req) + data_len);
+    if (req == NULL)
+        return -ENOMEM;
+    unsigned char *data = (unsigned char *)req->data;
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->rc = 0;
+    req->kind = REQ_ENQUEUE;
+    req->cost = body_len;
+    req->u.enq.id = env->id;
+    req->u.enq.body_len = body_len;
+    req->u.enq.iovcnt = iovcnt;
+    req->u.enq.nrcpt = env->nrcpt;
+    req->u.enq.chunks =
+        body_len > BODY_INLINE_MAX ? (uint32_t)((body_len + BODY_CHUNK - 1) / BODY_CHUNK) : 0;
+    if (iovcnt > 0)
+        memcpy(data, body, iov_bytes);
+    req->u.enq.iov = (const struct iovec *)data;
+
+    struct msg_head h = {
+        .magic = MSG_MAGIC,
+        .flags = (uint8_t)((env->body_type == QUEUE_BODY_8BITMIME ? MSG_F_8BITMIME : 0) |
+                           (env->body_type == QUEUE_BODY_BINARYMIME ? MSG_F_BINARYMIME : 0) |
+                           (env->smtputf8 ? MSG_F_SMTPUTF8 : 0)),
+        .ret = (uint8_t)env->ret,
+        .nrcpt = (uint16_t)env->nrcpt,
+        .body_chunks = req->u.enq.chunks,
+        .sender_len = (uint16_t)sender_len,
+        .envid_len = (uint16_t)envid_len,
+        .auth_len = (uint16_t)auth_len,
+        .client_len = (uint16_t)client_len,
+        .arrival_ms = env->arrival_ms ? env->arrival_ms : now_ms(),
+        .expire_ms = env->expire_ms,
+        .body_len = body_len,
+    };
+    unsigned char *p = data + iov_bytes;
+    req->u.enq.head = p;
+    req->u.enq.head_len = head_len;
+    memcpy(p, &h, sizeof(h));
+    p += sizeof(h);
+    p = put_bytes(p, env->sender, sender_len);
+    p = put_bytes(p, env->envid, envid_len);
+    p = put_bytes(p, env->auth_user, auth_len);
+    p = put_bytes(p, env->client_addr, client_len);
+
+    p = data + iov_bytes + align4(head_len);
+    req->u.enq.rcpts = p;
+    req->u.enq.rcpt_bytes = rcpt_bytes;
+    for (unsigned i = 0; i < env->nrcpt; i++) {
+        const struct queue_rcpt *r = &env->rcpt[i];
+        size_t alen = strlen(r->addr), olen = str_len(r->orcpt);
+        const char *at = strrchr(r->addr, '@');
+        size_t dlen = at ? alen - (size_t)(at + 1 - r->addr) : 0;
+        struct rcpt_head rh = {
+            .state = QUEUE_RCPT_READY,
+            .notify = (uint8_t)r->notify,
+            .addr_len = (uint16_t)alen,
+            .domain_len = (uint16_t)dlen,
+            .orcpt_len = (uint16_t)olen,
+        };
+        uint32_t len = (uint32_t)(sizeof(rh) + alen + dlen + olen);
+        memcpy(p, &len, 4);
+        unsigned char *rec = p + 4;
+        memcpy(rec, &rh, sizeof(rh));
+        unsigned char *s = put_bytes(rec + sizeof(rh), r->addr, alen);
+        for (size_t j = 0; j < dlen; j++) {
+            char c = at[1 + j];
+            s[j] = (unsigned char)(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+        }
+        put_bytes(s + dlen, r->orcpt, olen);
+        p += 4 + align4(len);
+    }
+
+    int rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+int
+queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
+             size_t n, queue_done_fn *done, void *cookie)
+{
+    if (q == NULL || port == NULL || outcomes == NULL || n == 0 || done == NULL ||
+        n > SIZE_MAX / 2 / sizeof(struct upd_item))
+        return -EINVAL;
+    size_t text = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_outcome *o = &outcomes[i];
+        if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_DEFERRED)
+            return -EINVAL;
+        size_t len = str_len(o->reply);
+        text += len > REPLY_STORE_MAX ? REPLY_STORE_MAX : len;
+    }
+    struct queue_req *req = malloc(sizeof(*req) + n * sizeof(struct upd_item) + text);
+    if (req == NULL)
+        return -ENOMEM;
+    struct upd_item *items = (struct upd_item *)req->data;
+    char *t = (char *)(items + n);
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_outcome *o = &outcomes[i];
+        size_t len = str_len(o->reply);
+        if (len > REPLY_STORE_MAX)
+            len = REPLY_STORE_MAX;
+        items[i] = (struct upd_item){
+            .id = o->id,
+            .due_ms = o->due_ms,
+            .reply = t,
+            .rcpt = o->rcpt,
+            .code = (uint16_t)o->code,
+            .reply_len = (uint16_t)len,
+            .kind = (uint8_t)o->kind,
+        };
+        if (len > 0)
+            memcpy(t, o->reply, len);
+        t += len;
+    }
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->rc = 0;
+    req->kind = REQ_UPDATE;
+    req->cost = 0;
+    req->u.upd.n = n;
+    req->u.upd.items = items;
+    int rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+struct waiter {
+    int rc;
+    bool done;
+};
+
+static void
+waiter_done(void *cookie, int rc)
+{
+    struct waiter *w = cookie;
+    w->rc = rc;
+    w->done = true;
+}
+
+static int
+wait_on(struct queue_port *port, struct waiter *w)
+{
+    while (!w->done) {
+        int rc = queue_port_wait(port, -1);
+        if (rc < 0 && rc != -EINTR) {
+            /* poll cannot fail on a valid fd short of EINTR; spin rather
+             * than free a port with a request in flight */
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    queue_port_free(port);
+    return w->rc;
+}
+
+int
+queue_enqueue_wait(struct queue *q, const struct queue_envelope *env, const struct iovec *body,
+                   unsigned iovcnt)
+{
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct waiter w = {0, false};
+    int rc = queue_enqueue(q, port, env, body, iovcnt, waiter_done, &w);
+    if (rc < 0) {
+        queue_port_free(port);
+        return rc;
+    }
+    return wait_on(port, &w);
+}
+
+int
+queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n)
+{
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct waiter w = {0, false};
+    int rc = queue_update(q, port, outcomes, n, waiter_done, &w);
+    if (rc < 0) {
+        queue_port_free(port);
+        return rc;
+    }
+    return wait_on(port, &w);
+}
+
+/* ---- ids ---- */
+
+uint64_t
+queue_id_next(struct queue *q)
+{
+    uint64_t now = now_ms();
+    uint64_t last = atomic_load_explicit(&q->last_id, memory_order_relaxed);
+    uint64_t id;
+    do {
+        id = queue_id_after(last, now, q->cfg.node_id);
+    } while (!atomic_compare_exchange_weak_explicit(&q->last_id, &last, id, memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return id;
+}
+
+/* ---- the committer ---- */
+
+/* Copy from a caller's iovecs, in order, across calls. */
+struct iov_cursor {
+    const struct iovec *iov;
+    unsigned n, i;
+    size_t off;
+};
+
+static void
+iov_read(struct iov_cursor *c, unsigned char *dst, size_t len)
+{
+    while (len > 0 && c->i < c->n) {
+        size_t avail = c->iov[c->i].iov_len - c->off;
+        size_t take = avail < len ? avail : len;
+        if (take > 0)
+            memcpy(dst, (const char *)c->iov[c->i].iov_base + c->off, take);
+        dst += take;
+        len -= take;
+        c->off += take;
+        if (c->off == c->iov[c->i].iov_len) {
+            c->i++;
+            c->off = 0;
+        }
+    }
+}
+
+static int
+apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
+{
+    unsigned char key[BODY_KEY_LEN];
+    uint64_t id = r->u.enq.id;
+    msg_key(key, id);
+    bool inline_body = r->u.enq.chunks == 0;
+    MDB_val k = {MSG_KEY_LEN, key};
+    MDB_val v = {r->u.enq.head_len + (inline_body ? r->u.enq.body_len : 0), NULL};
+    int rc = mdb_put(txn, q->dbi_msg, &k, &v, MDB_NOOVERWRITE | MDB_RESERVE);
+    if (rc == MDB_KEYEXIST) {
+        /* Nothing written: the transaction is still good for the others. */
+        r->rc = QUEUE_EEXIST;
+        return 0;
+    }
+    if (rc != 0)
+        return rc;
+    struct iov_cursor cur = {r->u.enq.iov, r->u.enq.iovcnt, 0, 0};
+    memcpy(v.mv_data, r->u.enq.head, r->u.enq.head_len);
+    if (inline_body) {
+        iov_read(&cur, (unsigned char *)v.mv_data + r->u.enq.head_len, r->u.enq.body_len);
+    } else {
+        uint64_t left = r->u.enq.body_len;
+        for (uint32_t c = 0; c < r->u.enq.chunks; c++) {
+            body_key(key, id, c);
+            MDB_val ck = {BODY_KEY_LEN, key};
+            MDB_val cv = {left < BODY_CHUNK ? (size_t)left : BODY_CHUNK, NULL};
+            rc = mdb_put(txn, q->dbi_body, &ck, &cv, MDB_RESERVE);
+            if (rc != 0)
+                return rc;
+            iov_read(&cur, cv.mv_data, cv.mv_size);
+            left -= cv.mv_size;
+        }
+    }
+    const unsigned char *p = r->u.enq.rcpts;
+    for (unsigned i = 0; i < r->u.enq.nrcpt; i++) {
+        uint32_t len;
+        memcpy(&len, p, 4);
+        rcpt_key(key, id, i);
+        MDB_val rk = {RCPT_KEY_LEN, key};
+        MDB_val rv = {len, (void *)(p + 4)};
+        rc = mdb_put(txn, q->dbi_rcpt, &rk, &rv, 0);
+        if (rc != 0)
+            return rc;
+        p += 4 + align4(len);
+    }
+    t->enq++;
+    t->enq_rcpts += r->u.enq.nrcpt;
+    t->enq_bytes += r->u.enq.body_len;
+    if (id > t->max_id)
+        t->max_id = id;
+    return 0;
+}
+
+static int
+touched_add(struct queue *q, uint64_t id)
+{
+    if (q->touched_n > 0 && q->touched[q->touched_n - 1] == id)
+        return 0;
+    if (q->touched_n == q->touched_cap) {
+        size_t cap = q->touched_cap ? q->touched_cap * 2 : 256;
+        uint64_t *t = realloc(q->touched, cap * sizeof(*t));
+        if (t == NULL)
+            return ENOMEM;
+        q->touched = t;
+        q->touched_cap = cap;
+    }
+    q->touched[q->touched_n++] = id;
+    return 0;
+}
+
+static int
+apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t now,
+              struct tally *t)
+{
+    unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
+    rcpt_key(key, it->id, it->rcpt);
+    MDB_val k = {RCPT_KEY_LEN, key}, v;
+    int rc = mdb_get(txn, q->dbi_rcpt, &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        t->stale++;
+        return 0;
+    }
+    if (rc != 0)
+        return rc;
+    struct rcpt_head h;
+    if (!rcpt_decode(&v, &h))
+        return MDB_CORRUPTED;
+    if (h.state == QUEUE_RCPT_DEFERRED) {
+        due_key(dkey, h.due_ms, it->id, it->rcpt);
+        MDB_val dk = {DUE_KEY_LEN, dkey};
+        rc = mdb_del(txn, q->dbi_due, &dk, NULL);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return rc;
+    }
+    t->outcomes++;
+    if (it->kind != QUEUE_DEFERRED) {
+        rc = mdb_del(txn, q->dbi_rcpt, &k, NULL);
+        return rc != 0 ? rc : touched_add(q, it->id);
+    }
+    /* Rebuild the record: v points into a page the puts below may move. */
+    unsigned char rec[RCPT_REC_MAX];
+    size_t fixed = (size_t)h.addr_len + h.domain_len + h.orcpt_len;
+    if (sizeof(h) + fixed + it->reply_len > sizeof(rec))
+        return MDB_CORRUPTED;
+    memcpy(rec + sizeof(h), (const unsigned char *)v.mv_data + sizeof(h), fixed);
+    if (it->reply_len > 0)
+        memcpy(rec + sizeof(h) + fixed, it->reply, it->reply_len);
+    h.state = QUEUE_RCPT_DEFERRED;
+    if (h.attempts < UINT16_MAX)
+        h.attempts++;
+    h.code = it->code;
+    h.reply_len = it->reply_len;
+    h.due_ms = it->due_ms;
+    h.last_ms = now;
+    memcpy(rec, &h, sizeof(h));
+    MDB_val nv = {sizeof(h) + fixed + it->reply_len, rec};
+    rc = mdb_put(txn, q->dbi_rcpt, &k, &nv, 0);
+    if (rc != 0)
+        return rc;
+    due_key(dkey, it->due_ms, it->id, it->rcpt);
+    MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
+    return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Remove the message and body of every touched id left without recipients. */
+static int
+remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
+{
+    if (q->touched_n == 0)
+        return 0;
+    qsort(q->touched, q->touched_n, sizeof(uint64_t), cmp_u64);
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
+    if (rc != 0)
+        return rc;
+    uint64_t prev = 0;
+    for (size_t i = 0; i < q->touched_n && rc == 0; i++) {
+        uint64_t id = q->touched[i];
+        if (i > 0 && id == prev)
+            continue;
+        prev = id;
+        unsigned char key[BODY_KEY_LEN];
+        rcpt_key(key, id, 0);
+        MDB_val k = {RCPT_KEY_LEN, key}, v;
+        rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        if (rc == 0 && k.mv_size == RCPT_KEY_LEN && key_u64(k.mv_data) == id)
+            continue; /* recipients left */
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            break;
+        msg_key(key, id);
+        MDB_val mk = {MSG_KEY_LEN, key}, mv;
+        rc = mdb_get(txn, q->dbi_msg, &mk, &mv);
+        if (rc == MDB_NOTFOUND) {
+            rc = 0;
+            continue;
+        }
+        if (rc != 0)
+            break;
+        struct msg_head h;
+        uint32_t chunks = msg_decode(&mv, &h) ? h.body_chunks : 0;
+        rc = mdb_del(txn, q->dbi_msg, &mk, NULL);
+        for (uint32_t ch = 0; ch < chunks && rc == 0; ch++) {
+            body_key(key, id, ch);
+            MDB_val bk = {BODY_KEY_LEN, key};
+            rc = mdb_del(txn, q->dbi_body, &bk, NULL);
+            if (rc == MDB_NOTFOUND)
+                rc = 0;
+        }
+        if (rc == 0)
+            t->removed++;
+    }
+    mdb_cursor_close(c);
+    return rc;
+}
+
+static void
+counter_add(_Atomic uint64_t *c, uint64_t n)
+{
+    /* one writer (the committer): a relaxed load and store is enough */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
+                          memory_order_relaxed);
+}
+
+static void
+counter_max(_Atomic uint64_t *c, uint64_t v)
+{
+    if (v > atomic_load_explicit(c, memory_order_relaxed))
+        atomic_store_explicit(c, v, memory_order_relaxed);
+}
+
+static void
+refresh_map_use(struct queue *q)
+{
+    MDB_envinfo info;
+    if (mdb_env_info(q->env, &info) == 0) {
+        q->last_pgno = info.me_last_pgno;
+        atomic_store_explicit(&q->st.map_used, (uint64_t)(info.me_last_pgno + 1) * q->psize,
+                              memory_order_relaxed);
+    }
+}
+
+/* One write transaction: the updates, then the enqueues. Returns 0 or an
+ * LMDB code, with nothing committed on failure. */
+static int
+commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req **enq, size_t ne)
+{
+    uint64_t t0 = mono_us();
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0)
+        return rc;
+    struct tally t = {0};
+    uint64_t now = now_ms();
+    q->touched_n = 0;
+    for (size_t i = 0; i < nu && rc == 0; i++)
+        for (size_t j = 0; j < upd[i]->u.upd.n && rc == 0; j++)
+            rc = apply_outcome(q, txn, &upd[i]->u.upd.items[j], now, &t);
+    if (rc == 0)
+        rc = remove_finished(q, txn, &t);
+    for (size_t i = 0; i < ne && rc == 0; i++)
+        rc = apply_enqueue(q, txn, enq[i], &t);
+    if (rc == 0 && t.max_id > q->high_id) {
+        MDB_val k = {7, "last_id"}, v = {sizeof(t.max_id), &t.max_id};
+        rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+    }
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        counter_add(&q->st.commit_failures, 1);
+        return rc;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc != 0) {
+        counter_add(&q->st.commit_failures, 1);
+        return rc;
+    }
+    if (t.max_id > q->high_id)
+        q->high_id = t.max_id;
+    if (t.removed > 0)
+        q->since_free = 0;
+    else if (q->since_free < 2)
+        q->since_free++;
+    uint64_t us = mono_us() - t0;
+    counter_add(&q->st.commits, 1);
+    counter_add(&q->st.enqueued, t.enq);
+    counter_add(&q->st.enqueued_rcpts, t.enq_rcpts);
+    counter_add(&q->st.enqueued_bytes, t.enq_bytes);
+    counter_add(&q->st.outcomes, t.outcomes);
+    counter_add(&q->st.outcomes_stale, t.stale);
+    counter_add(&q->st.removed, t.removed);
+    counter_add(&q->st.commit_us_total, us);
+    counter_max(&q->st.commit_us_max, us);
+    counter_max(&q->st.batch_max, nu + ne);
+    refresh_map_use(q);
+    return 0;
+}
+
+/* Updates alone; on a space failure, halves, so that what fits commits. */
+static void
+commit_updates(struct queue *q, struct queue_req **upd, size_t n)
+{
+    int rc = commit_set(q, upd, n, NULL, 0);
+    if (rc == 0)
+        return;
+    if (lmdb_space_err(rc) && n > 1) {
+        commit_updates(q, upd, n / 2);
+        commit_updates(q, upd + n / 2, n - n / 2);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        upd[i]->rc = lmdb_err(rc);
+}
+
+/* Pages in LMDB's free list, read the way mdb_stat -f does (each record
+ * of database 0 is a page list whose first word is its length). Only
+ * called when the end of the map is near, so the scan is rare. */
+static size_t
+freelist_pages(struct queue *q)
+{
+    MDB_txn *txn;
+    MDB_cursor *c;
+    size_t pages = 0;
+    if (mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn) != 0)
+        return 0;
+    if (mdb_cursor_open(txn, 0, &c) == 0) {
+        MDB_val k, v;
+        while (mdb_cursor_get(c, &k, &v, MDB_NEXT) == 0) {
+            size_t n;
+            if (v.mv_size >= sizeof(n)) {
+                memcpy(&n, v.mv_data, sizeof(n));
+                pages += n;
+            }
+        }
+        mdb_cursor_close(c);
+    }
+    mdb_txn_abort(txn);
+    return pages;
+}
+
+static size_t
+enqueue_pages(const struct queue *q, const struct queue_req *r)
+{
+    /* Rough: the record and body pages, the recipients at half-full
+     * leaves, and a couple of branch pages. */
+    uint64_t bytes = r->u.enq.head_len + r->u.enq.body_len + 64ULL * r->u.enq.chunks;
+    return (size_t)(bytes / q->psize) + 2 * r->u.enq.rcpt_bytes / q->psize + 3;
+}
+
+static void
+full_note(struct queue *q, const char *reason, size_t refused)
+{
+    counter_add(&q->st.enqueue_refused, refused);
+    if (q->full)
+        return;
+    q->full = true;
+    uint64_t now = now_ms();
+    if (q->full_logged_ms != 0 && now - q->full_logged_ms < 60000)
+        return;
+    q->full_logged_ms = now;
+    log_msg(LOG_WARN,
+            "queue=full reason=%s path=%s map_size=%" PRIu64 " map_used=%" PRIu64
+            " action=refusing_new_mail hint=\"deliveries free room; raise map_size and restart "
+            "to grow\"",
+            reason, q->cfg.path, (uint64_t)q->map_pages * q->psize,
+            (uint64_t)(q->last_pgno + 1) * q->psize);
+}
+
+/* Keep the enqueues that fit in front of enq; refuse the others. */
+static size_t
+admit(struct queue *q, struct queue_req **enq, size_t ne)
+{
+    size_t need_all = 0;
+    for (size_t i = 0; i < ne; i++)
+        need_all += enqueue_pages(q, enq[i]);
+    size_t tail = q->map_pages > q->last_pgno + 1 ? q->map_pages - q->last_pgno - 1 : 0;
+    size_t avail = tail;
+    if (tail < q->reserve_pages + need_all + 256)
+        avail += freelist_pages(q);
+    size_t used = 0, na = 0, refused = 0;
+    for (size_t i = 0; i < ne; i++) {
+        size_t need = enqueue_pages(q, enq[i]);
+        if (avail >= q->reserve_pages + used + need) {
+            used += need;
+            enq[na++] = enq[i];
+        } else {
+            enq[i]->rc = QUEUE_EMAPFULL;
+            refused++;
+        }
+    }
+    if (refused > 0)
+        full_note(q, "map_full", refused);
+    return na;
+}
+
+static void
+note_failure(struct queue *q, int rc)
+{
+    if (rc == QUEUE_EPANIC && !q->panic_logged) {
+        q->panic_logged = true;
+        log_msg(LOG_CRIT, "queue=panic path=%s error=\"%s\" action=restart_needed", q->cfg.path,
+                queue_strerror(rc));
+    }
+}
+
+/* A commit that changes nothing but the txn id. */
+static int
+commit_tick(struct queue *q)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0)
+        return rc;
+    MDB_val k = {7, "last_id"}, v = {sizeof(q->high_id), &q->high_id};
+    rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc == 0)
+        q->since_free++;
+    return rc;
+}
+
+/* Enqueues failed for space. Pages freed by commit N are reusable from
+ * commit N+2 on (LMDB keeps the previous snapshot intact until the next
+ * meta page is durable), and a failed transaction does not advance the
+ * txn id: right after deletions, commit once more and try again, or a
+ * spool full of undelivered-but-freeable pages would refuse mail until
+ * the next unrelated commit. Returns 0 or the LMDB code of the failure. */
+static int
+retry_enqueues(struct queue *q, struct queue_req **enq, size_t n, int rc)
+{
+    if (q->since_free >= 2)
+        return rc;
+    if (q->since_free == 0 && (rc = commit_tick(q)) != 0)
+        return rc;
+    for (size_t i = 0; i < n; i++)
+        enq[i]->rc = 0;
+    return commit_set(q, NULL, 0, enq, n);
+}
+
+static void
+run_batch(struct queue *q, struct queue_req *batch)
+{
+    size_t nu = 0, ne = 0;
+    for (struct queue_req *r = batch; r != NULL; r = r->next) {
+        r->rc = 0;
+        if (r->kind == REQ_UPDATE)
+            q->vec_upd[nu++] = r;
+        else
+            q->vec_enq[ne++] = r;
+    }
+    size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
+    int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
+    if (rc == 0) {
+        if (q->full && na > 0) {
+            q->full = false;
+            log_msg(LOG_NOTICE, "queue=room_again path=%s map_used=%" PRIu64, q->cfg.path,
+                    (uint64_t)(q->last_pgno + 1) * q->psize);
+        }
+    } else if (lmdb_space_err(rc)) {
+        if (nu > 0)
+            commit_updates(q, q->vec_upd, nu);
+        if (na > 0 && (rc = retry_enqueues(q, q->vec_enq, na, rc)) != 0) {
+            for (size_t i = 0; i < na; i++)
+                q->vec_enq[i]->rc = lmdb_err(rc);
+            full_note(q, rc == MDB_MAP_FULL ? "map_full" : "disk_full", na);
+        }
+    } else {
+        int err = lmdb_err(rc);
+        note_failure(q, err);
+        for (size_t i = 0; i < nu; i++)
+            q->vec_upd[i]->rc = err;
+        for (size_t i = 0; i < na; i++)
+            q->vec_enq[i]->rc = err;
+    }
+}
+
+/* Push every request of the batch to its port, one push per port. */
+static void
+deliver(struct queue *q, struct queue_req *batch)
+{
+    uint64_t mark = ++q->batch_no;
+    size_t np = 0;
+    struct queue_req *next;
+    for (struct queue_req *r = batch; r != NULL; r = next) {
+        next = r->next;
+        r->next = NULL;
+        struct queue_port *p = r->port;
+        if (p->mark != mark) {
+            p->mark = mark;
+            p->chain_head = NULL;
+            q->ports[np++] = p;
+        }
+        if (p->chain_head == NULL)
+            p->chain_head = r;
+        else
+            p->chain_tail->next = r;
+        p->chain_tail = r;
+    }
+    for (size_t i = 0; i < np; i++)
+        port_push(q->ports[i], q->ports[i]->chain_head, q->ports[i]->chain_tail);
+}
+
+static void *
+committer_main(void *arg)
+{
+    struct queue *q = arg;
+    log_set_thread_name("queue");
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        while (q->in_head == NULL && !q->stopping) {
+            q->idle = true;
+            pthread_cond_wait(&q->cond, &q->mu);
+            q->idle = false;
+        }
+        if (q->in_head == NULL)
+            break; /* stopping, and everything submitted is done */
+        /* Everything that arrived during the last commit, up to the bounds. */
+        struct queue_req *batch = q->in_head, *last = batch;
+        size_t n = 1;
+        uint64_t bytes = batch->cost;
+        while (last->next != NULL && n < q->cfg.max_batch &&
+               bytes + last->next->cost <= q->cfg.max_batch_bytes) {
+            last = last->next;
+            bytes += last->cost;
+            n++;
+        }
+        q->in_head = last->next;
+        if (q->in_head == NULL)
+            q->in_tail = NULL;
+        last->next = NULL;
+        q->in_count -= n;
+        atomic_store_explicit(&q->st.backlog, q->in_count, memory_order_relaxed);
+        pthread_mutex_unlock(&q->mu);
+
+        run_batch(q, batch);
+        deliver(q, batch);
+
+        pthread_mutex_lock(&q->mu);
+    }
+    pthread_mutex_unlock(&q->mu);
+    return NULL;
+}
+
+/* ---- open and close ---- */
+
+static int
+mkdir_p(const char *path)
+{
+    char buf[4096];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof(buf))
+        return -ENAMETOOLONG;
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1; *p != '\0'; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0700) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(buf, 0700) < 0 && errno != EEXIST)
+        return -errno;
+    struct stat st;
+    if (stat(buf, &st) < 0)
+        return -errno;
+    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+static int open_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int
+open_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (err != NULL && errlen > 0)
+        vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* Create a fresh spool's databases, or check an existing one's schema. */
+static int
+open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
+{
+    const char *path = q->cfg.path;
+    int rc = mdb_dbi_open(txn, "meta", 0, &q->dbi_meta);
+    if (rc == MDB_NOTFOUND) {
+        MDB_dbi main_dbi;
+        MDB_stat st;
+        rc = mdb_dbi_open(txn, NULL, 0, &main_dbi);
+        if (rc == 0)
+            rc = mdb_stat(txn, main_dbi, &st);
+        if (rc != 0)
+            return open_fail(err, errlen, lmdb_err(rc), "cannot read spool %s: %s", path,
+                             mdb_strerror(rc));
+        if (st.ms_entries != 0)
+            return open_fail(err, errlen, QUEUE_ECORRUPT,
+                             "%s holds an LMDB environment that is not a sluice spool", path);
+        uint32_t version = SCHEMA_VERSION;
+        uint64_t created = now_ms();
+        MDB_val k1 = {6, "schema"}, v1 = {sizeof(version), &version};
+        MDB_val k2 = {7, "created"}, v2 = {sizeof(created), &created};
+        if ((rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &q->dbi_meta)) != 0 ||
+            (rc = mdb_dbi_open(txn, "msg", MDB_CREATE, &q->dbi_msg)) != 0 ||
+            (rc = mdb_dbi_open(txn, "body", MDB_CREATE, &q->dbi_body)) != 0 ||
+            (rc = mdb_dbi_open(txn, "rcpt", MDB_CREATE, &q->dbi_rcpt)) != 0 ||
+            (rc = mdb_dbi_open(txn, "due", MDB_CREATE, &q->dbi_due)) != 0 ||
+            (rc = mdb_put(txn, q->dbi_meta, &k1, &v1, 0)) != 0 ||
+            (rc = mdb_put(txn, q->dbi_meta, &k2, &v2, 0)) != 0)
+            return open_fail(err, errlen, lmdb_err(rc), "cannot create spool %s: %s", path,
+                             mdb_strerror(rc));
+        return 0;
+    }
+    if (rc != 0)
+        return open_fail(err, errlen, lmdb_err(rc), "cannot read spool %s: %s", path,
+                         mdb_strerror(rc));
+    MDB_val k = {6, "schema"}, v;
+    rc = mdb_get(txn, q->dbi_meta, &k, &v);
+    uint32_t version = 0;
+    if (rc == 0 && v.mv_size == sizeof(version))
+        memcpy(&version, v.mv_data, sizeof(version));
+    if (version == 0)
+        return open_fail(err, errlen, QUEUE_ECORRUPT, "spool %s has no valid schema record", path);
+    if (version > SCHEMA_VERSION)
+        return open_fail(err, errlen, QUEUE_ESCHEMA,
+                         "spool %s has schema version %u, written by a newer sluice; this one "
+                         "reads up to version %u and will not touch it",
+                         path, version, SCHEMA_VERSION);
+    static const char *const names[] = {"msg", "body", "rcpt", "due"};
+    MDB_dbi *dbis[] = {&q->dbi_msg, &q->dbi_body, &q->dbi_rcpt, &q->dbi_due};
+    for (size_t i = 0; i < 4; i++) {
+        rc = mdb_dbi_open(txn, names[i], 0, dbis[i]);
+        if (rc != 0)
+            return open_fail(err, errlen, rc == MDB_NOTFOUND ? QUEUE_ECORRUPT : lmdb_err(rc),
+                             "spool %s lacks its %s database: %s", path, names[i],
+                             mdb_strerror(rc));
+    }
+    return 0;
+}
+
+/* The highest id stored or ever stored, so new ids are above it. */
+static int
+open_seed_ids(struct queue *q, MDB_txn *txn)
+{
+    uint64_t high = 0;
+    MDB_val k = {7, "last_id"}, v;
+    int rc = mdb_get(txn, q->dbi_meta, &k, &v);
+    if (rc == 0 && v.mv_size == sizeof(high))
+        memcpy(&high, v.mv_data, sizeof(high));
+    else if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    q->high_id = high;
+    MDB_cursor *c;
+    rc = mdb_cursor_open(txn, q->dbi_msg, &c);
+    if (rc != 0)
+        return rc;
+    rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
+    if (rc == 0 && k.mv_size == MSG_KEY_LEN && key_u64(k.mv_data) > high)
+        high = key_u64(k.mv_data);
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    atomic_store(&q->last_id, high);
+    return 0;
+}
+
+static void
+queue_destroy(struct queue *q)
+{
+    if (q->env != NULL)
+        mdb_env_close(q->env);
+    if (q->lock_fd >= 0)
+        close(q->lock_fd);
+    free(q->vec_upd);
+    free(q->vec_enq);
+    free(q->ports);
+    free(q->touched);
+    pthread_mutex_destroy(&q->mu);
+    pthread_cond_destroy(&q->cond);
+    conf_free(queue_conf_keys, &q->cfg);
+    free(q);
+}
+
+int
+queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+    if (cfg == NULL || cfg->path == NULL || cfg->path[0] == '\0')
+        return open_fail(err, errlen, -EINVAL, "queue: path is not set");
+    if (cfg->map_size < (1u << 20) || cfg->node_id > 1023 || cfg->max_batch == 0)
+        return open_fail(err, errlen, -EINVAL,
+                         "queue: map_size, node_id or max_batch out of range for %s", cfg->path);
+    struct queue *q = calloc(1, sizeof(*q));
+    if (q == NULL)
+        return open_fail(err, errlen, -ENOMEM, "queue: out of memory");
+    q->lock_fd = -1;
+    q->since_free = 2;
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->cond, NULL);
+    if (conf_copy(queue_conf_keys, &q->cfg, cfg, sizeof(*cfg)) < 0) {
+        memset(&q->cfg, 0, sizeof(q->cfg));
+        queue_destroy(q);
+        return open_fail(err, errlen, -ENOMEM, "queue: out of memory");
+    }
+    if (q->cfg.max_batch_bytes == 0)
+        q->cfg.max_batch_bytes = UINT64_MAX;
+    const char *path = q->cfg.path;
+    int rc = mkdir_p(path);
+    if (rc < 0) {
+        open_fail(err, errlen, rc, "cannot create spool directory %s: %s", path, strerror(-rc));
+        queue_destroy(q);
+        return rc;
+    }
+    char lock_path[4200];
+    snprintf(lock_path, sizeof(lock_path), "%s/sluice.lock", path);
+    q->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->lock_fd < 0) {
+        rc = -errno;
+        open_fail(err, errlen, rc, "cannot open spool lock %s: %s", lock_path, strerror(-rc));
+        queue_destroy(q);
+        return rc;
+    }
+    if (flock(q->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+        rc = errno == EWOULDBLOCK ? QUEUE_ELOCKED : -errno;
+        open_fail(err, errlen, rc, "spool %s is in use by another process (lock %s): %s", path,
+                  lock_path, queue_strerror(rc));
+        queue_destroy(q);
+        return rc;
+    }
+
+    unsigned flags = MDB_NOTLS | MDB_NORDAHEAD | (q->cfg.unsafe_no_sync ? MDB_NOSYNC : 0);
+    if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
+        (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
+        (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
+        (rc = mdb_env_open(q->env, path, flags, 0600)) != 0) {
+        int code = lmdb_err(rc);
+        if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
+            open_fail(err, errlen, code, "cannot open spool %s: %s (not a spool of this LMDB)",
+                      path, mdb_strerror(rc));
+        else
+            open_fail(err, errlen, code, "cannot open spool %s (map_size %" PRIu64 "): %s", path,
+                      q->cfg.map_size, mdb_strerror(rc));
+        queue_destroy(q);
+        return code;
+    }
+    int dead = 0;
+    mdb_reader_check(q->env, &dead); /* slots of readers killed with us */
+
+    MDB_txn *txn;
+    rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0) {
+        int code = lmdb_err(rc);
+        open_fail(err, errlen, code, "cannot open spool %s: %s", path, mdb_strerror(rc));
+        queue_destroy(q);
+        return code;
+    }
+    int code = open_schema(q, txn, err, errlen);
+    if (code == 0 && (rc = open_seed_ids(q, txn)) != 0)
+        code = open_fail(err, errlen, lmdb_err(rc), "cannot read spool %s: %s", path,
+                         mdb_strerror(rc));
+    if (code == 0 && (rc = mdb_txn_commit(txn)) != 0)
+        code = open_fail(err, errlen, lmdb_err(rc), "cannot write spool %s: %s", path,
+                         mdb_strerror(rc));
+    else if (code != 0)
+        mdb_txn_abort(txn);
+    if (code != 0) {
+        queue_destroy(q);
+        return code;
+    }
+
+    MDB_envinfo info;
+    MDB_stat st;
+    mdb_env_info(q->env, &info);
+    mdb_env_stat(q->env, &st);
+    q->psize = st.ms_psize;
+    q->map_pages = info.me_mapsize / q->psize;
+    q->reserve_pages = q->map_pages / 50;
+    if (q->reserve_pages < 32)
+        q->reserve_pages = 32;
+    if (q->reserve_pages > (32u << 20) / q->psize)
+        q->reserve_pages = (32u << 20) / q->psize;
+    atomic_store(&q->st.map_size, (uint64_t)info.me_mapsize);
+    refresh_map_use(q);
+
+    q->vec_upd = calloc(q->cfg.max_batch, sizeof(*q->vec_upd));
+    q->vec_enq = calloc(q->cfg.max_batch, sizeof(*q->vec_enq));
+    q->ports = calloc(q->cfg.max_batch, sizeof(*q->ports));
+    if (q->vec_upd == NULL || q->vec_enq == NULL || q->ports == NULL) {
+        queue_destroy(q);
+        return open_fail(err, errlen, -ENOMEM, "queue: out of memory");
+    }
+
+    /* The committer takes no signals: the engine handles them on its own
+     * terms (signalfd on a worker), whatever mask this thread has. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&q->committer, NULL, committer_main, q);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        queue_destroy(q);
+        return open_fail(err, errlen, -rc, "queue: cannot start the committer thread: %s",
+                         strerror(rc));
+    }
+    pthread_setname_np(q->committer, "sluice-queue");
+    q->committer_started = true;
+    *out = q;
+    return 0;
+}
+
+void
+queue_close(struct queue *q)
+{
+    if (q == NULL)
+        return;
+    if (q->committer_started) {
+        pthread_mutex_lock(&q->mu);
+        q->stopping = true;
+        pthread_cond_signal(&q->cond);
+        pthread_mutex_unlock(&q->mu);
+        pthread_join(q->committer, NULL);
+    }
+    if (q->cfg.unsafe_no_sync)
+        mdb_env_sync(q->env, 1);
+    queue_destroy(q);
+}
+
+/* ---- reads ---- */
+
+static int
+read_begin(struct queue *q, MDB_txn **txn)
+{
+    return mdb_txn_begin(q->env, NULL, MDB_RDONLY, txn);
+}
+
+/* Copy n bytes as a NUL-terminated string at *dst; returns it. */
+static char *
+copy_str(char **dst, const void *src, size_t n)
+{
+    char *s = *dst;
+    if (n > 0)
+        memcpy(s, src, n);
+    s[n] = '\0';
+    *dst += n + 1;
+    return s;
+}
+
+/* Fill r from a decoded rcpt record; strings go to *strs (room checked by
+ * the caller: the record's size plus 4 NULs). */
+static void
+rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v, unsigned index,
+          char **strs)
+{
+    const unsigned char *p = (const unsigned char *)v->mv_data + sizeof(*h);
+    r->addr = copy_str(strs, p, h->addr_len);
+    p += h->addr_len;
+    r->domain = copy_str(strs, p, h->domain_len);
+    p += h->domain_len;
+    r->orcpt = h->orcpt_len ? copy_str(strs, p, h->orcpt_len) : NULL;
+    p += h->orcpt_len;
+    r->last_reply = copy_str(strs, p, h->reply_len);
+    r->notify = h->notify;
+    r->index = index;
+    r->state = (enum queue_rcpt_state)h->state;
+    r->attempts = h->attempts;
+    r->due_ms = h->state == QUEUE_RCPT_DEFERRED ? h->due_ms : 0;
+    r->last_ms = h->last_ms;
+    r->last_code = h->code;
+}
+
+int
+queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
+{
+    *out = NULL;
+    MDB_txn *txn;
+    int rc = read_begin(q, &txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    unsigned char key[RCPT_KEY_LEN];
+    msg_key(key, id);
+    MDB_val k = {MSG_KEY_LEN, key}, mv, rv;
+    MDB_cursor *c = NULL;
+    struct msg_head h;
+    rc = mdb_get(txn, q->dbi_msg, &k, &mv);
+    if (rc == 0 && !msg_decode(&mv, &h))
+        rc = MDB_CORRUPTED;
+    if (rc == 0)
+        rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
+    /* Pass 1 sizes the allocation, pass 2 fills it. */
+    size_t n = 0, bytes = rc == 0 ? msg_head_len(&h) - sizeof(h) + 4 : 0;
+    for (int pass = 0; rc == 0 && pass < 2; pass++) {
+        struct queue_envelope *e = *out;
+        char *strs = NULL;
+        if (pass == 1) {
+            e = calloc(1, sizeof(*e) + n * sizeof(struct queue_rcpt) + bytes);
+            if (e == NULL) {
+                rc = ENOMEM;
+                break;
+            }
+            *out = e;
+            e->rcpt = (struct queue_rcpt *)(e + 1);
+            strs = (char *)(e->rcpt + n);
+            const char *p = (const char *)mv.mv_data + sizeof(h);
+            e->id = id;
+            e->sender = copy_str(&strs, p, h.sender_len);
+            p += h.sender_len;
+            e->envid = h.envid_len ? copy_str(&strs, p, h.envid_len) : NULL;
+            p += h.envid_len;
+            e->auth_user = h.auth_len ? copy_str(&strs, p, h.auth_len) : NULL;
+            p += h.auth_len;
+            e->client_addr = h.client_len ? copy_str(&strs, p, h.client_len) : NULL;
+            e->ret = (enum queue_ret)h.ret;
+            e->body_type = h.flags & MSG_F_BINARYMIME ? QUEUE_BODY_BINARYMIME
+                           : h.flags & MSG_F_8BITMIME ? QUEUE_BODY_8BITMIME
+                                                      : QUEUE_BODY_7BIT;
+            e->smtputf8 = (h.flags & MSG_F_SMTPUTF8) != 0;
+            e->arrival_ms = h.arrival_ms;
+            e->expire_ms = h.expire_ms;
+            e->body_len = h.body_len;
+            e->nrcpt = (unsigned)n;
+        }
+        rcpt_key(key, id, 0);
+        MDB_val rk = {RCPT_KEY_LEN, key};
+        size_t i = 0;
+        for (rc = mdb_cursor_get(c, &rk, &rv, MDB_SET_RANGE);
+             rc == 0 && rk.mv_size == RCPT_KEY_LEN && key_u64(rk.mv_data) == id;
+             rc = mdb_cursor_get(c, &rk, &rv, MDB_NEXT)) {
+            struct rcpt_head rh;
+            if (!rcpt_decode(&rv, &rh)) {
+                rc = MDB_CORRUPTED;
+                break;
+            }
+            if (pass == 0) {
+                n++;
+                bytes += rv.mv_size - sizeof(rh) + 4;
+            } else if (i < n) {
+                rcpt_fill(&e->rcpt[i++], &rh, &rv, key_u16((const unsigned char *)rk.mv_data + 8),
+                          &strs);
+            }
+        }
+        if (rc == MDB_NOTFOUND || rc == 0)
+            rc = 0;
+    }
+    if (c != NULL)
+        mdb_cursor_close(c);
+    mdb_txn_abort(txn);
+    if (rc != 0) {
+        *out = queue_envelope_free(*out);
+        return lmdb_err(rc);
+    }
+    return 0;
+}
+
+struct queue_envelope *
+queue_envelope_free(struct queue_envelope *env)
+{
+    free(env);
+    return NULL;
+}
+
+int
+queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t cap, size_t *len)
+{
+    *len = 0;
+    MDB_txn *txn;
+    int rc = read_begin(q, &txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    unsigned char key[BODY_KEY_LEN];
+    msg_key(key, id);
+    MDB_val k = {MSG_KEY_LEN, key}, v;
+    struct msg_head h;
+    rc = mdb_get(txn, q->dbi_msg, &k, &v);
+    if (rc == 0 && !msg_decode(&v, &h))
+        rc = MDB_CORRUPTED;
+    if (rc == 0 && off < h.body_len) {
+        uint64_t want = h.body_len - off < cap ? h.body_len - off : cap;
+        unsigned char *dst = buf;
+        if (h.body_chunks == 0) {
+            memcpy(dst, (const unsigned char *)v.mv_data + msg_head_len(&h) + off, (size_t)want);
+            *len = (size_t)want;
+        } else {
+            while (want > 0) {
+                uint32_t chunk = (uint32_t)(off / BODY_CHUNK);
+                size_t in = (size_t)(off % BODY_CHUNK);
+                body_key(key, id, chunk);
+                MDB_val ck = {BODY_KEY_LEN, key}, cv;
+                rc = mdb_get(txn, q->dbi_body, &ck, &cv);
+                if (rc == MDB_NOTFOUND || (rc == 0 && cv.mv_size <= in))
+                    rc = MDB_CORRUPTED;
+                if (rc != 0)
+                    break;
+                size_t take = cv.mv_size - in < want ? cv.mv_size - in : (size_t)want;
+                memcpy(dst + *len, (const unsigned char *)cv.mv_data + in, take);
+                *len += take;
+                off += take;
+                want -= take;
+            }
+        }
+    }
+    mdb_txn_abort(txn);
+    if (rc != 0)
+        *len = 0;
+    return lmdb_err(rc);
+}
+
+/* A cursor over one database that renews its read transaction every
+ * SCAN_CHUNK records, restarting after the last key it returned. */
+struct scan {
+    struct queue *q;
+    MDB_dbi dbi;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    unsigned char last[DUE_KEY_LEN];
+    size_t last_len;
+    unsigned in_txn;
+    bool started;
+};
+
+static void
+scan_end(struct scan *s)
+{
+    if (s->cur != NULL)
+        mdb_cursor_close(s->cur);
+    if (s->txn != NULL)
+        mdb_txn_abort(s->txn);
+    s->cur = NULL;
+    s->txn = NULL;
+}
+
+/* Next record at or after start (first call) or after the last one.
+ * Returns 0, MDB_NOTFOUND at the end, or an LMDB code. */
+static int
+scan_next(struct scan *s, MDB_val *k, MDB_val *v)
+{
+    int rc;
+    if (s->txn != NULL && s->in_txn < SCAN_CHUNK) {
+        rc = mdb_cursor_get(s->cur, k, v, MDB_NEXT);
+    } else {
+        scan_end(s);
+        if ((rc = read_begin(s->q, &s->txn)) != 0 ||
+            (rc = mdb_cursor_open(s->txn, s->dbi, &s->cur)) != 0) {
+            scan_end(s);
+            return rc;
+        }
+        s->in_txn = 0;
+        if (s->last_len == 0) {
+            rc = mdb_cursor_get(s->cur, k, v, MDB_FIRST);
+        } else {
+            k->mv_size = s->last_len;
+            k->mv_data = s->last;
+            rc = mdb_cursor_get(s->cur, k, v, MDB_SET_RANGE);
+            /* the saved key was already returned unless this is the first call */
+            if (rc == 0 && s->started && k->mv_size == s->last_len &&
+                memcmp(k->mv_data, s->last, s->last_len) == 0)
+                rc = mdb_cursor_get(s->cur, k, v, MDB_NEXT);
+        }
+    }
+    s->started = true;
+    if (rc == 0) {
+        s->in_txn++;
+        s->last_len = k->mv_size <= sizeof(s->last) ? k->mv_size : sizeof(s->last);
+        memcpy(s->last, k->mv_data, s->last_len);
+    }
+    return rc;
+}
+
+int
+queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
+{
+    struct scan s = {.q = q, .dbi = q->dbi_rcpt};
+    MDB_val k, v;
+    int rc, ret = 0;
+    char strs[RCPT_REC_MAX + 8];
+    while ((rc = scan_next(&s, &k, &v)) == 0) {
+        struct rcpt_head h;
+        if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h) || v.mv_size > RCPT_REC_MAX) {
+            rc = MDB_CORRUPTED;
+            break;
+        }
+        struct queue_rcpt r;
+        char *p = strs;
+        rcpt_fill(&r, &h, &v, key_u16((const unsigned char *)k.mv_data + 8), &p);
+        ret = cb(arg, key_u64(k.mv_data), &r);
+        if (ret != 0)
+            break;
+    }
+    scan_end(&s);
+    if (ret != 0)
+        return ret;
+    return rc == MDB_NOTFOUND ? 0 : lmdb_err(rc);
+}
+
+int
+queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms_, unsigned limit,
+          queue_rcpt_fn *cb, void *arg)
+{
+    struct scan s = {.q = q, .dbi = q->dbi_due};
+    if (pos->due_ms != 0 || pos->id != 0 || pos->rcpt != 0) {
+        due_key(s.last, pos->due_ms, pos->id, pos->rcpt);
+        s.last_len = DUE_KEY_LEN;
+        s.started = true; /* *pos itself was returned before */
+    }
+    MDB_val k, v;
+    int rc, ret = 0, n = 0;
+    char strs[RCPT_REC_MAX + 8];
+    while ((limit == 0 || (unsigned)n < limit) && (rc = scan_next(&s, &k, &v)) == 0) {
+        if (k.mv_size != DUE_KEY_LEN) {
+            rc = MDB_CORRUPTED;
+            break;
+        }
+        const unsigned char *kp = k.mv_data;
+        uint64_t due = key_u64(kp), id = key_u64(kp + 8);
+        unsigned idx = key_u16(kp + 16);
+        if (due > now_ms_) {
+            rc = MDB_NOTFOUND;
+            break;
+        }
+        MDB_val rk = {RCPT_KEY_LEN, (void *)(kp + 8)}, rv;
+        struct rcpt_head h;
+        rc = mdb_get(s.txn, q->dbi_rcpt, &rk, &rv);
+        if (rc == 0 && (!rcpt_decode(&rv, &h) || rv.mv_size > RCPT_REC_MAX))
+            rc = MDB_CORRUPTED;
+        if (rc != 0)
+            break;
+        struct queue_rcpt r;
+        char *p = strs;
+        rcpt_fill(&r, &h, &rv, idx, &p);
+        pos->due_ms = due;
+        pos->id = id;
+        pos->rcpt = idx;
+        n++;
+        ret = cb(arg, id, &r);
+        if (ret != 0)
+            break;
+    }
+    if (limit != 0 && (unsigned)n >= limit)
+        rc = MDB_NOTFOUND;
+    scan_end(&s);
+    if (ret != 0)
+        return ret < 0 ? ret : n;
+    return rc == MDB_NOTFOUND ? n : lmdb_err(rc);
+}
+
+/* Per-domain tallies for queue_counts: open addressing on the name. */
+struct domain_slot {
+    char *name; /* owned */
+    struct queue_counts c;
+};
+
+struct domain_map {
+    struct domain_slot *slots; /* owned */
+    size_t cap, n;
+};
+
+static uint64_t
+name_hash(const void *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ ((const unsigned char *)p)[i]) * 1099511628211ULL;
+    return h;
+}
+
+static struct domain_slot *
+domain_find(struct domain_map *m, const char *name, size_t len)
+{
+    if (m->n * 2 >= m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 64;
+        struct domain_slot *s = calloc(cap, sizeof(*s));
+        if (s == NULL)
+            return NULL;
+        for (size_t i = 0; i < m->cap; i++) {
+            if (m->slots[i].name == NULL)
+                continue;
+            size_t j = name_hash(m->slots[i].name, strlen(m->slots[i].name)) & (cap - 1);
+            while (s[j].name != NULL)
+                j = (j + 1) & (cap - 1);
+            s[j] = m->slots[i];
+        }
+        free(m->slots);
+        m->slots = s;
+        m->cap = cap;
+    }
+    size_t j = name_hash(name, len) & (m->cap - 1);
+    while (m->slots[j].name != NULL) {
+        if (strlen(m->slots[j].name) == len && memcmp(m->slots[j].name, name, len) == 0)
+            return &m->slots[j];
+        j = (j + 1) & (m->cap - 1);
+    }
+    char *copy = malloc(len + 1);
+    if (copy == NULL)
+        return NULL;
+    memcpy(copy, name, len);
+    copy[len] = '\0';
+    m->slots[j].name = copy;
+    m->n++;
+    return &m->slots[j];
+}
+
+static int
+cmp_slot(const void *a, const void *b)
+{
+    const struct domain_slot *x = a, *y = b;
+    if (x->name == NULL || y->name == NULL)
+        return (x->name == NULL) - (y->name == NULL);
+    return strcmp(x->name, y->name);
+}
+
+int
+queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, void *arg)
+{
+    MDB_txn *txn;
+    int rc = read_begin(q, &txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    MDB_stat sm, sr, sd;
+    if ((rc = mdb_stat(txn, q->dbi_msg, &sm)) == 0 && (rc = mdb_stat(txn, q->dbi_rcpt, &sr)) == 0)
+        rc = mdb_stat(txn, q->dbi_due, &sd);
+    mdb_txn_abort(txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    total->messages = sm.ms_entries;
+    total->deferred = sd.ms_entries;
+    total->ready = sr.ms_entries > sd.ms_entries ? sr.ms_entries - sd.ms_entries : 0;
+    if (cb == NULL)
+        return 0;
+
+    struct domain_map m = {0};
+    struct scan s = {.q = q, .dbi = q->dbi_rcpt};
+    MDB_val k, v;
+    while ((rc = scan_next(&s, &k, &v)) == 0) {
+        struct rcpt_head h;
+        if (!rcpt_decode(&v, &h)) {
+            rc = MDB_CORRUPTED;
+            break;
+        }
+        const char *dom = (const char *)v.mv_data + sizeof(h) + h.addr_len;
+        struct domain_slot *slot = domain_find(&m, dom, h.domain_len);
+        if (slot == NULL) {
+            rc = ENOMEM;
+            break;
+        }
+        if (h.state == QUEUE_RCPT_DEFERRED)
+            slot->c.deferred++;
+        else
+            slot->c.ready++;
+    }
+    scan_end(&s);
+    int ret = rc == MDB_NOTFOUND ? 0 : lmdb_err(rc);
+    if (ret == 0 && m.cap > 0) {
+        qsort(m.slots, m.cap, sizeof(*m.slots), cmp_slot);
+        for (size_t i = 0; i < m.n && ret == 0; i++)
+            ret = cb(arg, m.slots[i].name, &m.slots[i].c);
+    }
+    for (size_t i = 0; i < m.cap; i++)
+        free(m.slots[i].name);
+    free(m.slots);
+    return ret;
+}
+
+static bool
+key_exists(MDB_txn *txn, MDB_dbi dbi, void *key, size_t len, MDB_val *v)
+{
+    MDB_val k = {len, key}, tmp;
+    return mdb_get(txn, dbi, &k, v ? v : &tmp) == 0;
+}
+
+int
+queue_check(struct queue *q, struct queue_check_report *rep)
+{
+    memset(rep, 0, sizeof(*rep));
+    MDB_txn *txn;
+    int rc = read_begin(q, &txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    MDB_cursor *c = NULL;
+    MDB_val k, v;
+    unsigned char key[DUE_KEY_LEN];
+
+    /* messages: decode, at least one recipient, chunks complete */
+    if ((rc = mdb_cursor_open(txn, q->dbi_msg, &c)) != 0)
+        goto out;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        rep->messages++;
+        struct msg_head h;
+        if (k.mv_size != MSG_KEY_LEN || !msg_decode(&v, &h)) {
+            rep->bad_records++;
+            continue;
+        }
+        uint64_t id = key_u64(k.mv_data);
+        MDB_cursor *rc2;
+        if (mdb_cursor_open(txn, q->dbi_rcpt, &rc2) == 0) {
+            rcpt_key(key, id, 0);
+            MDB_val rk = {RCPT_KEY_LEN, key}, rv;
+            if (mdb_cursor_get(rc2, &rk, &rv, MDB_SET_RANGE) != 0 || key_u64(rk.mv_data) != id)
+                rep->empty_messages++;
+            mdb_cursor_close(rc2);
+        }
+        uint64_t got = 0;
+        for (uint32_t ch = 0; ch < h.body_chunks; ch++) {
+            body_key(key, id, ch);
+            MDB_val cv;
+            if (key_exists(txn, q->dbi_body, key, BODY_KEY_LEN, &cv))
+                got += cv.mv_size;
+        }
+        if (h.body_chunks > 0 && got != h.body_len)
+            rep->bad_bodies++;
+    }
+    mdb_cursor_close(c);
+    c = NULL;
+    if (rc != MDB_NOTFOUND)
+        goto out;
+
+    /* chunks: each belongs to a chunked message, within its count */
+    if ((rc = mdb_cursor_open(txn, q->dbi_body, &c)) != 0)
+        goto out;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        rep->body_chunks++;
+        MDB_val mv;
+        struct msg_head h;
+        uint32_t ch;
+        memcpy(&ch, (const unsigned char *)k.mv_data + 8, 4);
+        ch = be32toh(ch);
+        if (k.mv_size != BODY_KEY_LEN ||
+            !key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, &mv) || !msg_decode(&mv, &h) ||
+            ch >= h.body_chunks)
+            rep->bad_bodies++;
+    }
+    mdb_cursor_close(c);
+    c = NULL;
+    if (rc != MDB_NOTFOUND)
+        goto out;
+
+    /* recipients: decode, message present, deferred ones indexed */
+    if ((rc = mdb_cursor_open(txn, q->dbi_rcpt, &c)) != 0)
+        goto out;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        rep->recipients++;
+        struct rcpt_head h;
+        if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h)) {
+            rep->bad_records++;
+            continue;
+        }
+        if (!key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, NULL))
+            rep->orphan_rcpts++;
+        if (h.state == QUEUE_RCPT_DEFERRED) {
+            msg_key(key, h.due_ms);
+            memcpy(key + 8, k.mv_data, RCPT_KEY_LEN);
+            if (!key_exists(txn, q->dbi_due, key, DUE_KEY_LEN, NULL))
+                rep->bad_due++;
+        }
+    }
+    mdb_cursor_close(c);
+    c = NULL;
+    if (rc != MDB_NOTFOUND)
+        goto out;
+
+    /* index: every entry names a deferred recipient due then */
+    if ((rc = mdb_cursor_open(txn, q->dbi_due, &c)) != 0)
+        goto out;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        rep->deferred++;
+        MDB_val rv;
+        struct rcpt_head h;
+        if (k.mv_size != DUE_KEY_LEN ||
+            !key_exists(txn, q->dbi_rcpt, (unsigned char *)k.mv_data + 8, RCPT_KEY_LEN, &rv) ||
+            !rcpt_decode(&rv, &h) || h.state != QUEUE_RCPT_DEFERRED ||
+            h.due_ms != key_u64(k.mv_data))
+            rep->bad_due++;
+    }
+    mdb_cursor_close(c);
+    c = NULL;
+    if (rc == MDB_NOTFOUND)
+        rc = 0;
+out:
+    if (c != NULL)
+        mdb_cursor_close(c);
+    mdb_txn_abort(txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    if (rep->bad_records || rep->orphan_rcpts || rep->empty_messages || rep->bad_bodies ||
+        rep->bad_due)
+        return QUEUE_ECORRUPT;
+    return 0;
+}
+
+void
+queue_stats(struct queue *q, struct queue_stats *out)
+{
+#define LOAD(f) out->f = atomic_load_explicit(&q->st.f, memory_order_relaxed)
+    LOAD(commits);
+    LOAD(commit_failures);
+    LOAD(enqueued);
+    LOAD(enqueued_rcpts);
+    LOAD(enqueued_bytes);
+    LOAD(enqueue_refused);
+    LOAD(outcomes);
+    LOAD(outcomes_stale);
+    LOAD(removed);
+    LOAD(batch_max);
+    LOAD(commit_us_total);
+    LOAD(commit_us_max);
+    LOAD(backlog);
+    LOAD(map_size);
+    LOAD(map_used);
+#undef LOAD
+}

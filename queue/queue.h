@@ -1,0 +1,346 @@
+/*
+ * queue: the durable spool. It owns the LMDB environment under the
+ * configured path: messages (envelope and body, the body stored once
+ * whatever the number of recipients), recipients with their delivery state,
+ * and a time index of deferred recipients. Every write goes through one
+ * committer thread that puts every request that arrived while the previous
+ * commit was syncing into one write transaction (group commit); a request's
+ * completion is delivered only after the commit holding it returned, so a
+ * message is on disk before its caller answers 250.
+ *
+ * Threading:
+ *  - queue_open() and queue_close(): one thread; nothing else may be in
+ *    flight on this queue once queue_close() starts.
+ *  - queue_enqueue(), queue_update(), queue_id_next() and every reader:
+ *    any thread, concurrently. Readers use short read transactions of
+ *    their own and never hold one when they return.
+ *  - A struct queue_port belongs to one owner thread, the only one that
+ *    drains it; any thread may submit requests through it. Completion
+ *    callbacks run on the owner thread, inside queue_port_drain().
+ *
+ * Errors: functions return 0 (or a count) or a negative code: -errno, or
+ * one of enum queue_error below; queue_strerror() names both. Callers test
+ * queue_error_is_space() to answer 452 4.3.1.
+ */
+#ifndef SLUICE_QUEUE_QUEUE_H
+#define SLUICE_QUEUE_QUEUE_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "common/conf.h"
+
+struct queue;
+struct queue_port;
+
+/* ---- configuration: the [queue] section ---- */
+
+struct queue_config {
+    char *path;               /* owned: spool directory */
+    uint64_t map_size;        /* bytes; the spool can never grow past it */
+    unsigned node_id;         /* 0..1023, part of every message id */
+    bool unsafe_no_sync;      /* MDB_NOSYNC: gives up durability */
+    unsigned max_batch;       /* requests per commit */
+    uint64_t max_batch_bytes; /* body bytes per commit (a larger message goes alone) */
+};
+
+/* The key table for struct queue_config (conf_defaults, conf_set, conf_free). */
+extern const struct conf_key queue_conf_keys[];
+
+/* ---- errors ---- */
+
+/* The queue's own range, below LMDB's (-30800..-30780). Also returned:
+ * -ENOSPC (disk full), -EIO (write or sync failed), -ENOMEM, -EINVAL. */
+enum queue_error {
+    QUEUE_EMAPFULL = -31000,  /* the spool reached map_size */
+    QUEUE_ESCHEMA = -31001,   /* spool written by a newer sluice */
+    QUEUE_ECORRUPT = -31002,  /* not a sluice spool, or a record failed its checks */
+    QUEUE_ENOTFOUND = -31003, /* no such message or recipient */
+    QUEUE_ELOCKED = -31004,   /* another process has the spool open */
+    QUEUE_EPANIC = -31005,    /* LMDB gave up on the environment: restart */
+    QUEUE_ECLOSED = -31006,   /* the queue is closing */
+    QUEUE_EREADERS = -31007,  /* too many concurrent readers */
+    QUEUE_EEXIST = -31008,    /* a message with this id is already stored */
+    QUEUE_ESTORE = -31009,    /* any other LMDB failure */
+};
+
+/* Text for any code this module returns (never NULL, static storage). */
+const char *queue_strerror(int rc);
+
+/* True for the failures that mean "no room": answer 452 4.3.1 and retry
+ * later; the committer stays up and later commits succeed once there is
+ * room again. */
+static inline bool
+queue_error_is_space(int rc)
+{
+    return rc == QUEUE_EMAPFULL || rc == -ENOSPC;
+}
+
+/* ---- open and close ---- */
+
+/* Open (creating the directory and an empty spool if missing) and start
+ * the committer. cfg is copied. On failure returns a negative code, *out
+ * is NULL and err holds one line for the operator naming the path and
+ * the reason. Takes an exclusive lock on the spool for this process. */
+int queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen);
+/* Commit every request already submitted (their completions are pushed
+ * to their ports, which the caller still drains), stop the committer and
+ * close the spool. No other call on q may be in flight or follow. */
+void queue_close(struct queue *q);
+
+/* ---- message ids ----
+ * 64 bits: 42 bits of milliseconds since 2024-01-01 UTC, 10 bits of node
+ * id, 12 bits of sequence. Unique across nodes with distinct node_id,
+ * increasing on one node even when the clock steps back (the last
+ * timestamp is kept and the sequence borrows milliseconds ahead) and across
+ * restarts (the highest id ever stored is kept in the spool). */
+
+#define QUEUE_ID_STRLEN   13 /* base32 text, sorts like the numbers */
+#define QUEUE_ID_EPOCH_MS 1704067200000ULL
+
+/* A new id, greater than every id this queue handed out or stored. */
+uint64_t queue_id_next(struct queue *q);
+/* The smallest id of this node greater than last at time now (Unix ms):
+ * the pure rule behind queue_id_next(), exposed for tests and tools. */
+uint64_t queue_id_after(uint64_t last, uint64_t now_unix_ms, unsigned node_id);
+/* Write the 13 characters and a NUL into out. */
+void queue_id_str(uint64_t id, char out[QUEUE_ID_STRLEN + 1]);
+/* Parse exactly QUEUE_ID_STRLEN characters then NUL (case-insensitive).
+ * Returns 0 or -EINVAL. */
+int queue_id_parse(const char *s, uint64_t *id);
+/* Unix milliseconds at which the id was made; its node. */
+uint64_t queue_id_time_ms(uint64_t id);
+unsigned queue_id_node(uint64_t id);
+
+/* ---- envelopes ---- */
+
+enum queue_ret { QUEUE_RET_NONE, QUEUE_RET_FULL, QUEUE_RET_HDRS };
+enum queue_body_type { QUEUE_BODY_7BIT, QUEUE_BODY_8BITMIME, QUEUE_BODY_BINARYMIME };
+
+/* DSN NOTIFY= (RFC 3461); 0 means the parameter was absent. */
+enum queue_notify {
+    QUEUE_NOTIFY_NEVER = 1,
+    QUEUE_NOTIFY_SUCCESS = 2,
+    QUEUE_NOTIFY_FAILURE = 4,
+    QUEUE_NOTIFY_DELAY = 8,
+};
+
+/* Persistent recipient states. Delivered and bounced recipients are
+ * removed; "in flight" is the engine's memory only, so a recipient in
+ * flight at a crash is still ready (or deferred) at restart. */
+enum queue_rcpt_state { QUEUE_RCPT_READY = 1, QUEUE_RCPT_DEFERRED = 2 };
+
+#define QUEUE_MAX_RCPT  65535
+#define QUEUE_MAX_ADDR  1024 /* bytes of an address (UTF-8 allowed) */
+#define QUEUE_MAX_PARAM 1024 /* ENVID, ORCPT, auth user, client address */
+#define QUEUE_MAX_REPLY 512  /* last reply text kept; longer is cut */
+
+/* One recipient. As input (queue_enqueue) only addr, orcpt and notify are
+ * read; the queue derives domain (the part after the last '@', ASCII
+ * lowercased; "" when there is none). As output every field is set. */
+struct queue_rcpt {
+    const char *addr;  /* borrowed: input for the call; output: see owner */
+    const char *orcpt; /* same; NULL or "" when absent, e.g. "rfc822;a@b" */
+    unsigned notify;   /* enum queue_notify bits */
+    /* output only */
+    const char *domain; /* lowercased */
+    unsigned index;     /* position in the original RCPT list */
+    enum queue_rcpt_state state;
+    unsigned attempts;      /* deferrals so far */
+    uint64_t due_ms;        /* Unix ms of the next attempt when deferred, else 0 */
+    uint64_t last_ms;       /* Unix ms of the last outcome, 0 if none */
+    unsigned last_code;     /* last reply code, 0 if none */
+    const char *last_reply; /* last reply text, "" if none */
+};
+
+/* A message's envelope and metadata. As input every pointer is borrowed
+ * for the call and NULL means absent ("" for sender is the null sender).
+ * As output (queue_envelope_get) it lives in one allocation. */
+struct queue_envelope {
+    uint64_t id;                    /* from queue_id_next() */
+    const char *sender;             /* "" for the null sender <> */
+    const char *envid;              /* ENVID=, xtext as received */
+    enum queue_ret ret;             /* RET= */
+    enum queue_body_type body_type; /* BODY= */
+    bool smtputf8;                  /* SMTPUTF8 */
+    uint64_t arrival_ms;            /* Unix ms; 0 on input: now */
+    uint64_t expire_ms;             /* Unix ms after which the engine gives up; 0: none */
+    const char *auth_user;          /* authenticated user */
+    const char *client_addr;        /* client address as text */
+    uint64_t body_len;              /* output only */
+    unsigned nrcpt;                 /* output: live recipients only, in index order */
+    struct queue_rcpt *rcpt;        /* nrcpt entries */
+};
+
+/* ---- ports: where completions come back ---- */
+
+/* A port with its own eventfd. Returns NULL with errno set on failure. */
+struct queue_port *queue_port_new(void);
+/* Free a port. Every request submitted through it must have completed
+ * and been drained (queue_port_pending() == 0): freeing earlier panics.
+ * Returns NULL. */
+struct queue_port *queue_port_free(struct queue_port *port);
+/* Readable (an eventfd) when completions wait: poll it, e.g. with
+ * IORING_OP_POLL_ADD, then call queue_port_drain(). */
+int queue_port_fd(const struct queue_port *port);
+/* Owner thread only. Clear the fd, then run the callback of every
+ * completed request, in completion order. Callbacks may submit new
+ * requests and may free the port if nothing else is pending. Returns the
+ * number of callbacks run. */
+int queue_port_drain(struct queue_port *port);
+/* Owner thread only: wait up to timeout_ms (-1: forever) for the fd, then
+ * drain. For tools and tests; a worker polls the fd instead. Returns the
+ * number of callbacks run, or -errno. */
+int queue_port_wait(struct queue_port *port, int timeout_ms);
+/* Requests submitted through the port whose callbacks have not run. */
+unsigned queue_port_pending(const struct queue_port *port);
+
+/* Completion of a request: rc is 0 when its commit returned, else a
+ * negative code (QUEUE_EMAPFULL, -ENOSPC, -EIO, QUEUE_EPANIC, ...). */
+typedef void queue_done_fn(void *cookie, int rc);
+
+/* ---- writes ---- */
+
+/* Submit a message. env and the iovec array are copied before returning;
+ * the body bytes are borrowed: they must stay unchanged until done has run
+ * (no copy of the body is made before the commit writes it). The body is
+ * the message as it will be sent (CRLF lines, not dot-stuffed), any size:
+ * large bodies are split into 256 KiB records. Returns 0 and later runs
+ * done(cookie, rc) on port's owner thread, exactly once; or returns a
+ * negative code now (-EINVAL for a bad envelope, QUEUE_ECLOSED, -ENOMEM)
+ * and done never runs. */
+int queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
+                  const struct iovec *body, unsigned iovcnt, queue_done_fn *done, void *cookie);
+
+enum queue_outcome_kind {
+    QUEUE_DELIVERED, /* removes the recipient */
+    QUEUE_BOUNCED,   /* removes the recipient (the DSN is the engine's) */
+    QUEUE_DEFERRED,  /* keeps it, due again at due_ms, with the reply */
+};
+
+/* One recipient outcome. The message is removed with its last recipient.
+ * An outcome for a recipient that is no longer stored (already removed,
+ * e.g. a retry after a crash) is ignored and counted in the stats. */
+struct queue_outcome {
+    uint64_t id;
+    unsigned rcpt; /* struct queue_rcpt.index */
+    enum queue_outcome_kind kind;
+    uint64_t due_ms;   /* QUEUE_DEFERRED: Unix ms of the next attempt */
+    unsigned code;     /* reply code, 0 if none (e.g. connection failure) */
+    const char *reply; /* borrowed for the call; NULL or text, cut at QUEUE_MAX_REPLY */
+};
+
+/* Submit n outcomes, committed together. outcomes is copied. Same
+ * contract as queue_enqueue(). When the spool is full, updates are still
+ * committed (they free room) ahead of the enqueues of the same batch; an
+ * update fails with a space error only when even the reserve kept for
+ * them is gone, and the caller retries it later. */
+int queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
+                 size_t n, queue_done_fn *done, void *cookie);
+
+/* Blocking forms for tools and tests: submit through a private port and
+ * wait. Return the completion code. */
+int queue_enqueue_wait(struct queue *q, const struct queue_envelope *env, const struct iovec *body,
+                       unsigned iovcnt);
+int queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n);
+
+/* ---- reads ---- */
+
+/* The envelope and live recipients of message id. *out is one allocation
+ * owned by the caller (free with queue_envelope_free); it does not change
+ * when the spool does. Returns 0 or QUEUE_ENOTFOUND or another code. */
+int queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out);
+/* Free an envelope from queue_envelope_get (NULL is fine). Returns NULL. */
+struct queue_envelope *queue_envelope_free(struct queue_envelope *env);
+
+/* Copy up to cap bytes of the body of id, from offset off, into buf;
+ * *len gets the count (0 at or past the end). The copy is the only way to
+ * the bytes: no pointer into the spool escapes and no read transaction
+ * outlives the call, so a delivery may send from buf across any network
+ * wait. Read a large body in pieces. Returns 0 or QUEUE_ENOTFOUND or
+ * another code. */
+int queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t cap, size_t *len);
+
+/* Walk callbacks see a recipient of message id; r and its strings are
+ * valid only during the call. Returning non-zero stops the walk, which
+ * then returns that value. Callbacks must not wait: a read transaction is
+ * open around them (it is renewed every few thousand records, so a long
+ * walk sees later commits and never pins the spool for long). */
+typedef int queue_rcpt_fn(void *arg, uint64_t id, const struct queue_rcpt *r);
+
+/* Every stored recipient, in (message id, index) order: ready ones and
+ * deferred ones with their due time. To rebuild the ready queues at start.
+ * Returns 0, a callback's non-zero value, or a negative code. */
+int queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg);
+
+/* Position in the time index of deferred recipients; all zero is the
+ * start. queue_due() moves it past what it returned. */
+struct queue_due_pos {
+    uint64_t due_ms;
+    uint64_t id;
+    unsigned rcpt;
+};
+
+/* Deferred recipients due at or before now_ms, in due order, after *pos,
+ * at most limit of them (0: no limit). Returns how many the callback saw,
+ * or a negative code. A recipient deferred again to a time behind *pos
+ * (e.g. a flush to "now") is seen after *pos is zeroed again. */
+int queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms, unsigned limit,
+              queue_rcpt_fn *cb, void *arg);
+
+struct queue_counts {
+    uint64_t messages; /* totals only */
+    uint64_t ready;    /* recipients */
+    uint64_t deferred; /* recipients */
+};
+
+typedef int queue_domain_fn(void *arg, const char *domain, const struct queue_counts *c);
+
+/* Totals in *total, cheaply (from the databases' entry counts). When cb is
+ * not NULL, also the counts per recipient domain, which scans every
+ * recipient (for operators, not hot paths); cb is called once per domain
+ * after the scan, with no transaction open. Returns 0 or a code. */
+int queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, void *arg);
+
+/* Result of queue_check(). */
+struct queue_check_report {
+    uint64_t messages, recipients, deferred, body_chunks;
+    uint64_t bad_records;    /* records that do not decode */
+    uint64_t orphan_rcpts;   /* recipients without their message */
+    uint64_t empty_messages; /* messages without any recipient */
+    uint64_t bad_bodies;     /* chunked bodies missing chunks or bytes, stray chunks */
+    uint64_t bad_due;        /* index entries and deferred recipients that disagree */
+};
+
+/* Verify the whole spool in one read snapshot (slow: for tools and tests).
+ * Returns 0 when consistent, QUEUE_ECORRUPT when the report counts a
+ * problem, or another code. */
+int queue_check(struct queue *q, struct queue_check_report *report);
+
+/* ---- stats ---- */
+
+struct queue_stats {
+    uint64_t commits;         /* successful write transactions */
+    uint64_t commit_failures; /* aborted ones (space, I/O, ...) */
+    uint64_t enqueued;        /* messages committed */
+    uint64_t enqueued_rcpts;
+    uint64_t enqueued_bytes;  /* body bytes committed */
+    uint64_t enqueue_refused; /* refused for lack of room */
+    uint64_t outcomes;        /* recipient outcomes committed */
+    uint64_t outcomes_stale;  /* outcomes for recipients no longer stored */
+    uint64_t removed;         /* messages removed with their last recipient */
+    uint64_t batch_max;       /* most requests in one commit */
+    uint64_t commit_us_total; /* time in commits, to average */
+    uint64_t commit_us_max;
+    uint64_t backlog;  /* requests waiting for the committer */
+    uint64_t map_size; /* bytes */
+    uint64_t map_used; /* bytes up to the highest page in use (free pages inside count) */
+};
+
+/* Copy the counters (each read atomically; any thread, no lock). */
+void queue_stats(struct queue *q, struct queue_stats *out);
+
+#endif

@@ -1,0 +1,1046 @@
+/*
+ * Unit tests of the queue: config keys, ids, open/reopen/refusals, every
+ * write and read operation, the deferred index, counts, walk, large
+ * bodies, ports and stats. Each test gets a fresh spool in a temp dir
+ * (under $TMPDIR or /tmp) that teardown removes.
+ *
+ * Threading: tests run one at a time; the id test starts threads of its own.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <ftw.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "queue/queue.h"
+
+struct fixture {
+    char dir[256];
+    struct queue_config cfg;
+    struct queue *q;
+};
+
+static int
+rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void
+rm_rf(const char *path)
+{
+    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void
+fixture_open(struct fixture *f)
+{
+    char err[512];
+    int rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
+    if (rc != 0)
+        fail_msg("queue_open: %s (%s)", err, queue_strerror(rc));
+}
+
+static int
+setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof(*f));
+    const char *tmp = getenv("TMPDIR");
+    snprintf(f->dir, sizeof(f->dir), "%s/sluice-queue-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (mkdtemp(f->dir) == NULL)
+        return -1;
+    char err[256];
+    if (conf_defaults(queue_conf_keys, &f->cfg, err, sizeof(err)) != 0)
+        return -1;
+    free(f->cfg.path);
+    char path[300];
+    snprintf(path, sizeof(path), "%s/spool", f->dir);
+    f->cfg.path = strdup(path);
+    f->cfg.map_size = 256ULL << 20;
+    fixture_open(f);
+    *state = f;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    struct fixture *f = *state;
+    queue_close(f->q);
+    conf_free(queue_conf_keys, &f->cfg);
+    rm_rf(f->dir);
+    free(f);
+    return 0;
+}
+
+static void
+reopen(struct fixture *f)
+{
+    queue_close(f->q);
+    f->q = NULL;
+    fixture_open(f);
+}
+
+/* ---- helpers ---- */
+
+static char *
+make_body(size_t len, uint64_t seed)
+{
+    char *b = malloc(len + 1);
+    uint64_t x = seed * 0x9E3779B97F4A7C15ULL + 1;
+    for (size_t i = 0; i < len; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b[i] = (char)(' ' + x % 90);
+        if (i % 78 == 76)
+            b[i] = '\r';
+        if (i % 78 == 77)
+            b[i] = '\n';
+    }
+    b[len] = '\0';
+    return b;
+}
+
+static uint64_t
+put_msg(struct queue *q, unsigned nrcpt, const char *domain, const char *body, size_t len)
+{
+    struct queue_rcpt rc[128];
+    char addrs[128][64];
+    assert_true(nrcpt <= 128);
+    for (unsigned i = 0; i < nrcpt; i++) {
+        snprintf(addrs[i], sizeof(addrs[i]), "user%u@%s", i, domain);
+        rc[i] = (struct queue_rcpt){.addr = addrs[i]};
+    }
+    struct queue_envelope env = {
+        .id = queue_id_next(q), .sender = "bounce@sender.example", .nrcpt = nrcpt, .rcpt = rc};
+    struct iovec iov = {(void *)body, len};
+    assert_int_equal(queue_enqueue_wait(q, &env, &iov, 1), 0);
+    return env.id;
+}
+
+static void
+outcome(struct queue *q, uint64_t id, unsigned rcpt, enum queue_outcome_kind kind, uint64_t due,
+        unsigned code, const char *reply)
+{
+    struct queue_outcome o = {id, rcpt, kind, due, code, reply};
+    assert_int_equal(queue_update_wait(q, &o, 1), 0);
+}
+
+static void
+assert_body(struct queue *q, uint64_t id, const char *want, size_t len)
+{
+    char *got = malloc(len + 1);
+    size_t n = 0;
+    assert_int_equal(queue_body_read(q, id, 0, got, len + 1, &n), 0);
+    assert_int_equal(n, len);
+    assert_memory_equal(got, want, len);
+    free(got);
+}
+
+static void
+assert_consistent(struct queue *q)
+{
+    struct queue_check_report r;
+    int rc = queue_check(q, &r);
+    if (rc != 0)
+        fail_msg("queue_check: %s: bad=%llu orphan=%llu empty=%llu bodies=%llu due=%llu",
+                 queue_strerror(rc), (unsigned long long)r.bad_records,
+                 (unsigned long long)r.orphan_rcpts, (unsigned long long)r.empty_messages,
+                 (unsigned long long)r.bad_bodies, (unsigned long long)r.bad_due);
+}
+
+/* ---- config ---- */
+
+static void
+test_config_keys(void **state)
+{
+    (void)state;
+    struct queue_config c = {0};
+    char err[256];
+    assert_int_equal(conf_defaults(queue_conf_keys, &c, err, sizeof(err)), 0);
+    assert_string_equal(c.path, "./var/spool");
+    assert_true(c.map_size == 4ULL << 30);
+    assert_int_equal(c.node_id, 0);
+    assert_false(c.unsafe_no_sync);
+    assert_int_equal(c.max_batch, 4096);
+    assert_int_equal(conf_set(queue_conf_keys, &c, "node_id", "1024", err, sizeof(err)), -EINVAL);
+    assert_int_equal(conf_set(queue_conf_keys, &c, "map_size", "512K", err, sizeof(err)), -EINVAL);
+    assert_int_equal(conf_set(queue_conf_keys, &c, "map_size", "1M", err, sizeof(err)), 0);
+    const struct conf_key *k = conf_find(queue_conf_keys, "unsafe_no_sync");
+    assert_non_null(k);
+    assert_non_null(strstr(k->help, "GIVES UP durability"));
+    assert_non_null(strstr(k->help, "lose mail"));
+    conf_free(queue_conf_keys, &c);
+}
+
+/* ---- ids ---- */
+
+static void
+test_id_text(void **state)
+{
+    (void)state;
+    char a[QUEUE_ID_STRLEN + 1], b[QUEUE_ID_STRLEN + 1];
+    uint64_t samples[] = {0, 1, 31, 32, UINT64_MAX, 0x123456789abcdefULL, 1ULL << 63};
+    for (size_t i = 0; i < sizeof(samples) / sizeof(samples[0]); i++) {
+        uint64_t back = 0;
+        queue_id_str(samples[i], a);
+        assert_int_equal(strlen(a), QUEUE_ID_STRLEN);
+        assert_int_equal(queue_id_parse(a, &back), 0);
+        assert_true(back == samples[i]);
+    }
+    /* text order is numeric order */
+    uint64_t x = 88172645463325252ULL;
+    for (int i = 0; i < 10000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        uint64_t y = x * 2654435761ULL;
+        queue_id_str(x, a);
+        queue_id_str(y, b);
+        int c = strcmp(a, b);
+        assert_true((x < y && c < 0) || (x > y && c > 0) || (x == y && c == 0));
+    }
+    uint64_t v;
+    queue_id_str(0x0123456789abcdefULL, a);
+    for (char *p = a; *p; p++)
+        if (*p >= 'A' && *p <= 'Z')
+            *p = (char)(*p - 'A' + 'a');
+    assert_int_equal(queue_id_parse(a, &v), 0); /* case-insensitive */
+    assert_true(v == 0x0123456789abcdefULL);
+    assert_int_equal(queue_id_parse("0123456789AB", &v), -EINVAL);   /* short */
+    assert_int_equal(queue_id_parse("0123456789ABCD", &v), -EINVAL); /* long */
+    assert_int_equal(queue_id_parse("0123456789ABU", &v), -EINVAL);  /* not in alphabet */
+    assert_int_equal(queue_id_parse("G000000000000", &v), -EINVAL);  /* 65th bit */
+    assert_int_equal(queue_id_parse("", &v), -EINVAL);
+}
+
+static void
+test_id_rule(void **state)
+{
+    (void)state;
+    uint64_t t = QUEUE_ID_EPOCH_MS + 1000000;
+    uint64_t a = queue_id_after(0, t, 5);
+    assert_true(queue_id_time_ms(a) == t);
+    assert_int_equal(queue_id_node(a), 5);
+    /* same millisecond: next sequence */
+    uint64_t b = queue_id_after(a, t, 5);
+    assert_true(b == a + 1);
+    /* clock steps back an hour: still increasing, keeps the last time */
+    uint64_t c = queue_id_after(b, t - 3600000, 5);
+    assert_true(c > b);
+    assert_true(queue_id_time_ms(c) == t);
+    assert_int_equal(queue_id_node(c), 5);
+    /* sequence used up: borrows the next millisecond, node kept */
+    uint64_t d = a | 0xfff;
+    uint64_t e = queue_id_after(d, t, 5);
+    assert_true(e > d);
+    assert_true(queue_id_time_ms(e) == t + 1);
+    assert_int_equal(queue_id_node(e), 5);
+    assert_int_equal(e & 0xfff, 0);
+    /* a last id from another node (read from the spool) */
+    uint64_t f = queue_id_after(a, t, 7);
+    assert_true(f > a);
+    assert_int_equal(queue_id_node(f), 7);
+    uint64_t g = queue_id_after(f, t, 3);
+    assert_true(g > f);
+    assert_int_equal(queue_id_node(g), 3);
+    /* two nodes at the same instant never collide */
+    assert_true(queue_id_after(0, t, 1) != queue_id_after(0, t, 2));
+    /* later time wins */
+    assert_true(queue_id_after(b, t + 5, 5) == queue_id_after(0, t + 5, 5));
+}
+
+#define ID_THREADS 4
+#define ID_PER     50000
+
+struct id_job {
+    struct queue *q;
+    uint64_t *out;
+};
+
+static void *
+id_thread(void *arg)
+{
+    struct id_job *j = arg;
+    for (int i = 0; i < ID_PER; i++)
+        j->out[i] = queue_id_next(j->q);
+    return NULL;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void
+test_id_unique_threads(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t *all = malloc(sizeof(uint64_t) * ID_THREADS * ID_PER);
+    pthread_t th[ID_THREADS];
+    struct id_job jobs[ID_THREADS];
+    for (int i = 0; i < ID_THREADS; i++) {
+        jobs[i] = (struct id_job){f->q, all + i * ID_PER};
+        pthread_create(&th[i], NULL, id_thread, &jobs[i]);
+    }
+    for (int i = 0; i < ID_THREADS; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < ID_THREADS; i++)
+        for (int j = 1; j < ID_PER; j++)
+            assert_true(jobs[i].out[j] > jobs[i].out[j - 1]);
+    qsort(all, ID_THREADS * ID_PER, sizeof(uint64_t), cmp_u64);
+    for (int i = 1; i < ID_THREADS * ID_PER; i++)
+        assert_true(all[i] != all[i - 1]);
+    /* node id 0, close to now */
+    assert_int_equal(queue_id_node(all[0]), 0);
+    free(all);
+}
+
+/* ---- open ---- */
+
+static void
+test_open_refusals(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q2;
+    char err[512];
+    /* a second open of the same spool */
+    int rc = queue_open(&f->cfg, &q2, err, sizeof(err));
+    assert_int_equal(rc, QUEUE_ELOCKED);
+    assert_null(q2);
+    assert_non_null(strstr(err, f->cfg.path));
+
+    /* a path below a regular file */
+    char file[300], bad[320];
+    snprintf(file, sizeof(file), "%s/plainfile", f->dir);
+    FILE *fp = fopen(file, "w");
+    fputs("x", fp);
+    fclose(fp);
+    snprintf(bad, sizeof(bad), "%s/spool", file);
+    struct queue_config c = f->cfg;
+    c.path = bad;
+    rc = queue_open(&c, &q2, err, sizeof(err));
+    assert_true(rc < 0);
+    assert_null(q2);
+    assert_non_null(strstr(err, bad));
+    assert_non_null(strstr(err, "Not a directory"));
+
+    /* nested directories are created */
+    char deep[320];
+    snprintf(deep, sizeof(deep), "%s/a/b/c", f->dir);
+    c.path = deep;
+    assert_int_equal(queue_open(&c, &q2, err, sizeof(err)), 0);
+    queue_close(q2);
+    assert_int_equal(access(deep, R_OK | W_OK | X_OK), 0);
+
+    /* map_size too small */
+    c.map_size = 1000;
+    rc = queue_open(&c, &q2, err, sizeof(err));
+    assert_int_equal(rc, -EINVAL);
+}
+
+static void
+test_schema_refused(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 1, "example.com", "x\r\n", 3);
+    queue_close(f->q);
+    f->q = NULL;
+
+    /* write a newer schema version into the meta record */
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    uint32_t v = 99;
+    MDB_val k = {6, "schema"}, val = {sizeof(v), &v};
+    assert_int_equal(mdb_put(txn, dbi, &k, &val, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+
+    char err[512];
+    int rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
+    assert_int_equal(rc, QUEUE_ESCHEMA);
+    assert_null(f->q);
+    assert_non_null(strstr(err, f->cfg.path));
+    assert_non_null(strstr(err, "newer"));
+    assert_non_null(strstr(err, "99"));
+
+    /* put it back: the spool opens and the message is intact */
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    v = 1;
+    assert_int_equal(mdb_put(txn, dbi, &k, &val, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    fixture_open(f);
+    assert_body(f->q, id, "x\r\n", 3);
+}
+
+static void
+test_not_a_spool(void **state)
+{
+    struct fixture *f = *state;
+    /* an LMDB environment with other content */
+    char other[300];
+    snprintf(other, sizeof(other), "%s/other", f->dir);
+    assert_int_equal(mkdir(other, 0700), 0);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_open(env, other, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, NULL, 0, &dbi), 0);
+    MDB_val k = {3, "foo"}, v = {3, "bar"};
+    assert_int_equal(mdb_put(txn, dbi, &k, &v, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    struct queue_config c = f->cfg;
+    c.path = other;
+    struct queue *q2;
+    char err[512];
+    assert_int_equal(queue_open(&c, &q2, err, sizeof(err)), QUEUE_ECORRUPT);
+    assert_non_null(strstr(err, other));
+}
+
+/* ---- writes and reads ---- */
+
+static void
+test_enqueue_read(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_rcpt rcpt[3] = {
+        {.addr = "Alice@Example.COM",
+         .notify = QUEUE_NOTIFY_FAILURE | QUEUE_NOTIFY_DELAY,
+         .orcpt = "rfc822;alice@example.com"},
+        {.addr = "bob@example.org"},
+        {.addr = "\"odd@local\"@Sub.Example.Net", .notify = QUEUE_NOTIFY_NEVER},
+    };
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q),
+        .sender = "",
+        .envid = "QQ314159",
+        .ret = QUEUE_RET_HDRS,
+        .body_type = QUEUE_BODY_8BITMIME,
+        .smtputf8 = true,
+        .arrival_ms = 1700000000123ULL,
+        .expire_ms = 1700432000123ULL,
+        .auth_user = "newsletter",
+        .client_addr = "192.0.2.7",
+        .nrcpt = 3,
+        .rcpt = rcpt,
+    };
+    const char *part1 = "Subject: hi\r\n\r\n";
+    const char *part2 = "body line\r\n";
+    struct iovec iov[2] = {{(void *)part1, strlen(part1)}, {(void *)part2, strlen(part2)}};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, iov, 2), 0);
+
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, env.id, &e), 0);
+    assert_true(e->id == env.id);
+    assert_string_equal(e->sender, "");
+    assert_string_equal(e->envid, "QQ314159");
+    assert_int_equal(e->ret, QUEUE_RET_HDRS);
+    assert_int_equal(e->body_type, QUEUE_BODY_8BITMIME);
+    assert_true(e->smtputf8);
+    assert_true(e->arrival_ms == 1700000000123ULL);
+    assert_true(e->expire_ms == 1700432000123ULL);
+    assert_string_equal(e->auth_user, "newsletter");
+    assert_string_equal(e->client_addr, "192.0.2.7");
+    assert_true(e->body_len == strlen(part1) + strlen(part2));
+    assert_int_equal(e->nrcpt, 3);
+    assert_string_equal(e->rcpt[0].addr, "Alice@Example.COM");
+    assert_string_equal(e->rcpt[0].domain, "example.com");
+    assert_string_equal(e->rcpt[0].orcpt, "rfc822;alice@example.com");
+    assert_int_equal(e->rcpt[0].notify, QUEUE_NOTIFY_FAILURE | QUEUE_NOTIFY_DELAY);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_READY);
+    assert_int_equal(e->rcpt[0].attempts, 0);
+    assert_null(e->rcpt[1].orcpt);
+    assert_string_equal(e->rcpt[1].domain, "example.org");
+    assert_int_equal(e->rcpt[1].index, 1);
+    assert_string_equal(e->rcpt[2].domain, "sub.example.net");
+    assert_int_equal(e->rcpt[2].notify, QUEUE_NOTIFY_NEVER);
+    assert_string_equal(e->rcpt[2].last_reply, "");
+    queue_envelope_free(e);
+
+    /* body: whole, in pieces, past the end */
+    assert_body(f->q, env.id, "Subject: hi\r\n\r\nbody line\r\n", 26);
+    char buf[8];
+    size_t n;
+    assert_int_equal(queue_body_read(f->q, env.id, 9, buf, 4, &n), 0);
+    assert_int_equal(n, 4);
+    assert_memory_equal(buf, "hi\r\n", 4);
+    assert_int_equal(queue_body_read(f->q, env.id, 24, buf, 8, &n), 0);
+    assert_int_equal(n, 2);
+    assert_int_equal(queue_body_read(f->q, env.id, 26, buf, 8, &n), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(queue_body_read(f->q, env.id + 1, 0, buf, 8, &n), QUEUE_ENOTFOUND);
+    assert_int_equal(queue_envelope_get(f->q, env.id + 1, &e), QUEUE_ENOTFOUND);
+    assert_null(e);
+
+    /* same id twice */
+    assert_int_equal(queue_enqueue_wait(f->q, &env, iov, 2), QUEUE_EEXIST);
+    assert_consistent(f->q);
+}
+
+static void
+test_enqueue_invalid(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_port *p = queue_port_new();
+    struct queue_rcpt r = {.addr = "a@b.example"};
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q), .sender = "x@y", .nrcpt = 1, .rcpt = &r};
+    struct iovec iov = {"x", 1};
+    struct queue_envelope bad = env;
+    bad.nrcpt = 0;
+    assert_int_equal(queue_enqueue(f->q, p, &bad, &iov, 1, NULL, NULL), -EINVAL);
+    bad = env;
+    bad.id = 0;
+    assert_int_equal(queue_enqueue_wait(f->q, &bad, &iov, 1), -EINVAL);
+    struct queue_rcpt empty = {.addr = ""};
+    bad = env;
+    bad.rcpt = &empty;
+    assert_int_equal(queue_enqueue_wait(f->q, &bad, &iov, 1), -EINVAL);
+    char longaddr[QUEUE_MAX_ADDR + 10];
+    memset(longaddr, 'a', sizeof(longaddr) - 1);
+    longaddr[sizeof(longaddr) - 1] = '\0';
+    struct queue_rcpt lr = {.addr = longaddr};
+    bad = env;
+    bad.rcpt = &lr;
+    assert_int_equal(queue_enqueue_wait(f->q, &bad, &iov, 1), -EINVAL);
+    struct queue_outcome o = {.id = 1, .rcpt = 70000};
+    assert_int_equal(queue_update_wait(f->q, &o, 1), -EINVAL);
+    assert_int_equal(queue_update_wait(f->q, &o, 0), -EINVAL);
+    assert_int_equal(queue_port_pending(p), 0);
+    queue_port_free(p);
+}
+
+static void
+test_reopen_keeps_data(void **state)
+{
+    struct fixture *f = *state;
+    char *body = make_body(5000, 1);
+    uint64_t ids[20];
+    for (int i = 0; i < 20; i++)
+        ids[i] = put_msg(f->q, 1 + i % 3, "example.com", body, 5000);
+    outcome(f->q, ids[1], 0, QUEUE_DEFERRED, 1234567, 451, "4.7.1 try later");
+    reopen(f);
+    for (int i = 0; i < 20; i++)
+        assert_body(f->q, ids[i], body, 5000);
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, ids[1], &e), 0);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    assert_true(e->rcpt[0].due_ms == 1234567);
+    assert_int_equal(e->rcpt[0].last_code, 451);
+    assert_string_equal(e->rcpt[0].last_reply, "4.7.1 try later");
+    assert_int_equal(e->rcpt[0].attempts, 1);
+    queue_envelope_free(e);
+    /* new ids are above the stored ones */
+    assert_true(queue_id_next(f->q) > ids[19]);
+    assert_consistent(f->q);
+    free(body);
+}
+
+static void
+test_ids_survive_delete_and_reopen(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 1, "example.com", "x", 1);
+    outcome(f->q, id, 0, QUEUE_DELIVERED, 0, 250, NULL);
+    reopen(f);
+    /* the spool is empty but remembers the highest id */
+    struct queue_counts c;
+    assert_int_equal(queue_counts(f->q, &c, NULL, NULL), 0);
+    assert_true(c.messages == 0);
+    assert_true(queue_id_next(f->q) > id);
+}
+
+/* A 100-recipient message keeps one copy of its body. */
+static void
+test_hundred_rcpts_one_body(void **state)
+{
+    struct fixture *f = *state;
+    size_t len = 80 * 1024;
+    char *body = make_body(len, 7);
+    uint64_t id = put_msg(f->q, 100, "example.com", body, len);
+    queue_close(f->q);
+    f->q = NULL;
+
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi msg, rcpt, bdy;
+    MDB_stat st;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "msg", 0, &msg), 0);
+    assert_int_equal(mdb_dbi_open(txn, "rcpt", 0, &rcpt), 0);
+    assert_int_equal(mdb_dbi_open(txn, "body", 0, &bdy), 0);
+    assert_int_equal(mdb_stat(txn, msg, &st), 0);
+    assert_int_equal(st.ms_entries, 1);
+    size_t msg_pages = st.ms_overflow_pages;
+    assert_true(msg_pages * st.ms_psize < len + 2 * st.ms_psize);
+    assert_int_equal(mdb_stat(txn, rcpt, &st), 0);
+    assert_int_equal(st.ms_entries, 100);
+    assert_int_equal(st.ms_overflow_pages, 0);
+    /* recipient records are small: all of them in a few pages */
+    assert_true(st.ms_leaf_pages + st.ms_branch_pages <= 6);
+    assert_int_equal(mdb_stat(txn, bdy, &st), 0);
+    assert_int_equal(st.ms_entries, 0);
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+
+    fixture_open(f);
+    assert_body(f->q, id, body, len);
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->nrcpt, 100);
+    assert_string_equal(e->rcpt[99].addr, "user99@example.com");
+    queue_envelope_free(e);
+    free(body);
+}
+
+static void
+test_delete_with_last_rcpt(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 4, "example.com", "body\r\n", 6);
+    uint64_t other = put_msg(f->q, 1, "example.com", "other\r\n", 7);
+    outcome(f->q, id, 0, QUEUE_DELIVERED, 0, 250, "2.0.0 ok");
+    outcome(f->q, id, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user");
+    outcome(f->q, id, 2, QUEUE_DEFERRED, 5000, 421, "4.4.2 timeout");
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->nrcpt, 2);
+    assert_int_equal(e->rcpt[0].index, 2);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    assert_int_equal(e->rcpt[1].index, 3);
+    assert_int_equal(e->rcpt[1].state, QUEUE_RCPT_READY);
+    queue_envelope_free(e);
+    assert_consistent(f->q);
+
+    /* the last two in one update: the message goes */
+    struct queue_outcome last[2] = {
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok"},
+        {id, 3, QUEUE_BOUNCED, 0, 550, "no"},
+    };
+    assert_int_equal(queue_update_wait(f->q, last, 2), 0);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
+    char buf[8];
+    size_t n;
+    assert_int_equal(queue_body_read(f->q, id, 0, buf, 8, &n), QUEUE_ENOTFOUND);
+    assert_body(f->q, other, "other\r\n", 7);
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_true(st.removed == 1);
+    assert_true(st.outcomes == 5);
+
+    /* an outcome for a recipient already gone is ignored and counted */
+    outcome(f->q, id, 2, QUEUE_DELIVERED, 0, 250, NULL);
+    queue_stats(f->q, &st);
+    assert_true(st.outcomes_stale == 1);
+    struct queue_counts c;
+    assert_int_equal(queue_counts(f->q, &c, NULL, NULL), 0);
+    assert_true(c.messages == 1 && c.ready == 1 && c.deferred == 0);
+    assert_consistent(f->q);
+}
+
+struct seen {
+    uint64_t id[64];
+    unsigned rcpt[64];
+    uint64_t due[64];
+    unsigned attempts[64];
+    int n;
+    int stop_at;
+};
+
+static int
+collect(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct seen *s = arg;
+    if (s->n < 64) {
+        s->id[s->n] = id;
+        s->rcpt[s->n] = r->index;
+        s->due[s->n] = r->due_ms;
+        s->attempts[s->n] = r->attempts;
+    }
+    s->n++;
+    return s->stop_at && s->n == s->stop_at ? 7 : 0;
+}
+
+static void
+test_deferred_index(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 3, "example.com", "a", 1);
+    uint64_t b = put_msg(f->q, 2, "example.org", "b", 1);
+    uint64_t base = 1800000000000ULL;
+    struct queue_outcome o[] = {
+        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x"},
+        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x"},
+        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x"},
+        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x"},
+    };
+    assert_int_equal(queue_update_wait(f->q, o, 4), 0);
+
+    struct seen s = {0};
+    struct queue_due_pos pos = {0};
+    assert_int_equal(queue_due(f->q, &pos, base + 99, 0, collect, &s), 0);
+    assert_int_equal(queue_due(f->q, &pos, base + 250, 0, collect, &s), 3);
+    /* due order, then id order */
+    assert_true(s.id[0] == a && s.rcpt[0] == 2 && s.due[0] == base + 100);
+    assert_true(s.id[1] == b && s.rcpt[1] == 0);
+    assert_true(s.id[2] == b && s.rcpt[2] == 1 && s.due[2] == base + 200);
+    /* the position moved: only the later one now */
+    assert_int_equal(queue_due(f->q, &pos, base + 1000, 0, collect, &s), 1);
+    assert_true(s.id[3] == a && s.rcpt[3] == 0 && s.due[3] == base + 300);
+    assert_int_equal(queue_due(f->q, &pos, base + 1000, 0, collect, &s), 0);
+
+    /* limit */
+    struct queue_due_pos p2 = {0};
+    s.n = 0;
+    assert_int_equal(queue_due(f->q, &p2, UINT64_MAX, 2, collect, &s), 2);
+    assert_int_equal(queue_due(f->q, &p2, UINT64_MAX, 2, collect, &s), 2);
+    assert_int_equal(queue_due(f->q, &p2, UINT64_MAX, 2, collect, &s), 0);
+
+    /* deferring again moves the entry; attempts count up */
+    outcome(f->q, a, 2, QUEUE_DEFERRED, base + 5000, 452, "y");
+    struct queue_due_pos p3 = {0};
+    s.n = 0;
+    assert_int_equal(queue_due(f->q, &p3, base + 1000, 0, collect, &s), 3);
+    assert_int_equal(queue_due(f->q, &p3, base + 5000, 0, collect, &s), 1);
+    assert_true(s.id[3] == a && s.rcpt[3] == 2 && s.attempts[3] == 2);
+    /* delivery removes it from the index */
+    outcome(f->q, b, 0, QUEUE_DELIVERED, 0, 250, NULL);
+    struct queue_due_pos p4 = {0};
+    s.n = 0;
+    assert_int_equal(queue_due(f->q, &p4, UINT64_MAX, 0, collect, &s), 3);
+    assert_consistent(f->q);
+}
+
+static void
+test_due_many_renews(void **state)
+{
+    /* more entries than one read transaction covers */
+    struct fixture *f = *state;
+    uint64_t base = 1800000000000ULL;
+    for (int m = 0; m < 50; m++) {
+        uint64_t id = put_msg(f->q, 100, "example.com", "m", 1);
+        struct queue_outcome o[100];
+        for (unsigned i = 0; i < 100; i++)
+            o[i] = (struct queue_outcome){id,  i,  QUEUE_DEFERRED, base + 100000 - m * 100 - i,
+                                          451, "z"};
+        assert_int_equal(queue_update_wait(f->q, o, 100), 0);
+    }
+    struct seen s = {0};
+    struct queue_due_pos pos = {0};
+    assert_int_equal(queue_due(f->q, &pos, UINT64_MAX, 0, collect, &s), 5000);
+    for (int i = 1; i < 64; i++)
+        assert_true(s.due[i] > s.due[i - 1]);
+    assert_true(pos.due_ms == base + 100000);
+    assert_int_equal(queue_due(f->q, &pos, UINT64_MAX, 0, collect, &s), 0);
+}
+
+static int
+count_domain(void *arg, const char *domain, const struct queue_counts *c)
+{
+    char *out = arg;
+    char line[128];
+    snprintf(line, sizeof(line), "%s=%llu/%llu;", domain, (unsigned long long)c->ready,
+             (unsigned long long)c->deferred);
+    strcat(out, line);
+    return 0;
+}
+
+static void
+test_counts(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 3, "Example.COM", "a", 1);
+    put_msg(f->q, 2, "example.org", "b", 1);
+    struct queue_rcpt r = {.addr = "postmaster"};
+    struct queue_envelope env = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &r};
+    struct iovec iov = {"c", 1};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    outcome(f->q, a, 1, QUEUE_DEFERRED, 1, 450, "busy");
+    struct queue_counts c;
+    char out[512] = "";
+    assert_int_equal(queue_counts(f->q, &c, count_domain, out), 0);
+    assert_true(c.messages == 3);
+    assert_true(c.ready == 5);
+    assert_true(c.deferred == 1);
+    assert_string_equal(out, "=1/0;example.com=2/1;example.org=2/0;");
+}
+
+static void
+test_walk(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 2, "example.com", "a", 1);
+    uint64_t b = put_msg(f->q, 3, "example.net", "b", 1);
+    outcome(f->q, a, 0, QUEUE_DELIVERED, 0, 250, NULL);
+    outcome(f->q, b, 2, QUEUE_DEFERRED, 777, 421, "later");
+    struct seen s = {0};
+    assert_int_equal(queue_walk(f->q, collect, &s), 0);
+    assert_int_equal(s.n, 4);
+    assert_true(s.id[0] == a && s.rcpt[0] == 1 && s.due[0] == 0);
+    assert_true(s.id[1] == b && s.rcpt[1] == 0);
+    assert_true(s.id[3] == b && s.rcpt[3] == 2 && s.due[3] == 777 && s.attempts[3] == 1);
+    /* a callback stops the walk with its value */
+    struct seen s2 = {.stop_at = 2};
+    assert_int_equal(queue_walk(f->q, collect, &s2), 7);
+    assert_int_equal(s2.n, 2);
+}
+
+static int
+count_only(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    (void)id;
+    (void)r;
+    (*(unsigned *)arg)++;
+    return 0;
+}
+
+static void
+test_walk_many(void **state)
+{
+    /* several read transactions' worth, nothing lost or repeated */
+    struct fixture *f = *state;
+    struct queue_port *p = queue_port_new();
+    static struct queue_rcpt r[100];
+    static char addr[100][32];
+    for (int i = 0; i < 100; i++) {
+        snprintf(addr[i], sizeof(addr[i]), "u%d@d%d.example", i, i % 7);
+        r[i].addr = addr[i];
+    }
+    struct iovec iov = {"b", 1};
+    for (int m = 0; m < 100; m++) {
+        struct queue_envelope env = {
+            .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 100, .rcpt = r};
+        if (m == 0) /* no callback: refused */
+            assert_int_equal(queue_enqueue(f->q, p, &env, &iov, 1, NULL, NULL), -EINVAL);
+        assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    }
+    unsigned n = 0;
+    assert_int_equal(queue_walk(f->q, count_only, &n), 0);
+    assert_int_equal(n, 10000);
+    queue_port_free(p);
+}
+
+static void
+test_large_body(void **state)
+{
+    struct fixture *f = *state;
+    size_t len = 10 * 1024 * 1024 + 12345;
+    char *body = make_body(len, 42);
+    /* handed over in uneven pieces */
+    struct iovec iov[3] = {
+        {body, 1000}, {body + 1000, 5 * 1024 * 1024}, {body + 1000 + 5 * 1024 * 1024, 0}};
+    iov[2].iov_len = len - 1000 - 5 * 1024 * 1024;
+    struct queue_rcpt r[2] = {{.addr = "a@example.com"}, {.addr = "b@example.com"}};
+    struct queue_envelope env = {.id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 2, .rcpt = r};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, iov, 3), 0);
+    reopen(f);
+    assert_body(f->q, env.id, body, len);
+    /* in odd-sized pieces, crossing chunk boundaries */
+    char *buf = malloc(len);
+    size_t off = 0, n;
+    while (off < len) {
+        assert_int_equal(queue_body_read(f->q, env.id, off, buf + off, 300007, &n), 0);
+        assert_true(n > 0);
+        off += n;
+    }
+    assert_memory_equal(buf, body, len);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(f->q, &rep), 0);
+    assert_true(rep.body_chunks == 41);
+    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL},
+                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL}};
+    assert_int_equal(queue_update_wait(f->q, o, 2), 0);
+    assert_int_equal(queue_check(f->q, &rep), 0);
+    assert_true(rep.body_chunks == 0 && rep.messages == 0);
+    free(buf);
+    free(body);
+}
+
+/* ---- ports ---- */
+
+struct done_log {
+    int rc[64];
+    int order[64];
+    int n;
+};
+
+struct done_cookie {
+    struct done_log *log;
+    int tag;
+};
+
+static void
+on_done(void *cookie, int rc)
+{
+    struct done_cookie *c = cookie;
+    c->log->rc[c->log->n] = rc;
+    c->log->order[c->log->n] = c->tag;
+    c->log->n++;
+}
+
+static void
+test_port_async(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_port *p = queue_port_new();
+    assert_non_null(p);
+    assert_true(queue_port_fd(p) >= 0);
+    struct done_log log = {0};
+    struct done_cookie ck[32];
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct iovec iov = {"hello\r\n", 7};
+    uint64_t ids[32];
+    for (int i = 0; i < 32; i++) {
+        ck[i] = (struct done_cookie){&log, i};
+        struct queue_envelope env = {
+            .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+        ids[i] = env.id;
+        assert_int_equal(queue_enqueue(f->q, p, &env, &iov, 1, on_done, &ck[i]), 0);
+    }
+    assert_true(queue_port_pending(p) > 0);
+    /* nothing runs until the owner drains */
+    while (log.n < 32) {
+        int n = queue_port_wait(p, 5000);
+        assert_true(n >= 0);
+    }
+    assert_int_equal(queue_port_pending(p), 0);
+    for (int i = 0; i < 32; i++) {
+        assert_int_equal(log.rc[i], 0);
+        assert_int_equal(log.order[i], i); /* submission order */
+    }
+    /* an update through the same port */
+    struct queue_outcome o[32];
+    for (int i = 0; i < 32; i++)
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL};
+    struct done_cookie uc = {&log, 100};
+    assert_int_equal(queue_update(f->q, p, o, 32, on_done, &uc), 0);
+    while (log.n < 33)
+        assert_true(queue_port_wait(p, 5000) >= 0);
+    assert_int_equal(log.rc[32], 0);
+    assert_int_equal(queue_port_drain(p), 0);
+    queue_port_free(p);
+
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_true(st.enqueued == 32);
+    assert_true(st.enqueued_rcpts == 32);
+    assert_true(st.enqueued_bytes == 32 * 7);
+    assert_true(st.removed == 32);
+    assert_true(st.commits >= 2);
+    assert_true(st.map_size == 256ULL << 20);
+    assert_true(st.map_used > 0);
+    assert_true(st.backlog == 0);
+}
+
+/* Close finishes what was submitted; the completions wait in the port. */
+static void
+test_close_finishes_queued(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_port *p = queue_port_new();
+    struct done_log log = {0};
+    struct done_cookie ck[16];
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct iovec iov = {"x", 1};
+    uint64_t ids[16];
+    for (int i = 0; i < 16; i++) {
+        ck[i] = (struct done_cookie){&log, i};
+        struct queue_envelope env = {
+            .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+        ids[i] = env.id;
+        assert_int_equal(queue_enqueue(f->q, p, &env, &iov, 1, on_done, &ck[i]), 0);
+    }
+    queue_close(f->q);
+    f->q = NULL;
+    assert_int_equal(queue_port_drain(p), 16);
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(log.rc[i], 0);
+    queue_port_free(p);
+    fixture_open(f);
+    for (int i = 0; i < 16; i++)
+        assert_body(f->q, ids[i], "x", 1);
+}
+
+static void
+test_strerror(void **state)
+{
+    (void)state;
+    assert_non_null(strstr(queue_strerror(QUEUE_EMAPFULL), "full"));
+    assert_non_null(strstr(queue_strerror(QUEUE_ESCHEMA), "newer"));
+    assert_string_equal(queue_strerror(-ENOSPC), "No space left on device");
+    assert_true(queue_error_is_space(QUEUE_EMAPFULL));
+    assert_true(queue_error_is_space(-ENOSPC));
+    assert_false(queue_error_is_space(-EIO));
+    int codes[] = {QUEUE_EMAPFULL, QUEUE_ESCHEMA, QUEUE_ECORRUPT, QUEUE_ENOTFOUND, QUEUE_ELOCKED,
+                   QUEUE_EPANIC,   QUEUE_ECLOSED, QUEUE_EREADERS, QUEUE_EEXIST,    QUEUE_ESTORE};
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++)
+        for (size_t j = i + 1; j < sizeof(codes) / sizeof(codes[0]); j++)
+            assert_string_not_equal(queue_strerror(codes[i]), queue_strerror(codes[j]));
+}
+
+int
+main(void)
+{
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_config_keys),
+        cmocka_unit_test(test_id_text),
+        cmocka_unit_test(test_id_rule),
+        cmocka_unit_test(test_strerror),
+        T(test_id_unique_threads),
+        T(test_open_refusals),
+        T(test_schema_refused),
+        T(test_not_a_spool),
+        T(test_enqueue_read),
+        T(test_enqueue_invalid),
+        T(test_reopen_keeps_data),
+        T(test_ids_survive_delete_and_reopen),
+        T(test_hundred_rcpts_one_body),
+        T(test_delete_with_last_rcpt),
+        T(test_deferred_index),
+        T(test_due_many_renews),
+        T(test_counts),
+        T(test_walk),
+        T(test_walk_many),
+        T(test_large_body),
+        T(test_port_async),
+        T(test_close_finishes_queued),
+    };
+#undef T
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
