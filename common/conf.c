@@ -348,6 +348,23 @@ fmt_bound(enum conf_type type, uint64_t v, char *out, size_t len)
         snprintf(out, len, "%" PRIu64, v);
 }
 
+void
+conf_format_range(const struct conf_key *k, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    if (k->type == CONF_UINT || k->type == CONF_SIZE || k->type == CONF_DURATION) {
+        char lo[32], hi[32] = "";
+        fmt_bound(k->type, k->min, lo, sizeof(lo));
+        if (k->max != 0)
+            fmt_bound(k->type, k->max, hi, sizeof(hi));
+        snprintf(out, outlen, "%s..%s", lo, hi);
+    } else if (k->type == CONF_ENUM) {
+        size_t off = 0;
+        for (int i = 0; k->choices[i] != NULL && off < outlen; i++)
+            off += (size_t)snprintf(out + off, outlen - off, "%s%s", i ? ", " : "", k->choices[i]);
+    }
+}
+
 static int
 set_value(const struct conf_key *k, void *obj, const char *value, char *err, size_t errlen)
 {
@@ -425,10 +442,9 @@ set_value(const struct conf_key *k, void *obj, const char *value, char *err, siz
     }
     if (k->type == CONF_UINT || k->type == CONF_SIZE || k->type == CONF_DURATION) {
         if (v < k->min || (k->max != 0 && v > k->max)) {
-            char lo[32], hi[32];
-            fmt_bound(k->type, k->min, lo, sizeof(lo));
-            fmt_bound(k->type, k->max, hi, sizeof(hi));
-            snprintf(err, errlen, "'%s' is out of range %s..%s", value, lo, k->max ? hi : "");
+            char range[160];
+            conf_format_range(k, range, sizeof(range));
+            snprintf(err, errlen, "'%s' is out of range %s", value, range);
             return -EINVAL;
         }
         if (k->type == CONF_UINT)

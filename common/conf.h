@@ -62,6 +62,9 @@ int conf_copy(const struct conf_key *keys, void *dst, const void *src, size_t si
 const struct conf_key *conf_find(const struct conf_key *keys, const char *name);
 /* Format the value of a key (for --config-reference and stats). */
 void conf_format(const struct conf_key *key, const void *obj, char *out, size_t outlen);
+/* "1..65535", "1M..", "off, optional, required" or "" (for the reference
+ * and for out-of-range messages). */
+void conf_format_range(const struct conf_key *key, char *out, size_t outlen);
 const char *conf_type_str(enum conf_type type);
 
 int conf_parse_bool(const char *s, bool *out);

@@ -29,8 +29,10 @@ clock_now_ns(void)
 static int
 ring_setup(struct io_uring *ring, unsigned entries)
 {
+    /* R_DISABLED: SINGLE_ISSUER binds the ring to the task that enables
+     * it, and that must be the worker's thread, not the one that set up. */
     static const unsigned flag_sets[] = {
-        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED,
         IORING_SETUP_COOP_TASKRUN,
         0,
     };
@@ -60,6 +62,8 @@ worker_init(struct worker *w, unsigned id, unsigned entries, void *ctx)
     w->mbox_tail = &w->mbox_head;
     w->stop_msg.fn = worker_on_stop;
     w->wake_op.kind = OP_WAKE;
+    w->deadline_op.kind = OP_DEADLINE;
+    w->deadline_armed = UINT64_MAX;
     int rc = pthread_mutex_init(&w->mbox_lock, NULL);
     if (rc != 0)
         return -rc;
@@ -74,8 +78,6 @@ worker_init(struct worker *w, unsigned id, unsigned entries, void *ctx)
     rc = ring_setup(&w->ring, entries);
     if (rc < 0)
         goto fail_fd;
-    /* SINGLE_ISSUER binds the ring to the first thread that submits; the
-     * first submit happens in worker_run(), on the worker's thread. */
     w->now = clock_now_ns();
     return 0;
 
@@ -187,6 +189,10 @@ dispatch(struct worker *w, struct io_uring_cqe *cqe)
         if (!w->stopping)
             wake_arm(w);
         break;
+    case OP_DEADLINE:
+        /* -ETIME: it fired; 0 or -ECANCELED: it was replaced or removed. */
+        w->deadline_armed = UINT64_MAX;
+        break;
     case OP_CALLBACK:
         op->done(w, op, cqe->res, cqe->flags);
         break;
@@ -197,10 +203,45 @@ dispatch(struct worker *w, struct io_uring_cqe *cqe)
     }
 }
 
+/*
+ * The loop sleeps until the earliest timer through one IORING_OP_TIMEOUT
+ * (absolute, CLOCK_MONOTONIC) that is moved earlier with a timeout update
+ * when a nearer deadline appears. A later deadline leaves it alone: it
+ * fires early once, the turn finds nothing due and re-arms. (liburing
+ * 2.3's io_uring_submit_and_wait_timeout() falls back to an untimed wait
+ * after its first -ETIME, so the deadline lives on the ring instead.)
+ */
+static void
+deadline_arm(struct worker *w, uint64_t next)
+{
+    if (next == UINT64_MAX || next >= w->deadline_armed)
+        return;
+    w->deadline_ts.tv_sec = (long long)(next / 1000000000ULL);
+    w->deadline_ts.tv_nsec = (long long)(next % 1000000000ULL);
+    if (w->deadline_armed == UINT64_MAX) {
+        struct io_uring_sqe *sqe = worker_sqe(w, &w->deadline_op);
+        io_uring_prep_timeout(sqe, &w->deadline_ts, 0, IORING_TIMEOUT_ABS);
+    } else {
+        struct io_uring_sqe *sqe = worker_sqe(w, NULL);
+        io_uring_prep_timeout_update(sqe, &w->deadline_ts, (uint64_t)(uintptr_t)&w->deadline_op,
+                                     IORING_TIMEOUT_ABS);
+    }
+    w->deadline_armed = next;
+}
+
 int
 worker_run(struct worker *w)
 {
     log_set_thread_name(w->name);
+    if (w->ring.flags & IORING_SETUP_R_DISABLED) {
+        /* liburing 2.3 declares io_uring_enable_rings() but its shared
+         * library does not export it: register directly. */
+        int rc = io_uring_register(w->ring.ring_fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
+        if (rc < 0) {
+            log_msg(LOG_CRIT, "worker=%s event=ring_enable_failed err=%s", w->name, strerror(-rc));
+            return rc;
+        }
+    }
     wake_arm(w);
     /* A message posted before the loop started wrote the eventfd, so the
      * read armed above completes at once: nothing is missed. */
@@ -208,22 +249,15 @@ worker_run(struct worker *w)
         w->stats.loops++;
         w->now = clock_now_ns();
         w->stats.timers += timer_run(&w->timers, w->now, w);
-
-        struct __kernel_timespec ts, *tsp = NULL;
-        uint64_t next = timer_next(&w->timers);
-        if (next != UINT64_MAX) {
-            uint64_t now = clock_now_ns();
-            uint64_t wait = next > now ? next - now : 0;
-            ts.tv_sec = (long long)(wait / 1000000000ULL);
-            ts.tv_nsec = (long long)(wait % 1000000000ULL);
-            tsp = &ts;
-        }
-        struct io_uring_cqe *cqe;
-        int rc = io_uring_submit_and_wait_timeout(&w->ring, &cqe, 1, tsp, NULL);
+        if (w->stopping)
+            break;
+        deadline_arm(w, timer_next(&w->timers));
+        int rc = io_uring_submit_and_wait(&w->ring, 1);
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
             log_msg(LOG_CRIT, "worker=%s event=ring_failed err=%s", w->name, strerror(-rc));
             return rc;
         }
+        struct io_uring_cqe *cqe;
         unsigned head, n = 0;
         io_uring_for_each_cqe(&w->ring, head, cqe)
         {

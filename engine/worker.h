@@ -30,6 +30,7 @@ struct op;
 enum op_kind {
     OP_NONE = 0,
     OP_WAKE,     /* the worker's own eventfd read: drain the mailbox */
+    OP_DEADLINE, /* the worker's timeout op: the earliest timer is due */
     OP_CALLBACK, /* owned elsewhere: op->done handles the completion */
 };
 
@@ -64,6 +65,9 @@ struct worker {
     bool stopping;          /* loop exits at the end of this turn */
     uint64_t now;           /* CLOCK_MONOTONIC ns, refreshed each turn */
     struct timer_heap timers;
+    struct op deadline_op;
+    struct __kernel_timespec deadline_ts;
+    uint64_t deadline_armed; /* deadline of the timeout op on the ring; UINT64_MAX: none */
     struct worker_stats stats;
 
     int wake_fd;            /* owned eventfd */

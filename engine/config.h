@@ -1,0 +1,90 @@
+/*
+ * config: the daemon's configuration, read from one INI file into a typed,
+ * validated, immutable struct. Each module owns the keys of its section
+ * (queue_conf_keys in queue/, the engine's tables in config.c); this file
+ * maps sections onto tables, reports every error as "file:line: key: what
+ * is wrong", and resolves per-domain policies against [domain *].
+ *
+ * Threading: config_load() on any thread; a loaded config is never
+ * modified, so any thread may read it. A reload builds a new one.
+ */
+#ifndef SLUICE_ENGINE_CONFIG_H
+#define SLUICE_ENGINE_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/conf.h"
+#include "queue/queue.h"
+
+struct server_config {
+    unsigned workers;        /* 0 in the file: one per core, resolved at load */
+    char *hostname;          /* owned */
+    unsigned ring_entries;
+};
+
+struct log_config {
+    char *file;              /* owned; "-" or unset: stderr */
+    int level;               /* enum log_level */
+};
+
+struct delivery_config {
+    unsigned remote_port;
+};
+
+struct redis_config {
+    char *url;               /* owned; NULL: limits are local to this node */
+};
+
+struct stats_config {
+    char *socket;            /* owned */
+};
+
+enum tls_policy { TLS_OFF, TLS_OPTIONAL, TLS_REQUIRED, TLS_VERIFY };
+
+/* One [domain NAME] section, with every key resolved (unset keys come
+ * from [domain *], then from the built-in defaults). */
+struct domain_policy {
+    char *name;              /* owned; lowercase, no trailing dot; "*" for the default */
+    unsigned line;           /* where its section starts, for messages */
+    unsigned max_connections;
+    struct conf_rate max_message_rate;
+    struct conf_rate max_connection_rate;
+    unsigned max_messages_per_connection;
+    unsigned max_rcpt_per_txn;
+    int tls;                 /* enum tls_policy */
+    struct conf_durations retry_schedule;
+    uint64_t max_age;        /* ms */
+};
+
+struct config {
+    char *path;              /* owned: the file it was read from */
+    struct server_config server;
+    struct queue_config queue;
+    struct delivery_config delivery;
+    struct redis_config redis;
+    struct stats_config stats;
+    struct log_config log;
+    struct domain_policy default_domain;
+    struct domain_policy *domains; /* owned array, sorted by name */
+    unsigned ndomains;
+};
+
+/* Read and validate path. On success returns 0 and *out (free with
+ * config_free). On failure returns -EINVAL (or -errno when the file cannot
+ * be read) and writes one line per error to errs ("file:line: key: why"). */
+int config_load(const char *path, struct config **out, FILE *errs);
+struct config *config_free(struct config *cfg);
+
+/* The policy for a destination domain (exact match, else [domain *]).
+ * Borrowed: lives as long as cfg. */
+const struct domain_policy *config_domain(const struct config *cfg, const char *domain);
+
+/* Print every section and key with type, default and help (Markdown);
+ * this is how doc/config.md is made, and a test checks they agree. */
+void config_reference(FILE *out);
+
+const char *tls_policy_str(int policy);
+
+#endif

@@ -1,0 +1,147 @@
+/*
+ * main: command line, config, signals. The main thread starts the engine
+ * and then only waits for signals (they are blocked in every thread, so
+ * sigwaitinfo() here receives them all): SIGTERM and SIGINT stop, SIGHUP
+ * reopens the log (and will reload the config).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "engine/config.h"
+#include "engine/engine.h"
+
+#define DEFAULT_CONFIG "etc/sluice.conf"
+
+static void
+usage(FILE *out)
+{
+    fprintf(out,
+            "usage: sluice [-c FILE] [--check-config] [--config-reference] [--help] [--version]\n"
+            "\n"
+            "sluice is a bulk mail relay. It runs in the foreground and logs to the\n"
+            "file of [log] file (standard error by default).\n"
+            "\n"
+            "  -c, --config FILE     configuration file (default: %s)\n"
+            "  -t, --check-config    check the configuration, print every error as\n"
+            "                        file:line: key: what is wrong, and exit\n"
+            "                        (0: valid, 1: errors)\n"
+            "      --config-reference  print every section and key with its default\n"
+            "  -h, --help            this text\n"
+            "  -V, --version         print the version\n"
+            "\n"
+            "Signals: TERM or INT stops; HUP reopens the log file.\n",
+            DEFAULT_CONFIG);
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", no_argument, NULL, 't'},
+        {"config-reference", no_argument, NULL, 'R'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *path = DEFAULT_CONFIG;
+    bool check = false;
+    int c;
+    while ((c = getopt_long(argc, argv, "c:thV", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            path = optarg;
+            break;
+        case 't':
+            check = true;
+            break;
+        case 'R':
+            config_reference(stdout);
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        case 'V':
+            printf("sluice %s\n", SLUICE_VERSION);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "sluice: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+
+    struct config *cfg;
+    if (config_load(path, &cfg, stderr) < 0) {
+        if (check)
+            fprintf(stderr, "%s: configuration has errors\n", path);
+        return 1;
+    }
+    if (check) {
+        printf("%s: ok\n", path);
+        config_free(cfg);
+        return 0;
+    }
+
+    int rc = log_open(cfg->log.file, (enum log_level)cfg->log.level);
+    if (rc < 0) {
+        fprintf(stderr, "sluice: cannot open log file %s: %s\n", cfg->log.file, strerror(-rc));
+        config_free(cfg);
+        return 1;
+    }
+    log_set_thread_name("main");
+
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by every thread */
+    signal(SIGPIPE, SIG_IGN);
+
+    struct engine engine;
+    char err[512];
+    rc = engine_start(&engine, cfg, err, sizeof(err));
+    if (rc < 0) {
+        log_msg(LOG_CRIT, "event=start_failed reason=\"%s\"", err);
+        config_free(cfg);
+        return 1;
+    }
+    log_msg(LOG_NOTICE, "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s",
+            SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname);
+
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&sigs, &si);
+        if (sig < 0) {
+            if (errno == EINTR)
+                continue;
+            log_msg(LOG_CRIT, "event=sigwait_failed err=%s", strerror(errno));
+            break;
+        }
+        if (sig == SIGHUP) {
+            rc = log_reopen();
+            log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE, "event=sighup log_reopened=%s%s%s",
+                    rc < 0 ? "no err=" : "yes", rc < 0 ? strerror(-rc) : "", "");
+            continue;
+        }
+        log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld",
+                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid);
+        break;
+    }
+    engine_stop(&engine);
+    log_msg(LOG_NOTICE, "event=stopped");
+    log_close();
+    config_free(cfg);
+    return 0;
+}

@@ -1,0 +1,128 @@
+"""The sluice binary: --help, --version, --check-config errors with
+file:line, start on a config, SIGTERM stops it within a second with exit
+0, SIGHUP reopens the log file, and doc/config.md matches the binary."""
+import os
+import signal
+import sys
+import time
+
+from harness import Daemon, Workdir, main, run, wait_until
+
+SLUICE = sys.argv[1]
+SOURCE = sys.argv[2]
+
+
+def config(wd, extra=""):
+    return wd.file("sluice.conf", f"""
+[server]
+workers = 2
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+[stats]
+socket = {wd.path}/sluice.sock
+{extra}
+""")
+
+
+def test_help_and_version():
+    r = run([SLUICE, "--help"])
+    assert r.returncode == 0 and "--check-config" in r.stdout, r
+    r = run([SLUICE, "--version"])
+    assert r.returncode == 0 and r.stdout.startswith("sluice "), r
+    r = run([SLUICE, "--no-such-flag"])
+    assert r.returncode == 2, r
+    r = run([SLUICE, "stray-argument"])
+    assert r.returncode == 2 and "unexpected argument" in r.stderr, r
+
+
+def test_check_config_reports_every_error():
+    wd = Workdir("sluice-cc-")
+    try:
+        path = wd.file("bad.conf", "[server]\n"
+                       "workrs = 2\n"              # 2: wrong key
+                       "[queue]\n"
+                       "map_size = 12 parsecs\n"   # 4: bad size
+                       "[domain example.com]\n"
+                       "max_message_rate = 10/x\n"  # 6: bad rate
+                       "max_age = 99d\n")          # 7: out of range
+        r = run([SLUICE, "-c", path, "--check-config"])
+        assert r.returncode == 1, r
+        for line, what in [(2, "workrs: unknown key"), (4, "map_size: expected a size"),
+                           (6, "max_message_rate: expected a rate"),
+                           (7, "max_age: '99d' is out of range")]:
+            assert f"{path}:{line}: {what}" in r.stderr, (what, r.stderr)
+        good = config(wd)
+        r = run([SLUICE, "-c", good, "--check-config"])
+        assert r.returncode == 0 and "ok" in r.stdout, r
+        r = run([SLUICE, "-c", os.path.join(wd.path, "missing.conf"), "-t"])
+        assert r.returncode == 1 and "cannot read" in r.stderr, r
+    finally:
+        wd.cleanup()
+
+
+def test_bundled_config_checks():
+    r = run([SLUICE, "-c", os.path.join(SOURCE, "etc/sluice.conf"), "--check-config"])
+    assert r.returncode == 0, r
+
+
+def test_sigterm_stops_within_a_second():
+    wd = Workdir("sluice-term-")
+    try:
+        d = Daemon(SLUICE, config(wd))
+        d.wait_log("event=ready")
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        rc = d.proc.wait(5)
+        took = time.monotonic() - t0
+        assert rc == 0, f"exit code {rc}"
+        assert took < 1.0, f"took {took:.3f}s to stop"
+        d.wait_log("event=stopped")
+        d.stop()
+    finally:
+        wd.cleanup()
+
+
+def test_sigint_stops_too():
+    wd = Workdir("sluice-int-")
+    try:
+        d = Daemon(SLUICE, config(wd))
+        d.wait_log("event=ready")
+        d.signal(signal.SIGINT)
+        assert d.proc.wait(5) == 0
+        d.stop()
+    finally:
+        wd.cleanup()
+
+
+def test_sighup_reopens_log():
+    wd = Workdir("sluice-hup-")
+    try:
+        log = os.path.join(wd.path, "sluice.log")
+        d = Daemon(SLUICE, config(wd, f"[log]\nfile = {log}\nlevel = info\n"))
+        wait_until(lambda: os.path.exists(log) and "event=ready" in open(log).read(), 10,
+                   "ready in the log file")
+        os.rename(log, log + ".1")  # what logrotate does
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: os.path.exists(log) and "event=sighup" in open(log).read(), 10,
+                   "a new log file after SIGHUP")
+        assert d.stop() == 0
+        assert "event=stopped" in open(log).read()
+        assert "event=stopped" not in open(log + ".1").read()
+    finally:
+        wd.cleanup()
+
+
+def test_config_reference_is_current():
+    r = run([SLUICE, "--config-reference"])
+    assert r.returncode == 0
+    with open(os.path.join(SOURCE, "doc/config.md")) as f:
+        doc = f.read()
+    assert doc == r.stdout, ("doc/config.md is out of date: "
+                             "build/engine/sluice --config-reference > doc/config.md")
+
+
+if __name__ == "__main__":
+    main([test_help_and_version, test_check_config_reports_every_error,
+          test_bundled_config_checks, test_sigterm_stops_within_a_second,
+          test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current])

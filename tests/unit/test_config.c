@@ -1,0 +1,186 @@
+/*
+ * config_load: every error is reported with file:line, domain policies
+ * inherit from [domain *], the bundled default config is valid.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "engine/config.h"
+
+static char path[64];
+
+static void
+write_file(const char *text)
+{
+    snprintf(path, sizeof(path), "/tmp/sluice-conf-XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    size_t len = strlen(text);
+    assert_int_equal(write(fd, text, len), (ssize_t)len);
+    close(fd);
+}
+
+/* Load text; return the error output (caller frees) and the config. */
+static char *
+load(const char *text, struct config **cfg, int *rc)
+{
+    write_file(text);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    *rc = config_load(path, cfg, errs);
+    fclose(errs);
+    unlink(path);
+    return buf;
+}
+
+static void
+expect_error(const char *errs, unsigned line, const char *what)
+{
+    char want[128];
+    snprintf(want, sizeof(want), "%s:%u: %s", path, line, what);
+    if (strstr(errs, want) == NULL)
+        fail_msg("expected '%s' in:\n%s", want, errs);
+}
+
+static void
+test_errors_with_lines(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"                  /* 1 */
+                      "workers = 2\n"               /* 2 */
+                      "wokers = 3\n"                /* 3: unknown key */
+                      "[queue]\n"                   /* 4 */
+                      "map_size = 10Q\n"            /* 5: bad size */
+                      "; a comment\n"               /* 6 */
+                      "[domain example.com]\n"      /* 7 */
+                      "max_message_rate = 50/fortnight\n" /* 8: bad rate */
+                      "max_connections = 0\n"       /* 9: out of range */
+                      "[nonsense]\n"                /* 10 */
+                      "x = 1\n"                     /* 11: unknown section */
+                      "[server]\n"                  /* 12 */
+                      "workers = 4\n"               /* 13: twice */
+                      "this line is not ini\n",     /* 14 */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    expect_error(errs, 3, "wokers: unknown key in [server]");
+    expect_error(errs, 5, "map_size: expected a size");
+    expect_error(errs, 8, "max_message_rate: expected a rate");
+    expect_error(errs, 9, "max_connections: '0' is out of range 1..100000");
+    expect_error(errs, 10, "[nonsense]: unknown section");
+    expect_error(errs, 13, "workers: set twice in [server] (first at line 2)");
+    expect_error(errs, 14, "not a [section] header");
+    free(errs);
+}
+
+static void
+test_long_line_and_bad_domain(void **state)
+{
+    (void)state;
+    char text[1024];
+    char longval[400];
+    memset(longval, 'a', sizeof(longval) - 1);
+    longval[sizeof(longval) - 1] = '\0';
+    snprintf(text, sizeof(text), "[log]\nfile = /tmp/%s\n[domain bad_-.]\nmax_age = 1d\n",
+             longval);
+    struct config *cfg;
+    int rc;
+    char *errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 2, "line longer than");
+    expect_error(errs, 3, "[domain bad_-.]: not a domain name");
+    free(errs);
+}
+
+static void
+test_domain_inheritance(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[domain Example.COM.]\n"
+                      "max_connections = 5\n"
+                      "[domain *]\n"
+                      "max_connections = 10\n"
+                      "max_message_rate = 3000/h\n"
+                      "tls = required\n"
+                      "[domain other.org]\n"
+                      "tls = off\n",
+                      &cfg, &rc);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_non_null(cfg);
+    const struct domain_policy *d = config_domain(cfg, "example.com");
+    assert_string_equal(d->name, "example.com");
+    assert_int_equal(d->max_connections, 5);
+    assert_int_equal(d->max_message_rate.count, 3000); /* from [domain *] */
+    assert_int_equal(d->tls, TLS_REQUIRED);
+    d = config_domain(cfg, "OTHER.org");
+    assert_int_equal(d->tls, TLS_OFF);
+    assert_int_equal(d->max_connections, 10);
+    d = config_domain(cfg, "unlisted.net");
+    assert_string_equal(d->name, "*");
+    assert_int_equal(d->max_connections, 10);
+    assert_int_equal(d->retry_schedule.n, 7); /* built-in default */
+    assert_int_equal(d->max_age, 3ULL * 86400 * 1000);
+    assert_true(cfg->server.workers >= 1); /* 0 means one per core */
+    assert_non_null(cfg->server.hostname);
+    config_free(cfg);
+}
+
+static void
+test_bundled_config_is_valid(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load(SOURCE_DIR "/etc/sluice.conf", &cfg, errs);
+    fclose(errs);
+    if (rc != 0)
+        fail_msg("etc/sluice.conf: %s", buf);
+    free(buf);
+    assert_string_equal(cfg->queue.path, "./var/spool");
+    config_free(cfg);
+}
+
+static void
+test_missing_file(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load("/nonexistent/sluice.conf", &cfg, errs);
+    fclose(errs);
+    assert_int_equal(rc, -ENOENT);
+    assert_non_null(strstr(buf, "/nonexistent/sluice.conf: cannot read"));
+    free(buf);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_errors_with_lines),
+        cmocka_unit_test(test_long_line_and_bad_domain),
+        cmocka_unit_test(test_domain_inheritance),
+        cmocka_unit_test(test_bundled_config_is_valid),
+        cmocka_unit_test(test_missing_file),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,193 @@
+/*
+ * Timer heap alone (a fake clock) and timers on a real worker loop: 10,000
+ * random deadlines fire in order, each once, never early; cancelled and
+ * re-armed timers behave.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <cmocka.h>
+
+#include "engine/timer.h"
+#include "engine/worker.h"
+
+#define N 10000
+
+struct tt {
+    struct timer t;
+    unsigned id;
+    unsigned fired;
+    uint64_t fired_at;
+    bool cancelled;
+};
+
+struct run {
+    struct tt *v;
+    unsigned *order;
+    unsigned nfired;
+    uint64_t now;
+    unsigned expect;
+    struct worker *w;
+};
+
+static struct run *cur;
+
+static uint64_t
+rnd(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+static void
+on_fire(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    struct tt *x = (struct tt *)((char *)t - offsetof(struct tt, t));
+    x->fired++;
+    x->fired_at = cur->w ? clock_now_ns() : cur->now;
+    cur->order[cur->nfired++] = x->id;
+    if (cur->w && cur->nfired == cur->expect)
+        cur->w->stopping = true;
+}
+
+static void
+check_order(struct run *r, unsigned expect)
+{
+    assert_int_equal(r->nfired, expect);
+    for (unsigned i = 0; i < N; i++) {
+        if (r->v[i].cancelled)
+            assert_int_equal(r->v[i].fired, 0);
+        else
+            assert_int_equal(r->v[i].fired, 1);
+    }
+    for (unsigned i = 1; i < r->nfired; i++) {
+        const struct tt *a = &r->v[r->order[i - 1]], *b = &r->v[r->order[i]];
+        assert_true(a->t.deadline < b->t.deadline ||
+                    (a->t.deadline == b->t.deadline && a->t.seq < b->t.seq));
+    }
+    for (unsigned i = 0; i < N; i++)
+        if (!r->v[i].cancelled)
+            assert_true(r->v[i].fired_at >= r->v[i].t.deadline);
+}
+
+static void
+test_heap_fake_clock(void **state)
+{
+    (void)state;
+    struct timer_heap h;
+    assert_int_equal(timer_heap_init(&h, 4), 0); /* small: forces growth */
+    struct run r = {.v = calloc(N, sizeof(struct tt)), .order = calloc(N, sizeof(unsigned))};
+    cur = &r;
+    uint64_t seed = 42;
+    for (unsigned i = 0; i < N; i++) {
+        r.v[i].id = i;
+        timer_init(&r.v[i].t, on_fire);
+        /* few distinct values: many ties */
+        assert_int_equal(timer_arm(&h, &r.v[i].t, 1000 + rnd(&seed) % 5000), 0);
+    }
+    unsigned cancelled = 0;
+    for (unsigned i = 0; i < N; i += 3) {
+        timer_cancel(&h, &r.v[i].t);
+        assert_false(timer_armed(&r.v[i].t));
+        r.v[i].cancelled = true;
+        cancelled++;
+    }
+    /* re-arm some: only the last deadline counts */
+    for (unsigned i = 1; i < N; i += 7)
+        if (!r.v[i].cancelled)
+            assert_int_equal(timer_arm(&h, &r.v[i].t, 1000 + rnd(&seed) % 5000), 0);
+    assert_int_equal(timer_next(&h) >= 1000, 1);
+    /* advance the clock in random steps */
+    while (r.now < 7000) {
+        r.now += rnd(&seed) % 50;
+        timer_run(&h, r.now, NULL);
+        assert_true(timer_next(&h) > r.now);
+    }
+    check_order(&r, N - cancelled);
+    assert_int_equal(timer_next(&h), UINT64_MAX);
+    timer_heap_fini(&h);
+    free(r.v);
+    free(r.order);
+}
+
+struct self_rearm {
+    struct timer_heap *h;
+    struct timer t;
+    unsigned count;
+};
+
+static void
+rearm_self(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    struct self_rearm *x = (struct self_rearm *)((char *)t - offsetof(struct self_rearm, t));
+    if (++x->count < 3)
+        assert_int_equal(timer_arm(x->h, t, 0), 0);
+}
+
+static void
+test_rearm_in_callback_terminates(void **state)
+{
+    (void)state;
+    /* A timer that re-arms itself for "now" must not spin inside one run. */
+    struct timer_heap h;
+    assert_int_equal(timer_heap_init(&h, 0), 0);
+    struct self_rearm x = {.h = &h};
+    timer_init(&x.t, rearm_self);
+    assert_int_equal(timer_arm(&h, &x.t, 0), 0);
+    assert_int_equal(timer_run(&h, 10, NULL), 1);
+    assert_int_equal(timer_run(&h, 10, NULL), 1);
+    assert_int_equal(timer_run(&h, 10, NULL), 1);
+    assert_int_equal(timer_run(&h, 10, NULL), 0);
+    assert_int_equal(x.count, 3);
+    timer_heap_fini(&h);
+}
+
+static void
+test_loop_timers(void **state)
+{
+    (void)state;
+    struct worker w;
+    int rc = worker_init(&w, 0, 256, NULL);
+    if (rc < 0)
+        skip(); /* io_uring not available here */
+    struct run r = {.v = calloc(N, sizeof(struct tt)), .order = calloc(N, sizeof(unsigned)),
+                    .w = &w};
+    cur = &r;
+    uint64_t seed = 7, base = clock_now_ns();
+    for (unsigned i = 0; i < N; i++) {
+        r.v[i].id = i;
+        timer_init(&r.v[i].t, on_fire);
+        /* within 300 ms, at 100 us granularity: plenty of ties */
+        assert_int_equal(worker_timer_arm(&w, &r.v[i].t, base + (rnd(&seed) % 3000) * 100000),
+                         0);
+    }
+    unsigned cancelled = 0;
+    for (unsigned i = 0; i < N; i += 4) {
+        worker_timer_cancel(&w, &r.v[i].t);
+        r.v[i].cancelled = true;
+        cancelled++;
+    }
+    r.expect = N - cancelled;
+    assert_int_equal(worker_run(&w), 0);
+    check_order(&r, N - cancelled);
+    worker_fini(&w);
+    free(r.v);
+    free(r.order);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_heap_fake_clock),
+        cmocka_unit_test(test_rearm_in_callback_terminates),
+        cmocka_unit_test(test_loop_timers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
