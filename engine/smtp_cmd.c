@@ -107,7 +107,8 @@ smtp_cmd_line_find(const char *buf, size_t len, size_t max, size_t *err_off)
             *err_off = i;
             return SMTP_CMD_E_BARE_CR;
         }
-        /* A CR ends the window: its LF would be one past the limit. */
+        /* A CR last in the window: its LF has not arrived yet, or would
+         * be one past the limit. */
     } else if (lf != NULL) {
         *err_off = scan;
         return SMTP_CMD_E_BARE_LF;

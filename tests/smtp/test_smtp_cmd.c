@@ -85,22 +85,12 @@ struct pcase {
     enum smtp_verb verb; /* checked when rc == 0 */
 };
 
-#define OK(s, v)                                                                                   \
-    {                                                                                              \
-        L(s), 0, 0, SMTP_VERB_##v                                                                  \
-    }
-#define OKF(s, f, v)                                                                               \
-    {                                                                                              \
-        L(s), f, 0, SMTP_VERB_##v                                                                  \
-    }
-#define BAD(s, e)                                                                                  \
-    {                                                                                              \
-        L(s), 0, SMTP_CMD_E_##e, SMTP_VERB_NONE                                                    \
-    }
-#define BADF(s, f, e)                                                                              \
-    {                                                                                              \
-        L(s), f, SMTP_CMD_E_##e, SMTP_VERB_NONE                                                    \
-    }
+/* clang-format off */
+#define OK(s, v)      {L(s), 0, 0, SMTP_VERB_##v}
+#define OKF(s, f, v)  {L(s), f, 0, SMTP_VERB_##v}
+#define BAD(s, e)     {L(s), 0, SMTP_CMD_E_##e, SMTP_VERB_NONE}
+#define BADF(s, f, e) {L(s), f, SMTP_CMD_E_##e, SMTP_VERB_NONE}
+/* clang-format on */
 #define U8 SMTP_CMD_F_UTF8
 
 static const struct pcase pcases[] = {
@@ -111,9 +101,7 @@ static const struct pcase pcases[] = {
     OK("EhLo client_host", EHLO),
     BAD("EHLO", ARG_MISSING),
     BAD("EHLO ", ARG_MISSING),
-    BAD("EHLO a\x01"
-        "b",
-        BAD_CHAR),
+    BAD("EHLO a\x01", BAD_CHAR),
     BAD("HELO a\0b", BAD_CHAR),
     OK("DATA", DATA),
     OK("data", DATA),

@@ -142,14 +142,10 @@ struct ucase {
     uint64_t bare_off;
 };
 
-#define END_(i, o, c, f, b)                                                                        \
-    {                                                                                              \
-        L(i), L(o), SMTP_DATA_END, c, f, b                                                         \
-    }
-#define MORE_(i, o, f, b)                                                                          \
-    {                                                                                              \
-        L(i), L(o), SMTP_DATA_MORE, 0, f, b                                                        \
-    }
+/* clang-format off */
+#define END_(i, o, c, f, b) {L(i), L(o), SMTP_DATA_END, c, f, b}
+#define MORE_(i, o, f, b)   {L(i), L(o), SMTP_DATA_MORE, 0, f, b}
+/* clang-format on */
 
 static const struct ucase ucases[] = {
     END_(".\r\n", "", 3, 0, 0),
