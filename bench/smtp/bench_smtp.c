@@ -359,23 +359,29 @@ reply_pass(void *arg)
     return sum;
 }
 
+/* Replies in buf[0..n), handed over in 4 KB reads. */
+static void
+run_replies(const char *name, const char *buf, size_t n)
+{
+    struct reply_arg a = {buf, n, 4096, 0};
+    struct bytes b = {buf, n};
+
+    reply_pass(&a);
+    report("reply parse", name, n, (double)a.replies, best_ns(reply_pass, &a), "reply",
+           best_ns(memchr_pass, &b));
+}
+
 static void
 bench_reply(void)
 {
     static char buf[MAX_INPUT];
-    struct reply_arg a;
-    struct bytes b;
     size_t n = 0;
 
     /* single-line replies as after DATA: "250 2.0.0 Ok: queued as X" */
     while (n < 64 * 1024 - 64)
         n += (size_t)sprintf(buf + n, "250 2.0.0 Ok: queued as %08" PRIX64 "\r\n",
                              rng() & 0xffffffffu);
-    a = (struct reply_arg){buf, n, 4096, 0};
-    b = (struct bytes){buf, n};
-    reply_pass(&a);
-    report("reply parse", "250 single-line, 4K reads", n, (double)a.replies,
-           best_ns(reply_pass, &a), "reply", best_ns(memchr_pass, &b));
+    run_replies("250 single-line, 4K reads", buf, n);
 
     /* pipelined transactions: MAIL, RCPT x3, DATA, end of data */
     n = 0;
@@ -386,11 +392,7 @@ bench_reply(void)
                              "354 End data with <CR><LF>.<CR><LF>\r\n"
                              "250 2.0.0 Ok: queued as %08" PRIX64 "\r\n",
                              (unsigned)rnd(100000), rng() & 0xffffffffu);
-    a = (struct reply_arg){buf, n, 4096, 0};
-    b = (struct bytes){buf, n};
-    reply_pass(&a);
-    report("reply parse", "pipelined mix, 4K reads", n, (double)a.replies, best_ns(reply_pass, &a),
-           "reply", best_ns(memchr_pass, &b));
+    run_replies("pipelined mix, 4K reads", buf, n);
 
     /* EHLO replies: ten lines each */
     n = 0;
@@ -402,11 +404,7 @@ bench_reply(void)
                              "250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n"
                              "250-DSN\r\n250 SMTPUTF8\r\n",
                              (unsigned)rnd(100));
-    a = (struct reply_arg){buf, n, 4096, 0};
-    b = (struct bytes){buf, n};
-    reply_pass(&a);
-    report("reply parse", "EHLO 10 lines, 4K reads", n, (double)a.replies, best_ns(reply_pass, &a),
-           "reply", best_ns(memchr_pass, &b));
+    run_replies("EHLO 10 lines, 4K reads", buf, n);
 }
 
 /* ---- commands ---- */
