@@ -37,6 +37,37 @@ static const struct conf_key server_keys[] = {
     {"ring_entries", CONF_UINT, SRV(ring_entries), 64, 32768, "4096",
      "submission queue entries per worker ring (the completion queue gets four times as many)",
      NULL},
+    {"listen", CONF_STRING, SRV(listen), 1, 2048, "0.0.0.0:587",
+     "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (one SO_REUSEPORT socket "
+     "per worker each)",
+     NULL},
+    {"max_clients", CONF_UINT, SRV(max_clients), 1, 1000000, "10000",
+     "concurrent submission connections; over it a client gets 421 4.7.0", NULL},
+    {"max_clients_per_ip", CONF_UINT, SRV(max_clients_per_ip), 1, 1000000, "1000",
+     "concurrent submission connections from one client address; over it 421 4.7.0", NULL},
+    {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",
+     "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
+    {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
+     "recipients per message; more get 452 4.5.3", NULL},
+    {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
+     "protocol errors in one session before it is closed with 421", NULL},
+    {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
+     "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},
+    {"timeout_data", CONF_DURATION, SRV(timeout_data), 1000, 7200000, "10m",
+     "how long a client may take to send a whole message after 354, or a BDAT chunk", NULL},
+    {"greet_pause", CONF_DURATION, SRV(greet_pause), 0, 60000, "0",
+     "wait this long before the greeting; a client that talks first is refused (554)", NULL},
+    {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
+     "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
+    {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
+     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); unset: no AUTH", NULL},
+    {"plaintext_auth", CONF_ENUM, SRV(plaintext_auth), 0, 0, "never",
+     "AUTH without TLS: never, loopback (clients on 127.0.0.0/8 and ::1), always",
+     (const char *const[]){"never", "loopback", "always", NULL}},
+    {"auth_fail_delay", CONF_DURATION, SRV(auth_fail_delay), 0, 60000, "1s",
+     "delay before answering a failed AUTH; doubles with each failure of the session", NULL},
+    {"auth_max_failures", CONF_UINT, SRV(auth_max_failures), 1, 100, "3",
+     "failed AUTH attempts before the session is closed with 421 4.7.0", NULL},
     CONF_END,
 };
 
@@ -434,10 +465,30 @@ resolve_domains(struct parse *p)
     return 0;
 }
 
+static unsigned
+key_line(struct parse *p, unsigned sec, const char *name)
+{
+    const struct conf_key *k = conf_find(sections[sec].keys, name);
+    return k ? p->set_line[sec][k - sections[sec].keys] : 0;
+}
+
 static int
 finish(struct parse *p)
 {
     struct config *cfg = p->cfg;
+    char why[256];
+    struct server_config *srv = &cfg->server;
+    srv->nlisten = netaddr_parse_list(srv->listen, srv->listen_addrs, NETADDR_MAX_LIST, why,
+                                      sizeof(why));
+    if (srv->nlisten <= 0)
+        perr(p, key_line(p, 0, "listen"), "listen: %s",
+             srv->nlisten == 0 ? "no address given" : why);
+    srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
+                                    sizeof(why));
+    if (srv->ntrusted < 0)
+        perr(p, key_line(p, 0, "trusted_networks"), "trusted_networks: %s", why);
+    if (p->nerrors != 0)
+        return -EINVAL;
     if (cfg->server.workers == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         cfg->server.workers = n > 0 ? (unsigned)n : 1;

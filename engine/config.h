@@ -16,12 +16,35 @@
 #include <stdio.h>
 
 #include "common/conf.h"
+#include "engine/netaddr.h"
 #include "queue/queue.h"
+
+enum plaintext_auth { PLAINTEXT_AUTH_NEVER, PLAINTEXT_AUTH_LOOPBACK, PLAINTEXT_AUTH_ALWAYS };
 
 struct server_config {
     unsigned workers;        /* 0 in the file: one per core, resolved at load */
     char *hostname;          /* owned */
     unsigned ring_entries;
+    /* submission */
+    char *listen;            /* owned: as written; parsed into listen_addrs */
+    unsigned max_clients;
+    unsigned max_clients_per_ip;
+    uint64_t max_message_size;
+    unsigned max_recipients;
+    unsigned max_errors;
+    uint64_t timeout_command; /* ms */
+    uint64_t timeout_data;    /* ms */
+    uint64_t greet_pause;     /* ms */
+    char *trusted_networks;  /* owned: as written; parsed into trusted */
+    char *auth_users_file;   /* owned; NULL: no AUTH */
+    int plaintext_auth;      /* enum plaintext_auth */
+    uint64_t auth_fail_delay; /* ms */
+    unsigned auth_max_failures;
+    /* derived at load */
+    struct netaddr listen_addrs[NETADDR_MAX_LIST];
+    int nlisten;
+    struct cidr trusted[NETADDR_MAX_LIST];
+    int ntrusted;
 };
 
 struct log_config {

@@ -1,26 +1,79 @@
 /*
- * engine: start and stop the workers (see engine.h).
+ * engine: start and stop the daemon's parts in order (see engine.h).
+ * Start: spool, users, per worker its server (listening sockets are bound
+ * here, so a port in use fails the start), then the threads. Stop: the
+ * threads, then each server (its pending commits drain), then the spool.
  */
 #include "engine/engine.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/log.h"
+#include "engine/server.h"
+
+struct start_msg {
+    struct worker_msg m;
+    struct server_worker *sw;
+};
+
+static void
+on_start(struct worker *w, struct worker_msg *m)
+{
+    struct start_msg *sm = (struct start_msg *)m;
+    server_worker_start(sm->sw);
+    free(sm);
+}
+
+static int
+load_users(struct engine *e, char *err, size_t errlen)
+{
+    const char *path = e->cfg->server.auth_users_file;
+    if (path == NULL)
+        return 0;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    if (errs == NULL)
+        return -ENOMEM;
+    int rc = auth_db_load(path, &e->users, errs);
+    fclose(errs);
+    if (rc < 0) {
+        /* the first error line is enough for the start failure; all of them
+         * go to the log */
+        for (char *save = NULL, *l = strtok_r(buf, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+            log_msg(LOG_ERR, "event=users_file_error error=\"%s\"", l);
+        snprintf(err, errlen, "auth_users_file %s: cannot load (see the errors above)", path);
+    } else {
+        log_msg(LOG_INFO, "event=users_loaded file=%s users=%u", path, auth_db_count(e->users));
+    }
+    free(buf);
+    return rc;
+}
 
 int
 engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen)
 {
     memset(e, 0, sizeof(*e));
     e->cfg = cfg;
+    atomic_init(&e->clients, 0);
+    pthread_mutex_init(&e->per_ip.lock, NULL);
+    int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
+    if (rc < 0)
+        return rc;
+    rc = load_users(e, err, errlen);
+    if (rc < 0)
+        goto fail;
     e->workers = calloc(cfg->server.workers, sizeof(*e->workers));
-    if (e->workers == NULL) {
+    e->srv = calloc(cfg->server.workers, sizeof(*e->srv));
+    if (e->workers == NULL || e->srv == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
-        return -ENOMEM;
+        rc = -ENOMEM;
+        goto fail;
     }
-    int rc = 0;
     for (unsigned i = 0; i < cfg->server.workers; i++) {
         rc = worker_init(&e->workers[i], i, cfg->server.ring_entries, e);
         if (rc < 0) {
@@ -30,20 +83,32 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
                          ? " (io_uring disabled? see /proc/sys/kernel/io_uring_disabled)"
                      : rc == -ENOMEM ? " (locked memory limit? try a smaller [server] ring_entries)"
                                      : "");
-            break;
+            goto fail;
         }
         e->nworkers++;
-    }
-    for (unsigned i = 0; rc == 0 && i < e->nworkers; i++) {
-        rc = worker_start(&e->workers[i]);
+        rc = server_worker_new(e, &e->workers[i], &e->srv[i], err, errlen);
         if (rc < 0)
-            snprintf(err, errlen, "cannot start worker thread %u: %s", i, strerror(-rc));
+            goto fail;
+        struct start_msg *sm = calloc(1, sizeof(*sm));
+        if (sm == NULL) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        sm->m.fn = on_start;
+        sm->sw = e->srv[i];
+        worker_post(&e->workers[i], &sm->m);
     }
-    if (rc < 0) {
-        engine_stop(e);
-        return rc;
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        rc = worker_start(&e->workers[i]);
+        if (rc < 0) {
+            snprintf(err, errlen, "cannot start worker thread %u: %s", i, strerror(-rc));
+            goto fail;
+        }
     }
     return 0;
+fail:
+    engine_stop(e);
+    return rc;
 }
 
 void
@@ -57,9 +122,140 @@ engine_stop(struct engine *e)
         if (rc < 0)
             log_msg(LOG_ERR, "event=worker_failed worker=%u err=%s", i, strerror(-rc));
     }
-    for (unsigned i = 0; i < e->nworkers; i++)
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        e->srv[i] = server_worker_free(e->srv[i]);
+        /* start messages never delivered (a failed start) */
+        struct worker_msg *m = e->workers[i].mbox_head;
+        while (m != NULL) {
+            struct worker_msg *next = m->next;
+            if (m->fn == on_start)
+                free(m);
+            m = next;
+        }
+        e->workers[i].mbox_head = NULL;
         worker_fini(&e->workers[i]);
+    }
     free(e->workers);
+    free(e->srv);
     e->workers = NULL;
+    e->srv = NULL;
     e->nworkers = 0;
+    if (e->queue != NULL)
+        queue_close(e->queue);
+    e->queue = NULL;
+    e->users = auth_db_unref(e->users);
+    free(e->per_ip.slots);
+    e->per_ip.slots = NULL;
+    pthread_mutex_destroy(&e->per_ip.lock);
+}
+
+/* ---- connections per client address ---- */
+
+static void
+addr_key(const struct sockaddr *sa, uint8_t key[16])
+{
+    memset(key, 0, 16);
+    if (sa->sa_family == AF_INET)
+        memcpy(key + 12, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+    else if (sa->sa_family == AF_INET6)
+        memcpy(key, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+}
+
+static uint32_t
+addr_hash(const uint8_t key[16])
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < 16; i++)
+        h = (h ^ key[i]) * 16777619u;
+    return h;
+}
+
+static struct conn_slot *
+slot_find(struct conn_table *t, const uint8_t key[16], bool insert)
+{
+    if (t->cap == 0)
+        return NULL;
+    uint32_t mask = t->cap - 1;
+    struct conn_slot *tomb = NULL;
+    for (uint32_t i = addr_hash(key) & mask, n = 0; n < t->cap; i = (i + 1) & mask, n++) {
+        struct conn_slot *s = &t->slots[i];
+        if (s->count == 0) {
+            /* Linear probing without deletion marks: count 0 slots are
+             * reused, so a lookup must scan to a never-used slot (addr all
+             * zero and count 0) to be sure. */
+            static const uint8_t zero[16];
+            if (insert && tomb == NULL)
+                tomb = s;
+            if (memcmp(s->addr, zero, 16) == 0)
+                break;
+            continue;
+        }
+        if (memcmp(s->addr, key, 16) == 0)
+            return s;
+    }
+    return insert ? tomb : NULL;
+}
+
+static int
+table_grow(struct conn_table *t)
+{
+    uint32_t cap = t->cap ? t->cap * 2 : 1024;
+    struct conn_slot *old = t->slots;
+    uint32_t oldcap = t->cap;
+    t->slots = calloc(cap, sizeof(*t->slots));
+    if (t->slots == NULL) {
+        t->slots = old;
+        return -ENOMEM;
+    }
+    t->cap = cap;
+    t->used = 0;
+    for (uint32_t i = 0; i < oldcap; i++)
+        if (old[i].count != 0) {
+            *slot_find(t, old[i].addr, true) = old[i];
+            t->used++;
+        }
+    free(old);
+    return 0;
+}
+
+bool
+conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max)
+{
+    uint8_t key[16];
+    addr_key(sa, key);
+    pthread_mutex_lock(&t->lock);
+    struct conn_slot *s = slot_find(t, key, false);
+    bool ok = true;
+    if (s != NULL) {
+        if (s->count >= max)
+            ok = false;
+        else
+            s->count++;
+    } else {
+        /* Keep at most half the slots ever used (a grow drops the idle). */
+        if ((t->used + 1) * 2 > t->cap && table_grow(t) < 0) {
+            ok = false;
+        } else {
+            static const uint8_t zero[16];
+            s = slot_find(t, key, true);
+            if (memcmp(s->addr, zero, 16) == 0)
+                t->used++;
+            memcpy(s->addr, key, 16);
+            s->count = 1;
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+    return ok;
+}
+
+void
+conn_table_remove(struct conn_table *t, const struct sockaddr *sa)
+{
+    uint8_t key[16];
+    addr_key(sa, key);
+    pthread_mutex_lock(&t->lock);
+    struct conn_slot *s = slot_find(t, key, false);
+    if (s != NULL && s->count > 0)
+        s->count--;
+    pthread_mutex_unlock(&t->lock);
 }

@@ -1,27 +1,57 @@
 /*
- * engine: the running daemon: its config, its workers and (as later parts
- * land) the spool, listeners and scheduler they share. main.c owns one
- * engine and drives it from signals.
+ * engine: the running daemon: its config, the spool, the users table, the
+ * workers and what each worker runs (the submission server for now). main.c
+ * owns one engine and drives it from signals.
  *
- * Threading: engine_start/engine_stop/engine_free run on the main thread;
- * workers only read the engine through their ctx pointer.
+ * Threading: engine_start/engine_stop run on the main thread; workers read
+ * the engine through their ctx pointer. Fields shared by every worker are
+ * either immutable while workers run or atomic/locked as marked.
  */
 #ifndef SLUICE_ENGINE_ENGINE_H
 #define SLUICE_ENGINE_ENGINE_H
 
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "engine/auth.h"
 #include "engine/config.h"
 #include "engine/worker.h"
+#include "queue/queue.h"
 
-struct engine {
-    const struct config *cfg; /* borrowed: outlives the engine */
-    struct worker *workers;   /* owned array of nworkers */
-    unsigned nworkers;
+struct server_worker;
+
+/* Connections per client address, shared by all workers (accepting is
+ * not hot enough for anything finer than one lock). */
+struct conn_table {
+    pthread_mutex_t lock;
+    struct conn_slot {
+        uint8_t addr[16];
+        uint32_t count; /* 0: free slot */
+    } *slots;           /* owned, open addressing */
+    uint32_t cap;
+    uint32_t used;      /* slots ever taken since the last grow */
 };
 
-/* Set up and start every worker. Returns 0, or -errno with a message for
- * the operator in err. On failure nothing is left running. */
+struct engine {
+    const struct config *cfg;  /* borrowed: outlives the engine */
+    struct queue *queue;       /* owned */
+    struct auth_db *users;     /* owned reference; NULL: AUTH not offered */
+    struct worker *workers;    /* owned array of nworkers */
+    struct server_worker **srv; /* owned: the submission server of each worker */
+    unsigned nworkers;
+    _Atomic unsigned clients;  /* submission connections open, all workers */
+    struct conn_table per_ip;
+};
+
+/* Open the spool, load the users, set up and start every worker with its
+ * listeners. Returns 0, or a negative code with a message for the operator
+ * in err. On failure nothing is left running. */
 int engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen);
-/* Stop every worker and wait for them; then free what engine_start made. */
+/* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
+
+/* Count a connection from sa against max; false when over it. */
+bool conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max);
+void conn_table_remove(struct conn_table *t, const struct sockaddr *sa);
 
 #endif

@@ -1,0 +1,349 @@
+/*
+ * auth: see auth.h. The table is an array sorted by name (binary search);
+ * it is rebuilt whole on reload, never changed in place.
+ */
+#include "engine/auth.h"
+
+#include <crypt.h>
+#include <ctype.h>
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+struct auth_db {
+    _Atomic unsigned refs;
+    struct auth_user *users; /* owned, sorted by name */
+    unsigned n;
+    const char *dummy_hash;  /* borrowed from users[0]: the cost of a miss */
+};
+
+static int
+cmp_user(const void *a, const void *b)
+{
+    return strcmp(((const struct auth_user *)a)->name, ((const struct auth_user *)b)->name);
+}
+
+static void
+user_free(struct auth_user *u)
+{
+    free(u->name);
+    free(u->hash);
+    for (unsigned i = 0; i < u->ndomains; i++)
+        free(u->domains[i]);
+    free(u->domains);
+}
+
+static int
+parse_domains(struct auth_user *u, char *list)
+{
+    for (char *save = NULL, *d = strtok_r(list, ", \t", &save); d != NULL;
+         d = strtok_r(NULL, ", \t", &save)) {
+        char **v = realloc(u->domains, sizeof(*v) * (u->ndomains + 1));
+        if (v == NULL)
+            return -ENOMEM;
+        u->domains = v;
+        for (char *c = d; *c; c++)
+            *c = (char)tolower((unsigned char)*c);
+        if ((u->domains[u->ndomains] = strdup(d)) == NULL)
+            return -ENOMEM;
+        u->ndomains++;
+    }
+    return 0;
+}
+
+int
+auth_db_load(const char *path, struct auth_db **out, FILE *errs)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        int err = errno;
+        fprintf(errs, "%s: cannot read: %s\n", path, strerror(err));
+        return -err;
+    }
+    struct auth_db *db = calloc(1, sizeof(*db));
+    if (db == NULL) {
+        fclose(f);
+        return -ENOMEM;
+    }
+    atomic_init(&db->refs, 1);
+    unsigned cap = 0, lineno = 0, nerr = 0;
+    char *line = NULL;
+    size_t linecap = 0;
+    ssize_t len;
+    while ((len = getline(&line, &linecap, f)) >= 0) {
+        lineno++;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        char *p = line;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (*p == '\0' || *p == '#')
+            continue;
+        char *save = NULL;
+        char *name = strtok_r(p, ":", &save);
+        char *hash = strtok_r(NULL, ":", &save);
+        char *domains = strtok_r(NULL, "", &save);
+        if (name == NULL || hash == NULL || *name == '\0') {
+            fprintf(errs, "%s:%u: expected user:hash[:domain,...]\n", path, lineno);
+            nerr++;
+            continue;
+        }
+        int ok = crypt_checksalt(hash);
+        if (hash[0] != '$' || (ok != CRYPT_SALT_OK && ok != CRYPT_SALT_METHOD_LEGACY)) {
+            fprintf(errs, "%s:%u: %s: not a crypt(3) hash this system supports "
+                          "(use e.g. mkpasswd -m yescrypt)\n",
+                    path, lineno, name);
+            nerr++;
+            continue;
+        }
+        if (db->n == cap) {
+            cap = cap ? cap * 2 : 16;
+            struct auth_user *v = realloc(db->users, sizeof(*v) * cap);
+            if (v == NULL) {
+                nerr++;
+                break;
+            }
+            db->users = v;
+        }
+        struct auth_user *u = &db->users[db->n++];
+        memset(u, 0, sizeof(*u));
+        u->name = strdup(name);
+        u->hash = strdup(hash);
+        if (u->name == NULL || u->hash == NULL || (domains && parse_domains(u, domains) < 0)) {
+            fprintf(errs, "%s:%u: out of memory\n", path, lineno);
+            nerr++;
+        }
+    }
+    free(line);
+    fclose(f);
+    if (db->n > 1) {
+        qsort(db->users, db->n, sizeof(*db->users), cmp_user);
+        for (unsigned i = 1; i < db->n; i++)
+            if (strcmp(db->users[i - 1].name, db->users[i].name) == 0) {
+                fprintf(errs, "%s: user %s is listed twice\n", path, db->users[i].name);
+                nerr++;
+            }
+    }
+    if (nerr != 0) {
+        auth_db_unref(db);
+        return -EINVAL;
+    }
+    db->dummy_hash = db->n ? db->users[0].hash : NULL;
+    *out = db;
+    return 0;
+}
+
+struct auth_db *
+auth_db_ref(struct auth_db *db)
+{
+    atomic_fetch_add(&db->refs, 1);
+    return db;
+}
+
+struct auth_db *
+auth_db_unref(struct auth_db *db)
+{
+    if (db == NULL || atomic_fetch_sub(&db->refs, 1) != 1)
+        return NULL;
+    for (unsigned i = 0; i < db->n; i++)
+        user_free(&db->users[i]);
+    free(db->users);
+    free(db);
+    return NULL;
+}
+
+unsigned
+auth_db_count(const struct auth_db *db)
+{
+    return db->n;
+}
+
+int
+auth_cache_init(struct auth_cache *c)
+{
+    memset(c, 0, sizeof(*c));
+    c->crypt_scratch = calloc(1, sizeof(struct crypt_data));
+    return c->crypt_scratch ? 0 : -ENOMEM;
+}
+
+void
+auth_cache_fini(struct auth_cache *c)
+{
+    free(c->crypt_scratch);
+    memset(c, 0, sizeof(*c));
+}
+
+static const struct auth_user *
+find_user(const struct auth_db *db, const char *name, size_t len)
+{
+    size_t lo = 0, hi = db->n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        const char *n = db->users[mid].name;
+        int c = strncmp(name, n, len);
+        if (c == 0 && n[len] != '\0')
+            c = -1; /* name is a prefix of n: sorts before it */
+        if (c == 0)
+            return &db->users[mid];
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+const struct auth_user *
+auth_verify(const struct auth_db *db, struct auth_cache *cache, const char *user,
+            size_t user_len, const char *pass, size_t pass_len)
+{
+    if (db == NULL || db->n == 0 || user_len == 0 || user_len > 255 || pass_len > 1024 ||
+        memchr(user, '\0', user_len) != NULL || memchr(pass, '\0', pass_len) != NULL)
+        return NULL;
+    /* key = SHA-256(user NUL pass): the cache never holds a password. */
+    uint8_t key[32];
+    unsigned keylen = 0;
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    if (md == NULL || !EVP_DigestInit_ex(md, EVP_sha256(), NULL) ||
+        !EVP_DigestUpdate(md, user, user_len) || !EVP_DigestUpdate(md, "", 1) ||
+        !EVP_DigestUpdate(md, pass, pass_len) || !EVP_DigestFinal_ex(md, key, &keylen)) {
+        EVP_MD_CTX_free(md);
+        return NULL;
+    }
+    EVP_MD_CTX_free(md);
+    unsigned slot = (unsigned)(key[0] | key[1] << 8) % AUTH_CACHE_SLOTS;
+    if (cache->slot[slot].db == db && CRYPTO_memcmp(cache->slot[slot].key, key, 32) == 0) {
+        cache->hits++;
+        return cache->slot[slot].user;
+    }
+    cache->misses++;
+
+    const struct auth_user *u = find_user(db, user, user_len);
+    char pw[1025];
+    memcpy(pw, pass, pass_len);
+    pw[pass_len] = '\0';
+    const char *hash = u ? u->hash : db->dummy_hash;
+    struct crypt_data *cd = cache->crypt_scratch;
+    const char *out = crypt_rn(pw, hash, cd, sizeof(*cd));
+    OPENSSL_cleanse(pw, sizeof(pw));
+    bool ok = out != NULL && u != NULL && strlen(out) == strlen(hash) &&
+              CRYPTO_memcmp(out, hash, strlen(hash)) == 0;
+    OPENSSL_cleanse(cd, sizeof(*cd));
+    if (!ok)
+        return NULL;
+    cache->slot[slot].db = db;
+    memcpy(cache->slot[slot].key, key, 32);
+    cache->slot[slot].user = u;
+    return u;
+}
+
+bool
+auth_user_may_send_as(const struct auth_user *u, const char *domain, size_t len)
+{
+    if (u->domains == NULL)
+        return true;
+    for (unsigned i = 0; i < u->ndomains; i++)
+        if (strlen(u->domains[i]) == len && strncasecmp(u->domains[i], domain, len) == 0)
+            return true;
+    return false;
+}
+
+static int
+b64_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+long
+auth_b64_decode(const char *in, size_t len, char *out, size_t cap)
+{
+    if (len % 4 != 0)
+        return -1;
+    size_t o = 0;
+    for (size_t i = 0; i < len; i += 4) {
+        int v[4];
+        int pad = 0;
+        for (int j = 0; j < 4; j++) {
+            unsigned char c = (unsigned char)in[i + j];
+            if (c == '=' && i + 4 == len && j >= 2) {
+                v[j] = 0;
+                pad++;
+                continue;
+            }
+            if (pad != 0 || (v[j] = b64_value(c)) < 0)
+                return -1;
+        }
+        uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 |
+                     (uint32_t)v[3];
+        size_t n = 3 - (size_t)pad;
+        if (o + n > cap)
+            return -1;
+        out[o++] = (char)(w >> 16);
+        if (n > 1)
+            out[o++] = (char)(w >> 8);
+        if (n > 2)
+            out[o++] = (char)w;
+    }
+    return (long)o;
+}
+
+size_t
+auth_b64_encode(const char *in, size_t len, char *out, size_t cap)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 5 <= cap; i += 3) {
+        uint32_t w = (uint32_t)(unsigned char)in[i] << 16;
+        if (i + 1 < len)
+            w |= (uint32_t)(unsigned char)in[i + 1] << 8;
+        if (i + 2 < len)
+            w |= (uint32_t)(unsigned char)in[i + 2];
+        out[o++] = tab[w >> 18 & 63];
+        out[o++] = tab[w >> 12 & 63];
+        out[o++] = i + 1 < len ? tab[w >> 6 & 63] : '=';
+        out[o++] = i + 2 < len ? tab[w & 63] : '=';
+    }
+    if (o < cap)
+        out[o] = '\0';
+    return o;
+}
+
+int
+auth_plain_split(const char *buf, size_t len, const char **user, size_t *user_len,
+                 const char **pass, size_t *pass_len)
+{
+    const char *nul1 = memchr(buf, '\0', len);
+    if (nul1 == NULL)
+        return -1;
+    const char *u = nul1 + 1;
+    const char *nul2 = memchr(u, '\0', len - (size_t)(u - buf));
+    if (nul2 == NULL)
+        return -1;
+    size_t authz_len = (size_t)(nul1 - buf);
+    *user = u;
+    *user_len = (size_t)(nul2 - u);
+    *pass = nul2 + 1;
+    *pass_len = len - (size_t)(*pass - buf);
+    if (memchr(*pass, '\0', *pass_len) != NULL)
+        return -1;
+    /* An authorization identity other than the user (proxy auth) is not
+     * offered. */
+    if (authz_len != 0 && (authz_len != *user_len || memcmp(buf, u, authz_len) != 0))
+        return -1;
+    return 0;
+}

@@ -1,0 +1,42 @@
+/*
+ * msa: what the message submission agent adds to a message (RFC 6409
+ * section 8): a Received trace field always, Message-ID and Date where
+ * the message has none. Pure: scans and formats into caller buffers.
+ */
+#ifndef SLUICE_ENGINE_MSA_H
+#define SLUICE_ENGINE_MSA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <time.h>
+
+struct msa_scan {
+    bool has_message_id;
+    bool has_date;
+    size_t header_len; /* octets of the header section, the empty line excluded */
+};
+
+/* Look through the header section of a CRLF message (up to the first
+ * empty line, or the first line that is not a header field). */
+void msa_scan(const char *msg, size_t len, struct msa_scan *out);
+
+struct msa_trace {
+    const char *hostname;  /* this MSA */
+    const char *helo;      /* what the client said in HELO/EHLO, untrusted */
+    const char *client_ip; /* "1.2.3.4" or "::1" */
+    const char *protocol;  /* "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "SMTP" */
+    const char *tls;       /* "TLSv1.3 TLS_AES_256_GCM_SHA384" or NULL */
+    const char *queue_id;
+    const char *rcpt;      /* the recipient when there is exactly one, else NULL */
+    time_t now;
+    bool add_message_id;
+    bool add_date;
+};
+
+#define MSA_HEADERS_MAX 1024
+
+/* Format the fields to put in front of the message into out (cap >=
+ * MSA_HEADERS_MAX). Returns their length. */
+size_t msa_headers(const struct msa_trace *t, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,45 @@
+/*
+ * netaddr: socket addresses as config and logs need them: "host:port" and
+ * "[v6]:port" listen specs, CIDR network lists ("127.0.0.0/8, ::1"), text
+ * for logs. Pure; any thread.
+ */
+#ifndef SLUICE_ENGINE_NETADDR_H
+#define SLUICE_ENGINE_NETADDR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+struct netaddr {
+    struct sockaddr_storage ss;
+    socklen_t len;
+};
+
+struct cidr {
+    uint8_t family; /* AF_INET or AF_INET6 */
+    uint8_t bits;
+    uint8_t addr[16];
+};
+
+#define NETADDR_MAX_LIST 32
+
+/* "127.0.0.1:2525", "[::1]:2525", "0.0.0.0:587". Returns 0 or -EINVAL. */
+int netaddr_parse(const char *s, struct netaddr *out);
+/* A comma-separated list of the above. Returns the count or -EINVAL (err
+ * says which item). */
+int netaddr_parse_list(const char *s, struct netaddr *out, int max, char *err, size_t errlen);
+/* "1.2.3.4" or "::1" (no port) into out (INET6_ADDRSTRLEN at least). */
+void netaddr_ip_str(const struct sockaddr *sa, char *out, size_t outlen);
+/* "1.2.3.4:25" or "[::1]:25". */
+void netaddr_str(const struct sockaddr *sa, char *out, size_t outlen);
+bool netaddr_is_loopback(const struct sockaddr *sa);
+
+/* "10.0.0.0/8, ::1, 192.168.1.7": a bare address is a /32 or /128.
+ * Returns the count or -EINVAL (err says which item). */
+int cidr_parse_list(const char *s, struct cidr *out, int max, char *err, size_t errlen);
+/* True when sa is inside one of the n networks. A v4-mapped v6 address
+ * (::ffff:1.2.3.4) matches v4 networks. */
+bool cidr_match(const struct cidr *nets, int n, const struct sockaddr *sa);
+
+#endif

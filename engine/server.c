@@ -1,0 +1,1412 @@
+/*
+ * server: the submission server of one worker (see server.h).
+ *
+ * A session is one state machine (enum session_state, session_enter()
+ * for every transition, session_run() to act on what has arrived). Input
+ * is read into a fixed buffer; complete command lines are handled one by
+ * one, their replies gathered in a fixed output buffer and sent in one
+ * write when the input holds no further complete command (RFC 2920 reply
+ * batching). The end of DATA hands the message to the spool and waits
+ * (state COMMIT, no reading) until the commit holding it returned: only
+ * then is 250 sent.
+ *
+ * Lifetime (STYLE rule 7): a session counts its operations in flight
+ * (recv, send, a pending spool commit). session_close() shuts the socket
+ * down so that a pending recv completes; the last completion frees.
+ *
+ * Threading: everything here runs on the worker's thread.
+ */
+#include "engine/server.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "engine/auth.h"
+#include "engine/engine.h"
+#include "engine/msa.h"
+#include "engine/netaddr.h"
+#include "engine/smtp_cmd.h"
+#include "engine/smtp_data.h"
+#include "engine/worker.h"
+#include "queue/queue.h"
+
+#define IN_CAP      (SMTP_CMD_LINE_MAX_AUTH + 4096)
+#define OUT_CAP     8192
+#define OUT_HIGH    (OUT_CAP - 1024) /* stop handling commands until a send drains */
+#define BODY_START  (64 * 1024)
+#define ACCEPT_BACKOFF_MS 100
+
+enum session_state {
+    SS_PREGREET, /* greet_pause: waiting, then a peek for early talkers */
+    SS_COMMAND,  /* reading command lines */
+    SS_AUTH,     /* reading a SASL response line (after 334) */
+    SS_AUTH_WAIT, /* a failed AUTH: the delay before 535 */
+    SS_DATA,     /* reading message content after 354 */
+    SS_BDAT,     /* reading the octets of a BDAT chunk */
+    SS_COMMIT,   /* the message is with the spool; no reading */
+    SS_CLOSING,  /* sending the last reply, then closing */
+    SS_CLOSED,   /* socket shut down; freed on the last completion */
+};
+
+static const char *const state_names[] = {
+    "pregreet", "command", "auth", "auth_wait", "data", "bdat", "commit", "closing", "closed",
+};
+
+static const char *
+session_state_str(enum session_state s)
+{
+    return (unsigned)s < sizeof(state_names) / sizeof(state_names[0]) ? state_names[s] : "?";
+}
+
+struct rcpt {
+    char *addr;  /* owned */
+    char *orcpt; /* owned; NULL when absent */
+    unsigned notify;
+};
+
+struct session {
+    struct server_worker *sw; /* borrowed: outlives its sessions */
+    struct session *prev, *next;
+    uint64_t id;
+    int fd;
+    enum session_state state;
+    unsigned inflight; /* ops on the ring + a pending commit */
+    bool recv_busy, send_busy, peek_busy;
+    bool counted;      /* in the engine's client counts */
+    struct op recv_op, send_op, peek_op;
+    struct timer timer;
+
+    struct sockaddr_storage peer;
+    char peer_ip[INET6_ADDRSTRLEN];
+    bool trusted;  /* in trusted_networks */
+    bool loopback;
+
+    char helo[256];
+    bool greeted;  /* HELO or EHLO seen */
+    bool esmtp;
+    unsigned errors;
+
+    /* AUTH */
+    struct auth_db *users;         /* owned reference, from session start */
+    const struct auth_user *user;  /* borrowed: lives as long as users */
+    uint32_t auth_mech;
+    unsigned auth_step;            /* LOGIN: 0 user, 1 password */
+    char auth_name[256];
+    unsigned auth_failures;
+
+    /* the transaction */
+    bool in_txn;
+    char *sender;                  /* owned */
+    char *envid;                   /* owned; NULL when absent */
+    enum smtp_ret ret;
+    enum smtp_body body_type;
+    bool smtputf8;
+    struct rcpt *rcpts;            /* owned */
+    unsigned nrcpt, rcpt_cap;
+
+    /* message content */
+    struct smtp_unstuff unstuff;
+    char *body;                    /* owned */
+    size_t body_len, body_cap;
+    bool too_big;
+    bool bdat;                     /* this transaction uses BDAT */
+    bool bdat_discard;             /* chunk read only to be dropped (a refused BDAT) */
+    bool bdat_last;
+    uint64_t bdat_left;
+    uint64_t msg_id;
+    char hdrs[MSA_HEADERS_MAX];
+    size_t hdrs_len;
+
+    size_t in_len;
+    bool skip_line; /* dropping the rest of an over-long line */
+    size_t out_len, out_sent;
+    char in[IN_CAP];
+    char out[OUT_CAP];
+};
+
+struct listener {
+    struct server_worker *sw;
+    int fd;
+    struct netaddr addr;
+    struct op op;
+    struct timer retry; /* re-arm after EMFILE and friends */
+    bool armed;
+};
+
+struct server_worker {
+    struct engine *e;  /* borrowed */
+    struct worker *w;  /* borrowed */
+    const struct server_config *cfg; /* borrowed from e->cfg */
+    struct listener *ls; /* owned array */
+    int nls;
+    struct queue_port *port; /* owned */
+    struct op port_op;
+    bool port_armed;
+    bool stopping;
+    struct session *sessions; /* list of owned sessions */
+    struct auth_cache auth;
+    uint64_t seq;
+    struct server_stats stats;
+};
+
+static void session_run(struct session *s);
+static void session_close(struct session *s, const char *why);
+static void session_maybe_free(struct session *s);
+static void session_on_recv(struct worker *w, struct op *op, int res, uint32_t flags);
+static void session_on_send(struct worker *w, struct op *op, int res, uint32_t flags);
+static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
+static void session_on_timer(struct timer *t, void *ctx);
+
+#define SESSION_OF(ptr, field) ((struct session *)((char *)(ptr) - offsetof(struct session, field)))
+
+/* ---- state ---- */
+
+static void
+session_enter(struct session *s, enum session_state next)
+{
+    if (s->state == next)
+        return;
+    if (log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "session=%016llx state=%s->%s", (unsigned long long)s->id,
+                session_state_str(s->state), session_state_str(next));
+    s->state = next;
+}
+
+static void
+session_deadline(struct session *s, uint64_t ms)
+{
+    worker_timer_arm(s->sw->w, &s->timer, s->sw->w->now + MS_TO_NS(ms));
+}
+
+/* ---- output ---- */
+
+static void __attribute__((format(printf, 2, 3)))
+reply(struct session *s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    size_t room = OUT_CAP - s->out_len;
+    int n = vsnprintf(s->out + s->out_len, room, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n + 2 >= room) {
+        /* Cannot happen while OUT_HIGH leaves room for the longest reply;
+         * refuse to send a truncated one. */
+        log_msg(LOG_ERR, "session=%016llx event=reply_overflow", (unsigned long long)s->id);
+        session_close(s, "reply_overflow");
+        return;
+    }
+    s->out_len += (size_t)n;
+    s->out[s->out_len++] = '\r';
+    s->out[s->out_len++] = '\n';
+}
+
+static void
+flush(struct session *s)
+{
+    if (s->send_busy || s->out_sent == s->out_len || s->state == SS_CLOSED)
+        return;
+    struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->send_op);
+    io_uring_prep_send(sqe, s->fd, s->out + s->out_sent, s->out_len - s->out_sent, MSG_NOSIGNAL);
+    s->send_busy = true;
+    s->inflight++;
+}
+
+static void
+session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct session *s = SESSION_OF(op, send_op);
+    s->send_busy = false;
+    s->inflight--;
+    if (s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (res <= 0) {
+        session_close(s, res == 0 ? "send_zero" : "send_error");
+        session_maybe_free(s);
+        return;
+    }
+    s->out_sent += (size_t)res;
+    if (s->out_sent == s->out_len) {
+        s->out_sent = s->out_len = 0;
+        if (s->state == SS_CLOSING) {
+            session_close(s, NULL);
+            session_maybe_free(s);
+            return;
+        }
+    }
+    session_run(s);
+}
+
+/* Say it and hang up. */
+static void
+reply_close(struct session *s, const char *text)
+{
+    reply(s, "%s", text);
+    if (s->state != SS_CLOSED)
+        session_enter(s, SS_CLOSING);
+}
+
+/* ---- the transaction ---- */
+
+static void
+txn_reset(struct session *s)
+{
+    free(s->sender);
+    s->sender = NULL;
+    free(s->envid);
+    s->envid = NULL;
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        free(s->rcpts[i].addr);
+        free(s->rcpts[i].orcpt);
+    }
+    s->nrcpt = 0;
+    s->in_txn = false;
+    s->ret = SMTP_RET_NONE;
+    s->body_type = SMTP_BODY_NONE;
+    s->smtputf8 = false;
+    free(s->body);
+    s->body = NULL;
+    s->body_len = s->body_cap = 0;
+    s->too_big = false;
+    s->bdat = s->bdat_discard = s->bdat_last = false;
+    s->bdat_left = 0;
+    s->msg_id = 0;
+    s->hdrs_len = 0;
+}
+
+static char *
+span_dup(struct smtp_span sp)
+{
+    char *p = malloc(sp.len + 1);
+    if (p != NULL) {
+        memcpy(p, sp.ptr, sp.len);
+        p[sp.len] = '\0';
+    }
+    return p;
+}
+
+/* Make room for n more body octets; false when that passes the limit. */
+static bool
+body_reserve(struct session *s, size_t n)
+{
+    uint64_t limit = s->sw->cfg->max_message_size;
+    if (s->too_big || s->body_len + n > limit + 2) {
+        s->too_big = true;
+        return false;
+    }
+    if (s->body_len + n <= s->body_cap)
+        return true;
+    size_t cap = s->body_cap ? s->body_cap : BODY_START;
+    while (cap < s->body_len + n)
+        cap *= 2;
+    if (cap > limit + 2 + IN_CAP)
+        cap = limit + 2 + IN_CAP;
+    char *b = realloc(s->body, cap);
+    if (b == NULL) {
+        s->too_big = true; /* answered as a local error below */
+        return false;
+    }
+    s->body = b;
+    s->body_cap = cap;
+    return true;
+}
+
+/* ---- the spool ---- */
+
+static void
+session_on_commit(void *cookie, int rc)
+{
+    struct session *s = cookie;
+    s->inflight--;
+    if (s->sw->stopping || s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(s->msg_id, qid);
+    if (rc == 0) {
+        s->sw->stats.messages++;
+        log_msg(LOG_INFO,
+                "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu user=%s "
+                "client=%s",
+                (unsigned long long)s->id, qid, s->sender, s->nrcpt, s->body_len + s->hdrs_len,
+                s->user ? s->user->name : "-", s->peer_ip);
+        reply(s, "250 2.0.0 Ok: queued as %s", qid);
+    } else if (queue_error_is_space(rc)) {
+        log_msg(LOG_CRIT, "session=%016llx event=spool_full id=%s err=\"%s\"",
+                (unsigned long long)s->id, qid, queue_strerror(rc));
+        reply(s, "452 4.3.1 Insufficient system storage");
+    } else {
+        log_msg(LOG_ERR, "session=%016llx event=spool_error id=%s err=\"%s\"",
+                (unsigned long long)s->id, qid, queue_strerror(rc));
+        reply(s, "451 4.3.0 Local error in processing");
+    }
+    txn_reset(s);
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    session_run(s);
+}
+
+static const char *
+protocol_name(const struct session *s)
+{
+    if (!s->esmtp)
+        return "SMTP";
+    return s->user ? "ESMTPA" : "ESMTP";
+}
+
+/* The whole message is in s->body: check it, add the MSA's fields and
+ * hand it to the spool. */
+static void
+message_finish(struct session *s, uint32_t data_flags)
+{
+    struct server_worker *sw = s->sw;
+    if (s->too_big) {
+        sw->stats.rejected++;
+        reply(s, s->body == NULL && s->body_len == 0 && s->body_cap == 0
+                     ? "452 4.3.1 Insufficient system resources"
+                     : "552 5.3.4 Message size exceeds fixed maximum message size");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    const char *why = NULL;
+    if (data_flags & (SMTP_DATA_F_BARE_LF | SMTP_DATA_F_BARE_CR))
+        why = "550 5.6.0 Message refused: bare CR or LF in the content (lines must end "
+              "with CRLF)";
+    else if (data_flags & SMTP_DATA_F_NUL)
+        why = "550 5.6.0 Message refused: NUL octet in the content";
+    else if (data_flags & SMTP_DATA_F_LONG_LINE)
+        why = "550 5.6.0 Message refused: a line is longer than 998 octets (RFC 5322 2.1.1)";
+    if (why != NULL) {
+        sw->stats.rejected++;
+        log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s reason=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, why + 10);
+        reply(s, "%s", why);
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    if ((data_flags & SMTP_DATA_F_8BIT) && s->body_type == SMTP_BODY_NONE)
+        s->body_type = SMTP_BODY_8BITMIME; /* what it is, whatever was declared */
+
+    struct msa_scan scan;
+    msa_scan(s->body, s->body_len, &scan);
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(s->msg_id, qid);
+    struct msa_trace t = {
+        .hostname = sw->e->cfg->server.hostname,
+        .helo = s->helo,
+        .client_ip = s->peer_ip,
+        .protocol = protocol_name(s),
+        .tls = NULL,
+        .queue_id = qid,
+        .rcpt = s->nrcpt == 1 ? s->rcpts[0].addr : NULL,
+        .now = time(NULL),
+        .add_message_id = !scan.has_message_id,
+        .add_date = !scan.has_date,
+    };
+    s->hdrs_len = msa_headers(&t, s->hdrs, sizeof(s->hdrs));
+
+    struct queue_rcpt *qr = calloc(s->nrcpt, sizeof(*qr));
+    if (qr == NULL) {
+        reply(s, "451 4.3.0 Local error in processing");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        qr[i].addr = s->rcpts[i].addr;
+        qr[i].orcpt = s->rcpts[i].orcpt;
+        qr[i].notify = s->rcpts[i].notify; /* same bits as enum queue_notify */
+    }
+    struct queue_envelope env = {
+        .id = s->msg_id,
+        .sender = s->sender,
+        .envid = s->envid,
+        .ret = s->ret == SMTP_RET_FULL   ? QUEUE_RET_FULL
+               : s->ret == SMTP_RET_HDRS ? QUEUE_RET_HDRS
+                                         : QUEUE_RET_NONE,
+        .body_type = s->body_type == SMTP_BODY_8BITMIME ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT,
+        .smtputf8 = s->smtputf8,
+        .auth_user = s->user ? s->user->name : NULL,
+        .client_addr = s->peer_ip,
+        .nrcpt = s->nrcpt,
+        .rcpt = qr,
+    };
+    struct iovec iov[2] = {
+        {s->hdrs, s->hdrs_len},
+        {s->body, s->body_len},
+    };
+    int rc = queue_enqueue(sw->e->queue, sw->port, &env, iov, 2, session_on_commit, s);
+    free(qr);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",
+                (unsigned long long)s->id, queue_strerror(rc));
+        reply(s, queue_error_is_space(rc) ? "452 4.3.1 Insufficient system storage"
+                                          : "451 4.3.0 Local error in processing");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    s->inflight++;
+    worker_timer_cancel(sw->w, &s->timer); /* the spool's time is not the client's */
+    session_enter(s, SS_COMMIT);
+}
+
+/* ---- commands ---- */
+
+static bool
+auth_allowed_here(const struct session *s)
+{
+    switch (s->sw->cfg->plaintext_auth) {
+    case PLAINTEXT_AUTH_ALWAYS:
+        return true;
+    case PLAINTEXT_AUTH_LOOPBACK:
+        return s->loopback;
+    default:
+        return false; /* until STARTTLS lands in this server, TLS is never active */
+    }
+}
+
+static void
+cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
+{
+    size_t n = c->arg.len < sizeof(s->helo) ? c->arg.len : sizeof(s->helo) - 1;
+    memcpy(s->helo, c->arg.ptr, n);
+    s->helo[n] = '\0';
+    s->greeted = true;
+    s->esmtp = ehlo;
+    txn_reset(s);
+    const char *host = s->sw->e->cfg->server.hostname;
+    if (!ehlo) {
+        reply(s, "250 %s", host);
+        return;
+    }
+    reply(s, "250-%s", host);
+    reply(s, "250-PIPELINING");
+    reply(s, "250-SIZE %llu", (unsigned long long)s->sw->cfg->max_message_size);
+    if (s->users != NULL && auth_allowed_here(s))
+        reply(s, "250-AUTH PLAIN LOGIN");
+    reply(s, "250-ENHANCEDSTATUSCODES");
+    reply(s, "250-8BITMIME");
+    reply(s, "250-SMTPUTF8");
+    reply(s, "250-DSN");
+    reply(s, "250 CHUNKING");
+}
+
+static void
+cmd_mail(struct session *s, const struct smtp_cmd *c)
+{
+    const struct server_config *cfg = s->sw->cfg;
+    if (!s->greeted) {
+        reply(s, "503 5.5.1 Send HELO or EHLO first");
+        return;
+    }
+    if (s->in_txn) {
+        reply(s, "503 5.5.1 Nested MAIL command");
+        return;
+    }
+    if (s->user == NULL && !s->trusted) {
+        reply(s, "530 5.7.0 Authentication required");
+        return;
+    }
+    const struct smtp_params *p = &c->params;
+    if ((p->seen & SMTP_PARAM_SIZE) && p->size > cfg->max_message_size) {
+        reply(s, "552 5.3.4 Message size exceeds fixed maximum message size");
+        return;
+    }
+    if ((p->seen & SMTP_PARAM_BODY) && p->body == SMTP_BODY_BINARYMIME) {
+        reply(s, "555 5.5.4 BODY=BINARYMIME is not offered here");
+        return;
+    }
+    if (s->user != NULL && !(c->path.flags & SMTP_PATH_NULL) &&
+        !auth_user_may_send_as(s->user, c->path.domain.ptr, c->path.domain.len)) {
+        reply(s, "553 5.7.1 Sender address not owned by user %s", s->user->name);
+        return;
+    }
+    s->sender = span_dup(c->path.mailbox);
+    if ((p->seen & SMTP_PARAM_ENVID) && (s->envid = span_dup(p->envid)) == NULL)
+        s->sender = (free(s->sender), NULL);
+    if (s->sender == NULL) {
+        reply(s, "451 4.3.0 Local error in processing");
+        return;
+    }
+    s->ret = p->ret;
+    s->body_type = p->body;
+    s->smtputf8 = (p->seen & SMTP_PARAM_SMTPUTF8) != 0;
+    s->in_txn = true;
+    reply(s, "250 2.1.0 Ok");
+}
+
+static void
+cmd_rcpt(struct session *s, const struct smtp_cmd *c)
+{
+    if (!s->in_txn) {
+        reply(s, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if (c->path.flags & SMTP_PATH_POSTMASTER) {
+        reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
+        return;
+    }
+    if (s->nrcpt >= s->sw->cfg->max_recipients) {
+        reply(s, "452 4.5.3 Too many recipients");
+        return;
+    }
+    if (s->nrcpt == s->rcpt_cap) {
+        unsigned cap = s->rcpt_cap ? s->rcpt_cap * 2 : 8;
+        struct rcpt *v = realloc(s->rcpts, sizeof(*v) * cap);
+        if (v == NULL) {
+            reply(s, "452 4.3.1 Insufficient system resources");
+            return;
+        }
+        s->rcpts = v;
+        s->rcpt_cap = cap;
+    }
+    struct rcpt *r = &s->rcpts[s->nrcpt];
+    memset(r, 0, sizeof(*r));
+    r->addr = span_dup(c->path.mailbox);
+    r->notify = c->params.notify;
+    if (c->params.seen & SMTP_PARAM_ORCPT) {
+        size_t tl = c->params.orcpt_type.len, al = c->params.orcpt_addr.len;
+        r->orcpt = malloc(tl + al + 2);
+        if (r->orcpt != NULL) {
+            memcpy(r->orcpt, c->params.orcpt_type.ptr, tl);
+            r->orcpt[tl] = ';';
+            memcpy(r->orcpt + tl + 1, c->params.orcpt_addr.ptr, al);
+            r->orcpt[tl + al + 1] = '\0';
+        }
+    }
+    if (r->addr == NULL || ((c->params.seen & SMTP_PARAM_ORCPT) && r->orcpt == NULL)) {
+        free(r->addr);
+        free(r->orcpt);
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    s->nrcpt++;
+    reply(s, "250 2.1.5 Ok");
+}
+
+static void
+data_start(struct session *s)
+{
+    s->msg_id = queue_id_next(s->sw->e->queue);
+    smtp_unstuff_init(&s->unstuff);
+    s->body_len = 0;
+    s->too_big = false;
+}
+
+static void
+cmd_data(struct session *s, size_t rest)
+{
+    if (!s->in_txn) {
+        reply(s, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if (s->nrcpt == 0) {
+        reply(s, "554 5.5.1 No valid recipients");
+        return;
+    }
+    if (s->bdat) {
+        reply(s, "503 5.5.1 DATA after BDAT in one transaction");
+        return;
+    }
+    if (rest != 0) {
+        /* RFC 2920 3.1: DATA ends a pipelined group; the client must wait
+         * for 354. Bytes already here were sent before it: treating them
+         * as content or as commands would both be guesses. */
+        log_msg(LOG_NOTICE, "session=%016llx event=early_data client=%s octets=%zu",
+                (unsigned long long)s->id, s->peer_ip, rest);
+        reply_close(s, "554 5.5.0 Message content sent before the 354 reply: closing");
+        return;
+    }
+    data_start(s);
+    reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    session_enter(s, SS_DATA);
+    session_deadline(s, s->sw->cfg->timeout_data);
+}
+
+static void
+cmd_bdat(struct session *s, const struct smtp_cmd *c)
+{
+    s->bdat_left = c->bdat_size;
+    s->bdat_last = c->bdat_last;
+    s->bdat_discard = false;
+    const char *refuse = NULL;
+    if (!s->in_txn)
+        refuse = "503 5.5.1 Need MAIL command";
+    else if (s->nrcpt == 0)
+        refuse = "554 5.5.1 No valid recipients";
+    if (refuse != NULL) {
+        /* The chunk follows the command whatever we say: read it, drop it. */
+        s->bdat_discard = true;
+        reply(s, "%s", refuse);
+    } else if (!s->bdat) {
+        s->bdat = true;
+        data_start(s);
+    }
+    session_enter(s, SS_BDAT);
+    session_deadline(s, s->sw->cfg->timeout_data);
+}
+
+/* A BDAT body has no terminator to protect, but it is stored and relayed
+ * like any other: refuse what DATA would refuse. */
+static uint32_t
+bdat_flags(const char *b, size_t len)
+{
+    uint32_t flags = 0;
+    size_t line = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)b[i];
+        if (c == '\n') {
+            if (i == 0 || b[i - 1] != '\r')
+                flags |= SMTP_DATA_F_BARE_LF;
+            line = 0;
+            continue;
+        }
+        if (c == '\r' && (i + 1 == len || b[i + 1] != '\n'))
+            flags |= SMTP_DATA_F_BARE_CR;
+        else if (c == '\0')
+            flags |= SMTP_DATA_F_NUL;
+        else if (c >= 0x80)
+            flags |= SMTP_DATA_F_8BIT;
+        if (c != '\r' && ++line > SMTP_DATA_LINE_MAX)
+            flags |= SMTP_DATA_F_LONG_LINE;
+    }
+    return flags;
+}
+
+static void
+auth_fail(struct session *s)
+{
+    s->auth_failures++;
+    s->sw->stats.auth_failed++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
+            (unsigned long long)s->id, s->peer_ip, s->auth_failures);
+    uint64_t delay = s->sw->cfg->auth_fail_delay;
+    unsigned shift = s->auth_failures - 1 < 5 ? s->auth_failures - 1 : 5;
+    session_enter(s, SS_AUTH_WAIT);
+    session_deadline(s, delay << shift);
+    if (delay == 0)
+        session_on_timer(&s->timer, s->sw->w);
+}
+
+static void
+auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+{
+    const struct auth_user *u =
+        auth_verify(s->users, &s->sw->auth, user, ulen, pass, plen);
+    if (u == NULL) {
+        auth_fail(s);
+        return;
+    }
+    s->user = u;
+    s->sw->stats.auth_ok++;
+    log_msg(LOG_INFO, "session=%016llx event=auth_ok client=%s user=%s",
+            (unsigned long long)s->id, s->peer_ip, u->name);
+    reply(s, "235 2.7.0 Authentication successful");
+    session_enter(s, SS_COMMAND);
+}
+
+/* One SASL response (initial response or a line after 334). */
+static void
+auth_response(struct session *s, const char *line, size_t len)
+{
+    if (len == 1 && line[0] == '*') {
+        reply(s, "501 5.0.0 Authentication cancelled");
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    char buf[1100];
+    long n;
+    if (len == 1 && line[0] == '=')
+        n = 0; /* an empty initial response (RFC 4954 4) */
+    else
+        n = auth_b64_decode(line, len, buf, sizeof(buf));
+    if (n < 0) {
+        reply(s, "501 5.5.2 Invalid base64 data");
+        session_enter(s, SS_COMMAND);
+        s->errors++;
+        return;
+    }
+    if (s->auth_mech == SMTP_AUTH_PLAIN) {
+        const char *u, *p;
+        size_t ul, pl;
+        if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
+            auth_fail(s);
+            return;
+        }
+        auth_check(s, u, ul, p, pl);
+        return;
+    }
+    /* LOGIN */
+    if (s->auth_step == 0) {
+        if ((size_t)n >= sizeof(s->auth_name)) {
+            auth_fail(s);
+            return;
+        }
+        memcpy(s->auth_name, buf, (size_t)n);
+        s->auth_name[n] = '\0';
+        s->auth_step = 1;
+        reply(s, "334 UGFzc3dvcmQ6");
+        session_enter(s, SS_AUTH);
+        return;
+    }
+    auth_check(s, s->auth_name, strlen(s->auth_name), buf, (size_t)n);
+}
+
+static void
+cmd_auth(struct session *s, const struct smtp_cmd *c)
+{
+    if (s->users == NULL) {
+        reply(s, "503 5.5.1 AUTH is not offered here");
+        return;
+    }
+    if (!s->greeted || !s->esmtp) {
+        reply(s, "503 5.5.1 Send EHLO first");
+        return;
+    }
+    if (s->user != NULL) {
+        reply(s, "503 5.5.1 Already authenticated");
+        return;
+    }
+    if (s->in_txn) {
+        reply(s, "503 5.5.1 AUTH not allowed during a mail transaction");
+        return;
+    }
+    if (!auth_allowed_here(s)) {
+        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        return;
+    }
+    if (c->auth_mech != SMTP_AUTH_PLAIN && c->auth_mech != SMTP_AUTH_LOGIN) {
+        reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    s->auth_mech = c->auth_mech;
+    s->auth_step = 0;
+    if (c->auth_ir.len != 0) {
+        auth_response(s, c->auth_ir.ptr, c->auth_ir.len);
+        return;
+    }
+    reply(s, s->auth_mech == SMTP_AUTH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");
+    session_enter(s, SS_AUTH);
+}
+
+/* Handle one command line (without CRLF). rest: octets after it. */
+static void
+handle_line(struct session *s, const char *line, size_t len, size_t rest)
+{
+    if (s->state == SS_AUTH) {
+        auth_response(s, line, len);
+        return;
+    }
+    struct smtp_cmd c;
+    int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
+    if (rc < 0) {
+        s->errors++;
+        reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
+        return;
+    }
+    switch (c.verb) {
+    case SMTP_VERB_EHLO:
+        cmd_ehlo(s, &c, true);
+        break;
+    case SMTP_VERB_HELO:
+        cmd_ehlo(s, &c, false);
+        break;
+    case SMTP_VERB_MAIL:
+        cmd_mail(s, &c);
+        break;
+    case SMTP_VERB_RCPT:
+        cmd_rcpt(s, &c);
+        break;
+    case SMTP_VERB_DATA:
+        cmd_data(s, rest);
+        break;
+    case SMTP_VERB_BDAT:
+        cmd_bdat(s, &c);
+        break;
+    case SMTP_VERB_RSET:
+        txn_reset(s);
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case SMTP_VERB_NOOP:
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case SMTP_VERB_QUIT:
+        reply_close(s, "221 2.0.0 Bye");
+        break;
+    case SMTP_VERB_VRFY:
+        reply(s, "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery");
+        break;
+    case SMTP_VERB_EXPN:
+        reply(s, "502 5.5.1 EXPN is not offered here");
+        break;
+    case SMTP_VERB_HELP:
+        reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
+                 "HELP AUTH; see RFC 5321");
+        break;
+    case SMTP_VERB_STARTTLS:
+        reply(s, "502 5.5.1 STARTTLS is not offered here");
+        break;
+    case SMTP_VERB_AUTH:
+        cmd_auth(s, &c);
+        break;
+    case SMTP_VERB_NONE:
+    default:
+        s->errors++;
+        reply(s, "500 5.5.2 Command unrecognized");
+        break;
+    }
+}
+
+/* ---- input ---- */
+
+static void
+in_consume(struct session *s, size_t n)
+{
+    memmove(s->in, s->in + n, s->in_len - n);
+    s->in_len -= n;
+}
+
+/* Commands: handle every complete line there is room to answer. Returns
+ * false when nothing more can be done until more input arrives. */
+static bool
+run_commands(struct session *s)
+{
+    if (s->skip_line) {
+        char *lf = memchr(s->in, '\n', s->in_len);
+        if (lf == NULL) {
+            s->in_len = 0; /* keep memory bounded: drop what we have */
+            return false;
+        }
+        in_consume(s, (size_t)(lf - s->in) + 1);
+        s->skip_line = false;
+    }
+    size_t off;
+    long n = smtp_cmd_line_find(s->in, s->in_len, SMTP_CMD_LINE_MAX_AUTH, &off);
+    if (n == 0)
+        return false;
+    if (n == SMTP_CMD_E_LINE_TOO_LONG) {
+        s->errors++;
+        reply(s, "500 5.5.2 Line too long");
+        s->skip_line = true;
+        s->in_len = 0;
+        return true;
+    }
+    if (n < 0) {
+        /* A bare CR or LF in a command line: the client's idea of a line
+         * differs from ours (RFC 5321 2.3.8); nothing it says can be
+         * trusted any more. */
+        log_msg(LOG_NOTICE, "session=%016llx event=bare_line_end client=%s",
+                (unsigned long long)s->id, s->peer_ip);
+        reply_close(s, "500 5.5.2 Bare CR or LF in a command line: closing");
+        return true;
+    }
+    size_t len = (size_t)n;
+    handle_line(s, s->in, len - 2, s->in_len - len);
+    in_consume(s, len);
+    if (s->state == SS_COMMAND || s->state == SS_AUTH)
+        session_deadline(s, s->sw->cfg->timeout_command);
+    if (s->errors >= s->sw->cfg->max_errors && s->state != SS_CLOSING) {
+        reply_close(s, "421 4.7.0 Too many errors: closing");
+    }
+    return true;
+}
+
+static bool
+run_data(struct session *s)
+{
+    if (s->in_len == 0)
+        return false;
+    size_t consumed, produced;
+    char *out;
+    if (body_reserve(s, s->in_len))
+        out = s->body + s->body_len;
+    else
+        out = s->in; /* over the limit: unstuff in place, keep nothing */
+    int rc = smtp_unstuff(&s->unstuff, s->in, s->in_len, out, &consumed, &produced);
+    if (out != s->in)
+        s->body_len += produced;
+    in_consume(s, consumed);
+    if (rc == SMTP_DATA_END) {
+        message_finish(s, s->unstuff.flags);
+        return true;
+    }
+    return false; /* the unconsumed tail (". " or ".\r") waits for more */
+}
+
+static bool
+run_bdat(struct session *s)
+{
+    if (s->bdat_left > 0) {
+        if (s->in_len == 0)
+            return false;
+        size_t take = s->in_len < s->bdat_left ? s->in_len : (size_t)s->bdat_left;
+        if (!s->bdat_discard && body_reserve(s, take)) {
+            memcpy(s->body + s->body_len, s->in, take);
+            s->body_len += take;
+        }
+        in_consume(s, take);
+        s->bdat_left -= take;
+        if (s->bdat_left > 0)
+            return false;
+    }
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    if (s->bdat_discard) {
+        s->bdat_discard = false;
+        return true; /* the refusal was already said */
+    }
+    if (!s->bdat_last) {
+        reply(s, "250 2.0.0 %llu octets received",
+              (unsigned long long)(s->body_len));
+        return true;
+    }
+    message_finish(s, s->too_big ? 0 : bdat_flags(s->body, s->body_len));
+    return true;
+}
+
+static bool
+want_recv(const struct session *s)
+{
+    switch (s->state) {
+    case SS_COMMAND:
+    case SS_AUTH:
+    case SS_DATA:
+    case SS_BDAT:
+        return !s->recv_busy && s->in_len < IN_CAP && s->out_len < OUT_HIGH;
+    default:
+        return false;
+    }
+}
+
+static void
+session_run(struct session *s)
+{
+    for (;;) {
+        if (s->out_len >= OUT_HIGH)
+            break; /* answer what we have first: the send completion resumes */
+        bool progress = false;
+        switch (s->state) {
+        case SS_COMMAND:
+        case SS_AUTH:
+            progress = run_commands(s);
+            break;
+        case SS_DATA:
+            progress = run_data(s);
+            break;
+        case SS_BDAT:
+            progress = run_bdat(s);
+            break;
+        default:
+            break;
+        }
+        if (!progress)
+            break;
+    }
+    flush(s);
+    if (want_recv(s)) {
+        struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->recv_op);
+        io_uring_prep_recv(sqe, s->fd, s->in + s->in_len, IN_CAP - s->in_len, 0);
+        s->recv_busy = true;
+        s->inflight++;
+    }
+}
+
+static void
+session_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct session *s = SESSION_OF(op, recv_op);
+    s->recv_busy = false;
+    s->inflight--;
+    if (s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (res <= 0) {
+        if (res == -EINTR || res == -EAGAIN) {
+            session_run(s);
+            return;
+        }
+        session_close(s, res == 0 ? "client_closed" : "recv_error");
+        session_maybe_free(s);
+        return;
+    }
+    s->in_len += (size_t)res;
+    session_run(s);
+}
+
+/* ---- greeting ---- */
+
+static void
+greet(struct session *s)
+{
+    reply(s, "220 %s ESMTP sluice", s->sw->e->cfg->server.hostname);
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    session_run(s);
+}
+
+/* After greet_pause: anything already sent is a client that did not wait
+ * for the greeting (RFC 5321 3.1). */
+static void
+session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct session *s = SESSION_OF(op, peek_op);
+    s->peek_busy = false;
+    s->inflight--;
+    if (s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (res > 0) {
+        log_msg(LOG_NOTICE, "session=%016llx event=pregreet client=%s",
+                (unsigned long long)s->id, s->peer_ip);
+        reply_close(s, "554 5.5.1 Protocol error: client sent data before the greeting");
+        flush(s);
+        return;
+    }
+    if (res == 0) {
+        session_close(s, "client_closed");
+        session_maybe_free(s);
+        return;
+    }
+    greet(s);
+}
+
+static void
+session_on_timer(struct timer *t, void *ctx)
+{
+    struct session *s = (struct session *)((char *)t - offsetof(struct session, timer));
+    switch (s->state) {
+    case SS_PREGREET: {
+        struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->peek_op);
+        io_uring_prep_recv(sqe, s->fd, s->in, 1, MSG_PEEK | MSG_DONTWAIT);
+        s->peek_busy = true;
+        s->inflight++;
+        return;
+    }
+    case SS_AUTH_WAIT:
+        reply(s, "535 5.7.8 Authentication credentials invalid");
+        if (s->auth_failures >= s->sw->cfg->auth_max_failures) {
+            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        } else {
+            session_enter(s, SS_COMMAND);
+            session_deadline(s, s->sw->cfg->timeout_command);
+        }
+        session_run(s);
+        return;
+    case SS_CLOSING:
+        session_close(s, "send_timeout");
+        session_maybe_free(s);
+        return;
+    default:
+        log_msg(LOG_NOTICE, "session=%016llx event=timeout client=%s state=%s",
+                (unsigned long long)s->id, s->peer_ip, session_state_str(s->state));
+        reply_close(s, "421 4.4.2 Timeout: closing connection");
+        flush(s);
+        /* If the client does not read either, give up after one more period. */
+        session_deadline(s, s->sw->cfg->timeout_command);
+        return;
+    }
+}
+
+/* ---- lifetime ---- */
+
+static void
+session_close(struct session *s, const char *why)
+{
+    if (s->state == SS_CLOSED)
+        return;
+    if (why != NULL && log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "session=%016llx event=close reason=%s", (unsigned long long)s->id,
+                why);
+    session_enter(s, SS_CLOSED);
+    worker_timer_cancel(s->sw->w, &s->timer);
+    /* Completes the pending recv (and fails a pending send) so that the
+     * ops come back and the last one frees the session. */
+    shutdown(s->fd, SHUT_RDWR);
+}
+
+static void
+session_free(struct session *s)
+{
+    struct server_worker *sw = s->sw;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        sw->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s",
+            (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-");
+    if (s->counted) {
+        atomic_fetch_sub(&sw->e->clients, 1);
+        conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
+    }
+    worker_timer_cancel(sw->w, &s->timer);
+    close(s->fd);
+    txn_reset(s);
+    free(s->rcpts);
+    auth_db_unref(s->users);
+    sw->stats.sessions--;
+    free(s);
+}
+
+static void
+session_maybe_free(struct session *s)
+{
+    if (s->state == SS_CLOSED && s->inflight == 0)
+        session_free(s);
+}
+
+static void
+session_new(struct server_worker *sw, int fd)
+{
+    struct session *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        close(fd);
+        return;
+    }
+    s->sw = sw;
+    s->fd = fd;
+    s->id = (uint64_t)sw->w->id << 56 | ++sw->seq;
+    s->state = SS_PREGREET;
+    s->recv_op = (struct op){OP_CALLBACK, session_on_recv};
+    s->send_op = (struct op){OP_CALLBACK, session_on_send};
+    s->peek_op = (struct op){OP_CALLBACK, session_on_peek};
+    timer_init(&s->timer, session_on_timer);
+    s->next = sw->sessions;
+    if (s->next)
+        s->next->prev = s;
+    sw->sessions = s;
+    sw->stats.sessions++;
+    sw->stats.accepted++;
+
+    socklen_t len = sizeof(s->peer);
+    if (getpeername(fd, (struct sockaddr *)&s->peer, &len) < 0) {
+        s->peer.ss_family = AF_UNSPEC;
+        snprintf(s->peer_ip, sizeof(s->peer_ip), "unknown");
+    } else {
+        netaddr_ip_str((struct sockaddr *)&s->peer, s->peer_ip, sizeof(s->peer_ip));
+    }
+    const struct server_config *cfg = sw->cfg;
+    s->trusted = cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
+    s->loopback = netaddr_is_loopback((struct sockaddr *)&s->peer);
+    if (sw->e->users != NULL)
+        s->users = auth_db_ref(sw->e->users);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    unsigned n = atomic_fetch_add(&sw->e->clients, 1) + 1;
+    bool ok = n <= cfg->max_clients;
+    if (ok && !conn_table_add(&sw->e->per_ip, (struct sockaddr *)&s->peer,
+                              cfg->max_clients_per_ip)) {
+        ok = false;
+    } else if (ok) {
+        s->counted = true;
+    }
+    if (!s->counted)
+        atomic_fetch_sub(&sw->e->clients, 1);
+    log_msg(LOG_INFO, "session=%016llx event=connect client=%s trusted=%d%s",
+            (unsigned long long)s->id, s->peer_ip, s->trusted, ok ? "" : " refused=limit");
+    if (!ok) {
+        sw->stats.refused++;
+        reply_close(s, "421 4.7.0 Too many connections: try again later");
+        session_deadline(s, cfg->timeout_command);
+        flush(s);
+        return;
+    }
+    if (cfg->greet_pause > 0) {
+        session_deadline(s, cfg->greet_pause);
+        return;
+    }
+    greet(s);
+}
+
+/* ---- listeners ---- */
+
+static void listener_arm(struct listener *l);
+
+static void
+listener_on_retry(struct timer *t, void *ctx)
+{
+    struct listener *l = (struct listener *)((char *)t - offsetof(struct listener, retry));
+    listener_arm(l);
+}
+
+static void
+listener_on_accept(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct listener *l = (struct listener *)((char *)op - offsetof(struct listener, op));
+    if (!(flags & IORING_CQE_F_MORE))
+        l->armed = false;
+    if (res >= 0) {
+        session_new(l->sw, res);
+    } else if (res != -ECANCELED) {
+        /* EMFILE, ENFILE, ENOBUFS: back off instead of spinning. */
+        log_msg(LOG_WARN, "event=accept_failed listen=%s err=%s", l->sw->e->cfg->server.listen,
+                strerror(-res));
+        if (!l->armed)
+            worker_timer_arm(w, &l->retry, w->now + MS_TO_NS(ACCEPT_BACKOFF_MS));
+        return;
+    }
+    if (!l->armed && !l->sw->stopping)
+        listener_arm(l);
+}
+
+static void
+listener_arm(struct listener *l)
+{
+    struct io_uring_sqe *sqe = worker_sqe(l->sw->w, &l->op);
+    io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_CLOEXEC);
+    l->armed = true;
+}
+
+static int
+listener_open(struct listener *l, const struct netaddr *a, char *err, size_t errlen)
+{
+    char text[80];
+    netaddr_str((const struct sockaddr *)&a->ss, text, sizeof(text));
+    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        int rc = -errno;
+        snprintf(err, errlen, "listen %s: socket: %s", text, strerror(errno));
+        return rc;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+    if (a->ss.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
+        int rc = -errno;
+        snprintf(err, errlen, "listen %s: %s", text, strerror(errno));
+        close(fd);
+        return rc;
+    }
+    l->fd = fd;
+    l->addr = *a;
+    l->op = (struct op){OP_CALLBACK, listener_on_accept};
+    timer_init(&l->retry, listener_on_retry);
+    return 0;
+}
+
+/* ---- the spool port ---- */
+
+static void
+port_arm(struct server_worker *sw)
+{
+    struct io_uring_sqe *sqe = worker_sqe(sw->w, &sw->port_op);
+    io_uring_prep_poll_add(sqe, queue_port_fd(sw->port), POLLIN);
+    sw->port_armed = true;
+}
+
+static void
+port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct server_worker *sw =
+        (struct server_worker *)((char *)op - offsetof(struct server_worker, port_op));
+    sw->port_armed = false;
+    queue_port_drain(sw->port);
+    if (!sw->stopping)
+        port_arm(sw);
+}
+
+/* ---- the worker's server ---- */
+
+int
+server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,
+                  size_t errlen)
+{
+    *out = NULL;
+    struct server_worker *sw = calloc(1, sizeof(*sw));
+    if (sw == NULL)
+        return -ENOMEM;
+    sw->e = e;
+    sw->w = w;
+    sw->cfg = &e->cfg->server;
+    sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
+    int rc = auth_cache_init(&sw->auth);
+    if (rc < 0)
+        goto fail;
+    sw->port = queue_port_new();
+    if (sw->port == NULL) {
+        rc = -errno;
+        snprintf(err, errlen, "spool completion port: %s", strerror(errno));
+        goto fail;
+    }
+    sw->ls = calloc((size_t)sw->cfg->nlisten, sizeof(*sw->ls));
+    if (sw->ls == NULL) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    for (int i = 0; i < sw->cfg->nlisten; i++) {
+        sw->ls[i].sw = sw;
+        rc = listener_open(&sw->ls[i], &sw->cfg->listen_addrs[i], err, errlen);
+        if (rc < 0)
+            goto fail;
+        sw->nls++;
+    }
+    *out = sw;
+    return 0;
+fail:
+    server_worker_free(sw);
+    return rc;
+}
+
+void
+server_worker_start(struct server_worker *sw)
+{
+    port_arm(sw);
+    for (int i = 0; i < sw->nls; i++)
+        listener_arm(&sw->ls[i]);
+}
+
+struct server_worker *
+server_worker_free(struct server_worker *sw)
+{
+    if (sw == NULL)
+        return NULL;
+    sw->stopping = true;
+    /* The loop has ended: no completion will come back through the ring.
+     * Pending commits still finish (queue_close commits them); their
+     * callbacks see `stopping` and only drop their count. */
+    while (sw->port != NULL && queue_port_pending(sw->port) > 0)
+        queue_port_wait(sw->port, 1000);
+    while (sw->sessions != NULL) {
+        struct session *s = sw->sessions;
+        s->state = SS_CLOSED;
+        s->inflight = 0;
+        session_free(s);
+    }
+    for (int i = 0; i < sw->nls; i++)
+        close(sw->ls[i].fd);
+    free(sw->ls);
+    queue_port_free(sw->port);
+    auth_cache_fini(&sw->auth);
+    free(sw);
+    return NULL;
+}
+
+void
+server_worker_stats(const struct server_worker *sw, struct server_stats *out)
+{
+    *out = sw->stats;
+}

@@ -1,0 +1,41 @@
+/*
+ * server: the SMTP submission server (RFC 5321 / 6409) on a worker's ring.
+ * Each worker has its own SO_REUSEPORT listening socket per configured
+ * address, its own sessions and its own completion port on the spool.
+ *
+ * Threading: server_worker_new/_free run on the main thread while the
+ * worker is not running; server_worker_start runs on the worker's thread
+ * (posted as a message); everything else happens on the worker's thread.
+ */
+#ifndef SLUICE_ENGINE_SERVER_H
+#define SLUICE_ENGINE_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct engine;
+struct worker;
+struct server_worker;
+
+struct server_stats {
+    uint64_t accepted;      /* connections */
+    uint64_t refused;       /* connections over a limit */
+    uint64_t sessions;      /* open now */
+    uint64_t messages;      /* queued (250 sent) */
+    uint64_t rejected;      /* messages refused after DATA */
+    uint64_t auth_ok, auth_failed;
+};
+
+/* Make the worker's listening sockets (bound now, so that a port in use is
+ * a start-up error) and its spool port. Returns 0 or -errno with err. */
+int server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,
+                      size_t errlen);
+/* Start accepting; on the worker's thread. */
+void server_worker_start(struct server_worker *sw);
+/* After the worker's loop ended: close sessions and listeners, drain the
+ * spool port (commits still complete: their clients simply get no reply,
+ * and retry), free. Returns NULL. */
+struct server_worker *server_worker_free(struct server_worker *sw);
+void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
+
+#endif
