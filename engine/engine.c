@@ -39,8 +39,16 @@ load_users(struct engine *e, char *err, size_t errlen)
     FILE *errs = open_memstream(&buf, &len);
     if (errs == NULL)
         return -ENOMEM;
-    int rc = auth_db_load(path, &e->users, errs);
+    struct auth_db *db = NULL;
+    int rc = auth_db_load(path, &db, errs);
     fclose(errs);
+    if (rc == 0) {
+        pthread_mutex_lock(&e->users_lock);
+        struct auth_db *old = e->users;
+        e->users = db;
+        pthread_mutex_unlock(&e->users_lock);
+        auth_db_unref(old);
+    }
     if (rc < 0) {
         /* the first error line is enough for the start failure; all of them
          * go to the log */
@@ -48,7 +56,7 @@ load_users(struct engine *e, char *err, size_t errlen)
             log_msg(LOG_ERR, "event=users_file_error error=\"%s\"", l);
         snprintf(err, errlen, "auth_users_file %s: cannot load (see the errors above)", path);
     } else {
-        log_msg(LOG_INFO, "event=users_loaded file=%s users=%u", path, auth_db_count(e->users));
+        log_msg(LOG_INFO, "event=users_loaded file=%s users=%u", path, auth_db_count(db));
     }
     free(buf);
     return rc;
@@ -61,6 +69,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
     pthread_mutex_init(&e->per_ip.lock, NULL);
+    pthread_mutex_init(&e->users_lock, NULL);
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
     if (rc < 0)
         return rc;
@@ -144,9 +153,29 @@ engine_stop(struct engine *e)
         queue_close(e->queue);
     e->queue = NULL;
     e->users = auth_db_unref(e->users);
+    pthread_mutex_destroy(&e->users_lock);
     free(e->per_ip.slots);
     e->per_ip.slots = NULL;
     pthread_mutex_destroy(&e->per_ip.lock);
+}
+
+int
+engine_reload(struct engine *e)
+{
+    char err[512];
+    int rc = load_users(e, err, sizeof(err));
+    if (rc < 0)
+        log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);
+    return rc;
+}
+
+struct auth_db *
+engine_users(struct engine *e)
+{
+    pthread_mutex_lock(&e->users_lock);
+    struct auth_db *db = e->users ? auth_db_ref(e->users) : NULL;
+    pthread_mutex_unlock(&e->users_lock);
+    return db;
 }
 
 /* ---- connections per client address ---- */

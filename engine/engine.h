@@ -35,7 +35,9 @@ struct conn_table {
 struct engine {
     const struct config *cfg;  /* borrowed: outlives the engine */
     struct queue *queue;       /* owned */
-    struct auth_db *users;     /* owned reference; NULL: AUTH not offered */
+    struct auth_db *users;     /* owned reference; NULL: AUTH not offered. Under users_lock:
+                                * a reload swaps it while sessions take references */
+    pthread_mutex_t users_lock;
     struct worker *workers;    /* owned array of nworkers */
     struct server_worker **srv; /* owned: the submission server of each worker */
     unsigned nworkers;
@@ -49,6 +51,14 @@ struct engine {
 int engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen);
 /* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
+
+/* SIGHUP: reload what can change at run time (for now the users file).
+ * Main thread. Returns 0, or a negative code when the new file was refused
+ * (the old one stays; the errors are logged). */
+int engine_reload(struct engine *e);
+/* A reference to the current users table (NULL when AUTH is off); any
+ * thread. Drop it with auth_db_unref(). */
+struct auth_db *engine_users(struct engine *e);
 
 /* Count a connection from sa against max; false when over it. */
 bool conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max);

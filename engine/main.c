@@ -35,7 +35,8 @@ usage(FILE *out)
             "  -h, --help            this text\n"
             "  -V, --version         print the version\n"
             "\n"
-            "Signals: TERM or INT stops; HUP reopens the log file.\n",
+            "Signals: TERM or INT stops; HUP reopens the log file and reloads the\n"
+            "users file ([server] auth_users_file).\n",
             DEFAULT_CONFIG);
 }
 
@@ -133,6 +134,7 @@ main(int argc, char **argv)
             rc = log_reopen();
             log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE, "event=sighup log_reopened=%s%s%s",
                     rc < 0 ? "no err=" : "yes", rc < 0 ? strerror(-rc) : "", "");
+            engine_reload(&engine);
             continue;
         }
         log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld",

@@ -1209,8 +1209,7 @@ session_new(struct server_worker *sw, int fd)
     const struct server_config *cfg = sw->cfg;
     s->trusted = cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = netaddr_is_loopback((struct sockaddr *)&s->peer);
-    if (sw->e->users != NULL)
-        s->users = auth_db_ref(sw->e->users);
+    s->users = engine_users(sw->e);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
