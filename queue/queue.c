@@ -7,12 +7,14 @@
  * recipients serialized there, so the committer only copies bytes) and
  * append it to the inbound list under q->mu. The committer takes up to
  * max_batch requests, applies them all in one write transaction, commits,
- * and only then pushes each request onto its port (port->mu) and wakes the
- * port's eventfd. The port owner runs the callbacks and frees the
- * requests, so requests are allocated and freed on the caller's thread.
+ * and only then hands the batch to the notifier thread (q->nmu), which
+ * pushes each request onto its port (port->mu) and wakes the port's
+ * eventfd while the committer is already on the next batch. The port
+ * owner runs the callbacks and frees the requests, so requests are
+ * allocated and freed on the caller's thread.
  * Readers take a read transaction of their own (MDB_NOTLS) and end it
  * before returning. Fields marked "committer only" are touched by no
- * other thread once the committer has started.
+ * other thread once the committer has started; "notifier only" likewise.
  *
  * On disk (one LMDB environment, a directory with data.mdb and lock.mdb,
  * plus sluice.lock which keeps a second process out):
@@ -43,10 +45,18 @@
  * commit, which we report, instead of a SIGBUS on a write into a sparse
  * mapping, which would kill the server; it also keeps application bugs
  * from scribbling on the map, and keeps nested transactions available.
- * Each commit is LMDB's default: data pages, fdatasync, then the meta page
- * (written O_DSYNC); only after that does any completion leave. With
- * unsafe_no_sync the commits are not synced (MDB_NOSYNC); the file is
- * synced once at close.
+ * LMDB's default commit syncs twice: the data pages (fdatasync), then the
+ * meta page (an O_DSYNC write). We open with MDB_NOMETASYNC instead: a
+ * commit syncs its data pages, then writes its meta page without a sync,
+ * and the next sync on the file (the next commit's data sync, or our own
+ * mdb_env_sync when there is no next commit yet) makes that meta page
+ * durable. Integrity is the same (data is on disk before any meta page
+ * that points at it), and a completion still leaves only once its commit
+ * is durable: completions wait in q->pend for that next sync. Under load
+ * every commit thus costs one sync and carries the previous one's
+ * durability; when idle, a commit costs two, as by default. With
+ * unsafe_no_sync the commits are not synced at all (MDB_NOSYNC) and
+ * completions leave at once; the file is synced once at close.
  *
  * A full map. LMDB needs free pages even to delete (copy-on-write), so a
  * spool filled to the last page could never be emptied. The committer
@@ -84,6 +94,7 @@
 #define BODY_CHUNK      (256u * 1024)
 #define SCAN_CHUNK      4096 /* records per read transaction in long scans */
 #define MAX_READERS     510
+#define GATHER_GAP_US   100
 #define REPLY_STORE_MAX QUEUE_MAX_REPLY
 #define RCPT_REC_MAX                                                                               \
     (sizeof(struct rcpt_head) + 2 * QUEUE_MAX_ADDR + QUEUE_MAX_PARAM + QUEUE_MAX_REPLY)
@@ -245,7 +256,7 @@ struct queue_port {
     pthread_mutex_t mu;
     struct queue_req *head, *tail; /* completed, not drained; guarded by mu */
     atomic_uint pending;           /* submitted, callback not yet run */
-    /* committer only: completions of the current batch for this port */
+    /* notifier only: completions of the current round for this port */
     uint64_t mark;
     struct queue_req *chain_head, *chain_tail;
 };
@@ -280,16 +291,33 @@ struct queue {
     pthread_t committer;
     bool committer_started;
 
+    /* Committed requests on their way to their ports. Waking a port's
+     * thread costs microseconds (more in a VM); with many ports that
+     * would hold the committer off the disk, so a second thread does it
+     * while the committer syncs the next batch. */
+    pthread_mutex_t nmu;
+    pthread_cond_t ncond;
+    struct queue_req *n_head, *n_tail; /* guarded by nmu */
+    bool n_stopping, n_idle;           /* guarded by nmu */
+    pthread_t notifier;
+    bool notifier_started;
+    struct queue_port **ports; /* notifier only; owned, max_batch */
+    uint64_t round;            /* notifier only */
+
     /* committer only */
     struct queue_req **vec_upd, **vec_enq; /* owned, max_batch each */
-    struct queue_port **ports;             /* owned, max_batch */
     uint64_t *touched;                     /* owned: ids whose recipients changed */
     size_t touched_n, touched_cap;
-    uint64_t batch_no;
     size_t last_pgno;
-    uint64_t high_id;    /* "last_id" as stored */
-    unsigned since_free; /* commits since the last one that removed messages, up to 2 */
-    bool full;
+    uint64_t high_id;       /* "last_id" as stored */
+    unsigned since_free;    /* commits since the last one that removed messages, up to 2 */
+    unsigned batch_commits; /* successful commits while running this batch */
+    struct queue_req *pend_head, *pend_tail; /* committed, not yet durable (see flush_pending) */
+    bool pend_unsynced;                      /* the last commit's meta page is not synced */
+    size_t gather_expect;                    /* requests completed by the last flush */
+    size_t gather_target;                    /* see gather() */
+    bool full;                               /* enqueues are being refused for lack of room */
+    bool full_logged;                        /* and that was logged */
     uint64_t full_logged_ms;
     bool panic_logged;
 
@@ -436,7 +464,7 @@ queue_port_wait(struct queue_port *port, int timeout_ms)
     return queue_port_drain(port);
 }
 
-/* Committer: hand a chain of completed requests to their port. The
+/* Notifier: hand a chain of completed requests to their port. The
  * eventfd is written under the lock: once the lock is released the owner
  * may drain, see pending reach 0 and free the port. */
 static void
@@ -997,8 +1025,12 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         rc = remove_finished(q, txn, &t);
     for (size_t i = 0; i < ne && rc == 0; i++)
         rc = apply_enqueue(q, txn, enq[i], &t);
-    if (rc == 0 && t.max_id > q->high_id) {
-        MDB_val k = {7, "last_id"}, v = {sizeof(t.max_id), &t.max_id};
+    if (rc == 0) {
+        /* Written by every commit, even one whose outcomes were all
+         * stale: a commit with no dirty page skips its data sync, and
+         * flush_pending counts on that sync. */
+        uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
+        MDB_val k = {7, "last_id"}, v = {sizeof(high), &high};
         rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
     }
     if (rc != 0) {
@@ -1011,6 +1043,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         counter_add(&q->st.commit_failures, 1);
         return rc;
     }
+    q->batch_commits++;
     if (t.max_id > q->high_id)
         q->high_id = t.max_id;
     if (t.removed > 0)
@@ -1091,7 +1124,9 @@ full_note(struct queue *q, const char *reason, size_t refused)
         return;
     q->full = true;
     uint64_t now = now_ms();
-    if (q->full_logged_ms != 0 && now - q->full_logged_ms < 60000)
+    /* once per episode, and episodes at most once a minute */
+    q->full_logged = q->full_logged_ms == 0 || now - q->full_logged_ms >= 60000;
+    if (!q->full_logged)
         return;
     q->full_logged_ms = now;
     log_msg(LOG_WARN,
@@ -1154,8 +1189,10 @@ commit_tick(struct queue *q)
         return rc;
     }
     rc = mdb_txn_commit(txn);
-    if (rc == 0)
+    if (rc == 0) {
         q->since_free++;
+        q->batch_commits++;
+    }
     return rc;
 }
 
@@ -1193,8 +1230,9 @@ run_batch(struct queue *q, struct queue_req *batch)
     if (rc == 0) {
         if (q->full && na > 0) {
             q->full = false;
-            log_msg(LOG_NOTICE, "queue=room_again path=%s map_used=%" PRIu64, q->cfg.path,
-                    (uint64_t)(q->last_pgno + 1) * q->psize);
+            if (q->full_logged)
+                log_msg(LOG_NOTICE, "queue=room_again path=%s map_used=%" PRIu64, q->cfg.path,
+                        (uint64_t)(q->last_pgno + 1) * q->psize);
         }
     } else if (lmdb_space_err(rc)) {
         if (nu > 0)
@@ -1214,18 +1252,25 @@ run_batch(struct queue *q, struct queue_req *batch)
     }
 }
 
-/* Push every request of the batch to its port, one push per port. */
+/* Push every request of the list to its port, one push per port and
+ * round. A port sees its completions in the order they were committed. */
 static void
-deliver(struct queue *q, struct queue_req *batch)
+deliver(struct queue *q, struct queue_req *list)
 {
-    uint64_t mark = ++q->batch_no;
-    size_t np = 0;
     struct queue_req *next;
-    for (struct queue_req *r = batch; r != NULL; r = next) {
+    size_t np = 0;
+    uint64_t mark = ++q->round;
+    for (struct queue_req *r = list; r != NULL; r = next) {
         next = r->next;
         r->next = NULL;
         struct queue_port *p = r->port;
         if (p->mark != mark) {
+            if (np == q->cfg.max_batch) {
+                for (size_t i = 0; i < np; i++)
+                    port_push(q->ports[i], q->ports[i]->chain_head, q->ports[i]->chain_tail);
+                np = 0;
+                mark = ++q->round;
+            }
             p->mark = mark;
             p->chain_head = NULL;
             q->ports[np++] = p;
@@ -1241,19 +1286,142 @@ deliver(struct queue *q, struct queue_req *batch)
 }
 
 static void *
+notifier_main(void *arg)
+{
+    struct queue *q = arg;
+    log_set_thread_name("queue-notify");
+    pthread_mutex_lock(&q->nmu);
+    for (;;) {
+        while (q->n_head == NULL && !q->n_stopping) {
+            q->n_idle = true;
+            pthread_cond_wait(&q->ncond, &q->nmu);
+            q->n_idle = false;
+        }
+        struct queue_req *list = q->n_head;
+        if (list == NULL)
+            break;
+        q->n_head = q->n_tail = NULL;
+        pthread_mutex_unlock(&q->nmu);
+        deliver(q, list);
+        pthread_mutex_lock(&q->nmu);
+    }
+    pthread_mutex_unlock(&q->nmu);
+    return NULL;
+}
+
+/* Committer: hand a committed batch to the notifier. */
+static void
+notify(struct queue *q, struct queue_req *batch, struct queue_req *last)
+{
+    pthread_mutex_lock(&q->nmu);
+    if (q->n_tail != NULL)
+        q->n_tail->next = batch;
+    else
+        q->n_head = batch;
+    q->n_tail = last;
+    if (q->n_idle)
+        pthread_cond_signal(&q->ncond);
+    pthread_mutex_unlock(&q->nmu);
+}
+
+/* Completions wait in q->pend until the commit that holds them is
+ * durable. With MDB_NOMETASYNC a commit syncs its data pages and writes
+ * its meta page without syncing it; the next commit's data sync (or
+ * mdb_env_sync) makes that meta page durable. So when a commit succeeds,
+ * everything pending before it is durable and goes to the notifier; when
+ * the committer runs out of work, it syncs and sends what is pending. */
+static void
+flush_pending(struct queue *q)
+{
+    if (q->pend_head == NULL)
+        return;
+    if (q->pend_unsynced) {
+        int rc = mdb_env_sync(q->env, 1);
+        q->pend_unsynced = false;
+        if (rc != 0) {
+            /* The data may well be on disk, but it was not confirmed:
+             * the client retries, a duplicate is better than a loss. */
+            int err = lmdb_err(rc);
+            note_failure(q, err);
+            for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
+                if (r->rc == 0)
+                    r->rc = err;
+        }
+    }
+    for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
+        q->gather_expect++;
+    notify(q, q->pend_head, q->pend_tail);
+    q->pend_head = q->pend_tail = NULL;
+}
+
+static void
+pend_append(struct queue *q, struct queue_req *batch, struct queue_req *last)
+{
+    if (q->pend_tail != NULL)
+        q->pend_tail->next = batch;
+    else
+        q->pend_head = batch;
+    q->pend_tail = last;
+}
+
+/* Wait, under q->mu, for the inbound list to reach gather_target, as long
+ * as requests keep arriving less than GATHER_GAP_US apart. A commit costs
+ * one or two syncs whatever its size, so a few tens of microseconds spent
+ * here buy a batch twice as large, instead of splitting the callers into
+ * groups that each pay for their own syncs. When nothing comes, the wait
+ * ends after one gap: the price at low load. */
+static void
+gather(struct queue *q)
+{
+    while (q->in_count < q->gather_target && !q->stopping) {
+        size_t before = q->in_count;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += GATHER_GAP_US * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        q->idle = true;
+        pthread_cond_timedwait(&q->cond, &q->mu, &ts);
+        q->idle = false;
+        if (q->in_count == before)
+            break;
+    }
+    q->gather_target = 0;
+}
+
+static void *
 committer_main(void *arg)
 {
     struct queue *q = arg;
     log_set_thread_name("queue");
     pthread_mutex_lock(&q->mu);
     for (;;) {
-        while (q->in_head == NULL && !q->stopping) {
+        if (q->gather_expect > 0) {
+            /* The callers just completed tend to come straight back
+             * (a worker answering 250 and reading the next DATA): let
+             * the next batch take them along with those already here. */
+            q->gather_target = q->in_count + q->gather_expect;
+            if (q->gather_target > q->cfg.max_batch)
+                q->gather_target = q->cfg.max_batch;
+            q->gather_expect = 0;
+        }
+        if (q->in_head == NULL) {
+            if (q->pend_head != NULL) {
+                pthread_mutex_unlock(&q->mu);
+                flush_pending(q);
+                pthread_mutex_lock(&q->mu);
+                continue;
+            }
+            if (q->stopping)
+                break; /* everything submitted is committed and sent */
             q->idle = true;
             pthread_cond_wait(&q->cond, &q->mu);
             q->idle = false;
+            continue;
         }
-        if (q->in_head == NULL)
-            break; /* stopping, and everything submitted is done */
+        gather(q);
         /* Everything that arrived during the last commit, up to the bounds. */
         struct queue_req *batch = q->in_head, *last = batch;
         size_t n = 1;
@@ -1272,8 +1440,22 @@ committer_main(void *arg)
         atomic_store_explicit(&q->st.backlog, q->in_count, memory_order_relaxed);
         pthread_mutex_unlock(&q->mu);
 
+        q->batch_commits = 0;
         run_batch(q, batch);
-        deliver(q, batch);
+        if (q->cfg.unsafe_no_sync) {
+            q->gather_expect += n;
+            notify(q, batch, last);
+        } else if (q->batch_commits > 0) {
+            /* that commit synced the data after the pending meta page */
+            q->pend_unsynced = false;
+            flush_pending(q);
+            pend_append(q, batch, last);
+            q->pend_unsynced = true;
+        } else {
+            /* nothing committed (all refused or failed): wait behind the
+             * pending ones so that each port keeps its order */
+            pend_append(q, batch, last);
+        }
 
         pthread_mutex_lock(&q->mu);
     }
@@ -1407,6 +1589,29 @@ open_seed_ids(struct queue *q, MDB_txn *txn)
     return 0;
 }
 
+/* Stop the committer once it has committed everything submitted, then
+ * the notifier once it has pushed everything committed. */
+static void
+queue_stop(struct queue *q)
+{
+    if (q->committer_started) {
+        pthread_mutex_lock(&q->mu);
+        q->stopping = true;
+        pthread_cond_signal(&q->cond);
+        pthread_mutex_unlock(&q->mu);
+        pthread_join(q->committer, NULL);
+        q->committer_started = false;
+    }
+    if (q->notifier_started) {
+        pthread_mutex_lock(&q->nmu);
+        q->n_stopping = true;
+        pthread_cond_signal(&q->ncond);
+        pthread_mutex_unlock(&q->nmu);
+        pthread_join(q->notifier, NULL);
+        q->notifier_started = false;
+    }
+}
+
 static void
 queue_destroy(struct queue *q)
 {
@@ -1420,6 +1625,8 @@ queue_destroy(struct queue *q)
     free(q->touched);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->cond);
+    pthread_mutex_destroy(&q->nmu);
+    pthread_cond_destroy(&q->ncond);
     conf_free(queue_conf_keys, &q->cfg);
     free(q);
 }
@@ -1441,7 +1648,13 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     q->lock_fd = -1;
     q->since_free = 2;
     pthread_mutex_init(&q->mu, NULL);
-    pthread_cond_init(&q->cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&q->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&q->nmu, NULL);
+    pthread_cond_init(&q->ncond, NULL);
     if (conf_copy(queue_conf_keys, &q->cfg, cfg, sizeof(*cfg)) < 0) {
         memset(&q->cfg, 0, sizeof(q->cfg));
         queue_destroy(q);
@@ -1473,7 +1686,8 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
         return rc;
     }
 
-    unsigned flags = MDB_NOTLS | MDB_NORDAHEAD | (q->cfg.unsafe_no_sync ? MDB_NOSYNC : 0);
+    unsigned flags =
+        MDB_NOTLS | MDB_NORDAHEAD | (q->cfg.unsafe_no_sync ? MDB_NOSYNC : MDB_NOMETASYNC);
     if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
         (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
         (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
@@ -1540,11 +1754,17 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&q->committer, NULL, committer_main, q);
+    rc = pthread_create(&q->notifier, NULL, notifier_main, q);
+    if (rc == 0) {
+        q->notifier_started = true;
+        pthread_setname_np(q->notifier, "sluice-qnotify");
+        rc = pthread_create(&q->committer, NULL, committer_main, q);
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
+        queue_stop(q);
         queue_destroy(q);
-        return open_fail(err, errlen, -rc, "queue: cannot start the committer thread: %s",
+        return open_fail(err, errlen, -rc, "queue: cannot start the queue threads: %s",
                          strerror(rc));
     }
     pthread_setname_np(q->committer, "sluice-queue");
@@ -1558,13 +1778,7 @@ queue_close(struct queue *q)
 {
     if (q == NULL)
         return;
-    if (q->committer_started) {
-        pthread_mutex_lock(&q->mu);
-        q->stopping = true;
-        pthread_cond_signal(&q->cond);
-        pthread_mutex_unlock(&q->mu);
-        pthread_join(q->committer, NULL);
-    }
+    queue_stop(q);
     if (q->cfg.unsafe_no_sync)
         mdb_env_sync(q->env, 1);
     queue_destroy(q);
