@@ -41,6 +41,9 @@ static const struct conf_key server_keys[] = {
      "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (one SO_REUSEPORT socket "
      "per worker each)",
      NULL},
+    {"listen_tls", CONF_STRING, SRV(listen_tls), 1, 2048, NULL,
+     "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465; needs [tls] cert_file",
+     NULL},
     {"max_clients", CONF_UINT, SRV(max_clients), 1, 1000000, "10000",
      "concurrent submission connections; over it a client gets 421 4.7.0", NULL},
     {"max_clients_per_ip", CONF_UINT, SRV(max_clients_per_ip), 1, 1000000, "1000",
@@ -132,15 +135,22 @@ struct section {
     const char *help;
     const struct conf_key *keys;
     size_t offset; /* into struct config */
+    size_t size;   /* of the module's struct */
 };
 
+#define SECTION(name, help, keys, type, field)                                                   \
+    {name, help, keys, offsetof(struct config, field), sizeof(type)}
+
 static const struct section sections[] = {
-    {"server", "the daemon and its workers", server_keys, offsetof(struct config, server)},
-    {"queue", "the durable spool (LMDB)", queue_conf_keys, offsetof(struct config, queue)},
-    {"delivery", "outbound SMTP", delivery_keys, offsetof(struct config, delivery)},
-    {"redis", "limits shared by several nodes", redis_keys, offsetof(struct config, redis)},
-    {"stats", "the stats socket", stats_keys, offsetof(struct config, stats)},
-    {"log", "the daemon log", log_keys, offsetof(struct config, log)},
+    SECTION("server", "the daemon, its workers and the submission server", server_keys,
+            struct server_config, server),
+    SECTION("queue", "the durable spool (LMDB)", queue_conf_keys, struct queue_config, queue),
+    SECTION("tls", "TLS: the server certificate, protocols, the CA store for verify",
+            tls_conf_keys, struct tls_config, tls),
+    SECTION("delivery", "outbound SMTP", delivery_keys, struct delivery_config, delivery),
+    SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
+    SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),
+    SECTION("log", "the daemon log", log_keys, struct log_config, log),
 };
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
 
@@ -483,6 +493,14 @@ finish(struct parse *p)
     if (srv->nlisten <= 0)
         perr(p, key_line(p, 0, "listen"), "listen: %s",
              srv->nlisten == 0 ? "no address given" : why);
+    if (srv->listen_tls != NULL) {
+        srv->nlisten_tls = netaddr_parse_list(srv->listen_tls, srv->listen_tls_addrs,
+                                              NETADDR_MAX_LIST, why, sizeof(why));
+        if (srv->nlisten_tls < 0)
+            perr(p, key_line(p, 0, "listen_tls"), "listen_tls: %s", why);
+        else if (!tls_config_has_server(&cfg->tls))
+            perr(p, key_line(p, 0, "listen_tls"), "listen_tls: needs [tls] cert_file");
+    }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));
     if (srv->ntrusted < 0)
@@ -624,12 +642,9 @@ config_reference(FILE *out)
                  "Unknown sections and keys, and values out of range, are errors. "
                  "Keys marked [not yet in effect] are parsed and checked but nothing uses "
                  "them yet.\n\n");
-    static const size_t sizes[] = {sizeof(struct server_config), sizeof(struct queue_config),
-                                   sizeof(struct delivery_config), sizeof(struct redis_config),
-                                   sizeof(struct stats_config), sizeof(struct log_config)};
     for (unsigned i = 0; i < NSECTIONS; i++) {
         fprintf(out, "## [%s]: %s\n\n", sections[i].name, sections[i].help);
-        reference_table(out, sections[i].keys, sizes[i]);
+        reference_table(out, sections[i].keys, sections[i].size);
     }
     fprintf(out, "## [domain NAME] and [domain *]: per-destination policy\n\n"
                  "`[domain *]` sets the defaults; `[domain example.com]` overrides them for "

@@ -18,6 +18,7 @@
 #include "common/conf.h"
 #include "engine/netaddr.h"
 #include "queue/queue.h"
+#include "tls/tls.h"
 
 enum plaintext_auth { PLAINTEXT_AUTH_NEVER, PLAINTEXT_AUTH_LOOPBACK, PLAINTEXT_AUTH_ALWAYS };
 
@@ -27,6 +28,7 @@ struct server_config {
     unsigned ring_entries;
     /* submission */
     char *listen;            /* owned: as written; parsed into listen_addrs */
+    char *listen_tls;        /* owned: implicit-TLS listeners (465); NULL: none */
     unsigned max_clients;
     unsigned max_clients_per_ip;
     uint64_t max_message_size;
@@ -43,6 +45,8 @@ struct server_config {
     /* derived at load */
     struct netaddr listen_addrs[NETADDR_MAX_LIST];
     int nlisten;
+    struct netaddr listen_tls_addrs[NETADDR_MAX_LIST];
+    int nlisten_tls;
     struct cidr trusted[NETADDR_MAX_LIST];
     int ntrusted;
 };
@@ -85,6 +89,7 @@ struct config {
     char *path;              /* owned: the file it was read from */
     struct server_config server;
     struct queue_config queue;
+    struct tls_config tls;
     struct delivery_config delivery;
     struct redis_config redis;
     struct stats_config stats;

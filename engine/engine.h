@@ -17,6 +17,7 @@
 #include "engine/config.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
+#include "tls/tls.h"
 
 struct server_worker;
 
@@ -35,6 +36,7 @@ struct conn_table {
 struct engine {
     const struct config *cfg;  /* borrowed: outlives the engine */
     struct queue *queue;       /* owned */
+    struct tls_ctx *tls_server; /* owned reference; NULL: no STARTTLS, no implicit TLS */
     struct auth_db *users;     /* owned reference; NULL: AUTH not offered. Under users_lock:
                                 * a reload swaps it while sessions take references */
     pthread_mutex_t users_lock;

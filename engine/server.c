@@ -42,8 +42,10 @@
 #include "engine/smtp_data.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
+#include "tls/tls.h"
 
 #define IN_CAP      (SMTP_CMD_LINE_MAX_AUTH + 4096)
+#define CIN_CAP     (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define OUT_CAP     8192
 #define OUT_HIGH    (OUT_CAP - 1024) /* stop handling commands until a send drains */
 #define BODY_START  (64 * 1024)
@@ -57,12 +59,15 @@ enum session_state {
     SS_DATA,     /* reading message content after 354 */
     SS_BDAT,     /* reading the octets of a BDAT chunk */
     SS_COMMIT,   /* the message is with the spool; no reading */
+    SS_TLS_START, /* "220 Ready to start TLS" going out; input is discarded */
+    SS_TLS,      /* TLS handshake (after STARTTLS, or at once on an implicit-TLS port) */
     SS_CLOSING,  /* sending the last reply, then closing */
     SS_CLOSED,   /* socket shut down; freed on the last completion */
 };
 
 static const char *const state_names[] = {
-    "pregreet", "command", "auth", "auth_wait", "data", "bdat", "commit", "closing", "closed",
+    "pregreet", "command", "auth",    "auth_wait", "data",   "bdat",
+    "commit",   "tls_start", "tls", "closing",   "closed",
 };
 
 static const char *
@@ -93,6 +98,16 @@ struct session {
     char peer_ip[INET6_ADDRSTRLEN];
     bool trusted;  /* in trusted_networks */
     bool loopback;
+
+    /* TLS: when tls is set, the socket carries ciphertext through cin and
+     * tls; in/out stay plaintext. */
+    struct tls_conn *tls; /* owned */
+    bool tls_ready;       /* handshake complete */
+    bool tls_implicit;    /* an implicit-TLS listener: greet after the handshake */
+    bool tls_shut;        /* close_notify queued */
+    char tls_desc[96];    /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
+    char *cin;            /* owned, CIN_CAP: ciphertext read, not yet fed */
+    size_t cin_len;
 
     char helo[256];
     bool greeted;  /* HELO or EHLO seen */
@@ -140,6 +155,7 @@ struct session {
 struct listener {
     struct server_worker *sw;
     int fd;
+    bool implicit_tls;
     struct netaddr addr;
     struct op op;
     struct timer retry; /* re-arm after EMFILE and friends */
@@ -150,6 +166,7 @@ struct server_worker {
     struct engine *e;  /* borrowed */
     struct worker *w;  /* borrowed */
     const struct server_config *cfg; /* borrowed from e->cfg */
+    struct tls_ctx *tls;   /* borrowed: e->tls_server, NULL when TLS is off */
     struct listener *ls; /* owned array */
     int nls;
     struct queue_port *port; /* owned */
@@ -213,16 +230,55 @@ reply(struct session *s, const char *fmt, ...)
     s->out[s->out_len++] = '\n';
 }
 
+/* TLS: move plaintext replies into the conn (it takes what its bounded
+ * buffer holds); on the way out, queue close_notify. */
+static void
+tls_push(struct session *s)
+{
+    while (s->tls_ready && s->out_sent < s->out_len) {
+        ssize_t n = tls_conn_write(s->tls, s->out + s->out_sent, s->out_len - s->out_sent);
+        if (n <= 0)
+            break; /* WANT_IO: after the next send; an error shows on the next read */
+        s->out_sent += (size_t)n;
+    }
+    if (s->out_sent == s->out_len)
+        s->out_sent = s->out_len = 0;
+    if (s->state == SS_CLOSING && s->tls_ready && s->out_len == 0 && !s->tls_shut)
+        s->tls_shut = tls_conn_shutdown(s->tls) != TLS_WANT_IO;
+}
+
+/* Everything said has left: plaintext sent, or handed to TLS and sent. */
+static bool
+all_sent(const struct session *s)
+{
+    if (s->tls != NULL)
+        return s->out_len == 0 && tls_conn_pending(s->tls) == 0;
+    return s->out_sent == s->out_len;
+}
+
 static void
 flush(struct session *s)
 {
-    if (s->send_busy || s->out_sent == s->out_len || s->state == SS_CLOSED)
+    if (s->send_busy || s->state == SS_CLOSED)
+        return;
+    const void *p;
+    size_t len;
+    if (s->tls != NULL) {
+        tls_push(s);
+        p = tls_conn_peek(s->tls, &len);
+    } else {
+        p = s->out + s->out_sent;
+        len = s->out_len - s->out_sent;
+    }
+    if (len == 0)
         return;
     struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->send_op);
-    io_uring_prep_send(sqe, s->fd, s->out + s->out_sent, s->out_len - s->out_sent, MSG_NOSIGNAL);
+    io_uring_prep_send(sqe, s->fd, p, len, MSG_NOSIGNAL);
     s->send_busy = true;
     s->inflight++;
 }
+
+static void tls_begin(struct session *s);
 
 static void
 session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
@@ -239,14 +295,23 @@ session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
         session_maybe_free(s);
         return;
     }
-    s->out_sent += (size_t)res;
-    if (s->out_sent == s->out_len) {
-        s->out_sent = s->out_len = 0;
+    if (s->tls != NULL) {
+        tls_conn_consume(s->tls, (size_t)res);
+    } else {
+        s->out_sent += (size_t)res;
+        if (s->out_sent == s->out_len)
+            s->out_sent = s->out_len = 0;
+    }
+    if (s->state == SS_CLOSING && s->tls != NULL && s->tls_ready)
+        tls_push(s); /* close_notify once the last reply is in */
+    if (all_sent(s)) {
         if (s->state == SS_CLOSING) {
             session_close(s, NULL);
             session_maybe_free(s);
             return;
         }
+        if (s->state == SS_TLS_START)
+            tls_begin(s);
     }
     session_run(s);
 }
@@ -366,6 +431,8 @@ protocol_name(const struct session *s)
 {
     if (!s->esmtp)
         return "SMTP";
+    if (s->tls_ready)
+        return s->user ? "ESMTPSA" : "ESMTPS";
     return s->user ? "ESMTPA" : "ESMTP";
 }
 
@@ -413,7 +480,7 @@ message_finish(struct session *s, uint32_t data_flags)
         .helo = s->helo,
         .client_ip = s->peer_ip,
         .protocol = protocol_name(s),
-        .tls = NULL,
+        .tls = s->tls_ready ? s->tls_desc : NULL,
         .queue_id = qid,
         .rcpt = s->nrcpt == 1 ? s->rcpts[0].addr : NULL,
         .now = time(NULL),
@@ -473,13 +540,15 @@ message_finish(struct session *s, uint32_t data_flags)
 static bool
 auth_allowed_here(const struct session *s)
 {
+    if (s->tls_ready)
+        return true;
     switch (s->sw->cfg->plaintext_auth) {
     case PLAINTEXT_AUTH_ALWAYS:
         return true;
     case PLAINTEXT_AUTH_LOOPBACK:
         return s->loopback;
     default:
-        return false; /* until STARTTLS lands in this server, TLS is never active */
+        return false;
     }
 }
 
@@ -499,6 +568,8 @@ cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
     }
     reply(s, "250-%s", host);
     reply(s, "250-PIPELINING");
+    if (s->sw->tls != NULL && s->tls == NULL)
+        reply(s, "250-STARTTLS");
     reply(s, "250-SIZE %llu", (unsigned long long)s->sw->cfg->max_message_size);
     if (s->users != NULL && auth_allowed_here(s))
         reply(s, "250-AUTH PLAIN LOGIN");
@@ -862,7 +933,16 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
                  "HELP AUTH; see RFC 5321");
         break;
     case SMTP_VERB_STARTTLS:
-        reply(s, "502 5.5.1 STARTTLS is not offered here");
+        if (s->sw->tls == NULL) {
+            reply(s, "502 5.5.1 STARTTLS is not offered here");
+        } else if (s->tls != NULL) {
+            reply(s, "503 5.5.1 TLS is already active");
+        } else if (s->in_txn) {
+            reply(s, "503 5.5.1 STARTTLS not allowed during a mail transaction");
+        } else {
+            reply(s, "220 2.0.0 Ready to start TLS");
+            session_enter(s, SS_TLS_START);
+        }
         break;
     case SMTP_VERB_AUTH:
         cmd_auth(s, &c);
@@ -990,15 +1070,77 @@ want_recv(const struct session *s)
     case SS_AUTH:
     case SS_DATA:
     case SS_BDAT:
-        return !s->recv_busy && s->in_len < IN_CAP && s->out_len < OUT_HIGH;
+    case SS_TLS:
+        if (s->recv_busy || s->out_len >= OUT_HIGH)
+            return false;
+        return s->tls != NULL ? s->cin_len < CIN_CAP : s->in_len < IN_CAP;
     default:
         return false;
+    }
+}
+
+/* TLS in: feed the ciphertext read, drive the handshake, and take the
+ * plaintext there is room for. Returns 0 or a tls error. */
+static int tls_established(struct session *s);
+
+static int
+tls_in(struct session *s)
+{
+    for (;;) {
+        bool progress = false;
+        size_t off = 0;
+        while (off < s->cin_len) {
+            ssize_t n = tls_conn_feed(s->tls, s->cin + off, s->cin_len - off);
+            if (n < 0)
+                return (int)n;
+            if (n == 0)
+                break;
+            off += (size_t)n;
+        }
+        if (off != 0) {
+            memmove(s->cin, s->cin + off, s->cin_len - off);
+            s->cin_len -= off;
+            progress = true;
+        }
+        if (!s->tls_ready) {
+            int rc = tls_conn_handshake(s->tls);
+            if (rc == TLS_WANT_IO)
+                return 0;
+            if (rc < 0)
+                return rc;
+            rc = tls_established(s);
+            if (rc < 0)
+                return rc;
+        }
+        while (s->in_len < IN_CAP && s->state != SS_TLS_START) {
+            ssize_t n = tls_conn_read(s->tls, s->in + s->in_len, IN_CAP - s->in_len);
+            if (n == 0)
+                break;
+            if (n < 0)
+                return (int)n;
+            s->in_len += (size_t)n;
+            progress = true;
+        }
+        if (!progress || s->cin_len == 0)
+            return 0;
     }
 }
 
 static void
 session_run(struct session *s)
 {
+    if (s->tls != NULL && s->state != SS_CLOSED && s->state != SS_CLOSING) {
+        int rc = tls_in(s);
+        if (rc < 0) {
+            log_msg(rc == TLS_ECLOSED ? LOG_INFO : LOG_NOTICE,
+                    "session=%016llx event=tls_failed client=%s err=\"%s\" detail=\"%s\"",
+                    (unsigned long long)s->id, s->peer_ip, tls_strerror(rc),
+                    tls_conn_error_str(s->tls));
+            session_close(s, "tls");
+            session_maybe_free(s);
+            return;
+        }
+    }
     for (;;) {
         if (s->out_len >= OUT_HIGH)
             break; /* answer what we have first: the send completion resumes */
@@ -1023,7 +1165,10 @@ session_run(struct session *s)
     flush(s);
     if (want_recv(s)) {
         struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->recv_op);
-        io_uring_prep_recv(sqe, s->fd, s->in + s->in_len, IN_CAP - s->in_len, 0);
+        if (s->tls != NULL)
+            io_uring_prep_recv(sqe, s->fd, s->cin + s->cin_len, CIN_CAP - s->cin_len, 0);
+        else
+            io_uring_prep_recv(sqe, s->fd, s->in + s->in_len, IN_CAP - s->in_len, 0);
         s->recv_busy = true;
         s->inflight++;
     }
@@ -1048,11 +1193,14 @@ session_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
         session_maybe_free(s);
         return;
     }
-    s->in_len += (size_t)res;
+    if (s->tls != NULL)
+        s->cin_len += (size_t)res;
+    else
+        s->in_len += (size_t)res;
     session_run(s);
 }
 
-/* ---- greeting ---- */
+/* ---- greeting and TLS ---- */
 
 static void
 greet(struct session *s)
@@ -1060,7 +1208,49 @@ greet(struct session *s)
     reply(s, "220 %s ESMTP sluice", s->sw->e->cfg->server.hostname);
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
-    session_run(s);
+}
+
+/* The 220 to STARTTLS has left (or an implicit-TLS client connected): from
+ * here the socket carries TLS. Whatever plaintext the client pipelined
+ * after STARTTLS is dropped unread (CVE-2011-0411). */
+static void
+tls_begin(struct session *s)
+{
+    s->in_len = 0;
+    s->skip_line = false;
+    s->cin = malloc(CIN_CAP);
+    if (s->cin == NULL || tls_conn_new_server(s->sw->tls, &s->tls) < 0) {
+        free(s->cin);
+        s->cin = NULL;
+        log_msg(LOG_ERR, "session=%016llx event=tls_setup_failed", (unsigned long long)s->id);
+        session_close(s, "tls_setup");
+        return;
+    }
+    session_enter(s, SS_TLS);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
+static int
+tls_established(struct session *s)
+{
+    struct tls_info info;
+    s->tls_ready = true;
+    if (tls_conn_info(s->tls, &info) == 0)
+        snprintf(s->tls_desc, sizeof(s->tls_desc), "%s %s", info.protocol, info.cipher);
+    log_msg(LOG_INFO, "session=%016llx event=tls client=%s tls=\"%s\"",
+            (unsigned long long)s->id, s->peer_ip, s->tls_desc);
+    if (s->tls_implicit) {
+        greet(s); /* queues the 220: the session_run() under way sends it */
+        return 0;
+    }
+    /* RFC 3207 4.2: forget what the client said before TLS. */
+    s->greeted = s->esmtp = false;
+    s->helo[0] = '\0';
+    s->user = NULL;
+    txn_reset(s);
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    return 0;
 }
 
 /* After greet_pause: anything already sent is a client that did not wait
@@ -1088,6 +1278,7 @@ session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     greet(s);
+    session_run(s);
 }
 
 static void
@@ -1113,7 +1304,9 @@ session_on_timer(struct timer *t, void *ctx)
         session_run(s);
         return;
     case SS_CLOSING:
-        session_close(s, "send_timeout");
+    case SS_TLS:
+    case SS_TLS_START:
+        session_close(s, s->state == SS_CLOSING ? "send_timeout" : "tls_timeout");
         session_maybe_free(s);
         return;
     default:
@@ -1162,6 +1355,8 @@ session_free(struct session *s)
     }
     worker_timer_cancel(sw->w, &s->timer);
     close(s->fd);
+    tls_conn_free(s->tls);
+    free(s->cin);
     txn_reset(s);
     free(s->rcpts);
     auth_db_unref(s->users);
@@ -1177,7 +1372,7 @@ session_maybe_free(struct session *s)
 }
 
 static void
-session_new(struct server_worker *sw, int fd)
+session_new(struct server_worker *sw, int fd, bool implicit_tls)
 {
     struct session *s = calloc(1, sizeof(*s));
     if (s == NULL) {
@@ -1232,11 +1427,18 @@ session_new(struct server_worker *sw, int fd)
         flush(s);
         return;
     }
+    if (implicit_tls) {
+        s->tls_implicit = true;
+        tls_begin(s);
+        session_run(s);
+        return;
+    }
     if (cfg->greet_pause > 0) {
         session_deadline(s, cfg->greet_pause);
         return;
     }
     greet(s);
+    session_run(s);
 }
 
 /* ---- listeners ---- */
@@ -1257,7 +1459,7 @@ listener_on_accept(struct worker *w, struct op *op, int res, uint32_t flags)
     if (!(flags & IORING_CQE_F_MORE))
         l->armed = false;
     if (res >= 0) {
-        session_new(l->sw, res);
+        session_new(l->sw, res, l->implicit_tls);
     } else if (res != -ECANCELED) {
         /* EMFILE, ENFILE, ENOBUFS: back off instead of spinning. */
         log_msg(LOG_WARN, "event=accept_failed listen=%s err=%s", l->sw->e->cfg->server.listen,
@@ -1351,14 +1553,20 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
         snprintf(err, errlen, "spool completion port: %s", strerror(errno));
         goto fail;
     }
-    sw->ls = calloc((size_t)sw->cfg->nlisten, sizeof(*sw->ls));
+    sw->tls = e->tls_server;
+    int total = sw->cfg->nlisten + sw->cfg->nlisten_tls;
+    sw->ls = calloc((size_t)total, sizeof(*sw->ls));
     if (sw->ls == NULL) {
         rc = -ENOMEM;
         goto fail;
     }
-    for (int i = 0; i < sw->cfg->nlisten; i++) {
+    for (int i = 0; i < total; i++) {
+        bool implicit = i >= sw->cfg->nlisten;
+        const struct netaddr *a = implicit ? &sw->cfg->listen_tls_addrs[i - sw->cfg->nlisten]
+                                           : &sw->cfg->listen_addrs[i];
         sw->ls[i].sw = sw;
-        rc = listener_open(&sw->ls[i], &sw->cfg->listen_addrs[i], err, errlen);
+        sw->ls[i].implicit_tls = implicit;
+        rc = listener_open(&sw->ls[i], a, err, errlen);
         if (rc < 0)
             goto fail;
         sw->nls++;
