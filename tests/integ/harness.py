@@ -137,3 +137,293 @@ def main(tests):
             print(f"FAIL {name}: {e}")
     print(f"{len(tests) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
+
+
+# ---- SMTP submission tests: a sluice that checks its sanitizers, a raw
+# ---- SMTP client, and a reader of the LMDB spool (lmdb-utils).
+
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                   "UndefinedBehaviorSanitizer", "ThreadSanitizer")
+
+
+class Sluice(Daemon):
+    """A Daemon whose log is read with undecodable bytes escaped (a client's
+    bytes may reach the log), that can count log lines, and that fails a
+    test on any sanitizer report."""
+
+    def __init__(self, binary, config, extra_args=()):
+        self.lines = []
+        self.cv = threading.Condition()
+        self.proc = subprocess.Popen(
+            [binary, "-c", config, *extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="backslashreplace",
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log_lines(self, needle):
+        with self.cv:
+            return [line for line in self.lines if needle in line]
+
+    def count_log(self, needle):
+        return len(self.log_lines(needle))
+
+    def wait_log_count(self, needle, n, timeout=10):
+        """Wait until at least n log lines hold needle; returns them."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                got = [line for line in self.lines if needle in line]
+                if len(got) >= n:
+                    return got
+                if self.proc.poll() is not None and not self.reader.is_alive():
+                    raise AssertionError(
+                        f"sluice exited ({self.proc.returncode}) with {len(got)}/{n} lines "
+                        f"{needle!r}:\n" + "\n".join(self.lines[-20:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{len(got)}/{n} log lines {needle!r} within "
+                                         f"{timeout}s:\n" + "\n".join(self.lines[-20:]))
+                self.cv.wait(left)
+
+    def sanitizer_findings(self):
+        with self.cv:
+            return [line for line in self.lines if any(m in line for m in SANITIZER_MARKS)]
+
+    def check_sanitizers(self):
+        found = self.sanitizer_findings()
+        if found:
+            with self.cv:
+                first = next(i for i, line in enumerate(self.lines) if line in found)
+                report = "\n".join(self.lines[first:first + 40])
+            raise AssertionError(f"sanitizer report in sluice's log:\n{report}")
+
+    def stop_clean(self, timeout=10):
+        """SIGTERM; fail on a non-zero exit or a sanitizer report."""
+        rc = self.stop(timeout)
+        self.check_sanitizers()
+        if rc != 0:
+            raise AssertionError(f"sluice exited with {rc}:\n" + "\n".join(self.lines[-30:]))
+        return rc
+
+    def kill9(self):
+        """SIGKILL (by our PID) and reap."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.reader.join(5)
+        self.check_sanitizers()
+
+    def rss_kb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS for sluice")
+
+
+class Reply:
+    """One SMTP reply: code (int), lines (text of each line without the
+    code), raw (the whole reply as sent)."""
+
+    def __init__(self, code, lines, raw):
+        self.code, self.lines, self.raw = code, lines, raw
+
+    @property
+    def text(self):
+        return self.raw.splitlines()[-1] if self.raw else ""
+
+    def __repr__(self):
+        return repr(self.raw)
+
+
+class SmtpClosed(Exception):
+    pass
+
+
+class Smtp:
+    """A raw SMTP client on one socket: send any bytes, read replies one by
+    one. Every read has a deadline; EOF raises SmtpClosed."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=10, source=None, greet=True):
+        self.timeout = timeout
+        self.sock = socket.create_connection(
+            (host, port), timeout, source_address=(source, 0) if source else None)
+        self.buf = b""
+        self.eof = False
+        self.greeting = self.reply() if greet else None
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def _fill(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("no complete reply within the deadline; have %r" % self.buf[-200:])
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            raise SmtpClosed("connection closed; unread: %r" % self.buf[-200:])
+        self.buf += chunk
+
+    def reply(self, timeout=None):
+        """The next complete reply (multi-line replies joined)."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                self._fill(deadline)
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            text = line.decode("utf-8", "backslashreplace")
+            lines.append(text)
+            if len(text) < 3 or not text[:3].isdigit():
+                raise AssertionError(f"not an SMTP reply line: {text!r}")
+            if len(text) == 3 or text[3] == " ":
+                code = int(text[:3])
+                return Reply(code, [ln[4:] for ln in lines], "\n".join(lines))
+            if text[3] != "-":
+                raise AssertionError(f"not an SMTP reply line: {text!r}")
+
+    def replies(self, n, timeout=None):
+        return [self.reply(timeout) for _ in range(n)]
+
+    def cmd(self, line, timeout=None):
+        """Send one command line (CRLF added) and read its reply."""
+        self.send(line.encode() + b"\r\n" if isinstance(line, str) else line + b"\r\n")
+        return self.reply(timeout)
+
+    def expect(self, line, code, timeout=None):
+        r = self.cmd(line, timeout)
+        want = str(code)
+        if not r.raw.startswith(want):
+            raise AssertionError(f"sent {line!r}: expected {want}, got {r.raw!r}")
+        return r
+
+    def rest_until_closed(self, timeout=None):
+        """Every reply left until the server closes; fails if it does not
+        close within timeout. Returns the replies."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        out = []
+        while True:
+            try:
+                out.append(self.reply(max(0.001, deadline - time.monotonic())))
+            except SmtpClosed:
+                return out
+
+    def is_closed(self, timeout=2):
+        """True if the server closes (with no further bytes) within timeout."""
+        try:
+            self._fill(time.monotonic() + timeout)
+        except SmtpClosed:
+            return True
+        except socket.timeout:
+            return False
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def mdb_entries(env_dir, db):
+    """Entries of one sub-database of an LMDB environment (mdb_stat)."""
+    r = run(["mdb_stat", "-s", db, env_dir])
+    if r.returncode != 0:
+        raise AssertionError(f"mdb_stat -s {db} {env_dir}: {r.stderr.strip()}")
+    for line in r.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("Entries:"):
+            return int(line.split()[1])
+    raise AssertionError(f"mdb_stat printed no Entries: {r.stdout}")
+
+
+def _mdb_unescape(s):
+    out = bytearray()
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == 0x5C:  # backslash
+            if s[i + 1] == 0x5C:
+                out.append(0x5C)
+                i += 2
+            else:
+                out.append(int(s[i + 1:i + 3], 16))
+                i += 3
+        else:
+            out.append(c)
+            i += 1
+    return bytes(out)
+
+
+def mdb_records(env_dir, db):
+    """[(key, value)] of one sub-database, as bytes (mdb_dump -p)."""
+    r = subprocess.run(["mdb_dump", "-p", "-s", db, env_dir], capture_output=True, timeout=60)
+    if r.returncode != 0:
+        raise AssertionError(f"mdb_dump -s {db} {env_dir}: {r.stderr.decode(errors='replace')}")
+    lines = r.stdout.split(b"\n")
+    try:
+        start = lines.index(b"HEADER=END") + 1
+        end = lines.index(b"DATA=END")
+    except ValueError:
+        raise AssertionError(f"unexpected mdb_dump output: {r.stdout[:300]!r}")
+    data = [_mdb_unescape(line[1:]) for line in lines[start:end]]
+    return list(zip(data[0::2], data[1::2]))
+
+
+# queue/queue.c: struct msg_head (48 octets, native endian) then sender,
+# envid, auth user, client address, then the body unless it is in chunks.
+_MSG_HEAD = "=IBBHIIHHHHQQQ"
+_RCPT_HEAD = "=BBHHHHHHHQQ"
+
+
+def spool_messages(env_dir):
+    """Decode every message of a stopped sluice's spool: a list of dicts
+    with key, sender, envid, auth, client, nrcpt, body (bytes, the MSA's
+    headers included), rcpts (addresses, bytes)."""
+    import struct
+    msgs = []
+    chunks = {}
+    for k, v in mdb_records(env_dir, "body"):
+        chunks.setdefault(k[:8], []).append((k[8:], v))
+    rcpts = {}
+    for k, v in mdb_records(env_dir, "rcpt"):
+        h = struct.unpack_from(_RCPT_HEAD, v)
+        off = struct.calcsize(_RCPT_HEAD)
+        rcpts.setdefault(k[:8], []).append(v[off:off + h[4]])
+    for k, v in mdb_records(env_dir, "msg"):
+        h = struct.unpack_from(_MSG_HEAD, v)
+        magic, _flags, _ret, nrcpt, body_chunks, _res, sl, el, al, cl, _arr, _exp, body_len = h
+        assert magic == 0x314D5153, f"bad message record magic {magic:#x}"
+        off = struct.calcsize(_MSG_HEAD)
+        sender = v[off:off + sl]
+        off += sl
+        envid = v[off:off + el]
+        off += el
+        auth = v[off:off + al]
+        off += al
+        client = v[off:off + cl]
+        off += cl
+        if body_chunks:
+            body = b"".join(c for _, c in sorted(chunks.get(k, [])))
+        else:
+            body = v[off:]
+        assert len(body) == body_len, f"body {len(body)} octets, head says {body_len}"
+        msgs.append(dict(key=k, sender=sender, envid=envid, auth=auth, client=client,
+                         nrcpt=nrcpt, body=body, rcpts=rcpts.get(k, [])))
+    return msgs
+
