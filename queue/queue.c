@@ -256,7 +256,7 @@ struct queue_port {
     pthread_mutex_t mu;
     struct queue_req *head, *tail; /* completed, not drained; guarded by mu */
     atomic_uint pending;           /* submitted, callback not yet run */
-    /* notifier only: completions of the current round for this port */
+    /* only the thread delivering this port's completions (see deliver) */
     uint64_t mark;
     struct queue_req *chain_head, *chain_tail;
 };
@@ -288,6 +288,8 @@ struct queue {
     size_t in_count;                     /* guarded by mu */
     bool stopping;                       /* guarded by mu */
     bool idle;                           /* guarded by mu: committer waits on cond */
+    bool gathering;                      /* guarded by mu: ... in gather() */
+    size_t gather_target;                /* guarded by mu: see gather() */
     pthread_t committer;
     bool committer_started;
 
@@ -301,21 +303,21 @@ struct queue {
     bool n_stopping, n_idle;           /* guarded by nmu */
     pthread_t notifier;
     bool notifier_started;
-    struct queue_port **ports; /* notifier only; owned, max_batch */
-    uint64_t round;            /* notifier only */
+    struct queue_port **ports;  /* notifier only; owned, max_batch */
+    struct queue_port **cports; /* committer only; owned, max_batch: see notify() */
+    _Atomic uint64_t round;     /* see deliver() */
 
     /* committer only */
     struct queue_req **vec_upd, **vec_enq; /* owned, max_batch each */
     uint64_t *touched;                     /* owned: ids whose recipients changed */
     size_t touched_n, touched_cap;
     size_t last_pgno;
-    uint64_t high_id;       /* "last_id" as stored */
+    uint64_t high_id;       /* highest message id committed */
+    uint64_t stored_id;     /* "last_id" as stored in meta */
     unsigned since_free;    /* commits since the last one that removed messages, up to 2 */
     unsigned batch_commits; /* successful commits while running this batch */
     struct queue_req *pend_head, *pend_tail; /* committed, not yet durable (see flush_pending) */
     bool pend_unsynced;                      /* the last commit's meta page is not synced */
-    size_t gather_expect;                    /* requests completed by the last flush */
-    size_t gather_target;                    /* see gather() */
     bool full;                               /* enqueues are being refused for lack of room */
     bool full_logged;                        /* and that was logged */
     uint64_t full_logged_ms;
@@ -505,7 +507,7 @@ submit(struct queue *q, struct queue_req *r)
     q->in_tail = r;
     q->in_count++;
     atomic_store_explicit(&q->st.backlog, q->in_count, memory_order_relaxed);
-    if (q->idle)
+    if (q->idle && (!q->gathering || q->in_count >= q->gather_target))
         pthread_cond_signal(&q->cond);
     pthread_mutex_unlock(&q->mu);
     return 0;
@@ -1025,11 +1027,14 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         rc = remove_finished(q, txn, &t);
     for (size_t i = 0; i < ne && rc == 0; i++)
         rc = apply_enqueue(q, txn, enq[i], &t);
-    if (rc == 0) {
-        /* Written by every commit, even one whose outcomes were all
-         * stale: a commit with no dirty page skips its data sync, and
-         * flush_pending counts on that sync. */
-        uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
+    uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
+    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0;
+    bool store = clean || (t.removed > 0 && high > q->stored_id);
+    if (rc == 0 && store) {
+        /* The highest id must outlive the messages that carried it
+         * (opening takes the larger of it and the last live id). And a
+         * commit with no dirty page skips its data sync, on which
+         * flush_pending counts: give it one. */
         MDB_val k = {7, "last_id"}, v = {sizeof(high), &high};
         rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
     }
@@ -1044,8 +1049,9 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         return rc;
     }
     q->batch_commits++;
-    if (t.max_id > q->high_id)
-        q->high_id = t.max_id;
+    q->high_id = high;
+    if (store)
+        q->stored_id = high;
     if (t.removed > 0)
         q->since_free = 0;
     else if (q->since_free < 2)
@@ -1190,6 +1196,7 @@ commit_tick(struct queue *q)
     }
     rc = mdb_txn_commit(txn);
     if (rc == 0) {
+        q->stored_id = q->high_id;
         q->since_free++;
         q->batch_commits++;
     }
@@ -1253,13 +1260,15 @@ run_batch(struct queue *q, struct queue_req *batch)
 }
 
 /* Push every request of the list to its port, one push per port and
- * round. A port sees its completions in the order they were committed. */
+ * round (ports: room for max_batch). A port sees its completions in the
+ * order they were committed. Rounds are numbered across both threads that
+ * deliver, so a port's mark never matches another thread's round. */
 static void
-deliver(struct queue *q, struct queue_req *list)
+deliver(struct queue *q, struct queue_req *list, struct queue_port **ports)
 {
     struct queue_req *next;
     size_t np = 0;
-    uint64_t mark = ++q->round;
+    uint64_t mark = atomic_fetch_add(&q->round, 1) + 1;
     for (struct queue_req *r = list; r != NULL; r = next) {
         next = r->next;
         r->next = NULL;
@@ -1267,13 +1276,13 @@ deliver(struct queue *q, struct queue_req *list)
         if (p->mark != mark) {
             if (np == q->cfg.max_batch) {
                 for (size_t i = 0; i < np; i++)
-                    port_push(q->ports[i], q->ports[i]->chain_head, q->ports[i]->chain_tail);
+                    port_push(ports[i], ports[i]->chain_head, ports[i]->chain_tail);
                 np = 0;
-                mark = ++q->round;
+                mark = atomic_fetch_add(&q->round, 1) + 1;
             }
             p->mark = mark;
             p->chain_head = NULL;
-            q->ports[np++] = p;
+            ports[np++] = p;
         }
         if (p->chain_head == NULL)
             p->chain_head = r;
@@ -1282,7 +1291,7 @@ deliver(struct queue *q, struct queue_req *list)
         p->chain_tail = r;
     }
     for (size_t i = 0; i < np; i++)
-        port_push(q->ports[i], q->ports[i]->chain_head, q->ports[i]->chain_tail);
+        port_push(ports[i], ports[i]->chain_head, ports[i]->chain_tail);
 }
 
 static void *
@@ -1302,26 +1311,71 @@ notifier_main(void *arg)
             break;
         q->n_head = q->n_tail = NULL;
         pthread_mutex_unlock(&q->nmu);
-        deliver(q, list);
+        deliver(q, list, q->ports);
         pthread_mutex_lock(&q->nmu);
     }
     pthread_mutex_unlock(&q->nmu);
     return NULL;
 }
 
-/* Committer: hand a committed batch to the notifier. */
+/* Committer: hand committed requests to the notifier. When the committer
+ * has nothing else to do (idle is true) and the notifier has nothing
+ * queued, they share the work: the notifier takes the ports of one half,
+ * the committer pushes to the other half itself before returning, so
+ * each port still gets its completions in order. */
 static void
-notify(struct queue *q, struct queue_req *batch, struct queue_req *last)
+notify(struct queue *q, struct queue_req *batch, struct queue_req *last, bool idle)
 {
+    struct queue_req *mine = NULL, **mine_tail = &mine;
     pthread_mutex_lock(&q->nmu);
-    if (q->n_tail != NULL)
-        q->n_tail->next = batch;
-    else
-        q->n_head = batch;
-    q->n_tail = last;
-    if (q->n_idle)
-        pthread_cond_signal(&q->ncond);
+    if (idle && q->n_head == NULL && q->n_idle) {
+        struct queue_req *theirs = NULL, **theirs_tail = &theirs, *theirs_last = NULL, *next;
+        for (struct queue_req *r = batch; r != NULL; r = next) {
+            next = r->next;
+            r->next = NULL;
+            uintptr_t h = (uintptr_t)r->port;
+            if (((h >> 6) ^ (h >> 11)) & 1) {
+                *mine_tail = r;
+                mine_tail = &r->next;
+            } else {
+                *theirs_tail = r;
+                theirs_tail = &r->next;
+                theirs_last = r;
+            }
+        }
+        batch = theirs;
+        last = theirs_last;
+    }
+    if (batch != NULL) {
+        if (q->n_tail != NULL)
+            q->n_tail->next = batch;
+        else
+            q->n_head = batch;
+        q->n_tail = last;
+        if (q->n_idle)
+            pthread_cond_signal(&q->ncond);
+    }
     pthread_mutex_unlock(&q->nmu);
+    if (mine != NULL)
+        deliver(q, mine, q->cports);
+}
+
+/* Send durable completions to the notifier. The callers they complete
+ * tend to come straight back (a worker answering 250 reads the next
+ * DATA): expect them, so that gather() lets them share the next commit.
+ * The target is set before they can come back, so none is counted twice. */
+static void
+release(struct queue *q, struct queue_req *head, struct queue_req *tail)
+{
+    size_t n = 0;
+    for (struct queue_req *r = head; r != NULL; r = r->next)
+        n++;
+    pthread_mutex_lock(&q->mu);
+    size_t base = q->gather_target > 0 ? q->gather_target : q->in_count;
+    q->gather_target = base + n < q->cfg.max_batch ? base + n : q->cfg.max_batch;
+    bool idle = q->in_head == NULL;
+    pthread_mutex_unlock(&q->mu);
+    notify(q, head, tail, idle);
 }
 
 /* Completions wait in q->pend until the commit that holds them is
@@ -1348,9 +1402,7 @@ flush_pending(struct queue *q)
                     r->rc = err;
         }
     }
-    for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
-        q->gather_expect++;
-    notify(q, q->pend_head, q->pend_tail);
+    release(q, q->pend_head, q->pend_tail);
     q->pend_head = q->pend_tail = NULL;
 }
 
@@ -1365,14 +1417,16 @@ pend_append(struct queue *q, struct queue_req *batch, struct queue_req *last)
 }
 
 /* Wait, under q->mu, for the inbound list to reach gather_target, as long
- * as requests keep arriving less than GATHER_GAP_US apart. A commit costs
- * one or two syncs whatever its size, so a few tens of microseconds spent
- * here buy a batch twice as large, instead of splitting the callers into
- * groups that each pay for their own syncs. When nothing comes, the wait
- * ends after one gap: the price at low load. */
+ * as it keeps growing: checked every GATHER_GAP_US (submitters wake us
+ * only when the target is reached, not for each arrival). A commit costs
+ * one or two syncs whatever its size, so a fraction of a millisecond spent
+ * here buys a batch twice as large, instead of splitting the callers into
+ * groups that each pay for their own syncs. When nothing more comes, the
+ * wait ends after one gap: the price at low load. */
 static void
 gather(struct queue *q)
 {
+    q->gathering = true;
     while (q->in_count < q->gather_target && !q->stopping) {
         size_t before = q->in_count;
         struct timespec ts;
@@ -1388,6 +1442,7 @@ gather(struct queue *q)
         if (q->in_count == before)
             break;
     }
+    q->gathering = false;
     q->gather_target = 0;
 }
 
@@ -1398,15 +1453,6 @@ committer_main(void *arg)
     log_set_thread_name("queue");
     pthread_mutex_lock(&q->mu);
     for (;;) {
-        if (q->gather_expect > 0) {
-            /* The callers just completed tend to come straight back
-             * (a worker answering 250 and reading the next DATA): let
-             * the next batch take them along with those already here. */
-            q->gather_target = q->in_count + q->gather_expect;
-            if (q->gather_target > q->cfg.max_batch)
-                q->gather_target = q->cfg.max_batch;
-            q->gather_expect = 0;
-        }
         if (q->in_head == NULL) {
             if (q->pend_head != NULL) {
                 pthread_mutex_unlock(&q->mu);
@@ -1443,8 +1489,7 @@ committer_main(void *arg)
         q->batch_commits = 0;
         run_batch(q, batch);
         if (q->cfg.unsafe_no_sync) {
-            q->gather_expect += n;
-            notify(q, batch, last);
+            release(q, batch, last);
         } else if (q->batch_commits > 0) {
             /* that commit synced the data after the pending meta page */
             q->pend_unsynced = false;
@@ -1574,7 +1619,7 @@ open_seed_ids(struct queue *q, MDB_txn *txn)
         memcpy(&high, v.mv_data, sizeof(high));
     else if (rc != 0 && rc != MDB_NOTFOUND)
         return rc;
-    q->high_id = high;
+    q->stored_id = high;
     MDB_cursor *c;
     rc = mdb_cursor_open(txn, q->dbi_msg, &c);
     if (rc != 0)
@@ -1585,6 +1630,7 @@ open_seed_ids(struct queue *q, MDB_txn *txn)
     mdb_cursor_close(c);
     if (rc != 0 && rc != MDB_NOTFOUND)
         return rc;
+    q->high_id = high;
     atomic_store(&q->last_id, high);
     return 0;
 }
@@ -1622,6 +1668,7 @@ queue_destroy(struct queue *q)
     free(q->vec_upd);
     free(q->vec_enq);
     free(q->ports);
+    free(q->cports);
     free(q->touched);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->cond);
@@ -1744,7 +1791,8 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     q->vec_upd = calloc(q->cfg.max_batch, sizeof(*q->vec_upd));
     q->vec_enq = calloc(q->cfg.max_batch, sizeof(*q->vec_enq));
     q->ports = calloc(q->cfg.max_batch, sizeof(*q->ports));
-    if (q->vec_upd == NULL || q->vec_enq == NULL || q->ports == NULL) {
+    q->cports = calloc(q->cfg.max_batch, sizeof(*q->cports));
+    if (q->vec_upd == NULL || q->vec_enq == NULL || q->ports == NULL || q->cports == NULL) {
         queue_destroy(q);
         return open_fail(err, errlen, -ENOMEM, "queue: out of memory");
     }
