@@ -762,6 +762,19 @@ bdat_flags(const char *b, size_t len)
     return flags;
 }
 
+/* The answer to a failed AUTH, once its delay has passed. */
+static void
+auth_fail_reply(struct session *s)
+{
+    reply(s, "535 5.7.8 Authentication credentials invalid");
+    if (s->auth_failures >= s->sw->cfg->auth_max_failures) {
+        reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        return;
+    }
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
 static void
 auth_fail(struct session *s)
 {
@@ -770,11 +783,13 @@ auth_fail(struct session *s)
     log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
             (unsigned long long)s->id, s->peer_ip, s->auth_failures);
     uint64_t delay = s->sw->cfg->auth_fail_delay;
+    if (delay == 0) {
+        auth_fail_reply(s);
+        return;
+    }
     unsigned shift = s->auth_failures - 1 < 5 ? s->auth_failures - 1 : 5;
     session_enter(s, SS_AUTH_WAIT);
     session_deadline(s, delay << shift);
-    if (delay == 0)
-        session_on_timer(&s->timer, s->sw->w);
 }
 
 static void
@@ -1294,13 +1309,7 @@ session_on_timer(struct timer *t, void *ctx)
         return;
     }
     case SS_AUTH_WAIT:
-        reply(s, "535 5.7.8 Authentication credentials invalid");
-        if (s->auth_failures >= s->sw->cfg->auth_max_failures) {
-            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
-        } else {
-            session_enter(s, SS_COMMAND);
-            session_deadline(s, s->sw->cfg->timeout_command);
-        }
+        auth_fail_reply(s);
         session_run(s);
         return;
     case SS_CLOSING:

@@ -1,0 +1,242 @@
+"""Submission over TLS: STARTTLS and implicit TLS with real clients (swaks,
+Python's ssl), AUTH only after TLS, and the attacks on STARTTLS: pipelined
+plaintext after STARTTLS is dropped (CVE-2011-0411), plaintext injected
+into the TLS stream ends the session, garbage instead of a handshake."""
+import os
+import socket
+import ssl
+import subprocess
+import sys
+
+from harness import Daemon, Workdir, free_port, main, run, skip
+
+SLUICE = sys.argv[1]
+
+PASSWORD = "s3cret-Pw"
+
+
+class Server:
+    def __init__(self, extra=""):
+        self.wd = Workdir("sluice-tls-")
+        p = self.wd.path
+        r = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=localhost", "-keyout", f"{p}/key.pem", "-out", f"{p}/cert.pem"])
+        assert r.returncode == 0, r.stderr
+        h = run(["openssl", "passwd", "-6", PASSWORD]).stdout.strip()
+        self.wd.file("users", f"alice:{h}\n")
+        self.port, self.tls_port = free_port(), free_port()
+        conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+listen_tls = 127.0.0.1:{self.tls_port}
+auth_users_file = {p}/users
+plaintext_auth = never
+auth_fail_delay = 0
+{extra}
+[queue]
+path = {p}/spool
+map_size = 64M
+[tls]
+cert_file = {p}/cert.pem
+key_file = {p}/key.pem
+""")
+        self.d = Daemon(SLUICE, conf)
+        self.d.wait_log("event=ready")
+
+    def queued(self):
+        return [ln for ln in self.d.lines if "event=queued" in ln]
+
+    def close(self):
+        try:
+            assert self.d.stop() == 0
+            bad = [ln for ln in self.d.lines if "AddressSanitizer" in ln or "runtime error" in ln]
+            assert not bad, bad
+        finally:
+            self.wd.cleanup()
+
+
+def swaks(*args):
+    return subprocess.run(["swaks", "--from", "alice@example.com", "--to", "bob@example.org",
+                           "--timeout", "20", *args], capture_output=True, text=True, timeout=60)
+
+
+class Conn:
+    """A line-oriented SMTP client over a socket that can start TLS."""
+
+    def __init__(self, port):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send(self, data):
+        self.s.sendall(data)
+
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.s.recv(4096)
+            if not chunk:
+                raise EOFError("closed")
+            self.buf += chunk
+        ln, self.buf = self.buf.split(b"\r\n", 1)
+        return ln.decode()
+
+    def reply(self):
+        lines = [self.line()]
+        while lines[-1][3:4] == "-":
+            lines.append(self.line())
+        return lines
+
+    def starttls(self):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        self.s = ctx.wrap_socket(self.s, server_hostname="localhost")
+
+    def closed(self):
+        try:
+            return self.s.recv(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+
+def test_swaks_starttls_auth_plain_pipelined():
+    srv = Server()
+    try:
+        r = swaks("--server", f"127.0.0.1:{srv.port}", "--tls", "--auth", "PLAIN",
+                  "--auth-user", "alice", "--auth-password", PASSWORD, "--pipeline")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "250 2.0.0 Ok: queued as" in r.stdout
+        assert len(srv.queued()) == 1 and "user=alice" in srv.queued()[0]
+    finally:
+        srv.close()
+
+
+def test_swaks_implicit_tls_auth_login():
+    srv = Server()
+    try:
+        r = swaks("--server", f"127.0.0.1:{srv.tls_port}", "--tlsc", "--auth", "LOGIN",
+                  "--auth-user", "alice", "--auth-password", PASSWORD)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(srv.queued()) == 1
+    finally:
+        srv.close()
+
+
+def test_auth_only_after_tls():
+    srv = Server()
+    try:
+        c = Conn(srv.port)
+        assert c.reply()[0].startswith("220")
+        c.send(b"EHLO client\r\n")
+        ehlo = c.reply()
+        assert any("STARTTLS" in ln for ln in ehlo)
+        assert not any("AUTH" in ln for ln in ehlo), ehlo
+        c.send(b"AUTH PLAIN AGFsaWNlAHMzY3JldC1Qdw==\r\n")
+        assert c.reply()[0].startswith("538 5.7.11"), "AUTH before TLS must be refused"
+        c.send(b"MAIL FROM:<alice@example.com>\r\n")
+        assert c.reply()[0].startswith("530 5.7.0")
+        c.send(b"STARTTLS\r\n")
+        assert c.reply()[0].startswith("220")
+        c.starttls()
+        c.send(b"EHLO client\r\n")
+        ehlo = c.reply()
+        assert any("AUTH PLAIN LOGIN" in ln for ln in ehlo), ehlo
+        assert not any("STARTTLS" in ln for ln in ehlo), ehlo
+        c.send(b"STARTTLS\r\n")
+        assert c.reply()[0].startswith("503")
+        c.send(b"AUTH PLAIN AGFsaWNlAHMzY3JldC1Qdw==\r\n")
+        assert c.reply()[0].startswith("235"), "alice/s3cret-Pw over TLS"
+        c.send(b"QUIT\r\n")
+        assert c.reply()[0].startswith("221")
+    finally:
+        srv.close()
+
+
+def test_plaintext_pipelined_after_starttls_is_dropped():
+    """CVE-2011-0411: STARTTLS and RSET in one write: RSET never answered."""
+    srv = Server()
+    try:
+        c = Conn(srv.port)
+        c.reply()
+        c.send(b"EHLO client\r\n")
+        c.reply()
+        c.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
+        assert c.reply()[0].startswith("220")
+        assert c.buf == b"", f"plaintext after the 220: {c.buf!r}"
+        c.starttls()
+        c.send(b"NOOP\r\n")
+        # The first reply inside TLS answers NOOP; an answer to the injected
+        # RSET or MAIL would come first.
+        r = c.reply()
+        assert r == ["250 2.0.0 Ok"], r
+        c.send(b"RCPT TO:<x@example.org>\r\n")
+        assert c.reply()[0].startswith("503"), "the injected MAIL must not have counted"
+    finally:
+        srv.close()
+
+
+def test_plaintext_injected_into_tls_stream_ends_session():
+    srv = Server()
+    try:
+        c = Conn(srv.port)
+        c.reply()
+        c.send(b"EHLO client\r\nSTARTTLS\r\n")
+        c.reply()
+        assert c.reply()[0].startswith("220")
+        raw = c.s
+        c.starttls()
+        c.send(b"EHLO client\r\n")
+        c.reply()
+        # An attacker on the path writes plaintext into the stream.
+        raw_fd = c.s.fileno()
+        os.write(raw_fd, b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<v@example.org>\r\nDATA\r\n")
+        assert c.closed(), "sluice must end the session on a non-TLS record"
+        del raw
+        assert srv.queued() == []
+    finally:
+        srv.close()
+
+
+def test_garbage_instead_of_handshake():
+    srv = Server()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+        s.sendall(b"EHLO this is not TLS\r\n" * 20)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert b"250" not in data
+        s.close()
+        # the server is still fine
+        r = swaks("--server", f"127.0.0.1:{srv.tls_port}", "--tlsc", "--auth", "PLAIN",
+                  "--auth-user", "alice", "--auth-password", PASSWORD)
+        assert r.returncode == 0, r.stdout
+    finally:
+        srv.close()
+
+
+def test_wrong_password_over_tls():
+    srv = Server()
+    try:
+        r = swaks("--server", f"127.0.0.1:{srv.port}", "--tls", "--auth", "PLAIN",
+                  "--auth-user", "alice", "--auth-password", "wrong")
+        assert "535 5.7.8" in r.stdout, r.stdout
+        r2 = swaks("--server", f"127.0.0.1:{srv.port}", "--tls", "--auth", "PLAIN",
+                   "--auth-user", "nobody", "--auth-password", "wrong")
+        assert "535 5.7.8 Authentication credentials invalid" in r2.stdout
+        assert srv.queued() == []
+    finally:
+        srv.close()
+
+
+if __name__ == "__main__":
+    for tool in ("swaks", "openssl"):
+        if run(["which", tool]).returncode != 0:
+            skip(f"{tool} not installed (tools/install-deps --test)")
+    main([test_swaks_starttls_auth_plain_pipelined, test_swaks_implicit_tls_auth_login,
+          test_auth_only_after_tls, test_plaintext_pipelined_after_starttls_is_dropped,
+          test_plaintext_injected_into_tls_stream_ends_session, test_garbage_instead_of_handshake,
+          test_wrong_password_over_tls])
