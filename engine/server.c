@@ -136,7 +136,8 @@ struct session {
     struct smtp_unstuff unstuff;
     char *body;                    /* owned */
     size_t body_len, body_cap;
-    bool too_big;
+    bool too_big;                  /* over max_message_size: read on, keep nothing */
+    bool no_memory;                /* the body buffer could not grow */
     bool bdat;                     /* this transaction uses BDAT */
     bool bdat_discard;             /* chunk read only to be dropped (a refused BDAT) */
     bool bdat_last;
@@ -346,7 +347,7 @@ txn_reset(struct session *s)
     free(s->body);
     s->body = NULL;
     s->body_len = s->body_cap = 0;
-    s->too_big = false;
+    s->too_big = s->no_memory = false;
     s->bdat = s->bdat_discard = s->bdat_last = false;
     s->bdat_left = 0;
     s->msg_id = 0;
@@ -364,12 +365,17 @@ span_dup(struct smtp_span sp)
     return p;
 }
 
-/* Make room for n more body octets; false when that passes the limit. */
+/* Make room for n more body octets; false when the message is already
+ * known to be too large or memory ran out (then the content is read and
+ * dropped). n may count octets past the end of the data (the next
+ * pipelined commands), so the exact size is checked at the end. */
 static bool
 body_reserve(struct session *s, size_t n)
 {
     uint64_t limit = s->sw->cfg->max_message_size;
-    if (s->too_big || s->body_len + n > limit + 2) {
+    if (s->too_big || s->no_memory)
+        return false;
+    if (s->body_len > limit) {
         s->too_big = true;
         return false;
     }
@@ -378,11 +384,9 @@ body_reserve(struct session *s, size_t n)
     size_t cap = s->body_cap ? s->body_cap : BODY_START;
     while (cap < s->body_len + n)
         cap *= 2;
-    if (cap > limit + 2 + IN_CAP)
-        cap = limit + 2 + IN_CAP;
     char *b = realloc(s->body, cap);
     if (b == NULL) {
-        s->too_big = true; /* answered as a local error below */
+        s->no_memory = true;
         return false;
     }
     s->body = b;
@@ -442,11 +446,12 @@ static void
 message_finish(struct session *s, uint32_t data_flags)
 {
     struct server_worker *sw = s->sw;
-    if (s->too_big) {
+    if (s->body_len > sw->cfg->max_message_size)
+        s->too_big = true;
+    if (s->too_big || s->no_memory) {
         sw->stats.rejected++;
-        reply(s, s->body == NULL && s->body_len == 0 && s->body_cap == 0
-                     ? "452 4.3.1 Insufficient system resources"
-                     : "552 5.3.4 Message size exceeds fixed maximum message size");
+        reply(s, s->too_big ? "552 5.3.4 Message size exceeds fixed maximum message size"
+                            : "452 4.3.1 Insufficient system resources");
         txn_reset(s);
         session_enter(s, SS_COMMAND);
         return;
@@ -1073,7 +1078,7 @@ run_bdat(struct session *s)
               (unsigned long long)(s->body_len));
         return true;
     }
-    message_finish(s, s->too_big ? 0 : bdat_flags(s->body, s->body_len));
+    message_finish(s, s->too_big || s->no_memory ? 0 : bdat_flags(s->body, s->body_len));
     return true;
 }
 
