@@ -90,6 +90,7 @@ struct opts {
     bool ceiling;  /* raw LMDB figures */
     unsigned outcome_batch;
     unsigned prefill;
+    bool no_sync; /* unsafe_no_sync: the CPU side alone, NOT durable */
 };
 
 static unsigned
@@ -118,7 +119,7 @@ usage(void)
             "usage: bench_queue [--dir DIR] [--producers 1,8,64] [--sizes 2K,80K] [--rcpts 1,100]\n"
             "                   [--window N] [--seconds S] [--no-single] [--no-enqueue]\n"
             "                   [--no-outcomes] [--no-ceiling] [--outcome-batch N] [--prefill N]\n"
-            "                   [--quick]\n");
+            "                   [--unsafe-no-sync] [--quick]\n");
     exit(2);
 }
 
@@ -177,6 +178,8 @@ parse_opts(int argc, char **argv, struct opts *o)
             o->outcomes = false;
         } else if (strcmp(a, "--no-ceiling") == 0) {
             o->ceiling = false;
+        } else if (strcmp(a, "--unsafe-no-sync") == 0) {
+            o->no_sync = true;
         } else if (strcmp(a, "--quick") == 0) {
             o->seconds = 1;
             o->single_seconds = 0.5;
@@ -207,6 +210,7 @@ spool_open(const struct opts *o, char *dir, size_t dirlen, unsigned max_batch)
     cfg.path = strdup(dir);
     cfg.map_size = 32ULL << 30;
     cfg.max_batch = max_batch;
+    cfg.unsafe_no_sync = o->no_sync;
     struct queue *q;
     int rc = queue_open(&cfg, &q, err, sizeof(err));
     conf_free(queue_conf_keys, &cfg);
@@ -718,9 +722,10 @@ main(int argc, char **argv)
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     printf("bench_queue: spool under %s (%s), %ld cpus, build %s\n", o.root,
            fs_name((long)fs.f_type), cpus, BENCH_BUILD);
-    printf("durable (LMDB default sync), window %u per producer, %.1fs per group-commit run, "
-           "%.1fs per max_batch=1 run\n\n",
-           o.window, o.seconds, o.single_seconds);
+    printf("%s, window %u per producer, %.1fs per group-commit run, %.1fs per max_batch=1 "
+           "run\n\n",
+           o.no_sync ? "NOT DURABLE (unsafe_no_sync: the CPU side alone)" : "durable", o.window,
+           o.seconds, o.single_seconds);
     fflush(stdout);
     if (o.ceiling) {
         ceiling(&o);
