@@ -1005,8 +1005,15 @@ run_commands(struct session *s)
     if (n == SMTP_CMD_E_LINE_TOO_LONG) {
         s->errors++;
         reply(s, "500 5.5.2 Line too long");
-        s->skip_line = true;
-        s->in_len = 0;
+        /* Drop the line: through its end when it is here (what follows is
+         * the next command), else all we have, and the rest as it comes. */
+        char *lf = memchr(s->in, '\n', s->in_len);
+        if (lf != NULL) {
+            in_consume(s, (size_t)(lf - s->in) + 1);
+        } else {
+            s->in_len = 0;
+            s->skip_line = true;
+        }
         return true;
     }
     if (n < 0) {

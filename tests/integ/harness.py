@@ -340,90 +340,51 @@ class Smtp:
             pass
 
 
+def _spool_tool():
+    """tools/sluice-spool of the build under test: from the environment
+    (ctest sets it), else beside the sluice binary given as argv[1]."""
+    tool = os.environ.get("SLUICE_SPOOL")
+    if tool:
+        return tool
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[1]))),
+                        "tools", "sluice-spool")
+
+
+def spool_tool(cmd, env_dir):
+    """Run sluice-spool count|check|dump on a spool no sluice has open."""
+    r = subprocess.run([_spool_tool(), cmd, env_dir], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and cmd != "check":
+        raise AssertionError(f"sluice-spool {cmd} {env_dir}: {r.stderr.strip()}")
+    return r
+
+
 def mdb_entries(env_dir, db):
-    """Entries of one sub-database of an LMDB environment (mdb_stat)."""
-    r = run(["mdb_stat", "-s", db, env_dir])
-    if r.returncode != 0:
-        raise AssertionError(f"mdb_stat -s {db} {env_dir}: {r.stderr.strip()}")
-    for line in r.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("Entries:"):
-            return int(line.split()[1])
-    raise AssertionError(f"mdb_stat printed no Entries: {r.stdout}")
-
-
-def _mdb_unescape(s):
-    out = bytearray()
-    i = 0
-    while i < len(s):
-        c = s[i]
-        if c == 0x5C:  # backslash
-            if s[i + 1] == 0x5C:
-                out.append(0x5C)
-                i += 2
-            else:
-                out.append(int(s[i + 1:i + 3], 16))
-                i += 3
-        else:
-            out.append(c)
-            i += 1
-    return bytes(out)
-
-
-def mdb_records(env_dir, db):
-    """[(key, value)] of one sub-database, as bytes (mdb_dump -p)."""
-    r = subprocess.run(["mdb_dump", "-p", "-s", db, env_dir], capture_output=True, timeout=60)
-    if r.returncode != 0:
-        raise AssertionError(f"mdb_dump -s {db} {env_dir}: {r.stderr.decode(errors='replace')}")
-    lines = r.stdout.split(b"\n")
-    try:
-        start = lines.index(b"HEADER=END") + 1
-        end = lines.index(b"DATA=END")
-    except ValueError:
-        raise AssertionError(f"unexpected mdb_dump output: {r.stdout[:300]!r}")
-    data = [_mdb_unescape(line[1:]) for line in lines[start:end]]
-    return list(zip(data[0::2], data[1::2]))
-
-
-# queue/queue.c: struct msg_head (48 octets, native endian) then sender,
-# envid, auth user, client address, then the body unless it is in chunks.
-_MSG_HEAD = "=IBBHIIHHHHQQQ"
-_RCPT_HEAD = "=BBHHHHHHHQQ"
+    """How many messages ("msg") or live recipients ("rcpt") a stopped
+    sluice's spool holds (through sluice-spool, not the record format)."""
+    import json
+    c = json.loads(spool_tool("count", env_dir).stdout)
+    if db == "msg":
+        return c["messages"]
+    if db == "rcpt":
+        return c["ready"] + c["deferred"]
+    raise AssertionError(f"unknown spool table {db}")
 
 
 def spool_messages(env_dir):
-    """Decode every message of a stopped sluice's spool: a list of dicts
-    with key, sender, envid, auth, client, nrcpt, body (bytes, the MSA's
-    headers included), rcpts (addresses, bytes)."""
-    import struct
+    """Every message of a stopped sluice's spool: a list of dicts with id,
+    sender, envid, auth, client, nrcpt, body (bytes, the MSA's headers
+    included), rcpts (addresses, bytes)."""
+    import base64
+    import json
     msgs = []
-    chunks = {}
-    for k, v in mdb_records(env_dir, "body"):
-        chunks.setdefault(k[:8], []).append((k[8:], v))
-    rcpts = {}
-    for k, v in mdb_records(env_dir, "rcpt"):
-        h = struct.unpack_from(_RCPT_HEAD, v)
-        off = struct.calcsize(_RCPT_HEAD)
-        rcpts.setdefault(k[:8], []).append(v[off:off + h[4]])
-    for k, v in mdb_records(env_dir, "msg"):
-        h = struct.unpack_from(_MSG_HEAD, v)
-        magic, _flags, _ret, nrcpt, body_chunks, _res, sl, el, al, cl, _arr, _exp, body_len = h
-        assert magic == 0x314D5153, f"bad message record magic {magic:#x}"
-        off = struct.calcsize(_MSG_HEAD)
-        sender = v[off:off + sl]
-        off += sl
-        envid = v[off:off + el]
-        off += el
-        auth = v[off:off + al]
-        off += al
-        client = v[off:off + cl]
-        off += cl
-        if body_chunks:
-            body = b"".join(c for _, c in sorted(chunks.get(k, [])))
-        else:
-            body = v[off:]
-        assert len(body) == body_len, f"body {len(body)} octets, head says {body_len}"
-        msgs.append(dict(key=k, sender=sender, envid=envid, auth=auth, client=client,
-                         nrcpt=nrcpt, body=body, rcpts=rcpts.get(k, [])))
+    for line in spool_tool("dump", env_dir).stdout.splitlines():
+        m = json.loads(line)
+        body = base64.b64decode(m["body"])
+        assert len(body) == m["body_len"], f"body {len(body)} octets, envelope says {m['body_len']}"
+        msgs.append(dict(key=m["id"], sender=m["sender"].encode(), envid=m["envid"].encode(),
+                         auth=m["auth_user"].encode(), client=m["client"].encode(),
+                         nrcpt=len(m["rcpts"]), body=body,
+                         rcpts=[r["addr"].encode() for r in m["rcpts"]]))
+    check = spool_tool("check", env_dir)
+    assert check.returncode == 0, f"spool inconsistent: {check.stdout}"
     return msgs
-

@@ -415,7 +415,10 @@ def test_message_size_limit():
         # RFC 1870: SIZE counts the content with its CRLFs, not the final dot:
         # a message of exactly max_message_size octets is accepted.
         head = b"Subject: exact\r\n\r\n"
-        exact = head + b"y" * (limit - len(head) - 2) + b"\r\n"
+        pad = limit - len(head)
+        lines = [b"y" * 76 + b"\r\n"] * (pad // 78)
+        rest = pad - 78 * len(lines)
+        exact = head + b"".join(lines) + (b"z" * (rest - 2) + b"\r\n" if rest >= 2 else b"")
         assert len(exact) == limit
         rep = send_msg(c, exact, ehlo=None, sender="exact@example.com")
         if rep.code != 250:
