@@ -5,8 +5,9 @@
  * and a time index of deferred recipients. Every write goes through one
  * committer thread that puts every request that arrived while the previous
  * commit was syncing into one write transaction (group commit); a request's
- * completion is delivered only after the commit holding it returned, so a
- * message is on disk before its caller answers 250.
+ * completion is delivered only once the commit holding it is durable (its
+ * data and meta pages synced), so a message is on disk before its caller
+ * answers 250.
  *
  * Threading:
  *  - queue_open() and queue_close(): one thread; nothing else may be in
@@ -198,7 +199,7 @@ int queue_port_wait(struct queue_port *port, int timeout_ms);
 /* Requests submitted through the port whose callbacks have not run. */
 unsigned queue_port_pending(const struct queue_port *port);
 
-/* Completion of a request: rc is 0 when its commit returned, else a
+/* Completion of a request: rc is 0 once its commit is durable, else a
  * negative code (QUEUE_EMAPFULL, -ENOSPC, -EIO, QUEUE_EPANIC, ...). */
 typedef void queue_done_fn(void *cookie, int rc);
 
@@ -286,8 +287,9 @@ struct queue_due_pos {
 
 /* Deferred recipients due at or before now_ms, in due order, after *pos,
  * at most limit of them (0: no limit). Returns how many the callback saw,
- * or a negative code. A recipient deferred again to a time behind *pos
- * (e.g. a flush to "now") is seen after *pos is zeroed again. */
+ * or a negative code (a callback's negative return stops the scan and is
+ * returned; a positive one stops it too). A recipient deferred again to a
+ * time behind *pos (e.g. a flush to "now") is seen after *pos is zeroed. */
 int queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms, unsigned limit,
               queue_rcpt_fn *cb, void *arg);
 
