@@ -312,10 +312,11 @@ struct queue {
     uint64_t *touched;                     /* owned: ids whose recipients changed */
     size_t touched_n, touched_cap;
     size_t last_pgno;
-    uint64_t high_id;       /* highest message id committed */
-    uint64_t stored_id;     /* "last_id" as stored in meta */
-    unsigned since_free;    /* commits since the last one that removed messages, up to 2 */
-    unsigned batch_commits; /* successful commits while running this batch */
+    uint64_t high_id;        /* highest message id committed */
+    uint64_t stored_id;      /* "last_id" as stored in meta */
+    unsigned since_free;     /* commits since the last one that removed messages, up to 2 */
+    unsigned batch_commits;  /* successful commits while running this batch */
+    uint64_t last_commit_us; /* duration of the last successful commit */
     struct queue_req *pend_head, *pend_tail; /* committed, not yet durable (see flush_pending) */
     bool pend_unsynced;                      /* the last commit's meta page is not synced */
     bool full;                               /* enqueues are being refused for lack of room */
@@ -1057,6 +1058,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     else if (q->since_free < 2)
         q->since_free++;
     uint64_t us = mono_us() - t0;
+    q->last_commit_us = us;
     counter_add(&q->st.commits, 1);
     counter_add(&q->st.enqueued, t.enq);
     counter_add(&q->st.enqueued_rcpts, t.enq_rcpts);
@@ -1426,8 +1428,14 @@ pend_append(struct queue *q, struct queue_req *batch, struct queue_req *last)
 static void
 gather(struct queue *q)
 {
+    /* Never longer than a commit takes (within bounds): past that, a
+     * second commit would have served the late ones as fast. */
+    uint64_t cap = q->last_commit_us < 200    ? 200
+                   : q->last_commit_us > 2000 ? 2000
+                                              : q->last_commit_us;
+    uint64_t end = mono_us() + cap;
     q->gathering = true;
-    while (q->in_count < q->gather_target && !q->stopping) {
+    while (q->in_count < q->gather_target && !q->stopping && mono_us() < end) {
         size_t before = q->in_count;
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
