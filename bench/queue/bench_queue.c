@@ -91,6 +91,7 @@ struct opts {
     unsigned outcome_batch;
     unsigned prefill;
     bool no_sync; /* unsafe_no_sync: the CPU side alone, NOT durable */
+    unsigned max_batch;
 };
 
 static unsigned
@@ -119,7 +120,7 @@ usage(void)
             "usage: bench_queue [--dir DIR] [--producers 1,8,64] [--sizes 2K,80K] [--rcpts 1,100]\n"
             "                   [--window N] [--seconds S] [--no-single] [--no-enqueue]\n"
             "                   [--no-outcomes] [--no-ceiling] [--outcome-batch N] [--prefill N]\n"
-            "                   [--unsafe-no-sync] [--quick]\n");
+            "                   [--max-batch N] [--unsafe-no-sync] [--quick]\n");
     exit(2);
 }
 
@@ -140,7 +141,8 @@ parse_opts(int argc, char **argv, struct opts *o)
                        .outcomes = true,
                        .ceiling = true,
                        .outcome_batch = 50,
-                       .prefill = 200000};
+                       .prefill = 200000,
+                       .max_batch = 4096};
     snprintf(o->root, sizeof(o->root), "/var/tmp");
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -178,6 +180,9 @@ parse_opts(int argc, char **argv, struct opts *o)
             o->outcomes = false;
         } else if (strcmp(a, "--no-ceiling") == 0) {
             o->ceiling = false;
+        } else if (strcmp(a, "--max-batch") == 0 && v) {
+            o->max_batch = (unsigned)atoi(v);
+            i++;
         } else if (strcmp(a, "--unsafe-no-sync") == 0) {
             o->no_sync = true;
         } else if (strcmp(a, "--quick") == 0) {
@@ -188,8 +193,8 @@ parse_opts(int argc, char **argv, struct opts *o)
             usage();
         }
     }
-    if (o->window == 0 || o->nproducers == 0 || o->nsizes == 0 || o->nrcpts == 0 ||
-        o->outcome_batch == 0)
+    if (o->window == 0 || o->max_batch == 0 || o->nproducers == 0 || o->nsizes == 0 ||
+        o->nrcpts == 0 || o->outcome_batch == 0)
         usage();
 }
 
@@ -741,7 +746,8 @@ main(int argc, char **argv)
             for (unsigned ri = 0; ri < o.nrcpts; ri++)
                 for (unsigned pi = 0; pi < o.nproducers; pi++) {
                     struct result g, one = {0};
-                    run_enqueue(&o, o.producers[pi], o.sizes[si], o.rcpts[ri], 4096, o.seconds, &g);
+                    run_enqueue(&o, o.producers[pi], o.sizes[si], o.rcpts[ri], o.max_batch,
+                                o.seconds, &g);
                     if (o.single)
                         run_enqueue(&o, o.producers[pi], o.sizes[si], o.rcpts[ri], 1,
                                     o.single_seconds, &one);
