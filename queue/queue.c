@@ -1209,8 +1209,8 @@ commit_tick(struct queue *q)
  * commit N+2 on (LMDB keeps the previous snapshot intact until the next
  * meta page is durable), and a failed transaction does not advance the
  * txn id: right after deletions, commit once more and try again, or a
- * spool full of undelivered-but-freeable pages would refuse mail until
- * the next unrelated commit. Returns 0 or the LMDB code of the failure. */
+ * spool whose free pages are not reusable yet would refuse mail until
+ * some unrelated commit came. Returns 0 or the LMDB code of the failure. */
 static int
 retry_enqueues(struct queue *q, struct queue_req **enq, size_t n, int rc)
 {
