@@ -65,6 +65,15 @@
  * If a commit still fails for space, the enqueues of that batch get the
  * error and its updates are committed alone (split in halves on failure).
  * The map cannot grow while the server runs: raise map_size and restart.
+ *
+ * A full disk. The same reserve must exist on disk: the committer keeps
+ * blocks allocated (fallocate, file size unchanged) for the reserve plus
+ * some slack past the end of the data, so writes into that area cannot
+ * fail with ENOSPC. When the disk fills, extending the allocation fails,
+ * admission refuses new mail with -ENOSPC, and deletions still commit
+ * within the allocated blocks. On a filesystem without fallocate a full
+ * disk fails whole commits with -ENOSPC (updates included) until space
+ * returns; acknowledged mail is never at stake either way.
  */
 #include "queue/queue.h"
 
@@ -312,6 +321,9 @@ struct queue {
     uint64_t *touched;                     /* owned: ids whose recipients changed */
     size_t touched_n, touched_cap;
     size_t last_pgno;
+    int data_fd;             /* borrowed from LMDB: data.mdb */
+    bool prealloc;           /* disk_reserve() is in use */
+    size_t alloc_pages;      /* pages of data.mdb with blocks allocated */
     uint64_t high_id;        /* highest message id committed */
     uint64_t stored_id;      /* "last_id" as stored in meta */
     unsigned since_free;     /* commits since the last one that removed messages, up to 2 */
@@ -369,6 +381,7 @@ lmdb_err(int rc)
         return QUEUE_ECORRUPT;
     case ENOSPC:
     case EDQUOT:
+    case EFBIG: /* a file size limit: the file cannot grow, as on a full disk */
         return -ENOSPC;
     }
     if (rc > 0)
@@ -379,7 +392,7 @@ lmdb_err(int rc)
 static bool
 lmdb_space_err(int rc)
 {
-    return rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT;
+    return rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == EFBIG;
 }
 
 /* ---- ports ---- */
@@ -997,6 +1010,41 @@ counter_max(_Atomic uint64_t *c, uint64_t v)
         atomic_store_explicit(c, v, memory_order_relaxed);
 }
 
+/* Keep disk blocks allocated (fallocate, file size unchanged) for some
+ * pages past the end of the data: a full disk then stops new mail at
+ * admission, with a reserve of blocks left for the updates that delete
+ * mail, instead of failing every commit, deletions included, on ENOSPC.
+ * need: pages about to be used by enqueues. Committer (or open) only. */
+static void
+disk_reserve(struct queue *q, size_t need)
+{
+    if (!q->prealloc)
+        return;
+    size_t want = q->last_pgno + 1 + need + q->reserve_pages;
+    if (want > q->map_pages)
+        want = q->map_pages;
+    if (q->alloc_pages >= want)
+        return;
+    /* grow by a good step: one call per few MB written, not per commit */
+    size_t step = q->reserve_pages < 512 ? 256 : q->reserve_pages / 2;
+    size_t target = want + step < q->map_pages ? want + step : q->map_pages;
+    off_t off = (off_t)q->alloc_pages * (off_t)q->psize;
+    off_t len = (off_t)(target - q->alloc_pages) * (off_t)q->psize;
+    if (fallocate(q->data_fd, FALLOC_FL_KEEP_SIZE, off, len) == 0) {
+        q->alloc_pages = target;
+        return;
+    }
+    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+        q->prealloc = false; /* this filesystem cannot: plain ENOSPC it is */
+        return;
+    }
+    /* ENOSPC and the like: take what fits, page by page would be slow;
+     * admission sees the shortfall and refuses new mail. */
+    if (target > want && fallocate(q->data_fd, FALLOC_FL_KEEP_SIZE, off,
+                                   (off_t)(want - q->alloc_pages) * (off_t)q->psize) == 0)
+        q->alloc_pages = want;
+}
+
 static void
 refresh_map_use(struct queue *q)
 {
@@ -1070,6 +1118,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     counter_max(&q->st.commit_us_max, us);
     counter_max(&q->st.batch_max, nu + ne);
     refresh_map_use(q);
+    disk_reserve(q, 0);
     return 0;
 }
 
@@ -1137,38 +1186,50 @@ full_note(struct queue *q, const char *reason, size_t refused)
     if (!q->full_logged)
         return;
     q->full_logged_ms = now;
+    bool disk = strcmp(reason, "disk_full") == 0;
     log_msg(LOG_WARN,
             "queue=full reason=%s path=%s map_size=%" PRIu64 " map_used=%" PRIu64
-            " action=refusing_new_mail hint=\"deliveries free room; raise map_size and restart "
-            "to grow\"",
+            " action=refusing_new_mail hint=\"deliveries free room; %s\"",
             reason, q->cfg.path, (uint64_t)q->map_pages * q->psize,
-            (uint64_t)(q->last_pgno + 1) * q->psize);
+            (uint64_t)(q->last_pgno + 1) * q->psize,
+            disk ? "so does freeing disk space" : "raise map_size and restart to grow");
 }
 
-/* Keep the enqueues that fit in front of enq; refuse the others. */
+/* Keep the enqueues that fit in front of enq; refuse the others, with
+ * QUEUE_EMAPFULL when the map is short of room and -ENOSPC when the disk
+ * is (the blocks reserved ahead of the data, see disk_reserve, are not
+ * enough and could not be extended). Either way a reserve is left for
+ * the updates that free room. */
 static size_t
 admit(struct queue *q, struct queue_req **enq, size_t ne)
 {
     size_t need_all = 0;
     for (size_t i = 0; i < ne; i++)
         need_all += enqueue_pages(q, enq[i]);
-    size_t tail = q->map_pages > q->last_pgno + 1 ? q->map_pages - q->last_pgno - 1 : 0;
-    size_t avail = tail;
-    if (tail < q->reserve_pages + need_all + 256)
-        avail += freelist_pages(q);
-    size_t used = 0, na = 0, refused = 0;
+    disk_reserve(q, need_all);
+    size_t end = q->last_pgno + 1;
+    size_t map_avail = q->map_pages > end ? q->map_pages - end : 0;
+    size_t disk_avail = !q->prealloc ? SIZE_MAX : q->alloc_pages > end ? q->alloc_pages - end : 0;
+    size_t low = map_avail < disk_avail ? map_avail : disk_avail;
+    size_t free_pages = 0;
+    if (low < q->reserve_pages + need_all + 256)
+        free_pages = freelist_pages(q);
+    size_t used = 0, na = 0, refused_map = 0, refused_disk = 0;
     for (size_t i = 0; i < ne; i++) {
-        size_t need = enqueue_pages(q, enq[i]);
-        if (avail >= q->reserve_pages + used + need) {
-            used += need;
-            enq[na++] = enq[i];
-        } else {
+        size_t want = q->reserve_pages + used + enqueue_pages(q, enq[i]);
+        if (map_avail + free_pages < want) {
             enq[i]->rc = QUEUE_EMAPFULL;
-            refused++;
+            refused_map++;
+        } else if (disk_avail != SIZE_MAX && disk_avail + free_pages < want) {
+            enq[i]->rc = -ENOSPC;
+            refused_disk++;
+        } else {
+            used = want - q->reserve_pages;
+            enq[na++] = enq[i];
         }
     }
-    if (refused > 0)
-        full_note(q, "map_full", refused);
+    if (refused_map + refused_disk > 0)
+        full_note(q, refused_map ? "map_full" : "disk_full", refused_map + refused_disk);
     return na;
 }
 
@@ -1799,6 +1860,12 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
         q->reserve_pages = (32u << 20) / q->psize;
     atomic_store(&q->st.map_size, (uint64_t)info.me_mapsize);
     refresh_map_use(q);
+    struct stat fst;
+    if (mdb_env_get_fd(q->env, &q->data_fd) == 0 && fstat(q->data_fd, &fst) == 0) {
+        q->prealloc = true;
+        q->alloc_pages = (size_t)fst.st_size / q->psize;
+        disk_reserve(q, 0);
+    }
 
     q->vec_upd = calloc(q->cfg.max_batch, sizeof(*q->vec_upd));
     q->vec_enq = calloc(q->cfg.max_batch, sizeof(*q->vec_enq));

@@ -3,8 +3,10 @@
  * outcome updates still commit, in the same batch as refused enqueues too;
  * the messages they finish free room and enqueues succeed again; what was
  * acknowledged survives and the spool stays consistent across a reopen.
+ * Then the same with a full disk: a child process mounts an 8 MB tmpfs in
+ * a mount namespace of its own (skipped where namespaces are not allowed).
  *
- * Threading: one thread, plus the queue's own.
+ * Threading: one thread, plus the queue's own; the disk test forks first.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,10 +14,16 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <fcntl.h>
 #include <ftw.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "queue/queue.h"
 
@@ -254,6 +262,127 @@ test_too_large(void **state)
     assert_true(rep.messages == 2);
 }
 
+/* ---- a full disk, in a child with a small tmpfs of its own ---- */
+
+#define CHILD_CHECK(cond)                                                                          \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "disk-full child: %s:%d: %s\n", __FILE__, __LINE__, #cond);            \
+            _exit(1);                                                                              \
+        }                                                                                          \
+    } while (0)
+
+static int
+write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, text, strlen(text));
+    close(fd);
+    return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+/* A mount namespace of our own: directly as root, else inside a user
+ * namespace where we are root. Returns 0 or -1 (then the test skips). */
+static int
+private_mounts(void)
+{
+    if (unshare(CLONE_NEWNS) != 0) {
+        uid_t uid = getuid();
+        gid_t gid = getgid();
+        if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0)
+            return -1;
+        char map[64];
+        snprintf(map, sizeof(map), "0 %u 1", (unsigned)uid);
+        if (write_file("/proc/self/uid_map", map) != 0)
+            return -1;
+        write_file("/proc/self/setgroups", "deny");
+        snprintf(map, sizeof(map), "0 %u 1", (unsigned)gid);
+        if (write_file("/proc/self/gid_map", map) != 0)
+            return -1;
+    }
+    return mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL);
+}
+
+static void
+disk_full_child(const char *dir)
+{
+    if (private_mounts() != 0 || mount("tmpfs", dir, "tmpfs", 0, "size=8m") != 0)
+        _exit(77);
+    struct queue_config cfg = {0};
+    char err[512];
+    conf_defaults(queue_conf_keys, &cfg, err, sizeof(err));
+    free(cfg.path);
+    char path[300];
+    snprintf(path, sizeof(path), "%s/spool", dir);
+    cfg.path = strdup(path);
+    cfg.map_size = 64u << 20; /* far more than the disk */
+    struct queue *q;
+    CHILD_CHECK(queue_open(&cfg, &q, err, sizeof(err)) == 0);
+    memset(body, 'd', sizeof(body));
+    static uint64_t ids[4096], more[4096];
+    size_t n = 0;
+    int rc;
+    while ((rc = put(q, &ids[n])) == 0 && n < 4095)
+        n++;
+    CHILD_CHECK(rc == -ENOSPC); /* the disk, not the map */
+    CHILD_CHECK(queue_error_is_space(rc));
+    CHILD_CHECK(n > 200);
+    struct queue_stats st;
+    queue_stats(q, &st);
+    CHILD_CHECK(st.enqueue_refused >= 1);
+    /* the committer is alive, the refusal holds */
+    uint64_t x;
+    CHILD_CHECK(put(q, &x) == -ENOSPC);
+    /* deletions commit on the full disk, and make room */
+    for (size_t i = 0; i < n / 2; i++) {
+        struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, "ok"};
+        CHILD_CHECK(queue_update_wait(q, &o, 1) == 0);
+    }
+    size_t m = 0;
+    while ((rc = put(q, &more[m])) == 0 && m < 4095)
+        m++;
+    CHILD_CHECK(rc == -ENOSPC);
+    CHILD_CHECK(m >= n / 4);
+    struct queue_check_report rep;
+    CHILD_CHECK(queue_check(q, &rep) == 0);
+    CHILD_CHECK(rep.messages == n - n / 2 + m);
+    queue_close(q);
+    CHILD_CHECK(queue_open(&cfg, &q, err, sizeof(err)) == 0);
+    CHILD_CHECK(queue_check(q, &rep) == 0);
+    CHILD_CHECK(rep.messages == n - n / 2 + m);
+    char buf[BODY_LEN + 1];
+    size_t len;
+    CHILD_CHECK(queue_body_read(q, more[m - 1], 0, buf, sizeof(buf), &len) == 0);
+    CHILD_CHECK(len == BODY_LEN && memcmp(buf, body, BODY_LEN) == 0);
+    queue_close(q);
+    conf_free(queue_conf_keys, &cfg);
+    _exit(0);
+}
+
+static void
+test_disk_full(void **state)
+{
+    struct fixture *f = *state;
+    char dir[300];
+    snprintf(dir, sizeof(dir), "%s/small", f->dir);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        signal(SIGSEGV, SIG_DFL);
+        signal(SIGABRT, SIG_DFL);
+        disk_full_child(dir);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 77)
+        skip(); /* no mount namespace here */
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 int
 main(void)
 {
@@ -261,6 +390,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_full_then_room, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mixed_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_large, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_disk_full, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
