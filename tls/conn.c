@@ -23,7 +23,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
@@ -626,7 +625,7 @@ tls_conn_info(const struct tls_conn *c, struct tls_info *out)
     out->resumed = SSL_session_reused(c->ssl) == 1;
     out->verified = conn_verified(c);
     X509 *peer = SSL_get0_peer_certificate(c->ssl);
-    if (peer == NULL && !c->offered_session && SSL_get_peer_cert_chain(c->ssl) != NULL) {
+    if (peer == NULL && SSL_get_peer_cert_chain(c->ssl) != NULL) {
         /* A certificate that failed verification is not kept as the peer's,
          * but the chain it came in is, leaf first on a client. */
         STACK_OF(X509) *chain = SSL_get_peer_cert_chain(c->ssl);

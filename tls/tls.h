@@ -199,7 +199,8 @@ int tls_conn_shutdown(struct tls_conn *c);
  * 0 when there is none). Those bytes stay at that address, unchanged, until
  * tls_conn_consume() releases them or the conn is freed, whatever else is
  * called meanwhile (new ciphertext is appended after them, never moved over
- * them), so the pointer can go straight into a send SQE. */
+ * them), so the pointer can go straight into a send SQE. Peeking pins
+ * the bytes shown: to ask how much is waiting, use tls_conn_pending. */
 const void *tls_conn_peek(struct tls_conn *c, size_t *len);
 /* Release the first n bytes that tls_conn_peek showed (they were sent).
  * Returns 0, or -EINVAL when n exceeds what is pending. */
