@@ -489,18 +489,41 @@ rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
     return remove(path);
 }
 
+/* The temp dir lives in the fixture so that a failed run removes it too. */
+static int
+setup(void **state)
+{
+    char *dir = malloc(256);
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, 256, "%s/sluice-crash-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (mkdtemp(dir) == NULL) {
+        free(dir);
+        return -1;
+    }
+    *state = dir;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    nftw(*state, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(*state);
+    return 0;
+}
+
 static void
 test_kill9(void **state)
 {
-    (void)state;
-    char dir[256], path[300];
-    const char *tmp = getenv("TMPDIR");
-    snprintf(dir, sizeof(dir), "%s/sluice-crash-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    assert_non_null(mkdtemp(dir));
+    const char *dir = *state;
+    char path[300];
     snprintf(path, sizeof(path), "%s/spool", dir);
     struct model md = {0};
     struct check_ctx cx = {.buf = malloc(MAX_BODY + 10000)};
-    uint64_t seed = (uint64_t)time(NULL) ^ (uint64_t)getpid();
+    const char *fixed = getenv("SLUICE_CRASH_SEED"); /* to replay a failure */
+    uint64_t seed = fixed ? strtoull(fixed, NULL, 0) : (uint64_t)time(NULL) ^ (uint64_t)getpid();
+    print_message("crash: seed %llu (SLUICE_CRASH_SEED replays the child's choices)\n",
+                  (unsigned long long)seed);
     srand((unsigned)seed);
     uint64_t t_start = mono_ms();
     uint64_t total_acked = 0, total_out_acked = 0, records = 0;
@@ -606,14 +629,13 @@ test_kill9(void **state)
         free(md.m[i].r);
     free(md.m);
     free(cx.buf);
-    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_kill9),
+        cmocka_unit_test_setup_teardown(test_kill9, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
