@@ -1,0 +1,1104 @@
+/*
+ * smtp_client: the outbound SMTP session as a pure state machine (see
+ * smtp_client.h for the API and the rules).
+ *
+ * Shape. Every command written goes into a FIFO (c->pipe) as the state
+ * that waits for its reply, so while a reply is awaited the state is the
+ * kind of the FIFO head, and one function, smtp_client_on_reply(), handles
+ * a reply in that state. Pipelining is nothing but a FIFO allowed to hold
+ * more than one command; the transaction's commands are produced lazily
+ * by txn_write() whenever the FIFO and the output have room, so neither
+ * bounds the number of recipients. client_enter() is the one place a
+ * state changes (trace, counter, deadline restart); client_close() the one
+ * place a session ends, which is also where everything undecided in a
+ * transaction gets its temporary outcome.
+ *
+ * Threading: pure functions over the caller's struct; no globals besides
+ * constant tables, no allocation, no I/O, no clock.
+ */
+#include "engine/smtp_client.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MIN5  (5u * 60u * 1000u)
+#define MIN2  (2u * 60u * 1000u)
+#define MIN3  (3u * 60u * 1000u)
+#define MIN10 (10u * 60u * 1000u)
+
+const uint32_t smtp_client_default_timeout_ms[SMTP_CLIENT_S_COUNT] = {
+    [SMTP_CLIENT_S_GREETING] = MIN5, [SMTP_CLIENT_S_EHLO] = MIN5, [SMTP_CLIENT_S_HELO] = MIN5,
+    [SMTP_CLIENT_S_STARTTLS] = MIN5, [SMTP_CLIENT_S_TLS] = MIN5,  [SMTP_CLIENT_S_IDLE] = 0,
+    [SMTP_CLIENT_S_RSET] = MIN5,     [SMTP_CLIENT_S_MAIL] = MIN5, [SMTP_CLIENT_S_RCPT] = MIN5,
+    [SMTP_CLIENT_S_DATA] = MIN2,     [SMTP_CLIENT_S_BODY] = MIN3, [SMTP_CLIENT_S_DOT] = MIN10,
+    [SMTP_CLIENT_S_CLOSED] = 0,
+};
+
+static const char *const state_names[SMTP_CLIENT_S_COUNT] = {
+    [SMTP_CLIENT_S_GREETING] = "greeting", [SMTP_CLIENT_S_EHLO] = "ehlo",
+    [SMTP_CLIENT_S_HELO] = "helo",         [SMTP_CLIENT_S_STARTTLS] = "starttls",
+    [SMTP_CLIENT_S_TLS] = "tls",           [SMTP_CLIENT_S_IDLE] = "idle",
+    [SMTP_CLIENT_S_RSET] = "rset",         [SMTP_CLIENT_S_MAIL] = "mail",
+    [SMTP_CLIENT_S_RCPT] = "rcpt",         [SMTP_CLIENT_S_DATA] = "data",
+    [SMTP_CLIENT_S_BODY] = "body",         [SMTP_CLIENT_S_DOT] = "dot",
+    [SMTP_CLIENT_S_CLOSED] = "closed",
+};
+
+const char *
+smtp_client_state_str(enum smtp_client_state s)
+{
+    return (unsigned)s < SMTP_CLIENT_S_COUNT ? state_names[s] : "?";
+}
+
+/* ---- outcomes ---- */
+
+static void
+outcome_clear(struct smtp_outcome *o)
+{
+    o->code = 0;
+    o->enh.cls = 0;
+    o->enh.subject = 0;
+    o->enh.detail = 0;
+    o->status = SMTP_STATUS_PENDING;
+    o->scope = SMTP_SCOPE_NONE;
+    o->reason = SMTP_REASON_NONE;
+    o->stage = 0;
+    o->text[0] = '\0';
+}
+
+static bool
+undecided(const struct smtp_outcome *o)
+{
+    return o->status == SMTP_STATUS_PENDING || o->status == SMTP_STATUS_ACCEPTED;
+}
+
+/* The server's reply as an outcome: 2xx DELIVERED, 4xx TEMPFAIL, 5xx
+ * PERMFAIL (callers adjust). The text keeps any enhanced codes as sent. */
+static void
+outcome_reply(struct smtp_outcome *o, const struct smtp_reply *r, enum smtp_scope scope,
+              enum smtp_client_state stage)
+{
+    unsigned cls = r->code / 100u;
+    size_t n = r->text_len < sizeof o->text - 1 ? r->text_len : sizeof o->text - 1;
+
+    o->code = r->code;
+    if (r->enh.cls != 0) {
+        o->enh = r->enh;
+    } else {
+        o->enh.cls = (uint8_t)cls;
+        o->enh.subject = 0;
+        o->enh.detail = 0;
+    }
+    o->status = cls == 2   ? SMTP_STATUS_DELIVERED
+                : cls == 4 ? SMTP_STATUS_TEMPFAIL
+                : cls == 5 ? SMTP_STATUS_PERMFAIL
+                           : SMTP_STATUS_PENDING;
+    o->scope = (uint8_t)scope;
+    o->reason = SMTP_REASON_REPLY;
+    o->stage = (uint8_t)stage;
+    for (size_t i = 0; i < n; i++)
+        o->text[i] = r->text[i] == '\n' ? ' ' : r->text[i];
+    o->text[n] = '\0';
+}
+
+/* An outcome of ours; text is a printf format. */
+static void
+outcome_local(struct smtp_outcome *o, enum smtp_status status, enum smtp_scope scope,
+              enum smtp_reason reason, enum smtp_client_state stage, unsigned code, unsigned cls,
+              unsigned subject, unsigned detail, const char *fmt, ...)
+{
+    va_list ap;
+
+    o->code = (uint16_t)code;
+    o->enh.cls = (uint8_t)cls;
+    o->enh.subject = (uint16_t)subject;
+    o->enh.detail = (uint16_t)detail;
+    o->status = (uint8_t)status;
+    o->scope = (uint8_t)scope;
+    o->reason = (uint8_t)reason;
+    o->stage = (uint8_t)stage;
+    va_start(ap, fmt);
+    vsnprintf(o->text, sizeof o->text, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- plumbing: transitions, FIFO, output ---- */
+
+static void
+client_enter(struct smtp_client *c, enum smtp_client_state next)
+{
+    enum smtp_client_state old = c->state;
+
+    /* Entering the same state again (the next RCPT reply) still restarts
+     * the deadline; only a change is traced. */
+    c->ev |= SMTP_CLIENT_EV_TIMER;
+    if (old == next)
+        return;
+    c->state = next;
+    c->transitions++;
+    if (c->opts.trace != NULL)
+        c->opts.trace(c->opts.trace_arg, old, next);
+}
+
+static unsigned
+pipe_cap(const struct smtp_client *c)
+{
+    return c->pipelining ? SMTP_CLIENT_PIPE_MAX : 1;
+}
+
+static void
+pipe_push(struct smtp_client *c, enum smtp_client_state s, uint32_t rcpt)
+{
+    struct smtp_client_cmd *e;
+
+    if (c->pipe_len >= SMTP_CLIENT_PIPE_MAX)
+        abort(); /* callers check pipe_cap() first */
+    e = &c->pipe[(c->pipe_head + c->pipe_len) % SMTP_CLIENT_PIPE_MAX];
+    e->state = (uint8_t)s;
+    e->rcpt = rcpt;
+    c->pipe_len++;
+}
+
+static struct smtp_client_cmd
+pipe_pop(struct smtp_client *c)
+{
+    struct smtp_client_cmd e = c->pipe[c->pipe_head];
+
+    c->pipe_head = (uint16_t)((c->pipe_head + 1u) % SMTP_CLIENT_PIPE_MAX);
+    c->pipe_len--;
+    return e;
+}
+
+static enum smtp_client_state
+pipe_head_state(const struct smtp_client *c)
+{
+    return (enum smtp_client_state)c->pipe[c->pipe_head].state;
+}
+
+static bool
+out_put(struct smtp_client *c, const char *s, size_t n)
+{
+    if (SMTP_CLIENT_OUT_CAP - c->out_len < n)
+        return false;
+    memcpy(c->out + c->out_len, s, n);
+    c->out_len += n;
+    return true;
+}
+
+/* The events of this call. EV_CLOSE overrides everything that asks the
+ * caller to go on with the session. */
+static int
+client_events(struct smtp_client *c)
+{
+    uint32_t ev = c->ev;
+
+    c->ev = 0;
+    if (ev & SMTP_CLIENT_EV_CLOSE)
+        ev &= SMTP_CLIENT_EV_TXN_DONE | SMTP_CLIENT_EV_CLOSE;
+    return (int)ev;
+}
+
+/* ---- transactions ---- */
+
+/* Every recipient still undecided (or only accepted) takes o. Only an
+ * accepted recipient may take a delivery; a session failure (force_temp)
+ * is temporary whatever o says. */
+static void
+txn_settle(struct smtp_client *c, const struct smtp_outcome *o, bool force_temp)
+{
+    struct smtp_client_txn *t = c->txn;
+
+    for (unsigned i = 0; i < t->nrcpt; i++) {
+        struct smtp_outcome *ro = &t->rcpt[i].out;
+        bool accepted = ro->status == SMTP_STATUS_ACCEPTED;
+
+        if (!undecided(ro))
+            continue;
+        *ro = *o;
+        if (force_temp || undecided(ro) || (ro->status == SMTP_STATUS_DELIVERED && !accepted))
+            ro->status = SMTP_STATUS_TEMPFAIL;
+    }
+}
+
+/* The transaction is over: nothing left undecided, counts, EV_TXN_DONE. */
+static void
+txn_finish(struct smtp_client *c)
+{
+    struct smtp_client_txn *t = c->txn;
+    bool all_perm = true;
+
+    for (unsigned i = 0; i < t->nrcpt; i++)
+        all_perm = all_perm && t->rcpt[i].out.status == SMTP_STATUS_PERMFAIL;
+    if (t->msg.status == SMTP_STATUS_PENDING)
+        outcome_local(&t->msg, all_perm ? SMTP_STATUS_PERMFAIL : SMTP_STATUS_TEMPFAIL,
+                      SMTP_SCOPE_MESSAGE, SMTP_REASON_NO_RCPT, SMTP_CLIENT_S_RCPT, 0,
+                      all_perm ? 5 : 4, 0, 0, "no recipient was accepted");
+    /* Nothing should be left undecided here; if something is, it is not
+     * delivered. */
+    txn_settle(c, &t->msg, t->msg.status != SMTP_STATUS_PERMFAIL);
+    t->delivered = t->tempfail = t->permfail = 0;
+    for (unsigned i = 0; i < t->nrcpt; i++) {
+        switch (t->rcpt[i].out.status) {
+        case SMTP_STATUS_DELIVERED:
+            t->delivered++;
+            break;
+        case SMTP_STATUS_PERMFAIL:
+            t->permfail++;
+            break;
+        default:
+            t->tempfail++;
+            break;
+        }
+    }
+    c->txn = NULL;
+    c->ev |= SMTP_CLIENT_EV_TXN_DONE;
+}
+
+/* Which command the transaction writes next (the state awaiting it). */
+static enum smtp_client_state
+txn_next(const struct smtp_client *c)
+{
+    const struct smtp_client_run *x = &c->run;
+
+    if (x->want_rset)
+        return SMTP_CLIENT_S_RSET;
+    if (!x->mail_written)
+        return SMTP_CLIENT_S_MAIL;
+    if (x->next_rcpt < c->txn->nrcpt)
+        return SMTP_CLIENT_S_RCPT;
+    return SMTP_CLIENT_S_DATA;
+}
+
+/* Write what the transaction may write now: as many commands as the FIFO
+ * (one without PIPELINING) and the output take. DATA follows the RCPTs
+ * unless none can be accepted any more. */
+static void
+txn_write(struct smtp_client *c)
+{
+    struct smtp_client_txn *t = c->txn;
+    struct smtp_client_run *x = &c->run;
+
+    while (x->writing && c->pipe_len < pipe_cap(c)) {
+        char *o = c->out + c->out_len;
+        size_t room = SMTP_CLIENT_OUT_CAP - c->out_len;
+        int n;
+
+        if (x->want_rset) {
+            if (!out_put(c, "RSET\r\n", 6))
+                return;
+            pipe_push(c, SMTP_CLIENT_S_RSET, 0);
+            x->want_rset = false;
+        } else if (!x->mail_written) {
+            /* Checked in smtp_client_txn(): only NOSPACE can fail here. */
+            n = smtp_fmt_mail(o, room, t->from.ptr, t->from.len, &x->mail_params);
+            if (n < 0)
+                return;
+            c->out_len += (size_t)n;
+            pipe_push(c, SMTP_CLIENT_S_MAIL, 0);
+            x->mail_written = true;
+        } else if (x->mail_refused) {
+            x->writing = false;
+        } else if (x->next_rcpt < t->nrcpt) {
+            struct smtp_client_rcpt *r = &t->rcpt[x->next_rcpt];
+            struct smtp_params p = r->params;
+
+            if (r->out.status != SMTP_STATUS_PENDING) {
+                x->next_rcpt++; /* decided before it was sent (RCPTMAX) */
+                continue;
+            }
+            if (!(c->caps.ext & SMTP_EXT_DSN))
+                p.seen &= ~(uint32_t)(SMTP_PARAM_NOTIFY | SMTP_PARAM_ORCPT);
+            n = smtp_fmt_rcpt(o, room, r->addr.ptr, r->addr.len, &p, x->utf8);
+            if (n == SMTP_CMD_E_NOSPACE && c->out_len > 0)
+                return;
+            if (n < 0) {
+                outcome_local(&r->out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_RCPT, SMTP_REASON_ADDRESS,
+                              SMTP_CLIENT_S_RCPT, 553, 5, 1, 3,
+                              "recipient address or RCPT parameter cannot be sent: %s",
+                              smtp_cmd_err_str(n));
+                x->next_rcpt++;
+                continue;
+            }
+            c->out_len += (size_t)n;
+            pipe_push(c, SMTP_CLIENT_S_RCPT, x->next_rcpt);
+            x->next_rcpt++;
+            x->rcpt_wait++;
+        } else if (!x->data_written && (x->accepted > 0 || x->rcpt_wait > 0)) {
+            if (!out_put(c, "DATA\r\n", 6))
+                return;
+            pipe_push(c, SMTP_CLIENT_S_DATA, 0);
+            x->data_written = true;
+            x->writing = false;
+        } else {
+            x->writing = false;
+        }
+    }
+}
+
+/* After a reply in a transaction: write more, then wait for the next
+ * reply, or end the transaction when nothing is left. */
+static void
+txn_advance(struct smtp_client *c)
+{
+    txn_write(c);
+    if (c->pipe_len > 0) {
+        client_enter(c, pipe_head_state(c));
+    } else if (c->run.writing) {
+        client_enter(c, txn_next(c)); /* written as soon as the output has room */
+    } else {
+        txn_finish(c);
+        client_enter(c, SMTP_CLIENT_S_IDLE);
+        c->ev |= SMTP_CLIENT_EV_READY;
+    }
+}
+
+/* The message cannot go to this server: nothing is sent. */
+static void
+txn_refuse(struct smtp_client *c, enum smtp_reason reason, unsigned code, unsigned subject,
+           unsigned detail, const char *text, const char *why)
+{
+    outcome_local(&c->txn->msg, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, reason,
+                  SMTP_CLIENT_S_MAIL, code, 5, subject, detail, "%s%s%s", text, why ? ": " : "",
+                  why ? why : "");
+    txn_settle(c, &c->txn->msg, false);
+    txn_finish(c);
+    c->ev |= SMTP_CLIENT_EV_READY;
+}
+
+/* ---- ending a session ---- */
+
+/*
+ * The one way out. why says it (session scope); quit writes QUIT first
+ * when the conversation is in step and the server deserves one. An open
+ * transaction fails temporarily in whatever it had not decided.
+ */
+static void
+client_close(struct smtp_client *c, const struct smtp_outcome *why, bool quit)
+{
+    if (c->state == SMTP_CLIENT_S_CLOSED)
+        return;
+    c->session = *why;
+    c->broken = true;
+    if (quit)
+        (void)out_put(c, "QUIT\r\n", 6); /* a courtesy: skipped if the output is full */
+    if (c->txn != NULL) {
+        struct smtp_client_txn *t = c->txn;
+
+        if (t->msg.status == SMTP_STATUS_PENDING) {
+            t->msg = *why;
+            t->msg.status = SMTP_STATUS_TEMPFAIL;
+        }
+        txn_settle(c, why, true);
+        txn_finish(c);
+    }
+    c->pipe_len = 0;
+    client_enter(c, SMTP_CLIENT_S_CLOSED);
+    c->ev |= SMTP_CLIENT_EV_CLOSE;
+}
+
+static void
+client_protocol(struct smtp_client *c, const char *what)
+{
+    struct smtp_outcome o;
+
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_PROTOCOL, c->state, 0,
+                  4, 5, 0, "protocol error in state %s: %s", smtp_client_state_str(c->state), what);
+    client_close(c, &o, false);
+}
+
+/* The session ends on the server's reply (greeting, EHLO, HELO, 421). */
+static void
+client_close_reply(struct smtp_client *c, const struct smtp_reply *r, bool quit)
+{
+    struct smtp_outcome o;
+
+    outcome_reply(&o, r, SMTP_SCOPE_SESSION, c->state);
+    client_close(c, &o, quit);
+}
+
+/* ---- the greeting, EHLO/HELO, STARTTLS ---- */
+
+static bool
+tls_needed(const struct smtp_client *c)
+{
+    return c->opts.tls >= SMTP_CLIENT_TLS_REQUIRED && !c->tls;
+}
+
+/* EHLO/HELO with our name, or STARTTLS; then wait for its reply. */
+static void
+client_send(struct smtp_client *c, enum smtp_client_state s)
+{
+    const char *verb = s == SMTP_CLIENT_S_EHLO   ? "EHLO "
+                       : s == SMTP_CLIENT_S_HELO ? "HELO "
+                                                 : "STARTTLS";
+    size_t vl = strlen(verb), nl = s == SMTP_CLIENT_S_STARTTLS ? 0 : strlen(c->name);
+
+    /* Only ever written with an almost empty output; full means broken. */
+    if (SMTP_CLIENT_OUT_CAP - c->out_len < vl + nl + 2) {
+        client_protocol(c, "output buffer full");
+        return;
+    }
+    memcpy(c->out + c->out_len, verb, vl);
+    memcpy(c->out + c->out_len + vl, c->name, nl);
+    memcpy(c->out + c->out_len + vl + nl, "\r\n", 2);
+    c->out_len += vl + nl + 2;
+    pipe_push(c, s, 0);
+    client_enter(c, s);
+}
+
+static void
+client_tls_unavailable(struct smtp_client *c)
+{
+    struct smtp_outcome o;
+
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE,
+                  c->state, 0, 4, 7, 4, "TLS required by policy but STARTTLS not offered");
+    client_close(c, &o, true);
+}
+
+/* EHLO or HELO accepted: STARTTLS if wanted, else ready. */
+static void
+client_hello_done(struct smtp_client *c)
+{
+    if (!c->tls && c->opts.tls != SMTP_CLIENT_TLS_OFF) {
+        if (c->esmtp && (c->caps.ext & SMTP_EXT_STARTTLS)) {
+            client_send(c, SMTP_CLIENT_S_STARTTLS);
+            return;
+        }
+        if (tls_needed(c)) {
+            client_tls_unavailable(c);
+            return;
+        }
+    }
+    client_enter(c, SMTP_CLIENT_S_IDLE);
+    c->ev |= SMTP_CLIENT_EV_READY;
+}
+
+static void
+on_greeting(struct smtp_client *c, const struct smtp_reply *r)
+{
+    if (r->code == 220)
+        client_send(c, SMTP_CLIENT_S_EHLO);
+    else if (r->code >= 400)
+        client_close_reply(c, r, true);
+    else
+        client_protocol(c, "greeting not 220");
+}
+
+static void
+on_ehlo(struct smtp_client *c, const struct smtp_reply *r)
+{
+    if (r->code == 250) {
+        (void)smtp_reply_ehlo(r, &c->caps);
+        c->esmtp = true;
+        c->pipelining = (c->caps.ext & SMTP_EXT_PIPELINING) && !c->opts.no_pipelining;
+        client_hello_done(c);
+    } else if (r->code >= 500) {
+        if (tls_needed(c))
+            client_tls_unavailable(c); /* HELO cannot STARTTLS */
+        else
+            client_send(c, SMTP_CLIENT_S_HELO);
+    } else if (r->code >= 400) {
+        client_close_reply(c, r, true);
+    } else {
+        client_protocol(c, "EHLO reply not 250");
+    }
+}
+
+static void
+on_helo(struct smtp_client *c, const struct smtp_reply *r)
+{
+    if (r->code / 100 == 2) {
+        memset(&c->caps, 0, sizeof c->caps);
+        c->esmtp = false;
+        c->pipelining = false;
+        client_hello_done(c);
+    } else if (r->code >= 400) {
+        client_close_reply(c, r, true);
+    } else {
+        client_protocol(c, "HELO reply not 2xx");
+    }
+}
+
+static void
+on_starttls(struct smtp_client *c, const struct smtp_reply *r)
+{
+    if (r->code == 220) {
+        client_enter(c, SMTP_CLIENT_S_TLS);
+        c->ev |= SMTP_CLIENT_EV_STARTTLS;
+    } else if (r->code >= 400) {
+        if (c->opts.tls == SMTP_CLIENT_TLS_OPTIONAL) {
+            /* Plaintext is what this policy accepts anyway. */
+            client_enter(c, SMTP_CLIENT_S_IDLE);
+            c->ev |= SMTP_CLIENT_EV_READY;
+        } else {
+            struct smtp_outcome o;
+
+            outcome_reply(&o, r, SMTP_SCOPE_SESSION, c->state);
+            o.reason = SMTP_REASON_TLS_REFUSED;
+            o.status = SMTP_STATUS_TEMPFAIL;
+            client_close(c, &o, true);
+        }
+    } else {
+        client_protocol(c, "STARTTLS reply not 220");
+    }
+}
+
+/* ---- transaction replies ---- */
+
+static void
+on_rset(struct smtp_client *c, const struct smtp_reply *r)
+{
+    if (r->code / 100 == 2) {
+        c->need_rset = false;
+        txn_advance(c);
+    } else if (r->code >= 400) {
+        /* A server that cannot reset is not one to go on with: what was
+         * pipelined after the RSET would land in an unknown state. */
+        struct smtp_outcome o;
+
+        outcome_reply(&o, r, SMTP_SCOPE_SESSION, c->state);
+        client_close(c, &o, false);
+    } else {
+        client_protocol(c, "RSET reply not 2xx");
+    }
+}
+
+static void
+on_mail(struct smtp_client *c, const struct smtp_reply *r)
+{
+    struct smtp_client_txn *t = c->txn;
+
+    if (r->code / 100 == 2) {
+        c->need_rset = true;
+    } else if (r->code >= 400) {
+        c->run.mail_refused = true;
+        outcome_reply(&t->msg, r, SMTP_SCOPE_MESSAGE, SMTP_CLIENT_S_MAIL);
+        txn_settle(c, &t->msg, false);
+    } else {
+        client_protocol(c, "MAIL reply not 2xx, 4xx or 5xx");
+        return;
+    }
+    txn_advance(c);
+}
+
+static void
+on_rcpt(struct smtp_client *c, const struct smtp_reply *r, uint32_t i)
+{
+    struct smtp_outcome *o = &c->txn->rcpt[i].out;
+
+    if (r->code / 100 == 3) {
+        client_protocol(c, "RCPT reply not 2xx, 4xx or 5xx");
+        return;
+    }
+    c->run.rcpt_wait--;
+    /* After a refused MAIL the recipients have its outcome already. */
+    if (!c->run.mail_refused && o->status == SMTP_STATUS_PENDING) {
+        outcome_reply(o, r, SMTP_SCOPE_RCPT, SMTP_CLIENT_S_RCPT);
+        if (r->code / 100 == 2) {
+            o->status = SMTP_STATUS_ACCEPTED;
+            c->run.accepted++;
+        }
+    }
+    txn_advance(c);
+}
+
+/* Write the terminator (now or, when the output is full, from
+ * smtp_client_sent()); then wait for the reply to it. */
+static void
+body_finish(struct smtp_client *c)
+{
+    size_t room = SMTP_CLIENT_OUT_CAP - c->out_len, n = 0;
+
+    c->run.finishing = true;
+    if (room == 0)
+        return;
+    if (smtp_stuff_finish(&c->stuff, c->out + c->out_len, room, &n) == SMTP_DATA_END) {
+        c->out_len += n;
+        c->run.finishing = false;
+        pipe_push(c, SMTP_CLIENT_S_DOT, 0);
+        client_enter(c, SMTP_CLIENT_S_DOT);
+        if (!c->run.dot_only)
+            c->ev |= SMTP_CLIENT_EV_BODY_END;
+        return;
+    }
+    c->out_len += n;
+}
+
+static void
+on_data(struct smtp_client *c, const struct smtp_reply *r)
+{
+    struct smtp_client_txn *t = c->txn;
+
+    if (r->code == 354) {
+        smtp_stuff_init(&c->stuff);
+        client_enter(c, SMTP_CLIENT_S_BODY);
+        if (c->run.accepted > 0) {
+            c->ev |= SMTP_CLIENT_EV_SEND_BODY;
+        } else {
+            /* Nobody to deliver to, yet the server wants the message:
+             * an empty one ends the transaction (RFC 2920 3.1). */
+            c->run.dot_only = true;
+            body_finish(c);
+        }
+    } else if (r->code >= 400) {
+        /* With no recipient accepted this refusal is the expected one. */
+        if (c->run.accepted > 0) {
+            outcome_reply(&t->msg, r, SMTP_SCOPE_MESSAGE, SMTP_CLIENT_S_DATA);
+            txn_settle(c, &t->msg, false);
+        }
+        txn_advance(c);
+    } else {
+        client_protocol(c, "DATA reply not 354, 4xx or 5xx");
+    }
+}
+
+static void
+on_dot(struct smtp_client *c, const struct smtp_reply *r)
+{
+    struct smtp_client_txn *t = c->txn;
+
+    if (r->code / 100 == 3) {
+        client_protocol(c, "reply to the final dot not 2xx, 4xx or 5xx");
+        return;
+    }
+    if (!c->run.dot_only) {
+        outcome_reply(&t->msg, r, SMTP_SCOPE_MESSAGE, SMTP_CLIENT_S_DOT);
+        txn_settle(c, &t->msg, false);
+    }
+    c->need_rset = false;
+    txn_advance(c);
+}
+
+/* One complete reply, in the current state. */
+static void
+smtp_client_on_reply(struct smtp_client *c, const struct smtp_reply *r)
+{
+    struct smtp_client_cmd cmd;
+
+    /* 421 may come at any time, asked for or not: the server is going. */
+    if (r->code == 421) {
+        client_close_reply(c, r, false);
+        return;
+    }
+    if (c->pipe_len == 0) {
+        client_protocol(c, "unsolicited reply");
+        return;
+    }
+    cmd = pipe_pop(c);
+    if (cmd.state != c->state)
+        abort(); /* the state is the FIFO head's by construction */
+    switch (c->state) {
+    case SMTP_CLIENT_S_GREETING:
+        on_greeting(c, r);
+        break;
+    case SMTP_CLIENT_S_EHLO:
+        on_ehlo(c, r);
+        break;
+    case SMTP_CLIENT_S_HELO:
+        on_helo(c, r);
+        break;
+    case SMTP_CLIENT_S_STARTTLS:
+        on_starttls(c, r);
+        break;
+    case SMTP_CLIENT_S_RSET:
+        on_rset(c, r);
+        break;
+    case SMTP_CLIENT_S_MAIL:
+        on_mail(c, r);
+        break;
+    case SMTP_CLIENT_S_RCPT:
+        on_rcpt(c, r, cmd.rcpt);
+        break;
+    case SMTP_CLIENT_S_DATA:
+        on_data(c, r);
+        break;
+    case SMTP_CLIENT_S_DOT:
+        on_dot(c, r);
+        break;
+    default:
+        abort(); /* no command is outstanding in the other states */
+    }
+}
+
+/* ---- the API ---- */
+
+int
+smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o)
+{
+    size_t nl;
+
+    if (o == NULL || o->name == NULL || (unsigned)o->tls > SMTP_CLIENT_TLS_VERIFY)
+        return SMTP_CLIENT_E_ARG;
+    nl = strlen(o->name);
+    if (nl == 0 || nl > SMTP_CLIENT_NAME_MAX)
+        return SMTP_CLIENT_E_ARG;
+    for (size_t i = 0; i < nl; i++) {
+        unsigned char ch = (unsigned char)o->name[i];
+
+        if (ch <= ' ' || ch >= 0x7f)
+            return SMTP_CLIENT_E_ARG;
+    }
+    memset(c, 0, sizeof *c);
+    c->opts = *o;
+    memcpy(c->name, o->name, nl + 1);
+    c->opts.name = c->name;
+    if (c->opts.max_rcpt == 0)
+        c->opts.max_rcpt = SMTP_CLIENT_RCPT_DEFAULT;
+    c->tls = o->tls_active;
+    c->state = SMTP_CLIENT_S_GREETING;
+    outcome_clear(&c->session);
+    smtp_reply_parser_init(&c->rp);
+    pipe_push(c, SMTP_CLIENT_S_GREETING, 0);
+    return 0;
+}
+
+int
+smtp_client_input(struct smtp_client *c, const char *buf, size_t len, size_t *used)
+{
+    size_t off = 0;
+
+    *used = 0;
+    c->ev = 0;
+    if (c->state == SMTP_CLIENT_S_CLOSED || len == 0)
+        return 0;
+    if (c->state == SMTP_CLIENT_S_TLS) {
+        client_protocol(c, "plaintext during the TLS handshake");
+        return client_events(c);
+    }
+    while (off < len) {
+        size_t u = 0;
+        int rc = smtp_reply_parse(&c->rp, buf + off, len - off, &u);
+
+        off += u;
+        if (rc < 0) {
+            client_protocol(c, smtp_reply_err_str(rc));
+            break;
+        }
+        if (rc == SMTP_REPLY_MORE)
+            break;
+        smtp_client_on_reply(c, &c->rp.reply);
+        if (c->state == SMTP_CLIENT_S_CLOSED)
+            break;
+        if (c->state == SMTP_CLIENT_S_TLS) {
+            /* A server may not pipeline past its 220: whatever follows
+             * was injected before the handshake (CVE-2011-0411). */
+            if (off < len)
+                client_protocol(c, "data after the 220 to STARTTLS");
+            break;
+        }
+    }
+    *used = off;
+    return client_events(c);
+}
+
+const char *
+smtp_client_output(const struct smtp_client *c, size_t *len)
+{
+    *len = c->out_len;
+    return c->out;
+}
+
+int
+smtp_client_sent(struct smtp_client *c, size_t n)
+{
+    if (n > c->out_len)
+        return SMTP_CLIENT_E_ARG;
+    c->ev = 0;
+    if (n > 0) {
+        memmove(c->out, c->out + n, c->out_len - n);
+        c->out_len -= n;
+    }
+    if (c->state == SMTP_CLIENT_S_BODY) {
+        if (n > 0)
+            c->ev |= SMTP_CLIENT_EV_TIMER; /* the data block deadline runs per send */
+        if (c->run.finishing)
+            body_finish(c);
+    } else if (c->txn != NULL && c->run.writing) {
+        /* Appending leaves the FIFO head, and so the state, as it was;
+         * with nothing outstanding the first command written (or the end
+         * of the transaction) is a new state. */
+        if (c->pipe_len > 0)
+            txn_write(c);
+        else
+            txn_advance(c);
+    }
+    return client_events(c);
+}
+
+int
+smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
+{
+    struct smtp_outcome o;
+
+    if (c->state != SMTP_CLIENT_S_TLS)
+        return SMTP_CLIENT_E_STATE;
+    if ((unsigned)res > SMTP_CLIENT_TLS_VERIFIED)
+        return SMTP_CLIENT_E_ARG;
+    c->ev = 0;
+    if (res == SMTP_CLIENT_TLS_FAILED) {
+        outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED,
+                      c->state, 0, 4, 7, 5, "TLS handshake failed");
+        client_close(c, &o, false);
+    } else if (res == SMTP_CLIENT_TLS_UNVERIFIED && c->opts.tls == SMTP_CLIENT_TLS_VERIFY) {
+        outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED,
+                      c->state, 0, 4, 7, 5, "server certificate not verified");
+        client_close(c, &o, true);
+    } else {
+        /* RFC 3207 4.2: forget all that was learnt before TLS. */
+        c->tls = true;
+        c->tls_verified = res == SMTP_CLIENT_TLS_VERIFIED;
+        memset(&c->caps, 0, sizeof c->caps);
+        c->esmtp = false;
+        c->pipelining = false;
+        smtp_reply_parser_init(&c->rp);
+        client_send(c, SMTP_CLIENT_S_EHLO);
+    }
+    return client_events(c);
+}
+
+static bool
+ascii(struct smtp_span s)
+{
+    for (size_t i = 0; i < s.len; i++) {
+        if ((unsigned char)s.ptr[i] >= 0x80)
+            return false;
+    }
+    return true;
+}
+
+int
+smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
+{
+    struct smtp_client_run *x = &c->run;
+    const struct smtp_params *mp = &t->params;
+    char line[SMTP_CMD_LINE_MAX_MAIL + 64];
+    uint32_t keep = 0;
+    bool utf8;
+    int n;
+
+    if (c->state != SMTP_CLIENT_S_IDLE || c->txn != NULL)
+        return SMTP_CLIENT_E_STATE;
+    if (t->rcpt == NULL || t->nrcpt == 0 || t->nrcpt > c->opts.max_rcpt)
+        return SMTP_CLIENT_E_ARG;
+    if ((mp->seen & SMTP_PARAM_BODY) && mp->body == SMTP_BODY_BINARYMIME)
+        return SMTP_CLIENT_E_ARG;
+    c->ev = 0;
+    outcome_clear(&t->msg);
+    t->delivered = t->tempfail = t->permfail = 0;
+    utf8 = (mp->seen & SMTP_PARAM_SMTPUTF8) || !ascii(t->from);
+    for (unsigned i = 0; i < t->nrcpt; i++) {
+        outcome_clear(&t->rcpt[i].out);
+        utf8 = utf8 || !ascii(t->rcpt[i].addr);
+    }
+    memset(x, 0, sizeof *x);
+    c->txn = t;
+
+    if (utf8 && !(c->caps.ext & SMTP_EXT_SMTPUTF8)) {
+        txn_refuse(c, SMTP_REASON_NEED_SMTPUTF8, 553, 6, 7,
+                   "UTF-8 envelope and the server has no SMTPUTF8", NULL);
+        return client_events(c);
+    }
+    if ((mp->seen & SMTP_PARAM_BODY) && mp->body == SMTP_BODY_8BITMIME &&
+        !(c->caps.ext & SMTP_EXT_8BITMIME)) {
+        txn_refuse(c, SMTP_REASON_NEED_8BITMIME, 554, 6, 3,
+                   "8-bit message and the server has no 8BITMIME", NULL);
+        return client_events(c);
+    }
+    if ((mp->seen & SMTP_PARAM_SIZE) && (c->caps.ext & SMTP_EXT_SIZE) && c->caps.size_max != 0 &&
+        mp->size > c->caps.size_max) {
+        txn_refuse(c, SMTP_REASON_SIZE, 552, 3, 4, "message larger than the server's SIZE", NULL);
+        return client_events(c);
+    }
+
+    /* Each parameter only with its extension; AUTH= never (we do not
+     * authenticate to MX hosts). */
+    if (c->caps.ext & SMTP_EXT_SIZE)
+        keep |= SMTP_PARAM_SIZE;
+    if (c->caps.ext & SMTP_EXT_8BITMIME)
+        keep |= SMTP_PARAM_BODY;
+    if (c->caps.ext & SMTP_EXT_DSN)
+        keep |= SMTP_PARAM_RET | SMTP_PARAM_ENVID;
+    x->mail_params = *mp;
+    x->mail_params.seen = (mp->seen & keep) | (utf8 ? (uint32_t)SMTP_PARAM_SMTPUTF8 : 0u);
+    x->utf8 = utf8;
+    n = smtp_fmt_mail(line, sizeof line, t->from.ptr, t->from.len, &x->mail_params);
+    if (n < 0) {
+        txn_refuse(c, SMTP_REASON_ADDRESS, 553, 1, 7,
+                   "sender address or MAIL parameter cannot be sent", smtp_cmd_err_str(n));
+        return client_events(c);
+    }
+    /* RFC 9422: no more RCPTs than the server takes; the rest wait for
+     * the next transaction. */
+    if (c->caps.rcpt_max != 0) {
+        for (unsigned i = c->caps.rcpt_max; i < t->nrcpt; i++)
+            outcome_local(&t->rcpt[i].out, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_RCPT,
+                          SMTP_REASON_RCPT_LIMIT, SMTP_CLIENT_S_RCPT, 452, 4, 5, 3,
+                          "over the server's RCPTMAX of %u", (unsigned)c->caps.rcpt_max);
+    }
+    x->want_rset = c->need_rset;
+    x->writing = true;
+    txn_advance(c);
+    return client_events(c);
+}
+
+int
+smtp_client_body(struct smtp_client *c, const char *in, size_t len, bool last, size_t *consumed)
+{
+    size_t room = SMTP_CLIENT_OUT_CAP - c->out_len, produced = 0;
+
+    *consumed = 0;
+    if (c->state != SMTP_CLIENT_S_BODY || c->run.dot_only || (c->run.finishing && len > 0))
+        return SMTP_CLIENT_E_STATE;
+    c->ev = 0;
+    if (len > 0 && room >= 2) {
+        smtp_stuff(&c->stuff, in, len, c->out + c->out_len, room, consumed, &produced);
+        c->out_len += produced;
+    }
+    if (last && *consumed == len)
+        body_finish(c);
+    return client_events(c);
+}
+
+int
+smtp_client_quit(struct smtp_client *c)
+{
+    struct smtp_outcome o;
+
+    c->ev = 0;
+    if (c->state == SMTP_CLIENT_S_CLOSED)
+        return 0;
+    if (c->state == SMTP_CLIENT_S_IDLE) {
+        outcome_local(&o, SMTP_STATUS_PENDING, SMTP_SCOPE_SESSION, SMTP_REASON_QUIT, c->state, 0, 0,
+                      0, 0, "session closed by us");
+        client_close(c, &o, true);
+    } else {
+        outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_QUIT, c->state, 0,
+                      4, 0, 0, "session aborted by us in state %s",
+                      smtp_client_state_str(c->state));
+        client_close(c, &o, false);
+    }
+    return client_events(c);
+}
+
+int
+smtp_client_timeout(struct smtp_client *c)
+{
+    struct smtp_outcome o;
+
+    if (c->state == SMTP_CLIENT_S_IDLE)
+        return smtp_client_quit(c);
+    c->ev = 0;
+    if (c->state == SMTP_CLIENT_S_CLOSED)
+        return 0;
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TIMEOUT, c->state, 0, 4,
+                  4, 2, "conversation timed out in state %s", smtp_client_state_str(c->state));
+    client_close(c, &o, false);
+    return client_events(c);
+}
+
+int
+smtp_client_eof(struct smtp_client *c)
+{
+    struct smtp_outcome o;
+
+    c->ev = 0;
+    if (c->state == SMTP_CLIENT_S_CLOSED)
+        return 0;
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_EOF, c->state, 0, 4, 4,
+                  2, "lost connection in state %s", smtp_client_state_str(c->state));
+    client_close(c, &o, false);
+    return client_events(c);
+}
+
+uint32_t
+smtp_client_deadline_ms(const struct smtp_client *c)
+{
+    const uint32_t *t = c->opts.timeout_ms ? c->opts.timeout_ms : smtp_client_default_timeout_ms;
+
+    return t[c->state];
+}
+
+enum smtp_client_state
+smtp_client_state(const struct smtp_client *c)
+{
+    return c->state;
+}
+
+uint64_t
+smtp_client_transitions(const struct smtp_client *c)
+{
+    return c->transitions;
+}
+
+const struct smtp_ehlo *
+smtp_client_caps(const struct smtp_client *c)
+{
+    return &c->caps;
+}
+
+bool
+smtp_client_tls(const struct smtp_client *c, bool *verified)
+{
+    if (verified != NULL)
+        *verified = c->tls_verified;
+    return c->tls;
+}
+
+bool
+smtp_client_reusable(const struct smtp_client *c)
+{
+    return c->state == SMTP_CLIENT_S_IDLE && !c->broken;
+}
+
+const struct smtp_outcome *
+smtp_client_session(const struct smtp_client *c)
+{
+    return &c->session;
+}
+
+const char *
+smtp_status_str(enum smtp_status s)
+{
+    static const char *const names[] = {"pending", "accepted", "delivered", "tempfail", "permfail"};
+
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "?";
+}
+
+const char *
+smtp_scope_str(enum smtp_scope s)
+{
+    static const char *const names[] = {"none", "rcpt", "message", "session"};
+
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "?";
+}
+
+const char *
+smtp_reason_str(enum smtp_reason r)
+{
+    static const char *const names[] = {
+        "none",           "reply",           "timeout",       "eof",
+        "protocol",       "tls_unavailable", "tls_refused",   "tls_failed",
+        "tls_unverified", "need_8bitmime",   "need_smtputf8", "size",
+        "address",        "rcpt_limit",      "no_rcpt",       "quit",
+    };
+
+    return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "?";
+}
+
+const char *
+smtp_client_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "ok";
+    case SMTP_CLIENT_E_STATE:
+        return "not allowed in this session state";
+    case SMTP_CLIENT_E_ARG:
+        return "bad argument";
+    default:
+        return "unknown error";
+    }
+}
