@@ -8,7 +8,7 @@
 #   build-dir  configured with CC=clang -DSLUICE_FUZZ=ON, or new (default:
 #              $TMPDIR/sluice-fuzz); only the fuzz targets are built.
 # env: FUZZ_SECONDS   per target (default 20)
-#      FUZZ_TARGETS   names to run (default: all four)
+#      FUZZ_TARGETS   names to run (default: all five)
 #      FUZZ_ARGS      extra libFuzzer flags
 set -eu
 
@@ -21,7 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff"}
+targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client"}
 
 if [ -f "$build/CMakeCache.txt" ]; then
     if ! grep -q '^SLUICE_FUZZ:BOOL=ON' "$build/CMakeCache.txt"; then
