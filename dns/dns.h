@@ -1,0 +1,208 @@
+/*
+ * dns: MX resolution for delivery, on c-ares, with a per-thread TTL cache.
+ *
+ * One struct dns per worker thread: a c-ares channel, a cache of MX
+ * answers keyed by domain, and the lookups in flight. It knows no event
+ * loop. Its host (engine/resolver.c on an io_uring worker, or a plain
+ * poll() loop in tests and tools) is told which sockets to watch through
+ * the dns_sock_fn given to dns_new(), calls dns_process_fd() when one is
+ * ready, asks dns_timeout() for the next deadline and calls
+ * dns_process_timeouts() once it passed. Nothing here blocks, sleeps or
+ * starts a thread; dns_new() reads /etc/resolv.conf once when no servers
+ * are configured.
+ *
+ * A lookup (dns_mx_resolve) finds the domain's MX hosts in preference
+ * order (equal preferences shuffled per lookup), the implicit MX of RFC
+ * 5321 5.1 when there is none, the null MX of RFC 7505, and each host's
+ * IPv4/IPv6 addresses (from the additional section when the server gave
+ * them, else by A/AAAA queries; CNAMEs followed as resolvers do). A
+ * domain costs one lookup per TTL: answers are cached, and a request for
+ * a domain whose lookup is in flight joins it.
+ *
+ * Completion rule: dns_mx_resolve() returns 1 when the answer is known at
+ * once (cache hit, domain literal, bad name, or a lookup that failed
+ * before it could wait) and hands the result out through *res; the
+ * callback is then never called. It returns 0 when the answer must wait:
+ * the callback runs exactly once, later, from dns_process_fd() or
+ * dns_process_timeouts() on the same thread (never from inside
+ * dns_mx_resolve), unless dns_cancel() came first.
+ *
+ * Threading: a struct dns and its requests belong to the thread that
+ * created it. Results are immutable and their reference count is atomic,
+ * so a result may be handed to and released on any thread.
+ *
+ * Errors: functions return 0 or a negative code: -errno or enum
+ * dns_error; dns_strerror() names both. DNS outcomes are not errors: they
+ * are the status of a result.
+ */
+#ifndef SLUICE_DNS_DNS_H
+#define SLUICE_DNS_DNS_H
+
+#include <netinet/in.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "common/conf.h"
+
+struct dns;
+struct dns_req;
+
+/* ---- configuration: the [dns] section ---- */
+
+enum dns_family { DNS_FAMILY_V4, DNS_FAMILY_V6, DNS_FAMILY_BOTH };
+
+struct dns_config {
+    char *servers;         /* owned; "127.0.0.1:5353, [::1]"; NULL: /etc/resolv.conf */
+    uint64_t timeout;      /* ms, first try; c-ares doubles it each round of servers */
+    unsigned tries;        /* rounds over the servers before a query gives up */
+    int family;            /* enum dns_family: addresses wanted for MX hosts */
+    int prefer;            /* enum dns_family (V4 or V6): which comes first with BOTH */
+    unsigned cache_size;   /* domains kept (LRU beyond) */
+    uint64_t min_ttl;      /* ms; answers are kept at least this long */
+    uint64_t max_ttl;      /* ms; and at most this long */
+    uint64_t negative_ttl; /* ms; not-found answers: without SOA, and the cap with one */
+    uint64_t error_ttl;    /* ms; retry answers (SERVFAIL, timeout); 0: not kept */
+    unsigned max_mx_hosts; /* MX hosts kept per domain, best first */
+    unsigned max_inflight; /* lookups in flight; more wait in arrival order */
+};
+
+/* The key table for struct dns_config (conf_defaults, conf_set, conf_free). */
+extern const struct conf_key dns_conf_keys[];
+
+/* Check what the key table cannot: the servers list, min_ttl <= max_ttl.
+ * Returns 0, DNS_ESERVERS or -EINVAL, with one line in err for the
+ * operator. */
+int dns_config_check(const struct dns_config *cfg, char *err, size_t errlen);
+
+/* ---- errors ---- */
+
+/* The module's own range (the queue has -31000..). Also returned: -ENOMEM. */
+enum dns_error {
+    DNS_EINIT = -32000,    /* c-ares could not set up a channel */
+    DNS_ESERVERS = -32001, /* the servers list does not parse */
+};
+
+/* Text for any code this module returns (never NULL, static storage). */
+const char *dns_strerror(int rc);
+
+/* ---- results ---- */
+
+enum dns_status {
+    DNS_OK,        /* hosts[] holds at least one host with an address */
+    DNS_NOT_FOUND, /* NXDOMAIN, or neither MX nor address records: bounce */
+    DNS_NULL_MX,   /* RFC 7505 null MX: bounce at once with 5.1.10 */
+    DNS_RETRY,     /* SERVFAIL, timeout, refused, local shortage: defer */
+    DNS_FAIL,      /* permanent: bad domain name, no MX host with an address */
+};
+const char *dns_status_str(enum dns_status status);
+
+/* One address, port 0 (the caller sets it): sa.sa_family says which. */
+union dns_addr {
+    struct sockaddr sa;
+    struct sockaddr_in sin;
+    struct sockaddr_in6 sin6;
+};
+
+static inline socklen_t
+dns_addr_len(const union dns_addr *a)
+{
+    return a->sa.sa_family == AF_INET6 ? sizeof(a->sin6) : sizeof(a->sin);
+}
+
+struct dns_mx_host {
+    const char *name;            /* borrowed: lives as long as the result; as the MX names it */
+    unsigned preference;         /* 0 for an implicit MX or a literal */
+    unsigned naddrs;             /* >= 1 */
+    const union dns_addr *addrs; /* borrowed: lives as long as the result; preferred family first */
+};
+
+/* An answer. Immutable and refcounted: whoever is handed one owns one
+ * reference and drops it with dns_mx_result_unref(). */
+struct dns_mx_result {
+    enum dns_status status;
+    const char *why;    /* static text: "NXDOMAIN", "timeout", "no MX host has an address", ... */
+    const char *domain; /* borrowed: lives as long as the result; normalised */
+    bool implicit_mx;   /* no MX records: hosts[0] is the domain itself */
+    bool literal;       /* the domain was [IPv4] or [IPv6:...]: no DNS asked */
+    bool partial;       /* some MX hosts failed temporarily and are missing */
+    uint32_t ttl;       /* seconds the cache keeps it (after clamping) */
+    uint64_t expires;   /* CLOCK_MONOTONIC ns when the cache drops it */
+    unsigned nhosts;    /* 0 unless status is DNS_OK */
+    const struct dns_mx_host *hosts; /* borrowed: lives as long as the result; best first */
+};
+
+struct dns_mx_result *dns_mx_result_ref(struct dns_mx_result *res);
+/* Drop one reference; frees on the last. Returns NULL. */
+struct dns_mx_result *dns_mx_result_unref(struct dns_mx_result *res);
+
+/* ---- the resolver ---- */
+
+/* Watch fd: readable and/or writable; both false: stop watching, the fd
+ * is about to be closed (its number may come back for another socket). */
+typedef void dns_sock_fn(void *arg, int fd, bool readable, bool writable);
+/* A lookup finished: res is the caller's reference (unref it). */
+typedef void dns_mx_fn(void *arg, struct dns_mx_result *res);
+
+/* Make a resolver for the calling thread. cfg is copied. sock is called
+ * from inside dns calls (never from another thread). On failure returns a
+ * negative code with one line for the operator in err. */
+int dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct dns **out,
+            char *err, size_t errlen);
+/* Close every socket (sock is told) and free everything. Pending requests
+ * are dropped: their callbacks never run. Not from inside a dns callback.
+ * Returns NULL. */
+struct dns *dns_free(struct dns *d);
+
+/* Resolve domain (any case, trailing dot allowed, IDN as A-labels;
+ * "[192.0.2.1]" and "[IPv6:2001:db8::1]" are literals). See the
+ * completion rule above: returns 1 and *res, or 0 and *req (valid until
+ * the callback starts or dns_cancel), or -ENOMEM. */
+int dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
+                   struct dns_mx_result **res, struct dns_req **req);
+/* Forget a pending request: its callback will not run. The lookup goes
+ * on for the others and for the cache. */
+void dns_cancel(struct dns *d, struct dns_req *req);
+
+/* The host's side of the loop. fd became readable and/or writable (error
+ * and hang-up count as both). Runs due callbacks. */
+void dns_process_fd(struct dns *d, int fd, bool readable, bool writable);
+/* The deadline from dns_timeout() passed. Runs due callbacks. */
+void dns_process_timeouts(struct dns *d);
+/* When the host must call dns_process_timeouts(): CLOCK_MONOTONIC ns
+ * (now itself when callbacks are due), or UINT64_MAX for never. Ask again
+ * after every call into this module. */
+uint64_t dns_timeout(struct dns *d, uint64_t now);
+
+/* Drop every cached answer (lookups in flight finish and are kept). */
+void dns_cache_clear(struct dns *d);
+
+struct dns_stats {
+    uint64_t lookups;   /* dns_mx_resolve() calls */
+    uint64_t hits;      /* answered from the cache */
+    uint64_t misses;    /* started a lookup: not cached or expired */
+    uint64_t joined;    /* joined a lookup in flight for the same domain */
+    uint64_t queries;   /* DNS queries sent (MX, A, AAAA) */
+    uint64_t timeouts;  /* query tries that timed out */
+    uint64_t failures;  /* lookups that ended in retry or fail */
+    uint64_t evictions; /* answers dropped to make room */
+    uint64_t entries;   /* domains in the cache now */
+    uint64_t inflight;  /* lookups in flight now */
+    uint64_t queued;    /* lookups waiting for max_inflight now */
+    uint64_t requests;  /* requests waiting for a callback now */
+};
+void dns_stats(const struct dns *d, struct dns_stats *out);
+
+/* ---- names ---- */
+
+#define DNS_NAME_MAX 253
+
+/* Lowercase, drop one trailing dot and check: labels of 1..63 letters,
+ * digits, hyphens (not first or last) or underscores; 253 characters at
+ * most; a last label that is all digits is refused (an address is no
+ * domain); non-ASCII is refused (pass A-labels). out needs
+ * DNS_NAME_MAX + 1 bytes. Returns the length or -EINVAL. */
+int dns_name_normalize(const char *in, char out[DNS_NAME_MAX + 1]);
+
+#endif

@@ -1,0 +1,128 @@
+/*
+ * internal: what the files of dns/ share and nobody else sees: the
+ * resolver, its cache entries, requests and lookups.
+ *
+ * Shapes:
+ *  - struct entry: one domain in the cache. QUEUED (waiting for a slot
+ *    under max_inflight), INFLIGHT (its struct lookup talks to c-ares) or
+ *    DONE (holds a result until it expires or is evicted). Only DONE
+ *    entries are on the LRU list, so only they are ever evicted.
+ *  - struct dns_req: one caller waiting. On its entry's waiter list while
+ *    the lookup runs; then, holding its own reference to the result, on
+ *    the resolver's ready list until dns_process_* runs its callback. So
+ *    a callback never runs inside dns_mx_resolve, and an entry may be
+ *    looked up again while its old waiters are still being called.
+ *
+ * Threading: the owner thread of the struct dns only.
+ */
+#ifndef SLUICE_DNS_INTERNAL_H
+#define SLUICE_DNS_INTERNAL_H
+
+#include <ares.h>
+#include <stdatomic.h>
+
+#include "dns/dns.h"
+#include "dns/wire.h"
+
+enum entry_state { ENTRY_QUEUED, ENTRY_INFLIGHT, ENTRY_DONE };
+
+struct dns_req {
+    struct dns_req *prev, *next; /* on entry->waiters or dns->ready */
+    struct entry *entry;         /* borrowed: while waiting; NULL once ready */
+    struct dns_mx_result *res;   /* owned: once ready */
+    dns_mx_fn *cb;
+    void *arg;
+};
+
+struct req_list {
+    struct dns_req *head, *tail;
+};
+
+struct lookup;
+
+struct entry {
+    struct entry *hnext;         /* hash chain */
+    struct entry *lprev, *lnext; /* LRU list, most recent first (DONE only) */
+    struct entry *qnext;         /* FIFO of QUEUED entries */
+    struct req_list waiters;     /* QUEUED and INFLIGHT */
+    struct lookup *lookup;       /* owned: INFLIGHT */
+    struct dns_mx_result *res;   /* owned reference: DONE */
+    uint64_t expires;            /* DONE: CLOCK_MONOTONIC ns */
+    uint32_t hash;
+    uint8_t state; /* enum entry_state */
+    char name[];   /* normalised domain */
+};
+
+struct dns {
+    struct dns_config cfg; /* owned copy */
+    ares_channel channel;
+    bool destroying; /* inside dns_free: c-ares calls back to cancel */
+    bool starting;   /* inside start_queued: no recursion */
+    bool draining;   /* inside drain: callbacks run */
+    dns_sock_fn *sock;
+    void *sock_arg; /* borrowed: the host's, lives longer than d */
+    uint64_t rng;   /* xorshift state for the shuffles */
+
+    struct entry **buckets; /* owned array of chains of owned entries */
+    uint32_t nbuckets;      /* power of two */
+    uint32_t nentries;
+    struct entry *lru_head, *lru_tail;
+    struct entry *queue_head, *queue_tail;
+    unsigned inflight, queued, nreqs;
+
+    struct req_list ready;    /* completed requests, callbacks not yet run */
+    struct dns_req *req_free; /* owned free list (next links) */
+
+    uint64_t deadline;   /* cached answer of dns_timeout */
+    bool deadline_dirty; /* recompute with ares_timeout (linear in queries) */
+    struct dns_stats stats;
+};
+
+/* ---- lookup.c ---- */
+
+/* Start e's lookup (e is INFLIGHT, counted in inflight). It may finish
+ * before returning (then e is DONE). */
+void lookup_start(struct dns *d, struct entry *e);
+/* Called by lookup.c when e's lookup ended with res (one reference moved
+ * in). Defined in dns.c. */
+void dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res);
+
+/* ---- result.c ---- */
+
+struct result_host {
+    const char *name; /* borrowed for the build */
+    unsigned preference;
+    unsigned n4, n6;
+    const uint8_t (*a4)[16];
+    const uint8_t (*a6)[16];
+};
+
+/* A result in one allocation, one reference. NULL when out of memory. */
+struct dns_mx_result *result_new(enum dns_status status, const char *why, const char *domain,
+                                 const struct result_host *hosts, unsigned nhosts, bool prefer_v6);
+/* The answer when even a result cannot be allocated: DNS_RETRY, expired,
+ * static (its count never reaches zero). */
+struct dns_mx_result *result_oom(void);
+
+/* ---- config.c ---- */
+
+/* Parse the servers list into c-ares nodes (one allocation: free the
+ * first node). Returns 0 (*out NULL for an empty list) or DNS_ESERVERS
+ * with the reason in err, or -ENOMEM. */
+int servers_parse(const char *s, struct ares_addr_port_node **out, char *err, size_t errlen);
+
+static inline uint64_t
+dns_rand(struct dns *d)
+{
+    /* xorshift64*: the shuffles need spread, not secrecy */
+    uint64_t x = d->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    d->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+uint64_t dns_now(void);
+
+#endif

@@ -1,0 +1,474 @@
+/*
+ * lookup: one domain's resolution, as c-ares queries and their answers.
+ *
+ *   MX query --data--> hosts in preference order (equal ones shuffled),
+ *            |         addresses from the additional section, else an A
+ *            |         and/or AAAA query per host (family policy)
+ *            +-nodata-> implicit MX: the domain's own A/AAAA (RFC 5321 5.1)
+ *            +-one MX "."-> null MX (RFC 7505)
+ *            +-NXDOMAIN-> not found
+ *            +-SERVFAIL, timeout, refused, malformed-> retry
+ *
+ * The lookup counts its queries in flight (plus one while it is issuing
+ * them, because c-ares may call back from inside ares_query); the answer
+ * is built when the count drops to zero.
+ *
+ * Hosts are answered as the MX names them: a host that is a CNAME keeps
+ * its MX name (what TLS and logs want) and gets its target's addresses.
+ * MX targets that are no host names (the root among other MX records,
+ * address literals, odd bytes) are skipped, as Postfix does.
+ *
+ * Threading: the owner thread of the struct dns.
+ */
+#include "dns/internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum fam_state {
+    FS_SKIP,     /* family not wanted */
+    FS_PENDING,  /* query in flight */
+    FS_OK,       /* addresses found */
+    FS_NODATA,   /* name exists, no address of this family */
+    FS_NXDOMAIN, /* name does not exist */
+    FS_TEMP,     /* try again later */
+};
+
+struct lk_query {
+    struct lookup *lk; /* borrowed: the lookup outlives its queries */
+    int host;          /* index into hosts; -1: the MX query */
+    uint16_t type;
+};
+
+struct lk_host {
+    char name[DNS_NAME_MAX + 1];
+    unsigned preference;
+    uint8_t st4, st6; /* enum fam_state */
+    unsigned n4, n6;
+    uint8_t a4[WIRE_MAX_ADDR][16];
+    uint8_t a6[WIRE_MAX_ADDR][16];
+    struct lk_query q4, q6;
+};
+
+struct lookup {
+    struct dns *d;    /* borrowed: owns the lookup through its entry */
+    struct entry *e;  /* borrowed: owns this lookup */
+    unsigned pending; /* queries in flight, +1 while issuing */
+    struct lk_query qmx;
+    bool decided; /* the MX answer alone decided (status, why) */
+    enum dns_status status;
+    const char *why;
+    const char *temp_why; /* why the last temporary failure of a host */
+    bool implicit;
+    uint32_t ttl;     /* s: min TTL of the records the answer rests on */
+    uint32_t neg_ttl; /* s: min negative TTL from SOAs; UINT32_MAX: none seen */
+    unsigned nhosts;
+    struct lk_host *hosts; /* owned array */
+};
+
+enum ans_kind { ANS_DATA, ANS_NODATA, ANS_NXDOMAIN, ANS_TEMP };
+
+static inline uint32_t
+min32(uint32_t a, uint32_t b)
+{
+    return a < b ? a : b;
+}
+
+static void
+lookup_free(struct lookup *lk)
+{
+    if (lk->e != NULL && lk->e->lookup == lk)
+        lk->e->lookup = NULL;
+    free(lk->hosts);
+    free(lk);
+}
+
+static void on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen);
+
+static void
+send_query(struct lookup *lk, struct lk_query *q, const char *name, uint16_t type)
+{
+    struct dns *d = lk->d;
+    q->lk = lk;
+    q->type = type;
+    lk->pending++;
+    d->stats.queries++;
+    if (!d->deadline_dirty) {
+        /* c-ares arms a first try at now + timeout: the deadline can only
+         * move that early, so no linear ares_timeout() walk is needed. */
+        uint64_t t = dns_now() + d->cfg.timeout * 1000000ULL;
+        if (t < d->deadline)
+            d->deadline = t;
+    }
+    ares_query(d->channel, name, 1 /* IN */, type, on_answer, q);
+}
+
+static uint64_t
+clamp_ms(uint64_t ms, uint64_t lo, uint64_t hi)
+{
+    if (ms < lo)
+        ms = lo;
+    if (ms > hi)
+        ms = hi;
+    return ms;
+}
+
+/* How long the cache keeps a result of this status, in ms. */
+static uint64_t
+result_ttl_ms(const struct lookup *lk, enum dns_status status, bool partial)
+{
+    const struct dns_config *c = &lk->d->cfg;
+    uint64_t ms;
+    switch (status) {
+    case DNS_OK:
+    case DNS_NULL_MX:
+        ms = clamp_ms((uint64_t)lk->ttl * 1000, c->min_ttl, c->max_ttl);
+        if (partial && ms > c->error_ttl)
+            ms = c->error_ttl; /* come back soon for the hosts that failed */
+        return ms;
+    case DNS_NOT_FOUND:
+    case DNS_FAIL:
+        ms = c->negative_ttl;
+        if (lk->neg_ttl != UINT32_MAX && (uint64_t)lk->neg_ttl * 1000 < ms)
+            ms = (uint64_t)lk->neg_ttl * 1000;
+        return clamp_ms(ms, c->min_ttl, c->max_ttl);
+    case DNS_RETRY:
+        return c->error_ttl;
+    }
+    return 0;
+}
+
+static void
+finish(struct lookup *lk)
+{
+    struct dns *d = lk->d;
+    struct result_host rh[WIRE_MAX_MX];
+    unsigned n = 0;
+    enum dns_status status;
+    const char *why;
+    bool partial = false;
+
+    if (lk->decided) {
+        status = lk->status;
+        why = lk->why;
+    } else {
+        bool temp = false;
+        for (unsigned i = 0; i < lk->nhosts; i++) {
+            struct lk_host *h = &lk->hosts[i];
+            temp |= h->st4 == FS_TEMP || h->st6 == FS_TEMP;
+            if (h->n4 + h->n6 == 0)
+                continue;
+            rh[n].name = h->name;
+            rh[n].preference = h->preference;
+            rh[n].n4 = h->n4;
+            rh[n].n6 = h->n6;
+            rh[n].a4 = (const uint8_t(*)[16])h->a4;
+            rh[n].a6 = (const uint8_t(*)[16])h->a6;
+            n++;
+        }
+        if (n > 0) {
+            status = DNS_OK;
+            why = lk->implicit ? "implicit MX" : "MX";
+            partial = temp;
+        } else if (temp) {
+            status = DNS_RETRY;
+            why = lk->temp_why;
+        } else if (lk->implicit) {
+            status = DNS_NOT_FOUND;
+            why = "no MX and no address records";
+        } else {
+            status = DNS_FAIL;
+            why = "no MX host has an address";
+        }
+    }
+    uint64_t ttl_ms = result_ttl_ms(lk, status, partial);
+    struct dns_mx_result *res =
+        result_new(status, why, lk->e->name, rh, n, d->cfg.prefer == DNS_FAMILY_V6);
+    if (res == NULL) {
+        res = result_oom();
+    } else {
+        res->implicit_mx = lk->implicit && status == DNS_OK;
+        res->partial = partial;
+        res->ttl = (uint32_t)(ttl_ms / 1000);
+        res->expires = dns_now() + ttl_ms * 1000000ULL;
+    }
+    struct entry *e = lk->e;
+    lookup_free(lk);
+    dns_lookup_done(d, e, res);
+}
+
+static void
+lookup_put(struct lookup *lk)
+{
+    if (--lk->pending > 0)
+        return;
+    if (lk->d->destroying)
+        lookup_free(lk);
+    else
+        finish(lk);
+}
+
+static void
+decide(struct lookup *lk, enum dns_status status, const char *why)
+{
+    lk->decided = true;
+    lk->status = status;
+    lk->why = why;
+}
+
+/* Sort by preference, shuffle each run of equal preferences, drop
+ * repeated names (keeping the best preference). Returns the count. */
+static unsigned
+order_mx(struct dns *d, struct wire_mx *mx, unsigned n)
+{
+    for (unsigned i = 1; i < n; i++) {
+        struct wire_mx t = mx[i];
+        unsigned j = i;
+        for (; j > 0 && mx[j - 1].preference > t.preference; j--)
+            mx[j] = mx[j - 1];
+        mx[j] = t;
+    }
+    for (unsigned start = 0; start < n;) {
+        unsigned end = start + 1;
+        while (end < n && mx[end].preference == mx[start].preference)
+            end++;
+        for (unsigned i = end - 1; i > start; i--) {
+            unsigned j = start + (unsigned)(dns_rand(d) % (i - start + 1));
+            if (j != i) {
+                struct wire_mx t = mx[i];
+                mx[i] = mx[j];
+                mx[j] = t;
+            }
+        }
+        start = end;
+    }
+    unsigned out = 0;
+    for (unsigned i = 0; i < n; i++) {
+        bool dup = false;
+        for (unsigned k = 0; k < out && !dup; k++)
+            dup = strcmp(mx[k].host, mx[i].host) == 0;
+        if (!dup) {
+            if (out != i)
+                mx[out] = mx[i];
+            out++;
+        }
+    }
+    return out;
+}
+
+static void
+want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
+{
+    struct lk_host *h = &lk->hosts[i];
+    int family = lk->d->cfg.family;
+    h->st4 = family == DNS_FAMILY_V6 ? FS_SKIP : FS_PENDING;
+    h->st6 = family == DNS_FAMILY_V4 ? FS_SKIP : FS_PENDING;
+    h->q4.host = h->q6.host = (int)i;
+    /* The additional section of the MX answer often holds the addresses:
+     * take them per family, and ask only for what is missing. */
+    if (abuf != NULL && h->st4 == FS_PENDING) {
+        uint32_t ttl = UINT32_MAX;
+        h->n4 = wire_additional(abuf, alen, h->name, WIRE_T_A, h->a4, WIRE_MAX_ADDR, &ttl);
+        if (h->n4 > 0) {
+            h->st4 = FS_OK;
+            lk->ttl = min32(lk->ttl, ttl);
+        }
+    }
+    if (abuf != NULL && h->st6 == FS_PENDING) {
+        uint32_t ttl = UINT32_MAX;
+        h->n6 = wire_additional(abuf, alen, h->name, WIRE_T_AAAA, h->a6, WIRE_MAX_ADDR, &ttl);
+        if (h->n6 > 0) {
+            h->st6 = FS_OK;
+            lk->ttl = min32(lk->ttl, ttl);
+        }
+    }
+    if (h->st4 == FS_PENDING)
+        send_query(lk, &h->q4, h->name, WIRE_T_A);
+    if (h->st6 == FS_PENDING)
+        send_query(lk, &h->q6, h->name, WIRE_T_AAAA);
+}
+
+static void
+on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *temp_why,
+      const uint8_t *abuf, size_t alen)
+{
+    struct dns *d = lk->d;
+    switch (kind) {
+    case ANS_TEMP:
+        decide(lk, DNS_RETRY, temp_why);
+        return;
+    case ANS_NXDOMAIN:
+        if (a->soa)
+            lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
+        decide(lk, DNS_NOT_FOUND, "NXDOMAIN");
+        return;
+    case ANS_NODATA:
+        if (a->soa)
+            lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
+        lk->implicit = true;
+        lk->hosts = calloc(1, sizeof(*lk->hosts));
+        if (lk->hosts == NULL) {
+            decide(lk, DNS_RETRY, "out of memory");
+            return;
+        }
+        lk->nhosts = 1;
+        /* The domain itself; a CNAME'd domain is followed by the A/AAAA
+         * queries, as for any host. */
+        memcpy(lk->hosts[0].name, lk->e->name, strlen(lk->e->name) + 1);
+        lk->hosts[0].preference = 0;
+        want_addresses(lk, 0, NULL, 0);
+        return;
+    case ANS_DATA:
+        break;
+    }
+    lk->ttl = min32(lk->ttl, a->ttl);
+    if (a->n == 1 && a->mx[0].host[0] == '\0') {
+        decide(lk, DNS_NULL_MX, "null MX (RFC 7505)");
+        return;
+    }
+    unsigned n = 0;
+    for (unsigned i = 0; i < a->n; i++)
+        if (a->mx[i].ok)
+            a->mx[n++] = a->mx[i];
+    n = order_mx(d, a->mx, n);
+    if (n == 0) {
+        decide(lk, DNS_FAIL, "no MX target is a host name");
+        return;
+    }
+    if (n > d->cfg.max_mx_hosts)
+        n = d->cfg.max_mx_hosts;
+    lk->hosts = calloc(n, sizeof(*lk->hosts));
+    if (lk->hosts == NULL) {
+        decide(lk, DNS_RETRY, "out of memory");
+        return;
+    }
+    lk->nhosts = n;
+    for (unsigned i = 0; i < n; i++) {
+        memcpy(lk->hosts[i].name, a->mx[i].host, sizeof(a->mx[i].host));
+        lk->hosts[i].preference = a->mx[i].preference;
+    }
+    for (unsigned i = 0; i < n; i++)
+        want_addresses(lk, i, abuf, alen);
+}
+
+static void
+on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_answer *a,
+        const char *temp_why)
+{
+    struct lk_host *h = &lk->hosts[q->host];
+    bool v4 = q->type == WIRE_T_A;
+    uint8_t *st = v4 ? &h->st4 : &h->st6;
+    switch (kind) {
+    case ANS_DATA:
+        memcpy(v4 ? h->a4 : h->a6, a->addr, (size_t)a->n * 16);
+        if (v4)
+            h->n4 = a->n;
+        else
+            h->n6 = a->n;
+        *st = FS_OK;
+        lk->ttl = min32(lk->ttl, a->ttl);
+        return;
+    case ANS_NODATA:
+    case ANS_NXDOMAIN:
+        *st = kind == ANS_NODATA ? FS_NODATA : FS_NXDOMAIN;
+        if (a->soa)
+            lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
+        return;
+    case ANS_TEMP:
+        *st = FS_TEMP;
+        lk->temp_why = temp_why;
+        return;
+    }
+}
+
+static const char *
+ares_why(int status)
+{
+    switch (status) {
+    case ARES_ESERVFAIL:
+        return "SERVFAIL";
+    case ARES_ETIMEOUT:
+        return "timeout";
+    case ARES_ECONNREFUSED:
+        /* what c-ares 1.18 ends with after skipping servers that answered
+         * SERVFAIL, REFUSED or NOTIMP, as well as when none could be reached */
+        return "server failure (SERVFAIL, REFUSED or unreachable)";
+    case ARES_EREFUSED:
+        return "REFUSED";
+    case ARES_ENOTIMP:
+        return "NOTIMP";
+    case ARES_EFORMERR:
+        return "FORMERR";
+    case ARES_EBADRESP:
+        return "malformed answer";
+    case ARES_ENOMEM:
+        return "out of memory";
+    default:
+        return "resolver error";
+    }
+}
+
+static void
+on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+    struct lk_query *q = arg;
+    struct lookup *lk = q->lk;
+    struct dns *d = lk->d;
+    d->stats.timeouts += (unsigned)timeouts;
+    if (d->destroying || status == ARES_EDESTRUCTION || status == ARES_ECANCELLED) {
+        lookup_put(lk);
+        return;
+    }
+    const char *qname = q->host < 0 ? lk->e->name : lk->hosts[q->host].name;
+    /* Big (the MX targets): on the stack of this callback only. */
+    struct wire_answer a;
+    a.n = 0;
+    a.soa = false;
+    enum ans_kind kind = ANS_TEMP;
+    const char *temp_why = ares_why(status);
+    if (abuf != NULL && alen > 0 &&
+        (status == ARES_SUCCESS || status == ARES_ENODATA || status == ARES_ENOTFOUND)) {
+        if (wire_answer(abuf, (size_t)alen, qname, q->type, &a) < 0) {
+            temp_why = "malformed answer";
+        } else if (a.rcode == WIRE_NXDOMAIN) {
+            kind = ANS_NXDOMAIN;
+        } else if (a.rcode != WIRE_NOERROR) {
+            temp_why = "resolver error";
+        } else if (a.n > 0) {
+            kind = ANS_DATA;
+        } else if (a.chain_bad) {
+            temp_why = "CNAME chain too long or to a bad name";
+        } else {
+            kind = ANS_NODATA;
+        }
+    } else if (status == ARES_ENOTFOUND || status == ARES_ENODATA) {
+        /* no message to read: still the server's word */
+        memset(&a, 0, sizeof(a));
+        kind = status == ARES_ENOTFOUND ? ANS_NXDOMAIN : ANS_NODATA;
+    }
+    if (q->host < 0)
+        on_mx(lk, kind, &a, temp_why, abuf, abuf ? (size_t)alen : 0);
+    else
+        on_addr(lk, q, kind, &a, temp_why);
+    lookup_put(lk);
+}
+
+void
+lookup_start(struct dns *d, struct entry *e)
+{
+    struct lookup *lk = calloc(1, sizeof(*lk));
+    if (lk == NULL) {
+        dns_lookup_done(d, e, result_oom());
+        return;
+    }
+    lk->d = d;
+    lk->e = e;
+    lk->ttl = UINT32_MAX;
+    lk->neg_ttl = UINT32_MAX;
+    lk->qmx.host = -1;
+    lk->temp_why = "resolver error";
+    e->lookup = lk;
+    lk->pending = 1; /* held while issuing: c-ares may answer from inside ares_query */
+    send_query(lk, &lk->qmx, e->name, WIRE_T_MX);
+    lookup_put(lk);
+}

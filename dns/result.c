@@ -1,0 +1,126 @@
+/*
+ * result: the immutable, refcounted answers handed to callers. One
+ * allocation holds the result, its hosts, their addresses and every
+ * string, so a reference is one pointer and the last unref one free().
+ *
+ * Threading: results are immutable once built; the count is atomic, so
+ * references may be taken and dropped on any thread.
+ */
+#include "dns/internal.h"
+
+#include <stdalign.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct result_box {
+    atomic_uint refs;
+    struct dns_mx_result pub;
+};
+
+static struct result_box *
+box_of(struct dns_mx_result *res)
+{
+    return (struct result_box *)((char *)res - offsetof(struct result_box, pub));
+}
+
+struct dns_mx_result *
+dns_mx_result_ref(struct dns_mx_result *res)
+{
+    if (res != NULL)
+        atomic_fetch_add_explicit(&box_of(res)->refs, 1, memory_order_relaxed);
+    return res;
+}
+
+struct dns_mx_result *
+dns_mx_result_unref(struct dns_mx_result *res)
+{
+    if (res == NULL)
+        return NULL;
+    struct result_box *b = box_of(res);
+    /* acq_rel: the last owner's free must see every other owner's reads done */
+    if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+        free(b);
+    return NULL;
+}
+
+static size_t
+align_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
+
+static void
+set_addr(union dns_addr *a, int family, const uint8_t *bytes)
+{
+    memset(a, 0, sizeof(*a));
+    if (family == AF_INET) {
+        a->sin.sin_family = AF_INET;
+        memcpy(&a->sin.sin_addr, bytes, 4);
+    } else {
+        a->sin6.sin6_family = AF_INET6;
+        memcpy(&a->sin6.sin6_addr, bytes, 16);
+    }
+}
+
+struct dns_mx_result *
+result_new(enum dns_status status, const char *why, const char *domain,
+           const struct result_host *hosts, unsigned nhosts, bool prefer_v6)
+{
+    size_t naddrs = 0, chars = strlen(domain) + 1;
+    for (unsigned i = 0; i < nhosts; i++) {
+        naddrs += hosts[i].n4 + hosts[i].n6;
+        chars += strlen(hosts[i].name) + 1;
+    }
+    size_t off_hosts = align_up(sizeof(struct result_box), alignof(struct dns_mx_host));
+    size_t off_addrs =
+        align_up(off_hosts + nhosts * sizeof(struct dns_mx_host), alignof(union dns_addr));
+    size_t off_chars = off_addrs + naddrs * sizeof(union dns_addr);
+    char *mem = malloc(off_chars + chars);
+    if (mem == NULL)
+        return NULL;
+    struct result_box *b = (struct result_box *)mem;
+    struct dns_mx_host *h = (struct dns_mx_host *)(mem + off_hosts);
+    union dns_addr *a = (union dns_addr *)(mem + off_addrs);
+    char *s = mem + off_chars;
+
+    atomic_init(&b->refs, 1);
+    struct dns_mx_result *r = &b->pub;
+    memset(r, 0, sizeof(*r));
+    r->status = status;
+    r->why = why;
+    size_t len = strlen(domain) + 1;
+    memcpy(s, domain, len);
+    r->domain = s;
+    s += len;
+    r->nhosts = nhosts;
+    r->hosts = nhosts ? h : NULL;
+    for (unsigned i = 0; i < nhosts; i++) {
+        const struct result_host *src = &hosts[i];
+        len = strlen(src->name) + 1;
+        memcpy(s, src->name, len);
+        h[i].name = s;
+        s += len;
+        h[i].preference = src->preference;
+        h[i].naddrs = src->n4 + src->n6;
+        h[i].addrs = a;
+        for (int pass = 0; pass < 2; pass++) {
+            bool v6 = (pass == 0) == prefer_v6;
+            unsigned n = v6 ? src->n6 : src->n4;
+            for (unsigned k = 0; k < n; k++)
+                set_addr(a++, v6 ? AF_INET6 : AF_INET, v6 ? src->a6[k] : src->a4[k]);
+        }
+    }
+    return r;
+}
+
+struct dns_mx_result *
+result_oom(void)
+{
+    /* Starts half way up the counter: references come and go, it is
+     * never freed. */
+    static struct result_box box = {
+        .refs = 1u << 31,
+        .pub = {.status = DNS_RETRY, .why = "out of memory", .domain = ""},
+    };
+    return dns_mx_result_ref(&box.pub);
+}

@@ -1,0 +1,76 @@
+/*
+ * harness: a real dnsmasq on a loopback port of the test's own, a silent
+ * "server" that never answers, and a plain poll() loop that drives a
+ * struct dns the way a host loop would. Shared by the DNS tests and the
+ * DNS benchmark.
+ *
+ * dnsmasq runs in the foreground as our child (killed by PID on stop, and
+ * by the kernel if the test dies: PR_SET_PDEATHSIG), with --no-resolv
+ * --no-hosts, bound to 127.0.0.1 only, logging every query to a file in a
+ * temp dir of its own so that tests can count the queries it saw.
+ *
+ * Threading: one thread.
+ */
+#ifndef SLUICE_TESTS_DNS_HARNESS_H
+#define SLUICE_TESTS_DNS_HARNESS_H
+
+#include <poll.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "dns/dns.h"
+
+#define HARNESS_SKIP 77
+
+struct dnsmasq {
+    pid_t pid;
+    int port;
+    unsigned marks; /* sync markers sent so far */
+    char dir[64];   /* temp dir: conf, log, stderr */
+    char log[128];
+};
+
+/* Start dnsmasq with records (lines of a dnsmasq conf file, e.g.
+ * "mx-host=a.test,mx1.a.test,10\n") and extra options of the same form.
+ * Waits (bounded) until it answers. Returns 0, HARNESS_SKIP when dnsmasq
+ * is not installed (a message says so), or -1 (a message says why). */
+int dnsmasq_start(struct dnsmasq *m, const char *records, unsigned local_ttl);
+void dnsmasq_stop(struct dnsmasq *m);
+/* Make sure every query answered so far is in the log (a marker query,
+ * then wait for its line), then count "query[TYPE] NAME from" lines.
+ * Returns the count or -1. */
+int dnsmasq_count(struct dnsmasq *m, const char *type, const char *name);
+
+/* A UDP socket on 127.0.0.1 that reads and never answers. Returns the fd
+ * (its port in *port) or -1. */
+int silent_server(int *port);
+
+/* One raw UDP query of type for name to 127.0.0.1:port; waits up to
+ * timeout_ms. Returns the answer's rcode, or -1 without an answer. */
+int raw_query(int port, const char *name, uint16_t type, int timeout_ms);
+
+/* ---- a poll() loop for a struct dns ---- */
+
+#define PLOOP_MAX 64
+struct ploop {
+    struct dns *d;
+    unsigned n;
+    struct pollfd fds[PLOOP_MAX];
+    unsigned changes; /* socket-state calls seen */
+};
+
+void ploop_init(struct ploop *l);
+/* The dns_sock_fn to give dns_new (arg: the ploop). */
+void ploop_sock(void *arg, int fd, bool readable, bool writable);
+/* Run until *done reaches want or timeout_ms passes. Returns 0 or -1 on
+ * timeout. */
+int ploop_run(struct ploop *l, const unsigned *done, unsigned want, int timeout_ms);
+
+/* A dns config with the defaults, servers "127.0.0.1:port". Free with
+ * conf_free(dns_conf_keys, cfg). */
+void harness_config(struct dns_config *cfg, int port);
+
+uint64_t harness_now_ns(void);
+
+#endif

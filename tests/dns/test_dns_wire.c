@@ -1,0 +1,394 @@
+/*
+ * test_dns_wire: the bounded DNS message reader (dns/wire.h) on messages
+ * built byte by byte: compression, CNAME chains, negative answers with
+ * SOA, null MX, odd names, and malformed input (pointer loops, forward
+ * pointers, over-long names, every truncation of a valid message).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dns/wire.h"
+
+struct mb {
+    uint8_t b[4096];
+    size_t n;
+};
+
+static void
+u8(struct mb *m, unsigned v)
+{
+    m->b[m->n++] = (uint8_t)v;
+}
+
+static void
+u16(struct mb *m, unsigned v)
+{
+    u8(m, v >> 8);
+    u8(m, v & 255);
+}
+
+static void
+u32(struct mb *m, uint32_t v)
+{
+    u16(m, v >> 16);
+    u16(m, v & 0xFFFF);
+}
+
+/* Labels of name; a label "@N" ends the name with a pointer to N. */
+static void
+name(struct mb *m, const char *s)
+{
+    while (*s) {
+        size_t l = strcspn(s, ".");
+        if (s[0] == '@') {
+            u16(m, 0xC000u | (unsigned)atoi(s + 1));
+            return;
+        }
+        u8(m, (unsigned)l);
+        memcpy(m->b + m->n, s, l);
+        m->n += l;
+        s += l;
+        if (*s == '.')
+            s++;
+    }
+    u8(m, 0);
+}
+
+static void
+header(struct mb *m, unsigned rcode, unsigned an, unsigned ns, unsigned ar)
+{
+    m->n = 0;
+    u16(m, 0x1234);
+    u16(m, 0x8180 | rcode);
+    u16(m, 1);
+    u16(m, an);
+    u16(m, ns);
+    u16(m, ar);
+}
+
+static void
+question(struct mb *m, const char *q, unsigned type)
+{
+    name(m, q);
+    u16(m, type);
+    u16(m, 1);
+}
+
+static size_t
+rr(struct mb *m, const char *owner, unsigned type, uint32_t ttl)
+{
+    name(m, owner);
+    u16(m, type);
+    u16(m, 1);
+    u32(m, ttl);
+    size_t at = m->n;
+    u16(m, 0);
+    return at;
+}
+
+static void
+rr_end(struct mb *m, size_t at)
+{
+    size_t len = m->n - at - 2;
+    m->b[at] = (uint8_t)(len >> 8);
+    m->b[at + 1] = (uint8_t)len;
+}
+
+static void
+mx(struct mb *m, const char *owner, uint32_t ttl, unsigned pref, const char *host)
+{
+    size_t at = rr(m, owner, WIRE_T_MX, ttl);
+    u16(m, pref);
+    name(m, host);
+    rr_end(m, at);
+}
+
+static void
+a_rr(struct mb *m, const char *owner, uint32_t ttl, unsigned a, unsigned b, unsigned c, unsigned d)
+{
+    size_t at = rr(m, owner, WIRE_T_A, ttl);
+    u8(m, a);
+    u8(m, b);
+    u8(m, c);
+    u8(m, d);
+    rr_end(m, at);
+}
+
+static void
+soa(struct mb *m, const char *owner, uint32_t ttl, uint32_t minimum)
+{
+    size_t at = rr(m, owner, WIRE_T_SOA, ttl);
+    name(m, "ns.example");
+    name(m, "hostmaster.example");
+    u32(m, 1);
+    u32(m, 3600);
+    u32(m, 600);
+    u32(m, 86400);
+    u32(m, minimum);
+    rr_end(m, at);
+}
+
+static struct wire_answer ans;
+
+static void
+test_mx_with_compression(void **state)
+{
+    (void)state;
+    struct mb m;
+    header(&m, 0, 3, 0, 1);
+    question(&m, "Example.COM", WIRE_T_MX); /* name at offset 12 */
+    mx(&m, "@12", 300, 20, "mx2.@12");
+    mx(&m, "@12", 120, 10, "MX1.@12");
+    mx(&m, "other.@12", 5, 10, "x.@12"); /* another owner: not ours */
+    a_rr(&m, "mx1.@12", 60, 192, 0, 2, 1);
+    assert_int_equal(wire_answer(m.b, m.n, "example.com", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.rcode, WIRE_NOERROR);
+    assert_int_equal(ans.n, 2);
+    assert_int_equal(ans.mx[0].preference, 20);
+    assert_string_equal(ans.mx[0].host, "mx2.example.com");
+    assert_string_equal(ans.mx[1].host, "mx1.example.com"); /* lowercased */
+    assert_true(ans.mx[1].ok);
+    assert_int_equal(ans.ttl, 120);
+    assert_int_equal(ans.chain, 0);
+
+    uint8_t addr[4][16];
+    uint32_t ttl = 1000;
+    assert_int_equal(wire_additional(m.b, m.n, "mx1.example.com", WIRE_T_A, addr, 4, &ttl), 1);
+    assert_int_equal(ttl, 60);
+    assert_memory_equal(addr[0], "\xc0\x00\x02\x01", 4);
+    assert_int_equal(wire_additional(m.b, m.n, "mx2.example.com", WIRE_T_A, addr, 4, &ttl), 0);
+    assert_int_equal(wire_additional(m.b, m.n, "mx1.example.com", WIRE_T_AAAA, addr, 4, &ttl), 0);
+}
+
+static void
+test_cname_chain(void **state)
+{
+    (void)state;
+    struct mb m;
+    header(&m, 0, 4, 0, 0);
+    question(&m, "mx.a.test", WIRE_T_A);
+    size_t at = rr(&m, "@12", WIRE_T_CNAME, 50);
+    name(&m, "b.test");
+    rr_end(&m, at);
+    a_rr(&m, "c.test", 40, 10, 0, 0, 3); /* out of order: still found */
+    at = rr(&m, "b.test", WIRE_T_CNAME, 30);
+    name(&m, "c.test");
+    rr_end(&m, at);
+    a_rr(&m, "c.test", 70, 10, 0, 0, 4);
+    assert_int_equal(wire_answer(m.b, m.n, "mx.a.test", WIRE_T_A, &ans), 0);
+    assert_int_equal(ans.chain, 2);
+    assert_string_equal(ans.final, "c.test");
+    assert_int_equal(ans.n, 2);
+    assert_int_equal(ans.ttl, 30);
+    assert_memory_equal(ans.addr[1], "\x0a\x00\x00\x04", 4);
+
+    /* A chain that loops ends as a bad chain, not forever. */
+    header(&m, 0, 2, 0, 0);
+    question(&m, "x.test", WIRE_T_A);
+    at = rr(&m, "x.test", WIRE_T_CNAME, 5);
+    name(&m, "y.test");
+    rr_end(&m, at);
+    at = rr(&m, "y.test", WIRE_T_CNAME, 5);
+    name(&m, "x.test");
+    rr_end(&m, at);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_A, &ans), 0);
+    assert_int_equal(ans.n, 0);
+    assert_true(ans.chain_bad);
+
+    /* A chain that ends without data is no data at its end. */
+    header(&m, 0, 1, 1, 0);
+    question(&m, "x.test", WIRE_T_AAAA);
+    at = rr(&m, "x.test", WIRE_T_CNAME, 5);
+    name(&m, "y.test");
+    rr_end(&m, at);
+    soa(&m, "test", 900, 60);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_AAAA, &ans), 0);
+    assert_int_equal(ans.n, 0);
+    assert_false(ans.chain_bad);
+    assert_string_equal(ans.final, "y.test");
+    assert_true(ans.soa);
+    assert_int_equal(ans.neg_ttl, 60);
+}
+
+static void
+test_negative_answers(void **state)
+{
+    (void)state;
+    struct mb m;
+    header(&m, WIRE_NXDOMAIN, 0, 1, 0);
+    question(&m, "nx.test", WIRE_T_MX);
+    soa(&m, "test", 30, 3600); /* RFC 2308: min(TTL, MINIMUM) */
+    assert_int_equal(wire_answer(m.b, m.n, "nx.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.rcode, WIRE_NXDOMAIN);
+    assert_int_equal(ans.n, 0);
+    assert_true(ans.soa);
+    assert_int_equal(ans.neg_ttl, 30);
+
+    header(&m, WIRE_NOERROR, 0, 0, 0);
+    question(&m, "nodata.test", WIRE_T_MX);
+    assert_int_equal(wire_answer(m.b, m.n, "nodata.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.n, 0);
+    assert_false(ans.soa);
+
+    header(&m, WIRE_SERVFAIL, 0, 0, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.rcode, WIRE_SERVFAIL);
+}
+
+static void
+test_odd_targets(void **state)
+{
+    (void)state;
+    struct mb m;
+    header(&m, 0, 4, 0, 0);
+    question(&m, "d.test", WIRE_T_MX);
+    mx(&m, "d.test", 60, 0, "");                          /* null MX target */
+    mx(&m, "d.test", 60, 5, "192.0.2.1");                 /* an address as a name */
+    mx(&m, "d.test", 60, 5, "a b.test");                  /* a blank in a label */
+    size_t at = rr(&m, "d.test", WIRE_T_MX, 0x80000010u); /* TTL top bit: 0 */
+    u16(&m, 7);
+    name(&m, "_mx.test");
+    rr_end(&m, at);
+    assert_int_equal(wire_answer(m.b, m.n, "d.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.n, 4);
+    assert_string_equal(ans.mx[0].host, "");
+    assert_false(ans.mx[0].ok);
+    assert_false(ans.mx[1].ok);
+    assert_string_equal(ans.mx[2].host, "a?b.test");
+    assert_false(ans.mx[2].ok);
+    assert_true(ans.mx[3].ok);
+    assert_int_equal(ans.ttl, 0);
+    assert_true(wire_host_ok("mx.example"));
+    assert_false(wire_host_ok("10"));
+    assert_false(wire_host_ok(""));
+    assert_true(wire_host_ok("1.2.3.x4"));
+}
+
+static void
+test_malformed(void **state)
+{
+    (void)state;
+    struct mb m;
+    char out[WIRE_NAME_MAX + 1];
+    bool ok;
+    size_t after;
+    /* a pointer to itself */
+    header(&m, 0, 0, 0, 0);
+    u16(&m, 0xC000 | 12);
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), -EBADMSG);
+    /* a label, then a pointer back to it: a loop through the label */
+    header(&m, 0, 0, 0, 0);
+    name(&m, "a.@12");
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), -EBADMSG);
+    /* a forward pointer */
+    header(&m, 0, 0, 0, 0);
+    u16(&m, 0xC000 | 14);
+    name(&m, "a");
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), -EBADMSG);
+    /* two pointers chasing each other */
+    header(&m, 0, 0, 0, 0);
+    u16(&m, 0xC000 | 14);
+    u16(&m, 0xC000 | 12);
+    assert_int_equal(wire_name(m.b, m.n, 14, out, &ok, &after), -EBADMSG);
+    /* longer than 255 octets */
+    header(&m, 0, 0, 0, 0);
+    for (int i = 0; i < 5; i++) {
+        u8(&m, 60);
+        memset(m.b + m.n, 'a', 60);
+        m.n += 60;
+    }
+    u8(&m, 0);
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), -EBADMSG);
+    /* 253 characters is the most */
+    header(&m, 0, 0, 0, 0);
+    for (int i = 0; i < 4; i++) {
+        unsigned l = i < 3 ? 63 : 61;
+        u8(&m, l);
+        memset(m.b + m.n, 'a', l);
+        m.n += l;
+    }
+    u8(&m, 0);
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), 0);
+    assert_int_equal(strlen(out), 253);
+    assert_int_equal(after, m.n);
+    /* extended label type */
+    header(&m, 0, 0, 0, 0);
+    u8(&m, 0x41);
+    u8(&m, 0);
+    assert_int_equal(wire_name(m.b, m.n, 12, out, &ok, &after), -EBADMSG);
+    /* an A record of 5 bytes */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "x.test", WIRE_T_A);
+    size_t at = rr(&m, "x.test", WIRE_T_A, 5);
+    u32(&m, 1);
+    u8(&m, 2);
+    rr_end(&m, at);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_A, &ans), -EBADMSG);
+    /* an MX whose name runs past its rdata */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    at = rr(&m, "x.test", WIRE_T_MX, 5);
+    u16(&m, 1);
+    name(&m, "mx.x.test");
+    m.b[at + 1] = 5; /* rdlen claims 5 */
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), -EBADMSG);
+    /* header only, and less */
+    assert_int_equal(wire_answer(m.b, 11, "x.test", WIRE_T_MX, &ans), -EBADMSG);
+    assert_int_equal(wire_answer(NULL, 0, "x.test", WIRE_T_MX, &ans), -EBADMSG);
+}
+
+static void
+test_every_truncation(void **state)
+{
+    (void)state;
+    struct mb m;
+    header(&m, 0, 2, 1, 1);
+    question(&m, "trunc.test", WIRE_T_MX);
+    mx(&m, "@12", 300, 10, "mx1.@12");
+    mx(&m, "@12", 300, 20, "mx2.@12");
+    soa(&m, "test", 60, 60);
+    a_rr(&m, "mx1.@12", 60, 192, 0, 2, 1);
+    size_t answer_end = 0;
+    {
+        /* where the answer section ends: after the second MX */
+        struct wire_msg w;
+        struct wire_rr r;
+        assert_int_equal(wire_open(&w, m.b, m.n), 0);
+        assert_int_equal(wire_next(&w, &r), 1);
+        assert_int_equal(wire_next(&w, &r), 1);
+        answer_end = w.pos;
+    }
+    assert_int_equal(wire_answer(m.b, m.n, "trunc.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.n, 2);
+    for (size_t len = 0; len < m.n; len++) {
+        /* a copy of exactly len bytes, so that ASan sees any overread */
+        uint8_t *cut = malloc(len ? len : 1);
+        memcpy(cut, m.b, len);
+        int rc = wire_answer(cut, len, "trunc.test", WIRE_T_MX, &ans);
+        if (len < answer_end)
+            assert_int_equal(rc, -EBADMSG);
+        uint8_t addr[2][16];
+        uint32_t ttl = 0;
+        (void)wire_additional(cut, len, "mx1.trunc.test", WIRE_T_A, addr, 2, &ttl);
+        free(cut);
+    }
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_mx_with_compression), cmocka_unit_test(test_cname_chain),
+        cmocka_unit_test(test_negative_answers),    cmocka_unit_test(test_odd_targets),
+        cmocka_unit_test(test_malformed),           cmocka_unit_test(test_every_truncation),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
