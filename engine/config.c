@@ -148,6 +148,8 @@ static const struct section sections[] = {
     SECTION("tls", "TLS: the server certificate, protocols, the CA store for verify",
             tls_conf_keys, struct tls_config, tls),
     SECTION("delivery", "outbound SMTP", delivery_keys, struct delivery_config, delivery),
+    SECTION("dns", "MX resolution and its cache, per worker [not yet in effect]", dns_conf_keys,
+            struct dns_config, dns),
     SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
     SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),
     SECTION("log", "the daemon log", log_keys, struct log_config, log),

@@ -16,6 +16,7 @@
 #include <stdio.h>
 
 #include "common/conf.h"
+#include "dns/dns.h"
 #include "engine/netaddr.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -91,6 +92,7 @@ struct config {
     struct queue_config queue;
     struct tls_config tls;
     struct delivery_config delivery;
+    struct dns_config dns;
     struct redis_config redis;
     struct stats_config stats;
     struct log_config log;
