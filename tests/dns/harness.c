@@ -13,7 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -101,9 +100,51 @@ remove_dir(const char *dir)
     rmdir(dir);
 }
 
+/* A child that waits for the test's end of a pipe to close, then kills
+ * dnsmasq: the cleanup of every exit path the test cannot run itself. */
+static void
+watchdog_start(struct dnsmasq *m)
+{
+    int p[2];
+    m->watchdog = 0;
+    m->watch_fd = -1;
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* No PR_SET_PDEATHSIG here: it would kill us before we read EOF. */
+        /* hold nothing of the test's but the read end */
+        close_range(3, (unsigned)p[0] - 1, 0);
+        close_range((unsigned)p[0] + 1, ~0u, 0);
+        char c;
+        while (read(p[0], &c, 1) < 0 && errno == EINTR)
+            ;
+        kill(m->pid, SIGKILL);
+        remove_dir(m->dir);
+        _exit(0);
+    }
+    close(p[0]);
+    if (pid < 0) {
+        close(p[1]);
+        return;
+    }
+    m->watchdog = pid;
+    m->watch_fd = p[1];
+}
+
 static void
 reap(struct dnsmasq *m)
 {
+    /* The watchdog first: once dnsmasq is reaped its PID may be reused. */
+    if (m->watchdog > 0) {
+        kill(m->watchdog, SIGKILL);
+        while (waitpid(m->watchdog, NULL, 0) < 0 && errno == EINTR)
+            ;
+        m->watchdog = 0;
+    }
+    if (m->watch_fd >= 0)
+        close(m->watch_fd);
+    m->watch_fd = -1;
     if (m->pid <= 0)
         return;
     kill(m->pid, SIGTERM);
@@ -116,6 +157,7 @@ int
 dnsmasq_start(struct dnsmasq *m, const char *records, unsigned local_ttl)
 {
     memset(m, 0, sizeof(*m));
+    m->watch_fd = -1;
     const char *bin = dnsmasq_path();
     if (bin == NULL) {
         fprintf(stderr, "dnsmasq is not installed (tools/install-deps --test installs "
@@ -160,7 +202,6 @@ dnsmasq_start(struct dnsmasq *m, const char *records, unsigned local_ttl)
             break;
         }
         if (pid == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGKILL); /* the test died: so does its server */
             int fd = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
             if (fd >= 0) {
                 dup2(fd, 1);
@@ -186,6 +227,7 @@ dnsmasq_start(struct dnsmasq *m, const char *records, unsigned local_ttl)
             _exit(127);
         }
         m->pid = pid;
+        watchdog_start(m);
         /* Ready when it answers; bounded: 10 s (a loaded machine). */
         for (int i = 0; i < 50; i++) {
             if (raw_query(m->port, "ready.test", 1, 200) >= 0)

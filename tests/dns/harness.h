@@ -4,8 +4,10 @@
  * struct dns the way a host loop would. Shared by the DNS tests and the
  * DNS benchmark.
  *
- * dnsmasq runs in the foreground as our child (killed by PID on stop, and
- * by the kernel if the test dies: PR_SET_PDEATHSIG), with --no-resolv
+ * dnsmasq runs in the foreground as our child, killed by PID on stop; if
+ * the test dies first (an abort, a signal), a watchdog process sees the
+ * pipe from the test close and kills it. (PR_SET_PDEATHSIG alone is not
+ * enough: dnsmasq changes its credentials, which clears it.) With --no-resolv
  * --no-hosts, bound to 127.0.0.1 only, logging every query to a file in a
  * temp dir of its own so that tests can count the queries it saw.
  *
@@ -25,6 +27,8 @@
 
 struct dnsmasq {
     pid_t pid;
+    pid_t watchdog; /* kills dnsmasq if the test dies without stopping it */
+    int watch_fd;   /* write end of the watchdog's pipe */
     int port;
     unsigned marks; /* sync markers sent so far */
     char dir[64];   /* temp dir: conf, log, stderr */
