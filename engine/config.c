@@ -157,7 +157,7 @@ static const struct section sections[] = {
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
 
 const char *
-tls_policy_str(int policy)
+domain_tls_str(int policy)
 {
     if (policy >= 0 && policy < 4)
         return tls_policies[policy];
@@ -502,6 +502,12 @@ finish(struct parse *p)
             perr(p, key_line(p, 0, "listen_tls"), "listen_tls: %s", why);
         else if (!tls_config_has_server(&cfg->tls))
             perr(p, key_line(p, 0, "listen_tls"), "listen_tls: needs [tls] cert_file");
+    }
+    if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
+        unsigned dns_sec = 0;
+        while (strcmp(sections[dns_sec].name, "dns") != 0)
+            dns_sec++;
+        perr(p, key_line(p, dns_sec, "servers"), "[dns] %s", why);
     }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));

@@ -69,7 +69,7 @@ struct stats_config {
     char *socket;            /* owned */
 };
 
-enum tls_policy { TLS_OFF, TLS_OPTIONAL, TLS_REQUIRED, TLS_VERIFY };
+enum domain_tls { DOMAIN_TLS_OFF, DOMAIN_TLS_OPTIONAL, DOMAIN_TLS_REQUIRED, DOMAIN_TLS_VERIFY };
 
 /* One [domain NAME] section, with every key resolved (unset keys come
  * from [domain *], then from the built-in defaults). */
@@ -81,7 +81,7 @@ struct domain_policy {
     struct conf_rate max_connection_rate;
     unsigned max_messages_per_connection;
     unsigned max_rcpt_per_txn;
-    int tls;                 /* enum tls_policy */
+    int tls;                 /* enum domain_tls */
     struct conf_durations retry_schedule;
     uint64_t max_age;        /* ms */
 };
@@ -115,6 +115,6 @@ const struct domain_policy *config_domain(const struct config *cfg, const char *
  * this is how doc/config.md is made, and a test checks they agree. */
 void config_reference(FILE *out);
 
-const char *tls_policy_str(int policy);
+const char *domain_tls_str(int policy);
 
 #endif

@@ -126,9 +126,9 @@ test_domain_inheritance(void **state)
     assert_string_equal(d->name, "example.com");
     assert_int_equal(d->max_connections, 5);
     assert_int_equal(d->max_message_rate.count, 3000); /* from [domain *] */
-    assert_int_equal(d->tls, TLS_REQUIRED);
+    assert_int_equal(d->tls, DOMAIN_TLS_REQUIRED);
     d = config_domain(cfg, "OTHER.org");
-    assert_int_equal(d->tls, TLS_OFF);
+    assert_int_equal(d->tls, DOMAIN_TLS_OFF);
     assert_int_equal(d->max_connections, 10);
     d = config_domain(cfg, "unlisted.net");
     assert_string_equal(d->name, "*");
