@@ -20,6 +20,9 @@ fi
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
+# Absolute: the targets run from their own work directories.
+mkdir -p "$build"
+build=$(cd "$build" && pwd)
 seconds=${FUZZ_SECONDS:-20}
 targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client"}
 
