@@ -86,8 +86,11 @@ static const struct conf_key log_keys[] = {
 #define DLV(f) offsetof(struct delivery_config, f)
 static const struct conf_key delivery_keys[] = {
     {"remote_port", CONF_UINT, DLV(remote_port), 1, 65535, "25",
-     "TCP port of the receiving MX hosts (tests use an unprivileged one) [not yet in effect]",
-     NULL},
+     "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
+    {"connect_timeout", CONF_DURATION, DLV(connect_timeout), 1000, 600000, "30s",
+     "how long a connection to an MX address may take before the next address is tried", NULL},
+    {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
+     "how long an idle outbound connection waits for another message before QUIT", NULL},
     CONF_END,
 };
 
@@ -111,19 +114,21 @@ static const char *const tls_policies[] = {"off", "optional", "required", "verif
 #define DOM(f) offsetof(struct domain_policy, f)
 static const struct conf_key domain_keys[] = {
     {"max_connections", CONF_UINT, DOM(max_connections), 1, 100000, "20",
-     "concurrent connections to the domain's MX hosts [not yet in effect]", NULL},
+     "concurrent connections to the domain's MX hosts (per worker that owns the domain: "
+     "each domain has one)",
+     NULL},
     {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
      "messages per second, minute or hour (50/s, 3000/h) [not yet in effect]", NULL},
     {"max_connection_rate", CONF_RATE, DOM(max_connection_rate), 0, 0, "unlimited",
      "new connections per second, minute or hour [not yet in effect]", NULL},
     {"max_messages_per_connection", CONF_UINT, DOM(max_messages_per_connection), 1, 1000000,
-     "1000", "transactions on one connection before QUIT [not yet in effect]", NULL},
+     "1000", "transactions on one connection before QUIT", NULL},
     {"max_rcpt_per_txn", CONF_UINT, DOM(max_rcpt_per_txn), 1, 10000, "100",
-     "recipients of one message in one transaction [not yet in effect]", NULL},
+     "recipients of one message in one transaction", NULL},
     {"tls", CONF_ENUM, DOM(tls), 0, 0, "optional",
      "STARTTLS policy: off, optional, required, verify [not yet in effect]", tls_policies},
     {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
-     "delays between attempts after a temporary failure; the last repeats [not yet in effect]",
+     "delays between attempts after a temporary failure; the last repeats (no jitter yet)",
      NULL},
     {"max_age", CONF_DURATION, DOM(max_age), 60000, 30ULL * 86400 * 1000, "3d",
      "how long a recipient may stay queued before it bounces [not yet in effect]", NULL},

@@ -59,6 +59,8 @@ struct log_config {
 
 struct delivery_config {
     unsigned remote_port;
+    uint64_t connect_timeout; /* ms */
+    uint64_t idle_timeout;    /* ms */
 };
 
 struct redis_config {

@@ -13,11 +13,13 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "engine/delivery.h"
 #include "engine/server.h"
 
 struct start_msg {
     struct worker_msg m;
     struct server_worker *sw;
+    struct delivery *dlv;
 };
 
 static void
@@ -25,7 +27,60 @@ on_start(struct worker *w, struct worker_msg *m)
 {
     struct start_msg *sm = (struct start_msg *)m;
     server_worker_start(sm->sw);
+    delivery_start(sm->dlv);
     free(sm);
+}
+
+/* Rebuild the ready queues: every recipient not deferred is handed to the
+ * worker of its domain, grouped per message and domain. Deferred ones come
+ * back through the due poll when their time comes. */
+struct walk_batch {
+    struct engine *e;
+    uint64_t id;
+    char domain[256];
+    unsigned idx[256];
+    unsigned n;
+    uint64_t recipients;
+};
+
+static void
+walk_flush(struct walk_batch *b)
+{
+    if (b->n != 0)
+        delivery_submit(b->e, b->id, b->domain, b->idx, b->n);
+    b->recipients += b->n;
+    b->n = 0;
+}
+
+static int
+walk_one(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct walk_batch *b = arg;
+    if (r->state != QUEUE_RCPT_READY)
+        return 0;
+    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 || b->n == 256))
+        walk_flush(b);
+    if (b->n == 0) {
+        b->id = id;
+        snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
+    }
+    b->idx[b->n++] = r->index;
+    return 0;
+}
+
+static void
+requeue_spool(struct engine *e)
+{
+    struct walk_batch *b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return;
+    b->e = e;
+    int rc = queue_walk(e->queue, walk_one, b);
+    walk_flush(b);
+    log_msg(rc == 0 ? LOG_NOTICE : LOG_ERR, "event=spool_requeued recipients=%llu%s%s",
+            (unsigned long long)b->recipients, rc == 0 ? "" : " err=",
+            rc == 0 ? "" : queue_strerror(rc));
+    free(b);
 }
 
 static int
@@ -83,7 +138,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     }
     e->workers = calloc(cfg->server.workers, sizeof(*e->workers));
     e->srv = calloc(cfg->server.workers, sizeof(*e->srv));
-    if (e->workers == NULL || e->srv == NULL) {
+    e->dlv = calloc(cfg->server.workers, sizeof(*e->dlv));
+    if (e->workers == NULL || e->srv == NULL || e->dlv == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
         goto fail;
@@ -103,6 +159,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         rc = server_worker_new(e, &e->workers[i], &e->srv[i], err, errlen);
         if (rc < 0)
             goto fail;
+        rc = delivery_new(e, &e->workers[i], &e->dlv[i], err, errlen);
+        if (rc < 0)
+            goto fail;
         struct start_msg *sm = calloc(1, sizeof(*sm));
         if (sm == NULL) {
             rc = -ENOMEM;
@@ -110,6 +169,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         }
         sm->m.fn = on_start;
         sm->sw = e->srv[i];
+        sm->dlv = e->dlv[i];
         worker_post(&e->workers[i], &sm->m);
     }
     for (unsigned i = 0; i < e->nworkers; i++) {
@@ -119,6 +179,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
     }
+    requeue_spool(e);
     return 0;
 fail:
     engine_stop(e);
@@ -128,9 +189,14 @@ fail:
 void
 engine_stop(struct engine *e)
 {
-    for (unsigned i = 0; i < e->nworkers; i++)
-        if (e->workers[i].started)
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        if (!e->workers[i].started)
+            continue;
+        if (e->dlv[i] != NULL)
+            delivery_stop(e->dlv[i]); /* ends the loop once it has let go */
+        else
             worker_stop(&e->workers[i]);
+    }
     for (unsigned i = 0; i < e->nworkers; i++) {
         int rc = worker_join(&e->workers[i]);
         if (rc < 0)
@@ -138,6 +204,7 @@ engine_stop(struct engine *e)
     }
     for (unsigned i = 0; i < e->nworkers; i++) {
         e->srv[i] = server_worker_free(e->srv[i]);
+        e->dlv[i] = delivery_free(e->dlv[i]);
         /* start messages never delivered (a failed start) */
         struct worker_msg *m = e->workers[i].mbox_head;
         while (m != NULL) {
@@ -151,8 +218,10 @@ engine_stop(struct engine *e)
     }
     free(e->workers);
     free(e->srv);
+    free(e->dlv);
     e->workers = NULL;
     e->srv = NULL;
+    e->dlv = NULL;
     e->nworkers = 0;
     if (e->queue != NULL)
         queue_close(e->queue);

@@ -42,6 +42,7 @@ struct engine {
     pthread_mutex_t users_lock;
     struct worker *workers;    /* owned array of nworkers */
     struct server_worker **srv; /* owned: the submission server of each worker */
+    struct delivery **dlv;     /* owned: the outbound side of each worker */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     struct conn_table per_ip;

@@ -35,6 +35,7 @@
 
 #include "common/log.h"
 #include "engine/auth.h"
+#include "engine/delivery.h"
 #include "engine/engine.h"
 #include "engine/msa.h"
 #include "engine/netaddr.h"
@@ -187,6 +188,7 @@ static void session_on_recv(struct worker *w, struct op *op, int res, uint32_t f
 static void session_on_send(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_timer(struct timer *t, void *ctx);
+static void hand_to_delivery(struct session *s);
 
 #define SESSION_OF(ptr, field) ((struct session *)((char *)(ptr) - offsetof(struct session, field)))
 
@@ -409,6 +411,7 @@ session_on_commit(void *cookie, int rc)
     queue_id_str(s->msg_id, qid);
     if (rc == 0) {
         s->sw->stats.messages++;
+        hand_to_delivery(s);
         log_msg(LOG_INFO,
                 "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu user=%s "
                 "client=%s",
@@ -428,6 +431,39 @@ session_on_commit(void *cookie, int rc)
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
     session_run(s);
+}
+
+/* The message is safe in the spool: give its recipients, grouped by
+ * domain, to the workers that own those domains. Recipient i of the
+ * session is recipient i of the stored message. */
+static void
+hand_to_delivery(struct session *s)
+{
+    unsigned idx[256];
+    bool *done = calloc(s->nrcpt, sizeof(*done));
+    if (done == NULL)
+        return; /* in the spool: the next start delivers it */
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        if (done[i])
+            continue;
+        const char *dom = strrchr(s->rcpts[i].addr, '@');
+        dom = dom ? dom + 1 : "";
+        unsigned n = 0;
+        for (unsigned k = i; k < s->nrcpt; k++) {
+            const char *dk = strrchr(s->rcpts[k].addr, '@');
+            dk = dk ? dk + 1 : "";
+            if (done[k] || strcasecmp(dk, dom) != 0)
+                continue;
+            done[k] = true;
+            idx[n++] = k;
+            if (n == sizeof(idx) / sizeof(idx[0])) {
+                delivery_submit(s->sw->e, s->msg_id, dom, idx, n);
+                n = 0;
+            }
+        }
+        delivery_submit(s->sw->e, s->msg_id, dom, idx, n);
+    }
+    free(done);
 }
 
 static const char *

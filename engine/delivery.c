@@ -1,0 +1,1108 @@
+/*
+ * delivery: see delivery.h.
+ *
+ * A destination (struct dest) is a domain with its FIFO of jobs, its MX
+ * answer and its connections. dest_run() is the scheduler's one decision
+ * point: resolve when there is no answer, fail the jobs when the answer
+ * says so, else hand jobs to idle connections and open new ones up to
+ * max_connections.
+ *
+ * A connection (struct conn) drives the pure client machine of
+ * smtp_client.h: bytes received go in, its output goes out, and its
+ * events say when to stream the body, when a transaction is done and when
+ * to close. Lifetime as in server.c: ops in flight are counted, and the
+ * last completion after conn_close() frees.
+ *
+ * Not yet here (see the README): STARTTLS on outbound connections (the
+ * client machine runs with TLS off), the retry schedule's jitter, max_age,
+ * DSNs, the delivery log, rate limits.
+ *
+ * Threading: the worker's thread, but delivery_submit().
+ */
+#include "engine/delivery.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "dns/dns.h"
+#include "engine/engine.h"
+#include "engine/netaddr.h"
+#include "engine/resolver.h"
+#include "engine/smtp_client.h"
+#include "engine/worker.h"
+#include "queue/queue.h"
+
+#define DEST_BUCKETS   4096
+#define IN_CAP         8192
+#define BODY_CHUNK     (64 * 1024)
+#define DUE_POLL_MS    1000
+#define DUE_BATCH      10000
+#define RETRY_DEST_MS  60000 /* after every MX address failed */
+
+struct job {
+    struct worker_msg m; /* while it travels to the owner */
+    struct job *next;
+    uint64_t id;
+    unsigned n;
+    char domain[256];
+    unsigned idx[];
+};
+
+struct dest;
+
+struct conn {
+    struct delivery *d;   /* borrowed: outlives its connections */
+    struct dest *dest;    /* borrowed: a dest lives while it has connections */
+    struct conn *next_idle;
+    int fd;
+    unsigned inflight;
+    bool closed, connected, recv_busy, send_busy, want_close;
+    struct op connect_op, recv_op, send_op;
+    struct timer timer;
+    union dns_addr addr;
+    char addr_str[64];
+    char mx[256];
+    unsigned nmsgs;       /* transactions finished on this connection */
+    bool txn_done_seen;
+    bool ready_once;      /* the session reached IDLE at least once */
+    struct conn *prev_all, *next_all; /* every connection of the worker */
+
+    struct job *job;      /* owned: the job in flight, or NULL */
+    struct queue_envelope *env; /* owned: its envelope */
+    struct smtp_client_txn txn;
+    struct smtp_client_rcpt *rc; /* owned, job->n entries */
+    uint64_t body_off;    /* octets of the body read from the spool */
+    size_t chunk_len, chunk_pos;
+    bool body_last;
+
+    struct smtp_client cli;
+    char in[IN_CAP];
+    char chunk[BODY_CHUNK];
+};
+
+struct dest {
+    struct dest *hnext;
+    struct delivery *d;
+    char name[256];
+    const struct domain_policy *pol; /* borrowed from the config */
+    struct job *head, **tail;
+    unsigned queued;
+    unsigned conns;          /* open or opening */
+    unsigned opening;        /* not yet ready for a transaction */
+    struct conn *idle;       /* idle connections, ready for a transaction */
+    struct dns_mx_result *mx; /* owned reference */
+    struct dns_req *req;     /* lookup in flight */
+    unsigned next_addr;      /* failover cursor over the answer's addresses */
+    unsigned failed_addrs;   /* consecutive connection failures */
+    uint64_t hold_until;     /* monotonic ns: no new connection before */
+    struct timer hold_timer;
+};
+
+struct delivery {
+    struct engine *e;  /* borrowed */
+    struct worker *w;  /* borrowed */
+    struct resolver *res; /* owned */
+    struct queue_port *port; /* owned */
+    struct op port_op;
+    bool stopping;
+    struct dest *buckets[DEST_BUCKETS];
+    struct timer due_timer; /* worker 0: poll the spool for due recipients */
+    struct queue_due_pos due_pos;
+    struct delivery_stats stats;
+    struct conn *all;        /* every connection, for shutdown */
+    bool resolver_closed;
+    struct worker_msg stop_msg;
+};
+
+static void dest_run(struct dest *t);
+static void delivery_check_done(struct delivery *d);
+static void conn_close(struct conn *c, const char *why);
+static void conn_handle(struct conn *c, int ev);
+static void conn_flush(struct conn *c);
+
+static uint64_t
+unix_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint32_t
+name_hash(const char *s)
+{
+    uint32_t h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)(*s | 0x20)) * 16777619u;
+    return h;
+}
+
+/* ---- jobs between workers ---- */
+
+static void delivery_on_job(struct worker *w, struct worker_msg *m);
+
+void
+delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
+                unsigned n)
+{
+    if (n == 0 || e->nworkers == 0)
+        return;
+    size_t dl = strlen(domain);
+    if (dl >= 256)
+        dl = 255;
+    struct job *j = malloc(sizeof(*j) + n * sizeof(unsigned));
+    if (j == NULL) {
+        /* Still in the spool: a restart delivers it. Say so. */
+        log_msg(LOG_ERR, "event=job_lost_until_restart id=%016llx reason=out_of_memory",
+                (unsigned long long)id);
+        return;
+    }
+    j->m.fn = delivery_on_job;
+    j->next = NULL;
+    j->id = id;
+    j->n = n;
+    for (size_t i = 0; i < dl; i++)
+        j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
+    j->domain[dl] = '\0';
+    memcpy(j->idx, idx, n * sizeof(unsigned));
+    worker_post(&e->workers[name_hash(j->domain) % e->nworkers], &j->m);
+}
+
+/* ---- destinations ---- */
+
+static void dest_on_hold(struct timer *t, void *ctx);
+
+static struct dest *
+dest_get(struct delivery *d, const char *name)
+{
+    uint32_t b = name_hash(name) % DEST_BUCKETS;
+    for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
+        if (strcmp(t->name, name) == 0)
+            return t;
+    struct dest *t = calloc(1, sizeof(*t));
+    if (t == NULL)
+        return NULL;
+    t->d = d;
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->pol = config_domain(d->e->cfg, name);
+    t->tail = &t->head;
+    timer_init(&t->hold_timer, dest_on_hold);
+    t->hnext = d->buckets[b];
+    d->buckets[b] = t;
+    return t;
+}
+
+static void
+dest_push(struct dest *t, struct job *j, bool front)
+{
+    if (front) {
+        j->next = t->head;
+        t->head = j;
+        if (t->tail == &t->head)
+            t->tail = &j->next;
+    } else {
+        j->next = NULL;
+        *t->tail = j;
+        t->tail = &j->next;
+    }
+    t->queued++;
+}
+
+static struct job *
+dest_pop(struct dest *t)
+{
+    struct job *j = t->head;
+    if (j == NULL)
+        return NULL;
+    t->head = j->next;
+    if (t->head == NULL)
+        t->tail = &t->head;
+    t->queued--;
+    j->next = NULL;
+    return j;
+}
+
+static void
+delivery_on_job(struct worker *w, struct worker_msg *m)
+{
+    struct engine *e = w->ctx;
+    struct delivery *d = e->dlv[w->id];
+    struct job *j = (struct job *)m;
+    struct dest *t = d ? dest_get(d, j->domain) : NULL;
+    if (t == NULL) {
+        free(j);
+        return;
+    }
+    /* Split to the domain's recipients per transaction. */
+    unsigned max = t->pol->max_rcpt_per_txn;
+    while (j->n > max) {
+        struct job *rest = malloc(sizeof(*rest) + (j->n - max) * sizeof(unsigned));
+        if (rest == NULL)
+            break;
+        *rest = *j;
+        rest->n = j->n - max;
+        memcpy(rest->idx, j->idx + max, rest->n * sizeof(unsigned));
+        j->n = max;
+        dest_push(t, j, false);
+        j = rest;
+    }
+    dest_push(t, j, false);
+    dest_run(t);
+}
+
+/* ---- outcomes ---- */
+
+static void
+outcome_done(void *cookie, int rc)
+{
+    (void)cookie;
+    if (rc != 0)
+        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" note=retried_after_restart",
+                queue_strerror(rc));
+}
+
+static uint64_t
+retry_delay_ms(const struct domain_policy *pol, unsigned attempts)
+{
+    const struct conf_durations *s = &pol->retry_schedule;
+    unsigned i = attempts < s->n ? attempts : s->n - 1;
+    return s->ms[i];
+}
+
+/* Report the outcome of every recipient of job (from the transaction, or
+ * one outcome for all when out is given) to the spool and the log. */
+static void
+job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
+           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all, const char *mx)
+{
+    struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
+    if (qo == NULL) {
+        log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
+        return;
+    }
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(j->id, qid);
+    uint64_t now = unix_ms();
+    for (unsigned i = 0; i < j->n; i++) {
+        const struct smtp_outcome *o = all ? all : &rc[i].out;
+        const struct queue_rcpt *r = NULL;
+        for (unsigned k = 0; env != NULL && k < env->nrcpt; k++)
+            if (env->rcpt[k].index == j->idx[i])
+                r = &env->rcpt[k];
+        qo[i].id = j->id;
+        qo[i].rcpt = j->idx[i];
+        qo[i].code = o->code;
+        qo[i].reply = o->text;
+        const char *what;
+        if (o->status == SMTP_STATUS_DELIVERED) {
+            qo[i].kind = QUEUE_DELIVERED;
+            what = "delivered";
+            d->stats.delivered++;
+        } else if (o->status == SMTP_STATUS_PERMFAIL) {
+            qo[i].kind = QUEUE_BOUNCED;
+            what = "bounced";
+            d->stats.bounced++;
+        } else {
+            qo[i].kind = QUEUE_DEFERRED;
+            qo[i].due_ms = now + retry_delay_ms(t->pol, r ? r->attempts : 0);
+            what = "deferred";
+            d->stats.deferred++;
+        }
+        log_msg(LOG_INFO,
+                "id=%s event=%s rcpt=<%s> domain=%s mx=%s code=%u enhanced=%u.%u.%u "
+                "reason=%s reply=\"%s\"",
+                qid, what, r ? r->addr : "?", t->name, mx ? mx : "-", o->code, o->enh.cls,
+                o->enh.subject, o->enh.detail, smtp_reason_str(o->reason), o->text);
+    }
+    int rc2 = queue_update(d->e->queue, d->port, qo, j->n, outcome_done, NULL);
+    if (rc2 < 0)
+        log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
+                queue_strerror(rc2));
+    free(qo);
+}
+
+/* A failure for a whole job without a session: DNS, no address. */
+static void
+job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent, unsigned code,
+         const char *enh, const char *text)
+{
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.code = (uint16_t)code;
+    o.status = permanent ? SMTP_STATUS_PERMFAIL : SMTP_STATUS_TEMPFAIL;
+    o.scope = SMTP_SCOPE_SESSION;
+    o.reason = SMTP_REASON_NONE;
+    unsigned a = 0, b = 0, c = 0;
+    if (sscanf(enh, "%u.%u.%u", &a, &b, &c) == 3) {
+        o.enh.cls = (uint8_t)a;
+        o.enh.subject = (uint16_t)b;
+        o.enh.detail = (uint16_t)c;
+    }
+    snprintf(o.text, sizeof(o.text), "%s", text);
+    struct queue_envelope *env = NULL;
+    queue_envelope_get(d->e->queue, j->id, &env);
+    job_finish(d, t, j, env, NULL, &o, NULL);
+    queue_envelope_free(env);
+    free(j);
+}
+
+/* ---- connections ---- */
+
+#define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
+
+static void
+conn_deadline(struct conn *c, uint64_t ms)
+{
+    if (ms == 0)
+        worker_timer_cancel(c->d->w, &c->timer);
+    else
+        worker_timer_arm(c->d->w, &c->timer, c->d->w->now + MS_TO_NS(ms));
+}
+
+static void
+conn_free(struct conn *c)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    worker_timer_cancel(d->w, &c->timer);
+    if (c->fd >= 0)
+        close(c->fd);
+    if (c->job != NULL) {
+        /* Not finished by the machine (cannot happen after EV_TXN_DONE):
+         * back to the queue, it was not sent. */
+        dest_push(t, c->job, true);
+        c->job = NULL;
+    }
+    queue_envelope_free(c->env);
+    free(c->rc);
+    for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
+        if (*p == c) {
+            *p = c->next_idle;
+            break;
+        }
+    if (!c->ready_once) {
+        t->opening--;
+        if (c->connected) {
+            /* Greeting or EHLO refused, or the server hung up: next address. */
+            t->failed_addrs++;
+            t->next_addr++;
+        }
+    }
+    if (c->prev_all)
+        c->prev_all->next_all = c->next_all;
+    else
+        d->all = c->next_all;
+    if (c->next_all)
+        c->next_all->prev_all = c->prev_all;
+    t->conns--;
+    d->stats.open--;
+    free(c);
+    if (!d->stopping)
+        dest_run(t);
+    else
+        delivery_check_done(d);
+}
+
+static void
+conn_maybe_free(struct conn *c)
+{
+    if (c->closed && c->inflight == 0)
+        conn_free(c);
+}
+
+static void
+conn_close(struct conn *c, const char *why)
+{
+    if (c->closed)
+        return;
+    if (why != NULL && log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "event=conn_close domain=%s mx=%s addr=%s reason=%s", c->dest->name,
+                c->mx, c->addr_str, why);
+    c->closed = true;
+    worker_timer_cancel(c->d->w, &c->timer);
+    if (!c->connected) {
+        /* shutdown() does not end a connect in progress; a cancel does */
+        struct io_uring_sqe *sqe = worker_sqe(c->d->w, NULL);
+        io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)&c->connect_op, 0);
+    }
+    if (c->fd >= 0)
+        shutdown(c->fd, SHUT_RDWR);
+}
+
+static void
+conn_recv(struct conn *c)
+{
+    if (c->closed || c->recv_busy || !c->connected)
+        return;
+    struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->recv_op);
+    io_uring_prep_recv(sqe, c->fd, c->in, sizeof(c->in), 0);
+    c->recv_busy = true;
+    c->inflight++;
+}
+
+static void
+conn_flush(struct conn *c)
+{
+    if (c->closed || c->send_busy || !c->connected)
+        return;
+    size_t len;
+    const char *p = smtp_client_output(&c->cli, &len);
+    if (len == 0) {
+        if (c->want_close)
+            conn_close(c, "done");
+        return;
+    }
+    struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->send_op);
+    io_uring_prep_send(sqe, c->fd, p, len, MSG_NOSIGNAL);
+    c->send_busy = true;
+    c->inflight++;
+}
+
+/* Feed the body from the spool while the machine's output has room. */
+static void
+conn_body(struct conn *c)
+{
+    while (!c->closed && smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY) {
+        if (c->chunk_pos == c->chunk_len && !c->body_last) {
+            size_t got = 0;
+            int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
+                                     sizeof(c->chunk), &got);
+            if (rc != 0) {
+                log_msg(LOG_ERR, "event=body_read_failed domain=%s err=\"%s\"", c->dest->name,
+                        queue_strerror(rc));
+                conn_handle(c, smtp_client_quit(&c->cli)); /* aborts: all temporary */
+                return;
+            }
+            c->body_off += got;
+            c->chunk_len = got;
+            c->chunk_pos = 0;
+            c->body_last = c->body_off >= c->env->body_len || got == 0;
+        }
+        size_t consumed = 0;
+        int ev = smtp_client_body(&c->cli, c->chunk + c->chunk_pos, c->chunk_len - c->chunk_pos,
+                                  c->body_last, &consumed);
+        c->chunk_pos += consumed;
+        if (ev < 0)
+            return;
+        bool full = c->chunk_pos < c->chunk_len;
+        if (ev & ~SMTP_CLIENT_EV_SEND_BODY)
+            conn_handle(c, ev & ~SMTP_CLIENT_EV_SEND_BODY);
+        if (full || (c->body_last && c->chunk_pos == c->chunk_len))
+            break; /* wait for room, or the terminator is queued */
+    }
+}
+
+/* Start the next transaction, go idle, or say goodbye. */
+static void
+conn_next(struct conn *c)
+{
+    struct dest *t = c->dest;
+    if (!c->ready_once) {
+        c->ready_once = true;
+        t->opening--;
+        t->failed_addrs = 0; /* this address works */
+    }
+    if (c->nmsgs >= t->pol->max_messages_per_connection || c->d->stopping) {
+        conn_handle(c, smtp_client_quit(&c->cli));
+        return;
+    }
+    for (;;) {
+        struct job *j = dest_pop(t);
+        if (j == NULL) {
+            /* Idle: wait for work up to the idle time. */
+            c->next_idle = t->idle;
+            t->idle = c;
+            conn_deadline(c, c->d->e->cfg->delivery.idle_timeout);
+            return;
+        }
+        struct queue_envelope *env;
+        if (queue_envelope_get(c->d->e->queue, j->id, &env) != 0) {
+            free(j); /* gone: bounced by an operator, or done before a restart */
+            continue;
+        }
+        struct smtp_client_rcpt *rc = calloc(j->n, sizeof(*rc));
+        if (rc == NULL) {
+            queue_envelope_free(env);
+            dest_push(t, j, true);
+            conn_handle(c, smtp_client_quit(&c->cli));
+            return;
+        }
+        unsigned n = 0;
+        for (unsigned i = 0; i < j->n; i++)
+            for (unsigned k = 0; k < env->nrcpt; k++)
+                if (env->rcpt[k].index == j->idx[i]) {
+                    j->idx[n] = j->idx[i];
+                    struct smtp_client_rcpt *r = &rc[n++];
+                    r->addr.ptr = env->rcpt[k].addr;
+                    r->addr.len = strlen(env->rcpt[k].addr);
+                    if (env->rcpt[k].notify) {
+                        r->params.seen |= SMTP_PARAM_NOTIFY;
+                        r->params.notify = env->rcpt[k].notify;
+                    }
+                }
+        j->n = n; /* recipients already done (before a restart) drop out */
+        if (n == 0) {
+            free(rc);
+            queue_envelope_free(env);
+            free(j);
+            continue;
+        }
+        c->job = j;
+        c->env = env;
+        c->rc = rc;
+        break;
+    }
+    struct queue_envelope *env = c->env;
+    c->body_off = 0;
+    c->chunk_len = c->chunk_pos = 0;
+    c->body_last = false;
+    c->txn_done_seen = false;
+    memset(&c->txn, 0, sizeof(c->txn));
+    c->txn.from.ptr = env->sender;
+    c->txn.from.len = strlen(env->sender);
+    c->txn.params.seen = SMTP_PARAM_SIZE | SMTP_PARAM_BODY;
+    c->txn.params.size = env->body_len;
+    c->txn.params.body =
+        env->body_type == QUEUE_BODY_8BITMIME ? SMTP_BODY_8BITMIME : SMTP_BODY_7BIT;
+    if (env->smtputf8)
+        c->txn.params.seen |= SMTP_PARAM_SMTPUTF8;
+    c->txn.rcpt = c->rc;
+    c->txn.nrcpt = c->job->n;
+    if (c->nmsgs > 0)
+        c->d->stats.reused++;
+    c->d->stats.transactions++;
+    conn_handle(c, smtp_client_txn(&c->cli, &c->txn));
+}
+
+static void
+conn_txn_done(struct conn *c)
+{
+    struct dest *t = c->dest;
+    struct job *j = c->job;
+    c->job = NULL;
+    c->nmsgs++;
+    /* A session failure before this connection delivered anything is the
+     * server's, not the message's: give the job to the next MX address. */
+    if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
+        c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL) {
+        t->failed_addrs++;
+        t->next_addr++;
+        dest_push(t, j, true);
+    } else {
+        t->failed_addrs = 0;
+        job_finish(c->d, t, j, c->env, c->rc, NULL, c->mx);
+        free(j);
+    }
+    queue_envelope_free(c->env);
+    c->env = NULL;
+    free(c->rc);
+    c->rc = NULL;
+}
+
+static void
+conn_handle(struct conn *c, int ev)
+{
+    if (ev < 0) {
+        log_msg(LOG_ERR, "event=client_misuse domain=%s err=%s", c->dest->name,
+                smtp_client_strerror(ev));
+        conn_close(c, "misuse");
+        return;
+    }
+    if (ev & SMTP_CLIENT_EV_TIMER)
+        conn_deadline(c, smtp_client_deadline_ms(&c->cli));
+    if (ev & SMTP_CLIENT_EV_TXN_DONE)
+        conn_txn_done(c);
+    if (ev & SMTP_CLIENT_EV_CLOSE) {
+        c->want_close = true;
+        conn_flush(c);
+        return;
+    }
+    if (ev & SMTP_CLIENT_EV_STARTTLS) {
+        /* The machine runs with TLS off here; cannot happen. */
+        conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
+        return;
+    }
+    if (ev & SMTP_CLIENT_EV_SEND_BODY)
+        conn_body(c);
+    if (ev & SMTP_CLIENT_EV_READY && !c->closed)
+        conn_next(c);
+    conn_flush(c);
+    conn_recv(c);
+}
+
+static void
+conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, recv_op);
+    c->recv_busy = false;
+    c->inflight--;
+    if (c->closed) {
+        conn_maybe_free(c);
+        return;
+    }
+    if (res <= 0) {
+        if (res == -EINTR || res == -EAGAIN) {
+            conn_recv(c);
+            return;
+        }
+        conn_handle(c, smtp_client_eof(&c->cli));
+        conn_close(c, "eof");
+        conn_maybe_free(c);
+        return;
+    }
+    size_t used;
+    /* An idle connection that hears from the server leaves the idle list
+     * through conn_free or the events; the machine knows what it means. */
+    conn_handle(c, smtp_client_input(&c->cli, c->in, (size_t)res, &used));
+    conn_maybe_free(c);
+}
+
+static void
+conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, send_op);
+    c->send_busy = false;
+    c->inflight--;
+    if (c->closed) {
+        conn_maybe_free(c);
+        return;
+    }
+    if (res <= 0) {
+        conn_handle(c, smtp_client_eof(&c->cli));
+        conn_close(c, "send_failed");
+        conn_maybe_free(c);
+        return;
+    }
+    int ev = smtp_client_sent(&c->cli, (size_t)res);
+    if (smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY)
+        conn_body(c);
+    conn_handle(c, ev);
+    conn_maybe_free(c);
+}
+
+static void
+conn_on_timer(struct timer *tm, void *ctx)
+{
+    struct conn *c = (struct conn *)((char *)tm - offsetof(struct conn, timer));
+    if (!c->connected) {
+        /* connect timed out: the pending connect completes on shutdown */
+        c->dest->failed_addrs++;
+        c->dest->next_addr++;
+        conn_close(c, "connect_timeout");
+        return;
+    }
+    conn_handle(c, smtp_client_timeout(&c->cli));
+}
+
+static void
+conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, connect_op);
+    c->inflight--;
+    if (c->closed) {
+        conn_maybe_free(c);
+        return;
+    }
+    if (res < 0) {
+        log_msg(LOG_NOTICE, "event=connect_failed domain=%s mx=%s addr=%s err=%s",
+                c->dest->name, c->mx, c->addr_str, strerror(-res));
+        c->d->stats.connect_failures++;
+        c->dest->failed_addrs++;
+        c->dest->next_addr++;
+        conn_close(c, "connect_failed");
+        conn_maybe_free(c);
+        return;
+    }
+    c->connected = true;
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct smtp_client_opts o = {
+        .name = c->d->e->cfg->server.hostname,
+        .tls = SMTP_CLIENT_TLS_OFF,
+        .max_rcpt = c->dest->pol->max_rcpt_per_txn,
+    };
+    int rc = smtp_client_init(&c->cli, &o);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "event=client_init_failed name=%s err=%s", o.name,
+                smtp_client_strerror(rc));
+        conn_close(c, "init");
+        conn_maybe_free(c);
+        return;
+    }
+    conn_deadline(c, smtp_client_deadline_ms(&c->cli));
+    conn_recv(c);
+}
+
+/* Pick the next address of the answer, in MX order, failover cursor
+ * included. Returns false when every address has failed in a row. */
+static bool
+dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+{
+    unsigned total = 0;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        total += t->mx->hosts[h].naddrs;
+    if (total == 0 || t->failed_addrs >= total)
+        return false;
+    unsigned k = t->next_addr % total;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        if (k < t->mx->hosts[h].naddrs) {
+            *host = &t->mx->hosts[h];
+            *addr = &t->mx->hosts[h].addrs[k];
+            return true;
+        }
+        k -= t->mx->hosts[h].naddrs;
+    }
+    return false;
+}
+
+static void
+conn_open(struct dest *t)
+{
+    struct delivery *d = t->d;
+    const struct dns_mx_host *host;
+    const union dns_addr *addr;
+    if (!dest_address(t, &host, &addr))
+        return;
+    struct conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return;
+    c->d = d;
+    c->dest = t;
+    c->addr = *addr;
+    if (c->addr.sa.sa_family == AF_INET6)
+        c->addr.sin6.sin6_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
+    else
+        c->addr.sin.sin_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
+    netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
+    snprintf(c->mx, sizeof(c->mx), "%s", host->name);
+    c->connect_op = (struct op){OP_CALLBACK, conn_on_connect};
+    c->recv_op = (struct op){OP_CALLBACK, conn_on_recv};
+    c->send_op = (struct op){OP_CALLBACK, conn_on_send};
+    timer_init(&c->timer, conn_on_timer);
+    c->fd = socket(c->addr.sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) {
+        log_msg(LOG_ERR, "event=socket_failed err=%s", strerror(errno));
+        free(c);
+        return;
+    }
+    t->conns++;
+    t->opening++;
+    d->stats.open++;
+    d->stats.connections++;
+    c->next_all = d->all;
+    if (d->all)
+        d->all->prev_all = c;
+    d->all = c;
+    struct io_uring_sqe *sqe = worker_sqe(d->w, &c->connect_op);
+    io_uring_prep_connect(sqe, c->fd, &c->addr.sa, dns_addr_len(&c->addr));
+    c->inflight++;
+    conn_deadline(c, d->e->cfg->delivery.connect_timeout);
+}
+
+/* ---- the scheduler ---- */
+
+static void
+dest_on_mx(void *arg, struct dns_mx_result *res)
+{
+    struct dest *t = arg;
+    t->req = NULL;
+    dns_mx_result_unref(t->mx);
+    t->mx = res;
+    t->next_addr = 0;
+    t->failed_addrs = 0;
+    dest_run(t);
+}
+
+static void
+dest_on_hold(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, hold_timer));
+    t->failed_addrs = 0;
+    t->next_addr = 0;
+    dest_run(t);
+}
+
+static void
+dest_fail_all(struct dest *t, bool permanent, unsigned code, const char *enh, const char *text)
+{
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        job_fail(t->d, t, j, permanent, code, enh, text);
+}
+
+static void
+dest_run(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->head == NULL || d->stopping)
+        return;
+    if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
+        t->mx = dns_mx_result_unref(t->mx);
+    }
+    if (t->mx == NULL) {
+        if (t->req != NULL)
+            return;
+        if (d->res == NULL) {
+            dest_fail_all(t, false, 451, "4.4.3", "no resolver on this worker");
+            return;
+        }
+        struct dns_mx_result *res = NULL;
+        int rc = resolver_mx_resolve(d->res, t->name, dest_on_mx, t, &res, &t->req);
+        if (rc == 1) {
+            t->req = NULL;
+            t->mx = res;
+            t->next_addr = t->failed_addrs = 0;
+        } else {
+            if (rc < 0)
+                t->req = NULL;
+            return;
+        }
+    }
+    switch (t->mx->status) {
+    case DNS_OK:
+        break;
+    case DNS_NOT_FOUND:
+        dest_fail_all(t, true, 550, "5.1.2", t->mx->why);
+        return;
+    case DNS_NULL_MX:
+        dest_fail_all(t, true, 556, "5.1.10", "domain accepts no mail (null MX, RFC 7505)");
+        return;
+    case DNS_RETRY:
+    case DNS_FAIL:
+    default:
+        dest_fail_all(t, false, 451, "4.4.3", t->mx->why);
+        t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+        return;
+    }
+    /* Idle connections first: reuse. */
+    while (t->head != NULL && t->idle != NULL) {
+        struct conn *c = t->idle;
+        t->idle = c->next_idle;
+        c->next_idle = NULL;
+        conn_next(c);
+        conn_flush(c);
+    }
+    if (t->head == NULL || d->w->now < t->hold_until)
+        return;
+    /* New connections: one per job waiting beyond those being opened. */
+    while (t->queued > t->opening && t->conns < t->pol->max_connections) {
+        const struct dns_mx_host *h;
+        const union dns_addr *a;
+        if (!dest_address(t, &h, &a)) {
+            /* Every address failed in a row: defer what waits, and hold. */
+            if (t->conns == 0) {
+                dest_fail_all(t, false, 451, "4.4.1", "no MX host answered");
+                t->hold_until = d->w->now + MS_TO_NS(RETRY_DEST_MS);
+                worker_timer_arm(d->w, &t->hold_timer, t->hold_until);
+            }
+            return;
+        }
+        unsigned before = t->conns;
+        conn_open(t);
+        if (t->conns == before)
+            return; /* could not open one now */
+    }
+}
+
+/* ---- the spool port and due recipients ---- */
+
+static void
+port_arm(struct delivery *d)
+{
+    struct io_uring_sqe *sqe = worker_sqe(d->w, &d->port_op);
+    io_uring_prep_poll_add(sqe, queue_port_fd(d->port), POLLIN);
+}
+
+static void
+port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct delivery *d = (struct delivery *)((char *)op - offsetof(struct delivery, port_op));
+    queue_port_drain(d->port);
+    if (!d->stopping)
+        port_arm(d);
+}
+
+struct due_batch {
+    struct engine *e;
+    uint64_t id;
+    char domain[256];
+    unsigned idx[256];
+    unsigned n;
+};
+
+static void
+due_flush(struct due_batch *b)
+{
+    if (b->n != 0)
+        delivery_submit(b->e, b->id, b->domain, b->idx, b->n);
+    b->n = 0;
+}
+
+static int
+due_one(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct due_batch *b = arg;
+    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 || b->n == 256))
+        due_flush(b);
+    if (b->n == 0) {
+        b->id = id;
+        snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
+    }
+    b->idx[b->n++] = r->index;
+    return 0;
+}
+
+static void
+due_on_timer(struct timer *tm, void *ctx)
+{
+    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
+    struct due_batch *b = calloc(1, sizeof(*b));
+    if (b != NULL) {
+        b->e = d->e;
+        int n = queue_due(d->e->queue, &d->due_pos, unix_ms(), DUE_BATCH, due_one, b);
+        due_flush(b);
+        free(b);
+        if (n < 0)
+            log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(n));
+    }
+    worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+}
+
+/* ---- stopping ---- */
+
+static void
+delivery_check_done(struct delivery *d)
+{
+    if (d->resolver_closed && d->all == NULL)
+        d->w->stopping = true; /* the loop ends with this turn */
+}
+
+static void
+delivery_on_resolver_closed(struct worker *w, void *arg)
+{
+    struct delivery *d = arg;
+    d->res = NULL;
+    d->resolver_closed = true;
+    delivery_check_done(d);
+}
+
+/* On the worker: drop the connections (their jobs stay in the spool),
+ * close the resolver, and end the loop once both are done. */
+static void
+delivery_on_stop(struct worker *w, struct worker_msg *m)
+{
+    struct delivery *d = (struct delivery *)((char *)m - offsetof(struct delivery, stop_msg));
+    d->stopping = true;
+    worker_timer_cancel(w, &d->due_timer);
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+            worker_timer_cancel(w, &t->hold_timer);
+            if (t->req != NULL && d->res != NULL)
+                resolver_cancel(d->res, t->req);
+            t->req = NULL;
+        }
+    for (struct conn *c = d->all; c != NULL; c = c->next_all)
+        conn_close(c, "stopping");
+    if (d->res != NULL)
+        resolver_close(d->res, delivery_on_resolver_closed, d);
+    else
+        d->resolver_closed = true;
+    delivery_check_done(d);
+}
+
+void
+delivery_stop(struct delivery *d)
+{
+    worker_post(d->w, &d->stop_msg);
+}
+
+/* ---- the worker's delivery ---- */
+
+int
+delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *err,
+             size_t errlen)
+{
+    *out = NULL;
+    struct delivery *d = calloc(1, sizeof(*d));
+    if (d == NULL)
+        return -ENOMEM;
+    d->e = e;
+    d->w = w;
+    d->port_op = (struct op){OP_CALLBACK, port_on_ready};
+    timer_init(&d->due_timer, due_on_timer);
+    d->stop_msg.fn = delivery_on_stop;
+    d->port = queue_port_new();
+    if (d->port == NULL) {
+        int rc = -errno;
+        snprintf(err, errlen, "delivery spool port: %s", strerror(errno));
+        free(d);
+        return rc;
+    }
+    *out = d;
+    return 0;
+}
+
+void
+delivery_start(struct delivery *d)
+{
+    char err[256];
+    int rc = resolver_new(d->w, &d->e->cfg->dns, &d->res, err, sizeof(err));
+    if (rc < 0) {
+        log_msg(LOG_CRIT, "event=resolver_failed err=\"%s\" note=no_delivery_on_this_worker",
+                err);
+        d->res = NULL;
+    }
+    port_arm(d);
+    if (d->w->id == 0)
+        worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+}
+
+struct delivery *
+delivery_free(struct delivery *d)
+{
+    if (d == NULL)
+        return NULL;
+    d->stopping = true;
+    /* The loop has ended. Connections left (a start that failed half
+     * way) are dropped; jobs not acknowledged stay in the spool. */
+    while (d->all != NULL) {
+        struct conn *c = d->all;
+        c->closed = true;
+        c->inflight = 0;
+        conn_free(c);
+    }
+    for (unsigned b = 0; b < DEST_BUCKETS; b++) {
+        struct dest *t = d->buckets[b];
+        while (t != NULL) {
+            struct dest *next = t->hnext;
+            struct job *j;
+            while ((j = dest_pop(t)) != NULL)
+                free(j);
+            dns_mx_result_unref(t->mx);
+            free(t);
+            t = next;
+        }
+    }
+    while (d->port != NULL && queue_port_pending(d->port) > 0)
+        queue_port_wait(d->port, 1000);
+    queue_port_free(d->port);
+    free(d);
+    return NULL;
+}
+
+void
+delivery_stats(const struct delivery *d, struct delivery_stats *out)
+{
+    *out = d->stats;
+}

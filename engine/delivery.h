@@ -1,0 +1,50 @@
+/*
+ * delivery: outbound SMTP on a worker's ring. Each destination domain
+ * belongs to one worker (a hash of its name), which holds its queue of
+ * jobs (recipients of one message at that domain), resolves its MX hosts
+ * through the worker's resolver, and opens, reuses and closes connections
+ * to them within the domain's policy. Outcomes go back to the spool as
+ * data (delivered, bounced, deferred with the reply).
+ *
+ * Threading: delivery_submit() from any thread (it posts to the owning
+ * worker); delivery_new/_free on the main thread while the worker is not
+ * running; everything else on the worker's thread.
+ */
+#ifndef SLUICE_ENGINE_DELIVERY_H
+#define SLUICE_ENGINE_DELIVERY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct engine;
+struct worker;
+struct delivery;
+
+struct delivery_stats {
+    uint64_t delivered, deferred, bounced; /* recipients */
+    uint64_t connections;                  /* opened */
+    uint64_t connect_failures;
+    uint64_t transactions;
+    uint64_t reused;                       /* transactions on a reused connection */
+    uint64_t open;                         /* connections open now */
+};
+
+int delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *err,
+                 size_t errlen);
+/* On the worker's thread: arm the spool port (and, on worker 0, the poll
+ * for deferred recipients that came due). */
+void delivery_start(struct delivery *d);
+/* Any thread: ask the worker to drop its connections and close its
+ * resolver; the worker's loop ends once that is done (this replaces
+ * worker_stop() for a worker with a delivery). */
+void delivery_stop(struct delivery *d);
+/* After the worker's loop ended. Returns NULL. */
+struct delivery *delivery_free(struct delivery *d);
+void delivery_stats(const struct delivery *d, struct delivery_stats *out);
+
+/* Hand the recipients idx[0..n) of message id, all at domain, to the
+ * worker that owns domain. Any thread. */
+void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
+                     unsigned n);
+
+#endif
