@@ -725,6 +725,8 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     c->connected = true;
+    log_msg(LOG_INFO, "event=connected domain=%s mx=%s addr=%s", c->dest->name, c->mx,
+            c->addr_str);
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     struct smtp_client_opts o = {

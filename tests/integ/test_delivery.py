@@ -1,0 +1,371 @@
+"""Outbound delivery against real servers on loopback: dnsmasq gives the
+test domains MX records, Postfix's smtp-sink is the receiving MX (dumping
+each message to a file, or injecting 4xx, 5xx, 421 and disconnects), and
+sluice relays what Python injects. Checks: every message delivered exactly
+once and intact, connection reuse, MX failover, and the outcome of each
+fault: delivered, deferred (kept) or bounced (removed), never counted
+delivered when the server did not accept it."""
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from harness import (Sluice, Workdir, free_port, main, mdb_entries, run, skip, spool_tool,
+                     wait_until)
+
+SLUICE = sys.argv[1]
+
+
+def udp_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connectable(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Dns:
+    """dnsmasq on its own port with the records given as config lines."""
+
+    def __init__(self, wd, records):
+        self.port = udp_free_port()
+        # Authoritative for .test: unknown names get NXDOMAIN, not REFUSED.
+        conf = wd.file("dnsmasq.conf", "\n".join(["local=/test/", *records]) + "\n")
+        self.proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
+             f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
+             "--bind-interfaces", "--log-facility=/dev/null"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.ready, 10, "dnsmasq to answer")
+
+    def ready(self):
+        # A query for a name it knows nothing about: any answer means up.
+        q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x04test\x00\x00\x01\x00\x01"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.sendto(q, ("127.0.0.1", self.port))
+                return s.recv(512)[:2] == b"\x12\x34"
+            except OSError:
+                return False
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Sink:
+    """smtp-sink on a port, dumping messages into a directory."""
+
+    def __init__(self, wd, port, flags=(), name="sink"):
+        self.dir = os.path.join(wd.path, name)
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(self.dir, 0o777)
+        os.chmod(wd.path, 0o755)  # smtp-sink runs as nobody and must reach it
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            ["smtp-sink", *user, *flags, "-d", os.path.join(self.dir, "%M."),
+             f"127.0.0.1:{port}", "1000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: connectable(port), 10, "smtp-sink to listen")
+
+    def files(self):
+        return [os.path.join(self.dir, f) for f in os.listdir(self.dir)]
+
+    def messages(self):
+        out = []
+        for f in self.files():
+            with open(f, "rb") as fh:
+                out.append(fh.read())
+        return out
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Relay:
+    """dnsmasq + smtp-sink + sluice, all on ports of their own."""
+
+    def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True):
+        for tool in ("dnsmasq", "smtp-sink"):
+            if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+                skip(f"{tool} not installed (tools/install-deps --test)")
+        self.wd = Workdir("sluice-dlv-")
+        self.dns = self.sink = self.d = None
+        try:
+            self.mx_port = free_port()
+            self.dns = Dns(self.wd, records)
+            if with_sink:
+                self.sink = Sink(self.wd, self.mx_port, sink_flags)
+            self.port = free_port()
+            self.spool = os.path.join(self.wd.path, "spool")
+            conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.0/8
+max_recipients = 1000
+[queue]
+path = {self.spool}
+map_size = 512M
+[delivery]
+remote_port = {self.mx_port}
+connect_timeout = 2s
+idle_timeout = 1s
+[dns]
+servers = 127.0.0.1:{self.dns.port}
+{domain_conf}
+""")
+            self.d = Sluice(SLUICE, conf)
+            self.d.wait_log("event=ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def inject(self, messages, sessions=4):
+        """messages: [(sender, [rcpts], body bytes)], pipelined over a few
+        connections; returns when every one got its 250."""
+        chunks = [messages[i::sessions] for i in range(sessions)]
+        socks = []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            f = s.makefile("rb")
+            socks.append((s, f, chunk))
+            assert f.readline().startswith(b"220")
+            s.sendall(b"EHLO tester\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+        for s, f, chunk in socks:
+            for sender, rcpts, body in chunk:
+                s.sendall(b"MAIL FROM:<%s>\r\n" % sender.encode() +
+                          b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) +
+                          b"DATA\r\n")
+                for _ in range(1 + len(rcpts)):
+                    line = f.readline()
+                    assert line.startswith(b"250"), line
+                assert f.readline().startswith(b"354")
+                s.sendall(stuff(body) + b".\r\n")
+                line = f.readline()
+                assert line.startswith(b"250"), line
+            s.sendall(b"QUIT\r\n")
+            s.close()
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                assert self.d.stop_clean() == 0
+        finally:
+            for p in (self.sink, self.dns):
+                if p is not None:
+                    p.stop()
+            self.wd.cleanup()
+
+
+def stuff(body):
+    lines = body.split(b"\r\n")
+    return b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in lines)
+
+
+def sink_body(dump):
+    """The message as the sink got it, without the sink's own X- lines and
+    Received field (smtp-sink writes LF line ends)."""
+    lines = dump.split(b"\n")
+    i = 0
+    while i < len(lines) and lines[i].startswith(b"X-"):
+        i += 1
+    assert lines[i].startswith(b"Received: ") and b"smtp-sink" in lines[i + 1], lines[i:i + 3]
+    i += 3
+    return b"\n".join(lines[i:])
+
+
+def records_for(domains, mx_host="mx.test", addr="127.0.0.1"):
+    recs = [f"host-record={mx_host},{addr}"]
+    recs += [f"mx-host={d},{mx_host},10" for d in domains]
+    return recs
+
+
+def wait_sink(r, n, timeout=120):
+    wait_until(lambda: len(r.sink.files()) >= n, timeout, f"{n} messages at the sink")
+    return r.sink.messages()
+
+
+def test_many_messages_to_many_domains_exactly_once():
+    domains = [f"d{i}.test" for i in range(100)]
+    r = Relay(records_for(domains))
+    try:
+        rnd = random.Random(7)
+        msgs, expect = [], {}
+        n = int(os.environ.get("SLUICE_DELIVERY_MESSAGES", "10000"))
+        for i in range(n):
+            doms = rnd.sample(domains, rnd.choice([1, 1, 1, 2, 3]))
+            rcpts = [f"u{i}@{d}" for d in doms]
+            body = (f"Subject: m{i}\r\nX-Seq: {i}\r\n\r\n"
+                    f"line one of {i}\r\n.starts with a dot\r\n..two dots\r\n").encode()
+            msgs.append(("sender@example.com", rcpts, body))
+            for d in doms:
+                expect[(i, d)] = body
+        t0 = time.monotonic()
+        r.inject(msgs)
+        r.d.wait_log_count("event=delivered", sum(len(m[1]) for m in msgs), timeout=180)
+        got = wait_sink(r, len(expect), timeout=10)
+        took = time.monotonic() - t0
+        seen = {}
+        for dump in got:
+            head, _, _ = dump.partition(b"\n\n")
+            seq = int(dump.split(b"X-Seq: ")[1].split(b"\n")[0])
+            dom = dump.split(b"X-Rcpt-Args: <")[1].split(b">")[0].split(b"@")[1].decode()
+            seen[(seq, dom)] = seen.get((seq, dom), 0) + 1
+            body = sink_body(dump)
+            want = expect[(seq, dom)].replace(b"\r\n", b"\n")
+            assert body.endswith(want.split(b"\n\n", 1)[1]) or want.split(b"\n\n", 1)[1] in body
+        dupes = {k: v for k, v in seen.items() if v != 1}
+        assert not dupes, f"delivered more than once: {list(dupes)[:5]}"
+        assert set(seen) == set(expect), f"missing: {list(set(expect) - set(seen))[:5]}"
+        connects = r.d.count_log("event=connected")
+        assert connects < len(expect) / 5, f"{connects} connections for {len(expect)} " \
+                                           "transactions: no reuse"
+        print(f"     {len(msgs)} messages, {len(expect)} transactions, {connects} connections, "
+              f"{took:.1f}s")
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0, "the spool must be empty once all are delivered"
+    finally:
+        r.close()
+
+
+def test_content_intact_dots_8bit_and_10mb():
+    r = Relay(records_for(["big.test"]))
+    try:
+        text = "Grüße, ĉu vi? — 日本語\r\n".encode()
+        small = b"Subject: dots\r\n\r\n.\r\n..\r\n. leading\r\n" + text + b"end\r\n"
+        line = b"x" * 76 + b"\r\n"
+        big = b"Subject: big\r\n\r\n" + line * (10 * 1024 * 1024 // len(line))
+        r.inject([("s@example.com", ["a@big.test"], small),
+                  ("s@example.com", ["b@big.test"], big)], sessions=1)
+        # the 250 to the final dot comes after smtp-sink closed its dump
+        r.d.wait_log_count("event=delivered", 2, timeout=120)
+        got = wait_sink(r, 2, timeout=10)
+        # smtp-sink ends its dump with one more line end than the message
+        bodies = sorted((sink_body(g)[:-1] for g in got), key=len)
+        assert bodies[0].endswith(b"\n\n" + small.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n")), \
+            bodies[0][-200:]
+        assert bodies[1].endswith(b"\n\n" + big.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+        assert b"by " in bodies[0] and b"(sluice)" in bodies[0]  # the MSA's Received
+    finally:
+        r.close()
+
+
+def test_mx_failover_when_first_mx_is_down():
+    recs = ["host-record=mx1.test,127.0.0.2", "host-record=mx2.test,127.0.0.1",
+            "mx-host=fail.test,mx1.test,10", "mx-host=fail.test,mx2.test,20"]
+    r = Relay(recs)
+    try:
+        r.inject([("s@example.com", ["a@fail.test"], b"Subject: f\r\n\r\nfailover\r\n")])
+        wait_sink(r, 1, timeout=30)
+        r.d.wait_log("event=delivered")
+        assert r.d.count_log("event=connect_failed") >= 1
+    finally:
+        r.close()
+
+
+def test_5xx_rcpt_bounces_and_is_removed():
+    r = Relay(records_for(["hard.test"]), sink_flags=["-f", "RCPT"])
+    try:
+        r.inject([("s@example.com", ["a@hard.test"], b"Subject: h\r\n\r\nbounce me\r\n")])
+        line = r.d.wait_log("event=bounced", timeout=30)
+        assert "code=5" in line, line
+        assert r.d.count_log("event=delivered") == 0
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+        assert r.sink.files() == []
+    finally:
+        r.close()
+
+
+def test_4xx_rcpt_defers_and_keeps():
+    r = Relay(records_for(["soft.test"]), sink_flags=["-r", "RCPT"])
+    try:
+        r.inject([("s@example.com", ["a@soft.test"], b"Subject: s\r\n\r\nlater\r\n")])
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "code=4" in line, line
+        assert r.d.count_log("event=delivered") == 0
+        assert r.d.stop_clean() == 0
+        c = json.loads(spool_tool("count", r.spool).stdout)
+        assert c["messages"] == 1 and c["deferred"] == 1, c
+    finally:
+        r.close()
+
+
+def test_faults_at_data_and_dot_lose_nothing():
+    """421 at DATA, a disconnect after the final dot, a 5xx at DATA: no
+    recipient counted delivered; temporary ones stay in the spool."""
+    for flags, want in ((["-Q", "DATA"], "deferred"), (["-q", "."], "deferred"),
+                        (["-f", "DATA"], "bounced")):
+        r = Relay(records_for(["fault.test"]), sink_flags=flags)
+        try:
+            r.inject([("s@example.com", ["a@fault.test"], b"Subject: x\r\n\r\nfault\r\n")])
+            r.d.wait_log(f"event={want}", timeout=30)
+            assert r.d.count_log("event=delivered") == 0, flags
+            assert r.d.stop_clean() == 0
+            left = mdb_entries(r.spool, "msg")
+            assert left == (1 if want == "deferred" else 0), (flags, left)
+        finally:
+            r.close()
+
+
+def test_nxdomain_and_null_mx_bounce_at_once():
+    r = Relay(["mx-host=nullmx.test,.,0"])
+    try:
+        r.inject([("s@example.com", ["a@nxdomain.test", "b@nullmx.test"],
+                   b"Subject: n\r\n\r\nnowhere\r\n")])
+        r.d.wait_log_count("event=bounced", 2, timeout=30)
+        lines = r.d.log_lines("event=bounced")
+        assert any("5.1.10" in ln for ln in lines), lines
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_restart_delivers_what_was_queued():
+    """Queued while the MX was down; after a restart with it up, delivered."""
+    domains = ["later.test"]
+    r = Relay(records_for(domains), with_sink=False)
+    try:
+        r.inject([("s@example.com", ["a@later.test"], b"Subject: r\r\n\r\nafter restart\r\n")])
+        r.d.wait_log("event=deferred", timeout=30)
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 1
+    finally:
+        pass
+    try:
+        # same spool, now with a sink; the deferred recipient is not due
+        # for minutes, so a ready one proves the requeue path: inject again
+        r.sink = Sink(r.wd, r.mx_port)
+        r.d = Sluice(SLUICE, os.path.join(r.wd.path, "sluice.conf"))
+        r.d.wait_log("event=spool_requeued")
+        r.inject([("s@example.com", ["b@later.test"], b"Subject: r2\r\n\r\nnow\r\n")])
+        wait_sink(r, 1, timeout=30)
+    finally:
+        r.close()
+
+
+if __name__ == "__main__":
+    if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
+        skip("dnsmasq not installed (tools/install-deps --test)")
+    main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
+          test_mx_failover_when_first_mx_is_down, test_5xx_rcpt_bounces_and_is_removed,
+          test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
+          test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued])
