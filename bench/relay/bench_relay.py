@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""End-to-end relay benchmark: smtp-source injects N messages into sluice,
+which delivers them to smtp-sink through MX records served by dnsmasq;
+beside it, in the same run, smtp-source straight into smtp-sink as the
+ceiling of the tools on this machine.
+
+  bench/relay/bench_relay.py [--sluice build-rel/engine/sluice] [--messages 20000]
+                             [--sessions 50] [--size 2048] [--domains 1]
+
+Prints the injection rate and the end-to-end rate (until sluice has logged
+every delivery). Durable spool under /var/tmp (not tmpfs). Never fails on
+a number.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
+sys.argv_saved = sys.argv
+from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
+from test_delivery import Dns, connectable  # noqa: E402
+
+
+def source(port, n, sessions, size, to):
+    t0 = time.monotonic()
+    r = subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
+                        "-f", "bench@example.com", "-t", to, f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        print("smtp-source:", r.stderr.strip())
+    return time.monotonic() - t0
+
+
+def sink(port):
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    p = subprocess.Popen(["smtp-sink", *user, "-c", f"127.0.0.1:{port}", "1000"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: connectable(port), 10, "smtp-sink")
+    return p
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", default="build-rel/engine/sluice")
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--domains", type=int, default=1)
+    ap.add_argument("--spool", default="/var/tmp")
+    a = ap.parse_args()
+
+    sink_port = free_port()
+    s = sink(sink_port)
+    try:
+        t_ceiling = source(sink_port, a.messages, a.sessions, a.size, "rcpt@d0.test")
+    finally:
+        s.kill()
+        s.wait()
+
+    wd = Workdir("sluice-relay-")
+    work = tempfile.mkdtemp(prefix="sluice-relay-", dir=a.spool)
+    domains = [f"d{i}.test" for i in range(a.domains)]
+    dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
+    s = sink(sink_port)
+    port = free_port()
+    conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {work}/spool
+map_size = 8G
+[delivery]
+remote_port = {sink_port}
+[dns]
+servers = 127.0.0.1:{dns.port}
+[domain *]
+max_connections = 50
+""")
+    d = Daemon(a.sluice, conf)
+    try:
+        d.wait_log("event=ready")
+        t0 = time.monotonic()
+        # smtp-source has one recipient address; with several domains,
+        # several runs share the messages
+        per = a.messages // len(domains)
+        procs = []
+        for i, dom in enumerate(domains[:50]):
+            n = per if i < len(domains) - 1 else a.messages - per * (len(domains) - 1)
+            procs.append(subprocess.Popen(
+                ["smtp-source", "-s", str(max(1, a.sessions // min(50, len(domains)))),
+                 "-m", str(n), "-l", str(a.size), "-f", "bench@example.com", "-t",
+                 f"rcpt@{dom}", f"127.0.0.1:{port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.wait(3600)
+        t_inject = time.monotonic() - t0
+        n_expect = per * min(50, len(domains)) if len(domains) > 1 else a.messages
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with d.cv:
+                got = sum(1 for ln in d.lines if "event=delivered" in ln)
+            if got >= n_expect:
+                break
+            time.sleep(0.05)
+        t_e2e = time.monotonic() - t0
+        d.stop()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        s.kill()
+        s.wait()
+        dns.stop()
+        wd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"relay: {n_expect} messages of {a.size} B, 1 recipient, {a.sessions} sessions, "
+          f"{min(50, len(domains))} domain(s), durable spool under {a.spool}")
+    print(f"  smtp-source -> smtp-sink (ceiling):      {a.messages / t_ceiling:8.0f} msg/s")
+    print(f"  smtp-source -> sluice (injection):       {n_expect / t_inject:8.0f} msg/s")
+    print(f"  smtp-source -> sluice -> smtp-sink (e2e): {n_expect / t_e2e:8.0f} msg/s "
+          f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
+    print(f"  delivered {got} of {n_expect}")
+
+
+if __name__ == "__main__":
+    main()
