@@ -42,9 +42,11 @@
 #include "engine/smtp_client.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
+#include "tls/tls.h"
 
 #define DEST_BUCKETS   4096
 #define IN_CAP         8192
+#define CIN_CAP        (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define BODY_CHUNK     (64 * 1024)
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
@@ -86,6 +88,18 @@ struct conn {
     size_t chunk_len, chunk_pos;
     bool body_last;
 
+    /* STARTTLS: once tls is set the socket carries ciphertext (cin in,
+     * tls_conn_peek out) and the machine sees plaintext. */
+    struct tls_conn *tls; /* owned */
+    bool tls_wanted;      /* EV_STARTTLS: handshake once the output is sent */
+    bool tls_ready;
+    bool tls_shut;
+    char tls_desc[96];
+    char *cin;            /* owned, CIN_CAP */
+    size_t cin_len;
+    int pending_ev;       /* events not acted on yet (see conn_handle) */
+    bool handling;
+
     struct smtp_client cli;
     char in[IN_CAP];
     char chunk[BODY_CHUNK];
@@ -106,12 +120,14 @@ struct dest {
     unsigned next_addr;      /* failover cursor over the answer's addresses */
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
+    struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
     struct timer hold_timer;
 };
 
 struct delivery {
     struct engine *e;  /* borrowed */
     struct worker *w;  /* borrowed */
+    struct tls_cache *tls_cache; /* owned: client sessions of this worker, per MX */
     struct resolver *res; /* owned */
     struct queue_port *port; /* owned */
     struct op port_op;
@@ -284,7 +300,8 @@ retry_delay_ms(const struct domain_policy *pol, unsigned attempts)
  * one outcome for all when out is given) to the spool and the log. */
 static void
 job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
-           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all, const char *mx)
+           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all, const char *mx,
+           const char *tls)
 {
     struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
     if (qo == NULL) {
@@ -320,9 +337,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             d->stats.deferred++;
         }
         log_msg(LOG_INFO,
-                "id=%s event=%s rcpt=<%s> domain=%s mx=%s code=%u enhanced=%u.%u.%u "
-                "reason=%s reply=\"%s\"",
-                qid, what, r ? r->addr : "?", t->name, mx ? mx : "-", o->code, o->enh.cls,
+                "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" code=%u "
+                "enhanced=%u.%u.%u reason=%s reply=\"%s\"",
+                qid, what, r ? r->addr : "?", t->name, mx ? mx : "-",
+                tls && tls[0] ? tls : "none", o->code, o->enh.cls,
                 o->enh.subject, o->enh.detail, smtp_reason_str(o->reason), o->text);
     }
     int rc2 = queue_update(d->e->queue, d->port, qo, j->n, outcome_done, NULL);
@@ -352,7 +370,7 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent, unsi
     snprintf(o.text, sizeof(o.text), "%s", text);
     struct queue_envelope *env = NULL;
     queue_envelope_get(d->e->queue, j->id, &env);
-    job_finish(d, t, j, env, NULL, &o, NULL);
+    job_finish(d, t, j, env, NULL, &o, NULL, NULL);
     queue_envelope_free(env);
     free(j);
 }
@@ -386,6 +404,8 @@ conn_free(struct conn *c)
     }
     queue_envelope_free(c->env);
     free(c->rc);
+    tls_conn_free(c->tls);
+    free(c->cin);
     for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
             *p = c->next_idle;
@@ -394,7 +414,15 @@ conn_free(struct conn *c)
     if (!c->ready_once) {
         t->opening--;
         if (c->connected) {
-            /* Greeting or EHLO refused, or the server hung up: next address. */
+            /* Greeting, EHLO or the TLS policy failed, or the server hung
+             * up: next address; remember why for the deferral. */
+            const struct smtp_outcome *o = smtp_client_session(&c->cli);
+            if (o != NULL && o->status != SMTP_STATUS_PENDING) {
+                /* Temporary even for a 5xx greeting: another MX, or a later
+                 * try, may do (Postfix's smtp_skip_5xx_greeting). */
+                t->last_fail = *o;
+                t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+            }
             t->failed_addrs++;
             t->next_addr++;
         }
@@ -446,10 +474,18 @@ conn_recv(struct conn *c)
     if (c->closed || c->recv_busy || !c->connected)
         return;
     struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->recv_op);
-    io_uring_prep_recv(sqe, c->fd, c->in, sizeof(c->in), 0);
+    if (c->tls != NULL) {
+        if (c->cin_len == CIN_CAP)
+            return;
+        io_uring_prep_recv(sqe, c->fd, c->cin + c->cin_len, CIN_CAP - c->cin_len, 0);
+    } else {
+        io_uring_prep_recv(sqe, c->fd, c->in, sizeof(c->in), 0);
+    }
     c->recv_busy = true;
     c->inflight++;
 }
+
+static void tls_start(struct conn *c);
 
 static void
 conn_flush(struct conn *c)
@@ -458,9 +494,25 @@ conn_flush(struct conn *c)
         return;
     size_t len;
     const char *p = smtp_client_output(&c->cli, &len);
+    if (c->tls != NULL && c->tls_ready) {
+        /* Plaintext into TLS; what TLS took counts as sent. */
+        while (len > 0) {
+            ssize_t n = tls_conn_write(c->tls, p, len);
+            if (n <= 0)
+                break;
+            c->pending_ev |= smtp_client_sent(&c->cli, (size_t)n);
+            p = smtp_client_output(&c->cli, &len);
+        }
+        if (len == 0 && c->want_close && !c->tls_shut)
+            c->tls_shut = tls_conn_shutdown(c->tls) != TLS_WANT_IO;
+    }
+    if (c->tls != NULL)
+        p = tls_conn_peek(c->tls, &len);
     if (len == 0) {
         if (c->want_close)
             conn_close(c, "done");
+        else if (c->tls_wanted && c->tls == NULL)
+            tls_start(c);
         return;
     }
     struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->send_op);
@@ -596,12 +648,13 @@ conn_txn_done(struct conn *c)
      * server's, not the message's: give the job to the next MX address. */
     if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
         c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL) {
+        t->last_fail = c->txn.msg;
         t->failed_addrs++;
         t->next_addr++;
         dest_push(t, j, true);
     } else {
         t->failed_addrs = 0;
-        job_finish(c->d, t, j, c->env, c->rc, NULL, c->mx);
+        job_finish(c->d, t, j, c->env, c->rc, NULL, c->mx, c->tls_ready ? c->tls_desc : NULL);
         free(j);
     }
     queue_envelope_free(c->env);
@@ -610,6 +663,9 @@ conn_txn_done(struct conn *c)
     c->rc = NULL;
 }
 
+/* Act on the machine's events. Acting may produce more (a send frees
+ * room, a transaction ends): they gather in pending_ev and the loop here
+ * takes them, so no handler runs inside another. */
 static void
 conn_handle(struct conn *c, int ev)
 {
@@ -619,26 +675,116 @@ conn_handle(struct conn *c, int ev)
         conn_close(c, "misuse");
         return;
     }
-    if (ev & SMTP_CLIENT_EV_TIMER)
-        conn_deadline(c, smtp_client_deadline_ms(&c->cli));
-    if (ev & SMTP_CLIENT_EV_TXN_DONE)
-        conn_txn_done(c);
-    if (ev & SMTP_CLIENT_EV_CLOSE) {
-        c->want_close = true;
-        conn_flush(c);
+    c->pending_ev |= ev;
+    if (c->handling)
         return;
+    c->handling = true;
+    while (c->pending_ev != 0 && !c->closed) {
+        ev = c->pending_ev;
+        c->pending_ev = 0;
+        if (ev & SMTP_CLIENT_EV_TIMER)
+            conn_deadline(c, smtp_client_deadline_ms(&c->cli));
+        if (ev & SMTP_CLIENT_EV_TXN_DONE)
+            conn_txn_done(c);
+        if (ev & SMTP_CLIENT_EV_CLOSE) {
+            c->want_close = true;
+            c->pending_ev = 0;
+            break;
+        }
+        if (ev & SMTP_CLIENT_EV_STARTTLS)
+            c->tls_wanted = true; /* after the output has left: conn_flush */
+        if (ev & SMTP_CLIENT_EV_SEND_BODY)
+            conn_body(c);
+        if (ev & SMTP_CLIENT_EV_READY)
+            conn_next(c);
+        conn_flush(c);
     }
-    if (ev & SMTP_CLIENT_EV_STARTTLS) {
-        /* The machine runs with TLS off here; cannot happen. */
+    conn_flush(c);
+    c->handling = false;
+    if (!c->want_close)
+        conn_recv(c);
+}
+
+/* ---- STARTTLS ---- */
+
+static void
+tls_start(struct conn *c)
+{
+    c->tls_wanted = false;
+    bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
+    char key[sizeof(c->mx) + sizeof(c->addr_str) + 1];
+    snprintf(key, sizeof(key), "%s:%s", c->mx, c->addr_str);
+    c->cin = malloc(CIN_CAP);
+    if (c->cin == NULL || c->d->e->tls_client == NULL ||
+        tls_conn_new_client(c->d->e->tls_client, c->mx, verify, c->d->tls_cache, key,
+                            &c->tls) < 0) {
+        free(c->cin);
+        c->cin = NULL;
         conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
         return;
     }
-    if (ev & SMTP_CLIENT_EV_SEND_BODY)
-        conn_body(c);
-    if (ev & SMTP_CLIENT_EV_READY && !c->closed)
-        conn_next(c);
+    c->cin_len = 0;
+    /* The ClientHello goes out now; the rest in tls_in(). */
+    tls_conn_handshake(c->tls);
     conn_flush(c);
     conn_recv(c);
+}
+
+/* Ciphertext in: drive the handshake, then hand plaintext to the machine. */
+static void
+tls_in(struct conn *c)
+{
+    for (;;) {
+        size_t off = 0;
+        while (off < c->cin_len) {
+            ssize_t n = tls_conn_feed(c->tls, c->cin + off, c->cin_len - off);
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+        memmove(c->cin, c->cin + off, c->cin_len - off);
+        c->cin_len -= off;
+        if (!c->tls_ready) {
+            int rc = tls_conn_handshake(c->tls);
+            if (rc == TLS_WANT_IO) {
+                conn_flush(c);
+                return;
+            }
+            if (rc < 0) {
+                log_msg(LOG_NOTICE, "event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
+                        c->dest->name, c->mx, tls_strerror(rc), tls_conn_error_str(c->tls));
+                conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
+                return;
+            }
+            struct tls_info info;
+            c->tls_ready = true;
+            bool verified = false;
+            if (tls_conn_info(c->tls, &info) == 0) {
+                snprintf(c->tls_desc, sizeof(c->tls_desc), "%s %s%s", info.protocol, info.cipher,
+                         info.resumed ? " resumed" : "");
+                verified = info.verified;
+            }
+            conn_handle(c, smtp_client_tls_done(&c->cli, verified ? SMTP_CLIENT_TLS_VERIFIED
+                                                                  : SMTP_CLIENT_TLS_UNVERIFIED));
+            if (c->closed)
+                return;
+        }
+        ssize_t n = tls_conn_read(c->tls, c->in, sizeof(c->in));
+        if (n == 0 && c->cin_len == 0)
+            return;
+        if (n < 0) {
+            conn_handle(c, smtp_client_eof(&c->cli));
+            return;
+        }
+        if (n > 0) {
+            size_t used;
+            conn_handle(c, smtp_client_input(&c->cli, c->in, (size_t)n, &used));
+            if (c->closed || c->want_close)
+                return;
+        } else if (off == 0) {
+            return; /* nothing fed, nothing read: wait for more */
+        }
+    }
 }
 
 static void
@@ -658,6 +804,13 @@ conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
         }
         conn_handle(c, smtp_client_eof(&c->cli));
         conn_close(c, "eof");
+        conn_maybe_free(c);
+        return;
+    }
+    if (c->tls != NULL) {
+        c->cin_len += (size_t)res;
+        tls_in(c);
+        conn_recv(c);
         conn_maybe_free(c);
         return;
     }
@@ -684,9 +837,13 @@ conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
         conn_maybe_free(c);
         return;
     }
-    int ev = smtp_client_sent(&c->cli, (size_t)res);
+    int ev = 0;
+    if (c->tls != NULL)
+        tls_conn_consume(c->tls, (size_t)res);
+    else
+        ev = smtp_client_sent(&c->cli, (size_t)res);
     if (smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY)
-        conn_body(c);
+        ev |= SMTP_CLIENT_EV_SEND_BODY;
     conn_handle(c, ev);
     conn_maybe_free(c);
 }
@@ -717,6 +874,13 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     if (res < 0) {
         log_msg(LOG_NOTICE, "event=connect_failed domain=%s mx=%s addr=%s err=%s",
                 c->dest->name, c->mx, c->addr_str, strerror(-res));
+        struct smtp_outcome *o = &c->dest->last_fail;
+        memset(o, 0, sizeof(*o));
+        o->status = SMTP_STATUS_TEMPFAIL;
+        o->scope = SMTP_SCOPE_SESSION;
+        o->enh = (struct smtp_enh){4, 4, 1};
+        snprintf(o->text, sizeof(o->text), "connect to %s (%s): %s", c->mx, c->addr_str,
+                 strerror(-res));
         c->d->stats.connect_failures++;
         c->dest->failed_addrs++;
         c->dest->next_addr++;
@@ -731,7 +895,11 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     struct smtp_client_opts o = {
         .name = c->d->e->cfg->server.hostname,
-        .tls = SMTP_CLIENT_TLS_OFF,
+        .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
+               : c->dest->pol->tls == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
+               : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
+               : c->dest->pol->tls == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
+                                                          : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = c->dest->pol->max_rcpt_per_txn,
     };
     int rc = smtp_client_init(&c->cli, &o);
@@ -904,7 +1072,19 @@ dest_run(struct dest *t)
         if (!dest_address(t, &h, &a)) {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
-                dest_fail_all(t, false, 451, "4.4.1", "no MX host answered");
+                if (t->last_fail.text[0] != '\0') {
+                    struct job *j;
+                    while ((j = dest_pop(t)) != NULL) {
+                        struct queue_envelope *env = NULL;
+                        queue_envelope_get(d->e->queue, j->id, &env);
+                        job_finish(d, t, j, env, NULL, &t->last_fail, NULL, NULL);
+                        queue_envelope_free(env);
+                        free(j);
+                    }
+                } else {
+                    dest_fail_all(t, false, 451, "4.4.1", "no MX host answered");
+                }
+                memset(&t->last_fail, 0, sizeof(t->last_fail));
                 t->hold_until = d->w->now + MS_TO_NS(RETRY_DEST_MS);
                 worker_timer_arm(d->w, &t->hold_timer, t->hold_until);
             }
@@ -1051,6 +1231,8 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
         free(d);
         return rc;
     }
+    if (tls_cache_new(e->cfg->tls.session_cache_size, &d->tls_cache) < 0)
+        d->tls_cache = NULL; /* no resumption: still correct */
     *out = d;
     return 0;
 }
@@ -1099,6 +1281,8 @@ delivery_free(struct delivery *d)
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     queue_port_free(d->port);
+    if (d->tls_cache != NULL)
+        tls_cache_free(d->tls_cache);
     free(d);
     return NULL;
 }

@@ -131,6 +131,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
+    rc = tls_ctx_new_client(&cfg->tls, &e->tls_client, err, errlen);
+    if (rc < 0)
+        goto fail;
     if (tls_config_has_server(&cfg->tls)) {
         rc = tls_ctx_new_server(&cfg->tls, &e->tls_server, err, errlen);
         if (rc < 0)
@@ -229,6 +232,7 @@ engine_stop(struct engine *e)
     e->users = auth_db_unref(e->users);
     pthread_mutex_destroy(&e->users_lock);
     e->tls_server = e->tls_server ? tls_ctx_unref(e->tls_server) : NULL;
+    e->tls_client = e->tls_client ? tls_ctx_unref(e->tls_client) : NULL;
     free(e->per_ip.slots);
     e->per_ip.slots = NULL;
     pthread_mutex_destroy(&e->per_ip.lock);

@@ -37,6 +37,7 @@ struct engine {
     const struct config *cfg;  /* borrowed: outlives the engine */
     struct queue *queue;       /* owned */
     struct tls_ctx *tls_server; /* owned reference; NULL: no STARTTLS, no implicit TLS */
+    struct tls_ctx *tls_client; /* owned reference; NULL: outbound TLS unavailable */
     struct auth_db *users;     /* owned reference; NULL: AUTH not offered. Under users_lock:
                                 * a reload swaps it while sessions take references */
     pthread_mutex_t users_lock;

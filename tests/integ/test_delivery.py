@@ -362,10 +362,79 @@ def test_restart_delivers_what_was_queued():
         r.close()
 
 
+def tls_receiver(r):
+    """A second sluice as the receiving MX, offering STARTTLS."""
+    p = r.wd.path
+    res = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+               "-subj", "/CN=mx.test", "-keyout", f"{p}/mx-key.pem", "-out", f"{p}/mx-cert.pem"])
+    assert res.returncode == 0, res.stderr
+    conf = r.wd.file("mx.conf", f"""
+[server]
+workers = 1
+listen = 127.0.0.1:{r.mx_port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {p}/mx-spool
+map_size = 64M
+[tls]
+cert_file = {p}/mx-cert.pem
+key_file = {p}/mx-key.pem
+""")
+    mx = Sluice(SLUICE, conf)
+    mx.wait_log("event=ready")
+    return mx
+
+
+def test_starttls_to_a_receiver_that_offers_it():
+    r = Relay(records_for(["tls.test"]), with_sink=False)
+    mx = None
+    try:
+        mx = tls_receiver(r)
+        r.inject([("s@example.com", ["a@tls.test"], b"Subject: t\r\n\r\nover TLS\r\n")])
+        line = r.d.wait_log("event=delivered", timeout=30)
+        assert 'tls="TLSv1.' in line, line
+        mx.wait_log("event=queued", timeout=10)
+        assert mx.count_log("event=tls ") == 1, mx.lines
+    finally:
+        if mx is not None:
+            mx.stop_clean()
+        r.close()
+
+
+def test_required_tls_defers_when_not_offered():
+    r = Relay(records_for(["plain.test"]), domain_conf="[domain plain.test]\ntls = required\n")
+    try:
+        r.inject([("s@example.com", ["a@plain.test"], b"Subject: p\r\n\r\nno TLS\r\n")])
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "tls_unavailable" in line or "4.7." in line, line
+        assert r.d.count_log("event=delivered") == 0
+        assert r.sink.files() == []
+    finally:
+        r.close()
+
+
+def test_verify_policy_refuses_an_untrusted_certificate():
+    r = Relay(records_for(["verify.test"]), with_sink=False,
+              domain_conf="[domain verify.test]\ntls = verify\n")
+    mx = None
+    try:
+        mx = tls_receiver(r)
+        r.inject([("s@example.com", ["a@verify.test"], b"Subject: v\r\n\r\nverify\r\n")])
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert r.d.count_log("event=delivered") == 0, line
+        assert mx.count_log("event=queued") == 0
+    finally:
+        if mx is not None:
+            mx.stop_clean()
+        r.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
           test_mx_failover_when_first_mx_is_down, test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
-          test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued])
+          test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
+          test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
+          test_verify_policy_refuses_an_untrusted_certificate])
