@@ -14,8 +14,11 @@
 #include <string.h>
 #include <strings.h>
 
+static _Atomic uint64_t auth_generation;
+
 struct auth_db {
     _Atomic unsigned refs;
+    uint64_t gen;            /* unique for the process's life: keys the caches */
     struct auth_user *users; /* owned, sorted by name */
     unsigned n;
     const char *dummy_hash;  /* borrowed from users[0]: the cost of a miss */
@@ -71,6 +74,7 @@ auth_db_load(const char *path, struct auth_db **out, FILE *errs)
         return -ENOMEM;
     }
     atomic_init(&db->refs, 1);
+    db->gen = atomic_fetch_add(&auth_generation, 1) + 1;
     unsigned cap = 0, lineno = 0, nerr = 0;
     char *line = NULL;
     size_t linecap = 0;
@@ -217,7 +221,7 @@ auth_verify(const struct auth_db *db, struct auth_cache *cache, const char *user
     }
     EVP_MD_CTX_free(md);
     unsigned slot = (unsigned)(key[0] | key[1] << 8) % AUTH_CACHE_SLOTS;
-    if (cache->slot[slot].db == db && CRYPTO_memcmp(cache->slot[slot].key, key, 32) == 0) {
+    if (cache->slot[slot].gen == db->gen && CRYPTO_memcmp(cache->slot[slot].key, key, 32) == 0) {
         cache->hits++;
         return cache->slot[slot].user;
     }
@@ -236,7 +240,7 @@ auth_verify(const struct auth_db *db, struct auth_cache *cache, const char *user
     OPENSSL_cleanse(cd, sizeof(*cd));
     if (!ok)
         return NULL;
-    cache->slot[slot].db = db;
+    cache->slot[slot].gen = db->gen;
     memcpy(cache->slot[slot].key, key, 32);
     cache->slot[slot].user = u;
     return u;

@@ -44,7 +44,8 @@ unsigned auth_db_count(const struct auth_db *db);
 
 struct auth_cache {
     struct {
-        const struct auth_db *db; /* borrowed, compared only: which table verified it */
+        uint64_t gen; /* generation of the table that verified it (0: empty): tables
+                       * are freed and their addresses reused, generations never */
         uint8_t key[32];
         const struct auth_user *user; /* borrowed: lives as long as db */
     } slot[AUTH_CACHE_SLOTS];

@@ -85,6 +85,10 @@ static const struct conf_key log_keys[] = {
 
 #define DLV(f) offsetof(struct delivery_config, f)
 static const struct conf_key delivery_keys[] = {
+    {"enabled", CONF_BOOL, DLV(enabled), 0, 0, "yes",
+     "no: accept and store mail but deliver nothing (maintenance, or testing the "
+     "submission side alone); it stays queued for when delivery is enabled again",
+     NULL},
     {"remote_port", CONF_UINT, DLV(remote_port), 1, 65535, "25",
      "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
     {"connect_timeout", CONF_DURATION, DLV(connect_timeout), 1000, 600000, "30s",

@@ -58,6 +58,7 @@ struct log_config {
 };
 
 struct delivery_config {
+    bool enabled;
     unsigned remote_port;
     uint64_t connect_timeout; /* ms */
     uint64_t idle_timeout;    /* ms */

@@ -96,6 +96,8 @@ struct conn {
     bool tls_shut;
     char tls_desc[96];
     char *cin;            /* owned, CIN_CAP */
+    size_t cin_off;       /* cin[cin_off..cin_len) waits to be fed; compacted only
+                           * while no recv is writing into cin */
     size_t cin_len;
     int pending_ev;       /* events not acted on yet (see conn_handle) */
     bool handling;
@@ -172,8 +174,8 @@ void
 delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                 unsigned n)
 {
-    if (n == 0 || e->nworkers == 0)
-        return;
+    if (n == 0 || e->nworkers == 0 || !e->cfg->delivery.enabled)
+        return; /* stays in the spool */
     size_t dl = strlen(domain);
     if (dl >= 256)
         dl = 255;
@@ -723,7 +725,7 @@ tls_start(struct conn *c)
         conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
         return;
     }
-    c->cin_len = 0;
+    c->cin_off = c->cin_len = 0;
     /* The ClientHello goes out now; the rest in tls_in(). */
     tls_conn_handshake(c->tls);
     conn_flush(c);
@@ -736,14 +738,18 @@ tls_in(struct conn *c)
 {
     for (;;) {
         size_t off = 0;
-        while (off < c->cin_len) {
-            ssize_t n = tls_conn_feed(c->tls, c->cin + off, c->cin_len - off);
+        while (c->cin_off < c->cin_len) {
+            ssize_t n = tls_conn_feed(c->tls, c->cin + c->cin_off, c->cin_len - c->cin_off);
             if (n <= 0)
                 break;
+            c->cin_off += (size_t)n;
             off += (size_t)n;
         }
-        memmove(c->cin, c->cin + off, c->cin_len - off);
-        c->cin_len -= off;
+        if (c->cin_off != 0 && !c->recv_busy) {
+            memmove(c->cin, c->cin + c->cin_off, c->cin_len - c->cin_off);
+            c->cin_len -= c->cin_off;
+            c->cin_off = 0;
+        }
         if (!c->tls_ready) {
             int rc = tls_conn_handshake(c->tls);
             if (rc == TLS_WANT_IO) {
@@ -770,7 +776,7 @@ tls_in(struct conn *c)
                 return;
         }
         ssize_t n = tls_conn_read(c->tls, c->in, sizeof(c->in));
-        if (n == 0 && c->cin_len == 0)
+        if (n == 0 && c->cin_off == c->cin_len)
             return;
         if (n < 0) {
             conn_handle(c, smtp_client_eof(&c->cli));
@@ -1248,7 +1254,7 @@ delivery_start(struct delivery *d)
         d->res = NULL;
     }
     port_arm(d);
-    if (d->w->id == 0)
+    if (d->w->id == 0 && d->e->cfg->delivery.enabled)
         worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
 }
 
@@ -1285,6 +1291,15 @@ delivery_free(struct delivery *d)
         tls_cache_free(d->tls_cache);
     free(d);
     return NULL;
+}
+
+bool
+delivery_msg_free(struct worker_msg *m)
+{
+    if (m->fn != delivery_on_job)
+        return false;
+    free(m);
+    return true;
 }
 
 void

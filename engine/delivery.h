@@ -13,6 +13,7 @@
 #ifndef SLUICE_ENGINE_DELIVERY_H
 #define SLUICE_ENGINE_DELIVERY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -41,6 +42,10 @@ void delivery_stop(struct delivery *d);
 /* After the worker's loop ended. Returns NULL. */
 struct delivery *delivery_free(struct delivery *d);
 void delivery_stats(const struct delivery *d, struct delivery_stats *out);
+/* After the loops ended: free m if it is a job that never arrived.
+ * Returns whether it was one. */
+struct worker_msg;
+bool delivery_msg_free(struct worker_msg *m);
 
 /* Hand the recipients idx[0..n) of message id, all at domain, to the
  * worker that owns domain. Any thread. */

@@ -175,6 +175,10 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         sm->dlv = e->dlv[i];
         worker_post(&e->workers[i], &sm->m);
     }
+    /* Before any listener is armed, so that no message being injected can
+     * also be found by the walk (it would be delivered twice). The jobs
+     * wait in the workers' mailboxes behind their start messages. */
+    requeue_spool(e);
     for (unsigned i = 0; i < e->nworkers; i++) {
         rc = worker_start(&e->workers[i]);
         if (rc < 0) {
@@ -182,7 +186,6 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
     }
-    requeue_spool(e);
     return 0;
 fail:
     engine_stop(e);
@@ -214,6 +217,8 @@ engine_stop(struct engine *e)
             struct worker_msg *next = m->next;
             if (m->fn == on_start)
                 free(m);
+            else
+                delivery_msg_free(m);
             m = next;
         }
         e->workers[i].mbox_head = NULL;
@@ -278,36 +283,39 @@ addr_hash(const uint8_t key[16])
     return h;
 }
 
+enum { SLOT_EMPTY, SLOT_LIVE, SLOT_IDLE }; /* IDLE: count 0, keeps probe chains whole */
+
 static struct conn_slot *
 slot_find(struct conn_table *t, const uint8_t key[16], bool insert)
 {
     if (t->cap == 0)
         return NULL;
     uint32_t mask = t->cap - 1;
-    struct conn_slot *tomb = NULL;
+    struct conn_slot *reuse = NULL;
     for (uint32_t i = addr_hash(key) & mask, n = 0; n < t->cap; i = (i + 1) & mask, n++) {
         struct conn_slot *s = &t->slots[i];
-        if (s->count == 0) {
-            /* Linear probing without deletion marks: count 0 slots are
-             * reused, so a lookup must scan to a never-used slot (addr all
-             * zero and count 0) to be sure. */
-            static const uint8_t zero[16];
-            if (insert && tomb == NULL)
-                tomb = s;
-            if (memcmp(s->addr, zero, 16) == 0)
-                break;
-            continue;
-        }
+        if (s->state == SLOT_EMPTY)
+            return insert ? (reuse ? reuse : s) : NULL;
         if (memcmp(s->addr, key, 16) == 0)
-            return s;
+            return s; /* live, or idle with our address: take it again */
+        if (s->state == SLOT_IDLE && reuse == NULL)
+            reuse = s;
     }
-    return insert ? tomb : NULL;
+    return insert ? reuse : NULL;
 }
 
+/* Rebuild with room for four times the live entries (idle ones are
+ * dropped), so that the table follows the clients connected now, not every
+ * address ever seen. */
 static int
-table_grow(struct conn_table *t)
+table_rebuild(struct conn_table *t)
 {
-    uint32_t cap = t->cap ? t->cap * 2 : 1024;
+    uint32_t live = 0;
+    for (uint32_t i = 0; i < t->cap; i++)
+        live += t->slots[i].state == SLOT_LIVE;
+    uint32_t cap = 1024;
+    while (cap < 4 * (live + 1))
+        cap *= 2;
     struct conn_slot *old = t->slots;
     uint32_t oldcap = t->cap;
     t->slots = calloc(cap, sizeof(*t->slots));
@@ -318,7 +326,7 @@ table_grow(struct conn_table *t)
     t->cap = cap;
     t->used = 0;
     for (uint32_t i = 0; i < oldcap; i++)
-        if (old[i].count != 0) {
+        if (old[i].state == SLOT_LIVE) {
             *slot_find(t, old[i].addr, true) = old[i];
             t->used++;
         }
@@ -334,21 +342,21 @@ conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max)
     pthread_mutex_lock(&t->lock);
     struct conn_slot *s = slot_find(t, key, false);
     bool ok = true;
-    if (s != NULL) {
+    if (s != NULL && s->state == SLOT_LIVE) {
         if (s->count >= max)
             ok = false;
         else
             s->count++;
     } else {
-        /* Keep at most half the slots ever used (a grow drops the idle). */
-        if ((t->used + 1) * 2 > t->cap && table_grow(t) < 0) {
+        /* At most half the slots taken (live or idle): else rebuild. */
+        if ((t->used + 1) * 2 > t->cap && table_rebuild(t) < 0) {
             ok = false;
         } else {
-            static const uint8_t zero[16];
             s = slot_find(t, key, true);
-            if (memcmp(s->addr, zero, 16) == 0)
+            if (s->state == SLOT_EMPTY)
                 t->used++;
             memcpy(s->addr, key, 16);
+            s->state = SLOT_LIVE;
             s->count = 1;
         }
     }
@@ -363,7 +371,7 @@ conn_table_remove(struct conn_table *t, const struct sockaddr *sa)
     addr_key(sa, key);
     pthread_mutex_lock(&t->lock);
     struct conn_slot *s = slot_find(t, key, false);
-    if (s != NULL && s->count > 0)
-        s->count--;
+    if (s != NULL && s->state == SLOT_LIVE && --s->count == 0)
+        s->state = SLOT_IDLE;
     pthread_mutex_unlock(&t->lock);
 }

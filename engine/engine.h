@@ -27,7 +27,8 @@ struct conn_table {
     pthread_mutex_t lock;
     struct conn_slot {
         uint8_t addr[16];
-        uint32_t count; /* 0: free slot */
+        uint8_t state;  /* empty, live, idle (see engine.c) */
+        uint32_t count; /* connections now, when live */
     } *slots;           /* owned, open addressing */
     uint32_t cap;
     uint32_t used;      /* slots ever taken since the last grow */

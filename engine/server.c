@@ -108,6 +108,8 @@ struct session {
     bool tls_shut;        /* close_notify queued */
     char tls_desc[96];    /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
     char *cin;            /* owned, CIN_CAP: ciphertext read, not yet fed */
+    size_t cin_off;       /* cin[cin_off..cin_len) is waiting to be fed; the buffer is
+                           * compacted only while no recv is writing into it */
     size_t cin_len;
 
     char helo[256];
@@ -315,6 +317,10 @@ session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
         }
         if (s->state == SS_TLS_START)
             tls_begin(s);
+        if (s->state == SS_CLOSED) {
+            session_maybe_free(s);
+            return;
+        }
     }
     session_run(s);
 }
@@ -1089,6 +1095,8 @@ run_data(struct session *s)
     in_consume(s, consumed);
     if (rc == SMTP_DATA_END) {
         message_finish(s, s->unstuff.flags);
+        if (s->state == SS_COMMAND) /* refused: the client's next command */
+            session_deadline(s, s->sw->cfg->timeout_command);
         return true;
     }
     return false; /* the unconsumed tail (". " or ".\r") waits for more */
@@ -1122,6 +1130,8 @@ run_bdat(struct session *s)
         return true;
     }
     message_finish(s, s->too_big || s->no_memory ? 0 : bdat_flags(s->body, s->body_len));
+    if (s->state == SS_COMMAND)
+        session_deadline(s, s->sw->cfg->timeout_command);
     return true;
 }
 
@@ -1151,19 +1161,19 @@ tls_in(struct session *s)
 {
     for (;;) {
         bool progress = false;
-        size_t off = 0;
-        while (off < s->cin_len) {
-            ssize_t n = tls_conn_feed(s->tls, s->cin + off, s->cin_len - off);
+        while (s->cin_off < s->cin_len) {
+            ssize_t n = tls_conn_feed(s->tls, s->cin + s->cin_off, s->cin_len - s->cin_off);
             if (n < 0)
                 return (int)n;
             if (n == 0)
                 break;
-            off += (size_t)n;
-        }
-        if (off != 0) {
-            memmove(s->cin, s->cin + off, s->cin_len - off);
-            s->cin_len -= off;
+            s->cin_off += (size_t)n;
             progress = true;
+        }
+        if (s->cin_off != 0 && !s->recv_busy) {
+            memmove(s->cin, s->cin + s->cin_off, s->cin_len - s->cin_off);
+            s->cin_len -= s->cin_off;
+            s->cin_off = 0;
         }
         if (!s->tls_ready) {
             int rc = tls_conn_handshake(s->tls);
@@ -1184,7 +1194,7 @@ tls_in(struct session *s)
             s->in_len += (size_t)n;
             progress = true;
         }
-        if (!progress || s->cin_len == 0)
+        if (!progress || s->cin_off == s->cin_len)
             return 0;
     }
 }
@@ -1281,6 +1291,7 @@ tls_begin(struct session *s)
 {
     s->in_len = 0;
     s->skip_line = false;
+    s->cin_off = s->cin_len = 0;
     s->cin = malloc(CIN_CAP);
     if (s->cin == NULL || tls_conn_new_server(s->sw->tls, &s->tls) < 0) {
         free(s->cin);
@@ -1467,8 +1478,11 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
 
     unsigned n = atomic_fetch_add(&sw->e->clients, 1) + 1;
     bool ok = n <= cfg->max_clients;
-    if (ok && !conn_table_add(&sw->e->per_ip, (struct sockaddr *)&s->peer,
-                              cfg->max_clients_per_ip)) {
+    if (s->peer.ss_family != AF_INET && s->peer.ss_family != AF_INET6) {
+        /* gone before we could ask who it was (a reset): nothing to serve */
+        ok = false;
+    } else if (ok && !conn_table_add(&sw->e->per_ip, (struct sockaddr *)&s->peer,
+                                     cfg->max_clients_per_ip)) {
         ok = false;
     } else if (ok) {
         s->counted = true;
@@ -1487,6 +1501,10 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
     if (implicit_tls) {
         s->tls_implicit = true;
         tls_begin(s);
+        if (s->state == SS_CLOSED) {
+            session_maybe_free(s);
+            return;
+        }
         session_run(s);
         return;
     }

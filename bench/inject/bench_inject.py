@@ -120,7 +120,7 @@ def main():
     with open(conf, "w") as f:
         f.write(f"[server]\nworkers = {a.workers}\nlisten = 127.0.0.1:{port}\n"
                 f"trusted_networks = 127.0.0.0/8\n[queue]\npath = {work}/spool\n"
-                f"map_size = 8G\n[log]\nlevel = notice\n")
+                f"map_size = 8G\n[delivery]\nenabled = no\n[log]\nlevel = notice\n")
     fs = subprocess.run(["stat", "-f", "-c", "%T", work], capture_output=True, text=True).stdout
     d = Daemon(a.sluice, conf)
     try:

@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from harness import Daemon, Workdir, main, run, wait_until
+from harness import Daemon, Workdir, free_port, main, run, wait_until
 
 SLUICE = sys.argv[1]
 SOURCE = sys.argv[2]
@@ -16,6 +16,9 @@ def config(wd, extra=""):
     return wd.file("sluice.conf", f"""
 [server]
 workers = 2
+listen = 127.0.0.1:{free_port()}
+[delivery]
+enabled = no
 [queue]
 path = {wd.path}/spool
 map_size = 64M

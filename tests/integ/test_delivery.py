@@ -376,6 +376,8 @@ trusted_networks = 127.0.0.0/8
 [queue]
 path = {p}/mx-spool
 map_size = 64M
+[delivery]
+enabled = no
 [tls]
 cert_file = {p}/mx-cert.pem
 key_file = {p}/mx-key.pem

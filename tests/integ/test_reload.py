@@ -44,6 +44,8 @@ auth_fail_delay = 0
 [queue]
 path = {wd.path}/spool
 map_size = 64M
+[delivery]
+enabled = no
 """)
         d = Sluice(SLUICE, conf)
         d.wait_log("event=ready")

@@ -107,6 +107,9 @@ trusted_networks = {trusted}
 [queue]
 path = {wd.path}/spool
 map_size = 256M
+[delivery]
+# these tests look at what was queued: nothing leaves
+enabled = no
 [stats]
 socket = {wd.path}/sluice.sock
 [log]

@@ -37,6 +37,8 @@ auth_fail_delay = 0
 [queue]
 path = {p}/spool
 map_size = 64M
+[delivery]
+enabled = no
 [tls]
 cert_file = {p}/cert.pem
 key_file = {p}/key.pem
