@@ -38,15 +38,22 @@ class Dns:
     """dnsmasq on its own port with the records given as config lines."""
 
     def __init__(self, wd, records):
-        self.port = udp_free_port()
         # Authoritative for .test: unknown names get NXDOMAIN, not REFUSED.
         conf = wd.file("dnsmasq.conf", "\n".join(["local=/test/", *records]) + "\n")
-        self.proc = subprocess.Popen(
-            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
-             f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
-             "--bind-interfaces", "--log-facility=/dev/null"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self.ready, 10, "dnsmasq to answer")
+        # dnsmasq binds UDP and TCP on its port: a port free for one may be
+        # taken for the other (tests run in parallel), so try a few.
+        for _ in range(5):
+            self.port = udp_free_port()
+            self.proc = subprocess.Popen(
+                ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
+                 f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
+                 "--bind-interfaces", "--log-facility=/dev/null"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda: self.ready() or self.proc.poll() is not None, 10,
+                       "dnsmasq to answer")
+            if self.proc.poll() is None:
+                return
+        raise AssertionError("dnsmasq would not start on any port tried")
 
     def ready(self):
         # A query for a name it knows nothing about: any answer means up.
