@@ -1121,28 +1121,22 @@ port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
         port_arm(d);
 }
 
-struct due_batch {
-    struct engine *e;
-    uint64_t id;
-    char domain[256];
-    unsigned idx[256];
-    unsigned n;
-};
-
-static void
-due_flush(struct due_batch *b)
+void
+delivery_batch_flush(struct delivery_batch *b)
 {
     if (b->n != 0)
         delivery_submit(b->e, b->id, b->domain, b->idx, b->n);
+    b->recipients += b->n;
     b->n = 0;
 }
 
-static int
-due_one(void *arg, uint64_t id, const struct queue_rcpt *r)
+int
+delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
-    struct due_batch *b = arg;
-    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 || b->n == 256))
-        due_flush(b);
+    struct delivery_batch *b = arg;
+    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 ||
+                      b->n == sizeof(b->idx) / sizeof(b->idx[0])))
+        delivery_batch_flush(b);
     if (b->n == 0) {
         b->id = id;
         snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
@@ -1155,11 +1149,11 @@ static void
 due_on_timer(struct timer *tm, void *ctx)
 {
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
-    struct due_batch *b = calloc(1, sizeof(*b));
+    struct delivery_batch *b = calloc(1, sizeof(*b));
     if (b != NULL) {
         b->e = d->e;
-        int n = queue_due(d->e->queue, &d->due_pos, unix_ms(), DUE_BATCH, due_one, b);
-        due_flush(b);
+        int n = queue_due(d->e->queue, &d->due_pos, unix_ms(), DUE_BATCH, delivery_batch_add, b);
+        delivery_batch_flush(b);
         free(b);
         if (n < 0)
             log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(n));

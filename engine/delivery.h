@@ -52,4 +52,20 @@ bool delivery_msg_free(struct worker_msg *m);
 void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                      unsigned n);
 
+/* Gathers recipients met in (message id, index) order, as queue_walk()
+ * and queue_due() give them, into one job per message and domain. */
+struct delivery_batch {
+    struct engine *e; /* borrowed */
+    uint64_t id;
+    char domain[256];
+    unsigned idx[256];
+    unsigned n;
+    uint64_t recipients; /* submitted so far */
+};
+struct queue_rcpt;
+/* A queue_rcpt_fn: add r (of message id) to the batch (arg). */
+int delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r);
+/* Submit what is gathered. */
+void delivery_batch_flush(struct delivery_batch *b);
+
 #endif

@@ -34,49 +34,21 @@ on_start(struct worker *w, struct worker_msg *m)
 /* Rebuild the ready queues: every recipient not deferred is handed to the
  * worker of its domain, grouped per message and domain. Deferred ones come
  * back through the due poll when their time comes. */
-struct walk_batch {
-    struct engine *e;
-    uint64_t id;
-    char domain[256];
-    unsigned idx[256];
-    unsigned n;
-    uint64_t recipients;
-};
-
-static void
-walk_flush(struct walk_batch *b)
-{
-    if (b->n != 0)
-        delivery_submit(b->e, b->id, b->domain, b->idx, b->n);
-    b->recipients += b->n;
-    b->n = 0;
-}
-
 static int
-walk_one(void *arg, uint64_t id, const struct queue_rcpt *r)
+walk_ready(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
-    struct walk_batch *b = arg;
-    if (r->state != QUEUE_RCPT_READY)
-        return 0;
-    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 || b->n == 256))
-        walk_flush(b);
-    if (b->n == 0) {
-        b->id = id;
-        snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
-    }
-    b->idx[b->n++] = r->index;
-    return 0;
+    return r->state == QUEUE_RCPT_READY ? delivery_batch_add(arg, id, r) : 0;
 }
 
 static void
 requeue_spool(struct engine *e)
 {
-    struct walk_batch *b = calloc(1, sizeof(*b));
+    struct delivery_batch *b = calloc(1, sizeof(*b));
     if (b == NULL)
         return;
     b->e = e;
-    int rc = queue_walk(e->queue, walk_one, b);
-    walk_flush(b);
+    int rc = queue_walk(e->queue, walk_ready, b);
+    delivery_batch_flush(b);
     log_msg(rc == 0 ? LOG_NOTICE : LOG_ERR, "event=spool_requeued recipients=%llu%s%s",
             (unsigned long long)b->recipients, rc == 0 ? "" : " err=",
             rc == 0 ? "" : queue_strerror(rc));
