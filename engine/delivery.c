@@ -104,7 +104,8 @@ struct conn {
 
     struct smtp_client cli;
     char in[IN_CAP];
-    char chunk[BODY_CHUNK];
+    char *chunk;          /* owned, BODY_CHUNK, only while a body is being sent:
+                           * an idle connection does not pay for it */
 };
 
 struct dest {
@@ -408,6 +409,7 @@ conn_free(struct conn *c)
     free(c->rc);
     tls_conn_free(c->tls);
     free(c->cin);
+    free(c->chunk);
     for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
             *p = c->next_idle;
@@ -530,8 +532,12 @@ conn_body(struct conn *c)
     while (!c->closed && smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY) {
         if (c->chunk_pos == c->chunk_len && !c->body_last) {
             size_t got = 0;
+            if (c->chunk == NULL && (c->chunk = malloc(BODY_CHUNK)) == NULL) {
+                conn_handle(c, smtp_client_quit(&c->cli)); /* aborts: all temporary */
+                return;
+            }
             int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
-                                     sizeof(c->chunk), &got);
+                                     BODY_CHUNK, &got);
             if (rc != 0) {
                 log_msg(LOG_ERR, "event=body_read_failed domain=%s err=\"%s\"", c->dest->name,
                         queue_strerror(rc));
@@ -663,6 +669,8 @@ conn_txn_done(struct conn *c)
     c->env = NULL;
     free(c->rc);
     c->rc = NULL;
+    free(c->chunk);
+    c->chunk = NULL;
 }
 
 /* Act on the machine's events. Acting may produce more (a send frees

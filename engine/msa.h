@@ -33,7 +33,9 @@ struct msa_trace {
     bool add_date;
 };
 
-#define MSA_HEADERS_MAX 1024
+/* Room for the longest fields: a 253-octet host name twice, an 80-octet
+ * HELO, a 256-octet recipient, the TLS description and the dates. */
+#define MSA_HEADERS_MAX 2048
 
 /* Format the fields to put in front of the message into out (cap >=
  * MSA_HEADERS_MAX). Returns their length. */
