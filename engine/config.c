@@ -91,6 +91,10 @@ static const struct conf_key delivery_keys[] = {
      NULL},
     {"remote_port", CONF_UINT, DLV(remote_port), 1, 65535, "25",
      "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
+    {"source_address", CONF_STRING, DLV(source_address), 1, 200, NULL,
+     "local addresses outbound connections come from: one IPv4 and/or one IPv6, "
+     "comma-separated; unset: the kernel chooses",
+     NULL},
     {"connect_timeout", CONF_DURATION, DLV(connect_timeout), 1000, 600000, "30s",
      "how long a connection to an MX address may take before the next address is tried", NULL},
     {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
@@ -512,6 +516,34 @@ finish(struct parse *p)
             perr(p, key_line(p, 0, "listen_tls"), "listen_tls: %s", why);
         else if (!tls_config_has_server(&cfg->tls))
             perr(p, key_line(p, 0, "listen_tls"), "listen_tls: needs [tls] cert_file");
+    }
+    if (cfg->delivery.source_address != NULL) {
+        struct cidr src[4];
+        int n = cidr_parse_list(cfg->delivery.source_address, src, 4, why, sizeof(why));
+        unsigned line = 0;
+        for (unsigned i = 0; i < NSECTIONS; i++)
+            if (strcmp(sections[i].name, "delivery") == 0)
+                line = key_line(p, i, "source_address");
+        for (int i = 0; i < n; i++) {
+            struct sockaddr_storage *ss =
+                src[i].family == AF_INET ? &cfg->delivery.source4 : &cfg->delivery.source6;
+            if (ss->ss_family != AF_UNSPEC || src[i].bits != (src[i].family == AF_INET ? 32 : 128)) {
+                perr(p, line, "source_address: one address per family, without /prefix");
+                n = -1;
+                break;
+            }
+            if (src[i].family == AF_INET) {
+                struct sockaddr_in *a = (struct sockaddr_in *)ss;
+                a->sin_family = AF_INET;
+                memcpy(&a->sin_addr, src[i].addr, 4);
+            } else {
+                struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+                a->sin6_family = AF_INET6;
+                memcpy(&a->sin6_addr, src[i].addr, 16);
+            }
+        }
+        if (n == -EINVAL || n == -E2BIG)
+            perr(p, line, "source_address: %s", why);
     }
     if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;

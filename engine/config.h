@@ -60,6 +60,8 @@ struct log_config {
 struct delivery_config {
     bool enabled;
     unsigned remote_port;
+    char *source_address;     /* owned: as written; parsed into source4/source6 */
+    struct sockaddr_storage source4, source6; /* family AF_UNSPEC: not set */
     uint64_t connect_timeout; /* ms */
     uint64_t idle_timeout;    /* ms */
 };

@@ -980,6 +980,20 @@ conn_open(struct dest *t)
         free(c);
         return;
     }
+    const struct sockaddr_storage *src = c->addr.sa.sa_family == AF_INET6
+                                             ? &d->e->cfg->delivery.source6
+                                             : &d->e->cfg->delivery.source4;
+    if (src->ss_family != AF_UNSPEC &&
+        bind(c->fd, (const struct sockaddr *)src,
+             src->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                        : sizeof(struct sockaddr_in)) < 0) {
+        char text[64];
+        netaddr_ip_str((const struct sockaddr *)src, text, sizeof(text));
+        log_msg(LOG_ERR, "event=source_bind_failed source=%s err=%s", text, strerror(errno));
+        close(c->fd);
+        free(c);
+        return;
+    }
     t->conns++;
     t->opening++;
     d->stats.open++;

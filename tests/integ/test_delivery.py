@@ -371,6 +371,17 @@ def test_restart_delivers_what_was_queued():
         r.close()
 
 
+def test_source_address_binding():
+    r = Relay(records_for(["src.test"]), domain_conf="[delivery]\nsource_address = 127.0.0.2\n")
+    try:
+        r.inject([("s@example.com", ["a@src.test"], b"Subject: s\r\n\r\nfrom .2\r\n")])
+        r.d.wait_log("event=delivered", timeout=30)
+        got = wait_sink(r, 1, timeout=10)
+        assert b"X-Client-Addr: 127.0.0.2" in got[0], got[0][:300]
+    finally:
+        r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -448,4 +459,4 @@ if __name__ == "__main__":
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
           test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
-          test_verify_policy_refuses_an_untrusted_certificate])
+          test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding])
