@@ -382,6 +382,97 @@ def test_source_address_binding():
         r.close()
 
 
+class HostileMx:
+    """A scripted SMTP server on the MX port: the hostile replies no real
+    server gives on demand. script(conn, rfile) runs per connection."""
+
+    def __init__(self, port, script):
+        import socketserver
+        import threading
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                try:
+                    script(self.connection, self.rfile)
+                except OSError:
+                    pass
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _read_until(rfile, prefix):
+    for _ in range(1000):  # bounded
+        line = rfile.readline()
+        if not line or line.upper().startswith(prefix):
+            return line
+    return b""
+
+
+def _huge_greeting(c, rfile):
+    c.sendall(b"220-" + b"x" * (1 << 20) + b"\r\n220 ok\r\n")
+    rfile.readline()
+
+
+def _endless_continuation(c, rfile):
+    c.sendall(b"220 hostile ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-hostile\r\n" * 200000)
+    rfile.readline()
+
+
+def _bad_code(c, rfile):
+    c.sendall(b"2x0 what\r\n")
+    rfile.readline()
+
+
+def _extra_replies(c, rfile):
+    c.sendall(b"220 hostile ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-hostile\r\n250 PIPELINING\r\n")
+    _read_until(rfile, b"DATA")
+    c.sendall(b"250 ok\r\n" * 6 + b"354 go\r\n")
+    _read_until(rfile, b".")
+    c.sendall(b"250 queued\r\n")
+    rfile.readline()
+
+
+def _plaintext_after_starttls(c, rfile):
+    c.sendall(b"220 hostile ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-hostile\r\n250 STARTTLS\r\n")
+    rfile.readline()
+    c.sendall(b"220 go ahead\r\n250 injected\r\n")
+    rfile.readline()
+
+
+def test_hostile_mx_replies_deliver_nothing():
+    """1 MB reply lines, endless continuations, a bad code, more replies
+    than commands, plaintext after STARTTLS: the session is dropped, the
+    recipient stays queued (deferred), nothing is counted delivered, and
+    sluice carries on."""
+    for script in (_huge_greeting, _endless_continuation, _bad_code, _extra_replies,
+                   _plaintext_after_starttls):
+        r = Relay(records_for(["hostile.test"]), with_sink=False)
+        mx = HostileMx(r.mx_port, script)
+        try:
+            r.inject([("s@example.com", ["a@hostile.test"], b"Subject: h\r\n\r\nhostile\r\n")])
+            r.d.wait_log("event=deferred", timeout=30)
+            assert r.d.count_log("event=delivered") == 0, script.__name__
+            assert r.d.stop_clean() == 0, script.__name__
+            assert mdb_entries(r.spool, "msg") == 1, script.__name__
+        finally:
+            mx.stop()
+            r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -459,4 +550,5 @@ if __name__ == "__main__":
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
           test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
-          test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding])
+          test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
+          test_hostile_mx_replies_deliver_nothing])
