@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Concurrency benchmark: smtp-sink waits 1 s before answering DATA (-w 1),
+sluice delivers one message to each of N destination domains (5,000 by
+default), so every delivery holds a connection for a second. Prints the
+most concurrent outbound connections seen, messages/s, and sluice's memory
+per connection (RSS growth / connections). Never fails on a number.
+
+  bench/relay/bench_concurrency.py [--sluice build-rel/engine/sluice] [--domains 5000]
+"""
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
+from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
+from test_delivery import Dns, connectable  # noqa: E402
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def sockets(pid):
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", default="build-rel/engine/sluice")
+    ap.add_argument("--domains", type=int, default=5000)
+    ap.add_argument("--spool", default="/var/tmp")
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 4 * a.domains + 1000)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    wd = Workdir("sluice-conc-")
+    work = tempfile.mkdtemp(prefix="sluice-conc-", dir=a.spool)
+    domains = [f"c{i}.test" for i in range(a.domains)]
+    dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
+    sink_port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    sink = subprocess.Popen(["smtp-sink", *user, "-w", "1", "-m", str(2 * a.domains),
+                             f"127.0.0.1:{sink_port}", str(2 * a.domains)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: connectable(sink_port), 10, "smtp-sink")
+    port = free_port()
+    conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {work}/spool
+map_size = 4G
+[delivery]
+remote_port = {sink_port}
+[dns]
+servers = 127.0.0.1:{dns.port}
+[log]
+level = info
+""")
+    d = Daemon(a.sluice, conf)
+    peak = [0, 0]
+    stop = threading.Event()
+    try:
+        d.wait_log("event=ready")
+        base = rss_kb(d.proc.pid)
+
+        def sample():
+            while not stop.wait(0.05):
+                try:
+                    n, r = sockets(d.proc.pid), rss_kb(d.proc.pid)
+                except OSError:
+                    return
+                if n > peak[0]:
+                    peak[0], peak[1] = n, r
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        import socket
+        s = socket.create_connection(("127.0.0.1", port))
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"EHLO bench\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        t0 = time.monotonic()
+        for dom in domains:
+            s.sendall(b"MAIL FROM:<b@example.com>\r\nRCPT TO:<r@%s>\r\nDATA\r\n" % dom.encode())
+            f.readline(), f.readline(), f.readline()
+            s.sendall(b"Subject: c\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26 + b".\r\n")
+            if not f.readline().startswith(b"250"):
+                raise SystemExit("sluice refused a message")
+        s.close()
+        deadline = time.monotonic() + float(os.environ.get("BENCH_WAIT", "300"))
+        while time.monotonic() < deadline:
+            with d.cv:
+                done = sum(1 for ln in d.lines if "event=delivered" in ln)
+            if done >= a.domains:
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        if done == 0:
+            print("\n".join(d.lines[-15:]))
+        stop.set()
+        t.join(2)
+        d.stop()
+    finally:
+        stop.set()
+        if d.proc.poll() is None:
+            d.proc.kill()
+        sink.kill()
+        sink.wait()
+        dns.stop()
+        wd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    conns = max(0, peak[0] - 4)  # less the listeners, the DNS and other sockets
+    print(f"concurrency: {a.domains} domains, one 2 KB message each, smtp-sink -w 1")
+    print(f"  delivered {done} in {took:.1f}s: {done / took:.0f} msg/s")
+    print(f"  most sockets open at once: {peak[0]} (about {conns} outbound connections)")
+    if conns:
+        print(f"  RSS {base} kB before, {peak[1]} kB at the peak: "
+              f"{(peak[1] - base) * 1024 / conns / 1024:.1f} kB per connection")
+
+
+if __name__ == "__main__":
+    main()
