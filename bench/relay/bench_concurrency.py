@@ -11,7 +11,6 @@ import argparse
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -19,8 +18,11 @@ import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
-from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
-from test_delivery import Dns, connectable  # noqa: E402
+from harness import Daemon, Workdir, free_port  # noqa: E402
+from test_delivery import Dns  # noqa: E402
+
+sys.path.insert(0, here)
+from bench_relay import relay_conf, sink as start_sink  # noqa: E402
 
 
 def rss_kb(pid):
@@ -57,27 +59,9 @@ def main():
     domains = [f"c{i}.test" for i in range(a.domains)]
     dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
     sink_port = free_port()
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen(["smtp-sink", *user, "-w", "1", "-m", str(2 * a.domains),
-                             f"127.0.0.1:{sink_port}", str(2 * a.domains)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: connectable(sink_port), 10, "smtp-sink")
+    sink = start_sink(sink_port, "-w", "1", "-m", str(2 * a.domains))
     port = free_port()
-    conf = wd.file("sluice.conf", f"""
-[server]
-workers = 2
-listen = 127.0.0.1:{port}
-trusted_networks = 127.0.0.0/8
-[queue]
-path = {work}/spool
-map_size = 4G
-[delivery]
-remote_port = {sink_port}
-[dns]
-servers = 127.0.0.1:{dns.port}
-[log]
-level = info
-""")
+    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, "[log]\nlevel = info\n")
     d = Daemon(a.sluice, conf)
     peak = [0, 0]
     stop = threading.Event()

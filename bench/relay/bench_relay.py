@@ -36,12 +36,32 @@ def source(port, n, sessions, size, to):
     return time.monotonic() - t0
 
 
-def sink(port):
+def sink(port, *flags):
+    """smtp-sink on port (as nobody when root, which it requires)."""
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    p = subprocess.Popen(["smtp-sink", *user, "-c", f"127.0.0.1:{port}", "1000"],
+    p = subprocess.Popen(["smtp-sink", *user, *flags, "-c", f"127.0.0.1:{port}", "1000"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: connectable(port), 10, "smtp-sink")
     return p
+
+
+def relay_conf(wd, port, spool, sink_port, dns_port, extra=""):
+    """A sluice that takes mail on port and delivers to the sink through
+    the benchmark's dnsmasq."""
+    return wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {spool}
+map_size = 8G
+[delivery]
+remote_port = {sink_port}
+[dns]
+servers = 127.0.0.1:{dns_port}
+{extra}
+""")
 
 
 def main():
@@ -68,21 +88,8 @@ def main():
     dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
     s = sink(sink_port)
     port = free_port()
-    conf = wd.file("sluice.conf", f"""
-[server]
-workers = 2
-listen = 127.0.0.1:{port}
-trusted_networks = 127.0.0.0/8
-[queue]
-path = {work}/spool
-map_size = 8G
-[delivery]
-remote_port = {sink_port}
-[dns]
-servers = 127.0.0.1:{dns.port}
-[domain *]
-max_connections = 50
-""")
+    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port,
+                      "[domain *]\nmax_connections = 50\n")
     d = Daemon(a.sluice, conf)
     try:
         d.wait_log("event=ready")
