@@ -1,0 +1,1 @@
+/* classify: being written (placeholder so the build lists it). */

@@ -1,0 +1,1 @@
+/* dlog: being written (placeholder so the build lists it). */

@@ -1,0 +1,1 @@
+/* dsn: being written (placeholder so the build lists it). */

@@ -1,0 +1,4 @@
+/* dsn: being written. */
+#ifndef SLUICE_ENGINE_DSN_H
+#define SLUICE_ENGINE_DSN_H
+#endif

@@ -1,0 +1,1 @@
+/* limits: being written (placeholder so the build lists it). */

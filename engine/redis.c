@@ -1,0 +1,1 @@
+/* redis: being written (placeholder so the build lists it). */

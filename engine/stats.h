@@ -1,0 +1,4 @@
+/* stats: being written. */
+#ifndef SLUICE_ENGINE_STATS_H
+#define SLUICE_ENGINE_STATS_H
+#endif
