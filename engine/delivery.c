@@ -28,6 +28,7 @@
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
@@ -45,9 +46,12 @@
 #include "tls/tls.h"
 
 #define DEST_BUCKETS   4096
-#define IN_CAP         8192
+#define IN_CAP         4096 /* one provided receive buffer */
+#define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
+#define IN_BGID        7    /* their buffer group on the worker's ring */
 #define CIN_CAP        (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define BODY_CHUNK     (64 * 1024)
+#define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
 #define RETRY_DEST_MS  60000 /* after every MX address failed */
@@ -102,10 +106,22 @@ struct conn {
     int pending_ev;       /* events not acted on yet (see conn_handle) */
     bool handling;
 
+    /* Memory only while it is used (a connection waiting for a reply,
+     * thousands of them, holds none): the machine's buffer comes from
+     * d->cli_pool, received octets from the ring's provided buffers. */
     struct smtp_client cli;
-    char in[IN_CAP];
-    char *chunk;          /* owned, BODY_CHUNK, only while a body is being sent:
-                           * an idle connection does not pay for it */
+    char *in;             /* owned, IN_CAP: only without provided buffers */
+    char *chunk;          /* owned, from d->chunk_pool, only while a body is
+                           * being sent */
+};
+
+/* A free list of equal buffers: connections borrow and return them many
+ * times a second, so malloc is only met in bursts. */
+struct pool {
+    void *free;           /* owned: a list through each buffer's first word */
+    unsigned nfree;
+    size_t size;
+    uint64_t out;         /* borrowed now */
 };
 
 struct dest {
@@ -139,6 +155,10 @@ struct delivery {
     struct timer due_timer; /* worker 0: poll the spool for due recipients */
     struct queue_due_pos due_pos;
     struct delivery_stats stats;
+    struct pool cli_pool;    /* struct smtp_client_buf */
+    struct pool chunk_pool;  /* BODY_CHUNK */
+    struct io_uring_buf_ring *br; /* owned (mmap): provided receive buffers, or NULL */
+    char *br_mem;            /* owned: IN_BUFS * IN_CAP */
     struct conn *all;        /* every connection, for shutdown */
     bool resolver_closed;
     struct worker_msg stop_msg;
@@ -149,6 +169,46 @@ static void delivery_check_done(struct delivery *d);
 static void conn_close(struct conn *c, const char *why);
 static void conn_handle(struct conn *c, int ev);
 static void conn_flush(struct conn *c);
+
+static void *
+pool_get(struct pool *p)
+{
+    void *b = p->free;
+    if (b != NULL) {
+        memcpy(&p->free, b, sizeof(void *));
+        p->nfree--;
+    } else if ((b = malloc(p->size)) == NULL) {
+        return NULL;
+    }
+    p->out++;
+    return b;
+}
+
+static void
+pool_put(struct pool *p, void *b)
+{
+    if (b == NULL)
+        return;
+    p->out--;
+    if (p->nfree >= POOL_KEEP) {
+        free(b);
+        return;
+    }
+    memcpy(b, &p->free, sizeof(void *));
+    p->free = b;
+    p->nfree++;
+}
+
+static void
+pool_fini(struct pool *p)
+{
+    while (p->free != NULL) {
+        void *b = p->free;
+        memcpy(&p->free, b, sizeof(void *));
+        free(b);
+    }
+    p->nfree = 0;
+}
 
 static uint64_t
 unix_ms(void)
@@ -391,6 +451,27 @@ conn_deadline(struct conn *c, uint64_t ms)
         worker_timer_arm(c->d->w, &c->timer, c->d->w->now + MS_TO_NS(ms));
 }
 
+/* The machine, with a buffer lent from the pool: every call that may
+ * write output or parse input goes through here. Without memory the call
+ * fails (SMTP_CLIENT_E_STATE) and conn_handle() closes the connection. */
+static struct smtp_client *
+conn_cli(struct conn *c)
+{
+    if (c->cli.buf == NULL) {
+        struct smtp_client_buf *b = pool_get(&c->d->cli_pool);
+        if (b != NULL)
+            smtp_client_attach(&c->cli, b);
+    }
+    return &c->cli;
+}
+
+/* Give the buffer back when the machine holds nothing in it. */
+static void
+conn_cli_release(struct conn *c)
+{
+    pool_put(&c->d->cli_pool, smtp_client_detach(&c->cli));
+}
+
 static void
 conn_free(struct conn *c)
 {
@@ -409,7 +490,10 @@ conn_free(struct conn *c)
     free(c->rc);
     tls_conn_free(c->tls);
     free(c->cin);
-    free(c->chunk);
+    free(c->in);
+    pool_put(&d->chunk_pool, c->chunk);
+    /* Whatever the machine still held is moot: nothing is in flight. */
+    pool_put(&d->cli_pool, c->cli.buf);
     for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
             *p = c->next_idle;
@@ -477,16 +561,90 @@ conn_recv(struct conn *c)
 {
     if (c->closed || c->recv_busy || !c->connected)
         return;
-    struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->recv_op);
+    struct delivery *d = c->d;
     if (c->tls != NULL) {
         if (c->cin_len == CIN_CAP)
             return;
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
         io_uring_prep_recv(sqe, c->fd, c->cin + c->cin_len, CIN_CAP - c->cin_len, 0);
+    } else if (d->br != NULL) {
+        /* The kernel picks a buffer when octets arrive, not now. */
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
+        io_uring_prep_recv(sqe, c->fd, NULL, IN_CAP, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = IN_BGID;
     } else {
-        io_uring_prep_recv(sqe, c->fd, c->in, sizeof(c->in), 0);
+        if (c->in == NULL && (c->in = malloc(IN_CAP)) == NULL) {
+            conn_close(c, "out_of_memory");
+            return;
+        }
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
+        io_uring_prep_recv(sqe, c->fd, c->in, IN_CAP, 0);
     }
     c->recv_busy = true;
     c->inflight++;
+}
+
+/* Register the worker's provided receive buffers. Without them (an old
+ * kernel) each connection reads into its own buffer. */
+static void
+delivery_bufs_init(struct delivery *d)
+{
+    size_t ring_len = IN_BUFS * sizeof(struct io_uring_buf);
+    void *ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (ring == MAP_FAILED)
+        return;
+    d->br_mem = malloc((size_t)IN_BUFS * IN_CAP);
+    struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)ring,
+                                   .ring_entries = IN_BUFS,
+                                   .bgid = IN_BGID};
+    int rc = d->br_mem ? io_uring_register_buf_ring(&d->w->ring, &reg, 0) : -ENOMEM;
+    if (rc < 0) {
+        log_msg(LOG_NOTICE, "event=provided_buffers_unavailable err=\"%s\" note=per_connection_buffers",
+                strerror(-rc));
+        munmap(ring, ring_len);
+        free(d->br_mem);
+        d->br_mem = NULL;
+        return;
+    }
+    d->br = ring;
+    io_uring_buf_ring_init(d->br);
+    for (unsigned i = 0; i < IN_BUFS; i++)
+        io_uring_buf_ring_add(d->br, d->br_mem + (size_t)i * IN_CAP, IN_CAP, (unsigned short)i,
+                              io_uring_buf_ring_mask(IN_BUFS), (int)i);
+    io_uring_buf_ring_advance(d->br, IN_BUFS);
+}
+
+/* After the loop ended, from the thread that frees: no read is in flight,
+ * and the ring (a single-issuer ring refuses registrations from other
+ * threads) drops its reference when it closes. */
+static void
+delivery_bufs_fini(struct delivery *d)
+{
+    if (d->br == NULL)
+        return;
+    munmap(d->br, IN_BUFS * sizeof(struct io_uring_buf));
+    free(d->br_mem);
+    d->br = NULL;
+    d->br_mem = NULL;
+}
+
+/* The provided buffer a completion carries, or NULL. */
+static char *
+recv_buf(struct delivery *d, uint32_t flags, unsigned *bid)
+{
+    if (d->br == NULL || !(flags & IORING_CQE_F_BUFFER))
+        return NULL;
+    *bid = flags >> IORING_CQE_BUFFER_SHIFT;
+    return d->br_mem + (size_t)*bid * IN_CAP;
+}
+
+static void
+recv_buf_put(struct delivery *d, unsigned bid)
+{
+    io_uring_buf_ring_add(d->br, d->br_mem + (size_t)bid * IN_CAP, IN_CAP, (unsigned short)bid,
+                          io_uring_buf_ring_mask(IN_BUFS), 0);
+    io_uring_buf_ring_advance(d->br, 1);
 }
 
 static void tls_start(struct conn *c);
@@ -504,7 +662,7 @@ conn_flush(struct conn *c)
             ssize_t n = tls_conn_write(c->tls, p, len);
             if (n <= 0)
                 break;
-            c->pending_ev |= smtp_client_sent(&c->cli, (size_t)n);
+            c->pending_ev |= smtp_client_sent(conn_cli(c), (size_t)n);
             p = smtp_client_output(&c->cli, &len);
         }
         if (len == 0 && c->want_close && !c->tls_shut)
@@ -532,8 +690,8 @@ conn_body(struct conn *c)
     while (!c->closed && smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY) {
         if (c->chunk_pos == c->chunk_len && !c->body_last) {
             size_t got = 0;
-            if (c->chunk == NULL && (c->chunk = malloc(BODY_CHUNK)) == NULL) {
-                conn_handle(c, smtp_client_quit(&c->cli)); /* aborts: all temporary */
+            if (c->chunk == NULL && (c->chunk = pool_get(&c->d->chunk_pool)) == NULL) {
+                conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
                 return;
             }
             int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
@@ -541,7 +699,7 @@ conn_body(struct conn *c)
             if (rc != 0) {
                 log_msg(LOG_ERR, "event=body_read_failed domain=%s err=\"%s\"", c->dest->name,
                         queue_strerror(rc));
-                conn_handle(c, smtp_client_quit(&c->cli)); /* aborts: all temporary */
+                conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
                 return;
             }
             c->body_off += got;
@@ -550,7 +708,7 @@ conn_body(struct conn *c)
             c->body_last = c->body_off >= c->env->body_len || got == 0;
         }
         size_t consumed = 0;
-        int ev = smtp_client_body(&c->cli, c->chunk + c->chunk_pos, c->chunk_len - c->chunk_pos,
+        int ev = smtp_client_body(conn_cli(c), c->chunk + c->chunk_pos, c->chunk_len - c->chunk_pos,
                                   c->body_last, &consumed);
         c->chunk_pos += consumed;
         if (ev < 0)
@@ -574,7 +732,7 @@ conn_next(struct conn *c)
         t->failed_addrs = 0; /* this address works */
     }
     if (c->nmsgs >= t->pol->max_messages_per_connection || c->d->stopping) {
-        conn_handle(c, smtp_client_quit(&c->cli));
+        conn_handle(c, smtp_client_quit(conn_cli(c)));
         return;
     }
     for (;;) {
@@ -595,7 +753,7 @@ conn_next(struct conn *c)
         if (rc == NULL) {
             queue_envelope_free(env);
             dest_push(t, j, true);
-            conn_handle(c, smtp_client_quit(&c->cli));
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
             return;
         }
         unsigned n = 0;
@@ -642,7 +800,7 @@ conn_next(struct conn *c)
     if (c->nmsgs > 0)
         c->d->stats.reused++;
     c->d->stats.transactions++;
-    conn_handle(c, smtp_client_txn(&c->cli, &c->txn));
+    conn_handle(c, smtp_client_txn(conn_cli(c), &c->txn));
 }
 
 static void
@@ -669,7 +827,7 @@ conn_txn_done(struct conn *c)
     c->env = NULL;
     free(c->rc);
     c->rc = NULL;
-    free(c->chunk);
+    pool_put(&c->d->chunk_pool, c->chunk);
     c->chunk = NULL;
 }
 
@@ -711,6 +869,7 @@ conn_handle(struct conn *c, int ev)
     }
     conn_flush(c);
     c->handling = false;
+    conn_cli_release(c);
     if (!c->want_close)
         conn_recv(c);
 }
@@ -730,7 +889,7 @@ tls_start(struct conn *c)
                             &c->tls) < 0) {
         free(c->cin);
         c->cin = NULL;
-        conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
+        conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
         return;
     }
     c->cin_off = c->cin_len = 0;
@@ -767,7 +926,7 @@ tls_in(struct conn *c)
             if (rc < 0) {
                 log_msg(LOG_NOTICE, "event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
                         c->dest->name, c->mx, tls_strerror(rc), tls_conn_error_str(c->tls));
-                conn_handle(c, smtp_client_tls_done(&c->cli, SMTP_CLIENT_TLS_FAILED));
+                conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
                 return;
             }
             struct tls_info info;
@@ -778,21 +937,22 @@ tls_in(struct conn *c)
                          info.resumed ? " resumed" : "");
                 verified = info.verified;
             }
-            conn_handle(c, smtp_client_tls_done(&c->cli, verified ? SMTP_CLIENT_TLS_VERIFIED
+            conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
                                                                   : SMTP_CLIENT_TLS_UNVERIFIED));
             if (c->closed)
                 return;
         }
-        ssize_t n = tls_conn_read(c->tls, c->in, sizeof(c->in));
+        char plain[IN_CAP];
+        ssize_t n = tls_conn_read(c->tls, plain, sizeof(plain));
         if (n == 0 && c->cin_off == c->cin_len)
             return;
         if (n < 0) {
-            conn_handle(c, smtp_client_eof(&c->cli));
+            conn_handle(c, smtp_client_eof(conn_cli(c)));
             return;
         }
         if (n > 0) {
             size_t used;
-            conn_handle(c, smtp_client_input(&c->cli, c->in, (size_t)n, &used));
+            conn_handle(c, smtp_client_input(conn_cli(c), plain, (size_t)n, &used));
             if (c->closed || c->want_close)
                 return;
         } else if (off == 0) {
@@ -805,23 +965,42 @@ static void
 conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
 {
     struct conn *c = CONN_OF(op, recv_op);
+    struct delivery *d = c->d;
+    unsigned bid = 0;
+    char *in = recv_buf(d, flags, &bid);
     c->recv_busy = false;
     c->inflight--;
     if (c->closed) {
+        if (in != NULL)
+            recv_buf_put(d, bid);
         conn_maybe_free(c);
         return;
     }
     if (res <= 0) {
-        if (res == -EINTR || res == -EAGAIN) {
+        if (in != NULL)
+            recv_buf_put(d, bid);
+        if (res == -EINTR || res == -EAGAIN || res == -ENOBUFS) {
+            /* ENOBUFS: every provided buffer was taken in this batch of
+             * completions; they are back by the time this is submitted. */
+            if (res == -ENOBUFS)
+                d->stats.recv_nobufs++;
             conn_recv(c);
             return;
         }
-        conn_handle(c, smtp_client_eof(&c->cli));
+        conn_handle(c, smtp_client_eof(conn_cli(c)));
         conn_close(c, "eof");
         conn_maybe_free(c);
         return;
     }
     if (c->tls != NULL) {
+        if (in != NULL) {
+            /* A read posted before STARTTLS cannot complete after it
+             * (tls_start posts the first ciphertext read). */
+            recv_buf_put(d, bid);
+            conn_close(c, "tls_read_state");
+            conn_maybe_free(c);
+            return;
+        }
         c->cin_len += (size_t)res;
         tls_in(c);
         conn_recv(c);
@@ -830,8 +1009,13 @@ conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
     }
     size_t used;
     /* An idle connection that hears from the server leaves the idle list
-     * through conn_free or the events; the machine knows what it means. */
-    conn_handle(c, smtp_client_input(&c->cli, c->in, (size_t)res, &used));
+     * through conn_free or the events; the machine knows what it means.
+     * The machine consumes all it is given (or closes), so the buffer goes
+     * back at once. */
+    int ev = smtp_client_input(conn_cli(c), in != NULL ? in : c->in, (size_t)res, &used);
+    if (in != NULL)
+        recv_buf_put(d, bid);
+    conn_handle(c, ev);
     conn_maybe_free(c);
 }
 
@@ -846,7 +1030,7 @@ conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     if (res <= 0) {
-        conn_handle(c, smtp_client_eof(&c->cli));
+        conn_handle(c, smtp_client_eof(conn_cli(c)));
         conn_close(c, "send_failed");
         conn_maybe_free(c);
         return;
@@ -855,7 +1039,7 @@ conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
     if (c->tls != NULL)
         tls_conn_consume(c->tls, (size_t)res);
     else
-        ev = smtp_client_sent(&c->cli, (size_t)res);
+        ev = smtp_client_sent(conn_cli(c), (size_t)res);
     if (smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY)
         ev |= SMTP_CLIENT_EV_SEND_BODY;
     conn_handle(c, ev);
@@ -873,7 +1057,7 @@ conn_on_timer(struct timer *tm, void *ctx)
         conn_close(c, "connect_timeout");
         return;
     }
-    conn_handle(c, smtp_client_timeout(&c->cli));
+    conn_handle(c, smtp_client_timeout(conn_cli(c)));
 }
 
 static void
@@ -1245,6 +1429,8 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->w = w;
     d->port_op = (struct op){OP_CALLBACK, port_on_ready};
     timer_init(&d->due_timer, due_on_timer);
+    d->cli_pool.size = sizeof(struct smtp_client_buf);
+    d->chunk_pool.size = BODY_CHUNK;
     d->stop_msg.fn = delivery_on_stop;
     d->port = queue_port_new();
     if (d->port == NULL) {
@@ -1269,6 +1455,7 @@ delivery_start(struct delivery *d)
                 err);
         d->res = NULL;
     }
+    delivery_bufs_init(d);
     port_arm(d);
     if (d->w->id == 0 && d->e->cfg->delivery.enabled)
         worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
@@ -1305,6 +1492,9 @@ delivery_free(struct delivery *d)
     queue_port_free(d->port);
     if (d->tls_cache != NULL)
         tls_cache_free(d->tls_cache);
+    delivery_bufs_fini(d);
+    pool_fini(&d->cli_pool);
+    pool_fini(&d->chunk_pool);
     free(d);
     return NULL;
 }
@@ -1322,4 +1512,5 @@ void
 delivery_stats(const struct delivery *d, struct delivery_stats *out)
 {
     *out = d->stats;
+    out->bufs_out = d->cli_pool.out;
 }

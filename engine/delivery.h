@@ -28,6 +28,8 @@ struct delivery_stats {
     uint64_t transactions;
     uint64_t reused;                       /* transactions on a reused connection */
     uint64_t open;                         /* connections open now */
+    uint64_t recv_nobufs;                  /* reads retried: provided buffers all taken */
+    uint64_t bufs_out;                     /* session buffers lent now */
 };
 
 int delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *err,

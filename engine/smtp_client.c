@@ -180,10 +180,10 @@ pipe_head_state(const struct smtp_client *c)
 static bool
 out_put(struct smtp_client *c, const char *s, size_t n)
 {
-    if (SMTP_CLIENT_OUT_CAP - c->out_len < n)
+    if (SMTP_CLIENT_OUT_CAP - c->buf->out_len < n)
         return false;
-    memcpy(c->out + c->out_len, s, n);
-    c->out_len += n;
+    memcpy(c->buf->out + c->buf->out_len, s, n);
+    c->buf->out_len += n;
     return true;
 }
 
@@ -281,8 +281,8 @@ txn_write(struct smtp_client *c)
     struct smtp_client_run *x = &c->run;
 
     while (x->writing && c->pipe_len < pipe_cap(c)) {
-        char *o = c->out + c->out_len;
-        size_t room = SMTP_CLIENT_OUT_CAP - c->out_len;
+        char *o = c->buf->out + c->buf->out_len;
+        size_t room = SMTP_CLIENT_OUT_CAP - c->buf->out_len;
         int n;
 
         if (x->want_rset) {
@@ -295,7 +295,7 @@ txn_write(struct smtp_client *c)
             n = smtp_fmt_mail(o, room, t->from.ptr, t->from.len, &x->mail_params);
             if (n < 0)
                 return;
-            c->out_len += (size_t)n;
+            c->buf->out_len += (size_t)n;
             pipe_push(c, SMTP_CLIENT_S_MAIL, 0);
             x->mail_written = true;
         } else if (x->mail_refused) {
@@ -311,7 +311,7 @@ txn_write(struct smtp_client *c)
             if (!(c->caps.ext & SMTP_EXT_DSN))
                 p.seen &= ~(uint32_t)(SMTP_PARAM_NOTIFY | SMTP_PARAM_ORCPT);
             n = smtp_fmt_rcpt(o, room, r->addr.ptr, r->addr.len, &p, x->utf8);
-            if (n == SMTP_CMD_E_NOSPACE && c->out_len > 0)
+            if (n == SMTP_CMD_E_NOSPACE && c->buf->out_len > 0)
                 return;
             if (n < 0) {
                 outcome_local(&r->out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_RCPT, SMTP_REASON_ADDRESS,
@@ -321,7 +321,7 @@ txn_write(struct smtp_client *c)
                 x->next_rcpt++;
                 continue;
             }
-            c->out_len += (size_t)n;
+            c->buf->out_len += (size_t)n;
             pipe_push(c, SMTP_CLIENT_S_RCPT, x->next_rcpt);
             x->next_rcpt++;
             x->rcpt_wait++;
@@ -436,14 +436,14 @@ client_send(struct smtp_client *c, enum smtp_client_state s)
     size_t vl = strlen(verb), nl = s == SMTP_CLIENT_S_STARTTLS ? 0 : strlen(c->name);
 
     /* Only ever written with an almost empty output; full means broken. */
-    if (SMTP_CLIENT_OUT_CAP - c->out_len < vl + nl + 2) {
+    if (SMTP_CLIENT_OUT_CAP - c->buf->out_len < vl + nl + 2) {
         client_protocol(c, "output buffer full");
         return;
     }
-    memcpy(c->out + c->out_len, verb, vl);
-    memcpy(c->out + c->out_len + vl, c->name, nl);
-    memcpy(c->out + c->out_len + vl + nl, "\r\n", 2);
-    c->out_len += vl + nl + 2;
+    memcpy(c->buf->out + c->buf->out_len, verb, vl);
+    memcpy(c->buf->out + c->buf->out_len + vl, c->name, nl);
+    memcpy(c->buf->out + c->buf->out_len + vl + nl, "\r\n", 2);
+    c->buf->out_len += vl + nl + 2;
     pipe_push(c, s, 0);
     client_enter(c, s);
 }
@@ -610,13 +610,13 @@ on_rcpt(struct smtp_client *c, const struct smtp_reply *r, uint32_t i)
 static void
 body_finish(struct smtp_client *c)
 {
-    size_t room = SMTP_CLIENT_OUT_CAP - c->out_len, n = 0;
+    size_t room = SMTP_CLIENT_OUT_CAP - c->buf->out_len, n = 0;
 
     c->run.finishing = true;
     if (room == 0)
         return;
-    if (smtp_stuff_finish(&c->stuff, c->out + c->out_len, room, &n) == SMTP_DATA_END) {
-        c->out_len += n;
+    if (smtp_stuff_finish(&c->stuff, c->buf->out + c->buf->out_len, room, &n) == SMTP_DATA_END) {
+        c->buf->out_len += n;
         c->run.finishing = false;
         pipe_push(c, SMTP_CLIENT_S_DOT, 0);
         client_enter(c, SMTP_CLIENT_S_DOT);
@@ -624,7 +624,7 @@ body_finish(struct smtp_client *c)
             c->ev |= SMTP_CLIENT_EV_BODY_END;
         return;
     }
-    c->out_len += n;
+    c->buf->out_len += n;
 }
 
 static void
@@ -750,15 +750,44 @@ smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o)
     c->tls = o->tls_active;
     c->state = SMTP_CLIENT_S_GREETING;
     outcome_clear(&c->session);
-    smtp_reply_parser_init(&c->rp);
     pipe_push(c, SMTP_CLIENT_S_GREETING, 0);
     return 0;
+}
+
+int
+smtp_client_attach(struct smtp_client *c, struct smtp_client_buf *b)
+{
+    if (c->buf != NULL || b == NULL)
+        return SMTP_CLIENT_E_STATE;
+    b->out_len = 0;
+    smtp_reply_parser_init(&b->rp);
+    c->buf = b;
+    return 0;
+}
+
+struct smtp_client_buf *
+smtp_client_detach(struct smtp_client *c)
+{
+    struct smtp_client_buf *b = c->buf;
+
+    if (b == NULL)
+        return NULL;
+    /* Unsent output stays even on a closed session: QUIT may still be on
+     * its way out, and the caller's send may point into it. */
+    if (b->out_len > 0 ||
+        (c->state != SMTP_CLIENT_S_CLOSED && !smtp_reply_parser_idle(&b->rp)))
+        return NULL;
+    c->buf = NULL;
+    return b;
 }
 
 int
 smtp_client_input(struct smtp_client *c, const char *buf, size_t len, size_t *used)
 {
     size_t off = 0;
+
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
 
     *used = 0;
     c->ev = 0;
@@ -770,7 +799,7 @@ smtp_client_input(struct smtp_client *c, const char *buf, size_t len, size_t *us
     }
     while (off < len) {
         size_t u = 0;
-        int rc = smtp_reply_parse(&c->rp, buf + off, len - off, &u);
+        int rc = smtp_reply_parse(&c->buf->rp, buf + off, len - off, &u);
 
         off += u;
         if (rc < 0) {
@@ -779,7 +808,7 @@ smtp_client_input(struct smtp_client *c, const char *buf, size_t len, size_t *us
         }
         if (rc == SMTP_REPLY_MORE)
             break;
-        smtp_client_on_reply(c, &c->rp.reply);
+        smtp_client_on_reply(c, &c->buf->rp.reply);
         if (c->state == SMTP_CLIENT_S_CLOSED)
             break;
         if (c->state == SMTP_CLIENT_S_TLS) {
@@ -797,19 +826,26 @@ smtp_client_input(struct smtp_client *c, const char *buf, size_t len, size_t *us
 const char *
 smtp_client_output(const struct smtp_client *c, size_t *len)
 {
-    *len = c->out_len;
-    return c->out;
+    if (c->buf == NULL) {
+        *len = 0;
+        return "";
+    }
+    *len = c->buf->out_len;
+    return c->buf->out;
 }
 
 int
 smtp_client_sent(struct smtp_client *c, size_t n)
 {
-    if (n > c->out_len)
+
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
+    if (n > c->buf->out_len)
         return SMTP_CLIENT_E_ARG;
     c->ev = 0;
     if (n > 0) {
-        memmove(c->out, c->out + n, c->out_len - n);
-        c->out_len -= n;
+        memmove(c->buf->out, c->buf->out + n, c->buf->out_len - n);
+        c->buf->out_len -= n;
     }
     if (c->state == SMTP_CLIENT_S_BODY) {
         if (n > 0)
@@ -833,6 +869,9 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
 {
     struct smtp_outcome o;
 
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
+
     if (c->state != SMTP_CLIENT_S_TLS)
         return SMTP_CLIENT_E_STATE;
     if ((unsigned)res > SMTP_CLIENT_TLS_VERIFIED)
@@ -853,7 +892,7 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
         memset(&c->caps, 0, sizeof c->caps);
         c->esmtp = false;
         c->pipelining = false;
-        smtp_reply_parser_init(&c->rp);
+        smtp_reply_parser_init(&c->buf->rp);
         client_send(c, SMTP_CLIENT_S_EHLO);
     }
     return client_events(c);
@@ -879,7 +918,7 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
     bool utf8;
     int n;
 
-    if (c->state != SMTP_CLIENT_S_IDLE || c->txn != NULL)
+    if (c->state != SMTP_CLIENT_S_IDLE || c->txn != NULL || c->buf == NULL)
         return SMTP_CLIENT_E_STATE;
     if (t->rcpt == NULL || t->nrcpt == 0 || t->nrcpt > c->opts.max_rcpt)
         return SMTP_CLIENT_E_ARG;
@@ -947,15 +986,17 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
 int
 smtp_client_body(struct smtp_client *c, const char *in, size_t len, bool last, size_t *consumed)
 {
-    size_t room = SMTP_CLIENT_OUT_CAP - c->out_len, produced = 0;
+    size_t room, produced = 0;
 
     *consumed = 0;
-    if (c->state != SMTP_CLIENT_S_BODY || c->run.dot_only || (c->run.finishing && len > 0))
+    if (c->buf == NULL || c->state != SMTP_CLIENT_S_BODY || c->run.dot_only ||
+        (c->run.finishing && len > 0))
         return SMTP_CLIENT_E_STATE;
+    room = SMTP_CLIENT_OUT_CAP - c->buf->out_len;
     c->ev = 0;
     if (len > 0 && room >= 2) {
-        smtp_stuff(&c->stuff, in, len, c->out + c->out_len, room, consumed, &produced);
-        c->out_len += produced;
+        smtp_stuff(&c->stuff, in, len, c->buf->out + c->buf->out_len, room, consumed, &produced);
+        c->buf->out_len += produced;
     }
     if (last && *consumed == len)
         body_finish(c);
@@ -966,6 +1007,9 @@ int
 smtp_client_quit(struct smtp_client *c)
 {
     struct smtp_outcome o;
+
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
 
     c->ev = 0;
     if (c->state == SMTP_CLIENT_S_CLOSED)
@@ -988,6 +1032,9 @@ smtp_client_timeout(struct smtp_client *c)
 {
     struct smtp_outcome o;
 
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
+
     if (c->state == SMTP_CLIENT_S_IDLE)
         return smtp_client_quit(c);
     c->ev = 0;
@@ -1003,6 +1050,9 @@ int
 smtp_client_eof(struct smtp_client *c)
 {
     struct smtp_outcome o;
+
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
 
     c->ev = 0;
     if (c->state == SMTP_CLIENT_S_CLOSED)

@@ -241,11 +241,25 @@ struct smtp_client_cmd {
 };
 
 /*
+ * The session's working memory: the output buffer and the reply parser,
+ * about 21 KB. Apart from struct smtp_client so that a connection waiting
+ * for a reply (or idle between transactions) need not hold one: the
+ * caller lends a buffer with smtp_client_attach() before it calls the
+ * machine and takes it back with smtp_client_detach() once nothing is
+ * pending in it (a pool of them per worker serves thousands of sessions).
+ * Fields private.
+ */
+struct smtp_client_buf {
+    size_t out_len;
+    struct smtp_reply_parser rp;
+    char out[SMTP_CLIENT_OUT_CAP];
+};
+
+/*
  * One session. Visible, unlike the house rule for public structs, so that
  * the caller allocates it (inside its connection object) and the machine
  * allocates nothing, as with struct smtp_reply_parser. The fields are
- * private: use the functions. About 23 KB, most of it the output buffer
- * and the reply parser.
+ * private: use the functions. About 2 KB without its buffer.
  */
 struct smtp_client {
     enum smtp_client_state state;
@@ -266,9 +280,7 @@ struct smtp_client {
     struct smtp_stuff stuff;
     uint16_t pipe_head, pipe_len;
     struct smtp_client_cmd pipe[SMTP_CLIENT_PIPE_MAX];
-    size_t out_len;
-    char out[SMTP_CLIENT_OUT_CAP];
-    struct smtp_reply_parser rp;
+    struct smtp_client_buf *buf; /* borrowed: lent by the caller, or NULL */
 };
 
 /* RFC 5321 4.5.3.2 deadlines, in ms, indexed by state: greeting, EHLO,
@@ -282,6 +294,18 @@ extern const uint32_t smtp_client_default_timeout_ms[SMTP_CLIENT_S_COUNT];
  * or control characters, over SMTP_CLIENT_NAME_MAX). Arm the timer with
  * smtp_client_deadline_ms() afterwards. */
 int smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o);
+
+/*
+ * Lend b (any content: it is reset) to the session; every call below but
+ * smtp_client_output(), smtp_client_state() and the outcome readers needs
+ * one attached and returns SMTP_CLIENT_E_STATE without. Attaching when
+ * one is attached returns SMTP_CLIENT_E_STATE.
+ */
+int smtp_client_attach(struct smtp_client *c, struct smtp_client_buf *b);
+/* Take the buffer back when it holds nothing the session still needs: no
+ * unsent output, and no reply half received (unless the session is
+ * closed). Returns it, or NULL when it must stay (or none is attached). */
+struct smtp_client_buf *smtp_client_detach(struct smtp_client *c);
 
 /*
  * Bytes received. Returns the events (>= 0); *used says how far the

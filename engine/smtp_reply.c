@@ -29,6 +29,12 @@ smtp_reply_parser_init(struct smtp_reply_parser *p)
     p->reply.text[0] = '\0';
 }
 
+bool
+smtp_reply_parser_idle(const struct smtp_reply_parser *p)
+{
+    return p->done || (p->lpos == 0 && p->reply.nlines == 0 && !p->cr);
+}
+
 #define ONES  0x0101010101010101ull
 #define HIGHS 0x8080808080808080ull
 

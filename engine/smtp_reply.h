@@ -71,6 +71,9 @@ struct smtp_reply_parser {
 };
 
 void smtp_reply_parser_init(struct smtp_reply_parser *p);
+/* Between replies: nothing of a reply received but not yet returned, so
+ * the parser may be re-initialised (or its memory reused) losing nothing. */
+bool smtp_reply_parser_idle(const struct smtp_reply_parser *p);
 
 /*
  * Feed bytes. Consumes input up to the end of one reply at most and sets

@@ -43,6 +43,8 @@ static struct rig {
     unsigned traced;
     enum smtp_client_state last_from, last_to;
     struct smtp_client c;
+    struct smtp_client_buf buf, buf2; /* lent in turn: see swap_buf() */
+    unsigned long swaps;
     struct smtp_client_txn t;
     struct smtp_client_rcpt rc[MAXR];
     char addr[MAXR][300];
@@ -82,6 +84,7 @@ static void
 start_opts(const struct smtp_client_opts *o)
 {
     assert_int_equal(smtp_client_init(&R.c, o), 0);
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf), 0);
     R.traced = 0;
     assert_int_equal(smtp_client_state(&R.c), SMTP_CLIENT_S_GREETING);
     assert_int_equal(smtp_client_deadline_ms(&R.c), 5 * 60 * 1000);
@@ -93,6 +96,24 @@ start(enum smtp_client_tls_policy tls)
     struct smtp_client_opts o = {.name = NAME, .tls = tls, .trace = on_trace};
 
     start_opts(&o);
+}
+
+/* As a connection does between reads: take the buffer back when the
+ * machine lets go of it, scribble on it, and lend the other one. The
+ * session must not notice (SPLIT and BYTES runs cut replies anywhere, so
+ * this also checks that a half reply keeps its buffer). */
+static void
+swap_buf(void)
+{
+    struct smtp_client_buf *b = smtp_client_detach(&R.c);
+
+    if (b == NULL) {
+        assert_non_null(R.c.buf);
+        return;
+    }
+    memset(b, 0xa5, sizeof *b);
+    assert_int_equal(smtp_client_attach(&R.c, b == &R.buf ? &R.buf2 : &R.buf), 0);
+    R.swaps++;
 }
 
 /* Feed reply bytes the way the mode says; the union of the events must be
@@ -113,6 +134,8 @@ in_(const char *s, size_t len, int want)
             n = 1;
         else if (R.mode == SPLIT && k++ == 0 && R.split < len)
             n = R.split;
+        if (R.mode != WHOLE)
+            swap_buf();
         ev = smtp_client_input(&R.c, s + off, n, &used);
         R.inputs++;
         assert_true(ev >= 0);
@@ -1380,6 +1403,11 @@ sc_api(void)
     assert_int_equal(smtp_client_init(&R.c, &o), SMTP_CLIENT_E_ARG);
     o.tls = SMTP_CLIENT_TLS_OFF;
     assert_int_equal(smtp_client_init(&R.c, &o), 0);
+    /* No buffer lent: nothing may run. */
+    assert_int_equal(smtp_client_sent(&R.c, 0), SMTP_CLIENT_E_STATE);
+    assert_int_equal(smtp_client_input(&R.c, L("220 x\r\n"), &used), SMTP_CLIENT_E_STATE);
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf), 0);
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf), SMTP_CLIENT_E_STATE);
 
     TXN("b@y.example");
     assert_int_equal(smtp_client_txn(&R.c, &R.t), SMTP_CLIENT_E_STATE);
@@ -1423,6 +1451,7 @@ sc_deadlines(void)
     mine[SMTP_CLIENT_S_GREETING] = 1000;
     mine[SMTP_CLIENT_S_RCPT] = 7;
     assert_int_equal(smtp_client_init(&R.c, &o), 0);
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf), 0);
     R.traced = 0;
     assert_int_equal(smtp_client_deadline_ms(&R.c), 1000);
     ev = smtp_client_input(&R.c, L("220 mx\r\n"), &used);
@@ -1438,12 +1467,21 @@ sc_deadlines(void)
     /* half a reply restarts nothing */
     TXN("b@y.example", "c@y.example");
     go(0);
+    /* a pipelined write not yet sent keeps the buffer */
+    assert_null(smtp_client_detach(&R.c));
     OUT("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nRCPT TO:<c@y.example>\r\nDATA\r\n");
+    assert_ptr_equal(smtp_client_detach(&R.c), &R.buf);
+    assert_null(smtp_client_detach(&R.c));
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf2), 0);
     ev = smtp_client_input(&R.c, L("250 o"), &used);
     assert_int_equal(ev, 0);
+    /* and so does half a reply */
+    assert_null(smtp_client_detach(&R.c));
     ev = smtp_client_input(&R.c, L("k\r\n"), &used);
     assert_true(ev & EV_TIMER);
     assert_int_equal(smtp_client_deadline_ms(&R.c), 7);
+    assert_ptr_equal(smtp_client_detach(&R.c), &R.buf2);
+    assert_int_equal(smtp_client_attach(&R.c, &R.buf), 0);
     /* the next RCPT reply restarts it, with no state change traced */
     {
         unsigned before = R.traced;
@@ -1570,6 +1608,8 @@ main(void)
 
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
 
-    printf("%lu inputs fed\n", R.inputs);
+    printf("%lu inputs fed, buffers swapped %lu times\n", R.inputs, R.swaps);
+    if (R.swaps == 0)
+        rc = 1; /* the swap path never ran: the test is broken */
     return rc;
 }
