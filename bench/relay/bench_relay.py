@@ -36,10 +36,12 @@ def source(port, n, sessions, size, to):
     return time.monotonic() - t0
 
 
-def sink(port, *flags):
-    """smtp-sink on port (as nobody when root, which it requires)."""
+def sink(port, *flags, backlog=1000):
+    """smtp-sink on port (as nobody when root, which it requires). A listen
+    backlog that overflows leaves half-open connections that wait for a
+    greeting until its deadline (the kernel drops the last ACK)."""
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    p = subprocess.Popen(["smtp-sink", *user, *flags, "-c", f"127.0.0.1:{port}", "1000"],
+    p = subprocess.Popen(["smtp-sink", *user, *flags, "-c", f"127.0.0.1:{port}", str(backlog)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: connectable(port), 10, "smtp-sink")
     return p
