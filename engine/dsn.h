@@ -1,4 +1,107 @@
-/* dsn: being written. */
+/*
+ * dsn: the text of a delivery status notification (RFC 3464), a
+ * multipart/report (RFC 6522) with report-type=delivery-status, that the
+ * engine enqueues like any message, from the null reverse-path <> to the
+ * original envelope sender. Three parts: a human explanation (text/plain),
+ * the machine-readable report (message/delivery-status), and the original
+ * message (message/rfc822) or its headers (text/rfc822-headers). For an
+ * SMTPUTF8 original the RFC 6533 types are used: message/global-delivery-
+ * status, message/global, message/global-headers.
+ *
+ * Remote text is hostile. Every string that goes into a header or a
+ * report field is made one line: CR, LF and TAB become spaces, runs of
+ * spaces one, other controls '?', and octets above 127 '?' unless the
+ * DSN is SMTPUTF8 and they are valid UTF-8 (then kept). Long fields are
+ * folded at spaces, and cut (CRLF SP) where there is no space, so no line
+ * exceeds 998 octets. The MIME boundary appears nowhere in any part.
+ *
+ * Transport notes for the caller: the DSN is CRLF text; it carries 8-bit
+ * octets only when the original did (returned headers or message) or
+ * when smtputf8 is set, so enqueue it with the original's body type and
+ * SMTPUTF8 flag. Never build one for the null sender: dsn_build() refuses
+ * an empty to_addr.
+ *
+ * Threading: pure functions (no I/O, no globals).
+ */
 #ifndef SLUICE_ENGINE_DSN_H
 #define SLUICE_ENGINE_DSN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/smtp_reply.h"
+
+#define DSN_TEXT_MAX    2048u         /* octets of reply text kept per recipient */
+#define DSN_HEADERS_MAX (256u * 1024) /* returned headers beyond this are cut at a line */
+#define DSN_STATUS_MAX  16            /* "5.123.456" and NUL fit */
+
+/* One recipient of the report. All pointers borrowed for the call. */
+struct dsn_rcpt {
+    const char *addr;         /* final recipient, as in the envelope */
+    const char *orcpt;        /* ORCPT as given ("rfc822;a+2Bb@c", xtext), NULL or "" if none */
+    bool delayed;             /* Action: delayed (a warning) instead of failed */
+    const char *status;       /* RFC 3463 code to report, "5.1.1": see dsn_status_format() */
+    unsigned code;            /* remote reply code, 0 if none */
+    const char *text;         /* remote reply text (code 0: our own reason), NULL if none */
+    const char *remote_mta;   /* MX host name, NULL if none */
+    uint64_t last_attempt_ms; /* Unix ms, 0: none */
+    uint64_t retry_until_ms;  /* delayed only: Will-Retry-Until, 0: none */
+    const char *class_str;    /* bounce_class_str(), for people and X-Sluice-Class; may be NULL */
+};
+
+/* One DSN. All pointers borrowed for the call. */
+struct dsn_input {
+    const char *reporting_mta; /* our host name: Reporting-MTA: dns; ... */
+    const char *from_addr;     /* header From address, e.g. MAILER-DAEMON@host */
+    const char *to_addr;       /* the original envelope sender; never "" */
+    const char *message_id;    /* the DSN's own Message-ID, without <>, unique */
+    const char *boundary_seed; /* something unique (the queue id) for the MIME boundary */
+    const char *envid;         /* ENVID as received (xtext), NULL or "" if none */
+    const char *queue_id;      /* our id of the original, X-Sluice-Queue-ID; NULL if none */
+    uint64_t arrival_ms;       /* Arrival-Date, 0: left out */
+    uint64_t now_ms;           /* Date */
+    const char *orig;          /* the original message as stored (CRLF text), NULL if none */
+    size_t orig_len;
+    bool ret_full;   /* RET=FULL: return the whole message, else only its headers */
+    size_t full_max; /* bigger originals: headers only even with RET=FULL; 0: no limit */
+    bool smtputf8;   /* the original was SMTPUTF8: RFC 6533 types, UTF-8 kept */
+    const struct dsn_rcpt *rcpt;
+    unsigned nrcpt; /* at least 1 */
+};
+
+/*
+ * Build the DSN. Subject "Undelivered Mail Returned to Sender" when any
+ * recipient failed, "Delayed Mail (still being retried)" when all are
+ * delayed. The original goes back whole only when RET=FULL, some
+ * recipient failed (a delay warning carries headers only), it is no
+ * bigger than full_max, and it is clean CRLF text with lines of at most
+ * 998 octets (otherwise it could not travel unchanged); else its headers
+ * (everything up to the first empty line, all of it if there is none) go
+ * back, and the human part says why. No original: two parts only.
+ * Returns 0 with *out (malloc'd, NUL-terminated, *out_len octets without
+ * the NUL; the caller frees it), -EINVAL (a required field missing or
+ * malformed: empty to_addr, message_id with <>, space or controls, a
+ * status that is not C.S.D, no recipients), or -ENOMEM.
+ */
+int dsn_build(const struct dsn_input *in, char **out, size_t *out_len);
+
+/*
+ * Whether a recipient's NOTIFY bits (enum queue_notify of queue/queue.h)
+ * ask for a DSN on failure (failure true) or on delay (false). NEVER:
+ * none. NOTIFY absent (0): failures yes, delays no; RFC 3461 4.1 leaves
+ * delays to the MTA, and like Postfix's default we send no warnings
+ * nobody asked for.
+ */
+bool dsn_wanted(unsigned notify_bits, bool failure);
+
+/*
+ * The Status to report: the reply's enhanced code when it had one, else
+ * X.0.0 from the reply code's class, else (no reply) 4.0.0 for a delay
+ * and 5.0.0 for a failure. Writes NUL-terminated text into buf (at least
+ * DSN_STATUS_MAX octets). Returns 0 or -EINVAL when buf is too small.
+ */
+int dsn_status_format(char *buf, size_t cap, const struct smtp_enh *enh, unsigned code,
+                      bool delayed);
+
 #endif
