@@ -1,1 +1,791 @@
-/* dlog: being written (placeholder so the build lists it). */
+/*
+ * dlog: see dlog.h. This file owns the per-thread line buffers, their
+ * hand-over to the writer thread, the log file descriptor and the writer
+ * thread itself.
+ *
+ * Threading and locks. A buffer (struct dlog_buf) is in exactly one place:
+ * a writer's cur or sealed FIFO (under w->mu), d->orphans or d->pool
+ * (under d->mu), or the writer thread's pending FIFO (writer thread only).
+ * Lock order is d->mu then w->mu; a worker never holds w->mu while it
+ * takes d->mu. The worker formats a line with no lock held, then takes
+ * w->mu only to copy it in; the writer thread holds w->mu only to unlink
+ * buffers, never across I/O, and holds d->mu only while collecting.
+ *
+ * Memory. d->buffered counts the capacity of every buffer handed out and
+ * not yet written (cur, sealed, orphans, pending); a worker that needs a
+ * new buffer past d->max_buffered drops the event. Short buffers taken
+ * on an interval are copied into the tail of the pending FIFO when they
+ * fit, so a trickle of events during a disk stall costs its octets, not
+ * 64 KB per interval.
+ */
+#include "engine/dlog.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/json.h"
+#include "common/log.h"
+
+#define POOL_MAX 16u /* spare DLOG_BUF_SIZE buffers kept for reuse */
+
+struct dlog_buf {
+    struct dlog_buf *next;
+    size_t len; /* octets of whole lines in data */
+    size_t off; /* octets already written (writer thread) */
+    size_t cap;
+    char data[];
+};
+
+/* A FIFO of buffers. */
+struct buf_list {
+    struct dlog_buf *head, *last; /* both NULL when empty */
+};
+
+struct dlog_writer {
+    struct dlog *log;                /* borrowed: outlives the writer */
+    struct dlog_writer *prev, *next; /* d->writers, under d->mu */
+
+    pthread_mutex_t mu;     /* guards the fields down to dropped */
+    struct dlog_buf *cur;   /* owned: being filled, or NULL */
+    struct buf_list sealed; /* owned: full buffers, oldest first */
+    uint64_t events, dropped;
+
+    /* Owner thread only. */
+    struct json line;   /* the line being formatted */
+    uint64_t time_sec;  /* second that time_text holds */
+    char time_text[40]; /* RFC 3339 of time_sec, ms patched per event */
+    size_t time_len;
+};
+
+struct dlog {
+    char *path; /* owned */
+    unsigned flush_ms;
+    pthread_t thread;
+    bool started;
+
+    pthread_mutex_t mu;  /* guards the fields down to retired_dropped */
+    pthread_cond_t cond; /* CLOCK_MONOTONIC; wakes the writer thread */
+    bool stop, kick;
+    struct dlog_writer *writers; /* borrowed: each unlinks itself when freed */
+    struct buf_list orphans;     /* owned: buffers of freed writers */
+    struct dlog_buf *pool;       /* owned: spare buffers */
+    unsigned npool;
+    size_t buffered;
+    uint64_t retired_events, retired_dropped; /* of freed writers */
+
+    _Atomic size_t max_buffered;
+    _Atomic bool reopen;
+    _Atomic uint64_t bytes, write_errors, reopens, reopen_errors;
+
+    /* Writer thread only (and dlog_new/dlog_free around it). */
+    int fd;
+    struct buf_list pending; /* owned: collected, not yet written */
+    bool failing;            /* in a burst of write errors */
+    uint64_t burst_errors;
+    bool dropping; /* in a burst of dropped events */
+    uint64_t dropped_seen;
+};
+
+static const char *const kind_names[] = {
+    [DLOG_RECEPTION] = "reception",
+    [DLOG_DELIVERY] = "delivery",
+    [DLOG_TRANSIENT_FAILURE] = "transient_failure",
+    [DLOG_BOUNCE] = "bounce",
+    [DLOG_EXPIRATION] = "expiration",
+    [DLOG_DSN] = "dsn",
+};
+
+const char *
+dlog_kind_str(enum dlog_kind kind)
+{
+    if ((unsigned)kind < sizeof(kind_names) / sizeof(kind_names[0]))
+        return kind_names[kind];
+    return "unknown";
+}
+
+static uint64_t
+mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t
+real_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void
+list_init(struct buf_list *l)
+{
+    l->head = l->last = NULL;
+}
+
+static void
+list_push(struct buf_list *l, struct dlog_buf *b)
+{
+    b->next = NULL;
+    if (l->last != NULL)
+        l->last->next = b;
+    else
+        l->head = b;
+    l->last = b;
+}
+
+/* Move every buffer of from to the end of to. */
+static void
+list_splice(struct buf_list *to, struct buf_list *from)
+{
+    if (from->head == NULL)
+        return;
+    if (to->last != NULL)
+        to->last->next = from->head;
+    else
+        to->head = from->head;
+    to->last = from->last;
+    list_init(from);
+}
+
+static struct dlog_buf *
+list_pop(struct buf_list *l)
+{
+    struct dlog_buf *b = l->head;
+    if (b != NULL) {
+        l->head = b->next;
+        if (l->head == NULL)
+            l->last = NULL;
+        b->next = NULL;
+    }
+    return b;
+}
+
+static void
+chain_free(struct dlog_buf *b)
+{
+    while (b != NULL) {
+        struct dlog_buf *next = b->next;
+        free(b);
+        b = next;
+    }
+}
+
+/* ---- formatting (pure) ---- */
+
+static void
+put_str(struct json *j, const char *key, const char *s)
+{
+    if (s == NULL)
+        return;
+    json_key(j, key);
+    /* Bounded so that one line stays bounded whatever a peer sent. */
+    json_strn(j, s, strnlen(s, DLOG_FIELD_MAX));
+}
+
+static void
+put_u64(struct json *j, const char *key, uint64_t v)
+{
+    if (v != 0)
+        json_ku64(j, key, v);
+}
+
+static void
+format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const char *time_text,
+            size_t time_len)
+{
+    json_reset(j);
+    json_obj_begin(j);
+    json_key(j, "time");
+    json_strn(j, time_text, time_len);
+    json_kstr(j, "event", dlog_kind_str(ev->kind));
+    put_str(j, "id", ev->id);
+    put_str(j, "rcpt", ev->rcpt);
+    put_str(j, "sender", ev->sender);
+    put_str(j, "domain", ev->domain);
+    put_str(j, "mx", ev->mx);
+    put_str(j, "mx_addr", ev->mx_addr);
+    put_str(j, "source", ev->source);
+    put_u64(j, "code", ev->code);
+    put_str(j, "enhanced", ev->enhanced);
+    put_str(j, "reply", ev->reply);
+    put_u64(j, "attempt", ev->attempt);
+    put_str(j, "class", ev->classification);
+    put_str(j, "tls_protocol", ev->tls_protocol);
+    put_str(j, "tls_cipher", ev->tls_cipher);
+    put_u64(j, "size", ev->size);
+    if (ev->arrival_ms != 0)
+        json_ku64(j, "queue_time_ms", time_ms > ev->arrival_ms ? time_ms - ev->arrival_ms : 0);
+    put_u64(j, "rcpt_count", ev->rcpt_count);
+    put_str(j, "client", ev->client);
+    put_str(j, "auth_user", ev->auth_user);
+    bool open = false;
+    for (unsigned i = 0; ev->hdr_names != NULL && ev->hdr_values != NULL && i < ev->nhdr; i++) {
+        const char *name = ev->hdr_names[i], *value = ev->hdr_values[i];
+        if (name == NULL || value == NULL)
+            continue;
+        if (!open) {
+            json_key(j, "headers");
+            json_obj_begin(j);
+            open = true;
+        }
+        json_key(j, name);
+        json_strn(j, value, strnlen(value, DLOG_FIELD_MAX));
+    }
+    if (open)
+        json_obj_end(j);
+    json_obj_end(j);
+    json_raw(j, "\n", 1);
+}
+
+int
+dlog_format(struct json *j, const struct dlog_event *ev, uint64_t time_ms)
+{
+    char text[40];
+    size_t n = json_format_time(text, sizeof(text), time_ms);
+    format_line(j, ev, time_ms, text, n);
+    return json_failed(j) ? -ENOMEM : 0;
+}
+
+/*
+ * The RFC 3339 text of t. json_format_time goes through gmtime_r, which
+ * in glibc takes a process-wide lock, so each writer formats a second
+ * once and patches the milliseconds: no shared lock per event.
+ */
+static const char *
+writer_time(struct dlog_writer *w, uint64_t t)
+{
+    uint64_t sec = t / 1000;
+    if (w->time_len == 0 || sec != w->time_sec) {
+        w->time_len = json_format_time(w->time_text, sizeof(w->time_text), sec * 1000);
+        w->time_sec = sec;
+    }
+    if (w->time_len >= 5) { /* "...SS.mmmZ" */
+        unsigned ms = (unsigned)(t % 1000);
+        char *p = w->time_text + w->time_len - 4;
+        p[0] = (char)('0' + ms / 100);
+        p[1] = (char)('0' + ms / 10 % 10);
+        p[2] = (char)('0' + ms % 10);
+    }
+    return w->time_text;
+}
+
+/* ---- buffers ---- */
+
+/* A buffer for a line of n octets, or NULL (cap reached, no memory). */
+static struct dlog_buf *
+buf_get(struct dlog *d, size_t n)
+{
+    size_t need = n > DLOG_BUF_SIZE ? n : DLOG_BUF_SIZE;
+    struct dlog_buf *b = NULL;
+    pthread_mutex_lock(&d->mu);
+    size_t max = atomic_load_explicit(&d->max_buffered, memory_order_relaxed);
+    if (d->buffered + need > max) {
+        pthread_mutex_unlock(&d->mu);
+        return NULL;
+    }
+    if (need == DLOG_BUF_SIZE && d->pool != NULL) {
+        b = d->pool;
+        d->pool = b->next;
+        d->npool--;
+    }
+    d->buffered += need;
+    pthread_mutex_unlock(&d->mu);
+    if (b == NULL) {
+        b = malloc(sizeof(*b) + need);
+        if (b == NULL) {
+            pthread_mutex_lock(&d->mu);
+            d->buffered -= need;
+            pthread_mutex_unlock(&d->mu);
+            return NULL;
+        }
+        b->cap = need;
+    }
+    b->next = NULL;
+    b->len = b->off = 0;
+    return b;
+}
+
+/* Return written or dead buffers; d->mu held. */
+static void
+buf_release_locked(struct dlog *d, struct dlog_buf *b)
+{
+    while (b != NULL) {
+        struct dlog_buf *next = b->next;
+        d->buffered -= b->cap;
+        if (b->cap == DLOG_BUF_SIZE && d->npool < POOL_MAX) {
+            b->next = d->pool;
+            d->pool = b;
+            d->npool++;
+        } else {
+            free(b);
+        }
+        b = next;
+    }
+}
+
+static void
+kick(struct dlog *d)
+{
+    pthread_mutex_lock(&d->mu);
+    d->kick = true;
+    pthread_cond_signal(&d->cond);
+    pthread_mutex_unlock(&d->mu);
+}
+
+/* ---- workers ---- */
+
+struct dlog_writer *
+dlog_writer_new(struct dlog *d)
+{
+    if (d == NULL)
+        return NULL;
+    struct dlog_writer *w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return NULL;
+    w->log = d;
+    pthread_mutex_init(&w->mu, NULL);
+    list_init(&w->sealed);
+    json_init(&w->line);
+    pthread_mutex_lock(&d->mu);
+    w->next = d->writers;
+    if (d->writers != NULL)
+        d->writers->prev = w;
+    d->writers = w;
+    pthread_mutex_unlock(&d->mu);
+    return w;
+}
+
+struct dlog_writer *
+dlog_writer_free(struct dlog_writer *w)
+{
+    if (w == NULL)
+        return NULL;
+    struct dlog *d = w->log;
+    pthread_mutex_lock(&w->mu);
+    struct dlog_buf *empty = NULL;
+    if (w->cur != NULL && w->cur->len > 0)
+        list_push(&w->sealed, w->cur);
+    else
+        empty = w->cur;
+    w->cur = NULL;
+    struct buf_list sealed = w->sealed;
+    list_init(&w->sealed);
+    uint64_t events = w->events, dropped = w->dropped;
+    pthread_mutex_unlock(&w->mu);
+
+    pthread_mutex_lock(&d->mu);
+    if (w->prev != NULL)
+        w->prev->next = w->next;
+    else
+        d->writers = w->next;
+    if (w->next != NULL)
+        w->next->prev = w->prev;
+    bool any = sealed.head != NULL;
+    list_splice(&d->orphans, &sealed);
+    buf_release_locked(d, empty);
+    d->retired_events += events;
+    d->retired_dropped += dropped;
+    if (any) {
+        d->kick = true;
+        pthread_cond_signal(&d->cond);
+    }
+    pthread_mutex_unlock(&d->mu);
+
+    pthread_mutex_destroy(&w->mu);
+    json_fini(&w->line);
+    free(w);
+    return NULL;
+}
+
+/* Append n octets (whole lines) to w; the slow path seals a full buffer
+ * and gets another without holding w->mu across d->mu. */
+static void
+writer_append(struct dlog_writer *w, const char *p, size_t n)
+{
+    pthread_mutex_lock(&w->mu);
+    struct dlog_buf *b = w->cur;
+    if (b != NULL && b->cap - b->len >= n) {
+        memcpy(b->data + b->len, p, n);
+        b->len += n;
+        w->events++;
+        pthread_mutex_unlock(&w->mu);
+        return;
+    }
+    bool sealed = false;
+    if (b != NULL) {
+        /* Never empty here: an empty buffer has room for any line up to
+         * its cap, and a larger line gets a buffer of its own size. */
+        list_push(&w->sealed, b);
+        w->cur = NULL;
+        sealed = true;
+    }
+    pthread_mutex_unlock(&w->mu);
+
+    struct dlog *d = w->log;
+    if (sealed)
+        kick(d);
+    b = buf_get(d, n);
+    pthread_mutex_lock(&w->mu);
+    if (b == NULL) {
+        w->dropped++;
+    } else {
+        /* cur is still NULL: only this thread installs a buffer. */
+        memcpy(b->data, p, n);
+        b->len = n;
+        w->cur = b;
+        w->events++;
+    }
+    pthread_mutex_unlock(&w->mu);
+}
+
+void
+dlog_event(struct dlog_writer *w, const struct dlog_event *ev)
+{
+    if (w == NULL || ev == NULL)
+        return;
+    uint64_t t = ev->time_ms != 0 ? ev->time_ms : real_ms();
+    const char *text = writer_time(w, t);
+    format_line(&w->line, ev, t, text, w->time_len);
+    if (json_failed(&w->line)) {
+        pthread_mutex_lock(&w->mu);
+        w->dropped++;
+        pthread_mutex_unlock(&w->mu);
+        json_fini(&w->line); /* give the memory back; json_init state again */
+        json_init(&w->line);
+        return;
+    }
+    writer_append(w, w->line.buf, w->line.len);
+}
+
+/* ---- the writer thread ---- */
+
+/*
+ * Take the buffers to write into out: orphans, every writer's full
+ * buffers, and on an interval (all) the partly filled ones too. Returns
+ * the total of dropped events so far. d->mu held.
+ */
+static uint64_t
+collect_locked(struct dlog *d, struct buf_list *out, bool all)
+{
+    uint64_t dropped = d->retired_dropped;
+    list_splice(out, &d->orphans);
+    for (struct dlog_writer *w = d->writers; w != NULL; w = w->next) {
+        pthread_mutex_lock(&w->mu);
+        list_splice(out, &w->sealed);
+        if (all && w->cur != NULL && w->cur->len > 0) {
+            list_push(out, w->cur);
+            w->cur = NULL;
+        }
+        dropped += w->dropped;
+        pthread_mutex_unlock(&w->mu);
+    }
+    return dropped;
+}
+
+/* Move got to the pending FIFO; short buffers are copied into the tail
+ * when they fit, and go to done. */
+static void
+pending_add(struct dlog *d, struct buf_list *got, struct buf_list *done)
+{
+    struct dlog_buf *b;
+    while ((b = list_pop(got)) != NULL) {
+        struct dlog_buf *tail = d->pending.last;
+        if (tail != NULL && b->len <= DLOG_BUF_SIZE / 4 && tail->cap - tail->len >= b->len) {
+            memcpy(tail->data + tail->len, b->data, b->len);
+            tail->len += b->len;
+            list_push(done, b);
+        } else {
+            list_push(&d->pending, b);
+        }
+    }
+}
+
+static size_t
+pending_bytes(const struct dlog *d)
+{
+    size_t n = 0;
+    for (const struct dlog_buf *b = d->pending.head; b != NULL; b = b->next)
+        n += b->len - b->off;
+    return n;
+}
+
+/* Write the pending FIFO in order; stop at the first error (the rest is
+ * retried on the next interval). Written buffers go to done. */
+static void
+pending_write(struct dlog *d, struct buf_list *done)
+{
+    struct dlog_buf *b;
+    while ((b = d->pending.head) != NULL) {
+        while (b->off < b->len) {
+            ssize_t n = write(d->fd, b->data + b->off, b->len - b->off);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                int e = n < 0 ? errno : EIO; /* 0 would spin: treat as an error */
+                atomic_fetch_add_explicit(&d->write_errors, 1, memory_order_relaxed);
+                d->burst_errors++;
+                if (!d->failing)
+                    log_msg(LOG_ERR,
+                            "event=dlog_write_failed path=%s err=\"%s\" pending_bytes=%zu "
+                            "retry_ms=%u",
+                            d->path, strerror(e), pending_bytes(d), d->flush_ms);
+                d->failing = true;
+                return;
+            }
+            b->off += (size_t)n;
+            atomic_fetch_add_explicit(&d->bytes, (uint64_t)n, memory_order_relaxed);
+        }
+        list_push(done, list_pop(&d->pending));
+    }
+    if (d->failing) {
+        log_msg(LOG_NOTICE, "event=dlog_write_recovered path=%s failed_writes=%" PRIu64, d->path,
+                d->burst_errors);
+        d->failing = false;
+        d->burst_errors = 0;
+    }
+}
+
+/* Between batches, so that no line is split across the two files. */
+static void
+dlog_do_reopen(struct dlog *d)
+{
+    int fd = open(d->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        atomic_fetch_add_explicit(&d->reopen_errors, 1, memory_order_relaxed);
+        log_msg(LOG_ERR, "event=dlog_reopen_failed path=%s err=\"%s\" note=keeping_old_file",
+                d->path, strerror(errno));
+        return;
+    }
+    close(d->fd);
+    d->fd = fd;
+    atomic_fetch_add_explicit(&d->reopens, 1, memory_order_relaxed);
+}
+
+/* Once when drops start, once with the total when a quiet interval ends
+ * the burst. */
+static void
+report_drops(struct dlog *d, uint64_t dropped, bool interval)
+{
+    if (dropped > d->dropped_seen) {
+        if (!d->dropping)
+            log_msg(LOG_ERR,
+                    "event=dlog_dropping path=%s reason=buffer_full_or_no_memory "
+                    "max_buffered=%zu",
+                    d->path, atomic_load_explicit(&d->max_buffered, memory_order_relaxed));
+        d->dropping = true;
+        d->dropped_seen = dropped;
+    } else if (d->dropping && interval) {
+        log_msg(LOG_NOTICE, "event=dlog_dropping_stopped path=%s dropped_total=%" PRIu64, d->path,
+                dropped);
+        d->dropping = false;
+    }
+}
+
+static void *
+dlog_main(void *arg)
+{
+    struct dlog *d = arg;
+    log_set_thread_name("dlog");
+    const uint64_t interval = (uint64_t)d->flush_ms * 1000000u;
+    uint64_t deadline = mono_ns() + interval;
+    struct buf_list done;
+    list_init(&done);
+
+    pthread_mutex_lock(&d->mu);
+    for (;;) {
+        uint64_t now = mono_ns();
+        while (!d->stop && !d->kick && now < deadline) {
+            /* The reopen flag is only a flag (signal-safe), so it is
+             * seen here when the interval ends. */
+            struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000u),
+                                  .tv_nsec = (long)(deadline % 1000000000u)};
+            pthread_cond_timedwait(&d->cond, &d->mu, &ts);
+            now = mono_ns();
+        }
+        bool stop = d->stop, interval_due = stop || now >= deadline;
+        d->kick = false;
+        struct buf_list got;
+        list_init(&got);
+        uint64_t dropped = collect_locked(d, &got, interval_due);
+        pthread_mutex_unlock(&d->mu);
+
+        pending_add(d, &got, &done);
+        if (atomic_exchange(&d->reopen, false))
+            dlog_do_reopen(d);
+        /* While failing, retry only on the interval, not on every kick. */
+        if (!d->failing || interval_due)
+            pending_write(d, &done);
+        report_drops(d, dropped, interval_due);
+        if (interval_due)
+            deadline = now + interval;
+
+        pthread_mutex_lock(&d->mu);
+        buf_release_locked(d, done.head);
+        list_init(&done);
+        if (stop)
+            break;
+    }
+    /* What one last attempt could not write is lost: say how much. */
+    if (d->pending.head != NULL) {
+        log_msg(LOG_ERR, "event=dlog_lost_at_close path=%s bytes=%zu", d->path, pending_bytes(d));
+        buf_release_locked(d, d->pending.head);
+        list_init(&d->pending);
+    }
+    pthread_mutex_unlock(&d->mu);
+    return NULL;
+}
+
+/* ---- the log ---- */
+
+static int new_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int
+new_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
+{
+    if (err != NULL && errlen > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
+}
+
+static void
+dlog_destroy(struct dlog *d)
+{
+    if (d->fd >= 0)
+        close(d->fd);
+    chain_free(d->pool);
+    chain_free(d->orphans.head);
+    chain_free(d->pending.head);
+    pthread_mutex_destroy(&d->mu);
+    pthread_cond_destroy(&d->cond);
+    free(d->path);
+    free(d);
+}
+
+int
+dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (err != NULL && errlen > 0)
+        err[0] = '\0';
+    if (path == NULL || path[0] == '\0')
+        return new_fail(err, errlen, -EINVAL, "delivery log: path is not set");
+    struct dlog *d = calloc(1, sizeof(*d));
+    if (d == NULL)
+        return new_fail(err, errlen, -ENOMEM, "delivery log: out of memory");
+    d->fd = -1;
+    d->flush_ms = flush_interval_ms != 0 ? flush_interval_ms : DLOG_FLUSH_MS_DEFAULT;
+    atomic_init(&d->max_buffered, (size_t)DLOG_MAX_BUFFERED);
+    atomic_init(&d->reopen, false);
+    atomic_init(&d->bytes, 0);
+    atomic_init(&d->write_errors, 0);
+    atomic_init(&d->reopens, 0);
+    atomic_init(&d->reopen_errors, 0);
+    list_init(&d->orphans);
+    list_init(&d->pending);
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&d->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    d->path = strdup(path);
+    if (d->path == NULL) {
+        dlog_destroy(d);
+        return new_fail(err, errlen, -ENOMEM, "delivery log: out of memory");
+    }
+    d->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (d->fd < 0) {
+        int rc = -errno;
+        new_fail(err, errlen, rc, "cannot open delivery log %s: %s", path, strerror(-rc));
+        dlog_destroy(d);
+        return rc;
+    }
+    int rc = pthread_create(&d->thread, NULL, dlog_main, d);
+    if (rc != 0) {
+        new_fail(err, errlen, -rc, "delivery log %s: cannot start writer thread: %s", path,
+                 strerror(rc));
+        dlog_destroy(d);
+        return -rc;
+    }
+    d->started = true;
+    *out = d;
+    return 0;
+}
+
+struct dlog *
+dlog_free(struct dlog *d)
+{
+    if (d == NULL)
+        return NULL;
+    pthread_mutex_lock(&d->mu);
+    if (d->writers != NULL) {
+        /* A writer would be left pointing at freed memory. */
+        pthread_mutex_unlock(&d->mu);
+        log_msg(LOG_CRIT, "event=panic reason=dlog_free_with_open_writers path=%s", d->path);
+        abort();
+    }
+    d->stop = true;
+    pthread_cond_signal(&d->cond);
+    pthread_mutex_unlock(&d->mu);
+    if (d->started)
+        pthread_join(d->thread, NULL);
+    dlog_destroy(d);
+    return NULL;
+}
+
+void
+dlog_set_max_buffered(struct dlog *d, size_t bytes)
+{
+    if (d == NULL)
+        return;
+    if (bytes < 2 * (size_t)DLOG_BUF_SIZE)
+        bytes = 2 * (size_t)DLOG_BUF_SIZE;
+    atomic_store_explicit(&d->max_buffered, bytes, memory_order_relaxed);
+}
+
+void
+dlog_reopen(struct dlog *d)
+{
+    if (d != NULL)
+        atomic_store(&d->reopen, true);
+}
+
+void
+dlog_stats(struct dlog *d, struct dlog_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (d == NULL)
+        return;
+    pthread_mutex_lock(&d->mu);
+    out->events = d->retired_events;
+    out->dropped = d->retired_dropped;
+    for (struct dlog_writer *w = d->writers; w != NULL; w = w->next) {
+        pthread_mutex_lock(&w->mu);
+        out->events += w->events;
+        out->dropped += w->dropped;
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_mutex_unlock(&d->mu);
+    out->bytes = atomic_load_explicit(&d->bytes, memory_order_relaxed);
+    out->write_errors = atomic_load_explicit(&d->write_errors, memory_order_relaxed);
+    out->reopens = atomic_load_explicit(&d->reopens, memory_order_relaxed);
+    out->reopen_errors = atomic_load_explicit(&d->reopen_errors, memory_order_relaxed);
+}

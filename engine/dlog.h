@@ -1,4 +1,140 @@
-/* dlog: being written. */
+/*
+ * dlog: the delivery log, JSON Lines for the provider's backend. One line
+ * per event: a message was received (reception), a recipient was
+ * delivered, deferred (transient_failure), bounced or expired, a DSN was
+ * queued. Every line parses as JSON whatever bytes a remote server sent
+ * (common/json.h escapes and replaces invalid UTF-8).
+ *
+ * Threading: struct dlog is shared; each thread that logs owns one
+ * struct dlog_writer and formats into it without touching the other
+ * threads. A single background thread (owned by the dlog) collects the
+ * writers' filled buffers and write(2)s them to the file, every 64 KB of
+ * a writer or every flush interval, whichever comes first, so a worker
+ * never waits on the disk; it takes its writer's mutex only to append a
+ * line, which the background thread holds only to swap a buffer out.
+ *
+ * Memory is bounded: when the disk is stalled or failing and the lines
+ * not yet written reach the cap (DLOG_MAX_BUFFERED by default), new
+ * events are dropped and counted instead. Write errors are counted,
+ * logged once per burst, and the unwritten batch is retried on the next
+ * interval; delivery never waits for the log.
+ *
+ * A NULL struct dlog or struct dlog_writer means "log off": every event
+ * call is then a cheap no-op, so the engine calls unconditionally.
+ */
 #ifndef SLUICE_ENGINE_DLOG_H
 #define SLUICE_ENGINE_DLOG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define DLOG_FLUSH_MS_DEFAULT 200u
+#define DLOG_BUF_SIZE         (64u * 1024)        /* one writer buffer */
+#define DLOG_MAX_BUFFERED     (64u * 1024 * 1024) /* all buffers not yet written */
+#define DLOG_FIELD_MAX        4096u               /* a string field is cut to this many octets */
+
+struct dlog;
+struct dlog_writer;
+
+enum dlog_kind {
+    DLOG_RECEPTION,         /* a message was accepted: per message */
+    DLOG_DELIVERY,          /* per recipient, from here on */
+    DLOG_TRANSIENT_FAILURE, /* deferred, will be retried */
+    DLOG_BOUNCE,
+    DLOG_EXPIRATION,
+    DLOG_DSN, /* a DSN was queued for a message */
+};
+
+/* "reception", "delivery", ...: the value of the "event" field. */
+const char *dlog_kind_str(enum dlog_kind kind);
+
+/*
+ * One event. Every field is optional: NULL strings and zero numbers are
+ * left out of the line; "" is printed (a sender "" is the null sender).
+ * Strings are borrowed for the call only.
+ */
+struct dlog_event {
+    enum dlog_kind kind;
+    uint64_t time_ms; /* Unix ms of the event; 0: now */
+    const char *id;   /* queue id */
+    const char *rcpt;
+    const char *sender;
+    const char *domain;
+    const char *mx;             /* MX host name */
+    const char *mx_addr;        /* its IP address */
+    const char *source;         /* our source IP */
+    unsigned code;              /* SMTP reply code */
+    const char *enhanced;       /* "5.1.1" */
+    const char *reply;          /* reply text */
+    unsigned attempt;           /* delivery attempt number, from 1 */
+    const char *classification; /* printed as "class" */
+    const char *tls_protocol;
+    const char *tls_cipher;
+    uint64_t size;         /* message size in octets */
+    uint64_t arrival_ms;   /* Unix ms the message arrived: gives queue_time_ms */
+    unsigned rcpt_count;   /* reception */
+    const char *client;    /* reception: client address */
+    const char *auth_user; /* reception */
+    /* Injection headers named in the config, nhdr pairs: printed as the
+     * object "headers"; a pair with a NULL name or value is left out. */
+    const char *const *hdr_names;
+    const char *const *hdr_values;
+    unsigned nhdr;
+};
+
+/* Counters since dlog_new; each read is consistent per counter only. */
+struct dlog_stats {
+    uint64_t events;        /* lines accepted into a buffer */
+    uint64_t bytes;         /* octets written to the file */
+    uint64_t write_errors;  /* failed write(2) calls */
+    uint64_t dropped;       /* events not logged: buffer cap reached, no memory */
+    uint64_t reopens;       /* successful reopens */
+    uint64_t reopen_errors; /* reopens that failed (the old file is kept) */
+};
+
+/*
+ * Open path (O_APPEND|O_CREAT, mode 0640) and start the writer thread.
+ * flush_interval_ms 0 means DLOG_FLUSH_MS_DEFAULT. Returns 0 and *out
+ * (free with dlog_free), or -errno with a message for the operator in err.
+ */
+int dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *err,
+             size_t errlen);
+/* Write everything buffered (one attempt; what fails is logged as lost),
+ * stop the writer thread, close. Every writer must have been freed first
+ * (else: panic, abort). Returns NULL. */
+struct dlog *dlog_free(struct dlog *d);
+
+/* Cap the octets held in buffers not yet written (default
+ * DLOG_MAX_BUFFERED, at least 2 * DLOG_BUF_SIZE). Any thread. */
+void dlog_set_max_buffered(struct dlog *d, size_t bytes);
+
+/* Ask the writer thread to reopen the same path before its next batch
+ * (logrotate: rename, then SIGHUP). Lines are not split across the two
+ * files (only a write that failed half-way can leave a line's tail for
+ * the new file). Takes effect within one flush interval. Any thread; it
+ * only sets a flag, so it is also async-signal-safe. */
+void dlog_reopen(struct dlog *d);
+
+void dlog_stats(struct dlog *d, struct dlog_stats *out);
+
+/*
+ * A per-thread handle (NULL when d is NULL or out of memory: logging is
+ * then off for that thread). Borrows d, which must outlive it. Only the
+ * thread that owns it may pass it to dlog_event.
+ */
+struct dlog_writer *dlog_writer_new(struct dlog *d);
+/* Hand what is buffered to the writer thread and free. Returns NULL. */
+struct dlog_writer *dlog_writer_free(struct dlog_writer *w);
+
+/* Format one event and append it to w's buffer; never blocks on I/O. */
+void dlog_event(struct dlog_writer *w, const struct dlog_event *ev);
+
+/*
+ * Replace j's text with ev as one line, '\n' included, stamped time_ms
+ * (ev->time_ms is not read). Pure: for tests and the benchmark. Returns 0,
+ * or -ENOMEM (then j's text is not to be used).
+ */
+struct json;
+int dlog_format(struct json *j, const struct dlog_event *ev, uint64_t time_ms);
+
 #endif
