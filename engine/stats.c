@@ -1,1 +1,1459 @@
-/* stats: being written (placeholder so the build lists it). */
+/*
+ * stats: the stats thread of stats.h: the Unix socket's line protocol,
+ * the Prometheus listener, the rates, and the rendering of both.
+ *
+ * One poll(2) loop on a thread of its own, never a worker: it may block
+ * in an engine callback for a moment, so it is kept off the rings. Every
+ * client has fixed buffers for its input (STATS_HTTP_REQUEST_MAX) and
+ * one answer at a time for its output: the next command of a connection
+ * is read only once the previous answer went out, so a client that
+ * pipelines and never reads costs one answer of memory, not an unbounded
+ * queue.
+ *
+ * A connection that must close (line too long, HTTP answered) is not
+ * closed at once: its answer is sent, the write side shut, and what the
+ * peer still sends is read and dropped for a moment. Closing a socket
+ * with unread input makes the kernel send a reset, which can destroy the
+ * answer before the peer read it (the "lingering close" of HTTP servers).
+ *
+ * Threading: the struct is written by the stats thread only, after
+ * stats_server_new() handed it over; stats_server_free() stops the
+ * thread through an eventfd and joins it before touching anything.
+ */
+#include "engine/stats.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/json.h"
+#include "common/log.h"
+
+#ifndef SLUICE_VERSION
+#define SLUICE_VERSION "unknown"
+#endif
+
+#define SAMPLE_MS    1000
+#define RATE_SAMPLES 61    /* the newest and the one 60 s before it */
+#define LINGER_MS    2000  /* how long a closing connection drains input */
+#define LINGER_BYTES 65536 /* and how much of it */
+
+/* ---- time ---- */
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint64_t
+wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- rendering: JSON ---- */
+
+static double
+share(uint64_t part, uint64_t whole)
+{
+    /* NaN renders as null: "no deliveries yet" is not "0 % over TLS". */
+    return whole == 0 ? NAN : (double)part / (double)whole;
+}
+
+static void
+kdouble(struct json *j, const char *key, double v)
+{
+    json_key(j, key);
+    json_double(j, v);
+}
+
+static void
+render_rates(struct json *j, const char *key, const struct stats_rates *r)
+{
+    json_key(j, key);
+    if (r == NULL || !r->known) {
+        json_null(j);
+        return;
+    }
+    json_obj_begin(j);
+    kdouble(j, "received", r->received);
+    kdouble(j, "delivered", r->delivered);
+    kdouble(j, "deferred", r->deferred);
+    kdouble(j, "bounced", r->bounced);
+    kdouble(j, "expired", r->expired);
+    json_obj_end(j);
+}
+
+/* A fixed-size name from the engine may lack its NUL. */
+static void
+kfixed(struct json *j, const char *key, const char *s, size_t cap)
+{
+    json_key(j, key);
+    json_strn(j, s, strnlen(s, cap));
+}
+
+void
+stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
+                   const struct stats_rates *r1m)
+{
+    json_obj_begin(j);
+    json_kbool(j, "ok", true);
+    json_kstr(j, "version", SLUICE_VERSION);
+    json_ku64(j, "uptime_ms", c->uptime_ms);
+    json_ku64(j, "workers", c->workers);
+
+    json_key(j, "counters");
+    json_obj_begin(j);
+    json_ku64(j, "received_msgs", c->received_msgs);
+    json_ku64(j, "received_rcpts", c->received_rcpts);
+    json_ku64(j, "delivered", c->delivered);
+    json_ku64(j, "deferred", c->deferred);
+    json_ku64(j, "bounced", c->bounced);
+    json_ku64(j, "expired", c->expired);
+    json_ku64(j, "dsn_queued", c->dsn_queued);
+    json_ku64(j, "delivered_tls", c->delivered_tls);
+    json_obj_end(j);
+
+    json_key(j, "rates");
+    json_obj_begin(j);
+    render_rates(j, "1s", r1s);
+    render_rates(j, "1m", r1m);
+    json_obj_end(j);
+
+    json_key(j, "connections");
+    json_obj_begin(j);
+    json_ku64(j, "inbound_open", c->conn_in_open);
+    json_ku64(j, "outbound_open", c->conn_out_open);
+    json_ku64(j, "inbound_total", c->conn_in_total);
+    json_ku64(j, "outbound_total", c->conn_out_total);
+    json_ku64(j, "outbound_failed", c->conn_out_failed);
+    json_ku64(j, "transactions", c->transactions);
+    json_ku64(j, "reused_transactions", c->reused_transactions);
+    kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
+    json_obj_end(j);
+
+    kdouble(j, "tls_share", share(c->delivered_tls, c->delivered));
+
+    json_key(j, "queue");
+    json_obj_begin(j);
+    json_ku64(j, "messages", c->queue_msgs);
+    json_ku64(j, "recipients", c->queue_rcpts);
+    json_ku64(j, "deferred", c->queue_deferred);
+    json_obj_end(j);
+
+    json_key(j, "spool");
+    json_obj_begin(j);
+    json_ku64(j, "bytes", c->spool_bytes);
+    json_ku64(j, "map_size", c->map_size);
+    json_ku64(j, "map_used", c->map_used);
+    kdouble(j, "map_used_share", share(c->map_used, c->map_size));
+    json_obj_end(j);
+
+    json_key(j, "dns");
+    json_obj_begin(j);
+    json_ku64(j, "lookups", c->dns_lookups);
+    json_ku64(j, "cache_hits", c->dns_cache_hits);
+    json_ku64(j, "cache_entries", c->dns_cache_entries);
+    kdouble(j, "cache_hit_share", share(c->dns_cache_hits, c->dns_lookups));
+    json_obj_end(j);
+
+    json_key(j, "redis");
+    json_obj_begin(j);
+    json_kstr(j, "state", c->redis_state != NULL ? c->redis_state : "off");
+    json_obj_end(j);
+
+    json_key(j, "dlog");
+    json_obj_begin(j);
+    json_ku64(j, "events", c->dlog_events);
+    json_ku64(j, "write_errors", c->dlog_write_errors);
+    json_ku64(j, "dropped", c->dlog_dropped);
+    json_obj_end(j);
+
+    json_key(j, "objects");
+    json_obj_begin(j);
+    json_ku64(j, "destinations", c->destinations);
+    json_ku64(j, "jobs_inflight", c->jobs_inflight);
+    for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
+        const struct stats_object *o = &c->objects[i];
+        size_t n = strnlen(o->name, sizeof(o->name));
+        if (n == 0)
+            continue;
+        char name[sizeof(o->name) + 1];
+        memcpy(name, o->name, n);
+        name[n] = '\0';
+        json_ku64(j, name, o->live);
+    }
+    json_obj_end(j);
+    json_obj_end(j);
+}
+
+void
+stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms)
+{
+    json_key(j, "domains");
+    json_arr_begin(j);
+    for (size_t i = 0; i < n; i++) {
+        const struct stats_domain *x = &d[i];
+        json_obj_begin(j);
+        kfixed(j, "name", x->name, sizeof(x->name));
+        json_ku64(j, "ready", x->ready);
+        json_ku64(j, "deferred", x->deferred);
+        json_ku64(j, "inflight", x->inflight);
+        json_ku64(j, "connections", x->connections);
+        json_ku64(j, "max_connections", x->max_connections);
+        /* 0 means "no limit": null says so without a magic number. */
+        kdouble(j, "rate_limit", x->rate_limit > 0 ? x->rate_limit : NAN);
+        kfixed(j, "limit_reason", x->limit_reason, sizeof(x->limit_reason));
+        json_ku64(j, "delivered", x->delivered);
+        json_ku64(j, "bounced", x->bounced);
+        json_key(j, "oldest");
+        if (x->oldest_ms != 0)
+            json_time_ms(j, x->oldest_ms);
+        else
+            json_null(j);
+        json_key(j, "oldest_age_ms");
+        if (x->oldest_ms != 0)
+            json_u64(j, now_ms > x->oldest_ms ? now_ms - x->oldest_ms : 0);
+        else
+            json_null(j);
+        json_kbool(j, "suspended", x->suspended);
+        kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+}
+
+/* ---- rendering: Prometheus ---- */
+
+/* struct json doubles as the growable text buffer: json_raw() appends
+ * without any JSON punctuation. */
+static void text_printf(struct json *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void
+text_printf(struct json *t, const char *fmt, ...)
+{
+    char b[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(b, sizeof(b), fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n < sizeof(b)) {
+        json_raw(t, b, (size_t)n);
+        return;
+    }
+    char *big = malloc((size_t)n + 1);
+    if (big == NULL) {
+        t->oom = true;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    json_raw(t, big, (size_t)n);
+    free(big);
+}
+
+/* A label value per the text format: backslash, double quote and line
+ * feed escaped; the value is otherwise any UTF-8. */
+static void
+text_label(struct json *t, const char *s, size_t cap)
+{
+    size_t n = strnlen(s, cap);
+    for (size_t i = 0; i < n; i++) {
+        switch (s[i]) {
+        case '\\':
+            json_raw(t, "\\\\", 2);
+            break;
+        case '"':
+            json_raw(t, "\\\"", 2);
+            break;
+        case '\n':
+            json_raw(t, "\\n", 2);
+            break;
+        default:
+            json_raw(t, &s[i], 1);
+            break;
+        }
+    }
+}
+
+static void
+text_family(struct json *t, const char *name, const char *type, const char *help)
+{
+    text_printf(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void
+text_double(struct json *t, double v)
+{
+    if (isnan(v))
+        json_raw(t, "NaN", 3);
+    else if (isinf(v))
+        json_raw(t, v > 0 ? "+Inf" : "-Inf", 4);
+    else
+        text_printf(t, "%.17g", v);
+}
+
+struct metric {
+    const char *name, *type, *help;
+    size_t off; /* of a uint64_t in struct stats_counters */
+};
+
+#define CTR(f) offsetof(struct stats_counters, f)
+static const struct metric metrics[] = {
+    {"sluice_messages_received_total", "counter", "Messages accepted at submission.",
+     CTR(received_msgs)},
+    {"sluice_recipients_received_total", "counter", "Recipients accepted at submission.",
+     CTR(received_rcpts)},
+    {"sluice_recipients_delivered_total", "counter", "Recipients delivered (2xx).", CTR(delivered)},
+    {"sluice_recipients_deferred_total", "counter", "Recipient attempts deferred (to retry).",
+     CTR(deferred)},
+    {"sluice_recipients_bounced_total", "counter", "Recipients bounced (5xx or policy).",
+     CTR(bounced)},
+    {"sluice_recipients_expired_total", "counter", "Recipients bounced after their maximum age.",
+     CTR(expired)},
+    {"sluice_recipients_delivered_tls_total", "counter", "Recipients delivered over TLS.",
+     CTR(delivered_tls)},
+    {"sluice_dsn_queued_total", "counter", "Delivery status notifications queued.",
+     CTR(dsn_queued)},
+    {"sluice_connections_inbound_total", "counter", "Inbound SMTP connections accepted.",
+     CTR(conn_in_total)},
+    {"sluice_connections_outbound_total", "counter", "Outbound SMTP connections attempted.",
+     CTR(conn_out_total)},
+    {"sluice_connections_outbound_failed_total", "counter",
+     "Outbound SMTP connections that failed before a greeting.", CTR(conn_out_failed)},
+    {"sluice_connections_inbound_open", "gauge", "Inbound SMTP connections open.",
+     CTR(conn_in_open)},
+    {"sluice_connections_outbound_open", "gauge", "Outbound SMTP connections open.",
+     CTR(conn_out_open)},
+    {"sluice_transactions_total", "counter", "Outbound SMTP transactions.", CTR(transactions)},
+    {"sluice_transactions_reused_total", "counter",
+     "Outbound SMTP transactions on a connection that had one before.", CTR(reused_transactions)},
+    {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},
+    {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
+    {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",
+     CTR(queue_deferred)},
+    {"sluice_spool_bytes", "gauge", "Bytes of messages in the spool.", CTR(spool_bytes)},
+    {"sluice_spool_map_size_bytes", "gauge", "Size of the spool's LMDB map.", CTR(map_size)},
+    {"sluice_spool_map_used_bytes", "gauge", "Bytes of the spool's LMDB map in use.",
+     CTR(map_used)},
+    {"sluice_dns_lookups_total", "counter", "DNS lookups asked.", CTR(dns_lookups)},
+    {"sluice_dns_cache_hits_total", "counter", "DNS lookups answered from the cache.",
+     CTR(dns_cache_hits)},
+    {"sluice_dns_cache_entries", "gauge", "Entries in the DNS cache.", CTR(dns_cache_entries)},
+    {"sluice_dlog_events_total", "counter", "Delivery log events written.", CTR(dlog_events)},
+    {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
+     CTR(dlog_write_errors)},
+    {"sluice_dlog_dropped_total", "counter", "Delivery log events dropped.", CTR(dlog_dropped)},
+    {"sluice_destinations", "gauge", "Destination domains known to the scheduler.",
+     CTR(destinations)},
+    {"sluice_jobs_inflight", "gauge", "Delivery jobs in flight.", CTR(jobs_inflight)},
+};
+
+/* Per-domain gauges and counters that take one value each. */
+struct domain_metric {
+    const char *name, *type, *help;
+    int field;
+};
+enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED };
+
+static const struct domain_metric domain_metrics[] = {
+    {"sluice_domain_connections", "gauge", "Outbound connections open to the domain.",
+     DM_CONNECTIONS},
+    {"sluice_domain_max_connections", "gauge", "Connection limit in force for the domain.",
+     DM_MAX_CONNECTIONS},
+    {"sluice_domain_message_rate_limit", "gauge",
+     "Messages per second allowed to the domain, 0 when unlimited.", DM_RATE},
+    {"sluice_domain_recipients_delivered_total", "counter", "Recipients delivered to the domain.",
+     DM_DELIVERED},
+    {"sluice_domain_recipients_bounced_total", "counter", "Recipients bounced by the domain.",
+     DM_BOUNCED},
+    {"sluice_domain_suspended", "gauge", "1 when deliveries to the domain are suspended.",
+     DM_SUSPENDED},
+};
+
+static double
+domain_value(const struct stats_domain *d, int field)
+{
+    switch (field) {
+    case DM_CONNECTIONS:
+        return (double)d->connections;
+    case DM_MAX_CONNECTIONS:
+        return (double)d->max_connections;
+    case DM_RATE:
+        return d->rate_limit > 0 ? d->rate_limit : 0;
+    case DM_DELIVERED:
+        return (double)d->delivered;
+    case DM_BOUNCED:
+        return (double)d->bounced;
+    case DM_SUSPENDED:
+        return d->suspended ? 1 : 0;
+    }
+    return NAN;
+}
+
+static void
+text_domain_label(struct json *t, const struct stats_domain *d)
+{
+    json_raw(t, "{domain=\"", 9);
+    text_label(t, d->name, sizeof(d->name));
+    json_raw(t, "\"", 1);
+}
+
+char *
+stats_render_metrics(const struct stats_counters *c, const struct stats_domain *d, size_t n,
+                     uint64_t now_ms)
+{
+    struct json t;
+    json_init(&t);
+    json_raw(&t, "", 0);
+
+    text_family(&t, "sluice_build_info", "gauge", "Version of sluice, as a label.");
+    text_printf(&t, "sluice_build_info{version=\"%s\"} 1\n", SLUICE_VERSION);
+    text_family(&t, "sluice_uptime_seconds", "gauge", "Seconds since sluice started.");
+    text_printf(&t, "sluice_uptime_seconds %.3f\n", (double)c->uptime_ms / 1000.0);
+    text_family(&t, "sluice_workers", "gauge", "Worker threads.");
+    text_printf(&t, "sluice_workers %u\n", c->workers);
+
+    for (size_t i = 0; i < sizeof(metrics) / sizeof(metrics[0]); i++) {
+        const struct metric *m = &metrics[i];
+        uint64_t v;
+        memcpy(&v, (const char *)c + m->off, sizeof(v));
+        text_family(&t, m->name, m->type, m->help);
+        text_printf(&t, "%s %llu\n", m->name, (unsigned long long)v);
+    }
+
+    text_family(&t, "sluice_redis_state", "gauge",
+                "1 for the state of the connection to the shared Redis.");
+    json_raw(&t, "sluice_redis_state{state=\"", 26);
+    const char *rs = c->redis_state != NULL ? c->redis_state : "off";
+    text_label(&t, rs, strlen(rs));
+    json_raw(&t, "\"} 1\n", 5);
+
+    bool any = false;
+    for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
+        const struct stats_object *o = &c->objects[i];
+        if (o->name[0] == '\0')
+            continue;
+        if (!any)
+            text_family(&t, "sluice_objects", "gauge", "Live objects by type.");
+        any = true;
+        json_raw(&t, "sluice_objects{type=\"", 21);
+        text_label(&t, o->name, sizeof(o->name));
+        text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+    }
+
+    if (n > 0) {
+        text_family(&t, "sluice_domain_queue_recipients", "gauge",
+                    "Recipients queued for the domain, by state (the busiest domains only).");
+        static const char *const states[] = {"ready", "deferred", "inflight"};
+        for (size_t i = 0; i < n; i++) {
+            const uint64_t v[] = {d[i].ready, d[i].deferred, d[i].inflight};
+            for (size_t k = 0; k < 3; k++) {
+                json_raw(&t, "sluice_domain_queue_recipients", 30);
+                text_domain_label(&t, &d[i]);
+                text_printf(&t, ",state=\"%s\"} %llu\n", states[k], (unsigned long long)v[k]);
+            }
+        }
+        for (size_t k = 0; k < sizeof(domain_metrics) / sizeof(domain_metrics[0]); k++) {
+            const struct domain_metric *m = &domain_metrics[k];
+            text_family(&t, m->name, m->type, m->help);
+            for (size_t i = 0; i < n; i++) {
+                json_raw(&t, m->name, strlen(m->name));
+                text_domain_label(&t, &d[i]);
+                json_raw(&t, "} ", 2);
+                text_double(&t, domain_value(&d[i], m->field));
+                json_raw(&t, "\n", 1);
+            }
+        }
+        text_family(&t, "sluice_domain_oldest_message_age_seconds", "gauge",
+                    "Age of the oldest message waiting for the domain.");
+        for (size_t i = 0; i < n; i++) {
+            if (d[i].oldest_ms == 0)
+                continue;
+            uint64_t age = now_ms > d[i].oldest_ms ? now_ms - d[i].oldest_ms : 0;
+            json_raw(&t, "sluice_domain_oldest_message_age_seconds", 40);
+            text_domain_label(&t, &d[i]);
+            text_printf(&t, "} %.3f\n", (double)age / 1000.0);
+        }
+        text_family(&t, "sluice_domain_limit_info", "gauge",
+                    "Why the domain's limits in force are what they are, as a label.");
+        for (size_t i = 0; i < n; i++) {
+            json_raw(&t, "sluice_domain_limit_info", 24);
+            text_domain_label(&t, &d[i]);
+            json_raw(&t, ",reason=\"", 9);
+            text_label(&t, d[i].limit_reason, sizeof(d[i].limit_reason));
+            json_raw(&t, "\"} 1\n", 5);
+        }
+    }
+
+    if (json_failed(&t)) {
+        json_fini(&t);
+        return NULL;
+    }
+    return t.buf; /* json_fini not called: the caller owns the buffer now */
+}
+
+/* ---- rates ---- */
+
+enum { R_RECEIVED, R_DELIVERED, R_DEFERRED, R_BOUNCED, R_EXPIRED, R_COUNT };
+
+struct rate_sample {
+    uint64_t t_ms; /* monotonic */
+    uint64_t v[R_COUNT];
+};
+
+static void
+rates_between(const struct rate_sample *a, const struct rate_sample *b, struct stats_rates *r)
+{
+    memset(r, 0, sizeof(*r));
+    if (b->t_ms <= a->t_ms)
+        return;
+    double secs = (double)(b->t_ms - a->t_ms) / 1000.0;
+    double out[R_COUNT];
+    for (int i = 0; i < R_COUNT; i++) /* a counter that went back (a reset) counts as 0 */
+        out[i] = b->v[i] >= a->v[i] ? (double)(b->v[i] - a->v[i]) / secs : 0;
+    r->received = out[R_RECEIVED];
+    r->delivered = out[R_DELIVERED];
+    r->deferred = out[R_DEFERRED];
+    r->bounced = out[R_BOUNCED];
+    r->expired = out[R_EXPIRED];
+    r->known = true;
+}
+
+/* ---- the server ---- */
+
+enum client_kind { CLIENT_CTL, CLIENT_HTTP };
+
+struct client {
+    int fd; /* owned; -1: the slot is free */
+    enum client_kind kind;
+    bool closing;  /* close once out is sent */
+    bool draining; /* write side shut: drop input until EOF or the deadline */
+    bool eof;      /* the peer shut its write side */
+    size_t inlen, drained;
+    uint64_t deadline; /* monotonic ms: dropped then */
+    struct json out;   /* the answer being sent */
+    size_t outoff;
+    char in[STATS_HTTP_REQUEST_MAX];
+};
+
+struct stats_server {
+    struct stats_ops ops;
+    unsigned top_n;
+    int wake_fd, ctl_fd, http_fd; /* owned; -1: none */
+    unsigned http_port;
+    char *path; /* owned */
+    dev_t dev;  /* of the socket file made, so that free removes only that */
+    ino_t ino;
+    atomic_uint idle_ms;
+    pthread_t thread;
+    bool started;
+    struct rate_sample ring[RATE_SAMPLES];
+    unsigned ring_n, ring_head;
+    uint64_t next_sample;
+    struct json scratch;       /* for ops->command */
+    struct stats_domain *doms; /* owned, ndoms_cap entries */
+    size_t ndoms_cap;
+    struct client clients[STATS_CLIENTS_MAX];
+};
+
+static void errf(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void
+errf(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static void
+gather_counters(struct stats_server *s, struct stats_counters *c)
+{
+    memset(c, 0, sizeof(*c));
+    if (s->ops.counters != NULL)
+        s->ops.counters(s->ops.arg, c);
+}
+
+static size_t
+gather_domains(struct stats_server *s, size_t cap)
+{
+    if (s->ops.domains == NULL || cap == 0)
+        return 0;
+    if (cap > s->ndoms_cap) {
+        struct stats_domain *p = realloc(s->doms, cap * sizeof(*p));
+        if (p == NULL)
+            return 0;
+        s->doms = p;
+        s->ndoms_cap = cap;
+    }
+    memset(s->doms, 0, cap * sizeof(*s->doms));
+    size_t n = s->ops.domains(s->ops.arg, s->doms, cap);
+    return n < cap ? n : cap;
+}
+
+static void
+rates_sample(struct stats_server *s, uint64_t now)
+{
+    struct stats_counters c;
+    gather_counters(s, &c);
+    struct rate_sample *p = &s->ring[s->ring_head];
+    p->t_ms = now;
+    p->v[R_RECEIVED] = c.received_msgs;
+    p->v[R_DELIVERED] = c.delivered;
+    p->v[R_DEFERRED] = c.deferred;
+    p->v[R_BOUNCED] = c.bounced;
+    p->v[R_EXPIRED] = c.expired;
+    s->ring_head = (s->ring_head + 1) % RATE_SAMPLES;
+    if (s->ring_n < RATE_SAMPLES)
+        s->ring_n++;
+}
+
+static void
+rates_get(const struct stats_server *s, struct stats_rates *r1s, struct stats_rates *r1m)
+{
+    memset(r1s, 0, sizeof(*r1s));
+    memset(r1m, 0, sizeof(*r1m));
+    if (s->ring_n < 2)
+        return;
+    const struct rate_sample *newest = &s->ring[(s->ring_head + RATE_SAMPLES - 1) % RATE_SAMPLES];
+    const struct rate_sample *prev = &s->ring[(s->ring_head + RATE_SAMPLES - 2) % RATE_SAMPLES];
+    const struct rate_sample *oldest =
+        &s->ring[(s->ring_head + RATE_SAMPLES - s->ring_n) % RATE_SAMPLES];
+    rates_between(prev, newest, r1s);
+    rates_between(oldest, newest, r1m);
+}
+
+/* ---- the line protocol ---- */
+
+struct command {
+    const char *verb, *args, *about;
+    unsigned min_args, max_args;
+    bool engine; /* answered by ops->command */
+};
+
+static const struct command commands[] = {
+    {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects", 0, 0, false},
+    {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)", 0, 1, false},
+    {"message", "ID", "a queued message and its recipients", 1, 1, true},
+    {"suspend", "DOMAIN", "stop deliveries to DOMAIN", 1, 1, true},
+    {"resume", "DOMAIN", "resume deliveries to DOMAIN", 1, 1, true},
+    {"flush", "[DOMAIN]", "retry deferred recipients now (of DOMAIN, or all)", 0, 1, true},
+    {"bounce", "ID|DOMAIN", "bounce a message, or every message queued for DOMAIN", 1, 1, true},
+    {"reload", "", "reread the configuration file", 0, 0, true},
+    {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
+    {"help", "", "this list", 0, 0, false},
+};
+
+static void
+answer_error(struct json *out, const char *msg)
+{
+    json_obj_begin(out);
+    json_kbool(out, "ok", false);
+    json_kstr(out, "error", msg);
+    json_obj_end(out);
+}
+
+static void answer_errorf(struct json *out, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void
+answer_errorf(struct json *out, const char *fmt, ...)
+{
+    char b[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b, sizeof(b), fmt, ap);
+    va_end(ap);
+    answer_error(out, b);
+}
+
+static unsigned
+count_words(const char *s)
+{
+    unsigned n = 0;
+    bool in = false;
+    for (; *s != '\0'; s++) {
+        bool space = *s == ' ' || *s == '\t';
+        if (!space && !in)
+            n++;
+        in = !space;
+    }
+    return n;
+}
+
+static void
+do_help(struct json *out)
+{
+    json_obj_begin(out);
+    json_kbool(out, "ok", true);
+    json_key(out, "commands");
+    json_arr_begin(out);
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+        json_obj_begin(out);
+        json_kstr(out, "name", commands[i].verb);
+        json_kstr(out, "args", commands[i].args);
+        json_kstr(out, "about", commands[i].about);
+        json_obj_end(out);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+}
+
+static void
+do_engine(struct stats_server *s, const struct command *cmd, const char *args, struct json *out)
+{
+    if (s->ops.command == NULL) {
+        answer_errorf(out, "%s: not available", cmd->verb);
+        return;
+    }
+    char err[256] = "";
+    struct json *r = &s->scratch;
+    json_reset(r);
+    int rc = s->ops.command(s->ops.arg, cmd->verb, args, r, err, sizeof(err));
+    if (rc != 0) {
+        err[sizeof(err) - 1] = '\0';
+        answer_error(out, err[0] != '\0' ? err : "failed");
+        return;
+    }
+    if (json_failed(r)) {
+        answer_error(out, "out of memory");
+        return;
+    }
+    /* A raw newline can only be whitespace between tokens (the writer
+     * escapes those in strings); the protocol is one line per answer. */
+    for (size_t i = 0; i < r->len; i++)
+        if (r->buf[i] == '\n' || r->buf[i] == '\r')
+            r->buf[i] = ' ';
+    json_raw(out, "{\"ok\":true", 10);
+    if (r->len >= 2 && r->buf[0] == '{' && r->buf[r->len - 1] == '}') {
+        if (r->len > 2) {
+            json_raw(out, ",", 1);
+            json_raw(out, r->buf + 1, r->len - 1);
+        } else {
+            json_raw(out, "}", 1);
+        }
+    } else if (r->len > 0) { /* not an object: kept whole, under a key */
+        json_raw(out, ",\"result\":", 10);
+        json_raw(out, r->buf, r->len);
+        json_raw(out, "}", 1);
+    } else {
+        json_raw(out, "}", 1);
+    }
+}
+
+static void
+do_metrics(struct stats_server *s, struct json *out)
+{
+    struct stats_counters c;
+    gather_counters(s, &c);
+    size_t n = gather_domains(s, s->top_n);
+    char *text = stats_render_metrics(&c, s->doms, n, wall_ms());
+    if (text == NULL) {
+        answer_error(out, "out of memory");
+        return;
+    }
+    json_obj_begin(out);
+    json_kbool(out, "ok", true);
+    json_kstr(out, "text", text);
+    json_obj_end(out);
+    free(text);
+}
+
+/* Answer one command line (no newline) into out, newline included. */
+static void
+stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
+{
+    if (memchr(line, '\0', len) != NULL) {
+        answer_error(out, "NUL octet in the command line");
+        json_raw(out, "\n", 1);
+        return;
+    }
+    line[len] = '\0';
+    while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
+        line[--len] = '\0';
+    char *p = line;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    char *verb = p;
+    while (*p != '\0' && *p != ' ' && *p != '\t')
+        p++;
+    if (*p != '\0')
+        *p++ = '\0';
+    while (*p == ' ' || *p == '\t')
+        p++;
+    const char *args = p;
+
+    const struct command *cmd = NULL;
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (strcasecmp(verb, commands[i].verb) == 0)
+            cmd = &commands[i];
+    if (verb[0] == '\0') {
+        answer_error(out, "empty command (try help)");
+    } else if (cmd == NULL) {
+        char shown[40];
+        snprintf(shown, sizeof(shown), "%s", verb); /* bounded: the line may be 4 KB */
+        answer_errorf(out, "unknown command \"%s\" (try help)", shown);
+    } else if (count_words(args) < cmd->min_args || count_words(args) > cmd->max_args) {
+        answer_errorf(out, "usage: %s%s%s", cmd->verb, cmd->args[0] ? " " : "", cmd->args);
+    } else if (cmd->engine) {
+        do_engine(s, cmd, args, out);
+    } else if (strcmp(cmd->verb, "stats") == 0) {
+        struct stats_counters c;
+        struct stats_rates r1s, r1m;
+        gather_counters(s, &c);
+        rates_get(s, &r1s, &r1m);
+        stats_render_stats(out, &c, &r1s, &r1m);
+    } else if (strcmp(cmd->verb, "domains") == 0) {
+        unsigned long want = STATS_DOMAINS_DEFAULT;
+        if (args[0] != '\0') {
+            char *end;
+            errno = 0;
+            want = strtoul(args, &end, 10);
+            if (args[0] < '0' || args[0] > '9' || *end != '\0' || errno != 0 || want == 0 ||
+                want > STATS_DOMAINS_MAX) {
+                answer_errorf(out, "domains: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
+                json_raw(out, "\n", 1);
+                return;
+            }
+        }
+        size_t n = gather_domains(s, want);
+        json_obj_begin(out);
+        json_kbool(out, "ok", true);
+        stats_render_domains(out, s->doms, n, wall_ms());
+        json_obj_end(out);
+    } else if (strcmp(cmd->verb, "metrics") == 0) {
+        do_metrics(s, out);
+    } else {
+        do_help(out);
+    }
+    if (json_failed(out)) {
+        json_reset(out);
+        answer_error(out, "out of memory");
+    }
+    json_raw(out, "\n", 1);
+}
+
+/* ---- HTTP ---- */
+
+static void
+http_answer(struct json *out, int minor, const char *status, const char *extra, const char *type,
+            const char *body, size_t bodylen, bool head)
+{
+    text_printf(out,
+                "HTTP/1.%d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n",
+                minor, status, type, bodylen, extra);
+    if (!head)
+        json_raw(out, body, bodylen);
+}
+
+static void
+http_error(struct json *out, int minor, const char *status, const char *extra)
+{
+    char body[128];
+    int n = snprintf(body, sizeof(body), "%s\n", status);
+    http_answer(out, minor, status, extra, "text/plain; charset=utf-8", body, (size_t)n, false);
+}
+
+/* The request is in[0..len) and complete (its blank line seen). */
+static void
+stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *out)
+{
+    const char *eol = memchr(in, '\n', len);
+    size_t ll = (size_t)(eol - in);
+    if (ll > 0 && in[ll - 1] == '\r')
+        ll--;
+    char line[1024];
+    if (ll >= sizeof(line)) {
+        http_error(out, 1, "414 URI Too Long", "");
+        return;
+    }
+    memcpy(line, in, ll);
+    line[ll] = '\0';
+    char *sp1 = strchr(line, ' ');
+    char *sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
+    if (sp1 == NULL || sp2 == NULL || sp1 == line || sp2 == sp1 + 1 || strchr(sp2 + 1, ' ') ||
+        strncmp(sp2 + 1, "HTTP/", 5) != 0) {
+        http_error(out, 1, "400 Bad Request", "");
+        return;
+    }
+    *sp1 = *sp2 = '\0';
+    const char *method = line, *target = sp1 + 1, *version = sp2 + 1;
+    int minor;
+    if (strcmp(version, "HTTP/1.0") == 0) {
+        minor = 0;
+    } else if (strcmp(version, "HTTP/1.1") == 0) {
+        minor = 1;
+    } else {
+        http_error(out, 1, "505 HTTP Version Not Supported", "");
+        return;
+    }
+    for (const char *m = method; *m != '\0'; m++) {
+        if (*m < 'A' || *m > 'Z') {
+            http_error(out, minor, "400 Bad Request", "");
+            return;
+        }
+    }
+    bool head = strcmp(method, "HEAD") == 0;
+    if (!head && strcmp(method, "GET") != 0) {
+        http_error(out, minor, "405 Method Not Allowed", "Allow: GET, HEAD\r\n");
+        return;
+    }
+    size_t tl = strcspn(target, "?");
+    if (tl != 8 || strncmp(target, "/metrics", 8) != 0) {
+        http_error(out, minor, "404 Not Found", "");
+        return;
+    }
+    struct stats_counters c;
+    gather_counters(s, &c);
+    size_t n = gather_domains(s, s->top_n);
+    char *text = stats_render_metrics(&c, s->doms, n, wall_ms());
+    if (text == NULL) {
+        http_error(out, minor, "500 Internal Server Error", "");
+        return;
+    }
+    http_answer(out, minor, "200 OK", "", "text/plain; version=0.0.4; charset=utf-8", text,
+                strlen(text), head);
+    free(text);
+}
+
+/* Where the request's header ends (after its blank line), or 0. */
+static size_t
+http_request_end(const char *in, size_t len)
+{
+    for (size_t i = 0; i + 1 < len; i++) {
+        if (in[i] != '\n')
+            continue;
+        if (in[i + 1] == '\n')
+            return i + 2;
+        if (i + 2 < len && in[i + 1] == '\r' && in[i + 2] == '\n')
+            return i + 3;
+    }
+    return 0;
+}
+
+/* ---- clients ---- */
+
+static void
+client_close(struct client *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    json_fini(&c->out);
+}
+
+static uint64_t
+idle_of(const struct stats_server *s, const struct client *c)
+{
+    if (c->kind == CLIENT_HTTP)
+        return STATS_HTTP_IDLE_MS;
+    unsigned ms = atomic_load(&s->idle_ms);
+    return ms != 0 ? ms : STATS_IDLE_MS;
+}
+
+/* Send what can be sent now; then start draining if the client is closing.
+ * Returns -1 when the client was closed. */
+static int
+client_flush(struct stats_server *s, struct client *c, uint64_t now)
+{
+    while (c->outoff < c->out.len) {
+        ssize_t n = send(c->fd, c->out.buf + c->outoff, c->out.len - c->outoff,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            client_close(c);
+            return -1;
+        }
+        c->outoff += (size_t)n;
+        c->deadline = now + idle_of(s, c);
+    }
+    json_reset(&c->out);
+    c->outoff = 0;
+    if (c->closing && !c->draining) {
+        shutdown(c->fd, SHUT_WR);
+        c->draining = true;
+        c->deadline = now + LINGER_MS;
+        if (c->eof) {
+            client_close(c);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Answer the complete lines or request in c->in, one answer at a time. */
+static int
+client_process(struct stats_server *s, struct client *c, uint64_t now)
+{
+    while (!c->closing && c->out.len == 0) {
+        if (c->kind == CLIENT_HTTP) {
+            size_t end = http_request_end(c->in, c->inlen);
+            if (end == 0 && c->inlen >= sizeof(c->in))
+                http_error(&c->out, 1, "431 Request Header Fields Too Large", "");
+            else if (end == 0 && c->eof)
+                http_error(&c->out, 1, "400 Bad Request", "");
+            else if (end == 0)
+                return 0;
+            else
+                stats_on_http(s, c->in, end, &c->out);
+            c->closing = true;
+            c->inlen = 0;
+        } else {
+            char *nl = memchr(c->in, '\n', c->inlen);
+            if (nl == NULL && c->inlen > STATS_LINE_MAX) {
+                answer_errorf(&c->out, "line too long (at most %d octets)", STATS_LINE_MAX);
+                json_raw(&c->out, "\n", 1);
+                c->closing = true;
+                c->inlen = 0;
+            } else if (nl == NULL && c->eof && c->inlen > 0) {
+                /* a last command without its newline ("printf stats | nc -U") */
+                char line[STATS_LINE_MAX + 1];
+                size_t len = c->inlen;
+                memcpy(line, c->in, len);
+                c->inlen = 0;
+                stats_on_line(s, line, len, &c->out);
+                c->closing = true;
+            } else if (nl == NULL) {
+                if (c->eof)
+                    c->closing = true;
+                else
+                    return 0;
+            } else {
+                char line[STATS_LINE_MAX + 2];
+                size_t len = (size_t)(nl - c->in);
+                if (len > STATS_LINE_MAX) {
+                    answer_errorf(&c->out, "line too long (at most %d octets)", STATS_LINE_MAX);
+                    json_raw(&c->out, "\n", 1);
+                    c->closing = true;
+                    c->inlen = 0;
+                } else {
+                    memcpy(line, c->in, len);
+                    c->inlen -= len + 1;
+                    memmove(c->in, nl + 1, c->inlen);
+                    stats_on_line(s, line, len, &c->out);
+                }
+            }
+        }
+        if (client_flush(s, c, now) < 0)
+            return -1;
+    }
+    if (c->closing && c->out.len == 0 && !c->draining)
+        return client_flush(s, c, now);
+    return 0;
+}
+
+static void
+client_on_readable(struct stats_server *s, struct client *c, uint64_t now)
+{
+    if (c->draining) {
+        char junk[4096];
+        ssize_t n = recv(c->fd, junk, sizeof(junk), MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n <= 0 || (c->drained += (size_t)n) > LINGER_BYTES)
+            client_close(c);
+        return;
+    }
+    size_t room = sizeof(c->in) - c->inlen;
+    if (room == 0)
+        return; /* client_process decides: it answers before reading more */
+    ssize_t n = recv(c->fd, c->in + c->inlen, room, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return;
+        client_close(c);
+        return;
+    }
+    if (n == 0)
+        c->eof = true;
+    c->inlen += (size_t)n;
+    c->deadline = now + idle_of(s, c);
+    if (client_process(s, c, now) == 0 && c->eof && !c->closing && c->out.len == 0)
+        client_close(c);
+}
+
+static void
+stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t now)
+{
+    for (int k = 0; k < 16; k++) { /* a bounded batch: the loop stays fair */
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        struct client *c = NULL;
+        for (size_t i = 0; i < STATS_CLIENTS_MAX && c == NULL; i++)
+            if (s->clients[i].fd < 0)
+                c = &s->clients[i];
+        if (c == NULL) {
+            static const char ctl_busy[] = "{\"ok\":false,\"error\":\"too many clients\"}\n";
+            static const char http_busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: "
+                                            "0\r\nConnection: close\r\n\r\n";
+            if (kind == CLIENT_CTL)
+                (void)!send(fd, ctl_busy, sizeof(ctl_busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            else
+                (void)!send(fd, http_busy, sizeof(http_busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            shutdown(fd, SHUT_WR);
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->kind = kind;
+        c->closing = c->draining = c->eof = false;
+        c->inlen = c->drained = c->outoff = 0;
+        json_init(&c->out);
+        c->deadline = now + idle_of(s, c);
+    }
+}
+
+/* ---- the thread ---- */
+
+static void *
+stats_thread(void *arg)
+{
+    struct stats_server *s = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's */
+    log_set_thread_name("stats");
+
+    uint64_t now = mono_ms();
+    rates_sample(s, now);
+    s->next_sample = now + SAMPLE_MS;
+    struct pollfd pfd[3 + STATS_CLIENTS_MAX];
+    struct client *owner[3 + STATS_CLIENTS_MAX];
+    for (;;) {
+        now = mono_ms();
+        if (now >= s->next_sample) {
+            rates_sample(s, now);
+            s->next_sample += SAMPLE_MS;
+            if (s->next_sample <= now) /* a callback took long: no burst of catch-up samples */
+                s->next_sample = now + SAMPLE_MS;
+        }
+        uint64_t wake = s->next_sample;
+        nfds_t n = 0;
+        pfd[n] = (struct pollfd){.fd = s->wake_fd, .events = POLLIN};
+        owner[n++] = NULL;
+        pfd[n] = (struct pollfd){.fd = s->ctl_fd, .events = POLLIN};
+        owner[n++] = NULL;
+        if (s->http_fd >= 0) {
+            pfd[n] = (struct pollfd){.fd = s->http_fd, .events = POLLIN};
+            owner[n++] = NULL;
+        }
+        for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
+            struct client *c = &s->clients[i];
+            if (c->fd < 0)
+                continue;
+            if (now >= c->deadline) {
+                client_close(c);
+                continue;
+            }
+            if (c->deadline < wake)
+                wake = c->deadline;
+            short ev = c->out.len > c->outoff ? POLLOUT : 0;
+            if (c->draining || (ev == 0 && !c->eof && c->inlen < sizeof(c->in)))
+                ev |= POLLIN;
+            pfd[n] = (struct pollfd){.fd = c->fd, .events = ev};
+            owner[n++] = c;
+        }
+        int rc = poll(pfd, n, wake > now ? (int)(wake - now) : 0);
+        if (rc < 0 && errno != EINTR) {
+            log_msg(LOG_ERR, "stats: poll failed error=\"%s\"", strerror(errno));
+            break;
+        }
+        if (rc <= 0)
+            continue;
+        if (pfd[0].revents != 0)
+            break; /* stats_server_free */
+        now = mono_ms();
+        for (nfds_t i = 1; i < n; i++) {
+            if (pfd[i].revents == 0)
+                continue;
+            struct client *c = owner[i];
+            if (c == NULL) {
+                stats_on_accept(s, pfd[i].fd, pfd[i].fd == s->ctl_fd ? CLIENT_CTL : CLIENT_HTTP,
+                                now);
+                continue;
+            }
+            if (c->fd < 0)
+                continue;
+            if (pfd[i].revents & POLLOUT) {
+                if (client_flush(s, c, now) < 0 || client_process(s, c, now) < 0)
+                    continue;
+            }
+            if (pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
+                client_on_readable(s, c, now);
+        }
+    }
+    return NULL;
+}
+
+/* ---- listeners ---- */
+
+static int
+ctl_listen(struct stats_server *s, const char *path, unsigned mode, char *err, size_t errlen)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        errf(err, errlen, "stats socket path too long (at most %zu octets): %s",
+             sizeof(sa.sun_path) - 1, path);
+        return -ENAMETOOLONG;
+    }
+    memcpy(sa.sun_path, path, strlen(path));
+
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            errf(err, errlen, "%s exists and is not a socket: not removing it", path);
+            return -EEXIST;
+        }
+        /* Something listening there is a running sluice: never steal its
+         * socket. A refused connection is a stale file left by a crash. */
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (probe < 0) {
+            int e = errno;
+            errf(err, errlen, "socket: %s", strerror(e));
+            return -e;
+        }
+        int rc = connect(probe, (struct sockaddr *)&sa, sizeof(sa));
+        int e = errno;
+        close(probe);
+        if (rc == 0 || e == EAGAIN || e == EINPROGRESS) {
+            errf(err, errlen, "%s: a running sluice answers on it", path);
+            return -EADDRINUSE;
+        }
+        if (e != ECONNREFUSED) {
+            errf(err, errlen, "%s: cannot tell whether it is stale: %s", path, strerror(e));
+            return -e;
+        }
+        if (unlink(path) != 0 && errno != ENOENT) {
+            e = errno;
+            errf(err, errlen, "%s: cannot remove the stale socket: %s", path, strerror(e));
+            return -e;
+        }
+    }
+
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        int e = errno;
+        errf(err, errlen, "socket: %s", strerror(e));
+        return -e;
+    }
+    /* No client can connect between bind and listen, so the mode is
+     * right before anyone can use the socket, whatever the umask. */
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || chmod(path, mode & 07777) != 0 ||
+        listen(fd, 64) != 0 || stat(path, &st) != 0) {
+        int e = errno;
+        errf(err, errlen, "stats socket %s: %s", path, strerror(e));
+        close(fd);
+        return -e;
+    }
+    s->ctl_fd = fd;
+    s->dev = st.st_dev;
+    s->ino = st.st_ino;
+    return 0;
+}
+
+static int
+http_listen_open(struct stats_server *s, const char *spec, char *err, size_t errlen)
+{
+    char host[256], port[16];
+    const char *colon;
+    const char *h = spec;
+    size_t hl;
+    if (spec[0] == '[') {
+        const char *close_br = strchr(spec, ']');
+        if (close_br == NULL || close_br[1] != ':') {
+            errf(err, errlen, "http listen address \"%s\": expected [ADDR]:PORT", spec);
+            return -EINVAL;
+        }
+        h = spec + 1;
+        hl = (size_t)(close_br - h);
+        colon = close_br + 1;
+    } else {
+        colon = strrchr(spec, ':');
+        if (colon == NULL) {
+            errf(err, errlen, "http listen address \"%s\": expected HOST:PORT", spec);
+            return -EINVAL;
+        }
+        hl = (size_t)(colon - spec);
+    }
+    if (hl >= sizeof(host) || strlen(colon + 1) >= sizeof(port) || colon[1] == '\0') {
+        errf(err, errlen, "http listen address \"%s\": expected HOST:PORT", spec);
+        return -EINVAL;
+    }
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    snprintf(port, sizeof(port), "%s", colon + 1);
+
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    int g = getaddrinfo(hl > 0 ? host : NULL, port, &hints, &res);
+    if (g != 0) {
+        errf(err, errlen, "http listen address \"%s\": %s", spec, gai_strerror(g));
+        return -EINVAL;
+    }
+    int e = 0;
+    for (struct addrinfo *a = res; a != NULL; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+            e = errno;
+            close(fd);
+            continue;
+        }
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        getsockname(fd, (struct sockaddr *)&ss, &sl);
+        s->http_port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                                : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        s->http_fd = fd;
+        break;
+    }
+    freeaddrinfo(res);
+    if (s->http_fd < 0) {
+        errf(err, errlen, "http listen address \"%s\": %s", spec, strerror(e ? e : EINVAL));
+        return -(e ? e : EINVAL);
+    }
+    return 0;
+}
+
+/* ---- life cycle ---- */
+
+int
+stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
+                 unsigned top_n, const struct stats_ops *ops, struct stats_server **out, char *err,
+                 size_t errlen)
+{
+    *out = NULL;
+    if (socket_path == NULL || socket_path[0] == '\0' || ops == NULL) {
+        errf(err, errlen, "stats: no socket path");
+        return -EINVAL;
+    }
+    struct stats_server *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        errf(err, errlen, "stats: out of memory");
+        return -ENOMEM;
+    }
+    s->ops = *ops;
+    s->top_n = top_n;
+    s->wake_fd = s->ctl_fd = s->http_fd = -1;
+    json_init(&s->scratch);
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        s->clients[i].fd = -1;
+    int rc;
+    s->path = strdup(socket_path);
+    if (s->path == NULL) {
+        errf(err, errlen, "stats: out of memory");
+        rc = -ENOMEM;
+        goto fail;
+    }
+    s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->wake_fd < 0) {
+        rc = -errno;
+        errf(err, errlen, "eventfd: %s", strerror(-rc));
+        goto fail;
+    }
+    if ((rc = ctl_listen(s, socket_path, socket_mode, err, errlen)) != 0)
+        goto fail;
+    if (http_listen != NULL && (rc = http_listen_open(s, http_listen, err, errlen)) != 0)
+        goto fail;
+    if ((rc = pthread_create(&s->thread, NULL, stats_thread, s)) != 0) {
+        errf(err, errlen, "stats thread: %s", strerror(rc));
+        rc = -rc;
+        goto fail;
+    }
+    s->started = true;
+    *out = s;
+    return 0;
+fail:
+    stats_server_free(s);
+    return rc;
+}
+
+struct stats_server *
+stats_server_free(struct stats_server *s)
+{
+    if (s == NULL)
+        return NULL;
+    if (s->started) {
+        uint64_t one = 1;
+        (void)!write(s->wake_fd, &one, sizeof(one));
+        pthread_join(s->thread, NULL);
+    }
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        if (s->clients[i].fd >= 0)
+            client_close(&s->clients[i]);
+    if (s->ctl_fd >= 0) {
+        struct stat st;
+        /* Remove the file only if it is still ours: a newer sluice may
+         * have replaced it (a stale-looking file while this one stopped). */
+        if (lstat(s->path, &st) == 0 && st.st_dev == s->dev && st.st_ino == s->ino)
+            unlink(s->path);
+        close(s->ctl_fd);
+    }
+    if (s->http_fd >= 0)
+        close(s->http_fd);
+    if (s->wake_fd >= 0)
+        close(s->wake_fd);
+    json_fini(&s->scratch);
+    free(s->doms);
+    free(s->path);
+    free(s);
+    return NULL;
+}
+
+unsigned
+stats_server_http_port(const struct stats_server *s)
+{
+    return s->http_fd >= 0 ? s->http_port : 0;
+}
+
+void
+stats_server_set_idle_timeout(struct stats_server *s, unsigned idle_ms)
+{
+    atomic_store(&s->idle_ms, idle_ms);
+}

@@ -1,4 +1,144 @@
-/* stats: being written. */
+/*
+ * stats: the operator's window into a running sluice. One thread of its
+ * own serves a Unix stream socket (a line protocol: one command line in,
+ * one JSON document of one line out, many commands per connection) and an
+ * optional HTTP listener for Prometheus (GET /metrics). Every second it
+ * samples the engine's counters to keep rates over the last second and
+ * the last minute.
+ *
+ * The engine stays out of the protocol: it fills plain structs through
+ * the callbacks of struct stats_ops, and answers the commands that act on
+ * the queue (message, suspend, resume, flush, bounce, reload) by writing
+ * one JSON object. Everything else (parsing, rates, rendering, limits on
+ * clients) lives here.
+ *
+ * Threading: stats_server_new() and stats_server_free() are called from
+ * one thread (the engine's main thread). Every callback of struct
+ * stats_ops is called on the stats thread only, one at a time, so a
+ * callback needs no lock against itself but does against the workers.
+ * The rendering functions are pure and may be called from any thread.
+ */
 #ifndef SLUICE_ENGINE_STATS_H
 #define SLUICE_ENGINE_STATS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct json;
+
+#define STATS_LINE_MAX         4096 /* a longer command line: error, then close */
+#define STATS_HTTP_REQUEST_MAX 8192
+#define STATS_CLIENTS_MAX      32    /* socket and HTTP clients together */
+#define STATS_IDLE_MS          60000 /* a socket client silent this long is dropped */
+#define STATS_HTTP_IDLE_MS     10000
+#define STATS_DOMAINS_DEFAULT  20 /* "domains" without N */
+#define STATS_DOMAINS_MAX      1000
+#define STATS_OBJECTS_MAX      16
+
+/* A live object count beyond the named ones ("sessions_in", "mx_hosts",
+ * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
+struct stats_object {
+    char name[32]; /* [a-z0-9_]; empty: ignored */
+    uint64_t live;
+};
+
+/* Counters (monotonic since start) and gauges the engine fills on
+ * request. The engine starts from a zeroed struct: a field it does not
+ * fill shows as 0. */
+struct stats_counters {
+    uint64_t received_msgs, received_rcpts;         /* accepted at submission */
+    uint64_t delivered, deferred, bounced, expired; /* recipient outcomes */
+    uint64_t dsn_queued;
+    uint64_t conn_in_total, conn_out_total, conn_out_failed;
+    uint64_t conn_in_open, conn_out_open; /* gauges */
+    uint64_t delivered_tls;               /* deliveries over TLS */
+    uint64_t transactions, reused_transactions;
+    uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
+    uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
+    uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
+    uint64_t dlog_events, dlog_write_errors, dlog_dropped;
+    uint64_t destinations, jobs_inflight;           /* live object counts */
+    struct stats_object objects[STATS_OBJECTS_MAX]; /* more live counts */
+    unsigned nobjects;
+    unsigned workers;
+    const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
+                                ...; NULL shows as "off" */
+    uint64_t uptime_ms;
+};
+
+/* One destination. */
+struct stats_domain {
+    char name[256];
+    uint64_t ready, deferred, inflight, connections, delivered, bounced;
+    double rate_limit; /* msgs/s in force, 0: none */
+    unsigned max_connections;
+    char limit_reason[64]; /* why the limits in force are what they are */
+    char last_reply[256];
+    uint64_t oldest_ms; /* Unix ms of the oldest waiting message, 0: none */
+    bool suspended;
+};
+
+struct stats_ops {
+    void *arg;
+    /* Fill *out (zeroed before the call). The engine may block briefly
+     * to gather from its workers. */
+    void (*counters)(void *arg, struct stats_counters *out);
+    /* Fill up to cap domains (zeroed before the call), busiest first (by
+     * ready + deferred + inflight); return how many. NULL: no domains. */
+    size_t (*domains)(void *arg, struct stats_domain *out, size_t cap);
+    /* The commands that act on the engine: "message ID", "suspend DOMAIN",
+     * "resume DOMAIN", "flush [DOMAIN]", "bounce ID|DOMAIN", "reload".
+     * The stats thread has checked the verb and the number of arguments
+     * already: verb is one of those (lowercase), args the rest of the
+     * line, trimmed ("" when none). Write one JSON object into *out (empty
+     * on entry; the server puts "ok":true in front of its members) and
+     * return 0, or return -1 with a one-line reason in err (sent as
+     * {"ok":false,"error":"..."}). NULL: every such command answers
+     * "not available". */
+    int (*command)(void *arg, const char *verb, const char *args, struct json *out, char *err,
+                   size_t errlen);
+};
+
+struct stats_server;
+
+/* Create the Unix socket at socket_path with socket_mode (e.g. 0660): a
+ * stale socket file is unlinked first, but a path where something still
+ * accepts, or that is not a socket, is refused. http_listen ("127.0.0.1:9187",
+ * "[::1]:9187", port 0 for any) opens the Prometheus listener; NULL: none.
+ * top_n bounds the per-domain series in /metrics. ops is copied; ops->arg
+ * must outlive the server. Starts the stats thread. Returns 0 and *out
+ * (free with stats_server_free), or a negative errno with a message for
+ * the operator in err. */
+int stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
+                     unsigned top_n, const struct stats_ops *ops, struct stats_server **out,
+                     char *err, size_t errlen);
+/* Stop the thread (no callback runs after it returns), close every
+ * client, remove the socket file if it is still the one this server made.
+ * Returns NULL. */
+struct stats_server *stats_server_free(struct stats_server *s);
+/* The TCP port the HTTP listener is bound to (port 0 asked: the one the
+ * kernel chose); 0 when there is none. */
+unsigned stats_server_http_port(const struct stats_server *s);
+/* Tests: shorten the idle timeout of socket clients (ms, 0: the default).
+ * May be called from any thread. */
+void stats_server_set_idle_timeout(struct stats_server *s, unsigned idle_ms);
+
+/* Rates per second of the five outcome counters. */
+struct stats_rates {
+    double received, delivered, deferred, bounced, expired;
+    bool known; /* false until two samples were taken */
+};
+
+/* Pure rendering, used by the server and its tests. Each appends to j:
+ * the whole answer to "stats", and the "domains" array member. */
+void stats_render_stats(struct json *j, const struct stats_counters *c,
+                        const struct stats_rates *r1s, const struct stats_rates *r1m);
+void stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms);
+/* The Prometheus text exposition (format 0.0.4) of c and the first n
+ * domains. Returns a malloc'd NUL-terminated string (the caller frees),
+ * or NULL when out of memory. */
+char *stats_render_metrics(const struct stats_counters *c, const struct stats_domain *d, size_t n,
+                           uint64_t now_ms);
+
 #endif

@@ -1,3 +1,1090 @@
-/* sluicectl: being written */
-int main(void);
-int main(void) { return 0; }
+/*
+ * sluicectl: the operator's view of a running sluice, through its stats
+ * socket (engine/stats.h): one command line out, one JSON line back,
+ * rendered for people as aligned tables, or printed raw with --json.
+ *
+ * Exit codes: 0 ok, 1 sluice answered {"ok":false}, 2 usage (bad command,
+ * argument or number: said on stderr in one line), 3 the socket cannot be
+ * reached, closed, timed out (10 s) or answered something that is not a
+ * JSON object. The answer is read field by field: unknown fields are
+ * ignored and missing ones shown as "-", so that sluicectl and sluice
+ * may be of different versions.
+ *
+ * Threading: one thread; `top` waits in poll(2) on the terminal.
+ */
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#ifndef SLUICE_VERSION
+#define SLUICE_VERSION "unknown"
+#endif
+
+#define DEFAULT_SOCKET  "/run/sluice/stats.sock"
+#define TIMEOUT_MS      10000
+#define LINE_MAX_OCTETS 4096 /* the server's STATS_LINE_MAX */
+#define DOMAINS_MAX     1000
+
+enum { EXIT_OK = 0, EXIT_REFUSED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
+
+struct ctl {
+    const char *path; /* borrowed: argv or the environment */
+    bool json;
+    int fd;    /* -1: not connected yet */
+    char *buf; /* owned: what was read and not yet used */
+    size_t len, cap;
+    char *last; /* owned: the text of the last answer, for --json */
+};
+
+static volatile sig_atomic_t interrupted;
+
+static void
+on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+
+/* One line on stderr, then exit. */
+static void
+die(int code, const char *fmt, ...)
+{
+    va_list ap;
+    fputs("sluicectl: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(code);
+}
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* poll one fd until deadline; 1 ready, 0 timed out or interrupted. */
+static int
+wait_fd(int fd, short events, uint64_t deadline)
+{
+    for (;;) {
+        uint64_t now = mono_ms();
+        if (now >= deadline)
+            return 0;
+        struct pollfd p = {.fd = fd, .events = events};
+        int rc = poll(&p, 1, (int)(deadline - now));
+        if (rc > 0)
+            return 1;
+        if (rc < 0 && errno == EINTR) {
+            if (interrupted)
+                return 0;
+            continue;
+        }
+        if (rc == 0)
+            return 0;
+        return 0;
+    }
+}
+
+/* ---- the connection ---- */
+
+static void
+ctl_connect(struct ctl *c)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (strlen(c->path) >= sizeof(sa.sun_path))
+        die(EXIT_USAGE, "socket path too long: %s", c->path);
+    memcpy(sa.sun_path, c->path, strlen(c->path));
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd < 0)
+        die(EXIT_UNREACHABLE, "socket: %s", strerror(errno));
+    if (connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
+        /* a full backlog: wait for room, as long as a request may take */
+        if (errno != EAGAIN && errno != EINPROGRESS)
+            die(EXIT_UNREACHABLE, "cannot reach %s: %s", c->path, strerror(errno));
+        if (!wait_fd(c->fd, POLLOUT, mono_ms() + TIMEOUT_MS))
+            die(EXIT_UNREACHABLE, "cannot reach %s: timed out", c->path);
+        int e = 0;
+        socklen_t el = sizeof(e);
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &e, &el);
+        if (e != 0)
+            die(EXIT_UNREACHABLE, "cannot reach %s: %s", c->path, strerror(e));
+    }
+}
+
+/* Send line, read one answer line, parse it. Returns the document
+ * (cJSON_Delete it); exits 3 when the socket fails. raw (may be NULL)
+ * receives the answer's text, valid until the next request. */
+static cJSON *
+ctl_request(struct ctl *c, const char *line, const char **raw)
+{
+    if (c->fd < 0)
+        ctl_connect(c);
+    uint64_t deadline = mono_ms() + TIMEOUT_MS;
+    size_t n = strlen(line);
+    char *msg = malloc(n + 2);
+    if (msg == NULL)
+        die(EXIT_UNREACHABLE, "out of memory");
+    memcpy(msg, line, n);
+    msg[n++] = '\n';
+    for (size_t off = 0; off < n;) {
+        ssize_t w = send(c->fd, msg + off, n - off, MSG_NOSIGNAL);
+        if (w > 0) {
+            off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR && !interrupted)
+            continue;
+        if (w < 0 && errno == EAGAIN && wait_fd(c->fd, POLLOUT, deadline))
+            continue;
+        free(msg);
+        die(EXIT_UNREACHABLE, "%s: cannot send: %s", c->path,
+            interrupted                ? "interrupted"
+            : w < 0 && errno == EAGAIN ? "timed out"
+                                       : strerror(errno));
+    }
+    free(msg);
+
+    char *nl;
+    while ((nl = c->len > 0 ? memchr(c->buf, '\n', c->len) : NULL) == NULL) {
+        if (c->cap - c->len < 65536) {
+            size_t cap = c->cap ? c->cap * 2 : 1 << 17;
+            char *p = realloc(c->buf, cap);
+            if (p == NULL)
+                die(EXIT_UNREACHABLE, "out of memory");
+            c->buf = p;
+            c->cap = cap;
+        }
+        ssize_t r = recv(c->fd, c->buf + c->len, c->cap - c->len - 1, 0);
+        if (r > 0) {
+            c->len += (size_t)r;
+            continue;
+        }
+        if (r == 0)
+            die(EXIT_UNREACHABLE, "%s: sluice closed the connection", c->path);
+        if (errno == EINTR && !interrupted)
+            continue;
+        if (errno == EAGAIN && wait_fd(c->fd, POLLIN, deadline))
+            continue;
+        die(EXIT_UNREACHABLE, "%s: no answer: %s", c->path,
+            interrupted       ? "interrupted"
+            : errno == EAGAIN ? "timed out"
+                              : strerror(errno));
+    }
+    size_t ll = (size_t)(nl - c->buf);
+    *nl = '\0';
+    cJSON *doc = cJSON_ParseWithLength(c->buf, ll);
+    if (doc == NULL || !cJSON_IsObject(doc))
+        die(EXIT_UNREACHABLE, "%s: the answer is not a JSON object", c->path);
+    if (raw != NULL) {
+        free(c->last);
+        if ((c->last = strndup(c->buf, ll)) == NULL)
+            die(EXIT_UNREACHABLE, "out of memory");
+        *raw = c->last;
+    }
+    c->len -= ll + 1;
+    memmove(c->buf, nl + 1, c->len);
+    return doc;
+}
+
+static void
+ctl_close(struct ctl *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    free(c->buf);
+    c->buf = NULL;
+    free(c->last);
+    c->last = NULL;
+    c->len = c->cap = 0;
+}
+
+/* The document if ok; else the error on stderr (and the document on
+ * stdout with --json), exit 1. */
+static cJSON *
+ctl_ask(struct ctl *c, const char *line, const char **raw)
+{
+    const char *text = NULL;
+    cJSON *doc = ctl_request(c, line, &text);
+    if (raw != NULL)
+        *raw = text;
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(doc, "ok")))
+        return doc;
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(doc, "error");
+    if (c->json)
+        printf("%s\n", text);
+    fprintf(stderr, "sluicectl: %s\n",
+            cJSON_IsString(e) ? e->valuestring : "sluice refused the command (no reason given)");
+    cJSON_Delete(doc);
+    ctl_close(c);
+    exit(EXIT_REFUSED);
+}
+
+/* ---- formatting ---- */
+
+/* Cells are small: one static ring of buffers keeps the callers simple. */
+static char *
+cell_buf(void)
+{
+    static char ring[64][96];
+    static unsigned next;
+    return ring[next++ % 64];
+}
+
+static const cJSON *
+get(const cJSON *o, const char *path)
+{
+    char key[64];
+    while (o != NULL && *path != '\0') {
+        size_t n = strcspn(path, ".");
+        if (n >= sizeof(key))
+            return NULL;
+        memcpy(key, path, n);
+        key[n] = '\0';
+        o = cJSON_IsObject(o) ? cJSON_GetObjectItemCaseSensitive(o, key) : NULL;
+        path += n + (path[n] == '.');
+    }
+    return o;
+}
+
+static bool
+num(const cJSON *o, const char *path, double *out)
+{
+    const cJSON *v = get(o, path);
+    if (!cJSON_IsNumber(v))
+        return false;
+    *out = v->valuedouble;
+    return true;
+}
+
+static const char *
+fmt_count_d(double v)
+{
+    char *b = cell_buf();
+    if (!isfinite(v))
+        return "-";
+    if (v < 0 || v >= 1e18 || v != (double)(uint64_t)v) {
+        snprintf(b, 96, "%.6g", v);
+        return b;
+    }
+    char digits[32];
+    int n = snprintf(digits, sizeof(digits), "%.0f", v);
+    size_t o = 0;
+    for (int i = 0; i < n; i++) {
+        if (i > 0 && (n - i) % 3 == 0)
+            b[o++] = ',';
+        b[o++] = digits[i];
+    }
+    b[o] = '\0';
+    return b;
+}
+
+static const char *
+fmt_count(const cJSON *o, const char *path)
+{
+    double v;
+    return num(o, path, &v) ? fmt_count_d(v) : "-";
+}
+
+static const char *
+fmt_bytes_d(double v)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    char *b = cell_buf();
+    if (!isfinite(v) || v < 0)
+        return "-";
+    int u = 0;
+    while (v >= 1024 && u < 6) {
+        v /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(b, 96, "%.0f B", v);
+    else
+        snprintf(b, 96, "%.1f %s", v, units[u]);
+    return b;
+}
+
+static const char *
+fmt_bytes(const cJSON *o, const char *path)
+{
+    double v;
+    return num(o, path, &v) ? fmt_bytes_d(v) : "-";
+}
+
+static const char *
+fmt_rate(const cJSON *o, const char *path)
+{
+    double v;
+    if (!num(o, path, &v))
+        return "-";
+    char *b = cell_buf();
+    snprintf(b, 96, "%.1f", v);
+    return b;
+}
+
+static const char *
+fmt_share(const cJSON *o, const char *path)
+{
+    double v;
+    if (!num(o, path, &v))
+        return "-";
+    char *b = cell_buf();
+    snprintf(b, 96, "%.1f%%", v * 100);
+    return b;
+}
+
+/* ms as "3d 4h", "4h 12m", "12m 5s", "5s", "120ms". */
+static const char *
+fmt_duration_d(double ms)
+{
+    if (!isfinite(ms) || ms < 0)
+        return "-";
+    char *b = cell_buf();
+    uint64_t s = (uint64_t)(ms / 1000);
+    if (ms < 1000)
+        snprintf(b, 96, "%.0fms", ms);
+    else if (s < 60)
+        snprintf(b, 96, "%llus", (unsigned long long)s);
+    else if (s < 3600)
+        snprintf(b, 96, "%llum %llus", (unsigned long long)(s / 60), (unsigned long long)(s % 60));
+    else if (s < 86400)
+        snprintf(b, 96, "%lluh %llum", (unsigned long long)(s / 3600),
+                 (unsigned long long)(s % 3600 / 60));
+    else
+        snprintf(b, 96, "%llud %lluh", (unsigned long long)(s / 86400),
+                 (unsigned long long)(s % 86400 / 3600));
+    return b;
+}
+
+static const char *
+fmt_duration(const cJSON *o, const char *path)
+{
+    double v;
+    return num(o, path, &v) ? fmt_duration_d(v) : "-";
+}
+
+/* A string for a terminal: control characters shown as '?'. */
+static const char *
+fmt_str(const cJSON *o, const char *path)
+{
+    const cJSON *v = get(o, path);
+    if (!cJSON_IsString(v) || v->valuestring[0] == '\0')
+        return "-";
+    char *b = cell_buf();
+    snprintf(b, 96, "%s", v->valuestring);
+    for (char *p = b; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+    return b;
+}
+
+/* ---- tables ---- */
+
+#define COLS_MAX 16
+
+struct table {
+    unsigned ncols;
+    unsigned right; /* bit c: column c is right-aligned */
+    size_t nrows, cap;
+    char **cells;  /* owned: nrows * ncols strings */
+    bool *heading; /* owned: a row printed as is, first cell only */
+};
+
+static void
+table_init(struct table *t, unsigned ncols, unsigned right)
+{
+    memset(t, 0, sizeof(*t));
+    t->ncols = ncols;
+    t->right = right;
+}
+
+static void
+table_grow(struct table *t)
+{
+    if (t->nrows < t->cap)
+        return;
+    t->cap = t->cap ? t->cap * 2 : 16;
+    t->cells = realloc(t->cells, t->cap * t->ncols * sizeof(*t->cells));
+    t->heading = realloc(t->heading, t->cap * sizeof(*t->heading));
+    if (t->cells == NULL || t->heading == NULL)
+        die(EXIT_UNREACHABLE, "out of memory");
+}
+
+/* ncols strings (NULL shows as "-"). */
+static void
+table_row(struct table *t, ...)
+{
+    table_grow(t);
+    va_list ap;
+    va_start(ap, t);
+    for (unsigned c = 0; c < t->ncols; c++) {
+        const char *s = va_arg(ap, const char *);
+        t->cells[t->nrows * t->ncols + c] = strdup(s != NULL ? s : "-");
+    }
+    va_end(ap);
+    t->heading[t->nrows++] = false;
+}
+
+static void
+table_row_v(struct table *t, const char *const *cells)
+{
+    table_grow(t);
+    for (unsigned c = 0; c < t->ncols; c++)
+        t->cells[t->nrows * t->ncols + c] = strdup(cells[c] != NULL ? cells[c] : "-");
+    t->heading[t->nrows++] = false;
+}
+
+static void
+table_heading(struct table *t, const char *s)
+{
+    table_grow(t);
+    for (unsigned c = 0; c < t->ncols; c++)
+        t->cells[t->nrows * t->ncols + c] = strdup(c == 0 ? s : "");
+    t->heading[t->nrows++] = true;
+}
+
+/* Display width: UTF-8 continuation octets take no column. */
+static size_t
+width(const char *s)
+{
+    size_t w = 0;
+    for (; *s != '\0'; s++)
+        w += ((unsigned char)*s & 0xc0) != 0x80;
+    return w;
+}
+
+static void
+table_print(struct table *t, FILE *f)
+{
+    size_t w[COLS_MAX] = {0};
+    for (size_t r = 0; r < t->nrows; r++) {
+        if (t->heading[r])
+            continue;
+        for (unsigned c = 0; c < t->ncols && c < COLS_MAX; c++) {
+            size_t l = width(t->cells[r * t->ncols + c]);
+            if (l > w[c])
+                w[c] = l;
+        }
+    }
+    for (size_t r = 0; r < t->nrows; r++) {
+        if (t->heading[r]) {
+            fprintf(f, "%s\n", t->cells[r * t->ncols]);
+            continue;
+        }
+        /* built whole, so that an empty last cell leaves no trailing blanks */
+        char line[8192];
+        size_t o = 0;
+        for (unsigned c = 0; c < t->ncols && c < COLS_MAX; c++) {
+            const char *s = t->cells[r * t->ncols + c];
+            int pad = (int)(w[c] - width(s));
+            bool right = (t->right & (1u << c)) != 0;
+            int n = snprintf(line + o, sizeof(line) - o, "%s%*s%s%*s", c > 0 ? "  " : "",
+                             right ? pad : 0, "", s, right ? 0 : pad, "");
+            if (n < 0 || (size_t)n >= sizeof(line) - o) {
+                o = strlen(line);
+                break;
+            }
+            o += (size_t)n;
+        }
+        while (o > 0 && line[o - 1] == ' ')
+            o--;
+        line[o] = '\0';
+        fprintf(f, "%s\n", line);
+    }
+    for (size_t i = 0; i < t->nrows * t->ncols; i++)
+        free(t->cells[i]);
+    free(t->cells);
+    free(t->heading);
+    memset(t, 0, sizeof(*t));
+}
+
+/* ---- rendering ---- */
+
+static void
+print_header(const cJSON *st)
+{
+    printf("sluice %s   up %s   workers %s   redis %s\n", fmt_str(st, "version"),
+           fmt_duration(st, "uptime_ms"), fmt_count(st, "workers"), fmt_str(st, "redis.state"));
+}
+
+static void
+print_rates(const cJSON *st)
+{
+    static const char *const k[][2] = {{"received", "received messages"},
+                                       {"delivered", "delivered"},
+                                       {"deferred", "deferred"},
+                                       {"bounced", "bounced"},
+                                       {"expired", "expired"}};
+    struct table t;
+    table_init(&t, 3, 0x6);
+    table_row(&t, "per second", "last 1s", "last 1m");
+    for (size_t i = 0; i < 5; i++) {
+        char a[48], b[48];
+        snprintf(a, sizeof(a), "rates.1s.%s", k[i][0]);
+        snprintf(b, sizeof(b), "rates.1m.%s", k[i][0]);
+        table_row(&t, k[i][1], fmt_rate(st, a), fmt_rate(st, b));
+    }
+    table_print(&t, stdout);
+}
+
+static void
+render_stats(const cJSON *st)
+{
+    print_header(st);
+    putchar('\n');
+    print_rates(st);
+    putchar('\n');
+
+    struct table t;
+    table_init(&t, 3, 0x6);
+    table_heading(&t, "Totals");
+    table_row(&t, "  received messages", fmt_count(st, "counters.received_msgs"), "");
+    table_row(&t, "  received recipients", fmt_count(st, "counters.received_rcpts"), "");
+    table_row(&t, "  delivered", fmt_count(st, "counters.delivered"), "");
+    table_row(&t, "  delivered over TLS", fmt_count(st, "counters.delivered_tls"),
+              fmt_share(st, "tls_share"));
+    table_row(&t, "  deferred", fmt_count(st, "counters.deferred"), "");
+    table_row(&t, "  bounced", fmt_count(st, "counters.bounced"), "");
+    table_row(&t, "  expired", fmt_count(st, "counters.expired"), "");
+    table_row(&t, "  DSNs queued", fmt_count(st, "counters.dsn_queued"), "");
+    table_heading(&t, "Connections");
+    table_row(&t, "  inbound open", fmt_count(st, "connections.inbound_open"), "");
+    table_row(&t, "  outbound open", fmt_count(st, "connections.outbound_open"), "");
+    table_row(&t, "  inbound total", fmt_count(st, "connections.inbound_total"), "");
+    table_row(&t, "  outbound total", fmt_count(st, "connections.outbound_total"), "");
+    table_row(&t, "  outbound failed", fmt_count(st, "connections.outbound_failed"), "");
+    table_row(&t, "  transactions", fmt_count(st, "connections.transactions"), "");
+    table_row(&t, "  on reused connections", fmt_count(st, "connections.reused_transactions"),
+              fmt_share(st, "connections.reuse_share"));
+    table_heading(&t, "Queue");
+    table_row(&t, "  messages", fmt_count(st, "queue.messages"), "");
+    table_row(&t, "  recipients", fmt_count(st, "queue.recipients"), "");
+    table_row(&t, "  deferred recipients", fmt_count(st, "queue.deferred"), "");
+    table_heading(&t, "Spool");
+    table_row(&t, "  message data", fmt_bytes(st, "spool.bytes"), "");
+    table_row(&t, "  map size", fmt_bytes(st, "spool.map_size"), "");
+    table_row(&t, "  map used", fmt_bytes(st, "spool.map_used"),
+              fmt_share(st, "spool.map_used_share"));
+    table_heading(&t, "DNS");
+    table_row(&t, "  lookups", fmt_count(st, "dns.lookups"), "");
+    table_row(&t, "  cache hits", fmt_count(st, "dns.cache_hits"),
+              fmt_share(st, "dns.cache_hit_share"));
+    table_row(&t, "  cache entries", fmt_count(st, "dns.cache_entries"), "");
+    table_heading(&t, "Delivery log");
+    table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
+    table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");
+    table_row(&t, "  dropped", fmt_count(st, "dlog.dropped"), "");
+    table_heading(&t, "Objects");
+    const cJSON *objs = get(st, "objects");
+    const cJSON *o;
+    bool any = false;
+    cJSON_ArrayForEach(o, objs)
+    {
+        if (o->string == NULL || !cJSON_IsNumber(o))
+            continue;
+        char label[80];
+        snprintf(label, sizeof(label), "  %s", o->string);
+        table_row(&t, label, fmt_count_d(o->valuedouble), "");
+        any = true;
+    }
+    if (!any)
+        table_row(&t, "  -", "-", "");
+    table_print(&t, stdout);
+}
+
+static void
+render_domains(const cJSON *doc, size_t limit)
+{
+    struct table t;
+    /* right: READY DEFERRED INFLIGHT CONN RATE DELIVERED BOUNCED OLDEST */
+    table_init(&t, 12, 0x3fe & ~(1u << 10));
+    table_row(&t, "DOMAIN", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s", "DELIVERED",
+              "BOUNCED", "OLDEST", "STATE", "LIMITED BY");
+    const cJSON *arr = get(doc, "domains");
+    const cJSON *d;
+    size_t n = 0;
+    cJSON_ArrayForEach(d, arr)
+    {
+        if (n++ >= limit)
+            break;
+        const cJSON *susp = get(d, "suspended");
+        table_row(&t, fmt_str(d, "name"), fmt_count(d, "ready"), fmt_count(d, "deferred"),
+                  fmt_count(d, "inflight"), fmt_count(d, "connections"),
+                  fmt_count(d, "max_connections"), fmt_rate(d, "rate_limit"),
+                  fmt_count(d, "delivered"), fmt_count(d, "bounced"),
+                  fmt_duration(d, "oldest_age_ms"),
+                  cJSON_IsBool(susp) ? (cJSON_IsTrue(susp) ? "suspended" : "active") : "-",
+                  fmt_str(d, "limit_reason"));
+    }
+    table_print(&t, stdout);
+    if (n == 0)
+        printf("(no destinations)\n");
+}
+
+/* A generic answer (message, suspend, flush, ...): scalars as key/value
+ * rows, nested objects flattened with dots, arrays of objects as tables. */
+static bool
+bytes_key(const char *k)
+{
+    size_t n = strlen(k);
+    return strcmp(k, "size") == 0 || (n >= 5 && strcmp(k + n - 5, "bytes") == 0) ||
+           (n >= 5 && strcmp(k + n - 5, "_size") == 0);
+}
+
+static const char *
+fmt_scalar(const cJSON *v, const char *key)
+{
+    if (cJSON_IsNumber(v)) {
+        if (key != NULL && bytes_key(key))
+            return fmt_bytes_d(v->valuedouble);
+        size_t n = key != NULL ? strlen(key) : 0;
+        if (n > 3 && strcmp(key + n - 3, "_ms") == 0 && v->valuedouble < 1e11) /* a duration */
+            return fmt_duration_d(v->valuedouble);
+        return fmt_count_d(v->valuedouble);
+    }
+    if (cJSON_IsBool(v))
+        return cJSON_IsTrue(v) ? "yes" : "no";
+    if (cJSON_IsString(v)) {
+        char *b = cell_buf();
+        snprintf(b, 96, "%s", v->valuestring[0] ? v->valuestring : "-");
+        for (char *p = b; *p != '\0'; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f)
+                *p = '?';
+        return b;
+    }
+    return "-";
+}
+
+static void
+flatten(struct table *kv, const cJSON *o, const char *prefix, const cJSON **arrays, size_t *narr)
+{
+    const cJSON *v;
+    cJSON_ArrayForEach(v, o)
+    {
+        if (v->string == NULL || (prefix[0] == '\0' && strcmp(v->string, "ok") == 0))
+            continue;
+        char key[128];
+        snprintf(key, sizeof(key), "%s%s", prefix, v->string);
+        if (cJSON_IsObject(v)) {
+            char p[130];
+            snprintf(p, sizeof(p), "%s.", key);
+            flatten(kv, v, p, arrays, narr);
+        } else if (cJSON_IsArray(v) && cJSON_IsObject(v->child)) {
+            if (*narr < 8)
+                arrays[(*narr)++] = v;
+        } else if (cJSON_IsArray(v)) {
+            char joined[96] = "";
+            const cJSON *e;
+            size_t off = 0;
+            cJSON_ArrayForEach(e, v)
+            {
+                off +=
+                    (size_t)snprintf(joined + off, off < sizeof(joined) ? sizeof(joined) - off : 0,
+                                     "%s%s", off ? ", " : "", fmt_scalar(e, NULL));
+                if (off >= sizeof(joined))
+                    break;
+            }
+            table_row(kv, key, joined[0] ? joined : "-");
+        } else {
+            table_row(kv, key, fmt_scalar(v, v->string));
+        }
+    }
+}
+
+static void
+render_generic(const cJSON *doc)
+{
+    struct table kv;
+    table_init(&kv, 2, 0);
+    const cJSON *arrays[8];
+    size_t narr = 0;
+    flatten(&kv, doc, "", arrays, &narr);
+    bool any = kv.nrows > 0;
+    table_print(&kv, stdout);
+    for (size_t i = 0; i < narr; i++) {
+        /* columns: the scalar keys of the elements, in first-seen order */
+        const char *cols[COLS_MAX];
+        unsigned ncols = 0;
+        const cJSON *e, *f;
+        cJSON_ArrayForEach(e, arrays[i])
+        {
+            cJSON_ArrayForEach(f, e)
+            {
+                if (f->string == NULL || cJSON_IsObject(f) || cJSON_IsArray(f))
+                    continue;
+                bool seen = false;
+                for (unsigned c = 0; c < ncols && !seen; c++)
+                    seen = strcmp(cols[c], f->string) == 0;
+                if (!seen && ncols < COLS_MAX)
+                    cols[ncols++] = f->string;
+            }
+        }
+        if (ncols == 0)
+            continue;
+        printf("%s%s:\n", any ? "\n" : "", arrays[i]->string);
+        any = true;
+        unsigned right = 0;
+        struct table t;
+        const cJSON *first = arrays[i]->child;
+        for (unsigned c = 0; c < ncols; c++)
+            if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(first, cols[c])))
+                right |= 1u << c;
+        table_init(&t, ncols, right);
+        char upper[COLS_MAX][48];
+        const char *hdr[COLS_MAX];
+        for (unsigned c = 0; c < ncols; c++) {
+            snprintf(upper[c], sizeof(upper[c]), "%s", cols[c]);
+            for (char *p = upper[c]; *p; p++)
+                *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 32) : *p == '_' ? ' ' : *p;
+            hdr[c] = upper[c];
+        }
+        table_row_v(&t, hdr);
+        cJSON_ArrayForEach(e, arrays[i])
+        {
+            const char *row[COLS_MAX];
+            for (unsigned c = 0; c < ncols; c++) {
+                const cJSON *v = cJSON_GetObjectItemCaseSensitive(e, cols[c]);
+                row[c] = v != NULL ? fmt_scalar(v, cols[c]) : "-";
+            }
+            table_row_v(&t, row);
+        }
+        table_print(&t, stdout);
+    }
+    if (!any)
+        printf("ok\n");
+}
+
+/* ---- commands ---- */
+
+struct cmd;
+typedef int cmd_fn(struct ctl *c, const struct cmd *cmd, int argc, char **argv);
+
+struct cmd {
+    const char *name, *args, *about, *more;
+    int min, max;
+    cmd_fn *run;
+};
+
+static long
+parse_number(const char *what, const char *s, long min, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (s[0] < '0' || s[0] > '9' || *end != '\0' || errno != 0 || v < min || v > max)
+        die(EXIT_USAGE, "%s: \"%s\" is not a number from %ld to %ld", what, s, min, max);
+    return v;
+}
+
+/* An ID or a domain: one word of printable ASCII or UTF-8. */
+static void
+check_word(const char *cmd, const char *what, const char *s)
+{
+    if (s[0] == '\0' || strlen(s) > 255)
+        die(EXIT_USAGE, "%s: %s must be 1 to 255 octets", cmd, what);
+    for (const unsigned char *p = (const unsigned char *)s; *p != '\0'; p++)
+        if (*p <= ' ' || *p == 0x7f)
+            die(EXIT_USAGE, "%s: %s may not hold spaces or control characters", cmd, what);
+}
+
+static int
+run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    char line[LINE_MAX_OCTETS];
+    int n = snprintf(line, sizeof(line), "%s", cmd->name);
+    for (int i = 0; i < argc; i++) {
+        check_word(cmd->name, cmd->args, argv[i]);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", argv[i]);
+    }
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else if (strcmp(cmd->name, "stats") == 0)
+        render_stats(doc);
+    else if (strcmp(cmd->name, "metrics") == 0)
+        fputs(cJSON_IsString(get(doc, "text")) ? get(doc, "text")->valuestring : "", stdout);
+    else
+        render_generic(doc);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
+static int
+run_domains(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    long n = 20;
+    if (argc == 1)
+        n = parse_number("domains", argv[0], 1, DOMAINS_MAX);
+    char line[64];
+    snprintf(line, sizeof(line), "domains %ld", n);
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else
+        render_domains(doc, (size_t)n);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
+/* Rows of the terminal left for domains, or 20 off a terminal. */
+static size_t
+top_rows(void)
+{
+    struct winsize ws;
+    if (!isatty(STDOUT_FILENO) || ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) != 0 || ws.ws_row == 0)
+        return 20;
+    int rows = (int)ws.ws_row - 14; /* header, rates, summary, table header, prompt */
+    return rows < 3 ? 3 : (size_t)rows;
+}
+
+static int
+run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    long count = 0; /* 0: until q or Ctrl-C */
+    double delay = 1.0;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "-n") == 0 && i + 1 < argc) {
+            count = parse_number("top -n", argv[++i], 1, 1000000);
+        } else if (strcmp(argv[i], "-d") == 0 && i + 1 < argc) {
+            char *end;
+            const char *s = argv[++i];
+            delay = strtod(s, &end);
+            if (s[0] < '0' || s[0] > '9' || *end != '\0' || !(delay >= 0.1 && delay <= 3600))
+                die(EXIT_USAGE, "top -d: \"%s\" is not a number of seconds from 0.1 to 3600", s);
+        } else {
+            die(EXIT_USAGE, "top: unexpected \"%s\" (try: sluicectl top --help)", argv[i]);
+        }
+    }
+    bool tty_out = isatty(STDOUT_FILENO), tty_in = isatty(STDIN_FILENO);
+    struct termios saved;
+    bool raw_mode = false;
+    if (tty_in && !c->json && tcgetattr(STDIN_FILENO, &saved) == 0) {
+        struct termios t = saved;
+        t.c_lflag &= ~(tcflag_t)(ICANON | ECHO); /* q without Enter; ISIG stays: Ctrl-C */
+        t.c_cc[VMIN] = 0;
+        t.c_cc[VTIME] = 0;
+        raw_mode = tcsetattr(STDIN_FILENO, TCSANOW, &t) == 0;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    int rc = EXIT_OK;
+    for (long it = 0; !interrupted; it++) {
+        size_t rows = top_rows();
+        char line[64];
+        snprintf(line, sizeof(line), "domains %zu", rows);
+        const char *raw;
+        cJSON *st = ctl_ask(c, "stats", &raw);
+        if (c->json)
+            printf("%s\n", raw);
+        cJSON *doms = ctl_ask(c, line, &raw);
+        if (c->json) {
+            printf("%s\n", raw);
+        } else {
+            if (tty_out)
+                fputs("\033[H\033[2J", stdout);
+            else if (it > 0)
+                putchar('\n');
+            char now[32];
+            time_t t = time(NULL);
+            struct tm tm;
+            strftime(now, sizeof(now), "%H:%M:%S", localtime_r(&t, &tm));
+            print_header(st);
+            printf("%s   connections in %s out %s   queue %s recipients   spool %s\n", now,
+                   fmt_count(st, "connections.inbound_open"),
+                   fmt_count(st, "connections.outbound_open"), fmt_count(st, "queue.recipients"),
+                   fmt_bytes(st, "spool.bytes"));
+            putchar('\n');
+            print_rates(st);
+            putchar('\n');
+            render_domains(doms, rows);
+            if (tty_out && count == 0)
+                printf("\n(q to quit)\n");
+        }
+        cJSON_Delete(st);
+        cJSON_Delete(doms);
+        fflush(stdout);
+        if (count > 0 && it + 1 >= count)
+            break;
+        /* wait, watching the keyboard for q */
+        uint64_t deadline = mono_ms() + (uint64_t)(delay * 1000);
+        while (!interrupted) {
+            uint64_t now = mono_ms();
+            if (now >= deadline)
+                break;
+            struct pollfd p = {.fd = STDIN_FILENO, .events = POLLIN};
+            int r = poll(&p, raw_mode ? 1 : 0, (int)(deadline - now));
+            if (r > 0) {
+                char k;
+                ssize_t got = read(STDIN_FILENO, &k, 1);
+                if (got == 1 && (k == 'q' || k == 'Q'))
+                    interrupted = 1;
+                else if (got <= 0)
+                    raw_mode = false; /* stdin closed: stop watching it */
+            }
+        }
+    }
+    if (raw_mode)
+        tcsetattr(STDIN_FILENO, TCSANOW, &saved);
+    (void)cmd;
+    return rc;
+}
+
+static const struct cmd cmds[] = {
+    {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects",
+     "Totals since start, rates over the last second and the last minute,\n"
+     "connections, queue depth, spool, DNS cache, delivery log and live objects.",
+     0, 0, run_plain},
+    {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)",
+     "One row per destination, busiest first (ready + deferred + in flight):\n"
+     "queued recipients by state, connections and the limit in force, the\n"
+     "message rate allowed, totals, the age of the oldest waiting message,\n"
+     "whether it is suspended, and why its limits are what they are.",
+     0, 1, run_domains},
+    {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
+    {"suspend", "DOMAIN", "stop deliveries to DOMAIN (at once; queued mail waits)", NULL, 1, 1,
+     run_plain},
+    {"resume", "DOMAIN", "resume deliveries to DOMAIN", NULL, 1, 1, run_plain},
+    {"flush", "[DOMAIN]", "retry deferred recipients now (of DOMAIN, or all)", NULL, 0, 1,
+     run_plain},
+    {"bounce", "ID|DOMAIN", "bounce a message, or every message queued for DOMAIN",
+     "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
+     "event in the delivery log. This cannot be undone.",
+     1, 1, run_plain},
+    {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
+    {"metrics", "", "the Prometheus text exposition, as GET /metrics serves it", NULL, 0, 0,
+     run_plain},
+    {"top", "[-n COUNT] [-d SECONDS]", "a live view of rates and the busiest destinations",
+     "Refreshed every second (-d SECONDS: another delay, at least 0.1) until\n"
+     "q or Ctrl-C, or COUNT views with -n. With --json: the stats and domains\n"
+     "documents, one per line, at each refresh.",
+     0, 4, run_top},
+};
+#define NCMDS (sizeof(cmds) / sizeof(cmds[0]))
+
+static void
+usage(FILE *f)
+{
+    fprintf(f,
+            "usage: sluicectl [-s SOCKET] [--json] COMMAND [ARGS]\n"
+            "       sluicectl COMMAND --help\n\n"
+            "Talks to a running sluice through its stats socket.\n\n"
+            "Options:\n"
+            "  -s, --socket SOCKET  the stats socket (default: $SLUICE_SOCKET, else %s)\n"
+            "  -j, --json           print the JSON answer as it came, one document a line\n"
+            "  -h, --help           this help\n"
+            "      --version        the version of sluicectl\n\n"
+            "Commands:\n",
+            DEFAULT_SOCKET);
+    for (size_t i = 0; i < NCMDS; i++) {
+        char left[48];
+        snprintf(left, sizeof(left), "%s %s", cmds[i].name, cmds[i].args);
+        fprintf(f, "  %-34s %s\n", left, cmds[i].about);
+    }
+    fprintf(f, "\nExit status: 0 ok, 1 sluice refused, 2 usage, 3 socket unreachable.\n");
+}
+
+static void
+cmd_help(const struct cmd *c)
+{
+    printf("usage: sluicectl [-s SOCKET] [--json] %s%s%s\n\n%s.\n", c->name, c->args[0] ? " " : "",
+           c->args, c->about);
+    if (c->more != NULL)
+        printf("\n%s\n", c->more);
+}
+
+int
+main(int argc, char **argv)
+{
+    struct ctl c = {.fd = -1};
+    c.path = getenv("SLUICE_SOCKET");
+    if (c.path == NULL || c.path[0] == '\0')
+        c.path = DEFAULT_SOCKET;
+    signal(SIGPIPE, SIG_IGN);
+
+    int i = 1;
+    for (; i < argc && argv[i][0] == '-'; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0) {
+            i++;
+            break;
+        } else if (strcmp(a, "-s") == 0 || strcmp(a, "--socket") == 0) {
+            if (i + 1 >= argc)
+                die(EXIT_USAGE, "%s needs a socket path", a);
+            c.path = argv[++i];
+        } else if (strncmp(a, "--socket=", 9) == 0) {
+            c.path = a + 9;
+        } else if (strcmp(a, "-j") == 0 || strcmp(a, "--json") == 0) {
+            c.json = true;
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return EXIT_OK;
+        } else if (strcmp(a, "--version") == 0) {
+            printf("sluicectl %s\n", SLUICE_VERSION);
+            return EXIT_OK;
+        } else {
+            die(EXIT_USAGE, "unknown option \"%s\" (try: sluicectl --help)", a);
+        }
+    }
+    if (i >= argc)
+        die(EXIT_USAGE, "no command (try: sluicectl --help)");
+    if (c.path[0] == '\0')
+        die(EXIT_USAGE, "empty socket path");
+    const struct cmd *cmd = NULL;
+    for (size_t k = 0; k < NCMDS; k++)
+        if (strcmp(argv[i], cmds[k].name) == 0)
+            cmd = &cmds[k];
+    if (cmd == NULL)
+        die(EXIT_USAGE, "unknown command \"%s\" (try: sluicectl --help)", argv[i]);
+    int cargc = argc - i - 1;
+    char **cargv = argv + i + 1;
+    for (int k = 0; k < cargc; k++) {
+        if (strcmp(cargv[k], "--help") == 0 || strcmp(cargv[k], "-h") == 0) {
+            cmd_help(cmd);
+            return EXIT_OK;
+        }
+    }
+    if (cmd->run != run_top) {
+        for (int k = 0; k < cargc; k++)
+            if (cargv[k][0] == '-')
+                die(EXIT_USAGE, "%s: unknown option \"%s\"", cmd->name, cargv[k]);
+    }
+    if (cargc < cmd->min || cargc > cmd->max)
+        die(EXIT_USAGE, "%s: %s (usage: sluicectl %s%s%s)", cmd->name,
+            cargc < cmd->min ? "missing argument" : "too many arguments", cmd->name,
+            cmd->args[0] ? " " : "", cmd->args);
+    int rc = cmd->run(&c, cmd, cargc, cargv);
+    ctl_close(&c);
+    if (fflush(stdout) != 0)
+        die(EXIT_UNREACHABLE, "cannot write the output: %s", strerror(errno));
+    return rc;
+}
