@@ -1,1 +1,1039 @@
-/* limits: being written (placeholder so the build lists it). */
+/*
+ * limits: the per-worker limiter of limits.h.
+ *
+ * Local decisions are GCRA over the caller's clock in nanoseconds: one
+ * theoretical arrival time (tat) per rate and key. A request for n takes
+ * g = min(n, avail) where avail = floor((now + tau + T - max(tat, now)) / T)
+ * and moves tat by g * T; when avail is 0 the answer is the time tat - tau
+ * at which one token is due. No timers, no per-token work.
+ *
+ * Shared decisions run the same arithmetic in Redis (the script below, in
+ * microseconds of Redis's TIME, since the nodes' monotonic clocks have
+ * nothing in common). Requests to Redis are struct limit_req, one per
+ * script call, on l->reqs until answered; a key points at its message and
+ * connection requests in flight and limits_key_fini() cuts those links so
+ * that a late answer finds no key (a lease granted to a finished key is
+ * released at once).
+ *
+ * Message tokens are booked, not taken: a request books the next `want`
+ * slots of the shared schedule (tat moves by want * T) as long as the
+ * first of them is due within a horizon (one batch per expected node), and
+ * the answer says when the first is due. The node hands slot i out no
+ * earlier than first + i * T on its own clock, so the shared GCRA bound
+ * holds across nodes however the batches interleave, and a node that
+ * wants more than its share waits for its slots instead of asking again
+ * and again: round trips stay at about one per half batch even when every
+ * node pushes at the limit.
+ *
+ * Threading: the owning worker's thread only.
+ */
+#include "engine/limits.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <hiredis/hiredis.h>
+
+#include "common/log.h"
+#include "engine/redis.h"
+
+#define FACTOR_ONE 1024u  /* backoff scale: 1024 = the configured rate */
+#define FACTOR_MIN 32u    /* 1/32 of it at most */
+#define FACTOR_STEP 256u  /* a quarter of it back per step */
+#define HELD_MIN_NS MS_TO_NS(100)
+#define CONN_POLL_MAX_NS MS_TO_NS(1000) /* leases all taken: ask again within */
+#define NAME_MAX_PREFIX 64
+
+/*
+ * KEYS: message GCRA, connection GCRA, lease set. Times in microseconds of
+ * Redis's clock; numbers go back to Redis through %.0f because Lua's own
+ * number-to-string keeps 14 digits and a time has 16.
+ */
+static const char script_text[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local function fmt(x) return string.format('%.0f', x) end\n"
+    "local function gcra(key, T, tau)\n"
+    "  local tat = tonumber(redis.call('GET', key)) or 0\n"
+    "  if tat < now then tat = now end\n"
+    "  if tat - tau > now then return 0, tat - tau - now end\n"
+    "  tat = tat + T\n"
+    "  redis.call('SET', key, fmt(tat), 'PX', fmt(math.ceil((tat - now) / 1000) + 1000))\n"
+    "  return 1, 0\n"
+    "end\n"
+    "local op = ARGV[1]\n"
+    "if op == 'take' then\n"
+    "  local T, tau, want, horizon = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),"
+    " tonumber(ARGV[5])\n"
+    "  local tat = tonumber(redis.call('GET', KEYS[1])) or 0\n"
+    "  if tat < now then tat = now end\n"
+    "  local first = tat - tau\n"
+    "  if first - now > horizon then return {0, first - now - horizon} end\n"
+    "  tat = tat + want * T\n"
+    "  redis.call('SET', KEYS[1], fmt(tat), 'PX', fmt(math.ceil((tat - now) / 1000) + 1000))\n"
+    "  return {want, first - now}\n"
+    "elseif op == 'conn' then\n"
+    "  local T, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[6])\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))\n"
+    "  if max > 0 and redis.call('ZCARD', KEYS[3]) >= max then\n"
+    "    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')\n"
+    "    return {0, tonumber(first[2]) - now, 1}\n"
+    "  end\n"
+    "  if T > 0 then\n"
+    "    local g, wait = gcra(KEYS[2], T, tonumber(ARGV[3]))\n"
+    "    if g == 0 then return {0, wait, 2} end\n"
+    "  end\n"
+    "  redis.call('ZADD', KEYS[3], fmt(now + ttl), ARGV[5])\n"
+    "  redis.call('PEXPIRE', KEYS[3], fmt(math.ceil(ttl / 1000) + 1000))\n"
+    "  return {1, 0, 0}\n"
+    "elseif op == 'refresh' then\n"
+    "  local ttl = tonumber(ARGV[2])\n"
+    "  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))\n"
+    "  for i = 3, #ARGV do redis.call('ZADD', KEYS[3], fmt(now + ttl), ARGV[i]) end\n"
+    "  redis.call('PEXPIRE', KEYS[3], fmt(math.ceil(ttl / 1000) + 1000))\n"
+    "  return #ARGV - 2\n"
+    "elseif op == 'release' then\n"
+    "  return redis.call('ZREM', KEYS[3], ARGV[2])\n"
+    "end\n"
+    "return redis.error_reply('ERR sluice limits: unknown op')\n";
+
+enum req_kind { REQ_TAKE, REQ_CONN, REQ_REFRESH, REQ_RELEASE };
+
+struct limit_req {
+    struct limit_req *prev, *next; /* on l->reqs */
+    struct limits *l;              /* borrowed: l frees its requests */
+    struct limit_key *k;           /* borrowed; NULL once the key was finished */
+    enum req_kind kind;
+    bool retried;                  /* resent once after NOSCRIPT */
+    unsigned want, max;
+    uint64_t horizon_us;            /* TAKE: book no slot further ahead */
+    uint64_t T_ns;                  /* TAKE: the interval the slots are spaced by */
+    uint64_t T_us, tau_us;
+    uint64_t lease;                /* CONN: asked for; RELEASE: to drop */
+    char name[LIMIT_KEY_MAX];
+};
+
+struct limits {
+    struct worker *w;  /* borrowed: outlives l */
+    struct redis *r;   /* owned; NULL: local only */
+    char prefix[NAME_MAX_PREFIX];
+    char node[128];
+    unsigned nodes;
+    unsigned batch;
+    uint64_t ttl_ns, bo_ns, bo_step_ns, timeout_ns;
+    char sha[41];
+    bool sha_ok;       /* EVALSHA may be used */
+    bool loading;      /* SCRIPT LOAD in flight */
+    bool shared;       /* connected and the script loaded */
+    bool down_logged;  /* event=redis_down said for this outage */
+    struct limit_key *keys; /* borrowed: attached keys */
+    struct limit_req *reqs; /* owned: in flight */
+    uint64_t next_lease;
+    unsigned leases;
+    struct timer refresh_timer;
+    struct limits_stats st;
+};
+
+/* --- arithmetic ------------------------------------------------------- */
+
+static uint64_t
+sat_mul(uint64_t a, uint64_t b)
+{
+    if (a != 0 && b > UINT64_MAX / 4 / a)
+        return UINT64_MAX / 4; /* far enough from overflow for now + tau + T */
+    return a * b;
+}
+
+/* Emission interval of a rate in ns (rounded up: never faster than
+ * configured); 0 when unlimited. */
+static uint64_t
+rate_interval(const struct conf_rate *r)
+{
+    if (r->count == 0)
+        return 0;
+    uint64_t period = MS_TO_NS(r->per_ms ? r->per_ms : 1000);
+    return (period + r->count - 1) / r->count;
+}
+
+static uint32_t
+bo_factor(const struct limits *l, const struct limit_key *k, uint64_t now)
+{
+    if (k->bo_factor >= FACTOR_ONE)
+        return FACTOR_ONE;
+    if (now < k->bo_hold_until)
+        return k->bo_factor;
+    uint64_t steps = (now - k->bo_hold_until) / l->bo_step_ns + 1;
+    uint64_t f = k->bo_factor + steps * FACTOR_STEP;
+    return f >= FACTOR_ONE ? FACTOR_ONE : (uint32_t)f;
+}
+
+/* T scaled by backoff and by the local share. */
+static uint64_t
+eff_interval(uint64_t T, uint32_t factor, unsigned share)
+{
+    T = sat_mul(T, FACTOR_ONE) / factor;
+    if (T == 0)
+        T = 1;
+    return sat_mul(T, share);
+}
+
+static unsigned
+gcra_take(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
+          uint64_t *retry_at)
+{
+    uint64_t t = *tat > now ? *tat : now;
+    uint64_t lim = now + tau + T;
+    uint64_t avail = lim > t ? (lim - t) / T : 0;
+    if (avail == 0) {
+        *retry_at = t - tau; /* > now: avail 0 means t >= now + tau + T */
+        return 0;
+    }
+    unsigned g = avail < want ? (unsigned)avail : want;
+    *tat = t + (uint64_t)g * T;
+    return g;
+}
+
+static unsigned
+local_share(const struct limits *l)
+{
+    return l->r != NULL ? l->nodes : 1;
+}
+
+/* Tokens per request: token_batch, at most a tenth of a second's worth at
+ * the current scale. */
+static unsigned
+batch_size(const struct limits *l, const struct limit_key *k, uint32_t factor)
+{
+    const struct conf_rate *r = &k->conf.msg_rate;
+    uint64_t per_tenth = (uint64_t)r->count * 100u * factor / FACTOR_ONE / (r->per_ms ? r->per_ms : 1000);
+    uint64_t b = l->batch;
+    if (per_tenth < b)
+        b = per_tenth;
+    return b == 0 ? 1 : (unsigned)b;
+}
+
+static void
+key_wake(struct limit_key *k)
+{
+    if (!k->want_wake)
+        return;
+    k->want_wake = false;
+    if (k->wake != NULL)
+        k->wake(k->wake_arg);
+}
+
+/* --- Redis requests --------------------------------------------------- */
+
+static void on_req_reply(struct redis *r, const struct redisReply *reply, void *arg);
+
+static void
+req_link(struct limits *l, struct limit_req *q)
+{
+    q->prev = NULL;
+    q->next = l->reqs;
+    if (l->reqs != NULL)
+        l->reqs->prev = q;
+    l->reqs = q;
+}
+
+static void
+req_unlink(struct limits *l, struct limit_req *q)
+{
+    if (q->prev != NULL)
+        q->prev->next = q->next;
+    else
+        l->reqs = q->next;
+    if (q->next != NULL)
+        q->next->prev = q->prev;
+    q->prev = q->next = NULL;
+}
+
+static struct limit_req *
+req_new(struct limits *l, struct limit_key *k, enum req_kind kind)
+{
+    struct limit_req *q = calloc(1, sizeof(*q));
+    if (q == NULL)
+        return NULL;
+    q->l = l;
+    q->k = k;
+    q->kind = kind;
+    memcpy(q->name, k->name, sizeof(q->name));
+    return q;
+}
+
+static void
+fmt_u64(char *buf, size_t len, uint64_t v)
+{
+    snprintf(buf, len, "%llu", (unsigned long long)v);
+}
+
+/* Build and queue the script call of q (EVALSHA, or EVAL when the script
+ * is not known to be loaded). Links q on success. */
+static int
+req_send(struct limits *l, struct limit_req *q)
+{
+    enum { FIXED = 12 };
+    char keys[3][NAME_MAX_PREFIX + LIMIT_KEY_MAX + 8];
+    static const char suffix[3] = {'m', 'c', 'l'};
+    for (int i = 0; i < 3; i++)
+        snprintf(keys[i], sizeof(keys[i]), "%s{%s}:%c", l->prefix, q->name, suffix[i]);
+    char num[5][24];
+    char member[sizeof(l->node) + 24];
+    const char *fixed[FIXED];
+    const char **argv = fixed;
+    size_t flens[FIXED];
+    size_t *lens = flens;
+    char *members = NULL;
+    int argc = 0;
+    unsigned extra = 0;
+    const struct limit_key *k = q->k;
+    if (q->kind == REQ_REFRESH) {
+        if (k == NULL)
+            return -ENOENT;
+        extra = k->nleases + (k->ready_lease != 0);
+        if (extra > 0) {
+            argv = calloc(FIXED + extra, sizeof(*argv));
+            lens = calloc(FIXED + extra, sizeof(*lens));
+            members = malloc((size_t)extra * sizeof(member));
+            if (argv == NULL || lens == NULL || members == NULL) {
+                if (argv != fixed)
+                    free(argv);
+                if (lens != flens)
+                    free(lens);
+                free(members);
+                return -ENOMEM;
+            }
+        }
+    }
+#define ARG(s, n) (argv[argc] = (s), lens[argc] = (n), argc++)
+#define ARGS(s) ARG((s), strlen(s))
+    if (l->sha_ok && !q->retried) {
+        ARG("EVALSHA", 7);
+        ARG(l->sha, 40);
+    } else {
+        ARG("EVAL", 4);
+        ARG(script_text, sizeof(script_text) - 1);
+    }
+    ARG("3", 1);
+    for (int i = 0; i < 3; i++)
+        ARGS(keys[i]);
+    switch (q->kind) {
+    case REQ_TAKE:
+        ARG("take", 4);
+        fmt_u64(num[0], sizeof(num[0]), q->T_us);
+        fmt_u64(num[1], sizeof(num[1]), q->tau_us);
+        fmt_u64(num[2], sizeof(num[2]), q->want);
+        fmt_u64(num[3], sizeof(num[3]), q->horizon_us);
+        for (int i = 0; i < 4; i++)
+            ARGS(num[i]);
+        break;
+    case REQ_CONN:
+        ARG("conn", 4);
+        fmt_u64(num[0], sizeof(num[0]), q->T_us);
+        fmt_u64(num[1], sizeof(num[1]), q->tau_us);
+        fmt_u64(num[2], sizeof(num[2]), q->max);
+        snprintf(member, sizeof(member), "%s:%llu", l->node, (unsigned long long)q->lease);
+        fmt_u64(num[3], sizeof(num[3]), l->ttl_ns / 1000);
+        ARGS(num[0]);
+        ARGS(num[1]);
+        ARGS(num[2]);
+        ARGS(member);
+        ARGS(num[3]);
+        break;
+    case REQ_RELEASE:
+        ARG("release", 7);
+        snprintf(member, sizeof(member), "%s:%llu", l->node, (unsigned long long)q->lease);
+        ARGS(member);
+        break;
+    case REQ_REFRESH:
+        ARG("refresh", 7);
+        fmt_u64(num[0], sizeof(num[0]), l->ttl_ns / 1000);
+        ARGS(num[0]);
+        for (unsigned i = 0; i < extra; i++) {
+            char *m = members + (size_t)i * sizeof(member);
+            uint64_t id = i < k->nleases ? k->leases[i] : k->ready_lease;
+            snprintf(m, sizeof(member), "%s:%llu", l->node, (unsigned long long)id);
+            ARGS(m);
+        }
+        break;
+    }
+#undef ARG
+#undef ARGS
+    int rc = redis_command(l->r, on_req_reply, q, argc, argv, lens);
+    if (argv != fixed)
+        free(argv);
+    if (lens != flens)
+        free(lens);
+    free(members);
+    if (rc == 0)
+        req_link(l, q);
+    return rc;
+}
+
+/* Queue q, or free it when Redis will not take it. */
+static int
+req_submit(struct limits *l, struct limit_req *q)
+{
+    int rc = req_send(l, q);
+    if (rc < 0)
+        free(q);
+    return rc;
+}
+
+static void
+send_release(struct limits *l, struct limit_key *k, uint64_t lease)
+{
+    if (!l->shared)
+        return; /* it expires after the ttl */
+    struct limit_req *q = req_new(l, k, REQ_RELEASE);
+    if (q == NULL)
+        return;
+    q->k = NULL; /* the answer needs no key */
+    q->lease = lease;
+    req_submit(l, q);
+}
+
+static void
+send_refresh(struct limits *l, struct limit_key *k)
+{
+    if (!l->shared || (k->nleases == 0 && k->ready_lease == 0))
+        return;
+    struct limit_req *q = req_new(l, k, REQ_REFRESH);
+    if (q == NULL)
+        return;
+    if (req_send(l, q) < 0) {
+        free(q);
+        return;
+    }
+    q->k = NULL; /* the members are on the wire; the answer needs no key */
+}
+
+static void script_load(struct limits *l);
+
+static void
+on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
+{
+    (void)r;
+    struct limit_req *q = arg;
+    struct limits *l = q->l;
+    struct limit_key *k = q->k;
+    req_unlink(l, q);
+    uint64_t now = clock_now_ns();
+    if (reply != NULL && reply->type == REDIS_REPLY_ERROR) {
+        if (!q->retried && strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+            /* Redis lost the script (restart, SCRIPT FLUSH): send this one
+             * with its body and load it again for the next ones. */
+            l->sha_ok = false;
+            script_load(l);
+            q->retried = true;
+            if (req_send(l, q) == 0)
+                return;
+        } else {
+            log_msg(LOG_ERR, "event=redis_script_error key=%s reply=\"%.*s\"", q->name,
+                    (int)(reply->len > 200 ? 200 : reply->len), reply->str);
+        }
+        reply = NULL;
+    }
+    if (reply == NULL || (reply->type != REDIS_REPLY_ARRAY && q->kind <= REQ_CONN)) {
+        /* No answer: tokens and leases decide locally from now on (the
+         * state change follows) or on the next call. A lease Redis may
+         * have granted unseen expires after the ttl. */
+        l->st.redis_errors++;
+        if (k != NULL) {
+            if (q->kind == REQ_TAKE)
+                k->msg_req = NULL;
+            else if (q->kind == REQ_CONN)
+                k->conn_req = NULL;
+            key_wake(k);
+        }
+        free(q);
+        return;
+    }
+    l->st.redis_roundtrips++;
+    long long a0 = 0, a1 = 0; /* a1 may be negative: slots in the past */
+    if (reply->type == REDIS_REPLY_ARRAY && reply->elements >= 2 &&
+        reply->element[0]->type == REDIS_REPLY_INTEGER &&
+        reply->element[1]->type == REDIS_REPLY_INTEGER) {
+        a0 = reply->element[0]->integer;
+        a1 = reply->element[1]->integer;
+    }
+    switch (q->kind) {
+    case REQ_TAKE:
+        if (k == NULL)
+            break; /* granted to a finished key: let them lapse */
+        k->msg_req = NULL;
+        if (a0 > 0) {
+            /* Slot i of the batch is first + i * T on Redis's clock; now on
+             * ours is no earlier than Redis's now was, so mapping Redis's
+             * now to ours only delays slots. Tokens still held go right
+             * before the new ones (later than their own slots: safe). */
+            int64_t off = (int64_t)a1 * 1000;
+            uint64_t first = off >= 0 ? now + (uint64_t)off
+                                      : now - ((uint64_t)-off < now ? (uint64_t)-off : now);
+            k->held_T = q->T_ns;
+            k->held_slot = first - (uint64_t)k->held * q->T_ns;
+            k->held += (unsigned)a0;
+            k->msg_retry_at = 0;
+            l->st.tokens_fetched += (uint64_t)a0;
+        } else {
+            k->msg_retry_at = now + (uint64_t)(a1 > 0 ? a1 : 0) * 1000u;
+        }
+        key_wake(k);
+        break;
+    case REQ_CONN:
+        if (k == NULL) {
+            if (a0 > 0) {
+                struct limit_key tmp;
+                memcpy(tmp.name, q->name, sizeof(tmp.name));
+                send_release(l, &tmp, q->lease);
+            }
+            break;
+        }
+        k->conn_req = NULL;
+        if (a0 > 0) {
+            k->ready_lease = q->lease;
+            k->ready_at = now;
+            k->conn_retry_at = 0;
+        } else {
+            uint64_t wait = (uint64_t)a1 * 1000u;
+            k->conn_retry_at = now + (wait < CONN_POLL_MAX_NS ? wait : CONN_POLL_MAX_NS);
+        }
+        key_wake(k);
+        break;
+    case REQ_REFRESH:
+    case REQ_RELEASE:
+        break;
+    }
+    free(q);
+}
+
+/* Ask Redis for the rest of k's batch. */
+static int
+msg_request(struct limits *l, struct limit_key *k, uint64_t now)
+{
+    uint32_t f = bo_factor(l, k, now);
+    uint64_t T = eff_interval(rate_interval(&k->conf.msg_rate), f, 1);
+    unsigned b = batch_size(l, k, f);
+    struct limit_req *q = req_new(l, k, REQ_TAKE);
+    if (q == NULL)
+        return -ENOMEM;
+    q->T_us = (T + 999) / 1000;
+    q->tau_us = sat_mul(q->T_us, k->conf.msg_burst);
+    q->want = b > k->held ? b - k->held : 1;
+    q->T_ns = q->T_us * 1000;
+    /* each expected node may keep about one batch booked ahead */
+    q->horizon_us = sat_mul(sat_mul(q->T_us, b), l->nodes);
+    int rc = req_submit(l, q);
+    if (rc == 0)
+        k->msg_req = q;
+    return rc;
+}
+
+static int
+conn_request(struct limits *l, struct limit_key *k, uint64_t now)
+{
+    uint64_t T = rate_interval(&k->conf.conn_rate);
+    struct limit_req *q = req_new(l, k, REQ_CONN);
+    if (q == NULL)
+        return -ENOMEM;
+    if (T != 0) {
+        T = eff_interval(T, bo_factor(l, k, now), 1);
+        q->T_us = (T + 999) / 1000;
+        q->tau_us = sat_mul(q->T_us, k->conf.conn_burst);
+    }
+    q->max = k->conf.max_connections;
+    q->lease = ++l->next_lease;
+    int rc = req_submit(l, q);
+    if (rc == 0)
+        k->conn_req = q;
+    return rc;
+}
+
+/* --- Redis state ------------------------------------------------------ */
+
+static void
+wake_all(struct limits *l)
+{
+    /* A waker may finish its key: take the next one first. */
+    struct limit_key *k = l->keys;
+    while (k != NULL) {
+        struct limit_key *next = k->next;
+        key_wake(k);
+        k = next;
+    }
+}
+
+static void
+on_script_loaded(struct redis *r, const struct redisReply *reply, void *arg)
+{
+    (void)r;
+    struct limits *l = arg;
+    l->loading = false;
+    if (reply == NULL)
+        return;
+    if (reply->type != REDIS_REPLY_STRING || reply->len != 40) {
+        log_msg(LOG_ERR, "event=redis_script_load_failed node=%s reply=\"%.*s\"", l->node,
+                reply->type == REDIS_REPLY_ERROR ? (int)(reply->len > 200 ? 200 : reply->len) : 0,
+                reply->type == REDIS_REPLY_ERROR ? reply->str : "");
+        return;
+    }
+    memcpy(l->sha, reply->str, 40);
+    l->sha[40] = '\0';
+    l->sha_ok = true;
+    if (l->shared)
+        return;
+    l->shared = true;
+    l->down_logged = false;
+    log_msg(LOG_NOTICE, "event=redis_up redis=%s node=%s limits=shared", redis_addr(l->r),
+            l->node);
+    /* Leases taken while Redis was away (or whose entries expired there)
+     * join the shared set again. */
+    for (struct limit_key *k = l->keys; k != NULL; k = k->next)
+        send_refresh(l, k);
+    wake_all(l);
+}
+
+static void
+script_load(struct limits *l)
+{
+    if (l->loading)
+        return;
+    const char *argv[] = {"SCRIPT", "LOAD", script_text};
+    size_t lens[] = {6, 4, sizeof(script_text) - 1};
+    if (redis_command(l->r, on_script_loaded, l, 3, argv, lens) == 0)
+        l->loading = true;
+}
+
+static void
+on_redis_state(struct redis *r, enum redis_state st, void *arg)
+{
+    struct limits *l = arg;
+    if (st == REDIS_STATE_UP) {
+        l->sha_ok = false;
+        script_load(l);
+        return;
+    }
+    if (st != REDIS_STATE_DOWN)
+        return;
+    bool was_shared = l->shared;
+    l->shared = false;
+    l->sha_ok = false;
+    l->loading = false;
+    if (!l->down_logged) {
+        l->down_logged = true;
+        l->st.redis_downs++;
+        log_msg(LOG_WARN, "event=redis_down redis=%s node=%s limits=local_share share=1/%u", 
+                redis_addr(r), l->node, l->nodes);
+    }
+    if (was_shared)
+        wake_all(l);
+}
+
+static void
+limits_on_refresh(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    struct limits *l = (struct limits *)((char *)t - offsetof(struct limits, refresh_timer));
+    uint64_t now = clock_now_ns();
+    uint64_t period = l->ttl_ns / 3;
+    for (struct limit_key *k = l->keys; k != NULL; k = k->next) {
+        if (k->ready_lease != 0 && now - k->ready_at >= period) {
+            /* Granted but nobody came for it: give the slot back. */
+            send_release(l, k, k->ready_lease);
+            k->ready_lease = 0;
+        }
+        send_refresh(l, k);
+    }
+    worker_timer_arm(l->w, &l->refresh_timer, now + period);
+}
+
+/* --- the API ---------------------------------------------------------- */
+
+int
+limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, char *err,
+           size_t errlen)
+{
+    *out = NULL;
+    struct limits *l = calloc(1, sizeof(*l));
+    if (l == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    l->w = w;
+    l->nodes = o->nodes ? o->nodes : 1;
+    l->batch = o->token_batch ? o->token_batch : 10;
+    l->ttl_ns = MS_TO_NS(o->lease_ttl_ms ? o->lease_ttl_ms : 30000);
+    if (l->ttl_ns < MS_TO_NS(30))
+        l->ttl_ns = MS_TO_NS(30);
+    l->bo_ns = MS_TO_NS(o->backoff_ms ? o->backoff_ms : 60000);
+    l->bo_step_ns = MS_TO_NS(o->backoff_step_ms ? o->backoff_step_ms : 30000);
+    l->timeout_ns = MS_TO_NS(o->redis_timeout_ms ? o->redis_timeout_ms : 1000);
+    const char *prefix = o->key_prefix ? o->key_prefix : "sluice:";
+    if (strlen(prefix) >= sizeof(l->prefix) || strpbrk(prefix, "{}") != NULL) {
+        snprintf(err, errlen, "limits: key prefix '%s' too long or has a brace", prefix);
+        free(l);
+        return -EINVAL;
+    }
+    memcpy(l->prefix, prefix, strlen(prefix) + 1);
+    if (o->node_id != NULL) {
+        if (strlen(o->node_id) >= sizeof(l->node) || strchr(o->node_id, ':') != NULL) {
+            snprintf(err, errlen, "limits: node id '%s' too long or has a ':'", o->node_id);
+            free(l);
+            return -EINVAL;
+        }
+        memcpy(l->node, o->node_id, strlen(o->node_id) + 1);
+    } else {
+        char host[64] = "node";
+        gethostname(host, sizeof(host) - 1);
+        host[sizeof(host) - 1] = '\0';
+        host[strcspn(host, ":.")] = '\0';
+        uint64_t salt = clock_now_ns() ^ (uint64_t)(uintptr_t)l;
+        snprintf(l->node, sizeof(l->node), "%s-%d-w%u-%08llx", host, (int)getpid(),
+                 w->id, (unsigned long long)(salt & 0xffffffffu));
+    }
+    timer_init(&l->refresh_timer, limits_on_refresh);
+    if (o->redis_url != NULL) {
+        struct redis_opts ro = {
+            .url = o->redis_url,
+            .password = o->redis_password,
+            .cmd_timeout_ms = o->redis_timeout_ms,
+            .reconnect_min_ms = o->reconnect_min_ms,
+            .reconnect_max_ms = o->reconnect_max_ms,
+        };
+        int rc = redis_new(w, &ro, on_redis_state, l, &l->r, err, errlen);
+        if (rc < 0) {
+            free(l);
+            return rc;
+        }
+        worker_timer_arm(w, &l->refresh_timer, clock_now_ns() + l->ttl_ns / 3);
+    }
+    *out = l;
+    return 0;
+}
+
+struct limits *
+limits_free(struct limits *l)
+{
+    if (l == NULL)
+        return NULL;
+    worker_timer_cancel(l->w, &l->refresh_timer);
+    l->r = redis_free(l->r); /* runs no callback */
+    while (l->reqs != NULL) {
+        struct limit_req *q = l->reqs;
+        req_unlink(l, q);
+        free(q);
+    }
+    while (l->keys != NULL) {
+        struct limit_key *k = l->keys;
+        l->keys = k->next;
+        k->prev = k->next = NULL;
+        k->msg_req = k->conn_req = NULL;
+        k->l = NULL;
+    }
+    free(l);
+    return NULL;
+}
+
+int
+limits_key_init(struct limits *l, struct limit_key *k, const char *name,
+                const struct limit_conf *c, limit_wake_fn *wake, void *wake_arg)
+{
+    size_t n = strlen(name);
+    if (n == 0 || n >= LIMIT_KEY_MAX || strpbrk(name, "{}") != NULL)
+        return -EINVAL;
+    memset(k, 0, sizeof(*k));
+    memcpy(k->name, name, n + 1);
+    k->conf = *c;
+    k->wake = wake;
+    k->wake_arg = wake_arg;
+    k->bo_factor = FACTOR_ONE;
+    k->l = l;
+    k->next = l->keys;
+    if (l->keys != NULL)
+        l->keys->prev = k;
+    l->keys = k;
+    l->st.keys++;
+    return 0;
+}
+
+void
+limits_key_set(struct limits *l, struct limit_key *k, const struct limit_conf *c)
+{
+    (void)l;
+    k->conf = *c;
+}
+
+void
+limits_key_fini(struct limits *l, struct limit_key *k)
+{
+    (void)l;
+    struct limits *owner = k->l;
+    if (owner != NULL) {
+        for (unsigned i = 0; i < k->nleases; i++)
+            send_release(owner, k, k->leases[i]);
+        if (k->ready_lease != 0)
+            send_release(owner, k, k->ready_lease);
+        owner->leases -= k->nleases;
+        if (k->msg_req != NULL)
+            k->msg_req->k = NULL;
+        if (k->conn_req != NULL)
+            k->conn_req->k = NULL;
+        if (k->prev != NULL)
+            k->prev->next = k->next;
+        else
+            owner->keys = k->next;
+        if (k->next != NULL)
+            k->next->prev = k->prev;
+        owner->st.keys--;
+    }
+    free(k->leases);
+    k->leases = NULL;
+    k->nleases = k->leases_cap = 0;
+    k->ready_lease = 0;
+    k->msg_req = k->conn_req = NULL;
+    k->prev = k->next = NULL;
+    k->l = NULL;
+}
+
+/* Booked tokens due by now: slot held_slot + i * held_T for i < held. */
+static unsigned
+held_due(const struct limit_key *k, uint64_t now)
+{
+    if (k->held == 0 || now < k->held_slot)
+        return 0;
+    uint64_t due = (now - k->held_slot) / k->held_T + 1;
+    return due < k->held ? (unsigned)due : k->held;
+}
+
+/* A token not used within a batch's time (at least HELD_MIN_NS) after its
+ * slot lapses: late tokens must not pile up into a burst. */
+static void
+held_expire(struct limits *l, struct limit_key *k, unsigned b, uint64_t now)
+{
+    uint64_t late = sat_mul(k->held_T, b);
+    if (late < HELD_MIN_NS)
+        late = HELD_MIN_NS;
+    if (k->held == 0 || now < k->held_slot + late)
+        return;
+    uint64_t d = (now - late - k->held_slot) / k->held_T + 1;
+    unsigned drop = d < k->held ? (unsigned)d : k->held;
+    k->held -= drop;
+    k->held_slot += (uint64_t)drop * k->held_T;
+    l->st.tokens_expired += drop;
+}
+
+unsigned
+limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
+                 uint64_t *retry_at_ns)
+{
+    *retry_at_ns = now_ns;
+    if (n == 0)
+        return 0;
+    if (k->suspended) {
+        k->want_wake = true;
+        *retry_at_ns = UINT64_MAX;
+        return 0;
+    }
+    uint64_t T0 = rate_interval(&k->conf.msg_rate);
+    if (T0 == 0) {
+        l->st.local_decisions++;
+        l->st.msgs_granted += n;
+        return n;
+    }
+    uint32_t f = bo_factor(l, k, now_ns);
+    if (l->shared) {
+        unsigned b = batch_size(l, k, f);
+        held_expire(l, k, b, now_ns);
+        unsigned g = held_due(k, now_ns);
+        if (g > n)
+            g = n;
+        k->held -= g;
+        k->held_slot += (uint64_t)g * k->held_T;
+        bool asking = k->msg_req != NULL;
+        if (!asking && k->held * 2 <= b && now_ns >= k->msg_retry_at)
+            asking = msg_request(l, k, now_ns) == 0;
+        if (g > 0) {
+            l->st.batch_decisions++;
+            l->st.msgs_granted += g;
+            return g;
+        }
+        if (k->held > 0 || asking || now_ns < k->msg_retry_at) {
+            uint64_t r = UINT64_MAX;
+            if (k->held > 0)
+                r = k->held_slot; /* booked, not yet due: no wake-up needed */
+            if (asking) {
+                k->want_wake = true;
+                if (now_ns + l->timeout_ns < r)
+                    r = now_ns + l->timeout_ns;
+            } else if (k->held == 0) {
+                k->want_wake = true;
+                r = k->msg_retry_at;
+            }
+            *retry_at_ns = r;
+            return 0;
+        }
+        /* Redis would not take the request: decide locally this time. */
+    }
+    unsigned share = local_share(l);
+    uint64_t T = eff_interval(T0, f, share);
+    uint64_t tau = sat_mul(T, k->conf.msg_burst / share);
+    unsigned g = gcra_take(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
+    l->st.local_decisions++;
+    l->st.msgs_granted += g;
+    return g;
+}
+
+static bool
+lease_push(struct limits *l, struct limit_key *k, uint64_t id)
+{
+    if (k->nleases == k->leases_cap) {
+        unsigned cap = k->leases_cap ? k->leases_cap * 2 : 4;
+        uint64_t *v = realloc(k->leases, cap * sizeof(*v));
+        if (v == NULL)
+            return false;
+        k->leases = v;
+        k->leases_cap = cap;
+    }
+    k->leases[k->nleases++] = id;
+    l->leases++;
+    l->st.conns_granted++;
+    return true;
+}
+
+bool
+limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
+{
+    *retry_at_ns = now_ns;
+    if (k->suspended) {
+        k->want_wake = true;
+        *retry_at_ns = UINT64_MAX;
+        l->st.conns_refused++;
+        return false;
+    }
+    if (k->ready_lease != 0) {
+        /* Granted by Redis for this key: a lease and a rate token. */
+        if (!lease_push(l, k, k->ready_lease)) {
+            l->st.conns_refused++;
+            return false;
+        }
+        k->ready_lease = 0;
+        l->st.batch_decisions++;
+        return true;
+    }
+    unsigned share = l->shared ? 1 : local_share(l);
+    unsigned max = k->conf.max_connections;
+    if (max != 0) {
+        max /= share;
+        if (max == 0)
+            max = 1;
+        if (k->nleases >= max) {
+            k->want_wake = true;
+            *retry_at_ns = UINT64_MAX;
+            l->st.conns_refused++;
+            return false;
+        }
+    }
+    if (l->shared) {
+        bool asking = k->conn_req != NULL;
+        if (!asking && now_ns >= k->conn_retry_at)
+            asking = conn_request(l, k, now_ns) == 0;
+        if (asking || now_ns < k->conn_retry_at) {
+            k->want_wake = true;
+            *retry_at_ns = asking ? now_ns + l->timeout_ns : k->conn_retry_at;
+            l->st.conns_refused++;
+            return false;
+        }
+        /* Redis would not take the request: decide locally this time. */
+        share = local_share(l);
+    }
+    l->st.local_decisions++;
+    uint64_t T0 = rate_interval(&k->conf.conn_rate);
+    if (T0 != 0) {
+        uint64_t T = eff_interval(T0, bo_factor(l, k, now_ns), share);
+        uint64_t tau = sat_mul(T, k->conf.conn_burst / share);
+        uint64_t tat = k->conn_tat;
+        if (gcra_take(&tat, T, tau, now_ns, 1, retry_at_ns) == 0) {
+            l->st.conns_refused++;
+            return false;
+        }
+        if (!lease_push(l, k, ++l->next_lease)) {
+            l->st.conns_refused++;
+            return false;
+        }
+        k->conn_tat = tat; /* both or neither */
+        return true;
+    }
+    if (!lease_push(l, k, ++l->next_lease)) {
+        l->st.conns_refused++;
+        return false;
+    }
+    return true;
+}
+
+void
+limits_conn_release(struct limits *l, struct limit_key *k)
+{
+    if (k->nleases == 0) {
+        log_msg(LOG_ERR, "event=limits_bug key=%s reason=release_without_lease", k->name);
+        return;
+    }
+    uint64_t id = k->leases[--k->nleases];
+    l->leases--;
+    send_release(l, k, id);
+}
+
+void
+limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns)
+{
+    uint32_t f = bo_factor(l, k, now_ns) / 2;
+    if (f < FACTOR_MIN)
+        f = FACTOR_MIN;
+    k->bo_factor = f;
+    k->bo_hold_until = now_ns + l->bo_ns;
+    /* Tokens fetched at the old rate would keep it up for a batch. */
+    if (k->held > 0) {
+        l->st.tokens_expired += k->held;
+        k->held = 0;
+    }
+    log_msg(LOG_INFO, "event=limits_backoff key=%s rate_pct=%u hold_ms=%llu", k->name,
+            f * 100u / FACTOR_ONE, (unsigned long long)(l->bo_ns / 1000000ULL));
+}
+
+unsigned
+limits_key_rate_pct(const struct limit_key *k, uint64_t now_ns)
+{
+    if (k->l == NULL)
+        return 100;
+    return bo_factor(k->l, k, now_ns) * 100u / FACTOR_ONE;
+}
+
+void
+limits_suspend(struct limits *l, struct limit_key *k, bool on)
+{
+    (void)l;
+    if (k->suspended == on)
+        return;
+    k->suspended = on;
+    if (!on) {
+        k->want_wake = true;
+        key_wake(k);
+    }
+}
+
+void
+limits_stats(const struct limits *l, struct limits_stats *out)
+{
+    *out = l->st;
+    out->leases = l->leases;
+    if (l->r == NULL)
+        out->redis = "off";
+    else if (l->shared)
+        out->redis = "connected";
+    else if (redis_state(l->r) == REDIS_STATE_DOWN)
+        out->redis = "unreachable";
+    else
+        out->redis = "connecting";
+}

@@ -1,4 +1,172 @@
-/* limits: being written. */
+/*
+ * limits: per-key sending limits of one worker: a message rate with a
+ * burst, a connection rate, and a cap on concurrent connections (leases).
+ * A key is whatever the caller limits: a destination domain ("gmail.com"),
+ * an MX host pattern ("*.google.com"), a source address. The caller owns
+ * one struct limit_key per key (embedded in its destination) and hands it
+ * to every call; the limiter owns nothing per key but its Redis requests.
+ *
+ * Local mode (no Redis): one GCRA per rate, in memory, exact and O(1).
+ * GCRA with emission interval T = period / count and tolerance burst * T
+ * lets through at most burst + W / T events in any half-open window of
+ * length W, and sustains exactly count per period.
+ *
+ * Shared mode (Redis): the same GCRA lives in Redis, run by one Lua script
+ * (EVALSHA; loaded at connect, reloaded on NOSCRIPT) on Redis's own clock,
+ * so every node sharing the Redis draws on one budget per key. A node
+ * books message tokens in batches (up to token_batch, and about a tenth of
+ * a second's worth): a batch is the next slots of the shared schedule, and
+ * the node hands each out no earlier than its slot. It books the next
+ * batch in the background when half is spent, so a message costs no round
+ * trip in the common case. A token not used within a batch's time (at
+ * least 100 ms) after its slot lapses.
+ * Slack: in any window W the nodes together send at most
+ *     rate * W + burst + 1 + nodes * batch
+ * (a node may use, late, at most one batch of slots that fell before the
+ * window; with steady demand the count stays at rate * W + burst + 1).
+ * Connections are leases in a sorted set per key (member node-id:lease-id,
+ * score = expiry); the script drops expired members and grants a lease and
+ * a connection-rate token together or neither; held leases are refreshed
+ * every ttl/3 and removed on release, so a node killed with SIGKILL loses
+ * its leases after ttl. Redis keys: "<prefix>{<key>}:m|c|l" (one hash tag,
+ * so a Redis Cluster keeps a key's three in one slot).
+ *
+ * Redis unreachable or slow (a command timeout): decisions stay local at a
+ * conservative share: rates and max connections divided by the expected
+ * node count (at least 1). Logged once per transition (event=redis_down,
+ * event=redis_up) and reported by limits_stats(); reconnects with backoff.
+ *
+ * Adaptive backoff: limits_backoff() (on a 421 or a "rate limited" reply)
+ * halves the key's message and connection rates (again on each further
+ * call, down to 1/32) for backoff_ms, then raises them by a quarter of the
+ * configured rate every backoff_step_ms until they are whole again. In
+ * shared mode a node in backoff draws on the shared budget at its reduced
+ * rate, so each of its tokens costs the cluster more.
+ *
+ * Time: now_ns is CLOCK_MONOTONIC (clock_now_ns()); local-only limiters may
+ * be driven with simulated time. A *retry_at_ns of UINT64_MAX means "no
+ * time: the key's waker will be called" (suspended, or every lease held).
+ *
+ * Threading: a limiter and its keys belong to one worker; no locks.
+ */
 #ifndef SLUICE_ENGINE_LIMITS_H
 #define SLUICE_ENGINE_LIMITS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/conf.h"
+#include "engine/worker.h"
+
+struct limits;
+struct limit_req;
+
+struct limits_opts {
+    const char *redis_url;      /* NULL: local only (see redis.h for the form) */
+    const char *redis_password; /* NULL: none, or the URL's */
+    const char *key_prefix;     /* NULL: "sluice:" */
+    const char *node_id;        /* NULL: hostname-pid-worker-random; unique per limiter */
+    unsigned nodes;             /* nodes expected to share the Redis; 0: 1 */
+    uint64_t lease_ttl_ms;      /* 0: 30000 */
+    unsigned token_batch;       /* most tokens fetched per round trip; 0: 10; 1: no batching */
+    uint64_t backoff_ms;        /* 0: 60000 at the reduced rate after limits_backoff() */
+    uint64_t backoff_step_ms;   /* 0: 30000 between steps back up */
+    uint64_t redis_timeout_ms;  /* 0: 1000; a slower reply counts as Redis down */
+    uint64_t reconnect_min_ms, reconnect_max_ms; /* 0: 100, 5000 */
+};
+
+/* What a key may do; count 0 in a rate or max_connections 0: unlimited. */
+struct limit_conf {
+    struct conf_rate msg_rate;
+    unsigned msg_burst;       /* messages beyond the steady rate */
+    struct conf_rate conn_rate;
+    unsigned conn_burst;
+    unsigned max_connections;
+};
+
+#define LIMIT_KEY_MAX 256
+
+typedef void limit_wake_fn(void *arg);
+
+/* Owned by the caller; set up with limits_key_init(). Fields are private
+ * to limits.c except where noted. */
+struct limit_key {
+    char name[LIMIT_KEY_MAX];  /* readable */
+    struct limit_conf conf;    /* readable; change with limits_key_set() */
+    limit_wake_fn *wake;       /* NULL: no wake-ups */
+    void *wake_arg;            /* borrowed: the caller's */
+    struct limits *l;          /* borrowed; NULL once finished */
+    struct limit_key *prev, *next; /* on l's list */
+    uint64_t msg_tat, conn_tat; /* local GCRA: theoretical arrival times */
+    unsigned held;             /* shared: message tokens booked in Redis, unused */
+    uint64_t held_slot;        /* ...the next one is due then */
+    uint64_t held_T;           /* ...and each further one held_T later */
+    uint64_t msg_retry_at, conn_retry_at; /* shared: Redis said not before */
+    struct limit_req *msg_req, *conn_req; /* shared: in flight */
+    uint64_t *leases;          /* owned: ids of the leases held (connections open) */
+    unsigned nleases, leases_cap;
+    uint64_t ready_lease;      /* shared: granted, not yet handed out; 0: none */
+    uint64_t ready_at;
+    uint32_t bo_factor;        /* rate scale in 1/1024; 1024: no backoff */
+    uint64_t bo_hold_until;
+    bool suspended;
+    bool want_wake;            /* a call was refused: wake on news */
+};
+
+/* A limiter on w (borrowed: outlives it). With a redis_url the host is
+ * resolved here (blocking: setup time) and connecting starts once w's loop
+ * turns; until then decisions are local shares. Returns 0, or a negative
+ * code with one line for the operator in err. */
+int limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, char *err,
+               size_t errlen);
+/* Free l at once. Leases still held are not released (they expire after
+ * the ttl); call limits_key_fini() on every key first, while the loop
+ * turns, to release them now. Keys still attached are detached. Not from
+ * inside a wake callback. Returns NULL. */
+struct limits *limits_free(struct limits *l);
+
+/* Attach k (name copied; no '{' or '}', < LIMIT_KEY_MAX bytes). Returns 0
+ * or -EINVAL. */
+int limits_key_init(struct limits *l, struct limit_key *k, const char *name,
+                    const struct limit_conf *c, limit_wake_fn *wake, void *wake_arg);
+/* New limits for k (a config reload); state is kept. */
+void limits_key_set(struct limits *l, struct limit_key *k, const struct limit_conf *c);
+/* Release k's leases, drop its tokens, forget its requests in flight.
+ * After this k may be freed. */
+void limits_key_fini(struct limits *l, struct limit_key *k);
+
+/* Message tokens: how many of n may go now (0..n). When 0, *retry_at_ns
+ * is when asking again is worth it; in shared mode the waker also runs
+ * when a refill (or a refusal with a time) comes from Redis. */
+unsigned limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now_ns,
+                          uint64_t *retry_at_ns);
+/* A new connection: a connection-rate token and a lease, both or neither.
+ * Every true is matched by one limits_conn_release(). */
+bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
+                         uint64_t *retry_at_ns);
+void limits_conn_release(struct limits *l, struct limit_key *k);
+/* A 421 or a "rate limited" reply: see above. */
+void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);
+/* The rate scale now, in percent of the configured rates (100: none). */
+unsigned limits_key_rate_pct(const struct limit_key *k, uint64_t now_ns);
+/* Suspended: no tokens and no new connections (open ones keep their
+ * leases); resuming runs the waker. */
+void limits_suspend(struct limits *l, struct limit_key *k, bool on);
+
+struct limits_stats {
+    const char *redis;          /* "off", "connecting", "connected", "unreachable" */
+    uint64_t redis_roundtrips;  /* script calls answered by Redis */
+    uint64_t redis_errors;      /* error replies, lost replies (timeouts, disconnects) */
+    uint64_t redis_downs;       /* transitions to unreachable */
+    uint64_t local_decisions;   /* answered in memory: local mode or local share */
+    uint64_t batch_decisions;   /* answered from a batch of Redis tokens */
+    uint64_t tokens_fetched;    /* message tokens granted by Redis */
+    uint64_t tokens_expired;    /* ...and dropped unused */
+    uint64_t msgs_granted;      /* message tokens handed out */
+    uint64_t conns_granted, conns_refused;
+    unsigned keys, leases;      /* attached keys, leases held now */
+};
+void limits_stats(const struct limits *l, struct limits_stats *out);
+
 #endif
