@@ -11,6 +11,8 @@
  */
 #include "engine/config.h"
 
+#include "engine/classify.h"
+
 #include <ctype.h>
 #include <stdarg.h>
 #include <strings.h>
@@ -23,6 +25,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "engine/classify.h"
 
 #define MAX_KEYS 64
 
@@ -71,6 +74,11 @@ static const struct conf_key server_keys[] = {
      "delay before answering a failed AUTH; doubles with each failure of the session", NULL},
     {"auth_max_failures", CONF_UINT, SRV(auth_max_failures), 1, 100, "3",
      "failed AUTH attempts before the session is closed with 421 4.7.0", NULL},
+    {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
+     "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "
+     "an RFC 3339 time (2026-11-23T18:00:00Z); removed before delivery; a bad value is "
+     "refused with 550 5.6.0",
+     NULL},
     CONF_END,
 };
 
@@ -80,6 +88,29 @@ static const struct conf_key log_keys[] = {
     {"file", CONF_STRING, LOG(file), 0, PATH_MAX, "-",
      "where the daemon log goes: a path (reopened on SIGHUP) or - for standard error", NULL},
     {"level", CONF_ENUM, LOG(level), 0, 0, "info", "lowest level written", log_levels},
+    {"delivery_log", CONF_STRING, LOG(delivery_log), 1, PATH_MAX, NULL,
+     "the JSON Lines delivery log (one event per line: reception, delivery, "
+     "transient_failure, bounce, expiration, dsn); reopened on SIGHUP; unset: none",
+     NULL},
+    {"delivery_log_flush", CONF_DURATION, LOG(delivery_log_flush), 10, 10000, "200ms",
+     "longest time an event waits in memory before it is written", NULL},
+    {"delivery_log_headers", CONF_STRING, LOG(delivery_log_headers), 0, 1024, "",
+     "header fields of the injected message copied into every event of it (up to 8, "
+     "comma-separated), e.g. X-Campaign-ID, X-Tenant-ID",
+     NULL},
+    CONF_END,
+};
+
+#define BNC(f) offsetof(struct bounce_config, f)
+static const struct conf_key bounce_keys[] = {
+    {"dsn", CONF_BOOL, BNC(dsn), 0, 0, "yes",
+     "send a delivery status notification (RFC 3464) to the envelope sender of a message "
+     "that bounces or expires; never to the null sender, never when NOTIFY=NEVER",
+     NULL},
+    {"dsn_from", CONF_STRING, BNC(dsn_from), 1, 64, "MAILER-DAEMON",
+     "local part of the From of DSNs (the domain is [server] hostname)", NULL},
+    {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
+     "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
     CONF_END,
 };
 
@@ -99,6 +130,10 @@ static const struct conf_key delivery_keys[] = {
      "how long a connection to an MX address may take before the next address is tried", NULL},
     {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
      "how long an idle outbound connection waits for another message before QUIT", NULL},
+    {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
+     "percent: each retry delay is moved at random by up to this much, so that recipients "
+     "deferred together do not come back together",
+     NULL},
     CONF_END,
 };
 
@@ -137,10 +172,17 @@ static const struct conf_key domain_keys[] = {
      "outbound STARTTLS: off, optional (when offered), required, verify (chain and MX name)",
      tls_policies},
     {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
-     "delays between attempts after a temporary failure; the last repeats (no jitter yet)",
+     "delays between attempts after a temporary failure; the last repeats ([delivery] "
+     "retry_jitter moves each)",
      NULL},
-    {"max_age", CONF_DURATION, DOM(max_age), 60000, 30ULL * 86400 * 1000, "3d",
-     "how long a recipient may stay queued before it bounces [not yet in effect]", NULL},
+    {"max_age", CONF_DURATION, DOM(max_age), 1000, 30ULL * 86400 * 1000, "3d",
+     "how long a recipient may stay queued before it expires and bounces, whether ready, "
+     "deferred or in flight (a message's expire_header may shorten it)",
+     NULL},
+    {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
+     "after a 421 or when every MX address failed, no new connection to the domain for "
+     "this long; its waiting recipients keep their place",
+     NULL},
     CONF_END,
 };
 
@@ -166,7 +208,9 @@ static const struct section sections[] = {
             struct dns_config, dns),
     SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
     SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),
-    SECTION("log", "the daemon log", log_keys, struct log_config, log),
+    SECTION("log", "the daemon log and the delivery log", log_keys, struct log_config, log),
+    SECTION("bounce", "bounces and delivery status notifications", bounce_keys,
+            struct bounce_config, bounce),
 };
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
 
@@ -345,6 +389,10 @@ enter_section(struct parse *p, const char *section)
             p->sec = (int)i;
             return;
         }
+    if (strcmp(section, "classify") == 0) {
+        p->sec = -4;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -362,6 +410,12 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256];
+    if (p->sec == -4) {
+        /* [classify]: CLASS = MATCHER, a key repeated as often as needed. */
+        if (classify_add_rule(p->cfg->classify, name, value, why, sizeof(why)) < 0)
+            perr(p, p->line, "%s: %s", name, why);
+        return 1;
+    }
     if (p->sec == -2) {
         const struct conf_key *k = conf_find(domain_keys, name);
         if (k == NULL) {
@@ -498,6 +552,51 @@ key_line(struct parse *p, unsigned sec, const char *name)
     return k ? p->set_line[sec][k - sections[sec].keys] : 0;
 }
 
+static bool
+valid_field_name(const char *s, size_t n)
+{
+    if (n == 0)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] <= 32 || s[i] >= 127 || s[i] == ':')
+            return false;
+    return true;
+}
+
+/* [log] delivery_log_headers into cfg->log.headers. */
+static int
+parse_headers(struct parse *p)
+{
+    struct log_config *lc = &p->cfg->log;
+    unsigned sec = 0;
+    while (strcmp(sections[sec].name, "log") != 0)
+        sec++;
+    unsigned line = key_line(p, sec, "delivery_log_headers");
+    for (const char *s = lc->delivery_log_headers; s != NULL && *s != '\0';) {
+        while (*s == ' ' || *s == '\t' || *s == ',')
+            s++;
+        size_t n = strcspn(s, ", \t");
+        if (n == 0)
+            break;
+        if (!valid_field_name(s, n)) {
+            perr(p, line, "delivery_log_headers: \"%.*s\" is not a header field name", (int)n,
+                 s);
+        } else if (lc->nheaders == DLOG_HEADERS_MAX) {
+            perr(p, line, "delivery_log_headers: at most %d fields", DLOG_HEADERS_MAX);
+            return 0;
+        } else if ((lc->headers[lc->nheaders] = strndup(s, n)) == NULL) {
+            return -ENOMEM;
+        } else {
+            lc->nheaders++;
+        }
+        s += n;
+    }
+    const char *eh = p->cfg->server.expire_header;
+    if (eh != NULL && !valid_field_name(eh, strlen(eh)))
+        perr(p, key_line(p, 0, "expire_header"), "expire_header: not a header field name");
+    return 0;
+}
+
 static int
 finish(struct parse *p)
 {
@@ -555,6 +654,8 @@ finish(struct parse *p)
                                     sizeof(why));
     if (srv->ntrusted < 0)
         perr(p, key_line(p, 0, "trusted_networks"), "trusted_networks: %s", why);
+    if (parse_headers(p) < 0)
+        return -ENOMEM;
     if (p->nerrors != 0)
         return -EINVAL;
     if (cfg->server.workers == 0) {
@@ -597,6 +698,9 @@ config_load(const char *path, struct config **out, FILE *errs)
     }
     p.cfg = cfg;
     cfg->path = strdup(path);
+    cfg->classify = classify_new();
+    if (cfg->classify == NULL)
+        perr(&p, 0, "out of memory");
     char why[256];
     for (unsigned i = 0; i < NSECTIONS; i++)
         if (conf_defaults(sections[i].keys, (char *)cfg + sections[i].offset, why, sizeof(why)) <
@@ -632,6 +736,9 @@ config_free(struct config *cfg)
         free(cfg->domains[i].name);
     free(cfg->domains);
     free(cfg->default_domain.name);
+    for (unsigned i = 0; i < cfg->log.nheaders; i++)
+        free(cfg->log.headers[i]);
+    classify_free(cfg->classify);
     free(cfg->path);
     free(cfg);
     return NULL;
@@ -701,4 +808,15 @@ config_reference(FILE *out)
                  "one domain (names are case-insensitive; a trailing dot is ignored). Keys a "
                  "domain does not set come from `[domain *]`, then from the defaults below.\n\n");
     reference_table(out, domain_keys, sizeof(struct domain_policy));
+    fprintf(out, "## [classify]: bounce classification rules\n\n"
+                 "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
+                 "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "
+                 "rate_limited, dns_failure, tls_failure, connection_failure, expired, other. "
+                 "Matchers: `enh:5.7.1` (subject or detail may be `*`), `code:421`, or "
+                 "`text:REGEX` (POSIX extended, case-insensitive). Rules from this section are "
+                 "tried in order before the built-in table (see the README), and the first "
+                 "match wins:\n\n"
+                 "    [classify]\n"
+                 "    rate_limited = text:temporarily rate limited\n"
+                 "    policy = enh:5.7.26\n\n");
 }

@@ -43,6 +43,7 @@ struct server_config {
     int plaintext_auth;      /* enum plaintext_auth */
     uint64_t auth_fail_delay; /* ms */
     unsigned auth_max_failures;
+    char *expire_header;     /* owned; NULL: no per-message expiry header */
     /* derived at load */
     struct netaddr listen_addrs[NETADDR_MAX_LIST];
     int nlisten;
@@ -52,9 +53,23 @@ struct server_config {
     int ntrusted;
 };
 
+#define DLOG_HEADERS_MAX 8
+
 struct log_config {
     char *file;              /* owned; "-" or unset: stderr */
     int level;               /* enum log_level */
+    char *delivery_log;      /* owned; NULL: no delivery log */
+    uint64_t delivery_log_flush; /* ms */
+    char *delivery_log_headers; /* owned: as written; parsed into headers */
+    /* derived at load */
+    char *headers[DLOG_HEADERS_MAX]; /* owned: header field names, as written */
+    unsigned nheaders;
+};
+
+struct bounce_config {
+    bool dsn;                /* send DSNs to the envelope sender */
+    char *dsn_from;          /* owned: local part of the DSN's From (at server.hostname) */
+    uint64_t return_max;     /* RET=FULL returns messages up to this size, else headers */
 };
 
 struct delivery_config {
@@ -64,6 +79,7 @@ struct delivery_config {
     struct sockaddr_storage source4, source6; /* family AF_UNSPEC: not set */
     uint64_t connect_timeout; /* ms */
     uint64_t idle_timeout;    /* ms */
+    unsigned retry_jitter;    /* percent: each retry delay is moved by up to this much */
 };
 
 struct redis_config {
@@ -89,7 +105,10 @@ struct domain_policy {
     int tls;                 /* enum domain_tls */
     struct conf_durations retry_schedule;
     uint64_t max_age;        /* ms */
+    uint64_t site_hold;      /* ms: no new connection after a 421 or a site failure */
 };
+
+struct classify;
 
 struct config {
     char *path;              /* owned: the file it was read from */
@@ -101,6 +120,8 @@ struct config {
     struct redis_config redis;
     struct stats_config stats;
     struct log_config log;
+    struct bounce_config bounce;
+    struct classify *classify; /* owned: built-in rules, then [classify] ones first */
     struct domain_policy default_domain;
     struct domain_policy *domains; /* owned array, sorted by name */
     unsigned ndomains;

@@ -37,6 +37,9 @@
 
 #include "common/log.h"
 #include "dns/dns.h"
+#include "engine/classify.h"
+#include "engine/dlog.h"
+#include "engine/dsn.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/resolver.h"
@@ -54,7 +57,9 @@
 #define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
-#define RETRY_DEST_MS  60000 /* after every MX address failed */
+#define HOLD_MIN_MS    1000 /* shortest hold after every MX address failed */
+#define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
+#define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 
 struct job {
     struct worker_msg m; /* while it travels to the owner */
@@ -99,6 +104,9 @@ struct conn {
     bool tls_ready;
     bool tls_shut;
     char tls_desc[96];
+    char tls_proto[16], tls_cipher[64];
+    char src_str[64];     /* our address on this connection */
+    uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
     char *cin;            /* owned, CIN_CAP */
     size_t cin_off;       /* cin[cin_off..cin_len) waits to be fed; compacted only
                            * while no recv is writing into cin */
@@ -160,11 +168,14 @@ struct delivery {
     struct io_uring_buf_ring *br; /* owned (mmap): provided receive buffers, or NULL */
     char *br_mem;            /* owned: IN_BUFS * IN_CAP */
     struct conn *all;        /* every connection, for shutdown */
+    uint64_t rng;            /* xorshift state: retry jitter */
+    uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     bool resolver_closed;
     struct worker_msg stop_msg;
 };
 
 static void dest_run(struct dest *t);
+static void dest_hold(struct dest *t, uint64_t ms);
 static void delivery_check_done(struct delivery *d);
 static void conn_close(struct conn *c, const char *why);
 static void conn_handle(struct conn *c, int ev);
@@ -352,28 +363,245 @@ outcome_done(void *cookie, int rc)
 }
 
 static uint64_t
-retry_delay_ms(const struct domain_policy *pol, unsigned attempts)
+rng_next(struct delivery *d)
+{
+    uint64_t x = d->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return d->rng = x;
+}
+
+/* The schedule's delay for a recipient deferred attempts times already,
+ * moved at random by up to retry_jitter percent either way. */
+static uint64_t
+retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts)
 {
     const struct conf_durations *s = &pol->retry_schedule;
     unsigned i = attempts < s->n ? attempts : s->n - 1;
-    return s->ms[i];
+    uint64_t ms = s->ms[i];
+    unsigned pct = d->e->cfg->delivery.retry_jitter;
+    if (pct == 0 || ms == 0)
+        return ms;
+    uint64_t span = ms * pct / 100; /* at most half the delay */
+    uint64_t r = rng_next(d) % (2 * span + 1);
+    return ms - span + r;
+}
+
+/* When the recipients of id give up: max_age after arrival, or earlier
+ * when the message carried its own expiry. */
+static uint64_t
+job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env, uint64_t id)
+{
+    uint64_t arrival = env != NULL && env->arrival_ms != 0 ? env->arrival_ms : queue_id_time_ms(id);
+    uint64_t e = arrival + pol->max_age;
+    if (env != NULL && env->expire_ms != 0 && env->expire_ms < e)
+        e = env->expire_ms;
+    return e;
+}
+
+/* Where an outcome was met, for the log and the classification. */
+struct outcome_where {
+    const char *mx, *mx_addr, *source;
+    const char *tls_proto, *tls_cipher;
+    enum classify_source src; /* for outcomes that are not a server's reply */
+};
+
+static enum classify_source
+outcome_source(const struct smtp_outcome *o, enum classify_source fallback)
+{
+    switch (o->reason) {
+    case SMTP_REASON_REPLY:
+    case SMTP_REASON_SIZE:
+    case SMTP_REASON_ADDRESS:
+    case SMTP_REASON_NEED_8BITMIME:
+    case SMTP_REASON_NEED_SMTPUTF8:
+    case SMTP_REASON_RCPT_LIMIT:
+    case SMTP_REASON_NO_RCPT:
+        return CLASSIFY_REPLY;
+    case SMTP_REASON_TIMEOUT:
+    case SMTP_REASON_EOF:
+    case SMTP_REASON_QUIT:
+        return CLASSIFY_CONNECT;
+    case SMTP_REASON_PROTOCOL:
+        return CLASSIFY_PROTOCOL;
+    case SMTP_REASON_TLS_UNAVAILABLE:
+    case SMTP_REASON_TLS_REFUSED:
+    case SMTP_REASON_TLS_FAILED:
+    case SMTP_REASON_TLS_UNVERIFIED:
+        return CLASSIFY_TLS;
+    default:
+        return o->code != 0 && fallback == CLASSIFY_REPLY ? CLASSIFY_REPLY : fallback;
+    }
+}
+
+/* Values of the configured delivery-log headers in the message's header
+ * section; vals[i] points into buf (NULL when absent). */
+static void
+job_headers(struct delivery *d, uint64_t id, char *buf, size_t cap, const char **vals)
+{
+    const struct log_config *lc = &d->e->cfg->log;
+    for (unsigned i = 0; i < lc->nheaders; i++)
+        vals[i] = NULL;
+    size_t len = 0;
+    if (lc->nheaders == 0 || queue_body_read(d->e->queue, id, 0, buf, cap - 1, &len) != 0)
+        return;
+    buf[len] = '\0';
+    for (char *line = buf; *line != '\0' && *line != '\r' && *line != '\n';) {
+        char *eol = strstr(line, "\r\n");
+        if (eol == NULL)
+            break; /* cut by the scan's size */
+        *eol = '\0';
+        char *colon = strchr(line, ':');
+        for (unsigned i = 0; colon != NULL && i < lc->nheaders; i++) {
+            size_t n = strlen(lc->headers[i]);
+            if (vals[i] == NULL && (size_t)(colon - line) == n &&
+                strncasecmp(line, lc->headers[i], n) == 0) {
+                char *v = colon + 1;
+                while (*v == ' ' || *v == '\t')
+                    v++;
+                vals[i] = v; /* a folded value keeps its first line only */
+            }
+        }
+        line = eol + 2;
+    }
+}
+
+struct dsn_job {
+    struct delivery *d;
+    uint64_t id, orig;
+    char *text; /* owned: the DSN, until its commit */
+    size_t len;
+    char domain[256];
+};
+
+static void
+dsn_on_commit(void *cookie, int rc)
+{
+    struct dsn_job *dj = cookie;
+    struct delivery *d = dj->d;
+    char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(dj->id, qid);
+    queue_id_str(dj->orig, oqid);
+    if (rc != 0) {
+        log_msg(LOG_ERR, "id=%s event=dsn_enqueue_failed err=\"%s\"", oqid, queue_strerror(rc));
+    } else {
+        unsigned idx = 0;
+        d->stats.dsn_queued++;
+        log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
+        struct dlog_event ev = {.kind = DLOG_DSN, .id = oqid, .reply = qid, .size = dj->len};
+        dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+        delivery_submit(d->e, dj->id, dj->domain, &idx, 1);
+    }
+    free(dj->text);
+    free(dj);
+}
+
+/* Queue a DSN for the failed recipients r[0..n) of env to its sender. */
+static void
+dsn_send(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
+         unsigned n)
+{
+    const struct config *cfg = d->e->cfg;
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(env->id, qid);
+    bool full = env->ret == QUEUE_RET_FULL && env->body_len <= cfg->bounce.return_max;
+    size_t want = full ? env->body_len : (env->body_len < DSN_ORIG_MAX ? env->body_len : DSN_ORIG_MAX);
+    char *orig = malloc(want ? want : 1);
+    size_t got = 0;
+    if (orig == NULL || queue_body_read(d->e->queue, env->id, 0, orig, want, &got) != 0)
+        got = 0;
+    char from[300], msgid[400];
+    snprintf(from, sizeof(from), "%s@%s", cfg->bounce.dsn_from, cfg->server.hostname);
+    snprintf(msgid, sizeof(msgid), "%s.dsn%llu.w%u@%s", qid, (unsigned long long)++d->dsn_seq,
+             d->w->id, cfg->server.hostname);
+    struct dsn_input in = {
+        .reporting_mta = cfg->server.hostname,
+        .from_addr = from,
+        .to_addr = env->sender,
+        .message_id = msgid,
+        .boundary_seed = msgid,
+        .envid = env->envid,
+        .queue_id = qid,
+        .arrival_ms = env->arrival_ms,
+        .now_ms = unix_ms(),
+        .orig = got ? orig : NULL,
+        .orig_len = got,
+        .ret_full = full,
+        .full_max = cfg->bounce.return_max,
+        .smtputf8 = env->smtputf8,
+        .rcpt = r,
+        .nrcpt = n,
+    };
+    struct dsn_job *dj = calloc(1, sizeof(*dj));
+    int rc = dj ? dsn_build(&in, &dj->text, &dj->len) : -ENOMEM;
+    free(orig);
+    if (rc != 0) {
+        log_msg(LOG_ERR, "id=%s event=dsn_failed err=%d", qid, rc);
+        free(dj);
+        return;
+    }
+    dj->d = d;
+    dj->orig = env->id;
+    dj->id = queue_id_next(d->e->queue);
+    const char *at = strrchr(env->sender, '@');
+    snprintf(dj->domain, sizeof(dj->domain), "%s", at ? at + 1 : "");
+    struct queue_rcpt qr = {.addr = env->sender};
+    struct queue_envelope denv = {
+        .id = dj->id,
+        .sender = "",
+        .ret = QUEUE_RET_NONE,
+        .body_type = env->body_type == QUEUE_BODY_7BIT ? QUEUE_BODY_7BIT : QUEUE_BODY_8BITMIME,
+        .smtputf8 = env->smtputf8,
+        .nrcpt = 1,
+        .rcpt = &qr,
+    };
+    struct iovec iov = {dj->text, dj->len};
+    rc = queue_enqueue(d->e->queue, d->port, &denv, &iov, 1, dsn_on_commit, dj);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "id=%s event=dsn_enqueue_failed err=\"%s\"", qid, queue_strerror(rc));
+        free(dj->text);
+        free(dj);
+    }
 }
 
 /* Report the outcome of every recipient of job (from the transaction, or
- * one outcome for all when out is given) to the spool and the log. */
+ * one outcome for all when all is given) to the spool, the logs and the
+ * sender (DSN). A temporary failure past the recipient's expiry is an
+ * expiration; a deferral never reaches past it, so that a deferred
+ * recipient comes due when it expires. */
 static void
 job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
-           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all, const char *mx,
-           const char *tls)
+           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all,
+           const struct outcome_where *where)
 {
+    const struct config *cfg = d->e->cfg;
     struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
-    if (qo == NULL) {
+    struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
+    char (*status)[16] = calloc(j->n, sizeof(*status));
+    if (qo == NULL || dr == NULL || status == NULL) {
         log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
+        free(qo);
+        free(dr);
+        free(status);
         return;
     }
+    static const struct outcome_where nowhere = {.src = CLASSIFY_CONNECT};
+    if (where == NULL)
+        where = &nowhere;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(j->id, qid);
     uint64_t now = unix_ms();
+    uint64_t expire = job_expire_ms(t->pol, env, j->id);
+    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    const char *hvals[DLOG_HEADERS_MAX];
+    char *hbuf = NULL;
+    unsigned nhdr = lw != NULL ? cfg->log.nheaders : 0;
+    if (nhdr > 0 && (hbuf = malloc(HDR_SCAN_MAX)) != NULL)
+        job_headers(d, j->id, hbuf, HDR_SCAN_MAX, hvals);
+    else
+        nhdr = 0;
+    unsigned ndsn = 0;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -384,39 +612,103 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         qo[i].rcpt = j->idx[i];
         qo[i].code = o->code;
         qo[i].reply = o->text;
-        const char *what;
+        enum dlog_kind kind;
+        enum bounce_class cls = BOUNCE_OTHER;
+        bool failed = false;
         if (o->status == SMTP_STATUS_DELIVERED) {
             qo[i].kind = QUEUE_DELIVERED;
-            what = "delivered";
+            kind = DLOG_DELIVERY;
             d->stats.delivered++;
+            if (where->tls_proto != NULL)
+                d->stats.delivered_tls++;
         } else if (o->status == SMTP_STATUS_PERMFAIL) {
             qo[i].kind = QUEUE_BOUNCED;
-            what = "bounced";
+            kind = DLOG_BOUNCE;
+            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
+            failed = true;
             d->stats.bounced++;
+        } else if (now >= expire) {
+            qo[i].kind = QUEUE_BOUNCED;
+            kind = DLOG_EXPIRATION;
+            cls = BOUNCE_EXPIRED;
+            failed = true;
+            d->stats.expired++;
         } else {
+            uint64_t due = now + retry_delay_ms(d, t->pol, r ? r->attempts : 0);
             qo[i].kind = QUEUE_DEFERRED;
-            qo[i].due_ms = now + retry_delay_ms(t->pol, r ? r->attempts : 0);
-            what = "deferred";
+            qo[i].due_ms = due < expire ? due : expire;
+            kind = DLOG_TRANSIENT_FAILURE;
+            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             d->stats.deferred++;
         }
+        char enh[16] = "";
+        if (o->enh.cls != 0)
+            snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
+        const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
         log_msg(LOG_INFO,
                 "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" code=%u "
-                "enhanced=%u.%u.%u reason=%s reply=\"%s\"",
-                qid, what, r ? r->addr : "?", t->name, mx ? mx : "-",
-                tls && tls[0] ? tls : "none", o->code, o->enh.cls,
-                o->enh.subject, o->enh.detail, smtp_reason_str(o->reason), o->text);
+                "enhanced=%s reason=%s class=%s reply=\"%s\"",
+                qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
+                     : kind == DLOG_EXPIRATION ? "expired" : "bounced",
+                r ? r->addr : "?", t->name, where->mx ? where->mx : "-",
+                where->tls_proto ? where->tls_proto : "none", o->code, enh[0] ? enh : "-",
+                smtp_reason_str(o->reason), cls_str ? cls_str : "-", o->text);
+        struct dlog_event ev = {
+            .kind = kind,
+            .time_ms = now,
+            .id = qid,
+            .rcpt = r ? r->addr : NULL,
+            .sender = env ? env->sender : NULL,
+            .domain = t->name,
+            .mx = where->mx,
+            .mx_addr = where->mx_addr,
+            .source = where->source,
+            .code = o->code,
+            .enhanced = enh[0] ? enh : NULL,
+            .reply = o->text[0] ? o->text : NULL,
+            .attempt = (r ? r->attempts : 0) + 1,
+            .classification = cls_str,
+            .tls_protocol = where->tls_proto,
+            .tls_cipher = where->tls_cipher,
+            .size = env ? env->body_len : 0,
+            .arrival_ms = env ? env->arrival_ms : queue_id_time_ms(j->id),
+            .hdr_names = (const char *const *)cfg->log.headers,
+            .hdr_values = hvals,
+            .nhdr = nhdr,
+        };
+        dlog_event(lw, &ev);
+        if (failed && r != NULL && env != NULL && env->sender[0] != '\0' && cfg->bounce.dsn &&
+            dsn_wanted(r->notify, true)) {
+            struct dsn_rcpt *x = &dr[ndsn++];
+            dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, false);
+            if (kind == DLOG_EXPIRATION)
+                snprintf(status[i], sizeof(status[i]), "%s", "4.4.7");
+            x->addr = r->addr;
+            x->orcpt = r->orcpt;
+            x->status = status[i];
+            x->code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
+            x->text = o->text[0] ? o->text : NULL;
+            x->remote_mta = where->mx;
+            x->last_attempt_ms = now;
+            x->class_str = cls_str;
+        }
     }
     int rc2 = queue_update(d->e->queue, d->port, qo, j->n, outcome_done, NULL);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
+    if (ndsn > 0)
+        dsn_send(d, env, dr, ndsn);
+    free(hbuf);
     free(qo);
+    free(dr);
+    free(status);
 }
 
 /* A failure for a whole job without a session: DNS, no address. */
 static void
 job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent, unsigned code,
-         const char *enh, const char *text)
+         const char *enh, const char *text, enum classify_source src)
 {
     struct smtp_outcome o;
     memset(&o, 0, sizeof(o));
@@ -433,7 +725,8 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent, unsi
     snprintf(o.text, sizeof(o.text), "%s", text);
     struct queue_envelope *env = NULL;
     queue_envelope_get(d->e->queue, j->id, &env);
-    job_finish(d, t, j, env, NULL, &o, NULL, NULL);
+    struct outcome_where where = {.src = src};
+    job_finish(d, t, j, env, NULL, &o, &where);
     queue_envelope_free(env);
     free(j);
 }
@@ -442,13 +735,23 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent, unsi
 
 #define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
 
+/* The state's deadline, or the expiry of the job in flight when sooner:
+ * a recipient expires even on a connection that hangs. */
 static void
 conn_deadline(struct conn *c, uint64_t ms)
 {
-    if (ms == 0)
+    uint64_t now = c->d->w->now;
+    uint64_t at = ms == 0 ? 0 : now + MS_TO_NS(ms);
+    if (c->job != NULL && c->expire_ms != 0) {
+        uint64_t wall = unix_ms();
+        uint64_t e = now + MS_TO_NS(c->expire_ms > wall ? c->expire_ms - wall : 0);
+        if (at == 0 || e < at)
+            at = e;
+    }
+    if (at == 0)
         worker_timer_cancel(c->d->w, &c->timer);
     else
-        worker_timer_arm(c->d->w, &c->timer, c->d->w->now + MS_TO_NS(ms));
+        worker_timer_arm(c->d->w, &c->timer, at);
 }
 
 /* The machine, with a buffer lent from the pool: every call that may
@@ -499,6 +802,13 @@ conn_free(struct conn *c)
             *p = c->next_idle;
             break;
         }
+    const struct smtp_outcome *so = c->connected ? smtp_client_session(&c->cli) : NULL;
+    if (so != NULL && so->code == 421 && !d->stopping) {
+        /* The server pushes back: give it a rest (RFC 5321 3.8). */
+        log_msg(LOG_NOTICE, "event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
+                t->name, c->mx, (unsigned long long)t->pol->site_hold, so->text);
+        dest_hold(t, t->pol->site_hold);
+    }
     if (!c->ready_once) {
         t->opening--;
         if (c->connected) {
@@ -749,6 +1059,21 @@ conn_next(struct conn *c)
             free(j); /* gone: bounced by an operator, or done before a restart */
             continue;
         }
+        uint64_t expire = job_expire_ms(t->pol, env, j->id);
+        if (unix_ms() >= expire) {
+            /* Expired while it waited here: bounce it, do not send it. */
+            struct smtp_outcome o;
+            memset(&o, 0, sizeof(o));
+            o.status = SMTP_STATUS_TEMPFAIL;
+            o.scope = SMTP_SCOPE_MESSAGE;
+            o.enh = (struct smtp_enh){4, 4, 7};
+            snprintf(o.text, sizeof(o.text), "message expired in the queue");
+            struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+            job_finish(c->d, t, j, env, NULL, &o, &where);
+            queue_envelope_free(env);
+            free(j);
+            continue;
+        }
         struct smtp_client_rcpt *rc = calloc(j->n, sizeof(*rc));
         if (rc == NULL) {
             queue_envelope_free(env);
@@ -779,6 +1104,7 @@ conn_next(struct conn *c)
         c->job = j;
         c->env = env;
         c->rc = rc;
+        c->expire_ms = expire;
         break;
     }
     struct queue_envelope *env = c->env;
@@ -811,16 +1137,27 @@ conn_txn_done(struct conn *c)
     c->job = NULL;
     c->nmsgs++;
     /* A session failure before this connection delivered anything is the
-     * server's, not the message's: give the job to the next MX address. */
+     * server's, not the message's: give the job to the next MX address.
+     * Not after a 421: the server is pushing back, the destination waits
+     * (site_hold) and the job is deferred like any temporary failure. */
     if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
-        c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL) {
+        c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
+        unix_ms() < c->expire_ms) {
         t->last_fail = c->txn.msg;
         t->failed_addrs++;
         t->next_addr++;
         dest_push(t, j, true);
     } else {
         t->failed_addrs = 0;
-        job_finish(c->d, t, j, c->env, c->rc, NULL, c->mx, c->tls_ready ? c->tls_desc : NULL);
+        struct outcome_where where = {
+            .mx = c->mx,
+            .mx_addr = c->addr_str,
+            .source = c->src_str[0] ? c->src_str : NULL,
+            .tls_proto = c->tls_ready ? c->tls_proto : NULL,
+            .tls_cipher = c->tls_ready ? c->tls_cipher : NULL,
+            .src = CLASSIFY_CONNECT,
+        };
+        job_finish(c->d, t, j, c->env, c->rc, NULL, &where);
         free(j);
     }
     queue_envelope_free(c->env);
@@ -933,6 +1270,8 @@ tls_in(struct conn *c)
             c->tls_ready = true;
             bool verified = false;
             if (tls_conn_info(c->tls, &info) == 0) {
+                snprintf(c->tls_proto, sizeof(c->tls_proto), "%s", info.protocol);
+                snprintf(c->tls_cipher, sizeof(c->tls_cipher), "%s", info.cipher);
                 snprintf(c->tls_desc, sizeof(c->tls_desc), "%s %s%s", info.protocol, info.cipher,
                          info.resumed ? " resumed" : "");
                 verified = info.verified;
@@ -1087,6 +1426,10 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     c->connected = true;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof(local);
+    if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
+        netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
     log_msg(LOG_INFO, "event=connected domain=%s mx=%s addr=%s", c->dest->name, c->mx,
             c->addr_str);
     int one = 1;
@@ -1215,12 +1558,25 @@ dest_on_hold(struct timer *tm, void *ctx)
     dest_run(t);
 }
 
+/* No new connection to t for ms; what waits keeps its place. */
 static void
-dest_fail_all(struct dest *t, bool permanent, unsigned code, const char *enh, const char *text)
+dest_hold(struct dest *t, uint64_t ms)
+{
+    struct delivery *d = t->d;
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (until <= t->hold_until)
+        return;
+    t->hold_until = until;
+    worker_timer_arm(d->w, &t->hold_timer, until);
+}
+
+static void
+dest_fail_all(struct dest *t, bool permanent, unsigned code, const char *enh, const char *text,
+              enum classify_source src)
 {
     struct job *j;
     while ((j = dest_pop(t)) != NULL)
-        job_fail(t->d, t, j, permanent, code, enh, text);
+        job_fail(t->d, t, j, permanent, code, enh, text, src);
 }
 
 static void
@@ -1236,7 +1592,7 @@ dest_run(struct dest *t)
         if (t->req != NULL)
             return;
         if (d->res == NULL) {
-            dest_fail_all(t, false, 451, "4.4.3", "no resolver on this worker");
+            dest_fail_all(t, false, 451, "4.4.3", "no resolver on this worker", CLASSIFY_DNS);
             return;
         }
         struct dns_mx_result *res = NULL;
@@ -1255,15 +1611,16 @@ dest_run(struct dest *t)
     case DNS_OK:
         break;
     case DNS_NOT_FOUND:
-        dest_fail_all(t, true, 550, "5.1.2", t->mx->why);
+        dest_fail_all(t, true, 550, "5.1.2", t->mx->why, CLASSIFY_DNS);
         return;
     case DNS_NULL_MX:
-        dest_fail_all(t, true, 556, "5.1.10", "domain accepts no mail (null MX, RFC 7505)");
+        dest_fail_all(t, true, 556, "5.1.10", "domain accepts no mail (null MX, RFC 7505)",
+                      CLASSIFY_DNS);
         return;
     case DNS_RETRY:
     case DNS_FAIL:
     default:
-        dest_fail_all(t, false, 451, "4.4.3", t->mx->why);
+        dest_fail_all(t, false, 451, "4.4.3", t->mx->why, CLASSIFY_DNS);
         t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
         return;
     }
@@ -1289,16 +1646,16 @@ dest_run(struct dest *t)
                     while ((j = dest_pop(t)) != NULL) {
                         struct queue_envelope *env = NULL;
                         queue_envelope_get(d->e->queue, j->id, &env);
-                        job_finish(d, t, j, env, NULL, &t->last_fail, NULL, NULL);
+                        struct outcome_where where = {.src = CLASSIFY_CONNECT};
+                        job_finish(d, t, j, env, NULL, &t->last_fail, &where);
                         queue_envelope_free(env);
                         free(j);
                     }
                 } else {
-                    dest_fail_all(t, false, 451, "4.4.1", "no MX host answered");
+                    dest_fail_all(t, false, 451, "4.4.1", "no MX host answered", CLASSIFY_CONNECT);
                 }
                 memset(&t->last_fail, 0, sizeof(t->last_fail));
-                t->hold_until = d->w->now + MS_TO_NS(RETRY_DEST_MS);
-                worker_timer_arm(d->w, &t->hold_timer, t->hold_until);
+                dest_hold(t, t->pol->site_hold > HOLD_MIN_MS ? t->pol->site_hold : HOLD_MIN_MS);
             }
             return;
         }
@@ -1430,6 +1787,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->port_op = (struct op){OP_CALLBACK, port_on_ready};
     timer_init(&d->due_timer, due_on_timer);
     d->cli_pool.size = sizeof(struct smtp_client_buf);
+    d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->stop_msg.fn = delivery_on_stop;
     d->port = queue_port_new();

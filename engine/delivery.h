@@ -23,6 +23,9 @@ struct delivery;
 
 struct delivery_stats {
     uint64_t delivered, deferred, bounced; /* recipients */
+    uint64_t expired;                      /* recipients past max_age (not counted in bounced) */
+    uint64_t delivered_tls;                /* recipients delivered over TLS */
+    uint64_t dsn_queued;                   /* DSNs committed to the spool */
     uint64_t connections;                  /* opened */
     uint64_t connect_failures;
     uint64_t transactions;

@@ -14,6 +14,7 @@
 
 #include "common/log.h"
 #include "engine/delivery.h"
+#include "engine/dlog.h"
 #include "engine/server.h"
 
 struct start_msg {
@@ -103,6 +104,12 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
+    if (cfg->log.delivery_log != NULL) {
+        rc = dlog_new(cfg->log.delivery_log, (unsigned)cfg->log.delivery_log_flush, &e->dlog,
+                      err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
     rc = tls_ctx_new_client(&cfg->tls, &e->tls_client, err, errlen);
     if (rc < 0)
         goto fail;
@@ -114,7 +121,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->workers = calloc(cfg->server.workers, sizeof(*e->workers));
     e->srv = calloc(cfg->server.workers, sizeof(*e->srv));
     e->dlv = calloc(cfg->server.workers, sizeof(*e->dlv));
-    if (e->workers == NULL || e->srv == NULL || e->dlv == NULL) {
+    e->dlogw = calloc(cfg->server.workers, sizeof(*e->dlogw));
+    if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
         goto fail;
@@ -131,6 +139,11 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
         e->nworkers++;
+        if (e->dlog != NULL && (e->dlogw[i] = dlog_writer_new(e->dlog)) == NULL) {
+            snprintf(err, errlen, "out of memory for the delivery log");
+            rc = -ENOMEM;
+            goto fail;
+        }
         rc = server_worker_new(e, &e->workers[i], &e->srv[i], err, errlen);
         if (rc < 0)
             goto fail;
@@ -195,7 +208,13 @@ engine_stop(struct engine *e)
         }
         e->workers[i].mbox_head = NULL;
         worker_fini(&e->workers[i]);
+        if (e->dlogw != NULL)
+            e->dlogw[i] = dlog_writer_free(e->dlogw[i]);
     }
+    /* After every worker: what they logged is written out. */
+    e->dlog = dlog_free(e->dlog);
+    free(e->dlogw);
+    e->dlogw = NULL;
     free(e->workers);
     free(e->srv);
     free(e->dlv);
@@ -219,6 +238,8 @@ int
 engine_reload(struct engine *e)
 {
     char err[512];
+    if (e->dlog != NULL)
+        dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */
     int rc = load_users(e, err, sizeof(err));
     if (rc < 0)
         log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);

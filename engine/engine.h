@@ -20,6 +20,8 @@
 #include "tls/tls.h"
 
 struct server_worker;
+struct dlog;
+struct dlog_writer;
 
 /* Connections per client address, shared by all workers (accepting is
  * not hot enough for anything finer than one lock). */
@@ -45,6 +47,8 @@ struct engine {
     struct worker *workers;    /* owned array of nworkers */
     struct server_worker **srv; /* owned: the submission server of each worker */
     struct delivery **dlv;     /* owned: the outbound side of each worker */
+    struct dlog *dlog;         /* owned: the delivery log, NULL when off */
+    struct dlog_writer **dlogw; /* owned: one writer per worker (NULL entries when off) */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     struct conn_table per_ip;
@@ -57,7 +61,8 @@ int engine_start(struct engine *e, const struct config *cfg, char *err, size_t e
 /* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
 
-/* SIGHUP: reload what can change at run time (for now the users file).
+/* SIGHUP: reload what can change at run time (for now the users file)
+ * and reopen the delivery log.
  * Main thread. Returns 0, or a negative code when the new file was refused
  * (the old one stays; the errors are logged). */
 int engine_reload(struct engine *e);

@@ -3,9 +3,13 @@
  */
 #include "engine/msa.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#include "common/conf.h"
 
 static bool
 field_is(const char *line, size_t len, const char *name)
@@ -93,4 +97,80 @@ msa_headers(const struct msa_trace *t, char *out, size_t cap)
             len += (size_t)n;
     }
     return len;
+}
+
+bool
+msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *off, size_t *len,
+               const char **val, size_t *vlen)
+{
+    size_t pos = 0;
+    while (pos < hdr_len) {
+        const char *line = msg + pos;
+        const char *lf = memchr(line, '\n', hdr_len - pos);
+        size_t llen = lf ? (size_t)(lf - line) + 1 : hdr_len - pos;
+        size_t content = llen;
+        while (content > 0 && (line[content - 1] == '\n' || line[content - 1] == '\r'))
+            content--;
+        if (line[0] != ' ' && line[0] != '\t' && field_is(line, content, name)) {
+            size_t end = pos + llen;
+            while (end < hdr_len && (msg[end] == ' ' || msg[end] == '\t')) {
+                const char *nl = memchr(msg + end, '\n', hdr_len - end);
+                end = nl ? (size_t)(nl - msg) + 1 : hdr_len;
+            }
+            const char *v = line + strlen(name) + 1;
+            const char *ve = line + content;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
+            *off = pos;
+            *len = end - pos;
+            *val = v;
+            *vlen = (size_t)(ve - v);
+            return true;
+        }
+        pos += llen;
+    }
+    return false;
+}
+
+static int
+days_from_civil(int y, unsigned m, unsigned d, int64_t *days)
+{
+    /* Howard Hinnant's algorithm: days since 1970-01-01. */
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    unsigned yoe = (unsigned)(y - era * 400);
+    unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    *days = era * 146097 + (int64_t)doe - 719468;
+    return 0;
+}
+
+int
+msa_parse_expiry(const char *val, size_t vlen, uint64_t now_ms, uint64_t *expire_ms)
+{
+    char buf[64];
+    if (vlen == 0 || vlen >= sizeof(buf))
+        return -EINVAL;
+    memcpy(buf, val, vlen);
+    buf[vlen] = '\0';
+    int y;
+    unsigned mo, d, h, mi, sec;
+    char z;
+    int n = 0;
+    if (sscanf(buf, "%4d-%2u-%2uT%2u:%2u:%2u%c%n", &y, &mo, &d, &h, &mi, &sec, &z, &n) == 7) {
+        if ((z != 'Z' && z != 'z') || buf[n] != '\0' || y < 1970 || mo < 1 || mo > 12 ||
+            d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60)
+            return -EINVAL;
+        int64_t days;
+        days_from_civil(y, mo, d, &days);
+        *expire_ms = (uint64_t)((days * 86400 + h * 3600 + mi * 60 + sec) * 1000);
+        return 0;
+    }
+    uint64_t ms;
+    if (conf_parse_duration(buf, &ms) < 0 || ms == 0)
+        return -EINVAL;
+    *expire_ms = now_ms + ms;
+    return 0;
 }

@@ -8,6 +8,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <time.h>
 
 struct msa_scan {
@@ -15,6 +16,18 @@ struct msa_scan {
     bool has_date;
     size_t header_len; /* octets of the header section, the empty line excluded */
 };
+
+/* A header field of the header section (its first hdr_len octets, as
+ * msa_scan() measured): the whole field with its continuation lines and
+ * CRLF at msg[*off .. *off + *len), its value's first line at *val
+ * (*vlen octets, surrounding blanks trimmed). Returns false when absent. */
+bool msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *off, size_t *len,
+                    const char **val, size_t *vlen);
+
+/* A per-message expiry: a duration from now ("90m", "2h", "3600") or an
+ * RFC 3339 UTC time ("2026-11-23T18:00:00Z"). Sets *expire_ms (Unix ms).
+ * Returns 0 or -EINVAL. */
+int msa_parse_expiry(const char *val, size_t vlen, uint64_t now_ms, uint64_t *expire_ms);
 
 /* Look through the header section of a CRLF message (up to the first
  * empty line, or the first line that is not a header field). */

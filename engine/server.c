@@ -36,6 +36,7 @@
 #include "common/log.h"
 #include "engine/auth.h"
 #include "engine/delivery.h"
+#include "engine/dlog.h"
 #include "engine/engine.h"
 #include "engine/msa.h"
 #include "engine/netaddr.h"
@@ -191,6 +192,7 @@ static void session_on_send(struct worker *w, struct op *op, int res, uint32_t f
 static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_timer(struct timer *t, void *ctx);
 static void hand_to_delivery(struct session *s);
+static void log_reception(struct session *s, const char *qid);
 
 #define SESSION_OF(ptr, field) ((struct session *)((char *)(ptr) - offsetof(struct session, field)))
 
@@ -417,7 +419,9 @@ session_on_commit(void *cookie, int rc)
     queue_id_str(s->msg_id, qid);
     if (rc == 0) {
         s->sw->stats.messages++;
+        s->sw->stats.recipients += s->nrcpt;
         hand_to_delivery(s);
+        log_reception(s, qid);
         log_msg(LOG_INFO,
                 "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu user=%s "
                 "client=%s",
@@ -437,6 +441,46 @@ session_on_commit(void *cookie, int rc)
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
     session_run(s);
+}
+
+/* The reception event of the delivery log, with the configured header
+ * fields of the message. */
+static void
+log_reception(struct session *s, const char *qid)
+{
+    struct engine *e = s->sw->e;
+    struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
+    if (lw == NULL)
+        return;
+    const struct log_config *lc = &e->cfg->log;
+    char vals[DLOG_HEADERS_MAX][256];
+    const char *hv[DLOG_HEADERS_MAX];
+    if (lc->nheaders > 0) {
+        struct msa_scan scan;
+        msa_scan(s->body, s->body_len, &scan);
+        for (unsigned i = 0; i < lc->nheaders; i++) {
+            size_t off, len, vl;
+            const char *v;
+            hv[i] = NULL;
+            if (msa_find_field(s->body, scan.header_len, lc->headers[i], &off, &len, &v, &vl)) {
+                snprintf(vals[i], sizeof(vals[i]), "%.*s", (int)vl, v);
+                hv[i] = vals[i];
+            }
+        }
+    }
+    struct dlog_event ev = {
+        .kind = DLOG_RECEPTION,
+        .id = qid,
+        .sender = s->sender,
+        .size = s->body_len + s->hdrs_len,
+        .rcpt_count = s->nrcpt,
+        .client = s->peer_ip,
+        .auth_user = s->user ? s->user->name : NULL,
+        .hdr_names = (const char *const *)lc->headers,
+        .hdr_values = hv,
+        .nhdr = lc->nheaders,
+    };
+    dlog_event(lw, &ev);
 }
 
 /* The message is safe in the spool: give its recipients, grouped by
@@ -520,6 +564,27 @@ message_finish(struct session *s, uint32_t data_flags)
 
     struct msa_scan scan;
     msa_scan(s->body, s->body_len, &scan);
+    /* The message's own expiry, a field for us alone: it never leaves. */
+    uint64_t expire_ms = 0;
+    size_t cut_off = s->body_len, cut_len = 0;
+    const char *ev;
+    size_t evl;
+    if (sw->cfg->expire_header != NULL &&
+        msa_find_field(s->body, scan.header_len, sw->cfg->expire_header, &cut_off, &cut_len, &ev,
+                       &evl)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t now_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+        if (msa_parse_expiry(ev, evl, now_ms, &expire_ms) < 0) {
+            sw->stats.rejected++;
+            reply(s, "550 5.6.0 Message refused: %s must be a duration (90m, 2h) or an RFC 3339 "
+                     "UTC time (2026-11-23T18:00:00Z)",
+                  sw->cfg->expire_header);
+            txn_reset(s);
+            session_enter(s, SS_COMMAND);
+            return;
+        }
+    }
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
     struct msa_trace t = {
@@ -559,14 +624,16 @@ message_finish(struct session *s, uint32_t data_flags)
         .smtputf8 = s->smtputf8,
         .auth_user = s->user ? s->user->name : NULL,
         .client_addr = s->peer_ip,
+        .expire_ms = expire_ms,
         .nrcpt = s->nrcpt,
         .rcpt = qr,
     };
-    struct iovec iov[2] = {
+    struct iovec iov[3] = {
         {s->hdrs, s->hdrs_len},
-        {s->body, s->body_len},
+        {s->body, cut_off},
+        {s->body + cut_off + cut_len, s->body_len - cut_off - cut_len},
     };
-    int rc = queue_enqueue(sw->e->queue, sw->port, &env, iov, 2, session_on_commit, s);
+    int rc = queue_enqueue(sw->e->queue, sw->port, &env, iov, 3, session_on_commit, s);
     free(qr);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",

@@ -22,6 +22,7 @@ struct server_stats {
     uint64_t refused;       /* connections over a limit */
     uint64_t sessions;      /* open now */
     uint64_t messages;      /* queued (250 sent) */
+    uint64_t recipients;    /* of the messages queued */
     uint64_t rejected;      /* messages refused after DATA */
     uint64_t auth_ok, auth_failed;
 };

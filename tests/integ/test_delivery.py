@@ -104,7 +104,7 @@ class Sink:
 class Relay:
     """dnsmasq + smtp-sink + sluice, all on ports of their own."""
 
-    def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True):
+    def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False):
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -132,6 +132,8 @@ connect_timeout = 2s
 idle_timeout = 1s
 [dns]
 servers = 127.0.0.1:{self.dns.port}
+{"" if dsn else "[bounce]"}
+{"" if dsn else "dsn = no"}
 {domain_conf}
 """)
             self.d = Sluice(SLUICE, conf)
