@@ -58,6 +58,8 @@
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
 #define HOLD_MIN_MS    1000 /* shortest hold after every MX address failed */
+#define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
+#define EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 
@@ -65,6 +67,7 @@ struct job {
     struct worker_msg m; /* while it travels to the owner */
     struct job *next;
     uint64_t id;
+    uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     unsigned n;
     char domain[256];
     unsigned idx[];
@@ -149,6 +152,7 @@ struct dest {
     uint64_t hold_until;     /* monotonic ns: no new connection before */
     struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
     struct timer hold_timer;
+    struct timer sweep_timer; /* while held: expire what waits */
 };
 
 struct delivery {
@@ -261,6 +265,7 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
     j->m.fn = delivery_on_job;
     j->next = NULL;
     j->id = id;
+    j->expire_ms = 0;
     j->n = n;
     for (size_t i = 0; i < dl; i++)
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
@@ -272,6 +277,7 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
 /* ---- destinations ---- */
 
 static void dest_on_hold(struct timer *t, void *ctx);
+static void dest_on_sweep(struct timer *t, void *ctx);
 
 static struct dest *
 dest_get(struct delivery *d, const char *name)
@@ -288,6 +294,7 @@ dest_get(struct delivery *d, const char *name)
     t->pol = config_domain(d->e->cfg, name);
     t->tail = &t->head;
     timer_init(&t->hold_timer, dest_on_hold);
+    timer_init(&t->sweep_timer, dest_on_sweep);
     t->hnext = d->buckets[b];
     d->buckets[b] = t;
     return t;
@@ -348,6 +355,8 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
         j = rest;
     }
     dest_push(t, j, false);
+    if (d->w->now < t->hold_until && !timer_armed(&t->sweep_timer))
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
     dest_run(t);
 }
 
@@ -627,7 +636,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             failed = true;
             d->stats.bounced++;
-        } else if (now >= expire) {
+        } else if (now + EXPIRY_SLACK_MS >= expire) {
             qo[i].kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
@@ -1060,7 +1069,7 @@ conn_next(struct conn *c)
             continue;
         }
         uint64_t expire = job_expire_ms(t->pol, env, j->id);
-        if (unix_ms() >= expire) {
+        if (unix_ms() + EXPIRY_SLACK_MS >= expire) {
             /* Expired while it waited here: bounce it, do not send it. */
             struct smtp_outcome o;
             memset(&o, 0, sizeof(o));
@@ -1142,7 +1151,7 @@ conn_txn_done(struct conn *c)
      * (site_hold) and the job is deferred like any temporary failure. */
     if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
         c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
-        unix_ms() < c->expire_ms) {
+        unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
         t->last_fail = c->txn.msg;
         t->failed_addrs++;
         t->next_addr++;
@@ -1558,7 +1567,8 @@ dest_on_hold(struct timer *tm, void *ctx)
     dest_run(t);
 }
 
-/* No new connection to t for ms; what waits keeps its place. */
+/* No new connection to t for ms; what waits keeps its place, and is
+ * checked for expiry while it waits. */
 static void
 dest_hold(struct dest *t, uint64_t ms)
 {
@@ -1568,6 +1578,56 @@ dest_hold(struct dest *t, uint64_t ms)
         return;
     t->hold_until = until;
     worker_timer_arm(d->w, &t->hold_timer, until);
+    worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* While held: bounce the waiting jobs whose time is up (each job's
+ * expiry is read from the spool once). */
+static void
+dest_on_sweep(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, sweep_timer));
+    struct delivery *d = t->d;
+    if (d->stopping || d->w->now >= t->hold_until)
+        return;
+    uint64_t now = unix_ms();
+    for (struct job **pp = &t->head; *pp != NULL;) {
+        struct job *j = *pp;
+        struct queue_envelope *env = NULL;
+        if (j->expire_ms == 0) {
+            if (queue_envelope_get(d->e->queue, j->id, &env) != 0) {
+                pp = &j->next; /* gone or unreadable: conn_next drops it */
+                continue;
+            }
+            j->expire_ms = job_expire_ms(t->pol, env, j->id);
+        }
+        if (now + EXPIRY_SLACK_MS < j->expire_ms) {
+            queue_envelope_free(env);
+            pp = &j->next;
+            continue;
+        }
+        *pp = j->next;
+        if (t->tail == &j->next)
+            t->tail = pp;
+        t->queued--;
+        j->next = NULL;
+        if (env == NULL && queue_envelope_get(d->e->queue, j->id, &env) != 0) {
+            free(j);
+            continue;
+        }
+        struct smtp_outcome o;
+        memset(&o, 0, sizeof(o));
+        o.status = SMTP_STATUS_TEMPFAIL;
+        o.scope = SMTP_SCOPE_MESSAGE;
+        o.enh = (struct smtp_enh){4, 4, 7};
+        snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
+        struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+        job_finish(d, t, j, env, NULL, &o, &where);
+        queue_envelope_free(env);
+        free(j);
+    }
+    if (t->head != NULL)
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }
 
 static void
@@ -1753,6 +1813,7 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     for (unsigned b = 0; b < DEST_BUCKETS; b++)
         for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
             worker_timer_cancel(w, &t->hold_timer);
+            worker_timer_cancel(w, &t->sweep_timer);
             if (t->req != NULL && d->res != NULL)
                 resolver_cancel(d->res, t->req);
             t->req = NULL;

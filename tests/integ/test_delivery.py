@@ -74,7 +74,7 @@ class Dns:
 class Sink:
     """smtp-sink on a port, dumping messages into a directory."""
 
-    def __init__(self, wd, port, flags=(), name="sink"):
+    def __init__(self, wd, port, flags=(), name="sink", host="127.0.0.1"):
         self.dir = os.path.join(wd.path, name)
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o777)
@@ -82,9 +82,9 @@ class Sink:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
             ["smtp-sink", *user, *flags, "-d", os.path.join(self.dir, "%M."),
-             f"127.0.0.1:{port}", "1000"],
+             f"{host}:{port}", "1000"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: connectable(port), 10, "smtp-sink to listen")
+        wait_until(lambda: connectable(port, host), 10, "smtp-sink to listen")
 
     def files(self):
         return [os.path.join(self.dir, f) for f in os.listdir(self.dir)]
@@ -117,6 +117,8 @@ class Relay:
                 self.sink = Sink(self.wd, self.mx_port, sink_flags)
             self.port = free_port()
             self.spool = os.path.join(self.wd.path, "spool")
+            self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
+            domain_conf = domain_conf.replace("@DLOG@", self.dlog)
             conf = self.wd.file("sluice.conf", f"""
 [server]
 workers = 2

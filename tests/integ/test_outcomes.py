@@ -1,0 +1,293 @@
+"""Delivery outcomes against real servers on loopback (dnsmasq, smtp-sink):
+retries that succeed once the receiver accepts, bounces with their class
+and a DSN to the sender (parsed with Python's email package), 421 holding
+a destination, expiry in every state (ready, deferred, in flight on a
+hanging connection, and a message's own expiry header), no DSN to <>, and
+the JSON Lines delivery log: every line parses and carries its fields, and
+a logrotate-style rename plus SIGHUP loses nothing."""
+import email
+import email.policy
+import json
+import os
+import re
+import signal
+import smtplib
+import sys
+
+from harness import main, mdb_entries, skip, spool_tool, wait_until
+import test_delivery
+from test_delivery import Relay, Sink, records_for, wait_sink
+
+test_delivery.SLUICE = sys.argv[1]
+
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+PER_RCPT = ("delivery", "transient_failure", "bounce", "expiration")
+
+
+def events(path):
+    """Every line of the delivery log as a dict; each must parse and carry
+    the fields of its event."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data == b"" or data.endswith(b"\n"), "a line was cut"
+    for raw in data.splitlines():
+        ev = json.loads(raw)  # raises on a line that is not JSON
+        assert TIME_RE.match(ev["time"]), ev
+        assert len(ev["id"]) == 13, ev
+        kind = ev["event"]
+        if kind == "reception":
+            for k in ("sender", "rcpt_count", "size", "client"):
+                assert k in ev, (k, ev)
+        elif kind in PER_RCPT:
+            for k in ("rcpt", "sender", "domain", "attempt", "size", "queue_time_ms"):
+                assert k in ev, (k, ev)
+            if kind == "delivery":
+                for k in ("mx", "mx_addr", "source", "code"):
+                    assert k in ev, (k, ev)
+                assert 200 <= ev["code"] < 300, ev
+            else:
+                assert ev.get("class"), ev
+        else:
+            assert kind == "dsn", ev
+        out.append(ev)
+    return out
+
+
+def wait_events(path, pred, n, timeout=30):
+    try:
+        wait_until(lambda: len([e for e in events(path) if pred(e)]) >= n, timeout,
+                   f"{n} matching delivery-log events")
+    except AssertionError:
+        for e in events(path):
+            print("  seen:", json.dumps(e))
+        raise
+    return [e for e in events(path) if pred(e)]
+
+
+def log_conf_text(extra):
+    return "[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n" + (extra or "")
+
+
+def test_4xx_then_accepted_on_retry():
+    """smtp-sink answers 4xx to RCPT; it is replaced by an accepting sink on
+    the same port, and the retry delivers: the log shows a transient
+    failure, then the delivery, for every recipient."""
+    r = Relay(records_for(["retry.test"]), sink_flags=["-r", "RCPT"],
+              domain_conf=log_conf_text("[domain *]\nretry_schedule = 1s\n"))
+    try:
+        path = r.dlog
+        r.inject([("s@example.com", ["a@retry.test", "b@retry.test"],
+                   b"Subject: r\r\n\r\nretry me\r\n")])
+        tf = wait_events(path, lambda e: e["event"] == "transient_failure", 2)
+        assert all(e["code"] // 100 == 4 and e["attempt"] == 1 for e in tf), tf
+        r.sink.stop()
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        dl = wait_events(path, lambda e: e["event"] == "delivery", 2)
+        assert sorted(e["rcpt"] for e in dl) == ["a@retry.test", "b@retry.test"], dl
+        assert all(e["attempt"] >= 2 for e in dl), dl
+        wait_sink(r, 1)
+        evs = events(path)
+        first_tf = min(i for i, e in enumerate(evs) if e["event"] == "transient_failure")
+        first_dl = min(i for i, e in enumerate(evs) if e["event"] == "delivery")
+        assert first_tf < first_dl
+        assert [e["event"] for e in evs].count("reception") == 1
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_5xx_bounce_class_and_dsn():
+    """5xx to RCPT: a bounce, classified, and a DSN to the sender's domain
+    (served by a second sink): a valid multipart/report."""
+    recs = records_for(["hard.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, sink_flags=["-f", "RCPT"], dsn=True,
+              domain_conf=log_conf_text(None))
+    try:
+        path = r.dlog
+        s2 = Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+        try:
+            r.inject([("alice@sender.test", ["nobody@hard.test"],
+                       b"Subject: to nobody\r\nX-Campaign-ID: c7\r\n\r\nbounce me\r\n")])
+            b = wait_events(path, lambda e: e["event"] == "bounce", 1)[0]
+            assert b["code"] // 100 == 5 and b["class"], b
+            assert b["rcpt"] == "nobody@hard.test" and b["sender"] == "alice@sender.test", b
+            wait_events(path, lambda e: e["event"] == "dsn", 1)
+            wait_until(lambda: len(s2.files()) >= 1, 30, "the DSN at the sender's MX")
+            dump = s2.messages()[0].replace(b"\n", b"\r\n")
+            msg = email.message_from_bytes(dump, policy=email.policy.default)
+            assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+            assert msg.get_param("report-type") == "delivery-status"
+            assert msg["Auto-Submitted"].startswith("auto-replied")
+            parts = list(msg.iter_parts())
+            types = [p.get_content_type() for p in parts]
+            assert types[0] == "text/plain" and types[1] == "message/delivery-status", types
+            assert types[2] in ("text/rfc822-headers", "message/rfc822"), types
+            status = parts[1].get_payload()
+            text = "".join(str(p) for p in status) if isinstance(status, list) else str(status)
+            assert "Final-Recipient: rfc822; nobody@hard.test" in text, text
+            assert "Action: failed" in text and re.search(r"Status: 5\.\d+\.\d+", text), text
+            assert "Reporting-MTA: dns;" in text, text
+            assert b"X-Campaign-ID: c7" in dump
+            # It came from the null sender (smtp-sink records MAIL's arguments).
+            assert b"X-Mail-Args: <> " in s2.messages()[0], s2.messages()[0][:300]
+            dl = wait_events(path, lambda e: e["event"] == "delivery", 1)
+            assert dl[0]["sender"] == "" and dl[0]["rcpt"] == "alice@sender.test", dl
+        finally:
+            s2.stop()
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_no_dsn_to_null_sender():
+    r = Relay(records_for(["hard.test"]), sink_flags=["-f", "RCPT"], dsn=True,
+              domain_conf=log_conf_text(None))
+    try:
+        r.inject([("", ["x@hard.test"], b"Subject: from nobody\r\n\r\nbounce\r\n")])
+        wait_events(r.dlog, lambda e: e["event"] == "bounce", 1)
+        assert r.d.stop_clean() == 0
+        assert r.d.count_log("event=dsn_queued") == 0
+        assert not [e for e in events(r.dlog) if e["event"] == "dsn"]
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_421_at_data_holds_the_destination():
+    r = Relay(records_for(["busy.test"]), sink_flags=["-Q", "DATA"],
+              domain_conf=log_conf_text("[domain *]\nsite_hold = 1h\n"))
+    try:
+        r.inject([("s@example.com", [f"u{i}@busy.test"], b"Subject: b\r\n\r\nx\r\n")
+                  for i in range(3)], sessions=1)
+        r.d.wait_log("event=destination_held", timeout=30)
+        tf = wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1)
+        assert tf[0]["code"] == 421 and tf[0]["class"] == "rate_limited", tf
+        assert r.d.count_log("event=delivered") == 0
+        assert r.d.stop_clean() == 0
+        c = json.loads(spool_tool("count", r.spool).stdout)
+        assert c["messages"] == 3 and c["ready"] + c["deferred"] == 3, c
+    finally:
+        r.close()
+
+
+def test_held_destination_still_expires():
+    """After a 421 the destination is held for an hour; its recipients,
+    waiting in memory or deferred, still expire at max_age."""
+    r = Relay(records_for(["busy.test"]), sink_flags=["-Q", "DATA"],
+              domain_conf=log_conf_text("[domain *]\nsite_hold = 1h\nmax_age = 3s\n"
+                                        "max_connections = 1\n"))
+    try:
+        r.inject([("s@example.com", [f"u{i}@busy.test"], b"Subject: b\r\n\r\nx\r\n")
+                  for i in range(3)], sessions=1)
+        ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 3, timeout=60)
+        assert sorted(e["rcpt"] for e in ex) == ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
+        assert all(e["queue_time_ms"] < 20000 for e in ex), ex
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_expiry_in_every_state():
+    """max_age 2s: a recipient in flight on a connection that hangs (the
+    sink delays its DATA reply), one ready behind it (max_connections 1),
+    one deferred by a 4xx: all three expire and leave the spool; and a
+    message whose own header says 1s expires although its domain allows
+    an hour."""
+    recs = ["host-record=hang.test,127.0.0.3", "mx-host=hang.test,hang.test,10",
+            "host-record=soft.test,127.0.0.4", "mx-host=soft.test,soft.test,10",
+            "host-record=own.test,127.0.0.5", "mx-host=own.test,own.test,10"]
+    r = Relay(recs, with_sink=False, domain_conf=log_conf_text(
+        "[domain *]\nmax_age = 2s\nretry_schedule = 1h\nmax_connections = 1\n"
+        "[domain own.test]\nmax_age = 1h\n"))
+    sinks = []
+    try:
+        sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="hang", host="127.0.0.3"))
+        sinks.append(Sink(r.wd, r.mx_port, ["-r", "RCPT"], name="soft", host="127.0.0.4"))
+        sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="own", host="127.0.0.5"))
+        r.inject([("s@example.com", ["a@hang.test"], b"Subject: 1\r\n\r\nin flight\r\n"),
+                  ("s@example.com", ["b@hang.test"], b"Subject: 2\r\n\r\nready\r\n"),
+                  ("s@example.com", ["c@soft.test"], b"Subject: 3\r\n\r\ndeferred\r\n"),
+                  ("s@example.com", ["d@own.test"],
+                   b"Subject: 4\r\nX-Sluice-Expire: 1s\r\n\r\nits own expiry\r\n")],
+                 sessions=1)
+        ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 4, timeout=60)
+        assert sorted(e["rcpt"] for e in ex) == ["a@hang.test", "b@hang.test", "c@soft.test",
+                                                 "d@own.test"], ex
+        assert all(e["class"] == "expired" for e in ex), ex
+        assert [e for e in events(r.dlog) if e["event"] == "transient_failure"
+                and e["rcpt"] == "c@soft.test"], "c was never deferred"
+        # Expired on time: well before the sinks' 60 s DATA delay.
+        assert all(e["queue_time_ms"] < 30000 for e in ex), ex
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        for s in sinks:
+            s.stop()
+        r.close()
+
+
+def test_expiry_header_removed_and_headers_logged():
+    """A message's own expiry field is honoured and never delivered; the
+    configured X- fields appear in its events; a bad expiry is refused."""
+    r = Relay(records_for(["ok.test"]), domain_conf=log_conf_text(
+        "delivery_log_headers = X-Campaign-ID, X-Tenant-ID\n"))
+    try:
+        r.inject([("s@example.com", ["a@ok.test"],
+                   b"Subject: h\r\nX-Sluice-Expire: 1h\r\nX-Campaign-ID: spring-42\r\n"
+                   b"X-Tenant-ID: t9\r\n\r\nbody\r\n")])
+        dump = wait_sink(r, 1)[0]
+        assert b"X-Sluice-Expire" not in dump, dump
+        assert b"X-Campaign-ID: spring-42" in dump
+        evs = wait_events(r.dlog, lambda e: e["event"] == "delivery", 1)
+        rec = [e for e in events(r.dlog) if e["event"] == "reception"]
+        for e in (evs[0], rec[0]):
+            assert e["headers"] == {"X-Campaign-ID": "spring-42", "X-Tenant-ID": "t9"}, e
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as c:
+            c.ehlo("t")
+            c.mail("s@example.com")
+            c.rcpt("a@ok.test")
+            code, msg = c.data(b"Subject: bad\r\nX-Sluice-Expire: tomorrow\r\n\r\nx\r\n")
+            assert code == 550 and b"X-Sluice-Expire" in msg, (code, msg)
+    finally:
+        r.close()
+
+
+def test_rotation_loses_nothing():
+    """rename + SIGHUP while mail flows: the old and the new file together
+    hold every event exactly once, and each line is whole."""
+    r = Relay(records_for(["rot.test"]), domain_conf=log_conf_text(None))
+    try:
+        def batch(k):
+            r.inject([("s@example.com", [f"u{k}-{i}@rot.test"],
+                       f"Subject: {k}-{i}\r\n\r\nx\r\n".encode()) for i in range(40)])
+        batch(0)
+        wait_events(r.dlog, lambda e: e["event"] == "delivery", 20)
+        os.rename(r.dlog, r.dlog + ".1")
+        r.d.signal(signal.SIGHUP)
+        batch(1)
+        wait_until(lambda: len([e for e in events(r.dlog) + events(r.dlog + ".1")
+                                if e["event"] == "delivery"]) >= 80, 60, "80 deliveries")
+        assert r.d.stop_clean() == 0
+        old, new = events(r.dlog + ".1"), events(r.dlog)
+        assert new, "nothing in the new file"
+        allev = old + new
+        rcpts = [e["rcpt"] for e in allev if e["event"] == "delivery"]
+        assert len(rcpts) == 80 and len(set(rcpts)) == 80, len(rcpts)
+        assert len([e for e in allev if e["event"] == "reception"]) == 80
+    finally:
+        r.close()
+
+
+if __name__ == "__main__":
+    main([test_4xx_then_accepted_on_retry, test_5xx_bounce_class_and_dsn,
+          test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
+          test_held_destination_still_expires, test_expiry_in_every_state,
+          test_expiry_header_removed_and_headers_logged,
+          test_rotation_loses_nothing])
