@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--domains", type=int, default=1)
     ap.add_argument("--spool", default="/var/tmp")
+    ap.add_argument("--dlog", action="store_true",
+                    help="run twice, with the JSON delivery log off and on, and compare")
     a = ap.parse_args()
 
     sink_port = free_port()
@@ -84,14 +86,42 @@ def main():
         s.kill()
         s.wait()
 
+    runs = [("", "")]
+    if a.dlog:
+        runs = [("log off", ""), ("log on", "dlog")] * 2
+    results = []
+    for label, what in runs:
+        results.append((label, relay_run(a, sink_port, what)))
+    print(f"relay: {results[0][1][3]} messages of {a.size} B, 1 recipient, {a.sessions} sessions, "
+          f"{min(50, a.domains)} domain(s), durable spool under {a.spool}")
+    print(f"  smtp-source -> smtp-sink (ceiling):      {a.messages / t_ceiling:8.0f} msg/s")
+    for label, (t_inject, t_e2e, got, n_expect) in results:
+        tag = f" [{label}]" if label else ""
+        print(f"  smtp-source -> sluice (injection){tag}:       {n_expect / t_inject:8.0f} msg/s")
+        print(f"  smtp-source -> sluice -> smtp-sink (e2e){tag}: {n_expect / t_e2e:8.0f} msg/s "
+              f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
+        print(f"  delivered {got} of {n_expect}")
+    if a.dlog:
+        off = [r[1][3] / r[1][1] for r in results if r[0] == "log off"]
+        on = [r[1][3] / r[1][1] for r in results if r[0] == "log on"]
+        best_off, best_on = max(off), max(on)
+        print(f"  delivery log: best e2e {best_off:.0f} msg/s off, {best_on:.0f} msg/s on: "
+              f"{100 * (best_off - best_on) / best_off:+.1f}% cost (alternating runs, best of 2)")
+
+
+def relay_run(a, sink_port, what):
+    """One sluice between smtp-source and smtp-sink; returns (injection s,
+    end-to-end s, delivered, expected)."""
     wd = Workdir("sluice-relay-")
     work = tempfile.mkdtemp(prefix="sluice-relay-", dir=a.spool)
     domains = [f"d{i}.test" for i in range(a.domains)]
     dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
     s = sink(sink_port)
     port = free_port()
-    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port,
-                      "[domain *]\nmax_connections = 50\n")
+    extra = "[domain *]\nmax_connections = 50\n"
+    if what == "dlog":
+        extra += f"[log]\ndelivery_log = {work}/delivery.jsonl\n"
+    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, extra)
     d = Daemon(a.sluice, conf)
     try:
         d.wait_log("event=ready")
@@ -112,6 +142,7 @@ def main():
         t_inject = time.monotonic() - t0
         n_expect = per * min(50, len(domains)) if len(domains) > 1 else a.messages
         deadline = time.monotonic() + 600
+        got = 0
         while time.monotonic() < deadline:
             with d.cv:
                 got = sum(1 for ln in d.lines if "event=delivered" in ln)
@@ -119,6 +150,11 @@ def main():
                 break
             time.sleep(0.05)
         t_e2e = time.monotonic() - t0
+        if what == "dlog":
+            with open(f"{work}/delivery.jsonl", "rb") as f:
+                lines = f.read().count(b"\n")
+            if lines < 2 * n_expect:
+                print(f"  (delivery log holds {lines} lines so far)")
         d.stop()
     finally:
         if d.proc.poll() is None:
@@ -128,13 +164,7 @@ def main():
         dns.stop()
         wd.cleanup()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"relay: {n_expect} messages of {a.size} B, 1 recipient, {a.sessions} sessions, "
-          f"{min(50, len(domains))} domain(s), durable spool under {a.spool}")
-    print(f"  smtp-source -> smtp-sink (ceiling):      {a.messages / t_ceiling:8.0f} msg/s")
-    print(f"  smtp-source -> sluice (injection):       {n_expect / t_inject:8.0f} msg/s")
-    print(f"  smtp-source -> sluice -> smtp-sink (e2e): {n_expect / t_e2e:8.0f} msg/s "
-          f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
-    print(f"  delivered {got} of {n_expect}")
+    return t_inject, t_e2e, got, n_expect
 
 
 if __name__ == "__main__":
