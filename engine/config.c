@@ -74,6 +74,10 @@ static const struct conf_key server_keys[] = {
      "delay before answering a failed AUTH; doubles with each failure of the session", NULL},
     {"auth_max_failures", CONF_UINT, SRV(auth_max_failures), 1, 100, "3",
      "failed AUTH attempts before the session is closed with 421 4.7.0", NULL},
+    {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
+     "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
+     "to finish before exiting; what is left stays queued for the next start",
+     NULL},
     {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
      "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "
      "an RFC 3339 time (2026-11-23T18:00:00Z); removed before delivery; a bad value is "
@@ -148,8 +152,18 @@ static const struct conf_key redis_keys[] = {
 
 #define STS(f) offsetof(struct stats_config, f)
 static const struct conf_key stats_keys[] = {
-    {"socket", CONF_STRING, STS(socket), 1, 107, "./var/sluice.sock",
-     "path of the Unix stats socket [not yet in effect]", NULL},
+    {"socket", CONF_STRING, STS(socket), 1, 107, NULL,
+     "path of the Unix stats socket, e.g. /run/sluice/stats.sock (sluicectl -s PATH); its "
+     "directory must exist; unset: no socket and no /metrics",
+     NULL},
+    {"socket_mode", CONF_STRING, STS(socket_mode_text), 1, 4, "0660",
+     "permissions of the socket file, octal: whoever may open it may steer sluice", NULL},
+    {"http_listen", CONF_STRING, STS(http_listen), 1, 200, NULL,
+     "address:port serving Prometheus metrics at GET /metrics (e.g. 127.0.0.1:9187); "
+     "unset: none",
+     NULL},
+    {"top_n", CONF_UINT, STS(top_n), 0, 10000, "50",
+     "destinations with their own series in /metrics (the busiest ones)", NULL},
     CONF_END,
 };
 
@@ -591,6 +605,16 @@ parse_headers(struct parse *p)
         }
         s += n;
     }
+    struct stats_config *sc = &p->cfg->stats;
+    char *end = NULL;
+    unsigned long mode = sc->socket_mode_text ? strtoul(sc->socket_mode_text, &end, 8) : 0660;
+    if (sc->socket_mode_text != NULL && (*end != '\0' || mode > 0777)) {
+        unsigned ss = 0;
+        while (strcmp(sections[ss].name, "stats") != 0)
+            ss++;
+        perr(p, key_line(p, ss, "socket_mode"), "socket_mode: octal permissions, e.g. 0660");
+    }
+    sc->socket_mode = (unsigned)mode;
     const char *eh = p->cfg->server.expire_header;
     if (eh != NULL && !valid_field_name(eh, strlen(eh)))
         perr(p, key_line(p, 0, "expire_header"), "expire_header: not a header field name");

@@ -44,6 +44,7 @@ struct server_config {
     uint64_t auth_fail_delay; /* ms */
     unsigned auth_max_failures;
     char *expire_header;     /* owned; NULL: no per-message expiry header */
+    uint64_t drain_timeout;  /* ms: SIGTERM waits this long for transactions in flight */
     /* derived at load */
     struct netaddr listen_addrs[NETADDR_MAX_LIST];
     int nlisten;
@@ -87,7 +88,11 @@ struct redis_config {
 };
 
 struct stats_config {
-    char *socket;            /* owned */
+    char *socket;            /* owned; NULL: no stats socket */
+    unsigned socket_mode;    /* parsed from socket_mode_text */
+    char *socket_mode_text;  /* owned: octal, as written */
+    char *http_listen;       /* owned: host:port of /metrics; NULL: none */
+    unsigned top_n;          /* destinations with their own series in /metrics */
 };
 
 enum domain_tls { DOMAIN_TLS_OFF, DOMAIN_TLS_OPTIONAL, DOMAIN_TLS_REQUIRED, DOMAIN_TLS_VERIFY };

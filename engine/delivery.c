@@ -44,6 +44,7 @@
 #include "engine/netaddr.h"
 #include "engine/resolver.h"
 #include "engine/smtp_client.h"
+#include "engine/stats.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -153,6 +154,11 @@ struct dest {
     struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
+    bool suspended;          /* by the operator: no new transaction */
+    unsigned inflight;       /* jobs on connections now */
+    uint64_t delivered, failed; /* recipients, since start */
+    uint64_t last_ms;        /* Unix ms of the last outcome */
+    char last_reply[160];    /* the last reply that was not a delivery */
 };
 
 struct delivery {
@@ -163,6 +169,8 @@ struct delivery {
     struct queue_port *port; /* owned */
     struct op port_op;
     bool stopping;
+    bool draining;           /* SIGTERM: finish what is in flight, start nothing */
+    bool drained;            /* ... and it is done: told the engine */
     struct dest *buckets[DEST_BUCKETS];
     struct timer due_timer; /* worker 0: poll the spool for due recipients */
     struct queue_due_pos due_pos;
@@ -176,9 +184,11 @@ struct delivery {
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     bool resolver_closed;
     struct worker_msg stop_msg;
+    struct worker_msg drain_msg;
 };
 
 static void dest_run(struct dest *t);
+static void drain_check(struct delivery *d);
 static void dest_hold(struct dest *t, uint64_t ms);
 static void delivery_check_done(struct delivery *d);
 static void conn_close(struct conn *c, const char *why);
@@ -233,8 +243,8 @@ unix_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-static uint32_t
-name_hash(const char *s)
+uint32_t
+delivery_domain_hash(const char *s)
 {
     uint32_t h = 2166136261u;
     for (; *s; s++)
@@ -271,7 +281,7 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
     j->domain[dl] = '\0';
     memcpy(j->idx, idx, n * sizeof(unsigned));
-    worker_post(&e->workers[name_hash(j->domain) % e->nworkers], &j->m);
+    worker_post(&e->workers[delivery_domain_hash(j->domain) % e->nworkers], &j->m);
 }
 
 /* ---- destinations ---- */
@@ -282,7 +292,7 @@ static void dest_on_sweep(struct timer *t, void *ctx);
 static struct dest *
 dest_get(struct delivery *d, const char *name)
 {
-    uint32_t b = name_hash(name) % DEST_BUCKETS;
+    uint32_t b = delivery_domain_hash(name) % DEST_BUCKETS;
     for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
         if (strcmp(t->name, name) == 0)
             return t;
@@ -628,6 +638,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             qo[i].kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
             d->stats.delivered++;
+            t->delivered++;
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
         } else if (o->status == SMTP_STATUS_PERMFAIL) {
@@ -650,6 +661,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             d->stats.deferred++;
         }
+        if (failed)
+            t->failed++;
+        if (kind != DLOG_DELIVERY)
+            snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
+        t->last_ms = now;
         char enh[16] = "";
         if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
@@ -797,6 +813,7 @@ conn_free(struct conn *c)
          * back to the queue, it was not sent. */
         dest_push(t, c->job, true);
         c->job = NULL;
+        t->inflight--;
     }
     queue_envelope_free(c->env);
     free(c->rc);
@@ -843,6 +860,7 @@ conn_free(struct conn *c)
     t->conns--;
     d->stats.open--;
     free(c);
+    drain_check(d);
     if (!d->stopping)
         dest_run(t);
     else
@@ -1050,12 +1068,12 @@ conn_next(struct conn *c)
         t->opening--;
         t->failed_addrs = 0; /* this address works */
     }
-    if (c->nmsgs >= t->pol->max_messages_per_connection || c->d->stopping) {
+    if (c->nmsgs >= t->pol->max_messages_per_connection || c->d->stopping || c->d->draining) {
         conn_handle(c, smtp_client_quit(conn_cli(c)));
         return;
     }
     for (;;) {
-        struct job *j = dest_pop(t);
+        struct job *j = t->suspended ? NULL : dest_pop(t);
         if (j == NULL) {
             /* Idle: wait for work up to the idle time. */
             c->next_idle = t->idle;
@@ -1114,6 +1132,7 @@ conn_next(struct conn *c)
         c->env = env;
         c->rc = rc;
         c->expire_ms = expire;
+        t->inflight++;
         break;
     }
     struct queue_envelope *env = c->env;
@@ -1145,6 +1164,7 @@ conn_txn_done(struct conn *c)
     struct job *j = c->job;
     c->job = NULL;
     c->nmsgs++;
+    t->inflight--;
     /* A session failure before this connection delivered anything is the
      * server's, not the message's: give the job to the next MX address.
      * Not after a 421: the server is pushing back, the destination waits
@@ -1643,7 +1663,7 @@ static void
 dest_run(struct dest *t)
 {
     struct delivery *d = t->d;
-    if (t->head == NULL || d->stopping)
+    if (t->head == NULL || d->stopping || d->draining || t->suspended)
         return;
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
@@ -1827,6 +1847,127 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     delivery_check_done(d);
 }
 
+static void
+delivery_on_drain(struct worker *w, struct worker_msg *m)
+{
+    struct delivery *d = (struct delivery *)((char *)m - offsetof(struct delivery, drain_msg));
+    (void)w;
+    d->draining = true;
+    log_msg(LOG_NOTICE, "event=draining connections=%llu", (unsigned long long)d->stats.open);
+    /* Idle ones say goodbye now; busy ones after their transaction. */
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
+            while (t->idle != NULL) {
+                struct conn *c = t->idle;
+                t->idle = c->next_idle;
+                c->next_idle = NULL;
+                conn_handle(c, smtp_client_quit(conn_cli(c)));
+            }
+    drain_check(d);
+}
+
+void
+delivery_drain(struct delivery *d)
+{
+    worker_post(d->w, &d->drain_msg);
+}
+
+int
+delivery_resolver_stats(const struct delivery *d, struct resolver_stats *out)
+{
+    if (d->res == NULL)
+        return -ENOENT;
+    resolver_stats(d->res, out);
+    return 0;
+}
+
+bool
+delivery_idle(const struct delivery *d)
+{
+    return d->all == NULL;
+}
+
+/* Draining and no connection left: tell the engine, once. */
+static void
+drain_check(struct delivery *d)
+{
+    if (d == NULL || !d->draining || d->drained || d->all != NULL)
+        return;
+    d->drained = true;
+    log_msg(LOG_NOTICE, "event=drained");
+    atomic_fetch_add(&d->e->drained, 1);
+}
+
+int
+delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
+{
+    uint64_t now = unix_ms();
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+            if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+                (t->last_ms == 0 || now - t->last_ms > 600000))
+                continue;
+            if (*n == *cap) {
+                size_t nc = *cap ? *cap * 2 : 64;
+                struct stats_domain *a = realloc(*out, nc * sizeof(*a));
+                if (a == NULL)
+                    return -ENOMEM;
+                *out = a;
+                *cap = nc;
+            }
+            struct stats_domain *x = &(*out)[(*n)++];
+            memset(x, 0, sizeof(*x));
+            snprintf(x->name, sizeof(x->name), "%s", t->name);
+            x->ready = t->queued;
+            x->inflight = t->inflight;
+            x->connections = t->conns;
+            x->delivered = t->delivered;
+            x->bounced = t->failed;
+            x->max_connections = t->pol->max_connections;
+            x->suspended = t->suspended;
+            snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
+            bool held = d->w->now < t->hold_until;
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
+                     t->suspended ? "suspended by the operator"
+                     : held       ? "held after a 421 or a site failure"
+                                  : t->pol == &d->e->cfg->default_domain ? "[domain *]"
+                                                                          : "[domain] section");
+            uint64_t oldest = 0;
+            for (struct job *j = t->head; j != NULL; j = j->next) {
+                uint64_t a = queue_id_time_ms(j->id);
+                if (oldest == 0 || a < oldest)
+                    oldest = a;
+            }
+            x->oldest_ms = oldest;
+        }
+    return 0;
+}
+
+int
+delivery_suspend(struct delivery *d, const char *domain, bool on)
+{
+    struct dest *t = dest_get(d, domain);
+    if (t == NULL)
+        return -ENOMEM;
+    t->suspended = on;
+    log_msg(LOG_NOTICE, "event=%s domain=%s", on ? "suspended" : "resumed", t->name);
+    if (!on)
+        dest_run(t);
+    return 0;
+}
+
+void
+delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting, uint64_t *inflight)
+{
+    *dests = *waiting = *inflight = 0;
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (const struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+            (*dests)++;
+            *waiting += t->queued;
+            *inflight += t->inflight;
+        }
+}
+
 void
 delivery_stop(struct delivery *d)
 {
@@ -1851,6 +1992,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->stop_msg.fn = delivery_on_stop;
+    d->drain_msg.fn = delivery_on_drain;
     d->port = queue_port_new();
     if (d->port == NULL) {
         int rc = -errno;

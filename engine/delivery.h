@@ -52,6 +52,30 @@ void delivery_stats(const struct delivery *d, struct delivery_stats *out);
 struct worker_msg;
 bool delivery_msg_free(struct worker_msg *m);
 
+/* ---- for operators (engine/ops.c), on the worker's thread ---- */
+
+struct stats_domain;
+/* Append the worker's destinations worth showing (waiting, in flight,
+ * connected, suspended, or active in the last 10 minutes) to *out
+ * (*n entries of *cap, grown with realloc). Returns 0 or -ENOMEM. */
+int delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap);
+/* Suspend or resume a destination (made if unknown, so that a suspension
+ * holds for mail not yet arrived). In-flight transactions finish. */
+int delivery_suspend(struct delivery *d, const char *domain, bool on);
+/* Which worker owns a domain: delivery_domain_hash(lowercase) % workers. */
+uint32_t delivery_domain_hash(const char *domain);
+struct resolver_stats;
+/* The worker's DNS figures; -ENOENT without a resolver. */
+int delivery_resolver_stats(const struct delivery *d, struct resolver_stats *out);
+/* Live objects: destinations, jobs waiting, jobs in flight. */
+void delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting,
+                      uint64_t *inflight);
+/* SIGTERM: start nothing new, let transactions in flight finish, QUIT.
+ * Any thread. delivery_idle() (worker thread) says when no connection is
+ * left. */
+void delivery_drain(struct delivery *d);
+bool delivery_idle(const struct delivery *d);
+
 /* Hand the recipients idx[0..n) of message id, all at domain, to the
  * worker that owns domain. Any thread. */
 void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,

@@ -11,10 +11,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/log.h"
 #include "engine/delivery.h"
 #include "engine/dlog.h"
+#include "engine/ops.h"
 #include "engine/server.h"
 
 struct start_msg {
@@ -96,6 +98,10 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     memset(e, 0, sizeof(*e));
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
+    atomic_init(&e->drained, 0);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    e->started_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
     pthread_mutex_init(&e->per_ip.lock, NULL);
     pthread_mutex_init(&e->users_lock, NULL);
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
@@ -171,15 +177,39 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
     }
+    rc = ops_start(e, err, errlen);
+    if (rc < 0)
+        goto fail;
     return 0;
 fail:
     engine_stop(e);
     return rc;
 }
 
+bool
+engine_drain(struct engine *e, uint64_t timeout_ms)
+{
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        if (e->srv[i] != NULL)
+            server_worker_drain(e->srv[i]);
+        if (e->dlv[i] != NULL)
+            delivery_drain(e->dlv[i]);
+    }
+    /* A bounded wait for the workers' word (no event to block on here:
+     * the main thread has nothing else to do meanwhile). */
+    struct timespec step = {0, 20 * 1000000};
+    for (uint64_t waited = 0; waited < timeout_ms; waited += 20) {
+        if (atomic_load(&e->drained) >= e->nworkers)
+            return true;
+        nanosleep(&step, NULL);
+    }
+    return atomic_load(&e->drained) >= e->nworkers;
+}
+
 void
 engine_stop(struct engine *e)
 {
+    ops_stop(e);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (!e->workers[i].started)
             continue;

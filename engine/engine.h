@@ -22,6 +22,7 @@
 struct server_worker;
 struct dlog;
 struct dlog_writer;
+struct stats_server;
 
 /* Connections per client address, shared by all workers (accepting is
  * not hot enough for anything finer than one lock). */
@@ -49,8 +50,12 @@ struct engine {
     struct delivery **dlv;     /* owned: the outbound side of each worker */
     struct dlog *dlog;         /* owned: the delivery log, NULL when off */
     struct dlog_writer **dlogw; /* owned: one writer per worker (NULL entries when off) */
+    struct dlog_writer *dlogw_ops; /* owned: the stats thread's, for operator bounces */
+    struct stats_server *stats; /* owned: the stats socket and /metrics, or NULL */
+    uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
+    _Atomic unsigned drained;  /* workers whose delivery finished draining */
     struct conn_table per_ip;
 };
 
@@ -58,6 +63,11 @@ struct engine {
  * listeners. Returns 0, or a negative code with a message for the operator
  * in err. On failure nothing is left running. */
 int engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen);
+/* SIGTERM: stop accepting, let outbound transactions in flight finish and
+ * start no new ones, for up to timeout_ms; what is left stays queued.
+ * Then call engine_stop(). Main thread. Returns whether everything in
+ * flight finished in time. */
+bool engine_drain(struct engine *e, uint64_t timeout_ms);
 /* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
 

@@ -1,8 +1,8 @@
 /*
  * main: command line, config, signals. The main thread starts the engine
  * and then only waits for signals (they are blocked in every thread, so
- * sigwaitinfo() here receives them all): SIGTERM and SIGINT stop, SIGHUP
- * reopens the log (and will reload the config).
+ * sigwaitinfo() here receives them all): SIGTERM and SIGINT drain and
+ * stop, SIGHUP reopens the logs and reloads what may change at run time.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "engine/classify.h"
 #include "engine/config.h"
 #include "engine/engine.h"
 
@@ -35,8 +36,12 @@ usage(FILE *out)
             "  -h, --help            this text\n"
             "  -V, --version         print the version\n"
             "\n"
-            "Signals: TERM or INT stops; HUP reopens the log file and reloads the\n"
-            "users file ([server] auth_users_file).\n",
+            "      --classify-rules  print the built-in bounce classification table\n"
+            "\n"
+            "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
+            "flight finish for [server] drain_timeout, leaves the rest queued) and\n"
+            "exits 0; HUP reopens the log and the delivery log and reloads the users\n"
+            "file ([server] auth_users_file).\n",
             DEFAULT_CONFIG);
 }
 
@@ -47,6 +52,7 @@ main(int argc, char **argv)
         {"config", required_argument, NULL, 'c'},
         {"check-config", no_argument, NULL, 't'},
         {"config-reference", no_argument, NULL, 'R'},
+        {"classify-rules", no_argument, NULL, 'K'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
@@ -65,6 +71,14 @@ main(int argc, char **argv)
         case 'R':
             config_reference(stdout);
             return 0;
+        case 'K': {
+            struct classify *cl = classify_new();
+            if (cl == NULL)
+                return 1;
+            classify_print_rules(cl, stdout);
+            classify_free(cl);
+            return 0;
+        }
         case 'h':
             usage(stdout);
             return 0;
@@ -137,8 +151,12 @@ main(int argc, char **argv)
             engine_reload(&engine);
             continue;
         }
-        log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld",
-                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid);
+        log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu",
+                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid,
+                (unsigned long long)cfg->server.drain_timeout);
+        bool all = engine_drain(&engine, cfg->server.drain_timeout);
+        log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s", all ? "done" : "timed_out",
+                all ? "nothing_in_flight" : "what_was_in_flight_stays_queued");
         break;
     }
     engine_stop(&engine);

@@ -24,6 +24,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,6 +179,7 @@ struct server_worker {
     struct op port_op;
     bool port_armed;
     bool stopping;
+    atomic_bool draining;    /* listeners shut: accept nothing more */
     struct session *sessions; /* list of owned sessions */
     struct auth_cache auth;
     uint64_t seq;
@@ -1600,6 +1602,11 @@ listener_on_accept(struct worker *w, struct op *op, int res, uint32_t flags)
     struct listener *l = (struct listener *)((char *)op - offsetof(struct listener, op));
     if (!(flags & IORING_CQE_F_MORE))
         l->armed = false;
+    if (atomic_load(&l->sw->draining)) {
+        if (res >= 0)
+            close(res); /* accepted just before the shutdown */
+        return;
+    }
     if (res >= 0) {
         session_new(l->sw, res, l->implicit_tls);
     } else if (res != -ECANCELED) {
@@ -1680,6 +1687,8 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
 {
     *out = NULL;
     struct server_worker *sw = calloc(1, sizeof(*sw));
+    if (sw != NULL)
+        atomic_init(&sw->draining, false);
     if (sw == NULL)
         return -ENOMEM;
     sw->e = e;
@@ -1752,6 +1761,14 @@ server_worker_free(struct server_worker *sw)
     auth_cache_fini(&sw->auth);
     free(sw);
     return NULL;
+}
+
+void
+server_worker_drain(struct server_worker *sw)
+{
+    atomic_store(&sw->draining, true);
+    for (int i = 0; i < sw->nls; i++)
+        shutdown(sw->ls[i].fd, SHUT_RDWR); /* ends the accepts; new clients are refused */
 }
 
 void

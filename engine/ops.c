@@ -1,0 +1,692 @@
+/*
+ * ops: what the stats socket asks of the running engine (see ops.h).
+ *
+ * The stats thread calls these. What a worker owns (its destinations, its
+ * counters) is read or changed on that worker: ops_on_workers() posts a
+ * message to each and waits for every answer, a short while at most. The
+ * spool is read directly (its API is thread-safe), and operator bounces
+ * are committed with the blocking queue calls, on the stats thread.
+ *
+ * Threading: the stats thread; the *_on_worker functions on each worker.
+ */
+#include "engine/ops.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/json.h"
+#include "common/log.h"
+#include "engine/delivery.h"
+#include "engine/dlog.h"
+#include "engine/engine.h"
+#include "engine/resolver.h"
+#include "engine/server.h"
+#include "engine/stats.h"
+#include "queue/queue.h"
+
+#define WAIT_MS       2000    /* for the workers' answers */
+#define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
+#define BOUNCE_BATCH  1000
+
+static uint64_t
+unix_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- running a function on every worker ---- */
+
+struct wcall;
+typedef void wcall_fn(struct engine *e, unsigned w, struct wcall *c);
+
+struct wcall_msg {
+    struct worker_msg m;
+    struct wcall *c;
+    unsigned w;
+};
+
+struct wcall {
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    unsigned pending; /* workers that have not answered */
+    unsigned refs;    /* the waiter and each message */
+    wcall_fn *fn;
+    struct engine *e;
+    void *res;        /* owned: per call results, freed with the call */
+    void (*res_free)(void *res, unsigned n);
+    unsigned n;
+    int rc;
+    char arg[256];
+    bool flag;
+    struct wcall_msg msgs[];
+};
+
+static void
+wcall_unref(struct wcall *c)
+{
+    pthread_mutex_lock(&c->lock);
+    unsigned left = --c->refs;
+    pthread_mutex_unlock(&c->lock);
+    if (left != 0)
+        return;
+    if (c->res_free != NULL)
+        c->res_free(c->res, c->n);
+    pthread_mutex_destroy(&c->lock);
+    pthread_cond_destroy(&c->cv);
+    free(c);
+}
+
+static void
+wcall_on_worker(struct worker *w, struct worker_msg *m)
+{
+    struct wcall_msg *x = (struct wcall_msg *)m;
+    struct wcall *c = x->c;
+    (void)w;
+    c->fn(c->e, x->w, c);
+    pthread_mutex_lock(&c->lock);
+    if (--c->pending == 0)
+        pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->lock);
+    wcall_unref(c);
+}
+
+static struct wcall *
+wcall_new(struct engine *e, wcall_fn *fn)
+{
+    unsigned n = e->nworkers;
+    struct wcall *c = calloc(1, sizeof(*c) + n * sizeof(struct wcall_msg));
+    if (c == NULL)
+        return NULL;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    c->fn = fn;
+    c->e = e;
+    c->n = n;
+    return c;
+}
+
+/* Run c->fn on worker only (or every worker when only is -1) and wait.
+ * Returns 0, or -ETIMEDOUT when a worker did not answer in time (its
+ * answer is then ignored; the call is freed by whoever lets go last). */
+static int
+wcall_run(struct wcall *c, int only)
+{
+    unsigned first = only < 0 ? 0 : (unsigned)only, last = only < 0 ? c->n : first + 1;
+    c->pending = last - first;
+    c->refs = 1 + c->pending;
+    for (unsigned i = first; i < last; i++) {
+        c->msgs[i].m.fn = wcall_on_worker;
+        c->msgs[i].c = c;
+        c->msgs[i].w = i;
+        worker_post(&c->e->workers[i], &c->msgs[i].m);
+    }
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += WAIT_MS / 1000;
+    int rc = 0;
+    pthread_mutex_lock(&c->lock);
+    while (c->pending > 0 && rc == 0)
+        rc = pthread_cond_timedwait(&c->cv, &c->lock, &until);
+    bool late = c->pending > 0;
+    pthread_mutex_unlock(&c->lock);
+    return late ? -ETIMEDOUT : 0;
+}
+
+/* ---- counters ---- */
+
+struct wstats {
+    struct server_stats srv;
+    struct delivery_stats dlv;
+    struct resolver_stats dns;
+    bool has_dns;
+    uint64_t dests, waiting, inflight;
+};
+
+static void
+counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
+{
+    struct wstats *s = &((struct wstats *)c->res)[w];
+    server_worker_stats(e->srv[w], &s->srv);
+    delivery_stats(e->dlv[w], &s->dlv);
+    s->has_dns = delivery_resolver_stats(e->dlv[w], &s->dns) == 0;
+    delivery_objects(e->dlv[w], &s->dests, &s->waiting, &s->inflight);
+}
+
+static void
+free_res(void *res, unsigned n)
+{
+    (void)n;
+    free(res);
+}
+
+static void
+ops_counters(void *arg, struct stats_counters *out)
+{
+    struct engine *e = arg;
+    struct wcall *c = wcall_new(e, counters_on_worker);
+    if (c == NULL)
+        return;
+    c->res = calloc(e->nworkers, sizeof(struct wstats));
+    c->res_free = free_res;
+    if (c->res != NULL) {
+        if (wcall_run(c, -1) < 0)
+            log_msg(LOG_WARN, "event=stats_incomplete reason=worker_did_not_answer");
+        for (unsigned i = 0; i < e->nworkers; i++) {
+            const struct wstats *s = &((struct wstats *)c->res)[i];
+            out->received_msgs += s->srv.messages;
+            out->received_rcpts += s->srv.recipients;
+            out->conn_in_total += s->srv.accepted;
+            out->conn_in_open += s->srv.sessions;
+            out->delivered += s->dlv.delivered;
+            out->deferred += s->dlv.deferred;
+            out->bounced += s->dlv.bounced;
+            out->expired += s->dlv.expired;
+            out->dsn_queued += s->dlv.dsn_queued;
+            out->delivered_tls += s->dlv.delivered_tls;
+            out->conn_out_total += s->dlv.connections;
+            out->conn_out_failed += s->dlv.connect_failures;
+            out->conn_out_open += s->dlv.open;
+            out->transactions += s->dlv.transactions;
+            out->reused_transactions += s->dlv.reused;
+            out->destinations += s->dests;
+            out->jobs_inflight += s->inflight;
+            if (s->has_dns) {
+                out->dns_lookups += s->dns.dns.lookups;
+                out->dns_cache_hits += s->dns.dns.hits;
+                out->dns_cache_entries += s->dns.dns.entries;
+            }
+        }
+        uint64_t waiting = 0, bufs = 0;
+        for (unsigned i = 0; i < e->nworkers; i++) {
+            waiting += ((struct wstats *)c->res)[i].waiting;
+            bufs += ((struct wstats *)c->res)[i].dlv.bufs_out;
+        }
+        struct stats_object *o = out->objects;
+        snprintf(o[0].name, sizeof(o[0].name), "jobs_waiting");
+        o[0].live = waiting;
+        snprintf(o[1].name, sizeof(o[1].name), "session_buffers");
+        o[1].live = bufs;
+        snprintf(o[2].name, sizeof(o[2].name), "smtp_sessions");
+        o[2].live = out->conn_in_open;
+        snprintf(o[3].name, sizeof(o[3].name), "outbound_connections");
+        o[3].live = out->conn_out_open;
+        out->nobjects = 4;
+    }
+    wcall_unref(c);
+    struct queue_counts qc;
+    if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
+        out->queue_msgs = qc.messages;
+        out->queue_rcpts = qc.ready + qc.deferred;
+        out->queue_deferred = qc.deferred;
+    }
+    struct queue_stats qs;
+    queue_stats(e->queue, &qs);
+    out->map_size = qs.map_size;
+    out->map_used = qs.map_used;
+    out->spool_bytes = qs.map_used;
+    if (e->dlog != NULL) {
+        struct dlog_stats ds;
+        dlog_stats(e->dlog, &ds);
+        out->dlog_events = ds.events;
+        out->dlog_write_errors = ds.write_errors;
+        out->dlog_dropped = ds.dropped;
+    }
+    out->workers = e->nworkers;
+    out->redis_state = "off";
+    out->uptime_ms = unix_ms() - e->started_ms;
+}
+
+/* ---- domains ---- */
+
+struct dlist {
+    struct stats_domain *d; /* owned */
+    size_t n, cap;
+};
+
+static void
+domains_on_worker(struct engine *e, unsigned w, struct wcall *c)
+{
+    struct dlist *l = &((struct dlist *)c->res)[w];
+    if (delivery_domains(e->dlv[w], &l->d, &l->n, &l->cap) < 0)
+        c->rc = -ENOMEM;
+}
+
+static void
+free_dlists(void *res, unsigned n)
+{
+    struct dlist *l = res;
+    for (unsigned i = 0; l != NULL && i < n; i++)
+        free(l[i].d);
+    free(l);
+}
+
+/* Per-domain deferred counts from the spool: a scan of every recipient,
+ * so it is reused for a few seconds. */
+struct deferred_cache {
+    pthread_mutex_t lock;
+    uint64_t at_ms;
+    struct dcount {
+        char name[256];
+        uint64_t deferred;
+    } *v;            /* owned */
+    size_t n, cap;
+};
+
+static struct deferred_cache dcache = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static int
+dcache_add(void *arg, const char *domain, const struct queue_counts *c)
+{
+    struct deferred_cache *dc = arg;
+    if (c->deferred == 0)
+        return 0;
+    if (dc->n == dc->cap) {
+        size_t nc = dc->cap ? dc->cap * 2 : 64;
+        struct dcount *v = realloc(dc->v, nc * sizeof(*v));
+        if (v == NULL)
+            return 0;
+        dc->v = v;
+        dc->cap = nc;
+    }
+    snprintf(dc->v[dc->n].name, sizeof(dc->v[dc->n].name), "%s", domain);
+    dc->v[dc->n++].deferred = c->deferred;
+    return 0;
+}
+
+static uint64_t
+busyness(const struct stats_domain *d)
+{
+    return d->ready + d->deferred + d->inflight;
+}
+
+static int
+cmp_busy(const void *a, const void *b)
+{
+    uint64_t x = busyness(a), y = busyness(b);
+    if (x != y)
+        return x > y ? -1 : 1;
+    return strcmp(((const struct stats_domain *)a)->name, ((const struct stats_domain *)b)->name);
+}
+
+static size_t
+ops_domains(void *arg, struct stats_domain *out, size_t cap)
+{
+    struct engine *e = arg;
+    struct wcall *c = wcall_new(e, domains_on_worker);
+    if (c == NULL)
+        return 0;
+    c->res = calloc(e->nworkers, sizeof(struct dlist));
+    c->res_free = free_dlists;
+    struct dlist all = {0};
+    if (c->res != NULL && wcall_run(c, -1) == 0) {
+        for (unsigned i = 0; i < e->nworkers; i++) {
+            struct dlist *l = &((struct dlist *)c->res)[i];
+            for (size_t k = 0; k < l->n; k++) {
+                if (all.n == all.cap) {
+                    size_t nc = all.cap ? all.cap * 2 : 64;
+                    struct stats_domain *v = realloc(all.d, nc * sizeof(*v));
+                    if (v == NULL)
+                        break;
+                    all.d = v;
+                    all.cap = nc;
+                }
+                all.d[all.n++] = l->d[k];
+            }
+        }
+    }
+    wcall_unref(c);
+    /* Deferred recipients live in the spool only. */
+    pthread_mutex_lock(&dcache.lock);
+    uint64_t now = unix_ms();
+    if (now - dcache.at_ms > DEFERRED_TTL) {
+        dcache.n = 0;
+        struct queue_counts total;
+        queue_counts(e->queue, &total, dcache_add, &dcache);
+        dcache.at_ms = now;
+    }
+    for (size_t i = 0; i < dcache.n; i++) {
+        bool found = false;
+        for (size_t k = 0; k < all.n && !found; k++)
+            if (strcmp(all.d[k].name, dcache.v[i].name) == 0) {
+                all.d[k].deferred = dcache.v[i].deferred;
+                found = true;
+            }
+        if (!found) { /* not known to any worker now: shown with its spool count */
+            if (all.n == all.cap) {
+                size_t nc = all.cap ? all.cap * 2 : 64;
+                struct stats_domain *v = realloc(all.d, nc * sizeof(*v));
+                if (v == NULL)
+                    continue;
+                all.d = v;
+                all.cap = nc;
+            }
+            struct stats_domain *x = &all.d[all.n++];
+            memset(x, 0, sizeof(*x));
+            snprintf(x->name, sizeof(x->name), "%s", dcache.v[i].name);
+            x->deferred = dcache.v[i].deferred;
+            const struct domain_policy *pol = config_domain(e->cfg, x->name);
+            x->max_connections = pol->max_connections;
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "waiting for its retry");
+        }
+    }
+    pthread_mutex_unlock(&dcache.lock);
+    qsort(all.d, all.n, sizeof(*all.d), cmp_busy);
+    size_t n = all.n < cap ? all.n : cap;
+    if (n > 0)
+        memcpy(out, all.d, n * sizeof(*out));
+    free(all.d);
+    return n;
+}
+
+/* ---- commands ---- */
+
+static int
+owner_of(const struct engine *e, const char *domain)
+{
+    return (int)(delivery_domain_hash(domain) % e->nworkers);
+}
+
+static void
+suspend_on_worker(struct engine *e, unsigned w, struct wcall *c)
+{
+    c->rc = delivery_suspend(e->dlv[w], c->arg, c->flag);
+}
+
+static bool
+domain_arg_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 253)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '-' || ch == '.' || ch == '_'))
+            return false;
+    }
+    return true;
+}
+
+static int
+cmd_suspend(struct engine *e, const char *domain, bool on, struct json *out, char *err,
+            size_t errlen)
+{
+    if (!domain_arg_ok(domain)) {
+        snprintf(err, errlen, "not a domain name: %.100s", domain);
+        return -1;
+    }
+    struct wcall *c = wcall_new(e, suspend_on_worker);
+    if (c == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; domain[i] != '\0' && i + 1 < sizeof(c->arg); i++)
+        c->arg[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
+    c->flag = on;
+    int rc = wcall_run(c, owner_of(e, c->arg));
+    int wrc = c->rc;
+    json_obj_begin(out);
+    json_kstr(out, "domain", c->arg);
+    json_kbool(out, "suspended", on);
+    json_obj_end(out);
+    wcall_unref(c);
+    if (rc < 0 || wrc < 0) {
+        snprintf(err, errlen, "the worker owning %.100s did not answer", domain);
+        return -1;
+    }
+    return 0;
+}
+
+struct walk_sel {
+    const char *domain; /* NULL: every domain */
+    bool deferred_only;
+    uint64_t min_due;   /* deferred_only: those due after this */
+    struct sel_item {
+        uint64_t id;
+        unsigned idx;
+        char domain[256];
+        char addr[256];
+    } *v;               /* owned */
+    size_t n, cap;
+};
+
+static int
+walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct walk_sel *w = arg;
+    if (w->domain != NULL && strcasecmp(w->domain, r->domain) != 0)
+        return 0;
+    if (w->deferred_only && (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due))
+        return 0;
+    if (w->n == w->cap) {
+        size_t nc = w->cap ? w->cap * 2 : 256;
+        struct sel_item *v = realloc(w->v, nc * sizeof(*v));
+        if (v == NULL)
+            return -ENOMEM;
+        w->v = v;
+        w->cap = nc;
+    }
+    struct sel_item *x = &w->v[w->n++];
+    x->id = id;
+    x->idx = r->index;
+    snprintf(x->domain, sizeof(x->domain), "%s", r->domain);
+    snprintf(x->addr, sizeof(x->addr), "%s", r->addr);
+    return 0;
+}
+
+/* flush [DOMAIN]: deferred recipients are tried now. Those due within two
+ * seconds are left to the due poll, so that none is in flight twice. */
+static int
+cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
+{
+    if (domain[0] != '\0' && !domain_arg_ok(domain)) {
+        snprintf(err, errlen, "not a domain name: %.100s", domain);
+        return -1;
+    }
+    struct walk_sel w = {.domain = domain[0] ? domain : NULL, .deferred_only = true,
+                         .min_due = unix_ms() + 2000};
+    int rc = queue_walk(e->queue, walk_select, &w);
+    if (rc < 0) {
+        free(w.v);
+        snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
+        return -1;
+    }
+    for (size_t i = 0; i < w.n; i++)
+        delivery_submit(e, w.v[i].id, w.v[i].domain, &w.v[i].idx, 1);
+    log_msg(LOG_NOTICE, "event=flush domain=%s recipients=%zu", domain[0] ? domain : "*", w.n);
+    json_obj_begin(out);
+    json_kstr(out, "domain", domain[0] ? domain : NULL);
+    json_ku64(out, "recipients", w.n);
+    json_obj_end(out);
+    free(w.v);
+    return 0;
+}
+
+/* bounce ID|DOMAIN: the recipients fail now, with an event each. */
+static int
+cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
+{
+    uint64_t id = 0;
+    struct walk_sel w = {0};
+    if (queue_id_parse(what, &id) == 0) {
+        struct queue_envelope *env = NULL;
+        int rc = queue_envelope_get(e->queue, id, &env);
+        if (rc != 0) {
+            snprintf(err, errlen, "no message %s in the spool", what);
+            return -1;
+        }
+        for (unsigned i = 0; i < env->nrcpt; i++)
+            walk_select(&w, id, &env->rcpt[i]);
+        queue_envelope_free(env);
+    } else if (domain_arg_ok(what)) {
+        w.domain = what;
+        int rc = queue_walk(e->queue, walk_select, &w);
+        if (rc < 0) {
+            free(w.v);
+            snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
+            return -1;
+        }
+    } else {
+        snprintf(err, errlen, "neither a queue id nor a domain: %.100s", what);
+        return -1;
+    }
+    struct queue_outcome *qo = calloc(BOUNCE_BATCH, sizeof(*qo));
+    size_t done = 0;
+    int rc = 0;
+    for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += BOUNCE_BATCH) {
+        size_t k = w.n - i < BOUNCE_BATCH ? w.n - i : BOUNCE_BATCH;
+        for (size_t j = 0; j < k; j++)
+            qo[j] = (struct queue_outcome){.id = w.v[i + j].id, .rcpt = w.v[i + j].idx,
+                                           .kind = QUEUE_BOUNCED, .code = 550,
+                                           .reply = "5.0.0 bounced by the operator"};
+        rc = queue_update_wait(e->queue, qo, k);
+        if (rc == 0)
+            done += k;
+    }
+    free(qo);
+    for (size_t i = 0; i < done; i++) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(w.v[i].id, qid);
+        log_msg(LOG_INFO, "id=%s event=bounced rcpt=<%s> domain=%s code=550 class=other "
+                          "reply=\"bounced by the operator\"",
+                qid, w.v[i].addr, w.v[i].domain);
+        struct dlog_event ev = {.kind = DLOG_BOUNCE, .id = qid, .rcpt = w.v[i].addr,
+                                .domain = w.v[i].domain, .code = 550, .enhanced = "5.0.0",
+                                .reply = "bounced by the operator", .classification = "other",
+                                .arrival_ms = queue_id_time_ms(w.v[i].id)};
+        dlog_event(e->dlogw_ops, &ev);
+    }
+    free(w.v);
+    if (rc != 0) {
+        snprintf(err, errlen, "bounced %zu, then the spool refused: %s", done, queue_strerror(rc));
+        return -1;
+    }
+    json_obj_begin(out);
+    json_ku64(out, "recipients", done);
+    json_obj_end(out);
+    return 0;
+}
+
+static const char *
+state_str(enum queue_rcpt_state s)
+{
+    return s == QUEUE_RCPT_DEFERRED ? "deferred" : "ready";
+}
+
+static int
+cmd_message(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
+{
+    uint64_t id;
+    if (queue_id_parse(what, &id) != 0) {
+        snprintf(err, errlen, "not a queue id: %.100s", what);
+        return -1;
+    }
+    struct queue_envelope *env = NULL;
+    if (queue_envelope_get(e->queue, id, &env) != 0) {
+        snprintf(err, errlen, "no message %s in the spool (delivered, bounced or never queued)",
+                 what);
+        return -1;
+    }
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(id, qid);
+    json_obj_begin(out);
+    json_kstr(out, "id", qid);
+    json_kstr(out, "sender", env->sender);
+    json_key(out, "arrival");
+    json_time_ms(out, env->arrival_ms);
+    json_ku64(out, "age_ms", unix_ms() - env->arrival_ms);
+    json_ku64(out, "size", env->body_len);
+    if (env->expire_ms != 0) {
+        json_key(out, "expires");
+        json_time_ms(out, env->expire_ms);
+    }
+    json_kstr(out, "auth_user", env->auth_user);
+    json_kstr(out, "client", env->client_addr);
+    json_key(out, "recipients");
+    json_arr_begin(out);
+    for (unsigned i = 0; i < env->nrcpt; i++) {
+        const struct queue_rcpt *r = &env->rcpt[i];
+        json_obj_begin(out);
+        json_kstr(out, "rcpt", r->addr);
+        json_kstr(out, "domain", r->domain);
+        json_kstr(out, "state", state_str(r->state));
+        json_ku64(out, "attempts", r->attempts);
+        if (r->due_ms != 0) {
+            json_key(out, "next_attempt");
+            json_time_ms(out, r->due_ms);
+        }
+        if (r->last_code != 0 || (r->last_reply && r->last_reply[0])) {
+            json_ku64(out, "last_code", r->last_code);
+            json_kstr(out, "last_reply", r->last_reply);
+        }
+        json_obj_end(out);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+    queue_envelope_free(env);
+    return 0;
+}
+
+static int
+ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
+            size_t errlen)
+{
+    struct engine *e = arg;
+    if (strcmp(verb, "message") == 0)
+        return cmd_message(e, args, out, err, errlen);
+    if (strcmp(verb, "suspend") == 0 || strcmp(verb, "resume") == 0)
+        return cmd_suspend(e, args, verb[0] == 's', out, err, errlen);
+    if (strcmp(verb, "flush") == 0)
+        return cmd_flush(e, args, out, err, errlen);
+    if (strcmp(verb, "bounce") == 0)
+        return cmd_bounce(e, args, out, err, errlen);
+    if (strcmp(verb, "reload") == 0) {
+        /* The main thread reloads on SIGHUP; this is the same. */
+        kill(getpid(), SIGHUP);
+        json_obj_begin(out);
+        json_kstr(out, "reload", "requested");
+        json_obj_end(out);
+        return 0;
+    }
+    snprintf(err, errlen, "unknown command: %.50s", verb);
+    return -1;
+}
+
+int
+ops_start(struct engine *e, char *err, size_t errlen)
+{
+    const struct stats_config *sc = &e->cfg->stats;
+    if (sc->socket == NULL)
+        return 0;
+    static struct stats_ops ops;
+    ops = (struct stats_ops){.arg = e, .counters = ops_counters, .domains = ops_domains,
+                             .command = ops_command};
+    if (e->dlog != NULL && (e->dlogw_ops = dlog_writer_new(e->dlog)) == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    return stats_server_new(sc->socket, sc->socket_mode, sc->http_listen, sc->top_n, &ops,
+                            &e->stats, err, errlen);
+}
+
+void
+ops_stop(struct engine *e)
+{
+    e->stats = stats_server_free(e->stats);
+    e->dlogw_ops = dlog_writer_free(e->dlogw_ops);
+    pthread_mutex_lock(&dcache.lock);
+    free(dcache.v);
+    dcache.v = NULL;
+    dcache.n = dcache.cap = 0;
+    dcache.at_ms = 0;
+    pthread_mutex_unlock(&dcache.lock);
+}
