@@ -134,6 +134,12 @@ static const struct conf_key delivery_keys[] = {
      "how long a connection to an MX address may take before the next address is tried", NULL},
     {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
      "how long an idle outbound connection waits for another message before QUIT", NULL},
+    {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
+     "after a 421 or a reply classified rate_limited, the destination's message and "
+     "connection rates are halved (again on each further one) for this long",
+     NULL},
+    {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
+     "then they come back by a quarter of the configured rate at each step", NULL},
     {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
      "percent: each retry delay is moved at random by up to this much, so that recipients "
      "deferred together do not come back together",
@@ -144,8 +150,22 @@ static const struct conf_key delivery_keys[] = {
 #define RDS(f) offsetof(struct redis_config, f)
 static const struct conf_key redis_keys[] = {
     {"url", CONF_STRING, RDS(url), 1, 1024, NULL,
-     "redis://host:port of the Redis shared by all nodes; unset: limits are per node "
-     "[not yet in effect]",
+     "redis://[:password@]host[:port] of the Redis shared by all nodes (message and "
+     "connection rates, connection leases); unset: limits hold per node, in memory",
+     NULL},
+    {"password", CONF_STRING, RDS(password), 1, 512, NULL, "AUTH password (or in the URL)",
+     NULL},
+    {"key_prefix", CONF_STRING, RDS(key_prefix), 1, 64, "sluice:",
+     "prefix of every Redis key (keys carry a {hash tag} per destination)", NULL},
+    {"nodes", CONF_UINT, RDS(nodes), 1, 1000, "1",
+     "nodes sharing the Redis: while it is unreachable each node keeps 1/nodes of every limit",
+     NULL},
+    {"lease_ttl", CONF_DURATION, RDS(lease_ttl), 1000, 3600000, "30s",
+     "a connection lease of a node that died expires after this long", NULL},
+    {"token_batch", CONF_UINT, RDS(token_batch), 1, 1000, "10",
+     "message tokens booked per Redis round trip (1: one round trip per message)", NULL},
+    {"timeout", CONF_DURATION, RDS(timeout), 10, 60000, "1s",
+     "a Redis reply slower than this counts as Redis down (local shares until it is back)",
      NULL},
     CONF_END,
 };
@@ -171,13 +191,18 @@ static const char *const tls_policies[] = {"off", "optional", "required", "verif
 #define DOM(f) offsetof(struct domain_policy, f)
 static const struct conf_key domain_keys[] = {
     {"max_connections", CONF_UINT, DOM(max_connections), 1, 100000, "20",
-     "concurrent connections to the domain's MX hosts (per worker that owns the domain: "
-     "each domain has one)",
+     "concurrent connections to the domain's MX hosts: per node, and across all nodes "
+     "(leases in Redis) with [redis] url",
      NULL},
     {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
-     "messages per second, minute or hour (50/s, 3000/h) [not yet in effect]", NULL},
+     "messages per second, minute or hour (50/s, 3000/h); across all nodes with [redis] url",
+     NULL},
+    {"message_burst", CONF_UINT, DOM(message_burst), 0, 1000000, "0",
+     "messages that may go at once beyond the steady rate", NULL},
     {"max_connection_rate", CONF_RATE, DOM(max_connection_rate), 0, 0, "unlimited",
-     "new connections per second, minute or hour [not yet in effect]", NULL},
+     "new connections per second, minute or hour; across all nodes with [redis] url", NULL},
+    {"connection_burst", CONF_UINT, DOM(connection_burst), 0, 100000, "0",
+     "connections that may open at once beyond the steady rate", NULL},
     {"max_messages_per_connection", CONF_UINT, DOM(max_messages_per_connection), 1, 1000000,
      "1000", "transactions on one connection before QUIT", NULL},
     {"max_rcpt_per_txn", CONF_UINT, DOM(max_rcpt_per_txn), 1, 10000, "100",

@@ -81,10 +81,18 @@ struct delivery_config {
     uint64_t connect_timeout; /* ms */
     uint64_t idle_timeout;    /* ms */
     unsigned retry_jitter;    /* percent: each retry delay is moved by up to this much */
+    uint64_t backoff;         /* ms at half rate after a 421 or a rate-limited reply */
+    uint64_t backoff_step;    /* ms between steps back up */
 };
 
 struct redis_config {
     char *url;               /* owned; NULL: limits are local to this node */
+    char *password;          /* owned; NULL: none (or the URL's) */
+    char *key_prefix;        /* owned */
+    unsigned nodes;          /* nodes sharing the Redis: the local share is limit / nodes */
+    uint64_t lease_ttl;      /* ms */
+    unsigned token_batch;
+    uint64_t timeout;        /* ms */
 };
 
 struct stats_config {
@@ -105,6 +113,8 @@ struct domain_policy {
     unsigned max_connections;
     struct conf_rate max_message_rate;
     struct conf_rate max_connection_rate;
+    unsigned message_burst;
+    unsigned connection_burst;
     unsigned max_messages_per_connection;
     unsigned max_rcpt_per_txn;
     int tls;                 /* enum domain_tls */

@@ -40,6 +40,7 @@
 #include "engine/classify.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
+#include "engine/limits.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/resolver.h"
@@ -91,6 +92,7 @@ struct conn {
     unsigned nmsgs;       /* transactions finished on this connection */
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
+    bool leased;          /* holds a connection lease of its destination */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 
     struct job *job;      /* owned: the job in flight, or NULL */
@@ -155,6 +157,8 @@ struct dest {
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
+    struct limit_key lim;    /* rates and connection leases (limits.h) */
+    struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
     uint64_t delivered, failed; /* recipients, since start */
     uint64_t last_ms;        /* Unix ms of the last outcome */
@@ -166,6 +170,7 @@ struct delivery {
     struct worker *w;  /* borrowed */
     struct tls_cache *tls_cache; /* owned: client sessions of this worker, per MX */
     struct resolver *res; /* owned */
+    struct limits *lim;   /* owned: rate limits and leases of this worker's domains */
     struct queue_port *port; /* owned */
     struct op port_op;
     bool stopping;
@@ -289,6 +294,41 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
 static void dest_on_hold(struct timer *t, void *ctx);
 static void dest_on_sweep(struct timer *t, void *ctx);
 
+static void
+dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    lc->msg_rate = pol->max_message_rate;
+    lc->msg_burst = pol->message_burst;
+    lc->conn_rate = pol->max_connection_rate;
+    lc->conn_burst = pol->connection_burst;
+    lc->max_connections = pol->max_connections;
+}
+
+/* The limiter has news for t (a refill, a lease, a resume). */
+static void
+dest_on_wake(void *arg)
+{
+    dest_run(arg);
+}
+
+static void
+dest_on_lim_timer(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    dest_run((struct dest *)((char *)tm - offsetof(struct dest, lim_timer)));
+}
+
+/* A token or lease was refused: run again when the limiter says. */
+static void
+dest_lim_wait(struct dest *t, uint64_t retry_at)
+{
+    if (retry_at == UINT64_MAX)
+        return; /* the waker will run */
+    if (!timer_armed(&t->lim_timer) || t->lim_timer.deadline > retry_at)
+        worker_timer_arm(t->d->w, &t->lim_timer, retry_at);
+}
+
 static struct dest *
 dest_get(struct delivery *d, const char *name)
 {
@@ -305,6 +345,14 @@ dest_get(struct delivery *d, const char *name)
     t->tail = &t->head;
     timer_init(&t->hold_timer, dest_on_hold);
     timer_init(&t->sweep_timer, dest_on_sweep);
+    timer_init(&t->lim_timer, dest_on_lim_timer);
+    struct limit_conf lc;
+    dest_limit_conf(t->pol, &lc);
+    if (limits_key_init(d->lim, &t->lim, t->name, &lc, dest_on_wake, t) < 0) {
+        /* a name the limiter refuses ('{' '}'): no domain has one */
+        free(t);
+        return NULL;
+    }
     t->hnext = d->buckets[b];
     d->buckets[b] = t;
     return t;
@@ -660,6 +708,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             kind = DLOG_TRANSIENT_FAILURE;
             cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             d->stats.deferred++;
+            if (cls == BOUNCE_RATE_LIMITED && o->code != 421) /* 421: in conn_free */
+                limits_backoff(d->lim, &t->lim, d->w->now);
         }
         if (failed)
             t->failed++;
@@ -834,6 +884,7 @@ conn_free(struct conn *c)
         log_msg(LOG_NOTICE, "event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
                 t->name, c->mx, (unsigned long long)t->pol->site_hold, so->text);
         dest_hold(t, t->pol->site_hold);
+        limits_backoff(d->lim, &t->lim, d->w->now);
     }
     if (!c->ready_once) {
         t->opening--;
@@ -859,6 +910,8 @@ conn_free(struct conn *c)
         c->next_all->prev_all = c->prev_all;
     t->conns--;
     d->stats.open--;
+    if (c->leased && !d->stopping)
+        limits_conn_release(d->lim, &t->lim);
     free(c);
     drain_check(d);
     if (!d->stopping)
@@ -1073,7 +1126,14 @@ conn_next(struct conn *c)
         return;
     }
     for (;;) {
-        struct job *j = t->suspended ? NULL : dest_pop(t);
+        struct job *j = NULL;
+        uint64_t retry_at;
+        if (!t->suspended && t->head != NULL) {
+            if (limits_take_msgs(c->d->lim, &t->lim, 1, c->d->w->now, &retry_at) == 1)
+                j = dest_pop(t);
+            else
+                dest_lim_wait(t, retry_at);
+        }
         if (j == NULL) {
             /* Idle: wait for work up to the idle time. */
             c->next_idle = t->idle;
@@ -1739,10 +1799,18 @@ dest_run(struct dest *t)
             }
             return;
         }
+        uint64_t retry_at;
+        if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
+            dest_lim_wait(t, retry_at);
+            return;
+        }
         unsigned before = t->conns;
         conn_open(t);
-        if (t->conns == before)
+        if (t->conns == before) {
+            limits_conn_release(d->lim, &t->lim);
             return; /* could not open one now */
+        }
+        d->all->leased = true; /* conn_open puts the new one first */
     }
 }
 
@@ -1840,6 +1908,12 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
         }
     for (struct conn *c = d->all; c != NULL; c = c->next_all)
         conn_close(c, "stopping");
+    /* Leases go back now, not after their ttl (the loop still turns). */
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+            worker_timer_cancel(w, &t->lim_timer);
+            limits_key_fini(d->lim, &t->lim);
+        }
     if (d->res != NULL)
         resolver_close(d->res, delivery_on_resolver_closed, d);
     else
@@ -1870,6 +1944,16 @@ void
 delivery_drain(struct delivery *d)
 {
     worker_post(d->w, &d->drain_msg);
+}
+
+const char *
+delivery_redis_state(const struct delivery *d)
+{
+    struct limits_stats ls;
+    if (d->lim == NULL)
+        return "off";
+    limits_stats(d->lim, &ls);
+    return ls.redis;
 }
 
 int
@@ -1927,11 +2011,24 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             x->suspended = t->suspended;
             snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
             bool held = d->w->now < t->hold_until;
-            snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
-                     t->suspended ? "suspended by the operator"
-                     : held       ? "held after a 421 or a site failure"
-                                  : t->pol == &d->e->cfg->default_domain ? "[domain *]"
-                                                                          : "[domain] section");
+            unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
+            const struct conf_rate *mr = &t->pol->max_message_rate;
+            if (mr->count != 0 && mr->per_ms != 0)
+                x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
+            const char *redis = delivery_redis_state(d);
+            if (t->suspended)
+                snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
+            else if (held)
+                snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
+            else if (pct < 100)
+                snprintf(x->limit_reason, sizeof(x->limit_reason),
+                         "backoff: %u%% of the rates after rate limiting", pct);
+            else if (strcmp(redis, "unreachable") == 0)
+                snprintf(x->limit_reason, sizeof(x->limit_reason),
+                         "local share (Redis unreachable)");
+            else
+                snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
+                         t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
             uint64_t oldest = 0;
             for (struct job *j = t->head; j != NULL; j = j->next) {
                 uint64_t a = queue_id_time_ms(j->id);
@@ -1992,12 +2089,31 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->stop_msg.fn = delivery_on_stop;
+    {
+        const struct config *cfg = e->cfg;
+        struct limits_opts lo = {
+            .redis_url = cfg->redis.url,
+            .redis_password = cfg->redis.password,
+            .key_prefix = cfg->redis.key_prefix,
+            .nodes = cfg->redis.nodes,
+            .lease_ttl_ms = cfg->redis.lease_ttl,
+            .token_batch = cfg->redis.token_batch,
+            .backoff_ms = cfg->delivery.backoff,
+            .backoff_step_ms = cfg->delivery.backoff_step,
+            .redis_timeout_ms = cfg->redis.timeout,
+        };
+        int lrc = limits_new(w, &lo, &d->lim, err, errlen);
+        if (lrc < 0) {
+            delivery_free(d);
+            return lrc;
+        }
+    }
     d->drain_msg.fn = delivery_on_drain;
     d->port = queue_port_new();
     if (d->port == NULL) {
         int rc = -errno;
         snprintf(err, errlen, "delivery spool port: %s", strerror(errno));
-        free(d);
+        delivery_free(d);
         return rc;
     }
     if (tls_cache_new(e->cfg->tls.session_cache_size, &d->tls_cache) < 0)
@@ -2054,6 +2170,7 @@ delivery_free(struct delivery *d)
     if (d->tls_cache != NULL)
         tls_cache_free(d->tls_cache);
     delivery_bufs_fini(d);
+    d->lim = limits_free(d->lim);
     pool_fini(&d->cli_pool);
     pool_fini(&d->chunk_pool);
     free(d);

@@ -64,6 +64,8 @@ int delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, s
 int delivery_suspend(struct delivery *d, const char *domain, bool on);
 /* Which worker owns a domain: delivery_domain_hash(lowercase) % workers. */
 uint32_t delivery_domain_hash(const char *domain);
+/* "off", "connecting", "connected" or "unreachable" (a static string). */
+const char *delivery_redis_state(const struct delivery *d);
 struct resolver_stats;
 /* The worker's DNS figures; -ENOENT without a resolver. */
 int delivery_resolver_stats(const struct delivery *d, struct resolver_stats *out);

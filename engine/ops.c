@@ -148,6 +148,7 @@ struct wstats {
     struct delivery_stats dlv;
     struct resolver_stats dns;
     bool has_dns;
+    const char *redis; /* static */
     uint64_t dests, waiting, inflight;
 };
 
@@ -158,6 +159,7 @@ counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
     server_worker_stats(e->srv[w], &s->srv);
     delivery_stats(e->dlv[w], &s->dlv);
     s->has_dns = delivery_resolver_stats(e->dlv[w], &s->dns) == 0;
+    s->redis = delivery_redis_state(e->dlv[w]);
     delivery_objects(e->dlv[w], &s->dests, &s->waiting, &s->inflight);
 }
 
@@ -221,6 +223,16 @@ ops_counters(void *arg, struct stats_counters *out)
         o[3].live = out->conn_out_open;
         out->nobjects = 4;
     }
+    out->redis_state = "off";
+    if (c != NULL && c->res != NULL && e->nworkers > 0 && e->cfg->redis.url != NULL) {
+        /* The worst of the workers' views: one unreachable is news. */
+        out->redis_state = "connected";
+        for (unsigned i = 0; i < e->nworkers; i++) {
+            const char *st = ((struct wstats *)c->res)[i].redis;
+            if (st != NULL && strcmp(st, "connected") != 0)
+                out->redis_state = st;
+        }
+    }
     wcall_unref(c);
     struct queue_counts qc;
     if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
@@ -241,7 +253,6 @@ ops_counters(void *arg, struct stats_counters *out)
         out->dlog_dropped = ds.dropped;
     }
     out->workers = e->nworkers;
-    out->redis_state = "off";
     out->uptime_ms = unix_ms() - e->started_ms;
 }
 
