@@ -1764,13 +1764,16 @@ dest_run(struct dest *t)
         t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
         return;
     }
-    /* Idle connections first: reuse. */
+    /* Idle connections first: reuse. One that goes back to the idle list
+     * found no token (the message rate): the others would not either. */
     while (t->head != NULL && t->idle != NULL) {
         struct conn *c = t->idle;
         t->idle = c->next_idle;
         c->next_idle = NULL;
         conn_next(c);
         conn_flush(c);
+        if (t->idle == c)
+            return;
     }
     if (t->head == NULL || d->w->now < t->hold_until)
         return;
@@ -2038,6 +2041,23 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             x->oldest_ms = oldest;
         }
     return 0;
+}
+
+void
+delivery_reconfigure(struct delivery *d)
+{
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+            t->pol = config_domain(d->e->cfg, t->name);
+            struct limit_conf lc;
+            dest_limit_conf(t->pol, &lc);
+            limits_key_set(d->lim, &t->lim, &lc);
+        }
+    /* Connections keep the client options they started with; new ones
+     * take the new policy. Let the new limits act on what waits. */
+    for (unsigned b = 0; b < DEST_BUCKETS; b++)
+        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
+            dest_run(t);
 }
 
 int

@@ -59,6 +59,9 @@ struct stats_domain;
  * connected, suspended, or active in the last 10 minutes) to *out
  * (*n entries of *cap, grown with realloc). Returns 0 or -ENOMEM. */
 int delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap);
+/* After a reload (engine.c parks the workers while it swaps e->cfg):
+ * take up the new domain policies and limits. Worker thread. */
+void delivery_reconfigure(struct delivery *d);
 /* Suspend or resume a destination (made if unknown, so that a suspension
  * holds for mail not yet arrived). In-flight transactions finish. */
 int delivery_suspend(struct delivery *d, const char *domain, bool on);

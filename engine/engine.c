@@ -264,10 +264,123 @@ engine_stop(struct engine *e)
     pthread_mutex_destroy(&e->per_ip.lock);
 }
 
+/* ---- reload ---- */
+
+struct park {
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    unsigned arrived, left;
+    bool go;
+    struct engine *e;
+    struct park_msg {
+        struct worker_msg m;
+        struct park *p;
+    } *msgs; /* owned */
+};
+
+static void
+park_unref(struct park *p)
+{
+    pthread_mutex_lock(&p->lock);
+    bool last = --p->left == 0;
+    pthread_mutex_unlock(&p->lock);
+    if (last) {
+        pthread_mutex_destroy(&p->lock);
+        pthread_cond_destroy(&p->cv);
+        free(p->msgs);
+        free(p);
+    }
+}
+
+/* On each worker: wait while the main thread swaps the config, then take
+ * up the new one. */
+static void
+park_on_worker(struct worker *w, struct worker_msg *m)
+{
+    struct park *p = ((struct park_msg *)m)->p;
+    struct engine *e = p->e;
+    pthread_mutex_lock(&p->lock);
+    p->arrived++;
+    pthread_cond_broadcast(&p->cv);
+    while (!p->go)
+        pthread_cond_wait(&p->cv, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+    server_worker_reconfigure(e->srv[w->id]);
+    delivery_reconfigure(e->dlv[w->id]);
+    park_unref(p);
+}
+
+/* Tell what the new config changes that only a restart applies. */
+static void
+report_kept(const struct config *o, const struct config *n)
+{
+#define SAME_STR(a, b) ((a) == (b) || ((a) != NULL && (b) != NULL && strcmp((a), (b)) == 0))
+    struct {
+        const char *key;
+        bool same;
+    } k[] = {
+        {"server.listen", SAME_STR(o->server.listen, n->server.listen)},
+        {"server.listen_tls", SAME_STR(o->server.listen_tls, n->server.listen_tls)},
+        {"server.workers", o->server.workers == n->server.workers},
+        {"server.ring_entries", o->server.ring_entries == n->server.ring_entries},
+        {"queue", SAME_STR(o->queue.path, n->queue.path) && o->queue.map_size == n->queue.map_size},
+        {"tls.cert_file", SAME_STR(o->tls.cert_file, n->tls.cert_file)},
+        {"tls.key_file", SAME_STR(o->tls.key_file, n->tls.key_file)},
+        {"stats", SAME_STR(o->stats.socket, n->stats.socket) &&
+                      SAME_STR(o->stats.http_listen, n->stats.http_listen)},
+        {"redis", SAME_STR(o->redis.url, n->redis.url)},
+        {"log.file", SAME_STR(o->log.file, n->log.file)},
+        {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
+    };
+#undef SAME_STR
+    for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)
+        if (!k[i].same)
+            log_msg(LOG_WARN, "event=reload_kept key=%s note=needs_a_restart", k[i].key);
+}
+
 int
-engine_reload(struct engine *e)
+engine_reload(struct engine *e, const struct config *ncfg)
 {
     char err[512];
+    if (ncfg != NULL && e->nworkers > 0) {
+        report_kept(e->cfg, ncfg);
+        struct park *p = calloc(1, sizeof(*p));
+        if (p != NULL && (p->msgs = calloc(e->nworkers, sizeof(*p->msgs))) == NULL) {
+            free(p);
+            p = NULL;
+        }
+        if (p == NULL) {
+            log_msg(LOG_ERR, "event=reload_failed what=config reason=out_of_memory");
+        } else {
+            pthread_mutex_init(&p->lock, NULL);
+            pthread_cond_init(&p->cv, NULL);
+            p->e = e;
+            p->left = e->nworkers + 1;
+            for (unsigned i = 0; i < e->nworkers; i++) {
+                p->msgs[i].m.fn = park_on_worker;
+                p->msgs[i].p = p;
+                worker_post(&e->workers[i], &p->msgs[i].m);
+            }
+            /* Every worker parked (or 2 s passed: a late one takes the new
+             * config when it gets there), swap, let them go. */
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_sec += 2;
+            pthread_mutex_lock(&p->lock);
+            while (p->arrived < e->nworkers)
+                if (pthread_cond_timedwait(&p->cv, &p->lock, &until) != 0)
+                    break;
+            unsigned parked = p->arrived;
+            e->cfg = ncfg;
+            p->go = true;
+            pthread_cond_broadcast(&p->cv);
+            pthread_mutex_unlock(&p->lock);
+            park_unref(p);
+            log_set_level((enum log_level)ncfg->log.level);
+            log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u", ncfg->path,
+                    parked, e->nworkers);
+        }
+    }
     if (e->dlog != NULL)
         dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */
     int rc = load_users(e, err, sizeof(err));

@@ -38,7 +38,10 @@ struct conn_table {
 };
 
 struct engine {
-    const struct config *cfg;  /* borrowed: outlives the engine */
+    /* Borrowed: outlives the engine. Replaced whole by a reload while the
+     * workers are parked (engine_reload); replaced configs stay alive
+     * until the end, so a pointer read a moment earlier stays valid. */
+    const struct config *_Atomic cfg;
     struct queue *queue;       /* owned */
     struct tls_ctx *tls_server; /* owned reference; NULL: no STARTTLS, no implicit TLS */
     struct tls_ctx *tls_client; /* owned reference; NULL: outbound TLS unavailable */
@@ -71,11 +74,15 @@ bool engine_drain(struct engine *e, uint64_t timeout_ms);
 /* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
 
-/* SIGHUP: reload what can change at run time (for now the users file)
- * and reopen the delivery log.
- * Main thread. Returns 0, or a negative code when the new file was refused
- * (the old one stays; the errors are logged). */
-int engine_reload(struct engine *e);
+/* SIGHUP: reopen the delivery log, reload the users file, and, when ncfg
+ * is given (a config read again and valid), run on it from now on: domain
+ * policies and limits, TLS policies, retry schedules, classification,
+ * bounce settings, log level. What needs a restart (listeners, workers,
+ * spool, DNS, TLS certificates, stats socket, Redis URL, log paths) is
+ * logged as kept. ncfg must outlive the engine (the caller frees it after
+ * engine_stop). Main thread. Returns 0, or a negative code when the users
+ * file was refused (the old one stays; the errors are logged). */
+int engine_reload(struct engine *e, const struct config *ncfg);
 /* A reference to the current users table (NULL when AUTH is off); any
  * thread. Drop it with auth_db_unref(). */
 struct auth_db *engine_users(struct engine *e);

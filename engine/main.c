@@ -40,8 +40,11 @@ usage(FILE *out)
             "\n"
             "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
             "flight finish for [server] drain_timeout, leaves the rest queued) and\n"
-            "exits 0; HUP reopens the log and the delivery log and reloads the users\n"
-            "file ([server] auth_users_file).\n",
+            "exits 0; HUP reopens the log and the delivery log, reloads the users file\n"
+            "and the configuration: domain policies and limits, TLS policies, retries,\n"
+            "classification and bounce settings take effect; what needs a restart\n"
+            "(listeners, workers, spool, certificates, sockets, Redis URL, log paths) is\n"
+            "logged as kept. A config with errors is refused and the old one kept.\n",
             DEFAULT_CONFIG);
 }
 
@@ -135,6 +138,9 @@ main(int argc, char **argv)
     log_msg(LOG_NOTICE, "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s",
             SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname);
 
+    /* Every config the engine ran on, freed after it stopped. */
+    struct config **cfgs = NULL;
+    size_t ncfgs = 0;
     for (;;) {
         siginfo_t si;
         int sig = sigwaitinfo(&sigs, &si);
@@ -148,13 +154,33 @@ main(int argc, char **argv)
             rc = log_reopen();
             log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE, "event=sighup log_reopened=%s%s%s",
                     rc < 0 ? "no err=" : "yes", rc < 0 ? strerror(-rc) : "", "");
-            engine_reload(&engine);
+            char *buf = NULL;
+            size_t blen = 0;
+            FILE *errs = open_memstream(&buf, &blen);
+            struct config *ncfg = NULL;
+            struct config **grown = realloc(cfgs, (ncfgs + 1) * sizeof(*cfgs));
+            if (grown != NULL)
+                cfgs = grown;
+            if (errs == NULL || grown == NULL || config_load(path, &ncfg, errs) < 0) {
+                if (errs != NULL)
+                    fclose(errs);
+                for (char *save = NULL, *l = buf ? strtok_r(buf, "\n", &save) : NULL; l;
+                     l = strtok_r(NULL, "\n", &save))
+                    log_msg(LOG_ERR, "event=reload_refused error=\"%s\"", l);
+                log_msg(LOG_ERR, "event=reload_failed what=config note=previous_config_kept");
+                ncfg = NULL;
+            } else {
+                fclose(errs);
+                cfgs[ncfgs++] = ncfg;
+            }
+            free(buf);
+            engine_reload(&engine, ncfg);
             continue;
         }
+        uint64_t drain_ms = engine.cfg->server.drain_timeout;
         log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu",
-                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid,
-                (unsigned long long)cfg->server.drain_timeout);
-        bool all = engine_drain(&engine, cfg->server.drain_timeout);
+                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms);
+        bool all = engine_drain(&engine, drain_ms);
         log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s", all ? "done" : "timed_out",
                 all ? "nothing_in_flight" : "what_was_in_flight_stays_queued");
         break;
@@ -163,5 +189,8 @@ main(int argc, char **argv)
     log_msg(LOG_NOTICE, "event=stopped");
     log_close();
     config_free(cfg);
+    for (size_t i = 0; i < ncfgs; i++)
+        config_free(cfgs[i]);
+    free(cfgs);
     return 0;
 }

@@ -1764,6 +1764,12 @@ server_worker_free(struct server_worker *sw)
 }
 
 void
+server_worker_reconfigure(struct server_worker *sw)
+{
+    sw->cfg = &sw->e->cfg->server;
+}
+
+void
 server_worker_drain(struct server_worker *sw)
 {
     atomic_store(&sw->draining, true);

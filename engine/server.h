@@ -37,6 +37,9 @@ void server_worker_start(struct server_worker *sw);
  * spool port (commits still complete: their clients simply get no reply,
  * and retry), free. Returns NULL. */
 struct server_worker *server_worker_free(struct server_worker *sw);
+/* After a reload: the new [server] settings (limits, timeouts, AUTH
+ * policy) for sessions from now on. Worker thread. */
+void server_worker_reconfigure(struct server_worker *sw);
 /* SIGTERM: stop accepting (the listeners are shut down); sessions open
  * go on until the engine stops. Any thread. */
 void server_worker_drain(struct server_worker *sw);

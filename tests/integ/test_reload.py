@@ -1,6 +1,8 @@
 """SIGHUP reloads the users file: a removed user can no longer log in, a
 new one can, sessions already open keep the table they began with, and a
-broken file is refused with the old table kept."""
+broken file is refused with the old table kept. It also reloads the
+config: a domain's new rate limit takes effect with no connection dropped,
+what needs a restart is reported as kept, and a broken config is refused."""
 import base64
 import os
 import signal
@@ -77,5 +79,46 @@ enabled = no
         wd.cleanup()
 
 
+def test_sighup_reloads_domain_limits():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_delivery
+    from test_delivery import Relay, records_for, wait_sink
+    test_delivery.SLUICE = SLUICE
+    r = Relay(records_for(["slow.test"]),
+              domain_conf="[domain slow.test]\nmax_message_rate = 1/h\n")
+    try:
+        r.inject([("s@example.com", [f"u{i}@slow.test"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+                  for i in range(5)], sessions=1)
+        wait_sink(r, 1)
+        # One an hour: the first went, the rest wait (a bounded look).
+        try:
+            r.d.wait_log_count("event=delivered", 2, timeout=2)
+            second = True
+        except AssertionError:
+            second = False
+        assert not second, "a second message went at 1/h"
+        early = Smtp(r.port)
+        early.expect("EHLO early", 250)
+        conf = os.path.join(r.wd.path, "sluice.conf")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("max_message_rate = 1/h", "max_message_rate = unlimited")
+                    .replace("workers = 2", "workers = 3"))
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log("event=config_reloaded")
+        assert r.d.wait_log("event=reload_kept key=server.workers")
+        wait_sink(r, 5, timeout=30)
+        assert early.cmd("NOOP").code == 250  # the session lived through it
+        early.close()
+        with open(conf, "a") as f:
+            f.write("[domain *]\nmax_connections = lots\n")
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log("event=reload_failed what=config")
+        assert r.d.count_log("event=reload_refused") >= 1
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
-    main([test_sighup_reloads_users])
+    main([test_sighup_reloads_users, test_sighup_reloads_domain_limits])
