@@ -125,7 +125,19 @@ def test_config_reference_is_current():
                              "build/engine/sluice --config-reference > doc/config.md")
 
 
+def test_classification_table_is_current():
+    r = run([SLUICE, "--classify-rules"])
+    assert r.returncode == 0 and r.stdout.count("\n") > 20, r.stdout[:200]
+    with open(os.path.join(SOURCE, "doc/classify.md")) as f:
+        doc = f.read()
+    head, sep, table = doc.partition("<!-- generated: sluice --classify-rules -->\n")
+    assert sep, "doc/classify.md lost its marker line"
+    assert table == r.stdout, ("doc/classify.md is out of date: rerun "
+                               "sluice --classify-rules below its marker line")
+
+
 if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
           test_bundled_config_checks, test_sigterm_stops_within_a_second,
-          test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current])
+          test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
+          test_classification_table_is_current])
