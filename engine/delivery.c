@@ -70,6 +70,7 @@ struct job {
     struct job *next;
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
+    bool bounce;         /* the operator bounces these recipients */
     unsigned n;
     char domain[256];
     unsigned idx[];
@@ -261,11 +262,11 @@ delivery_domain_hash(const char *s)
 
 static void delivery_on_job(struct worker *w, struct worker_msg *m);
 
-void
-delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
-                unsigned n)
+static void
+submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
+       bool bounce)
 {
-    if (n == 0 || e->nworkers == 0 || !e->cfg->delivery.enabled)
+    if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
     size_t dl = strlen(domain);
     if (dl >= 256)
@@ -281,12 +282,27 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
     j->next = NULL;
     j->id = id;
     j->expire_ms = 0;
+    j->bounce = bounce;
     j->n = n;
     for (size_t i = 0; i < dl; i++)
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
     j->domain[dl] = '\0';
     memcpy(j->idx, idx, n * sizeof(unsigned));
     worker_post(&e->workers[delivery_domain_hash(j->domain) % e->nworkers], &j->m);
+}
+
+void
+delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
+                unsigned n)
+{
+    submit(e, id, domain, idx, n, false);
+}
+
+void
+delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
+                       unsigned n)
+{
+    submit(e, id, domain, idx, n, true);
 }
 
 /* ---- destinations ---- */
@@ -388,6 +404,9 @@ dest_pop(struct dest *t)
     return j;
 }
 
+static void job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent,
+                     unsigned code, const char *enh, const char *text, enum classify_source src);
+
 static void
 delivery_on_job(struct worker *w, struct worker_msg *m)
 {
@@ -397,6 +416,10 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
     struct dest *t = d ? dest_get(d, j->domain) : NULL;
     if (t == NULL) {
         free(j);
+        return;
+    }
+    if (j->bounce) {
+        job_fail(d, t, j, true, 550, "5.0.0", "bounced by the operator", CLASSIFY_REPLY);
         return;
     }
     /* Split to the domain's recipients per transaction. */

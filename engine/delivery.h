@@ -86,6 +86,11 @@ bool delivery_idle(const struct delivery *d);
 void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                      unsigned n);
 
+/* The same recipients fail now, as a bounce by the operator: spool,
+ * logs and DSN as for any bounce. Any thread. */
+void delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,
+                            const unsigned *idx, unsigned n);
+
 /* Gathers recipients met in (message id, index) order, as queue_walk()
  * and queue_due() give them, into one job per message and domain. */
 struct delivery_batch {

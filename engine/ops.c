@@ -33,7 +33,6 @@
 
 #define WAIT_MS       2000    /* for the workers' answers */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
-#define BOUNCE_BATCH  1000
 
 static uint64_t
 unix_ms(void)
@@ -390,7 +389,8 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
         }
     }
     pthread_mutex_unlock(&dcache.lock);
-    qsort(all.d, all.n, sizeof(*all.d), cmp_busy);
+    if (all.n > 1)
+        qsort(all.d, all.n, sizeof(*all.d), cmp_busy);
     size_t n = all.n < cap ? all.n : cap;
     if (n > 0)
         memcpy(out, all.d, n * sizeof(*out));
@@ -550,37 +550,21 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
         snprintf(err, errlen, "neither a queue id nor a domain: %.100s", what);
         return -1;
     }
-    struct queue_outcome *qo = calloc(BOUNCE_BATCH, sizeof(*qo));
+    /* Each worker fails its domains' recipients as it fails any: spool,
+     * logs, DSN to the sender. Grouped per message and domain. */
     size_t done = 0;
-    int rc = 0;
-    for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += BOUNCE_BATCH) {
-        size_t k = w.n - i < BOUNCE_BATCH ? w.n - i : BOUNCE_BATCH;
-        for (size_t j = 0; j < k; j++)
-            qo[j] = (struct queue_outcome){.id = w.v[i + j].id, .rcpt = w.v[i + j].idx,
-                                           .kind = QUEUE_BOUNCED, .code = 550,
-                                           .reply = "5.0.0 bounced by the operator"};
-        rc = queue_update_wait(e->queue, qo, k);
-        if (rc == 0)
-            done += k;
+    for (size_t i = 0; i < w.n;) {
+        unsigned idx[256], n = 0;
+        size_t k = i;
+        while (k < w.n && n < 256 && w.v[k].id == w.v[i].id &&
+               strcmp(w.v[k].domain, w.v[i].domain) == 0)
+            idx[n++] = w.v[k++].idx;
+        delivery_submit_bounce(e, w.v[i].id, w.v[i].domain, idx, n);
+        done += n;
+        i = k;
     }
-    free(qo);
-    for (size_t i = 0; i < done; i++) {
-        char qid[QUEUE_ID_STRLEN + 1];
-        queue_id_str(w.v[i].id, qid);
-        log_msg(LOG_INFO, "id=%s event=bounced rcpt=<%s> domain=%s code=550 class=other "
-                          "reply=\"bounced by the operator\"",
-                qid, w.v[i].addr, w.v[i].domain);
-        struct dlog_event ev = {.kind = DLOG_BOUNCE, .id = qid, .rcpt = w.v[i].addr,
-                                .domain = w.v[i].domain, .code = 550, .enhanced = "5.0.0",
-                                .reply = "bounced by the operator", .classification = "other",
-                                .arrival_ms = queue_id_time_ms(w.v[i].id)};
-        dlog_event(e->dlogw_ops, &ev);
-    }
+    log_msg(LOG_NOTICE, "event=operator_bounce what=%s recipients=%zu", what, done);
     free(w.v);
-    if (rc != 0) {
-        snprintf(err, errlen, "bounced %zu, then the spool refused: %s", done, queue_strerror(rc));
-        return -1;
-    }
     json_obj_begin(out);
     json_ku64(out, "recipients", done);
     json_obj_end(out);
