@@ -69,17 +69,18 @@ def test_bundled_config_checks():
     assert r.returncode == 0, r
 
 
-def test_sigterm_stops_within_a_second():
+def test_sigterm_stops_when_idle():
+    """With nothing in flight the drain has nothing to wait for: exit 0
+    without waiting out drain_timeout (30 s by default; the bound here is
+    far below it, and far above what a slow machine needs)."""
     wd = Workdir("sluice-term-")
     try:
         d = Daemon(SLUICE, config(wd))
         d.wait_log("event=ready")
-        t0 = time.monotonic()
         d.signal(signal.SIGTERM)
-        rc = d.proc.wait(5)
-        took = time.monotonic() - t0
+        rc = d.proc.wait(10)
         assert rc == 0, f"exit code {rc}"
-        assert took < 1.0, f"took {took:.3f}s to stop"
+        d.wait_log("event=drain_done")
         d.wait_log("event=stopped")
         d.stop()
     finally:
@@ -138,6 +139,6 @@ def test_classification_table_is_current():
 
 if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
-          test_bundled_config_checks, test_sigterm_stops_within_a_second,
+          test_bundled_config_checks, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
           test_classification_table_is_current])
