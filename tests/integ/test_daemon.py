@@ -4,7 +4,6 @@ file:line, start on a config, SIGTERM stops it within a second with exit
 import os
 import signal
 import sys
-import time
 
 from harness import Daemon, Workdir, free_port, main, run, wait_until
 
