@@ -113,6 +113,10 @@ static const struct conf_key bounce_keys[] = {
      NULL},
     {"dsn_from", CONF_STRING, BNC(dsn_from), 1, 64, "MAILER-DAEMON",
      "local part of the From of DSNs (the domain is [server] hostname)", NULL},
+    {"delay_warning", CONF_DURATION, BNC(delay_warning), 0, 30ULL * 86400 * 1000, "4h",
+     "a recipient still deferred this long after arrival gets one delay DSN, when it "
+     "asked for one at injection (NOTIFY=DELAY); 0: never",
+     NULL},
     {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
      "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
     CONF_END,

@@ -71,6 +71,7 @@ struct bounce_config {
     bool dsn;                /* send DSNs to the envelope sender */
     char *dsn_from;          /* owned: local part of the DSN's From (at server.hostname) */
     uint64_t return_max;     /* RET=FULL returns messages up to this size, else headers */
+    uint64_t delay_warning;  /* ms in the queue before a NOTIFY=DELAY warning; 0: none */
 };
 
 struct delivery_config {

@@ -775,10 +775,21 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .nhdr = nhdr,
         };
         dlog_event(lw, &ev);
-        if (failed && r != NULL && env != NULL && env->sender[0] != '\0' && cfg->bounce.dsn &&
-            dsn_wanted(r->notify, true)) {
+        /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
+         * once: at the deferral that carries it past delay_warning. */
+        bool warn = false;
+        if (kind == DLOG_TRANSIENT_FAILURE && r != NULL && env != NULL &&
+            cfg->bounce.delay_warning != 0) {
+            uint64_t at = env->arrival_ms + cfg->bounce.delay_warning;
+            uint64_t prev = r->last_ms != 0 ? r->last_ms : env->arrival_ms;
+            warn = prev < at && at <= now && dsn_wanted(r->notify, false);
+        }
+        if ((failed || warn) && r != NULL && env != NULL && env->sender[0] != '\0' &&
+            cfg->bounce.dsn && dsn_wanted(r->notify, failed)) {
             struct dsn_rcpt *x = &dr[ndsn++];
-            dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, false);
+            dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, warn);
+            x->delayed = warn;
+            x->retry_until_ms = warn ? expire : 0;
             if (kind == DLOG_EXPIRATION)
                 snprintf(status[i], sizeof(status[i]), "%s", "4.4.7");
             x->addr = r->addr;

@@ -210,15 +210,32 @@ class Cluster:
             raise
 
     def close(self):
+        """Stop every node (each, even when one fails), then the rest."""
+        errors = []
         try:
             for nd in self.nodes:
-                if nd.alive():
-                    assert nd.d.stop_clean() == 0, f"node {nd.name}"
+                if not nd.alive():
+                    continue
+                try:
+                    nd.d.stop_clean()
+                except AssertionError as e:
+                    with nd.d.cv:
+                        tail = "\n".join(nd.d.lines[-15:])
+                    errors.append(f"node {nd.name}: {e}\n{tail}")
         finally:
             for p in (self.sink, self.dns, self.redis):
                 if p is not None:
                     p.stop()
             self.wd.cleanup()
+        if errors:
+            if sys.exc_info()[0] is not None:  # a test failure is on its way: keep it
+                print("\n".join(errors))
+            else:
+                raise AssertionError("\n".join(errors))
+
+    def sink_times(self):
+        """When the sink got each message's final dot (its dump's mtime)."""
+        return sorted(os.stat(f).st_mtime for f in self.sink.files())
 
 
 # ---- reading the outcome ----
@@ -265,14 +282,22 @@ def max_in_window(times, w=1.0):
     return best
 
 
-def check_rate(times, rate, bound, what):
-    """Every 1 s window within bound; first to last at >= 90% of rate."""
-    peak = max_in_window(times)
+def check_rate(times, at_sink, rate, bound, what):
+    """Every 1 s window within bound; first to last at >= 90% of rate.
+    times: the delivery log's; at_sink: the receiver's. The bound is
+    checked on the receiver's clock, which is what a rate limit protects:
+    the log's times are taken by a worker after the 250 comes back, and on
+    a loaded machine a worker that stalls for 50 ms logs the replies it
+    finds at once, piling a second's worth into a shorter stretch (seen:
+    58 in the log for 56 at the sink)."""
+    assert len(at_sink) == len(times), f"{len(at_sink)} at the sink, {len(times)} logged"
+    peak = max_in_window(at_sink)
     span = times[-1] - times[0]
     avg = (len(times) - 1) / span if span > 0 else float("inf")
     print(f"     {what}: {len(times)} deliveries in {span:.2f}s, {avg:.1f}/s on average, "
-          f"busiest 1s window {peak} (bound {bound})")
-    assert peak <= bound, f"{what}: {peak} deliveries in one second, bound {bound}"
+          f"busiest 1s window {peak} at the sink, {max_in_window(times)} in the log "
+          f"(bound {bound})")
+    assert peak <= bound, f"{what}: {peak} messages at the sink in one second, bound {bound}"
     assert avg >= 0.9 * rate, f"{what}: {avg:.1f}/s on average, want >= {0.9 * rate:.1f}/s"
 
 
@@ -315,17 +340,20 @@ class ConnSampler:
 
 def test_local_rate_and_burst():
     """50/s with a burst of 5, 300 messages at once, one node, no Redis.
-    GCRA lets through at most burst + W*rate in a window W: 55 a second.
-    Tolerance +1: an event's time is taken when the 250 comes back, not
-    when its token was granted, and is cut to the millisecond, so two
-    events a token interval apart can land a hair closer in the log."""
+    GCRA lets through at most burst + W*rate in a window W: 55 a second
+    (6 at once, then one every 20 ms). Tolerance +1: the sink sees each
+    message a transaction after its token was granted, and the first
+    transactions (new connections) take a few ms longer than later ones,
+    which shortens the busiest window, the first, by that much: a correct
+    limiter shows 55 or 56 here, run after run."""
     c = Cluster(1, "max_message_rate = 50/s\nmessage_burst = 5\n")
     try:
         n = 300
         c.nodes[0].inject(msgs(n, "l"))
         times = wait_delivered(c.nodes, n, timeout=30)
         assert len(times) == n, f"{len(times)} deliveries for {n} messages"
-        check_rate(times, 50, 50 + 5 + 1, "local 50/s burst 5")
+        wait_until(lambda: len(c.sink.files()) >= n, 10, "every message at the sink")
+        check_rate(times, c.sink_times(), 50, 50 + 5 + 1, "local 50/s burst 5")
         assert len(events(c.nodes[0].dlog)) >= 2 * n  # every line whole and well-formed
     finally:
         c.close()
@@ -350,7 +378,8 @@ def test_two_nodes_share_rate_and_connections():
         assert len(times) == 2 * n, f"{len(times)} deliveries for {2 * n} messages"
         for nd in c.nodes:
             assert len(delivery_times(nd.dlog)) > n // 4, f"node {nd.name} hardly delivered"
-        check_rate(times, 40, 40 + 5 + 1 + 2 * batch, "two nodes, 40/s burst 5")
+        wait_until(lambda: len(c.sink.files()) >= 2 * n, 10, "every message at the sink")
+        check_rate(times, c.sink_times(), 40, 40 + 5 + 1 + 2 * batch, "two nodes, 40/s burst 5")
     finally:
         c.close()
 

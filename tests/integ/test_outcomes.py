@@ -145,6 +145,38 @@ def test_5xx_bounce_class_and_dsn():
         r.close()
 
 
+def test_delay_warning_only_when_asked():
+    """NOTIFY=DELAY: one delay DSN (Action: delayed) once the recipient has
+    waited delay_warning; a recipient that did not ask gets none."""
+    recs = records_for(["soft.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, sink_flags=["-r", "RCPT"], dsn=True, domain_conf=log_conf_text(
+        "[bounce]\ndelay_warning = 1s\n[domain soft.test]\nretry_schedule = 2s\n"))
+    try:
+        s2 = Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+        try:
+            with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as c:
+                c.ehlo("t")
+                c.mail("bob@sender.test")
+                assert c.rcpt("asked@soft.test", ["NOTIFY=DELAY,FAILURE"])[0] == 250
+                assert c.rcpt("silent@soft.test")[0] == 250
+                assert c.data(b"Subject: later\r\n\r\nwaiting\r\n")[0] == 250
+            wait_events(r.dlog, lambda e: e["event"] == "dsn", 1, timeout=30)
+            wait_until(lambda: len(s2.files()) >= 1, 30, "the delay DSN at the sender's MX")
+            dump = s2.messages()[0].replace(b"\n", b"\r\n")
+            text = dump.decode("utf-8", "replace")
+            assert "Action: delayed" in text and "Action: failed" not in text, text[:2000]
+            assert "asked@soft.test" in text and "silent@soft.test" not in text, text[:2000]
+            assert "Will-Retry-Until:" in text, text[:2000]
+            # Once: more attempts pass, no second warning.
+            wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 6, timeout=30)
+            assert len([e for e in events(r.dlog) if e["event"] == "dsn"]) == 1
+        finally:
+            s2.stop()
+    finally:
+        r.close()
+
+
 def test_no_dsn_to_null_sender():
     r = Relay(records_for(["hard.test"]), sink_flags=["-f", "RCPT"], dsn=True,
               domain_conf=log_conf_text(None))
@@ -287,7 +319,7 @@ def test_rotation_loses_nothing():
 
 if __name__ == "__main__":
     main([test_4xx_then_accepted_on_retry, test_5xx_bounce_class_and_dsn,
-          test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
+          test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
           test_rotation_loses_nothing])
