@@ -136,9 +136,8 @@ void json_obj_end(struct json *j) { json_close(j, '}'); }
 void json_arr_begin(struct json *j) { json_open(j, '['); }
 void json_arr_end(struct json *j) { json_close(j, ']'); }
 
-/* Length of the valid UTF-8 sequence at s (n octets left), 0 if invalid. */
-static size_t
-utf8_len(const unsigned char *s, size_t n)
+size_t
+json_utf8_len(const unsigned char *s, size_t n)
 {
     unsigned char c = s[0];
     size_t len;
@@ -181,7 +180,7 @@ json_escaped(struct json *j, const char *s, size_t n)
             continue;
         }
         if (c >= 0x80) {
-            size_t l = utf8_len(p + i, n - i);
+            size_t l = json_utf8_len(p + i, n - i);
             if (l > 0) {
                 run += l;
                 i += l;

@@ -59,6 +59,11 @@ void json_kbool(struct json *j, const char *key, bool v);
 /* Raw text, no comma, no escaping (a newline between documents). */
 void json_raw(struct json *j, const char *s, size_t n);
 
+/* Octets of the valid UTF-8 sequence at s (n > 0 octets left): 1 to 4;
+ * 0 when it is not one (overlong forms, surrogates and values past
+ * U+10FFFF are not). */
+size_t json_utf8_len(const unsigned char *s, size_t n);
+
 /* Write into out (outcap octets) the RFC 3339 form of unix_ms, NUL
  * included; needs 25 octets. Returns the length. */
 size_t json_format_time(char *out, size_t outcap, uint64_t unix_ms);

@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "dns/dns.h"
 #include "engine/classify.h"
@@ -239,14 +240,6 @@ pool_fini(struct pool *p)
         free(b);
     }
     p->nfree = 0;
-}
-
-static uint64_t
-unix_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 uint32_t
@@ -614,7 +607,7 @@ dsn_send(struct delivery *d, const struct queue_envelope *env, const struct dsn_
         .envid = env->envid,
         .queue_id = qid,
         .arrival_ms = env->arrival_ms,
-        .now_ms = unix_ms(),
+        .now_ms = clock_unix_ms(),
         .orig = got ? orig : NULL,
         .orig_len = got,
         .ret_full = full,
@@ -681,7 +674,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         where = &nowhere;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(j->id, qid);
-    uint64_t now = unix_ms();
+    uint64_t now = clock_unix_ms();
     uint64_t expire = job_expire_ms(t->pol, env, j->id);
     struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
     const char *hvals[DLOG_HEADERS_MAX];
@@ -852,7 +845,7 @@ conn_deadline(struct conn *c, uint64_t ms)
     uint64_t now = c->d->w->now;
     uint64_t at = ms == 0 ? 0 : now + MS_TO_NS(ms);
     if (c->job != NULL && c->expire_ms != 0) {
-        uint64_t wall = unix_ms();
+        uint64_t wall = clock_unix_ms();
         uint64_t e = now + MS_TO_NS(c->expire_ms > wall ? c->expire_ms - wall : 0);
         if (at == 0 || e < at)
             at = e;
@@ -1181,7 +1174,7 @@ conn_next(struct conn *c)
             continue;
         }
         uint64_t expire = job_expire_ms(t->pol, env, j->id);
-        if (unix_ms() + EXPIRY_SLACK_MS >= expire) {
+        if (clock_unix_ms() + EXPIRY_SLACK_MS >= expire) {
             /* Expired while it waited here: bounce it, do not send it. */
             struct smtp_outcome o;
             memset(&o, 0, sizeof(o));
@@ -1265,7 +1258,7 @@ conn_txn_done(struct conn *c)
      * (site_hold) and the job is deferred like any temporary failure. */
     if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
         c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
-        unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
+        clock_unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
         t->last_fail = c->txn.msg;
         t->failed_addrs++;
         t->next_addr++;
@@ -1704,7 +1697,7 @@ dest_on_sweep(struct timer *tm, void *ctx)
     struct delivery *d = t->d;
     if (d->stopping || d->w->now >= t->hold_until)
         return;
-    uint64_t now = unix_ms();
+    uint64_t now = clock_unix_ms();
     for (struct job **pp = &t->head; *pp != NULL;) {
         struct job *j = *pp;
         struct queue_envelope *env = NULL;
@@ -1900,7 +1893,7 @@ due_on_timer(struct timer *tm, void *ctx)
     struct delivery_batch *b = calloc(1, sizeof(*b));
     if (b != NULL) {
         b->e = d->e;
-        int n = queue_due(d->e->queue, &d->due_pos, unix_ms(), DUE_BATCH, delivery_batch_add, b);
+        int n = queue_due(d->e->queue, &d->due_pos, clock_unix_ms(), DUE_BATCH, delivery_batch_add, b);
         delivery_batch_flush(b);
         free(b);
         if (n < 0)
@@ -2022,7 +2015,7 @@ drain_check(struct delivery *d)
 int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
-    uint64_t now = unix_ms();
+    uint64_t now = clock_unix_ms();
     for (unsigned b = 0; b < DEST_BUCKETS; b++)
         for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
             if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&

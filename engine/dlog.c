@@ -33,6 +33,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
 
@@ -119,14 +120,6 @@ mono_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t
-real_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
 static void
@@ -456,7 +449,7 @@ dlog_event(struct dlog_writer *w, const struct dlog_event *ev)
 {
     if (w == NULL || ev == NULL)
         return;
-    uint64_t t = ev->time_ms != 0 ? ev->time_ms : real_ms();
+    uint64_t t = ev->time_ms != 0 ? ev->time_ms : clock_unix_ms();
     const char *text = writer_time(w, t);
     format_line(&w->line, ev, t, text, w->time_len);
     if (json_failed(&w->line)) {

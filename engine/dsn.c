@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/json.h"
 #include "queue/queue.h"
 
 #define LINE_SOFT   78  /* fold fields here when a space allows */
@@ -81,40 +82,6 @@ out_free(struct out *o)
     o->len = o->cap = 0;
 }
 
-/* Length of the valid UTF-8 sequence at s (RFC 3629: no overlongs, no
- * surrogates, nothing above U+10FFFF), or 0. */
-static size_t
-utf8_len(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    size_t len;
-    unsigned min;
-
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2;
-        min = 0x80;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3;
-        min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4;
-        min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    unsigned cp = c & (0x7f >> len);
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
 /*
  * Append s[0..n) as one line of safe text: CR, LF, TAB and spaces become
  * one space between words and none at the ends, other controls '?',
@@ -140,7 +107,7 @@ clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
         size_t len = 1, used = 1;
         if (c >= 0x21 && c <= 0x7e) {
             piece = s + i;
-        } else if (c >= 0x80 && utf8 && (len = utf8_len(u + i, n - i)) > 0) {
+        } else if (c >= 0x80 && utf8 && (len = json_utf8_len(u + i, n - i)) > 0) {
             piece = s + i;
             used = len;
         } else {

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "engine/delivery.h"
 #include "engine/dlog.h"
@@ -99,9 +100,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
     atomic_init(&e->drained, 0);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    e->started_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    e->started_ms = clock_unix_ms();
     pthread_mutex_init(&e->per_ip.lock, NULL);
     pthread_mutex_init(&e->users_lock, NULL);
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/delivery.h"
@@ -33,14 +34,6 @@
 
 #define WAIT_MS       2000    /* for the workers' answers */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
-
-static uint64_t
-unix_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 /* ---- running a function on every worker ---- */
 
@@ -252,7 +245,7 @@ ops_counters(void *arg, struct stats_counters *out)
         out->dlog_dropped = ds.dropped;
     }
     out->workers = e->nworkers;
-    out->uptime_ms = unix_ms() - e->started_ms;
+    out->uptime_ms = clock_unix_ms() - e->started_ms;
 }
 
 /* ---- domains ---- */
@@ -356,7 +349,7 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
     wcall_unref(c);
     /* Deferred recipients live in the spool only. */
     pthread_mutex_lock(&dcache.lock);
-    uint64_t now = unix_ms();
+    uint64_t now = clock_unix_ms();
     if (now - dcache.at_ms > DEFERRED_TTL) {
         dcache.n = 0;
         struct queue_counts total;
@@ -504,7 +497,7 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
         return -1;
     }
     struct walk_sel w = {.domain = domain[0] ? domain : NULL, .deferred_only = true,
-                         .min_due = unix_ms() + 2000};
+                         .min_due = clock_unix_ms() + 2000};
     int rc = queue_walk(e->queue, walk_select, &w);
     if (rc < 0) {
         free(w.v);
@@ -598,7 +591,7 @@ cmd_message(struct engine *e, const char *what, struct json *out, char *err, siz
     json_kstr(out, "sender", env->sender);
     json_key(out, "arrival");
     json_time_ms(out, env->arrival_ms);
-    json_ku64(out, "age_ms", unix_ms() - env->arrival_ms);
+    json_ku64(out, "age_ms", clock_unix_ms() - env->arrival_ms);
     json_ku64(out, "size", env->body_len);
     if (env->expire_ms != 0) {
         json_key(out, "expires");

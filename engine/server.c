@@ -34,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "engine/auth.h"
 #include "engine/delivery.h"
@@ -574,10 +575,7 @@ message_finish(struct session *s, uint32_t data_flags)
     if (sw->cfg->expire_header != NULL &&
         msa_find_field(s->body, scan.header_len, sw->cfg->expire_header, &cut_off, &cut_len, &ev,
                        &evl)) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint64_t now_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-        if (msa_parse_expiry(ev, evl, now_ms, &expire_ms) < 0) {
+        if (msa_parse_expiry(ev, evl, clock_unix_ms(), &expire_ms) < 0) {
             sw->stats.rejected++;
             reply(s, "550 5.6.0 Message refused: %s must be a duration (90m, 2h) or an RFC 3339 "
                      "UTC time (2026-11-23T18:00:00Z)",

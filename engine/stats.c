@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
 
@@ -57,22 +58,6 @@
 #define LINGER_BYTES 65536 /* and how much of it */
 
 /* ---- time ---- */
-
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static uint64_t
-wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 /* ---- rendering: JSON ---- */
 
@@ -778,7 +763,7 @@ do_metrics(struct stats_server *s, struct json *out)
     struct stats_counters c;
     gather_counters(s, &c);
     size_t n = gather_domains(s, s->top_n);
-    char *text = stats_render_metrics(&c, s->doms, n, wall_ms());
+    char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
     if (text == NULL) {
         answer_error(out, "out of memory");
         return;
@@ -850,7 +835,7 @@ stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
         size_t n = gather_domains(s, want);
         json_obj_begin(out);
         json_kbool(out, "ok", true);
-        stats_render_domains(out, s->doms, n, wall_ms());
+        stats_render_domains(out, s->doms, n, clock_unix_ms());
         json_obj_end(out);
     } else if (strcmp(cmd->verb, "metrics") == 0) {
         do_metrics(s, out);
@@ -938,7 +923,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
     struct stats_counters c;
     gather_counters(s, &c);
     size_t n = gather_domains(s, s->top_n);
-    char *text = stats_render_metrics(&c, s->doms, n, wall_ms());
+    char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
     if (text == NULL) {
         http_error(out, minor, "500 Internal Server Error", "");
         return;
@@ -1150,13 +1135,13 @@ stats_thread(void *arg)
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's */
     log_set_thread_name("stats");
 
-    uint64_t now = mono_ms();
+    uint64_t now = clock_mono_ms();
     rates_sample(s, now);
     s->next_sample = now + SAMPLE_MS;
     struct pollfd pfd[3 + STATS_CLIENTS_MAX];
     struct client *owner[3 + STATS_CLIENTS_MAX];
     for (;;) {
-        now = mono_ms();
+        now = clock_mono_ms();
         if (now >= s->next_sample) {
             rates_sample(s, now);
             s->next_sample += SAMPLE_MS;
@@ -1198,7 +1183,7 @@ stats_thread(void *arg)
             continue;
         if (pfd[0].revents != 0)
             break; /* stats_server_free */
-        now = mono_ms();
+        now = clock_mono_ms();
         for (nfds_t i = 1; i < n; i++) {
             if (pfd[i].revents == 0)
                 continue;

@@ -31,6 +31,8 @@
 
 #include <cjson/cJSON.h>
 
+#include "common/clock.h"
+
 #ifndef SLUICE_VERSION
 #define SLUICE_VERSION "unknown"
 #endif
@@ -75,20 +77,12 @@ die(int code, const char *fmt, ...)
     exit(code);
 }
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* poll one fd until deadline; 1 ready, 0 timed out or interrupted. */
 static int
 wait_fd(int fd, short events, uint64_t deadline)
 {
     for (;;) {
-        uint64_t now = mono_ms();
+        uint64_t now = clock_mono_ms();
         if (now >= deadline)
             return 0;
         struct pollfd p = {.fd = fd, .events = events};
@@ -124,7 +118,7 @@ ctl_connect(struct ctl *c)
         /* a full backlog: wait for room, as long as a request may take */
         if (errno != EAGAIN && errno != EINPROGRESS)
             die(EXIT_UNREACHABLE, "cannot reach %s: %s", c->path, strerror(errno));
-        if (!wait_fd(c->fd, POLLOUT, mono_ms() + TIMEOUT_MS))
+        if (!wait_fd(c->fd, POLLOUT, clock_mono_ms() + TIMEOUT_MS))
             die(EXIT_UNREACHABLE, "cannot reach %s: timed out", c->path);
         int e = 0;
         socklen_t el = sizeof(e);
@@ -142,7 +136,7 @@ ctl_request(struct ctl *c, const char *line, const char **raw)
 {
     if (c->fd < 0)
         ctl_connect(c);
-    uint64_t deadline = mono_ms() + TIMEOUT_MS;
+    uint64_t deadline = clock_mono_ms() + TIMEOUT_MS;
     size_t n = strlen(line);
     char *msg = malloc(n + 2);
     if (msg == NULL)
@@ -936,9 +930,9 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         if (count > 0 && it + 1 >= count)
             break;
         /* wait, watching the keyboard for q */
-        uint64_t deadline = mono_ms() + (uint64_t)(delay * 1000);
+        uint64_t deadline = clock_mono_ms() + (uint64_t)(delay * 1000);
         while (!interrupted) {
-            uint64_t now = mono_ms();
+            uint64_t now = clock_mono_ms();
             if (now >= deadline)
                 break;
             struct pollfd p = {.fd = STDIN_FILENO, .events = POLLIN};
