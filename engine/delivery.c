@@ -63,6 +63,7 @@
 #define HOLD_MIN_MS    1000 /* shortest hold after every MX address failed */
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
 #define EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
+#define FAILOVER_MAX   3    /* next-address moves of one job after session failures */
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 
@@ -72,6 +73,7 @@ struct job {
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
+    unsigned failovers;  /* times a session failure moved it to the next address */
     unsigned n;
     char domain[256];
     unsigned idx[];
@@ -92,6 +94,7 @@ struct conn {
     char addr_str[64];
     char mx[256];
     unsigned nmsgs;       /* transactions finished on this connection */
+    unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
     bool leased;          /* holds a connection lease of its destination */
@@ -276,6 +279,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->id = id;
     j->expire_ms = 0;
     j->bounce = bounce;
+    j->failovers = 0;
     j->n = n;
     for (size_t i = 0; i < dl; i++)
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
@@ -400,6 +404,58 @@ dest_pop(struct dest *t)
 static void job_fail(struct delivery *d, struct dest *t, struct job *j, bool permanent,
                      unsigned code, const char *enh, const char *text, enum classify_source src);
 
+/* An operator bounce on the owning worker. A recipient on a connection now
+ * is left alone (its transaction decides: bouncing it could contradict a
+ * 250 a moment later); one waiting here is taken out of its job. */
+static void
+bounce_now(struct delivery *d, struct dest *t, struct job *j)
+{
+    unsigned n = 0, busy = 0;
+    for (unsigned i = 0; i < j->n; i++) {
+        bool flight = false;
+        for (struct conn *c = d->all; c != NULL && !flight; c = c->next_all)
+            if (c->dest == t && c->job != NULL && c->job->id == j->id)
+                for (unsigned k = 0; k < c->job->n; k++)
+                    flight |= c->job->idx[k] == j->idx[i];
+        if (flight) {
+            busy++;
+            continue;
+        }
+        for (struct job **pp = &t->head; *pp != NULL;) {
+            struct job *q = *pp;
+            if (q->id == j->id) {
+                unsigned m = 0;
+                for (unsigned k = 0; k < q->n; k++)
+                    if (q->idx[k] != j->idx[i])
+                        q->idx[m++] = q->idx[k];
+                q->n = m;
+            }
+            if (q->n == 0) {
+                *pp = q->next;
+                if (t->tail == &q->next)
+                    t->tail = pp;
+                t->queued--;
+                free(q);
+                continue;
+            }
+            pp = &q->next;
+        }
+        j->idx[n++] = j->idx[i];
+    }
+    j->n = n;
+    if (busy > 0) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(j->id, qid);
+        log_msg(LOG_NOTICE, "id=%s event=operator_bounce_skipped domain=%s in_flight=%u", qid,
+                t->name, busy);
+    }
+    if (n == 0) {
+        free(j);
+        return;
+    }
+    job_fail(d, t, j, true, 550, "5.0.0", "bounced by the operator", CLASSIFY_REPLY);
+}
+
 static void
 delivery_on_job(struct worker *w, struct worker_msg *m)
 {
@@ -412,7 +468,7 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
         return;
     }
     if (j->bounce) {
-        job_fail(d, t, j, true, 550, "5.0.0", "bounced by the operator", CLASSIFY_REPLY);
+        bounce_now(d, t, j);
         return;
     }
     /* Split to the domain's recipients per transaction. */
@@ -521,9 +577,10 @@ outcome_source(const struct smtp_outcome *o, enum classify_source fallback)
 /* Values of the configured delivery-log headers in the message's header
  * section; vals[i] points into buf (NULL when absent). */
 static void
-job_headers(struct delivery *d, uint64_t id, char *buf, size_t cap, const char **vals)
+job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf, size_t cap,
+            const char **vals)
 {
-    const struct log_config *lc = &d->e->cfg->log;
+    const struct log_config *lc = &cfg->log;
     for (unsigned i = 0; i < lc->nheaders; i++)
         vals[i] = NULL;
     size_t len = 0;
@@ -681,46 +738,49 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     char *hbuf = NULL;
     unsigned nhdr = lw != NULL ? cfg->log.nheaders : 0;
     if (nhdr > 0 && (hbuf = malloc(HDR_SCAN_MAX)) != NULL)
-        job_headers(d, j->id, hbuf, HDR_SCAN_MAX, hvals);
+        job_headers(d, cfg, j->id, hbuf, HDR_SCAN_MAX, hvals);
     else
         nhdr = 0;
-    unsigned ndsn = 0;
+    unsigned ndsn = 0, nq = 0;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
         for (unsigned k = 0; env != NULL && k < env->nrcpt; k++)
             if (env->rcpt[k].index == j->idx[i])
                 r = &env->rcpt[k];
-        qo[i].id = j->id;
-        qo[i].rcpt = j->idx[i];
-        qo[i].code = o->code;
-        qo[i].reply = o->text;
+        if (env != NULL && r == NULL)
+            continue; /* no longer stored (done meanwhile): nothing to tell */
+        struct queue_outcome *q = &qo[nq++];
+        q->id = j->id;
+        q->rcpt = j->idx[i];
+        q->code = o->code;
+        q->reply = o->text;
         enum dlog_kind kind;
         enum bounce_class cls = BOUNCE_OTHER;
         bool failed = false;
         if (o->status == SMTP_STATUS_DELIVERED) {
-            qo[i].kind = QUEUE_DELIVERED;
+            q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
             d->stats.delivered++;
             t->delivered++;
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
         } else if (o->status == SMTP_STATUS_PERMFAIL) {
-            qo[i].kind = QUEUE_BOUNCED;
+            q->kind = QUEUE_BOUNCED;
             kind = DLOG_BOUNCE;
             cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             failed = true;
             d->stats.bounced++;
         } else if (now + EXPIRY_SLACK_MS >= expire) {
-            qo[i].kind = QUEUE_BOUNCED;
+            q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
             failed = true;
             d->stats.expired++;
         } else {
             uint64_t due = now + retry_delay_ms(d, t->pol, r ? r->attempts : 0);
-            qo[i].kind = QUEUE_DEFERRED;
-            qo[i].due_ms = due < expire ? due : expire;
+            q->kind = QUEUE_DEFERRED;
+            q->due_ms = due < expire ? due : expire;
             kind = DLOG_TRANSIENT_FAILURE;
             cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
             d->stats.deferred++;
@@ -795,7 +855,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             x->class_str = cls_str;
         }
     }
-    int rc2 = queue_update(d->e->queue, d->port, qo, j->n, outcome_done, NULL);
+    int rc2 = nq == 0 ? 0 : queue_update(d->e->queue, d->port, qo, nq, outcome_done, NULL);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
@@ -844,7 +904,9 @@ conn_deadline(struct conn *c, uint64_t ms)
 {
     uint64_t now = c->d->w->now;
     uint64_t at = ms == 0 ? 0 : now + MS_TO_NS(ms);
-    if (c->job != NULL && c->expire_ms != 0) {
+    /* Not once the final dot is out: the server may have accepted the
+     * message, and its reply must be heard (RFC 5321 4.5.3.2.6). */
+    if (c->job != NULL && c->expire_ms != 0 && smtp_client_state(&c->cli) != SMTP_CLIENT_S_DOT) {
         uint64_t wall = clock_unix_ms();
         uint64_t e = now + MS_TO_NS(c->expire_ms > wall ? c->expire_ms - wall : 0);
         if (at == 0 || e < at)
@@ -1169,9 +1231,34 @@ conn_next(struct conn *c)
             return;
         }
         struct queue_envelope *env;
-        if (queue_envelope_get(c->d->e->queue, j->id, &env) != 0) {
+        int erc = queue_envelope_get(c->d->e->queue, j->id, &env);
+        if (erc == QUEUE_ENOTFOUND) {
             free(j); /* gone: bounced by an operator, or done before a restart */
             continue;
+        }
+        if (erc != 0) {
+            /* The spool could not say (I/O, readers): keep the job, rest. */
+            log_msg(LOG_ERR, "event=envelope_read_failed domain=%s err=\"%s\"", t->name,
+                    queue_strerror(erc));
+            dest_push(t, j, true);
+            dest_hold(t, HOLD_MIN_MS);
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+            return;
+        }
+        if (j->n > c->max_rcpt) {
+            /* Split with a larger max_rcpt_per_txn before a reload. */
+            struct job *rest = malloc(sizeof(*rest) + (j->n - c->max_rcpt) * sizeof(unsigned));
+            if (rest == NULL) {
+                queue_envelope_free(env);
+                dest_push(t, j, true);
+                conn_handle(c, smtp_client_quit(conn_cli(c)));
+                return;
+            }
+            *rest = *j;
+            rest->n = j->n - c->max_rcpt;
+            memcpy(rest->idx, j->idx + c->max_rcpt, rest->n * sizeof(unsigned));
+            j->n = c->max_rcpt;
+            dest_push(t, rest, true);
         }
         uint64_t expire = job_expire_ms(t->pol, env, j->id);
         if (clock_unix_ms() + EXPIRY_SLACK_MS >= expire) {
@@ -1258,7 +1345,12 @@ conn_txn_done(struct conn *c)
      * (site_hold) and the job is deferred like any temporary failure. */
     if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
         c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
+        c->txn.msg.stage != SMTP_CLIENT_S_DOT && j->failovers < FAILOVER_MAX &&
         clock_unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
+        /* Never after the final dot (the server may have the message:
+         * sending it again elsewhere is a duplicate), and a few times at
+         * most: then it is deferred like any temporary failure. */
+        j->failovers++;
         t->last_fail = c->txn.msg;
         t->failed_addrs++;
         t->next_addr++;
@@ -1293,6 +1385,7 @@ conn_handle(struct conn *c, int ev)
     if (ev < 0) {
         log_msg(LOG_ERR, "event=client_misuse domain=%s err=%s", c->dest->name,
                 smtp_client_strerror(ev));
+        dest_hold(c->dest, HOLD_MIN_MS); /* no reconnect storm */
         conn_close(c, "misuse");
         return;
     }
@@ -1559,6 +1652,7 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
                                                           : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = c->dest->pol->max_rcpt_per_txn,
     };
+    c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);
     if (rc < 0) {
         log_msg(LOG_ERR, "event=client_init_failed name=%s err=%s", o.name,

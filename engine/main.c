@@ -172,6 +172,12 @@ main(int argc, char **argv)
             } else {
                 fclose(errs);
                 cfgs[ncfgs++] = ncfg;
+                if (ncfg->delivery.enabled != engine.cfg->delivery.enabled) {
+                    /* The due poll and the spool walk are set up at start. */
+                    log_msg(LOG_WARN, "event=reload_kept key=delivery.enabled "
+                                      "note=needs_a_restart");
+                    ncfg->delivery.enabled = engine.cfg->delivery.enabled;
+                }
             }
             free(buf);
             engine_reload(&engine, ncfg);

@@ -34,6 +34,7 @@
 
 #define WAIT_MS       2000    /* for the workers' answers */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
+#define FLUSH_BATCH   1000    /* recipients per spool commit */
 
 /* ---- running a function on every worker ---- */
 
@@ -487,8 +488,12 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
-/* flush [DOMAIN]: deferred recipients are tried now. Those due within two
- * seconds are left to the due poll, so that none is in flight twice. */
+/* flush [DOMAIN]: deferred recipients are due now. Their time in the
+ * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
+ * poll takes them within a second, as it takes any: nothing is submitted
+ * from here, so nothing can be in flight twice. A time 1 ms ahead is past
+ * the poll's position, which never passes the wall clock. Those due within
+ * two seconds are left as they are. */
 static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {
@@ -496,22 +501,37 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
         snprintf(err, errlen, "not a domain name: %.100s", domain);
         return -1;
     }
+    uint64_t now = clock_unix_ms();
     struct walk_sel w = {.domain = domain[0] ? domain : NULL, .deferred_only = true,
-                         .min_due = clock_unix_ms() + 2000};
+                         .min_due = now + 2000};
     int rc = queue_walk(e->queue, walk_select, &w);
     if (rc < 0) {
         free(w.v);
         snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
         return -1;
     }
-    for (size_t i = 0; i < w.n; i++)
-        delivery_submit(e, w.v[i].id, w.v[i].domain, &w.v[i].idx, 1);
-    log_msg(LOG_NOTICE, "event=flush domain=%s recipients=%zu", domain[0] ? domain : "*", w.n);
+    struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
+    size_t done = 0;
+    for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += FLUSH_BATCH) {
+        size_t k = w.n - i < FLUSH_BATCH ? w.n - i : FLUSH_BATCH;
+        for (size_t j = 0; j < k; j++)
+            qo[j] = (struct queue_outcome){.id = w.v[i + j].id, .rcpt = w.v[i + j].idx,
+                                           .kind = QUEUE_RETIME, .due_ms = now + 1};
+        rc = queue_update_wait(e->queue, qo, k);
+        if (rc == 0)
+            done += k;
+    }
+    free(qo);
+    free(w.v);
+    log_msg(LOG_NOTICE, "event=flush domain=%s recipients=%zu", domain[0] ? domain : "*", done);
+    if (rc != 0) {
+        snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
+        return -1;
+    }
     json_obj_begin(out);
     json_kstr(out, "domain", domain[0] ? domain : NULL);
-    json_ku64(out, "recipients", w.n);
+    json_ku64(out, "recipients", done);
     json_obj_end(out);
-    free(w.v);
     return 0;
 }
 

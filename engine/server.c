@@ -575,10 +575,16 @@ message_finish(struct session *s, uint32_t data_flags)
     if (sw->cfg->expire_header != NULL &&
         msa_find_field(s->body, scan.header_len, sw->cfg->expire_header, &cut_off, &cut_len, &ev,
                        &evl)) {
-        if (msa_parse_expiry(ev, evl, clock_unix_ms(), &expire_ms) < 0) {
+        size_t off2, len2, evl2;
+        const char *ev2;
+        size_t after = cut_off + cut_len;
+        bool twice = after < scan.header_len &&
+                     msa_find_field(s->body + after, scan.header_len - after,
+                                    sw->cfg->expire_header, &off2, &len2, &ev2, &evl2);
+        if (twice || msa_parse_expiry(ev, evl, clock_unix_ms(), &expire_ms) < 0) {
             sw->stats.rejected++;
-            reply(s, "550 5.6.0 Message refused: %s must be a duration (90m, 2h) or an RFC 3339 "
-                     "UTC time (2026-11-23T18:00:00Z)",
+            reply(s, "550 5.6.0 Message refused: %s must appear once, as a duration (90m, 2h) "
+                     "or an RFC 3339 UTC time (2026-11-23T18:00:00Z)",
                   sw->cfg->expire_header);
             txn_reset(s);
             session_enter(s, SS_COMMAND);

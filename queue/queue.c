@@ -668,7 +668,7 @@ queue_update(struct queue *q, struct queue_port *port, const struct queue_outcom
     size_t text = 0;
     for (size_t i = 0; i < n; i++) {
         const struct queue_outcome *o = &outcomes[i];
-        if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_DEFERRED)
+        if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_RETIME)
             return -EINVAL;
         size_t len = str_len(o->reply);
         text += len > REPLY_STORE_MAX ? REPLY_STORE_MAX : len;
@@ -900,6 +900,32 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     struct rcpt_head h;
     if (!rcpt_decode(&v, &h))
         return MDB_CORRUPTED;
+    if (it->kind == QUEUE_RETIME) {
+        /* Only a deferred recipient has a time to move; the rest of its
+         * record (attempts, last reply) stays as it is. */
+        if (h.state != QUEUE_RCPT_DEFERRED) {
+            t->stale++;
+            return 0;
+        }
+        unsigned char rec[RCPT_REC_MAX];
+        if (v.mv_size > sizeof(rec))
+            return MDB_CORRUPTED;
+        due_key(dkey, h.due_ms, it->id, it->rcpt);
+        MDB_val odk = {DUE_KEY_LEN, dkey};
+        rc = mdb_del(txn, q->dbi_due, &odk, NULL);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return rc;
+        memcpy(rec, v.mv_data, v.mv_size);
+        h.due_ms = it->due_ms;
+        memcpy(rec, &h, sizeof(h));
+        MDB_val nv = {v.mv_size, rec};
+        if ((rc = mdb_put(txn, q->dbi_rcpt, &k, &nv, 0)) != 0)
+            return rc;
+        t->outcomes++;
+        due_key(dkey, it->due_ms, it->id, it->rcpt);
+        MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
+        return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
+    }
     if (h.state == QUEUE_RCPT_DEFERRED) {
         due_key(dkey, h.due_ms, it->id, it->rcpt);
         MDB_val dk = {DUE_KEY_LEN, dkey};

@@ -220,6 +220,8 @@ enum queue_outcome_kind {
     QUEUE_DELIVERED, /* removes the recipient */
     QUEUE_BOUNCED,   /* removes the recipient (the DSN is the engine's) */
     QUEUE_DEFERRED,  /* keeps it, due again at due_ms, with the reply */
+    QUEUE_RETIME,    /* a deferred one is due at due_ms instead; attempts and reply kept
+                      * (an operator's flush); anything else is left alone */
 };
 
 /* One recipient outcome. The message is removed with its last recipient.

@@ -287,6 +287,11 @@ def test_expiry_header_removed_and_headers_logged():
             c.rcpt("a@ok.test")
             code, msg = c.data(b"Subject: bad\r\nX-Sluice-Expire: tomorrow\r\n\r\nx\r\n")
             assert code == 550 and b"X-Sluice-Expire" in msg, (code, msg)
+            c.mail("s@example.com")
+            c.rcpt("a@ok.test")
+            code, msg = c.data(b"Subject: two\r\nX-Sluice-Expire: 1h\r\n"
+                               b"X-Sluice-Expire: 2h\r\n\r\nx\r\n")
+            assert code == 550, (code, msg)
     finally:
         r.close()
 

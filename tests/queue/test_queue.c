@@ -746,6 +746,36 @@ test_deferred_index(void **state)
     assert_consistent(f->q);
 }
 
+/* An operator's flush moves a deferred recipient's time and nothing else;
+ * a ready one is left alone. */
+static void
+test_retime(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 2, "example.com", "r", 1);
+    uint64_t base = 1800000000000ULL;
+    outcome(f->q, a, 0, QUEUE_DEFERRED, base + 9000, 451, "busy");
+    outcome(f->q, a, 1, QUEUE_RETIME, base + 10, 0, NULL); /* ready: unchanged */
+    outcome(f->q, a, 0, QUEUE_RETIME, base + 10, 0, NULL);
+    struct seen s = {0};
+    struct queue_due_pos pos = {0};
+    assert_int_equal(queue_due(f->q, &pos, base + 10, 0, collect, &s), 1);
+    assert_true(s.id[0] == a && s.rcpt[0] == 0 && s.due[0] == base + 10);
+    assert_int_equal(s.attempts[0], 1); /* the flush is not an attempt */
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->q, a, &env), 0);
+    assert_int_equal(env->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    assert_int_equal(env->rcpt[0].last_code, 451);
+    assert_string_equal(env->rcpt[0].last_reply, "busy");
+    assert_int_equal(env->rcpt[1].state, QUEUE_RCPT_READY);
+    queue_envelope_free(env);
+    /* the old time is gone from the index */
+    struct queue_due_pos p2 = {0};
+    s.n = 0;
+    assert_int_equal(queue_due(f->q, &p2, UINT64_MAX, 0, collect, &s), 1);
+    assert_consistent(f->q);
+}
+
 static void
 test_due_many_renews(void **state)
 {
@@ -1033,6 +1063,7 @@ main(void)
         T(test_hundred_rcpts_one_body),
         T(test_delete_with_last_rcpt),
         T(test_deferred_index),
+        T(test_retime),
         T(test_due_many_renews),
         T(test_counts),
         T(test_walk),
