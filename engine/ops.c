@@ -172,9 +172,11 @@ ops_counters(void *arg, struct stats_counters *out)
         return;
     c->res = calloc(e->nworkers, sizeof(struct wstats));
     c->res_free = free_res;
-    if (c->res != NULL) {
-        if (wcall_run(c, -1) < 0)
-            log_msg(LOG_WARN, "event=stats_incomplete reason=worker_did_not_answer");
+    bool answered = c->res != NULL && wcall_run(c, -1) == 0;
+    if (c->res != NULL && !answered)
+        /* A late worker may still be writing its slot: read none of them. */
+        log_msg(LOG_WARN, "event=stats_incomplete reason=worker_did_not_answer");
+    if (answered) {
         for (unsigned i = 0; i < e->nworkers; i++) {
             const struct wstats *s = &((struct wstats *)c->res)[i];
             out->received_msgs += s->srv.messages;
@@ -217,7 +219,7 @@ ops_counters(void *arg, struct stats_counters *out)
         out->nobjects = 4;
     }
     out->redis_state = "off";
-    if (c != NULL && c->res != NULL && e->nworkers > 0 && e->cfg->redis.url != NULL) {
+    if (answered && e->cfg->redis.url != NULL) {
         /* The worst of the workers' views: one unreachable is news. */
         out->redis_state = "connected";
         for (unsigned i = 0; i < e->nworkers; i++) {
