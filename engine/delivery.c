@@ -162,6 +162,7 @@ struct dest {
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
+    bool running, rerun;     /* in dest_run; asked again meanwhile */
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
@@ -1840,8 +1841,32 @@ dest_fail_all(struct dest *t, bool permanent, unsigned code, const char *enh, co
         job_fail(t->d, t, j, permanent, code, enh, text, src);
 }
 
+static void dest_run_once(struct dest *t);
+
+/* The scheduler's one decision point, never re-entered for the same
+ * destination: a limiter's wake-up or a connection's events inside a run
+ * ask for another pass, made when this one ends. */
 static void
 dest_run(struct dest *t)
+{
+    if (t->running) {
+        t->rerun = true;
+        return;
+    }
+    t->running = true;
+    for (unsigned pass = 0; pass < 8; pass++) {
+        t->rerun = false;
+        dest_run_once(t);
+        if (!t->rerun)
+            break;
+    }
+    t->running = false;
+    if (t->rerun) /* still asked: on the next turn, not in a loop here */
+        worker_timer_arm(t->d->w, &t->lim_timer, t->d->w->now + MS_TO_NS(1));
+}
+
+static void
+dest_run_once(struct dest *t)
 {
     struct delivery *d = t->d;
     if (t->head == NULL || d->stopping || d->draining || t->suspended)

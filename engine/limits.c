@@ -946,8 +946,18 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
             l->st.conns_refused++;
             return false;
         }
-        /* Redis would not take the request: decide locally this time. */
+        /* Redis would not take the request: decide locally this time,
+         * the cap included (above it was checked with the shared one). */
         share = local_share(l);
+        if (max != 0) {
+            unsigned m = k->conf.max_connections / share;
+            if (k->nleases >= (m ? m : 1)) {
+                k->want_wake = true;
+                *retry_at_ns = UINT64_MAX;
+                l->st.conns_refused++;
+                return false;
+            }
+        }
     }
     l->st.local_decisions++;
     uint64_t T0 = rate_interval(&k->conf.conn_rate);

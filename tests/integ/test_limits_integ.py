@@ -378,6 +378,11 @@ def wait_delivered(nodes, n, timeout):
     return all_times(nodes)
 
 
+def redis_events(nodes):
+    """The nodes' log lines about Redis (for a failure message)."""
+    return [f"{nd.name}: {ln}" for nd in nodes for ln in nd.d.log_lines("event=redis")]
+
+
 def max_in_window(times, w=1.0):
     """The most events in any half-open window [t, t + w) (the busiest
     window starts at an event)."""
@@ -444,11 +449,12 @@ class ConnSampler:
 def test_local_rate_and_burst():
     """50/s with a burst of 5, 300 messages at once, one node, no Redis.
     GCRA lets through at most burst + W*rate in a window W: 55 a second
-    (6 at once, then one every 20 ms). Tolerance +1: the sink sees each
-    message a transaction after its token was granted, and the first
-    transactions (new connections) take a few ms longer than later ones,
-    which shortens the busiest window, the first, by that much: a correct
-    limiter shows 55 or 56 here, run after run."""
+    (6 at once, then one every 20 ms), counted on the times the MAIL
+    commands reached the receiver's kernel (see StampMx). Tolerance +1:
+    a token is granted when a connection is ready and MAIL goes out a
+    little later; the first ones, on new connections, go out a ms or two
+    later than the rest, which shortens the busiest window, the first, by
+    that much: a correct limiter shows 55 or 56 here, run after run."""
     c = Cluster(1, "max_message_rate = 50/s\nmessage_burst = 5\n", stamp=True)
     try:
         n = 300
@@ -498,7 +504,8 @@ def test_two_nodes_share_rate_and_connections():
             peak = sampler.stop()
         print(f"     max_connections = 3 over two nodes: at most {peak} open at once "
               f"({sampler.samples} samples)")
-        assert peak <= 3, f"{peak} connections open at the sink, max_connections = 3"
+        assert peak <= 3, f"{peak} connections open at the sink, max_connections = 3; " \
+                          f"Redis events: {redis_events(c.nodes)}"
         assert peak >= 2, f"only {peak} connection at a time: the limit was never tested"
     finally:
         c.close()
@@ -537,6 +544,38 @@ def test_redis_killed_then_back():
         # is half of it).
         assert max_in_window(times) <= 40 + 5 + 1 + 10, max_in_window(times)
         assert nd.alive()
+    finally:
+        c.close()
+
+
+def test_connections_hold_through_a_redis_stall():
+    """max_connections = 3 across two nodes while Redis stalls (SIGSTOP by
+    PID, 0.5 s, three times) past [redis] timeout = 200ms: each node falls back
+    to its local share (3/2: 1 connection), so the sink never sees more
+    than 3 connections at once."""
+    c = Cluster(2, "max_connections = 3\n", redis="nodes = 2\ntimeout = 200ms\n",
+                sink_flags=["-w", "1"])
+    try:
+        n = 20
+        sampler = ConnSampler(c.mx_port)
+        try:
+            ta = threading.Thread(target=c.nodes[0].inject, args=(msgs(n, "a"),))
+            ta.start()
+            c.nodes[1].inject(msgs(n, "b"))
+            ta.join(60)
+            for _ in range(3):
+                time.sleep(0.2)  # Redis answers for a while: leases are taken
+                c.redis.proc.send_signal(signal.SIGSTOP)
+                try:
+                    time.sleep(0.5)  # the stall itself, longer than the timeout
+                finally:
+                    c.redis.proc.send_signal(signal.SIGCONT)
+            wait_delivered(c.nodes, 2 * n, timeout=40)
+        finally:
+            peak = sampler.stop()
+        print(f"     Redis stalled 3 times: at most {peak} connections open at once")
+        assert peak <= 3, f"{peak} connections open at the sink, max_connections = 3; " \
+                          f"Redis events: {redis_events(c.nodes)}"
     finally:
         c.close()
 
@@ -612,5 +651,6 @@ if __name__ == "__main__":
     if shutil.which("redis-server") is None:
         skip("redis-server not installed (tools/install-deps --test)")
     main([test_local_rate_and_burst, test_two_nodes_share_rate_and_connections,
-          test_redis_killed_then_back, test_dead_node_leases_expire,
+          test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
+          test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts])
