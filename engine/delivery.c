@@ -192,6 +192,7 @@ struct delivery {
     char *br_mem;            /* owned: IN_BUFS * IN_CAP */
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
+    struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     bool resolver_closed;
     struct worker_msg stop_msg;
@@ -493,13 +494,101 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
 
 /* ---- outcomes ---- */
 
+/* The outcomes of one job, kept (replies copied) until their commit is
+ * durable: a commit that fails (I/O, or a spool so full that even the
+ * reserve for outcomes is gone) is tried again, backing off, for as long
+ * as the worker runs. Without that the recipients would wait in the spool,
+ * ready, with nobody to take them until a restart. */
+struct outcome_batch {
+    struct delivery *d;
+    struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
+    struct timer timer;
+    unsigned tries;
+    size_t n;
+    struct queue_outcome o[]; /* then the reply texts */
+};
+
+static void outcome_done(void *cookie, int rc);
+
+static void
+outcome_submit(struct outcome_batch *b)
+{
+    struct delivery *d = b->d;
+    int rc = queue_update(d->e->queue, d->port, b->o, b->n, outcome_done, b);
+    if (rc < 0)
+        outcome_done(b, rc);
+}
+
+static void
+outcome_on_retry(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct outcome_batch *b = (struct outcome_batch *)((char *)tm - offsetof(struct outcome_batch, timer));
+    struct delivery *d = b->d;
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        d->retrying = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    b->prev = b->next = NULL;
+    outcome_submit(b);
+}
+
 static void
 outcome_done(void *cookie, int rc)
 {
-    (void)cookie;
-    if (rc != 0)
-        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" note=retried_after_restart",
-                queue_strerror(rc));
+    struct outcome_batch *b = cookie;
+    struct delivery *d = b->d;
+    if (rc == 0) {
+        free(b);
+        return;
+    }
+    b->tries++;
+    if (d->stopping) {
+        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu "
+                         "note=retried_after_restart",
+                queue_strerror(rc), b->n);
+        free(b);
+        return;
+    }
+    unsigned shift = b->tries < 6 ? b->tries : 6;
+    log_msg(b->tries == 1 ? LOG_ERR : LOG_WARN,
+            "event=outcome_commit_failed err=\"%s\" recipients=%zu tries=%u retry_in_ms=%u",
+            queue_strerror(rc), b->n, b->tries, 500u << shift);
+    b->next = d->retrying;
+    if (b->next)
+        b->next->prev = b;
+    d->retrying = b;
+    timer_init(&b->timer, outcome_on_retry);
+    worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
+}
+
+/* Copy qo[0..n) and their replies into one batch and submit it. */
+static int
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n)
+{
+    size_t text = 0;
+    for (size_t i = 0; i < n; i++)
+        text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
+    struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text);
+    if (b == NULL)
+        return -ENOMEM;
+    memset(b, 0, sizeof(*b));
+    b->d = d;
+    b->n = n;
+    char *t = (char *)&b->o[n];
+    for (size_t i = 0; i < n; i++) {
+        b->o[i] = qo[i];
+        if (qo[i].reply != NULL) {
+            size_t l = strlen(qo[i].reply) + 1;
+            memcpy(t, qo[i].reply, l);
+            b->o[i].reply = t;
+            t += l;
+        }
+    }
+    outcome_submit(b);
+    return 0;
 }
 
 static uint64_t
@@ -856,7 +945,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             x->class_str = cls_str;
         }
     }
-    int rc2 = nq == 0 ? 0 : queue_update(d->e->queue, d->port, qo, nq, outcome_done, NULL);
+    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
@@ -2332,6 +2421,13 @@ delivery_free(struct delivery *d)
     }
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
+    while (d->retrying != NULL) {
+        struct outcome_batch *b = d->retrying;
+        d->retrying = b->next;
+        log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu note=retried_after_restart",
+                b->n);
+        free(b);
+    }
     queue_port_free(d->port);
     if (d->tls_cache != NULL)
         tls_cache_free(d->tls_cache);
