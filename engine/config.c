@@ -229,6 +229,21 @@ static const struct conf_key domain_keys[] = {
     CONF_END,
 };
 
+#define MXP(f) offsetof(struct mx_policy, f)
+static const struct conf_key mx_keys[] = {
+    {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",
+     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap)", NULL},
+    {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",
+     "messages per second, minute or hour to the matching MX hosts", NULL},
+    {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",
+     "messages beyond the steady rate", NULL},
+    {"max_connection_rate", CONF_RATE, MXP(max_connection_rate), 0, 0, "unlimited",
+     "new connections per second, minute or hour to the matching MX hosts", NULL},
+    {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",
+     "connections beyond the steady rate", NULL},
+    CONF_END,
+};
+
 struct section {
     const char *name;
     const char *help;
@@ -414,6 +429,52 @@ domain_section(struct parse *p, const char *arg)
     return d;
 }
 
+/* [mx PATTERN]: "*.example.com" or an exact host name. */
+static int
+mx_section(struct parse *p, const char *arg)
+{
+    while (*arg == ' ' || *arg == '\t')
+        arg++;
+    char name[256];
+    size_t len = strlen(arg);
+    if (len >= sizeof(name)) {
+        perr(p, p->header_line, "[mx ...]: pattern too long");
+        return -1;
+    }
+    for (size_t i = 0; i <= len; i++)
+        name[i] = (char)tolower((unsigned char)arg[i]);
+    if (len > 1 && name[len - 1] == '.')
+        name[--len] = '\0';
+    const char *host = strncmp(name, "*.", 2) == 0 ? name + 2 : name;
+    if (!valid_domain_name(host)) {
+        perr(p, p->header_line, "[mx %s]: not a host name or *.suffix pattern", arg);
+        return -1;
+    }
+    struct config *cfg = p->cfg;
+    for (unsigned i = 0; i < cfg->nmxs; i++)
+        if (strcmp(cfg->mxs[i].pattern, name) == 0) {
+            perr(p, p->header_line, "[mx %s]: given twice (first at line %u)", name,
+                 cfg->mxs[i].line);
+            return -1;
+        }
+    struct mx_policy *v = realloc(cfg->mxs, (cfg->nmxs + 1) * sizeof(*v));
+    if (v == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    cfg->mxs = v;
+    struct mx_policy *m = &cfg->mxs[cfg->nmxs];
+    memset(m, 0, sizeof(*m));
+    char why[256];
+    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(name)) == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    m->line = p->header_line;
+    cfg->nmxs++;
+    return 0;
+}
+
 static void
 enter_section(struct parse *p, const char *section)
 {
@@ -436,6 +497,10 @@ enter_section(struct parse *p, const char *section)
         p->sec = -4;
         return;
     }
+    if (strncmp(section, "mx", 2) == 0 && (section[2] == ' ' || section[2] == '\t')) {
+        p->sec = mx_section(p, section + 3) == 0 ? -5 : -3;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -453,6 +518,12 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256];
+    if (p->sec == -5) {
+        /* The section being read is the last one added. */
+        if (conf_set(mx_keys, &p->cfg->mxs[p->cfg->nmxs - 1], name, value, why, sizeof(why)) < 0)
+            perr(p, p->line, "%s: %s", name, why);
+        return 1;
+    }
     if (p->sec == -4) {
         /* [classify]: CLASS = MATCHER, a key repeated as often as needed. */
         if (classify_add_rule(p->cfg->classify, name, value, why, sizeof(why)) < 0)
@@ -791,6 +862,11 @@ config_free(struct config *cfg)
     free(cfg->default_domain.name);
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
+    for (unsigned i = 0; i < cfg->nmxs; i++) {
+        conf_free(mx_keys, &cfg->mxs[i]);
+        free(cfg->mxs[i].pattern);
+    }
+    free(cfg->mxs);
     classify_free(cfg->classify);
     free(cfg->path);
     free(cfg);
@@ -812,6 +888,25 @@ config_domain(const struct config *cfg, const char *domain)
             lo = mid + 1;
     }
     return &cfg->default_domain;
+}
+
+const struct mx_policy *
+config_mx(const struct config *cfg, const char *host)
+{
+    size_t hl = strlen(host);
+    if (hl > 0 && host[hl - 1] == '.')
+        hl--;
+    for (unsigned i = 0; i < cfg->nmxs; i++) {
+        const char *pat = cfg->mxs[i].pattern;
+        if (pat[0] == '*' && pat[1] == '.') {
+            size_t sl = strlen(pat + 1); /* ".suffix" */
+            if (hl > sl && strncasecmp(host + hl - sl, pat + 1, sl) == 0)
+                return &cfg->mxs[i];
+        } else if (strlen(pat) == hl && strncasecmp(host, pat, hl) == 0) {
+            return &cfg->mxs[i];
+        }
+    }
+    return NULL;
 }
 
 /* ---- reference ---- */
@@ -861,6 +956,14 @@ config_reference(FILE *out)
                  "one domain (names are case-insensitive; a trailing dot is ignored). Keys a "
                  "domain does not set come from `[domain *]`, then from the defaults below.\n\n");
     reference_table(out, domain_keys, sizeof(struct domain_policy));
+    fprintf(out, "## [mx PATTERN]: limits per MX host\n\n"
+                 "Limits shared by every destination whose preferred MX host matches: "
+                 "`[mx *.google.com]` (any host under google.com) or `[mx mx.example.net]` "
+                 "(that host). They hold on top of each domain's own; the first matching "
+                 "section wins. With [redis] url they hold across all nodes; without, each "
+                 "worker keeps 1/workers of them (the domains behind one MX are spread over "
+                 "the workers).\n\n");
+    reference_table(out, mx_keys, sizeof(struct mx_policy));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "

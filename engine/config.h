@@ -126,6 +126,18 @@ struct domain_policy {
 
 struct classify;
 
+/* One [mx PATTERN] section: limits shared by every destination whose
+ * preferred MX host matches (e.g. *.google.com for Gmail's many domains). */
+struct mx_policy {
+    char *pattern;           /* owned; lowercase: "*.google.com" or an exact host */
+    unsigned line;
+    unsigned max_connections; /* 0: no cap */
+    struct conf_rate max_message_rate;
+    unsigned message_burst;
+    struct conf_rate max_connection_rate;
+    unsigned connection_burst;
+};
+
 struct config {
     char *path;              /* owned: the file it was read from */
     struct server_config server;
@@ -141,6 +153,8 @@ struct config {
     struct domain_policy default_domain;
     struct domain_policy *domains; /* owned array, sorted by name */
     unsigned ndomains;
+    struct mx_policy *mxs;   /* owned array, in file order: the first match wins */
+    unsigned nmxs;
 };
 
 /* Read and validate path. On success returns 0 and *out (free with
@@ -152,6 +166,10 @@ struct config *config_free(struct config *cfg);
 /* The policy for a destination domain (exact match, else [domain *]).
  * Borrowed: lives as long as cfg. */
 const struct domain_policy *config_domain(const struct config *cfg, const char *domain);
+
+/* The [mx] policy for an MX host name (the first pattern that matches),
+ * or NULL. Borrowed: lives as long as cfg. */
+const struct mx_policy *config_mx(const struct config *cfg, const char *host);
 
 /* Print every section and key with type, default and help (Markdown);
  * this is how doc/config.md is made, and a test checks they agree. */

@@ -98,6 +98,7 @@ struct conn {
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
     bool leased;          /* holds a connection lease of its destination */
+    struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 
     struct job *job;      /* owned: the job in flight, or NULL */
@@ -143,6 +144,16 @@ struct pool {
     uint64_t out;         /* borrowed now */
 };
 
+/* The limits of one [mx PATTERN] on this worker, shared by the
+ * destinations whose preferred MX host matches. */
+struct mxkey {
+    struct mxkey *next;       /* on d->mxkeys */
+    struct delivery *d;       /* borrowed */
+    char pattern[256];
+    struct limit_key lim;
+    struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
+};
+
 struct dest {
     struct dest *hnext;
     struct delivery *d;
@@ -163,6 +174,10 @@ struct dest {
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
     bool running, rerun;     /* in dest_run; asked again meanwhile */
+    struct mxkey *mxk;       /* borrowed: its MX host's [mx] limits, or NULL */
+    const struct dns_mx_result *mxk_for; /* the answer mxk was chosen from */
+    struct dest *next_mxwait; /* on mxk->waiters */
+    bool mx_waiting;
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
@@ -193,6 +208,7 @@ struct delivery {
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
+    struct mxkey *mxkeys;    /* owned: [mx] limits met so far */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     bool resolver_closed;
     struct worker_msg stop_msg;
@@ -342,6 +358,91 @@ dest_lim_wait(struct dest *t, uint64_t retry_at)
         return; /* the waker will run */
     if (!timer_armed(&t->lim_timer) || t->lim_timer.deadline > retry_at)
         worker_timer_arm(t->d->w, &t->lim_timer, retry_at);
+}
+
+static void
+mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    if (m == NULL)
+        return; /* a pattern gone after a reload: no limit */
+    /* Without Redis each worker holds its share: the domains behind one MX
+     * are spread over the workers. */
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    lc->msg_rate = m->max_message_rate;
+    if (share > 1 && lc->msg_rate.count != 0)
+        lc->msg_rate.count = lc->msg_rate.count / share ? lc->msg_rate.count / share : 1;
+    lc->msg_burst = m->message_burst / share;
+    lc->conn_rate = m->max_connection_rate;
+    if (share > 1 && lc->conn_rate.count != 0)
+        lc->conn_rate.count = lc->conn_rate.count / share ? lc->conn_rate.count / share : 1;
+    lc->conn_burst = m->connection_burst / share;
+    lc->max_connections = m->max_connections == 0 ? 0
+                          : m->max_connections / share ? m->max_connections / share : 1;
+}
+
+static void
+mx_on_wake(void *arg)
+{
+    struct mxkey *k = arg;
+    struct dest *w = k->waiters;
+    k->waiters = NULL;
+    while (w != NULL) {
+        struct dest *next = w->next_mxwait;
+        w->next_mxwait = NULL;
+        w->mx_waiting = false;
+        dest_run(w);
+        w = next;
+    }
+}
+
+/* The [mx] limits for t's preferred MX host, looked up once per answer. */
+static struct mxkey *
+dest_mxkey(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx != NULL && t->mxk_for == t->mx)
+        return t->mxk;
+    t->mxk_for = t->mx;
+    t->mxk = NULL;
+    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
+    if (m == NULL)
+        return NULL;
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        if (strcmp(k->pattern, m->pattern) == 0)
+            return t->mxk = k;
+    struct mxkey *k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        return NULL;
+    k->d = d;
+    snprintf(k->pattern, sizeof(k->pattern), "%s", m->pattern);
+    char name[LIMIT_KEY_MAX];
+    snprintf(name, sizeof(name), "mx:%s", m->pattern);
+    struct limit_conf lc;
+    mx_limit_conf(d, m, &lc);
+    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
+        free(k);
+        return NULL;
+    }
+    k->next = d->mxkeys;
+    d->mxkeys = k;
+    return t->mxk = k;
+}
+
+static void
+mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
+{
+    if (retry_at != UINT64_MAX) {
+        dest_lim_wait(t, retry_at);
+        return;
+    }
+    if (!t->mx_waiting) {
+        t->mx_waiting = true;
+        t->next_mxwait = k->waiters;
+        k->waiters = t;
+    }
 }
 
 static struct dest *
@@ -1091,7 +1192,12 @@ conn_free(struct conn *c)
     d->stats.open--;
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
+    struct mxkey *mk = c->mxk;
+    if (mk != NULL && !d->stopping)
+        limits_conn_release(d->lim, &mk->lim);
     free(c);
+    if (mk != NULL && !d->stopping)
+        mx_on_wake(mk); /* a slot is free: the others behind this MX may go */
     drain_check(d);
     if (!d->stopping)
         dest_run(t);
@@ -1308,12 +1414,22 @@ conn_next(struct conn *c)
         struct job *j = NULL;
         uint64_t retry_at;
         if (!t->suspended && t->head != NULL) {
-            if (limits_take_msgs(c->d->lim, &t->lim, 1, c->d->w->now, &retry_at) == 1)
-                j = dest_pop(t);
-            else
+            struct mxkey *mk = c->mxk;
+            if (limits_take_msgs(c->d->lim, &t->lim, 1, c->d->w->now, &retry_at) != 1)
                 dest_lim_wait(t, retry_at);
+            else if (mk != NULL &&
+                     limits_take_msgs(c->d->lim, &mk->lim, 1, c->d->w->now, &retry_at) != 1)
+                mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
+            else
+                j = dest_pop(t);
         }
         if (j == NULL) {
+            if (t->head == NULL && c->mxk != NULL && c->mxk->waiters != NULL) {
+                /* Nothing more here while other domains wait for a slot at
+                 * this MX: give it back now rather than after idling. */
+                conn_handle(c, smtp_client_quit(conn_cli(c)));
+                return;
+            }
             /* Idle: wait for work up to the idle time. */
             c->next_idle = t->idle;
             t->idle = c;
@@ -2042,13 +2158,22 @@ dest_run_once(struct dest *t)
             dest_lim_wait(t, retry_at);
             return;
         }
+        struct mxkey *mk = dest_mxkey(t);
+        if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
+            limits_conn_release(d->lim, &t->lim);
+            mx_wait(mk, t, retry_at);
+            return;
+        }
         unsigned before = t->conns;
         conn_open(t);
         if (t->conns == before) {
             limits_conn_release(d->lim, &t->lim);
+            if (mk != NULL)
+                limits_conn_release(d->lim, &mk->lim);
             return; /* could not open one now */
         }
         d->all->leased = true; /* conn_open puts the new one first */
+        d->all->mxk = mk;
     }
 }
 
@@ -2152,6 +2277,8 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
             worker_timer_cancel(w, &t->lim_timer);
             limits_key_fini(d->lim, &t->lim);
         }
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        limits_key_fini(d->lim, &k->lim);
     if (d->res != NULL)
         resolver_close(d->res, delivery_on_resolver_closed, d);
     else
@@ -2287,7 +2414,18 @@ delivery_reconfigure(struct delivery *d)
             struct limit_conf lc;
             dest_limit_conf(t->pol, &lc);
             limits_key_set(d->lim, &t->lim, &lc);
+            t->mxk_for = NULL; /* the [mx] sections may have changed */
+            t->mxk = NULL;
         }
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
+        const struct mx_policy *m = NULL;
+        for (unsigned i = 0; i < d->e->cfg->nmxs && m == NULL; i++)
+            if (strcmp(d->e->cfg->mxs[i].pattern, k->pattern) == 0)
+                m = &d->e->cfg->mxs[i];
+        struct limit_conf lc;
+        mx_limit_conf(d, m, &lc);
+        limits_key_set(d->lim, &k->lim, &lc);
+    }
     /* Connections keep the client options they started with; new ones
      * take the new policy. Let the new limits act on what waits. */
     for (unsigned b = 0; b < DEST_BUCKETS; b++)
@@ -2433,6 +2571,11 @@ delivery_free(struct delivery *d)
         tls_cache_free(d->tls_cache);
     delivery_bufs_fini(d);
     d->lim = limits_free(d->lim);
+    while (d->mxkeys != NULL) {
+        struct mxkey *k = d->mxkeys;
+        d->mxkeys = k->next;
+        free(k);
+    }
     pool_fini(&d->cli_pool);
     pool_fini(&d->chunk_pool);
     free(d);

@@ -647,10 +647,70 @@ def test_suspend_stops_within_a_second_and_resume_restarts():
         c.close()
 
 
+def owner(domain, workers=2):
+    """The worker that owns a domain in sluice (delivery_domain_hash)."""
+    h = 2166136261
+    for ch in domain.encode():
+        h = ((h ^ (ch | 0x20)) * 16777619) & 0xFFFFFFFF
+    return h % workers
+
+
+def test_mx_pattern_limits_across_domains():
+    """[mx *.bigmail.test] 30/s and 2 connections, shared by four domains
+    whose MX is under bigmail.test (two owned by each worker), each
+    domain unlimited: together they stay within the MX's limits."""
+    doms, want = [], {0: 2, 1: 2}
+    i = 0
+    while len(doms) < 4:
+        d = f"big{i}.test"
+        if want[owner(d)] > 0:
+            want[owner(d)] -= 1
+            doms.append(d)
+        i += 1
+    wd = Workdir("sluice-mx-")
+    dns = mx = node = None
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx1.bigmail.test,127.0.0.1"] +
+                  [f"mx-host={d},mx1.bigmail.test,10" for d in doms])
+        mx = StampMx(mx_port)
+        node = Node(wd, "m", dns.port, mx_port,
+                    "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
+                    "max_connections = 2\n")
+        sampler = ConnSampler(mx_port)
+        n = 160
+        node.inject([("s@example.com", [f"x{k}@{doms[k % 4]}"],
+                      f"Subject: {k}\r\nX-Seq: m{k}\r\n\r\nb\r\n".encode()) for k in range(n)])
+        def times():
+            if not os.path.exists(node.dlog):
+                return []
+            with open(node.dlog, "rb") as f:
+                evs = [json.loads(ln) for ln in f.read().split(b"\n")[:-1]]
+            return sorted(parse_time(e["time"]) for e in evs if e["event"] == "delivery")
+        wait_until(lambda: len(times()) >= n, 60, f"{n} deliveries")
+        peak_conns = sampler.stop()
+        # Without Redis each of the 2 workers holds half: 15/s with a burst
+        # of 1, one connection; together 30/s and 2 connections.
+        check_rate(times(), mx.times(), 30, 30 + 2 + 2, "mx *.bigmail.test 30/s")
+        assert peak_conns <= 2, f"{peak_conns} connections to the MX, cap 2"
+        assert node.d.stop_clean() == 0
+    finally:
+        for p in (node.d if node else None, mx, dns):
+            if p is not None and hasattr(p, "proc") and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+        if mx is not None:
+            mx.stop()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     if shutil.which("redis-server") is None:
         skip("redis-server not installed (tools/install-deps --test)")
     main([test_local_rate_and_burst, test_two_nodes_share_rate_and_connections,
           test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
-          test_suspend_stops_within_a_second_and_resume_restarts])
+          test_suspend_stops_within_a_second_and_resume_restarts,
+          test_mx_pattern_limits_across_domains])
