@@ -1032,6 +1032,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cfg->bounce.dsn && dsn_wanted(r->notify, failed)) {
             struct dsn_rcpt *x = &dr[ndsn++];
             dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, warn);
+            if (warn && status[i][0] == '5')
+                status[i][0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             x->delayed = warn;
             x->retry_until_ms = warn ? expire : 0;
             if (kind == DLOG_EXPIRATION)
@@ -1500,6 +1502,15 @@ conn_next(struct conn *c)
                         r->params.seen |= SMTP_PARAM_NOTIFY;
                         r->params.notify = env->rcpt[k].notify;
                     }
+                    /* RFC 3461 5.2: DSN parameters go on to the next hop
+                     * (the machine drops them when it does not offer DSN). */
+                    const char *oc = env->rcpt[k].orcpt;
+                    const char *semi = oc ? strchr(oc, ';') : NULL;
+                    if (semi != NULL && semi > oc && semi[1] != '\0') {
+                        r->params.seen |= SMTP_PARAM_ORCPT;
+                        r->params.orcpt_type = (struct smtp_span){oc, (size_t)(semi - oc)};
+                        r->params.orcpt_addr = (struct smtp_span){semi + 1, strlen(semi + 1)};
+                    }
                 }
         j->n = n; /* recipients already done (before a restart) drop out */
         if (n == 0) {
@@ -1529,6 +1540,14 @@ conn_next(struct conn *c)
         env->body_type == QUEUE_BODY_8BITMIME ? SMTP_BODY_8BITMIME : SMTP_BODY_7BIT;
     if (env->smtputf8)
         c->txn.params.seen |= SMTP_PARAM_SMTPUTF8;
+    if (env->ret != QUEUE_RET_NONE) {
+        c->txn.params.seen |= SMTP_PARAM_RET;
+        c->txn.params.ret = env->ret == QUEUE_RET_FULL ? SMTP_RET_FULL : SMTP_RET_HDRS;
+    }
+    if (env->envid != NULL && env->envid[0] != '\0') {
+        c->txn.params.seen |= SMTP_PARAM_ENVID;
+        c->txn.params.envid = (struct smtp_span){env->envid, strlen(env->envid)};
+    }
     c->txn.rcpt = c->rc;
     c->txn.nrcpt = c->job->n;
     if (c->nmsgs > 0)

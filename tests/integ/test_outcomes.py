@@ -296,6 +296,27 @@ def test_expiry_header_removed_and_headers_logged():
         r.close()
 
 
+def test_dsn_parameters_go_to_the_next_hop():
+    """RFC 3461 5.2: RET, ENVID, NOTIFY and ORCPT given at injection are
+    passed on to a next hop that offers DSN (smtp-sink does, and records
+    the MAIL and RCPT arguments it got)."""
+    r = Relay(records_for(["next.test"]))
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as c:
+            c.ehlo("t")
+            assert c.mail("s@example.com", ["RET=HDRS", "ENVID=env+2B42"])[0] == 250
+            assert c.rcpt("a@next.test", ["NOTIFY=FAILURE,DELAY",
+                                          "ORCPT=rfc822;orig+2Bx@example.org"])[0] == 250
+            assert c.data(b"Subject: p\r\n\r\nx\r\n")[0] == 250
+        dump = wait_sink(r, 1)[0]
+        head = dump.split(b"\nReceived:")[0]
+        assert b"RET=HDRS" in head and b"ENVID=env+2B42" in head, head
+        assert b"NOTIFY=FAILURE,DELAY" in head, head
+        assert b"ORCPT=rfc822;orig+2Bx@example.org" in head, head
+    finally:
+        r.close()
+
+
 def test_rotation_loses_nothing():
     """rename + SIGHUP while mail flows: the old and the new file together
     hold every event exactly once, and each line is whole."""
@@ -327,4 +348,4 @@ if __name__ == "__main__":
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
-          test_rotation_loses_nothing])
+          test_dsn_parameters_go_to_the_next_hop, test_rotation_loses_nothing])
