@@ -209,7 +209,11 @@ def records_for(domains, mx_host="mx.test", addr="127.0.0.1"):
 
 
 def wait_sink(r, n, timeout=120):
-    wait_until(lambda: len(r.sink.files()) >= n, timeout, f"{n} messages at the sink")
+    """n files at the sink, whole: smtp-sink writes a file as the message
+    comes in, and has written all of it once it answered the final dot,
+    which sluice logs as a delivery."""
+    wait_until(lambda: len(r.sink.files()) >= n and r.d.count_log("event=delivered") >= n,
+               timeout, f"{n} messages at the sink")
     return r.sink.messages()
 
 

@@ -308,7 +308,10 @@ def test_dsn_parameters_go_to_the_next_hop():
             assert c.rcpt("a@next.test", ["NOTIFY=FAILURE,DELAY",
                                           "ORCPT=rfc822;orig+2Bx@example.org"])[0] == 250
             assert c.data(b"Subject: p\r\n\r\nx\r\n")[0] == 250
-        dump = wait_sink(r, 1)[0]
+        # smtp-sink writes its file as the message comes: wait for it whole.
+        wait_until(lambda: any(m.rstrip(b"\n").endswith(b"\nx") for m in r.sink.messages()), 30,
+                   "the message whole at the sink")
+        dump = r.sink.messages()[0]
         head = dump.split(b"\nReceived:")[0]
         assert b"RET=HDRS" in head and b"ENVID=env+2B42" in head, head
         assert b"NOTIFY=FAILURE,DELAY" in head, head
