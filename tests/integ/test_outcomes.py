@@ -117,6 +117,8 @@ def test_5xx_bounce_class_and_dsn():
             assert b["code"] // 100 == 5 and b["class"], b
             assert b["rcpt"] == "nobody@hard.test" and b["sender"] == "alice@sender.test", b
             wait_events(path, lambda e: e["event"] == "dsn", 1)
+            # Delivered (so written whole) at the sender's MX.
+            wait_events(path, lambda e: e["event"] == "delivery", 1)
             wait_until(lambda: len(s2.files()) >= 1, 30, "the DSN at the sender's MX")
             dump = s2.messages()[0].replace(b"\n", b"\r\n")
             msg = email.message_from_bytes(dump, policy=email.policy.default)
@@ -162,6 +164,7 @@ def test_delay_warning_only_when_asked():
                 assert c.rcpt("silent@soft.test")[0] == 250
                 assert c.data(b"Subject: later\r\n\r\nwaiting\r\n")[0] == 250
             wait_events(r.dlog, lambda e: e["event"] == "dsn", 1, timeout=30)
+            wait_events(r.dlog, lambda e: e["event"] == "delivery", 1, timeout=30)
             wait_until(lambda: len(s2.files()) >= 1, 30, "the delay DSN at the sender's MX")
             dump = s2.messages()[0].replace(b"\n", b"\r\n")
             text = dump.decode("utf-8", "replace")
