@@ -13,6 +13,7 @@
 
 #include "engine/classify.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <stdarg.h>
 #include <strings.h>
@@ -475,6 +476,44 @@ mx_section(struct parse *p, const char *arg)
     return 0;
 }
 
+/* [source ADDRESS]: an IPv4 or IPv6 address, as in [delivery] source_address. */
+static int
+source_section(struct parse *p, const char *arg)
+{
+    while (*arg == ' ' || *arg == '\t')
+        arg++;
+    unsigned char bin[16];
+    char text[INET6_ADDRSTRLEN];
+    int fam = strchr(arg, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(fam, arg, bin) != 1 || inet_ntop(fam, bin, text, sizeof(text)) == NULL) {
+        perr(p, p->header_line, "[source %s]: not an IPv4 or IPv6 address", arg);
+        return -1;
+    }
+    struct config *cfg = p->cfg;
+    for (unsigned i = 0; i < cfg->nsources; i++)
+        if (strcmp(cfg->sources[i].pattern, text) == 0) {
+            perr(p, p->header_line, "[source %s]: given twice (first at line %u)", text,
+                 cfg->sources[i].line);
+            return -1;
+        }
+    struct mx_policy *v = realloc(cfg->sources, (cfg->nsources + 1) * sizeof(*v));
+    if (v == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    cfg->sources = v;
+    struct mx_policy *m = &cfg->sources[cfg->nsources];
+    memset(m, 0, sizeof(*m));
+    char why[256];
+    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(text)) == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    m->line = p->header_line;
+    cfg->nsources++;
+    return 0;
+}
+
 static void
 enter_section(struct parse *p, const char *section)
 {
@@ -501,6 +540,10 @@ enter_section(struct parse *p, const char *section)
         p->sec = mx_section(p, section + 3) == 0 ? -5 : -3;
         return;
     }
+    if (strncmp(section, "source", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
+        p->sec = source_section(p, section + 7) == 0 ? -6 : -3;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -518,9 +561,11 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256];
-    if (p->sec == -5) {
+    if (p->sec == -5 || p->sec == -6) {
         /* The section being read is the last one added. */
-        if (conf_set(mx_keys, &p->cfg->mxs[p->cfg->nmxs - 1], name, value, why, sizeof(why)) < 0)
+        struct mx_policy *m = p->sec == -5 ? &p->cfg->mxs[p->cfg->nmxs - 1]
+                                           : &p->cfg->sources[p->cfg->nsources - 1];
+        if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
@@ -867,6 +912,11 @@ config_free(struct config *cfg)
         free(cfg->mxs[i].pattern);
     }
     free(cfg->mxs);
+    for (unsigned i = 0; i < cfg->nsources; i++) {
+        conf_free(mx_keys, &cfg->sources[i]);
+        free(cfg->sources[i].pattern);
+    }
+    free(cfg->sources);
     classify_free(cfg->classify);
     free(cfg->path);
     free(cfg);
@@ -888,6 +938,22 @@ config_domain(const struct config *cfg, const char *domain)
             lo = mid + 1;
     }
     return &cfg->default_domain;
+}
+
+const struct mx_policy *
+config_source(const struct config *cfg, const struct sockaddr *sa)
+{
+    char text[INET6_ADDRSTRLEN];
+    const void *bin = sa->sa_family == AF_INET6
+                          ? (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr
+                          : (const void *)&((const struct sockaddr_in *)sa)->sin_addr;
+    if ((sa->sa_family != AF_INET && sa->sa_family != AF_INET6) ||
+        inet_ntop(sa->sa_family, bin, text, sizeof(text)) == NULL)
+        return NULL;
+    for (unsigned i = 0; i < cfg->nsources; i++)
+        if (strcmp(cfg->sources[i].pattern, text) == 0)
+            return &cfg->sources[i];
+    return NULL;
 }
 
 const struct mx_policy *
@@ -963,6 +1029,12 @@ config_reference(FILE *out)
                  "section wins. With [redis] url they hold across all nodes; without, each "
                  "worker keeps 1/workers of them (the domains behind one MX are spread over "
                  "the workers).\n\n");
+    reference_table(out, mx_keys, sizeof(struct mx_policy));
+    fprintf(out, "## [source ADDRESS]: limits per source address\n\n"
+                 "The same keys as [mx], for every connection that comes from ADDRESS, one of "
+                 "the [delivery] source_address ones (what receivers see of this node). With "
+                 "[redis] url they hold across all nodes; without, each worker keeps "
+                 "1/workers of them.\n\n");
     reference_table(out, mx_keys, sizeof(struct mx_policy));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

@@ -155,6 +155,10 @@ struct config {
     unsigned ndomains;
     struct mx_policy *mxs;   /* owned array, in file order: the first match wins */
     unsigned nmxs;
+    /* [source ADDRESS] sections: the same limits for every connection from
+     * that address ([delivery] source_address); pattern holds the address. */
+    struct mx_policy *sources; /* owned array */
+    unsigned nsources;
 };
 
 /* Read and validate path. On success returns 0 and *out (free with
@@ -170,6 +174,9 @@ const struct domain_policy *config_domain(const struct config *cfg, const char *
 /* The [mx] policy for an MX host name (the first pattern that matches),
  * or NULL. Borrowed: lives as long as cfg. */
 const struct mx_policy *config_mx(const struct config *cfg, const char *host);
+
+/* The [source] policy for connections from sa, or NULL. */
+const struct mx_policy *config_source(const struct config *cfg, const struct sockaddr *sa);
 
 /* Print every section and key with type, default and help (Markdown);
  * this is how doc/config.md is made, and a test checks they agree. */

@@ -99,6 +99,7 @@ struct conn {
     bool ready_once;      /* the session reached IDLE at least once */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
+    struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 
     struct job *job;      /* owned: the job in flight, or NULL */
@@ -208,7 +209,7 @@ struct delivery {
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
-    struct mxkey *mxkeys;    /* owned: [mx] limits met so far */
+    struct mxkey *mxkeys;    /* owned: [mx] limits met so far, and [source] ones ("src:") */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     bool resolver_closed;
     struct worker_msg stop_msg;
@@ -429,6 +430,39 @@ dest_mxkey(struct dest *t)
     k->next = d->mxkeys;
     d->mxkeys = k;
     return t->mxk = k;
+}
+
+/* The [source] limits of connections in family fam (from [delivery]
+ * source_address), or NULL. */
+static struct mxkey *
+src_key(struct delivery *d, int fam)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
+    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
+        return NULL;
+    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
+    if (m == NULL)
+        return NULL;
+    char name[LIMIT_KEY_MAX];
+    snprintf(name, sizeof(name), "src:%s", m->pattern);
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        if (strcmp(k->pattern, name) == 0)
+            return k;
+    struct mxkey *k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        return NULL;
+    k->d = d;
+    snprintf(k->pattern, sizeof(k->pattern), "%s", name);
+    struct limit_conf lc;
+    mx_limit_conf(d, m, &lc);
+    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
+        free(k);
+        return NULL;
+    }
+    k->next = d->mxkeys;
+    d->mxkeys = k;
+    return k;
 }
 
 static void
@@ -1194,12 +1228,16 @@ conn_free(struct conn *c)
     d->stats.open--;
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
-    struct mxkey *mk = c->mxk;
+    struct mxkey *mk = c->mxk, *sk = c->srck;
     if (mk != NULL && !d->stopping)
         limits_conn_release(d->lim, &mk->lim);
+    if (sk != NULL && !d->stopping)
+        limits_conn_release(d->lim, &sk->lim);
     free(c);
     if (mk != NULL && !d->stopping)
         mx_on_wake(mk); /* a slot is free: the others behind this MX may go */
+    if (sk != NULL && !d->stopping)
+        mx_on_wake(sk);
     drain_check(d);
     if (!d->stopping)
         dest_run(t);
@@ -1416,17 +1454,21 @@ conn_next(struct conn *c)
         struct job *j = NULL;
         uint64_t retry_at;
         if (!t->suspended && t->head != NULL) {
-            struct mxkey *mk = c->mxk;
+            struct mxkey *mk = c->mxk, *sk = c->srck;
             if (limits_take_msgs(c->d->lim, &t->lim, 1, c->d->w->now, &retry_at) != 1)
                 dest_lim_wait(t, retry_at);
             else if (mk != NULL &&
                      limits_take_msgs(c->d->lim, &mk->lim, 1, c->d->w->now, &retry_at) != 1)
                 mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
+            else if (sk != NULL &&
+                     limits_take_msgs(c->d->lim, &sk->lim, 1, c->d->w->now, &retry_at) != 1)
+                mx_wait(sk, t, retry_at); /* likewise */
             else
                 j = dest_pop(t);
         }
         if (j == NULL) {
-            if (t->head == NULL && c->mxk != NULL && c->mxk->waiters != NULL) {
+            if (t->head == NULL && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
+                                    (c->srck != NULL && c->srck->waiters != NULL))) {
                 /* Nothing more here while other domains wait for a slot at
                  * this MX: give it back now rather than after idling. */
                 conn_handle(c, smtp_client_quit(conn_cli(c)));
@@ -2183,16 +2225,27 @@ dest_run_once(struct dest *t)
             mx_wait(mk, t, retry_at);
             return;
         }
+        struct mxkey *sk = src_key(d, a->sa.sa_family); /* a: the address conn_open takes */
+        if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
+            limits_conn_release(d->lim, &t->lim);
+            if (mk != NULL)
+                limits_conn_release(d->lim, &mk->lim);
+            mx_wait(sk, t, retry_at);
+            return;
+        }
         unsigned before = t->conns;
         conn_open(t);
         if (t->conns == before) {
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
                 limits_conn_release(d->lim, &mk->lim);
+            if (sk != NULL)
+                limits_conn_release(d->lim, &sk->lim);
             return; /* could not open one now */
         }
         d->all->leased = true; /* conn_open puts the new one first */
         d->all->mxk = mk;
+        d->all->srck = sk;
     }
 }
 
@@ -2438,9 +2491,12 @@ delivery_reconfigure(struct delivery *d)
         }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
-        for (unsigned i = 0; i < d->e->cfg->nmxs && m == NULL; i++)
-            if (strcmp(d->e->cfg->mxs[i].pattern, k->pattern) == 0)
-                m = &d->e->cfg->mxs[i];
+        bool src = strncmp(k->pattern, "src:", 4) == 0;
+        const struct mx_policy *v = src ? d->e->cfg->sources : d->e->cfg->mxs;
+        unsigned nv = src ? d->e->cfg->nsources : d->e->cfg->nmxs;
+        for (unsigned i = 0; i < nv && m == NULL; i++)
+            if (strcmp(v[i].pattern, k->pattern + (src ? 4 : 0)) == 0)
+                m = &v[i];
         struct limit_conf lc;
         mx_limit_conf(d, m, &lc);
         limits_key_set(d->lim, &k->lim, &lc);

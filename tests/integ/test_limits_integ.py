@@ -655,32 +655,35 @@ def owner(domain, workers=2):
     return h % workers
 
 
-def test_mx_pattern_limits_across_domains():
-    """[mx *.bigmail.test] 30/s and 2 connections, shared by four domains
-    whose MX is under bigmail.test (two owned by each worker), each
-    domain unlimited: together they stay within the MX's limits."""
-    doms, want = [], {0: 2, 1: 2}
-    i = 0
+def four_domains(prefix):
+    """Four domains, two owned by each of sluice's two workers."""
+    doms, want, i = [], {0: 2, 1: 2}, 0
     while len(doms) < 4:
-        d = f"big{i}.test"
+        d = f"{prefix}{i}.test"
         if want[owner(d)] > 0:
             want[owner(d)] -= 1
             doms.append(d)
         i += 1
-    wd = Workdir("sluice-mx-")
+    return doms
+
+
+def shared_limit(doms, records, conf, what):
+    """160 messages over four unlimited domains under one shared limit of
+    30/s (burst 2) and 2 connections given by conf: together they stay
+    within it. Without Redis each of the 2 workers holds half: 15/s with
+    a burst of 1, one connection."""
+    wd = Workdir("sluice-shared-")
     dns = mx = node = None
     try:
         mx_port = free_port()
-        dns = Dns(wd, ["host-record=mx1.bigmail.test,127.0.0.1"] +
-                  [f"mx-host={d},mx1.bigmail.test,10" for d in doms])
+        dns = Dns(wd, records)
         mx = StampMx(mx_port)
-        node = Node(wd, "m", dns.port, mx_port,
-                    "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
-                    "max_connections = 2\n")
+        node = Node(wd, "m", dns.port, mx_port, conf)
         sampler = ConnSampler(mx_port)
         n = 160
         node.inject([("s@example.com", [f"x{k}@{doms[k % 4]}"],
                       f"Subject: {k}\r\nX-Seq: m{k}\r\n\r\nb\r\n".encode()) for k in range(n)])
+
         def times():
             if not os.path.exists(node.dlog):
                 return []
@@ -689,21 +692,40 @@ def test_mx_pattern_limits_across_domains():
             return sorted(parse_time(e["time"]) for e in evs if e["event"] == "delivery")
         wait_until(lambda: len(times()) >= n, 60, f"{n} deliveries")
         peak_conns = sampler.stop()
-        # Without Redis each of the 2 workers holds half: 15/s with a burst
-        # of 1, one connection; together 30/s and 2 connections.
-        check_rate(times(), mx.times(), 30, 30 + 2 + 2, "mx *.bigmail.test 30/s")
-        assert peak_conns <= 2, f"{peak_conns} connections to the MX, cap 2"
+        check_rate(times(), mx.times(), 30, 30 + 2 + 2, what)
+        assert peak_conns <= 2, f"{what}: {peak_conns} connections, cap 2"
         assert node.d.stop_clean() == 0
     finally:
-        for p in (node.d if node else None, mx, dns):
-            if p is not None and hasattr(p, "proc") and p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait()
+        if node is not None and node.d.proc.poll() is None:
+            node.d.proc.kill()
+            node.d.proc.wait()
         if mx is not None:
             mx.stop()
         if dns is not None:
             dns.stop()
         wd.cleanup()
+
+
+def test_mx_pattern_limits_across_domains():
+    """[mx *.bigmail.test]: four domains whose MX is under bigmail.test."""
+    doms = four_domains("big")
+    shared_limit(doms, ["host-record=mx1.bigmail.test,127.0.0.1"] +
+                 [f"mx-host={d},mx1.bigmail.test,10" for d in doms],
+                 "[mx *.bigmail.test]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
+                 "max_connections = 2\n", "mx *.bigmail.test 30/s")
+
+
+def test_source_address_limits_across_domains():
+    """[source 127.0.0.1]: four domains with MX hosts of their own, all
+    reached from the one source address."""
+    doms = four_domains("src")
+    recs = []
+    for k, d in enumerate(doms):
+        recs += [f"host-record=mx{k}.{d},127.0.0.1", f"mx-host={d},mx{k}.{d},10"]
+    shared_limit(doms, recs,
+                 "[delivery]\nsource_address = 127.0.0.1\n"
+                 "[source 127.0.0.1]\nmax_message_rate = 30/s\nmessage_burst = 2\n"
+                 "max_connections = 2\n", "source 127.0.0.1 30/s")
 
 
 if __name__ == "__main__":
@@ -713,4 +735,4 @@ if __name__ == "__main__":
           test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts,
-          test_mx_pattern_limits_across_domains])
+          test_mx_pattern_limits_across_domains, test_source_address_limits_across_domains])
