@@ -242,6 +242,12 @@ static const struct conf_key mx_keys[] = {
      "new connections per second, minute or hour to the matching MX hosts", NULL},
     {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",
      "connections beyond the steady rate", NULL},
+    {"max_messages_per_connection", CONF_UINT, MXP(max_messages_per_connection), 0, 1000000,
+     "0", "transactions on one connection before QUIT, when lower than the domain's (0: the "
+     "domain's)",
+     NULL},
+    {"max_rcpt_per_txn", CONF_UINT, MXP(max_rcpt_per_txn), 0, 10000, "0",
+     "recipients per transaction, when lower than the domain's (0: the domain's)", NULL},
     CONF_END,
 };
 

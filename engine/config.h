@@ -136,6 +136,8 @@ struct mx_policy {
     unsigned message_burst;
     struct conf_rate max_connection_rate;
     unsigned connection_burst;
+    unsigned max_messages_per_connection; /* 0: the domain's own only */
+    unsigned max_rcpt_per_txn;            /* 0: the domain's own only */
 };
 
 struct config {

@@ -150,6 +150,7 @@ struct pool {
 struct mxkey {
     struct mxkey *next;       /* on d->mxkeys */
     struct delivery *d;       /* borrowed */
+    const struct mx_policy *pol; /* borrowed from the config; NULL: gone after a reload */
     char pattern[256];
     struct limit_key lim;
     struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
@@ -418,6 +419,7 @@ dest_mxkey(struct dest *t)
     if (k == NULL)
         return NULL;
     k->d = d;
+    k->pol = m;
     snprintf(k->pattern, sizeof(k->pattern), "%s", m->pattern);
     char name[LIMIT_KEY_MAX];
     snprintf(name, sizeof(name), "mx:%s", m->pattern);
@@ -453,6 +455,7 @@ src_key(struct delivery *d, int fam)
     if (k == NULL)
         return NULL;
     k->d = d;
+    k->pol = m;
     snprintf(k->pattern, sizeof(k->pattern), "%s", name);
     struct limit_conf lc;
     mx_limit_conf(d, m, &lc);
@@ -1436,6 +1439,26 @@ conn_body(struct conn *c)
     }
 }
 
+/* The smaller of two caps, 0 meaning none. */
+static unsigned
+lower(unsigned a, unsigned b)
+{
+    return a == 0 ? b : b == 0 ? a : a < b ? a : b;
+}
+
+/* Transactions on c before QUIT: its domain's, or its [mx] or [source]
+ * section's when lower. */
+static unsigned
+conn_max_msgs(const struct conn *c)
+{
+    unsigned m = c->dest->pol->max_messages_per_connection;
+    if (c->mxk != NULL && c->mxk->pol != NULL)
+        m = lower(m, c->mxk->pol->max_messages_per_connection);
+    if (c->srck != NULL && c->srck->pol != NULL)
+        m = lower(m, c->srck->pol->max_messages_per_connection);
+    return m;
+}
+
 /* Start the next transaction, go idle, or say goodbye. */
 static void
 conn_next(struct conn *c)
@@ -1446,7 +1469,7 @@ conn_next(struct conn *c)
         t->opening--;
         t->failed_addrs = 0; /* this address works */
     }
-    if (c->nmsgs >= t->pol->max_messages_per_connection || c->d->stopping || c->d->draining) {
+    if (c->nmsgs >= conn_max_msgs(c) || c->d->stopping || c->d->draining) {
         conn_handle(c, smtp_client_quit(conn_cli(c)));
         return;
     }
@@ -1917,7 +1940,9 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
                : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
                : c->dest->pol->tls == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
                                                           : SMTP_CLIENT_TLS_OFF,
-        .max_rcpt = c->dest->pol->max_rcpt_per_txn,
+        .max_rcpt = lower(c->dest->pol->max_rcpt_per_txn,
+                          lower(c->mxk && c->mxk->pol ? c->mxk->pol->max_rcpt_per_txn : 0,
+                                c->srck && c->srck->pol ? c->srck->pol->max_rcpt_per_txn : 0)),
     };
     c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);
@@ -2500,6 +2525,7 @@ delivery_reconfigure(struct delivery *d)
         struct limit_conf lc;
         mx_limit_conf(d, m, &lc);
         limits_key_set(d->lim, &k->lim, &lc);
+        k->pol = m;
     }
     /* Connections keep the client options they started with; new ones
      * take the new policy. Let the new limits act on what waits. */

@@ -715,6 +715,25 @@ def test_mx_pattern_limits_across_domains():
                  "max_connections = 2\n", "mx *.bigmail.test 30/s")
 
 
+def test_mx_section_caps_recipients_and_messages():
+    """[mx] max_rcpt_per_txn = 1 below the domain's 100: a message to three
+    recipients of one domain goes in three transactions; and
+    max_messages_per_connection = 2: with one connection at a time, three
+    transactions need two connections."""
+    from test_delivery import Relay, wait_sink
+    r = Relay(records_for(["cap.test"]),
+              domain_conf="[mx mx.test]\nmax_rcpt_per_txn = 1\nmax_messages_per_connection = 2\n"
+                          "[domain cap.test]\nmax_connections = 1\n")
+    try:
+        r.inject([("s@example.com", ["a@cap.test", "b@cap.test", "c@cap.test"],
+                   b"Subject: c\r\n\r\nthree\r\n")])
+        files = wait_sink(r, 3)
+        assert len(files) == 3, f"{len(files)} transactions for 3 recipients"
+        assert r.d.count_log("event=connected") >= 2, r.d.log_lines("event=connected")
+    finally:
+        r.close()
+
+
 def test_source_address_limits_across_domains():
     """[source 127.0.0.1]: four domains with MX hosts of their own, all
     reached from the one source address."""
@@ -735,4 +754,5 @@ if __name__ == "__main__":
           test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts,
-          test_mx_pattern_limits_across_domains, test_source_address_limits_across_domains])
+          test_mx_pattern_limits_across_domains, test_mx_section_caps_recipients_and_messages,
+          test_source_address_limits_across_domains])
