@@ -319,6 +319,9 @@ struct parse {
 
     struct domain_build *doms; /* owned */
     unsigned ndoms, domcap;
+
+    struct mx_policy **lim_v; /* the [mx] or [source] section being read: (*lim_v)[lim_i] */
+    unsigned lim_i;
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -436,6 +439,38 @@ domain_section(struct parse *p, const char *arg)
     return d;
 }
 
+/* Enter the [mx] or [source] section named name: a new one at the end
+ * of *v (*n entries) with the keys' defaults, or one met before (a
+ * section may be continued further down, as [domain] ones). Returns 0,
+ * or -1 when reported. */
+static int
+limit_section_add(struct parse *p, struct mx_policy **v, unsigned *n, const char *name)
+{
+    p->lim_v = v;
+    for (unsigned i = 0; i < *n; i++)
+        if (strcmp((*v)[i].pattern, name) == 0) {
+            p->lim_i = i;
+            return 0;
+        }
+    p->lim_i = *n;
+    struct mx_policy *nv = realloc(*v, (*n + 1) * sizeof(*nv));
+    if (nv == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    *v = nv;
+    struct mx_policy *m = &nv[*n];
+    memset(m, 0, sizeof(*m));
+    char why[256];
+    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(name)) == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    m->line = p->header_line;
+    (*n)++;
+    return 0;
+}
+
 /* [mx PATTERN]: "*.example.com" or an exact host name. */
 static int
 mx_section(struct parse *p, const char *arg)
@@ -457,29 +492,7 @@ mx_section(struct parse *p, const char *arg)
         perr(p, p->header_line, "[mx %s]: not a host name or *.suffix pattern", arg);
         return -1;
     }
-    struct config *cfg = p->cfg;
-    for (unsigned i = 0; i < cfg->nmxs; i++)
-        if (strcmp(cfg->mxs[i].pattern, name) == 0) {
-            perr(p, p->header_line, "[mx %s]: given twice (first at line %u)", name,
-                 cfg->mxs[i].line);
-            return -1;
-        }
-    struct mx_policy *v = realloc(cfg->mxs, (cfg->nmxs + 1) * sizeof(*v));
-    if (v == NULL) {
-        perr(p, p->line, "out of memory");
-        return -1;
-    }
-    cfg->mxs = v;
-    struct mx_policy *m = &cfg->mxs[cfg->nmxs];
-    memset(m, 0, sizeof(*m));
-    char why[256];
-    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(name)) == NULL) {
-        perr(p, p->line, "out of memory");
-        return -1;
-    }
-    m->line = p->header_line;
-    cfg->nmxs++;
-    return 0;
+    return limit_section_add(p, &p->cfg->mxs, &p->cfg->nmxs, name);
 }
 
 /* [source ADDRESS]: an IPv4 or IPv6 address, as in [delivery] source_address. */
@@ -495,29 +508,7 @@ source_section(struct parse *p, const char *arg)
         perr(p, p->header_line, "[source %s]: not an IPv4 or IPv6 address", arg);
         return -1;
     }
-    struct config *cfg = p->cfg;
-    for (unsigned i = 0; i < cfg->nsources; i++)
-        if (strcmp(cfg->sources[i].pattern, text) == 0) {
-            perr(p, p->header_line, "[source %s]: given twice (first at line %u)", text,
-                 cfg->sources[i].line);
-            return -1;
-        }
-    struct mx_policy *v = realloc(cfg->sources, (cfg->nsources + 1) * sizeof(*v));
-    if (v == NULL) {
-        perr(p, p->line, "out of memory");
-        return -1;
-    }
-    cfg->sources = v;
-    struct mx_policy *m = &cfg->sources[cfg->nsources];
-    memset(m, 0, sizeof(*m));
-    char why[256];
-    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(text)) == NULL) {
-        perr(p, p->line, "out of memory");
-        return -1;
-    }
-    m->line = p->header_line;
-    cfg->nsources++;
-    return 0;
+    return limit_section_add(p, &p->cfg->sources, &p->cfg->nsources, text);
 }
 
 static void
@@ -568,9 +559,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
 
     char why[256];
     if (p->sec == -5 || p->sec == -6) {
-        /* The section being read is the last one added. */
-        struct mx_policy *m = p->sec == -5 ? &p->cfg->mxs[p->cfg->nmxs - 1]
-                                           : &p->cfg->sources[p->cfg->nsources - 1];
+        struct mx_policy *m = &(*p->lim_v)[p->lim_i];
         if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;

@@ -47,12 +47,21 @@ def test_check_config_reports_every_error():
                        "map_size = 12 parsecs\n"   # 4: bad size
                        "[domain example.com]\n"
                        "max_message_rate = 10/x\n"  # 6: bad rate
-                       "max_age = 99d\n")          # 7: out of range
+                       "max_age = 99d\n"           # 7: out of range
+                       "[mx bad..host]\n"          # 8: not a pattern
+                       "max_connections = 2\n"
+                       "[source not-an-ip]\n"      # 10: not an address
+                       "max_connections = 2\n"
+                       "[mx *.ok.test]\n"
+                       "max_rcpt_per_txn = many\n")  # 13: bad number
         r = run([SLUICE, "-c", path, "--check-config"])
         assert r.returncode == 1, r
         for line, what in [(2, "workrs: unknown key"), (4, "map_size: expected a size"),
                            (6, "max_message_rate: expected a rate"),
-                           (7, "max_age: '99d' is out of range")]:
+                           (7, "max_age: '99d' is out of range"),
+                           (8, "[mx bad..host]: not a host name"),
+                           (10, "[source not-an-ip]: not an IPv4 or IPv6 address"),
+                           (13, "max_rcpt_per_txn: expected a whole number")]:
             assert f"{path}:{line}: {what}" in r.stderr, (what, r.stderr)
         good = config(wd)
         r = run([SLUICE, "-c", good, "--check-config"])
