@@ -151,7 +151,7 @@ struct mxkey {
     struct mxkey *next;       /* on d->mxkeys */
     struct delivery *d;       /* borrowed */
     const struct mx_policy *pol; /* borrowed from the config; NULL: gone after a reload */
-    char pattern[256];
+    char pattern[LIMIT_KEY_MAX]; /* "mx:" or "src:" and the section's name */
     struct limit_key lim;
     struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
 };
@@ -398,56 +398,13 @@ mx_on_wake(void *arg)
     }
 }
 
-/* The [mx] limits for t's preferred MX host, looked up once per answer. */
+/* The key of an [mx] ("mx:") or [source] ("src:") section m, made on
+ * first use: its name for the limiter is prefix + the section's name. */
 static struct mxkey *
-dest_mxkey(struct dest *t)
+mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
 {
-    struct delivery *d = t->d;
-    if (t->mx != NULL && t->mxk_for == t->mx)
-        return t->mxk;
-    t->mxk_for = t->mx;
-    t->mxk = NULL;
-    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
-        return NULL;
-    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
-    if (m == NULL)
-        return NULL;
-    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
-        if (strcmp(k->pattern, m->pattern) == 0)
-            return t->mxk = k;
-    struct mxkey *k = calloc(1, sizeof(*k));
-    if (k == NULL)
-        return NULL;
-    k->d = d;
-    k->pol = m;
-    snprintf(k->pattern, sizeof(k->pattern), "%s", m->pattern);
     char name[LIMIT_KEY_MAX];
-    snprintf(name, sizeof(name), "mx:%s", m->pattern);
-    struct limit_conf lc;
-    mx_limit_conf(d, m, &lc);
-    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
-        free(k);
-        return NULL;
-    }
-    k->next = d->mxkeys;
-    d->mxkeys = k;
-    return t->mxk = k;
-}
-
-/* The [source] limits of connections in family fam (from [delivery]
- * source_address), or NULL. */
-static struct mxkey *
-src_key(struct delivery *d, int fam)
-{
-    const struct delivery_config *dc = &d->e->cfg->delivery;
-    const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
-    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
-        return NULL;
-    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
-    if (m == NULL)
-        return NULL;
-    char name[LIMIT_KEY_MAX];
-    snprintf(name, sizeof(name), "src:%s", m->pattern);
+    snprintf(name, sizeof(name), "%s%s", prefix, m->pattern);
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
         if (strcmp(k->pattern, name) == 0)
             return k;
@@ -466,6 +423,38 @@ src_key(struct delivery *d, int fam)
     k->next = d->mxkeys;
     d->mxkeys = k;
     return k;
+}
+
+/* The [mx] limits for t's preferred MX host, looked up once per answer. */
+static struct mxkey *
+dest_mxkey(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx != NULL && t->mxk_for == t->mx)
+        return t->mxk;
+    t->mxk_for = t->mx;
+    t->mxk = NULL;
+    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
+    if (m == NULL)
+        return NULL;
+    return t->mxk = mxkey_get(d, "mx:", m);
+}
+
+/* The [source] limits of connections in family fam (from [delivery]
+ * source_address), or NULL. */
+static struct mxkey *
+src_key(struct delivery *d, int fam)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
+    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
+        return NULL;
+    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
+    if (m == NULL)
+        return NULL;
+    return mxkey_get(d, "src:", m);
 }
 
 static void
@@ -2516,11 +2505,11 @@ delivery_reconfigure(struct delivery *d)
         }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
-        bool src = strncmp(k->pattern, "src:", 4) == 0;
+        bool src = strncmp(k->pattern, "src:", 4) == 0; /* else "mx:" */
         const struct mx_policy *v = src ? d->e->cfg->sources : d->e->cfg->mxs;
         unsigned nv = src ? d->e->cfg->nsources : d->e->cfg->nmxs;
         for (unsigned i = 0; i < nv && m == NULL; i++)
-            if (strcmp(v[i].pattern, k->pattern + (src ? 4 : 0)) == 0)
+            if (strcmp(v[i].pattern, k->pattern + (src ? 4 : 3)) == 0)
                 m = &v[i];
         struct limit_conf lc;
         mx_limit_conf(d, m, &lc);
