@@ -54,6 +54,12 @@ static const struct conf_key server_keys[] = {
      "concurrent submission connections from one client address; over it 421 4.7.0", NULL},
     {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",
      "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
+    {"body_memory_limit", CONF_SIZE, SRV(body_memory_limit), 1024, 1ULL << 40, "1G",
+     "memory that the bodies of messages being received may take together, all sessions "
+     "and workers (a body is held until its commit returns); a message that does not fit "
+     "gets 452 4.3.1 (at MAIL when its SIZE= does not fit, else after its data), which "
+     "clients retry; at least max_message_size",
+     NULL},
     {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
      "recipients per message; more get 452 4.5.3", NULL},
     {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
@@ -755,6 +761,13 @@ parse_headers(struct parse *p)
         perr(p, key_line(p, ss, "socket_mode"), "socket_mode: octal permissions, e.g. 0660");
     }
     sc->socket_mode = (unsigned)mode;
+    if (p->cfg->server.body_memory_limit < p->cfg->server.max_message_size)
+        perr(p,
+             key_line(p, 0, "body_memory_limit") ? key_line(p, 0, "body_memory_limit")
+                                                 : key_line(p, 0, "max_message_size"),
+             "body_memory_limit: smaller than max_message_size (%llu): a message of that "
+             "size could never be received",
+             (unsigned long long)p->cfg->server.max_message_size);
     const char *eh = p->cfg->server.expire_header;
     if (eh != NULL && !valid_field_name(eh, strlen(eh)))
         perr(p, key_line(p, 0, "expire_header"), "expire_header: not a header field name");

@@ -33,6 +33,7 @@ struct server_config {
     unsigned max_clients;
     unsigned max_clients_per_ip;
     uint64_t max_message_size;
+    uint64_t body_memory_limit; /* bytes of message bodies held in memory, all sessions */
     unsigned max_recipients;
     unsigned max_errors;
     uint64_t timeout_command; /* ms */

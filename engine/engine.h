@@ -59,6 +59,9 @@ struct engine {
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     _Atomic unsigned drained;  /* workers whose delivery finished draining */
+    _Atomic uint64_t body_bytes; /* bytes of message-body buffers held by submission
+                                  * sessions of every worker; bounded by [server]
+                                  * body_memory_limit (server.c takes and gives back) */
     struct conn_table per_ip;
 };
 

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -52,7 +53,9 @@
 #define CIN_CAP     (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define OUT_CAP     8192
 #define OUT_HIGH    (OUT_CAP - 1024) /* stop handling commands until a send drains */
-#define BODY_START  (64 * 1024)
+#define BODY_START  (16 * 1024)
+#define BODY_MMAP   (256 * 1024)  /* from here on a body buffer is a mapping of its own */
+#define BODY_STEP   (1024 * 1024) /* least growth of a mapped body buffer */
 #define ACCEPT_BACKOFF_MS 100
 
 enum session_state {
@@ -140,10 +143,16 @@ struct session {
 
     /* message content */
     struct smtp_unstuff unstuff;
-    char *body;                    /* owned */
+    char *body;                    /* owned: malloc'd below BODY_MMAP, else mmap'd;
+                                    * body_cap bytes of it are counted in e->body_bytes */
     size_t body_len, body_cap;
+    uint64_t body_seen;            /* content octets of the message so far, kept or not */
     bool too_big;                  /* over max_message_size: read on, keep nothing */
-    bool no_memory;                /* the body buffer could not grow */
+    bool no_memory;                /* the body buffer could not grow (body_memory_limit,
+                                    * or no memory): read on, keep nothing, 452 at the end */
+    uint32_t bdat_flags;           /* enum smtp_data_flag of the BDAT octets so far */
+    uint32_t bdat_line;            /* octets of the current BDAT line */
+    bool bdat_cr;                  /* the last BDAT octet was a CR */
     bool bdat;                     /* this transaction uses BDAT */
     bool bdat_discard;             /* chunk read only to be dropped (a refused BDAT) */
     bool bdat_last;
@@ -339,6 +348,130 @@ reply_close(struct session *s, const char *text)
         session_enter(s, SS_CLOSING);
 }
 
+/* ---- message bodies ----
+ *
+ * A body is held whole in memory from its first octet until the commit
+ * that stores it returns (the spool borrows it, no copy). Every worker's
+ * sessions draw on one budget, e->body_bytes against [server]
+ * body_memory_limit, counted by buffer capacity: what the daemon holds for
+ * bodies, not what clients declared. A buffer that cannot grow within it
+ * is dropped at once and the rest of the message is read and discarded;
+ * the client gets 452 4.3.1 at the end of its data and retries. Buffers
+ * from BODY_MMAP up are mappings of their own (grown with mremap, which
+ * moves pages instead of copying them), so that a large body's memory
+ * goes back to the system when it is released instead of staying in the
+ * allocator's arenas.
+ */
+
+/* Take delta bytes of the body budget; false when they do not fit. */
+static bool
+body_budget_take(struct engine *e, uint64_t delta, uint64_t limit)
+{
+    uint64_t used = atomic_load_explicit(&e->body_bytes, memory_order_relaxed);
+    do {
+        if (used > limit || delta > limit - used)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&e->body_bytes, &used, used + delta,
+                                                    memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return true;
+}
+
+static void
+body_budget_give(struct engine *e, uint64_t delta)
+{
+    atomic_fetch_sub_explicit(&e->body_bytes, delta, memory_order_relaxed);
+}
+
+static void
+body_release(struct session *s)
+{
+    if (s->body != NULL) {
+        if (s->body_cap >= BODY_MMAP)
+            munmap(s->body, s->body_cap);
+        else
+            free(s->body);
+        body_budget_give(s->sw->e, s->body_cap);
+    }
+    s->body = NULL;
+    s->body_len = s->body_cap = 0;
+}
+
+/* Grow the buffer to hold at least want octets. Returns 0, -ENOBUFS when
+ * the budget has no room, -ENOMEM. */
+static int
+body_grow(struct session *s, size_t want)
+{
+    size_t cap = s->body_cap ? s->body_cap : BODY_START;
+    while (cap < want) {
+        if (cap < BODY_MMAP) {
+            cap *= 2;
+        } else {
+            size_t step = cap / 8 > BODY_STEP ? cap / 8 : BODY_STEP;
+            cap = (cap + step + 4095) & ~(size_t)4095;
+        }
+    }
+    size_t delta = cap - s->body_cap;
+    if (!body_budget_take(s->sw->e, delta, s->sw->cfg->body_memory_limit))
+        return -ENOBUFS;
+    char *b;
+    if (cap < BODY_MMAP) {
+        b = realloc(s->body, cap);
+    } else if (s->body_cap >= BODY_MMAP) {
+        b = mremap(s->body, s->body_cap, cap, MREMAP_MAYMOVE);
+        b = b == MAP_FAILED ? NULL : b;
+    } else {
+        b = mmap(NULL, cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (b == MAP_FAILED) {
+            b = NULL;
+        } else {
+            if (s->body_len > 0)
+                memcpy(b, s->body, s->body_len);
+            free(s->body);
+        }
+    }
+    if (b == NULL) {
+        body_budget_give(s->sw->e, delta);
+        return -ENOMEM;
+    }
+    s->body = b;
+    s->body_cap = cap;
+    return 0;
+}
+
+/* Make room for n more body octets; false when the message is already
+ * known to be too large or its body cannot be held (then the content is
+ * read and dropped, and the buffer is given back at once). n may count
+ * octets past the end of the data (the next pipelined commands), so the
+ * exact size is checked at the end. */
+static bool
+body_reserve(struct session *s, size_t n)
+{
+    if (s->too_big || s->no_memory)
+        return false;
+    if (s->body_seen > s->sw->cfg->max_message_size) {
+        s->too_big = true;
+        body_release(s);
+        return false;
+    }
+    if (s->body_len + n <= s->body_cap)
+        return true;
+    int rc = body_grow(s, s->body_len + n);
+    if (rc < 0) {
+        log_msg(LOG_WARN,
+                "session=%016llx event=body_memory_full client=%s size=%llu held=%llu "
+                "limit=%llu err=%s",
+                (unsigned long long)s->id, s->peer_ip, (unsigned long long)s->body_seen,
+                (unsigned long long)atomic_load(&s->sw->e->body_bytes),
+                (unsigned long long)s->sw->cfg->body_memory_limit,
+                rc == -ENOBUFS ? "body_memory_limit" : "no_memory");
+        s->no_memory = true;
+        body_release(s);
+        return false;
+    }
+    return true;
+}
+
 /* ---- the transaction ---- */
 
 static void
@@ -357,10 +490,11 @@ txn_reset(struct session *s)
     s->ret = SMTP_RET_NONE;
     s->body_type = SMTP_BODY_NONE;
     s->smtputf8 = false;
-    free(s->body);
-    s->body = NULL;
-    s->body_len = s->body_cap = 0;
+    body_release(s);
+    s->body_seen = 0;
     s->too_big = s->no_memory = false;
+    s->bdat_flags = s->bdat_line = 0;
+    s->bdat_cr = false;
     s->bdat = s->bdat_discard = s->bdat_last = false;
     s->bdat_left = 0;
     s->msg_id = 0;
@@ -378,35 +512,6 @@ span_dup(struct smtp_span sp)
     return p;
 }
 
-/* Make room for n more body octets; false when the message is already
- * known to be too large or memory ran out (then the content is read and
- * dropped). n may count octets past the end of the data (the next
- * pipelined commands), so the exact size is checked at the end. */
-static bool
-body_reserve(struct session *s, size_t n)
-{
-    uint64_t limit = s->sw->cfg->max_message_size;
-    if (s->too_big || s->no_memory)
-        return false;
-    if (s->body_len > limit) {
-        s->too_big = true;
-        return false;
-    }
-    if (s->body_len + n <= s->body_cap)
-        return true;
-    size_t cap = s->body_cap ? s->body_cap : BODY_START;
-    while (cap < s->body_len + n)
-        cap *= 2;
-    char *b = realloc(s->body, cap);
-    if (b == NULL) {
-        s->no_memory = true;
-        return false;
-    }
-    s->body = b;
-    s->body_cap = cap;
-    return true;
-}
-
 /* ---- the spool ---- */
 
 static void
@@ -414,23 +519,33 @@ session_on_commit(void *cookie, int rc)
 {
     struct session *s = cookie;
     s->inflight--;
-    if (s->sw->stopping || s->state == SS_CLOSED) {
+    if (s->sw->stopping) {
+        /* The loop has ended (server_worker_free): the message is in the
+         * spool and the next start delivers it. */
         session_maybe_free(s);
         return;
     }
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
+    bool gone = s->state == SS_CLOSED;
     if (rc == 0) {
+        /* Stored: it is delivered and logged even when the client left
+         * before its 250 (it may send it again: at least once). */
         s->sw->stats.messages++;
         s->sw->stats.recipients += s->nrcpt;
         hand_to_delivery(s);
         log_reception(s, qid);
         log_msg(LOG_INFO,
-                "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu user=%s "
-                "client=%s",
+                "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu body=%s "
+                "user=%s client=%s%s",
                 (unsigned long long)s->id, qid, s->sender, s->nrcpt, s->body_len + s->hdrs_len,
-                s->user ? s->user->name : "-", s->peer_ip);
-        reply(s, "250 2.0.0 Ok: queued as %s", qid);
+                s->body_type == SMTP_BODY_8BITMIME ? "8BITMIME" : "7BIT",
+                s->user ? s->user->name : "-", s->peer_ip, gone ? " client_gone=1" : "");
+        if (!gone)
+            reply(s, "250 2.0.0 Ok: queued as %s", qid);
+    } else if (gone) {
+        log_msg(LOG_NOTICE, "session=%016llx event=commit_failed id=%s err=\"%s\" client_gone=1",
+                (unsigned long long)s->id, qid, queue_strerror(rc));
     } else if (queue_error_is_space(rc)) {
         log_msg(LOG_CRIT, "session=%016llx event=spool_full id=%s err=\"%s\"",
                 (unsigned long long)s->id, qid, queue_strerror(rc));
@@ -439,6 +554,10 @@ session_on_commit(void *cookie, int rc)
         log_msg(LOG_ERR, "session=%016llx event=spool_error id=%s err=\"%s\"",
                 (unsigned long long)s->id, qid, queue_strerror(rc));
         reply(s, "451 4.3.0 Local error in processing");
+    }
+    if (gone) {
+        session_maybe_free(s); /* frees the transaction with the session */
+        return;
     }
     txn_reset(s);
     session_enter(s, SS_COMMAND);
@@ -535,12 +654,16 @@ static void
 message_finish(struct session *s, uint32_t data_flags)
 {
     struct server_worker *sw = s->sw;
-    if (s->body_len > sw->cfg->max_message_size)
+    if (s->body_seen > sw->cfg->max_message_size)
         s->too_big = true;
     if (s->too_big || s->no_memory) {
         sw->stats.rejected++;
+        log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s size=%llu reason=%s",
+                (unsigned long long)s->id, s->peer_ip, (unsigned long long)s->body_seen,
+                s->too_big ? "max_message_size" : "body_memory");
         reply(s, s->too_big ? "552 5.3.4 Message size exceeds fixed maximum message size"
-                            : "452 4.3.1 Insufficient system resources");
+                            : "452 4.3.1 Insufficient system resources: too many large messages "
+                              "in progress, try again later");
         txn_reset(s);
         session_enter(s, SS_COMMAND);
         return;
@@ -562,8 +685,13 @@ message_finish(struct session *s, uint32_t data_flags)
         session_enter(s, SS_COMMAND);
         return;
     }
-    if ((data_flags & SMTP_DATA_F_8BIT) && s->body_type == SMTP_BODY_NONE)
-        s->body_type = SMTP_BODY_8BITMIME; /* what it is, whatever was declared */
+    /* What it is, whatever was declared: an 8-bit body under BODY=7BIT (or
+     * none) is the client's error, and relaying it as 7BIT would hand 8-bit
+     * octets to a server that never agreed to take them. As 8BITMIME it
+     * goes out with BODY=8BITMIME, or bounces (5.6.3) where the next hop
+     * has no 8BITMIME (smtp_client.c). */
+    if (data_flags & SMTP_DATA_F_8BIT)
+        s->body_type = SMTP_BODY_8BITMIME;
 
     struct msa_scan scan;
     msa_scan(s->body, s->body_len, &scan);
@@ -721,6 +849,21 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "552 5.3.4 Message size exceeds fixed maximum message size");
         return;
     }
+    /* Known now, said now: a declared size the body memory cannot hold at
+     * the moment. Nothing is set aside for it (a client may declare more
+     * than it sends); the data is held to the same budget as it comes. */
+    uint64_t held = atomic_load_explicit(&s->sw->e->body_bytes, memory_order_relaxed);
+    if ((p->seen & SMTP_PARAM_SIZE) &&
+        (held > cfg->body_memory_limit || p->size > cfg->body_memory_limit - held)) {
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=body_memory_full client=%s size=%llu held=%llu "
+                "limit=%llu at=mail",
+                (unsigned long long)s->id, s->peer_ip, (unsigned long long)p->size,
+                (unsigned long long)held, (unsigned long long)cfg->body_memory_limit);
+        reply(s, "452 4.3.1 Insufficient system resources for a message of this size now: "
+                 "try again later");
+        return;
+    }
     if ((p->seen & SMTP_PARAM_BODY) && p->body == SMTP_BODY_BINARYMIME) {
         reply(s, "555 5.5.4 BODY=BINARYMIME is not offered here");
         return;
@@ -799,6 +942,7 @@ data_start(struct session *s)
     s->msg_id = queue_id_next(s->sw->e->queue);
     smtp_unstuff_init(&s->unstuff);
     s->body_len = 0;
+    s->body_seen = 0;
     s->too_big = false;
 }
 
@@ -856,30 +1000,35 @@ cmd_bdat(struct session *s, const struct smtp_cmd *c)
 }
 
 /* A BDAT body has no terminator to protect, but it is stored and relayed
- * like any other: refuse what DATA would refuse. */
-static uint32_t
-bdat_flags(const char *b, size_t len)
+ * like any other: refuse what DATA would refuse. The octets of each chunk
+ * are looked at as they are stored (while they are in cache), the state
+ * carried across chunks. */
+static void
+bdat_scan(struct session *s, const char *b, size_t len)
 {
-    uint32_t flags = 0;
-    size_t line = 0;
+    uint32_t flags = s->bdat_flags, line = s->bdat_line;
+    bool cr = s->bdat_cr;
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)b[i];
+        if (cr && c != '\n')
+            flags |= SMTP_DATA_F_BARE_CR;
+        cr = c == '\r';
         if (c == '\n') {
-            if (i == 0 || b[i - 1] != '\r')
+            if (i == 0 ? !s->bdat_cr : b[i - 1] != '\r')
                 flags |= SMTP_DATA_F_BARE_LF;
             line = 0;
             continue;
         }
-        if (c == '\r' && (i + 1 == len || b[i + 1] != '\n'))
-            flags |= SMTP_DATA_F_BARE_CR;
-        else if (c == '\0')
+        if (c == '\0')
             flags |= SMTP_DATA_F_NUL;
         else if (c >= 0x80)
             flags |= SMTP_DATA_F_8BIT;
         if (c != '\r' && ++line > SMTP_DATA_LINE_MAX)
             flags |= SMTP_DATA_F_LONG_LINE;
     }
-    return flags;
+    s->bdat_flags = flags;
+    s->bdat_line = line > SMTP_DATA_LINE_MAX ? SMTP_DATA_LINE_MAX + 1 : line;
+    s->bdat_cr = cr;
 }
 
 /* The answer to a failed AUTH, once its delay has passed. */
@@ -1165,6 +1314,7 @@ run_data(struct session *s)
     int rc = smtp_unstuff(&s->unstuff, s->in, s->in_len, out, &consumed, &produced);
     if (out != s->in)
         s->body_len += produced;
+    s->body_seen += produced;
     in_consume(s, consumed);
     if (rc == SMTP_DATA_END) {
         message_finish(s, s->unstuff.flags);
@@ -1182,9 +1332,13 @@ run_bdat(struct session *s)
         if (s->in_len == 0)
             return false;
         size_t take = s->in_len < s->bdat_left ? s->in_len : (size_t)s->bdat_left;
-        if (!s->bdat_discard && body_reserve(s, take)) {
-            memcpy(s->body + s->body_len, s->in, take);
-            s->body_len += take;
+        if (!s->bdat_discard) {
+            if (body_reserve(s, take)) {
+                memcpy(s->body + s->body_len, s->in, take);
+                bdat_scan(s, s->body + s->body_len, take);
+                s->body_len += take;
+            }
+            s->body_seen += take;
         }
         in_consume(s, take);
         s->bdat_left -= take;
@@ -1197,12 +1351,17 @@ run_bdat(struct session *s)
         s->bdat_discard = false;
         return true; /* the refusal was already said */
     }
-    if (!s->bdat_last) {
-        reply(s, "250 2.0.0 %llu octets received",
-              (unsigned long long)(s->body_len));
+    if (s->body_seen > s->sw->cfg->max_message_size)
+        s->too_big = true;
+    if (!s->bdat_last && !s->too_big && !s->no_memory) {
+        reply(s, "250 2.0.0 %llu octets received", (unsigned long long)s->body_seen);
         return true;
     }
-    message_finish(s, s->too_big || s->no_memory ? 0 : bdat_flags(s->body, s->body_len));
+    /* The last chunk, or one the message cannot take: the transaction ends
+     * here either way (RFC 3030 2: after an error to a BDAT the client
+     * sends no more chunks of it; any already pipelined find no
+     * transaction, are refused with 503 and dropped). */
+    message_finish(s, s->bdat_flags);
     if (s->state == SS_COMMAND)
         session_deadline(s, s->sw->cfg->timeout_command);
     return true;
