@@ -21,7 +21,7 @@ MB = 1024 * 1024
 
 
 @contextlib.contextmanager
-def sluice(server="", queue=""):
+def sluice(server="", log=""):
     """A sluice with [server] lines `server` (delivery off: these tests
     look at what was queued); stopped on the way out, failing on a
     sanitizer report."""
@@ -39,11 +39,11 @@ trusted_networks = 127.0.0.0/8
 [queue]
 path = {wd.path}/spool
 map_size = 1G
-{queue}
 [delivery]
 enabled = no
 [log]
 level = info
+{log.replace("@DIR@", wd.path)}
 """)
         d = Sluice(SLUICE, conf)
         d.wait_log("event=ready")
@@ -184,8 +184,234 @@ def test_size_declared_at_mail_over_free_body_memory():
         hog.expect("QUIT", 221)
 
 
+# ---------------------------------------------------------------- sizes
+
+
+def test_body_over_max_message_size_data_and_bdat():
+    """5 MB against max_message_size = 1M: DATA reads to the dot and says
+    552 5.3.4 once; a BDAT chunk that passes the limit gets 552 5.3.4 at
+    once and ends the transaction (RFC 3030 2: a pipelined chunk after it
+    is refused with 503 and dropped); the session goes on and queues a
+    small message; memory holds no more than the limit."""
+    with sluice(server="max_message_size = 1M\n") as d:
+        base_kb = status_kb(d.pid, "VmRSS")
+        line = b"y" * 78 + b"\r\n"
+        big = b"Subject: big\r\n\r\n" + line * (5 * MB // len(line))
+        c = open_transaction(d.port, "big@example.com")
+        c.send(big + b".\r\n")
+        r = c.reply(timeout=60)
+        assert r.raw.startswith("552 5.3.4"), r
+        c.expect("NOOP", 250)
+        c.expect("MAIL FROM:<bdat@example.com>", 250)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        part = big[:600 * 1024]
+        tail = b"payload of a chunk after the refusal\r\nQUIT\r\n"
+        c.send(b"BDAT %d\r\n" % len(part) + part + b"BDAT %d\r\n" % len(part) + part +
+               b"BDAT %d LAST\r\n" % len(tail) + tail + b"NOOP\r\n")
+        got = c.replies(4, timeout=60)
+        assert got[0].code == 250 and got[1].raw.startswith("552 5.3.4"), got
+        assert got[2].raw.startswith("503") and got[3].code == 250, got
+        c.expect("MAIL FROM:<bdat@example.com>", 250)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.send(b"BDAT %d LAST\r\n" % len(big) + big)
+        assert c.reply(timeout=60).raw.startswith("552 5.3.4")
+        c.expect("MAIL FROM:<small@example.com>", 250)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: small\r\n\r\nsmall\r\n.\r\n")
+        assert c.reply().code == 250
+        c.expect("QUIT", 221)
+        grew_mb = (status_kb(d.pid, "VmHWM") - base_kb) / 1024
+        assert grew_mb < 16, f"RSS grew by {grew_mb:.1f} MB for messages over a 1 MB limit"
+        d.stop_clean()
+        msgs = spool_messages(d.spool)
+        assert [m["sender"] for m in msgs] == [b"small@example.com"], msgs
+
+
+def test_100000_recipients_in_one_session():
+    """100,000 RCPTs pipelined in one session: the first max_recipients
+    get 250, every one after 452 4.5.3, with bounded memory and time; the
+    message then goes to the ones accepted."""
+    n = 100_000
+    with sluice() as d:
+        base_kb = status_kb(d.pid, "VmRSS")
+        c = Smtp(d.port, timeout=60)
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<many@example.com>", 250)
+        cmds = b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(n))
+        t0 = time.monotonic()
+        # Send from a thread while replies are read here: neither side's
+        # buffers may fill up waiting for the other.
+        import threading
+        sender = threading.Thread(target=c.send, args=(cmds,), daemon=True)
+        sender.start()
+        codes = {}
+        first_refused = None
+        for i in range(n):
+            r = c.reply(timeout=60)
+            key = r.raw[:9]
+            codes[key] = codes.get(key, 0) + 1
+            if first_refused is None and r.code != 250:
+                first_refused = i
+        sender.join(60)
+        took = time.monotonic() - t0
+        assert codes == {"250 2.1.5": 1000, "452 4.5.3": n - 1000}, codes
+        assert first_refused == 1000, first_refused
+        c.expect("DATA", 354)
+        c.send(b"Subject: many\r\n\r\nmany\r\n.\r\n")
+        assert c.reply().code == 250
+        c.expect("QUIT", 221)
+        grew_mb = (status_kb(d.pid, "VmHWM") - base_kb) / 1024
+        print(f"     {n} RCPTs answered in {took:.1f}s, RSS +{grew_mb:.1f} MB")
+        assert took < 120, f"{n} RCPTs took {took:.0f}s"
+        assert grew_mb < 32, f"RSS grew by {grew_mb:.1f} MB"
+        line = d.wait_log("event=queued")
+        assert "nrcpt=1000 " in line, line
+
+
+def test_10mb_header_section():
+    """A header section of 10 MB, as one field folded over and over and as
+    many fields: each is stored whole, answered in bounded time, with the
+    configured delivery-log header fields looked up in it."""
+    with sluice(server="max_message_size = 30M\n",
+                log="delivery_log = @DIR@/delivery.jsonl\n"
+                    "delivery_log_headers = X-Campaign-ID, X-Tenant-ID\n") as d:
+        folded = b"X-Folded: start\r\n" + b" folded continuation line\r\n" * (10 * MB // 27)
+        many = b"".join(b"X-Field-%07d: value %d\r\n" % (i, i) for i in range(10 * MB // 32))
+        for name, head in (("folded", folded), ("many", many)):
+            c = open_transaction(d.port, f"{name}@example.com")
+            t0 = time.monotonic()
+            c.send(head + b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n.\r\n")
+            r = c.reply(timeout=120)
+            took = time.monotonic() - t0
+            assert r.code == 250, (name, r)
+            print(f"     {name}: {len(head) // MB} MB of header fields queued in {took:.1f}s")
+            assert took < 60, f"{name}: {took:.0f}s"
+            c.expect("QUIT", 221)
+        d.stop_clean(timeout=60)
+        msgs = {m["sender"]: m for m in spool_messages(d.spool)}
+        assert msgs[b"folded@example.com"]["body"].endswith(folded + b"Subject: folded\r\n\r\nbody\r\n")
+        assert msgs[b"many@example.com"]["body"].endswith(many + b"Subject: many\r\n\r\nbody\r\n")
+
+
+# ---------------------------------------------------------------- slow clients
+
+
+def test_10000_slow_clients():
+    """10,000 clients that send one byte every 10 s (one Python process,
+    non-blocking sockets): each is answered 421 4.4.2 and closed at its
+    command deadline (10 s here), sluice's memory stays bounded, and a
+    normal client meanwhile is served promptly."""
+    n = int(os.environ.get("HOSTILE_SLOW", "10000"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 1000
+    if soft < want:
+        if hard < want:
+            skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # sluice inherits it
+    deadline_s = 10
+    with sluice(server=f"max_clients = {n + 100}\nmax_clients_per_ip = {n + 100}\n"
+                       f"timeout_command = {deadline_s}s\n") as d:
+        base_kb = status_kb(d.pid, "VmRSS")
+        sel = selectors.DefaultSelector()
+        state = {}  # sock -> dict(greeted=time, closed=time, data=bytes, next=time)
+        t_start = time.monotonic()
+        opened = 0
+        peak_kb = base_kb
+        most_open = 0
+        normal = {}
+
+        def normal_client():
+            t0 = time.monotonic()
+            try:
+                with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+                    normal["refused"] = s.sendmail("normal@example.com", ["b@example.org"],
+                                                   b"Subject: normal\r\n\r\nserved\r\n")
+                normal["took"] = time.monotonic() - t0
+            except Exception as e:  # reported by the assertion below
+                normal["error"] = repr(e)
+
+        import threading
+        nt = None
+        limit = time.monotonic() + 300  # bounded whatever happens
+        while time.monotonic() < limit:
+            now = time.monotonic()
+            # Open in batches the listen backlog absorbs.
+            while opened < n and len(state) - sum(1 for v in state.values() if v["greeted"]) < 500:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", d.port))
+                state[s] = dict(greeted=None, closed=None, data=b"", next=None)
+                sel.register(s, selectors.EVENT_READ)
+                opened += 1
+            if nt is None and opened == n and len(state) - len(
+                    [1 for st in state.values() if st["greeted"] is None]) == n:
+                nt = threading.Thread(target=normal_client, daemon=True)
+                nt.start()
+            for key, _ in sel.select(timeout=0.2):
+                s = key.fileobj
+                st = state[s]
+                try:
+                    chunk = s.recv(4096)
+                except (ConnectionResetError, BlockingIOError):
+                    chunk = b""
+                if chunk:
+                    st["data"] += chunk
+                    if st["greeted"] is None and st["data"].startswith(b"220"):
+                        st["greeted"] = now
+                        st["next"] = now
+                    continue
+                st["closed"] = now
+                sel.unregister(s)
+                s.close()
+            # One byte every 10 s from each live one.
+            for s, st in state.items():
+                if st["closed"] is None and st["next"] is not None and st["next"] <= now:
+                    try:
+                        s.send(b"N")
+                    except OSError:
+                        pass
+                    st["next"] = now + 10
+            if opened == n:
+                peak_kb = max(peak_kb, status_kb(d.pid, "VmRSS"))
+            live_now = sum(1 for st in state.values() if st["greeted"] and not st["closed"])
+            most_open = max(most_open, live_now)
+            if opened == n and all(st["closed"] is not None for st in state.values()):
+                break
+        if nt is not None:
+            nt.join(30)
+        took = time.monotonic() - t_start
+        for s, st in state.items():
+            if st["closed"] is None:
+                sel.unregister(s)
+                s.close()
+        live = [st for st in state.values() if st["closed"] is None]
+        never = [st for st in state.values() if st["greeted"] is None]
+        assert not live, f"{len(live)} slow clients still open after {took:.0f}s"
+        assert not never, f"{len(never)} clients never greeted"
+        bad = [st["data"][-60:] for st in state.values()
+               if b"421 4.4.2" not in st["data"]]
+        assert not bad, f"{len(bad)} slow clients closed without 421 4.4.2: {bad[:3]}"
+        spans = sorted(st["closed"] - st["greeted"] for st in state.values())
+        early = [x for x in spans if x < deadline_s - 0.5]
+        late = [x for x in spans if x > deadline_s + 15]
+        grew_mb = (peak_kb - base_kb) / 1024
+        print(f"     {n} slow clients in {took:.0f}s, {most_open} open at once: closed {spans[0]:.1f}..{spans[-1]:.1f}s "
+              f"after the greeting (deadline {deadline_s}s), sluice RSS +{grew_mb:.0f} MB "
+              f"({grew_mb * 1024 / n:.1f} KB a session); normal client {normal}")
+        assert not early, f"{len(early)} closed before their deadline: {early[:5]}"
+        assert not late, f"{len(late)} closed long after their deadline: {late[-5:]}"
+        assert normal.get("refused") == {} and normal["took"] < 15, normal
+        assert grew_mb < n * 48 / 1024, f"RSS grew by {grew_mb:.0f} MB for {n} sessions"
+        d.wait_log("event=queued")
+
+
 if __name__ == "__main__":
     main([
         test_body_memory_bounded_under_many_large_messages,
         test_size_declared_at_mail_over_free_body_memory,
+        test_body_over_max_message_size_data_and_bdat,
+        test_100000_recipients_in_one_session,
+        test_10mb_header_section,
+        test_10000_slow_clients,
     ])
