@@ -194,6 +194,7 @@ struct server_worker {
     struct auth_cache auth;
     uint64_t seq;
     struct server_stats stats;
+    bool detached; /* a harness's: no listener, no ring I/O, no spool (see server.h) */
 };
 
 static void session_run(struct session *s);
@@ -278,8 +279,8 @@ all_sent(const struct session *s)
 static void
 flush(struct session *s)
 {
-    if (s->send_busy || s->state == SS_CLOSED)
-        return;
+    if (s->send_busy || s->state == SS_CLOSED || s->sw->detached)
+        return; /* detached: server_session_feed() takes the replies */
     const void *p;
     size_t len;
     if (s->tls != NULL) {
@@ -533,7 +534,8 @@ session_on_commit(void *cookie, int rc)
          * before its 250 (it may send it again: at least once). */
         s->sw->stats.messages++;
         s->sw->stats.recipients += s->nrcpt;
-        hand_to_delivery(s);
+        if (!s->sw->detached)
+            hand_to_delivery(s);
         log_reception(s, qid);
         log_msg(LOG_INFO,
                 "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu body=%s "
@@ -767,7 +769,9 @@ message_finish(struct session *s, uint32_t data_flags)
         {s->body, cut_off},
         {s->body + cut_off + cut_len, s->body_len - cut_off - cut_len},
     };
-    int rc = queue_enqueue(sw->e->queue, sw->port, &env, iov, 3, session_on_commit, s);
+    /* Detached, the commit is the harness's: server_session_feed(). */
+    int rc = sw->detached ? 0
+                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, 3, session_on_commit, s);
     free(qr);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",
@@ -939,7 +943,7 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
 static void
 data_start(struct session *s)
 {
-    s->msg_id = queue_id_next(s->sw->e->queue);
+    s->msg_id = s->sw->detached ? s->sw->seq++ : queue_id_next(s->sw->e->queue);
     smtp_unstuff_init(&s->unstuff);
     s->body_len = 0;
     s->body_seen = 0;
@@ -1468,7 +1472,7 @@ session_run(struct session *s)
             break;
     }
     flush(s);
-    if (want_recv(s)) {
+    if (want_recv(s) && !s->sw->detached) {
         struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->recv_op);
         if (s->tls != NULL)
             io_uring_prep_recv(sqe, s->fd, s->cin + s->cin_len, CIN_CAP - s->cin_len, 0);
@@ -1634,7 +1638,8 @@ session_close(struct session *s, const char *why)
     worker_timer_cancel(s->sw->w, &s->timer);
     /* Completes the pending recv (and fails a pending send) so that the
      * ops come back and the last one frees the session. */
-    shutdown(s->fd, SHUT_RDWR);
+    if (s->fd >= 0)
+        shutdown(s->fd, SHUT_RDWR);
 }
 
 static void
@@ -1654,7 +1659,8 @@ session_free(struct session *s)
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
     }
     worker_timer_cancel(sw->w, &s->timer);
-    close(s->fd);
+    if (s->fd >= 0)
+        close(s->fd);
     tls_conn_free(s->tls);
     free(s->cin);
     txn_reset(s);
@@ -1671,14 +1677,13 @@ session_maybe_free(struct session *s)
         session_free(s);
 }
 
-static void
-session_new(struct server_worker *sw, int fd, bool implicit_tls)
+/* A session on fd, in the worker's list; NULL when out of memory. */
+static struct session *
+session_alloc(struct server_worker *sw, int fd)
 {
     struct session *s = calloc(1, sizeof(*s));
-    if (s == NULL) {
-        close(fd);
-        return;
-    }
+    if (s == NULL)
+        return NULL;
     s->sw = sw;
     s->fd = fd;
     s->id = (uint64_t)sw->w->id << 56 | ++sw->seq;
@@ -1693,7 +1698,17 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
     sw->sessions = s;
     sw->stats.sessions++;
     sw->stats.accepted++;
+    return s;
+}
 
+static void
+session_new(struct server_worker *sw, int fd, bool implicit_tls)
+{
+    struct session *s = session_alloc(sw, fd);
+    if (s == NULL) {
+        close(fd);
+        return;
+    }
     socklen_t len = sizeof(s->peer);
     if (getpeername(fd, (struct sockaddr *)&s->peer, &len) < 0) {
         s->peer.ss_family = AF_UNSPEC;
@@ -1944,4 +1959,101 @@ void
 server_worker_stats(const struct server_worker *sw, struct server_stats *out)
 {
     *out = sw->stats;
+}
+
+/* ---- sessions without a socket (server.h: for harnesses) ---- */
+
+struct server_worker *
+server_worker_new_detached(struct engine *e, struct worker *w)
+{
+    struct server_worker *sw = calloc(1, sizeof(*sw));
+    if (sw == NULL)
+        return NULL;
+    atomic_init(&sw->draining, false);
+    sw->e = e;
+    sw->w = w;
+    sw->cfg = &e->cfg->server;
+    sw->detached = true;
+    if (auth_cache_init(&sw->auth) < 0) {
+        free(sw);
+        return NULL;
+    }
+    return sw;
+}
+
+struct session *
+server_session_new_detached(struct server_worker *sw)
+{
+    struct session *s = session_alloc(sw, -1);
+    if (s == NULL)
+        return NULL;
+    struct sockaddr_in *sin = (struct sockaddr_in *)&s->peer;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    snprintf(s->peer_ip, sizeof(s->peer_ip), "127.0.0.1");
+    s->trusted = cidr_match(sw->cfg->trusted, sw->cfg->ntrusted, (struct sockaddr *)&s->peer);
+    s->loopback = true;
+    s->users = engine_users(sw->e);
+    greet(s);
+    return s;
+}
+
+/* Move the replies said so far to out; what does not fit is dropped. */
+static size_t
+detached_take(struct session *s, char *out, size_t cap, size_t *got)
+{
+    size_t n = s->out_len - s->out_sent;
+    size_t room = cap - *got;
+    size_t k = n < room ? n : room;
+    memcpy(out + *got, s->out + s->out_sent, k);
+    *got += k;
+    s->out_sent = s->out_len = 0;
+    return n;
+}
+
+size_t
+server_session_feed(struct session *s, const char *in, size_t len, size_t read_max,
+                    int commit_rc, char *out, size_t cap, bool *closed)
+{
+    size_t got = 0, off = 0;
+    *closed = false;
+    for (;;) {
+        bool held = s->out_len >= OUT_HIGH; /* input left unhandled until a send drains */
+        detached_take(s, out, cap, &got);
+        if (s->state == SS_CLOSING)
+            session_close(s, NULL);
+        if (s->state == SS_CLOSED) {
+            *closed = true;
+            session_maybe_free(s);
+            return got;
+        }
+        if (s->state == SS_COMMIT) {
+            /* The spool's answer, at once; session_on_commit runs the
+             * session on what is waiting, as after a real commit. */
+            session_on_commit(s, commit_rc);
+            continue;
+        }
+        if (held) {
+            session_run(s);
+            continue;
+        }
+        if (off < len && want_recv(s)) {
+            size_t n = len - off;
+            n = n < IN_CAP - s->in_len ? n : IN_CAP - s->in_len;
+            n = read_max != 0 && n > read_max ? read_max : n;
+            memcpy(s->in + s->in_len, in + off, n);
+            s->in_len += n;
+            off += n;
+            session_run(s);
+            continue;
+        }
+        return got;
+    }
+}
+
+void
+server_session_end(struct session *s)
+{
+    session_close(s, NULL);
+    session_maybe_free(s);
 }

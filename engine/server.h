@@ -10,6 +10,7 @@
 #ifndef SLUICE_ENGINE_SERVER_H
 #define SLUICE_ENGINE_SERVER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -44,5 +45,29 @@ void server_worker_reconfigure(struct server_worker *sw);
  * go on until the engine stops. Any thread. */
 void server_worker_drain(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
+
+/*
+ * Sessions without a socket, for harnesses (tests/fuzz/fuzz_session.c):
+ * the same state machine, commands, DATA and BDAT handling, fed from a
+ * buffer instead of the ring, its replies copied out instead of sent.
+ * The worker needs only its timer heap (deadlines are armed, never
+ * fired); the engine only its config, users lock and body budget: a
+ * message's commit is not sent to any spool, its completion comes at once
+ * with the harness's code, and nothing is handed to delivery.
+ * Free the worker with server_worker_free().
+ */
+struct session;
+struct server_worker *server_worker_new_detached(struct engine *e, struct worker *w);
+/* A session from 127.0.0.1, greeted; NULL when out of memory. */
+struct session *server_session_new_detached(struct server_worker *sw);
+/* Hand in[0..len) to the session in reads of at most read_max octets (0:
+ * as many as its buffer takes), completing each commit with commit_rc (0
+ * or a queue error). Copies the replies into out (up to cap; the rest is
+ * dropped) and returns their length. Sets *closed when the session ended:
+ * it is freed then. */
+size_t server_session_feed(struct session *s, const char *in, size_t len, size_t read_max,
+                           int commit_rc, char *out, size_t cap, bool *closed);
+/* Close and free a session that did not end. */
+void server_session_end(struct session *s);
 
 #endif

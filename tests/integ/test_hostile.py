@@ -21,7 +21,7 @@ MB = 1024 * 1024
 
 
 @contextlib.contextmanager
-def sluice(server="", log=""):
+def sluice(server="", log="", stats=False):
     """A sluice with [server] lines `server` (delivery off: these tests
     look at what was queued); stopped on the way out, failing on a
     sanitizer report."""
@@ -44,11 +44,13 @@ enabled = no
 [log]
 level = info
 {log.replace("@DIR@", wd.path)}
+{f"[stats]{chr(10)}socket = {wd.path}/stats.sock" if stats else ""}
 """)
         d = Sluice(SLUICE, conf)
         d.wait_log("event=ready")
         d.port = port
         d.spool = os.path.join(wd.path, "spool")
+        d.stats_sock = os.path.join(wd.path, "stats.sock")
         yield d
         d.stop_clean(timeout=60)
     finally:
@@ -68,6 +70,17 @@ def status_kb(pid, field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(f"no {field} for {pid}")
+
+
+def body_memory(d):
+    """objects.body_memory_bytes from the stats socket."""
+    import json
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as st:
+        st.settimeout(10)
+        st.connect(d.stats_sock)
+        st.sendall(b"stats\n")
+        doc = json.loads(st.makefile("rb").readline())
+    return doc["objects"]["body_memory_bytes"]
 
 
 def open_transaction(port, sender, rcpt="rcpt@example.org", ehlo=True):
@@ -157,8 +170,9 @@ def test_body_memory_bounded_under_many_large_messages():
 
 def test_size_declared_at_mail_over_free_body_memory():
     """MAIL SIZE= that the body memory cannot hold right now: 452 4.3.1 at
-    once; a SIZE that fits is taken."""
-    with sluice(server="body_memory_limit = 8M\nmax_message_size = 6M\n") as d:
+    once; a SIZE that fits is taken. The stats socket shows what bodies
+    hold (objects.body_memory_bytes), all of it given back at the end."""
+    with sluice(server="body_memory_limit = 8M\nmax_message_size = 6M\n", stats=True) as d:
         hog = open_transaction(d.port, "hog@example.com")
         block = (b"h" * 78 + b"\r\n") * (MB // 80)
         hog.send(b"Subject: hog\r\n\r\n" + block * 5)
@@ -177,11 +191,14 @@ def test_size_declared_at_mail_over_free_body_memory():
         wait_until(big_refused, 30, "a 4 MB SIZE refused while 5 of 8 MB are held")
         c.expect(f"MAIL FROM:<a@example.com> SIZE={1 * MB}", 250)
         c.expect("RSET", 250)
+        held = body_memory(d)
+        assert 5 * MB <= held <= 8 * MB, held
         hog.send(b".\r\n")
         assert hog.reply(timeout=30).code == 250
         c.expect(f"MAIL FROM:<a@example.com> SIZE={4 * MB}", 250)
         c.expect("QUIT", 221)
         hog.expect("QUIT", 221)
+        assert body_memory(d) == 0
 
 
 # ---------------------------------------------------------------- sizes
