@@ -1365,7 +1365,7 @@ run_bdat(struct session *s)
      * here either way (RFC 3030 2: after an error to a BDAT the client
      * sends no more chunks of it; any already pipelined find no
      * transaction, are refused with 503 and dropped). */
-    message_finish(s, s->bdat_flags);
+    message_finish(s, s->bdat_flags | (s->bdat_cr ? SMTP_DATA_F_BARE_CR : 0u));
     if (s->state == SS_COMMAND)
         session_deadline(s, s->sw->cfg->timeout_command);
     return true;

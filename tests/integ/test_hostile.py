@@ -201,6 +201,36 @@ def test_size_declared_at_mail_over_free_body_memory():
         assert body_memory(d) == 0
 
 
+def test_bdat_content_checked_across_chunks():
+    """BDAT octets are checked as each chunk arrives, with what the last
+    chunk ended in: CR | LF across two chunks is a line end; a CR ending
+    the last chunk, or a CR followed by anything but LF in the next one,
+    is a bare CR (550 5.6.0); 8-bit octets in a later chunk make it
+    8BITMIME."""
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+
+        def bdat(chunks):
+            c.expect("MAIL FROM:<a@example.com> BODY=7BIT", 250)
+            c.expect("RCPT TO:<b@example.org>", 250)
+            for i, ch in enumerate(chunks):
+                last = b" LAST" if i == len(chunks) - 1 else b""
+                c.send(b"BDAT %d%s\r\n" % (len(ch), last) + ch)
+                r = c.reply()
+                if i < len(chunks) - 1:
+                    assert r.code == 250, r
+            return r
+
+        assert bdat([b"Subject: split\r", b"\n\r\nbody\r\n"]).code == 250
+        assert bdat([b"Subject: cr\r\n\r\nbody\r"]).raw.startswith("550 5.6.0")
+        assert bdat([b"Subject: cr\r\n\r\nbody\r", b"x\r\n"]).raw.startswith("550 5.6.0")
+        assert bdat([b"Subject: eight\r\n\r\n", "caf\u00e9\r\n".encode()]).code == 250
+        c.expect("QUIT", 221)
+        queued = d.wait_log_count("event=queued", 2)
+        assert "body=7BIT" in queued[0] and "body=8BITMIME" in queued[1], queued
+
+
 # ---------------------------------------------------------------- sizes
 
 
@@ -427,6 +457,7 @@ if __name__ == "__main__":
     main([
         test_body_memory_bounded_under_many_large_messages,
         test_size_declared_at_mail_over_free_body_memory,
+        test_bdat_content_checked_across_chunks,
         test_body_over_max_message_size_data_and_bdat,
         test_100000_recipients_in_one_session,
         test_10mb_header_section,
