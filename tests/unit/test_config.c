@@ -103,6 +103,29 @@ test_long_line_and_bad_domain(void **state)
     free(errs);
 }
 
+/* A body memory smaller than the largest message could never take it:
+ * refused, on the line that sets either. */
+static void
+test_body_memory_limit_below_message_size(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\nmax_message_size = 100M\nbody_memory_limit = 64M\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "body_memory_limit: smaller than max_message_size (104857600)");
+    free(errs);
+    errs = load("[server]\nmax_message_size = 2G\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 2, "body_memory_limit: smaller than max_message_size");
+    free(errs);
+    errs = load("[server]\nmax_message_size = 2G\nbody_memory_limit = 4G\n", &cfg, &rc);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->server.body_memory_limit, 4ULL << 30);
+    config_free(cfg);
+    free(errs);
+}
+
 static void
 test_domain_inheritance(void **state)
 {
@@ -178,6 +201,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_long_line_and_bad_domain),
+        cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
