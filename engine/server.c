@@ -8,7 +8,14 @@
  * write when the input holds no further complete command (RFC 2920 reply
  * batching). The end of DATA hands the message to the spool and waits
  * (state COMMIT, no reading) until the commit holding it returned: only
- * then is 250 sent.
+ * then is 250 sent. A message body is held whole until then, within one
+ * budget shared by every worker ([server] body_memory_limit, see "message
+ * bodies" below). A commit that returns after the client left still hands
+ * the message to delivery.
+ *
+ * A session can also run detached (server_session_feed(), for the fuzzer):
+ * the same code, with the ring's reads and sends and the spool's commit
+ * replaced by the caller's buffers and an immediate completion.
  *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
  * (recv, send, a pending spool commit). session_close() shuts the socket
