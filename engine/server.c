@@ -154,6 +154,7 @@ struct session {
                                     * body_cap bytes of it are counted in e->body_bytes */
     size_t body_len, body_cap;
     uint64_t body_seen;            /* content octets of the message so far, kept or not */
+    uint64_t size_hint;            /* SIZE= of MAIL (at most max_message_size); 0: none */
     bool too_big;                  /* over max_message_size: read on, keep nothing */
     bool no_memory;                /* the body buffer could not grow (body_memory_limit,
                                     * or no memory): read on, keep nothing, 452 at the end */
@@ -410,7 +411,18 @@ body_release(struct session *s)
 static int
 body_grow(struct session *s, size_t want)
 {
-    size_t cap = s->body_cap ? s->body_cap : BODY_START;
+    size_t cap = s->body_cap;
+    if (cap == 0) {
+        /* The declared size, when there is one, is the first guess (room
+         * for the pipelined commands after the data included): an honest
+         * client's body takes one allocation. Up to BODY_STEP only: a
+         * declaration costs a few octets, and must not let a trickling
+         * client hold more of the budget than it sent. */
+        uint64_t hint = s->size_hint < BODY_STEP ? s->size_hint : BODY_STEP;
+        cap = BODY_START;
+        if (hint + IN_CAP > cap)
+            cap = (size_t)(hint + IN_CAP + 4095) & ~(size_t)4095;
+    }
     while (cap < want) {
         if (cap < BODY_MMAP) {
             cap *= 2;
@@ -500,6 +512,7 @@ txn_reset(struct session *s)
     s->smtputf8 = false;
     body_release(s);
     s->body_seen = 0;
+    s->size_hint = 0;
     s->too_big = s->no_memory = false;
     s->bdat_flags = s->bdat_line = 0;
     s->bdat_cr = false;
@@ -891,6 +904,7 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "451 4.3.0 Local error in processing");
         return;
     }
+    s->size_hint = (p->seen & SMTP_PARAM_SIZE) ? p->size : 0;
     s->ret = p->ret;
     s->body_type = p->body;
     s->smtputf8 = (p->seen & SMTP_PARAM_SMTPUTF8) != 0;

@@ -205,6 +205,29 @@ def test_size_declared_at_mail_over_free_body_memory():
         assert body_memory(d) == 0
 
 
+def test_declared_size_is_the_first_allocation():
+    """A body is allocated at its declared SIZE= from its first octet (one
+    allocation for an honest client), up to 1 MiB (a declaration must not
+    reserve more than was sent), counted in the stats at once, and given
+    back when the transaction ends."""
+    with sluice(server="body_memory_limit = 64M\n", stats=True) as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        for size, low, high in ((600 * 1024, 600 * 1024, 600 * 1024 + 64 * 1024),
+                                (30 * MB, MB, MB + 64 * 1024)):
+            c.expect(f"MAIL FROM:<a@example.com> SIZE={size}", 250)
+            c.expect("RCPT TO:<b@example.org>", 250)
+            c.expect("DATA", 354)
+            c.send(b"Subject: sized\r\n")
+            wait_until(lambda: body_memory(d) >= low, 30, f"{low} octets for SIZE={size}")
+            held = body_memory(d)
+            assert held < high, (size, held)
+            c.send(b"\r\nsmall after all\r\n.\r\n")
+            assert c.reply().code == 250
+            assert body_memory(d) == 0
+        c.expect("QUIT", 221)
+
+
 def test_bdat_content_checked_across_chunks():
     """BDAT octets are checked as each chunk arrives, with what the last
     chunk ended in: CR | LF across two chunks is a line end; a CR ending
@@ -465,6 +488,7 @@ if __name__ == "__main__":
     main([
         test_body_memory_bounded_under_many_large_messages,
         test_size_declared_at_mail_over_free_body_memory,
+        test_declared_size_is_the_first_allocation,
         test_bdat_content_checked_across_chunks,
         test_body_over_max_message_size_data_and_bdat,
         test_100000_recipients_in_one_session,
