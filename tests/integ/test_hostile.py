@@ -6,12 +6,14 @@ with sluice's memory bounded (read from /proc/PID/status), nothing lost,
 and a normal client still served. Each test starts its own sluice on its
 own port and stops it."""
 import contextlib
+import json
 import os
 import resource
 import selectors
 import smtplib
 import socket
 import sys
+import threading
 import time
 
 from harness import (Sluice, Smtp, Workdir, free_port, main, skip, spool_messages, wait_until)
@@ -74,7 +76,6 @@ def status_kb(pid, field):
 
 def body_memory(d):
     """objects.body_memory_bytes from the stats socket."""
-    import json
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as st:
         st.settimeout(10)
         st.connect(d.stats_sock)
@@ -316,7 +317,6 @@ def test_100000_recipients_in_one_session():
         t0 = time.monotonic()
         # Send from a thread while replies are read here: neither side's
         # buffers may fill up waiting for the other.
-        import threading
         sender = threading.Thread(target=c.send, args=(cmds,), daemon=True)
         sender.start()
         codes = {}
@@ -405,7 +405,6 @@ def test_10000_slow_clients():
             except Exception as e:  # reported by the assertion below
                 normal["error"] = repr(e)
 
-        import threading
         nt = None
         limit = time.monotonic() + 300  # bounded whatever happens
         while time.monotonic() < limit:
