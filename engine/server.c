@@ -2020,7 +2020,7 @@ server_session_new_detached(struct server_worker *sw)
 }
 
 /* Move the replies said so far to out; what does not fit is dropped. */
-static size_t
+static void
 detached_take(struct session *s, char *out, size_t cap, size_t *got)
 {
     size_t n = s->out_len - s->out_sent;
@@ -2029,7 +2029,6 @@ detached_take(struct session *s, char *out, size_t cap, size_t *got)
     memcpy(out + *got, s->out + s->out_sent, k);
     *got += k;
     s->out_sent = s->out_len = 0;
-    return n;
 }
 
 size_t
