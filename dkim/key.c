@@ -1,0 +1,176 @@
+/*
+ * key: DKIM private keys (PEM files) and the private-key operation.
+ * RSA keys sign with RSASSA-PKCS1-v1_5 over SHA-256 (RFC 6376 3.3.1);
+ * keys under 1024 bits are refused (RFC 8301 3.2: verifiers reject
+ * them). Ed25519 keys sign the SHA-256 hash of the header data (RFC 8463
+ * 3: PureEdDSA over the hash, not over the data).
+ *
+ * Threading: a loaded key is immutable; any number of threads may sign
+ * with it at once (each operation has its own EVP_PKEY_CTX).
+ */
+#include <errno.h>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dkim/dkim.h"
+#include "dkim/dkim_int.h"
+
+struct dkim_key {
+    EVP_PKEY *pkey; /* owned */
+    enum dkim_alg alg;
+    unsigned bits;
+};
+
+const char *
+dkim_alg_str(enum dkim_alg a)
+{
+    return a == DKIM_ALG_ED25519_SHA256 ? "ed25519-sha256" : "rsa-sha256";
+}
+
+int
+dkim_key_load(const char *path, struct dkim_key **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    FILE *fp = fopen(path, "r");
+    if (fp == NULL) {
+        int e = errno;
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(e));
+        return -e;
+    }
+    ERR_clear_error();
+    EVP_PKEY *pkey = PEM_read_PrivateKey(fp, NULL, NULL, (void *)"");
+    fclose(fp);
+    if (pkey == NULL) {
+        unsigned long e = ERR_get_error();
+        char why[256];
+        ERR_error_string_n(e, why, sizeof(why));
+        snprintf(err, errlen, "%s: not a PEM private key (%s)", path, e ? why : "no key found");
+        ERR_clear_error();
+        return DKIM_EKEY;
+    }
+    struct dkim_key *k = calloc(1, sizeof(*k));
+    if (k == NULL) {
+        EVP_PKEY_free(pkey);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    k->pkey = pkey;
+    k->bits = (unsigned)EVP_PKEY_get_bits(pkey);
+    switch (EVP_PKEY_get_base_id(pkey)) {
+    case EVP_PKEY_RSA:
+        k->alg = DKIM_ALG_RSA_SHA256;
+        if (k->bits >= 1024)
+            break;
+        snprintf(err, errlen, "%s: an RSA key of %u bits (at least 1024: RFC 8301)", path,
+                 k->bits);
+        dkim_key_free(k);
+        return DKIM_EKEYTYPE;
+    case EVP_PKEY_ED25519:
+        k->alg = DKIM_ALG_ED25519_SHA256;
+        break;
+    default:
+        snprintf(err, errlen, "%s: a %s key; DKIM signs with RSA or Ed25519", path,
+                 OBJ_nid2sn(EVP_PKEY_get_base_id(pkey)));
+        dkim_key_free(k);
+        return DKIM_EKEYTYPE;
+    }
+    *out = k;
+    return 0;
+}
+
+struct dkim_key *
+dkim_key_free(struct dkim_key *k)
+{
+    if (k != NULL) {
+        EVP_PKEY_free(k->pkey);
+        free(k);
+    }
+    return NULL;
+}
+
+enum dkim_alg
+dkim_key_alg(const struct dkim_key *k)
+{
+    return k->alg;
+}
+
+unsigned
+dkim_key_bits(const struct dkim_key *k)
+{
+    return k->bits;
+}
+
+long
+dkim_key_txt(const struct dkim_key *k, char *out, size_t cap)
+{
+    unsigned char *der = NULL;
+    size_t dlen = 0;
+    if (k->alg == DKIM_ALG_ED25519_SHA256) {
+        der = malloc(32);
+        dlen = 32;
+        if (der == NULL || EVP_PKEY_get_raw_public_key(k->pkey, der, &dlen) != 1) {
+            free(der);
+            return DKIM_EKEY;
+        }
+    } else {
+        int n = i2d_PUBKEY(k->pkey, &der); /* SubjectPublicKeyInfo, as RFC 6376 3.6.1 */
+        if (n <= 0)
+            return DKIM_EKEY;
+        dlen = (size_t)n;
+    }
+    char *b64 = malloc(4 * ((dlen + 2) / 3) + 1);
+    long rc = DKIM_ETOOBIG;
+    if (b64 != NULL) {
+        dkim_b64(der, dlen, b64, 4 * ((dlen + 2) / 3) + 1);
+        int n = snprintf(out, cap, "v=DKIM1; k=%s; p=%s",
+                         k->alg == DKIM_ALG_ED25519_SHA256 ? "ed25519" : "rsa", b64);
+        if (n >= 0 && (size_t)n < cap)
+            rc = n;
+    }
+    free(b64);
+    if (k->alg == DKIM_ALG_ED25519_SHA256)
+        free(der);
+    else
+        OPENSSL_free(der);
+    return rc;
+}
+
+int
+dkim_key_sign(const struct dkim_key *k, const uint8_t hash[DKIM_HASH_LEN], char **sig,
+              size_t *siglen)
+{
+    *sig = NULL;
+    size_t len = (size_t)EVP_PKEY_get_size(k->pkey);
+    unsigned char *s = malloc(len ? len : 1);
+    if (s == NULL)
+        return -ENOMEM;
+    int ok = 0;
+    if (k->alg == DKIM_ALG_ED25519_SHA256) {
+        EVP_MD_CTX *md = EVP_MD_CTX_new();
+        ok = md != NULL && EVP_DigestSignInit(md, NULL, NULL, NULL, k->pkey) == 1 &&
+             EVP_DigestSign(md, s, &len, hash, DKIM_HASH_LEN) == 1;
+        EVP_MD_CTX_free(md);
+    } else {
+        EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(k->pkey, NULL);
+        ok = ctx != NULL && EVP_PKEY_sign_init(ctx) == 1 &&
+             EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1 &&
+             EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) == 1 &&
+             EVP_PKEY_sign(ctx, s, &len, hash, DKIM_HASH_LEN) == 1;
+        EVP_PKEY_CTX_free(ctx);
+    }
+    if (!ok) {
+        ERR_clear_error();
+        free(s);
+        return DKIM_ESIGN;
+    }
+    *sig = (char *)s;
+    *siglen = len;
+    return 0;
+}
