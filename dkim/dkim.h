@@ -136,6 +136,9 @@ struct dkim_config {
     unsigned queue_max;      /* messages waiting for a signing thread */
 };
 extern const struct conf_key dkim_conf_keys[];
+/* Check the [dkim] values that signers inherit. Returns 0, or -EINVAL with
+ * the key at fault in *bad and the reason in err. */
+int dkim_config_check(const struct dkim_config *c, const char **bad, char *err, size_t errlen);
 
 /* A [dkim DOMAIN SELECTOR] section; unset keys come from [dkim]. */
 struct dkim_sig_config {

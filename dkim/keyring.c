@@ -225,6 +225,40 @@ valid_domain(const char *s)
     return true;
 }
 
+int
+dkim_config_check(const struct dkim_config *c, const char **bad, char *err, size_t errlen)
+{
+    enum dkim_canon h, b;
+    if (parse_canon(c->canonicalization, &h, &b) < 0) {
+        *bad = "canonicalization";
+        snprintf(err, errlen, "\"%s\": expected relaxed/relaxed, relaxed/simple, "
+                              "simple/relaxed or simple/simple", c->canonicalization);
+        return -EINVAL;
+    }
+    const char *keys[2] = {"headers", "oversign_headers"};
+    const char *vals[2] = {c->headers, c->oversign_headers};
+    for (int i = 0; i < 2; i++) {
+        char **names;
+        unsigned n;
+        int rc = parse_names(vals[i], &names, &n, err, errlen);
+        bool has_from = false;
+        for (unsigned k = 0; k < n; k++) {
+            has_from |= strcmp(names[k], "from") == 0;
+            free(names[k]);
+        }
+        free(names);
+        if (rc == 0 && i == 0 && !has_from) {
+            snprintf(err, errlen, "must include From (RFC 6376 5.4)");
+            rc = -EINVAL;
+        }
+        if (rc < 0) {
+            *bad = keys[i];
+            return rc;
+        }
+    }
+    return 0;
+}
+
 static int
 push(struct dkim_signer **v, size_t *n, size_t *cap, struct dkim_signer *s)
 {

@@ -282,6 +282,8 @@ static const struct section sections[] = {
     SECTION("log", "the daemon log and the delivery log", log_keys, struct log_config, log),
     SECTION("bounce", "bounces and delivery status notifications", bounce_keys,
             struct bounce_config, bounce),
+    SECTION("dkim", "DKIM signing: defaults for every signature, the key directory, the "
+            "signing threads", dkim_conf_keys, struct dkim_config, dkim),
 };
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
 
@@ -308,6 +310,15 @@ struct domain_build {
     unsigned nvalues, cap;
 };
 
+/* A [dkim DOMAIN SELECTOR] section as read; its key is loaded in finish(),
+ * once [dkim] (which may come later) is known. */
+struct dkim_build {
+    char *domain, *selector; /* owned */
+    unsigned line;
+    struct dkim_sig_config sc;
+    unsigned key_line[8];    /* per dkim_sig_conf_keys entry */
+};
+
 struct parse {
     const char *path;
     FILE *errs;
@@ -328,6 +339,10 @@ struct parse {
 
     struct mx_policy **lim_v; /* the [mx] or [source] section being read: (*lim_v)[lim_i] */
     unsigned lim_i;
+
+    struct dkim_build *dkims; /* owned */
+    unsigned ndkims;
+    struct dkim_build *dkim;  /* the one being read */
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -517,6 +532,52 @@ source_section(struct parse *p, const char *arg)
     return limit_section_add(p, &p->cfg->sources, &p->cfg->nsources, text);
 }
 
+/* [dkim DOMAIN SELECTOR] (DOMAIN may be *). */
+static int
+dkim_section(struct parse *p, const char *arg)
+{
+    char d[256], sel[128], extra[2];
+    if (sscanf(arg, " %255s %127s %1s", d, sel, extra) != 2) {
+        perr(p, p->header_line, "[dkim %s]: expected [dkim DOMAIN SELECTOR] (DOMAIN may be *)",
+             arg);
+        return -1;
+    }
+    for (char *c = d; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    size_t dl = strlen(d);
+    if (dl > 1 && d[dl - 1] == '.')
+        d[--dl] = '\0';
+    if (strcmp(d, "*") != 0 && !valid_domain_name(d)) {
+        perr(p, p->header_line, "[dkim %s]: %s is not a domain name (or * for the default)", arg,
+             d);
+        return -1;
+    }
+    for (unsigned i = 0; i < p->ndkims; i++)
+        if (strcmp(p->dkims[i].domain, d) == 0 && strcmp(p->dkims[i].selector, sel) == 0) {
+            p->dkim = &p->dkims[i]; /* continued further down */
+            return 0;
+        }
+    struct dkim_build *v = realloc(p->dkims, (p->ndkims + 1) * sizeof(*v));
+    if (v == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    p->dkims = v;
+    struct dkim_build *b = &v[p->ndkims];
+    memset(b, 0, sizeof(*b));
+    char why[256];
+    if (conf_defaults(dkim_sig_conf_keys, &b->sc, why, sizeof(why)) < 0 ||
+        (b->domain = strdup(d)) == NULL || (b->selector = strdup(sel)) == NULL) {
+        free(b->domain);
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    b->line = p->header_line;
+    p->ndkims++;
+    p->dkim = b;
+    return 0;
+}
+
 static void
 enter_section(struct parse *p, const char *section)
 {
@@ -547,6 +608,10 @@ enter_section(struct parse *p, const char *section)
         p->sec = source_section(p, section + 7) == 0 ? -6 : -3;
         return;
     }
+    if (strncmp(section, "dkim", 4) == 0 && (section[4] == ' ' || section[4] == '\t')) {
+        p->sec = dkim_section(p, section + 5) == 0 ? -7 : -3;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -564,6 +629,24 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256];
+    if (p->sec == -7) {
+        struct dkim_build *b = p->dkim;
+        const struct conf_key *k = conf_find(dkim_sig_conf_keys, name);
+        if (k == NULL) {
+            perr(p, p->line, "%s: unknown key in [dkim %s %s]", name, b->domain, b->selector);
+            return 1;
+        }
+        unsigned *first = &b->key_line[k - dkim_sig_conf_keys];
+        if (*first != 0) {
+            perr(p, p->line, "%s: set twice in [dkim %s %s] (first at line %u)", name, b->domain,
+                 b->selector, *first);
+            return 1;
+        }
+        *first = p->line;
+        if (conf_set(dkim_sig_conf_keys, &b->sc, name, value, why, sizeof(why)) < 0)
+            perr(p, p->line, "%s: %s", name, why);
+        return 1;
+    }
     if (p->sec == -5 || p->sec == -6) {
         struct mx_policy *m = &(*p->lim_v)[p->lim_i];
         if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
@@ -655,6 +738,14 @@ cmp_domain(const void *a, const void *b)
 static void
 free_builds(struct parse *p)
 {
+    for (unsigned i = 0; i < p->ndkims; i++) {
+        free(p->dkims[i].domain);
+        free(p->dkims[i].selector);
+        conf_free(dkim_sig_conf_keys, &p->dkims[i].sc);
+    }
+    free(p->dkims);
+    p->dkims = NULL;
+    p->ndkims = 0;
     for (unsigned i = 0; i < p->ndoms; i++) {
         free(p->doms[i].name);
         for (unsigned j = 0; j < p->doms[i].nvalues; j++)
@@ -774,6 +865,59 @@ parse_headers(struct parse *p)
     return 0;
 }
 
+static void
+dkim_report(void *ctx, const char *what)
+{
+    struct parse *p = ctx;
+    unsigned sec = 0;
+    while (strcmp(sections[sec].name, "dkim") != 0)
+        sec++;
+    perr(p, key_line(p, sec, "key_dir"), "[dkim] key_dir: %s", what);
+}
+
+/* Load every key of [dkim DOMAIN SELECTOR] sections and of [dkim] key_dir
+ * into cfg->dkim_keys: a key that cannot be read or parsed is an error of
+ * this config, with the line of its key_file. */
+static int
+build_dkim(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    unsigned sec = 0;
+    while (strcmp(sections[sec].name, "dkim") != 0)
+        sec++;
+    char why[256];
+    const char *bad = NULL;
+    if (dkim_config_check(&cfg->dkim, &bad, why, sizeof(why)) < 0)
+        perr(p, key_line(p, sec, bad), "%s: %s", bad, why);
+    if (p->ndkims == 0 && cfg->dkim.key_dir == NULL)
+        return 0;
+    struct dkim_keyring *kr = dkim_keyring_new(cfg->dkim.signing_domain);
+    if (kr == NULL)
+        return -ENOMEM;
+    for (unsigned i = 0; i < p->ndkims; i++) {
+        struct dkim_build *b = &p->dkims[i];
+        char err[1200];
+        bad = NULL;
+        int rc = dkim_keyring_add(kr, b->domain, b->selector, &b->sc, &cfg->dkim, &bad, err,
+                                  sizeof(err));
+        if (rc == -ENOMEM) {
+            dkim_keyring_unref(kr);
+            return rc;
+        }
+        if (rc < 0) {
+            const struct conf_key *k = bad ? conf_find(dkim_sig_conf_keys, bad) : NULL;
+            unsigned line = k ? b->key_line[k - dkim_sig_conf_keys] : 0;
+            perr(p, line ? line : b->line, "[dkim %s %s] %s: %s", b->domain, b->selector,
+                 bad ? bad : "key_file", err);
+        }
+    }
+    if (cfg->dkim.key_dir != NULL)
+        dkim_keyring_add_dir(kr, &cfg->dkim, dkim_report, p);
+    dkim_keyring_seal(kr, dkim_report, p);
+    cfg->dkim_keys = kr;
+    return 0;
+}
+
 static int
 finish(struct parse *p)
 {
@@ -832,6 +976,8 @@ finish(struct parse *p)
     if (srv->ntrusted < 0)
         perr(p, key_line(p, 0, "trusted_networks"), "trusted_networks: %s", why);
     if (parse_headers(p) < 0)
+        return -ENOMEM;
+    if (build_dkim(p) < 0)
         return -ENOMEM;
     if (p->nerrors != 0)
         return -EINVAL;
@@ -926,6 +1072,7 @@ config_free(struct config *cfg)
     }
     free(cfg->sources);
     classify_free(cfg->classify);
+    dkim_keyring_unref(cfg->dkim_keys);
     free(cfg->path);
     free(cfg);
     return NULL;
@@ -1044,6 +1191,17 @@ config_reference(FILE *out)
                  "[redis] url they hold across all nodes; without, each worker keeps "
                  "1/workers of them.\n\n");
     reference_table(out, mx_keys, sizeof(struct mx_policy));
+    fprintf(out, "## [dkim DOMAIN SELECTOR]: one DKIM signature\n\n"
+                 "Mail whose signing domain ([dkim] signing_domain: the From: header's by "
+                 "default) is DOMAIN, or a subdomain of it without a key of its own, is signed "
+                 "with this key as d=DOMAIN, s=SELECTOR; two sections for one domain sign "
+                 "twice (RSA and Ed25519 side by side, RFC 8463). `[dkim * SELECTOR]` signs, "
+                 "with its `domain`, mail whose domain has no key at all. Keys not set here "
+                 "come from [dkim]. A key that cannot be read or parsed is an error (at "
+                 "start, and a refused reload); mail whose domain has no key goes out "
+                 "unsigned, and the delivery log's reception event says why. "
+                 "`sluice --dkim-dns DOMAIN SELECTOR` prints the TXT record to publish.\n\n");
+    reference_table(out, dkim_sig_conf_keys, sizeof(struct dkim_sig_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "

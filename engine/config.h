@@ -16,6 +16,7 @@
 #include <stdio.h>
 
 #include "common/conf.h"
+#include "dkim/dkim.h"
 #include "dns/dns.h"
 #include "engine/netaddr.h"
 #include "queue/queue.h"
@@ -162,6 +163,11 @@ struct config {
      * that address ([delivery] source_address); pattern holds the address. */
     struct mx_policy *sources; /* owned array */
     unsigned nsources;
+    /* [dkim] and [dkim DOMAIN SELECTOR] sections, and [dkim] key_dir:
+     * every key loaded at config load, so that a bad key is an error of
+     * this config (and a reload with one is refused). */
+    struct dkim_config dkim;
+    struct dkim_keyring *dkim_keys; /* owned reference; NULL: nothing is signed */
 };
 
 /* Read and validate path. On success returns 0 and *out (free with

@@ -4,6 +4,7 @@
  * sigwaitinfo() here receives them all): SIGTERM and SIGINT drain and
  * stop, SIGHUP reopens the logs and reloads what may change at run time.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -24,6 +25,7 @@ usage(FILE *out)
 {
     fprintf(out,
             "usage: sluice [-c FILE] [--check-config] [--config-reference] [--help] [--version]\n"
+            "       sluice [-c FILE] --dkim-dns DOMAIN SELECTOR\n"
             "\n"
             "sluice is a bulk mail relay. It runs in the foreground and logs to the\n"
             "file of [log] file (standard error by default).\n"
@@ -37,6 +39,8 @@ usage(FILE *out)
             "  -V, --version         print the version\n"
             "\n"
             "      --classify-rules  print the built-in bounce classification table\n"
+            "      --dkim-dns DOMAIN SELECTOR  print the DNS TXT record to publish for\n"
+            "                        that DKIM key of the configuration (zone file syntax)\n"
             "\n"
             "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
             "flight finish for [server] drain_timeout, leaves the rest queued) and\n"
@@ -48,6 +52,48 @@ usage(FILE *out)
             DEFAULT_CONFIG);
 }
 
+/* --dkim-dns: the TXT record of one key of the config, in zone file
+ * syntax, split into strings of at most 255 octets (RFC 1035 3.3). */
+static int
+print_dkim_dns(const char *path, const char *domain, const char *selector)
+{
+    struct config *cfg;
+    if (config_load(path, &cfg, stderr) < 0)
+        return 1;
+    char d[256];
+    snprintf(d, sizeof(d), "%s", domain);
+    for (char *p = d; *p; p++)
+        *p = (char)tolower((unsigned char)*p);
+    const struct dkim_signer *s =
+        cfg->dkim_keys ? dkim_keyring_find(cfg->dkim_keys, d, selector) : NULL;
+    if (s == NULL && cfg->dkim_keys != NULL) {
+        /* [dkim * SELECTOR] signs as its own domain */
+        const struct dkim_signer *def = dkim_keyring_find(cfg->dkim_keys, "*", selector);
+        if (def != NULL && strcmp(def->domain, d) == 0)
+            s = def;
+    }
+    if (s == NULL) {
+        fprintf(stderr, "sluice: %s: no DKIM key for domain %s selector %s\n", path, d, selector);
+        config_free(cfg);
+        return 1;
+    }
+    char txt[2048];
+    long n = dkim_key_txt(s->key, txt, sizeof(txt));
+    if (n < 0) {
+        fprintf(stderr, "sluice: %s: %s\n", s->source, dkim_strerror((int)n));
+        config_free(cfg);
+        return 1;
+    }
+    printf("; %s, %u bits, from %s\n", dkim_alg_str(dkim_key_alg(s->key)),
+           dkim_key_bits(s->key), s->source);
+    printf("%s._domainkey.%s. IN TXT (", s->selector, s->domain);
+    for (long off = 0; off < n; off += 255)
+        printf(" \"%.*s\"", (int)(n - off < 255 ? n - off : 255), txt + off);
+    printf(" )\n");
+    config_free(cfg);
+    return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -56,12 +102,13 @@ main(int argc, char **argv)
         {"check-config", no_argument, NULL, 't'},
         {"config-reference", no_argument, NULL, 'R'},
         {"classify-rules", no_argument, NULL, 'K'},
+        {"dkim-dns", no_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     const char *path = DEFAULT_CONFIG;
-    bool check = false;
+    bool check = false, dkim_dns = false;
     int c;
     while ((c = getopt_long(argc, argv, "c:thV", opts, NULL)) != -1) {
         switch (c) {
@@ -70,6 +117,9 @@ main(int argc, char **argv)
             break;
         case 't':
             check = true;
+            break;
+        case 'D':
+            dkim_dns = true;
             break;
         case 'R':
             config_reference(stdout);
@@ -92,6 +142,13 @@ main(int argc, char **argv)
             usage(stderr);
             return 2;
         }
+    }
+    if (dkim_dns) {
+        if (argc - optind != 2) {
+            usage(stderr);
+            return 2;
+        }
+        return print_dkim_dns(path, argv[optind], argv[optind + 1]);
     }
     if (optind != argc) {
         fprintf(stderr, "sluice: unexpected argument '%s'\n", argv[optind]);
