@@ -239,6 +239,19 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     }
     if (open)
         json_obj_end(j);
+    if (ev->ndkim > 0) {
+        json_key(j, "dkim");
+        json_arr_begin(j);
+        for (unsigned i = 0; i < ev->ndkim; i++) {
+            json_obj_begin(j);
+            json_kstr(j, "d", ev->dkim[i].d);
+            json_kstr(j, "s", ev->dkim[i].s);
+            json_kstr(j, "a", ev->dkim[i].a);
+            json_obj_end(j);
+        }
+        json_arr_end(j);
+    }
+    put_str(j, "dkim_unsigned", ev->dkim_unsigned);
     json_obj_end(j);
     json_raw(j, "\n", 1);
 }

@@ -80,6 +80,14 @@ struct dlog_event {
     const char *const *hdr_names;
     const char *const *hdr_values;
     unsigned nhdr;
+    /* reception: the DKIM signatures the message carries, printed as the
+     * array "dkim" of {"d","s","a"}; or why it carries none although keys
+     * are configured, as "dkim_unsigned" ("no_key", "no_from", ...). */
+    const struct dlog_dkim {
+        const char *d, *s, *a;
+    } *dkim;
+    unsigned ndkim;
+    const char *dkim_unsigned;
 };
 
 /* Counters since dlog_new; each read is consistent per counter only. */

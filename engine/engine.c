@@ -16,6 +16,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "engine/delivery.h"
+#include "engine/dkim_pool.h"
 #include "engine/dlog.h"
 #include "engine/ops.h"
 #include "engine/server.h"
@@ -123,6 +124,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         if (rc < 0)
             goto fail;
     }
+    rc = dkim_pool_new(cfg->dkim.threads, cfg->dkim.queue_max, &e->dkim_pool, err, errlen);
+    if (rc < 0)
+        goto fail;
     e->workers = calloc(cfg->server.workers, sizeof(*e->workers));
     e->srv = calloc(cfg->server.workers, sizeof(*e->srv));
     e->dlv = calloc(cfg->server.workers, sizeof(*e->dlv));
@@ -222,6 +226,9 @@ engine_stop(struct engine *e)
         if (rc < 0)
             log_msg(LOG_ERR, "event=worker_failed worker=%u err=%s", i, strerror(-rc));
     }
+    /* Signing jobs still in the pool come back (cancelled) to the
+     * mailboxes swept below, before their sessions are freed. */
+    e->dkim_pool = dkim_pool_free(e->dkim_pool);
     for (unsigned i = 0; i < e->nworkers; i++) {
         e->srv[i] = server_worker_free(e->srv[i]);
         e->dlv[i] = delivery_free(e->dlv[i]);
@@ -231,7 +238,7 @@ engine_stop(struct engine *e)
             struct worker_msg *next = m->next;
             if (m->fn == on_start)
                 free(m);
-            else
+            else if (!dkim_pool_msg_free(m))
                 delivery_msg_free(m);
             m = next;
         }
@@ -330,6 +337,8 @@ report_kept(const struct config *o, const struct config *n)
         {"redis", SAME_STR(o->redis.url, n->redis.url)},
         {"log.file", SAME_STR(o->log.file, n->log.file)},
         {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
+        {"dkim.threads", o->dkim.threads == n->dkim.threads},
+        {"dkim.queue_max", o->dkim.queue_max == n->dkim.queue_max},
     };
 #undef SAME_STR
     for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)

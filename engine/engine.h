@@ -20,6 +20,7 @@
 #include "tls/tls.h"
 
 struct server_worker;
+struct dkim_pool;
 struct dlog;
 struct dlog_writer;
 struct stats_server;
@@ -55,6 +56,7 @@ struct engine {
     struct dlog_writer **dlogw; /* owned: one writer per worker (NULL entries when off) */
     struct dlog_writer *dlogw_ops; /* owned: the stats thread's, for operator bounces */
     struct stats_server *stats; /* owned: the stats socket and /metrics, or NULL */
+    struct dkim_pool *dkim_pool; /* owned: the DKIM signing threads */
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */

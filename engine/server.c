@@ -17,6 +17,11 @@
  * the same code, with the ring's reads and sends and the spool's commit
  * replaced by the caller's buffers and an immediate completion.
  *
+ * When the message is to be DKIM-signed, its body hash is computed as the
+ * content arrives, and the end of DATA first hands the header section to
+ * the signing pool (state SIGN, no reading); the commit follows with the
+ * DKIM-Signature fields in front. Detached sessions sign nothing.
+ *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
  * (recv, send, a pending spool commit). session_close() shuts the socket
  * down so that a pending recv completes; the last completion frees.
@@ -26,6 +31,7 @@
 #include "engine/server.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -46,6 +52,7 @@
 #include "common/log.h"
 #include "engine/auth.h"
 #include "engine/delivery.h"
+#include "engine/dkim_pool.h"
 #include "engine/dlog.h"
 #include "engine/engine.h"
 #include "engine/msa.h"
@@ -72,6 +79,7 @@ enum session_state {
     SS_AUTH_WAIT, /* a failed AUTH: the delay before 535 */
     SS_DATA,     /* reading message content after 354 */
     SS_BDAT,     /* reading the octets of a BDAT chunk */
+    SS_SIGN,     /* the message is with the DKIM signing pool; no reading */
     SS_COMMIT,   /* the message is with the spool; no reading */
     SS_TLS_START, /* "220 Ready to start TLS" going out; input is discarded */
     SS_TLS,      /* TLS handshake (after STARTTLS, or at once on an implicit-TLS port) */
@@ -81,7 +89,7 @@ enum session_state {
 
 static const char *const state_names[] = {
     "pregreet", "command", "auth",    "auth_wait", "data",   "bdat",
-    "commit",   "tls_start", "tls", "closing",   "closed",
+    "sign",     "commit",   "tls_start", "tls", "closing",   "closed",
 };
 
 static const char *
@@ -168,6 +176,15 @@ struct session {
     uint64_t msg_id;
     char hdrs[MSA_HEADERS_MAX];
     size_t hdrs_len;
+    uint64_t expire_ms;            /* the message's own expiry; 0: none */
+    size_t cut_off, cut_len;       /* the expiry field, removed from what is stored */
+
+    /* DKIM: the body hash as the content arrives, then the signature */
+    struct dkim_keyring *dkim_keys; /* owned reference, from DATA/BDAT on; NULL: not signed */
+    struct dkim_body *dkim_body;   /* owned; kept from one transaction to the next */
+    unsigned dkim_canons;          /* what dkim_body hashes */
+    struct dkim_job *dkim_job;     /* owned; NULL while it is with the pool */
+    const char *dkim_skip;         /* why the message goes unsigned; NULL: signed or no keys */
 
     size_t in_len;
     bool skip_line; /* dropping the rest of an over-long line */
@@ -520,6 +537,11 @@ txn_reset(struct session *s)
     s->bdat_left = 0;
     s->msg_id = 0;
     s->hdrs_len = 0;
+    s->expire_ms = 0;
+    s->cut_off = s->cut_len = 0;
+    s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
+    s->dkim_job = dkim_job_free(s->dkim_job);
+    s->dkim_skip = NULL;
 }
 
 static char *
@@ -623,7 +645,15 @@ log_reception(struct session *s, const char *qid)
         .hdr_names = (const char *const *)lc->headers,
         .hdr_values = hv,
         .nhdr = lc->nheaders,
+        .dkim_unsigned = s->dkim_skip,
     };
+    struct dlog_dkim sigs[DKIM_MAX_SIGNERS];
+    for (unsigned i = 0; s->dkim_job != NULL && i < s->dkim_job->nsigners; i++) {
+        const struct dkim_signer *sg = s->dkim_job->signers[i];
+        sigs[i] = (struct dlog_dkim){sg->domain, sg->selector, dkim_alg_str(dkim_key_alg(sg->key))};
+        ev.dkim = sigs;
+        ev.ndkim = i + 1;
+    }
     dlog_event(lw, &ev);
 }
 
@@ -670,8 +700,11 @@ protocol_name(const struct session *s)
     return s->user ? "ESMTPA" : "ESMTP";
 }
 
+static void message_commit(struct session *s);
+static bool dkim_sign_start(struct session *s, size_t header_len);
+
 /* The whole message is in s->body: check it, add the MSA's fields and
- * hand it to the spool. */
+ * hand it to the spool (after DKIM signing, when it is signed). */
 static void
 message_finish(struct session *s, uint32_t data_flags)
 {
@@ -756,7 +789,20 @@ message_finish(struct session *s, uint32_t data_flags)
         .add_date = !scan.has_date,
     };
     s->hdrs_len = msa_headers(&t, s->hdrs, sizeof(s->hdrs));
+    s->expire_ms = expire_ms;
+    s->cut_off = cut_off;
+    s->cut_len = cut_len;
+    if (dkim_sign_start(s, scan.header_len))
+        return; /* signing (SS_SIGN), or refused */
+    message_commit(s);
+}
 
+/* Hand the message to the spool: the DKIM-Signature fields (if signed),
+ * the MSA's fields, the message without its expiry field. */
+static void
+message_commit(struct session *s)
+{
+    struct server_worker *sw = s->sw;
     struct queue_rcpt *qr = calloc(s->nrcpt, sizeof(*qr));
     if (qr == NULL) {
         reply(s, "451 4.3.0 Local error in processing");
@@ -780,18 +826,19 @@ message_finish(struct session *s, uint32_t data_flags)
         .smtputf8 = s->smtputf8,
         .auth_user = s->user ? s->user->name : NULL,
         .client_addr = s->peer_ip,
-        .expire_ms = expire_ms,
+        .expire_ms = s->expire_ms,
         .nrcpt = s->nrcpt,
         .rcpt = qr,
     };
-    struct iovec iov[3] = {
+    struct iovec iov[4] = {
+        {s->dkim_job ? s->dkim_job->sig : NULL, s->dkim_job ? s->dkim_job->sig_len : 0},
         {s->hdrs, s->hdrs_len},
-        {s->body, cut_off},
-        {s->body + cut_off + cut_len, s->body_len - cut_off - cut_len},
+        {s->body, s->cut_off},
+        {s->body + s->cut_off + s->cut_len, s->body_len - s->cut_off - s->cut_len},
     };
     /* Detached, the commit is the harness's: server_session_feed(). */
     int rc = sw->detached ? 0
-                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, 3, session_on_commit, s);
+                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, 4, session_on_commit, s);
     free(qr);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",
@@ -805,6 +852,148 @@ message_finish(struct session *s, uint32_t data_flags)
     s->inflight++;
     worker_timer_cancel(sw->w, &s->timer); /* the spool's time is not the client's */
     session_enter(s, SS_COMMIT);
+}
+
+/* ---- DKIM (dkim/dkim.h, engine/dkim_pool.h) ---- */
+
+/* DATA or BDAT begins: with keys configured, the body is hashed as it
+ * arrives (the keyring is held to the end, so a reload meanwhile cannot
+ * change which hashes the signers need). */
+static void
+dkim_body_start(struct session *s)
+{
+    s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
+    s->dkim_skip = NULL;
+    struct dkim_keyring *kr = s->sw->detached ? NULL : s->sw->e->cfg->dkim_keys;
+    if (kr == NULL)
+        return;
+    unsigned canons = dkim_keyring_body_canons(kr);
+    if (s->dkim_body != NULL && s->dkim_canons == canons) {
+        dkim_body_reset(s->dkim_body);
+    } else {
+        dkim_body_free(s->dkim_body);
+        s->dkim_canons = canons;
+        if ((s->dkim_body = dkim_body_new(canons)) == NULL) {
+            s->no_memory = true; /* refused at the end: never sent unsigned */
+            return;
+        }
+    }
+    s->dkim_keys = dkim_keyring_ref(kr);
+}
+
+static void session_on_signed(struct dkim_job *j);
+
+/* The message is whole: when its signing domain has keys, hand its header
+ * section and body hashes to the signing pool and wait (SS_SIGN). Returns
+ * false when the message goes on unsigned (logged, and said in the
+ * delivery log), true when signing or refused. */
+static bool
+dkim_sign_start(struct session *s, size_t header_len)
+{
+    struct dkim_keyring *kr = s->dkim_keys;
+    if (kr == NULL)
+        return false;
+    struct server_worker *sw = s->sw;
+    const char *b = s->body;
+    char dom[256] = "";
+    int rc = 0;
+    struct dkim_job *j = NULL;
+    if (header_len < s->body_len && (s->body_len - header_len < 2 || b[header_len] != '\r' ||
+                                     b[header_len + 1] != '\n')) {
+        rc = DKIM_EHEADER; /* a line that is no header field before the empty line */
+    } else if (dkim_keyring_signing_domain(kr) == DKIM_FROM_ENVELOPE) {
+        const char *at = strrchr(s->sender, '@');
+        if (at == NULL || at[1] == '\0' || strlen(at + 1) >= sizeof(dom))
+            rc = DKIM_ENOFROM;
+        else
+            for (size_t i = 0; at[i + 1] != '\0'; i++)
+                dom[i] = (char)tolower((unsigned char)at[i + 1]);
+    } else {
+        rc = dkim_from_domain(b, header_len, dom, sizeof(dom));
+    }
+    if (rc == 0 && (j = dkim_job_new()) == NULL)
+        rc = -ENOMEM;
+    if (rc == 0 && (j->nsigners = dkim_keyring_lookup(kr, dom, j->signers, DKIM_MAX_SIGNERS)) == 0)
+        rc = DKIM_ENOKEY;
+    /* What will be stored in front of the body: our fields, then the
+     * message's header section without the expiry field. */
+    size_t head = s->cut_len ? s->cut_off : header_len;
+    size_t tail = s->cut_len ? header_len - s->cut_off - s->cut_len : 0;
+    if (rc == 0 && (j->hdr = malloc(s->hdrs_len + head + tail + 1)) == NULL)
+        rc = -ENOMEM;
+    if (rc < 0) {
+        dkim_job_free(j);
+        if (rc == -ENOMEM) {
+            sw->stats.rejected++;
+            reply(s, "452 4.3.1 Insufficient system resources");
+            txn_reset(s);
+            session_enter(s, SS_COMMAND);
+            return true;
+        }
+        s->dkim_skip = dkim_error_token(rc);
+        sw->stats.dkim_unsigned++;
+        log_msg(LOG_INFO, "session=%016llx event=dkim_unsigned reason=%s domain=%s",
+                (unsigned long long)s->id, s->dkim_skip, dom[0] ? dom : "-");
+        return false;
+    }
+    memcpy(j->hdr, s->hdrs, s->hdrs_len);
+    memcpy(j->hdr + s->hdrs_len, b, head);
+    memcpy(j->hdr + s->hdrs_len + head, b + s->cut_off + s->cut_len, tail);
+    j->hdr_len = s->hdrs_len + head + tail;
+    for (int c = 0; c < 2; c++)
+        if (s->dkim_canons & (1u << c))
+            dkim_body_final(s->dkim_body, (enum dkim_canon)c, j->bh[c]);
+    j->timestamp = (uint64_t)time(NULL);
+    j->w = sw->w;
+    j->done = session_on_signed;
+    j->cookie = s;
+    j->keys = dkim_keyring_ref(kr);
+    rc = dkim_pool_submit(sw->e->dkim_pool, j);
+    if (rc < 0) {
+        dkim_job_free(j);
+        sw->stats.rejected++;
+        sw->stats.dkim_failed++;
+        log_msg(LOG_WARN, "session=%016llx event=dkim_busy reason=%s",
+                (unsigned long long)s->id, rc == -EAGAIN ? "queue_full" : "stopping");
+        reply(s, "451 4.3.0 DKIM signing is busy: try again later");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return true;
+    }
+    s->inflight++;
+    worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
+    session_enter(s, SS_SIGN);
+    return true;
+}
+
+/* Back from the signing pool, on the worker: commit, signature in front. */
+static void
+session_on_signed(struct dkim_job *j)
+{
+    struct session *s = j->cookie;
+    s->inflight--;
+    s->dkim_job = j;
+    if (s->sw->stopping || s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (j->rc < 0) {
+        /* Never sent unsigned when a key exists: the client retries. */
+        s->sw->stats.rejected++;
+        s->sw->stats.dkim_failed++;
+        log_msg(LOG_ERR, "session=%016llx event=dkim_failed domain=%s selector=%s err=\"%s\"",
+                (unsigned long long)s->id, j->failed ? j->failed->domain : "-",
+                j->failed ? j->failed->selector : "-", dkim_strerror(j->rc));
+        reply(s, "451 4.3.0 Local error in processing (DKIM signing)");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+    } else {
+        s->sw->stats.dkim_signed++;
+        message_commit(s);
+    }
+    if (s->state == SS_COMMAND)
+        session_deadline(s, s->sw->cfg->timeout_command);
+    session_run(s);
 }
 
 /* ---- commands ---- */
@@ -961,6 +1150,8 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
     reply(s, "250 2.1.5 Ok");
 }
 
+static void dkim_body_start(struct session *s);
+
 static void
 data_start(struct session *s)
 {
@@ -969,6 +1160,7 @@ data_start(struct session *s)
     s->body_len = 0;
     s->body_seen = 0;
     s->too_big = false;
+    dkim_body_start(s);
 }
 
 static void
@@ -1337,8 +1529,11 @@ run_data(struct session *s)
     else
         out = s->in; /* over the limit: unstuff in place, keep nothing */
     int rc = smtp_unstuff(&s->unstuff, s->in, s->in_len, out, &consumed, &produced);
-    if (out != s->in)
+    if (out != s->in) {
+        if (s->dkim_keys != NULL) /* hashed while still in the cache */
+            dkim_body_feed(s->dkim_body, out, produced);
         s->body_len += produced;
+    }
     s->body_seen += produced;
     in_consume(s, consumed);
     if (rc == SMTP_DATA_END) {
@@ -1361,6 +1556,8 @@ run_bdat(struct session *s)
             if (body_reserve(s, take)) {
                 memcpy(s->body + s->body_len, s->in, take);
                 bdat_scan(s, s->body + s->body_len, take);
+                if (s->dkim_keys != NULL)
+                    dkim_body_feed(s->dkim_body, s->body + s->body_len, take);
                 s->body_len += take;
             }
             s->body_seen += take;
@@ -1685,6 +1882,7 @@ session_free(struct session *s)
     tls_conn_free(s->tls);
     free(s->cin);
     txn_reset(s);
+    dkim_body_free(s->dkim_body);
     free(s->rcpts);
     auth_db_unref(s->users);
     sw->stats.sessions--;

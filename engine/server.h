@@ -26,6 +26,9 @@ struct server_stats {
     uint64_t recipients;    /* of the messages queued */
     uint64_t rejected;      /* messages refused after DATA */
     uint64_t auth_ok, auth_failed;
+    uint64_t dkim_signed;   /* messages signed */
+    uint64_t dkim_unsigned; /* with keys configured, sent unsigned: no key, no From:, ... */
+    uint64_t dkim_failed;   /* refused with 451: signing failed or its queue was full */
 };
 
 /* Make the worker's listening sockets (bound now, so that a port in use is

@@ -1,0 +1,484 @@
+"""DKIM signing end to end: sluice signs at reception, delivers to a small
+Python MX that keeps the exact octets it received, and two independent
+verifiers check the signatures against public keys served as TXT records
+by a local dnsmasq (the records are what `sluice --dkim-dns` prints):
+Python's dkimpy and Perl's Mail::DKIM (Debian 12's Mail::DKIM predates
+Ed25519, so Ed25519 signatures are verified by dkimpy alone). Also: a
+message changed after signing fails both; a domain without a key goes out
+unsigned and the delivery log says why; [dkim * SELECTOR] signs for the
+rest; key_dir keys come and go on SIGHUP, and a bad key is refused at
+--check-config and at reload; hostile header sections get a clear
+outcome."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
+
+from harness import Workdir, main, run, skip, wait_until  # noqa: E402
+import test_delivery  # noqa: E402
+from test_delivery import Relay, records_for  # noqa: E402
+from test_outcomes import events, wait_events  # noqa: E402
+
+SLUICE = sys.argv[1]
+test_delivery.SLUICE = SLUICE
+
+try:
+    import dkim
+    import dns.resolver
+except ImportError:
+    dkim = None
+
+
+class Mx:
+    """A receiving MX on its own port that keeps each message exactly as it
+    came (unstuffed, CRLF kept): smtp-sink writes LF line ends."""
+
+    def __init__(self, port):
+        self.messages = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self.conns = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        f = c.makefile("rb")
+        try:
+            c.sendall(b"220 mx.test ESMTP\r\n")
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    c.sendall(b"250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                              b"250 SIZE 100000000\r\n")
+                elif verb == b"DATA":
+                    c.sendall(b"354 go\r\n")
+                    lines = []
+                    while True:
+                        ln = f.readline()
+                        if ln in (b".\r\n", b""):
+                            break
+                        lines.append(ln[1:] if ln.startswith(b".") else ln)
+                    with self.lock:
+                        self.messages.append(b"".join(lines))
+                    c.sendall(b"250 ok\r\n")
+                elif verb == b"QUIT":
+                    c.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    c.sendall(b"250 ok\r\n")
+        except OSError:
+            return
+        finally:
+            c.close()
+
+    def wait(self, n, timeout=60):
+        wait_until(lambda: len(self.messages) >= n, timeout, f"{n} messages at the MX")
+        with self.lock:
+            return list(self.messages)
+
+    def stop(self):
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(5)
+
+
+def genkey(path, kind):
+    args = {"ed25519": ["-algorithm", "ED25519"]}.get(
+        kind, ["-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{kind[3:]}"])
+    r = run(["openssl", "genpkey", *args, "-out", path])
+    assert r.returncode == 0, r.stderr
+
+
+def dns_records(conf, pairs):
+    """dnsmasq txt-record lines from `sluice --dkim-dns` for (domain, selector)."""
+    recs = []
+    for d, s in pairs:
+        r = run([SLUICE, "-c", conf, "--dkim-dns", d, s])
+        assert r.returncode == 0, r.stderr
+        line = [ln for ln in r.stdout.splitlines() if not ln.startswith(";")][0]
+        name = line.split()[0].rstrip(".")
+        assert name == f"{s}._domainkey.{d}", line
+        strings = re.findall(r'"([^"]*)"', line)
+        assert strings and all(len(x) <= 255 for x in strings), line
+        recs.append(f"txt-record={name}," + ",".join(f'"{x}"' for x in strings))
+    return recs
+
+
+def dkimpy_verify(msg, port):
+    """Every signature of msg per dkimpy: [(domain, selector, ok)]."""
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers = ["127.0.0.1"]
+    res.port = port
+
+    def dnsfunc(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        try:
+            ans = res.resolve(name, "TXT")
+        except Exception:
+            return None
+        return b"".join(b"".join(r.strings) for r in ans)
+
+    out = []
+    try:
+        d = dkim.DKIM(msg)
+        n = len([h for h in d.headers if h[0].lower() == b"dkim-signature"])
+        for i in range(n):
+            d = dkim.DKIM(msg)
+            ok = d.verify(idx=i, dnsfunc=dnsfunc)
+            out.append((d.domain.decode() if d.domain else None,
+                        d.selector.decode() if d.selector else None, bool(ok)))
+    except dkim.DKIMException:
+        out.append((None, None, False))
+    return out
+
+
+PERL = r"""
+use strict; use warnings;
+use Mail::DKIM::Verifier; use Net::DNS::Resolver;
+my $res = Net::DNS::Resolver->new(nameservers => ['127.0.0.1'], port => $ARGV[0],
+                                  recurse => 1, tcp_timeout => 5, udp_timeout => 5);
+Mail::DKIM::DNS::resolver($res);
+binmode STDIN;
+local $/; my $msg = <STDIN>;
+my $v = Mail::DKIM::Verifier->new();
+$v->PRINT($msg); $v->CLOSE;
+foreach my $s ($v->signatures) {
+    printf "%s %s %s %s\n", $s->domain, $s->selector, $s->algorithm, $s->result;
+}
+"""
+
+
+def perl_verify(msg, port):
+    """Every signature of msg per Mail::DKIM: [(domain, selector, alg, result)]."""
+    r = subprocess.run(["perl", "-e", PERL, str(port)], input=msg, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [tuple(ln.split()) for ln in r.stdout.decode().splitlines()]
+
+
+def check_both(msg, port, want):
+    """msg carries exactly the signatures want [(domain, selector, alg)] and
+    each verifies with dkimpy, and with Mail::DKIM where it knows the alg."""
+    got = dkimpy_verify(msg, port)
+    assert sorted((d, s) for d, s, _ in got) == sorted((d, s) for d, s, _ in want), (got, want)
+    assert all(ok for _, _, ok in got), (got, msg[:1500])
+    perl = perl_verify(msg, port)
+    assert sorted((p[0], p[1]) for p in perl) == sorted((d, s) for d, s, _ in want), perl
+    for d, s, alg, result in perl:
+        if alg == "rsa-sha256":
+            assert result == "pass", (perl, msg[:1500])
+        else:
+            assert alg == "ed25519-sha256" and result in ("pass", "invalid"), perl
+
+
+def check_fails(msg, port):
+    """Every signature of msg fails with both verifiers."""
+    got = dkimpy_verify(msg, port)
+    assert got and not any(ok for _, _, ok in got), got
+    perl = perl_verify(msg, port)
+    assert perl and all(p[3] != "pass" for p in perl), perl
+
+
+def need_verifiers():
+    if dkim is None:
+        skip("python3-dkim or python3-dnspython missing (tools/install-deps --test)")
+    if run(["perl", "-MMail::DKIM::Verifier", "-MNet::DNS", "-e", "1"]).returncode != 0:
+        skip("libmail-dkim-perl missing (tools/install-deps --test)")
+
+
+class DkimRelay:
+    """Keys in a work dir, dnsmasq serving their TXT records and the MX
+    names, the Python MX, and sluice configured with dkim_conf (@KEYS@ is
+    the key directory)."""
+
+    def __init__(self, keys, dkim_conf, pairs, extra_dns=()):
+        need_verifiers()
+        self.kd = Workdir("sluice-dkim-keys-")
+        self.r = self.mx = None
+        try:
+            for name, kind in keys:
+                path = os.path.join(self.kd.path, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                genkey(path, kind)
+            self.dkim_conf = dkim_conf.replace("@KEYS@", self.kd.path)
+            conf = self.kd.file("probe.conf", "[server]\nlisten = 127.0.0.1:1\n" + self.dkim_conf)
+            recs = dns_records(conf, pairs) + records_for(["rcpt.test"]) + list(extra_dns)
+            self.r = Relay(recs, with_sink=False, domain_conf=self.dkim_conf +
+                           "\n[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
+            self.mx = Mx(self.r.mx_port)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def dns_port(self):
+        return self.r.dns.port
+
+    def close(self):
+        try:
+            if self.r is not None:
+                self.r.close()
+        finally:
+            if self.mx is not None:
+                self.mx.stop()
+            self.kd.cleanup()
+
+
+def msg(frm, subject, body=b"Hello.\r\n", extra=b""):
+    return (b"From: " + frm + b"\r\nTo: someone@rcpt.test\r\nSubject: " + subject + b"\r\n" +
+            extra + b"\r\n" + body)
+
+
+CASES = {
+    "folded": msg(b"Jane\r\n <jane@a.test>", b"folded\r\n  over   two\r\n\tlines",
+                  extra=b"X-Long: one\r\n two\r\n"),
+    "trailing_ws": msg(b"jane@a.test  ", b"spaces \t ", body=b"trailing   \r\n  x  y\t\r\n\r\n\r\n"),
+    "empty_body": msg(b"jane@a.test", b"empty", body=b""),
+    "dots": msg(b"jane@a.test", b"dots", body=b".\r\n..\r\n.x\r\n"),
+    "eightbit": msg(b"=?utf-8?q?J=C3=A9?= <j@a.test>", b"caf\xc3\xa9",
+                    body=b"d\xc3\xa9j\xc3\xa0 vu \xe2\x82\xac\r\n",
+                    extra=b"Content-Type: text/plain; charset=utf-8\r\n"),
+    "two_from": msg(b"a@a.test", b"two from", extra=b"From: b@a.test\r\n"),
+    "long_header": msg(b"jane@a.test", b"long " + b"\r\n ".join(b"w%d" % i for i in range(4000))),
+    "rsa4096": msg(b"big@b.test", b"four thousand"),
+    "dual": msg(b"both@dual.test", b"two signatures",
+                extra=b"List-Unsubscribe: <https://dual.test/u>\r\n"
+                      b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"),
+    "subdomain": msg(b"news@news.a.test", b"aligned with the parent's key"),
+}
+
+WANT = {
+    "a.test": [("a.test", "r1024", "rsa-sha256"), ("a.test", "s2048", "rsa-sha256")],
+    "b.test": [("b.test", "big", "rsa-sha256")],
+    "dual.test": [("dual.test", "ed", "ed25519-sha256"), ("dual.test", "rsa", "rsa-sha256")],
+}
+
+
+def test_signatures_verify_with_dkimpy_and_mail_dkim():
+    """RSA 1024 (relaxed), 2048 (simple/simple) and 4096, Ed25519 beside RSA
+    on one domain; folded headers, trailing whitespace, empty body, dot
+    lines, 8-bit, two From fields, a 4,000-line Subject; each message
+    verifies with both verifiers, and fails once changed after signing."""
+    keys = [("a1024.pem", "rsa1024"), ("a2048.pem", "rsa2048"), ("b4096.pem", "rsa4096"),
+            ("ded.pem", "ed25519"), ("drsa.pem", "rsa2048")]
+    conf = """
+[dkim a.test r1024]
+key_file = @KEYS@/a1024.pem
+[dkim a.test s2048]
+key_file = @KEYS@/a2048.pem
+canonicalization = simple/simple
+[dkim b.test big]
+key_file = @KEYS@/b4096.pem
+[dkim dual.test ed]
+key_file = @KEYS@/ded.pem
+[dkim dual.test rsa]
+key_file = @KEYS@/drsa.pem
+expire = 7d
+"""
+    pairs = [("a.test", "r1024"), ("a.test", "s2048"), ("b.test", "big"), ("dual.test", "ed"),
+             ("dual.test", "rsa")]
+    t = DkimRelay(keys, conf, pairs)
+    try:
+        names = list(CASES)
+        t.r.inject([("bounce@sender.test", ["someone@rcpt.test"], CASES[n]) for n in names],
+                   sessions=3)
+        got = t.mx.wait(len(names))
+        assert len(got) == len(names)
+        for m in got:
+            subj = [n for n in names if CASES[n].split(b"\r\n\r\n")[0].split(b"Subject: ")[1][:12]
+                    in m]
+            assert len(subj) == 1, m[:300]
+            name = subj[0]
+            dom = {"rsa4096": "b.test", "dual": "dual.test"}.get(name, "a.test")
+            check_both(m, t.dns_port, WANT[dom])
+            if name == "dual":
+                assert b"x=" in m.split(b"\r\n\r\n")[0]
+            # changed after signing: the body, then a signed header field
+            check_fails(m + b"one more line\r\n", t.dns_port)
+            check_fails(m.replace(b"Subject: ", b"Subject: Re: ", 1), t.dns_port)
+            print(f"  {name}: {len(WANT[dom])} signature(s) verified")
+        # The delivery log lists the signatures of each message.
+        evs = wait_events(t.r.dlog, lambda e: e["event"] == "reception", len(names))
+        dual = [e for e in evs if e.get("dkim") and e["dkim"][0]["d"] == "dual.test"]
+        assert len(dual) == 1, evs
+        assert sorted((x["s"], x["a"]) for x in dual[0]["dkim"]) == [
+            ("ed", "ed25519-sha256"), ("rsa", "rsa-sha256")], dual
+        assert all("dkim_unsigned" not in e for e in evs), evs
+    finally:
+        t.close()
+
+
+def test_unsigned_domains_and_the_default_key():
+    """A From: domain without a key goes out unsigned and the delivery log
+    says so; with a [dkim * SELECTOR] section, the provider's key signs it."""
+    keys = [("a.pem", "ed25519"), ("prov.pem", "rsa2048")]
+    t = DkimRelay(keys, "[dkim a.test k]\nkey_file = @KEYS@/a.pem\n", [("a.test", "k")])
+    try:
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"c@customer.test", b"no key"))])
+        m = t.mx.wait(1)[0]
+        assert b"DKIM-Signature" not in m
+        ev = wait_events(t.r.dlog, lambda e: e["event"] == "reception", 1)[0]
+        assert ev.get("dkim_unsigned") == "no_key" and "dkim" not in ev, ev
+        assert t.r.d.count_log("event=dkim_unsigned reason=no_key domain=customer.test") == 1
+    finally:
+        t.close()
+    conf = ("[dkim a.test k]\nkey_file = @KEYS@/a.pem\n"
+            "[dkim * prov]\nkey_file = @KEYS@/prov.pem\ndomain = provider.test\n")
+    t = DkimRelay(keys, conf, [("a.test", "k"), ("provider.test", "prov")])
+    try:
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"c@customer.test", b"default")),
+                    ("s@sender.test", ["x@rcpt.test"], msg(b"me@a.test", b"own key"))],
+                   sessions=1)
+        got = t.mx.wait(2)
+        for m in got:
+            if b"default" in m:
+                check_both(m, t.dns_port, [("provider.test", "prov", "rsa-sha256")])
+            else:
+                check_both(m, t.dns_port, [("a.test", "k", "ed25519-sha256")])
+    finally:
+        t.close()
+
+
+def test_key_dir_and_sighup():
+    """[dkim] key_dir: DOMAIN/SELECTOR.pem files are found at start; a key
+    added later signs after SIGHUP; a broken key makes the reload refused
+    (the running keys go on signing), and --check-config names it."""
+    keys = [("kd/one.test/s1.pem", "ed25519"), ("two.pem", "rsa2048")]
+    t = DkimRelay(keys, "[dkim]\nkey_dir = @KEYS@/kd\n", [("one.test", "s1")],
+                  extra_dns=[])
+    try:
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@one.test", b"first")),
+                    ("s@sender.test", ["x@rcpt.test"], msg(b"a@two.test", b"second"))],
+                   sessions=1)
+        got = t.mx.wait(2)
+        for m in got:
+            if b"first" in m:
+                check_both(m, t.dns_port, [("one.test", "s1", "ed25519-sha256")])
+            else:
+                assert b"DKIM-Signature" not in m
+
+        # A new domain's key appears: SIGHUP, and it signs.
+        os.makedirs(os.path.join(t.kd.path, "kd", "two.test"))
+        os.rename(os.path.join(t.kd.path, "two.pem"),
+                  os.path.join(t.kd.path, "kd", "two.test", "s2.pem"))
+        n = t.r.d.count_log("event=config_reloaded")
+        t.r.d.signal(signal.SIGHUP)
+        t.r.d.wait_log_count("event=config_reloaded", n + 1)
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@two.test", b"third"))])
+        m = [x for x in t.mx.wait(3) if b"third" in x][0]
+        assert b"d=two.test" in m and b"s=s2" in m, m[:600]
+
+        # A broken key: --check-config says which file; SIGHUP is refused
+        # and the keys in use go on signing.
+        bad = os.path.join(t.kd.path, "kd", "three.test")
+        os.makedirs(bad)
+        with open(os.path.join(bad, "s3.pem"), "w") as f:
+            f.write("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        conf = os.path.join(t.r.wd.path, "sluice.conf")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 1 and "three.test/s3.pem" in r.stderr, r.stderr
+        t.r.d.signal(signal.SIGHUP)
+        t.r.d.wait_log("event=reload_failed what=config")
+        assert any("three.test/s3.pem" in ln for ln in t.r.d.log_lines("event=reload_refused"))
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@one.test", b"fourth"))])
+        m = [x for x in t.mx.wait(4) if b"fourth" in x][0]
+        assert b"d=one.test" in m
+    finally:
+        t.close()
+
+
+def test_check_config_reports_bad_keys():
+    """A key that cannot be read or parsed is an error with file:line."""
+    wd = Workdir("sluice-dkim-conf-")
+    try:
+        bad = wd.file("bad.pem", "not a key\n")
+        r = run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-out", os.path.join(wd.path, "ec.pem")])
+        assert r.returncode == 0
+        conf = wd.file("sluice.conf", f"""[server]
+listen = 127.0.0.1:2525
+[dkim a.test s1]
+key_file = {bad}
+[dkim b.test s1]
+key_file = {wd.path}/missing.pem
+[dkim c.test s1]
+key_file = {wd.path}/ec.pem
+[dkim * s1]
+key_file = {bad}
+[dkim d.test s1]
+canonicalization = relaxed/loose
+key_file = {bad}
+""")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 1, r.stdout
+        err = r.stderr
+        assert f"{conf}:4: [dkim a.test s1] key_file: {bad}: not a PEM private key" in err, err
+        assert f"{conf}:6: [dkim b.test s1] key_file: cannot read" in err, err
+        assert f"{conf}:8: [dkim c.test s1] key_file:" in err and "RSA or Ed25519" in err, err
+        assert f"{conf}:9: [dkim * s1] domain:" in err, err
+        assert f"{conf}:12: [dkim d.test s1] canonicalization:" in err, err
+    finally:
+        wd.cleanup()
+
+
+def test_hostile_headers_get_a_clear_outcome():
+    """A 100 KB header field, 10,000 header fields, a From: naming two
+    domains, none at all: each is queued (signed, or unsigned and logged
+    with the reason), and sluice stays up."""
+    keys = [("a.pem", "ed25519")]
+    t = DkimRelay(keys, "[dkim a.test k]\nkey_file = @KEYS@/a.pem\n", [("a.test", "k")])
+    try:
+        big = b"X-Big: " + b"\r\n ".join([b"y" * 900] * 115) + b"\r\n"  # ~100 KB, folded
+        many = b"".join(b"X-F%d: v\r\n" % i for i in range(10000))
+        msgs = {
+            "big": msg(b"a@a.test", b"big field", extra=big),
+            "many": msg(b"a@a.test", b"many fields", extra=many),
+            "two_domains": msg(b"a@a.test, b@other.test", b"two domains"),
+            "no_from": b"To: x@rcpt.test\r\nSubject: no from\r\n\r\nbody\r\n",
+            "empty_from": msg(b"undisclosed-recipients:;", b"empty from"),
+        }
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], m) for m in msgs.values()], sessions=2)
+        got = t.mx.wait(len(msgs))
+        for m in got:
+            if b"big field" in m or b"many fields" in m:
+                check_both(m, t.dns_port, [("a.test", "k", "ed25519-sha256")])
+            else:
+                assert b"DKIM-Signature" not in m
+        evs = wait_events(t.r.dlog, lambda e: e["event"] == "reception", len(msgs))
+        reasons = sorted(e.get("dkim_unsigned", "signed") for e in evs)
+        assert reasons == ["no_from", "no_from", "several_from_domains", "signed", "signed"], reasons
+    finally:
+        t.close()
+
+
+if __name__ == "__main__":
+    if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
+        skip("dnsmasq not installed (tools/install-deps --test)")
+    main([test_signatures_verify_with_dkimpy_and_mail_dkim,
+          test_unsigned_domains_and_the_default_key, test_key_dir_and_sighup,
+          test_check_config_reports_bad_keys, test_hostile_headers_get_a_clear_outcome])
