@@ -25,6 +25,7 @@
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/delivery.h"
+#include "engine/dkim_pool.h"
 #include "engine/dlog.h"
 #include "engine/engine.h"
 #include "engine/resolver.h"
@@ -183,6 +184,9 @@ ops_counters(void *arg, struct stats_counters *out)
             out->received_rcpts += s->srv.recipients;
             out->conn_in_total += s->srv.accepted;
             out->conn_in_open += s->srv.sessions;
+            out->dkim_signed += s->srv.dkim_signed;
+            out->dkim_unsigned += s->srv.dkim_unsigned;
+            out->dkim_failed += s->srv.dkim_failed;
             out->delivered += s->dlv.delivered;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;
@@ -220,7 +224,11 @@ ops_counters(void *arg, struct stats_counters *out)
          * [server] body_memory_limit */
         snprintf(o[4].name, sizeof(o[4].name), "body_memory_bytes");
         o[4].live = atomic_load(&e->body_bytes);
-        out->nobjects = 5;
+        struct dkim_pool_stats ds;
+        dkim_pool_stats(e->dkim_pool, &ds);
+        snprintf(o[5].name, sizeof(o[5].name), "dkim_jobs_queued");
+        o[5].live = ds.queued;
+        out->nobjects = 6;
     }
     out->redis_state = "off";
     if (answered && e->cfg->redis.url != NULL) {

@@ -120,6 +120,9 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "expired", c->expired);
     json_ku64(j, "dsn_queued", c->dsn_queued);
     json_ku64(j, "delivered_tls", c->delivered_tls);
+    json_ku64(j, "dkim_signed", c->dkim_signed);
+    json_ku64(j, "dkim_unsigned", c->dkim_unsigned);
+    json_ku64(j, "dkim_failed", c->dkim_failed);
     json_obj_end(j);
 
     json_key(j, "rates");
@@ -326,6 +329,14 @@ static const struct metric metrics[] = {
      CTR(delivered_tls)},
     {"sluice_dsn_queued_total", "counter", "Delivery status notifications queued.",
      CTR(dsn_queued)},
+    {"sluice_dkim_signed_total", "counter", "Messages DKIM-signed at reception.",
+     CTR(dkim_signed)},
+    {"sluice_dkim_unsigned_total", "counter",
+     "Messages sent unsigned although DKIM keys are configured (no key, no From:).",
+     CTR(dkim_unsigned)},
+    {"sluice_dkim_failed_total", "counter",
+     "Messages refused with 451 because signing failed or its queue was full.",
+     CTR(dkim_failed)},
     {"sluice_connections_inbound_total", "counter", "Inbound SMTP connections accepted.",
      CTR(conn_in_total)},
     {"sluice_connections_outbound_total", "counter", "Outbound SMTP connections attempted.",

@@ -50,6 +50,7 @@ struct stats_counters {
     uint64_t received_msgs, received_rcpts;         /* accepted at submission */
     uint64_t delivered, deferred, bounced, expired; /* recipient outcomes */
     uint64_t dsn_queued;
+    uint64_t dkim_signed, dkim_unsigned, dkim_failed; /* messages, at reception */
     uint64_t conn_in_total, conn_out_total, conn_out_failed;
     uint64_t conn_in_open, conn_out_open; /* gauges */
     uint64_t delivered_tls;               /* deliveries over TLS */
