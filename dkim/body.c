@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <openssl/evp.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +21,7 @@ enum hdr_state { HS_LINE_START, HS_MID, HS_CR_AT_START, HS_CR_MID };
 
 struct canon {
     EVP_MD_CTX *md;   /* owned; NULL when this canonicalization is not wanted */
+    size_t held;      /* simple: CR and LF octets after the last content, not yet hashed */
     size_t empty;     /* empty lines seen and not yet written (maybe trailing) */
     bool cr;          /* a CR is pending: a line end if LF follows */
     bool wsp;         /* relaxed: whitespace pending inside the line */
@@ -90,11 +92,59 @@ content(struct canon *c, unsigned char ch, bool relaxed)
     c->nonempty = true;
 }
 
+/* Octets that need the per-octet path: CR always; SP and HT in relaxed. */
+static const bool special_relaxed[256] = {['\r'] = true, [' '] = true, ['\t'] = true};
+
+/* A run of plain octets: written as one copy. */
+static inline void
+content_run(struct canon *c, const unsigned char *p, size_t k, bool relaxed)
+{
+    flush_empty(c);
+    if (relaxed && c->wsp) {
+        out_byte(c, ' ');
+        c->wsp = false;
+    }
+    while (k > 0) {
+        if (c->olen == OUT_BUF)
+            out_flush(c);
+        size_t take = OUT_BUF - c->olen < k ? OUT_BUF - c->olen : k;
+        memcpy(c->out + c->olen, p, take);
+        c->olen += take;
+        p += take;
+        k -= take;
+    }
+    c->any = true;
+    c->nonempty = true;
+}
+
 static void
 canon_feed(struct canon *c, const unsigned char *p, size_t n, bool relaxed)
 {
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = p[i];
+    size_t i = 0;
+    while (i < n) {
+        if (!c->cr) {
+            size_t j = i;
+            if (relaxed) {
+                /* a single SP before more content stays as it is: part of the run */
+                while (j < n) {
+                    if (!special_relaxed[p[j]])
+                        j++;
+                    else if (p[j] == ' ' && j > i && j + 1 < n && !special_relaxed[p[j + 1]])
+                        j += 2;
+                    else
+                        break;
+                }
+            } else {
+                const unsigned char *cr = memchr(p + i, '\r', n - i);
+                j = cr ? (size_t)(cr - p) : n;
+            }
+            if (j > i)
+                content_run(c, p + i, j - i, relaxed);
+            i = j;
+            if (i == n)
+                break;
+        }
+        unsigned char ch = p[i++];
         if (c->cr) {
             c->cr = false;
             if (ch == '\n') {
@@ -111,6 +161,34 @@ canon_feed(struct canon *c, const unsigned char *p, size_t n, bool relaxed)
             content(c, ch, relaxed);
         }
     }
+}
+
+/* Simple canonicalization changes nothing but the end of the body (the
+ * empty lines there go, one CRLF stays): the octets go straight into
+ * SHA-256, except a run of CR and LF at the end of what has arrived, held
+ * back (counted) until content follows it or the body ends. A message
+ * with a bare CR or LF is refused before it is signed, so the run is
+ * taken to be CRLF pairs. */
+static void
+simple_feed(struct canon *c, const unsigned char *p, size_t n)
+{
+    size_t k = n;
+    while (k > 0 && (p[k - 1] == '\r' || p[k - 1] == '\n'))
+        k--;
+    if (k == 0) {
+        c->held += n;
+        return;
+    }
+    static const unsigned char crlfs[64] = "\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n"
+                                          "\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n";
+    for (size_t h = c->held; h > 0;) {
+        size_t take = h < sizeof(crlfs) ? h : sizeof(crlfs);
+        EVP_DigestUpdate(c->md, crlfs, take);
+        h -= take;
+    }
+    EVP_DigestUpdate(c->md, p, k);
+    c->any = true;
+    c->held = n - k;
 }
 
 struct dkim_body *
@@ -148,7 +226,7 @@ dkim_body_reset(struct dkim_body *b)
     for (int i = 0; i < 2; i++) {
         struct canon *c = &b->c[i];
         EVP_MD_CTX *md = c->md;
-        c->empty = 0;
+        c->empty = c->held = 0;
         c->cr = c->wsp = c->nonempty = c->any = false;
         c->olen = 0;
         c->md = md;
@@ -184,9 +262,10 @@ dkim_body_feed(struct dkim_body *b, const void *data, size_t n)
     }
     if (i == n)
         return;
-    for (int k = 0; k < 2; k++)
-        if (b->c[k].md != NULL)
-            canon_feed(&b->c[k], p + i, n - i, k == DKIM_CANON_RELAXED);
+    if (b->c[DKIM_CANON_SIMPLE].md != NULL)
+        simple_feed(&b->c[DKIM_CANON_SIMPLE], p + i, n - i);
+    if (b->c[DKIM_CANON_RELAXED].md != NULL)
+        canon_feed(&b->c[DKIM_CANON_RELAXED], p + i, n - i, true);
 }
 
 int
@@ -196,6 +275,17 @@ dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM_HAS
         return -EINVAL;
     struct canon *c = &b->c[canon];
     bool relaxed = canon == DKIM_CANON_RELAXED;
+    if (!relaxed) {
+        /* the last line's CRLF (or one added), or one CRLF for no body */
+        EVP_DigestUpdate(c->md, "\r\n", 2);
+        c->held = 0;
+        c->any = false;
+        unsigned int slen = 0;
+        if (EVP_DigestFinal_ex(c->md, out, &slen) != 1 || slen != DKIM_HASH_LEN)
+            return DKIM_ESIGN;
+        EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
+        return 0;
+    }
     if (c->cr) {
         c->cr = false;
         content(c, '\r', relaxed);

@@ -5,11 +5,17 @@
  * them). Ed25519 keys sign the SHA-256 hash of the header data (RFC 8463
  * 3: PureEdDSA over the hash, not over the data).
  *
- * Threading: a loaded key is immutable; any number of threads may sign
- * with it at once (each operation has its own EVP_PKEY_CTX).
+ * Setting up an OpenSSL 3 context (fetching the algorithm from the
+ * provider) costs as much as an Ed25519 signature itself, so each key
+ * keeps the contexts it has set up, ready for the next signature.
+ *
+ * Threading: a loaded key is immutable but for its spare contexts, taken
+ * and given back under its mutex; any number of threads sign at once,
+ * each with a context of its own.
  */
 #include <errno.h>
 #include <openssl/bio.h>
+#include <pthread.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -22,11 +28,61 @@
 #include "dkim/dkim.h"
 #include "dkim/dkim_int.h"
 
+#define SPARE_CTX 8 /* kept per key: one per signing thread in practice */
+
 struct dkim_key {
     EVP_PKEY *pkey; /* owned */
     enum dkim_alg alg;
     unsigned bits;
+    pthread_mutex_t lock;
+    void *spare[SPARE_CTX]; /* owned: set-up EVP_PKEY_CTX (RSA) or EVP_MD_CTX (Ed25519) */
+    unsigned nspare;
 };
+
+static void
+ctx_free(const struct dkim_key *k, void *ctx)
+{
+    if (k->alg == DKIM_ALG_ED25519_SHA256)
+        EVP_MD_CTX_free(ctx);
+    else
+        EVP_PKEY_CTX_free(ctx);
+}
+
+/* A context ready to sign: a spare one, or a new one. NULL on failure. */
+static void *
+ctx_take(struct dkim_key *k)
+{
+    pthread_mutex_lock(&k->lock);
+    void *ctx = k->nspare > 0 ? k->spare[--k->nspare] : NULL;
+    pthread_mutex_unlock(&k->lock);
+    if (ctx != NULL)
+        return ctx;
+    if (k->alg == DKIM_ALG_ED25519_SHA256) {
+        EVP_MD_CTX *md = EVP_MD_CTX_new();
+        if (md != NULL && EVP_DigestSignInit(md, NULL, NULL, NULL, k->pkey) != 1)
+            md = (EVP_MD_CTX_free(md), NULL);
+        return md;
+    }
+    EVP_PKEY_CTX *pc = EVP_PKEY_CTX_new(k->pkey, NULL);
+    if (pc != NULL && (EVP_PKEY_sign_init(pc) != 1 ||
+                       EVP_PKEY_CTX_set_rsa_padding(pc, RSA_PKCS1_PADDING) != 1 ||
+                       EVP_PKEY_CTX_set_signature_md(pc, EVP_sha256()) != 1))
+        pc = (EVP_PKEY_CTX_free(pc), NULL);
+    return pc;
+}
+
+static void
+ctx_give(struct dkim_key *k, void *ctx)
+{
+    pthread_mutex_lock(&k->lock);
+    if (k->nspare < SPARE_CTX) {
+        k->spare[k->nspare++] = ctx;
+        ctx = NULL;
+    }
+    pthread_mutex_unlock(&k->lock);
+    if (ctx != NULL)
+        ctx_free(k, ctx);
+}
 
 const char *
 dkim_alg_str(enum dkim_alg a)
@@ -63,6 +119,7 @@ dkim_key_load(const char *path, struct dkim_key **out, char *err, size_t errlen)
     }
     k->pkey = pkey;
     k->bits = (unsigned)EVP_PKEY_get_bits(pkey);
+    pthread_mutex_init(&k->lock, NULL);
     switch (EVP_PKEY_get_base_id(pkey)) {
     case EVP_PKEY_RSA:
         k->alg = DKIM_ALG_RSA_SHA256;
@@ -89,6 +146,9 @@ struct dkim_key *
 dkim_key_free(struct dkim_key *k)
 {
     if (k != NULL) {
+        for (unsigned i = 0; i < k->nspare; i++)
+            ctx_free(k, k->spare[i]);
+        pthread_mutex_destroy(&k->lock);
         EVP_PKEY_free(k->pkey);
         free(k);
     }
@@ -143,33 +203,30 @@ dkim_key_txt(const struct dkim_key *k, char *out, size_t cap)
 }
 
 int
-dkim_key_sign(const struct dkim_key *k, const uint8_t hash[DKIM_HASH_LEN], char **sig,
+dkim_key_sign(const struct dkim_key *key, const uint8_t hash[DKIM_HASH_LEN], char **sig,
               size_t *siglen)
 {
+    /* Only the spare contexts change: the key stays const to its users. */
+    struct dkim_key *k = (struct dkim_key *)key;
     *sig = NULL;
     size_t len = (size_t)EVP_PKEY_get_size(k->pkey);
     unsigned char *s = malloc(len ? len : 1);
     if (s == NULL)
         return -ENOMEM;
+    void *ctx = ctx_take(k);
     int ok = 0;
-    if (k->alg == DKIM_ALG_ED25519_SHA256) {
-        EVP_MD_CTX *md = EVP_MD_CTX_new();
-        ok = md != NULL && EVP_DigestSignInit(md, NULL, NULL, NULL, k->pkey) == 1 &&
-             EVP_DigestSign(md, s, &len, hash, DKIM_HASH_LEN) == 1;
-        EVP_MD_CTX_free(md);
-    } else {
-        EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(k->pkey, NULL);
-        ok = ctx != NULL && EVP_PKEY_sign_init(ctx) == 1 &&
-             EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) == 1 &&
-             EVP_PKEY_CTX_set_signature_md(ctx, EVP_sha256()) == 1 &&
-             EVP_PKEY_sign(ctx, s, &len, hash, DKIM_HASH_LEN) == 1;
-        EVP_PKEY_CTX_free(ctx);
-    }
+    if (ctx != NULL && k->alg == DKIM_ALG_ED25519_SHA256)
+        ok = EVP_DigestSign(ctx, s, &len, hash, DKIM_HASH_LEN) == 1;
+    else if (ctx != NULL)
+        ok = EVP_PKEY_sign(ctx, s, &len, hash, DKIM_HASH_LEN) == 1;
     if (!ok) {
+        if (ctx != NULL)
+            ctx_free(k, ctx); /* its state is unknown now */
         ERR_clear_error();
         free(s);
         return DKIM_ESIGN;
     }
+    ctx_give(k, ctx);
     *sig = (char *)s;
     *siglen = len;
     return 0;
