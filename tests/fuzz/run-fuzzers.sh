@@ -8,7 +8,7 @@
 #   build-dir  configured with CC=clang -DSLUICE_FUZZ=ON, or new (default:
 #              $TMPDIR/sluice-fuzz); only the fuzz targets are built.
 # env: FUZZ_SECONDS   per target (default 20)
-#      FUZZ_TARGETS   names to run (default: all six)
+#      FUZZ_TARGETS   names to run (default: all seven)
 #      FUZZ_ARGS      extra libFuzzer flags
 set -eu
 
@@ -24,7 +24,7 @@ build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session"}
+targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim"}
 
 if [ -f "$build/CMakeCache.txt" ]; then
     if ! grep -q '^SLUICE_FUZZ:BOOL=ON' "$build/CMakeCache.txt"; then

@@ -514,6 +514,23 @@ def test_bdat_and_clients_that_leave_while_signing():
             c.close()
         t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@a.test", b"after"))])
         assert t.r.d.proc.poll() is None
+
+        # SIGTERM while messages are with the signing threads: a clean exit
+        # (the jobs come back cancelled; their clients got no 250).
+        socks = []
+        for i in range(20):
+            c = socket.create_connection(("127.0.0.1", t.r.port), timeout=30)
+            c.sendall(b"EHLO t\r\nMAIL FROM:<s@sender.test>\r\nRCPT TO:<x@rcpt.test>\r\n"
+                      b"DATA\r\n")
+            f = c.makefile("rb")
+            while not f.readline().startswith(b"354"):
+                pass
+            socks.append(c)
+        for i, c in enumerate(socks):
+            c.sendall(msg(b"a@a.test", b"at stop %d" % i) + b".\r\n")
+        assert t.r.d.stop_clean() == 0
+        for c in socks:
+            c.close()
     finally:
         t.close()
 
