@@ -21,7 +21,7 @@ enum hdr_state { HS_LINE_START, HS_MID, HS_CR_AT_START, HS_CR_MID };
 
 struct canon {
     EVP_MD_CTX *md;   /* owned; NULL when this canonicalization is not wanted */
-    size_t held;      /* simple: CR and LF octets after the last content, not yet hashed */
+    size_t held;      /* simple: CRLF pairs after the last content, not yet hashed */
     size_t empty;     /* empty lines seen and not yet written (maybe trailing) */
     bool cr;          /* a CR is pending: a line end if LF follows */
     bool wsp;         /* relaxed: whitespace pending inside the line */
@@ -165,30 +165,50 @@ canon_feed(struct canon *c, const unsigned char *p, size_t n, bool relaxed)
 
 /* Simple canonicalization changes nothing but the end of the body (the
  * empty lines there go, one CRLF stays): the octets go straight into
- * SHA-256, except a run of CR and LF at the end of what has arrived, held
- * back (counted) until content follows it or the body ends. A message
- * with a bare CR or LF is refused before it is signed, so the run is
- * taken to be CRLF pairs. */
+ * SHA-256, except the CRLF pairs (and a last lone CR) at the end of what
+ * has arrived, held back (counted) until content follows them or the
+ * body ends. What is held is always exactly the octets received, so any
+ * split of the body gives the same hash. */
 static void
-simple_feed(struct canon *c, const unsigned char *p, size_t n)
+held_emit(struct canon *c)
 {
-    size_t k = n;
-    while (k > 0 && (p[k - 1] == '\r' || p[k - 1] == '\n'))
-        k--;
-    if (k == 0) {
-        c->held += n;
-        return;
-    }
     static const unsigned char crlfs[64] = "\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n"
                                           "\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n";
-    for (size_t h = c->held; h > 0;) {
+    for (size_t h = 2 * c->held; h > 0;) {
         size_t take = h < sizeof(crlfs) ? h : sizeof(crlfs);
         EVP_DigestUpdate(c->md, crlfs, take);
         h -= take;
     }
-    EVP_DigestUpdate(c->md, p, k);
-    c->any = true;
-    c->held = n - k;
+    if (c->cr)
+        EVP_DigestUpdate(c->md, "\r", 1);
+    c->held = 0;
+    c->cr = false;
+}
+
+static void
+simple_feed(struct canon *c, const unsigned char *p, size_t n)
+{
+    if (n > 0 && c->cr && p[0] == '\n') {
+        c->cr = false; /* the held CR's LF: one more pair */
+        c->held++;
+        p++;
+        n--;
+    }
+    if (n == 0)
+        return;
+    bool cr_end = p[n - 1] == '\r';
+    size_t t = cr_end ? n - 1 : n;
+    while (t >= 2 && p[t - 2] == '\r' && p[t - 1] == '\n')
+        t -= 2;
+    if (t > 0 || c->cr) {
+        held_emit(c); /* content follows what was held */
+        if (t > 0) {
+            EVP_DigestUpdate(c->md, p, t);
+            c->any = true;
+        }
+    }
+    c->held += (n - t - (cr_end ? 1 : 0)) / 2;
+    c->cr = cr_end;
 }
 
 struct dkim_body *
@@ -276,9 +296,13 @@ dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM_HAS
     struct canon *c = &b->c[canon];
     bool relaxed = canon == DKIM_CANON_RELAXED;
     if (!relaxed) {
-        /* the last line's CRLF (or one added), or one CRLF for no body */
+        /* A last lone CR is content; then the last line's CRLF (the empty
+         * lines before it go), or one added, or one CRLF for no body. */
+        if (c->cr)
+            held_emit(c);
         EVP_DigestUpdate(c->md, "\r\n", 2);
         c->held = 0;
+        c->cr = false;
         c->any = false;
         unsigned int slen = 0;
         if (EVP_DigestFinal_ex(c->md, out, &slen) != 1 || slen != DKIM_HASH_LEN)

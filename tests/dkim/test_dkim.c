@@ -79,6 +79,11 @@ test_body_canon(void **state)
                ".\xc3\xa9t\xe9\r\n..\r\n");
     /* a message whose first line is empty has no header section */
     check_body("\r\nbody\r\n", DKIM_CANON_SIMPLE, "body\r\n");
+    /* bare CR and LF (refused before signing, but hashed the same at any
+     * split: fuzz_dkim found simple's held-back run was not) */
+    check_body("\r\n\r\n\n\r\n\r\xd6", DKIM_CANON_SIMPLE, "\r\n\n\r\n\r\xd6\r\n");
+    check_body("\r\nx\r\n\r\n\r", DKIM_CANON_SIMPLE, "x\r\n\r\n\r\r\n");
+    check_body("\r\nx\r\r\n", DKIM_CANON_SIMPLE, "x\r\r\n");
 }
 
 static void
