@@ -1078,6 +1078,12 @@ config_free(struct config *cfg)
     return NULL;
 }
 
+void
+config_drop_dkim_keys(struct config *cfg)
+{
+    cfg->dkim_keys = dkim_keyring_unref(cfg->dkim_keys);
+}
+
 const struct domain_policy *
 config_domain(const struct config *cfg, const char *domain)
 {

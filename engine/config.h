@@ -175,6 +175,10 @@ struct config {
  * be read) and writes one line per error to errs ("file:line: key: why"). */
 int config_load(const char *path, struct config **out, FILE *errs);
 struct config *config_free(struct config *cfg);
+/* Drop cfg's reference to its DKIM keys once the engine runs on another
+ * config (the engine keeps its own while in force): a reload then frees
+ * the keys it replaced instead of keeping every generation until exit. */
+void config_drop_dkim_keys(struct config *cfg);
 
 /* The policy for a destination domain (exact match, else [domain *]).
  * Borrowed: lives as long as cfg. */

@@ -104,6 +104,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->started_ms = clock_unix_ms();
     pthread_mutex_init(&e->per_ip.lock, NULL);
     pthread_mutex_init(&e->users_lock, NULL);
+    pthread_mutex_init(&e->dkim_lock, NULL);
+    e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
     if (rc < 0)
         return rc;
@@ -263,6 +265,8 @@ engine_stop(struct engine *e)
     e->queue = NULL;
     e->users = auth_db_unref(e->users);
     pthread_mutex_destroy(&e->users_lock);
+    e->dkim_keys = dkim_keyring_unref(e->dkim_keys);
+    pthread_mutex_destroy(&e->dkim_lock);
     e->tls_server = e->tls_server ? tls_ctx_unref(e->tls_server) : NULL;
     e->tls_client = e->tls_client ? tls_ctx_unref(e->tls_client) : NULL;
     free(e->per_ip.slots);
@@ -380,6 +384,11 @@ engine_reload(struct engine *e, const struct config *ncfg)
                     break;
             unsigned parked = p->arrived;
             e->cfg = ncfg;
+            pthread_mutex_lock(&e->dkim_lock);
+            struct dkim_keyring *old_keys = e->dkim_keys;
+            e->dkim_keys = ncfg->dkim_keys ? dkim_keyring_ref(ncfg->dkim_keys) : NULL;
+            pthread_mutex_unlock(&e->dkim_lock);
+            dkim_keyring_unref(old_keys);
             p->go = true;
             pthread_cond_broadcast(&p->cv);
             pthread_mutex_unlock(&p->lock);
@@ -395,6 +404,15 @@ engine_reload(struct engine *e, const struct config *ncfg)
     if (rc < 0)
         log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);
     return rc;
+}
+
+struct dkim_keyring *
+engine_dkim_keys(struct engine *e)
+{
+    pthread_mutex_lock(&e->dkim_lock);
+    struct dkim_keyring *kr = e->dkim_keys ? dkim_keyring_ref(e->dkim_keys) : NULL;
+    pthread_mutex_unlock(&e->dkim_lock);
+    return kr;
 }
 
 struct auth_db *

@@ -57,6 +57,9 @@ struct engine {
     struct dlog_writer *dlogw_ops; /* owned: the stats thread's, for operator bounces */
     struct stats_server *stats; /* owned: the stats socket and /metrics, or NULL */
     struct dkim_pool *dkim_pool; /* owned: the DKIM signing threads */
+    struct dkim_keyring *dkim_keys; /* owned reference; NULL: nothing signed. Under dkim_lock:
+                                     * a reload swaps it while sessions take references */
+    pthread_mutex_t dkim_lock;
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
@@ -91,6 +94,12 @@ int engine_reload(struct engine *e, const struct config *ncfg);
 /* A reference to the current users table (NULL when AUTH is off); any
  * thread. Drop it with auth_db_unref(). */
 struct auth_db *engine_users(struct engine *e);
+/* A reference to the DKIM keys in force (NULL when nothing is signed);
+ * any thread. Drop it with dkim_keyring_unref(). The engine holds its own
+ * reference, so the caller of engine_reload may drop the one of the
+ * config it replaced (config_drop_dkim_keys) and its keys are freed once
+ * the last message signed with them is done. */
+struct dkim_keyring *engine_dkim_keys(struct engine *e);
 
 /* Count a connection from sa against max; false when over it. */
 bool conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max);

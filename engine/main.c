@@ -237,7 +237,16 @@ main(int argc, char **argv)
                 }
             }
             free(buf);
+            const struct config *before = engine.cfg;
             engine_reload(&engine, ncfg);
+            /* The config replaced stays allocated until exit (a pointer
+             * read from it just before the swap stays valid), but its
+             * DKIM keys need not: the engine holds those in force. */
+            for (size_t i = 0; engine.cfg != before && i < ncfgs; i++)
+                if (cfgs[i] == before)
+                    config_drop_dkim_keys(cfgs[i]);
+            if (engine.cfg != before && before == cfg)
+                config_drop_dkim_keys(cfg);
             continue;
         }
         uint64_t drain_ms = engine.cfg->server.drain_timeout;

@@ -864,7 +864,7 @@ dkim_body_start(struct session *s)
 {
     s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
     s->dkim_skip = NULL;
-    struct dkim_keyring *kr = s->sw->detached ? NULL : s->sw->e->cfg->dkim_keys;
+    struct dkim_keyring *kr = s->sw->detached ? NULL : engine_dkim_keys(s->sw->e);
     if (kr == NULL)
         return;
     unsigned canons = dkim_keyring_body_canons(kr);
@@ -875,10 +875,11 @@ dkim_body_start(struct session *s)
         s->dkim_canons = canons;
         if ((s->dkim_body = dkim_body_new(canons)) == NULL) {
             s->no_memory = true; /* refused at the end: never sent unsigned */
+            dkim_keyring_unref(kr);
             return;
         }
     }
-    s->dkim_keys = dkim_keyring_ref(kr);
+    s->dkim_keys = kr;
 }
 
 static void session_on_signed(struct dkim_job *j);
