@@ -32,6 +32,7 @@ struct canon {
 };
 
 struct dkim_body {
+    EVP_MD *sha256; /* owned: fetched once (an implicit fetch per message takes a global lock) */
     bool in_body;
     enum hdr_state hs;
     struct canon c[2]; /* indexed by enum dkim_canon */
@@ -217,6 +218,8 @@ dkim_body_new(unsigned canons)
     struct dkim_body *b = calloc(1, sizeof(*b));
     if (b == NULL)
         return NULL;
+    if ((b->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL)
+        return dkim_body_free(b);
     for (int i = 0; i < 2; i++) {
         if (!(canons & (1u << i)))
             continue;
@@ -234,6 +237,7 @@ dkim_body_free(struct dkim_body *b)
         return NULL;
     for (int i = 0; i < 2; i++)
         EVP_MD_CTX_free(b->c[i].md);
+    EVP_MD_free(b->sha256);
     free(b);
     return NULL;
 }
@@ -251,7 +255,7 @@ dkim_body_reset(struct dkim_body *b)
         c->olen = 0;
         c->md = md;
         if (md != NULL)
-            EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+            EVP_DigestInit_ex(md, b->sha256, NULL);
     }
 }
 
@@ -307,7 +311,7 @@ dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM_HAS
         unsigned int slen = 0;
         if (EVP_DigestFinal_ex(c->md, out, &slen) != 1 || slen != DKIM_HASH_LEN)
             return DKIM_ESIGN;
-        EVP_DigestInit_ex(c->md, EVP_sha256(), NULL);
+        EVP_DigestInit_ex(c->md, b->sha256, NULL);
         return 0;
     }
     if (c->cr) {
@@ -323,6 +327,6 @@ dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM_HAS
     unsigned int len = 0;
     if (EVP_DigestFinal_ex(c->md, out, &len) != 1 || len != DKIM_HASH_LEN)
         return DKIM_ESIGN;
-    EVP_DigestInit_ex(c->md, EVP_sha256(), NULL); /* a second call gets an empty hash */
+    EVP_DigestInit_ex(c->md, b->sha256, NULL); /* a second call gets an empty hash */
     return 0;
 }

@@ -27,6 +27,10 @@ int dkim_fields_split(const char *hdr, size_t len, struct dkim_field **out, size
 int dkim_key_sign(const struct dkim_key *k, const uint8_t hash[DKIM_HASH_LEN], char **sig,
                   size_t *siglen);
 
+/* SHA-256, fetched once with the key. */
+struct evp_md_st;
+const struct evp_md_st *dkim_key_md(const struct dkim_key *k);
+
 /* Base64 of in[0..n) into out (NUL-terminated). Returns its length or
  * DKIM_ETOOBIG. */
 int dkim_b64(const uint8_t *in, size_t n, char *out, size_t cap);

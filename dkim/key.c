@@ -32,6 +32,7 @@
 
 struct dkim_key {
     EVP_PKEY *pkey; /* owned */
+    EVP_MD *sha256; /* owned: fetched once, for the header hash */
     enum dkim_alg alg;
     unsigned bits;
     pthread_mutex_t lock;
@@ -66,7 +67,7 @@ ctx_take(struct dkim_key *k)
     EVP_PKEY_CTX *pc = EVP_PKEY_CTX_new(k->pkey, NULL);
     if (pc != NULL && (EVP_PKEY_sign_init(pc) != 1 ||
                        EVP_PKEY_CTX_set_rsa_padding(pc, RSA_PKCS1_PADDING) != 1 ||
-                       EVP_PKEY_CTX_set_signature_md(pc, EVP_sha256()) != 1))
+                       EVP_PKEY_CTX_set_signature_md(pc, k->sha256) != 1))
         pc = (EVP_PKEY_CTX_free(pc), NULL);
     return pc;
 }
@@ -120,6 +121,11 @@ dkim_key_load(const char *path, struct dkim_key **out, char *err, size_t errlen)
     k->pkey = pkey;
     k->bits = (unsigned)EVP_PKEY_get_bits(pkey);
     pthread_mutex_init(&k->lock, NULL);
+    if ((k->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL)) == NULL) {
+        snprintf(err, errlen, "SHA-256 is not available from OpenSSL");
+        dkim_key_free(k);
+        return DKIM_EKEY;
+    }
     switch (EVP_PKEY_get_base_id(pkey)) {
     case EVP_PKEY_RSA:
         k->alg = DKIM_ALG_RSA_SHA256;
@@ -149,10 +155,17 @@ dkim_key_free(struct dkim_key *k)
         for (unsigned i = 0; i < k->nspare; i++)
             ctx_free(k, k->spare[i]);
         pthread_mutex_destroy(&k->lock);
+        EVP_MD_free(k->sha256);
         EVP_PKEY_free(k->pkey);
         free(k);
     }
     return NULL;
+}
+
+const EVP_MD *
+dkim_key_md(const struct dkim_key *k)
+{
+    return k->sha256;
 }
 
 enum dkim_alg

@@ -359,7 +359,7 @@ dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
         return rc;
     EVP_MD_CTX *md = EVP_MD_CTX_new();
     char *sig = NULL;
-    if (md == NULL || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) {
+    if (md == NULL || EVP_DigestInit_ex(md, dkim_key_md(p->key), NULL) != 1) {
         rc = -ENOMEM;
         goto done;
     }
