@@ -167,7 +167,8 @@ struct dkim_signer {
     uint64_t expire_s;
 };
 
-#define DKIM_MAX_SIGNERS 4 /* signatures on one message */
+#define DKIM_MAX_SIGNERS 4 /* signatures on one message: more keys for one domain is a
+                            * config error */
 
 struct dkim_keyring;
 

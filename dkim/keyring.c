@@ -464,9 +464,25 @@ dkim_keyring_seal(struct dkim_keyring *kr, void (*report)(void *ctx, const char 
         qsort(kr->v, kr->n, sizeof(*kr->v), cmp_signer);
     kr->sealed = true;
     int errors = 0;
+    char msg[9000];
+    for (size_t i = 0, run = 1; i < kr->n; i++, run++) {
+        if (i > 0 && strcmp(kr->v[i - 1].domain, kr->v[i].domain) != 0)
+            run = 1;
+        if (run == DKIM_MAX_SIGNERS + 1) {
+            snprintf(msg, sizeof(msg), "%s: domain %s has more than %d keys", kr->v[i].source,
+                     kr->v[i].domain, DKIM_MAX_SIGNERS);
+            report(ctx, msg);
+            errors++;
+        }
+    }
+    if (kr->ndefaults > DKIM_MAX_SIGNERS) {
+        snprintf(msg, sizeof(msg), "%s: more than %d [dkim * SELECTOR] sections",
+                 kr->defaults[DKIM_MAX_SIGNERS].source, DKIM_MAX_SIGNERS);
+        report(ctx, msg);
+        errors++;
+    }
     for (size_t i = 1; i < kr->n; i++)
         if (cmp_signer(&kr->v[i - 1], &kr->v[i]) == 0) {
-            char msg[9000];
             snprintf(msg, sizeof(msg), "%s: domain %s selector %s already has a key (%s)",
                      kr->v[i].source, kr->v[i].domain, kr->v[i].selector, kr->v[i - 1].source);
             report(ctx, msg);

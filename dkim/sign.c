@@ -287,7 +287,7 @@ dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap)
 /* ---- the signature ---- */
 
 struct text {
-    char *p;
+    char *p; /* borrowed: the caller's output buffer */
     size_t len, cap;
     size_t line; /* octets on the current line */
     bool over;

@@ -872,7 +872,7 @@ dkim_report(void *ctx, const char *what)
     unsigned sec = 0;
     while (strcmp(sections[sec].name, "dkim") != 0)
         sec++;
-    perr(p, key_line(p, sec, "key_dir"), "[dkim] key_dir: %s", what);
+    perr(p, key_line(p, sec, "key_dir"), "[dkim] %s", what);
 }
 
 /* Load every key of [dkim DOMAIN SELECTOR] sections and of [dkim] key_dir
