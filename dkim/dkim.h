@@ -117,7 +117,8 @@ int dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
               const uint8_t bh[DKIM_HASH_LEN], char *out, size_t cap, size_t *used);
 
 /* Room enough for one DKIM-Signature field with an RSA-4096 signature
- * and a long h= list. */
+ * and the default h= list; add twice the header section's length for a
+ * message whose fields are many (h= names each one signed). */
 #define DKIM_SIG_MAX 4096
 
 /* ---- configuration: [dkim] and [dkim DOMAIN SELECTOR] ---- */

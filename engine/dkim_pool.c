@@ -77,7 +77,9 @@ now_ns(void)
 static void
 job_run(struct dkim_job *j)
 {
-    size_t cap = (size_t)DKIM_SIG_MAX * j->nsigners, used = 0;
+    /* h= names every signed field: never longer than the header section
+     * (twice that leaves room for its folding and over-signed names). */
+    size_t cap = ((size_t)DKIM_SIG_MAX + 2 * j->hdr_len) * j->nsigners, used = 0;
     j->sig = malloc(cap);
     if (j->sig == NULL) {
         j->rc = -ENOMEM;
