@@ -9,6 +9,7 @@ unsigned and the delivery log says why; [dkim * SELECTOR] signs for the
 rest; key_dir keys come and go on SIGHUP, and a bad key is refused at
 --check-config and at reload; hostile header sections get a clear
 outcome."""
+import json
 import os
 import re
 import signal
@@ -239,7 +240,8 @@ class DkimRelay:
             conf = self.kd.file("probe.conf", "[server]\nlisten = 127.0.0.1:1\n" + self.dkim_conf)
             recs = dns_records(conf, pairs) + records_for(["rcpt.test"]) + list(extra_dns)
             self.r = Relay(recs, with_sink=False, domain_conf=self.dkim_conf +
-                           "\n[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
+                           "\n[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n"
+                           "[stats]\nsocket = @DLOG@.sock\n")
             self.mx = Mx(self.r.mx_port)
         except BaseException:
             self.close()
@@ -248,6 +250,14 @@ class DkimRelay:
     @property
     def dns_port(self):
         return self.r.dns.port
+
+    def counters(self):
+        """The stats socket's counters."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as st:
+            st.settimeout(10)
+            st.connect(self.r.dlog + ".sock")
+            st.sendall(b"stats\n")
+            return json.loads(st.makefile("rb").readline())["counters"]
 
     def close(self):
         try:
@@ -485,6 +495,8 @@ def test_hostile_headers_get_a_clear_outcome():
         reasons = sorted(e.get("dkim_unsigned", "signed") for e in evs)
         assert reasons == ["no_from", "no_from", "several_from_domains", "signed", "signed",
                            "signed"], reasons
+        c = t.counters()
+        assert (c["dkim_signed"], c["dkim_unsigned"], c["dkim_failed"]) == (3, 3, 0), c
     finally:
         t.close()
 
