@@ -137,16 +137,16 @@ pool_thread(void *arg)
         else
             job_run(j);
         uint64_t spent = now_ns() - t0;
+        bool ok = j->rc == 0;
+        unsigned nsig = j->nsigners;
+        worker_post(j->w, &j->m); /* j is the worker's from here on */
         pthread_mutex_lock(&p->lock);
         p->stats.jobs++;
         p->stats.sign_ns += spent;
-        if (j->rc == 0)
-            p->stats.signatures += j->nsigners;
+        if (ok)
+            p->stats.signatures += nsig;
         else
             p->stats.failures++;
-        /* The worker may still be running: posting under our lock is fine
-         * (the mailbox has its own), and keeps the counters in step. */
-        worker_post(j->w, &j->m);
     }
     pthread_mutex_unlock(&p->lock);
     return NULL;
