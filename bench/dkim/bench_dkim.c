@@ -10,7 +10,8 @@
  *   - the body hash alone in MB/s (relaxed, simple) beside SHA-256 of the
  *     same octets (EVP_Digest): the ceiling of hashing as the body arrives.
  *
- * Keys are generated at start. Prints figures, never judges them.
+ * Keys are generated at start. Each figure is the best of 5 short runs,
+ * interleaved with the others. Prints figures, never judges them.
  *
  * Usage: bench_dkim [seconds per figure]   (default 1)
  */
@@ -24,6 +25,8 @@
 #include <unistd.h>
 
 #include "dkim/dkim.h"
+
+#define ROUNDS 5
 
 #ifndef BENCH_BUILD
 #define BENCH_BUILD "unknown"
@@ -201,8 +204,17 @@ main(int argc, char **argv)
     for (int i = 0; i < 2; i++) {
         EVP_PKEY *raw;
         struct dkim_key *k = make_key(keys[i].alg, keys[i].bits, &raw);
-        double ceiling = raw_sign_rate(raw, keys[i].bits != 0, secs);
-        double r2 = message_rate(k, m2, l2, secs), r100 = message_rate(k, m100, l100, secs);
+        /* Interleaved, best of ROUNDS each: the machine's load moves every
+         * figure, and a ratio is only fair between runs side by side. */
+        double ceiling = 0, r2 = 0, r100 = 0;
+        for (int r = 0; r < ROUNDS; r++) {
+            double c = raw_sign_rate(raw, keys[i].bits != 0, secs / ROUNDS);
+            double a2 = message_rate(k, m2, l2, secs / ROUNDS);
+            double a100 = message_rate(k, m100, l100, secs / ROUNDS);
+            ceiling = c > ceiling ? c : ceiling;
+            r2 = a2 > r2 ? a2 : r2;
+            r100 = a100 > r100 ? a100 : r100;
+        }
         printf("%-9s %-8s %14.0f %14.0f %7.0f%%\n", keys[i].name, "2 KB", r2, ceiling,
                100 * r2 / ceiling);
         printf("%-9s %-8s %14.0f %14.0f %7.0f%%\n", keys[i].name, "100 KB", r100, ceiling,
@@ -210,9 +222,17 @@ main(int argc, char **argv)
         dkim_key_free(k);
         EVP_PKEY_free(raw);
     }
+    double hr = 0, hs = 0, hsha = 0;
+    for (int r = 0; r < ROUNDS; r++) {
+        double a = hash_rate(m100, l100, DKIM_CANON_RELAXED, secs / ROUNDS);
+        double b = hash_rate(m100, l100, DKIM_CANON_SIMPLE, secs / ROUNDS);
+        double c = hash_rate(m100, l100, -1, secs / ROUNDS);
+        hr = a > hr ? a : hr;
+        hs = b > hs ? b : hs;
+        hsha = c > hsha ? c : hsha;
+    }
     printf("body hash of 100 KB: relaxed %.0f MB/s, simple %.0f MB/s; SHA-256 alone %.0f MB/s\n",
-           hash_rate(m100, l100, DKIM_CANON_RELAXED, secs),
-           hash_rate(m100, l100, DKIM_CANON_SIMPLE, secs), hash_rate(m100, l100, -1, secs));
+           hr, hs, hsha);
     free(m2);
     free(m100);
     return 0;
