@@ -6,6 +6,11 @@
  */
 #include "common/log.h"
 
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
@@ -15,6 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <pthread.h>
+
+#include "common/json.h"
 
 static _Atomic int log_fd = 2;
 static _Atomic int log_min = LOG_INFO;
@@ -128,43 +135,346 @@ log_set_thread_name(const char *name)
     log_thread = name;
 }
 
+/* ---- escaping ---- */
+
+/* Octets of a valid UTF-8 sequence at p that a terminal or a log viewer
+ * may take for a control: C1 controls (U+0080-U+009F), the line and
+ * paragraph separators (U+2028/2029), the bidirectional embeddings,
+ * overrides and isolates (U+202A-U+202E, U+2066-U+2069). */
+static bool
+utf8_is_control(const unsigned char *p, size_t l)
+{
+    if (l == 2)
+        return p[0] == 0xc2 && p[1] < 0xa0;
+    if (l == 3 && p[0] == 0xe2 && p[1] == 0x80)
+        return p[2] >= 0xa8 && p[2] <= 0xae;
+    if (l == 3 && p[0] == 0xe2 && p[1] == 0x81)
+        return p[2] >= 0xa6 && p[2] <= 0xa9;
+    return false;
+}
+
+static void
+esc_put(char *out, size_t cap, size_t *len, bool *full, const void *b, size_t k)
+{
+    if (!*full && *len + k < cap) {
+        memcpy(out + *len, b, k);
+        out[*len + k] = '\0';
+    } else {
+        *full = true; /* nothing more: the prefix ends on a whole escape */
+    }
+    *len += k;
+}
+
+size_t
+log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    size_t len = 0;
+    bool full = false;
+    if (cap > 0)
+        out[0] = '\0';
+    for (size_t i = 0; i < n;) {
+        unsigned char c = p[i];
+        size_t l = 1;
+        bool esc;
+        if (c >= 0x80) {
+            l = json_utf8_len(p + i, n - i);
+            esc = l == 0 || utf8_is_control(p + i, l);
+            if (l == 0)
+                l = 1;
+        } else {
+            esc = c < 0x20 || c == 0x7f || c == '"' || c == '\\' ||
+                  (c == ' ' && mode == LOG_ESC_VALUE);
+        }
+        if (!esc) {
+            esc_put(out, cap, &len, &full, p + i, l);
+            i += l;
+            continue;
+        }
+        for (size_t k = 0; k < l; k++, i++) {
+            char e[4] = {'\\', 0, 0, 0};
+            size_t el = 2;
+            switch (p[i]) {
+            case '"': e[1] = '"'; break;
+            case '\\': e[1] = '\\'; break;
+            case '\n': e[1] = 'n'; break;
+            case '\r': e[1] = 'r'; break;
+            case '\t': e[1] = 't'; break;
+            default:
+                e[1] = 'x';
+                e[2] = hex[p[i] >> 4];
+                e[3] = hex[p[i] & 15];
+                el = 4;
+            }
+            esc_put(out, cap, &len, &full, e, el);
+        }
+    }
+    return len;
+}
+
+/* ---- formatting ---- */
+
+struct line {
+    char *buf;  /* cap + 1 octets at least */
+    size_t len, cap;
+    bool cut;   /* something did not fit: nothing more is written */
+};
+
+static void
+line_put(struct line *o, const char *s, size_t n)
+{
+    if (o->cut)
+        return;
+    if (n > o->cap - o->len) {
+        n = o->cap - o->len;
+        o->cut = true;
+    }
+    memcpy(o->buf + o->len, s, n);
+    o->len += n;
+}
+
+/* The escaped text of s, padded to width (a %10s or %-10s). */
+static void
+line_escaped(struct line *o, const char *s, size_t n, enum log_esc mode, int width, bool left)
+{
+    size_t pad = 0;
+    if (width > 0) {
+        size_t need = log_escape(NULL, 0, s, n, mode);
+        pad = (size_t)width > need ? (size_t)width - need : 0;
+    }
+    for (; pad > 0 && !left; pad--)
+        line_put(o, " ", 1);
+    if (o->cut)
+        return;
+    size_t room = o->cap - o->len;
+    /* cap + 1: log_escape's NUL may take the octet past cap */
+    size_t w = log_escape(o->buf + o->len, room + 1, s, n, mode);
+    if (w > room) {
+        w = strlen(o->buf + o->len); /* the prefix that fits, whole escapes only */
+        o->cut = true;
+    }
+    o->len += w;
+    for (; pad > 0; pad--)
+        line_put(o, " ", 1);
+}
+
+/* An unquoted value (key=%s): quoted when it holds a space, so that
+ * err=Connection refused reads err="Connection refused". */
+static void
+line_value(struct line *o, const char *s, size_t n, int width, bool left)
+{
+    if (memchr(s, ' ', n) == NULL) {
+        line_escaped(o, s, n, LOG_ESC_TEXT, width, left);
+        return;
+    }
+    line_put(o, "\"", 1);
+    line_escaped(o, s, n, LOG_ESC_TEXT, width > 2 ? width - 2 : 0, left);
+    line_put(o, "\"", 1);
+}
+
+/*
+ * printf for log lines: the conversions the code uses (flags, width and
+ * precision, '*' included; hh h l ll j z t L; d i u o x X c s p f F e E g
+ * G a A %), each formatted by snprintf alone, except %s and %c, which go
+ * through log_escape(). %n writes nothing.
+ */
+static void
+line_vformat(struct line *o, const char *fmt, va_list ap)
+{
+    bool quoted = false; /* inside a "..." of the format */
+    char prev = ' ';     /* the format's octet before the conversion */
+    const char *f = fmt;
+    while (*f != '\0') {
+        if (*f != '%') {
+            const char *e = f;
+            while (*e != '\0' && *e != '%') {
+                if (*e == '"')
+                    quoted = !quoted;
+                e++;
+            }
+            line_put(o, f, (size_t)(e - f));
+            prev = e[-1];
+            f = e;
+            continue;
+        }
+        char spec[48];
+        size_t sl = 0;
+        spec[sl++] = *f++;
+        bool left = false;
+        while (*f != '\0' && strchr("-+ #0'", *f) != NULL && sl < 8) {
+            left |= *f == '-';
+            spec[sl++] = *f++;
+        }
+        int width = 0;
+        if (*f == '*') {
+            width = va_arg(ap, int);
+            if (width < 0) {
+                left = true;
+                width = -width;
+            }
+            sl += (size_t)snprintf(spec + sl, sizeof(spec) - sl, "%s%d", left ? "-" : "", width);
+            f++;
+        } else {
+            while (*f >= '0' && *f <= '9' && sl < 20) {
+                width = width * 10 + (*f - '0');
+                spec[sl++] = *f++;
+            }
+        }
+        int prec = -1;
+        if (*f == '.') {
+            f++;
+            prec = 0;
+            if (*f == '*') {
+                prec = va_arg(ap, int);
+                f++;
+            } else {
+                while (*f >= '0' && *f <= '9')
+                    prec = prec * 10 + (*f++ - '0');
+            }
+            if (prec >= 0)
+                sl += (size_t)snprintf(spec + sl, sizeof(spec) - sl, ".%d", prec);
+        }
+        char lenmod[3] = "";
+        if (*f == 'h' || *f == 'l') {
+            lenmod[0] = *f++;
+            if (*f == lenmod[0])
+                lenmod[1] = *f++;
+        } else if (*f == 'j' || *f == 'z' || *f == 't' || *f == 'L') {
+            lenmod[0] = *f++;
+        }
+        char conv = *f;
+        if (conv == '\0')
+            break;
+        f++;
+        sl += (size_t)snprintf(spec + sl, sizeof(spec) - sl, "%s%c", lenmod, conv);
+        enum log_esc mode = !quoted && (prev == '=' || prev == '<') ? LOG_ESC_VALUE : LOG_ESC_TEXT;
+        char prev_fmt = prev;
+        prev = conv;
+        char num[512];
+        int nl = -1;
+        switch (conv) {
+        case '%':
+            line_put(o, "%", 1);
+            break;
+        case 's': {
+            const char *s = va_arg(ap, const char *);
+            if (s == NULL)
+                s = "(null)";
+            size_t n = prec >= 0 ? strnlen(s, (size_t)prec) : strlen(s);
+            if (!quoted && prev_fmt == '=')
+                line_value(o, s, n, width, left);
+            else
+                line_escaped(o, s, n, mode, width, left);
+            break;
+        }
+        case 'c': {
+            char ch = (char)va_arg(ap, int);
+            line_escaped(o, &ch, 1, mode, width, left);
+            break;
+        }
+        case 'd':
+        case 'i':
+            if (lenmod[0] == 'l' && lenmod[1] == 'l')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, long long));
+            else if (lenmod[0] == 'l')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, long));
+            else if (lenmod[0] == 'j')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, intmax_t));
+            else if (lenmod[0] == 'z')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, ssize_t));
+            else if (lenmod[0] == 't')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, ptrdiff_t));
+            else
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, int));
+            break;
+        case 'u':
+        case 'o':
+        case 'x':
+        case 'X':
+            if (lenmod[0] == 'l' && lenmod[1] == 'l')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, unsigned long long));
+            else if (lenmod[0] == 'l')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, unsigned long));
+            else if (lenmod[0] == 'j')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, uintmax_t));
+            else if (lenmod[0] == 'z')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, size_t));
+            else if (lenmod[0] == 't')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, ptrdiff_t));
+            else
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, unsigned));
+            break;
+        case 'f':
+        case 'F':
+        case 'e':
+        case 'E':
+        case 'g':
+        case 'G':
+        case 'a':
+        case 'A':
+            if (lenmod[0] == 'L')
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, long double));
+            else
+                nl = snprintf(num, sizeof(num), spec, va_arg(ap, double));
+            break;
+        case 'p':
+            nl = snprintf(num, sizeof(num), spec, va_arg(ap, void *));
+            break;
+        case 'n':
+            (void)va_arg(ap, void *); /* never written */
+            break;
+        default: /* not a conversion of ours: shown as written */
+            line_put(o, spec, sl);
+            break;
+        }
+        if (nl > 0)
+            line_put(o, num, (size_t)nl < sizeof(num) ? (size_t)nl : sizeof(num) - 1);
+    }
+}
+
 void
 log_vmsg(enum log_level level, const char *fmt, va_list ap)
 {
     if (!log_enabled(level))
         return;
-    char line[2048];
+    char buf[2048];
+    static const char mark[] = " truncated=1";
+    /* room for the mark and the newline (sizeof counts its NUL) */
+    struct line o = {.buf = buf, .len = 0, .cap = sizeof(buf) - sizeof(mark), .cut = false};
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s ",
+    char head[96];
+    int n = snprintf(head, sizeof(head), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s ",
                      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
                      tm.tm_sec, ts.tv_nsec / 1000000, log_level_str(level));
-    if (log_thread != NULL && n > 0 && (size_t)n < sizeof(line))
-        n += snprintf(line + n, sizeof(line) - (size_t)n, "thread=%s ", log_thread);
-    if (n > 0 && (size_t)n < sizeof(line))
-        n += vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-    if (n < 0)
-        return;
-    if ((size_t)n >= sizeof(line) - 1) {
-        /* Truncated: keep the line a line and say so. */
-        static const char mark[] = " truncated=1";
-        n = (int)(sizeof(line) - sizeof(mark) - 1);
-        memcpy(line + n, mark, sizeof(mark) - 1);
-        n += (int)sizeof(mark) - 1;
+    if (n > 0)
+        line_put(&o, head, (size_t)n < sizeof(head) ? (size_t)n : sizeof(head) - 1);
+    if (log_thread != NULL) {
+        line_put(&o, "thread=", 7);
+        line_value(&o, log_thread, strlen(log_thread), 0, false);
+        line_put(&o, " ", 1);
     }
-    line[n++] = '\n';
+    line_vformat(&o, fmt, ap);
+    size_t len = o.len;
+    if (o.cut) {
+        /* Cut: keep the line a line and say so. */
+        memcpy(buf + len, mark, sizeof(mark) - 1);
+        len += sizeof(mark) - 1;
+    }
+    buf[len++] = '\n';
     int fd = atomic_load_explicit(&log_fd, memory_order_relaxed);
-    ssize_t off = 0;
-    while (off < n) {
-        ssize_t w = write(fd, line + off, (size_t)(n - off));
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, buf + off, len - off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
             return; /* nowhere left to report it */
         }
-        off += w;
+        off += (size_t)w;
     }
 }
 

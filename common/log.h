@@ -2,6 +2,15 @@
  * log: one line of key=value pairs per event, led by a timestamp and level,
  * to stderr or a file opened with O_APPEND.
  *
+ * Values are escaped as they are formatted, so that text from the network
+ * (an MX's reply, a client's EHLO) can neither split a line nor forge a
+ * key: log_msg() runs every %s (and %c) argument through log_escape(),
+ * in the mode its place in the format calls for: an unquoted value
+ * (key=%s) that holds a space is put in quotes (err="Connection refused"),
+ * one inside <> (rcpt=<%s>) has its spaces as \x20 (LOG_ESC_VALUE), and
+ * the rest (key="%s", free text) is LOG_ESC_TEXT. Other conversions are
+ * printf's.
+ *
  * Threading: every function may be called from any thread. Each line is
  * formatted into a stack buffer and written with one write(2), so lines
  * from different threads never interleave. log_reopen() swaps the file
@@ -11,6 +20,7 @@
 #define SLUICE_COMMON_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARN, LOG_ERR, LOG_CRIT };
 
@@ -29,6 +39,21 @@ void log_set_thread_name(const char *name);
 const char *log_level_str(enum log_level level);
 /* Parse "debug|info|notice|warn|error|crit"; returns -1 when unknown. */
 int log_level_parse(const char *s);
+
+enum log_esc {
+    /* Always: a backslash and '"' as \\ and \", CR LF TAB as \r \n \t,
+     * other control octets (C0, DEL), octets that are not UTF-8 and the
+     * code points that reorder or break lines on a terminal (C1 controls,
+     * U+2028/2029, bidirectional controls) as \xHH per octet. Valid
+     * UTF-8 otherwise stays as it is. */
+    LOG_ESC_TEXT,
+    LOG_ESC_VALUE, /* also a space as \x20: an unquoted value stays one token */
+};
+
+/* Escape n octets of s into out (cap octets, NUL-terminated when cap > 0).
+ * Returns the length of the whole escaped text (as snprintf: a result >=
+ * cap means out holds a prefix that ends on a whole escape). */
+size_t log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode);
 
 void log_msg(enum log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

@@ -1,0 +1,338 @@
+/*
+ * test_log: the key=value log of common/log.c with hostile values: text
+ * a remote server chose (escape sequences, quotes, backslashes, CR/LF,
+ * 8-bit octets, invalid UTF-8, C1 and bidirectional controls) stays on
+ * one line, cannot end its quoted value or forge a key, and reads back to
+ * the very octets that were logged. The printf conversions the code uses
+ * still format as printf does, and an overlong line is cut on a whole
+ * escape and marked.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+
+struct fixture {
+    char dir[64];
+    char path[96];
+};
+
+static int
+setup(void **state)
+{
+    struct fixture *fx = calloc(1, sizeof(*fx));
+    snprintf(fx->dir, sizeof(fx->dir), "/tmp/sluice-log-XXXXXX");
+    assert_non_null(mkdtemp(fx->dir));
+    snprintf(fx->path, sizeof(fx->path), "%s/log", fx->dir);
+    assert_int_equal(log_open(fx->path, LOG_DEBUG), 0);
+    *state = fx;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    struct fixture *fx = *state;
+    log_close();
+    unlink(fx->path);
+    rmdir(fx->dir);
+    free(fx);
+    return 0;
+}
+
+/* The whole log file (malloc'd, NUL-terminated; *len octets), emptied. */
+static char *
+slurp(struct fixture *fx, size_t *len)
+{
+    FILE *f = fopen(fx->path, "rb");
+    assert_non_null(f);
+    char *buf = malloc(1 << 16);
+    size_t n = fread(buf, 1, (1 << 16) - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    assert_int_equal(truncate(fx->path, 0), 0);
+    *len = n;
+    return buf;
+}
+
+/* The one line logged since the last call, without its newline. */
+static char *
+one_line(struct fixture *fx)
+{
+    size_t n;
+    char *buf = slurp(fx, &n);
+    assert_true(n > 0);
+    assert_int_equal(buf[n - 1], '\n');
+    buf[n - 1] = '\0';
+    assert_null(memchr(buf, '\n', n - 1)); /* one line */
+    assert_null(memchr(buf, '\r', n - 1));
+    for (size_t i = 0; i < n - 1; i++) { /* no control octet at all */
+        unsigned char c = (unsigned char)buf[i];
+        if (c < 0x20 || c == 0x7f)
+            fail_msg("control octet 0x%02x at %zu in: %s", c, i, buf);
+    }
+    return buf;
+}
+
+static int
+hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* Undo log_escape() on s up to the first unescaped '"' or, when
+ * stop_at_space, space (or the end). Returns the octets in out, their
+ * count in *outlen, and where the reading stopped. */
+static const char *
+unescape(const char *s, bool stop_at_space, char *out, size_t *outlen)
+{
+    size_t n = 0;
+    while (*s != '\0' && *s != '"' && !(stop_at_space && *s == ' ')) {
+        if (*s != '\\') {
+            out[n++] = *s++;
+            continue;
+        }
+        s++;
+        switch (*s) {
+        case '\\': out[n++] = '\\'; s++; break;
+        case '"': out[n++] = '"'; s++; break;
+        case 'n': out[n++] = '\n'; s++; break;
+        case 'r': out[n++] = '\r'; s++; break;
+        case 't': out[n++] = '\t'; s++; break;
+        case 'x': {
+            int hi = hexval(s[1]), lo = hexval(s[2]);
+            if (hi < 0 || lo < 0)
+                fail_msg("bad \\x escape at: %s", s - 1);
+            out[n++] = (char)(hi * 16 + lo);
+            s += 3;
+            break;
+        }
+        default:
+            fail_msg("unknown escape \\%c", *s);
+        }
+    }
+    *outlen = n;
+    return s;
+}
+
+/* The value of key in line: after " key=" (quoted or not), unescaped. */
+static size_t
+value_of(const char *line, const char *key, char *out)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), " %s=", key);
+    const char *p = strstr(line, pat);
+    if (p == NULL)
+        fail_msg("no %s= in: %s", key, line);
+    p += strlen(pat);
+    size_t n;
+    if (*p == '"') {
+        const char *end = unescape(p + 1, false, out, &n);
+        assert_int_equal(*end, '"');
+        assert_true(end[1] == '\0' || end[1] == ' ');
+    } else {
+        const char *end = unescape(p, true, out, &n);
+        assert_true(*end == '\0' || *end == ' ');
+    }
+    return n;
+}
+
+/* Every key of the line, in order, as "k1,k2,...": what a key=value
+ * parser that honours quotes and backslashes sees. */
+static void
+keys_of(const char *line, char *out, size_t cap)
+{
+    out[0] = '\0';
+    const char *p = strchr(line, ' '); /* after the timestamp */
+    assert_non_null(p);
+    while (*p == ' ') {
+        p++;
+        const char *eq = strchr(p, '=');
+        assert_non_null(eq);
+        strncat(out, p, (size_t)(eq - p) < cap - strlen(out) - 2 ? (size_t)(eq - p) : 0);
+        strcat(out, ",");
+        p = eq + 1;
+        if (*p == '"') {
+            p++;
+            while (*p != '"') {
+                assert_true(*p != '\0');
+                p += *p == '\\' ? 2 : 1;
+            }
+            p++;
+        } else {
+            while (*p != '\0' && *p != ' ')
+                p += *p == '\\' ? 2 : 1;
+        }
+    }
+    assert_int_equal(*p, '\0');
+}
+
+static const struct {
+    const char *name;
+    const char *text;
+} hostile[] = {
+    {"clear screen", "550 \x1b[2J\x1b[H mailbox unavailable"},
+    {"quotes", "550 5.1.1 \"no\" such user\" fake=1"},
+    {"backslashes", "451 a\\b\\\" c\\"},
+    {"CR LF", "250 ok\r\n2026-01-01T00:00:00.000Z level=crit event=forged"},
+    {"8-bit UTF-8", "550 Empf\xc3\xa4nger unbekannt \xe2\x9c\x93"},
+    {"invalid UTF-8", "550 \xff\xfe\xc3 \xe2\x82 \xed\xa0\x80 \xc0\xaf end"},
+    {"C1 CSI", "550 \xc2\x9b" "2J and raw \x9b" "2J"},
+    {"line separator", "550 a\xe2\x80\xa8" "b\xe2\x80\xa9" "c"},
+    {"bidi override", "550 \xe2\x80\xae" "txt.exe \xe2\x81\xa6" "x"},
+    {"other controls", "550 \x01\x07\x08\x7f\t tab"},
+};
+
+static void
+test_hostile_quoted_values(void **state)
+{
+    struct fixture *fx = *state;
+    for (size_t i = 0; i < sizeof(hostile) / sizeof(hostile[0]); i++) {
+        const char *t = hostile[i].text;
+        log_msg(LOG_INFO, "id=abc event=deferred mx=mx.example code=550 reply=\"%s\" tail=%u",
+                t, 7u);
+        char *line = one_line(fx);
+        char got[1024];
+        size_t n = value_of(line, "reply", got);
+        if (n != strlen(t) || memcmp(got, t, n) != 0)
+            fail_msg("%s: does not read back: %s", hostile[i].name, line);
+        char keys[256];
+        keys_of(line, keys, sizeof(keys));
+        if (strcmp(keys, "level,id,event,mx,code,reply,tail,") != 0)
+            fail_msg("%s: keys %s in: %s", hostile[i].name, keys, line);
+        /* the escaped form holds no terminal control */
+        assert_null(strstr(line, "\x1b"));
+        assert_null(strstr(line, "\xc2\x9b"));
+        assert_null(strstr(line, "\xe2\x80\xae"));
+        assert_null(strstr(line, "\xe2\x80\xa8"));
+        free(line);
+    }
+    /* readable text stays readable */
+    log_msg(LOG_INFO, "reply=\"%s\" err=%s", "550 Empf\xc3\xa4nger unbekannt",
+            "Connection refused");
+    char *line = one_line(fx);
+    assert_non_null(strstr(line, "reply=\"550 Empf\xc3\xa4nger unbekannt\" "
+                                 "err=\"Connection refused\""));
+    free(line);
+}
+
+static void
+test_hostile_unquoted_values(void **state)
+{
+    struct fixture *fx = *state;
+    for (size_t i = 0; i < sizeof(hostile) / sizeof(hostile[0]); i++) {
+        const char *t = hostile[i].text;
+        log_msg(LOG_NOTICE, "event=tls_failed mx=%s rcpt=<%s> code=%d", t, t, -1);
+        char *line = one_line(fx);
+        char got[1024];
+        size_t n = value_of(line, "mx", got);
+        if (n != strlen(t) || memcmp(got, t, n) != 0)
+            fail_msg("%s: mx does not read back: %s", hostile[i].name, line);
+        /* inside <>: no space, no quote left as it is */
+        const char *r = strstr(line, " rcpt=<");
+        assert_non_null(r);
+        const char *end = strstr(r, "> code=-1");
+        assert_non_null(end);
+        for (const char *c = r + 7; c < end; c++)
+            assert_true(*c != ' ' && (*c != '"' || c[-1] == '\\'));
+        char keys[256];
+        keys_of(line, keys, sizeof(keys));
+        if (strcmp(keys, "level,event,mx,rcpt,code,") != 0)
+            fail_msg("%s: keys %s in: %s", hostile[i].name, keys, line);
+        free(line);
+    }
+}
+
+static void
+test_conversions(void **state)
+{
+    struct fixture *fx = *state;
+    log_msg(LOG_WARN,
+            "a=%d b=%u c=%ld d=%llu e=%zu f=%016llx g=%x h=%.*s i=%c j=%% k=%5.1f l=%-4s| "
+            "m=%*d n=%s%s o=%p",
+            -42, 42u, -7L, 18446744073709551615ULL, (size_t)123, 0xabcULL, 255u, 3, "abcdef",
+            'Z', 2.25, "ab", 6, 9, "", " p=q", (void *)0);
+    char *line = one_line(fx);
+    const char *body = strstr(line, " a=");
+    assert_non_null(body);
+    char want[256];
+    snprintf(want, sizeof(want),
+             " a=-42 b=42 c=-7 d=18446744073709551615 e=123 f=0000000000000abc g=ff h=abc i=Z "
+             "j=%% k=  2.2 l=ab  | m=     9 n= p=q o=%p",
+             (void *)0);
+    assert_string_equal(body, want);
+    free(line);
+    /* a thread name is a value like any other */
+    log_set_thread_name("w 0");
+    log_msg(LOG_INFO, "event=x");
+    line = one_line(fx);
+    assert_non_null(strstr(line, " thread=\"w 0\" event=x"));
+    free(line);
+    log_set_thread_name(NULL);
+}
+
+static void
+test_long_line_is_cut_on_a_whole_escape(void **state)
+{
+    struct fixture *fx = *state;
+    char big[6000];
+    for (size_t i = 0; i < sizeof(big) - 1; i++)
+        big[i] = i % 3 == 0 ? '\x1b' : i % 3 == 1 ? '"' : 'a';
+    big[sizeof(big) - 1] = '\0';
+    log_msg(LOG_INFO, "event=big reply=\"%s\" after=1", big);
+    char *line = one_line(fx);
+    size_t n = strlen(line);
+    assert_true(n < 2048);
+    /* the cut falls after a whole escape: the pattern, then the mark */
+    const char *t = strstr(line, " truncated=1");
+    assert_non_null(t);
+    assert_string_equal(t, " truncated=1");
+    assert_true(t - line >= 4);
+    bool whole = memcmp(t - 4, "\\x1b", 4) == 0 || memcmp(t - 2, "\\\"", 2) == 0 || t[-1] == 'a';
+    assert_true(whole);
+    assert_null(strstr(line, "after=1"));
+    free(line);
+}
+
+static void
+test_escape_function(void **state)
+{
+    (void)state;
+    char out[64];
+    assert_int_equal(log_escape(out, sizeof(out), "a b\"c\\", 6, LOG_ESC_TEXT), 8);
+    assert_string_equal(out, "a b\\\"c\\\\");
+    assert_int_equal(log_escape(out, sizeof(out), "a b", 3, LOG_ESC_VALUE), 6);
+    assert_string_equal(out, "a\\x20b");
+    /* a NUL inside the length is an octet like any other */
+    assert_int_equal(log_escape(out, sizeof(out), "a\0b", 3, LOG_ESC_TEXT), 6);
+    assert_string_equal(out, "a\\x00b");
+    /* too small: the whole length is returned, the prefix ends on an escape */
+    assert_int_equal(log_escape(out, 4, "\x1b\x1b", 2, LOG_ESC_TEXT), 8);
+    assert_string_equal(out, "");
+    assert_int_equal(log_escape(out, 6, "\x1b\x1b", 2, LOG_ESC_TEXT), 8);
+    assert_string_equal(out, "\\x1b");
+    assert_int_equal(log_escape(NULL, 0, "\xff", 1, LOG_ESC_TEXT), 4);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_hostile_quoted_values, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hostile_unquoted_values, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_conversions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_long_line_is_cut_on_a_whole_escape, setup, teardown),
+        cmocka_unit_test(test_escape_function),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
