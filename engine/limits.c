@@ -45,6 +45,8 @@
 #define FACTOR_STEP 256u  /* a quarter of it back per step */
 #define HELD_MIN_NS MS_TO_NS(100)
 #define CONN_POLL_MAX_NS MS_TO_NS(1000) /* leases all taken: ask again within */
+#define WAIT_MAX_NS MS_TO_NS(60000)     /* a refusal's wait: at least this cap */
+#define BAD_REPLY_LOCAL_NS MS_TO_NS(1000) /* a key decides locally after a bad reply */
 #define NAME_MAX_PREFIX 64
 
 /*
@@ -129,6 +131,7 @@ struct limits {
     bool loading;      /* SCRIPT LOAD in flight */
     bool shared;       /* connected and the script loaded */
     bool down_logged;  /* event=redis_down said for this outage */
+    bool bad_logged;   /* event=redis_bad_reply said (once per limiter) */
     struct limit_key *keys; /* borrowed: attached keys */
     struct limit_req *reqs; /* owned: in flight */
     uint64_t next_lease;
@@ -413,6 +416,44 @@ send_refresh(struct limits *l, struct limit_key *k)
 
 static void script_load(struct limits *l);
 
+/* A reply that no script of ours returns: counted, the first one logged.
+ * Anything on Redis's port could have sent it (a proxy, another
+ * version's script, a bug), so it steers nothing beyond its bounds. */
+static void
+bad_reply(struct limits *l, const struct limit_req *q, const char *what, long long got,
+          long long bound)
+{
+    l->st.redis_bad_replies++;
+    if (l->bad_logged)
+        return;
+    l->bad_logged = true;
+    log_msg(LOG_ERR,
+            "event=redis_bad_reply redis=%s key=%s what=%s got=%lld bound=%lld "
+            "note=clamped_or_decided_locally_further_ones_counted",
+            redis_addr(l->r), q->name, what, got, bound);
+}
+
+/* The first n integers of an array reply into v; false when it is not
+ * that shape. */
+static bool
+reply_ints(const struct redisReply *reply, size_t n, long long *v)
+{
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements < n)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        if (reply->element[i] == NULL || reply->element[i]->type != REDIS_REPLY_INTEGER)
+            return false;
+        v[i] = reply->element[i]->integer;
+    }
+    return true;
+}
+
+static long long
+clamp_ll(long long v, long long lo, long long hi)
+{
+    return v < lo ? lo : v > hi ? hi : v;
+}
+
 static void
 on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
 {
@@ -422,8 +463,9 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
     struct limit_key *k = q->k;
     req_unlink(l, q);
     uint64_t now = clock_now_ns();
+    bool refused = false; /* answered, but nothing to go by: decide locally a while */
     if (reply != NULL && reply->type == REDIS_REPLY_ERROR) {
-        if (!q->retried && strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        if (!q->retried && reply->str != NULL && strncmp(reply->str, "NOSCRIPT", 8) == 0) {
             /* Redis lost the script (restart, SCRIPT FLUSH): send this one
              * with its body and load it again for the next ones. */
             l->sha_ok = false;
@@ -433,11 +475,20 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
                 return;
         } else {
             log_msg(LOG_ERR, "event=redis_script_error key=%s reply=\"%.*s\"", q->name,
-                    (int)(reply->len > 200 ? 200 : reply->len), reply->str);
+                    (int)(reply->len > 200 ? 200 : reply->len), reply->str ? reply->str : "");
         }
         reply = NULL;
+        refused = true;
     }
-    if (reply == NULL || (reply->type != REDIS_REPLY_ARRAY && q->kind <= REQ_CONN)) {
+    long long v[2] = {0, 0}; /* v[1] may be negative: slots in the past */
+    if (reply != NULL && q->kind <= REQ_CONN && (!reply_ints(reply, 2, v) || v[0] < 0)) {
+        bad_reply(l, q, reply->type != REDIS_REPLY_ARRAY ? "reply_type" : "reply_shape",
+                  reply->type == REDIS_REPLY_ARRAY ? (long long)reply->elements : reply->type,
+                  2);
+        reply = NULL;
+        refused = true;
+    }
+    if (reply == NULL) {
         /* No answer: tokens and leases decide locally from now on (the
          * state change follows) or on the next call. A lease Redis may
          * have granted unseen expires after the ttl. */
@@ -447,45 +498,68 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
                 k->msg_req = NULL;
             else if (q->kind == REQ_CONN)
                 k->conn_req = NULL;
+            if (refused)
+                k->local_until = now + BAD_REPLY_LOCAL_NS;
             key_wake(k);
         }
         free(q);
         return;
     }
     l->st.redis_roundtrips++;
-    long long a0 = 0, a1 = 0; /* a1 may be negative: slots in the past */
-    if (reply->type == REDIS_REPLY_ARRAY && reply->elements >= 2 &&
-        reply->element[0]->type == REDIS_REPLY_INTEGER &&
-        reply->element[1]->type == REDIS_REPLY_INTEGER) {
-        a0 = reply->element[0]->integer;
-        a1 = reply->element[1]->integer;
-    }
     switch (q->kind) {
-    case REQ_TAKE:
+    case REQ_TAKE: {
         if (k == NULL)
             break; /* granted to a finished key: let them lapse */
         k->msg_req = NULL;
-        if (a0 > 0) {
+        long long horizon = (long long)(q->horizon_us < INT64_MAX / 4 ? q->horizon_us
+                                                                      : INT64_MAX / 4);
+        long long tau = (long long)(q->tau_us < INT64_MAX / 4 ? q->tau_us : INT64_MAX / 4);
+        if (v[0] > (long long)q->want) {
+            bad_reply(l, q, "granted", v[0], q->want);
+            v[0] = q->want;
+        }
+        if (v[0] > 0) {
+            /* The first slot is at most the horizon ahead (the script books
+             * nothing further) and at most tau behind (tat is never behind
+             * Redis's now). */
+            if (v[1] > horizon)
+                bad_reply(l, q, "first_slot_us", v[1], horizon);
+            v[1] = clamp_ll(v[1], -tau, horizon); /* earlier than -tau: later is safe */
             /* Slot i of the batch is first + i * T on Redis's clock; now on
              * ours is no earlier than Redis's now was, so mapping Redis's
              * now to ours only delays slots. Tokens still held go right
              * before the new ones (later than their own slots: safe). */
-            int64_t off = (int64_t)a1 * 1000;
+            int64_t off = (int64_t)v[1] * 1000;
             uint64_t first = off >= 0 ? now + (uint64_t)off
                                       : now - ((uint64_t)-off < now ? (uint64_t)-off : now);
             k->held_T = q->T_ns;
             k->held_slot = first - (uint64_t)k->held * q->T_ns;
-            k->held += (unsigned)a0;
+            k->held += (unsigned)v[0];
             k->msg_retry_at = 0;
-            l->st.tokens_fetched += (uint64_t)a0;
+            l->st.tokens_fetched += (uint64_t)v[0];
         } else {
-            k->msg_retry_at = now + (uint64_t)(a1 > 0 ? a1 : 0) * 1000u;
+            /* A refusal: the wait is what the other nodes booked beyond
+             * the horizon, at most a burst and a batch of intervals. */
+            long long T = (long long)(q->T_us < INT64_MAX / 16 ? q->T_us : INT64_MAX / 16);
+            long long cap = horizon + tau + 2 * T;
+            if (cap < (long long)(WAIT_MAX_NS / 1000) || cap > INT64_MAX / 4)
+                cap = (long long)(WAIT_MAX_NS / 1000);
+            if (v[1] > cap) {
+                bad_reply(l, q, "retry_after_us", v[1], cap);
+                v[1] = cap;
+            }
+            k->msg_retry_at = now + (uint64_t)(v[1] > 0 ? v[1] : 0) * 1000u;
         }
         key_wake(k);
         break;
+    }
     case REQ_CONN:
+        if (v[0] > 1) {
+            bad_reply(l, q, "leases_granted", v[0], 1);
+            v[0] = 1;
+        }
         if (k == NULL) {
-            if (a0 > 0) {
+            if (v[0] > 0) {
                 struct limit_key tmp;
                 memcpy(tmp.name, q->name, sizeof(tmp.name));
                 send_release(l, &tmp, q->lease);
@@ -493,13 +567,15 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
             break;
         }
         k->conn_req = NULL;
-        if (a0 > 0) {
+        if (v[0] > 0) {
             k->ready_lease = q->lease;
             k->ready_at = now;
             k->conn_retry_at = 0;
         } else {
-            uint64_t wait = (uint64_t)a1 * 1000u;
-            k->conn_retry_at = now + (wait < CONN_POLL_MAX_NS ? wait : CONN_POLL_MAX_NS);
+            /* Leases are polled for (their expiry may come early through a
+             * release): the wait is capped by design, not clamped. */
+            long long us = clamp_ll(v[1], 0, (long long)(CONN_POLL_MAX_NS / 1000));
+            k->conn_retry_at = now + (uint64_t)us * 1000u;
         }
         key_wake(k);
         break;
@@ -574,7 +650,10 @@ on_script_loaded(struct redis *r, const struct redisReply *reply, void *arg)
     l->loading = false;
     if (reply == NULL)
         return;
-    if (reply->type != REDIS_REPLY_STRING || reply->len != 40) {
+    if (reply->type != REDIS_REPLY_STRING || reply->len != 40 ||
+        strspn(reply->str, "0123456789abcdef") != 40) {
+        if (reply->type != REDIS_REPLY_ERROR)
+            l->st.redis_bad_replies++;
         log_msg(LOG_ERR, "event=redis_script_load_failed node=%s reply=\"%.*s\"", l->node,
                 reply->type == REDIS_REPLY_ERROR ? (int)(reply->len > 200 ? 200 : reply->len) : 0,
                 reply->type == REDIS_REPLY_ERROR ? reply->str : "");
@@ -844,7 +923,7 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
         return n;
     }
     uint32_t f = bo_factor(l, k, now_ns);
-    if (l->shared) {
+    if (l->shared && now_ns >= k->local_until) {
         unsigned b = batch_size(l, k, f);
         held_expire(l, k, b, now_ns);
         unsigned g = held_due(k, now_ns);
@@ -923,7 +1002,8 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         l->st.batch_decisions++;
         return true;
     }
-    unsigned share = l->shared ? 1 : local_share(l);
+    bool shared = l->shared && now_ns >= k->local_until;
+    unsigned share = shared ? 1 : local_share(l);
     unsigned max = k->conf.max_connections;
     if (max != 0) {
         max /= share;
@@ -936,7 +1016,7 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
             return false;
         }
     }
-    if (l->shared) {
+    if (shared) {
         bool asking = k->conn_req != NULL;
         if (!asking && now_ns >= k->conn_retry_at)
             asking = conn_request(l, k, now_ns) == 0;

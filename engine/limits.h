@@ -36,6 +36,15 @@
  * node count (at least 1). Logged once per transition (event=redis_down,
  * event=redis_up) and reported by limits_stats(); reconnects with backoff.
  *
+ * Replies are checked where they are parsed: a granted count above the
+ * request is cut to the request (and a lease is one lease), a slot or a
+ * wait further ahead than the request allows is brought back to that
+ * bound (a wait to at most max(60 s, horizon + burst + 2 intervals)), and
+ * a reply of the wrong shape (not an array of integers, a negative count)
+ * or an error reply makes the key decide locally, at the local share, for
+ * a second before it asks again. The first such reply is logged
+ * (event=redis_bad_reply), every one is counted (redis_bad_replies).
+ *
  * Adaptive backoff: limits_backoff() (on a 421 or a "rate limited" reply)
  * halves the key's message and connection rates (again on each further
  * call, down to 1/32) for backoff_ms, then raises them by a quarter of the
@@ -103,6 +112,7 @@ struct limit_key {
     uint64_t held_slot;        /* ...the next one is due then */
     uint64_t held_T;           /* ...and each further one held_T later */
     uint64_t msg_retry_at, conn_retry_at; /* shared: Redis said not before */
+    uint64_t local_until;      /* shared: a bad reply; decide locally until then */
     struct limit_req *msg_req, *conn_req; /* shared: in flight */
     uint64_t *leases;          /* owned: ids of the leases held (connections open) */
     unsigned nleases, leases_cap;
@@ -158,6 +168,7 @@ struct limits_stats {
     const char *redis;          /* "off", "connecting", "connected", "unreachable" */
     uint64_t redis_roundtrips;  /* script calls answered by Redis */
     uint64_t redis_errors;      /* error replies, lost replies (timeouts, disconnects) */
+    uint64_t redis_bad_replies; /* replies clamped or refused (see above) */
     uint64_t redis_downs;       /* transitions to unreachable */
     uint64_t local_decisions;   /* answered in memory: local mode or local share */
     uint64_t batch_decisions;   /* answered from a batch of Redis tokens */

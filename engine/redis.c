@@ -31,8 +31,15 @@
 
 #include "common/log.h"
 
+/* The most elements an array reply may announce: sluice's replies have
+ * three. More is refused before hiredis allocates for them (its reader
+ * would otherwise calloc what a "*2147483647" line asks for). */
+#define REPLY_ELEMENTS_MAX 64
+
 struct redis_link {
     struct op rd, wr;       /* OP_CALLBACK: link_on_read, link_on_write */
+    redisReplyObjectFunctions fns; /* hiredis's, with createArray capped */
+    void *(*create_array)(const redisReadTask *task, int elements); /* hiredis's */
     struct worker *w;       /* borrowed: outlives every link */
     struct redis *r;        /* borrowed; NULL once the context died */
     redisAsyncContext *ac;  /* owned by hiredis; NULL once it freed it */
@@ -375,6 +382,18 @@ on_hello(struct redis *r, const struct redisReply *reply, void *arg)
     redis_set_state(r, REDIS_STATE_UP);
 }
 
+/* The reader's privdata is the link (set in redis_attempt). Returning
+ * NULL makes hiredis fail the read: the connection drops and is re-made,
+ * as after any protocol error. */
+static void *
+reply_create_array(const redisReadTask *task, int elements)
+{
+    const struct redis_link *ln = task->privdata;
+    if (elements > REPLY_ELEMENTS_MAX)
+        return NULL;
+    return ln->create_array(task, elements);
+}
+
 static void
 redis_attempt(struct redis *r)
 {
@@ -401,6 +420,12 @@ redis_attempt(struct redis *r)
     ln->r = r;
     ln->ac = ac;
     ln->fd = ac->c.fd;
+    redisReader *rd = ac->c.reader;
+    ln->fns = *rd->fn;
+    ln->create_array = rd->fn->createArray;
+    ln->fns.createArray = reply_create_array;
+    rd->fn = &ln->fns;
+    rd->privdata = ln;
     ac->ev.data = ln;
     ac->ev.addRead = ev_add_read;
     ac->ev.delRead = ev_del_read;

@@ -259,10 +259,15 @@ worker_run(struct worker *w)
         }
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
+        /* Once stopping, nothing more is dispatched, not even the rest of
+         * this batch: an owner may free itself at once when the loop ends
+         * (redis.c's links do), and a completion of this batch is no more
+         * owed to it than one of the next turn, which never comes. */
         io_uring_for_each_cqe(&w->ring, head, cqe)
         {
             n++;
-            dispatch(w, cqe);
+            if (!w->stopping)
+                dispatch(w, cqe);
         }
         io_uring_cq_advance(&w->ring, n);
         w->stats.cqes += n;

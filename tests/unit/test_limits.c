@@ -12,7 +12,11 @@
  * bound with the documented batch slack, round trips per 1,000 messages),
  * shared leases, leases of a vanished node expiring after the ttl, and an
  * outage: redis-server killed (local share, "unreachable") then restarted
- * on the same port ("connected" again). The test thread talks to a worker
+ * on the same port ("connected" again). A fake Redis (a thread of this
+ * test) answers with hostile values: counts above the request, negative,
+ * 2^63, waits of years, wrong types, a truncated reply, a huge array, a
+ * bad script id; the limiter grants no more than asked, waits no longer
+ * than its caps, and goes on deciding. The test thread talks to a worker
  * only through worker_post() and a semaphore; conditions that depend on
  * Redis are re-checked on the worker from a 2 ms timer, each wait bounded.
  */
@@ -22,6 +26,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <strings.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -994,6 +999,359 @@ test_redis_outage(void **state)
     node_stop(&a, true);
 }
 
+/* --- a hostile Redis ---------------------------------------------------- */
+
+/*
+ * A fake Redis on a loopback port of its own, a thread of this process:
+ * it reads RESP commands and answers PING with PONG, SCRIPT LOAD with
+ * load_reply, the script's "take" and "conn" with take_reply and
+ * conn_reply, and its other ops with :0, each reply sent as the raw
+ * octets given (a truncated one is simply cut short). The test changes
+ * the replies between cases.
+ */
+struct fake_redis {
+    int lfd, stop_fd, stop_w, port;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    const char *load_reply, *take_reply, *conn_reply; /* borrowed: literals */
+    bool mute_after_take; /* a connection answers nothing more after a take */
+    unsigned takes, conns;                              /* answered */
+};
+
+struct fake_conn {
+    int fd;
+    bool mute; /* reads, answers nothing */
+    size_t len;
+    char buf[1 << 16];
+};
+
+/* One whole command at the start of c->buf: its argc, argv offsets into
+ * buf and lengths; 0 when incomplete, -1 when not RESP. */
+static int
+fake_parse(const struct fake_conn *c, size_t *used, int *argc, size_t off[8], size_t len[8])
+{
+    const char *b = c->buf, *end = c->buf + c->len;
+    const char *nl = memchr(b, '\n', c->len);
+    if (nl == NULL)
+        return 0;
+    if (b[0] != '*')
+        return -1;
+    int n = atoi(b + 1);
+    const char *p = nl + 1;
+    for (int i = 0; i < n; i++) {
+        nl = memchr(p, '\n', (size_t)(end - p));
+        if (nl == NULL)
+            return 0;
+        if (*p != '$')
+            return -1;
+        size_t l = (size_t)atol(p + 1);
+        p = nl + 1;
+        if ((size_t)(end - p) < l + 2)
+            return 0;
+        if (i < 8) {
+            off[i] = (size_t)(p - b);
+            len[i] = l;
+        }
+        p += l + 2;
+    }
+    *argc = n;
+    *used = (size_t)(p - b);
+    return 1;
+}
+
+static void
+fake_answer(struct fake_redis *f, struct fake_conn *c, int argc, const size_t *off,
+            const size_t *len)
+{
+    const char *a0 = c->buf + off[0];
+    const char *reply = ":0\r\n";
+    char sha[64];
+    pthread_mutex_lock(&f->lock);
+    if (len[0] == 4 && strncasecmp(a0, "PING", 4) == 0) {
+        reply = "+PONG\r\n";
+    } else if (len[0] == 6 && strncasecmp(a0, "SCRIPT", 6) == 0) {
+        reply = f->load_reply;
+        if (reply == NULL) {
+            snprintf(sha, sizeof(sha), "$40\r\n%040x\r\n", 0xabcu);
+            reply = sha;
+        }
+    } else if (argc >= 7 && (len[0] == 7 || len[0] == 4)) { /* EVALSHA | EVAL sha 3 k k k op */
+        const char *op = c->buf + off[6];
+        if (len[6] == 4 && memcmp(op, "take", 4) == 0) {
+            reply = f->take_reply;
+            f->takes++;
+            c->mute = f->mute_after_take;
+        } else if (len[6] == 4 && memcmp(op, "conn", 4) == 0) {
+            reply = f->conn_reply;
+            f->conns++;
+        }
+    }
+    size_t rl = strlen(reply);
+    char *copy = malloc(rl + 1);
+    memcpy(copy, reply, rl + 1);
+    pthread_mutex_unlock(&f->lock);
+    for (size_t o = 0; o < rl;) {
+        ssize_t w = send(c->fd, copy + o, rl - o, MSG_NOSIGNAL);
+        if (w <= 0)
+            break;
+        o += (size_t)w;
+    }
+    free(copy);
+}
+
+static void *
+fake_thread(void *arg)
+{
+    struct fake_redis *f = arg;
+    enum { MAXC = 8 };
+    struct fake_conn *conns = calloc(MAXC, sizeof(*conns));
+    assert_non_null(conns);
+    for (int i = 0; i < MAXC; i++)
+        conns[i].fd = -1;
+    for (;;) {
+        struct pollfd p[2 + MAXC];
+        p[0] = (struct pollfd){.fd = f->stop_fd, .events = POLLIN};
+        p[1] = (struct pollfd){.fd = f->lfd, .events = POLLIN};
+        for (int i = 0; i < MAXC; i++)
+            p[2 + i] = (struct pollfd){.fd = conns[i].fd, .events = POLLIN};
+        if (poll(p, 2 + MAXC, 1000) < 0 && errno != EINTR)
+            break;
+        if (p[0].revents != 0)
+            break;
+        if (p[1].revents & POLLIN) {
+            int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+            int slot = -1;
+            for (int i = 0; i < MAXC && slot < 0; i++)
+                if (conns[i].fd < 0)
+                    slot = i;
+            if (fd >= 0 && slot < 0)
+                close(fd);
+            else if (fd >= 0) {
+                conns[slot].fd = fd;
+                conns[slot].len = 0;
+                conns[slot].mute = false;
+            }
+        }
+        for (int i = 0; i < MAXC; i++) {
+            struct fake_conn *c = &conns[i];
+            if (c->fd < 0 || p[2 + i].revents == 0)
+                continue;
+            ssize_t n = recv(c->fd, c->buf + c->len, sizeof(c->buf) - c->len, 0);
+            if (n <= 0) {
+                close(c->fd);
+                c->fd = -1;
+                continue;
+            }
+            c->len += (size_t)n;
+            for (;;) {
+                size_t used, off[8], len[8];
+                int argc = 0;
+                int rc = fake_parse(c, &used, &argc, off, len);
+                if (rc < 0 || (rc == 0 && c->len == sizeof(c->buf))) {
+                    close(c->fd);
+                    c->fd = -1;
+                    break;
+                }
+                if (rc == 0)
+                    break;
+                if (argc > 0 && !c->mute)
+                    fake_answer(f, c, argc, off, len);
+                memmove(c->buf, c->buf + used, c->len - used);
+                c->len -= used;
+            }
+        }
+    }
+    for (int i = 0; i < MAXC; i++)
+        if (conns[i].fd >= 0)
+            close(conns[i].fd);
+    free(conns);
+    return NULL;
+}
+
+static void
+fake_start(struct fake_redis *f)
+{
+    memset(f, 0, sizeof(*f));
+    pthread_mutex_init(&f->lock, NULL);
+    f->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(f->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(f->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(listen(f->lfd, 16), 0);
+    socklen_t al = sizeof(a);
+    assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&a, &al), 0);
+    f->port = ntohs(a.sin_port);
+    int p[2];
+    assert_int_equal(pipe2(p, O_CLOEXEC), 0);
+    f->stop_fd = p[0];
+    f->stop_w = p[1];
+    assert_int_equal(pthread_create(&f->thread, NULL, fake_thread, f), 0);
+}
+
+static void
+fake_stop(struct fake_redis *f)
+{
+    assert_int_equal(write(f->stop_w, "x", 1), 1);
+    pthread_join(f->thread, NULL);
+    close(f->stop_w);
+    close(f->stop_fd);
+    close(f->lfd);
+    pthread_mutex_destroy(&f->lock);
+}
+
+static void
+fake_set(struct fake_redis *f, const char *load, const char *take, const char *conn, bool mute)
+{
+    pthread_mutex_lock(&f->lock);
+    f->mute_after_take = mute;
+    f->load_reply = load;
+    f->take_reply = take;
+    f->conn_reply = conn;
+    f->takes = f->conns = 0;
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* What a node saw while it asked a hostile Redis for tokens and leases
+ * every 2 ms. */
+struct hostile_probe {
+    uint64_t until;
+    uint64_t max_wait_ns, max_conn_wait_ns; /* the furthest retry time answered */
+    unsigned max_held;                      /* tokens booked and not handed out */
+    unsigned grants, leases;
+    bool over_grant;                        /* a call got more than it asked */
+};
+
+static bool
+hostile_step(struct node *n, void *arg)
+{
+    struct hostile_probe *p = arg;
+    uint64_t now = clock_now_ns(), r;
+    unsigned g = limits_take_msgs(n->l, &n->k, 5, now, &r);
+    p->over_grant |= g > 5;
+    p->grants += g;
+    if (g == 0 && r > now && r - now > p->max_wait_ns)
+        p->max_wait_ns = r - now;
+    if (n->k.held > p->max_held)
+        p->max_held = n->k.held;
+    if (limits_conn_acquire(n->l, &n->k, now, &r)) {
+        p->leases++;
+        limits_conn_release(n->l, &n->k);
+    } else if (r > now && r - now > p->max_conn_wait_ns) {
+        p->max_conn_wait_ns = r - now;
+    }
+    return now >= p->until;
+}
+
+static void
+hostile_arm(struct node *n, void *arg)
+{
+    (void)n;
+    struct hostile_probe *p = arg;
+    p->until = clock_now_ns() + 600 * MSEC;
+}
+
+static bool
+bad_seen(struct node *n, void *arg)
+{
+    (void)arg;
+    struct limits_stats st;
+    limits_stats(n->l, &st);
+    return st.redis_bad_replies > 0 || st.redis_downs > 0;
+}
+
+enum hostile_expect { EXPECT_NOTHING, EXPECT_BAD, EXPECT_DOWN };
+
+static void
+test_hostile_redis(void **state)
+{
+    (void)state;
+    static const char good_take[] = "*2\r\n:5\r\n:0\r\n";
+    static const char good_conn[] = "*3\r\n:1\r\n:0\r\n:0\r\n";
+    static const struct {
+        const char *name, *load, *take, *conn;
+        enum hostile_expect expect;
+        bool sends; /* messages still go (locally or from clamped grants) */
+    } cases[] = {
+        {"granted above the request", NULL, "*2\r\n:1000000\r\n:0\r\n", good_conn, EXPECT_BAD,
+         true},
+        {"2^63-1 granted, first slot 2^63-1 us ahead", NULL,
+         "*2\r\n:9223372036854775807\r\n:9223372036854775807\r\n", good_conn, EXPECT_BAD, true},
+        {"retry three years ahead", NULL, "*2\r\n:0\r\n:94608000000000\r\n", good_conn,
+         EXPECT_BAD, false},
+        {"negative count, INT64_MIN slot", NULL, "*2\r\n:-5\r\n:-9223372036854775808\r\n",
+         good_conn, EXPECT_BAD, true},
+        {"bulk string for an integer", NULL, "*2\r\n$1\r\n5\r\n:0\r\n", good_conn, EXPECT_BAD,
+         true},
+        {"integer for an array", NULL, ":5\r\n", good_conn, EXPECT_BAD, true},
+        {"nil for an array", NULL, "$-1\r\n", good_conn, EXPECT_BAD, true},
+        {"error reply", NULL, "-ERR something odd\r\n", good_conn, EXPECT_NOTHING, true},
+        {"five leases granted", NULL, good_take, "*3\r\n:5\r\n:0\r\n:0\r\n", EXPECT_BAD, true},
+        {"lease wait three years", NULL, good_take, "*3\r\n:0\r\n:94608000000000\r\n:1\r\n",
+         EXPECT_NOTHING, true},
+        {"truncated reply", NULL, "*2\r\n:1\r\n", good_conn, EXPECT_DOWN, true},
+        {"huge array", NULL, "*2147483647\r\n", good_conn, EXPECT_DOWN, true},
+        {"script load answers garbage", "$40\r\nzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz\r\n",
+         good_take, good_conn, EXPECT_BAD, true},
+    };
+    struct fake_redis f;
+    fake_start(&f);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        fake_set(&f, cases[i].load, cases[i].take, cases[i].conn,
+                 strcmp(cases[i].name, "truncated reply") == 0);
+        char url[64];
+        snprintf(url, sizeof(url), "redis://127.0.0.1:%d", f.port);
+        struct limits_opts o = {0};
+        o.redis_url = url;
+        o.nodes = 2;
+        o.token_batch = 10;
+        o.lease_ttl_ms = 3000;
+        o.redis_timeout_ms = 300;
+        o.reconnect_min_ms = 50;
+        o.reconnect_max_ms = 200;
+        struct limit_conf c = conf_msgs(100, 1000, 4);
+        c.max_connections = 4;
+        static struct node a;
+        char key[32];
+        snprintf(key, sizeof(key), "hostile%zu", i);
+        node_start(&a, 0, key, &o, &c);
+        if (cases[i].load == NULL)
+            assert_true(node_until(&a, state_is, "connected", 5000));
+        struct hostile_probe p;
+        memset(&p, 0, sizeof(p));
+        node_call(&a, hostile_arm, &p);
+        assert_true(node_until(&a, hostile_step, &p, 10000));
+        if (cases[i].expect != EXPECT_NOTHING)
+            assert_true(node_until(&a, bad_seen, NULL, 5000));
+        struct limits_stats st;
+        node_call(&a, get_stats, &st);
+        print_message("%-44s grants %4u leases %3u held<=%u wait<=%llu ms conn wait<=%llu ms "
+                      "bad %llu errors %llu downs %llu local %llu\n",
+                      cases[i].name, p.grants, p.leases, p.max_held,
+                      (unsigned long long)(p.max_wait_ns / MSEC),
+                      (unsigned long long)(p.max_conn_wait_ns / MSEC),
+                      (unsigned long long)st.redis_bad_replies,
+                      (unsigned long long)st.redis_errors, (unsigned long long)st.redis_downs,
+                      (unsigned long long)st.local_decisions);
+        /* never more than asked: per call, per batch, and in all */
+        assert_false(p.over_grant);
+        assert_true(p.max_held <= 10);
+        assert_true(st.tokens_fetched <= st.redis_roundtrips * 10);
+        /* never a wait beyond the sane caps */
+        assert_true(p.max_wait_ns <= 60 * SEC + 100 * MSEC);
+        assert_true(p.max_conn_wait_ns <= SEC + 100 * MSEC);
+        assert_int_equal(st.leases, 0); /* every lease taken was given back */
+        if (cases[i].expect == EXPECT_BAD)
+            assert_true(st.redis_bad_replies > 0);
+        if (cases[i].expect == EXPECT_DOWN)
+            assert_true(st.redis_downs > 0);
+        if (cases[i].sends)
+            assert_true(p.grants > 0);
+        node_stop(&a, true);
+    }
+    fake_stop(&f);
+}
+
 int
 main(void)
 {
@@ -1010,6 +1368,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
+        cmocka_unit_test(test_hostile_redis),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
