@@ -553,7 +553,11 @@ struct client {
     bool draining; /* write side shut: drop input until EOF or the deadline */
     bool eof;      /* the peer shut its write side */
     size_t inlen, drained;
-    uint64_t deadline; /* monotonic ms: dropped then */
+    uint64_t deadline;  /* monotonic ms: dropped then (client_rearm) */
+    uint64_t req_start; /* the request under way began (accept or its first
+                           octet); 0: none, idle between requests */
+    uint64_t answer_at; /* the answer being sent was made */
+    uint64_t last_io;   /* last octet in or out */
     struct json out;   /* the answer being sent */
     size_t outoff;
     char in[STATS_HTTP_REQUEST_MAX];
@@ -576,7 +580,9 @@ struct stats_server {
     struct json scratch;       /* for ops->command */
     struct stats_domain *doms; /* owned, ndoms_cap entries */
     size_t ndoms_cap;
-    struct client clients[STATS_CLIENTS_MAX];
+    uint64_t evict_logged; /* monotonic ms of the last event=stats_client_evicted */
+    unsigned evicted;      /* since then */
+    struct client clients[STATS_CLIENTS_MAX]; /* the socket's first, then HTTP's */
 };
 
 static void errf(char *err, size_t errlen, const char *fmt, ...)
@@ -979,6 +985,25 @@ idle_of(const struct stats_server *s, const struct client *c)
     return ms != 0 ? ms : STATS_IDLE_MS;
 }
 
+/* The one place a client's deadline is set: a lingering close has its
+ * own; an answer must go out within STATS_ANSWER_MS of being made; a
+ * request must be whole within STATS_REQUEST_MS of its start, however
+ * its octets trickle in; and a client is dropped after its idle time. */
+static void
+client_rearm(const struct stats_server *s, struct client *c)
+{
+    if (c->draining)
+        return; /* set once, when the draining began */
+    if (c->outoff < c->out.len) {
+        c->deadline = c->answer_at + STATS_ANSWER_MS;
+        return;
+    }
+    uint64_t d = c->last_io + idle_of(s, c);
+    if (c->req_start != 0 && c->req_start + STATS_REQUEST_MS < d)
+        d = c->req_start + STATS_REQUEST_MS;
+    c->deadline = d;
+}
+
 /* Send what can be sent now; then start draining if the client is closing.
  * Returns -1 when the client was closed. */
 static int
@@ -996,10 +1021,11 @@ client_flush(struct stats_server *s, struct client *c, uint64_t now)
             return -1;
         }
         c->outoff += (size_t)n;
-        c->deadline = now + idle_of(s, c);
+        c->last_io = now;
     }
     json_reset(&c->out);
     c->outoff = 0;
+    client_rearm(s, c);
     if (c->closing && !c->draining) {
         shutdown(c->fd, SHUT_WR);
         c->draining = true;
@@ -1065,6 +1091,11 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                 }
             }
         }
+        /* An answer was made: the next request, if any octet of it is
+         * here already, starts now. */
+        c->answer_at = now;
+        c->req_start = c->inlen > 0 ? now : 0;
+        client_rearm(s, c);
         if (client_flush(s, c, now) < 0)
             return -1;
     }
@@ -1097,32 +1128,86 @@ client_on_readable(struct stats_server *s, struct client *c, uint64_t now)
     }
     if (n == 0)
         c->eof = true;
+    else if (c->req_start == 0)
+        c->req_start = now; /* the first octet of a request */
     c->inlen += (size_t)n;
-    c->deadline = now + idle_of(s, c);
+    c->last_io = now;
+    client_rearm(s, c);
     if (client_process(s, c, now) == 0 && c->eof && !c->closing && c->out.len == 0)
         client_close(c);
+}
+
+/* A full pool's client to close for a newcomer: one lingering already,
+ * else the one whose request began first, else the one idle longest;
+ * never one whose answer is being sent. NULL: none may go. */
+static struct client *
+pool_victim(struct client *pool, size_t n)
+{
+    struct client *best = NULL;
+    int best_rank = 0;
+    uint64_t best_t = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct client *c = &pool[i];
+        int rank;
+        uint64_t t;
+        if (c->draining) {
+            rank = 3, t = 0;
+        } else if (c->out.len > 0) {
+            continue; /* its answer is being sent */
+        } else if (c->req_start != 0) {
+            rank = 2, t = c->req_start;
+        } else {
+            rank = 1, t = c->last_io;
+        }
+        if (best == NULL || rank > best_rank || (rank == best_rank && t < best_t)) {
+            best = c;
+            best_rank = rank;
+            best_t = t;
+        }
+    }
+    return best;
+}
+
+static void
+client_refuse(int fd, enum client_kind kind, const char *why)
+{
+    char msg[160];
+    int n = kind == CLIENT_CTL
+                ? snprintf(msg, sizeof(msg), "{\"ok\":false,\"error\":\"%s\"}\n", why)
+                : snprintf(msg, sizeof(msg),
+                           "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                           "Connection: close\r\n\r\n");
+    (void)!send(fd, msg, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    shutdown(fd, SHUT_WR);
 }
 
 static void
 stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t now)
 {
+    struct client *pool = kind == CLIENT_CTL ? s->clients : s->clients + STATS_CTL_CLIENTS_MAX;
+    size_t npool = kind == CLIENT_CTL ? STATS_CTL_CLIENTS_MAX : STATS_HTTP_CLIENTS_MAX;
     for (int k = 0; k < 16; k++) { /* a bounded batch: the loop stays fair */
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0)
             return;
         struct client *c = NULL;
-        for (size_t i = 0; i < STATS_CLIENTS_MAX && c == NULL; i++)
-            if (s->clients[i].fd < 0)
-                c = &s->clients[i];
+        for (size_t i = 0; i < npool && c == NULL; i++)
+            if (pool[i].fd < 0)
+                c = &pool[i];
+        if (c == NULL && (c = pool_victim(pool, npool)) != NULL) {
+            if (!c->draining)
+                client_refuse(c->fd, kind, "too many clients: closed for a newer one");
+            client_close(c);
+            s->evicted++;
+            if (s->evict_logged == 0 || now - s->evict_logged >= 60000) {
+                log_msg(LOG_NOTICE, "event=stats_client_evicted kind=%s count=%u note=pool_full",
+                        kind == CLIENT_CTL ? "socket" : "http", s->evicted);
+                s->evict_logged = now;
+                s->evicted = 0;
+            }
+        }
         if (c == NULL) {
-            static const char ctl_busy[] = "{\"ok\":false,\"error\":\"too many clients\"}\n";
-            static const char http_busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: "
-                                            "0\r\nConnection: close\r\n\r\n";
-            if (kind == CLIENT_CTL)
-                (void)!send(fd, ctl_busy, sizeof(ctl_busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-            else
-                (void)!send(fd, http_busy, sizeof(http_busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-            shutdown(fd, SHUT_WR);
+            client_refuse(fd, kind, "too many clients");
             close(fd);
             continue;
         }
@@ -1131,7 +1216,9 @@ stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t
         c->closing = c->draining = c->eof = false;
         c->inlen = c->drained = c->outoff = 0;
         json_init(&c->out);
-        c->deadline = now + idle_of(s, c);
+        c->req_start = c->last_io = now; /* a request is owed from the start */
+        c->answer_at = 0;
+        client_rearm(s, c);
     }
 }
 

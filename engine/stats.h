@@ -29,7 +29,16 @@ struct json;
 
 #define STATS_LINE_MAX         4096 /* a longer command line: error, then close */
 #define STATS_HTTP_REQUEST_MAX 8192
-#define STATS_CLIENTS_MAX      32    /* socket and HTTP clients together */
+/* Slots: the socket's and HTTP's apart, so that HTTP clients never take
+ * sluicectl's. A full pool makes room for a newcomer by closing the client
+ * whose request has waited longest (then the one idle longest); one whose
+ * answer is being sent is never closed for it. */
+#define STATS_CTL_CLIENTS_MAX  32
+#define STATS_HTTP_CLIENTS_MAX 32
+#define STATS_CLIENTS_MAX      (STATS_CTL_CLIENTS_MAX + STATS_HTTP_CLIENTS_MAX)
+#define STATS_REQUEST_MS       5000  /* accept (or first octet) to a whole request, however
+                                        the octets trickle in */
+#define STATS_ANSWER_MS        10000 /* an answer made to its last octet sent */
 #define STATS_IDLE_MS          60000 /* a socket client silent this long is dropped */
 #define STATS_HTTP_IDLE_MS     10000
 #define STATS_DOMAINS_DEFAULT  20 /* "domains" without N */

@@ -841,21 +841,26 @@ static void
 test_idle_and_limits(void **state)
 {
     struct fixture *fx = *state;
-    /* every slot taken (each answered, so each is accepted), then one more */
-    struct conn *cs[STATS_CLIENTS_MAX];
-    for (int i = 0; i < STATS_CLIENTS_MAX; i++) {
+    /* every socket slot taken (each answered, so each is accepted), then
+     * one more: the client idle longest makes room, told why */
+    struct conn *cs[STATS_CTL_CLIENTS_MAX];
+    for (int i = 0; i < STATS_CTL_CLIENTS_MAX; i++) {
         cs[i] = conn_open(fx->path);
         struct jv *v = conn_ask(cs[i], "help");
         assert_true(jbool(v, "ok"));
         jfree(v);
     }
     struct conn *extra = conn_open(fx->path);
-    char *line = conn_read_line(extra);
+    struct jv *v = conn_ask(extra, "help");
+    assert_true(jbool(v, "ok"));
+    jfree(v);
+    char *line = conn_read_line(cs[0]);
     assert_non_null(line);
-    assert_non_null(strstr(line, "too many clients"));
+    assert_non_null(strstr(line, "too many clients: closed for a newer one"));
     free(line);
+    assert_true(conn_closed(cs[0]));
     conn_close(extra);
-    for (int i = 0; i < STATS_CLIENTS_MAX; i++)
+    for (int i = 0; i < STATS_CTL_CLIENTS_MAX; i++)
         conn_close(cs[i]);
 
     /* a client that says nothing is dropped */
@@ -1205,6 +1210,155 @@ test_sluicectl(void **state)
     unsetenv("SLUICE_SOCKET");
 }
 
+/* ---- tricklers ---- */
+
+#define TRICKLERS 40 /* of each kind: more than either pool holds */
+
+struct trickler {
+    int fd;
+    bool http;
+    uint64_t opened, closed; /* monotonic ms; closed 0: still open */
+    bool evicted;            /* told "too many clients" before the close */
+    size_t sent;
+};
+
+struct trickle_run {
+    struct trickler t[2 * TRICKLERS];
+    uint64_t until; /* stop trickling then, closed or not */
+};
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* One octet of a request that never ends, every 50 ms, on every trickler
+ * still open; a close (EOF or reset) is noted with what came before it. */
+static void *
+trickle_thread(void *arg)
+{
+    struct trickle_run *r = arg;
+    static const char ctl_req[] = "stats";
+    static const char http_req[] = "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: ";
+    for (;;) {
+        uint64_t now = mono_ms();
+        unsigned open = 0;
+        for (int i = 0; i < 2 * TRICKLERS; i++) {
+            struct trickler *t = &r->t[i];
+            if (t->closed != 0)
+                continue;
+            char in[512];
+            ssize_t n = recv(t->fd, in, sizeof(in) - 1, MSG_DONTWAIT);
+            if (n > 0) {
+                in[n] = '\0';
+                t->evicted |= strstr(in, "too many clients") != NULL ||
+                              strstr(in, "503 Service Unavailable") != NULL;
+            }
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+                t->closed = now;
+                continue;
+            }
+            const char *req = t->http ? http_req : ctl_req;
+            size_t rl = t->http ? sizeof(http_req) - 1 : sizeof(ctl_req) - 1;
+            char b = t->sent < rl ? req[t->sent] : 'a';
+            if (send(t->fd, &b, 1, MSG_NOSIGNAL | MSG_DONTWAIT) == 1)
+                t->sent++;
+            open++;
+        }
+        if (open == 0 || now >= r->until)
+            return NULL;
+        struct timespec step = {0, 50 * 1000000};
+        nanosleep(&step, NULL);
+    }
+}
+
+static int
+http_connect(struct fixture *fx)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)stats_server_http_port(fx->s))};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    return fd;
+}
+
+/* 40 HTTP and 40 socket clients each trickle a request that never ends:
+ * sluicectl still gets its answer, and every trickler is closed, either
+ * for a newer client or at its whole-request deadline (STATS_REQUEST_MS
+ * after it connected, however many octets it sent meanwhile). */
+static void
+test_tricklers(void **state)
+{
+    struct fixture *fx = *state;
+    char bin[PATH_MAX + 32];
+    if (!sluicectl_path(bin, sizeof(bin))) {
+        fprintf(stderr, "sluicectl not built next to this test (set SLUICECTL): skipped\n");
+        skip();
+    }
+    struct trickle_run *r = calloc(1, sizeof(*r));
+    assert_non_null(r);
+    for (int i = 0; i < 2 * TRICKLERS; i++) {
+        struct trickler *t = &r->t[i];
+        t->http = i % 2 == 0;
+        t->opened = mono_ms();
+        if (t->http) {
+            t->fd = http_connect(fx);
+        } else {
+            struct conn *c = conn_open(fx->path);
+            t->fd = dup(c->fd);
+            conn_close(c);
+        }
+    }
+    r->until = mono_ms() + STATS_REQUEST_MS + 10000;
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, trickle_thread, r), 0);
+    /* every trickler has sent octets by now; ask as an operator would */
+    struct timespec wait = {0, 500 * 1000000};
+    nanosleep(&wait, NULL);
+    char *out = NULL;
+    static const char *const args[] = {"-s", NULL, "stats", NULL};
+    const char *a[4] = {args[0], fx->path, args[2], NULL};
+    int rc = run_ctl(fx, bin, &out, a);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(out, "received"));
+    free(out);
+    pthread_join(th, NULL);
+
+    unsigned evicted[2] = {0, 0}, at_deadline[2] = {0, 0};
+    for (int i = 0; i < 2 * TRICKLERS; i++) {
+        struct trickler *t = &r->t[i];
+        if (t->closed == 0)
+            fail_msg("trickler %d (%s) still open after %u ms, %zu octets sent", i,
+                     t->http ? "http" : "socket", (unsigned)(mono_ms() - t->opened), t->sent);
+        uint64_t held = t->closed - t->opened;
+        if (t->evicted) {
+            evicted[t->http]++;
+            continue;
+        }
+        /* at the deadline: not before it, and not long after (slack for a
+         * loaded machine; an idle timeout reset by each octet never fires) */
+        if (held + 100 < STATS_REQUEST_MS || held > STATS_REQUEST_MS + 4000)
+            fail_msg("trickler %d (%s) closed after %llu ms (%zu octets)", i,
+                     t->http ? "http" : "socket", (unsigned long long)held, t->sent);
+        at_deadline[t->http]++;
+        assert_true(t->sent >= 20); /* it kept trickling all along */
+    }
+    print_message("tricklers: socket %u made room, %u closed at the deadline; http %u made "
+                  "room, %u at the deadline\n",
+                  evicted[0], at_deadline[0], evicted[1], at_deadline[1]);
+    /* each pool holds its own 32: HTTP never took a socket slot */
+    assert_true(evicted[0] >= TRICKLERS - STATS_CTL_CLIENTS_MAX + 1); /* + sluicectl */
+    assert_true(evicted[1] >= TRICKLERS - STATS_HTTP_CLIENTS_MAX);
+    assert_true(at_deadline[0] > 0 && at_deadline[1] > 0);
+    for (int i = 0; i < 2 * TRICKLERS; i++)
+        close(r->t[i].fd);
+    free(r);
+}
+
 int
 main(void)
 {
@@ -1220,6 +1374,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_metrics_render, setup, teardown),
         cmocka_unit_test_setup_teardown(test_socket_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sluicectl, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tricklers, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
