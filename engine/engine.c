@@ -8,10 +8,12 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -94,6 +96,50 @@ load_users(struct engine *e, char *err, size_t errlen)
     return rc;
 }
 
+/* On the failed worker's thread (see engine.h). */
+static void
+engine_on_worker_failed(struct worker *w, int err)
+{
+    struct engine *e = w->ctx;
+    log_msg(LOG_CRIT,
+            "event=worker_failed worker=%s err=\"%s\" action=stopping exit=%d "
+            "note=listeners_closed_spool_kept_restart_expected",
+            w->name, strerror(-err), ENGINE_EXIT_FAILED);
+    if (e->srv != NULL && e->srv[w->id] != NULL)
+        server_worker_drain(e->srv[w->id]);
+    atomic_fetch_add(&e->failed, 1);
+    kill(getpid(), SIGTERM); /* main's sigwaitinfo takes it */
+}
+
+unsigned
+engine_failed_workers(struct engine *e)
+{
+    return atomic_load(&e->failed);
+}
+
+/* SLUICE_TEST_FAIL_RING=W:N: worker W's loop fails as on a ring error
+ * after N turns (tests of the path above). Returns 0 or -EINVAL with err. */
+static int
+test_hook_fail_ring(struct engine *e, char *err, size_t errlen)
+{
+    const char *v = getenv("SLUICE_TEST_FAIL_RING");
+    if (v == NULL || *v == '\0')
+        return 0;
+    unsigned wid;
+    unsigned long long turns;
+    char tail;
+    if (sscanf(v, "%u:%llu%c", &wid, &turns, &tail) != 2 || wid >= e->nworkers || turns == 0) {
+        snprintf(err, errlen,
+                 "SLUICE_TEST_FAIL_RING=%s: expected WORKER:TURNS, worker below %u, turns above 0",
+                 v, e->nworkers);
+        return -EINVAL;
+    }
+    e->workers[wid].fail_after = turns;
+    log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_FAIL_RING worker=%u after_turns=%llu",
+            wid, turns);
+    return 0;
+}
+
 int
 engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen)
 {
@@ -101,6 +147,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
     atomic_init(&e->drained, 0);
+    atomic_init(&e->failed, 0);
     e->started_ms = clock_unix_ms();
     pthread_mutex_init(&e->per_ip.lock, NULL);
     pthread_mutex_init(&e->users_lock, NULL);
@@ -150,6 +197,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
         e->nworkers++;
+        e->workers[i].on_failed = engine_on_worker_failed;
         if (e->dlog != NULL && (e->dlogw[i] = dlog_writer_new(e->dlog)) == NULL) {
             snprintf(err, errlen, "out of memory for the delivery log");
             rc = -ENOMEM;
@@ -175,6 +223,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
      * also be found by the walk (it would be delivered twice). The jobs
      * wait in the workers' mailboxes behind their start messages. */
     requeue_spool(e);
+    rc = test_hook_fail_ring(e, err, errlen);
+    if (rc < 0)
+        goto fail;
     for (unsigned i = 0; i < e->nworkers; i++) {
         rc = worker_start(&e->workers[i]);
         if (rc < 0) {
@@ -203,12 +254,13 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
     /* A bounded wait for the workers' word (no event to block on here:
      * the main thread has nothing else to do meanwhile). */
     struct timespec step = {0, 20 * 1000000};
+    /* A failed worker never reports: it holds nothing that can finish. */
     for (uint64_t waited = 0; waited < timeout_ms; waited += 20) {
-        if (atomic_load(&e->drained) >= e->nworkers)
+        if (atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers)
             return true;
         nanosleep(&step, NULL);
     }
-    return atomic_load(&e->drained) >= e->nworkers;
+    return atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers;
 }
 
 void
@@ -225,7 +277,7 @@ engine_stop(struct engine *e)
     }
     for (unsigned i = 0; i < e->nworkers; i++) {
         int rc = worker_join(&e->workers[i]);
-        if (rc < 0)
+        if (rc < 0 && !e->workers[i].failed)
             log_msg(LOG_ERR, "event=worker_failed worker=%u err=%s", i, strerror(-rc));
     }
     /* Signing jobs still in the pool come back (cancelled) to the

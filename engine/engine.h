@@ -67,6 +67,7 @@ struct engine {
     _Atomic uint64_t body_bytes; /* bytes of message-body buffers held by submission
                                   * sessions of every worker; bounded by [server]
                                   * body_memory_limit (server.c takes and gives back) */
+    _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     struct conn_table per_ip;
 };
 
@@ -81,6 +82,17 @@ int engine_start(struct engine *e, const struct config *cfg, char *err, size_t e
 bool engine_drain(struct engine *e, uint64_t timeout_ms);
 /* Stop every worker and wait for them; close the spool; free. */
 void engine_stop(struct engine *e);
+
+/* A worker whose ring fails at run time cannot serve its sessions or its
+ * listeners again. It logs event=worker_failed, shuts its listeners (the
+ * kernel sends new clients to the other workers' sockets, none waits in
+ * a backlog nobody serves) and sends the process SIGTERM: main drains the
+ * other workers and exits with ENGINE_EXIT_FAILED, so that the supervisor
+ * restarts it (Restart=on-failure). Nothing is lost: the spool is
+ * durable, and what the failed worker had in flight is retried after the
+ * restart. How many workers failed (any thread): */
+unsigned engine_failed_workers(struct engine *e);
+#define ENGINE_EXIT_FAILED 70 /* EX_SOFTWARE */
 
 /* SIGHUP: reopen the delivery log, reload the users file, and, when ncfg
  * is given (a config read again and valid), run on it from now on: domain

@@ -48,7 +48,11 @@ usage(FILE *out)
             "and the configuration: domain policies and limits, TLS policies, retries,\n"
             "classification and bounce settings take effect; what needs a restart\n"
             "(listeners, workers, spool, certificates, sockets, Redis URL, log paths) is\n"
-            "logged as kept. A config with errors is refused and the old one kept.\n",
+            "logged as kept. A config with errors is refused and the old one kept.\n"
+            "\n"
+            "Exit status: 0 after a drain, 1 when it cannot start, 70 when a worker's\n"
+            "io_uring failed at run time (logged as event=worker_failed; the others\n"
+            "were drained, nothing is lost: a supervisor should restart it).\n",
             DEFAULT_CONFIG);
 }
 
@@ -250,19 +254,23 @@ main(int argc, char **argv)
             continue;
         }
         uint64_t drain_ms = engine.cfg->server.drain_timeout;
-        log_msg(LOG_NOTICE, "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu",
-                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms);
+        log_msg(LOG_NOTICE,
+                "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu reason=%s",
+                sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms,
+                engine_failed_workers(&engine) > 0 ? "worker_failed" : "signal");
         bool all = engine_drain(&engine, drain_ms);
         log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s", all ? "done" : "timed_out",
                 all ? "nothing_in_flight" : "what_was_in_flight_stays_queued");
         break;
     }
+    /* A failed worker: exit non-zero, so that the supervisor restarts us. */
+    int status = engine_failed_workers(&engine) > 0 ? ENGINE_EXIT_FAILED : 0;
     engine_stop(&engine);
-    log_msg(LOG_NOTICE, "event=stopped");
+    log_msg(status == 0 ? LOG_NOTICE : LOG_CRIT, "event=stopped exit=%d", status);
     log_close();
     config_free(cfg);
     for (size_t i = 0; i < ncfgs; i++)
         config_free(cfgs[i]);
     free(cfgs);
-    return 0;
+    return status;
 }

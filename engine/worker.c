@@ -253,8 +253,15 @@ worker_run(struct worker *w)
             break;
         deadline_arm(w, timer_next(&w->timers));
         int rc = io_uring_submit_and_wait(&w->ring, 1);
+        bool injected = w->fail_after != 0 && w->stats.loops >= w->fail_after;
+        if (injected)
+            rc = -EIO;
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-            log_msg(LOG_CRIT, "worker=%s event=ring_failed err=%s", w->name, strerror(-rc));
+            log_msg(LOG_CRIT, "worker=%s event=ring_failed err=%s%s", w->name, strerror(-rc),
+                    injected ? " injected_by=SLUICE_TEST_FAIL_RING" : "");
+            w->failed = true;
+            if (w->on_failed != NULL)
+                w->on_failed(w, rc);
             return rc;
         }
         struct io_uring_cqe *cqe;

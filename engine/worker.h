@@ -77,6 +77,14 @@ struct worker {
     pthread_mutex_t mbox_lock;
     struct worker_msg *mbox_head, **mbox_tail; /* FIFO of borrowed messages */
     struct worker_msg stop_msg;
+
+    /* Called on the worker's thread when its loop ends on a ring error:
+     * nothing will complete on this ring again. NULL: none. */
+    void (*on_failed)(struct worker *w, int err);
+    bool failed;            /* the loop ended on a ring error */
+    /* Tests (SLUICE_TEST_FAIL_RING, read by the engine): the loop fails as
+     * on a ring error (-EIO) after this many turns; 0: never. */
+    uint64_t fail_after;
 };
 
 /* Set up the ring (entries SQEs; the CQ is sized for thousands of
@@ -85,7 +93,8 @@ int worker_init(struct worker *w, unsigned id, unsigned entries, void *ctx);
 void worker_fini(struct worker *w);
 
 /* Run the loop on the calling thread until worker_stop() (or the stopping
- * flag) ends it. Returns 0, or -errno when the ring failed. */
+ * flag) ends it. Returns 0, or -errno when the ring failed (logged as
+ * event=ring_failed; w->failed set, then w->on_failed called). */
 int worker_run(struct worker *w);
 /* Start a thread that runs worker_run(). Returns 0 or -errno. */
 int worker_start(struct worker *w);
