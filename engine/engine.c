@@ -284,9 +284,8 @@ engine_stop(struct engine *e)
      * mailboxes swept below, before their sessions are freed. */
     e->dkim_pool = dkim_pool_free(e->dkim_pool);
     for (unsigned i = 0; i < e->nworkers; i++) {
-        e->srv[i] = server_worker_free(e->srv[i]);
-        e->dlv[i] = delivery_free(e->dlv[i]);
-        /* start messages never delivered (a failed start) */
+        /* Messages never delivered (a failed start, or a worker whose ring
+         * failed), before their owners go: some are embedded in them. */
         struct worker_msg *m = e->workers[i].mbox_head;
         while (m != NULL) {
             struct worker_msg *next = m->next;
@@ -297,6 +296,8 @@ engine_stop(struct engine *e)
             m = next;
         }
         e->workers[i].mbox_head = NULL;
+        e->srv[i] = server_worker_free(e->srv[i]);
+        e->dlv[i] = delivery_free(e->dlv[i]);
         worker_fini(&e->workers[i]);
         if (e->dlogw != NULL)
             e->dlogw[i] = dlog_writer_free(e->dlogw[i]);
