@@ -165,6 +165,22 @@ esc_put(char *out, size_t cap, size_t *len, bool *full, const void *b, size_t k)
     *len += k;
 }
 
+/* Octets kept as they are: as many as fit, cut between characters. */
+static void
+esc_run(char *out, size_t cap, size_t *len, bool *full, const unsigned char *b, size_t k)
+{
+    if (!*full && *len + k >= cap) {
+        size_t fit = cap > *len + 1 ? cap - *len - 1 : 0;
+        while (fit > 0 && fit < k && (b[fit] & 0xc0) == 0x80)
+            fit--; /* not inside a UTF-8 sequence */
+        esc_put(out, cap, len, full, b, fit);
+        *len += k - fit;
+        *full = true;
+        return;
+    }
+    esc_put(out, cap, len, full, b, k);
+}
+
 size_t
 log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
 {
@@ -174,6 +190,7 @@ log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
     bool full = false;
     if (cap > 0)
         out[0] = '\0';
+    size_t run = 0; /* octets kept as they are, not yet copied */
     for (size_t i = 0; i < n;) {
         unsigned char c = p[i];
         size_t l = 1;
@@ -188,10 +205,12 @@ log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
                   (c == ' ' && mode == LOG_ESC_VALUE);
         }
         if (!esc) {
-            esc_put(out, cap, &len, &full, p + i, l);
+            run += l;
             i += l;
             continue;
         }
+        esc_run(out, cap, &len, &full, p + i - run, run);
+        run = 0;
         for (size_t k = 0; k < l; k++, i++) {
             char e[4] = {'\\', 0, 0, 0};
             size_t el = 2;
@@ -210,6 +229,7 @@ log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
             esc_put(out, cap, &len, &full, e, el);
         }
     }
+    esc_run(out, cap, &len, &full, p + n - run, run);
     return len;
 }
 
@@ -347,12 +367,50 @@ line_vformat(struct line *o, const char *fmt, va_list ap)
         if (conv == '\0')
             break;
         f++;
-        sl += (size_t)snprintf(spec + sl, sizeof(spec) - sl, "%s%c", lenmod, conv);
+        bool plain = sl == 1 && prec < 0; /* no flag, width or precision */
+        for (const char *m = lenmod; *m != '\0'; m++)
+            spec[sl++] = *m;
+        spec[sl++] = conv;
+        spec[sl] = '\0';
         enum log_esc mode = !quoted && (prev == '=' || prev == '<') ? LOG_ESC_VALUE : LOG_ESC_TEXT;
         char prev_fmt = prev;
         prev = conv;
         char num[512];
         int nl = -1;
+        if (plain && (conv == 'u' || conv == 'd' || conv == 'i')) {
+            /* the common case, without snprintf */
+            unsigned long long u;
+            bool neg = false;
+            if (conv == 'u') {
+                u = lenmod[1] == 'l'   ? va_arg(ap, unsigned long long)
+                    : lenmod[0] == 'l' ? va_arg(ap, unsigned long)
+                    : lenmod[0] == 'z' ? va_arg(ap, size_t)
+                    : lenmod[0] == 'j' ? va_arg(ap, uintmax_t)
+                    : lenmod[0] == 't' ? (unsigned long long)va_arg(ap, ptrdiff_t)
+                                       : va_arg(ap, unsigned);
+                if (lenmod[0] == 'h')
+                    u = lenmod[1] == 'h' ? (unsigned char)u : (unsigned short)u;
+            } else {
+                long long v = lenmod[1] == 'l'   ? va_arg(ap, long long)
+                              : lenmod[0] == 'l' ? va_arg(ap, long)
+                              : lenmod[0] == 'z' ? va_arg(ap, ssize_t)
+                              : lenmod[0] == 'j' ? va_arg(ap, intmax_t)
+                              : lenmod[0] == 't' ? va_arg(ap, ptrdiff_t)
+                                                 : va_arg(ap, int);
+                if (lenmod[0] == 'h')
+                    v = lenmod[1] == 'h' ? (signed char)v : (short)v;
+                neg = v < 0;
+                u = neg ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+            }
+            char *e = num + sizeof(num), *q = e;
+            do
+                *--q = (char)('0' + u % 10);
+            while ((u /= 10) != 0);
+            if (neg)
+                *--q = '-';
+            line_put(o, q, (size_t)(e - q));
+            continue;
+        }
         switch (conv) {
         case '%':
             line_put(o, "%", 1);

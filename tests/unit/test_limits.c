@@ -747,11 +747,13 @@ node_stop(struct node *n, bool release)
     n->running = false;
 }
 
+/* Options for nodes of a Redis on port (the url lives until the next
+ * call). */
 static struct limits_opts
-shared_opts(unsigned nodes)
+opts_on(int port, unsigned nodes)
 {
     static char url[64];
-    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", redis_port);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", port);
     struct limits_opts o = {0};
     o.redis_url = url;
     o.nodes = nodes;
@@ -761,6 +763,12 @@ shared_opts(unsigned nodes)
     o.reconnect_min_ms = 50;
     o.reconnect_max_ms = 400;
     return o;
+}
+
+static struct limits_opts
+shared_opts(unsigned nodes)
+{
+    return opts_on(redis_port, nodes);
 }
 
 static int
@@ -1299,16 +1307,8 @@ test_hostile_redis(void **state)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         fake_set(&f, cases[i].load, cases[i].take, cases[i].conn,
                  strcmp(cases[i].name, "truncated reply") == 0);
-        char url[64];
-        snprintf(url, sizeof(url), "redis://127.0.0.1:%d", f.port);
-        struct limits_opts o = {0};
-        o.redis_url = url;
-        o.nodes = 2;
-        o.token_batch = 10;
-        o.lease_ttl_ms = 3000;
+        struct limits_opts o = opts_on(f.port, 2);
         o.redis_timeout_ms = 300;
-        o.reconnect_min_ms = 50;
-        o.reconnect_max_ms = 200;
         struct limit_conf c = conf_msgs(100, 1000, 4);
         c.max_connections = 4;
         static struct node a;

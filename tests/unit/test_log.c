@@ -305,6 +305,20 @@ test_long_line_is_cut_on_a_whole_escape(void **state)
 }
 
 static void
+test_long_plain_value_fills_the_line(void **state)
+{
+    struct fixture *fx = *state;
+    char big[5000];
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    log_msg(LOG_INFO, "event=big reply=\"%s\" after=1", big);
+    char *line = one_line(fx);
+    assert_true(strlen(line) > 2000);
+    assert_non_null(strstr(line, "xxxxxxxxxx truncated=1"));
+    free(line);
+}
+
+static void
 test_escape_function(void **state)
 {
     (void)state;
@@ -322,6 +336,13 @@ test_escape_function(void **state)
     assert_int_equal(log_escape(out, 6, "\x1b\x1b", 2, LOG_ESC_TEXT), 8);
     assert_string_equal(out, "\\x1b");
     assert_int_equal(log_escape(NULL, 0, "\xff", 1, LOG_ESC_TEXT), 4);
+    /* plain text is cut to what fits, between characters */
+    assert_int_equal(log_escape(out, 5, "abcdef", 6, LOG_ESC_TEXT), 6);
+    assert_string_equal(out, "abcd");
+    assert_int_equal(log_escape(out, 5, "ab\xc3\xa4\xc3\xa4", 6, LOG_ESC_TEXT), 6);
+    assert_string_equal(out, "ab\xc3\xa4");
+    assert_int_equal(log_escape(out, 4, "ab\xc3\xa4\xc3\xa4", 6, LOG_ESC_TEXT), 6);
+    assert_string_equal(out, "ab");
 }
 
 int
@@ -332,6 +353,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_hostile_unquoted_values, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conversions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line_is_cut_on_a_whole_escape, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_long_plain_value_fills_the_line, setup, teardown),
         cmocka_unit_test(test_escape_function),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
