@@ -339,6 +339,11 @@ struct parse {
 
     struct mx_policy **lim_v; /* the [mx] or [source] section being read: (*lim_v)[lim_i] */
     unsigned lim_i;
+    struct lim_set {          /* keys set in [mx] and [source] sections, with their line */
+        struct mx_policy **v;
+        unsigned i, key, line;
+    } *lim_set;               /* owned */
+    unsigned nlim_set, lim_set_cap;
 
     struct dkim_build *dkims; /* owned */
     unsigned ndkims;
@@ -649,6 +654,31 @@ on_key(void *user, const char *section, const char *name, const char *value)
     }
     if (p->sec == -5 || p->sec == -6) {
         struct mx_policy *m = &(*p->lim_v)[p->lim_i];
+        const struct conf_key *k = conf_find(mx_keys, name);
+        if (k != NULL) {
+            /* as in every other section: a key once, wherever the section
+             * goes on further down */
+            unsigned idx = (unsigned)(k - mx_keys);
+            for (unsigned i = 0; i < p->nlim_set; i++) {
+                const struct lim_set *ls = &p->lim_set[i];
+                if (ls->v == p->lim_v && ls->i == p->lim_i && ls->key == idx) {
+                    perr(p, p->line, "%s: set twice in [%s %s] (first at line %u)", name,
+                         p->sec == -5 ? "mx" : "source", m->pattern, ls->line);
+                    return 1;
+                }
+            }
+            if (p->nlim_set == p->lim_set_cap) {
+                unsigned cap = p->lim_set_cap ? p->lim_set_cap * 2 : 16;
+                struct lim_set *v = realloc(p->lim_set, cap * sizeof(*v));
+                if (v == NULL) {
+                    perr(p, p->line, "out of memory");
+                    return 1;
+                }
+                p->lim_set = v;
+                p->lim_set_cap = cap;
+            }
+            p->lim_set[p->nlim_set++] = (struct lim_set){p->lim_v, p->lim_i, idx, p->line};
+        }
         if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
@@ -1040,6 +1070,7 @@ config_load(const char *path, struct config **out, FILE *errs)
     if (p.nerrors == 0 && finish(&p) < 0 && p.nerrors == 0)
         perr(&p, 0, "out of memory");
     free_builds(&p);
+    free(p.lim_set);
     if (p.nerrors != 0 || cfg->path == NULL) {
         config_free(cfg);
         return -EINVAL;

@@ -84,6 +84,33 @@ test_errors_with_lines(void **state)
     free(errs);
 }
 
+/* [mx] and [source] sections report a key set twice as the others do,
+ * also when the section goes on further down. */
+static void
+test_limit_sections_key_twice(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[mx *.example.com]\n"          /* 1 */
+                      "max_connections = 4\n"         /* 2 */
+                      "max_connections = 40\n"        /* 3: twice */
+                      "[source 192.0.2.1]\n"          /* 4 */
+                      "max_message_rate = 10/s\n"     /* 5 */
+                      "[mx other.example.net]\n"      /* 6 */
+                      "max_connections = 5\n"         /* 7: another section: fine */
+                      "[source 192.0.2.1]\n"          /* 8: continued */
+                      "max_message_rate = 20/s\n"     /* 9: twice */
+                      "message_burst = 3\n",          /* 10 */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "max_connections: set twice in [mx *.example.com] (first at line 2)");
+    expect_error(errs, 9, "max_message_rate: set twice in [source 192.0.2.1] (first at line 5)");
+    assert_null(strstr(errs, ":7:"));
+    assert_null(strstr(errs, ":10:"));
+    free(errs);
+}
+
 static void
 test_long_line_and_bad_domain(void **state)
 {
@@ -202,6 +229,7 @@ main(void)
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_long_line_and_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
+        cmocka_unit_test(test_limit_sections_key_twice),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
