@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "engine/limits.h"
+#include "tests/support/redis_server.h"
 
 #ifndef BENCH_BUILD
 #define BENCH_BUILD "unknown"
@@ -192,63 +193,6 @@ bench_redis_run(const char *url, unsigned batch)
     worker_fini(&r.w);
 }
 
-static pid_t
-redis_spawn(int *port_out)
-{
-    const char *path = access("/usr/bin/redis-server", X_OK) == 0 ? "/usr/bin/redis-server"
-                                                                    : "redis-server";
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &len) < 0)
-        return -1;
-    close(fd);
-    int port = ntohs(a.sin_port);
-    char ports[16];
-    snprintf(ports, sizeof(ports), "%d", port);
-    int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0)
-        return -1;
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(p[1], 1);
-        execlp(path, path, "--port", ports, "--bind", "127.0.0.1", "--save", "", "--appendonly",
-               "no", "--daemonize", "no", (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    char buf[4096];
-    size_t have = 0;
-    bool ready = false;
-    uint64_t deadline = clock_now_ns() + 10 * SEC;
-    while (pid > 0 && !ready && clock_now_ns() < deadline) {
-        struct pollfd pfd = {.fd = p[0], .events = POLLIN};
-        if (poll(&pfd, 1, 200) <= 0)
-            continue;
-        ssize_t n = read(p[0], buf + have, sizeof(buf) - 1 - have);
-        if (n <= 0)
-            break;
-        have += (size_t)n;
-        buf[have] = '\0';
-        ready = strstr(buf, "Ready to accept") != NULL;
-        if (have > sizeof(buf) / 2) {
-            memmove(buf, buf + have - 32, 32);
-            have = 32;
-        }
-    }
-    close(p[0]);
-    if (!ready) {
-        if (pid > 0) {
-            kill(pid, SIGKILL);
-            waitpid(pid, NULL, 0);
-        }
-        return -1;
-    }
-    *port_out = port;
-    return pid;
-}
-
 int
 main(void)
 {
@@ -261,11 +205,12 @@ main(void)
     if (env != NULL && *env != '\0') {
         snprintf(url, sizeof(url), "redis://%s", env);
     } else {
-        int port;
-        pid = redis_spawn(&port);
+        char err[200];
+        int port = redis_server_free_port();
+        pid = port > 0 ? redis_server_start(port, err, sizeof(err)) : -1;
         if (pid < 0) {
-            printf("redis   skipped: no redis-server could be started "
-                   "(set SLUICE_BENCH_REDIS=host:port)\n");
+            printf("redis   skipped: no redis-server could be started: %s "
+                   "(set SLUICE_BENCH_REDIS=host:port)\n", port > 0 ? err : "no free port");
             return 0;
         }
         snprintf(url, sizeof(url), "redis://127.0.0.1:%d", port);
@@ -274,9 +219,6 @@ main(void)
            "message at token_batch 1\n", url);
     bench_redis_run(url, 10);
     bench_redis_run(url, 1);
-    if (pid > 0) {
-        kill(pid, SIGTERM);
-        waitpid(pid, NULL, 0);
-    }
+    redis_server_kill(pid);
     return 0;
 }

@@ -44,6 +44,7 @@
 #include <hiredis/hiredis.h>
 
 #include "engine/limits.h"
+#include "tests/support/redis_server.h"
 
 #define SEC 1000000000ULL
 #define MSEC 1000000ULL
@@ -353,85 +354,29 @@ test_suspend(void **state)
 static pid_t redis_pid = -1;
 static int redis_port;
 
-static const char *
-redis_server_path(void)
-{
-    static const char *const paths[] = {"/usr/bin/redis-server", "/usr/local/bin/redis-server"};
-    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
-        if (access(paths[i], X_OK) == 0)
-            return paths[i];
-    return NULL;
-}
-
 static int
 free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(fd >= 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof(a));
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    socklen_t len = sizeof(a);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
+    int port = redis_server_free_port();
+    assert_true(port > 0);
+    return port;
 }
 
-/* Start redis-server on redis_port and wait (bounded) for its "Ready to
- * accept connections" line on the pipe of its standard output. */
+/* Start redis-server on redis_port (tests/support/redis_server.c). */
 static void
 redis_start(void)
 {
-    const char *path = redis_server_path();
-    assert_non_null(path);
-    int p[2];
-    assert_int_equal(pipe2(p, O_CLOEXEC), 0);
-    char port[16];
-    snprintf(port, sizeof(port), "%d", redis_port);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        dup2(p[1], 1);
-        execl(path, path, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly",
-              "no", "--daemonize", "no", "--loglevel", "notice", (char *)NULL);
-        _exit(127);
-    }
-    close(p[1]);
-    redis_pid = pid;
-    char buf[8192];
-    size_t have = 0;
-    bool ready = false;
-    uint64_t deadline = clock_now_ns() + 10 * SEC;
-    while (!ready && clock_now_ns() < deadline) {
-        struct pollfd pfd = {.fd = p[0], .events = POLLIN};
-        if (poll(&pfd, 1, 200) <= 0)
-            continue;
-        ssize_t n = read(p[0], buf + have, sizeof(buf) - 1 - have);
-        if (n <= 0)
-            break;
-        have += (size_t)n;
-        buf[have] = '\0';
-        ready = strstr(buf, "Ready to accept connections") != NULL;
-        if (have > sizeof(buf) / 2) {
-            memmove(buf, buf + have - 64, 64);
-            have = 64;
-        }
-    }
-    /* redis-server ignores SIGPIPE: closing our end only drops its logs */
-    close(p[0]);
-    assert_true(ready);
+    char err[200];
+    redis_pid = redis_server_start(redis_port, err, sizeof(err));
+    if (redis_pid < 0)
+        fail_msg("%s", err);
 }
 
 static void
 redis_kill(void)
 {
-    if (redis_pid > 0) {
-        kill(redis_pid, SIGKILL);
-        waitpid(redis_pid, NULL, 0);
-        redis_pid = -1;
-    }
+    redis_server_kill(redis_pid);
+    redis_pid = -1;
 }
 
 static int
