@@ -3,6 +3,12 @@
  * logging takes no lock; reopen replaces the fd and closes the old one
  * after the swap (a writer racing the swap may write to the old file,
  * which is what logrotate's rename expects).
+ *
+ * Lines are formatted here, not by vsnprintf: every %s and %c goes
+ * through log_escape() on its way into the line (the mode from its place
+ * in the format), the other conversions through snprintf one at a time
+ * (integers without it). A line cut at the buffer's end is cut between
+ * characters and escapes, and marked truncated=1.
  */
 #include "common/log.h"
 

@@ -3,6 +3,9 @@
  * Start: spool, users, per worker its server (listening sockets are bound
  * here, so a port in use fails the start), then the threads. Stop: the
  * threads, then each server (its pending commits drain), then the spool.
+ * A worker whose ring fails shuts its listeners and signals main, which
+ * drains the others and exits ENGINE_EXIT_FAILED (engine.h); the test
+ * seam SLUICE_TEST_FAIL_RING injects that failure.
  */
 #include "engine/engine.h"
 

@@ -13,6 +13,10 @@
  * cleanup hook when a context dies; those callbacks see the connection as
  * not up (r->up is cleared first), so nothing queues on a dying context.
  *
+ * hiredis's reader is given a createArray that refuses more than
+ * REPLY_ELEMENTS_MAX elements, so a hostile "*2147483647" costs a
+ * reconnect, not a huge allocation.
+ *
  * Threading: the worker's thread only.
  */
 #include "engine/redis.h"

@@ -16,6 +16,12 @@
  * with unread input makes the kernel send a reset, which can destroy the
  * answer before the peer read it (the "lingering close" of HTTP servers).
  *
+ * Clients are bounded in time as in number (stats.h): a request must be
+ * whole within STATS_REQUEST_MS of its start whatever its octets do, an
+ * answer sent within STATS_ANSWER_MS; client_rearm() is the one place a
+ * deadline is set. The socket and HTTP have pools of their own, and a
+ * full pool makes room by closing its oldest waiting client.
+ *
  * Threading: the struct is written by the stats thread only, after
  * stats_server_new() handed it over; stats_server_free() stops the
  * thread through an eventfd and joins it before touching anything.

@@ -12,7 +12,9 @@
  * back (STYLE rule 7: count them, cancel, free on the last completion).
  *
  * Each loop turn: fire due timers, submit everything queued, wait for at
- * least one completion or the next deadline, dispatch every completion.
+ * least one completion or the next deadline, dispatch every completion
+ * (none once the stopping flag is set, not even the rest of the batch).
+ * A ring error ends the loop for good: see on_failed below.
  */
 #ifndef SLUICE_ENGINE_WORKER_H
 #define SLUICE_ENGINE_WORKER_H
