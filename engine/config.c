@@ -12,6 +12,7 @@
 #include "engine/config.h"
 
 #include "engine/classify.h"
+#include "engine/events.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -348,6 +349,7 @@ struct parse {
     struct dkim_build *dkims; /* owned */
     unsigned ndkims;
     struct dkim_build *dkim;  /* the one being read */
+    unsigned ev_i; /* the [events] section being read: cfg->events[ev_i] */
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -583,6 +585,42 @@ dkim_section(struct parse *p, const char *arg)
     return 0;
 }
 
+/* [events NAME]: one event sink; a section may be continued further down. */
+static int
+events_section(struct parse *p, const char *arg)
+{
+    while (*arg == ' ' || *arg == '\t')
+        arg++;
+    struct config *cfg = p->cfg;
+    for (unsigned i = 0; i < cfg->nevents; i++)
+        if (strcmp(cfg->events[i].name, arg) == 0) {
+            p->ev_i = i;
+            return 0;
+        }
+    if (cfg->nevents == EVENTS_SINKS_MAX) {
+        perr(p, p->header_line, "[events %s]: at most %d [events] sections", arg,
+             EVENTS_SINKS_MAX);
+        return -1;
+    }
+    struct events_sink_config *nv = realloc(cfg->events, (cfg->nevents + 1) * sizeof(*nv));
+    if (nv == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    cfg->events = nv;
+    struct events_sink_config *c = &nv[cfg->nevents];
+    memset(c, 0, sizeof(*c));
+    char why[256];
+    if (conf_defaults(events_sink_keys, c, why, sizeof(why)) < 0 || (c->name = strdup(arg)) == NULL) {
+        conf_free(events_sink_keys, c);
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    c->line = p->header_line;
+    p->ev_i = cfg->nevents++;
+    return 0;
+}
+
 static void
 enter_section(struct parse *p, const char *section)
 {
@@ -615,6 +653,10 @@ enter_section(struct parse *p, const char *section)
     }
     if (strncmp(section, "dkim", 4) == 0 && (section[4] == ' ' || section[4] == '\t')) {
         p->sec = dkim_section(p, section + 5) == 0 ? -7 : -3;
+        return;
+    }
+    if (strncmp(section, "events", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
+        p->sec = events_section(p, section + 7) == 0 ? -8 : -3;
         return;
     }
     p->sec = -3;
@@ -680,6 +722,12 @@ on_key(void *user, const char *section, const char *name, const char *value)
             p->lim_set[p->nlim_set++] = (struct lim_set){p->lim_v, p->lim_i, idx, p->line};
         }
         if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
+            perr(p, p->line, "%s: %s", name, why);
+        return 1;
+    }
+    if (p->sec == -8) {
+        struct events_sink_config *c = &p->cfg->events[p->ev_i];
+        if (conf_set(events_sink_keys, c, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
@@ -1009,6 +1057,9 @@ finish(struct parse *p)
         return -ENOMEM;
     if (build_dkim(p) < 0)
         return -ENOMEM;
+    for (unsigned i = 0; i < cfg->nevents; i++)
+        if (events_sink_check(&cfg->events[i], why, sizeof(why)) < 0)
+            perr(p, cfg->events[i].line, "[events %s]: %s", cfg->events[i].name, why);
     if (p->nerrors != 0)
         return -EINVAL;
     if (cfg->server.workers == 0) {
@@ -1102,6 +1153,11 @@ config_free(struct config *cfg)
         free(cfg->sources[i].pattern);
     }
     free(cfg->sources);
+    for (unsigned i = 0; i < cfg->nevents; i++) {
+        conf_free(events_sink_keys, &cfg->events[i]);
+        free(cfg->events[i].name);
+    }
+    free(cfg->events);
     classify_free(cfg->classify);
     dkim_keyring_unref(cfg->dkim_keys);
     free(cfg->path);
@@ -1241,6 +1297,14 @@ config_reference(FILE *out)
                  "unsigned, and the delivery log's reception event says why. "
                  "`sluice --dkim-dns DOMAIN SELECTOR` prints the TXT record to publish.\n\n");
     reference_table(out, dkim_sig_conf_keys, sizeof(struct dkim_sig_config));
+    fprintf(out, "## [events NAME]: delivery events pushed to a webhook or a Redis stream\n\n"
+                 "Every delivery log event (whether or not [log] delivery_log is set) is "
+                 "journaled under the spool directory (events/) and pushed to each sink at "
+                 "least once, from a durable cursor per sink, each event with a unique "
+                 "event_id. A webhook gets JSON arrays in POSTs, signed when secret is set; "
+                 "a Redis sink XADDs one entry per event (fields event_id and data). Sinks "
+                 "are read at start (a reload does not change them).\n\n");
+    reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "

@@ -18,6 +18,7 @@
 #include "common/conf.h"
 #include "dkim/dkim.h"
 #include "dns/dns.h"
+#include "engine/events.h"
 #include "engine/netaddr.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -168,6 +169,8 @@ struct config {
      * this config (and a reload with one is refused). */
     struct dkim_config dkim;
     struct dkim_keyring *dkim_keys; /* owned reference; NULL: nothing is signed */
+    struct events_sink_config *events; /* owned array: [events NAME] sections, in file order */
+    unsigned nevents;
 };
 
 /* Read and validate path. On success returns 0 and *out (free with

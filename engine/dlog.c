@@ -69,7 +69,10 @@ struct dlog_writer {
 };
 
 struct dlog {
-    char *path; /* owned */
+    char *path; /* owned; "-" when there is no file */
+    bool nofile;
+    int (*tap)(void *arg, const struct iovec *iov, unsigned n); /* NULL: none; set under mu */
+    void *tap_arg; /* borrowed: outlives the dlog */
     unsigned flush_ms;
     pthread_t thread;
     bool started;
@@ -534,6 +537,10 @@ static void
 pending_write(struct dlog *d, struct buf_list *done)
 {
     struct dlog_buf *b;
+    if (d->nofile) {
+        list_splice(done, &d->pending);
+        return;
+    }
     while ((b = d->pending.head) != NULL) {
         while (b->off < b->len) {
             ssize_t n = write(d->fd, b->data + b->off, b->len - b->off);
@@ -568,6 +575,8 @@ pending_write(struct dlog *d, struct buf_list *done)
 static void
 dlog_do_reopen(struct dlog *d)
 {
+    if (d->nofile)
+        return;
     int fd = open(d->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
     if (fd < 0) {
         atomic_fetch_add_explicit(&d->reopen_errors, 1, memory_order_relaxed);
@@ -600,6 +609,24 @@ report_drops(struct dlog *d, uint64_t dropped, bool interval)
     }
 }
 
+/* Hand the collected lines to the tap, in order, 64 buffers a call. */
+static void
+tap_batch(struct dlog *d, const struct buf_list *got)
+{
+    struct iovec iov[64];
+    unsigned n = 0;
+    for (const struct dlog_buf *b = got->head; b != NULL; b = b->next) {
+        iov[n].iov_base = (void *)b->data;
+        iov[n].iov_len = b->len;
+        if (++n == 64) {
+            d->tap(d->tap_arg, iov, n);
+            n = 0;
+        }
+    }
+    if (n > 0)
+        d->tap(d->tap_arg, iov, n);
+}
+
 static void *
 dlog_main(void *arg)
 {
@@ -626,8 +653,11 @@ dlog_main(void *arg)
         struct buf_list got;
         list_init(&got);
         uint64_t dropped = collect_locked(d, &got, interval_due);
+        bool tap = d->tap != NULL;
         pthread_mutex_unlock(&d->mu);
 
+        if (tap)
+            tap_batch(d, &got);
         pending_add(d, &got, &done);
         if (atomic_exchange(&d->reopen, false))
             dlog_do_reopen(d);
@@ -691,8 +721,8 @@ dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *
     *out = NULL;
     if (err != NULL && errlen > 0)
         err[0] = '\0';
-    if (path == NULL || path[0] == '\0')
-        return new_fail(err, errlen, -EINVAL, "delivery log: path is not set");
+    if (path != NULL && path[0] == '\0')
+        return new_fail(err, errlen, -EINVAL, "delivery log: path is empty");
     struct dlog *d = calloc(1, sizeof(*d));
     if (d == NULL)
         return new_fail(err, errlen, -ENOMEM, "delivery log: out of memory");
@@ -712,13 +742,15 @@ dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&d->cond, &ca);
     pthread_condattr_destroy(&ca);
-    d->path = strdup(path);
+    d->nofile = path == NULL;
+    d->path = strdup(path != NULL ? path : "-");
     if (d->path == NULL) {
         dlog_destroy(d);
         return new_fail(err, errlen, -ENOMEM, "delivery log: out of memory");
     }
-    d->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
-    if (d->fd < 0) {
+    if (!d->nofile)
+        d->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (!d->nofile && d->fd < 0) {
         int rc = -errno;
         new_fail(err, errlen, rc, "cannot open delivery log %s: %s", path, strerror(-rc));
         dlog_destroy(d);
@@ -755,6 +787,17 @@ dlog_free(struct dlog *d)
         pthread_join(d->thread, NULL);
     dlog_destroy(d);
     return NULL;
+}
+
+void
+dlog_set_tap(struct dlog *d, int (*fn)(void *arg, const struct iovec *iov, unsigned n), void *arg)
+{
+    if (d == NULL)
+        return;
+    pthread_mutex_lock(&d->mu); /* the writer thread reads them under it first */
+    d->tap = fn;
+    d->tap_arg = arg;
+    pthread_mutex_unlock(&d->mu);
 }
 
 void

@@ -27,6 +27,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define DLOG_FLUSH_MS_DEFAULT 200u
 #define DLOG_BUF_SIZE         (64u * 1024)        /* one writer buffer */
@@ -101,7 +102,8 @@ struct dlog_stats {
 };
 
 /*
- * Open path (O_APPEND|O_CREAT, mode 0640) and start the writer thread.
+ * Open path (O_APPEND|O_CREAT, mode 0640) and start the writer thread;
+ * path NULL: no file (the events are only handed to the tap below).
  * flush_interval_ms 0 means DLOG_FLUSH_MS_DEFAULT. Returns 0 and *out
  * (free with dlog_free), or -errno with a message for the operator in err.
  */
@@ -111,6 +113,15 @@ int dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, ch
  * stop the writer thread, close. Every writer must have been freed first
  * (else: panic, abort). Returns NULL. */
 struct dlog *dlog_free(struct dlog *d);
+
+/*
+ * A tap on every batch of whole lines the writer thread collects, in
+ * order, before they go to the file: the event journal (events.h) is
+ * fed this way. Called on the writer thread; what it returns is its own
+ * business (it logs its errors). Set it before the first writer is made.
+ */
+void dlog_set_tap(struct dlog *d, int (*fn)(void *arg, const struct iovec *iov, unsigned n),
+                  void *arg);
 
 /* Cap the octets held in buffers not yet written (default
  * DLOG_MAX_BUFFERED, at least 2 * DLOG_BUF_SIZE). Any thread. */

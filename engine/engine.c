@@ -9,6 +9,8 @@
  */
 #include "engine/engine.h"
 
+#include <limits.h>
+
 #include <errno.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -23,6 +25,7 @@
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
+#include "engine/events.h"
 #include "engine/ops.h"
 #include "engine/server.h"
 
@@ -162,11 +165,21 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
-    if (cfg->log.delivery_log != NULL) {
+    if (cfg->nevents > 0) {
+        /* The journal lives with the spool: same disk, same backups. */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof(dir), "%s/events", cfg->queue.path);
+        rc = events_new(cfg->events, cfg->nevents, dir, &e->events, err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
+    if (cfg->log.delivery_log != NULL || e->events != NULL) {
         rc = dlog_new(cfg->log.delivery_log, (unsigned)cfg->log.delivery_log_flush, &e->dlog,
                       err, errlen);
         if (rc < 0)
             goto fail;
+        if (e->events != NULL)
+            dlog_set_tap(e->dlog, events_on_batch, e->events);
     }
     rc = tls_ctx_new_client(&cfg->tls, &e->tls_client, err, errlen);
     if (rc < 0)
@@ -307,6 +320,7 @@ engine_stop(struct engine *e)
     }
     /* After every worker: what they logged is written out. */
     e->dlog = dlog_free(e->dlog);
+    e->events = events_free(e->events); /* after the log: its last batch is journaled */
     free(e->dlogw);
     e->dlogw = NULL;
     free(e->workers);

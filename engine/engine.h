@@ -22,6 +22,7 @@
 struct server_worker;
 struct dkim_pool;
 struct dlog;
+struct events;
 struct dlog_writer;
 struct stats_server;
 
@@ -53,6 +54,7 @@ struct engine {
     struct server_worker **srv; /* owned: the submission server of each worker */
     struct delivery **dlv;     /* owned: the outbound side of each worker */
     struct dlog *dlog;         /* owned: the delivery log, NULL when off */
+    struct events *events;     /* owned: event sinks and their journal, NULL when none */
     struct dlog_writer **dlogw; /* owned: one writer per worker (NULL entries when off) */
     struct dlog_writer *dlogw_ops; /* owned: the stats thread's, for operator bounces */
     struct stats_server *stats; /* owned: the stats socket and /metrics, or NULL */

@@ -1,0 +1,923 @@
+/*
+ * events: see events.h for the design. This file owns the sinks: their
+ * threads, their batches (read from the journal, filtered, framed with
+ * each event's id), the HTTP client (libcurl's easy interface, one
+ * handle per sink, reused for keep-alive) and the Redis client (one
+ * hiredis context per sink, XADDs pipelined), and their backoff.
+ *
+ * A sink thread's loop: wait until the journal holds events past its
+ * cursor and the sink is not paused; gather a batch (closing at
+ * batch_max events, EVENTS_BATCH_BYTES, or batch_wait after the first
+ * event was seen); send it; on success store the cursor, on failure
+ * count, keep the error text and wait retry_min doubling to retry_max,
+ * then send the same events again. Events the filter leaves out move
+ * the cursor with the next batch.
+ *
+ * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
+ * and ev->cond wakes the sink threads (appends, pause, stop). A sink's
+ * clients and buffers belong to its thread alone.
+ */
+#include "engine/events.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <openssl/evp.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "engine/events_journal.h"
+
+#define READ_BUF (1024u * 1024) /* journal octets read at a time */
+
+#define EVK(f) offsetof(struct events_sink_config, f)
+const struct conf_key events_sink_keys[] = {
+    {"url", CONF_STRING, EVK(url), 1, 2048, NULL,
+     "where events go: http://HOST[:PORT]/PATH or https://... (a webhook: batched JSON POSTs), "
+     "or redis://[:PASSWORD@]HOST:PORT/STREAM (XADD to STREAM)", NULL},
+    {"secret", CONF_STRING, EVK(secret), 1, 1024, NULL,
+     "key of the " EVENTS_SIG_HEADER " header: sha256= hex HMAC-SHA256 of the "
+     EVENTS_TS_HEADER " value, a dot and the body; unset: not signed", NULL},
+    {"events", CONF_STRING, EVK(events), 0, 1024, "",
+     "event types sent, comma separated (reception, delivery, transient_failure, bounce, "
+     "expiration, dsn); empty: all", NULL},
+    {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
+     "tenants sent (the event's tenant field), comma separated; empty: all", NULL},
+    {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)",
+     NULL},
+    {"batch_wait", CONF_DURATION, EVK(batch_wait), 0, 60000, "200ms",
+     "a batch closes this long after its first event", NULL},
+    {"timeout", CONF_DURATION, EVK(timeout), 100, 600000, "10s",
+     "per request: connect, send and the endpoint's answer", NULL},
+    {"retry_min", CONF_DURATION, EVK(retry_min), 10, 3600000, "1s",
+     "wait after a first failed attempt; doubles on each failure", NULL},
+    {"retry_max", CONF_DURATION, EVK(retry_max), 10, 3600000, "1m", "ceiling of that wait",
+     NULL},
+    {"max_backlog", CONF_SIZE, EVK(max_backlog), 1024 * 1024, 0, "10G",
+     "journal kept for this sink while its endpoint is away; past it the oldest events are "
+     "dropped for this sink (counted, logged)", NULL},
+    {"maxlen", CONF_UINT, EVK(maxlen), 0, 4000000000u, "1000000",
+     "redis: XADD MAXLEN ~ this (the stream's approximate cap); 0: no cap", NULL},
+    {"ca_file", CONF_STRING, EVK(ca_file), 1, 4096, NULL,
+     "https: CA bundle that verifies the endpoint; unset: the system's", NULL},
+    {"paused", CONF_BOOL, EVK(paused), 0, 0, "no",
+     "start paused (sluicectl events resume NAME starts it)", NULL},
+    CONF_END,
+};
+
+enum sink_kind { SINK_HTTP, SINK_REDIS };
+
+struct sink {
+    struct events *ev; /* borrowed: owns the sink */
+    struct events_sink_config cfg; /* owned strings (conf_copy) */
+    enum sink_kind kind;
+    pthread_t thread;
+    bool started;
+
+    /* Under ev->mu. */
+    struct journal_pos cursor; /* durable: acknowledged up to here */
+    struct events_sink_stats st;
+    uint64_t oldest_ms; /* Unix ms of the first pending event, 0: unknown */
+
+    /* Sink thread only. */
+    int fd;          /* journal segment being read, -1 */
+    uint64_t fd_seg;
+    char *rbuf;      /* owned: READ_BUF */
+    struct json body; /* the batch: a JSON array of framed events */
+    size_t *offs, *lens; /* owned, batch_max each: every event's object in body */
+    uint64_t *seqs;      /* owned, batch_max: every event's number */
+    unsigned nlines;
+    struct journal_pos next; /* the cursor once the batch is acknowledged */
+    /* http */
+    CURL *curl;                 /* owned */
+    struct curl_slist *headers; /* owned, rebuilt per request */
+    char curl_err[CURL_ERROR_SIZE];
+    /* redis */
+    redisContext *redis; /* owned */
+    char host[256], stream[256], password[256];
+    int port;
+};
+
+struct events {
+    struct journal *journal; /* owned */
+    pthread_mutex_t mu;
+    pthread_cond_t cond; /* CLOCK_MONOTONIC */
+    bool stop;
+    uint64_t appends; /* bumped on every append: sinks wait for a change */
+    struct sink *sinks; /* owned array */
+    unsigned nsinks;
+};
+
+/* ---- config ---- */
+
+static int
+parse_redis_url(const char *url, char *host, size_t hostlen, int *port, char *stream,
+                size_t streamlen, char *password, size_t passlen)
+{
+    if (strncmp(url, "redis://", 8) != 0)
+        return -EINVAL;
+    const char *p = url + 8;
+    password[0] = '\0';
+    const char *at = strchr(p, '@');
+    const char *slash = strchr(p, '/');
+    if (at != NULL && (slash == NULL || at < slash)) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        const char *pw = colon != NULL ? colon + 1 : p;
+        size_t n = (size_t)(at - pw);
+        if (n >= passlen)
+            return -EINVAL;
+        memcpy(password, pw, n);
+        password[n] = '\0';
+        p = at + 1;
+    }
+    if (slash == NULL || slash[1] == '\0')
+        return -EINVAL;
+    const char *colon = memchr(p, ':', (size_t)(slash - p));
+    const char *hend = colon != NULL ? colon : slash;
+    if (*p == '[') { /* [::1]:6379 */
+        const char *rb = memchr(p, ']', (size_t)(slash - p));
+        if (rb == NULL)
+            return -EINVAL;
+        p++;
+        hend = rb;
+        colon = rb[1] == ':' ? rb + 1 : NULL;
+    }
+    size_t hn = (size_t)(hend - p);
+    if (hn == 0 || hn >= hostlen)
+        return -EINVAL;
+    memcpy(host, p, hn);
+    host[hn] = '\0';
+    *port = 6379;
+    if (colon != NULL) {
+        char *end;
+        long v = strtol(colon + 1, &end, 10);
+        if (end != slash || v < 1 || v > 65535)
+            return -EINVAL;
+        *port = (int)v;
+    }
+    size_t sn = strlen(slash + 1);
+    if (sn >= streamlen)
+        return -EINVAL;
+    memcpy(stream, slash + 1, sn + 1);
+    return 0;
+}
+
+int
+events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
+{
+    size_t n = strlen(c->name);
+    if (n == 0 || n > JOURNAL_NAME_MAX || c->name[0] == '.' ||
+        strspn(c->name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") != n) {
+        snprintf(err, errlen, "the name must be 1 to %d of A-Z a-z 0-9 _ . - (not first .)",
+                 JOURNAL_NAME_MAX);
+        return -EINVAL;
+    }
+    if (c->url == NULL) {
+        snprintf(err, errlen, "url: not set");
+        return -EINVAL;
+    }
+    if (strncmp(c->url, "redis://", 8) == 0) {
+        char host[256], stream[256], pw[256];
+        int port;
+        if (parse_redis_url(c->url, host, sizeof(host), &port, stream, sizeof(stream), pw,
+                            sizeof(pw)) < 0) {
+            snprintf(err, errlen, "url: expected redis://[:PASSWORD@]HOST:PORT/STREAM");
+            return -EINVAL;
+        }
+    } else if (strncmp(c->url, "http://", 7) != 0 && strncmp(c->url, "https://", 8) != 0) {
+        snprintf(err, errlen, "url: expected http://, https:// or redis://");
+        return -EINVAL;
+    }
+    if (c->retry_max < c->retry_min) {
+        snprintf(err, errlen, "retry_max is below retry_min");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* ---- signature ---- */
+
+void
+events_sign(const char *secret, uint64_t ts, const char *body, size_t len, char *out)
+{
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    size_t maclen = 0;
+    char prefix[32];
+    int pn = snprintf(prefix, sizeof(prefix), "%" PRIu64 ".", ts);
+    EVP_MAC *m = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    EVP_MAC_CTX *c = m != NULL ? EVP_MAC_CTX_new(m) : NULL;
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string("digest", (char *)"SHA256", 0),
+                           OSSL_PARAM_construct_end()};
+    if (c == NULL || !EVP_MAC_init(c, (const unsigned char *)secret, strlen(secret), params) ||
+        !EVP_MAC_update(c, (const unsigned char *)prefix, (size_t)pn) ||
+        !EVP_MAC_update(c, (const unsigned char *)body, len) ||
+        !EVP_MAC_final(c, mac, &maclen, sizeof(mac)))
+        maclen = 0;
+    EVP_MAC_CTX_free(c);
+    EVP_MAC_free(m);
+    static const char hex[] = "0123456789abcdef";
+    memcpy(out, "sha256=", 7);
+    for (size_t i = 0; i < maclen; i++) {
+        out[7 + 2 * i] = hex[mac[i] >> 4];
+        out[8 + 2 * i] = hex[mac[i] & 15];
+    }
+    out[7 + 2 * maclen] = '\0';
+}
+
+/* ---- batches ---- */
+
+/* Whether list (comma separated; "" matches all) names the n octets at v. */
+static bool
+list_has(const char *list, const char *v, size_t n)
+{
+    if (list == NULL || list[0] == '\0')
+        return true;
+    const char *p = list;
+    while (*p != '\0') {
+        while (*p == ' ' || *p == ',' || *p == '\t')
+            p++;
+        const char *e = p;
+        while (*e != '\0' && *e != ',' && *e != ' ' && *e != '\t')
+            e++;
+        if ((size_t)(e - p) == n && n > 0 && memcmp(p, v, n) == 0)
+            return true;
+        p = e;
+    }
+    return false;
+}
+
+/* The string value of "key" in one delivery log line (no escapes are
+ * expected in the values filtered on), or NULL. */
+static const char *
+line_field(const char *line, size_t len, const char *key, size_t *vlen)
+{
+    char pat[40];
+    int pn = snprintf(pat, sizeof(pat), "\"%s\":\"", key);
+    const char *p = memmem(line, len, pat, (size_t)pn);
+    if (p == NULL)
+        return NULL;
+    p += pn;
+    const char *e = memchr(p, '"', len - (size_t)(p - line));
+    if (e == NULL)
+        return NULL;
+    *vlen = (size_t)(e - p);
+    return p;
+}
+
+static bool
+sink_wants(const struct sink *s, const char *line, size_t len)
+{
+    size_t n = 0;
+    const char *v;
+    if (s->cfg.events != NULL && s->cfg.events[0] != '\0') {
+        v = line_field(line, len, "event", &n);
+        if (v == NULL || !list_has(s->cfg.events, v, n))
+            return false;
+    }
+    if (s->cfg.tenants != NULL && s->cfg.tenants[0] != '\0') {
+        v = line_field(line, len, "tenant", &n);
+        if (v == NULL || !list_has(s->cfg.tenants, v, n))
+            return false;
+    }
+    return true;
+}
+
+/* Unix ms of a line's "time" (RFC 3339, UTC, ms), 0 when unreadable. */
+static uint64_t
+line_time_ms(const char *line, size_t len)
+{
+    size_t n;
+    const char *v = line_field(line, len, "time", &n);
+    struct tm tm = {0};
+    int ms = 0;
+    if (v == NULL || n < 20 ||
+        sscanf(v, "%4d-%2d-%2dT%2d:%2d:%2d.%3d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+               &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) < 6)
+        return 0;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    time_t t = timegm(&tm);
+    return t < 0 ? 0 : (uint64_t)t * 1000 + (uint64_t)ms;
+}
+
+/* Frame one line as {"event_id":"NODE-SEQ", ...the line's members}. */
+static void
+batch_add(struct sink *s, const char *line, size_t len, uint64_t seq)
+{
+    struct json *b = &s->body;
+    if (s->nlines > 0)
+        json_raw(b, ",", 1);
+    s->offs[s->nlines] = b->len;
+    char head[64];
+    int hn = snprintf(head, sizeof(head), "{\"event_id\":\"%s-%" PRIu64 "\"",
+                      journal_id(s->ev->journal), seq);
+    json_raw(b, head, (size_t)hn);
+    /* line is "{...}\n": its members follow a comma. */
+    if (len > 3) {
+        json_raw(b, ",", 1);
+        json_raw(b, line + 1, len - 2);
+    } else {
+        json_raw(b, "}", 1);
+    }
+    s->lens[s->nlines] = b->len - s->offs[s->nlines];
+    s->seqs[s->nlines] = seq;
+    s->nlines++;
+}
+
+/*
+ * Gather the batch that starts at from into body (a JSON array): up to
+ * batch_max events the filter wants, EVENTS_BATCH_BYTES of them, or
+ * what the journal holds. s->next is where the cursor goes once it is
+ * acknowledged (past filtered events too). Returns 0 or -errno.
+ */
+static int
+batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
+             uint64_t *skipped, uint64_t *first_ms)
+{
+    struct journal_pos pos = *from;
+    json_reset(&s->body);
+    json_raw(&s->body, "[", 1);
+    s->nlines = 0;
+    *first_ms = 0;
+    bool full = false;
+    while (!full) {
+        long n = journal_read(s->ev->journal, &pos, s->rbuf, READ_BUF, &s->fd, &s->fd_seg,
+                              skipped);
+        if (n < 0)
+            return (int)n;
+        if (n == 0)
+            break;
+        const char *p = s->rbuf, *end = s->rbuf + n;
+        while (p < end) {
+            if (s->nlines == s->cfg.batch_max || s->body.len >= EVENTS_BATCH_BYTES) {
+                full = true;
+                break;
+            }
+            const char *nl = memchr(p, '\n', (size_t)(end - p));
+            size_t len = (size_t)(nl - p) + 1;
+            if (*first_ms == 0)
+                *first_ms = line_time_ms(p, len);
+            if (sink_wants(s, p, len))
+                batch_add(s, p, len, pos.seq);
+            else
+                (*filtered)++;
+            pos.off += len;
+            pos.seq++;
+            p = nl + 1;
+        }
+    }
+    json_raw(&s->body, "]", 1);
+    s->next = pos;
+    return json_failed(&s->body) ? -ENOMEM : 0;
+}
+
+/* ---- HTTP ---- */
+
+static size_t
+discard(char *p, size_t size, size_t n, void *arg)
+{
+    (void)p;
+    (void)arg;
+    return size * n;
+}
+
+static int
+http_init(struct sink *s)
+{
+    s->curl = curl_easy_init();
+    if (s->curl == NULL)
+        return -ENOMEM;
+    CURL *c = s->curl;
+    curl_easy_setopt(c, CURLOPT_URL, s->cfg.url);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)s->cfg.timeout);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)s->cfg.timeout);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, s->curl_err);
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+    if (s->cfg.ca_file != NULL)
+        curl_easy_setopt(c, CURLOPT_CAINFO, s->cfg.ca_file);
+    return 0;
+}
+
+/* POST the batch. Returns 0 on a 2xx, else -1 with the reason in err. */
+static int
+http_send(struct sink *s, char *err, size_t errlen)
+{
+    uint64_t ts = clock_unix_ms() / 1000;
+    char line[128], sig[80];
+    curl_slist_free_all(s->headers);
+    s->headers = NULL;
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
+    snprintf(line, sizeof(line), EVENTS_TS_HEADER ": %" PRIu64, ts);
+    if (h != NULL)
+        h = curl_slist_append(h, line);
+    if (h != NULL && s->cfg.secret != NULL) {
+        events_sign(s->cfg.secret, ts, s->body.buf, s->body.len, sig);
+        snprintf(line, sizeof(line), EVENTS_SIG_HEADER ": %s", sig);
+        h = curl_slist_append(h, line);
+    }
+    if (h != NULL)
+        h = curl_slist_append(h, "Expect:"); /* no 100-continue round trip */
+    if (h == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    s->headers = h;
+    curl_easy_setopt(s->curl, CURLOPT_HTTPHEADER, s->headers);
+    curl_easy_setopt(s->curl, CURLOPT_POSTFIELDS, s->body.buf);
+    curl_easy_setopt(s->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)s->body.len);
+    s->curl_err[0] = '\0';
+    CURLcode rc = curl_easy_perform(s->curl);
+    if (rc != CURLE_OK) {
+        snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
+        return -1;
+    }
+    long code = 0;
+    curl_easy_getinfo(s->curl, CURLINFO_RESPONSE_CODE, &code);
+    if (code < 200 || code > 299) {
+        snprintf(err, errlen, "HTTP status %ld", code);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Redis ---- */
+
+static void
+redis_drop(struct sink *s)
+{
+    if (s->redis != NULL)
+        redisFree(s->redis);
+    s->redis = NULL;
+}
+
+static int
+redis_connect(struct sink *s, char *err, size_t errlen)
+{
+    struct timeval tv = {.tv_sec = (time_t)(s->cfg.timeout / 1000),
+                         .tv_usec = (suseconds_t)(s->cfg.timeout % 1000 * 1000)};
+    s->redis = redisConnectWithTimeout(s->host, s->port, tv);
+    if (s->redis == NULL || s->redis->err) {
+        snprintf(err, errlen, "connect %.64s:%d: %.100s", s->host, s->port,
+                 s->redis ? s->redis->errstr : "out of memory");
+        redis_drop(s);
+        return -1;
+    }
+    redisSetTimeout(s->redis, tv);
+    if (s->password[0] != '\0') {
+        redisReply *r = redisCommand(s->redis, "AUTH %s", s->password);
+        bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
+        if (!ok)
+            snprintf(err, errlen, "AUTH: %s", r ? r->str : s->redis->errstr);
+        if (r != NULL)
+            freeReplyObject(r);
+        if (!ok) {
+            redis_drop(s);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* XADD every event of the batch, pipelined. Returns 0 when each was
+ * answered with an id, else -1 with the reason in err. */
+static int
+redis_send(struct sink *s, char *err, size_t errlen)
+{
+    if (s->redis == NULL && redis_connect(s, err, errlen) < 0)
+        return -1;
+    char maxlen[24], id[64];
+    snprintf(maxlen, sizeof(maxlen), "%u", s->cfg.maxlen);
+    for (unsigned i = 0; i < s->nlines; i++) {
+        int idn = snprintf(id, sizeof(id), "%s-%" PRIu64, journal_id(s->ev->journal), s->seqs[i]);
+        const char *av[10];
+        size_t al[10];
+        int argc = 0;
+#define ARG(p, n) (av[argc] = (p), al[argc] = (n), argc++)
+        ARG("XADD", 4);
+        ARG(s->stream, strlen(s->stream));
+        if (s->cfg.maxlen > 0) {
+            ARG("MAXLEN", 6);
+            ARG("~", 1);
+            ARG(maxlen, strlen(maxlen));
+        }
+        ARG("*", 1);
+        ARG("event_id", 8);
+        ARG(id, (size_t)idn);
+        ARG("data", 4);
+        ARG(s->body.buf + s->offs[i], s->lens[i]);
+#undef ARG
+        if (redisAppendCommandArgv(s->redis, argc, av, al) != REDIS_OK) {
+            snprintf(err, errlen, "%s", s->redis->errstr);
+            redis_drop(s);
+            return -1;
+        }
+    }
+    int rc = 0;
+    for (unsigned i = 0; i < s->nlines; i++) {
+        void *rp = NULL;
+        if (redisGetReply(s->redis, &rp) != REDIS_OK) {
+            snprintf(err, errlen, "%s", s->redis->errstr[0] ? s->redis->errstr : "I/O error");
+            redis_drop(s);
+            return -1;
+        }
+        redisReply *r = rp;
+        if (r->type == REDIS_REPLY_ERROR && rc == 0) {
+            snprintf(err, errlen, "XADD: %s", r->str);
+            rc = -1;
+        }
+        freeReplyObject(r);
+    }
+    return rc;
+}
+
+/* ---- the sink thread ---- */
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Wait on ev->cond until the monotonic deadline (ms) or a signal; mu held. */
+static void
+wait_until(struct events *ev, uint64_t deadline_ms)
+{
+    struct timespec ts = {.tv_sec = (time_t)(deadline_ms / 1000),
+                          .tv_nsec = (long)(deadline_ms % 1000 * 1000000)};
+    pthread_cond_timedwait(&ev->cond, &ev->mu, &ts);
+}
+
+/* Delete the segments every sink passed. */
+static void
+events_trim(struct events *ev)
+{
+    struct journal_pos keep = {UINT64_MAX, UINT64_MAX};
+    pthread_mutex_lock(&ev->mu);
+    for (unsigned i = 0; i < ev->nsinks; i++)
+        if (ev->sinks[i].cursor.off < keep.off)
+            keep = ev->sinks[i].cursor;
+    pthread_mutex_unlock(&ev->mu);
+    journal_trim(ev->journal, &keep);
+}
+
+/* Move the cursor past what max_backlog allows; mu held. */
+static void
+sink_cap_backlog(struct sink *s, const struct journal_pos *end)
+{
+    if (end->off - s->cursor.off <= s->cfg.max_backlog)
+        return;
+    struct journal_pos np;
+    journal_pos_within(s->ev->journal, s->cfg.max_backlog, &np);
+    if (np.off <= s->cursor.off)
+        return;
+    uint64_t lost = np.seq - s->cursor.seq;
+    s->st.dropped += lost;
+    log_msg(LOG_ERR,
+            "event=events_backlog_dropped sink=%s events=%" PRIu64 " max_backlog=%" PRIu64
+            " note=endpoint_away_too_long",
+            s->cfg.name, lost, s->cfg.max_backlog);
+    s->cursor = np;
+    s->oldest_ms = 0;
+}
+
+static void *
+sink_main(void *arg)
+{
+    struct sink *s = arg;
+    struct events *ev = s->ev;
+    char name[16];
+    snprintf(name, sizeof(name), "ev-%.12s", s->cfg.name);
+    log_set_thread_name(name);
+    uint64_t first_seen = 0, backoff = 0;
+    char err[EVENTS_ERROR_MAX];
+    bool failing = false;
+
+    pthread_mutex_lock(&ev->mu);
+    for (;;) {
+        struct journal_pos end;
+        journal_end(ev->journal, &end);
+        while (!ev->stop && (s->st.paused || end.seq <= s->cursor.seq)) {
+            first_seen = 0;
+            uint64_t seen = ev->appends;
+            while (!ev->stop && seen == ev->appends && !s->st.paused)
+                wait_until(ev, mono_ms() + 1000);
+            if (s->st.paused && !ev->stop)
+                wait_until(ev, mono_ms() + 1000);
+            journal_end(ev->journal, &end);
+        }
+        if (ev->stop)
+            break;
+        sink_cap_backlog(s, &end);
+        uint64_t now = mono_ms();
+        if (first_seen == 0)
+            first_seen = now;
+        /* A batch closes at batch_max events or batch_wait after the
+         * first: wait for either (a backlog sends at once). */
+        while (!ev->stop && !s->st.paused && end.seq - s->cursor.seq < s->cfg.batch_max &&
+               now < first_seen + s->cfg.batch_wait) {
+            wait_until(ev, first_seen + s->cfg.batch_wait);
+            journal_end(ev->journal, &end);
+            now = mono_ms();
+        }
+        if (ev->stop)
+            break;
+        if (s->st.paused)
+            continue;
+        struct journal_pos from = s->cursor;
+        pthread_mutex_unlock(&ev->mu);
+
+        uint64_t filtered = 0, skipped = 0, first_ms = 0;
+        int rc = batch_gather(s, &from, &filtered, &skipped, &first_ms);
+        int sent = -1;
+        err[0] = '\0';
+        if (rc < 0)
+            snprintf(err, sizeof(err), "journal read: %s", strerror(-rc));
+        else if (s->nlines == 0)
+            sent = 0;
+        else if (s->kind == SINK_HTTP)
+            sent = http_send(s, err, sizeof(err));
+        else
+            sent = redis_send(s, err, sizeof(err));
+        int crc = 0;
+        if (sent == 0 && (crc = journal_cursor_store(ev->journal, s->cfg.name, &s->next)) < 0)
+            log_msg(LOG_ERR, "event=events_cursor_store_failed sink=%s err=\"%s\"", s->cfg.name,
+                    strerror(-crc));
+
+        pthread_mutex_lock(&ev->mu);
+        s->st.dropped += skipped;
+        if (first_ms != 0)
+            s->oldest_ms = first_ms;
+        if (sent == 0) {
+            s->st.filtered += filtered;
+            s->st.sent += s->nlines;
+            s->st.batches += s->nlines > 0;
+            s->cursor = s->next;
+            s->oldest_ms = 0;
+            first_seen = 0;
+            backoff = 0;
+            if (failing)
+                log_msg(LOG_NOTICE, "event=events_sink_recovered sink=%s", s->cfg.name);
+            failing = false;
+            pthread_mutex_unlock(&ev->mu);
+            events_trim(ev);
+            pthread_mutex_lock(&ev->mu);
+            continue;
+        }
+        s->st.failed++;
+        snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", err);
+        backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
+        if (backoff > s->cfg.retry_max)
+            backoff = s->cfg.retry_max;
+        if (!failing)
+            log_msg(LOG_WARN,
+                    "event=events_sink_failing sink=%s err=\"%s\" retry_ms=%" PRIu64
+                    " note=kept_in_journal",
+                    s->cfg.name, err, backoff);
+        failing = true;
+        uint64_t until = mono_ms() + backoff;
+        while (!ev->stop && mono_ms() < until)
+            wait_until(ev, until);
+    }
+    pthread_mutex_unlock(&ev->mu);
+    return NULL;
+}
+
+/* ---- the module ---- */
+
+static void
+sink_fini(struct sink *s)
+{
+    if (s->fd >= 0)
+        close(s->fd);
+    free(s->rbuf);
+    free(s->offs);
+    free(s->lens);
+    free(s->seqs);
+    json_fini(&s->body);
+    if (s->curl != NULL)
+        curl_easy_cleanup(s->curl);
+    curl_slist_free_all(s->headers);
+    redis_drop(s);
+    conf_free(events_sink_keys, &s->cfg);
+    free(s->cfg.name);
+}
+
+static int
+sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c, char *err,
+          size_t errlen)
+{
+    s->ev = ev;
+    s->fd = -1;
+    json_init(&s->body);
+    int crc = conf_copy(events_sink_keys, &s->cfg, c, sizeof(*c));
+    s->cfg.name = NULL; /* not a key: copied below */
+    if (crc < 0 || (s->cfg.name = strdup(c->name)) == NULL) {
+        snprintf(err, errlen, "[events %s]: out of memory", c->name);
+        return -ENOMEM;
+    }
+    unsigned bm = c->batch_max;
+    s->rbuf = malloc(READ_BUF);
+    s->offs = calloc(bm, sizeof(*s->offs));
+    s->lens = calloc(bm, sizeof(*s->lens));
+    s->seqs = calloc(bm, sizeof(*s->seqs));
+    if (s->rbuf == NULL || s->offs == NULL || s->lens == NULL || s->seqs == NULL) {
+        snprintf(err, errlen, "[events %s]: out of memory", c->name);
+        return -ENOMEM;
+    }
+    snprintf(s->st.name, sizeof(s->st.name), "%s", c->name);
+    s->st.paused = c->paused;
+    if (strncmp(c->url, "redis://", 8) == 0) {
+        s->kind = SINK_REDIS;
+        snprintf(s->st.kind, sizeof(s->st.kind), "redis");
+        if (parse_redis_url(c->url, s->host, sizeof(s->host), &s->port, s->stream,
+                            sizeof(s->stream), s->password, sizeof(s->password)) < 0) {
+            snprintf(err, errlen, "[events %s]: url: not a redis:// URL", c->name);
+            return -EINVAL;
+        }
+    } else {
+        s->kind = SINK_HTTP;
+        snprintf(s->st.kind, sizeof(s->st.kind), "http");
+        if (http_init(s) < 0) {
+            snprintf(err, errlen, "[events %s]: cannot make an HTTP client", c->name);
+            return -ENOMEM;
+        }
+    }
+    int rc = journal_cursor_load(ev->journal, c->name, &s->cursor);
+    if (rc < 0) {
+        snprintf(err, errlen, "[events %s]: cannot read its cursor: %s", c->name, strerror(-rc));
+        return rc;
+    }
+    return 0;
+}
+
+int
+events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
+           struct events **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (n == 0)
+        return 0;
+    if (n > EVENTS_SINKS_MAX) {
+        snprintf(err, errlen, "at most %d [events] sections", EVENTS_SINKS_MAX);
+        return -EINVAL;
+    }
+    /* Not thread-safe: here, before any sink thread, once per process
+     * (curl counts the calls). */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        snprintf(err, errlen, "events: libcurl did not initialise");
+        return -ENOMEM;
+    }
+    struct events *ev = calloc(1, sizeof(*ev));
+    if (ev == NULL) {
+        curl_global_cleanup();
+        snprintf(err, errlen, "events: out of memory");
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&ev->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ev->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    int rc = journal_open(dir, 0, &ev->journal, err, errlen);
+    if (rc < 0)
+        goto fail;
+    ev->sinks = calloc(n, sizeof(*ev->sinks));
+    if (ev->sinks == NULL) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "events: out of memory");
+        goto fail;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        ev->nsinks = i + 1;
+        if ((rc = sink_init(ev, &ev->sinks[i], &sinks[i], err, errlen)) < 0)
+            goto fail;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        struct sink *s = &ev->sinks[i];
+        if ((rc = pthread_create(&s->thread, NULL, sink_main, s)) != 0) {
+            snprintf(err, errlen, "[events %s]: cannot start its thread: %s", s->cfg.name,
+                     strerror(rc));
+            rc = -rc;
+            goto fail;
+        }
+        s->started = true;
+        struct journal_pos end;
+        journal_end(ev->journal, &end);
+        log_msg(LOG_INFO,
+                "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
+                s->cfg.name, s->st.kind, end.seq - s->cursor.seq, s->st.paused ? "yes" : "no");
+    }
+    *out = ev;
+    return 0;
+fail:
+    events_free(ev);
+    return rc;
+}
+
+struct events *
+events_free(struct events *ev)
+{
+    if (ev == NULL)
+        return NULL;
+    pthread_mutex_lock(&ev->mu);
+    ev->stop = true;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+    for (unsigned i = 0; i < ev->nsinks; i++)
+        if (ev->sinks[i].started)
+            pthread_join(ev->sinks[i].thread, NULL);
+    for (unsigned i = 0; i < ev->nsinks; i++)
+        sink_fini(&ev->sinks[i]);
+    free(ev->sinks);
+    journal_close(ev->journal);
+    pthread_mutex_destroy(&ev->mu);
+    pthread_cond_destroy(&ev->cond);
+    free(ev);
+    curl_global_cleanup();
+    return NULL;
+}
+
+int
+events_on_batch(void *arg, const struct iovec *iov, unsigned n)
+{
+    struct events *ev = arg;
+    int rc = journal_append(ev->journal, iov, n);
+    if (rc < 0) {
+        size_t bytes = 0;
+        for (unsigned i = 0; i < n; i++)
+            bytes += iov[i].iov_len;
+        log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" lost_bytes=%zu",
+                strerror(-rc), bytes);
+        return rc;
+    }
+    pthread_mutex_lock(&ev->mu);
+    ev->appends++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+    return 0;
+}
+
+unsigned
+events_stats(struct events *ev, struct events_sink_stats *out, unsigned cap)
+{
+    if (ev == NULL)
+        return 0;
+    struct journal_pos end;
+    journal_end(ev->journal, &end);
+    uint64_t now = clock_unix_ms();
+    unsigned n = 0;
+    pthread_mutex_lock(&ev->mu);
+    for (; n < ev->nsinks && n < cap; n++) {
+        const struct sink *s = &ev->sinks[n];
+        out[n] = s->st;
+        out[n].pending = end.seq > s->cursor.seq ? end.seq - s->cursor.seq : 0;
+        out[n].oldest_age_ms =
+            out[n].pending > 0 && s->oldest_ms != 0 && now > s->oldest_ms ? now - s->oldest_ms : 0;
+    }
+    pthread_mutex_unlock(&ev->mu);
+    return n;
+}
+
+int
+events_pause(struct events *ev, const char *name, bool paused)
+{
+    if (ev == NULL)
+        return -ENOENT;
+    int rc = -ENOENT;
+    pthread_mutex_lock(&ev->mu);
+    for (unsigned i = 0; i < ev->nsinks; i++)
+        if (strcmp(ev->sinks[i].cfg.name, name) == 0) {
+            ev->sinks[i].st.paused = paused;
+            rc = 0;
+        }
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+    if (rc == 0)
+        log_msg(LOG_NOTICE, "event=events_sink_%s sink=%s", paused ? "paused" : "resumed", name);
+    return rc;
+}
+
+const char *
+events_node_id(const struct events *ev)
+{
+    return ev != NULL ? journal_id(ev->journal) : NULL;
+}

@@ -1,0 +1,129 @@
+/*
+ * events: the delivery log's events pushed to the backend, at least
+ * once, through [events NAME] sinks: signed, batched HTTP webhooks
+ * (libcurl) and Redis Streams (hiredis, XADD MAXLEN ~).
+ *
+ * Where events become durable. The delivery log's writer thread hands
+ * each batch of lines it collected (every flush interval, 200 ms by
+ * default, or every 64 KB of a worker) to events_on_batch, which appends
+ * it to the event journal (events_journal.h) and fsyncs before any sink
+ * may read it. Each sink keeps a durable cursor in the journal and moves
+ * it only once its endpoint acknowledged a batch (a 2xx, or every XADD
+ * answered), so a restart or a kill -9 resumes from the cursor and
+ * re-sends at most the batch in flight: consumers drop those duplicates
+ * by "event_id" ("<node id>-<event number>", the same on every retry).
+ *
+ * The window. An outcome is committed to the spool before its event is
+ * formatted, and the event reaches the journal within one flush interval
+ * plus an fsync. A crash inside that window loses those events from the
+ * journal while their outcomes stand (they are not re-attempted): the
+ * loss is bounded by the delivery log's flush interval, not closed.
+ * Closing it needs the event records committed in the spool transaction
+ * of the outcome (a queue API), which is the next step.
+ *
+ * Threads. One thread per sink, blocking on its own client with
+ * timeouts: libcurl's easy interface (the handle is reused, so the
+ * connection is kept alive) or a hiredis context. Not the worker rings:
+ * a sink has at most one batch in flight (that keeps order per message),
+ * so a multi-socket driver would multiplex nothing, and the journal's
+ * reads are file I/O that must not run on a worker. A slow or dead
+ * endpoint thus costs its own thread only; delivery never waits for it.
+ *
+ * Memory is bounded per sink (one batch: batch_max events and at most
+ * EVENTS_BATCH_BYTES); the backlog is the journal on disk, bounded per
+ * sink by max_backlog (past it, the oldest segment is skipped for that
+ * sink and the events it held are counted as dropped, loudly).
+ *
+ * Threading: events_new and events_free from the main thread;
+ * events_on_batch from the delivery log's writer thread; events_stats
+ * and events_pause from any thread.
+ */
+#ifndef SLUICE_ENGINE_EVENTS_H
+#define SLUICE_ENGINE_EVENTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "common/conf.h"
+
+#define EVENTS_SINKS_MAX   16
+#define EVENTS_BATCH_BYTES (4u * 1024 * 1024) /* a batch closes before this size */
+#define EVENTS_ERROR_MAX   200
+#define EVENTS_SIG_HEADER  "X-Sluice-Signature" /* "sha256=" hex HMAC of "TIMESTAMP.BODY" */
+#define EVENTS_TS_HEADER   "X-Sluice-Timestamp" /* Unix seconds */
+
+/* One [events NAME] section. */
+struct events_sink_config {
+    char *name;            /* owned: the section's NAME */
+    unsigned line;         /* where its section starts */
+    char *url;             /* owned: http://, https:// or redis://[:PASSWORD@]HOST:PORT/STREAM */
+    char *secret;          /* owned: HMAC-SHA256 key of the signature header; NULL: unsigned */
+    char *events;          /* owned: event types sent, comma separated; "": all */
+    char *tenants;         /* owned: tenants sent ("tenant" field), comma separated; "": all */
+    unsigned batch_max;    /* events per batch */
+    uint64_t batch_wait;   /* ms: a batch closes this long after its first event */
+    uint64_t timeout;      /* ms: per request */
+    uint64_t retry_min;    /* ms: first backoff */
+    uint64_t retry_max;    /* ms: backoff ceiling */
+    uint64_t max_backlog;  /* octets of journal kept for this sink */
+    unsigned maxlen;       /* redis: XADD MAXLEN ~ this; 0: none */
+    char *ca_file;         /* owned: https: CA bundle; NULL: the system's */
+    bool paused;           /* start paused */
+};
+
+/* The keys of [events NAME] (for config.c and the reference). */
+extern const struct conf_key events_sink_keys[];
+
+/* Check one section once read (url scheme, redis URL, name). Returns 0
+ * or -EINVAL with a message in err. */
+int events_sink_check(const struct events_sink_config *c, char *err, size_t errlen);
+
+struct events;
+
+/* One sink's counters and gauges. */
+struct events_sink_stats {
+    char name[64];
+    char kind[8];           /* "http" | "redis" */
+    uint64_t pending;       /* events in the journal after its cursor */
+    uint64_t oldest_age_ms; /* age of the first of them; 0 when none */
+    uint64_t sent;          /* events acknowledged */
+    uint64_t batches;       /* batches acknowledged */
+    uint64_t failed;        /* failed attempts (batches) */
+    uint64_t filtered;      /* events its filter left out */
+    uint64_t dropped;       /* events skipped past max_backlog */
+    bool paused;
+    char last_error[EVENTS_ERROR_MAX]; /* "" when none yet */
+};
+
+/*
+ * Open the journal in dir and start one thread per sink (n sinks, the
+ * configs are copied). n 0: *out NULL, nothing started. Returns 0 or
+ * -errno with a message for the operator in err.
+ */
+int events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
+               struct events **out, char *err, size_t errlen);
+/* Stop the sink threads (a batch in flight is abandoned: it is sent
+ * again from the cursor on the next start) and close. Returns NULL. */
+struct events *events_free(struct events *ev);
+
+/* The delivery log's hook: append whole lines to the journal, fsync,
+ * wake the sinks. arg is the struct events. Returns 0 or -errno. */
+int events_on_batch(void *arg, const struct iovec *iov, unsigned n);
+
+/* Fill up to cap sinks' stats; returns how many. */
+unsigned events_stats(struct events *ev, struct events_sink_stats *out, unsigned cap);
+
+/* Pause (stop sending; events keep accumulating in the journal) or
+ * resume the sink named name. Returns 0 or -ENOENT. */
+int events_pause(struct events *ev, const char *name, bool paused);
+
+/* The journal's node id (for tests and the stats). */
+const char *events_node_id(const struct events *ev);
+
+/* "sha256=" + hex of HMAC-SHA256(secret, ts "." body) into out (at
+ * least 72 octets). Pure: for the sinks and the tests. */
+void events_sign(const char *secret, uint64_t ts, const char *body, size_t len, char *out);
+
+#endif
