@@ -27,6 +27,7 @@
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
+#include "engine/events.h"
 #include "engine/engine.h"
 #include "engine/resolver.h"
 #include "engine/server.h"
@@ -258,6 +259,27 @@ ops_counters(void *arg, struct stats_counters *out)
         out->dlog_events = ds.events;
         out->dlog_write_errors = ds.write_errors;
         out->dlog_dropped = ds.dropped;
+    }
+    if (e->events != NULL) {
+        struct events_sink_stats es[STATS_EVENT_SINKS_MAX];
+        unsigned n = events_stats(e->events, es, STATS_EVENT_SINKS_MAX);
+        for (unsigned i = 0; i < n; i++) {
+            struct stats_event_sink *o = &out->event_sinks[i];
+            _Static_assert(sizeof(o->name) == sizeof(es[i].name) &&
+                               sizeof(o->kind) == sizeof(es[i].kind) &&
+                               sizeof(o->last_error) == sizeof(es[i].last_error),
+                           "stats_event_sink and events_sink_stats differ");
+            memcpy(o->name, es[i].name, sizeof(o->name));
+            memcpy(o->kind, es[i].kind, sizeof(o->kind));
+            o->pending = es[i].pending;
+            o->oldest_age_ms = es[i].oldest_age_ms;
+            o->sent = es[i].sent;
+            o->failed = es[i].failed;
+            o->dropped = es[i].dropped;
+            o->paused = es[i].paused;
+            memcpy(o->last_error, es[i].last_error, sizeof(o->last_error));
+        }
+        out->nevent_sinks = n;
     }
     out->workers = e->nworkers;
     out->uptime_ms = clock_unix_ms() - e->started_ms;
@@ -658,6 +680,49 @@ cmd_message(struct engine *e, const char *what, struct json *out, char *err, siz
     return 0;
 }
 
+/* "events": every sink; "events pause NAME", "events resume NAME". */
+static int
+cmd_events(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    if (args[0] != '\0') {
+        char verb[16], name[80];
+        if (sscanf(args, "%15s %79s", verb, name) != 2 ||
+            (strcmp(verb, "pause") != 0 && strcmp(verb, "resume") != 0)) {
+            snprintf(err, errlen, "usage: events [pause|resume NAME]");
+            return -1;
+        }
+        if (events_pause(e->events, name, verb[0] == 'p') < 0) {
+            snprintf(err, errlen, "no event sink named %.79s", name);
+            return -1;
+        }
+    }
+    struct events_sink_stats es[EVENTS_SINKS_MAX];
+    unsigned n = events_stats(e->events, es, EVENTS_SINKS_MAX);
+    json_obj_begin(out);
+    if (e->events != NULL)
+        json_kstr(out, "node_id", events_node_id(e->events));
+    json_key(out, "sinks");
+    json_arr_begin(out);
+    for (unsigned i = 0; i < n; i++) {
+        json_obj_begin(out);
+        json_kstr(out, "name", es[i].name);
+        json_kstr(out, "kind", es[i].kind);
+        json_ku64(out, "pending", es[i].pending);
+        json_ku64(out, "oldest_pending_age_ms", es[i].oldest_age_ms);
+        json_ku64(out, "sent", es[i].sent);
+        json_ku64(out, "batches", es[i].batches);
+        json_ku64(out, "failed_attempts", es[i].failed);
+        json_ku64(out, "filtered", es[i].filtered);
+        json_ku64(out, "dropped", es[i].dropped);
+        json_kbool(out, "paused", es[i].paused);
+        json_kstr(out, "last_error", es[i].last_error);
+        json_obj_end(out);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+    return 0;
+}
+
 static int
 ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
             size_t errlen)
@@ -671,6 +736,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
         return cmd_flush(e, args, out, err, errlen);
     if (strcmp(verb, "bounce") == 0)
         return cmd_bounce(e, args, out, err, errlen);
+    if (strcmp(verb, "events") == 0)
+        return cmd_events(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same. */
         kill(getpid(), SIGHUP);

@@ -106,6 +106,29 @@ kfixed(struct json *j, const char *key, const char *s, size_t cap)
     json_strn(j, s, strnlen(s, cap));
 }
 
+/* "event_sinks": one object per [events NAME] sink. */
+static void
+render_event_sinks(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "event_sinks");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < c->nevent_sinks && i < STATS_EVENT_SINKS_MAX; i++) {
+        const struct stats_event_sink *e = &c->event_sinks[i];
+        json_obj_begin(j);
+        kfixed(j, "name", e->name, sizeof(e->name));
+        kfixed(j, "kind", e->kind, sizeof(e->kind));
+        json_ku64(j, "pending", e->pending);
+        json_ku64(j, "oldest_pending_age_ms", e->oldest_age_ms);
+        json_ku64(j, "sent", e->sent);
+        json_ku64(j, "failed_attempts", e->failed);
+        json_ku64(j, "dropped", e->dropped);
+        json_kbool(j, "paused", e->paused);
+        kfixed(j, "last_error", e->last_error, sizeof(e->last_error));
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+}
+
 void
 stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
                    const struct stats_rates *r1m)
@@ -185,6 +208,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "write_errors", c->dlog_write_errors);
     json_ku64(j, "dropped", c->dlog_dropped);
     json_obj_end(j);
+
+    render_event_sinks(j, c);
 
     json_key(j, "objects");
     json_obj_begin(j);
@@ -427,6 +452,43 @@ text_domain_label(struct json *t, const struct stats_domain *d)
     json_raw(t, "\"", 1);
 }
 
+/* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
+static void
+render_event_sink_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } fam[] = {
+        {"sluice_events_pending", "gauge", "Events journaled, not yet acknowledged by the sink."},
+        {"sluice_events_oldest_pending_seconds", "gauge",
+         "Age of the oldest event the sink has not acknowledged."},
+        {"sluice_events_sent_total", "counter", "Events the sink's endpoint acknowledged."},
+        {"sluice_events_failed_attempts_total", "counter", "Failed attempts to send a batch."},
+        {"sluice_events_dropped_total", "counter", "Events given up past the sink's max_backlog."},
+        {"sluice_events_paused", "gauge", "1 while the sink is paused."},
+    };
+    unsigned n = c->nevent_sinks < STATS_EVENT_SINKS_MAX ? c->nevent_sinks : STATS_EVENT_SINKS_MAX;
+    if (n == 0)
+        return;
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, fam[f].type, fam[f].help);
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_event_sink *e = &c->event_sinks[i];
+            text_printf(t, "%s{sink=\"", fam[f].name);
+            text_label(t, e->name, sizeof(e->name));
+            json_raw(t, "\"} ", 3);
+            switch (f) {
+            case 0: text_printf(t, "%llu\n", (unsigned long long)e->pending); break;
+            case 1: text_printf(t, "%.3f\n", (double)e->oldest_age_ms / 1000.0); break;
+            case 2: text_printf(t, "%llu\n", (unsigned long long)e->sent); break;
+            case 3: text_printf(t, "%llu\n", (unsigned long long)e->failed); break;
+            case 4: text_printf(t, "%llu\n", (unsigned long long)e->dropped); break;
+            default: text_printf(t, "%d\n", e->paused ? 1 : 0); break;
+            }
+        }
+    }
+}
+
 char *
 stats_render_metrics(const struct stats_counters *c, const struct stats_domain *d, size_t n,
                      uint64_t now_ms)
@@ -456,6 +518,8 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
     const char *rs = c->redis_state != NULL ? c->redis_state : "off";
     text_label(&t, rs, strlen(rs));
     json_raw(&t, "\"} 1\n", 5);
+
+    render_event_sink_metrics(&t, c);
 
     bool any = false;
     for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
@@ -679,6 +743,7 @@ static const struct command commands[] = {
     {"flush", "[DOMAIN]", "retry deferred recipients now (of DOMAIN, or all)", 0, 1, true},
     {"bounce", "ID|DOMAIN", "bounce a message, or every message queued for DOMAIN", 1, 1, true},
     {"reload", "", "reread the configuration file", 0, 0, true},
+    {"events", "[pause|resume NAME]", "the event sinks; pause or resume one", 0, 2, true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},
 };

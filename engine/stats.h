@@ -44,12 +44,27 @@ struct json;
 #define STATS_DOMAINS_DEFAULT  20 /* "domains" without N */
 #define STATS_DOMAINS_MAX      1000
 #define STATS_OBJECTS_MAX      16
+#define STATS_EVENT_SINKS_MAX  16
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
 struct stats_object {
     char name[32]; /* [a-z0-9_]; empty: ignored */
     uint64_t live;
+};
+
+/* One [events NAME] sink: shown under "event_sinks" and as
+ * sluice_events_*{sink="NAME"}. */
+struct stats_event_sink {
+    char name[64];
+    char kind[8];           /* "http" | "redis" */
+    uint64_t pending;       /* events journaled and not yet acknowledged */
+    uint64_t oldest_age_ms; /* age of the oldest of them; 0 when none or not known yet */
+    uint64_t sent;          /* events acknowledged by the endpoint */
+    uint64_t failed;        /* failed attempts (batches) */
+    uint64_t dropped;       /* events given up past max_backlog */
+    bool paused;
+    char last_error[200];   /* "" when none */
 };
 
 /* Counters (monotonic since start) and gauges the engine fills on
@@ -72,6 +87,8 @@ struct stats_counters {
     struct stats_object objects[STATS_OBJECTS_MAX]; /* more live counts */
     unsigned nobjects;
     unsigned workers;
+    struct stats_event_sink event_sinks[STATS_EVENT_SINKS_MAX];
+    unsigned nevent_sinks;
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;

@@ -1,0 +1,502 @@
+"""Delivery events pushed to the backend: sluice relays mail from Python
+to smtp-sink (MX records from dnsmasq) and pushes every delivery log
+event to a webhook (a Python http.server in this process that checks
+each batch's HMAC signature and freshness) or to a Redis stream (a
+redis-server started here). Checks: every event of every message arrives
+at least once, signed, in order per message; nothing is lost while the
+receiver refuses (503), is down across a restart and a kill -9 of
+sluice, or hangs; Redis killed and back; pause and resume; the stats
+socket's and /metrics' view of each sink.
+
+Every event the delivery log file holds must reach the sink: the file is
+written from the same batches as the journal, so it is the reference.
+Waits poll a condition with a deadline; nothing depends on speed."""
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from harness import Sluice, Workdir, free_port, main, skip, wait_until
+import test_delivery
+from test_delivery import Dns, Sink, records_for
+from test_outcomes import events as dlog_events
+
+SLUICE = sys.argv[1]
+test_delivery.SLUICE = SLUICE
+SECRET = "s3cret-for-tests"
+DOMAIN = "ev.test"
+
+
+class Receiver:
+    """A webhook endpoint: HTTP/1.1 keep-alive, checks the signature and
+    the timestamp, keeps every event by event_id. `status` is what it
+    answers; while `hold` is set, each request waits until it is cleared
+    (a receiver that hangs)."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.lock = threading.Lock()
+        self.events = {}       # event_id -> event (the first copy)
+        self.order = []        # event_ids in arrival order (every copy)
+        self.requests = 0
+        self.accepted = 0
+        self.bad_signatures = 0
+        self.connections = set()
+        self.status = 200
+        self.hold = threading.Event()  # set: requests wait
+        self.released = threading.Event()
+        self.server = None
+        self.start()
+
+    def start(self):
+        rec = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(n)
+                ts = self.headers.get("X-Sluice-Timestamp", "")
+                sig = self.headers.get("X-Sluice-Signature", "")
+                want = "sha256=" + hmac.new(SECRET.encode(), ts.encode() + b"." + body,
+                                            hashlib.sha256).hexdigest()
+                fresh = ts.isdigit() and abs(time.time() - int(ts)) < 300
+                with rec.lock:
+                    rec.requests += 1
+                    rec.connections.add(self.client_address)
+                    status = rec.status
+                    if not (hmac.compare_digest(want, sig) and fresh):
+                        rec.bad_signatures += 1
+                        status = 401
+                if rec.hold.is_set():
+                    rec.released.wait(60)
+                if status == 200:
+                    batch = json.loads(body)
+                    assert isinstance(batch, list)
+                    with rec.lock:
+                        rec.accepted += 1
+                        for ev in batch:
+                            rec.order.append(ev["event_id"])
+                            rec.events.setdefault(ev["event_id"], ev)
+                out = b"{}"
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                except OSError:  # sluice gave up waiting (the hanging receiver)
+                    self.close_connection = True
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.server is not None:
+            self.released.set()
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(10)
+            self.server = None
+
+    def count(self):
+        with self.lock:
+            return len(self.events)
+
+
+def redis_cli(port, *args):
+    r = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                       timeout=30)
+    return r.stdout
+
+
+class Redis:
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.pong() or self.proc.poll() is not None, 10, "redis to answer")
+        assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
+
+    def pong(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill9(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Node:
+    """dnsmasq + smtp-sink + sluice with [events] sections (`sinks`:
+    config text), a delivery log and a stats socket."""
+
+    def __init__(self, sinks, metrics=False):
+        for tool in ("dnsmasq", "smtp-sink"):
+            if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+                skip(f"{tool} not installed (tools/install-deps --test)")
+        self.wd = Workdir("sluice-ev-")
+        self.dns = self.sink = self.d = None
+        try:
+            mx_port = free_port()
+            self.dns = Dns(self.wd, records_for([DOMAIN]))
+            self.sink = Sink(self.wd, mx_port)
+            self.port = free_port()
+            self.spool = os.path.join(self.wd.path, "spool")
+            self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
+            self.sock = os.path.join(self.wd.path, "stats.sock")
+            self.http_port = free_port() if metrics else None
+            self.conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.0/8
+max_recipients = 1000
+[queue]
+path = {self.spool}
+map_size = 512M
+[delivery]
+remote_port = {mx_port}
+connect_timeout = 2s
+idle_timeout = 1s
+[dns]
+servers = 127.0.0.1:{self.dns.port}
+[bounce]
+dsn = no
+[log]
+delivery_log = {self.dlog}
+delivery_log_flush = 50ms
+[stats]
+socket = {self.sock}
+{f"http_listen = 127.0.0.1:{self.http_port}" if metrics else ""}
+{sinks}
+""")
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self):
+        self.d = Sluice(SLUICE, self.conf)
+        self.d.wait_log("event=ready")
+
+    def ctl(self, line, timeout=10):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(self.sock)
+            s.sendall(line.encode() + b"\n")
+            buf = b""
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise AssertionError(f"stats socket closed before answering {line!r}")
+                buf += chunk
+        return json.loads(buf.split(b"\n", 1)[0])
+
+    def sink_stats(self, name):
+        for s in self.ctl("events")["sinks"]:
+            if s["name"] == name:
+                return s
+        raise AssertionError(f"no sink {name}")
+
+    def inject(self, n, tag):
+        msgs = [("s@example.com", [f"{tag}{i}@{DOMAIN}"],
+                 f"Subject: {tag}{i}\r\n\r\nbody {i}\r\n".encode()) for i in range(n)]
+        test_delivery.Relay.inject(self, msgs)
+
+    def delivered(self):
+        return sum(1 for e in dlog_events(self.dlog) if e["event"] == "delivery")
+
+    def wait_delivered(self, n, timeout=180):
+        wait_until(lambda: self.delivered() >= n, timeout, f"{n} deliveries in the log")
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                assert self.d.stop_clean() == 0
+        finally:
+            for p in (self.sink, self.dns):
+                if p is not None:
+                    p.stop()
+            self.wd.cleanup()
+
+
+def hook_conf(port, extra=""):
+    return f"""
+[events hook]
+url = http://127.0.0.1:{port}/events
+secret = {SECRET}
+batch_max = 500
+batch_wait = 100ms
+timeout = 5s
+retry_min = 100ms
+retry_max = 500ms
+{extra}
+"""
+
+
+def key(ev):
+    """What identifies an event of the delivery log: its type, queue id,
+    recipient and time (an event_id is not in the file)."""
+    return (ev["event"], ev["id"], ev.get("rcpt"), ev["time"])
+
+
+def check_all_arrived(node, rec, timeout=120):
+    """Every line of the delivery log reached the receiver (at least once),
+    each event_id always with the same event; returns the log's events."""
+    def done():
+        want = dlog_events(node.dlog)
+        with rec.lock:
+            got = {key(e) for e in rec.events.values()}
+        return want if all(key(e) in got for e in want) else None
+    want = wait_until(done, timeout, "every delivery log event at the receiver")
+    with rec.lock:
+        assert rec.bad_signatures == 0, f"{rec.bad_signatures} requests badly signed"
+        ids = {}
+        for eid, ev in rec.events.items():
+            assert eid.count("-") == 1 and len(eid.split("-")[0]) == 16, eid
+            ids.setdefault(key(ev), set()).add(eid)
+        twice = [k for k, v in ids.items() if len(v) != 1]
+        assert not twice, f"one event under several event_ids: {twice[:3]}"
+    return want
+
+
+def check_order_per_message(rec):
+    """The events of one message arrive in the order they were logged:
+    event numbers grow along arrival for each queue id."""
+    with rec.lock:
+        last = {}
+        for eid in rec.order:
+            ev = rec.events[eid]
+            seq = int(eid.split("-")[1])
+            prev = last.get(ev["id"], -1)
+            # A re-sent batch starts again below: only the first copies count.
+            if seq > prev:
+                last[ev["id"]] = seq
+        # reception before delivery for every message
+        first = {}
+        for eid in rec.order:
+            ev = rec.events[eid]
+            first.setdefault((ev["id"], ev["event"]), int(eid.split("-")[1]))
+        for (qid, kind), seq in first.items():
+            if kind == "delivery" and (qid, "reception") in first:
+                assert first[(qid, "reception")] < seq, f"{qid}: delivery before reception"
+
+
+def test_every_event_of_10000_messages_arrives_signed():
+    rec = Receiver()
+    node = Node(hook_conf(rec.port))
+    try:
+        n = int(os.environ.get("SLUICE_EVENTS_MESSAGES", "10000"))
+        node.inject(n, "a")
+        node.wait_delivered(n)
+        want = check_all_arrived(node, rec)
+        assert sum(1 for e in want if e["event"] == "reception") == n
+        assert sum(1 for e in want if e["event"] == "delivery") == n
+        check_order_per_message(rec)
+        st = wait_until(lambda: (lambda s: s if s["pending"] == 0 else None)(
+            node.sink_stats("hook")), 30, "pending 0")
+        assert st["sent"] >= 2 * n, st
+        assert st["kind"] == "http" and st["failed_attempts"] == 0, st
+        with rec.lock:
+            # batches of up to 500 on kept-alive connections
+            assert rec.requests >= 2 * n // 500, rec.requests
+            assert len(rec.connections) <= 3, f"{len(rec.connections)} connections " \
+                                              f"for {rec.requests} requests: no keep-alive"
+        print(f"     {2 * n} events in {rec.requests} requests on "
+              f"{len(rec.connections)} connection(s)")
+    finally:
+        node.close()
+        rec.stop()
+
+
+def test_503_for_a_while_then_accepted():
+    rec = Receiver()
+    rec.status = 503
+    node = Node(hook_conf(rec.port))
+    try:
+        node.inject(300, "b")
+        node.wait_delivered(300)
+        wait_until(lambda: node.sink_stats("hook")["failed_attempts"] >= 3, 30,
+                   "three refused attempts")
+        st = node.sink_stats("hook")
+        assert "503" in st["last_error"], st
+        assert st["pending"] >= 600, st
+        assert rec.count() == 0
+        rec.status = 200
+        check_all_arrived(node, rec)
+        wait_until(lambda: node.sink_stats("hook")["pending"] == 0, 30, "pending 0")
+    finally:
+        node.close()
+        rec.stop()
+
+
+def test_receiver_down_across_restart_and_kill9():
+    port = free_port()  # nobody listens: connections are refused
+    node = Node(hook_conf(port))
+    rec = None
+    try:
+        node.inject(200, "c")
+        node.wait_delivered(200)
+        wait_until(lambda: node.sink_stats("hook")["pending"] >= 400, 30, "400 pending")
+        assert node.sink_stats("hook")["oldest_pending_age_ms"] > 0
+        assert node.d.stop_clean() == 0
+        node.start()
+        assert node.sink_stats("hook")["pending"] >= 400  # the backlog is on disk
+        node.inject(100, "d")
+        node.wait_delivered(300)
+        wait_until(lambda: node.sink_stats("hook")["pending"] >= 600, 30, "600 pending")
+        node.d.kill9()
+        node.start()
+        assert node.sink_stats("hook")["pending"] >= 600
+        rec = Receiver(port)
+        want = check_all_arrived(node, rec)
+        assert sum(1 for e in want if e["event"] == "delivery") == 300
+        wait_until(lambda: node.sink_stats("hook")["pending"] == 0, 30, "pending 0")
+    finally:
+        node.close()
+        if rec is not None:
+            rec.stop()
+
+
+def test_hanging_receiver_does_not_hold_delivery():
+    rec = Receiver()
+    rec.hold.set()  # every request waits until released
+    node = Node(hook_conf(rec.port, "timeout = 2s"))
+    try:
+        node.inject(1000, "e")
+        node.wait_delivered(1000)  # all delivered while the receiver took nothing
+        assert rec.count() == 0
+        assert node.sink_stats("hook")["pending"] >= 2000
+        rec.hold.clear()
+        rec.released.set()
+        check_all_arrived(node, rec)
+    finally:
+        node.close()
+        rec.stop()
+
+
+def test_pause_resume_filter_and_metrics():
+    rec = Receiver()
+    node = Node(hook_conf(rec.port, "events = delivery\npaused = yes"), metrics=True)
+    try:
+        assert node.sink_stats("hook")["paused"] is True
+        node.inject(50, "f")
+        node.wait_delivered(50)
+        wait_until(lambda: node.sink_stats("hook")["pending"] >= 100, 30, "100 pending")
+        assert rec.count() == 0
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        assert 'sluice_events_pending{sink="hook"} ' in text, text[-2000:]
+        assert 'sluice_events_paused{sink="hook"} 1' in text
+        st = node.ctl("stats")
+        assert st["event_sinks"][0]["name"] == "hook" and st["event_sinks"][0]["paused"]
+        r = node.ctl("events resume hook")
+        assert r["ok"] and r["sinks"][0]["paused"] is False, r
+        assert node.ctl("events resume nosuch")["ok"] is False
+        wait_until(lambda: rec.count() >= 50, 30, "50 deliveries at the receiver")
+        wait_until(lambda: node.sink_stats("hook")["pending"] == 0, 30, "pending 0")
+        with rec.lock:
+            kinds = {e["event"] for e in rec.events.values()}
+        assert kinds == {"delivery"}, kinds  # the filter left receptions out
+        assert rec.count() == 50
+        assert node.sink_stats("hook")["filtered"] >= 50
+    finally:
+        node.close()
+        rec.stop()
+
+
+def stream_ids(port, stream):
+    """The event_ids in the stream, read with a consumer group (every
+    entry delivered to the group once)."""
+    redis_cli(port, "XGROUP", "CREATE", stream, "g", "0", "MKSTREAM")
+    out = redis_cli(port, "XREADGROUP", "GROUP", "g", "c", "COUNT", "1000000", "STREAMS",
+                    stream, ">")
+    lines = out.splitlines()
+    ids = []
+    for i, line in enumerate(lines):
+        if line == "event_id" and i + 1 < len(lines):
+            ids.append(lines[i + 1])
+    return ids
+
+
+def test_redis_stream_and_redis_killed_and_back():
+    if shutil.which("redis-server") is None:
+        skip("redis-server not installed (tools/install-deps --test)")
+    redis = Redis()
+    node = None
+    try:
+        node = Node(f"""
+[events stream]
+url = redis://127.0.0.1:{redis.port}/sluice-events
+maxlen = 100000
+batch_wait = 50ms
+timeout = 1s
+retry_min = 100ms
+retry_max = 500ms
+""")
+        node.inject(500, "g")
+        node.wait_delivered(500)
+        wait_until(lambda: node.sink_stats("stream")["pending"] == 0, 60, "pending 0")
+        ids = stream_ids(redis.port, "sluice-events")
+        want = dlog_events(node.dlog)
+        assert len(set(ids)) == len(want) == 1000, (len(set(ids)), len(want))
+        # the data field is the event itself, with its event_id
+        raw = redis_cli(redis.port, "XRANGE", "sluice-events", "-", "+", "COUNT", "1")
+        assert '"event_id":"' in raw and '"event":"reception"' in raw, raw
+
+        redis.kill9()
+        node.inject(200, "h")
+        node.wait_delivered(700)
+        wait_until(lambda: node.sink_stats("stream")["failed_attempts"] >= 2, 30,
+                   "failed attempts while Redis is away")
+        assert node.sink_stats("stream")["pending"] >= 400
+        redis.start()  # empty: it kept nothing (no persistence)
+        wait_until(lambda: node.sink_stats("stream")["pending"] == 0, 60, "pending 0")
+        ids = stream_ids(redis.port, "sluice-events")
+        assert len(set(ids)) >= 400, len(set(ids))
+    finally:
+        if node is not None:
+            node.close()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main([test_every_event_of_10000_messages_arrives_signed, test_503_for_a_while_then_accepted,
+          test_receiver_down_across_restart_and_kill9, test_hanging_receiver_does_not_hold_delivery,
+          test_pause_resume_filter_and_metrics, test_redis_stream_and_redis_killed_and_back])
