@@ -846,6 +846,51 @@ run_domains(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* "events" and "events pause|resume NAME": one row per sink. */
+static void
+render_events(const cJSON *doc)
+{
+    struct table t;
+    /* right: PENDING OLDEST SENT FAILED DROPPED */
+    table_init(&t, 9, 0x7cu);
+    table_row(&t, "SINK", "KIND", "PENDING", "OLDEST", "SENT", "FAILED", "DROPPED", "STATE",
+              "LAST ERROR");
+    const cJSON *d;
+    size_t n = 0;
+    cJSON_ArrayForEach(d, get(doc, "sinks"))
+    {
+        n++;
+        const cJSON *paused = get(d, "paused");
+        table_row(&t, fmt_str(d, "name"), fmt_str(d, "kind"), fmt_count(d, "pending"),
+                  fmt_duration(d, "oldest_pending_age_ms"), fmt_count(d, "sent"),
+                  fmt_count(d, "failed_attempts"), fmt_count(d, "dropped"),
+                  cJSON_IsTrue(paused) ? "paused" : "active", fmt_str(d, "last_error"));
+    }
+    table_print(&t, stdout);
+    if (n == 0)
+        printf("(no [events] sinks configured)\n");
+}
+
+static int
+run_events(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    char line[LINE_MAX_OCTETS] = "events";
+    if (argc > 0) {
+        if (argc != 2 || (strcmp(argv[0], "pause") != 0 && strcmp(argv[0], "resume") != 0))
+            die(EXIT_USAGE, "usage: sluicectl events [pause|resume NAME]");
+        check_word(cmd->name, "NAME", argv[1]);
+        snprintf(line, sizeof(line), "events %s %s", argv[0], argv[1]);
+    }
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else
+        render_events(doc);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
 /* Rows of the terminal left for domains, or 20 off a terminal. */
 static size_t
 top_rows(void)
@@ -975,6 +1020,12 @@ static const struct cmd cmds[] = {
      "event in the delivery log. This cannot be undone.",
      1, 1, run_plain},
     {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
+    {"events", "[pause|resume NAME]", "the event sinks (webhooks, Redis streams); pause or resume one",
+     "One row per [events NAME] sink: events journaled and not yet acknowledged,\n"
+     "the age of the oldest of them, events sent, failed attempts, events\n"
+     "dropped past max_backlog, whether it is paused, and its last error.\n"
+     "A paused sink keeps its backlog in the journal and resumes from its cursor.",
+     0, 2, run_events},
     {"metrics", "", "the Prometheus text exposition, as GET /metrics serves it", NULL, 0, 0,
      run_plain},
     {"top", "[-n COUNT] [-d SECONDS]", "a live view of rates and the busiest destinations",

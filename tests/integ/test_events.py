@@ -426,7 +426,16 @@ def test_pause_resume_filter_and_metrics():
         assert 'sluice_events_paused{sink="hook"} 1' in text
         st = node.ctl("stats")
         assert st["event_sinks"][0]["name"] == "hook" and st["event_sinks"][0]["paused"]
-        r = node.ctl("events resume hook")
+        ctl = os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl")
+        out = subprocess.run([ctl, "-s", node.sock, "events"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "hook" in out.stdout and "paused" in out.stdout and "PENDING" in out.stdout, \
+            out.stdout
+        out = subprocess.run([ctl, "-s", node.sock, "events", "resume", "hook"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "active" in out.stdout, out.stdout + out.stderr
+        r = node.ctl("events")
         assert r["ok"] and r["sinks"][0]["paused"] is False, r
         assert node.ctl("events resume nosuch")["ok"] is False
         wait_until(lambda: rec.count() >= 50, 30, "50 deliveries at the receiver")
