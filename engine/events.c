@@ -27,6 +27,7 @@
 #include <openssl/core_names.h>
 #include <openssl/params.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,7 +40,8 @@
 #include "common/log.h"
 #include "engine/events_journal.h"
 
-#define READ_BUF (1024u * 1024) /* journal octets read at a time */
+#define READ_BUF       (1024u * 1024) /* journal octets read at a time */
+#define CURSOR_SYNC_MS 1000u          /* a busy sink stores its cursor this often */
 
 #define EVK(f) offsetof(struct events_sink_config, f)
 const struct conf_key events_sink_keys[] = {
@@ -114,6 +116,7 @@ struct events {
     pthread_mutex_t mu;
     pthread_cond_t cond; /* CLOCK_MONOTONIC */
     bool stop;
+    _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
     uint64_t appends; /* bumped on every append: sinks wait for a change */
     struct sink *sinks; /* owned array */
     unsigned nsinks;
@@ -392,6 +395,20 @@ discard(char *p, size_t size, size_t n, void *arg)
     return size * n;
 }
 
+/* libcurl calls this while a request runs: a stop abandons it (the
+ * batch is sent again from the cursor after the restart). */
+static int
+http_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+              curl_off_t ulnow)
+{
+    (void)dltotal;
+    (void)dlnow;
+    (void)ultotal;
+    (void)ulnow;
+    const struct sink *s = arg;
+    return atomic_load(&s->ev->stopping) ? 1 : 0;
+}
+
 static int
 http_init(struct sink *s)
 {
@@ -406,6 +423,9 @@ http_init(struct sink *s)
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, s->curl_err);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, http_progress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, s);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
@@ -598,6 +618,15 @@ sink_cap_backlog(struct sink *s, const struct journal_pos *end)
     s->oldest_ms = 0;
 }
 
+static void
+sink_store_cursor(struct sink *s, const struct journal_pos *pos)
+{
+    int rc = journal_cursor_store(s->ev->journal, s->cfg.name, pos);
+    if (rc < 0)
+        log_msg(LOG_ERR, "event=events_cursor_store_failed sink=%s err=\"%s\"", s->cfg.name,
+                strerror(-rc));
+}
+
 static void *
 sink_main(void *arg)
 {
@@ -606,9 +635,9 @@ sink_main(void *arg)
     char name[16];
     snprintf(name, sizeof(name), "ev-%.12s", s->cfg.name);
     log_set_thread_name(name);
-    uint64_t first_seen = 0, backoff = 0;
+    uint64_t first_seen = 0, backoff = 0, last_store = 0;
     char err[EVENTS_ERROR_MAX];
-    bool failing = false;
+    bool failing = false, dirty = false;
 
     pthread_mutex_lock(&ev->mu);
     for (;;) {
@@ -656,10 +685,21 @@ sink_main(void *arg)
             sent = http_send(s, err, sizeof(err));
         else
             sent = redis_send(s, err, sizeof(err));
-        int crc = 0;
-        if (sent == 0 && (crc = journal_cursor_store(ev->journal, s->cfg.name, &s->next)) < 0)
-            log_msg(LOG_ERR, "event=events_cursor_store_failed sink=%s err=\"%s\"", s->cfg.name,
-                    strerror(-crc));
+        if (sent == 0) {
+            /* The cursor goes to disk when the sink is idle, else once a
+             * CURSOR_SYNC_MS: two fsyncs a batch would bound a backlog's
+             * catch-up, and a crash re-sends at most that much. */
+            struct journal_pos now_end;
+            journal_end(ev->journal, &now_end);
+            uint64_t t = mono_ms();
+            if (now_end.seq <= s->next.seq || t - last_store >= CURSOR_SYNC_MS) {
+                sink_store_cursor(s, &s->next);
+                last_store = t;
+                dirty = false;
+            } else {
+                dirty = true;
+            }
+        }
 
         pthread_mutex_lock(&ev->mu);
         s->st.dropped += skipped;
@@ -696,7 +736,10 @@ sink_main(void *arg)
         while (!ev->stop && mono_ms() < until)
             wait_until(ev, until);
     }
+    struct journal_pos last = s->cursor;
     pthread_mutex_unlock(&ev->mu);
+    if (dirty)
+        sink_store_cursor(s, &last);
     return NULL;
 }
 
@@ -791,6 +834,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
         snprintf(err, errlen, "events: out of memory");
         return -ENOMEM;
     }
+    atomic_init(&ev->stopping, false);
     pthread_mutex_init(&ev->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -838,6 +882,7 @@ events_free(struct events *ev)
 {
     if (ev == NULL)
         return NULL;
+    atomic_store(&ev->stopping, true);
     pthread_mutex_lock(&ev->mu);
     ev->stop = true;
     pthread_cond_broadcast(&ev->cond);

@@ -9,9 +9,13 @@
  * it to the event journal (events_journal.h) and fsyncs before any sink
  * may read it. Each sink keeps a durable cursor in the journal and moves
  * it only once its endpoint acknowledged a batch (a 2xx, or every XADD
- * answered), so a restart or a kill -9 resumes from the cursor and
- * re-sends at most the batch in flight: consumers drop those duplicates
- * by "event_id" ("<node id>-<event number>", the same on every retry).
+ * answered). The cursor is written (fsync, rename) when the sink has
+ * caught up, else once a second: two fsyncs a batch would bound the
+ * catch-up of a backlog to the disk's fsync rate. So a restart or a
+ * kill -9 resumes from the cursor and re-sends at most the last second
+ * of acknowledged events and the batch in flight: consumers drop those
+ * duplicates by "event_id" ("<node id>-<event number>", the same on
+ * every retry).
  *
  * The window. An outcome is committed to the spool before its event is
  * formatted, and the event reaches the journal within one flush interval

@@ -89,6 +89,9 @@ def main():
     ap.add_argument("--dkim", action="store_true",
                     help="run unsigned, Ed25519-signed and RSA-2048-signed, twice each, "
                          "alternating, and compare")
+    ap.add_argument("--events", action="store_true",
+                    help="run with the delivery log on and event sinks (a webhook and a Redis "
+                         "stream) off, then on, twice each, and compare")
     a = ap.parse_args()
 
     sink_port = free_port()
@@ -111,9 +114,26 @@ def main():
             subprocess.run(["openssl", "genpkey", *args, "-out", f"{keydir}/{kind}.pem"],
                            check=True, capture_output=True)
         a.keydir = keydir
+    if a.events:
+        runs = [("sinks off", "dlog"), ("sinks on", "events")] * 2
+        sys.path.insert(0, os.path.join(here, "..", "events"))
+        import bench_events  # noqa: E402
+        a.receiver, a.receiver_port = bench_events.start_receiver(False)
+        a.redis_port = free_port()
+        a.redis = subprocess.Popen(["redis-server", "--port", str(a.redis_port), "--bind",
+                                    "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: connectable(a.redis_port), 10, "redis")
     results = []
-    for label, what in runs:
-        results.append((label, relay_run(a, sink_port, what)))
+    try:
+        for label, what in runs:
+            results.append((label, relay_run(a, sink_port, what)))
+    finally:
+        if a.events:
+            a.receiver.terminate()
+            a.redis.terminate()
+            a.receiver.wait()
+            a.redis.wait()
     print(f"relay: {results[0][1][3]} messages of {a.size} B, 1 recipient, {a.sessions} sessions, "
           f"{min(50, a.domains)} domain(s), durable spool under {a.spool}")
     print(f"  smtp-source -> smtp-sink (ceiling):      {a.messages / t_ceiling:8.0f} msg/s")
@@ -151,6 +171,27 @@ def main():
         best_off, best_on = max(off), max(on)
         print(f"  delivery log: best e2e {best_off:.0f} msg/s off, {best_on:.0f} msg/s on: "
               f"{100 * (best_off - best_on) / best_off:+.1f}% cost (alternating runs, best of 2)")
+    if a.events:
+        off = [r[1][3] / r[1][1] for r in results if r[0] == "sinks off"]
+        on = [r[1][3] / r[1][1] for r in results if r[0] == "sinks on"]
+        best_off, best_on = max(off), max(on)
+        print(f"  event sinks (webhook + Redis stream, delivery log on in both): best e2e "
+              f"{best_off:.0f} msg/s off, {best_on:.0f} msg/s on: {100 * best_on / best_off:.0f}% "
+              f"of the rate without sinks (alternating runs, best of 2; receiver and redis-server "
+              f"share the 2 cores)")
+
+
+def sinks_pending(sock):
+    import json
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(b"events\n")
+        buf = b""
+        while b"\n" not in buf:
+            buf += s.recv(65536)
+    return sum(x["pending"] for x in json.loads(buf.split(b"\n", 1)[0])["sinks"])
 
 
 def relay_run(a, sink_port, what):
@@ -162,12 +203,16 @@ def relay_run(a, sink_port, what):
     dns = Dns(wd, ["host-record=mx.test,127.0.0.1"] + [f"mx-host={d},mx.test,10" for d in domains])
     s = sink(sink_port)
     port = free_port()
-    extra = "[domain *]\nmax_connections = 50\n"
-    if what == "dlog":
+    extra = f"[domain *]\nmax_connections = 50\n[stats]\nsocket = {work}/stats.sock\n"
+    if what in ("dlog", "events"):
         extra += f"[log]\ndelivery_log = {work}/delivery.jsonl\n"
     if what in ("ed25519", "rsa2048"):
         # smtp-source writes From: <bench@example.com>
         extra += f"[dkim example.com s1]\nkey_file = {a.keydir}/{what}.pem\n"
+    if what == "events":
+        extra += (f"[events hook]\nurl = http://127.0.0.1:{a.receiver_port}/events\n"
+                  f"secret = bench\n"
+                  f"[events stream]\nurl = redis://127.0.0.1:{a.redis_port}/relay-events\n")
     conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, extra)
     d = Daemon(a.sluice, conf)
     try:
@@ -203,7 +248,18 @@ def relay_run(a, sink_port, what):
                 unsigned = sum(1 for ln in d.lines if "event=dkim_unsigned" in ln)
             if unsigned:
                 print(f"  ({unsigned} messages went out unsigned: check the From: domain)")
-        if what == "dlog":
+        if what == "events":
+            # every event pushed too: the sinks are done when pending is 0
+            ev_deadline = time.monotonic() + 600
+            while time.monotonic() < ev_deadline:
+                st = sinks_pending(f"{work}/stats.sock")
+                if st == 0:
+                    break
+                time.sleep(0.05)
+            t_events = time.monotonic() - t0
+            print(f"  (sinks on: every event acknowledged by both sinks {t_events:.1f} s after "
+                  f"the start, {t_events - (t_e2e):.1f} s after the last delivery)")
+        if what in ("dlog", "events"):
             with open(f"{work}/delivery.jsonl", "rb") as f:
                 lines = f.read().count(b"\n")
             if lines < 2 * n_expect:

@@ -372,7 +372,11 @@ def test_receiver_down_across_restart_and_kill9():
         node.inject(200, "c")
         node.wait_delivered(200)
         wait_until(lambda: node.sink_stats("hook")["pending"] >= 400, 30, "400 pending")
-        assert node.sink_stats("hook")["oldest_pending_age_ms"] > 0
+        # known once the sink read its first batch (and failed to send it)
+        wait_until(lambda: node.sink_stats("hook")["oldest_pending_age_ms"] > 0, 30,
+                   "an oldest pending age")
+        assert "refused" in node.sink_stats("hook")["last_error"].lower() or \
+            "connect" in node.sink_stats("hook")["last_error"].lower(), node.sink_stats("hook")
         assert node.d.stop_clean() == 0
         node.start()
         assert node.sink_stats("hook")["pending"] >= 400  # the backlog is on disk
