@@ -71,8 +71,10 @@ struct dlog_writer {
 struct dlog {
     char *path; /* owned; "-" when there is no file */
     bool nofile;
-    int (*tap)(void *arg, const struct iovec *iov, unsigned n); /* NULL: none; set under mu */
-    void *tap_arg; /* borrowed: outlives the dlog */
+    /* The tap (dlog_set_tap), NULL: none; set under mu. tap_arg is
+     * borrowed: it outlives the dlog. */
+    int (*tap)(void *arg, const struct iovec *iov, unsigned n);
+    void *tap_arg;
     unsigned flush_ms;
     pthread_t thread;
     bool started;
@@ -609,22 +611,35 @@ report_drops(struct dlog *d, uint64_t dropped, bool interval)
     }
 }
 
-/* Hand the collected lines to the tap, in order, 64 buffers a call. */
+/* Hand the collected lines to the tap, in order, in one call (in calls
+ * of 64 buffers only when there is no memory for the array). */
 static void
 tap_batch(struct dlog *d, const struct buf_list *got)
 {
-    struct iovec iov[64];
-    unsigned n = 0;
+    struct iovec stack[64], *iov = stack;
+    size_t cap = 64, n = 0;
+    for (const struct dlog_buf *b = got->head; b != NULL; b = b->next)
+        n++;
+    if (n > cap) {
+        struct iovec *big = malloc(n * sizeof(*big));
+        if (big != NULL) {
+            iov = big;
+            cap = n;
+        }
+    }
+    n = 0;
     for (const struct dlog_buf *b = got->head; b != NULL; b = b->next) {
         iov[n].iov_base = (void *)b->data;
         iov[n].iov_len = b->len;
-        if (++n == 64) {
-            d->tap(d->tap_arg, iov, n);
+        if (++n == cap) {
+            d->tap(d->tap_arg, iov, (unsigned)n);
             n = 0;
         }
     }
     if (n > 0)
-        d->tap(d->tap_arg, iov, n);
+        d->tap(d->tap_arg, iov, (unsigned)n);
+    if (iov != stack)
+        free(iov);
 }
 
 static void *
@@ -652,8 +667,12 @@ dlog_main(void *arg)
         d->kick = false;
         struct buf_list got;
         list_init(&got);
-        uint64_t dropped = collect_locked(d, &got, interval_due);
+        /* With a tap, every batch takes the partly filled buffers too:
+         * an event written before another is then in the same batch or
+         * an earlier one, whichever writer holds it (the tap orders a
+         * batch's lines across writers). */
         bool tap = d->tap != NULL;
+        uint64_t dropped = collect_locked(d, &got, interval_due || tap);
         pthread_mutex_unlock(&d->mu);
 
         if (tap)

@@ -115,10 +115,14 @@ int dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, ch
 struct dlog *dlog_free(struct dlog *d);
 
 /*
- * A tap on every batch of whole lines the writer thread collects, in
- * order, before they go to the file: the event journal (events.h) is
- * fed this way. Called on the writer thread; what it returns is its own
- * business (it logs its errors). Set it before the first writer is made.
+ * A tap on every batch of whole lines the writer thread collects, before
+ * they go to the file: the event journal (events.h) is fed this way. A
+ * batch then holds every buffer, partly filled ones too, so an event
+ * logged before another (on any thread) is in the same batch or an
+ * earlier one; iov holds each writer's buffers in order, the writers one
+ * after another. Called on the writer thread; what it returns is its
+ * own business (it logs its errors). Set it before the first writer is
+ * made.
  */
 void dlog_set_tap(struct dlog *d, int (*fn)(void *arg, const struct iovec *iov, unsigned n),
                   void *arg);

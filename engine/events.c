@@ -47,28 +47,30 @@
 const struct conf_key events_sink_keys[] = {
     {"url", CONF_STRING, EVK(url), 1, 2048, NULL,
      "where events go: http://HOST[:PORT]/PATH or https://... (a webhook: batched JSON POSTs), "
-     "or redis://[:PASSWORD@]HOST:PORT/STREAM (XADD to STREAM)", NULL},
+     "or redis://[:PASSWORD@]HOST:PORT/STREAM (XADD to STREAM)",
+     NULL},
     {"secret", CONF_STRING, EVK(secret), 1, 1024, NULL,
-     "key of the " EVENTS_SIG_HEADER " header: sha256= hex HMAC-SHA256 of the "
-     EVENTS_TS_HEADER " value, a dot and the body; unset: not signed", NULL},
+     "key of the " EVENTS_SIG_HEADER " header: sha256= hex HMAC-SHA256 of the " EVENTS_TS_HEADER
+     " value, a dot and the body; unset: not signed",
+     NULL},
     {"events", CONF_STRING, EVK(events), 0, 1024, "",
      "event types sent, comma separated (reception, delivery, transient_failure, bounce, "
-     "expiration, dsn); empty: all", NULL},
+     "expiration, dsn); empty: all",
+     NULL},
     {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
      "tenants sent (the event's tenant field), comma separated; empty: all", NULL},
-    {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)",
-     NULL},
+    {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)", NULL},
     {"batch_wait", CONF_DURATION, EVK(batch_wait), 0, 60000, "200ms",
      "a batch closes this long after its first event", NULL},
     {"timeout", CONF_DURATION, EVK(timeout), 100, 600000, "10s",
      "per request: connect, send and the endpoint's answer", NULL},
     {"retry_min", CONF_DURATION, EVK(retry_min), 10, 3600000, "1s",
      "wait after a first failed attempt; doubles on each failure", NULL},
-    {"retry_max", CONF_DURATION, EVK(retry_max), 10, 3600000, "1m", "ceiling of that wait",
-     NULL},
+    {"retry_max", CONF_DURATION, EVK(retry_max), 10, 3600000, "1m", "ceiling of that wait", NULL},
     {"max_backlog", CONF_SIZE, EVK(max_backlog), 1024 * 1024, 0, "10G",
      "journal kept for this sink while its endpoint is away; past it the oldest events are "
-     "dropped for this sink (counted, logged)", NULL},
+     "dropped for this sink (counted, logged)",
+     NULL},
     {"maxlen", CONF_UINT, EVK(maxlen), 0, 4000000000u, "1000000",
      "redis: XADD MAXLEN ~ this (the stream's approximate cap); 0: no cap", NULL},
     {"ca_file", CONF_STRING, EVK(ca_file), 1, 4096, NULL,
@@ -81,7 +83,7 @@ const struct conf_key events_sink_keys[] = {
 enum sink_kind { SINK_HTTP, SINK_REDIS };
 
 struct sink {
-    struct events *ev; /* borrowed: owns the sink */
+    struct events *ev;             /* borrowed: owns the sink */
     struct events_sink_config cfg; /* owned strings (conf_copy) */
     enum sink_kind kind;
     pthread_t thread;
@@ -93,10 +95,10 @@ struct sink {
     uint64_t oldest_ms; /* Unix ms of the first pending event, 0: unknown */
 
     /* Sink thread only. */
-    int fd;          /* journal segment being read, -1 */
+    int fd; /* journal segment being read, -1 */
     uint64_t fd_seg;
-    char *rbuf;      /* owned: READ_BUF */
-    struct json body; /* the batch: a JSON array of framed events */
+    char *rbuf;          /* owned: READ_BUF */
+    struct json body;    /* the batch: a JSON array of framed events */
     size_t *offs, *lens; /* owned, batch_max each: every event's object in body */
     uint64_t *seqs;      /* owned, batch_max: every event's number */
     unsigned nlines;
@@ -117,9 +119,11 @@ struct events {
     pthread_cond_t cond; /* CLOCK_MONOTONIC */
     bool stop;
     _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
-    uint64_t appends; /* bumped on every append: sinks wait for a change */
-    struct sink *sinks; /* owned array */
+    uint64_t appends;      /* bumped on every append: sinks wait for a change */
+    struct sink *sinks;    /* owned array */
     unsigned nsinks;
+    char *merge; /* owned: a batch merged in order (the delivery log's writer thread) */
+    size_t merge_cap;
 };
 
 /* ---- config ---- */
@@ -179,9 +183,7 @@ parse_redis_url(const char *url, char *host, size_t hostlen, int *port, char *st
 int
 events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
 {
-    size_t n = strlen(c->name);
-    if (n == 0 || n > JOURNAL_NAME_MAX || c->name[0] == '.' ||
-        strspn(c->name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-") != n) {
+    if (!journal_name_valid(c->name)) {
         snprintf(err, errlen, "the name must be 1 to %d of A-Z a-z 0-9 _ . - (not first .)",
                  JOURNAL_NAME_MAX);
         return -EINVAL;
@@ -305,8 +307,8 @@ line_time_ms(const char *line, size_t len)
     struct tm tm = {0};
     int ms = 0;
     if (v == NULL || n < 20 ||
-        sscanf(v, "%4d-%2d-%2dT%2d:%2d:%2d.%3d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-               &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) < 6)
+        sscanf(v, "%4d-%2d-%2dT%2d:%2d:%2d.%3d", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
+               &tm.tm_min, &tm.tm_sec, &ms) < 6)
         return 0;
     tm.tm_year -= 1900;
     tm.tm_mon -= 1;
@@ -345,8 +347,8 @@ batch_add(struct sink *s, const char *line, size_t len, uint64_t seq)
  * acknowledged (past filtered events too). Returns 0 or -errno.
  */
 static int
-batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
-             uint64_t *skipped, uint64_t *first_ms)
+batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered, uint64_t *skipped,
+             uint64_t *first_ms)
 {
     struct journal_pos pos = *from;
     json_reset(&s->body);
@@ -355,8 +357,7 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
     *first_ms = 0;
     bool full = false;
     while (!full) {
-        long n = journal_read(s->ev->journal, &pos, s->rbuf, READ_BUF, &s->fd, &s->fd_seg,
-                              skipped);
+        long n = journal_read(s->ev->journal, &pos, s->rbuf, READ_BUF, &s->fd, &s->fd_seg, skipped);
         if (n < 0)
             return (int)n;
         if (n == 0)
@@ -398,8 +399,7 @@ discard(char *p, size_t size, size_t n, void *arg)
 /* libcurl calls this while a request runs: a stop abandons it (the
  * batch is sent again from the cursor after the restart). */
 static int
-http_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
-              curl_off_t ulnow)
+http_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
 {
     (void)dltotal;
     (void)dlnow;
@@ -585,6 +585,8 @@ wait_until(struct events *ev, uint64_t deadline_ms)
     pthread_cond_timedwait(&ev->cond, &ev->mu, &ts);
 }
 
+static void sink_store_cursor(struct sink *s, const struct journal_pos *pos);
+
 /* Delete the segments every sink passed. */
 static void
 events_trim(struct events *ev)
@@ -598,16 +600,17 @@ events_trim(struct events *ev)
     journal_trim(ev->journal, &keep);
 }
 
-/* Move the cursor past what max_backlog allows; mu held. */
-static void
+/* Move the cursor past what max_backlog allows; mu held. Returns
+ * whether it moved (then the caller stores it and trims, without mu). */
+static bool
 sink_cap_backlog(struct sink *s, const struct journal_pos *end)
 {
     if (end->off - s->cursor.off <= s->cfg.max_backlog)
-        return;
+        return false;
     struct journal_pos np;
     journal_pos_within(s->ev->journal, s->cfg.max_backlog, &np);
     if (np.off <= s->cursor.off)
-        return;
+        return false;
     uint64_t lost = np.seq - s->cursor.seq;
     s->st.dropped += lost;
     log_msg(LOG_ERR,
@@ -616,6 +619,19 @@ sink_cap_backlog(struct sink *s, const struct journal_pos *end)
             s->cfg.name, lost, s->cfg.max_backlog);
     s->cursor = np;
     s->oldest_ms = 0;
+    return true;
+}
+
+/* After sink_cap_backlog moved the cursor: store it, drop the segments
+ * nobody needs. Called with mu held; drops it meanwhile. */
+static void
+sink_after_cap(struct sink *s)
+{
+    struct journal_pos pos = s->cursor;
+    pthread_mutex_unlock(&s->ev->mu);
+    sink_store_cursor(s, &pos);
+    events_trim(s->ev);
+    pthread_mutex_lock(&s->ev->mu);
 }
 
 static void
@@ -651,10 +667,13 @@ sink_main(void *arg)
             if (s->st.paused && !ev->stop)
                 wait_until(ev, mono_ms() + 1000);
             journal_end(ev->journal, &end);
+            if (s->st.paused && sink_cap_backlog(s, &end))
+                sink_after_cap(s); /* a paused sink's backlog is bounded too */
         }
         if (ev->stop)
             break;
-        sink_cap_backlog(s, &end);
+        if (sink_cap_backlog(s, &end))
+            sink_after_cap(s);
         uint64_t now = mono_ms();
         if (first_seen == 0)
             first_seen = now;
@@ -812,8 +831,8 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
 }
 
 int
-events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
-           struct events **out, char *err, size_t errlen)
+events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct events **out,
+           char *err, size_t errlen)
 {
     *out = NULL;
     if (n == 0)
@@ -866,8 +885,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
         s->started = true;
         struct journal_pos end;
         journal_end(ev->journal, &end);
-        log_msg(LOG_INFO,
-                "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
+        log_msg(LOG_INFO, "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
                 s->cfg.name, s->st.kind, end.seq - s->cursor.seq, s->st.paused ? "yes" : "no");
     }
     *out = ev;
@@ -893,6 +911,7 @@ events_free(struct events *ev)
     for (unsigned i = 0; i < ev->nsinks; i++)
         sink_fini(&ev->sinks[i]);
     free(ev->sinks);
+    free(ev->merge);
     journal_close(ev->journal);
     pthread_mutex_destroy(&ev->mu);
     pthread_cond_destroy(&ev->cond);
@@ -901,11 +920,89 @@ events_free(struct events *ev)
     return NULL;
 }
 
+/* The order key of a delivery log line: receptions first, then its
+ * "time" text (RFC 3339 UTC with ms, so it sorts as text). Receptions go
+ * first because the submission worker logs a message's reception once
+ * its 250 is sent, which a fast first delivery by another worker can
+ * beat by a millisecond. A line of another shape sorts first. */
+#define TIME_AT  9  /* {"time":" */
+#define TIME_LEN 24 /* 2026-12-01T20:10:58.123Z */
+static int
+line_cmp(const char *a, size_t alen, const char *b, size_t blen)
+{
+    static const char rec[] = "\",\"event\":\"reception\"";
+    const size_t need = TIME_AT + TIME_LEN + sizeof(rec) - 1;
+    bool ka = alen > need, kb = blen > need;
+    if (!ka || !kb)
+        return (int)ka - (int)kb;
+    bool ra = memcmp(a + TIME_AT + TIME_LEN, rec, sizeof(rec) - 1) == 0;
+    bool rb = memcmp(b + TIME_AT + TIME_LEN, rec, sizeof(rec) - 1) == 0;
+    if (ra != rb)
+        return ra ? -1 : 1;
+    return memcmp(a + TIME_AT, b + TIME_AT, TIME_LEN);
+}
+
+/*
+ * Merge the batch's buffers into one, line by line, by line_cmp: each
+ * buffer's own order is kept (a writer's lines stay in the order it
+ * wrote them), and across writers an earlier event goes first, and a
+ * reception before any outcome: within a batch, a message's reception
+ * (logged by the worker that took it) precedes its outcomes (logged by
+ * another). Across batches that holds unless the first outcome was
+ * logged before the reception and a batch was cut between the two. Returns the merged length, or 0
+ * when out of memory (then the batch goes in as it came).
+ */
+static size_t
+merge_batch(struct events *ev, const struct iovec *iov, unsigned n)
+{
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += iov[i].iov_len;
+    if (total > ev->merge_cap) {
+        char *m = realloc(ev->merge, total);
+        if (m == NULL)
+            return 0;
+        ev->merge = m;
+        ev->merge_cap = total;
+    }
+    size_t *at = calloc(n, sizeof(*at));
+    if (at == NULL)
+        return 0;
+    size_t len = 0;
+    for (;;) {
+        int best = -1;
+        const char *bl = NULL;
+        size_t bn = 0;
+        for (unsigned i = 0; i < n; i++) {
+            if (at[i] >= iov[i].iov_len)
+                continue;
+            const char *p = (const char *)iov[i].iov_base + at[i];
+            const char *nl = memchr(p, '\n', iov[i].iov_len - at[i]);
+            size_t ln = nl != NULL ? (size_t)(nl - p) + 1 : iov[i].iov_len - at[i];
+            if (best < 0 || line_cmp(p, ln, bl, bn) < 0) {
+                best = (int)i;
+                bl = p;
+                bn = ln;
+            }
+        }
+        if (best < 0)
+            break;
+        memcpy(ev->merge + len, bl, bn);
+        len += bn;
+        at[best] += bn;
+    }
+    free(at);
+    return len;
+}
+
 int
 events_on_batch(void *arg, const struct iovec *iov, unsigned n)
 {
     struct events *ev = arg;
-    int rc = journal_append(ev->journal, iov, n);
+    size_t merged = n > 1 ? merge_batch(ev, iov, n) : 0;
+    struct iovec one = {ev->merge, merged};
+    int rc =
+        merged > 0 ? journal_append(ev->journal, &one, 1) : journal_append(ev->journal, iov, n);
     if (rc < 0) {
         size_t bytes = 0;
         for (unsigned i = 0; i < n; i++)

@@ -60,21 +60,21 @@
 
 /* One [events NAME] section. */
 struct events_sink_config {
-    char *name;            /* owned: the section's NAME */
-    unsigned line;         /* where its section starts */
-    char *url;             /* owned: http://, https:// or redis://[:PASSWORD@]HOST:PORT/STREAM */
-    char *secret;          /* owned: HMAC-SHA256 key of the signature header; NULL: unsigned */
-    char *events;          /* owned: event types sent, comma separated; "": all */
-    char *tenants;         /* owned: tenants sent ("tenant" field), comma separated; "": all */
-    unsigned batch_max;    /* events per batch */
-    uint64_t batch_wait;   /* ms: a batch closes this long after its first event */
-    uint64_t timeout;      /* ms: per request */
-    uint64_t retry_min;    /* ms: first backoff */
-    uint64_t retry_max;    /* ms: backoff ceiling */
-    uint64_t max_backlog;  /* octets of journal kept for this sink */
-    unsigned maxlen;       /* redis: XADD MAXLEN ~ this; 0: none */
-    char *ca_file;         /* owned: https: CA bundle; NULL: the system's */
-    bool paused;           /* start paused */
+    char *name;           /* owned: the section's NAME */
+    unsigned line;        /* where its section starts */
+    char *url;            /* owned: http://, https:// or redis://[:PASSWORD@]HOST:PORT/STREAM */
+    char *secret;         /* owned: HMAC-SHA256 key of the signature header; NULL: unsigned */
+    char *events;         /* owned: event types sent, comma separated; "": all */
+    char *tenants;        /* owned: tenants sent ("tenant" field), comma separated; "": all */
+    unsigned batch_max;   /* events per batch */
+    uint64_t batch_wait;  /* ms: a batch closes this long after its first event */
+    uint64_t timeout;     /* ms: per request */
+    uint64_t retry_min;   /* ms: first backoff */
+    uint64_t retry_max;   /* ms: backoff ceiling */
+    uint64_t max_backlog; /* octets of journal kept for this sink */
+    unsigned maxlen;      /* redis: XADD MAXLEN ~ this; 0: none */
+    char *ca_file;        /* owned: https: CA bundle; NULL: the system's */
+    bool paused;          /* start paused */
 };
 
 /* The keys of [events NAME] (for config.c and the reference). */

@@ -41,7 +41,7 @@ struct journal {
     pthread_mutex_t mu; /* guards segs, nsegs, cap, end_seq */
     struct seg *segs;   /* owned: oldest first, never empty */
     unsigned nsegs, cap;
-    uint64_t end_seq;   /* the seq after the last durable line */
+    uint64_t end_seq; /* the seq after the last durable line */
 
     int fd; /* appending thread: the last segment, O_WRONLY */
 };
@@ -544,8 +544,8 @@ journal_read(struct journal *j, struct journal_pos *pos, char *buf, size_t cap, 
     return 0;
 }
 
-static bool
-valid_name(const char *name)
+bool
+journal_name_valid(const char *name)
 {
     size_t n = strlen(name);
     return n > 0 && n <= JOURNAL_NAME_MAX &&
@@ -556,7 +556,7 @@ valid_name(const char *name)
 int
 journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos)
 {
-    if (!valid_name(name))
+    if (!journal_name_valid(name))
         return -EINVAL;
     struct journal_pos begin, end;
     journal_begin(j, &begin);
@@ -587,7 +587,7 @@ journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos
 int
 journal_cursor_store(struct journal *j, const char *name, const struct journal_pos *pos)
 {
-    if (!valid_name(name))
+    if (!journal_name_valid(name))
         return -EINVAL;
     char file[JOURNAL_NAME_MAX + 16], text[80];
     snprintf(file, sizeof(file), "cursor.%s", name);

@@ -30,6 +30,7 @@
 #ifndef SLUICE_ENGINE_EVENTS_JOURNAL_H
 #define SLUICE_ENGINE_EVENTS_JOURNAL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
@@ -75,6 +76,10 @@ const char *journal_id(const struct journal *j);
  */
 long journal_read(struct journal *j, struct journal_pos *pos, char *buf, size_t cap, int *fd,
                   uint64_t *fd_seg, uint64_t *skipped);
+
+/* Whether name may name a cursor: 1 to JOURNAL_NAME_MAX of
+ * [A-Za-z0-9_.-], not starting with a dot. */
+bool journal_name_valid(const char *name);
 
 /* A sink's cursor: 0 and *pos (the journal's first position when the
  * cursor was never stored or lies outside the journal), or -errno. */

@@ -478,12 +478,24 @@ render_event_sink_metrics(struct json *t, const struct stats_counters *c)
             text_label(t, e->name, sizeof(e->name));
             json_raw(t, "\"} ", 3);
             switch (f) {
-            case 0: text_printf(t, "%llu\n", (unsigned long long)e->pending); break;
-            case 1: text_printf(t, "%.3f\n", (double)e->oldest_age_ms / 1000.0); break;
-            case 2: text_printf(t, "%llu\n", (unsigned long long)e->sent); break;
-            case 3: text_printf(t, "%llu\n", (unsigned long long)e->failed); break;
-            case 4: text_printf(t, "%llu\n", (unsigned long long)e->dropped); break;
-            default: text_printf(t, "%d\n", e->paused ? 1 : 0); break;
+            case 0:
+                text_printf(t, "%llu\n", (unsigned long long)e->pending);
+                break;
+            case 1:
+                text_printf(t, "%.3f\n", (double)e->oldest_age_ms / 1000.0);
+                break;
+            case 2:
+                text_printf(t, "%llu\n", (unsigned long long)e->sent);
+                break;
+            case 3:
+                text_printf(t, "%llu\n", (unsigned long long)e->failed);
+                break;
+            case 4:
+                text_printf(t, "%llu\n", (unsigned long long)e->dropped);
+                break;
+            default:
+                text_printf(t, "%d\n", e->paused ? 1 : 0);
+                break;
             }
         }
     }

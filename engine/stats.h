@@ -64,7 +64,7 @@ struct stats_event_sink {
     uint64_t failed;        /* failed attempts (batches) */
     uint64_t dropped;       /* events given up past max_backlog */
     bool paused;
-    char last_error[200];   /* "" when none */
+    char last_error[200]; /* "" when none */
 };
 
 /* Counters (monotonic since start) and gauges the engine fills on

@@ -1020,7 +1020,8 @@ static const struct cmd cmds[] = {
      "event in the delivery log. This cannot be undone.",
      1, 1, run_plain},
     {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
-    {"events", "[pause|resume NAME]", "the event sinks (webhooks, Redis streams); pause or resume one",
+    {"events", "[pause|resume NAME]",
+     "the event sinks (webhooks, Redis streams); pause or resume one",
      "One row per [events NAME] sink: events journaled and not yet acknowledged,\n"
      "the age of the oldest of them, events sent, failed attempts, events\n"
      "dropped past max_backlog, whether it is paused, and its last error.\n"
