@@ -22,6 +22,11 @@
  * the signing pool (state SIGN, no reading); the commit follows with the
  * DKIM-Signature fields in front. Detached sessions sign nothing.
  *
+ * Over TLS the socket's bytes go through cin and the tls conn;
+ * session_run() drains both (and OpenSSL's own buffer) into the input
+ * buffer as the state machine makes room, and only waits for the socket
+ * once nothing buffered is left to read.
+ *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
  * (recv, send, a pending spool commit). session_close() shuts the socket
  * down so that a pending recv completes; the last completion frees.
@@ -127,6 +132,7 @@ struct session {
     bool tls_ready;       /* handshake complete */
     bool tls_implicit;    /* an implicit-TLS listener: greet after the handshake */
     bool tls_shut;        /* close_notify queued */
+    bool tls_eof;         /* the client's close_notify came: read nothing more */
     char tls_desc[96];    /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
     char *cin;            /* owned, CIN_CAP: ciphertext read, not yet fed */
     size_t cin_off;       /* cin[cin_off..cin_len) is waiting to be fed; the buffer is
@@ -1590,8 +1596,10 @@ run_bdat(struct session *s)
     return true;
 }
 
+/* States that wait for the client's next bytes (others wait for a send,
+ * a commit or a timer). */
 static bool
-want_recv(const struct session *s)
+want_input(const struct session *s)
 {
     switch (s->state) {
     case SS_COMMAND:
@@ -1599,96 +1607,184 @@ want_recv(const struct session *s)
     case SS_DATA:
     case SS_BDAT:
     case SS_TLS:
-        if (s->recv_busy || s->out_len >= OUT_HIGH)
-            return false;
-        return s->tls != NULL ? s->cin_len < CIN_CAP : s->in_len < IN_CAP;
+        return true;
     default:
         return false;
     }
 }
 
-/* TLS in: feed the ciphertext read, drive the handshake, and take the
- * plaintext there is room for. Returns 0 or a tls error. */
+static bool
+want_recv(const struct session *s)
+{
+    if (!want_input(s) || s->recv_busy || s->out_len >= OUT_HIGH || s->tls_eof)
+        return false;
+    return s->tls != NULL ? s->cin_len < CIN_CAP : s->in_len < IN_CAP;
+}
+
+/* Move what cin holds into the conn, as much as it takes. Returns the
+ * count moved, or a tls error. */
+static ssize_t
+tls_feed(struct session *s)
+{
+    size_t moved = 0;
+    while (s->cin_off < s->cin_len) {
+        ssize_t n = tls_conn_feed(s->tls, s->cin + s->cin_off, s->cin_len - s->cin_off);
+        if (n < 0)
+            return n;
+        if (n == 0)
+            break; /* the conn's buffer is full until OpenSSL reads from it */
+        s->cin_off += (size_t)n;
+        moved += (size_t)n;
+    }
+    if (s->cin_off != 0 && !s->recv_busy) {
+        memmove(s->cin, s->cin + s->cin_off, s->cin_len - s->cin_off);
+        s->cin_len -= s->cin_off;
+        s->cin_off = 0;
+    }
+    return (ssize_t)moved;
+}
+
+/* TLS in: feed the buffered ciphertext, drive the handshake, and take the
+ * plaintext there is room for. Returns 1 when it moved anything (ciphertext
+ * fed, plaintext read, the handshake completed), 0 when it could not, or a
+ * tls error. It stops when s->in is full, so OpenSSL and cin may still
+ * hold input: session_run() calls it again once the state machine has
+ * made room, until neither moves, and only then waits for the socket. */
 static int tls_established(struct session *s);
 
 static int
 tls_in(struct session *s)
 {
+    int moved = 0;
+    if (s->tls_eof)
+        return 0; /* close_notify came: whatever followed it is not read */
     for (;;) {
-        bool progress = false;
-        while (s->cin_off < s->cin_len) {
-            ssize_t n = tls_conn_feed(s->tls, s->cin + s->cin_off, s->cin_len - s->cin_off);
-            if (n < 0)
-                return (int)n;
-            if (n == 0)
-                break;
-            s->cin_off += (size_t)n;
-            progress = true;
-        }
-        if (s->cin_off != 0 && !s->recv_busy) {
-            memmove(s->cin, s->cin + s->cin_off, s->cin_len - s->cin_off);
-            s->cin_len -= s->cin_off;
-            s->cin_off = 0;
-        }
+        ssize_t n = tls_feed(s);
+        if (n < 0)
+            return (int)n;
+        bool progress = n > 0;
         if (!s->tls_ready) {
             int rc = tls_conn_handshake(s->tls);
-            if (rc == TLS_WANT_IO)
-                return 0;
             if (rc < 0)
                 return rc;
-            rc = tls_established(s);
-            if (rc < 0)
-                return rc;
+            if (rc == 0) {
+                rc = tls_established(s);
+                if (rc < 0)
+                    return rc;
+                progress = true;
+            }
         }
-        while (s->in_len < IN_CAP && s->state != SS_TLS_START) {
-            ssize_t n = tls_conn_read(s->tls, s->in + s->in_len, IN_CAP - s->in_len);
+        while (s->tls_ready && s->in_len < IN_CAP && s->state != SS_TLS_START) {
+            n = tls_conn_read(s->tls, s->in + s->in_len, IN_CAP - s->in_len);
             if (n == 0)
                 break;
+            if (n == TLS_ECLOSED) {
+                /* The client ended TLS: what it said before still counts. */
+                s->tls_eof = true;
+                return 1;
+            }
             if (n < 0)
                 return (int)n;
             s->in_len += (size_t)n;
             progress = true;
         }
-        if (!progress || s->cin_off == s->cin_len)
-            return 0;
+        /* A handshake step or a read that produced nothing may still have
+         * taken ciphertext out of the conn's full buffer: feed again, or
+         * the rest of cin would wait for a recv that never completes. */
+        n = tls_feed(s);
+        if (n < 0)
+            return (int)n;
+        if (n > 0)
+            progress = true;
+        if (!progress)
+            return moved;
+        moved = 1;
+    }
+}
+
+/* A TLS error: say why in the log, send the alert OpenSSL may have queued
+ * (the client learns what failed instead of seeing a reset), then close.
+ * Plaintext replies not yet encrypted are dropped: nothing can carry them. */
+static void
+tls_fail(struct session *s, int rc)
+{
+    log_msg(LOG_NOTICE, "session=%016llx event=tls_failed client=%s state=%s err=\"%s\" "
+                        "detail=\"%s\"",
+            (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
+            tls_strerror(rc), tls_conn_error_str(s->tls));
+    s->out_len = s->out_sent = 0;
+    s->tls_shut = true;
+    session_enter(s, SS_CLOSING);
+    flush(s);
+    if (!s->send_busy) {
+        session_close(s, "tls");
+        session_maybe_free(s);
+    }
+}
+
+/* The client sent close_notify and everything before it was handled: a
+ * session waiting for input has nothing more to wait for. Replies queued
+ * go out, then our close_notify, then the socket closes. */
+static void
+tls_on_eof(struct session *s)
+{
+    bool mid_txn = s->state == SS_DATA || s->state == SS_BDAT || s->in_txn;
+    log_msg(mid_txn ? LOG_NOTICE : LOG_INFO,
+            "session=%016llx event=tls_closed client=%s state=%s%s", (unsigned long long)s->id,
+            s->peer_ip, session_state_str(s->state),
+            mid_txn ? " note=transaction_dropped" : "");
+    session_enter(s, SS_CLOSING);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    flush(s);
+    if (!s->send_busy) {
+        session_close(s, NULL);
+        session_maybe_free(s);
     }
 }
 
 static void
 session_run(struct session *s)
 {
-    if (s->tls != NULL && s->state != SS_CLOSED && s->state != SS_CLOSING) {
-        int rc = tls_in(s);
-        if (rc < 0) {
-            log_msg(rc == TLS_ECLOSED ? LOG_INFO : LOG_NOTICE,
-                    "session=%016llx event=tls_failed client=%s err=\"%s\" detail=\"%s\"",
-                    (unsigned long long)s->id, s->peer_ip, tls_strerror(rc),
-                    tls_conn_error_str(s->tls));
-            session_close(s, "tls");
-            session_maybe_free(s);
-            return;
-        }
-    }
+    /* Until nothing moves: TLS may hold more plaintext than s->in took,
+     * and no recv completion will come for bytes already received. */
     for (;;) {
-        if (s->out_len >= OUT_HIGH)
-            break; /* answer what we have first: the send completion resumes */
-        bool progress = false;
-        switch (s->state) {
-        case SS_COMMAND:
-        case SS_AUTH:
-            progress = run_commands(s);
-            break;
-        case SS_DATA:
-            progress = run_data(s);
-            break;
-        case SS_BDAT:
-            progress = run_bdat(s);
-            break;
-        default:
-            break;
+        bool moved = false;
+        if (s->tls != NULL && s->state != SS_CLOSED && s->state != SS_CLOSING) {
+            int rc = tls_in(s);
+            if (rc < 0) {
+                tls_fail(s, rc);
+                return;
+            }
+            moved = rc > 0;
         }
-        if (!progress)
+        for (;;) {
+            if (s->out_len >= OUT_HIGH)
+                break; /* answer what we have first: the send completion resumes */
+            bool progress = false;
+            switch (s->state) {
+            case SS_COMMAND:
+            case SS_AUTH:
+                progress = run_commands(s);
+                break;
+            case SS_DATA:
+                progress = run_data(s);
+                break;
+            case SS_BDAT:
+                progress = run_bdat(s);
+                break;
+            default:
+                break;
+            }
+            if (!progress)
+                break;
+            moved = true;
+        }
+        if (!moved || s->tls == NULL)
             break;
+    }
+    if (s->tls_eof && want_input(s) && s->out_len < OUT_HIGH) {
+        tls_on_eof(s);
+        return;
     }
     flush(s);
     if (want_recv(s) && !s->sw->detached) {
@@ -1756,7 +1852,9 @@ tls_begin(struct session *s)
         return;
     }
     session_enter(s, SS_TLS);
-    session_deadline(s, s->sw->cfg->timeout_command);
+    /* One deadline for the whole handshake: a client that trickles it
+     * byte by byte gains nothing. */
+    session_deadline(s, s->sw->e->cfg->tls.handshake_timeout);
 }
 
 static int
@@ -1826,8 +1924,12 @@ session_on_timer(struct timer *t, void *ctx)
         auth_fail_reply(s);
         session_run(s);
         return;
-    case SS_CLOSING:
     case SS_TLS:
+        log_msg(LOG_NOTICE, "session=%016llx event=tls_timeout client=%s implicit=%d "
+                            "note=handshake_not_completed",
+                (unsigned long long)s->id, s->peer_ip, s->tls_implicit);
+        /* fall through */
+    case SS_CLOSING:
     case SS_TLS_START:
         session_close(s, s->state == SS_CLOSING ? "send_timeout" : "tls_timeout");
         session_maybe_free(s);

@@ -41,6 +41,13 @@ const struct conf_key tls_conf_keys[] = {
      * under a gigabyte while still taking a full record per write. */
     {"buffer_size", CONF_SIZE, TLS(buffer_size), 4096, 1ULL << 20, "16K",
      "ciphertext buffered per TLS connection in each direction", NULL},
+    /* A client that opens the handshake and stalls holds a connection
+     * slot and two ciphertext buffers; a command's deadline (minutes) is
+     * far too generous for something a real client does in milliseconds. */
+    {"handshake_timeout", CONF_DURATION, TLS(handshake_timeout), 1000, 600000, "30s",
+     "how long a submission client may take for its whole TLS handshake (STARTTLS or "
+     "implicit TLS) before the connection is closed",
+     NULL},
     CONF_END,
 };
 

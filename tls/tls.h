@@ -62,6 +62,7 @@ struct tls_config {
     char *ca_path;               /* owned; hashed CA directory for verify */
     unsigned session_cache_size; /* client sessions kept per cache (per worker); 0: none */
     uint64_t buffer_size;        /* ciphertext bytes buffered per connection, each way */
+    uint64_t handshake_timeout;  /* ms a submission client has for its whole handshake */
 };
 
 /* The key table for struct tls_config (conf_defaults, conf_set, conf_free). */
