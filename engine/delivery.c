@@ -1709,9 +1709,13 @@ tls_start(struct conn *c)
     char key[sizeof(c->mx) + sizeof(c->addr_str) + 1];
     snprintf(key, sizeof(key), "%s:%s", c->mx, c->addr_str);
     c->cin = malloc(CIN_CAP);
-    if (c->cin == NULL || c->d->e->tls_client == NULL ||
-        tls_conn_new_client(c->d->e->tls_client, c->mx, verify, c->d->tls_cache, key,
-                            &c->tls) < 0) {
+    /* The engine's current ctx: a reload may have brought other CAs. */
+    struct tls_ctx *ctx = engine_tls_client(c->d->e);
+    int rc = c->cin == NULL || ctx == NULL
+                 ? -ENOMEM
+                 : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &c->tls);
+    tls_ctx_unref(ctx);
+    if (rc < 0) {
         free(c->cin);
         c->cin = NULL;
         conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));

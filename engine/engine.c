@@ -68,6 +68,25 @@ requeue_spool(struct engine *e)
     free(b);
 }
 
+/* Both TLS contexts of a [tls] section: the client's always, the
+ * server's when a certificate is named. Returns 0, or an error with a
+ * message for the operator in err (nothing is left made). */
+static int
+tls_contexts_new(const struct tls_config *tc, struct tls_ctx **server, struct tls_ctx **client,
+                 char *err, size_t errlen)
+{
+    *server = *client = NULL;
+    char why[400];
+    int rc = tls_ctx_new_client(tc, client, why, sizeof(why));
+    if (rc == 0 && tls_config_has_server(tc))
+        rc = tls_ctx_new_server(tc, server, why, sizeof(why));
+    if (rc < 0) {
+        *client = tls_ctx_unref(*client);
+        snprintf(err, errlen, "[tls] %s", why);
+    }
+    return rc;
+}
+
 static int
 load_users(struct engine *e, char *err, size_t errlen)
 {
@@ -159,6 +178,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     pthread_mutex_init(&e->users_lock, NULL);
     pthread_mutex_init(&e->dkim_lock, NULL);
     e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
+    pthread_mutex_init(&e->tls_lock, NULL);
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
     if (rc < 0)
         return rc;
@@ -181,14 +201,12 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         if (e->events != NULL)
             dlog_set_tap(e->dlog, events_on_batch, e->events);
     }
-    rc = tls_ctx_new_client(&cfg->tls, &e->tls_client, err, errlen);
+    struct tls_ctx *tls_server, *tls_client;
+    rc = tls_contexts_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
     if (rc < 0)
         goto fail;
-    if (tls_config_has_server(&cfg->tls)) {
-        rc = tls_ctx_new_server(&cfg->tls, &e->tls_server, err, errlen);
-        if (rc < 0)
-            goto fail;
-    }
+    e->tls_server = tls_server;
+    e->tls_client = tls_client;
     rc = dkim_pool_new(cfg->dkim.threads, cfg->dkim.queue_max, &e->dkim_pool, err, errlen);
     if (rc < 0)
         goto fail;
@@ -337,8 +355,9 @@ engine_stop(struct engine *e)
     pthread_mutex_destroy(&e->users_lock);
     e->dkim_keys = dkim_keyring_unref(e->dkim_keys);
     pthread_mutex_destroy(&e->dkim_lock);
-    e->tls_server = e->tls_server ? tls_ctx_unref(e->tls_server) : NULL;
-    e->tls_client = e->tls_client ? tls_ctx_unref(e->tls_client) : NULL;
+    e->tls_server = tls_ctx_unref(e->tls_server);
+    e->tls_client = tls_ctx_unref(e->tls_client);
+    pthread_mutex_destroy(&e->tls_lock);
     free(e->per_ip.slots);
     e->per_ip.slots = NULL;
     pthread_mutex_destroy(&e->per_ip.lock);
@@ -404,8 +423,8 @@ report_kept(const struct config *o, const struct config *n)
         {"server.workers", o->server.workers == n->server.workers},
         {"server.ring_entries", o->server.ring_entries == n->server.ring_entries},
         {"queue", SAME_STR(o->queue.path, n->queue.path) && o->queue.map_size == n->queue.map_size},
-        {"tls.cert_file", SAME_STR(o->tls.cert_file, n->tls.cert_file)},
-        {"tls.key_file", SAME_STR(o->tls.key_file, n->tls.key_file)},
+        /* Each worker's client session cache is sized at start. */
+        {"tls.session_cache_size", o->tls.session_cache_size == n->tls.session_cache_size},
         {"stats", SAME_STR(o->stats.socket, n->stats.socket) &&
                       SAME_STR(o->stats.http_listen, n->stats.http_listen)},
         {"redis", SAME_STR(o->redis.url, n->redis.url)},
@@ -424,6 +443,17 @@ int
 engine_reload(struct engine *e, const struct config *ncfg)
 {
     char err[512];
+    int refused = 0;
+    /* The certificate and key are read again even when their paths did
+     * not change: renewals replace the files in place. A file that does
+     * not load refuses the whole config, as a config error would. */
+    struct tls_ctx *tls_server = NULL, *tls_client = NULL;
+    if (ncfg != NULL && e->nworkers > 0 &&
+        (refused = tls_contexts_new(&ncfg->tls, &tls_server, &tls_client, err, sizeof(err))) < 0) {
+        log_msg(LOG_ERR, "event=reload_refused error=\"%s\"", err);
+        log_msg(LOG_ERR, "event=reload_failed what=config note=previous_config_kept");
+        ncfg = NULL;
+    }
     if (ncfg != NULL && e->nworkers > 0) {
         report_kept(e->cfg, ncfg);
         struct park *p = calloc(1, sizeof(*p));
@@ -459,6 +489,13 @@ engine_reload(struct engine *e, const struct config *ncfg)
             e->dkim_keys = ncfg->dkim_keys ? dkim_keyring_ref(ncfg->dkim_keys) : NULL;
             pthread_mutex_unlock(&e->dkim_lock);
             dkim_keyring_unref(old_keys);
+            pthread_mutex_lock(&e->tls_lock);
+            struct tls_ctx *old_server = e->tls_server, *old_client = e->tls_client;
+            e->tls_server = tls_server;
+            e->tls_client = tls_client;
+            pthread_mutex_unlock(&e->tls_lock);
+            tls_server = old_server; /* dropped below; their connections hold their own */
+            tls_client = old_client;
             p->go = true;
             pthread_cond_broadcast(&p->cv);
             pthread_mutex_unlock(&p->lock);
@@ -468,12 +505,35 @@ engine_reload(struct engine *e, const struct config *ncfg)
                     parked, e->nworkers);
         }
     }
+    tls_ctx_unref(tls_server);
+    tls_ctx_unref(tls_client);
     if (e->dlog != NULL)
         dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */
     int rc = load_users(e, err, sizeof(err));
     if (rc < 0)
         log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);
-    return rc;
+    return refused < 0 ? refused : rc;
+}
+
+static struct tls_ctx *
+tls_ref_locked(struct engine *e, struct tls_ctx *_Atomic *field)
+{
+    pthread_mutex_lock(&e->tls_lock);
+    struct tls_ctx *ctx = *field != NULL ? tls_ctx_ref(*field) : NULL;
+    pthread_mutex_unlock(&e->tls_lock);
+    return ctx;
+}
+
+struct tls_ctx *
+engine_tls_server(struct engine *e)
+{
+    return tls_ref_locked(e, &e->tls_server);
+}
+
+struct tls_ctx *
+engine_tls_client(struct engine *e)
+{
+    return tls_ref_locked(e, &e->tls_client);
 }
 
 struct dkim_keyring *

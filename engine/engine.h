@@ -45,8 +45,13 @@ struct engine {
      * until the end, so a pointer read a moment earlier stays valid. */
     const struct config *_Atomic cfg;
     struct queue *queue;       /* owned */
-    struct tls_ctx *tls_server; /* owned reference; NULL: no STARTTLS, no implicit TLS */
-    struct tls_ctx *tls_client; /* owned reference; NULL: outbound TLS unavailable */
+    /* Owned references, replaced by a reload (new certificate, CAs,
+     * protocols) under tls_lock while the workers are parked; take one
+     * with engine_tls_server() / engine_tls_client(). Connections made
+     * from a replaced ctx keep working on it. */
+    struct tls_ctx *_Atomic tls_server; /* NULL: no STARTTLS, no implicit TLS */
+    struct tls_ctx *_Atomic tls_client; /* NULL: outbound TLS unavailable */
+    pthread_mutex_t tls_lock;
     struct auth_db *users;     /* owned reference; NULL: AUTH not offered. Under users_lock:
                                 * a reload swaps it while sessions take references */
     pthread_mutex_t users_lock;
@@ -98,12 +103,17 @@ unsigned engine_failed_workers(struct engine *e);
 
 /* SIGHUP: reopen the delivery log, reload the users file, and, when ncfg
  * is given (a config read again and valid), run on it from now on: domain
- * policies and limits, TLS policies, retry schedules, classification,
- * bounce settings, log level. What needs a restart (listeners, workers,
- * spool, DNS, TLS certificates, stats socket, Redis URL, log paths) is
- * logged as kept. ncfg must outlive the engine (the caller frees it after
- * engine_stop). Main thread. Returns 0, or a negative code when the users
- * file was refused (the old one stays; the errors are logged). */
+ * policies and limits, TLS policies, [tls] (the server certificate and
+ * key, read again even when their paths did not change, CAs, protocols,
+ * ciphers: new TLS contexts for new connections), retry schedules,
+ * classification, bounce settings, log level. What needs a restart
+ * (listeners, workers, spool, DNS, stats socket, Redis URL, log paths,
+ * the session cache size) is logged as kept. A certificate, key or CA
+ * that does not load refuses the whole config (logged; the running one
+ * stays). ncfg must outlive the engine (the caller frees it after
+ * engine_stop). Main thread. Returns 0, or a negative code when the
+ * config or the users file was refused (the old one stays; the errors are
+ * logged). */
 int engine_reload(struct engine *e, const struct config *ncfg);
 /* A reference to the current users table (NULL when AUTH is off); any
  * thread. Drop it with auth_db_unref(). */
@@ -114,6 +124,10 @@ struct auth_db *engine_users(struct engine *e);
  * config it replaced (config_drop_dkim_keys) and its keys are freed once
  * the last message signed with them is done. */
 struct dkim_keyring *engine_dkim_keys(struct engine *e);
+/* A reference to the current server / client TLS context (NULL when there
+ * is none); any thread. Drop it with tls_ctx_unref(). */
+struct tls_ctx *engine_tls_server(struct engine *e);
+struct tls_ctx *engine_tls_client(struct engine *e);
 
 /* Count a connection from sa against max; false when over it. */
 bool conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max);

@@ -213,7 +213,8 @@ struct server_worker {
     struct engine *e;  /* borrowed */
     struct worker *w;  /* borrowed */
     const struct server_config *cfg; /* borrowed from e->cfg */
-    struct tls_ctx *tls;   /* borrowed: e->tls_server, NULL when TLS is off */
+    struct tls_ctx *tls;   /* owned reference to e->tls_server, taken again on reload;
+                            * NULL when TLS is off */
     struct listener *ls; /* owned array */
     int nls;
     struct queue_port *port; /* owned */
@@ -2204,7 +2205,7 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
         snprintf(err, errlen, "spool completion port: %s", strerror(errno));
         goto fail;
     }
-    sw->tls = e->tls_server;
+    sw->tls = engine_tls_server(e);
     int total = sw->cfg->nlisten + sw->cfg->nlisten_tls;
     sw->ls = calloc((size_t)total, sizeof(*sw->ls));
     if (sw->ls == NULL) {
@@ -2259,6 +2260,7 @@ server_worker_free(struct server_worker *sw)
     free(sw->ls);
     queue_port_free(sw->port);
     auth_cache_fini(&sw->auth);
+    tls_ctx_unref(sw->tls);
     free(sw);
     return NULL;
 }
@@ -2267,6 +2269,10 @@ void
 server_worker_reconfigure(struct server_worker *sw)
 {
     sw->cfg = &sw->e->cfg->server;
+    /* Sessions hold their own conn (and OpenSSL's reference to the old
+     * SSL_CTX); new handshakes take the new certificate. */
+    tls_ctx_unref(sw->tls);
+    sw->tls = engine_tls_server(sw->e);
 }
 
 void

@@ -42,7 +42,8 @@ void server_worker_start(struct server_worker *sw);
  * and retry), free. Returns NULL. */
 struct server_worker *server_worker_free(struct server_worker *sw);
 /* After a reload: the new [server] settings (limits, timeouts, AUTH
- * policy) for sessions from now on. Worker thread. */
+ * policy) and the new TLS context (certificate, protocols) for sessions
+ * from now on. Worker thread. */
 void server_worker_reconfigure(struct server_worker *sw);
 /* SIGTERM: stop accepting (the listeners are shut down); sessions open
  * go on until the engine stops. Any thread. */

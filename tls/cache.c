@@ -2,7 +2,8 @@
  * cache: client sessions per MX host, for resumption. A hash table of
  * entries keyed by the conn's cache key (case-insensitive: host names),
  * each holding one reference to an SSL_SESSION and the host its
- * certificate verified for, on a list in order of use; past max_entries
+ * certificate verified for (and under which ctx's CA store), on a list in
+ * order of use; past max_entries
  * the least recently used goes. Sessions are OpenSSL's refcounted objects:
  * a conn that resumes one holds its own reference, so dropping an entry
  * never pulls a session from under a live connection.
@@ -24,6 +25,7 @@ struct tls_cache_entry {
     struct tls_cache_entry *older; /* borrowed: use order, toward cache->oldest */
     SSL_SESSION *sess;             /* owned: one reference */
     char *verified_host;           /* owned; NULL: the certificate did not verify */
+    uint64_t trust_gen;            /* the ctx whose CA store verified it */
     uint64_t hash;
     char key[]; /* lowercase */
 };
@@ -163,8 +165,8 @@ session_usable(SSL_SESSION *sess)
 }
 
 SSL_SESSION *
-tls_cache_get(struct tls_cache *cache, const char *key, const char *host, bool require_verified,
-              bool *verified)
+tls_cache_get(struct tls_cache *cache, const char *key, const char *host, uint64_t trust_gen,
+              bool require_verified, bool *verified)
 {
     *verified = false;
     uint64_t hash = cache_hash(key);
@@ -180,7 +182,8 @@ tls_cache_get(struct tls_cache *cache, const char *key, const char *host, bool r
         cache->misses++;
         return NULL;
     }
-    bool vf = e->verified_host != NULL && host != NULL && strcasecmp(e->verified_host, host) == 0;
+    bool vf = e->verified_host != NULL && host != NULL && e->trust_gen == trust_gen &&
+              strcasecmp(e->verified_host, host) == 0;
     if (require_verified && !vf) {
         /* Kept: an opportunistic connection may still use it, and this
          * connection's full handshake will replace it if it verifies. */
@@ -196,7 +199,7 @@ tls_cache_get(struct tls_cache *cache, const char *key, const char *host, bool r
 
 int
 tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
-              const char *verified_host)
+              const char *verified_host, uint64_t trust_gen)
 {
     if (cache->max == 0)
         return -ENOSPC;
@@ -212,6 +215,7 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
         free(e->verified_host);
         e->sess = sess;
         e->verified_host = vh;
+        e->trust_gen = trust_gen;
         lru_unlink(cache, e);
         lru_push(cache, e);
         return 0;
@@ -227,6 +231,7 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
     e->hash = hash;
     e->sess = sess;
     e->verified_host = vh;
+    e->trust_gen = trust_gen;
     if (cache->count >= cache->max) {
         struct tls_cache_entry *old = cache->oldest;
         cache_drop(cache, cache_slot(cache, old->key, old->hash));

@@ -52,6 +52,7 @@ struct tls_conn {
     int error;             /* what failed the conn, returned from then on */
     bool offered_session;  /* a cached session went into the ClientHello */
     bool offered_verified; /* and its certificate had verified for host */
+    uint64_t trust_gen;    /* the ctx's: see struct tls_ctx */
     bool peer_closed;      /* close_notify received */
     bool shutdown_sent;    /* close_notify queued */
     struct tls_buf in;
@@ -289,6 +290,7 @@ conn_new(struct tls_ctx *ctx, struct tls_conn **out)
     c->in.cap = size;
     c->out.data = c->mem + size;
     c->out.cap = size;
+    c->trust_gen = ctx->trust_gen;
     ERR_clear_error();
     c->ssl = SSL_new(ctx->ssl_ctx);
     BIO *bio = c->ssl != NULL ? BIO_new(conn_bio_method) : NULL;
@@ -403,7 +405,7 @@ tls_conn_new_client(struct tls_ctx *ctx, const char *host, bool verify, struct t
             goto fail;
         }
         bool verified;
-        SSL_SESSION *sess = tls_cache_get(cache, key, c->host, verify, &verified);
+        SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, verify, &verified);
         if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
             c->offered_session = true;
             c->offered_verified = verified;
@@ -440,7 +442,7 @@ tls_conn_on_new_session(SSL *ssl, SSL_SESSION *sess)
         return 0;
     const char *vh = conn_verified(c) ? c->host : NULL;
     /* 1: the cache keeps OpenSSL's reference; 0: OpenSSL drops it. */
-    return tls_cache_put(c->cache, c->cache_key, sess, vh) == 0;
+    return tls_cache_put(c->cache, c->cache_key, sess, vh, c->trust_gen) == 0;
 }
 
 /* ---- driving ---- */

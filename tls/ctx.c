@@ -73,6 +73,11 @@ ctx_setup(SSL_CTX *s, const struct tls_config *cfg, char *err, size_t errlen)
     return 0;
 }
 
+/* The last trust generation handed out. Process-wide because it must be
+ * unique across every ctx of the process, whichever thread makes one; it
+ * only ever grows. */
+static atomic_uint_fast64_t ctx_trust_gen;
+
 static int
 ctx_wrap(SSL_CTX *s, const struct tls_config *cfg, bool server, struct tls_ctx **out, char *err,
          size_t errlen)
@@ -93,6 +98,7 @@ ctx_wrap(SSL_CTX *s, const struct tls_config *cfg, bool server, struct tls_ctx *
     ctx->ssl_ctx = s;
     ctx->buffer_size = (size_t)size;
     ctx->server = server;
+    ctx->trust_gen = atomic_fetch_add(&ctx_trust_gen, 1) + 1;
     *out = ctx;
     return 0;
 }

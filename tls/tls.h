@@ -127,7 +127,9 @@ struct tls_cache_stats {
 /* A cache of at most max_entries client sessions, least recently used
  * dropped first; max_entries 0 keeps nothing. Returns 0 and *out, or
  * -ENOMEM. Owned by one thread; sessions in it do not depend on any ctx,
- * so it survives a reload. */
+ * so it survives a reload, but a session counts as verified only for
+ * conns of the ctx whose CA store verified it: after a reload a verify
+ * connection makes one full handshake (its CAs may have changed). */
 int tls_cache_new(unsigned max_entries, struct tls_cache **out);
 /* Free the cache and its sessions. Every conn that used it must be freed
  * first. NULL is fine. Returns NULL. */

@@ -20,20 +20,26 @@ struct tls_ctx {
     SSL_CTX *ssl_ctx; /* owned: one reference; every SSL made from it holds its own */
     size_t buffer_size;
     bool server;
+    /* Unique per ctx made in this process. A cached session counts as
+     * verified only for conns of the ctx whose CA store verified it: after
+     * a reload changes the trusted CAs, no resumption skips the new check. */
+    uint64_t trust_gen;
 };
 
 /* The session stored under key if it is still resumable and, with
- * require_verified, its certificate verified for host. *verified says
- * whether it did. Borrowed: valid until the next call on the cache
- * (SSL_set_session takes its own reference). Counts a hit or a miss. */
+ * require_verified, its certificate verified for host by the CA store of
+ * trust_gen (a ctx's). *verified says whether it did. Borrowed: valid until
+ * the next call on the cache (SSL_set_session takes its own reference).
+ * Counts a hit or a miss. */
 SSL_SESSION *tls_cache_get(struct tls_cache *cache, const char *key, const char *host,
-                           bool require_verified, bool *verified);
+                           uint64_t trust_gen, bool require_verified, bool *verified);
 /* Store sess under key, replacing what was there; verified_host says for
- * which host its certificate verified (NULL: it did not). Returns 0 when
- * the cache took over the caller's reference to sess, or -ENOMEM / -ENOSPC
- * (a cache of size 0) when it did not. */
+ * which host its certificate verified (NULL: it did not), under the CA
+ * store of trust_gen. Returns 0 when the cache took over the caller's
+ * reference to sess, or -ENOMEM / -ENOSPC (a cache of size 0) when it did
+ * not. */
 int tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
-                  const char *verified_host);
+                  const char *verified_host, uint64_t trust_gen);
 /* Forget key (a resumption with it failed). */
 void tls_cache_remove(struct tls_cache *cache, const char *key);
 

@@ -6,7 +6,9 @@
  * record why they did not verify. The client cache resumes a second
  * connection to the same key (TLS 1.3 tickets arrive after the handshake),
  * never resumes an unverified session for a verify connection, keeps
- * keys apart, drops the least recently used, and survives a server reload.
+ * keys apart, drops the least recently used, survives a server reload, and
+ * does not let a session verified under one CA store pass for verified
+ * under another (a reload's new client ctx).
  *
  * Threading: tests run one at a time on one thread.
  */
@@ -370,6 +372,59 @@ test_resume_tls12(void **state)
     tls_ctx_unref(srv);
 }
 
+/* A reload makes a new client ctx, maybe with other CAs: a session that
+ * verified under the old CA store must not let a verify connection of the
+ * new ctx skip the check. */
+static void
+test_resume_after_trust_change(void **state)
+{
+    struct fixture *f = *state;
+    struct tls_ctx *srv = server_ctx(f, &f->good);
+    struct result r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    assert_true(r.info.resumed);
+
+    /* The new store trusts only the rogue CA: a full handshake, refused. */
+    struct tls_config cfg;
+    test_config(&cfg);
+    test_config_set(&cfg, "ca_file", f->rogue.ca_file);
+    struct tls_ctx *rogue_only;
+    char err[512];
+    if (tls_ctx_new_client(&cfg, &rogue_only, err, sizeof(err)) != 0)
+        fail_msg("client ctx: %s", err);
+    conf_free(tls_conf_keys, &cfg);
+    struct tls_ctx *old = f->cli_ctx;
+    f->cli_ctx = rogue_only;
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    assert_int_equal(r.cli_rc, TLS_EVERIFY);
+    assert_false(r.info.resumed);
+    /* Opportunistic: the session resumes, and is not called verified. */
+    r = connect_to(f, srv, "mx.example.test", false, f->cache, NULL);
+    expect_ok(&r);
+    assert_true(r.info.resumed);
+    assert_false(r.info.verified);
+
+    /* Even the same CAs in a new ctx: one full handshake, then resumed. */
+    f->cli_ctx = tls_ctx_unref(rogue_only);
+    test_config(&cfg);
+    test_config_set(&cfg, "ca_file", f->pki.ca_file);
+    struct tls_ctx *again;
+    if (tls_ctx_new_client(&cfg, &again, err, sizeof(err)) != 0)
+        fail_msg("client ctx: %s", err);
+    conf_free(tls_conf_keys, &cfg);
+    f->cli_ctx = again;
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    assert_false(r.info.resumed);
+    assert_true(r.info.verified);
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    assert_true(r.info.resumed);
+    assert_true(r.info.verified);
+    tls_ctx_unref(old);
+    tls_ctx_unref(srv);
+}
+
 int
 main(void)
 {
@@ -380,6 +435,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_resume_unverified, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cache_lru, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume_tls12, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_resume_after_trust_change, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
