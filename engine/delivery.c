@@ -1728,27 +1728,42 @@ tls_start(struct conn *c)
     conn_recv(c);
 }
 
-/* Ciphertext in: drive the handshake, then hand plaintext to the machine. */
+/* Move what cin holds into the conn, as much as it takes (an error shows
+ * on the next call on the conn). Returns the count moved. */
+static size_t
+tls_feed(struct conn *c)
+{
+    size_t moved = 0;
+    while (c->cin_off < c->cin_len) {
+        ssize_t n = tls_conn_feed(c->tls, c->cin + c->cin_off, c->cin_len - c->cin_off);
+        if (n <= 0)
+            break;
+        c->cin_off += (size_t)n;
+        moved += (size_t)n;
+    }
+    if (c->cin_off != 0 && !c->recv_busy) {
+        memmove(c->cin, c->cin + c->cin_off, c->cin_len - c->cin_off);
+        c->cin_len -= c->cin_off;
+        c->cin_off = 0;
+    }
+    return moved;
+}
+
+/* Ciphertext in: drive the handshake, then hand plaintext to the machine.
+ * A handshake step or a read that yields nothing may still have taken
+ * ciphertext out of the conn's full buffer (a record larger than it, such
+ * as a long certificate chain): feed again before waiting for the socket,
+ * or the rest of cin would wait for bytes the server never sends. */
 static void
 tls_in(struct conn *c)
 {
     for (;;) {
-        size_t off = 0;
-        while (c->cin_off < c->cin_len) {
-            ssize_t n = tls_conn_feed(c->tls, c->cin + c->cin_off, c->cin_len - c->cin_off);
-            if (n <= 0)
-                break;
-            c->cin_off += (size_t)n;
-            off += (size_t)n;
-        }
-        if (c->cin_off != 0 && !c->recv_busy) {
-            memmove(c->cin, c->cin + c->cin_off, c->cin_len - c->cin_off);
-            c->cin_len -= c->cin_off;
-            c->cin_off = 0;
-        }
+        tls_feed(c);
         if (!c->tls_ready) {
             int rc = tls_conn_handshake(c->tls);
             if (rc == TLS_WANT_IO) {
+                if (tls_feed(c) > 0)
+                    continue;
                 conn_flush(c);
                 return;
             }
@@ -1775,8 +1790,6 @@ tls_in(struct conn *c)
         }
         char plain[IN_CAP];
         ssize_t n = tls_conn_read(c->tls, plain, sizeof(plain));
-        if (n == 0 && c->cin_off == c->cin_len)
-            return;
         if (n < 0) {
             conn_handle(c, smtp_client_eof(conn_cli(c)));
             return;
@@ -1786,8 +1799,8 @@ tls_in(struct conn *c)
             conn_handle(c, smtp_client_input(conn_cli(c), plain, (size_t)n, &used));
             if (c->closed || c->want_close)
                 return;
-        } else if (off == 0) {
-            return; /* nothing fed, nothing read: wait for more */
+        } else if (tls_feed(c) == 0) {
+            return; /* nothing read, nothing more to feed: wait for the socket */
         }
     }
 }
