@@ -264,6 +264,9 @@ worker_run(struct worker *w)
                 w->on_failed(w, rc);
             return rc;
         }
+        /* The wait may have lasted minutes on an idle worker: a deadline
+         * armed by a handler below counts from now, not from before it. */
+        w->now = clock_now_ns();
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
         /* Once stopping, nothing more is dispatched, not even the rest of

@@ -27,7 +27,7 @@ class Server:
     short handshake deadline (2 s) beside a long command deadline (60 s),
     so that a session closed in between was closed by the former."""
 
-    def __init__(self, extra="", tls_extra=""):
+    def __init__(self, extra="", tls_extra="", stats=True):
         self.wd = Workdir("sluice-tlsh-")
         p = self.wd.path
         r = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
@@ -50,8 +50,8 @@ path = {self.spool}
 map_size = 64M
 [delivery]
 enabled = no
-[stats]
-socket = {self.sock}
+{"[stats]" if stats else ""}
+{f"socket = {self.sock}" if stats else ""}
 [tls]
 cert_file = {p}/cert.pem
 key_file = {p}/key.pem
@@ -439,6 +439,23 @@ def test_trickled_handshake_gains_nothing():
         srv.close()
 
 
+def test_handshake_deadline_counts_from_the_connection():
+    """A worker that waited idle longer than handshake_timeout must still
+    give the next client the whole deadline (its clock was read before the
+    wait: every new session was closed at once). No stats socket here: its
+    sampling wakes the workers every second."""
+    srv = Server(stats=False)
+    try:
+        time.sleep(3)  # the condition under test: idle workers, past the 2 s deadline
+        for mode in ("implicit", "starttls"):
+            c = MemTls.connect(srv.port_for(mode), mode)
+            c.cmd(b"QUIT", 221)
+            c.sock.close()
+        assert srv.d.count_log("event=tls_timeout") == 0, srv.d.log_lines("event=tls_timeout")
+    finally:
+        srv.close()
+
+
 # ---- garbage instead of a ClientHello ----
 
 def garbage_cases():
@@ -532,5 +549,6 @@ if __name__ == "__main__":
         skip("openssl not installed (tools/install-deps --test)")
     main([test_close_notify_in_data_and_bdat, test_close_notify_after_the_final_dot_still_queues,
           test_reset_in_data_and_bdat, test_stalled_handshake_is_closed_at_the_deadline,
-          test_trickled_handshake_gains_nothing, test_garbage_instead_of_client_hello,
+          test_trickled_handshake_gains_nothing,
+          test_handshake_deadline_counts_from_the_connection, test_garbage_instead_of_client_hello,
           test_handshake_failure_sends_an_alert, test_pipelined_burst_over_tls])

@@ -26,7 +26,7 @@ async function main() {
             tls: { rejectUnauthorized: false },
             // Longer than sluice's timeout_data in the tests: a hang shows
             // as sluice's 421, not as a client timeout.
-            socketTimeout: 120000,
+            socketTimeout: 300000,
             greetingTimeout: 30000,
         });
         try {
