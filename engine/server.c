@@ -1714,7 +1714,6 @@ tls_fail(struct session *s, int rc)
             (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
             tls_strerror(rc), tls_conn_error_str(s->tls));
     s->out_len = s->out_sent = 0;
-    s->tls_shut = true;
     session_enter(s, SS_CLOSING);
     flush(s);
     if (!s->send_busy) {

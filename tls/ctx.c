@@ -8,7 +8,9 @@
  * any thread may make connections from it (OpenSSL locks what SSL_new
  * touches in an SSL_CTX). References are atomic. Every SSL holds its own
  * reference to its SSL_CTX, which is what lets a reload drop the old ctx
- * while its connections live on.
+ * while its connections live on. Each ctx gets a trust generation of its
+ * own (a process-wide counter), which keeps a session verified under one
+ * CA store from passing for verified under the next.
  */
 #include "tls/tls_int.h"
 
