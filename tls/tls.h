@@ -19,6 +19,11 @@
  * tls_conn_feed or tls_conn_consume, retry the call that returned
  * TLS_WANT_IO (or 0 from tls_conn_read or tls_conn_write). Any call may produce ciphertext:
  * a read can answer a key update, a failed handshake leaves an alert.
+ * And a handshake step or a read may take ciphertext out of the input
+ * buffer even when it yields nothing (a record larger than the buffer is
+ * gathered inside OpenSSL): when tls_conn_feed took less than offered,
+ * offer the rest again after each of them, before waiting for the socket;
+ * the peer may have sent all it will send until it hears back.
  *
  * Threading:
  *  - struct tls_ctx is immutable once made and its reference count is
