@@ -108,7 +108,9 @@ def test_swaks_starttls_auth_plain_pipelined():
                   "--auth-user", "alice", "--auth-password", PASSWORD, "--pipeline")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "250 2.0.0 Ok: queued as" in r.stdout
-        assert len(srv.queued()) == 1 and "user=alice" in srv.queued()[0]
+        # The log is read by another thread: wait for the line, then count.
+        assert "user=alice" in srv.d.wait_log("event=queued")
+        assert len(srv.queued()) == 1
     finally:
         srv.close()
 
@@ -119,6 +121,7 @@ def test_swaks_implicit_tls_auth_login():
         r = swaks("--server", f"127.0.0.1:{srv.tls_port}", "--tlsc", "--auth", "LOGIN",
                   "--auth-user", "alice", "--auth-password", PASSWORD)
         assert r.returncode == 0, r.stdout + r.stderr
+        srv.d.wait_log("event=queued")
         assert len(srv.queued()) == 1
     finally:
         srv.close()
