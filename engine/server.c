@@ -23,7 +23,7 @@
  * DKIM-Signature fields in front. Detached sessions sign nothing.
  *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
- * (recv, send, a pending spool commit). session_close() shuts the socket
+ * (recv, send, a pending spool commit, a password hash in the AUTH pool). session_close() shuts the socket
  * down so that a pending recv completes; the last completion frees.
  *
  * Threading: everything here runs on the worker's thread.
@@ -35,6 +35,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/crypto.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -51,6 +52,8 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "engine/auth.h"
+#include "engine/auth_limit.h"
+#include "engine/auth_pool.h"
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -76,6 +79,7 @@ enum session_state {
     SS_PREGREET, /* greet_pause: waiting, then a peek for early talkers */
     SS_COMMAND,  /* reading command lines */
     SS_AUTH,     /* reading a SASL response line (after 334) */
+    SS_AUTH_HASH, /* the password is with the hashing pool; no reading */
     SS_AUTH_WAIT, /* a failed AUTH: the delay before 535 */
     SS_DATA,     /* reading message content after 354 */
     SS_BDAT,     /* reading the octets of a BDAT chunk */
@@ -88,8 +92,8 @@ enum session_state {
 };
 
 static const char *const state_names[] = {
-    "pregreet", "command", "auth",    "auth_wait", "data",   "bdat",
-    "sign",     "commit",   "tls_start", "tls", "closing",   "closed",
+    "pregreet", "command", "auth",      "auth_hash", "auth_wait", "data", "bdat",
+    "sign",     "commit",  "tls_start", "tls",       "closing",   "closed",
 };
 
 static const char *
@@ -145,6 +149,10 @@ struct session {
     unsigned auth_step;            /* LOGIN: 0 user, 1 password */
     char auth_name[256];
     unsigned auth_failures;
+    struct auth_job hash_job;      /* with the pool while hash_busy (an op in flight) */
+    bool hash_busy;
+    uint8_t addr_key[16];          /* the client's key in the failure limits */
+    size_t addr_key_len;
 
     /* the transaction */
     bool in_txn;
@@ -1087,6 +1095,12 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "553 5.7.1 Sender address not owned by user %s", s->user->name);
         return;
     }
+    if (s->user != NULL && (c->path.flags & SMTP_PATH_NULL) && !s->user->null_sender) {
+        /* A bounce from a user tied to sender domains would carry no
+         * domain of theirs: only where the users file says "<>". */
+        reply(s, "553 5.7.1 Null sender not allowed for user %s", s->user->name);
+        return;
+    }
     s->sender = span_dup(c->path.mailbox);
     if ((p->seen & SMTP_PARAM_ENVID) && (s->envid = span_dup(p->envid)) == NULL)
         s->sender = (free(s->sender), NULL);
@@ -1262,14 +1276,39 @@ auth_fail_reply(struct session *s)
     session_deadline(s, s->sw->cfg->timeout_command);
 }
 
-static void
-auth_fail(struct session *s)
+/* A client-supplied name, safe in a key=value log line. */
+static const char *
+log_name(const char *name, char *buf, size_t cap)
 {
+    size_t o = 0;
+    for (const char *p = name; *p != '\0' && o + 1 < cap; p++) {
+        unsigned char c = (unsigned char)*p;
+        buf[o++] = (char)((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                                  (c >= '0' && c <= '9') || strchr("@._+-", c) != NULL
+                              ? c
+                              : '?');
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+/* A failed attempt: counted for the session, the client's address and
+ * (when one was given) the name, then answered after the delay. */
+static void
+auth_fail(struct session *s, const char *name)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
     s->auth_failures++;
-    s->sw->stats.auth_failed++;
+    sw->stats.auth_failed++;
+    auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                    cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
+    if (name != NULL && name[0] != '\0')
+        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
+                        cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
     log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
             (unsigned long long)s->id, s->peer_ip, s->auth_failures);
-    uint64_t delay = s->sw->cfg->auth_fail_delay;
+    uint64_t delay = cfg->auth_fail_delay;
     if (delay == 0) {
         auth_fail_reply(s);
         return;
@@ -1279,21 +1318,110 @@ auth_fail(struct session *s)
     session_deadline(s, delay << shift);
 }
 
-static void
-auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+/* Has the client's address failed too often lately (all sessions, all
+ * workers)? Then it is told so and the session closes. */
+static bool
+auth_address_refused(struct session *s)
 {
-    const struct auth_user *u =
-        auth_verify(s->users, &s->sw->auth, user, ulen, pass, plen);
-    if (u == NULL) {
-        auth_fail(s);
-        return;
-    }
+    struct server_worker *sw = s->sw;
+    if (!auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                         sw->cfg->auth_failures_per_address, sw->w->now))
+        return false;
+    sw->stats.auth_refused_address++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_refused reason=address_failures client=%s",
+            (unsigned long long)s->id, s->peer_ip);
+    reply_close(s, "421 4.7.0 Too many failed authentications from your address: try again "
+                   "later");
+    return true;
+}
+
+static void
+auth_ok(struct session *s, const struct auth_user *u)
+{
     s->user = u;
     s->sw->stats.auth_ok++;
     log_msg(LOG_INFO, "session=%016llx event=auth_ok client=%s user=%s",
             (unsigned long long)s->id, s->peer_ip, u->name);
     reply(s, "235 2.7.0 Authentication successful");
     session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
+/* The hash is done: back on the worker, through its mailbox. */
+static void
+session_on_hash(struct worker *w, struct worker_msg *m)
+{
+    struct session *s = SESSION_OF(m, hash_job.m);
+    s->hash_busy = false;
+    s->inflight--;
+    const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
+    if (s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (u != NULL)
+        auth_ok(s, u);
+    else
+        auth_fail(s, s->hash_job.a.name);
+    session_run(s);
+}
+
+/* Check user and password: refused at once when the address or the name
+ * failed too often; from the cache when this worker verified them lately;
+ * else hashed by the pool while the session waits, reading nothing. */
+static void
+auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    if (auth_address_refused(s))
+        return;
+    const struct auth_user *u = NULL;
+    struct auth_attempt *a = &s->hash_job.a;
+    enum auth_start st = auth_attempt_start(s->users, &sw->auth, user, ulen, pass, plen, a, &u);
+    if (st == AUTH_START_INVALID) {
+        auth_fail(s, NULL);
+        return;
+    }
+    if (auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                        cfg->auth_failures_per_user, sw->w->now)) {
+        /* Even the right password: else guessing from many addresses
+         * would go on. Counts against the address, not against the name
+         * again (the refusal guessed nothing). */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        char nb[80];
+        sw->stats.auth_refused_user++;
+        s->auth_failures++;
+        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
+                (unsigned long long)s->id, s->peer_ip, log_name(a->name, nb, sizeof(nb)));
+        reply(s, "454 4.7.0 Too many failed authentications for this user: try again later");
+        if (s->auth_failures >= cfg->auth_max_failures)
+            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        else
+            session_enter(s, SS_COMMAND);
+        return;
+    }
+    if (st == AUTH_START_CACHED) {
+        auth_ok(s, u);
+        return;
+    }
+    s->hash_job.m.fn = session_on_hash;
+    if (auth_pool_submit(sw->e->auth_pool, &s->hash_job, sw->w) < 0) {
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        sw->stats.auth_busy++;
+        log_msg(LOG_WARN, "session=%016llx event=auth_busy client=%s reason=hash_queue_full",
+                (unsigned long long)s->id, s->peer_ip);
+        reply(s, "454 4.7.0 Temporary authentication failure");
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    s->hash_busy = true;
+    s->inflight++;
+    worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
+    session_enter(s, SS_AUTH_HASH);
 }
 
 /* One SASL response (initial response or a line after 334). */
@@ -1321,16 +1449,17 @@ auth_response(struct session *s, const char *line, size_t len)
         const char *u, *p;
         size_t ul, pl;
         if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
-            auth_fail(s);
+            auth_fail(s, NULL);
             return;
         }
         auth_check(s, u, ul, p, pl);
+        OPENSSL_cleanse(buf, sizeof(buf));
         return;
     }
     /* LOGIN */
     if (s->auth_step == 0) {
         if ((size_t)n >= sizeof(s->auth_name)) {
-            auth_fail(s);
+            auth_fail(s, NULL);
             return;
         }
         memcpy(s->auth_name, buf, (size_t)n);
@@ -1341,6 +1470,7 @@ auth_response(struct session *s, const char *line, size_t len)
         return;
     }
     auth_check(s, s->auth_name, strlen(s->auth_name), buf, (size_t)n);
+    OPENSSL_cleanse(buf, sizeof(buf));
 }
 
 static void
@@ -1370,6 +1500,8 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
         reply(s, "504 5.5.4 Unrecognized authentication type");
         return;
     }
+    if (auth_address_refused(s))
+        return;
     s->auth_mech = c->auth_mech;
     s->auth_step = 0;
     if (c->auth_ir.len != 0) {
@@ -1939,6 +2071,7 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
     const struct server_config *cfg = sw->cfg;
     s->trusted = cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = netaddr_is_loopback((struct sockaddr *)&s->peer);
+    auth_limit_addr_key((struct sockaddr *)&s->peer, s->addr_key, &s->addr_key_len);
     s->users = engine_users(sw->e);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -2093,9 +2226,8 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
     sw->w = w;
     sw->cfg = &e->cfg->server;
     sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
-    int rc = auth_cache_init(&sw->auth);
-    if (rc < 0)
-        goto fail;
+    auth_cache_init(&sw->auth);
+    int rc;
     sw->port = queue_port_new();
     if (sw->port == NULL) {
         rc = -errno;
@@ -2146,6 +2278,9 @@ server_worker_free(struct server_worker *sw)
      * callbacks see `stopping` and only drop their count. */
     while (sw->port != NULL && queue_port_pending(sw->port) > 0)
         queue_port_wait(sw->port, 1000);
+    /* The hashing pool has stopped (engine_stop): hashes finished after
+     * the loop ended wait in the mailbox, pointing into sessions. */
+    worker_mbox_cancel(sw->w, session_on_hash);
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
         s->state = SS_CLOSED;
@@ -2156,7 +2291,6 @@ server_worker_free(struct server_worker *sw)
         close(sw->ls[i].fd);
     free(sw->ls);
     queue_port_free(sw->port);
-    auth_cache_fini(&sw->auth);
     free(sw);
     return NULL;
 }
