@@ -74,7 +74,7 @@ static const struct conf_key server_keys[] = {
     {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
      "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
     {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
-     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); unset: no AUTH", NULL},
+     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list allows the null sender; unset: no AUTH", NULL},
     {"plaintext_auth", CONF_ENUM, SRV(plaintext_auth), 0, 0, "never",
      "AUTH without TLS: never, loopback (clients on 127.0.0.0/8 and ::1), always",
      (const char *const[]){"never", "loopback", "always", NULL}},
