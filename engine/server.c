@@ -23,8 +23,9 @@
  * DKIM-Signature fields in front. Detached sessions sign nothing.
  *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
- * (recv, send, a pending spool commit, a password hash in the AUTH pool). session_close() shuts the socket
- * down so that a pending recv completes; the last completion frees.
+ * (recv, send, a pending spool commit, a password hash in the AUTH pool).
+ * session_close() shuts the socket down so that a pending recv completes;
+ * the last completion frees.
  *
  * Threading: everything here runs on the worker's thread.
  */
@@ -149,8 +150,7 @@ struct session {
     unsigned auth_step;            /* LOGIN: 0 user, 1 password */
     char auth_name[256];
     unsigned auth_failures;
-    struct auth_job hash_job;      /* with the pool while hash_busy (an op in flight) */
-    bool hash_busy;
+    struct auth_job hash_job;      /* with the pool in SS_AUTH_HASH (an op in flight) */
     uint8_t addr_key[16];          /* the client's key in the failure limits */
     size_t addr_key_len;
 
@@ -1352,7 +1352,6 @@ static void
 session_on_hash(struct worker *w, struct worker_msg *m)
 {
     struct session *s = SESSION_OF(m, hash_job.m);
-    s->hash_busy = false;
     s->inflight--;
     const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
     if (s->state == SS_CLOSED) {
@@ -1418,7 +1417,6 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
         session_enter(s, SS_COMMAND);
         return;
     }
-    s->hash_busy = true;
     s->inflight++;
     worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
     session_enter(s, SS_AUTH_HASH);
