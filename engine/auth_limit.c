@@ -21,6 +21,7 @@ struct entry {
     double level;     /* failures not yet drained, as of `last` */
     double per_ns;    /* how fast it drains: its kind's limit / window */
     uint64_t last;    /* CLOCK_MONOTONIC ns */
+    uint32_t pending; /* attempts under way (auth_limit_begin, not yet ended) */
 };
 
 struct auth_limit {
@@ -137,6 +138,87 @@ auth_limit_over(struct auth_limit *l, enum auth_limit_kind kind, const void *key
     return over;
 }
 
+/* The entry of id, made when missing: a free entry of the set, else a
+ * drained one, else the one left alone longest (one with attempts under
+ * way only when all are). Under the lock. */
+static struct entry *
+claim(struct auth_limit *l, uint32_t set, const uint8_t id[16], uint64_t now)
+{
+    struct entry *e = find(l, set, id);
+    if (e != NULL)
+        return e;
+    struct entry *s = &l->e[(size_t)set * WAYS];
+    struct entry *oldest = NULL;
+    for (int i = 0; i < WAYS; i++) {
+        static const uint8_t zero[16];
+        if (memcmp(s[i].id, zero, 16) == 0) {
+            e = &s[i];
+            l->used++;
+            break;
+        }
+        if (s[i].pending == 0 && drained(&s[i], now) == 0) {
+            e = &s[i];
+            break;
+        }
+        if (oldest == NULL || (oldest->pending != 0 && s[i].pending == 0) ||
+            ((oldest->pending == 0) == (s[i].pending == 0) && s[i].last < oldest->last))
+            oldest = &s[i];
+    }
+    if (e == NULL) {
+        e = oldest;
+        l->evictions++;
+    }
+    memcpy(e->id, id, 16);
+    e->level = 0;
+    e->per_ns = 0;
+    e->pending = 0;
+    e->last = now;
+    return e;
+}
+
+static void
+count_failure(struct entry *e, unsigned limit, uint64_t window_ms, uint64_t now)
+{
+    e->level = drained(e, now) + 1.0;
+    e->per_ns = (double)limit / ((double)window_ms * 1e6);
+    if (now > e->last)
+        e->last = now;
+}
+
+int
+auth_limit_begin(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+                 unsigned limit, uint64_t now_ns)
+{
+    if (limit == 0)
+        return 0;
+    uint8_t id[16];
+    uint32_t set = digest(l, kind, key, len, id);
+    pthread_mutex_lock(&l->lock);
+    struct entry *e = claim(l, set, id, now_ns);
+    int rc = -EBUSY;
+    if (drained(e, now_ns) + (double)e->pending + 1.0 <= (double)limit + 1e-9) {
+        e->pending++;
+        rc = 1;
+    }
+    pthread_mutex_unlock(&l->lock);
+    return rc;
+}
+
+void
+auth_limit_end(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+               bool failed, unsigned limit, uint64_t window_ms, uint64_t now_ns)
+{
+    uint8_t id[16];
+    uint32_t set = digest(l, kind, key, len, id);
+    pthread_mutex_lock(&l->lock);
+    struct entry *e = find(l, set, id); /* evicted meanwhile: nothing to end */
+    if (e != NULL && e->pending > 0)
+        e->pending--;
+    if (e != NULL && failed && limit != 0)
+        count_failure(e, limit, window_ms, now_ns);
+    pthread_mutex_unlock(&l->lock);
+}
+
 void
 auth_limit_fail(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
                 unsigned limit, uint64_t window_ms, uint64_t now_ns)
@@ -146,34 +228,7 @@ auth_limit_fail(struct auth_limit *l, enum auth_limit_kind kind, const void *key
     uint8_t id[16];
     uint32_t set = digest(l, kind, key, len, id);
     pthread_mutex_lock(&l->lock);
-    struct entry *e = find(l, set, id);
-    if (e == NULL) {
-        /* A free entry, else a drained one, else the one left alone longest. */
-        struct entry *s = &l->e[(size_t)set * WAYS];
-        struct entry *oldest = &s[0];
-        for (int i = 0; i < WAYS && e == NULL; i++) {
-            static const uint8_t zero[16];
-            if (memcmp(s[i].id, zero, 16) == 0) {
-                e = &s[i];
-                l->used++;
-            } else if (drained(&s[i], now_ns) == 0) {
-                e = &s[i];
-            } else if (s[i].last < oldest->last) {
-                oldest = &s[i];
-            }
-        }
-        if (e == NULL) {
-            e = oldest;
-            l->evictions++;
-        }
-        memcpy(e->id, id, 16);
-        e->level = 0;
-        e->last = now_ns;
-    }
-    e->level = drained(e, now_ns) + 1.0;
-    e->per_ns = window_ms ? (double)limit / ((double)window_ms * 1e6) : 0;
-    if (now_ns > e->last)
-        e->last = now_ns;
+    count_failure(claim(l, set, id, now_ns), limit, window_ms, now_ns);
     pthread_mutex_unlock(&l->lock);
 }
 

@@ -8,9 +8,14 @@
  * over its limit while its level is above limit - 1: after `limit`
  * failures in a burst, the next attempt waits until one has drained; a
  * client that keeps failing gets limit per window, no more. Attempts
- * refused for the limit add nothing (they guess nothing). Failures of
- * hashes already under way when the limit was reached still count, so a
- * burst makes the wait that follows longer.
+ * refused for the limit add nothing (they guess nothing).
+ *
+ * Attempts under way (a hash running) count too: one may begin only while
+ * the level plus the attempts under way stays within the limit, so a
+ * client that opens a hundred connections and sends AUTH on each at once
+ * gets `limit` hashes, not a hundred. (An application that logs in on many
+ * connections at once with a cold cache may then see a 454 4.7.0 and try
+ * again: the price of a limit that holds under concurrency.)
  *
  * IPv6 clients are counted by /64 (one host commonly holds a whole /64);
  * IPv4 by address. Names are counted whether or not the user exists (a
@@ -54,6 +59,15 @@ void auth_limit_addr_key(const struct sockaddr *sa, uint8_t key[16], size_t *len
  * rate of its last failure. limit 0: no limit. */
 bool auth_limit_over(struct auth_limit *l, enum auth_limit_kind kind, const void *key,
                      size_t len, unsigned limit, uint64_t now_ns);
+/* Begin an attempt of key (it may fail): returns 1 when it is now under
+ * way (end it with auth_limit_end), 0 when limit is 0 (nothing tracked:
+ * do not end it), -EBUSY when the failures so far plus the attempts under
+ * way leave no room. */
+int auth_limit_begin(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+                     unsigned limit, uint64_t now_ns);
+/* End an attempt begun with 1; failed: count a failure. */
+void auth_limit_end(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+                    bool failed, unsigned limit, uint64_t window_ms, uint64_t now_ns);
 /* Count one failure of key, which drains at limit per window_ms from now
  * on. limit 0: nothing is counted. */
 void auth_limit_fail(struct auth_limit *l, enum auth_limit_kind kind, const void *key,

@@ -151,6 +151,8 @@ struct session {
     char auth_name[256];
     unsigned auth_failures;
     struct auth_job hash_job;      /* with the pool in SS_AUTH_HASH (an op in flight) */
+    bool limit_address, limit_user; /* the hash holds a place among the attempts under
+                                     * way of the address, of the name (auth_limit_begin) */
     uint8_t addr_key[16];          /* the client's key in the failure limits */
     size_t addr_key_len;
 
@@ -1292,20 +1294,23 @@ log_name(const char *name, char *buf, size_t cap)
     return buf;
 }
 
-/* A failed attempt: counted for the session, the client's address and
- * (when one was given) the name, then answered after the delay. */
+/* A failed attempt: counted for the session and, unless counted already
+ * (a hash's end counts its own), for the client's address and the name
+ * (when one was given); answered after the delay. */
 static void
-auth_fail(struct session *s, const char *name)
+auth_fail(struct session *s, bool counted, const char *name)
 {
     struct server_worker *sw = s->sw;
     const struct server_config *cfg = sw->cfg;
     s->auth_failures++;
     sw->stats.auth_failed++;
-    auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                    cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
-    if (name != NULL && name[0] != '\0')
-        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
-                        cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    if (!counted) {
+        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
+        if (name != NULL && name[0] != '\0')
+            auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
+                            cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    }
     log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
             (unsigned long long)s->id, s->peer_ip, s->auth_failures);
     uint64_t delay = cfg->auth_fail_delay;
@@ -1347,6 +1352,23 @@ auth_ok(struct session *s, const struct auth_user *u)
     session_deadline(s, s->sw->cfg->timeout_command);
 }
 
+/* End the attempt's place in the failure limits (begun in auth_check). */
+static void
+auth_limits_end(struct session *s, bool failed)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    const char *name = s->hash_job.a.name;
+    if (s->limit_address)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                       failed, cfg->auth_failures_per_address, cfg->auth_failure_window,
+                       sw->w->now);
+    if (s->limit_user)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name), failed,
+                       cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    s->limit_address = s->limit_user = false;
+}
+
 /* The hash is done: back on the worker, through its mailbox. */
 static void
 session_on_hash(struct worker *w, struct worker_msg *m)
@@ -1354,6 +1376,7 @@ session_on_hash(struct worker *w, struct worker_msg *m)
     struct session *s = SESSION_OF(m, hash_job.m);
     s->inflight--;
     const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
+    auth_limits_end(s, u == NULL);
     if (s->state == SS_CLOSED) {
         session_maybe_free(s);
         return;
@@ -1361,28 +1384,46 @@ session_on_hash(struct worker *w, struct worker_msg *m)
     if (u != NULL)
         auth_ok(s, u);
     else
-        auth_fail(s, s->hash_job.a.name);
+        auth_fail(s, true, s->hash_job.a.name);
     session_run(s);
+}
+
+/* No hash for this attempt now: too many under way, or the queue is full.
+ * Nothing was guessed; the client may try again. */
+static void
+auth_busy(struct session *s, const char *why)
+{
+    OPENSSL_cleanse(s->hash_job.a.pass, sizeof(s->hash_job.a.pass));
+    auth_limits_end(s, false);
+    s->sw->stats.auth_busy++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_busy client=%s reason=%s",
+            (unsigned long long)s->id, s->peer_ip, why);
+    reply(s, "454 4.7.0 Temporary authentication failure");
+    session_enter(s, SS_COMMAND);
 }
 
 /* Check user and password: refused at once when the address or the name
  * failed too often; from the cache when this worker verified them lately;
- * else hashed by the pool while the session waits, reading nothing. */
+ * else hashed by the pool while the session waits, reading nothing. A
+ * hash takes a place among the address's and the name's attempts under
+ * way (auth_limit.h), so that concurrent connections cannot guess past the
+ * limits. */
 static void
 auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
 {
     struct server_worker *sw = s->sw;
     const struct server_config *cfg = sw->cfg;
+    struct auth_limit *lim = sw->e->auth_limit;
     if (auth_address_refused(s))
         return;
     const struct auth_user *u = NULL;
     struct auth_attempt *a = &s->hash_job.a;
     enum auth_start st = auth_attempt_start(s->users, &sw->auth, user, ulen, pass, plen, a, &u);
     if (st == AUTH_START_INVALID) {
-        auth_fail(s, NULL);
+        auth_fail(s, false, NULL);
         return;
     }
-    if (auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_USER, a->name, strlen(a->name),
+    if (auth_limit_over(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
                         cfg->auth_failures_per_user, sw->w->now)) {
         /* Even the right password: else guessing from many addresses
          * would go on. Counts against the address, not against the name
@@ -1391,7 +1432,7 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
         char nb[80];
         sw->stats.auth_refused_user++;
         s->auth_failures++;
-        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+        auth_limit_fail(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
                         cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
         log_msg(LOG_NOTICE,
                 "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
@@ -1404,17 +1445,26 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
         return;
     }
     if (st == AUTH_START_CACHED) {
-        auth_ok(s, u);
+        auth_ok(s, u); /* the right password: no guess to count */
+        return;
+    }
+    int rc = auth_limit_begin(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                              cfg->auth_failures_per_address, sw->w->now);
+    s->limit_address = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "address_attempts_under_way");
+        return;
+    }
+    rc = auth_limit_begin(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                          cfg->auth_failures_per_user, sw->w->now);
+    s->limit_user = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "user_attempts_under_way");
         return;
     }
     s->hash_job.m.fn = session_on_hash;
     if (auth_pool_submit(sw->e->auth_pool, &s->hash_job, sw->w) < 0) {
-        OPENSSL_cleanse(a->pass, sizeof(a->pass));
-        sw->stats.auth_busy++;
-        log_msg(LOG_WARN, "session=%016llx event=auth_busy client=%s reason=hash_queue_full",
-                (unsigned long long)s->id, s->peer_ip);
-        reply(s, "454 4.7.0 Temporary authentication failure");
-        session_enter(s, SS_COMMAND);
+        auth_busy(s, "hash_queue_full");
         return;
     }
     s->inflight++;
@@ -1447,7 +1497,7 @@ auth_response(struct session *s, const char *line, size_t len)
         const char *u, *p;
         size_t ul, pl;
         if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
-            auth_fail(s, NULL);
+            auth_fail(s, false, NULL);
             return;
         }
         auth_check(s, u, ul, p, pl);
@@ -1457,7 +1507,7 @@ auth_response(struct session *s, const char *line, size_t len)
     /* LOGIN */
     if (s->auth_step == 0) {
         if ((size_t)n >= sizeof(s->auth_name)) {
-            auth_fail(s, NULL);
+            auth_fail(s, false, NULL);
             return;
         }
         memcpy(s->auth_name, buf, (size_t)n);

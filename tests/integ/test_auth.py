@@ -301,6 +301,35 @@ def test_failures_per_address_across_connections():
         assert waited >= window / 3 * 0.5, waited
 
 
+def test_concurrent_connections_cannot_guess_past_the_limits():
+    """Twenty connections from one address send AUTH at the same moment,
+    with a slow hash: only as many hashes as the address may still fail
+    run (3); the others get 454 4.7.0 at once (the attempts under way
+    count against the limit). Before, all twenty were hashed: twenty
+    guesses against a limit of three. Likewise for one user name from
+    twenty addresses."""
+    alice = crypt("right", SLOW)
+    for what, per_addr, per_user, sources in (
+            ("address", 3, 0, ["127.0.0.1"] * 20),
+            ("user", 0, 3, [f"127.0.1.{i}" for i in range(1, 21)])):
+        with sluice([("alice", alice, None)], server=(
+                "auth_fail_delay = 0\nauth_hash_queue = 100\n"
+                f"auth_failures_per_address = {per_addr}\nauth_failures_per_user = {per_user}\n"
+                )) as r:
+            conns = []
+            for src in sources:
+                c = r.connect(source=src)
+                c.expect("EHLO client", 250)
+                conns.append(c)
+            for c in conns:
+                c.send(f"AUTH PLAIN {plain('alice', 'guess')}\r\n")
+            codes = sorted(c.reply(timeout=60).code for c in conns)
+            hashed = r.hashes()["sha512crypt"]
+            print(f"    per {what}: replies {codes}, {hashed} hashes")
+            assert codes.count(535) <= 3 and hashed <= 3, codes
+            assert codes.count(535) + codes.count(454) == 20, codes
+
+
 def test_failures_per_user_across_addresses():
     """3 failures per user name per minute, from any address: the name
     is refused with 454 4.7.0 even with the right password; other users
@@ -429,6 +458,7 @@ enabled = no
 if __name__ == "__main__":
     main([test_hashing_does_not_stall_other_sessions, test_close_while_hashing_and_sigterm,
           test_full_hash_queue_answers_454, test_failures_per_address_across_connections,
+          test_concurrent_connections_cannot_guess_past_the_limits,
           test_failures_per_user_across_addresses, test_unknown_name_runs_a_users_setting,
           test_null_sender_needs_the_users_file_to_allow_it,
           test_null_sender_alone_is_a_users_file_error])

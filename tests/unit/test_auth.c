@@ -299,6 +299,32 @@ test_limit_leaky_bucket(void **state)
     auth_limit_free(l);
 }
 
+/* Attempts under way hold places: no more begin than the limit leaves. */
+static void
+test_limit_attempts_under_way(void **state)
+{
+    (void)state;
+    struct auth_limit *l;
+    assert_int_equal(auth_limit_new(1024, &l), 0);
+    uint64_t t = 1000 * SEC, win = 600000;
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 0, t), 0); /* no limit */
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t), 1);
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t), -EBUSY);
+    assert_false(auth_limit_over(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t)); /* nothing failed yet */
+    /* a success gives its place back without a failure */
+    auth_limit_end(l, AUTH_LIMIT_ADDRESS, "k", 1, false, 3, win, t);
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t), 1);
+    /* three failures: over, and no place until one drains (200 s each) */
+    for (int i = 0; i < 3; i++)
+        auth_limit_end(l, AUTH_LIMIT_ADDRESS, "k", 1, true, 3, win, t);
+    assert_true(auth_limit_over(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t));
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t + 199 * SEC), -EBUSY);
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t + 201 * SEC), 1);
+    assert_int_equal(auth_limit_begin(l, AUTH_LIMIT_ADDRESS, "k", 1, 3, t + 201 * SEC), -EBUSY);
+    auth_limit_free(l);
+}
+
 static void
 test_limit_ipv6_by_64_and_bounded(void **state)
 {
@@ -346,6 +372,7 @@ main(void)
         cmocka_unit_test(test_unknown_name_stand_in),
         cmocka_unit_test(test_pool_completes_on_the_worker),
         cmocka_unit_test(test_limit_leaky_bucket),
+        cmocka_unit_test(test_limit_attempts_under_way),
         cmocka_unit_test(test_limit_ipv6_by_64_and_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
