@@ -26,8 +26,8 @@ struct entry {
 
 struct auth_limit {
     pthread_mutex_t lock;
-    struct entry *e;  /* owned: nsets * WAYS */
-    uint32_t nsets;   /* a power of two */
+    struct entry *e; /* owned: nsets * WAYS */
+    uint32_t nsets;  /* a power of two */
     uint8_t secret[32];
     uint64_t used, evictions;
 };
@@ -100,7 +100,8 @@ digest(const struct auth_limit *l, enum auth_limit_kind kind, const void *key, s
     memcpy(id, d, 16);
     id[0] |= 1; /* never all zero */
     return ((uint32_t)d[16] | (uint32_t)d[17] << 8 | (uint32_t)d[18] << 16 |
-            (uint32_t)d[19] << 24) & (l->nsets - 1);
+            (uint32_t)d[19] << 24) &
+           (l->nsets - 1);
 }
 
 /* The level drained to now. */

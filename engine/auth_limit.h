@@ -41,7 +41,7 @@ struct auth_limit;
 enum auth_limit_kind { AUTH_LIMIT_ADDRESS, AUTH_LIMIT_USER };
 
 struct auth_limit_stats {
-    uint64_t entries;   /* keys with a level above 0 or not yet reused */
+    uint64_t entries; /* keys with a level above 0 or not yet reused */
     uint64_t capacity;
     uint64_t evictions; /* keys dropped for room while still counting */
 };
@@ -57,8 +57,8 @@ void auth_limit_addr_key(const struct sockaddr *sa, uint8_t key[16], size_t *len
 
 /* Is key over its limit now (now_ns: CLOCK_MONOTONIC)? It drains at the
  * rate of its last failure. limit 0: no limit. */
-bool auth_limit_over(struct auth_limit *l, enum auth_limit_kind kind, const void *key,
-                     size_t len, unsigned limit, uint64_t now_ns);
+bool auth_limit_over(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+                     unsigned limit, uint64_t now_ns);
 /* Begin an attempt of key (it may fail): returns 1 when it is now under
  * way (end it with auth_limit_end), 0 when limit is 0 (nothing tracked:
  * do not end it), -EBUSY when the failures so far plus the attempts under
@@ -70,8 +70,8 @@ void auth_limit_end(struct auth_limit *l, enum auth_limit_kind kind, const void 
                     bool failed, unsigned limit, uint64_t window_ms, uint64_t now_ns);
 /* Count one failure of key, which drains at limit per window_ms from now
  * on. limit 0: nothing is counted. */
-void auth_limit_fail(struct auth_limit *l, enum auth_limit_kind kind, const void *key,
-                     size_t len, unsigned limit, uint64_t window_ms, uint64_t now_ns);
+void auth_limit_fail(struct auth_limit *l, enum auth_limit_kind kind, const void *key, size_t len,
+                     unsigned limit, uint64_t window_ms, uint64_t now_ns);
 void auth_limit_stats(struct auth_limit *l, struct auth_limit_stats *out);
 
 #endif

@@ -69,8 +69,8 @@ test_users_file_null_sender(void **state)
     (void)state;
     char *h = hash_of("pw", "$5$rounds=1000$abcdefgh");
     char text[1024], errs[512] = "";
-    snprintf(text, sizeof(text), "shop:%s:example.com\nbounce:%s:example.com, <>\nany:%s\n", h,
-             h, h);
+    snprintf(text, sizeof(text), "shop:%s:example.com\nbounce:%s:example.com, <>\nany:%s\n", h, h,
+             h);
     struct auth_db *db = load(text, 0, errs, sizeof(errs));
     struct auth_cache *c = malloc(sizeof(*c));
     assert_non_null(c);
@@ -223,9 +223,9 @@ test_pool_completes_on_the_worker(void **state)
     unsigned done = 0, queued = 0, refused = 0;
     for (int i = 0; i < N; i++) {
         const struct auth_user *u;
-        assert_int_equal(auth_attempt_start(db, cache, "u", 1, i == 0 ? "pw" : "no", 2,
-                                            &jobs[i].j.a, &u),
-                         AUTH_START_HASH);
+        assert_int_equal(
+            auth_attempt_start(db, cache, "u", 1, i == 0 ? "pw" : "no", 2, &jobs[i].j.a, &u),
+            AUTH_START_HASH);
         jobs[i].j.m.fn = on_pool_done;
         jobs[i].done = &done;
         int rc = auth_pool_submit(pool, &jobs[i].j, w);
