@@ -33,7 +33,7 @@ struct auth_pool;
 struct auth_job {
     struct worker_msg m;   /* m.fn: the completion, run on w */
     struct worker *w;      /* borrowed: outlives the pool's threads */
-    struct auth_job *next; /* the pool's queue */
+    struct auth_job *next; /* borrowed: the next in the pool's queue */
     struct auth_attempt a;
 };
 
