@@ -580,6 +580,20 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
         text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
     }
 
+    any = false;
+    for (unsigned i = 0; i < c->nauth_hashes && i < STATS_AUTH_SCHEMES_MAX; i++) {
+        const struct stats_object *o = &c->auth_hashes[i];
+        if (o->name[0] == '\0')
+            continue;
+        if (!any)
+            text_family(&t, "sluice_auth_hashes_total", "counter",
+                        "Password hashes run for AUTH, by scheme.");
+        any = true;
+        json_raw(&t, "sluice_auth_hashes_total{scheme=\"", 33);
+        text_label(&t, o->name, sizeof(o->name));
+        text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+    }
+
     if (n > 0) {
         text_family(&t, "sluice_domain_queue_recipients", "gauge",
                     "Recipients queued for the domain, by state (the busiest domains only).");

@@ -93,12 +93,15 @@ class Run:
 
 
 @contextlib.contextmanager
-def sluice(users, server=""):
-    """users: [(name, crypt hash, domains or None)]."""
+def sluice(users, server="", http=False):
+    """users: [(name, crypt hash, domains or None)]; http: serve /metrics
+    too (its port in r.http_port)."""
     wd = Workdir("sluice-auth-")
     r = None
     try:
         port = free_port()
+        http_port = free_port() if http else None
+        http_line = f"http_listen = 127.0.0.1:{http_port}\n" if http else ""
         lines = [f"{n}:{h}" + (f":{d}" if d else "") for n, h, d in users]
         path = wd.file("users", "\n".join(lines) + "\n")
         conf = wd.file("sluice.conf", f"""
@@ -116,10 +119,11 @@ map_size = 64M
 enabled = no
 [stats]
 socket = {wd.path}/sluice.sock
-[log]
+{http_line}[log]
 level = info
 """)
         r = Run(wd, port, conf)
+        r.http_port = http_port
         yield r
         r.close_all()
         r.d.stop_clean()
@@ -133,6 +137,21 @@ level = info
                     pass
             r.d.check_sanitizers()
         wd.cleanup()
+
+
+def http_metrics(port):
+    """GET /metrics; the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    return body.decode()
 
 
 def login(r, user, password, source=None):
@@ -234,7 +253,7 @@ def test_full_hash_queue_answers_454():
     ones that find the queue full get 454 4.7.0 at once (two or three); the
     others are answered after their hash."""
     alice = crypt("right", SLOW)
-    with sluice([("alice", alice, None)],
+    with sluice([("alice", alice, None)], http=True,
                 server="auth_hash_threads = 1\nauth_hash_queue = 1\n" + NO_LIMITS) as r:
         conns = []
         for _ in range(4):
@@ -252,6 +271,9 @@ def test_full_hash_queue_answers_454():
         assert codes.count(454) + codes.count(235) == 4, codes
         assert busy == codes.count(454)
         assert r.d.count_log("event=auth_busy") == busy
+        metrics = http_metrics(r.http_port)
+        assert f"sluice_auth_busy_total {busy}\n" in metrics, metrics
+        assert f'sluice_auth_hashes_total{{scheme="sha512crypt"}} {4 - busy}\n' in metrics, metrics
         # a refused client may try again: the queue is free now
         for c in conns:
             c.close()
