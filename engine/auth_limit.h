@@ -41,7 +41,7 @@ struct auth_limit;
 enum auth_limit_kind { AUTH_LIMIT_ADDRESS, AUTH_LIMIT_USER };
 
 struct auth_limit_stats {
-    uint64_t entries;   /* entries in use (a drained one is reused in place) */
+    uint64_t entries; /* entries in use (a drained one is reused in place) */
     uint64_t capacity;
     uint64_t evictions; /* keys dropped for room while still counting */
 };
