@@ -13,9 +13,9 @@
  * Attempts under way (a hash running) count too: one may begin only while
  * the level plus the attempts under way stays within the limit, so a
  * client that opens a hundred connections and sends AUTH on each at once
- * gets `limit` hashes, not a hundred. (An application that logs in on many
- * connections at once with a cold cache may then see a 454 4.7.0 and try
- * again: the price of a limit that holds under concurrency.)
+ * gets `limit` hashes, not a hundred. (The server hashes identical
+ * credentials under way once, so that an application logging in on many
+ * connections at once with a cold cache takes one place, not many.)
  *
  * IPv6 clients are counted by /64 (one host commonly holds a whole /64);
  * IPv4 by address. Names are counted whether or not the user exists (a

@@ -195,6 +195,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->auth_refused_address += s->srv.auth_refused_address;
             out->auth_refused_user += s->srv.auth_refused_user;
             out->auth_busy += s->srv.auth_busy;
+            out->auth_coalesced += s->srv.auth_coalesced;
             out->delivered += s->dlv.delivered;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;

@@ -153,6 +153,13 @@ struct session {
     struct auth_job hash_job;      /* with the pool in SS_AUTH_HASH (an op in flight) */
     bool limit_address, limit_user; /* the hash holds a place among the attempts under
                                      * way of the address, of the name (auth_limit_begin) */
+    /* Identical credentials are hashed once per worker: a session whose
+     * user and password are being hashed for another session (its leader)
+     * waits for that hash instead of starting its own. */
+    struct session *hash_leader;    /* borrowed: the session this one waits for; NULL: none */
+    struct session *hash_followers; /* borrowed: sessions waiting for this one's hash */
+    struct session *hash_next_follower; /* borrowed: the next in the leader's list */
+    struct session *hash_next;      /* borrowed: the next in sw->hashing */
     uint8_t addr_key[16];          /* the client's key in the failure limits */
     size_t addr_key_len;
 
@@ -226,6 +233,7 @@ struct server_worker {
     bool stopping;
     atomic_bool draining;    /* listeners shut: accept nothing more */
     struct session *sessions; /* list of owned sessions */
+    struct session *hashing;  /* borrowed: sessions whose own hash is with the pool */
     struct auth_cache auth;
     uint64_t seq;
     struct server_stats stats;
@@ -1370,6 +1378,43 @@ auth_limits_end(struct session *s, bool failed)
 }
 
 /* The hash is done: back on the worker, through its mailbox. */
+/* A session with a hash of its own with the pool and the same users
+ * table and credentials as s's attempt, or NULL. */
+static struct session *
+hash_leader_find(struct server_worker *sw, const struct session *s)
+{
+    for (struct session *l = sw->hashing; l != NULL; l = l->hash_next)
+        if (l->users == s->users && CRYPTO_memcmp(l->hash_job.a.key, s->hash_job.a.key, 32) == 0)
+            return l;
+    return NULL;
+}
+
+/* Take s out of the lists of hashes under way (its own, or its leader's). */
+static void
+hash_unlink(struct session *s)
+{
+    struct session **pp;
+    for (pp = &s->sw->hashing; *pp != NULL && *pp != s; pp = &(*pp)->hash_next)
+        ;
+    if (*pp == s)
+        *pp = s->hash_next;
+    s->hash_next = NULL;
+    if (s->hash_leader != NULL) {
+        for (pp = &s->hash_leader->hash_followers; *pp != NULL && *pp != s;
+             pp = &(*pp)->hash_next_follower)
+            ;
+        if (*pp == s)
+            *pp = s->hash_next_follower;
+        s->hash_leader = NULL;
+        s->hash_next_follower = NULL;
+    }
+    for (struct session *f = s->hash_followers; f != NULL; f = f->hash_next_follower)
+        f->hash_leader = NULL; /* only when the worker stops: else s lives until its hash ends */
+    s->hash_followers = NULL;
+}
+
+/* The hash is done: back on the worker, through its mailbox. Sessions
+ * that waited for it get its answer too. */
 static void
 session_on_hash(struct worker *w, struct worker_msg *m)
 {
@@ -1377,6 +1422,22 @@ session_on_hash(struct worker *w, struct worker_msg *m)
     s->inflight--;
     const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
     auth_limits_end(s, u == NULL);
+    struct session *f = s->hash_followers;
+    s->hash_followers = NULL;
+    hash_unlink(s);
+    while (f != NULL) {
+        struct session *next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+        if (f->state == SS_AUTH_HASH) { /* else closed: its own completions free it */
+            if (u != NULL)
+                auth_ok(f, u);
+            else
+                auth_fail(f, true, f->hash_job.a.name);
+            session_run(f);
+        }
+        f = next;
+    }
     if (s->state == SS_CLOSED) {
         session_maybe_free(s);
         return;
@@ -1448,6 +1509,18 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
         auth_ok(s, u); /* the right password: no guess to count */
         return;
     }
+    struct session *lead = hash_leader_find(sw, s);
+    if (lead != NULL) {
+        /* The same guess as one under way: no second hash, no second count. */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        s->hash_leader = lead;
+        s->hash_next_follower = lead->hash_followers;
+        lead->hash_followers = s;
+        sw->stats.auth_coalesced++;
+        worker_timer_cancel(sw->w, &s->timer);
+        session_enter(s, SS_AUTH_HASH);
+        return;
+    }
     int rc = auth_limit_begin(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
                               cfg->auth_failures_per_address, sw->w->now);
     s->limit_address = rc == 1;
@@ -1468,6 +1541,8 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
         return;
     }
     s->inflight++;
+    s->hash_next = sw->hashing;
+    sw->hashing = s;
     worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
     session_enter(s, SS_AUTH_HASH);
 }
@@ -2053,6 +2128,7 @@ session_free(struct session *s)
         s->next->prev = s->prev;
     log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s",
             (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-");
+    hash_unlink(s);
     if (s->counted) {
         atomic_fetch_sub(&sw->e->clients, 1);
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);

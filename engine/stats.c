@@ -217,6 +217,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "refused_address", c->auth_refused_address);
     json_ku64(j, "refused_user", c->auth_refused_user);
     json_ku64(j, "busy", c->auth_busy);
+    json_ku64(j, "coalesced", c->auth_coalesced);
     json_ku64(j, "hash_waiting", c->auth_hash_waiting);
     json_ku64(j, "limit_entries", c->auth_limit_entries);
     json_ku64(j, "limit_evictions", c->auth_limit_evictions);
@@ -427,8 +428,11 @@ static const struct metric metrics[] = {
      "AUTH refused: the client address failed too often.", CTR(auth_refused_address)},
     {"sluice_auth_refused_user_total", "counter", "AUTH refused: the user name failed too often.",
      CTR(auth_refused_user)},
-    {"sluice_auth_busy_total", "counter", "AUTH answered 454: the hashing queue was full.",
+    {"sluice_auth_busy_total", "counter", "AUTH answered 454: no room for another hash.",
      CTR(auth_busy)},
+    {"sluice_auth_coalesced_total", "counter",
+     "AUTH answered by the hash of the same credentials under way for another session.",
+     CTR(auth_coalesced)},
     {"sluice_auth_hash_waiting", "gauge", "Password hashes waiting for a hashing thread.",
      CTR(auth_hash_waiting)},
     {"sluice_destinations", "gauge", "Destination domains known to the scheduler.",

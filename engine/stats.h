@@ -86,7 +86,8 @@ struct stats_counters {
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;
     uint64_t auth_ok, auth_failed;                  /* AUTH outcomes */
     uint64_t auth_refused_address, auth_refused_user; /* refused: too many failures */
-    uint64_t auth_busy;                             /* refused: hashing queue full */
+    uint64_t auth_busy;                             /* refused: no room for another hash */
+    uint64_t auth_coalesced;                        /* answered by another session's hash */
     uint64_t auth_hash_waiting;                     /* gauge: hashes queued */
     uint64_t auth_limit_entries, auth_limit_evictions; /* the failure table */
     struct stats_object auth_hashes[STATS_AUTH_SCHEMES_MAX]; /* hashes run, by scheme */
