@@ -1377,7 +1377,6 @@ auth_limits_end(struct session *s, bool failed)
     s->limit_address = s->limit_user = false;
 }
 
-/* The hash is done: back on the worker, through its mailbox. */
 /* A session with a hash of its own with the pool and the same users
  * table and credentials as s's attempt, or NULL. */
 static struct session *
@@ -1408,8 +1407,13 @@ hash_unlink(struct session *s)
         s->hash_leader = NULL;
         s->hash_next_follower = NULL;
     }
-    for (struct session *f = s->hash_followers; f != NULL; f = f->hash_next_follower)
-        f->hash_leader = NULL; /* only when the worker stops: else s lives until its hash ends */
+    /* Followers left only when the worker stops (else s lives until its
+     * hash ends and hands them the answer). */
+    for (struct session *f = s->hash_followers, *next; f != NULL; f = next) {
+        next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+    }
     s->hash_followers = NULL;
 }
 
