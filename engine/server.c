@@ -22,6 +22,11 @@
  * the signing pool (state SIGN, no reading); the commit follows with the
  * DKIM-Signature fields in front. Detached sessions sign nothing.
  *
+ * AUTH hands the password to the hashing pool (auth_pool.h) and waits in
+ * AUTH_HASH, reading nothing, until the answer comes back through the
+ * worker's mailbox; another session with the same credentials waits for
+ * that same hash.
+ *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
  * (recv, send, a pending spool commit, a password hash in the AUTH pool).
  * session_close() shuts the socket down so that a pending recv completes;
