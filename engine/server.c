@@ -1496,14 +1496,13 @@ auth_check(struct session *s, const char *user, size_t ulen, const char *pass, s
     if (auth_limit_over(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
                         cfg->auth_failures_per_user, sw->w->now)) {
         /* Even the right password: else guessing from many addresses
-         * would go on. Counts against the address, not against the name
-         * again (the refusal guessed nothing). */
+         * would go on. Not counted against the address or the name: the
+         * refusal guessed nothing, and the user's own application retrying
+         * must not get its address blocked too. */
         OPENSSL_cleanse(a->pass, sizeof(a->pass));
         char nb[80];
         sw->stats.auth_refused_user++;
         s->auth_failures++;
-        auth_limit_fail(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
         log_msg(LOG_NOTICE,
                 "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
                 (unsigned long long)s->id, s->peer_ip, log_name(a->name, nb, sizeof(nb)));

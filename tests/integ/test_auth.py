@@ -408,11 +408,13 @@ def test_identical_credentials_hashed_once():
 def test_failures_per_user_across_addresses():
     """3 failures per user name per minute, from any address: the name
     is refused with 454 4.7.0 even with the right password; other users
-    are served; unknown names are limited alike."""
+    are served; unknown names are limited alike. The refusals do not count
+    against the address: alice's own application, retrying, is not blocked
+    from its address for the rest of the window."""
     alice = crypt("right", FAST)
     bob = crypt("bobpw", FAST)
     with sluice([("alice", alice, None), ("bob", bob, None)], server=(
-            "auth_fail_delay = 0\nauth_failures_per_address = 0\nauth_failures_per_user = 3\n"
+            "auth_fail_delay = 0\nauth_failures_per_address = 5\nauth_failures_per_user = 3\n"
             "auth_failure_window = 60s\n")) as r:
         for i in range(3):
             rep, _ = login(r, "alice", f"guess{i}", source=f"127.0.0.{2 + i}")
@@ -425,8 +427,13 @@ def test_failures_per_user_across_addresses():
         assert c.cmd(f"AUTH PLAIN {plain('bob', 'bobpw')}").code == 235
         rep, _ = login(r, "mallory", "anything", source="127.0.0.9")
         assert rep.code == 454, rep
+        for _ in range(8):  # alice's application retries: more than the address limit
+            rep, _ = login(r, "alice", "right", source="127.0.0.9")
+            assert rep.code == 454, rep
+        rep, _ = login(r, "bob", "bobpw", source="127.0.0.9")
+        assert rep.code == 235, rep
         st = r.auth_stats()
-        assert st["refused_user"] == 2 and st["failed"] == 6, st
+        assert st["refused_user"] == 10 and st["failed"] == 6 and st["refused_address"] == 0, st
         assert st["limit_entries"] >= 2, st
 
 
