@@ -2460,10 +2460,7 @@ server_worker_new_detached(struct engine *e, struct worker *w)
     sw->w = w;
     sw->cfg = &e->cfg->server;
     sw->detached = true;
-    if (auth_cache_init(&sw->auth) < 0) {
-        free(sw);
-        return NULL;
-    }
+    auth_cache_init(&sw->auth);
     return sw;
 }
 
@@ -2479,6 +2476,7 @@ server_session_new_detached(struct server_worker *sw)
     snprintf(s->peer_ip, sizeof(s->peer_ip), "127.0.0.1");
     s->trusted = cidr_match(sw->cfg->trusted, sw->cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = true;
+    auth_limit_addr_key((struct sockaddr *)&s->peer, s->addr_key, &s->addr_key_len);
     s->users = engine_users(sw->e);
     greet(s);
     return s;
