@@ -288,6 +288,7 @@ ops_counters(void *arg, struct stats_counters *out)
             memcpy(o->last_error, es[i].last_error, sizeof(o->last_error));
         }
         out->nevent_sinks = n;
+    }
     if (e->auth_pool != NULL) {
         struct auth_pool_stats ps;
         auth_pool_stats(e->auth_pool, &ps);
