@@ -1,6 +1,9 @@
 /*
  * auth: see auth.h. The table is an array sorted by name (binary search);
- * it is rebuilt whole on reload, never changed in place.
+ * it is rebuilt whole on reload, never changed in place. The key that picks
+ * an unknown name's stand-in is a digest of the table itself: it stays the
+ * same across restarts (an unknown name keeps its cost, as a known one
+ * does) and cannot be computed without the file.
  */
 #include "engine/auth.h"
 
@@ -21,8 +24,39 @@ struct auth_db {
     uint64_t gen;            /* unique for the process's life: keys the caches */
     struct auth_user *users; /* owned, sorted by name */
     unsigned n;
-    const char *dummy_hash;  /* borrowed from users[0]: the cost of a miss */
+    uint8_t standin_key[32]; /* SHA-256 of every name and hash: picks an unknown
+                              * name's stand-in */
 };
+
+static const char *const scheme_names[AUTH_SCHEME_COUNT] = {
+    "yescrypt", "gost_yescrypt", "scrypt", "bcrypt", "sha512crypt", "sha256crypt", "md5crypt",
+    "other",
+};
+
+const char *
+auth_scheme_str(enum auth_scheme s)
+{
+    return (unsigned)s < AUTH_SCHEME_COUNT ? scheme_names[s] : "other";
+}
+
+enum auth_scheme
+auth_scheme_of(const char *h)
+{
+    static const struct {
+        const char *prefix;
+        enum auth_scheme s;
+    } tab[] = {
+        {"$y$", AUTH_SCHEME_YESCRYPT}, {"$gy$", AUTH_SCHEME_GOST_YESCRYPT},
+        {"$7$", AUTH_SCHEME_SCRYPT},   {"$2b$", AUTH_SCHEME_BCRYPT},
+        {"$2a$", AUTH_SCHEME_BCRYPT},  {"$2y$", AUTH_SCHEME_BCRYPT},
+        {"$6$", AUTH_SCHEME_SHA512},   {"$5$", AUTH_SCHEME_SHA256},
+        {"$1$", AUTH_SCHEME_MD5},
+    };
+    for (size_t i = 0; i < sizeof(tab) / sizeof(tab[0]); i++)
+        if (strncmp(h, tab[i].prefix, strlen(tab[i].prefix)) == 0)
+            return tab[i].s;
+    return AUTH_SCHEME_OTHER;
+}
 
 static int
 cmp_user(const void *a, const void *b)
@@ -40,11 +74,16 @@ user_free(struct auth_user *u)
     free(u->domains);
 }
 
+/* "example.com, example.org, <>": "<>" allows the null sender. */
 static int
 parse_domains(struct auth_user *u, char *list)
 {
     for (char *save = NULL, *d = strtok_r(list, ", \t", &save); d != NULL;
          d = strtok_r(NULL, ", \t", &save)) {
+        if (strcmp(d, "<>") == 0) {
+            u->null_sender = true;
+            continue;
+        }
         char **v = realloc(u->domains, sizeof(*v) * (u->ndomains + 1));
         if (v == NULL)
             return -ENOMEM;
@@ -118,9 +157,25 @@ auth_db_load(const char *path, struct auth_db **out, FILE *errs)
         memset(u, 0, sizeof(*u));
         u->name = strdup(name);
         u->hash = strdup(hash);
+        u->scheme = (uint8_t)auth_scheme_of(hash);
         if (u->name == NULL || u->hash == NULL || (domains && parse_domains(u, domains) < 0)) {
             fprintf(errs, "%s:%u: out of memory\n", path, lineno);
             nerr++;
+            continue;
+        }
+        if (strlen(u->name) > AUTH_NAME_MAX) {
+            fprintf(errs, "%s:%u: user name longer than %d octets\n", path, lineno,
+                    AUTH_NAME_MAX);
+            nerr++;
+        }
+        if (u->domains == NULL) {
+            if (u->null_sender) {
+                fprintf(errs, "%s:%u: %s: \"<>\" needs sender domains beside it (a user "
+                              "without a domain list may use any sender, <> included)\n",
+                        path, lineno, u->name);
+                nerr++;
+            }
+            u->null_sender = true;
         }
     }
     free(line);
@@ -137,7 +192,18 @@ auth_db_load(const char *path, struct auth_db **out, FILE *errs)
         auth_db_unref(db);
         return -EINVAL;
     }
-    db->dummy_hash = db->n ? db->users[0].hash : NULL;
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL);
+    for (unsigned i = 0; ok && i < db->n; i++)
+        ok = EVP_DigestUpdate(md, db->users[i].name, strlen(db->users[i].name) + 1) &&
+             EVP_DigestUpdate(md, db->users[i].hash, strlen(db->users[i].hash) + 1);
+    ok = ok && EVP_DigestFinal_ex(md, db->standin_key, NULL);
+    EVP_MD_CTX_free(md);
+    if (!ok) {
+        fprintf(errs, "%s: cannot compute SHA-256 (OpenSSL)\n", path);
+        auth_db_unref(db);
+        return -ENOMEM;
+    }
     *out = db;
     return 0;
 }
@@ -167,19 +233,16 @@ auth_db_count(const struct auth_db *db)
     return db->n;
 }
 
-int
+void
 auth_cache_init(struct auth_cache *c)
 {
     memset(c, 0, sizeof(*c));
-    c->crypt_scratch = calloc(1, sizeof(struct crypt_data));
-    return c->crypt_scratch ? 0 : -ENOMEM;
 }
 
-void
-auth_cache_fini(struct auth_cache *c)
+void *
+auth_crypt_scratch_new(void)
 {
-    free(c->crypt_scratch);
-    memset(c, 0, sizeof(*c));
+    return calloc(1, sizeof(struct crypt_data));
 }
 
 static const struct auth_user *
@@ -202,47 +265,114 @@ find_user(const struct auth_db *db, const char *name, size_t len)
     return NULL;
 }
 
+/* SHA-256 of the parts; false when OpenSSL fails. */
+static bool
+sha256_parts(uint8_t out[32], const void *a, size_t alen, const void *b, size_t blen,
+             const void *c, size_t clen)
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) &&
+              EVP_DigestUpdate(md, a, alen) && EVP_DigestUpdate(md, b, blen) &&
+              EVP_DigestUpdate(md, c, clen) && EVP_DigestFinal_ex(md, out, NULL);
+    EVP_MD_CTX_free(md);
+    return ok;
+}
+
+/* The user whose setting an unknown name runs: fixed per name and table. */
+static const struct auth_user *
+standin(const struct auth_db *db, const char *name, size_t len)
+{
+    uint8_t d[32];
+    if (!sha256_parts(d, db->standin_key, sizeof(db->standin_key), name, len, "", 0))
+        return &db->users[0];
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | d[i];
+    return &db->users[v % db->n];
+}
+
+enum auth_start
+auth_attempt_start(const struct auth_db *db, struct auth_cache *cache, const char *user,
+                   size_t user_len, const char *pass, size_t pass_len, struct auth_attempt *a,
+                   const struct auth_user **out)
+{
+    *out = NULL;
+    a->user = NULL;
+    a->setting = NULL;
+    a->match = false;
+    a->pass_len = 0;
+    if (db == NULL || db->n == 0 || user_len == 0 || user_len > AUTH_NAME_MAX ||
+        pass_len > AUTH_PASS_MAX || memchr(user, '\0', user_len) != NULL ||
+        memchr(pass, '\0', pass_len) != NULL)
+        return AUTH_START_INVALID;
+    memcpy(a->name, user, user_len);
+    a->name[user_len] = '\0';
+    /* key = SHA-256(user NUL pass): the cache never holds a password. */
+    if (!sha256_parts(a->key, user, user_len, "", 1, pass, pass_len))
+        return AUTH_START_INVALID;
+    a->gen = db->gen;
+    unsigned slot = (unsigned)(a->key[0] | a->key[1] << 8) % AUTH_CACHE_SLOTS;
+    if (cache->slot[slot].gen == db->gen &&
+        CRYPTO_memcmp(cache->slot[slot].key, a->key, 32) == 0) {
+        cache->hits++;
+        *out = cache->slot[slot].user;
+        return AUTH_START_CACHED;
+    }
+    cache->misses++;
+    a->user = find_user(db, user, user_len);
+    const struct auth_user *run = a->user ? a->user : standin(db, user, user_len);
+    a->setting = run->hash;
+    a->scheme = run->scheme;
+    memcpy(a->pass, pass, pass_len);
+    a->pass[pass_len] = '\0';
+    a->pass_len = pass_len;
+    return AUTH_START_HASH;
+}
+
+void
+auth_attempt_hash(struct auth_attempt *a, void *scratch)
+{
+    struct crypt_data *cd = scratch;
+    const char *out = crypt_rn(a->pass, a->setting, cd, sizeof(*cd));
+    OPENSSL_cleanse(a->pass, sizeof(a->pass));
+    a->pass_len = 0;
+    size_t hl = strlen(a->setting);
+    a->match = out != NULL && a->user != NULL && strlen(out) == hl &&
+               CRYPTO_memcmp(out, a->setting, hl) == 0;
+    OPENSSL_cleanse(cd, sizeof(*cd));
+}
+
+const struct auth_user *
+auth_attempt_finish(struct auth_cache *cache, struct auth_attempt *a)
+{
+    OPENSSL_cleanse(a->pass, sizeof(a->pass)); /* in case it never reached the hash */
+    if (!a->match || a->user == NULL)
+        return NULL;
+    unsigned slot = (unsigned)(a->key[0] | a->key[1] << 8) % AUTH_CACHE_SLOTS;
+    cache->slot[slot].gen = a->gen;
+    memcpy(cache->slot[slot].key, a->key, 32);
+    cache->slot[slot].user = a->user;
+    return a->user;
+}
+
 const struct auth_user *
 auth_verify(const struct auth_db *db, struct auth_cache *cache, const char *user,
             size_t user_len, const char *pass, size_t pass_len)
 {
-    if (db == NULL || db->n == 0 || user_len == 0 || user_len > 255 || pass_len > 1024 ||
-        memchr(user, '\0', user_len) != NULL || memchr(pass, '\0', pass_len) != NULL)
+    struct auth_attempt *a = malloc(sizeof(*a));
+    if (a == NULL)
         return NULL;
-    /* key = SHA-256(user NUL pass): the cache never holds a password. */
-    uint8_t key[32];
-    unsigned keylen = 0;
-    EVP_MD_CTX *md = EVP_MD_CTX_new();
-    if (md == NULL || !EVP_DigestInit_ex(md, EVP_sha256(), NULL) ||
-        !EVP_DigestUpdate(md, user, user_len) || !EVP_DigestUpdate(md, "", 1) ||
-        !EVP_DigestUpdate(md, pass, pass_len) || !EVP_DigestFinal_ex(md, key, &keylen)) {
-        EVP_MD_CTX_free(md);
-        return NULL;
+    const struct auth_user *u = NULL;
+    if (auth_attempt_start(db, cache, user, user_len, pass, pass_len, a, &u) ==
+        AUTH_START_HASH) {
+        void *scratch = auth_crypt_scratch_new();
+        if (scratch != NULL)
+            auth_attempt_hash(a, scratch);
+        free(scratch);
+        u = auth_attempt_finish(cache, a);
     }
-    EVP_MD_CTX_free(md);
-    unsigned slot = (unsigned)(key[0] | key[1] << 8) % AUTH_CACHE_SLOTS;
-    if (cache->slot[slot].gen == db->gen && CRYPTO_memcmp(cache->slot[slot].key, key, 32) == 0) {
-        cache->hits++;
-        return cache->slot[slot].user;
-    }
-    cache->misses++;
-
-    const struct auth_user *u = find_user(db, user, user_len);
-    char pw[1025];
-    memcpy(pw, pass, pass_len);
-    pw[pass_len] = '\0';
-    const char *hash = u ? u->hash : db->dummy_hash;
-    struct crypt_data *cd = cache->crypt_scratch;
-    const char *out = crypt_rn(pw, hash, cd, sizeof(*cd));
-    OPENSSL_cleanse(pw, sizeof(pw));
-    bool ok = out != NULL && u != NULL && strlen(out) == strlen(hash) &&
-              CRYPTO_memcmp(out, hash, strlen(hash)) == 0;
-    OPENSSL_cleanse(cd, sizeof(*cd));
-    if (!ok)
-        return NULL;
-    cache->slot[slot].gen = db->gen;
-    memcpy(cache->slot[slot].key, key, 32);
-    cache->slot[slot].user = u;
+    OPENSSL_cleanse(a, sizeof(*a));
+    free(a);
     return u;
 }
 

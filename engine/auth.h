@@ -1,10 +1,23 @@
 /*
  * auth: SMTP AUTH for the submission server. A users file ("user:crypt
- * hash[:domain,domain]" per line) is loaded into an immutable, refcounted
- * table (a reload builds a new one; sessions keep the one they started
- * with). Passwords are checked with crypt(3) (yescrypt, SHA-512 crypt, ...
- * whatever libcrypt knows). An unknown user costs the same crypt() as a
- * wrong password, so reply and timing do not tell them apart.
+ * hash[:domain,domain,<>]" per line) is loaded into an immutable,
+ * refcounted table (a reload builds a new one; sessions keep the one they
+ * started with). Passwords are checked with crypt(3) (yescrypt, bcrypt,
+ * SHA-512 crypt, ... whatever libcrypt knows).
+ *
+ * A check is an attempt in three steps, so that the hashing runs off the
+ * worker loops (auth_pool.h): auth_attempt_start() on the worker looks the
+ * user up and tries the cache; auth_attempt_hash() runs crypt(3) on any
+ * thread; auth_attempt_finish() on the worker reads the result and caches a
+ * success.
+ *
+ * An unknown name costs what a known one costs: it is hashed with the
+ * setting (scheme, cost and salt) of a user picked from the table by a
+ * keyed hash of the name. The same unknown name always runs the same
+ * setting, as a known name does, and unknown names run each setting as
+ * often as known names do: whatever schemes the file mixes, the time of an
+ * attempt is drawn from the same distribution for both. (A dummy of the
+ * dearest setting instead would make every fast user stand out.)
  *
  * crypt() with a strong hash costs milliseconds of CPU, and applications
  * authenticate on every connection; each worker therefore keeps a small
@@ -12,7 +25,8 @@
  * the password), valid for the table it was verified against.
  *
  * Threading: a table is read-only once loaded: any thread. A cache belongs
- * to one worker.
+ * to one worker. An attempt belongs to whoever holds it: its owner, then
+ * the hashing thread, then its owner again.
  */
 #ifndef SLUICE_ENGINE_AUTH_H
 #define SLUICE_ENGINE_AUTH_H
@@ -22,13 +36,38 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#define AUTH_NAME_MAX 255
+#define AUTH_PASS_MAX 1024
+
 struct auth_db;
+
+/* Hash schemes, for the counters of hashes run (and the choice of nothing:
+ * the stand-in for an unknown name is picked by user, not by scheme). */
+enum auth_scheme {
+    AUTH_SCHEME_YESCRYPT,
+    AUTH_SCHEME_GOST_YESCRYPT,
+    AUTH_SCHEME_SCRYPT,
+    AUTH_SCHEME_BCRYPT,
+    AUTH_SCHEME_SHA512,
+    AUTH_SCHEME_SHA256,
+    AUTH_SCHEME_MD5,
+    AUTH_SCHEME_OTHER,
+    AUTH_SCHEME_COUNT
+};
+
+/* "yescrypt", "bcrypt", "sha512crypt", ...: names for stats. */
+const char *auth_scheme_str(enum auth_scheme s);
+/* The scheme of a crypt(3) hash, from its prefix. */
+enum auth_scheme auth_scheme_of(const char *hash);
 
 struct auth_user {
     char *name;     /* owned */
     char *hash;     /* owned: crypt(3) hash */
     char **domains; /* owned: sender domains this user may use; NULL: any */
     unsigned ndomains;
+    bool null_sender; /* may use MAIL FROM:<> (always when domains is NULL; else
+                       * when the list holds "<>") */
+    uint8_t scheme;   /* enum auth_scheme of hash */
 };
 
 /* Load path. Errors are written to errs, one per line as "file:line:
@@ -49,15 +88,48 @@ struct auth_cache {
         uint8_t key[32];
         const struct auth_user *user; /* borrowed: lives as long as db */
     } slot[AUTH_CACHE_SLOTS];
-    void *crypt_scratch; /* owned: struct crypt_data, too large for the stack */
     uint64_t hits, misses;
 };
 
-int auth_cache_init(struct auth_cache *c);
-void auth_cache_fini(struct auth_cache *c);
+void auth_cache_init(struct auth_cache *c);
 
-/* Check user and password against db. Returns the user (borrowed: lives as
- * long as db) or NULL; never says whether the user exists. */
+/* One password check. Fixed size: a session embeds one. */
+struct auth_attempt {
+    const struct auth_user *user; /* borrowed: lives as long as the table; NULL: unknown name */
+    const char *setting;          /* borrowed, likewise: the hash crypt(3) runs with */
+    uint64_t gen;                 /* the table's */
+    uint8_t key[32];              /* the cache key: SHA-256(user NUL pass) */
+    uint8_t scheme;               /* enum auth_scheme of setting */
+    bool match;                   /* set by auth_attempt_hash */
+    char name[AUTH_NAME_MAX + 1]; /* as given, NUL-terminated */
+    size_t pass_len;
+    char pass[AUTH_PASS_MAX + 1]; /* wiped by auth_attempt_hash (and on any refusal) */
+};
+
+enum auth_start {
+    AUTH_START_INVALID, /* malformed (empty or long name, NUL, ...): a failure, nothing to hash */
+    AUTH_START_CACHED,  /* verified from the cache: *out is the user */
+    AUTH_START_HASH,    /* run auth_attempt_hash(), then auth_attempt_finish() */
+};
+
+/* Prepare a check of user and password against db (which must stay
+ * referenced until auth_attempt_finish). Worker thread (the cache's). */
+enum auth_start auth_attempt_start(const struct auth_db *db, struct auth_cache *cache,
+                                   const char *user, size_t user_len, const char *pass,
+                                   size_t pass_len, struct auth_attempt *a,
+                                   const struct auth_user **out);
+/* Run crypt(3): any thread. scratch is a struct crypt_data of the calling
+ * thread (auth_crypt_scratch_new). Sets a->match and wipes the password. */
+void auth_attempt_hash(struct auth_attempt *a, void *scratch);
+/* The user when the password matched (borrowed: lives as long as the
+ * table), else NULL; never says whether the user exists. A success is
+ * cached. The cache's thread. */
+const struct auth_user *auth_attempt_finish(struct auth_cache *cache, struct auth_attempt *a);
+
+/* Per-thread crypt(3) scratch (large: a struct crypt_data); free() it. */
+void *auth_crypt_scratch_new(void);
+
+/* All three steps on the calling thread, for tools and tests. */
 const struct auth_user *auth_verify(const struct auth_db *db, struct auth_cache *cache,
                                     const char *user, size_t user_len, const char *pass,
                                     size_t pass_len);

@@ -74,7 +74,7 @@ static const struct conf_key server_keys[] = {
     {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
      "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
     {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
-     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); unset: no AUTH", NULL},
+     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list allows the null sender; unset: no AUTH", NULL},
     {"plaintext_auth", CONF_ENUM, SRV(plaintext_auth), 0, 0, "never",
      "AUTH without TLS: never, loopback (clients on 127.0.0.0/8 and ::1), always",
      (const char *const[]){"never", "loopback", "always", NULL}},
@@ -82,6 +82,32 @@ static const struct conf_key server_keys[] = {
      "delay before answering a failed AUTH; doubles with each failure of the session", NULL},
     {"auth_max_failures", CONF_UINT, SRV(auth_max_failures), 1, 100, "3",
      "failed AUTH attempts before the session is closed with 421 4.7.0", NULL},
+    {"auth_failures_per_address", CONF_UINT, SRV(auth_failures_per_address), 0, 1000000, "10",
+     "failed AUTH attempts per client address (IPv6: per /64) per auth_failure_window, "
+     "across connections and workers; over it AUTH gets 421 4.7.0 and the connection "
+     "closes; 0: no limit",
+     NULL},
+    {"auth_failures_per_user", CONF_UINT, SRV(auth_failures_per_user), 0, 1000000, "20",
+     "failed AUTH attempts per user name (known or not) per auth_failure_window, from "
+     "any address; over it AUTH for that name gets 454 4.7.0, even with the right "
+     "password; 0: no limit",
+     NULL},
+    {"auth_failure_window", CONF_DURATION, SRV(auth_failure_window), 1000, 86400000, "10m",
+     "the window of the two limits above: failures drain at limit per window (a leaky "
+     "bucket), so a client that keeps guessing gets that many per window",
+     NULL},
+    {"auth_failure_table", CONF_UINT, SRV(auth_failure_table), 64, 16777216, "65536",
+     "client addresses and user names whose failures are remembered (about 48 bytes "
+     "each); when full the one left alone longest is forgotten; needs a restart",
+     NULL},
+    {"auth_hash_threads", CONF_UINT, SRV(auth_hash_threads), 1, 64, "2",
+     "threads that run the password hashes of AUTH, off the worker loops and at a lower "
+     "priority than them; needs a restart",
+     NULL},
+    {"auth_hash_queue", CONF_UINT, SRV(auth_hash_queue), 1, 100000, "64",
+     "AUTH attempts waiting for a hashing thread; beyond it AUTH gets 454 4.7.0 at once; "
+     "needs a restart",
+     NULL},
     {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
      "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
      "to finish before exiting; what is left stays queued for the next start",

@@ -46,6 +46,12 @@ struct server_config {
     int plaintext_auth;      /* enum plaintext_auth */
     uint64_t auth_fail_delay; /* ms */
     unsigned auth_max_failures;
+    unsigned auth_hash_threads;
+    unsigned auth_hash_queue;
+    unsigned auth_failures_per_address; /* 0: no limit */
+    unsigned auth_failures_per_user;    /* 0: no limit */
+    uint64_t auth_failure_window;       /* ms */
+    unsigned auth_failure_table;        /* keys remembered */
     char *expire_header;     /* owned; NULL: no per-message expiry header */
     uint64_t drain_timeout;  /* ms: SIGTERM waits this long for transactions in flight */
     /* derived at load */

@@ -22,6 +22,8 @@
 
 #include "common/clock.h"
 #include "common/log.h"
+#include "engine/auth_limit.h"
+#include "engine/auth_pool.h"
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -185,6 +187,13 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
+    rc = auth_pool_new(cfg->server.auth_hash_threads, cfg->server.auth_hash_queue, &e->auth_pool);
+    if (rc == 0)
+        rc = auth_limit_new(cfg->server.auth_failure_table, &e->auth_limit);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot start the AUTH hashing threads: %s", strerror(-rc));
+        goto fail;
+    }
     if (cfg->nevents > 0) {
         /* The journal lives with the spool: same disk, same backups. */
         char dir[PATH_MAX];
@@ -317,6 +326,10 @@ engine_stop(struct engine *e)
     /* Signing jobs still in the pool come back (cancelled) to the
      * mailboxes swept below, before their sessions are freed. */
     e->dkim_pool = dkim_pool_free(e->dkim_pool);
+    /* Before the servers free their sessions: no hash job may still run
+     * for one (those done wait in the mailboxes; each server takes its own
+     * out). */
+    e->auth_pool = auth_pool_free(e->auth_pool);
     for (unsigned i = 0; i < e->nworkers; i++) {
         /* Messages never delivered (a failed start, or a worker whose ring
          * failed), before their owners go: some are embedded in them. */
@@ -352,6 +365,7 @@ engine_stop(struct engine *e)
         queue_close(e->queue);
     e->queue = NULL;
     e->users = auth_db_unref(e->users);
+    e->auth_limit = auth_limit_free(e->auth_limit);
     pthread_mutex_destroy(&e->users_lock);
     e->dkim_keys = dkim_keyring_unref(e->dkim_keys);
     pthread_mutex_destroy(&e->dkim_lock);
@@ -422,6 +436,10 @@ report_kept(const struct config *o, const struct config *n)
         {"server.listen_tls", SAME_STR(o->server.listen_tls, n->server.listen_tls)},
         {"server.workers", o->server.workers == n->server.workers},
         {"server.ring_entries", o->server.ring_entries == n->server.ring_entries},
+        {"server.auth_hash_threads", o->server.auth_hash_threads == n->server.auth_hash_threads},
+        {"server.auth_hash_queue", o->server.auth_hash_queue == n->server.auth_hash_queue},
+        {"server.auth_failure_table",
+         o->server.auth_failure_table == n->server.auth_failure_table},
         {"queue", SAME_STR(o->queue.path, n->queue.path) && o->queue.map_size == n->queue.map_size},
         /* Each worker's client session cache is sized at start. */
         {"tls.session_cache_size", o->tls.session_cache_size == n->tls.session_cache_size},

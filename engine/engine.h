@@ -21,6 +21,8 @@
 
 struct server_worker;
 struct dkim_pool;
+struct auth_pool;
+struct auth_limit;
 struct dlog;
 struct events;
 struct dlog_writer;
@@ -55,6 +57,8 @@ struct engine {
     struct auth_db *users;     /* owned reference; NULL: AUTH not offered. Under users_lock:
                                 * a reload swaps it while sessions take references */
     pthread_mutex_t users_lock;
+    struct auth_pool *auth_pool;   /* owned: the hashing threads of AUTH */
+    struct auth_limit *auth_limit; /* owned: failed AUTH per address and user, all workers */
     struct worker *workers;    /* owned array of nworkers */
     struct server_worker **srv; /* owned: the submission server of each worker */
     struct delivery **dlv;     /* owned: the outbound side of each worker */

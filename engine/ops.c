@@ -24,6 +24,8 @@
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "engine/auth_limit.h"
+#include "engine/auth_pool.h"
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -188,6 +190,12 @@ ops_counters(void *arg, struct stats_counters *out)
             out->dkim_signed += s->srv.dkim_signed;
             out->dkim_unsigned += s->srv.dkim_unsigned;
             out->dkim_failed += s->srv.dkim_failed;
+            out->auth_ok += s->srv.auth_ok;
+            out->auth_failed += s->srv.auth_failed;
+            out->auth_refused_address += s->srv.auth_refused_address;
+            out->auth_refused_user += s->srv.auth_refused_user;
+            out->auth_busy += s->srv.auth_busy;
+            out->auth_coalesced += s->srv.auth_coalesced;
             out->delivered += s->dlv.delivered;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;
@@ -280,6 +288,24 @@ ops_counters(void *arg, struct stats_counters *out)
             memcpy(o->last_error, es[i].last_error, sizeof(o->last_error));
         }
         out->nevent_sinks = n;
+    }
+    if (e->auth_pool != NULL) {
+        struct auth_pool_stats ps;
+        auth_pool_stats(e->auth_pool, &ps);
+        out->auth_hash_waiting = ps.waiting;
+        for (unsigned i = 0; i < AUTH_SCHEME_COUNT && i < STATS_AUTH_SCHEMES_MAX; i++) {
+            snprintf(out->auth_hashes[i].name, sizeof(out->auth_hashes[i].name), "%s",
+                     auth_scheme_str((enum auth_scheme)i));
+            out->auth_hashes[i].live = ps.hashes[i];
+        }
+        out->nauth_hashes = AUTH_SCHEME_COUNT < STATS_AUTH_SCHEMES_MAX ? AUTH_SCHEME_COUNT
+                                                                       : STATS_AUTH_SCHEMES_MAX;
+    }
+    if (e->auth_limit != NULL) {
+        struct auth_limit_stats ls;
+        auth_limit_stats(e->auth_limit, &ls);
+        out->auth_limit_entries = ls.entries;
+        out->auth_limit_evictions = ls.evictions;
     }
     out->workers = e->nworkers;
     out->uptime_ms = clock_unix_ms() - e->started_ms;

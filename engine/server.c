@@ -27,9 +27,15 @@
  * buffer as the state machine makes room, and only waits for the socket
  * once nothing buffered is left to read.
  *
+ * AUTH hands the password to the hashing pool (auth_pool.h) and waits in
+ * AUTH_HASH, reading nothing, until the answer comes back through the
+ * worker's mailbox; another session with the same credentials waits for
+ * that same hash.
+ *
  * Lifetime (STYLE rule 7): a session counts its operations in flight
- * (recv, send, a pending spool commit). session_close() shuts the socket
- * down so that a pending recv completes; the last completion frees.
+ * (recv, send, a pending spool commit, a password hash in the AUTH pool).
+ * session_close() shuts the socket down so that a pending recv completes;
+ * the last completion frees.
  *
  * Threading: everything here runs on the worker's thread.
  */
@@ -40,6 +46,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/crypto.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -56,6 +63,8 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "engine/auth.h"
+#include "engine/auth_limit.h"
+#include "engine/auth_pool.h"
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -81,6 +90,7 @@ enum session_state {
     SS_PREGREET, /* greet_pause: waiting, then a peek for early talkers */
     SS_COMMAND,  /* reading command lines */
     SS_AUTH,     /* reading a SASL response line (after 334) */
+    SS_AUTH_HASH, /* the password is with the hashing pool; no reading */
     SS_AUTH_WAIT, /* a failed AUTH: the delay before 535 */
     SS_DATA,     /* reading message content after 354 */
     SS_BDAT,     /* reading the octets of a BDAT chunk */
@@ -93,8 +103,8 @@ enum session_state {
 };
 
 static const char *const state_names[] = {
-    "pregreet", "command", "auth",    "auth_wait", "data",   "bdat",
-    "sign",     "commit",   "tls_start", "tls", "closing",   "closed",
+    "pregreet", "command", "auth",      "auth_hash", "auth_wait", "data", "bdat",
+    "sign",     "commit",  "tls_start", "tls",       "closing",   "closed",
 };
 
 static const char *
@@ -151,6 +161,18 @@ struct session {
     unsigned auth_step;            /* LOGIN: 0 user, 1 password */
     char auth_name[256];
     unsigned auth_failures;
+    struct auth_job hash_job;      /* with the pool in SS_AUTH_HASH (an op in flight) */
+    bool limit_address, limit_user; /* the hash holds a place among the attempts under
+                                     * way of the address, of the name (auth_limit_begin) */
+    /* Identical credentials are hashed once per worker: a session whose
+     * user and password are being hashed for another session (its leader)
+     * waits for that hash instead of starting its own. */
+    struct session *hash_leader;    /* borrowed: the session this one waits for; NULL: none */
+    struct session *hash_followers; /* borrowed: sessions waiting for this one's hash */
+    struct session *hash_next_follower; /* borrowed: the next in the leader's list */
+    struct session *hash_next;      /* borrowed: the next in sw->hashing */
+    uint8_t addr_key[16];          /* the client's key in the failure limits */
+    size_t addr_key_len;
 
     /* the transaction */
     bool in_txn;
@@ -223,6 +245,7 @@ struct server_worker {
     bool stopping;
     atomic_bool draining;    /* listeners shut: accept nothing more */
     struct session *sessions; /* list of owned sessions */
+    struct session *hashing;  /* borrowed: sessions whose own hash is with the pool */
     struct auth_cache auth;
     uint64_t seq;
     struct server_stats stats;
@@ -1094,6 +1117,12 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "553 5.7.1 Sender address not owned by user %s", s->user->name);
         return;
     }
+    if (s->user != NULL && (c->path.flags & SMTP_PATH_NULL) && !s->user->null_sender) {
+        /* A bounce from a user tied to sender domains would carry no
+         * domain of theirs: only where the users file says "<>". */
+        reply(s, "553 5.7.1 Null sender not allowed for user %s", s->user->name);
+        return;
+    }
     s->sender = span_dup(c->path.mailbox);
     if ((p->seen & SMTP_PARAM_ENVID) && (s->envid = span_dup(p->envid)) == NULL)
         s->sender = (free(s->sender), NULL);
@@ -1269,14 +1298,42 @@ auth_fail_reply(struct session *s)
     session_deadline(s, s->sw->cfg->timeout_command);
 }
 
-static void
-auth_fail(struct session *s)
+/* A client-supplied name, safe in a key=value log line. */
+static const char *
+log_name(const char *name, char *buf, size_t cap)
 {
+    size_t o = 0;
+    for (const char *p = name; *p != '\0' && o + 1 < cap; p++) {
+        unsigned char c = (unsigned char)*p;
+        buf[o++] = (char)((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                                  (c >= '0' && c <= '9') || strchr("@._+-", c) != NULL
+                              ? c
+                              : '?');
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+/* A failed attempt: counted for the session and, unless counted already
+ * (a hash's end counts its own), for the client's address and the name
+ * (when one was given); answered after the delay. */
+static void
+auth_fail(struct session *s, bool counted, const char *name)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
     s->auth_failures++;
-    s->sw->stats.auth_failed++;
+    sw->stats.auth_failed++;
+    if (!counted) {
+        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
+        if (name != NULL && name[0] != '\0')
+            auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
+                            cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    }
     log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
             (unsigned long long)s->id, s->peer_ip, s->auth_failures);
-    uint64_t delay = s->sw->cfg->auth_fail_delay;
+    uint64_t delay = cfg->auth_fail_delay;
     if (delay == 0) {
         auth_fail_reply(s);
         return;
@@ -1286,21 +1343,223 @@ auth_fail(struct session *s)
     session_deadline(s, delay << shift);
 }
 
-static void
-auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+/* Has the client's address failed too often lately (all sessions, all
+ * workers)? Then it is told so and the session closes. */
+static bool
+auth_address_refused(struct session *s)
 {
-    const struct auth_user *u =
-        auth_verify(s->users, &s->sw->auth, user, ulen, pass, plen);
-    if (u == NULL) {
-        auth_fail(s);
-        return;
-    }
+    struct server_worker *sw = s->sw;
+    if (!auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                         sw->cfg->auth_failures_per_address, sw->w->now))
+        return false;
+    sw->stats.auth_refused_address++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_refused reason=address_failures client=%s",
+            (unsigned long long)s->id, s->peer_ip);
+    reply_close(s, "421 4.7.0 Too many failed authentications from your address: try again "
+                   "later");
+    return true;
+}
+
+static void
+auth_ok(struct session *s, const struct auth_user *u)
+{
     s->user = u;
     s->sw->stats.auth_ok++;
     log_msg(LOG_INFO, "session=%016llx event=auth_ok client=%s user=%s",
             (unsigned long long)s->id, s->peer_ip, u->name);
     reply(s, "235 2.7.0 Authentication successful");
     session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
+/* End the attempt's place in the failure limits (begun in auth_check). */
+static void
+auth_limits_end(struct session *s, bool failed)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    const char *name = s->hash_job.a.name;
+    if (s->limit_address)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                       failed, cfg->auth_failures_per_address, cfg->auth_failure_window,
+                       sw->w->now);
+    if (s->limit_user)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name), failed,
+                       cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    s->limit_address = s->limit_user = false;
+}
+
+/* A session with a hash of its own with the pool and the same users
+ * table and credentials as s's attempt, or NULL. */
+static struct session *
+hash_leader_find(struct server_worker *sw, const struct session *s)
+{
+    for (struct session *l = sw->hashing; l != NULL; l = l->hash_next)
+        if (l->users == s->users && CRYPTO_memcmp(l->hash_job.a.key, s->hash_job.a.key, 32) == 0)
+            return l;
+    return NULL;
+}
+
+/* Take s out of the lists of hashes under way (its own, or its leader's). */
+static void
+hash_unlink(struct session *s)
+{
+    struct session **pp;
+    for (pp = &s->sw->hashing; *pp != NULL && *pp != s; pp = &(*pp)->hash_next)
+        ;
+    if (*pp == s)
+        *pp = s->hash_next;
+    s->hash_next = NULL;
+    if (s->hash_leader != NULL) {
+        for (pp = &s->hash_leader->hash_followers; *pp != NULL && *pp != s;
+             pp = &(*pp)->hash_next_follower)
+            ;
+        if (*pp == s)
+            *pp = s->hash_next_follower;
+        s->hash_leader = NULL;
+        s->hash_next_follower = NULL;
+    }
+    /* Followers left only when the worker stops (else s lives until its
+     * hash ends and hands them the answer). */
+    for (struct session *f = s->hash_followers, *next; f != NULL; f = next) {
+        next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+    }
+    s->hash_followers = NULL;
+}
+
+/* The hash is done: back on the worker, through its mailbox. Sessions
+ * that waited for it get its answer too. */
+static void
+session_on_hash(struct worker *w, struct worker_msg *m)
+{
+    struct session *s = SESSION_OF(m, hash_job.m);
+    s->inflight--;
+    const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
+    auth_limits_end(s, u == NULL);
+    struct session *f = s->hash_followers;
+    s->hash_followers = NULL;
+    hash_unlink(s);
+    while (f != NULL) {
+        struct session *next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+        if (f->state == SS_AUTH_HASH) { /* else closed: its own completions free it */
+            if (u != NULL)
+                auth_ok(f, u);
+            else
+                auth_fail(f, true, f->hash_job.a.name);
+            session_run(f);
+        }
+        f = next;
+    }
+    if (s->state == SS_CLOSED) {
+        session_maybe_free(s);
+        return;
+    }
+    if (u != NULL)
+        auth_ok(s, u);
+    else
+        auth_fail(s, true, s->hash_job.a.name);
+    session_run(s);
+}
+
+/* No hash for this attempt now: too many under way, or the queue is full.
+ * Nothing was guessed; the client may try again. */
+static void
+auth_busy(struct session *s, const char *why)
+{
+    OPENSSL_cleanse(s->hash_job.a.pass, sizeof(s->hash_job.a.pass));
+    auth_limits_end(s, false);
+    s->sw->stats.auth_busy++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_busy client=%s reason=%s",
+            (unsigned long long)s->id, s->peer_ip, why);
+    reply(s, "454 4.7.0 Temporary authentication failure");
+    session_enter(s, SS_COMMAND);
+}
+
+/* Check user and password: refused at once when the address or the name
+ * failed too often; from the cache when this worker verified them lately;
+ * else hashed by the pool while the session waits, reading nothing. A
+ * hash takes a place among the address's and the name's attempts under
+ * way (auth_limit.h), so that concurrent connections cannot guess past the
+ * limits. */
+static void
+auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    struct auth_limit *lim = sw->e->auth_limit;
+    if (auth_address_refused(s))
+        return;
+    const struct auth_user *u = NULL;
+    struct auth_attempt *a = &s->hash_job.a;
+    enum auth_start st = auth_attempt_start(s->users, &sw->auth, user, ulen, pass, plen, a, &u);
+    if (st == AUTH_START_INVALID) {
+        auth_fail(s, false, NULL);
+        return;
+    }
+    if (auth_limit_over(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                        cfg->auth_failures_per_user, sw->w->now)) {
+        /* Even the right password: else guessing from many addresses
+         * would go on. Not counted against the address or the name: the
+         * refusal guessed nothing, and the user's own application retrying
+         * must not get its address blocked too. */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        char nb[80];
+        sw->stats.auth_refused_user++;
+        s->auth_failures++;
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
+                (unsigned long long)s->id, s->peer_ip, log_name(a->name, nb, sizeof(nb)));
+        reply(s, "454 4.7.0 Too many failed authentications for this user: try again later");
+        if (s->auth_failures >= cfg->auth_max_failures)
+            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        else
+            session_enter(s, SS_COMMAND);
+        return;
+    }
+    if (st == AUTH_START_CACHED) {
+        auth_ok(s, u); /* the right password: no guess to count */
+        return;
+    }
+    struct session *lead = hash_leader_find(sw, s);
+    if (lead != NULL) {
+        /* The same guess as one under way: no second hash, no second count. */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        s->hash_leader = lead;
+        s->hash_next_follower = lead->hash_followers;
+        lead->hash_followers = s;
+        sw->stats.auth_coalesced++;
+        worker_timer_cancel(sw->w, &s->timer);
+        session_enter(s, SS_AUTH_HASH);
+        return;
+    }
+    int rc = auth_limit_begin(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                              cfg->auth_failures_per_address, sw->w->now);
+    s->limit_address = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "address_attempts_under_way");
+        return;
+    }
+    rc = auth_limit_begin(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                          cfg->auth_failures_per_user, sw->w->now);
+    s->limit_user = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "user_attempts_under_way");
+        return;
+    }
+    s->hash_job.m.fn = session_on_hash;
+    if (auth_pool_submit(sw->e->auth_pool, &s->hash_job, sw->w) < 0) {
+        auth_busy(s, "hash_queue_full");
+        return;
+    }
+    s->inflight++;
+    s->hash_next = sw->hashing;
+    sw->hashing = s;
+    worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
+    session_enter(s, SS_AUTH_HASH);
 }
 
 /* One SASL response (initial response or a line after 334). */
@@ -1328,16 +1587,17 @@ auth_response(struct session *s, const char *line, size_t len)
         const char *u, *p;
         size_t ul, pl;
         if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
-            auth_fail(s);
+            auth_fail(s, false, NULL);
             return;
         }
         auth_check(s, u, ul, p, pl);
+        OPENSSL_cleanse(buf, sizeof(buf));
         return;
     }
     /* LOGIN */
     if (s->auth_step == 0) {
         if ((size_t)n >= sizeof(s->auth_name)) {
-            auth_fail(s);
+            auth_fail(s, false, NULL);
             return;
         }
         memcpy(s->auth_name, buf, (size_t)n);
@@ -1348,6 +1608,7 @@ auth_response(struct session *s, const char *line, size_t len)
         return;
     }
     auth_check(s, s->auth_name, strlen(s->auth_name), buf, (size_t)n);
+    OPENSSL_cleanse(buf, sizeof(buf));
 }
 
 static void
@@ -1377,6 +1638,8 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
         reply(s, "504 5.5.4 Unrecognized authentication type");
         return;
     }
+    if (auth_address_refused(s))
+        return;
     s->auth_mech = c->auth_mech;
     s->auth_step = 0;
     if (c->auth_ir.len != 0) {
@@ -1975,6 +2238,7 @@ session_free(struct session *s)
         s->next->prev = s->prev;
     log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s",
             (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-");
+    hash_unlink(s);
     if (s->counted) {
         atomic_fetch_sub(&sw->e->clients, 1);
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
@@ -2041,6 +2305,7 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
     const struct server_config *cfg = sw->cfg;
     s->trusted = cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = netaddr_is_loopback((struct sockaddr *)&s->peer);
+    auth_limit_addr_key((struct sockaddr *)&s->peer, s->addr_key, &s->addr_key_len);
     s->users = engine_users(sw->e);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -2195,9 +2460,8 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
     sw->w = w;
     sw->cfg = &e->cfg->server;
     sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
-    int rc = auth_cache_init(&sw->auth);
-    if (rc < 0)
-        goto fail;
+    auth_cache_init(&sw->auth);
+    int rc;
     sw->port = queue_port_new();
     if (sw->port == NULL) {
         rc = -errno;
@@ -2248,6 +2512,9 @@ server_worker_free(struct server_worker *sw)
      * callbacks see `stopping` and only drop their count. */
     while (sw->port != NULL && queue_port_pending(sw->port) > 0)
         queue_port_wait(sw->port, 1000);
+    /* The hashing pool has stopped (engine_stop): hashes finished after
+     * the loop ended wait in the mailbox, pointing into sessions. */
+    worker_mbox_cancel(sw->w, session_on_hash);
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
         s->state = SS_CLOSED;
@@ -2258,7 +2525,6 @@ server_worker_free(struct server_worker *sw)
         close(sw->ls[i].fd);
     free(sw->ls);
     queue_port_free(sw->port);
-    auth_cache_fini(&sw->auth);
     tls_ctx_unref(sw->tls);
     free(sw);
     return NULL;
@@ -2301,10 +2567,7 @@ server_worker_new_detached(struct engine *e, struct worker *w)
     sw->w = w;
     sw->cfg = &e->cfg->server;
     sw->detached = true;
-    if (auth_cache_init(&sw->auth) < 0) {
-        free(sw);
-        return NULL;
-    }
+    auth_cache_init(&sw->auth);
     return sw;
 }
 
@@ -2320,6 +2583,7 @@ server_session_new_detached(struct server_worker *sw)
     snprintf(s->peer_ip, sizeof(s->peer_ip), "127.0.0.1");
     s->trusted = cidr_match(sw->cfg->trusted, sw->cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = true;
+    auth_limit_addr_key((struct sockaddr *)&s->peer, s->addr_key, &s->addr_key_len);
     s->users = engine_users(sw->e);
     greet(s);
     return s;

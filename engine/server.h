@@ -29,6 +29,11 @@ struct server_stats {
     uint64_t dkim_signed;   /* messages signed */
     uint64_t dkim_unsigned; /* with keys configured, sent unsigned: no key, no From:, ... */
     uint64_t dkim_failed;   /* refused with 451: signing failed or its queue was full */
+    uint64_t auth_refused_address; /* AUTH refused: the address failed too often */
+    uint64_t auth_refused_user;    /* AUTH refused: the name failed too often */
+    uint64_t auth_busy;            /* AUTH answered 454: no room for another hash */
+    uint64_t auth_coalesced;       /* AUTH answered by another session's hash (same
+                                    * credentials under way on this worker) */
 };
 
 /* Make the worker's listening sockets (bound now, so that a port in use is

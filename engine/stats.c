@@ -210,6 +210,31 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_obj_end(j);
 
     render_event_sinks(j, c);
+    json_key(j, "auth");
+    json_obj_begin(j);
+    json_ku64(j, "ok", c->auth_ok);
+    json_ku64(j, "failed", c->auth_failed);
+    json_ku64(j, "refused_address", c->auth_refused_address);
+    json_ku64(j, "refused_user", c->auth_refused_user);
+    json_ku64(j, "busy", c->auth_busy);
+    json_ku64(j, "coalesced", c->auth_coalesced);
+    json_ku64(j, "hash_waiting", c->auth_hash_waiting);
+    json_ku64(j, "limit_entries", c->auth_limit_entries);
+    json_ku64(j, "limit_evictions", c->auth_limit_evictions);
+    json_key(j, "hashes");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->nauth_hashes && i < STATS_AUTH_SCHEMES_MAX; i++) {
+        const struct stats_object *o = &c->auth_hashes[i];
+        size_t n = strnlen(o->name, sizeof(o->name));
+        if (n == 0)
+            continue;
+        char name[sizeof(o->name) + 1];
+        memcpy(name, o->name, n);
+        name[n] = '\0';
+        json_ku64(j, name, o->live);
+    }
+    json_obj_end(j);
+    json_obj_end(j);
 
     json_key(j, "objects");
     json_obj_begin(j);
@@ -397,6 +422,19 @@ static const struct metric metrics[] = {
     {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
      CTR(dlog_write_errors)},
     {"sluice_dlog_dropped_total", "counter", "Delivery log events dropped.", CTR(dlog_dropped)},
+    {"sluice_auth_ok_total", "counter", "AUTH attempts that succeeded.", CTR(auth_ok)},
+    {"sluice_auth_failed_total", "counter", "AUTH attempts that failed.", CTR(auth_failed)},
+    {"sluice_auth_refused_address_total", "counter",
+     "AUTH refused: the client address failed too often.", CTR(auth_refused_address)},
+    {"sluice_auth_refused_user_total", "counter", "AUTH refused: the user name failed too often.",
+     CTR(auth_refused_user)},
+    {"sluice_auth_busy_total", "counter", "AUTH answered 454: no room for another hash.",
+     CTR(auth_busy)},
+    {"sluice_auth_coalesced_total", "counter",
+     "AUTH answered by the hash of the same credentials under way for another session.",
+     CTR(auth_coalesced)},
+    {"sluice_auth_hash_waiting", "gauge", "Password hashes waiting for a hashing thread.",
+     CTR(auth_hash_waiting)},
     {"sluice_destinations", "gauge", "Destination domains known to the scheduler.",
      CTR(destinations)},
     {"sluice_jobs_inflight", "gauge", "Delivery jobs in flight.", CTR(jobs_inflight)},
@@ -542,6 +580,20 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
             text_family(&t, "sluice_objects", "gauge", "Live objects by type.");
         any = true;
         json_raw(&t, "sluice_objects{type=\"", 21);
+        text_label(&t, o->name, sizeof(o->name));
+        text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+    }
+
+    any = false;
+    for (unsigned i = 0; i < c->nauth_hashes && i < STATS_AUTH_SCHEMES_MAX; i++) {
+        const struct stats_object *o = &c->auth_hashes[i];
+        if (o->name[0] == '\0')
+            continue;
+        if (!any)
+            text_family(&t, "sluice_auth_hashes_total", "counter",
+                        "Password hashes run for AUTH, by scheme.");
+        any = true;
+        json_raw(&t, "sluice_auth_hashes_total{scheme=\"", 33);
         text_label(&t, o->name, sizeof(o->name));
         text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
     }

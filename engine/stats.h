@@ -45,6 +45,7 @@ struct json;
 #define STATS_DOMAINS_MAX      1000
 #define STATS_OBJECTS_MAX      16
 #define STATS_EVENT_SINKS_MAX  16
+#define STATS_AUTH_SCHEMES_MAX 8
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -83,6 +84,14 @@ struct stats_counters {
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;
+    uint64_t auth_ok, auth_failed;                  /* AUTH outcomes */
+    uint64_t auth_refused_address, auth_refused_user; /* refused: too many failures */
+    uint64_t auth_busy;                             /* refused: no room for another hash */
+    uint64_t auth_coalesced;                        /* answered by another session's hash */
+    uint64_t auth_hash_waiting;                     /* gauge: hashes queued */
+    uint64_t auth_limit_entries, auth_limit_evictions; /* the failure table */
+    struct stats_object auth_hashes[STATS_AUTH_SCHEMES_MAX]; /* hashes run, by scheme */
+    unsigned nauth_hashes;
     uint64_t destinations, jobs_inflight;           /* live object counts */
     struct stats_object objects[STATS_OBJECTS_MAX]; /* more live counts */
     unsigned nobjects;

@@ -144,6 +144,25 @@ worker_post(struct worker *w, struct worker_msg *m)
     }
 }
 
+unsigned
+worker_mbox_cancel(struct worker *w, void (*fn)(struct worker *, struct worker_msg *))
+{
+    unsigned n = 0;
+    pthread_mutex_lock(&w->mbox_lock);
+    struct worker_msg **pp = &w->mbox_head;
+    while (*pp != NULL) {
+        if ((*pp)->fn == fn) {
+            *pp = (*pp)->next;
+            n++;
+        } else {
+            pp = &(*pp)->next;
+        }
+    }
+    w->mbox_tail = pp;
+    pthread_mutex_unlock(&w->mbox_lock);
+    return n;
+}
+
 static void
 mbox_drain(struct worker *w)
 {

@@ -107,6 +107,10 @@ int worker_join(struct worker *w);
 
 /* Hand m to w; fn runs on w's thread, in posting order. Any thread. */
 void worker_post(struct worker *w, struct worker_msg *m);
+/* Once the loop has ended and nothing posts any more: take every message
+ * whose fn is fn out of the mailbox, unrun (its owner is about to free
+ * it). Returns how many. */
+unsigned worker_mbox_cancel(struct worker *w, void (*fn)(struct worker *, struct worker_msg *));
 
 /* A free SQE, submitting queued ones first when the SQ is full. Never NULL
  * (panics if the ring is broken). user_data is set to op. */

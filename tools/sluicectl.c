@@ -592,6 +592,14 @@ render_stats(const cJSON *st)
     table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
     table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");
     table_row(&t, "  dropped", fmt_count(st, "dlog.dropped"), "");
+    table_heading(&t, "AUTH");
+    table_row(&t, "  succeeded", fmt_count(st, "auth.ok"), "");
+    table_row(&t, "  failed", fmt_count(st, "auth.failed"), "");
+    table_row(&t, "  refused: address failed too often", fmt_count(st, "auth.refused_address"),
+              "");
+    table_row(&t, "  refused: user failed too often", fmt_count(st, "auth.refused_user"), "");
+    table_row(&t, "  refused: hashing queue full", fmt_count(st, "auth.busy"), "");
+    table_row(&t, "  hashes waiting", fmt_count(st, "auth.hash_waiting"), "");
     table_heading(&t, "Objects");
     const cJSON *objs = get(st, "objects");
     const cJSON *o;
