@@ -253,6 +253,7 @@ ops_counters(void *arg, struct stats_counters *out)
     out->map_size = qs.map_size;
     out->map_used = qs.map_used;
     out->spool_bytes = qs.map_used;
+    out->spool_corrupt = qs.corrupt;
     if (e->dlog != NULL) {
         struct dlog_stats ds;
         dlog_stats(e->dlog, &ds);
