@@ -1641,6 +1641,45 @@ admit(struct queue *q, struct queue_req **enq, size_t ne)
     return na;
 }
 
+/* Updates that carry a message (a DSN) use the reserve, but only its
+ * first half: the rest stays for the updates that only delete, so that
+ * the DSNs of a mass bounce can never take the last pages and leave the
+ * deliveries that would free room unable to commit. One that does not
+ * fit fails with QUEUE_EMAPFULL (its outcomes with it: both or neither),
+ * and its caller tries again once deliveries have made room. Returns
+ * how many of upd[0..n) are left, in order. */
+static size_t
+admit_msgs(struct queue *q, struct queue_req **upd, size_t n)
+{
+    size_t need_all = 0;
+    for (size_t i = 0; i < n; i++)
+        if (upd[i]->has_msg)
+            need_all += enqueue_pages(q, upd[i]);
+    if (need_all == 0)
+        return n;
+    size_t end = q->last_pgno + 1;
+    size_t map_avail = q->map_pages > end ? q->map_pages - end : 0;
+    size_t disk_avail = !q->prealloc ? SIZE_MAX : q->alloc_pages > end ? q->alloc_pages - end : 0;
+    size_t avail = map_avail < disk_avail ? map_avail : disk_avail;
+    size_t keep = q->reserve_pages / 2;
+    if (avail >= keep + need_all + 256)
+        return n;
+    avail += freelist_pages(q);
+    size_t used = 0, na = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (upd[i]->has_msg) {
+            size_t want = keep + used + enqueue_pages(q, upd[i]);
+            if (avail < want) {
+                upd[i]->rc = map_avail <= disk_avail ? QUEUE_EMAPFULL : -ENOSPC;
+                continue;
+            }
+            used = want - keep;
+        }
+        upd[na++] = upd[i];
+    }
+    return na;
+}
+
 static void
 note_failure(struct queue *q, int rc)
 {
@@ -1703,6 +1742,7 @@ run_batch(struct queue *q, struct queue_req *batch)
         else
             q->vec_enq[ne++] = r;
     }
+    nu = admit_msgs(q, q->vec_upd, nu);
     size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
     int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
     if (rc == 0) {

@@ -438,6 +438,25 @@ test_dsn_through_reserve(void **state)
         assert_int_equal(e->rcpt[0].index, 1);
         queue_envelope_free(e);
     }
+    /* DSNs may take half the reserve, never the rest: once it is gone a
+     * bounce with its DSN fails whole (the recipient stays, to be tried
+     * again), while an update that only deletes still commits. */
+    size_t i = 8;
+    int rc = 0;
+    for (; i < n && rc == 0; i++) {
+        denv.id = queue_id_next(f->q);
+        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user"};
+        rc = queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1);
+    }
+    assert_int_equal(rc, QUEUE_EMAPFULL);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, ids[i - 1], &e), 0);
+    assert_int_equal(e->nrcpt, 2); /* its bounce was not committed either */
+    queue_envelope_free(e);
+    assert_int_equal(queue_envelope_get(f->q, denv.id, &e), QUEUE_ENOTFOUND);
+    struct queue_outcome del[2] = {{ids[i - 1], 0, QUEUE_DELIVERED, 0, 250, "ok"},
+                                   {ids[i - 1], 1, QUEUE_DELIVERED, 0, 250, "ok"}};
+    assert_int_equal(queue_update_wait(f->q, del, 2), 0);
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), 0);
 }
