@@ -321,7 +321,8 @@ status_valid(const char *s)
 static bool
 msgid_valid(const char *s)
 {
-    if (s == NULL || *s == '\0')
+    /* it goes on its header line as is (a Message-ID is not folded) */
+    if (s == NULL || *s == '\0' || strlen(s) > DSN_MSGID_MAX)
         return false;
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;

@@ -37,6 +37,7 @@
 #define DSN_TEXT_MAX    2048u         /* octets of reply text kept per recipient */
 #define DSN_HEADERS_MAX (256u * 1024) /* returned headers beyond this are cut at a line */
 #define DSN_STATUS_MAX  16            /* "5.123.456" and NUL fit */
+#define DSN_MSGID_MAX   900           /* octets of message_id: its line stays under 998 */
 
 /* One recipient of the report. All pointers borrowed for the call. */
 struct dsn_rcpt {
@@ -83,7 +84,8 @@ struct dsn_input {
  * back, and the human part says why. No original: two parts only.
  * Returns 0 with *out (malloc'd, NUL-terminated, *out_len octets without
  * the NUL; the caller frees it), -EINVAL (a required field missing or
- * malformed: empty to_addr, message_id with <>, space or controls, a
+ * malformed: empty to_addr, message_id with <>, space or controls or
+ * longer than DSN_MSGID_MAX, a
  * status that is not C.S.D, no recipients), or -ENOMEM.
  */
 int dsn_build(const struct dsn_input *in, char **out, size_t *out_len);
