@@ -2809,6 +2809,25 @@ key_exists(MDB_txn *txn, MDB_dbi dbi, void *key, size_t len, MDB_val *v)
     return mdb_get(txn, dbi, &k, v ? v : &tmp) == 0;
 }
 
+/* Count a problem of queue_check() and list the first ones. */
+static void
+check_note(struct queue_check_report *rep, uint64_t *counter, const char *db, const char *what,
+           const MDB_val *k)
+{
+    (*counter)++;
+    if (rep->nlisted >= QUEUE_CHECK_LIST)
+        return;
+    struct queue_check_problem *p = &rep->listed[rep->nlisted++];
+    snprintf(p->db, sizeof(p->db), "%s", db);
+    snprintf(p->what, sizeof(p->what), "%s", what);
+    size_t n = k->mv_size < DUE_KEY_LEN ? k->mv_size : DUE_KEY_LEN;
+    for (size_t i = 0; i < n; i++)
+        snprintf(p->key + 2 * i, 3, "%02x", ((const unsigned char *)k->mv_data)[i]);
+    p->key[2 * n] = '\0';
+    size_t off = strcmp(db, "due") == 0 ? 8 : 0;
+    p->id = k->mv_size >= off + 8 ? key_u64((const unsigned char *)k->mv_data + off) : 0;
+}
+
 int
 queue_check(struct queue *q, struct queue_check_report *rep)
 {
@@ -2829,7 +2848,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         rep->messages++;
         struct msg_head h;
         if (k.mv_size != MSG_KEY_LEN || !msg_decode(&v, &h)) {
-            rep->bad_records++;
+            check_note(rep, &rep->bad_records, "msg", "bad_record", &k);
             continue;
         }
         uint64_t id = key_u64(k.mv_data);
@@ -2838,7 +2857,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
             rcpt_key(key, id, 0);
             MDB_val rk = {RCPT_KEY_LEN, key}, rv;
             if (mdb_cursor_get(rc2, &rk, &rv, MDB_SET_RANGE) != 0 || key_u64(rk.mv_data) != id)
-                rep->empty_messages++;
+                check_note(rep, &rep->empty_messages, "msg", "empty_message", &k);
             mdb_cursor_close(rc2);
         }
         uint64_t got = 0;
@@ -2849,7 +2868,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
                 got += cv.mv_size;
         }
         if (h.body_chunks > 0 && got != h.body_len)
-            rep->bad_bodies++;
+            check_note(rep, &rep->bad_bodies, "msg", "bad_body", &k);
     }
     mdb_cursor_close(c);
     c = NULL;
@@ -2870,7 +2889,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         if (k.mv_size != BODY_KEY_LEN ||
             !key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, &mv) || !msg_decode(&mv, &h) ||
             ch >= h.body_chunks)
-            rep->bad_bodies++;
+            check_note(rep, &rep->bad_bodies, "body", "bad_body", &k);
     }
     mdb_cursor_close(c);
     c = NULL;
@@ -2885,16 +2904,16 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         rep->recipients++;
         struct rcpt_head h;
         if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h)) {
-            rep->bad_records++;
+            check_note(rep, &rep->bad_records, "rcpt", "bad_record", &k);
             continue;
         }
         if (!key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, NULL))
-            rep->orphan_rcpts++;
+            check_note(rep, &rep->orphan_rcpts, "rcpt", "orphan_rcpt", &k);
         if (h.state == QUEUE_RCPT_DEFERRED) {
             msg_key(key, h.due_ms);
             memcpy(key + 8, k.mv_data, RCPT_KEY_LEN);
             if (!key_exists(txn, q->dbi_due, key, DUE_KEY_LEN, NULL))
-                rep->bad_due++;
+                check_note(rep, &rep->bad_due, "rcpt", "bad_due", &k);
         }
     }
     mdb_cursor_close(c);
@@ -2914,7 +2933,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
             !key_exists(txn, q->dbi_rcpt, (unsigned char *)k.mv_data + 8, RCPT_KEY_LEN, &rv) ||
             !rcpt_decode(&rv, &h) || h.state != QUEUE_RCPT_DEFERRED ||
             h.due_ms != key_u64(k.mv_data))
-            rep->bad_due++;
+            check_note(rep, &rep->bad_due, "due", "bad_due", &k);
     }
     mdb_cursor_close(c);
     c = NULL;

@@ -357,6 +357,16 @@ typedef int queue_domain_fn(void *arg, const char *domain, const struct queue_co
  * after the scan, with no transaction open. Returns 0 or a code. */
 int queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, void *arg);
 
+#define QUEUE_CHECK_LIST 32
+
+/* One problem queue_check() found: where, what, and the record's key. */
+struct queue_check_problem {
+    char db[8];    /* "msg", "body", "rcpt" or "due" */
+    char what[16]; /* "bad_record", "empty_message", "bad_body", "orphan_rcpt", "bad_due" */
+    char key[40];  /* the key in hex (at most 18 octets) */
+    uint64_t id;   /* the message id in the key, 0 if the key is too short */
+};
+
 /* Result of queue_check(). */
 struct queue_check_report {
     uint64_t messages, recipients, deferred, body_chunks;
@@ -365,6 +375,8 @@ struct queue_check_report {
     uint64_t empty_messages; /* messages without any recipient */
     uint64_t bad_bodies;     /* chunked bodies missing chunks or bytes, stray chunks */
     uint64_t bad_due;        /* index entries and deferred recipients that disagree */
+    unsigned nlisted;        /* the first QUEUE_CHECK_LIST problems, in scan order */
+    struct queue_check_problem listed[QUEUE_CHECK_LIST];
 };
 
 /* Verify the whole spool in one read snapshot (slow: for tools and tests).

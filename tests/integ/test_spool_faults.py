@@ -198,6 +198,7 @@ def test_corrupt_record_skipped():
         assert check.returncode == 1, check
         rep = json.loads(check.stdout)
         assert rep["bad_records"] == 1, rep
+        assert f"bad_record db=rcpt key={key}" in check.stderr, check.stderr
 
         sink = Sink(wd, mx_port)
         conf = node_conf(wd, port, mx_port, dns.port, copy, "64M",

@@ -1218,6 +1218,12 @@ test_corrupt_skipped(void **state)
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), QUEUE_ECORRUPT);
     assert_int_equal(rep.bad_records, 1);
+    assert_int_equal(rep.nlisted, 2); /* the record, and its index entry that points at it */
+    assert_string_equal(rep.listed[0].db, "rcpt");
+    assert_string_equal(rep.listed[0].what, "bad_record");
+    assert_true(rep.listed[0].id == b);
+    assert_string_equal(rep.listed[1].db, "due");
+    assert_true(rep.listed[1].id == b);
 }
 
 static void
