@@ -281,7 +281,8 @@ int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outco
  * one write transaction they leave the time index and become ready
  * (attempts and last reply kept). Once that commit is durable, cb(arg,
  * id, r) runs for each on port's owner thread (r as in queue_walk, state
- * ready), then done(cookie, rc); on failure cb never runs and the
+ * ready; its return value is ignored), then done(cookie, rc); on failure
+ * cb never runs and the
  * recipients stay deferred. The caller now owns them as it owns the
  * ready ones it found at start: it must deliver them or record an
  * outcome; after a crash they are ready, found by the start-up walk.
@@ -289,7 +290,8 @@ int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outco
  * so a wall clock that steps back or forward changes nothing but which
  * recipients are due (each when now_ms reaches its time). Returns 0 or a
  * negative code now (-EINVAL, QUEUE_ECLOSED, -ENOMEM), then done never
- * runs. */
+ * runs. A take that finds nothing due writes nothing (no commit, no
+ * sync), so polling it every second costs an idle spool nothing. */
 int queue_due_take(struct queue *q, struct queue_port *port, uint64_t now_ms, unsigned limit,
                    queue_rcpt_fn *cb, void *arg, queue_done_fn *done, void *cookie);
 /* Blocking form: returns how many were taken, or a negative code. */
