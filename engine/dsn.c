@@ -1,5 +1,6 @@
 /*
- * dsn: builds the RFC 3464 report (see dsn.h). The parts are built first,
+ * dsn: builds the RFC 3464 report (see dsn.h), and the struct dsn_msg
+ * that carries it into the spool with the outcomes that cause it. The parts are built first,
  * each in its own buffer, so that the boundary can be chosen knowing
  * everything it must not collide with; then the message is assembled.
  * Every string from outside goes through clean() before it reaches a
