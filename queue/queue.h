@@ -256,8 +256,12 @@ int queue_update(struct queue *q, struct queue_port *port, const struct queue_ou
  * committed in the same write transaction: both are durable, or neither.
  * env and the iovecs are copied, the body bytes borrowed until done has
  * run, as for queue_enqueue(). The message is admitted as an update: it
- * may use the reserve kept for updates (a bounce frees its original's
- * recipient, and mass bounces come when the spool is full). It is left
+ * may use the first half of the reserve kept for updates (a bounce frees
+ * its original's recipient, and mass bounces come when the spool is
+ * full); the other half stays for updates that only delete. When its
+ * half is gone the request fails whole with a space error (outcomes
+ * included: the recipients stay as they were) and the caller retries it
+ * once deliveries have made room. It is left
  * out when every outcome of the request is stale (a retry of a commit
  * that did happen: the message is already stored), and a message with
  * the same id already stored is not an error, for the same reason.
