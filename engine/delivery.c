@@ -200,8 +200,7 @@ struct delivery {
     bool draining;           /* SIGTERM: finish what is in flight, start nothing */
     bool drained;            /* ... and it is done: told the engine */
     struct dest *buckets[DEST_BUCKETS];
-    struct timer due_timer; /* worker 0: poll the spool for due recipients */
-    struct queue_due_pos due_pos;
+    struct timer due_timer; /* worker 0: take due recipients from the spool */
     struct delivery_stats stats;
     struct pool cli_pool;    /* struct smtp_client_buf */
     struct pool chunk_pool;  /* BODY_CHUNK */
@@ -631,17 +630,25 @@ struct outcome_batch {
     struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
     struct timer timer;
     unsigned tries;
+    struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
     size_t n;
     struct queue_outcome o[]; /* then the reply texts */
 };
 
 static void outcome_done(void *cookie, int rc);
+static void dsn_committed(struct delivery *d, const struct dsn_msg *m);
 
 static void
 outcome_submit(struct outcome_batch *b)
 {
     struct delivery *d = b->d;
-    int rc = queue_update(d->e->queue, d->port, b->o, b->n, outcome_done, b);
+    struct queue_envelope denv;
+    struct queue_rcpt drcpt;
+    struct iovec dbody;
+    if (b->dsn != NULL)
+        dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
+    int rc = queue_update_enqueue(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
+                                  &dbody, b->dsn ? 1 : 0, outcome_done, b);
     if (rc < 0)
         outcome_done(b, rc);
 }
@@ -668,14 +675,20 @@ outcome_done(void *cookie, int rc)
     struct outcome_batch *b = cookie;
     struct delivery *d = b->d;
     if (rc == 0) {
+        if (b->dsn != NULL)
+            dsn_committed(d, b->dsn);
+        dsn_msg_free(b->dsn);
         free(b);
         return;
     }
     b->tries++;
     if (d->stopping) {
-        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu "
+        /* neither the outcomes nor their DSN are stored: the recipients
+         * are tried again after the restart, and fail (and tell) again */
+        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu dsn=%s "
                          "note=retried_after_restart",
-                queue_strerror(rc), b->n);
+                queue_strerror(rc), b->n, b->dsn ? "yes" : "no");
+        dsn_msg_free(b->dsn);
         free(b);
         return;
     }
@@ -691,18 +704,22 @@ outcome_done(void *cookie, int rc)
     worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
 }
 
-/* Copy qo[0..n) and their replies into one batch and submit it. */
+/* Copy qo[0..n) and their replies into one batch and submit it, with the
+ * DSN they cause (owned: taken over, freed on failure too) or NULL. */
 static int
-outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n)
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, struct dsn_msg *dsn)
 {
     size_t text = 0;
     for (size_t i = 0; i < n; i++)
         text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
     struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text);
-    if (b == NULL)
+    if (b == NULL) {
+        dsn_msg_free(dsn);
         return -ENOMEM;
+    }
     memset(b, 0, sizeof(*b));
     b->d = d;
+    b->dsn = dsn;
     b->n = n;
     char *t = (char *)&b->o[n];
     for (size_t i = 0; i < n; i++) {
@@ -824,39 +841,25 @@ job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf
     }
 }
 
-struct dsn_job {
-    struct delivery *d;
-    uint64_t id, orig;
-    char *text; /* owned: the DSN, until its commit */
-    size_t len;
-    char domain[256];
-};
-
+/* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
 static void
-dsn_on_commit(void *cookie, int rc)
+dsn_committed(struct delivery *d, const struct dsn_msg *m)
 {
-    struct dsn_job *dj = cookie;
-    struct delivery *d = dj->d;
     char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
-    queue_id_str(dj->id, qid);
-    queue_id_str(dj->orig, oqid);
-    if (rc != 0) {
-        log_msg(LOG_ERR, "id=%s event=dsn_enqueue_failed err=\"%s\"", oqid, queue_strerror(rc));
-    } else {
-        unsigned idx = 0;
-        d->stats.dsn_queued++;
-        log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
-        struct dlog_event ev = {.kind = DLOG_DSN, .id = oqid, .reply = qid, .size = dj->len};
-        dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
-        delivery_submit(d->e, dj->id, dj->domain, &idx, 1);
-    }
-    free(dj->text);
-    free(dj);
+    queue_id_str(m->id, qid);
+    queue_id_str(m->orig, oqid);
+    unsigned idx = 0;
+    d->stats.dsn_queued++;
+    log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
+    struct dlog_event ev = {.kind = DLOG_DSN, .id = oqid, .reply = qid, .size = m->len};
+    dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+    delivery_submit(d->e, m->id, m->domain, &idx, 1);
 }
 
-/* Queue a DSN for the failed recipients r[0..n) of env to its sender. */
-static void
-dsn_send(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
+/* The DSN for the failed recipients r[0..n) of env to its sender, to be
+ * committed with their outcomes; NULL (logged) when it cannot be built. */
+static struct dsn_msg *
+dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
          unsigned n)
 {
     const struct config *cfg = d->e->cfg;
@@ -890,36 +893,12 @@ dsn_send(struct delivery *d, const struct queue_envelope *env, const struct dsn_
         .rcpt = r,
         .nrcpt = n,
     };
-    struct dsn_job *dj = calloc(1, sizeof(*dj));
-    int rc = dj ? dsn_build(&in, &dj->text, &dj->len) : -ENOMEM;
+    struct dsn_msg *m = NULL;
+    int rc = dsn_msg_new(&in, env, queue_id_next(d->e->queue), &m);
     free(orig);
-    if (rc != 0) {
+    if (rc != 0)
         log_msg(LOG_ERR, "id=%s event=dsn_failed err=%d", qid, rc);
-        free(dj);
-        return;
-    }
-    dj->d = d;
-    dj->orig = env->id;
-    dj->id = queue_id_next(d->e->queue);
-    const char *at = strrchr(env->sender, '@');
-    snprintf(dj->domain, sizeof(dj->domain), "%s", at ? at + 1 : "");
-    struct queue_rcpt qr = {.addr = env->sender};
-    struct queue_envelope denv = {
-        .id = dj->id,
-        .sender = "",
-        .ret = QUEUE_RET_NONE,
-        .body_type = env->body_type == QUEUE_BODY_7BIT ? QUEUE_BODY_7BIT : QUEUE_BODY_8BITMIME,
-        .smtputf8 = env->smtputf8,
-        .nrcpt = 1,
-        .rcpt = &qr,
-    };
-    struct iovec iov = {dj->text, dj->len};
-    rc = queue_enqueue(d->e->queue, d->port, &denv, &iov, 1, dsn_on_commit, dj);
-    if (rc < 0) {
-        log_msg(LOG_ERR, "id=%s event=dsn_enqueue_failed err=\"%s\"", qid, queue_strerror(rc));
-        free(dj->text);
-        free(dj);
-    }
+    return m;
 }
 
 /* Report the outcome of every recipient of job (from the transaction, or
@@ -1074,12 +1053,12 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             x->class_str = cls_str;
         }
     }
-    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq);
+    /* The DSN goes in the commit of the outcomes that cause it. */
+    struct dsn_msg *dm = ndsn > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
+    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
-    if (ndsn > 0)
-        dsn_send(d, env, dr, ndsn);
     free(hbuf);
     free(qo);
     free(dr);
@@ -2322,19 +2301,55 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
+/* One take of due recipients from the spool (queue_due_take) in flight. */
+struct due_take {
+    struct delivery *d; /* borrowed: waits for its port's requests */
+    unsigned taken;
+    struct delivery_batch b;
+};
+
+/* A recipient the spool took for us: ready now, and ours to deliver; when
+ * stopping, the start-up walk of the next run finds it. */
+static int
+due_on_taken(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct due_take *dt = arg;
+    dt->taken++;
+    return dt->d->stopping ? 0 : delivery_batch_add(&dt->b, id, r);
+}
+
+static void
+due_on_done(void *cookie, int rc)
+{
+    struct due_take *dt = cookie;
+    struct delivery *d = dt->d;
+    if (rc != 0)
+        log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(rc));
+    /* a full batch: more are due, ask again at once */
+    uint64_t next = rc == 0 && dt->taken >= DUE_BATCH ? 0 : DUE_POLL_MS;
+    if (!d->stopping) {
+        delivery_batch_flush(&dt->b);
+        worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(next));
+    }
+    free(dt);
+}
+
 static void
 due_on_timer(struct timer *tm, void *ctx)
 {
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
-    struct delivery_batch *b = calloc(1, sizeof(*b));
-    if (b != NULL) {
-        b->e = d->e;
-        int n = queue_due(d->e->queue, &d->due_pos, clock_unix_ms(), DUE_BATCH, delivery_batch_add, b);
-        delivery_batch_flush(b);
-        free(b);
-        if (n < 0)
-            log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(n));
+    struct due_take *dt = calloc(1, sizeof(*dt));
+    int rc = -ENOMEM;
+    if (dt != NULL) {
+        dt->d = d;
+        dt->b.e = d->e;
+        rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), DUE_BATCH, due_on_taken, dt,
+                            due_on_done, dt);
     }
+    if (rc == 0)
+        return; /* due_on_done arms the timer again */
+    free(dt);
+    log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(rc));
     worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
 }
 
@@ -2669,8 +2684,10 @@ delivery_free(struct delivery *d)
     while (d->retrying != NULL) {
         struct outcome_batch *b = d->retrying;
         d->retrying = b->next;
-        log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu note=retried_after_restart",
-                b->n);
+        log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu dsn=%s "
+                         "note=retried_after_restart",
+                b->n, b->dsn ? "yes" : "no");
+        dsn_msg_free(b->dsn);
         free(b);
     }
     queue_port_free(d->port);

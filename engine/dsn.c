@@ -1,5 +1,6 @@
 /*
- * dsn: builds the RFC 3464 report (see dsn.h). The parts are built first,
+ * dsn: builds the RFC 3464 report (see dsn.h), and the struct dsn_msg
+ * that carries it into the spool with the outcomes that cause it. The parts are built first,
  * each in its own buffer, so that the boundary can be chosen knowing
  * everything it must not collide with; then the message is assembled.
  * Every string from outside goes through clean() before it reaches a
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
 
 #include "common/json.h"
@@ -320,7 +322,8 @@ status_valid(const char *s)
 static bool
 msgid_valid(const char *s)
 {
-    if (s == NULL || *s == '\0')
+    /* it goes on its header line as is (a Message-ID is not folded) */
+    if (s == NULL || *s == '\0' || strlen(s) > DSN_MSGID_MAX)
         return false;
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
@@ -777,6 +780,58 @@ done:
     out_free(&orig);
     out_free(&msg);
     return rc;
+}
+
+int
+dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint64_t id,
+            struct dsn_msg **out)
+{
+    *out = NULL;
+    if (orig == NULL || empty(orig->sender) || strlen(orig->sender) > QUEUE_MAX_ADDR || id == 0)
+        return -EINVAL;
+    struct dsn_msg *m = calloc(1, sizeof(*m));
+    if (m == NULL)
+        return -ENOMEM;
+    int rc = dsn_build(in, &m->text, &m->len);
+    if (rc != 0) {
+        free(m);
+        return rc;
+    }
+    m->id = id;
+    m->orig = orig->id;
+    snprintf(m->rcpt, sizeof(m->rcpt), "%s", orig->sender);
+    const char *at = strrchr(m->rcpt, '@');
+    m->domain = at != NULL ? at + 1 : "";
+    m->body_type = orig->body_type == QUEUE_BODY_7BIT ? QUEUE_BODY_7BIT : QUEUE_BODY_8BITMIME;
+    m->smtputf8 = orig->smtputf8;
+    *out = m;
+    return 0;
+}
+
+struct dsn_msg *
+dsn_msg_free(struct dsn_msg *m)
+{
+    if (m != NULL)
+        free(m->text);
+    free(m);
+    return NULL;
+}
+
+void
+dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struct queue_rcpt *rcpt,
+                 struct iovec *body)
+{
+    *rcpt = (struct queue_rcpt){.addr = m->rcpt};
+    *env = (struct queue_envelope){
+        .id = m->id,
+        .sender = "",
+        .ret = QUEUE_RET_NONE,
+        .body_type = m->body_type,
+        .smtputf8 = m->smtputf8,
+        .nrcpt = 1,
+        .rcpt = rcpt,
+    };
+    *body = (struct iovec){m->text, m->len};
 }
 
 bool

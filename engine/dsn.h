@@ -1,8 +1,9 @@
 /*
  * dsn: the text of a delivery status notification (RFC 3464), a
- * multipart/report (RFC 6522) with report-type=delivery-status, that the
- * engine enqueues like any message, from the null reverse-path <> to the
- * original envelope sender. Three parts: a human explanation (text/plain),
+ * multipart/report (RFC 6522) with report-type=delivery-status, from the
+ * null reverse-path <> to the original envelope sender, and the struct
+ * dsn_msg in which the engine commits it together with the outcomes that
+ * cause it (queue_update_enqueue), then delivers it like any message. Three parts: a human explanation (text/plain),
  * the machine-readable report (message/delivery-status), and the original
  * message (message/rfc822) or its headers (text/rfc822-headers). For an
  * SMTPUTF8 original the RFC 6533 types are used: message/global-delivery-
@@ -31,10 +32,12 @@
 #include <stdint.h>
 
 #include "engine/smtp_reply.h"
+#include "queue/queue.h"
 
 #define DSN_TEXT_MAX    2048u         /* octets of reply text kept per recipient */
 #define DSN_HEADERS_MAX (256u * 1024) /* returned headers beyond this are cut at a line */
 #define DSN_STATUS_MAX  16            /* "5.123.456" and NUL fit */
+#define DSN_MSGID_MAX   900           /* octets of message_id: its line stays under 998 */
 
 /* One recipient of the report. All pointers borrowed for the call. */
 struct dsn_rcpt {
@@ -81,10 +84,40 @@ struct dsn_input {
  * back, and the human part says why. No original: two parts only.
  * Returns 0 with *out (malloc'd, NUL-terminated, *out_len octets without
  * the NUL; the caller frees it), -EINVAL (a required field missing or
- * malformed: empty to_addr, message_id with <>, space or controls, a
+ * malformed: empty to_addr, message_id with <>, space or controls or
+ * longer than DSN_MSGID_MAX, a
  * status that is not C.S.D, no recipients), or -ENOMEM.
  */
 int dsn_build(const struct dsn_input *in, char **out, size_t *out_len);
+
+/* A DSN ready to be committed in one write transaction with the outcomes
+ * that cause it (queue_update_enqueue), so that neither is durable
+ * without the other; kept whole while that commit is retried. */
+struct dsn_msg {
+    uint64_t id;                   /* the DSN's queue id */
+    uint64_t orig;                 /* the original's */
+    char *text;                    /* owned: the message (dsn_build) */
+    size_t len;
+    char rcpt[QUEUE_MAX_ADDR + 1]; /* the original's envelope sender */
+    const char *domain;            /* borrowed: points into rcpt, after its last '@' */
+    enum queue_body_type body_type;
+    bool smtputf8;
+};
+
+/*
+ * Build the DSN of in (dsn_build) to orig's envelope sender, as message id
+ * of the spool, with orig's body type and SMTPUTF8 flag (see the transport
+ * notes above). Returns 0 with *out (free with dsn_msg_free), or a code of
+ * dsn_build(), or -EINVAL when orig has the null sender or one too long.
+ */
+int dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint64_t id,
+                struct dsn_msg **out);
+/* Free m (NULL is fine). Returns NULL. */
+struct dsn_msg *dsn_msg_free(struct dsn_msg *m);
+/* The envelope to enqueue m with: from <>, to m->rcpt, no DSN of its own
+ * requested. env, rcpt and body point into m, which must outlive them. */
+void dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struct queue_rcpt *rcpt,
+                      struct iovec *body);
 
 /*
  * Whether a recipient's NOTIFY bits (enum queue_notify of queue/queue.h)

@@ -261,6 +261,7 @@ ops_counters(void *arg, struct stats_counters *out)
     out->map_size = qs.map_size;
     out->map_used = qs.map_used;
     out->spool_bytes = qs.map_used;
+    out->spool_corrupt = qs.corrupt;
     if (e->dlog != NULL) {
         struct dlog_stats ds;
         dlog_stats(e->dlog, &ds);
@@ -553,9 +554,9 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
 /* flush [DOMAIN]: deferred recipients are due now. Their time in the
  * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
  * poll takes them within a second, as it takes any: nothing is submitted
- * from here, so nothing can be in flight twice. A time 1 ms ahead is past
- * the poll's position, which never passes the wall clock. Those due within
- * two seconds are left as they are. */
+ * from here, so nothing can be in flight twice (the poll takes from the
+ * spool's time index only what is still in it). Those due within two
+ * seconds are left as they are. */
 static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {

@@ -187,6 +187,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "map_size", c->map_size);
     json_ku64(j, "map_used", c->map_used);
     kdouble(j, "map_used_share", share(c->map_used, c->map_size));
+    json_ku64(j, "corrupt_records", c->spool_corrupt);
     json_obj_end(j);
 
     json_key(j, "dns");
@@ -414,6 +415,9 @@ static const struct metric metrics[] = {
     {"sluice_spool_map_size_bytes", "gauge", "Size of the spool's LMDB map.", CTR(map_size)},
     {"sluice_spool_map_used_bytes", "gauge", "Bytes of the spool's LMDB map in use.",
      CTR(map_used)},
+    {"sluice_spool_corrupt_records_total", "counter",
+     "Spool records skipped because they fail their checks (each logged with its key).",
+     CTR(spool_corrupt)},
     {"sluice_dns_lookups_total", "counter", "DNS lookups asked.", CTR(dns_lookups)},
     {"sluice_dns_cache_hits_total", "counter", "DNS lookups answered from the cache.",
      CTR(dns_cache_hits)},

@@ -82,6 +82,7 @@ struct stats_counters {
     uint64_t transactions, reused_transactions;
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
+    uint64_t spool_corrupt; /* spool records skipped: they fail their checks */
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;
     uint64_t auth_ok, auth_failed;                  /* AUTH outcomes */

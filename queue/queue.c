@@ -35,10 +35,20 @@
  *         lowercased domain, ORCPT, last reply text. Delivered and bounced
  *         recipients are deleted; the message goes with its last one.
  *   due   due ms (8 BE) + id + index -> empty: the deferred recipients in
- *         time order.
+ *         time order that nobody took yet. queue_due_take() removes what
+ *         is due and makes it ready in one commit, so the index itself is
+ *         the poll's position: nothing in memory can hide an entry when
+ *         the wall clock steps back.
  *
  * Records are native-endian (LMDB files are not portable across
  * architectures anyway) and carry lengths that readers check before use.
+ * A record that fails them is skipped by every scan (walk, take, counts,
+ * envelope reads), counted and logged once with its key: one bad record
+ * never stops the recipients behind it.
+ *
+ * An update may carry one new message (a DSN) that the committer writes
+ * in the same transaction as its outcomes, admitted as an update (it may
+ * use the reserve below).
  *
  * Durability choices. The environment is opened without MDB_WRITEMAP:
  * pages are written with pwrite, so a full disk is an ENOSPC error from a
@@ -219,7 +229,7 @@ rcpt_decode(const MDB_val *v, struct rcpt_head *h)
 
 /* ---- requests and ports ---- */
 
-enum req_kind { REQ_ENQUEUE, REQ_UPDATE };
+enum req_kind { REQ_ENQUEUE, REQ_UPDATE, REQ_TAKE };
 
 struct upd_item {
     uint64_t id;
@@ -239,23 +249,34 @@ struct queue_req {
     int rc;
     enum req_kind kind;
     uint64_t cost; /* body bytes, against max_batch_bytes */
+    bool has_msg;  /* REQ_ENQUEUE, or a REQ_UPDATE carrying a message (enq) */
+    bool applied;  /* committer only: some outcome of this update was not stale */
+    struct {
+        uint64_t id;
+        uint64_t body_len;
+        const struct iovec *iov; /* into data: the caller's iovecs, copied */
+        unsigned iovcnt;
+        unsigned nrcpt;
+        uint32_t chunks;
+        size_t head_len;
+        const unsigned char *head;  /* into data: the msg record's head */
+        const unsigned char *rcpts; /* into data: nrcpt times (u32 len, record, pad to 4) */
+        size_t rcpt_bytes;
+    } enq;
     union {
-        struct {
-            uint64_t id;
-            uint64_t body_len;
-            const struct iovec *iov; /* into data: the caller's iovecs, copied */
-            unsigned iovcnt;
-            unsigned nrcpt;
-            uint32_t chunks;
-            size_t head_len;
-            const unsigned char *head;  /* into data: the msg record's head */
-            const unsigned char *rcpts; /* into data: nrcpt times (u32 len, record, pad to 4) */
-            size_t rcpt_bytes;
-        } enq;
         struct {
             size_t n;
             const struct upd_item *items; /* into data */
         } upd;
+        struct {
+            uint64_t now_ms;
+            unsigned limit;
+            queue_rcpt_fn *cb;
+            void *arg;
+            unsigned char *buf; /* owned: what was taken, see take_append */
+            size_t len, cap;
+            unsigned n;
+        } take;
     } u;
     uint64_t data[]; /* 8-aligned serialized payload */
 };
@@ -272,13 +293,22 @@ struct queue_port {
 
 /* Counts of one write transaction, folded into the stats after commit. */
 struct tally {
-    uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, max_id;
+    uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, taken, fixed, max_id;
 };
 
 struct queue_counters {
     _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
-        enqueue_refused, outcomes, outcomes_stale, removed, batch_max, commit_us_total,
-        commit_us_max, backlog, map_size, map_used;
+        enqueue_refused, outcomes, outcomes_stale, removed, taken, corrupt, batch_max,
+        commit_us_total, commit_us_max, backlog, map_size, map_used;
+};
+
+/* Keys of records found corrupt, so that each is counted and logged once
+ * however often a scan meets it (the due poll meets it every second). */
+#define CORRUPT_KEEP 1024
+struct corrupt_seen {
+    pthread_mutex_t mu;
+    unsigned n;                                  /* guarded by mu */
+    unsigned char key[CORRUPT_KEEP][DUE_KEY_LEN + 1]; /* guarded by mu: db tag, key */
 };
 
 struct queue {
@@ -337,6 +367,7 @@ struct queue {
     bool panic_logged;
 
     struct queue_counters st;
+    struct corrupt_seen corrupt;
 };
 
 static uint64_t
@@ -443,6 +474,36 @@ queue_port_pending(const struct queue_port *port)
     return atomic_load(&((struct queue_port *)port)->pending);
 }
 
+/* What a take found, as the committer wrote it into the request: per
+ * recipient a struct take_rec, then its record, padded to 8. */
+struct take_rec {
+    uint64_t id;
+    uint32_t index;
+    uint32_t len;
+};
+
+static void rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v,
+                      unsigned index, char **strs);
+
+/* Owner thread: run a take's callback for each recipient it took. */
+static void
+take_report(struct queue_req *r)
+{
+    char strs[RCPT_REC_MAX + 8];
+    for (size_t off = 0; off < r->u.take.len;) {
+        struct take_rec tr;
+        memcpy(&tr, r->u.take.buf + off, sizeof(tr));
+        MDB_val v = {tr.len, r->u.take.buf + off + sizeof(tr)};
+        struct rcpt_head h;
+        memcpy(&h, v.mv_data, sizeof(h));
+        struct queue_rcpt qr;
+        char *p = strs;
+        rcpt_fill(&qr, &h, &v, tr.index, &p);
+        r->u.take.cb(r->u.take.arg, tr.id, &qr);
+        off += (sizeof(tr) + tr.len + 7) & ~(size_t)7;
+    }
+}
+
 int
 queue_port_drain(struct queue_port *port)
 {
@@ -463,6 +524,11 @@ queue_port_drain(struct queue_port *port)
         atomic_fetch_sub(&port->pending, n);
     while (r != NULL) {
         struct queue_req *next = r->next;
+        if (r->kind == REQ_TAKE) {
+            if (r->rc == 0)
+                take_report(r);
+            free(r->u.take.buf);
+        }
         r->done(r->cookie, r->rc);
         free(r);
         r = next;
@@ -547,24 +613,35 @@ put_bytes(unsigned char *p, const char *s, size_t n)
     return p + n;
 }
 
-int
-queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
-              const struct iovec *body, unsigned iovcnt, queue_done_fn *done, void *cookie)
+/* Sizes of a message's serialized form (see enq_build). */
+struct enq_size {
+    size_t sender, envid, auth, client;
+    uint64_t body_len;
+    size_t rcpt_bytes, head_len, iov_bytes;
+    size_t data_len; /* a multiple of 8 */
+};
+
+/* Check an envelope for queue_enqueue() and size its serialized form.
+ * Returns 0 or -EINVAL. */
+static int
+enq_measure(const struct queue_envelope *env, const struct iovec *body, unsigned iovcnt,
+            struct enq_size *sz)
 {
-    if (q == NULL || port == NULL || env == NULL || done == NULL || env->id == 0 ||
-        env->nrcpt == 0 || env->nrcpt > QUEUE_MAX_RCPT || env->rcpt == NULL ||
-        (iovcnt > 0 && body == NULL) || iovcnt > 1024 || (unsigned)env->ret > QUEUE_RET_HDRS ||
-        (unsigned)env->body_type > QUEUE_BODY_BINARYMIME)
+    if (env == NULL || env->id == 0 || env->nrcpt == 0 || env->nrcpt > QUEUE_MAX_RCPT ||
+        env->rcpt == NULL || (iovcnt > 0 && body == NULL) || iovcnt > 1024 ||
+        (unsigned)env->ret > QUEUE_RET_HDRS || (unsigned)env->body_type > QUEUE_BODY_BINARYMIME)
         return -EINVAL;
-    size_t sender_len = str_len(env->sender), envid_len = str_len(env->envid);
-    size_t auth_len = str_len(env->auth_user), client_len = str_len(env->client_addr);
-    if (sender_len > QUEUE_MAX_ADDR || envid_len > QUEUE_MAX_PARAM || auth_len > QUEUE_MAX_PARAM ||
-        client_len > QUEUE_MAX_PARAM)
+    sz->sender = str_len(env->sender);
+    sz->envid = str_len(env->envid);
+    sz->auth = str_len(env->auth_user);
+    sz->client = str_len(env->client_addr);
+    if (sz->sender > QUEUE_MAX_ADDR || sz->envid > QUEUE_MAX_PARAM || sz->auth > QUEUE_MAX_PARAM ||
+        sz->client > QUEUE_MAX_PARAM)
         return -EINVAL;
-    uint64_t body_len = 0;
+    sz->body_len = 0;
     for (unsigned i = 0; i < iovcnt; i++)
-        body_len += body[i].iov_len;
-    size_t rcpt_bytes = 0;
+        sz->body_len += body[i].iov_len;
+    sz->rcpt_bytes = 0;
     for (unsigned i = 0; i < env->nrcpt; i++) {
         const struct queue_rcpt *r = &env->rcpt[i];
         size_t alen = str_len(r->addr), olen = str_len(r->orcpt);
@@ -572,31 +649,32 @@ queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envel
             return -EINVAL;
         const char *at = strrchr(r->addr, '@');
         size_t dlen = at ? alen - (size_t)(at + 1 - r->addr) : 0;
-        rcpt_bytes += 4 + align4(sizeof(struct rcpt_head) + alen + dlen + olen);
+        sz->rcpt_bytes += 4 + align4(sizeof(struct rcpt_head) + alen + dlen + olen);
     }
-    size_t head_len = sizeof(struct msg_head) + sender_len + envid_len + auth_len + client_len;
-    size_t iov_bytes = iovcnt * sizeof(struct iovec);
-    size_t data_len = iov_bytes + align4(head_len) + rcpt_bytes;
+    sz->head_len = sizeof(struct msg_head) + sz->sender + sz->envid + sz->auth + sz->client;
+    sz->iov_bytes = iovcnt * sizeof(struct iovec);
+    sz->data_len = (sz->iov_bytes + align4(sz->head_len) + sz->rcpt_bytes + 7) & ~(size_t)7;
+    return 0;
+}
 
-    struct queue_req *req = malloc(sizeof(*req) + data_len);
-    if (req == NULL)
-        return -ENOMEM;
-    unsigned char *data = (unsigned char *)req->data;
-    req->port = port;
-    req->done = done;
-    req->cookie = cookie;
-    req->rc = 0;
-    req->kind = REQ_ENQUEUE;
-    req->cost = body_len;
-    req->u.enq.id = env->id;
-    req->u.enq.body_len = body_len;
-    req->u.enq.iovcnt = iovcnt;
-    req->u.enq.nrcpt = env->nrcpt;
-    req->u.enq.chunks =
-        body_len > BODY_INLINE_MAX ? (uint32_t)((body_len + BODY_CHUNK - 1) / BODY_CHUNK) : 0;
+/* Serialize the message into data (sz->data_len bytes, 8-aligned) and
+ * point req->enq into it. */
+static void
+enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelope *env,
+          const struct iovec *body, unsigned iovcnt, const struct enq_size *sz)
+{
+    req->has_msg = true;
+    req->cost = sz->body_len;
+    req->enq.id = env->id;
+    req->enq.body_len = sz->body_len;
+    req->enq.iovcnt = iovcnt;
+    req->enq.nrcpt = env->nrcpt;
+    req->enq.chunks = sz->body_len > BODY_INLINE_MAX
+                          ? (uint32_t)((sz->body_len + BODY_CHUNK - 1) / BODY_CHUNK)
+                          : 0;
     if (iovcnt > 0)
-        memcpy(data, body, iov_bytes);
-    req->u.enq.iov = (const struct iovec *)data;
+        memcpy(data, body, sz->iov_bytes);
+    req->enq.iov = (const struct iovec *)data;
 
     struct msg_head h = {
         .magic = MSG_MAGIC,
@@ -605,28 +683,28 @@ queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envel
                            (env->smtputf8 ? MSG_F_SMTPUTF8 : 0)),
         .ret = (uint8_t)env->ret,
         .nrcpt = (uint16_t)env->nrcpt,
-        .body_chunks = req->u.enq.chunks,
-        .sender_len = (uint16_t)sender_len,
-        .envid_len = (uint16_t)envid_len,
-        .auth_len = (uint16_t)auth_len,
-        .client_len = (uint16_t)client_len,
+        .body_chunks = req->enq.chunks,
+        .sender_len = (uint16_t)sz->sender,
+        .envid_len = (uint16_t)sz->envid,
+        .auth_len = (uint16_t)sz->auth,
+        .client_len = (uint16_t)sz->client,
         .arrival_ms = env->arrival_ms ? env->arrival_ms : now_ms(),
         .expire_ms = env->expire_ms,
-        .body_len = body_len,
+        .body_len = sz->body_len,
     };
-    unsigned char *p = data + iov_bytes;
-    req->u.enq.head = p;
-    req->u.enq.head_len = head_len;
+    unsigned char *p = data + sz->iov_bytes;
+    req->enq.head = p;
+    req->enq.head_len = sz->head_len;
     memcpy(p, &h, sizeof(h));
     p += sizeof(h);
-    p = put_bytes(p, env->sender, sender_len);
-    p = put_bytes(p, env->envid, envid_len);
-    p = put_bytes(p, env->auth_user, auth_len);
-    p = put_bytes(p, env->client_addr, client_len);
+    p = put_bytes(p, env->sender, sz->sender);
+    p = put_bytes(p, env->envid, sz->envid);
+    p = put_bytes(p, env->auth_user, sz->auth);
+    p = put_bytes(p, env->client_addr, sz->client);
 
-    p = data + iov_bytes + align4(head_len);
-    req->u.enq.rcpts = p;
-    req->u.enq.rcpt_bytes = rcpt_bytes;
+    p = data + sz->iov_bytes + align4(sz->head_len);
+    req->enq.rcpts = p;
+    req->enq.rcpt_bytes = sz->rcpt_bytes;
     for (unsigned i = 0; i < env->nrcpt; i++) {
         const struct queue_rcpt *r = &env->rcpt[i];
         size_t alen = strlen(r->addr), olen = str_len(r->orcpt);
@@ -651,32 +729,53 @@ queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envel
         put_bytes(s + dlen, r->orcpt, olen);
         p += 4 + align4(len);
     }
+}
 
+int
+queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
+              const struct iovec *body, unsigned iovcnt, queue_done_fn *done, void *cookie)
+{
+    struct enq_size sz;
+    if (q == NULL || port == NULL || done == NULL || enq_measure(env, body, iovcnt, &sz) != 0)
+        return -EINVAL;
+    struct queue_req *req = malloc(sizeof(*req) + sz.data_len);
+    if (req == NULL)
+        return -ENOMEM;
+    memset(req, 0, sizeof(*req));
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->kind = REQ_ENQUEUE;
+    enq_build(req, (unsigned char *)req->data, env, body, iovcnt, &sz);
     int rc = submit(q, req);
     if (rc < 0)
         free(req);
     return rc;
 }
 
-int
-queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
-             size_t n, queue_done_fn *done, void *cookie)
+/* An update request for outcomes[0..n), with room for extra (8-aligned)
+ * bytes at the start of its data for a message. NULL: -EINVAL or -ENOMEM
+ * in *rc. */
+static struct queue_req *
+upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, int *rc)
 {
-    if (q == NULL || port == NULL || outcomes == NULL || n == 0 || done == NULL ||
-        n > SIZE_MAX / 2 / sizeof(struct upd_item))
-        return -EINVAL;
+    *rc = -EINVAL;
+    if (outcomes == NULL || n == 0 || n > SIZE_MAX / 2 / sizeof(struct upd_item))
+        return NULL;
     size_t text = 0;
     for (size_t i = 0; i < n; i++) {
         const struct queue_outcome *o = &outcomes[i];
         if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_RETIME)
-            return -EINVAL;
+            return NULL;
         size_t len = str_len(o->reply);
         text += len > REPLY_STORE_MAX ? REPLY_STORE_MAX : len;
     }
-    struct queue_req *req = malloc(sizeof(*req) + n * sizeof(struct upd_item) + text);
+    *rc = -ENOMEM;
+    struct queue_req *req = malloc(sizeof(*req) + extra + n * sizeof(struct upd_item) + text);
     if (req == NULL)
-        return -ENOMEM;
-    struct upd_item *items = (struct upd_item *)req->data;
+        return NULL;
+    memset(req, 0, sizeof(*req));
+    struct upd_item *items = (struct upd_item *)((unsigned char *)req->data + extra);
     char *t = (char *)(items + n);
     for (size_t i = 0; i < n; i++) {
         const struct queue_outcome *o = &outcomes[i];
@@ -696,14 +795,66 @@ queue_update(struct queue *q, struct queue_port *port, const struct queue_outcom
             memcpy(t, o->reply, len);
         t += len;
     }
+    req->kind = REQ_UPDATE;
+    req->u.upd.n = n;
+    req->u.upd.items = items;
+    *rc = 0;
+    return req;
+}
+
+int
+queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
+             size_t n, queue_done_fn *done, void *cookie)
+{
+    return queue_update_enqueue(q, port, outcomes, n, NULL, NULL, 0, done, cookie);
+}
+
+int
+queue_update_enqueue(struct queue *q, struct queue_port *port,
+                     const struct queue_outcome *outcomes, size_t n,
+                     const struct queue_envelope *env, const struct iovec *body, unsigned iovcnt,
+                     queue_done_fn *done, void *cookie)
+{
+    struct enq_size sz = {0};
+    if (q == NULL || port == NULL || done == NULL ||
+        (env != NULL && enq_measure(env, body, iovcnt, &sz) != 0))
+        return -EINVAL;
+    int rc;
+    struct queue_req *req = upd_new(outcomes, n, sz.data_len, &rc);
+    if (req == NULL)
+        return rc;
     req->port = port;
     req->done = done;
     req->cookie = cookie;
-    req->rc = 0;
-    req->kind = REQ_UPDATE;
-    req->cost = 0;
-    req->u.upd.n = n;
-    req->u.upd.items = items;
+    /* No cost against max_batch_bytes: an update is never held back, and
+     * a DSN is small next to the batch bound. */
+    if (env != NULL) {
+        enq_build(req, (unsigned char *)req->data, env, body, iovcnt, &sz);
+        req->cost = 0;
+    }
+    rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+int
+queue_due_take(struct queue *q, struct queue_port *port, uint64_t now_ms_, unsigned limit,
+               queue_rcpt_fn *cb, void *arg, queue_done_fn *done, void *cookie)
+{
+    if (q == NULL || port == NULL || cb == NULL || done == NULL)
+        return -EINVAL;
+    struct queue_req *req = calloc(1, sizeof(*req));
+    if (req == NULL)
+        return -ENOMEM;
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->kind = REQ_TAKE;
+    req->u.take.now_ms = now_ms_;
+    req->u.take.limit = limit;
+    req->u.take.cb = cb;
+    req->u.take.arg = arg;
     int rc = submit(q, req);
     if (rc < 0)
         free(req);
@@ -770,6 +921,55 @@ queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t 
     return wait_on(port, &w);
 }
 
+int
+queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n,
+                          const struct queue_envelope *env, const struct iovec *body,
+                          unsigned iovcnt)
+{
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct waiter w = {0, false};
+    int rc = queue_update_enqueue(q, port, outcomes, n, env, body, iovcnt, waiter_done, &w);
+    if (rc < 0) {
+        queue_port_free(port);
+        return rc;
+    }
+    return wait_on(port, &w);
+}
+
+struct take_waiter {
+    queue_rcpt_fn *cb;
+    void *arg;
+    int n;
+};
+
+static int
+take_count(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct take_waiter *tw = arg;
+    tw->n++;
+    return tw->cb != NULL ? tw->cb(tw->arg, id, r) : 0;
+}
+
+int
+queue_due_take_wait(struct queue *q, uint64_t now_ms_, unsigned limit, queue_rcpt_fn *cb,
+                    void *arg)
+{
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct waiter w = {0, false};
+    struct take_waiter tw = {cb, arg, 0};
+    int rc = queue_due_take(q, port, now_ms_, limit, take_count, &tw, waiter_done, &w);
+    if (rc < 0) {
+        queue_port_free(port);
+        return rc;
+    }
+    rc = wait_on(port, &w);
+    return rc < 0 ? rc : tw.n;
+}
+
 /* ---- ids ---- */
 
 uint64_t
@@ -816,11 +1016,11 @@ static int
 apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
 {
     unsigned char key[BODY_KEY_LEN];
-    uint64_t id = r->u.enq.id;
+    uint64_t id = r->enq.id;
     msg_key(key, id);
-    bool inline_body = r->u.enq.chunks == 0;
+    bool inline_body = r->enq.chunks == 0;
     MDB_val k = {MSG_KEY_LEN, key};
-    MDB_val v = {r->u.enq.head_len + (inline_body ? r->u.enq.body_len : 0), NULL};
+    MDB_val v = {r->enq.head_len + (inline_body ? r->enq.body_len : 0), NULL};
     int rc = mdb_put(txn, q->dbi_msg, &k, &v, MDB_NOOVERWRITE | MDB_RESERVE);
     if (rc == MDB_KEYEXIST) {
         /* Nothing written: the transaction is still good for the others. */
@@ -829,13 +1029,13 @@ apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *
     }
     if (rc != 0)
         return rc;
-    struct iov_cursor cur = {r->u.enq.iov, r->u.enq.iovcnt, 0, 0};
-    memcpy(v.mv_data, r->u.enq.head, r->u.enq.head_len);
+    struct iov_cursor cur = {r->enq.iov, r->enq.iovcnt, 0, 0};
+    memcpy(v.mv_data, r->enq.head, r->enq.head_len);
     if (inline_body) {
-        iov_read(&cur, (unsigned char *)v.mv_data + r->u.enq.head_len, r->u.enq.body_len);
+        iov_read(&cur, (unsigned char *)v.mv_data + r->enq.head_len, r->enq.body_len);
     } else {
-        uint64_t left = r->u.enq.body_len;
-        for (uint32_t c = 0; c < r->u.enq.chunks; c++) {
+        uint64_t left = r->enq.body_len;
+        for (uint32_t c = 0; c < r->enq.chunks; c++) {
             body_key(key, id, c);
             MDB_val ck = {BODY_KEY_LEN, key};
             MDB_val cv = {left < BODY_CHUNK ? (size_t)left : BODY_CHUNK, NULL};
@@ -846,8 +1046,8 @@ apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *
             left -= cv.mv_size;
         }
     }
-    const unsigned char *p = r->u.enq.rcpts;
-    for (unsigned i = 0; i < r->u.enq.nrcpt; i++) {
+    const unsigned char *p = r->enq.rcpts;
+    for (unsigned i = 0; i < r->enq.nrcpt; i++) {
         uint32_t len;
         memcpy(&len, p, 4);
         rcpt_key(key, id, i);
@@ -859,8 +1059,8 @@ apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *
         p += 4 + align4(len);
     }
     t->enq++;
-    t->enq_rcpts += r->u.enq.nrcpt;
-    t->enq_bytes += r->u.enq.body_len;
+    t->enq_rcpts += r->enq.nrcpt;
+    t->enq_bytes += r->enq.body_len;
     if (id > t->max_id)
         t->max_id = id;
     return 0;
@@ -961,6 +1161,157 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     due_key(dkey, it->due_ms, it->id, it->rcpt);
     MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
     return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
+}
+
+/* A record that fails its checks: count and log it once per key and
+ * process (see struct corrupt_seen); the caller skips it. db names the
+ * database, key is its key (message id first for every database but
+ * "due", where the id follows the time). Any thread. */
+static void
+corrupt_note(struct queue *q, const char *db, const void *key, size_t klen)
+{
+    unsigned char tag[DUE_KEY_LEN + 1] = {0};
+    tag[0] = (unsigned char)db[0];
+    memcpy(tag + 1, key, klen < DUE_KEY_LEN ? klen : DUE_KEY_LEN);
+    struct corrupt_seen *cs = &q->corrupt;
+    pthread_mutex_lock(&cs->mu);
+    for (unsigned i = 0; i < cs->n; i++) {
+        if (memcmp(cs->key[i], tag, sizeof(tag)) == 0) {
+            pthread_mutex_unlock(&cs->mu);
+            return;
+        }
+    }
+    bool kept = cs->n < CORRUPT_KEEP;
+    if (kept)
+        memcpy(cs->key[cs->n++], tag, sizeof(tag));
+    pthread_mutex_unlock(&cs->mu);
+    atomic_fetch_add_explicit(&q->st.corrupt, 1, memory_order_relaxed);
+    char hex[2 * DUE_KEY_LEN + 1];
+    size_t n = klen < DUE_KEY_LEN ? klen : DUE_KEY_LEN;
+    for (size_t i = 0; i < n; i++)
+        snprintf(hex + 2 * i, 3, "%02x", ((const unsigned char *)key)[i]);
+    hex[2 * n] = '\0';
+    const unsigned char *k = key;
+    size_t id_off = strcmp(db, "due") == 0 ? 8 : 0;
+    char qid[QUEUE_ID_STRLEN + 1] = "-";
+    if (klen >= id_off + 8)
+        queue_id_str(key_u64(k + id_off), qid);
+    log_msg(LOG_ERR,
+            "id=%s queue=corrupt_record db=%s key=%s path=%s action=skipped%s "
+            "hint=\"sluice-spool check lists the damage\"",
+            qid, db, hex, q->cfg.path, kept ? "" : " note=not_remembered");
+}
+
+/* Append a taken recipient to r's result (committer; freed by the owner). */
+static int
+take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, size_t len)
+{
+    size_t need = (sizeof(struct take_rec) + len + 7) & ~(size_t)7;
+    if (r->u.take.len + need > r->u.take.cap) {
+        size_t cap = r->u.take.cap ? r->u.take.cap * 2 : 4096;
+        while (cap < r->u.take.len + need)
+            cap *= 2;
+        unsigned char *b = realloc(r->u.take.buf, cap);
+        if (b == NULL)
+            return ENOMEM;
+        r->u.take.buf = b;
+        r->u.take.cap = cap;
+    }
+    struct take_rec tr = {.id = id, .index = index, .len = (uint32_t)len};
+    memcpy(r->u.take.buf + r->u.take.len, &tr, sizeof(tr));
+    memcpy(r->u.take.buf + r->u.take.len + sizeof(tr), rec, len);
+    r->u.take.len += need;
+    r->u.take.n++;
+    return 0;
+}
+
+/* Move the deferred recipients due by the request's time out of the time
+ * index and make them ready, in due order, up to its limit. The index is
+ * the truth about what nobody took yet: it is read from its start, so
+ * that no remembered position can hide an entry (a deferral behind it
+ * after the wall clock stepped back). An entry without its recipient is
+ * removed; one whose recipient does not decode is skipped and counted.
+ * Returns 0 or an LMDB code. */
+static int
+apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
+{
+    r->u.take.len = 0;
+    r->u.take.n = 0;
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_due, &c);
+    if (rc != 0)
+        return rc;
+    unsigned char last[DUE_KEY_LEN];
+    size_t last_len = 0;
+    unsigned limit = r->u.take.limit;
+    while (limit == 0 || r->u.take.n < limit) {
+        MDB_val k, v;
+        if (last_len == 0) {
+            rc = mdb_cursor_get(c, &k, &v, MDB_FIRST);
+        } else {
+            /* taken entries are gone; a skipped one is still there */
+            k = (MDB_val){last_len, last};
+            rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+            if (rc == 0 && k.mv_size == last_len && memcmp(k.mv_data, last, last_len) == 0)
+                rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+        }
+        if (rc != 0)
+            break;
+        last_len = k.mv_size < sizeof(last) ? k.mv_size : sizeof(last);
+        memcpy(last, k.mv_data, last_len);
+        if (k.mv_size != DUE_KEY_LEN) {
+            corrupt_note(q, "due", last, last_len);
+            continue;
+        }
+        uint64_t due = key_u64(last), id = key_u64(last + 8);
+        unsigned idx = key_u16(last + 16);
+        if (due > r->u.take.now_ms)
+            break;
+        MDB_val dk = {DUE_KEY_LEN, last}, rk = {RCPT_KEY_LEN, last + 8}, rv;
+        rc = mdb_get(txn, q->dbi_rcpt, &rk, &rv);
+        if (rc == MDB_NOTFOUND) {
+            /* an index entry for nobody: drop it, or it stays due forever */
+            corrupt_note(q, "due", last, DUE_KEY_LEN);
+            if ((rc = mdb_del(txn, q->dbi_due, &dk, NULL)) != 0)
+                break;
+            t->fixed++;
+            continue;
+        }
+        if (rc != 0)
+            break;
+        struct rcpt_head h;
+        unsigned char rec[RCPT_REC_MAX];
+        if (!rcpt_decode(&rv, &h) || rv.mv_size > sizeof(rec)) {
+            corrupt_note(q, "rcpt", last + 8, RCPT_KEY_LEN);
+            continue;
+        }
+        if ((rc = mdb_del(txn, q->dbi_due, &dk, NULL)) != 0)
+            break;
+        if (h.state != QUEUE_RCPT_DEFERRED || h.due_ms != due) {
+            /* the record disagrees with its index entry: the record wins;
+             * a deferred one is taken all the same, or it might never be */
+            corrupt_note(q, "due", last, DUE_KEY_LEN);
+            t->fixed++;
+            if (h.state != QUEUE_RCPT_DEFERRED)
+                continue;
+            unsigned char okey[DUE_KEY_LEN];
+            due_key(okey, h.due_ms, id, idx);
+            MDB_val ok = {DUE_KEY_LEN, okey};
+            if ((rc = mdb_del(txn, q->dbi_due, &ok, NULL)) != 0 && rc != MDB_NOTFOUND)
+                break;
+        }
+        memcpy(rec, rv.mv_data, rv.mv_size);
+        h.state = QUEUE_RCPT_READY;
+        h.due_ms = 0;
+        memcpy(rec, &h, sizeof(h));
+        MDB_val nv = {rv.mv_size, rec};
+        if ((rc = mdb_put(txn, q->dbi_rcpt, &rk, &nv, 0)) != 0 ||
+            (rc = take_append(r, id, idx, rec, rv.mv_size)) != 0)
+            break;
+        t->taken++;
+    }
+    mdb_cursor_close(c);
+    return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
 static int
@@ -1095,15 +1446,45 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     struct tally t = {0};
     uint64_t now = now_ms();
     q->touched_n = 0;
-    for (size_t i = 0; i < nu && rc == 0; i++)
-        for (size_t j = 0; j < upd[i]->u.upd.n && rc == 0; j++)
-            rc = apply_outcome(q, txn, &upd[i]->u.upd.items[j], now, &t);
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind == REQ_TAKE) {
+            rc = apply_take(q, txn, r, &t);
+            continue;
+        }
+        uint64_t before = t.outcomes;
+        for (size_t j = 0; j < r->u.upd.n && rc == 0; j++)
+            rc = apply_outcome(q, txn, &r->u.upd.items[j], now, &t);
+        r->applied = t.outcomes > before;
+    }
     if (rc == 0)
         rc = remove_finished(q, txn, &t);
+    /* The messages updates carry (DSNs), with the outcomes that caused
+     * them; not when those were all stale (that commit happened before). */
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind != REQ_UPDATE || !r->has_msg || !r->applied)
+            continue;
+        rc = apply_enqueue(q, txn, r, &t);
+        if (r->rc == QUEUE_EEXIST)
+            r->rc = 0; /* stored by an earlier try */
+    }
     for (size_t i = 0; i < ne && rc == 0; i++)
         rc = apply_enqueue(q, txn, enq[i], &t);
+    if (rc == 0 && ne == 0 && t.outcomes == 0 && t.stale == 0 && t.taken == 0 && t.fixed == 0 &&
+        t.enq == 0) {
+        /* Only takes, and nothing was due: no commit, no sync (the due
+         * poll asks every second, also when there is nothing to do). */
+        bool takes_only = true;
+        for (size_t i = 0; i < nu; i++)
+            takes_only &= upd[i]->kind == REQ_TAKE;
+        if (takes_only) {
+            mdb_txn_abort(txn);
+            return 0;
+        }
+    }
     uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
-    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0;
+    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0 && t.taken == 0;
     bool store = clean || (t.removed > 0 && high > q->stored_id);
     if (rc == 0 && store) {
         /* The highest id must outlive the messages that carried it
@@ -1140,6 +1521,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     counter_add(&q->st.outcomes, t.outcomes);
     counter_add(&q->st.outcomes_stale, t.stale);
     counter_add(&q->st.removed, t.removed);
+    counter_add(&q->st.taken, t.taken);
     counter_add(&q->st.commit_us_total, us);
     counter_max(&q->st.commit_us_max, us);
     counter_max(&q->st.batch_max, nu + ne);
@@ -1195,8 +1577,8 @@ enqueue_pages(const struct queue *q, const struct queue_req *r)
 {
     /* Rough: the record and body pages, the recipients at half-full
      * leaves, and a couple of branch pages. */
-    uint64_t bytes = r->u.enq.head_len + r->u.enq.body_len + 64ULL * r->u.enq.chunks;
-    return (size_t)(bytes / q->psize) + 2 * r->u.enq.rcpt_bytes / q->psize + 3;
+    uint64_t bytes = r->enq.head_len + r->enq.body_len + 64ULL * r->enq.chunks;
+    return (size_t)(bytes / q->psize) + 2 * r->enq.rcpt_bytes / q->psize + 3;
 }
 
 static void
@@ -1259,6 +1641,45 @@ admit(struct queue *q, struct queue_req **enq, size_t ne)
     return na;
 }
 
+/* Updates that carry a message (a DSN) use the reserve, but only its
+ * first half: the rest stays for the updates that only delete, so that
+ * the DSNs of a mass bounce can never take the last pages and leave the
+ * deliveries that would free room unable to commit. One that does not
+ * fit fails with QUEUE_EMAPFULL (its outcomes with it: both or neither),
+ * and its caller tries again once deliveries have made room. Returns
+ * how many of upd[0..n) are left, in order. */
+static size_t
+admit_msgs(struct queue *q, struct queue_req **upd, size_t n)
+{
+    size_t need_all = 0;
+    for (size_t i = 0; i < n; i++)
+        if (upd[i]->has_msg)
+            need_all += enqueue_pages(q, upd[i]);
+    if (need_all == 0)
+        return n;
+    size_t end = q->last_pgno + 1;
+    size_t map_avail = q->map_pages > end ? q->map_pages - end : 0;
+    size_t disk_avail = !q->prealloc ? SIZE_MAX : q->alloc_pages > end ? q->alloc_pages - end : 0;
+    size_t avail = map_avail < disk_avail ? map_avail : disk_avail;
+    size_t keep = q->reserve_pages / 2;
+    if (avail >= keep + need_all + 256)
+        return n;
+    avail += freelist_pages(q);
+    size_t used = 0, na = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (upd[i]->has_msg) {
+            size_t want = keep + used + enqueue_pages(q, upd[i]);
+            if (avail < want) {
+                upd[i]->rc = map_avail <= disk_avail ? QUEUE_EMAPFULL : -ENOSPC;
+                continue;
+            }
+            used = want - keep;
+        }
+        upd[na++] = upd[i];
+    }
+    return na;
+}
+
 static void
 note_failure(struct queue *q, int rc)
 {
@@ -1316,11 +1737,12 @@ run_batch(struct queue *q, struct queue_req *batch)
     size_t nu = 0, ne = 0;
     for (struct queue_req *r = batch; r != NULL; r = r->next) {
         r->rc = 0;
-        if (r->kind == REQ_UPDATE)
+        if (r->kind != REQ_ENQUEUE)
             q->vec_upd[nu++] = r;
         else
             q->vec_enq[ne++] = r;
     }
+    nu = admit_msgs(q, q->vec_upd, nu);
     size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
     int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
     if (rc == 0) {
@@ -1769,6 +2191,7 @@ queue_destroy(struct queue *q)
     pthread_cond_destroy(&q->cond);
     pthread_mutex_destroy(&q->nmu);
     pthread_cond_destroy(&q->ncond);
+    pthread_mutex_destroy(&q->corrupt.mu);
     conf_free(queue_conf_keys, &q->cfg);
     free(q);
 }
@@ -1797,6 +2220,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&q->nmu, NULL);
     pthread_cond_init(&q->ncond, NULL);
+    pthread_mutex_init(&q->corrupt.mu, NULL);
     if (conf_copy(queue_conf_keys, &q->cfg, cfg, sizeof(*cfg)) < 0) {
         memset(&q->cfg, 0, sizeof(q->cfg));
         queue_destroy(q);
@@ -2038,9 +2462,10 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
              rc == 0 && rk.mv_size == RCPT_KEY_LEN && key_u64(rk.mv_data) == id;
              rc = mdb_cursor_get(c, &rk, &rv, MDB_NEXT)) {
             struct rcpt_head rh;
-            if (!rcpt_decode(&rv, &rh)) {
-                rc = MDB_CORRUPTED;
-                break;
+            if (!rcpt_decode(&rv, &rh) || rv.mv_size > RCPT_REC_MAX) {
+                /* the other recipients of the message still go */
+                corrupt_note(q, "rcpt", rk.mv_data, rk.mv_size);
+                continue;
             }
             if (pass == 0) {
                 n++;
@@ -2187,8 +2612,8 @@ queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
     while ((rc = scan_next(&s, &k, &v)) == 0) {
         struct rcpt_head h;
         if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h) || v.mv_size > RCPT_REC_MAX) {
-            rc = MDB_CORRUPTED;
-            break;
+            corrupt_note(q, "rcpt", k.mv_data, k.mv_size);
+            continue;
         }
         struct queue_rcpt r;
         char *p = strs;
@@ -2218,8 +2643,8 @@ queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms_, unsigned
     char strs[RCPT_REC_MAX + 8];
     while ((limit == 0 || (unsigned)n < limit) && (rc = scan_next(&s, &k, &v)) == 0) {
         if (k.mv_size != DUE_KEY_LEN) {
-            rc = MDB_CORRUPTED;
-            break;
+            corrupt_note(q, "due", k.mv_data, k.mv_size);
+            continue;
         }
         const unsigned char *kp = k.mv_data;
         uint64_t due = key_u64(kp), id = key_u64(kp + 8);
@@ -2231,10 +2656,16 @@ queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms_, unsigned
         MDB_val rk = {RCPT_KEY_LEN, (void *)(kp + 8)}, rv;
         struct rcpt_head h;
         rc = mdb_get(s.txn, q->dbi_rcpt, &rk, &rv);
-        if (rc == 0 && (!rcpt_decode(&rv, &h) || rv.mv_size > RCPT_REC_MAX))
-            rc = MDB_CORRUPTED;
+        if (rc == MDB_NOTFOUND) {
+            corrupt_note(q, "due", kp, DUE_KEY_LEN);
+            continue;
+        }
         if (rc != 0)
             break;
+        if (!rcpt_decode(&rv, &h) || rv.mv_size > RCPT_REC_MAX) {
+            corrupt_note(q, "rcpt", kp + 8, RCPT_KEY_LEN);
+            continue;
+        }
         struct queue_rcpt r;
         char *p = strs;
         rcpt_fill(&r, &h, &rv, idx, &p);
@@ -2344,8 +2775,8 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
     while ((rc = scan_next(&s, &k, &v)) == 0) {
         struct rcpt_head h;
         if (!rcpt_decode(&v, &h)) {
-            rc = MDB_CORRUPTED;
-            break;
+            corrupt_note(q, "rcpt", k.mv_data, k.mv_size);
+            continue;
         }
         const char *dom = (const char *)v.mv_data + sizeof(h) + h.addr_len;
         struct domain_slot *slot = domain_find(&m, dom, h.domain_len);
@@ -2378,6 +2809,25 @@ key_exists(MDB_txn *txn, MDB_dbi dbi, void *key, size_t len, MDB_val *v)
     return mdb_get(txn, dbi, &k, v ? v : &tmp) == 0;
 }
 
+/* Count a problem of queue_check() and list the first ones. */
+static void
+check_note(struct queue_check_report *rep, uint64_t *counter, const char *db, const char *what,
+           const MDB_val *k)
+{
+    (*counter)++;
+    if (rep->nlisted >= QUEUE_CHECK_LIST)
+        return;
+    struct queue_check_problem *p = &rep->listed[rep->nlisted++];
+    snprintf(p->db, sizeof(p->db), "%s", db);
+    snprintf(p->what, sizeof(p->what), "%s", what);
+    size_t n = k->mv_size < DUE_KEY_LEN ? k->mv_size : DUE_KEY_LEN;
+    for (size_t i = 0; i < n; i++)
+        snprintf(p->key + 2 * i, 3, "%02x", ((const unsigned char *)k->mv_data)[i]);
+    p->key[2 * n] = '\0';
+    size_t off = strcmp(db, "due") == 0 ? 8 : 0;
+    p->id = k->mv_size >= off + 8 ? key_u64((const unsigned char *)k->mv_data + off) : 0;
+}
+
 int
 queue_check(struct queue *q, struct queue_check_report *rep)
 {
@@ -2398,7 +2848,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         rep->messages++;
         struct msg_head h;
         if (k.mv_size != MSG_KEY_LEN || !msg_decode(&v, &h)) {
-            rep->bad_records++;
+            check_note(rep, &rep->bad_records, "msg", "bad_record", &k);
             continue;
         }
         uint64_t id = key_u64(k.mv_data);
@@ -2407,7 +2857,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
             rcpt_key(key, id, 0);
             MDB_val rk = {RCPT_KEY_LEN, key}, rv;
             if (mdb_cursor_get(rc2, &rk, &rv, MDB_SET_RANGE) != 0 || key_u64(rk.mv_data) != id)
-                rep->empty_messages++;
+                check_note(rep, &rep->empty_messages, "msg", "empty_message", &k);
             mdb_cursor_close(rc2);
         }
         uint64_t got = 0;
@@ -2418,7 +2868,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
                 got += cv.mv_size;
         }
         if (h.body_chunks > 0 && got != h.body_len)
-            rep->bad_bodies++;
+            check_note(rep, &rep->bad_bodies, "msg", "bad_body", &k);
     }
     mdb_cursor_close(c);
     c = NULL;
@@ -2439,7 +2889,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         if (k.mv_size != BODY_KEY_LEN ||
             !key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, &mv) || !msg_decode(&mv, &h) ||
             ch >= h.body_chunks)
-            rep->bad_bodies++;
+            check_note(rep, &rep->bad_bodies, "body", "bad_body", &k);
     }
     mdb_cursor_close(c);
     c = NULL;
@@ -2454,16 +2904,16 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         rep->recipients++;
         struct rcpt_head h;
         if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h)) {
-            rep->bad_records++;
+            check_note(rep, &rep->bad_records, "rcpt", "bad_record", &k);
             continue;
         }
         if (!key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, NULL))
-            rep->orphan_rcpts++;
+            check_note(rep, &rep->orphan_rcpts, "rcpt", "orphan_rcpt", &k);
         if (h.state == QUEUE_RCPT_DEFERRED) {
             msg_key(key, h.due_ms);
             memcpy(key + 8, k.mv_data, RCPT_KEY_LEN);
             if (!key_exists(txn, q->dbi_due, key, DUE_KEY_LEN, NULL))
-                rep->bad_due++;
+                check_note(rep, &rep->bad_due, "rcpt", "bad_due", &k);
         }
     }
     mdb_cursor_close(c);
@@ -2483,7 +2933,7 @@ queue_check(struct queue *q, struct queue_check_report *rep)
             !key_exists(txn, q->dbi_rcpt, (unsigned char *)k.mv_data + 8, RCPT_KEY_LEN, &rv) ||
             !rcpt_decode(&rv, &h) || h.state != QUEUE_RCPT_DEFERRED ||
             h.due_ms != key_u64(k.mv_data))
-            rep->bad_due++;
+            check_note(rep, &rep->bad_due, "due", "bad_due", &k);
     }
     mdb_cursor_close(c);
     c = NULL;
@@ -2514,6 +2964,8 @@ queue_stats(struct queue *q, struct queue_stats *out)
     LOAD(outcomes);
     LOAD(outcomes_stale);
     LOAD(removed);
+    LOAD(taken);
+    LOAD(corrupt);
     LOAD(batch_max);
     LOAD(commit_us_total);
     LOAD(commit_us_max);

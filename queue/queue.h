@@ -12,7 +12,8 @@
  * Threading:
  *  - queue_open() and queue_close(): one thread; nothing else may be in
  *    flight on this queue once queue_close() starts.
- *  - queue_enqueue(), queue_update(), queue_id_next() and every reader:
+ *  - queue_enqueue(), queue_update(), queue_update_enqueue(),
+ *    queue_due_take(), queue_id_next() and every reader:
  *    any thread, concurrently. Readers use short read transactions of
  *    their own and never hold one when they return.
  *  - A struct queue_port belongs to one owner thread, the only one that
@@ -203,6 +204,13 @@ unsigned queue_port_pending(const struct queue_port *port);
  * negative code (QUEUE_EMAPFULL, -ENOSPC, -EIO, QUEUE_EPANIC, ...). */
 typedef void queue_done_fn(void *cookie, int rc);
 
+/* Walk callbacks see a recipient of message id; r and its strings are
+ * valid only during the call. Returning non-zero stops the walk, which
+ * then returns that value. Callbacks must not wait: a read transaction is
+ * open around them (it is renewed every few thousand records, so a long
+ * walk sees later commits and never pins the spool for long). */
+typedef int queue_rcpt_fn(void *arg, uint64_t id, const struct queue_rcpt *r);
+
 /* ---- writes ---- */
 
 /* Submit a message. env and the iovec array are copied before returning;
@@ -244,11 +252,55 @@ struct queue_outcome {
 int queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
                  size_t n, queue_done_fn *done, void *cookie);
 
+/* queue_update() plus one new message (a DSN the outcomes cause),
+ * committed in the same write transaction: both are durable, or neither.
+ * env and the iovecs are copied, the body bytes borrowed until done has
+ * run, as for queue_enqueue(). The message is admitted as an update: it
+ * may use the first half of the reserve kept for updates (a bounce frees
+ * its original's recipient, and mass bounces come when the spool is
+ * full); the other half stays for updates that only delete. When its
+ * half is gone the request fails whole with a space error (outcomes
+ * included: the recipients stay as they were) and the caller retries it
+ * once deliveries have made room. It is left
+ * out when every outcome of the request is stale (a retry of a commit
+ * that did happen: the message is already stored), and a message with
+ * the same id already stored is not an error, for the same reason.
+ * Returns as queue_update(), or -EINVAL for a bad envelope. */
+int queue_update_enqueue(struct queue *q, struct queue_port *port,
+                         const struct queue_outcome *outcomes, size_t n,
+                         const struct queue_envelope *env, const struct iovec *body,
+                         unsigned iovcnt, queue_done_fn *done, void *cookie);
+
 /* Blocking forms for tools and tests: submit through a private port and
  * wait. Return the completion code. */
 int queue_enqueue_wait(struct queue *q, const struct queue_envelope *env, const struct iovec *body,
                        unsigned iovcnt);
 int queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n);
+int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n,
+                              const struct queue_envelope *env, const struct iovec *body,
+                              unsigned iovcnt);
+
+/* Take the deferred recipients due at or before now_ms (Unix ms, the
+ * caller's clock), at most limit of them (0: no limit), in due order: in
+ * one write transaction they leave the time index and become ready
+ * (attempts and last reply kept). Once that commit is durable, cb(arg,
+ * id, r) runs for each on port's owner thread (r as in queue_walk, state
+ * ready; its return value is ignored), then done(cookie, rc); on failure
+ * cb never runs and the
+ * recipients stay deferred. The caller now owns them as it owns the
+ * ready ones it found at start: it must deliver them or record an
+ * outcome; after a crash they are ready, found by the start-up walk.
+ * There is no position to keep: the index holds only what nobody took,
+ * so a wall clock that steps back or forward changes nothing but which
+ * recipients are due (each when now_ms reaches its time). Returns 0 or a
+ * negative code now (-EINVAL, QUEUE_ECLOSED, -ENOMEM), then done never
+ * runs. A take that finds nothing due writes nothing (no commit, no
+ * sync), so polling it every second costs an idle spool nothing. */
+int queue_due_take(struct queue *q, struct queue_port *port, uint64_t now_ms, unsigned limit,
+                   queue_rcpt_fn *cb, void *arg, queue_done_fn *done, void *cookie);
+/* Blocking form: returns how many were taken, or a negative code. */
+int queue_due_take_wait(struct queue *q, uint64_t now_ms, unsigned limit, queue_rcpt_fn *cb,
+                        void *arg);
 
 /* ---- reads ---- */
 
@@ -267,16 +319,14 @@ struct queue_envelope *queue_envelope_free(struct queue_envelope *env);
  * another code. */
 int queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t cap, size_t *len);
 
-/* Walk callbacks see a recipient of message id; r and its strings are
- * valid only during the call. Returning non-zero stops the walk, which
- * then returns that value. Callbacks must not wait: a read transaction is
- * open around them (it is renewed every few thousand records, so a long
- * walk sees later commits and never pins the spool for long). */
-typedef int queue_rcpt_fn(void *arg, uint64_t id, const struct queue_rcpt *r);
-
 /* Every stored recipient, in (message id, index) order: ready ones and
  * deferred ones with their due time. To rebuild the ready queues at start.
- * Returns 0, a callback's non-zero value, or a negative code. */
+ * A record that fails its checks is skipped, not returned: the walk goes
+ * on to the next one, and the record is counted (queue_stats corrupt)
+ * and logged with its key, once per record and process, so one bad
+ * record never keeps the recipients behind it waiting. queue_check()
+ * and sluice-spool check report them. Returns 0, a callback's non-zero
+ * value, or a negative code. */
 int queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg);
 
 /* Position in the time index of deferred recipients; all zero is the
@@ -287,11 +337,15 @@ struct queue_due_pos {
     unsigned rcpt;
 };
 
-/* Deferred recipients due at or before now_ms, in due order, after *pos,
- * at most limit of them (0: no limit). Returns how many the callback saw,
- * or a negative code (a callback's negative return stops the scan and is
+/* A read-only view of the time index, for tools and tests: deferred
+ * recipients due at or before now_ms, in due order, after *pos, at most
+ * limit of them (0: no limit). Returns how many the callback saw, or a
+ * negative code (a callback's negative return stops the scan and is
  * returned; a positive one stops it too). A recipient deferred again to a
- * time behind *pos (e.g. a flush to "now") is seen after *pos is zeroed. */
+ * time behind *pos (e.g. a flush to "now", or any deferral after the wall
+ * clock stepped back) is seen only after *pos is zeroed: to hand
+ * recipients out, use queue_due_take(), which keeps no position. Records
+ * that fail their checks are skipped and counted as in queue_walk(). */
 int queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms, unsigned limit,
               queue_rcpt_fn *cb, void *arg);
 
@@ -309,6 +363,16 @@ typedef int queue_domain_fn(void *arg, const char *domain, const struct queue_co
  * after the scan, with no transaction open. Returns 0 or a code. */
 int queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, void *arg);
 
+#define QUEUE_CHECK_LIST 32
+
+/* One problem queue_check() found: where, what, and the record's key. */
+struct queue_check_problem {
+    char db[8];    /* "msg", "body", "rcpt" or "due" */
+    char what[16]; /* "bad_record", "empty_message", "bad_body", "orphan_rcpt", "bad_due" */
+    char key[40];  /* the key in hex (at most 18 octets) */
+    uint64_t id;   /* the message id in the key, 0 if the key is too short */
+};
+
 /* Result of queue_check(). */
 struct queue_check_report {
     uint64_t messages, recipients, deferred, body_chunks;
@@ -317,6 +381,8 @@ struct queue_check_report {
     uint64_t empty_messages; /* messages without any recipient */
     uint64_t bad_bodies;     /* chunked bodies missing chunks or bytes, stray chunks */
     uint64_t bad_due;        /* index entries and deferred recipients that disagree */
+    unsigned nlisted;        /* the first QUEUE_CHECK_LIST problems, in scan order */
+    struct queue_check_problem listed[QUEUE_CHECK_LIST];
 };
 
 /* Verify the whole spool in one read snapshot (slow: for tools and tests).
@@ -335,6 +401,8 @@ struct queue_stats {
     uint64_t enqueue_refused; /* refused for lack of room */
     uint64_t outcomes;        /* recipient outcomes committed */
     uint64_t outcomes_stale;  /* outcomes for recipients no longer stored */
+    uint64_t taken;           /* deferred recipients made ready by queue_due_take() */
+    uint64_t corrupt;         /* records skipped because they fail their checks */
     uint64_t removed;         /* messages removed with their last recipient */
     uint64_t batch_max;       /* most requests in one commit */
     uint64_t commit_us_total; /* time in commits, to average */

@@ -5,7 +5,8 @@
  * format.
  *
  *   sluice-spool count DIR    {"messages":N,"ready":N,"deferred":N}
- *   sluice-spool check DIR    exit 0 when consistent, 1 with a report
+ *   sluice-spool check DIR    exit 0 when consistent, 1 with a report (counts on
+ *                             stdout, each problem found with its key on stderr)
  *   sluice-spool dump DIR     one JSON object per message, body in base64
  */
 #include <errno.h>
@@ -174,6 +175,16 @@ main(int argc, char **argv)
                ",\"bad_bodies\":%" PRIu64 ",\"bad_due\":%" PRIu64 "}\n",
                r.messages, r.recipients, r.bad_records, r.orphan_rcpts, r.empty_messages,
                r.bad_bodies, r.bad_due);
+        /* then the problems themselves, one line each, for the operator */
+        for (unsigned i = 0; i < r.nlisted; i++) {
+            char qid[QUEUE_ID_STRLEN + 1] = "";
+            if (r.listed[i].id != 0)
+                queue_id_str(r.listed[i].id, qid);
+            fprintf(stderr, "sluice-spool: %s db=%s key=%s id=%s\n", r.listed[i].what,
+                    r.listed[i].db, r.listed[i].key, qid[0] ? qid : "-");
+        }
+        if (rc != 0 && rc != QUEUE_ECORRUPT)
+            fprintf(stderr, "sluice-spool: check: %s\n", queue_strerror(rc));
         status = rc == 0 ? 0 : 1;
     } else {
         status = dump(q);

@@ -1026,6 +1026,206 @@ test_close_finishes_queued(void **state)
         assert_body(f->q, ids[i], "x", 1);
 }
 
+
+/* A DSN rides with the outcomes that cause it: one commit for both; left
+ * out when every outcome is stale (the commit it belongs to happened
+ * already), and a retry of one that did commit is not an error. */
+static void
+test_update_enqueue(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 2, "example.com", "original", 8);
+    struct queue_rcpt dr = {.addr = "bounce@sender.example"};
+    struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
+    struct iovec diov = {(void *)"the dsn", 7};
+    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown"};
+    struct queue_stats s0, s1;
+    queue_stats(f->q, &s0);
+    assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
+    queue_stats(f->q, &s1);
+    assert_int_equal(s1.commits - s0.commits, 1);
+    assert_int_equal(s1.enqueued - s0.enqueued, 1);
+    assert_int_equal(s1.outcomes - s0.outcomes, 1);
+    assert_body(f->q, denv.id, "the dsn", 7);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, denv.id, &e), 0);
+    assert_string_equal(e->sender, "");
+    assert_string_equal(e->rcpt[0].domain, "sender.example");
+    queue_envelope_free(e);
+    /* the same request again: the outcome is stale, the DSN not stored twice */
+    assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
+    /* a new DSN for stale outcomes only: left out */
+    struct queue_envelope d2 = denv;
+    d2.id = queue_id_next(f->q);
+    assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &d2, &diov, 1), 0);
+    assert_int_equal(queue_envelope_get(f->q, d2.id, &e), QUEUE_ENOTFOUND);
+    struct queue_counts c;
+    assert_int_equal(queue_counts(f->q, &c, NULL, NULL), 0);
+    assert_int_equal(c.messages, 2); /* the original (one recipient left) and one DSN */
+    /* a bad envelope is refused at once */
+    struct queue_envelope bad = denv;
+    bad.nrcpt = 0;
+    assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &bad, &diov, 1), -EINVAL);
+    assert_consistent(f->q);
+}
+
+static int
+collect_take(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    assert_int_equal(r->state, QUEUE_RCPT_READY);
+    collect(arg, id, r);
+    return 0;
+}
+
+/* Taking due recipients keeps no position: after the wall clock steps
+ * back, a recipient deferred to a time before the last take is taken when
+ * its time comes; after it steps forward, what is due is taken at once.
+ * A taken recipient is ready (attempts and reply kept), is not taken
+ * twice, and is ready after a restart. Nothing due: no commit. */
+static void
+test_due_take_clock_steps(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 3, "example.com", "t", 1);
+    uint64_t base = 1800000000000ULL;
+    struct queue_outcome o[] = {
+        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy"},
+        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy"},
+        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy"},
+    };
+    assert_int_equal(queue_update_wait(f->q, o, 3), 0);
+    struct seen s = {0};
+    struct queue_stats s0, s1;
+    queue_stats(f->q, &s0);
+    assert_int_equal(queue_due_take_wait(f->q, base + 99, 0, collect_take, &s), 0);
+    queue_stats(f->q, &s1);
+    assert_int_equal(s1.commits, s0.commits); /* nothing due, nothing written */
+    assert_int_equal(queue_due_take_wait(f->q, base + 150, 0, collect_take, &s), 1);
+    assert_true(s.id[0] == a && s.rcpt[0] == 0 && s.attempts[0] == 1);
+    assert_int_equal(queue_due_take_wait(f->q, base + 150, 0, collect_take, &s), 0);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, a, &e), 0);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_READY);
+    assert_int_equal(e->rcpt[0].due_ms, 0);
+    assert_int_equal(e->rcpt[0].last_code, 451);
+    assert_string_equal(e->rcpt[0].last_reply, "busy");
+    queue_envelope_free(e);
+
+    /* The wall clock steps back an hour; recipient 0 fails again and is
+     * deferred by a minute of the new clock: before anything taken so far
+     * (a position kept from the last poll would hide it until a restart). */
+    uint64_t back = base - 3600000;
+    struct queue_due_pos pos = {0};
+    struct seen view = {0};
+    assert_int_equal(queue_due(f->q, &pos, base + 150, 0, collect, &view), 0);
+    pos = (struct queue_due_pos){base + 100, a, 0}; /* where the old poll stood */
+    outcome(f->q, a, 0, QUEUE_DEFERRED, back + 60000, 451, "again");
+    assert_int_equal(queue_due(f->q, &pos, back + 60000, 0, collect, &view), 0); /* the old bug */
+    assert_int_equal(queue_due_take_wait(f->q, back + 59999, 0, collect_take, &s), 0);
+    assert_int_equal(queue_due_take_wait(f->q, back + 60000, 0, collect_take, &s), 1);
+    assert_true(s.id[1] == a && s.rcpt[1] == 0 && s.attempts[1] == 2);
+    /* recipient 1 (due at base + 200) is not due on the stepped-back clock */
+    assert_int_equal(queue_due_take_wait(f->q, back + 120000, 0, collect_take, &s), 0);
+    /* a step forward by a day: both left are due at once, in due order */
+    assert_int_equal(queue_due_take_wait(f->q, base + 86400000 + 5, 0, collect_take, &s), 2);
+    assert_true(s.rcpt[2] == 1 && s.rcpt[3] == 2);
+    assert_int_equal(queue_due_take_wait(f->q, UINT64_MAX, 0, collect_take, &s), 0);
+    queue_stats(f->q, &s1);
+    assert_int_equal(s1.taken, 4);
+
+    /* a limit; and a crash after a take leaves the taken ones ready */
+    outcome(f->q, a, 0, QUEUE_DEFERRED, base, 451, "x");
+    outcome(f->q, a, 1, QUEUE_DEFERRED, base, 451, "x");
+    assert_int_equal(queue_due_take_wait(f->q, base, 1, NULL, NULL), 1);
+    reopen(f);
+    struct queue_counts c;
+    assert_int_equal(queue_counts(f->q, &c, NULL, NULL), 0);
+    assert_int_equal(c.ready, 2);
+    assert_int_equal(c.deferred, 1);
+    assert_consistent(f->q);
+}
+
+/* Write val under key in database db of the closed spool, through LMDB. */
+static void
+raw_put(struct fixture *f, const char *db, const void *key, size_t klen, const void *val,
+        size_t vlen)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, db, 0, &dbi), 0);
+    MDB_val k = {klen, (void *)key}, v = {vlen, (void *)val};
+    assert_int_equal(mdb_put(txn, dbi, &k, &v, 0), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+}
+
+static void
+rcpt_key_of(unsigned char *k, uint64_t id, unsigned idx)
+{
+    for (int i = 0; i < 8; i++)
+        k[i] = (unsigned char)(id >> (56 - 8 * i));
+    k[8] = (unsigned char)(idx >> 8);
+    k[9] = (unsigned char)idx;
+}
+
+/* A record that fails its checks is skipped, counted once and reported by
+ * queue_check; the walk, the take and the envelope read go on past it. */
+static void
+test_corrupt_skipped(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t a = put_msg(f->q, 1, "a.example", "a", 1);
+    uint64_t b = put_msg(f->q, 2, "b.example", "b", 1);
+    uint64_t c = put_msg(f->q, 1, "c.example", "c", 1);
+    uint64_t base = 1800000000000ULL;
+    struct queue_outcome o[] = {
+        {b, 0, QUEUE_DEFERRED, base, 451, "x"},
+        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x"},
+    };
+    assert_int_equal(queue_update_wait(f->q, o, 2), 0);
+    queue_close(f->q);
+    f->q = NULL;
+    unsigned char key[10];
+    rcpt_key_of(key, b, 0);
+    raw_put(f, "rcpt", key, sizeof(key), "\x09garbage", 8);
+    fixture_open(f);
+
+    struct seen s = {0};
+    assert_int_equal(queue_walk(f->q, collect, &s), 0);
+    assert_int_equal(s.n, 3); /* a, b's second, c: not stopped at b's first */
+    assert_true(s.id[0] == a && s.id[1] == b && s.rcpt[1] == 1 && s.id[2] == c);
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_int_equal(st.corrupt, 1);
+    /* the take skips it (it is first in the index) and takes the next */
+    s.n = 0;
+    assert_int_equal(queue_due_take_wait(f->q, base + 10, 0, collect_take, &s), 1);
+    assert_true(s.id[0] == c);
+    assert_int_equal(queue_due_take_wait(f->q, base + 10, 0, collect_take, &s), 0);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, b, &e), 0);
+    assert_int_equal(e->nrcpt, 1);
+    assert_int_equal(e->rcpt[0].index, 1);
+    queue_envelope_free(e);
+    queue_stats(f->q, &st);
+    assert_int_equal(st.corrupt, 1); /* once per record, however often met */
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(f->q, &rep), QUEUE_ECORRUPT);
+    assert_int_equal(rep.bad_records, 1);
+    assert_int_equal(rep.nlisted, 2); /* the record, and its index entry that points at it */
+    assert_string_equal(rep.listed[0].db, "rcpt");
+    assert_string_equal(rep.listed[0].what, "bad_record");
+    assert_true(rep.listed[0].id == b);
+    assert_string_equal(rep.listed[1].db, "due");
+    assert_true(rep.listed[1].id == b);
+}
+
 static void
 test_strerror(void **state)
 {
@@ -1065,6 +1265,9 @@ main(void)
         T(test_deferred_index),
         T(test_retime),
         T(test_due_many_renews),
+        T(test_update_enqueue),
+        T(test_due_take_clock_steps),
+        T(test_corrupt_skipped),
         T(test_counts),
         T(test_walk),
         T(test_walk_many),

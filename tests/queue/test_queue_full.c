@@ -3,6 +3,8 @@
  * outcome updates still commit, in the same batch as refused enqueues too;
  * the messages they finish free room and enqueues succeed again; what was
  * acknowledged survives and the spool stays consistent across a reopen.
+ * A bounce and its DSN commit together through the reserve when the same
+ * DSN alone would be refused.
  * Then the same with a full disk: a child process mounts an 8 MB tmpfs in
  * a mount namespace of its own (skipped where namespaces are not allowed).
  *
@@ -383,6 +385,82 @@ test_disk_full(void **state)
     assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+
+/* A DSN is committed with the bounce that causes it, through the reserve
+ * kept for updates: on a spool so full that the same message is refused
+ * as an enqueue, the bounce and its DSN still commit, in one commit. The
+ * originals have a second recipient still waiting, so a bounce frees
+ * (almost) nothing: the DSN's room comes from the reserve alone. */
+static void
+test_dsn_through_reserve(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t ids[2000];
+    size_t n = 0;
+    for (;; n++) {
+        assert_true(n < 2000);
+        struct queue_rcpt r[2] = {{.addr = "gone@bounce.example"}, {.addr = "later@defer.example"}};
+        struct queue_envelope env = {
+            .id = queue_id_next(f->q), .sender = "s@sender.example", .nrcpt = 2, .rcpt = r};
+        struct iovec iov = {body, BODY_LEN};
+        ids[n] = env.id;
+        int rc = queue_enqueue_wait(f->q, &env, &iov, 1);
+        if (rc != 0) {
+            assert_int_equal(rc, QUEUE_EMAPFULL);
+            break;
+        }
+    }
+    assert_true(n > 10);
+    static char dsn[3000];
+    memset(dsn, 'd', sizeof(dsn));
+    struct queue_rcpt dr = {.addr = "s@sender.example"};
+    struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
+    struct iovec diov = {dsn, sizeof(dsn)};
+    /* as a plain enqueue, as the DSN used to go: refused */
+    assert_int_equal(queue_enqueue_wait(f->q, &denv, &diov, 1), QUEUE_EMAPFULL);
+
+    for (size_t i = 0; i < 8; i++) {
+        struct queue_stats before, after;
+        queue_stats(f->q, &before);
+        denv.id = queue_id_next(f->q);
+        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user"};
+        assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
+        queue_stats(f->q, &after);
+        assert_int_equal(after.commits - before.commits, 1); /* one commit holds both */
+        assert_int_equal(after.enqueued - before.enqueued, 1);
+        struct queue_envelope *e = NULL;
+        assert_int_equal(queue_envelope_get(f->q, denv.id, &e), 0);
+        assert_int_equal(e->body_len, sizeof(dsn));
+        assert_string_equal(e->rcpt[0].addr, "s@sender.example");
+        queue_envelope_free(e);
+        assert_int_equal(queue_envelope_get(f->q, ids[i], &e), 0);
+        assert_int_equal(e->nrcpt, 1); /* the bounced one is gone, the other waits */
+        assert_int_equal(e->rcpt[0].index, 1);
+        queue_envelope_free(e);
+    }
+    /* DSNs may take half the reserve, never the rest: once it is gone a
+     * bounce with its DSN fails whole (the recipient stays, to be tried
+     * again), while an update that only deletes still commits. */
+    size_t i = 8;
+    int rc = 0;
+    for (; i < n && rc == 0; i++) {
+        denv.id = queue_id_next(f->q);
+        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user"};
+        rc = queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1);
+    }
+    assert_int_equal(rc, QUEUE_EMAPFULL);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, ids[i - 1], &e), 0);
+    assert_int_equal(e->nrcpt, 2); /* its bounce was not committed either */
+    queue_envelope_free(e);
+    assert_int_equal(queue_envelope_get(f->q, denv.id, &e), QUEUE_ENOTFOUND);
+    struct queue_outcome del[2] = {{ids[i - 1], 0, QUEUE_DELIVERED, 0, 250, "ok"},
+                                   {ids[i - 1], 1, QUEUE_DELIVERED, 0, 250, "ok"}};
+    assert_int_equal(queue_update_wait(f->q, del, 2), 0);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(f->q, &rep), 0);
+}
+
 int
 main(void)
 {
@@ -390,6 +468,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_full_then_room, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mixed_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_large, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dsn_through_reserve, setup, teardown),
         cmocka_unit_test_setup_teardown(test_disk_full, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -776,6 +776,11 @@ test_invalid(void **state)
     REFUSE(in.message_id = "x y@z");
     REFUSE(in.message_id = "x\r\n@z");
     REFUSE(in.message_id = "");
+    /* found by fuzz_dsn: a Message-ID is not folded, so a long one made a
+     * line over 998 octets */
+    static char long_id[DSN_MSGID_MAX + 2];
+    memset(long_id, 'm', DSN_MSGID_MAX + 1);
+    REFUSE(in.message_id = long_id);
     REFUSE(in.nrcpt = 0);
     REFUSE(in.rcpt = NULL);
     REFUSE(in.orig = NULL);

@@ -1,0 +1,228 @@
+"""Spool faults, end to end against real servers on loopback (dnsmasq,
+smtp-sink, smtplib, sluicectl, LMDB's own mdb_dump/mdb_load):
+
+- a bounce on a spool so full that injection gets 452 still sends its
+  DSN to the sender's MX: the DSN is committed with the bounce, through
+  the reserve kept for updates;
+- a corrupt recipient record in a copy of a spool is skipped at start:
+  the recipients behind it are delivered, the stats socket counts it, the
+  log names its key, and sluice-spool check reports it (exit 1)."""
+import json
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+
+from harness import Sluice, Workdir, free_port, main, skip, spool_tool, wait_until
+import test_delivery
+from test_delivery import Dns, Sink
+
+SLUICE = sys.argv[1]
+test_delivery.SLUICE = SLUICE
+SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
+
+
+def need(*tools):
+    for tool in tools:
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            skip(f"{tool} not installed (tools/install-deps --test)")
+
+
+def node_conf(wd, port, mx_port, dns_port, spool, map_size, extra=""):
+    return wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {spool}
+map_size = {map_size}
+[delivery]
+remote_port = {mx_port}
+connect_timeout = 2s
+idle_timeout = 1s
+[dns]
+servers = 127.0.0.1:{dns_port}
+[stats]
+socket = {wd.path}/stats.sock
+{extra}
+""")
+
+
+def stats(wd):
+    p = subprocess.run([SLUICECTL, "-s", f"{wd.path}/stats.sock", "--json", "stats"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def send(port, sender, rcpts, body):
+    """One message over its own session: True on 250, False on a 4xx
+    (the spool is full), anything else raises."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.sendmail(sender, rcpts, body)
+        return True
+    except smtplib.SMTPResponseException as e:
+        assert 400 <= e.smtp_code < 500, e
+        return False
+    except smtplib.SMTPRecipientsRefused as e:
+        assert all(400 <= code < 500 for code, _ in e.recipients.values()), e
+        return False
+
+
+def test_dsn_on_full_spool():
+    """Messages to one recipient at bounce.test (MX down at first) and one
+    at defer.test (never answers) fill a 16 MB spool until injection gets
+    452, down to small messages so that not even a DSN would fit as new
+    mail. Then bounce.test's MX comes up rejecting every RCPT with 5xx:
+    each message bounces there and its DSN must reach sender.test's MX.
+    The originals stay (their defer.test recipient waits), so the room for
+    the DSNs comes from the reserve alone (the half of it DSNs may use:
+    those that do not fit wait, with their bounce, until delivered DSNs
+    make room)."""
+    need("dnsmasq", "smtp-sink")
+    wd = Workdir("sluice-full-dsn-")
+    dns = node = bounce_mx = sender_mx = None
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, [
+            "host-record=mx1.test,127.0.0.1", "mx-host=bounce.test,mx1.test,10",
+            "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10",
+            "host-record=mx3.test,127.0.0.3", "mx-host=defer.test,mx3.test,10"])
+        sender_mx = Sink(wd, mx_port, name="senders", host="127.0.0.2")
+        port = free_port()
+        conf = node_conf(wd, port, mx_port, dns.port, os.path.join(wd.path, "spool"), "16M",
+                         "[domain *]\nretry_schedule = 1s\nsite_hold = 1s\n"
+                         "[domain defer.test]\nretry_schedule = 1h\n")
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        accepted = 0
+        for size in (1000000, 100000, 10000, 1000):
+            for i in range(400):
+                body = (f"From: s@sender.test\r\nSubject: fill {size} {i}\r\n"
+                        f"Message-ID: <fill.{size}.{i}@sender.test>\r\n\r\n").encode()
+                body += b"x" * 76 + b"\r\n"
+                body = body + (b"y" * 76 + b"\r\n") * (size // 78)
+                if not send(port, "s@sender.test", ["u@bounce.test", "w@defer.test"], body):
+                    break
+                accepted += 1
+            else:
+                raise AssertionError(f"the 16 MB spool took 400 messages of {size} octets")
+        print(f"accepted {accepted} messages before 452")
+        assert accepted >= 10
+        assert node.count_log("queue=full") >= 1
+        # bounce.test's MX comes up and rejects every recipient for good
+        bounce_mx = Sink(wd, mx_port, flags=["-f", "RCPT"], name="bouncer")
+        try:
+            wait_until(lambda: node.count_log("event=dsn_queued") >= accepted, 90,
+                       f"{accepted} DSNs committed")
+        except AssertionError:
+            for line in node.lines:
+                if "tries=1 " in line or "queue=" in line or "dsn" in line or "bounced" in line:
+                    print("  log:", line.rstrip()[:300])
+            raise
+        wait_until(lambda: len(sender_mx.files()) >= accepted
+                   and node.count_log("event=delivered rcpt=<s@sender.test>") >= accepted, 90,
+                   f"{accepted} DSNs at the sender's MX")
+        ids = set()
+        for m in sender_mx.messages():
+            assert b"X-Mail-Args: <> " in m, m[:300]
+            assert b"Final-Recipient: rfc822; u@bounce.test" in m, m[:2000]
+            for line in m.split(b"\n"):
+                if line.startswith(b"Message-ID: <fill."):
+                    ids.add(line)
+        assert len(ids) == accepted, f"{len(ids)} distinct originals in {accepted} DSNs"
+        assert node.count_log("event=dsn_enqueue_failed") == 0
+        assert node.stop_clean() == 0
+        node = None
+        check = spool_tool("check", os.path.join(wd.path, "spool"))
+        assert check.returncode == 0, check.stdout
+        # the originals wait for defer.test, their bounce.test recipient gone
+        count = json.loads(spool_tool("count", os.path.join(wd.path, "spool")).stdout)
+        assert count["messages"] == accepted and count["deferred"] + count["ready"] == accepted, count
+    finally:
+        if node is not None:
+            node.stop_clean()
+        for p in (bounce_mx, sender_mx, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
+def mdb_rcpt_corrupt(spool, nth):
+    """Overwrite the value of the nth record of the rcpt database with
+    bytes that fail its checks, with lmdb-utils (mdb_dump, mdb_load)."""
+    out = subprocess.run(["mdb_dump", "-s", "rcpt", spool], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    hdr_end = out.index("HEADER=END")
+    pairs = out[hdr_end + 1:-1]  # key, value lines, then DATA=END
+    key = pairs[2 * nth].strip()
+    header = [ln for ln in out[:hdr_end + 1] if not ln.startswith("db_pagesize=")]
+    data = "\n".join(header + [" " + key, " 09676172626167650a", "DATA=END"]) + "\n"
+    subprocess.run(["mdb_load", "-s", "rcpt", spool], input=data, text=True, check=True)
+    return key
+
+
+def test_corrupt_record_skipped():
+    """Ten messages wait in a spool (their MX is down); in a copy of it one
+    recipient record is overwritten with garbage. sluice started on the
+    copy delivers the nine others, counts the record on the stats socket
+    and logs its key; sluice-spool check reports it and exits 1."""
+    need("dnsmasq", "smtp-sink", "mdb_dump", "mdb_load")
+    wd = Workdir("sluice-corrupt-")
+    dns = node = sink = None
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M",
+                         "[domain *]\nretry_schedule = 1s\nsite_hold = 1s\n")
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        for i in range(10):
+            body = f"Subject: c{i}\r\nX-Seq: {i}\r\n\r\nbody {i}\r\n".encode()
+            assert send(port, "s@example.com", [f"u{i}@c.test"], body)
+        # all deferred once: in the copy they come due through the time index
+        wait_until(lambda: node.count_log("event=deferred") >= 10, 30, "ten deferrals")
+        assert node.stop_clean() == 0
+        node = None
+        copy = os.path.join(wd.path, "copy")
+        shutil.copytree(spool, copy)
+        os.remove(os.path.join(copy, "sluice.lock"))
+        key = mdb_rcpt_corrupt(copy, 3)
+        check = spool_tool("check", copy)
+        assert check.returncode == 1, check
+        rep = json.loads(check.stdout)
+        assert rep["bad_records"] == 1, rep
+        assert f"bad_record db=rcpt key={key}" in check.stderr, check.stderr
+
+        sink = Sink(wd, mx_port)
+        conf = node_conf(wd, port, mx_port, dns.port, copy, "64M",
+                         "[domain *]\nretry_schedule = 1s\nsite_hold = 1s\n")
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        wait_until(lambda: node.count_log("event=delivered") >= 9, 60, "nine deliveries")
+        assert node.count_log(f"queue=corrupt_record db=rcpt key={key}") == 1, key
+        assert stats(wd)["spool"]["corrupt_records"] >= 1
+        seqs = sorted(int(line.split(b":")[1]) for m in sink.messages()
+                      for line in m.split(b"\n") if line.startswith(b"X-Seq:"))
+        assert len(seqs) == 9 and len(set(seqs)) == 9, seqs
+        assert node.stop_clean() == 0
+        node = None
+        check = spool_tool("check", copy)
+        assert check.returncode == 1 and json.loads(check.stdout)["bad_records"] == 1, check
+    finally:
+        if node is not None:
+            node.stop_clean()
+        for p in (sink, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
+if __name__ == "__main__":
+    main([test_dsn_on_full_spool, test_corrupt_record_skipped])
