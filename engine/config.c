@@ -156,6 +156,16 @@ static const struct conf_key delivery_keys[] = {
      "percent: each retry delay is moved at random by up to this much, so that recipients "
      "deferred together do not come back together",
      NULL},
+    {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
+     "40",
+     "connections open at once to one MX address (and port) from this node, whatever the "
+     "domains behind it; each worker holds an equal share (0: no cap)",
+     NULL},
+    {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "4",
+     "connections a site (the MX hosts a set of domains share) starts with; it earns more "
+     "while transactions complete, up to max_connections, and halves on connect failures, "
+     "greeting failures, 421 and resets",
+     NULL},
     CONF_END,
 };
 

@@ -87,6 +87,9 @@ struct delivery_config {
     unsigned retry_jitter;    /* percent: each retry delay is moved by up to this much */
     uint64_t backoff;         /* ms at half rate after a 421 or a rate-limited reply */
     uint64_t backoff_step;    /* ms between steps back up */
+    /* Sites (engine/outbound/site.h): */
+    unsigned max_connections_per_address; /* per node, 0: no cap */
+    unsigned initial_connections;         /* a new site's window */
 };
 
 struct redis_config {

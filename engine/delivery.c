@@ -44,6 +44,7 @@
 #include "engine/limits.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
+#include "engine/outbound/site.h"
 #include "engine/resolver.h"
 #include "engine/smtp_client.h"
 #include "engine/stats.h"
@@ -85,6 +86,12 @@ struct conn {
     struct delivery *d;   /* borrowed: outlives its connections */
     struct dest *dest;    /* borrowed: a dest lives while it has connections */
     struct conn *next_idle;
+    struct site *site;    /* owned reference: the site it was opened for */
+    unsigned epoch;       /* its site's window epoch when it opened */
+    int tls_pol;          /* enum domain_tls it was opened with: a domain it
+                           * moves to must have the same */
+    bool addr_counted;    /* counted in the worker's per-address table */
+    uint64_t id;          /* for the logs: conn=ID on each line */
     int fd;
     unsigned inflight;
     bool closed, connected, recv_busy, send_busy, want_close;
@@ -165,7 +172,10 @@ struct dest {
     unsigned queued;
     unsigned conns;          /* open or opening */
     unsigned opening;        /* not yet ready for a transaction */
-    struct conn *idle;       /* idle connections, ready for a transaction */
+    struct site *site;       /* owned reference: the site of its answer, or NULL */
+    const struct dns_mx_result *site_for; /* the answer site was made from */
+    struct dest *want_prev, *want_next; /* on site->want: waits for a connection */
+    bool on_want;
     struct dns_mx_result *mx; /* owned reference */
     struct dns_req *req;     /* lookup in flight */
     unsigned next_addr;      /* failover cursor over the answer's addresses */
@@ -211,7 +221,9 @@ struct delivery {
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
     struct mxkey *mxkeys;    /* owned: [mx] limits met so far, and [source] ones ("src:") */
+    struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
+    uint64_t conn_seq;       /* connection ids: worker id in the top byte */
     bool resolver_closed;
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
@@ -469,6 +481,152 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
         t->next_mxwait = k->waiters;
         k->waiters = t;
     }
+}
+
+/* ---- sites (outbound/site.h): connections shared by domains ---- */
+
+static void
+want_remove(struct dest *t)
+{
+    struct site *s = t->site;
+    if (!t->on_want || s == NULL)
+        return;
+    if (t->want_prev)
+        t->want_prev->want_next = t->want_next;
+    else
+        s->want = t->want_next;
+    if (t->want_next)
+        t->want_next->want_prev = t->want_prev;
+    else
+        s->want_tail = t->want_prev;
+    t->want_prev = t->want_next = NULL;
+    t->on_want = false;
+}
+
+/* t waits for a connection of its site: a slot when one closes or the
+ * window grows, or an idle one of another domain. */
+static void
+want_push(struct dest *t)
+{
+    struct site *s = t->site;
+    if (t->on_want || s == NULL)
+        return;
+    t->want_next = NULL;
+    t->want_prev = s->want_tail;
+    if (s->want_tail)
+        s->want_tail->want_next = t;
+    else
+        s->want = t;
+    s->want_tail = t;
+    t->on_want = true;
+}
+
+static struct dest *
+want_pop(struct site *s)
+{
+    struct dest *t = s->want;
+    if (t != NULL)
+        want_remove(t);
+    return t;
+}
+
+/* Connections t may have through its site now: the window, and the
+ * domain's own max_connections. */
+static unsigned
+site_allowed(const struct dest *t)
+{
+    unsigned a = site_window_allowed(&t->site->win);
+    return a < t->pol->max_connections ? a : t->pol->max_connections;
+}
+
+/* The site of t's answer, joined when the answer is new. */
+static void
+dest_site(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx == NULL || t->mx->status != DNS_OK || t->site_for == t->mx)
+        return;
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    char key[SITE_KEY_MAX];
+    site_key(t->mx, dc->remote_port, key, sizeof(key));
+    struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
+    if (s == NULL)
+        return; /* no memory: keep the old one, ask again with the next answer */
+    t->site_for = t->mx;
+    if (s == t->site) {
+        site_unref(&d->sites, s);
+        return;
+    }
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    t->site = s;
+    if (s->win.ceiling < t->pol->max_connections)
+        site_window_set_ceiling(&s->win, t->pol->max_connections);
+}
+
+/* Hand an idle (or finishing) connection c to domain t of its site: the
+ * domain's connection lease moves with it. False when t's own limits
+ * refuse or its TLS policy differs from the one c was opened with. */
+static bool
+conn_move(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    struct dest *old = c->dest;
+    if (old == t)
+        return true;
+    if (t->pol->tls != c->tls_pol || t->site != c->site)
+        return false;
+    uint64_t retry_at;
+    if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
+        return false; /* t has its max_connections: those serve it */
+    if (c->leased)
+        limits_conn_release(d->lim, &old->lim);
+    c->leased = true;
+    old->conns--;
+    t->conns++;
+    c->dest = t;
+    if (log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "event=conn_moved site=%s from=%s to=%s", c->site->key, old->name,
+                t->name);
+    return true;
+}
+
+/* A domain of c's site that waits for a connection, c moved to it; NULL
+ * when none can take it. */
+static struct dest *
+conn_take_waiting(struct conn *c)
+{
+    struct site *s = c->site;
+    struct delivery *d = c->d;
+    struct dest *t;
+    while (s != NULL && (t = want_pop(s)) != NULL) {
+        if (t->head == NULL || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
+            continue;
+        if (t->queued > 1)
+            want_push(t); /* more for other idle connections */
+        return t;
+    }
+    return NULL;
+}
+
+static void dest_run(struct dest *t);
+
+/* Room at site s (a connection closed, the window grew): let the domains
+ * waiting for it run, as many as it has room for. */
+static void
+site_wake(struct delivery *d, struct site *s)
+{
+    if (s == NULL || d->stopping)
+        return;
+    s->refs++; /* dest_run may drop the last other reference */
+    unsigned n = 0;
+    struct dest *t;
+    while (n++ < 64 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+        dest_run(t);
+        if (t->on_want)
+            break; /* it could not open one: the others would not either */
+    }
+    site_unref(&d->sites, s);
 }
 
 static struct dest *
@@ -1158,6 +1316,19 @@ conn_cli_release(struct conn *c)
     pool_put(&c->d->cli_pool, smtp_client_detach(&c->cli));
 }
 
+/* The site's window learns of a refusal, timeout, reset or 421. */
+static void
+conn_congested(struct conn *c, const char *why)
+{
+    struct site *s = c->site;
+    s->failures++;
+    if (!site_window_on_failure(&s->win, c->epoch))
+        return;
+    s->shrinks++;
+    log_msg(LOG_NOTICE, "conn=%llx event=site_window_down site=%s addr=%s reason=%s window=%u",
+            (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
+}
+
 static void
 conn_free(struct conn *c)
 {
@@ -1181,12 +1352,19 @@ conn_free(struct conn *c)
     pool_put(&d->chunk_pool, c->chunk);
     /* Whatever the machine still held is moot: nothing is in flight. */
     pool_put(&d->cli_pool, c->cli.buf);
-    for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
+    struct site *site = c->site;
+    for (struct conn **p = site ? &site->idle : NULL; p != NULL && *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
             *p = c->next_idle;
             break;
         }
     const struct smtp_outcome *so = c->connected ? smtp_client_session(&c->cli) : NULL;
+    /* The receiver's feedback for the site's window: it refused, timed
+     * out or hung up before the session was ready, or pushed back (a
+     * reset in a transaction is seen in conn_txn_done). */
+    if (site != NULL && !d->stopping && !d->draining &&
+        (!c->ready_once || (so != NULL && so->code == 421)))
+        conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
     if (so != NULL && so->code == 421 && !d->stopping) {
         /* The server pushes back: give it a rest (RFC 5321 3.8). */
         log_msg(LOG_NOTICE, "event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
@@ -1218,6 +1396,10 @@ conn_free(struct conn *c)
         c->next_all->prev_all = c->prev_all;
     t->conns--;
     d->stats.open--;
+    if (site != NULL)
+        site->conns--;
+    if (c->addr_counted)
+        site_addr_del(&d->sites, &c->addr);
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
     struct mxkey *mk = c->mxk, *sk = c->srck;
@@ -1231,10 +1413,13 @@ conn_free(struct conn *c)
     if (sk != NULL && !d->stopping)
         mx_on_wake(sk);
     drain_check(d);
-    if (!d->stopping)
+    if (!d->stopping) {
         dest_run(t);
-    else
+        site_wake(d, site); /* a slot of the site, and of an address, is free */
+    } else {
         delivery_check_done(d);
+    }
+    site_unref(&d->sites, site);
 }
 
 static void
@@ -1462,6 +1647,7 @@ conn_next(struct conn *c)
         conn_handle(c, smtp_client_quit(conn_cli(c)));
         return;
     }
+    unsigned moves = 0;
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
@@ -1478,6 +1664,16 @@ conn_next(struct conn *c)
             else
                 j = dest_pop(t);
         }
+        if (j == NULL && (t->head == NULL || t->suspended) && moves < 8) {
+            /* Nothing here: the next transaction of another domain of
+             * the site (MX rollup). */
+            struct dest *w = conn_take_waiting(c);
+            if (w != NULL) {
+                t = w;
+                moves++;
+                continue;
+            }
+        }
         if (j == NULL) {
             if (t->head == NULL && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
                                     (c->srck != NULL && c->srck->waiters != NULL))) {
@@ -1486,9 +1682,10 @@ conn_next(struct conn *c)
                 conn_handle(c, smtp_client_quit(conn_cli(c)));
                 return;
             }
-            /* Idle: wait for work up to the idle time. */
-            c->next_idle = t->idle;
-            t->idle = c;
+            /* Idle: wait for work of any domain of the site up to the
+             * idle time. */
+            c->next_idle = c->site->idle;
+            c->site->idle = c;
             conn_deadline(c, c->d->e->cfg->delivery.idle_timeout);
             return;
         }
@@ -1618,6 +1815,16 @@ conn_txn_done(struct conn *c)
     c->job = NULL;
     c->nmsgs++;
     t->inflight--;
+    const struct smtp_outcome *mo = &c->txn.msg;
+    if (mo->scope == SMTP_SCOPE_SESSION &&
+        (mo->reason == SMTP_REASON_EOF || mo->reason == SMTP_REASON_TIMEOUT || mo->code == 421))
+        conn_congested(c, mo->code == 421 ? "421" : "reset");
+    else if (c->site != NULL) {
+        unsigned before = site_window_allowed(&c->site->win);
+        site_window_on_success(&c->site->win, c->site->conns);
+        if (site_window_allowed(&c->site->win) > before)
+            site_wake(c->d, c->site); /* grew: room for a domain that waits */
+    }
     /* A session failure before this connection delivered anything is the
      * server's, not the message's: give the job to the next MX address.
      * Not after a 421: the server is pushing back, the destination waits
@@ -1968,24 +2175,61 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
     return false;
 }
 
+/* a with t's port. */
 static void
-conn_open(struct dest *t)
+dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out)
+{
+    *out = *a;
+    uint16_t port = htons((uint16_t)t->d->e->cfg->delivery.remote_port);
+    if (out->sa.sa_family == AF_INET6)
+        out->sin6.sin6_port = port;
+    else
+        out->sin.sin_port = port;
+}
+
+/* The address a new connection of t goes to: the failover cursor's,
+ * unless this worker has its share of max_connections_per_address there;
+ * then the least busy address of an MX host of the same preference with
+ * room (never a backup MX for want of room). False when none has room. */
+static bool
+dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
     struct delivery *d = t->d;
-    const struct dns_mx_host *host;
-    const union dns_addr *addr;
-    if (!dest_address(t, &host, &addr))
-        return;
+    unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
+                                   d->e->nworkers);
+    union dns_addr k;
+    dest_addr_port(t, *addr, &k);
+    if (cap == 0 || site_addr_conns(&d->sites, &k) < cap)
+        return true;
+    unsigned pref = (*host)->preference, best = cap;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        const struct dns_mx_host *x = &t->mx->hosts[h];
+        if (x->preference != pref)
+            continue;
+        for (unsigned i = 0; i < x->naddrs; i++) {
+            dest_addr_port(t, &x->addrs[i], &k);
+            unsigned n = site_addr_conns(&d->sites, &k);
+            if (n < best) {
+                best = n;
+                *host = x;
+                *addr = &x->addrs[i];
+            }
+        }
+    }
+    return best < cap;
+}
+
+static void
+conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr)
+{
+    struct delivery *d = t->d;
     struct conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return;
     c->d = d;
     c->dest = t;
-    c->addr = *addr;
-    if (c->addr.sa.sa_family == AF_INET6)
-        c->addr.sin6.sin6_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
-    else
-        c->addr.sin.sin_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
+    c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
+    dest_addr_port(t, addr, &c->addr);
     netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
     snprintf(c->mx, sizeof(c->mx), "%s", host->name);
     c->connect_op = (struct op){OP_CALLBACK, conn_on_connect};
@@ -2012,6 +2256,13 @@ conn_open(struct dest *t)
         free(c);
         return;
     }
+    c->addr_counted = site_addr_add(&d->sites, &c->addr) == 0;
+    c->site = t->site;
+    c->site->refs++;
+    c->site->conns++;
+    c->site->opened++;
+    c->epoch = c->site->win.epoch;
+    c->tls_pol = t->pol->tls;
     t->conns++;
     t->opening++;
     d->stats.open++;
@@ -2190,23 +2441,45 @@ dest_run_once(struct dest *t)
         t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
         return;
     }
-    /* Idle connections first: reuse. One that goes back to the idle list
-     * found no token (the message rate): the others would not either. */
-    while (t->head != NULL && t->idle != NULL) {
-        struct conn *c = t->idle;
-        t->idle = c->next_idle;
+    dest_site(t);
+    struct site *site = t->site;
+    if (site == NULL) {
+        dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS)); /* no memory now */
+        return;
+    }
+    /* Idle connections of the site first, whichever domain they served
+     * last: reuse. One that goes back to the idle list found no token
+     * (the message rate): the others would not either. */
+    while (t->head != NULL && site->idle != NULL) {
+        struct conn **pc = &site->idle;
+        while (*pc != NULL && (*pc)->tls_pol != t->pol->tls)
+            pc = &(*pc)->next_idle;
+        struct conn *c = *pc;
+        if (c == NULL)
+            break;
+        *pc = c->next_idle;
         c->next_idle = NULL;
+        if (!conn_move(c, t)) {
+            c->next_idle = site->idle;
+            site->idle = c;
+            break; /* t has its own max_connections already */
+        }
         conn_next(c);
         conn_flush(c);
-        if (t->idle == c)
+        if (site->idle == c)
             return;
     }
     if (t->head == NULL || d->w->now < t->hold_until)
         return;
-    /* New connections: one per job waiting beyond those being opened. */
+    /* New connections: one per job waiting beyond those being opened,
+     * within the domain's max_connections and the site's window. */
     while (t->queued > t->opening && t->conns < t->pol->max_connections) {
         const struct dns_mx_host *h;
         const union dns_addr *a;
+        if (site->conns >= site_allowed(t)) {
+            want_push(t); /* a slot, or an idle connection, will come */
+            return;
+        }
         if (!dest_address(t, &h, &a)) {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
@@ -2226,6 +2499,14 @@ dest_run_once(struct dest *t)
                 memset(&t->last_fail, 0, sizeof(t->last_fail));
                 dest_hold(t, t->pol->site_hold > HOLD_MIN_MS ? t->pol->site_hold : HOLD_MIN_MS);
             }
+            return;
+        }
+        if (!dest_address_room(t, &h, &a)) {
+            /* This worker's share of the address is taken: a connection of
+             * the site that closes wakes t; one of another site sharing the
+             * address does not, hence the timer. */
+            want_push(t);
+            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             return;
         }
         uint64_t retry_at;
@@ -2248,7 +2529,7 @@ dest_run_once(struct dest *t)
             return;
         }
         unsigned before = t->conns;
-        conn_open(t);
+        conn_open(t, h, a);
         if (t->conns == before) {
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
@@ -2380,14 +2661,17 @@ delivery_on_drain(struct worker *w, struct worker_msg *m)
     d->draining = true;
     log_msg(LOG_NOTICE, "event=draining connections=%llu", (unsigned long long)d->stats.open);
     /* Idle ones say goodbye now; busy ones after their transaction. */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
-            while (t->idle != NULL) {
-                struct conn *c = t->idle;
-                t->idle = c->next_idle;
-                c->next_idle = NULL;
-                conn_handle(c, smtp_client_quit(conn_cli(c)));
-            }
+    size_t bucket = 0;
+    struct hash_node *cur = NULL, *n;
+    while ((n = hash_next(&d->sites.by_key, &bucket, &cur)) != NULL) {
+        struct site *s = (struct site *)n;
+        while (s->idle != NULL) {
+            struct conn *c = s->idle;
+            s->idle = c->next_idle;
+            c->next_idle = NULL;
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+        }
+    }
     drain_check(d);
 }
 
@@ -2571,6 +2855,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->cli_pool.size = sizeof(struct smtp_client_buf);
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
+    sites_init(&d->sites);
     d->stop_msg.fn = delivery_on_stop;
     {
         const struct config *cfg = e->cfg;
@@ -2643,6 +2928,8 @@ delivery_free(struct delivery *d)
             while ((j = dest_pop(t)) != NULL)
                 free(j);
             dns_mx_result_unref(t->mx);
+            want_remove(t);
+            site_unref(&d->sites, t->site);
             free(t);
             t = next;
         }
@@ -2668,6 +2955,7 @@ delivery_free(struct delivery *d)
     }
     pool_fini(&d->cli_pool);
     pool_fini(&d->chunk_pool);
+    sites_fini(&d->sites);
     free(d);
     return NULL;
 }
