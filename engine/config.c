@@ -161,6 +161,12 @@ static const struct conf_key delivery_keys[] = {
      "connections open at once to one MX address (and port) from this node, whatever the "
      "domains behind it; each worker holds an equal share (0: no cap)",
      NULL},
+    {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
+     "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "
+     "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
+     "addresses are all refused bounces, class refused_target); this node's own listeners "
+     "are refused whatever this says",
+     NULL},
     {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "4",
      "connections a site (the MX hosts a set of domains share) starts with; it earns more "
      "while transactions complete, up to max_connections, and halves on connect failures, "
@@ -1053,6 +1059,18 @@ finish(struct parse *p)
         if (n == -EINVAL || n == -E2BIG)
             perr(p, line, "source_address: %s", why);
     }
+    if (cfg->delivery.allow_networks != NULL) {
+        cfg->delivery.nallow = cidr_parse_list(cfg->delivery.allow_networks, cfg->delivery.allow,
+                                               NETADDR_MAX_LIST, why, sizeof(why));
+        unsigned line = 0;
+        for (unsigned i = 0; i < NSECTIONS; i++)
+            if (strcmp(sections[i].name, "delivery") == 0)
+                line = key_line(p, i, "allow_networks");
+        if (cfg->delivery.nallow < 0) {
+            perr(p, line, "allow_networks: %s", why);
+            cfg->delivery.nallow = 0;
+        }
+    }
     if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
         while (strcmp(sections[dns_sec].name, "dns") != 0)
@@ -1318,7 +1336,8 @@ config_reference(FILE *out)
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "
-                 "rate_limited, dns_failure, tls_failure, connection_failure, expired, other. "
+                 "rate_limited, dns_failure, tls_failure, connection_failure, expired, "
+                 "refused_target, other. "
                  "Matchers: `enh:5.7.1` (subject or detail may be `*`), `code:421`, or "
                  "`text:REGEX` (POSIX extended, case-insensitive). Rules from this section are "
                  "tried in order before the built-in table (see the README), and the first "

@@ -23,6 +23,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -176,6 +177,8 @@ struct dest {
     const struct dns_mx_result *site_for; /* the answer site was made from */
     struct dest *want_prev, *want_next; /* on site->want: waits for a connection */
     bool on_want;
+    const struct dns_mx_result *targets_for; /* the answer ntargets counts */
+    unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
     struct dns_req *req;     /* lookup in flight */
     unsigned next_addr;      /* failover cursor over the answer's addresses */
@@ -224,6 +227,8 @@ struct delivery {
     struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     uint64_t conn_seq;       /* connection ids: worker id in the top byte */
+    char (*local)[64];       /* owned: this host's interface addresses, as text */
+    unsigned nlocal;
     bool resolver_closed;
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
@@ -483,6 +488,76 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
     }
 }
 
+/* ---- targets: where mail must not go ---- */
+
+/* This host's interface addresses (for listeners on a wildcard address).
+ * Without them only the listeners' own addresses are known. */
+static void
+local_addrs_load(struct delivery *d)
+{
+    struct ifaddrs *ifa = NULL;
+    if (getifaddrs(&ifa) < 0)
+        return;
+    unsigned n = 0;
+    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
+        n += i->ifa_addr != NULL &&
+             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
+    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
+    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
+        if (i->ifa_addr != NULL &&
+            (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
+            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
+    freeifaddrs(ifa);
+}
+
+/* Is a (on port) one of this node's SMTP listeners? Delivering there is
+ * a loop, whatever allow_networks says. */
+static bool
+target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct server_config *srv = &d->e->cfg->server;
+    char ip[64];
+    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    for (int k = 0; k < 2; k++) {
+        const struct netaddr *l = k == 0 ? srv->listen_addrs : srv->listen_tls_addrs;
+        int n = k == 0 ? srv->nlisten : srv->nlisten_tls;
+        for (int i = 0; i < n; i++) {
+            const struct sockaddr *sa = (const struct sockaddr *)&l[i].ss;
+            unsigned lport = sa->sa_family == AF_INET6
+                                 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
+                                 : ntohs(((const struct sockaddr_in *)sa)->sin_port);
+            if (lport != port || sa->sa_family != a->sa.sa_family)
+                continue;
+            char lip[64];
+            netaddr_ip_str(sa, lip, sizeof(lip));
+            if (strcmp(lip, ip) == 0)
+                return true;
+            const char *sp = netaddr_special(sa);
+            if (sp != NULL && strcmp(sp, "unspecified") == 0) {
+                if (netaddr_is_loopback(&a->sa))
+                    return true;
+                for (unsigned j = 0; j < d->nlocal; j++)
+                    if (strcmp(d->local[j], ip) == 0)
+                        return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* Why a is refused as a delivery target ("loopback", ...), or NULL. */
+static const char *
+target_refused(const struct delivery *d, const union dns_addr *a)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    if (target_is_self(d, a, dc->remote_port))
+        return "this node's own listener";
+    const char *what = netaddr_special(&a->sa);
+    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
+        return NULL;
+    return what;
+}
+
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
 
 static void
@@ -537,6 +612,53 @@ site_allowed(const struct dest *t)
 {
     unsigned a = site_window_allowed(&t->site->win);
     return a < t->pol->max_connections ? a : t->pol->max_connections;
+}
+
+/* The addresses of t's answer that may be delivered to, counted once per
+ * answer. With none, t->last_fail says why (for the bounce). */
+static unsigned
+dest_targets(struct dest *t)
+{
+    if (t->targets_for == t->mx)
+        return t->ntargets;
+    t->targets_for = t->mx;
+    t->ntargets = 0;
+    const char *why = NULL;
+    const struct dns_mx_host *wh = NULL;
+    const union dns_addr *wa = NULL;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i]);
+            if (r == NULL) {
+                t->ntargets++;
+            } else if (why == NULL) {
+                why = r;
+                wh = &t->mx->hosts[h];
+                wa = &t->mx->hosts[h].addrs[i];
+            }
+        }
+    if (why != NULL) {
+        char ip[64];
+        netaddr_ip_str(&wa->sa, ip, sizeof(ip));
+        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
+                "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
+                wh->name, ip, why, t->ntargets);
+        if (t->ntargets == 0) {
+            struct smtp_outcome *o = &t->last_fail;
+            memset(o, 0, sizeof(*o));
+            bool self = strcmp(why, "this node's own listener") == 0;
+            o->enh = (struct smtp_enh){5, 4, self ? 6 : 4};
+            if (self)
+                snprintf(o->text, sizeof(o->text), "mail for %s loops back to myself (MX %s, %s)",
+                         t->name, wh->name, ip);
+            else
+                snprintf(o->text, sizeof(o->text),
+                         "MX %s of %s has address %s (%s): not a delivery target, see "
+                         "[delivery] allow_networks",
+                         wh->name, t->name, ip, why);
+        }
+    }
+    return t->ntargets;
 }
 
 /* The site of t's answer, joined when the answer is new. */
@@ -2158,20 +2280,20 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
 static bool
 dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
-    unsigned total = 0;
-    for (unsigned h = 0; h < t->mx->nhosts; h++)
-        total += t->mx->hosts[h].naddrs;
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
     if (total == 0 || t->failed_addrs >= total)
         return false;
     unsigned k = t->next_addr % total;
-    for (unsigned h = 0; h < t->mx->nhosts; h++) {
-        if (k < t->mx->hosts[h].naddrs) {
-            *host = &t->mx->hosts[h];
-            *addr = &t->mx->hosts[h].addrs[k];
-            return true;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i]) != NULL)
+                continue;
+            if (k-- == 0) {
+                *host = &t->mx->hosts[h];
+                *addr = &t->mx->hosts[h].addrs[i];
+                return true;
+            }
         }
-        k -= t->mx->hosts[h].naddrs;
-    }
     return false;
 }
 
@@ -2207,6 +2329,8 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
         if (x->preference != pref)
             continue;
         for (unsigned i = 0; i < x->naddrs; i++) {
+            if (target_refused(d, &x->addrs[i]) != NULL)
+                continue;
             dest_addr_port(t, &x->addrs[i], &k);
             unsigned n = site_addr_conns(&d->sites, &k);
             if (n < best) {
@@ -2439,6 +2563,14 @@ dest_run_once(struct dest *t)
     default:
         dest_fail_all(t, false, 451, "4.4.3", t->mx->why, CLASSIFY_DNS);
         t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+        return;
+    }
+    if (dest_targets(t) == 0) {
+        /* Every address is one mail must not go to: a configuration
+         * error of the domain (or an attack), not a passing failure. */
+        dest_fail_all(t, true, 550, t->last_fail.enh.detail == 6 ? "5.4.6" : "5.4.4",
+                      t->last_fail.text, CLASSIFY_TARGET);
+        memset(&t->last_fail, 0, sizeof(t->last_fail));
         return;
     }
     dest_site(t);
@@ -2856,6 +2988,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     sites_init(&d->sites);
+    local_addrs_load(d);
     d->stop_msg.fn = delivery_on_stop;
     {
         const struct config *cfg = e->cfg;
@@ -2956,6 +3089,7 @@ delivery_free(struct delivery *d)
     pool_fini(&d->cli_pool);
     pool_fini(&d->chunk_pool);
     sites_fini(&d->sites);
+    free(d->local);
     free(d);
     return NULL;
 }

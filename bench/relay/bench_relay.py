@@ -60,6 +60,7 @@ path = {spool}
 map_size = 8G
 [delivery]
 remote_port = {sink_port}
+allow_networks = 127.0.0.0/8
 [dns]
 servers = 127.0.0.1:{dns_port}
 {extra}

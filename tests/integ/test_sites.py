@@ -8,34 +8,54 @@ import sys
 import threading
 import time
 
-from harness import main, run, skip, wait_until
-from test_delivery import Relay, records_for
+from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, wait_until
+from test_delivery import Dns, Relay, Sink, records_for
+
+SLUICE = sys.argv[1]
+SOURCE_DIR = sys.argv[2]
 
 
-def established_to(port):
-    """Established TCP connections to 127.0.0.1:port, from the kernel."""
+def socket_inodes(pid):
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def established_to(port, pid):
+    """Established TCP connections of process pid to 127.0.0.1:port, from
+    the kernel's table (other processes' connections do not count)."""
+    mine = socket_inodes(pid)
     n = 0
     want = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             cols = line.split()
-            if cols[2] == want and cols[3] == "01":
+            if cols[2] == want and cols[3] == "01" and cols[9] in mine:
                 n += 1
     return n
 
 
 class Sampler:
-    """The most connections open at once to a port, sampled every 5 ms
-    until stopped."""
+    """The most connections open at once from pid to a port, sampled every
+    5 ms until stopped."""
 
-    def __init__(self, port):
-        self.port, self.most, self.stopped = port, 0, False
+    def __init__(self, port, pid):
+        self.port, self.pid, self.most, self.stopped = port, pid, 0, False
         self.t = threading.Thread(target=self.run, daemon=True)
         self.t.start()
 
     def run(self):
         while not self.stopped:
-            self.most = max(self.most, established_to(self.port))
+            try:
+                self.most = max(self.most, established_to(self.port, self.pid))
+            except OSError:
+                pass
             time.sleep(0.005)
 
     def stop(self):
@@ -53,7 +73,7 @@ def test_domains_behind_one_mx_share_its_connections():
     r = Relay(records_for(doms),
               domain_conf="[delivery]\nmax_connections_per_address = 4\n")
     try:
-        s = Sampler(r.mx_port)
+        s = Sampler(r.mx_port, r.d.proc.pid)
         msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\nrollup\r\n")
                 for k in range(5) for d in doms]
         r.inject(msgs, sessions=4)
@@ -83,8 +103,129 @@ def test_a_refusing_address_shrinks_the_window():
         r.close()
 
 
+def bundled_conf(wd, port, dns_port, mx_port):
+    """etc/sluice.conf as shipped, with this test's ports and paths."""
+    with open(os.path.join(SOURCE_DIR, "etc", "sluice.conf")) as f:
+        text = f.read()
+    out = []
+    for line in text.splitlines():
+        key = line.split("=")[0].strip()
+        if key == "listen":
+            line = f"listen = 127.0.0.1:{port}"
+        elif key == "path":
+            line = f"path = {wd.path}/spool"
+        elif key == "delivery_log":
+            line = f"delivery_log = {wd.path}/delivery.jsonl"
+        elif key == "socket":
+            line = f"socket = {wd.path}/sluice.sock"
+        elif key == "http_listen":
+            line = f"http_listen = 127.0.0.1:{free_port()}"
+        out.append(line)
+    # Where the receivers listen and resolve: not what decides the refusal.
+    out += ["[delivery]", f"remote_port = {mx_port}", "[dns]", f"servers = 127.0.0.1:{dns_port}"]
+    return wd.file("sluice.conf", "\n".join(out) + "\n")
+
+
+def test_bundled_config_refuses_loopback():
+    """The bundled config delivers nothing to loopback, whether an MX
+    record or an address literal names it: each recipient bounces with
+    class refused_target and a reply that says why; the receiver on
+    127.0.0.1 sees no connection. A literal that is neither IPv4 nor IPv6
+    gets a 5xx at RCPT."""
+    wd = Workdir("sluice-target-")
+    dns = sink = d = None
+    try:
+        dns = Dns(wd, records_for(["lo.test"]))
+        mx_port = free_port()
+        sink = Sink(wd, mx_port)
+        port = free_port()
+        d = Sluice(SLUICE, bundled_conf(wd, port, dns.port, mx_port))
+        d.wait_log("event=ready")
+        c = Smtp(port)
+        c.expect("EHLO tester", 250)
+        c.expect("MAIL FROM:<>", 250)
+        c.expect("RCPT TO:<a@lo.test>", 250)
+        c.expect("RCPT TO:<b@[127.0.0.1]>", 250)
+        r = c.cmd("RCPT TO:<c@[x-tag:anything]>")
+        assert r.raw.startswith("553 5.1.3"), r.raw
+        c.expect("DATA", 354)
+        c.expect("Subject: t\r\n\r\nnot to loopback\r\n.", 250)
+        c.cmd("QUIT")
+        lines = d.wait_log_count("event=bounced", 2, timeout=30)
+        for line in lines:
+            assert "class=refused_target" in line and "code=550" in line, line
+            assert "enhanced=5.4.4" in line and "loopback" in line, line
+        assert any("rcpt=<a@lo.test>" in x for x in lines), lines
+        assert any("rcpt=<b@[127.0.0.1]>" in x for x in lines), lines
+        assert d.count_log("event=connected") == 0
+        assert sink.files() == []
+        assert d.stop_clean() == 0
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        for p in (sink, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
+def test_allowed_network_delivers_but_never_to_itself():
+    """allow_networks lets loopback through (the tests' receivers), but a
+    domain whose MX is this node's own listener bounces as a loop."""
+    r = Relay(records_for(["ok.test"]))
+    try:
+        r.inject([("s@example.com", ["a@ok.test"], b"Subject: t\r\n\r\nallowed\r\n")])
+        r.d.wait_log("event=delivered", timeout=30)
+    finally:
+        r.close()
+    wd = Workdir("sluice-self-")
+    dns = d = None
+    try:
+        port = free_port()
+        dns = Dns(wd, records_for(["self.test"]))
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 1
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+[delivery]
+remote_port = {port}
+allow_networks = 127.0.0.0/8
+[dns]
+servers = 127.0.0.1:{dns.port}
+[bounce]
+dsn = no
+""")
+        d = Sluice(SLUICE, conf)
+        d.wait_log("event=ready")
+        c = Smtp(port)
+        c.expect("EHLO tester", 250)
+        c.expect("MAIL FROM:<s@example.com>", 250)
+        c.expect("RCPT TO:<a@self.test>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: t\r\n\r\nloop\r\n.", 250)
+        c.cmd("QUIT")
+        line = d.wait_log("event=bounced", timeout=30)
+        assert "class=refused_target" in line and "enhanced=5.4.6" in line, line
+        assert "loops back to myself" in line, line
+        assert d.count_log("event=connected") == 0
+        assert d.stop_clean() == 0
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
-          test_a_refusing_address_shrinks_the_window])
+          test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
+          test_allowed_network_delivers_but_never_to_itself])
