@@ -167,6 +167,11 @@ static const struct conf_key delivery_keys[] = {
      "addresses are all refused bounces, class refused_target); this node's own listeners "
      "are refused whatever this says",
      NULL},
+    {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
+     "a destination domain with nothing queued, in flight or held is forgotten after this "
+     "long (its counters on the stats socket restart when mail for it comes again): memory "
+     "follows the domains in use, not every domain ever seen",
+     NULL},
     {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "4",
      "connections a site (the MX hosts a set of domains share) starts with; it earns more "
      "while transactions complete, up to max_connections, and halves on connect failures, "

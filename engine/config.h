@@ -90,6 +90,7 @@ struct delivery_config {
     /* Sites (engine/outbound/site.h): */
     unsigned max_connections_per_address; /* per node, 0: no cap */
     unsigned initial_connections;         /* a new site's window */
+    uint64_t destination_idle_ttl;        /* ms: an idle destination is forgotten after */
     char *allow_networks;     /* owned: as written; parsed into allow */
     struct cidr allow[NETADDR_MAX_LIST];
     int nallow;

@@ -37,6 +37,8 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/hash.h"
+#include "common/lru.h"
 #include "common/log.h"
 #include "dns/dns.h"
 #include "engine/classify.h"
@@ -53,7 +55,7 @@
 #include "queue/queue.h"
 #include "tls/tls.h"
 
-#define DEST_BUCKETS   4096
+#define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
 #define IN_CAP         4096 /* one provided receive buffer */
 #define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
 #define IN_BGID        7    /* their buffer group on the worker's ring */
@@ -165,7 +167,9 @@ struct mxkey {
 };
 
 struct dest {
-    struct dest *hnext;
+    struct hash_node node;   /* on d->dests: first, the table's entries are dests */
+    struct lru_node lru;     /* on d->dest_lru: eviction when idle */
+    uint64_t touched;        /* monotonic ns of its last activity */
     struct delivery *d;
     char name[256];
     const struct domain_policy *pol; /* borrowed from the config */
@@ -212,7 +216,10 @@ struct delivery {
     bool stopping;
     bool draining;           /* SIGTERM: finish what is in flight, start nothing */
     bool drained;            /* ... and it is done: told the engine */
-    struct dest *buckets[DEST_BUCKETS];
+    struct hash dests;       /* struct dest by name */
+    struct lru dest_lru;     /* least recently active first */
+    struct timer evict_timer;
+    uint64_t evicted;        /* destinations dropped when idle */
     struct timer due_timer; /* worker 0: poll the spool for due recipients */
     struct queue_due_pos due_pos;
     struct delivery_stats stats;
@@ -751,14 +758,20 @@ site_wake(struct delivery *d, struct site *s)
     site_unref(&d->sites, s);
 }
 
+static bool
+dest_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct dest *)n)->name, key) == 0;
+}
+
 static struct dest *
 dest_get(struct delivery *d, const char *name)
 {
-    uint32_t b = delivery_domain_hash(name) % DEST_BUCKETS;
-    for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
-        if (strcmp(t->name, name) == 0)
-            return t;
-    struct dest *t = calloc(1, sizeof(*t));
+    uint64_t h = hash_str_nocase(name);
+    struct dest *t = (struct dest *)hash_find(&d->dests, h, name);
+    if (t != NULL)
+        return t;
+    t = calloc(1, sizeof(*t));
     if (t == NULL)
         return NULL;
     t->d = d;
@@ -775,9 +788,106 @@ dest_get(struct delivery *d, const char *name)
         free(t);
         return NULL;
     }
-    t->hnext = d->buckets[b];
-    d->buckets[b] = t;
+    t->node.hash = h;
+    if (hash_insert(&d->dests, &t->node) < 0) {
+        limits_key_fini(d->lim, &t->lim);
+        free(t);
+        return NULL;
+    }
+    t->touched = d->w->now;
+    lru_touch(&d->dest_lru, &t->lru);
     return t;
+}
+
+/* Iteration over the destinations of a worker. */
+struct dest_iter {
+    size_t bucket;
+    struct hash_node *cur;
+};
+
+static struct dest *
+dest_next(const struct delivery *d, struct dest_iter *it)
+{
+    return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
+}
+
+static struct job *dest_pop(struct dest *t);
+
+/* Forget t and what waits in it (the spool keeps the recipients). live:
+ * the loop turns, so timers, the lookup and the limiter are let go of
+ * too; else they went with the loop. */
+static void
+dest_free(struct dest *t, bool live)
+{
+    struct delivery *d = t->d;
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        free(j);
+    if (live) {
+        worker_timer_cancel(d->w, &t->hold_timer);
+        worker_timer_cancel(d->w, &t->sweep_timer);
+        worker_timer_cancel(d->w, &t->lim_timer);
+        if (t->req != NULL && d->res != NULL)
+            resolver_cancel(d->res, t->req);
+        if (t->lim.l != NULL)
+            limits_key_fini(d->lim, &t->lim);
+    }
+    dns_mx_result_unref(t->mx);
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    hash_remove(&d->dests, &t->node);
+    lru_remove(&d->dest_lru, &t->lru);
+    free(t);
+}
+
+/* Nothing of t is going on, nor has been for the idle time: it may go
+ * (what it knows, the MX answer, is in the resolver's cache). A held or
+ * suspended destination stays: that is state an operator or a receiver
+ * set. */
+static bool
+dest_evictable(const struct dest *t, uint64_t now)
+{
+    return t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+           t->req == NULL && !t->mx_waiting && !t->running && now >= t->hold_until &&
+           t->lim.nleases == 0;
+}
+
+/* Every EVICT_SWEEP_MS: drop the destinations idle for
+ * [delivery] destination_idle_ttl, oldest first; busy ones met on the
+ * way go to the recent end. Their sites go with their last reference. */
+static void
+dest_on_evict(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, evict_timer));
+    if (d->stopping)
+        return;
+    uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
+    size_t budget = d->dest_lru.n;
+    struct lru_node *x;
+    while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
+        if (now - t->touched < ttl)
+            break;
+        if (!dest_evictable(t, now)) {
+            t->touched = now;
+            lru_touch(&d->dest_lru, &t->lru);
+            continue;
+        }
+        dest_free(t, true);
+        d->evicted++;
+    }
+    hash_compact(&d->dests);
+    if (!d->stopping)
+        worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+/* t is active now. */
+static void
+dest_touch(struct dest *t)
+{
+    t->touched = t->d->w->now;
+    lru_touch(&t->d->dest_lru, &t->lru);
 }
 
 static void
@@ -2504,6 +2614,7 @@ static void dest_run_once(struct dest *t);
 static void
 dest_run(struct dest *t)
 {
+    dest_touch(t);
     if (t->running) {
         t->rerun = true;
         return;
@@ -2760,8 +2871,9 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     struct delivery *d = (struct delivery *)((char *)m - offsetof(struct delivery, stop_msg));
     d->stopping = true;
     worker_timer_cancel(w, &d->due_timer);
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+    worker_timer_cancel(w, &d->evict_timer);
+    struct dest_iter it1 = {0};
+    for (struct dest *t; (t = dest_next(d, &it1)) != NULL;) {
             worker_timer_cancel(w, &t->hold_timer);
             worker_timer_cancel(w, &t->sweep_timer);
             if (t->req != NULL && d->res != NULL)
@@ -2771,8 +2883,8 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     for (struct conn *c = d->all; c != NULL; c = c->next_all)
         conn_close(c, "stopping");
     /* Leases go back now, not after their ttl (the loop still turns). */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+    struct dest_iter it2 = {0};
+    for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
             worker_timer_cancel(w, &t->lim_timer);
             limits_key_fini(d->lim, &t->lim);
         }
@@ -2853,8 +2965,8 @@ int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
     uint64_t now = clock_unix_ms();
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+    struct dest_iter it3 = {0};
+    for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
             if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
                 (t->last_ms == 0 || now - t->last_ms > 600000))
                 continue;
@@ -2910,8 +3022,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
 void
 delivery_reconfigure(struct delivery *d)
 {
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+    struct dest_iter it4 = {0};
+    for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
             t->pol = config_domain(d->e->cfg, t->name);
             struct limit_conf lc;
             dest_limit_conf(t->pol, &lc);
@@ -2934,8 +3046,8 @@ delivery_reconfigure(struct delivery *d)
     }
     /* Connections keep the client options they started with; new ones
      * take the new policy. Let the new limits act on what waits. */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
+    struct dest_iter it5 = {0};
+    for (struct dest *t; (t = dest_next(d, &it5)) != NULL;)
             dest_run(t);
 }
 
@@ -2956,8 +3068,8 @@ void
 delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting, uint64_t *inflight)
 {
     *dests = *waiting = *inflight = 0;
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (const struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
+    struct dest_iter it6 = {0};
+    for (const struct dest *t; (t = dest_next(d, &it6)) != NULL;) {
             (*dests)++;
             *waiting += t->queued;
             *inflight += t->inflight;
@@ -2989,6 +3101,9 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->chunk_pool.size = BODY_CHUNK;
     sites_init(&d->sites);
     local_addrs_load(d);
+    hash_init(&d->dests, dest_eq, 256);
+    lru_init(&d->dest_lru);
+    timer_init(&d->evict_timer, dest_on_evict);
     d->stop_msg.fn = delivery_on_stop;
     {
         const struct config *cfg = e->cfg;
@@ -3037,6 +3152,7 @@ delivery_start(struct delivery *d)
     port_arm(d);
     if (d->w->id == 0 && d->e->cfg->delivery.enabled)
         worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+    worker_timer_arm(d->w, &d->evict_timer, d->w->now + MS_TO_NS(EVICT_SWEEP_MS));
 }
 
 struct delivery *
@@ -3053,20 +3169,10 @@ delivery_free(struct delivery *d)
         c->inflight = 0;
         conn_free(c);
     }
-    for (unsigned b = 0; b < DEST_BUCKETS; b++) {
-        struct dest *t = d->buckets[b];
-        while (t != NULL) {
-            struct dest *next = t->hnext;
-            struct job *j;
-            while ((j = dest_pop(t)) != NULL)
-                free(j);
-            dns_mx_result_unref(t->mx);
-            want_remove(t);
-            site_unref(&d->sites, t->site);
-            free(t);
-            t = next;
-        }
-    }
+    struct dest_iter itf = {0};
+    for (struct dest *t; (t = dest_next(d, &itf)) != NULL;)
+        dest_free(t, false);
+    hash_fini(&d->dests);
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     while (d->retrying != NULL) {
@@ -3108,4 +3214,7 @@ delivery_stats(const struct delivery *d, struct delivery_stats *out)
 {
     *out = d->stats;
     out->bufs_out = d->cli_pool.out;
+    out->sites = d->sites.live;
+    out->mx_addresses = hash_count(&d->sites.addrs);
+    out->dests_evicted = d->evicted;
 }

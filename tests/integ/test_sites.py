@@ -223,9 +223,38 @@ dsn = no
         wd.cleanup()
 
 
+def test_idle_destinations_and_sites_are_forgotten():
+    """300 domains on three MX hosts come and go: once idle for
+    destination_idle_ttl, their destinations and sites are evicted (the
+    stats socket's live counts fall to zero), and mail for one of them
+    afterwards is delivered as before."""
+    from test_ops import ctl_json, sock_of, stats_conf
+    doms = [f"e{i}.test" for i in range(300)]
+    recs = [f"host-record=mx{k}.test,127.0.0.1" for k in range(3)]
+    recs += [f"mx-host={d},mx{i % 3}.test,10" for i, d in enumerate(doms)]
+    r = Relay(recs, domain_conf=stats_conf("[delivery]\ndestination_idle_ttl = 1s\n"))
+    try:
+        r.inject([("s@example.com", [f"u@{d}"], b"Subject: t\r\n\r\nx\r\n") for d in doms],
+                 sessions=4)
+        r.d.wait_log_count("event=delivered", len(doms), timeout=120)
+
+        def objects():
+            return ctl_json(sock_of(r), "stats")["objects"]
+        during = objects()
+        wait_until(lambda: objects()["destinations"] == 0, 30, "destinations evicted")
+        o = objects()
+        assert o["sites"] == 0 and o["outbound_connections"] == 0, o
+        assert during["destinations"] > 0, during
+        r.inject([("s@example.com", ["again@e7.test"], b"Subject: t\r\n\r\nagain\r\n")])
+        r.d.wait_log_count("event=delivered", len(doms) + 1, timeout=30)
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
-          test_allowed_network_delivers_but_never_to_itself])
+          test_allowed_network_delivers_but_never_to_itself,
+          test_idle_destinations_and_sites_are_forgotten])
