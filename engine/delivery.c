@@ -2874,20 +2874,20 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     worker_timer_cancel(w, &d->evict_timer);
     struct dest_iter it1 = {0};
     for (struct dest *t; (t = dest_next(d, &it1)) != NULL;) {
-            worker_timer_cancel(w, &t->hold_timer);
-            worker_timer_cancel(w, &t->sweep_timer);
-            if (t->req != NULL && d->res != NULL)
-                resolver_cancel(d->res, t->req);
-            t->req = NULL;
-        }
+        worker_timer_cancel(w, &t->hold_timer);
+        worker_timer_cancel(w, &t->sweep_timer);
+        if (t->req != NULL && d->res != NULL)
+            resolver_cancel(d->res, t->req);
+        t->req = NULL;
+    }
     for (struct conn *c = d->all; c != NULL; c = c->next_all)
         conn_close(c, "stopping");
     /* Leases go back now, not after their ttl (the loop still turns). */
     struct dest_iter it2 = {0};
     for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
-            worker_timer_cancel(w, &t->lim_timer);
-            limits_key_fini(d->lim, &t->lim);
-        }
+        worker_timer_cancel(w, &t->lim_timer);
+        limits_key_fini(d->lim, &t->lim);
+    }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
         limits_key_fini(d->lim, &k->lim);
     if (d->res != NULL)
@@ -2967,55 +2967,54 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
     uint64_t now = clock_unix_ms();
     struct dest_iter it3 = {0};
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
-            if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
-                (t->last_ms == 0 || now - t->last_ms > 600000))
-                continue;
-            if (*n == *cap) {
-                size_t nc = *cap ? *cap * 2 : 64;
-                struct stats_domain *a = realloc(*out, nc * sizeof(*a));
-                if (a == NULL)
-                    return -ENOMEM;
-                *out = a;
-                *cap = nc;
-            }
-            struct stats_domain *x = &(*out)[(*n)++];
-            memset(x, 0, sizeof(*x));
-            snprintf(x->name, sizeof(x->name), "%s", t->name);
-            x->ready = t->queued;
-            x->inflight = t->inflight;
-            x->connections = t->conns;
-            x->delivered = t->delivered;
-            x->bounced = t->failed;
-            x->max_connections = t->pol->max_connections;
-            x->suspended = t->suspended;
-            snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
-            bool held = d->w->now < t->hold_until;
-            unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
-            const struct conf_rate *mr = &t->pol->max_message_rate;
-            if (mr->count != 0 && mr->per_ms != 0)
-                x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
-            const char *redis = delivery_redis_state(d);
-            if (t->suspended)
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
-            else if (held)
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
-            else if (pct < 100)
-                snprintf(x->limit_reason, sizeof(x->limit_reason),
-                         "backoff: %u%% of the rates after rate limiting", pct);
-            else if (strcmp(redis, "unreachable") == 0)
-                snprintf(x->limit_reason, sizeof(x->limit_reason),
-                         "local share (Redis unreachable)");
-            else
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
-                         t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
-            uint64_t oldest = 0;
-            for (struct job *j = t->head; j != NULL; j = j->next) {
-                uint64_t a = queue_id_time_ms(j->id);
-                if (oldest == 0 || a < oldest)
-                    oldest = a;
-            }
-            x->oldest_ms = oldest;
+        if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+            (t->last_ms == 0 || now - t->last_ms > 600000))
+            continue;
+        if (*n == *cap) {
+            size_t nc = *cap ? *cap * 2 : 64;
+            struct stats_domain *a = realloc(*out, nc * sizeof(*a));
+            if (a == NULL)
+                return -ENOMEM;
+            *out = a;
+            *cap = nc;
         }
+        struct stats_domain *x = &(*out)[(*n)++];
+        memset(x, 0, sizeof(*x));
+        snprintf(x->name, sizeof(x->name), "%s", t->name);
+        x->ready = t->queued;
+        x->inflight = t->inflight;
+        x->connections = t->conns;
+        x->delivered = t->delivered;
+        x->bounced = t->failed;
+        x->max_connections = t->pol->max_connections;
+        x->suspended = t->suspended;
+        snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
+        bool held = d->w->now < t->hold_until;
+        unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
+        const struct conf_rate *mr = &t->pol->max_message_rate;
+        if (mr->count != 0 && mr->per_ms != 0)
+            x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
+        const char *redis = delivery_redis_state(d);
+        if (t->suspended)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
+        else if (held)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
+        else if (pct < 100)
+            snprintf(x->limit_reason, sizeof(x->limit_reason),
+                     "backoff: %u%% of the rates after rate limiting", pct);
+        else if (strcmp(redis, "unreachable") == 0)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "local share (Redis unreachable)");
+        else
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
+                     t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
+        uint64_t oldest = 0;
+        for (struct job *j = t->head; j != NULL; j = j->next) {
+            uint64_t a = queue_id_time_ms(j->id);
+            if (oldest == 0 || a < oldest)
+                oldest = a;
+        }
+        x->oldest_ms = oldest;
+    }
     return 0;
 }
 
@@ -3024,13 +3023,13 @@ delivery_reconfigure(struct delivery *d)
 {
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
-            t->pol = config_domain(d->e->cfg, t->name);
-            struct limit_conf lc;
-            dest_limit_conf(t->pol, &lc);
-            limits_key_set(d->lim, &t->lim, &lc);
-            t->mxk_for = NULL; /* the [mx] sections may have changed */
-            t->mxk = NULL;
-        }
+        t->pol = config_domain(d->e->cfg, t->name);
+        struct limit_conf lc;
+        dest_limit_conf(t->pol, &lc);
+        limits_key_set(d->lim, &t->lim, &lc);
+        t->mxk_for = NULL; /* the [mx] sections may have changed */
+        t->mxk = NULL;
+    }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
         bool src = strncmp(k->pattern, "src:", 4) == 0; /* else "mx:" */
@@ -3048,7 +3047,7 @@ delivery_reconfigure(struct delivery *d)
      * take the new policy. Let the new limits act on what waits. */
     struct dest_iter it5 = {0};
     for (struct dest *t; (t = dest_next(d, &it5)) != NULL;)
-            dest_run(t);
+        dest_run(t);
 }
 
 int
@@ -3070,10 +3069,10 @@ delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting, u
     *dests = *waiting = *inflight = 0;
     struct dest_iter it6 = {0};
     for (const struct dest *t; (t = dest_next(d, &it6)) != NULL;) {
-            (*dests)++;
-            *waiting += t->queued;
-            *inflight += t->inflight;
-        }
+        (*dests)++;
+        *waiting += t->queued;
+        *inflight += t->inflight;
+    }
 }
 
 void
