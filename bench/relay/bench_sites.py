@@ -11,6 +11,10 @@ it, [delivery] allow_networks for loopback.
 
   bench/relay/bench_sites.py [--sluice build-rel/engine/sluice] [--messages 20000]
                              [--sessions 50] [--size 2048] [--only D:M,...]
+                             [--before OTHER-SLUICE]
+
+With --before, each line runs with the other binary first, then with
+--sluice: the ratio of each is to its own one-domain line.
 
 Each line: messages/s from the first injection to the last delivery, the
 ratio to one domain on one MX in the same run, connections opened per
@@ -187,6 +191,9 @@ def main():
     ap.add_argument("--timeout", type=int, default=300, help="seconds to wait for deliveries")
     ap.add_argument("--spool", default="/var/tmp")
     ap.add_argument("--only", default="", help="D:M pairs, comma-separated")
+    ap.add_argument("--before", default="",
+                    help="another sluice binary (e.g. main's) run on each line just before, "
+                         "for figures side by side")
     a = ap.parse_args()
     grid = [(1, 1), (100, 1), (100, 10), (100, 100), (1000, 1), (1000, 10), (1000, 100),
             (10000, 1), (10000, 10), (10000, 100)]
@@ -199,16 +206,20 @@ def main():
           f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
           f"receivers: smtp-sink, backlog 256", flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
-          f"{'max/addr':>9} {'delivered':>10} {'secs':>7}", flush=True)
-    base = None
+          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9}", flush=True)
+    binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
+    base = {}
     for ndom, nmx in grid:
-        r = one(a, ndom, nmx, sink_port)
-        if base is None:
-            base = r["msgs"]
-        print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / base:>5.0f}% "
-              f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
-              f"{r['delivered']:>10} {r['secs']:>7.1f}"
-              + (f"  ({r['errors']} injection errors)" if r["errors"] else ""), flush=True)
+        for label, binary in binaries:
+            a_run = argparse.Namespace(**vars(a))
+            a_run.sluice = binary
+            r = one(a_run, ndom, nmx, sink_port)
+            if label not in base:
+                base[label] = r["msgs"]
+            print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / base[label]:>5.0f}% "
+                  f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
+                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f}  {label}"
+                  + (f"  ({r['errors']} injection errors)" if r["errors"] else ""), flush=True)
 
 
 if __name__ == "__main__":
