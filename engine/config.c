@@ -251,6 +251,12 @@ static const struct conf_key domain_keys[] = {
      "how long a recipient may stay queued before it expires and bounces, whether ready, "
      "deferred or in flight (a message's expire_header may shorten it)",
      NULL},
+    {"route", CONF_STRING, DOM(route), 1, 270, NULL,
+     "host[:port] to deliver to instead of the domain's MX hosts (a smarthost, as Postfix's "
+     "relayhost or transport map): the host's MX records if it has any, else its addresses; "
+     "[192.0.2.1] or [IPv6:2001:db8::1] as is; the port overrides [delivery] remote_port. "
+     "Domains routed to the same host share its connections (a site)",
+     NULL},
     {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
      "after a 421 or when every MX address failed, no new connection to the domain for "
      "this long; its waiting recipients keep their place",
@@ -856,6 +862,47 @@ free_builds(struct parse *p)
     p->ndoms = 0;
 }
 
+/* "host", "host:port", "[literal]" or "[literal]:port" into the policy. */
+static int
+parse_route(struct parse *p, struct domain_policy *pol, unsigned line)
+{
+    pol->route_host[0] = '\0';
+    pol->route_port = 0;
+    if (pol->route == NULL)
+        return 0;
+    const char *r = pol->route, *colon;
+    if (r[0] == '[') {
+        const char *close = strchr(r, ']');
+        colon = close != NULL && close[1] == ':' ? close + 1 : NULL;
+        if (close == NULL || (close[1] != '\0' && colon == NULL)) {
+            perr(p, line, "route: \"%s\" is not [address] or [address]:port", r);
+            return -EINVAL;
+        }
+    } else {
+        colon = strrchr(r, ':');
+    }
+    size_t hl = colon ? (size_t)(colon - r) : strlen(r);
+    if (hl == 0 || hl >= sizeof(pol->route_host)) {
+        perr(p, line, "route: \"%s\": no host", r);
+        return -EINVAL;
+    }
+    if (colon != NULL) {
+        char *end;
+        unsigned long port = strtoul(colon + 1, &end, 10);
+        if (colon[1] == '\0' || *end != '\0' || port == 0 || port > 65535) {
+            perr(p, line, "route: \"%s\": the port must be 1 to 65535", r);
+            return -EINVAL;
+        }
+        pol->route_port = (unsigned)port;
+    }
+    memcpy(pol->route_host, r, hl);
+    pol->route_host[hl] = '\0';
+    for (char *c = pol->route_host; *c; c++)
+        if (*c >= 'A' && *c <= 'Z')
+            *c = (char)(*c + 32);
+    return 0;
+}
+
 static int
 resolve_domains(struct parse *p)
 {
@@ -874,6 +921,8 @@ resolve_domains(struct parse *p)
             if (apply_domain(p, &cfg->default_domain, &p->doms[i]) < 0)
                 return -EINVAL;
         }
+    if (parse_route(p, &cfg->default_domain, cfg->default_domain.line) < 0)
+        return -EINVAL;
     unsigned n = 0;
     cfg->domains = calloc(p->ndoms ? p->ndoms : 1, sizeof(*cfg->domains));
     if (cfg->domains == NULL)
@@ -882,13 +931,17 @@ resolve_domains(struct parse *p)
         if (strcmp(p->doms[i].name, "*") == 0)
             continue;
         struct domain_policy *pol = &cfg->domains[n];
-        *pol = cfg->default_domain; /* no owned fields but the name */
+        *pol = cfg->default_domain; /* owned fields: the name, and the route copied */
+        pol->route = NULL;
+        if (cfg->default_domain.route != NULL &&
+            (pol->route = strdup(cfg->default_domain.route)) == NULL)
+            return -ENOMEM;
         pol->name = p->doms[i].name;
         p->doms[i].name = NULL;
         pol->line = p->doms[i].line;
         n++;
         cfg->ndomains = n;
-        if (apply_domain(p, pol, &p->doms[i]) < 0)
+        if (apply_domain(p, pol, &p->doms[i]) < 0 || parse_route(p, pol, pol->line) < 0)
             return -EINVAL;
     }
     qsort(cfg->domains, cfg->ndomains, sizeof(*cfg->domains), cmp_domain);
@@ -1170,10 +1223,13 @@ config_free(struct config *cfg)
         return NULL;
     for (unsigned i = 0; i < NSECTIONS; i++)
         conf_free(sections[i].keys, (char *)cfg + sections[i].offset);
-    for (unsigned i = 0; i < cfg->ndomains; i++)
+    for (unsigned i = 0; i < cfg->ndomains; i++) {
         free(cfg->domains[i].name);
+        free(cfg->domains[i].route);
+    }
     free(cfg->domains);
     free(cfg->default_domain.name);
+    free(cfg->default_domain.route);
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
     for (unsigned i = 0; i < cfg->nmxs; i++) {

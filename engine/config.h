@@ -132,6 +132,9 @@ struct domain_policy {
     struct conf_durations retry_schedule;
     uint64_t max_age;        /* ms */
     uint64_t site_hold;      /* ms: no new connection after a 421 or a site failure */
+    char *route;             /* owned: "host[:port]" as written; NULL: the domain's MX hosts */
+    char route_host[256];    /* derived: the host (or [literal]) resolved instead */
+    unsigned route_port;     /* derived: 0 for [delivery] remote_port */
 };
 
 struct classify;

@@ -497,6 +497,9 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 
 /* ---- targets: where mail must not go ---- */
 
+struct dest;
+static unsigned dest_port(const struct dest *t);
+
 /* This host's interface addresses (for listeners on a wildcard address).
  * Without them only the listeners' own addresses are known. */
 static void
@@ -552,12 +555,13 @@ target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
     return false;
 }
 
-/* Why a is refused as a delivery target ("loopback", ...), or NULL. */
+/* Why a (on port) is refused as a delivery target ("loopback", ...), or
+ * NULL. */
 static const char *
-target_refused(const struct delivery *d, const union dns_addr *a)
+target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
 {
     const struct delivery_config *dc = &d->e->cfg->delivery;
-    if (target_is_self(d, a, dc->remote_port))
+    if (target_is_self(d, a, port))
         return "this node's own listener";
     const char *what = netaddr_special(&a->sa);
     if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
@@ -635,7 +639,7 @@ dest_targets(struct dest *t)
     const union dns_addr *wa = NULL;
     for (unsigned h = 0; h < t->mx->nhosts; h++)
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
-            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i]);
+            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
             if (r == NULL) {
                 t->ntargets++;
             } else if (why == NULL) {
@@ -677,7 +681,7 @@ dest_site(struct dest *t)
         return;
     const struct delivery_config *dc = &d->e->cfg->delivery;
     char key[SITE_KEY_MAX];
-    site_key(t->mx, dc->remote_port, key, sizeof(key));
+    site_key(t->mx, dest_port(t), key, sizeof(key));
     struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
     if (s == NULL)
         return; /* no memory: keep the old one, ask again with the next answer */
@@ -2396,7 +2400,7 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
     unsigned k = t->next_addr % total;
     for (unsigned h = 0; h < t->mx->nhosts; h++)
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
-            if (target_refused(t->d, &t->mx->hosts[h].addrs[i]) != NULL)
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL)
                 continue;
             if (k-- == 0) {
                 *host = &t->mx->hosts[h];
@@ -2412,7 +2416,7 @@ static void
 dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out)
 {
     *out = *a;
-    uint16_t port = htons((uint16_t)t->d->e->cfg->delivery.remote_port);
+    uint16_t port = htons((uint16_t)dest_port(t));
     if (out->sa.sa_family == AF_INET6)
         out->sin6.sin6_port = port;
     else
@@ -2439,7 +2443,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
         if (x->preference != pref)
             continue;
         for (unsigned i = 0; i < x->naddrs; i++) {
-            if (target_refused(d, &x->addrs[i]) != NULL)
+            if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
                 continue;
             dest_addr_port(t, &x->addrs[i], &k);
             unsigned n = site_addr_conns(&d->sites, &k);
@@ -2512,6 +2516,12 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
 }
 
 /* ---- the scheduler ---- */
+
+static unsigned
+dest_port(const struct dest *t)
+{
+    return t->pol->route_port ? t->pol->route_port : t->d->e->cfg->delivery.remote_port;
+}
 
 static void
 dest_on_mx(void *arg, struct dns_mx_result *res)
@@ -2648,7 +2658,10 @@ dest_run_once(struct dest *t)
             return;
         }
         struct dns_mx_result *res = NULL;
-        int rc = resolver_mx_resolve(d->res, t->name, dest_on_mx, t, &res, &t->req);
+        /* A route: its host's answer stands for the domain's (a site like
+         * any other). */
+        const char *name = t->pol->route_host[0] ? t->pol->route_host : t->name;
+        int rc = resolver_mx_resolve(d->res, name, dest_on_mx, t, &res, &t->req);
         if (rc == 1) {
             t->req = NULL;
             t->mx = res;
@@ -3023,7 +3036,16 @@ delivery_reconfigure(struct delivery *d)
 {
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
+        const struct domain_policy *old = t->pol;
         t->pol = config_domain(d->e->cfg, t->name);
+        if (strcmp(old->route_host, t->pol->route_host) != 0 ||
+            old->route_port != t->pol->route_port) {
+            /* Another route: the next connection asks for its answer. */
+            if (t->req != NULL && d->res != NULL)
+                resolver_cancel(d->res, t->req);
+            t->req = NULL;
+            t->mx = dns_mx_result_unref(t->mx);
+        }
         struct limit_conf lc;
         dest_limit_conf(t->pol, &lc);
         limits_key_set(d->lim, &t->lim, &lc);

@@ -251,10 +251,40 @@ def test_idle_destinations_and_sites_are_forgotten():
         r.close()
 
 
+def test_routes_send_a_domain_to_its_smarthost():
+    """route = host:port and route = [literal]:port: routed.test (no DNS
+    records at all) goes to relay.test's address on the second receiver's
+    port, lit.test to the literal; plain.test still goes to its MX."""
+    from harness import free_port as fp
+    port2 = fp()
+    recs = records_for(["plain.test"]) + ["host-record=relay.test,127.0.0.1"]
+    r = Relay(recs, domain_conf=f"[domain routed.test]\nroute = relay.test:{port2}\n"
+                                f"[domain lit.test]\nroute = [127.0.0.1]:{port2}\n")
+    sink2 = None
+    try:
+        sink2 = Sink(r.wd, port2, name="sink2")
+        r.inject([("s@example.com", ["a@routed.test"], b"Subject: r\r\n\r\nrouted\r\n"),
+                  ("s@example.com", ["b@lit.test"], b"Subject: l\r\n\r\nliteral\r\n"),
+                  ("s@example.com", ["c@plain.test"], b"Subject: p\r\n\r\nplain\r\n")])
+        lines = r.d.wait_log_count("event=delivered", 3, timeout=30)
+        wait_until(lambda: len(sink2.files()) == 2 and len(r.sink.files()) == 1, 10,
+                   "two messages at the smarthost, one at the MX")
+        routed = [x for x in lines if "domain=routed.test" in x][0]
+        assert "mx=relay.test" in routed, routed
+        assert any(b"routed" in m for m in sink2.messages())
+        assert any(b"literal" in m for m in sink2.messages())
+        assert b"plain" in r.sink.messages()[0]
+    finally:
+        if sink2 is not None:
+            sink2.stop()
+        r.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself,
-          test_idle_destinations_and_sites_are_forgotten])
+          test_idle_destinations_and_sites_are_forgotten,
+          test_routes_send_a_domain_to_its_smarthost])
