@@ -47,6 +47,7 @@
 #include "engine/limits.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
+#include "engine/outbound/policy.h"
 #include "engine/outbound/site.h"
 #include "engine/resolver.h"
 #include "engine/smtp_client.h"
@@ -64,10 +65,9 @@
 #define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
-#define HOLD_MIN_MS    1000 /* shortest hold after every MX address failed */
+#define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
-#define EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
-#define FAILOVER_MAX   3    /* next-address moves of one job after session failures */
+#define EXPIRY_SLACK_MS POLICY_EXPIRY_SLACK_MS
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 
@@ -1127,15 +1127,8 @@ rng_next(struct delivery *d)
 static uint64_t
 retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts)
 {
-    const struct conf_durations *s = &pol->retry_schedule;
-    unsigned i = attempts < s->n ? attempts : s->n - 1;
-    uint64_t ms = s->ms[i];
-    unsigned pct = d->e->cfg->delivery.retry_jitter;
-    if (pct == 0 || ms == 0)
-        return ms;
-    uint64_t span = ms * pct / 100; /* at most half the delay */
-    uint64_t r = rng_next(d) % (2 * span + 1);
-    return ms - span + r;
+    return policy_retry_delay(&pol->retry_schedule, attempts, d->e->cfg->delivery.retry_jitter,
+                              rng_next(d));
 }
 
 /* When the recipients of id give up: max_age after arrival, or earlier
@@ -1144,10 +1137,7 @@ static uint64_t
 job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env, uint64_t id)
 {
     uint64_t arrival = env != NULL && env->arrival_ms != 0 ? env->arrival_ms : queue_id_time_ms(id);
-    uint64_t e = arrival + pol->max_age;
-    if (env != NULL && env->expire_ms != 0 && env->expire_ms < e)
-        e = env->expire_ms;
-    return e;
+    return policy_expiry(arrival, pol->max_age, env != NULL ? env->expire_ms : 0);
 }
 
 /* Where an outcome was met, for the log and the classification. */
@@ -1156,34 +1146,6 @@ struct outcome_where {
     const char *tls_proto, *tls_cipher;
     enum classify_source src; /* for outcomes that are not a server's reply */
 };
-
-static enum classify_source
-outcome_source(const struct smtp_outcome *o, enum classify_source fallback)
-{
-    switch (o->reason) {
-    case SMTP_REASON_REPLY:
-    case SMTP_REASON_SIZE:
-    case SMTP_REASON_ADDRESS:
-    case SMTP_REASON_NEED_8BITMIME:
-    case SMTP_REASON_NEED_SMTPUTF8:
-    case SMTP_REASON_RCPT_LIMIT:
-    case SMTP_REASON_NO_RCPT:
-        return CLASSIFY_REPLY;
-    case SMTP_REASON_TIMEOUT:
-    case SMTP_REASON_EOF:
-    case SMTP_REASON_QUIT:
-        return CLASSIFY_CONNECT;
-    case SMTP_REASON_PROTOCOL:
-        return CLASSIFY_PROTOCOL;
-    case SMTP_REASON_TLS_UNAVAILABLE:
-    case SMTP_REASON_TLS_REFUSED:
-    case SMTP_REASON_TLS_FAILED:
-    case SMTP_REASON_TLS_UNVERIFIED:
-        return CLASSIFY_TLS;
-    default:
-        return o->code != 0 && fallback == CLASSIFY_REPLY ? CLASSIFY_REPLY : fallback;
-    }
-}
 
 /* Values of the configured delivery-log headers in the message's header
  * section; vals[i] points into buf (NULL when absent). */
@@ -1369,33 +1331,42 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         enum dlog_kind kind;
         enum bounce_class cls = BOUNCE_OTHER;
         bool failed = false;
-        if (o->status == SMTP_STATUS_DELIVERED) {
+        /* The decision is the failure policy's (outbound/policy.h). */
+        enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
+                                   ? BOUNCE_OTHER
+                                   : classify(cfg->classify, policy_source(o, where->src), o->code,
+                                              &o->enh, o->text);
+        struct policy_rcpt pr;
+        policy_rcpt(o, oc, where->src, now, expire,
+                    o->status == SMTP_STATUS_TEMPFAIL ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
+                                                      : 0,
+                    &pr);
+        if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
             d->stats.delivered++;
             t->delivered++;
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
-        } else if (o->status == SMTP_STATUS_PERMFAIL) {
+        } else if (pr.kind == POLICY_BOUNCE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_BOUNCE;
-            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
+            cls = oc;
             failed = true;
             d->stats.bounced++;
-        } else if (now + EXPIRY_SLACK_MS >= expire) {
+        } else if (pr.kind == POLICY_EXPIRE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
             failed = true;
             d->stats.expired++;
         } else {
-            uint64_t due = now + retry_delay_ms(d, t->pol, r ? r->attempts : 0);
             q->kind = QUEUE_DEFERRED;
-            q->due_ms = due < expire ? due : expire;
+            q->due_ms = pr.due_ms;
             kind = DLOG_TRANSIENT_FAILURE;
-            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
+            cls = oc;
             d->stats.deferred++;
-            if (cls == BOUNCE_RATE_LIMITED && o->code != 421) /* 421: in conn_free */
+            if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }
         if (failed)
@@ -1595,34 +1566,36 @@ conn_free(struct conn *c)
             break;
         }
     const struct smtp_outcome *so = c->connected ? smtp_client_session(&c->cli) : NULL;
-    /* The receiver's feedback for the site's window: it refused, timed
-     * out or hung up before the session was ready, or pushed back (a
-     * reset in a transaction is seen in conn_txn_done). */
-    if (site != NULL && !d->stopping && !d->draining &&
-        (!c->ready_once || (so != NULL && so->code == 421)))
+    /* What the end of this connection means: the failure policy's call
+     * (a reset in a transaction is seen in conn_txn_done). */
+    struct policy_conn_end pe = {
+        .connected = c->connected,
+        .ready_once = c->ready_once,
+        .session = so,
+        .stopping = d->stopping,
+    };
+    struct policy_conn_decision pd;
+    policy_conn_end(&pe, &pd);
+    if (site != NULL && pd.congested && !d->draining)
         conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
-    if (so != NULL && so->code == 421 && !d->stopping) {
-        /* The server pushes back: give it a rest (RFC 5321 3.8). */
-        log_msg(LOG_NOTICE, "event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
-                t->name, c->mx, (unsigned long long)t->pol->site_hold, so->text);
+    if (pd.hold) {
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
+                (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
+                so->text);
         dest_hold(t, t->pol->site_hold);
-        limits_backoff(d->lim, &t->lim, d->w->now);
     }
-    if (!c->ready_once) {
+    if (pd.backoff)
+        limits_backoff(d->lim, &t->lim, d->w->now);
+    if (!c->ready_once)
         t->opening--;
-        if (c->connected) {
-            /* Greeting, EHLO or the TLS policy failed, or the server hung
-             * up: next address; remember why for the deferral. */
-            const struct smtp_outcome *o = smtp_client_session(&c->cli);
-            if (o != NULL && o->status != SMTP_STATUS_PENDING) {
-                /* Temporary even for a 5xx greeting: another MX, or a later
-                 * try, may do (Postfix's smtp_skip_5xx_greeting). */
-                t->last_fail = *o;
-                t->last_fail.status = SMTP_STATUS_TEMPFAIL;
-            }
-            t->failed_addrs++;
-            t->next_addr++;
-        }
+    if (pd.remember) {
+        t->last_fail = *so;
+        t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+    }
+    if (pd.next_addr) {
+        t->failed_addrs++;
+        t->next_addr++;
     }
     if (c->prev_all)
         c->prev_all->next_all = c->next_all;
@@ -2065,10 +2038,17 @@ conn_txn_done(struct conn *c)
      * server's, not the message's: give the job to the next MX address.
      * Not after a 421: the server is pushing back, the destination waits
      * (site_hold) and the job is deferred like any temporary failure. */
-    if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
-        c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
-        c->txn.msg.stage != SMTP_CLIENT_S_DOT && j->failovers < FAILOVER_MAX &&
-        clock_unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
+    struct policy_txn pt = {
+        .msg = &c->txn.msg,
+        .delivered = c->txn.delivered,
+        .permfail = c->txn.permfail,
+        .txns_on_conn = c->nmsgs,
+        .failovers = j->failovers,
+        .have_answer = t->mx != NULL,
+        .now_ms = clock_unix_ms(),
+        .expire_ms = c->expire_ms,
+    };
+    if (policy_failover(&pt)) {
         /* Never after the final dot (the server may have the message:
          * sending it again elsewhere is a duplicate), and a few times at
          * most: then it is deferred like any temporary failure. */
@@ -2672,21 +2652,15 @@ dest_run_once(struct dest *t)
             return;
         }
     }
-    switch (t->mx->status) {
-    case DNS_OK:
-        break;
-    case DNS_NOT_FOUND:
-        dest_fail_all(t, true, 550, "5.1.2", t->mx->why, CLASSIFY_DNS);
-        return;
-    case DNS_NULL_MX:
-        dest_fail_all(t, true, 556, "5.1.10", "domain accepts no mail (null MX, RFC 7505)",
-                      CLASSIFY_DNS);
-        return;
-    case DNS_RETRY:
-    case DNS_FAIL:
-    default:
-        dest_fail_all(t, false, 451, "4.4.3", t->mx->why, CLASSIFY_DNS);
-        t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+    struct policy_fail pf;
+    policy_dns(t->mx->status, &pf);
+    if (pf.fail) {
+        dest_fail_all(t, pf.permanent, pf.code, pf.enh,
+                      t->mx->status == DNS_NULL_MX ? "domain accepts no mail (null MX, RFC 7505)"
+                                                   : t->mx->why,
+                      pf.src);
+        if (pf.forget_answer)
+            t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
         return;
     }
     if (dest_targets(t) == 0) {
@@ -2753,7 +2727,7 @@ dest_run_once(struct dest *t)
                     dest_fail_all(t, false, 451, "4.4.1", "no MX host answered", CLASSIFY_CONNECT);
                 }
                 memset(&t->last_fail, 0, sizeof(t->last_fail));
-                dest_hold(t, t->pol->site_hold > HOLD_MIN_MS ? t->pol->site_hold : HOLD_MIN_MS);
+                dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
             }
             return;
         }
