@@ -778,7 +778,9 @@ on_key(void *user, const char *section, const char *name, const char *value)
                 return 1;
             }
         struct domain_policy scratch = {0};
-        if (conf_set(domain_keys, &scratch, name, value, why, sizeof(why)) < 0) {
+        int src = conf_set(domain_keys, &scratch, name, value, why, sizeof(why));
+        free(scratch.route); /* the only owned field: checked, not kept */
+        if (src < 0) {
             perr(p, p->line, "%s: %s", name, why);
             return 1;
         }
