@@ -719,7 +719,8 @@ conn_move(struct conn *c, struct dest *t)
     t->conns++;
     c->dest = t;
     if (log_enabled(LOG_DEBUG))
-        log_msg(LOG_DEBUG, "event=conn_moved site=%s from=%s to=%s", c->site->key, old->name,
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_moved site=%s from=%s to=%s",
+                (unsigned long long)c->id, c->site->key, old->name,
                 t->name);
     return true;
 }
@@ -1644,8 +1645,8 @@ conn_close(struct conn *c, const char *why)
     if (c->closed)
         return;
     if (why != NULL && log_enabled(LOG_DEBUG))
-        log_msg(LOG_DEBUG, "event=conn_close domain=%s mx=%s addr=%s reason=%s", c->dest->name,
-                c->mx, c->addr_str, why);
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_close domain=%s mx=%s addr=%s reason=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, why);
     c->closed = true;
     worker_timer_cancel(c->d->w, &c->timer);
     if (!c->connected) {
@@ -1798,8 +1799,8 @@ conn_body(struct conn *c)
             int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
                                      BODY_CHUNK, &got);
             if (rc != 0) {
-                log_msg(LOG_ERR, "event=body_read_failed domain=%s err=\"%s\"", c->dest->name,
-                        queue_strerror(rc));
+                log_msg(LOG_ERR, "conn=%llx event=body_read_failed domain=%s err=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, queue_strerror(rc));
                 conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
                 return;
             }
@@ -2085,8 +2086,8 @@ static void
 conn_handle(struct conn *c, int ev)
 {
     if (ev < 0) {
-        log_msg(LOG_ERR, "event=client_misuse domain=%s err=%s", c->dest->name,
-                smtp_client_strerror(ev));
+        log_msg(LOG_ERR, "conn=%llx event=client_misuse domain=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, smtp_client_strerror(ev));
         dest_hold(c->dest, HOLD_MIN_MS); /* no reconnect storm */
         conn_close(c, "misuse");
         return;
@@ -2172,8 +2173,10 @@ tls_in(struct conn *c)
                 return;
             }
             if (rc < 0) {
-                log_msg(LOG_NOTICE, "event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
-                        c->dest->name, c->mx, tls_strerror(rc), tls_conn_error_str(c->tls));
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx, tls_strerror(rc),
+                        tls_conn_error_str(c->tls));
                 conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
                 return;
             }
@@ -2310,6 +2313,15 @@ conn_on_timer(struct timer *tm, void *ctx)
     conn_handle(c, smtp_client_timeout(conn_cli(c)));
 }
 
+/* Every state transition of the client machine, at debug level. */
+static void
+conn_on_trace(void *arg, enum smtp_client_state from, enum smtp_client_state to)
+{
+    const struct conn *c = arg;
+    log_msg(LOG_DEBUG, "conn=%llx event=state domain=%s from=%s to=%s", (unsigned long long)c->id,
+            c->dest->name, smtp_client_state_str(from), smtp_client_state_str(to));
+}
+
 static void
 conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
 {
@@ -2320,8 +2332,8 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     if (res < 0) {
-        log_msg(LOG_NOTICE, "event=connect_failed domain=%s mx=%s addr=%s err=%s",
-                c->dest->name, c->mx, c->addr_str, strerror(-res));
+        log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, strerror(-res));
         struct smtp_outcome *o = &c->dest->last_fail;
         memset(o, 0, sizeof(*o));
         o->status = SMTP_STATUS_TEMPFAIL;
@@ -2341,12 +2353,14 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     socklen_t llen = sizeof(local);
     if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
         netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
-    log_msg(LOG_INFO, "event=connected domain=%s mx=%s addr=%s", c->dest->name, c->mx,
-            c->addr_str);
+    log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     struct smtp_client_opts o = {
         .name = c->d->e->cfg->server.hostname,
+        .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
+        .trace_arg = c,
         .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
                : c->dest->pol->tls == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
                : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
@@ -2359,8 +2373,8 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);
     if (rc < 0) {
-        log_msg(LOG_ERR, "event=client_init_failed name=%s err=%s", o.name,
-                smtp_client_strerror(rc));
+        log_msg(LOG_ERR, "conn=%llx event=client_init_failed name=%s err=%s",
+                (unsigned long long)c->id, o.name, smtp_client_strerror(rc));
         conn_close(c, "init");
         conn_maybe_free(c);
         return;
