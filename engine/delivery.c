@@ -179,8 +179,7 @@ struct dest {
     unsigned opening;        /* not yet ready for a transaction */
     struct site *site;       /* owned reference: the site of its answer, or NULL */
     const struct dns_mx_result *site_for; /* the answer site was made from */
-    struct dest *want_prev, *want_next; /* on site->want: waits for a connection */
-    bool on_want;
+    struct lru_node want;    /* on site->want: waits for a connection */
     const struct dns_mx_result *targets_for; /* the answer ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
@@ -574,46 +573,28 @@ target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
 static void
 want_remove(struct dest *t)
 {
-    struct site *s = t->site;
-    if (!t->on_want || s == NULL)
-        return;
-    if (t->want_prev)
-        t->want_prev->want_next = t->want_next;
-    else
-        s->want = t->want_next;
-    if (t->want_next)
-        t->want_next->want_prev = t->want_prev;
-    else
-        s->want_tail = t->want_prev;
-    t->want_prev = t->want_next = NULL;
-    t->on_want = false;
+    if (t->site != NULL)
+        lru_remove(&t->site->want, &t->want);
 }
 
 /* t waits for a connection of its site: a slot when one closes or the
- * window grows, or an idle one of another domain. */
+ * window grows, or an idle one of another domain. In arrival order: a
+ * domain already waiting keeps its place. */
 static void
 want_push(struct dest *t)
 {
-    struct site *s = t->site;
-    if (t->on_want || s == NULL)
-        return;
-    t->want_next = NULL;
-    t->want_prev = s->want_tail;
-    if (s->want_tail)
-        s->want_tail->want_next = t;
-    else
-        s->want = t;
-    s->want_tail = t;
-    t->on_want = true;
+    if (t->site != NULL && !t->want.on)
+        lru_touch(&t->site->want, &t->want);
 }
 
 static struct dest *
 want_pop(struct site *s)
 {
-    struct dest *t = s->want;
-    if (t != NULL)
-        want_remove(t);
-    return t;
+    struct lru_node *x = lru_oldest(&s->want);
+    if (x == NULL)
+        return NULL;
+    lru_remove(&s->want, x);
+    return (struct dest *)((char *)x - offsetof(struct dest, want));
 }
 
 /* Connections t may have through its site now: the window, and the
@@ -757,7 +738,7 @@ site_wake(struct delivery *d, struct site *s)
     struct dest *t;
     while (n++ < 64 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
         dest_run(t);
-        if (t->on_want)
+        if (t->want.on)
             break; /* it could not open one: the others would not either */
     }
     site_unref(&d->sites, s);

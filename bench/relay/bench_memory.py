@@ -32,14 +32,7 @@ from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
 from test_delivery import Dns  # noqa: E402
 from bench_relay import sink as start_sink  # noqa: E402
 from bench_sites import inject  # noqa: E402
-
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from bench_concurrency import rss_kb  # noqa: E402
 
 
 def stats(path):

@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "common/hash.h"
+#include "common/lru.h"
 #include "dns/dns.h"
 
 #define SITE_KEY_MAX 256
@@ -73,8 +74,7 @@ struct site {
     unsigned conns;          /* open or opening */
     struct site_window win;
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
-    struct dest *want;       /* borrowed: FIFO of domains waiting for a connection */
-    struct dest *want_tail;  /* borrowed */
+    struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
     uint64_t opened, failures, shrinks; /* since it was made */
 };
 
