@@ -2,20 +2,27 @@
  * delivery: see delivery.h.
  *
  * A destination (struct dest) is a domain with its FIFO of jobs, its MX
- * answer and its connections. dest_run() is the scheduler's one decision
- * point: resolve when there is no answer, fail the jobs when the answer
- * says so, else hand jobs to idle connections and open new ones up to
- * max_connections.
+ * answer (or its route's), its limiter key and its site. dest_run() is the
+ * scheduler's one decision point: resolve when there is no answer, fail
+ * the jobs when the answer says so, else hand jobs to idle connections of
+ * the site and open new ones within the domain's max_connections, the
+ * site's window and this worker's share of each MX address. Destinations
+ * idle for destination_idle_ttl are evicted (dest_on_evict).
  *
- * A connection (struct conn) drives the pure client machine of
- * smtp_client.h: bytes received go in, its output goes out, and its
- * events say when to stream the body, when a transaction is done and when
- * to close. Lifetime as in server.c: ops in flight are counted, and the
- * last completion after conn_close() frees.
+ * A site (outbound/site.h) owns the idle connections of every domain whose
+ * answer names the same MX hosts; a connection with nothing left for its
+ * domain moves to a domain of its site that waits (conn_take_waiting).
  *
- * Not yet here (see the README): STARTTLS on outbound connections (the
- * client machine runs with TLS off), the retry schedule's jitter, max_age,
- * DSNs, the delivery log, rate limits.
+ * A connection (struct conn, conn=ID in the logs) drives the pure client
+ * machine of smtp_client.h, plain or over TLS after STARTTLS: bytes
+ * received go in, its output goes out, and its events say when to stream
+ * the body, when a transaction is done and when to close. Lifetime as in
+ * server.c: ops in flight are counted, and the last completion after
+ * conn_close() frees.
+ *
+ * What an outcome means (defer, bounce, expire, next address, hold, back
+ * off) is decided by outbound/policy.h; this file acts on it, writes the
+ * spool, the logs and the DSNs.
  *
  * Threading: the worker's thread, but delivery_submit().
  */
@@ -178,9 +185,9 @@ struct dest {
     unsigned conns;          /* open or opening */
     unsigned opening;        /* not yet ready for a transaction */
     struct site *site;       /* owned reference: the site of its answer, or NULL */
-    const struct dns_mx_result *site_for; /* the answer site was made from */
+    const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
     struct lru_node want;    /* on site->want: waits for a connection */
-    const struct dns_mx_result *targets_for; /* the answer ntargets counts */
+    const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
     struct dns_req *req;     /* lookup in flight */

@@ -2,9 +2,11 @@
  * delivery: outbound SMTP on a worker's ring. Each destination domain
  * belongs to one worker (a hash of its name), which holds its queue of
  * jobs (recipients of one message at that domain), resolves its MX hosts
- * through the worker's resolver, and opens, reuses and closes connections
- * to them within the domain's policy. Outcomes go back to the spool as
- * data (delivered, bounced, deferred with the reply).
+ * (or its route) through the worker's resolver, and delivers them over the
+ * connections of its site (the domains of the worker whose answers name
+ * the same MX hosts), within the domain's policy, the site's adaptive
+ * window and a cap per MX address. Outcomes go back to the spool as data
+ * (delivered, bounced, deferred with the reply).
  *
  * Threading: delivery_submit() from any thread (it posts to the owning
  * worker); delivery_new/_free on the main thread while the worker is not

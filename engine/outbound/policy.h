@@ -62,7 +62,7 @@ uint64_t policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_ex
 /* ---- a job whose transaction ended in a session failure ---- */
 
 struct policy_txn {
-    const struct smtp_outcome *msg; /* the transaction's message outcome */
+    const struct smtp_outcome *msg; /* borrowed: the transaction's message outcome */
     unsigned delivered, permfail;  /* recipients so */
     unsigned txns_on_conn;          /* transactions this connection finished, this one included */
     unsigned failovers;             /* times this job was moved already */
@@ -82,7 +82,7 @@ bool policy_failover(const struct policy_txn *t);
 struct policy_conn_end {
     bool connected;       /* TCP connected */
     bool ready_once;      /* the session reached a transaction */
-    const struct smtp_outcome *session; /* the machine's session outcome, or NULL */
+    const struct smtp_outcome *session; /* borrowed: the machine's session outcome, or NULL */
     bool stopping;        /* the worker stops: no decision but release */
 };
 
@@ -102,7 +102,7 @@ struct policy_fail {
     bool fail;            /* fail every waiting job with what follows */
     bool permanent;
     unsigned code;
-    const char *enh;      /* "5.1.2" */
+    const char *enh;      /* static: "5.1.2" */
     enum classify_source src;
     bool forget_answer;   /* ask DNS again next time */
 };
