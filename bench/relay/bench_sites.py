@@ -18,8 +18,9 @@ With --before, each line runs with the other binary first, then with
 
 Each line: messages/s from the first injection to the last delivery, the
 ratio to one domain on one MX in the same run, connections opened per
-1,000 messages (sluice's event=connected lines), and the most connections
-open at once to one MX address (the kernel's table, sampled every 10 ms).
+1,000 messages (sluice's event=connected lines), the most connections
+open at once to one MX address (the kernel's table, sampled every 10 ms),
+the injection rate alone, and sluice's CPU seconds per 1,000 messages.
 The injector is Python (pipelined MAIL/RCPT/DATA on --sessions
 connections), the same for every line; smtp-source has one recipient
 address per process. Durable spool under /var/tmp. Never fails on a number.
@@ -112,6 +113,13 @@ def inject(port, rcpts, sessions, size):
     return errors
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of pid so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def knows(binary, key):
     r = subprocess.run([binary, "--config-reference"], capture_output=True, text=True)
     return key in r.stdout
@@ -166,6 +174,7 @@ servers = 127.0.0.1:{dns.port}
         samp.stopped = True
         samp.join(5)
         res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
+                   cpu=1000 * cpu_s(d.proc.pid) / max(1, delivered),
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0)
         d.stop(60)
@@ -206,7 +215,8 @@ def main():
           f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
           f"receivers: smtp-sink, backlog 256", flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
-          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9}", flush=True)
+          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8}",
+          flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     base = {}
     for ndom, nmx in grid:
@@ -218,7 +228,7 @@ def main():
                 base[label] = r["msgs"]
             print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / base[label]:>5.0f}% "
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
-                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f}  {label}"
+                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.2f}  {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else ""), flush=True)
 
 
