@@ -50,6 +50,7 @@ static const char *const class_names[BOUNCE_CLASS_COUNT] = {
     [BOUNCE_TLS_FAILURE] = "tls_failure",
     [BOUNCE_CONNECTION_FAILURE] = "connection_failure",
     [BOUNCE_EXPIRED] = "expired",
+    [BOUNCE_REFUSED_TARGET] = "refused_target",
 };
 
 struct builtin {
@@ -395,6 +396,8 @@ classify(const struct classify *c, enum classify_source src, unsigned code,
         return BOUNCE_CONNECTION_FAILURE;
     case CLASSIFY_EXPIRED:
         return BOUNCE_EXPIRED;
+    case CLASSIFY_TARGET:
+        return BOUNCE_REFUSED_TARGET;
     case CLASSIFY_PROTOCOL:
     default:
         return BOUNCE_OTHER;

@@ -54,6 +54,7 @@ enum bounce_class {
     BOUNCE_TLS_FAILURE,
     BOUNCE_CONNECTION_FAILURE, /* refused, timed out, closed */
     BOUNCE_EXPIRED,            /* max_age reached */
+    BOUNCE_REFUSED_TARGET,     /* MX addresses sluice will not deliver to (loopback, ...) */
     BOUNCE_CLASS_COUNT
 };
 
@@ -65,6 +66,7 @@ enum classify_source {
     CLASSIFY_CONNECT,  /* refused, timeout, EOF -> connection_failure */
     CLASSIFY_PROTOCOL, /* the server broke the protocol -> other */
     CLASSIFY_EXPIRED,  /* -> expired */
+    CLASSIFY_TARGET,   /* an address refused as a delivery target -> refused_target */
 };
 
 struct classify;

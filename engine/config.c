@@ -182,6 +182,27 @@ static const struct conf_key delivery_keys[] = {
      "percent: each retry delay is moved at random by up to this much, so that recipients "
      "deferred together do not come back together",
      NULL},
+    {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
+     "40",
+     "connections open at once to one MX address (and port) from this node, whatever the "
+     "domains behind it; each worker holds an equal share (0: no cap)",
+     NULL},
+    {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
+     "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "
+     "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
+     "addresses are all refused bounces, class refused_target); this node's own listeners "
+     "are refused whatever this says",
+     NULL},
+    {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
+     "a destination domain with nothing queued, in flight or held is forgotten after this "
+     "long (its counters on the stats socket restart when mail for it comes again): memory "
+     "follows the domains in use, not every domain ever seen",
+     NULL},
+    {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "4",
+     "connections a site (the MX hosts a set of domains share) starts with; it earns more "
+     "while transactions complete, up to max_connections, and halves on connect failures, "
+     "greeting failures, 421 and resets",
+     NULL},
     CONF_END,
 };
 
@@ -255,6 +276,12 @@ static const struct conf_key domain_keys[] = {
     {"max_age", CONF_DURATION, DOM(max_age), 1000, 30ULL * 86400 * 1000, "3d",
      "how long a recipient may stay queued before it expires and bounces, whether ready, "
      "deferred or in flight (a message's expire_header may shorten it)",
+     NULL},
+    {"route", CONF_STRING, DOM(route), 1, 270, NULL,
+     "host[:port] to deliver to instead of the domain's MX hosts (a smarthost, as Postfix's "
+     "relayhost or transport map): the host's MX records if it has any, else its addresses; "
+     "[192.0.2.1] or [IPv6:2001:db8::1] as is; the port overrides [delivery] remote_port. "
+     "Domains routed to the same host share its connections (a site)",
      NULL},
     {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
      "after a 421 or when every MX address failed, no new connection to the domain for "
@@ -777,7 +804,9 @@ on_key(void *user, const char *section, const char *name, const char *value)
                 return 1;
             }
         struct domain_policy scratch = {0};
-        if (conf_set(domain_keys, &scratch, name, value, why, sizeof(why)) < 0) {
+        int src = conf_set(domain_keys, &scratch, name, value, why, sizeof(why));
+        free(scratch.route); /* the only owned field: checked, not kept */
+        if (src < 0) {
             perr(p, p->line, "%s: %s", name, why);
             return 1;
         }
@@ -861,6 +890,47 @@ free_builds(struct parse *p)
     p->ndoms = 0;
 }
 
+/* "host", "host:port", "[literal]" or "[literal]:port" into the policy. */
+static int
+parse_route(struct parse *p, struct domain_policy *pol, unsigned line)
+{
+    pol->route_host[0] = '\0';
+    pol->route_port = 0;
+    if (pol->route == NULL)
+        return 0;
+    const char *r = pol->route, *colon;
+    if (r[0] == '[') {
+        const char *close = strchr(r, ']');
+        colon = close != NULL && close[1] == ':' ? close + 1 : NULL;
+        if (close == NULL || (close[1] != '\0' && colon == NULL)) {
+            perr(p, line, "route: \"%s\" is not [address] or [address]:port", r);
+            return -EINVAL;
+        }
+    } else {
+        colon = strrchr(r, ':');
+    }
+    size_t hl = colon ? (size_t)(colon - r) : strlen(r);
+    if (hl == 0 || hl >= sizeof(pol->route_host)) {
+        perr(p, line, "route: \"%s\": no host", r);
+        return -EINVAL;
+    }
+    if (colon != NULL) {
+        char *end;
+        unsigned long port = strtoul(colon + 1, &end, 10);
+        if (colon[1] == '\0' || *end != '\0' || port == 0 || port > 65535) {
+            perr(p, line, "route: \"%s\": the port must be 1 to 65535", r);
+            return -EINVAL;
+        }
+        pol->route_port = (unsigned)port;
+    }
+    memcpy(pol->route_host, r, hl);
+    pol->route_host[hl] = '\0';
+    for (char *c = pol->route_host; *c; c++)
+        if (*c >= 'A' && *c <= 'Z')
+            *c = (char)(*c + 32);
+    return 0;
+}
+
 static int
 resolve_domains(struct parse *p)
 {
@@ -879,6 +949,8 @@ resolve_domains(struct parse *p)
             if (apply_domain(p, &cfg->default_domain, &p->doms[i]) < 0)
                 return -EINVAL;
         }
+    if (parse_route(p, &cfg->default_domain, cfg->default_domain.line) < 0)
+        return -EINVAL;
     unsigned n = 0;
     cfg->domains = calloc(p->ndoms ? p->ndoms : 1, sizeof(*cfg->domains));
     if (cfg->domains == NULL)
@@ -887,13 +959,17 @@ resolve_domains(struct parse *p)
         if (strcmp(p->doms[i].name, "*") == 0)
             continue;
         struct domain_policy *pol = &cfg->domains[n];
-        *pol = cfg->default_domain; /* no owned fields but the name */
+        *pol = cfg->default_domain; /* owned fields: the name, and the route copied */
+        pol->route = NULL;
+        if (cfg->default_domain.route != NULL &&
+            (pol->route = strdup(cfg->default_domain.route)) == NULL)
+            return -ENOMEM;
         pol->name = p->doms[i].name;
         p->doms[i].name = NULL;
         pol->line = p->doms[i].line;
         n++;
         cfg->ndomains = n;
-        if (apply_domain(p, pol, &p->doms[i]) < 0)
+        if (apply_domain(p, pol, &p->doms[i]) < 0 || parse_route(p, pol, pol->line) < 0)
             return -EINVAL;
     }
     qsort(cfg->domains, cfg->ndomains, sizeof(*cfg->domains), cmp_domain);
@@ -1069,6 +1145,18 @@ finish(struct parse *p)
         if (n == -EINVAL || n == -E2BIG)
             perr(p, line, "source_address: %s", why);
     }
+    if (cfg->delivery.allow_networks != NULL) {
+        cfg->delivery.nallow = cidr_parse_list(cfg->delivery.allow_networks, cfg->delivery.allow,
+                                               NETADDR_MAX_LIST, why, sizeof(why));
+        unsigned line = 0;
+        for (unsigned i = 0; i < NSECTIONS; i++)
+            if (strcmp(sections[i].name, "delivery") == 0)
+                line = key_line(p, i, "allow_networks");
+        if (cfg->delivery.nallow < 0) {
+            perr(p, line, "allow_networks: %s", why);
+            cfg->delivery.nallow = 0;
+        }
+    }
     if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
         while (strcmp(sections[dns_sec].name, "dns") != 0)
@@ -1163,10 +1251,13 @@ config_free(struct config *cfg)
         return NULL;
     for (unsigned i = 0; i < NSECTIONS; i++)
         conf_free(sections[i].keys, (char *)cfg + sections[i].offset);
-    for (unsigned i = 0; i < cfg->ndomains; i++)
+    for (unsigned i = 0; i < cfg->ndomains; i++) {
         free(cfg->domains[i].name);
+        free(cfg->domains[i].route);
+    }
     free(cfg->domains);
     free(cfg->default_domain.name);
+    free(cfg->default_domain.route);
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
     for (unsigned i = 0; i < cfg->nmxs; i++) {
@@ -1334,7 +1425,8 @@ config_reference(FILE *out)
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "
-                 "rate_limited, dns_failure, tls_failure, connection_failure, expired, other. "
+                 "rate_limited, dns_failure, tls_failure, connection_failure, expired, "
+                 "refused_target, other. "
                  "Matchers: `enh:5.7.1` (subject or detail may be `*`), `code:421`, or "
                  "`text:REGEX` (POSIX extended, case-insensitive). Rules from this section are "
                  "tried in order before the built-in table (see the README), and the first "

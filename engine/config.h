@@ -93,6 +93,13 @@ struct delivery_config {
     unsigned retry_jitter;    /* percent: each retry delay is moved by up to this much */
     uint64_t backoff;         /* ms at half rate after a 421 or a rate-limited reply */
     uint64_t backoff_step;    /* ms between steps back up */
+    /* Sites (engine/outbound/site.h): */
+    unsigned max_connections_per_address; /* per node, 0: no cap */
+    unsigned initial_connections;         /* a new site's window */
+    uint64_t destination_idle_ttl;        /* ms: an idle destination is forgotten after */
+    char *allow_networks;     /* owned: as written; parsed into allow */
+    struct cidr allow[NETADDR_MAX_LIST];
+    int nallow;
 };
 
 struct redis_config {
@@ -131,6 +138,9 @@ struct domain_policy {
     struct conf_durations retry_schedule;
     uint64_t max_age;        /* ms */
     uint64_t site_hold;      /* ms: no new connection after a 421 or a site failure */
+    char *route;             /* owned: "host[:port]" as written; NULL: the domain's MX hosts */
+    char route_host[256];    /* derived: the host (or [literal]) resolved instead */
+    unsigned route_port;     /* derived: 0 for [delivery] remote_port */
 };
 
 struct classify;

@@ -2,20 +2,27 @@
  * delivery: see delivery.h.
  *
  * A destination (struct dest) is a domain with its FIFO of jobs, its MX
- * answer and its connections. dest_run() is the scheduler's one decision
- * point: resolve when there is no answer, fail the jobs when the answer
- * says so, else hand jobs to idle connections and open new ones up to
- * max_connections.
+ * answer (or its route's), its limiter key and its site. dest_run() is the
+ * scheduler's one decision point: resolve when there is no answer, fail
+ * the jobs when the answer says so, else hand jobs to idle connections of
+ * the site and open new ones within the domain's max_connections, the
+ * site's window and this worker's share of each MX address. Destinations
+ * idle for destination_idle_ttl are evicted (dest_on_evict).
  *
- * A connection (struct conn) drives the pure client machine of
- * smtp_client.h: bytes received go in, its output goes out, and its
- * events say when to stream the body, when a transaction is done and when
- * to close. Lifetime as in server.c: ops in flight are counted, and the
- * last completion after conn_close() frees.
+ * A site (outbound/site.h) owns the idle connections of every domain whose
+ * answer names the same MX hosts; a connection with nothing left for its
+ * domain moves to a domain of its site that waits (conn_take_waiting).
  *
- * Not yet here (see the README): STARTTLS on outbound connections (the
- * client machine runs with TLS off), the retry schedule's jitter, max_age,
- * DSNs, the delivery log, rate limits.
+ * A connection (struct conn, conn=ID in the logs) drives the pure client
+ * machine of smtp_client.h, plain or over TLS after STARTTLS: bytes
+ * received go in, its output goes out, and its events say when to stream
+ * the body, when a transaction is done and when to close. Lifetime as in
+ * server.c: ops in flight are counted, and the last completion after
+ * conn_close() frees.
+ *
+ * What an outcome means (defer, bounce, expire, next address, hold, back
+ * off) is decided by outbound/policy.h; this file acts on it, writes the
+ * spool, the logs and the DSNs.
  *
  * Threading: the worker's thread, but delivery_submit().
  */
@@ -23,6 +30,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <ifaddrs.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -36,6 +44,8 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/hash.h"
+#include "common/lru.h"
 #include "common/log.h"
 #include "dns/dns.h"
 #include "engine/classify.h"
@@ -44,6 +54,8 @@
 #include "engine/limits.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
+#include "engine/outbound/policy.h"
+#include "engine/outbound/site.h"
 #include "engine/resolver.h"
 #include "engine/smtp_client.h"
 #include "engine/stats.h"
@@ -51,7 +63,7 @@
 #include "queue/queue.h"
 #include "tls/tls.h"
 
-#define DEST_BUCKETS   4096
+#define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
 #define IN_CAP         4096 /* one provided receive buffer */
 #define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
 #define IN_BGID        7    /* their buffer group on the worker's ring */
@@ -60,10 +72,9 @@
 #define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
-#define HOLD_MIN_MS    1000 /* shortest hold after every MX address failed */
+#define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
-#define EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
-#define FAILOVER_MAX   3    /* next-address moves of one job after session failures */
+#define EXPIRY_SLACK_MS POLICY_EXPIRY_SLACK_MS
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 
@@ -85,6 +96,12 @@ struct conn {
     struct delivery *d;   /* borrowed: outlives its connections */
     struct dest *dest;    /* borrowed: a dest lives while it has connections */
     struct conn *next_idle;
+    struct site *site;    /* owned reference: the site it was opened for */
+    unsigned epoch;       /* its site's window epoch when it opened */
+    int tls_pol;          /* enum domain_tls it was opened with: a domain it
+                           * moves to must have the same */
+    bool addr_counted;    /* counted in the worker's per-address table */
+    uint64_t id;          /* for the logs: conn=ID on each line */
     int fd;
     unsigned inflight;
     bool closed, connected, recv_busy, send_busy, want_close;
@@ -157,7 +174,9 @@ struct mxkey {
 };
 
 struct dest {
-    struct dest *hnext;
+    struct hash_node node;   /* on d->dests: first, the table's entries are dests */
+    struct lru_node lru;     /* on d->dest_lru: eviction when idle */
+    uint64_t touched;        /* monotonic ns of its last activity */
     struct delivery *d;
     char name[256];
     const struct domain_policy *pol; /* borrowed from the config */
@@ -165,7 +184,11 @@ struct dest {
     unsigned queued;
     unsigned conns;          /* open or opening */
     unsigned opening;        /* not yet ready for a transaction */
-    struct conn *idle;       /* idle connections, ready for a transaction */
+    struct site *site;       /* owned reference: the site of its answer, or NULL */
+    const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
+    struct lru_node want;    /* on site->want: waits for a connection */
+    const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
+    unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
     struct dns_req *req;     /* lookup in flight */
     unsigned next_addr;      /* failover cursor over the answer's addresses */
@@ -199,7 +222,10 @@ struct delivery {
     bool stopping;
     bool draining;           /* SIGTERM: finish what is in flight, start nothing */
     bool drained;            /* ... and it is done: told the engine */
-    struct dest *buckets[DEST_BUCKETS];
+    struct hash dests;       /* struct dest by name */
+    struct lru dest_lru;     /* least recently active first */
+    struct timer evict_timer;
+    uint64_t evicted;        /* destinations dropped when idle */
     struct timer due_timer; /* worker 0: take due recipients from the spool */
     struct delivery_stats stats;
     struct pool cli_pool;    /* struct smtp_client_buf */
@@ -210,7 +236,11 @@ struct delivery {
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
     struct mxkey *mxkeys;    /* owned: [mx] limits met so far, and [source] ones ("src:") */
+    struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
+    uint64_t conn_seq;       /* connection ids: worker id in the top byte */
+    char (*local)[64];       /* owned: this host's interface addresses, as text */
+    unsigned nlocal;
     bool resolver_closed;
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
@@ -470,14 +500,270 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
     }
 }
 
+/* ---- targets: where mail must not go ---- */
+
+struct dest;
+static unsigned dest_port(const struct dest *t);
+
+/* This host's interface addresses (for listeners on a wildcard address).
+ * Without them only the listeners' own addresses are known. */
+static void
+local_addrs_load(struct delivery *d)
+{
+    struct ifaddrs *ifa = NULL;
+    if (getifaddrs(&ifa) < 0)
+        return;
+    unsigned n = 0;
+    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
+        n += i->ifa_addr != NULL &&
+             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
+    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
+    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
+        if (i->ifa_addr != NULL &&
+            (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
+            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
+    freeifaddrs(ifa);
+}
+
+/* Is a (on port) one of this node's SMTP listeners? Delivering there is
+ * a loop, whatever allow_networks says. */
+static bool
+target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct server_config *srv = &d->e->cfg->server;
+    char ip[64];
+    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    for (int k = 0; k < 2; k++) {
+        const struct netaddr *l = k == 0 ? srv->listen_addrs : srv->listen_tls_addrs;
+        int n = k == 0 ? srv->nlisten : srv->nlisten_tls;
+        for (int i = 0; i < n; i++) {
+            const struct sockaddr *sa = (const struct sockaddr *)&l[i].ss;
+            unsigned lport = sa->sa_family == AF_INET6
+                                 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
+                                 : ntohs(((const struct sockaddr_in *)sa)->sin_port);
+            if (lport != port || sa->sa_family != a->sa.sa_family)
+                continue;
+            char lip[64];
+            netaddr_ip_str(sa, lip, sizeof(lip));
+            if (strcmp(lip, ip) == 0)
+                return true;
+            const char *sp = netaddr_special(sa);
+            if (sp != NULL && strcmp(sp, "unspecified") == 0) {
+                if (netaddr_is_loopback(&a->sa))
+                    return true;
+                for (unsigned j = 0; j < d->nlocal; j++)
+                    if (strcmp(d->local[j], ip) == 0)
+                        return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* Why a (on port) is refused as a delivery target ("loopback", ...), or
+ * NULL. */
+static const char *
+target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    if (target_is_self(d, a, port))
+        return "this node's own listener";
+    const char *what = netaddr_special(&a->sa);
+    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
+        return NULL;
+    return what;
+}
+
+/* ---- sites (outbound/site.h): connections shared by domains ---- */
+
+static void
+want_remove(struct dest *t)
+{
+    if (t->site != NULL)
+        lru_remove(&t->site->want, &t->want);
+}
+
+/* t waits for a connection of its site: a slot when one closes or the
+ * window grows, or an idle one of another domain. In arrival order: a
+ * domain already waiting keeps its place. */
+static void
+want_push(struct dest *t)
+{
+    if (t->site != NULL && !t->want.on)
+        lru_touch(&t->site->want, &t->want);
+}
+
+static struct dest *
+want_pop(struct site *s)
+{
+    struct lru_node *x = lru_oldest(&s->want);
+    if (x == NULL)
+        return NULL;
+    lru_remove(&s->want, x);
+    return (struct dest *)((char *)x - offsetof(struct dest, want));
+}
+
+/* Connections t may have through its site now: the window, and the
+ * domain's own max_connections. */
+static unsigned
+site_allowed(const struct dest *t)
+{
+    unsigned a = site_window_allowed(&t->site->win);
+    return a < t->pol->max_connections ? a : t->pol->max_connections;
+}
+
+/* The addresses of t's answer that may be delivered to, counted once per
+ * answer. With none, t->last_fail says why (for the bounce). */
+static unsigned
+dest_targets(struct dest *t)
+{
+    if (t->targets_for == t->mx)
+        return t->ntargets;
+    t->targets_for = t->mx;
+    t->ntargets = 0;
+    const char *why = NULL;
+    const struct dns_mx_host *wh = NULL;
+    const union dns_addr *wa = NULL;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
+            if (r == NULL) {
+                t->ntargets++;
+            } else if (why == NULL) {
+                why = r;
+                wh = &t->mx->hosts[h];
+                wa = &t->mx->hosts[h].addrs[i];
+            }
+        }
+    if (why != NULL) {
+        char ip[64];
+        netaddr_ip_str(&wa->sa, ip, sizeof(ip));
+        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
+                "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
+                wh->name, ip, why, t->ntargets);
+        if (t->ntargets == 0) {
+            struct smtp_outcome *o = &t->last_fail;
+            memset(o, 0, sizeof(*o));
+            bool self = strcmp(why, "this node's own listener") == 0;
+            o->enh = (struct smtp_enh){5, 4, self ? 6 : 4};
+            if (self)
+                snprintf(o->text, sizeof(o->text), "mail for %s loops back to myself (MX %s, %s)",
+                         t->name, wh->name, ip);
+            else
+                snprintf(o->text, sizeof(o->text),
+                         "MX %s of %s has address %s (%s): not a delivery target, see "
+                         "[delivery] allow_networks",
+                         wh->name, t->name, ip, why);
+        }
+    }
+    return t->ntargets;
+}
+
+/* The site of t's answer, joined when the answer is new. */
+static void
+dest_site(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx == NULL || t->mx->status != DNS_OK || t->site_for == t->mx)
+        return;
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    char key[SITE_KEY_MAX];
+    site_key(t->mx, dest_port(t), key, sizeof(key));
+    struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
+    if (s == NULL)
+        return; /* no memory: keep the old one, ask again with the next answer */
+    t->site_for = t->mx;
+    if (s == t->site) {
+        site_unref(&d->sites, s);
+        return;
+    }
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    t->site = s;
+    if (s->win.ceiling < t->pol->max_connections)
+        site_window_set_ceiling(&s->win, t->pol->max_connections);
+}
+
+/* Hand an idle (or finishing) connection c to domain t of its site: the
+ * domain's connection lease moves with it. False when t's own limits
+ * refuse or its TLS policy differs from the one c was opened with. */
+static bool
+conn_move(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    struct dest *old = c->dest;
+    if (old == t)
+        return true;
+    if (t->pol->tls != c->tls_pol || t->site != c->site)
+        return false;
+    uint64_t retry_at;
+    if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
+        return false; /* t has its max_connections: those serve it */
+    if (c->leased)
+        limits_conn_release(d->lim, &old->lim);
+    c->leased = true;
+    old->conns--;
+    t->conns++;
+    c->dest = t;
+    if (log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_moved site=%s from=%s to=%s",
+                (unsigned long long)c->id, c->site->key, old->name,
+                t->name);
+    return true;
+}
+
+/* A domain of c's site that waits for a connection, c moved to it; NULL
+ * when none can take it. */
+static struct dest *
+conn_take_waiting(struct conn *c)
+{
+    struct site *s = c->site;
+    struct delivery *d = c->d;
+    struct dest *t;
+    while (s != NULL && (t = want_pop(s)) != NULL) {
+        if (t->head == NULL || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
+            continue;
+        if (t->queued > 1)
+            want_push(t); /* more for other idle connections */
+        return t;
+    }
+    return NULL;
+}
+
+static void dest_run(struct dest *t);
+
+/* Room at site s (a connection closed, the window grew): let the domains
+ * waiting for it run, as many as it has room for. */
+static void
+site_wake(struct delivery *d, struct site *s)
+{
+    if (s == NULL || d->stopping)
+        return;
+    s->refs++; /* dest_run may drop the last other reference */
+    unsigned n = 0;
+    struct dest *t;
+    while (n++ < 64 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+        dest_run(t);
+        if (t->want.on)
+            break; /* it could not open one: the others would not either */
+    }
+    site_unref(&d->sites, s);
+}
+
+static bool
+dest_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct dest *)n)->name, key) == 0;
+}
+
 static struct dest *
 dest_get(struct delivery *d, const char *name)
 {
-    uint32_t b = delivery_domain_hash(name) % DEST_BUCKETS;
-    for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
-        if (strcmp(t->name, name) == 0)
-            return t;
-    struct dest *t = calloc(1, sizeof(*t));
+    uint64_t h = hash_str_nocase(name);
+    struct dest *t = (struct dest *)hash_find(&d->dests, h, name);
+    if (t != NULL)
+        return t;
+    t = calloc(1, sizeof(*t));
     if (t == NULL)
         return NULL;
     t->d = d;
@@ -494,9 +780,106 @@ dest_get(struct delivery *d, const char *name)
         free(t);
         return NULL;
     }
-    t->hnext = d->buckets[b];
-    d->buckets[b] = t;
+    t->node.hash = h;
+    if (hash_insert(&d->dests, &t->node) < 0) {
+        limits_key_fini(d->lim, &t->lim);
+        free(t);
+        return NULL;
+    }
+    t->touched = d->w->now;
+    lru_touch(&d->dest_lru, &t->lru);
     return t;
+}
+
+/* Iteration over the destinations of a worker. */
+struct dest_iter {
+    size_t bucket;
+    struct hash_node *cur;
+};
+
+static struct dest *
+dest_next(const struct delivery *d, struct dest_iter *it)
+{
+    return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
+}
+
+static struct job *dest_pop(struct dest *t);
+
+/* Forget t and what waits in it (the spool keeps the recipients). live:
+ * the loop turns, so timers, the lookup and the limiter are let go of
+ * too; else they went with the loop. */
+static void
+dest_free(struct dest *t, bool live)
+{
+    struct delivery *d = t->d;
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        free(j);
+    if (live) {
+        worker_timer_cancel(d->w, &t->hold_timer);
+        worker_timer_cancel(d->w, &t->sweep_timer);
+        worker_timer_cancel(d->w, &t->lim_timer);
+        if (t->req != NULL && d->res != NULL)
+            resolver_cancel(d->res, t->req);
+        if (t->lim.l != NULL)
+            limits_key_fini(d->lim, &t->lim);
+    }
+    dns_mx_result_unref(t->mx);
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    hash_remove(&d->dests, &t->node);
+    lru_remove(&d->dest_lru, &t->lru);
+    free(t);
+}
+
+/* Nothing of t is going on, nor has been for the idle time: it may go
+ * (what it knows, the MX answer, is in the resolver's cache). A held or
+ * suspended destination stays: that is state an operator or a receiver
+ * set. */
+static bool
+dest_evictable(const struct dest *t, uint64_t now)
+{
+    return t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+           t->req == NULL && !t->mx_waiting && !t->running && now >= t->hold_until &&
+           t->lim.nleases == 0;
+}
+
+/* Every EVICT_SWEEP_MS: drop the destinations idle for
+ * [delivery] destination_idle_ttl, oldest first; busy ones met on the
+ * way go to the recent end. Their sites go with their last reference. */
+static void
+dest_on_evict(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, evict_timer));
+    if (d->stopping)
+        return;
+    uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
+    size_t budget = d->dest_lru.n;
+    struct lru_node *x;
+    while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
+        if (now - t->touched < ttl)
+            break;
+        if (!dest_evictable(t, now)) {
+            t->touched = now;
+            lru_touch(&d->dest_lru, &t->lru);
+            continue;
+        }
+        dest_free(t, true);
+        d->evicted++;
+    }
+    hash_compact(&d->dests);
+    if (!d->stopping)
+        worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+/* t is active now. */
+static void
+dest_touch(struct dest *t)
+{
+    t->touched = t->d->w->now;
+    lru_touch(&t->d->dest_lru, &t->lru);
 }
 
 static void
@@ -750,15 +1133,8 @@ rng_next(struct delivery *d)
 static uint64_t
 retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts)
 {
-    const struct conf_durations *s = &pol->retry_schedule;
-    unsigned i = attempts < s->n ? attempts : s->n - 1;
-    uint64_t ms = s->ms[i];
-    unsigned pct = d->e->cfg->delivery.retry_jitter;
-    if (pct == 0 || ms == 0)
-        return ms;
-    uint64_t span = ms * pct / 100; /* at most half the delay */
-    uint64_t r = rng_next(d) % (2 * span + 1);
-    return ms - span + r;
+    return policy_retry_delay(&pol->retry_schedule, attempts, d->e->cfg->delivery.retry_jitter,
+                              rng_next(d));
 }
 
 /* When the recipients of id give up: max_age after arrival, or earlier
@@ -767,10 +1143,7 @@ static uint64_t
 job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env, uint64_t id)
 {
     uint64_t arrival = env != NULL && env->arrival_ms != 0 ? env->arrival_ms : queue_id_time_ms(id);
-    uint64_t e = arrival + pol->max_age;
-    if (env != NULL && env->expire_ms != 0 && env->expire_ms < e)
-        e = env->expire_ms;
-    return e;
+    return policy_expiry(arrival, pol->max_age, env != NULL ? env->expire_ms : 0);
 }
 
 /* Where an outcome was met, for the log and the classification. */
@@ -779,34 +1152,6 @@ struct outcome_where {
     const char *tls_proto, *tls_cipher;
     enum classify_source src; /* for outcomes that are not a server's reply */
 };
-
-static enum classify_source
-outcome_source(const struct smtp_outcome *o, enum classify_source fallback)
-{
-    switch (o->reason) {
-    case SMTP_REASON_REPLY:
-    case SMTP_REASON_SIZE:
-    case SMTP_REASON_ADDRESS:
-    case SMTP_REASON_NEED_8BITMIME:
-    case SMTP_REASON_NEED_SMTPUTF8:
-    case SMTP_REASON_RCPT_LIMIT:
-    case SMTP_REASON_NO_RCPT:
-        return CLASSIFY_REPLY;
-    case SMTP_REASON_TIMEOUT:
-    case SMTP_REASON_EOF:
-    case SMTP_REASON_QUIT:
-        return CLASSIFY_CONNECT;
-    case SMTP_REASON_PROTOCOL:
-        return CLASSIFY_PROTOCOL;
-    case SMTP_REASON_TLS_UNAVAILABLE:
-    case SMTP_REASON_TLS_REFUSED:
-    case SMTP_REASON_TLS_FAILED:
-    case SMTP_REASON_TLS_UNVERIFIED:
-        return CLASSIFY_TLS;
-    default:
-        return o->code != 0 && fallback == CLASSIFY_REPLY ? CLASSIFY_REPLY : fallback;
-    }
-}
 
 /* Values of the configured delivery-log headers in the message's header
  * section; vals[i] points into buf (NULL when absent). */
@@ -954,33 +1299,42 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         enum dlog_kind kind;
         enum bounce_class cls = BOUNCE_OTHER;
         bool failed = false;
-        if (o->status == SMTP_STATUS_DELIVERED) {
+        /* The decision is the failure policy's (outbound/policy.h). */
+        enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
+                                   ? BOUNCE_OTHER
+                                   : classify(cfg->classify, policy_source(o, where->src), o->code,
+                                              &o->enh, o->text);
+        struct policy_rcpt pr;
+        policy_rcpt(o, oc, where->src, now, expire,
+                    o->status == SMTP_STATUS_TEMPFAIL ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
+                                                      : 0,
+                    &pr);
+        if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
             d->stats.delivered++;
             t->delivered++;
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
-        } else if (o->status == SMTP_STATUS_PERMFAIL) {
+        } else if (pr.kind == POLICY_BOUNCE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_BOUNCE;
-            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
+            cls = oc;
             failed = true;
             d->stats.bounced++;
-        } else if (now + EXPIRY_SLACK_MS >= expire) {
+        } else if (pr.kind == POLICY_EXPIRE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
             failed = true;
             d->stats.expired++;
         } else {
-            uint64_t due = now + retry_delay_ms(d, t->pol, r ? r->attempts : 0);
             q->kind = QUEUE_DEFERRED;
-            q->due_ms = due < expire ? due : expire;
+            q->due_ms = pr.due_ms;
             kind = DLOG_TRANSIENT_FAILURE;
-            cls = classify(cfg->classify, outcome_source(o, where->src), o->code, &o->enh, o->text);
+            cls = oc;
             d->stats.deferred++;
-            if (cls == BOUNCE_RATE_LIMITED && o->code != 421) /* 421: in conn_free */
+            if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }
         if (failed)
@@ -1137,6 +1491,19 @@ conn_cli_release(struct conn *c)
     pool_put(&c->d->cli_pool, smtp_client_detach(&c->cli));
 }
 
+/* The site's window learns of a refusal, timeout, reset or 421. */
+static void
+conn_congested(struct conn *c, const char *why)
+{
+    struct site *s = c->site;
+    s->failures++;
+    if (!site_window_on_failure(&s->win, c->epoch))
+        return;
+    s->shrinks++;
+    log_msg(LOG_NOTICE, "conn=%llx event=site_window_down site=%s addr=%s reason=%s window=%u",
+            (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
+}
+
 static void
 conn_free(struct conn *c)
 {
@@ -1160,34 +1527,43 @@ conn_free(struct conn *c)
     pool_put(&d->chunk_pool, c->chunk);
     /* Whatever the machine still held is moot: nothing is in flight. */
     pool_put(&d->cli_pool, c->cli.buf);
-    for (struct conn **p = &t->idle; *p != NULL; p = &(*p)->next_idle)
+    struct site *site = c->site;
+    for (struct conn **p = site ? &site->idle : NULL; p != NULL && *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
             *p = c->next_idle;
             break;
         }
     const struct smtp_outcome *so = c->connected ? smtp_client_session(&c->cli) : NULL;
-    if (so != NULL && so->code == 421 && !d->stopping) {
-        /* The server pushes back: give it a rest (RFC 5321 3.8). */
-        log_msg(LOG_NOTICE, "event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
-                t->name, c->mx, (unsigned long long)t->pol->site_hold, so->text);
+    /* What the end of this connection means: the failure policy's call
+     * (a reset in a transaction is seen in conn_txn_done). */
+    struct policy_conn_end pe = {
+        .connected = c->connected,
+        .ready_once = c->ready_once,
+        .session = so,
+        .stopping = d->stopping,
+    };
+    struct policy_conn_decision pd;
+    policy_conn_end(&pe, &pd);
+    if (site != NULL && pd.congested && !d->draining)
+        conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
+    if (pd.hold) {
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
+                (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
+                so->text);
         dest_hold(t, t->pol->site_hold);
-        limits_backoff(d->lim, &t->lim, d->w->now);
     }
-    if (!c->ready_once) {
+    if (pd.backoff)
+        limits_backoff(d->lim, &t->lim, d->w->now);
+    if (!c->ready_once)
         t->opening--;
-        if (c->connected) {
-            /* Greeting, EHLO or the TLS policy failed, or the server hung
-             * up: next address; remember why for the deferral. */
-            const struct smtp_outcome *o = smtp_client_session(&c->cli);
-            if (o != NULL && o->status != SMTP_STATUS_PENDING) {
-                /* Temporary even for a 5xx greeting: another MX, or a later
-                 * try, may do (Postfix's smtp_skip_5xx_greeting). */
-                t->last_fail = *o;
-                t->last_fail.status = SMTP_STATUS_TEMPFAIL;
-            }
-            t->failed_addrs++;
-            t->next_addr++;
-        }
+    if (pd.remember) {
+        t->last_fail = *so;
+        t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+    }
+    if (pd.next_addr) {
+        t->failed_addrs++;
+        t->next_addr++;
     }
     if (c->prev_all)
         c->prev_all->next_all = c->next_all;
@@ -1197,6 +1573,10 @@ conn_free(struct conn *c)
         c->next_all->prev_all = c->prev_all;
     t->conns--;
     d->stats.open--;
+    if (site != NULL)
+        site->conns--;
+    if (c->addr_counted)
+        site_addr_del(&d->sites, &c->addr);
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
     struct mxkey *mk = c->mxk, *sk = c->srck;
@@ -1210,10 +1590,13 @@ conn_free(struct conn *c)
     if (sk != NULL && !d->stopping)
         mx_on_wake(sk);
     drain_check(d);
-    if (!d->stopping)
+    if (!d->stopping) {
         dest_run(t);
-    else
+        site_wake(d, site); /* a slot of the site, and of an address, is free */
+    } else {
         delivery_check_done(d);
+    }
+    site_unref(&d->sites, site);
 }
 
 static void
@@ -1229,8 +1612,8 @@ conn_close(struct conn *c, const char *why)
     if (c->closed)
         return;
     if (why != NULL && log_enabled(LOG_DEBUG))
-        log_msg(LOG_DEBUG, "event=conn_close domain=%s mx=%s addr=%s reason=%s", c->dest->name,
-                c->mx, c->addr_str, why);
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_close domain=%s mx=%s addr=%s reason=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, why);
     c->closed = true;
     worker_timer_cancel(c->d->w, &c->timer);
     if (!c->connected) {
@@ -1383,8 +1766,8 @@ conn_body(struct conn *c)
             int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
                                      BODY_CHUNK, &got);
             if (rc != 0) {
-                log_msg(LOG_ERR, "event=body_read_failed domain=%s err=\"%s\"", c->dest->name,
-                        queue_strerror(rc));
+                log_msg(LOG_ERR, "conn=%llx event=body_read_failed domain=%s err=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, queue_strerror(rc));
                 conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
                 return;
             }
@@ -1441,6 +1824,7 @@ conn_next(struct conn *c)
         conn_handle(c, smtp_client_quit(conn_cli(c)));
         return;
     }
+    unsigned moves = 0;
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
@@ -1457,6 +1841,16 @@ conn_next(struct conn *c)
             else
                 j = dest_pop(t);
         }
+        if (j == NULL && (t->head == NULL || t->suspended) && moves < 8) {
+            /* Nothing here: the next transaction of another domain of
+             * the site (MX rollup). */
+            struct dest *w = conn_take_waiting(c);
+            if (w != NULL) {
+                t = w;
+                moves++;
+                continue;
+            }
+        }
         if (j == NULL) {
             if (t->head == NULL && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
                                     (c->srck != NULL && c->srck->waiters != NULL))) {
@@ -1465,9 +1859,10 @@ conn_next(struct conn *c)
                 conn_handle(c, smtp_client_quit(conn_cli(c)));
                 return;
             }
-            /* Idle: wait for work up to the idle time. */
-            c->next_idle = t->idle;
-            t->idle = c;
+            /* Idle: wait for work of any domain of the site up to the
+             * idle time. */
+            c->next_idle = c->site->idle;
+            c->site->idle = c;
             conn_deadline(c, c->d->e->cfg->delivery.idle_timeout);
             return;
         }
@@ -1597,14 +1992,31 @@ conn_txn_done(struct conn *c)
     c->job = NULL;
     c->nmsgs++;
     t->inflight--;
+    const struct smtp_outcome *mo = &c->txn.msg;
+    if (mo->scope == SMTP_SCOPE_SESSION &&
+        (mo->reason == SMTP_REASON_EOF || mo->reason == SMTP_REASON_TIMEOUT || mo->code == 421))
+        conn_congested(c, mo->code == 421 ? "421" : "reset");
+    else if (c->site != NULL) {
+        unsigned before = site_window_allowed(&c->site->win);
+        site_window_on_success(&c->site->win, c->site->conns);
+        if (site_window_allowed(&c->site->win) > before)
+            site_wake(c->d, c->site); /* grew: room for a domain that waits */
+    }
     /* A session failure before this connection delivered anything is the
      * server's, not the message's: give the job to the next MX address.
      * Not after a 421: the server is pushing back, the destination waits
      * (site_hold) and the job is deferred like any temporary failure. */
-    if (c->txn.msg.scope == SMTP_SCOPE_SESSION && c->txn.delivered == 0 &&
-        c->txn.permfail == 0 && c->nmsgs == 1 && t->mx != NULL && c->txn.msg.code != 421 &&
-        c->txn.msg.stage != SMTP_CLIENT_S_DOT && j->failovers < FAILOVER_MAX &&
-        clock_unix_ms() + EXPIRY_SLACK_MS < c->expire_ms) {
+    struct policy_txn pt = {
+        .msg = &c->txn.msg,
+        .delivered = c->txn.delivered,
+        .permfail = c->txn.permfail,
+        .txns_on_conn = c->nmsgs,
+        .failovers = j->failovers,
+        .have_answer = t->mx != NULL,
+        .now_ms = clock_unix_ms(),
+        .expire_ms = c->expire_ms,
+    };
+    if (policy_failover(&pt)) {
         /* Never after the final dot (the server may have the message:
          * sending it again elsewhere is a duplicate), and a few times at
          * most: then it is deferred like any temporary failure. */
@@ -1641,8 +2053,8 @@ static void
 conn_handle(struct conn *c, int ev)
 {
     if (ev < 0) {
-        log_msg(LOG_ERR, "event=client_misuse domain=%s err=%s", c->dest->name,
-                smtp_client_strerror(ev));
+        log_msg(LOG_ERR, "conn=%llx event=client_misuse domain=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, smtp_client_strerror(ev));
         dest_hold(c->dest, HOLD_MIN_MS); /* no reconnect storm */
         conn_close(c, "misuse");
         return;
@@ -1747,8 +2159,10 @@ tls_in(struct conn *c)
                 return;
             }
             if (rc < 0) {
-                log_msg(LOG_NOTICE, "event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
-                        c->dest->name, c->mx, tls_strerror(rc), tls_conn_error_str(c->tls));
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx, tls_strerror(rc),
+                        tls_conn_error_str(c->tls));
                 conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
                 return;
             }
@@ -1883,6 +2297,15 @@ conn_on_timer(struct timer *tm, void *ctx)
     conn_handle(c, smtp_client_timeout(conn_cli(c)));
 }
 
+/* Every state transition of the client machine, at debug level. */
+static void
+conn_on_trace(void *arg, enum smtp_client_state from, enum smtp_client_state to)
+{
+    const struct conn *c = arg;
+    log_msg(LOG_DEBUG, "conn=%llx event=state domain=%s from=%s to=%s", (unsigned long long)c->id,
+            c->dest->name, smtp_client_state_str(from), smtp_client_state_str(to));
+}
+
 static void
 conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
 {
@@ -1893,8 +2316,8 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     if (res < 0) {
-        log_msg(LOG_NOTICE, "event=connect_failed domain=%s mx=%s addr=%s err=%s",
-                c->dest->name, c->mx, c->addr_str, strerror(-res));
+        log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, strerror(-res));
         struct smtp_outcome *o = &c->dest->last_fail;
         memset(o, 0, sizeof(*o));
         o->status = SMTP_STATUS_TEMPFAIL;
@@ -1914,12 +2337,14 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     socklen_t llen = sizeof(local);
     if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
         netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
-    log_msg(LOG_INFO, "event=connected domain=%s mx=%s addr=%s", c->dest->name, c->mx,
-            c->addr_str);
+    log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     struct smtp_client_opts o = {
         .name = c->d->e->cfg->server.hostname,
+        .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
+        .trace_arg = c,
         .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
                : c->dest->pol->tls == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
                : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
@@ -1932,8 +2357,8 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);
     if (rc < 0) {
-        log_msg(LOG_ERR, "event=client_init_failed name=%s err=%s", o.name,
-                smtp_client_strerror(rc));
+        log_msg(LOG_ERR, "conn=%llx event=client_init_failed name=%s err=%s",
+                (unsigned long long)c->id, o.name, smtp_client_strerror(rc));
         conn_close(c, "init");
         conn_maybe_free(c);
         return;
@@ -1947,41 +2372,80 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
 static bool
 dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
-    unsigned total = 0;
-    for (unsigned h = 0; h < t->mx->nhosts; h++)
-        total += t->mx->hosts[h].naddrs;
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
     if (total == 0 || t->failed_addrs >= total)
         return false;
     unsigned k = t->next_addr % total;
-    for (unsigned h = 0; h < t->mx->nhosts; h++) {
-        if (k < t->mx->hosts[h].naddrs) {
-            *host = &t->mx->hosts[h];
-            *addr = &t->mx->hosts[h].addrs[k];
-            return true;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL)
+                continue;
+            if (k-- == 0) {
+                *host = &t->mx->hosts[h];
+                *addr = &t->mx->hosts[h].addrs[i];
+                return true;
+            }
         }
-        k -= t->mx->hosts[h].naddrs;
-    }
     return false;
 }
 
+/* a with t's port. */
 static void
-conn_open(struct dest *t)
+dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out)
+{
+    *out = *a;
+    uint16_t port = htons((uint16_t)dest_port(t));
+    if (out->sa.sa_family == AF_INET6)
+        out->sin6.sin6_port = port;
+    else
+        out->sin.sin_port = port;
+}
+
+/* The address a new connection of t goes to: the failover cursor's,
+ * unless this worker has its share of max_connections_per_address there;
+ * then the least busy address of an MX host of the same preference with
+ * room (never a backup MX for want of room). False when none has room. */
+static bool
+dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
     struct delivery *d = t->d;
-    const struct dns_mx_host *host;
-    const union dns_addr *addr;
-    if (!dest_address(t, &host, &addr))
-        return;
+    unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
+                                   d->e->nworkers);
+    union dns_addr k;
+    dest_addr_port(t, *addr, &k);
+    if (cap == 0 || site_addr_conns(&d->sites, &k) < cap)
+        return true;
+    unsigned pref = (*host)->preference, best = cap;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        const struct dns_mx_host *x = &t->mx->hosts[h];
+        if (x->preference != pref)
+            continue;
+        for (unsigned i = 0; i < x->naddrs; i++) {
+            if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
+                continue;
+            dest_addr_port(t, &x->addrs[i], &k);
+            unsigned n = site_addr_conns(&d->sites, &k);
+            if (n < best) {
+                best = n;
+                *host = x;
+                *addr = &x->addrs[i];
+            }
+        }
+    }
+    return best < cap;
+}
+
+static void
+conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr)
+{
+    struct delivery *d = t->d;
     struct conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return;
     c->d = d;
     c->dest = t;
-    c->addr = *addr;
-    if (c->addr.sa.sa_family == AF_INET6)
-        c->addr.sin6.sin6_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
-    else
-        c->addr.sin.sin_port = htons((uint16_t)d->e->cfg->delivery.remote_port);
+    c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
+    dest_addr_port(t, addr, &c->addr);
     netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
     snprintf(c->mx, sizeof(c->mx), "%s", host->name);
     c->connect_op = (struct op){OP_CALLBACK, conn_on_connect};
@@ -2008,6 +2472,13 @@ conn_open(struct dest *t)
         free(c);
         return;
     }
+    c->addr_counted = site_addr_add(&d->sites, &c->addr) == 0;
+    c->site = t->site;
+    c->site->refs++;
+    c->site->conns++;
+    c->site->opened++;
+    c->epoch = c->site->win.epoch;
+    c->tls_pol = t->pol->tls;
     t->conns++;
     t->opening++;
     d->stats.open++;
@@ -2023,6 +2494,12 @@ conn_open(struct dest *t)
 }
 
 /* ---- the scheduler ---- */
+
+static unsigned
+dest_port(const struct dest *t)
+{
+    return t->pol->route_port ? t->pol->route_port : t->d->e->cfg->delivery.remote_port;
+}
 
 static void
 dest_on_mx(void *arg, struct dns_mx_result *res)
@@ -2125,6 +2602,7 @@ static void dest_run_once(struct dest *t);
 static void
 dest_run(struct dest *t)
 {
+    dest_touch(t);
     if (t->running) {
         t->rerun = true;
         return;
@@ -2158,7 +2636,10 @@ dest_run_once(struct dest *t)
             return;
         }
         struct dns_mx_result *res = NULL;
-        int rc = resolver_mx_resolve(d->res, t->name, dest_on_mx, t, &res, &t->req);
+        /* A route: its host's answer stands for the domain's (a site like
+         * any other). */
+        const char *name = t->pol->route_host[0] ? t->pol->route_host : t->name;
+        int rc = resolver_mx_resolve(d->res, name, dest_on_mx, t, &res, &t->req);
         if (rc == 1) {
             t->req = NULL;
             t->mx = res;
@@ -2169,40 +2650,64 @@ dest_run_once(struct dest *t)
             return;
         }
     }
-    switch (t->mx->status) {
-    case DNS_OK:
-        break;
-    case DNS_NOT_FOUND:
-        dest_fail_all(t, true, 550, "5.1.2", t->mx->why, CLASSIFY_DNS);
-        return;
-    case DNS_NULL_MX:
-        dest_fail_all(t, true, 556, "5.1.10", "domain accepts no mail (null MX, RFC 7505)",
-                      CLASSIFY_DNS);
-        return;
-    case DNS_RETRY:
-    case DNS_FAIL:
-    default:
-        dest_fail_all(t, false, 451, "4.4.3", t->mx->why, CLASSIFY_DNS);
-        t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+    struct policy_fail pf;
+    policy_dns(t->mx->status, &pf);
+    if (pf.fail) {
+        dest_fail_all(t, pf.permanent, pf.code, pf.enh,
+                      t->mx->status == DNS_NULL_MX ? "domain accepts no mail (null MX, RFC 7505)"
+                                                   : t->mx->why,
+                      pf.src);
+        if (pf.forget_answer)
+            t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
         return;
     }
-    /* Idle connections first: reuse. One that goes back to the idle list
-     * found no token (the message rate): the others would not either. */
-    while (t->head != NULL && t->idle != NULL) {
-        struct conn *c = t->idle;
-        t->idle = c->next_idle;
+    if (dest_targets(t) == 0) {
+        /* Every address is one mail must not go to: a configuration
+         * error of the domain (or an attack), not a passing failure. */
+        dest_fail_all(t, true, 550, t->last_fail.enh.detail == 6 ? "5.4.6" : "5.4.4",
+                      t->last_fail.text, CLASSIFY_TARGET);
+        memset(&t->last_fail, 0, sizeof(t->last_fail));
+        return;
+    }
+    dest_site(t);
+    struct site *site = t->site;
+    if (site == NULL) {
+        dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS)); /* no memory now */
+        return;
+    }
+    /* Idle connections of the site first, whichever domain they served
+     * last: reuse. One that goes back to the idle list found no token
+     * (the message rate): the others would not either. */
+    while (t->head != NULL && site->idle != NULL) {
+        struct conn **pc = &site->idle;
+        while (*pc != NULL && (*pc)->tls_pol != t->pol->tls)
+            pc = &(*pc)->next_idle;
+        struct conn *c = *pc;
+        if (c == NULL)
+            break;
+        *pc = c->next_idle;
         c->next_idle = NULL;
+        if (!conn_move(c, t)) {
+            c->next_idle = site->idle;
+            site->idle = c;
+            break; /* t has its own max_connections already */
+        }
         conn_next(c);
         conn_flush(c);
-        if (t->idle == c)
+        if (site->idle == c)
             return;
     }
     if (t->head == NULL || d->w->now < t->hold_until)
         return;
-    /* New connections: one per job waiting beyond those being opened. */
+    /* New connections: one per job waiting beyond those being opened,
+     * within the domain's max_connections and the site's window. */
     while (t->queued > t->opening && t->conns < t->pol->max_connections) {
         const struct dns_mx_host *h;
         const union dns_addr *a;
+        if (site->conns >= site_allowed(t)) {
+            want_push(t); /* a slot, or an idle connection, will come */
+            return;
+        }
         if (!dest_address(t, &h, &a)) {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
@@ -2220,8 +2725,16 @@ dest_run_once(struct dest *t)
                     dest_fail_all(t, false, 451, "4.4.1", "no MX host answered", CLASSIFY_CONNECT);
                 }
                 memset(&t->last_fail, 0, sizeof(t->last_fail));
-                dest_hold(t, t->pol->site_hold > HOLD_MIN_MS ? t->pol->site_hold : HOLD_MIN_MS);
+                dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
             }
+            return;
+        }
+        if (!dest_address_room(t, &h, &a)) {
+            /* This worker's share of the address is taken: a connection of
+             * the site that closes wakes t; one of another site sharing the
+             * address does not, hence the timer. */
+            want_push(t);
+            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             return;
         }
         uint64_t retry_at;
@@ -2244,7 +2757,7 @@ dest_run_once(struct dest *t)
             return;
         }
         unsigned before = t->conns;
-        conn_open(t);
+        conn_open(t, h, a);
         if (t->conns == before) {
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
@@ -2379,22 +2892,23 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     struct delivery *d = (struct delivery *)((char *)m - offsetof(struct delivery, stop_msg));
     d->stopping = true;
     worker_timer_cancel(w, &d->due_timer);
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
-            worker_timer_cancel(w, &t->hold_timer);
-            worker_timer_cancel(w, &t->sweep_timer);
-            if (t->req != NULL && d->res != NULL)
-                resolver_cancel(d->res, t->req);
-            t->req = NULL;
-        }
+    worker_timer_cancel(w, &d->evict_timer);
+    struct dest_iter it1 = {0};
+    for (struct dest *t; (t = dest_next(d, &it1)) != NULL;) {
+        worker_timer_cancel(w, &t->hold_timer);
+        worker_timer_cancel(w, &t->sweep_timer);
+        if (t->req != NULL && d->res != NULL)
+            resolver_cancel(d->res, t->req);
+        t->req = NULL;
+    }
     for (struct conn *c = d->all; c != NULL; c = c->next_all)
         conn_close(c, "stopping");
     /* Leases go back now, not after their ttl (the loop still turns). */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
-            worker_timer_cancel(w, &t->lim_timer);
-            limits_key_fini(d->lim, &t->lim);
-        }
+    struct dest_iter it2 = {0};
+    for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
+        worker_timer_cancel(w, &t->lim_timer);
+        limits_key_fini(d->lim, &t->lim);
+    }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
         limits_key_fini(d->lim, &k->lim);
     if (d->res != NULL)
@@ -2412,14 +2926,17 @@ delivery_on_drain(struct worker *w, struct worker_msg *m)
     d->draining = true;
     log_msg(LOG_NOTICE, "event=draining connections=%llu", (unsigned long long)d->stats.open);
     /* Idle ones say goodbye now; busy ones after their transaction. */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
-            while (t->idle != NULL) {
-                struct conn *c = t->idle;
-                t->idle = c->next_idle;
-                c->next_idle = NULL;
-                conn_handle(c, smtp_client_quit(conn_cli(c)));
-            }
+    size_t bucket = 0;
+    struct hash_node *cur = NULL, *n;
+    while ((n = hash_next(&d->sites.by_key, &bucket, &cur)) != NULL) {
+        struct site *s = (struct site *)n;
+        while (s->idle != NULL) {
+            struct conn *c = s->idle;
+            s->idle = c->next_idle;
+            c->next_idle = NULL;
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+        }
+    }
     drain_check(d);
 }
 
@@ -2469,72 +2986,80 @@ int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
     uint64_t now = clock_unix_ms();
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
-            if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
-                (t->last_ms == 0 || now - t->last_ms > 600000))
-                continue;
-            if (*n == *cap) {
-                size_t nc = *cap ? *cap * 2 : 64;
-                struct stats_domain *a = realloc(*out, nc * sizeof(*a));
-                if (a == NULL)
-                    return -ENOMEM;
-                *out = a;
-                *cap = nc;
-            }
-            struct stats_domain *x = &(*out)[(*n)++];
-            memset(x, 0, sizeof(*x));
-            snprintf(x->name, sizeof(x->name), "%s", t->name);
-            x->ready = t->queued;
-            x->inflight = t->inflight;
-            x->connections = t->conns;
-            x->delivered = t->delivered;
-            x->bounced = t->failed;
-            x->max_connections = t->pol->max_connections;
-            x->suspended = t->suspended;
-            snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
-            bool held = d->w->now < t->hold_until;
-            unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
-            const struct conf_rate *mr = &t->pol->max_message_rate;
-            if (mr->count != 0 && mr->per_ms != 0)
-                x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
-            const char *redis = delivery_redis_state(d);
-            if (t->suspended)
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
-            else if (held)
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
-            else if (pct < 100)
-                snprintf(x->limit_reason, sizeof(x->limit_reason),
-                         "backoff: %u%% of the rates after rate limiting", pct);
-            else if (strcmp(redis, "unreachable") == 0)
-                snprintf(x->limit_reason, sizeof(x->limit_reason),
-                         "local share (Redis unreachable)");
-            else
-                snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
-                         t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
-            uint64_t oldest = 0;
-            for (struct job *j = t->head; j != NULL; j = j->next) {
-                uint64_t a = queue_id_time_ms(j->id);
-                if (oldest == 0 || a < oldest)
-                    oldest = a;
-            }
-            x->oldest_ms = oldest;
+    struct dest_iter it3 = {0};
+    for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
+        if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+            (t->last_ms == 0 || now - t->last_ms > 600000))
+            continue;
+        if (*n == *cap) {
+            size_t nc = *cap ? *cap * 2 : 64;
+            struct stats_domain *a = realloc(*out, nc * sizeof(*a));
+            if (a == NULL)
+                return -ENOMEM;
+            *out = a;
+            *cap = nc;
         }
+        struct stats_domain *x = &(*out)[(*n)++];
+        memset(x, 0, sizeof(*x));
+        snprintf(x->name, sizeof(x->name), "%s", t->name);
+        x->ready = t->queued;
+        x->inflight = t->inflight;
+        x->connections = t->conns;
+        x->delivered = t->delivered;
+        x->bounced = t->failed;
+        x->max_connections = t->pol->max_connections;
+        x->suspended = t->suspended;
+        snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
+        bool held = d->w->now < t->hold_until;
+        unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
+        const struct conf_rate *mr = &t->pol->max_message_rate;
+        if (mr->count != 0 && mr->per_ms != 0)
+            x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
+        const char *redis = delivery_redis_state(d);
+        if (t->suspended)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
+        else if (held)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
+        else if (pct < 100)
+            snprintf(x->limit_reason, sizeof(x->limit_reason),
+                     "backoff: %u%% of the rates after rate limiting", pct);
+        else if (strcmp(redis, "unreachable") == 0)
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "local share (Redis unreachable)");
+        else
+            snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
+                     t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
+        uint64_t oldest = 0;
+        for (struct job *j = t->head; j != NULL; j = j->next) {
+            uint64_t a = queue_id_time_ms(j->id);
+            if (oldest == 0 || a < oldest)
+                oldest = a;
+        }
+        x->oldest_ms = oldest;
+    }
     return 0;
 }
 
 void
 delivery_reconfigure(struct delivery *d)
 {
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
-            t->pol = config_domain(d->e->cfg, t->name);
-            struct limit_conf lc;
-            dest_limit_conf(t->pol, &lc);
-            limits_key_set(d->lim, &t->lim, &lc);
-            t->mxk_for = NULL; /* the [mx] sections may have changed */
-            t->mxk = NULL;
+    struct dest_iter it4 = {0};
+    for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
+        const struct domain_policy *old = t->pol;
+        t->pol = config_domain(d->e->cfg, t->name);
+        if (strcmp(old->route_host, t->pol->route_host) != 0 ||
+            old->route_port != t->pol->route_port) {
+            /* Another route: the next connection asks for its answer. */
+            if (t->req != NULL && d->res != NULL)
+                resolver_cancel(d->res, t->req);
+            t->req = NULL;
+            t->mx = dns_mx_result_unref(t->mx);
         }
+        struct limit_conf lc;
+        dest_limit_conf(t->pol, &lc);
+        limits_key_set(d->lim, &t->lim, &lc);
+        t->mxk_for = NULL; /* the [mx] sections may have changed */
+        t->mxk = NULL;
+    }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;
         bool src = strncmp(k->pattern, "src:", 4) == 0; /* else "mx:" */
@@ -2550,9 +3075,9 @@ delivery_reconfigure(struct delivery *d)
     }
     /* Connections keep the client options they started with; new ones
      * take the new policy. Let the new limits act on what waits. */
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (struct dest *t = d->buckets[b]; t != NULL; t = t->hnext)
-            dest_run(t);
+    struct dest_iter it5 = {0};
+    for (struct dest *t; (t = dest_next(d, &it5)) != NULL;)
+        dest_run(t);
 }
 
 int
@@ -2572,12 +3097,12 @@ void
 delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting, uint64_t *inflight)
 {
     *dests = *waiting = *inflight = 0;
-    for (unsigned b = 0; b < DEST_BUCKETS; b++)
-        for (const struct dest *t = d->buckets[b]; t != NULL; t = t->hnext) {
-            (*dests)++;
-            *waiting += t->queued;
-            *inflight += t->inflight;
-        }
+    struct dest_iter it6 = {0};
+    for (const struct dest *t; (t = dest_next(d, &it6)) != NULL;) {
+        (*dests)++;
+        *waiting += t->queued;
+        *inflight += t->inflight;
+    }
 }
 
 void
@@ -2603,6 +3128,11 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->cli_pool.size = sizeof(struct smtp_client_buf);
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
+    sites_init(&d->sites);
+    local_addrs_load(d);
+    hash_init(&d->dests, dest_eq, 256);
+    lru_init(&d->dest_lru);
+    timer_init(&d->evict_timer, dest_on_evict);
     d->stop_msg.fn = delivery_on_stop;
     {
         const struct config *cfg = e->cfg;
@@ -2651,6 +3181,7 @@ delivery_start(struct delivery *d)
     port_arm(d);
     if (d->w->id == 0 && d->e->cfg->delivery.enabled)
         worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+    worker_timer_arm(d->w, &d->evict_timer, d->w->now + MS_TO_NS(EVICT_SWEEP_MS));
 }
 
 struct delivery *
@@ -2667,18 +3198,10 @@ delivery_free(struct delivery *d)
         c->inflight = 0;
         conn_free(c);
     }
-    for (unsigned b = 0; b < DEST_BUCKETS; b++) {
-        struct dest *t = d->buckets[b];
-        while (t != NULL) {
-            struct dest *next = t->hnext;
-            struct job *j;
-            while ((j = dest_pop(t)) != NULL)
-                free(j);
-            dns_mx_result_unref(t->mx);
-            free(t);
-            t = next;
-        }
-    }
+    struct dest_iter itf = {0};
+    for (struct dest *t; (t = dest_next(d, &itf)) != NULL;)
+        dest_free(t, false);
+    hash_fini(&d->dests);
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     while (d->retrying != NULL) {
@@ -2702,6 +3225,8 @@ delivery_free(struct delivery *d)
     }
     pool_fini(&d->cli_pool);
     pool_fini(&d->chunk_pool);
+    sites_fini(&d->sites);
+    free(d->local);
     free(d);
     return NULL;
 }
@@ -2720,4 +3245,7 @@ delivery_stats(const struct delivery *d, struct delivery_stats *out)
 {
     *out = d->stats;
     out->bufs_out = d->cli_pool.out;
+    out->sites = d->sites.live;
+    out->mx_addresses = hash_count(&d->sites.addrs);
+    out->dests_evicted = d->evicted;
 }

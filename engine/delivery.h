@@ -2,9 +2,11 @@
  * delivery: outbound SMTP on a worker's ring. Each destination domain
  * belongs to one worker (a hash of its name), which holds its queue of
  * jobs (recipients of one message at that domain), resolves its MX hosts
- * through the worker's resolver, and opens, reuses and closes connections
- * to them within the domain's policy. Outcomes go back to the spool as
- * data (delivered, bounced, deferred with the reply).
+ * (or its route) through the worker's resolver, and delivers them over the
+ * connections of its site (the domains of the worker whose answers name
+ * the same MX hosts), within the domain's policy, the site's adaptive
+ * window and a cap per MX address. Outcomes go back to the spool as data
+ * (delivered, bounced, deferred with the reply).
  *
  * Threading: delivery_submit() from any thread (it posts to the owning
  * worker); delivery_new/_free on the main thread while the worker is not
@@ -33,6 +35,9 @@ struct delivery_stats {
     uint64_t open;                         /* connections open now */
     uint64_t recv_nobufs;                  /* reads retried: provided buffers all taken */
     uint64_t bufs_out;                     /* session buffers lent now */
+    uint64_t sites;                        /* sites now (MX host sets in use) */
+    uint64_t mx_addresses;                 /* MX addresses connected now */
+    uint64_t dests_evicted;                /* idle destinations forgotten */
 };
 
 int delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *err,

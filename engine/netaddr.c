@@ -233,3 +233,26 @@ netaddr_is_loopback(const struct sockaddr *sa)
     };
     return cidr_match(lo, 2, sa);
 }
+
+const char *
+netaddr_special(const struct sockaddr *sa)
+{
+    static const struct {
+        struct cidr net;
+        const char *what;
+    } special[] = {
+        {{AF_INET, 8, {127}}, "loopback"},
+        {{AF_INET6, 128, {[15] = 1}}, "loopback"},
+        {{AF_INET, 8, {0}}, "unspecified"},
+        {{AF_INET6, 128, {0}}, "unspecified"},
+        {{AF_INET, 16, {169, 254}}, "link-local"},
+        {{AF_INET6, 10, {0xfe, 0x80}}, "link-local"},
+        {{AF_INET, 4, {224}}, "multicast"},
+        {{AF_INET6, 8, {0xff}}, "multicast"},
+        {{AF_INET, 32, {255, 255, 255, 255}}, "broadcast"},
+    };
+    for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
+        if (cidr_match(&special[i].net, 1, sa))
+            return special[i].what;
+    return NULL;
+}

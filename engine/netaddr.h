@@ -34,6 +34,10 @@ void netaddr_ip_str(const struct sockaddr *sa, char *out, size_t outlen);
 /* "1.2.3.4:25" or "[::1]:25". */
 void netaddr_str(const struct sockaddr *sa, char *out, size_t outlen);
 bool netaddr_is_loopback(const struct sockaddr *sa);
+/* "loopback", "unspecified", "link-local", "multicast" or "broadcast"
+ * (a v4-mapped v6 address as its v4), or NULL for any other address:
+ * what no mail should be delivered to unless allowed. */
+const char *netaddr_special(const struct sockaddr *sa);
 
 /* "10.0.0.0/8, ::1, 192.168.1.7": a bare address is a /32 or /128.
  * Returns the count or -EINVAL (err says which item). */

@@ -215,10 +215,12 @@ ops_counters(void *arg, struct stats_counters *out)
                 out->dns_cache_entries += s->dns.dns.entries;
             }
         }
-        uint64_t waiting = 0, bufs = 0;
+        uint64_t waiting = 0, bufs = 0, sites = 0, addrs = 0;
         for (unsigned i = 0; i < e->nworkers; i++) {
             waiting += ((struct wstats *)c->res)[i].waiting;
             bufs += ((struct wstats *)c->res)[i].dlv.bufs_out;
+            sites += ((struct wstats *)c->res)[i].dlv.sites;
+            addrs += ((struct wstats *)c->res)[i].dlv.mx_addresses;
         }
         struct stats_object *o = out->objects;
         snprintf(o[0].name, sizeof(o[0].name), "jobs_waiting");
@@ -237,7 +239,11 @@ ops_counters(void *arg, struct stats_counters *out)
         dkim_pool_stats(e->dkim_pool, &ds);
         snprintf(o[5].name, sizeof(o[5].name), "dkim_jobs_queued");
         o[5].live = ds.queued;
-        out->nobjects = 6;
+        snprintf(o[6].name, sizeof(o[6].name), "sites");
+        o[6].live = sites;
+        snprintf(o[7].name, sizeof(o[7].name), "mx_addresses");
+        o[7].live = addrs;
+        out->nobjects = 8;
     }
     out->redis_state = "off";
     if (answered && e->cfg->redis.url != NULL) {

@@ -1149,6 +1149,11 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
         return;
     }
+    if (c->path.flags & SMTP_PATH_LIT_OTHER) {
+        /* [tag:content]: no address sluice could connect to */
+        reply(s, "553 5.1.3 Address literals other than IPv4 and IPv6 cannot be delivered");
+        return;
+    }
     if (s->nrcpt >= s->sw->cfg->max_recipients) {
         reply(s, "452 4.5.3 Too many recipients");
         return;

@@ -47,9 +47,11 @@ def sink(port, *flags, backlog=1000):
     return p
 
 
-def relay_conf(wd, port, spool, sink_port, dns_port, extra=""):
+def relay_conf(wd, port, spool, sink_port, dns_port, extra="", allow=True):
     """A sluice that takes mail on port and delivers to the sink through
-    the benchmark's dnsmasq."""
+    the benchmark's dnsmasq (allowing loopback as a target unless allow is
+    false: a binary from before [delivery] allow_networks)."""
+    allow_line = "allow_networks = 127.0.0.0/8" if allow else ""
     return wd.file("sluice.conf", f"""
 [server]
 workers = 2
@@ -60,6 +62,7 @@ path = {spool}
 map_size = 8G
 [delivery]
 remote_port = {sink_port}
+{allow_line}
 [dns]
 servers = 127.0.0.1:{dns_port}
 {extra}
@@ -213,7 +216,9 @@ def relay_run(a, sink_port, what):
         extra += (f"[events hook]\nurl = http://127.0.0.1:{a.receiver_port}/events\n"
                   f"secret = bench\n"
                   f"[events stream]\nurl = redis://127.0.0.1:{a.redis_port}/relay-events\n")
-    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, extra)
+    ref = subprocess.run([a.sluice, "--config-reference"], capture_output=True, text=True).stdout
+    conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, extra,
+                      allow="allow_networks" in ref)
     d = Daemon(a.sluice, conf)
     try:
         d.wait_log("event=ready")

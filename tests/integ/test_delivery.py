@@ -130,6 +130,8 @@ path = {self.spool}
 map_size = 512M
 [delivery]
 remote_port = {self.mx_port}
+# the receivers are on loopback, refused as targets unless allowed
+allow_networks = 127.0.0.0/8
 connect_timeout = 2s
 idle_timeout = 1s
 [dns]

@@ -190,6 +190,7 @@ path = {self.spool}
 map_size = 512M
 [delivery]
 remote_port = {mx_port}
+allow_networks = 127.0.0.0/8
 connect_timeout = 2s
 idle_timeout = 1s
 [dns]

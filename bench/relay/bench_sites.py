@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Relay benchmark over many recipient domains and MX hosts (issue 14):
+N messages injected into sluice and delivered, for 1, 100, 1,000 and
+10,000 recipient domains whose MX records point at 1, 10 and 100 MX hosts
+(domain i at host i mod M). Each MX host is an smtp-sink of its own on
+127.0.0.(1+k), one port for all, with an ordinary listen backlog (256);
+dnsmasq serves the records. sluice runs on the built-in defaults (those of
+the bundled etc/sluice.conf) but for what the bench must set: its listen
+address, spool, resolver, the receivers' port and, where the binary knows
+it, [delivery] allow_networks for loopback.
+
+  bench/relay/bench_sites.py [--sluice build-rel/engine/sluice] [--messages 20000]
+                             [--sessions 50] [--size 2048] [--only D:M,...]
+                             [--before OTHER-SLUICE]
+
+With --before, each line runs with the other binary first, then with
+--sluice: the ratio of each is to its own one-domain line.
+
+Each line: messages/s from the first injection to the last delivery, the
+ratio to one domain on one MX in the same run, connections opened per
+1,000 messages (sluice's event=connected lines), the most connections
+open at once to one MX address (the kernel's table, sampled every 10 ms),
+the injection rate alone, and sluice's CPU seconds per 1,000 messages.
+The injector is Python (pipelined MAIL/RCPT/DATA on --sessions
+connections), the same for every line; smtp-source has one recipient
+address per process. Durable spool under /var/tmp. Never fails on a number.
+"""
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
+from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
+from test_delivery import Dns, connectable  # noqa: E402
+
+
+def sinks(port, m, backlog=256):
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    procs = []
+    for k in range(m):
+        host = f"127.0.0.{1 + k}"
+        procs.append(subprocess.Popen(["smtp-sink", *user, "-c", f"{host}:{port}", str(backlog)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for k in range(m):
+        wait_until(lambda: connectable(port, f"127.0.0.{1 + k}"), 10, "smtp-sink")
+    return procs
+
+
+def per_address(port):
+    """Established connections to each 127.0.0.x:port, from /proc/net/tcp."""
+    out = {}
+    suffix = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "01" and cols[2].endswith(suffix):
+                out[cols[2]] = out.get(cols[2], 0) + 1
+    return out
+
+
+class Sampler(threading.Thread):
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port, self.most, self.stopped = port, 0, False
+        self.start()
+
+    def run(self):
+        while not self.stopped:
+            c = per_address(self.port)
+            if c:
+                self.most = max(self.most, max(c.values()))
+            time.sleep(0.01)
+
+
+def inject(port, rcpts, sessions, size):
+    """One message per recipient, over sessions pipelined connections."""
+    body = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78) + b".\r\n"
+    errors = []
+
+    def session(mine):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=120)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO bench\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            for r in mine:
+                s.sendall(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<%s>\r\nDATA\r\n" % r.encode())
+                for _ in range(3):
+                    f.readline()
+                s.sendall(body)
+                line = f.readline()
+                if not line.startswith(b"250"):
+                    errors.append(line)
+            s.sendall(b"QUIT\r\n")
+            s.close()
+        except OSError as e:
+            errors.append(str(e))
+
+    ts = [threading.Thread(target=session, args=(rcpts[i::sessions],)) for i in range(sessions)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of pid so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def knows(binary, key):
+    r = subprocess.run([binary, "--config-reference"], capture_output=True, text=True)
+    return key in r.stdout
+
+
+def one(a, ndom, nmx, sink_port):
+    wd = Workdir("sluice-sites-")
+    work = tempfile.mkdtemp(prefix="sluice-sites-", dir=a.spool)
+    recs = [f"host-record=mx{k}.test,127.0.0.{1 + k}" for k in range(nmx)]
+    recs += [f"mx-host=d{i}.test,mx{i % nmx}.test,10" for i in range(ndom)]
+    dns = Dns(wd, recs)
+    procs = sinks(sink_port, nmx)
+    port = free_port()
+    allow = "allow_networks = 127.0.0.0/8\n" if knows(a.sluice, "allow_networks") else ""
+    conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {work}/spool
+map_size = 8G
+[delivery]
+remote_port = {sink_port}
+{allow}
+[dns]
+servers = 127.0.0.1:{dns.port}
+""")
+    d = Daemon(a.sluice, conf)
+    res = None
+    try:
+        d.wait_log("event=ready")
+        rcpts = [f"r{k}@d{k % ndom}.test" for k in range(a.messages)]
+        samp = Sampler(sink_port)
+        t0 = time.monotonic()
+        errors = inject(port, rcpts, a.sessions, a.size)
+        t_inject = time.monotonic() - t0
+        deadline = time.monotonic() + a.timeout
+        seen = delivered = connected = 0
+        t_last = t0
+        while time.monotonic() < deadline and delivered < a.messages:
+            with d.cv:
+                new = d.lines[seen:]
+                seen = len(d.lines)
+            for ln in new:
+                if "event=delivered" in ln:
+                    delivered += 1
+                    t_last = time.monotonic()
+                elif "event=connected" in ln:
+                    connected += 1
+            time.sleep(0.05)
+        samp.stopped = True
+        samp.join(5)
+        res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
+                   cpu=1000 * cpu_s(d.proc.pid) / max(1, delivered),
+                   delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
+                   secs=t_last - t0)
+        d.stop(60)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
+        dns.stop()
+        wd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", default="build-rel/engine/sluice")
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds to wait for deliveries")
+    ap.add_argument("--spool", default="/var/tmp")
+    ap.add_argument("--only", default="", help="D:M pairs, comma-separated")
+    ap.add_argument("--before", default="",
+                    help="another sluice binary (e.g. main's) run on each line just before, "
+                         "for figures side by side")
+    a = ap.parse_args()
+    grid = [(1, 1), (100, 1), (100, 10), (100, 100), (1000, 1), (1000, 10), (1000, 100),
+            (10000, 1), (10000, 10), (10000, 100)]
+    if a.only:
+        grid = [tuple(int(x) for x in p.split(":")) for p in a.only.split(",")]
+        if (1, 1) not in grid:
+            grid.insert(0, (1, 1))
+    sink_port = free_port()
+    print(f"sites: {a.messages} messages of {a.size} B, 1 recipient each, {a.sessions} sessions, "
+          f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
+          f"receivers: smtp-sink, backlog 256", flush=True)
+    print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
+          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8}",
+          flush=True)
+    binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
+    base = {}
+    for ndom, nmx in grid:
+        for label, binary in binaries:
+            a_run = argparse.Namespace(**vars(a))
+            a_run.sluice = binary
+            r = one(a_run, ndom, nmx, sink_port)
+            if label not in base:
+                base[label] = r["msgs"]
+            print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / base[label]:>5.0f}% "
+                  f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
+                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.2f}  {label}"
+                  + (f"  ({r['errors']} injection errors)" if r["errors"] else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+/*
+ * policy: see policy.h.
+ */
+#include "engine/outbound/policy.h"
+
+#include <string.h>
+
+enum classify_source
+policy_source(const struct smtp_outcome *o, enum classify_source fallback)
+{
+    switch (o->reason) {
+    case SMTP_REASON_REPLY:
+    case SMTP_REASON_SIZE:
+    case SMTP_REASON_ADDRESS:
+    case SMTP_REASON_NEED_8BITMIME:
+    case SMTP_REASON_NEED_SMTPUTF8:
+    case SMTP_REASON_RCPT_LIMIT:
+    case SMTP_REASON_NO_RCPT:
+        return CLASSIFY_REPLY;
+    case SMTP_REASON_TIMEOUT:
+    case SMTP_REASON_EOF:
+    case SMTP_REASON_QUIT:
+        return CLASSIFY_CONNECT;
+    case SMTP_REASON_PROTOCOL:
+        return CLASSIFY_PROTOCOL;
+    case SMTP_REASON_TLS_UNAVAILABLE:
+    case SMTP_REASON_TLS_REFUSED:
+    case SMTP_REASON_TLS_FAILED:
+    case SMTP_REASON_TLS_UNVERIFIED:
+        return CLASSIFY_TLS;
+    default:
+        return o->code != 0 && fallback == CLASSIFY_REPLY ? CLASSIFY_REPLY : fallback;
+    }
+}
+
+void
+policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_source src,
+            uint64_t now_ms, uint64_t expire_ms, uint64_t delay_ms, struct policy_rcpt *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->src = policy_source(o, src);
+    if (o->status == SMTP_STATUS_DELIVERED) {
+        out->kind = POLICY_DELIVERED;
+    } else if (o->status == SMTP_STATUS_PERMFAIL) {
+        out->kind = POLICY_BOUNCE;
+    } else if (now_ms + POLICY_EXPIRY_SLACK_MS >= expire_ms) {
+        out->kind = POLICY_EXPIRE;
+        out->src = CLASSIFY_EXPIRED;
+    } else {
+        uint64_t due = now_ms + delay_ms;
+        out->kind = POLICY_DEFER;
+        out->due_ms = due < expire_ms ? due : expire_ms;
+        /* A 421 holds the whole destination already (policy_conn_end). */
+        out->backoff = cls == BOUNCE_RATE_LIMITED && o->code != 421;
+    }
+}
+
+uint64_t
+policy_retry_delay(const struct conf_durations *s, unsigned attempts, unsigned pct, uint64_t rnd)
+{
+    if (s->n == 0)
+        return 0;
+    unsigned i = attempts < s->n ? attempts : s->n - 1;
+    uint64_t ms = s->ms[i];
+    if (pct == 0 || ms == 0)
+        return ms;
+    uint64_t span = ms * pct / 100; /* at most half the delay */
+    return ms - span + rnd % (2 * span + 1);
+}
+
+uint64_t
+policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_expire_ms)
+{
+    uint64_t e = arrival_ms + max_age_ms;
+    return own_expire_ms != 0 && own_expire_ms < e ? own_expire_ms : e;
+}
+
+bool
+policy_failover(const struct policy_txn *t)
+{
+    const struct smtp_outcome *m = t->msg;
+    return m->scope == SMTP_SCOPE_SESSION && t->delivered == 0 && t->permfail == 0 &&
+           t->txns_on_conn == 1 && t->have_answer && m->code != 421 &&
+           m->stage != SMTP_CLIENT_S_DOT && t->failovers < POLICY_FAILOVER_MAX &&
+           t->now_ms + POLICY_EXPIRY_SLACK_MS < t->expire_ms;
+}
+
+void
+policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (e->stopping)
+        return;
+    const struct smtp_outcome *so = e->connected ? e->session : NULL;
+    if (so != NULL && so->code == 421) {
+        /* The server pushes back: give it a rest (RFC 5321 3.8). */
+        out->hold = true;
+        out->backoff = true;
+        out->congested = true;
+    }
+    if (!e->ready_once) {
+        /* Refused, timed out, or greeting, EHLO or the TLS policy failed:
+         * the next address; a reason to remember when there is one. */
+        out->congested = true;
+        if (e->connected) {
+            out->next_addr = true;
+            /* Temporary even for a 5xx greeting: another MX, or a later
+             * try, may do (Postfix's smtp_skip_5xx_greeting). */
+            out->remember = so != NULL && so->status != SMTP_STATUS_PENDING;
+        }
+    }
+}
+
+void
+policy_dns(enum dns_status st, struct policy_fail *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->src = CLASSIFY_DNS;
+    switch (st) {
+    case DNS_OK:
+        return;
+    case DNS_NOT_FOUND:
+        *out = (struct policy_fail){true, true, 550, "5.1.2", CLASSIFY_DNS, false};
+        return;
+    case DNS_NULL_MX:
+        *out = (struct policy_fail){true, true, 556, "5.1.10", CLASSIFY_DNS, false};
+        return;
+    case DNS_RETRY:
+    case DNS_FAIL:
+    default:
+        *out = (struct policy_fail){true, false, 451, "4.4.3", CLASSIFY_DNS, true};
+        return;
+    }
+}
+
+uint64_t
+policy_all_failed_hold(uint64_t site_hold_ms)
+{
+    return site_hold_ms > POLICY_HOLD_MIN_MS ? site_hold_ms : POLICY_HOLD_MIN_MS;
+}

@@ -1,0 +1,117 @@
+/*
+ * policy: the outbound failure policy, as data in and decisions out (as
+ * Postfix's smtp_trouble.c). Every "defer, bounce, expire, next address,
+ * hold, back off, fail over" of delivery is taken here from what happened
+ * (an SMTP outcome, a DNS status, a connection event) and the few facts it
+ * needs (times, counts); engine/delivery.c acts on the decision. No I/O, no
+ * state, no config lookups: unit-tested by tests/unit/test_policy.c.
+ *
+ * Threading: any; pure.
+ */
+#ifndef SLUICE_ENGINE_OUTBOUND_POLICY_H
+#define SLUICE_ENGINE_OUTBOUND_POLICY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/conf.h"
+#include "dns/dns.h"
+#include "engine/classify.h"
+#include "engine/smtp_client.h"
+
+#define POLICY_EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
+#define POLICY_HOLD_MIN_MS     1000 /* shortest hold after every MX address failed */
+#define POLICY_FAILOVER_MAX    3    /* next-address moves of one job after session failures */
+
+/* ---- one recipient's outcome ---- */
+
+enum policy_rcpt_kind {
+    POLICY_DELIVERED,
+    POLICY_BOUNCE,  /* permanent */
+    POLICY_EXPIRE,  /* temporary, but past its expiry */
+    POLICY_DEFER,   /* temporary: again at due_ms */
+};
+
+struct policy_rcpt {
+    enum policy_rcpt_kind kind;
+    uint64_t due_ms;         /* POLICY_DEFER: Unix ms of the next attempt (never past expiry) */
+    enum classify_source src; /* what the class comes from (not for delivered) */
+    bool backoff;            /* slow the destination down (a rate-limited reply, not a 421) */
+};
+
+/* The status of an outcome o at now_ms, for a recipient that expires at
+ * expire_ms and waits delay_ms (policy_retry_delay()) when deferred. cls
+ * is the class the caller got from classify() for o (BOUNCE_OTHER when
+ * not classified); src the source to classify with when o is not a
+ * server's reply. */
+void policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_source src,
+                 uint64_t now_ms, uint64_t expire_ms, uint64_t delay_ms, struct policy_rcpt *out);
+
+/* Where a failure's class comes from: a reply, or the kind of event. */
+enum classify_source policy_source(const struct smtp_outcome *o, enum classify_source fallback);
+
+/* The schedule's delay after attempts deferrals, moved by up to jitter_pct
+ * percent either way; rnd is a random number. */
+uint64_t policy_retry_delay(const struct conf_durations *schedule, unsigned attempts,
+                            unsigned jitter_pct, uint64_t rnd);
+
+/* When a message's recipients give up: max_age after arrival, or the
+ * message's own expiry when sooner (0: none). */
+uint64_t policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_expire_ms);
+
+/* ---- a job whose transaction ended in a session failure ---- */
+
+struct policy_txn {
+    const struct smtp_outcome *msg; /* borrowed: the transaction's message outcome */
+    unsigned delivered, permfail;  /* recipients so */
+    unsigned txns_on_conn;          /* transactions this connection finished, this one included */
+    unsigned failovers;             /* times this job was moved already */
+    bool have_answer;               /* the destination has MX addresses to move to */
+    uint64_t now_ms, expire_ms;
+};
+
+/* Give the job to the next MX address (true) rather than report its
+ * outcome: a session failure before this connection delivered anything is
+ * the server's, not the message's; never after the final dot (the server
+ * may have the message), nor after a 421 (the receiver pushes back), and a
+ * few times at most. */
+bool policy_failover(const struct policy_txn *t);
+
+/* ---- a connection that ended ---- */
+
+struct policy_conn_end {
+    bool connected;       /* TCP connected */
+    bool ready_once;      /* the session reached a transaction */
+    const struct smtp_outcome *session; /* borrowed: the machine's session outcome, or NULL */
+    bool stopping;        /* the worker stops: no decision but release */
+};
+
+struct policy_conn_decision {
+    bool next_addr;       /* this address failed: move the cursor, count a failure */
+    bool remember;        /* keep session (made temporary) as the reason for a deferral */
+    bool hold;            /* no new connection to the destination for site_hold */
+    bool backoff;         /* and halve its rates */
+    bool congested;       /* the site's window comes down (site.h) */
+};
+
+void policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out);
+
+/* ---- a destination's answer ---- */
+
+struct policy_fail {
+    bool fail;            /* fail every waiting job with what follows */
+    bool permanent;
+    unsigned code;
+    const char *enh;      /* static: "5.1.2" */
+    enum classify_source src;
+    bool forget_answer;   /* ask DNS again next time */
+};
+
+/* What a DNS status means for the jobs of a destination. */
+void policy_dns(enum dns_status st, struct policy_fail *out);
+
+/* Every address of the answer failed in a row: how long the destination
+ * rests (its waiting jobs are deferred with the last failure). */
+uint64_t policy_all_failed_hold(uint64_t site_hold_ms);
+
+#endif

@@ -1,0 +1,252 @@
+/*
+ * site: see site.h. The window arithmetic is pure and unit-tested
+ * (tests/unit/test_site.c); the tables are two struct hash of common/.
+ */
+#include "engine/outbound/site.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ---- the window ---- */
+
+void
+site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
+{
+    w->ceiling = ceiling ? ceiling : 1;
+    w->cwnd = initial ? initial : 1;
+    if (w->cwnd > w->ceiling)
+        w->cwnd = w->ceiling;
+    w->ssthresh = w->ceiling; /* slow start until the first failure */
+    w->epoch = 0;
+}
+
+void
+site_window_set_ceiling(struct site_window *w, unsigned ceiling)
+{
+    w->ceiling = ceiling ? ceiling : 1;
+    if (w->cwnd > w->ceiling)
+        w->cwnd = w->ceiling;
+    if (w->ssthresh > w->ceiling)
+        w->ssthresh = w->ceiling;
+}
+
+unsigned
+site_window_allowed(const struct site_window *w)
+{
+    unsigned a = (unsigned)w->cwnd;
+    return a < 1 ? 1 : a > w->ceiling ? w->ceiling : a;
+}
+
+void
+site_window_on_success(struct site_window *w, unsigned in_use)
+{
+    if (in_use + 1 < site_window_allowed(w))
+        return; /* the window is not what limits: it earns nothing */
+    if (w->cwnd < w->ssthresh)
+        w->cwnd += 1.0;
+    else
+        w->cwnd += 1.0 / w->cwnd;
+    if (w->cwnd > w->ceiling)
+        w->cwnd = w->ceiling;
+}
+
+bool
+site_window_on_failure(struct site_window *w, unsigned epoch)
+{
+    if (epoch != w->epoch)
+        return false; /* opened before the last decrease: counted already */
+    w->epoch++;
+    w->ssthresh = w->cwnd / 2 < 1 ? 1 : w->cwnd / 2;
+    w->cwnd = w->ssthresh;
+    return true;
+}
+
+/* ---- sites ---- */
+
+static bool
+site_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct site *)n)->key, key) == 0;
+}
+
+struct site_addr {
+    struct hash_node node;
+    union dns_addr a; /* port included */
+    unsigned conns;
+};
+
+/* Address and port only: the rest of a sockaddr (flow info) is noise. */
+static size_t
+addr_key(const union dns_addr *a, unsigned char *out)
+{
+    if (a->sa.sa_family == AF_INET6) {
+        memcpy(out, &a->sin6.sin6_addr, 16);
+        memcpy(out + 16, &a->sin6.sin6_port, 2);
+        return 18;
+    }
+    memcpy(out, &a->sin.sin_addr, 4);
+    memcpy(out + 4, &a->sin.sin_port, 2);
+    return 6;
+}
+
+static bool
+addr_eq(const struct hash_node *n, const void *key)
+{
+    const struct site_addr *x = (const struct site_addr *)n;
+    const union dns_addr *a = key;
+    unsigned char k1[18], k2[18];
+    size_t l1 = addr_key(&x->a, k1), l2 = addr_key(a, k2);
+    return l1 == l2 && memcmp(k1, k2, l1) == 0;
+}
+
+static uint64_t
+addr_hash(const union dns_addr *a)
+{
+    unsigned char k[18];
+    return hash_bytes(k, addr_key(a, k));
+}
+
+void
+sites_init(struct sites *s)
+{
+    hash_init(&s->by_key, site_eq, 64);
+    hash_init(&s->addrs, addr_eq, 64);
+    s->live = 0;
+}
+
+void
+sites_fini(struct sites *s)
+{
+    size_t b = 0;
+    struct hash_node *cur = NULL, *n;
+    while ((n = hash_next(&s->addrs, &b, &cur)) != NULL)
+        free(n);
+    b = 0;
+    cur = NULL;
+    while ((n = hash_next(&s->by_key, &b, &cur)) != NULL)
+        free(n);
+    hash_fini(&s->addrs);
+    hash_fini(&s->by_key);
+    s->live = 0;
+}
+
+static int
+name_cmp(const void *a, const void *b)
+{
+    return strcasecmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+void
+site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen)
+{
+    const char *names[64];
+    unsigned n = 0;
+    for (unsigned i = 0; i < mx->nhosts && n < 64; i++)
+        names[n++] = mx->hosts[i].name;
+    qsort(names, n, sizeof(names[0]), name_cmp);
+    size_t len = 0;
+    out[0] = '\0';
+    for (unsigned i = 0; i < n; i++) {
+        if (i > 0 && strcasecmp(names[i], names[i - 1]) == 0)
+            continue;
+        int w = snprintf(out + len, outlen - len, "%s%s", len ? "," : "", names[i]);
+        if (w < 0 || (size_t)w >= outlen - len) {
+            /* Too many names to spell: their hash names the site. */
+            uint64_t h = 0;
+            for (unsigned k = 0; k < n; k++)
+                h = h * 31 + hash_str_nocase(names[k]);
+            len = (size_t)snprintf(out, outlen, "#%016llx", (unsigned long long)h);
+            break;
+        }
+        len += (size_t)w;
+    }
+    snprintf(out + len, outlen - len, ":%u", port);
+    for (char *p = out; *p; p++)
+        if (*p >= 'A' && *p <= 'Z')
+            *p = (char)(*p + 32);
+}
+
+struct site *
+site_get(struct sites *s, const char *key, unsigned initial, unsigned ceiling)
+{
+    uint64_t h = hash_bytes(key, strlen(key));
+    struct site *site = (struct site *)hash_find(&s->by_key, h, key);
+    if (site != NULL) {
+        site->refs++;
+        return site;
+    }
+    if ((site = calloc(1, sizeof(*site))) == NULL)
+        return NULL;
+    snprintf(site->key, sizeof(site->key), "%s", key);
+    site->node.hash = h;
+    site->refs = 1;
+    site_window_init(&site->win, initial, ceiling);
+    if (hash_insert(&s->by_key, &site->node) < 0) {
+        free(site);
+        return NULL;
+    }
+    s->live++;
+    return site;
+}
+
+struct site *
+site_unref(struct sites *s, struct site *site)
+{
+    if (site == NULL || --site->refs > 0)
+        return NULL;
+    hash_remove(&s->by_key, &site->node);
+    hash_compact(&s->by_key);
+    s->live--;
+    free(site);
+    return NULL;
+}
+
+unsigned
+site_addr_conns(const struct sites *s, const union dns_addr *a)
+{
+    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    return x ? x->conns : 0;
+}
+
+int
+site_addr_add(struct sites *s, const union dns_addr *a)
+{
+    uint64_t h = addr_hash(a);
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, h, a);
+    if (x == NULL) {
+        if ((x = calloc(1, sizeof(*x))) == NULL)
+            return -ENOMEM;
+        x->a = *a;
+        x->node.hash = h;
+        if (hash_insert(&s->addrs, &x->node) < 0) {
+            free(x);
+            return -ENOMEM;
+        }
+    }
+    x->conns++;
+    return 0;
+}
+
+void
+site_addr_del(struct sites *s, const union dns_addr *a)
+{
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    if (x == NULL || --x->conns > 0)
+        return;
+    hash_remove(&s->addrs, &x->node);
+    hash_compact(&s->addrs);
+    free(x);
+}
+
+unsigned
+site_addr_share(unsigned cap, unsigned workers)
+{
+    if (cap == 0)
+        return 0;
+    unsigned share = workers > 1 ? cap / workers : cap;
+    return share ? share : 1;
+}

@@ -1,0 +1,108 @@
+/*
+ * site: the unit that owns outbound connections. A site is the set of MX
+ * hosts a domain resolves to (or its route): every domain whose answer
+ * names the same hosts shares the site's connections, its idle list and
+ * its concurrency window (MX rollup, as KumoMTA's site name and
+ * PowerMTA's MX rollup). Per domain stay the queue, the rates, the retry
+ * schedule, max_age and suspend (engine/delivery.c).
+ *
+ * Concurrency is adaptive, TCP's rule applied to connections: a site
+ * starts with [delivery] initial_connections; while its window is in use,
+ * every transaction that completes adds one connection (slow start) up to
+ * the threshold, then 1/window (additive increase, one a round). A connect
+ * failure, a greeting that times out or refuses, a 421 or a connection
+ * reset before the session was ready halves the window (multiplicative
+ * decrease, never below one), at most once per round: failures of
+ * connections opened before the last decrease do not count again. The
+ * configured max_connections is the ceiling.
+ *
+ * Connections per MX address: a worker table of the addresses connected
+ * now (entries live while connections do). A destination domain belongs to
+ * one worker (a hash of its name) and the domains of one site are spread
+ * over the workers, so each worker holds an equal share of
+ * max_connections_per_address (at least one): a bound that holds without
+ * any exchange between the workers. Routing every domain of a site to one
+ * worker would need the MX answer before the hand-off and would move a
+ * domain when its answer changes; the share costs little at a few workers.
+ *
+ * Threading: one worker's thread; pure but for the tables' memory.
+ */
+#ifndef SLUICE_ENGINE_OUTBOUND_SITE_H
+#define SLUICE_ENGINE_OUTBOUND_SITE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/hash.h"
+#include "common/lru.h"
+#include "dns/dns.h"
+
+#define SITE_KEY_MAX 256
+
+/* ---- the concurrency window (pure) ---- */
+
+struct site_window {
+    double cwnd;       /* connections allowed now */
+    double ssthresh;   /* slow start below, additive increase above */
+    unsigned epoch;    /* decreases so far: a connection remembers the one it opened in */
+    unsigned ceiling;  /* max_connections; never above */
+};
+
+void site_window_init(struct site_window *w, unsigned initial, unsigned ceiling);
+/* A new ceiling (a reload, or a domain with another max_connections). */
+void site_window_set_ceiling(struct site_window *w, unsigned ceiling);
+/* Connections the window allows now (>= 1). */
+unsigned site_window_allowed(const struct site_window *w);
+/* A transaction completed on a connection of the site while in_use
+ * connections were open: grow, if the window is used (in_use + 1 >=
+ * allowed; an unused window earns nothing). */
+void site_window_on_success(struct site_window *w, unsigned in_use);
+/* A connection opened in epoch failed as above: halve, unless the window
+ * was halved since that connection opened. Returns whether it shrank. */
+bool site_window_on_failure(struct site_window *w, unsigned epoch);
+
+/* ---- sites of a worker ---- */
+
+struct conn;
+struct dest;
+
+struct site {
+    struct hash_node node;
+    unsigned refs;           /* destinations and connections pointing here */
+    char key[SITE_KEY_MAX];  /* "mx1.example,mx2.example:25", or "route:host:port" */
+    unsigned conns;          /* open or opening */
+    struct site_window win;
+    struct conn *idle;       /* borrowed: idle connections of the site, any domain */
+    struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
+    uint64_t opened, failures, shrinks; /* since it was made */
+};
+
+struct sites {
+    struct hash by_key;      /* struct site */
+    struct hash addrs;       /* struct site_addr */
+    uint64_t live;           /* sites now */
+};
+
+void sites_init(struct sites *s);
+/* Every site must be released. */
+void sites_fini(struct sites *s);
+
+/* The site key of an answer: its MX host names sorted and joined, and the
+ * port. Same hosts, same key, whatever the order or preferences. */
+void site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen);
+/* The site of key, made on first use with the window given; one more
+ * reference. NULL without memory. */
+struct site *site_get(struct sites *s, const char *key, unsigned initial, unsigned ceiling);
+/* One reference less; the site goes with the last. Returns NULL. */
+struct site *site_unref(struct sites *s, struct site *site);
+
+/* Connections to one address (and port) now, through the worker's table. */
+unsigned site_addr_conns(const struct sites *s, const union dns_addr *a);
+/* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
+int site_addr_add(struct sites *s, const union dns_addr *a);
+void site_addr_del(struct sites *s, const union dns_addr *a);
+/* The per-worker share of a node-wide per-address cap. */
+unsigned site_addr_share(unsigned cap, unsigned workers);
+
+#endif

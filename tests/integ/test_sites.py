@@ -1,0 +1,290 @@
+"""Sites: domains whose MX records name the same hosts share connections
+(MX rollup), within a cap per MX address, and a site's concurrency
+adapts. Real servers on loopback: dnsmasq for the MX records, smtp-sink as
+the receiver; connections are counted from the kernel's table
+(/proc/net/tcp), not from sluice's word."""
+import os
+import sys
+import threading
+import time
+
+from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, wait_until
+from test_delivery import Dns, Relay, Sink, records_for
+
+SLUICE = sys.argv[1]
+SOURCE_DIR = sys.argv[2]
+
+
+def socket_inodes(pid):
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def established_to(port, pid):
+    """Established TCP connections of process pid to 127.0.0.1:port, from
+    the kernel's table (other processes' connections do not count)."""
+    mine = socket_inodes(pid)
+    n = 0
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[2] == want and cols[3] == "01" and cols[9] in mine:
+                n += 1
+    return n
+
+
+class Sampler:
+    """The most connections open at once from pid to a port, sampled every
+    5 ms until stopped."""
+
+    def __init__(self, port, pid):
+        self.port, self.pid, self.most, self.stopped = port, pid, 0, False
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self):
+        while not self.stopped:
+            try:
+                self.most = max(self.most, established_to(self.port, self.pid))
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    def stop(self):
+        self.stopped = True
+        self.t.join(5)
+        return self.most
+
+
+def test_domains_behind_one_mx_share_its_connections():
+    """60 domains, one MX host, 5 messages each: without sites each domain
+    opens connections of its own (60 at least); with them the site's
+    connections carry every domain's transactions, and the address never
+    has more than its cap (4 across the node's two workers)."""
+    doms = [f"d{i}.test" for i in range(60)]
+    r = Relay(records_for(doms),
+              domain_conf="[delivery]\nmax_connections_per_address = 4\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\nrollup\r\n")
+                for k in range(5) for d in doms]
+        r.inject(msgs, sessions=4)
+        r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+        most = s.stop()
+        opened = r.d.count_log("event=connected")
+        assert most <= 4, f"{most} connections at once to one address (cap 4)"
+        assert opened < len(doms), f"{opened} connections for {len(doms)} domains: not shared"
+        assert r.d.count_log("event=delivered") == len(msgs)
+    finally:
+        r.close()
+
+
+def test_a_refusing_address_shrinks_the_window():
+    """An MX host that refuses connections: the site's window halves (a
+    logged event) and the recipients are deferred, not bounced."""
+    doms = ["down.test"]
+    r = Relay(records_for(doms), with_sink=False)
+    try:
+        r.inject([("s@example.com", ["u@down.test"], b"Subject: t\r\n\r\nx\r\n")])
+        line = r.d.wait_log("event=site_window_down", timeout=30)
+        assert "reason=not_ready" in line and "site=mx.test:" in line, line
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "class=connection_failure" in line, line
+        assert r.d.count_log("event=bounced") == 0
+    finally:
+        r.close()
+
+
+def bundled_conf(wd, port, dns_port, mx_port):
+    """etc/sluice.conf as shipped, with this test's ports and paths."""
+    with open(os.path.join(SOURCE_DIR, "etc", "sluice.conf")) as f:
+        text = f.read()
+    out = []
+    for line in text.splitlines():
+        key = line.split("=")[0].strip()
+        if key == "listen":
+            line = f"listen = 127.0.0.1:{port}"
+        elif key == "path":
+            line = f"path = {wd.path}/spool"
+        elif key == "delivery_log":
+            line = f"delivery_log = {wd.path}/delivery.jsonl"
+        elif key == "socket":
+            line = f"socket = {wd.path}/sluice.sock"
+        elif key == "http_listen":
+            line = f"http_listen = 127.0.0.1:{free_port()}"
+        out.append(line)
+    # Where the receivers listen and resolve: not what decides the refusal.
+    out += ["[delivery]", f"remote_port = {mx_port}", "[dns]", f"servers = 127.0.0.1:{dns_port}"]
+    return wd.file("sluice.conf", "\n".join(out) + "\n")
+
+
+def test_bundled_config_refuses_loopback():
+    """The bundled config delivers nothing to loopback, whether an MX
+    record or an address literal names it: each recipient bounces with
+    class refused_target and a reply that says why; the receiver on
+    127.0.0.1 sees no connection. A literal that is neither IPv4 nor IPv6
+    gets a 5xx at RCPT."""
+    wd = Workdir("sluice-target-")
+    dns = sink = d = None
+    try:
+        dns = Dns(wd, records_for(["lo.test"]))
+        mx_port = free_port()
+        sink = Sink(wd, mx_port)
+        port = free_port()
+        d = Sluice(SLUICE, bundled_conf(wd, port, dns.port, mx_port))
+        d.wait_log("event=ready")
+        c = Smtp(port)
+        c.expect("EHLO tester", 250)
+        c.expect("MAIL FROM:<>", 250)
+        c.expect("RCPT TO:<a@lo.test>", 250)
+        c.expect("RCPT TO:<b@[127.0.0.1]>", 250)
+        r = c.cmd("RCPT TO:<c@[x-tag:anything]>")
+        assert r.raw.startswith("553 5.1.3"), r.raw
+        c.expect("DATA", 354)
+        c.expect("Subject: t\r\n\r\nnot to loopback\r\n.", 250)
+        c.cmd("QUIT")
+        lines = d.wait_log_count("event=bounced", 2, timeout=30)
+        for line in lines:
+            assert "class=refused_target" in line and "code=550" in line, line
+            assert "enhanced=5.4.4" in line and "loopback" in line, line
+        assert any("rcpt=<a@lo.test>" in x for x in lines), lines
+        assert any("rcpt=<b@[127.0.0.1]>" in x for x in lines), lines
+        assert d.count_log("event=connected") == 0
+        assert sink.files() == []
+        assert d.stop_clean() == 0
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        for p in (sink, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
+def test_allowed_network_delivers_but_never_to_itself():
+    """allow_networks lets loopback through (the tests' receivers), but a
+    domain whose MX is this node's own listener bounces as a loop."""
+    r = Relay(records_for(["ok.test"]))
+    try:
+        r.inject([("s@example.com", ["a@ok.test"], b"Subject: t\r\n\r\nallowed\r\n")])
+        r.d.wait_log("event=delivered", timeout=30)
+    finally:
+        r.close()
+    wd = Workdir("sluice-self-")
+    dns = d = None
+    try:
+        port = free_port()
+        dns = Dns(wd, records_for(["self.test"]))
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 1
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+[delivery]
+remote_port = {port}
+allow_networks = 127.0.0.0/8
+[dns]
+servers = 127.0.0.1:{dns.port}
+[bounce]
+dsn = no
+""")
+        d = Sluice(SLUICE, conf)
+        d.wait_log("event=ready")
+        c = Smtp(port)
+        c.expect("EHLO tester", 250)
+        c.expect("MAIL FROM:<s@example.com>", 250)
+        c.expect("RCPT TO:<a@self.test>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: t\r\n\r\nloop\r\n.", 250)
+        c.cmd("QUIT")
+        line = d.wait_log("event=bounced", timeout=30)
+        assert "class=refused_target" in line and "enhanced=5.4.6" in line, line
+        assert "loops back to myself" in line, line
+        assert d.count_log("event=connected") == 0
+        assert d.stop_clean() == 0
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
+def test_idle_destinations_and_sites_are_forgotten():
+    """300 domains on three MX hosts come and go: once idle for
+    destination_idle_ttl, their destinations and sites are evicted (the
+    stats socket's live counts fall to zero), and mail for one of them
+    afterwards is delivered as before."""
+    from test_ops import ctl_json, sock_of, stats_conf
+    doms = [f"e{i}.test" for i in range(300)]
+    recs = [f"host-record=mx{k}.test,127.0.0.1" for k in range(3)]
+    recs += [f"mx-host={d},mx{i % 3}.test,10" for i, d in enumerate(doms)]
+    r = Relay(recs, domain_conf=stats_conf("[delivery]\ndestination_idle_ttl = 1s\n"))
+    try:
+        r.inject([("s@example.com", [f"u@{d}"], b"Subject: t\r\n\r\nx\r\n") for d in doms],
+                 sessions=4)
+        r.d.wait_log_count("event=delivered", len(doms), timeout=120)
+
+        def objects():
+            return ctl_json(sock_of(r), "stats")["objects"]
+        during = objects()
+        wait_until(lambda: objects()["destinations"] == 0, 30, "destinations evicted")
+        o = objects()
+        assert o["sites"] == 0 and o["outbound_connections"] == 0, o
+        assert during["destinations"] > 0, during
+        r.inject([("s@example.com", ["again@e7.test"], b"Subject: t\r\n\r\nagain\r\n")])
+        r.d.wait_log_count("event=delivered", len(doms) + 1, timeout=30)
+    finally:
+        r.close()
+
+
+def test_routes_send_a_domain_to_its_smarthost():
+    """route = host:port and route = [literal]:port: routed.test (no DNS
+    records at all) goes to relay.test's address on the second receiver's
+    port, lit.test to the literal; plain.test still goes to its MX."""
+    from harness import free_port as fp
+    port2 = fp()
+    recs = records_for(["plain.test"]) + ["host-record=relay.test,127.0.0.1"]
+    r = Relay(recs, domain_conf=f"[domain routed.test]\nroute = relay.test:{port2}\n"
+                                f"[domain lit.test]\nroute = [127.0.0.1]:{port2}\n")
+    sink2 = None
+    try:
+        sink2 = Sink(r.wd, port2, name="sink2")
+        r.inject([("s@example.com", ["a@routed.test"], b"Subject: r\r\n\r\nrouted\r\n"),
+                  ("s@example.com", ["b@lit.test"], b"Subject: l\r\n\r\nliteral\r\n"),
+                  ("s@example.com", ["c@plain.test"], b"Subject: p\r\n\r\nplain\r\n")])
+        lines = r.d.wait_log_count("event=delivered", 3, timeout=30)
+        wait_until(lambda: len(sink2.files()) == 2 and len(r.sink.files()) == 1, 10,
+                   "two messages at the smarthost, one at the MX")
+        routed = [x for x in lines if "domain=routed.test" in x][0]
+        assert "mx=relay.test" in routed, routed
+        assert any(b"routed" in m for m in sink2.messages())
+        assert any(b"literal" in m for m in sink2.messages())
+        assert b"plain" in r.sink.messages()[0]
+    finally:
+        if sink2 is not None:
+            sink2.stop()
+        r.close()
+
+
+if __name__ == "__main__":
+    if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
+        skip("dnsmasq not installed (tools/install-deps --test)")
+    main([test_domains_behind_one_mx_share_its_connections,
+          test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
+          test_allowed_network_delivers_but_never_to_itself,
+          test_idle_destinations_and_sites_are_forgotten,
+          test_routes_send_a_domain_to_its_smarthost])

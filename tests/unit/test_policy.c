@@ -1,0 +1,179 @@
+/*
+ * The outbound failure policy from scripted events: outcomes of a
+ * recipient (delivered, 5xx, 4xx before and past expiry, rate-limited,
+ * 421), transactions that end in a session failure (fail over or not),
+ * connections that end (refused, greeting failed, 421, stopping), DNS
+ * statuses, the retry schedule with jitter, and expiry. No network.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "engine/outbound/policy.h"
+
+static struct smtp_outcome
+outcome(enum smtp_status st, unsigned code, enum smtp_reason reason)
+{
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.status = st;
+    o.code = (uint16_t)code;
+    o.reason = reason;
+    o.scope = SMTP_SCOPE_RCPT;
+    return o;
+}
+
+static void
+recipients(void **state)
+{
+    (void)state;
+    struct policy_rcpt p;
+    struct smtp_outcome o = outcome(SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY);
+    policy_rcpt(&o, BOUNCE_OTHER, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_DELIVERED);
+
+    o = outcome(SMTP_STATUS_PERMFAIL, 550, SMTP_REASON_REPLY);
+    policy_rcpt(&o, BOUNCE_INVALID_RECIPIENT, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_BOUNCE);
+    assert_int_equal(p.src, CLASSIFY_REPLY);
+
+    /* 4xx: deferred by the delay, never past the expiry. */
+    o = outcome(SMTP_STATUS_TEMPFAIL, 451, SMTP_REASON_REPLY);
+    policy_rcpt(&o, BOUNCE_OTHER, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_DEFER);
+    assert_int_equal(p.due_ms, 1060);
+    assert_false(p.backoff);
+    policy_rcpt(&o, BOUNCE_OTHER, CLASSIFY_CONNECT, 1000, 5000, 60000, &p);
+    assert_int_equal(p.due_ms, 5000);
+    /* Past (or within the slack of) the expiry: expired. */
+    policy_rcpt(&o, BOUNCE_OTHER, CLASSIFY_CONNECT, 4990, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_EXPIRE);
+    assert_int_equal(p.src, CLASSIFY_EXPIRED);
+
+    /* Rate limited slows the destination, but a 421 does that elsewhere. */
+    o = outcome(SMTP_STATUS_TEMPFAIL, 450, SMTP_REASON_REPLY);
+    policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_true(p.backoff);
+    o.code = 421;
+    policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_false(p.backoff);
+
+    /* Sources: a timeout is a connection matter, TLS a TLS one. */
+    o = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_TIMEOUT);
+    assert_int_equal(policy_source(&o, CLASSIFY_REPLY), CLASSIFY_CONNECT);
+    o.reason = SMTP_REASON_TLS_FAILED;
+    assert_int_equal(policy_source(&o, CLASSIFY_CONNECT), CLASSIFY_TLS);
+    o.reason = SMTP_REASON_NONE;
+    assert_int_equal(policy_source(&o, CLASSIFY_DNS), CLASSIFY_DNS);
+}
+
+static void
+failover(void **state)
+{
+    (void)state;
+    struct smtp_outcome m = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF);
+    m.scope = SMTP_SCOPE_SESSION;
+    m.stage = SMTP_CLIENT_S_RCPT;
+    struct policy_txn t = {.msg = &m, .txns_on_conn = 1, .have_answer = true,
+                           .now_ms = 1000, .expire_ms = 100000};
+    assert_true(policy_failover(&t));
+    t.failovers = POLICY_FAILOVER_MAX;
+    assert_false(policy_failover(&t)); /* enough moves: deferred */
+    t.failovers = 0;
+    t.delivered = 1;
+    assert_false(policy_failover(&t)); /* the server took some: its outcome stands */
+    t.delivered = 0;
+    t.txns_on_conn = 2;
+    assert_false(policy_failover(&t)); /* the connection worked before */
+    t.txns_on_conn = 1;
+    m.stage = SMTP_CLIENT_S_DOT;
+    assert_false(policy_failover(&t)); /* after the dot: maybe delivered */
+    m.stage = SMTP_CLIENT_S_RCPT;
+    m.code = 421;
+    assert_false(policy_failover(&t)); /* pushed back: hold, not elsewhere */
+    m.code = 0;
+    t.now_ms = t.expire_ms;
+    assert_false(policy_failover(&t)); /* expired */
+    t.now_ms = 1000;
+    m.scope = SMTP_SCOPE_RCPT;
+    assert_false(policy_failover(&t));
+}
+
+static void
+connections(void **state)
+{
+    (void)state;
+    struct policy_conn_decision d;
+    /* Refused: the window comes down; the cursor moved on the refusal. */
+    struct policy_conn_end e = {.connected = false};
+    policy_conn_end(&e, &d);
+    assert_true(d.congested);
+    assert_false(d.next_addr);
+    /* Greeting 554: next address, remembered as temporary. */
+    struct smtp_outcome g = outcome(SMTP_STATUS_PERMFAIL, 554, SMTP_REASON_REPLY);
+    e = (struct policy_conn_end){.connected = true, .session = &g};
+    policy_conn_end(&e, &d);
+    assert_true(d.next_addr && d.remember && d.congested);
+    assert_false(d.hold);
+    /* 421 after transactions: hold, back off, window down, same address. */
+    struct smtp_outcome q = outcome(SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY);
+    e = (struct policy_conn_end){.connected = true, .ready_once = true, .session = &q};
+    policy_conn_end(&e, &d);
+    assert_true(d.hold && d.backoff && d.congested);
+    assert_false(d.next_addr);
+    /* A clean QUIT: nothing. */
+    struct smtp_outcome ok = outcome(SMTP_STATUS_DELIVERED, 221, SMTP_REASON_QUIT);
+    e.session = &ok;
+    policy_conn_end(&e, &d);
+    assert_false(d.hold || d.backoff || d.congested || d.next_addr);
+    /* Stopping: no decision. */
+    e = (struct policy_conn_end){.connected = true, .session = &q, .stopping = true};
+    policy_conn_end(&e, &d);
+    assert_false(d.hold || d.congested);
+}
+
+static void
+dns_and_schedule(void **state)
+{
+    (void)state;
+    struct policy_fail f;
+    policy_dns(DNS_OK, &f);
+    assert_false(f.fail);
+    policy_dns(DNS_NOT_FOUND, &f);
+    assert_true(f.fail && f.permanent);
+    assert_string_equal(f.enh, "5.1.2");
+    policy_dns(DNS_NULL_MX, &f);
+    assert_int_equal(f.code, 556);
+    policy_dns(DNS_RETRY, &f);
+    assert_true(f.fail && !f.permanent && f.forget_answer);
+    assert_int_equal(policy_all_failed_hold(0), POLICY_HOLD_MIN_MS);
+    assert_int_equal(policy_all_failed_hold(60000), 60000);
+
+    uint64_t ms[] = {1000, 2000, 4000};
+    struct conf_durations s = {.n = 3};
+    memcpy(s.ms, ms, sizeof(ms));
+    assert_int_equal(policy_retry_delay(&s, 0, 0, 12345), 1000);
+    assert_int_equal(policy_retry_delay(&s, 7, 0, 12345), 4000); /* the last repeats */
+    for (uint64_t r = 0; r < 1000; r++) {
+        uint64_t v = policy_retry_delay(&s, 1, 10, r * 7919);
+        assert_true(v >= 1800 && v <= 2200);
+    }
+    assert_int_equal(policy_expiry(1000, 500, 0), 1500);
+    assert_int_equal(policy_expiry(1000, 500, 1200), 1200);
+    assert_int_equal(policy_expiry(1000, 500, 9000), 1500);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(recipients),
+        cmocka_unit_test(failover),
+        cmocka_unit_test(connections),
+        cmocka_unit_test(dns_and_schedule),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,205 @@
+/*
+ * Sites without a network: the concurrency window from scripted events
+ * (transactions that complete, failures of connections opened in a given
+ * epoch) to the connections it allows; site keys from MX answers; the
+ * per-address table and the per-worker share of its cap; the hash table
+ * of common/ under inserts and removals.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <cmocka.h>
+
+#include "common/hash.h"
+#include "engine/outbound/site.h"
+
+static void
+window_slow_start_then_additive(void **state)
+{
+    (void)state;
+    struct site_window w;
+    site_window_init(&w, 4, 20);
+    assert_int_equal(site_window_allowed(&w), 4);
+    /* An unused window earns nothing. */
+    site_window_on_success(&w, 1);
+    assert_int_equal(site_window_allowed(&w), 4);
+    /* Used: one more per transaction (slow start) up to the ceiling. */
+    for (unsigned i = 0; i < 30; i++)
+        site_window_on_success(&w, site_window_allowed(&w));
+    assert_int_equal(site_window_allowed(&w), 20);
+    /* A failure halves, once per epoch. */
+    unsigned epoch = w.epoch;
+    assert_true(site_window_on_failure(&w, epoch));
+    assert_int_equal(site_window_allowed(&w), 10);
+    assert_false(site_window_on_failure(&w, epoch)); /* same round: no more */
+    assert_int_equal(site_window_allowed(&w), 10);
+    /* Above the threshold: one connection per window of transactions. */
+    for (unsigned i = 0; i < 9; i++)
+        site_window_on_success(&w, 10);
+    assert_int_equal(site_window_allowed(&w), 10);
+    site_window_on_success(&w, 10);
+    site_window_on_success(&w, 10);
+    assert_int_equal(site_window_allowed(&w), 11);
+    /* Failures in a row, each of a new round: down to one, never zero. */
+    for (unsigned i = 0; i < 10; i++)
+        site_window_on_failure(&w, w.epoch);
+    assert_int_equal(site_window_allowed(&w), 1);
+    /* A lower ceiling holds at once. */
+    site_window_init(&w, 8, 100);
+    site_window_set_ceiling(&w, 3);
+    assert_int_equal(site_window_allowed(&w), 3);
+}
+
+static struct dns_mx_result *
+answer(const char **names, unsigned n)
+{
+    static struct dns_mx_host hosts[8];
+    static union dns_addr addr;
+    static struct dns_mx_result r;
+    memset(&r, 0, sizeof(r));
+    for (unsigned i = 0; i < n; i++)
+        hosts[i] = (struct dns_mx_host){.name = names[i], .preference = 10 * i, .naddrs = 1,
+                                        .addrs = &addr};
+    r.status = DNS_OK;
+    r.nhosts = n;
+    r.hosts = hosts;
+    return &r;
+}
+
+static void
+keys_name_the_hosts(void **state)
+{
+    (void)state;
+    char a[SITE_KEY_MAX], b[SITE_KEY_MAX];
+    const char *x[] = {"MX2.example.net", "mx1.example.net"};
+    const char *y[] = {"mx1.example.net", "mx2.example.net", "mx1.example.net"};
+    site_key(answer(x, 2), 25, a, sizeof(a));
+    site_key(answer(y, 3), 25, b, sizeof(b));
+    assert_string_equal(a, "mx1.example.net,mx2.example.net:25");
+    assert_string_equal(a, b);
+    site_key(answer(y, 3), 2525, b, sizeof(b));
+    assert_string_not_equal(a, b);
+    /* Too many long names: a hash, still stable. */
+    char big[8][200];
+    const char *z[8];
+    for (unsigned i = 0; i < 8; i++) {
+        memset(big[i], 'a' + i, 199);
+        big[i][199] = '\0';
+        z[i] = big[i];
+    }
+    site_key(answer(z, 8), 25, a, sizeof(a));
+    site_key(answer(z, 8), 25, b, sizeof(b));
+    assert_true(a[0] == '#');
+    assert_string_equal(a, b);
+}
+
+static void
+sites_and_addresses(void **state)
+{
+    (void)state;
+    struct sites s;
+    sites_init(&s);
+    struct site *p = site_get(&s, "mx.test:25", 4, 20);
+    struct site *q = site_get(&s, "mx.test:25", 4, 20);
+    assert_ptr_equal(p, q);
+    assert_int_equal(s.live, 1);
+    site_unref(&s, q);
+    assert_int_equal(s.live, 1);
+    site_unref(&s, p);
+    assert_int_equal(s.live, 0);
+
+    union dns_addr a1, a2;
+    memset(&a1, 0, sizeof(a1));
+    a1.sin.sin_family = AF_INET;
+    a1.sin.sin_port = htons(25);
+    inet_pton(AF_INET, "192.0.2.1", &a1.sin.sin_addr);
+    a2 = a1;
+    a2.sin.sin_port = htons(26);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(site_addr_add(&s, &a1), 0);
+    assert_int_equal(site_addr_add(&s, &a2), 0);
+    assert_int_equal(site_addr_conns(&s, &a1), 3);
+    assert_int_equal(site_addr_conns(&s, &a2), 1);
+    site_addr_del(&s, &a2);
+    assert_int_equal(site_addr_conns(&s, &a2), 0);
+    assert_int_equal(hash_count(&s.addrs), 1);
+    for (unsigned i = 0; i < 3; i++)
+        site_addr_del(&s, &a1);
+    assert_int_equal(hash_count(&s.addrs), 0);
+    assert_int_equal(site_addr_share(40, 2), 20);
+    assert_int_equal(site_addr_share(3, 8), 1);
+    assert_int_equal(site_addr_share(0, 2), 0);
+    sites_fini(&s);
+}
+
+struct item {
+    struct hash_node node;
+    unsigned key;
+};
+
+static bool
+item_eq(const struct hash_node *n, const void *key)
+{
+    return ((const struct item *)n)->key == *(const unsigned *)key;
+}
+
+static void
+hash_grows_and_shrinks(void **state)
+{
+    (void)state;
+    struct hash h;
+    hash_init(&h, item_eq, 8);
+    enum { N = 100000 };
+    struct item *v = calloc(N, sizeof(*v));
+    assert_non_null(v);
+    for (unsigned i = 0; i < N; i++) {
+        v[i].key = i;
+        v[i].node.hash = hash_bytes(&i, sizeof(i));
+        assert_int_equal(hash_insert(&h, &v[i].node), 0);
+    }
+    assert_int_equal(hash_count(&h), N);
+    assert_true(h.nb >= N / 2);
+    for (unsigned i = 0; i < N; i += 7) {
+        struct hash_node *n = hash_find(&h, hash_bytes(&i, sizeof(i)), &i);
+        assert_ptr_equal(n, &v[i].node);
+    }
+    /* Walk and remove every other one, then compact. */
+    size_t b = 0;
+    struct hash_node *cur = NULL, *n;
+    unsigned seen = 0;
+    while ((n = hash_next(&h, &b, &cur)) != NULL) {
+        seen++;
+        if (((struct item *)n)->key % 2)
+            hash_remove(&h, n);
+    }
+    assert_int_equal(seen, N);
+    hash_compact(&h);
+    assert_int_equal(hash_count(&h), N / 2);
+    for (unsigned i = 0; i < N; i += 2)
+        hash_remove(&h, &v[i].node);
+    for (unsigned k = 0; k < 20; k++)
+        hash_compact(&h);
+    assert_int_equal(hash_count(&h), 0);
+    assert_true(h.nb <= 8);
+    unsigned one = 1;
+    assert_null(hash_find(&h, hash_bytes(&one, sizeof(one)), &one));
+    hash_fini(&h);
+    free(v);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(window_slow_start_then_additive),
+        cmocka_unit_test(keys_name_the_hosts),
+        cmocka_unit_test(sites_and_addresses),
+        cmocka_unit_test(hash_grows_and_shrinks),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
