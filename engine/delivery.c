@@ -1408,7 +1408,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
     }
     /* The DSN goes in the commit of the outcomes that cause it. */
-    struct dsn_msg *dm = ndsn > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
+    struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
     int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,

@@ -115,6 +115,7 @@ path = {spool}
 map_size = 256M
 [delivery]
 remote_port = {mx_port}
+allow_networks = 127.0.0.0/8
 connect_timeout = 2s
 idle_timeout = 1s
 [dns]
