@@ -53,27 +53,48 @@ def sinks(port, m, backlog=256):
     return procs
 
 
-def per_address(port):
-    """Established connections to each 127.0.0.x:port, from /proc/net/tcp."""
+def socket_inodes(pid):
+    """The inodes of the sockets process pid holds open."""
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def per_address(port, pid):
+    """Established connections of process pid (the relay measured) to each
+    127.0.0.x:port, from /proc/net/tcp. Other processes' connections to
+    the same address and port (a test run beside this one, with a sink of
+    its own on a port it was handed too) are not the relay's."""
     out = {}
     suffix = f":{port:04X}"
+    mine = socket_inodes(pid)
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             cols = line.split()
-            if cols[3] == "01" and cols[2].endswith(suffix):
+            if cols[3] == "01" and cols[2].endswith(suffix) and cols[9] in mine:
                 out[cols[2]] = out.get(cols[2], 0) + 1
     return out
 
 
 class Sampler(threading.Thread):
-    def __init__(self, port):
+    def __init__(self, port, pid):
         super().__init__(daemon=True)
-        self.port, self.most, self.stopped = port, 0, False
+        self.port, self.pid, self.most, self.stopped = port, pid, 0, False
         self.start()
 
     def run(self):
         while not self.stopped:
-            c = per_address(self.port)
+            c = per_address(self.port, self.pid)
             if c:
                 self.most = max(self.most, max(c.values()))
             time.sleep(0.01)
@@ -153,7 +174,7 @@ servers = 127.0.0.1:{dns.port}
     try:
         d.wait_log("event=ready")
         rcpts = [f"r{k}@d{k % ndom}.test" for k in range(a.messages)]
-        samp = Sampler(sink_port)
+        samp = Sampler(sink_port, d.proc.pid)
         t0 = time.monotonic()
         errors = inject(port, rcpts, a.sessions, a.size)
         t_inject = time.monotonic() - t0

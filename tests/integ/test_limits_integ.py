@@ -321,6 +321,10 @@ class Cluster:
             self.close()
             raise
 
+    def pids(self):
+        """The pids of the nodes' processes now (a restart changes them)."""
+        return [nd.d.proc.pid for nd in self.nodes]
+
     def close(self):
         """Stop every node (each, even when one fails), then the rest."""
         errors = []
@@ -410,32 +414,59 @@ def check_rate(times, sent, rate, bound, what):
     assert avg >= 0.9 * rate, f"{what}: {avg:.1f}/s on average, want >= {0.9 * rate:.1f}/s"
 
 
-def sink_conns(port):
-    """Client-side TCP connections to the sink now established (what
-    `ss -tn state established '( dport = :PORT )'` counts), read from
-    /proc/net/tcp: one sample costs no process."""
+def socket_inodes(pids):
+    """The inodes of the sockets the processes pids hold open (a process
+    that has gone holds none)."""
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(link[8:-1])
+    return out
+
+
+def sink_conns(port, pids):
+    """TCP connections of the processes pids (the sluice nodes) now
+    established to the sink at 127.0.0.1:port, read from /proc/net/tcp:
+    one sample costs no process. Only the nodes' own sockets and only the
+    sink's address count: the port alone is not the sink's. Tests running
+    beside this one bind sinks of their own to 127.0.0.2-4 on ports that
+    free_port() (which asks about 127.0.0.1 only) may hand out again here,
+    and their relays' connections to those have this port as their
+    remote port too (a full parallel run once counted 56 here)."""
+    mine = socket_inodes(pids())
+    want = f"0100007F:{port:04X}"
     n = 0
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             parts = line.split()
-            if parts[3] == "01" and int(parts[2].split(":")[1], 16) == port:
+            if parts[2] == want and parts[3] == "01" and parts[9] in mine:
                 n += 1
     return n
 
 
 class ConnSampler:
-    """Samples sink_conns() every 20 ms in a thread; peak is the most seen."""
+    """Samples sink_conns() every 20 ms in a thread; peak is the most seen.
+    pids: a function giving the pids of the nodes now."""
 
-    def __init__(self, port):
-        self.port, self.peak, self.samples = port, 0, 0
+    def __init__(self, port, pids):
+        self.port, self.pids, self.peak, self.samples = port, pids, 0, 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         while not self.done.is_set():
-            self.peak = max(self.peak, sink_conns(self.port))
+            self.peak = max(self.peak, sink_conns(self.port, self.pids))
             self.samples += 1
             self.done.wait(0.02)
 
@@ -494,7 +525,7 @@ def test_two_nodes_share_rate_and_connections():
     c = Cluster(2, "max_connections = 3\n", redis="nodes = 2\n", sink_flags=["-w", "1"])
     try:
         n = 12
-        sampler = ConnSampler(c.mx_port)
+        sampler = ConnSampler(c.mx_port, c.pids)
         try:
             ta = threading.Thread(target=c.nodes[0].inject, args=(msgs(n, "a"),))
             ta.start()
@@ -561,7 +592,7 @@ def test_connections_hold_through_a_redis_stall():
                 sink_flags=["-w", "1"])
     try:
         n = 20
-        sampler = ConnSampler(c.mx_port)
+        sampler = ConnSampler(c.mx_port, c.pids)
         try:
             ta = threading.Thread(target=c.nodes[0].inject, args=(msgs(n, "a"),))
             ta.start()
@@ -595,14 +626,14 @@ def test_dead_node_leases_expire():
     a, b = c.nodes
     try:
         a.inject(msgs(8, "a"))
-        wait_until(lambda: a.outbound_open() == 2 and sink_conns(c.mx_port) == 2, 10,
+        wait_until(lambda: a.outbound_open() == 2 and sink_conns(c.mx_port, c.pids) == 2, 10,
                    "node A to hold both connections")
         b.inject(msgs(3, "b"))
         # Bounded negative check: B gets no connection while A holds both.
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             assert b.d.count_log("event=connected") == 0, "B connected past the leases"
-            assert sink_conns(c.mx_port) <= 2
+            assert sink_conns(c.mx_port, c.pids) <= 2
             time.sleep(0.05)
         a.d.kill9()
         t_kill = time.monotonic()
@@ -612,7 +643,7 @@ def test_dead_node_leases_expire():
         wait_until(lambda: len(delivery_times(b.dlog)) >= 1, ttl + 3 + 5,
                    "B's first delivery")
         wait_until(lambda: len(delivery_times(b.dlog)) >= 3, 20, "all of B's deliveries")
-        assert sink_conns(c.mx_port) <= 2
+        assert sink_conns(c.mx_port, c.pids) <= 2
     finally:
         c.close()
 
@@ -683,7 +714,7 @@ def shared_limit(doms, records, conf, what):
         dns = Dns(wd, records)
         mx = StampMx(mx_port)
         node = Node(wd, "m", dns.port, mx_port, conf)
-        sampler = ConnSampler(mx_port)
+        sampler = ConnSampler(mx_port, lambda: [node.d.proc.pid])
         n = 160
         node.inject([("s@example.com", [f"x{k}@{doms[k % 4]}"],
                       f"Subject: {k}\r\nX-Seq: m{k}\r\n\r\nb\r\n".encode()) for k in range(n)])
