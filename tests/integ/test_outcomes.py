@@ -335,6 +335,10 @@ def test_rotation_loses_nothing():
         wait_events(r.dlog, lambda e: e["event"] == "delivery", 20)
         os.rename(r.dlog, r.dlog + ".1")
         r.d.signal(signal.SIGHUP)
+        # The writer reopens the path once the reload is through (slow under
+        # the sanitizers): inject after that, or every line may still go to
+        # the renamed file and the new one stay empty.
+        wait_until(lambda: os.path.exists(r.dlog), 30, "the delivery log reopened")
         batch(1)
         wait_until(lambda: len([e for e in events(r.dlog) + events(r.dlog + ".1")
                                 if e["event"] == "delivery"]) >= 80, 60, "80 deliveries")
