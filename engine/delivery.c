@@ -3190,6 +3190,13 @@ delivery_free(struct delivery *d)
     if (d == NULL)
         return NULL;
     d->stopping = true;
+    /* After a failed ring delivery_on_stop never ran: take this worker's
+     * own timers out of its heap before their memory goes (the heap is
+     * freed after us and touches what it still holds). */
+    worker_timer_cancel(d->w, &d->due_timer);
+    worker_timer_cancel(d->w, &d->evict_timer);
+    for (struct outcome_batch *b = d->retrying; b != NULL; b = b->next)
+        worker_timer_cancel(d->w, &b->timer);
     /* The loop has ended. Connections left (a start that failed half
      * way) are dropped; jobs not acknowledged stay in the spool. */
     while (d->all != NULL) {
