@@ -124,6 +124,9 @@ int dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
 /* ---- configuration: [dkim] and [dkim DOMAIN SELECTOR] ---- */
 
 enum dkim_domain_source { DKIM_FROM_HEADER, DKIM_FROM_ENVELOPE };
+/* Which messages are signed on the worker that received them rather than
+ * in the signing threads ([dkim] sign_on_worker). */
+enum dkim_on_worker { DKIM_ON_WORKER_NONE, DKIM_ON_WORKER_ED25519, DKIM_ON_WORKER_ALL };
 
 /* The [dkim] section: defaults for every signature, and the key directory. */
 struct dkim_config {
@@ -135,6 +138,7 @@ struct dkim_config {
     uint64_t expire;         /* ms; 0: no x= */
     unsigned threads;        /* signing threads; 0: one per core */
     unsigned queue_max;      /* messages waiting for a signing thread */
+    int sign_on_worker;      /* enum dkim_on_worker */
 };
 extern const struct conf_key dkim_conf_keys[];
 /* Check the [dkim] values that signers inherit. Returns 0, or -EINVAL with

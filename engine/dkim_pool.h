@@ -6,6 +6,10 @@
  * the headers, does the private-key operations and posts the job back to
  * its worker's mailbox (worker_post), where done() runs. A burst of RSA
  * signatures therefore waits in the FIFO, never on a worker's loop.
+ * Jobs that [dkim] sign_on_worker names (by default those whose every key
+ * is Ed25519: a signature costs less than the trip to a thread and back)
+ * are signed in dkim_pool_submit on the caller's worker instead, and
+ * done() still runs later from that worker's mailbox.
  *
  * Threading: dkim_pool_new/_free on the main thread, with no worker
  * running by the time of _free; dkim_pool_submit from any worker; done()
@@ -49,13 +53,15 @@ struct dkim_pool_stats {
     uint64_t failures;    /* jobs that failed */
     uint64_t refused;     /* submissions refused: FIFO full or stopping */
     uint64_t queued;      /* waiting now */
+    uint64_t on_worker;   /* jobs signed on their worker (sign_on_worker) */
     uint64_t sign_ns;     /* time spent signing, all threads */
 };
 
-/* Start threads (0: one per core) with a FIFO of queue_max jobs. Returns
- * 0 or -errno with a message in err. */
-int dkim_pool_new(unsigned threads, unsigned queue_max, struct dkim_pool **out, char *err,
-                  size_t errlen);
+/* Start threads (0: one per core) with a FIFO of queue_max jobs; jobs
+ * that on_worker (enum dkim_on_worker) names are signed by their
+ * submitter. Returns 0 or -errno with a message in err. */
+int dkim_pool_new(unsigned threads, unsigned queue_max, int on_worker, struct dkim_pool **out,
+                  char *err, size_t errlen);
 /* Finish the jobs waiting (they come back with -ECANCELED, unsigned),
  * join the threads, free. The completions are left in the workers'
  * mailboxes: free them with dkim_pool_msg_free(). Returns NULL. */
@@ -64,8 +70,10 @@ struct dkim_pool *dkim_pool_free(struct dkim_pool *p);
 struct dkim_job *dkim_job_new(void);
 /* Free a job and what it owns. Returns NULL. */
 struct dkim_job *dkim_job_free(struct dkim_job *j);
-/* Queue j. Returns 0, -EAGAIN when the FIFO is full, -ESHUTDOWN when the
- * pool is stopping (j stays the caller's then). */
+/* Queue j, or sign it here when sign_on_worker says so (then 0, and done()
+ * comes from j->w's mailbox all the same). Returns 0, -EAGAIN when the
+ * FIFO is full, -ESHUTDOWN when the pool is stopping (j stays the
+ * caller's then). Call it on j->w's thread. */
 int dkim_pool_submit(struct dkim_pool *p, struct dkim_job *j);
 /* A mailbox message left after the loop ended: free it if it is a job's
  * completion. Returns whether it was. */

@@ -216,7 +216,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         goto fail;
     e->tls_server = tls_server;
     e->tls_client = tls_client;
-    rc = dkim_pool_new(cfg->dkim.threads, cfg->dkim.queue_max, &e->dkim_pool, err, errlen);
+    rc = dkim_pool_new(cfg->dkim.threads, cfg->dkim.queue_max, cfg->dkim.sign_on_worker,
+                       &e->dkim_pool, err, errlen);
     if (rc < 0)
         goto fail;
     e->workers = calloc(cfg->server.workers, sizeof(*e->workers));
@@ -450,6 +451,7 @@ report_kept(const struct config *o, const struct config *n)
         {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
         {"dkim.threads", o->dkim.threads == n->dkim.threads},
         {"dkim.queue_max", o->dkim.queue_max == n->dkim.queue_max},
+        {"dkim.sign_on_worker", o->dkim.sign_on_worker == n->dkim.sign_on_worker},
     };
 #undef SAME_STR
     for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)

@@ -6,6 +6,7 @@ ceiling of the tools on this machine.
 
   bench/relay/bench_relay.py [--sluice build-rel/engine/sluice] [--messages 20000]
                              [--sessions 50] [--size 2048] [--domains 1] [--dlog] [--dkim]
+                             [--dkim-on-worker none|ed25519|all]
 
 Prints the injection rate and the end-to-end rate (until sluice has logged
 every delivery). Durable spool under /var/tmp (not tmpfs). Never fails on
@@ -92,6 +93,8 @@ def main():
     ap.add_argument("--dkim", action="store_true",
                     help="run unsigned, Ed25519-signed and RSA-2048-signed, twice each, "
                          "alternating, and compare")
+    ap.add_argument("--dkim-on-worker", choices=["none", "ed25519", "all"], default=None,
+                    help="[dkim] sign_on_worker for the signed runs (default: sluice's)")
     ap.add_argument("--events", action="store_true",
                     help="run with the delivery log on and event sinks (a webhook and a Redis "
                          "stream) off, then on, twice each, and compare")
@@ -211,6 +214,8 @@ def relay_run(a, sink_port, what):
         extra += f"[log]\ndelivery_log = {work}/delivery.jsonl\n"
     if what in ("ed25519", "rsa2048"):
         # smtp-source writes From: <bench@example.com>
+        if a.dkim_on_worker:
+            extra += f"[dkim]\nsign_on_worker = {a.dkim_on_worker}\n"
         extra += f"[dkim example.com s1]\nkey_file = {a.keydir}/{what}.pem\n"
     if what == "events":
         extra += (f"[events hook]\nurl = http://127.0.0.1:{a.receiver_port}/events\n"
