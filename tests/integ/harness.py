@@ -15,6 +15,12 @@ import tempfile
 import threading
 import time
 
+# The default bound of a wait for something that must happen (a log line,
+# an exit): generous, since it costs nothing when things work, and a
+# sanitizer build on a loaded 2-core machine may take 10 s to start.
+# Waits that check that something does NOT happen pass their own bound.
+WAIT = 60
+
 SKIP = 77
 
 
@@ -85,7 +91,7 @@ class Daemon:
         with self.cv:
             self.cv.notify_all()
 
-    def wait_log(self, needle, timeout=10):
+    def wait_log(self, needle, timeout=WAIT):
         deadline = time.monotonic() + timeout
         with self.cv:
             while True:
@@ -105,7 +111,7 @@ class Daemon:
     def signal(self, sig):
         self.proc.send_signal(sig)
 
-    def stop(self, timeout=10):
+    def stop(self, timeout=WAIT):
         """SIGTERM and wait; returns the exit code. Kills (by our PID) if
         it does not stop in time, and fails."""
         if self.proc.poll() is None:
@@ -175,7 +181,7 @@ class Sluice(Daemon):
     def count_log(self, needle):
         return len(self.log_lines(needle))
 
-    def wait_log_count(self, needle, n, timeout=10):
+    def wait_log_count(self, needle, n, timeout=WAIT):
         """Wait until at least n log lines hold needle; returns them."""
         deadline = time.monotonic() + timeout
         with self.cv:
@@ -205,7 +211,7 @@ class Sluice(Daemon):
                 report = "\n".join(self.lines[first:first + 40])
             raise AssertionError(f"sanitizer report in sluice's log:\n{report}")
 
-    def stop_clean(self, timeout=10):
+    def stop_clean(self, timeout=WAIT):
         """SIGTERM; fail on a non-zero exit or a sanitizer report."""
         rc = self.stop(timeout)
         self.check_sanitizers()
