@@ -153,6 +153,33 @@ static const struct conf_key bounce_keys[] = {
      NULL},
     {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
      "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
+    {"listen", CONF_STRING, BNC(listen), 1, 2048, NULL,
+     "the bounce listener (host:port, comma separated; port 25 in production): out-of-band "
+     "bounces and complaints for the bounce domains, parsed and logged (oob_bounce, "
+     "complaint), never queued; every other recipient is refused (never a relay); no AUTH; "
+     "the [server] limits apply; unset: none",
+     NULL},
+    {"domains", CONF_STRING, BNC(domains), 1, 2048, NULL,
+     "the domains the bounce listener accepts mail for, comma separated; unset: verp_domain",
+     NULL},
+    {"verp_domain", CONF_STRING, BNC(verp_domain), 1, 253, NULL,
+     "send with a VERP envelope sender <verp_prefix TOKEN@verp_domain>, one recipient per "
+     "transaction, the token tying a bounce to the message id, recipient and tenant under "
+     "a keyed MAC (needs verp_key_file); unset: the injected sender",
+     NULL},
+    {"verp_prefix", CONF_STRING, BNC(verp_prefix), 1, VERP_PREFIX_MAX, "bounce-",
+     "local part of VERP senders before the token", NULL},
+    {"verp_key_file", CONF_STRING, BNC(verp_key_file), 1, 4096, NULL,
+     "file whose first line is the VERP MAC key, 16 to 128 octets (openssl rand -hex 32); "
+     "read at load and reload; every node sharing the bounce domains needs the same key",
+     NULL},
+    {"accept_local_parts", CONF_STRING, BNC(accept_local_parts), 0, 1024, "postmaster, abuse, fbl",
+     "local parts the bounce listener accepts at the bounce domains besides VERP addresses "
+     "(postmaster, the address registered with feedback loops), comma separated",
+     NULL},
+    {"verp_max_age", CONF_DURATION, BNC(verp_max_age), 3600000, 365ULL * 86400 * 1000, "30d",
+     "a bounce or complaint for a message older than this (by its id) is logged and dropped",
+     NULL},
     CONF_END,
 };
 
@@ -1098,6 +1125,45 @@ build_dkim(struct parse *p)
     return 0;
 }
 
+/* [bounce]: the listener's addresses, the VERP key, the prefix. */
+static void
+check_bounce(struct parse *p)
+{
+    struct bounce_config *b = &p->cfg->bounce;
+    unsigned sec = 0;
+    while (strcmp(sections[sec].name, "bounce") != 0)
+        sec++;
+    char why[256];
+    if (b->listen != NULL) {
+        b->nlisten = netaddr_parse_list(b->listen, b->listen_addrs, NETADDR_MAX_LIST, why,
+                                        sizeof(why));
+        if (b->nlisten <= 0)
+            perr(p, key_line(p, sec, "listen"), "[bounce] listen: %s",
+                 b->nlisten == 0 ? "no address given" : why);
+        if (b->domains == NULL && b->verp_domain == NULL)
+            perr(p, key_line(p, sec, "listen"),
+                 "[bounce] listen: needs domains or verp_domain (the domains it accepts for)");
+    }
+    for (const char *c = b->verp_prefix; c != NULL && *c; c++)
+        if (!isalnum((unsigned char)*c) && *c != '-' && *c != '_' && *c != '.') {
+            perr(p, key_line(p, sec, "verp_prefix"),
+                 "[bounce] verp_prefix: letters, digits, '-', '_' and '.' only");
+            break;
+        }
+    if (b->verp_key_file != NULL) {
+        int n = verp_key_load(b->verp_key_file, b->verp_key, sizeof(b->verp_key), why,
+                              sizeof(why));
+        if (n < 0)
+            perr(p, key_line(p, sec, "verp_key_file"), "[bounce] verp_key_file: %s", why);
+        else
+            b->verp_key_len = (size_t)n;
+    } else if (b->verp_domain != NULL || b->listen != NULL) {
+        perr(p, key_line(p, sec, b->verp_domain ? "verp_domain" : "listen"),
+             "[bounce] %s: needs verp_key_file (the key of the VERP tokens)",
+             b->verp_domain ? "verp_domain" : "listen");
+    }
+}
+
 static int
 finish(struct parse *p)
 {
@@ -1117,6 +1183,7 @@ finish(struct parse *p)
         else if (!tls_config_has_server(&cfg->tls))
             perr(p, key_line(p, 0, "listen_tls"), "listen_tls: needs [tls] cert_file");
     }
+    check_bounce(p);
     if (cfg->delivery.source_address != NULL) {
         struct cidr src[4];
         int n = cidr_parse_list(cfg->delivery.source_address, src, 4, why, sizeof(why));

@@ -20,6 +20,7 @@
 #include "dns/dns.h"
 #include "engine/events.h"
 #include "engine/netaddr.h"
+#include "feedback/verp.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
 
@@ -81,6 +82,19 @@ struct bounce_config {
     char *dsn_from;          /* owned: local part of the DSN's From (at server.hostname) */
     uint64_t return_max;     /* RET=FULL returns messages up to this size, else headers */
     uint64_t delay_warning;  /* ms in the queue before a NOTIFY=DELAY warning; 0: none */
+    /* Out-of-band feedback (engine/oob.h): VERP senders and the bounce listener. */
+    char *listen;            /* owned: the bounce listener's addresses; NULL: none */
+    char *domains;           /* owned: bounce domains, comma separated; NULL: verp_domain */
+    char *verp_domain;       /* owned; NULL: VERP off */
+    char *verp_prefix;       /* owned: "bounce-" */
+    char *verp_key_file;     /* owned */
+    char *accept_local_parts; /* owned: comma separated, accepted at the bounce domains */
+    uint64_t verp_max_age;   /* ms: a token for an older message is dropped */
+    /* derived at load */
+    struct netaddr listen_addrs[NETADDR_MAX_LIST];
+    int nlisten;
+    uint8_t verp_key[VERP_KEY_MAX];
+    size_t verp_key_len;     /* 0: no key (VERP off, tokens refused) */
 };
 
 struct delivery_config {

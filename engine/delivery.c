@@ -50,6 +50,7 @@
 #include "dns/dns.h"
 #include "engine/classify.h"
 #include "engine/dlog.h"
+#include "engine/oob.h"
 #include "engine/dsn.h"
 #include "engine/limits.h"
 #include "engine/engine.h"
@@ -123,6 +124,7 @@ struct conn {
     struct queue_envelope *env; /* owned: its envelope */
     struct smtp_client_txn txn;
     struct smtp_client_rcpt *rc; /* owned, job->n entries */
+    char verp[128];       /* the VERP sender of the transaction (oob.h), when on */
     uint64_t body_off;    /* octets of the body read from the spool */
     size_t chunk_len, chunk_pos;
     bool body_last;
@@ -1881,9 +1883,11 @@ conn_next(struct conn *c)
             conn_handle(c, smtp_client_quit(conn_cli(c)));
             return;
         }
-        if (j->n > c->max_rcpt) {
+        /* VERP (oob.h): each recipient has its own sender, so its own transaction. */
+        unsigned maxr = c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] ? 1 : c->max_rcpt;
+        if (j->n > maxr) {
             /* Split with a larger max_rcpt_per_txn before a reload. */
-            struct job *rest = malloc(sizeof(*rest) + (j->n - c->max_rcpt) * sizeof(unsigned));
+            struct job *rest = malloc(sizeof(*rest) + (j->n - maxr) * sizeof(unsigned));
             if (rest == NULL) {
                 queue_envelope_free(env);
                 dest_push(t, j, true);
@@ -1891,9 +1895,9 @@ conn_next(struct conn *c)
                 return;
             }
             *rest = *j;
-            rest->n = j->n - c->max_rcpt;
-            memcpy(rest->idx, j->idx + c->max_rcpt, rest->n * sizeof(unsigned));
-            j->n = c->max_rcpt;
+            rest->n = j->n - maxr;
+            memcpy(rest->idx, j->idx + maxr, rest->n * sizeof(unsigned));
+            j->n = maxr;
             dest_push(t, rest, true);
         }
         uint64_t expire = job_expire_ms(t->pol, env, j->id);
@@ -1962,6 +1966,10 @@ conn_next(struct conn *c)
     memset(&c->txn, 0, sizeof(c->txn));
     c->txn.from.ptr = env->sender;
     c->txn.from.len = strlen(env->sender);
+    int vn = oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id, c->job->idx[0],
+                             c->rc[0].addr.ptr, env->auth_user, c->verp, sizeof(c->verp));
+    if (vn > 0)
+        c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
     c->txn.params.seen = SMTP_PARAM_SIZE | SMTP_PARAM_BODY;
     c->txn.params.size = env->body_len;
     c->txn.params.body =

@@ -109,6 +109,8 @@ static const char *const kind_names[] = {
     [DLOG_BOUNCE] = "bounce",
     [DLOG_EXPIRATION] = "expiration",
     [DLOG_DSN] = "dsn",
+    [DLOG_OOB_BOUNCE] = "oob_bounce",
+    [DLOG_COMPLAINT] = "complaint",
 };
 
 const char *
@@ -257,6 +259,19 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
         json_arr_end(j);
     }
     put_str(j, "dkim_unsigned", ev->dkim_unsigned);
+    put_str(j, "tenant", ev->tenant);
+    put_str(j, "report", ev->report);
+    put_str(j, "action", ev->action);
+    put_str(j, "feedback_type", ev->feedback_type);
+    put_str(j, "reporter", ev->reporter);
+    put_str(j, "message_id", ev->message_id);
+    put_str(j, "campaign", ev->campaign);
+    if (ev->kind == DLOG_OOB_BOUNCE || ev->kind == DLOG_COMPLAINT) {
+        if (ev->rcpt_index >= 0)
+            json_ku64(j, "rcpt_index", (uint64_t)ev->rcpt_index);
+        if (ev->verified != 0)
+            json_kbool(j, "verified", ev->verified > 0);
+    }
     json_obj_end(j);
     json_raw(j, "\n", 1);
 }

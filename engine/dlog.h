@@ -44,6 +44,10 @@ enum dlog_kind {
     DLOG_BOUNCE,
     DLOG_EXPIRATION,
     DLOG_DSN, /* a DSN was queued for a message */
+    /* Out-of-band feedback at the bounce listener (engine/oob.h), per
+     * recipient of the original message: */
+    DLOG_OOB_BOUNCE, /* a bounce that came back by mail, days later perhaps */
+    DLOG_COMPLAINT,  /* a feedback-loop report (ARF) */
 };
 
 /* "reception", "delivery", ...: the value of the "event" field. */
@@ -89,6 +93,17 @@ struct dlog_event {
     } *dkim;
     unsigned ndkim;
     const char *dkim_unsigned;
+    /* oob_bounce, complaint: */
+    const char *tenant;
+    const char *report;         /* "dsn", "bounce" (non-standard), "arf" */
+    const char *action;         /* the DSN's Action: "failed", "delayed" */
+    const char *feedback_type;  /* ARF: "abuse", "fraud", ... */
+    const char *reporter;       /* the Reporting-MTA, or the ARF User-Agent */
+    const char *message_id;     /* the original's Message-ID field */
+    const char *campaign;       /* X-Sluice-Campaign of the original */
+    int rcpt_index;             /* the recipient's index in the message; -1: not printed */
+    int verified;               /* 1: the VERP token's MAC and recipient tag checked;
+                                 * 0: not printed; -1: printed as false */
 };
 
 /* Counters since dlog_new; each read is consistent per counter only. */

@@ -170,7 +170,9 @@ test_hook_fail_ring(struct engine *e, char *err, size_t errlen)
 int
 engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen)
 {
+    struct oob_hooks oob = e->oob; /* the caller's, set before the start */
     memset(e, 0, sizeof(*e));
+    e->oob = oob;
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
     atomic_init(&e->drained, 0);

@@ -15,6 +15,7 @@
 
 #include "engine/auth.h"
 #include "engine/config.h"
+#include "engine/oob.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -80,6 +81,9 @@ struct engine {
                                   * body_memory_limit (server.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     struct conn_table per_ip;
+    /* The bounce listener's seam to the suppression list (oob.h): set
+     * before engine_start, read by the workers; zero: events only. */
+    struct oob_hooks oob;
 };
 
 /* Open the spool, load the users, set up and start every worker with its

@@ -191,6 +191,8 @@ main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     struct engine engine;
+    memset(&engine, 0, sizeof(engine));
+    /* The suppression seam (engine/oob.h) is connected here: engine.oob. */
     char err[512];
     rc = engine_start(&engine, cfg, err, sizeof(err));
     if (rc < 0) {

@@ -37,6 +37,16 @@
  * session_close() shuts the socket down so that a pending recv completes;
  * the last completion frees.
  *
+ * The bounce role: sessions accepted on [bounce] listen run the same
+ * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
+ * and no trusted networks, any sender, recipients only at the bounce
+ * domains (oob_rcpt_check: a VERP address whose token verifies, or one of
+ * accept_local_parts; a forged token and everything else get 550 5.7.1,
+ * never a relay), and an accepted message is parsed and logged there and
+ * then (oob_message) instead of being signed and committed: nothing of
+ * it is queued. The [server] limits (sizes, deadlines, connections per
+ * address, errors) apply unchanged.
+ *
  * Threading: everything here runs on the worker's thread.
  */
 #include "engine/server.h"
@@ -71,6 +81,7 @@
 #include "engine/engine.h"
 #include "engine/msa.h"
 #include "engine/netaddr.h"
+#include "engine/oob.h"
 #include "engine/smtp_cmd.h"
 #include "engine/smtp_data.h"
 #include "engine/worker.h"
@@ -135,6 +146,7 @@ struct session {
     char peer_ip[INET6_ADDRSTRLEN];
     bool trusted;  /* in trusted_networks */
     bool loopback;
+    bool bounce;   /* accepted on the bounce listener: the bounce role */
 
     /* TLS: when tls is set, the socket carries ciphertext through cin and
      * tls; in/out stay plaintext. */
@@ -225,6 +237,7 @@ struct listener {
     struct server_worker *sw;
     int fd;
     bool implicit_tls;
+    bool bounce;   /* a [bounce] listen address */
     struct netaddr addr;
     struct op op;
     struct timer retry; /* re-arm after EMFILE and friends */
@@ -733,6 +746,41 @@ protocol_name(const struct session *s)
 static void message_commit(struct session *s);
 static bool dkim_sign_start(struct session *s, size_t header_len);
 
+/* The bounce role: the message is whole and clean; parse it and log what
+ * it says (oob.h). Nothing is stored: once the events are in the delivery
+ * log's buffer the 250 goes out (a crash before the log's next write
+ * loses them; the reporting MTA does not send again: at most once, as
+ * bounces by mail always were). */
+static void
+bounce_finish(struct session *s)
+{
+    struct server_worker *sw = s->sw;
+    struct engine *e = sw->e;
+    const char *rcpts[64];
+    unsigned n = s->nrcpt < 64 ? s->nrcpt : 64;
+    for (unsigned i = 0; i < n; i++)
+        rcpts[i] = s->rcpts[i].addr;
+    struct oob_outcome o;
+    struct dlog_writer *lw = e->dlogw ? e->dlogw[sw->w->id] : NULL;
+    int rc = oob_message(&e->cfg->bounce, e->cfg->classify, &e->oob, lw, s->id, s->peer_ip,
+                         rcpts, n, s->body, s->body_len, &o);
+    if (rc < 0) {
+        reply(s, "451 4.3.0 Local error in processing");
+    } else {
+        sw->stats.oob_messages++;
+        sw->stats.oob_events += o.events;
+        if (o.dropped != NULL)
+            sw->stats.oob_dropped++;
+        log_msg(LOG_INFO, "session=%016llx event=oob_received client=%s from=<%s> nrcpt=%u "
+                "size=%zu kind=%s events=%u suppressed=%u%s%s",
+                (unsigned long long)s->id, s->peer_ip, s->sender, s->nrcpt, s->body_len, o.kind,
+                o.events, o.suppressed, o.dropped ? " dropped=" : "", o.dropped ? o.dropped : "");
+        reply(s, "250 2.0.0 Ok: %s %s", o.kind, o.dropped ? "dropped" : "recorded");
+    }
+    txn_reset(s);
+    session_enter(s, SS_COMMAND);
+}
+
 /* The whole message is in s->body: check it, add the MSA's fields and
  * hand it to the spool (after DKIM signing, when it is signed). */
 static void
@@ -777,6 +825,10 @@ message_finish(struct session *s, uint32_t data_flags)
      * has no 8BITMIME (smtp_client.c). */
     if (data_flags & SMTP_DATA_F_8BIT)
         s->body_type = SMTP_BODY_8BITMIME;
+    if (s->bounce) {
+        bounce_finish(s);
+        return;
+    }
 
     struct msa_scan scan;
     msa_scan(s->body, s->body_len, &scan);
@@ -894,7 +946,8 @@ dkim_body_start(struct session *s)
 {
     s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
     s->dkim_skip = NULL;
-    struct dkim_keyring *kr = s->sw->detached ? NULL : engine_dkim_keys(s->sw->e);
+    struct dkim_keyring *kr =
+        s->sw->detached || s->bounce ? NULL : engine_dkim_keys(s->sw->e);
     if (kr == NULL)
         return;
     unsigned canons = dkim_keyring_body_canons(kr);
@@ -1084,7 +1137,7 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Nested MAIL command");
         return;
     }
-    if (s->user == NULL && !s->trusted) {
+    if (s->user == NULL && !s->trusted && !s->bounce) {
         reply(s, "530 5.7.0 Authentication required");
         return;
     }
@@ -1138,6 +1191,30 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
     reply(s, "250 2.1.0 Ok");
 }
 
+/* The bounce role's RCPT rule (oob.h); false when refused (said). */
+static bool
+bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
+{
+    char addr[SMTP_CMD_LINE_MAX];
+    size_t n = c->path.mailbox.len < sizeof(addr) - 1 ? c->path.mailbox.len : sizeof(addr) - 1;
+    memcpy(addr, c->path.mailbox.ptr, n);
+    addr[n] = '\0';
+    struct verp_ref ref;
+    enum oob_rcpt r = oob_rcpt_check(&s->sw->e->cfg->bounce, addr, &ref);
+    if (r == OOB_RCPT_VERP || r == OOB_RCPT_LOCAL)
+        return true;
+    s->sw->stats.oob_refused++;
+    log_msg(LOG_NOTICE, "session=%016llx event=oob_rcpt_refused client=%s rcpt=<%.*s> reason=%s",
+            (unsigned long long)s->id, s->peer_ip, (int)(n < 200 ? n : 200), addr,
+            r == OOB_RCPT_FORGED ? "forged_token" : "not_a_bounce_address");
+    if (r == OOB_RCPT_FORGED)
+        reply(s, "550 5.7.1 <%.*s>: bounce address not recognised", (int)(n < 200 ? n : 200),
+              addr);
+    else
+        reply(s, "550 5.7.1 <%.*s>: relay access denied", (int)(n < 200 ? n : 200), addr);
+    return false;
+}
+
 static void
 cmd_rcpt(struct session *s, const struct smtp_cmd *c)
 {
@@ -1145,10 +1222,12 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Need MAIL command");
         return;
     }
-    if (c->path.flags & SMTP_PATH_POSTMASTER) {
+    if ((c->path.flags & SMTP_PATH_POSTMASTER) && !s->bounce) {
         reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
         return;
     }
+    if (s->bounce && !(c->path.flags & SMTP_PATH_POSTMASTER) && !bounce_rcpt_ok(s, c))
+        return;
     if (c->path.flags & SMTP_PATH_LIT_OTHER) {
         /* [tag:content]: no address sluice could connect to */
         reply(s, "553 5.1.3 Address literals other than IPv4 and IPv6 cannot be delivered");
@@ -2293,7 +2372,7 @@ session_alloc(struct server_worker *sw, int fd)
 }
 
 static void
-session_new(struct server_worker *sw, int fd, bool implicit_tls)
+session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
 {
     struct session *s = session_alloc(sw, fd);
     if (s == NULL) {
@@ -2308,10 +2387,12 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
         netaddr_ip_str((struct sockaddr *)&s->peer, s->peer_ip, sizeof(s->peer_ip));
     }
     const struct server_config *cfg = sw->cfg;
-    s->trusted = cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
+    s->bounce = bounce;
+    /* the bounce role: no relay by address, no AUTH */
+    s->trusted = !bounce && cidr_match(cfg->trusted, cfg->ntrusted, (struct sockaddr *)&s->peer);
     s->loopback = netaddr_is_loopback((struct sockaddr *)&s->peer);
     auth_limit_addr_key((struct sockaddr *)&s->peer, s->addr_key, &s->addr_key_len);
-    s->users = engine_users(sw->e);
+    s->users = bounce ? NULL : engine_users(sw->e);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
@@ -2328,8 +2409,9 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls)
     }
     if (!s->counted)
         atomic_fetch_sub(&sw->e->clients, 1);
-    log_msg(LOG_INFO, "session=%016llx event=connect client=%s trusted=%d%s",
-            (unsigned long long)s->id, s->peer_ip, s->trusted, ok ? "" : " refused=limit");
+    log_msg(LOG_INFO, "session=%016llx event=connect client=%s trusted=%d%s%s",
+            (unsigned long long)s->id, s->peer_ip, s->trusted, bounce ? " role=bounce" : "",
+            ok ? "" : " refused=limit");
     if (!ok) {
         sw->stats.refused++;
         reply_close(s, "421 4.7.0 Too many connections: try again later");
@@ -2378,7 +2460,7 @@ listener_on_accept(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     if (res >= 0) {
-        session_new(l->sw, res, l->implicit_tls);
+        session_new(l->sw, res, l->implicit_tls, l->bounce);
     } else if (res != -ECANCELED) {
         /* EMFILE, ENFILE, ENOBUFS: back off instead of spinning. */
         log_msg(LOG_WARN, "event=accept_failed listen=%s err=%s", l->sw->e->cfg->server.listen,
@@ -2474,18 +2556,23 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
         goto fail;
     }
     sw->tls = engine_tls_server(e);
-    int total = sw->cfg->nlisten + sw->cfg->nlisten_tls;
+    const struct bounce_config *bc = &e->cfg->bounce;
+    int nsub = sw->cfg->nlisten + sw->cfg->nlisten_tls;
+    int total = nsub + bc->nlisten;
     sw->ls = calloc((size_t)total, sizeof(*sw->ls));
     if (sw->ls == NULL) {
         rc = -ENOMEM;
         goto fail;
     }
     for (int i = 0; i < total; i++) {
-        bool implicit = i >= sw->cfg->nlisten;
-        const struct netaddr *a = implicit ? &sw->cfg->listen_tls_addrs[i - sw->cfg->nlisten]
-                                           : &sw->cfg->listen_addrs[i];
+        bool bounce = i >= nsub;
+        bool implicit = !bounce && i >= sw->cfg->nlisten;
+        const struct netaddr *a = bounce     ? &bc->listen_addrs[i - nsub]
+                                  : implicit ? &sw->cfg->listen_tls_addrs[i - sw->cfg->nlisten]
+                                             : &sw->cfg->listen_addrs[i];
         sw->ls[i].sw = sw;
         sw->ls[i].implicit_tls = implicit;
+        sw->ls[i].bounce = bounce;
         rc = listener_open(&sw->ls[i], a, err, errlen);
         if (rc < 0)
             goto fail;

@@ -34,6 +34,11 @@ struct server_stats {
     uint64_t auth_busy;            /* AUTH answered 454: no room for another hash */
     uint64_t auth_coalesced;       /* AUTH answered by another session's hash (same
                                     * credentials under way on this worker) */
+    /* the bounce listener ([bounce] listen, engine/oob.h) */
+    uint64_t oob_messages;         /* messages accepted and parsed */
+    uint64_t oob_events;           /* oob_bounce and complaint events logged */
+    uint64_t oob_dropped;          /* messages that gave no event (auto-replies, ...) */
+    uint64_t oob_refused;          /* recipients refused: forged tokens, not ours */
 };
 
 /* Make the worker's listening sockets (bound now, so that a port in use is

@@ -1,0 +1,323 @@
+"""Out-of-band feedback (engine/oob.h): VERP senders and the bounce listener.
+
+sluice relays to a receiving MX on loopback (Postfix's smtp-sink; dnsmasq
+for the MX records) with [bounce] verp_domain set, and listens for bounces
+on its [bounce] listen port. Bounces and complaints are the fixtures of
+tests/fixtures/feedback (Postfix, Exim, Exchange DSNs and NDRs, a Yahoo ARF
+report, auto-replies) made to point at what sluice really sent (the VERP
+address seen at the sink, the recipient), and sent with smtplib as the
+reporting MTA would. A Postfix instance bouncing for real is in
+test_postfix_bounces.py.
+
+Checks: the VERP sender on the wire, one per recipient; a DSN yields an
+oob_bounce event with the original's queue id, recipient and class; an ARF
+report yields a complaint; forged and altered tokens, other domains and
+AUTH are refused at the listener (never a relay); a token for a message
+too old is logged and dropped; an auto-reply is ignored; malformed MIME
+gets a clean reply; oversize messages and silent clients meet the same
+limits as on the submission port."""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import smtplib
+import socket
+import sys
+import tempfile
+import time
+
+from harness import Smtp, free_port, main, wait_until
+from test_delivery import Relay, records_for
+
+KEY = b"0123456789abcdef0123456789abcdef-oob-test"
+FIXTURES = os.path.join(sys.argv[2], "tests", "fixtures", "feedback")
+FIXTURE_VERP = "bounce-aeaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa@bounces.example.com"
+EPOCH_MS = 1704067200000
+
+
+def token(msg_id, index, rcpt, tenant=b""):
+    """feedback/verp.c's token, made here to test what the listener does
+    with valid tokens it never issued (a message too old)."""
+    tag = hmac.new(KEY, b"sluice-verp-rcpt" + rcpt.lower().encode(), hashlib.sha256).digest()[:4]
+    raw = bytes([1]) + msg_id.to_bytes(8, "big") + index.to_bytes(2, "big") + tag
+    raw += bytes([len(tenant)]) + tenant
+    raw += hmac.new(KEY, b"sluice-verp" + raw, hashlib.sha256).digest()[:10]
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def crlf(text):
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+def fixture(name, **subst):
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        text = f.read()
+    for old, new in subst.items():
+        text = text.replace(old, new)
+    return text
+
+
+class Feedback:
+    """A relay with VERP on and a bounce listener."""
+
+    def __init__(self, server_extra=""):
+        self.bport = free_port()
+        self.r = None
+        self.keydir = tempfile.mkdtemp(prefix="sluice-oob-key-")
+        keyfile = os.path.join(self.keydir, "verp.key")
+        with open(keyfile, "wb") as f:
+            f.write(KEY + b"\n")
+        try:
+            self.r = Relay(records_for(["d1.test", "d2.test"]), domain_conf=f"""
+[log]
+delivery_log = @DLOG@
+delivery_log_flush = 10ms
+[bounce]
+listen = 127.0.0.1:{self.bport}
+verp_domain = bounces.test
+domains = bounces.test, fbl.test
+verp_key_file = {keyfile}
+{server_extra}
+""")
+        except BaseException:
+            shutil.rmtree(self.keydir, ignore_errors=True)
+            raise
+
+    def close(self):
+        try:
+            if self.r is not None:
+                self.r.close()
+        finally:
+            shutil.rmtree(self.keydir, ignore_errors=True)
+
+    def events(self, kind=None):
+        out = []
+        try:
+            with open(self.r.dlog, encoding="utf-8") as f:
+                for line in f:
+                    ev = json.loads(line)
+                    if kind is None or ev["event"] == kind:
+                        out.append(ev)
+        except FileNotFoundError:
+            pass
+        return out
+
+    def wait_events(self, kind, n, timeout=20):
+        wait_until(lambda: len(self.events(kind)) >= n, timeout, f"{n} {kind} events")
+        return self.events(kind)
+
+    def send_mail(self, rcpts, sender="news@shop.test"):
+        """Inject one message; returns its queue id and the VERP sender each
+        recipient's copy carried at the sink."""
+        before = len(self.r.sink.files())
+        body = (b"From: Shop <news@shop.test>\r\nTo: reader\r\nSubject: offers\r\n"
+                b"Message-ID: <m%d@shop.test>\r\n\r\nOffers.\r\n" % time.monotonic_ns())
+        self.r.inject([(sender, rcpts, body)], sessions=1)
+        # whole at the sink once sluice logged them delivered
+        wait_until(lambda: len(self.r.sink.files()) >= before + len(rcpts) and
+                   len([e for e in self.events("delivery") if e["rcpt"] in rcpts]) >= len(rcpts),
+                   60, "the copies at the sink")
+        rec = self.wait_events("reception", 1)[-1]
+        verp = {}
+        for m in self.r.sink.messages():
+            head = m.split(b"\n\n", 1)[0].decode(errors="replace")
+            mail = re.search(r"^X-Mail-Args: <([^>]*)>", head, re.M)
+            rcpt = re.search(r"^X-Rcpt-Args: <([^>]*)>", head, re.M)
+            if mail and rcpt and rcpt.group(1) in rcpts and m.find(b"Message-ID") >= 0:
+                verp[rcpt.group(1)] = mail.group(1)
+        return rec["id"], verp
+
+    def bounce(self, sender, rcpts, text):
+        """Send text to the bounce listener as a reporting MTA would."""
+        with smtplib.SMTP("127.0.0.1", self.bport, timeout=20) as s:
+            s.ehlo("mx.reporter.test")
+            return s.sendmail(sender, rcpts, crlf(text))
+
+
+def test_verp_dsn_complaint():
+    f = Feedback()
+    try:
+        d = f.r.d
+        qid, verp = f.send_mail(["alice@d1.test", "bob@d1.test", "carol@d2.test"])
+        # one transaction per recipient, each with its own sender, never the injected one
+        assert set(verp) == {"alice@d1.test", "bob@d1.test", "carol@d2.test"}, verp
+        assert len(set(verp.values())) == 3, verp
+        for a in verp.values():
+            assert re.fullmatch(r"bounce-[a-z2-7]{42,55}@bounces\.test", a), a
+            assert len(a.split("@")[0]) <= 64
+        # Postfix's DSN for alice, to alice's VERP address
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                           "nobody@example.net": "alice@d1.test"})
+        assert f.bounce("", [verp["alice@d1.test"]], dsn) == {}
+        ev = f.wait_events("oob_bounce", 1)[0]
+        assert ev["id"] == qid, (ev, qid)
+        assert ev["rcpt"] == "alice@d1.test", ev
+        assert ev["rcpt_index"] == 0, ev
+        assert ev["class"] == "invalid_recipient", ev
+        assert ev["enhanced"] == "5.1.1" and ev["code"] == 550, ev
+        assert ev["verified"] is True and ev["report"] == "dsn", ev
+        assert ev["reporter"] == "mx.example.net", ev
+        # Exim's text bounce for bob, to bob's address
+        exim = fixture("exim-bounce.eml", **{FIXTURE_VERP: verp["bob@d1.test"],
+                                            "gone@example.org": "bob@d1.test"})
+        f.bounce("", [verp["bob@d1.test"]], exim)
+        evs = f.wait_events("oob_bounce", 2)
+        ev = [e for e in evs if e.get("rcpt") == "bob@d1.test"][0]
+        assert ev["id"] == qid and ev["rcpt_index"] == 1 and ev["report"] == "bounce", ev
+        assert ev["class"] == "invalid_recipient" and ev["verified"] is True, ev
+        # An ARF complaint about carol, to the feedback-loop address: the
+        # token comes from the report (Original-Mail-From, Return-Path)
+        arf = fixture("arf-yahoo.eml", **{FIXTURE_VERP: verp["carol@d2.test"],
+                                          "happy.reader@yahoo.com": "carol@d2.test",
+                                          "fbl@bounces.example.com": "fbl@fbl.test"})
+        f.bounce("feedback@arf.mail.yahoo.test", ["fbl@fbl.test"], arf)
+        ev = f.wait_events("complaint", 1)[0]
+        assert ev["id"] == qid and ev["rcpt"] == "carol@d2.test", ev
+        assert ev["rcpt_index"] == 2 and ev["feedback_type"] == "abuse", ev
+        assert ev["verified"] is True and ev["campaign"] == "december-offers", ev
+        # A DSN naming another address than the token's: logged, unverified
+        other = fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                             "nobody@example.net": "mallory@d1.test"})
+        f.bounce("", [verp["alice@d1.test"]], other)
+        evs = f.wait_events("oob_bounce", 3)
+        ev = [e for e in evs if e.get("rcpt") == "mallory@d1.test"][0]
+        assert ev["verified"] is False, ev
+        # nothing of it was queued: the sink got the three copies only
+        assert len(f.r.sink.files()) == 3
+        assert d.count_log("event=oob_received") == 4
+    finally:
+        f.close()
+
+
+def test_refusals():
+    f = Feedback()
+    try:
+        d = f.r.d
+        c = Smtp(f.bport)
+        c.expect("EHLO relay.attacker.test", 250)
+        ehlo = c.cmd("EHLO relay.attacker.test")
+        assert "AUTH" not in ehlo.text, ehlo.text
+        c.expect("AUTH PLAIN AGZvbwBiYXI=", 503)
+        c.expect("MAIL FROM:<spammer@attacker.test>", 250)
+        # relay attempts: other domains, the relay's own delivery domains
+        for rcpt in ("victim@example.com", "alice@d1.test", "bounce-x@example.com",
+                     "someone@bounces.test", "postmaster@sub.bounces.test"):
+            r = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert r.code == 550 and "5.7.1" in r.text, (rcpt, r)
+        # forged tokens: junk, a well-formed token under another key, one
+        # character changed in a real one
+        qid, verp = f.send_mail(["dave@d1.test"])
+        real = verp["dave@d1.test"]
+        local = real.split("@")[0]
+        flip = local[:-1] + ("a" if local[-1] != "a" else "b")
+        other_key = base64.b32encode(b"\x01" + bytes(31)).decode().rstrip("=").lower()
+        for forged in ("bounce-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", flip, "bounce-" + other_key,
+                       "bounce-"):
+            r = c.cmd(f"RCPT TO:<{forged}@bounces.test>")
+            assert r.code == 550 and "5.7.1" in r.text, (forged, r)
+        assert d.count_log("reason=forged_token") >= 3
+        c.expect("DATA", 554)  # no recipient was accepted
+        # the real one, postmaster and the FBL address are accepted
+        c.expect(f"RCPT TO:<{real.upper()}>", 250)  # folded to upper case on the way
+        c.expect("RCPT TO:<postmaster@bounces.test>", 250)
+        c.expect("RCPT TO:<Postmaster>", 250)
+        c.expect("RCPT TO:<abuse@fbl.test>", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        # A valid token (made with the key) for a message 60 days old:
+        # logged and dropped, no event
+        old = ((int(time.time() * 1000) - 60 * 86400 * 1000 - EPOCH_MS) << 22) | 7
+        stale = f"bounce-{token(old, 0, 'eve@d1.test')}@bounces.test"
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: stale,
+                                           "nobody@example.net": "eve@d1.test"})
+        f.bounce("", [stale], dsn)
+        d.wait_log("reason=stale_token")
+        # a report to postmaster that carries no token of ours: dropped
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: "someone@elsewhere.test"})
+        f.bounce("", ["postmaster@bounces.test"], dsn)
+        d.wait_log("reason=no_token")
+        assert f.events("oob_bounce") == [], f.events("oob_bounce")
+    finally:
+        f.close()
+
+
+def test_autoreply_and_malformed():
+    f = Feedback()
+    try:
+        d = f.r.d
+        qid, verp = f.send_mail(["frank@d1.test"])
+        addr = verp["frank@d1.test"]
+        for name in ("autoreply-vacation.eml", "autoreply-outlook.eml"):
+            f.bounce("jane@example.net", [addr], fixture(name, **{FIXTURE_VERP: addr}))
+        d.wait_log_count("reason=autoreply", 2)
+        # Malformed MIME: a report with no boundary parameter, nesting far
+        # past the limit, an endless base64 part, a header with no end
+        bad = [
+            "Content-Type: multipart/report; report-type=delivery-status\r\n\r\n--x\r\n"
+            "Content-Type: message/delivery-status\r\n\r\nFinal-Recipient: rfc822;\r\n",
+            "Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + "".join(
+                f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n"
+                for i in range(300)),
+            "From: MAILER-DAEMON@x\r\nSubject: Undeliverable\r\nContent-Type: text/plain\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n" + ("!!!!====\r\n" * 5000),
+            "Subject: " + "x" * 900 + "\r\n" + ("\tfold\r\n" * 2000),
+            "Content-Type: multipart/report; boundary=\"\"\r\n\r\n--\r\n--\r\n\r\n",
+        ]
+        for text in bad:
+            with smtplib.SMTP("127.0.0.1", f.bport, timeout=20) as s:
+                s.ehlo("mx.reporter.test")
+                s.mail("")
+                s.rcpt(addr)
+                code, msg = s.data(crlf(text))
+                assert code == 250, (code, msg)
+        assert f.events("oob_bounce") == [] and f.events("complaint") == []
+        # still serving
+        c = Smtp(f.bport)
+        c.expect("EHLO again.test", 250)
+        c.close()
+    finally:
+        f.close()
+
+
+def test_limits():
+    """The [server] limits hold at the listener: size (declared and sent)
+    and the command deadline."""
+    f = Feedback(server_extra="[server]\nmax_message_size = 100K\ntimeout_command = 2s\n")
+    try:
+        d = f.r.d
+        qid, verp = f.send_mail(["gina@d1.test"])
+        addr = verp["gina@d1.test"]
+        c = Smtp(f.bport)
+        c.expect("EHLO big.test", 250)
+        c.expect("MAIL FROM:<> SIZE=200000", 552)
+        c.expect("MAIL FROM:<>", 250)
+        c.expect(f"RCPT TO:<{addr}>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 200 + b".\r\n")
+        r = c.reply()
+        assert r.code == 552, r
+        c.close()
+        assert d.count_log("event=oob_received") == 0
+        # a client that goes silent is closed at the deadline
+        s = socket.create_connection(("127.0.0.1", f.bport), timeout=10)
+        s.settimeout(10)
+        assert s.recv(512).startswith(b"220")
+        t0 = time.monotonic()
+        got = b""
+        while True:
+            chunk = s.recv(512)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        assert got.startswith(b"421"), got
+        assert time.monotonic() - t0 < 9
+    finally:
+        f.close()
+
+
+if __name__ == "__main__":
+    main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits])
