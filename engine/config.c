@@ -128,7 +128,8 @@ static const struct conf_key log_keys[] = {
     {"level", CONF_ENUM, LOG(level), 0, 0, "info", "lowest level written", log_levels},
     {"delivery_log", CONF_STRING, LOG(delivery_log), 1, PATH_MAX, NULL,
      "the JSON Lines delivery log (one event per line: reception, delivery, "
-     "transient_failure, bounce, expiration, dsn); reopened on SIGHUP; unset: none",
+     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint); reopened on SIGHUP; "
+     "unset: none",
      NULL},
     {"delivery_log_flush", CONF_DURATION, LOG(delivery_log_flush), 10, 10000, "200ms",
      "longest time an event waits in memory before it is written", NULL},

@@ -437,6 +437,7 @@ report_kept(const struct config *o, const struct config *n)
     } k[] = {
         {"server.listen", SAME_STR(o->server.listen, n->server.listen)},
         {"server.listen_tls", SAME_STR(o->server.listen_tls, n->server.listen_tls)},
+        {"bounce.listen", SAME_STR(o->bounce.listen, n->bounce.listen)},
         {"server.workers", o->server.workers == n->server.workers},
         {"server.ring_entries", o->server.ring_entries == n->server.ring_entries},
         {"server.auth_hash_threads", o->server.auth_hash_threads == n->server.auth_hash_threads},

@@ -196,6 +196,10 @@ ops_counters(void *arg, struct stats_counters *out)
             out->auth_refused_user += s->srv.auth_refused_user;
             out->auth_busy += s->srv.auth_busy;
             out->auth_coalesced += s->srv.auth_coalesced;
+            out->oob_messages += s->srv.oob_messages;
+            out->oob_events += s->srv.oob_events;
+            out->oob_dropped += s->srv.oob_dropped;
+            out->oob_refused += s->srv.oob_refused;
             out->delivered += s->dlv.delivered;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;

@@ -152,6 +152,10 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "dkim_signed", c->dkim_signed);
     json_ku64(j, "dkim_unsigned", c->dkim_unsigned);
     json_ku64(j, "dkim_failed", c->dkim_failed);
+    json_ku64(j, "oob_messages", c->oob_messages);
+    json_ku64(j, "oob_events", c->oob_events);
+    json_ku64(j, "oob_dropped", c->oob_dropped);
+    json_ku64(j, "oob_refused", c->oob_refused);
     json_obj_end(j);
 
     json_key(j, "rates");
@@ -394,6 +398,16 @@ static const struct metric metrics[] = {
     {"sluice_dkim_failed_total", "counter",
      "Messages refused with 451 because signing failed or its queue was full.",
      CTR(dkim_failed)},
+    {"sluice_oob_messages_total", "counter",
+     "Messages accepted at the bounce listener and parsed (never queued).", CTR(oob_messages)},
+    {"sluice_oob_events_total", "counter",
+     "oob_bounce and complaint events logged from the bounce listener.", CTR(oob_events)},
+    {"sluice_oob_dropped_total", "counter",
+     "Bounce listener messages that gave no event (auto-replies, no or forged token, ...).",
+     CTR(oob_dropped)},
+    {"sluice_oob_refused_total", "counter",
+     "Recipients refused at the bounce listener (forged tokens, other addresses).",
+     CTR(oob_refused)},
     {"sluice_connections_inbound_total", "counter", "Inbound SMTP connections accepted.",
      CTR(conn_in_total)},
     {"sluice_connections_outbound_total", "counter", "Outbound SMTP connections attempted.",

@@ -89,6 +89,11 @@ struct stats_counters {
     uint64_t auth_refused_address, auth_refused_user; /* refused: too many failures */
     uint64_t auth_busy;                             /* refused: no room for another hash */
     uint64_t auth_coalesced;                        /* answered by another session's hash */
+    /* the bounce listener (engine/oob.h) */
+    uint64_t oob_messages; /* accepted and parsed */
+    uint64_t oob_events;   /* oob_bounce and complaint events logged */
+    uint64_t oob_dropped;  /* messages that gave no event (auto-replies, no token, ...) */
+    uint64_t oob_refused;  /* recipients refused: forged tokens, other addresses */
     uint64_t auth_hash_waiting;                     /* gauge: hashes queued */
     uint64_t auth_limit_entries, auth_limit_evictions; /* the failure table */
     struct stats_object auth_hashes[STATS_AUTH_SCHEMES_MAX]; /* hashes run, by scheme */
