@@ -881,6 +881,10 @@ feedback_parse(const char *msg, size_t len, const char *verp_prefix, struct feed
     w.text = malloc(FEEDBACK_TEXT_MAX);
     if (w.text == NULL)
         return -ENOMEM;
+    if (len > FEEDBACK_PARSE_MAX) {
+        len = FEEDBACK_PARSE_MAX;
+        out->truncated = 1;
+    }
     struct span m = {msg, len}, hdr, body;
     split(m, &hdr, &body);
     char v[1024];

@@ -51,6 +51,12 @@
 #define FEEDBACK_MIME_DEPTH 5   /* multipart nesting followed */
 #define FEEDBACK_MIME_PARTS 64  /* parts looked at, all levels together */
 #define FEEDBACK_TEXT_MAX   (64 * 1024) /* decoded text of a part searched for bounce texts */
+/* Octets of a message looked at: the report parts come first, and what
+ * follows them is the returned original, whose header section is all
+ * that is read of it. A larger message (RET=FULL of a big newsletter) is
+ * parsed on its first FEEDBACK_PARSE_MAX octets, so that a hostile one
+ * costs a bounded time on the worker. */
+#define FEEDBACK_PARSE_MAX  (2 * 1024 * 1024)
 #define FEEDBACK_ADDR_MAX   320
 #define FEEDBACK_DIAG_MAX   512
 

@@ -138,6 +138,29 @@ main(int argc, char **argv)
                ceil * (double)len / 1e6);
         free(m);
     }
+    /* The worst a client can hand the parser per message: a header
+     * section of FEEDBACK_PARSE_MAX octets (every lookup scans it), and a
+     * multipart of that size in 64-octet parts. */
+    static const char *const hostile[] = {"2 MB header section", "2 MB of tiny MIME parts"};
+    for (int h = 0; h < 2; h++) {
+        size_t len = FEEDBACK_PARSE_MAX;
+        char *m = malloc(len);
+        size_t o = 0;
+        if (h == 0) {
+            while (o + 80 < len)
+                o += (size_t)sprintf(m + o, "X-Filler-%06zu: %060d\r\n", o % 999999, 0);
+        } else {
+            o += (size_t)sprintf(m, "Content-Type: multipart/mixed; boundary=b\r\n\r\n");
+            while (o + 80 < len)
+                o += (size_t)sprintf(m + o, "--b\r\nContent-Type: text/plain\r\n\r\nx\r\n");
+        }
+        double rate = best_rate(do_parse, m, o);
+        double ceil = best_rate(do_memchr, m, o);
+        printf("| hostile: %s | %zu | %s | %.0f | %.0f | %.0f |\n", hostile[h], o,
+               feedback_kind_str(res.kind), rate, rate * (double)o / 1e6,
+               ceil * (double)o / 1e6);
+        free(m);
+    }
     tok_len = verp_token(key, 32, &(struct verp_ref){.msg_id = 1}, "reader@example.com", tok,
                          sizeof(tok));
     printf("\n| VERP | per second |\n| --- | --- |\n");

@@ -267,6 +267,24 @@ test_hostile_mime(void **state)
     assert_int_equal(r.nrcpt_seen, 100);
     assert_string_equal(r.verp_local, "");
 
+    /* a DSN returning a large original: parsed on its first
+     * FEEDBACK_PARSE_MAX octets, the report still found */
+    free(m);
+    size_t big = FEEDBACK_PARSE_MAX + (4u << 20);
+    m = malloc(big);
+    n = (size_t)sprintf(m, "Content-Type: multipart/report; boundary=x\r\n\r\n--x\r\n"
+                           "Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; a"
+                           "\r\n\r\nFinal-Recipient: rfc822; big@example.com\r\n"
+                           "Action: failed\r\nStatus: 5.1.1\r\n\r\n--x\r\n"
+                           "Content-Type: message/rfc822\r\n\r\n");
+    memset(m + n, 'h', big - n); /* one endless header line */
+    assert_int_equal(feedback_parse(m, big, "bounce-", &r), 0);
+    assert_int_equal(r.kind, FEEDBACK_DSN);
+    assert_string_equal(r.rcpt[0].addr, "big@example.com");
+    assert_true(r.truncated);
+    free(m);
+    m = malloc(cap);
+
     /* a huge header value and no body */
     memset(m, 'a', cap);
     memcpy(m, "Subject: ", 9);
