@@ -565,6 +565,12 @@ render_stats(const cJSON *st)
     table_row(&t, "  bounced", fmt_count(st, "counters.bounced"), "");
     table_row(&t, "  expired", fmt_count(st, "counters.expired"), "");
     table_row(&t, "  DSNs queued", fmt_count(st, "counters.dsn_queued"), "");
+    table_heading(&t, "Bounce listener");
+    table_row(&t, "  messages parsed", fmt_count(st, "counters.oob_messages"), "");
+    table_row(&t, "  oob_bounce and complaint events", fmt_count(st, "counters.oob_events"), "");
+    table_row(&t, "  dropped (auto-replies, no or forged token)",
+              fmt_count(st, "counters.oob_dropped"), "");
+    table_row(&t, "  recipients refused", fmt_count(st, "counters.oob_refused"), "");
     table_heading(&t, "Connections");
     table_row(&t, "  inbound open", fmt_count(st, "connections.inbound_open"), "");
     table_row(&t, "  outbound open", fmt_count(st, "connections.outbound_open"), "");

@@ -75,6 +75,8 @@ class Feedback:
 [log]
 delivery_log = @DLOG@
 delivery_log_flush = 10ms
+[stats]
+socket = {self.keydir}/stats.sock
 [bounce]
 listen = 127.0.0.1:{self.bport}
 verp_domain = bounces.test
@@ -92,6 +94,19 @@ verp_key_file = {keyfile}
                 self.r.close()
         finally:
             shutil.rmtree(self.keydir, ignore_errors=True)
+
+    def stats(self):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(os.path.join(self.keydir, "stats.sock"))
+            s.sendall(b"stats\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)["counters"]
 
     def events(self, kind=None):
         out = []
@@ -187,7 +202,10 @@ def test_verp_dsn_complaint():
         assert ev["verified"] is False, ev
         # nothing of it was queued: the sink got the three copies only
         assert len(f.r.sink.files()) == 3
-        assert d.count_log("event=oob_received") == 4
+        d.wait_log_count("event=oob_received", 4)
+        st = f.stats()
+        assert st["oob_messages"] == 4 and st["oob_events"] == 4, st
+        assert st["oob_dropped"] == 0 and st["oob_refused"] == 0, st
     finally:
         f.close()
 
@@ -218,7 +236,7 @@ def test_refusals():
                        "bounce-"):
             r = c.cmd(f"RCPT TO:<{forged}@bounces.test>")
             assert r.code == 550 and "5.7.1" in r.text, (forged, r)
-        assert d.count_log("reason=forged_token") >= 3
+        d.wait_log_count("reason=forged_token", 3)  # (the log is read by another thread)
         c.expect("DATA", 554)  # no recipient was accepted
         # the real one, postmaster and the FBL address are accepted
         c.expect(f"RCPT TO:<{real.upper()}>", 250)  # folded to upper case on the way
@@ -240,6 +258,9 @@ def test_refusals():
         f.bounce("", ["postmaster@bounces.test"], dsn)
         d.wait_log("reason=no_token")
         assert f.events("oob_bounce") == [], f.events("oob_bounce")
+        st = f.stats()
+        assert st["oob_refused"] == 9 and st["oob_dropped"] == 2, st  # 5 relays, 4 forged
+        assert st["oob_events"] == 0, st
     finally:
         f.close()
 

@@ -190,7 +190,7 @@ verp_key_file = {keyfile}
         assert "from=<news@shop.test>" not in pf.log()
         # the DSNs were not queued by sluice: two receptions would show
         assert len(events(r.dlog, "reception")) == 1
-        assert r.d.count_log("event=oob_received") == 2
+        r.d.wait_log_count("event=oob_received", 2)
     finally:
         try:
             if pf is not None:
