@@ -340,5 +340,42 @@ def test_limits():
         f.close()
 
 
+def test_tenant_from_auth_user():
+    """The AUTH user is the tenant: carried in the token, given back in the
+    event (a name too long for the token is left out of it)."""
+    from test_auth import crypt
+    keydir = tempfile.mkdtemp(prefix="sluice-oob-users-")
+    users = os.path.join(keydir, "users")
+    h = crypt("secret", "$6$rounds=5000$")
+    with open(users, "w") as fh:
+        fh.write(f"shop1:{h}\nverylongtenantname:{h}\n")
+    f = Feedback(server_extra=f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n")
+    try:
+        got = {}
+        for user, rcpt in (("shop1", "ivy@d1.test"), ("verylongtenantname", "jack@d1.test")):
+            with smtplib.SMTP("127.0.0.1", f.r.port, timeout=30) as s:
+                s.ehlo("app.test")
+                s.login(user, "secret")
+                s.sendmail("news@shop.test", [rcpt], b"Subject: t\r\n\r\nx\r\n")
+        wait_until(lambda: len(f.events("delivery")) >= 2, 60, "two deliveries")
+        for m in f.r.sink.messages():
+            head = m.split(b"\n\n", 1)[0].decode(errors="replace")
+            mail = re.search(r"^X-Mail-Args: <([^>]*)>", head, re.M).group(1)
+            rcpt = re.search(r"^X-Rcpt-Args: <([^>]*)>", head, re.M).group(1)
+            got[rcpt] = mail
+        for rcpt in ("ivy@d1.test", "jack@d1.test"):
+            dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: got[rcpt],
+                                               "nobody@example.net": rcpt})
+            f.bounce("", [got[rcpt]], dsn)
+        evs = {e["rcpt"]: e for e in f.wait_events("oob_bounce", 2)}
+        assert evs["ivy@d1.test"]["tenant"] == "shop1", evs
+        assert "tenant" not in evs["jack@d1.test"], evs
+        assert evs["jack@d1.test"]["verified"] is True, evs
+    finally:
+        f.close()
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits])
+    main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits,
+          test_tenant_from_auth_user])
