@@ -163,7 +163,7 @@ static const struct conf_key bounce_keys[] = {
     {"domains", CONF_STRING, BNC(domains), 1, 2048, NULL,
      "the domains the bounce listener accepts mail for, comma separated; unset: verp_domain",
      NULL},
-    {"verp_domain", CONF_STRING, BNC(verp_domain), 1, 253, NULL,
+    {"verp_domain", CONF_STRING, BNC(verp_domain), 1, 180, NULL,
      "send with a VERP envelope sender <verp_prefix TOKEN@verp_domain>, one recipient per "
      "transaction, the token tying a bounce to the message id, recipient and tenant under "
      "a keyed MAC (needs verp_key_file); unset: the injected sender",

@@ -124,7 +124,8 @@ struct conn {
     struct queue_envelope *env; /* owned: its envelope */
     struct smtp_client_txn txn;
     struct smtp_client_rcpt *rc; /* owned, job->n entries */
-    char verp[128];       /* the VERP sender of the transaction (oob.h), when on */
+    char verp[256];       /* the VERP sender of the transaction (oob.h), when on: a
+                           * local part of at most 64, a verp_domain of at most 180 */
     uint64_t body_off;    /* octets of the body read from the spool */
     size_t chunk_len, chunk_pos;
     bool body_last;
@@ -1970,6 +1971,8 @@ conn_next(struct conn *c)
                              c->rc[0].addr.ptr, env->auth_user, c->verp, sizeof(c->verp));
     if (vn > 0)
         c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
+    else if (vn < 0) /* cannot happen within the config's bounds: said, then sent as injected */
+        log_msg(LOG_ERR, "conn=%llx event=verp_failed err=%d", (unsigned long long)c->id, vn);
     c->txn.params.seen = SMTP_PARAM_SIZE | SMTP_PARAM_BODY;
     c->txn.params.size = env->body_len;
     c->txn.params.body =
