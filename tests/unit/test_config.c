@@ -3,6 +3,7 @@
  * inherit from [domain *], the bundled default config is valid.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -153,6 +154,53 @@ test_body_memory_limit_below_message_size(void **state)
     free(errs);
 }
 
+/* [bounce]: the listener needs domains and a key; the key file is read at
+ * load; a bad prefix is refused. */
+static void
+test_bounce_listener_and_verp(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[bounce]\nlisten = 127.0.0.1:2526\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 2, "[bounce] listen: needs domains or verp_domain");
+    expect_error(errs, 2, "[bounce] listen: needs verp_key_file");
+    free(errs);
+    errs = load("[bounce]\nverp_domain = b.example\nverp_key_file = /nonexistent/k\n"
+                "verp_prefix = a b\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "[bounce] verp_key_file: /nonexistent/k: No such file");
+    expect_error(errs, 4, "[bounce] verp_prefix: letters, digits");
+    free(errs);
+    char key[] = "/tmp/sluice-verp-key-XXXXXX";
+    int fd = mkstemp(key);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "short\n", 6), 6);
+    close(fd);
+    char text[512];
+    snprintf(text, sizeof(text), "[bounce]\nverp_domain = b.example\nverp_key_file = %s\n", key);
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "[bounce] verp_key_file:");
+    assert_non_null(strstr(errs, "must hold 16 to 128 octets, has 5"));
+    free(errs);
+    fd = open(key, O_WRONLY | O_TRUNC);
+    assert_int_equal(write(fd, "0123456789abcdef0123456789abcdef\n", 33), 33);
+    close(fd);
+    snprintf(text, sizeof(text),
+             "[bounce]\nverp_domain = b.example\nverp_key_file = %s\nlisten = 127.0.0.1:2526\n",
+             key);
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->bounce.verp_key_len, 32);
+    assert_int_equal(cfg->bounce.nlisten, 1);
+    assert_string_equal(cfg->bounce.verp_prefix, "bounce-");
+    config_free(cfg);
+    free(errs);
+    unlink(key);
+}
+
 static void
 test_domain_inheritance(void **state)
 {
@@ -229,6 +277,7 @@ main(void)
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_long_line_and_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
+        cmocka_unit_test(test_bounce_listener_and_verp),
         cmocka_unit_test(test_limit_sections_key_twice),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
