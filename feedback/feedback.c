@@ -762,7 +762,7 @@ any_ci(const char *t, size_t n, const char *const *list)
 }
 
 static bool
-nonstandard_bounce(struct walk *w, struct span top_hdr)
+nonstandard_bounce(struct walk *w)
 {
     struct feedback_result *r = w->r;
     size_t fl = strlen(r->from), sl = strlen(r->subject);
@@ -834,7 +834,6 @@ nonstandard_bounce(struct walk *w, struct span top_hdr)
                  : temporary ? FEEDBACK_ACTION_DELAYED
                              : FEEDBACK_ACTION_FAILED;
     r->nrcpt = r->nrcpt_seen = rc->addr[0] != '\0' || rc->status[0] != '\0' ? 1 : 0;
-    (void)top_hdr;
     return true;
 }
 
@@ -904,7 +903,7 @@ feedback_parse(const char *msg, size_t len, const char *verp_prefix, struct feed
         out->nrcpt = 0; /* no recipient blocks in a feedback report */
     } else if (w.have_dsn && out->nrcpt_seen > 0) {
         out->kind = FEEDBACK_DSN;
-    } else if (nonstandard_bounce(&w, hdr)) {
+    } else if (nonstandard_bounce(&w)) {
         out->kind = FEEDBACK_BOUNCE;
     } else {
         const char *why = autoreply(hdr, out->subject);
