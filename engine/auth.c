@@ -72,16 +72,45 @@ user_free(struct auth_user *u)
     for (unsigned i = 0; i < u->ndomains; i++)
         free(u->domains[i]);
     free(u->domains);
+    free(u->tenant);
+    free(u->pool);
 }
 
-/* "example.com, example.org, <>": "<>" allows the null sender. */
+static bool
+name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 64)
+        return false;
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && *s != '.' && *s != '_' && *s != '-')
+            return false;
+    return true;
+}
+
+/* "example.com, example.org, <>, tenant=acme, pool=bulk": "<>" allows
+ * the null sender; tenant= and pool= say who the user's messages belong
+ * to. Returns 0, -ENOMEM, or -EINVAL with *bad at the item. */
 static int
-parse_domains(struct auth_user *u, char *list)
+parse_domains(struct auth_user *u, char *list, const char **bad)
 {
     for (char *save = NULL, *d = strtok_r(list, ", \t", &save); d != NULL;
          d = strtok_r(NULL, ", \t", &save)) {
         if (strcmp(d, "<>") == 0) {
             u->null_sender = true;
+            continue;
+        }
+        char *eq = strchr(d, '=');
+        if (eq != NULL) {
+            char **field = strncmp(d, "tenant=", 7) == 0 ? &u->tenant
+                           : strncmp(d, "pool=", 5) == 0 ? &u->pool
+                                                         : NULL;
+            if (field == NULL || *field != NULL || !name_ok(eq + 1)) {
+                *bad = d;
+                return -EINVAL;
+            }
+            if ((*field = strdup(eq + 1)) == NULL)
+                return -ENOMEM;
             continue;
         }
         char **v = realloc(u->domains, sizeof(*v) * (u->ndomains + 1));
@@ -132,7 +161,8 @@ auth_db_load(const char *path, struct auth_db **out, FILE *errs)
         char *hash = strtok_r(NULL, ":", &save);
         char *domains = strtok_r(NULL, "", &save);
         if (name == NULL || hash == NULL || *name == '\0') {
-            fprintf(errs, "%s:%u: expected user:hash[:domain,...]\n", path, lineno);
+            fprintf(errs, "%s:%u: expected user:hash[:domain,...,tenant=T,pool=P]\n", path,
+                    lineno);
             nerr++;
             continue;
         }
@@ -158,7 +188,18 @@ auth_db_load(const char *path, struct auth_db **out, FILE *errs)
         u->name = strdup(name);
         u->hash = strdup(hash);
         u->scheme = (uint8_t)auth_scheme_of(hash);
-        if (u->name == NULL || u->hash == NULL || (domains && parse_domains(u, domains) < 0)) {
+        const char *bad = NULL;
+        int prc = u->name == NULL || u->hash == NULL ? -ENOMEM
+                  : domains                          ? parse_domains(u, domains, &bad)
+                                                     : 0;
+        if (prc == -EINVAL) {
+            fprintf(errs, "%s:%u: %s: \"%s\": tenant= and pool= once each, with a name of 1 "
+                          "to 64 of A-Z a-z 0-9 . _ -\n",
+                    path, lineno, u->name, bad);
+            nerr++;
+            continue;
+        }
+        if (prc < 0) {
             fprintf(errs, "%s:%u: out of memory\n", path, lineno);
             nerr++;
             continue;

@@ -1,6 +1,6 @@
 /*
  * auth: SMTP AUTH for the submission server. A users file ("user:crypt
- * hash[:domain,domain,<>]" per line) is loaded into an immutable,
+ * hash[:domain,domain,<>,tenant=T,pool=P]" per line) is loaded into an immutable,
  * refcounted table (a reload builds a new one; sessions keep the one they
  * started with). Passwords are checked with crypt(3) (yescrypt, bcrypt,
  * SHA-512 crypt, ... whatever libcrypt knows).
@@ -67,6 +67,8 @@ struct auth_user {
     unsigned ndomains;
     bool null_sender; /* may use MAIL FROM:<> (always when domains is NULL; else
                        * when the list holds "<>") */
+    char *tenant;     /* owned: tenant= of its line (the tenant of its messages); NULL: none */
+    char *pool;       /* owned: pool= of its line (the pool of its messages); NULL: none */
     uint8_t scheme;   /* enum auth_scheme of hash */
 };
 

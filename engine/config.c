@@ -74,7 +74,10 @@ static const struct conf_key server_keys[] = {
     {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
      "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
     {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
-     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list allows the null sender; unset: no AUTH", NULL},
+     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list "
+     "allows the null sender; tenant=NAME and pool=NAME in the list set the tenant and pool "
+     "of the user's messages ([tenant], [pool]); unset: no AUTH",
+     NULL},
     {"plaintext_auth", CONF_ENUM, SRV(plaintext_auth), 0, 0, "never",
      "AUTH without TLS: never, loopback (clients on 127.0.0.0/8 and ::1), always",
      (const char *const[]){"never", "loopback", "always", NULL}},
@@ -319,23 +322,66 @@ static const struct conf_key domain_keys[] = {
 };
 
 #define MXP(f) offsetof(struct mx_policy, f)
+#define MX_LIMIT_KEYS                                                                              \
+    {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",                          \
+     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap)", NULL},    \
+        {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
+         "messages per second, minute or hour to the matching MX hosts", NULL},                    \
+        {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",                          \
+         "messages beyond the steady rate", NULL},                                                 \
+        {"max_connection_rate", CONF_RATE, MXP(max_connection_rate), 0, 0, "unlimited",            \
+         "new connections per second, minute or hour to the matching MX hosts", NULL},            \
+        {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",                     \
+         "connections beyond the steady rate", NULL},                                              \
+        {"max_messages_per_connection", CONF_UINT, MXP(max_messages_per_connection), 0, 1000000,   \
+         "0",                                                                                      \
+         "transactions on one connection before QUIT, when lower than the domain's (0: the "      \
+         "domain's)",                                                                              \
+         NULL},                                                                                    \
+        {"max_rcpt_per_txn", CONF_UINT, MXP(max_rcpt_per_txn), 0, 10000, "0",                      \
+         "recipients per transaction, when lower than the domain's (0: the domain's)", NULL}
 static const struct conf_key mx_keys[] = {
-    {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",
-     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap)", NULL},
-    {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",
-     "messages per second, minute or hour to the matching MX hosts", NULL},
-    {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",
-     "messages beyond the steady rate", NULL},
-    {"max_connection_rate", CONF_RATE, MXP(max_connection_rate), 0, 0, "unlimited",
-     "new connections per second, minute or hour to the matching MX hosts", NULL},
-    {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",
-     "connections beyond the steady rate", NULL},
-    {"max_messages_per_connection", CONF_UINT, MXP(max_messages_per_connection), 0, 1000000,
-     "0", "transactions on one connection before QUIT, when lower than the domain's (0: the "
-     "domain's)",
+    MX_LIMIT_KEYS,
+    CONF_END,
+};
+/* [source ADDRESS]: the same limits, and the name it greets with. */
+static const struct conf_key source_keys[] = {
+    MX_LIMIT_KEYS,
+    {"ehlo", CONF_STRING, MXP(ehlo), 1, 253, NULL,
+     "the host name said in EHLO on connections from this address: the name its PTR "
+     "record gives, which receivers check; unset: [server] hostname",
      NULL},
-    {"max_rcpt_per_txn", CONF_UINT, MXP(max_rcpt_per_txn), 0, 10000, "0",
-     "recipients per transaction, when lower than the domain's (0: the domain's)", NULL},
+    CONF_END,
+};
+
+#define POOL(f) offsetof(struct pool_config, f)
+static const struct conf_key pool_keys[] = {
+    {"sources", CONF_STRING, POOL(sources_text), 1, 4096, NULL,
+     "the pool's egress sources, comma-separated: ADDRESS[:weight] (IPv6 with a weight: "
+     "[ADDRESS]:weight); each ADDRESS has a [source ADDRESS] section; weights 0..1000, 1 by "
+     "default (0 keeps the source listed but sends nothing through it)",
+     NULL},
+    CONF_END,
+};
+
+#define TEN(f) offsetof(struct tenant_config, f)
+static const struct conf_key tenant_keys[] = {
+    {"weight", CONF_UINT, TEN(weight), 1, 1000, "1",
+     "the tenant's share of a site's connections and rate against the other tenants sending "
+     "there",
+     NULL},
+    {"pools", CONF_STRING, TEN(pools_text), 1, 4096, NULL,
+     "the pools the tenant may send through, comma-separated (an X-Sluice-Pool header or a "
+     "user's pool= chooses among them); unset: only its default pool",
+     NULL},
+    {"pool", CONF_STRING, TEN(pool_text), 1, CONFIG_NAME_MAX, NULL,
+     "the pool of its messages that name none; unset: the first of pools (none without "
+     "pools)",
+     NULL},
+    {"priority", CONF_UINT, TEN(priority), 0, 9, "0",
+     "priority of its messages that do not say (X-Sluice-Priority): 0..9, higher goes first "
+     "within the tenant",
+     NULL},
     CONF_END,
 };
 
@@ -431,6 +477,7 @@ struct parse {
     unsigned ndkims;
     struct dkim_build *dkim;  /* the one being read */
     unsigned ev_i; /* the [events] section being read: cfg->events[ev_i] */
+    unsigned named_i; /* the [pool] or [tenant] section being read */
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -571,7 +618,8 @@ limit_section_add(struct parse *p, struct mx_policy **v, unsigned *n, const char
     struct mx_policy *m = &nv[*n];
     memset(m, 0, sizeof(*m));
     char why[256];
-    if (conf_defaults(mx_keys, m, why, sizeof(why)) < 0 || (m->pattern = strdup(name)) == NULL) {
+    if (conf_defaults(v == &p->cfg->sources ? source_keys : mx_keys, m, why, sizeof(why)) < 0 ||
+        (m->pattern = strdup(name)) == NULL) {
         perr(p, p->line, "out of memory");
         return -1;
     }
@@ -702,6 +750,75 @@ events_section(struct parse *p, const char *arg)
     return 0;
 }
 
+bool
+config_name_valid(const char *s, size_t len)
+{
+    if (len == 0 || len > CONFIG_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!isalnum((unsigned char)s[i]) && s[i] != '.' && s[i] != '_' && s[i] != '-')
+            return false;
+    return true;
+}
+
+/* [pool NAME] and [tenant NAME]: a section may be continued further down
+ * (names compare case-insensitively). kind is "pool" or "tenant". */
+static int
+named_section(struct parse *p, const char *kind, const char *arg)
+{
+    while (*arg == ' ' || *arg == '\t')
+        arg++;
+    struct config *cfg = p->cfg;
+    bool pool = kind[0] == 'p';
+    if (!config_name_valid(arg, strlen(arg))) {
+        perr(p, p->header_line,
+             "[%s %s]: a %s name is 1 to %d of A-Z a-z 0-9 . _ -", kind, arg, kind,
+             CONFIG_NAME_MAX);
+        return -1;
+    }
+    unsigned n = pool ? cfg->npools : cfg->ntenants;
+    for (unsigned i = 0; i < n; i++)
+        if (strcasecmp(pool ? cfg->pools[i].name : cfg->tenants[i].name, arg) == 0) {
+            p->named_i = i;
+            return 0;
+        }
+    char why[256];
+    char *name = strdup(arg);
+    if (name == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    if (pool) {
+        struct pool_config *nv = realloc(cfg->pools, (n + 1) * sizeof(*nv));
+        if (nv == NULL) {
+            free(name);
+            perr(p, p->line, "out of memory");
+            return -1;
+        }
+        cfg->pools = nv;
+        memset(&nv[n], 0, sizeof(nv[n]));
+        conf_defaults(pool_keys, &nv[n], why, sizeof(why));
+        nv[n].name = name;
+        nv[n].line = p->header_line;
+        cfg->npools++;
+    } else {
+        struct tenant_config *nv = realloc(cfg->tenants, (n + 1) * sizeof(*nv));
+        if (nv == NULL) {
+            free(name);
+            perr(p, p->line, "out of memory");
+            return -1;
+        }
+        cfg->tenants = nv;
+        memset(&nv[n], 0, sizeof(nv[n]));
+        conf_defaults(tenant_keys, &nv[n], why, sizeof(why));
+        nv[n].name = name;
+        nv[n].line = p->header_line;
+        cfg->ntenants++;
+    }
+    p->named_i = n;
+    return 0;
+}
+
 static void
 enter_section(struct parse *p, const char *section)
 {
@@ -740,6 +857,14 @@ enter_section(struct parse *p, const char *section)
         p->sec = events_section(p, section + 7) == 0 ? -8 : -3;
         return;
     }
+    if (strncmp(section, "pool", 4) == 0 && (section[4] == ' ' || section[4] == '\t')) {
+        p->sec = named_section(p, "pool", section + 5) == 0 ? -9 : -3;
+        return;
+    }
+    if (strncmp(section, "tenant", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
+        p->sec = named_section(p, "tenant", section + 7) == 0 ? -10 : -3;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -775,13 +900,37 @@ on_key(void *user, const char *section, const char *name, const char *value)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
+    if (p->sec == -9 || p->sec == -10) {
+        bool pool = p->sec == -9;
+        const struct conf_key *keys = pool ? pool_keys : tenant_keys;
+        void *obj = pool ? (void *)&p->cfg->pools[p->named_i] : (void *)&p->cfg->tenants[p->named_i];
+        const char *sname = pool ? p->cfg->pools[p->named_i].name : p->cfg->tenants[p->named_i].name;
+        unsigned *lines = pool ? p->cfg->pools[p->named_i].key_line
+                               : p->cfg->tenants[p->named_i].key_line;
+        const struct conf_key *k = conf_find(keys, name);
+        if (k == NULL) {
+            perr(p, p->line, "%s: unknown key in [%s %s]", name, pool ? "pool" : "tenant", sname);
+            return 1;
+        }
+        unsigned *first = &lines[k - keys];
+        if (*first != 0) {
+            perr(p, p->line, "%s: set twice in [%s %s] (first at line %u)", name,
+                 pool ? "pool" : "tenant", sname, *first);
+            return 1;
+        }
+        *first = p->line;
+        if (conf_set(keys, obj, name, value, why, sizeof(why)) < 0)
+            perr(p, p->line, "%s: %s", name, why);
+        return 1;
+    }
     if (p->sec == -5 || p->sec == -6) {
         struct mx_policy *m = &(*p->lim_v)[p->lim_i];
-        const struct conf_key *k = conf_find(mx_keys, name);
+        const struct conf_key *lkeys = p->sec == -6 ? source_keys : mx_keys;
+        const struct conf_key *k = conf_find(lkeys, name);
         if (k != NULL) {
             /* as in every other section: a key once, wherever the section
              * goes on further down */
-            unsigned idx = (unsigned)(k - mx_keys);
+            unsigned idx = (unsigned)(k - lkeys);
             for (unsigned i = 0; i < p->nlim_set; i++) {
                 const struct lim_set *ls = &p->lim_set[i];
                 if (ls->v == p->lim_v && ls->i == p->lim_i && ls->key == idx) {
@@ -802,7 +951,10 @@ on_key(void *user, const char *section, const char *name, const char *value)
             }
             p->lim_set[p->nlim_set++] = (struct lim_set){p->lim_v, p->lim_i, idx, p->line};
         }
-        if (conf_set(mx_keys, m, name, value, why, sizeof(why)) < 0)
+        if (k == NULL)
+            perr(p, p->line, "%s: unknown key in [%s %s]", name, p->sec == -5 ? "mx" : "source",
+                 m->pattern);
+        else if (conf_set(lkeys, m, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
@@ -1165,6 +1317,170 @@ check_bounce(struct parse *p)
     }
 }
 
+/* One "ADDRESS[:weight]" of a pool's sources (IPv6 with a weight in
+ * brackets) into its canonical address text and weight. */
+static int
+parse_pool_source(const char *tok, char *addr, size_t cap, unsigned *weight, char *why,
+                  size_t whylen)
+{
+    char buf[80];
+    unsigned char bin[16];
+    size_t n = strlen(tok);
+    if (n >= sizeof(buf)) {
+        snprintf(why, whylen, "\"%.40s...\" is too long", tok);
+        return -EINVAL;
+    }
+    memcpy(buf, tok, n + 1);
+    *weight = 1;
+    char *a = buf, *w = NULL;
+    int fam;
+    if (buf[0] == '[') {
+        char *close = strchr(buf, ']');
+        if (close == NULL || (close[1] != '\0' && close[1] != ':')) {
+            snprintf(why, whylen, "\"%s\": expected [IPv6]:weight", tok);
+            return -EINVAL;
+        }
+        *close = '\0';
+        a = buf + 1;
+        w = close[1] == ':' ? close + 2 : NULL;
+        fam = AF_INET6;
+    } else if (inet_pton(AF_INET6, buf, bin) == 1) {
+        fam = AF_INET6;
+    } else {
+        char *colon = strrchr(buf, ':');
+        if (colon != NULL) {
+            *colon = '\0';
+            w = colon + 1;
+        }
+        fam = AF_INET;
+    }
+    if (inet_pton(fam, a, bin) != 1 || inet_ntop(fam, bin, addr, (socklen_t)cap) == NULL) {
+        snprintf(why, whylen, "\"%s\" is not an address (IPv6 with a weight: [ADDRESS]:weight)",
+                 tok);
+        return -EINVAL;
+    }
+    if (w != NULL) {
+        uint64_t v;
+        if (conf_parse_uint(w, &v) < 0 || v > 1000) {
+            snprintf(why, whylen, "\"%s\": the weight must be 0 to 1000", tok);
+            return -EINVAL;
+        }
+        *weight = (unsigned)v;
+    }
+    return 0;
+}
+
+/* Resolve [pool] sources against [source] sections and [tenant] pools
+ * against [pool] sections, reporting every name that matches nothing. */
+static int
+resolve_owners(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    char why[256];
+    for (unsigned i = 0; i < cfg->nsources; i++) {
+        const char *e = cfg->sources[i].ehlo;
+        if (e != NULL && !valid_domain_name(e))
+            perr(p, cfg->sources[i].line, "[source %s] ehlo: \"%s\" is not a host name",
+                 cfg->sources[i].pattern, e);
+    }
+    for (unsigned i = 0; i < cfg->npools; i++) {
+        struct pool_config *pl = &cfg->pools[i];
+        unsigned line = pl->key_line[0] ? pl->key_line[0] : pl->line;
+        if (pl->sources_text == NULL) {
+            perr(p, pl->line, "[pool %s]: sources: not set (a pool needs at least one source)",
+                 pl->name);
+            continue;
+        }
+        unsigned total = 0;
+        for (const char *s = pl->sources_text; *s != '\0';) {
+            while (*s == ' ' || *s == '\t' || *s == ',')
+                s++;
+            size_t n = strcspn(s, ", \t");
+            if (n == 0)
+                break;
+            char tok[128], addr[INET6_ADDRSTRLEN];
+            snprintf(tok, sizeof(tok), "%.*s", (int)(n < 127 ? n : 127), s);
+            s += n;
+            unsigned weight;
+            if (parse_pool_source(tok, addr, sizeof(addr), &weight, why, sizeof(why)) < 0) {
+                perr(p, line, "[pool %s] sources: %s", pl->name, why);
+                continue;
+            }
+            const struct mx_policy *src = NULL;
+            for (unsigned k = 0; k < cfg->nsources; k++)
+                if (strcmp(cfg->sources[k].pattern, addr) == 0)
+                    src = &cfg->sources[k];
+            if (src == NULL) {
+                perr(p, line, "[pool %s] sources: %s has no [source %s] section", pl->name, addr,
+                     addr);
+                continue;
+            }
+            bool dup = false;
+            for (unsigned k = 0; k < pl->nsources; k++)
+                dup |= pl->sources[k].source == src;
+            if (dup) {
+                perr(p, line, "[pool %s] sources: %s is listed twice", pl->name, addr);
+                continue;
+            }
+            struct pool_source *v = realloc(pl->sources, (pl->nsources + 1) * sizeof(*v));
+            if (v == NULL)
+                return -ENOMEM;
+            pl->sources = v;
+            v[pl->nsources++] = (struct pool_source){src, weight};
+            total += weight;
+        }
+        if (pl->nsources > 0 && total == 0)
+            perr(p, line, "[pool %s] sources: every weight is 0: the pool could send nothing",
+                 pl->name);
+    }
+    for (unsigned i = 0; i < cfg->ntenants; i++) {
+        struct tenant_config *t = &cfg->tenants[i];
+        unsigned pools_line = t->key_line[1] ? t->key_line[1] : t->line;
+        unsigned pool_line = t->key_line[2] ? t->key_line[2] : t->line;
+        for (const char *s = t->pools_text; s != NULL && *s != '\0';) {
+            while (*s == ' ' || *s == '\t' || *s == ',')
+                s++;
+            size_t n = strcspn(s, ", \t");
+            if (n == 0)
+                break;
+            const struct pool_config *pl = config_pool(cfg, s, n);
+            if (pl == NULL) {
+                perr(p, pools_line, "[tenant %s] pools: no [pool %.*s] section", t->name, (int)n,
+                     s);
+            } else if (config_tenant_may_use(t, pl)) {
+                perr(p, pools_line, "[tenant %s] pools: %s is listed twice", t->name, pl->name);
+            } else {
+                const struct pool_config **v = realloc(t->pools, (t->npools + 1) * sizeof(*v));
+                if (v == NULL)
+                    return -ENOMEM;
+                t->pools = v;
+                v[t->npools++] = pl;
+            }
+            s += n;
+        }
+        if (t->pool_text != NULL) {
+            t->pool = config_pool(cfg, t->pool_text, strlen(t->pool_text));
+            if (t->pool == NULL) {
+                perr(p, pool_line, "[tenant %s] pool: no [pool %s] section", t->name,
+                     t->pool_text);
+            } else if (t->pools_text == NULL) {
+                const struct pool_config **v = malloc(sizeof(*v));
+                if (v == NULL)
+                    return -ENOMEM;
+                v[0] = t->pool;
+                t->pools = v;
+                t->npools = 1;
+            } else if (!config_tenant_may_use(t, t->pool)) {
+                perr(p, pool_line, "[tenant %s] pool: %s is not among its pools (%s)", t->name,
+                     t->pool->name, t->pools_text);
+            }
+        } else if (t->npools > 0) {
+            t->pool = t->pools[0];
+        }
+    }
+    return 0;
+}
+
 static int
 finish(struct parse *p)
 {
@@ -1236,6 +1552,8 @@ finish(struct parse *p)
     if (srv->ntrusted < 0)
         perr(p, key_line(p, 0, "trusted_networks"), "trusted_networks: %s", why);
     if (parse_headers(p) < 0)
+        return -ENOMEM;
+    if (resolve_owners(p) < 0)
         return -ENOMEM;
     if (build_dkim(p) < 0)
         return -ENOMEM;
@@ -1334,10 +1652,22 @@ config_free(struct config *cfg)
     }
     free(cfg->mxs);
     for (unsigned i = 0; i < cfg->nsources; i++) {
-        conf_free(mx_keys, &cfg->sources[i]);
+        conf_free(source_keys, &cfg->sources[i]);
         free(cfg->sources[i].pattern);
     }
     free(cfg->sources);
+    for (unsigned i = 0; i < cfg->npools; i++) {
+        conf_free(pool_keys, &cfg->pools[i]);
+        free(cfg->pools[i].name);
+        free(cfg->pools[i].sources);
+    }
+    free(cfg->pools);
+    for (unsigned i = 0; i < cfg->ntenants; i++) {
+        conf_free(tenant_keys, &cfg->tenants[i]);
+        free(cfg->tenants[i].name);
+        free(cfg->tenants[i].pools);
+    }
+    free(cfg->tenants);
     for (unsigned i = 0; i < cfg->nevents; i++) {
         conf_free(events_sink_keys, &cfg->events[i]);
         free(cfg->events[i].name);
@@ -1387,6 +1717,33 @@ config_source(const struct config *cfg, const struct sockaddr *sa)
         if (strcmp(cfg->sources[i].pattern, text) == 0)
             return &cfg->sources[i];
     return NULL;
+}
+
+const struct tenant_config *
+config_tenant(const struct config *cfg, const char *name, size_t len)
+{
+    for (unsigned i = 0; i < cfg->ntenants; i++)
+        if (strlen(cfg->tenants[i].name) == len && strncasecmp(cfg->tenants[i].name, name, len) == 0)
+            return &cfg->tenants[i];
+    return NULL;
+}
+
+const struct pool_config *
+config_pool(const struct config *cfg, const char *name, size_t len)
+{
+    for (unsigned i = 0; i < cfg->npools; i++)
+        if (strlen(cfg->pools[i].name) == len && strncasecmp(cfg->pools[i].name, name, len) == 0)
+            return &cfg->pools[i];
+    return NULL;
+}
+
+bool
+config_tenant_may_use(const struct tenant_config *t, const struct pool_config *p)
+{
+    for (unsigned i = 0; i < t->npools; i++)
+        if (t->pools[i] == p)
+            return true;
+    return false;
 }
 
 const struct mx_policy *
@@ -1467,8 +1824,26 @@ config_reference(FILE *out)
                  "The same keys as [mx], for every connection that comes from ADDRESS, one of "
                  "the [delivery] source_address ones (what receivers see of this node). With "
                  "[redis] url they hold across all nodes; without, each worker keeps "
-                 "1/workers of them.\n\n");
-    reference_table(out, mx_keys, sizeof(struct mx_policy));
+                 "1/workers of them. A [pool] lists sources by their ADDRESS.\n\n");
+    reference_table(out, source_keys, sizeof(struct mx_policy));
+    fprintf(out, "## [pool NAME]: egress sources\n\n"
+                 "A set of [source ADDRESS] sections that a message's mail is spread over by "
+                 "weight. A message's pool comes from its tenant (the user's pool=, the "
+                 "tenant's default, or an X-Sluice-Pool header naming one of the tenant's "
+                 "pools). Names: 1 to 64 of A-Z a-z 0-9 . _ -, case-insensitive. [not yet in "
+                 "effect: the pool is stored and logged with each message; outbound "
+                 "connections do not choose their source by it yet]\n\n");
+    reference_table(out, pool_keys, sizeof(struct pool_config));
+    fprintf(out, "## [tenant NAME]: who a message belongs to\n\n"
+                 "A customer whose mail is kept apart. A message's tenant is its AUTH user's "
+                 "(tenant= in the users file) or, from trusted_networks only, the "
+                 "X-Sluice-Tenant header's; an unknown tenant is refused (550 5.7.1). "
+                 "X-Sluice-Campaign, X-Sluice-Pool and X-Sluice-Priority set the rest; "
+                 "these four header fields (and [server] expire_header) are removed before the message is stored. "
+                 "Tenant, campaign, pool and priority are stored with the message and "
+                 "logged with its events. Names as for [pool]. [weight: not yet in "
+                 "effect]\n\n");
+    reference_table(out, tenant_keys, sizeof(struct tenant_config));
     fprintf(out, "## [dkim DOMAIN SELECTOR]: one DKIM signature\n\n"
                  "Mail whose signing domain ([dkim] signing_domain: the From: header's by "
                  "default) is DOMAIN, or a subdomain of it without a key of its own, is signed "

@@ -171,6 +171,42 @@ struct mx_policy {
     unsigned connection_burst;
     unsigned max_messages_per_connection; /* 0: the domain's own only */
     unsigned max_rcpt_per_txn;            /* 0: the domain's own only */
+    char *ehlo;              /* owned: [source] only: the name said in EHLO from this
+                              * address (its PTR); NULL: [server] hostname */
+};
+
+#define CONFIG_NAME_MAX 64 /* tenant and pool names */
+
+/* One source of a [pool NAME]: a [source ADDRESS] section and its share. */
+struct pool_source {
+    const struct mx_policy *source; /* borrowed: an entry of config.sources */
+    unsigned weight;                /* 0: kept in the pool but carries nothing */
+};
+
+/* [pool NAME]: egress sources that mail of a pool is spread over by weight. */
+struct pool_config {
+    char *name;              /* owned: as written (matched case-insensitively) */
+    unsigned line;
+    char *sources_text;      /* owned: "ADDRESS[:weight], ..." as written */
+    unsigned key_line[1];    /* where each key was set (parse only) */
+    /* derived at load */
+    struct pool_source *sources; /* owned array */
+    unsigned nsources;
+};
+
+/* [tenant NAME]: a customer whose mail is kept apart from the others'. */
+struct tenant_config {
+    char *name;              /* owned: as written (matched case-insensitively) */
+    unsigned line;
+    unsigned weight;         /* share of a site's connections against other tenants */
+    char *pools_text;        /* owned: the pools it may use, as written */
+    char *pool_text;         /* owned: its default pool, as written; NULL: none */
+    unsigned priority;       /* 0..9: the default of its messages (higher goes first) */
+    unsigned key_line[4];    /* where each key was set (parse only) */
+    /* derived at load */
+    const struct pool_config **pools; /* owned array of borrowed pools: those allowed */
+    unsigned npools;
+    const struct pool_config *pool;   /* borrowed: the default; NULL: none */
 };
 
 struct config {
@@ -201,6 +237,10 @@ struct config {
     struct dkim_keyring *dkim_keys; /* owned reference; NULL: nothing is signed */
     struct events_sink_config *events; /* owned array: [events NAME] sections, in file order */
     unsigned nevents;
+    struct pool_config *pools;     /* owned array: [pool NAME] sections, in file order */
+    unsigned npools;
+    struct tenant_config *tenants; /* owned array: [tenant NAME] sections, in file order */
+    unsigned ntenants;
 };
 
 /* Read and validate path. On success returns 0 and *out (free with
@@ -223,6 +263,16 @@ const struct mx_policy *config_mx(const struct config *cfg, const char *host);
 
 /* The [source] policy for connections from sa, or NULL. */
 const struct mx_policy *config_source(const struct config *cfg, const struct sockaddr *sa);
+
+/* The [tenant] / [pool] named name (len octets, case-insensitive), or
+ * NULL. Borrowed: lives as long as cfg. */
+const struct tenant_config *config_tenant(const struct config *cfg, const char *name, size_t len);
+const struct pool_config *config_pool(const struct config *cfg, const char *name, size_t len);
+/* May tenant t send through pool p? */
+bool config_tenant_may_use(const struct tenant_config *t, const struct pool_config *p);
+/* Is s (len octets) a valid tenant or pool name: 1..CONFIG_NAME_MAX of
+ * A-Z a-z 0-9 . _ - */
+bool config_name_valid(const char *s, size_t len);
 
 /* Print every section and key with type, default and help (Markdown);
  * this is how doc/config.md is made, and a test checks they agree. */

@@ -266,6 +266,8 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "reporter", ev->reporter);
     put_str(j, "message_id", ev->message_id);
     put_str(j, "campaign", ev->campaign);
+    put_str(j, "pool", ev->pool);
+    put_u64(j, "priority", ev->priority);
     if (ev->kind == DLOG_OOB_BOUNCE || ev->kind == DLOG_COMPLAINT) {
         if (ev->rcpt_index >= 0)
             json_ku64(j, "rcpt_index", (uint64_t)ev->rcpt_index);

@@ -64,6 +64,11 @@ struct dlog_event {
     const char *id;   /* queue id */
     const char *rcpt;
     const char *sender;
+    /* who the message belongs to (engine/owner.h), with tenant and
+     * campaign below: the spool envelope's pool (NULL: left out) and
+     * priority (left out when 0) */
+    const char *pool;
+    unsigned priority;
     const char *domain;
     const char *mx;             /* MX host name */
     const char *mx_addr;        /* its IP address */
@@ -93,7 +98,8 @@ struct dlog_event {
     } *dkim;
     unsigned ndkim;
     const char *dkim_unsigned;
-    /* oob_bounce, complaint: */
+    /* Any event of a message: its tenant (and campaign, below), as stored
+     * with it (engine/owner.h); NULL: left out. Then oob_bounce, complaint: */
     const char *tenant;
     const char *report;         /* "dsn", "bounce" (non-standard), "arf" */
     const char *action;         /* the DSN's Action: "failed", "delayed" */

@@ -804,6 +804,9 @@ dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint6
     m->domain = at != NULL ? at + 1 : "";
     m->body_type = orig->body_type == QUEUE_BODY_7BIT ? QUEUE_BODY_7BIT : QUEUE_BODY_8BITMIME;
     m->smtputf8 = orig->smtputf8;
+    snprintf(m->tenant, sizeof(m->tenant), "%s", orig->tenant ? orig->tenant : "");
+    snprintf(m->campaign, sizeof(m->campaign), "%s", orig->campaign ? orig->campaign : "");
+    snprintf(m->pool, sizeof(m->pool), "%s", orig->pool ? orig->pool : "");
     *out = m;
     return 0;
 }
@@ -828,6 +831,9 @@ dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struct que
         .ret = QUEUE_RET_NONE,
         .body_type = m->body_type,
         .smtputf8 = m->smtputf8,
+        .tenant = m->tenant,
+        .campaign = m->campaign,
+        .pool = m->pool,
         .nrcpt = 1,
         .rcpt = rcpt,
     };

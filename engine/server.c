@@ -82,6 +82,7 @@
 #include "engine/msa.h"
 #include "engine/netaddr.h"
 #include "engine/oob.h"
+#include "engine/owner.h"
 #include "engine/smtp_cmd.h"
 #include "engine/smtp_data.h"
 #include "engine/worker.h"
@@ -217,7 +218,9 @@ struct session {
     char hdrs[MSA_HEADERS_MAX];
     size_t hdrs_len;
     uint64_t expire_ms;            /* the message's own expiry; 0: none */
-    size_t cut_off, cut_len;       /* the expiry field, removed from what is stored */
+    struct owner owner;            /* who the message belongs to (owner.h) */
+    struct owner_cut cuts[OWNER_F_COUNT]; /* control fields, removed from what is stored */
+    unsigned ncuts;
 
     /* DKIM: the body hash as the content arrives, then the signature */
     struct dkim_keyring *dkim_keys; /* owned reference, from DATA/BDAT on; NULL: not signed */
@@ -581,7 +584,8 @@ txn_reset(struct session *s)
     s->msg_id = 0;
     s->hdrs_len = 0;
     s->expire_ms = 0;
-    s->cut_off = s->cut_len = 0;
+    memset(&s->owner, 0, sizeof(s->owner));
+    s->ncuts = 0;
     s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
     s->dkim_job = dkim_job_free(s->dkim_job);
     s->dkim_skip = NULL;
@@ -624,10 +628,13 @@ session_on_commit(void *cookie, int rc)
         log_reception(s, qid);
         log_msg(LOG_INFO,
                 "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu body=%s "
-                "user=%s client=%s%s",
+                "user=%s client=%s tenant=%s pool=%s campaign=\"%s\" priority=%u%s",
                 (unsigned long long)s->id, qid, s->sender, s->nrcpt, s->body_len + s->hdrs_len,
                 s->body_type == SMTP_BODY_8BITMIME ? "8BITMIME" : "7BIT",
-                s->user ? s->user->name : "-", s->peer_ip, gone ? " client_gone=1" : "");
+                s->user ? s->user->name : "-", s->peer_ip,
+                s->owner.tenant ? s->owner.tenant->name : "-",
+                s->owner.pool ? s->owner.pool->name : "-", s->owner.campaign, s->owner.priority,
+                gone ? " client_gone=1" : "");
         if (!gone)
             reply(s, "250 2.0.0 Ok: queued as %s", qid);
     } else if (gone) {
@@ -681,6 +688,10 @@ log_reception(struct session *s, const char *qid)
         .kind = DLOG_RECEPTION,
         .id = qid,
         .sender = s->sender,
+        .tenant = s->owner.tenant ? s->owner.tenant->name : NULL,
+        .campaign = s->owner.campaign[0] ? s->owner.campaign : NULL,
+        .pool = s->owner.pool ? s->owner.pool->name : NULL,
+        .priority = s->owner.priority,
         .size = s->body_len + s->hdrs_len,
         .rcpt_count = s->nrcpt,
         .client = s->peer_ip,
@@ -832,29 +843,57 @@ message_finish(struct session *s, uint32_t data_flags)
 
     struct msa_scan scan;
     msa_scan(s->body, s->body_len, &scan);
-    /* The message's own expiry, a field for us alone: it never leaves. */
+    /* The control fields (owner.h) and the message's own expiry, fields
+     * for us alone: they never leave. */
+    struct owner_scan *sc = malloc(sizeof(*sc));
+    if (sc == NULL) {
+        reply(s, "451 4.3.0 Local error in processing");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    enum owner_field bad;
+    int rc = owner_scan(s->body, scan.header_len, sw->cfg->expire_header, sc, &bad);
     uint64_t expire_ms = 0;
-    size_t cut_off = s->body_len, cut_len = 0;
-    const char *ev;
-    size_t evl;
-    if (sw->cfg->expire_header != NULL &&
-        msa_find_field(s->body, scan.header_len, sw->cfg->expire_header, &cut_off, &cut_len, &ev,
-                       &evl)) {
-        size_t off2, len2, evl2;
-        const char *ev2;
-        size_t after = cut_off + cut_len;
-        bool twice = after < scan.header_len &&
-                     msa_find_field(s->body + after, scan.header_len - after,
-                                    sw->cfg->expire_header, &off2, &len2, &ev2, &evl2);
-        if (twice || msa_parse_expiry(ev, evl, clock_unix_ms(), &expire_ms) < 0) {
-            sw->stats.rejected++;
-            reply(s, "550 5.6.0 Message refused: %s must appear once, as a duration (90m, 2h) "
-                     "or an RFC 3339 UTC time (2026-11-23T18:00:00Z)",
-                  sw->cfg->expire_header);
-            txn_reset(s);
-            session_enter(s, SS_COMMAND);
-            return;
-        }
+    char refusal[300];
+    refusal[0] = '\0';
+    if (rc < 0 && bad == OWNER_F_EXPIRE)
+        rc = -EINVAL;
+    else if (rc < 0)
+        snprintf(refusal, sizeof(refusal), "550 5.6.0 Message refused: %s %s",
+                 owner_field_name(bad, NULL),
+                 rc == OWNER_EDUP    ? "must appear once"
+                 : rc == OWNER_ELONG ? "is too long (at most 128 characters)"
+                 : bad == OWNER_F_PRIORITY ? "must be one digit, 0 to 9"
+                 : bad == OWNER_F_CAMPAIGN ? "must be printable ASCII without quotes"
+                                           : "must be a name of A-Z a-z 0-9 . _ -");
+    if (rc == 0 && sc->present[OWNER_F_EXPIRE] &&
+        msa_parse_expiry(sc->value[OWNER_F_EXPIRE], strlen(sc->value[OWNER_F_EXPIRE]),
+                         clock_unix_ms(), &expire_ms) < 0)
+        rc = -EINVAL;
+    if (rc == -EINVAL)
+        snprintf(refusal, sizeof(refusal),
+                 "550 5.6.0 Message refused: %s must appear once, as a duration (90m, 2h) "
+                 "or an RFC 3339 UTC time (2026-11-23T18:00:00Z)",
+                 sw->cfg->expire_header);
+    struct owner owner;
+    if (rc == 0)
+        rc = owner_resolve(sw->e->cfg, s->user, s->trusted, sc, &owner, refusal,
+                           sizeof(refusal));
+    if (rc == 0) {
+        memcpy(s->cuts, sc->cuts, sizeof(s->cuts));
+        s->ncuts = sc->ncuts;
+    }
+    free(sc);
+    if (rc < 0) {
+        sw->stats.rejected++;
+        log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s user=%s reason=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-",
+                refusal + 4);
+        reply(s, "%s", refusal);
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
     }
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
@@ -872,8 +911,7 @@ message_finish(struct session *s, uint32_t data_flags)
     };
     s->hdrs_len = msa_headers(&t, s->hdrs, sizeof(s->hdrs));
     s->expire_ms = expire_ms;
-    s->cut_off = cut_off;
-    s->cut_len = cut_len;
+    s->owner = owner;
     if (dkim_sign_start(s, scan.header_len))
         return; /* signing (SS_SIGN), or refused */
     message_commit(s);
@@ -909,18 +947,28 @@ message_commit(struct session *s)
         .auth_user = s->user ? s->user->name : NULL,
         .client_addr = s->peer_ip,
         .expire_ms = s->expire_ms,
+        .tenant = s->owner.tenant ? s->owner.tenant->name : NULL,
+        .campaign = s->owner.campaign,
+        .pool = s->owner.pool ? s->owner.pool->name : NULL,
+        .priority = s->owner.priority,
         .nrcpt = s->nrcpt,
         .rcpt = qr,
     };
-    struct iovec iov[4] = {
+    struct iovec iov[3 + OWNER_F_COUNT] = {
         {s->dkim_job ? s->dkim_job->sig : NULL, s->dkim_job ? s->dkim_job->sig_len : 0},
         {s->hdrs, s->hdrs_len},
-        {s->body, s->cut_off},
-        {s->body + s->cut_off + s->cut_len, s->body_len - s->cut_off - s->cut_len},
     };
+    unsigned niov = 2;
+    size_t at = 0;
+    for (unsigned i = 0; i < s->ncuts; i++) {
+        iov[niov++] = (struct iovec){s->body + at, s->cuts[i].off - at};
+        at = s->cuts[i].off + s->cuts[i].len;
+    }
+    iov[niov++] = (struct iovec){s->body + at, s->body_len - at};
     /* Detached, the commit is the harness's: server_session_feed(). */
     int rc = sw->detached ? 0
-                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, 4, session_on_commit, s);
+                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, niov,
+                                          session_on_commit, s);
     free(qr);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",
@@ -1000,10 +1048,11 @@ dkim_sign_start(struct session *s, size_t header_len)
     if (rc == 0 && (j->nsigners = dkim_keyring_lookup(kr, dom, j->signers, DKIM_MAX_SIGNERS)) == 0)
         rc = DKIM_ENOKEY;
     /* What will be stored in front of the body: our fields, then the
-     * message's header section without the expiry field. */
-    size_t head = s->cut_len ? s->cut_off : header_len;
-    size_t tail = s->cut_len ? header_len - s->cut_off - s->cut_len : 0;
-    if (rc == 0 && (j->hdr = malloc(s->hdrs_len + head + tail + 1)) == NULL)
+     * message's header section without the control fields. */
+    size_t cut = 0;
+    for (unsigned i = 0; i < s->ncuts; i++)
+        cut += s->cuts[i].len;
+    if (rc == 0 && (j->hdr = malloc(s->hdrs_len + header_len - cut + 1)) == NULL)
         rc = -ENOMEM;
     if (rc < 0) {
         dkim_job_free(j);
@@ -1021,9 +1070,14 @@ dkim_sign_start(struct session *s, size_t header_len)
         return false;
     }
     memcpy(j->hdr, s->hdrs, s->hdrs_len);
-    memcpy(j->hdr + s->hdrs_len, b, head);
-    memcpy(j->hdr + s->hdrs_len + head, b + s->cut_off + s->cut_len, tail);
-    j->hdr_len = s->hdrs_len + head + tail;
+    size_t hl = s->hdrs_len, at = 0;
+    for (unsigned i = 0; i < s->ncuts; i++) {
+        memcpy(j->hdr + hl, b + at, s->cuts[i].off - at);
+        hl += s->cuts[i].off - at;
+        at = s->cuts[i].off + s->cuts[i].len;
+    }
+    memcpy(j->hdr + hl, b + at, header_len - at);
+    j->hdr_len = hl + header_len - at;
     for (int c = 0; c < 2; c++)
         if (s->dkim_canons & (1u << c))
             dkim_body_final(s->dkim_body, (enum dkim_canon)c, j->bh[c]);

@@ -24,9 +24,14 @@
  *         "last_id" -> u64 highest message id ever stored (ids stay unique
  *                      even if the clock steps back across a restart)
  *   msg   id (8 bytes big-endian, so keys sort by time) ->
- *         struct msg_head, then sender, envid, auth user, client address
- *         (no NULs, lengths in the head), then the body when it is at most
- *         BODY_INLINE_MAX: one put per message on the hot path
+ *         struct msg_head, then sender, envid, auth user, client address,
+ *         tenant, campaign, pool (no NULs, lengths in the head), then the
+ *         body when it is at most BODY_INLINE_MAX: one put per message on
+ *         the hot path. Schema 2 added tenant, campaign, pool and priority
+ *         in what schema 1 wrote as a zero "reserved" word, so a schema 1
+ *         record reads as a message without them; opening a schema 1
+ *         spool marks it 2 (an older sluice then refuses it rather than
+ *         misreading the new records).
  *   body  id + chunk number (4 bytes BE) -> BODY_CHUNK bytes of a larger body.
  *         Chunks keep every LMDB allocation at 64 contiguous pages at most:
  *         a 10 MB value would need 2560 contiguous free pages, which a
@@ -107,7 +112,7 @@
 
 #include "common/log.h"
 
-#define SCHEMA_VERSION  1u
+#define SCHEMA_VERSION  2u
 #define MSG_MAGIC       0x314d5153u /* "SQM1" */
 #define BODY_INLINE_MAX (256u * 1024)
 #define BODY_CHUNK      (256u * 1024)
@@ -128,7 +133,9 @@ struct msg_head {
     uint8_t ret;
     uint16_t nrcpt;       /* recipients at enqueue */
     uint32_t body_chunks; /* 0: the body follows the strings in this record */
-    uint32_t reserved;
+    /* schema 2 (zero in schema 1, where this word was reserved): */
+    uint8_t tenant_len, campaign_len, pool_len;
+    uint8_t priority;
     uint16_t sender_len, envid_len, auth_len, client_len;
     uint64_t arrival_ms;
     uint64_t expire_ms;
@@ -204,7 +211,8 @@ msg_decode(const MDB_val *v, struct msg_head *h)
     if (v->mv_size < sizeof(*h))
         return false;
     memcpy(h, v->mv_data, sizeof(*h));
-    size_t strings = (size_t)h->sender_len + h->envid_len + h->auth_len + h->client_len;
+    size_t strings = (size_t)h->sender_len + h->envid_len + h->auth_len + h->client_len +
+                     h->tenant_len + h->campaign_len + h->pool_len;
     size_t body = h->body_chunks ? 0 : h->body_len;
     return h->magic == MSG_MAGIC && h->nrcpt > 0 && h->body_len <= SIZE_MAX - strings &&
            v->mv_size == sizeof(*h) + strings + body;
@@ -213,7 +221,8 @@ msg_decode(const MDB_val *v, struct msg_head *h)
 static size_t
 msg_head_len(const struct msg_head *h)
 {
-    return sizeof(*h) + h->sender_len + h->envid_len + h->auth_len + h->client_len;
+    return sizeof(*h) + h->sender_len + h->envid_len + h->auth_len + h->client_len +
+           h->tenant_len + h->campaign_len + h->pool_len;
 }
 
 static bool
@@ -615,7 +624,7 @@ put_bytes(unsigned char *p, const char *s, size_t n)
 
 /* Sizes of a message's serialized form (see enq_build). */
 struct enq_size {
-    size_t sender, envid, auth, client;
+    size_t sender, envid, auth, client, tenant, campaign, pool;
     uint64_t body_len;
     size_t rcpt_bytes, head_len, iov_bytes;
     size_t data_len; /* a multiple of 8 */
@@ -635,8 +644,13 @@ enq_measure(const struct queue_envelope *env, const struct iovec *body, unsigned
     sz->envid = str_len(env->envid);
     sz->auth = str_len(env->auth_user);
     sz->client = str_len(env->client_addr);
+    sz->tenant = str_len(env->tenant);
+    sz->campaign = str_len(env->campaign);
+    sz->pool = str_len(env->pool);
     if (sz->sender > QUEUE_MAX_ADDR || sz->envid > QUEUE_MAX_PARAM || sz->auth > QUEUE_MAX_PARAM ||
-        sz->client > QUEUE_MAX_PARAM)
+        sz->client > QUEUE_MAX_PARAM || sz->tenant > QUEUE_MAX_TAG ||
+        sz->campaign > QUEUE_MAX_TAG || sz->pool > QUEUE_MAX_TAG ||
+        env->priority > QUEUE_MAX_PRIORITY)
         return -EINVAL;
     sz->body_len = 0;
     for (unsigned i = 0; i < iovcnt; i++)
@@ -651,7 +665,8 @@ enq_measure(const struct queue_envelope *env, const struct iovec *body, unsigned
         size_t dlen = at ? alen - (size_t)(at + 1 - r->addr) : 0;
         sz->rcpt_bytes += 4 + align4(sizeof(struct rcpt_head) + alen + dlen + olen);
     }
-    sz->head_len = sizeof(struct msg_head) + sz->sender + sz->envid + sz->auth + sz->client;
+    sz->head_len = sizeof(struct msg_head) + sz->sender + sz->envid + sz->auth + sz->client +
+                   sz->tenant + sz->campaign + sz->pool;
     sz->iov_bytes = iovcnt * sizeof(struct iovec);
     sz->data_len = (sz->iov_bytes + align4(sz->head_len) + sz->rcpt_bytes + 7) & ~(size_t)7;
     return 0;
@@ -688,6 +703,10 @@ enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelop
         .envid_len = (uint16_t)sz->envid,
         .auth_len = (uint16_t)sz->auth,
         .client_len = (uint16_t)sz->client,
+        .tenant_len = (uint8_t)sz->tenant,
+        .campaign_len = (uint8_t)sz->campaign,
+        .pool_len = (uint8_t)sz->pool,
+        .priority = (uint8_t)env->priority,
         .arrival_ms = env->arrival_ms ? env->arrival_ms : now_ms(),
         .expire_ms = env->expire_ms,
         .body_len = sz->body_len,
@@ -701,6 +720,9 @@ enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelop
     p = put_bytes(p, env->envid, sz->envid);
     p = put_bytes(p, env->auth_user, sz->auth);
     p = put_bytes(p, env->client_addr, sz->client);
+    p = put_bytes(p, env->tenant, sz->tenant);
+    p = put_bytes(p, env->campaign, sz->campaign);
+    p = put_bytes(p, env->pool, sz->pool);
 
     p = data + sz->iov_bytes + align4(sz->head_len);
     req->enq.rcpts = p;
@@ -2113,6 +2135,18 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
                          "spool %s has schema version %u, written by a newer sluice; this one "
                          "reads up to version %u and will not touch it",
                          path, version, SCHEMA_VERSION);
+    if (version < SCHEMA_VERSION) {
+        /* Older records read as they are (see the top of the file); the
+         * new version keeps an older sluice from misreading new ones. */
+        uint32_t now_version = SCHEMA_VERSION;
+        MDB_val nv = {sizeof(now_version), &now_version};
+        rc = mdb_put(txn, q->dbi_meta, &k, &nv, 0);
+        if (rc != 0)
+            return open_fail(err, errlen, lmdb_err(rc), "cannot upgrade spool %s: %s", path,
+                             mdb_strerror(rc));
+        log_msg(LOG_NOTICE, "event=spool_schema_upgraded path=%s from=%u to=%u", path, version,
+                SCHEMA_VERSION);
+    }
     static const char *const names[] = {"msg", "body", "rcpt", "due"};
     MDB_dbi *dbis[] = {&q->dbi_msg, &q->dbi_body, &q->dbi_rcpt, &q->dbi_due};
     for (size_t i = 0; i < 4; i++) {
@@ -2423,7 +2457,7 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
     if (rc == 0)
         rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
     /* Pass 1 sizes the allocation, pass 2 fills it. */
-    size_t n = 0, bytes = rc == 0 ? msg_head_len(&h) - sizeof(h) + 4 : 0;
+    size_t n = 0, bytes = rc == 0 ? msg_head_len(&h) - sizeof(h) + 7 : 0;
     for (int pass = 0; rc == 0 && pass < 2; pass++) {
         struct queue_envelope *e = *out;
         char *strs = NULL;
@@ -2445,6 +2479,13 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
             e->auth_user = h.auth_len ? copy_str(&strs, p, h.auth_len) : NULL;
             p += h.auth_len;
             e->client_addr = h.client_len ? copy_str(&strs, p, h.client_len) : NULL;
+            p += h.client_len;
+            e->tenant = h.tenant_len ? copy_str(&strs, p, h.tenant_len) : NULL;
+            p += h.tenant_len;
+            e->campaign = h.campaign_len ? copy_str(&strs, p, h.campaign_len) : NULL;
+            p += h.campaign_len;
+            e->pool = h.pool_len ? copy_str(&strs, p, h.pool_len) : NULL;
+            e->priority = h.priority;
             e->ret = (enum queue_ret)h.ret;
             e->body_type = h.flags & MSG_F_BINARYMIME ? QUEUE_BODY_BINARYMIME
                            : h.flags & MSG_F_8BITMIME ? QUEUE_BODY_8BITMIME

@@ -139,6 +139,8 @@ enum queue_rcpt_state { QUEUE_RCPT_READY = 1, QUEUE_RCPT_DEFERRED = 2 };
 #define QUEUE_MAX_ADDR  1024 /* bytes of an address (UTF-8 allowed) */
 #define QUEUE_MAX_PARAM 1024 /* ENVID, ORCPT, auth user, client address */
 #define QUEUE_MAX_REPLY 512  /* last reply text kept; longer is cut */
+#define QUEUE_MAX_TAG   255  /* tenant, campaign, pool */
+#define QUEUE_MAX_PRIORITY 9
 
 /* One recipient. As input (queue_enqueue) only addr, orcpt and notify are
  * read; the queue derives domain (the part after the last '@', ASCII
@@ -172,6 +174,12 @@ struct queue_envelope {
     uint64_t expire_ms;             /* Unix ms after which the engine gives up; 0: none */
     const char *auth_user;          /* authenticated user */
     const char *client_addr;        /* client address as text */
+    /* Who the message belongs to (engine/owner.h), each up to QUEUE_MAX_TAG
+     * octets; NULL or "": none. A spool of schema 1 has none of them. */
+    const char *tenant;
+    const char *campaign;
+    const char *pool;
+    unsigned priority;              /* 0..QUEUE_MAX_PRIORITY, higher goes first */
     uint64_t body_len;              /* output only */
     unsigned nrcpt;                 /* output: live recipients only, in index order */
     struct queue_rcpt *rcpt;        /* nrcpt entries */

@@ -109,6 +109,13 @@ dump(struct queue *q)
         json_str(env->client_addr);
         printf(",\"envid\":");
         json_str(env->envid);
+        printf(",\"tenant\":");
+        json_str(env->tenant);
+        printf(",\"campaign\":");
+        json_str(env->campaign);
+        printf(",\"pool\":");
+        json_str(env->pool);
+        printf(",\"priority\":%u", env->priority);
         printf(",\"smtputf8\":%s,\"body_type\":%d,\"rcpts\":[", env->smtputf8 ? "true" : "false",
                (int)env->body_type);
         for (unsigned r = 0; r < env->nrcpt; r++) {
