@@ -497,6 +497,8 @@ perr(struct parse *p, unsigned line, const char *fmt, ...)
 
 /* inih calls this once per line (or per chunk of a line longer than its
  * buffer): count lines, and refuse the over-long ones. */
+static void enter_section(struct parse *p, const char *section);
+
 static char *
 reader(char *str, int num, void *stream)
 {
@@ -522,8 +524,19 @@ reader(char *str, int num, void *stream)
         const char *c = s;
         while (*c == ' ' || *c == '\t')
             c++;
-        if (*c == '[')
+        if (*c == '[') {
             p->header_line = p->line;
+            /* Enter it now, as inih will name it (what lies between the
+             * brackets): a section without keys, such as a [source] that
+             * keeps every default, exists all the same. */
+            const char *close = strchr(c + 1, ']');
+            if (close != NULL && (size_t)(close - c - 1) < sizeof(p->section)) {
+                char name[sizeof(p->section)];
+                memcpy(name, c + 1, (size_t)(close - c - 1));
+                name[close - c - 1] = '\0';
+                enter_section(p, name);
+            }
+        }
     }
     p->at_line_start = complete || feof(p->in);
     return s;

@@ -109,12 +109,12 @@ owner_scan(const char *msg, size_t hdr_len, const char *expire_name, struct owne
                     return OWNER_ELONG;
                 break;
             }
-            v[n++] = *c;
+            v[n++] = *c == '\t' ? ' ' : *c; /* a folded tab reads as a blank */
         }
         while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t'))
             n--;
         v[n] = '\0';
-        if (!value_ok((enum owner_field)f, v, n))
+        if (n > 0 && !value_ok((enum owner_field)f, v, n))
             return OWNER_EVALUE;
         out->present[f] = n > 0;
         pos = end;
