@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <endian.h>
 #include <ftw.h>
 #include <lmdb.h>
 #include <pthread.h>
@@ -399,6 +400,113 @@ test_schema_refused(void **state)
     mdb_env_close(env);
     fixture_open(f);
     assert_body(f->q, id, "x\r\n", 3);
+}
+
+/* Schema 2 stores tenant, campaign, pool and priority; a message without
+ * them is laid out exactly as schema 1 wrote it (the four octets after
+ * body_chunks zero), and a schema 1 spool opens, reads its messages as
+ * ownerless, and is marked schema 2. */
+static uint32_t
+schema_get(const struct fixture *f, uint32_t set)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    MDB_val k = {6, "schema"}, v;
+    assert_int_equal(mdb_get(txn, dbi, &k, &v), 0);
+    uint32_t was;
+    memcpy(&was, v.mv_data, sizeof(was));
+    if (set != 0) {
+        MDB_val nv = {sizeof(set), &set};
+        assert_int_equal(mdb_put(txn, dbi, &k, &nv, 0), 0);
+    }
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    return was;
+}
+
+static void
+test_owner_fields_and_schema_1(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_rcpt rc = {.addr = "a@example.org"};
+    struct queue_envelope env = {.id = queue_id_next(f->q),
+                                 .sender = "s@example.com",
+                                 .tenant = "acme",
+                                 .campaign = "spring sale",
+                                 .pool = "bulk",
+                                 .priority = 7,
+                                 .nrcpt = 1,
+                                 .rcpt = &rc};
+    struct iovec iov = {"body\r\n", 6};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    uint64_t owned = env.id;
+    uint64_t plain = put_msg(f->q, 1, "example.net", "x\r\n", 3);
+    /* bounds: a tag of QUEUE_MAX_TAG octets, not one more; priority 0..9 */
+    char tag[QUEUE_MAX_TAG + 2];
+    memset(tag, 't', sizeof(tag) - 1);
+    tag[sizeof(tag) - 1] = '\0';
+    env.id = queue_id_next(f->q);
+    env.campaign = tag;
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), -EINVAL);
+    tag[QUEUE_MAX_TAG] = '\0';
+    env.priority = 10;
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), -EINVAL);
+    env.priority = 9;
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    uint64_t longest = env.id;
+    queue_close(f->q);
+    f->q = NULL;
+
+    /* the ownerless record: zero where schema 1 had its reserved word */
+    MDB_env *menv;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&menv), 0);
+    assert_int_equal(mdb_env_set_maxdbs(menv, 8), 0);
+    assert_int_equal(mdb_env_open(menv, f->cfg.path, MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(menv, NULL, MDB_RDONLY, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "msg", 0, &dbi), 0);
+    uint64_t be = htobe64(plain);
+    MDB_val k = {8, &be}, v;
+    assert_int_equal(mdb_get(txn, dbi, &k, &v), 0);
+    static const unsigned char zero[4];
+    assert_memory_equal((const unsigned char *)v.mv_data + 12, zero, 4);
+    mdb_txn_abort(txn);
+    mdb_env_close(menv);
+
+    assert_int_equal(schema_get(f, 1), 2); /* written as 2; now made a schema 1 spool */
+    fixture_open(f);
+    assert_int_equal(schema_get(f, 0), 2); /* opening marked it 2 */
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, owned, &e), 0);
+    assert_string_equal(e->tenant, "acme");
+    assert_string_equal(e->campaign, "spring sale");
+    assert_string_equal(e->pool, "bulk");
+    assert_int_equal(e->priority, 7);
+    assert_string_equal(e->sender, "s@example.com");
+    assert_string_equal(e->rcpt[0].addr, "a@example.org");
+    queue_envelope_free(e);
+    assert_body(f->q, owned, "body\r\n", 6);
+    assert_int_equal(queue_envelope_get(f->q, plain, &e), 0);
+    assert_null(e->tenant);
+    assert_null(e->campaign);
+    assert_null(e->pool);
+    assert_int_equal(e->priority, 0);
+    queue_envelope_free(e);
+    assert_body(f->q, plain, "x\r\n", 3);
+    assert_int_equal(queue_envelope_get(f->q, longest, &e), 0);
+    assert_int_equal(strlen(e->campaign), QUEUE_MAX_TAG);
+    assert_int_equal(e->priority, 9);
+    queue_envelope_free(e);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(f->q, &rep), 0);
 }
 
 static void
@@ -1255,6 +1363,7 @@ main(void)
         T(test_id_unique_threads),
         T(test_open_refusals),
         T(test_schema_refused),
+        T(test_owner_fields_and_schema_1),
         T(test_not_a_spool),
         T(test_enqueue_read),
         T(test_enqueue_invalid),
