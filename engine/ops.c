@@ -147,6 +147,8 @@ struct wstats {
     bool has_dns;
     const char *redis; /* static */
     uint64_t dests, waiting, inflight;
+    struct stats_tenant tenants[SERVER_TENANTS_MAX];
+    unsigned ntenants;
 };
 
 static void
@@ -154,6 +156,7 @@ counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
     struct wstats *s = &((struct wstats *)c->res)[w];
     server_worker_stats(e->srv[w], &s->srv);
+    s->ntenants = server_worker_tenants(e->srv[w], s->tenants, SERVER_TENANTS_MAX);
     delivery_stats(e->dlv[w], &s->dlv);
     s->has_dns = delivery_resolver_stats(e->dlv[w], &s->dns) == 0;
     s->redis = delivery_redis_state(e->dlv[w]);
@@ -165,6 +168,53 @@ free_res(void *res, unsigned n)
 {
     (void)n;
     free(res);
+}
+
+static int
+cmp_tenant(const void *a, const void *b)
+{
+    const struct stats_tenant *x = a, *y = b;
+    if (x->received_msgs != y->received_msgs)
+        return x->received_msgs > y->received_msgs ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* The workers' per-tenant counts summed, the busiest first, at most
+ * [stats] top_n of them (and STATS_TENANTS_MAX). */
+static void
+merge_tenants(struct engine *e, const struct wstats *ws, struct stats_counters *out)
+{
+    struct stats_tenant *all = NULL;
+    unsigned n = 0, cap = 0;
+    for (unsigned i = 0; i < e->nworkers; i++)
+        for (unsigned k = 0; k < ws[i].ntenants; k++) {
+            const struct stats_tenant *t = &ws[i].tenants[k];
+            unsigned j = 0;
+            while (j < n && strcmp(all[j].name, t->name) != 0)
+                j++;
+            if (j == n) {
+                if (n == cap) {
+                    unsigned nc = cap ? cap * 2 : 16;
+                    struct stats_tenant *v = realloc(all, nc * sizeof(*v));
+                    if (v == NULL)
+                        continue;
+                    all = v;
+                    cap = nc;
+                }
+                all[n] = *t;
+                all[n].received_msgs = all[n].received_rcpts = 0;
+                n++;
+            }
+            all[j].received_msgs += t->received_msgs;
+            all[j].received_rcpts += t->received_rcpts;
+        }
+    if (n > 1)
+        qsort(all, n, sizeof(*all), cmp_tenant);
+    unsigned top = e->cfg->stats.top_n < STATS_TENANTS_MAX ? e->cfg->stats.top_n : STATS_TENANTS_MAX;
+    out->ntenants = n < top ? n : top;
+    if (out->ntenants > 0)
+        memcpy(out->tenants, all, out->ntenants * sizeof(*all));
+    free(all);
 }
 
 static void
@@ -181,6 +231,7 @@ ops_counters(void *arg, struct stats_counters *out)
         /* A late worker may still be writing its slot: read none of them. */
         log_msg(LOG_WARN, "event=stats_incomplete reason=worker_did_not_answer");
     if (answered) {
+        merge_tenants(e, c->res, out);
         for (unsigned i = 0; i < e->nworkers; i++) {
             const struct wstats *s = &((struct wstats *)c->res)[i];
             out->received_msgs += s->srv.messages;

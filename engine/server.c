@@ -265,6 +265,8 @@ struct server_worker {
     struct auth_cache auth;
     uint64_t seq;
     struct server_stats stats;
+    struct stats_tenant *tenants; /* owned: counts per tenant, in order of first use */
+    unsigned ntenants, tenants_cap;
     bool detached; /* a harness's: no listener, no ring I/O, no spool (see server.h) */
 };
 
@@ -277,6 +279,7 @@ static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t f
 static void session_on_timer(struct timer *t, void *ctx);
 static void hand_to_delivery(struct session *s);
 static void log_reception(struct session *s, const char *qid);
+static void tenant_count(struct server_worker *sw, const char *name, unsigned nrcpt);
 
 #define SESSION_OF(ptr, field) ((struct session *)((char *)(ptr) - offsetof(struct session, field)))
 
@@ -623,6 +626,8 @@ session_on_commit(void *cookie, int rc)
          * before its 250 (it may send it again: at least once). */
         s->sw->stats.messages++;
         s->sw->stats.recipients += s->nrcpt;
+        if (s->owner.tenant != NULL)
+            tenant_count(s->sw, s->owner.tenant->name, s->nrcpt);
         if (!s->sw->detached)
             hand_to_delivery(s);
         log_reception(s, qid);
@@ -657,6 +662,43 @@ session_on_commit(void *cookie, int rc)
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
     session_run(s);
+}
+
+/* Count a message of tenant name. Tenants are named in the config, so
+ * the table stays small; a linear search costs less than hashing it. */
+static void
+tenant_count(struct server_worker *sw, const char *name, unsigned nrcpt)
+{
+    struct stats_tenant *t = NULL;
+    for (unsigned i = 0; i < sw->ntenants && t == NULL; i++)
+        if (strcmp(sw->tenants[i].name, name) == 0)
+            t = &sw->tenants[i];
+    if (t == NULL && sw->ntenants < SERVER_TENANTS_MAX) {
+        if (sw->ntenants == sw->tenants_cap) {
+            unsigned cap = sw->tenants_cap ? sw->tenants_cap * 2 : 8;
+            struct stats_tenant *v = realloc(sw->tenants, cap * sizeof(*v));
+            if (v == NULL)
+                return;
+            sw->tenants = v;
+            sw->tenants_cap = cap;
+        }
+        t = &sw->tenants[sw->ntenants++];
+        memset(t, 0, sizeof(*t));
+        snprintf(t->name, sizeof(t->name), "%s", name);
+    }
+    if (t != NULL) {
+        t->received_msgs++;
+        t->received_rcpts += nrcpt;
+    }
+}
+
+unsigned
+server_worker_tenants(const struct server_worker *sw, struct stats_tenant *out, unsigned cap)
+{
+    unsigned n = sw->ntenants < cap ? sw->ntenants : cap;
+    if (n > 0)
+        memcpy(out, sw->tenants, n * sizeof(*out));
+    return n;
 }
 
 /* The reception event of the delivery log, with the configured header
@@ -2672,6 +2714,7 @@ server_worker_free(struct server_worker *sw)
     free(sw->ls);
     queue_port_free(sw->port);
     tls_ctx_unref(sw->tls);
+    free(sw->tenants);
     free(sw);
     return NULL;
 }

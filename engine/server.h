@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/stats.h"
+
 struct engine;
 struct worker;
 struct server_worker;
@@ -40,6 +42,13 @@ struct server_stats {
     uint64_t oob_dropped;          /* messages that gave no event (auto-replies, ...) */
     uint64_t oob_refused;          /* recipients refused: forged tokens, not ours */
 };
+
+#define SERVER_TENANTS_MAX 256 /* tenants counted per worker (more are not counted) */
+
+/* Copy this worker's per-tenant counts (up to cap) into out; returns how
+ * many. Worker thread. */
+unsigned server_worker_tenants(const struct server_worker *sw, struct stats_tenant *out,
+                               unsigned cap);
 
 /* Make the worker's listening sockets (bound now, so that a port in use is
  * a start-up error) and its spool port. Returns 0 or -errno with err. */

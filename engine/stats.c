@@ -129,6 +129,23 @@ render_event_sinks(struct json *j, const struct stats_counters *c)
     json_arr_end(j);
 }
 
+/* "tenants": {"NAME": {...}} for the busiest tenants. */
+static void
+render_tenants(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "tenants");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->ntenants && i < STATS_TENANTS_MAX; i++) {
+        const struct stats_tenant *t = &c->tenants[i];
+        json_key(j, t->name);
+        json_obj_begin(j);
+        json_ku64(j, "received_msgs", t->received_msgs);
+        json_ku64(j, "received_rcpts", t->received_rcpts);
+        json_obj_end(j);
+    }
+    json_obj_end(j);
+}
+
 void
 stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
                    const struct stats_rates *r1m)
@@ -215,6 +232,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_obj_end(j);
 
     render_event_sinks(j, c);
+    render_tenants(j, c);
     json_key(j, "auth");
     json_obj_begin(j);
     json_ku64(j, "ok", c->auth_ok);
@@ -508,6 +526,30 @@ text_domain_label(struct json *t, const struct stats_domain *d)
     json_raw(t, "\"", 1);
 }
 
+/* sluice_tenant_*{tenant="NAME"}: the busiest tenants. */
+static void
+render_tenant_metrics(struct json *t, const struct stats_counters *c)
+{
+    unsigned n = c->ntenants < STATS_TENANTS_MAX ? c->ntenants : STATS_TENANTS_MAX;
+    if (n == 0)
+        return;
+    for (int f = 0; f < 2; f++) {
+        const char *name = f == 0 ? "sluice_tenant_messages_received_total"
+                                  : "sluice_tenant_recipients_received_total";
+        text_family(t, name, "counter",
+                    f == 0 ? "Messages accepted at submission for the tenant (the busiest "
+                             "tenants only)."
+                           : "Recipients of the messages accepted for the tenant.");
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_tenant *e = &c->tenants[i];
+            text_printf(t, "%s{tenant=\"", name);
+            text_label(t, e->name, sizeof(e->name));
+            text_printf(t, "\"} %llu\n",
+                        (unsigned long long)(f == 0 ? e->received_msgs : e->received_rcpts));
+        }
+    }
+}
+
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
 static void
 render_event_sink_metrics(struct json *t, const struct stats_counters *c)
@@ -588,6 +630,7 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
     json_raw(&t, "\"} 1\n", 5);
 
     render_event_sink_metrics(&t, c);
+    render_tenant_metrics(&t, c);
 
     bool any = false;
     for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {

@@ -46,6 +46,7 @@ struct json;
 #define STATS_OBJECTS_MAX      16
 #define STATS_EVENT_SINKS_MAX  16
 #define STATS_AUTH_SCHEMES_MAX 8
+#define STATS_TENANTS_MAX      64 /* tenants with their own series: the busiest */
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -66,6 +67,13 @@ struct stats_event_sink {
     uint64_t dropped;       /* events given up past max_backlog */
     bool paused;
     char last_error[200]; /* "" when none */
+};
+
+/* One tenant ([tenant NAME]): shown under "tenants" and as
+ * sluice_tenant_*{tenant="NAME"}. */
+struct stats_tenant {
+    char name[65];
+    uint64_t received_msgs, received_rcpts; /* accepted at submission */
 };
 
 /* Counters (monotonic since start) and gauges the engine fills on
@@ -104,6 +112,8 @@ struct stats_counters {
     unsigned workers;
     struct stats_event_sink event_sinks[STATS_EVENT_SINKS_MAX];
     unsigned nevent_sinks;
+    struct stats_tenant tenants[STATS_TENANTS_MAX]; /* the busiest, by messages received */
+    unsigned ntenants;
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;

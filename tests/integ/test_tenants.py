@@ -58,6 +58,7 @@ class Node:
             self.port = free_port()
             self.spool = os.path.join(self.wd.path, "spool")
             self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
+            self.sock = os.path.join(self.wd.path, "stats.sock")
             users = "".join(f"{n}:{crypt(PASSWORD)}" + (f":{extra}" if extra else "") + "\n"
                             for n, extra in USERS)
             self.users = self.wd.file("users", users)
@@ -87,6 +88,8 @@ idle_timeout = 1s
 servers = 127.0.0.1:{self.dns.port}
 [bounce]
 dsn = no
+[stats]
+socket = {self.sock}
 [log]
 delivery_log = {self.dlog}
 delivery_log_flush = 20ms
@@ -123,6 +126,15 @@ pool = bulk
         if user is not None:
             c.login(user, PASSWORD)
         return c
+
+    def ask(self, command):
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(self.sock)
+            s.sendall(command.encode() + b"\n")
+            f = s.makefile("rb")
+            return json.loads(f.readline())
 
     def events(self):
         if not os.path.exists(self.dlog):
@@ -274,6 +286,11 @@ def test_trusted_headers_and_refusals():
         authed = [e for e in rec if e.get("auth_user") == "app1"][0]
         assert (authed["tenant"], authed["pool"], authed["priority"]) == \
             ("acme", "bulk", 5), authed
+        # counted per tenant, refusals not
+        st = n.ask("stats")
+        assert st["tenants"] == {"acme": {"received_msgs": 2, "received_rcpts": 2}}, st
+        text = n.ask("metrics")["text"]
+        assert 'sluice_tenant_messages_received_total{tenant="acme"} 2' in text, text
     finally:
         n.close()
 
