@@ -612,6 +612,73 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
+/* A scope by owner: "tenant=T", "campaign=C" (the rest of the line: a
+ * campaign may hold blanks), or "tenant=T campaign=C". Returns 1 when args
+ * is such a scope (set in *tenant / *campaign, NULL when not given; both
+ * point into buf), 0 when it is not, -1 when it is malformed (err). */
+static int
+parse_scope(const char *args, char *buf, size_t cap, const char **tenant, const char **campaign,
+            char *err, size_t errlen)
+{
+    *tenant = *campaign = NULL;
+    if (strncmp(args, "tenant=", 7) != 0 && strncmp(args, "campaign=", 9) != 0)
+        return 0;
+    if (strlen(args) >= cap) {
+        snprintf(err, errlen, "scope too long");
+        return -1;
+    }
+    snprintf(buf, cap, "%s", args);
+    char *p = buf;
+    if (strncmp(p, "tenant=", 7) == 0) {
+        *tenant = p + 7;
+        size_t n = strcspn(p + 7, " \t");
+        p += 7 + n;
+        if (*p != '\0')
+            *p++ = '\0';
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (!config_name_valid(*tenant, strlen(*tenant))) {
+            snprintf(err, errlen, "not a tenant name: %.100s", *tenant);
+            return -1;
+        }
+    }
+    if (strncmp(p, "campaign=", 9) == 0) {
+        *campaign = p + 9;
+        p += strlen(p);
+        if ((*campaign)[0] == '\0') {
+            snprintf(err, errlen, "campaign=: empty");
+            return -1;
+        }
+    }
+    if (*p != '\0') {
+        snprintf(err, errlen, "expected tenant=NAME [campaign=NAME], got: %.100s", args);
+        return -1;
+    }
+    return 1;
+}
+
+/* Keep in w the recipients of messages of that tenant and campaign (the
+ * walk lists them grouped by message: one envelope read per message). */
+static void
+select_owner(struct engine *e, struct walk_sel *w, const char *tenant, const char *campaign)
+{
+    size_t out = 0;
+    bool keep = false;
+    for (size_t i = 0; i < w->n; i++) {
+        if (i == 0 || w->v[i].id != w->v[i - 1].id) {
+            struct queue_envelope *env = NULL;
+            keep = queue_envelope_get(e->queue, w->v[i].id, &env) == 0 &&
+                   (tenant == NULL || (env->tenant != NULL && strcasecmp(env->tenant, tenant) == 0)) &&
+                   (campaign == NULL ||
+                    (env->campaign != NULL && strcmp(env->campaign, campaign) == 0));
+            queue_envelope_free(env);
+        }
+        if (keep)
+            w->v[out++] = w->v[i];
+    }
+    w->n = out;
+}
+
 /* flush [DOMAIN]: deferred recipients are due now. Their time in the
  * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
  * poll takes them within a second, as it takes any: nothing is submitted
@@ -621,6 +688,13 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
 static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {
+    char scope[512];
+    const char *tenant, *campaign;
+    int by_owner = parse_scope(domain, scope, sizeof(scope), &tenant, &campaign, err, errlen);
+    if (by_owner < 0)
+        return -1;
+    if (by_owner)
+        domain = "";
     if (domain[0] != '\0' && !domain_arg_ok(domain)) {
         snprintf(err, errlen, "not a domain name: %.100s", domain);
         return -1;
@@ -634,6 +708,8 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
         snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
         return -1;
     }
+    if (by_owner)
+        select_owner(e, &w, tenant, campaign);
     struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
     size_t done = 0;
     for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += FLUSH_BATCH) {
@@ -647,13 +723,18 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     }
     free(qo);
     free(w.v);
-    log_msg(LOG_NOTICE, "event=flush domain=%s recipients=%zu", domain[0] ? domain : "*", done);
+    log_msg(LOG_NOTICE, "event=flush domain=%s tenant=%s campaign=\"%s\" recipients=%zu",
+            domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*", done);
     if (rc != 0) {
         snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
         return -1;
     }
     json_obj_begin(out);
     json_kstr(out, "domain", domain[0] ? domain : NULL);
+    if (tenant != NULL)
+        json_kstr(out, "tenant", tenant);
+    if (campaign != NULL)
+        json_kstr(out, "campaign", campaign);
     json_ku64(out, "recipients", done);
     json_obj_end(out);
     return 0;
@@ -665,7 +746,20 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
 {
     uint64_t id = 0;
     struct walk_sel w = {0};
-    if (queue_id_parse(what, &id) == 0) {
+    char scope[512];
+    const char *tenant, *campaign;
+    int by_owner = parse_scope(what, scope, sizeof(scope), &tenant, &campaign, err, errlen);
+    if (by_owner < 0)
+        return -1;
+    if (by_owner) {
+        int rc = queue_walk(e->queue, walk_select, &w);
+        if (rc < 0) {
+            free(w.v);
+            snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
+            return -1;
+        }
+        select_owner(e, &w, tenant, campaign);
+    } else if (queue_id_parse(what, &id) == 0) {
         struct queue_envelope *env = NULL;
         int rc = queue_envelope_get(e->queue, id, &env);
         if (rc != 0) {
@@ -684,7 +778,7 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
             return -1;
         }
     } else {
-        snprintf(err, errlen, "neither a queue id nor a domain: %.100s", what);
+        snprintf(err, errlen, "neither a queue id, a domain nor tenant=/campaign=: %.100s", what);
         return -1;
     }
     /* Each worker fails its domains' recipients as it fails any: spool,

@@ -842,6 +842,62 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* flush and bounce: a DOMAIN or ID, or a scope by owner (--tenant T,
+ * --campaign C), sent as "tenant=T campaign=C" (the campaign last: it may
+ * hold blanks). */
+static int
+run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    const char *tenant = NULL, *campaign = NULL, *target = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--tenant") == 0 || strcmp(argv[i], "--campaign") == 0) {
+            if (i + 1 >= argc)
+                die(EXIT_USAGE, "%s: %s needs a value", cmd->name, argv[i]);
+            if (argv[i][2] == 't')
+                tenant = argv[++i];
+            else
+                campaign = argv[++i];
+        } else if (argv[i][0] == '-') {
+            die(EXIT_USAGE, "%s: unknown option \"%s\"", cmd->name, argv[i]);
+        } else if (target == NULL) {
+            target = argv[i];
+        } else {
+            die(EXIT_USAGE, "%s: too many arguments (usage: sluicectl %s %s)", cmd->name,
+                cmd->name, cmd->args);
+        }
+    }
+    if (target != NULL && (tenant != NULL || campaign != NULL))
+        die(EXIT_USAGE, "%s: a DOMAIN or ID, or --tenant/--campaign, not both", cmd->name);
+    if (target == NULL && tenant == NULL && campaign == NULL && strcmp(cmd->name, "bounce") == 0)
+        die(EXIT_USAGE, "bounce: missing argument (usage: sluicectl bounce %s)", cmd->args);
+    char line[LINE_MAX_OCTETS];
+    int n = snprintf(line, sizeof(line), "%s", cmd->name);
+    if (target != NULL) {
+        check_word(cmd->name, "ID|DOMAIN", target);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", target);
+    }
+    if (tenant != NULL) {
+        check_word(cmd->name, "--tenant", tenant);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " tenant=%s", tenant);
+    }
+    if (campaign != NULL) {
+        for (const unsigned char *p = (const unsigned char *)campaign; *p != '\0'; p++)
+            if (*p < ' ' || *p == 0x7f)
+                die(EXIT_USAGE, "%s: --campaign may not hold control characters", cmd->name);
+        if (campaign[0] == '\0' || strlen(campaign) > 255)
+            die(EXIT_USAGE, "%s: --campaign must be 1 to 255 octets", cmd->name);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " campaign=%s", campaign);
+    }
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else
+        render_generic(doc);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
 static int
 run_domains(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
@@ -1027,12 +1083,16 @@ static const struct cmd cmds[] = {
     {"suspend", "DOMAIN", "stop deliveries to DOMAIN (at once; queued mail waits)", NULL, 1, 1,
      run_plain},
     {"resume", "DOMAIN", "resume deliveries to DOMAIN", NULL, 1, 1, run_plain},
-    {"flush", "[DOMAIN]", "retry deferred recipients now (of DOMAIN, or all)", NULL, 0, 1,
-     run_plain},
-    {"bounce", "ID|DOMAIN", "bounce a message, or every message queued for DOMAIN",
+    {"flush", "[DOMAIN | --tenant T [--campaign C]]",
+     "retry deferred recipients now (of DOMAIN, a tenant, a campaign, or all)",
+     "--tenant and --campaign select the messages of that tenant and/or campaign\n"
+     "(as stored with each message at submission).",
+     0, 4, run_scoped},
+    {"bounce", "ID|DOMAIN | --tenant T [--campaign C]",
+     "bounce a message, or every message queued for DOMAIN, a tenant or a campaign",
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. This cannot be undone.",
-     1, 1, run_plain},
+     0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
     {"events", "[pause|resume NAME]",
      "the event sinks (webhooks, Redis streams); pause or resume one",
@@ -1133,7 +1193,7 @@ main(int argc, char **argv)
             return EXIT_OK;
         }
     }
-    if (cmd->run != run_top) {
+    if (cmd->run != run_top && cmd->run != run_scoped) {
         for (int k = 0; k < cargc; k++)
             if (cargv[k][0] == '-')
                 die(EXIT_USAGE, "%s: unknown option \"%s\"", cmd->name, cargv[k]);

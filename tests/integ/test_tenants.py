@@ -295,6 +295,46 @@ def test_trusted_headers_and_refusals():
         n.close()
 
 
+def sluicectl(node, *args):
+    import subprocess
+    from harness import _spool_tool
+    tool = os.path.join(os.path.dirname(_spool_tool()), "sluicectl")
+    return subprocess.run([tool, "-s", node.sock, "--json", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_bounce_and_flush_by_tenant_and_campaign():
+    """sluicectl bounce/flush --tenant T --campaign C act on exactly the
+    messages of that tenant and campaign."""
+    n = Node(delivery=False)
+    try:
+        with n.client("127.0.0.2", "app1") as c:
+            for camp in (b"c1", b"c2 with blanks"):
+                code, msg = send(c, b"Subject: x\r\nX-Sluice-Campaign: " + camp + b"\r\n\r\nb\r\n")
+                assert code == 250, (code, msg)
+        with n.client("127.0.0.2", "app2") as c:
+            code, msg = send(c, b"Subject: x\r\nX-Sluice-Campaign: c1\r\n\r\nb\r\n")
+            assert code == 250, (code, msg)
+        rec = n.wait_events(lambda e: e["event"] == "reception", 3)
+        ids = {(e["tenant"], e["campaign"]): e["id"] for e in rec}
+        r = sluicectl(n, "bounce", "--tenant", "acme", "--campaign", "c2 with blanks")
+        assert r.returncode == 0, r
+        assert json.loads(r.stdout)["recipients"] == 1, r.stdout
+        bounced = n.wait_events(lambda e: e["event"] == "bounce", 1)
+        assert bounced[0]["id"] == ids[("acme", "c2 with blanks")], bounced
+        r = sluicectl(n, "flush", "--tenant", "globex")
+        assert r.returncode == 0 and json.loads(r.stdout)["tenant"] == "globex", r
+        r = sluicectl(n, "bounce", "--tenant", "bad/name")
+        assert r.returncode == 1 and "not a tenant name" in r.stdout + r.stderr, r
+        r = sluicectl(n, "bounce", "example.com", "--tenant", "acme")
+        assert r.returncode == 2, r
+        n.stop()
+        left = {(m["tenant"], m["campaign"]) for m in spool(n).values()}
+        assert left == {("acme", "c1"), ("globex", "c1")}, left
+    finally:
+        n.close()
+
+
 def check_config(wd, text, wants):
     import subprocess
     conf = wd.file("bad.conf", "[server]\nlisten = 127.0.0.1:2525\n[queue]\npath = /nonexistent\n"
@@ -349,4 +389,4 @@ pool = b
 
 if __name__ == "__main__":
     main([test_owner_stored_logged_and_survives_restart, test_trusted_headers_and_refusals,
-          test_bad_config_is_refused])
+          test_bounce_and_flush_by_tenant_and_campaign, test_bad_config_is_refused])
