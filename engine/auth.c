@@ -6,6 +6,7 @@
  * does) and cannot be computed without the file.
  */
 #include "engine/auth.h"
+#include "engine/config.h"
 
 #include <crypt.h>
 #include <ctype.h>
@@ -76,17 +77,6 @@ user_free(struct auth_user *u)
     free(u->pool);
 }
 
-static bool
-name_ok(const char *s)
-{
-    size_t n = strlen(s);
-    if (n == 0 || n > 64)
-        return false;
-    for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && *s != '.' && *s != '_' && *s != '-')
-            return false;
-    return true;
-}
 
 /* "example.com, example.org, <>, tenant=acme, pool=bulk": "<>" allows
  * the null sender; tenant= and pool= say who the user's messages belong
@@ -105,7 +95,7 @@ parse_domains(struct auth_user *u, char *list, const char **bad)
             char **field = strncmp(d, "tenant=", 7) == 0 ? &u->tenant
                            : strncmp(d, "pool=", 5) == 0 ? &u->pool
                                                          : NULL;
-            if (field == NULL || *field != NULL || !name_ok(eq + 1)) {
+            if (field == NULL || *field != NULL || !config_name_valid(eq + 1, strlen(eq + 1))) {
                 *bad = d;
                 return -EINVAL;
             }

@@ -837,6 +837,10 @@ cmd_message(struct engine *e, const char *what, struct json *out, char *err, siz
     }
     json_kstr(out, "auth_user", env->auth_user);
     json_kstr(out, "client", env->client_addr);
+    json_kstr(out, "tenant", env->tenant);
+    json_kstr(out, "campaign", env->campaign);
+    json_kstr(out, "pool", env->pool);
+    json_ku64(out, "priority", env->priority);
     json_key(out, "recipients");
     json_arr_begin(out);
     for (unsigned i = 0; i < env->nrcpt; i++) {

@@ -322,6 +322,10 @@ def test_bounce_and_flush_by_tenant_and_campaign():
         assert json.loads(r.stdout)["recipients"] == 1, r.stdout
         bounced = n.wait_events(lambda e: e["event"] == "bounce", 1)
         assert bounced[0]["id"] == ids[("acme", "c2 with blanks")], bounced
+        r = sluicectl(n, "message", ids[("acme", "c1")])
+        m = json.loads(r.stdout)
+        assert (m["tenant"], m["campaign"], m["pool"], m["priority"]) == \
+            ("acme", "c1", "transactional", 5), m
         r = sluicectl(n, "flush", "--tenant", "globex")
         assert r.returncode == 0 and json.loads(r.stdout)["tenant"] == "globex", r
         r = sluicectl(n, "bounce", "--tenant", "bad/name")
