@@ -887,13 +887,7 @@ message_finish(struct session *s, uint32_t data_flags)
     msa_scan(s->body, s->body_len, &scan);
     /* The control fields (owner.h) and the message's own expiry, fields
      * for us alone: they never leave. */
-    struct owner_scan *sc = malloc(sizeof(*sc));
-    if (sc == NULL) {
-        reply(s, "451 4.3.0 Local error in processing");
-        txn_reset(s);
-        session_enter(s, SS_COMMAND);
-        return;
-    }
+    struct owner_scan scanned, *sc = &scanned;
     enum owner_field bad;
     int rc = owner_scan(s->body, scan.header_len, sw->cfg->expire_header, sc, &bad);
     uint64_t expire_ms = 0;
@@ -926,7 +920,6 @@ message_finish(struct session *s, uint32_t data_flags)
         memcpy(s->cuts, sc->cuts, sizeof(s->cuts));
         s->ncuts = sc->ncuts;
     }
-    free(sc);
     if (rc < 0) {
         sw->stats.rejected++;
         log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s user=%s reason=\"%s\"",
