@@ -1235,6 +1235,12 @@ parse_headers(struct parse *p)
     const char *eh = p->cfg->server.expire_header;
     if (eh != NULL && !valid_field_name(eh, strlen(eh)))
         perr(p, key_line(p, 0, "expire_header"), "expire_header: not a header field name");
+    static const char *const control[] = {"X-Sluice-Tenant", "X-Sluice-Campaign", "X-Sluice-Pool",
+                                          "X-Sluice-Priority"};
+    for (size_t i = 0; eh != NULL && i < sizeof(control) / sizeof(control[0]); i++)
+        if (strcasecmp(eh, control[i]) == 0)
+            perr(p, key_line(p, 0, "expire_header"), "expire_header: %s is a control field of "
+                 "its own (engine/owner.h)", control[i]);
     return 0;
 }
 

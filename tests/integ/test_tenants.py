@@ -367,6 +367,8 @@ colour = red
 """, ["priority: '10' is out of range 0..9", "weight: set twice in [tenant t]",
       "[tenant bad/name]: a tenant name is", "colour: unknown key in [pool x]"])
         check_config(wd, """
+[server]
+expire_header = x-sluice-tenant
 [source 127.0.0.1]
 ehlo = not a host
 [pool a]
@@ -379,6 +381,7 @@ pool = c
 [tenant u]
 pool = b
 """, ['ehlo: "not a host" is not a host name',
+      "expire_header: X-Sluice-Tenant is a control field of its own",
       "[pool a] sources: 127.0.0.1 is listed twice",
       "[pool a] sources: 127.0.0.9 has no [source 127.0.0.9] section",
       "[pool a] sources: \"[::1]:x\"",
