@@ -264,6 +264,12 @@ auth_db_count(const struct auth_db *db)
     return db->n;
 }
 
+const struct auth_user *
+auth_db_user(const struct auth_db *db, unsigned i)
+{
+    return i < db->n ? &db->users[i] : NULL;
+}
+
 void
 auth_cache_init(struct auth_cache *c)
 {

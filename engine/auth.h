@@ -80,6 +80,9 @@ struct auth_db *auth_db_ref(struct auth_db *db);
 /* Drop a reference; the last frees. Returns NULL. */
 struct auth_db *auth_db_unref(struct auth_db *db);
 unsigned auth_db_count(const struct auth_db *db);
+/* User i (0 .. auth_db_count - 1), in name order. Borrowed: lives as
+ * long as db. */
+const struct auth_user *auth_db_user(const struct auth_db *db, unsigned i);
 
 #define AUTH_CACHE_SLOTS 512
 

@@ -118,6 +118,17 @@ load_users(struct engine *e, char *err, size_t errlen)
         snprintf(err, errlen, "auth_users_file %s: cannot load (see the errors above)", path);
     } else {
         log_msg(LOG_INFO, "event=users_loaded file=%s users=%u", path, auth_db_count(db));
+        /* Their messages get 451 4.3.5 until the config names these. */
+        const struct config *cfg = e->cfg;
+        for (unsigned i = 0; i < auth_db_count(db); i++) {
+            const struct auth_user *u = auth_db_user(db, i);
+            if (u->tenant != NULL && config_tenant(cfg, u->tenant, strlen(u->tenant)) == NULL)
+                log_msg(LOG_WARN, "event=users_file_warning user=%s tenant=%s "
+                                  "reason=no_such_tenant_in_config", u->name, u->tenant);
+            if (u->pool != NULL && config_pool(cfg, u->pool, strlen(u->pool)) == NULL)
+                log_msg(LOG_WARN, "event=users_file_warning user=%s pool=%s "
+                                  "reason=no_such_pool_in_config", u->name, u->pool);
+        }
     }
     free(buf);
     return rc;

@@ -37,6 +37,7 @@ USERS = [
     ("app2", "example.com, tenant=globex, pool=bulk"),
     ("app3", ""),                            # no tenant
     ("app4", "tenant=acme, pool=shared"),    # a pool acme may not use
+    ("app5", "tenant=ghost"),                # a tenant the config does not name
 ]
 PASSWORD = "s3cret-pass"
 
@@ -270,6 +271,11 @@ def test_trusted_headers_and_refusals():
         with n.client("127.0.0.2", "app4") as c:  # users file: a pool acme may not use
             code, msg = send(c, b"Subject: t\r\n\r\nbody\r\n")
             assert code == 550 and b'pool "shared" not allowed for tenant "acme"' in msg, \
+                (code, msg)
+        n.d.wait_log("event=users_file_warning user=app5 tenant=ghost")
+        with n.client("127.0.0.2", "app5") as c:  # the operator's error: retried
+            code, msg = send(c, b"Subject: t\r\n\r\nbody\r\n")
+            assert code == 451 and b'tenant "ghost" of user "app5" is not configured' in msg, \
                 (code, msg)
         with n.client("127.0.0.2", "app2") as c:  # user pinned to pool bulk
             code, msg = send(c, b"Subject: t\r\nX-Sluice-Pool: transactional\r\n\r\nbody\r\n")
