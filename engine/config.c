@@ -349,7 +349,7 @@ static const struct conf_key source_keys[] = {
     MX_LIMIT_KEYS,
     {"ehlo", CONF_STRING, MXP(ehlo), 1, 253, NULL,
      "the host name said in EHLO on connections from this address: the name its PTR "
-     "record gives, which receivers check; unset: [server] hostname",
+     "record gives, which receivers check; unset: [server] hostname [not yet in effect]",
      NULL},
     CONF_END,
 };
@@ -368,7 +368,7 @@ static const struct conf_key pool_keys[] = {
 static const struct conf_key tenant_keys[] = {
     {"weight", CONF_UINT, TEN(weight), 1, 1000, "1",
      "the tenant's share of a site's connections and rate against the other tenants sending "
-     "there",
+     "there [not yet in effect]",
      NULL},
     {"pools", CONF_STRING, TEN(pools_text), 1, 4096, NULL,
      "the pools the tenant may send through, comma-separated (an X-Sluice-Pool header or a "
@@ -1841,7 +1841,8 @@ config_reference(FILE *out)
     reference_table(out, mx_keys, sizeof(struct mx_policy));
     fprintf(out, "## [source ADDRESS]: limits per source address\n\n"
                  "The same keys as [mx], for every connection that comes from ADDRESS, one of "
-                 "the [delivery] source_address ones (what receivers see of this node). With "
+                 "the [delivery] source_address ones (what receivers see of this node), and "
+                 "the name it greets with. With "
                  "[redis] url they hold across all nodes; without, each worker keeps "
                  "1/workers of them. A [pool] lists sources by their ADDRESS.\n\n");
     reference_table(out, source_keys, sizeof(struct mx_policy));
