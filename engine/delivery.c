@@ -1968,7 +1968,7 @@ conn_next(struct conn *c)
     c->txn.from.ptr = env->sender;
     c->txn.from.len = strlen(env->sender);
     int vn = oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id, c->job->idx[0],
-                             c->rc[0].addr.ptr, env->auth_user, c->verp, sizeof(c->verp));
+                             c->rc[0].addr.ptr, env->tenant, c->verp, sizeof(c->verp));
     if (vn > 0)
         c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
     else if (vn < 0) /* cannot happen within the config's bounds: said, then sent as injected */

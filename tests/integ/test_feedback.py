@@ -341,18 +341,21 @@ def test_limits():
 
 
 def test_tenant_from_auth_user():
-    """The AUTH user is the tenant: carried in the token, given back in the
-    event (a name too long for the token is left out of it)."""
+    """The tenant of the message (here the AUTH user's tenant=, as stored
+    in the spool) is carried in the token and given back in the event (a
+    name too long for the token is left out of it)."""
     from test_auth import crypt
     keydir = tempfile.mkdtemp(prefix="sluice-oob-users-")
     users = os.path.join(keydir, "users")
     h = crypt("secret", "$6$rounds=5000$")
     with open(users, "w") as fh:
-        fh.write(f"shop1:{h}\nverylongtenantname:{h}\n")
-    f = Feedback(server_extra=f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n")
+        fh.write(f"app1:{h}:tenant=shop1\napp2:{h}:tenant=verylongtenantname\n")
+    f = Feedback(server_extra=f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n"
+                 "[source 127.0.0.1]\n[pool main]\nsources = 127.0.0.1\n"
+                 "[tenant shop1]\npools = main\n[tenant verylongtenantname]\npools = main\n")
     try:
         got = {}
-        for user, rcpt in (("shop1", "ivy@d1.test"), ("verylongtenantname", "jack@d1.test")):
+        for user, rcpt in (("app1", "ivy@d1.test"), ("app2", "jack@d1.test")):
             with smtplib.SMTP("127.0.0.1", f.r.port, timeout=30) as s:
                 s.ehlo("app.test")
                 s.login(user, "secret")
