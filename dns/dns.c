@@ -16,6 +16,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,109 +85,113 @@ req_release(struct dns *d, struct dns_req *r)
 
 /* ---- the cache ---- */
 
-static uint32_t
-hash_name(const char *s, size_t len)
+/* Entries examined per turn of the expiry sweep: a cache of 100,000
+ * domains is swept in 25 short turns rather than one long stall. */
+#define SWEEP_BATCH 4096
+/* How often the sweep runs while the cache holds entries: min_ttl (no
+ * answer expires sooner, but for errors kept error_ttl), between 1 and 10
+ * seconds; an expired answer waits at most that long to go. */
+static uint64_t
+sweep_interval_ns(const struct dns *d)
 {
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (size_t i = 0; i < len; i++) {
-        h ^= (uint8_t)s[i];
-        h *= 16777619u;
-    }
-    return h;
+    uint64_t ms = d->cfg.min_ttl;
+    if (ms < 1000)
+        ms = 1000;
+    if (ms > 10000)
+        ms = 10000;
+    return ms * 1000000ULL;
+}
+
+static inline struct entry *
+entry_of(struct hash_node *n)
+{
+    return (struct entry *)((char *)n - offsetof(struct entry, hn));
+}
+
+static inline struct entry *
+entry_of_lru(struct lru_node *n)
+{
+    return (struct entry *)((char *)n - offsetof(struct entry, ln));
+}
+
+static bool
+entry_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(entry_of((struct hash_node *)n)->name, key) == 0;
 }
 
 static struct entry *
-cache_find(struct dns *d, const char *name, uint32_t hash)
+cache_find(struct dns *d, const char *name, uint64_t hash)
 {
-    for (struct entry *e = d->buckets[hash & (d->nbuckets - 1)]; e != NULL; e = e->hnext)
-        if (e->hash == hash && strcmp(e->name, name) == 0)
-            return e;
-    return NULL;
-}
-
-static void
-cache_grow(struct dns *d)
-{
-    uint32_t n = d->nbuckets * 2;
-    struct entry **b = calloc(n, sizeof(*b));
-    if (b == NULL)
-        return; /* longer chains, still correct */
-    for (uint32_t i = 0; i < d->nbuckets; i++) {
-        struct entry *e = d->buckets[i];
-        while (e != NULL) {
-            struct entry *next = e->hnext;
-            e->hnext = b[e->hash & (n - 1)];
-            b[e->hash & (n - 1)] = e;
-            e = next;
-        }
-    }
-    free(d->buckets);
-    d->buckets = b;
-    d->nbuckets = n;
-}
-
-static void
-lru_unlink(struct dns *d, struct entry *e)
-{
-    if (e->lprev != NULL)
-        e->lprev->lnext = e->lnext;
-    else
-        d->lru_head = e->lnext;
-    if (e->lnext != NULL)
-        e->lnext->lprev = e->lprev;
-    else
-        d->lru_tail = e->lprev;
-    e->lprev = e->lnext = NULL;
-}
-
-static void
-lru_push(struct dns *d, struct entry *e)
-{
-    e->lprev = NULL;
-    e->lnext = d->lru_head;
-    if (d->lru_head != NULL)
-        d->lru_head->lprev = e;
-    else
-        d->lru_tail = e;
-    d->lru_head = e;
+    struct hash_node *n = hash_find(&d->cache, hash, name);
+    return n == NULL ? NULL : entry_of(n);
 }
 
 /* Remove a DONE entry from the cache and free it. */
 static void
 cache_drop(struct dns *d, struct entry *e)
 {
-    struct entry **p = &d->buckets[e->hash & (d->nbuckets - 1)];
-    while (*p != e)
-        p = &(*p)->hnext;
-    *p = e->hnext;
-    lru_unlink(d, e);
+    hash_remove(&d->cache, &e->hn);
+    lru_remove(&d->lru, &e->ln);
     dns_mx_result_unref(e->res);
     free(e);
-    d->nentries--;
 }
 
 static struct entry *
-cache_add(struct dns *d, const char *name, size_t len, uint32_t hash)
+cache_add(struct dns *d, const char *name, size_t len, uint64_t hash)
 {
     /* Only finished answers are evicted: a lookup in flight has callers
      * waiting, so while many are in flight the cache may run over. */
-    while (d->nentries >= d->cfg.cache_size && d->lru_tail != NULL) {
-        cache_drop(d, d->lru_tail);
+    struct lru_node *old;
+    while (hash_count(&d->cache) >= d->cfg.cache_size && (old = lru_oldest(&d->lru)) != NULL) {
+        cache_drop(d, entry_of_lru(old));
         d->stats.evictions++;
     }
     struct entry *e = calloc(1, sizeof(*e) + len + 1);
     if (e == NULL)
         return NULL;
     memcpy(e->name, name, len + 1);
-    e->hash = hash;
+    e->hn.hash = hash;
     e->state = ENTRY_QUEUED;
-    if (d->nentries >= d->nbuckets)
-        cache_grow(d);
-    struct entry **b = &d->buckets[hash & (d->nbuckets - 1)];
-    e->hnext = *b;
-    *b = e;
-    d->nentries++;
+    if (hash_insert(&d->cache, &e->hn) < 0) {
+        free(e);
+        return NULL;
+    }
     return e;
+}
+
+/* One turn of the expiry sweep: drop the DONE entries whose answer has
+ * expired (a later request would look them up again anyway), SWEEP_BATCH
+ * at most, going on from where the last turn stopped. A turn that did not
+ * reach the end asks for the next at once; the end of a pass shrinks the
+ * table and waits SWEEP_INTERVAL_NS. Entries added or a table resized
+ * between turns may be missed or seen twice by this pass: the next one
+ * takes them. */
+static void
+cache_sweep(struct dns *d, uint64_t now)
+{
+    size_t seen = 0;
+    size_t bucket = d->sweep_bucket;
+    struct hash_node *cursor = NULL;
+    while (seen < SWEEP_BATCH || cursor != NULL) {
+        struct hash_node *n = hash_next(&d->cache, &bucket, &cursor);
+        if (n == NULL)
+            break;
+        seen++;
+        struct entry *e = entry_of(n);
+        if (e->state == ENTRY_DONE && e->expires <= now) {
+            cache_drop(d, e);
+            d->stats.expired++;
+        }
+    }
+    if (bucket >= d->cache.nb && cursor == NULL) {
+        d->sweep_bucket = 0;
+        hash_compact(&d->cache);
+        d->next_sweep = now + sweep_interval_ns(d);
+    } else {
+        d->sweep_bucket = bucket;
+        d->next_sweep = now;
+    }
 }
 
 /* ---- lookups ---- */
@@ -220,6 +225,8 @@ dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res)
     e->res = res;
     e->expires = res->expires;
     d->inflight--;
+    if (d->next_sweep == UINT64_MAX)
+        d->next_sweep = dns_now() + sweep_interval_ns(d);
     if (res->status == DNS_RETRY || res->status == DNS_FAIL)
         d->stats.failures++;
     struct dns_req *r;
@@ -229,7 +236,7 @@ dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res)
         r->res = dns_mx_result_ref(res);
         list_append(&d->ready, r);
     }
-    lru_push(d, e);
+    lru_touch(&d->lru, &e->ln);
     start_queued(d);
 }
 
@@ -325,7 +332,7 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
             *res = result_oom();
         return 1;
     }
-    uint32_t hash = hash_name(name, (size_t)len);
+    uint64_t hash = hash_bytes(name, (size_t)len);
     struct entry *e = cache_find(d, name, hash);
     if (e != NULL && e->state != ENTRY_DONE) {
         struct dns_req *r = req_new(d);
@@ -341,8 +348,7 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
     }
     if (e != NULL && dns_now() < e->expires) {
         d->stats.hits++;
-        lru_unlink(d, e);
-        lru_push(d, e);
+        lru_touch(&d->lru, &e->ln);
         *res = dns_mx_result_ref(e->res);
         return 1;
     }
@@ -350,7 +356,7 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
     if (r == NULL)
         return -ENOMEM;
     if (e != NULL) {
-        lru_unlink(d, e); /* expired: look it up again in place */
+        lru_remove(&d->lru, &e->ln); /* expired: look it up again in place */
         e->res = dns_mx_result_unref(e->res);
         e->state = ENTRY_QUEUED;
     } else if ((e = cache_add(d, name, (size_t)len, hash)) == NULL) {
@@ -406,6 +412,9 @@ dns_process_timeouts(struct dns *d)
     ares_process_fd(d->channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
     d->deadline_dirty = true;
     drain(d);
+    uint64_t now = dns_now();
+    if (now >= d->next_sweep)
+        cache_sweep(d, now);
 }
 
 uint64_t
@@ -413,6 +422,11 @@ dns_timeout(struct dns *d, uint64_t now)
 {
     if (d->ready.head != NULL)
         return now;
+    if (lru_oldest(&d->lru) == NULL) {
+        d->next_sweep = UINT64_MAX; /* nothing to expire: no wake-ups while idle */
+        d->sweep_bucket = 0;
+    }
+    uint64_t sweep = d->next_sweep;
     if (d->deadline_dirty) {
         /* Linear in the queries in flight (c-ares 1.18): done once per
          * processing, not once per query. */
@@ -422,21 +436,23 @@ dns_timeout(struct dns *d, uint64_t now)
                                        (uint64_t)tv->tv_usec * 1000ULL;
         d->deadline_dirty = false;
     }
-    return d->deadline;
+    return d->deadline < sweep ? d->deadline : sweep;
 }
 
 void
 dns_cache_clear(struct dns *d)
 {
-    while (d->lru_tail != NULL)
-        cache_drop(d, d->lru_tail);
+    struct lru_node *n;
+    while ((n = lru_oldest(&d->lru)) != NULL)
+        cache_drop(d, entry_of_lru(n));
+    hash_compact(&d->cache);
 }
 
 void
 dns_stats(const struct dns *d, struct dns_stats *out)
 {
     *out = d->stats;
-    out->entries = d->nentries;
+    out->entries = hash_count(&d->cache);
     out->inflight = d->inflight;
     out->queued = d->queued;
     out->requests = d->nreqs;
@@ -486,13 +502,9 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
     d->sock = sock;
     d->sock_arg = sock_arg;
     d->deadline = UINT64_MAX;
-    d->nbuckets = 1024;
-    d->buckets = calloc(d->nbuckets, sizeof(*d->buckets));
-    if (d->buckets == NULL) {
-        rc = -ENOMEM;
-        snprintf(err, errlen, "out of memory");
-        goto fail;
-    }
+    hash_init(&d->cache, entry_eq, 1024);
+    lru_init(&d->lru);
+    d->next_sweep = UINT64_MAX;
     if (getrandom(&d->rng, sizeof(d->rng), GRND_NONBLOCK) != sizeof(d->rng))
         d->rng = dns_now() ^ ((uint64_t)getpid() << 32);
     d->rng |= 1; /* xorshift must not start at zero */
@@ -554,15 +566,13 @@ dns_free(struct dns *d)
      * each socket. */
     if (d->channel != NULL)
         ares_destroy(d->channel);
-    for (uint32_t i = 0; d->buckets != NULL && i < d->nbuckets; i++) {
-        struct entry *e = d->buckets[i];
-        while (e != NULL) {
-            struct entry *next = e->hnext;
-            free_waiters(d, &e->waiters);
-            dns_mx_result_unref(e->res);
-            free(e);
-            e = next;
-        }
+    size_t bucket = 0;
+    struct hash_node *cursor = NULL, *n;
+    while ((n = hash_next(&d->cache, &bucket, &cursor)) != NULL) {
+        struct entry *e = entry_of(n);
+        free_waiters(d, &e->waiters);
+        dns_mx_result_unref(e->res);
+        free(e);
     }
     free_waiters(d, &d->ready);
     while (d->req_free != NULL) {
@@ -570,7 +580,7 @@ dns_free(struct dns *d)
         d->req_free = r->next;
         free(r);
     }
-    free(d->buckets);
+    hash_fini(&d->cache);
     conf_free(dns_conf_keys, &d->cfg);
     free(d);
     return NULL;

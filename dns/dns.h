@@ -171,8 +171,10 @@ void dns_process_fd(struct dns *d, int fd, bool readable, bool writable);
 /* The deadline from dns_timeout() passed. Runs due callbacks. */
 void dns_process_timeouts(struct dns *d);
 /* When the host must call dns_process_timeouts(): CLOCK_MONOTONIC ns
- * (now itself when callbacks are due), or UINT64_MAX for never. Ask again
- * after every call into this module. */
+ * (now itself when callbacks are due), or UINT64_MAX for never. While the
+ * cache holds answers this is at most 10 s away (min_ttl, from 1 to 10
+ * s): the turn that drops the expired ones (in batches, so a big cache costs several short turns).
+ * Ask again after every call into this module. */
 uint64_t dns_timeout(struct dns *d, uint64_t now);
 
 /* Drop every cached answer (lookups in flight finish and are kept). */
@@ -186,7 +188,8 @@ struct dns_stats {
     uint64_t queries;   /* DNS queries sent (MX, A, AAAA) */
     uint64_t timeouts;  /* query tries that timed out */
     uint64_t failures;  /* lookups that ended in retry or fail */
-    uint64_t evictions; /* answers dropped to make room */
+    uint64_t evictions; /* answers dropped to make room (cache_size) */
+    uint64_t expired;   /* answers dropped by the sweep once their TTL passed */
     uint64_t entries;   /* domains in the cache now */
     uint64_t inflight;  /* lookups in flight now */
     uint64_t queued;    /* lookups waiting for max_inflight now */

@@ -3,10 +3,14 @@
  * resolver, its cache entries, requests and lookups.
  *
  * Shapes:
- *  - struct entry: one domain in the cache. QUEUED (waiting for a slot
- *    under max_inflight), INFLIGHT (its struct lookup talks to c-ares) or
- *    DONE (holds a result until it expires or is evicted). Only DONE
- *    entries are on the LRU list, so only they are ever evicted.
+ *  - struct entry: one domain in the cache (common/hash.h, keyed by the
+ *    normalised name). QUEUED (waiting for a slot under max_inflight),
+ *    INFLIGHT (its struct lookup talks to c-ares) or DONE (holds a result
+ *    until it expires or is evicted). Only DONE entries are on the LRU
+ *    list (common/lru.h), so only they are ever evicted: the oldest when
+ *    cache_size is reached, and every expired one by the sweep that
+ *    dns_timeout() schedules, so that the cache holds the domains mail
+ *    went to within their TTL, not every domain ever seen.
  *  - struct dns_req: one caller waiting. On its entry's waiter list while
  *    the lookup runs; then, holding its own reference to the result, on
  *    the resolver's ready list until dns_process_* runs its callback. So
@@ -21,6 +25,8 @@
 #include <ares.h>
 #include <stdatomic.h>
 
+#include "common/hash.h"
+#include "common/lru.h"
 #include "dns/dns.h"
 #include "dns/wire.h"
 
@@ -41,14 +47,13 @@ struct req_list {
 struct lookup;
 
 struct entry {
-    struct entry *hnext;         /* hash chain */
-    struct entry *lprev, *lnext; /* LRU list, most recent first (DONE only) */
+    struct hash_node hn;         /* in dns->cache (first member: see entry_of) */
+    struct lru_node ln;          /* on dns->lru while DONE */
     struct entry *qnext;         /* FIFO of QUEUED entries */
     struct req_list waiters;     /* QUEUED and INFLIGHT */
     struct lookup *lookup;       /* owned: INFLIGHT */
     struct dns_mx_result *res;   /* owned reference: DONE */
     uint64_t expires;            /* DONE: CLOCK_MONOTONIC ns */
-    uint32_t hash;
     uint8_t state; /* enum entry_state */
     char name[];   /* normalised domain */
 };
@@ -63,10 +68,10 @@ struct dns {
     void *sock_arg; /* borrowed: the host's, lives longer than d */
     uint64_t rng;   /* xorshift state for the shuffles */
 
-    struct entry **buckets; /* owned array of chains of owned entries */
-    uint32_t nbuckets;      /* power of two */
-    uint32_t nentries;
-    struct entry *lru_head, *lru_tail;
+    struct hash cache;      /* of owned struct entry, by name */
+    struct lru lru;         /* borrowed: the DONE entries of cache */
+    uint64_t next_sweep;    /* CLOCK_MONOTONIC ns of the next expiry sweep */
+    size_t sweep_bucket;    /* where the sweep in progress goes on */
     struct entry *queue_head, *queue_tail;
     unsigned inflight, queued, nreqs;
 

@@ -6,7 +6,8 @@
  * Groups: records (ordering, shuffle, implicit and null MX, NXDOMAIN,
  * CNAME'd and IPv6-only hosts, skipped targets, names, cache hits,
  * in-flight deduplication, cancel, eviction, TCP fallback, REFUSED, a
- * server that never answers); ttl (expiry after the TTL); many (10,000
+ * server that never answers); ttl (expiry after the TTL, expired answers
+ * swept out of the cache); many (10,000
  * domains at once).
  */
 #include <setjmp.h>
@@ -742,7 +743,10 @@ ttl_setup(void **state)
     (void)state;
     int rc = dnsmasq_start(&dm,
                            "mx-host=ttl.test,mx.ttl.test,10\n"
-                           "host-record=mx.ttl.test,192.0.2.8\n",
+                           "host-record=mx.ttl.test,192.0.2.8\n"
+                           "mx-host=sweep0.test,mx.ttl.test,10\n"
+                           "mx-host=sweep1.test,mx.ttl.test,10\n"
+                           "mx-host=sweep2.test,mx.ttl.test,10\n",
                            1);
     skipped = rc == HARNESS_SKIP;
     return rc < 0 ? -1 : 0;
@@ -781,6 +785,59 @@ test_expiry_after_ttl(void **state)
     assert_int_equal(st.misses, 2);
     assert_int_equal(st.hits, 1);
     assert_int_equal(dnsmasq_count(&dm, "MX", "ttl.test"), 2);
+    fx_close(&f);
+}
+
+/* Expired answers leave the cache without being asked for again: a node
+ * that sent to a domain once does not keep its answer for ever (issue 14,
+ * bounded memory). The host loop only follows dns_timeout(), as a worker
+ * does; once the cache is empty it asks for no more wake-ups. */
+static void
+test_expired_answers_swept(void **state)
+{
+    (void)state;
+    struct fx f;
+    fx_open(&f, dm.port, short_ttl); /* min_ttl 0: a sweep each second */
+    struct dns_stats st;
+    assert_int_equal(dns_timeout(f.d, harness_now_ns()), UINT64_MAX); /* idle: no wake-up */
+    uint64_t expires = 0;
+    char name[32];
+    for (int i = 0; i < 3; i++) {
+        snprintf(name, sizeof(name), "sweep%d.test", i);
+        struct dns_mx_result *r = resolve(&f, name, NULL);
+        assert_int_equal(r->status, DNS_OK);
+        assert_int_equal(r->ttl, 1);
+        expires = r->expires > expires ? r->expires : expires;
+        dns_mx_result_unref(r);
+    }
+    dns_stats(f.d, &st);
+    assert_int_equal(st.entries, 3);
+    /* A sweep is due within a second; the answers expire after one. */
+    uint64_t now = harness_now_ns();
+    uint64_t t = dns_timeout(f.d, now);
+    assert_true(t != UINT64_MAX && t <= now + 1000000000ULL);
+    /* Drive the loop as a worker would, bounded: 5 s is twice the worst
+     * case (TTL 1 s, then a sweep at most 1 s later). */
+    uint64_t end = now + 5000000000ULL;
+    unsigned never = 0;
+    while (harness_now_ns() < end) {
+        (void)ploop_run(&f.loop, &never, 1, 100);
+        dns_stats(f.d, &st);
+        if (st.entries == 0)
+            break;
+    }
+    assert_true(harness_now_ns() >= expires); /* not before their time */
+    dns_stats(f.d, &st);
+    assert_int_equal(st.entries, 0);
+    assert_int_equal(st.expired, 3);
+    assert_int_equal(st.evictions, 0);
+    assert_int_equal(dns_timeout(f.d, harness_now_ns()), UINT64_MAX);
+    /* Looked up again after the sweep: a fresh query, cached again. */
+    bool sync;
+    dns_mx_result_unref(resolve(&f, "sweep0.test", &sync));
+    assert_false(sync);
+    dns_mx_result_unref(resolve(&f, "sweep0.test", &sync));
+    assert_true(sync);
     fx_close(&f);
 }
 
@@ -894,6 +951,7 @@ main(void)
     };
     const struct CMUnitTest ttl_tests[] = {
         cmocka_unit_test(test_expiry_after_ttl),
+        cmocka_unit_test(test_expired_answers_swept),
     };
     const struct CMUnitTest many_tests[] = {
         cmocka_unit_test(test_ten_thousand_domains),
