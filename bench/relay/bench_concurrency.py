@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Concurrency benchmark: smtp-sink waits 1 s before answering DATA (-w 1),
-sluice delivers one message to each of N destination domains (5,000 by
-default), each with an MX host name of its own (a site each), so every
-delivery holds a connection for a second. All MX hosts are one smtp-sink:
-[delivery] max_connections_per_address is set to 0 (no cap) for the count. Prints the
-most concurrent outbound connections seen, messages/s, and sluice's memory
-per connection (RSS growth / connections). Never fails on a number.
+"""Concurrency benchmark: smtp-sink waits --hold seconds (1 by default)
+before answering DATA (-w), sluice delivers one message to each of N
+destination domains (5,000 by default), each with an MX host name of its
+own (a site each), so every delivery holds a connection that long. All MX
+hosts are one smtp-sink: [delivery] max_connections_per_address is set to
+0 (no cap) for the count. tests/support/dns_synth.py answers for the
+domains (d<i>.test MX mx<i>.test, A 127.0.0.1). Prints the most
+concurrent outbound connections seen, messages/s, and sluice's memory per
+connection (RSS growth / connections). Never fails on a number.
+
+For 10,000 connections at once the hold must outlast the injection (at a
+few hundred messages a second here): --domains 10000 --hold 40.
 
   bench/relay/bench_concurrency.py [--sluice build-rel/engine/sluice] [--domains 5000]
+                                   [--hold 1]
 """
 import argparse
 import socket
@@ -22,7 +28,8 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 from harness import Daemon, Workdir, free_port  # noqa: E402
-from test_delivery import Dns  # noqa: E402
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
+from dns_synth import DnsSynth  # noqa: E402
 
 sys.path.insert(0, here)
 from bench_relay import relay_conf, sink as start_sink  # noqa: E402
@@ -52,6 +59,8 @@ def main():
     ap.add_argument("--sluice", default="build-rel/engine/sluice")
     ap.add_argument("--domains", type=int, default=5000)
     ap.add_argument("--spool", default="/var/tmp")
+    ap.add_argument("--hold", type=int, default=1, help="seconds smtp-sink waits before its "
+                    "reply to DATA (-w)")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 4 * a.domains + 1000)
@@ -59,15 +68,14 @@ def main():
 
     wd = Workdir("sluice-conc-")
     work = tempfile.mkdtemp(prefix="sluice-conc-", dir=a.spool)
-    domains = [f"c{i}.test" for i in range(a.domains)]
+    domains = [f"d{i}.test" for i in range(a.domains)]
     # Each domain has an MX host of its own (a site each): one MX host
     # shared by all would be held to its cap per address, which is the
     # point of sites. Every MX host is this one smtp-sink, so the cap per
     # address is lifted (max_connections_per_address = 0) for the count.
-    dns = Dns(wd, [f"host-record=mx.{d},127.0.0.1" for d in domains] +
-              [f"mx-host={d},mx.{d},10" for d in domains])
+    dns = DnsSynth(mx_hosts=a.domains, zone="test", mx_addr="127.0.0.1")
     sink_port = free_port()
-    sink = start_sink(sink_port, "-w", "1", "-m", str(2 * a.domains), backlog=4096)
+    sink = start_sink(sink_port, "-w", str(a.hold), "-m", str(2 * a.domains), backlog=4096)
     port = free_port()
     conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port,
                       "[log]\nlevel = info\n[delivery]\nmax_connections_per_address = 0\n")
@@ -139,6 +147,7 @@ def main():
                     f.write("\n".join(d.lines))
         stop.set()
         t.join(2)
+        load = os.getloadavg()[0]
         d.stop()
     finally:
         stop.set()
@@ -150,7 +159,8 @@ def main():
         wd.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     conns = max(0, peak[0] - 4)  # less the listeners, the DNS and other sockets
-    print(f"concurrency: {a.domains} domains, one 2 KB message each, smtp-sink -w 1")
+    print(f"concurrency: {a.domains} domains, one 2 KB message each, smtp-sink -w {a.hold}, "
+          f"{a.sluice}; load average {load:.1f}")
     print(f"  injected in {injected:.1f}s over 20 sessions; "
           f"delivered {done} in {took:.1f}s: {done / took:.0f} msg/s")
     print(f"  most sockets open at once: {peak[0]} (about {conns} outbound connections)")

@@ -6,7 +6,8 @@ constant time (dnsmasq with 200,000 mx-host lines answered about 10
 lookups a second: it walks the list for each query).
 
 Answers, for a zone Z (default "test") and M MX hosts (--mx-hosts):
-  mx<k>.Z   A     127.0.0.(1+k)  (or every host at --mx-addr when given)
+  mx<k>.Z   A     127.0.0.(1+k)  (127.0.0.(1 + k mod N) with --mx-addrs N;
+                  every host at --mx-addr when given)
   mx<k>.Z   AAAA  no data (NOERROR, empty answer)
   <name>.Z  MX    10 mx<n mod M>.Z, where n is the number the name's first
                   label ends with (0 if none), with mx<n mod M>'s A record in
@@ -17,7 +18,7 @@ All answers carry --ttl (default 300 s). UDP and TCP on one port of
 127.0.0.1 (or --listen). It prints "ready PORT" on stdout once both are
 bound, and then serves until killed.
 
-  tests/support/dns_synth.py [--zone test] [--mx-hosts 1] [--mx-addr 127.0.0.1]
+  tests/support/dns_synth.py [--zone test] [--mx-hosts 1] [--mx-addrs N] [--mx-addr 127.0.0.1]
                              [--ttl 300] [--port 0] [--listen 127.0.0.1]
 
 From Python: DnsSynth(mx_hosts=10, zone="m.test") starts it as a child
@@ -45,7 +46,8 @@ def encode_name(name):
 
 
 class Zone:
-    def __init__(self, zone, mx_hosts, mx_addr, ttl):
+    def __init__(self, zone, mx_hosts, mx_addr, ttl, mx_addrs=0):
+        self.mx_addrs = mx_addrs
         self.zone = zone.strip(".").lower()
         self.mx_hosts = max(1, mx_hosts)
         self.mx_addr = mx_addr
@@ -56,6 +58,8 @@ class Zone:
     def host_addr(self, k):
         if self.mx_addr:
             return socket.inet_aton(self.mx_addr)
+        if self.mx_addrs:
+            k %= self.mx_addrs
         return bytes([127, 0, (1 + k) >> 8 & 255, (1 + k) & 255]) if k >= 255 else \
             bytes([127, 0, 0, 1 + k])
 
@@ -130,7 +134,7 @@ class Udp(asyncio.DatagramProtocol):
 
 
 async def serve(a):
-    zone = Zone(a.zone, a.mx_hosts, a.mx_addr, a.ttl)
+    zone = Zone(a.zone, a.mx_hosts, a.mx_addr, a.ttl, a.mx_addrs)
 
     async def tcp(reader, writer):
         try:
@@ -171,9 +175,9 @@ class DnsSynth:
     """The responder as a child process: .port, .stop(). The same shape as
     the tests' dnsmasq wrapper (test_delivery.Dns)."""
 
-    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300):
+    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300, mx_addrs=0):
         args = [sys.executable, os.path.abspath(__file__), "--zone", zone,
-                "--mx-hosts", str(mx_hosts), "--ttl", str(ttl)]
+                "--mx-hosts", str(mx_hosts), "--ttl", str(ttl), "--mx-addrs", str(mx_addrs)]
         if mx_addr:
             args += ["--mx-addr", mx_addr]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -195,6 +199,7 @@ def main():
     ap.add_argument("--zone", default="test")
     ap.add_argument("--mx-hosts", type=int, default=1)
     ap.add_argument("--mx-addr", default="")
+    ap.add_argument("--mx-addrs", type=int, default=0)
     ap.add_argument("--ttl", type=int, default=300)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--listen", default="127.0.0.1")
