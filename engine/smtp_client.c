@@ -157,7 +157,7 @@ pipe_push(struct smtp_client *c, enum smtp_client_state s, uint32_t rcpt)
         abort(); /* callers check pipe_cap() first */
     e = &c->pipe[(c->pipe_head + c->pipe_len) % SMTP_CLIENT_PIPE_MAX];
     e->state = (uint8_t)s;
-    e->rcpt = rcpt;
+    e->rcpt = (uint16_t)rcpt; /* < max_rcpt <= SMTP_CLIENT_RCPT_MAX */
     c->pipe_len++;
 }
 
@@ -730,7 +730,8 @@ smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o)
 {
     size_t nl;
 
-    if (o == NULL || o->name == NULL || (unsigned)o->tls > SMTP_CLIENT_TLS_VERIFY)
+    if (o == NULL || o->name == NULL || (unsigned)o->tls > SMTP_CLIENT_TLS_VERIFY ||
+        o->max_rcpt > SMTP_CLIENT_RCPT_MAX)
         return SMTP_CLIENT_E_ARG;
     nl = strlen(o->name);
     if (nl == 0 || nl > SMTP_CLIENT_NAME_MAX)

@@ -76,6 +76,7 @@
 #define SMTP_CLIENT_OUT_CAP      16384 /* output buffer: commands, then the stuffed body */
 #define SMTP_CLIENT_PIPE_MAX     128   /* commands outstanding at once (pipelined) */
 #define SMTP_CLIENT_RCPT_DEFAULT 100   /* smtp_client_opts.max_rcpt when 0 */
+#define SMTP_CLIENT_RCPT_MAX     65535 /* smtp_client_opts.max_rcpt at most */
 #define SMTP_CLIENT_NAME_MAX     255   /* our EHLO name */
 #define SMTP_OUTCOME_TEXT_MAX    512   /* reply text kept per outcome, NUL included */
 
@@ -187,7 +188,8 @@ struct smtp_client_opts {
     enum smtp_client_tls_policy tls;
     bool tls_active;            /* the transport is TLS already (implicit TLS): no STARTTLS */
     bool no_pipelining;         /* never pipeline, even when offered */
-    unsigned max_rcpt;          /* recipients per transaction the caller uses; 0: default */
+    unsigned max_rcpt;          /* recipients per transaction the caller uses; 0: default;
+                                   at most SMTP_CLIENT_RCPT_MAX */
     const uint32_t *timeout_ms; /* borrowed: lives as long as the session; NULL: defaults.
                                    SMTP_CLIENT_S_COUNT entries, 0 = no deadline */
     /* Called at every state change, inside the call that made it. */
@@ -235,9 +237,12 @@ struct smtp_client_run {
 
 /* A FIFO entry: the command (as the state awaiting its reply) and the
  * recipient it names. */
+/* Four octets: a connection keeps SMTP_CLIENT_PIPE_MAX of them inline
+ * whether it waits or not (a recipient index fits in 16 bits: max_rcpt is
+ * at most SMTP_CLIENT_RCPT_MAX). */
 struct smtp_client_cmd {
+    uint16_t rcpt;
     uint8_t state;
-    uint32_t rcpt;
 };
 
 /*
@@ -291,7 +296,8 @@ extern const uint32_t smtp_client_default_timeout_ms[SMTP_CLIENT_S_COUNT];
 
 /* Start a session on a connection that was just made: wait for the
  * greeting. Returns 0 or SMTP_CLIENT_E_ARG (no name, a name with spaces
- * or control characters, over SMTP_CLIENT_NAME_MAX). Arm the timer with
+ * or control characters, over SMTP_CLIENT_NAME_MAX; max_rcpt over
+ * SMTP_CLIENT_RCPT_MAX). Arm the timer with
  * smtp_client_deadline_ms() afterwards. */
 int smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o);
 

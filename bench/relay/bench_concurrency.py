@@ -148,7 +148,7 @@ def main():
         stop.set()
         t.join(2)
         load = os.getloadavg()[0]
-        d.stop()
+        d.stop(120)  # 10,000 connections to close first
     finally:
         stop.set()
         if d.proc.poll() is None:

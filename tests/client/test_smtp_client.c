@@ -1402,6 +1402,12 @@ sc_api(void)
     o.tls = (enum smtp_client_tls_policy)9;
     assert_int_equal(smtp_client_init(&R.c, &o), SMTP_CLIENT_E_ARG);
     o.tls = SMTP_CLIENT_TLS_OFF;
+    /* A recipient index lives in 16 bits of the pipelining FIFO. */
+    o.max_rcpt = SMTP_CLIENT_RCPT_MAX + 1;
+    assert_int_equal(smtp_client_init(&R.c, &o), SMTP_CLIENT_E_ARG);
+    o.max_rcpt = SMTP_CLIENT_RCPT_MAX;
+    assert_int_equal(smtp_client_init(&R.c, &o), 0);
+    o.max_rcpt = 0;
     assert_int_equal(smtp_client_init(&R.c, &o), 0);
     /* No buffer lent: nothing may run. */
     assert_int_equal(smtp_client_sent(&R.c, 0), SMTP_CLIENT_E_STATE);
