@@ -36,11 +36,14 @@ const struct conf_key tls_conf_keys[] = {
      "directory of hashed CA certificates (c_rehash) trusted for the verify policy", NULL},
     {"session_cache_size", CONF_UINT, TLS(session_cache_size), 0, 1000000, "1000",
      "outbound TLS sessions kept per worker thread for resumption per MX host; 0: none", NULL},
-    /* Each connection holds two of these (ciphertext in and out) on top of
-     * OpenSSL's own record buffers; 16K keeps ten thousand connections
-     * under a gigabyte while still taking a full record per write. */
+    /* Each connection holds up to two of these (ciphertext in and out),
+     * each only while bytes wait in it, on top of OpenSSL's own record
+     * buffers (also released when idle); 16K takes a full record per
+     * write. */
     {"buffer_size", CONF_SIZE, TLS(buffer_size), 4096, 1ULL << 20, "16K",
-     "ciphertext buffered per TLS connection in each direction", NULL},
+     "ciphertext buffered per TLS connection in each direction, at most (held only while "
+     "bytes wait in it: an idle connection holds none)",
+     NULL},
     /* A client that opens the handshake and stalls holds a connection
      * slot and two ciphertext buffers; a command's deadline (minutes) is
      * far too generous for something a real client does in milliseconds. */

@@ -11,6 +11,13 @@
  * output buffer only moves its contents to the front when nothing is lent,
  * which is what keeps a peeked pointer valid while more is written behind.
  *
+ * Each buffer is allocated when bytes arrive in it and freed when it is
+ * empty again (nothing lent), so a connection that waits (an outbound one
+ * idle between transactions or waiting for a slow reply, a submission
+ * client between commands) holds neither: with OpenSSL's own record
+ * buffers released (SSL_MODE_RELEASE_BUFFERS, ctx.c), what an idle conn
+ * keeps is the SSL object and this struct.
+ *
  * Threading: a conn is used by one thread at a time (its worker). The BIO
  * method is made once per process (pthread_once) and never changes.
  */
@@ -35,7 +42,7 @@
 #define RECORD_SLACK 512
 
 struct tls_buf {
-    unsigned char *data; /* borrowed: part of the conn's allocation */
+    unsigned char *data; /* owned: cap octets while it holds any, else NULL */
     size_t cap;
     size_t head, tail; /* pending bytes: data[head..tail) */
     size_t lent;       /* bytes from head handed out by peek: they must not move */
@@ -58,7 +65,6 @@ struct tls_conn {
     struct tls_buf in;
     struct tls_buf out;
     char errstr[160];
-    unsigned char mem[]; /* in.data, then out.data */
 };
 
 /* ---- buffers ---- */
@@ -77,9 +83,12 @@ buf_room(const struct tls_buf *b)
     return b->lent == 0 ? b->cap - buf_len(b) : b->cap - b->tail;
 }
 
-static void
+/* Returns 0, or -ENOMEM when an empty buffer cannot get its memory. */
+static int
 buf_append(struct tls_buf *b, const void *data, size_t n)
 {
+    if (b->data == NULL && (b->data = malloc(b->cap)) == NULL) /* no zeroing needed */
+        return -ENOMEM;
     if (b->cap - b->tail < n) {
         /* buf_room said there is room, so nothing is lent: move. */
         memmove(b->data, b->data + b->head, buf_len(b));
@@ -88,6 +97,7 @@ buf_append(struct tls_buf *b, const void *data, size_t n)
     }
     memcpy(b->data + b->tail, data, n);
     b->tail += n;
+    return 0;
 }
 
 static void
@@ -95,8 +105,12 @@ buf_drop(struct tls_buf *b, size_t n)
 {
     b->head += n;
     b->lent = b->lent > n ? b->lent - n : 0;
-    if (b->head == b->tail)
+    if (b->head == b->tail) {
+        /* Empty, so nothing is lent: the memory goes back until needed. */
         b->head = b->tail = 0;
+        free(b->data);
+        b->data = NULL;
+    }
 }
 
 /* ---- the BIO OpenSSL reads and writes ---- */
@@ -115,7 +129,8 @@ bio_write(BIO *bio, const char *data, int len)
     }
     if (n > (size_t)len)
         n = (size_t)len;
-    buf_append(&c->out, data, n);
+    if (buf_append(&c->out, data, n) < 0)
+        return -1; /* no retry flag: OpenSSL fails the conn */
     return (int)n;
 }
 
@@ -281,14 +296,11 @@ conn_new(struct tls_ctx *ctx, struct tls_conn **out)
     if (conn_bio_method == NULL)
         return -ENOMEM;
     size_t size = ctx->buffer_size;
-    /* malloc, not calloc: the buffers need no zeroing. */
-    struct tls_conn *c = malloc(sizeof(*c) + 2 * size);
+    /* The buffers come when bytes do (buf_append). */
+    struct tls_conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return -ENOMEM;
-    memset(c, 0, sizeof(*c));
-    c->in.data = c->mem;
     c->in.cap = size;
-    c->out.data = c->mem + size;
     c->out.cap = size;
     c->trust_gen = ctx->trust_gen;
     ERR_clear_error();
@@ -319,6 +331,8 @@ tls_conn_free(struct tls_conn *c)
     ERR_clear_error();
     free(c->cache_key);
     free(c->host);
+    free(c->in.data);
+    free(c->out.data);
     free(c);
     return NULL;
 }
@@ -455,8 +469,8 @@ tls_conn_feed(struct tls_conn *c, const void *data, size_t len)
     size_t n = buf_room(&c->in);
     if (n > len)
         n = len;
-    if (n > 0)
-        buf_append(&c->in, data, n);
+    if (n > 0 && buf_append(&c->in, data, n) < 0)
+        return -ENOMEM;
     return (ssize_t)n;
 }
 

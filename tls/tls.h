@@ -172,10 +172,11 @@ int tls_conn_new_client(struct tls_ctx *ctx, const char *host, bool verify, stru
  * fine. Returns NULL. */
 struct tls_conn *tls_conn_free(struct tls_conn *c);
 
-/* Copy ciphertext received from the socket into the conn's input buffer.
+/* Copy ciphertext received from the socket into the conn's input buffer
+ * (allocated while it holds bytes: an idle conn keeps no buffers).
  * Returns how many bytes it took (0..len; fewer than len when the buffer is
- * full: read plaintext out, then offer the rest again), or the error that
- * failed the conn. */
+ * full: read plaintext out, then offer the rest again), the error that
+ * failed the conn, or -ENOMEM (the conn is unharmed; offer it again). */
 ssize_t tls_conn_feed(struct tls_conn *c, const void *data, size_t len);
 
 /* Drive the handshake. Returns 0 once it is complete (and on every later
