@@ -505,6 +505,11 @@ tls_conn_read(struct tls_conn *c, void *buf, size_t cap)
         return TLS_ESTATE;
     if (cap == 0)
         return 0;
+    /* Nothing received and nothing inside OpenSSL: a read could only say
+     * "want more", and on its way OpenSSL would allocate its read buffer
+     * (about 17 KB) and keep it while the connection waits. */
+    if (buf_len(&c->in) == 0 && !SSL_has_pending(c->ssl))
+        return 0;
     ERR_clear_error();
     size_t n = 0;
     ssize_t rc;

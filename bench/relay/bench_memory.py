@@ -116,7 +116,8 @@ level = info
                 stop.wait(0.2)
         threading.Thread(target=sample, daemon=True).start()
         print(f"memory: {a.domains} distinct domains over {a.sites} sites, 1 message each, "
-              f"{a.addrs} MX addresses, in waves of {a.wave}, 2 workers, destination_idle_ttl = {a.idle_ttl}, "
+              f"{a.addrs} MX addresses, in waves of {a.wave}, 2 workers, "
+              f"destination_idle_ttl = {a.idle_ttl}, "
               f"{a.sluice}; load average {os.getloadavg()[0]:.1f}", flush=True)
         print(f"  RSS at start:                {start / 1024:8.1f} MB", flush=True)
         t0 = time.monotonic()
@@ -135,7 +136,8 @@ level = info
             most["destinations"] = max(most["destinations"], st["objects"]["destinations"])
             most["dns"] = max(most["dns"], st["dns"]["cache_entries"])
             print(f"  after {want:7d} domains:       {rss_kb(pid) / 1024:8.1f} MB "
-                  f"(at {time.monotonic() - t0:5.0f} s; destinations {st['objects']['destinations']}, "
+                  f"(at {time.monotonic() - t0:5.0f} s; "
+                  f"destinations {st['objects']['destinations']}, "
                   f"DNS cache entries {st['dns']['cache_entries']}, "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
         t_done = time.monotonic() - t0

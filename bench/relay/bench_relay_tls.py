@@ -30,7 +30,7 @@ costs besides its connection (destination, site, DNS answer); the
 difference between the two is what TLS adds per connection.
 
   bench/relay/bench_relay_tls.py [--sluice build-rel/engine/sluice] [--messages 10000]
-                                 [--idle 2000] [--rounds 2]
+                                 [--idle 2000] [--rounds 2] [--relay-conf TEXT]
 
 Never fails on a number.
 """
@@ -115,6 +115,7 @@ def _connectable(port):
 def relay(a, wd, work, mx_port, dns_port, extra=""):
     port = free_port()
     sock = f"{wd.path}/relay-{port}.sock"
+    extra_conf = a.relay_conf.replace("\\n", "\n")
     conf = wd.file(f"relay-{port}.conf", f"""
 [server]
 workers = 2
@@ -136,6 +137,7 @@ socket = {sock}
 dsn = no
 [log]
 level = info
+{extra_conf}
 """)
     d = Daemon(a.sluice, conf)
     d.wait_log("event=ready")
@@ -211,6 +213,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--spool", default="/var/tmp")
+    ap.add_argument("--relay-conf", default="", help="config lines appended to the relay's "
+                    "(\\n between lines), e.g. '[tls]\\nsession_cache_size = 0'")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * a.idle + 2000), hard))

@@ -239,7 +239,8 @@ def main():
           f"receivers: smtp-sink, backlog 256; load average {os.getloadavg()[0]:.1f}",
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
-          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8}",
+          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
+          f"{'load':>5}",
           flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     base = {}
