@@ -111,7 +111,8 @@ class Zone:
                 m = self.num.search(first[0])
                 k = (int(m.group(1)) if m else 0) % self.mx_hosts
                 host = f"mx{k}{self.tail}"
-                answers.append(self.rr(b"\xc0\x0c", T_MX, struct.pack("!H", 10) + encode_name(host)))
+                rdata = struct.pack("!H", 10) + encode_name(host)
+                answers.append(self.rr(b"\xc0\x0c", T_MX, rdata))
                 additional.append(self.rr(encode_name(host), T_A, self.host_addr(k)))
         hdr = struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, len(answers), 0, len(additional))
         return hdr + question + b"".join(answers) + b"".join(additional)
