@@ -131,8 +131,8 @@ static const struct conf_key log_keys[] = {
     {"level", CONF_ENUM, LOG(level), 0, 0, "info", "lowest level written", log_levels},
     {"delivery_log", CONF_STRING, LOG(delivery_log), 1, PATH_MAX, NULL,
      "the JSON Lines delivery log (one event per line: reception, delivery, "
-     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint); reopened on SIGHUP; "
-     "unset: none",
+     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, suppressed); reopened "
+     "on SIGHUP; unset: none",
      NULL},
     {"delivery_log_flush", CONF_DURATION, LOG(delivery_log_flush), 10, 10000, "200ms",
      "longest time an event waits in memory before it is written", NULL},
@@ -410,6 +410,8 @@ static const struct section sections[] = {
     SECTION("log", "the daemon log and the delivery log", log_keys, struct log_config, log),
     SECTION("bounce", "bounces and delivery status notifications", bounce_keys,
             struct bounce_config, bounce),
+    SECTION("suppress", "the suppression list: recipients refused at RCPT, fed by bounces, "
+            "complaints and operators", suppress_conf_keys, struct suppress_config, suppress),
     SECTION("dkim", "DKIM signing: defaults for every signature, the key directory, the "
             "signing threads", dkim_conf_keys, struct dkim_config, dkim),
 };
@@ -1505,6 +1507,15 @@ finish(struct parse *p)
 {
     struct config *cfg = p->cfg;
     char why[256];
+    for (unsigned i = 0; i < NSECTIONS; i++)
+        if (strcmp(sections[i].name, "suppress") == 0 &&
+            suppress_config_check(&cfg->suppress, cfg->queue.path, why, sizeof(why)) != 0) {
+            const char *k = strncmp(why, "reply", 5) == 0             ? "reply"
+                            : strncmp(why, "on_complaint", 12) == 0   ? "on_complaint"
+                            : strncmp(why, "on_invalid", 10) == 0     ? "on_invalid_recipient"
+                                                                      : "path";
+            perr(p, key_line(p, i, k), "%s", why);
+        }
     struct server_config *srv = &cfg->server;
     srv->nlisten = netaddr_parse_list(srv->listen, srv->listen_addrs, NETADDR_MAX_LIST, why,
                                       sizeof(why));

@@ -21,6 +21,7 @@
 #include "engine/events.h"
 #include "engine/netaddr.h"
 #include "feedback/verp.h"
+#include "engine/suppress.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
 
@@ -220,6 +221,7 @@ struct config {
     struct stats_config stats;
     struct log_config log;
     struct bounce_config bounce;
+    struct suppress_config suppress;
     struct classify *classify; /* owned: built-in rules, then [classify] ones first */
     struct domain_policy default_domain;
     struct domain_policy *domains; /* owned array, sorted by name */

@@ -51,6 +51,7 @@
 #include "engine/classify.h"
 #include "engine/dlog.h"
 #include "engine/oob.h"
+#include "engine/suppress.h"
 #include "engine/dsn.h"
 #include "engine/limits.h"
 #include "engine/engine.h"
@@ -1381,6 +1382,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .nhdr = nhdr,
         };
         dlog_event(lw, &ev);
+        /* An address that is gone goes on the suppression list, as the
+         * config says for its class. The tenant's list once tenants exist. */
+        if (kind == DLOG_BOUNCE && r != NULL)
+            suppress_on_bounce(d->e->suppress, NULL, r->addr, cls, o->text);
         /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
          * once: at the deferral that carries it past delay_warning. */
         bool warn = false;

@@ -111,6 +111,7 @@ static const char *const kind_names[] = {
     [DLOG_DSN] = "dsn",
     [DLOG_OOB_BOUNCE] = "oob_bounce",
     [DLOG_COMPLAINT] = "complaint",
+    [DLOG_SUPPRESSED] = "suppressed",
 };
 
 const char *
@@ -223,6 +224,8 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "reply", ev->reply);
     put_u64(j, "attempt", ev->attempt);
     put_str(j, "class", ev->classification);
+    put_str(j, "reason", ev->reason);
+    put_str(j, "scope", ev->scope);
     put_str(j, "tls_protocol", ev->tls_protocol);
     put_str(j, "tls_cipher", ev->tls_cipher);
     put_u64(j, "size", ev->size);

@@ -2,7 +2,8 @@
  * dlog: the delivery log, JSON Lines for the provider's backend. One line
  * per event: a message was received (reception), a recipient was
  * delivered, deferred (transient_failure), bounced or expired, a DSN was
- * queued. Every line parses as JSON whatever bytes a remote server sent
+ * queued, a recipient was refused at RCPT as suppressed (suppressed).
+ * Every line parses as JSON whatever bytes a remote server sent
  * (common/json.h escapes and replaces invalid UTF-8).
  *
  * Threading: struct dlog is shared; each thread that logs owns one
@@ -48,6 +49,7 @@ enum dlog_kind {
      * recipient of the original message: */
     DLOG_OOB_BOUNCE, /* a bounce that came back by mail, days later perhaps */
     DLOG_COMPLAINT,  /* a feedback-loop report (ARF) */
+    DLOG_SUPPRESSED, /* a recipient refused at RCPT: on the suppression list */
 };
 
 /* "reception", "delivery", ...: the value of the "event" field. */
@@ -78,6 +80,8 @@ struct dlog_event {
     const char *reply;          /* reply text */
     unsigned attempt;           /* delivery attempt number, from 1 */
     const char *classification; /* printed as "class" */
+    const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual */
+    const char *scope;          /* suppressed: the list that holds the entry */
     const char *tls_protocol;
     const char *tls_cipher;
     uint64_t size;         /* message size in octets */

@@ -30,6 +30,7 @@
 #include "engine/events.h"
 #include "engine/ops.h"
 #include "engine/server.h"
+#include "engine/suppress.h"
 
 struct start_msg {
     struct worker_msg m;
@@ -197,6 +198,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
     if (rc < 0)
         return rc;
+    if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
+        goto fail;
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
@@ -378,6 +381,8 @@ engine_stop(struct engine *e)
     if (e->queue != NULL)
         queue_close(e->queue);
     e->queue = NULL;
+    suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
+    e->suppress = NULL;
     e->users = auth_db_unref(e->users);
     e->auth_limit = auth_limit_free(e->auth_limit);
     pthread_mutex_destroy(&e->users_lock);

@@ -28,6 +28,7 @@ struct dlog;
 struct events;
 struct dlog_writer;
 struct stats_server;
+struct suppress;
 
 /* Connections per client address, shared by all workers (accepting is
  * not hot enough for anything finer than one lock). */
@@ -48,6 +49,7 @@ struct engine {
      * until the end, so a pointer read a moment earlier stays valid. */
     const struct config *_Atomic cfg;
     struct queue *queue;       /* owned */
+    struct suppress *suppress; /* owned: the suppression list; NULL when [suppress] is off */
     /* Owned references, replaced by a reload (new certificate, CAs,
      * protocols) under tls_lock while the workers are parked; take one
      * with engine_tls_server() / engine_tls_client(). Connections made

@@ -85,6 +85,7 @@
 #include "engine/owner.h"
 #include "engine/smtp_cmd.h"
 #include "engine/smtp_data.h"
+#include "engine/suppress.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -1304,6 +1305,56 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
     return false;
 }
 
+/* The suppression list: one read transaction. True when the recipient
+ * was refused (the reply is said, the event logged). A list that cannot
+ * be read defers the recipient: better late than to a complainer. */
+static bool
+rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
+{
+    char addr[SUPPRESS_ADDR_MAX + 1];
+    if (c->path.mailbox.len >= sizeof(addr))
+        return false; /* longer than any entry can be */
+    memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
+    addr[c->path.mailbox.len] = '\0';
+    struct suppress_entry ent;
+    /* The tenant's list once tenants exist: NULL checks the global list. */
+    const char *tenant = NULL;
+    int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
+    if (rc == 0)
+        return false;
+    if (rc < 0) {
+        log_msg(LOG_ERR, "session=%016llx event=suppress_check_failed rcpt=<%s> err=\"%s\"",
+                (unsigned long long)s->id, addr, strerror(-rc));
+        reply(s, "451 4.3.0 Local error in processing");
+        return true;
+    }
+    char text[512];
+    suppress_reply(s->sw->e->suppress, addr, &ent, text, sizeof(text));
+    s->sw->stats.rcpt_suppressed++;
+    log_msg(LOG_INFO,
+            "session=%016llx event=suppressed rcpt=<%s> from=<%s> reason=%s scope=%s entry=%s "
+            "user=%s client=%s",
+            (unsigned long long)s->id, addr, s->sender, suppress_reason_str(ent.reason), ent.scope,
+            ent.addr, s->user ? s->user->name : "-", s->peer_ip);
+    struct engine *e = s->sw->e;
+    struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
+    struct dlog_event ev = {
+        .kind = DLOG_SUPPRESSED,
+        .rcpt = addr,
+        .sender = s->sender,
+        .domain = strrchr(addr, '@') != NULL ? strrchr(addr, '@') + 1 : NULL,
+        .code = (unsigned)atoi(text),
+        .reply = text,
+        .reason = suppress_reason_str(ent.reason),
+        .scope = ent.scope,
+        .client = s->peer_ip,
+        .auth_user = s->user ? s->user->name : NULL,
+    };
+    dlog_event(lw, &ev);
+    reply(s, "%s", text);
+    return true;
+}
+
 static void
 cmd_rcpt(struct session *s, const struct smtp_cmd *c)
 {
@@ -1326,6 +1377,8 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "452 4.5.3 Too many recipients");
         return;
     }
+    if (!s->bounce && s->sw->e->suppress != NULL && rcpt_suppressed(s, c))
+        return;
     if (s->nrcpt == s->rcpt_cap) {
         unsigned cap = s->rcpt_cap ? s->rcpt_cap * 2 : 8;
         struct rcpt *v = realloc(s->rcpts, sizeof(*v) * cap);

@@ -27,6 +27,7 @@ struct server_stats {
     uint64_t messages;      /* queued (250 sent) */
     uint64_t recipients;    /* of the messages queued */
     uint64_t rejected;      /* messages refused after DATA */
+    uint64_t rcpt_suppressed; /* recipients refused at RCPT: on the suppression list */
     uint64_t auth_ok, auth_failed;
     uint64_t dkim_signed;   /* messages signed */
     uint64_t dkim_unsigned; /* with keys configured, sent unsigned: no key, no From:, ... */

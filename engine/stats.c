@@ -165,6 +165,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "bounced", c->bounced);
     json_ku64(j, "expired", c->expired);
     json_ku64(j, "dsn_queued", c->dsn_queued);
+    json_ku64(j, "rcpt_suppressed", c->rcpt_suppressed);
     json_ku64(j, "delivered_tls", c->delivered_tls);
     json_ku64(j, "dkim_signed", c->dkim_signed);
     json_ku64(j, "dkim_unsigned", c->dkim_unsigned);
@@ -222,6 +223,19 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_key(j, "redis");
     json_obj_begin(j);
     json_kstr(j, "state", c->redis_state != NULL ? c->redis_state : "off");
+    json_obj_end(j);
+
+    json_key(j, "suppress");
+    json_obj_begin(j);
+    json_kbool(j, "enabled", c->suppress_on);
+    json_ku64(j, "entries", c->suppress_entries);
+    json_ku64(j, "checks", c->suppress_checks);
+    json_ku64(j, "hits", c->suppress_hits);
+    json_ku64(j, "added", c->suppress_added);
+    json_ku64(j, "removed", c->suppress_removed);
+    json_ku64(j, "feed_dropped", c->suppress_feed_dropped);
+    json_ku64(j, "map_size", c->suppress_map_size);
+    json_ku64(j, "map_used", c->suppress_map_used);
     json_obj_end(j);
 
     json_key(j, "dlog");
@@ -408,6 +422,15 @@ static const struct metric metrics[] = {
      CTR(delivered_tls)},
     {"sluice_dsn_queued_total", "counter", "Delivery status notifications queued.",
      CTR(dsn_queued)},
+    {"sluice_rcpt_suppressed_total", "counter",
+     "Recipients refused at RCPT: on the suppression list.", CTR(rcpt_suppressed)},
+    {"sluice_suppress_entries", "gauge", "Entries in the suppression list.",
+     CTR(suppress_entries)},
+    {"sluice_suppress_added_total", "counter",
+     "Suppression entries written (operator, bounces, complaints, imports).",
+     CTR(suppress_added)},
+    {"sluice_suppress_feed_dropped_total", "counter",
+     "Suppression entries from bounces that could not be written.", CTR(suppress_feed_dropped)},
     {"sluice_dkim_signed_total", "counter", "Messages DKIM-signed at reception.",
      CTR(dkim_signed)},
     {"sluice_dkim_unsigned_total", "counter",
@@ -871,6 +894,8 @@ static const struct command commands[] = {
      "bounce a message, or every message queued for DOMAIN, a tenant or a campaign", 1, 16, true},
     {"reload", "", "reread the configuration file", 0, 0, true},
     {"events", "[pause|resume NAME]", "the event sinks; pause or resume one", 0, 2, true},
+    {"suppress", "add|remove|check|list|import|export|purge ...",
+     "the suppression list (see doc/sluicectl.md)", 1, 64, true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},
 };

@@ -83,6 +83,11 @@ struct stats_counters {
     uint64_t received_msgs, received_rcpts;         /* accepted at submission */
     uint64_t delivered, deferred, bounced, expired; /* recipient outcomes */
     uint64_t dsn_queued;
+    uint64_t rcpt_suppressed; /* recipients refused at RCPT: on the suppression list */
+    /* the suppression list (engine/suppress.h); suppress_on false: off */
+    bool suppress_on;
+    uint64_t suppress_entries, suppress_checks, suppress_hits, suppress_added,
+        suppress_removed, suppress_feed_dropped, suppress_map_size, suppress_map_used;
     uint64_t dkim_signed, dkim_unsigned, dkim_failed; /* messages, at reception */
     uint64_t conn_in_total, conn_out_total, conn_out_failed;
     uint64_t conn_in_open, conn_out_open; /* gauges */
@@ -140,7 +145,8 @@ struct stats_ops {
      * ready + deferred + inflight); return how many. NULL: no domains. */
     size_t (*domains)(void *arg, struct stats_domain *out, size_t cap);
     /* The commands that act on the engine: "message ID", "suspend DOMAIN",
-     * "resume DOMAIN", "flush [DOMAIN]", "bounce ID|DOMAIN", "reload".
+     * "resume DOMAIN", "flush [DOMAIN]", "bounce ID|DOMAIN", "reload",
+     * "events ...", "suppress add|remove|check|list|import|export ...".
      * The stats thread has checked the verb and the number of arguments
      * already: verb is one of those (lowercase), args the rest of the
      * line, trimmed ("" when none). Write one JSON object into *out (empty

@@ -1,0 +1,1265 @@
+/*
+ * suppress: the suppression list in an LMDB environment of its own (see
+ * suppress.h).
+ *
+ * Why not a sub-database of the spool: the list has another life. Its
+ * size follows the provider's customers (tens of millions of addresses),
+ * not the mail in flight, so it gets its own map_size; a bulk import of a
+ * million entries is one long write transaction, which in the spool's
+ * environment would hold LMDB's single writer lock and stall the group
+ * commit that every 250 waits for; and it is backed up, copied between
+ * nodes and restored on its own (mdb_copy <spool>/suppress), while the
+ * spool is not. It lives under the spool directory: same disk, same
+ * owner, found where the operator looks.
+ *
+ * One database, "entries". Key: scope, NUL, normalised address
+ * ("local@domain", or "@domain" for the whole domain), so that a scope's
+ * entries are one range in key order. Value (little-endian):
+ *   u8 version (1) | u8 reason | u16 note length | i64 added ms |
+ *   i64 expires ms (0: never) | note
+ *
+ * Reads (check, list, export) are read transactions; LMDB binds one
+ * reader slot to each thread (no MDB_NOTLS), so a check costs no syscall
+ * and no lock. Writes take wlock: the writer thread's batches of feeds,
+ * operator adds and removes, imports in chunks, purges in chunks. Feeds
+ * from the workers wait in a bounded list for the writer thread, which
+ * commits all that are waiting in one transaction (group commit).
+ *
+ * Threading: see suppress.h.
+ */
+#include "engine/suppress.h"
+
+#include <ctype.h>
+#include <endian.h>
+#include <errno.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+
+#define KEY_MAX       (SUPPRESS_SCOPE_MAX + 1 + SUPPRESS_ADDR_MAX)
+#define VAL_HDR       20
+#define VAL_MAX       (VAL_HDR + SUPPRESS_NOTE_MAX)
+#define IMPORT_BATCH  250000   /* entries per write transaction of an import */
+#define PURGE_BATCH   10000    /* expired entries deleted per write transaction */
+#define PURGE_EVERY_MS (3600ULL * 1000)
+
+static const char *const reason_names[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
+
+#define SUP(f) offsetof(struct suppress_config, f)
+const struct conf_key suppress_conf_keys[] = {
+    {"enabled", CONF_BOOL, SUP(enabled), 0, 0, "yes",
+     "check every recipient at RCPT against the suppression list, and keep the list", NULL},
+    {"path", CONF_STRING, SUP(path), 1, 4000, NULL,
+     "directory of the list's own LMDB environment; unset: the spool's path + /suppress", NULL},
+    {"map_size", CONF_SIZE, SUP(map_size), 1ULL << 20, 0, "4G",
+     "largest size the list may reach (about 100 bytes an entry); raise it and restart to grow",
+     NULL},
+    {"lowercase_local", CONF_BOOL, SUP(lowercase_local), 0, 0, "no",
+     "fold local parts to lowercase before storing and checking (domains always are)", NULL},
+    {"strip_plus", CONF_BOOL, SUP(strip_plus), 0, 0, "no",
+     "drop a +tag from local parts (user+news@ is user@)", NULL},
+    {"gmail_dots", CONF_BOOL, SUP(gmail_dots), 0, 0, "no",
+     "drop the dots of local parts at gmail.com and googlemail.com (f.o.o@ is foo@)", NULL},
+    {"reply", CONF_STRING, SUP(reply), 1, 200, "550 5.7.1 <{addr}>: recipient suppressed ({reason})",
+     "the RCPT reply to a suppressed recipient: a 4xx or 5xx code, then text; {addr} and "
+     "{reason} are replaced",
+     NULL},
+    {"on_invalid_recipient", CONF_STRING, SUP(on_invalid_recipient), 1, 32, "off",
+     "a recipient that bounces with class invalid_recipient is suppressed (reason hard_bounce) "
+     "for this long: off, forever, or a duration like 30d",
+     NULL},
+    {"on_complaint", CONF_STRING, SUP(on_complaint), 1, 32, "forever",
+     "a recipient who complained (feedback-loop report) is suppressed for this long: off, "
+     "forever, or a duration",
+     NULL},
+    CONF_END,
+};
+
+struct feed {
+    struct feed *next;
+    uint16_t klen, vlen;
+    uint8_t kv[]; /* key, then value */
+};
+
+struct suppress {
+    struct suppress_config cfg; /* a copy: strings owned */
+    MDB_env *env;               /* owned */
+    MDB_dbi dbi;
+    pthread_mutex_t wlock;      /* one writer at a time */
+
+    /* feeds for the writer thread */
+    pthread_mutex_t flock;
+    pthread_cond_t fcv;         /* work for the thread */
+    pthread_cond_t dcv;         /* a batch committed */
+    struct feed *fhead, **ftail; /* owned list */
+    unsigned nfeed;
+    uint64_t fseq_in, fseq_done; /* feeds queued, feeds committed (or given up) */
+    bool stop;
+    pthread_t thread;
+    bool thread_started;
+
+    _Atomic uint64_t checks, hits, added, removed, feed_dropped;
+};
+
+/* ---- names, normalisation, encoding ---- */
+
+const char *
+suppress_reason_str(enum suppress_reason r)
+{
+    return (unsigned)r < SUPPRESS_REASON_COUNT ? reason_names[r] : "manual";
+}
+
+int
+suppress_reason_parse(const char *s, enum suppress_reason *out)
+{
+    for (unsigned i = 0; i < SUPPRESS_REASON_COUNT; i++)
+        if (strcasecmp(s, reason_names[i]) == 0) {
+            *out = (enum suppress_reason)i;
+            return 0;
+        }
+    return -EINVAL;
+}
+
+/* "off" -1, "forever" 0, else a duration in ms (> 0). */
+static int
+parse_ttl(const char *s, int64_t *out)
+{
+    if (strcasecmp(s, "off") == 0 || strcasecmp(s, "no") == 0) {
+        *out = -1;
+        return 0;
+    }
+    if (strcasecmp(s, "forever") == 0 || strcasecmp(s, "never") == 0) {
+        *out = 0;
+        return 0;
+    }
+    uint64_t ms;
+    if (conf_parse_duration(s, &ms) != 0 || ms == 0 || ms > (uint64_t)INT64_MAX / 2)
+        return -EINVAL;
+    *out = (int64_t)ms;
+    return 0;
+}
+
+int
+suppress_config_check(struct suppress_config *cfg, const char *spool, char *err, size_t errlen)
+{
+    const char *r = cfg->reply;
+    if (r == NULL || strlen(r) < 4 || (r[0] != '4' && r[0] != '5') || !isdigit((unsigned char)r[1]) ||
+        !isdigit((unsigned char)r[2]) || r[3] != ' ') {
+        snprintf(err, errlen, "reply: must start with a 4xx or 5xx code and a space");
+        return -EINVAL;
+    }
+    for (const char *p = r; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) {
+            snprintf(err, errlen, "reply: control characters are not allowed");
+            return -EINVAL;
+        }
+    if (parse_ttl(cfg->on_invalid_recipient, &cfg->invalid_recipient_ttl) != 0) {
+        snprintf(err, errlen, "on_invalid_recipient: expected off, forever or a duration, got '%s'",
+                 cfg->on_invalid_recipient);
+        return -EINVAL;
+    }
+    if (parse_ttl(cfg->on_complaint, &cfg->complaint_ttl) != 0) {
+        snprintf(err, errlen, "on_complaint: expected off, forever or a duration, got '%s'",
+                 cfg->on_complaint);
+        return -EINVAL;
+    }
+    if (cfg->path == NULL && spool != NULL) {
+        size_t n = strlen(spool) + sizeof("/suppress");
+        if ((cfg->path = malloc(n)) == NULL) {
+            snprintf(err, errlen, "out of memory");
+            return -ENOMEM;
+        }
+        snprintf(cfg->path, n, "%s/suppress", spool);
+    }
+    return 0;
+}
+
+static bool
+is_gmail(const char *d, size_t n)
+{
+    return (n == 9 && memcmp(d, "gmail.com", 9) == 0) ||
+           (n == 14 && memcmp(d, "googlemail.com", 14) == 0);
+}
+
+/* addr into out as stored: see suppress.h. cfg NULL: no local-part rules. */
+static int
+normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t outlen)
+{
+    if (addr == NULL)
+        return -EINVAL;
+    size_t n = strlen(addr);
+    if (n >= 2 && addr[0] == '<' && addr[n - 1] == '>') {
+        addr++;
+        n -= 2;
+    }
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)addr[i] <= 0x20 || addr[i] == 0x7f)
+            return -EINVAL;
+    const char *at = memrchr(addr, '@', n);
+    const char *local = addr, *dom;
+    size_t ll, dl;
+    if (at == NULL) { /* a bare domain */
+        ll = 0;
+        dom = addr;
+        dl = n;
+    } else {
+        ll = (size_t)(at - addr);
+        dom = at + 1;
+        dl = n - ll - 1;
+    }
+    if (dl > 0 && dom[dl - 1] == '.')
+        dl--; /* example.com. is example.com */
+    if (dl == 0 || dl > 255 || ll > 64 || ll + dl + 2 > outlen || memchr(dom, '@', dl) != NULL)
+        return -EINVAL;
+    size_t o = 0;
+    bool gm = false;
+    char dbuf[256];
+    for (size_t i = 0; i < dl; i++)
+        dbuf[i] = (char)tolower((unsigned char)dom[i]);
+    gm = cfg != NULL && cfg->gmail_dots && is_gmail(dbuf, dl);
+    for (size_t i = 0; i < ll; i++) {
+        char c = local[i];
+        if (cfg != NULL && cfg->strip_plus && c == '+' && o > 0)
+            break;
+        if (gm && c == '.')
+            continue;
+        if (cfg != NULL && cfg->lowercase_local)
+            c = (char)tolower((unsigned char)c);
+        out[o++] = c;
+    }
+    if (ll > 0 && o == 0)
+        return -EINVAL;
+    out[o++] = '@';
+    memcpy(out + o, dbuf, dl);
+    o += dl;
+    out[o] = '\0';
+    return 0;
+}
+
+int
+suppress_normalize(const struct suppress *s, const char *addr, char *out, size_t outlen)
+{
+    return normalize(s ? &s->cfg : NULL, addr, out, outlen);
+}
+
+static int
+check_scope(const char *scope)
+{
+    size_t n = strlen(scope);
+    if (n == 0 || n > SUPPRESS_SCOPE_MAX)
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)scope[i] <= 0x20 || scope[i] == 0x7f || scope[i] == ',' ||
+            scope[i] == '"')
+            return -EINVAL;
+    return 0;
+}
+
+static size_t
+key_make(uint8_t *k, const char *scope, const char *norm)
+{
+    size_t sl = strlen(scope), al = strlen(norm);
+    memcpy(k, scope, sl);
+    k[sl] = '\0';
+    memcpy(k + sl + 1, norm, al);
+    return sl + 1 + al;
+}
+
+static size_t
+val_make(uint8_t *v, enum suppress_reason reason, int64_t added, int64_t expires, const char *note)
+{
+    size_t nl = note ? strnlen(note, SUPPRESS_NOTE_MAX) : 0;
+    v[0] = 1;
+    v[1] = (uint8_t)reason;
+    uint16_t l16 = htole16((uint16_t)nl);
+    uint64_t a = htole64((uint64_t)added), x = htole64((uint64_t)expires);
+    memcpy(v + 2, &l16, 2);
+    memcpy(v + 4, &a, 8);
+    memcpy(v + 12, &x, 8);
+    if (nl > 0)
+        memcpy(v + VAL_HDR, note, nl);
+    /* A note is one line of text: no control characters survive. */
+    for (size_t i = 0; i < nl; i++)
+        if (v[VAL_HDR + i] < 0x20 || v[VAL_HDR + i] == 0x7f)
+            v[VAL_HDR + i] = ' ';
+    return VAL_HDR + nl;
+}
+
+/* Decode key k and value v into e. Returns 0 or -EINVAL (damaged). */
+static int
+entry_decode(const MDB_val *k, const MDB_val *v, struct suppress_entry *e)
+{
+    const uint8_t *kp = k->mv_data;
+    const uint8_t *z = memchr(kp, '\0', k->mv_size);
+    if (z == NULL || v->mv_size < VAL_HDR)
+        return -EINVAL;
+    size_t sl = (size_t)(z - kp), al = k->mv_size - sl - 1;
+    if (sl > SUPPRESS_SCOPE_MAX || al > SUPPRESS_ADDR_MAX)
+        return -EINVAL;
+    memcpy(e->scope, kp, sl);
+    e->scope[sl] = '\0';
+    memcpy(e->addr, z + 1, al);
+    e->addr[al] = '\0';
+    const uint8_t *vp = v->mv_data;
+    uint16_t l16;
+    uint64_t a, x;
+    memcpy(&l16, vp + 2, 2);
+    memcpy(&a, vp + 4, 8);
+    memcpy(&x, vp + 12, 8);
+    size_t nl = le16toh(l16);
+    if (nl > SUPPRESS_NOTE_MAX || VAL_HDR + nl > v->mv_size)
+        return -EINVAL;
+    e->reason = vp[1] < SUPPRESS_REASON_COUNT ? (enum suppress_reason)vp[1] : SUPPRESS_MANUAL;
+    e->added_ms = (int64_t)le64toh(a);
+    e->expires_ms = (int64_t)le64toh(x);
+    memcpy(e->note, vp + VAL_HDR, nl);
+    e->note[nl] = '\0';
+    return 0;
+}
+
+static int64_t
+val_expires(const MDB_val *v)
+{
+    uint64_t x;
+    if (v->mv_size < VAL_HDR)
+        return 0;
+    memcpy(&x, (const uint8_t *)v->mv_data + 12, 8);
+    return (int64_t)le64toh(x);
+}
+
+static int
+mdb_to_errno(int rc)
+{
+    switch (rc) {
+    case 0:
+        return 0;
+    case MDB_NOTFOUND:
+        return -ENOENT;
+    case MDB_MAP_FULL:
+        return -ENOSPC;
+    case MDB_READERS_FULL:
+        return -EAGAIN;
+    case ENOMEM:
+        return -ENOMEM;
+    default:
+        return rc > 0 ? -rc : -EIO;
+    }
+}
+
+/* ---- writing ---- */
+
+/* Commit n key/value pairs in one transaction (wlock held). */
+static int
+write_pairs(struct suppress *s, struct feed *list)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    uint64_t n = 0;
+    for (struct feed *f = list; f != NULL; f = f->next) {
+        MDB_val k = {f->klen, f->kv}, v = {f->vlen, f->kv + f->klen};
+        if ((rc = mdb_put(txn, s->dbi, &k, &v, 0)) != 0) {
+            mdb_txn_abort(txn);
+            return mdb_to_errno(rc);
+        }
+        n++;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    atomic_fetch_add(&s->added, n);
+    return 0;
+}
+
+static struct feed *
+feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress_reason reason,
+          int64_t expires_at, const char *note, int *err)
+{
+    char norm[SUPPRESS_ADDR_MAX + 2];
+    if (scope == NULL)
+        scope = SUPPRESS_SCOPE_GLOBAL;
+    if ((unsigned)reason >= SUPPRESS_REASON_COUNT || check_scope(scope) != 0 ||
+        normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX ||
+        expires_at < 0) {
+        *err = -EINVAL;
+        return NULL;
+    }
+    struct feed *f = malloc(sizeof(*f) + KEY_MAX + VAL_MAX);
+    if (f == NULL) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    f->next = NULL;
+    f->klen = (uint16_t)key_make(f->kv, scope, norm);
+    f->vlen = (uint16_t)val_make(f->kv + f->klen, reason, (int64_t)clock_unix_ms(), expires_at,
+                                 note);
+    return f;
+}
+
+int
+suppress_add(struct suppress *s, const char *scope, const char *addr, enum suppress_reason reason,
+             int64_t expires_at, const char *note)
+{
+    int rc = 0;
+    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note, &rc);
+    if (f == NULL)
+        return rc;
+    pthread_mutex_lock(&s->wlock);
+    rc = write_pairs(s, f);
+    pthread_mutex_unlock(&s->wlock);
+    free(f);
+    return rc;
+}
+
+int
+suppress_feed(struct suppress *s, const char *scope, const char *addr, enum suppress_reason reason,
+              int64_t expires_at, const char *note)
+{
+    int rc = 0;
+    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note, &rc);
+    if (f == NULL)
+        return rc;
+    pthread_mutex_lock(&s->flock);
+    if (s->nfeed >= SUPPRESS_FEED_MAX || s->stop) {
+        pthread_mutex_unlock(&s->flock);
+        free(f);
+        atomic_fetch_add(&s->feed_dropped, 1);
+        return -EAGAIN;
+    }
+    *s->ftail = f;
+    s->ftail = &f->next;
+    s->nfeed++;
+    s->fseq_in++;
+    pthread_cond_signal(&s->fcv);
+    pthread_mutex_unlock(&s->flock);
+    return 0;
+}
+
+int
+suppress_on_bounce(struct suppress *s, const char *tenant, const char *addr, enum bounce_class cls,
+                   const char *text)
+{
+    if (s == NULL || cls != BOUNCE_INVALID_RECIPIENT || s->cfg.invalid_recipient_ttl < 0)
+        return 0;
+    int64_t exp = s->cfg.invalid_recipient_ttl == 0
+                      ? 0
+                      : (int64_t)clock_unix_ms() + s->cfg.invalid_recipient_ttl;
+    char note[SUPPRESS_NOTE_MAX + 1];
+    snprintf(note, sizeof(note), "bounce: %s", text ? text : "");
+    int rc = suppress_feed(s, tenant, addr, SUPPRESS_HARD_BOUNCE, exp, note);
+    if (rc != 0)
+        log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> err=\"%s\"", addr, strerror(-rc));
+    return rc == 0;
+}
+
+int64_t
+suppress_complaint_expiry(const struct suppress *s, int64_t now_ms)
+{
+    if (s == NULL || s->cfg.complaint_ttl < 0)
+        return -1;
+    return s->cfg.complaint_ttl == 0 ? 0 : now_ms + s->cfg.complaint_ttl;
+}
+
+int
+suppress_remove(struct suppress *s, const char *scope, const char *addr)
+{
+    char norm[SUPPRESS_ADDR_MAX + 2];
+    uint8_t kb[KEY_MAX];
+    if (scope == NULL)
+        scope = SUPPRESS_SCOPE_GLOBAL;
+    if (check_scope(scope) != 0 || normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
+        strlen(norm) > SUPPRESS_ADDR_MAX)
+        return -EINVAL;
+    MDB_val k = {key_make(kb, scope, norm), kb};
+    pthread_mutex_lock(&s->wlock);
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc == 0) {
+        rc = mdb_del(txn, s->dbi, &k, NULL);
+        if (rc == 0)
+            rc = mdb_txn_commit(txn);
+        else
+            mdb_txn_abort(txn);
+    }
+    pthread_mutex_unlock(&s->wlock);
+    if (rc == 0)
+        atomic_fetch_add(&s->removed, 1);
+    return mdb_to_errno(rc);
+}
+
+long
+suppress_purge(struct suppress *s, int64_t now_ms)
+{
+    long total = 0;
+    for (;;) {
+        pthread_mutex_lock(&s->wlock);
+        MDB_txn *txn;
+        MDB_cursor *cur;
+        int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+        if (rc == 0 && (rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0)
+            mdb_txn_abort(txn);
+        if (rc != 0) {
+            pthread_mutex_unlock(&s->wlock);
+            return mdb_to_errno(rc);
+        }
+        MDB_val k, v;
+        long n = 0;
+        bool more = false;
+        for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+             rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+            int64_t x = val_expires(&v);
+            if (x == 0 || x > now_ms)
+                continue;
+            if ((rc = mdb_cursor_del(cur, 0)) != 0)
+                break;
+            if (++n == PURGE_BATCH) {
+                more = true;
+                break;
+            }
+        }
+        mdb_cursor_close(cur);
+        if (rc != 0 && rc != MDB_NOTFOUND) {
+            mdb_txn_abort(txn);
+            pthread_mutex_unlock(&s->wlock);
+            return mdb_to_errno(rc);
+        }
+        rc = mdb_txn_commit(txn);
+        pthread_mutex_unlock(&s->wlock);
+        if (rc != 0)
+            return mdb_to_errno(rc);
+        total += n;
+        atomic_fetch_add(&s->removed, (uint64_t)n);
+        if (!more)
+            return total;
+    }
+}
+
+/* The writer thread: commits every feed waiting in one transaction. */
+static void *
+writer_main(void *arg)
+{
+    struct suppress *s = arg;
+    log_set_thread_name("suppress");
+    /* a minute after start (not in the way of the start itself), then every hour */
+    uint64_t next_purge = clock_mono_ms() + 60000;
+    pthread_mutex_lock(&s->flock);
+    for (;;) {
+        while (s->fhead == NULL && !s->stop && clock_mono_ms() < next_purge) {
+            struct timespec until;
+            clock_gettime(CLOCK_REALTIME, &until);
+            until.tv_sec += 60;
+            pthread_cond_timedwait(&s->fcv, &s->flock, &until);
+        }
+        if (s->fhead == NULL && s->stop)
+            break;
+        struct feed *list = s->fhead;
+        unsigned n = s->nfeed;
+        uint64_t seq = s->fseq_in;
+        s->fhead = NULL;
+        s->ftail = &s->fhead;
+        s->nfeed = 0;
+        pthread_mutex_unlock(&s->flock);
+        if (list != NULL) {
+            pthread_mutex_lock(&s->wlock);
+            int rc = write_pairs(s, list);
+            pthread_mutex_unlock(&s->wlock);
+            if (rc != 0) {
+                atomic_fetch_add(&s->feed_dropped, n);
+                log_msg(LOG_ERR, "event=suppress_write_failed entries=%u err=\"%s\"", n,
+                        strerror(-rc));
+            }
+            while (list != NULL) {
+                struct feed *next = list->next;
+                free(list);
+                list = next;
+            }
+        }
+        if (clock_mono_ms() >= next_purge && !s->stop) {
+            long p = suppress_purge(s, (int64_t)clock_unix_ms());
+            if (p > 0)
+                log_msg(LOG_INFO, "event=suppress_purged entries=%ld", p);
+            else if (p < 0)
+                log_msg(LOG_ERR, "event=suppress_purge_failed err=\"%s\"", strerror((int)-p));
+            next_purge = clock_mono_ms() + PURGE_EVERY_MS;
+        }
+        pthread_mutex_lock(&s->flock);
+        s->fseq_done = seq;
+        pthread_cond_broadcast(&s->dcv);
+    }
+    s->fseq_done = s->fseq_in;
+    pthread_cond_broadcast(&s->dcv);
+    pthread_mutex_unlock(&s->flock);
+    return NULL;
+}
+
+void
+suppress_sync(struct suppress *s)
+{
+    pthread_mutex_lock(&s->flock);
+    uint64_t want = s->fseq_in;
+    pthread_cond_signal(&s->fcv);
+    while (s->fseq_done < want)
+        pthread_cond_wait(&s->dcv, &s->flock);
+    pthread_mutex_unlock(&s->flock);
+}
+
+/* ---- open, close ---- */
+
+static int
+mkdir_p(const char *path)
+{
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof(buf))
+        return -ENAMETOOLONG;
+    memcpy(buf, path, n + 1);
+    for (char *p = buf + 1; *p != '\0'; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(buf, 0700) < 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(buf, 0700) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+int
+suppress_open(const struct suppress_config *cfg, struct suppress **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (cfg->path == NULL) {
+        snprintf(err, errlen, "suppress: no path");
+        return -EINVAL;
+    }
+    struct suppress *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        snprintf(err, errlen, "suppress: out of memory");
+        return -ENOMEM;
+    }
+    if (conf_copy(suppress_conf_keys, &s->cfg, cfg, sizeof(*cfg)) != 0) {
+        free(s);
+        snprintf(err, errlen, "suppress: out of memory");
+        return -ENOMEM;
+    }
+    s->cfg.invalid_recipient_ttl = cfg->invalid_recipient_ttl;
+    s->cfg.complaint_ttl = cfg->complaint_ttl;
+    pthread_mutex_init(&s->wlock, NULL);
+    pthread_mutex_init(&s->flock, NULL);
+    pthread_cond_init(&s->fcv, NULL);
+    pthread_cond_init(&s->dcv, NULL);
+    s->ftail = &s->fhead;
+    int rc = mkdir_p(cfg->path);
+    if (rc < 0) {
+        snprintf(err, errlen, "suppress: cannot create %s: %s", cfg->path, strerror(-rc));
+        suppress_close(s);
+        return rc;
+    }
+    MDB_txn *txn = NULL;
+    if ((rc = mdb_env_create(&s->env)) != 0 || (rc = mdb_env_set_maxdbs(s->env, 2)) != 0 ||
+        (rc = mdb_env_set_maxreaders(s->env, 1024)) != 0 ||
+        (rc = mdb_env_set_mapsize(s->env, (size_t)cfg->map_size)) != 0 ||
+        (rc = mdb_env_open(s->env, cfg->path, 0, 0600)) != 0 ||
+        (rc = mdb_txn_begin(s->env, NULL, 0, &txn)) != 0 ||
+        (rc = mdb_dbi_open(txn, "entries", MDB_CREATE, &s->dbi)) != 0 ||
+        (rc = mdb_txn_commit(txn), txn = NULL, rc) != 0) {
+        if (txn != NULL)
+            mdb_txn_abort(txn);
+        snprintf(err, errlen, "suppress: cannot open the list at %s: %s", cfg->path,
+                 mdb_strerror(rc));
+        suppress_close(s);
+        return mdb_to_errno(rc);
+    }
+    if ((rc = pthread_create(&s->thread, NULL, writer_main, s)) != 0) {
+        snprintf(err, errlen, "suppress: cannot start its thread: %s", strerror(rc));
+        suppress_close(s);
+        return -rc;
+    }
+    s->thread_started = true;
+    *out = s;
+    return 0;
+}
+
+void
+suppress_close(struct suppress *s)
+{
+    if (s == NULL)
+        return;
+    if (s->thread_started) {
+        pthread_mutex_lock(&s->flock);
+        s->stop = true;
+        pthread_cond_signal(&s->fcv);
+        pthread_mutex_unlock(&s->flock);
+        pthread_join(s->thread, NULL);
+    }
+    while (s->fhead != NULL) {
+        struct feed *n = s->fhead->next;
+        free(s->fhead);
+        s->fhead = n;
+    }
+    if (s->env != NULL)
+        mdb_env_close(s->env);
+    conf_free(suppress_conf_keys, &s->cfg);
+    pthread_mutex_destroy(&s->wlock);
+    pthread_mutex_destroy(&s->flock);
+    pthread_cond_destroy(&s->fcv);
+    pthread_cond_destroy(&s->dcv);
+    free(s);
+}
+
+/* ---- reading ---- */
+
+/* Look key up in txn: 1 (live entry, decoded into out), 0, or -errno. */
+static int
+lookup(MDB_txn *txn, MDB_dbi dbi, const char *scope, const char *norm, int64_t now,
+       struct suppress_entry *out)
+{
+    uint8_t kb[KEY_MAX];
+    MDB_val k = {key_make(kb, scope, norm), kb}, v;
+    int rc = mdb_get(txn, dbi, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    int64_t x = val_expires(&v);
+    if (x != 0 && x <= now)
+        return 0;
+    if (out != NULL && entry_decode(&k, &v, out) != 0)
+        return -EINVAL;
+    return 1;
+}
+
+int
+suppress_check(struct suppress *s, const char *scope, const char *addr, struct suppress_entry *out)
+{
+    char norm[SUPPRESS_ADDR_MAX + 2];
+    atomic_fetch_add_explicit(&s->checks, 1, memory_order_relaxed);
+    if (normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX)
+        return 0;
+    bool scoped = scope != NULL && strcmp(scope, SUPPRESS_SCOPE_GLOBAL) != 0 &&
+                  check_scope(scope) == 0;
+    const char *dom = strchr(norm, '@'); /* "@domain" */
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    int64_t now = (int64_t)clock_unix_ms();
+    rc = 0;
+    if (dom != norm) { /* an address: it first, then its domain */
+        rc = lookup(txn, s->dbi, SUPPRESS_SCOPE_GLOBAL, norm, now, out);
+        if (rc == 0 && scoped)
+            rc = lookup(txn, s->dbi, scope, norm, now, out);
+    }
+    if (rc == 0)
+        rc = lookup(txn, s->dbi, SUPPRESS_SCOPE_GLOBAL, dom, now, out);
+    if (rc == 0 && scoped)
+        rc = lookup(txn, s->dbi, scope, dom, now, out);
+    mdb_txn_abort(txn);
+    if (rc == 1)
+        atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+    return rc;
+}
+
+long
+suppress_list(struct suppress *s, const char *scope, const char *after_scope,
+              const char *after_addr, size_t limit,
+              int (*fn)(void *arg, const struct suppress_entry *e), void *arg)
+{
+    uint8_t kb[KEY_MAX];
+    size_t sl = 0;
+    if (scope != NULL) {
+        if (check_scope(scope) != 0)
+            return -EINVAL;
+        sl = strlen(scope) + 1; /* with its NUL: the range's prefix */
+    }
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
+        mdb_txn_abort(txn);
+        return mdb_to_errno(rc);
+    }
+    MDB_val k, v;
+    bool skip_equal = false;
+    if (after_addr != NULL) {
+        const char *as = after_scope ? after_scope : (scope ? scope : SUPPRESS_SCOPE_GLOBAL);
+        if (strlen(as) > SUPPRESS_SCOPE_MAX || strlen(after_addr) > SUPPRESS_ADDR_MAX) {
+            mdb_cursor_close(cur);
+            mdb_txn_abort(txn);
+            return -EINVAL;
+        }
+        k.mv_size = key_make(kb, as, after_addr);
+        k.mv_data = kb;
+        skip_equal = true;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    } else if (scope != NULL) {
+        k.mv_size = key_make(kb, scope, "");
+        k.mv_data = kb;
+        rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+    } else {
+        rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+    }
+    uint8_t after[KEY_MAX];
+    size_t afterlen = 0;
+    if (skip_equal) {
+        afterlen = key_make(after, after_scope ? after_scope : (scope ? scope : SUPPRESS_SCOPE_GLOBAL),
+                            after_addr);
+    }
+    long n = 0;
+    struct suppress_entry e;
+    for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (skip_equal) {
+            skip_equal = false;
+            if (k.mv_size == afterlen && memcmp(k.mv_data, after, afterlen) == 0)
+                continue;
+        }
+        if (scope != NULL && (k.mv_size < sl || memcmp(k.mv_data, scope, sl) != 0))
+            break;
+        if (entry_decode(&k, &v, &e) != 0)
+            continue;
+        n++;
+        if (fn(arg, &e) != 0 || (limit != 0 && (size_t)n >= limit))
+            break;
+    }
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    return rc == 0 || rc == MDB_NOTFOUND ? n : mdb_to_errno(rc);
+}
+
+void
+suppress_stats(struct suppress *s, struct suppress_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->checks = atomic_load(&s->checks);
+    out->hits = atomic_load(&s->hits);
+    out->added = atomic_load(&s->added);
+    out->removed = atomic_load(&s->removed);
+    out->feed_dropped = atomic_load(&s->feed_dropped);
+    MDB_txn *txn;
+    if (mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn) == 0) {
+        MDB_stat st;
+        if (mdb_stat(txn, s->dbi, &st) == 0)
+            out->entries = st.ms_entries;
+        MDB_envinfo ei;
+        MDB_stat es;
+        if (mdb_env_info(s->env, &ei) == 0 && mdb_env_stat(s->env, &es) == 0) {
+            out->map_size = ei.me_mapsize;
+            out->map_used = (uint64_t)(ei.me_last_pgno + 1) * es.ms_psize;
+        }
+        mdb_txn_abort(txn);
+    }
+}
+
+void
+suppress_reply(const struct suppress *s, const char *addr, const struct suppress_entry *e,
+               char *out, size_t outlen)
+{
+    size_t o = 0;
+    const char *p = s->cfg.reply;
+    if (outlen == 0)
+        return;
+    while (*p != '\0' && o + 1 < outlen) {
+        const char *sub = NULL;
+        size_t skip = 0;
+        if (strncmp(p, "{addr}", 6) == 0) {
+            sub = addr;
+            skip = 6;
+        } else if (strncmp(p, "{reason}", 8) == 0) {
+            sub = suppress_reason_str(e->reason);
+            skip = 8;
+        }
+        if (sub != NULL) {
+            for (; *sub != '\0' && o + 1 < outlen; sub++)
+                out[o++] = *sub;
+            p += skip;
+        } else {
+            out[o++] = *p++;
+        }
+    }
+    out[o] = '\0';
+}
+
+/* ---- CSV ---- */
+
+/* Split line (NUL-terminated, no newline) into up to max fields in place,
+ * RFC 4180 quoting. Returns the number of fields, or -1 (bad quoting). */
+static int
+csv_split(char *line, char **f, int max)
+{
+    int n = 0;
+    char *p = line;
+    for (;;) {
+        if (n == max)
+            return n; /* more fields than wanted: the rest is ignored */
+        if (*p == '"') {
+            char *w = ++p;
+            f[n++] = w;
+            for (;;) {
+                if (*p == '\0')
+                    return -1;
+                if (*p == '"') {
+                    if (p[1] == '"') {
+                        *w++ = '"';
+                        p += 2;
+                        continue;
+                    }
+                    p++;
+                    break;
+                }
+                *w++ = *p++;
+            }
+            *w = '\0';
+            if (*p == '\0')
+                return n;
+            if (*p != ',')
+                return -1;
+            p++;
+        } else {
+            f[n++] = p;
+            char *c = strchr(p, ',');
+            if (c == NULL)
+                return n;
+            *c = '\0';
+            p = c + 1;
+        }
+    }
+}
+
+/* "" -> dflt; digits: Unix seconds; else ISO 8601 UTC. Unix ms out. */
+static int
+parse_time(const char *t, int64_t dflt, int64_t *out)
+{
+    if (*t == '\0') {
+        *out = dflt;
+        return 0;
+    }
+    bool digits = true;
+    for (const char *p = t; *p != '\0'; p++)
+        digits = digits && isdigit((unsigned char)*p);
+    if (digits) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(t, &end, 10);
+        if (errno != 0 || v > 100000000000ULL)
+            return -EINVAL;
+        *out = (int64_t)v * 1000;
+        return 0;
+    }
+    struct tm tm = {0};
+    int used = 0;
+    if (sscanf(t, "%4d-%2d-%2dT%2d:%2d:%2dZ%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
+               &tm.tm_min, &tm.tm_sec, &used) != 6 ||
+        used != (int)strlen(t) || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 ||
+        tm.tm_mday > 31 || tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60)
+        return -EINVAL;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    time_t x = timegm(&tm);
+    if (x < 0)
+        return -EINVAL;
+    *out = (int64_t)x * 1000;
+    return 0;
+}
+
+/* Records of an import: an arena of [u16 klen][u16 vlen][key][value]. */
+struct arena {
+    uint8_t *buf; /* owned */
+    size_t len, cap;
+    size_t *off;  /* owned: one per record */
+    size_t n, ncap;
+};
+
+static int
+arena_push(struct arena *a, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    size_t need = 4 + kl + vl;
+    if (a->len + need > a->cap) {
+        size_t nc = a->cap ? a->cap * 2 : 1 << 20;
+        while (nc < a->len + need)
+            nc *= 2;
+        uint8_t *b = realloc(a->buf, nc);
+        if (b == NULL)
+            return -ENOMEM;
+        a->buf = b;
+        a->cap = nc;
+    }
+    if (a->n == a->ncap) {
+        size_t nc = a->ncap ? a->ncap * 2 : 65536;
+        size_t *o = realloc(a->off, nc * sizeof(*o));
+        if (o == NULL)
+            return -ENOMEM;
+        a->off = o;
+        a->ncap = nc;
+    }
+    uint16_t k16 = (uint16_t)kl, v16 = (uint16_t)vl;
+    uint8_t *p = a->buf + a->len;
+    memcpy(p, &k16, 2);
+    memcpy(p + 2, &v16, 2);
+    memcpy(p + 4, k, kl);
+    memcpy(p + 4 + kl, v, vl);
+    a->off[a->n++] = a->len;
+    a->len += need;
+    return 0;
+}
+
+static void
+arena_rec(const struct arena *a, size_t i, MDB_val *k, MDB_val *v)
+{
+    const uint8_t *p = a->buf + a->off[i];
+    uint16_t k16, v16;
+    memcpy(&k16, p, 2);
+    memcpy(&v16, p + 2, 2);
+    k->mv_size = k16;
+    k->mv_data = (void *)(p + 4);
+    v->mv_size = v16;
+    v->mv_data = (void *)(p + 4 + k16);
+}
+
+/* LMDB's default order: memcmp, then the shorter first. */
+static int
+key_cmp(const MDB_val *a, const MDB_val *b)
+{
+    size_t n = a->mv_size < b->mv_size ? a->mv_size : b->mv_size;
+    int c = memcmp(a->mv_data, b->mv_data, n);
+    if (c != 0)
+        return c;
+    return a->mv_size < b->mv_size ? -1 : a->mv_size > b->mv_size ? 1 : 0;
+}
+
+static int
+off_cmp(const void *x, const void *y, void *arg)
+{
+    const size_t *a = x, *b = y;
+    MDB_val ka, kb;
+    const uint8_t *base = ((const struct arena *)arg)->buf;
+    uint16_t l;
+    memcpy(&l, base + *a, 2);
+    ka.mv_size = l;
+    ka.mv_data = (void *)(base + *a + 4);
+    memcpy(&l, base + *b, 2);
+    kb.mv_size = l;
+    kb.mv_data = (void *)(base + *b + 4);
+    int c = key_cmp(&ka, &kb);
+    if (c != 0)
+        return c;
+    return *a < *b ? -1 : *a > *b ? 1 : 0; /* stable: the later line wins below */
+}
+
+static int
+import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
+{
+    char *f[6] = {0};
+    int nf = csv_split(line, f, 6);
+    if (nf < 1 || f[0][0] == '\0') {
+        snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
+        return -EINVAL;
+    }
+    const char *scope = nf > 1 && f[1][0] != '\0' ? f[1] : SUPPRESS_SCOPE_GLOBAL;
+    enum suppress_reason reason = SUPPRESS_MANUAL;
+    if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
+        snprintf(why, wl, "unknown reason");
+        return -EINVAL;
+    }
+    int64_t added, expires;
+    if (parse_time(nf > 3 ? f[3] : "", now, &added) != 0 ||
+        parse_time(nf > 4 ? f[4] : "", 0, &expires) != 0) {
+        snprintf(why, wl, "bad time (ISO 8601 UTC or Unix seconds)");
+        return -EINVAL;
+    }
+    char norm[SUPPRESS_ADDR_MAX + 2];
+    if (check_scope(scope) != 0) {
+        snprintf(why, wl, "bad scope");
+        return -EINVAL;
+    }
+    if (normalize(&s->cfg, f[0], norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
+        snprintf(why, wl, "bad address");
+        return -EINVAL;
+    }
+    uint8_t kb[KEY_MAX], vb[VAL_MAX];
+    size_t kl = key_make(kb, scope, norm);
+    size_t vl = val_make(vb, reason, added, expires, nf > 5 ? f[5] : NULL);
+    return arena_push(a, kb, kl, vb, vl);
+}
+
+/* Write records [from, to) of the sorted arena in one transaction. */
+static int
+import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
+        mdb_txn_abort(txn);
+        return mdb_to_errno(rc);
+    }
+    /* MDB_APPEND when the batch's first key comes after the last stored. */
+    MDB_val lk, lv, k, v;
+    arena_rec(a, from, &k, &v);
+    rc = mdb_cursor_get(cur, &lk, &lv, MDB_LAST);
+    bool append = rc == MDB_NOTFOUND || (rc == 0 && key_cmp(&lk, &k) < 0);
+    rc = 0;
+    size_t n = 0;
+    for (size_t i = from; i < to && rc == 0; i++) {
+        arena_rec(a, i, &k, &v);
+        if (i + 1 < to) { /* duplicates: the later line wins */
+            MDB_val k2, v2;
+            arena_rec(a, i + 1, &k2, &v2);
+            if (key_cmp(&k, &k2) == 0)
+                continue;
+        }
+        rc = mdb_cursor_put(cur, &k, &v, append ? MDB_APPEND : 0);
+        n++;
+    }
+    mdb_cursor_close(cur);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return mdb_to_errno(rc);
+    }
+    if ((rc = mdb_txn_commit(txn)) != 0)
+        return mdb_to_errno(rc);
+    atomic_fetch_add(&s->added, n);
+    return 0;
+}
+
+int
+suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    struct arena a = {0};
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    int64_t now = (int64_t)clock_unix_ms();
+    int rc = 0;
+    while ((len = getline(&line, &cap, in)) >= 0) {
+        res->lines++;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        if (len == 0 || line[0] == '#')
+            continue;
+        if (res->lines == 1 && strncasecmp(line, "address,", 8) == 0)
+            continue;
+        char why[100];
+        if (memchr(line, '\0', (size_t)len) != NULL) {
+            snprintf(why, sizeof(why), "NUL octet");
+            rc = -EINVAL;
+        } else {
+            rc = import_line(s, line, now, &a, why, sizeof(why));
+        }
+        if (rc == -ENOMEM)
+            break;
+        if (rc != 0) {
+            res->skipped++;
+            if (res->first_bad_line == 0) {
+                res->first_bad_line = res->lines;
+                snprintf(res->first_error, sizeof(res->first_error), "line %llu: %s",
+                         (unsigned long long)res->lines, why);
+            }
+            rc = 0;
+        }
+    }
+    free(line);
+    if (rc == 0 && ferror(in))
+        rc = -EIO;
+    if (rc == 0 && a.n > 0) {
+        qsort_r(a.off, a.n, sizeof(*a.off), off_cmp, &a);
+        for (size_t from = 0; from < a.n && rc == 0;) {
+            size_t to = from + IMPORT_BATCH < a.n ? from + IMPORT_BATCH : a.n;
+            /* keep equal keys in one batch, so that the later line wins */
+            while (to < a.n) {
+                MDB_val k1, v1, k2, v2;
+                arena_rec(&a, to - 1, &k1, &v1);
+                arena_rec(&a, to, &k2, &v2);
+                if (key_cmp(&k1, &k2) != 0)
+                    break;
+                to++;
+            }
+            pthread_mutex_lock(&s->wlock);
+            rc = import_batch(s, &a, from, to);
+            pthread_mutex_unlock(&s->wlock);
+            if (rc == 0) {
+                for (size_t i = from; i < to; i++) {
+                    if (i + 1 < to) {
+                        MDB_val k1, v1, k2, v2;
+                        arena_rec(&a, i, &k1, &v1);
+                        arena_rec(&a, i + 1, &k2, &v2);
+                        if (key_cmp(&k1, &k2) == 0)
+                            continue;
+                    }
+                    res->imported++;
+                }
+            }
+            from = to;
+        }
+    }
+    free(a.buf);
+    free(a.off);
+    return rc;
+}
+
+static void
+csv_field(FILE *out, const char *s)
+{
+    if (strpbrk(s, ",\"\r\n") == NULL) {
+        fputs(s, out);
+        return;
+    }
+    fputc('"', out);
+    for (; *s != '\0'; s++) {
+        if (*s == '"')
+            fputc('"', out);
+        fputc(*s, out);
+    }
+    fputc('"', out);
+}
+
+static void
+iso_time(int64_t ms, char *out, size_t outlen)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, outlen, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static int
+export_one(void *arg, const struct suppress_entry *e)
+{
+    FILE *out = arg;
+    char added[32], expires[32] = "";
+    iso_time(e->added_ms, added, sizeof(added));
+    if (e->expires_ms != 0)
+        iso_time(e->expires_ms, expires, sizeof(expires));
+    csv_field(out, e->addr);
+    fputc(',', out);
+    csv_field(out, e->scope);
+    fprintf(out, ",%s,%s,%s,", suppress_reason_str(e->reason), added, expires);
+    csv_field(out, e->note);
+    fputc('\n', out);
+    return ferror(out) ? -1 : 0;
+}
+
+long
+suppress_export_csv(struct suppress *s, FILE *out, const char *scope)
+{
+    fputs("address,scope,reason,added,expires,note\n", out);
+    long n = suppress_list(s, scope, NULL, NULL, 0, export_one, out);
+    if (n >= 0 && (fflush(out) != 0 || ferror(out)))
+        return -EIO;
+    return n;
+}

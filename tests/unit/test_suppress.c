@@ -1,0 +1,415 @@
+/*
+ * test_suppress: the suppression list's store (engine/suppress.h) on a
+ * real LMDB environment in a temporary directory: add, check (address,
+ * domain, global and scope, expiry), remove, normalisation on and off,
+ * the bounce hook's policy, feeds from several threads committed by the
+ * writer thread, list paging, CSV import and export (quoting, bad lines,
+ * duplicates, replacement of stored entries), and that entries survive a
+ * close and reopen.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "common/clock.h"
+#include "engine/suppress.h"
+
+struct fix {
+    char dir[64];
+    struct suppress_config cfg;
+    struct suppress *s;
+};
+
+static void
+fix_open(struct fix *f)
+{
+    char err[256] = "";
+    assert_int_equal(suppress_open(&f->cfg, &f->s, err, sizeof(err)), 0);
+}
+
+static int
+setup_with(void **state, const char *const *kv)
+{
+    struct fix *f = calloc(1, sizeof(*f));
+    snprintf(f->dir, sizeof(f->dir), "/tmp/test_suppress.XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    char err[256];
+    assert_int_equal(conf_defaults(suppress_conf_keys, &f->cfg, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &f->cfg, "map_size", "64M", err, sizeof(err)), 0);
+    for (; kv != NULL && kv[0] != NULL; kv += 2)
+        assert_int_equal(conf_set(suppress_conf_keys, &f->cfg, kv[0], kv[1], err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&f->cfg, f->dir, err, sizeof(err)), 0);
+    fix_open(f);
+    *state = f;
+    return 0;
+}
+
+static int
+setup(void **state)
+{
+    return setup_with(state, NULL);
+}
+
+static int
+setup_norm(void **state)
+{
+    static const char *const kv[] = {"lowercase_local", "yes", "strip_plus", "yes", "gmail_dots",
+                                     "yes", "on_invalid_recipient", "30d", NULL};
+    return setup_with(state, kv);
+}
+
+static int
+teardown(void **state)
+{
+    struct fix *f = *state;
+    suppress_close(f->s);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", f->dir);
+    assert_int_equal(system(cmd), 0);
+    conf_free(suppress_conf_keys, &f->cfg);
+    free(f);
+    return 0;
+}
+
+static void
+test_add_check_remove(void **state)
+{
+    struct fix *f = *state;
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, NULL, "a@example.com", &e), 0);
+    assert_int_equal(suppress_add(f->s, NULL, "a@Example.COM", SUPPRESS_HARD_BOUNCE, 0, "550 5.1.1"),
+                     0);
+    assert_int_equal(suppress_check(f->s, NULL, "a@example.com", &e), 1);
+    assert_string_equal(e.addr, "a@example.com");
+    assert_string_equal(e.scope, "global");
+    assert_int_equal(e.reason, SUPPRESS_HARD_BOUNCE);
+    assert_string_equal(e.note, "550 5.1.1");
+    assert_int_equal(e.expires_ms, 0);
+    assert_true(e.added_ms > 0);
+    /* domains are case-insensitive, local parts are not (by default) */
+    assert_int_equal(suppress_check(f->s, NULL, "a@EXAMPLE.com", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "A@example.com", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "b@example.com", NULL), 0);
+    /* a global entry holds in every scope */
+    assert_int_equal(suppress_check(f->s, "tenant1", "a@example.com", NULL), 1);
+    assert_int_equal(suppress_remove(f->s, NULL, "a@example.com"), 0);
+    assert_int_equal(suppress_remove(f->s, NULL, "a@example.com"), -ENOENT);
+    assert_int_equal(suppress_check(f->s, NULL, "a@example.com", NULL), 0);
+    /* bad input */
+    assert_int_equal(suppress_add(f->s, NULL, "a b@example.com", SUPPRESS_MANUAL, 0, NULL), -EINVAL);
+    assert_int_equal(suppress_add(f->s, NULL, "a@", SUPPRESS_MANUAL, 0, NULL), -EINVAL);
+    assert_int_equal(suppress_add(f->s, "bad scope", "a@b.c", SUPPRESS_MANUAL, 0, NULL), -EINVAL);
+    assert_int_equal(suppress_add(f->s, "", "a@b.c", SUPPRESS_MANUAL, 0, NULL), -EINVAL);
+    assert_int_equal(suppress_check(f->s, NULL, "", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "no-at-sign-but-a-domain", NULL), 0);
+}
+
+static void
+test_domain_and_scope(void **state)
+{
+    struct fix *f = *state;
+    struct suppress_entry e;
+    assert_int_equal(suppress_add(f->s, NULL, "@Dead.Example", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_add(f->s, "t1", "gone.example", SUPPRESS_COMPLAINT, 0, NULL), 0);
+    assert_int_equal(suppress_add(f->s, "t1", "x@live.example", SUPPRESS_UNSUBSCRIBE, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "anyone@dead.example", &e), 1);
+    assert_string_equal(e.addr, "@dead.example");
+    /* the tenant's entries hold for that tenant only */
+    assert_int_equal(suppress_check(f->s, NULL, "y@gone.example", NULL), 0);
+    assert_int_equal(suppress_check(f->s, "t2", "y@gone.example", NULL), 0);
+    assert_int_equal(suppress_check(f->s, "t1", "y@gone.example", &e), 1);
+    assert_string_equal(e.scope, "t1");
+    assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    assert_int_equal(suppress_check(f->s, "t1", "x@live.example", &e), 1);
+    assert_int_equal(e.reason, SUPPRESS_UNSUBSCRIBE);
+    assert_int_equal(suppress_check(f->s, NULL, "x@live.example", NULL), 0);
+    /* the address is looked up before the domain */
+    assert_int_equal(suppress_add(f->s, NULL, "who@dead.example", SUPPRESS_HARD_BOUNCE, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "who@dead.example", &e), 1);
+    assert_string_equal(e.addr, "who@dead.example");
+}
+
+static void
+test_expiry_and_purge(void **state)
+{
+    struct fix *f = *state;
+    int64_t now = (int64_t)clock_unix_ms();
+    assert_int_equal(suppress_add(f->s, NULL, "old@x.example", SUPPRESS_MANUAL, now - 1000, NULL), 0);
+    assert_int_equal(suppress_add(f->s, NULL, "new@x.example", SUPPRESS_MANUAL, now + 3600000, NULL),
+                     0);
+    assert_int_equal(suppress_check(f->s, NULL, "old@x.example", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "new@x.example", NULL), 1);
+    struct suppress_stats st;
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 2);
+    assert_int_equal(suppress_purge(f->s, now), 1);
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 1);
+}
+
+static void
+test_normalisation(void **state)
+{
+    struct fix *f = *state;
+    char out[400];
+    assert_int_equal(suppress_normalize(f->s, "F.O.O+news@GMail.com", out, sizeof(out)), 0);
+    assert_string_equal(out, "foo@gmail.com");
+    assert_int_equal(suppress_normalize(f->s, "First.Last+x@example.com", out, sizeof(out)), 0);
+    assert_string_equal(out, "first.last@example.com");
+    assert_int_equal(suppress_normalize(f->s, "<a@b.example.>", out, sizeof(out)), 0);
+    assert_string_equal(out, "a@b.example");
+    assert_int_equal(suppress_add(f->s, NULL, "John.Doe@gmail.com", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "johndoe+promo@googlemail.com", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "j.o.h.n.d.o.e+promo@GMAIL.COM", NULL), 1);
+}
+
+static void
+test_normalisation_off(void **state)
+{
+    struct fix *f = *state;
+    char out[400];
+    assert_int_equal(suppress_normalize(f->s, "F.O.O+news@GMail.com", out, sizeof(out)), 0);
+    assert_string_equal(out, "F.O.O+news@gmail.com");
+}
+
+static void
+test_bounce_policy(void **state)
+{
+    struct fix *f = *state;
+    /* default: off */
+    assert_int_equal(suppress_on_bounce(f->s, NULL, "x@y.example", BOUNCE_INVALID_RECIPIENT, "550"),
+                     0);
+    assert_int_equal(suppress_on_bounce(NULL, NULL, "x@y.example", BOUNCE_INVALID_RECIPIENT, "550"),
+                     0);
+    suppress_sync(f->s);
+    assert_int_equal(suppress_check(f->s, NULL, "x@y.example", NULL), 0);
+}
+
+static void
+test_bounce_policy_on(void **state)
+{
+    struct fix *f = *state;
+    assert_int_equal(suppress_on_bounce(f->s, NULL, "x@y.example", BOUNCE_MAILBOX_FULL, "552"), 0);
+    assert_int_equal(suppress_on_bounce(f->s, NULL, "x@y.example", BOUNCE_INVALID_RECIPIENT,
+                                        "550 5.1.1 no such user"),
+                     1);
+    suppress_sync(f->s);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, NULL, "x@y.example", &e), 1);
+    assert_int_equal(e.reason, SUPPRESS_HARD_BOUNCE);
+    int64_t d = e.expires_ms - e.added_ms;
+    assert_true(d > 30LL * 86400 * 1000 - 5000 && d <= 30LL * 86400 * 1000 + 5000);
+    assert_string_equal(e.note, "bounce: 550 5.1.1 no such user");
+}
+
+struct feeder {
+    struct suppress *s;
+    int id;
+};
+
+static void *
+feeder_main(void *arg)
+{
+    struct feeder *fd = arg;
+    char a[64];
+    for (int i = 0; i < 2000; i++) {
+        snprintf(a, sizeof(a), "u%d-%d@feed.example", fd->id, i);
+        while (suppress_feed(fd->s, NULL, a, SUPPRESS_HARD_BOUNCE, 0, "feed") == -EAGAIN)
+            suppress_sync(fd->s);
+    }
+    return NULL;
+}
+
+static void
+test_feed_threads(void **state)
+{
+    struct fix *f = *state;
+    pthread_t t[4];
+    struct feeder fd[4];
+    for (int i = 0; i < 4; i++) {
+        fd[i] = (struct feeder){f->s, i};
+        assert_int_equal(pthread_create(&t[i], NULL, feeder_main, &fd[i]), 0);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    suppress_sync(f->s);
+    struct suppress_stats st;
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 8000);
+    assert_int_equal(suppress_check(f->s, NULL, "u3-1999@feed.example", NULL), 1);
+}
+
+struct collect {
+    char addrs[64][400];
+    int n;
+};
+
+static int
+collect_fn(void *arg, const struct suppress_entry *e)
+{
+    struct collect *c = arg;
+    snprintf(c->addrs[c->n++], sizeof(c->addrs[0]), "%s/%s", e->scope, e->addr);
+    return 0;
+}
+
+static void
+test_list_pages(void **state)
+{
+    struct fix *f = *state;
+    char a[64];
+    for (int i = 0; i < 10; i++) {
+        snprintf(a, sizeof(a), "u%d@l.example", i);
+        assert_int_equal(suppress_add(f->s, i < 5 ? "aa" : "zz", a, SUPPRESS_MANUAL, 0, NULL), 0);
+    }
+    struct collect c = {0};
+    assert_int_equal(suppress_list(f->s, "zz", NULL, NULL, 0, collect_fn, &c), 5);
+    assert_string_equal(c.addrs[0], "zz/u5@l.example");
+    memset(&c, 0, sizeof(c));
+    assert_int_equal(suppress_list(f->s, NULL, NULL, NULL, 3, collect_fn, &c), 3);
+    assert_string_equal(c.addrs[2], "aa/u2@l.example");
+    /* next page: after the last one seen */
+    memset(&c, 0, sizeof(c));
+    assert_int_equal(suppress_list(f->s, NULL, "aa", "u2@l.example", 3, collect_fn, &c), 3);
+    assert_string_equal(c.addrs[0], "aa/u3@l.example");
+    assert_string_equal(c.addrs[2], "zz/u5@l.example");
+}
+
+static void
+test_csv_round_trip(void **state)
+{
+    struct fix *f = *state;
+    assert_int_equal(suppress_add(f->s, NULL, "keep@x.example", SUPPRESS_MANUAL, 0, "old"), 0);
+    assert_int_equal(suppress_add(f->s, NULL, "zzz@x.example", SUPPRESS_MANUAL, 0, "old"), 0);
+    const char *csv = "address,scope,reason,added,expires,note\n"
+                      "b@x.example,,hard_bounce,2026-01-31T12:00:00Z,,\"550, \"\"gone\"\"\"\n"
+                      "a@x.example,t1,complaint,1700000000,2000000000,fbl\n"
+                      "not an address,,,,,\n"
+                      "c@x.example,,nonsense,,,\n"
+                      "@whole.example\n"
+                      "zzz@x.example,,unsubscribe,,,new\n"
+                      "dup@x.example,,manual,,,first\n"
+                      "dup@x.example,,manual,,,second\n";
+    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
+    struct suppress_import_result r;
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    fclose(in);
+    assert_int_equal(r.lines, 9);
+    assert_int_equal(r.imported, 5);
+    assert_int_equal(r.skipped, 2);
+    assert_int_equal(r.first_bad_line, 4);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, NULL, "b@x.example", &e), 1);
+    assert_string_equal(e.note, "550, \"gone\"");
+    assert_int_equal(e.added_ms, 1769860800000LL);
+    assert_int_equal(suppress_check(f->s, "t1", "a@x.example", &e), 1);
+    assert_int_equal(e.expires_ms, 2000000000000LL);
+    assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    assert_int_equal(suppress_check(f->s, NULL, "anyone@whole.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "zzz@x.example", &e), 1);
+    assert_int_equal(e.reason, SUPPRESS_UNSUBSCRIBE); /* replaced */
+    assert_int_equal(suppress_check(f->s, NULL, "dup@x.example", &e), 1);
+    assert_string_equal(e.note, "second");
+    assert_int_equal(suppress_check(f->s, NULL, "keep@x.example", NULL), 1);
+
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&buf, &len);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
+    fclose(out);
+    assert_non_null(strstr(buf, "address,scope,reason,added,expires,note\n"));
+    assert_non_null(strstr(buf, "b@x.example,global,hard_bounce,2026-01-31T12:00:00Z,,"
+                                "\"550, \"\"gone\"\"\"\n"));
+    assert_non_null(strstr(buf, "a@x.example,t1,complaint,2023-11-14T22:13:20Z,"
+                                "2033-05-18T03:33:20Z,fbl\n"));
+    /* export -> import into an empty list gives the same export */
+    suppress_close(f->s);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s/suppress", f->dir);
+    assert_int_equal(system(cmd), 0);
+    fix_open(f);
+    in = fmemopen(buf, len, "r");
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    fclose(in);
+    assert_int_equal(r.imported, 6);
+    char *buf2 = NULL;
+    size_t len2 = 0;
+    out = open_memstream(&buf2, &len2);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
+    fclose(out);
+    assert_int_equal(len, len2);
+    assert_memory_equal(buf, buf2, len);
+    free(buf);
+    free(buf2);
+}
+
+static void
+test_reopen(void **state)
+{
+    struct fix *f = *state;
+    assert_int_equal(suppress_add(f->s, NULL, "stay@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_feed(f->s, NULL, "fed@x.example", SUPPRESS_COMPLAINT, 0, NULL), 0);
+    suppress_close(f->s); /* commits the feeds still waiting */
+    fix_open(f);
+    assert_int_equal(suppress_check(f->s, NULL, "stay@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "fed@x.example", NULL), 1);
+}
+
+static void
+test_config_check(void **state)
+{
+    (void)state;
+    struct suppress_config c = {0};
+    char err[256];
+    assert_int_equal(conf_defaults(suppress_conf_keys, &c, err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&c, "/var/spool/x", err, sizeof(err)), 0);
+    assert_string_equal(c.path, "/var/spool/x/suppress");
+    assert_int_equal(c.invalid_recipient_ttl, -1);
+    assert_int_equal(c.complaint_ttl, 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &c, "reply", "250 ok", err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&c, NULL, err, sizeof(err)), -EINVAL);
+    assert_int_equal(conf_set(suppress_conf_keys, &c, "reply", "550 5.7.1 no", err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &c, "on_complaint", "soon", err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&c, NULL, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "on_complaint"));
+    conf_free(suppress_conf_keys, &c);
+}
+
+static void
+test_reply(void **state)
+{
+    struct fix *f = *state;
+    struct suppress_entry e = {.reason = SUPPRESS_COMPLAINT};
+    char out[256];
+    suppress_reply(f->s, "a@b.example", &e, out, sizeof(out));
+    assert_string_equal(out, "550 5.7.1 <a@b.example>: recipient suppressed (complaint)");
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_add_check_remove, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_domain_and_scope, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_expiry_and_purge, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
+        cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bounce_policy_on, setup_norm, teardown),
+        cmocka_unit_test_setup_teardown(test_feed_threads, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_list_pages, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csv_round_trip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
+        cmocka_unit_test(test_config_check),
+        cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
