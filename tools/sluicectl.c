@@ -13,6 +13,7 @@
  * Threading: one thread; `top` waits in poll(2) on the terminal.
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
@@ -51,6 +52,7 @@ struct ctl {
     char *buf; /* owned: what was read and not yet used */
     size_t len, cap;
     char *last; /* owned: the text of the last answer, for --json */
+    unsigned timeout_ms; /* per request; 0: TIMEOUT_MS */
 };
 
 static volatile sig_atomic_t interrupted;
@@ -136,7 +138,7 @@ ctl_request(struct ctl *c, const char *line, const char **raw)
 {
     if (c->fd < 0)
         ctl_connect(c);
-    uint64_t deadline = clock_mono_ms() + TIMEOUT_MS;
+    uint64_t deadline = clock_mono_ms() + (c->timeout_ms ? c->timeout_ms : TIMEOUT_MS);
     size_t n = strlen(line);
     char *msg = malloc(n + 2);
     if (msg == NULL)
@@ -1068,6 +1070,171 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return rc;
 }
 
+/* ---- suppress ---- */
+
+#define SUPPRESS_BULK_TIMEOUT_MS (30u * 60 * 1000) /* import and export of millions */
+
+static void
+render_entries(struct table *t, const cJSON *arr)
+{
+    const cJSON *d;
+    cJSON_ArrayForEach(d, arr)
+    {
+        table_row(t, fmt_str(d, "address"), fmt_str(d, "scope"), fmt_str(d, "reason"),
+                  fmt_str(d, "added"), fmt_str(d, "expires"), fmt_str(d, "note"));
+    }
+}
+
+/* "suppress SUB ...": options become the socket's key=value words. */
+static int
+run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    const char *sub = argv[0];
+    char line[LINE_MAX_OCTETS];
+    int n = snprintf(line, sizeof(line), "suppress %s", sub);
+    bool word = strcmp(sub, "add") == 0 || strcmp(sub, "remove") == 0 ||
+                strcmp(sub, "check") == 0 || strcmp(sub, "import") == 0 ||
+                strcmp(sub, "export") == 0;
+    bool list = strcmp(sub, "list") == 0;
+    if (!word && !list && strcmp(sub, "purge") != 0)
+        die(EXIT_USAGE, "suppress: unknown subcommand \"%s\" (try: sluicectl suppress --help)",
+            sub);
+    int i = 1;
+    if (word) {
+        if (argc < 2 || argv[1][0] == '-')
+            die(EXIT_USAGE, "suppress %s: missing %s", sub,
+                sub[0] == 'i' || sub[0] == 'e' ? "FILE" : "ADDRESS");
+        char path[PATH_MAX + 1];
+        const char *w = argv[1];
+        if (strcmp(sub, "import") == 0) {
+            /* sluice reads the file itself: give it an absolute path */
+            if (realpath(argv[1], path) == NULL)
+                die(EXIT_USAGE, "suppress import: %s: %s", argv[1], strerror(errno));
+            w = path;
+            c->timeout_ms = SUPPRESS_BULK_TIMEOUT_MS;
+        } else if (strcmp(sub, "export") == 0) {
+            char dir[PATH_MAX + 1], tmp[PATH_MAX + 1];
+            snprintf(tmp, sizeof(tmp), "%s", argv[1]);
+            char *slash = strrchr(tmp, '/');
+            const char *base = slash ? slash + 1 : tmp;
+            if (slash == tmp)
+                snprintf(dir, sizeof(dir), "/");
+            else if (slash != NULL) {
+                *slash = '\0';
+                if (realpath(tmp, dir) == NULL)
+                    die(EXIT_USAGE, "suppress export: %s: %s", tmp, strerror(errno));
+            } else if (realpath(".", dir) == NULL) {
+                die(EXIT_USAGE, "suppress export: .: %s", strerror(errno));
+            }
+            if (base[0] == '\0')
+                die(EXIT_USAGE, "suppress export: FILE is a directory");
+            if (snprintf(path, sizeof(path), "%s/%s", strcmp(dir, "/") == 0 ? "" : dir, base) >=
+                (int)sizeof(path))
+                die(EXIT_USAGE, "suppress export: path too long");
+            w = path;
+            c->timeout_ms = SUPPRESS_BULK_TIMEOUT_MS;
+        } else {
+            check_word("suppress", "ADDRESS", w);
+        }
+        for (const unsigned char *p = (const unsigned char *)w; *p != '\0'; p++)
+            if (*p <= ' ' || *p == 0x7f)
+                die(EXIT_USAGE, "suppress %s: no spaces or control characters, please", sub);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", w);
+        i = 2;
+    }
+    const char *note = NULL;
+    long limit = 0; /* list: every entry, page by page */
+    for (; i < argc; i++) {
+        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const char *key = strcmp(o, "--scope") == 0    ? "scope"
+                          : strcmp(o, "--reason") == 0 ? "reason"
+                          : strcmp(o, "--ttl") == 0    ? "ttl"
+                          : strcmp(o, "--note") == 0   ? "note"
+                          : strcmp(o, "--limit") == 0  ? "limit"
+                                                       : NULL;
+        if (key == NULL || v == NULL)
+            die(EXIT_USAGE, "suppress %s: %s \"%s\" (try: sluicectl suppress --help)", sub,
+                key == NULL ? "unknown option" : "missing value for", o);
+        i++;
+        if (strcmp(key, "note") == 0) {
+            note = v;
+            continue;
+        }
+        if (strcmp(key, "limit") == 0) {
+            limit = parse_number("suppress list --limit", v, 1, 100000000);
+            continue;
+        }
+        check_word("suppress", o, v);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s=%s", key, v);
+    }
+    if (note != NULL) {
+        for (const unsigned char *p = (const unsigned char *)note; *p != '\0'; p++)
+            if (*p < ' ' || *p == 0x7f)
+                die(EXIT_USAGE, "suppress: --note may not hold control characters");
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " note=%s", note);
+    }
+    if ((size_t)n >= sizeof(line))
+        die(EXIT_USAGE, "suppress: the command is longer than %d octets", LINE_MAX_OCTETS - 1);
+    if (!list) {
+        const char *raw;
+        cJSON *doc = ctl_ask(c, line, &raw);
+        if (c->json) {
+            printf("%s\n", raw);
+        } else if (strcmp(sub, "check") == 0) {
+            const cJSON *e = get(doc, "entry");
+            if (cJSON_IsTrue(get(doc, "suppressed")))
+                printf("%s: suppressed by %s (scope %s, %s, added %s, expires %s): %s\n",
+                       fmt_str(doc, "address"), fmt_str(e, "address"), fmt_str(e, "scope"),
+                       fmt_str(e, "reason"), fmt_str(e, "added"), fmt_str(e, "expires"),
+                       fmt_str(e, "note"));
+            else
+                printf("%s: not suppressed\n", fmt_str(doc, "address"));
+        } else {
+            render_generic(doc);
+        }
+        cJSON_Delete(doc);
+        return EXIT_OK;
+    }
+    /* list: pages of up to 1000, each after the last one shown */
+    struct table t;
+    table_init(&t, 6, 0);
+    table_row(&t, "ADDRESS", "SCOPE", "REASON", "ADDED", "EXPIRES", "NOTE");
+    char after[400] = "", after_scope[80] = "";
+    long shown = 0;
+    for (;;) {
+        long want = limit == 0 || limit - shown > 1000 ? 1000 : limit - shown;
+        char req[LINE_MAX_OCTETS];
+        int m = snprintf(req, sizeof(req), "%s limit=%ld", line, want);
+        if (after[0] != '\0')
+            snprintf(req + m, sizeof(req) - (size_t)m, " after=%s after_scope=%s", after,
+                     after_scope);
+        const char *raw;
+        cJSON *doc = ctl_ask(c, req, &raw);
+        if (c->json)
+            printf("%s\n", raw);
+        else
+            render_entries(&t, get(doc, "entries"));
+        shown += cJSON_GetArraySize(get(doc, "entries"));
+        const cJSON *next = get(doc, "next");
+        bool more = cJSON_IsObject(next) && cJSON_IsString(get(next, "after")) &&
+                    cJSON_IsString(get(next, "after_scope")) && (limit == 0 || shown < limit);
+        if (more) {
+            snprintf(after, sizeof(after), "%s", get(next, "after")->valuestring);
+            snprintf(after_scope, sizeof(after_scope), "%s", get(next, "after_scope")->valuestring);
+        }
+        cJSON_Delete(doc);
+        if (!more)
+            break;
+    }
+    if (!c->json) {
+        table_print(&t, stdout);
+        if (shown == 0)
+            printf("(no entries)\n");
+    }
+    (void)cmd;
+    return EXIT_OK;
+}
+
 static const struct cmd cmds[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects",
      "Totals since start, rates over the last second and the last minute,\n"
@@ -1103,6 +1270,21 @@ static const struct cmd cmds[] = {
      0, 2, run_events},
     {"metrics", "", "the Prometheus text exposition, as GET /metrics serves it", NULL, 0, 0,
      run_plain},
+    {"suppress", "add|remove|check|list|import|export|purge ...",
+     "the suppression list: recipients refused at RCPT",
+     "  suppress add ADDRESS [--scope S] [--reason R] [--ttl DURATION] [--note TEXT]\n"
+     "  suppress remove ADDRESS [--scope S]\n"
+     "  suppress check ADDRESS [--scope S]\n"
+     "  suppress list [--scope S] [--limit N]\n"
+     "  suppress import FILE        (CSV; read by sluice: it must be able to open it)\n"
+     "  suppress export FILE [--scope S]  (CSV; written by sluice, never over a file)\n"
+     "  suppress purge              (delete expired entries now)\n\n"
+     "ADDRESS is user@domain, or @domain (or domain) for the whole domain. The scope\n"
+     "is \"global\" (the default) or a tenant's name. REASON: hard_bounce, complaint,\n"
+     "unsubscribe, manual (the default). --ttl: 30d, 12h, ...; none: for ever.\n"
+     "CSV columns: address,scope,reason,added,expires,note (times ISO 8601 UTC or\n"
+     "Unix seconds; empty: now / never).",
+     1, 12, run_suppress},
     {"top", "[-n COUNT] [-d SECONDS]", "a live view of rates and the busiest destinations",
      "Refreshed every second (-d SECONDS: another delay, at least 0.1) until\n"
      "q or Ctrl-C, or COUNT views with -n. With --json: the stats and domains\n"
@@ -1193,7 +1375,7 @@ main(int argc, char **argv)
             return EXIT_OK;
         }
     }
-    if (cmd->run != run_top && cmd->run != run_scoped) {
+    if (cmd->run != run_top && cmd->run != run_scoped && cmd->run != run_suppress) {
         for (int k = 0; k < cargc; k++)
             if (cargv[k][0] == '-')
                 die(EXIT_USAGE, "%s: unknown option \"%s\"", cmd->name, cargv[k]);
