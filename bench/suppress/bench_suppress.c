@@ -1,0 +1,242 @@
+/*
+ * bench_suppress: the suppression list (engine/suppress.h) at size.
+ *
+ *   bench_suppress [ENTRIES (default 10000000)] [DIR (default /var/tmp)]
+ *
+ * 1. Import: a CSV of ENTRIES addresses (written first, not timed) read,
+ *    sorted and committed by suppress_import_csv: entries/s.
+ * 2. RCPT checks against that list: suppress_check of addresses that are
+ *    on it (hits) and that are not (misses: the address and its domain are
+ *    both looked up), from 1 and 2 threads, each beside its ceiling: a bare
+ *    LMDB read transaction (begin + abort) and one mdb_get of the same key.
+ *
+ * Figures are printed, never judged. The list lives under DIR (a real
+ * disk: the import syncs) and is removed at the end.
+ */
+#include <errno.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "engine/suppress.h"
+
+#ifndef BENCH_BUILD
+#define BENCH_BUILD "unknown"
+#endif
+
+#define CHECKS 2000000 /* per thread and kind */
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static uint64_t
+rng(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+struct job {
+    struct suppress *s;
+    unsigned long entries;
+    int kind; /* 0 hit, 1 miss */
+    unsigned seed;
+    double secs;
+    unsigned long found;
+};
+
+static void *
+check_main(void *arg)
+{
+    struct job *j = arg;
+    uint64_t r = 0x9E3779B97F4A7C15ULL ^ j->seed;
+    char a[96];
+    double t0 = now_s();
+    for (unsigned i = 0; i < CHECKS; i++) {
+        unsigned long k = rng(&r) % j->entries;
+        if (j->kind == 0)
+            snprintf(a, sizeof(a), "user%lu@d%lu.example.com", k, k % 100000);
+        else
+            snprintf(a, sizeof(a), "other%lu@x%lu.example.net", k, k % 100000);
+        j->found += suppress_check(j->s, NULL, a, NULL) == 1;
+    }
+    j->secs = now_s() - t0;
+    return NULL;
+}
+
+/* The ceiling: what LMDB itself costs for a read of one key. */
+struct raw {
+    MDB_env *env;
+    MDB_dbi dbi;
+    unsigned long entries;
+    int with_get;
+    double secs;
+};
+
+static void *
+raw_main(void *arg)
+{
+    struct raw *x = arg;
+    uint64_t r = 12345;
+    char k[128];
+    double t0 = now_s();
+    for (unsigned i = 0; i < CHECKS; i++) {
+        MDB_txn *txn;
+        mdb_txn_begin(x->env, NULL, MDB_RDONLY, &txn);
+        if (x->with_get) {
+            unsigned long n = rng(&r) % x->entries;
+            int l = snprintf(k, sizeof(k), "global%cuser%lu@d%lu.example.com", 0, n, n % 100000);
+            MDB_val kv = {(size_t)l, k}, v;
+            mdb_get(txn, x->dbi, &kv, &v);
+        }
+        mdb_txn_abort(txn);
+    }
+    x->secs = now_s() - t0;
+    return NULL;
+}
+
+static double
+run_checks(struct suppress *s, unsigned long entries, int kind, int threads)
+{
+    pthread_t t[2];
+    struct job j[2];
+    for (int i = 0; i < threads; i++) {
+        j[i] = (struct job){s, entries, kind, (unsigned)i * 7919u + 1, 0, 0};
+        pthread_create(&t[i], NULL, check_main, &j[i]);
+    }
+    double worst = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(t[i], NULL);
+        if (j[i].secs > worst)
+            worst = j[i].secs;
+        if ((kind == 0) != (j[i].found == CHECKS))
+            printf("  (unexpected: %lu of %d found)\n", j[i].found, CHECKS);
+    }
+    return (double)CHECKS * threads / worst;
+}
+
+static double
+run_raw(const char *path, unsigned long entries, int with_get, int threads)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    struct raw x[2];
+    pthread_t t[2];
+    mdb_env_create(&env);
+    mdb_env_set_maxdbs(env, 2);
+    mdb_env_set_mapsize(env, 8ULL << 30);
+    if (mdb_env_open(env, path, MDB_RDONLY, 0600) != 0)
+        return 0;
+    MDB_dbi dbi;
+    mdb_txn_begin(env, NULL, MDB_RDONLY, &txn);
+    mdb_dbi_open(txn, "entries", 0, &dbi);
+    mdb_txn_commit(txn);
+    for (int i = 0; i < threads; i++) {
+        x[i] = (struct raw){env, dbi, entries, with_get, 0};
+        pthread_create(&t[i], NULL, raw_main, &x[i]);
+    }
+    double worst = 0;
+    for (int i = 0; i < threads; i++) {
+        pthread_join(t[i], NULL);
+        if (x[i].secs > worst)
+            worst = x[i].secs;
+    }
+    mdb_env_close(env);
+    return (double)CHECKS * threads / worst;
+}
+
+int
+main(int argc, char **argv)
+{
+    unsigned long entries = argc > 1 ? strtoul(argv[1], NULL, 10) : 10000000UL;
+    const char *base = argc > 2 ? argv[2] : "/var/tmp";
+    char dir[256], csv[300], cmd[400];
+    snprintf(dir, sizeof(dir), "%s/bench-suppress.XXXXXX", base);
+    if (entries == 0 || mkdtemp(dir) == NULL) {
+        perror("mkdtemp");
+        return 1;
+    }
+    printf("bench_suppress: %lu entries, list under %s\nbuild: %s\n", entries, dir, BENCH_BUILD);
+
+    /* the CSV (not timed) */
+    snprintf(csv, sizeof(csv), "%s/in.csv", dir);
+    FILE *f = fopen(csv, "w");
+    if (f == NULL) {
+        perror(csv);
+        return 1;
+    }
+    fputs("address,scope,reason,added,expires,note\n", f);
+    static const char *const reasons[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
+    for (unsigned long i = 0; i < entries; i++)
+        fprintf(f, "user%lu@d%lu.example.com,global,%s,1767225600,,\n", i, i % 100000,
+                reasons[i % 4]);
+    long csv_bytes = ftell(f);
+    fclose(f);
+
+    struct suppress_config cfg = {0};
+    char err[256];
+    conf_defaults(suppress_conf_keys, &cfg, err, sizeof(err));
+    conf_set(suppress_conf_keys, &cfg, "map_size", "8G", err, sizeof(err));
+    suppress_config_check(&cfg, dir, err, sizeof(err));
+    struct suppress *s;
+    if (suppress_open(&cfg, &s, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    /* the same RCPT check against the empty list */
+    double empty1 = run_checks(s, entries, 1, 1);
+
+    f = fopen(csv, "r");
+    struct suppress_import_result r;
+    double t0 = now_s();
+    int rc = suppress_import_csv(s, f, &r);
+    double took = now_s() - t0;
+    fclose(f);
+    if (rc != 0) {
+        fprintf(stderr, "import failed: %s\n", strerror(-rc));
+        return 1;
+    }
+    struct suppress_stats st;
+    suppress_stats(s, &st);
+    printf("\nimport: %lu entries (%.0f MB of CSV) in %.2f s: %.0f entries/s, %.1f MB/s; "
+           "list %.0f MB on disk\n",
+           (unsigned long)r.imported, csv_bytes / 1e6, took, r.imported / took,
+           csv_bytes / 1e6 / took, st.map_used / 1e6);
+
+    printf("\nRCPT checks (suppress_check, %d per thread), list of %lu:\n", CHECKS, entries);
+    printf("  %-44s %14s\n", "", "checks/s");
+    printf("  %-44s %14.0f\n", "empty list, miss, 1 thread", empty1);
+    for (int th = 1; th <= 2; th++) {
+        char lbl[64];
+        snprintf(lbl, sizeof(lbl), "hit (address), %d thread%s", th, th > 1 ? "s" : "");
+        printf("  %-44s %14.0f\n", lbl, run_checks(s, entries, 0, th));
+        snprintf(lbl, sizeof(lbl), "miss (address + domain), %d thread%s", th, th > 1 ? "s" : "");
+        printf("  %-44s %14.0f\n", lbl, run_checks(s, entries, 1, th));
+    }
+    suppress_close(s);
+    conf_free(suppress_conf_keys, &cfg);
+
+    char path[300];
+    snprintf(path, sizeof(path), "%s/suppress", dir);
+    printf("  ceiling: bare LMDB read txn (begin+abort), 1 thread  %10.0f\n",
+           run_raw(path, entries, 0, 1));
+    printf("  ceiling: LMDB read txn + one mdb_get, 1 thread        %10.0f\n",
+           run_raw(path, entries, 1, 1));
+    printf("  ceiling: LMDB read txn + one mdb_get, 2 threads       %10.0f\n",
+           run_raw(path, entries, 1, 2));
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    return system(cmd) == 0 ? 0 : 1;
+}
