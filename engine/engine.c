@@ -468,6 +468,17 @@ report_kept(const struct config *o, const struct config *n)
         {"redis", SAME_STR(o->redis.url, n->redis.url)},
         {"log.file", SAME_STR(o->log.file, n->log.file)},
         {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
+        /* The list holds its own copy of [suppress] from the start. */
+        {"suppress", o->suppress.enabled == n->suppress.enabled &&
+                         SAME_STR(o->suppress.path, n->suppress.path) &&
+                         o->suppress.map_size == n->suppress.map_size &&
+                         o->suppress.lowercase_local == n->suppress.lowercase_local &&
+                         o->suppress.strip_plus == n->suppress.strip_plus &&
+                         o->suppress.gmail_dots == n->suppress.gmail_dots &&
+                         SAME_STR(o->suppress.reply, n->suppress.reply) &&
+                         SAME_STR(o->suppress.on_invalid_recipient,
+                                  n->suppress.on_invalid_recipient) &&
+                         SAME_STR(o->suppress.on_complaint, n->suppress.on_complaint)},
         {"dkim.threads", o->dkim.threads == n->dkim.threads},
         {"dkim.queue_max", o->dkim.queue_max == n->dkim.queue_max},
         {"dkim.sign_on_worker", o->dkim.sign_on_worker == n->dkim.sign_on_worker},

@@ -117,7 +117,7 @@ unsigned engine_failed_workers(struct engine *e);
  * key, read again even when their paths did not change, CAs, protocols,
  * ciphers: new TLS contexts for new connections), retry schedules,
  * classification, bounce settings, log level. What needs a restart
- * (listeners, workers, spool, DNS, stats socket, Redis URL, log paths,
+ * (listeners, workers, spool, [suppress], DNS, stats socket, Redis URL, log paths,
  * the session cache size) is logged as kept. A certificate, key or CA
  * that does not load refuses the whole config (logged; the running one
  * stays). ncfg must outlive the engine (the caller frees it after

@@ -1198,7 +1198,8 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     /* list: pages of up to 1000, each after the last one shown */
     struct table t;
     table_init(&t, 6, 0);
-    table_row(&t, "ADDRESS", "SCOPE", "REASON", "ADDED", "EXPIRES", "NOTE");
+    if (!c->json)
+        table_row(&t, "ADDRESS", "SCOPE", "REASON", "ADDED", "EXPIRES", "NOTE");
     char after[400] = "", after_scope[80] = "";
     long shown = 0;
     for (;;) {
