@@ -1311,9 +1311,9 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
 static bool
 rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
 {
-    char addr[SUPPRESS_ADDR_MAX + 1];
+    char addr[1024];
     if (c->path.mailbox.len >= sizeof(addr))
-        return false; /* longer than any entry can be */
+        return false; /* the parser keeps paths far shorter */
     memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
     addr[c->path.mailbox.len] = '\0';
     struct suppress_entry ent;

@@ -745,8 +745,13 @@ suppress_check(struct suppress *s, const char *scope, const char *addr, struct s
 {
     char norm[SUPPRESS_ADDR_MAX + 2];
     atomic_fetch_add_explicit(&s->checks, 1, memory_order_relaxed);
-    if (normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX)
-        return 0;
+    if (normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
+        /* No entry can hold this address (an over-long local part...),
+         * but its domain's entry still holds. */
+        const char *at = addr != NULL ? strrchr(addr, '@') : NULL;
+        if (at == NULL || normalize(NULL, at, norm, sizeof(norm)) != 0)
+            return 0;
+    }
     bool scoped = scope != NULL && strcmp(scope, SUPPRESS_SCOPE_GLOBAL) != 0 &&
                   check_scope(scope) == 0;
     const char *dom = strchr(norm, '@'); /* "@domain" */

@@ -123,6 +123,12 @@ test_domain_and_scope(void **state)
     assert_int_equal(suppress_add(f->s, "t1", "x@live.example", SUPPRESS_UNSUBSCRIBE, 0, NULL), 0);
     assert_int_equal(suppress_check(f->s, NULL, "anyone@dead.example", &e), 1);
     assert_string_equal(e.addr, "@dead.example");
+    /* a local part too long for any entry: its domain's entry still holds */
+    char longer[200];
+    memset(longer, 'x', 100);
+    snprintf(longer + 100, sizeof(longer) - 100, "@DEAD.example");
+    assert_int_equal(suppress_check(f->s, NULL, longer, &e), 1);
+    assert_string_equal(e.addr, "@dead.example");
     /* the tenant's entries hold for that tenant only */
     assert_int_equal(suppress_check(f->s, NULL, "y@gone.example", NULL), 0);
     assert_int_equal(suppress_check(f->s, "t2", "y@gone.example", NULL), 0);
