@@ -20,7 +20,10 @@
  *
  * Reads (check, list, export) are read transactions; LMDB binds one
  * reader slot to each thread (no MDB_NOTLS), so a check costs no syscall
- * and no lock. Writes take wlock: the writer thread's batches of feeds,
+ * and no lock. The writer thread walks the whole list at start and after
+ * each import, so that a check's pages are in memory and mapped before a
+ * worker needs them (a page fault on a worker's loop stalls every
+ * session of that worker). Writes take wlock: the writer thread's batches of feeds,
  * operator adds and removes, imports in chunks, purges in chunks. Feeds
  * from the workers wait in a bounded list for the writer thread, which
  * commits all that are waiting in one transaction (group commit).
@@ -103,6 +106,8 @@ struct suppress {
     unsigned nfeed;
     uint64_t fseq_in, fseq_done; /* feeds queued, feeds committed (or given up) */
     bool stop;
+    bool warm;                  /* walk the list again (after an import) */
+    atomic_bool closing;        /* cuts a walk short */
     pthread_t thread;
     bool thread_started;
 
@@ -543,6 +548,39 @@ suppress_purge(struct suppress *s, int64_t now_ms)
     }
 }
 
+/* Walk the whole list once, off the workers: every page is then in the
+ * page cache and mapped in this process, so that a check at RCPT does not
+ * take a page fault (from the disk after a restart, and costly under a
+ * hypervisor even from the cache) on a worker's loop. Stops early when
+ * the list is closing. */
+static void
+prefault(struct suppress *s)
+{
+    uint64_t t0 = clock_mono_ms(), n = 0;
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    if (mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn) != 0)
+        return;
+    if (mdb_cursor_open(txn, s->dbi, &cur) != 0) {
+        mdb_txn_abort(txn);
+        return;
+    }
+    MDB_val k, v;
+    volatile uint8_t sink = 0;
+    for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        sink ^= ((const uint8_t *)v.mv_data)[0];
+        if ((++n & 0xffff) == 0 && atomic_load_explicit(&s->closing, memory_order_relaxed))
+            break;
+    }
+    (void)sink;
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    if (n > 0)
+        log_msg(LOG_INFO, "event=suppress_warm entries=%llu ms=%llu", (unsigned long long)n,
+                (unsigned long long)(clock_mono_ms() - t0));
+}
+
 /* The writer thread: commits every feed waiting in one transaction. */
 static void *
 writer_main(void *arg)
@@ -551,9 +589,10 @@ writer_main(void *arg)
     log_set_thread_name("suppress");
     /* a minute after start (not in the way of the start itself), then every hour */
     uint64_t next_purge = clock_mono_ms() + 60000;
+    prefault(s);
     pthread_mutex_lock(&s->flock);
     for (;;) {
-        while (s->fhead == NULL && !s->stop && clock_mono_ms() < next_purge) {
+        while (s->fhead == NULL && !s->stop && !s->warm && clock_mono_ms() < next_purge) {
             struct timespec until;
             clock_gettime(CLOCK_REALTIME, &until);
             until.tv_sec += 60;
@@ -561,6 +600,8 @@ writer_main(void *arg)
         }
         if (s->fhead == NULL && s->stop)
             break;
+        bool warm = s->warm;
+        s->warm = false;
         struct feed *list = s->fhead;
         unsigned n = s->nfeed;
         uint64_t seq = s->fseq_in;
@@ -583,6 +624,8 @@ writer_main(void *arg)
                 list = next;
             }
         }
+        if (warm && !s->stop)
+            prefault(s);
         if (clock_mono_ms() >= next_purge && !s->stop) {
             long p = suppress_purge(s, (int64_t)clock_unix_ms());
             if (p > 0)
@@ -697,6 +740,7 @@ suppress_close(struct suppress *s)
     if (s == NULL)
         return;
     if (s->thread_started) {
+        atomic_store(&s->closing, true);
         pthread_mutex_lock(&s->flock);
         s->stop = true;
         pthread_cond_signal(&s->fcv);
@@ -1214,6 +1258,12 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
     }
     free(a.buf);
     free(a.off);
+    if (res->imported > 0) {
+        pthread_mutex_lock(&s->flock);
+        s->warm = true;
+        pthread_cond_signal(&s->fcv);
+        pthread_mutex_unlock(&s->flock);
+    }
     return rc;
 }
 
