@@ -29,6 +29,7 @@
 #include "engine/dlog.h"
 #include "engine/events.h"
 #include "engine/ops.h"
+#include "engine/oob.h"
 #include "engine/server.h"
 #include "engine/suppress.h"
 
@@ -179,6 +180,26 @@ test_hook_fail_ring(struct engine *e, char *err, size_t errlen)
     return 0;
 }
 
+/* The bounce listener's seam (oob.h), on a worker: queued to the list's
+ * writer thread. A hard bounce suppresses the address for everyone, as
+ * [suppress] on_invalid_recipient says; a complaint suppresses it for the
+ * tenant whose mail drew it (for everyone when the token named none), as
+ * on_complaint says. */
+static void
+oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
+{
+    struct suppress *s = ctx;
+    if (kind == OOB_SUPPRESS_HARD_BOUNCE) {
+        suppress_on_bounce(s, NULL, addr, BOUNCE_INVALID_RECIPIENT, "out-of-band bounce");
+    } else if (kind == OOB_SUPPRESS_COMPLAINT) {
+        int64_t until = suppress_complaint_expiry(s, (int64_t)clock_unix_ms());
+        if (until >= 0 &&
+            suppress_feed(s, tenant != NULL && tenant[0] != '\0' ? tenant : NULL, addr,
+                          SUPPRESS_COMPLAINT, until, "complaint (feedback loop)") != 0)
+            log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> reason=complaint", addr);
+    }
+}
+
 int
 engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen)
 {
@@ -200,6 +221,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         return rc;
     if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
         goto fail;
+    if (e->suppress != NULL && e->oob.suppress == NULL)
+        e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;

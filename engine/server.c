@@ -1317,8 +1317,9 @@ rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
     memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
     addr[c->path.mailbox.len] = '\0';
     struct suppress_entry ent;
-    /* The tenant's list once tenants exist: NULL checks the global list. */
-    const char *tenant = NULL;
+    /* The tenant is the AUTH user (as in the VERP token, oob.h): its own
+     * list is checked after the global one; unauthenticated: global only. */
+    const char *tenant = s->user != NULL ? s->user->name : NULL;
     int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
     if (rc == 0)
         return false;

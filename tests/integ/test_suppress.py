@@ -12,6 +12,10 @@ receiver on loopback, driven by sluicectl on its stats socket.
 - Import and export round-trip a 100,000-entry CSV.
 - The list survives a clean restart and a kill -9: every entry that
   sluicectl saw acknowledged is there afterwards.
+- Out of band (the bounce listener, engine/oob.h): an ARF complaint about a
+  recipient and a Postfix DSN (5.1.1) for another, sent back to their VERP
+  addresses, put both on the list; the next submission to either is
+  refused at RCPT.
 """
 import json
 import os
@@ -324,6 +328,46 @@ def test_survives_restart_and_kill9():
         r.close()
 
 
+def test_out_of_band_complaint_and_bounce():
+    from test_feedback import FIXTURE_VERP, Feedback, fixture
+    f = Feedback(server_extra=f"[suppress]\nreply = {REPLY}\non_invalid_recipient = 30d\n")
+    sock = os.path.join(f.keydir, "stats.sock")
+
+    def check(addr):
+        p = subprocess.run([SLUICECTL, "-s", sock, "--json", "suppress", "check", addr],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p
+        return json.loads(p.stdout)
+
+    try:
+        _, verp = f.send_mail(["alice@d1.test", "carol@d2.test"])
+        assert not check("carol@d2.test")["suppressed"]
+        arf = fixture("arf-yahoo.eml", **{FIXTURE_VERP: verp["carol@d2.test"],
+                                          "happy.reader@yahoo.com": "carol@d2.test",
+                                          "fbl@bounces.example.com": "fbl@fbl.test"})
+        f.bounce("feedback@arf.mail.yahoo.test", ["fbl@fbl.test"], arf)
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                           "nobody@example.net": "alice@d1.test"})
+        f.bounce("", [verp["alice@d1.test"]], dsn)
+        f.wait_events("complaint", 1)
+        f.wait_events("oob_bounce", 1)
+        wait_until(lambda: check("carol@d2.test")["suppressed"] and
+                   check("alice@d1.test")["suppressed"], 15, "both on the list")
+        assert check("carol@d2.test")["entry"]["reason"] == "complaint"
+        assert check("carol@d2.test")["entry"]["expires"] is None  # on_complaint = forever
+        assert check("alice@d1.test")["entry"]["reason"] == "hard_bounce"
+        c = Client(f.r.port)
+        c.cmd("MAIL FROM:<news@shop.test>")
+        assert c.cmd("RCPT TO:<carol@d2.test>") == \
+            "550 5.7.1 <carol@d2.test> is on the do-not-mail list (complaint)"
+        assert c.cmd("RCPT TO:<alice@d1.test>") == \
+            "550 5.7.1 <alice@d1.test> is on the do-not-mail list (hard_bounce)"
+        c.close()
+        assert f.r.d.stop_clean() == 0
+    finally:
+        f.close()
+
+
 if __name__ == "__main__":
     for tool in ("dnsmasq", "smtp-sink"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0 and \
@@ -332,4 +376,5 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
-          test_import_export_round_trip_100k, test_survives_restart_and_kill9])
+          test_import_export_round_trip_100k, test_survives_restart_and_kill9,
+          test_out_of_band_complaint_and_bounce])
