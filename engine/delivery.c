@@ -1383,7 +1383,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         };
         dlog_event(lw, &ev);
         /* An address that is gone goes on the suppression list, as the
-         * config says for its class. The tenant's list once tenants exist. */
+         * config says for its class: the global list (gone is gone, for
+         * every tenant). */
         if (kind == DLOG_BOUNCE && r != NULL)
             suppress_on_bounce(d->e->suppress, NULL, r->addr, cls, o->text);
         /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
