@@ -1317,9 +1317,12 @@ rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
     memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
     addr[c->path.mailbox.len] = '\0';
     struct suppress_entry ent;
-    /* The tenant is the AUTH user (as in the VERP token, oob.h): its own
-     * list is checked after the global one; unauthenticated: global only. */
-    const char *tenant = s->user != NULL ? s->user->name : NULL;
+    /* The tenant's own list after the global one: the tenant as far as it
+     * is known at RCPT, the users file's tenant= of the AUTH user (the one
+     * VERP tokens carry, so that complaints land in that list). A tenant
+     * named by control header fields is known only after DATA: those
+     * messages are checked against the global list. */
+    const char *tenant = s->user != NULL ? s->user->tenant : NULL;
     int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
     if (rc == 0)
         return false;
