@@ -76,6 +76,12 @@ policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_expire_ms)
 }
 
 bool
+policy_expired(uint64_t now_ms, uint64_t expire_ms)
+{
+    return now_ms + POLICY_EXPIRY_SLACK_MS >= expire_ms;
+}
+
+bool
 policy_failover(const struct policy_txn *t)
 {
     const struct smtp_outcome *m = t->msg;
@@ -120,15 +126,71 @@ policy_dns(enum dns_status st, struct policy_fail *out)
     case DNS_OK:
         return;
     case DNS_NOT_FOUND:
-        *out = (struct policy_fail){true, true, 550, "5.1.2", CLASSIFY_DNS, false};
+        *out = (struct policy_fail){true, true, 550, {5, 1, 2}, CLASSIFY_DNS, false, "NXDOMAIN"};
         return;
     case DNS_NULL_MX:
-        *out = (struct policy_fail){true, true, 556, "5.1.10", CLASSIFY_DNS, false};
+        *out = (struct policy_fail){true, true, 556, {5, 1, 10}, CLASSIFY_DNS, false,
+                                    "domain accepts no mail (null MX, RFC 7505)"};
         return;
     case DNS_RETRY:
     case DNS_FAIL:
     default:
-        *out = (struct policy_fail){true, false, 451, "4.4.3", CLASSIFY_DNS, true};
+        *out = (struct policy_fail){true, false, 451, {4, 4, 3}, CLASSIFY_DNS, true,
+                                    "DNS lookup failed"};
+        return;
+    }
+}
+
+void
+policy_job(enum policy_job_event ev, struct policy_fail *out)
+{
+    switch (ev) {
+    case POLICY_NO_RESOLVER:
+        *out = (struct policy_fail){true, false, 451, {4, 4, 3}, CLASSIFY_DNS, false,
+                                    "no resolver on this worker"};
+        return;
+    case POLICY_NO_TARGET:
+        /* A configuration error of the domain (or an attack), not a
+         * passing failure. */
+        *out = (struct policy_fail){true, true, 550, {5, 4, 4}, CLASSIFY_TARGET, false,
+                                    "no delivery target"};
+        return;
+    case POLICY_NO_TARGET_SELF:
+        *out = (struct policy_fail){true, true, 550, {5, 4, 6}, CLASSIFY_TARGET, false,
+                                    "mail loops back to myself"};
+        return;
+    case POLICY_NO_MX_ANSWERED:
+        *out = (struct policy_fail){true, false, 451, {4, 4, 1}, CLASSIFY_CONNECT, false,
+                                    "no MX host answered"};
+        return;
+    case POLICY_OPERATOR_BOUNCE:
+    default:
+        *out = (struct policy_fail){true, true, 550, {5, 0, 0}, CLASSIFY_REPLY, false,
+                                    "bounced by the operator"};
+        return;
+    }
+}
+
+bool
+policy_txn_congested(const struct smtp_outcome *o)
+{
+    return o->scope == SMTP_SCOPE_SESSION &&
+           (o->reason == SMTP_REASON_EOF || o->reason == SMTP_REASON_TIMEOUT || o->code == 421);
+}
+
+void
+policy_conn_event(enum policy_conn_event ev, struct policy_event_decision *out)
+{
+    memset(out, 0, sizeof(*out));
+    switch (ev) {
+    case POLICY_CONNECT_FAILED:
+    case POLICY_CONNECT_TIMEOUT:
+        out->next_addr = true;
+        return;
+    case POLICY_CLIENT_MISUSE:
+    case POLICY_SPOOL_UNREADABLE:
+        /* Ours, not the receiver's: rest a little, no reconnect storm. */
+        out->rest_ms = POLICY_HOLD_MIN_MS;
         return;
     }
 }

@@ -3,8 +3,10 @@
  * Postfix's smtp_trouble.c). Every "defer, bounce, expire, next address,
  * hold, back off, fail over" of delivery is taken here from what happened
  * (an SMTP outcome, a DNS status, a connection event) and the few facts it
- * needs (times, counts); engine/delivery.c acts on the decision. No I/O, no
- * state, no config lookups: unit-tested by tests/unit/test_policy.c.
+ * needs (times, counts); the scheduler (scheduler.c), the connection
+ * (connection.c) and the outcome hand-off (outcome.c) act on the decision.
+ * No I/O, no state, no config lookups: unit-tested by
+ * tests/unit/test_policy.c.
  *
  * Threading: any; pure.
  */
@@ -59,6 +61,11 @@ uint64_t policy_retry_delay(const struct conf_durations *schedule, unsigned atte
  * message's own expiry when sooner (0: none). */
 uint64_t policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_expire_ms);
 
+/* A job that waits (in the queue, or for its turn on a connection) and
+ * expires at expire_ms is past it at now_ms: it is failed as expired
+ * (4.4.7), never sent. */
+bool policy_expired(uint64_t now_ms, uint64_t expire_ms);
+
 /* ---- a job whose transaction ended in a session failure ---- */
 
 struct policy_txn {
@@ -96,19 +103,50 @@ struct policy_conn_decision {
 
 void policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out);
 
+/* A transaction ended with the message outcome o: does the site's window
+ * come down (a reset, a timeout or a 421 in the session)? Else it grows. */
+bool policy_txn_congested(const struct smtp_outcome *o);
+
+/* Events of a connection that are not the end of its session. */
+enum policy_conn_event {
+    POLICY_CONNECT_FAILED,   /* the TCP connect was refused or failed */
+    POLICY_CONNECT_TIMEOUT,  /* ... or did not finish in connect_timeout */
+    POLICY_CLIENT_MISUSE,    /* the client machine refused a call: a bug of ours */
+    POLICY_SPOOL_UNREADABLE, /* a job's envelope could not be read (I/O, readers) */
+};
+
+struct policy_event_decision {
+    bool next_addr;          /* this address failed: move the cursor, count a failure */
+    uint64_t rest_ms;        /* no new connection to the destination for this long (0: none) */
+};
+
+void policy_conn_event(enum policy_conn_event ev, struct policy_event_decision *out);
+
 /* ---- a destination's answer ---- */
 
 struct policy_fail {
     bool fail;            /* fail every waiting job with what follows */
     bool permanent;
     unsigned code;
-    const char *enh;      /* static: "5.1.2" */
+    struct smtp_enh enh;  /* 5.1.2 */
     enum classify_source src;
     bool forget_answer;   /* ask DNS again next time */
+    const char *text;     /* static: the reply text when the caller has none better */
 };
 
 /* What a DNS status means for the jobs of a destination. */
 void policy_dns(enum dns_status st, struct policy_fail *out);
+
+/* Jobs that fail as a whole, without a session. */
+enum policy_job_event {
+    POLICY_NO_RESOLVER,      /* this worker has no resolver */
+    POLICY_NO_TARGET,        /* every address is one mail must not go to */
+    POLICY_NO_TARGET_SELF,   /* ... and one is this node's own listener: a loop */
+    POLICY_NO_MX_ANSWERED,   /* every address failed in a row, and none said why */
+    POLICY_OPERATOR_BOUNCE,  /* sluicectl bounce */
+};
+
+void policy_job(enum policy_job_event ev, struct policy_fail *out);
 
 /* Every address of the answer failed in a row: how long the destination
  * rests (its waiting jobs are deferred with the last failure). */

@@ -144,11 +144,52 @@ dns_and_schedule(void **state)
     assert_false(f.fail);
     policy_dns(DNS_NOT_FOUND, &f);
     assert_true(f.fail && f.permanent);
-    assert_string_equal(f.enh, "5.1.2");
+    assert_int_equal(f.enh.cls, 5);
+    assert_int_equal(f.enh.subject, 1);
+    assert_int_equal(f.enh.detail, 2);
     policy_dns(DNS_NULL_MX, &f);
     assert_int_equal(f.code, 556);
     policy_dns(DNS_RETRY, &f);
     assert_true(f.fail && !f.permanent && f.forget_answer);
+    /* Jobs that fail without a session: the status is data, never text. */
+    policy_job(POLICY_NO_TARGET, &f);
+    assert_true(f.fail && f.permanent && f.code == 550 && f.src == CLASSIFY_TARGET);
+    assert_int_equal(f.enh.detail, 4);
+    policy_job(POLICY_NO_TARGET_SELF, &f);
+    assert_int_equal(f.enh.detail, 6);
+    policy_job(POLICY_NO_MX_ANSWERED, &f);
+    assert_true(f.fail && !f.permanent && f.code == 451 && f.enh.cls == 4 && f.enh.detail == 1);
+    policy_job(POLICY_NO_RESOLVER, &f);
+    assert_true(!f.permanent && f.src == CLASSIFY_DNS);
+    policy_job(POLICY_OPERATOR_BOUNCE, &f);
+    assert_true(f.permanent && f.enh.cls == 5 && f.enh.subject == 0);
+    /* Connection events: a failed connect moves on, a fault of ours rests. */
+    struct policy_event_decision ed;
+    policy_conn_event(POLICY_CONNECT_FAILED, &ed);
+    assert_true(ed.next_addr && ed.rest_ms == 0);
+    policy_conn_event(POLICY_CONNECT_TIMEOUT, &ed);
+    assert_true(ed.next_addr);
+    policy_conn_event(POLICY_SPOOL_UNREADABLE, &ed);
+    assert_true(!ed.next_addr && ed.rest_ms == POLICY_HOLD_MIN_MS);
+    policy_conn_event(POLICY_CLIENT_MISUSE, &ed);
+    assert_true(ed.rest_ms == POLICY_HOLD_MIN_MS);
+    /* Expiry of a waiting job, with the timers' slack. */
+    assert_true(policy_expired(1000, 1000 + POLICY_EXPIRY_SLACK_MS));
+    assert_false(policy_expired(1000, 1001 + POLICY_EXPIRY_SLACK_MS));
+    /* The window comes down on resets, timeouts and 421s in the session. */
+    struct smtp_outcome m;
+    memset(&m, 0, sizeof(m));
+    m.scope = SMTP_SCOPE_SESSION;
+    m.reason = SMTP_REASON_EOF;
+    assert_true(policy_txn_congested(&m));
+    m.reason = SMTP_REASON_REPLY;
+    m.code = 421;
+    assert_true(policy_txn_congested(&m));
+    m.code = 451;
+    assert_false(policy_txn_congested(&m));
+    m.scope = SMTP_SCOPE_MESSAGE;
+    m.code = 421;
+    assert_false(policy_txn_congested(&m));
     assert_int_equal(policy_all_failed_hold(0), POLICY_HOLD_MIN_MS);
     assert_int_equal(policy_all_failed_hold(60000), 60000);
 

@@ -1,0 +1,904 @@
+/*
+ * connection: one outbound SMTP connection (struct conn, conn=ID in the
+ * logs) on the worker's ring. It connects to the address the scheduler
+ * picked, drives the pure client machine of smtp_client.h (every state
+ * transition traced at debug level), plain or over TLS after STARTTLS
+ * (OpenSSL over memory BIOs: ciphertext in cin, out through
+ * tls_conn_peek), streams the body from the spool in chunks, and when the
+ * session is ready asks the scheduler for its next job (reuse: a job of
+ * any domain of its site) or goes idle. Transaction outcomes go to
+ * outcome.c; what a failed connect, a timeout or the end of the session
+ * means is the scheduler's and the policy's.
+ *
+ * Memory only while it is used: the machine's buffer is lent from a pool
+ * for each call, received octets come from the ring's provided buffers,
+ * a body chunk is held only while a body is sent. Lifetime (STYLE rule
+ * 7): ops in flight are counted, conn_close() cancels, and the last
+ * completion after it frees.
+ *
+ * Threading: the worker's thread.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/netaddr.h"
+#include "engine/oob.h"
+#include "engine/outbound/internal.h"
+#include "tls/tls.h"
+
+#define IN_CAP         4096 /* one provided receive buffer */
+#define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
+#define IN_BGID        7    /* their buffer group on the worker's ring */
+#define CIN_CAP        (17 * 1024) /* ciphertext in: a whole TLS record fits */
+#define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
+
+#define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
+
+static void conn_handle(struct conn *c, int ev);
+static void conn_flush(struct conn *c);
+static void conn_next(struct conn *c);
+
+/* ---- buffer pools ---- */
+
+void *
+conn_pool_get(struct pool *p)
+{
+    void *b = p->free;
+    if (b != NULL) {
+        memcpy(&p->free, b, sizeof(void *));
+        p->nfree--;
+    } else if ((b = malloc(p->size)) == NULL) {
+        return NULL;
+    }
+    p->out++;
+    return b;
+}
+
+void
+conn_pool_put(struct pool *p, void *b)
+{
+    if (b == NULL)
+        return;
+    p->out--;
+    if (p->nfree >= POOL_KEEP) {
+        free(b);
+        return;
+    }
+    memcpy(b, &p->free, sizeof(void *));
+    p->free = b;
+    p->nfree++;
+}
+
+void
+conn_pool_fini(struct pool *p)
+{
+    while (p->free != NULL) {
+        void *b = p->free;
+        memcpy(&p->free, b, sizeof(void *));
+        free(b);
+    }
+    p->nfree = 0;
+}
+
+
+/* ---- the connection ---- */
+
+
+/* The state's deadline, or the expiry of the job in flight when sooner:
+ * a recipient expires even on a connection that hangs. */
+static void
+conn_deadline(struct conn *c, uint64_t ms)
+{
+    uint64_t now = c->d->w->now;
+    uint64_t at = ms == 0 ? 0 : now + MS_TO_NS(ms);
+    /* Not once the final dot is out: the server may have accepted the
+     * message, and its reply must be heard (RFC 5321 4.5.3.2.6). */
+    if (c->job != NULL && c->expire_ms != 0 && smtp_client_state(&c->cli) != SMTP_CLIENT_S_DOT) {
+        uint64_t wall = clock_unix_ms();
+        uint64_t e = now + MS_TO_NS(c->expire_ms > wall ? c->expire_ms - wall : 0);
+        if (at == 0 || e < at)
+            at = e;
+    }
+    if (at == 0)
+        worker_timer_cancel(c->d->w, &c->timer);
+    else
+        worker_timer_arm(c->d->w, &c->timer, at);
+}
+
+/* The machine, with a buffer lent from the pool: every call that may
+ * write output or parse input goes through here. Without memory the call
+ * fails (SMTP_CLIENT_E_STATE) and conn_handle() closes the connection. */
+static struct smtp_client *
+conn_cli(struct conn *c)
+{
+    if (c->cli.buf == NULL) {
+        struct smtp_client_buf *b = conn_pool_get(&c->d->cli_pool);
+        if (b != NULL)
+            smtp_client_attach(&c->cli, b);
+    }
+    return &c->cli;
+}
+
+/* Give the buffer back when the machine holds nothing in it. */
+static void
+conn_cli_release(struct conn *c)
+{
+    conn_pool_put(&c->d->cli_pool, smtp_client_detach(&c->cli));
+}
+
+void
+conn_free(struct conn *c)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    worker_timer_cancel(d->w, &c->timer);
+    if (c->fd >= 0)
+        close(c->fd);
+    if (c->job != NULL) {
+        /* Not finished by the machine (cannot happen after EV_TXN_DONE):
+         * back to the queue, it was not sent. */
+        dest_push(t, c->job, true);
+        c->job = NULL;
+        t->inflight--;
+    }
+    queue_envelope_free(c->env);
+    free(c->rc);
+    tls_conn_free(c->tls);
+    free(c->cin);
+    free(c->in);
+    conn_pool_put(&d->chunk_pool, c->chunk);
+    /* Whatever the machine still held is moot: nothing is in flight. */
+    conn_pool_put(&d->cli_pool, c->cli.buf);
+    /* The scheduler acts on what the end means, and frees c. */
+    sched_conn_detach(c, c->connected ? smtp_client_session(&c->cli) : NULL);
+}
+
+static void
+conn_maybe_free(struct conn *c)
+{
+    if (c->closed && c->inflight == 0)
+        conn_free(c);
+}
+
+void
+conn_close(struct conn *c, const char *why)
+{
+    if (c->closed)
+        return;
+    if (why != NULL && log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_close domain=%s mx=%s addr=%s reason=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, why);
+    c->closed = true;
+    worker_timer_cancel(c->d->w, &c->timer);
+    if (!c->connected) {
+        /* shutdown() does not end a connect in progress; a cancel does */
+        struct io_uring_sqe *sqe = worker_sqe(c->d->w, NULL);
+        io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)&c->connect_op, 0);
+    }
+    if (c->fd >= 0)
+        shutdown(c->fd, SHUT_RDWR);
+}
+
+static void
+conn_recv(struct conn *c)
+{
+    if (c->closed || c->recv_busy || !c->connected)
+        return;
+    struct delivery *d = c->d;
+    if (c->tls != NULL) {
+        if (c->cin_len == CIN_CAP)
+            return;
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
+        io_uring_prep_recv(sqe, c->fd, c->cin + c->cin_len, CIN_CAP - c->cin_len, 0);
+    } else if (d->br != NULL) {
+        /* The kernel picks a buffer when octets arrive, not now. */
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
+        io_uring_prep_recv(sqe, c->fd, NULL, IN_CAP, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = IN_BGID;
+    } else {
+        if (c->in == NULL && (c->in = malloc(IN_CAP)) == NULL) {
+            conn_close(c, "out_of_memory");
+            return;
+        }
+        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
+        io_uring_prep_recv(sqe, c->fd, c->in, IN_CAP, 0);
+    }
+    c->recv_busy = true;
+    c->inflight++;
+}
+
+/* Register the worker's provided receive buffers. Without them (an old
+ * kernel) each connection reads into its own buffer. */
+void
+conn_bufs_init(struct delivery *d)
+{
+    size_t ring_len = IN_BUFS * sizeof(struct io_uring_buf);
+    void *ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (ring == MAP_FAILED)
+        return;
+    d->br_mem = malloc((size_t)IN_BUFS * IN_CAP);
+    struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)ring,
+                                   .ring_entries = IN_BUFS,
+                                   .bgid = IN_BGID};
+    int rc = d->br_mem ? io_uring_register_buf_ring(&d->w->ring, &reg, 0) : -ENOMEM;
+    if (rc < 0) {
+        log_msg(LOG_NOTICE, "event=provided_buffers_unavailable err=\"%s\" note=per_connection_buffers",
+                strerror(-rc));
+        munmap(ring, ring_len);
+        free(d->br_mem);
+        d->br_mem = NULL;
+        return;
+    }
+    d->br = ring;
+    io_uring_buf_ring_init(d->br);
+    for (unsigned i = 0; i < IN_BUFS; i++)
+        io_uring_buf_ring_add(d->br, d->br_mem + (size_t)i * IN_CAP, IN_CAP, (unsigned short)i,
+                              io_uring_buf_ring_mask(IN_BUFS), (int)i);
+    io_uring_buf_ring_advance(d->br, IN_BUFS);
+}
+
+/* After the loop ended, from the thread that frees: no read is in flight,
+ * and the ring (a single-issuer ring refuses registrations from other
+ * threads) drops its reference when it closes. */
+void
+conn_bufs_fini(struct delivery *d)
+{
+    if (d->br == NULL)
+        return;
+    munmap(d->br, IN_BUFS * sizeof(struct io_uring_buf));
+    free(d->br_mem);
+    d->br = NULL;
+    d->br_mem = NULL;
+}
+
+/* The provided buffer a completion carries, or NULL. */
+static char *
+recv_buf(struct delivery *d, uint32_t flags, unsigned *bid)
+{
+    if (d->br == NULL || !(flags & IORING_CQE_F_BUFFER))
+        return NULL;
+    *bid = flags >> IORING_CQE_BUFFER_SHIFT;
+    return d->br_mem + (size_t)*bid * IN_CAP;
+}
+
+static void
+recv_buf_put(struct delivery *d, unsigned bid)
+{
+    io_uring_buf_ring_add(d->br, d->br_mem + (size_t)bid * IN_CAP, IN_CAP, (unsigned short)bid,
+                          io_uring_buf_ring_mask(IN_BUFS), 0);
+    io_uring_buf_ring_advance(d->br, 1);
+}
+
+static void tls_start(struct conn *c);
+
+static void
+conn_flush(struct conn *c)
+{
+    if (c->closed || c->send_busy || !c->connected)
+        return;
+    size_t len;
+    const char *p = smtp_client_output(&c->cli, &len);
+    if (c->tls != NULL && c->tls_ready) {
+        /* Plaintext into TLS; what TLS took counts as sent. */
+        while (len > 0) {
+            ssize_t n = tls_conn_write(c->tls, p, len);
+            if (n <= 0)
+                break;
+            c->pending_ev |= smtp_client_sent(conn_cli(c), (size_t)n);
+            p = smtp_client_output(&c->cli, &len);
+        }
+        if (len == 0 && c->want_close && !c->tls_shut)
+            c->tls_shut = tls_conn_shutdown(c->tls) != TLS_WANT_IO;
+    }
+    if (c->tls != NULL)
+        p = tls_conn_peek(c->tls, &len);
+    if (len == 0) {
+        if (c->want_close)
+            conn_close(c, "done");
+        else if (c->tls_wanted && c->tls == NULL)
+            tls_start(c);
+        return;
+    }
+    struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->send_op);
+    io_uring_prep_send(sqe, c->fd, p, len, MSG_NOSIGNAL);
+    c->send_busy = true;
+    c->inflight++;
+}
+
+/* Feed the body from the spool while the machine's output has room. */
+static void
+conn_body(struct conn *c)
+{
+    while (!c->closed && smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY) {
+        if (c->chunk_pos == c->chunk_len && !c->body_last) {
+            size_t got = 0;
+            if (c->chunk == NULL && (c->chunk = conn_pool_get(&c->d->chunk_pool)) == NULL) {
+                conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
+                return;
+            }
+            int rc = queue_body_read(c->d->e->queue, c->job->id, c->body_off, c->chunk,
+                                     BODY_CHUNK, &got);
+            if (rc != 0) {
+                log_msg(LOG_ERR, "conn=%llx event=body_read_failed domain=%s err=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, queue_strerror(rc));
+                conn_handle(c, smtp_client_quit(conn_cli(c))); /* aborts: all temporary */
+                return;
+            }
+            c->body_off += got;
+            c->chunk_len = got;
+            c->chunk_pos = 0;
+            c->body_last = c->body_off >= c->env->body_len || got == 0;
+        }
+        size_t consumed = 0;
+        int ev = smtp_client_body(conn_cli(c), c->chunk + c->chunk_pos, c->chunk_len - c->chunk_pos,
+                                  c->body_last, &consumed);
+        c->chunk_pos += consumed;
+        if (ev < 0)
+            return;
+        bool full = c->chunk_pos < c->chunk_len;
+        if (ev & ~SMTP_CLIENT_EV_SEND_BODY)
+            conn_handle(c, ev & ~SMTP_CLIENT_EV_SEND_BODY);
+        if (full || (c->body_last && c->chunk_pos == c->chunk_len))
+            break; /* wait for room, or the terminator is queued */
+    }
+}
+
+/* Start the next transaction, go idle, or say goodbye. */
+static void
+conn_next(struct conn *c)
+{
+    unsigned moves = 0;
+    for (;;) {
+        /* Which job, of which domain of the site: the scheduler's call. */
+        enum sched_next what;
+        struct job *j = sched_conn_next(c, &moves, &what);
+        if (what == SCHED_NEXT_QUIT) {
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+            return;
+        }
+        if (what == SCHED_NEXT_IDLE) {
+            /* on its site's idle list up to the idle time */
+            conn_deadline(c, c->d->e->cfg->delivery.idle_timeout);
+            return;
+        }
+        struct dest *t = c->dest;
+        struct queue_envelope *env;
+        int erc = queue_envelope_get(c->d->e->queue, j->id, &env);
+        if (erc == QUEUE_ENOTFOUND) {
+            free(j); /* gone: bounced by an operator, or done before a restart */
+            continue;
+        }
+        if (erc != 0) {
+            /* The spool could not say (I/O, readers): keep the job, rest. */
+            log_msg(LOG_ERR, "event=envelope_read_failed domain=%s err=\"%s\"", t->name,
+                    queue_strerror(erc));
+            dest_push(t, j, true);
+            sched_conn_event(c, POLICY_SPOOL_UNREADABLE, NULL);
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+            return;
+        }
+        /* VERP (oob.h): each recipient has its own sender, so its own transaction. */
+        unsigned maxr = c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] ? 1 : c->max_rcpt;
+        if (j->n > maxr) {
+            /* Split with a larger max_rcpt_per_txn before a reload. */
+            struct job *rest = malloc(sizeof(*rest) + (j->n - maxr) * sizeof(unsigned));
+            if (rest == NULL) {
+                queue_envelope_free(env);
+                dest_push(t, j, true);
+                conn_handle(c, smtp_client_quit(conn_cli(c)));
+                return;
+            }
+            *rest = *j;
+            rest->n = j->n - maxr;
+            memcpy(rest->idx, j->idx + maxr, rest->n * sizeof(unsigned));
+            j->n = maxr;
+            dest_push(t, rest, true);
+        }
+        uint64_t expire = job_expire_ms(t->pol, env, j->id);
+        if (policy_expired(clock_unix_ms(), expire)) {
+            /* Expired while it waited here: bounce it, do not send it. */
+            struct smtp_outcome o;
+            memset(&o, 0, sizeof(o));
+            o.status = SMTP_STATUS_TEMPFAIL;
+            o.scope = SMTP_SCOPE_MESSAGE;
+            o.enh = (struct smtp_enh){4, 4, 7};
+            snprintf(o.text, sizeof(o.text), "message expired in the queue");
+            struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+            job_finish(c->d, t, j, env, NULL, &o, &where);
+            queue_envelope_free(env);
+            free(j);
+            continue;
+        }
+        struct smtp_client_rcpt *rc = calloc(j->n, sizeof(*rc));
+        if (rc == NULL) {
+            queue_envelope_free(env);
+            dest_push(t, j, true);
+            conn_handle(c, smtp_client_quit(conn_cli(c)));
+            return;
+        }
+        unsigned n = 0;
+        for (unsigned i = 0; i < j->n; i++)
+            for (unsigned k = 0; k < env->nrcpt; k++)
+                if (env->rcpt[k].index == j->idx[i]) {
+                    j->idx[n] = j->idx[i];
+                    struct smtp_client_rcpt *r = &rc[n++];
+                    r->addr.ptr = env->rcpt[k].addr;
+                    r->addr.len = strlen(env->rcpt[k].addr);
+                    if (env->rcpt[k].notify) {
+                        r->params.seen |= SMTP_PARAM_NOTIFY;
+                        r->params.notify = env->rcpt[k].notify;
+                    }
+                    /* RFC 3461 5.2: DSN parameters go on to the next hop
+                     * (the machine drops them when it does not offer DSN). */
+                    const char *oc = env->rcpt[k].orcpt;
+                    const char *semi = oc ? strchr(oc, ';') : NULL;
+                    if (semi != NULL && semi > oc && semi[1] != '\0') {
+                        r->params.seen |= SMTP_PARAM_ORCPT;
+                        r->params.orcpt_type = (struct smtp_span){oc, (size_t)(semi - oc)};
+                        r->params.orcpt_addr = (struct smtp_span){semi + 1, strlen(semi + 1)};
+                    }
+                }
+        j->n = n; /* recipients already done (before a restart) drop out */
+        if (n == 0) {
+            free(rc);
+            queue_envelope_free(env);
+            free(j);
+            continue;
+        }
+        c->job = j;
+        c->env = env;
+        c->rc = rc;
+        c->expire_ms = expire;
+        t->inflight++;
+        break;
+    }
+    struct queue_envelope *env = c->env;
+    c->body_off = 0;
+    c->chunk_len = c->chunk_pos = 0;
+    c->body_last = false;
+    c->txn_done_seen = false;
+    memset(&c->txn, 0, sizeof(c->txn));
+    c->txn.from.ptr = env->sender;
+    c->txn.from.len = strlen(env->sender);
+    int vn = oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id, c->job->idx[0],
+                             c->rc[0].addr.ptr, env->tenant, c->verp, sizeof(c->verp));
+    if (vn > 0)
+        c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
+    else if (vn < 0) /* cannot happen within the config's bounds: said, then sent as injected */
+        log_msg(LOG_ERR, "conn=%llx event=verp_failed err=%d", (unsigned long long)c->id, vn);
+    c->txn.params.seen = SMTP_PARAM_SIZE | SMTP_PARAM_BODY;
+    c->txn.params.size = env->body_len;
+    c->txn.params.body =
+        env->body_type == QUEUE_BODY_8BITMIME ? SMTP_BODY_8BITMIME : SMTP_BODY_7BIT;
+    if (env->smtputf8)
+        c->txn.params.seen |= SMTP_PARAM_SMTPUTF8;
+    if (env->ret != QUEUE_RET_NONE) {
+        c->txn.params.seen |= SMTP_PARAM_RET;
+        c->txn.params.ret = env->ret == QUEUE_RET_FULL ? SMTP_RET_FULL : SMTP_RET_HDRS;
+    }
+    if (env->envid != NULL && env->envid[0] != '\0') {
+        c->txn.params.seen |= SMTP_PARAM_ENVID;
+        c->txn.params.envid = (struct smtp_span){env->envid, strlen(env->envid)};
+    }
+    c->txn.rcpt = c->rc;
+    c->txn.nrcpt = c->job->n;
+    if (c->nmsgs > 0)
+        c->d->stats.reused++;
+    c->d->stats.transactions++;
+    conn_handle(c, smtp_client_txn(conn_cli(c), &c->txn));
+}
+
+static void
+conn_txn_done(struct conn *c)
+{
+    struct job *j = c->job;
+    c->job = NULL;
+    c->nmsgs++;
+    /* The window learns; the job may go to the next MX address instead
+     * of being reported (the scheduler asks the policy). */
+    if (!sched_txn_done(c, j)) {
+        struct outcome_where where = {
+            .mx = c->mx,
+            .mx_addr = c->addr_str,
+            .source = c->src_str[0] ? c->src_str : NULL,
+            .tls_proto = c->tls_ready ? c->tls_proto : NULL,
+            .tls_cipher = c->tls_ready ? c->tls_cipher : NULL,
+            .src = CLASSIFY_CONNECT,
+        };
+        job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
+        free(j);
+    }
+    queue_envelope_free(c->env);
+    c->env = NULL;
+    free(c->rc);
+    c->rc = NULL;
+    conn_pool_put(&c->d->chunk_pool, c->chunk);
+    c->chunk = NULL;
+}
+
+/* Act on the machine's events. Acting may produce more (a send frees
+ * room, a transaction ends): they gather in pending_ev and the loop here
+ * takes them, so no handler runs inside another. */
+static void
+conn_handle(struct conn *c, int ev)
+{
+    if (ev < 0) {
+        log_msg(LOG_ERR, "conn=%llx event=client_misuse domain=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, smtp_client_strerror(ev));
+        sched_conn_event(c, POLICY_CLIENT_MISUSE, NULL); /* no reconnect storm */
+        conn_close(c, "misuse");
+        return;
+    }
+    c->pending_ev |= ev;
+    if (c->handling)
+        return;
+    c->handling = true;
+    while (c->pending_ev != 0 && !c->closed) {
+        ev = c->pending_ev;
+        c->pending_ev = 0;
+        if (ev & SMTP_CLIENT_EV_TIMER)
+            conn_deadline(c, smtp_client_deadline_ms(&c->cli));
+        if (ev & SMTP_CLIENT_EV_TXN_DONE)
+            conn_txn_done(c);
+        if (ev & SMTP_CLIENT_EV_CLOSE) {
+            c->want_close = true;
+            c->pending_ev = 0;
+            break;
+        }
+        if (ev & SMTP_CLIENT_EV_STARTTLS)
+            c->tls_wanted = true; /* after the output has left: conn_flush */
+        if (ev & SMTP_CLIENT_EV_SEND_BODY)
+            conn_body(c);
+        if (ev & SMTP_CLIENT_EV_READY)
+            conn_next(c);
+        conn_flush(c);
+    }
+    conn_flush(c);
+    c->handling = false;
+    conn_cli_release(c);
+    if (!c->want_close)
+        conn_recv(c);
+}
+
+/* ---- STARTTLS ---- */
+
+static void
+tls_start(struct conn *c)
+{
+    c->tls_wanted = false;
+    bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
+    char key[sizeof(c->mx) + sizeof(c->addr_str) + 1];
+    snprintf(key, sizeof(key), "%s:%s", c->mx, c->addr_str);
+    c->cin = malloc(CIN_CAP);
+    /* The engine's current ctx: a reload may have brought other CAs. */
+    struct tls_ctx *ctx = engine_tls_client(c->d->e);
+    int rc = c->cin == NULL || ctx == NULL
+                 ? -ENOMEM
+                 : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &c->tls);
+    tls_ctx_unref(ctx);
+    if (rc < 0) {
+        free(c->cin);
+        c->cin = NULL;
+        conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
+        return;
+    }
+    c->cin_off = c->cin_len = 0;
+    /* The ClientHello goes out now; the rest in tls_in(). */
+    tls_conn_handshake(c->tls);
+    conn_flush(c);
+    conn_recv(c);
+}
+
+/* Move what cin holds into the conn, as much as it takes (an error shows
+ * on the next call on the conn). Returns the count moved. */
+static size_t
+tls_feed(struct conn *c)
+{
+    size_t moved = 0;
+    while (c->cin_off < c->cin_len) {
+        ssize_t n = tls_conn_feed(c->tls, c->cin + c->cin_off, c->cin_len - c->cin_off);
+        if (n <= 0)
+            break;
+        c->cin_off += (size_t)n;
+        moved += (size_t)n;
+    }
+    if (c->cin_off != 0 && !c->recv_busy) {
+        memmove(c->cin, c->cin + c->cin_off, c->cin_len - c->cin_off);
+        c->cin_len -= c->cin_off;
+        c->cin_off = 0;
+    }
+    return moved;
+}
+
+/* Ciphertext in: drive the handshake, then hand plaintext to the machine.
+ * A handshake step or a read that yields nothing may still have taken
+ * ciphertext out of the conn's full buffer (a record larger than it, such
+ * as a long certificate chain): feed again before waiting for the socket,
+ * or the rest of cin would wait for bytes the server never sends. */
+static void
+tls_in(struct conn *c)
+{
+    for (;;) {
+        tls_feed(c);
+        if (!c->tls_ready) {
+            int rc = tls_conn_handshake(c->tls);
+            if (rc == TLS_WANT_IO) {
+                if (tls_feed(c) > 0)
+                    continue;
+                conn_flush(c);
+                return;
+            }
+            if (rc < 0) {
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx, tls_strerror(rc),
+                        tls_conn_error_str(c->tls));
+                conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
+                return;
+            }
+            struct tls_info info;
+            c->tls_ready = true;
+            bool verified = false;
+            if (tls_conn_info(c->tls, &info) == 0) {
+                snprintf(c->tls_proto, sizeof(c->tls_proto), "%s", info.protocol);
+                snprintf(c->tls_cipher, sizeof(c->tls_cipher), "%s", info.cipher);
+                snprintf(c->tls_desc, sizeof(c->tls_desc), "%s %s%s", info.protocol, info.cipher,
+                         info.resumed ? " resumed" : "");
+                verified = info.verified;
+            }
+            conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
+                                                                  : SMTP_CLIENT_TLS_UNVERIFIED));
+            if (c->closed)
+                return;
+        }
+        char plain[IN_CAP];
+        ssize_t n = tls_conn_read(c->tls, plain, sizeof(plain));
+        if (n < 0) {
+            conn_handle(c, smtp_client_eof(conn_cli(c)));
+            return;
+        }
+        if (n > 0) {
+            size_t used;
+            conn_handle(c, smtp_client_input(conn_cli(c), plain, (size_t)n, &used));
+            if (c->closed || c->want_close)
+                return;
+        } else if (tls_feed(c) == 0) {
+            return; /* nothing read, nothing more to feed: wait for the socket */
+        }
+    }
+}
+
+static void
+conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, recv_op);
+    struct delivery *d = c->d;
+    unsigned bid = 0;
+    char *in = recv_buf(d, flags, &bid);
+    c->recv_busy = false;
+    c->inflight--;
+    if (c->closed) {
+        if (in != NULL)
+            recv_buf_put(d, bid);
+        conn_maybe_free(c);
+        return;
+    }
+    if (res <= 0) {
+        if (in != NULL)
+            recv_buf_put(d, bid);
+        if (res == -EINTR || res == -EAGAIN || res == -ENOBUFS) {
+            /* ENOBUFS: every provided buffer was taken in this batch of
+             * completions; they are back by the time this is submitted. */
+            if (res == -ENOBUFS)
+                d->stats.recv_nobufs++;
+            conn_recv(c);
+            return;
+        }
+        conn_handle(c, smtp_client_eof(conn_cli(c)));
+        conn_close(c, "eof");
+        conn_maybe_free(c);
+        return;
+    }
+    if (c->tls != NULL) {
+        if (in != NULL) {
+            /* A read posted before STARTTLS cannot complete after it
+             * (tls_start posts the first ciphertext read). */
+            recv_buf_put(d, bid);
+            conn_close(c, "tls_read_state");
+            conn_maybe_free(c);
+            return;
+        }
+        c->cin_len += (size_t)res;
+        tls_in(c);
+        conn_recv(c);
+        conn_maybe_free(c);
+        return;
+    }
+    size_t used;
+    /* An idle connection that hears from the server leaves the idle list
+     * through conn_free or the events; the machine knows what it means.
+     * The machine consumes all it is given (or closes), so the buffer goes
+     * back at once. */
+    int ev = smtp_client_input(conn_cli(c), in != NULL ? in : c->in, (size_t)res, &used);
+    if (in != NULL)
+        recv_buf_put(d, bid);
+    conn_handle(c, ev);
+    conn_maybe_free(c);
+}
+
+static void
+conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, send_op);
+    c->send_busy = false;
+    c->inflight--;
+    if (c->closed) {
+        conn_maybe_free(c);
+        return;
+    }
+    if (res <= 0) {
+        conn_handle(c, smtp_client_eof(conn_cli(c)));
+        conn_close(c, "send_failed");
+        conn_maybe_free(c);
+        return;
+    }
+    int ev = 0;
+    if (c->tls != NULL)
+        tls_conn_consume(c->tls, (size_t)res);
+    else
+        ev = smtp_client_sent(conn_cli(c), (size_t)res);
+    if (smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY)
+        ev |= SMTP_CLIENT_EV_SEND_BODY;
+    conn_handle(c, ev);
+    conn_maybe_free(c);
+}
+
+static void
+conn_on_timer(struct timer *tm, void *ctx)
+{
+    struct conn *c = (struct conn *)((char *)tm - offsetof(struct conn, timer));
+    if (!c->connected) {
+        /* connect timed out: the pending connect completes on shutdown */
+        sched_conn_event(c, POLICY_CONNECT_TIMEOUT, NULL);
+        conn_close(c, "connect_timeout");
+        return;
+    }
+    conn_handle(c, smtp_client_timeout(conn_cli(c)));
+}
+
+/* Every state transition of the client machine, at debug level. */
+static void
+conn_on_trace(void *arg, enum smtp_client_state from, enum smtp_client_state to)
+{
+    const struct conn *c = arg;
+    log_msg(LOG_DEBUG, "conn=%llx event=state domain=%s from=%s to=%s", (unsigned long long)c->id,
+            c->dest->name, smtp_client_state_str(from), smtp_client_state_str(to));
+}
+
+static void
+conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    struct conn *c = CONN_OF(op, connect_op);
+    c->inflight--;
+    if (c->closed) {
+        conn_maybe_free(c);
+        return;
+    }
+    if (res < 0) {
+        log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, strerror(-res));
+        struct smtp_outcome o;
+        memset(&o, 0, sizeof(o));
+        o.status = SMTP_STATUS_TEMPFAIL;
+        o.scope = SMTP_SCOPE_SESSION;
+        o.enh = (struct smtp_enh){4, 4, 1};
+        snprintf(o.text, sizeof(o.text), "connect to %s (%s): %s", c->mx, c->addr_str,
+                 strerror(-res));
+        c->d->stats.connect_failures++;
+        sched_conn_event(c, POLICY_CONNECT_FAILED, &o); /* the reason, for a deferral */
+        conn_close(c, "connect_failed");
+        conn_maybe_free(c);
+        return;
+    }
+    c->connected = true;
+    struct sockaddr_storage local;
+    socklen_t llen = sizeof(local);
+    if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
+        netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
+    log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct smtp_client_opts o = {
+        .name = c->d->e->cfg->server.hostname,
+        .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
+        .trace_arg = c,
+        .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
+               : c->dest->pol->tls == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
+               : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
+               : c->dest->pol->tls == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
+                                                          : SMTP_CLIENT_TLS_OFF,
+        .max_rcpt = sched_conn_max_rcpt(c),
+    };
+    c->max_rcpt = o.max_rcpt;
+    int rc = smtp_client_init(&c->cli, &o);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "conn=%llx event=client_init_failed name=%s err=%s",
+                (unsigned long long)c->id, o.name, smtp_client_strerror(rc));
+        conn_close(c, "init");
+        conn_maybe_free(c);
+        return;
+    }
+    conn_deadline(c, smtp_client_deadline_ms(&c->cli));
+    conn_recv(c);
+}
+
+/* ---- what the scheduler calls ---- */
+
+struct conn *
+conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr)
+{
+    struct delivery *d = t->d;
+    struct conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->fd = socket(addr->sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) {
+        log_msg(LOG_ERR, "event=socket_failed err=%s", strerror(errno));
+        free(c);
+        return NULL;
+    }
+    const struct sockaddr_storage *src = addr->sa.sa_family == AF_INET6
+                                             ? &d->e->cfg->delivery.source6
+                                             : &d->e->cfg->delivery.source4;
+    if (src->ss_family != AF_UNSPEC &&
+        bind(c->fd, (const struct sockaddr *)src,
+             src->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                        : sizeof(struct sockaddr_in)) < 0) {
+        char text[64];
+        netaddr_ip_str((const struct sockaddr *)src, text, sizeof(text));
+        log_msg(LOG_ERR, "event=source_bind_failed source=%s err=%s", text, strerror(errno));
+        close(c->fd);
+        free(c);
+        return NULL;
+    }
+    c->connect_op = (struct op){OP_CALLBACK, conn_on_connect};
+    c->recv_op = (struct op){OP_CALLBACK, conn_on_recv};
+    c->send_op = (struct op){OP_CALLBACK, conn_on_send};
+    timer_init(&c->timer, conn_on_timer);
+    /* Counted from here on: the id, the site, the caps. */
+    sched_conn_attach(c, t, host, addr);
+    struct io_uring_sqe *sqe = worker_sqe(d->w, &c->connect_op);
+    io_uring_prep_connect(sqe, c->fd, &c->addr.sa, dns_addr_len(&c->addr));
+    c->inflight++;
+    conn_deadline(c, d->e->cfg->delivery.connect_timeout);
+    return c;
+}
+
+/* An idle connection handed to a domain with work (the scheduler's
+ * reuse): its next transaction goes out now. */
+void
+conn_resume(struct conn *c)
+{
+    conn_next(c);
+    conn_flush(c);
+}
+
+/* Say goodbye now (drain), after what is in flight. */
+void
+conn_quit(struct conn *c)
+{
+    conn_handle(c, smtp_client_quit(conn_cli(c)));
+}

@@ -1,0 +1,385 @@
+/*
+ * outbound/internal.h: the objects the files of the outbound side share,
+ * and the calls between those files. Not a public header: only
+ * engine/delivery.c, the files of engine/outbound/ and the scheduler's unit test
+ * (tests/unit/test_scheduler.c) include it; everyone else goes through
+ * engine/delivery.h.
+ *
+ * Who does what (one file per concern, as Postfix's smtp_connect.c,
+ * smtp_proto.c, smtp_trouble.c and qmgr_*.c):
+ *   engine/delivery.c      the public face: submission into the owning
+ *                          worker, the spool port and due recipients,
+ *                          start, stop, drain, reload, operators' views;
+ *   outbound/scheduler.c   destinations (struct dest) and their queues,
+ *                          resolving, where mail must not go, [mx] and
+ *                          [source] limits, which connection a job takes,
+ *                          opening connections within the caps, holds,
+ *                          expiry sweeps, eviction of idle destinations;
+ *   outbound/site.c        sites, the adaptive window, the per-address table;
+ *   outbound/connection.c  struct conn: connect, the client machine,
+ *                          STARTTLS over memory BIOs, body streaming,
+ *                          reuse and lifetime;
+ *   outbound/outcome.c     acting on the outcome of a job: the failure
+ *                          policy's verdict per recipient, the spool
+ *                          update (retried while it fails), the logs,
+ *                          the DSN hand-off;
+ *   outbound/policy.c      every decision: defer, bounce, expire, next
+ *                          address, hold, back off, fail over.
+ *
+ * The scheduler calls out (DNS, opening a connection, resuming an idle
+ * one, failing jobs) only through struct outbound_ops, so that its unit
+ * test feeds answers and connection results and watches its choices.
+ *
+ * Threading: everything on the owning worker's thread.
+ */
+#ifndef SLUICE_ENGINE_OUTBOUND_INTERNAL_H
+#define SLUICE_ENGINE_OUTBOUND_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dns/dns.h"
+#include "engine/classify.h"
+#include "engine/config.h"
+#include "engine/delivery.h"
+#include "engine/limits.h"
+#include "engine/outbound/policy.h"
+#include "engine/outbound/site.h"
+#include "engine/smtp_client.h"
+#include "engine/timer.h"
+#include "engine/worker.h"
+#include "common/hash.h"
+#include "common/lru.h"
+#include "queue/queue.h"
+
+#define BODY_CHUNK     (64 * 1024) /* body read from the spool per step */
+#define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
+#define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
+
+struct dest;
+struct delivery;
+struct outcome_batch;
+
+/* A job: recipients of one message at one domain, one transaction. */
+struct job {
+    struct worker_msg m; /* while it travels to the owner */
+    struct job *next;
+    uint64_t id;
+    uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
+    bool bounce;         /* the operator bounces these recipients */
+    unsigned failovers;  /* times a session failure moved it to the next address */
+    unsigned n;
+    char domain[256];
+    unsigned idx[];
+};
+
+struct conn {
+    struct delivery *d;   /* borrowed: outlives its connections */
+    struct dest *dest;    /* borrowed: a dest lives while it has connections */
+    struct conn *next_idle;
+    struct site *site;    /* owned reference: the site it was opened for */
+    unsigned epoch;       /* its site's window epoch when it opened */
+    int tls_pol;          /* enum domain_tls it was opened with: a domain it
+                           * moves to must have the same */
+    bool addr_counted;    /* counted in the worker's per-address table */
+    uint64_t id;          /* for the logs: conn=ID on each line */
+    int fd;
+    unsigned inflight;
+    bool closed, connected, recv_busy, send_busy, want_close;
+    struct op connect_op, recv_op, send_op;
+    struct timer timer;
+    union dns_addr addr;
+    char addr_str[64];
+    char mx[256];
+    unsigned nmsgs;       /* transactions finished on this connection */
+    unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
+    bool txn_done_seen;
+    bool ready_once;      /* the session reached IDLE at least once */
+    bool leased;          /* holds a connection lease of its destination */
+    struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
+    struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
+    struct conn *prev_all, *next_all; /* every connection of the worker */
+
+    struct job *job;      /* owned: the job in flight, or NULL */
+    struct queue_envelope *env; /* owned: its envelope */
+    struct smtp_client_txn txn;
+    struct smtp_client_rcpt *rc; /* owned, job->n entries */
+    char verp[256];       /* the VERP sender of the transaction (oob.h), when on: a
+                           * local part of at most 64, a verp_domain of at most 180 */
+    uint64_t body_off;    /* octets of the body read from the spool */
+    size_t chunk_len, chunk_pos;
+    bool body_last;
+
+    /* STARTTLS: once tls is set the socket carries ciphertext (cin in,
+     * tls_conn_peek out) and the machine sees plaintext. */
+    struct tls_conn *tls; /* owned */
+    bool tls_wanted;      /* EV_STARTTLS: handshake once the output is sent */
+    bool tls_ready;
+    bool tls_shut;
+    char tls_desc[96];
+    char tls_proto[16], tls_cipher[64];
+    char src_str[64];     /* our address on this connection */
+    uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
+    char *cin;            /* owned, CIN_CAP */
+    size_t cin_off;       /* cin[cin_off..cin_len) waits to be fed; compacted only
+                           * while no recv is writing into cin */
+    size_t cin_len;
+    int pending_ev;       /* events not acted on yet (see conn_handle) */
+    bool handling;
+
+    /* Memory only while it is used (a connection waiting for a reply,
+     * thousands of them, holds none): the machine's buffer comes from
+     * d->cli_pool, received octets from the ring's provided buffers. */
+    struct smtp_client cli;
+    char *in;             /* owned, IN_CAP: only without provided buffers */
+    char *chunk;          /* owned, from d->chunk_pool, only while a body is
+                           * being sent */
+};
+
+/* A free list of equal buffers: connections borrow and return them many
+ * times a second, so malloc is only met in bursts. */
+struct pool {
+    void *free;           /* owned: a list through each buffer's first word */
+    unsigned nfree;
+    size_t size;
+    uint64_t out;         /* borrowed now */
+};
+
+/* The limits of one [mx PATTERN] on this worker, shared by the
+ * destinations whose preferred MX host matches. */
+struct mxkey {
+    struct mxkey *next;       /* on d->mxkeys */
+    struct delivery *d;       /* borrowed */
+    const struct mx_policy *pol; /* borrowed from the config; NULL: gone after a reload */
+    char pattern[LIMIT_KEY_MAX]; /* "mx:" or "src:" and the section's name */
+    struct limit_key lim;
+    struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
+};
+
+struct dest {
+    struct hash_node node;   /* on d->dests: first, the table's entries are dests */
+    struct lru_node lru;     /* on d->dest_lru: eviction when idle */
+    uint64_t touched;        /* monotonic ns of its last activity */
+    struct delivery *d;
+    char name[256];
+    const struct domain_policy *pol; /* borrowed from the config */
+    struct job *head, **tail;
+    unsigned queued;
+    unsigned conns;          /* open or opening */
+    unsigned opening;        /* not yet ready for a transaction */
+    struct site *site;       /* owned reference: the site of its answer, or NULL */
+    const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
+    struct lru_node want;    /* on site->want: waits for a connection */
+    const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
+    unsigned ntargets;       /* its addresses that may be delivered to */
+    struct dns_mx_result *mx; /* owned reference */
+    struct dns_req *req;     /* lookup in flight */
+    unsigned next_addr;      /* failover cursor over the answer's addresses */
+    unsigned failed_addrs;   /* consecutive connection failures */
+    uint64_t hold_until;     /* monotonic ns: no new connection before */
+    struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
+    bool refused_self;       /* no target: because one is this node's own listener */
+    struct timer hold_timer;
+    struct timer sweep_timer; /* while held: expire what waits */
+    bool suspended;          /* by the operator: no new transaction */
+    bool running, rerun;     /* in dest_run; asked again meanwhile */
+    struct mxkey *mxk;       /* borrowed: its MX host's [mx] limits, or NULL */
+    const struct dns_mx_result *mxk_for; /* the answer mxk was chosen from */
+    struct dest *next_mxwait; /* on mxk->waiters */
+    bool mx_waiting;
+    struct limit_key lim;    /* rates and connection leases (limits.h) */
+    struct timer lim_timer;  /* a refused token or lease: ask again then */
+    unsigned inflight;       /* jobs on connections now */
+    uint64_t delivered, failed; /* recipients, since start */
+    uint64_t last_ms;        /* Unix ms of the last outcome */
+    char last_reply[160];    /* the last reply that was not a delivery */
+};
+
+struct delivery {
+    struct engine *e;  /* borrowed */
+    struct worker *w;  /* borrowed */
+    struct tls_cache *tls_cache; /* owned: client sessions of this worker, per MX */
+    struct resolver *res; /* owned */
+    struct limits *lim;   /* owned: rate limits and leases of this worker's domains */
+    struct queue_port *port; /* owned */
+    struct op port_op;
+    bool stopping;
+    bool draining;           /* SIGTERM: finish what is in flight, start nothing */
+    bool drained;            /* ... and it is done: told the engine */
+    struct hash dests;       /* struct dest by name */
+    struct lru dest_lru;     /* least recently active first */
+    struct timer evict_timer;
+    uint64_t evicted;        /* destinations dropped when idle */
+    struct timer due_timer; /* worker 0: take due recipients from the spool */
+    struct delivery_stats stats;
+    struct pool cli_pool;    /* struct smtp_client_buf */
+    struct pool chunk_pool;  /* BODY_CHUNK */
+    struct io_uring_buf_ring *br; /* owned (mmap): provided receive buffers, or NULL */
+    char *br_mem;            /* owned: IN_BUFS * IN_CAP */
+    struct conn *all;        /* every connection, for shutdown */
+    uint64_t rng;            /* xorshift state: retry jitter */
+    struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
+    struct mxkey *mxkeys;    /* owned: [mx] limits met so far, and [source] ones ("src:") */
+    struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
+    uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
+    uint64_t conn_seq;       /* connection ids: worker id in the top byte */
+    char (*local)[64];       /* owned: this host's interface addresses, as text */
+    unsigned nlocal;
+    bool resolver_closed;
+    struct worker_msg stop_msg;
+    struct worker_msg drain_msg;
+    const struct outbound_ops *ops; /* borrowed (static): what the scheduler calls out to */
+};
+
+/* Where an outcome was met, for the log and the classification. */
+struct outcome_where {
+    const char *mx, *mx_addr, *source;
+    const char *tls_proto, *tls_cipher;
+    enum classify_source src; /* for outcomes that are not a server's reply */
+};
+
+/* What the scheduler calls out to. engine/delivery.c wires the worker's
+ * resolver, outbound/connection.c and outbound/outcome.c; the scheduler's
+ * unit test wires scripts. */
+struct outbound_ops {
+    /* As resolver_mx_resolve(): 1 with *res, 0 with *req (dest_on_mx()
+     * runs later), or a negative code; -ENXIO: no resolver here. */
+    int (*resolve)(struct delivery *d, struct dest *t, const char *name,
+                   struct dns_mx_result **res, struct dns_req **req);
+    void (*cancel)(struct delivery *d, struct dns_req *req);
+    /* A new connection of t to a (of MX host h), attached with
+     * sched_conn_attach(); NULL when none could be made now. */
+    struct conn *(*open)(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a);
+    /* An idle connection was handed to a domain with work: start its next
+     * transaction (sched_conn_next() says which). */
+    void (*resume)(struct conn *c);
+    /* Every recipient of j (owned: freed) fails with o, without a session. */
+    void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+                 enum classify_source src);
+};
+
+/* ---- outbound/scheduler.c ---- */
+
+void sched_init(struct delivery *d);
+/* On the worker's thread: the eviction sweep starts. */
+void sched_start(struct delivery *d);
+/* The worker stops: timers and lookups of the destinations go now. */
+void sched_stop(struct delivery *d);
+/* ... and the leases, now rather than after their ttl (the loop turns). */
+void sched_release_leases(struct delivery *d);
+/* After the loop ended, connections gone: every destination (what waits
+ * stays in the spool). */
+void sched_free_dests(struct delivery *d);
+/* After the limiter was freed: the [mx] keys, the sites. */
+void sched_fini(struct delivery *d);
+/* This host's interface addresses (targets that are this node). */
+void sched_local_addrs_load(struct delivery *d);
+
+/* The destination of name, made on first use; NULL without memory. */
+struct dest *dest_get(struct delivery *d, const char *name);
+/* Iteration over the destinations of a worker. */
+struct dest_iter {
+    size_t bucket;
+    struct hash_node *cur;
+};
+struct dest *dest_next(const struct delivery *d, struct dest_iter *it);
+/* A job arrives at t (owned): split to the domain's recipients per
+ * transaction, queued, and t run. */
+void dest_enqueue(struct dest *t, struct job *j);
+void dest_push(struct dest *t, struct job *j, bool front);
+struct job *dest_pop(struct dest *t);
+/* The scheduler's one decision point (see scheduler.c). */
+void dest_run(struct dest *t);
+/* No new connection to t for ms. */
+void dest_hold(struct dest *t, uint64_t ms);
+/* A lookup started by ops->resolve finished (res: a reference moved in). */
+void dest_on_mx(void *arg, struct dns_mx_result *res);
+void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
+void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
+/* The port t delivers to: its route's, or [delivery] remote_port. */
+unsigned dest_port(const struct dest *t);
+/* a with t's port. */
+void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out);
+
+/* Connections, as the scheduler sees them. */
+/* Count c (zeroed but for what its transport set) as t's new connection
+ * to a of host h, on t's site: ids, site, epoch, counters, the worker's
+ * list. */
+void sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *h,
+                       const union dns_addr *a);
+enum sched_next {
+    SCHED_NEXT_JOB,   /* a job to send, for c->dest (which may have changed) */
+    SCHED_NEXT_IDLE,  /* nothing now: c is on its site's idle list */
+    SCHED_NEXT_QUIT,  /* say goodbye: enough transactions, stopping, or an MX slot is wanted */
+};
+/* c is ready for a transaction: the job it sends next (of its domain, or
+ * of another domain of its site that waits, then c moved there); moves
+ * counts those moves across calls of one readiness. */
+struct job *sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what);
+/* c's transaction of j ended (c->txn holds its outcome): the site's
+ * window learns, and true when j went back to the queue for the next MX
+ * address (the policy's failover) rather than to be reported. */
+bool sched_txn_done(struct conn *c, struct job *j);
+/* c failed before its session (connect refused or timed out) or met a
+ * fault of ours: act on the policy's decision. why: the deferral reason
+ * to remember, or NULL. */
+void sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_outcome *why);
+/* c is gone (its transport freed what it owns; c->job is back in the
+ * queue): act on what its end means (session: the machine's outcome, or
+ * NULL), release its counts and leases, free c, let what waits go. */
+void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
+/* Transactions on c before QUIT: its domain's, or its [mx] or [source]
+ * section's when lower. */
+unsigned sched_conn_max_msgs(const struct conn *c);
+/* Recipients per transaction on a new connection of c. */
+unsigned sched_conn_max_rcpt(const struct conn *c);
+
+/* ---- outbound/connection.c ---- */
+
+/* Open a connection (an outbound_ops open). */
+struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr);
+/* An idle connection starts its next transaction (an outbound_ops resume). */
+void conn_resume(struct conn *c);
+void conn_close(struct conn *c, const char *why);
+/* Say goodbye (QUIT) after what is in flight. */
+void conn_quit(struct conn *c);
+/* After the loop ended: free c whatever is in flight. */
+void conn_free(struct conn *c);
+/* The worker's provided receive buffers (delivery_start / _free). */
+void conn_bufs_init(struct delivery *d);
+void conn_bufs_fini(struct delivery *d);
+/* A free list of equal buffers (struct pool). */
+void *conn_pool_get(struct pool *p);
+void conn_pool_put(struct pool *p, void *b);
+void conn_pool_fini(struct pool *p);
+
+/* ---- outbound/outcome.c ---- */
+
+/* Report the outcome of every recipient of j (from the transaction rc, or
+ * one outcome for all) to the spool, the logs and the sender (DSN). */
+void job_finish(struct delivery *d, struct dest *t, struct job *j,
+                const struct queue_envelope *env, const struct smtp_client_rcpt *rc,
+                const struct smtp_outcome *all, const struct outcome_where *where);
+/* Every recipient of j (owned: freed) fails with o, without a session
+ * (an outbound_ops fail). */
+void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+              enum classify_source src);
+/* An outcome for a whole job from a policy verdict, text the reply. */
+void job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *text);
+/* When the recipients of id give up. */
+uint64_t job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env,
+                       uint64_t id);
+/* Outcome commits waiting to be tried again: their timers out of the
+ * worker's heap (delivery_free), then the batches freed (logged). */
+void outcome_retrying_cancel(struct delivery *d);
+void outcome_retrying_free(struct delivery *d);
+
+/* ---- engine/delivery.c ---- */
+
+/* Draining and no connection left: tell the engine, once. */
+void drain_check(struct delivery *d);
+/* Stopping, and the resolver and every connection are gone: end the loop. */
+void delivery_check_done(struct delivery *d);
+
+#endif

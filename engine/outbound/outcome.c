@@ -1,0 +1,491 @@
+/*
+ * outcome: acting on what became of a job. For each recipient the
+ * failure policy (outbound/policy.c) says delivered, bounced, expired or
+ * deferred (and when); this file writes that to the spool in one batch
+ * per job, logs it (the log line and the delivery log's record, with the
+ * configured message headers), counts it, and hands the DSN it causes
+ * (RFC 3464: a bounce, an expiry, or a delay warning for those who asked)
+ * to the spool in the same commit. A commit that fails is tried again,
+ * backing off, for as long as the worker runs; once durable, the DSN is
+ * logged and submitted for delivery like any message.
+ *
+ * Threading: the worker's thread.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "engine/dlog.h"
+#include "engine/dsn.h"
+#include "engine/engine.h"
+#include "engine/outbound/internal.h"
+#include "engine/suppress.h"
+#include "queue/queue.h"
+
+#define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
+#define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
+
+/* The outcomes of one job, kept (replies copied) until their commit is
+ * durable: a commit that fails (I/O, or a spool so full that even the
+ * reserve for outcomes is gone) is tried again, backing off, for as long
+ * as the worker runs. Without that the recipients would wait in the spool,
+ * ready, with nobody to take them until a restart. */
+struct outcome_batch {
+    struct delivery *d;
+    struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
+    struct timer timer;
+    unsigned tries;
+    struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
+    size_t n;
+    struct queue_outcome o[]; /* then the reply texts */
+};
+
+static void outcome_done(void *cookie, int rc);
+static void dsn_committed(struct delivery *d, const struct dsn_msg *m);
+
+static void
+outcome_submit(struct outcome_batch *b)
+{
+    struct delivery *d = b->d;
+    struct queue_envelope denv;
+    struct queue_rcpt drcpt;
+    struct iovec dbody;
+    if (b->dsn != NULL)
+        dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
+    int rc = queue_update_enqueue(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
+                                  &dbody, b->dsn ? 1 : 0, outcome_done, b);
+    if (rc < 0)
+        outcome_done(b, rc);
+}
+
+static void
+outcome_on_retry(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct outcome_batch *b = (struct outcome_batch *)((char *)tm - offsetof(struct outcome_batch, timer));
+    struct delivery *d = b->d;
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        d->retrying = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    b->prev = b->next = NULL;
+    outcome_submit(b);
+}
+
+static void
+outcome_done(void *cookie, int rc)
+{
+    struct outcome_batch *b = cookie;
+    struct delivery *d = b->d;
+    if (rc == 0) {
+        if (b->dsn != NULL)
+            dsn_committed(d, b->dsn);
+        dsn_msg_free(b->dsn);
+        free(b);
+        return;
+    }
+    b->tries++;
+    if (d->stopping) {
+        /* neither the outcomes nor their DSN are stored: the recipients
+         * are tried again after the restart, and fail (and tell) again */
+        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu dsn=%s "
+                         "note=retried_after_restart",
+                queue_strerror(rc), b->n, b->dsn ? "yes" : "no");
+        dsn_msg_free(b->dsn);
+        free(b);
+        return;
+    }
+    unsigned shift = b->tries < 6 ? b->tries : 6;
+    log_msg(b->tries == 1 ? LOG_ERR : LOG_WARN,
+            "event=outcome_commit_failed err=\"%s\" recipients=%zu tries=%u retry_in_ms=%u",
+            queue_strerror(rc), b->n, b->tries, 500u << shift);
+    b->next = d->retrying;
+    if (b->next)
+        b->next->prev = b;
+    d->retrying = b;
+    timer_init(&b->timer, outcome_on_retry);
+    worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
+}
+
+/* Copy qo[0..n) and their replies into one batch and submit it, with the
+ * DSN they cause (owned: taken over, freed on failure too) or NULL. */
+static int
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, struct dsn_msg *dsn)
+{
+    size_t text = 0;
+    for (size_t i = 0; i < n; i++)
+        text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
+    struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text);
+    if (b == NULL) {
+        dsn_msg_free(dsn);
+        return -ENOMEM;
+    }
+    memset(b, 0, sizeof(*b));
+    b->d = d;
+    b->dsn = dsn;
+    b->n = n;
+    char *t = (char *)&b->o[n];
+    for (size_t i = 0; i < n; i++) {
+        b->o[i] = qo[i];
+        if (qo[i].reply != NULL) {
+            size_t l = strlen(qo[i].reply) + 1;
+            memcpy(t, qo[i].reply, l);
+            b->o[i].reply = t;
+            t += l;
+        }
+    }
+    outcome_submit(b);
+    return 0;
+}
+
+static uint64_t
+rng_next(struct delivery *d)
+{
+    uint64_t x = d->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return d->rng = x;
+}
+
+/* The schedule's delay for a recipient deferred attempts times already,
+ * moved at random by up to retry_jitter percent either way. */
+static uint64_t
+retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts)
+{
+    return policy_retry_delay(&pol->retry_schedule, attempts, d->e->cfg->delivery.retry_jitter,
+                              rng_next(d));
+}
+
+/* When the recipients of id give up: max_age after arrival, or earlier
+ * when the message carried its own expiry. */
+uint64_t
+job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env, uint64_t id)
+{
+    uint64_t arrival = env != NULL && env->arrival_ms != 0 ? env->arrival_ms : queue_id_time_ms(id);
+    return policy_expiry(arrival, pol->max_age, env != NULL ? env->expire_ms : 0);
+}
+
+/* Values of the configured delivery-log headers in the message's header
+ * section; vals[i] points into buf (NULL when absent). */
+static void
+job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf, size_t cap,
+            const char **vals)
+{
+    const struct log_config *lc = &cfg->log;
+    for (unsigned i = 0; i < lc->nheaders; i++)
+        vals[i] = NULL;
+    size_t len = 0;
+    if (lc->nheaders == 0 || queue_body_read(d->e->queue, id, 0, buf, cap - 1, &len) != 0)
+        return;
+    buf[len] = '\0';
+    for (char *line = buf; *line != '\0' && *line != '\r' && *line != '\n';) {
+        char *eol = strstr(line, "\r\n");
+        if (eol == NULL)
+            break; /* cut by the scan's size */
+        *eol = '\0';
+        char *colon = strchr(line, ':');
+        for (unsigned i = 0; colon != NULL && i < lc->nheaders; i++) {
+            size_t n = strlen(lc->headers[i]);
+            if (vals[i] == NULL && (size_t)(colon - line) == n &&
+                strncasecmp(line, lc->headers[i], n) == 0) {
+                char *v = colon + 1;
+                while (*v == ' ' || *v == '\t')
+                    v++;
+                vals[i] = v; /* a folded value keeps its first line only */
+            }
+        }
+        line = eol + 2;
+    }
+}
+
+/* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
+static void
+dsn_committed(struct delivery *d, const struct dsn_msg *m)
+{
+    char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(m->id, qid);
+    queue_id_str(m->orig, oqid);
+    unsigned idx = 0;
+    d->stats.dsn_queued++;
+    log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
+    struct dlog_event ev = {.kind = DLOG_DSN, .id = oqid, .reply = qid, .size = m->len};
+    dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+    delivery_submit(d->e, m->id, m->domain, &idx, 1);
+}
+
+/* The DSN for the failed recipients r[0..n) of env to its sender, to be
+ * committed with their outcomes; NULL (logged) when it cannot be built. */
+static struct dsn_msg *
+dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
+         unsigned n)
+{
+    const struct config *cfg = d->e->cfg;
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(env->id, qid);
+    bool full = env->ret == QUEUE_RET_FULL && env->body_len <= cfg->bounce.return_max;
+    size_t want = full ? env->body_len : (env->body_len < DSN_ORIG_MAX ? env->body_len : DSN_ORIG_MAX);
+    char *orig = malloc(want ? want : 1);
+    size_t got = 0;
+    if (orig == NULL || queue_body_read(d->e->queue, env->id, 0, orig, want, &got) != 0)
+        got = 0;
+    char from[300], msgid[400];
+    snprintf(from, sizeof(from), "%s@%s", cfg->bounce.dsn_from, cfg->server.hostname);
+    snprintf(msgid, sizeof(msgid), "%s.dsn%llu.w%u@%s", qid, (unsigned long long)++d->dsn_seq,
+             d->w->id, cfg->server.hostname);
+    struct dsn_input in = {
+        .reporting_mta = cfg->server.hostname,
+        .from_addr = from,
+        .to_addr = env->sender,
+        .message_id = msgid,
+        .boundary_seed = msgid,
+        .envid = env->envid,
+        .queue_id = qid,
+        .arrival_ms = env->arrival_ms,
+        .now_ms = clock_unix_ms(),
+        .orig = got ? orig : NULL,
+        .orig_len = got,
+        .ret_full = full,
+        .full_max = cfg->bounce.return_max,
+        .smtputf8 = env->smtputf8,
+        .rcpt = r,
+        .nrcpt = n,
+    };
+    struct dsn_msg *m = NULL;
+    int rc = dsn_msg_new(&in, env, queue_id_next(d->e->queue), &m);
+    free(orig);
+    if (rc != 0)
+        log_msg(LOG_ERR, "id=%s event=dsn_failed err=%d", qid, rc);
+    return m;
+}
+
+/* Report the outcome of every recipient of job (from the transaction, or
+ * one outcome for all when all is given) to the spool, the logs and the
+ * sender (DSN). A temporary failure past the recipient's expiry is an
+ * expiration; a deferral never reaches past it, so that a deferred
+ * recipient comes due when it expires. */
+void
+job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
+           const struct smtp_client_rcpt *rc, const struct smtp_outcome *all,
+           const struct outcome_where *where)
+{
+    const struct config *cfg = d->e->cfg;
+    struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
+    struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
+    char (*status)[16] = calloc(j->n, sizeof(*status));
+    if (qo == NULL || dr == NULL || status == NULL) {
+        log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
+        free(qo);
+        free(dr);
+        free(status);
+        return;
+    }
+    static const struct outcome_where nowhere = {.src = CLASSIFY_CONNECT};
+    if (where == NULL)
+        where = &nowhere;
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(j->id, qid);
+    uint64_t now = clock_unix_ms();
+    uint64_t expire = job_expire_ms(t->pol, env, j->id);
+    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    const char *hvals[DLOG_HEADERS_MAX];
+    char *hbuf = NULL;
+    unsigned nhdr = lw != NULL ? cfg->log.nheaders : 0;
+    if (nhdr > 0 && (hbuf = malloc(HDR_SCAN_MAX)) != NULL)
+        job_headers(d, cfg, j->id, hbuf, HDR_SCAN_MAX, hvals);
+    else
+        nhdr = 0;
+    unsigned ndsn = 0, nq = 0;
+    for (unsigned i = 0; i < j->n; i++) {
+        const struct smtp_outcome *o = all ? all : &rc[i].out;
+        const struct queue_rcpt *r = NULL;
+        for (unsigned k = 0; env != NULL && k < env->nrcpt; k++)
+            if (env->rcpt[k].index == j->idx[i])
+                r = &env->rcpt[k];
+        if (env != NULL && r == NULL)
+            continue; /* no longer stored (done meanwhile): nothing to tell */
+        struct queue_outcome *q = &qo[nq++];
+        q->id = j->id;
+        q->rcpt = j->idx[i];
+        q->code = o->code;
+        q->reply = o->text;
+        enum dlog_kind kind;
+        enum bounce_class cls = BOUNCE_OTHER;
+        bool failed = false;
+        /* The decision is the failure policy's (outbound/policy.h). */
+        enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
+                                   ? BOUNCE_OTHER
+                                   : classify(cfg->classify, policy_source(o, where->src), o->code,
+                                              &o->enh, o->text);
+        struct policy_rcpt pr;
+        policy_rcpt(o, oc, where->src, now, expire,
+                    o->status == SMTP_STATUS_TEMPFAIL ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
+                                                      : 0,
+                    &pr);
+        if (pr.kind == POLICY_DELIVERED) {
+            q->kind = QUEUE_DELIVERED;
+            kind = DLOG_DELIVERY;
+            d->stats.delivered++;
+            t->delivered++;
+            if (where->tls_proto != NULL)
+                d->stats.delivered_tls++;
+        } else if (pr.kind == POLICY_BOUNCE) {
+            q->kind = QUEUE_BOUNCED;
+            kind = DLOG_BOUNCE;
+            cls = oc;
+            failed = true;
+            d->stats.bounced++;
+        } else if (pr.kind == POLICY_EXPIRE) {
+            q->kind = QUEUE_BOUNCED;
+            kind = DLOG_EXPIRATION;
+            cls = BOUNCE_EXPIRED;
+            failed = true;
+            d->stats.expired++;
+        } else {
+            q->kind = QUEUE_DEFERRED;
+            q->due_ms = pr.due_ms;
+            kind = DLOG_TRANSIENT_FAILURE;
+            cls = oc;
+            d->stats.deferred++;
+            if (pr.backoff)
+                limits_backoff(d->lim, &t->lim, d->w->now);
+        }
+        if (failed)
+            t->failed++;
+        if (kind != DLOG_DELIVERY)
+            snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
+        t->last_ms = now;
+        char enh[16] = "";
+        if (o->enh.cls != 0)
+            snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
+        const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
+        log_msg(LOG_INFO,
+                "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" code=%u "
+                "enhanced=%s reason=%s class=%s reply=\"%s\"",
+                qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
+                     : kind == DLOG_EXPIRATION ? "expired" : "bounced",
+                r ? r->addr : "?", t->name, where->mx ? where->mx : "-",
+                where->tls_proto ? where->tls_proto : "none", o->code, enh[0] ? enh : "-",
+                smtp_reason_str(o->reason), cls_str ? cls_str : "-", o->text);
+        struct dlog_event ev = {
+            .kind = kind,
+            .time_ms = now,
+            .id = qid,
+            .rcpt = r ? r->addr : NULL,
+            .sender = env ? env->sender : NULL,
+            .domain = t->name,
+            .mx = where->mx,
+            .mx_addr = where->mx_addr,
+            .source = where->source,
+            .code = o->code,
+            .enhanced = enh[0] ? enh : NULL,
+            .reply = o->text[0] ? o->text : NULL,
+            .attempt = (r ? r->attempts : 0) + 1,
+            .classification = cls_str,
+            .tls_protocol = where->tls_proto,
+            .tls_cipher = where->tls_cipher,
+            .size = env ? env->body_len : 0,
+            .arrival_ms = env ? env->arrival_ms : queue_id_time_ms(j->id),
+            .hdr_names = (const char *const *)cfg->log.headers,
+            .hdr_values = hvals,
+            .nhdr = nhdr,
+        };
+        dlog_event(lw, &ev);
+        /* An address that is gone goes on the suppression list, as the
+         * config says for its class: the global list (gone is gone, for
+         * every tenant). */
+        if (kind == DLOG_BOUNCE && r != NULL)
+            suppress_on_bounce(d->e->suppress, NULL, r->addr, cls, o->text);
+        /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
+         * once: at the deferral that carries it past delay_warning. */
+        bool warn = false;
+        if (kind == DLOG_TRANSIENT_FAILURE && r != NULL && env != NULL &&
+            cfg->bounce.delay_warning != 0) {
+            uint64_t at = env->arrival_ms + cfg->bounce.delay_warning;
+            uint64_t prev = r->last_ms != 0 ? r->last_ms : env->arrival_ms;
+            warn = prev < at && at <= now && dsn_wanted(r->notify, false);
+        }
+        if ((failed || warn) && r != NULL && env != NULL && env->sender[0] != '\0' &&
+            cfg->bounce.dsn && dsn_wanted(r->notify, failed)) {
+            struct dsn_rcpt *x = &dr[ndsn++];
+            dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, warn);
+            if (warn && status[i][0] == '5')
+                status[i][0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
+            x->delayed = warn;
+            x->retry_until_ms = warn ? expire : 0;
+            if (kind == DLOG_EXPIRATION)
+                snprintf(status[i], sizeof(status[i]), "%s", "4.4.7");
+            x->addr = r->addr;
+            x->orcpt = r->orcpt;
+            x->status = status[i];
+            x->code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
+            x->text = o->text[0] ? o->text : NULL;
+            x->remote_mta = where->mx;
+            x->last_attempt_ms = now;
+            x->class_str = cls_str;
+        }
+    }
+    /* The DSN goes in the commit of the outcomes that cause it. */
+    struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
+    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm);
+    if (rc2 < 0)
+        log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
+                queue_strerror(rc2));
+    free(hbuf);
+    free(qo);
+    free(dr);
+    free(status);
+}
+
+void
+job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *text)
+{
+    memset(o, 0, sizeof(*o));
+    o->code = (uint16_t)f->code;
+    o->status = f->permanent ? SMTP_STATUS_PERMFAIL : SMTP_STATUS_TEMPFAIL;
+    o->scope = SMTP_SCOPE_SESSION;
+    o->reason = SMTP_REASON_NONE;
+    o->enh = f->enh;
+    snprintf(o->text, sizeof(o->text), "%s", text != NULL ? text : f->text);
+}
+
+/* A failure for a whole job without a session: DNS, no address, an
+ * operator's bounce. */
+void
+job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+         enum classify_source src)
+{
+    struct queue_envelope *env = NULL;
+    queue_envelope_get(d->e->queue, j->id, &env);
+    struct outcome_where where = {.src = src};
+    job_finish(d, t, j, env, NULL, o, &where);
+    queue_envelope_free(env);
+    free(j);
+}
+
+void
+outcome_retrying_cancel(struct delivery *d)
+{
+    for (struct outcome_batch *b = d->retrying; b != NULL; b = b->next)
+        worker_timer_cancel(d->w, &b->timer);
+}
+
+void
+outcome_retrying_free(struct delivery *d)
+{
+    while (d->retrying != NULL) {
+        struct outcome_batch *b = d->retrying;
+        d->retrying = b->next;
+        log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu dsn=%s "
+                         "note=retried_after_restart",
+                b->n, b->dsn ? "yes" : "no");
+        dsn_msg_free(b->dsn);
+        free(b);
+    }
+}

@@ -1,0 +1,1303 @@
+/*
+ * scheduler: the outbound side's decisions of "what goes where, now", on
+ * one worker (see internal.h for the other files).
+ *
+ * A destination (struct dest) is a domain with its FIFO of jobs, its MX
+ * answer (or its route's), its limiter key and its site. dest_run() is the
+ * one decision point: resolve when there is no answer, fail the jobs when
+ * the answer says so (outbound/policy.c decides how), else hand jobs to
+ * idle connections of the site and open new ones within the domain's
+ * max_connections, the site's window (outbound/site.c) and this worker's
+ * share of each MX address, and within the [mx] and [source] limits.
+ * Targets that mail must not go to (loopback, link-local, this node's own
+ * listeners, ... unless [delivery] allow_networks) are never picked.
+ *
+ * A connection ready for a transaction asks sched_conn_next() for its job:
+ * one of its domain, or else one of another domain of its site that waits
+ * (MX rollup), the connection moving there with its lease; else it goes
+ * idle on its site or says goodbye. When a transaction or a connection
+ * ends, the site's window and the destination's failover cursor learn of
+ * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
+ * waits for a slot runs.
+ *
+ * Held destinations have their waiting jobs swept for expiry; destinations
+ * idle for [delivery] destination_idle_ttl are evicted (dest_on_evict).
+ *
+ * Everything outside (DNS, sockets, the spool's outcomes) is reached
+ * through d->ops, so tests/unit/test_scheduler.c drives this file with
+ * scripted answers and connection results.
+ *
+ * Threading: the worker's thread.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/netaddr.h"
+#include "engine/outbound/internal.h"
+
+#define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
+
+static void dest_on_hold(struct timer *t, void *ctx);
+static void dest_on_sweep(struct timer *t, void *ctx);
+static void dest_on_evict(struct timer *tm, void *ctx);
+static void dest_run_once(struct dest *t);
+
+/* ---- destinations ---- */
+
+
+void
+dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    lc->msg_rate = pol->max_message_rate;
+    lc->msg_burst = pol->message_burst;
+    lc->conn_rate = pol->max_connection_rate;
+    lc->conn_burst = pol->connection_burst;
+    lc->max_connections = pol->max_connections;
+}
+
+/* The limiter has news for t (a refill, a lease, a resume). */
+static void
+dest_on_wake(void *arg)
+{
+    dest_run(arg);
+}
+
+static void
+dest_on_lim_timer(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    dest_run((struct dest *)((char *)tm - offsetof(struct dest, lim_timer)));
+}
+
+/* A token or lease was refused: run again when the limiter says. */
+static void
+dest_lim_wait(struct dest *t, uint64_t retry_at)
+{
+    if (retry_at == UINT64_MAX)
+        return; /* the waker will run */
+    if (!timer_armed(&t->lim_timer) || t->lim_timer.deadline > retry_at)
+        worker_timer_arm(t->d->w, &t->lim_timer, retry_at);
+}
+
+void
+mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    if (m == NULL)
+        return; /* a pattern gone after a reload: no limit */
+    /* Without Redis each worker holds its share: the domains behind one MX
+     * are spread over the workers. */
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    lc->msg_rate = m->max_message_rate;
+    if (share > 1 && lc->msg_rate.count != 0)
+        lc->msg_rate.count = lc->msg_rate.count / share ? lc->msg_rate.count / share : 1;
+    lc->msg_burst = m->message_burst / share;
+    lc->conn_rate = m->max_connection_rate;
+    if (share > 1 && lc->conn_rate.count != 0)
+        lc->conn_rate.count = lc->conn_rate.count / share ? lc->conn_rate.count / share : 1;
+    lc->conn_burst = m->connection_burst / share;
+    lc->max_connections = m->max_connections == 0 ? 0
+                          : m->max_connections / share ? m->max_connections / share : 1;
+}
+
+static void
+mx_on_wake(void *arg)
+{
+    struct mxkey *k = arg;
+    struct dest *w = k->waiters;
+    k->waiters = NULL;
+    while (w != NULL) {
+        struct dest *next = w->next_mxwait;
+        w->next_mxwait = NULL;
+        w->mx_waiting = false;
+        dest_run(w);
+        w = next;
+    }
+}
+
+/* The key of an [mx] ("mx:") or [source] ("src:") section m, made on
+ * first use: its name for the limiter is prefix + the section's name. */
+static struct mxkey *
+mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
+{
+    char name[LIMIT_KEY_MAX];
+    snprintf(name, sizeof(name), "%s%s", prefix, m->pattern);
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        if (strcmp(k->pattern, name) == 0)
+            return k;
+    struct mxkey *k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        return NULL;
+    k->d = d;
+    k->pol = m;
+    snprintf(k->pattern, sizeof(k->pattern), "%s", name);
+    struct limit_conf lc;
+    mx_limit_conf(d, m, &lc);
+    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
+        free(k);
+        return NULL;
+    }
+    k->next = d->mxkeys;
+    d->mxkeys = k;
+    return k;
+}
+
+/* The [mx] limits for t's preferred MX host, looked up once per answer. */
+static struct mxkey *
+dest_mxkey(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx != NULL && t->mxk_for == t->mx)
+        return t->mxk;
+    t->mxk_for = t->mx;
+    t->mxk = NULL;
+    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
+    if (m == NULL)
+        return NULL;
+    return t->mxk = mxkey_get(d, "mx:", m);
+}
+
+/* The [source] limits of connections in family fam (from [delivery]
+ * source_address), or NULL. */
+static struct mxkey *
+src_key(struct delivery *d, int fam)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
+    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
+        return NULL;
+    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
+    if (m == NULL)
+        return NULL;
+    return mxkey_get(d, "src:", m);
+}
+
+static void
+mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
+{
+    if (retry_at != UINT64_MAX) {
+        dest_lim_wait(t, retry_at);
+        return;
+    }
+    if (!t->mx_waiting) {
+        t->mx_waiting = true;
+        t->next_mxwait = k->waiters;
+        k->waiters = t;
+    }
+}
+
+
+/* ---- targets: where mail must not go ---- */
+
+
+/* This host's interface addresses (for listeners on a wildcard address).
+ * Without them only the listeners' own addresses are known. */
+void
+sched_local_addrs_load(struct delivery *d)
+{
+    struct ifaddrs *ifa = NULL;
+    if (getifaddrs(&ifa) < 0)
+        return;
+    unsigned n = 0;
+    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
+        n += i->ifa_addr != NULL &&
+             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
+    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
+    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
+        if (i->ifa_addr != NULL &&
+            (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
+            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
+    freeifaddrs(ifa);
+}
+
+/* Is a (on port) one of this node's SMTP listeners? Delivering there is
+ * a loop, whatever allow_networks says. */
+static bool
+target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct server_config *srv = &d->e->cfg->server;
+    char ip[64];
+    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    for (int k = 0; k < 2; k++) {
+        const struct netaddr *l = k == 0 ? srv->listen_addrs : srv->listen_tls_addrs;
+        int n = k == 0 ? srv->nlisten : srv->nlisten_tls;
+        for (int i = 0; i < n; i++) {
+            const struct sockaddr *sa = (const struct sockaddr *)&l[i].ss;
+            unsigned lport = sa->sa_family == AF_INET6
+                                 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
+                                 : ntohs(((const struct sockaddr_in *)sa)->sin_port);
+            if (lport != port || sa->sa_family != a->sa.sa_family)
+                continue;
+            char lip[64];
+            netaddr_ip_str(sa, lip, sizeof(lip));
+            if (strcmp(lip, ip) == 0)
+                return true;
+            const char *sp = netaddr_special(sa);
+            if (sp != NULL && strcmp(sp, "unspecified") == 0) {
+                if (netaddr_is_loopback(&a->sa))
+                    return true;
+                for (unsigned j = 0; j < d->nlocal; j++)
+                    if (strcmp(d->local[j], ip) == 0)
+                        return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* Why a (on port) is refused as a delivery target ("loopback", ...), or
+ * NULL. */
+static const char *
+target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    if (target_is_self(d, a, port))
+        return "this node's own listener";
+    const char *what = netaddr_special(&a->sa);
+    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
+        return NULL;
+    return what;
+}
+
+
+/* ---- sites (outbound/site.h): connections shared by domains ---- */
+
+static void
+want_remove(struct dest *t)
+{
+    if (t->site != NULL)
+        lru_remove(&t->site->want, &t->want);
+}
+
+/* t waits for a connection of its site: a slot when one closes or the
+ * window grows, or an idle one of another domain. In arrival order: a
+ * domain already waiting keeps its place. */
+static void
+want_push(struct dest *t)
+{
+    if (t->site != NULL && !t->want.on)
+        lru_touch(&t->site->want, &t->want);
+}
+
+static struct dest *
+want_pop(struct site *s)
+{
+    struct lru_node *x = lru_oldest(&s->want);
+    if (x == NULL)
+        return NULL;
+    lru_remove(&s->want, x);
+    return (struct dest *)((char *)x - offsetof(struct dest, want));
+}
+
+/* Connections t may have through its site now: the window, and the
+ * domain's own max_connections. */
+static unsigned
+site_allowed(const struct dest *t)
+{
+    unsigned a = site_window_allowed(&t->site->win);
+    return a < t->pol->max_connections ? a : t->pol->max_connections;
+}
+
+/* The addresses of t's answer that may be delivered to, counted once per
+ * answer. With none, t->last_fail says why (for the bounce). */
+static unsigned
+dest_targets(struct dest *t)
+{
+    if (t->targets_for == t->mx)
+        return t->ntargets;
+    t->targets_for = t->mx;
+    t->ntargets = 0;
+    const char *why = NULL;
+    const struct dns_mx_host *wh = NULL;
+    const union dns_addr *wa = NULL;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
+            if (r == NULL) {
+                t->ntargets++;
+            } else if (why == NULL) {
+                why = r;
+                wh = &t->mx->hosts[h];
+                wa = &t->mx->hosts[h].addrs[i];
+            }
+        }
+    if (why != NULL) {
+        char ip[64];
+        netaddr_ip_str(&wa->sa, ip, sizeof(ip));
+        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
+                "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
+                wh->name, ip, why, t->ntargets);
+        if (t->ntargets == 0) {
+            struct smtp_outcome *o = &t->last_fail;
+            memset(o, 0, sizeof(*o));
+            bool self = strcmp(why, "this node's own listener") == 0;
+            struct policy_fail nf;
+            policy_job(self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
+            t->refused_self = self;
+            o->enh = nf.enh;
+            if (self)
+                snprintf(o->text, sizeof(o->text), "mail for %s loops back to myself (MX %s, %s)",
+                         t->name, wh->name, ip);
+            else
+                snprintf(o->text, sizeof(o->text),
+                         "MX %s of %s has address %s (%s): not a delivery target, see "
+                         "[delivery] allow_networks",
+                         wh->name, t->name, ip, why);
+        }
+    }
+    return t->ntargets;
+}
+
+/* The site of t's answer, joined when the answer is new. */
+static void
+dest_site(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx == NULL || t->mx->status != DNS_OK || t->site_for == t->mx)
+        return;
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    char key[SITE_KEY_MAX];
+    site_key(t->mx, dest_port(t), key, sizeof(key));
+    struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
+    if (s == NULL)
+        return; /* no memory: keep the old one, ask again with the next answer */
+    t->site_for = t->mx;
+    if (s == t->site) {
+        site_unref(&d->sites, s);
+        return;
+    }
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    t->site = s;
+    if (s->win.ceiling < t->pol->max_connections)
+        site_window_set_ceiling(&s->win, t->pol->max_connections);
+}
+
+/* Hand an idle (or finishing) connection c to domain t of its site: the
+ * domain's connection lease moves with it. False when t's own limits
+ * refuse or its TLS policy differs from the one c was opened with. */
+static bool
+conn_move(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    struct dest *old = c->dest;
+    if (old == t)
+        return true;
+    if (t->pol->tls != c->tls_pol || t->site != c->site)
+        return false;
+    uint64_t retry_at;
+    if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
+        return false; /* t has its max_connections: those serve it */
+    if (c->leased)
+        limits_conn_release(d->lim, &old->lim);
+    c->leased = true;
+    old->conns--;
+    t->conns++;
+    c->dest = t;
+    if (log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_moved site=%s from=%s to=%s",
+                (unsigned long long)c->id, c->site->key, old->name,
+                t->name);
+    return true;
+}
+
+/* A domain of c's site that waits for a connection, c moved to it; NULL
+ * when none can take it. */
+static struct dest *
+conn_take_waiting(struct conn *c)
+{
+    struct site *s = c->site;
+    struct delivery *d = c->d;
+    struct dest *t;
+    while (s != NULL && (t = want_pop(s)) != NULL) {
+        if (t->head == NULL || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
+            continue;
+        if (t->queued > 1)
+            want_push(t); /* more for other idle connections */
+        return t;
+    }
+    return NULL;
+}
+
+
+/* Room at site s (a connection closed, the window grew): let the domains
+ * waiting for it run, as many as it has room for. */
+static void
+site_wake(struct delivery *d, struct site *s)
+{
+    if (s == NULL || d->stopping)
+        return;
+    s->refs++; /* dest_run may drop the last other reference */
+    unsigned n = 0;
+    struct dest *t;
+    while (n++ < 64 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+        dest_run(t);
+        if (t->want.on)
+            break; /* it could not open one: the others would not either */
+    }
+    site_unref(&d->sites, s);
+}
+
+
+static bool
+dest_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct dest *)n)->name, key) == 0;
+}
+
+struct dest *
+dest_get(struct delivery *d, const char *name)
+{
+    uint64_t h = hash_str_nocase(name);
+    struct dest *t = (struct dest *)hash_find(&d->dests, h, name);
+    if (t != NULL)
+        return t;
+    t = calloc(1, sizeof(*t));
+    if (t == NULL)
+        return NULL;
+    t->d = d;
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->pol = config_domain(d->e->cfg, name);
+    t->tail = &t->head;
+    timer_init(&t->hold_timer, dest_on_hold);
+    timer_init(&t->sweep_timer, dest_on_sweep);
+    timer_init(&t->lim_timer, dest_on_lim_timer);
+    struct limit_conf lc;
+    dest_limit_conf(t->pol, &lc);
+    if (limits_key_init(d->lim, &t->lim, t->name, &lc, dest_on_wake, t) < 0) {
+        /* a name the limiter refuses ('{' '}'): no domain has one */
+        free(t);
+        return NULL;
+    }
+    t->node.hash = h;
+    if (hash_insert(&d->dests, &t->node) < 0) {
+        limits_key_fini(d->lim, &t->lim);
+        free(t);
+        return NULL;
+    }
+    t->touched = d->w->now;
+    lru_touch(&d->dest_lru, &t->lru);
+    return t;
+}
+
+struct dest *
+dest_next(const struct delivery *d, struct dest_iter *it)
+{
+    return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
+}
+
+
+/* Forget t and what waits in it (the spool keeps the recipients). live:
+ * the loop turns, so timers, the lookup and the limiter are let go of
+ * too; else they went with the loop. */
+static void
+dest_free(struct dest *t, bool live)
+{
+    struct delivery *d = t->d;
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        free(j);
+    if (live) {
+        worker_timer_cancel(d->w, &t->hold_timer);
+        worker_timer_cancel(d->w, &t->sweep_timer);
+        worker_timer_cancel(d->w, &t->lim_timer);
+        if (t->req != NULL)
+            d->ops->cancel(d, t->req);
+        if (t->lim.l != NULL)
+            limits_key_fini(d->lim, &t->lim);
+    }
+    dns_mx_result_unref(t->mx);
+    want_remove(t);
+    site_unref(&d->sites, t->site);
+    hash_remove(&d->dests, &t->node);
+    lru_remove(&d->dest_lru, &t->lru);
+    free(t);
+}
+
+/* Nothing of t is going on, nor has been for the idle time: it may go
+ * (what it knows, the MX answer, is in the resolver's cache). A held or
+ * suspended destination stays: that is state an operator or a receiver
+ * set. */
+static bool
+dest_evictable(const struct dest *t, uint64_t now)
+{
+    return t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+           t->req == NULL && !t->mx_waiting && !t->running && now >= t->hold_until &&
+           t->lim.nleases == 0;
+}
+
+/* Every EVICT_SWEEP_MS: drop the destinations idle for
+ * [delivery] destination_idle_ttl, oldest first; busy ones met on the
+ * way go to the recent end. Their sites go with their last reference. */
+static void
+dest_on_evict(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, evict_timer));
+    if (d->stopping)
+        return;
+    uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
+    size_t budget = d->dest_lru.n;
+    struct lru_node *x;
+    while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
+        if (now - t->touched < ttl)
+            break;
+        if (!dest_evictable(t, now)) {
+            t->touched = now;
+            lru_touch(&d->dest_lru, &t->lru);
+            continue;
+        }
+        dest_free(t, true);
+        d->evicted++;
+    }
+    hash_compact(&d->dests);
+    if (!d->stopping)
+        worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+/* t is active now. */
+static void
+dest_touch(struct dest *t)
+{
+    t->touched = t->d->w->now;
+    lru_touch(&t->d->dest_lru, &t->lru);
+}
+
+void
+dest_push(struct dest *t, struct job *j, bool front)
+{
+    if (front) {
+        j->next = t->head;
+        t->head = j;
+        if (t->tail == &t->head)
+            t->tail = &j->next;
+    } else {
+        j->next = NULL;
+        *t->tail = j;
+        t->tail = &j->next;
+    }
+    t->queued++;
+}
+
+struct job *
+dest_pop(struct dest *t)
+{
+    struct job *j = t->head;
+    if (j == NULL)
+        return NULL;
+    t->head = j->next;
+    if (t->head == NULL)
+        t->tail = &t->head;
+    t->queued--;
+    j->next = NULL;
+    return j;
+}
+
+/* A job arrives (delivery.c's hand-off from the submitting thread):
+ * split to the domain's recipients per transaction. */
+void
+dest_enqueue(struct dest *t, struct job *j)
+{
+    struct delivery *d = t->d;
+    unsigned max = t->pol->max_rcpt_per_txn;
+    while (j->n > max) {
+        struct job *rest = malloc(sizeof(*rest) + (j->n - max) * sizeof(unsigned));
+        if (rest == NULL)
+            break;
+        *rest = *j;
+        rest->n = j->n - max;
+        memcpy(rest->idx, j->idx + max, rest->n * sizeof(unsigned));
+        j->n = max;
+        dest_push(t, j, false);
+        j = rest;
+    }
+    dest_push(t, j, false);
+    if (d->w->now < t->hold_until && !timer_armed(&t->sweep_timer))
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+    dest_run(t);
+}
+
+/* ---- what connections tell the scheduler ---- */
+
+/* The site's window learns of a refusal, timeout, reset or 421. */
+static void
+sched_conn_congested(struct conn *c, const char *why)
+{
+    struct site *s = c->site;
+    s->failures++;
+    if (!site_window_on_failure(&s->win, c->epoch))
+        return;
+    s->shrinks++;
+    log_msg(LOG_NOTICE, "conn=%llx event=site_window_down site=%s addr=%s reason=%s window=%u",
+            (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
+}
+
+
+/* Pick the next address of the answer, in MX order, failover cursor
+ * included. Returns false when every address has failed in a row. */
+static bool
+dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+{
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
+    if (total == 0 || t->failed_addrs >= total)
+        return false;
+    unsigned k = t->next_addr % total;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL)
+                continue;
+            if (k-- == 0) {
+                *host = &t->mx->hosts[h];
+                *addr = &t->mx->hosts[h].addrs[i];
+                return true;
+            }
+        }
+    return false;
+}
+
+/* a with t's port. */
+void
+dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out)
+{
+    *out = *a;
+    uint16_t port = htons((uint16_t)dest_port(t));
+    if (out->sa.sa_family == AF_INET6)
+        out->sin6.sin6_port = port;
+    else
+        out->sin.sin_port = port;
+}
+
+/* The address a new connection of t goes to: the failover cursor's,
+ * unless this worker has its share of max_connections_per_address there;
+ * then the least busy address of an MX host of the same preference with
+ * room (never a backup MX for want of room). False when none has room. */
+static bool
+dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+{
+    struct delivery *d = t->d;
+    unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
+                                   d->e->nworkers);
+    union dns_addr k;
+    dest_addr_port(t, *addr, &k);
+    if (cap == 0 || site_addr_conns(&d->sites, &k) < cap)
+        return true;
+    unsigned pref = (*host)->preference, best = cap;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        const struct dns_mx_host *x = &t->mx->hosts[h];
+        if (x->preference != pref)
+            continue;
+        for (unsigned i = 0; i < x->naddrs; i++) {
+            if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
+                continue;
+            dest_addr_port(t, &x->addrs[i], &k);
+            unsigned n = site_addr_conns(&d->sites, &k);
+            if (n < best) {
+                best = n;
+                *host = x;
+                *addr = &x->addrs[i];
+            }
+        }
+    }
+    return best < cap;
+}
+
+
+/* ---- the scheduler ---- */
+
+unsigned
+dest_port(const struct dest *t)
+{
+    return t->pol->route_port ? t->pol->route_port : t->d->e->cfg->delivery.remote_port;
+}
+
+void
+dest_on_mx(void *arg, struct dns_mx_result *res)
+{
+    struct dest *t = arg;
+    t->req = NULL;
+    dns_mx_result_unref(t->mx);
+    t->mx = res;
+    t->next_addr = 0;
+    t->failed_addrs = 0;
+    dest_run(t);
+}
+
+static void
+dest_on_hold(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, hold_timer));
+    t->failed_addrs = 0;
+    t->next_addr = 0;
+    dest_run(t);
+}
+
+/* No new connection to t for ms; what waits keeps its place, and is
+ * checked for expiry while it waits. */
+void
+dest_hold(struct dest *t, uint64_t ms)
+{
+    struct delivery *d = t->d;
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (until <= t->hold_until)
+        return;
+    t->hold_until = until;
+    worker_timer_arm(d->w, &t->hold_timer, until);
+    worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* While held: bounce the waiting jobs whose time is up (each job's
+ * expiry is read from the spool once). */
+static void
+dest_on_sweep(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, sweep_timer));
+    struct delivery *d = t->d;
+    if (d->stopping || d->w->now >= t->hold_until)
+        return;
+    uint64_t now = clock_unix_ms();
+    for (struct job **pp = &t->head; *pp != NULL;) {
+        struct job *j = *pp;
+        struct queue_envelope *env = NULL;
+        if (j->expire_ms == 0) {
+            if (queue_envelope_get(d->e->queue, j->id, &env) != 0) {
+                pp = &j->next; /* gone or unreadable: conn_next drops it */
+                continue;
+            }
+            j->expire_ms = job_expire_ms(t->pol, env, j->id);
+        }
+        if (!policy_expired(now, j->expire_ms)) {
+            queue_envelope_free(env);
+            pp = &j->next;
+            continue;
+        }
+        *pp = j->next;
+        if (t->tail == &j->next)
+            t->tail = pp;
+        t->queued--;
+        j->next = NULL;
+        if (env == NULL && queue_envelope_get(d->e->queue, j->id, &env) != 0) {
+            free(j);
+            continue;
+        }
+        struct smtp_outcome o;
+        memset(&o, 0, sizeof(o));
+        o.status = SMTP_STATUS_TEMPFAIL;
+        o.scope = SMTP_SCOPE_MESSAGE;
+        o.enh = (struct smtp_enh){4, 4, 7};
+        snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
+        struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+        job_finish(d, t, j, env, NULL, &o, &where);
+        queue_envelope_free(env);
+        free(j);
+    }
+    if (t->head != NULL)
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* Every waiting job of t fails as f says, with text as the reply (f's
+ * own when NULL). */
+static void
+dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
+{
+    struct smtp_outcome o;
+    job_outcome(&o, f, text);
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        t->d->ops->fail(t->d, t, j, &o, f->src);
+}
+
+
+/* The scheduler's one decision point, never re-entered for the same
+ * destination: a limiter's wake-up or a connection's events inside a run
+ * ask for another pass, made when this one ends. */
+void
+dest_run(struct dest *t)
+{
+    dest_touch(t);
+    if (t->running) {
+        t->rerun = true;
+        return;
+    }
+    t->running = true;
+    for (unsigned pass = 0; pass < 8; pass++) {
+        t->rerun = false;
+        dest_run_once(t);
+        if (!t->rerun)
+            break;
+    }
+    t->running = false;
+    if (t->rerun) /* still asked: on the next turn, not in a loop here */
+        worker_timer_arm(t->d->w, &t->lim_timer, t->d->w->now + MS_TO_NS(1));
+}
+
+static void
+dest_run_once(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->head == NULL || d->stopping || d->draining || t->suspended)
+        return;
+    if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
+        t->mx = dns_mx_result_unref(t->mx);
+    }
+    if (t->mx == NULL) {
+        if (t->req != NULL)
+            return;
+        struct dns_mx_result *res = NULL;
+        /* A route: its host's answer stands for the domain's (a site like
+         * any other). */
+        const char *name = t->pol->route_host[0] ? t->pol->route_host : t->name;
+        int rc = d->ops->resolve(d, t, name, &res, &t->req);
+        if (rc == -ENXIO) {
+            t->req = NULL;
+            struct policy_fail nf;
+            policy_job(POLICY_NO_RESOLVER, &nf);
+            dest_fail_all(t, &nf, NULL);
+            return;
+        }
+        if (rc == 1) {
+            t->req = NULL;
+            t->mx = res;
+            t->next_addr = t->failed_addrs = 0;
+        } else {
+            if (rc < 0)
+                t->req = NULL;
+            return;
+        }
+    }
+    struct policy_fail pf;
+    policy_dns(t->mx->status, &pf);
+    if (pf.fail) {
+        dest_fail_all(t, &pf, t->mx->status == DNS_NULL_MX ? NULL : t->mx->why);
+        if (pf.forget_answer)
+            t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+        return;
+    }
+    if (dest_targets(t) == 0) {
+        /* Every address is one mail must not go to. */
+        struct policy_fail nf;
+        policy_job(t->refused_self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
+        dest_fail_all(t, &nf, t->last_fail.text);
+        memset(&t->last_fail, 0, sizeof(t->last_fail));
+        return;
+    }
+    dest_site(t);
+    struct site *site = t->site;
+    if (site == NULL) {
+        dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS)); /* no memory now */
+        return;
+    }
+    /* Idle connections of the site first, whichever domain they served
+     * last: reuse. One that goes back to the idle list found no token
+     * (the message rate): the others would not either. */
+    while (t->head != NULL && site->idle != NULL) {
+        struct conn **pc = &site->idle;
+        while (*pc != NULL && (*pc)->tls_pol != t->pol->tls)
+            pc = &(*pc)->next_idle;
+        struct conn *c = *pc;
+        if (c == NULL)
+            break;
+        *pc = c->next_idle;
+        c->next_idle = NULL;
+        if (!conn_move(c, t)) {
+            c->next_idle = site->idle;
+            site->idle = c;
+            break; /* t has its own max_connections already */
+        }
+        d->ops->resume(c);
+        if (site->idle == c)
+            return;
+    }
+    if (t->head == NULL || d->w->now < t->hold_until)
+        return;
+    /* New connections: one per job waiting beyond those being opened,
+     * within the domain's max_connections and the site's window. */
+    while (t->queued > t->opening && t->conns < t->pol->max_connections) {
+        const struct dns_mx_host *h;
+        const union dns_addr *a;
+        if (site->conns >= site_allowed(t)) {
+            want_push(t); /* a slot, or an idle connection, will come */
+            return;
+        }
+        if (!dest_address(t, &h, &a)) {
+            /* Every address failed in a row: defer what waits, and hold. */
+            if (t->conns == 0) {
+                if (t->last_fail.text[0] != '\0') {
+                    /* deferred with why the last address failed */
+                    struct job *j;
+                    while ((j = dest_pop(t)) != NULL)
+                        d->ops->fail(d, t, j, &t->last_fail, CLASSIFY_CONNECT);
+                } else {
+                    struct policy_fail nf;
+                    policy_job(POLICY_NO_MX_ANSWERED, &nf);
+                    dest_fail_all(t, &nf, NULL);
+                }
+                memset(&t->last_fail, 0, sizeof(t->last_fail));
+                dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
+            }
+            return;
+        }
+        if (!dest_address_room(t, &h, &a)) {
+            /* This worker's share of the address is taken: a connection of
+             * the site that closes wakes t; one of another site sharing the
+             * address does not, hence the timer. */
+            want_push(t);
+            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+            return;
+        }
+        uint64_t retry_at;
+        if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
+            dest_lim_wait(t, retry_at);
+            return;
+        }
+        struct mxkey *mk = dest_mxkey(t);
+        if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
+            limits_conn_release(d->lim, &t->lim);
+            mx_wait(mk, t, retry_at);
+            return;
+        }
+        struct mxkey *sk = src_key(d, a->sa.sa_family); /* a: the address the connection takes */
+        if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
+            limits_conn_release(d->lim, &t->lim);
+            if (mk != NULL)
+                limits_conn_release(d->lim, &mk->lim);
+            mx_wait(sk, t, retry_at);
+            return;
+        }
+        struct conn *c = d->ops->open(t, h, a);
+        if (c == NULL) {
+            limits_conn_release(d->lim, &t->lim);
+            if (mk != NULL)
+                limits_conn_release(d->lim, &mk->lim);
+            if (sk != NULL)
+                limits_conn_release(d->lim, &sk->lim);
+            return; /* could not open one now */
+        }
+        c->leased = true;
+        c->mxk = mk;
+        c->srck = sk;
+    }
+}
+
+/* ---- connections, as the scheduler sees them ---- */
+
+/* The smaller of two caps, 0 meaning none. */
+static unsigned
+lower(unsigned a, unsigned b)
+{
+    return a == 0 ? b : b == 0 ? a : a < b ? a : b;
+}
+
+unsigned
+sched_conn_max_msgs(const struct conn *c)
+{
+    unsigned m = c->dest->pol->max_messages_per_connection;
+    if (c->mxk != NULL && c->mxk->pol != NULL)
+        m = lower(m, c->mxk->pol->max_messages_per_connection);
+    if (c->srck != NULL && c->srck->pol != NULL)
+        m = lower(m, c->srck->pol->max_messages_per_connection);
+    return m;
+}
+
+unsigned
+sched_conn_max_rcpt(const struct conn *c)
+{
+    return lower(c->dest->pol->max_rcpt_per_txn,
+                 lower(c->mxk && c->mxk->pol ? c->mxk->pol->max_rcpt_per_txn : 0,
+                       c->srck && c->srck->pol ? c->srck->pol->max_rcpt_per_txn : 0));
+}
+
+void
+sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host,
+                  const union dns_addr *addr)
+{
+    struct delivery *d = t->d;
+    c->d = d;
+    c->dest = t;
+    c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
+    dest_addr_port(t, addr, &c->addr);
+    netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
+    snprintf(c->mx, sizeof(c->mx), "%s", host->name);
+    c->addr_counted = site_addr_add(&d->sites, &c->addr) == 0;
+    c->site = t->site;
+    c->site->refs++;
+    c->site->conns++;
+    c->site->opened++;
+    c->epoch = c->site->win.epoch;
+    c->tls_pol = t->pol->tls;
+    t->conns++;
+    t->opening++;
+    d->stats.open++;
+    d->stats.connections++;
+    c->next_all = d->all;
+    if (d->all)
+        d->all->prev_all = c;
+    d->all = c;
+}
+
+struct job *
+sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    if (!c->ready_once) {
+        c->ready_once = true;
+        t->opening--;
+        t->failed_addrs = 0; /* this address works */
+    }
+    if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining) {
+        *what = SCHED_NEXT_QUIT;
+        return NULL;
+    }
+    for (;;) {
+        struct job *j = NULL;
+        uint64_t retry_at;
+        if (!t->suspended && t->head != NULL) {
+            struct mxkey *mk = c->mxk, *sk = c->srck;
+            if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1)
+                dest_lim_wait(t, retry_at);
+            else if (mk != NULL && limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1)
+                mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
+            else if (sk != NULL && limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1)
+                mx_wait(sk, t, retry_at); /* likewise */
+            else
+                j = dest_pop(t);
+        }
+        if (j == NULL && (t->head == NULL || t->suspended) && *moves < 8) {
+            /* Nothing here: the next transaction of another domain of
+             * the site (MX rollup). */
+            struct dest *w = conn_take_waiting(c);
+            if (w != NULL) {
+                t = w;
+                (*moves)++;
+                continue;
+            }
+        }
+        if (j == NULL) {
+            if (t->head == NULL && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
+                                    (c->srck != NULL && c->srck->waiters != NULL))) {
+                /* Nothing more here while other domains wait for a slot at
+                 * this MX: give it back now rather than after idling. */
+                *what = SCHED_NEXT_QUIT;
+                return NULL;
+            }
+            /* Idle: wait for work of any domain of the site. */
+            c->next_idle = c->site->idle;
+            c->site->idle = c;
+            *what = SCHED_NEXT_IDLE;
+            return NULL;
+        }
+        *what = SCHED_NEXT_JOB;
+        return j;
+    }
+}
+
+bool
+sched_txn_done(struct conn *c, struct job *j)
+{
+    struct dest *t = c->dest;
+    t->inflight--;
+    const struct smtp_outcome *mo = &c->txn.msg;
+    if (policy_txn_congested(mo))
+        sched_conn_congested(c, mo->code == 421 ? "421" : "reset");
+    else if (c->site != NULL) {
+        unsigned before = site_window_allowed(&c->site->win);
+        site_window_on_success(&c->site->win, c->site->conns);
+        if (site_window_allowed(&c->site->win) > before)
+            site_wake(c->d, c->site); /* grew: room for a domain that waits */
+    }
+    /* A session failure before this connection delivered anything is the
+     * server's, not the message's: the job goes to the next MX address
+     * (policy_failover() says when). */
+    struct policy_txn pt = {
+        .msg = &c->txn.msg,
+        .delivered = c->txn.delivered,
+        .permfail = c->txn.permfail,
+        .txns_on_conn = c->nmsgs,
+        .failovers = j->failovers,
+        .have_answer = t->mx != NULL,
+        .now_ms = clock_unix_ms(),
+        .expire_ms = c->expire_ms,
+    };
+    if (policy_failover(&pt)) {
+        j->failovers++;
+        t->last_fail = c->txn.msg;
+        t->failed_addrs++;
+        t->next_addr++;
+        dest_push(t, j, true);
+        return true;
+    }
+    t->failed_addrs = 0;
+    return false;
+}
+
+void
+sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_outcome *why)
+{
+    struct dest *t = c->dest;
+    struct policy_event_decision pd;
+    policy_conn_event(ev, &pd);
+    if (why != NULL)
+        t->last_fail = *why;
+    if (pd.next_addr) {
+        t->failed_addrs++;
+        t->next_addr++;
+    }
+    if (pd.rest_ms != 0)
+        dest_hold(t, pd.rest_ms);
+}
+
+void
+sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    struct site *site = c->site;
+    for (struct conn **p = site ? &site->idle : NULL; p != NULL && *p != NULL; p = &(*p)->next_idle)
+        if (*p == c) {
+            *p = c->next_idle;
+            break;
+        }
+    /* What the end of this connection means: the failure policy's call
+     * (a reset in a transaction is seen in sched_txn_done). */
+    struct policy_conn_end pe = {
+        .connected = c->connected,
+        .ready_once = c->ready_once,
+        .session = so,
+        .stopping = d->stopping,
+    };
+    struct policy_conn_decision pd;
+    policy_conn_end(&pe, &pd);
+    if (site != NULL && pd.congested && !d->draining)
+        sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
+    if (pd.hold) {
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
+                (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
+                so->text);
+        dest_hold(t, t->pol->site_hold);
+    }
+    if (pd.backoff)
+        limits_backoff(d->lim, &t->lim, d->w->now);
+    if (!c->ready_once)
+        t->opening--;
+    if (pd.remember) {
+        t->last_fail = *so;
+        t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+    }
+    if (pd.next_addr) {
+        t->failed_addrs++;
+        t->next_addr++;
+    }
+    if (c->prev_all)
+        c->prev_all->next_all = c->next_all;
+    else
+        d->all = c->next_all;
+    if (c->next_all)
+        c->next_all->prev_all = c->prev_all;
+    t->conns--;
+    d->stats.open--;
+    if (site != NULL)
+        site->conns--;
+    if (c->addr_counted)
+        site_addr_del(&d->sites, &c->addr);
+    if (c->leased && !d->stopping)
+        limits_conn_release(d->lim, &t->lim);
+    struct mxkey *mk = c->mxk, *sk = c->srck;
+    if (mk != NULL && !d->stopping)
+        limits_conn_release(d->lim, &mk->lim);
+    if (sk != NULL && !d->stopping)
+        limits_conn_release(d->lim, &sk->lim);
+    free(c);
+    if (mk != NULL && !d->stopping)
+        mx_on_wake(mk); /* a slot is free: the others behind this MX may go */
+    if (sk != NULL && !d->stopping)
+        mx_on_wake(sk);
+    drain_check(d);
+    if (!d->stopping) {
+        dest_run(t);
+        site_wake(d, site); /* a slot of the site, and of an address, is free */
+    } else {
+        delivery_check_done(d);
+    }
+    site_unref(&d->sites, site);
+}
+
+/* ---- the worker's scheduler ---- */
+
+void
+sched_init(struct delivery *d)
+{
+    sites_init(&d->sites);
+    hash_init(&d->dests, dest_eq, 256);
+    lru_init(&d->dest_lru);
+    timer_init(&d->evict_timer, dest_on_evict);
+}
+
+void
+sched_start(struct delivery *d)
+{
+    worker_timer_arm(d->w, &d->evict_timer, d->w->now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+void
+sched_stop(struct delivery *d)
+{
+    struct worker *w = d->w;
+    worker_timer_cancel(w, &d->evict_timer);
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
+        worker_timer_cancel(w, &t->hold_timer);
+        worker_timer_cancel(w, &t->sweep_timer);
+        if (t->req != NULL)
+            d->ops->cancel(d, t->req);
+        t->req = NULL;
+    }
+}
+
+void
+sched_release_leases(struct delivery *d)
+{
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
+        worker_timer_cancel(d->w, &t->lim_timer);
+        limits_key_fini(d->lim, &t->lim);
+    }
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        limits_key_fini(d->lim, &k->lim);
+}
+
+void
+sched_free_dests(struct delivery *d)
+{
+    worker_timer_cancel(d->w, &d->evict_timer);
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
+        dest_free(t, false);
+    hash_fini(&d->dests);
+}
+
+void
+sched_fini(struct delivery *d)
+{
+    while (d->mxkeys != NULL) {
+        struct mxkey *k = d->mxkeys;
+        d->mxkeys = k->next;
+        free(k);
+    }
+    sites_fini(&d->sites);
+    free(d->local);
+    d->local = NULL;
+}

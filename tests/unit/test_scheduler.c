@@ -1,0 +1,584 @@
+/*
+ * The outbound scheduler without a network: scripted events in (DNS
+ * answers, connections that connect or fail, transactions that complete
+ * or reset), its choices out (what it asks DNS, how many connections it
+ * opens and to which address, which domain an idle connection takes next,
+ * what fails and how). The seam is struct outbound_ops
+ * (engine/outbound/internal.h): the test plays the resolver, the
+ * connections and the outcome hand-off; the scheduler, the sites, the
+ * policy and the local limiter are the real ones.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "dns/internal.h"
+#include "engine/config.h"
+#include "engine/engine.h"
+#include "engine/limits.h"
+#include "engine/outbound/internal.h"
+
+#define MAXC 64
+
+/* What the scheduler did, as the test's stand-ins saw it. */
+struct fx {
+    struct worker w;
+    struct engine e;
+    struct config *cfg;
+    struct delivery *d;
+    char path[64];
+
+    unsigned resolves;         /* lookups asked for */
+    char resolved[8][64];      /* their names */
+    unsigned cancels;
+    struct conn *open[MAXC];   /* connections opened and not gone */
+    unsigned nopen;
+    unsigned opened;           /* connections opened in all */
+    char opened_to[MAXC][384]; /* "mx name addr" of each, in order */
+    unsigned resumed;          /* idle connections handed a domain */
+    unsigned failed;           /* recipients failed without a session */
+    struct smtp_outcome last_fail;
+    enum classify_source last_src;
+    unsigned finished;         /* jobs reported after a transaction */
+};
+
+static struct fx *F;
+
+static int
+t_resolve(struct delivery *d, struct dest *t, const char *name, struct dns_mx_result **res,
+          struct dns_req **req)
+{
+    (void)d;
+    (void)res;
+    snprintf(F->resolved[F->resolves++ % 8], sizeof(F->resolved[0]), "%s", name);
+    *req = (struct dns_req *)t; /* a token: the answer comes from the test */
+    return 0;
+}
+
+static void
+t_cancel(struct delivery *d, struct dns_req *req)
+{
+    (void)d;
+    (void)req;
+    F->cancels++;
+}
+
+static struct conn *
+t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a)
+{
+    assert_true(F->nopen < MAXC);
+    struct conn *c = calloc(1, sizeof(*c));
+    assert_non_null(c);
+    c->fd = -1;
+    sched_conn_attach(c, t, h, a);
+    snprintf(F->opened_to[F->opened % MAXC], sizeof(F->opened_to[0]), "%s %s", h->name,
+             c->addr_str);
+    F->opened++;
+    F->open[F->nopen++] = c;
+    return c;
+}
+
+static void conn_ready(struct conn *c, enum sched_next *what);
+
+static void
+t_resume(struct conn *c)
+{
+    F->resumed++;
+    enum sched_next what;
+    conn_ready(c, &what);
+}
+
+static void
+t_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+       enum classify_source src)
+{
+    (void)d;
+    (void)t;
+    F->failed += j->n;
+    F->last_fail = *o;
+    F->last_src = src;
+    free(j);
+}
+
+static const struct outbound_ops test_ops = {
+    .resolve = t_resolve,
+    .cancel = t_cancel,
+    .open = t_open,
+    .resume = t_resume,
+    .fail = t_fail,
+};
+
+/* ---- the fixture ---- */
+
+static void
+setup_conf(struct fx *f, const char *extra)
+{
+    snprintf(f->path, sizeof(f->path), "/tmp/sluice-sched-XXXXXX");
+    int fd = mkstemp(f->path);
+    assert_true(fd >= 0);
+    char text[2048];
+    int n = snprintf(text, sizeof(text),
+                     "[server]\nhostname = relay.test\nlisten = 127.0.0.1:2587\n%s\n", extra);
+    assert_int_equal(write(fd, text, (size_t)n), n);
+    close(fd);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load(f->path, &f->cfg, errs);
+    fclose(errs);
+    if (rc != 0)
+        fprintf(stderr, "%s", buf);
+    free(buf);
+    unlink(f->path);
+    assert_int_equal(rc, 0);
+}
+
+static struct fx *
+fx_new(const char *extra)
+{
+    struct fx *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    F = f;
+    setup_conf(f, extra);
+    /* No ring: the scheduler needs the worker's clock and timers only. */
+    assert_int_equal(timer_heap_init(&f->w.timers, 64), 0);
+    f->w.now = clock_now_ns();
+    f->e.cfg = f->cfg;
+    f->e.nworkers = 1;
+    struct delivery *d = calloc(1, sizeof(*d));
+    assert_non_null(d);
+    d->e = &f->e;
+    d->w = &f->w;
+    d->ops = &test_ops;
+    d->res = NULL;
+    char err[128];
+    struct limits_opts lo = {0};
+    assert_int_equal(limits_new(&f->w, &lo, &d->lim, err, sizeof(err)), 0);
+    sched_init(d);
+    f->d = d;
+    return f;
+}
+
+/* c is gone: as conn_free() does once its transport let go. */
+static void
+conn_gone(struct conn *c, const struct smtp_outcome *session)
+{
+    if (c->job != NULL) {
+        dest_push(c->dest, c->job, true);
+        c->job = NULL;
+        c->dest->inflight--;
+    }
+    for (unsigned i = 0; i < F->nopen; i++)
+        if (F->open[i] == c) {
+            F->open[i] = F->open[--F->nopen];
+            break;
+        }
+    sched_conn_detach(c, session);
+}
+
+static void
+fx_free(struct fx *f)
+{
+    struct delivery *d = f->d;
+    d->stopping = true;
+    sched_stop(d);
+    while (f->nopen > 0)
+        conn_gone(f->open[f->nopen - 1], NULL);
+    sched_release_leases(d);
+    sched_free_dests(d);
+    d->lim = limits_free(d->lim);
+    sched_fini(d);
+    free(d);
+    config_free(f->cfg);
+    timer_heap_fini(&f->w.timers);
+    free(f);
+    F = NULL;
+}
+
+/* ---- scripted events ---- */
+
+static uint64_t next_id = 1;
+
+/* n recipients of a new message for domain. */
+static void
+submit(const char *domain, unsigned n)
+{
+    struct job *j = calloc(1, sizeof(*j) + n * sizeof(unsigned));
+    assert_non_null(j);
+    j->id = next_id++;
+    j->n = n;
+    snprintf(j->domain, sizeof(j->domain), "%s", domain);
+    for (unsigned i = 0; i < n; i++)
+        j->idx[i] = i;
+    struct dest *t = dest_get(F->d, domain);
+    assert_non_null(t);
+    dest_enqueue(t, j);
+}
+
+/* An answer for domain: hosts[i] at 192.0.2.(i+1) (addr_base + i), or the
+ * status alone. */
+static void
+answer(const char *domain, enum dns_status st, const char **hosts, const unsigned *pref,
+       const uint8_t (*addrs)[16], unsigned n)
+{
+    struct result_host rh[8];
+    for (unsigned i = 0; i < n; i++)
+        rh[i] = (struct result_host){.name = hosts[i], .preference = pref[i], .n4 = 1,
+                                     .a4 = &addrs[i]};
+    struct dns_mx_result *r = result_new(st, st == DNS_OK ? NULL : "scripted", domain, rh,
+                                         st == DNS_OK ? n : 0, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *t = dest_get(F->d, domain);
+    assert_non_null(t->req); /* the scheduler asked */
+    dest_on_mx(t, r);
+}
+
+static const uint8_t A1[][16] = {{192, 0, 2, 1}, {192, 0, 2, 2}, {192, 0, 2, 3}};
+static const char *MX1[] = {"mx1.hoster.test", "mx2.hoster.test", "mx3.hoster.test"};
+
+/* The session reached READY: the job the scheduler hands it, as
+ * connection.c's conn_next() takes it. */
+static void
+conn_ready(struct conn *c, enum sched_next *what)
+{
+    unsigned moves = 0;
+    struct job *j = sched_conn_next(c, &moves, what);
+    if (j != NULL) {
+        c->job = j;
+        c->dest->inflight++;
+    }
+}
+
+/* The transaction of c ended with the message outcome status (and code). */
+static bool
+txn_done(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason reason,
+         enum smtp_scope scope)
+{
+    memset(&c->txn, 0, sizeof(c->txn));
+    c->txn.msg.status = st;
+    c->txn.msg.code = (uint16_t)code;
+    c->txn.msg.reason = reason;
+    c->txn.msg.scope = scope;
+    c->txn.delivered = st == SMTP_STATUS_DELIVERED ? c->job->n : 0;
+    c->expire_ms = UINT64_MAX;
+    struct job *j = c->job;
+    c->job = NULL;
+    c->nmsgs++;
+    bool requeued = sched_txn_done(c, j);
+    if (!requeued) {
+        F->finished++;
+        free(j);
+    }
+    return requeued;
+}
+
+static unsigned
+allowed(const char *domain)
+{
+    return site_window_allowed(&dest_get(F->d, domain)->site->win);
+}
+
+/* ---- tests ---- */
+
+/* A new site opens initial_connections, then one more per transaction
+ * that completes while the window is in use (slow start), and no more
+ * than the jobs need. */
+static void
+window_opens_and_grows(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 2\n"
+                          "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 1); /* one lookup, whatever the jobs */
+    assert_string_equal(f->resolved[0], "a.test");
+    assert_int_equal(f->opened, 0);   /* nothing before the answer */
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    assert_string_equal(f->opened_to[0], "mx1.hoster.test 192.0.2.1:25");
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_true(t->want.on); /* waits for a slot of its site */
+
+    enum sched_next what;
+    struct conn *c0 = f->open[0];
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(f->open[1], &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* Both in use: a completed transaction earns a third connection. */
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 3);
+    assert_int_equal(f->opened, 3);
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 4);
+    /* Jobs left: 6 - 2 done - 1 in flight = 3, connections 3 opening or
+     * busy: a fourth opens for the job nobody is opening for. */
+    assert_int_equal(f->opened, 4);
+    assert_int_equal(f->finished, 2);
+    fx_free(f);
+}
+
+/* Connect failures halve the window, once per round; the failover cursor
+ * moves to the next MX host; when every address failed in a row, what
+ * waits is deferred with the last failure and the destination rests. */
+static void
+failures_shrink_and_fail_over(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    for (unsigned i = 0; i < 8; i++)
+        submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 4);
+    for (unsigned i = 0; i < 4; i++)
+        assert_string_equal(f->opened_to[i], "mx1.hoster.test 192.0.2.1:25");
+    struct smtp_outcome refused;
+    memset(&refused, 0, sizeof(refused));
+    refused.status = SMTP_STATUS_TEMPFAIL;
+    refused.enh = (struct smtp_enh){4, 4, 1};
+    snprintf(refused.text, sizeof(refused.text), "connect to mx1: Connection refused");
+    struct conn *c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    assert_int_equal(allowed("b.test"), 2);
+    /* Another of the same round: no second halving. */
+    c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    assert_int_equal(allowed("b.test"), 2);
+    assert_int_equal(f->opened, 4); /* 2 open, window 2: none new */
+    fx_free(f);
+
+    /* One connection at a time: the failover cursor moves to the backup
+     * MX, then every address has failed in a row. */
+    f = fx_new("[delivery]\ninitial_connections = 1\n"
+               "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    for (unsigned i = 0; i < 8; i++)
+        submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 1);
+    c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    assert_int_equal(f->opened, 2);
+    assert_string_equal(f->opened_to[1], "mx2.hoster.test 192.0.2.2:25");
+    assert_int_equal(f->failed, 0);
+    snprintf(refused.text, sizeof(refused.text), "connect to mx2: Connection refused");
+    c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    /* Every address failed in a row: deferred with the last reason, held. */
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(f->failed, 8);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_TEMPFAIL);
+    assert_int_equal(f->last_src, CLASSIFY_CONNECT);
+    assert_string_equal(f->last_fail.text, "connect to mx2: Connection refused");
+    struct dest *t = dest_get(f->d, "b.test");
+    assert_true(t->hold_until > f->w.now);
+    unsigned before = f->opened;
+    submit("b.test", 1);
+    assert_int_equal(f->opened, before); /* held: nothing new */
+    fx_free(f);
+}
+
+/* MX rollup: two domains on the same MX hosts share one site; an idle
+ * connection of the site takes the next transaction of the other domain. */
+static void
+idle_connection_takes_other_domain(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n");
+    submit("one.test", 1);
+    answer("one.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    submit("two.test", 1);
+    submit("two.test", 1);
+    answer("two.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *one = dest_get(f->d, "one.test"), *two = dest_get(f->d, "two.test");
+    assert_ptr_equal(one->site, two->site);
+    assert_int_equal(f->opened, 1); /* the site's window is full: two waits */
+    assert_true(two->want.on);
+
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, one);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    /* The window grew to 2: two opened its own. */
+    assert_int_equal(f->opened, 2);
+    /* Nothing left for one: c moves to two, lease and all. */
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, two);
+    assert_int_equal(one->conns, 0);
+    assert_int_equal(two->conns, 2);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    /* two's other job is the new connection's: c goes idle on the site. */
+    struct conn *c2 = f->open[1];
+    conn_ready(c2, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_ptr_equal(c->site->idle, c);
+    /* New mail for one: the idle connection is handed over, none opened. */
+    unsigned before = f->opened;
+    submit("one.test", 1);
+    assert_int_equal(f->resumed, 1);
+    assert_ptr_equal(c->dest, one);
+    assert_non_null(c->job);
+    assert_int_equal(f->opened, before);
+    fx_free(f);
+}
+
+/* The per-address cap holds whatever the window: new connections go to
+ * the least busy address of the same preference, never to a backup MX
+ * for want of room. */
+static void
+per_address_cap(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 8\nmax_connections_per_address = 2\n"
+                          "[domain *]\nmax_connections = 20\n");
+    for (unsigned i = 0; i < 8; i++)
+        submit("cap.test", 1);
+    /* mx1 preferred, mx2 a backup: only mx1's address, up to its cap. */
+    answer("cap.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 2);
+    for (unsigned i = 0; i < f->opened; i++)
+        assert_string_equal(f->opened_to[i], "mx1.hoster.test 192.0.2.1:25");
+    /* Equal preferences: both addresses, two each. */
+    for (unsigned i = 0; i < 8; i++)
+        submit("even.test", 1);
+    answer("even.test", DNS_OK, MX1 + 1, (unsigned[]){10, 10}, A1 + 1, 2);
+    unsigned to2 = 0, to3 = 0;
+    for (unsigned i = 2; i < f->opened; i++) {
+        to2 += strcmp(f->opened_to[i], "mx2.hoster.test 192.0.2.2:25") == 0;
+        to3 += strcmp(f->opened_to[i], "mx3.hoster.test 192.0.2.3:25") == 0;
+    }
+    assert_int_equal(to2, 2);
+    assert_int_equal(to3, 2);
+    assert_int_equal(f->opened, 6);
+    fx_free(f);
+}
+
+/* DNS answers and targets decide as the policy says: NXDOMAIN and null
+ * MX bounce, a failed lookup defers and is asked again, loopback is no
+ * target unless allowed. */
+static void
+answers_that_fail(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\n");
+    submit("nx.test", 3);
+    answer("nx.test", DNS_NOT_FOUND, NULL, NULL, NULL, 0);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_PERMFAIL);
+    assert_int_equal(f->last_fail.code, 550);
+    assert_int_equal(f->last_fail.enh.subject, 1);
+    assert_int_equal(f->last_fail.enh.detail, 2);
+    assert_int_equal(f->last_src, CLASSIFY_DNS);
+
+    submit("null.test", 1);
+    answer("null.test", DNS_NULL_MX, NULL, NULL, NULL, 0);
+    assert_int_equal(f->last_fail.code, 556);
+    assert_string_equal(f->last_fail.text, "domain accepts no mail (null MX, RFC 7505)");
+
+    submit("servfail.test", 1);
+    answer("servfail.test", DNS_RETRY, NULL, NULL, NULL, 0);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_TEMPFAIL);
+    assert_int_equal(f->last_fail.code, 451);
+    unsigned asked = f->resolves;
+    submit("servfail.test", 1);
+    assert_int_equal(f->resolves, asked + 1); /* the answer was forgotten */
+
+    static const uint8_t lo[][16] = {{127, 0, 0, 1}};
+    submit("loop.test", 2);
+    answer("loop.test", DNS_OK, MX1, (unsigned[]){10}, lo, 1);
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_PERMFAIL);
+    assert_int_equal(f->last_fail.enh.detail, 4);
+    assert_int_equal(f->last_src, CLASSIFY_TARGET);
+    assert_non_null(strstr(f->last_fail.text, "allow_networks"));
+
+    /* This node's own listener (127.0.0.1:2587 here) is a loop, even
+     * when loopback is allowed. */
+    fx_free(f);
+    f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\nremote_port = 2587\n");
+    submit("self.test", 1);
+    answer("self.test", DNS_OK, MX1, (unsigned[]){10}, lo, 1);
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->last_fail.enh.detail, 6);
+    fx_free(f);
+}
+
+/* A session failure before anything was delivered gives the job to the
+ * next address (failover); a 421 shrinks the window and holds. */
+static void
+session_failures(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n");
+    submit("fo.test", 1);
+    answer("fo.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    struct dest *t = c->dest;
+    /* Reset after RCPT, before the dot: the job goes back, first. */
+    assert_true(txn_done(c, SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF, SMTP_SCOPE_SESSION));
+    assert_int_equal(t->queued, 1);
+    assert_int_equal(t->head->failovers, 1);
+    assert_int_equal(t->next_addr, 1);
+    assert_int_equal(f->finished, 0);
+    conn_gone(c, NULL);
+    /* The next connection goes to the backup MX. */
+    assert_string_equal(f->opened_to[f->opened - 1], "mx2.hoster.test 192.0.2.2:25");
+
+    c = f->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* A 421: reported (deferred), not failed over. */
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
+    assert_int_equal(f->finished, 1);
+    struct smtp_outcome bye;
+    memset(&bye, 0, sizeof(bye));
+    bye.code = 421;
+    bye.status = SMTP_STATUS_TEMPFAIL;
+    snprintf(bye.text, sizeof(bye.text), "4.7.0 try later");
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(t->hold_until > f->w.now);
+    fx_free(f);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(window_opens_and_grows),
+        cmocka_unit_test(failures_shrink_and_fail_over),
+        cmocka_unit_test(idle_connection_takes_other_domain),
+        cmocka_unit_test(per_address_cap),
+        cmocka_unit_test(answers_that_fail),
+        cmocka_unit_test(session_failures),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
