@@ -537,7 +537,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->chunk_pool.size = BODY_CHUNK;
     d->ops = &delivery_ops;
     sched_init(d);
-    sched_local_addrs_load(d);
+    targets_local_load(d);
     d->stop_msg.fn = delivery_on_stop;
     {
         const struct config *cfg = e->cfg;

@@ -15,6 +15,7 @@
  *                          [source] limits, which connection a job takes,
  *                          opening connections within the caps, holds,
  *                          expiry sweeps, eviction of idle destinations;
+ *   outbound/targets.c     where mail must not go (allow_networks, loops);
  *   outbound/site.c        sites, the adaptive window, the per-address table;
  *   outbound/connection.c  struct conn: connect, the client machine,
  *                          STARTTLS over memory BIOs, body streaming,
@@ -273,8 +274,6 @@ void sched_release_leases(struct delivery *d);
 void sched_free_dests(struct delivery *d);
 /* After the limiter was freed: the [mx] keys, the sites. */
 void sched_fini(struct delivery *d);
-/* This host's interface addresses (targets that are this node). */
-void sched_local_addrs_load(struct delivery *d);
 
 /* The destination of name, made on first use; NULL without memory. */
 struct dest *dest_get(struct delivery *d, const char *name);
@@ -334,6 +333,19 @@ void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
 unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
+
+/* ---- outbound/targets.c ---- */
+
+/* This host's interface addresses, for listeners on a wildcard address
+ * (without them only the listeners' own addresses are known). */
+void targets_local_load(struct delivery *d);
+/* Why a (on port) is refused as a delivery target ("loopback", "this
+ * node's own listener", ...), or NULL: it may be delivered to. */
+const char *target_refused(const struct delivery *d, const union dns_addr *a, unsigned port);
+/* The addresses of t's answer that may be delivered to, counted once per
+ * answer. With none, t->last_fail says why and t->refused_self whether it
+ * is a loop. */
+unsigned dest_targets(struct dest *t);
 
 /* ---- outbound/connection.c ---- */
 

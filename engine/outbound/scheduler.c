@@ -9,8 +9,7 @@
  * idle connections of the site and open new ones within the domain's
  * max_connections, the site's window (outbound/site.c) and this worker's
  * share of each MX address, and within the [mx] and [source] limits.
- * Targets that mail must not go to (loopback, link-local, this node's own
- * listeners, ... unless [delivery] allow_networks) are never picked.
+ * Targets that mail must not go to (outbound/targets.c) are never picked.
  *
  * A connection ready for a transaction asks sched_conn_next() for its job:
  * one of its domain, or else one of another domain of its site that waits
@@ -199,79 +198,6 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 }
 
 
-/* ---- targets: where mail must not go ---- */
-
-
-/* This host's interface addresses (for listeners on a wildcard address).
- * Without them only the listeners' own addresses are known. */
-void
-sched_local_addrs_load(struct delivery *d)
-{
-    struct ifaddrs *ifa = NULL;
-    if (getifaddrs(&ifa) < 0)
-        return;
-    unsigned n = 0;
-    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
-        n += i->ifa_addr != NULL &&
-             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
-    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
-    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
-        if (i->ifa_addr != NULL &&
-            (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
-            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
-    freeifaddrs(ifa);
-}
-
-/* Is a (on port) one of this node's SMTP listeners? Delivering there is
- * a loop, whatever allow_networks says. */
-static bool
-target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
-{
-    const struct server_config *srv = &d->e->cfg->server;
-    char ip[64];
-    netaddr_ip_str(&a->sa, ip, sizeof(ip));
-    for (int k = 0; k < 2; k++) {
-        const struct netaddr *l = k == 0 ? srv->listen_addrs : srv->listen_tls_addrs;
-        int n = k == 0 ? srv->nlisten : srv->nlisten_tls;
-        for (int i = 0; i < n; i++) {
-            const struct sockaddr *sa = (const struct sockaddr *)&l[i].ss;
-            unsigned lport = sa->sa_family == AF_INET6
-                                 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
-                                 : ntohs(((const struct sockaddr_in *)sa)->sin_port);
-            if (lport != port || sa->sa_family != a->sa.sa_family)
-                continue;
-            char lip[64];
-            netaddr_ip_str(sa, lip, sizeof(lip));
-            if (strcmp(lip, ip) == 0)
-                return true;
-            const char *sp = netaddr_special(sa);
-            if (sp != NULL && strcmp(sp, "unspecified") == 0) {
-                if (netaddr_is_loopback(&a->sa))
-                    return true;
-                for (unsigned j = 0; j < d->nlocal; j++)
-                    if (strcmp(d->local[j], ip) == 0)
-                        return true;
-            }
-        }
-    }
-    return false;
-}
-
-/* Why a (on port) is refused as a delivery target ("loopback", ...), or
- * NULL. */
-static const char *
-target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
-{
-    const struct delivery_config *dc = &d->e->cfg->delivery;
-    if (target_is_self(d, a, port))
-        return "this node's own listener";
-    const char *what = netaddr_special(&a->sa);
-    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
-        return NULL;
-    return what;
-}
-
-
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
 
 static void
@@ -308,56 +234,6 @@ site_allowed(const struct dest *t)
 {
     unsigned a = site_window_allowed(&t->site->win);
     return a < t->pol->max_connections ? a : t->pol->max_connections;
-}
-
-/* The addresses of t's answer that may be delivered to, counted once per
- * answer. With none, t->last_fail says why (for the bounce). */
-static unsigned
-dest_targets(struct dest *t)
-{
-    if (t->targets_for == t->mx)
-        return t->ntargets;
-    t->targets_for = t->mx;
-    t->ntargets = 0;
-    const char *why = NULL;
-    const struct dns_mx_host *wh = NULL;
-    const union dns_addr *wa = NULL;
-    for (unsigned h = 0; h < t->mx->nhosts; h++)
-        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
-            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
-            if (r == NULL) {
-                t->ntargets++;
-            } else if (why == NULL) {
-                why = r;
-                wh = &t->mx->hosts[h];
-                wa = &t->mx->hosts[h].addrs[i];
-            }
-        }
-    if (why != NULL) {
-        char ip[64];
-        netaddr_ip_str(&wa->sa, ip, sizeof(ip));
-        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
-                "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
-                wh->name, ip, why, t->ntargets);
-        if (t->ntargets == 0) {
-            struct smtp_outcome *o = &t->last_fail;
-            memset(o, 0, sizeof(*o));
-            bool self = strcmp(why, "this node's own listener") == 0;
-            struct policy_fail nf;
-            policy_job(self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
-            t->refused_self = self;
-            o->enh = nf.enh;
-            if (self)
-                snprintf(o->text, sizeof(o->text), "mail for %s loops back to myself (MX %s, %s)",
-                         t->name, wh->name, ip);
-            else
-                snprintf(o->text, sizeof(o->text),
-                         "MX %s of %s has address %s (%s): not a delivery target, see "
-                         "[delivery] allow_networks",
-                         wh->name, t->name, ip, why);
-        }
-    }
-    return t->ntargets;
 }
 
 /* The site of t's answer, joined when the answer is new. */

@@ -1,0 +1,148 @@
+/*
+ * targets: where mail must not go. An MX address (or an address literal,
+ * or a route's address) on loopback, unspecified, link-local, multicast
+ * or broadcast networks is refused as a delivery target unless
+ * [delivery] allow_networks lists it; this node's own SMTP listeners
+ * (their addresses, or every interface address for a wildcard listener)
+ * are refused whatever it says: that is a loop. The scheduler skips
+ * refused addresses; a destination left with none fails as the policy
+ * says (policy_job: 5.4.4, or 5.4.6 for a loop), with the reason the
+ * first refusal gave.
+ *
+ * Threading: the worker's thread; the interface addresses are read once
+ * when the worker's delivery is made.
+ */
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/netaddr.h"
+#include "engine/outbound/internal.h"
+
+
+/* This host's interface addresses (for listeners on a wildcard address).
+ * Without them only the listeners' own addresses are known. */
+void
+targets_local_load(struct delivery *d)
+{
+    struct ifaddrs *ifa = NULL;
+    if (getifaddrs(&ifa) < 0)
+        return;
+    unsigned n = 0;
+    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
+        n += i->ifa_addr != NULL &&
+             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
+    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
+    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
+        if (i->ifa_addr != NULL &&
+            (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
+            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
+    freeifaddrs(ifa);
+}
+
+/* Is a (on port) one of this node's SMTP listeners? Delivering there is
+ * a loop, whatever allow_networks says. */
+static bool
+target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct server_config *srv = &d->e->cfg->server;
+    char ip[64];
+    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    for (int k = 0; k < 2; k++) {
+        const struct netaddr *l = k == 0 ? srv->listen_addrs : srv->listen_tls_addrs;
+        int n = k == 0 ? srv->nlisten : srv->nlisten_tls;
+        for (int i = 0; i < n; i++) {
+            const struct sockaddr *sa = (const struct sockaddr *)&l[i].ss;
+            unsigned lport = sa->sa_family == AF_INET6
+                                 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
+                                 : ntohs(((const struct sockaddr_in *)sa)->sin_port);
+            if (lport != port || sa->sa_family != a->sa.sa_family)
+                continue;
+            char lip[64];
+            netaddr_ip_str(sa, lip, sizeof(lip));
+            if (strcmp(lip, ip) == 0)
+                return true;
+            const char *sp = netaddr_special(sa);
+            if (sp != NULL && strcmp(sp, "unspecified") == 0) {
+                if (netaddr_is_loopback(&a->sa))
+                    return true;
+                for (unsigned j = 0; j < d->nlocal; j++)
+                    if (strcmp(d->local[j], ip) == 0)
+                        return true;
+            }
+        }
+    }
+    return false;
+}
+
+/* Why a (on port) is refused as a delivery target ("loopback", ...), or
+ * NULL. */
+const char *
+target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
+{
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    if (target_is_self(d, a, port))
+        return "this node's own listener";
+    const char *what = netaddr_special(&a->sa);
+    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
+        return NULL;
+    return what;
+}
+
+
+/* The addresses of t's answer that may be delivered to, counted once per
+ * answer. With none, t->last_fail says why (for the bounce). */
+unsigned
+dest_targets(struct dest *t)
+{
+    if (t->targets_for == t->mx)
+        return t->ntargets;
+    t->targets_for = t->mx;
+    t->ntargets = 0;
+    const char *why = NULL;
+    const struct dns_mx_host *wh = NULL;
+    const union dns_addr *wa = NULL;
+    for (unsigned h = 0; h < t->mx->nhosts; h++)
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
+            if (r == NULL) {
+                t->ntargets++;
+            } else if (why == NULL) {
+                why = r;
+                wh = &t->mx->hosts[h];
+                wa = &t->mx->hosts[h].addrs[i];
+            }
+        }
+    if (why != NULL) {
+        char ip[64];
+        netaddr_ip_str(&wa->sa, ip, sizeof(ip));
+        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
+                "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
+                wh->name, ip, why, t->ntargets);
+        if (t->ntargets == 0) {
+            struct smtp_outcome *o = &t->last_fail;
+            memset(o, 0, sizeof(*o));
+            bool self = strcmp(why, "this node's own listener") == 0;
+            struct policy_fail nf;
+            policy_job(self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
+            t->refused_self = self;
+            o->enh = nf.enh;
+            if (self)
+                snprintf(o->text, sizeof(o->text), "mail for %s loops back to myself (MX %s, %s)",
+                         t->name, wh->name, ip);
+            else
+                snprintf(o->text, sizeof(o->text),
+                         "MX %s of %s has address %s (%s): not a delivery target, see "
+                         "[delivery] allow_networks",
+                         wh->name, t->name, ip, why);
+        }
+    }
+    return t->ntargets;
+}
+
