@@ -569,6 +569,36 @@ session_failures(void **state)
     fx_free(f);
 }
 
+/* Memory follows the destinations in use: one idle for
+ * destination_idle_ttl goes (with its site, at its last reference); one
+ * with mail waiting stays. */
+static void
+idle_destinations_evicted(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\ndestination_idle_ttl = 1s\n");
+    sched_start(f->d);
+    submit("gone.test", 1);
+    answer("gone.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    conn_gone(c, NULL); /* the idle time ran out */
+    submit("stays.test", 1); /* asks DNS, never answered: busy */
+    assert_int_equal(hash_count(&f->d->dests), 2);
+    assert_int_equal(f->d->sites.live, 1);
+    f->w.now += MS_TO_NS(7000); /* past the ttl and a sweep */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->d->evicted, 1);
+    assert_int_equal(hash_count(&f->d->dests), 1);
+    assert_int_equal(f->d->sites.live, 0);
+    assert_non_null(dest_get(f->d, "stays.test")->head);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -579,6 +609,7 @@ main(void)
         cmocka_unit_test(per_address_cap),
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),
+        cmocka_unit_test(idle_destinations_evicted),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
