@@ -91,9 +91,7 @@ conn_pool_fini(struct pool *p)
     p->nfree = 0;
 }
 
-
 /* ---- the connection ---- */
-
 
 /* The state's deadline, or the expiry of the job in flight when sooner:
  * a recipient expires even on a connection that hangs. */

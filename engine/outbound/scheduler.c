@@ -52,7 +52,6 @@ static void dest_run_once(struct dest *t);
 
 /* ---- destinations ---- */
 
-
 void
 dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc)
 {
@@ -197,7 +196,6 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
     }
 }
 
-
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
 
 static void
@@ -307,7 +305,6 @@ conn_take_waiting(struct conn *c)
     return NULL;
 }
 
-
 /* Room at site s (a connection closed, the window grew): let the domains
  * waiting for it run, as many as it has room for. */
 static void
@@ -325,7 +322,6 @@ site_wake(struct delivery *d, struct site *s)
     }
     site_unref(&d->sites, s);
 }
-
 
 static bool
 dest_eq(const struct hash_node *n, const void *key)
@@ -373,7 +369,6 @@ dest_next(const struct delivery *d, struct dest_iter *it)
 {
     return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
 }
-
 
 /* Forget t and what waits in it (the spool keeps the recipients). live:
  * the loop turns, so timers, the lookup and the limiter are let go of
@@ -521,7 +516,6 @@ sched_conn_congested(struct conn *c, const char *why)
             (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
 }
 
-
 /* Pick the next address of the answer, in MX order, failover cursor
  * included. Returns false when every address has failed in a row. */
 static bool
@@ -589,7 +583,6 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
     }
     return best < cap;
 }
-
 
 /* ---- the scheduler ---- */
 
@@ -694,7 +687,6 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
     while ((j = dest_pop(t)) != NULL)
         t->d->ops->fail(t->d, t, j, &o, f->src);
 }
-
 
 /* The scheduler's one decision point, never re-entered for the same
  * destination: a limiter's wake-up or a connection's events inside a run

@@ -25,7 +25,6 @@
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 
-
 /* This host's interface addresses (for listeners on a wildcard address).
  * Without them only the listeners' own addresses are known. */
 void
@@ -94,7 +93,6 @@ target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
         return NULL;
     return what;
 }
-
 
 /* The addresses of t's answer that may be delivered to, counted once per
  * answer. With none, t->last_fail says why (for the bounce). */
