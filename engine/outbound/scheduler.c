@@ -22,9 +22,10 @@
  * Held destinations have their waiting jobs swept for expiry; destinations
  * idle for [delivery] destination_idle_ttl are evicted (dest_on_evict).
  *
- * Everything outside (DNS, sockets, the spool's outcomes) is reached
- * through d->ops, so tests/unit/test_scheduler.c drives this file with
- * scripted answers and connection results.
+ * DNS, connections and the failing of jobs are reached through d->ops
+ * (only the expiry sweep of held destinations reads the spool itself),
+ * so tests/unit/test_scheduler.c drives this file with scripted answers
+ * and connection results.
  *
  * Threading: the worker's thread.
  */
