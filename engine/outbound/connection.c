@@ -380,8 +380,8 @@ conn_next(struct conn *c)
         }
         if (erc != 0) {
             /* The spool could not say (I/O, readers): keep the job, rest. */
-            log_msg(LOG_ERR, "event=envelope_read_failed domain=%s err=\"%s\"", t->name,
-                    queue_strerror(erc));
+            log_msg(LOG_ERR, "conn=%llx event=envelope_read_failed domain=%s err=\"%s\"",
+                    (unsigned long long)c->id, t->name, queue_strerror(erc));
             dest_push(t, j, true);
             sched_conn_event(c, POLICY_SPOOL_UNREADABLE, NULL);
             conn_handle(c, smtp_client_quit(conn_cli(c)));
