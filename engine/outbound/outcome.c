@@ -215,7 +215,13 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     unsigned idx = 0;
     d->stats.dsn_queued++;
     log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
-    struct dlog_event ev = {.kind = DLOG_DSN, .id = oqid, .reply = qid, .size = m->len};
+    struct dlog_event ev = {.kind = DLOG_DSN,
+                            .id = oqid,
+                            .reply = qid,
+                            .size = m->len,
+                            .tenant = m->tenant[0] ? m->tenant : NULL,
+                            .campaign = m->campaign[0] ? m->campaign : NULL,
+                            .pool = m->pool[0] ? m->pool : NULL};
     dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
     delivery_submit(d->e, m->id, m->domain, &idx, 1);
 }
@@ -392,6 +398,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .tls_cipher = where->tls_cipher,
             .size = env ? env->body_len : 0,
             .arrival_ms = env ? env->arrival_ms : queue_id_time_ms(j->id),
+            .tenant = env && env->tenant && env->tenant[0] ? env->tenant : NULL,
+            .campaign = env && env->campaign && env->campaign[0] ? env->campaign : NULL,
+            .pool = env && env->pool && env->pool[0] ? env->pool : NULL,
+            .priority = env ? env->priority : 0,
             .hdr_names = (const char *const *)cfg->log.headers,
             .hdr_values = hvals,
             .nhdr = nhdr,

@@ -224,6 +224,13 @@ def test_owner_stored_logged_and_survives_restart():
                    60, "3 messages at the sink")
         for m in n.sink.messages():
             assert b"x-sluice" not in m.lower(), m
+        # Every event of the message carries its owner: the deliveries too.
+        dl = n.wait_events(lambda e: e["event"] == "delivery", 3)
+        owners = sorted((e.get("tenant", ""), e.get("pool", ""), e.get("campaign", ""),
+                         e.get("priority", 0)) for e in dl)
+        assert owners == sorted([("acme", "transactional", "spring sale 2026", 5),
+                                 ("globex", "bulk", "c- 42", 7),
+                                 ("", "", "", 0)]), owners
     finally:
         n.close()
 
