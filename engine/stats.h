@@ -2,7 +2,8 @@
  * stats: the operator's window into a running sluice. One thread of its
  * own serves a Unix stream socket (a line protocol: one command line in,
  * one JSON document of one line out, many commands per connection) and an
- * optional HTTP listener for Prometheus (GET /metrics). Every second it
+ * optional HTTP listener, read only: Prometheus (GET /metrics), a status
+ * page (GET /) and the JSON it reads (GET /status.json). Every second it
  * samples the engine's counters to keep rates over the last second and
  * the last minute.
  *
