@@ -150,6 +150,25 @@ render_tenants(struct json *j, const struct stats_counters *c)
     json_obj_end(j);
 }
 
+/* {"name": count, ...} of the named entries of a stats_object array. */
+static void
+render_named(struct json *j, const char *key, const struct stats_object *o, unsigned n,
+             unsigned cap)
+{
+    json_key(j, key);
+    json_obj_begin(j);
+    for (unsigned i = 0; i < n && i < cap; i++) {
+        size_t len = strnlen(o[i].name, sizeof(o[i].name));
+        if (len == 0)
+            continue;
+        char name[sizeof(o[i].name) + 1];
+        memcpy(name, o[i].name, len);
+        name[len] = '\0';
+        json_ku64(j, name, o[i].live);
+    }
+    json_obj_end(j);
+}
+
 void
 stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
                    const struct stats_rates *r1m)
@@ -178,6 +197,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "oob_events", c->oob_events);
     json_ku64(j, "oob_dropped", c->oob_dropped);
     json_ku64(j, "oob_refused", c->oob_refused);
+    render_named(j, "deferred_by_class", c->deferred_by_class, c->nclasses, STATS_CLASSES_MAX);
+    render_named(j, "bounced_by_class", c->bounced_by_class, c->nclasses, STATS_CLASSES_MAX);
     json_obj_end(j);
 
     json_key(j, "rates");
@@ -665,6 +686,32 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
 
     render_event_sink_metrics(&t, c);
     render_tenant_metrics(&t, c);
+
+    /* Every class, zeros too: a series that exists from the start gives
+     * rate() its first point. */
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } by_class[] = {
+        {"sluice_recipients_deferred_by_class_total",
+         "Recipient attempts deferred, by the class of the failure.",
+         offsetof(struct stats_counters, deferred_by_class)},
+        {"sluice_recipients_bounced_by_class_total",
+         "Recipients bounced or expired, by the class of the failure.",
+         offsetof(struct stats_counters, bounced_by_class)},
+    };
+    for (size_t f = 0; c->nclasses > 0 && f < sizeof(by_class) / sizeof(by_class[0]); f++) {
+        const struct stats_object *o =
+            (const struct stats_object *)(const void *)((const char *)c + by_class[f].off);
+        text_family(&t, by_class[f].name, "counter", by_class[f].help);
+        for (unsigned i = 0; i < c->nclasses && i < STATS_CLASSES_MAX; i++) {
+            if (o[i].name[0] == '\0')
+                continue;
+            text_printf(&t, "%s{class=\"", by_class[f].name);
+            text_label(&t, o[i].name, sizeof(o[i].name));
+            text_printf(&t, "\"} %llu\n", (unsigned long long)o[i].live);
+        }
+    }
 
     bool any = false;
     for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {

@@ -163,7 +163,8 @@ def test_every_series_is_exported():
     # And the dashboard covers what the issue asks for.
     for need in ("sluice_recipients_delivered_total", "sluice_queue_recipients",
                  "sluice_recipients_deferred_total", "sluice_connections_outbound_open",
-                 "sluice_domain_queue_recipients", "sluice_redis_state"):
+                 "sluice_domain_queue_recipients", "sluice_redis_state",
+                 "sluice_recipients_deferred_by_class_total"):
         assert any(w.startswith("dashboard") for w in used.get(need, [])), need
     for need in ("sluice_queue_recipients", "sluice_recipients_deferred_total",
                  "sluice_redis_state", "sluice_spool_map_used_bytes",

@@ -6,8 +6,8 @@ person would read the page, against the stats socket (sluicectl --json):
 - under load, every counter the page shows lies between the socket's value
   before the page's refresh and the socket's value after it was read;
 - once the load is over and the relay idle, every number on the page
-  (totals, queue, connections, the destinations table, the suspended
-  destinations) equals the socket's;
+  (totals, queue, connections, failures by class, the destinations table,
+  the suspended destinations) equals the socket's;
 - the page loads nothing but itself and status.json (no script, style or
   font from elsewhere: it is opened on machines without internet), and is
   served with a Content-Security-Policy that forbids anything else.
@@ -46,7 +46,13 @@ READ_DOM = r"""(() => {
     });
     return rows;
   };
-  return {gen: Number(document.body.getAttribute('data-generation') || 0), values,
+  const classes = {};
+  document.querySelectorAll('#classes tbody tr[data-class]').forEach(tr => {
+    const r = {};
+    tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+    classes[tr.getAttribute('data-class')] = r;
+  });
+  return {gen: Number(document.body.getAttribute('data-generation') || 0), values, classes,
           domains: table('#domains'), suspended: table('#suspended'),
           error: document.getElementById('err').style.display === 'block'
                  ? document.getElementById('err').textContent : null};
@@ -212,6 +218,14 @@ def test_status_page_in_a_browser():
             assert num(waiting["deferred"]) >= 1, waiting
             assert sum(num(waiting[f]) for f in ("ready", "deferred", "inflight")) == 2, waiting
             assert dom["domains"]["deferred.test"]["last_reply"], "no reason shown for deferrals"
+            # Failures by class: the classes with a count, as the socket has them.
+            dc, bc = after["counters"]["deferred_by_class"], after["counters"]["bounced_by_class"]
+            want_classes = {k for k in dc if dc[k] or bc[k]}
+            assert set(dom["classes"]) == want_classes, (dom["classes"], dc, bc)
+            for k in want_classes:
+                assert num(dom["classes"][k]["deferred"]) == dc[k], (k, dom["classes"][k], dc)
+                assert num(dom["classes"][k]["bounced"]) == bc[k], (k, dom["classes"][k], bc)
+            assert dc["connection_failure"] >= 1, dc
             assert set(dom["suspended"]) == {"held.test"}, dom["suspended"]
             assert num(dom["suspended"]["held.test"]["queued"]) == 3
 

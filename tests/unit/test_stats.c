@@ -1047,6 +1047,30 @@ test_metrics_render(void **state)
         assert_int_equal(promtool_check(fx, t, false), 0);
     free(t);
 
+    /* failures by class: every class a series, in JSON an object */
+    snprintf(c.deferred_by_class[0].name, sizeof(c.deferred_by_class[0].name), "other");
+    snprintf(c.deferred_by_class[1].name, sizeof(c.deferred_by_class[1].name), "rate_limited");
+    snprintf(c.bounced_by_class[0].name, sizeof(c.bounced_by_class[0].name), "other");
+    snprintf(c.bounced_by_class[1].name, sizeof(c.bounced_by_class[1].name), "rate_limited");
+    c.deferred_by_class[1].live = 7;
+    c.bounced_by_class[0].live = 2;
+    c.nclasses = 2;
+    t = stats_render_metrics(&c, NULL, 0, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"rate_limited\"} 7\n"));
+    assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"other\"} 0\n"));
+    assert_non_null(strstr(t, "\nsluice_recipients_bounced_by_class_total{class=\"other\"} 2\n"));
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+    struct json j;
+    json_init(&j);
+    stats_render_stats(&j, &c, NULL, NULL);
+    assert_false(json_failed(&j));
+    assert_non_null(strstr(j.buf, "\"deferred_by_class\":{\"other\":0,\"rate_limited\":7}"));
+    assert_non_null(strstr(j.buf, "\"bounced_by_class\":{\"other\":2,\"rate_limited\":0}"));
+    json_fini(&j);
+
     /* a broken exposition is refused by promtool: the check can fail */
     if (have_promtool())
         assert_int_not_equal(promtool_check(fx, "# TYPE x counter\nx{a=\"b} 1\n", true), 0);
