@@ -247,6 +247,8 @@ def test_package():
         check_lintian(deb)
 
         dpkg("-i", deb)
+        # Enabled as Debian enables daemons (no systemd runs here to start it).
+        assert os.path.lexists("/etc/systemd/system/multi-user.target.wants/sluice.service")
         u = pwd.getpwnam("sluice")
         assert u.pw_uid < 1000 and u.pw_shell.endswith("nologin"), u
         assert grp.getgrgid(u.pw_gid).gr_name == "sluice"
@@ -299,6 +301,9 @@ def test_package():
         left = [f for f in files if os.path.lexists(f)]
         left += [d for d in ("/etc/sluice", "/var/lib/sluice", "/var/log/sluice", "/run/sluice",
                              "/etc/logrotate.d/sluice") if os.path.lexists(d)]
+        for root in ("/etc/systemd", "/var/lib/systemd/deb-systemd-helper-enabled"):
+            for dirpath, dirnames, filenames in os.walk(root):
+                left += [os.path.join(dirpath, f) for f in filenames + dirnames if "sluice" in f]
         assert not left, f"left after purge: {left}"
         pwd.getpwnam("sluice")  # policy: the user stays
         print("     installed, ran, rotated, removed and purged")
