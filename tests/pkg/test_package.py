@@ -283,6 +283,11 @@ def test_package():
         run(["logrotate", "-f", "-s", state, "/etc/logrotate.d/sluice"])
         assert os.path.exists(dlog + ".1"), os.listdir("/var/log/sluice")
         wait_until(lambda: "event=sighup" in daemon.text(), 30, "sluice to get SIGHUP")
+        # The snippet has nocreate: the new file is sluice's, made as it
+        # reopened the path.
+        wait_until(lambda: os.path.exists(dlog), 30, "sluice to reopen the delivery log")
+        st = os.stat(dlog)
+        assert st.st_uid == u.pw_uid and (st.st_mode & 0o777) == 0o640, oct(st.st_mode)
         send(2)
         wait_until(lambda: [e for e in events(dlog) if e.get("event") == "reception"], 30,
                    "the next event in the new delivery log")
