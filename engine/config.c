@@ -269,8 +269,9 @@ static const struct conf_key stats_keys[] = {
     {"socket_mode", CONF_STRING, STS(socket_mode_text), 1, 4, "0660",
      "permissions of the socket file, octal: whoever may open it may steer sluice", NULL},
     {"http_listen", CONF_STRING, STS(http_listen), 1, 200, NULL,
-     "address:port serving Prometheus metrics at GET /metrics (e.g. 127.0.0.1:9187); "
-     "unset: none",
+     "address:port of the read-only HTTP listener: Prometheus metrics at GET /metrics, the "
+     "status page at GET / and its JSON at GET /status.json (e.g. 127.0.0.1:9187; keep it on "
+     "loopback or a management network: it has no authentication); unset: none",
      NULL},
     {"top_n", CONF_UINT, STS(top_n), 0, 10000, "50",
      "destinations with their own series in /metrics (the busiest ones)", NULL},

@@ -60,6 +60,7 @@ struct dlog_writer {
     struct dlog_buf *cur;   /* owned: being filled, or NULL */
     struct buf_list sealed; /* owned: full buffers, oldest first */
     uint64_t events, dropped;
+    uint64_t outcomes[DLOG_OUT_COUNT][BOUNCE_CLASS_COUNT]; /* counted even when dropped */
 
     /* Owner thread only. */
     struct json line;   /* the line being formatted */
@@ -88,6 +89,7 @@ struct dlog {
     unsigned npool;
     size_t buffered;
     uint64_t retired_events, retired_dropped; /* of freed writers */
+    uint64_t retired_outcomes[DLOG_OUT_COUNT][BOUNCE_CLASS_COUNT];
 
     _Atomic size_t max_buffered;
     _Atomic bool reopen;
@@ -429,6 +431,9 @@ dlog_writer_free(struct dlog_writer *w)
     buf_release_locked(d, empty);
     d->retired_events += events;
     d->retired_dropped += dropped;
+    for (int k = 0; k < DLOG_OUT_COUNT; k++)
+        for (int c = 0; c < BOUNCE_CLASS_COUNT; c++)
+            d->retired_outcomes[k][c] += w->outcomes[k][c]; /* w is unlinked: no other reader */
     if (any) {
         d->kick = true;
         pthread_cond_signal(&d->cond);
@@ -487,6 +492,16 @@ dlog_event(struct dlog_writer *w, const struct dlog_event *ev)
 {
     if (w == NULL || ev == NULL)
         return;
+    if (ev->kind == DLOG_TRANSIENT_FAILURE || ev->kind == DLOG_BOUNCE ||
+        ev->kind == DLOG_EXPIRATION) {
+        enum bounce_class cls = BOUNCE_OTHER;
+        if (ev->classification != NULL && bounce_class_parse(ev->classification, &cls) < 0)
+            cls = BOUNCE_OTHER;
+        pthread_mutex_lock(&w->mu);
+        w->outcomes[ev->kind == DLOG_TRANSIENT_FAILURE ? DLOG_OUT_DEFERRED : DLOG_OUT_BOUNCED]
+                   [cls]++;
+        pthread_mutex_unlock(&w->mu);
+    }
     uint64_t t = ev->time_ms != 0 ? ev->time_ms : clock_unix_ms();
     const char *text = writer_time(w, t);
     format_line(&w->line, ev, t, text, w->time_len);
@@ -865,10 +880,14 @@ dlog_stats(struct dlog *d, struct dlog_stats *out)
     pthread_mutex_lock(&d->mu);
     out->events = d->retired_events;
     out->dropped = d->retired_dropped;
+    memcpy(out->outcomes, d->retired_outcomes, sizeof(out->outcomes));
     for (struct dlog_writer *w = d->writers; w != NULL; w = w->next) {
         pthread_mutex_lock(&w->mu);
         out->events += w->events;
         out->dropped += w->dropped;
+        for (int k = 0; k < DLOG_OUT_COUNT; k++)
+            for (int c = 0; c < BOUNCE_CLASS_COUNT; c++)
+                out->outcomes[k][c] += w->outcomes[k][c];
         pthread_mutex_unlock(&w->mu);
     }
     pthread_mutex_unlock(&d->mu);

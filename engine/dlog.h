@@ -30,6 +30,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "engine/classify.h"
+
 #define DLOG_FLUSH_MS_DEFAULT 200u
 #define DLOG_BUF_SIZE         (64u * 1024)        /* one writer buffer */
 #define DLOG_MAX_BUFFERED     (64u * 1024 * 1024) /* all buffers not yet written */
@@ -116,8 +118,15 @@ struct dlog_event {
                                  * 0: not printed; -1: printed as false */
 };
 
+/* Recipient outcomes counted by the class of their event ("class"):
+ * every failure passes here with the class the failure policy gave it. */
+enum dlog_outcome { DLOG_OUT_DEFERRED, DLOG_OUT_BOUNCED, DLOG_OUT_COUNT };
+
 /* Counters since dlog_new; each read is consistent per counter only. */
 struct dlog_stats {
+    /* transient_failure events (deferred) and bounce or expiration events
+     * (bounced), by enum bounce_class; an unknown class counts as other */
+    uint64_t outcomes[DLOG_OUT_COUNT][BOUNCE_CLASS_COUNT];
     uint64_t events;        /* lines accepted into a buffer */
     uint64_t bytes;         /* octets written to the file */
     uint64_t write_errors;  /* failed write(2) calls */

@@ -332,6 +332,17 @@ ops_counters(void *arg, struct stats_counters *out)
         out->dlog_events = ds.events;
         out->dlog_write_errors = ds.write_errors;
         out->dlog_dropped = ds.dropped;
+        _Static_assert(BOUNCE_CLASS_COUNT <= STATS_CLASSES_MAX, "STATS_CLASSES_MAX too small");
+        for (unsigned k = 0; k < BOUNCE_CLASS_COUNT; k++) {
+            const char *name = bounce_class_str((enum bounce_class)k);
+            snprintf(out->deferred_by_class[k].name, sizeof(out->deferred_by_class[k].name),
+                     "%s", name);
+            snprintf(out->bounced_by_class[k].name, sizeof(out->bounced_by_class[k].name), "%s",
+                     name);
+            out->deferred_by_class[k].live = ds.outcomes[DLOG_OUT_DEFERRED][k];
+            out->bounced_by_class[k].live = ds.outcomes[DLOG_OUT_BOUNCED][k];
+        }
+        out->nclasses = BOUNCE_CLASS_COUNT;
     }
     if (e->events != NULL) {
         struct events_sink_stats es[STATS_EVENT_SINKS_MAX];

@@ -1,6 +1,8 @@
 /*
  * stats: the stats thread of stats.h: the Unix socket's line protocol,
- * the Prometheus listener, the rates, and the rendering of both.
+ * the HTTP listener (GET /metrics for Prometheus; GET / the status page,
+ * engine/stats_page.html, and GET /status.json the live state it shows),
+ * the rates, and the rendering of all of them. HTTP is read only.
  *
  * One poll(2) loop on a thread of its own, never a worker: it may block
  * in an engine callback for a moment, so it is kept off the rings. Every
@@ -53,6 +55,7 @@
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "engine/stats_page.h"
 
 #ifndef SLUICE_VERSION
 #define SLUICE_VERSION "unknown"
@@ -62,6 +65,7 @@
 #define RATE_SAMPLES 61    /* the newest and the one 60 s before it */
 #define LINGER_MS    2000  /* how long a closing connection drains input */
 #define LINGER_BYTES 65536 /* and how much of it */
+#define STATS_PAGE_DOMAINS 25 /* destinations in the status page's table */
 
 /* ---- time ---- */
 
@@ -146,6 +150,25 @@ render_tenants(struct json *j, const struct stats_counters *c)
     json_obj_end(j);
 }
 
+/* {"name": count, ...} of the named entries of a stats_object array. */
+static void
+render_named(struct json *j, const char *key, const struct stats_object *o, unsigned n,
+             unsigned cap)
+{
+    json_key(j, key);
+    json_obj_begin(j);
+    for (unsigned i = 0; i < n && i < cap; i++) {
+        size_t len = strnlen(o[i].name, sizeof(o[i].name));
+        if (len == 0)
+            continue;
+        char name[sizeof(o[i].name) + 1];
+        memcpy(name, o[i].name, len);
+        name[len] = '\0';
+        json_ku64(j, name, o[i].live);
+    }
+    json_obj_end(j);
+}
+
 void
 stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
                    const struct stats_rates *r1m)
@@ -174,6 +197,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "oob_events", c->oob_events);
     json_ku64(j, "oob_dropped", c->oob_dropped);
     json_ku64(j, "oob_refused", c->oob_refused);
+    render_named(j, "deferred_by_class", c->deferred_by_class, c->nclasses, STATS_CLASSES_MAX);
+    render_named(j, "bounced_by_class", c->bounced_by_class, c->nclasses, STATS_CLASSES_MAX);
     json_obj_end(j);
 
     json_key(j, "rates");
@@ -291,10 +316,11 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_obj_end(j);
 }
 
-void
-stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms)
+static void
+render_domain_array(struct json *j, const char *key, const struct stats_domain *d, size_t n,
+                    uint64_t now_ms)
 {
-    json_key(j, "domains");
+    json_key(j, key);
     json_arr_begin(j);
     for (size_t i = 0; i < n; i++) {
         const struct stats_domain *x = &d[i];
@@ -325,6 +351,12 @@ stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uin
         json_obj_end(j);
     }
     json_arr_end(j);
+}
+
+void
+stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms)
+{
+    render_domain_array(j, "domains", d, n, now_ms);
 }
 
 /* ---- rendering: Prometheus ---- */
@@ -654,6 +686,32 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
 
     render_event_sink_metrics(&t, c);
     render_tenant_metrics(&t, c);
+
+    /* Every class, zeros too: a series that exists from the start gives
+     * rate() its first point. */
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } by_class[] = {
+        {"sluice_recipients_deferred_by_class_total",
+         "Recipient attempts deferred, by the class of the failure.",
+         offsetof(struct stats_counters, deferred_by_class)},
+        {"sluice_recipients_bounced_by_class_total",
+         "Recipients bounced or expired, by the class of the failure.",
+         offsetof(struct stats_counters, bounced_by_class)},
+    };
+    for (size_t f = 0; c->nclasses > 0 && f < sizeof(by_class) / sizeof(by_class[0]); f++) {
+        const struct stats_object *o =
+            (const struct stats_object *)(const void *)((const char *)c + by_class[f].off);
+        text_family(&t, by_class[f].name, "counter", by_class[f].help);
+        for (unsigned i = 0; i < c->nclasses && i < STATS_CLASSES_MAX; i++) {
+            if (o[i].name[0] == '\0')
+                continue;
+            text_printf(&t, "%s{class=\"", by_class[f].name);
+            text_label(&t, o[i].name, sizeof(o[i].name));
+            text_printf(&t, "\"} %llu\n", (unsigned long long)o[i].live);
+        }
+    }
 
     bool any = false;
     for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
@@ -1111,6 +1169,39 @@ http_error(struct json *out, int minor, const char *status, const char *extra)
     http_answer(out, minor, status, extra, "text/plain; charset=utf-8", body, (size_t)n, false);
 }
 
+/* status.json, what the status page shows: {"stats": the answer to
+ * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended": every
+ * suspended destination among the STATS_DOMAINS_MAX busiest}. */
+static void
+render_status(struct stats_server *s, struct json *j)
+{
+    struct stats_counters c;
+    struct stats_rates r1s, r1m;
+    gather_counters(s, &c);
+    rates_get(s, &r1s, &r1m);
+    size_t n = gather_domains(s, STATS_DOMAINS_MAX);
+    uint64_t now = clock_unix_ms();
+    json_obj_begin(j);
+    json_key(j, "stats");
+    stats_render_stats(j, &c, &r1s, &r1m);
+    stats_render_domains(j, s->doms, n < STATS_PAGE_DOMAINS ? n : STATS_PAGE_DOMAINS, now);
+    /* The suspended ones, moved to the front of the array for rendering
+     * (the busiest-first order is no longer needed past the top). */
+    size_t nsusp = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!s->doms[i].suspended)
+            continue;
+        if (i != nsusp) {
+            struct stats_domain t = s->doms[nsusp];
+            s->doms[nsusp] = s->doms[i];
+            s->doms[i] = t;
+        }
+        nsusp++;
+    }
+    render_domain_array(j, "suspended", s->doms, nsusp, now);
+    json_obj_end(j);
+}
+
 /* The request is in[0..len) and complete (its blank line seen). */
 static void
 stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *out)
@@ -1156,6 +1247,30 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
         return;
     }
     size_t tl = strcspn(target, "?");
+    if (tl == 1 && target[0] == '/') {
+        /* The page is static; what it shows comes from status.json. Its
+         * own script and style are inline: nothing else may load. */
+        http_answer(out, minor, "200 OK",
+                    "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:\r\n"
+                    "X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n",
+                    "text/html; charset=utf-8", stats_page_html, stats_page_html_len, head);
+        return;
+    }
+    if (tl == 12 && strncmp(target, "/status.json", 12) == 0) {
+        struct json body;
+        json_init(&body);
+        render_status(s, &body);
+        if (json_failed(&body)) {
+            json_fini(&body);
+            http_error(out, minor, "500 Internal Server Error", "");
+            return;
+        }
+        http_answer(out, minor, "200 OK", "X-Content-Type-Options: nosniff\r\n",
+                    "application/json", body.buf, body.len, head);
+        json_fini(&body);
+        return;
+    }
     if (tl != 8 || strncmp(target, "/metrics", 8) != 0) {
         http_error(out, minor, "404 Not Found", "");
         return;

@@ -2,7 +2,8 @@
  * stats: the operator's window into a running sluice. One thread of its
  * own serves a Unix stream socket (a line protocol: one command line in,
  * one JSON document of one line out, many commands per connection) and an
- * optional HTTP listener for Prometheus (GET /metrics). Every second it
+ * optional HTTP listener, read only: Prometheus (GET /metrics), a status
+ * page (GET /) and the JSON it reads (GET /status.json). Every second it
  * samples the engine's counters to keep rates over the last second and
  * the last minute.
  *
@@ -47,6 +48,7 @@ struct json;
 #define STATS_EVENT_SINKS_MAX  16
 #define STATS_AUTH_SCHEMES_MAX 8
 #define STATS_TENANTS_MAX      64 /* tenants with their own series: the busiest */
+#define STATS_CLASSES_MAX      16
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -98,6 +100,13 @@ struct stats_counters {
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;
+    /* Recipients deferred, and bounced (expired ones included), by the
+     * class of their failure ("rate_limited", "policy", ...), counted
+     * where the delivery log sees every outcome: zero without a delivery
+     * log or event sinks. name "" ends nothing; ignored. */
+    struct stats_object deferred_by_class[STATS_CLASSES_MAX];
+    struct stats_object bounced_by_class[STATS_CLASSES_MAX];
+    unsigned nclasses;
     uint64_t auth_ok, auth_failed;                  /* AUTH outcomes */
     uint64_t auth_refused_address, auth_refused_user; /* refused: too many failures */
     uint64_t auth_busy;                             /* refused: no room for another hash */

@@ -967,10 +967,47 @@ test_http(void **state)
     assert_string_equal(strstr(r, "\r\n\r\n"), "\r\n\r\n"); /* no body */
     free(r);
 
+    /* The status page: self-contained HTML, nothing else may load. */
+    static const char page[] = "GET / HTTP/1.1\r\n\r\n";
+    r = http_get(fx, page, sizeof(page) - 1);
+    assert_true(strncmp(r, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    assert_non_null(strstr(r, "\r\nContent-Type: text/html; charset=utf-8\r\n"));
+    assert_non_null(strstr(r, "\r\nContent-Security-Policy: default-src 'none'; "));
+    assert_non_null(strstr(r, "<title>sluice status</title>"));
+    assert_non_null(strstr(r, "fetch(\"status.json\""));
+    assert_null(strstr(r, "src=\"http"));
+    assert_true(strlen(r) > 4000);
+    free(r);
+    static const char head_page[] = "HEAD /?refresh=5 HTTP/1.0\r\n\r\n";
+    r = http_get(fx, head_page, sizeof(head_page) - 1);
+    assert_true(strncmp(r, "HTTP/1.0 200 OK\r\n", 17) == 0);
+    assert_string_equal(strstr(r, "\r\n\r\n"), "\r\n\r\n");
+    free(r);
+
+    /* What it reads: the stats document, the busiest domains and the
+     * suspended ones. */
+    static const char status[] = "GET /status.json HTTP/1.1\r\n\r\n";
+    r = http_get(fx, status, sizeof(status) - 1);
+    assert_true(strncmp(r, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    assert_non_null(strstr(r, "\r\nContent-Type: application/json\r\n"));
+    body = strstr(r, "\r\n\r\n") + 4;
+    static const char lead[] = "{\"stats\":{\"ok\":true,";
+    assert_memory_equal(body, lead, sizeof(lead) - 1);
+    assert_non_null(strstr(body, "\"domains\":[{\"name\":\"gmail.com\""));
+    char *susp = strstr(body, "\"suspended\":[");
+    assert_non_null(susp);
+    static const char first[] = "\"suspended\":[{\"name\":\"example.org\"";
+    assert_memory_equal(susp, first, sizeof(first) - 1);
+    assert_null(strstr(susp, "gmail.com")); /* not suspended */
+    assert_string_equal(body + strlen(body) - 2, "]}");
+    free(r);
+
     static const struct {
         const char *req, *status;
     } cases[] = {
-        {"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 404 "},
+        {"GET /x HTTP/1.1\r\n\r\n", "HTTP/1.1 404 "},
+        {"GET /status.jsonx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 "},
+        {"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 "},
         {"GET /metricsx HTTP/1.0\n\n", "HTTP/1.0 404 "},
         {"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 405 "},
         {"hello\r\n\r\n", "HTTP/1.1 400 "},
@@ -1009,6 +1046,30 @@ test_metrics_render(void **state)
     if (have_promtool())
         assert_int_equal(promtool_check(fx, t, false), 0);
     free(t);
+
+    /* failures by class: every class a series, in JSON an object */
+    snprintf(c.deferred_by_class[0].name, sizeof(c.deferred_by_class[0].name), "other");
+    snprintf(c.deferred_by_class[1].name, sizeof(c.deferred_by_class[1].name), "rate_limited");
+    snprintf(c.bounced_by_class[0].name, sizeof(c.bounced_by_class[0].name), "other");
+    snprintf(c.bounced_by_class[1].name, sizeof(c.bounced_by_class[1].name), "rate_limited");
+    c.deferred_by_class[1].live = 7;
+    c.bounced_by_class[0].live = 2;
+    c.nclasses = 2;
+    t = stats_render_metrics(&c, NULL, 0, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"rate_limited\"} 7\n"));
+    assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"other\"} 0\n"));
+    assert_non_null(strstr(t, "\nsluice_recipients_bounced_by_class_total{class=\"other\"} 2\n"));
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+    struct json j;
+    json_init(&j);
+    stats_render_stats(&j, &c, NULL, NULL);
+    assert_false(json_failed(&j));
+    assert_non_null(strstr(j.buf, "\"deferred_by_class\":{\"other\":0,\"rate_limited\":7}"));
+    assert_non_null(strstr(j.buf, "\"bounced_by_class\":{\"other\":2,\"rate_limited\":0}"));
+    json_fini(&j);
 
     /* a broken exposition is refused by promtool: the check can fail */
     if (have_promtool())

@@ -1,0 +1,256 @@
+"""The status page (GET / of [stats] http_listen) in a real browser:
+headless Chromium (tests/integ/browser.py) loads it from a sluice that is
+relaying mail to smtp-sink, and the test reads the rendered DOM, as a
+person would read the page, against the stats socket (sluicectl --json):
+
+- under load, every counter the page shows lies between the socket's value
+  before the page's refresh and the socket's value after it was read;
+- once the load is over and the relay idle, every number on the page
+  (totals, queue, connections, failures by class, the destinations table,
+  the suspended destinations) equals the socket's;
+- the page loads nothing but itself and status.json (no script, style or
+  font from elsewhere: it is opened on machines without internet), and is
+  served with a Content-Security-Policy that forbids anything else.
+
+A screenshot of the page is kept as an artifact: SLUICE_ARTIFACT_DIR, or
+artifacts/ under the directory the test runs in (ctest: the build dir)."""
+import os
+import re
+import sys
+import threading
+import time
+
+from harness import free_port, main, wait_until
+import test_delivery
+from test_delivery import Relay, records_for, wait_sink
+import test_ops
+from test_ops import ctl, ctl_json, http_get, msg, stats_conf
+
+SLUICE = sys.argv[1]
+test_delivery.SLUICE = SLUICE
+test_ops.SLUICE = SLUICE
+
+ARTIFACTS = os.environ.get("SLUICE_ARTIFACT_DIR") or os.path.join(os.getcwd(), "artifacts")
+
+READ_DOM = r"""(() => {
+  const values = {};
+  document.querySelectorAll('[data-k]').forEach(n => {
+    values[n.getAttribute('data-k')] = {text: n.textContent, fmt: n.getAttribute('data-fmt')};
+  });
+  const table = sel => {
+    const rows = {};
+    document.querySelectorAll(sel + ' tbody tr[data-domain]').forEach(tr => {
+      const r = {};
+      tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+      rows[tr.getAttribute('data-domain')] = r;
+    });
+    return rows;
+  };
+  const classes = {};
+  document.querySelectorAll('#classes tbody tr[data-class]').forEach(tr => {
+    const r = {};
+    tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+    classes[tr.getAttribute('data-class')] = r;
+  });
+  return {gen: Number(document.body.getAttribute('data-generation') || 0), values, classes,
+          domains: table('#domains'), suspended: table('#suspended'),
+          error: document.getElementById('err').style.display === 'block'
+                 ? document.getElementById('err').textContent : null};
+})()"""
+
+# Counters: never go back, so a value read between two reads of the socket
+# lies between them.
+MONOTONIC = ["counters.received_msgs", "counters.received_rcpts", "counters.delivered",
+             "counters.deferred", "counters.bounced", "connections.inbound_total",
+             "connections.outbound_total", "connections.transactions", "dlog.events"]
+
+
+def num(text):
+    assert re.fullmatch(r"-?[0-9][0-9,]*", text), f"not a whole number on the page: {text!r}"
+    return int(text.replace(",", ""))
+
+
+def path_get(doc, path):
+    for p in path.split("."):
+        doc = doc[p]
+    return doc
+
+
+def page_value(dom, path):
+    return num(dom["values"]["stats." + path]["text"])
+
+
+def fresh_dom(b, after_gen):
+    """The page as rendered from a status.json fetched after the moment
+    the page's generation was after_gen (two refreshes later: the fetch
+    under way at that moment may have started before)."""
+    wait_until(lambda: b.evaluate("Number(document.body.getAttribute('data-generation')||0)")
+               >= after_gen + 2, 30, "the page to refresh twice")
+    dom = b.evaluate(READ_DOM)
+    assert dom["error"] is None, dom["error"]
+    return dom
+
+
+def test_status_page_in_a_browser():
+    from browser import Browser  # skips (77) when chromium is missing
+
+    hport = free_port()
+    records = records_for(["a.test", "b.test", "held.test"])
+    # deferred.test's MX is on an address where nothing listens: every
+    # attempt is deferred (connection refused), with its reason shown.
+    records += ["host-record=down.test,127.0.0.2", "mx-host=deferred.test,down.test,10"]
+    r = Relay(records, domain_conf=stats_conf(http=hport))
+    stop = threading.Event()
+    injected = [0]
+    loader = None
+    try:
+        wait_until(lambda: http_get(hport, "/")[0] == 200, 10, "the HTTP listener")
+        status, headers, html = http_get(hport, "/")
+        assert headers.get("Content-Type") == "text/html; charset=utf-8", headers
+        csp = headers.get("Content-Security-Policy", "")
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp, csp
+        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), \
+            "the page refers to something elsewhere"
+        status, headers, body = http_get(hport, "/", "HEAD")
+        assert status == 200 and body == "", (status, body[:80])
+        status, headers, body = http_get(hport, "/status.json")
+        assert status == 200 and headers.get("Content-Type") == "application/json", headers
+        assert http_get(hport, "/status.json", "POST")[0] == 405
+
+        p = ctl(r, "suspend", "held.test")
+        assert p.returncode == 0, p.stderr
+        r.inject([msg(i, [f"h{i}@held.test"], "h") for i in range(3)] +
+                 [msg(i, [f"d{i}@deferred.test"], "d") for i in range(2)])
+
+        def load():
+            i = 0
+            while not stop.is_set() and i < 5000:
+                r.inject([msg(i + k, [f"u{i + k}@a.test", f"v{i + k}@b.test"], "l")
+                          for k in range(10)], sessions=2)
+                i += 10
+                injected[0] = i
+        with Browser() as b:
+            b.navigate(f"http://127.0.0.1:{hport}/?refresh=0.5")
+            loader = threading.Thread(target=load, daemon=True)
+            loader.start()
+            wait_until(lambda: injected[0] > 0, 60, "the load to start")
+
+            # Under load: the page's counters lie between two reads of the
+            # socket that enclose its refresh.
+            moved = 0
+            for _ in range(8):
+                before = ctl_json(r, "stats")
+                g0 = b.evaluate("Number(document.body.getAttribute('data-generation')||0)")
+                dom = fresh_dom(b, g0)
+                after = ctl_json(r, "stats")
+                for k in MONOTONIC:
+                    lo, hi, seen = path_get(before, k), path_get(after, k), page_value(dom, k)
+                    assert lo <= seen <= hi, f"{k}: the page shows {seen}, the socket {lo}..{hi}"
+                if after["counters"]["delivered"] > before["counters"]["delivered"]:
+                    moved += 1
+                if moved >= 3:
+                    break
+            assert moved >= 3, "deliveries did not go on while the page was read: no load"
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            b.screenshot(os.path.join(ARTIFACTS, "status_page_under_load.png"))
+
+            stop.set()
+            loader.join(timeout=120)
+            assert not loader.is_alive(), "the injection did not end"
+            want = 2 * injected[0]
+            wait_sink(r, want, timeout=120)
+            wait_until(lambda: ctl_json(r, "stats")["connections"]["outbound_open"] == 0 and
+                       ctl_json(r, "stats")["connections"]["inbound_open"] == 0,
+                       30, "the relay to be idle")
+
+            # Idle: the page shows exactly what the socket says. A pair of
+            # socket reads that differ means something still moved: again.
+            for attempt in range(10):
+                before = ctl_json(r, "stats")
+                doms_before = ctl_json(r, "domains", "25")["domains"]
+                g0 = b.evaluate("Number(document.body.getAttribute('data-generation')||0)")
+                dom = fresh_dom(b, g0)
+                after = ctl_json(r, "stats")
+                doms = ctl_json(r, "domains", "25")["domains"]
+                strip = lambda s: {k: v for k, v in s.items() if k not in ("uptime_ms", "rates")}
+                strip_d = lambda ds: [{k: v for k, v in d.items() if "age" not in k} for d in ds]
+                idle = before["rates"]["1s"] is not None and \
+                    not any(before["rates"]["1s"].values())
+                if idle and strip(before) == strip(after) and strip_d(doms_before) == strip_d(doms):
+                    break
+                time.sleep(1)  # the next rate sample (every second) of an idle relay
+            else:
+                raise AssertionError("the stats never held still for one refresh")
+            compared = 0
+            for key, shown in dom["values"].items():
+                path = key[len("stats."):]
+                if shown["fmt"] is not None or not key.startswith("stats."):
+                    continue
+                want_v = path_get(after, path)
+                if isinstance(want_v, (int, float)) and not isinstance(want_v, bool):
+                    assert num(shown["text"]) == want_v, f"{path}: page {shown['text']}, socket {want_v}"
+                    compared += 1
+                else:
+                    assert shown["text"] == str(want_v), f"{path}: page {shown['text']!r}, socket {want_v!r}"
+            assert compared >= 15, f"only {compared} numbers compared"
+            assert after["counters"]["delivered"] == want == len(r.sink.files())
+            # Rates, with one decimal: the last second's are 0 when idle;
+            # the last minute's only fall while idle, so the page's lies
+            # between the socket's after and before its refresh.
+            for what in ("received", "delivered", "deferred", "bounced", "expired"):
+                assert dom["values"][f"stats.rates.1s.{what}"]["text"] == "0.0", dom["values"]
+                seen = float(dom["values"][f"stats.rates.1m.{what}"]["text"])
+                lo, hi = after["rates"]["1m"][what], before["rates"]["1m"][what]
+                assert lo - 0.05 <= seen <= hi + 0.05, f"1m {what}: page {seen}, socket {lo}..{hi}"
+            assert dom["values"]["stats.redis.state"]["text"] == "off"
+
+            # The destinations table, row by row.
+            assert set(dom["domains"]) == {d["name"] for d in doms}, (dom["domains"].keys(), doms)
+            for d in doms:
+                row = dom["domains"][d["name"]]
+                for f in ("ready", "deferred", "inflight", "connections", "max_connections",
+                          "delivered", "bounced"):
+                    assert num(row[f]) == d[f], f"{d['name']} {f}: page {row[f]}, socket {d[f]}"
+                assert row["state"] == ("suspended" if d["suspended"] else "active"), row
+                assert row["last_reply"] == d["last_reply"], (row, d)
+            assert num(dom["domains"]["a.test"]["delivered"]) == injected[0]
+            waiting = dom["domains"]["deferred.test"]
+            assert num(waiting["deferred"]) >= 1, waiting
+            assert sum(num(waiting[f]) for f in ("ready", "deferred", "inflight")) == 2, waiting
+            assert dom["domains"]["deferred.test"]["last_reply"], "no reason shown for deferrals"
+            # Failures by class: the classes with a count, as the socket has them.
+            dc, bc = after["counters"]["deferred_by_class"], after["counters"]["bounced_by_class"]
+            want_classes = {k for k in dc if dc[k] or bc[k]}
+            assert set(dom["classes"]) == want_classes, (dom["classes"], dc, bc)
+            for k in want_classes:
+                assert num(dom["classes"][k]["deferred"]) == dc[k], (k, dom["classes"][k], dc)
+                assert num(dom["classes"][k]["bounced"]) == bc[k], (k, dom["classes"][k], bc)
+            assert dc["connection_failure"] >= 1, dc
+            assert set(dom["suspended"]) == {"held.test"}, dom["suspended"]
+            assert num(dom["suspended"]["held.test"]["queued"]) == 3
+
+            # Resumed: it leaves the suspended list at the next refresh.
+            assert ctl(r, "resume", "held.test").returncode == 0
+            wait_sink(r, want + 3, timeout=60)
+            g0 = b.evaluate("Number(document.body.getAttribute('data-generation')||0)")
+            dom = fresh_dom(b, g0)
+            assert dom["suspended"] == {}, dom["suspended"]
+
+            # Nothing was loaded but the page and status.json.
+            origin = f"http://127.0.0.1:{hport}/"
+            loaded = b.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+            assert loaded and all(u.startswith(origin + "status.json") for u in loaded), loaded
+
+            path = os.path.join(ARTIFACTS, "status_page.png")
+            b.screenshot(path)
+            assert os.path.getsize(path) > 10000, "the screenshot is (nearly) empty"
+            print(f"     screenshots in {ARTIFACTS}")
+    finally:
+        stop.set()
+        if loader is not None:
+            loader.join(timeout=120)
+        r.close()
+
+
+if __name__ == "__main__":
+    main([test_status_page_in_a_browser])
