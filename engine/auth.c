@@ -18,6 +18,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/base64.h"
+
 static _Atomic uint64_t auth_generation;
 
 struct auth_db {
@@ -424,22 +426,6 @@ auth_user_may_send_as(const struct auth_user *u, const char *domain, size_t len)
     return false;
 }
 
-static int
-b64_value(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
-
 long
 auth_b64_decode(const char *in, size_t len, char *out, size_t cap)
 {
@@ -456,7 +442,7 @@ auth_b64_decode(const char *in, size_t len, char *out, size_t cap)
                 pad++;
                 continue;
             }
-            if (pad != 0 || (v[j] = b64_value(c)) < 0)
+            if (pad != 0 || (v[j] = base64_value(c)) < 0)
                 return -1;
         }
         uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 |

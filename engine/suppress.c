@@ -45,6 +45,7 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/fs.h"
 #include "common/log.h"
 
 #define KEY_MAX       (SUPPRESS_SCOPE_MAX + 1 + SUPPRESS_ADDR_MAX)
@@ -657,27 +658,6 @@ suppress_sync(struct suppress *s)
 
 /* ---- open, close ---- */
 
-static int
-mkdir_p(const char *path)
-{
-    char buf[4096];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof(buf))
-        return -ENAMETOOLONG;
-    memcpy(buf, path, n + 1);
-    for (char *p = buf + 1; *p != '\0'; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-            return -errno;
-        *p = '/';
-    }
-    if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-        return -errno;
-    return 0;
-}
-
 int
 suppress_open(const struct suppress_config *cfg, struct suppress **out, char *err, size_t errlen)
 {
@@ -703,7 +683,7 @@ suppress_open(const struct suppress_config *cfg, struct suppress **out, char *er
     pthread_cond_init(&s->fcv, NULL);
     pthread_cond_init(&s->dcv, NULL);
     s->ftail = &s->fhead;
-    int rc = mkdir_p(cfg->path);
+    int rc = fs_mkdir_p(cfg->path);
     if (rc < 0) {
         snprintf(err, errlen, "suppress: cannot create %s: %s", cfg->path, strerror(-rc));
         suppress_close(s);

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/base64.h"
+
 struct span {
     const char *p;
     size_t n;
@@ -451,22 +453,6 @@ walk_multipart(struct walk *w, struct span body, const char *b, unsigned depth)
 
 /* ---- decoding text parts into w->text ---- */
 
-static int
-b64_val(int c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
-
 static void
 text_put(struct walk *w, char c)
 {
@@ -485,7 +471,7 @@ text_add(struct walk *w, struct span body, const char *cte)
         uint32_t acc = 0;
         int bits = 0;
         for (size_t i = 0; i < body.n && w->text_len < FEEDBACK_TEXT_MAX; i++) {
-            int v = b64_val((unsigned char)body.p[i]);
+            int v = base64_value((unsigned char)body.p[i]);
             if (v < 0)
                 continue; /* line ends, padding, junk */
             acc = (acc << 6) | (uint32_t)v;

@@ -110,6 +110,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/fs.h"
 #include "common/log.h"
 
 #define SCHEMA_VERSION  2u
@@ -2049,30 +2050,6 @@ committer_main(void *arg)
 
 /* ---- open and close ---- */
 
-static int
-mkdir_p(const char *path)
-{
-    char buf[4096];
-    size_t len = strlen(path);
-    if (len == 0 || len >= sizeof(buf))
-        return -ENAMETOOLONG;
-    memcpy(buf, path, len + 1);
-    for (char *p = buf + 1; *p != '\0'; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-            return -errno;
-        *p = '/';
-    }
-    if (mkdir(buf, 0700) < 0 && errno != EEXIST)
-        return -errno;
-    struct stat st;
-    if (stat(buf, &st) < 0)
-        return -errno;
-    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
-}
-
 static int open_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
@@ -2263,7 +2240,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     if (q->cfg.max_batch_bytes == 0)
         q->cfg.max_batch_bytes = UINT64_MAX;
     const char *path = q->cfg.path;
-    int rc = mkdir_p(path);
+    int rc = fs_mkdir_p(path);
     if (rc < 0) {
         open_fail(err, errlen, rc, "cannot create spool directory %s: %s", path, strerror(-rc));
         queue_destroy(q);
