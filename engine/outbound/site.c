@@ -75,8 +75,9 @@ site_eq(const struct hash_node *n, const void *key)
 
 struct site_addr {
     struct hash_node node;
-    union dns_addr a; /* port included */
+    union dns_addr a;      /* port included */
     unsigned conns;
+    uint64_t wanted_until; /* ns: a domain of another site found no room here */
 };
 
 /* Address and port only: the rest of a sockaddr (flow info) is noise. */
@@ -210,6 +211,21 @@ site_addr_conns(const struct sites *s, const union dns_addr *a)
 {
     const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
     return x ? x->conns : 0;
+}
+
+void
+site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until)
+{
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    if (x != NULL && x->wanted_until < until)
+        x->wanted_until = until; /* no entry: no connection, so room */
+}
+
+bool
+site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now)
+{
+    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    return x != NULL && x->wanted_until > now;
 }
 
 int

@@ -99,6 +99,13 @@ struct site *site_unref(struct sites *s, struct site *site);
 
 /* Connections to one address (and port) now, through the worker's table. */
 unsigned site_addr_conns(const struct sites *s, const union dns_addr *a);
+/* A destination found a's share of the cap taken: until `until` (ns),
+ * site_addr_wanted() says so, and a connection to a that has nothing left
+ * for its own site quits instead of idling on the slot. Sites share
+ * addresses (an MX host in two answers); without this, an idle
+ * connection of one kept the slot for idle_timeout while another waited. */
+void site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until);
+bool site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now);
 /* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
 int site_addr_add(struct sites *s, const union dns_addr *a);
 void site_addr_del(struct sites *s, const union dns_addr *a);

@@ -479,6 +479,49 @@ per_address_cap(void **state)
     fx_free(f);
 }
 
+/* Two sites share an address (mx1 is in both answers) whose cap is one
+ * connection: the first site's connection, with nothing left for its own
+ * domains, quits instead of idling on the slot the second site waits for
+ * (before, it held it for idle_timeout); with nobody waiting it idles. */
+static void
+shared_address_slot_given_back(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* b's answer names mx1 first, mx2 as a backup: another site, and no
+     * room at mx1 (never the backup for want of room). */
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_ptr_not_equal(dest_get(f->d, "a.test")->site, dest_get(f->d, "b.test")->site);
+    assert_int_equal(f->opened, 1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    assert_null(c->site->idle);
+    conn_gone(c, NULL);
+    fx_free(f);
+
+    /* Nobody waits: the connection idles on its site. */
+    f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+               "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    c = f->open[0];
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    fx_free(f);
+}
+
 /* DNS answers and targets decide as the policy says: NXDOMAIN and null
  * MX bounce, a failed lookup defers and is asked again, loopback is no
  * target unless allowed. */
@@ -607,6 +650,7 @@ main(void)
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(per_address_cap),
+        cmocka_unit_test(shared_address_slot_given_back),
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),
         cmocka_unit_test(idle_destinations_evicted),
