@@ -568,7 +568,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
     /* Full here: a connection that goes idle at this address gives its
      * slot back instead (sched_conn_next), until t tries again. */
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
-    site_addr_want(&d->sites, &k, until);
+    site_addr_want(&d->sites, &k, until, t->site);
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];
@@ -580,7 +580,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
             dest_addr_port(t, &x->addrs[i], &k);
             unsigned n = site_addr_conns(&d->sites, &k);
             if (n >= cap)
-                site_addr_want(&d->sites, &k, until);
+                site_addr_want(&d->sites, &k, until, t->site);
             if (n < best) {
                 best = n;
                 *host = x;
@@ -969,7 +969,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             if (t->head == NULL && c->addr_counted &&
-                site_addr_wanted(&d->sites, &c->addr, d->w->now)) {
+                site_addr_wanted(&d->sites, &c->addr, d->w->now, c->site)) {
                 /* A domain of another site waits for this address's
                  * slot: give it back rather than hold it idle. */
                 *what = SCHED_NEXT_QUIT;

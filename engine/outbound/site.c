@@ -77,7 +77,8 @@ struct site_addr {
     struct hash_node node;
     union dns_addr a;      /* port included */
     unsigned conns;
-    uint64_t wanted_until; /* ns: a domain of another site found no room here */
+    uint64_t wanted_until; /* ns: a domain found no room here ... */
+    const void *wanted_by; /* ... of this site (compared, never followed) */
 };
 
 /* Address and port only: the rest of a sockaddr (flow info) is noise. */
@@ -214,18 +215,21 @@ site_addr_conns(const struct sites *s, const union dns_addr *a)
 }
 
 void
-site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until)
+site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until, const struct site *by)
 {
     struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
-    if (x != NULL && x->wanted_until < until)
-        x->wanted_until = until; /* no entry: no connection, so room */
+    if (x == NULL)
+        return; /* no entry: no connection, so room */
+    x->wanted_until = until;
+    x->wanted_by = by;
 }
 
 bool
-site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now)
+site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now,
+                 const struct site *mine)
 {
     const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
-    return x != NULL && x->wanted_until > now;
+    return x != NULL && x->wanted_until > now && x->wanted_by != (const void *)mine;
 }
 
 int

@@ -99,13 +99,18 @@ struct site *site_unref(struct sites *s, struct site *site);
 
 /* Connections to one address (and port) now, through the worker's table. */
 unsigned site_addr_conns(const struct sites *s, const union dns_addr *a);
-/* A destination found a's share of the cap taken: until `until` (ns),
- * site_addr_wanted() says so, and a connection to a that has nothing left
- * for its own site quits instead of idling on the slot. Sites share
- * addresses (an MX host in two answers); without this, an idle
- * connection of one kept the slot for idle_timeout while another waited. */
-void site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until);
-bool site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now);
+/* A destination of site `by` found a's share of the cap taken: until
+ * `until` (ns), site_addr_wanted() says so to the connections of other
+ * sites, and one that has nothing left for its own site quits instead of
+ * idling on the slot. Sites share addresses (an MX host in two answers);
+ * without this, an idle connection of one kept the slot for idle_timeout
+ * while another waited. A site's own want does not count: its idle
+ * connections go to its waiting domains anyway, and quitting would only
+ * cost reuse. The latest want wins. */
+void site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until,
+                    const struct site *by);
+bool site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now,
+                      const struct site *mine);
 /* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
 int site_addr_add(struct sites *s, const union dns_addr *a);
 void site_addr_del(struct sites *s, const union dns_addr *a);

@@ -482,7 +482,8 @@ per_address_cap(void **state)
 /* Two sites share an address (mx1 is in both answers) whose cap is one
  * connection: the first site's connection, with nothing left for its own
  * domains, quits instead of idling on the slot the second site waits for
- * (before, it held it for idle_timeout); with nobody waiting it idles. */
+ * (before, it held it for idle_timeout); when only its own site found the
+ * address full, it idles (reuse). */
 static void
 shared_address_slot_given_back(void **state)
 {
@@ -509,13 +510,20 @@ shared_address_slot_given_back(void **state)
     conn_gone(c, NULL);
     fx_free(f);
 
-    /* Nobody waits: the connection idles on its site. */
+    /* Only its own site found the address full (two jobs, room for one
+     * connection): once the site has nothing left, the connection idles,
+     * for reuse. */
     f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
                "[domain *]\nmax_connections = 10\n");
     submit("a.test", 1);
+    submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
     c = f->open[0];
     conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_IDLE);
