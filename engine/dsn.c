@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -38,6 +39,10 @@ out_put(struct out *o, const char *s, size_t n)
 {
     if (o->oom || n == 0)
         return;
+    if (n > SIZE_MAX / 4 || o->len > SIZE_MAX / 4) {
+        o->oom = true; /* cannot be; said to the compiler, whose -O3 feared a wrap */
+        return;
+    }
     if (o->len + n + 1 > o->cap) {
         size_t cap = o->cap ? o->cap : 1024;
         while (cap < o->len + n + 1)
