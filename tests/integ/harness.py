@@ -29,11 +29,54 @@ def skip(why):
     sys.exit(SKIP)
 
 
-def free_port(host="127.0.0.1"):
-    """A TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports a test listens on come from below the kernel's ephemeral range, so
+# that no outbound connection of any test running beside this one can hold
+# one as its source port between free_port() and the listener's bind (CI saw
+# exactly that: a status listener's port taken by a sluice's connection to
+# its sink). Each port is claimed by an flock on a file in PORT_DIR, held for
+# as long as this process lives, so two tests never pick the same one; the C
+# side (tests/support/redis_server.c) claims through the same files.
+PORT_DIR = os.path.join(tempfile.gettempdir(), "sluice-test-ports")
+PORT_LOW = 20000
+_claimed = []
+
+
+def _port_high():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low - 1, PORT_LOW + 1000)
+
+
+def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
+    """A port nobody listens on, outside the ephemeral range, claimed for
+    this process (see PORT_DIR)."""
+    import fcntl
+    import random
+    os.makedirs(PORT_DIR, exist_ok=True)
+    high = _port_high()
+    span = high - PORT_LOW + 1
+    start = random.randrange(span)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for i in range(span):
+        port = PORT_LOW + (start + i) % span
+        fd = os.open(os.path.join(PORT_DIR, str(port)), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            with socket.socket(family, kind) as s:
+                s.bind((host, port))
+        except OSError:
+            os.close(fd)
+            continue
+        _claimed.append(fd)
+        return port
+    raise AssertionError(f"no free port in {PORT_LOW}-{high}")
 
 
 def wait_until(cond, timeout, what):

@@ -14,16 +14,14 @@ import subprocess
 import sys
 import time
 
-from harness import (Sluice, Workdir, free_port, main, mdb_entries, run, skip, spool_tool,
-                     wait_until)
+from harness import (WAIT, Sluice, Workdir, free_port, main, mdb_entries, run, skip,
+                     spool_tool, wait_until)
 
 SLUICE = sys.argv[1]
 
 
 def udp_free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port(kind=socket.SOCK_DGRAM)
 
 
 def connectable(port, host="127.0.0.1"):
@@ -80,11 +78,18 @@ class Sink:
         os.chmod(self.dir, 0o777)
         os.chmod(wd.path, 0o755)  # smtp-sink runs as nobody and must reach it
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
-        self.proc = subprocess.Popen(
-            ["smtp-sink", *user, *flags, "-d", os.path.join(self.dir, "%M."),
-             f"{host}:{port}", "1000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: connectable(port, host), 10, "smtp-sink to listen")
+        err = os.path.join(wd.path, f"{name}.err")
+        with open(err, "wb") as errf:
+            self.proc = subprocess.Popen(
+                ["smtp-sink", *user, *flags, "-d", os.path.join(self.dir, "%M."),
+                 f"{host}:{port}", "1000"],
+                stdout=subprocess.DEVNULL, stderr=errf)
+        wait_until(lambda: self.proc.poll() is not None or connectable(port, host), WAIT,
+                   "smtp-sink to listen")
+        if self.proc.poll() is not None:
+            with open(err, "rb") as f:
+                why = f.read().decode(errors="replace").strip()
+            raise AssertionError(f"smtp-sink on {host}:{port} exited: {why}")
 
     def files(self):
         return [os.path.join(self.dir, f) for f in os.listdir(self.dir)]

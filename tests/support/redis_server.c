@@ -12,10 +12,18 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+/* Ports below the ephemeral range, claimed through flock on files that
+ * tests/integ/harness.py claims through too (see its PORT_DIR). */
+enum { PORT_LOW = 20000 };
 
 static long long
 mono_ms(void)
@@ -35,23 +43,66 @@ redis_server_path(void)
     return NULL;
 }
 
-int
-redis_server_free_port(void)
+/* The first port of the kernel's ephemeral range (32768 when unreadable). */
+static int
+ephemeral_low(void)
+{
+    int low = 32768;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f) {
+        if (fscanf(f, "%d", &low) != 1)
+            low = 32768;
+        fclose(f);
+    }
+    return low;
+}
+
+/* Whether a TCP listener could bind 127.0.0.1:port now. */
+static bool
+bindable(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return -1;
+        return false;
     struct sockaddr_in a;
     memset(&a, 0, sizeof(a));
     a.sin_family = AF_INET;
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(a);
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
+    a.sin_port = htons((uint16_t)port);
+    bool ok = bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
     close(fd);
-    return port;
+    return ok;
+}
+
+int
+redis_server_free_port(void)
+{
+    const char *tmp = getenv("TMPDIR");
+    char dir[512];
+    snprintf(dir, sizeof(dir), "%s/sluice-test-ports", tmp && *tmp ? tmp : "/tmp");
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+        return -1;
+    int high = ephemeral_low() - 1;
+    if (high < PORT_LOW + 1000)
+        high = PORT_LOW + 1000;
+    int span = high - PORT_LOW + 1;
+    int start = (int)((unsigned)getpid() * 2654435761u % (unsigned)span);
+    for (int i = 0; i < span; i++) {
+        int port = PORT_LOW + (start + i) % span;
+        char path[600];
+        snprintf(path, sizeof(path), "%s/%d", dir, port);
+        /* The descriptor stays open (and the claim held) until the process
+         * exits, like the harness's. */
+        int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+        if (fd < 0)
+            return -1;
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0 || !bindable(port)) {
+            close(fd);
+            continue;
+        }
+        return port;
+    }
+    return -1;
 }
 
 pid_t

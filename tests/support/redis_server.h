@@ -14,7 +14,10 @@
 
 /* The redis-server binary, or NULL when none is installed. */
 const char *redis_server_path(void);
-/* A TCP port on 127.0.0.1 that nobody listens on right now; -1 on error. */
+/* A TCP port on 127.0.0.1 that nobody listens on, below the kernel's
+ * ephemeral range (no outbound connection can take it as its source port)
+ * and claimed until the process exits through the same lock files as
+ * tests/integ/harness.py's free_port; -1 on error. */
 int redis_server_free_port(void);
 /* Start redis-server on 127.0.0.1:port and wait (at most 10 s) for its
  * "Ready to accept connections". Returns its PID, or -1 with a reason in
