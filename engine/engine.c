@@ -32,6 +32,7 @@
 #include "engine/oob.h"
 #include "engine/server.h"
 #include "engine/suppress.h"
+#include "engine/warmup.h"
 
 struct start_msg {
     struct worker_msg m;
@@ -221,6 +222,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         return rc;
     if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
         goto fail;
+    if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0)
+        goto fail;
     if (e->suppress != NULL && e->oob.suppress == NULL)
         e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
     rc = load_users(e, err, errlen);
@@ -406,6 +409,7 @@ engine_stop(struct engine *e)
     e->queue = NULL;
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;
+    e->warmup = warmup_close(e->warmup);
     e->users = auth_db_unref(e->users);
     e->auth_limit = auth_limit_free(e->auth_limit);
     pthread_mutex_destroy(&e->users_lock);

@@ -50,6 +50,7 @@ struct engine {
     const struct config *_Atomic cfg;
     struct queue *queue;       /* owned */
     struct suppress *suppress; /* owned: the suppression list; NULL when [suppress] is off */
+    struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
     /* Owned references, replaced by a reload (new certificate, CAs,
      * protocols) under tls_lock while the workers are parked; take one
      * with engine_tls_server() / engine_tls_client(). Connections made
