@@ -25,6 +25,7 @@
 
 #include <stdint.h>
 
+#include "common/workq.h"
 #include "engine/auth.h"
 #include "engine/worker.h"
 
@@ -33,7 +34,7 @@ struct auth_pool;
 struct auth_job {
     struct worker_msg m;   /* m.fn: the completion, run on w */
     struct worker *w;      /* borrowed: outlives the pool's threads */
-    struct auth_job *next; /* borrowed: the next in the pool's queue */
+    struct workq_item q;   /* in the pool's queue (common/workq.h) */
     struct auth_attempt a;
 };
 

@@ -1,16 +1,16 @@
 /*
- * dkim_pool: the signing threads (see dkim_pool.h). One mutex and one
- * condition variable guard the FIFO; a thread holds the mutex only to pop
- * a job, never while signing. A job that sign_on_worker keeps on the
- * worker is signed in dkim_pool_submit itself and its completion posted
- * to the same worker: the caller sees the same contract either way.
+ * dkim_pool: the signing threads (see dkim_pool.h), a workq
+ * (common/workq.h). A job that sign_on_worker keeps on the worker is
+ * signed in dkim_pool_submit itself and its completion posted to the same
+ * worker: the caller sees the same contract either way.
  *
- * Threading: as in the header; the counters are under the mutex.
+ * Threading: as in the header; the counters are under the pool's mutex.
  */
 #include "engine/dkim_pool.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,14 +20,9 @@
 #include "common/log.h"
 
 struct dkim_pool {
-    pthread_mutex_t lock;
-    pthread_cond_t cv;
-    struct dkim_job *head, **tail; /* borrowed jobs: their submitters get them back */
-    unsigned len, max;
-    bool stopping;
-    pthread_t *threads; /* owned */
-    unsigned nthreads;
-    int on_worker; /* enum dkim_on_worker */
+    struct workq *q;      /* owned: jobs go back to their submitters */
+    pthread_mutex_t lock; /* guards stats */
+    int on_worker;        /* enum dkim_on_worker */
     struct dkim_pool_stats stats;
 };
 
@@ -116,44 +111,54 @@ job_run(struct dkim_job *j)
     j->rc = 0;
 }
 
-static void *
-pool_thread(void *arg)
+static struct dkim_job *
+job_of(struct workq_item *it)
 {
-    struct dkim_pool *p = arg;
-    log_set_thread_name("dkim");
-    pthread_mutex_lock(&p->lock);
-    for (;;) {
-        while (p->head == NULL && !p->stopping)
-            pthread_cond_wait(&p->cv, &p->lock);
-        struct dkim_job *j = p->head;
-        if (j == NULL)
-            break; /* stopping, and nothing left */
-        p->head = j->next;
-        if (p->head == NULL)
-            p->tail = &p->head;
-        p->len--;
-        bool cancel = p->stopping;
-        pthread_mutex_unlock(&p->lock);
-        uint64_t t0 = now_ns();
-        if (cancel)
-            j->rc = -ECANCELED;
-        else
-            job_run(j);
-        uint64_t spent = now_ns() - t0;
-        bool ok = j->rc == 0;
-        unsigned nsig = j->nsigners;
-        worker_post(j->w, &j->m); /* j is the worker's from here on */
-        pthread_mutex_lock(&p->lock);
-        p->stats.jobs++;
-        p->stats.sign_ns += spent;
-        if (ok)
-            p->stats.signatures += nsig;
-        else
-            p->stats.failures++;
-    }
-    pthread_mutex_unlock(&p->lock);
-    return NULL;
+    return (struct dkim_job *)((char *)it - offsetof(struct dkim_job, q));
 }
+
+/* Sign j and hand it back to its worker, counting. */
+static void
+job_sign(struct dkim_pool *p, struct dkim_job *j, bool on_worker)
+{
+    uint64_t t0 = now_ns();
+    job_run(j);
+    uint64_t spent = now_ns() - t0;
+    pthread_mutex_lock(&p->lock);
+    p->stats.jobs++;
+    if (on_worker)
+        p->stats.on_worker++;
+    p->stats.sign_ns += spent;
+    if (j->rc == 0)
+        p->stats.signatures += j->nsigners;
+    else
+        p->stats.failures++;
+    pthread_mutex_unlock(&p->lock);
+    worker_post(j->w, &j->m); /* j is the worker's from here on */
+}
+
+static void
+sign_run(void *ctx, struct workq_item *it, void *scratch)
+{
+    (void)scratch;
+    job_sign(ctx, job_of(it), false);
+}
+
+/* Never started: it goes back cancelled all the same. */
+static void
+sign_drop(void *ctx, struct workq_item *it)
+{
+    (void)ctx;
+    struct dkim_job *j = job_of(it);
+    j->rc = -ECANCELED;
+    worker_post(j->w, &j->m);
+}
+
+static const struct workq_ops sign_ops = {
+    .thread_name = "dkim",
+    .run = sign_run,
+    .drop = sign_drop,
+};
 
 int
 dkim_pool_new(unsigned threads, unsigned queue_max, int on_worker, struct dkim_pool **out,
@@ -165,24 +170,18 @@ dkim_pool_new(unsigned threads, unsigned queue_max, int on_worker, struct dkim_p
         threads = n > 0 ? (unsigned)n : 1;
     }
     struct dkim_pool *p = calloc(1, sizeof(*p));
-    if (p == NULL || (p->threads = calloc(threads, sizeof(*p->threads))) == NULL) {
-        free(p);
+    if (p == NULL) {
         snprintf(err, errlen, "out of memory for the DKIM signing pool");
         return -ENOMEM;
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->cv, NULL);
-    p->tail = &p->head;
-    p->max = queue_max ? queue_max : 1;
     p->on_worker = on_worker;
-    for (unsigned i = 0; i < threads; i++) {
-        int rc = pthread_create(&p->threads[i], NULL, pool_thread, p);
-        if (rc != 0) {
-            snprintf(err, errlen, "cannot start DKIM signing thread: %s", strerror(rc));
-            dkim_pool_free(p);
-            return -rc;
-        }
-        p->nthreads++;
+    int rc = workq_new(&sign_ops, p, threads, queue_max, &p->q);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot start the DKIM signing threads: %s", strerror(-rc));
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+        return rc;
     }
     *out = p;
     return 0;
@@ -193,21 +192,8 @@ dkim_pool_free(struct dkim_pool *p)
 {
     if (p == NULL)
         return NULL;
-    pthread_mutex_lock(&p->lock);
-    p->stopping = true;
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->lock);
-    for (unsigned i = 0; i < p->nthreads; i++)
-        pthread_join(p->threads[i], NULL);
-    /* No thread started: what is queued goes back cancelled all the same. */
-    for (struct dkim_job *j = p->head, *next; j != NULL; j = next) {
-        next = j->next;
-        j->rc = -ECANCELED;
-        worker_post(j->w, &j->m);
-    }
+    workq_free(p->q);
     pthread_mutex_destroy(&p->lock);
-    pthread_cond_destroy(&p->cv);
-    free(p->threads);
     free(p);
     return NULL;
 }
@@ -230,46 +216,25 @@ int
 dkim_pool_submit(struct dkim_pool *p, struct dkim_job *j)
 {
     if (job_on_worker(p, j)) {
-        uint64_t t0 = now_ns();
-        job_run(j);
-        uint64_t spent = now_ns() - t0;
-        pthread_mutex_lock(&p->lock);
-        p->stats.jobs++;
-        p->stats.on_worker++;
-        p->stats.sign_ns += spent;
-        if (j->rc == 0)
-            p->stats.signatures += j->nsigners;
-        else
-            p->stats.failures++;
-        pthread_mutex_unlock(&p->lock);
-        worker_post(j->w, &j->m); /* done() on the next turn of the same loop */
+        job_sign(p, j, true); /* done() on the next turn of the same loop */
         return 0;
     }
-    pthread_mutex_lock(&p->lock);
-    int rc = 0;
-    if (p->stopping)
-        rc = -ESHUTDOWN;
-    else if (p->len >= p->max)
-        rc = -EAGAIN;
+    int rc = workq_submit(p->q, &j->q);
     if (rc < 0) {
+        pthread_mutex_lock(&p->lock);
         p->stats.refused++;
         pthread_mutex_unlock(&p->lock);
-        return rc;
     }
-    j->next = NULL;
-    *p->tail = j;
-    p->tail = &j->next;
-    p->len++;
-    pthread_cond_signal(&p->cv);
-    pthread_mutex_unlock(&p->lock);
-    return 0;
+    return rc;
 }
 
 void
 dkim_pool_stats(struct dkim_pool *p, struct dkim_pool_stats *out)
 {
+    struct workq_stats qs;
+    workq_stats(p->q, &qs);
     pthread_mutex_lock(&p->lock);
     *out = p->stats;
-    out->queued = p->len;
     pthread_mutex_unlock(&p->lock);
+    out->queued = qs.waiting;
 }

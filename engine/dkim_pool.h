@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/workq.h"
 #include "dkim/dkim.h"
 #include "engine/worker.h"
 
@@ -29,7 +30,7 @@ struct dkim_pool;
 
 struct dkim_job {
     struct worker_msg m;              /* the completion, posted to w */
-    struct dkim_job *next;            /* the pool's FIFO */
+    struct workq_item q;              /* in the pool's queue (common/workq.h) */
     struct worker *w;                 /* borrowed: where done() runs */
     void (*done)(struct dkim_job *j); /* owns j from then on */
     void *cookie;                     /* borrowed: the submitter's */
