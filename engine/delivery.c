@@ -25,6 +25,7 @@
 
 #include "common/clock.h"
 #include "common/hash.h"
+#include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
@@ -75,9 +76,19 @@ delivery_domain_hash(const char *s)
 
 static void delivery_on_job(struct worker *w, struct worker_msg *m);
 
+void
+delivery_owner(struct engine *e, const char *tenant, const char *pool, const char *campaign,
+               unsigned priority, struct job_owner *out)
+{
+    out->tenant = intern_id(e->names, tenant);
+    out->pool = intern_id(e->names, pool);
+    out->campaign = intern_id(e->names, campaign);
+    out->priority = (uint8_t)(priority <= QUEUE_MAX_PRIORITY ? priority : QUEUE_MAX_PRIORITY);
+}
+
 static void
 submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
-       bool bounce)
+       bool bounce, const struct job_owner *owner)
 {
     if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
@@ -97,6 +108,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->expire_ms = 0;
     j->bounce = bounce;
     j->failovers = 0;
+    j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;
     for (size_t i = 0; i < dl; i++)
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
@@ -107,16 +119,16 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
 
 void
 delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
-                unsigned n)
+                unsigned n, const struct job_owner *owner)
 {
-    submit(e, id, domain, idx, n, false);
+    submit(e, id, domain, idx, n, false, owner);
 }
 
 void
 delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
-                       unsigned n)
+                       unsigned n, const struct job_owner *owner)
 {
-    submit(e, id, domain, idx, n, true);
+    submit(e, id, domain, idx, n, true, owner);
 }
 
 /* An operator bounce on the owning worker. A recipient on a connection now
@@ -215,7 +227,7 @@ void
 delivery_batch_flush(struct delivery_batch *b)
 {
     if (b->n != 0)
-        delivery_submit(b->e, b->id, b->domain, b->idx, b->n);
+        delivery_submit(b->e, b->id, b->domain, b->idx, b->n, &b->owner);
     b->recipients += b->n;
     b->n = 0;
 }
@@ -228,6 +240,8 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
                       b->n == sizeof(b->idx) / sizeof(b->idx[0])))
         delivery_batch_flush(b);
     if (b->n == 0) {
+        delivery_owner(b->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
+                       r->owner.priority, &b->owner);
         b->id = id;
         snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
     }

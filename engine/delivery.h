@@ -86,15 +86,30 @@ void delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiti
 void delivery_drain(struct delivery *d);
 bool delivery_idle(const struct delivery *d);
 
+/* Who a job's message belongs to, as small ids of the engine's name
+ * table (e->names, common/intern.h): stable for the process lifetime, 0
+ * for none. The scheduler orders, shares and steers by them; logs and
+ * stats turn them back into names. */
+struct job_owner {
+    uint32_t tenant, pool, campaign;
+    uint8_t priority; /* 0..9, higher goes first */
+};
+
+/* The owner of names (each NULL or "" for none), interned in e->names.
+ * Any thread. */
+void delivery_owner(struct engine *e, const char *tenant, const char *pool, const char *campaign,
+                    unsigned priority, struct job_owner *out);
+
 /* Hand the recipients idx[0..n) of message id, all at domain, to the
- * worker that owns domain. Any thread. */
+ * worker that owns domain, with the message's owner (NULL: none). Any
+ * thread. */
 void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
-                     unsigned n);
+                     unsigned n, const struct job_owner *owner);
 
 /* The same recipients fail now, as a bounce by the operator: spool,
  * logs and DSN as for any bounce. Any thread. */
 void delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,
-                            const unsigned *idx, unsigned n);
+                            const unsigned *idx, unsigned n, const struct job_owner *owner);
 
 /* Gathers recipients met in (message id, index) order, as queue_walk()
  * and queue_due() give them, into one job per message and domain. */
@@ -104,10 +119,12 @@ struct delivery_batch {
     char domain[256];
     unsigned idx[256];
     unsigned n;
+    struct job_owner owner; /* of message id */
     uint64_t recipients; /* submitted so far */
 };
 struct queue_rcpt;
-/* A queue_rcpt_fn: add r (of message id) to the batch (arg). */
+/* A queue_rcpt_fn: add r (of message id, with its owner) to the batch
+ * (arg). */
 int delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r);
 /* Submit what is gathered. */
 void delivery_batch_flush(struct delivery_batch *b);

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/intern.h"
 #include "common/log.h"
 #include "engine/auth_limit.h"
 #include "engine/auth_pool.h"
@@ -217,9 +218,16 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     pthread_mutex_init(&e->dkim_lock, NULL);
     e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
     pthread_mutex_init(&e->tls_lock, NULL);
+    e->names = intern_new();
+    if (e->names == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
     int rc = queue_open(&cfg->queue, &e->queue, err, errlen);
-    if (rc < 0)
+    if (rc < 0) {
+        e->names = intern_free(e->names);
         return rc;
+    }
     if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
         goto fail;
     if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0)
@@ -410,6 +418,7 @@ engine_stop(struct engine *e)
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;
     e->warmup = warmup_close(e->warmup);
+    e->names = intern_free(e->names); /* after every worker: jobs hold ids */
     e->users = auth_db_unref(e->users);
     e->auth_limit = auth_limit_free(e->auth_limit);
     pthread_mutex_destroy(&e->users_lock);

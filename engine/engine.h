@@ -29,6 +29,7 @@ struct events;
 struct dlog_writer;
 struct stats_server;
 struct suppress;
+struct intern;
 
 /* Connections per client address, shared by all workers (accepting is
  * not hot enough for anything finer than one lock). */
@@ -51,6 +52,8 @@ struct engine {
     struct queue *queue;       /* owned */
     struct suppress *suppress; /* owned: the suppression list; NULL when [suppress] is off */
     struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
+    struct intern *names;      /* owned: ids of tenants, pools, campaigns and sources
+                                * (common/intern.h), for jobs, stats and operations */
     /* Owned references, replaced by a reload (new certificate, CAs,
      * protocols) under tls_lock while the workers are parked; take one
      * with engine_tls_server() / engine_tls_client(). Connections made

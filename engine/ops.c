@@ -817,7 +817,7 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
         while (k < w.n && n < 256 && w.v[k].id == w.v[i].id &&
                strcmp(w.v[k].domain, w.v[i].domain) == 0)
             idx[n++] = w.v[k++].idx;
-        delivery_submit_bounce(e, w.v[i].id, w.v[i].domain, idx, n);
+        delivery_submit_bounce(e, w.v[i].id, w.v[i].domain, idx, n, NULL);
         done += n;
         i = k;
     }

@@ -764,6 +764,10 @@ hand_to_delivery(struct session *s)
     bool *done = calloc(s->nrcpt, sizeof(*done));
     if (done == NULL)
         return; /* in the spool: the next start delivers it */
+    struct job_owner own;
+    delivery_owner(s->sw->e, s->owner.tenant ? s->owner.tenant->name : NULL,
+                   s->owner.pool ? s->owner.pool->name : NULL, s->owner.campaign,
+                   s->owner.priority, &own);
     for (unsigned i = 0; i < s->nrcpt; i++) {
         if (done[i])
             continue;
@@ -778,11 +782,11 @@ hand_to_delivery(struct session *s)
             done[k] = true;
             idx[n++] = k;
             if (n == sizeof(idx) / sizeof(idx[0])) {
-                delivery_submit(s->sw->e, s->msg_id, dom, idx, n);
+                delivery_submit(s->sw->e, s->msg_id, dom, idx, n, &own);
                 n = 0;
             }
         }
-        delivery_submit(s->sw->e, s->msg_id, dom, idx, n);
+        delivery_submit(s->sw->e, s->msg_id, dom, idx, n, &own);
     }
     free(done);
 }

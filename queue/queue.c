@@ -489,7 +489,15 @@ queue_port_pending(const struct queue_port *port)
 struct take_rec {
     uint64_t id;
     uint32_t index;
-    uint32_t len;
+    uint32_t len;                 /* of the record; the owner's strings follow it */
+    uint8_t tenant_len, campaign_len, pool_len, priority;
+};
+
+/* The owner of one message, read once per message by a scan. */
+struct owner_buf {
+    uint64_t id; /* whose: 0 before the first read */
+    uint8_t tenant_len, campaign_len, pool_len, priority;
+    char tenant[QUEUE_MAX_TAG + 1], campaign[QUEUE_MAX_TAG + 1], pool[QUEUE_MAX_TAG + 1];
 };
 
 static void rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v,
@@ -509,8 +517,20 @@ take_report(struct queue_req *r)
         struct queue_rcpt qr;
         char *p = strs;
         rcpt_fill(&qr, &h, &v, tr.index, &p);
+        struct owner_buf ob;
+        const char *os = (const char *)v.mv_data + tr.len;
+        memcpy(ob.tenant, os, tr.tenant_len);
+        ob.tenant[tr.tenant_len] = '\0';
+        os += tr.tenant_len;
+        memcpy(ob.campaign, os, tr.campaign_len);
+        ob.campaign[tr.campaign_len] = '\0';
+        os += tr.campaign_len;
+        memcpy(ob.pool, os, tr.pool_len);
+        ob.pool[tr.pool_len] = '\0';
+        qr.owner = (struct queue_owner){ob.tenant, ob.campaign, ob.pool, tr.priority};
         r->u.take.cb(r->u.take.arg, tr.id, &qr);
-        off += (sizeof(tr) + tr.len + 7) & ~(size_t)7;
+        off += (sizeof(tr) + tr.len + tr.tenant_len + tr.campaign_len + tr.pool_len + 7) &
+               ~(size_t)7;
     }
 }
 
@@ -1227,9 +1247,11 @@ corrupt_note(struct queue *q, const char *db, const void *key, size_t klen)
 
 /* Append a taken recipient to r's result (committer; freed by the owner). */
 static int
-take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, size_t len)
+take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, size_t len,
+            const struct owner_buf *o)
 {
-    size_t need = (sizeof(struct take_rec) + len + 7) & ~(size_t)7;
+    size_t olen = (size_t)o->tenant_len + o->campaign_len + o->pool_len;
+    size_t need = (sizeof(struct take_rec) + len + olen + 7) & ~(size_t)7;
     if (r->u.take.len + need > r->u.take.cap) {
         size_t cap = r->u.take.cap ? r->u.take.cap * 2 : 4096;
         while (cap < r->u.take.len + need)
@@ -1240,12 +1262,56 @@ take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, s
         r->u.take.buf = b;
         r->u.take.cap = cap;
     }
-    struct take_rec tr = {.id = id, .index = index, .len = (uint32_t)len};
-    memcpy(r->u.take.buf + r->u.take.len, &tr, sizeof(tr));
-    memcpy(r->u.take.buf + r->u.take.len + sizeof(tr), rec, len);
+    struct take_rec tr = {.id = id,
+                          .index = index,
+                          .len = (uint32_t)len,
+                          .tenant_len = o->tenant_len,
+                          .campaign_len = o->campaign_len,
+                          .pool_len = o->pool_len,
+                          .priority = o->priority};
+    unsigned char *p = r->u.take.buf + r->u.take.len;
+    memcpy(p, &tr, sizeof(tr));
+    memcpy(p + sizeof(tr), rec, len);
+    p += sizeof(tr) + len;
+    memcpy(p, o->tenant, o->tenant_len);
+    memcpy(p + o->tenant_len, o->campaign, o->campaign_len);
+    memcpy(p + o->tenant_len + o->campaign_len, o->pool, o->pool_len);
     r->u.take.len += need;
     r->u.take.n++;
     return 0;
+}
+
+/* The owner of message id into o (kept when o already holds it): empty
+ * when its record is missing or fails its checks (the recipient still
+ * goes, as a message without an owner). */
+static void
+owner_read(struct queue *q, MDB_txn *txn, uint64_t id, struct owner_buf *o)
+{
+    if (o->id == id && id != 0)
+        return;
+    o->id = id;
+    o->tenant_len = o->campaign_len = o->pool_len = o->priority = 0;
+    o->tenant[0] = o->campaign[0] = o->pool[0] = '\0';
+    unsigned char key[MSG_KEY_LEN];
+    msg_key(key, id);
+    MDB_val k = {MSG_KEY_LEN, key}, v;
+    struct msg_head h;
+    if (mdb_get(txn, q->dbi_msg, &k, &v) != 0 || !msg_decode(&v, &h))
+        return;
+    const char *p = (const char *)v.mv_data + sizeof(h) + h.sender_len + h.envid_len +
+                    h.auth_len + h.client_len;
+    o->tenant_len = h.tenant_len;
+    memcpy(o->tenant, p, h.tenant_len);
+    o->tenant[h.tenant_len] = '\0';
+    p += h.tenant_len;
+    o->campaign_len = h.campaign_len;
+    memcpy(o->campaign, p, h.campaign_len);
+    o->campaign[h.campaign_len] = '\0';
+    p += h.campaign_len;
+    o->pool_len = h.pool_len;
+    memcpy(o->pool, p, h.pool_len);
+    o->pool[h.pool_len] = '\0';
+    o->priority = h.priority <= QUEUE_MAX_PRIORITY ? h.priority : QUEUE_MAX_PRIORITY;
 }
 
 /* Move the deferred recipients due by the request's time out of the time
@@ -1267,6 +1333,11 @@ apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
     unsigned char last[DUE_KEY_LEN];
     size_t last_len = 0;
     unsigned limit = r->u.take.limit;
+    struct owner_buf *ob = calloc(1, sizeof(*ob));
+    if (ob == NULL) {
+        mdb_cursor_close(c);
+        return ENOMEM;
+    }
     while (limit == 0 || r->u.take.n < limit) {
         MDB_val k, v;
         if (last_len == 0) {
@@ -1328,11 +1399,14 @@ apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
         h.due_ms = 0;
         memcpy(rec, &h, sizeof(h));
         MDB_val nv = {rv.mv_size, rec};
-        if ((rc = mdb_put(txn, q->dbi_rcpt, &rk, &nv, 0)) != 0 ||
-            (rc = take_append(r, id, idx, rec, rv.mv_size)) != 0)
+        if ((rc = mdb_put(txn, q->dbi_rcpt, &rk, &nv, 0)) != 0)
+            break;
+        owner_read(q, txn, id, ob);
+        if ((rc = take_append(r, id, idx, rec, rv.mv_size, ob)) != 0)
             break;
         t->taken++;
     }
+    free(ob);
     mdb_cursor_close(c);
     return rc == MDB_NOTFOUND ? 0 : rc;
 }
@@ -2413,6 +2487,7 @@ rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v, uns
     r->due_ms = h->state == QUEUE_RCPT_DEFERRED ? h->due_ms : 0;
     r->last_ms = h->last_ms;
     r->last_code = h->code;
+    r->owner = (struct queue_owner){"", "", "", 0};
 }
 
 int
@@ -2627,6 +2702,9 @@ queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
     MDB_val k, v;
     int rc, ret = 0;
     char strs[RCPT_REC_MAX + 8];
+    struct owner_buf *ob = calloc(1, sizeof(*ob));
+    if (ob == NULL)
+        return -ENOMEM;
     while ((rc = scan_next(&s, &k, &v)) == 0) {
         struct rcpt_head h;
         if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h) || v.mv_size > RCPT_REC_MAX) {
@@ -2636,10 +2714,14 @@ queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
         struct queue_rcpt r;
         char *p = strs;
         rcpt_fill(&r, &h, &v, key_u16((const unsigned char *)k.mv_data + 8), &p);
-        ret = cb(arg, key_u64(k.mv_data), &r);
+        uint64_t id = key_u64(k.mv_data);
+        owner_read(q, s.txn, id, ob);
+        r.owner = (struct queue_owner){ob->tenant, ob->campaign, ob->pool, ob->priority};
+        ret = cb(arg, id, &r);
         if (ret != 0)
             break;
     }
+    free(ob);
     scan_end(&s);
     if (ret != 0)
         return ret;

@@ -142,6 +142,16 @@ enum queue_rcpt_state { QUEUE_RCPT_READY = 1, QUEUE_RCPT_DEFERRED = 2 };
 #define QUEUE_MAX_TAG   255  /* tenant, campaign, pool */
 #define QUEUE_MAX_PRIORITY 9
 
+/* Who a message belongs to, as its recipients carry it out of
+ * queue_walk() and queue_due_take(): strings borrowed for the callback,
+ * "" when none (or when the message record cannot be read). */
+struct queue_owner {
+    const char *tenant;
+    const char *campaign;
+    const char *pool;
+    unsigned priority; /* 0..QUEUE_MAX_PRIORITY */
+};
+
 /* One recipient. As input (queue_enqueue) only addr, orcpt and notify are
  * read; the queue derives domain (the part after the last '@', ASCII
  * lowercased; "" when there is none). As output every field is set. */
@@ -158,6 +168,9 @@ struct queue_rcpt {
     uint64_t last_ms;       /* Unix ms of the last outcome, 0 if none */
     unsigned last_code;     /* last reply code, 0 if none */
     const char *last_reply; /* last reply text, "" if none */
+    /* its message's owner: set by queue_walk() and queue_due_take();
+     * all "" and 0 from queue_envelope_get() (the envelope has it) */
+    struct queue_owner owner;
 };
 
 /* A message's envelope and metadata. As input every pointer is borrowed

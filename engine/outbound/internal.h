@@ -70,6 +70,7 @@ struct job {
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
     unsigned failovers;  /* times a session failure moved it to the next address */
+    struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned n;
     char domain[256];
     unsigned idx[];

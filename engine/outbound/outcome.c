@@ -223,7 +223,10 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
                             .campaign = m->campaign[0] ? m->campaign : NULL,
                             .pool = m->pool[0] ? m->pool : NULL};
     dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
-    delivery_submit(d->e, m->id, m->domain, &idx, 1);
+    /* a DSN is its tenant's mail, through its pool, at no priority */
+    struct job_owner own;
+    delivery_owner(d->e, m->tenant, m->pool, m->campaign, 0, &own);
+    delivery_submit(d->e, m->id, m->domain, &idx, 1, &own);
 }
 
 /* The DSN for the failed recipients r[0..n) of env to its sender, to be

@@ -1253,6 +1253,90 @@ test_due_take_clock_steps(void **state)
     assert_consistent(f->q);
 }
 
+/* The owner of each recipient's message, as queue_walk() and
+ * queue_due_take() hand them out. */
+struct owners {
+    unsigned n;
+    uint64_t id[8];
+    char tenant[8][QUEUE_MAX_TAG + 1], campaign[8][QUEUE_MAX_TAG + 1], pool[8][QUEUE_MAX_TAG + 1];
+    unsigned priority[8];
+};
+
+static int
+collect_owner(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct owners *o = arg;
+    assert_true(o->n < 8);
+    o->id[o->n] = id;
+    snprintf(o->tenant[o->n], sizeof(o->tenant[0]), "%s", r->owner.tenant);
+    snprintf(o->campaign[o->n], sizeof(o->campaign[0]), "%s", r->owner.campaign);
+    snprintf(o->pool[o->n], sizeof(o->pool[0]), "%s", r->owner.pool);
+    o->priority[o->n] = r->owner.priority;
+    o->n++;
+    return 0;
+}
+
+/* A job's owner survives a restart: the start-up walk and the due take
+ * (the spool's two ways back to delivery) hand each recipient out with
+ * its message's tenant, campaign, pool and priority, also after a
+ * reopen, and "" for a message without them. */
+static void
+test_owner_walk_and_due_take(void **state)
+{
+    struct fixture *f = *state;
+    struct queue_rcpt rc[2] = {{.addr = "a@example.org"}, {.addr = "b@example.net"}};
+    char longest[QUEUE_MAX_TAG + 1];
+    memset(longest, 'c', QUEUE_MAX_TAG);
+    longest[QUEUE_MAX_TAG] = '\0';
+    struct queue_envelope env = {.id = queue_id_next(f->q),
+                                 .sender = "s@example.com",
+                                 .tenant = "acme",
+                                 .campaign = longest,
+                                 .pool = "transactional",
+                                 .priority = 8,
+                                 .nrcpt = 2,
+                                 .rcpt = rc};
+    struct iovec iov = {"body\r\n", 6};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    uint64_t owned = env.id;
+    uint64_t plain = put_msg(f->q, 1, "example.com", "x\r\n", 3);
+    uint64_t base = 1800000000000ULL;
+    struct queue_outcome o[] = {
+        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later"},
+        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later"},
+    };
+    assert_int_equal(queue_update_wait(f->q, o, 2), 0);
+    reopen(f);
+
+    struct owners w = {0};
+    assert_int_equal(queue_walk(f->q, collect_owner, &w), 0);
+    assert_int_equal(w.n, 3);
+    for (unsigned i = 0; i < 2; i++) {
+        assert_true(w.id[i] == owned);
+        assert_string_equal(w.tenant[i], "acme");
+        assert_string_equal(w.campaign[i], longest);
+        assert_string_equal(w.pool[i], "transactional");
+        assert_int_equal(w.priority[i], 8);
+    }
+    assert_true(w.id[2] == plain);
+    assert_string_equal(w.tenant[2], "");
+    assert_string_equal(w.pool[2], "");
+    assert_int_equal(w.priority[2], 0);
+
+    struct owners t = {0};
+    assert_int_equal(queue_due_take_wait(f->q, base + 100, 0, collect_owner, &t), 2);
+    assert_true(t.id[0] == owned && t.id[1] == plain); /* due order */
+    assert_string_equal(t.tenant[0], "acme");
+    assert_string_equal(t.campaign[0], longest);
+    assert_string_equal(t.pool[0], "transactional");
+    assert_int_equal(t.priority[0], 8);
+    assert_string_equal(t.tenant[1], "");
+    assert_string_equal(t.campaign[1], "");
+    assert_string_equal(t.pool[1], "");
+    assert_int_equal(t.priority[1], 0);
+    assert_consistent(f->q);
+}
+
 /* Write val under key in database db of the closed spool, through LMDB. */
 static void
 raw_put(struct fixture *f, const char *db, const void *key, size_t klen, const void *val,
@@ -1360,6 +1444,7 @@ main(void)
         cmocka_unit_test(test_id_text),
         cmocka_unit_test(test_id_rule),
         cmocka_unit_test(test_strerror),
+        T(test_owner_walk_and_due_take),
         T(test_id_unique_threads),
         T(test_open_refusals),
         T(test_schema_refused),
