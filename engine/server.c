@@ -803,6 +803,7 @@ protocol_name(const struct session *s)
 
 static void message_commit(struct session *s);
 static bool dkim_sign_start(struct session *s, size_t header_len);
+static int suppress_after_data(struct session *s, char *text, size_t tlen);
 
 /* The bounce role: the message is whole and clean; parse it and log what
  * it says (oob.h). Nothing is stored: once the events are in the delivery
@@ -925,6 +926,10 @@ message_finish(struct session *s, uint32_t data_flags)
         memcpy(s->cuts, sc->cuts, sizeof(s->cuts));
         s->ncuts = sc->ncuts;
     }
+    if (rc == 0) {
+        s->owner = owner;
+        rc = suppress_after_data(s, refusal, sizeof(refusal));
+    }
     if (rc < 0) {
         sw->stats.rejected++;
         log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s user=%s reason=\"%s\"",
@@ -951,7 +956,6 @@ message_finish(struct session *s, uint32_t data_flags)
     };
     s->hdrs_len = msa_headers(&t, s->hdrs, sizeof(s->hdrs));
     s->expire_ms = expire_ms;
-    s->owner = owner;
     if (dkim_sign_start(s, scan.header_len))
         return; /* signing (SS_SIGN), or refused */
     message_commit(s);
@@ -1309,35 +1313,23 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
     return false;
 }
 
-/* The suppression list: one read transaction. True when the recipient
- * was refused (the reply is said, the event logged). A list that cannot
- * be read defers the recipient: better late than to a complainer. */
-static bool
-rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
+/* Check addr against the suppression list: the global list, then
+ * tenant's own (NULL: none). Returns 1 when it is suppressed (the
+ * event logged and counted, the reply to give in text), 0 when not, or a
+ * negative errno when the list cannot be read (logged). */
+static int
+suppress_one(struct session *s, const char *addr, const char *tenant, char *text, size_t tlen)
 {
-    char addr[1024];
-    if (c->path.mailbox.len >= sizeof(addr))
-        return false; /* the parser keeps paths far shorter */
-    memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
-    addr[c->path.mailbox.len] = '\0';
     struct suppress_entry ent;
-    /* The tenant's own list after the global one: the tenant as far as it
-     * is known at RCPT, the users file's tenant= of the AUTH user (the one
-     * VERP tokens carry, so that complaints land in that list). A tenant
-     * named by control header fields is known only after DATA: those
-     * messages are checked against the global list. */
-    const char *tenant = s->user != NULL ? s->user->tenant : NULL;
     int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
     if (rc == 0)
-        return false;
+        return 0;
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=suppress_check_failed rcpt=<%s> err=\"%s\"",
                 (unsigned long long)s->id, addr, strerror(-rc));
-        reply(s, "451 4.3.0 Local error in processing");
-        return true;
+        return rc;
     }
-    char text[512];
-    suppress_reply(s->sw->e->suppress, addr, &ent, text, sizeof(text));
+    suppress_reply(s->sw->e->suppress, addr, &ent, text, tlen);
     s->sw->stats.rcpt_suppressed++;
     log_msg(LOG_INFO,
             "session=%016llx event=suppressed rcpt=<%s> from=<%s> reason=%s scope=%s entry=%s "
@@ -1357,10 +1349,85 @@ rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
         .scope = ent.scope,
         .client = s->peer_ip,
         .auth_user = s->user ? s->user->name : NULL,
+        .tenant = tenant,
     };
     dlog_event(lw, &ev);
-    reply(s, "%s", text);
+    return 1;
+}
+
+/* The tenant whose list RCPT checks: the users file's tenant= of the AUTH
+ * user (the one VERP tokens carry, so that complaints land in that list).
+ * A tenant named by control header fields is known only after DATA
+ * (suppress_after_data). */
+static const char *
+rcpt_tenant(const struct session *s)
+{
+    return s->user != NULL ? s->user->tenant : NULL;
+}
+
+/* The suppression list at RCPT: one read transaction. True when the
+ * recipient was refused (the reply is said, the event logged). A list
+ * that cannot be read defers the recipient: better late than to a
+ * complainer. */
+static bool
+rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
+{
+    char addr[1024];
+    if (c->path.mailbox.len >= sizeof(addr))
+        return false; /* the parser keeps paths far shorter */
+    memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
+    addr[c->path.mailbox.len] = '\0';
+    char text[512];
+    int rc = suppress_one(s, addr, rcpt_tenant(s), text, sizeof(text));
+    if (rc == 0)
+        return false;
+    if (rc < 0)
+        reply(s, "451 4.3.0 Local error in processing");
+    else
+        reply(s, "%s", text);
     return true;
+}
+
+/* After DATA, once the message's tenant is known: when it is not the one
+ * RCPT checked (a tenant named by X-Sluice-Tenant from a trusted client),
+ * each recipient is checked against that tenant's list too, and the ones
+ * on it are dropped from the transaction (each with its suppressed event,
+ * as at RCPT). Returns 0 with at least one recipient left, or a negative
+ * value with the reply for the whole message in text: every recipient
+ * suppressed (550) or the list unreadable (451). */
+static int
+suppress_after_data(struct session *s, char *text, size_t tlen)
+{
+    const char *tenant = s->owner.tenant != NULL ? s->owner.tenant->name : NULL;
+    const char *checked = rcpt_tenant(s);
+    if (s->sw->e->suppress == NULL || tenant == NULL ||
+        (checked != NULL && strcasecmp(checked, tenant) == 0))
+        return 0;
+    unsigned kept = 0;
+    char one[512];
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        int rc = suppress_one(s, s->rcpts[i].addr, tenant, one, sizeof(one));
+        if (rc < 0) {
+            snprintf(text, tlen, "451 4.3.0 Local error in processing");
+            /* What was dropped so far stays dropped: the message is refused. */
+            for (unsigned k = i; k < s->nrcpt; k++)
+                s->rcpts[kept++] = s->rcpts[k];
+            s->nrcpt = kept;
+            return rc;
+        }
+        if (rc == 1) {
+            free(s->rcpts[i].addr);
+            free(s->rcpts[i].orcpt);
+            continue;
+        }
+        s->rcpts[kept++] = s->rcpts[i];
+    }
+    s->nrcpt = kept;
+    if (kept == 0) {
+        snprintf(text, tlen, "550 5.7.1 Every recipient is suppressed for tenant %s", tenant);
+        return -EPERM;
+    }
+    return 0;
 }
 
 static void

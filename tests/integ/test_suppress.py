@@ -228,6 +228,50 @@ def test_manual_entry_refused_at_rcpt():
         r.close()
 
 
+def test_header_tenant_checked_after_data():
+    """A tenant named only by X-Sluice-Tenant (a trusted client) is known
+    after DATA: its own list is checked then, the recipients on it are
+    dropped with their suppressed events, the rest is delivered; a message
+    whose every recipient is on it is refused with 550."""
+    r = Relay(records_for(["ten.test"]), domain_conf=conf("[tenant acme]\n"))
+    try:
+        ctl_ok(r, "suppress", "add", "gone@ten.test", "--scope", "acme")
+        c = Client(r.port)
+        # at RCPT the tenant is not known yet: both are taken
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<gone@ten.test>").startswith("250")
+        assert c.cmd("RCPT TO:<here@ten.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.s.sendall(b"X-Sluice-Tenant: acme\r\nSubject: s\r\n\r\nhello\r\n.\r\n")
+        assert c.f.readline().startswith(b"250")
+        # every recipient on the tenant's list: the message is refused
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<gone@ten.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.s.sendall(b"X-Sluice-Tenant: acme\r\nSubject: s\r\n\r\nhello\r\n.\r\n")
+        line = c.f.readline()
+        assert line.startswith(b"550 5.7.1") and b"acme" in line, line
+        # another tenant's mail to the same address is not touched
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<gone@ten.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.s.sendall(b"Subject: s\r\n\r\nuntenanted\r\n.\r\n")
+        assert c.f.readline().startswith(b"250")
+        c.close()
+        d = wait_events(r.dlog, lambda e: e["event"] == "delivery", 2)
+        assert sorted(e["rcpt"] for e in d) == ["gone@ten.test", "here@ten.test"], d
+        tenants = {e["rcpt"]: e.get("tenant") for e in d}
+        assert tenants == {"here@ten.test": "acme", "gone@ten.test": None}, d
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 2)
+        assert all(e["rcpt"] == "gone@ten.test" and e["scope"] == "acme" for e in sup), sup
+        assert all(e.get("tenant") == "acme" for e in sup), sup
+        rec = wait_events(r.dlog, lambda e: e["event"] == "reception", 2)
+        assert sorted(e["rcpt_count"] for e in rec) == [1, 1], rec
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_hard_bounce_feeds_the_list():
     r = Relay(records_for(["gone.test"]), with_sink=False,
               domain_conf=conf("on_invalid_recipient = 30d\n"))
@@ -377,4 +421,4 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
-          test_out_of_band_complaint_and_bounce])
+          test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data])
