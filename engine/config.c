@@ -1500,6 +1500,8 @@ resolve_owners(struct parse *p)
             t->pool = t->pools[0];
         }
     }
+    cfg->bounce.tenants = cfg->tenants;
+    cfg->bounce.ntenants = cfg->ntenants;
     return 0;
 }
 

@@ -78,6 +78,8 @@ struct log_config {
     unsigned nheaders;
 };
 
+struct tenant_config;
+
 struct bounce_config {
     bool dsn;                /* send DSNs to the envelope sender */
     char *dsn_from;          /* owned: local part of the DSN's From (at server.hostname) */
@@ -96,6 +98,9 @@ struct bounce_config {
     int nlisten;
     uint8_t verp_key[VERP_KEY_MAX];
     size_t verp_key_len;     /* 0: no key (VERP off, tokens refused) */
+    const struct tenant_config *tenants; /* borrowed: the config's [tenant] sections, where
+                                          * the listener looks a token's tenant tag up */
+    unsigned ntenants;
 };
 
 struct delivery_config {

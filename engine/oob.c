@@ -81,8 +81,25 @@ oob_verp_sender(const struct bounce_config *bc, const char *sender, uint64_t id,
     struct verp_ref ref = {.msg_id = id, .rcpt_index = rcpt_index};
     if (tenant != NULL && strlen(tenant) <= VERP_TENANT_MAX)
         memcpy(ref.tenant, tenant, strlen(tenant) + 1);
+    else if (tenant != NULL && tenant[0] != '\0')
+        ref.tenant_tag = verp_tenant_tag(bc->verp_key, bc->verp_key_len, tenant);
     return verp_address(bc->verp_key, bc->verp_key_len, bc->verp_prefix, bc->verp_domain, &ref,
                         rcpt, out, cap);
+}
+
+/* The tenant a token names: its name, or the configured tenant whose tag
+ * it carries ("" when none matches: the tenant was removed from the
+ * config since, so the report goes to the global list). */
+static const char *
+ref_tenant(const struct bounce_config *bc, const struct verp_ref *ref)
+{
+    if (ref->tenant[0] != '\0' || ref->tenant_tag == 0)
+        return ref->tenant;
+    for (unsigned i = 0; i < bc->ntenants; i++)
+        if (verp_tenant_tag(bc->verp_key, bc->verp_key_len, bc->tenants[i].name) ==
+            ref->tenant_tag)
+            return bc->tenants[i].name;
+    return "";
 }
 
 /* "5.1.1" to the struct classify() takes; false when malformed. */
@@ -177,10 +194,11 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
     }
     const uint8_t *key = bc->verp_key;
     size_t kl = bc->verp_key_len;
+    const char *tenant = ref_tenant(bc, &ref);
     struct dlog_event ev = {
         .id = qid,
         .client = client,
-        .tenant = ref.tenant[0] ? ref.tenant : NULL,
+        .tenant = tenant[0] ? tenant : NULL,
         .report = feedback_kind_str(r->kind),
         .message_id = r->orig_message_id[0] ? r->orig_message_id : NULL,
         .campaign = r->sluice_campaign[0] ? r->sluice_campaign : NULL,
@@ -212,9 +230,9 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
                 "session=%016llx event=complaint id=%s rcpt_index=%u rcpt=%s tenant=%s type=%s "
                 "verified=%d client=%s",
                 (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
-                ref.tenant[0] ? ref.tenant : "-", ev.feedback_type, verified, client);
+                tenant[0] ? tenant : "-", ev.feedback_type, verified, client);
         if (verified && hooks != NULL && hooks->suppress != NULL) {
-            hooks->suppress(hooks->ctx, ref.tenant, addr, OOB_SUPPRESS_COMPLAINT);
+            hooks->suppress(hooks->ctx, tenant, addr, OOB_SUPPRESS_COMPLAINT);
             out->suppressed++;
         }
         free(r);
@@ -273,10 +291,10 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
             "session=%016llx event=oob_bounce id=%s rcpt_index=%u rcpt=%s tenant=%s report=%s "
             "status=%s class=%s verified=%d client=%s",
             (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
-            ref.tenant[0] ? ref.tenant : "-", ev.report, fr->status[0] ? fr->status : "-",
+            tenant[0] ? tenant : "-", ev.report, fr->status[0] ? fr->status : "-",
             ev.classification, verified, client);
     if (verified && bcls == BOUNCE_INVALID_RECIPIENT && hooks != NULL && hooks->suppress != NULL) {
-        hooks->suppress(hooks->ctx, ref.tenant, addr, OOB_SUPPRESS_HARD_BOUNCE);
+        hooks->suppress(hooks->ctx, tenant, addr, OOB_SUPPRESS_HARD_BOUNCE);
         out->suppressed++;
     }
     free(r);

@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -116,15 +117,18 @@ tenant_ok(const char *t, size_t n)
     return 1;
 }
 
+/* The first 4 octets of HMAC-SHA256 under key of label and s lowercased
+ * (at most 512 octets of it); 0 on a failure of OpenSSL. */
 static uint32_t
-rcpt_tag(const uint8_t *key, size_t keylen, const char *addr)
+keyed_tag(const uint8_t *key, size_t keylen, const char *label, const char *s)
 {
-    uint8_t msg[16 + 512];
-    static const char label[] = "sluice-verp-rcpt";
-    size_t n = sizeof(label) - 1;
+    uint8_t msg[32 + 512];
+    size_t n = strlen(label);
+    if (n > 32)
+        return 0;
     memcpy(msg, label, n);
-    for (size_t i = 0; addr != NULL && addr[i] != '\0' && n < sizeof(msg); i++) {
-        unsigned char c = (unsigned char)addr[i];
+    for (size_t i = 0; s != NULL && s[i] != '\0' && n < sizeof(msg); i++) {
+        unsigned char c = (unsigned char)s[i];
         msg[n++] = (uint8_t)(c >= 'A' && c <= 'Z' ? c + 32 : c);
     }
     unsigned char md[EVP_MAX_MD_SIZE];
@@ -132,6 +136,19 @@ rcpt_tag(const uint8_t *key, size_t keylen, const char *addr)
     if (HMAC(EVP_sha256(), key, (int)keylen, msg, n, md, &mdlen) == NULL || mdlen < 4)
         return 0;
     return (uint32_t)md[0] << 24 | (uint32_t)md[1] << 16 | (uint32_t)md[2] << 8 | md[3];
+}
+
+static uint32_t
+rcpt_tag(const uint8_t *key, size_t keylen, const char *addr)
+{
+    return keyed_tag(key, keylen, "sluice-verp-rcpt", addr);
+}
+
+uint32_t
+verp_tenant_tag(const uint8_t *key, size_t keylen, const char *name)
+{
+    uint32_t t = keyed_tag(key, keylen, "sluice-verp-tenant", name);
+    return t != 0 ? t : 1;
 }
 
 int
@@ -160,9 +177,15 @@ verp_token(const uint8_t *key, size_t keylen, const struct verp_ref *ref, const 
     size_t tl = strnlen(ref->tenant, sizeof(ref->tenant));
     if (!tenant_ok(ref->tenant, tl))
         tl = 0;
-    raw[n++] = (uint8_t)tl;
-    memcpy(raw + n, ref->tenant, tl);
-    n += tl;
+    if (tl == 0 && ref->tenant_tag != 0) {
+        raw[n++] = VERP_TENANT_TAGGED;
+        for (int i = 3; i >= 0; i--)
+            raw[n++] = (uint8_t)(ref->tenant_tag >> (i * 8));
+    } else {
+        raw[n++] = (uint8_t)tl;
+        memcpy(raw + n, ref->tenant, tl);
+        n += tl;
+    }
     int rc = mac(key, keylen, raw, n, raw + n);
     if (rc < 0)
         return rc;
@@ -185,7 +208,12 @@ verp_parse(const uint8_t *key, size_t keylen, const char *token, size_t len, str
     if (n < TENANT_AT + 1 + VERP_MAC_LEN || raw[0] != VERP_VERSION)
         return VERP_EFORMAT;
     size_t tl = raw[TENANT_AT];
-    if (tl > VERP_TENANT_MAX || (size_t)n != TENANT_AT + 1 + tl + VERP_MAC_LEN)
+    bool tagged = tl == VERP_TENANT_TAGGED;
+    if (tagged)
+        tl = 4;
+    else if (tl > VERP_TENANT_MAX)
+        return VERP_EFORMAT;
+    if ((size_t)n != TENANT_AT + 1 + tl + VERP_MAC_LEN)
         return VERP_EFORMAT;
     uint8_t want[VERP_MAC_LEN];
     int rc = mac(key, keylen, raw, TENANT_AT + 1 + tl, want);
@@ -193,7 +221,7 @@ verp_parse(const uint8_t *key, size_t keylen, const char *token, size_t len, str
         return rc;
     if (CRYPTO_memcmp(want, raw + TENANT_AT + 1 + tl, VERP_MAC_LEN) != 0)
         return VERP_EMAC;
-    if (!tenant_ok((const char *)raw + TENANT_AT + 1, tl))
+    if (!tagged && !tenant_ok((const char *)raw + TENANT_AT + 1, tl))
         return VERP_EFORMAT; /* signed by us, so never: but never trust a length */
     uint64_t id = 0;
     for (int i = 1; i <= 8; i++)
@@ -202,6 +230,11 @@ verp_parse(const uint8_t *key, size_t keylen, const char *token, size_t len, str
     ref->rcpt_index = (unsigned)raw[9] << 8 | raw[10];
     ref->rcpt_tag = (uint32_t)raw[11] << 24 | (uint32_t)raw[12] << 16 | (uint32_t)raw[13] << 8 |
                     raw[14];
+    if (tagged) {
+        const uint8_t *t = raw + TENANT_AT + 1;
+        ref->tenant_tag = (uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3];
+        return 0;
+    }
     memcpy(ref->tenant, raw + TENANT_AT + 1, tl);
     ref->tenant[tl] = '\0';
     return 0;

@@ -10,6 +10,12 @@
  *     recipient tag (4) | tenant length (1) | tenant (0..VERP_TENANT_MAX) |
  *     MAC (VERP_MAC_LEN)
  *
+ * or, for a tenant whose name is longer than VERP_TENANT_MAX, the octet
+ * VERP_TENANT_TAGGED in place of the length and the tenant's tag (4: the
+ * first octets of HMAC-SHA256 under the key of "sluice-verp-tenant" and
+ * the lowercased name) in place of the name; the bounce listener finds
+ * the tenant among the configured ones by that tag (verp_tenant_tag).
+ *
  * MAC is HMAC-SHA256 under the configured key over "sluice-verp" and
  * every octet before it, truncated to VERP_MAC_LEN octets (80 bits: a
  * forger needs 2^79 tries on average, each one an SMTP transaction). The
@@ -20,9 +26,9 @@
  * sluice suppress some other address.
  * Decoding is case-insensitive (some MTAs fold local parts) and compares
  * the MAC in constant time; anything altered, cut or forged is refused.
- * A tenant longer than VERP_TENANT_MAX, or with octets outside
- * [A-Za-z0-9._-], is left out of the token (the delivery log ties the
- * message id to it anyway); the local part stays within RFC 5321's 64.
+ * A tenant with octets outside [A-Za-z0-9._-] is left out of the token
+ * (the delivery log ties the message id to it anyway); the local part
+ * stays within RFC 5321's 64.
  *
  * Threading: pure functions (OpenSSL's HMAC is thread-safe); any thread.
  */
@@ -36,6 +42,7 @@
 #define VERP_KEY_MAX    128
 #define VERP_TENANT_MAX 8
 #define VERP_MAC_LEN    10
+#define VERP_TENANT_TAGGED 0xff /* the tenant length octet of a tagged tenant */
 #define VERP_PREFIX_MAX 9 /* "bounce-" and a token of 55 fit in 64 */
 /* the longest token: base32 of 1 + 8 + 2 + 4 + 1 + 8 + 10 = 34 octets */
 #define VERP_TOKEN_MAX 55
@@ -46,7 +53,9 @@
 struct verp_ref {
     uint64_t msg_id;
     unsigned rcpt_index;
-    char tenant[VERP_TENANT_MAX + 1]; /* "" when none */
+    char tenant[VERP_TENANT_MAX + 1]; /* "" when none, or when tenant_tag names it */
+    uint32_t tenant_tag;              /* non-zero with tenant "": a longer tenant's tag
+                                       * (verp_tenant_tag) */
     uint32_t rcpt_tag;                /* verp_token() sets it from the address */
 };
 
@@ -58,6 +67,9 @@ const char *verp_strerror(int rc);
  * -EINVAL (key too short) / -EIO. */
 int verp_token(const uint8_t *key, size_t keylen, const struct verp_ref *ref, const char *rcpt,
                char *out, size_t cap);
+
+/* The tag of tenant name (any case) under key; never 0 (0 becomes 1). */
+uint32_t verp_tenant_tag(const uint8_t *key, size_t keylen, const char *name);
 
 /* Whether addr (any case) is the recipient ref's token was made for. */
 int verp_rcpt_matches(const uint8_t *key, size_t keylen, const struct verp_ref *ref,

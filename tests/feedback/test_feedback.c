@@ -382,6 +382,24 @@ test_verp_address(void **state)
     assert_string_equal(out.tenant, "");
     assert_true(out.msg_id == 42);
     assert_int_equal(verp_address(key, 32, "bounce-", "b.example", &in, "x@y", a, 10), -ENOSPC);
+    /* a longer tenant goes as its tag, within the 64 octets all the same */
+    memset(&in, 0, sizeof(in));
+    in.msg_id = 43;
+    in.tenant_tag = verp_tenant_tag(key, 32, "Customer-123456789");
+    assert_true(in.tenant_tag == verp_tenant_tag(key, 32, "customer-123456789"));
+    assert_true(in.tenant_tag != verp_tenant_tag(key, 32, "customer-123456788"));
+    n = verp_address(key, 32, "bounce-", "bounces.example.com", &in, "x@y", a, sizeof(a));
+    assert_true(n > 0);
+    at = strchr(a, '@');
+    assert_true(at - a <= 64);
+    assert_int_equal(verp_parse(key, 32, a + 7, (size_t)(at - a - 7), &out), 0);
+    assert_string_equal(out.tenant, "");
+    assert_true(out.tenant_tag == in.tenant_tag && out.msg_id == 43);
+    /* the tag is under the MAC too */
+    char forged[128];
+    snprintf(forged, sizeof(forged), "%.*s", (int)(at - a - 7), a + 7);
+    forged[31] = forged[31] == 'a' ? 'b' : 'a';
+    assert_int_equal(verp_parse(key, 32, forged, strlen(forged), &out), VERP_EMAC);
 }
 
 int

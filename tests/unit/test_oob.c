@@ -153,6 +153,39 @@ test_hard_bounce_suppresses(void **state)
     free(m);
 }
 
+/* A tenant name longer than a token holds goes as its tag; the listener
+ * finds it among the configured tenants, and the complaint or bounce goes
+ * to that tenant's list. A tag no configured tenant has: the global list. */
+static void
+test_long_tenant_by_tag(void **state)
+{
+    (void)state;
+    struct bounce_config bc;
+    bounce_conf(&bc);
+    struct tenant_config tenants[2] = {{.name = "acme-newsletters"}, {.name = "Customer-0042"}};
+    bc.tenants = tenants;
+    bc.ntenants = 2;
+    uint64_t id = new_id();
+    char verp[128];
+    verp_for(&bc, id, 4, "Nobody@Example.net", "customer-0042", verp, sizeof(verp));
+    assert_true(strchr(verp, '@') - verp <= 64);
+    size_t len;
+    char *m = fixture("postfix-dsn.eml", verp, NULL, NULL, &len);
+    struct calls c = {0};
+    struct oob_outcome o;
+    run(&bc, &c, verp, m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_string_equal(c.tenant, "Customer-0042");
+    assert_string_equal(c.addr, "nobody@example.net");
+    /* the tenant is gone from the config since: the global list */
+    bc.ntenants = 1;
+    memset(&c, 0, sizeof(c));
+    run(&bc, &c, verp, m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_string_equal(c.tenant, "");
+    free(m);
+}
+
 static void
 test_no_suppression(void **state)
 {
@@ -259,6 +292,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hard_bounce_suppresses),
+        cmocka_unit_test(test_long_tenant_by_tag),
         cmocka_unit_test(test_no_suppression),
         cmocka_unit_test(test_complaint),
         cmocka_unit_test(test_rcpt_rule_and_sender),
