@@ -22,7 +22,9 @@ Each line: messages/s from the first injection to the last delivery, the
 ratio to one domain on one MX in the same run, connections opened per
 1,000 messages (sluice's event=connected lines), the most connections
 open at once to one MX address (the kernel's table, sampled every 10 ms),
-the injection rate alone, and sluice's CPU seconds per 1,000 messages.
+the injection rate alone, sluice's CPU seconds per 1,000 messages, and
+the CPU seconds the injector (this process, during the injection) and the
+DNS responder (during the line) took from the same two cores.
 The injector is Python (pipelined MAIL/RCPT/DATA on --sessions
 connections), the same for every line; smtp-source has one recipient
 address per process. Durable spool under /var/tmp. Never fails on a number.
@@ -170,16 +172,24 @@ remote_port = {sink_port}
 {allow}
 [dns]
 servers = 127.0.0.1:{dns.port}
-""")
+""" + a.relay_conf.replace("\\n", "\n") + "\n")
     d = Daemon(a.sluice, conf)
     res = None
     try:
         d.wait_log("event=ready")
         rcpts = [f"r{k}@d{k % ndom}.test" for k in range(a.messages)]
         samp = Sampler(sink_port, d.proc.pid)
+        me0, dns0 = os.times(), cpu_s(dns.proc.pid)
+        perf = None
+        if a.perf:
+            perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "997", "-p",
+                                     str(d.proc.pid), "-o", f"{a.perf}-{ndom}-{nmx}.data"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
         errors = inject(port, rcpts, a.sessions, a.size)
         t_inject = time.monotonic() - t0
+        me1 = os.times()
+        inj_cpu = me1.user + me1.system - me0.user - me0.system
         deadline = time.monotonic() + a.timeout
         seen = delivered = connected = 0
         t_last = t0
@@ -196,10 +206,14 @@ servers = 127.0.0.1:{dns.port}
             time.sleep(0.05)
         samp.stopped = True
         samp.join(5)
+        if perf is not None:
+            perf.send_signal(2)  # SIGINT: perf writes its file and exits
+            perf.wait(60)
         res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
                    cpu=1000 * cpu_s(d.proc.pid) / max(1, delivered),
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
-                   secs=t_last - t0, load=os.getloadavg()[0])
+                   secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
+                   dns_cpu=cpu_s(dns.proc.pid) - dns0)
         d.stop(60)
     finally:
         if d.proc.poll() is None:
@@ -223,6 +237,10 @@ def main():
     ap.add_argument("--timeout", type=int, default=300, help="seconds to wait for deliveries")
     ap.add_argument("--spool", default="/var/tmp")
     ap.add_argument("--only", default="", help="D:M pairs, comma-separated")
+    ap.add_argument("--relay-conf", default="", help="config lines appended to sluice's (\\n "
+                    "between lines), e.g. '[dns]\\nfamily = v4'")
+    ap.add_argument("--perf", default="", help="record each line's sluice with perf into "
+                    "PREFIX-D-M.data (perf report -i ...)")
     ap.add_argument("--before", default="",
                     help="another sluice binary (e.g. main's) run on each line just before, "
                          "for figures side by side")
@@ -240,7 +258,7 @@ def main():
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
           f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
-          f"{'load':>5}",
+          f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7}",
           flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     base = {}
@@ -254,7 +272,7 @@ def main():
             print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / base[label]:>5.0f}% "
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
                   f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.2f} "
-                  f"{r['load']:>5.1f} {label}"
+                  f"{r['load']:>5.1f} {r['inj_cpu']:>7.1f} {r['dns_cpu']:>7.1f} {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else ""), flush=True)
 
 
