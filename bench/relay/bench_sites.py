@@ -4,16 +4,21 @@ N messages injected into sluice and delivered, for 1, 100, 1,000 and
 10,000 recipient domains whose MX records point at 1, 10 and 100 MX hosts
 (domain i at host i mod M). Each MX host is an smtp-sink of its own on
 127.0.0.(1+k), one port for all, with an ordinary listen backlog (256);
-tests/support/dns_synth.py answers for them (d<i>.test MX mx<i mod M>.test,
+a synthesising responder answers for them (d<i>.test MX mx<i mod M>.test,
 mx<k>.test A 127.0.0.(1+k)) in constant time per query, where dnsmasq
-searched a list of 10,000 records for each. sluice runs on the built-in defaults (those of
+searched a list of 10,000 records for each: bench/relay/dns_synth.c when
+built beside --sluice (cmake --build ... --target dns_synth), else
+tests/support/dns_synth.py, whose 200-400 us of CPU per query on the same
+two cores took 2 to 7 s from sluice and the injector in the 10,000-domain
+lines (the dns-cpu column). sluice runs on the built-in defaults (those of
 the bundled etc/sluice.conf) but for what the bench must set: its listen
 address, spool, resolver, the receivers' port and, where the binary knows
 it, [delivery] allow_networks for loopback.
 
   bench/relay/bench_sites.py [--sluice build-rel/engine/sluice] [--messages 20000]
                              [--sessions 50] [--size 2048] [--only D:M,...]
-                             [--before OTHER-SLUICE]
+                             [--before OTHER-SLUICE] [--dns-synth BINARY]
+                             [--relay-conf 'LINES'] [--perf PREFIX]
 
 With --before, each line runs with the other binary first, then with
 --sluice: the ratio of each is to its own one-domain line.
@@ -155,7 +160,7 @@ def knows(binary, key):
 def one(a, ndom, nmx, sink_port):
     wd = Workdir("sluice-sites-")
     work = tempfile.mkdtemp(prefix="sluice-sites-", dir=a.spool)
-    dns = DnsSynth(mx_hosts=nmx, zone="test")
+    dns = DnsSynth(mx_hosts=nmx, zone="test", binary=a.dns_synth or None)
     procs = sinks(sink_port, nmx)
     port = free_port()
     allow = "allow_networks = 127.0.0.0/8\n" if knows(a.sluice, "allow_networks") else ""
@@ -182,7 +187,7 @@ servers = 127.0.0.1:{dns.port}
         me0, dns0 = os.times(), cpu_s(dns.proc.pid)
         perf = None
         if a.perf:
-            perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "997", "-p",
+            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("BENCH_CALLGRAPH", "fp"), "-F", "997", "-p",
                                      str(d.proc.pid), "-o", f"{a.perf}-{ndom}-{nmx}.data"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
@@ -244,7 +249,13 @@ def main():
     ap.add_argument("--before", default="",
                     help="another sluice binary (e.g. main's) run on each line just before, "
                          "for figures side by side")
+    ap.add_argument("--dns-synth", default=None, help="the C responder (bench/relay/dns_synth.c); "
+                    "default: beside --sluice's build, else the Python one")
     a = ap.parse_args()
+    if a.dns_synth is None:
+        c = os.path.join(os.path.dirname(os.path.abspath(a.sluice)), "..", "bench", "relay",
+                         "dns_synth")
+        a.dns_synth = c if os.access(c, os.X_OK) else ""
     grid = [(1, 1), (100, 1), (100, 10), (100, 100), (1000, 1), (1000, 10), (1000, 100),
             (10000, 1), (10000, 10), (10000, 100)]
     if a.only:
@@ -254,7 +265,8 @@ def main():
     sink_port = free_port()
     print(f"sites: {a.messages} messages of {a.size} B, 1 recipient each, {a.sessions} sessions, "
           f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
-          f"receivers: smtp-sink, backlog 256; load average {os.getloadavg()[0]:.1f}",
+          f"receivers: smtp-sink, backlog 256; DNS: {a.dns_synth or 'dns_synth.py'}; "
+          f"load average {os.getloadavg()[0]:.1f}",
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
           f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
