@@ -1,7 +1,8 @@
 /*
  * dns: the resolver of dns.h: the c-ares channel, the cache (a hash of
  * entries by domain, an LRU list of finished ones, a FIFO of lookups
- * waiting for a slot), requests and the ready list that runs callbacks.
+ * waiting for a slot; the MX hosts' addresses in hosts.c, swept with it),
+ * requests and the ready list that runs callbacks.
  *
  * Callbacks run only from drain(), at the end of dns_process_fd() and
  * dns_process_timeouts(): a lookup that ends anywhere else (inside

@@ -2,8 +2,10 @@
  * lookup: one domain's resolution, as c-ares queries and their answers.
  *
  *   MX query --data--> hosts in preference order (equal ones shuffled),
- *            |         addresses from the additional section, else an A
- *            |         and/or AAAA query per host (family policy)
+ *            |         addresses from the additional section, else from
+ *            |         the host cache (hosts.c: another domain's lookup
+ *            |         asked), else an A and/or AAAA query per host
+ *            |         (family policy); host answers go to the host cache
  *            +-nodata-> implicit MX: the domain's own A/AAAA (RFC 5321 5.1)
  *            +-one MX "."-> null MX (RFC 7505)
  *            +-NXDOMAIN-> not found
