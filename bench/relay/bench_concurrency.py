@@ -48,6 +48,19 @@ def rss_kb(pid, field="VmRSS"):
     return 0
 
 
+def file_rss(pid):
+    """kB of RSS per mapped file (smaps), largest first."""
+    out, cur = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                cur = parts[5] if len(parts) > 5 and parts[5].startswith("/") else None
+            elif parts[0] == "Rss:" and cur:
+                out[cur] = out.get(cur, 0) + int(parts[1])
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 def sockets(pid):
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -94,6 +107,7 @@ def run(a, binary, tag):
                       "[log]\nlevel = info\n[delivery]\nmax_connections_per_address = 0\n")
     d = Daemon(binary, conf)
     peak = [0, 0, 0, 0]  # sockets, VmRSS, RssAnon, RssFile at the most sockets
+    files = []           # the files mapped with the most RSS then
     stop = threading.Event()
     try:
         d.wait_log("event=ready")
@@ -108,6 +122,10 @@ def run(a, binary, tag):
                     return
                 if n > peak[0]:
                     peak[:] = [n, r, an, fi]
+                    try:
+                        files[:] = file_rss(d.proc.pid)[:2]
+                    except OSError:
+                        pass
 
         t = threading.Thread(target=sample, daemon=True)
         t.start()
@@ -188,6 +206,8 @@ def run(a, binary, tag):
               f"{(peak[2] - base[1]) / conns:.1f} kB per connection; "
               f"file-backed (spool map): {base[2]} kB before, {peak[3]} kB: "
               f"{(peak[3] - base[2]) / conns:.1f} kB per connection")
+        print("  mapped files with the most RSS at the peak: " +
+              ", ".join(f"{os.path.basename(p)} {kb} kB" for p, kb in files))
 
 
 if __name__ == "__main__":
