@@ -1,7 +1,8 @@
 /*
  * dns: the resolver of dns.h: the c-ares channel, the cache (a hash of
  * entries by domain, an LRU list of finished ones, a FIFO of lookups
- * waiting for a slot), requests and the ready list that runs callbacks.
+ * waiting for a slot; the MX hosts' addresses in hosts.c, swept with it),
+ * requests and the ready list that runs callbacks.
  *
  * Callbacks run only from drain(), at the end of dns_process_fd() and
  * dns_process_timeouts(): a lookup that ends anywhere else (inside
@@ -184,6 +185,7 @@ cache_sweep(struct dns *d, uint64_t now)
             d->stats.expired++;
         }
     }
+    hosts_sweep(d, now); /* the MX hosts' addresses, in batches of their own */
     if (bucket >= d->cache.nb && cursor == NULL) {
         d->sweep_bucket = 0;
         hash_compact(&d->cache);
@@ -422,7 +424,7 @@ dns_timeout(struct dns *d, uint64_t now)
 {
     if (d->ready.head != NULL)
         return now;
-    if (lru_oldest(&d->lru) == NULL) {
+    if (lru_oldest(&d->lru) == NULL && !hosts_any(d)) {
         d->next_sweep = UINT64_MAX; /* nothing to expire: no wake-ups while idle */
         d->sweep_bucket = 0;
     }
@@ -446,6 +448,8 @@ dns_cache_clear(struct dns *d)
     while ((n = lru_oldest(&d->lru)) != NULL)
         cache_drop(d, entry_of_lru(n));
     hash_compact(&d->cache);
+    hosts_fini(d);
+    hosts_init(d);
 }
 
 void
@@ -453,6 +457,7 @@ dns_stats(const struct dns *d, struct dns_stats *out)
 {
     *out = d->stats;
     out->entries = hash_count(&d->cache);
+    out->host_entries = hash_count(&d->hosts);
     out->inflight = d->inflight;
     out->queued = d->queued;
     out->requests = d->nreqs;
@@ -504,6 +509,7 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
     d->deadline = UINT64_MAX;
     hash_init(&d->cache, entry_eq, 1024);
     lru_init(&d->lru);
+    hosts_init(d);
     d->next_sweep = UINT64_MAX;
     if (getrandom(&d->rng, sizeof(d->rng), GRND_NONBLOCK) != sizeof(d->rng))
         d->rng = dns_now() ^ ((uint64_t)getpid() << 32);
@@ -581,6 +587,7 @@ dns_free(struct dns *d)
         free(r);
     }
     hash_fini(&d->cache);
+    hosts_fini(d);
     conf_free(dns_conf_keys, &d->cfg);
     free(d);
     return NULL;

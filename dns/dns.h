@@ -194,6 +194,8 @@ struct dns_stats {
     uint64_t inflight;  /* lookups in flight now */
     uint64_t queued;    /* lookups waiting for max_inflight now */
     uint64_t requests;  /* requests waiting for a callback now */
+    uint64_t host_hits;  /* MX host addresses (A or AAAA) answered from the host cache */
+    uint64_t host_entries; /* host answers (per family) kept now */
 };
 void dns_stats(const struct dns *d, struct dns_stats *out);
 

@@ -69,6 +69,9 @@ struct dns {
     uint64_t rng;   /* xorshift state for the shuffles */
 
     struct hash cache;      /* of owned struct entry, by name */
+    struct hash hosts;      /* of owned struct hentry (hosts.c), by MX host name and family */
+    struct lru hosts_lru;   /* borrowed: every entry of hosts */
+    size_t hosts_sweep_bucket;
     struct lru lru;         /* borrowed: the DONE entries of cache */
     uint64_t next_sweep;    /* CLOCK_MONOTONIC ns of the next expiry sweep */
     size_t sweep_bucket;    /* where the sweep in progress goes on */
@@ -91,6 +94,27 @@ void lookup_start(struct dns *d, struct entry *e);
 /* Called by lookup.c when e's lookup ended with res (one reference moved
  * in). Defined in dns.c. */
 void dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res);
+
+/* ---- hosts.c ---- */
+
+/* A host's answer for one family, as kept. */
+enum host_st { HOST_OK = 1, HOST_NODATA, HOST_NXDOMAIN };
+struct host_addrs {
+    uint8_t st;                 /* enum host_st */
+    unsigned n;                 /* addresses, HOST_OK */
+    const uint8_t (*addr)[16];  /* borrowed: until the next call into the resolver */
+    uint32_t ttl;               /* s left */
+};
+void hosts_init(struct dns *d);
+void hosts_fini(struct dns *d);
+/* 1 with *out when name's answer for the family is kept and fresh, else 0. */
+int hosts_find(struct dns *d, const char *name, bool v6, struct host_addrs *out);
+/* Keep name's answer for ttl_ms (0: not kept). */
+void hosts_put(struct dns *d, const char *name, bool v6, enum host_st st, const uint8_t (*addr)[16],
+               unsigned n, uint64_t ttl_ms);
+/* One batch of the expiry sweep. */
+void hosts_sweep(struct dns *d, uint64_t now);
+bool hosts_any(const struct dns *d);
 
 /* ---- result.c ---- */
 

@@ -2,8 +2,10 @@
  * lookup: one domain's resolution, as c-ares queries and their answers.
  *
  *   MX query --data--> hosts in preference order (equal ones shuffled),
- *            |         addresses from the additional section, else an A
- *            |         and/or AAAA query per host (family policy)
+ *            |         addresses from the additional section, else from
+ *            |         the host cache (hosts.c: another domain's lookup
+ *            |         asked), else an A and/or AAAA query per host
+ *            |         (family policy); host answers go to the host cache
  *            +-nodata-> implicit MX: the domain's own A/AAAA (RFC 5321 5.1)
  *            +-one MX "."-> null MX (RFC 7505)
  *            +-NXDOMAIN-> not found
@@ -282,6 +284,25 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
             lk->ttl = min32(lk->ttl, ttl);
         }
     }
+    /* What another domain naming this host was answered (hosts.c). */
+    for (int v6 = 0; v6 < 2; v6++) {
+        uint8_t *st = v6 ? &h->st6 : &h->st4;
+        struct host_addrs ha;
+        if (*st != FS_PENDING || !hosts_find(lk->d, h->name, v6, &ha))
+            continue;
+        if (ha.st == HOST_OK) {
+            memcpy(v6 ? h->a6 : h->a4, ha.addr, (size_t)ha.n * 16);
+            if (v6)
+                h->n6 = ha.n;
+            else
+                h->n4 = ha.n;
+            *st = FS_OK;
+            lk->ttl = min32(lk->ttl, ha.ttl);
+        } else {
+            *st = ha.st == HOST_NODATA ? FS_NODATA : FS_NXDOMAIN;
+            lk->neg_ttl = min32(lk->neg_ttl, ha.ttl);
+        }
+    }
     if (h->st4 == FS_PENDING)
         send_query(lk, &h->q4, h->name, WIRE_T_A);
     if (h->st6 == FS_PENDING)
@@ -367,13 +388,23 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
             h->n6 = a->n;
         *st = FS_OK;
         lk->ttl = min32(lk->ttl, a->ttl);
+        hosts_put(lk->d, h->name, !v4, HOST_OK, (const uint8_t(*)[16])a->addr, a->n,
+                  clamp_ms((uint64_t)a->ttl * 1000, lk->d->cfg.min_ttl, lk->d->cfg.max_ttl));
         return;
     case ANS_NODATA:
-    case ANS_NXDOMAIN:
+    case ANS_NXDOMAIN: {
         *st = kind == ANS_NODATA ? FS_NODATA : FS_NXDOMAIN;
         if (a->soa)
             lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
+        /* As long as a not-found domain is kept (result_ttl_ms). */
+        const struct dns_config *c = &lk->d->cfg;
+        uint64_t ms = c->negative_ttl;
+        if (a->soa && (uint64_t)a->neg_ttl * 1000 < ms)
+            ms = (uint64_t)a->neg_ttl * 1000;
+        hosts_put(lk->d, h->name, !v4, kind == ANS_NODATA ? HOST_NODATA : HOST_NXDOMAIN, NULL, 0,
+                  clamp_ms(ms, c->min_ttl, c->max_ttl));
         return;
+    }
     case ANS_TEMP:
         *st = FS_TEMP;
         lk->temp_why = temp_why;

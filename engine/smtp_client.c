@@ -2,7 +2,7 @@
  * smtp_client: the outbound SMTP session as a pure state machine (see
  * smtp_client.h for the API and the rules).
  *
- * Shape. Every command written goes into a FIFO (c->pipe) as the state
+ * Shape. Every command written goes into a FIFO (c->u.pipe) as the state
  * that waits for its reply, so while a reply is awaited the state is the
  * kind of the FIFO head, and one function, smtp_client_on_reply(), handles
  * a reply in that state. Pipelining is nothing but a FIFO allowed to hold
@@ -155,7 +155,7 @@ pipe_push(struct smtp_client *c, enum smtp_client_state s, uint32_t rcpt)
 
     if (c->pipe_len >= SMTP_CLIENT_PIPE_MAX)
         abort(); /* callers check pipe_cap() first */
-    e = &c->pipe[(c->pipe_head + c->pipe_len) % SMTP_CLIENT_PIPE_MAX];
+    e = &c->u.pipe[(c->pipe_head + c->pipe_len) % SMTP_CLIENT_PIPE_MAX];
     e->state = (uint8_t)s;
     e->rcpt = (uint16_t)rcpt; /* < max_rcpt <= SMTP_CLIENT_RCPT_MAX */
     c->pipe_len++;
@@ -164,7 +164,7 @@ pipe_push(struct smtp_client *c, enum smtp_client_state s, uint32_t rcpt)
 static struct smtp_client_cmd
 pipe_pop(struct smtp_client *c)
 {
-    struct smtp_client_cmd e = c->pipe[c->pipe_head];
+    struct smtp_client_cmd e = c->u.pipe[c->pipe_head];
 
     c->pipe_head = (uint16_t)((c->pipe_head + 1u) % SMTP_CLIENT_PIPE_MAX);
     c->pipe_len--;
@@ -174,7 +174,7 @@ pipe_pop(struct smtp_client *c)
 static enum smtp_client_state
 pipe_head_state(const struct smtp_client *c)
 {
-    return (enum smtp_client_state)c->pipe[c->pipe_head].state;
+    return (enum smtp_client_state)c->u.pipe[c->pipe_head].state;
 }
 
 static bool
@@ -379,7 +379,6 @@ client_close(struct smtp_client *c, const struct smtp_outcome *why, bool quit)
 {
     if (c->state == SMTP_CLIENT_S_CLOSED)
         return;
-    c->session = *why;
     c->broken = true;
     if (quit)
         (void)out_put(c, "QUIT\r\n", 6); /* a courtesy: skipped if the output is full */
@@ -393,7 +392,10 @@ client_close(struct smtp_client *c, const struct smtp_outcome *why, bool quit)
         txn_settle(c, why, true);
         txn_finish(c);
     }
+    /* The FIFO is over for good: its memory takes the session's outcome
+     * (why is never in it: callers pass their own). */
     c->pipe_len = 0;
+    c->u.session = *why;
     client_enter(c, SMTP_CLIENT_S_CLOSED);
     c->ev |= SMTP_CLIENT_EV_CLOSE;
 }
@@ -750,7 +752,6 @@ smtp_client_init(struct smtp_client *c, const struct smtp_client_opts *o)
         c->opts.max_rcpt = SMTP_CLIENT_RCPT_DEFAULT;
     c->tls = o->tls_active;
     c->state = SMTP_CLIENT_S_GREETING;
-    outcome_clear(&c->session);
     pipe_push(c, SMTP_CLIENT_S_GREETING, 0);
     return 0;
 }
@@ -1107,7 +1108,10 @@ smtp_client_reusable(const struct smtp_client *c)
 const struct smtp_outcome *
 smtp_client_session(const struct smtp_client *c)
 {
-    return &c->session;
+    /* Until the session ends its FIFO holds the place of the outcome. */
+    static const struct smtp_outcome running; /* reason NONE */
+
+    return c->state == SMTP_CLIENT_S_CLOSED ? &c->u.session : &running;
 }
 
 const char *

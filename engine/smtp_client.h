@@ -264,7 +264,7 @@ struct smtp_client_buf {
  * One session. Visible, unlike the house rule for public structs, so that
  * the caller allocates it (inside its connection object) and the machine
  * allocates nothing, as with struct smtp_reply_parser. The fields are
- * private: use the functions. About 2 KB without its buffer.
+ * private: use the functions. About 1 KB without its buffer.
  */
 struct smtp_client {
     enum smtp_client_state state;
@@ -279,12 +279,17 @@ struct smtp_client {
     bool tls_verified;
     bool need_rset;              /* a transaction is open on the server */
     bool broken;                 /* never reuse */
-    struct smtp_outcome session; /* why the session ended */
     struct smtp_client_txn *txn; /* borrowed: the transaction in flight, or NULL */
     struct smtp_client_run run;
     struct smtp_stuff stuff;
     uint16_t pipe_head, pipe_len;
-    struct smtp_client_cmd pipe[SMTP_CLIENT_PIPE_MAX];
+    /* The FIFO is needed while the session runs, the reason it ended
+     * only once it has (state CLOSED, FIFO empty for good): one place
+     * for both, 512 octets less per connection. */
+    union {
+        struct smtp_client_cmd pipe[SMTP_CLIENT_PIPE_MAX];
+        struct smtp_outcome session; /* why the session ended: valid when CLOSED */
+    } u;
     struct smtp_client_buf *buf; /* borrowed: lent by the caller, or NULL */
 };
 
@@ -384,7 +389,9 @@ bool smtp_client_tls(const struct smtp_client *c, bool *verified);
 /* May another transaction run on this connection (idle and sane)? */
 bool smtp_client_reusable(const struct smtp_client *c);
 /* Why the session ended: reason NONE while it runs; QUIT after a
- * smtp_client_quit() while idle (status PENDING: nothing failed). */
+ * smtp_client_quit() while idle (status PENDING: nothing failed). Ask
+ * again after the session ends: the outcome is written in place of the
+ * pipelining FIFO then, so the pointer returned while it ran is not it. */
 const struct smtp_outcome *smtp_client_session(const struct smtp_client *c);
 
 const char *smtp_status_str(enum smtp_status s);

@@ -13,7 +13,12 @@ For 10,000 connections at once the hold must outlast the injection (at a
 few hundred messages a second here): --domains 10000 --hold 40.
 
   bench/relay/bench_concurrency.py [--sluice build-rel/engine/sluice] [--domains 5000]
-                                   [--hold 1]
+                                   [--hold 1] [--before OLD_BINARY] [--rounds N]
+
+With --before, each round runs OLD_BINARY then --sluice, one after the
+other, for a before/after in one run. RSS is also split into anonymous
+memory (the heap: what the connections cost) and file-backed pages (the
+LMDB spool's map, read at delivery: page cache, shared).
 """
 import argparse
 import socket
@@ -35,12 +40,25 @@ sys.path.insert(0, here)
 from bench_relay import relay_conf, sink as start_sink  # noqa: E402
 
 
-def rss_kb(pid):
+def rss_kb(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def file_rss(pid):
+    """kB of RSS per mapped file (smaps), largest first."""
+    out, cur = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5 and not parts[0].endswith(":"):
+                cur = parts[5] if len(parts) > 5 and parts[5].startswith("/") else None
+            elif parts[0] == "Rss:" and cur:
+                out[cur] = out.get(cur, 0) + int(parts[1])
+    return sorted(out.items(), key=lambda kv: -kv[1])
 
 
 def sockets(pid):
@@ -61,11 +79,19 @@ def main():
     ap.add_argument("--spool", default="/var/tmp")
     ap.add_argument("--hold", type=int, default=1, help="seconds smtp-sink waits before its "
                     "reply to DATA (-w)")
+    ap.add_argument("--before", help="another sluice binary run first, side by side")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds with --before")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 4 * a.domains + 1000)
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
+    for i in range(a.rounds):
+        for b in ([a.before] if a.before else []) + [a.sluice]:
+            run(a, b, "before" if b == a.before and b != a.sluice else "after" if a.before else "")
+
+
+def run(a, binary, tag):
     wd = Workdir("sluice-conc-")
     work = tempfile.mkdtemp(prefix="sluice-conc-", dir=a.spool)
     domains = [f"d{i}.test" for i in range(a.domains)]
@@ -79,21 +105,27 @@ def main():
     port = free_port()
     conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port,
                       "[log]\nlevel = info\n[delivery]\nmax_connections_per_address = 0\n")
-    d = Daemon(a.sluice, conf)
-    peak = [0, 0]
+    d = Daemon(binary, conf)
+    peak = [0, 0, 0, 0]  # sockets, VmRSS, RssAnon, RssFile at the most sockets
+    files = []           # the files mapped with the most RSS then
     stop = threading.Event()
     try:
         d.wait_log("event=ready")
-        base = rss_kb(d.proc.pid)
+        base = [rss_kb(d.proc.pid), rss_kb(d.proc.pid, "RssAnon"), rss_kb(d.proc.pid, "RssFile")]
 
         def sample():
             while not stop.wait(0.05):
                 try:
                     n, r = sockets(d.proc.pid), rss_kb(d.proc.pid)
+                    an, fi = rss_kb(d.proc.pid, "RssAnon"), rss_kb(d.proc.pid, "RssFile")
                 except OSError:
                     return
                 if n > peak[0]:
-                    peak[0], peak[1] = n, r
+                    peak[:] = [n, r, an, fi]
+                    try:
+                        files[:] = file_rss(d.proc.pid)[:2]
+                    except OSError:
+                        pass
 
         t = threading.Thread(target=sample, daemon=True)
         t.start()
@@ -160,13 +192,22 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     conns = max(0, peak[0] - 4)  # less the listeners, the DNS and other sockets
     print(f"concurrency: {a.domains} domains, one 2 KB message each, smtp-sink -w {a.hold}, "
-          f"{a.sluice}; load average {load:.1f}")
+          f"{binary}{' (' + tag + ')' if tag else ''}; load average {load:.1f}")
     print(f"  injected in {injected:.1f}s over 20 sessions; "
           f"delivered {done} in {took:.1f}s: {done / took:.0f} msg/s")
     print(f"  most sockets open at once: {peak[0]} (about {conns} outbound connections)")
     if conns:
-        print(f"  RSS {base} kB before, {peak[1]} kB at the peak: "
-              f"{(peak[1] - base) * 1024 / conns / 1024:.1f} kB per connection")
+        print(f"  RSS {base[0]} kB before, {peak[1]} kB at the peak: "
+              f"{(peak[1] - base[0]) / conns:.1f} kB per connection")
+        # The spool is mapped (LMDB): its pages read at delivery count in
+        # RSS as file pages, shared with the page cache and not the
+        # connections'. The heap is what each connection costs.
+        print(f"  of which anonymous (heap): {base[1]} kB before, {peak[2]} kB at the peak: "
+              f"{(peak[2] - base[1]) / conns:.1f} kB per connection; "
+              f"file-backed (spool map): {base[2]} kB before, {peak[3]} kB: "
+              f"{(peak[3] - base[2]) / conns:.1f} kB per connection")
+        print("  mapped files with the most RSS at the peak: " +
+              ", ".join(f"{os.path.basename(p)} {kb} kB" for p, kb in files))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ ceiling of the tools on this machine.
   bench/relay/bench_relay.py [--sluice build-rel/engine/sluice] [--messages 20000]
                              [--sessions 50] [--size 2048] [--domains 1] [--dlog] [--dkim]
                              [--dkim-on-worker none|ed25519|all]
+                             [--before OTHER-SLUICE [--rounds 3]]
 
 Prints the injection rate and the end-to-end rate (until sluice has logged
 every delivery). Durable spool under /var/tmp (not tmpfs). Never fails on
@@ -98,6 +99,10 @@ def main():
     ap.add_argument("--events", action="store_true",
                     help="run with the delivery log on and event sinks (a webhook and a Redis "
                          "stream) off, then on, twice each, and compare")
+    ap.add_argument("--before", default="",
+                    help="another sluice binary: runs alternate it and --sluice, --rounds "
+                         "times each, and the best of each is compared")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
 
     sink_port = free_port()
@@ -109,6 +114,10 @@ def main():
         s.wait()
 
     runs = [("", "")]
+    binaries = {}
+    if a.before:
+        runs = [("before", ""), ("after", "")] * a.rounds
+        binaries = {"before": a.before, "after": a.sluice}
     if a.dlog:
         runs = [("log off", ""), ("log on", "dlog")] * 2
     keydir = None
@@ -133,7 +142,9 @@ def main():
     results = []
     try:
         for label, what in runs:
-            results.append((label, relay_run(a, sink_port, what)))
+            b = argparse.Namespace(**vars(a))
+            b.sluice = binaries.get(label, a.sluice)
+            results.append((label, relay_run(b, sink_port, what)))
     finally:
         if a.events:
             a.receiver.terminate()
@@ -150,6 +161,18 @@ def main():
               f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
         print(f"  delivered {got} of {n_expect}; sluice used {cpu:.2f} s of CPU: "
               f"{1e6 * cpu / max(1, n_expect):.0f} us per message")
+    if a.before:
+        best = {lab: max(r[3] / r[1] for ll, r in results if ll == lab)
+                for lab in ("before", "after")}
+        cpu = {lab: min(r[4] / r[3] for ll, r in results if ll == lab)
+               for lab in ("before", "after")}
+        ceil = a.messages / t_ceiling
+        print(f"  before: {a.before}\n  after:  {a.sluice}")
+        print(f"  best e2e of {a.rounds} alternating runs each: before {best['before']:.0f} msg/s "
+              f"({100 * best['before'] / ceil:.0f}% of the ceiling), after {best['after']:.0f} "
+              f"msg/s ({100 * best['after'] / ceil:.0f}%): after/before = "
+              f"{best['after'] / best['before']:.2f}; sluice's CPU per message (least): before "
+              f"{cpu['before'] * 1e6:.0f} us, after {cpu['after'] * 1e6:.0f} us")
     if keydir is not None:
         shutil.rmtree(keydir, ignore_errors=True)
         best = {lab: max(r[3] / r[1] for ll, r in results if ll == lab)

@@ -152,6 +152,7 @@ conn_free(struct conn *c)
     }
     queue_envelope_free(c->env);
     free(c->rc);
+    free(c->verp);
     tls_conn_free(c->tls);
     free(c->cin);
     free(c->in);
@@ -470,11 +471,19 @@ conn_next(struct conn *c)
     memset(&c->txn, 0, sizeof(c->txn));
     c->txn.from.ptr = env->sender;
     c->txn.from.len = strlen(env->sender);
-    int vn = oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id, c->job->idx[0],
-                             c->rc[0].addr.ptr, env->tenant, c->verp, sizeof(c->verp));
+    /* The VERP sender's room only on a connection that sends one. */
+    int vn = 0;
+    if (c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] != '\0') {
+        if (c->verp == NULL)
+            c->verp = malloc(CONN_VERP_CAP);
+        vn = c->verp == NULL ? -ENOMEM
+                             : oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id,
+                                               c->job->idx[0], c->rc[0].addr.ptr, env->tenant,
+                                               c->verp, CONN_VERP_CAP);
+    }
     if (vn > 0)
         c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
-    else if (vn < 0) /* cannot happen within the config's bounds: said, then sent as injected */
+    else if (vn < 0) /* no memory, or beyond the config's bounds: said, then sent as injected */
         log_msg(LOG_ERR, "conn=%llx event=verp_failed err=%d", (unsigned long long)c->id, vn);
     c->txn.params.seen = SMTP_PARAM_SIZE | SMTP_PARAM_BODY;
     c->txn.params.size = env->body_len;
@@ -577,7 +586,7 @@ tls_start(struct conn *c)
 {
     c->tls_wanted = false;
     bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
-    char key[sizeof(c->mx) + sizeof(c->addr_str) + 1];
+    char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str)];
     snprintf(key, sizeof(key), "%s:%s", c->mx, c->addr_str);
     c->cin = malloc(CIN_CAP);
     /* The engine's current ctx: a reload may have brought other CAs. */
@@ -650,10 +659,8 @@ tls_in(struct conn *c)
             c->tls_ready = true;
             bool verified = false;
             if (tls_conn_info(c->tls, &info) == 0) {
-                snprintf(c->tls_proto, sizeof(c->tls_proto), "%s", info.protocol);
-                snprintf(c->tls_cipher, sizeof(c->tls_cipher), "%s", info.cipher);
-                snprintf(c->tls_desc, sizeof(c->tls_desc), "%s %s%s", info.protocol, info.cipher,
-                         info.resumed ? " resumed" : "");
+                c->tls_proto = info.protocol;
+                c->tls_cipher = info.cipher;
                 verified = info.verified;
             }
             conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED

@@ -57,6 +57,7 @@
 #define BODY_CHUNK     (64 * 1024) /* body read from the spool per step */
 #define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
+#define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
 
 struct dest;
 struct delivery;
@@ -93,7 +94,8 @@ struct conn {
     struct timer timer;
     union dns_addr addr;
     char addr_str[64];
-    char mx[256];
+    const char *mx;       /* borrowed from answer: the MX host's name */
+    struct dns_mx_result *answer; /* owned reference: the answer the MX host is of */
     unsigned nmsgs;       /* transactions finished on this connection */
     unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
@@ -107,8 +109,9 @@ struct conn {
     struct queue_envelope *env; /* owned: its envelope */
     struct smtp_client_txn txn;
     struct smtp_client_rcpt *rc; /* owned, job->n entries */
-    char verp[256];       /* the VERP sender of the transaction (oob.h), when on: a
-                           * local part of at most 64, a verp_domain of at most 180 */
+    char *verp;           /* owned, CONN_VERP_CAP, made at the first VERP transaction:
+                           * the VERP sender (oob.h), a local part of at most 64, a
+                           * verp_domain of at most 180 */
     uint64_t body_off;    /* octets of the body read from the spool */
     size_t chunk_len, chunk_pos;
     bool body_last;
@@ -119,8 +122,8 @@ struct conn {
     bool tls_wanted;      /* EV_STARTTLS: handshake once the output is sent */
     bool tls_ready;
     bool tls_shut;
-    char tls_desc[96];
-    char tls_proto[16], tls_cipher[64];
+    const char *tls_proto, *tls_cipher; /* once tls_ready: borrowed from OpenSSL's
+                           * constant tables ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
     char src_str[64];     /* our address on this connection */
     uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
     char *cin;            /* owned, CIN_CAP */
@@ -164,7 +167,6 @@ struct dest {
     struct lru_node lru;     /* on d->dest_lru: eviction when idle */
     uint64_t touched;        /* monotonic ns of its last activity */
     struct delivery *d;
-    char name[256];
     const struct domain_policy *pol; /* borrowed from the config */
     struct job *head, **tail;
     unsigned queued;
@@ -196,6 +198,7 @@ struct dest {
     uint64_t delivered, failed; /* recipients, since start */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
+    char name[];             /* the domain, as long as it is (at most 255) */
 };
 
 struct delivery {

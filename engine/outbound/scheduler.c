@@ -337,11 +337,12 @@ dest_get(struct delivery *d, const char *name)
     struct dest *t = (struct dest *)hash_find(&d->dests, h, name);
     if (t != NULL)
         return t;
-    t = calloc(1, sizeof(*t));
+    size_t nl = strnlen(name, 255);
+    t = calloc(1, sizeof(*t) + nl + 1);
     if (t == NULL)
         return NULL;
     t->d = d;
-    snprintf(t->name, sizeof(t->name), "%s", name);
+    memcpy(t->name, name, nl); /* NUL: calloc */
     t->pol = config_domain(d->e->cfg, name);
     t->tail = &t->head;
     timer_init(&t->hold_timer, dest_on_hold);
@@ -904,7 +905,11 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
     dest_addr_port(t, addr, &c->addr);
     netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
-    snprintf(c->mx, sizeof(c->mx), "%s", host->name);
+    /* host is of t's answer: a reference keeps its name for the logs
+     * and TLS while the connection lives (it may move to other domains
+     * of the site, and t may be resolved again meanwhile). */
+    c->answer = dns_mx_result_ref(t->mx);
+    c->mx = host->name;
     c->addr_counted = site_addr_add(&d->sites, &c->addr) == 0;
     c->site = t->site;
     c->site->refs++;
@@ -1102,6 +1107,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         limits_conn_release(d->lim, &mk->lim);
     if (sk != NULL && !d->stopping)
         limits_conn_release(d->lim, &sk->lim);
+    dns_mx_result_unref(c->answer);
     free(c);
     if (mk != NULL && !d->stopping)
         mx_on_wake(mk); /* a slot is free: the others behind this MX may go */

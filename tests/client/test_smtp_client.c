@@ -770,8 +770,6 @@ sc_tls_optional(void)
 static void
 sc_tls_required_fails(void)
 {
-    const struct smtp_outcome *s = smtp_client_session(&R.c);
-
     /* not offered */
     for (int p = SMTP_CLIENT_TLS_REQUIRED; p <= SMTP_CLIENT_TLS_VERIFY; p++) {
         start(p);
@@ -779,7 +777,7 @@ sc_tls_required_fails(void)
         OUT("EHLO " NAME "\r\n");
         IN(EHLO_FULL, EV_CLOSE);
         OUT("QUIT\r\n");
-        want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE, 0,
+        want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE, 0,
                  "4.7.4");
         no_reuse();
     }
@@ -789,27 +787,27 @@ sc_tls_required_fails(void)
     OUT("EHLO " NAME "\r\n");
     IN("502 5.5.2 no\r\n", EV_CLOSE);
     OUT("QUIT\r\n");
-    want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE, 0, "4.7.4");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE, 0, "4.7.4");
     /* refused */
     tls_offered(SMTP_CLIENT_TLS_REQUIRED);
     IN("454 4.7.0 TLS not available due to temporary reason\r\n", EV_CLOSE);
     OUT("QUIT\r\n");
-    want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_REFUSED, 454, "4.7.0");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_REFUSED, 454, "4.7.0");
     tls_offered(SMTP_CLIENT_TLS_VERIFY);
     IN("502 5.5.1 no\r\n", EV_CLOSE);
-    want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_REFUSED, 502, "5.5.1");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_REFUSED, 502, "5.5.1");
     /* a senseless reply to STARTTLS */
     tls_offered(SMTP_CLIENT_TLS_OPTIONAL);
     IN("250 ok\r\n", EV_CLOSE);
     nothing_out();
-    want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_PROTOCOL, 0, "4.5.0");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_PROTOCOL, 0, "4.5.0");
     /* handshake failed: no QUIT (the connection is unusable) */
     for (int p = SMTP_CLIENT_TLS_OPTIONAL; p <= SMTP_CLIENT_TLS_VERIFY; p++) {
         tls_offered(p);
         IN("220 go\r\n", EV_TLS);
         want_ev(smtp_client_tls_done(&R.c, SMTP_CLIENT_TLS_FAILED), EV_CLOSE, "tls_done");
         nothing_out();
-        want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED, 0, "4.7.5");
+        want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED, 0, "4.7.5");
         no_reuse();
     }
     /* not verified under VERIFY */
@@ -817,7 +815,7 @@ sc_tls_required_fails(void)
     IN("220 go\r\n", EV_TLS);
     want_ev(smtp_client_tls_done(&R.c, SMTP_CLIENT_TLS_UNVERIFIED), EV_CLOSE, "tls_done");
     OUT("QUIT\r\n");
-    want_out(s, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED, 0, "4.7.5");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED, 0, "4.7.5");
     /* implicit TLS: no STARTTLS, whatever the policy */
     {
         struct smtp_client_opts o = {
@@ -1268,7 +1266,7 @@ sc_many_rcpts(void)
         total += n;
         want_ev(smtp_client_sent(&R.c, n), 0, "sent");
         for (unsigned i = 0; i < pending; i++) {
-            bool data = R.c.pipe[R.c.pipe_head].state == SMTP_CLIENT_S_DATA;
+            bool data = R.c.u.pipe[R.c.pipe_head].state == SMTP_CLIENT_S_DATA;
             size_t used;
             int ev = smtp_client_input(&R.c, data ? "354 go\r\n" : "250 ok\r\n", 8, &used);
 

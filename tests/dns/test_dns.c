@@ -5,7 +5,8 @@
  *
  * Groups: records (ordering, shuffle, implicit and null MX, NXDOMAIN,
  * CNAME'd and IPv6-only hosts, skipped targets, names, cache hits,
- * in-flight deduplication, cancel, eviction, TCP fallback, REFUSED, a
+ * in-flight deduplication, MX host answers shared between domains,
+ * cancel, eviction, TCP fallback, REFUSED, a
  * server that never answers); ttl (expiry after the TTL, expired answers
  * swept out of the cache); many (10,000
  * domains at once).
@@ -119,6 +120,13 @@ static void
 v4_only(struct dns_config *c)
 {
     c->family = DNS_FAMILY_V4;
+}
+
+static void
+both_nocache(struct dns_config *c)
+{
+    c->min_ttl = 0;
+    c->max_ttl = 0;
 }
 
 static void
@@ -261,6 +269,60 @@ test_family_and_prefer(void **state)
     assert_int_equal(r->status, DNS_OK);
     assert_host(&r->hosts[0], "implicit.test", 0, "2001:db8::9 192.0.2.9");
     dns_mx_result_unref(r);
+    fx_close(&f);
+}
+
+/* Domains naming the same MX host share its answers: the AAAA query for
+ * mx1.a.test (the MX answers carry only its A record) is asked for the
+ * first domain only, the "no data" kept in the host cache; with max_ttl 0
+ * nothing is kept and each domain asks again. */
+static void
+test_host_answers_shared(void **state)
+{
+    (void)state;
+    struct fx f;
+    struct dns_stats st;
+    fx_open(&f, dm.port, NULL); /* both */
+    int before = dnsmasq_count(&dm, "AAAA", "mx1.a.test");
+    struct dns_mx_result *r = resolve(&f, "hit.test", NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_host(&r->hosts[0], "mx1.a.test", 10, "192.0.2.1");
+    dns_mx_result_unref(r);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.queries, 2); /* MX, AAAA mx1.a.test */
+    assert_int_equal(st.host_hits, 0);
+    assert_int_equal(st.host_entries, 1);
+    r = resolve(&f, "dedup.test", NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_host(&r->hosts[0], "mx1.a.test", 10, "192.0.2.1");
+    dns_mx_result_unref(r);
+    r = resolve(&f, "cancel.test", NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_host(&r->hosts[0], "mx1.a.test", 10, "192.0.2.1");
+    dns_mx_result_unref(r);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.queries, 2 + 2); /* an MX query each, no AAAA */
+    assert_int_equal(st.host_hits, 2);
+    assert_int_equal(dnsmasq_count(&dm, "AAAA", "mx1.a.test") - before, 1);
+    /* Cleared with the cache: asked again. */
+    dns_cache_clear(f.d);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.host_entries, 0);
+    r = resolve(&f, "hit.test", NULL);
+    dns_mx_result_unref(r);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.queries, 4 + 2);
+    fx_close(&f);
+
+    fx_open(&f, dm.port, both_nocache);
+    r = resolve(&f, "hit.test", NULL);
+    dns_mx_result_unref(r);
+    r = resolve(&f, "dedup.test", NULL);
+    dns_mx_result_unref(r);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.queries, 2 + 2);
+    assert_int_equal(st.host_hits, 0);
+    assert_int_equal(st.host_entries, 0);
     fx_close(&f);
 }
 
@@ -934,6 +996,7 @@ main(void)
         cmocka_unit_test(test_config),
         cmocka_unit_test(test_mx_order_and_shuffle),
         cmocka_unit_test(test_family_and_prefer),
+        cmocka_unit_test(test_host_answers_shared),
         cmocka_unit_test(test_implicit_mx),
         cmocka_unit_test(test_null_mx),
         cmocka_unit_test(test_not_found),

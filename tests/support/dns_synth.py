@@ -176,9 +176,12 @@ class DnsSynth:
     """The responder as a child process: .port, .stop(). The same shape as
     the tests' dnsmasq wrapper (test_delivery.Dns)."""
 
-    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300, mx_addrs=0):
-        args = [sys.executable, os.path.abspath(__file__), "--zone", zone,
-                "--mx-hosts", str(mx_hosts), "--ttl", str(ttl), "--mx-addrs", str(mx_addrs)]
+    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300, mx_addrs=0, binary=None):
+        """binary: bench/relay/dns_synth.c built (UDP only, the same
+        answers in microseconds, for benchmarks); None: this script."""
+        cmd = [binary] if binary else [sys.executable, os.path.abspath(__file__)]
+        args = cmd + ["--zone", zone,
+                      "--mx-hosts", str(mx_hosts), "--ttl", str(ttl), "--mx-addrs", str(mx_addrs)]
         if mx_addr:
             args += ["--mx-addr", mx_addr]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
