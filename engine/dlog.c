@@ -63,7 +63,9 @@ struct dlog_writer {
     uint64_t outcomes[DLOG_OUT_COUNT][BOUNCE_CLASS_COUNT]; /* counted even when dropped */
 
     /* Owner thread only. */
-    struct json line;   /* the line being formatted */
+    struct json *capture; /* borrowed: dlog_capture's buffer, or NULL */
+    bool capture_only;    /* ... and the line does not go to the file */
+    struct json line;     /* the line being formatted */
     uint64_t time_sec;  /* second that time_text holds */
     char time_text[40]; /* RFC 3339 of time_sec, ms patched per event */
     size_t time_len;
@@ -72,10 +74,10 @@ struct dlog_writer {
 struct dlog {
     char *path; /* owned; "-" when there is no file */
     bool nofile;
-    /* The tap (dlog_set_tap), NULL: none; set under mu. tap_arg is
-     * borrowed: it outlives the dlog. */
-    int (*tap)(void *arg, const struct iovec *iov, unsigned n);
-    void *tap_arg;
+    /* The hook (dlog_set_hook), NULL: none; set before any writer.
+     * hook_arg is borrowed: it outlives the dlog. */
+    void (*hook)(void *arg, const char *line, size_t len);
+    void *hook_arg;
     unsigned flush_ms;
     pthread_t thread;
     bool started;
@@ -513,7 +515,28 @@ dlog_event(struct dlog_writer *w, const struct dlog_event *ev)
         json_init(&w->line);
         return;
     }
-    writer_append(w, w->line.buf, w->line.len);
+    if (w->capture != NULL)
+        json_raw(w->capture, w->line.buf, w->line.len);
+    else if (w->log->hook != NULL)
+        w->log->hook(w->log->hook_arg, w->line.buf, w->line.len);
+    if (!w->capture_only)
+        writer_append(w, w->line.buf, w->line.len);
+}
+
+void
+dlog_capture(struct dlog_writer *w, struct json *buf, bool file)
+{
+    if (w == NULL)
+        return;
+    w->capture = buf;
+    w->capture_only = buf != NULL && !file;
+}
+
+void
+dlog_line(struct dlog_writer *w, const char *line, size_t len)
+{
+    if (w != NULL && len > 0)
+        writer_append(w, line, len);
 }
 
 /* ---- the writer thread ---- */
@@ -646,37 +669,6 @@ report_drops(struct dlog *d, uint64_t dropped, bool interval)
     }
 }
 
-/* Hand the collected lines to the tap, in order, in one call (in calls
- * of 64 buffers only when there is no memory for the array). */
-static void
-tap_batch(struct dlog *d, const struct buf_list *got)
-{
-    struct iovec stack[64], *iov = stack;
-    size_t cap = 64, n = 0;
-    for (const struct dlog_buf *b = got->head; b != NULL; b = b->next)
-        n++;
-    if (n > cap) {
-        struct iovec *big = malloc(n * sizeof(*big));
-        if (big != NULL) {
-            iov = big;
-            cap = n;
-        }
-    }
-    n = 0;
-    for (const struct dlog_buf *b = got->head; b != NULL; b = b->next) {
-        iov[n].iov_base = (void *)b->data;
-        iov[n].iov_len = b->len;
-        if (++n == cap) {
-            d->tap(d->tap_arg, iov, (unsigned)n);
-            n = 0;
-        }
-    }
-    if (n > 0)
-        d->tap(d->tap_arg, iov, (unsigned)n);
-    if (iov != stack)
-        free(iov);
-}
-
 static void *
 dlog_main(void *arg)
 {
@@ -702,16 +694,9 @@ dlog_main(void *arg)
         d->kick = false;
         struct buf_list got;
         list_init(&got);
-        /* With a tap, every batch takes the partly filled buffers too:
-         * an event written before another is then in the same batch or
-         * an earlier one, whichever writer holds it (the tap orders a
-         * batch's lines across writers). */
-        bool tap = d->tap != NULL;
-        uint64_t dropped = collect_locked(d, &got, interval_due || tap);
+        uint64_t dropped = collect_locked(d, &got, interval_due);
         pthread_mutex_unlock(&d->mu);
 
-        if (tap)
-            tap_batch(d, &got);
         pending_add(d, &got, &done);
         if (atomic_exchange(&d->reopen, false))
             dlog_do_reopen(d);
@@ -844,14 +829,12 @@ dlog_free(struct dlog *d)
 }
 
 void
-dlog_set_tap(struct dlog *d, int (*fn)(void *arg, const struct iovec *iov, unsigned n), void *arg)
+dlog_set_hook(struct dlog *d, void (*fn)(void *arg, const char *line, size_t len), void *arg)
 {
     if (d == NULL)
         return;
-    pthread_mutex_lock(&d->mu); /* the writer thread reads them under it first */
-    d->tap = fn;
-    d->tap_arg = arg;
-    pthread_mutex_unlock(&d->mu);
+    d->hook = fn;
+    d->hook_arg = arg;
 }
 
 void

@@ -26,9 +26,9 @@
 #ifndef SLUICE_ENGINE_DLOG_H
 #define SLUICE_ENGINE_DLOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/uio.h>
 
 #include "engine/classify.h"
 
@@ -137,7 +137,7 @@ struct dlog_stats {
 
 /*
  * Open path (O_APPEND|O_CREAT, mode 0640) and start the writer thread;
- * path NULL: no file (the events are only handed to the tap below).
+ * path NULL: no file (the events are only handed to the hook and captures below).
  * flush_interval_ms 0 means DLOG_FLUSH_MS_DEFAULT. Returns 0 and *out
  * (free with dlog_free), or -errno with a message for the operator in err.
  */
@@ -149,17 +149,25 @@ int dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, ch
 struct dlog *dlog_free(struct dlog *d);
 
 /*
- * A tap on every batch of whole lines the writer thread collects, before
- * they go to the file: the event journal (events.h) is fed this way. A
- * batch then holds every buffer, partly filled ones too, so an event
- * logged before another (on any thread) is in the same batch or an
- * earlier one; iov holds each writer's buffers in order, the writers one
- * after another. Called on the writer thread; what it returns is its
- * own business (it logs its errors). Set it before the first writer is
- * made.
+ * The event sinks' hook (events.h): every event logged on a writer that
+ * has no capture (below) is also handed to fn, on the logging thread,
+ * as one line ('\n' included). Set it before the first writer is made.
  */
-void dlog_set_tap(struct dlog *d, int (*fn)(void *arg, const struct iovec *iov, unsigned n),
-                  void *arg);
+void dlog_set_hook(struct dlog *d, void (*fn)(void *arg, const char *line, size_t len),
+                   void *arg);
+
+/*
+ * Capture: until dlog_capture(w, NULL, ...), each event logged on w is
+ * appended to buf (one line each) instead of going to the hook, so that
+ * the caller commits the lines in the spool transaction of what they
+ * tell (queue.h, "events"). file false: the lines go to buf only; the
+ * caller hands them to the file with dlog_line once that commit is
+ * durable. Owner thread of w.
+ */
+struct json;
+void dlog_capture(struct dlog_writer *w, struct json *buf, bool file);
+/* Append whole preformatted lines (from a capture) to w's buffer. */
+void dlog_line(struct dlog_writer *w, const char *line, size_t len);
 
 /* Cap the octets held in buffers not yet written (default
  * DLOG_MAX_BUFFERED, at least 2 * DLOG_BUF_SIZE). Any thread. */
@@ -191,7 +199,6 @@ void dlog_event(struct dlog_writer *w, const struct dlog_event *ev);
  * (ev->time_ms is not read). Pure: for tests and the benchmark. Returns 0,
  * or -ENOMEM (then j's text is not to be used).
  */
-struct json;
 int dlog_format(struct json *j, const struct dlog_event *ev, uint64_t time_ms);
 
 #endif

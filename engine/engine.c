@@ -248,7 +248,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         /* The journal lives with the spool: same disk, same backups. */
         char dir[PATH_MAX];
         snprintf(dir, sizeof(dir), "%s/events", cfg->queue.path);
-        rc = events_new(cfg->events, cfg->nevents, dir, &e->events, err, errlen);
+        rc = events_new(cfg->events, cfg->nevents, dir, e->queue, &e->events, err, errlen);
         if (rc < 0)
             goto fail;
     }
@@ -258,7 +258,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         if (rc < 0)
             goto fail;
         if (e->events != NULL)
-            dlog_set_tap(e->dlog, events_on_batch, e->events);
+            dlog_set_hook(e->dlog, events_put, e->events);
     }
     struct tls_ctx *tls_server, *tls_client;
     rc = tls_contexts_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
@@ -402,7 +402,7 @@ engine_stop(struct engine *e)
     }
     /* After every worker: what they logged is written out. */
     e->dlog = dlog_free(e->dlog);
-    e->events = events_free(e->events); /* after the log: its last batch is journaled */
+    e->events = events_free(e->events); /* after every writer, before the spool */
     free(e->dlogw);
     e->dlogw = NULL;
     free(e->workers);

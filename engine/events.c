@@ -39,9 +39,13 @@
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/events_journal.h"
+#include "queue/queue.h"
 
 #define READ_BUF       (1024u * 1024) /* journal octets read at a time */
 #define CURSOR_SYNC_MS 1000u          /* a busy sink stores its cursor this often */
+#define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
+#define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
+#define PUMP_RETRY_MS  1000u          /* after a failed append */
 
 #define EVK(f) offsetof(struct events_sink_config, f)
 const struct conf_key events_sink_keys[] = {
@@ -115,15 +119,26 @@ struct sink {
 
 struct events {
     struct journal *journal; /* owned */
+    struct queue *queue;     /* borrowed: outlives the module */
+    struct queue_port *port; /* owned: the pump's (trims, and lines put alone) */
     pthread_mutex_t mu;
     pthread_cond_t cond; /* CLOCK_MONOTONIC */
     bool stop;
     _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
     uint64_t appends;      /* bumped on every append: sinks wait for a change */
+    uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
     struct sink *sinks;    /* owned array */
     unsigned nsinks;
-    char *merge; /* owned: a batch merged in order (the delivery log's writer thread) */
-    size_t merge_cap;
+    pthread_t pump;
+    bool pump_started;
+    _Atomic uint64_t put_failed; /* lines put alone that the spool refused */
+
+    /* Pump thread only. */
+    char *pbuf; /* owned: PUMP_BYTES + one record */
+    size_t plen, pcap;
+    uint64_t pfrom; /* the number the copy must start at */
+    uint64_t pseq;  /* the number after the copied lines */
+    bool trimming;  /* a trim is in flight */
 };
 
 /* ---- config ---- */
@@ -762,6 +777,167 @@ sink_main(void *arg)
     return NULL;
 }
 
+/* ---- the pump: spool records to the journal ---- */
+
+/* The spool's hook, on its committer thread: more lines are durable. */
+static void
+pump_wake(void *arg)
+{
+    struct events *ev = arg;
+    pthread_mutex_lock(&ev->mu);
+    ev->committed++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+}
+
+/* Copy one spool record (its lines from ev->pfrom on) to the buffer. A
+ * record that starts past the copy's end means numbers the spool no
+ * longer holds: the copy stops there (the caller skips them). */
+static int
+pump_record(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    struct events *ev = arg;
+    if (seq > ev->pseq) {
+        if (ev->plen > 0)
+            return 1; /* append what is before the gap first */
+        ev->pseq = seq;
+    }
+    const char *p = text, *end = text + len;
+    for (uint64_t n = seq; n < ev->pseq && p < end; n++) { /* lines already in the journal */
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        p = nl != NULL ? nl + 1 : end;
+    }
+    size_t n = (size_t)(end - p);
+    if (ev->plen + n > ev->pcap) {
+        size_t cap = ev->plen + n;
+        char *b = realloc(ev->pbuf, cap);
+        if (b == NULL)
+            return 1;
+        ev->pbuf = b;
+        ev->pcap = cap;
+    }
+    memcpy(ev->pbuf + ev->plen, p, n);
+    ev->plen += n;
+    for (const char *q = p; (q = memchr(q, '\n', (size_t)(end - q))) != NULL; q++)
+        ev->pseq++;
+    return 0;
+}
+
+static void
+pump_trim_done(void *cookie, int rc)
+{
+    struct events *ev = cookie;
+    ev->trimming = false;
+    if (rc < 0)
+        log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
+                queue_strerror(rc));
+}
+
+static void
+pump_put_done(void *cookie, int rc)
+{
+    struct events *ev = cookie;
+    if (rc < 0) {
+        atomic_fetch_add(&ev->put_failed, 1);
+        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
+                queue_strerror(rc));
+    }
+}
+
+/*
+ * Move every durable spool record past the journal's end to the journal
+ * (fsynced), under the spool's numbers, then ask the spool to trim what
+ * the journal holds. Returns 0 when it caught up, 1 when there is more,
+ * -errno when the journal refused (nothing trimmed: tried again).
+ */
+static int
+pump_move(struct events *ev)
+{
+    struct journal_pos end;
+    journal_end(ev->journal, &end);
+    ev->plen = 0;
+    ev->pfrom = ev->pseq = end.seq;
+    int n = queue_events_read(ev->queue, end.seq, PUMP_BYTES, pump_record, ev);
+    if (n < 0) {
+        log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
+        return n;
+    }
+    if (ev->pseq > ev->pfrom && ev->plen == 0) {
+        /* the spool holds nothing from pfrom to pseq: a journal made anew
+         * beside an older spool, or records lost; number on from there */
+        int rc = journal_skip_to(ev->journal, ev->pseq);
+        if (rc < 0)
+            return rc;
+        return 1;
+    }
+    if (ev->plen == 0)
+        return 0;
+    struct iovec v = {ev->pbuf, ev->plen};
+    int rc = journal_append(ev->journal, &v, 1);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" bytes=%zu "
+                "note=kept_in_spool_retried", strerror(-rc), ev->plen);
+        return rc;
+    }
+    pthread_mutex_lock(&ev->mu);
+    ev->appends++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+    if (!ev->trimming) {
+        journal_end(ev->journal, &end);
+        ev->trimming = true;
+        if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
+            ev->trimming = false;
+    }
+    return queue_events_durable(ev->queue) > ev->pseq ? 1 : 0;
+}
+
+static void *
+pump_main(void *arg)
+{
+    struct events *ev = arg;
+    log_set_thread_name("ev-pump");
+    uint64_t seen = 0;
+    bool stop = false;
+    while (!stop) {
+        queue_port_drain(ev->port);
+        int rc = pump_move(ev);
+        pthread_mutex_lock(&ev->mu);
+        if (rc < 0) {
+            wait_until(ev, mono_ms() + PUMP_RETRY_MS);
+        } else if (rc == 0) {
+            /* Caught up: wait for the next commit, then a little more so
+             * that one append (one fsync) carries several commits. */
+            while (!ev->stop && seen == ev->committed)
+                wait_until(ev, mono_ms() + 1000);
+            seen = ev->committed;
+            if (!ev->stop)
+                wait_until(ev, mono_ms() + PUMP_GATHER_MS);
+        }
+        stop = ev->stop;
+        pthread_mutex_unlock(&ev->mu);
+    }
+    /* What is durable now goes to the journal before the stop. */
+    for (int i = 0; i < 64 && pump_move(ev) == 1; i++) {
+    }
+    /* The trim in flight (and lines put alone) complete: the spool still runs. */
+    for (int i = 0; i < 100 && queue_port_pending(ev->port) > 0; i++)
+        queue_port_wait(ev->port, 100);
+    return NULL;
+}
+
+void
+events_put(void *arg, const char *line, size_t len)
+{
+    struct events *ev = arg;
+    int rc = queue_events_put(ev->queue, ev->port, line, len, pump_put_done, ev);
+    if (rc < 0) {
+        atomic_fetch_add(&ev->put_failed, 1);
+        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
+                queue_strerror(rc));
+    }
+}
+
 /* ---- the module ---- */
 
 static void
@@ -831,8 +1007,8 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
 }
 
 int
-events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct events **out,
-           char *err, size_t errlen)
+events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct queue *q,
+           struct events **out, char *err, size_t errlen)
 {
     *out = NULL;
     if (n == 0)
@@ -860,9 +1036,28 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&ev->cond, &ca);
     pthread_condattr_destroy(&ca);
+    ev->queue = q;
     int rc = journal_open(dir, 0, &ev->journal, err, errlen);
     if (rc < 0)
         goto fail;
+    if ((ev->port = queue_port_new()) == NULL) {
+        rc = -errno;
+        snprintf(err, errlen, "events: cannot make a spool port: %s", strerror(errno));
+        goto fail;
+    }
+    /* The spool numbers its event lines on from the journal's end (a
+     * journal ahead of a spool made anew, or of one from before the
+     * events database), so that a number names one event for ever. */
+    struct journal_pos jend;
+    journal_end(ev->journal, &jend);
+    queue_events_floor(q, jend.seq);
+    queue_events_set_hook(q, pump_wake, ev);
+    if ((rc = pthread_create(&ev->pump, NULL, pump_main, ev)) != 0) {
+        snprintf(err, errlen, "events: cannot start the pump thread: %s", strerror(rc));
+        rc = -rc;
+        goto fail;
+    }
+    ev->pump_started = true;
     ev->sinks = calloc(n, sizeof(*ev->sinks));
     if (ev->sinks == NULL) {
         rc = -ENOMEM;
@@ -908,114 +1103,25 @@ events_free(struct events *ev)
     for (unsigned i = 0; i < ev->nsinks; i++)
         if (ev->sinks[i].started)
             pthread_join(ev->sinks[i].thread, NULL);
+    if (ev->pump_started)
+        pthread_join(ev->pump, NULL);
+    if (ev->queue != NULL)
+        queue_events_set_hook(ev->queue, NULL, NULL);
+    if (ev->port != NULL && queue_port_pending(ev->port) > 0)
+        log_msg(LOG_ERR, "event=events_port_busy_at_stop pending=%u note=left_to_the_exit",
+                queue_port_pending(ev->port)); /* the spool did not answer: freeing would panic */
+    else
+        queue_port_free(ev->port);
     for (unsigned i = 0; i < ev->nsinks; i++)
         sink_fini(&ev->sinks[i]);
     free(ev->sinks);
-    free(ev->merge);
+    free(ev->pbuf);
     journal_close(ev->journal);
     pthread_mutex_destroy(&ev->mu);
     pthread_cond_destroy(&ev->cond);
     free(ev);
     curl_global_cleanup();
     return NULL;
-}
-
-/* The order key of a delivery log line: receptions first, then its
- * "time" text (RFC 3339 UTC with ms, so it sorts as text). Receptions go
- * first because the submission worker logs a message's reception once
- * its 250 is sent, which a fast first delivery by another worker can
- * beat by a millisecond. A line of another shape sorts first. */
-#define TIME_AT  9  /* {"time":" */
-#define TIME_LEN 24 /* 2026-12-01T20:10:58.123Z */
-static int
-line_cmp(const char *a, size_t alen, const char *b, size_t blen)
-{
-    static const char rec[] = "\",\"event\":\"reception\"";
-    const size_t need = TIME_AT + TIME_LEN + sizeof(rec) - 1;
-    bool ka = alen > need, kb = blen > need;
-    if (!ka || !kb)
-        return (int)ka - (int)kb;
-    bool ra = memcmp(a + TIME_AT + TIME_LEN, rec, sizeof(rec) - 1) == 0;
-    bool rb = memcmp(b + TIME_AT + TIME_LEN, rec, sizeof(rec) - 1) == 0;
-    if (ra != rb)
-        return ra ? -1 : 1;
-    return memcmp(a + TIME_AT, b + TIME_AT, TIME_LEN);
-}
-
-/*
- * Merge the batch's buffers into one, line by line, by line_cmp: each
- * buffer's own order is kept (a writer's lines stay in the order it
- * wrote them), and across writers an earlier event goes first, and a
- * reception before any outcome: within a batch, a message's reception
- * (logged by the worker that took it) precedes its outcomes (logged by
- * another). Across batches that holds unless the first outcome was
- * logged before the reception and a batch was cut between the two. Returns the merged length, or 0
- * when out of memory (then the batch goes in as it came).
- */
-static size_t
-merge_batch(struct events *ev, const struct iovec *iov, unsigned n)
-{
-    size_t total = 0;
-    for (unsigned i = 0; i < n; i++)
-        total += iov[i].iov_len;
-    if (total > ev->merge_cap) {
-        char *m = realloc(ev->merge, total);
-        if (m == NULL)
-            return 0;
-        ev->merge = m;
-        ev->merge_cap = total;
-    }
-    size_t *at = calloc(n, sizeof(*at));
-    if (at == NULL)
-        return 0;
-    size_t len = 0;
-    for (;;) {
-        int best = -1;
-        const char *bl = NULL;
-        size_t bn = 0;
-        for (unsigned i = 0; i < n; i++) {
-            if (at[i] >= iov[i].iov_len)
-                continue;
-            const char *p = (const char *)iov[i].iov_base + at[i];
-            const char *nl = memchr(p, '\n', iov[i].iov_len - at[i]);
-            size_t ln = nl != NULL ? (size_t)(nl - p) + 1 : iov[i].iov_len - at[i];
-            if (best < 0 || line_cmp(p, ln, bl, bn) < 0) {
-                best = (int)i;
-                bl = p;
-                bn = ln;
-            }
-        }
-        if (best < 0)
-            break;
-        memcpy(ev->merge + len, bl, bn);
-        len += bn;
-        at[best] += bn;
-    }
-    free(at);
-    return len;
-}
-
-int
-events_on_batch(void *arg, const struct iovec *iov, unsigned n)
-{
-    struct events *ev = arg;
-    size_t merged = n > 1 ? merge_batch(ev, iov, n) : 0;
-    struct iovec one = {ev->merge, merged};
-    int rc =
-        merged > 0 ? journal_append(ev->journal, &one, 1) : journal_append(ev->journal, iov, n);
-    if (rc < 0) {
-        size_t bytes = 0;
-        for (unsigned i = 0; i < n; i++)
-            bytes += iov[i].iov_len;
-        log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" lost_bytes=%zu",
-                strerror(-rc), bytes);
-        return rc;
-    }
-    pthread_mutex_lock(&ev->mu);
-    ev->appends++;
-    pthread_cond_broadcast(&ev->cond);
-    pthread_mutex_unlock(&ev->mu);
-    return 0;
 }
 
 unsigned

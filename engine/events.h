@@ -48,7 +48,6 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/uio.h>
 
 #include "common/conf.h"
 
@@ -106,15 +105,18 @@ struct events_sink_stats {
  * configs are copied). n 0: *out NULL, nothing started. Returns 0 or
  * -errno with a message for the operator in err.
  */
+struct queue;
 int events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
-               struct events **out, char *err, size_t errlen);
+               struct queue *q, struct events **out, char *err, size_t errlen);
 /* Stop the sink threads (a batch in flight is abandoned: it is sent
  * again from the cursor on the next start) and close. Returns NULL. */
 struct events *events_free(struct events *ev);
 
-/* The delivery log's hook: append whole lines to the journal, fsync,
- * wake the sinks. arg is the struct events. Returns 0 or -errno. */
-int events_on_batch(void *arg, const struct iovec *iov, unsigned n);
+/* The delivery log's hook (dlog_set_hook) for events logged outside a
+ * spool transaction (suppressed, oob_bounce, complaint): the line is
+ * committed alone (queue_events_put). arg is the struct events. Any
+ * thread. */
+void events_put(void *arg, const char *line, size_t len);
 
 /* Fill up to cap sinks' stats; returns how many. */
 unsigned events_stats(struct events *ev, struct events_sink_stats *out, unsigned cap);

@@ -428,6 +428,57 @@ journal_append(struct journal *j, const struct iovec *iov, unsigned n)
     return 0;
 }
 
+int
+journal_skip_to(struct journal *j, uint64_t seq)
+{
+    struct journal_pos end;
+    journal_end(j, &end);
+    if (seq <= end.seq)
+        return 0;
+    pthread_mutex_lock(&j->mu);
+    struct seg last = *last_seg(j);
+    pthread_mutex_unlock(&j->mu);
+    struct journal_pos start = {end.off, seq};
+    char path[PATH_MAX], old[PATH_MAX];
+    seg_path(j, &start, path, sizeof(path));
+    seg_path(j, &last.start, old, sizeof(old));
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0)
+        return -errno;
+    /* An empty last segment would share its offset with the new one: the
+     * new one takes its place (nobody read anything from it). */
+    if (last.len == 0 && unlink(old) < 0 && errno != ENOENT) {
+        int rc = -errno;
+        close(fd);
+        unlink(path);
+        return rc;
+    }
+    int rc = fsync_dir(j->dir);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    pthread_mutex_lock(&j->mu);
+    if (last.len == 0)
+        last_seg(j)->start = start;
+    else
+        rc = seg_push(j, &start, 0);
+    if (rc == 0)
+        j->end_seq = seq;
+    pthread_mutex_unlock(&j->mu);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    close(j->fd);
+    j->fd = fd;
+    log_msg(LOG_WARN,
+            "event=events_journal_skip from_seq=%" PRIu64 " to_seq=%" PRIu64
+            " note=numbers_missing_from_the_spool",
+            end.seq, seq);
+    return 0;
+}
+
 void
 journal_end(struct journal *j, struct journal_pos *end)
 {
@@ -472,6 +523,10 @@ seg_at_locked(struct journal *j, struct journal_pos *pos, uint64_t *avail)
         const struct seg *s = &j->segs[i];
         uint64_t end = s->start.off + s->len;
         if (pos->off < end || i + 1 == j->nsegs) {
+            /* at a segment's start: its numbers (they may jump, see
+             * journal_skip_to) */
+            if (pos->off == s->start.off && pos->seq < s->start.seq)
+                pos->seq = s->start.seq;
             *avail = end > pos->off ? end - pos->off : 0;
             return s;
         }

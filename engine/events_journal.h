@@ -1,8 +1,9 @@
 /*
  * events_journal: the durable event journal that event sinks push from.
- * The delivery log's writer thread appends its batches of JSON lines
- * (one event a line) and fsyncs them; each sink reads from its own
- * durable cursor and moves it once its endpoint acknowledged.
+ * The events module's pump appends the event lines committed in the
+ * spool (one event a line, under the numbers the spool gave them) and
+ * fsyncs them; each sink reads from its own durable cursor and moves it
+ * once its endpoint acknowledged.
  *
  * On disk, in one directory (by default <spool>/events):
  *   id                        a random 64-bit node id, made once (hex)
@@ -22,8 +23,8 @@
  * the durable end, so an event number is never reused after a crash. A
  * cursor is written to a temporary file, fsynced and renamed.
  *
- * Threading: journal_append from one thread at a time (the delivery
- * log's writer thread); journal_read, journal_end, the cursor calls and
+ * Threading: journal_append and journal_skip_to from one thread at a
+ * time (the pump); journal_read, journal_end, the cursor calls and
  * journal_trim from any thread (the state is under a mutex, reads use
  * pread on a descriptor of the caller's own).
  */
@@ -57,6 +58,11 @@ struct journal *journal_close(struct journal *j);
 /* Append n buffers of whole lines and fsync. Returns 0 or -errno (then
  * nothing of this call is visible to readers; the tail is cut back). */
 int journal_append(struct journal *j, const struct iovec *iov, unsigned n);
+
+/* Number the next line appended seq (above the end: the numbers
+ * between are never used; a reader passes them). Appending thread.
+ * Returns 0 or -errno. */
+int journal_skip_to(struct journal *j, uint64_t seq);
 
 /* The durable end and the first position still on disk. */
 void journal_end(struct journal *j, struct journal_pos *end);

@@ -71,6 +71,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "engine/auth.h"
 #include "engine/auth_limit.h"
@@ -216,6 +217,8 @@ struct session {
     bool bdat_last;
     uint64_t bdat_left;
     uint64_t msg_id;
+    char *ev_line; /* owned: the reception event committed with the message, or NULL */
+    size_t ev_len;
     char hdrs[MSA_HEADERS_MAX];
     size_t hdrs_len;
     uint64_t expire_ms;            /* the message's own expiry; 0: none */
@@ -586,6 +589,9 @@ txn_reset(struct session *s)
     s->bdat = s->bdat_discard = s->bdat_last = false;
     s->bdat_left = 0;
     s->msg_id = 0;
+    free(s->ev_line);
+    s->ev_line = NULL;
+    s->ev_len = 0;
     s->hdrs_len = 0;
     s->expire_ms = 0;
     memset(&s->owner, 0, sizeof(s->owner));
@@ -631,7 +637,10 @@ session_on_commit(void *cookie, int rc)
             tenant_count(s->sw, s->owner.tenant->name, s->nrcpt);
         if (!s->sw->detached)
             hand_to_delivery(s);
-        log_reception(s, qid);
+        if (s->ev_line != NULL) /* committed with the message: now the file */
+            dlog_line(s->sw->e->dlogw[s->sw->w->id], s->ev_line, s->ev_len);
+        else
+            log_reception(s, qid);
         log_msg(LOG_INFO,
                 "session=%016llx event=queued id=%s from=<%s> nrcpt=%u size=%zu body=%s "
                 "user=%s client=%s tenant=%s pool=%s campaign=\"%s\" priority=%u%s",
@@ -1009,10 +1018,27 @@ message_commit(struct session *s)
         at = s->cuts[i].off + s->cuts[i].len;
     }
     iov[niov++] = (struct iovec){s->body + at, s->body_len - at};
+    /* With event sinks, the reception event is committed with the
+     * message (queue.h, "events"); the file gets it once that is done. */
+    struct dlog_writer *lw = sw->e->dlogw ? sw->e->dlogw[sw->w->id] : NULL;
+    if (sw->e->events != NULL && lw != NULL && !sw->detached) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        struct json line;
+        json_init(&line);
+        queue_id_str(s->msg_id, qid);
+        dlog_capture(lw, &line, false);
+        log_reception(s, qid);
+        dlog_capture(lw, NULL, false);
+        if (!json_failed(&line) && line.len > 0 && (s->ev_line = malloc(line.len)) != NULL) {
+            memcpy(s->ev_line, line.buf, line.len);
+            s->ev_len = line.len;
+        }
+        json_fini(&line);
+    }
     /* Detached, the commit is the harness's: server_session_feed(). */
     int rc = sw->detached ? 0
-                          : queue_enqueue(sw->e->queue, sw->port, &env, iov, niov,
-                                          session_on_commit, s);
+                          : queue_enqueue_events(sw->e->queue, sw->port, &env, iov, niov,
+                                                 s->ev_line, s->ev_len, session_on_commit, s);
     free(qr);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=enqueue_failed err=\"%s\"",

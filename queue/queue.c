@@ -44,6 +44,12 @@
  *         is due and makes it ready in one commit, so the index itself is
  *         the poll's position: nothing in memory can hide an entry when
  *         the wall clock steps back.
+ *   events  seq (8 BE) -> event lines (see queue.h): the lines a request
+ *         carried, written in its transaction; seq numbers the first line,
+ *         the next record starts after the last. Trimmed once the events
+ *         module has them in its journal; meta "ev_next" keeps the next
+ *         number across a trim that emptied it. Created when missing (an
+ *         older sluice leaves it alone: no schema change).
  *
  * Records are native-endian (LMDB files are not portable across
  * architectures anyway) and carry lengths that readers check before use.
@@ -239,7 +245,7 @@ rcpt_decode(const MDB_val *v, struct rcpt_head *h)
 
 /* ---- requests and ports ---- */
 
-enum req_kind { REQ_ENQUEUE, REQ_UPDATE, REQ_TAKE };
+enum req_kind { REQ_ENQUEUE, REQ_UPDATE, REQ_TAKE, REQ_EVENTS, REQ_TRIM };
 
 struct upd_item {
     uint64_t id;
@@ -261,6 +267,12 @@ struct queue_req {
     uint64_t cost; /* body bytes, against max_batch_bytes */
     bool has_msg;  /* REQ_ENQUEUE, or a REQ_UPDATE carrying a message (enq) */
     bool applied;  /* committer only: some outcome of this update was not stale */
+    /* Event lines to commit with the request (into data), or none; for
+     * REQ_TRIM ev_seq is the bound. */
+    const char *ev_text;
+    size_t ev_len;
+    uint64_t ev_lines;
+    uint64_t ev_seq;
     struct {
         uint64_t id;
         uint64_t body_len;
@@ -304,12 +316,13 @@ struct queue_port {
 /* Counts of one write transaction, folded into the stats after commit. */
 struct tally {
     uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, taken, fixed, max_id;
+    uint64_t ev_records, ev_lines, ev_trimmed; /* event records written, their lines, deleted */
 };
 
 struct queue_counters {
     _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
         enqueue_refused, outcomes, outcomes_stale, removed, taken, corrupt, batch_max,
-        commit_us_total, commit_us_max, backlog, map_size, map_used;
+        commit_us_total, commit_us_max, backlog, map_size, map_used, event_lines, events_kept;
 };
 
 /* Keys of records found corrupt, so that each is counted and logged once
@@ -324,7 +337,7 @@ struct corrupt_seen {
 struct queue {
     struct queue_config cfg; /* owned copy */
     MDB_env *env;            /* owned */
-    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due;
+    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events;
     int lock_fd;
     size_t psize;
     size_t map_pages;
@@ -375,6 +388,15 @@ struct queue {
     bool full_logged;                        /* and that was logged */
     uint64_t full_logged_ms;
     bool panic_logged;
+
+    /* events (queue.h) */
+    uint64_t ev_next;             /* committer only: the number of the next line */
+    uint64_t ev_pend;             /* committer only: ev_next as of the last commit pending */
+    _Atomic uint64_t ev_durable;  /* lines below are durable */
+    _Atomic uint64_t ev_floor;    /* queue_events_floor */
+    pthread_mutex_t ev_mu;        /* guards the hook and its calls */
+    void (*ev_hook)(void *arg);   /* guarded by ev_mu */
+    void *ev_hook_arg;            /* borrowed; guarded by ev_mu */
 
     struct queue_counters st;
     struct corrupt_seen corrupt;
@@ -774,14 +796,51 @@ enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelop
     }
 }
 
+/* Whether text[0..len) is whole lines (or nothing); their count in *lines. */
+static bool
+events_ok(const char *text, size_t len, uint64_t *lines)
+{
+    *lines = 0;
+    if (len == 0)
+        return true;
+    if (text == NULL || text[len - 1] != '\n')
+        return false;
+    for (const char *p = text, *e = text + len; (p = memchr(p, '\n', (size_t)(e - p))) != NULL;
+         p++)
+        (*lines)++;
+    return true;
+}
+
+/* Copy the event lines to dst (inside req's allocation) and point req at them. */
+static void
+events_attach(struct queue_req *req, char *dst, const char *text, size_t len, uint64_t lines)
+{
+    if (len == 0)
+        return;
+    memcpy(dst, text, len);
+    req->ev_text = dst;
+    req->ev_len = len;
+    req->ev_lines = lines;
+}
+
 int
 queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
               const struct iovec *body, unsigned iovcnt, queue_done_fn *done, void *cookie)
 {
+    return queue_enqueue_events(q, port, env, body, iovcnt, NULL, 0, done, cookie);
+}
+
+int
+queue_enqueue_events(struct queue *q, struct queue_port *port, const struct queue_envelope *env,
+                     const struct iovec *body, unsigned iovcnt, const char *events,
+                     size_t events_len, queue_done_fn *done, void *cookie)
+{
     struct enq_size sz;
-    if (q == NULL || port == NULL || done == NULL || enq_measure(env, body, iovcnt, &sz) != 0)
+    uint64_t lines;
+    if (q == NULL || port == NULL || done == NULL || enq_measure(env, body, iovcnt, &sz) != 0 ||
+        !events_ok(events, events_len, &lines) || events_len > SIZE_MAX / 4)
         return -EINVAL;
-    struct queue_req *req = malloc(sizeof(*req) + sz.data_len);
+    struct queue_req *req = malloc(sizeof(*req) + sz.data_len + events_len);
     if (req == NULL)
         return -ENOMEM;
     memset(req, 0, sizeof(*req));
@@ -790,6 +849,7 @@ queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envel
     req->cookie = cookie;
     req->kind = REQ_ENQUEUE;
     enq_build(req, (unsigned char *)req->data, env, body, iovcnt, &sz);
+    events_attach(req, (char *)req->data + sz.data_len, events, events_len, lines);
     int rc = submit(q, req);
     if (rc < 0)
         free(req);
@@ -800,7 +860,7 @@ queue_enqueue(struct queue *q, struct queue_port *port, const struct queue_envel
  * bytes at the start of its data for a message. NULL: -EINVAL or -ENOMEM
  * in *rc. */
 static struct queue_req *
-upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, int *rc)
+upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tail, int *rc)
 {
     *rc = -EINVAL;
     if (outcomes == NULL || n == 0 || n > SIZE_MAX / 2 / sizeof(struct upd_item))
@@ -814,7 +874,8 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, int *rc)
         text += len > REPLY_STORE_MAX ? REPLY_STORE_MAX : len;
     }
     *rc = -ENOMEM;
-    struct queue_req *req = malloc(sizeof(*req) + extra + n * sizeof(struct upd_item) + text);
+    struct queue_req *req =
+        malloc(sizeof(*req) + extra + n * sizeof(struct upd_item) + text + tail);
     if (req == NULL)
         return NULL;
     memset(req, 0, sizeof(*req));
@@ -841,6 +902,7 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, int *rc)
     req->kind = REQ_UPDATE;
     req->u.upd.n = n;
     req->u.upd.items = items;
+    req->ev_text = t; /* where the caller's tail goes */
     *rc = 0;
     return req;
 }
@@ -858,14 +920,30 @@ queue_update_enqueue(struct queue *q, struct queue_port *port,
                      const struct queue_envelope *env, const struct iovec *body, unsigned iovcnt,
                      queue_done_fn *done, void *cookie)
 {
+    return queue_update_enqueue_events(q, port, outcomes, n, env, body, iovcnt, NULL, 0, done,
+                                       cookie);
+}
+
+int
+queue_update_enqueue_events(struct queue *q, struct queue_port *port,
+                            const struct queue_outcome *outcomes, size_t n,
+                            const struct queue_envelope *env, const struct iovec *body,
+                            unsigned iovcnt, const char *events, size_t events_len,
+                            queue_done_fn *done, void *cookie)
+{
     struct enq_size sz = {0};
+    uint64_t lines;
     if (q == NULL || port == NULL || done == NULL ||
-        (env != NULL && enq_measure(env, body, iovcnt, &sz) != 0))
+        (env != NULL && enq_measure(env, body, iovcnt, &sz) != 0) ||
+        !events_ok(events, events_len, &lines) || events_len > SIZE_MAX / 4)
         return -EINVAL;
     int rc;
-    struct queue_req *req = upd_new(outcomes, n, sz.data_len, &rc);
+    struct queue_req *req = upd_new(outcomes, n, sz.data_len, events_len, &rc);
     if (req == NULL)
         return rc;
+    char *tail = (char *)req->ev_text;
+    req->ev_text = NULL;
+    events_attach(req, tail, events, events_len, lines);
     req->port = port;
     req->done = done;
     req->cookie = cookie;
@@ -879,6 +957,198 @@ queue_update_enqueue(struct queue *q, struct queue_port *port,
     if (rc < 0)
         free(req);
     return rc;
+}
+
+int
+queue_events_put(struct queue *q, struct queue_port *port, const char *events, size_t events_len,
+                 queue_done_fn *done, void *cookie)
+{
+    uint64_t lines;
+    if (q == NULL || port == NULL || done == NULL || events_len == 0 ||
+        !events_ok(events, events_len, &lines) || events_len > SIZE_MAX / 4)
+        return -EINVAL;
+    struct queue_req *req = malloc(sizeof(*req) + events_len);
+    if (req == NULL)
+        return -ENOMEM;
+    memset(req, 0, sizeof(*req));
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->kind = REQ_EVENTS;
+    events_attach(req, (char *)req->data, events, events_len, lines);
+    int rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+int
+queue_events_trim(struct queue *q, struct queue_port *port, uint64_t upto, queue_done_fn *done,
+                  void *cookie)
+{
+    if (q == NULL || port == NULL || done == NULL)
+        return -EINVAL;
+    struct queue_req *req = calloc(1, sizeof(*req));
+    if (req == NULL)
+        return -ENOMEM;
+    req->port = port;
+    req->done = done;
+    req->cookie = cookie;
+    req->kind = REQ_TRIM;
+    req->ev_seq = upto;
+    int rc = submit(q, req);
+    if (rc < 0)
+        free(req);
+    return rc;
+}
+
+uint64_t
+queue_events_durable(struct queue *q)
+{
+    return atomic_load(&q->ev_durable);
+}
+
+void
+queue_events_floor(struct queue *q, uint64_t seq)
+{
+    uint64_t cur = atomic_load(&q->ev_floor);
+    while (cur < seq && !atomic_compare_exchange_weak(&q->ev_floor, &cur, seq)) {
+    }
+}
+
+void
+queue_events_set_hook(struct queue *q, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&q->ev_mu);
+    q->ev_hook = fn;
+    q->ev_hook_arg = arg;
+    pthread_mutex_unlock(&q->ev_mu);
+}
+
+/* Committer: lines below seq are durable; wake the hook. */
+static void
+events_publish(struct queue *q, uint64_t seq)
+{
+    if (seq <= atomic_load(&q->ev_durable))
+        return;
+    atomic_store(&q->ev_durable, seq);
+    pthread_mutex_lock(&q->ev_mu);
+    if (q->ev_hook != NULL)
+        q->ev_hook(q->ev_hook_arg);
+    pthread_mutex_unlock(&q->ev_mu);
+}
+
+static void corrupt_note(struct queue *q, const char *db, const void *key, size_t klen);
+
+static uint64_t
+lines_of(const char *p, size_t n)
+{
+    uint64_t c = 0;
+    for (const char *e = p + n; (p = memchr(p, '\n', (size_t)(e - p))) != NULL; p++)
+        c++;
+    return c;
+}
+
+int
+queue_events_read(struct queue *q, uint64_t from, size_t max_bytes, queue_events_fn *cb,
+                  void *arg)
+{
+    uint64_t durable = atomic_load(&q->ev_durable);
+    if (from >= durable)
+        return 0;
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn);
+    if (rc != 0)
+        return lmdb_err(rc);
+    MDB_cursor *c;
+    if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0) {
+        mdb_txn_abort(txn);
+        return lmdb_err(rc);
+    }
+    unsigned char key[8];
+    msg_key(key, from);
+    MDB_val k = {8, key}, v;
+    rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+    if (rc == 0 || rc == MDB_NOTFOUND) {
+        /* The record before the first at or above from may hold from. */
+        MDB_val pk, pv;
+        int prc = mdb_cursor_get(c, &pk, &pv, rc == 0 ? MDB_PREV : MDB_LAST);
+        if (prc == 0 && pk.mv_size == 8 && key_u64(pk.mv_data) < from &&
+            key_u64(pk.mv_data) + lines_of(pv.mv_data, pv.mv_size) > from) {
+            k = pk;
+            v = pv;
+            rc = 0;
+        } else if (rc == 0) {
+            k = (MDB_val){8, key};
+            rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        }
+    }
+    int n = 0;
+    size_t bytes = 0;
+    while (rc == 0) {
+        if (k.mv_size != 8) {
+            corrupt_note(q, "events", k.mv_data, k.mv_size);
+            rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+            continue;
+        }
+        uint64_t seq = key_u64(k.mv_data);
+        if (seq >= durable)
+            break;
+        n++;
+        bytes += v.mv_size;
+        if (cb(arg, seq, v.mv_data, v.mv_size) != 0 || bytes >= max_bytes)
+            break;
+        rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close(c);
+    mdb_txn_abort(txn);
+    return rc == 0 || rc == MDB_NOTFOUND ? n : lmdb_err(rc);
+}
+
+/* Committer: delete the records wholly below r->ev_seq and keep the next
+ * number in meta. */
+static int
+apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t next,
+           struct tally *t)
+{
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_events, &c);
+    if (rc != 0)
+        return rc;
+    MDB_val k, v;
+    while ((rc = mdb_cursor_get(c, &k, &v, MDB_FIRST)) == 0) {
+        if (k.mv_size == 8 && key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size) > r->ev_seq)
+            break;
+        if ((rc = mdb_cursor_del(c, 0)) != 0)
+            break;
+        t->ev_trimmed++;
+    }
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    MDB_val nk = {7, "ev_next"}, nv = {sizeof(next), &next};
+    return mdb_put(txn, q->dbi_meta, &nk, &nv, 0);
+}
+
+/* Committer: write r's event lines as the record numbered *seq. */
+static int
+apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *seq, struct tally *t)
+{
+    if (r->ev_len == 0)
+        return 0;
+    unsigned char key[8];
+    msg_key(key, *seq);
+    MDB_val k = {8, key}, v = {r->ev_len, (void *)r->ev_text};
+    int rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_APPEND);
+    if (rc == MDB_KEYEXIST) /* not above the last key: cannot happen, but not fatal */
+        rc = mdb_put(txn, q->dbi_events, &k, &v, 0);
+    if (rc != 0)
+        return rc;
+    r->ev_seq = *seq;
+    *seq += r->ev_lines;
+    t->ev_records++;
+    t->ev_lines += r->ev_lines;
+    return 0;
 }
 
 int
@@ -1549,6 +1819,8 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
             rc = apply_take(q, txn, r, &t);
             continue;
         }
+        if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM)
+            continue;
         uint64_t before = t.outcomes;
         for (size_t j = 0; j < r->u.upd.n && rc == 0; j++)
             rc = apply_outcome(q, txn, &r->u.upd.items[j], now, &t);
@@ -1568,11 +1840,28 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     for (size_t i = 0; i < ne && rc == 0; i++)
         rc = apply_enqueue(q, txn, enq[i], &t);
+    /* The event lines, numbered in commit order: the updates' (outcomes
+     * applied, or lines alone), then the enqueues' (stored now). */
+    uint64_t floor = atomic_load(&q->ev_floor);
+    uint64_t seq = q->ev_next > floor ? q->ev_next : floor;
+    bool trims = false;
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind == REQ_EVENTS || (r->kind == REQ_UPDATE && r->applied))
+            rc = apply_events(q, txn, r, &seq, &t);
+        trims |= r->kind == REQ_TRIM;
+    }
+    for (size_t i = 0; i < ne && rc == 0; i++)
+        if (enq[i]->rc == 0)
+            rc = apply_events(q, txn, enq[i], &seq, &t);
+    for (size_t i = 0; i < nu && rc == 0 && trims; i++)
+        if (upd[i]->kind == REQ_TRIM)
+            rc = apply_trim(q, txn, upd[i], seq, &t);
     if (rc == 0 && ne == 0 && t.outcomes == 0 && t.stale == 0 && t.taken == 0 && t.fixed == 0 &&
         t.enq == 0) {
         /* Only takes, and nothing was due: no commit, no sync (the due
          * poll asks every second, also when there is nothing to do). */
-        bool takes_only = true;
+        bool takes_only = t.ev_records == 0;
         for (size_t i = 0; i < nu; i++)
             takes_only &= upd[i]->kind == REQ_TAKE;
         if (takes_only) {
@@ -1581,7 +1870,8 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         }
     }
     uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
-    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0 && t.taken == 0;
+    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0 && t.taken == 0 &&
+                 t.ev_records == 0 && !trims;
     bool store = clean || (t.removed > 0 && high > q->stored_id);
     if (rc == 0 && store) {
         /* The highest id must outlive the messages that carried it
@@ -1603,6 +1893,11 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     q->batch_commits++;
     q->high_id = high;
+    q->ev_next = seq;
+    counter_add(&q->st.event_lines, t.ev_lines);
+    counter_add(&q->st.events_kept, t.ev_records);
+    if (t.ev_trimmed > 0)
+        atomic_fetch_sub(&q->st.events_kept, t.ev_trimmed);
     if (store)
         q->stored_id = high;
     if (t.removed > 0)
@@ -1997,6 +2292,7 @@ flush_pending(struct queue *q)
 {
     if (q->pend_head == NULL)
         return;
+    uint64_t ev = q->ev_pend;
     if (q->pend_unsynced) {
         int rc = mdb_env_sync(q->env, 1);
         q->pend_unsynced = false;
@@ -2010,6 +2306,7 @@ flush_pending(struct queue *q)
                     r->rc = err;
         }
     }
+    events_publish(q, ev);
     release(q, q->pend_head, q->pend_tail);
     q->pend_head = q->pend_tail = NULL;
 }
@@ -2103,12 +2400,14 @@ committer_main(void *arg)
         q->batch_commits = 0;
         run_batch(q, batch);
         if (q->cfg.unsafe_no_sync) {
+            events_publish(q, q->ev_next);
             release(q, batch, last);
         } else if (q->batch_commits > 0) {
             /* that commit synced the data after the pending meta page */
             q->pend_unsynced = false;
             flush_pending(q);
             pend_append(q, batch, last);
+            q->ev_pend = q->ev_next;
             q->pend_unsynced = true;
         } else {
             /* nothing committed (all refused or failed): wait behind the
@@ -2165,6 +2464,7 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
             (rc = mdb_dbi_open(txn, "body", MDB_CREATE, &q->dbi_body)) != 0 ||
             (rc = mdb_dbi_open(txn, "rcpt", MDB_CREATE, &q->dbi_rcpt)) != 0 ||
             (rc = mdb_dbi_open(txn, "due", MDB_CREATE, &q->dbi_due)) != 0 ||
+            (rc = mdb_dbi_open(txn, "events", MDB_CREATE, &q->dbi_events)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k1, &v1, 0)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k2, &v2, 0)) != 0)
             return open_fail(err, errlen, lmdb_err(rc), "cannot create spool %s: %s", path,
@@ -2207,6 +2507,39 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
                              "spool %s lacks its %s database: %s", path, names[i],
                              mdb_strerror(rc));
     }
+    rc = mdb_dbi_open(txn, "events", MDB_CREATE, &q->dbi_events);
+    if (rc != 0)
+        return open_fail(err, errlen, lmdb_err(rc), "cannot open the events database of %s: %s",
+                         path, mdb_strerror(rc));
+    return 0;
+}
+
+/* The next event number: after the last record, or as a trim kept it. */
+static int
+open_seed_events(struct queue *q, MDB_txn *txn)
+{
+    uint64_t next = 0;
+    MDB_val k = {7, "ev_next"}, v;
+    int rc = mdb_get(txn, q->dbi_meta, &k, &v);
+    if (rc == 0 && v.mv_size == sizeof(next))
+        memcpy(&next, v.mv_data, sizeof(next));
+    else if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    MDB_cursor *c;
+    if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0)
+        return rc;
+    rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
+    if (rc == 0 && k.mv_size == 8 && key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size) > next)
+        next = key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size);
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    MDB_stat st;
+    if ((rc = mdb_stat(txn, q->dbi_events, &st)) != 0)
+        return rc;
+    q->ev_next = q->ev_pend = next;
+    atomic_store(&q->ev_durable, next);
+    atomic_store(&q->st.events_kept, (uint64_t)st.ms_entries);
     return 0;
 }
 
@@ -2277,6 +2610,7 @@ queue_destroy(struct queue *q)
     pthread_mutex_destroy(&q->nmu);
     pthread_cond_destroy(&q->ncond);
     pthread_mutex_destroy(&q->corrupt.mu);
+    pthread_mutex_destroy(&q->ev_mu);
     conf_free(queue_conf_keys, &q->cfg);
     free(q);
 }
@@ -2306,6 +2640,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     pthread_mutex_init(&q->nmu, NULL);
     pthread_cond_init(&q->ncond, NULL);
     pthread_mutex_init(&q->corrupt.mu, NULL);
+    pthread_mutex_init(&q->ev_mu, NULL);
     if (conf_copy(queue_conf_keys, &q->cfg, cfg, sizeof(*cfg)) < 0) {
         memset(&q->cfg, 0, sizeof(q->cfg));
         queue_destroy(q);
@@ -2369,7 +2704,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
         return code;
     }
     int code = open_schema(q, txn, err, errlen);
-    if (code == 0 && (rc = open_seed_ids(q, txn)) != 0)
+    if (code == 0 && ((rc = open_seed_ids(q, txn)) != 0 || (rc = open_seed_events(q, txn)) != 0))
         code = open_fail(err, errlen, lmdb_err(rc), "cannot read spool %s: %s", path,
                          mdb_strerror(rc));
     if (code == 0 && (rc = mdb_txn_commit(txn)) != 0)
@@ -3072,5 +3407,7 @@ queue_stats(struct queue *q, struct queue_stats *out)
     LOAD(backlog);
     LOAD(map_size);
     LOAD(map_used);
+    LOAD(event_lines);
+    LOAD(events_kept);
 #undef LOAD
 }

@@ -301,6 +301,63 @@ int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outco
                               const struct queue_envelope *env, const struct iovec *body,
                               unsigned iovcnt);
 
+/* ---- events: records committed with what they describe ----
+ *
+ * The event lines of a request (engine/events.h: one JSON object a line,
+ * each ended by '\n') are written in the same write transaction as its
+ * message or outcomes, to the "events" database, and numbered there: the
+ * first line of the first record gets the number after the last one
+ * committed, and so on, in commit order. So a reception (committed with
+ * its message) is numbered below every outcome of that message (which
+ * can only be committed after it), and an event is durable exactly when
+ * what it tells is. The events module copies the durable records to its
+ * journal under the same numbers, then trims them here.
+ *
+ * An update's lines are written when at least one of its outcomes was
+ * applied (a retry of a commit that did happen writes none: they were
+ * written then); an enqueue's with its message (not for QUEUE_EEXIST). */
+
+/* queue_enqueue() and queue_update_enqueue() with event lines (events
+ * NULL or len 0: none). The lines are copied. -EINVAL also when the text
+ * does not end with '\n'. */
+int queue_enqueue_events(struct queue *q, struct queue_port *port,
+                         const struct queue_envelope *env, const struct iovec *body,
+                         unsigned iovcnt, const char *events, size_t events_len,
+                         queue_done_fn *done, void *cookie);
+int queue_update_enqueue_events(struct queue *q, struct queue_port *port,
+                                const struct queue_outcome *outcomes, size_t n,
+                                const struct queue_envelope *env, const struct iovec *body,
+                                unsigned iovcnt, const char *events, size_t events_len,
+                                queue_done_fn *done, void *cookie);
+/* Event lines alone (events that change nothing in the spool: a
+ * recipient refused as suppressed, a bounce that came back by mail). */
+int queue_events_put(struct queue *q, struct queue_port *port, const char *events,
+                     size_t events_len, queue_done_fn *done, void *cookie);
+/* Delete the records whose lines are all numbered below upto (they are
+ * in the journal), and remember the next number for the restart. */
+int queue_events_trim(struct queue *q, struct queue_port *port, uint64_t upto,
+                      queue_done_fn *done, void *cookie);
+
+/* One record: seq is the number of its first line; text holds whole
+ * lines and is valid during the call only (a read transaction is open:
+ * do not wait). Non-zero stops the read. */
+typedef int queue_events_fn(void *arg, uint64_t seq, const char *text, size_t len);
+/* The durable records that hold numbers at or above from, in order, until
+ * about max_bytes were passed. The first record may start below from
+ * (the caller skips its first lines). Returns how many records were
+ * passed, or a negative code. */
+int queue_events_read(struct queue *q, uint64_t from, size_t max_bytes, queue_events_fn *cb,
+                      void *arg);
+/* The number after the last durable event line. Any thread. */
+uint64_t queue_events_durable(struct queue *q);
+/* Number the next lines at least from seq (the journal is ahead of a
+ * spool made anew). Any thread. */
+void queue_events_floor(struct queue *q, uint64_t seq);
+/* fn(arg) on the committer thread each time queue_events_durable moves
+ * (it only wakes someone); NULL: none. The call and the change are under
+ * one lock: once this returns, the old hook is no longer running. */
+void queue_events_set_hook(struct queue *q, void (*fn)(void *arg), void *arg);
+
 /* Take the deferred recipients due at or before now_ms (Unix ms, the
  * caller's clock), at most limit of them (0: no limit), in due order: in
  * one write transaction they leave the time index and become ready
@@ -431,6 +488,8 @@ struct queue_stats {
     uint64_t backlog;  /* requests waiting for the committer */
     uint64_t map_size; /* bytes */
     uint64_t map_used; /* bytes up to the highest page in use (free pages inside count) */
+    uint64_t event_lines;  /* event lines committed with their requests */
+    uint64_t events_kept;  /* event records in the spool, not yet trimmed */
 };
 
 /* Copy the counters (each read atomically; any thread, no lock). */

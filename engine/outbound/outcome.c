@@ -18,6 +18,7 @@
 #include <strings.h>
 
 #include "common/clock.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
@@ -40,6 +41,8 @@ struct outcome_batch {
     struct timer timer;
     unsigned tries;
     struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
+    char *events;        /* into the allocation: their event lines (events.h), or NULL */
+    size_t events_len;
     size_t n;
     struct queue_outcome o[]; /* then the reply texts */
 };
@@ -56,8 +59,9 @@ outcome_submit(struct outcome_batch *b)
     struct iovec dbody;
     if (b->dsn != NULL)
         dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
-    int rc = queue_update_enqueue(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
-                                  &dbody, b->dsn ? 1 : 0, outcome_done, b);
+    int rc = queue_update_enqueue_events(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
+                                         &dbody, b->dsn ? 1 : 0, b->events, b->events_len,
+                                         outcome_done, b);
     if (rc < 0)
         outcome_done(b, rc);
 }
@@ -113,15 +117,17 @@ outcome_done(void *cookie, int rc)
     worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
 }
 
-/* Copy qo[0..n) and their replies into one batch and submit it, with the
- * DSN they cause (owned: taken over, freed on failure too) or NULL. */
+/* Copy qo[0..n), their replies and their event lines (ev, or NULL) into
+ * one batch and submit it, with the DSN they cause (owned: taken over,
+ * freed on failure too) or NULL. */
 static int
-outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, struct dsn_msg *dsn)
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, struct dsn_msg *dsn,
+               const struct json *ev)
 {
-    size_t text = 0;
+    size_t text = 0, evlen = ev != NULL && !json_failed(ev) ? ev->len : 0;
     for (size_t i = 0; i < n; i++)
         text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
-    struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text);
+    struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text + evlen);
     if (b == NULL) {
         dsn_msg_free(dsn);
         return -ENOMEM;
@@ -139,6 +145,11 @@ outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, str
             b->o[i].reply = t;
             t += l;
         }
+    }
+    if (evlen > 0) {
+        memcpy(t, ev->buf, evlen);
+        b->events = t;
+        b->events_len = evlen;
     }
     outcome_submit(b);
     return 0;
@@ -205,6 +216,24 @@ job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf
     }
 }
 
+/* The delivery log's dsn event, logged with the outcomes that cause the
+ * DSN (so committed with them when events are on). */
+static void
+dsn_event(struct delivery *d, const struct dsn_msg *m)
+{
+    char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(m->id, qid);
+    queue_id_str(m->orig, oqid);
+    struct dlog_event ev = {.kind = DLOG_DSN,
+                            .id = oqid,
+                            .reply = qid,
+                            .size = m->len,
+                            .tenant = m->tenant[0] ? m->tenant : NULL,
+                            .campaign = m->campaign[0] ? m->campaign : NULL,
+                            .pool = m->pool[0] ? m->pool : NULL};
+    dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+}
+
 /* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
 static void
 dsn_committed(struct delivery *d, const struct dsn_msg *m)
@@ -215,14 +244,6 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     unsigned idx = 0;
     d->stats.dsn_queued++;
     log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
-    struct dlog_event ev = {.kind = DLOG_DSN,
-                            .id = oqid,
-                            .reply = qid,
-                            .size = m->len,
-                            .tenant = m->tenant[0] ? m->tenant : NULL,
-                            .campaign = m->campaign[0] ? m->campaign : NULL,
-                            .pool = m->pool[0] ? m->pool : NULL};
-    dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
     /* a DSN is its tenant's mail, through its pool, at no priority */
     struct job_owner own;
     delivery_owner(d->e, m->tenant, m->pool, m->campaign, 0, &own);
@@ -310,6 +331,13 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         job_headers(d, cfg, j->id, hbuf, HDR_SCAN_MAX, hvals);
     else
         nhdr = 0;
+    /* With event sinks, the events go in the commit of the outcomes they
+     * tell (queue.h, "events"): durable together, numbered in order. */
+    struct json evbuf;
+    json_init(&evbuf);
+    bool capture = d->e->events != NULL && lw != NULL;
+    if (capture)
+        dlog_capture(lw, &evbuf, true);
     unsigned ndsn = 0, nq = 0;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
@@ -446,7 +474,14 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     }
     /* The DSN goes in the commit of the outcomes that cause it. */
     struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
-    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm);
+    if (dm != NULL)
+        dsn_event(d, dm);
+    if (capture)
+        dlog_capture(lw, NULL, false);
+    if (json_failed(&evbuf))
+        log_msg(LOG_ERR, "event=events_lost id=%s reason=out_of_memory", qid);
+    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm, capture ? &evbuf : NULL);
+    json_fini(&evbuf);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
