@@ -1,5 +1,6 @@
 /*
- * events: see events.h for the design. This file owns the sinks: their
+ * events: see events.h for the design. This file owns the pump (the
+ * spool's event records to the journal, then a trim) and the sinks: their
  * threads, their batches (read from the journal, filtered, framed with
  * each event's id), the HTTP client (libcurl's easy interface, one
  * handle per sink, reused for keep-alive) and the Redis client (one

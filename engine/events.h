@@ -3,29 +3,39 @@
  * once, through [events NAME] sinks: signed, batched HTTP webhooks
  * (libcurl) and Redis Streams (hiredis, XADD MAXLEN ~).
  *
- * Where events become durable. The delivery log's writer thread hands
- * each batch of lines it collected (every flush interval, 200 ms by
- * default, or every 64 KB of a worker) to events_on_batch, which appends
- * it to the event journal (events_journal.h) and fsyncs before any sink
- * may read it. Each sink keeps a durable cursor in the journal and moves
- * it only once its endpoint acknowledged a batch (a 2xx, or every XADD
- * answered). The cursor is written (fsync, rename) when the sink has
- * caught up, else once a second: two fsyncs a batch would bound the
- * catch-up of a backlog to the disk's fsync rate. So a restart or a
- * kill -9 resumes from the cursor and re-sends at most the last second
- * of acknowledged events and the batch in flight: consumers drop those
- * duplicates by "event_id" ("<node id>-<event number>", the same on
- * every retry).
+ * Where events become durable. An event is committed in the spool
+ * transaction of what it tells (queue.h, "events"): the reception with
+ * its message, before the 250 (server.c); delivery, transient_failure,
+ * bounce, expiration and dsn with the outcomes and the DSN they belong
+ * to (outbound/outcome.c passes the lines with its outcome batch).
+ * Events that change nothing in the spool (suppressed, oob_bounce,
+ * complaint) come through the delivery log's hook (events_put) and are
+ * committed alone. The spool numbers the lines in commit order; the
+ * pump thread copies the durable ones to the event journal
+ * (events_journal.h) under those numbers, fsyncs, wakes the sinks and
+ * asks the spool to trim what the journal holds. A crash between the
+ * copy and the trim re-reads nothing twice: the pump starts from the
+ * journal's end, a number. So what the spool holds, the journal gets,
+ * and there is no window: an outcome is durable only with its event.
+ * The journal is opened first and the spool numbers on from its end
+ * (queue_events_floor), so a number names one event for ever.
  *
- * The window. An outcome is committed to the spool before its event is
- * formatted, and the event reaches the journal within one flush interval
- * plus an fsync. A crash inside that window loses those events from the
- * journal while their outcomes stand (they are not re-attempted): the
- * loss is bounded by the delivery log's flush interval, not closed.
- * Closing it needs the event records committed in the spool transaction
- * of the outcome (a queue API), which is the next step.
+ * Each sink keeps a durable cursor in the journal and moves it only once
+ * its endpoint acknowledged a batch (a 2xx, or every XADD answered). The
+ * cursor is written (fsync, rename) when the sink has caught up, else
+ * once a second: two fsyncs a batch would bound the catch-up of a
+ * backlog to the disk's fsync rate. So a restart or a kill -9 resumes
+ * from the cursor and re-sends at most the last second of acknowledged
+ * events and the batch in flight: consumers drop those duplicates by
+ * "event_id" ("<node id>-<event number>", the same on every retry).
  *
- * Threads. One thread per sink, blocking on its own client with
+ * Order. Numbers follow commit order, and a message's reception commits
+ * before any outcome of it can; the journal and each sink keep the
+ * numbers' order (one batch in flight), so the first copy of a
+ * message's reception arrives before the first copy of its outcomes.
+ *
+ * Threads. The pump (spool to journal, PUMP_GATHER_MS after a commit so
+ * that one fsync carries several commits), and one thread per sink, blocking on its own client with
  * timeouts: libcurl's easy interface (the handle is reused, so the
  * connection is kept alive) or a hiredis context. Not the worker rings:
  * a sink has at most one batch in flight (that keeps order per message),
@@ -38,9 +48,9 @@
  * sink by max_backlog (past it, the oldest segment is skipped for that
  * sink and the events it held are counted as dropped, loudly).
  *
- * Threading: events_new and events_free from the main thread;
- * events_on_batch from the delivery log's writer thread; events_stats
- * and events_pause from any thread.
+ * Threading: events_new and events_free from the main thread (the spool
+ * open around them); events_put, events_stats and events_pause from any
+ * thread.
  */
 #ifndef SLUICE_ENGINE_EVENTS_H
 #define SLUICE_ENGINE_EVENTS_H
