@@ -1893,11 +1893,14 @@ config_reference(FILE *out)
     reference_table(out, dkim_sig_conf_keys, sizeof(struct dkim_sig_config));
     fprintf(out, "## [events NAME]: delivery events pushed to a webhook or a Redis stream\n\n"
                  "Every delivery log event (whether or not [log] delivery_log is set) is "
-                 "journaled under the spool directory (events/) and pushed to each sink at "
-                 "least once, from a durable cursor per sink, each event with a unique "
-                 "event_id. A webhook gets JSON arrays in POSTs, signed when secret is set; "
-                 "a Redis sink XADDs one entry per event (fields event_id and data). Sinks "
-                 "are read at start (a reload does not change them).\n\n");
+                 "committed in the spool transaction of what it tells, journaled under the "
+                 "spool directory (events/) and pushed to each sink at least once, from a "
+                 "durable cursor per sink, each event with a unique event_id whose number "
+                 "orders a message's events. A webhook gets JSON arrays in POSTs, signed when "
+                 "secret is set; a Redis sink XADDs one entry per event (fields event_id and "
+                 "data). A reload adds, changes (from the sink's cursor) and removes sinks "
+                 "(the cursor stays: added back, a sink resumes); a node started without a "
+                 "sink needs a restart for its first.\n\n");
     reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

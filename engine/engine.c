@@ -593,6 +593,15 @@ engine_reload(struct engine *e, const struct config *ncfg)
     }
     tls_ctx_unref(tls_server);
     tls_ctx_unref(tls_client);
+    if (ncfg != NULL && e->nworkers > 0) {
+        /* [events NAME] sections (events.h); the module is made at start
+         * only when there is a sink (with the delivery log's writers). */
+        if (e->events != NULL)
+            events_reconfigure(e->events, ncfg->events, ncfg->nevents);
+        else if (ncfg->nevents > 0)
+            log_msg(LOG_WARN, "event=reload_kept key=events note=needs_a_restart "
+                              "reason=no_sink_at_start");
+    }
     if (e->dlog != NULL)
         dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */
     int rc = load_users(e, err, sizeof(err));

@@ -93,6 +93,8 @@ struct sink {
     enum sink_kind kind;
     pthread_t thread;
     bool started;
+    bool stop;          /* under ev->mu: this sink alone stops (a reload) */
+    _Atomic bool quit;  /* stop, read without mu: a request in flight gives up */
 
     /* Under ev->mu. */
     struct journal_pos cursor; /* durable: acknowledged up to here */
@@ -128,7 +130,7 @@ struct events {
     _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
     uint64_t appends;      /* bumped on every append: sinks wait for a change */
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
-    struct sink *sinks;    /* owned array */
+    struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;
     pthread_t pump;
     bool pump_started;
@@ -422,7 +424,7 @@ http_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultota
     (void)ultotal;
     (void)ulnow;
     const struct sink *s = arg;
-    return atomic_load(&s->ev->stopping) ? 1 : 0;
+    return atomic_load(&s->ev->stopping) || atomic_load(&s->quit) ? 1 : 0;
 }
 
 static int
@@ -610,8 +612,8 @@ events_trim(struct events *ev)
     struct journal_pos keep = {UINT64_MAX, UINT64_MAX};
     pthread_mutex_lock(&ev->mu);
     for (unsigned i = 0; i < ev->nsinks; i++)
-        if (ev->sinks[i].cursor.off < keep.off)
-            keep = ev->sinks[i].cursor;
+        if (ev->sinks[i]->cursor.off < keep.off)
+            keep = ev->sinks[i]->cursor;
     pthread_mutex_unlock(&ev->mu);
     journal_trim(ev->journal, &keep);
 }
@@ -659,6 +661,9 @@ sink_store_cursor(struct sink *s, const struct journal_pos *pos)
                 strerror(-rc));
 }
 
+/* This sink is to stop (all, or it alone); ev->mu held. */
+#define SINK_STOP(s) ((s)->ev->stop || (s)->stop)
+
 static void *
 sink_main(void *arg)
 {
@@ -675,18 +680,18 @@ sink_main(void *arg)
     for (;;) {
         struct journal_pos end;
         journal_end(ev->journal, &end);
-        while (!ev->stop && (s->st.paused || end.seq <= s->cursor.seq)) {
+        while (!SINK_STOP(s) && (s->st.paused || end.seq <= s->cursor.seq)) {
             first_seen = 0;
             uint64_t seen = ev->appends;
-            while (!ev->stop && seen == ev->appends && !s->st.paused)
+            while (!SINK_STOP(s) && seen == ev->appends && !s->st.paused)
                 wait_until(ev, mono_ms() + 1000);
-            if (s->st.paused && !ev->stop)
+            if (s->st.paused && !SINK_STOP(s))
                 wait_until(ev, mono_ms() + 1000);
             journal_end(ev->journal, &end);
             if (s->st.paused && sink_cap_backlog(s, &end))
                 sink_after_cap(s); /* a paused sink's backlog is bounded too */
         }
-        if (ev->stop)
+        if (SINK_STOP(s))
             break;
         if (sink_cap_backlog(s, &end))
             sink_after_cap(s);
@@ -695,13 +700,13 @@ sink_main(void *arg)
             first_seen = now;
         /* A batch closes at batch_max events or batch_wait after the
          * first: wait for either (a backlog sends at once). */
-        while (!ev->stop && !s->st.paused && end.seq - s->cursor.seq < s->cfg.batch_max &&
+        while (!SINK_STOP(s) && !s->st.paused && end.seq - s->cursor.seq < s->cfg.batch_max &&
                now < first_seen + s->cfg.batch_wait) {
             wait_until(ev, first_seen + s->cfg.batch_wait);
             journal_end(ev->journal, &end);
             now = mono_ms();
         }
-        if (ev->stop)
+        if (SINK_STOP(s))
             break;
         if (s->st.paused)
             continue;
@@ -768,7 +773,7 @@ sink_main(void *arg)
                     s->cfg.name, err, backoff);
         failing = true;
         uint64_t until = mono_ms() + backoff;
-        while (!ev->stop && mono_ms() < until)
+        while (!SINK_STOP(s) && mono_ms() < until)
             wait_until(ev, until);
     }
     struct journal_pos last = s->cursor;
@@ -1007,6 +1012,43 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
     return 0;
 }
 
+/* Start s's thread; mu not held. */
+static int
+sink_start(struct sink *s, char *err, size_t errlen)
+{
+    int rc = pthread_create(&s->thread, NULL, sink_main, s);
+    if (rc != 0) {
+        snprintf(err, errlen, "[events %s]: cannot start its thread: %s", s->cfg.name,
+                 strerror(rc));
+        return -rc;
+    }
+    s->started = true;
+    struct journal_pos end;
+    journal_end(s->ev->journal, &end);
+    log_msg(LOG_INFO, "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
+            s->cfg.name, s->st.kind, end.seq > s->cursor.seq ? end.seq - s->cursor.seq : 0,
+            s->st.paused ? "yes" : "no");
+    return 0;
+}
+
+/* A new sink for c, not started; NULL with a message in err. */
+static struct sink *
+sink_new(struct events *ev, const struct events_sink_config *c, char *err, size_t errlen)
+{
+    struct sink *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        snprintf(err, errlen, "[events %s]: out of memory", c->name);
+        return NULL;
+    }
+    atomic_init(&s->quit, false);
+    if (sink_init(ev, s, c, err, errlen) < 0) {
+        sink_fini(s);
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
 int
 events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct queue *q,
            struct events **out, char *err, size_t errlen)
@@ -1059,30 +1101,17 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
         goto fail;
     }
     ev->pump_started = true;
-    ev->sinks = calloc(n, sizeof(*ev->sinks));
-    if (ev->sinks == NULL) {
-        rc = -ENOMEM;
-        snprintf(err, errlen, "events: out of memory");
-        goto fail;
-    }
     for (unsigned i = 0; i < n; i++) {
-        ev->nsinks = i + 1;
-        if ((rc = sink_init(ev, &ev->sinks[i], &sinks[i], err, errlen)) < 0)
-            goto fail;
-    }
-    for (unsigned i = 0; i < n; i++) {
-        struct sink *s = &ev->sinks[i];
-        if ((rc = pthread_create(&s->thread, NULL, sink_main, s)) != 0) {
-            snprintf(err, errlen, "[events %s]: cannot start its thread: %s", s->cfg.name,
-                     strerror(rc));
-            rc = -rc;
+        struct sink *s = sink_new(ev, &sinks[i], err, errlen);
+        if (s == NULL) {
+            rc = -EINVAL;
             goto fail;
         }
-        s->started = true;
-        struct journal_pos end;
-        journal_end(ev->journal, &end);
-        log_msg(LOG_INFO, "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
-                s->cfg.name, s->st.kind, end.seq - s->cursor.seq, s->st.paused ? "yes" : "no");
+        pthread_mutex_lock(&ev->mu);
+        ev->sinks[ev->nsinks++] = s;
+        pthread_mutex_unlock(&ev->mu);
+        if ((rc = sink_start(s, err, errlen)) < 0)
+            goto fail;
     }
     *out = ev;
     return 0;
@@ -1102,8 +1131,8 @@ events_free(struct events *ev)
     pthread_cond_broadcast(&ev->cond);
     pthread_mutex_unlock(&ev->mu);
     for (unsigned i = 0; i < ev->nsinks; i++)
-        if (ev->sinks[i].started)
-            pthread_join(ev->sinks[i].thread, NULL);
+        if (ev->sinks[i]->started)
+            pthread_join(ev->sinks[i]->thread, NULL);
     if (ev->pump_started)
         pthread_join(ev->pump, NULL);
     if (ev->queue != NULL)
@@ -1113,9 +1142,10 @@ events_free(struct events *ev)
                 queue_port_pending(ev->port)); /* the spool did not answer: freeing would panic */
     else
         queue_port_free(ev->port);
-    for (unsigned i = 0; i < ev->nsinks; i++)
-        sink_fini(&ev->sinks[i]);
-    free(ev->sinks);
+    for (unsigned i = 0; i < ev->nsinks; i++) {
+        sink_fini(ev->sinks[i]);
+        free(ev->sinks[i]);
+    }
     free(ev->pbuf);
     journal_close(ev->journal);
     pthread_mutex_destroy(&ev->mu);
@@ -1123,6 +1153,143 @@ events_free(struct events *ev)
     free(ev);
     curl_global_cleanup();
     return NULL;
+}
+
+static bool
+str_same(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* Whether a reload leaves the sink as it runs ("paused" aside: it only
+ * says how the sink starts). */
+static bool
+sink_cfg_same(const struct events_sink_config *a, const struct events_sink_config *b)
+{
+    return str_same(a->url, b->url) && str_same(a->secret, b->secret) &&
+           str_same(a->events, b->events) && str_same(a->tenants, b->tenants) &&
+           str_same(a->ca_file, b->ca_file) && a->batch_max == b->batch_max &&
+           a->batch_wait == b->batch_wait && a->timeout == b->timeout &&
+           a->retry_min == b->retry_min && a->retry_max == b->retry_max &&
+           a->max_backlog == b->max_backlog && a->maxlen == b->maxlen;
+}
+
+int
+events_reconfigure(struct events *ev, const struct events_sink_config *sinks, unsigned n)
+{
+    if (ev == NULL)
+        return n == 0 ? 0 : -ENOENT;
+    if (n > EVENTS_SINKS_MAX)
+        return -EINVAL;
+    char err[256];
+    int failed = 0;
+    /* Removed, or changed: stop the old one (it stores its cursor). */
+    struct sink *old[EVENTS_SINKS_MAX];
+    unsigned nold = 0;
+    pthread_mutex_lock(&ev->mu);
+    for (unsigned i = 0; i < ev->nsinks;) {
+        struct sink *s = ev->sinks[i];
+        const struct events_sink_config *c = NULL;
+        for (unsigned k = 0; k < n && c == NULL; k++)
+            if (strcmp(sinks[k].name, s->cfg.name) == 0)
+                c = &sinks[k];
+        if (c != NULL && sink_cfg_same(&s->cfg, c)) {
+            if (c->paused != s->cfg.paused) { /* the config's word on the start wins */
+                s->cfg.paused = c->paused;
+                s->st.paused = c->paused;
+                pthread_cond_broadcast(&ev->cond);
+            }
+            i++;
+            continue;
+        }
+        old[nold++] = s;
+        memmove(&ev->sinks[i], &ev->sinks[i + 1], (ev->nsinks - i - 1) * sizeof(ev->sinks[0]));
+        ev->nsinks--;
+    }
+    pthread_mutex_unlock(&ev->mu);
+    struct events_sink_stats kept[EVENTS_SINKS_MAX];
+    bool was_paused[EVENTS_SINKS_MAX];
+    bool had_paused_cfg[EVENTS_SINKS_MAX];
+    for (unsigned i = 0; i < nold; i++) {
+        struct sink *s = old[i];
+        pthread_mutex_lock(&ev->mu);
+        kept[i] = s->st;
+        was_paused[i] = s->st.paused;
+        had_paused_cfg[i] = s->cfg.paused;
+        pthread_mutex_unlock(&ev->mu);
+        if (s->started) {
+            pthread_mutex_lock(&ev->mu);
+            s->stop = true;
+            pthread_cond_broadcast(&ev->cond);
+            pthread_mutex_unlock(&ev->mu);
+            atomic_store(&s->quit, true);
+            pthread_join(s->thread, NULL);
+            s->started = false;
+        }
+        /* The cursor on disk is where it resumes, now or when added back. */
+        sink_store_cursor(s, &s->cursor);
+    }
+    /* Added, or changed: start from the stored cursor (a changed URL keeps
+     * it); a name never seen starts at the journal's end: from now on. */
+    for (unsigned k = 0; k < n; k++) {
+        bool running = false;
+        pthread_mutex_lock(&ev->mu);
+        for (unsigned i = 0; i < ev->nsinks && !running; i++)
+            running = strcmp(ev->sinks[i]->cfg.name, sinks[k].name) == 0;
+        pthread_mutex_unlock(&ev->mu);
+        if (running)
+            continue;
+        int prev = -1;
+        for (unsigned i = 0; i < nold && prev < 0; i++)
+            if (strcmp(old[i]->cfg.name, sinks[k].name) == 0)
+                prev = (int)i;
+        bool known = prev >= 0 || journal_cursor_exists(ev->journal, sinks[k].name);
+        struct sink *s = sink_new(ev, &sinks[k], err, sizeof(err));
+        if (s == NULL) {
+            log_msg(LOG_ERR, "event=events_sink_reload_failed sink=%s err=\"%s\"", sinks[k].name,
+                    err);
+            failed = -EINVAL;
+            continue;
+        }
+        if (!known) {
+            journal_end(ev->journal, &s->cursor);
+            sink_store_cursor(s, &s->cursor);
+        }
+        if (prev >= 0) {
+            /* the same sink, changed: its counters go on */
+            struct events_sink_stats *o = &kept[prev];
+            s->st.sent = o->sent;
+            s->st.batches = o->batches;
+            s->st.failed = o->failed;
+            s->st.filtered = o->filtered;
+            s->st.dropped = o->dropped;
+            memcpy(s->st.last_error, o->last_error, sizeof(s->st.last_error));
+            s->st.paused = sinks[k].paused != had_paused_cfg[prev] ? sinks[k].paused
+                                                                    : was_paused[prev];
+        }
+        pthread_mutex_lock(&ev->mu);
+        ev->sinks[ev->nsinks++] = s;
+        pthread_mutex_unlock(&ev->mu);
+        if (sink_start(s, err, sizeof(err)) < 0) {
+            log_msg(LOG_ERR, "event=events_sink_reload_failed sink=%s err=\"%s\"", sinks[k].name,
+                    err);
+            failed = -EINVAL;
+        }
+        log_msg(LOG_NOTICE, "event=events_sink_%s sink=%s", prev >= 0 ? "changed" : "added",
+                sinks[k].name);
+    }
+    for (unsigned i = 0; i < nold; i++) {
+        bool again = false;
+        for (unsigned k = 0; k < n && !again; k++)
+            again = strcmp(sinks[k].name, old[i]->cfg.name) == 0;
+        if (!again)
+            log_msg(LOG_NOTICE, "event=events_sink_removed sink=%s note=cursor_kept",
+                    old[i]->cfg.name);
+        sink_fini(old[i]);
+        free(old[i]);
+    }
+    events_trim(ev);
+    return failed;
 }
 
 unsigned
@@ -1136,7 +1303,7 @@ events_stats(struct events *ev, struct events_sink_stats *out, unsigned cap)
     unsigned n = 0;
     pthread_mutex_lock(&ev->mu);
     for (; n < ev->nsinks && n < cap; n++) {
-        const struct sink *s = &ev->sinks[n];
+        const struct sink *s = ev->sinks[n];
         out[n] = s->st;
         out[n].pending = end.seq > s->cursor.seq ? end.seq - s->cursor.seq : 0;
         out[n].oldest_age_ms =
@@ -1154,8 +1321,8 @@ events_pause(struct events *ev, const char *name, bool paused)
     int rc = -ENOENT;
     pthread_mutex_lock(&ev->mu);
     for (unsigned i = 0; i < ev->nsinks; i++)
-        if (strcmp(ev->sinks[i].cfg.name, name) == 0) {
-            ev->sinks[i].st.paused = paused;
+        if (strcmp(ev->sinks[i]->cfg.name, name) == 0) {
+            ev->sinks[i]->st.paused = paused;
             rc = 0;
         }
     pthread_cond_broadcast(&ev->cond);

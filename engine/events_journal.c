@@ -639,6 +639,16 @@ journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos
     return 0;
 }
 
+bool
+journal_cursor_exists(struct journal *j, const char *name)
+{
+    char path[PATH_MAX];
+    if (!journal_name_valid(name))
+        return false;
+    snprintf(path, sizeof(path), "%s/cursor.%s", j->dir, name);
+    return access(path, F_OK) == 0;
+}
+
 int
 journal_cursor_store(struct journal *j, const char *name, const struct journal_pos *pos)
 {

@@ -91,6 +91,9 @@ bool journal_name_valid(const char *name);
  * cursor was never stored or lies outside the journal), or -errno. */
 int journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos);
 int journal_cursor_store(struct journal *j, const char *name, const struct journal_pos *pos);
+/* Whether a cursor was ever stored for name (it stays when its sink is
+ * removed: added back, the sink resumes there). */
+bool journal_cursor_exists(struct journal *j, const char *name);
 
 /* Delete the segments that end at or before keep (every cursor passed
  * them). The segment being appended to is never deleted. Returns how

@@ -17,6 +17,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Receiver:
         self.bad_signatures = 0
         self.connections = set()
         self.status = 200
+        self.secret = SECRET
         self.hold = threading.Event()  # set: requests wait
         self.released = threading.Event()
         self.server = None
@@ -69,7 +71,7 @@ class Receiver:
                 body = self.rfile.read(n)
                 ts = self.headers.get("X-Sluice-Timestamp", "")
                 sig = self.headers.get("X-Sluice-Signature", "")
-                want = "sha256=" + hmac.new(SECRET.encode(), ts.encode() + b"." + body,
+                want = "sha256=" + hmac.new(rec.secret.encode(), ts.encode() + b"." + body,
                                             hashlib.sha256).hexdigest()
                 fresh = ts.isdigit() and abs(time.time() - int(ts)) < 300
                 with rec.lock:
@@ -255,11 +257,11 @@ socket = {self.sock}
             self.wd.cleanup()
 
 
-def hook_conf(port, extra=""):
+def hook_conf(port, extra="", name="hook", secret=SECRET):
     return f"""
-[events hook]
+[events {name}]
 url = http://127.0.0.1:{port}/events
-secret = {SECRET}
+secret = {secret}
 batch_max = 500
 batch_wait = 100ms
 timeout = 5s
@@ -574,8 +576,84 @@ def test_kill9_right_after_delivery_loses_no_event():
             rec.stop()
 
 
+def test_reload_adds_changes_and_removes_sinks():
+    """[events NAME] sections follow SIGHUP: a sink added by a reload gets
+    every event from then on (and none from before); a changed secret
+    signs the next batches (the receiver checks with the new one only); a
+    removed sink stops, its cursor stays on disk, and added back (here
+    with another URL) it resumes from that cursor: it gets every event
+    logged while it was away."""
+    a, b, c = Receiver(), Receiver(), Receiver()
+    node = Node(hook_conf(a.port))
+    base = open(node.conf).read()
+
+    def reload(sinks, needle):
+        with open(node.conf, "w") as f:
+            f.write(base.replace(hook_conf(a.port), sinks))
+        n = len([l for l in node.d.lines if needle in l])
+        node.d.signal(signal.SIGHUP)
+        node.d.wait_log_count(needle, n + 1)
+
+    def ids_at(rec, tag):
+        with rec.lock:
+            return {e["id"] for e in rec.events.values()
+                    if e["event"] == "delivery" and e["rcpt"].startswith(tag)}
+
+    def all_of(rec, tag, n):
+        """Every event (reception and delivery) of the n messages of tag."""
+        def done():
+            ids = ids_at(rec, tag)
+            with rec.lock:
+                rx = {e["id"] for e in rec.events.values() if e["event"] == "reception"}
+            return len(ids) == n and ids <= rx
+        wait_until(done, 60, f"every event of {tag} at {rec.port}")
+
+    try:
+        node.inject(20, "ra")
+        all_of(a, "ra", 20)
+        # add "second": from now on
+        reload(hook_conf(a.port) + hook_conf(b.port, name="second"),
+               "event=events_sink_added sink=second")
+        node.inject(20, "rb")
+        all_of(a, "rb", 20)
+        all_of(b, "rb", 20)
+        assert not ids_at(b, "ra"), "a sink added by a reload got events from before it"
+        assert {s["name"] for s in node.ctl("events")["sinks"]} == {"hook", "second"}
+        for name in ("hook", "second"):
+            wait_until(lambda: node.sink_stats(name)["pending"] == 0, 30, f"{name} pending 0")
+        # a new secret: the receiver accepts only it from now on
+        a.secret = "the-new-secret"
+        reload(hook_conf(a.port, secret="the-new-secret") + hook_conf(b.port, name="second"),
+               "event=events_sink_changed sink=hook")
+        node.inject(20, "rc")
+        all_of(a, "rc", 20)
+        all_of(b, "rc", 20)
+        with a.lock:
+            assert a.bad_signatures == 0, f"{a.bad_signatures} batches badly signed"
+        wait_until(lambda: node.sink_stats("second")["pending"] == 0, 30, "second pending 0")
+        # remove "second": it stops, its cursor stays
+        reload(hook_conf(a.port, secret="the-new-secret"), "event=events_sink_removed sink=second")
+        assert [s["name"] for s in node.ctl("events")["sinks"]] == ["hook"]
+        assert os.path.exists(os.path.join(node.spool, "events", "cursor.second"))
+        node.inject(20, "rd")
+        all_of(a, "rd", 20)
+        assert not ids_at(b, "rd"), "a removed sink still got events"
+        # back, at another URL: it resumes from its cursor
+        reload(hook_conf(a.port, secret="the-new-secret") + hook_conf(c.port, name="second"),
+               "event=events_sink_added sink=second")
+        all_of(c, "rd", 20)
+        assert not ids_at(c, "rc"), "the cursor was not kept: events before it sent again"
+        with a.lock, b.lock, c.lock:
+            assert a.bad_signatures == b.bad_signatures == c.bad_signatures == 0
+    finally:
+        node.close()
+        for r in (a, b, c):
+            r.stop()
+
+
 if __name__ == "__main__":
     main([test_every_event_of_10000_messages_arrives_signed, test_503_for_a_while_then_accepted,
           test_receiver_down_across_restart_and_kill9, test_hanging_receiver_does_not_hold_delivery,
           test_pause_resume_filter_and_metrics, test_redis_stream_and_redis_killed_and_back,
-          test_kill9_right_after_delivery_loses_no_event])
+          test_kill9_right_after_delivery_loses_no_event,
+          test_reload_adds_changes_and_removes_sinks])
