@@ -141,6 +141,7 @@ struct events {
     size_t plen, pcap;
     uint64_t pfrom; /* the number the copy must start at */
     uint64_t pseq;  /* the number after the copied lines */
+    uint64_t pskip; /* non-zero: the spool's next record starts there, past pfrom */
     bool trimming;  /* a trim is in flight */
 };
 
@@ -804,9 +805,11 @@ pump_record(void *arg, uint64_t seq, const char *text, size_t len)
 {
     struct events *ev = arg;
     if (seq > ev->pseq) {
-        if (ev->plen > 0)
-            return 1; /* append what is before the gap first */
-        ev->pseq = seq;
+        /* numbers the spool does not hold: append what is before them,
+         * then the journal skips them (pump_move) */
+        if (ev->plen == 0)
+            ev->pskip = seq;
+        return 1;
     }
     const char *p = text, *end = text + len;
     for (uint64_t n = seq; n < ev->pseq && p < end; n++) { /* lines already in the journal */
@@ -862,19 +865,18 @@ pump_move(struct events *ev)
     struct journal_pos end;
     journal_end(ev->journal, &end);
     ev->plen = 0;
+    ev->pskip = 0;
     ev->pfrom = ev->pseq = end.seq;
     int n = queue_events_read(ev->queue, end.seq, PUMP_BYTES, pump_record, ev);
     if (n < 0) {
         log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
         return n;
     }
-    if (ev->pseq > ev->pfrom && ev->plen == 0) {
-        /* the spool holds nothing from pfrom to pseq: a journal made anew
+    if (ev->pskip > ev->pfrom) {
+        /* the spool holds nothing from pfrom to pskip: a journal made anew
          * beside an older spool, or records lost; number on from there */
-        int rc = journal_skip_to(ev->journal, ev->pseq);
-        if (rc < 0)
-            return rc;
-        return 1;
+        int rc = journal_skip_to(ev->journal, ev->pskip);
+        return rc < 0 ? rc : 1;
     }
     if (ev->plen == 0)
         return 0;

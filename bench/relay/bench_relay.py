@@ -101,7 +101,8 @@ def main():
                          "stream) off, then on, twice each, and compare")
     ap.add_argument("--before", default="",
                     help="another sluice binary: runs alternate it and --sluice, --rounds "
-                         "times each, and the best of each is compared")
+                         "times each, and the best of each is compared (with --events: a "
+                         "sinks-on run of it after each sinks off/on pair of --sluice)")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
 
@@ -131,6 +132,11 @@ def main():
         a.keydir = keydir
     if a.events:
         runs = [("sinks off", "dlog"), ("sinks on", "events")] * 2
+        if a.before:
+            # --before with --events: its sinks-on rate beside this one's
+            runs = [("sinks off", "dlog"), ("sinks on", "events"),
+                    ("sinks on (before)", "events")] * 2
+            binaries = {"sinks on (before)": a.before}
         sys.path.insert(0, os.path.join(here, "..", "events"))
         import bench_events  # noqa: E402
         a.receiver, a.receiver_port = bench_events.start_receiver(False)
@@ -161,7 +167,7 @@ def main():
               f"({100 * (n_expect / t_e2e) / (a.messages / t_ceiling):.0f}% of the ceiling)")
         print(f"  delivered {got} of {n_expect}; sluice used {cpu:.2f} s of CPU: "
               f"{1e6 * cpu / max(1, n_expect):.0f} us per message")
-    if a.before:
+    if a.before and not a.events:
         best = {lab: max(r[3] / r[1] for ll, r in results if ll == lab)
                 for lab in ("before", "after")}
         cpu = {lab: min(r[4] / r[3] for ll, r in results if ll == lab)
@@ -208,6 +214,10 @@ def main():
               f"{best_off:.0f} msg/s off, {best_on:.0f} msg/s on: {100 * best_on / best_off:.0f}% "
               f"of the rate without sinks (alternating runs, best of 2; receiver and redis-server "
               f"share the 2 cores)")
+        if a.before:
+            bef = max(r[1][3] / r[1][1] for r in results if r[0] == "sinks on (before)")
+            print(f"  sinks on with {a.before}: best e2e {bef:.0f} msg/s: this binary's sinks-on "
+                  f"rate is {100 * best_on / bef:.0f}% of it")
 
 
 def sinks_pending(sock):

@@ -8,11 +8,13 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
 
 #include <endian.h>
+#include <errno.h>
 #include <ftw.h>
 #include <lmdb.h>
 #include <pthread.h>
@@ -1435,6 +1437,143 @@ test_strerror(void **state)
             assert_string_not_equal(queue_strerror(codes[i]), queue_strerror(codes[j]));
 }
 
+/* ---- events (queue.h): lines committed with their requests ---- */
+
+struct ev_wait {
+    int rc;
+    bool done;
+};
+
+static void
+ev_done(void *cookie, int rc)
+{
+    struct ev_wait *w = cookie;
+    w->rc = rc;
+    w->done = true;
+}
+
+static int
+ev_finish(struct queue_port *port, struct ev_wait *w, int submitted)
+{
+    if (submitted < 0)
+        return submitted;
+    for (int i = 0; i < 1000 && !w->done; i++)
+        queue_port_wait(port, 100);
+    assert_true(w->done);
+    return w->rc;
+}
+
+struct ev_rec {
+    uint64_t seq[16];
+    char text[16][64];
+    unsigned n;
+};
+
+static int
+ev_collect(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    struct ev_rec *r = arg;
+    assert_true(r->n < 16 && len < 64);
+    r->seq[r->n] = seq;
+    memcpy(r->text[r->n], text, len);
+    r->text[r->n][len] = '\0';
+    r->n++;
+    return 0;
+}
+
+static void
+test_events_committed_and_numbered(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    assert_int_equal(queue_events_durable(q), 0);
+
+    /* a reception with its message */
+    struct queue_rcpt rc[2] = {{.addr = "a@x.example"}, {.addr = "b@x.example"}};
+    struct queue_envelope env = {.id = queue_id_next(q), .sender = "s@y.example", .nrcpt = 2,
+                                 .rcpt = rc};
+    struct iovec iov = {(void *)"body\r\n", 6};
+    struct ev_wait w = {0};
+    assert_int_equal(ev_finish(port, &w, queue_enqueue_events(q, port, &env, &iov, 1, "r1\n", 3,
+                                                              ev_done, &w)),
+                     0);
+    /* two outcome lines with their outcome */
+    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok"};
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
+                                                                     0, "d1\nd2\n", 6, ev_done,
+                                                                     &w)),
+                     0);
+    /* the same outcome again (a retry of a commit that happened): no lines */
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
+                                                                     0, "x\n", 2, ev_done, &w)),
+                     0);
+    /* lines alone */
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_put(q, port, "s1\n", 3, ev_done, &w)), 0);
+    assert_int_equal(queue_events_durable(q), 4);
+    /* not whole lines */
+    assert_int_equal(queue_events_put(q, port, "s1", 2, ev_done, &w), -EINVAL);
+    assert_int_equal(queue_enqueue_events(q, port, &env, &iov, 1, "r", 1, ev_done, &w), -EINVAL);
+
+    struct ev_rec r = {0};
+    assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 3);
+    assert_int_equal(r.seq[0], 0);
+    assert_string_equal(r.text[0], "r1\n");
+    assert_int_equal(r.seq[1], 1);
+    assert_string_equal(r.text[1], "d1\nd2\n");
+    assert_int_equal(r.seq[2], 3);
+    assert_string_equal(r.text[2], "s1\n");
+    /* from the middle of a record: that record first */
+    r = (struct ev_rec){0};
+    assert_int_equal(queue_events_read(q, 2, 1 << 20, ev_collect, &r), 2);
+    assert_int_equal(r.seq[0], 1);
+    assert_int_equal(r.seq[1], 3);
+    r = (struct ev_rec){0};
+    assert_int_equal(queue_events_read(q, 4, 1 << 20, ev_collect, &r), 0);
+
+    /* a trim keeps what is not wholly below its bound */
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_trim(q, port, 2, ev_done, &w)), 0);
+    r = (struct ev_rec){0};
+    assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 2);
+    assert_int_equal(r.seq[0], 1);
+    struct queue_stats st;
+    queue_stats(q, &st);
+    assert_int_equal(st.events_kept, 2);
+
+    /* numbers survive a reopen, and a trim that empties the database */
+    queue_port_free(port);
+    reopen(f);
+    q = f->q;
+    port = queue_port_new();
+    assert_int_equal(queue_events_durable(q), 4);
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_trim(q, port, 4, ev_done, &w)), 0);
+    queue_port_free(port);
+    reopen(f);
+    q = f->q;
+    port = queue_port_new();
+    assert_int_equal(queue_events_durable(q), 4);
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_put(q, port, "t\n", 2, ev_done, &w)), 0);
+    r = (struct ev_rec){0};
+    assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 1);
+    assert_int_equal(r.seq[0], 4);
+    /* a floor (the journal ahead) moves the next number up */
+    queue_events_floor(q, 100);
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_put(q, port, "u\n", 2, ev_done, &w)), 0);
+    r = (struct ev_rec){0};
+    assert_int_equal(queue_events_read(q, 5, 1 << 20, ev_collect, &r), 1);
+    assert_int_equal(r.seq[0], 100);
+    assert_int_equal(queue_events_durable(q), 101);
+    queue_port_free(port);
+}
+
 int
 main(void)
 {
@@ -1468,6 +1607,7 @@ main(void)
         T(test_large_body),
         T(test_port_async),
         T(test_close_finishes_queued),
+        T(test_events_committed_and_numbered),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

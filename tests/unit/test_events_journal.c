@@ -276,6 +276,41 @@ test_cursor_resume(void **state)
 }
 
 static void
+test_skip_to(void **state)
+{
+    (void)state;
+    /* an empty journal: its first segment takes the new numbers */
+    struct journal *j = jopen(0);
+    assert_int_equal(journal_skip_to(j, 5), 0);
+    append_str(j, "e\n");
+    struct journal_pos end, pos = {0, 0};
+    journal_end(j, &end);
+    assert_int_equal(end.seq, 6);
+    char out[256];
+    assert_int_equal(read_all(j, &pos, out, sizeof(out)), 1);
+    assert_int_equal(pos.seq, 6);
+    /* past lines: a new segment; a reader at the old end takes its numbers */
+    struct journal_pos mid = end;
+    assert_int_equal(journal_skip_to(j, 3), 0); /* below the end: nothing */
+    assert_int_equal(journal_skip_to(j, 10), 0);
+    append_str(j, "f\ng\n");
+    journal_end(j, &end);
+    assert_int_equal(end.seq, 12);
+    assert_int_equal(read_all(j, &mid, out, sizeof(out)), 2);
+    assert_string_equal(out, "f\ng\n");
+    assert_int_equal(mid.seq, 12);
+    journal_close(j);
+    j = jopen(0); /* the numbers survive a reopen */
+    journal_end(j, &end);
+    assert_int_equal(end.seq, 12);
+    pos = (struct journal_pos){0, 0};
+    assert_int_equal(read_all(j, &pos, out, sizeof(out)), 3);
+    assert_string_equal(out, "e\nf\ng\n");
+    assert_int_equal(pos.seq, 12);
+    journal_close(j);
+}
+
+static void
 test_sign(void **state)
 {
     (void)state;
@@ -295,6 +330,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_segments_and_trim, setup, teardown),
         cmocka_unit_test_setup_teardown(test_torn_tail, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cursor_resume, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_skip_to, setup, teardown),
         cmocka_unit_test(test_sign),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
