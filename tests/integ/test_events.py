@@ -651,13 +651,52 @@ def test_reload_adds_changes_and_removes_sinks():
             r.stop()
 
 
+def test_suppressed_event_committed_alone_arrives():
+    """An event that changes nothing in the spool (a recipient refused at
+    RCPT as suppressed) is committed alone (the delivery log's hook) and
+    reaches the sink like the others, numbered after the events committed
+    before it."""
+    rec = Receiver()
+    node = Node("[suppress]\n" + hook_conf(rec.port))
+    try:
+        r = node.ctl("suppress add gone@ev.test")
+        assert r.get("ok") is True, r
+        node.inject(3, "sa")
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as c:
+            c.ehlo("tester")
+            c.mail("s@example.com")
+            code, _ = c.rcpt("gone@ev.test")
+            assert code == 550, code
+            c.rset()
+
+        def suppressed():
+            with rec.lock:
+                return [(int(eid.split("-")[1]), e) for eid, e in rec.events.items()
+                        if e["event"] == "suppressed"]
+        wait_until(lambda: suppressed(), 60, "the suppressed event at the receiver")
+        seq, ev = suppressed()[0]
+        assert ev["rcpt"] == "gone@ev.test" and ev["reason"] == "manual", ev
+        def receptions():
+            with rec.lock:
+                return [int(eid.split("-")[1]) for eid, e in rec.events.items()
+                        if e["event"] == "reception"]
+        before = wait_until(lambda: (lambda r: r if len(r) == 3 else None)(receptions()), 60,
+                            "three receptions at the receiver")
+        assert len(before) == 3 and max(before) < seq, (before, seq)
+    finally:
+        node.close()
+        rec.stop()
+
+
 if __name__ == "__main__":
     # Two ctest entries (tests/integ/CMakeLists.txt), so that each stays
     # well inside its timeout under the sanitizers: "push" (the default)
     # and "crash" (the kill -9 rounds and the reload).
     if (sys.argv[3] if len(sys.argv) > 3 else "push") == "crash":
         main([test_kill9_right_after_delivery_loses_no_event,
-              test_reload_adds_changes_and_removes_sinks])
+              test_reload_adds_changes_and_removes_sinks,
+              test_suppressed_event_committed_alone_arrives])
     else:
         main([test_every_event_of_10000_messages_arrives_signed,
               test_503_for_a_while_then_accepted, test_receiver_down_across_restart_and_kill9,
