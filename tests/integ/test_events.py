@@ -493,9 +493,12 @@ retry_max = 500ms
 """)
         node.inject(500, "g")
         node.wait_delivered(500)
+        want = dlog_events(node.dlog)
+        # every event in the stream (the file can be a moment ahead of the journal)
+        wait_until(lambda: int(redis_cli(redis.port, "XLEN", "sluice-events").strip() or 0)
+                   >= len(want), 60, "every event in the stream")
         wait_until(lambda: node.sink_stats("stream")["pending"] == 0, 60, "pending 0")
         ids = stream_ids(redis.port, "sluice-events")
-        want = dlog_events(node.dlog)
         assert len(set(ids)) == len(want) == 1000, (len(set(ids)), len(want))
         # the data field is the event itself, with its event_id
         raw = redis_cli(redis.port, "XRANGE", "sluice-events", "-", "+", "COUNT", "1")
