@@ -128,9 +128,11 @@ now_of(const struct warmup *w, uint64_t now_ms)
     return t < 0 ? 0 : (uint64_t)t;
 }
 
-/* What s may still take in group g (UINT64_MAX: no limit). Under lock. */
+/* What s may still take in group g (UINT64_MAX: no limit). ask: a
+ * sender asks (with Redis, the next pass reserves for it when it is short);
+ * a report does not. Under lock. */
 static uint64_t
-left_of(struct warmup *w, struct wsrc *s, unsigned g, uint64_t t, struct wcount **cp)
+left_of(struct warmup *w, struct wsrc *s, unsigned g, uint64_t t, struct wcount **cp, bool ask)
 {
     int64_t today = warmup_conf_today(s->plan, t);
     struct wcount *c = count_at(w, s, g, today);
@@ -140,11 +142,11 @@ left_of(struct warmup *w, struct wsrc *s, unsigned g, uint64_t t, struct wcount 
         return UINT64_MAX;
     uint64_t limit = limit_of(w, c, allowance);
     if (c->mine >= limit) {
-        c->asked = true;
+        c->asked |= ask;
         return 0;
     }
     if ((limit - c->mine) * 2 <= limit)
-        c->asked = true; /* half spent: the next pass reserves more */
+        c->asked |= ask; /* half spent: the next pass reserves more */
     return limit - c->mine;
 }
 
@@ -158,7 +160,7 @@ warmup_left(struct warmup *w, const char *source, const char *mx_host, uint64_t 
     struct wsrc *s = src_find(w, source);
     if (s != NULL) {
         struct wcount *c;
-        left = left_of(w, s, warmup_conf_group(s->plan, mx_host), now_of(w, now_ms), &c);
+        left = left_of(w, s, warmup_conf_group(s->plan, mx_host), now_of(w, now_ms), &c, true);
     }
     pthread_mutex_unlock(&w->lock);
     return left;
@@ -174,7 +176,8 @@ warmup_take(struct warmup *w, const char *source, const char *mx_host, uint64_t 
     struct wsrc *s = src_find(w, source);
     if (s != NULL) {
         struct wcount *c;
-        uint64_t left = left_of(w, s, warmup_conf_group(s->plan, mx_host), now_of(w, now_ms), &c);
+        uint64_t left =
+            left_of(w, s, warmup_conf_group(s->plan, mx_host), now_of(w, now_ms), &c, true);
         if (left == 0) {
             ok = false;
             w->st.refused++;
@@ -200,7 +203,7 @@ warmup_next_day_ms(struct warmup *w, const char *source, const char *mx_host, ui
         unsigned g = warmup_conf_group(s->plan, mx_host);
         struct wcount *c;
         int64_t today = warmup_conf_today(s->plan, t);
-        uint64_t left = left_of(w, s, g, t, &c);
+        uint64_t left = left_of(w, s, g, t, &c, true);
         uint64_t allowance = warmup_conf_allowance(s->plan, g, today - s->start_day + 1);
         if (left == 0 && w->redis_on && c->seen < allowance) {
             at = now_ms + KEEPER_INTERVAL_MS; /* the share grows at the next pass */
@@ -850,7 +853,7 @@ warmup_report(struct warmup *w, uint64_t now_ms, struct warmup_row *out, size_t 
             struct warmup_row *r = &out[k];
             memset(r, 0, sizeof(*r));
             struct wcount *c;
-            r->left = left_of(w, s, g, t, &c);
+            r->left = left_of(w, s, g, t, &c, false);
             snprintf(r->source, sizeof(r->source), "%s", s->addr);
             snprintf(r->plan, sizeof(r->plan), "%s", s->plan->name);
             snprintf(r->group, sizeof(r->group), "%s", s->plan->groups[g].name);

@@ -18,18 +18,24 @@
  * kill, at most that day's allowance. A state file from another day counts
  * for nothing today.
  *
- * With [redis] url the counts are shared by every node: the keeper adds
- * each counter's growth since its last pass to a Redis key per source,
- * group and day (INCRBY, kept 3 days) every second and learns the
- * cluster's total from the reply. Between passes a node may take only its
- * share of what the cluster has left, (allowance - total) / nodes
- * ([redis] nodes; at least 1 while anything is left), so the nodes
- * together over-send by at most nodes - 1 messages a day when nodes is
- * right; a node that ran out of its share waits for the next pass
- * (warmup_next_day_ms answers then). With Redis down a node goes on at
- * its share of what was left at the last pass (of the whole allowance /
- * nodes on a new day), and reconnects with backoff (1 s doubling to 30 s).
- * Redis keys: "<prefix>warmup:{<source>}:<group>:<YYYY-MM-DD>".
+ * With [redis] url the day's budget is shared by every node. A node sends
+ * only tokens it reserved: the keeper, every second, reserves for each
+ * (source, group) in demand (asked for, or half its tokens spent) a
+ * batch of (allowance - the cluster's reservations) / nodes ([redis]
+ * nodes; at least 1) by INCRBY on "<prefix>warmup:{<source>}:<group>:
+ * <YYYY-MM-DD>:reserved"; what the reply shows past the allowance is
+ * given back (DECRBY) and not granted. Each INCRBY is atomic, so the
+ * nodes' grants together never pass the allowance: no over-send across
+ * nodes, at the cost of tokens a node reserved and did not use (at most
+ * one batch per node a day). Each pass also adds the node's use to
+ * "...:used" (reports: "taken" is every node's). Keys expire after 3
+ * days. A node that ran out of tokens while the cluster has some left
+ * waits for the next pass (warmup_next_day_ms answers then); nothing is
+ * reserved before the first pass (a second after start). With Redis
+ * unreachable a node keeps to a local share, allowance / nodes of its
+ * own count (as limits.c does), or its reservation if larger, and
+ * reconnects with backoff (1 s doubling to 30 s); the nodes may then
+ * pass the allowance by what the others had reserved.
  *
  * Threading: every call from any thread (workers and the stats thread).
  */

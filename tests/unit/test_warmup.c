@@ -475,6 +475,14 @@ test_redis_shared(void **state)
         assert_int_equal(warmup_flush(b), 0);
     }
     assert_int_equal(ta + tb, 20);
+    /* one node alone takes a whole day's budget, batch by batch */
+    unsigned tc = 0;
+    for (int round = 0; round < 20; round++) {
+        while (warmup_take(b, "127.0.0.2", GMAIL, now))
+            tc++;
+        assert_int_equal(warmup_flush(b), 0);
+    }
+    assert_int_equal(tc, 20);
     warmup_report(a, now, rows, 8);
     assert_int_equal(rows[3].taken, 20);
     struct warmup_stats st;
