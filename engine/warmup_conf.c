@@ -7,7 +7,6 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -449,8 +448,8 @@ warmup_conf_allowance(const struct warmup_plan_conf *pl, unsigned gi, int64_t da
         return (uint64_t)day > g->ndays ? WARMUP_UNLIMITED : g->schedule[day - 1];
     if ((uint64_t)day > pl->ndays)
         return WARMUP_UNLIMITED;
-    double v = floor((double)pl->schedule[day - 1] * g->scale);
-    return v < 1 ? 1 : (uint64_t)v;
+    uint64_t v = (uint64_t)((double)pl->schedule[day - 1] * g->scale); /* rounds down */
+    return v < 1 ? 1 : v;
 }
 
 void
