@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "engine/config.h"
 
@@ -363,19 +364,8 @@ warmup_conf_free(struct warmup_plan_conf *pl)
     memset(pl, 0, sizeof(*pl));
 }
 
-/* Days from 1970-01-01 to y-m-d (proleptic Gregorian; Howard Hinnant's
- * days_from_civil). */
-static int64_t
-days_from_civil(int64_t y, unsigned m, unsigned d)
-{
-    y -= m <= 2;
-    const int64_t era = (y >= 0 ? y : y - 399) / 400;
-    const unsigned yoe = (unsigned)(y - era * 400);
-    const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-    const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + (int64_t)doe - 719468;
-}
-
+/* Dates go through libc's timegm and gmtime_r (UTC, no time zone
+ * files): a date is a day number, whatever the plan's offset. */
 int
 warmup_conf_parse_date(const char *s, int64_t *day)
 {
@@ -383,29 +373,26 @@ warmup_conf_parse_date(const char *s, int64_t *day)
     char tail;
     if (strlen(s) != 10 || s[4] != '-' || s[7] != '-' ||
         sscanf(s, "%4u-%2u-%2u%c", &y, &m, &d, &tail) != 3 || y < 1970 || y > 9999 || m < 1 ||
-        m > 12 || d < 1)
+        m > 12 || d < 1 || d > 31)
         return -EINVAL;
-    static const unsigned mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    if (d > mdays[m - 1] + (m == 2 && leap))
+    struct tm tm = {.tm_year = (int)y - 1900, .tm_mon = (int)m - 1, .tm_mday = (int)d};
+    time_t t = timegm(&tm);
+    /* timegm normalises Feb 30 into March: such a date is refused */
+    if (t == (time_t)-1 || tm.tm_mday != (int)d || tm.tm_mon != (int)m - 1)
         return -EINVAL;
-    *day = days_from_civil(y, m, d);
+    *day = (int64_t)t / 86400;
     return 0;
 }
 
 void
-warmup_conf_format_date(int64_t z, char *out, size_t outlen)
+warmup_conf_format_date(int64_t day, char *out, size_t outlen)
 {
-    z += 719468;
-    const int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-    const unsigned doe = (unsigned)(z - era * 146097);
-    const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    const int64_t y = (int64_t)yoe + era * 400;
-    const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    const unsigned mp = (5 * doy + 2) / 153;
-    const unsigned d = doy - (153 * mp + 2) / 5 + 1;
-    const unsigned m = mp < 10 ? mp + 3 : mp - 9;
-    snprintf(out, outlen, "%04lld-%02u-%02u", (long long)(y + (m <= 2)), m, d);
+    time_t t = (time_t)(day * 86400);
+    struct tm tm;
+    if (gmtime_r(&t, &tm) == NULL)
+        snprintf(out, outlen, "?");
+    else
+        snprintf(out, outlen, "%04d-%02d-%02d", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
 }
 
 int64_t

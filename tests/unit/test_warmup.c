@@ -206,6 +206,27 @@ test_groups(void **state)
 }
 
 static void
+test_dates(void **state)
+{
+    (void)state;
+    int64_t d;
+    char b[16];
+    static const char *const good[] = {"1970-01-01", "2024-02-29", "2026-12-31", "2100-03-01"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        assert_int_equal(warmup_conf_parse_date(good[i], &d), 0);
+        warmup_conf_format_date(d, b, sizeof(b));
+        assert_string_equal(b, good[i]);
+    }
+    assert_int_equal(warmup_conf_parse_date("1970-01-02", &d), 0);
+    assert_int_equal(d, 1);
+    static const char *const bad[] = {"2023-02-29", "2026-04-31", "2026-13-01", "2026-00-10",
+                                      "2026-1-01",  "2026-01-01x", "26-01-01",  "1969-12-31", ""};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        if (warmup_conf_parse_date(bad[i], &d) == 0)
+            fail_msg("\"%s\" taken as a date", bad[i]);
+}
+
+static void
 expect_err(const char *text, const char *what)
 {
     char *errs = NULL;
@@ -516,6 +537,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_schedule_by_day),
         cmocka_unit_test(test_groups),
+        cmocka_unit_test(test_dates),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_take_until_spent_and_next_day),
         cmocka_unit_test(test_utc_offset),
