@@ -3,6 +3,14 @@
  * under one mutex; the keeper thread that writes them to the state file
  * and shares them through Redis (a blocking hiredis context with a
  * timeout, on the keeper's own thread: no worker ever waits on it).
+ *
+ * Why not limits.c or redis.c: limits.c shares rates (a GCRA: a sliding
+ * budget per second or hour), not a count per calendar day that must
+ * survive restarts; redis.c is an async connection on a worker's ring,
+ * and warmup_take() runs on any thread with no ring of its own, nor
+ * should a day's count depend on which worker took it. The URL is taken
+ * apart by redis.c's redis_url_parse(), and the fallback while Redis is
+ * unreachable is limits.c's: a local share, allowance / [redis] nodes.
  */
 #include "engine/warmup.h"
 
