@@ -345,6 +345,28 @@ test_restart_keeps_counts(void **state)
     assert_int_equal(warmup_left(w2, "127.0.0.2", OTHER, now), 1);
     warmup_close(w2);
     warmup_close(w);
+    /* a damaged state file: its bad lines are skipped, the good kept */
+    char sp[128];
+    snprintf(sp, sizeof(sp), "%s/warmup.state", dir);
+    FILE *f = fopen(sp, "w");
+    assert_non_null(f);
+    fprintf(f, "sluice-warmup 1\n127.0.0.2 other %lld 3 0 0\ngarbage\n"
+               "127.0.0.2 other x 1 1 1\n127.0.0.2 nosuchgroup %lld 9 0 0\n"
+               "127.0.0.9 other %lld 9 0 0\n127.0.0.2 gmail %lld 1 2 0\n",
+            (long long)(clock_unix_ms() / DAY_MS), (long long)(clock_unix_ms() / DAY_MS),
+            (long long)(clock_unix_ms() / DAY_MS), (long long)(clock_unix_ms() / DAY_MS));
+    fclose(f);
+    w = open_w(cfg);
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 2);
+    assert_int_equal(warmup_left(w, "127.0.0.2", GMAIL, now), 2); /* reported > mine: bad */
+    warmup_close(w);
+    f = fopen(sp, "w"); /* not a state file at all: nothing taken */
+    assert_non_null(f);
+    fprintf(f, "\x01\x02 binary\n");
+    fclose(f);
+    w = open_w(cfg);
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 5);
+    warmup_close(w);
     /* a state from another day counts for nothing today */
     w = open_w(cfg);
     warmup_clock_shift(w, DAY_MS);
