@@ -15,11 +15,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 from harness import Sluice, Workdir, free_port, main, run, wait_until
+from test_limits_integ import Redis  # redis-server on its own port, stopped by PID
 
 SLUICE = sys.argv[1]
 SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
@@ -247,30 +247,6 @@ def test_hooks_need_the_environment():
         wd.cleanup()
 
 
-class Redis:
-    def __init__(self):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.pong() or self.proc.poll() is not None, 10, "redis to answer")
-        assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
-
-    def pong(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
 def test_two_nodes_share_the_day_through_redis():
     away_from_midnight()
     if not any(os.access(os.path.join(d, "redis-server"), os.X_OK)
@@ -313,7 +289,7 @@ def test_two_nodes_share_the_day_through_redis():
         for n in (a, b):
             if n is not None and n.d.proc.poll() is None:
                 n.d.kill9()
-        redis.stop()
+        redis.kill9()
         wd.cleanup()
 
 
