@@ -352,6 +352,12 @@ static const struct conf_key source_keys[] = {
      "the host name said in EHLO on connections from this address: the name its PTR "
      "record gives, which receivers check; unset: [server] hostname [not yet in effect]",
      NULL},
+    {"warmup", CONF_STRING, MXP(warmup), 1, 64, NULL,
+     "the [warmup NAME] plan this address follows: a daily volume per destination group "
+     "that rises along the plan's schedule; unset: none",
+     NULL},
+    {"warmup_start", CONF_STRING, MXP(warmup_start), 10, 10, NULL,
+     "YYYY-MM-DD: day 1 of the plan (required with warmup)", NULL},
     CONF_END,
 };
 
@@ -481,6 +487,7 @@ struct parse {
     struct dkim_build *dkim;  /* the one being read */
     unsigned ev_i; /* the [events] section being read: cfg->events[ev_i] */
     unsigned named_i; /* the [pool] or [tenant] section being read */
+    unsigned warmup_i; /* the [warmup] section being read: cfg->warmups[warmup_i] */
 };
 
 static void __attribute__((format(printf, 3, 4)))
@@ -777,6 +784,41 @@ config_name_valid(const char *s, size_t len)
     return true;
 }
 
+/* [warmup NAME]: a warm-up plan (warmup_conf.h); a section may be
+ * continued further down. */
+static int
+warmup_section(struct parse *p, const char *arg)
+{
+    while (*arg == ' ' || *arg == '\t')
+        arg++;
+    struct config *cfg = p->cfg;
+    if (!config_name_valid(arg, strlen(arg))) {
+        perr(p, p->header_line, "[warmup %s]: a plan name is 1 to %d of A-Z a-z 0-9 . _ -", arg,
+             CONFIG_NAME_MAX);
+        return -1;
+    }
+    for (unsigned i = 0; i < cfg->nwarmups; i++)
+        if (strcasecmp(cfg->warmups[i].name, arg) == 0) {
+            p->warmup_i = i;
+            return 0;
+        }
+    struct warmup_plan_conf *nv = realloc(cfg->warmups, (cfg->nwarmups + 1) * sizeof(*nv));
+    if (nv == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    cfg->warmups = nv;
+    struct warmup_plan_conf *pl = &nv[cfg->nwarmups];
+    memset(pl, 0, sizeof(*pl));
+    if ((pl->name = strdup(arg)) == NULL) {
+        perr(p, p->line, "out of memory");
+        return -1;
+    }
+    pl->line = p->header_line;
+    p->warmup_i = cfg->nwarmups++;
+    return 0;
+}
+
 /* [pool NAME] and [tenant NAME]: a section may be continued further down
  * (names compare case-insensitively). kind is "pool" or "tenant". */
 static int
@@ -881,6 +923,10 @@ enter_section(struct parse *p, const char *section)
         p->sec = named_section(p, "tenant", section + 7) == 0 ? -10 : -3;
         return;
     }
+    if (strncmp(section, "warmup", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
+        p->sec = warmup_section(p, section + 7) == 0 ? -11 : -3;
+        return;
+    }
     p->sec = -3;
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
@@ -898,6 +944,12 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256];
+    if (p->sec == -11) {
+        if (warmup_conf_key(&p->cfg->warmups[p->warmup_i], name, value, p->line, why,
+                            sizeof(why)) < 0)
+            perr(p, p->line, "%s", why);
+        return 1;
+    }
     if (p->sec == -7) {
         struct dkim_build *b = p->dkim;
         const struct conf_key *k = conf_find(dkim_sig_conf_keys, name);
@@ -1505,6 +1557,56 @@ resolve_owners(struct parse *p)
     return 0;
 }
 
+/* Where key (of source_keys) was set in [source] i; its header's line
+ * when it was not. */
+static unsigned
+source_key_line(struct parse *p, unsigned i, const char *key)
+{
+    const struct conf_key *k = conf_find(source_keys, key);
+    for (unsigned n = 0; k != NULL && n < p->nlim_set; n++) {
+        const struct lim_set *ls = &p->lim_set[n];
+        if (ls->v == &p->cfg->sources && ls->i == i && ls->key == (unsigned)(k - source_keys))
+            return ls->line;
+    }
+    return p->cfg->sources[i].line;
+}
+
+/* Finish each [warmup] plan and put each [source] on its plan. */
+static void
+resolve_warmups(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    char why[256];
+    for (unsigned i = 0; i < cfg->nwarmups; i++) {
+        unsigned line;
+        if (warmup_conf_finish(&cfg->warmups[i], &line, why, sizeof(why)) < 0)
+            perr(p, line, "%s", why);
+    }
+    for (unsigned i = 0; i < cfg->nsources; i++) {
+        struct mx_policy *src = &cfg->sources[i];
+        if (src->warmup == NULL) {
+            if (src->warmup_start != NULL)
+                perr(p, source_key_line(p, i, "warmup_start"),
+                     "[source %s] warmup_start: set without warmup (a plan)", src->pattern);
+            continue;
+        }
+        for (unsigned k = 0; k < cfg->nwarmups; k++)
+            if (strcasecmp(cfg->warmups[k].name, src->warmup) == 0)
+                src->warmup_plan = &cfg->warmups[k];
+        if (src->warmup_plan == NULL)
+            perr(p, source_key_line(p, i, "warmup"), "[source %s] warmup: no [warmup %s] section",
+                 src->pattern, src->warmup);
+        if (src->warmup_start == NULL)
+            perr(p, source_key_line(p, i, "warmup"),
+                 "[source %s] warmup: needs warmup_start = YYYY-MM-DD (day 1 of the plan)",
+                 src->pattern);
+        else if (warmup_conf_parse_date(src->warmup_start, &src->warmup_start_day) < 0)
+            perr(p, source_key_line(p, i, "warmup_start"),
+                 "[source %s] warmup_start: \"%s\" is not a date YYYY-MM-DD", src->pattern,
+                 src->warmup_start);
+    }
+}
+
 static int
 finish(struct parse *p)
 {
@@ -1588,6 +1690,7 @@ finish(struct parse *p)
         return -ENOMEM;
     if (resolve_owners(p) < 0)
         return -ENOMEM;
+    resolve_warmups(p);
     if (build_dkim(p) < 0)
         return -ENOMEM;
     for (unsigned i = 0; i < cfg->nevents; i++)
@@ -1701,6 +1804,9 @@ config_free(struct config *cfg)
         free(cfg->tenants[i].pools);
     }
     free(cfg->tenants);
+    for (unsigned i = 0; i < cfg->nwarmups; i++)
+        warmup_conf_free(&cfg->warmups[i]);
+    free(cfg->warmups);
     for (unsigned i = 0; i < cfg->nevents; i++) {
         conf_free(events_sink_keys, &cfg->events[i]);
         free(cfg->events[i].name);
@@ -1785,17 +1891,20 @@ config_mx(const struct config *cfg, const char *host)
     size_t hl = strlen(host);
     if (hl > 0 && host[hl - 1] == '.')
         hl--;
-    for (unsigned i = 0; i < cfg->nmxs; i++) {
-        const char *pat = cfg->mxs[i].pattern;
-        if (pat[0] == '*' && pat[1] == '.') {
-            size_t sl = strlen(pat + 1); /* ".suffix" */
-            if (hl > sl && strncasecmp(host + hl - sl, pat + 1, sl) == 0)
-                return &cfg->mxs[i];
-        } else if (strlen(pat) == hl && strncasecmp(host, pat, hl) == 0) {
+    for (unsigned i = 0; i < cfg->nmxs; i++)
+        if (config_host_matches(cfg->mxs[i].pattern, host, hl))
             return &cfg->mxs[i];
-        }
-    }
     return NULL;
+}
+
+bool
+config_host_matches(const char *pat, const char *host, size_t hl)
+{
+    if (pat[0] == '*' && pat[1] == '.') {
+        size_t sl = strlen(pat + 1); /* ".suffix" */
+        return hl > sl && strncasecmp(host + hl - sl, pat + 1, sl) == 0;
+    }
+    return strlen(pat) == hl && strncasecmp(host, pat, hl) == 0;
 }
 
 /* ---- reference ---- */
@@ -1878,6 +1987,7 @@ config_reference(FILE *out)
                  "logged with its events. Names as for [pool]. [weight: not yet in "
                  "effect]\n\n");
     reference_table(out, tenant_keys, sizeof(struct tenant_config));
+    warmup_conf_reference(out);
     fprintf(out, "## [dkim DOMAIN SELECTOR]: one DKIM signature\n\n"
                  "Mail whose signing domain ([dkim] signing_domain: the From: header's by "
                  "default) is DOMAIN, or a subdomain of it without a key of its own, is signed "

@@ -22,6 +22,7 @@
 #include "engine/netaddr.h"
 #include "feedback/verp.h"
 #include "engine/suppress.h"
+#include "engine/warmup_conf.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
 
@@ -179,6 +180,12 @@ struct mx_policy {
     unsigned max_rcpt_per_txn;            /* 0: the domain's own only */
     char *ehlo;              /* owned: [source] only: the name said in EHLO from this
                               * address (its PTR); NULL: [server] hostname */
+    /* [source] only: its warm-up plan ([warmup NAME]) */
+    char *warmup;            /* owned: the plan's name as written; NULL: none */
+    char *warmup_start;      /* owned: "YYYY-MM-DD", day 1 of the plan */
+    const struct warmup_plan_conf *warmup_plan; /* derived, borrowed: an entry of
+                                                 * config.warmups; NULL: none */
+    int64_t warmup_start_day; /* derived: days since 1970-01-01 */
 };
 
 #define CONFIG_NAME_MAX 64 /* tenant and pool names */
@@ -248,6 +255,8 @@ struct config {
     unsigned npools;
     struct tenant_config *tenants; /* owned array: [tenant NAME] sections, in file order */
     unsigned ntenants;
+    struct warmup_plan_conf *warmups; /* owned array: [warmup NAME] sections (warmup_conf.h) */
+    unsigned nwarmups;
 };
 
 /* Read and validate path. On success returns 0 and *out (free with
@@ -267,6 +276,10 @@ const struct domain_policy *config_domain(const struct config *cfg, const char *
 /* The [mx] policy for an MX host name (the first pattern that matches),
  * or NULL. Borrowed: lives as long as cfg. */
 const struct mx_policy *config_mx(const struct config *cfg, const char *host);
+
+/* Does host (its first hl octets, no trailing dot) match pattern
+ * ("*.suffix": any host under suffix; else that host, case-insensitive)? */
+bool config_host_matches(const char *pattern, const char *host, size_t hl);
 
 /* The [source] policy for connections from sa, or NULL. */
 const struct mx_policy *config_source(const struct config *cfg, const struct sockaddr *sa);

@@ -182,6 +182,35 @@ test_hook_fail_ring(struct engine *e, char *err, size_t errlen)
     return 0;
 }
 
+/* SLUICE_TEST_WARMUP_CLOCK=DAYS: the warm-up plans count days as if
+ * DAYS days had passed, and the stats socket answers "warmup clock" and
+ * "warmup take" (tests of the plans through a running daemon). Only in
+ * builds with test hooks (SLUICE_TESTS=ON): a production build ignores
+ * the variable. Returns 0 or -EINVAL with err. */
+static int
+test_hook_warmup_clock(struct engine *e, char *err, size_t errlen)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_WARMUP_CLOCK");
+    if (v == NULL || *v == '\0')
+        return 0;
+    char *end;
+    long long days = strtoll(v, &end, 10);
+    if (*end != '\0' || days < -3650 || days > 3650) {
+        snprintf(err, errlen, "SLUICE_TEST_WARMUP_CLOCK=%s: expected days, -3650..3650", v);
+        return -EINVAL;
+    }
+    warmup_clock_shift(e->warmup, days * 86400000LL);
+    e->warmup_test_hooks = true;
+    log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_WARMUP_CLOCK days=%lld", days);
+#else
+    (void)e;
+    (void)err;
+    (void)errlen;
+#endif
+    return 0;
+}
+
 /* The bounce listener's seam (oob.h), on a worker: queued to the list's
  * writer thread. A hard bounce suppresses the address for everyone, as
  * [suppress] on_invalid_recipient says; a complaint suppresses it for the
@@ -230,7 +259,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     }
     if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
         goto fail;
-    if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0)
+    if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0 ||
+        (rc = test_hook_warmup_clock(e, err, errlen)) < 0)
         goto fail;
     if (e->suppress != NULL && e->oob.suppress == NULL)
         e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
@@ -586,6 +616,10 @@ engine_reload(struct engine *e, const struct config *ncfg)
             pthread_cond_broadcast(&p->cv);
             pthread_mutex_unlock(&p->lock);
             park_unref(p);
+            /* Plans follow the new config; today's counts stay. */
+            if (warmup_reload(e->warmup, ncfg) < 0)
+                log_msg(LOG_ERR, "event=reload_failed what=warmup reason=out_of_memory "
+                                 "note=previous_plans_kept");
             log_set_level((enum log_level)ncfg->log.level);
             log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u", ncfg->path,
                     parked, e->nworkers);

@@ -54,6 +54,8 @@ struct engine {
     struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
     struct intern *names;      /* owned: ids of tenants, pools, campaigns and sources
                                 * (common/intern.h), for jobs, stats and operations */
+    bool warmup_test_hooks;    /* builds with test hooks, SLUICE_TEST_WARMUP_CLOCK set: the
+                                * stats socket's "warmup clock" and "warmup take" */
     /* Owned references, replaced by a reload (new certificate, CAs,
      * protocols) under tls_lock while the workers are parked; take one
      * with engine_tls_server() / engine_tls_client(). Connections made

@@ -36,6 +36,7 @@
 #include "engine/server.h"
 #include "engine/suppress.h"
 #include "engine/stats.h"
+#include "engine/warmup.h"
 #include "queue/queue.h"
 
 #define WAIT_MS       2000    /* for the workers' answers */
@@ -219,6 +220,37 @@ merge_tenants(struct engine *e, const struct wstats *ws, struct stats_counters *
     free(all);
 }
 
+/* The warm-up plans' rows and the keeper's state. */
+static void
+warmup_counters(struct engine *e, struct stats_counters *out)
+{
+    struct warmup_stats ws;
+    warmup_stats(e->warmup, &ws);
+    out->warmup_sources = ws.sources;
+    out->warmup_redis = ws.redis;
+    out->warmup_refused = ws.refused;
+    out->warmup_saves = ws.saves;
+    out->warmup_save_failures = ws.save_failures;
+    out->warmup_syncs = ws.syncs;
+    out->warmup_sync_failures = ws.sync_failures;
+    struct warmup_row *rows = calloc(STATS_WARMUP_MAX, sizeof(*rows));
+    if (rows == NULL)
+        return;
+    size_t n = warmup_report(e->warmup, clock_unix_ms(), rows, STATS_WARMUP_MAX);
+    out->nwarmup = n < STATS_WARMUP_MAX ? (unsigned)n : STATS_WARMUP_MAX;
+    for (unsigned i = 0; i < out->nwarmup; i++) {
+        struct stats_warmup *r = &out->warmup[i];
+        memcpy(r->source, rows[i].source, sizeof(r->source));
+        memcpy(r->plan, rows[i].plan, sizeof(r->plan));
+        memcpy(r->group, rows[i].group, sizeof(r->group));
+        r->day = rows[i].day;
+        r->allowance = rows[i].allowance;
+        r->taken = rows[i].taken;
+        r->left = rows[i].left;
+    }
+    free(rows);
+}
+
 static void
 ops_counters(void *arg, struct stats_counters *out)
 {
@@ -314,6 +346,7 @@ ops_counters(void *arg, struct stats_counters *out)
         }
     }
     wcall_unref(c);
+    warmup_counters(e, out);
     struct queue_counts qc;
     if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
         out->queue_msgs = qc.messages;
@@ -1262,6 +1295,100 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
     return -1;
 }
 
+/* "warmup": every (source, group) of a plan. With test hooks (engine.h:
+ * warmup_test_hooks) also "warmup clock DAYS" (move the plans' clock)
+ * and "warmup take SOURCE MX_HOST [N]" (count as the outbound side does). */
+static int
+cmd_warmup(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    char sub[16] = "", a1[256] = "", a2[256] = "", a3[32] = "", extra[2];
+    int n = sscanf(args, "%15s %255s %255s %31s %1s", sub, a1, a2, a3, extra);
+    uint64_t now = clock_unix_ms();
+    if (n > 0 && strcmp(sub, "clock") == 0 && e->warmup_test_hooks && n == 2) {
+        char *end;
+        long long days = strtoll(a1, &end, 10);
+        if (*end != '\0' || days < -3650 || days > 3650) {
+            snprintf(err, errlen, "usage: warmup clock DAYS (-3650..3650)");
+            return -1;
+        }
+        warmup_clock_shift(e->warmup, days * 86400000LL);
+        log_msg(LOG_WARN, "event=test_hook name=warmup_clock days=%lld", days);
+        json_obj_begin(out);
+        json_key(out, "clock_days");
+        json_i64(out, days);
+        json_obj_end(out);
+        return 0;
+    }
+    if (n > 0 && strcmp(sub, "take") == 0 && e->warmup_test_hooks && (n == 3 || n == 4)) {
+        unsigned long cnt = 1;
+        if (n == 4) {
+            char *end;
+            cnt = strtoul(a3, &end, 10);
+            if (*end != '\0' || cnt == 0 || cnt > 1000000) {
+                snprintf(err, errlen, "usage: warmup take SOURCE MX_HOST [N (1..1000000)]");
+                return -1;
+            }
+        }
+        unsigned long took = 0;
+        while (took < cnt && warmup_take(e->warmup, a1, a2, now))
+            took++;
+        json_obj_begin(out);
+        json_ku64(out, "taken", took);
+        json_ku64(out, "refused", cnt - took);
+        json_obj_end(out);
+        return 0;
+    }
+    if (n > 0) {
+        snprintf(err, errlen, "usage: warmup");
+        return -1;
+    }
+    struct warmup_row *rows = calloc(STATS_WARMUP_MAX, sizeof(*rows));
+    if (rows == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    size_t total = warmup_report(e->warmup, now, rows, STATS_WARMUP_MAX);
+    size_t shown = total < STATS_WARMUP_MAX ? total : STATS_WARMUP_MAX;
+    struct warmup_stats ws;
+    warmup_stats(e->warmup, &ws);
+    json_obj_begin(out);
+    json_ku64(out, "sources", ws.sources);
+    json_kstr(out, "redis", ws.redis);
+    json_ku64(out, "refused", ws.refused);
+    json_ku64(out, "rows_total", total);
+    json_key(out, "rows");
+    json_arr_begin(out);
+    for (size_t i = 0; i < shown; i++) {
+        const struct warmup_row *r = &rows[i];
+        json_obj_begin(out);
+        json_kstr(out, "source", r->source);
+        json_kstr(out, "plan", r->plan);
+        json_kstr(out, "group", r->group);
+        json_kstr(out, "start", r->start);
+        json_kstr(out, "date", r->date);
+        json_key(out, "day");
+        json_i64(out, r->day);
+        json_key(out, "allowance");
+        if (r->allowance == UINT64_MAX)
+            json_null(out);
+        else
+            json_u64(out, r->allowance);
+        json_ku64(out, "taken", r->taken);
+        json_key(out, "left");
+        if (r->left == UINT64_MAX)
+            json_null(out);
+        else
+            json_u64(out, r->left);
+        json_key(out, "next_day");
+        json_time_ms(out, r->next_day_ms);
+        json_obj_end(out);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+    free(rows);
+    return 0;
+}
+
 static int
 ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
             size_t errlen)
@@ -1279,6 +1406,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
         return cmd_events(e, args, out, err, errlen);
     if (strcmp(verb, "suppress") == 0)
         return cmd_suppress(e, args, out, err, errlen);
+    if (strcmp(verb, "warmup") == 0)
+        return cmd_warmup(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same. */
         kill(getpid(), SIGHUP);

@@ -469,7 +469,7 @@ redis_on_reconnect_timer(struct timer *t, void *ctx)
 /* --- setup ------------------------------------------------------------ */
 
 static int
-url_parse(struct redis *r, const char *url, char *err, size_t errlen)
+url_parse(const char *url, struct redis_endpoint *r, char *err, size_t errlen)
 {
     const char *s = url;
     if (strncmp(s, "redis://", 8) == 0)
@@ -553,6 +553,19 @@ url_parse(struct redis *r, const char *url, char *err, size_t errlen)
 }
 
 int
+redis_url_parse(const char *url, struct redis_endpoint *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    int rc = url_parse(url, out, err, errlen);
+    if (rc < 0) {
+        free(out->user);
+        free(out->password);
+        out->user = out->password = NULL;
+    }
+    return rc;
+}
+
+int
 redis_new(struct worker *w, const struct redis_opts *o, redis_state_fn *on_state, void *arg,
           struct redis **out, char *err, size_t errlen)
 {
@@ -579,7 +592,13 @@ redis_new(struct worker *w, const struct redis_opts *o, redis_state_fn *on_state
     r->backoff = r->backoff_min;
     timer_init(&r->reconnect_timer, redis_on_reconnect_timer);
     timer_init(&r->cmd_timer, redis_on_cmd_timer);
-    int rc = url_parse(r, o->url, err, errlen);
+    struct redis_endpoint ep;
+    int rc = redis_url_parse(o->url, &ep, err, errlen);
+    memcpy(r->ip, ep.ip, sizeof(r->ip));
+    r->port = ep.port;
+    memcpy(r->addr, ep.addr, sizeof(r->addr));
+    r->user = ep.user;
+    r->password = ep.password;
     if (rc == 0 && o->password != NULL) {
         free(r->password);
         r->password = strdup(o->password);

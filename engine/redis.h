@@ -60,6 +60,19 @@ typedef void redis_reply_fn(struct redis *r, const struct redisReply *reply, voi
 /* The connection went up or down (each change once). */
 typedef void redis_state_fn(struct redis *r, enum redis_state st, void *arg);
 
+/* A Redis URL taken apart, its host resolved (getaddrinfo: setup time
+ * only). Also used by warmup.c's keeper thread (a blocking connection off
+ * the workers). */
+struct redis_endpoint {
+    char ip[46];          /* numeric */
+    int port;
+    char addr[256 + 8];   /* "host:port" for logs */
+    char *user, *password; /* owned (free()); NULL: none */
+};
+/* Returns 0, or -EINVAL / -ENOMEM with one line in err (on failure user
+ * and password are freed). */
+int redis_url_parse(const char *url, struct redis_endpoint *out, char *err, size_t errlen);
+
 /* A connection on w (borrowed: outlives r). The first connect starts from
  * a timer, so on w's thread once its loop turns. Returns 0, or -EINVAL
  * (bad URL, unknown host) / -ENOMEM with one line in err. */

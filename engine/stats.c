@@ -133,6 +133,50 @@ render_event_sinks(struct json *j, const struct stats_counters *c)
     json_arr_end(j);
 }
 
+/* An allowance or what is left of it: a number, null for no limit. */
+static void
+kcount(struct json *j, const char *k, uint64_t v)
+{
+    if (v == UINT64_MAX) {
+        json_key(j, k);
+        json_null(j);
+    } else {
+        json_ku64(j, k, v);
+    }
+}
+
+/* "warmup": the keeper's state and one row per (source, group). */
+static void
+render_warmup(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "warmup");
+    json_obj_begin(j);
+    json_ku64(j, "sources", c->warmup_sources);
+    json_kstr(j, "redis", c->warmup_redis != NULL ? c->warmup_redis : "off");
+    json_ku64(j, "refused", c->warmup_refused);
+    json_ku64(j, "saves", c->warmup_saves);
+    json_ku64(j, "save_failures", c->warmup_save_failures);
+    json_ku64(j, "syncs", c->warmup_syncs);
+    json_ku64(j, "sync_failures", c->warmup_sync_failures);
+    json_key(j, "rows");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < c->nwarmup && i < STATS_WARMUP_MAX; i++) {
+        const struct stats_warmup *r = &c->warmup[i];
+        json_obj_begin(j);
+        json_kstr(j, "source", r->source);
+        json_kstr(j, "plan", r->plan);
+        json_kstr(j, "group", r->group);
+        json_key(j, "day");
+        json_i64(j, r->day);
+        kcount(j, "allowance", r->allowance);
+        json_ku64(j, "taken", r->taken);
+        kcount(j, "left", r->left);
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+    json_obj_end(j);
+}
+
 /* "tenants": {"NAME": {...}} for the busiest tenants. */
 static void
 render_tenants(struct json *j, const struct stats_counters *c)
@@ -272,6 +316,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
 
     render_event_sinks(j, c);
     render_tenants(j, c);
+    render_warmup(j, c);
     json_key(j, "auth");
     json_obj_begin(j);
     json_ku64(j, "ok", c->auth_ok);
@@ -605,6 +650,43 @@ render_tenant_metrics(struct json *t, const struct stats_counters *c)
     }
 }
 
+/* sluice_warmup_*{source="ADDRESS",group="GROUP"}: warm-up progress. */
+static void
+render_warmup_metrics(struct json *t, const struct stats_counters *c)
+{
+    unsigned n = c->nwarmup < STATS_WARMUP_MAX ? c->nwarmup : STATS_WARMUP_MAX;
+    if (n == 0)
+        return;
+    static const struct {
+        const char *name, *help;
+    } fam[] = {
+        {"sluice_warmup_allowance",
+         "Messages the source may send to the destination group today under its warm-up plan "
+         "(+Inf past the schedule)."},
+        {"sluice_warmup_taken", "Messages the source sent to the destination group today "
+                                "(with Redis: every node's)."},
+        {"sluice_warmup_day", "Day of the source's warm-up plan (1 on its start date)."},
+    };
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, "gauge", fam[f].help);
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_warmup *r = &c->warmup[i];
+            text_printf(t, "%s{source=\"", fam[f].name);
+            text_label(t, r->source, sizeof(r->source));
+            json_raw(t, "\",group=\"", 9);
+            text_label(t, r->group, sizeof(r->group));
+            json_raw(t, "\"} ", 3);
+            if (f == 0 && r->allowance == UINT64_MAX)
+                text_printf(t, "+Inf\n");
+            else
+                text_printf(t, "%llu\n",
+                            f == 0   ? (unsigned long long)r->allowance
+                            : f == 1 ? (unsigned long long)r->taken
+                                     : (unsigned long long)(r->day > 0 ? r->day : 0));
+        }
+    }
+}
+
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
 static void
 render_event_sink_metrics(struct json *t, const struct stats_counters *c)
@@ -686,6 +768,7 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
 
     render_event_sink_metrics(&t, c);
     render_tenant_metrics(&t, c);
+    render_warmup_metrics(&t, c);
 
     /* Every class, zeros too: a series that exists from the start gives
      * rate() its first point. */
@@ -954,6 +1037,8 @@ static const struct command commands[] = {
     {"events", "[pause|resume NAME]", "the event sinks; pause or resume one", 0, 2, true},
     {"suppress", "add|remove|check|list|import|export|purge ...",
      "the suppression list (see doc/sluicectl.md)", 1, 64, true},
+    {"warmup", "", "warm-up plans: per source and group the day, allowance, taken, left", 0, 8,
+     true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},
 };

@@ -49,6 +49,7 @@ struct json;
 #define STATS_AUTH_SCHEMES_MAX 8
 #define STATS_TENANTS_MAX      64 /* tenants with their own series: the busiest */
 #define STATS_CLASSES_MAX      16
+#define STATS_WARMUP_MAX       128 /* (source, group) warm-up rows shown and with series */
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -76,6 +77,17 @@ struct stats_event_sink {
 struct stats_tenant {
     char name[65];
     uint64_t received_msgs, received_rcpts; /* accepted at submission */
+};
+
+/* One (source, group) of a warm-up plan (engine/warmup.h): shown under
+ * "warmup" and as sluice_warmup_*{source="ADDRESS",group="GROUP"}. */
+struct stats_warmup {
+    char source[46];
+    char plan[65];
+    char group[65];
+    int64_t day;        /* of the plan: 1 on its start date */
+    uint64_t allowance; /* today's; UINT64_MAX: past the schedule, no limit */
+    uint64_t taken, left; /* left: UINT64_MAX when no limit */
 };
 
 /* Counters (monotonic since start) and gauges the engine fills on
@@ -128,6 +140,13 @@ struct stats_counters {
     unsigned nevent_sinks;
     struct stats_tenant tenants[STATS_TENANTS_MAX]; /* the busiest, by messages received */
     unsigned ntenants;
+    /* warm-up plans (engine/warmup.h) */
+    unsigned warmup_sources;       /* sources on a plan */
+    const char *warmup_redis;      /* static: "off" | "connected" | "unreachable"; NULL: off */
+    uint64_t warmup_refused;       /* takes refused: the day's allowance was spent */
+    uint64_t warmup_saves, warmup_save_failures, warmup_syncs, warmup_sync_failures;
+    struct stats_warmup warmup[STATS_WARMUP_MAX];
+    unsigned nwarmup;              /* rows filled (the first STATS_WARMUP_MAX) */
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;

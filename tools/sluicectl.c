@@ -963,6 +963,56 @@ run_events(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* A count, or "unlimited" where the answer has null (no limit). */
+static const char *
+fmt_limit(const cJSON *o, const char *path)
+{
+    return cJSON_IsNull(get(o, path)) ? "unlimited" : fmt_count(o, path);
+}
+
+/* "warmup": one row per source and destination group. */
+static void
+render_warmup(const cJSON *doc)
+{
+    struct table t;
+    /* right: DAY ALLOWANCE TAKEN LEFT */
+    table_init(&t, 8, 0x78u);
+    table_row(&t, "SOURCE", "PLAN", "GROUP", "DAY", "ALLOWANCE", "TAKEN", "LEFT", "STARTED");
+    const cJSON *d;
+    size_t n = 0;
+    cJSON_ArrayForEach(d, get(doc, "rows"))
+    {
+        n++;
+        table_row(&t, fmt_str(d, "source"), fmt_str(d, "plan"), fmt_str(d, "group"),
+                  fmt_count(d, "day"), fmt_limit(d, "allowance"), fmt_count(d, "taken"),
+                  fmt_limit(d, "left"), fmt_str(d, "start"));
+    }
+    table_print(&t, stdout);
+    if (n == 0)
+        printf("(no [source] carries a warm-up plan)\n");
+    double total;
+    if (num(doc, "rows_total", &total) && total > (double)n)
+        printf("(%zu of %.0f rows shown)\n", n, total);
+    printf("redis: %s; messages refused over an allowance since start: %s\n",
+           fmt_str(doc, "redis"), fmt_count(doc, "refused"));
+}
+
+static int
+run_warmup(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    (void)cmd;
+    (void)argc;
+    (void)argv;
+    const char *raw;
+    cJSON *doc = ctl_ask(c, "warmup", &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else
+        render_warmup(doc);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
 /* Rows of the terminal left for domains, or 20 off a terminal. */
 static size_t
 top_rows(void)
@@ -1269,6 +1319,13 @@ static const struct cmd cmds[] = {
      "dropped past max_backlog, whether it is paused, and its last error.\n"
      "A paused sink keeps its backlog in the journal and resumes from its cursor.",
      0, 2, run_events},
+    {"warmup", "", "IP warm-up: per source and destination group, today's allowance and use",
+     "One row per [source] on a [warmup] plan and destination group (gmail,\n"
+     "microsoft, yahoo, those the plan defines, other): the plan, the day of the\n"
+     "plan (1 on warmup_start), today's allowance (unlimited past the schedule),\n"
+     "messages taken today (with [redis]: by every node) and what is left (with\n"
+     "[redis]: this node's reserved share).",
+     0, 0, run_warmup},
     {"metrics", "", "the Prometheus text exposition, as GET /metrics serves it", NULL, 0, 0,
      run_plain},
     {"suppress", "add|remove|check|list|import|export|purge ...",
