@@ -1,0 +1,392 @@
+/*
+ * A destination's fair queue (engine/outbound/fairq.h) alone: shares by
+ * weight over many pops, a new tenant served within one round behind any
+ * backlog, priority order and FIFO within a priority, a job put back in
+ * front, removal while walking (sub-queues freed as they empty), a
+ * reload's new weight, counts per tenant.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "engine/outbound/fairq.h"
+
+struct item {
+    struct fairq_node fq;
+    uint32_t tenant;
+    unsigned prio;
+    unsigned seq;
+};
+
+static struct item *
+item_of(struct fairq_node *x)
+{
+    return x != NULL ? (struct item *)((char *)x - offsetof(struct item, fq)) : NULL;
+}
+
+/* Weights by tenant id, changeable (a reload). */
+static unsigned weights[8];
+
+static unsigned
+weight_of(void *ctx, uint32_t tenant)
+{
+    (void)ctx;
+    return tenant < 8 ? weights[tenant] : 1;
+}
+
+static void
+weights_reset(void)
+{
+    for (unsigned i = 0; i < 8; i++)
+        weights[i] = 1;
+}
+
+static struct item *
+push(struct fairq *q, uint32_t tenant, unsigned prio, unsigned seq, bool front)
+{
+    struct item *it = calloc(1, sizeof(*it));
+    assert_non_null(it);
+    it->tenant = tenant;
+    it->prio = prio;
+    it->seq = seq;
+    assert_int_equal(fairq_push(q, &it->fq, tenant, prio, front), 0);
+    return it;
+}
+
+static void
+drain(struct fairq *q)
+{
+    struct fairq_node *x;
+    while ((x = fairq_pop(q, NULL)) != NULL)
+        free(item_of(x));
+    assert_int_equal(fairq_count(q), 0);
+    assert_int_equal(q->ntenants, 0);
+    assert_null(q->cur);
+    fairq_fini(q);
+}
+
+static void
+weights_honoured(void **state)
+{
+    (void)state;
+    weights_reset();
+    weights[1] = 1;
+    weights[2] = 3;
+    weights[3] = 6;
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    for (unsigned i = 0; i < 20000; i++)
+        for (uint32_t t = 1; t <= 3; t++)
+            push(&q, t, 0, i, false);
+    assert_int_equal(fairq_count(&q), 60000);
+    /* Over 10,000 pops with all three waiting the shares are exactly the
+     * weights' (a whole number of rounds of 10). */
+    unsigned got[4] = {0};
+    for (unsigned i = 0; i < 10000; i++) {
+        uint32_t t = 99;
+        struct item *it = item_of(fairq_pop(&q, &t));
+        assert_non_null(it);
+        assert_int_equal(t, it->tenant);
+        got[t]++;
+        free(it);
+    }
+    assert_int_equal(got[1], 1000);
+    assert_int_equal(got[2], 3000);
+    assert_int_equal(got[3], 6000);
+    /* And within every window of one round (10 pops) too. */
+    unsigned win[4] = {0};
+    for (unsigned i = 0; i < 10; i++) {
+        uint32_t t;
+        free(item_of(fairq_pop(&q, &t)));
+        win[t]++;
+    }
+    assert_int_equal(win[1], 1);
+    assert_int_equal(win[2], 3);
+    assert_int_equal(win[3], 6);
+    assert_int_equal(fairq_tenant_count(&q, 1), 20000 - 1001);
+    drain(&q);
+}
+
+static void
+new_tenant_within_one_round(void **state)
+{
+    (void)state;
+    weights_reset();
+    weights[1] = 5;
+    weights[2] = 2;
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    /* A's backlog of 200,000 and C's of 1000; a few pops into A's turn. */
+    for (unsigned i = 0; i < 200000; i++)
+        push(&q, 1, 0, i, false);
+    for (unsigned i = 0; i < 1000; i++)
+        push(&q, 2, 0, i, false);
+    for (unsigned i = 0; i < 3; i++)
+        free(item_of(fairq_pop(&q, NULL)));
+    /* B's first job comes within one round: what is left of the turn
+     * (2 of A's 5) and one turn of each other tenant (C's 2), not after
+     * the backlog. */
+    push(&q, 3, 0, 0, false);
+    unsigned n = 0;
+    for (;;) {
+        uint32_t t;
+        struct item *it = item_of(fairq_pop(&q, &t));
+        assert_non_null(it);
+        n++;
+        free(it);
+        if (t == 3)
+            break;
+        assert_true(n <= 5 + 2 + 1);
+    }
+    assert_int_equal(n, 2 + 2 + 1);
+    /* Its sub-queue went with its last job. */
+    assert_int_equal(fairq_tenant_count(&q, 3), 0);
+    assert_int_equal(q.ntenants, 2);
+    drain(&q);
+}
+
+static void
+priority_then_fifo(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    /* A backlog of priority 0, then priority 9 and 5 sent after it; 12
+     * is taken for 9. */
+    for (unsigned i = 0; i < 100; i++)
+        push(&q, 1, 0, i, false);
+    for (unsigned i = 0; i < 10; i++)
+        push(&q, 1, 5, 100 + i, false);
+    for (unsigned i = 0; i < 10; i++)
+        push(&q, 1, i % 2 ? 9 : 12, 200 + i, false);
+    for (unsigned i = 0; i < 10; i++) {
+        struct item *it = item_of(fairq_pop(&q, NULL));
+        assert_int_equal(it->seq, 200 + i);
+        free(it);
+    }
+    for (unsigned i = 0; i < 10; i++) {
+        struct item *it = item_of(fairq_pop(&q, NULL));
+        assert_int_equal(it->seq, 100 + i);
+        free(it);
+    }
+    for (unsigned i = 0; i < 100; i++) {
+        struct item *it = item_of(fairq_pop(&q, NULL));
+        assert_int_equal(it->seq, i);
+        assert_int_equal(it->prio, 0);
+        free(it);
+    }
+    assert_null(fairq_pop(&q, NULL));
+    /* Priority is within a tenant: another tenant's priority 0 still
+     * gets its turn between a tenant's priority 9 jobs. */
+    for (unsigned i = 0; i < 4; i++)
+        push(&q, 1, 9, i, false);
+    push(&q, 2, 0, 100, false);
+    uint32_t order[5];
+    for (unsigned i = 0; i < 5; i++) {
+        struct item *it = item_of(fairq_pop(&q, &order[i]));
+        free(it);
+    }
+    assert_int_equal(order[0], 1);
+    assert_int_equal(order[1], 2);
+    drain(&q);
+}
+
+static void
+front_push_goes_first_of_its_tenant(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    for (unsigned i = 0; i < 5; i++)
+        push(&q, 1, 3, i, false);
+    struct item *first = item_of(fairq_pop(&q, NULL));
+    assert_int_equal(first->seq, 0);
+    /* Put back after a failure: first again, before 1..4. */
+    assert_int_equal(fairq_push(&q, &first->fq, first->tenant, first->prio, true), 0);
+    struct item *again = item_of(fairq_pop(&q, NULL));
+    assert_ptr_equal(again, first);
+    free(again);
+    /* Put back into an empty tenant (its sub-queue was freed): it comes
+     * back, and the tail is right for pushes after it. */
+    struct fairq q2;
+    fairq_init(&q2, weight_of, NULL);
+    push(&q2, 4, 0, 1, false);
+    struct item *only = item_of(fairq_pop(&q2, NULL));
+    assert_int_equal(q2.ntenants, 0);
+    assert_int_equal(fairq_push(&q2, &only->fq, 4, 0, true), 0);
+    push(&q2, 4, 0, 2, false);
+    assert_int_equal(item_of(fairq_pop(&q2, NULL))->seq, 1);
+    free(only);
+    struct item *second = item_of(fairq_pop(&q2, NULL));
+    assert_int_equal(second->seq, 2);
+    free(second);
+    drain(&q2);
+    drain(&q);
+}
+
+static void
+remove_while_walking(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    /* Tenants 1..4, priorities 0 and 7; every job of tenant 2 (which
+     * empties it: its sub-queue goes during the walk) and every odd seq
+     * are taken out. */
+    unsigned total = 0;
+    for (uint32_t t = 1; t <= 4; t++)
+        for (unsigned i = 0; i < 50; i++, total++)
+            push(&q, t, i % 3 == 0 ? 7 : 0, i, false);
+    struct fairq_iter it;
+    fairq_iter_init(&q, &it);
+    unsigned seen = 0, removed = 0;
+    for (struct fairq_node *x; (x = fairq_iter_next(&it)) != NULL;) {
+        struct item *i = item_of(x);
+        assert_int_equal(it.tenant, i->tenant);
+        seen++;
+        if (i->tenant == 2 || i->seq % 2 == 1) {
+            fairq_iter_remove(&it);
+            free(i);
+            removed++;
+        }
+    }
+    assert_int_equal(seen, total);
+    assert_int_equal(fairq_count(&q), total - removed);
+    assert_int_equal(fairq_tenant_count(&q, 2), 0);
+    assert_int_equal(q.ntenants, 3);
+    /* The rest is intact, in order, and the tails are right: pushes after
+     * the walk come after what is left. */
+    for (uint32_t t = 1; t <= 4; t++)
+        if (t != 2)
+            push(&q, t, 0, 1000, false);
+    unsigned last[5] = {0}, n = 0;
+    bool seen7[5] = {false};
+    uint32_t t;
+    for (struct fairq_node *x; (x = fairq_pop(&q, &t)) != NULL; n++) {
+        struct item *i = item_of(x);
+        assert_int_not_equal(t, 2);
+        assert_int_equal(i->seq % 2 == 1 && i->seq != 1000, 0);
+        if (i->prio == 7) {
+            seen7[t] = true;
+        } else {
+            assert_true(i->seq >= last[t]);
+            last[t] = i->seq;
+        }
+        free(i);
+    }
+    assert_int_equal(n, total - removed + 3);
+    assert_int_equal(last[1], 1000);
+    assert_true(seen7[1] && seen7[3] && seen7[4]);
+    /* Removing everything walks to the end and leaves nothing allocated. */
+    for (unsigned i = 0; i < 10; i++)
+        push(&q, i % 3, i % 10, i, false);
+    fairq_iter_init(&q, &it);
+    for (struct fairq_node *x; (x = fairq_iter_next(&it)) != NULL;) {
+        fairq_iter_remove(&it);
+        free(item_of(x));
+    }
+    assert_int_equal(fairq_count(&q), 0);
+    assert_null(q.cur);
+    drain(&q);
+}
+
+static void
+reload_changes_a_weight(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    for (unsigned i = 0; i < 1000; i++) {
+        push(&q, 1, 0, i, false);
+        push(&q, 2, 0, i, false);
+    }
+    unsigned got[3] = {0};
+    for (unsigned i = 0; i < 100; i++) {
+        uint32_t t;
+        free(item_of(fairq_pop(&q, &t)));
+        got[t]++;
+    }
+    assert_int_equal(got[1], 50);
+    assert_int_equal(got[2], 50);
+    /* A reload: tenant 2 weighs 4 now, from its next turn. */
+    weights[2] = 4;
+    got[1] = got[2] = 0;
+    for (unsigned i = 0; i < 500; i++) {
+        uint32_t t;
+        free(item_of(fairq_pop(&q, &t)));
+        got[t]++;
+    }
+    assert_int_equal(got[1], 100);
+    assert_int_equal(got[2], 400);
+    /* A weight of 0 (no such tenant any more) counts as 1. */
+    weights[2] = 0;
+    got[1] = got[2] = 0;
+    for (unsigned i = 0; i < 100; i++) {
+        uint32_t t;
+        free(item_of(fairq_pop(&q, &t)));
+        got[t]++;
+    }
+    assert_int_equal(got[1], 50);
+    assert_int_equal(got[2], 50);
+    drain(&q);
+}
+
+static void
+counts_per_tenant(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, NULL, NULL); /* no weights: every tenant weighs 1 */
+    for (unsigned i = 0; i < 7; i++)
+        push(&q, 0, 0, i, false); /* untenanted */
+    for (unsigned i = 0; i < 3; i++)
+        push(&q, 42, 9, i, false);
+    uint32_t ids[4];
+    unsigned counts[4];
+    assert_int_equal(fairq_tenants(&q, ids, counts, 4), 2);
+    assert_int_equal(ids[0], 0);
+    assert_int_equal(counts[0], 7);
+    assert_int_equal(ids[1], 42);
+    assert_int_equal(counts[1], 3);
+    assert_int_equal(fairq_tenants(&q, ids, counts, 1), 2);
+    assert_int_equal(fairq_tenant_count(&q, 42), 3);
+    assert_int_equal(fairq_tenant_count(&q, 7), 0);
+    /* Alternating with equal weights. */
+    uint32_t t;
+    free(item_of(fairq_pop(&q, &t)));
+    assert_int_equal(t, 0);
+    free(item_of(fairq_pop(&q, &t)));
+    assert_int_equal(t, 42);
+    free(item_of(fairq_pop(&q, &t)));
+    assert_int_equal(t, 0);
+    /* Many tenants: each is found (the hash table), and all go when empty. */
+    for (uint32_t k = 100; k < 1100; k++)
+        push(&q, k, k % 10, k, false);
+    for (uint32_t k = 100; k < 1100; k++)
+        assert_int_equal(fairq_tenant_count(&q, k), 1);
+    drain(&q);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(weights_honoured),
+        cmocka_unit_test(new_tenant_within_one_round),
+        cmocka_unit_test(priority_then_fifo),
+        cmocka_unit_test(front_push_goes_first_of_its_tenant),
+        cmocka_unit_test(remove_while_walking),
+        cmocka_unit_test(reload_changes_a_weight),
+        cmocka_unit_test(counts_per_tenant),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
