@@ -103,7 +103,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
         return;
     }
     j->m.fn = delivery_on_job;
-    j->next = NULL;
+    j->fq.next = NULL;
     j->id = id;
     j->expire_ms = 0;
     j->bounce = bounce;
@@ -148,8 +148,9 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
             busy++;
             continue;
         }
-        for (struct job **pp = &t->head; *pp != NULL;) {
-            struct job *q = *pp;
+        struct fairq_iter it;
+        fairq_iter_init(&t->q, &it);
+        for (struct job *q; (q = job_of(fairq_iter_next(&it))) != NULL;) {
             if (q->id == j->id) {
                 unsigned m = 0;
                 for (unsigned k = 0; k < q->n; k++)
@@ -158,14 +159,9 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
                 q->n = m;
             }
             if (q->n == 0) {
-                *pp = q->next;
-                if (t->tail == &q->next)
-                    t->tail = pp;
-                t->queued--;
+                fairq_iter_remove(&it);
                 free(q);
-                continue;
             }
-            pp = &q->next;
         }
         j->idx[n++] = j->idx[i];
     }
@@ -409,7 +405,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
     uint64_t now = clock_unix_ms();
     struct dest_iter it3 = {0};
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
-        if (t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+        if (fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
             (t->last_ms == 0 || now - t->last_ms > 600000))
             continue;
         if (*n == *cap) {
@@ -423,7 +419,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         struct stats_domain *x = &(*out)[(*n)++];
         memset(x, 0, sizeof(*x));
         snprintf(x->name, sizeof(x->name), "%s", t->name);
-        x->ready = t->queued;
+        x->ready = dest_queued(t);
         x->inflight = t->inflight;
         x->connections = t->conns;
         x->delivered = t->delivered;
@@ -450,7 +446,9 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
                      t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
         uint64_t oldest = 0;
-        for (struct job *j = t->head; j != NULL; j = j->next) {
+        struct fairq_iter it;
+        fairq_iter_init(&t->q, &it);
+        for (struct job *j; (j = job_of(fairq_iter_next(&it))) != NULL;) {
             uint64_t a = queue_id_time_ms(j->id);
             if (oldest == 0 || a < oldest)
                 oldest = a;
@@ -521,7 +519,7 @@ delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiting, u
     struct dest_iter it6 = {0};
     for (const struct dest *t; (t = dest_next(d, &it6)) != NULL;) {
         (*dests)++;
-        *waiting += t->queued;
+        *waiting += dest_queued(t);
         *inflight += t->inflight;
     }
 }

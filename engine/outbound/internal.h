@@ -45,6 +45,7 @@
 #include "engine/config.h"
 #include "engine/delivery.h"
 #include "engine/limits.h"
+#include "engine/outbound/fairq.h"
 #include "engine/outbound/policy.h"
 #include "engine/outbound/site.h"
 #include "engine/smtp_client.h"
@@ -66,7 +67,7 @@ struct outcome_batch;
 /* A job: recipients of one message at one domain, one transaction. */
 struct job {
     struct worker_msg m; /* while it travels to the owner */
-    struct job *next;
+    struct fairq_node fq; /* on its destination's queue */
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
@@ -76,6 +77,28 @@ struct job {
     char domain[256];
     unsigned idx[];
 };
+
+static inline struct job *
+job_of(struct fairq_node *x)
+{
+    return x != NULL ? (struct job *)((char *)x - offsetof(struct job, fq)) : NULL;
+}
+
+/* Whose job is (its tenant: an interned id, 0 for none) and how urgent
+ * (0..9, higher first): the order of its destination's queue (fairq.h). */
+static inline uint32_t
+job_tenant(const struct job *j)
+{
+    (void)j;
+    return 0;
+}
+
+static inline unsigned
+job_priority(const struct job *j)
+{
+    (void)j;
+    return 0;
+}
 
 struct conn {
     struct delivery *d;   /* borrowed: outlives its connections */
@@ -168,8 +191,7 @@ struct dest {
     uint64_t touched;        /* monotonic ns of its last activity */
     struct delivery *d;
     const struct domain_policy *pol; /* borrowed from the config */
-    struct job *head, **tail;
-    unsigned queued;
+    struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */
     unsigned opening;        /* not yet ready for a transaction */
     struct site *site;       /* owned reference: the site of its answer, or NULL */
@@ -290,8 +312,22 @@ struct dest *dest_next(const struct delivery *d, struct dest_iter *it);
 /* A job arrives at t (owned): split to the domain's recipients per
  * transaction, queued, and t run. */
 void dest_enqueue(struct dest *t, struct job *j);
+/* Queue j (owned) at t: last of its tenant's priority, or first with
+ * front (put back after a failure). Without memory for a new tenant's
+ * sub-queue j is dropped (logged; it stays in the spool for the next
+ * start). */
 void dest_push(struct dest *t, struct job *j, bool front);
+/* The next job of t: the tenants' turns by weight, then priority. */
 struct job *dest_pop(struct dest *t);
+/* Jobs waiting at t. */
+static inline unsigned
+dest_queued(const struct dest *t)
+{
+    return (unsigned)fairq_count(&t->q);
+}
+/* The weight of tenant at d's destinations ([tenant NAME] weight; 1 for
+ * none): a fairq_weight_fn with d as ctx. */
+unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
 /* The scheduler's one decision point (see scheduler.c). */
 void dest_run(struct dest *t);
 /* No new connection to t for ms. */

@@ -2,8 +2,13 @@
  * scheduler: the outbound side's decisions of "what goes where, now", on
  * one worker (see internal.h for the other files).
  *
- * A destination (struct dest) is a domain with its FIFO of jobs, its MX
- * answer (or its route's), its limiter key and its site. dest_run() is the
+ * A destination (struct dest) is a domain with its queue of jobs, its MX
+ * answer (or its route's), its limiter key and its site. The queue
+ * (outbound/fairq.c) is shared between tenants by their [tenant] weight
+ * and ordered by priority within a tenant: every connection of the
+ * destination takes its next job from it, so the domain's connections
+ * and message rate are shared by weight, and a job put back after a
+ * failure goes first of its tenant. dest_run() is the
  * one decision point: resolve when there is no answer, fail the jobs when
  * the answer says so (outbound/policy.c decides how), else hand jobs to
  * idle connections of the site and open new ones within the domain's
@@ -297,9 +302,9 @@ conn_take_waiting(struct conn *c)
     struct delivery *d = c->d;
     struct dest *t;
     while (s != NULL && (t = want_pop(s)) != NULL) {
-        if (t->head == NULL || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
+        if (fairq_empty(&t->q) || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
             continue;
-        if (t->queued > 1)
+        if (dest_queued(t) > 1)
             want_push(t); /* more for other idle connections */
         return t;
     }
@@ -344,7 +349,7 @@ dest_get(struct delivery *d, const char *name)
     t->d = d;
     memcpy(t->name, name, nl); /* NUL: calloc */
     t->pol = config_domain(d->e->cfg, name);
-    t->tail = &t->head;
+    fairq_init(&t->q, dest_tenant_weight, d);
     timer_init(&t->hold_timer, dest_on_hold);
     timer_init(&t->sweep_timer, dest_on_sweep);
     timer_init(&t->lim_timer, dest_on_lim_timer);
@@ -382,6 +387,7 @@ dest_free(struct dest *t, bool live)
     struct job *j;
     while ((j = dest_pop(t)) != NULL)
         free(j);
+    fairq_fini(&t->q);
     if (live) {
         worker_timer_cancel(d->w, &t->hold_timer);
         worker_timer_cancel(d->w, &t->sweep_timer);
@@ -406,7 +412,7 @@ dest_free(struct dest *t, bool live)
 static bool
 dest_evictable(const struct dest *t, uint64_t now)
 {
-    return t->queued == 0 && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+    return fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
            t->req == NULL && !t->mx_waiting && !t->running && now >= t->hold_until &&
            t->lim.nleases == 0;
 }
@@ -449,34 +455,31 @@ dest_touch(struct dest *t)
     lru_touch(&t->d->dest_lru, &t->lru);
 }
 
+unsigned
+dest_tenant_weight(void *ctx, uint32_t tenant)
+{
+    (void)ctx;
+    (void)tenant;
+    return 1;
+}
+
 void
 dest_push(struct dest *t, struct job *j, bool front)
 {
-    if (front) {
-        j->next = t->head;
-        t->head = j;
-        if (t->tail == &t->head)
-            t->tail = &j->next;
-    } else {
-        j->next = NULL;
-        *t->tail = j;
-        t->tail = &j->next;
-    }
-    t->queued++;
+    if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0)
+        return;
+    /* Still in the spool: a restart delivers it. Say so. */
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(j->id, qid);
+    log_msg(LOG_ERR, "id=%s event=job_lost_until_restart domain=%s reason=out_of_memory", qid,
+            t->name);
+    free(j);
 }
 
 struct job *
 dest_pop(struct dest *t)
 {
-    struct job *j = t->head;
-    if (j == NULL)
-        return NULL;
-    t->head = j->next;
-    if (t->head == NULL)
-        t->tail = &t->head;
-    t->queued--;
-    j->next = NULL;
-    return j;
+    return job_of(fairq_pop(&t->q, NULL));
 }
 
 /* A job arrives (delivery.c's hand-off from the submitting thread):
@@ -645,26 +648,20 @@ dest_on_sweep(struct timer *tm, void *ctx)
     if (d->stopping || d->w->now >= t->hold_until)
         return;
     uint64_t now = clock_unix_ms();
-    for (struct job **pp = &t->head; *pp != NULL;) {
-        struct job *j = *pp;
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    for (struct job *j; (j = job_of(fairq_iter_next(&it))) != NULL;) {
         struct queue_envelope *env = NULL;
         if (j->expire_ms == 0) {
-            if (queue_envelope_get(d->e->queue, j->id, &env) != 0) {
-                pp = &j->next; /* gone or unreadable: conn_next drops it */
-                continue;
-            }
+            if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
+                continue; /* gone or unreadable: conn_next drops it */
             j->expire_ms = job_expire_ms(t->pol, env, j->id);
         }
         if (!policy_expired(now, j->expire_ms)) {
             queue_envelope_free(env);
-            pp = &j->next;
             continue;
         }
-        *pp = j->next;
-        if (t->tail == &j->next)
-            t->tail = pp;
-        t->queued--;
-        j->next = NULL;
+        fairq_iter_remove(&it);
         if (env == NULL && queue_envelope_get(d->e->queue, j->id, &env) != 0) {
             free(j);
             continue;
@@ -680,7 +677,7 @@ dest_on_sweep(struct timer *tm, void *ctx)
         queue_envelope_free(env);
         free(j);
     }
-    if (t->head != NULL)
+    if (!fairq_empty(&t->q))
         worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }
 
@@ -723,7 +720,7 @@ static void
 dest_run_once(struct dest *t)
 {
     struct delivery *d = t->d;
-    if (t->head == NULL || d->stopping || d->draining || t->suspended)
+    if (fairq_empty(&t->q) || d->stopping || d->draining || t->suspended)
         return;
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
@@ -778,7 +775,7 @@ dest_run_once(struct dest *t)
     /* Idle connections of the site first, whichever domain they served
      * last: reuse. One that goes back to the idle list found no token
      * (the message rate): the others would not either. */
-    while (t->head != NULL && site->idle != NULL) {
+    while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
         while (*pc != NULL && (*pc)->tls_pol != t->pol->tls)
             pc = &(*pc)->next_idle;
@@ -796,11 +793,11 @@ dest_run_once(struct dest *t)
         if (site->idle == c)
             return;
     }
-    if (t->head == NULL || d->w->now < t->hold_until)
+    if (fairq_empty(&t->q) || d->w->now < t->hold_until)
         return;
     /* New connections: one per job waiting beyond those being opened,
      * within the domain's max_connections and the site's window. */
-    while (t->queued > t->opening && t->conns < t->pol->max_connections) {
+    while (dest_queued(t) > t->opening && t->conns < t->pol->max_connections) {
         const struct dns_mx_host *h;
         const union dns_addr *a;
         if (site->conns >= site_allowed(t)) {
@@ -944,7 +941,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
-        if (!t->suspended && t->head != NULL) {
+        if (!t->suspended && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1)
                 dest_lim_wait(t, retry_at);
@@ -955,7 +952,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             else
                 j = dest_pop(t);
         }
-        if (j == NULL && (t->head == NULL || t->suspended) && *moves < 8) {
+        if (j == NULL && (fairq_empty(&t->q) || t->suspended) && *moves < 8) {
             /* Nothing here: the next transaction of another domain of
              * the site (MX rollup). */
             struct dest *w = conn_take_waiting(c);
@@ -966,14 +963,14 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
         }
         if (j == NULL) {
-            if (t->head == NULL && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
+            if (fairq_empty(&t->q) && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
                                     (c->srck != NULL && c->srck->waiters != NULL))) {
                 /* Nothing more here while other domains wait for a slot at
                  * this MX: give it back now rather than after idling. */
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
-            if (t->head == NULL && c->addr_counted &&
+            if (fairq_empty(&t->q) && c->addr_counted &&
                 site_addr_wanted(&d->sites, &c->addr, d->w->now, c->site)) {
                 /* A domain of another site waits for this address's
                  * slot: give it back rather than hold it idle. */

@@ -595,8 +595,10 @@ session_failures(void **state)
     struct dest *t = c->dest;
     /* Reset after RCPT, before the dot: the job goes back, first. */
     assert_true(txn_done(c, SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF, SMTP_SCOPE_SESSION));
-    assert_int_equal(t->queued, 1);
-    assert_int_equal(t->head->failovers, 1);
+    assert_int_equal(dest_queued(t), 1);
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    assert_int_equal(job_of(fairq_iter_next(&it))->failovers, 1);
     assert_int_equal(t->next_addr, 1);
     assert_int_equal(f->finished, 0);
     conn_gone(c, NULL);
@@ -646,7 +648,7 @@ idle_destinations_evicted(void **state)
     assert_int_equal(f->d->evicted, 1);
     assert_int_equal(hash_count(&f->d->dests), 1);
     assert_int_equal(f->d->sites.live, 0);
-    assert_non_null(dest_get(f->d, "stays.test")->head);
+    assert_false(fairq_empty(&dest_get(f->d, "stays.test")->q));
     fx_free(f);
 }
 
