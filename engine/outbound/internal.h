@@ -89,15 +89,13 @@ job_of(struct fairq_node *x)
 static inline uint32_t
 job_tenant(const struct job *j)
 {
-    (void)j;
-    return 0;
+    return j->owner.tenant;
 }
 
 static inline unsigned
 job_priority(const struct job *j)
 {
-    (void)j;
-    return 0;
+    return j->owner.priority;
 }
 
 struct conn {

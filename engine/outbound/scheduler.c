@@ -44,6 +44,7 @@
 #include <sys/socket.h>
 
 #include "common/clock.h"
+#include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
@@ -458,9 +459,12 @@ dest_touch(struct dest *t)
 unsigned
 dest_tenant_weight(void *ctx, uint32_t tenant)
 {
-    (void)ctx;
-    (void)tenant;
-    return 1;
+    const struct delivery *d = ctx;
+    const char *name = tenant != 0 ? intern_name(d->e->names, tenant) : NULL;
+    /* A tenant a reload removed keeps its mail flowing at weight 1. */
+    const struct tenant_config *tc =
+        name != NULL ? config_tenant(d->e->cfg, name, strlen(name)) : NULL;
+    return tc != NULL ? tc->weight : 1;
 }
 
 void

@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Fair share between tenants at one site (issue 16): tenant A queues a
+backlog of N recipients (default 200,000: 200 messages of 1,000, one
+recipient per transaction, so 200,000 transactions) to one domain whose
+MX is a local smtp-sink; as soon as A's injection is done, tenant B
+injects 100 one-recipient messages. B's latency, injection to delivery,
+is each delivery's queue_time_ms in the delivery log (sluice's reception
+time to the receiver's 250), p50, p99 and max; beside it A's throughput
+(A's deliveries over the run, first injection to last delivery), the time
+A's injection took, and the whole run's time.
+
+The same run twice on the same binary, side by side:
+  fair   B's messages are tenant B: the destination's queue shares
+         between A and B by weight (both 1);
+  one    B's messages are tenant A too (one tenant, as before fair
+         share): they wait behind A's backlog, first in first out.
+
+  chrt -f 80 bench/relay/bench_fair.py [--sluice build-rel/engine/sluice]
+                                       [--backlog 200000] [--late 100]
+
+Injection is Python on one connection, pipelined (MAIL, the RCPTs, DATA
+in one write per message). Durable spool under /var/tmp. Never fails on
+a number.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
+from harness import Daemon, Smtp, Workdir, free_port, wait_until  # noqa: E402
+import test_delivery  # noqa: E402
+from test_delivery import Dns, connectable, records_for  # noqa: E402
+
+
+def inject(port, tenant, prefix, messages, rcpts):
+    c = Smtp(port, timeout=120)
+    c.expect("EHLO bench", 250)
+    body = (f"X-Sluice-Tenant: {tenant}\r\nSubject: {prefix}\r\n\r\n" + "x" * 1000 +
+            "\r\n.\r\n").encode()
+    for m in range(messages):
+        cmds = ["MAIL FROM:<bench@example.com>"]
+        cmds += [f"RCPT TO:<{prefix}.{m}.{i}@site.test>" for i in range(rcpts)]
+        cmds.append("DATA")
+        c.send("".join(x + "\r\n" for x in cmds))
+        reps = c.replies(len(cmds))
+        if reps[-1].code != 354 or any(r.code != 250 for r in reps[:-1]):
+            raise SystemExit(f"injection refused: {[r.raw for r in reps if r.code >= 400][:3]}")
+        c.send(body)
+        r = c.reply()
+        if r.code != 250:
+            raise SystemExit(f"DATA refused: {r.raw}")
+    c.cmd("QUIT")
+    c.close()
+
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(p / 100.0 * len(v)))] if v else float("nan")
+
+
+def one(a, mode):
+    wd = Workdir("sluice-bench-fair-")
+    dns = sink = d = None
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, records_for(["site.test"]))
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        sink = subprocess.Popen(["smtp-sink", *user, "-c", f"127.0.0.1:{mx_port}", "256"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: connectable(mx_port), 10, "smtp-sink")
+        port = free_port()
+        spool = os.path.join("/var/tmp", f"sluice-bench-fair-{os.getpid()}-{mode}")
+        shutil.rmtree(spool, ignore_errors=True)
+        dlog = os.path.join(wd.path, "delivery.jsonl")
+        conf = wd.file("sluice.conf", f"""
+[server]
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.1/32
+max_recipients = 1000
+[queue]
+path = {spool}
+map_size = 4G
+[delivery]
+remote_port = {mx_port}
+allow_networks = 127.0.0.0/8
+[dns]
+servers = 127.0.0.1:{dns.port}
+[bounce]
+dsn = no
+[log]
+delivery_log = {dlog}
+level = notice
+[domain site.test]
+max_rcpt_per_txn = 1
+[tenant A]
+[tenant B]
+""")
+        d = Daemon(a.sluice, conf)
+        d.wait_log("event=ready")
+        t0 = time.monotonic()
+        inject(port, "A", "a", a.backlog // 1000, 1000)
+        t_late = time.monotonic()
+        inject(port, "B" if mode == "fair" else "A", "late", a.late, 1)
+        total = a.backlog + a.late
+
+        def delivered_lines():
+            with open(dlog) as f:
+                return sum(1 for ln in f if '"event":"delivered"' in ln)
+        wait_until(lambda: delivered_lines() >= total, 1800, "every delivery")
+        t_end = time.monotonic()
+        late, a_times = [], []
+        with open(dlog) as f:
+            for ln in f:
+                if '"event":"delivered"' not in ln:
+                    continue
+                e = json.loads(ln)
+                if e["rcpt"].startswith("late."):
+                    late.append(e["queue_time_ms"])
+                else:
+                    a_times.append(e["time"])
+        d.stop()
+        d = None
+        return {
+            "mode": mode,
+            "late_p50": pct(late, 50), "late_p99": pct(late, 99), "late_max": max(late),
+            "a_rate": len(a_times) / max(t_end - t0, 1e-9),
+            "inject_s": t_late - t0, "total_s": t_end - t0,
+        }
+    finally:
+        if d is not None:
+            d.stop()
+        if sink is not None:
+            sink.kill()
+            sink.wait()
+        if dns is not None:
+            dns.stop()
+        shutil.rmtree(os.path.join("/var/tmp", f"sluice-bench-fair-{os.getpid()}-{mode}"),
+                      ignore_errors=True)
+        wd.cleanup()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", default="build-test/engine/sluice")
+    ap.add_argument("--backlog", type=int, default=200000)
+    ap.add_argument("--late", type=int, default=100)
+    a = ap.parse_args()
+    test_delivery.SLUICE = a.sluice
+    print(f"tenant A: {a.backlog} recipients to site.test, one per transaction; "
+          f"then {a.late} late messages of one recipient")
+    print(f"{'mode':6} {'late p50 ms':>12} {'p99 ms':>8} {'max ms':>8} "
+          f"{'A msg/s':>8} {'A inject s':>11} {'run s':>7}")
+    for mode in ("fair", "one"):
+        r = one(a, mode)
+        print(f"{r['mode']:6} {r['late_p50']:12.0f} {r['late_p99']:8.0f} {r['late_max']:8.0f} "
+              f"{r['a_rate']:8.0f} {r['inject_s']:11.1f} {r['total_s']:7.1f}", flush=True)
+    print("fair: the late messages are tenant B's; one: they are tenant A's too "
+          "(FIFO behind the backlog). A msg/s: A's deliveries over the whole run.")
+
+
+if __name__ == "__main__":
+    main()
