@@ -374,8 +374,8 @@ static const struct conf_key pool_keys[] = {
 #define TEN(f) offsetof(struct tenant_config, f)
 static const struct conf_key tenant_keys[] = {
     {"weight", CONF_UINT, TEN(weight), 1, 1000, "1",
-     "the tenant's share of a site's connections and rate against the other tenants sending "
-     "there [not yet in effect]",
+     "the tenant's share of a destination's transactions (so of its connections and rate) "
+     "against the other tenants with mail waiting there: turns of up to weight messages each",
      NULL},
     {"pools", CONF_STRING, TEN(pools_text), 1, 4096, NULL,
      "the pools the tenant may send through, comma-separated (an X-Sluice-Pool header or a "
@@ -1984,8 +1984,11 @@ config_reference(FILE *out)
                  "X-Sluice-Campaign, X-Sluice-Pool and X-Sluice-Priority set the rest; "
                  "these four header fields (and [server] expire_header) are removed before the message is stored. "
                  "Tenant, campaign, pool and priority are stored with the message and "
-                 "logged with its events. Names as for [pool]. [weight: not yet in "
-                 "effect]\n\n");
+                 "logged with its events. Names as for [pool]. Each destination shares "
+                 "its transactions between the tenants with mail waiting there by weight "
+                 "(untenanted mail is one more tenant of weight 1), and within a tenant "
+                 "sends the highest priority first, oldest first within a priority: one "
+                 "tenant's backlog delays another's mail by at most one round of turns.\n\n");
     reference_table(out, tenant_keys, sizeof(struct tenant_config));
     warmup_conf_reference(out);
     fprintf(out, "## [dkim DOMAIN SELECTOR]: one DKIM signature\n\n"

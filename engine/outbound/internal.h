@@ -15,6 +15,9 @@
  *                          [source] limits, which connection a job takes,
  *                          opening connections within the caps, holds,
  *                          expiry sweeps, eviction of idle destinations;
+ *   outbound/fairq.c       a destination's queue: per-tenant sub-queues
+ *                          served by weight, by priority within each
+ *                          (a pure data structure: tests/unit/test_fairq.c);
  *   outbound/targets.c     where mail must not go (allow_networks, loops);
  *   outbound/site.c        sites, the adaptive window, the per-address table;
  *   outbound/connection.c  struct conn: connect, the client machine,
