@@ -399,6 +399,32 @@ drain_check(struct delivery *d)
     atomic_fetch_add(&d->e->drained, 1);
 }
 
+/* The most queued tenants of a destination, kept sorted (most first). */
+struct top_tenants {
+    uint32_t id[STATS_DOMAIN_TENANTS];
+    unsigned n[STATS_DOMAIN_TENANTS];
+    unsigned k, all;
+};
+
+static void
+top_tenants_add(void *arg, uint32_t tenant, unsigned n)
+{
+    struct top_tenants *tt = arg;
+    tt->all++;
+    unsigned i = tt->k < STATS_DOMAIN_TENANTS ? tt->k++ : STATS_DOMAIN_TENANTS;
+    if (i == STATS_DOMAIN_TENANTS) {
+        if (n <= tt->n[STATS_DOMAIN_TENANTS - 1])
+            return;
+        i = STATS_DOMAIN_TENANTS - 1;
+    }
+    for (; i > 0 && tt->n[i - 1] < n; i--) {
+        tt->id[i] = tt->id[i - 1];
+        tt->n[i] = tt->n[i - 1];
+    }
+    tt->id[i] = tenant;
+    tt->n[i] = n;
+}
+
 int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
@@ -454,6 +480,15 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
                 oldest = a;
         }
         x->oldest_ms = oldest;
+        struct top_tenants tt = {0};
+        fairq_tenants_each(&t->q, top_tenants_add, &tt);
+        x->tenants_waiting = tt.all;
+        x->ntenants = tt.k;
+        for (unsigned k = 0; k < tt.k; k++) {
+            const char *tn = tt.id[k] != 0 ? intern_name(d->e->names, tt.id[k]) : NULL;
+            snprintf(x->tenants[k].name, sizeof(x->tenants[k].name), "%s", tn ? tn : "");
+            x->tenants[k].ready = tt.n[k];
+        }
     }
     return 0;
 }

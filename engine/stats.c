@@ -393,6 +393,21 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
             json_null(j);
         json_kbool(j, "suspended", x->suspended);
         kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
+        json_ku64(j, "tenants_waiting", x->tenants_waiting);
+        json_key(j, "tenants");
+        json_arr_begin(j);
+        for (unsigned k = 0; k < x->ntenants && k < STATS_DOMAIN_TENANTS; k++) {
+            json_obj_begin(j);
+            json_key(j, "tenant");
+            if (x->tenants[k].name[0] != '\0')
+                json_strn(j, x->tenants[k].name, strnlen(x->tenants[k].name,
+                                                         sizeof(x->tenants[k].name)));
+            else
+                json_null(j);
+            json_ku64(j, "ready", x->tenants[k].ready);
+            json_obj_end(j);
+        }
+        json_arr_end(j);
         json_obj_end(j);
     }
     json_arr_end(j);

@@ -153,8 +153,17 @@ struct stats_counters {
 };
 
 /* One destination. */
+#define STATS_DOMAIN_TENANTS 8 /* tenants shown per destination: the most queued */
+
 struct stats_domain {
     char name[256];
+    /* The tenants with the most jobs waiting in the destination's queue
+     * (name "": untenanted mail), most first; tenants_waiting counts all. */
+    struct stats_domain_tenant {
+        char name[72];
+        uint64_t ready;
+    } tenants[STATS_DOMAIN_TENANTS];
+    unsigned ntenants, tenants_waiting;
     uint64_t ready, deferred, inflight, connections, delivered, bounced;
     double rate_limit; /* msgs/s in force, 0: none */
     unsigned max_connections;

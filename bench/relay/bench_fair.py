@@ -16,7 +16,12 @@ The same run twice on the same binary, side by side:
          share): they wait behind A's backlog, first in first out.
 
   chrt -f 80 bench/relay/bench_fair.py [--sluice build-rel/engine/sluice]
-                                       [--backlog 200000] [--late 100]
+                                       [--backlog 200000] [--late 100] [--rate 4000]
+
+Without --rate the receiver (smtp-sink) takes mail about as fast as it
+is injected, so the backlog behind which B arrives is what delivery had
+not caught up with; --rate gives the site a [domain] max_message_rate
+(as a receiver's throttle would), so that A's 200,000 are queued.
 
 Injection is Python on one connection, pipelined (MAIL, the RCPTs, DATA
 in one write per message). Durable spool under /var/tmp. Never fails on
@@ -25,6 +30,7 @@ a number.
 import argparse
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -41,8 +47,8 @@ from test_delivery import Dns, connectable, records_for  # noqa: E402
 def inject(port, tenant, prefix, messages, rcpts):
     c = Smtp(port, timeout=120)
     c.expect("EHLO bench", 250)
-    body = (f"X-Sluice-Tenant: {tenant}\r\nSubject: {prefix}\r\n\r\n" + "x" * 1000 +
-            "\r\n.\r\n").encode()
+    body = (f"X-Sluice-Tenant: {tenant}\r\nSubject: {prefix}\r\n\r\n" + ("x" * 78 + "\r\n") * 12 +
+            ".\r\n").encode()
     for m in range(messages):
         cmds = ["MAIL FROM:<bench@example.com>"]
         cmds += [f"RCPT TO:<{prefix}.{m}.{i}@site.test>" for i in range(rcpts)]
@@ -80,6 +86,7 @@ def one(a, mode):
         dlog = os.path.join(wd.path, "delivery.jsonl")
         conf = wd.file("sluice.conf", f"""
 [server]
+workers = 2
 listen = 127.0.0.1:{port}
 trusted_networks = 127.0.0.1/32
 max_recipients = 1000
@@ -98,6 +105,7 @@ delivery_log = {dlog}
 level = notice
 [domain site.test]
 max_rcpt_per_txn = 1
+{f"max_message_rate = {a.rate}/s" if a.rate else ""}
 [tenant A]
 [tenant B]
 """)
@@ -109,15 +117,25 @@ max_rcpt_per_txn = 1
         inject(port, "B" if mode == "fair" else "A", "late", a.late, 1)
         total = a.backlog + a.late
 
+        seen = {"off": 0, "n": 0}
+
         def delivered_lines():
-            with open(dlog) as f:
-                return sum(1 for ln in f if '"event":"delivered"' in ln)
+            # read on from where the last look stopped, whole lines only
+            if not os.path.exists(dlog):
+                return 0
+            with open(dlog, "rb") as f:
+                f.seek(seen["off"])
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            seen["off"] += end
+            seen["n"] += data[:end].count(b'"event":"delivery"')
+            return seen["n"]
         wait_until(lambda: delivered_lines() >= total, 1800, "every delivery")
         t_end = time.monotonic()
         late, a_times = [], []
         with open(dlog) as f:
             for ln in f:
-                if '"event":"delivered"' not in ln:
+                if '"event":"delivery"' not in ln:
                     continue
                 e = json.loads(ln)
                 if e["rcpt"].startswith("late."):
@@ -150,10 +168,15 @@ def main():
     ap.add_argument("--sluice", default="build-test/engine/sluice")
     ap.add_argument("--backlog", type=int, default=200000)
     ap.add_argument("--late", type=int, default=100)
+    ap.add_argument("--rate", type=int, default=0,
+                    help="[domain] max_message_rate per second (0: none)")
     a = ap.parse_args()
+    # SIGTERM (timeout, an operator) still stops what it started, by PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     test_delivery.SLUICE = a.sluice
     print(f"tenant A: {a.backlog} recipients to site.test, one per transaction; "
-          f"then {a.late} late messages of one recipient")
+          f"then {a.late} late messages of one recipient; site rate "
+          f"{f'{a.rate}/s' if a.rate else 'unlimited'}")
     print(f"{'mode':6} {'late p50 ms':>12} {'p99 ms':>8} {'max ms':>8} "
           f"{'A msg/s':>8} {'A inject s':>11} {'run s':>7}")
     for mode in ("fair", "one"):

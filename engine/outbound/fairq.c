@@ -186,6 +186,15 @@ fairq_tenants(const struct fairq *q, uint32_t *ids, unsigned *counts, unsigned c
     return q->ntenants;
 }
 
+void
+fairq_tenants_each(const struct fairq *q, void (*fn)(void *arg, uint32_t tenant, unsigned n),
+                   void *arg)
+{
+    const struct fairq_tenant *t = q->cur;
+    for (unsigned i = 0; i < q->ntenants; i++, t = t->next)
+        fn(arg, t->id, t->n);
+}
+
 /* ---- walks ---- */
 
 /* The iterator is at sub-queue t (NULL: the end), from its highest priority. */

@@ -82,6 +82,11 @@ unsigned fairq_tenant_count(const struct fairq *q, uint32_t tenant);
  * their counts; returns how many tenants wait (may exceed cap). */
 unsigned fairq_tenants(const struct fairq *q, uint32_t *ids, unsigned *counts, unsigned cap);
 
+/* fn(arg, tenant, jobs waiting) for every tenant waiting, from the one
+ * whose turn it is; fn must not change q. */
+void fairq_tenants_each(const struct fairq *q, void (*fn)(void *arg, uint32_t tenant, unsigned n),
+                        void *arg);
+
 /* A walk over every waiting job (tenants from the one whose turn it is,
  * each in its serving order), which may take the job it is at out:
  *     struct fairq_iter it;

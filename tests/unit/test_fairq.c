@@ -339,6 +339,23 @@ reload_changes_a_weight(void **state)
     drain(&q);
 }
 
+struct each_state {
+    uint32_t ids[4];
+    unsigned counts[4];
+    unsigned n;
+};
+
+static void
+each_add(void *arg, uint32_t tenant, unsigned n)
+{
+    struct each_state *es = arg;
+    if (es->n < 4) {
+        es->ids[es->n] = tenant;
+        es->counts[es->n] = n;
+    }
+    es->n++;
+}
+
 static void
 counts_per_tenant(void **state)
 {
@@ -358,6 +375,14 @@ counts_per_tenant(void **state)
     assert_int_equal(ids[1], 42);
     assert_int_equal(counts[1], 3);
     assert_int_equal(fairq_tenants(&q, ids, counts, 1), 2);
+    /* The same by callback. */
+    struct each_state es = {0};
+    fairq_tenants_each(&q, each_add, &es);
+    assert_int_equal(es.n, 2);
+    assert_int_equal(es.ids[0], 0);
+    assert_int_equal(es.counts[0], 7);
+    assert_int_equal(es.ids[1], 42);
+    assert_int_equal(es.counts[1], 3);
     assert_int_equal(fairq_tenant_count(&q, 42), 3);
     assert_int_equal(fairq_tenant_count(&q, 7), 0);
     /* Alternating with equal weights. */
