@@ -496,6 +496,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
 void
 delivery_reconfigure(struct delivery *d)
 {
+    /* [tenant] weights are asked of the new config from the next turn. */
+    memset(d->tweights, 0, sizeof(d->tweights));
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         const struct domain_policy *old = t->pol;

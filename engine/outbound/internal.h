@@ -258,6 +258,12 @@ struct delivery {
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
     const struct outbound_ops *ops; /* borrowed (static): what the scheduler calls out to */
+    /* [tenant] weights by tenant id, direct-mapped (dest_tenant_weight
+     * asks at each tenant's turn); emptied by delivery_reconfigure. */
+    struct tenant_weight {
+        uint32_t id;      /* 0: empty */
+        unsigned weight;
+    } tweights[64];
 };
 
 /* Where an outcome was met, for the log and the classification. */

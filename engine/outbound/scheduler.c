@@ -459,12 +459,20 @@ dest_touch(struct dest *t)
 unsigned
 dest_tenant_weight(void *ctx, uint32_t tenant)
 {
-    const struct delivery *d = ctx;
-    const char *name = tenant != 0 ? intern_name(d->e->names, tenant) : NULL;
+    struct delivery *d = ctx;
+    if (tenant == 0)
+        return 1;
+    /* The config's look-up is a walk of its tenants: once per id. */
+    struct tenant_weight *tw = &d->tweights[tenant % (sizeof(d->tweights) / sizeof(d->tweights[0]))];
+    if (tw->id == tenant)
+        return tw->weight;
+    const char *name = intern_name(d->e->names, tenant);
     /* A tenant a reload removed keeps its mail flowing at weight 1. */
     const struct tenant_config *tc =
         name != NULL ? config_tenant(d->e->cfg, name, strlen(name)) : NULL;
-    return tc != NULL ? tc->weight : 1;
+    tw->id = tenant;
+    tw->weight = tc != NULL && tc->weight > 0 ? tc->weight : 1;
+    return tw->weight;
 }
 
 void

@@ -40,7 +40,15 @@ class Node:
             self.sink = Sink(self.wd, self.mx_port)
             self.port = free_port()
             self.sock = os.path.join(self.wd.path, "stats.sock")
-            conf = self.wd.file("sluice.conf", f"""
+            conf = self.write_conf(weight_b)
+            self.d = Sluice(SLUICE, conf)
+            self.d.wait_log("event=ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def write_conf(self, weight_b):
+        return self.wd.file("sluice.conf", f"""
 [server]
 workers = 2
 listen = 127.0.0.1:{self.port}
@@ -67,11 +75,13 @@ max_connections = 4
 [tenant B]
 weight = {weight_b}
 """)
-            self.d = Sluice(SLUICE, conf)
-            self.d.wait_log("event=ready")
-        except BaseException:
-            self.close()
-            raise
+
+    def reload(self, weight_b):
+        """[tenant B] weight changed by a reload (the stats socket's)."""
+        self.write_conf(weight_b)
+        r = self.ask("reload")
+        assert r.get("ok"), r
+        self.d.wait_log_count("event=config_reloaded", 1)
 
     def received(self):
         """Messages at the receiver by Subject (files read once each)."""
@@ -199,7 +209,8 @@ def test_weight_gives_the_share():
     """With [tenant B] weight = 3 and both tenants backlogged, B gets
     three transactions for each of A's at the receiver: counted over 600
     of B's deliveries once both wait (each has 1000 queued at least the
-    whole time), give or take the transactions on the 4 connections."""
+    whole time), give or take the transactions on the 4 connections.
+    After a reload that sets B's weight to 1, one for one."""
     n = Node(weight_b=3)
     try:
         inject(n.port, "A", "fair-A", 4, 1000)
@@ -216,6 +227,14 @@ def test_weight_gives_the_share():
         db = got["fair-B"] - start["fair-B"]
         assert 600 <= db < 700, (start, got)
         assert db / 3 - 20 <= da <= db / 3 + 20, (start, got)
+        # A reload makes B weigh 1: even shares from then on.
+        n.reload(1)
+        start = n.received()
+        got = wait_until(lambda: (c := n.received()).get("fair-B", 0) >= start["fair-B"] + 300
+                         and c, 60, "300 more of B's at the receiver")
+        da = got.get("fair-A", 0) - start.get("fair-A", 0)
+        db = got["fair-B"] - start["fair-B"]
+        assert db - 20 <= da <= db + 20, (start, got)
     finally:
         n.close()
 
