@@ -626,14 +626,47 @@ render_stats(const cJSON *st)
     table_print(&t, stdout);
 }
 
+/* The tenants waiting in a destination's queue, most first: "A 19,000
+ * B 100 +2" (the two with most, and how many more); "-" when none. */
+static const char *
+fmt_tenants(const cJSON *d)
+{
+    const cJSON *arr = get(d, "tenants");
+    double all = 0;
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0)
+        return "-";
+    char *b = cell_buf();
+    size_t len = 0;
+    int shown = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, arr)
+    {
+        if (shown == 2)
+            break;
+        const cJSON *name = get(x, "tenant");
+        const char *n = cJSON_IsString(name) ? name->valuestring : "(none)";
+        len += (size_t)snprintf(b + len, 96 - len, "%s%.24s %s", shown ? " " : "", n,
+                                fmt_count(x, "ready"));
+        if (len >= 96)
+            return b;
+        shown++;
+    }
+    if (num(d, "tenants_waiting", &all) && all > shown)
+        snprintf(b + len, 96 - len, " +%.0f", all - shown);
+    for (char *p = b; *p != '\0'; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
+    return b;
+}
+
 static void
 render_domains(const cJSON *doc, size_t limit)
 {
     struct table t;
     /* right: READY DEFERRED INFLIGHT CONN RATE DELIVERED BOUNCED OLDEST */
-    table_init(&t, 12, 0x3fe & ~(1u << 10));
+    table_init(&t, 13, 0x3fe & ~(1u << 10));
     table_row(&t, "DOMAIN", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s", "DELIVERED",
-              "BOUNCED", "OLDEST", "STATE", "LIMITED BY");
+              "BOUNCED", "OLDEST", "STATE", "LIMITED BY", "TENANTS WAITING");
     const cJSON *arr = get(doc, "domains");
     const cJSON *d;
     size_t n = 0;
@@ -648,7 +681,7 @@ render_domains(const cJSON *doc, size_t limit)
                   fmt_count(d, "delivered"), fmt_count(d, "bounced"),
                   fmt_duration(d, "oldest_age_ms"),
                   cJSON_IsBool(susp) ? (cJSON_IsTrue(susp) ? "suspended" : "active") : "-",
-                  fmt_str(d, "limit_reason"));
+                  fmt_str(d, "limit_reason"), fmt_tenants(d));
     }
     table_print(&t, stdout);
     if (n == 0)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 
 from harness import Sluice, Smtp, Workdir, free_port, main, skip, wait_until
@@ -21,6 +22,8 @@ from test_delivery import Dns, Sink, records_for
 
 SLUICE = sys.argv[1]
 test_delivery.SLUICE = SLUICE
+SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
 
 BACKLOG = 20000   # tenant A's recipients, 1000 per message
 RATE = 100        # [domain] max_message_rate per second (the domain's worker holds all of it)
@@ -169,6 +172,10 @@ def test_new_tenant_not_behind_a_backlog():
         # The stats socket shows whose jobs wait.
         assert x["tenants_waiting"] == 1 and x["tenants"][0]["tenant"] == "A", x
         assert x["tenants"][0]["ready"] == x["ready"], x
+        p = subprocess.run([SLUICECTL, "-s", n.sock, "domains"], capture_output=True, text=True,
+                           timeout=30)
+        row = [ln for ln in p.stdout.splitlines() if ln.startswith("ok.test")]
+        assert p.returncode == 0 and len(row) == 1 and " A " in row[0], p.stdout
         inject(n.port, "B", "fair-B", 100, 1)
         got = wait_until(lambda: (c := n.received()).get("fair-B", 0) >= 100 and c, 60,
                          "B's 100 messages at the receiver")
