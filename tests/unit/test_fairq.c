@@ -3,7 +3,8 @@
  * weight over many pops, a new tenant served within one round behind any
  * backlog, priority order and FIFO within a priority, a job put back in
  * front, removal while walking (sub-queues freed as they empty), a
- * reload's new weight, counts per tenant.
+ * reload's new weight, counts per tenant, and random operations checked
+ * against a model.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -401,6 +402,117 @@ counts_per_tenant(void **state)
     drain(&q);
 }
 
+/* Random pushes (back and front), pops and walks that take jobs out,
+ * against a model of each tenant's lists per priority: every pop is the
+ * first job of the highest priority of its tenant, every walk sees each
+ * job once, counts agree, and nothing is left allocated. Fixed seed. */
+#define MT 6       /* tenants */
+#define MCAP 4096  /* jobs in the model at most */
+
+struct model {
+    struct item *q[MT][FAIRQ_PRIORITIES][MCAP]; /* each list in order */
+    unsigned n[MT][FAIRQ_PRIORITIES];
+    unsigned total;
+};
+
+static uint64_t rng = 88172645463325252ull;
+
+static unsigned
+rnd(unsigned n)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (unsigned)(rng % n);
+}
+
+static void
+model_take(struct model *m, struct item *it)
+{
+    unsigned t = it->tenant, p = it->prio;
+    for (unsigned i = 0; i < m->n[t][p]; i++)
+        if (m->q[t][p][i] == it) {
+            memmove(&m->q[t][p][i], &m->q[t][p][i + 1], (m->n[t][p] - i - 1) * sizeof(it));
+            m->n[t][p]--;
+            m->total--;
+            return;
+        }
+    fail_msg("job %u of tenant %u not in the model", it->seq, t);
+}
+
+static void
+random_ops_against_a_model(void **state)
+{
+    (void)state;
+    weights_reset();
+    for (unsigned t = 0; t < MT; t++)
+        weights[t] = 1 + t % 3;
+    struct model *m = calloc(1, sizeof(*m));
+    assert_non_null(m);
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    unsigned seq = 0;
+    for (unsigned round = 0; round < 20000; round++) {
+        unsigned op = rnd(100);
+        if (op < 55 && m->total < MCAP - 1) {
+            unsigned t = rnd(MT), p = rnd(FAIRQ_PRIORITIES);
+            bool front = rnd(8) == 0 && m->n[t][p] < MCAP;
+            struct item *it = push(&q, t, p, seq++, front);
+            if (front) {
+                memmove(&m->q[t][p][1], &m->q[t][p][0], m->n[t][p] * sizeof(it));
+                m->q[t][p][0] = it;
+            } else {
+                m->q[t][p][m->n[t][p]] = it;
+            }
+            m->n[t][p]++;
+            m->total++;
+        } else if (op < 97) {
+            uint32_t t;
+            struct item *it = item_of(fairq_pop(&q, &t));
+            if (m->total == 0) {
+                assert_null(it);
+                continue;
+            }
+            assert_non_null(it);
+            assert_int_equal(t, it->tenant);
+            unsigned hp = FAIRQ_PRIORITIES;
+            while (hp > 0 && m->n[t][hp - 1] == 0)
+                hp--;
+            assert_true(hp > 0);
+            assert_int_equal(it->prio, hp - 1);
+            assert_ptr_equal(m->q[t][hp - 1][0], it);
+            model_take(m, it);
+            free(it);
+        } else {
+            /* A walk that sees everything once and takes some out. */
+            struct fairq_iter iter;
+            fairq_iter_init(&q, &iter);
+            unsigned seen = 0, total = m->total;
+            for (struct fairq_node *x; (x = fairq_iter_next(&iter)) != NULL;) {
+                struct item *it = item_of(x);
+                assert_int_equal(iter.tenant, it->tenant);
+                seen++;
+                if (rnd(3) == 0) {
+                    fairq_iter_remove(&iter);
+                    model_take(m, it);
+                    free(it);
+                }
+            }
+            assert_int_equal(seen, total);
+        }
+        assert_int_equal(fairq_count(&q), m->total);
+        if (round % 512 == 0)
+            for (unsigned t = 0; t < MT; t++) {
+                unsigned n = 0;
+                for (unsigned p = 0; p < FAIRQ_PRIORITIES; p++)
+                    n += m->n[t][p];
+                assert_int_equal(fairq_tenant_count(&q, t), n);
+            }
+    }
+    drain(&q);
+    free(m);
+}
+
 int
 main(void)
 {
@@ -412,6 +524,7 @@ main(void)
         cmocka_unit_test(remove_while_walking),
         cmocka_unit_test(reload_changes_a_weight),
         cmocka_unit_test(counts_per_tenant),
+        cmocka_unit_test(random_ops_against_a_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
