@@ -392,6 +392,14 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
         else
             json_null(j);
         json_kbool(j, "suspended", x->suspended);
+        json_kbool(j, "held", x->held);
+        json_key(j, "held_until");
+        if (x->held && x->held_until_ms != 0)
+            json_time_ms(j, x->held_until_ms);
+        else
+            json_null(j);
+        render_named(j, "deferred_by_class", x->deferred_by_class, x->nclasses,
+                     STATS_DOMAIN_CLASSES);
         kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
         json_obj_end(j);
     }
@@ -581,7 +589,7 @@ struct domain_metric {
     const char *name, *type, *help;
     int field;
 };
-enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED };
+enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED, DM_HELD };
 
 static const struct domain_metric domain_metrics[] = {
     {"sluice_domain_connections", "gauge", "Outbound connections open to the domain.",
@@ -596,6 +604,9 @@ static const struct domain_metric domain_metrics[] = {
      DM_BOUNCED},
     {"sluice_domain_suspended", "gauge", "1 when deliveries to the domain are suspended.",
      DM_SUSPENDED},
+    {"sluice_domain_held", "gauge",
+     "1 while the domain is held (no new connection) after a 421 or failed MX addresses.",
+     DM_HELD},
 };
 
 static double
@@ -614,6 +625,8 @@ domain_value(const struct stats_domain *d, int field)
         return (double)d->bounced;
     case DM_SUSPENDED:
         return d->suspended ? 1 : 0;
+    case DM_HELD:
+        return d->held ? 1 : 0;
     }
     return NAN;
 }
@@ -846,6 +859,22 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
                 json_raw(&t, "\n", 1);
             }
         }
+        /* Only the classes a domain met: at most STATS_DOMAIN_CLASSES
+         * series per domain of the top_n. */
+        text_family(&t, "sluice_domain_recipients_deferred_by_class_total", "counter",
+                    "Recipient attempts deferred by the domain, by the class of the failure "
+                    "(since the destination was last forgotten when idle).");
+        for (size_t i = 0; i < n; i++)
+            for (unsigned k = 0; k < d[i].nclasses && k < STATS_DOMAIN_CLASSES; k++) {
+                const struct stats_object *o = &d[i].deferred_by_class[k];
+                if (o->name[0] == '\0')
+                    continue;
+                json_raw(&t, "sluice_domain_recipients_deferred_by_class_total", 48);
+                text_domain_label(&t, &d[i]);
+                json_raw(&t, ",class=\"", 8);
+                text_label(&t, o->name, sizeof(o->name));
+                text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+            }
         text_family(&t, "sluice_domain_oldest_message_age_seconds", "gauge",
                     "Age of the oldest message waiting for the domain.");
         for (size_t i = 0; i < n; i++) {
@@ -1255,8 +1284,9 @@ http_error(struct json *out, int minor, const char *status, const char *extra)
 }
 
 /* status.json, what the status page shows: {"stats": the answer to
- * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended": every
- * suspended destination among the STATS_DOMAINS_MAX busiest}. */
+ * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended" and
+ * "held": every suspended, and every held, destination among the
+ * STATS_DOMAINS_MAX busiest}. */
 static void
 render_status(struct stats_server *s, struct json *j)
 {
@@ -1270,20 +1300,23 @@ render_status(struct stats_server *s, struct json *j)
     json_key(j, "stats");
     stats_render_stats(j, &c, &r1s, &r1m);
     stats_render_domains(j, s->doms, n < STATS_PAGE_DOMAINS ? n : STATS_PAGE_DOMAINS, now);
-    /* The suspended ones, moved to the front of the array for rendering
-     * (the busiest-first order is no longer needed past the top). */
-    size_t nsusp = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!s->doms[i].suspended)
-            continue;
-        if (i != nsusp) {
-            struct stats_domain t = s->doms[nsusp];
-            s->doms[nsusp] = s->doms[i];
-            s->doms[i] = t;
+    /* The suspended ones, then the held ones, moved to the front of the
+     * array for rendering (the busiest-first order is no longer needed
+     * past the top). */
+    for (int held = 0; held < 2; held++) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!(held ? s->doms[i].held : s->doms[i].suspended))
+                continue;
+            if (i != k) {
+                struct stats_domain t = s->doms[k];
+                s->doms[k] = s->doms[i];
+                s->doms[i] = t;
+            }
+            k++;
         }
-        nsusp++;
+        render_domain_array(j, held ? "held" : "suspended", s->doms, k, now);
     }
-    render_domain_array(j, "suspended", s->doms, nsusp, now);
     json_obj_end(j);
 }
 

@@ -50,6 +50,7 @@ struct json;
 #define STATS_TENANTS_MAX      64 /* tenants with their own series: the busiest */
 #define STATS_CLASSES_MAX      16
 #define STATS_WARMUP_MAX       128 /* (source, group) warm-up rows shown and with series */
+#define STATS_DOMAIN_CLASSES   6  /* deferral classes per destination: the most frequent */
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -162,6 +163,15 @@ struct stats_domain {
     char last_reply[256];
     uint64_t oldest_ms; /* Unix ms of the oldest waiting message, 0: none */
     bool suspended;
+    /* No new connection before held_until_ms (Unix ms): after a 421, or
+     * when every MX address failed in a row ([domain] site_hold). */
+    bool held;
+    uint64_t held_until_ms;
+    /* Recipient deferrals since the destination was last made (it is
+     * forgotten when idle), by the class of their failure: the
+     * STATS_DOMAIN_CLASSES most frequent, most first; zeros left out. */
+    struct stats_object deferred_by_class[STATS_DOMAIN_CLASSES];
+    unsigned nclasses;
 };
 
 struct stats_ops {

@@ -198,6 +198,11 @@ struct dest {
     uint64_t delivered, failed; /* recipients, since start */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
+    /* For the operators' views (delivery_domains): recipient deferrals
+     * since the destination was made, by enum bounce_class, and the wall
+     * clock's end of the hold (hold_until is monotonic). */
+    uint32_t deferred_by_class[BOUNCE_CLASS_COUNT];
+    uint64_t hold_until_ms;
     char name[];             /* the domain, as long as it is (at most 255) */
 };
 

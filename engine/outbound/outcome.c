@@ -390,6 +390,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             kind = DLOG_TRANSIENT_FAILURE;
             cls = oc;
             d->stats.deferred++;
+            t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
             if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }

@@ -1071,6 +1071,42 @@ test_metrics_render(void **state)
     assert_non_null(strstr(j.buf, "\"bounced_by_class\":{\"other\":2,\"rate_limited\":0}"));
     json_fini(&j);
 
+    /* a held destination and its deferral classes: in JSON, and as
+     * series only for the classes it met */
+    struct stats_domain dm[2];
+    memset(dm, 0, sizeof(dm));
+    snprintf(dm[0].name, sizeof(dm[0].name), "busy.test");
+    dm[0].held = true;
+    dm[0].held_until_ms = 1700000000123ull;
+    snprintf(dm[0].deferred_by_class[0].name, sizeof(dm[0].deferred_by_class[0].name),
+             "rate_limited");
+    dm[0].deferred_by_class[0].live = 5;
+    snprintf(dm[0].deferred_by_class[1].name, sizeof(dm[0].deferred_by_class[1].name), "other");
+    dm[0].deferred_by_class[1].live = 1;
+    dm[0].nclasses = 2;
+    snprintf(dm[1].name, sizeof(dm[1].name), "calm.test");
+    t = stats_render_metrics(&c, dm, 2, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"busy.test\"} 1\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"calm.test\"} 0\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_deferred_by_class_total{domain=\"busy.test\","
+                              "class=\"rate_limited\"} 5\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_deferred_by_class_total{domain=\"busy.test\","
+                              "class=\"other\"} 1\n"));
+    assert_null(strstr(t, "deferred_by_class_total{domain=\"calm.test\""));
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+    json_init(&j);
+    json_obj_begin(&j);
+    stats_render_domains(&j, dm, 2, 0);
+    json_obj_end(&j);
+    assert_false(json_failed(&j));
+    assert_non_null(strstr(j.buf, "\"held\":true,\"held_until\":\"2023-11-14T22:13:20.123Z\","
+                                  "\"deferred_by_class\":{\"rate_limited\":5,\"other\":1}"));
+    assert_non_null(strstr(j.buf, "\"held\":false,\"held_until\":null,\"deferred_by_class\":{}"));
+    json_fini(&j);
+
     /* a broken exposition is refused by promtool: the check can fail */
     if (have_promtool())
         assert_int_not_equal(promtool_check(fx, "# TYPE x counter\nx{a=\"b} 1\n", true), 0);
