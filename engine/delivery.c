@@ -661,8 +661,15 @@ delivery_free(struct delivery *d)
     conn_pool_fini(&d->cli_pool);
     conn_pool_fini(&d->chunk_pool);
     sched_fini(d);
+    stats_tenant_fini(&d->tenants);
     free(d);
     return NULL;
+}
+
+unsigned
+delivery_tenants(const struct delivery *d, struct stats_tenant *out, unsigned cap)
+{
+    return stats_tenant_copy(&d->tenants, out, cap);
 }
 
 bool

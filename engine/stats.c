@@ -177,6 +177,44 @@ render_warmup(struct json *j, const struct stats_counters *c)
     json_obj_end(j);
 }
 
+struct stats_tenant *
+stats_tenant_get(struct stats_tenant_table *t, const char *name)
+{
+    for (unsigned i = 0; i < t->n; i++)
+        if (strcmp(t->v[i].name, name) == 0)
+            return &t->v[i];
+    if (t->n >= STATS_TENANT_TABLE_MAX)
+        return NULL;
+    if (t->n == t->cap) {
+        unsigned cap = t->cap ? t->cap * 2 : 8;
+        struct stats_tenant *v = realloc(t->v, cap * sizeof(*v));
+        if (v == NULL)
+            return NULL;
+        t->v = v;
+        t->cap = cap;
+    }
+    struct stats_tenant *e = &t->v[t->n++];
+    memset(e, 0, sizeof(*e));
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    return e;
+}
+
+unsigned
+stats_tenant_copy(const struct stats_tenant_table *t, struct stats_tenant *out, unsigned cap)
+{
+    unsigned n = t->n < cap ? t->n : cap;
+    if (n > 0)
+        memcpy(out, t->v, n * sizeof(*out));
+    return n;
+}
+
+void
+stats_tenant_fini(struct stats_tenant_table *t)
+{
+    free(t->v);
+    memset(t, 0, sizeof(*t));
+}
+
 /* "tenants": {"NAME": {...}} for the busiest tenants. */
 static void
 render_tenants(struct json *j, const struct stats_counters *c)
@@ -189,6 +227,10 @@ render_tenants(struct json *j, const struct stats_counters *c)
         json_obj_begin(j);
         json_ku64(j, "received_msgs", t->received_msgs);
         json_ku64(j, "received_rcpts", t->received_rcpts);
+        json_ku64(j, "delivered", t->delivered);
+        json_ku64(j, "deferred", t->deferred);
+        json_ku64(j, "bounced", t->bounced);
+        json_ku64(j, "expired", t->expired);
         json_obj_end(j);
     }
     json_obj_end(j);
@@ -643,22 +685,40 @@ text_domain_label(struct json *t, const struct stats_domain *d)
 static void
 render_tenant_metrics(struct json *t, const struct stats_counters *c)
 {
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } fam[] = {
+        {"sluice_tenant_messages_received_total",
+         "Messages accepted at submission for the tenant (the busiest tenants only).",
+         offsetof(struct stats_tenant, received_msgs)},
+        {"sluice_tenant_recipients_received_total",
+         "Recipients of the messages accepted for the tenant.",
+         offsetof(struct stats_tenant, received_rcpts)},
+        {"sluice_tenant_recipients_delivered_total", "Recipients of the tenant delivered.",
+         offsetof(struct stats_tenant, delivered)},
+        {"sluice_tenant_recipients_deferred_total",
+         "Recipient attempts of the tenant deferred (a temporary failure).",
+         offsetof(struct stats_tenant, deferred)},
+        {"sluice_tenant_recipients_bounced_total",
+         "Recipients of the tenant bounced (a permanent failure).",
+         offsetof(struct stats_tenant, bounced)},
+        {"sluice_tenant_recipients_expired_total",
+         "Recipients of the tenant that expired (max_age) before delivery.",
+         offsetof(struct stats_tenant, expired)},
+    };
     unsigned n = c->ntenants < STATS_TENANTS_MAX ? c->ntenants : STATS_TENANTS_MAX;
     if (n == 0)
         return;
-    for (int f = 0; f < 2; f++) {
-        const char *name = f == 0 ? "sluice_tenant_messages_received_total"
-                                  : "sluice_tenant_recipients_received_total";
-        text_family(t, name, "counter",
-                    f == 0 ? "Messages accepted at submission for the tenant (the busiest "
-                             "tenants only)."
-                           : "Recipients of the messages accepted for the tenant.");
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, "counter", fam[f].help);
         for (unsigned i = 0; i < n; i++) {
             const struct stats_tenant *e = &c->tenants[i];
-            text_printf(t, "%s{tenant=\"", name);
+            uint64_t v;
+            memcpy(&v, (const char *)e + fam[f].off, sizeof(v));
+            text_printf(t, "%s{tenant=\"", fam[f].name);
             text_label(t, e->name, sizeof(e->name));
-            text_printf(t, "\"} %llu\n",
-                        (unsigned long long)(f == 0 ? e->received_msgs : e->received_rcpts));
+            text_printf(t, "\"} %llu\n", (unsigned long long)v);
         }
     }
 }

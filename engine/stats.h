@@ -74,10 +74,12 @@ struct stats_event_sink {
 };
 
 /* One tenant ([tenant NAME]): shown under "tenants" and as
- * sluice_tenant_*{tenant="NAME"}. */
+ * sluice_tenant_*{tenant="NAME"}. The submission side counts what it
+ * accepted, the outbound side what became of the recipients. */
 struct stats_tenant {
     char name[65];
     uint64_t received_msgs, received_rcpts; /* accepted at submission */
+    uint64_t delivered, deferred, bounced, expired; /* recipient outcomes (attempts for deferred) */
 };
 
 /* One (source, group) of a warm-up plan (engine/warmup.h): shown under
@@ -90,6 +92,23 @@ struct stats_warmup {
     uint64_t allowance; /* today's; UINT64_MAX: past the schedule, no limit */
     uint64_t taken, left; /* left: UINT64_MAX when no limit */
 };
+
+/* A table of per-tenant counts of one thread (a worker's submission or
+ * outbound side), in order of first use: tenants are named in the config,
+ * so it stays small and a linear search costs less than hashing. */
+struct stats_tenant_table {
+    struct stats_tenant *v; /* owned */
+    unsigned n, cap;
+};
+#define STATS_TENANT_TABLE_MAX 256 /* tenants counted per table (more are not counted) */
+
+/* The entry of name (made, zeroed, on first use), or NULL when the table
+ * is full or out of memory: that tenant is not counted. */
+struct stats_tenant *stats_tenant_get(struct stats_tenant_table *t, const char *name);
+/* Copy up to cap entries into out; returns how many. */
+unsigned stats_tenant_copy(const struct stats_tenant_table *t, struct stats_tenant *out,
+                           unsigned cap);
+void stats_tenant_fini(struct stats_tenant_table *t);
 
 /* Counters (monotonic since start) and gauges the engine fills on
  * request. The engine starts from a zeroed struct: a field it does not

@@ -48,6 +48,7 @@
 #include "engine/outbound/policy.h"
 #include "engine/outbound/site.h"
 #include "engine/smtp_client.h"
+#include "engine/stats.h"
 #include "engine/timer.h"
 #include "engine/worker.h"
 #include "common/hash.h"
@@ -240,6 +241,7 @@ struct delivery {
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
     const struct outbound_ops *ops; /* borrowed (static): what the scheduler calls out to */
+    struct stats_tenant_table tenants; /* recipient outcomes per tenant (outcome.c) */
 };
 
 /* Where an outcome was met, for the log and the classification. */
