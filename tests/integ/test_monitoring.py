@@ -13,7 +13,9 @@ rules (contrib/prometheus/sluice-alerts.yml).
   test, not a dashboard in production);
 - the per-tenant series the dashboard's tenant panels read carry the
   tenant's real counts: messages and recipients received, recipients
-  delivered, deferred and bounced."""
+  delivered, deferred and bounced;
+- every family that /metrics exports is in doc/sluicectl.md's tables (a
+  new metric without its line there fails here)."""
 import json
 import os
 import re
@@ -35,6 +37,7 @@ test_delivery.SLUICE = SLUICE
 test_ops.SLUICE = SLUICE
 
 DASHBOARD = os.path.join(SRC, "contrib", "grafana", "sluice-dashboard.json")
+METRICS_DOC = os.path.join(SRC, "doc", "sluicectl.md")
 RULES = os.path.join(SRC, "contrib", "prometheus", "sluice-alerts.yml")
 RULE_TESTS = os.path.join(SRC, "contrib", "prometheus", "sluice-alerts.test.yml")
 # Series Prometheus makes itself, not sluice.
@@ -189,6 +192,11 @@ def test_every_series_is_exported():
     got = {k: tenant_value(text, k, "acme") for k in want}
     assert got == want and want["sluice_tenant_recipients_deferred_total"] >= 1, (got, want)
     exported = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    with open(METRICS_DOC) as f:
+        documented = set(re.findall(r"^\| `(sluice_[a-z0-9_]+)[`{]", f.read(), re.M))
+    assert len(exported) >= 70, sorted(exported)
+    assert exported <= documented, \
+        f"exported but not in doc/sluicectl.md: {sorted(exported - documented)}"
     exported |= set(re.findall(r"^([a-z_:][a-z0-9_:]*)[{ ]", text, re.M))
     used = {}
     for title, e in dashboard_exprs():
