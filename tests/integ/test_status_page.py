@@ -15,6 +15,8 @@ person would read the page, against the stats socket (sluicectl --json):
   (connection_failure, held: every address failed); the held ones are
   listed with the time their hold ends, and /metrics says
   sluice_domain_held 1 for them;
+- the tenants table (tenant acme's messages: received, and what became
+  of their recipients) and the live objects equal the socket's;
 - the page loads nothing but itself and status.json (no script, style or
   font from elsewhere: it is opened on machines without internet), and is
   served with a Content-Security-Policy that forbids anything else.
@@ -66,7 +68,17 @@ READ_DOM = r"""(() => {
     tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
     classes[tr.getAttribute('data-class')] = r;
   });
+  const rowsBy = (sel, attr) => {
+    const out = {};
+    document.querySelectorAll(sel + ' tbody tr[' + attr + ']').forEach(tr => {
+      const r = {};
+      tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+      out[tr.getAttribute(attr)] = r;
+    });
+    return out;
+  };
   return {gen: Number(document.body.getAttribute('data-generation') || 0), values, classes,
+          tenants: rowsBy('#tenants', 'data-tenant'), objects: rowsBy('#objects', 'data-object'),
           domains: table('#domains'), suspended: table('#suspended'), held: table('#held'),
           error: document.getElementById('err').style.display === 'block'
                  ? document.getElementById('err').textContent : null};
@@ -136,7 +148,7 @@ def test_status_page_in_a_browser():
                 "host-record=busy.test,127.0.0.3", "mx-host=busy.test,busy.test,10"]
     hold = "site_hold = 1h\n"  # held for the whole test, on any machine
     r = Relay(records, domain_conf=stats_conf(http=hport) +
-              f"[domain busy.test]\n{hold}[domain deferred.test]\n{hold}")
+              f"[domain busy.test]\n{hold}[domain deferred.test]\n{hold}[tenant acme]\n")
     sinks = []
     stop = threading.Event()
     injected = [0]
@@ -159,9 +171,11 @@ def test_status_page_in_a_browser():
 
         p = ctl(r, "suspend", "held.test")
         assert p.returncode == 0, p.stderr
+        def acme(m):  # a message of tenant acme (the relay trusts its clients)
+            return m[0], m[1], b"X-Sluice-Tenant: acme\r\n" + m[2]
         r.inject([msg(i, [f"h{i}@held.test"], "h") for i in range(3)] +
-                 [msg(i, [f"d{i}@deferred.test"], "d") for i in range(2)] +
-                 [msg(i, [f"s{i}@soft.test"], "s") for i in range(2)] +
+                 [acme(msg(i, [f"d{i}@deferred.test", f"u{i}@a.test"], "d")) for i in range(2)] +
+                 [acme(msg(i, [f"s{i}@soft.test"], "s")) for i in range(2)] +
                  [msg(i, [f"b{i}@busy.test"], "b") for i in range(2)])
         # Each has met its receiver (or its absence) before the load.
         wait_until(lambda: {e["domain"] for e in events(r.dlog)
@@ -204,7 +218,7 @@ def test_status_page_in_a_browser():
             stop.set()
             loader.join(timeout=120)
             assert not loader.is_alive(), "the injection did not end"
-            want = 2 * injected[0]
+            want = 2 * injected[0] + 2  # and acme's two at a.test
             wait_sink(r, want, timeout=120)
             wait_until(lambda: ctl_json(r, "stats")["connections"]["outbound_open"] == 0 and
                        ctl_json(r, "stats")["connections"]["inbound_open"] == 0,
@@ -262,7 +276,7 @@ def test_status_page_in_a_browser():
                 assert row["until"] == d["held_until"], (row, d)
                 assert page_classes(row) == d["deferred_by_class"], (row, d)
                 assert row["last_reply"] == d["last_reply"], (row, d)
-            assert num(dom["domains"]["a.test"]["delivered"]) == injected[0]
+            assert num(dom["domains"]["a.test"]["delivered"]) == injected[0] + 2
             # deferred.test's two recipients wait: deferred, or ready again
             # behind the hold (which one depends on the retry timer, and a
             # sanitizer build is slow enough to see either); none delivered.
@@ -280,6 +294,17 @@ def test_status_page_in_a_browser():
             assert dc["connection_failure"] >= 1, dc
             assert set(dom["suspended"]) == {"held.test"}, dom["suspended"]
             assert num(dom["suspended"]["held.test"]["queued"]) == 3
+
+            # Tenants and live objects, as the socket has them.
+            tenants = after["tenants"]
+            assert set(dom["tenants"]) == set(tenants) == {"acme"}, (dom["tenants"], tenants)
+            for f, v in tenants["acme"].items():
+                assert num(dom["tenants"]["acme"][f]) == v, (f, dom["tenants"]["acme"], v)
+            assert tenants["acme"]["received_msgs"] == 4 and \
+                tenants["acme"]["delivered"] == 2 and tenants["acme"]["deferred"] >= 2, tenants
+            assert set(dom["objects"]) == set(after["objects"]), (dom["objects"], after["objects"])
+            for k, v in after["objects"].items():
+                assert num(dom["objects"][k]["live"]) == v, (k, dom["objects"][k], v)
 
             # Per destination: the deferral classes the delivery log gave
             # each, and the hold, on the page as on the socket.
