@@ -332,6 +332,13 @@ def test_status_page_in_a_browser():
                 assert dom["held"][name]["until"] == d["held_until"], (dom["held"][name], d)
                 assert num(dom["held"][name]["queued"]) == d["ready"] + d["deferred"] + d["inflight"]
             assert "rate_limited" in dom["held"]["busy.test"]["why"], dom["held"]["busy.test"]
+            # sluicectl domains, for people: the state and the top class
+            p = ctl(r, "domains")
+            assert p.returncode == 0, p.stderr
+            lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines()[1:] if ln.strip()}
+            assert "held" in lines["busy.test"] and \
+                f"rate_limited:{logged['busy.test']['rate_limited']}" in lines["busy.test"], p.stdout
+            assert "active" in lines["soft.test"], p.stdout
             metrics = http_get(hport, "/metrics")[2]
             for name in ("busy.test", "deferred.test"):
                 assert f'sluice_domain_held{{domain="{name}"}} 1\n' in metrics, name
