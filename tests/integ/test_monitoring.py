@@ -106,7 +106,8 @@ def series_names(expr):
                 "rate", "irate", "increase", "deriv", "delta", "label_values", "humanize",
                 "topk", "bottomk", "absent", "histogram_quantile", "predict_linear", "time",
                 "clamp_min", "clamp_max", "stddev", "quantile", "count_values", "group", "e",
-                "Inf", "NaN"}
+                "Inf", "NaN", "avg_over_time", "max_over_time", "min_over_time",
+                "sum_over_time", "count_over_time", "last_over_time"}
     return {w for w in words if w not in keywords and not w.startswith("__")}
 
 
