@@ -425,6 +425,28 @@ top_tenants_add(void *arg, uint32_t tenant, unsigned n)
     tt->n[i] = n;
 }
 
+/* t's most frequent deferral classes into x, most first (a few of
+ * BOUNCE_CLASS_COUNT: a selection, not a sort). */
+static void
+dest_top_classes(const struct dest *t, struct stats_domain *x)
+{
+    bool taken[BOUNCE_CLASS_COUNT] = {false};
+    x->nclasses = 0;
+    while (x->nclasses < STATS_DOMAIN_CLASSES) {
+        unsigned best = BOUNCE_CLASS_COUNT;
+        for (unsigned k = 0; k < BOUNCE_CLASS_COUNT; k++)
+            if (!taken[k] && t->deferred_by_class[k] != 0 &&
+                (best == BOUNCE_CLASS_COUNT || t->deferred_by_class[k] > t->deferred_by_class[best]))
+                best = k;
+        if (best == BOUNCE_CLASS_COUNT)
+            return;
+        taken[best] = true;
+        struct stats_object *o = &x->deferred_by_class[x->nclasses++];
+        snprintf(o->name, sizeof(o->name), "%s", bounce_class_str((enum bounce_class)best));
+        o->live = t->deferred_by_class[best];
+    }
+}
+
 int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
@@ -454,6 +476,9 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         x->suspended = t->suspended;
         snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
         bool held = d->w->now < t->hold_until;
+        x->held = held;
+        x->held_until_ms = held ? t->hold_until_ms : 0;
+        dest_top_classes(t, x);
         unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
         const struct conf_rate *mr = &t->pol->max_message_rate;
         if (mr->count != 0 && mr->per_ms != 0)
@@ -462,7 +487,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         if (t->suspended)
             snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
         else if (held)
-            snprintf(x->limit_reason, sizeof(x->limit_reason), "held after a 421");
+            snprintf(x->limit_reason, sizeof(x->limit_reason),
+                     "held after a 421 or failed MX addresses");
         else if (pct < 100)
             snprintf(x->limit_reason, sizeof(x->limit_reason),
                      "backoff: %u%% of the rates after rate limiting", pct);
@@ -670,8 +696,15 @@ delivery_free(struct delivery *d)
     conn_pool_fini(&d->cli_pool);
     conn_pool_fini(&d->chunk_pool);
     sched_fini(d);
+    stats_tenant_fini(&d->tenants);
     free(d);
     return NULL;
+}
+
+unsigned
+delivery_tenants(const struct delivery *d, struct stats_tenant *out, unsigned cap)
+{
+    return stats_tenant_copy(&d->tenants, out, cap);
 }
 
 bool

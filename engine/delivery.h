@@ -60,6 +60,11 @@ bool delivery_msg_free(struct worker_msg *m);
 /* ---- for operators (engine/ops.c), on the worker's thread ---- */
 
 struct stats_domain;
+struct stats_tenant;
+/* Copy the worker's per-tenant recipient outcomes (up to cap) into out;
+ * returns how many. */
+#define DELIVERY_TENANTS_MAX 256 /* = STATS_TENANT_TABLE_MAX: tenants counted per worker */
+unsigned delivery_tenants(const struct delivery *d, struct stats_tenant *out, unsigned cap);
 /* Append the worker's destinations worth showing (waiting, in flight,
  * connected, suspended, or active in the last 10 minutes) to *out
  * (*n entries of *cap, grown with realloc). Returns 0 or -ENOMEM. */

@@ -150,9 +150,12 @@ struct wstats {
     bool has_dns;
     const char *redis; /* static */
     uint64_t dests, waiting, inflight;
-    struct stats_tenant tenants[SERVER_TENANTS_MAX];
+    struct stats_tenant tenants[SERVER_TENANTS_MAX];  /* received, per tenant */
     unsigned ntenants;
+    struct stats_tenant dtenants[DELIVERY_TENANTS_MAX]; /* outcomes, per tenant */
+    unsigned ndtenants;
 };
+_Static_assert(DELIVERY_TENANTS_MAX == STATS_TENANT_TABLE_MAX, "a worker's outcome tenants");
 
 static void
 counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
@@ -160,6 +163,7 @@ counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
     struct wstats *s = &((struct wstats *)c->res)[w];
     server_worker_stats(e->srv[w], &s->srv);
     s->ntenants = server_worker_tenants(e->srv[w], s->tenants, SERVER_TENANTS_MAX);
+    s->ndtenants = delivery_tenants(e->dlv[w], s->dtenants, DELIVERY_TENANTS_MAX);
     delivery_stats(e->dlv[w], &s->dlv);
     s->has_dns = delivery_resolver_stats(e->dlv[w], &s->dns) == 0;
     s->redis = delivery_redis_state(e->dlv[w]);
@@ -179,19 +183,27 @@ cmp_tenant(const void *a, const void *b)
     const struct stats_tenant *x = a, *y = b;
     if (x->received_msgs != y->received_msgs)
         return x->received_msgs > y->received_msgs ? -1 : 1;
+    /* what the spool held from before a restart: by what became of it */
+    uint64_t ox = x->delivered + x->deferred + x->bounced + x->expired;
+    uint64_t oy = y->delivered + y->deferred + y->bounced + y->expired;
+    if (ox != oy)
+        return ox > oy ? -1 : 1;
     return strcmp(x->name, y->name);
 }
 
-/* The workers' per-tenant counts summed, the busiest first, at most
- * [stats] top_n of them (and STATS_TENANTS_MAX). */
+/* The workers' per-tenant counts (of submission and of delivery: a
+ * tenant's mail is received on one worker and delivered on others)
+ * summed, the busiest first, at most [stats] top_n of them (and
+ * STATS_TENANTS_MAX). */
 static void
 merge_tenants(struct engine *e, const struct wstats *ws, struct stats_counters *out)
 {
     struct stats_tenant *all = NULL;
     unsigned n = 0, cap = 0;
-    for (unsigned i = 0; i < e->nworkers; i++)
-        for (unsigned k = 0; k < ws[i].ntenants; k++) {
-            const struct stats_tenant *t = &ws[i].tenants[k];
+    for (unsigned i = 0; i < 2 * e->nworkers; i++)
+        for (unsigned k = 0; k < (i % 2 ? ws[i / 2].ndtenants : ws[i / 2].ntenants); k++) {
+            const struct stats_tenant *t =
+                i % 2 ? &ws[i / 2].dtenants[k] : &ws[i / 2].tenants[k];
             unsigned j = 0;
             while (j < n && strcmp(all[j].name, t->name) != 0)
                 j++;
@@ -204,12 +216,16 @@ merge_tenants(struct engine *e, const struct wstats *ws, struct stats_counters *
                     all = v;
                     cap = nc;
                 }
-                all[n] = *t;
-                all[n].received_msgs = all[n].received_rcpts = 0;
+                memset(&all[n], 0, sizeof(all[n]));
+                memcpy(all[n].name, t->name, sizeof(all[n].name));
                 n++;
             }
             all[j].received_msgs += t->received_msgs;
             all[j].received_rcpts += t->received_rcpts;
+            all[j].delivered += t->delivered;
+            all[j].deferred += t->deferred;
+            all[j].bounced += t->bounced;
+            all[j].expired += t->expired;
         }
     if (n > 1)
         qsort(all, n, sizeof(*all), cmp_tenant);

@@ -269,8 +269,7 @@ struct server_worker {
     struct auth_cache auth;
     uint64_t seq;
     struct server_stats stats;
-    struct stats_tenant *tenants; /* owned: counts per tenant, in order of first use */
-    unsigned ntenants, tenants_cap;
+    struct stats_tenant_table tenants; /* counts per tenant */
     bool detached; /* a harness's: no listener, no ring I/O, no spool (see server.h) */
 };
 
@@ -674,28 +673,11 @@ session_on_commit(void *cookie, int rc)
     session_run(s);
 }
 
-/* Count a message of tenant name. Tenants are named in the config, so
- * the table stays small; a linear search costs less than hashing it. */
+/* Count a message of tenant name. */
 static void
 tenant_count(struct server_worker *sw, const char *name, unsigned nrcpt)
 {
-    struct stats_tenant *t = NULL;
-    for (unsigned i = 0; i < sw->ntenants && t == NULL; i++)
-        if (strcmp(sw->tenants[i].name, name) == 0)
-            t = &sw->tenants[i];
-    if (t == NULL && sw->ntenants < SERVER_TENANTS_MAX) {
-        if (sw->ntenants == sw->tenants_cap) {
-            unsigned cap = sw->tenants_cap ? sw->tenants_cap * 2 : 8;
-            struct stats_tenant *v = realloc(sw->tenants, cap * sizeof(*v));
-            if (v == NULL)
-                return;
-            sw->tenants = v;
-            sw->tenants_cap = cap;
-        }
-        t = &sw->tenants[sw->ntenants++];
-        memset(t, 0, sizeof(*t));
-        snprintf(t->name, sizeof(t->name), "%s", name);
-    }
+    struct stats_tenant *t = stats_tenant_get(&sw->tenants, name);
     if (t != NULL) {
         t->received_msgs++;
         t->received_rcpts += nrcpt;
@@ -705,10 +687,7 @@ tenant_count(struct server_worker *sw, const char *name, unsigned nrcpt)
 unsigned
 server_worker_tenants(const struct server_worker *sw, struct stats_tenant *out, unsigned cap)
 {
-    unsigned n = sw->ntenants < cap ? sw->ntenants : cap;
-    if (n > 0)
-        memcpy(out, sw->tenants, n * sizeof(*out));
-    return n;
+    return stats_tenant_copy(&sw->tenants, out, cap);
 }
 
 /* The reception event of the delivery log, with the configured header
@@ -2861,7 +2840,7 @@ server_worker_free(struct server_worker *sw)
     free(sw->ls);
     queue_port_free(sw->port);
     tls_ctx_unref(sw->tls);
-    free(sw->tenants);
+    stats_tenant_fini(&sw->tenants);
     free(sw);
     return NULL;
 }

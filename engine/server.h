@@ -44,7 +44,7 @@ struct server_stats {
     uint64_t oob_refused;          /* recipients refused: forged tokens, not ours */
 };
 
-#define SERVER_TENANTS_MAX 256 /* tenants counted per worker (more are not counted) */
+#define SERVER_TENANTS_MAX STATS_TENANT_TABLE_MAX /* tenants counted per worker */
 
 /* Copy this worker's per-tenant counts (up to cap) into out; returns how
  * many. Worker thread. */

@@ -177,6 +177,44 @@ render_warmup(struct json *j, const struct stats_counters *c)
     json_obj_end(j);
 }
 
+struct stats_tenant *
+stats_tenant_get(struct stats_tenant_table *t, const char *name)
+{
+    for (unsigned i = 0; i < t->n; i++)
+        if (strcmp(t->v[i].name, name) == 0)
+            return &t->v[i];
+    if (t->n >= STATS_TENANT_TABLE_MAX)
+        return NULL;
+    if (t->n == t->cap) {
+        unsigned cap = t->cap ? t->cap * 2 : 8;
+        struct stats_tenant *v = realloc(t->v, cap * sizeof(*v));
+        if (v == NULL)
+            return NULL;
+        t->v = v;
+        t->cap = cap;
+    }
+    struct stats_tenant *e = &t->v[t->n++];
+    memset(e, 0, sizeof(*e));
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    return e;
+}
+
+unsigned
+stats_tenant_copy(const struct stats_tenant_table *t, struct stats_tenant *out, unsigned cap)
+{
+    unsigned n = t->n < cap ? t->n : cap;
+    if (n > 0)
+        memcpy(out, t->v, n * sizeof(*out));
+    return n;
+}
+
+void
+stats_tenant_fini(struct stats_tenant_table *t)
+{
+    free(t->v);
+    memset(t, 0, sizeof(*t));
+}
+
 /* "tenants": {"NAME": {...}} for the busiest tenants. */
 static void
 render_tenants(struct json *j, const struct stats_counters *c)
@@ -189,6 +227,10 @@ render_tenants(struct json *j, const struct stats_counters *c)
         json_obj_begin(j);
         json_ku64(j, "received_msgs", t->received_msgs);
         json_ku64(j, "received_rcpts", t->received_rcpts);
+        json_ku64(j, "delivered", t->delivered);
+        json_ku64(j, "deferred", t->deferred);
+        json_ku64(j, "bounced", t->bounced);
+        json_ku64(j, "expired", t->expired);
         json_obj_end(j);
     }
     json_obj_end(j);
@@ -392,6 +434,14 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
         else
             json_null(j);
         json_kbool(j, "suspended", x->suspended);
+        json_kbool(j, "held", x->held);
+        json_key(j, "held_until");
+        if (x->held && x->held_until_ms != 0)
+            json_time_ms(j, x->held_until_ms);
+        else
+            json_null(j);
+        render_named(j, "deferred_by_class", x->deferred_by_class, x->nclasses,
+                     STATS_DOMAIN_CLASSES);
         kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
         json_ku64(j, "tenants_waiting", x->tenants_waiting);
         json_key(j, "tenants");
@@ -596,7 +646,7 @@ struct domain_metric {
     const char *name, *type, *help;
     int field;
 };
-enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED };
+enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED, DM_HELD };
 
 static const struct domain_metric domain_metrics[] = {
     {"sluice_domain_connections", "gauge", "Outbound connections open to the domain.",
@@ -611,6 +661,9 @@ static const struct domain_metric domain_metrics[] = {
      DM_BOUNCED},
     {"sluice_domain_suspended", "gauge", "1 when deliveries to the domain are suspended.",
      DM_SUSPENDED},
+    {"sluice_domain_held", "gauge",
+     "1 while the domain is held (no new connection) after a 421 or failed MX addresses.",
+     DM_HELD},
 };
 
 static double
@@ -629,6 +682,8 @@ domain_value(const struct stats_domain *d, int field)
         return (double)d->bounced;
     case DM_SUSPENDED:
         return d->suspended ? 1 : 0;
+    case DM_HELD:
+        return d->held ? 1 : 0;
     }
     return NAN;
 }
@@ -645,22 +700,40 @@ text_domain_label(struct json *t, const struct stats_domain *d)
 static void
 render_tenant_metrics(struct json *t, const struct stats_counters *c)
 {
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } fam[] = {
+        {"sluice_tenant_messages_received_total",
+         "Messages accepted at submission for the tenant (the busiest tenants only).",
+         offsetof(struct stats_tenant, received_msgs)},
+        {"sluice_tenant_recipients_received_total",
+         "Recipients of the messages accepted for the tenant.",
+         offsetof(struct stats_tenant, received_rcpts)},
+        {"sluice_tenant_recipients_delivered_total", "Recipients of the tenant delivered.",
+         offsetof(struct stats_tenant, delivered)},
+        {"sluice_tenant_recipients_deferred_total",
+         "Recipient attempts of the tenant deferred (a temporary failure).",
+         offsetof(struct stats_tenant, deferred)},
+        {"sluice_tenant_recipients_bounced_total",
+         "Recipients of the tenant bounced (a permanent failure).",
+         offsetof(struct stats_tenant, bounced)},
+        {"sluice_tenant_recipients_expired_total",
+         "Recipients of the tenant that expired (max_age) before delivery.",
+         offsetof(struct stats_tenant, expired)},
+    };
     unsigned n = c->ntenants < STATS_TENANTS_MAX ? c->ntenants : STATS_TENANTS_MAX;
     if (n == 0)
         return;
-    for (int f = 0; f < 2; f++) {
-        const char *name = f == 0 ? "sluice_tenant_messages_received_total"
-                                  : "sluice_tenant_recipients_received_total";
-        text_family(t, name, "counter",
-                    f == 0 ? "Messages accepted at submission for the tenant (the busiest "
-                             "tenants only)."
-                           : "Recipients of the messages accepted for the tenant.");
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, "counter", fam[f].help);
         for (unsigned i = 0; i < n; i++) {
             const struct stats_tenant *e = &c->tenants[i];
-            text_printf(t, "%s{tenant=\"", name);
+            uint64_t v;
+            memcpy(&v, (const char *)e + fam[f].off, sizeof(v));
+            text_printf(t, "%s{tenant=\"", fam[f].name);
             text_label(t, e->name, sizeof(e->name));
-            text_printf(t, "\"} %llu\n",
-                        (unsigned long long)(f == 0 ? e->received_msgs : e->received_rcpts));
+            text_printf(t, "\"} %llu\n", (unsigned long long)v);
         }
     }
 }
@@ -861,6 +934,22 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
                 json_raw(&t, "\n", 1);
             }
         }
+        /* Only the classes a domain met: at most STATS_DOMAIN_CLASSES
+         * series per domain of the top_n. */
+        text_family(&t, "sluice_domain_recipients_deferred_by_class_total", "counter",
+                    "Recipient attempts deferred by the domain, by the class of the failure "
+                    "(since the destination was last forgotten when idle).");
+        for (size_t i = 0; i < n; i++)
+            for (unsigned k = 0; k < d[i].nclasses && k < STATS_DOMAIN_CLASSES; k++) {
+                const struct stats_object *o = &d[i].deferred_by_class[k];
+                if (o->name[0] == '\0')
+                    continue;
+                json_raw(&t, "sluice_domain_recipients_deferred_by_class_total", 48);
+                text_domain_label(&t, &d[i]);
+                json_raw(&t, ",class=\"", 8);
+                text_label(&t, o->name, sizeof(o->name));
+                text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+            }
         text_family(&t, "sluice_domain_oldest_message_age_seconds", "gauge",
                     "Age of the oldest message waiting for the domain.");
         for (size_t i = 0; i < n; i++) {
@@ -1270,8 +1359,9 @@ http_error(struct json *out, int minor, const char *status, const char *extra)
 }
 
 /* status.json, what the status page shows: {"stats": the answer to
- * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended": every
- * suspended destination among the STATS_DOMAINS_MAX busiest}. */
+ * "stats", "domains": the STATS_PAGE_DOMAINS busiest, "suspended" and
+ * "held": every suspended, and every held, destination among the
+ * STATS_DOMAINS_MAX busiest}. */
 static void
 render_status(struct stats_server *s, struct json *j)
 {
@@ -1285,20 +1375,23 @@ render_status(struct stats_server *s, struct json *j)
     json_key(j, "stats");
     stats_render_stats(j, &c, &r1s, &r1m);
     stats_render_domains(j, s->doms, n < STATS_PAGE_DOMAINS ? n : STATS_PAGE_DOMAINS, now);
-    /* The suspended ones, moved to the front of the array for rendering
-     * (the busiest-first order is no longer needed past the top). */
-    size_t nsusp = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!s->doms[i].suspended)
-            continue;
-        if (i != nsusp) {
-            struct stats_domain t = s->doms[nsusp];
-            s->doms[nsusp] = s->doms[i];
-            s->doms[i] = t;
+    /* The suspended ones, then the held ones, moved to the front of the
+     * array for rendering (the busiest-first order is no longer needed
+     * past the top). */
+    for (int held = 0; held < 2; held++) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!(held ? s->doms[i].held : s->doms[i].suspended))
+                continue;
+            if (i != k) {
+                struct stats_domain t = s->doms[k];
+                s->doms[k] = s->doms[i];
+                s->doms[i] = t;
+            }
+            k++;
         }
-        nsusp++;
+        render_domain_array(j, held ? "held" : "suspended", s->doms, k, now);
     }
-    render_domain_array(j, "suspended", s->doms, nsusp, now);
     json_obj_end(j);
 }
 

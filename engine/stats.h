@@ -50,6 +50,7 @@ struct json;
 #define STATS_TENANTS_MAX      64 /* tenants with their own series: the busiest */
 #define STATS_CLASSES_MAX      16
 #define STATS_WARMUP_MAX       128 /* (source, group) warm-up rows shown and with series */
+#define STATS_DOMAIN_CLASSES   6  /* deferral classes per destination: the most frequent */
 
 /* A live object count beyond the named ones ("sessions_in", "mx_hosts",
  * "tls_sessions", ...): shown under "objects" and as sluice_objects{type}. */
@@ -73,10 +74,12 @@ struct stats_event_sink {
 };
 
 /* One tenant ([tenant NAME]): shown under "tenants" and as
- * sluice_tenant_*{tenant="NAME"}. */
+ * sluice_tenant_*{tenant="NAME"}. The submission side counts what it
+ * accepted, the outbound side what became of the recipients. */
 struct stats_tenant {
     char name[65];
     uint64_t received_msgs, received_rcpts; /* accepted at submission */
+    uint64_t delivered, deferred, bounced, expired; /* recipient outcomes (attempts for deferred) */
 };
 
 /* One (source, group) of a warm-up plan (engine/warmup.h): shown under
@@ -89,6 +92,23 @@ struct stats_warmup {
     uint64_t allowance; /* today's; UINT64_MAX: past the schedule, no limit */
     uint64_t taken, left; /* left: UINT64_MAX when no limit */
 };
+
+/* A table of per-tenant counts of one thread (a worker's submission or
+ * outbound side), in order of first use: tenants are named in the config,
+ * so it stays small and a linear search costs less than hashing. */
+struct stats_tenant_table {
+    struct stats_tenant *v; /* owned */
+    unsigned n, cap;
+};
+#define STATS_TENANT_TABLE_MAX 256 /* tenants counted per table (more are not counted) */
+
+/* The entry of name (made, zeroed, on first use), or NULL when the table
+ * is full or out of memory: that tenant is not counted. */
+struct stats_tenant *stats_tenant_get(struct stats_tenant_table *t, const char *name);
+/* Copy up to cap entries into out; returns how many. */
+unsigned stats_tenant_copy(const struct stats_tenant_table *t, struct stats_tenant *out,
+                           unsigned cap);
+void stats_tenant_fini(struct stats_tenant_table *t);
 
 /* Counters (monotonic since start) and gauges the engine fills on
  * request. The engine starts from a zeroed struct: a field it does not
@@ -171,6 +191,15 @@ struct stats_domain {
     char last_reply[256];
     uint64_t oldest_ms; /* Unix ms of the oldest waiting message, 0: none */
     bool suspended;
+    /* No new connection before held_until_ms (Unix ms): after a 421, or
+     * when every MX address failed in a row ([domain] site_hold). */
+    bool held;
+    uint64_t held_until_ms;
+    /* Recipient deferrals since the destination was last made (it is
+     * forgotten when idle), by the class of their failure: the
+     * STATS_DOMAIN_CLASSES most frequent, most first; zeros left out. */
+    struct stats_object deferred_by_class[STATS_DOMAIN_CLASSES];
+    unsigned nclasses;
 };
 
 struct stats_ops {

@@ -664,9 +664,9 @@ render_domains(const cJSON *doc, size_t limit)
 {
     struct table t;
     /* right: READY DEFERRED INFLIGHT CONN RATE DELIVERED BOUNCED OLDEST */
-    table_init(&t, 13, 0x3fe & ~(1u << 10));
+    table_init(&t, 14, 0x3fe);
     table_row(&t, "DOMAIN", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s", "DELIVERED",
-              "BOUNCED", "OLDEST", "STATE", "LIMITED BY", "TENANTS WAITING");
+              "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY", "TENANTS WAITING");
     const cJSON *arr = get(doc, "domains");
     const cJSON *d;
     size_t n = 0;
@@ -674,14 +674,23 @@ render_domains(const cJSON *doc, size_t limit)
     {
         if (n++ >= limit)
             break;
-        const cJSON *susp = get(d, "suspended");
+        const cJSON *susp = get(d, "suspended"), *held = get(d, "held");
+        const char *state = !cJSON_IsBool(susp)  ? "-"
+                            : cJSON_IsTrue(susp) ? (cJSON_IsTrue(held) ? "suspended,held" : "suspended")
+                            : cJSON_IsTrue(held) ? "held"
+                                                 : "active";
+        /* the most frequent class first (the engine sorts them) */
+        char top[64] = "-";
+        const cJSON *cls = get(d, "deferred_by_class");
+        const cJSON *c0 = cJSON_IsObject(cls) ? cls->child : NULL;
+        if (c0 != NULL && c0->string != NULL && cJSON_IsNumber(c0))
+            snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
         table_row(&t, fmt_str(d, "name"), fmt_count(d, "ready"), fmt_count(d, "deferred"),
                   fmt_count(d, "inflight"), fmt_count(d, "connections"),
                   fmt_count(d, "max_connections"), fmt_rate(d, "rate_limit"),
                   fmt_count(d, "delivered"), fmt_count(d, "bounced"),
-                  fmt_duration(d, "oldest_age_ms"),
-                  cJSON_IsBool(susp) ? (cJSON_IsTrue(susp) ? "suspended" : "active") : "-",
-                  fmt_str(d, "limit_reason"), fmt_tenants(d));
+                  fmt_duration(d, "oldest_age_ms"), state, top, fmt_str(d, "limit_reason"),
+                  fmt_tenants(d));
     }
     table_print(&t, stdout);
     if (n == 0)

@@ -52,6 +52,7 @@
 #include "engine/outbound/policy.h"
 #include "engine/outbound/site.h"
 #include "engine/smtp_client.h"
+#include "engine/stats.h"
 #include "engine/timer.h"
 #include "engine/worker.h"
 #include "common/hash.h"
@@ -221,6 +222,11 @@ struct dest {
     uint64_t delivered, failed; /* recipients, since start */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
+    /* For the operators' views (delivery_domains): recipient deferrals
+     * since the destination was made, by enum bounce_class, and the wall
+     * clock's end of the hold (hold_until is monotonic). */
+    uint32_t deferred_by_class[BOUNCE_CLASS_COUNT];
+    uint64_t hold_until_ms;
     char name[];             /* the domain, as long as it is (at most 255) */
 };
 
@@ -264,6 +270,7 @@ struct delivery {
         uint32_t id;      /* 0: empty */
         unsigned weight;
     } tweights[64];
+    struct stats_tenant_table tenants; /* recipient outcomes per tenant (outcome.c) */
 };
 
 /* Where an outcome was met, for the log and the classification. */

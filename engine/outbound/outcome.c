@@ -339,6 +339,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     if (capture)
         dlog_capture(lw, &evbuf, true);
     unsigned ndsn = 0, nq = 0;
+    /* One message, one tenant (none: not counted per tenant). */
+    struct stats_tenant *ten =
+        env != NULL && env->tenant != NULL && env->tenant[0] != '\0'
+            ? stats_tenant_get(&d->tenants, env->tenant)
+            : NULL;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -370,6 +375,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             kind = DLOG_DELIVERY;
             d->stats.delivered++;
             t->delivered++;
+            if (ten != NULL)
+                ten->delivered++;
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
         } else if (pr.kind == POLICY_BOUNCE) {
@@ -378,18 +385,25 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cls = oc;
             failed = true;
             d->stats.bounced++;
+            if (ten != NULL)
+                ten->bounced++;
         } else if (pr.kind == POLICY_EXPIRE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
             failed = true;
             d->stats.expired++;
+            if (ten != NULL)
+                ten->expired++;
         } else {
             q->kind = QUEUE_DEFERRED;
             q->due_ms = pr.due_ms;
             kind = DLOG_TRANSIENT_FAILURE;
             cls = oc;
             d->stats.deferred++;
+            if (ten != NULL)
+                ten->deferred++;
+            t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
             if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }

@@ -646,6 +646,7 @@ dest_hold(struct dest *t, uint64_t ms)
     if (until <= t->hold_until)
         return;
     t->hold_until = until;
+    t->hold_until_ms = clock_unix_ms() + ms;
     worker_timer_arm(d->w, &t->hold_timer, until);
     worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }

@@ -8,6 +8,15 @@ person would read the page, against the stats socket (sluicectl --json):
 - once the load is over and the relay idle, every number on the page
   (totals, queue, connections, failures by class, the destinations table,
   the suspended destinations) equals the socket's;
+- per destination, the page shows the deferrals by class and the held
+  state as the socket has them: soft.test's receiver answers 4xx to RCPT
+  (deferred, not held), busy.test's answers 421 to DATA (rate_limited,
+  held for its site_hold), deferred.test's refuses connections
+  (connection_failure, held: every address failed); the held ones are
+  listed with the time their hold ends, and /metrics says
+  sluice_domain_held 1 for them;
+- the tenants table (tenant acme's messages: received, and what became
+  of their recipients) and the live objects equal the socket's;
 - the page loads nothing but itself and status.json (no script, style or
   font from elsewhere: it is opened on machines without internet), and is
   served with a Content-Security-Policy that forbids anything else.
@@ -22,7 +31,8 @@ import time
 
 from harness import free_port, main, wait_until
 import test_delivery
-from test_delivery import Relay, records_for, wait_sink
+from test_delivery import Relay, Sink, records_for, wait_sink
+from test_outcomes import events
 import test_ops
 from test_ops import ctl, ctl_json, http_get, msg, stats_conf
 
@@ -42,6 +52,12 @@ READ_DOM = r"""(() => {
     document.querySelectorAll(sel + ' tbody tr[data-domain]').forEach(tr => {
       const r = {};
       tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+      const until = tr.querySelector('[data-until]');
+      r.until = until ? until.getAttribute('data-until') : null;
+      r.classes = {};
+      tr.querySelectorAll('span[data-class]').forEach(sp => {
+        r.classes[sp.getAttribute('data-class')] = sp.textContent;
+      });
       rows[tr.getAttribute('data-domain')] = r;
     });
     return rows;
@@ -52,8 +68,18 @@ READ_DOM = r"""(() => {
     tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
     classes[tr.getAttribute('data-class')] = r;
   });
+  const rowsBy = (sel, attr) => {
+    const out = {};
+    document.querySelectorAll(sel + ' tbody tr[' + attr + ']').forEach(tr => {
+      const r = {};
+      tr.querySelectorAll('[data-f]').forEach(td => { r[td.getAttribute('data-f')] = td.textContent; });
+      out[tr.getAttribute(attr)] = r;
+    });
+    return out;
+  };
   return {gen: Number(document.body.getAttribute('data-generation') || 0), values, classes,
-          domains: table('#domains'), suspended: table('#suspended'),
+          tenants: rowsBy('#tenants', 'data-tenant'), objects: rowsBy('#objects', 'data-object'),
+          domains: table('#domains'), suspended: table('#suspended'), held: table('#held'),
           error: document.getElementById('err').style.display === 'block'
                  ? document.getElementById('err').textContent : null};
 })()"""
@@ -91,19 +117,45 @@ def fresh_dom(b, after_gen):
     return dom
 
 
+def state_text(d):
+    """The state cell the page should show for the socket's domain d
+    (the time of a hold is compared through data-until)."""
+    parts = (["suspended"] if d["suspended"] else []) + (["held until"] if d["held"] else [])
+    return ", ".join(parts) if parts else "active"
+
+
+def page_classes(row):
+    """{class: count} from a row's spans ("rate_limited 3", ", other 1")."""
+    out = {}
+    for k, text in row["classes"].items():
+        name, _, n = text.lstrip(", ").rpartition(" ")
+        assert name == k, (k, text)
+        out[k] = num(n)
+    return out
+
+
 def test_status_page_in_a_browser():
     from browser import Browser  # skips (77) when chromium is missing
 
     hport = free_port()
     records = records_for(["a.test", "b.test", "held.test"])
     # deferred.test's MX is on an address where nothing listens: every
-    # attempt is deferred (connection refused), with its reason shown.
+    # attempt is deferred (connection refused), with its reason shown,
+    # and the destination held (every address failed).
     records += ["host-record=down.test,127.0.0.2", "mx-host=deferred.test,down.test,10"]
-    r = Relay(records, domain_conf=stats_conf(http=hport))
+    # soft.test's receiver answers 4xx to RCPT; busy.test's 421 to DATA.
+    records += ["host-record=soft.test,127.0.0.4", "mx-host=soft.test,soft.test,10",
+                "host-record=busy.test,127.0.0.3", "mx-host=busy.test,busy.test,10"]
+    hold = "site_hold = 1h\n"  # held for the whole test, on any machine
+    r = Relay(records, domain_conf=stats_conf(http=hport) +
+              f"[domain busy.test]\n{hold}[domain deferred.test]\n{hold}[tenant acme]\n")
+    sinks = []
     stop = threading.Event()
     injected = [0]
     loader = None
     try:
+        sinks.append(Sink(r.wd, r.mx_port, ["-r", "RCPT"], name="soft", host="127.0.0.4"))
+        sinks.append(Sink(r.wd, r.mx_port, ["-Q", "DATA"], name="busy", host="127.0.0.3"))
         wait_until(lambda: http_get(hport, "/")[0] == 200, 10, "the HTTP listener")
         status, headers, html = http_get(hport, "/")
         assert headers.get("Content-Type") == "text/html; charset=utf-8", headers
@@ -119,8 +171,17 @@ def test_status_page_in_a_browser():
 
         p = ctl(r, "suspend", "held.test")
         assert p.returncode == 0, p.stderr
+        def acme(m):  # a message of tenant acme (the relay trusts its clients)
+            return m[0], m[1], b"X-Sluice-Tenant: acme\r\n" + m[2]
         r.inject([msg(i, [f"h{i}@held.test"], "h") for i in range(3)] +
-                 [msg(i, [f"d{i}@deferred.test"], "d") for i in range(2)])
+                 [acme(msg(i, [f"d{i}@deferred.test", f"u{i}@a.test"], "d")) for i in range(2)] +
+                 [acme(msg(i, [f"s{i}@soft.test"], "s")) for i in range(2)] +
+                 [msg(i, [f"b{i}@busy.test"], "b") for i in range(2)])
+        # Each has met its receiver (or its absence) before the load.
+        wait_until(lambda: {e["domain"] for e in events(r.dlog)
+                            if e["event"] == "transient_failure"} >=
+                   {"soft.test", "busy.test", "deferred.test"}, 60,
+                   "deferrals at soft.test, busy.test and deferred.test")
 
         def load():
             i = 0
@@ -157,7 +218,7 @@ def test_status_page_in_a_browser():
             stop.set()
             loader.join(timeout=120)
             assert not loader.is_alive(), "the injection did not end"
-            want = 2 * injected[0]
+            want = 2 * injected[0] + 2  # and acme's two at a.test
             wait_sink(r, want, timeout=120)
             wait_until(lambda: ctl_json(r, "stats")["connections"]["outbound_open"] == 0 and
                        ctl_json(r, "stats")["connections"]["inbound_open"] == 0,
@@ -211,9 +272,11 @@ def test_status_page_in_a_browser():
                 for f in ("ready", "deferred", "inflight", "connections", "max_connections",
                           "delivered", "bounced"):
                     assert num(row[f]) == d[f], f"{d['name']} {f}: page {row[f]}, socket {d[f]}"
-                assert row["state"] == ("suspended" if d["suspended"] else "active"), row
+                assert row["state"].startswith(state_text(d)), (row, d)
+                assert row["until"] == d["held_until"], (row, d)
+                assert page_classes(row) == d["deferred_by_class"], (row, d)
                 assert row["last_reply"] == d["last_reply"], (row, d)
-            assert num(dom["domains"]["a.test"]["delivered"]) == injected[0]
+            assert num(dom["domains"]["a.test"]["delivered"]) == injected[0] + 2
             # deferred.test's two recipients wait: deferred, or ready again
             # behind the hold (which one depends on the retry timer, and a
             # sanitizer build is slow enough to see either); none delivered.
@@ -231,6 +294,57 @@ def test_status_page_in_a_browser():
             assert dc["connection_failure"] >= 1, dc
             assert set(dom["suspended"]) == {"held.test"}, dom["suspended"]
             assert num(dom["suspended"]["held.test"]["queued"]) == 3
+
+            # Tenants and live objects, as the socket has them.
+            tenants = after["tenants"]
+            assert set(dom["tenants"]) == set(tenants) == {"acme"}, (dom["tenants"], tenants)
+            for f, v in tenants["acme"].items():
+                assert num(dom["tenants"]["acme"][f]) == v, (f, dom["tenants"]["acme"], v)
+            assert tenants["acme"]["received_msgs"] == 4 and \
+                tenants["acme"]["delivered"] == 2 and tenants["acme"]["deferred"] >= 2, tenants
+            assert set(dom["objects"]) == set(after["objects"]), (dom["objects"], after["objects"])
+            for k, v in after["objects"].items():
+                assert num(dom["objects"][k]["live"]) == v, (k, dom["objects"][k], v)
+
+            # Per destination: the deferral classes the delivery log gave
+            # each, and the hold, on the page as on the socket.
+            by_name = {d["name"]: d for d in doms}
+            logged = {}
+            for e in events(r.dlog):
+                if e["event"] == "transient_failure":
+                    per = logged.setdefault(e["domain"], {})
+                    per[e["class"]] = per.get(e["class"], 0) + 1
+            for name, cls in (("soft.test", None), ("busy.test", "rate_limited"),
+                              ("deferred.test", "connection_failure")):
+                d = by_name[name]
+                assert d["deferred_by_class"] == logged[name], (name, d, logged)
+                if cls is not None:
+                    assert set(d["deferred_by_class"]) == {cls}, (name, d)
+                row = dom["domains"][name]
+                assert page_classes(row) == logged[name], (name, row, logged)
+            assert not by_name["soft.test"]["held"] and \
+                dom["domains"]["soft.test"]["state"] == "active", dom["domains"]["soft.test"]
+            assert set(dom["held"]) == {"busy.test", "deferred.test"}, dom["held"]
+            for name in ("busy.test", "deferred.test"):
+                d = by_name[name]
+                assert d["held"] and d["held_until"], d
+                assert dom["domains"][name]["state"].startswith("held until "), dom["domains"][name]
+                assert dom["held"][name]["until"] == d["held_until"], (dom["held"][name], d)
+                assert num(dom["held"][name]["queued"]) == d["ready"] + d["deferred"] + d["inflight"]
+            assert "rate_limited" in dom["held"]["busy.test"]["why"], dom["held"]["busy.test"]
+            # sluicectl domains, for people: the state and the top class
+            p = ctl(r, "domains")
+            assert p.returncode == 0, p.stderr
+            lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines()[1:] if ln.strip()}
+            assert "held" in lines["busy.test"] and \
+                f"rate_limited:{logged['busy.test']['rate_limited']}" in lines["busy.test"], p.stdout
+            assert "active" in lines["soft.test"], p.stdout
+            metrics = http_get(hport, "/metrics")[2]
+            for name in ("busy.test", "deferred.test"):
+                assert f'sluice_domain_held{{domain="{name}"}} 1\n' in metrics, name
+            assert 'sluice_domain_held{domain="a.test"} 0\n' in metrics
+            assert ('sluice_domain_recipients_deferred_by_class_total{domain="busy.test",'
+                    f'class="rate_limited"}} {logged["busy.test"]["rate_limited"]}\n') in metrics
 
             # Resumed: it leaves the suspended list at the next refresh.
             assert ctl(r, "resume", "held.test").returncode == 0
@@ -252,6 +366,8 @@ def test_status_page_in_a_browser():
         stop.set()
         if loader is not None:
             loader.join(timeout=120)
+        for s in sinks:
+            s.stop()
         r.close()
 
 

@@ -299,11 +299,15 @@ def test_trusted_headers_and_refusals():
         authed = [e for e in rec if e.get("auth_user") == "app1"][0]
         assert (authed["tenant"], authed["pool"], authed["priority"]) == \
             ("acme", "bulk", 5), authed
-        # counted per tenant, refusals not
+        # counted per tenant, refusals not; and what became of them (both
+        # delivered: logged after they were counted)
         st = n.ask("stats")
-        assert st["tenants"] == {"acme": {"received_msgs": 2, "received_rcpts": 2}}, st
+        assert st["tenants"] == {"acme": {"received_msgs": 2, "received_rcpts": 2,
+                                          "delivered": 2, "deferred": 0, "bounced": 0,
+                                          "expired": 0}}, st
         text = n.ask("metrics")["text"]
         assert 'sluice_tenant_messages_received_total{tenant="acme"} 2' in text, text
+        assert 'sluice_tenant_recipients_delivered_total{tenant="acme"} 2' in text, text
     finally:
         n.close()
 

@@ -2,7 +2,8 @@
 man/gen-config-man.py makes from this binary's --config-reference (so it
 cannot drift from the keys); every page renders with groff and man(1)
 without a warning; every option of `sluice --help` and every command of
-`sluicectl --help` and of sluice-spool's usage is on its page; and
+`sluicectl --help` and of sluice-spool's usage is on its page (and
+every sluicectl command in doc/sluicectl.md); and
 `cmake --install` puts each page in its section.
 
     check_man.py SLUICE SLUICECTL SLUICE_SPOOL SOURCE_DIR BUILD_DIR
@@ -67,8 +68,10 @@ page1 = open(os.path.join(MAN, "sluicectl.1")).read()
 helptext = run([SLUICECTL, "--help"]).stdout
 cmds = re.findall(r"^  ([a-z]+) ", helptext.split("Commands:")[1], re.M)
 check(len(cmds) >= 8, f"sluicectl --help lists {cmds}")
+doc1 = open(os.path.join(SRC, "doc", "sluicectl.md")).read()
 for c in cmds:
     check(re.search(rf'^\.B[IR]? "?{c}\b', page1, re.M), f"sluicectl.1 does not describe {c}")
+    check(re.search(rf"^`{c}\b", doc1, re.M), f"doc/sluicectl.md does not describe {c}")
 spool8 = open(os.path.join(MAN, "sluice-spool.8")).read()
 usage = run([SPOOL]).stderr
 for c in re.search(r"usage: sluice-spool (\S+)", usage).group(1).split("|"):

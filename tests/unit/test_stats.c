@@ -1071,6 +1071,91 @@ test_metrics_render(void **state)
     assert_non_null(strstr(j.buf, "\"bounced_by_class\":{\"other\":2,\"rate_limited\":0}"));
     json_fini(&j);
 
+    /* a held destination and its deferral classes: in JSON, and as
+     * series only for the classes it met */
+    struct stats_domain dm[2];
+    memset(dm, 0, sizeof(dm));
+    snprintf(dm[0].name, sizeof(dm[0].name), "busy.test");
+    dm[0].held = true;
+    dm[0].held_until_ms = 1700000000123ull;
+    snprintf(dm[0].deferred_by_class[0].name, sizeof(dm[0].deferred_by_class[0].name),
+             "rate_limited");
+    dm[0].deferred_by_class[0].live = 5;
+    snprintf(dm[0].deferred_by_class[1].name, sizeof(dm[0].deferred_by_class[1].name), "other");
+    dm[0].deferred_by_class[1].live = 1;
+    dm[0].nclasses = 2;
+    snprintf(dm[1].name, sizeof(dm[1].name), "calm.test");
+    t = stats_render_metrics(&c, dm, 2, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"busy.test\"} 1\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"calm.test\"} 0\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_deferred_by_class_total{domain=\"busy.test\","
+                              "class=\"rate_limited\"} 5\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_deferred_by_class_total{domain=\"busy.test\","
+                              "class=\"other\"} 1\n"));
+    assert_null(strstr(t, "deferred_by_class_total{domain=\"calm.test\""));
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+    json_init(&j);
+    json_obj_begin(&j);
+    stats_render_domains(&j, dm, 2, 0);
+    json_obj_end(&j);
+    assert_false(json_failed(&j));
+    assert_non_null(strstr(j.buf, "\"held\":true,\"held_until\":\"2023-11-14T22:13:20.123Z\","
+                                  "\"deferred_by_class\":{\"rate_limited\":5,\"other\":1}"));
+    assert_non_null(strstr(j.buf, "\"held\":false,\"held_until\":null,\"deferred_by_class\":{}"));
+    json_fini(&j);
+
+    /* per tenant: what was received and what became of it, in both */
+    struct stats_counters ct;
+    memset(&ct, 0, sizeof(ct));
+    snprintf(ct.tenants[0].name, sizeof(ct.tenants[0].name), "acme");
+    ct.tenants[0].received_msgs = 4;
+    ct.tenants[0].received_rcpts = 9;
+    ct.tenants[0].delivered = 6;
+    ct.tenants[0].deferred = 2;
+    ct.tenants[0].bounced = 1;
+    ct.tenants[0].expired = 3;
+    ct.ntenants = 1;
+    t = stats_render_metrics(&ct, NULL, 0, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_tenant_messages_received_total{tenant=\"acme\"} 4\n"));
+    assert_non_null(strstr(t, "\nsluice_tenant_recipients_received_total{tenant=\"acme\"} 9\n"));
+    assert_non_null(strstr(t, "\nsluice_tenant_recipients_delivered_total{tenant=\"acme\"} 6\n"));
+    assert_non_null(strstr(t, "\nsluice_tenant_recipients_deferred_total{tenant=\"acme\"} 2\n"));
+    assert_non_null(strstr(t, "\nsluice_tenant_recipients_bounced_total{tenant=\"acme\"} 1\n"));
+    assert_non_null(strstr(t, "\nsluice_tenant_recipients_expired_total{tenant=\"acme\"} 3\n"));
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+    json_init(&j);
+    stats_render_stats(&j, &ct, NULL, NULL);
+    assert_false(json_failed(&j));
+    assert_non_null(strstr(j.buf, "\"tenants\":{\"acme\":{\"received_msgs\":4,\"received_rcpts\":9,"
+                                  "\"delivered\":6,\"deferred\":2,\"bounced\":1,\"expired\":3}}"));
+    json_fini(&j);
+
+    /* the table of one thread: first use makes an entry, a full one
+     * counts no more tenants */
+    struct stats_tenant_table tt = {0};
+    struct stats_tenant *e1 = stats_tenant_get(&tt, "a");
+    assert_non_null(e1);
+    e1->delivered = 1;
+    assert_ptr_equal(stats_tenant_get(&tt, "a"), &tt.v[0]);
+    for (unsigned i = 1; i < STATS_TENANT_TABLE_MAX; i++) {
+        char name[16];
+        snprintf(name, sizeof(name), "t%u", i);
+        assert_non_null(stats_tenant_get(&tt, name));
+    }
+    assert_null(stats_tenant_get(&tt, "one-too-many"));
+    struct stats_tenant copy[2];
+    assert_int_equal(stats_tenant_copy(&tt, copy, 2), 2);
+    assert_string_equal(copy[0].name, "a");
+    assert_int_equal(copy[0].delivered, 1);
+    stats_tenant_fini(&tt);
+    assert_null(tt.v);
+
     /* a broken exposition is refused by promtool: the check can fail */
     if (have_promtool())
         assert_int_not_equal(promtool_check(fx, "# TYPE x counter\nx{a=\"b} 1\n", true), 0);
