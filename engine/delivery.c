@@ -189,7 +189,8 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
     struct engine *e = w->ctx;
     struct delivery *d = e->dlv[w->id];
     struct job *j = (struct job *)m;
-    struct dest *t = d ? dest_get(d, j->domain) : NULL;
+    /* A destination is (domain, pool): the pool's sources only. */
+    struct dest *t = d ? dest_get_pool(d, j->domain, j->owner.pool) : NULL;
     if (t == NULL) {
         free(j);
         return;
@@ -198,6 +199,8 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
         bounce_now(d, t, j);
         return;
     }
+    if (scope_job_parked(d, j))
+        return; /* its tenant or campaign is suspended */
     dest_enqueue(t, j);
 }
 
@@ -323,6 +326,7 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     struct delivery *d = (struct delivery *)((char *)m - offsetof(struct delivery, stop_msg));
     d->stopping = true;
     worker_timer_cancel(w, &d->due_timer);
+    worker_timer_cancel(w, &d->scope_timer);
     sched_stop(d);
     for (struct conn *c = d->all; c != NULL; c = c->next_all)
         conn_close(c, "stopping");
@@ -467,6 +471,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         struct stats_domain *x = &(*out)[(*n)++];
         memset(x, 0, sizeof(*x));
         snprintf(x->name, sizeof(x->name), "%s", t->name);
+        if (t->pool != 0)
+            snprintf(x->pool, sizeof(x->pool), "%s", intern_name(d->e->names, t->pool));
         x->ready = dest_queued(t);
         x->inflight = t->inflight;
         x->connections = t->conns;
@@ -528,6 +534,8 @@ delivery_reconfigure(struct delivery *d)
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         const struct domain_policy *old = t->pol;
         t->pol = config_domain(d->e->cfg, t->name);
+        const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
+        t->poolc = pname ? config_pool(d->e->cfg, pname, strlen(pname)) : NULL;
         if (strcmp(old->route_host, t->pol->route_host) != 0 ||
             old->route_port != t->pol->route_port) {
             /* Another route: the next connection asks for its answer. */
@@ -565,14 +573,10 @@ delivery_reconfigure(struct delivery *d)
 int
 delivery_suspend(struct delivery *d, const char *domain, bool on)
 {
-    struct dest *t = dest_get(d, domain);
-    if (t == NULL)
-        return -ENOMEM;
-    t->suspended = on;
-    log_msg(LOG_NOTICE, "event=%s domain=%s", on ? "suspended" : "resumed", t->name);
-    if (!on)
-        dest_run(t);
-    return 0;
+    int rc = delivery_suspend_scope(d, DELIVERY_SCOPE_DOMAIN, domain, on, 0);
+    if (rc == 0)
+        log_msg(LOG_NOTICE, "event=%s domain=%s", on ? "suspended" : "resumed", domain);
+    return rc;
 }
 
 void
@@ -612,6 +616,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->chunk_pool.size = BODY_CHUNK;
     d->ops = &delivery_ops;
     sched_init(d);
+    scope_init(d);
     targets_local_load(d);
     d->stop_msg.fn = delivery_on_stop;
     {
@@ -675,6 +680,7 @@ delivery_free(struct delivery *d)
      * freed after us and touches what it still holds). */
     worker_timer_cancel(d->w, &d->due_timer);
     worker_timer_cancel(d->w, &d->evict_timer);
+    worker_timer_cancel(d->w, &d->scope_timer);
     outcome_retrying_cancel(d);
     /* The loop has ended. Connections left (a start that failed half
      * way) are dropped; jobs not acknowledged stay in the spool. */
@@ -685,6 +691,7 @@ delivery_free(struct delivery *d)
         conn_free(c);
     }
     sched_free_dests(d);
+    scope_fini(d);
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     outcome_retrying_free(d);

@@ -38,6 +38,9 @@ struct delivery_stats {
     uint64_t sites;                        /* sites now (MX host sets in use) */
     uint64_t mx_addresses;                 /* MX addresses connected now */
     uint64_t dests_evicted;                /* idle destinations forgotten */
+    uint64_t source_holds;                 /* a pool's source held at a site (throttled) */
+    uint64_t parked;                       /* jobs set aside now: their tenant or
+                                            * campaign is suspended */
 };
 
 int delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *err,
@@ -75,6 +78,40 @@ void delivery_reconfigure(struct delivery *d);
 /* Suspend or resume a destination (made if unknown, so that a suspension
  * holds for mail not yet arrived). In-flight transactions finish. */
 int delivery_suspend(struct delivery *d, const char *domain, bool on);
+
+/* What an operator suspends, resumes or looks at by. */
+enum delivery_scope {
+    DELIVERY_SCOPE_DOMAIN,   /* a recipient domain, in every pool */
+    DELIVERY_SCOPE_TENANT,
+    DELIVERY_SCOPE_CAMPAIGN,
+    DELIVERY_SCOPE_POOL,
+    DELIVERY_SCOPE_SOURCE,   /* a [source ADDRESS] of a pool, by its address */
+    DELIVERY_SCOPE_COUNT
+};
+/* "domain", "tenant", ... (static). */
+const char *delivery_scope_str(enum delivery_scope k);
+/* Suspend mail of a scope on this worker, for for_ms (0: until resumed),
+ * or resume it (on false). A suspended domain or pool starts no new
+ * transaction; a suspended tenant's or campaign's jobs are set aside as
+ * they come up and go back to their queues on resume; a suspended
+ * source opens no connection and its connections say goodbye after
+ * their transaction. In-flight transactions finish. Returns 0 or
+ * -ENOMEM, -ENOSPC (too many suspensions: DELIVERY_SCOPES_MAX). */
+#define DELIVERY_SCOPES_MAX 256
+int delivery_suspend_scope(struct delivery *d, enum delivery_scope k, const char *name, bool on,
+                           uint64_t for_ms);
+
+/* Counters of one tenant, pool or source on a worker (recipients; for
+ * a source also connections opened). */
+struct delivery_owner_stats {
+    enum delivery_scope kind; /* TENANT, POOL or SOURCE */
+    const char *name;         /* borrowed: e->names, lives as long as the engine */
+    uint64_t delivered, deferred, bounced, connections;
+};
+/* Append this worker's counters to *out (*n of *cap, grown with
+ * realloc). Returns 0 or -ENOMEM. */
+int delivery_owner_stats(struct delivery *d, struct delivery_owner_stats **out, size_t *n,
+                         size_t *cap);
 /* Which worker owns a domain: delivery_domain_hash(lowercase) % workers. */
 uint32_t delivery_domain_hash(const char *domain);
 /* "off", "connecting", "connected" or "unreachable" (a static string). */

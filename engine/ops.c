@@ -11,6 +11,7 @@
  */
 #include "engine/ops.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -23,6 +24,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/conf.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/auth_limit.h"
@@ -67,6 +69,8 @@ struct wcall {
     int rc;
     char arg[256];
     bool flag;
+    int kind;         /* enum delivery_scope, for suspend */
+    uint64_t for_ms;  /* suspend: 0 until resumed */
     struct wcall_msg msgs[];
 };
 
@@ -154,6 +158,8 @@ struct wstats {
     unsigned ntenants;
     struct stats_tenant dtenants[DELIVERY_TENANTS_MAX]; /* outcomes, per tenant */
     unsigned ndtenants;
+    struct delivery_owner_stats *own; /* owned: per tenant, pool and source */
+    size_t nown, capown;
 };
 _Static_assert(DELIVERY_TENANTS_MAX == STATS_TENANT_TABLE_MAX, "a worker's outcome tenants");
 
@@ -165,16 +171,78 @@ counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
     s->ntenants = server_worker_tenants(e->srv[w], s->tenants, SERVER_TENANTS_MAX);
     s->ndtenants = delivery_tenants(e->dlv[w], s->dtenants, DELIVERY_TENANTS_MAX);
     delivery_stats(e->dlv[w], &s->dlv);
+    if (delivery_owner_stats(e->dlv[w], &s->own, &s->nown, &s->capown) < 0)
+        s->nown = 0; /* no memory: the per-owner figures are left out this time */
     s->has_dns = delivery_resolver_stats(e->dlv[w], &s->dns) == 0;
     s->redis = delivery_redis_state(e->dlv[w]);
     delivery_objects(e->dlv[w], &s->dests, &s->waiting, &s->inflight);
 }
 
 static void
-free_res(void *res, unsigned n)
+free_wstats(void *res, unsigned n)
 {
-    (void)n;
+    struct wstats *ws = res;
+    for (unsigned i = 0; ws != NULL && i < n; i++)
+        free(ws[i].own);
     free(res);
+}
+
+static int
+cmp_owner(const void *a, const void *b)
+{
+    const struct stats_owner *x = a, *y = b;
+    uint64_t nx = x->delivered + x->deferred + x->bounced,
+             ny = y->delivered + y->deferred + y->bounced;
+    if (nx != ny)
+        return nx > ny ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* The workers' counters per pool and source summed, the busiest first,
+ * at most top_n of each. */
+static void
+merge_owners(struct engine *e, const struct wstats *ws, struct stats_counters *out)
+{
+    unsigned top = e->cfg->stats.top_n < STATS_OWNERS_MAX ? e->cfg->stats.top_n
+                                                          : STATS_OWNERS_MAX;
+    struct stats_owner *all[2] = {NULL, NULL};
+    unsigned n[2] = {0, 0}, cap[2] = {0, 0};
+    for (unsigned w = 0; w < e->nworkers; w++)
+        for (size_t i = 0; i < ws[w].nown; i++) {
+            const struct delivery_owner_stats *x = &ws[w].own[i];
+            if (x->kind == DELIVERY_SCOPE_TENANT)
+                continue; /* the tenants' outcomes come with delivery_tenants() */
+            int s = x->kind == DELIVERY_SCOPE_POOL ? 0 : 1;
+            unsigned k = 0;
+            while (k < n[s] && strcmp(all[s][k].name, x->name) != 0)
+                k++;
+            if (k == n[s]) {
+                if (n[s] == cap[s]) {
+                    unsigned nc = cap[s] ? cap[s] * 2 : 16;
+                    struct stats_owner *v = realloc(all[s], nc * sizeof(*v));
+                    if (v == NULL)
+                        continue;
+                    all[s] = v;
+                    cap[s] = nc;
+                }
+                memset(&all[s][k], 0, sizeof(all[s][k]));
+                snprintf(all[s][k].name, sizeof(all[s][k].name), "%s", x->name);
+                n[s]++;
+            }
+            all[s][k].delivered += x->delivered;
+            all[s][k].deferred += x->deferred;
+            all[s][k].bounced += x->bounced;
+            all[s][k].connections += x->connections;
+        }
+    for (int s = 0; s < 2; s++) {
+        if (n[s] > 1)
+            qsort(all[s], n[s], sizeof(*all[s]), cmp_owner);
+        unsigned m = n[s] < top ? n[s] : top;
+        if (m > 0)
+            memcpy(s == 0 ? out->pools : out->sources, all[s], m * sizeof(*all[s]));
+        *(s == 0 ? &out->npools : &out->nsources) = m;
+        free(all[s]);
+    }
 }
 
 static int
@@ -275,13 +343,14 @@ ops_counters(void *arg, struct stats_counters *out)
     if (c == NULL)
         return;
     c->res = calloc(e->nworkers, sizeof(struct wstats));
-    c->res_free = free_res;
+    c->res_free = free_wstats;
     bool answered = c->res != NULL && wcall_run(c, -1) == 0;
     if (c->res != NULL && !answered)
         /* A late worker may still be writing its slot: read none of them. */
         log_msg(LOG_WARN, "event=stats_incomplete reason=worker_did_not_answer");
     if (answered) {
         merge_tenants(e, c->res, out);
+        merge_owners(e, c->res, out);
         for (unsigned i = 0; i < e->nworkers; i++) {
             const struct wstats *s = &((struct wstats *)c->res)[i];
             out->received_msgs += s->srv.messages;
@@ -303,6 +372,8 @@ ops_counters(void *arg, struct stats_counters *out)
             out->oob_dropped += s->srv.oob_dropped;
             out->oob_refused += s->srv.oob_refused;
             out->delivered += s->dlv.delivered;
+            out->source_holds += s->dlv.source_holds;
+            out->parked += s->dlv.parked;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;
             out->expired += s->dlv.expired;
@@ -603,7 +674,14 @@ owner_of(const struct engine *e, const char *domain)
 static void
 suspend_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
-    c->rc = delivery_suspend(e->dlv[w], c->arg, c->flag);
+    if (c->kind == DELIVERY_SCOPE_DOMAIN && c->for_ms == 0) {
+        c->rc = delivery_suspend(e->dlv[w], c->arg, c->flag);
+        return;
+    }
+    int rc = delivery_suspend_scope(e->dlv[w], (enum delivery_scope)c->kind, c->arg, c->flag,
+                                    c->for_ms);
+    if (rc < 0)
+        c->rc = rc; /* any worker's failure is the answer's */
 }
 
 static bool
@@ -621,31 +699,108 @@ domain_arg_ok(const char *s)
     return true;
 }
 
+/* A scope of suspend and resume: "DOMAIN", or KIND=NAME with KIND one
+ * of domain, tenant, campaign (the rest of the line: it may hold
+ * blanks), pool, source. Returns the kind and *name into buf, or -1 with
+ * err. */
 static int
-cmd_suspend(struct engine *e, const char *domain, bool on, struct json *out, char *err,
-            size_t errlen)
+parse_suspend_scope(const char *args, char *buf, size_t cap, const char **name, char *err,
+                    size_t errlen)
 {
-    if (!domain_arg_ok(domain)) {
-        snprintf(err, errlen, "not a domain name: %.100s", domain);
+    static const char *const kinds[DELIVERY_SCOPE_COUNT] = {"domain=", "tenant=", "campaign=",
+                                                             "pool=", "source="};
+    if (strlen(args) >= cap) {
+        snprintf(err, errlen, "scope too long");
         return -1;
     }
+    snprintf(buf, cap, "%s", args);
+    int kind = DELIVERY_SCOPE_DOMAIN;
+    *name = buf;
+    for (int k = 0; k < DELIVERY_SCOPE_COUNT; k++)
+        if (strncmp(buf, kinds[k], strlen(kinds[k])) == 0) {
+            kind = k;
+            *name = buf + strlen(kinds[k]);
+        }
+    bool ok;
+    switch (kind) {
+    case DELIVERY_SCOPE_DOMAIN:
+        ok = domain_arg_ok(*name);
+        break;
+    case DELIVERY_SCOPE_TENANT:
+    case DELIVERY_SCOPE_POOL:
+        ok = config_name_valid(*name, strlen(*name));
+        break;
+    case DELIVERY_SCOPE_SOURCE: {
+        unsigned char a[16];
+        ok = inet_pton(AF_INET, *name, a) == 1 || inet_pton(AF_INET6, *name, a) == 1;
+        break;
+    }
+    default:
+        ok = (*name)[0] != '\0' && strlen(*name) <= QUEUE_MAX_TAG;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "not a %s: %.100s",
+                 kind == DELIVERY_SCOPE_SOURCE ? "source address" : delivery_scope_str(kind),
+                 *name);
+        return -1;
+    }
+    return kind;
+}
+
+/* suspend SCOPE [for=DURATION] | resume SCOPE: a domain on the worker
+ * that owns it; the other scopes on every worker. */
+static int
+cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char *err,
+            size_t errlen)
+{
+    char buf[512];
+    uint64_t for_ms = 0;
+    snprintf(buf, sizeof(buf), "%s", args);
+    char *last = strrchr(buf, ' ');
+    if (last != NULL && strncmp(last + 1, "for=", 4) == 0) {
+        if (!on || conf_parse_duration(last + 5, &for_ms) != 0 || for_ms == 0) {
+            snprintf(err, errlen, on ? "for=: not a duration: %.50s" : "resume takes no for=",
+                     last + 5);
+            return -1;
+        }
+        *last = '\0';
+        while (last > buf && last[-1] == ' ')
+            *--last = '\0';
+    }
+    char scope[512];
+    const char *name;
+    int kind = parse_suspend_scope(buf, scope, sizeof(scope), &name, err, errlen);
+    if (kind < 0)
+        return -1;
     struct wcall *c = wcall_new(e, suspend_on_worker);
     if (c == NULL) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (size_t i = 0; domain[i] != '\0' && i + 1 < sizeof(c->arg); i++)
-        c->arg[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
+    for (size_t i = 0; name[i] != '\0' && i + 1 < sizeof(c->arg); i++)
+        c->arg[i] = kind == DELIVERY_SCOPE_DOMAIN && name[i] >= 'A' && name[i] <= 'Z'
+                        ? (char)(name[i] + 32)
+                        : name[i];
     c->flag = on;
-    int rc = wcall_run(c, owner_of(e, c->arg));
+    c->kind = kind;
+    c->for_ms = for_ms;
+    int rc = wcall_run(c, kind == DELIVERY_SCOPE_DOMAIN ? owner_of(e, c->arg) : -1);
     int wrc = c->rc;
+    if (rc == 0 && wrc == 0)
+        log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu",
+                on ? "suspended" : "resumed", delivery_scope_str((enum delivery_scope)kind),
+                c->arg, (unsigned long long)for_ms);
     json_obj_begin(out);
-    json_kstr(out, "domain", c->arg);
+    json_kstr(out, delivery_scope_str((enum delivery_scope)kind), c->arg);
     json_kbool(out, "suspended", on);
+    if (for_ms != 0)
+        json_ku64(out, "for_ms", for_ms);
     json_obj_end(out);
     wcall_unref(c);
     if (rc < 0 || wrc < 0) {
-        snprintf(err, errlen, "the worker owning %.100s did not answer", domain);
+        snprintf(err, errlen, "%s", rc < 0 ? "a worker did not answer"
+                                  : wrc == -ENOSPC ? "too many suspensions"
+                                                   : "out of memory");
         return -1;
     }
     return 0;
@@ -653,6 +808,9 @@ cmd_suspend(struct engine *e, const char *domain, bool on, struct json *out, cha
 
 struct walk_sel {
     const char *domain; /* NULL: every domain */
+    /* by owner (the spool hands each recipient out with its message's):
+     * NULL: any */
+    const char *tenant, *campaign, *pool;
     bool deferred_only;
     uint64_t min_due;   /* deferred_only: those due after this */
     struct sel_item {
@@ -671,6 +829,10 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     if (w->domain != NULL && strcasecmp(w->domain, r->domain) != 0)
         return 0;
     if (w->deferred_only && (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due))
+        return 0;
+    if ((w->tenant != NULL && strcasecmp(w->tenant, r->owner.tenant) != 0) ||
+        (w->campaign != NULL && strcmp(w->campaign, r->owner.campaign) != 0) ||
+        (w->pool != NULL && strcasecmp(w->pool, r->owner.pool) != 0))
         return 0;
     if (w->n == w->cap) {
         size_t nc = w->cap ? w->cap * 2 : 256;
@@ -694,9 +856,18 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
  * point into buf), 0 when it is not, -1 when it is malformed (err). */
 static int
 parse_scope(const char *args, char *buf, size_t cap, const char **tenant, const char **campaign,
-            char *err, size_t errlen)
+            const char **pool, char *err, size_t errlen)
 {
-    *tenant = *campaign = NULL;
+    *tenant = *campaign = *pool = NULL;
+    if (strncmp(args, "pool=", 5) == 0) {
+        if (strlen(args) >= cap || !config_name_valid(args + 5, strlen(args + 5))) {
+            snprintf(err, errlen, "not a pool name: %.100s", args + 5);
+            return -1;
+        }
+        snprintf(buf, cap, "%s", args + 5);
+        *pool = buf;
+        return 1;
+    }
     if (strncmp(args, "tenant=", 7) != 0 && strncmp(args, "campaign=", 9) != 0)
         return 0;
     if (strlen(args) >= cap) {
@@ -733,28 +904,6 @@ parse_scope(const char *args, char *buf, size_t cap, const char **tenant, const 
     return 1;
 }
 
-/* Keep in w the recipients of messages of that tenant and campaign (the
- * walk lists them grouped by message: one envelope read per message). */
-static void
-select_owner(struct engine *e, struct walk_sel *w, const char *tenant, const char *campaign)
-{
-    size_t out = 0;
-    bool keep = false;
-    for (size_t i = 0; i < w->n; i++) {
-        if (i == 0 || w->v[i].id != w->v[i - 1].id) {
-            struct queue_envelope *env = NULL;
-            keep = queue_envelope_get(e->queue, w->v[i].id, &env) == 0 &&
-                   (tenant == NULL || (env->tenant != NULL && strcasecmp(env->tenant, tenant) == 0)) &&
-                   (campaign == NULL ||
-                    (env->campaign != NULL && strcmp(env->campaign, campaign) == 0));
-            queue_envelope_free(env);
-        }
-        if (keep)
-            w->v[out++] = w->v[i];
-    }
-    w->n = out;
-}
-
 /* flush [DOMAIN]: deferred recipients are due now. Their time in the
  * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
  * poll takes them within a second, as it takes any: nothing is submitted
@@ -765,8 +914,9 @@ static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {
     char scope[512];
-    const char *tenant, *campaign;
-    int by_owner = parse_scope(domain, scope, sizeof(scope), &tenant, &campaign, err, errlen);
+    const char *tenant, *campaign, *pool;
+    int by_owner =
+        parse_scope(domain, scope, sizeof(scope), &tenant, &campaign, &pool, err, errlen);
     if (by_owner < 0)
         return -1;
     if (by_owner)
@@ -777,15 +927,14 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     }
     uint64_t now = clock_unix_ms();
     struct walk_sel w = {.domain = domain[0] ? domain : NULL, .deferred_only = true,
-                         .min_due = now + 2000};
+                         .min_due = now + 2000, .tenant = tenant, .campaign = campaign,
+                         .pool = pool};
     int rc = queue_walk(e->queue, walk_select, &w);
     if (rc < 0) {
         free(w.v);
         snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
         return -1;
     }
-    if (by_owner)
-        select_owner(e, &w, tenant, campaign);
     struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
     size_t done = 0;
     for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += FLUSH_BATCH) {
@@ -799,8 +948,10 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     }
     free(qo);
     free(w.v);
-    log_msg(LOG_NOTICE, "event=flush domain=%s tenant=%s campaign=\"%s\" recipients=%zu",
-            domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*", done);
+    log_msg(LOG_NOTICE,
+            "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu",
+            domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*",
+            pool ? pool : "*", done);
     if (rc != 0) {
         snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
         return -1;
@@ -811,6 +962,8 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
         json_kstr(out, "tenant", tenant);
     if (campaign != NULL)
         json_kstr(out, "campaign", campaign);
+    if (pool != NULL)
+        json_kstr(out, "pool", pool);
     json_ku64(out, "recipients", done);
     json_obj_end(out);
     return 0;
@@ -823,18 +976,20 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
     uint64_t id = 0;
     struct walk_sel w = {0};
     char scope[512];
-    const char *tenant, *campaign;
-    int by_owner = parse_scope(what, scope, sizeof(scope), &tenant, &campaign, err, errlen);
+    const char *tenant, *campaign, *pool;
+    int by_owner = parse_scope(what, scope, sizeof(scope), &tenant, &campaign, &pool, err, errlen);
     if (by_owner < 0)
         return -1;
     if (by_owner) {
+        w.tenant = tenant;
+        w.campaign = campaign;
+        w.pool = pool;
         int rc = queue_walk(e->queue, walk_select, &w);
         if (rc < 0) {
             free(w.v);
             snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
             return -1;
         }
-        select_owner(e, &w, tenant, campaign);
     } else if (queue_id_parse(what, &id) == 0) {
         struct queue_envelope *env = NULL;
         int rc = queue_envelope_get(e->queue, id, &env);
@@ -854,7 +1009,8 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
             return -1;
         }
     } else {
-        snprintf(err, errlen, "neither a queue id, a domain nor tenant=/campaign=: %.100s", what);
+        snprintf(err, errlen, "neither a queue id, a domain nor tenant=/campaign=/pool=: %.100s",
+                 what);
         return -1;
     }
     /* Each worker fails its domains' recipients as it fails any: spool,

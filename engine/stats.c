@@ -236,6 +236,26 @@ render_tenants(struct json *j, const struct stats_counters *c)
     json_obj_end(j);
 }
 
+/* "pools" / "sources": {"NAME": {...}} for the busiest. */
+static void
+render_owners(struct json *j, const char *key, const struct stats_owner *o, unsigned n,
+              bool conns)
+{
+    json_key(j, key);
+    json_obj_begin(j);
+    for (unsigned i = 0; i < n && i < STATS_OWNERS_MAX; i++) {
+        json_key(j, o[i].name);
+        json_obj_begin(j);
+        json_ku64(j, "delivered", o[i].delivered);
+        json_ku64(j, "deferred", o[i].deferred);
+        json_ku64(j, "bounced", o[i].bounced);
+        if (conns)
+            json_ku64(j, "connections", o[i].connections);
+        json_obj_end(j);
+    }
+    json_obj_end(j);
+}
+
 /* {"name": count, ...} of the named entries of a stats_object array. */
 static void
 render_named(struct json *j, const char *key, const struct stats_object *o, unsigned n,
@@ -359,6 +379,10 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     render_event_sinks(j, c);
     render_tenants(j, c);
     render_warmup(j, c);
+    render_owners(j, "pools", c->pools, c->npools, false);
+    render_owners(j, "sources", c->sources, c->nsources, true);
+    json_ku64(j, "source_holds", c->source_holds);
+    json_ku64(j, "parked", c->parked);
     json_key(j, "auth");
     json_obj_begin(j);
     json_ku64(j, "ok", c->auth_ok);
@@ -413,6 +437,11 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
         const struct stats_domain *x = &d[i];
         json_obj_begin(j);
         kfixed(j, "name", x->name, sizeof(x->name));
+        json_key(j, "pool");
+        if (x->pool[0] != '\0')
+            json_str(j, x->pool);
+        else
+            json_null(j);
         json_ku64(j, "ready", x->ready);
         json_ku64(j, "deferred", x->deferred);
         json_ku64(j, "inflight", x->inflight);
@@ -775,6 +804,46 @@ render_warmup_metrics(struct json *t, const struct stats_counters *c)
     }
 }
 
+/* sluice_{pool,source}_recipients_{delivered,deferred,bounced}_total
+ * and sluice_source_connections_total: the busiest only (top_n). */
+static void
+render_owner_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const char *const what[3] = {"delivered", "deferred", "bounced"};
+    for (int f = 0; f < 3; f++) {
+        char name[96];
+        for (int k = 0; k < 2; k++) {
+            const struct stats_owner *o = k == 0 ? c->pools : c->sources;
+            unsigned n = k == 0 ? c->npools : c->nsources;
+            if (n == 0)
+                continue;
+            const char *kind = k == 0 ? "pool" : "source";
+            snprintf(name, sizeof(name), "sluice_%s_recipients_%s_total", kind, what[f]);
+            text_family(t, name, "counter",
+                        k == 0 ? "Recipients of the pool's mail, by outcome."
+                               : "Recipients sent from the source, by outcome.");
+            for (unsigned i = 0; i < n && i < STATS_OWNERS_MAX; i++) {
+                text_printf(t, "%s{%s=\"", name, kind);
+                text_label(t, o[i].name, sizeof(o[i].name));
+                uint64_t v = f == 0 ? o[i].delivered : f == 1 ? o[i].deferred : o[i].bounced;
+                text_printf(t, "\"} %llu\n", (unsigned long long)v);
+            }
+        }
+    }
+    if (c->nsources > 0) {
+        text_family(t, "sluice_source_connections_total", "counter",
+                    "Outbound connections opened from the source.");
+        for (unsigned i = 0; i < c->nsources && i < STATS_OWNERS_MAX; i++) {
+            text_printf(t, "sluice_source_connections_total{source=\"");
+            text_label(t, c->sources[i].name, sizeof(c->sources[i].name));
+            text_printf(t, "\"} %llu\n", (unsigned long long)c->sources[i].connections);
+        }
+    }
+    text_family(t, "sluice_source_holds_total", "counter",
+                "Times a pool's source was held at a site after a receiver pushed back.");
+    text_printf(t, "sluice_source_holds_total %llu\n", (unsigned long long)c->source_holds);
+}
+
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
 static void
 render_event_sink_metrics(struct json *t, const struct stats_counters *c)
@@ -857,6 +926,7 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
     render_event_sink_metrics(&t, c);
     render_tenant_metrics(&t, c);
     render_warmup_metrics(&t, c);
+    render_owner_metrics(&t, c);
 
     /* Every class, zeros too: a series that exists from the start gives
      * rate() its first point. */
@@ -1131,12 +1201,16 @@ static const struct command commands[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects", 0, 0, false},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)", 0, 1, false},
     {"message", "ID", "a queued message and its recipients", 1, 1, true},
-    {"suspend", "DOMAIN", "stop deliveries to DOMAIN", 1, 1, true},
-    {"resume", "DOMAIN", "resume deliveries to DOMAIN", 1, 1, true},
-    {"flush", "[DOMAIN|tenant=T [campaign=C]]",
-     "retry deferred recipients now (of DOMAIN, of a tenant or campaign, or all)", 0, 16, true},
-    {"bounce", "ID|DOMAIN|tenant=T [campaign=C]",
-     "bounce a message, or every message queued for DOMAIN, a tenant or a campaign", 1, 16, true},
+    {"suspend", "SCOPE [for=DURATION]",
+     "stop deliveries of a scope: DOMAIN, domain=D, tenant=T, campaign=C, pool=P or source=ADDR",
+     1, 16, true},
+    {"resume", "SCOPE", "resume deliveries of a scope (as suspend)", 1, 16, true},
+    {"flush", "[DOMAIN|tenant=T [campaign=C]|pool=P]",
+     "retry deferred recipients now (of DOMAIN, of a tenant, campaign or pool, or all)", 0, 16,
+     true},
+    {"bounce", "ID|DOMAIN|tenant=T [campaign=C]|pool=P",
+     "bounce a message, or every message queued for DOMAIN, a tenant, campaign or pool", 1, 16,
+     true},
     {"reload", "", "reread the configuration file", 0, 0, true},
     {"events", "[pause|resume NAME]", "the event sinks; pause or resume one", 0, 2, true},
     {"suppress", "add|remove|check|list|import|export|purge ...",

@@ -82,6 +82,16 @@ struct stats_tenant {
     uint64_t delivered, deferred, bounced, expired; /* recipient outcomes (attempts for deferred) */
 };
 
+#define STATS_OWNERS_MAX 64 /* pools, and sources, with their own series: the busiest */
+
+/* A pool ([pool NAME]) or a source ([source ADDRESS]): shown under
+ * "pools" / "sources" and as sluice_pool_* / sluice_source_* series. */
+struct stats_owner {
+    char name[65];
+    uint64_t delivered, deferred, bounced; /* recipient outcomes */
+    uint64_t connections;                  /* sources: connections opened from it */
+};
+
 /* One (source, group) of a warm-up plan (engine/warmup.h): shown under
  * "warmup" and as sluice_warmup_*{source="ADDRESS",group="GROUP"}. */
 struct stats_warmup {
@@ -167,6 +177,12 @@ struct stats_counters {
     uint64_t warmup_saves, warmup_save_failures, warmup_syncs, warmup_sync_failures;
     struct stats_warmup warmup[STATS_WARMUP_MAX];
     unsigned nwarmup;              /* rows filled (the first STATS_WARMUP_MAX) */
+    struct stats_owner pools[STATS_OWNERS_MAX];   /* the busiest, by recipients handled */
+    unsigned npools;
+    struct stats_owner sources[STATS_OWNERS_MAX]; /* likewise */
+    unsigned nsources;
+    uint64_t source_holds;  /* a pool's source held at a site after a receiver's push-back */
+    uint64_t parked;        /* jobs set aside now: tenant or campaign suspended */
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;
@@ -184,6 +200,7 @@ struct stats_domain {
         uint64_t ready;
     } tenants[STATS_DOMAIN_TENANTS];
     unsigned ntenants, tenants_waiting;
+    char pool[65]; /* "" : no pool (a destination is a domain and a pool) */
     uint64_t ready, deferred, inflight, connections, delivered, bounced;
     double rate_limit; /* msgs/s in force, 0: none */
     unsigned max_connections;

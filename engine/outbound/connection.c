@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
@@ -520,6 +521,7 @@ conn_txn_done(struct conn *c)
             .mx = c->mx,
             .mx_addr = c->addr_str,
             .source = c->src_str[0] ? c->src_str : NULL,
+            .src_id = c->src_id,
             .tls_proto = c->tls_ready ? c->tls_proto : NULL,
             .tls_cipher = c->tls_ready ? c->tls_cipher : NULL,
             .src = CLASSIFY_CONNECT,
@@ -586,8 +588,10 @@ tls_start(struct conn *c)
 {
     c->tls_wanted = false;
     bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
-    char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str)];
-    snprintf(key, sizeof(key), "%s:%s", c->mx, c->addr_str);
+    /* Sessions per source and MX address: a receiver may tie a session to
+     * the address that made it, and a source's sessions are its own. */
+    char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str) + 68];
+    snprintf(key, sizeof(key), "%s:%s@%s", c->mx, c->addr_str, c->src ? c->src->pattern : "");
     c->cin = malloc(CIN_CAP);
     /* The engine's current ctx: a reload may have brought other CAs. */
     struct tls_ctx *ctx = engine_tls_client(c->d->e);
@@ -822,12 +826,19 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     socklen_t llen = sizeof(local);
     if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
         netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
-    log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s",
-            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
+    log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s source=%s pool=%s",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+            c->src_str[0] ? c->src_str : "-",
+            c->dest->pool ? intern_name(c->d->e->names, c->dest->pool) : "-");
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* The EHLO name: the source's (its PTR), else the [source] section of
+     * the default address's, else [server] hostname. */
+    const char *ehlo = c->src && c->src->ehlo ? c->src->ehlo : NULL;
+    if (ehlo == NULL && c->src == NULL && c->srck != NULL && c->srck->pol != NULL)
+        ehlo = c->srck->pol->ehlo;
     struct smtp_client_opts o = {
-        .name = c->d->e->cfg->server.hostname,
+        .name = ehlo ? ehlo : c->d->e->cfg->server.hostname,
         .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
         .trace_arg = c,
         .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
@@ -852,8 +863,24 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
 
 /* ---- what the scheduler calls ---- */
 
+/* The address of a [source ADDRESS] section, for bind(). */
+static bool
+source_sockaddr(const struct mx_policy *src, int family, struct sockaddr_storage *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)out;
+        s6->sin6_family = AF_INET6;
+        return inet_pton(AF_INET6, src->pattern, &s6->sin6_addr) == 1;
+    }
+    struct sockaddr_in *s4 = (struct sockaddr_in *)out;
+    s4->sin_family = AF_INET;
+    return inet_pton(AF_INET, src->pattern, &s4->sin_addr) == 1;
+}
+
 struct conn *
-conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr)
+conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr,
+          const struct mx_policy *srcpol, uint32_t src_id)
 {
     struct delivery *d = t->d;
     struct conn *c = calloc(1, sizeof(*c));
@@ -868,6 +895,18 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     const struct sockaddr_storage *src = addr->sa.sa_family == AF_INET6
                                              ? &d->e->cfg->delivery.source6
                                              : &d->e->cfg->delivery.source4;
+    struct sockaddr_storage pool_src;
+    if (srcpol != NULL) {
+        /* A pool's source: its address, of the target's family. */
+        if (!source_sockaddr(srcpol, addr->sa.sa_family, &pool_src)) {
+            log_msg(LOG_ERR, "event=source_family_mismatch source=%s domain=%s",
+                    srcpol->pattern, t->name);
+            close(c->fd);
+            free(c);
+            return NULL;
+        }
+        src = &pool_src;
+    }
     if (src->ss_family != AF_UNSPEC &&
         bind(c->fd, (const struct sockaddr *)src,
              src->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
@@ -884,7 +923,7 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     c->send_op = (struct op){OP_CALLBACK, conn_on_send};
     timer_init(&c->timer, conn_on_timer);
     /* Counted from here on: the id, the site, the caps. */
-    sched_conn_attach(c, t, host, addr);
+    sched_conn_attach(c, t, host, addr, srcpol, src_id);
     struct io_uring_sqe *sqe = worker_sqe(d->w, &c->connect_op);
     io_uring_prep_connect(sqe, c->fd, &c->addr.sa, dns_addr_len(&c->addr));
     c->inflight++;

@@ -72,6 +72,7 @@ struct outcome_batch;
 struct job {
     struct worker_msg m; /* while it travels to the owner */
     struct fairq_node fq; /* on its destination's queue */
+    struct job *next_parked; /* on d->parked while its tenant or campaign is suspended (scope.c) */
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
@@ -128,6 +129,10 @@ struct conn {
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
     struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
+    const struct mx_policy *src; /* borrowed (configs live to the end): the [source] it
+                                  * binds, from its destination's pool; NULL: the node's
+                                  * default source ([delivery] source_address) */
+    uint32_t src_id;      /* the source's name id (e->names), 0: the default source */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 
     struct job *job;      /* owned: the job in flight, or NULL */
@@ -192,6 +197,11 @@ struct dest {
     struct lru_node lru;     /* on d->dest_lru: eviction when idle */
     uint64_t touched;        /* monotonic ns of its last activity */
     struct delivery *d;
+    /* A destination is (domain, pool): mail of one pool leaves only
+     * through that pool's sources, on sites of its own. */
+    uint32_t pool;           /* the pool's name id (e->names); 0: none, the default source */
+    const struct pool_config *poolc; /* borrowed from the config: its sources; NULL when
+                                      * pool is 0 or names no [pool] now */
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */
@@ -271,11 +281,19 @@ struct delivery {
         unsigned weight;
     } tweights[64];
     struct stats_tenant_table tenants; /* recipient outcomes per tenant (outcome.c) */
+    /* outbound/scope.c: operators' suspensions by scope, parked jobs,
+     * counters per tenant, pool and source */
+    struct scope_susp *susp;  /* owned: nsusp entries */
+    unsigned nsusp;
+    struct timer scope_timer; /* the earliest timed suspension ends */
+    struct job *parked;       /* owned: jobs of a suspended tenant or campaign */
+    struct hash counts[DELIVERY_SCOPE_COUNT]; /* struct owner_count by id (TENANT, POOL, SOURCE) */
 };
 
 /* Where an outcome was met, for the log and the classification. */
 struct outcome_where {
     const char *mx, *mx_addr, *source;
+    uint32_t src_id;          /* the pool source's name id, 0: the default source */
     const char *tls_proto, *tls_cipher;
     enum classify_source src; /* for outcomes that are not a server's reply */
 };
@@ -289,9 +307,11 @@ struct outbound_ops {
     int (*resolve)(struct delivery *d, struct dest *t, const char *name,
                    struct dns_mx_result **res, struct dns_req **req);
     void (*cancel)(struct delivery *d, struct dns_req *req);
-    /* A new connection of t to a (of MX host h), attached with
+    /* A new connection of t to a (of MX host h) from source src (NULL:
+     * the default source; src_id its name id), attached with
      * sched_conn_attach(); NULL when none could be made now. */
-    struct conn *(*open)(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a);
+    struct conn *(*open)(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
+                         const struct mx_policy *src, uint32_t src_id);
     /* An idle connection was handed to a domain with work: start its next
      * transaction (sched_conn_next() says which). */
     void (*resume)(struct conn *c);
@@ -315,7 +335,9 @@ void sched_free_dests(struct delivery *d);
 /* After the limiter was freed: the [mx] keys, the sites. */
 void sched_fini(struct delivery *d);
 
-/* The destination of name, made on first use; NULL without memory. */
+/* The destination of domain name and pool (a name id, 0: none), made on
+ * first use; NULL without memory. dest_get: pool 0. */
+struct dest *dest_get_pool(struct delivery *d, const char *name, uint32_t pool);
 struct dest *dest_get(struct delivery *d, const char *name);
 /* Iteration over the destinations of a worker. */
 struct dest_iter {
@@ -360,7 +382,7 @@ void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_add
  * to a of host h, on t's site: ids, site, epoch, counters, the worker's
  * list. */
 void sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *h,
-                       const union dns_addr *a);
+                       const union dns_addr *a, const struct mx_policy *src, uint32_t src_id);
 enum sched_next {
     SCHED_NEXT_JOB,   /* a job to send, for c->dest (which may have changed) */
     SCHED_NEXT_IDLE,  /* nothing now: c is on its site's idle list */
@@ -388,6 +410,71 @@ unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
 
+/* ---- outbound/scheduler.c: sources ---- */
+
+/* The source a new connection of a destination takes. */
+struct source_pick {
+    const struct mx_policy *src; /* borrowed; NULL: the node's default source */
+    uint32_t id;                 /* its name id; 0: the default */
+    uint64_t until;              /* none may go: monotonic ns at which to look again */
+    bool all_held;               /* ... because every source is held at the site */
+    bool other_family;           /* ... because none is of the target's address family */
+};
+/* Choose the source of t's next connection to MX host mx, at an address
+ * of family (AF_UNSPEC: any): among its pool's sources of that family
+ * with a weight, not suspended, not held at t's site,
+ * with warm-up allowance (warmup_left), the one with the fewest
+ * transactions and connections for its weight. Returns 1 with *out
+ * (src NULL without a pool), or 0 when none may go now (out->until,
+ * out->all_held). */
+int dest_source(struct dest *t, const char *mx, int family, struct source_pick *out);
+/* A receiver throttled source src_id (a rate-limited reply) at t's site:
+ * it rests there while the pool's others carry on (as a 421 would). */
+void sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why);
+/* Is a (weight wa) a better pick than b (weight wb)? */
+bool source_better(const struct site_source *a, unsigned wa, const struct site_source *b,
+                   unsigned wb);
+
+/* ---- outbound/scope.c ---- */
+
+enum scope_kind {
+    SCOPE_DOMAIN = DELIVERY_SCOPE_DOMAIN,
+    SCOPE_TENANT = DELIVERY_SCOPE_TENANT,
+    SCOPE_CAMPAIGN = DELIVERY_SCOPE_CAMPAIGN,
+    SCOPE_POOL = DELIVERY_SCOPE_POOL,
+    SCOPE_SOURCE = DELIVERY_SCOPE_SOURCE,
+};
+
+/* One suspension by an operator. */
+struct scope_susp {
+    enum scope_kind kind;
+    uint32_t id;              /* the name's id; for a domain, 0 and domain set */
+    char domain[256];
+    uint64_t until;           /* monotonic ns; UINT64_MAX: until resumed */
+};
+
+/* Counters of one tenant, pool or source. */
+struct owner_count {
+    struct hash_node node;    /* first */
+    uint32_t id;
+    uint64_t delivered, deferred, bounced, connections;
+};
+
+void scope_init(struct delivery *d);
+void scope_fini(struct delivery *d); /* after the loop: parked jobs freed (the spool has them) */
+/* Is id (of kind; not a domain) suspended at now (monotonic ns)? */
+bool scope_suspended(const struct delivery *d, enum scope_kind kind, uint32_t id, uint64_t now);
+/* Is the domain suspended, in every pool? */
+bool scope_domain_suspended(const struct delivery *d, const char *domain, uint64_t now);
+/* j (just taken from its queue, owned) belongs to a suspended tenant or
+ * campaign: it is set aside (true, j no longer the caller's), or not. */
+bool scope_job_parked(struct delivery *d, struct job *j);
+/* The counters of id in kind's table, made on first use; a static dummy
+ * without memory (never NULL). */
+struct owner_count *owner_count(struct delivery *d, enum scope_kind kind, uint32_t id);
+/* The counters of source id (0: a dummy). */
+struct owner_count *source_count(struct delivery *d, uint32_t id);
+
 /* ---- outbound/targets.c ---- */
 
 /* This host's interface addresses, for listeners on a wildcard address
@@ -404,7 +491,8 @@ unsigned dest_targets(struct dest *t);
 /* ---- outbound/connection.c ---- */
 
 /* Open a connection (an outbound_ops open). */
-struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr);
+struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr,
+                       const struct mx_policy *src, uint32_t src_id);
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);

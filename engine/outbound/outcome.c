@@ -234,6 +234,20 @@ dsn_event(struct delivery *d, const struct dsn_msg *m)
     dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
 }
 
+/* Count recipients of a tenant, pool and source (each NULL: none). */
+static void
+owner_add(struct owner_count *a, struct owner_count *b, struct owner_count *c, unsigned dl,
+          unsigned df, unsigned bo)
+{
+    struct owner_count *v[3] = {a, b, c};
+    for (int i = 0; i < 3; i++)
+        if (v[i] != NULL) {
+            v[i]->delivered += dl;
+            v[i]->deferred += df;
+            v[i]->bounced += bo;
+        }
+}
+
 /* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
 static void
 dsn_committed(struct delivery *d, const struct dsn_msg *m)
@@ -344,6 +358,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         env != NULL && env->tenant != NULL && env->tenant[0] != '\0'
             ? stats_tenant_get(&d->tenants, env->tenant)
             : NULL;
+    /* per pool and source (outbound/scope.c; tenants: d->tenants above) */
+    struct owner_count *oc_p = j->owner.pool ? owner_count(d, SCOPE_POOL, j->owner.pool) : NULL;
+    struct owner_count *oc_s = where->src_id ? source_count(d, where->src_id) : NULL;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -377,6 +394,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             t->delivered++;
             if (ten != NULL)
                 ten->delivered++;
+            owner_add(NULL, oc_p, oc_s, 1, 0, 0);
             if (where->tls_proto != NULL)
                 d->stats.delivered_tls++;
         } else if (pr.kind == POLICY_BOUNCE) {
@@ -387,6 +405,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             d->stats.bounced++;
             if (ten != NULL)
                 ten->bounced++;
+            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
         } else if (pr.kind == POLICY_EXPIRE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
@@ -395,6 +414,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             d->stats.expired++;
             if (ten != NULL)
                 ten->expired++;
+            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
         } else {
             q->kind = QUEUE_DEFERRED;
             q->due_ms = pr.due_ms;
@@ -404,7 +424,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             if (ten != NULL)
                 ten->deferred++;
             t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
-            if (pr.backoff)
+            owner_add(NULL, oc_p, oc_s, 0, 1, 0);
+            if (pr.backoff && where->src_id != 0 && t->poolc != NULL)
+                sched_source_throttled(t, where->src_id, where->mx, "rate_limited");
+            else if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }
         if (failed)

@@ -103,6 +103,7 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
         out->hold = true;
         out->backoff = true;
         out->congested = true;
+        out->source_hold = true;
     }
     if (!e->ready_once) {
         /* Refused, timed out, or greeting, EHLO or the TLS policy failed:
@@ -185,6 +186,8 @@ policy_conn_event(enum policy_conn_event ev, struct policy_event_decision *out)
     switch (ev) {
     case POLICY_CONNECT_FAILED:
     case POLICY_CONNECT_TIMEOUT:
+        /* An MX host down refuses every source alike: the next address,
+         * not a hold of the source (source_hold stays false). */
         out->next_addr = true;
         return;
     case POLICY_CLIENT_MISUSE:
@@ -199,4 +202,13 @@ uint64_t
 policy_all_failed_hold(uint64_t site_hold_ms)
 {
     return site_hold_ms > POLICY_HOLD_MIN_MS ? site_hold_ms : POLICY_HOLD_MIN_MS;
+}
+
+uint64_t
+policy_source_hold(uint64_t site_hold_ms, unsigned holds)
+{
+    uint64_t base = policy_all_failed_hold(site_hold_ms), ms = base;
+    for (unsigned i = 1; i < holds && ms < 8 * base; i++)
+        ms *= 2;
+    return ms < 8 * base ? ms : 8 * base;
 }

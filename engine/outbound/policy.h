@@ -99,6 +99,11 @@ struct policy_conn_decision {
     bool hold;            /* no new connection to the destination for site_hold */
     bool backoff;         /* and halve its rates */
     bool congested;       /* the site's window comes down (site.h) */
+    bool source_hold;     /* a pool's source: it rests at the site on its own
+                           * (policy_source_hold) instead of hold, backoff and
+                           * next_addr (the address works; the source was refused).
+                           * Never for a refused connect: a host that is down
+                           * refuses every source alike, the next address is tried */
 };
 
 void policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out);
@@ -151,5 +156,12 @@ void policy_job(enum policy_job_event ev, struct policy_fail *out);
 /* Every address of the answer failed in a row: how long the destination
  * rests (its waiting jobs are deferred with the last failure). */
 uint64_t policy_all_failed_hold(uint64_t site_hold_ms);
+
+/* A source of a pool that a receiver throttled or refused (a 421, a
+ * rate-limited reply, a refused or reset connection) rests at that site
+ * on its own while the pool's other sources carry on: site_hold for the
+ * first hold, doubled for each further one in a row, at most 8 times
+ * site_hold, never under POLICY_HOLD_MIN_MS. holds: this one included. */
+uint64_t policy_source_hold(uint64_t site_hold_ms, unsigned holds);
 
 #endif

@@ -46,9 +46,11 @@
 #include "common/clock.h"
 #include "common/intern.h"
 #include "common/log.h"
+#include "common/intern.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
+#include "engine/warmup.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
 
@@ -174,11 +176,13 @@ dest_mxkey(struct dest *t)
     return t->mxk = mxkey_get(d, "mx:", m);
 }
 
-/* The [source] limits of connections in family fam (from [delivery]
- * source_address), or NULL. */
+/* The [source] limits of a connection from src (a pool's source), or,
+ * src NULL, in family fam from [delivery] source_address; NULL: none. */
 static struct mxkey *
-src_key(struct delivery *d, int fam)
+src_key(struct delivery *d, const struct mx_policy *src, int fam)
 {
+    if (src != NULL)
+        return mxkey_get(d, "src:", src);
     const struct delivery_config *dc = &d->e->cfg->delivery;
     const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
     if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
@@ -201,6 +205,14 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
         t->next_mxwait = k->waiters;
         k->waiters = t;
     }
+}
+
+/* Suspended by the operator: its domain, or its pool (outbound/scope.c). */
+static bool
+dest_paused(const struct dest *t)
+{
+    return t->suspended ||
+           (t->pool != 0 && t->d->nsusp != 0 && scope_suspended(t->d, SCOPE_POOL, t->pool, t->d->w->now));
 }
 
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
@@ -251,6 +263,20 @@ dest_site(struct dest *t)
     const struct delivery_config *dc = &d->e->cfg->delivery;
     char key[SITE_KEY_MAX];
     site_key(t->mx, dest_port(t), key, sizeof(key));
+    const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
+    if (pname != NULL) {
+        /* A pool's connections are its sources': sites of their own. */
+        char mx[SITE_KEY_MAX];
+        memcpy(mx, key, sizeof(mx));
+        size_t pl = strlen(pname);
+        if (pl > 64)
+            pl = 64; /* pool names are at most CONFIG_NAME_MAX */
+        memcpy(key, pname, pl);
+        key[pl] = '@';
+        size_t ml = strnlen(mx, sizeof(key) - pl - 2);
+        memcpy(key + pl + 1, mx, ml);
+        key[pl + 1 + ml] = '\0';
+    }
     struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
     if (s == NULL)
         return; /* no memory: keep the old one, ask again with the next answer */
@@ -303,7 +329,7 @@ conn_take_waiting(struct conn *c)
     struct delivery *d = c->d;
     struct dest *t;
     while (s != NULL && (t = want_pop(s)) != NULL) {
-        if (fairq_empty(&t->q) || t->suspended || d->w->now < t->hold_until || !conn_move(c, t))
+        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until || !conn_move(c, t))
             continue;
         if (dest_queued(t) > 1)
             want_push(t); /* more for other idle connections */
@@ -330,17 +356,40 @@ site_wake(struct delivery *d, struct site *s)
     site_unref(&d->sites, s);
 }
 
+/* What the destinations are found by: a domain and a pool. */
+struct dest_ref {
+    const char *name;
+    uint32_t pool;
+};
+
 static bool
 dest_eq(const struct hash_node *n, const void *key)
 {
-    return strcmp(((const struct dest *)n)->name, key) == 0;
+    const struct dest *t = (const struct dest *)n;
+    const struct dest_ref *r = key;
+    return t->pool == r->pool && strcmp(t->name, r->name) == 0;
+}
+
+/* The [pool] of t's pool id in the config in force, or NULL. */
+static const struct pool_config *
+dest_poolc(const struct delivery *d, uint32_t pool)
+{
+    const char *name = intern_name(d->e->names, pool);
+    return name ? config_pool(d->e->cfg, name, strlen(name)) : NULL;
 }
 
 struct dest *
 dest_get(struct delivery *d, const char *name)
 {
-    uint64_t h = hash_str_nocase(name);
-    struct dest *t = (struct dest *)hash_find(&d->dests, h, name);
+    return dest_get_pool(d, name, 0);
+}
+
+struct dest *
+dest_get_pool(struct delivery *d, const char *name, uint32_t pool)
+{
+    struct dest_ref ref = {name, pool};
+    uint64_t h = hash_str_nocase(name) ^ ((uint64_t)pool * 0x9e3779b97f4a7c15ULL);
+    struct dest *t = (struct dest *)hash_find(&d->dests, h, &ref);
     if (t != NULL)
         return t;
     size_t nl = strnlen(name, 255);
@@ -349,6 +398,8 @@ dest_get(struct delivery *d, const char *name)
         return NULL;
     t->d = d;
     memcpy(t->name, name, nl); /* NUL: calloc */
+    t->pool = pool;
+    t->poolc = pool ? dest_poolc(d, pool) : NULL;
     t->pol = config_domain(d->e->cfg, name);
     fairq_init(&t->q, dest_tenant_weight, d);
     timer_init(&t->hold_timer, dest_on_hold);
@@ -356,7 +407,15 @@ dest_get(struct delivery *d, const char *name)
     timer_init(&t->lim_timer, dest_on_lim_timer);
     struct limit_conf lc;
     dest_limit_conf(t->pol, &lc);
-    if (limits_key_init(d->lim, &t->lim, t->name, &lc, dest_on_wake, t) < 0) {
+    /* The domain's limits hold per destination: each pool (its own
+     * sending addresses) has them whole, as receivers count per address. */
+    char lname[LIMIT_KEY_MAX];
+    const char *pname = pool ? intern_name(d->e->names, pool) : NULL;
+    if (pname == NULL)
+        snprintf(lname, sizeof(lname), "%s", name);
+    else if ((size_t)snprintf(lname, sizeof(lname), "%s|%s", name, pname) >= sizeof(lname))
+        snprintf(lname, sizeof(lname), "%.200s|#%x", name, (unsigned)pool);
+    if (limits_key_init(d->lim, &t->lim, lname, &lc, dest_on_wake, t) < 0) {
         /* a name the limiter refuses ('{' '}'): no domain has one */
         free(t);
         return NULL;
@@ -369,6 +428,7 @@ dest_get(struct delivery *d, const char *name)
     }
     t->touched = d->w->now;
     lru_touch(&d->dest_lru, &t->lru);
+    t->suspended = d->nsusp != 0 && scope_domain_suspended(d, t->name, d->w->now);
     return t;
 }
 
@@ -572,19 +632,20 @@ dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *ou
  * then the least busy address of an MX host of the same preference with
  * room (never a backup MX for want of room). False when none has room. */
 static bool
-dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+dest_address_room(struct dest *t, uint32_t src, const struct dns_mx_host **host,
+                  const union dns_addr **addr)
 {
     struct delivery *d = t->d;
     unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
                                    d->e->nworkers);
     union dns_addr k;
     dest_addr_port(t, *addr, &k);
-    if (cap == 0 || site_addr_conns(&d->sites, &k) < cap)
+    if (cap == 0 || site_addr_conns(&d->sites, src, &k) < cap)
         return true;
     /* Full here: a connection that goes idle at this address gives its
      * slot back instead (sched_conn_next), until t tries again. */
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
-    site_addr_want(&d->sites, &k, until, t->site);
+    site_addr_want(&d->sites, src, &k, until, t->site);
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];
@@ -594,9 +655,9 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
             if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
                 continue;
             dest_addr_port(t, &x->addrs[i], &k);
-            unsigned n = site_addr_conns(&d->sites, &k);
+            unsigned n = site_addr_conns(&d->sites, src, &k);
             if (n >= cap)
-                site_addr_want(&d->sites, &k, until, t->site);
+                site_addr_want(&d->sites, src, &k, until, t->site);
             if (n < best) {
                 best = n;
                 *host = x;
@@ -605,6 +666,181 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
         }
     }
     return best < cap;
+}
+
+/* ---- sources: the egress addresses of a destination's pool ---- */
+
+/* Transactions a source may be ahead of its weighted share at a site
+ * before its connections give way to the others'. */
+static uint64_t
+share_slack(uint64_t total)
+{
+    return 16 + total / 64;
+}
+
+bool
+source_better(const struct site_source *a, unsigned wa, const struct site_source *b, unsigned wb)
+{
+    /* the least (transactions + connections + 1) per weight */
+    uint64_t la = a->sent + a->conns + 1, lb = b->sent + b->conns + 1;
+    return la * wb < lb * wa;
+}
+
+/* The address family of a [source] section's address. */
+static int
+source_family(const struct mx_policy *src)
+{
+    return strchr(src->pattern, ':') != NULL ? AF_INET6 : AF_INET;
+}
+
+int
+dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
+{
+    struct delivery *d = t->d;
+    memset(out, 0, sizeof(*out));
+    if (t->poolc == NULL || t->site == NULL)
+        return 1; /* the node's default source */
+    uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
+    struct site_source *best = NULL;
+    unsigned bw = 0, held = 0, usable = 0;
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        if (ps->weight == 0 || ps->source == NULL)
+            continue;
+        if (family != AF_UNSPEC && source_family(ps->source) != family) {
+            out->other_family = true;
+            continue;
+        }
+        uint32_t id = intern_id(d->e->names, ps->source->pattern);
+        if (id == 0 || scope_suspended(d, SCOPE_SOURCE, id, now))
+            continue;
+        struct site_source *ss = site_source(t->site, id);
+        if (ss == NULL)
+            continue;
+        usable++;
+        if (ss->hold_until > now) {
+            held++;
+            wait = ss->hold_until < wait ? ss->hold_until : wait;
+            continue;
+        }
+        if (warmup_left(d->e->warmup, ps->source->pattern, mx, now_ms) == 0) {
+            uint64_t next = warmup_next_day_ms(d->e->warmup, ps->source->pattern, mx, now_ms);
+            uint64_t at = now + MS_TO_NS(next > now_ms ? next - now_ms : HOLD_MIN_MS);
+            wait = at < wait ? at : wait;
+            continue;
+        }
+        if (best == NULL || source_better(ss, ps->weight, best, bw)) {
+            best = ss;
+            bw = ps->weight;
+            out->src = ps->source;
+            out->id = id;
+        }
+    }
+    if (best != NULL)
+        return 1;
+    out->src = NULL;
+    out->id = 0;
+    out->until = wait == UINT64_MAX ? now + MS_TO_NS(HOLD_MIN_MS) : wait;
+    out->all_held = usable > 0 && held == usable;
+    out->other_family = out->other_family && usable == 0;
+    return 0;
+}
+
+/* May c (of a pool's source) take another transaction at its site? Not
+ * while its source is held, nor while it is ahead of its weighted share
+ * of the transactions of the sources that may send now: then it says
+ * goodbye, and the next connection goes from a source behind its share
+ * (dest_source). So the weights hold per message, not only per
+ * connection, whatever the connections' speed and lifetime. */
+static bool
+source_may_send(struct conn *c)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    if (c->src == NULL || c->site == NULL || t->poolc == NULL)
+        return true;
+    uint64_t now = d->w->now;
+    if (scope_suspended(d, SCOPE_SOURCE, c->src_id, now))
+        return false;
+    struct site_source *mine = site_source(c->site, c->src_id);
+    if (mine == NULL)
+        return true;
+    if (mine->hold_until > now)
+        return false;
+    uint64_t total = 0, wsum = 0, mine_sent = mine->sent;
+    unsigned mine_w = 0, others = 0;
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        if (ps->weight == 0 || ps->source == NULL)
+            continue;
+        uint32_t id = intern_id(d->e->names, ps->source->pattern);
+        struct site_source *ss = NULL;
+        for (unsigned k = 0; k < c->site->nsrc; k++)
+            if (c->site->src[k].id == id)
+                ss = &c->site->src[k];
+        if (id == c->src_id)
+            mine_w = ps->weight;
+        else if (ss == NULL || ss->hold_until > now || scope_suspended(d, SCOPE_SOURCE, id, now))
+            continue; /* it cannot carry its share now */
+        else
+            others++;
+        total += ss ? ss->sent : 0;
+        wsum += ps->weight;
+    }
+    if (others == 0 || mine_w == 0 || wsum == 0)
+        return mine_w != 0 || others == 0;
+    /* mine_sent / total against mine_w / wsum, with some slack */
+    return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
+}
+
+/* Source src_id rests at site (policy_source_hold) while the pool's
+ * other sources carry on; when every source of t's pool is held there,
+ * t holds as a destination without a pool would. conn: for the log. */
+static void
+source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *mx,
+               unsigned long long conn, const char *why)
+{
+    struct delivery *d = t->d;
+    struct site_source *ss = site ? site_source(site, src_id) : NULL;
+    if (ss == NULL) {
+        dest_hold(t, t->pol->site_hold);
+        return;
+    }
+    if (ss->hold_until > d->w->now)
+        return; /* held already (its other connections met the same): no longer */
+    ss->holds++;
+    uint64_t ms = policy_source_hold(t->pol->site_hold, ss->holds);
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (until > ss->hold_until)
+        ss->hold_until = until;
+    d->stats.source_holds++;
+    log_msg(LOG_NOTICE,
+            "conn=%llx event=source_held source=%s domain=%s site=%s for_ms=%llu holds=%u "
+            "reason=%s",
+            conn, intern_name(d->e->names, src_id), t->name, site->key, (unsigned long long)ms,
+            ss->holds, why);
+    struct source_pick pk;
+    if (t->site == site && dest_source(t, mx, AF_UNSPEC, &pk) == 0 && pk.all_held &&
+        pk.until > d->w->now) {
+        uint64_t rest = (pk.until - d->w->now + 999999) / 1000000;
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=destination_held domain=%s pool=%s for_ms=%llu "
+                "reason=every_source_held",
+                conn, t->name, intern_name(d->e->names, t->pool), (unsigned long long)rest);
+        dest_hold(t, rest);
+    }
+}
+
+static void
+source_hold(struct conn *c, const char *why)
+{
+    source_hold_at(c->dest, c->site, c->src_id, c->mx, (unsigned long long)c->id, why);
+}
+
+void
+sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why)
+{
+    source_hold_at(t, t->site, src_id, mx ? mx : "", 0, why);
 }
 
 /* ---- the scheduler ---- */
@@ -733,7 +969,7 @@ static void
 dest_run_once(struct dest *t)
 {
     struct delivery *d = t->d;
-    if (fairq_empty(&t->q) || d->stopping || d->draining || t->suspended)
+    if (fairq_empty(&t->q) || d->stopping || d->draining || dest_paused(t))
         return;
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
@@ -835,7 +1071,24 @@ dest_run_once(struct dest *t)
             }
             return;
         }
-        if (!dest_address_room(t, &h, &a)) {
+        struct source_pick pk;
+        if (dest_source(t, h->name, a->sa.sa_family, &pk) == 0) {
+            if (pk.other_family) {
+                /* The pool has no source of this address's family: as
+                 * an address that failed, the next one. */
+                t->next_addr++;
+                t->failed_addrs++;
+                continue;
+            }
+            /* No source of the pool may send now: held at this site, out
+             * of the day's warm-up allowance, or suspended. */
+            if (pk.all_held && t->conns == 0)
+                dest_hold(t, (pk.until - d->w->now + 999999) / 1000000);
+            else
+                dest_lim_wait(t, pk.until);
+            return;
+        }
+        if (!dest_address_room(t, pk.id, &h, &a)) {
             /* This worker's share of the address is taken: a connection of
              * the site that closes wakes t; one of another site sharing the
              * address does not, hence the timer. */
@@ -854,7 +1107,7 @@ dest_run_once(struct dest *t)
             mx_wait(mk, t, retry_at);
             return;
         }
-        struct mxkey *sk = src_key(d, a->sa.sa_family); /* a: the address the connection takes */
+        struct mxkey *sk = src_key(d, pk.src, a->sa.sa_family); /* a: the address it takes */
         if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
@@ -862,7 +1115,7 @@ dest_run_once(struct dest *t)
             mx_wait(sk, t, retry_at);
             return;
         }
-        struct conn *c = d->ops->open(t, h, a);
+        struct conn *c = d->ops->open(t, h, a, pk.src, pk.id);
         if (c == NULL) {
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
@@ -907,11 +1160,13 @@ sched_conn_max_rcpt(const struct conn *c)
 
 void
 sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host,
-                  const union dns_addr *addr)
+                  const union dns_addr *addr, const struct mx_policy *src, uint32_t src_id)
 {
     struct delivery *d = t->d;
     c->d = d;
     c->dest = t;
+    c->src = src;
+    c->src_id = src_id;
     c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
     dest_addr_port(t, addr, &c->addr);
     netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
@@ -920,9 +1175,13 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
      * of the site, and t may be resolved again meanwhile). */
     c->answer = dns_mx_result_ref(t->mx);
     c->mx = host->name;
-    c->addr_counted = site_addr_add(&d->sites, &c->addr) == 0;
+    c->addr_counted = site_addr_add(&d->sites, src_id, &c->addr) == 0;
     c->site = t->site;
     c->site->refs++;
+    struct site_source *ss = src != NULL ? site_source(c->site, src_id) : NULL;
+    if (ss != NULL)
+        ss->conns++;
+    source_count(d, src_id)->connections++;
     c->site->conns++;
     c->site->opened++;
     c->epoch = c->site->win.epoch;
@@ -947,14 +1206,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         t->opening--;
         t->failed_addrs = 0; /* this address works */
     }
-    if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining) {
+    if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
+        !source_may_send(c)) {
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
-        if (!t->suspended && !fairq_empty(&t->q)) {
+        if (!dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1)
                 dest_lim_wait(t, retry_at);
@@ -964,8 +1224,18 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 mx_wait(sk, t, retry_at); /* likewise */
             else
                 j = dest_pop(t);
+            if (j != NULL && scope_job_parked(d, j)) {
+                continue; /* its tenant or campaign is suspended: parked */
+            }
+            if (j != NULL && c->src != NULL &&
+                !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
+                /* the day's allowance went meanwhile: another source, or later */
+                dest_push(t, j, true);
+                *what = SCHED_NEXT_QUIT;
+                return NULL;
+            }
         }
-        if (j == NULL && (fairq_empty(&t->q) || t->suspended) && *moves < 8) {
+        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t)) && *moves < 8) {
             /* Nothing here: the next transaction of another domain of
              * the site (MX rollup). */
             struct dest *w = conn_take_waiting(c);
@@ -984,7 +1254,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             if (fairq_empty(&t->q) && c->addr_counted &&
-                site_addr_wanted(&d->sites, &c->addr, d->w->now, c->site)) {
+                site_addr_wanted(&d->sites, c->src_id, &c->addr, d->w->now, c->site)) {
                 /* A domain of another site waits for this address's
                  * slot: give it back rather than hold it idle. */
                 *what = SCHED_NEXT_QUIT;
@@ -995,6 +1265,11 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             c->site->idle = c;
             *what = SCHED_NEXT_IDLE;
             return NULL;
+        }
+        if (c->src != NULL) {
+            struct site_source *ss = site_source(c->site, c->src_id);
+            if (ss != NULL)
+                site_source_sent(c->site, ss);
         }
         *what = SCHED_NEXT_JOB;
         return j;
@@ -1007,9 +1282,14 @@ sched_txn_done(struct conn *c, struct job *j)
     struct dest *t = c->dest;
     t->inflight--;
     const struct smtp_outcome *mo = &c->txn.msg;
-    if (policy_txn_congested(mo))
+    if (policy_txn_congested(mo)) {
         sched_conn_congested(c, mo->code == 421 ? "421" : "reset");
-    else if (c->site != NULL) {
+        if (c->src != NULL && t->poolc != NULL)
+            source_hold(c, mo->code == 421 ? "421" : "reset");
+    } else if (c->site != NULL) {
+        struct site_source *ss = c->src != NULL ? site_source(c->site, c->src_id) : NULL;
+        if (ss != NULL)
+            ss->holds = 0; /* it delivers again: the next hold starts short */
         unsigned before = site_window_allowed(&c->site->win);
         site_window_on_success(&c->site->win, c->site->conns);
         if (site_window_allowed(&c->site->win) > before)
@@ -1079,6 +1359,13 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     policy_conn_end(&pe, &pd);
     if (site != NULL && pd.congested && !d->draining)
         sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
+    bool by_source = c->src != NULL && t->poolc != NULL && pd.source_hold && !d->stopping;
+    if (by_source) {
+        /* The receiver pushed back on this source: it rests, the pool's
+         * others carry on (source_hold holds t when none is left). */
+        source_hold(c, so != NULL && so->code == 421 ? "421" : "refused");
+        pd.hold = pd.backoff = pd.next_addr = false;
+    }
     if (pd.hold) {
         log_msg(LOG_NOTICE,
                 "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
@@ -1109,7 +1396,12 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (site != NULL)
         site->conns--;
     if (c->addr_counted)
-        site_addr_del(&d->sites, &c->addr);
+        site_addr_del(&d->sites, c->src_id, &c->addr);
+    if (c->src != NULL && site != NULL) {
+        struct site_source *ss = site_source(site, c->src_id);
+        if (ss != NULL && ss->conns > 0)
+            ss->conns--;
+    }
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
     struct mxkey *mk = c->mxk, *sk = c->srck;

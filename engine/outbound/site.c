@@ -75,6 +75,7 @@ site_eq(const struct hash_node *n, const void *key)
 
 struct site_addr {
     struct hash_node node;
+    uint32_t src;          /* the source address's name id (0: the node's default) */
     union dns_addr a;      /* port included */
     unsigned conns;
     uint64_t wanted_until; /* ns: a domain found no room here ... */
@@ -95,21 +96,29 @@ addr_key(const union dns_addr *a, unsigned char *out)
     return 6;
 }
 
+/* What the table is looked up by: a source and an MX address. */
+struct addr_ref {
+    uint32_t src;
+    const union dns_addr *a;
+};
+
 static bool
 addr_eq(const struct hash_node *n, const void *key)
 {
     const struct site_addr *x = (const struct site_addr *)n;
-    const union dns_addr *a = key;
+    const struct addr_ref *r = key;
     unsigned char k1[18], k2[18];
-    size_t l1 = addr_key(&x->a, k1), l2 = addr_key(a, k2);
-    return l1 == l2 && memcmp(k1, k2, l1) == 0;
+    size_t l1 = addr_key(&x->a, k1), l2 = addr_key(r->a, k2);
+    return x->src == r->src && l1 == l2 && memcmp(k1, k2, l1) == 0;
 }
 
 static uint64_t
-addr_hash(const union dns_addr *a)
+addr_hash(const struct addr_ref *r)
 {
-    unsigned char k[18];
-    return hash_bytes(k, addr_key(a, k));
+    unsigned char k[22];
+    size_t n = addr_key(r->a, k);
+    memcpy(k + n, &r->src, 4);
+    return hash_bytes(k, n + 4);
 }
 
 void
@@ -129,8 +138,10 @@ sites_fini(struct sites *s)
         free(n);
     b = 0;
     cur = NULL;
-    while ((n = hash_next(&s->by_key, &b, &cur)) != NULL)
+    while ((n = hash_next(&s->by_key, &b, &cur)) != NULL) {
+        free(((struct site *)n)->src);
         free(n);
+    }
     hash_fini(&s->addrs);
     hash_fini(&s->by_key);
     s->live = 0;
@@ -203,21 +214,25 @@ site_unref(struct sites *s, struct site *site)
     hash_remove(&s->by_key, &site->node);
     hash_compact(&s->by_key);
     s->live--;
+    free(site->src);
     free(site);
     return NULL;
 }
 
 unsigned
-site_addr_conns(const struct sites *s, const union dns_addr *a)
+site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a)
 {
-    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    struct addr_ref r = {src, a};
+    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
     return x ? x->conns : 0;
 }
 
 void
-site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until, const struct site *by)
+site_addr_want(struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
+               const struct site *by)
 {
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    struct addr_ref r = {src, a};
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
     if (x == NULL)
         return; /* no entry: no connection, so room */
     x->wanted_until = until;
@@ -225,21 +240,24 @@ site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until, const s
 }
 
 bool
-site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now,
+site_addr_wanted(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t now,
                  const struct site *mine)
 {
-    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    struct addr_ref r = {src, a};
+    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
     return x != NULL && x->wanted_until > now && x->wanted_by != (const void *)mine;
 }
 
 int
-site_addr_add(struct sites *s, const union dns_addr *a)
+site_addr_add(struct sites *s, uint32_t src, const union dns_addr *a)
 {
-    uint64_t h = addr_hash(a);
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, h, a);
+    struct addr_ref r = {src, a};
+    uint64_t h = addr_hash(&r);
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, h, &r);
     if (x == NULL) {
         if ((x = calloc(1, sizeof(*x))) == NULL)
             return -ENOMEM;
+        x->src = src;
         x->a = *a;
         x->node.hash = h;
         if (hash_insert(&s->addrs, &x->node) < 0) {
@@ -252,14 +270,47 @@ site_addr_add(struct sites *s, const union dns_addr *a)
 }
 
 void
-site_addr_del(struct sites *s, const union dns_addr *a)
+site_addr_del(struct sites *s, uint32_t src, const union dns_addr *a)
 {
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(a), a);
+    struct addr_ref r = {src, a};
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
     if (x == NULL || --x->conns > 0)
         return;
     hash_remove(&s->addrs, &x->node);
     hash_compact(&s->addrs);
     free(x);
+}
+
+struct site_source *
+site_source(struct site *site, uint32_t id)
+{
+    for (unsigned i = 0; i < site->nsrc; i++)
+        if (site->src[i].id == id)
+            return &site->src[i];
+    if (site->nsrc == SITE_SOURCES_MAX)
+        return NULL;
+    struct site_source *v = realloc(site->src, (site->nsrc + 1) * sizeof(*v));
+    if (v == NULL)
+        return NULL;
+    site->src = v;
+    memset(&v[site->nsrc], 0, sizeof(v[0]));
+    v[site->nsrc].id = id;
+    return &v[site->nsrc++];
+}
+
+void
+site_source_sent(struct site *site, struct site_source *ss)
+{
+    ss->sent++;
+    if (++site->src_sent < SITE_SHARE_WINDOW)
+        return;
+    /* Halve every count: the shares follow the recent past, so a source
+     * back from a hold is not owed everything it missed. */
+    site->src_sent = 0;
+    for (unsigned i = 0; i < site->nsrc; i++) {
+        site->src[i].sent /= 2;
+        site->src_sent += site->src[i].sent;
+    }
 }
 
 unsigned

@@ -67,6 +67,19 @@ bool site_window_on_failure(struct site_window *w, unsigned epoch);
 struct conn;
 struct dest;
 
+#define SITE_SOURCES_MAX   64   /* sources of one pool a site keeps state for */
+#define SITE_SHARE_WINDOW  2048 /* transactions after which the sources' counts halve */
+
+/* One egress source of a pool as a site sees it: its own hold (a
+ * receiver throttled or refused it) and its share of the transactions. */
+struct site_source {
+    uint32_t id;         /* the source's name id (its address text) */
+    uint64_t hold_until; /* monotonic ns: no new connection from it before */
+    unsigned holds;      /* holds in a row: the next one is longer */
+    uint64_t sent;       /* transactions from it, halved now and then */
+    unsigned conns;      /* open or opening from it */
+};
+
 struct site {
     struct hash_node node;
     unsigned refs;           /* destinations and connections pointing here */
@@ -76,6 +89,9 @@ struct site {
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
     struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
     uint64_t opened, failures, shrinks; /* since it was made */
+    struct site_source *src; /* owned: nsrc entries, made on first use */
+    unsigned nsrc;
+    uint64_t src_sent;       /* transactions counted in the entries now */
 };
 
 struct sites {
@@ -97,8 +113,12 @@ struct site *site_get(struct sites *s, const char *key, unsigned initial, unsign
 /* One reference less; the site goes with the last. Returns NULL. */
 struct site *site_unref(struct sites *s, struct site *site);
 
-/* Connections to one address (and port) now, through the worker's table. */
-unsigned site_addr_conns(const struct sites *s, const union dns_addr *a);
+/* The per-address table counts connections per (source, MX address):
+ * receivers limit connections per sending IP, so each source of a pool
+ * has the cap of its own at an MX address. src is the source address's
+ * name id, 0 for the node's default source. */
+/* Connections from src to one address (and port) now. */
+unsigned site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a);
 /* A destination of site `by` found a's share of the cap taken: until
  * `until` (ns), site_addr_wanted() says so to the connections of other
  * sites, and one that has nothing left for its own site quits instead of
@@ -107,13 +127,19 @@ unsigned site_addr_conns(const struct sites *s, const union dns_addr *a);
  * while another waited. A site's own want does not count: its idle
  * connections go to its waiting domains anyway, and quitting would only
  * cost reuse. The latest want wins. */
-void site_addr_want(struct sites *s, const union dns_addr *a, uint64_t until,
+void site_addr_want(struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
-bool site_addr_wanted(const struct sites *s, const union dns_addr *a, uint64_t now,
+bool site_addr_wanted(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t now,
                       const struct site *mine);
 /* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
-int site_addr_add(struct sites *s, const union dns_addr *a);
-void site_addr_del(struct sites *s, const union dns_addr *a);
+int site_addr_add(struct sites *s, uint32_t src, const union dns_addr *a);
+void site_addr_del(struct sites *s, uint32_t src, const union dns_addr *a);
+
+/* The entry of source id at site, made on first use; NULL without
+ * memory or past SITE_SOURCES_MAX. */
+struct site_source *site_source(struct site *site, uint32_t id);
+/* Count one transaction of ss (an entry of site). */
+void site_source_sent(struct site *site, struct site_source *ss);
 /* The per-worker share of a node-wide per-address cap. */
 unsigned site_addr_share(unsigned cap, unsigned workers);
 

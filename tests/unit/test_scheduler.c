@@ -24,6 +24,7 @@
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/limits.h"
+#include "common/intern.h"
 #include "engine/outbound/internal.h"
 
 #define MAXC 64
@@ -72,15 +73,16 @@ t_cancel(struct delivery *d, struct dns_req *req)
 }
 
 static struct conn *
-t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a)
+t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
+       const struct mx_policy *src, uint32_t src_id)
 {
     assert_true(F->nopen < MAXC);
     struct conn *c = calloc(1, sizeof(*c));
     assert_non_null(c);
     c->fd = -1;
-    sched_conn_attach(c, t, h, a);
-    snprintf(F->opened_to[F->opened % MAXC], sizeof(F->opened_to[0]), "%s %s", h->name,
-             c->addr_str);
+    sched_conn_attach(c, t, h, a, src, src_id);
+    snprintf(F->opened_to[F->opened % MAXC], sizeof(F->opened_to[0]), "%s %s%s%s", h->name,
+             c->addr_str, src ? " from " : "", src ? src->pattern : "");
     F->opened++;
     F->open[F->nopen++] = c;
     return c;
@@ -163,6 +165,9 @@ fx_new(const char *extra)
     struct limits_opts lo = {0};
     assert_int_equal(limits_new(&f->w, &lo, &d->lim, err, sizeof(err)), 0);
     sched_init(d);
+    scope_init(d);
+    f->e.names = intern_new();
+    assert_non_null(f->e.names);
     f->d = d;
     return f;
 }
@@ -194,9 +199,11 @@ fx_free(struct fx *f)
         conn_gone(f->open[f->nopen - 1], NULL);
     sched_release_leases(d);
     sched_free_dests(d);
+    scope_fini(d);
     d->lim = limits_free(d->lim);
     sched_fini(d);
     free(d);
+    intern_free(f->e.names);
     config_free(f->cfg);
     timer_heap_fini(&f->w.timers);
     free(f);
@@ -207,20 +214,27 @@ fx_free(struct fx *f)
 
 static uint64_t next_id = 1;
 
-/* n recipients of a new message for domain. */
+/* n recipients of a new message for domain, of pool (NULL: none). */
 static void
-submit(const char *domain, unsigned n)
+submit_pool(const char *domain, unsigned n, const char *pool)
 {
     struct job *j = calloc(1, sizeof(*j) + n * sizeof(unsigned));
     assert_non_null(j);
     j->id = next_id++;
     j->n = n;
+    j->owner.pool = intern_id(F->e.names, pool);
     snprintf(j->domain, sizeof(j->domain), "%s", domain);
     for (unsigned i = 0; i < n; i++)
         j->idx[i] = i;
-    struct dest *t = dest_get(F->d, domain);
+    struct dest *t = dest_get_pool(F->d, domain, j->owner.pool);
     assert_non_null(t);
     dest_enqueue(t, j);
+}
+
+static void
+submit(const char *domain, unsigned n)
+{
+    submit_pool(domain, n, NULL);
 }
 
 /* An answer for domain: hosts[i] at 192.0.2.(i+1) (addr_base + i), or the
@@ -239,6 +253,22 @@ answer(const char *domain, enum dns_status st, const char **hosts, const unsigne
     r->expires = UINT64_MAX;
     struct dest *t = dest_get(F->d, domain);
     assert_non_null(t->req); /* the scheduler asked */
+    dest_on_mx(t, r);
+}
+
+/* The same for domain's destination of pool. */
+static void
+answer_pool(const char *domain, const char *pool, const char **hosts, const uint8_t (*addrs)[16],
+            unsigned n)
+{
+    struct result_host rh[8];
+    for (unsigned i = 0; i < n; i++)
+        rh[i] = (struct result_host){.name = hosts[i], .preference = 10, .n4 = 1, .a4 = &addrs[i]};
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, domain, rh, n, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *t = dest_get_pool(F->d, domain, intern_id(F->e.names, pool));
+    assert_non_null(t->req);
     dest_on_mx(t, r);
 }
 
@@ -652,6 +682,175 @@ idle_destinations_evicted(void **state)
     fx_free(f);
 }
 
+/* ---- pools and sources ---- */
+
+static const char POOLS[] =
+    "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 8\n"
+    "[domain *]\nmax_connections = 40\n"
+    "[source 198.51.100.2]\nehlo = a.out.test\n"
+    "[source 198.51.100.3]\nehlo = b.out.test\n"
+    "[source 198.51.100.4]\nehlo = c.out.test\n"
+    "[pool bulk]\nsources = 198.51.100.2:3, 198.51.100.3:1\n"
+    "[pool tx]\nsources = 198.51.100.4\n";
+
+/* Connections opened from each source, from opened_to[0..n). */
+static void
+count_sources(unsigned n, unsigned *a, unsigned *b, unsigned *c)
+{
+    *a = *b = *c = 0;
+    for (unsigned i = 0; i < n; i++) {
+        *a += strstr(F->opened_to[i], "from 198.51.100.2") != NULL;
+        *b += strstr(F->opened_to[i], "from 198.51.100.3") != NULL;
+        *c += strstr(F->opened_to[i], "from 198.51.100.4") != NULL;
+    }
+}
+
+/* A destination is (domain, pool): each pool's mail opens connections
+ * from its own sources only, on sites of its own; without a pool, the
+ * default source. Within a pool, connections follow the weights. */
+static void
+pools_keep_apart(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    for (int i = 0; i < 8; i++)
+        submit_pool("a.test", 1, "bulk");
+    for (int i = 0; i < 2; i++)
+        submit_pool("a.test", 1, "tx");
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 3); /* three destinations, one lookup each */
+    answer_pool("a.test", "bulk", MX1, A1, 1);
+    unsigned a, b, c;
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(f->opened, 8);
+    assert_int_equal(a, 6); /* 3:1 */
+    assert_int_equal(b, 2);
+    assert_int_equal(c, 0);
+    answer_pool("a.test", "tx", MX1, A1, 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(f->opened, 11);
+    assert_int_equal(c, 2);
+    assert_non_null(strstr(f->opened_to[10], "192.0.2.1:25"));
+    assert_null(strstr(f->opened_to[10], "from")); /* no pool: the default source */
+    struct dest *tb = dest_get_pool(f->d, "a.test", intern_id(f->e.names, "bulk"));
+    struct dest *tt = dest_get_pool(f->d, "a.test", intern_id(f->e.names, "tx"));
+    struct dest *t0 = dest_get(f->d, "a.test");
+    assert_ptr_not_equal(tb->site, tt->site);
+    assert_ptr_not_equal(tb->site, t0->site);
+    /* a bulk connection goes idle: a tx job never takes it */
+    enum sched_next what;
+    struct conn *cb = NULL;
+    for (unsigned i = 0; i < f->nopen; i++)
+        if (f->open[i]->dest == tb)
+            cb = f->open[i];
+    conn_ready(cb, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(cb, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
+    submit_pool("a.test", 1, "tx");
+    assert_ptr_equal(cb->dest, tb);
+    fx_free(f);
+}
+
+/* Transactions follow the weights whatever the connections do: a
+ * connection of a source ahead of its share says goodbye, and the next
+ * connection goes from the one behind. */
+static void
+weights_per_transaction(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    for (int i = 0; i < 400; i++)
+        submit_pool("w.test", 1, "bulk");
+    answer_pool("w.test", "bulk", MX1, A1, 1);
+    unsigned from_a = 0;
+    /* Only connections from 198.51.100.2 ever get ready (the others'
+     * sessions are slow): past the slack they stop taking jobs. */
+    enum sched_next what = SCHED_NEXT_JOB;
+    for (int round = 0; round < 200; round++) {
+        struct conn *c = NULL;
+        for (unsigned i = 0; i < f->nopen && c == NULL; i++)
+            if (f->open[i]->src != NULL && strcmp(f->open[i]->src->pattern, "198.51.100.2") == 0)
+                c = f->open[i];
+        if (c == NULL)
+            break;
+        conn_ready(c, &what);
+        if (what != SCHED_NEXT_JOB) {
+            conn_gone(c, NULL);
+            continue;
+        }
+        from_a++;
+        txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE);
+    }
+    /* its share (3/4 of what was sent) and the slack (16, and 1 per 64):
+     * a <= 0.75 a + 16 + a / 64, so 68 */
+    assert_true(from_a >= 60 && from_a <= 70);
+    /* the connections opened since went to the source behind: it has
+     * many more open (its sessions never get ready here) than at first */
+    unsigned b_open = 0;
+    for (unsigned i = 0; i < f->nopen; i++)
+        b_open += strcmp(f->open[i]->src->pattern, "198.51.100.3") == 0;
+    assert_true(b_open >= 8);
+    fx_free(f);
+}
+
+/* A source a receiver answers 421 rests at that site on its own: new
+ * connections go from the pool's other source; when both are held, the
+ * destination holds. */
+static void
+source_held_alone(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    for (int i = 0; i < 4; i++)
+        submit_pool("h.test", 1, "bulk");
+    answer_pool("h.test", "bulk", MX1, A1, 1);
+    struct dest *t = dest_get_pool(f->d, "h.test", intern_id(f->e.names, "bulk"));
+    assert_int_equal(f->opened, 4);
+    /* every connection from .2 meets a 421 greeting */
+    struct smtp_outcome busy = {.code = 421, .status = SMTP_STATUS_TEMPFAIL,
+                                .scope = SMTP_SCOPE_SESSION};
+    for (unsigned i = f->nopen; i-- > 0;) {
+        struct conn *c = f->open[i];
+        if (strcmp(c->src->pattern, "198.51.100.2") == 0) {
+            c->connected = true;
+            conn_gone(c, &busy);
+        }
+    }
+    assert_true(f->d->stats.source_holds >= 1);
+    assert_true(f->d->w->now >= t->hold_until); /* the destination is not held */
+    unsigned a, b, c;
+    unsigned before = f->opened;
+    count_sources(before, &a, &b, &c);
+    /* what was opened since: from .3 only */
+    for (unsigned i = 4; i < f->opened; i++)
+        assert_non_null(strstr(f->opened_to[i], "from 198.51.100.3"));
+    /* .3 meets a 421 too: both held, the destination holds */
+    for (unsigned i = f->nopen; i-- > 0;) {
+        struct conn *x = f->open[i];
+        x->connected = true;
+        conn_gone(x, &busy);
+    }
+    assert_true(f->d->w->now < t->hold_until);
+    unsigned n = f->opened;
+    submit_pool("h.test", 1, "bulk");
+    assert_int_equal(f->opened, n); /* nothing opens while held */
+    fx_free(f);
+}
+
+/* The pick itself: the least (transactions + connections + 1) per weight. */
+static void
+source_pick_order(void **state)
+{
+    (void)state;
+    struct site_source a = {.sent = 30, .conns = 2}, b = {.sent = 8, .conns = 1};
+    /* a: 33/3 = 11, b: 10/1 = 10 */
+    assert_true(source_better(&b, 1, &a, 3));
+    assert_false(source_better(&a, 3, &b, 1));
+    b.sent = 11; /* 13/1 > 11 */
+    assert_true(source_better(&a, 3, &b, 1));
+}
+
 int
 main(void)
 {
@@ -664,6 +863,10 @@ main(void)
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),
         cmocka_unit_test(idle_destinations_evicted),
+        cmocka_unit_test(pools_keep_apart),
+        cmocka_unit_test(weights_per_transaction),
+        cmocka_unit_test(source_held_alone),
+        cmocka_unit_test(source_pick_order),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

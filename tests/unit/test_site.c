@@ -121,15 +121,21 @@ sites_and_addresses(void **state)
     a2 = a1;
     a2.sin.sin_port = htons(26);
     for (unsigned i = 0; i < 3; i++)
-        assert_int_equal(site_addr_add(&s, &a1), 0);
-    assert_int_equal(site_addr_add(&s, &a2), 0);
-    assert_int_equal(site_addr_conns(&s, &a1), 3);
-    assert_int_equal(site_addr_conns(&s, &a2), 1);
-    site_addr_del(&s, &a2);
-    assert_int_equal(site_addr_conns(&s, &a2), 0);
+        assert_int_equal(site_addr_add(&s, 0, &a1), 0);
+    assert_int_equal(site_addr_add(&s, 0, &a2), 0);
+    assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
+    assert_int_equal(site_addr_conns(&s, 0, &a2), 1);
+    /* per (source, address): another source's count is its own */
+    assert_int_equal(site_addr_conns(&s, 7, &a1), 0);
+    assert_int_equal(site_addr_add(&s, 7, &a1), 0);
+    assert_int_equal(site_addr_conns(&s, 7, &a1), 1);
+    assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
+    site_addr_del(&s, 7, &a1);
+    site_addr_del(&s, 0, &a2);
+    assert_int_equal(site_addr_conns(&s, 0, &a2), 0);
     assert_int_equal(hash_count(&s.addrs), 1);
     for (unsigned i = 0; i < 3; i++)
-        site_addr_del(&s, &a1);
+        site_addr_del(&s, 0, &a1);
     assert_int_equal(hash_count(&s.addrs), 0);
     assert_int_equal(site_addr_share(40, 2), 20);
     assert_int_equal(site_addr_share(3, 8), 1);
