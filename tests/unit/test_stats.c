@@ -748,7 +748,7 @@ test_commands(void **state)
     jfree(v);
     v = conn_ask(c, "suspend"); /* missing argument: the engine is not asked */
     assert_false(jbool(v, "ok"));
-    assert_non_null(strstr(jstr(v, "error"), "usage: suspend DOMAIN"));
+    assert_non_null(strstr(jstr(v, "error"), "usage: suspend SCOPE"));
     jfree(v);
     assert_int_equal(fx->f.commands, 0);
 

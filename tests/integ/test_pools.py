@@ -1,0 +1,256 @@
+"""Delivery through egress pools and sources (issue 16, delivery side).
+
+A sluice whose [pool] sections spread mail over [source] addresses on
+loopback (127.0.0.2..127.0.0.5 work on Linux without setup), dnsmasq
+for MX records, and pool_receiver.py as the MX: it records, per message,
+the address the connection came from and the EHLO name it said, and can
+greet chosen addresses with 421. Mail is injected with Python's smtplib
+from 127.0.0.1 (trusted: X-Sluice-Tenant, X-Sluice-Pool and
+X-Sluice-Campaign are honoured), one message with a recipient at each of
+many domains that share the MX (MX rollup): each domain is a transaction.
+"""
+import json
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+import time
+
+from harness import Sluice, Workdir, free_port, main, skip, wait_until
+import test_delivery
+from test_delivery import Dns, connectable, records_for
+
+SLUICE = sys.argv[1]
+test_delivery.SLUICE = SLUICE
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+DOMAINS = [f"d{i}.test" for i in range(100)]
+
+
+class Receiver:
+    """pool_receiver.py on its own port, stopped by PID."""
+
+    def __init__(self, wd, port, refuse=()):
+        self.path = os.path.join(wd.path, "received.jsonl")
+        args = [sys.executable, os.path.join(HERE, "pool_receiver.py"), "127.0.0.1", str(port),
+                self.path]
+        if refuse:
+            args += ["--refuse", ",".join(refuse)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(wd.path, "receiver.err"), "wb"))
+        wait_until(lambda: self.proc.poll() is not None or connectable(port, "127.0.0.1"), 30,
+                   "the receiver listening")
+        assert self.proc.poll() is None, "the receiver did not start"
+
+    def records(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(ln) for ln in f if ln.endswith("\n")]
+
+    def wait(self, n, timeout=240):
+        return wait_until(lambda: self.records() if len(self.records()) >= n else None,
+                          timeout, f"{n} messages at the receiver")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Node:
+    def __init__(self, refuse=(), extra=""):
+        if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
+            skip("dnsmasq not installed (tools/install-deps --test)")
+        self.wd = Workdir("sluice-pools-")
+        self.dns = self.rx = self.d = None
+        try:
+            self.mx_port = free_port()
+            self.dns = Dns(self.wd, records_for(DOMAINS))
+            self.rx = Receiver(self.wd, self.mx_port, refuse)
+            self.port = free_port()
+            self.sock = os.path.join(self.wd.path, "stats.sock")
+            conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.1/32
+[queue]
+path = {os.path.join(self.wd.path, "spool")}
+map_size = 256M
+[delivery]
+remote_port = {self.mx_port}
+allow_networks = 127.0.0.0/8
+connect_timeout = 5s
+idle_timeout = 2s
+[domain *]
+max_connections = 20
+[dns]
+servers = 127.0.0.1:{self.dns.port}
+[bounce]
+dsn = no
+[stats]
+socket = {self.sock}
+[source 127.0.0.2]
+ehlo = a.bulk.example.net
+[source 127.0.0.3]
+ehlo = b.bulk.example.net
+[source 127.0.0.4]
+ehlo = c.tx.example.net
+[source 127.0.0.5]
+ehlo = d.tx.example.net
+[pool bulk]
+sources = 127.0.0.2:3, 127.0.0.3:1
+[pool tx]
+sources = 127.0.0.4, 127.0.0.5
+[tenant acme]
+pools = bulk, tx
+pool = bulk
+[tenant globex]
+pool = tx
+{extra}
+""")
+            self.d = Sluice(SLUICE, conf)
+            self.d.wait_log("event=ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, command):
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(20)
+            s.connect(self.sock)
+            s.sendall(command.encode() + b"\n")
+            return json.loads(s.makefile("rb").readline())
+
+    def inject(self, n, tenant, pool=None, campaign="spring", domains=DOMAINS):
+        """n messages of tenant, each to one recipient at every domain."""
+        hdr = f"X-Sluice-Tenant: {tenant}\r\nX-Sluice-Campaign: {campaign}\r\n"
+        if pool:
+            hdr += f"X-Sluice-Pool: {pool}\r\n"
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as c:
+            for i in range(n):
+                body = f"Subject: m{i}\r\n{hdr}\r\nbody {i}\r\n".encode()
+                refused = c.sendmail("s@sender.example", [f"u{i}@{d}" for d in domains], body)
+                assert not refused, refused
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                assert self.d.stop_clean() == 0
+        finally:
+            for p in (self.rx, self.dns):
+                if p is not None:
+                    p.stop()
+            self.wd.cleanup()
+
+
+def by_peer(recs):
+    out = {}
+    for r in recs:
+        out.setdefault(r["peer"], []).append(r)
+    return out
+
+
+def test_weights_pools_ehlo_and_stats():
+    """10,000 transactions of pool bulk (weights 3:1) leave from
+    127.0.0.2 75% ± 3% of the time and from 127.0.0.3 the rest, each with
+    its source's EHLO name; pool tx's mail leaves only from its own two
+    sources; no control header reaches the receiver; the stats socket's
+    counts per pool and source match the receiver's."""
+    n = Node()
+    try:
+        n.inject(100, "acme")                           # 10,000 transactions, pool bulk
+        n.inject(4, "globex", domains=DOMAINS[:50])     # 200, pool tx
+        recs = n.rx.wait(10200)
+        assert len(recs) == 10200, len(recs)
+        peers = by_peer(recs)
+        assert set(peers) <= {"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"}, set(peers)
+        names = {"127.0.0.2": "a.bulk.example.net", "127.0.0.3": "b.bulk.example.net",
+                 "127.0.0.4": "c.tx.example.net", "127.0.0.5": "d.tx.example.net"}
+        for peer, rs in peers.items():
+            assert {r["ehlo"] for r in rs} == {names[peer]}, (peer, {r["ehlo"] for r in rs})
+        assert not [r for r in recs if r["control"]], "a control header reached the receiver"
+        bulk = [r for r in recs if r["rcpts"][0].startswith("<u") and
+                r["peer"] in ("127.0.0.2", "127.0.0.3")]
+        tx = [r for r in recs if r["peer"] in ("127.0.0.4", "127.0.0.5")]
+        assert len(bulk) == 10000 and len(tx) == 200, (len(bulk), len(tx))
+        share = len(peers["127.0.0.2"]) / 10000
+        print(f"127.0.0.2 carried {share:.2%} of pool bulk (weight 3 of 4)")
+        assert 0.72 <= share <= 0.78, share
+        assert len(peers.get("127.0.0.4", [])) > 0 and len(peers.get("127.0.0.5", [])) > 0
+        # the stats socket: per pool and per source, as the receiver counts
+        st = wait_until(lambda: (lambda s: s if s["pools"].get("bulk", {}).get("delivered")
+                                 == 10000 and s["pools"].get("tx", {}).get("delivered") == 200
+                                 else None)(n.ask("stats")), 30, "the stats to catch up")
+        for peer, rs in peers.items():
+            src = st["sources"][peer]
+            assert src["delivered"] == len(rs), (peer, src, len(rs))
+            assert src["connections"] >= 1
+        assert st["tenants"]["acme"]["delivered"] == 10000, st["tenants"]
+        assert st["tenants"]["globex"]["delivered"] == 200, st["tenants"]
+        metrics = n.ask("metrics")["text"]
+        assert 'sluice_pool_recipients_delivered_total{pool="bulk"} 10000' in metrics
+        assert 'sluice_source_recipients_delivered_total{source="127.0.0.3"} ' + \
+            str(len(peers["127.0.0.3"])) in metrics
+        doms = n.ask("domains 200")["domains"]
+        assert {x["pool"] for x in doms if x["name"] == "d0.test"} == {"bulk", "tx"}, \
+            [x for x in doms if x["name"] == "d0.test"]
+    finally:
+        n.close()
+
+
+def test_throttled_source_backs_off():
+    """The receiver greets 127.0.0.3 with 421: that source is held at the
+    site (event=source_held) while 127.0.0.2 carries pool bulk's mail;
+    the destination itself is never held, and everything is delivered."""
+    n = Node(refuse=("127.0.0.3",))
+    try:
+        n.inject(10, "acme")
+        recs = n.rx.wait(1000)
+        assert {r["peer"] for r in recs} == {"127.0.0.2"}, {r["peer"] for r in recs}
+        assert n.d.count_log("event=source_held source=127.0.0.3") >= 1
+        assert n.d.count_log("reason=every_source_held") == 0
+        st = n.ask("stats")
+        assert st["source_holds"] >= 1, st["source_holds"]
+    finally:
+        n.close()
+
+
+def test_suspend_tenant_and_resume():
+    """suspend tenant=globex stops exactly globex's mail: acme's, injected
+    after it, is delivered while globex's waits; resume releases it. A
+    suspension with for= ends by itself."""
+    n = Node()
+    try:
+        r = n.ask("suspend tenant=globex")
+        assert r["ok"] and r["tenant"] == "globex", r
+        n.inject(2, "globex", domains=DOMAINS[:20])
+        n.inject(2, "acme", domains=DOMAINS[:20])
+        recs = n.rx.wait(40)
+        assert all(r["peer"] in ("127.0.0.2", "127.0.0.3") for r in recs), recs
+        # acme's 40 are in; globex's 40 were injected first and are parked
+        st = n.ask("stats")
+        assert st["parked"] >= 1, st["parked"]
+        assert len(n.rx.records()) == 40
+        r = n.ask("resume tenant=globex")
+        assert r["ok"], r
+        recs = n.rx.wait(80)
+        assert len([r for r in recs if r["peer"] in ("127.0.0.4", "127.0.0.5")]) == 40
+        # timed: a pool suspended for 2s starts again by itself
+        r = n.ask("suspend pool=tx for=2s")
+        assert r["ok"] and r["for_ms"] == 2000, r
+        n.inject(1, "globex", domains=DOMAINS[:10])
+        n.d.wait_log("event=resumed scope=pool name=tx reason=duration_over")
+        recs = n.rx.wait(90)
+        assert len(recs) == 90
+        bad = n.ask("suspend source=not-an-address")
+        assert not bad["ok"] and "source address" in bad["error"], bad
+    finally:
+        n.close()
+
+
+if __name__ == "__main__":
+    main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
+          test_suspend_tenant_and_resume])
