@@ -663,10 +663,11 @@ static void
 render_domains(const cJSON *doc, size_t limit)
 {
     struct table t;
-    /* right: READY DEFERRED INFLIGHT CONN RATE DELIVERED BOUNCED OLDEST */
-    table_init(&t, 14, 0x3fe);
-    table_row(&t, "DOMAIN", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s", "DELIVERED",
-              "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY", "TENANTS WAITING");
+    /* right: READY DEFERRED INFLIGHT CONN MAX RATE DELIVERED BOUNCED OLDEST */
+    table_init(&t, 15, 0x3fe << 1);
+    table_row(&t, "DOMAIN", "POOL", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s",
+              "DELIVERED", "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY",
+              "TENANTS WAITING");
     const cJSON *arr = get(doc, "domains");
     const cJSON *d;
     size_t n = 0;
@@ -685,8 +686,8 @@ render_domains(const cJSON *doc, size_t limit)
         const cJSON *c0 = cJSON_IsObject(cls) ? cls->child : NULL;
         if (c0 != NULL && c0->string != NULL && cJSON_IsNumber(c0))
             snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
-        table_row(&t, fmt_str(d, "name"), fmt_count(d, "ready"), fmt_count(d, "deferred"),
-                  fmt_count(d, "inflight"), fmt_count(d, "connections"),
+        table_row(&t, fmt_str(d, "name"), fmt_str(d, "pool"), fmt_count(d, "ready"),
+                  fmt_count(d, "deferred"), fmt_count(d, "inflight"), fmt_count(d, "connections"),
                   fmt_count(d, "max_connections"), fmt_rate(d, "rate_limit"),
                   fmt_count(d, "delivered"), fmt_count(d, "bounced"),
                   fmt_duration(d, "oldest_age_ms"), state, top, fmt_str(d, "limit_reason"),
@@ -892,15 +893,21 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 static int
 run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
-    const char *tenant = NULL, *campaign = NULL, *target = NULL;
+    const char *tenant = NULL, *campaign = NULL, *target = NULL, *pool = NULL, *source = NULL,
+               *dur = NULL;
+    bool susp = strcmp(cmd->name, "suspend") == 0 || strcmp(cmd->name, "resume") == 0;
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--tenant") == 0 || strcmp(argv[i], "--campaign") == 0) {
+        const char **slot = strcmp(argv[i], "--tenant") == 0     ? &tenant
+                            : strcmp(argv[i], "--campaign") == 0 ? &campaign
+                            : strcmp(argv[i], "--pool") == 0     ? &pool
+                            : strcmp(argv[i], "--source") == 0 && susp ? &source
+                            : strcmp(argv[i], "--for") == 0 && strcmp(cmd->name, "suspend") == 0
+                                ? &dur
+                                : NULL;
+        if (slot != NULL) {
             if (i + 1 >= argc)
                 die(EXIT_USAGE, "%s: %s needs a value", cmd->name, argv[i]);
-            if (argv[i][2] == 't')
-                tenant = argv[++i];
-            else
-                campaign = argv[++i];
+            *slot = argv[++i];
         } else if (argv[i][0] == '-') {
             die(EXIT_USAGE, "%s: unknown option \"%s\"", cmd->name, argv[i]);
         } else if (target == NULL) {
@@ -910,15 +917,31 @@ run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
                 cmd->name, cmd->args);
         }
     }
-    if (target != NULL && (tenant != NULL || campaign != NULL))
-        die(EXIT_USAGE, "%s: a DOMAIN or ID, or --tenant/--campaign, not both", cmd->name);
-    if (target == NULL && tenant == NULL && campaign == NULL && strcmp(cmd->name, "bounce") == 0)
+    int scopes = (target != NULL) + (tenant != NULL) + (campaign != NULL) + (pool != NULL) +
+                 (source != NULL);
+    if (susp && scopes != 1)
+        die(EXIT_USAGE, "%s: one scope: DOMAIN, --tenant, --campaign, --pool or --source "
+                        "(usage: sluicectl %s %s)", cmd->name, cmd->name, cmd->args);
+    if (!susp && target != NULL && (tenant != NULL || campaign != NULL || pool != NULL))
+        die(EXIT_USAGE, "%s: a DOMAIN or ID, or --tenant/--campaign/--pool, not both", cmd->name);
+    if (!susp && pool != NULL && (tenant != NULL || campaign != NULL))
+        die(EXIT_USAGE, "%s: --pool alone, or --tenant/--campaign", cmd->name);
+    if (target == NULL && tenant == NULL && campaign == NULL && pool == NULL &&
+        strcmp(cmd->name, "bounce") == 0)
         die(EXIT_USAGE, "bounce: missing argument (usage: sluicectl bounce %s)", cmd->args);
     char line[LINE_MAX_OCTETS];
     int n = snprintf(line, sizeof(line), "%s", cmd->name);
     if (target != NULL) {
-        check_word(cmd->name, "ID|DOMAIN", target);
+        check_word(cmd->name, susp ? "DOMAIN" : "ID|DOMAIN", target);
         n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", target);
+    }
+    if (pool != NULL) {
+        check_word(cmd->name, "--pool", pool);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " pool=%s", pool);
+    }
+    if (source != NULL) {
+        check_word(cmd->name, "--source", source);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " source=%s", source);
     }
     if (tenant != NULL) {
         check_word(cmd->name, "--tenant", tenant);
@@ -931,6 +954,10 @@ run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         if (campaign[0] == '\0' || strlen(campaign) > 255)
             die(EXIT_USAGE, "%s: --campaign must be 1 to 255 octets", cmd->name);
         n += snprintf(line + n, sizeof(line) - (size_t)n, " campaign=%s", campaign);
+    }
+    if (dur != NULL) {
+        check_word(cmd->name, "--for", dur);
+        n += snprintf(line + n, sizeof(line) - (size_t)n, " for=%s", dur);
     }
     const char *raw;
     cJSON *doc = ctl_ask(c, line, &raw);
@@ -1340,16 +1367,21 @@ static const struct cmd cmds[] = {
      "whether it is suspended, and why its limits are what they are.",
      0, 1, run_domains},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
-    {"suspend", "DOMAIN", "stop deliveries to DOMAIN (at once; queued mail waits)", NULL, 1, 1,
-     run_plain},
-    {"resume", "DOMAIN", "resume deliveries to DOMAIN", NULL, 1, 1, run_plain},
-    {"flush", "[DOMAIN | --tenant T [--campaign C]]",
-     "retry deferred recipients now (of DOMAIN, a tenant, a campaign, or all)",
-     "--tenant and --campaign select the messages of that tenant and/or campaign\n"
-     "(as stored with each message at submission).",
+    {"suspend", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--for DURATION]",
+     "stop deliveries of a scope (at once; queued mail waits)",
+     "A domain (in every pool), a tenant's or a campaign's mail, a pool, or one\n"
+     "source address of a pool. --for ends the suspension by itself (e.g. 30m).\n"
+     "Suspensions live in memory: a restart forgets them.",
+     1, 4, run_scoped},
+    {"resume", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR",
+     "resume deliveries of a scope", NULL, 1, 2, run_scoped},
+    {"flush", "[DOMAIN | --tenant T [--campaign C] | --pool P]",
+     "retry deferred recipients now (of DOMAIN, a tenant, a campaign, a pool, or all)",
+     "--tenant, --campaign and --pool select the messages of that tenant, campaign\n"
+     "or pool (as stored with each message at submission).",
      0, 4, run_scoped},
-    {"bounce", "ID|DOMAIN | --tenant T [--campaign C]",
-     "bounce a message, or every message queued for DOMAIN, a tenant or a campaign",
+    {"bounce", "ID|DOMAIN | --tenant T [--campaign C] | --pool P",
+     "bounce a message, or every message queued for DOMAIN, a tenant, a campaign or a pool",
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. This cannot be undone.",
      0, 4, run_scoped},
