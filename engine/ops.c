@@ -813,9 +813,11 @@ struct walk_sel {
     const char *tenant, *campaign, *pool;
     bool deferred_only;
     uint64_t min_due;   /* deferred_only: those due after this */
+    struct engine *e;   /* borrowed: set to carry each recipient's owner (bounce) */
     struct sel_item {
         uint64_t id;
         unsigned idx;
+        struct job_owner owner; /* when e is set: the destination (domain, pool) it waits in */
         char domain[256];
         char addr[256];
     } *v;               /* owned */
@@ -845,6 +847,11 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     struct sel_item *x = &w->v[w->n++];
     x->id = id;
     x->idx = r->index;
+    if (w->e != NULL)
+        delivery_owner(w->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
+                       r->owner.priority, &x->owner);
+    else
+        memset(&x->owner, 0, sizeof(x->owner));
     snprintf(x->domain, sizeof(x->domain), "%s", r->domain);
     snprintf(x->addr, sizeof(x->addr), "%s", r->addr);
     return 0;
@@ -974,7 +981,9 @@ static int
 cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
 {
     uint64_t id = 0;
-    struct walk_sel w = {0};
+    /* each recipient with its owner: the bounce must reach the queue of
+     * its pool's destination, where it may wait */
+    struct walk_sel w = {.e = e};
     char scope[512];
     const char *tenant, *campaign, *pool;
     int by_owner = parse_scope(what, scope, sizeof(scope), &tenant, &campaign, &pool, err, errlen);
@@ -997,8 +1006,13 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
             snprintf(err, errlen, "no message %s in the spool", what);
             return -1;
         }
-        for (unsigned i = 0; i < env->nrcpt; i++)
-            walk_select(&w, id, &env->rcpt[i]);
+        for (unsigned i = 0; i < env->nrcpt; i++) {
+            struct queue_rcpt r = env->rcpt[i];
+            r.owner = (struct queue_owner){env->tenant ? env->tenant : "",
+                                           env->campaign ? env->campaign : "",
+                                           env->pool ? env->pool : "", env->priority};
+            walk_select(&w, id, &r);
+        }
         queue_envelope_free(env);
     } else if (domain_arg_ok(what)) {
         w.domain = what;
@@ -1022,7 +1036,7 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
         while (k < w.n && n < 256 && w.v[k].id == w.v[i].id &&
                strcmp(w.v[k].domain, w.v[i].domain) == 0)
             idx[n++] = w.v[k++].idx;
-        delivery_submit_bounce(e, w.v[i].id, w.v[i].domain, idx, n, NULL);
+        delivery_submit_bounce(e, w.v[i].id, w.v[i].domain, idx, n, &w.v[i].owner);
         done += n;
         i = k;
     }

@@ -245,6 +245,17 @@ def test_suspend_tenant_and_resume():
         n.d.wait_log("event=resumed scope=pool name=tx reason=duration_over")
         recs = n.rx.wait(90)
         assert len(recs) == 90
+        # bounce by pool reaches the recipients waiting in the pool's queues
+        assert n.ask("suspend pool=tx")["ok"]
+        n.inject(1, "globex", domains=DOMAINS[:5])
+        r = n.ask("bounce pool=tx")  # 250 came after the commit: all 5 are in the spool
+        assert r["ok"] and r["recipients"] == 5, r
+        wait_until(lambda: n.ask("stats")["pools"].get("tx", {}).get("bounced") == 5, 30,
+                   "the pool's 5 recipients bounced")
+        assert n.ask("resume pool=tx")["ok"]
+        n.inject(1, "globex", domains=DOMAINS[:1])
+        recs = n.rx.wait(91)
+        assert len(recs) == 91, len(recs)  # the bounced five never left
         bad = n.ask("suspend source=not-an-address")
         assert not bad["ok"] and "source address" in bad["error"], bad
     finally:
