@@ -701,7 +701,7 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
     if (t->poolc == NULL || t->site == NULL)
         return 1; /* the node's default source */
     uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
-    struct site_source *best = NULL;
+    long best = -1; /* an index: site_source() may move the entries */
     unsigned bw = 0, held = 0, usable = 0;
     for (unsigned i = 0; i < t->poolc->nsources; i++) {
         const struct pool_source *ps = &t->poolc->sources[i];
@@ -729,14 +729,14 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             wait = at < wait ? at : wait;
             continue;
         }
-        if (best == NULL || source_better(ss, ps->weight, best, bw)) {
-            best = ss;
+        if (best < 0 || source_better(ss, ps->weight, &t->site->src[best], bw)) {
+            best = ss - t->site->src;
             bw = ps->weight;
             out->src = ps->source;
             out->id = id;
         }
     }
-    if (best != NULL)
+    if (best >= 0)
         return 1;
     out->src = NULL;
     out->id = 0;
