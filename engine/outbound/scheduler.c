@@ -675,7 +675,7 @@ dest_address_room(struct dest *t, uint32_t src, const struct dns_mx_host **host,
 static uint64_t
 share_slack(uint64_t total)
 {
-    return 64 + total / 32;
+    return 32 + total / 64;
 }
 
 bool
