@@ -8,6 +8,8 @@ greet chosen addresses with 421. Mail is injected with Python's smtplib
 from 127.0.0.1 (trusted: X-Sluice-Tenant, X-Sluice-Pool and
 X-Sluice-Campaign are honoured), one message with a recipient at each of
 many domains that share the MX (MX rollup): each domain is a transaction.
+Warm-up plans ([warmup], engine/warmup.h) on some sources: a source
+carries its day's allowance, the pool's others the rest, or it waits.
 """
 import json
 import os
@@ -59,7 +61,8 @@ class Receiver:
 
 
 class Node:
-    def __init__(self, refuse=(), extra=""):
+    def __init__(self, refuse=(), extra="", src_extra=None):
+        src_extra = src_extra or {}
         if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
             skip("dnsmasq not installed (tools/install-deps --test)")
         self.wd = Workdir("sluice-pools-")
@@ -93,12 +96,16 @@ dsn = no
 socket = {self.sock}
 [source 127.0.0.2]
 ehlo = a.bulk.example.net
+{src_extra.get("127.0.0.2", "")}
 [source 127.0.0.3]
 ehlo = b.bulk.example.net
+{src_extra.get("127.0.0.3", "")}
 [source 127.0.0.4]
 ehlo = c.tx.example.net
+{src_extra.get("127.0.0.4", "")}
 [source 127.0.0.5]
 ehlo = d.tx.example.net
+{src_extra.get("127.0.0.5", "")}
 [pool bulk]
 sources = 127.0.0.2:3, 127.0.0.3:1
 [pool tx]
@@ -267,6 +274,48 @@ def test_suspend_tenant_and_resume():
         n.close()
 
 
+def test_warmup_allowance_holds_and_overflows():
+    """A source on a warm-up plan (5 messages a day to the "other" group,
+    day 1 today) carries exactly its allowance; pool bulk's other source,
+    without a plan, carries the rest. Pool tx, whose two sources are both
+    on the plan, sends exactly their two allowances and the rest waits for
+    the next day, queued."""
+    import datetime
+    now = datetime.datetime.now(datetime.timezone.utc)
+    left = 86400 - (now.hour * 3600 + now.minute * 60 + now.second)
+    if left < 120:  # the plan counts UTC days: do not run across a midnight
+        time.sleep(left + 1)
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    plan = f"warmup = new-ip\nwarmup_start = {today}\n"
+    n = Node(extra="[warmup new-ip]\nschedule = 5, 10\n",
+             src_extra={"127.0.0.3": plan, "127.0.0.4": plan, "127.0.0.5": plan})
+    try:
+        n.inject(2, "acme", domains=DOMAINS[:50])      # 100 transactions, pool bulk
+        n.inject(1, "globex", domains=DOMAINS[:30])    # 30, pool tx
+        recs = n.rx.wait(110)
+        peers = by_peer(recs)
+        assert len(peers.get("127.0.0.3", [])) == 5, {p: len(r) for p, r in peers.items()}
+        assert len(peers.get("127.0.0.2", [])) == 95, {p: len(r) for p, r in peers.items()}
+        assert len(peers.get("127.0.0.4", [])) == 5 and len(peers.get("127.0.0.5", [])) == 5, \
+            {p: len(r) for p, r in peers.items()}
+        w = n.ask("warmup")
+        rows = {(r["source"], r["group"]): r for r in w["rows"]}
+        for src in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            r = rows[(src, "other")]
+            assert r["day"] == 1 and r["taken"] == 5 and r["left"] == 0, r
+        # tx's other 20 wait for tomorrow: none arrives, all are queued
+        try:
+            n.rx.wait(111, timeout=3)
+            raise AssertionError("mail left a source past its day's allowance")
+        except AssertionError as e:
+            assert "timed out" in str(e), e
+        queued = sum(x["ready"] + x["deferred"] + x["inflight"]
+                     for x in n.ask("domains 200")["domains"] if x["pool"] == "tx")
+        assert queued == 20, queued
+    finally:
+        n.close()
+
+
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
-          test_suspend_tenant_and_resume])
+          test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows])
