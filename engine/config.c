@@ -350,7 +350,7 @@ static const struct conf_key source_keys[] = {
     MX_LIMIT_KEYS,
     {"ehlo", CONF_STRING, MXP(ehlo), 1, 253, NULL,
      "the host name said in EHLO on connections from this address: the name its PTR "
-     "record gives, which receivers check; unset: [server] hostname [not yet in effect]",
+     "record gives, which receivers check; unset: [server] hostname",
      NULL},
     {"warmup", CONF_STRING, MXP(warmup), 1, 64, NULL,
      "the [warmup NAME] plan this address follows: a daily volume per destination group "
@@ -1973,9 +1973,12 @@ config_reference(FILE *out)
                  "A set of [source ADDRESS] sections that a message's mail is spread over by "
                  "weight. A message's pool comes from its tenant (the user's pool=, the "
                  "tenant's default, or an X-Sluice-Pool header naming one of the tenant's "
-                 "pools). Names: 1 to 64 of A-Z a-z 0-9 . _ -, case-insensitive. [not yet in "
-                 "effect: the pool is stored and logged with each message; outbound "
-                 "connections do not choose their source by it yet]\n\n");
+                 "pools). Names: 1 to 64 of A-Z a-z 0-9 . _ -, case-insensitive. A "
+                 "destination is a (domain, pool) pair: a pool's mail leaves only from its "
+                 "sources, each connection from one source picked by weight among those "
+                 "not held, not suspended and with warm-up allowance left; a source a "
+                 "receiver answers with 421 or a rate-limited reply is held at that site "
+                 "alone. Mail without a pool leaves from [delivery] source_address.\n\n");
     reference_table(out, pool_keys, sizeof(struct pool_config));
     fprintf(out, "## [tenant NAME]: who a message belongs to\n\n"
                  "A customer whose mail is kept apart. A message's tenant is its AUTH user's "
