@@ -2514,17 +2514,28 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
     return 0;
 }
 
+/* The meta record key as a native u64 into *out (0 when absent or of
+ * another size). Returns 0 or an LMDB error. */
+static int
+meta_get_u64(struct queue *q, MDB_txn *txn, const char *key, uint64_t *out)
+{
+    *out = 0;
+    MDB_val k = {strlen(key), (void *)key}, v;
+    int rc = mdb_get(txn, q->dbi_meta, &k, &v);
+    if (rc == 0 && v.mv_size == sizeof(*out))
+        memcpy(out, v.mv_data, sizeof(*out));
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
 /* The next event number: after the last record, or as a trim kept it. */
 static int
 open_seed_events(struct queue *q, MDB_txn *txn)
 {
-    uint64_t next = 0;
-    MDB_val k = {7, "ev_next"}, v;
-    int rc = mdb_get(txn, q->dbi_meta, &k, &v);
-    if (rc == 0 && v.mv_size == sizeof(next))
-        memcpy(&next, v.mv_data, sizeof(next));
-    else if (rc != 0 && rc != MDB_NOTFOUND)
+    uint64_t next;
+    int rc = meta_get_u64(q, txn, "ev_next", &next);
+    if (rc != 0)
         return rc;
+    MDB_val k, v;
     MDB_cursor *c;
     if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0)
         return rc;
@@ -2547,14 +2558,12 @@ open_seed_events(struct queue *q, MDB_txn *txn)
 static int
 open_seed_ids(struct queue *q, MDB_txn *txn)
 {
-    uint64_t high = 0;
-    MDB_val k = {7, "last_id"}, v;
-    int rc = mdb_get(txn, q->dbi_meta, &k, &v);
-    if (rc == 0 && v.mv_size == sizeof(high))
-        memcpy(&high, v.mv_data, sizeof(high));
-    else if (rc != 0 && rc != MDB_NOTFOUND)
+    uint64_t high;
+    int rc = meta_get_u64(q, txn, "last_id", &high);
+    if (rc != 0)
         return rc;
     q->stored_id = high;
+    MDB_val k, v;
     MDB_cursor *c;
     rc = mdb_cursor_open(txn, q->dbi_msg, &c);
     if (rc != 0)
