@@ -19,6 +19,7 @@
 
 static const char *const families[] = {"v4", "v6", "both", NULL};
 static const char *const preferences[] = {"v4", "v6", NULL};
+static const char *const dnssec_modes[] = {"off", "trust_ad", NULL};
 
 #define DNS(f) offsetof(struct dns_config, f)
 const struct conf_key dns_conf_keys[] = {
@@ -60,6 +61,12 @@ const struct conf_key dns_conf_keys[] = {
      "lookups each worker runs at once; more wait their turn (bounds the burst a DNS server "
      "sees)",
      NULL},
+    {"dnssec", CONF_ENUM, DNS(dnssec), 0, 0, "off",
+     "off, or trust_ad: ask every query with the AD bit and count an answer as DNSSEC-validated "
+     "when the servers set it; this turns on DANE (RFC 7672) for MX hosts with validated TLSA "
+     "records. Only for a validating resolver on this host (unbound on 127.0.0.1): servers must "
+     "be set, all on loopback",
+     dnssec_modes},
     CONF_END,
 };
 
@@ -80,6 +87,24 @@ dns_strerror(int rc)
             return s;
     }
     return "unknown dns error";
+}
+
+const char *
+dns_dane_str(enum dns_dane dane)
+{
+    switch (dane) {
+    case DNS_DANE_NONE:
+        return "none";
+    case DNS_DANE_INSECURE:
+        return "insecure";
+    case DNS_DANE_NO_TLSA:
+        return "no_tlsa";
+    case DNS_DANE_SECURE:
+        return "secure";
+    case DNS_DANE_TEMPFAIL:
+        return "tempfail";
+    }
+    return "?";
 }
 
 const char *
@@ -209,6 +234,28 @@ dns_config_check(const struct dns_config *cfg, char *err, size_t errlen)
     if (rc == 0 && cfg->min_ttl > cfg->max_ttl) {
         snprintf(err, errlen, "min_ttl is longer than max_ttl");
         return -EINVAL;
+    }
+    if (rc == 0 && cfg->dnssec == DNS_DNSSEC_TRUST_AD) {
+        /* The AD bit is unsigned: anyone on the path can set it. Trust it
+         * only from a resolver on this host, as Postfix's
+         * smtp_dns_support_level = dnssec asks. */
+        rc = servers_parse(cfg->servers, &nodes, err, errlen);
+        if (rc < 0)
+            return rc;
+        bool local = nodes != NULL;
+        for (struct ares_addr_port_node *n = nodes; n != NULL; n = n->next) {
+            if (n->family == AF_INET)
+                local &= (ntohl(n->addr.addr4.s_addr) >> 24) == 127;
+            else
+                local &= IN6_IS_ADDR_LOOPBACK((const struct in6_addr *)&n->addr.addr6);
+        }
+        free(nodes);
+        if (!local) {
+            snprintf(err, errlen,
+                     "dnssec = trust_ad needs servers on loopback: a validating resolver "
+                     "(unbound) on this host, e.g. servers = 127.0.0.1");
+            return -EINVAL;
+        }
     }
     return rc;
 }

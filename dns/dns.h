@@ -53,6 +53,13 @@ struct dns_req;
 
 enum dns_family { DNS_FAMILY_V4, DNS_FAMILY_V6, DNS_FAMILY_BOTH };
 
+/* Whose word on DNSSEC sluice takes. c-ares does not validate: with
+ * TRUST_AD every query carries the AD bit (RFC 6840 5.7) and an answer
+ * counts as validated when the server set AD in it, which only means
+ * something when the server is a validating resolver on this host
+ * (dns_config_check refuses servers off loopback). DANE needs it. */
+enum dns_dnssec { DNS_DNSSEC_OFF, DNS_DNSSEC_TRUST_AD };
+
 struct dns_config {
     char *servers;         /* owned; "127.0.0.1:5353, [::1]"; NULL: /etc/resolv.conf */
     uint64_t timeout;      /* ms, first try; c-ares doubles it each round of servers */
@@ -66,14 +73,16 @@ struct dns_config {
     uint64_t error_ttl;    /* ms; retry answers (SERVFAIL, timeout); 0: not kept */
     unsigned max_mx_hosts; /* MX hosts kept per domain, best first */
     unsigned max_inflight; /* lookups in flight; more wait in arrival order */
+    int dnssec;            /* enum dns_dnssec */
 };
 
 /* The key table for struct dns_config (conf_defaults, conf_set, conf_free). */
 extern const struct conf_key dns_conf_keys[];
 
-/* Check what the key table cannot: the servers list, min_ttl <= max_ttl.
- * Returns 0, DNS_ESERVERS or -EINVAL, with one line in err for the
- * operator. */
+/* Check what the key table cannot: the servers list, min_ttl <= max_ttl,
+ * and with dnssec = trust_ad servers that are all on loopback (an AD bit
+ * that crossed a network proves nothing). Returns 0, DNS_ESERVERS or
+ * -EINVAL, with one line in err for the operator. */
 int dns_config_check(const struct dns_config *cfg, char *err, size_t errlen);
 
 /* ---- errors ---- */
@@ -111,11 +120,38 @@ dns_addr_len(const union dns_addr *a)
     return a->sa.sa_family == AF_INET6 ? sizeof(a->sin6) : sizeof(a->sin);
 }
 
+/* What DNS says about DANE (RFC 7672) for one MX host: its TLSA records
+ * at _25._tcp.HOST, looked up only with dnssec = trust_ad and when the MX
+ * answer itself was validated (2.2.1: an insecure MX name is no
+ * reference identifier worth authenticating). */
+enum dns_dane {
+    DNS_DANE_NONE,     /* not looked up: dnssec off, MX answer not validated, literal */
+    DNS_DANE_INSECURE, /* the TLSA answer was not validated (unsigned zone): opportunistic */
+    DNS_DANE_NO_TLSA,  /* validated denial: no TLSA records, opportunistic */
+    DNS_DANE_SECURE,   /* validated TLSA records: TLS mandatory, authenticated by them */
+    DNS_DANE_TEMPFAIL, /* SERVFAIL (bogus), timeout: the host may not be used now (2.2) */
+};
+const char *dns_dane_str(enum dns_dane dane);
+
+/* One TLSA record (RFC 6698 2.1). */
+struct dns_tlsa {
+    uint8_t usage;       /* 0 PKIX-TA, 1 PKIX-EE, 2 DANE-TA, 3 DANE-EE */
+    uint8_t selector;    /* 0 full certificate, 1 SubjectPublicKeyInfo */
+    uint8_t mtype;       /* 0 exact, 1 SHA-256, 2 SHA-512 */
+    uint16_t len;        /* octets of data, 1..DNS_TLSA_DATA_MAX */
+    const uint8_t *data; /* borrowed: lives as long as the result */
+};
+#define DNS_TLSA_MAX      16   /* records kept per host; more are dropped */
+#define DNS_TLSA_DATA_MAX 4096 /* larger association data is dropped */
+
 struct dns_mx_host {
     const char *name;            /* borrowed: lives as long as the result; as the MX names it */
     unsigned preference;         /* 0 for an implicit MX or a literal */
     unsigned naddrs;             /* >= 1 */
     const union dns_addr *addrs; /* borrowed: lives as long as the result; preferred family first */
+    enum dns_dane dane;
+    unsigned ntlsa;              /* DNS_DANE_SECURE: records (may be 0 after drops) */
+    const struct dns_tlsa *tlsa; /* borrowed: lives as long as the result */
 };
 
 /* An answer. Immutable and refcounted: whoever is handed one owns one
@@ -196,6 +232,9 @@ struct dns_stats {
     uint64_t requests;  /* requests waiting for a callback now */
     uint64_t host_hits;  /* MX host addresses (A or AAAA) answered from the host cache */
     uint64_t host_entries; /* host answers (per family) kept now */
+    uint64_t tlsa_queries; /* TLSA queries sent (dnssec = trust_ad) */
+    uint64_t tlsa_secure;  /* MX hosts found with validated TLSA records */
+    uint64_t tlsa_failed;  /* TLSA lookups that failed (SERVFAIL, bogus, timeout) */
 };
 void dns_stats(const struct dns *d, struct dns_stats *out);
 

@@ -124,6 +124,9 @@ struct result_host {
     unsigned n4, n6;
     const uint8_t (*a4)[16];
     const uint8_t (*a6)[16];
+    enum dns_dane dane;
+    unsigned ntlsa;                 /* DNS_DANE_SECURE */
+    const struct wire_tlsa *tlsa;   /* borrowed for the build */
 };
 
 /* A result in one allocation, one reference. NULL when out of memory. */

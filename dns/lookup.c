@@ -50,6 +50,13 @@ struct lk_host {
     uint8_t a4[WIRE_MAX_ADDR][16];
     uint8_t a6[WIRE_MAX_ADDR][16];
     struct lk_query q4, q6;
+    /* DANE: the TLSA answer at _25._tcp.NAME (FS_SKIP: not asked) */
+    uint8_t st_tlsa;  /* enum fam_state */
+    bool tlsa_ad;     /* that answer was validated */
+    unsigned ntlsa;
+    struct wire_tlsa tlsa[DNS_TLSA_MAX]; /* data in tlsa_data */
+    uint8_t *tlsa_data;                  /* owned */
+    struct lk_query qt;
 };
 
 struct lookup {
@@ -62,6 +69,8 @@ struct lookup {
     const char *why;
     const char *temp_why; /* why the last temporary failure of a host */
     bool implicit;
+    bool mx_ad;       /* the MX answer (or its denial, for an implicit MX) was validated */
+    bool tlsa_temp;   /* a TLSA lookup failed: keep the answer only error_ttl */
     uint32_t ttl;     /* s: min TTL of the records the answer rests on */
     uint32_t neg_ttl; /* s: min negative TTL from SOAs; UINT32_MAX: none seen */
     unsigned nhosts;
@@ -81,6 +90,8 @@ lookup_free(struct lookup *lk)
 {
     if (lk->e != NULL && lk->e->lookup == lk)
         lk->e->lookup = NULL;
+    for (unsigned i = 0; lk->hosts != NULL && i < lk->nhosts; i++)
+        free(lk->hosts[i].tlsa_data);
     free(lk->hosts);
     free(lk);
 }
@@ -102,7 +113,37 @@ send_query(struct lookup *lk, struct lk_query *q, const char *name, uint16_t typ
         if (t < d->deadline)
             d->deadline = t;
     }
-    ares_query(d->channel, name, 1 /* IN */, type, on_answer, q);
+    if (d->cfg.dnssec != DNS_DNSSEC_TRUST_AD) {
+        ares_query(d->channel, name, 1 /* IN */, type, on_answer, q);
+        return;
+    }
+    /* c-ares 1.18 has no flag for it: make the query, set AD (RFC 6840
+     * 5.7: "tell me whether you validated this"; no DO, so no RRSIGs
+     * swell the answer), send it as it is. */
+    unsigned char *buf = NULL;
+    int len = 0;
+    int arc = ares_create_query(name, 1 /* IN */, type, 0, 1, &buf, &len, 1232);
+    if (arc != ARES_SUCCESS) {
+        on_answer(q, arc, 0, NULL, 0);
+        return;
+    }
+    buf[3] |= 0x20;
+    ares_send(d->channel, buf, len, on_answer, q);
+    ares_free_string(buf);
+}
+
+/* "_25._tcp.HOST" (RFC 7672 2.2.2). Returns false when it is too long to
+ * exist. */
+static bool
+tlsa_name(const char *host, char out[DNS_NAME_MAX + 1])
+{
+    static const char prefix[] = "_25._tcp.";
+    size_t p = sizeof(prefix) - 1, n = strlen(host);
+    if (p + n > DNS_NAME_MAX)
+        return false;
+    memcpy(out, prefix, p);
+    memcpy(out + p, host, n + 1);
+    return true;
 }
 
 static uint64_t
@@ -166,6 +207,28 @@ finish(struct lookup *lk)
             rh[n].n6 = h->n6;
             rh[n].a4 = (const uint8_t(*)[16])h->a4;
             rh[n].a6 = (const uint8_t(*)[16])h->a6;
+            rh[n].ntlsa = 0;
+            rh[n].tlsa = NULL;
+            switch (h->st_tlsa) {
+            case FS_OK:
+                rh[n].dane = h->tlsa_ad ? DNS_DANE_SECURE : DNS_DANE_INSECURE;
+                if (h->tlsa_ad) {
+                    rh[n].ntlsa = h->ntlsa;
+                    rh[n].tlsa = h->tlsa;
+                    d->stats.tlsa_secure++;
+                }
+                break;
+            case FS_NODATA:
+            case FS_NXDOMAIN:
+                rh[n].dane = h->tlsa_ad ? DNS_DANE_NO_TLSA : DNS_DANE_INSECURE;
+                break;
+            case FS_TEMP:
+                rh[n].dane = DNS_DANE_TEMPFAIL;
+                break;
+            default:
+                rh[n].dane = DNS_DANE_NONE;
+                break;
+            }
             n++;
         }
         if (n > 0) {
@@ -184,6 +247,8 @@ finish(struct lookup *lk)
         }
     }
     uint64_t ttl_ms = result_ttl_ms(lk, status, partial);
+    if (lk->tlsa_temp && ttl_ms > d->cfg.error_ttl)
+        ttl_ms = d->cfg.error_ttl; /* ask again soon: the host is unusable meanwhile */
     struct dns_mx_result *res =
         result_new(status, why, lk->e->name, rh, n, d->cfg.prefer == DNS_FAMILY_V6);
     if (res == NULL) {
@@ -303,6 +368,16 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
             lk->neg_ttl = min32(lk->neg_ttl, ha.ttl);
         }
     }
+    /* DANE: TLSA records matter only when the MX name itself was
+     * validated (RFC 7672 2.2.1); they are asked beside the addresses. */
+    char tname[DNS_NAME_MAX + 1];
+    h->st_tlsa = FS_SKIP;
+    h->qt.host = (int)i;
+    if (lk->d->cfg.dnssec == DNS_DNSSEC_TRUST_AD && lk->mx_ad && tlsa_name(h->name, tname)) {
+        h->st_tlsa = FS_PENDING;
+        lk->d->stats.tlsa_queries++;
+        send_query(lk, &h->qt, tname, WIRE_T_TLSA);
+    }
     if (h->st4 == FS_PENDING)
         send_query(lk, &h->q4, h->name, WIRE_T_A);
     if (h->st6 == FS_PENDING)
@@ -314,6 +389,7 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
       const uint8_t *abuf, size_t alen)
 {
     struct dns *d = lk->d;
+    lk->mx_ad = a->ad;
     switch (kind) {
     case ANS_TEMP:
         decide(lk, DNS_RETRY, temp_why);
@@ -412,6 +488,68 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     }
 }
 
+/* The TLSA answer of a host (q->type TLSA), its records copied out of the
+ * message. */
+static void
+on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_answer *a,
+        const uint8_t *abuf, size_t alen)
+{
+    struct lk_host *h = &lk->hosts[q->host];
+    h->tlsa_ad = a->ad;
+    /* wire_answer keeps no TLSA records (kind is NODATA when there are
+     * some): wire_tlsa reads them at the end of the CNAME chain. */
+    if (kind == ANS_TEMP) {
+        h->st_tlsa = FS_TEMP;
+        lk->tlsa_temp = true;
+        lk->d->stats.tlsa_failed++;
+        return;
+    }
+    if (kind == ANS_NXDOMAIN || abuf == NULL) {
+        h->st_tlsa = kind == ANS_NXDOMAIN ? FS_NXDOMAIN : FS_NODATA;
+        if (a->soa)
+            lk->ttl = min32(lk->ttl, a->neg_ttl);
+        return;
+    }
+    struct wire_tlsa rec[DNS_TLSA_MAX];
+    uint32_t ttl = UINT32_MAX;
+    int n = wire_tlsa(abuf, alen, a->final, rec, DNS_TLSA_MAX, &ttl);
+    if (n < 0) {
+        /* A validated answer we cannot read is no proof of absence. */
+        h->st_tlsa = FS_TEMP;
+        lk->tlsa_temp = true;
+        lk->d->stats.tlsa_failed++;
+        return;
+    }
+    if (n == 0) {
+        h->st_tlsa = FS_NODATA;
+        if (a->soa)
+            lk->ttl = min32(lk->ttl, a->neg_ttl);
+        return;
+    }
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += rec[i].len <= DNS_TLSA_DATA_MAX ? rec[i].len : 0;
+    h->tlsa_data = malloc(total ? total : 1);
+    if (h->tlsa_data == NULL) {
+        h->st_tlsa = FS_TEMP;
+        lk->tlsa_temp = true;
+        return;
+    }
+    uint8_t *p = h->tlsa_data;
+    h->ntlsa = 0;
+    for (int i = 0; i < n; i++) {
+        if (rec[i].len > DNS_TLSA_DATA_MAX)
+            continue; /* no digest is that long; an oversized full certificate is unusable */
+        memcpy(p, rec[i].data, rec[i].len);
+        h->tlsa[h->ntlsa] = rec[i];
+        h->tlsa[h->ntlsa].data = p;
+        h->ntlsa++;
+        p += rec[i].len;
+    }
+    h->st_tlsa = FS_OK;
+    lk->ttl = min32(lk->ttl, min32(a->ttl, ttl));
+}
+
 static const char *
 ares_why(int status)
 {
@@ -451,10 +589,16 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         return;
     }
     const char *qname = q->host < 0 ? lk->e->name : lk->hosts[q->host].name;
+    char tname[DNS_NAME_MAX + 1];
+    if (q->type == WIRE_T_TLSA) {
+        tlsa_name(qname, tname);
+        qname = tname;
+    }
     /* Big (the MX targets): on the stack of this callback only. */
     struct wire_answer a;
     a.n = 0;
     a.soa = false;
+    a.ad = false;
     enum ans_kind kind = ANS_TEMP;
     const char *temp_why = ares_why(status);
     if (abuf != NULL && alen > 0 &&
@@ -479,6 +623,8 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     }
     if (q->host < 0)
         on_mx(lk, kind, &a, temp_why, abuf, abuf ? (size_t)alen : 0);
+    else if (q->type == WIRE_T_TLSA)
+        on_tlsa(lk, q, kind, &a, abuf, abuf ? (size_t)alen : 0);
     else
         on_addr(lk, q, kind, &a, temp_why);
     lookup_put(lk);

@@ -66,21 +66,27 @@ struct dns_mx_result *
 result_new(enum dns_status status, const char *why, const char *domain,
            const struct result_host *hosts, unsigned nhosts, bool prefer_v6)
 {
-    size_t naddrs = 0, chars = strlen(domain) + 1;
+    size_t naddrs = 0, ntlsa = 0, chars = strlen(domain) + 1;
     for (unsigned i = 0; i < nhosts; i++) {
         naddrs += hosts[i].n4 + hosts[i].n6;
         chars += strlen(hosts[i].name) + 1;
+        ntlsa += hosts[i].ntlsa;
+        for (unsigned k = 0; k < hosts[i].ntlsa; k++)
+            chars += hosts[i].tlsa[k].len;
     }
     size_t off_hosts = align_up(sizeof(struct result_box), alignof(struct dns_mx_host));
     size_t off_addrs =
         align_up(off_hosts + nhosts * sizeof(struct dns_mx_host), alignof(union dns_addr));
-    size_t off_chars = off_addrs + naddrs * sizeof(union dns_addr);
+    size_t off_tlsa =
+        align_up(off_addrs + naddrs * sizeof(union dns_addr), alignof(struct dns_tlsa));
+    size_t off_chars = off_tlsa + ntlsa * sizeof(struct dns_tlsa);
     char *mem = malloc(off_chars + chars);
     if (mem == NULL)
         return NULL;
     struct result_box *b = (struct result_box *)mem;
     struct dns_mx_host *h = (struct dns_mx_host *)(mem + off_hosts);
     union dns_addr *a = (union dns_addr *)(mem + off_addrs);
+    struct dns_tlsa *t = (struct dns_tlsa *)(mem + off_tlsa);
     char *s = mem + off_chars;
 
     atomic_init(&b->refs, 1);
@@ -108,6 +114,19 @@ result_new(enum dns_status status, const char *why, const char *domain,
             unsigned n = v6 ? src->n6 : src->n4;
             for (unsigned k = 0; k < n; k++)
                 set_addr(a++, v6 ? AF_INET6 : AF_INET, v6 ? src->a6[k] : src->a4[k]);
+        }
+        h[i].dane = src->dane;
+        h[i].ntlsa = src->ntlsa;
+        h[i].tlsa = src->ntlsa ? t : NULL;
+        for (unsigned k = 0; k < src->ntlsa; k++, t++) {
+            const struct wire_tlsa *w = &src->tlsa[k];
+            t->usage = w->usage;
+            t->selector = w->selector;
+            t->mtype = w->mtype;
+            t->len = w->len;
+            memcpy(s, w->data, w->len);
+            t->data = (const uint8_t *)s;
+            s += w->len;
         }
     }
     return r;

@@ -97,6 +97,7 @@ wire_open(struct wire_msg *m, const uint8_t *buf, size_t len)
     m->len = len;
     m->tc = (buf[2] & 0x02) != 0;
     m->rcode = buf[3] & 0x0F;
+    m->ad = (buf[3] & 0x20) != 0;
     unsigned qd = get16(buf + 4);
     m->count[0] = get16(buf + 6);
     m->count[1] = get16(buf + 8);
@@ -274,6 +275,7 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
 {
     struct wire_msg m;
     a->rcode = 0;
+    a->ad = false;
     a->chain = 0;
     a->chain_bad = false;
     a->ttl = UINT32_MAX;
@@ -288,6 +290,7 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
     if (rc < 0)
         return rc;
     a->rcode = m.rcode;
+    a->ad = m.ad;
     if (m.rcode != WIRE_NOERROR && m.rcode != WIRE_NXDOMAIN)
         return 0;
     for (;;) {
@@ -310,6 +313,37 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
     if (a->n == 0)
         return authority_soa(&m, a);
     return 0;
+}
+
+int
+wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *out, unsigned max,
+          uint32_t *ttl)
+{
+    struct wire_msg m;
+    struct wire_rr rr;
+    int rc = wire_open(&m, buf, len);
+    if (rc < 0)
+        return rc;
+    unsigned n = 0;
+    while ((rc = wire_next(&m, &rr)) > 0) {
+        if (rr.section != WIRE_SEC_ANSWER)
+            break;
+        if (rr.type != WIRE_T_TLSA || rr.cls != 1 || strcmp(rr.owner, name) != 0)
+            continue;
+        if (rr.rdlen < 4)
+            return -EBADMSG;
+        *ttl = min32(*ttl, rr.ttl);
+        if (n == max)
+            continue;
+        const uint8_t *p = m.buf + rr.rdoff;
+        out[n].usage = p[0];
+        out[n].selector = p[1];
+        out[n].mtype = p[2];
+        out[n].len = (uint16_t)(rr.rdlen - 3);
+        out[n].data = p + 3;
+        n++;
+    }
+    return rc < 0 ? rc : (int)n;
 }
 
 unsigned

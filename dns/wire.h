@@ -33,6 +33,7 @@ enum wire_type {
     WIRE_T_SOA = 6,
     WIRE_T_MX = 15,
     WIRE_T_AAAA = 28,
+    WIRE_T_TLSA = 52,
 };
 
 enum wire_rcode {
@@ -51,6 +52,7 @@ struct wire_msg {
     size_t len;
     unsigned rcode;
     bool tc;
+    bool ad; /* the server says it validated the answer (RFC 4035 3.2.3) */
     unsigned count[3]; /* records per section */
     size_t first;      /* offset of the answer section */
     size_t pos;        /* iterator */
@@ -88,6 +90,7 @@ struct wire_mx {
 /* What an answer says about (qname, qtype). */
 struct wire_answer {
     unsigned rcode;
+    bool ad;                         /* the AD bit of the message */
     unsigned chain;                  /* CNAMEs followed from qname */
     bool chain_bad;                  /* a CNAME chain longer than WIRE_MAX_CHAIN or to a bad name */
     char final[WIRE_NAME_MAX + 1];   /* where the chain ended */
@@ -105,6 +108,20 @@ struct wire_answer {
  * -EBADMSG. */
 int wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
                 struct wire_answer *a);
+
+/* One TLSA record (RFC 6698 2.1), its data pointing into the message. */
+struct wire_tlsa {
+    uint8_t usage, selector, mtype;
+    uint16_t len;        /* >= 1 */
+    const uint8_t *data; /* borrowed: points into the message */
+};
+
+/* The TLSA records at name (the end of wire_answer's chain) in the answer
+ * section: at most max copied to out, *ttl lowered to theirs. A record
+ * with less than 4 octets of rdata is malformed (-EBADMSG); records past
+ * max are skipped. Returns the count or -EBADMSG. */
+int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *out,
+              unsigned max, uint32_t *ttl);
 
 /* Addresses of name (A or AAAA) in the additional section. Returns how
  * many were copied (at most max) and lowers *ttl to theirs; 0 when none

@@ -456,7 +456,8 @@ client_tls_unavailable(struct smtp_client *c)
     struct smtp_outcome o;
 
     outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNAVAILABLE,
-                  c->state, 0, 4, 7, 4, "TLS required by policy but STARTTLS not offered");
+                  c->state, 0, 4, 7, 4, "%s%sTLS required by policy but STARTTLS not offered",
+                  c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "");
     client_close(c, &o, true);
 }
 
@@ -881,11 +882,13 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
     c->ev = 0;
     if (res == SMTP_CLIENT_TLS_FAILED) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED,
-                      c->state, 0, 4, 7, 5, "TLS handshake failed");
+                      c->state, 0, 4, 7, 5, "%s%sTLS handshake failed",
+                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "");
         client_close(c, &o, false);
     } else if (res == SMTP_CLIENT_TLS_UNVERIFIED && c->opts.tls == SMTP_CLIENT_TLS_VERIFY) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED,
-                      c->state, 0, 4, 7, 5, "server certificate not verified");
+                      c->state, 0, 4, 7, 5, "%s%sserver certificate not verified",
+                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "");
         client_close(c, &o, true);
     } else {
         /* RFC 3207 4.2: forget all that was learnt before TLS. */

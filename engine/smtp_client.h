@@ -186,6 +186,8 @@ struct smtp_outcome {
 struct smtp_client_opts {
     const char *name; /* borrowed, copied at init: our EHLO/HELO name */
     enum smtp_client_tls_policy tls;
+    const char *tls_label;      /* borrowed (static): the policy that asked for TLS, put in
+                                   front of the TLS failures' texts ("DANE"); NULL: none */
     bool tls_active;            /* the transport is TLS already (implicit TLS): no STARTTLS */
     bool no_pipelining;         /* never pipeline, even when offered */
     unsigned max_rcpt;          /* recipients per transaction the caller uses; 0: default;

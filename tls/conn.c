@@ -59,6 +59,7 @@ struct tls_conn {
     int error;             /* what failed the conn, returned from then on */
     bool offered_session;  /* a cached session went into the ClientHello */
     bool offered_verified; /* and its certificate had verified for host */
+    bool dane;             /* authenticated by TLSA records (tls_conn_new_client_dane) */
     uint64_t trust_gen;    /* the ctx's: see struct tls_ctx */
     bool peer_closed;      /* close_notify received */
     bool shutdown_sent;    /* close_notify queued */
@@ -434,6 +435,99 @@ fail:
     return rc;
 }
 
+unsigned
+tls_tlsa_usable(const struct tls_tlsa *rrs, unsigned n)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < n; i++)
+        k += (rrs[i].usage == 2 || rrs[i].usage == 3) && rrs[i].selector <= 1 &&
+             rrs[i].mtype <= 2 && rrs[i].len > 0;
+    return k;
+}
+
+int
+tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls_tlsa *rrs,
+                         unsigned n, struct tls_cache *cache, const char *cache_key,
+                         struct tls_conn **out)
+{
+    *out = NULL;
+    char name[256];
+    if (ctx == NULL || ctx->server || host == NULL || host_normalize(host, name, sizeof(name)) != 0)
+        return -EINVAL;
+    if (tls_tlsa_usable(rrs, n) == 0)
+        return -ENODATA;
+    struct tls_conn *c;
+    int rc = conn_new(ctx, &c);
+    if (rc != 0)
+        return rc;
+    SSL_set_connect_state(c->ssl);
+    c->dane = true;
+    if ((c->host = strdup(name)) == NULL) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    /* SNI, then the base domain: OpenSSL checks DANE-TA(2) chains against
+     * it (the MX host name, RFC 7672 3.2.2); DANE-EE(3) matches the key
+     * alone (3.2.1). */
+    if (SSL_set_tlsext_host_name(c->ssl, name) != 1 || SSL_dane_enable(c->ssl, name) <= 0) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    SSL_dane_set_flags(c->ssl, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+    SSL_set_hostflags(c->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    unsigned added = 0;
+    /* The records go into the session key: a session authenticated under
+     * other records is not this one's. */
+    uint64_t h = 14695981039346656037ULL;
+    for (unsigned i = 0; i < n; i++) {
+        const struct tls_tlsa *r = &rrs[i];
+        if (!((r->usage == 2 || r->usage == 3) && r->selector <= 1 && r->mtype <= 2 && r->len > 0))
+            continue;
+        int ar = SSL_dane_tlsa_add(c->ssl, r->usage, r->selector, r->mtype, r->data, r->len);
+        if (ar < 0) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        if (ar == 0)
+            continue; /* malformed for OpenSSL (a digest of the wrong length): unusable */
+        added++;
+        uint8_t head[3] = {r->usage, r->selector, r->mtype};
+        for (unsigned k = 0; k < 3; k++)
+            h = (h ^ head[k]) * 1099511628211ULL;
+        for (unsigned k = 0; k < r->len; k++)
+            h = (h ^ r->data[k]) * 1099511628211ULL;
+    }
+    if (added == 0) {
+        rc = -ENODATA;
+        goto fail;
+    }
+    SSL_set_verify(c->ssl, SSL_VERIFY_PEER, NULL);
+    if (cache != NULL) {
+        char key[512];
+        snprintf(key, sizeof(key), "%s|dane:%016llx", cache_key != NULL ? cache_key : c->host,
+                 (unsigned long long)h);
+        c->cache = cache;
+        c->cache_key = strdup(key);
+        if (c->cache_key == NULL) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        bool verified;
+        SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, true, &verified);
+        if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
+            c->offered_session = true;
+            c->offered_verified = verified;
+        }
+    }
+    ERR_clear_error();
+    *out = c;
+    return 0;
+fail:
+    ERR_clear_error();
+    tls_conn_free(c);
+    return rc;
+}
+
 /* Whether the peer's certificate is known good for c->host. A resumed
  * session carries no new certificate check: it is as good as the session
  * the cache offered. */
@@ -444,6 +538,8 @@ conn_verified(const struct tls_conn *c)
         return false;
     if (SSL_session_reused(c->ssl))
         return c->offered_verified;
+    if (c->dane && SSL_get0_dane_authority(c->ssl, NULL, NULL) < 0)
+        return false;
     return SSL_get0_peer_certificate(c->ssl) != NULL && SSL_get_verify_result(c->ssl) == X509_V_OK;
 }
 
@@ -645,6 +741,12 @@ tls_conn_info(const struct tls_conn *c, struct tls_info *out)
     out->cipher_bits = cipher != NULL ? SSL_CIPHER_get_bits(cipher, NULL) : 0;
     out->resumed = SSL_session_reused(c->ssl) == 1;
     out->verified = conn_verified(c);
+    out->dane = c->dane;
+    out->dane_usage = -1;
+    uint8_t usage;
+    if (c->dane && out->verified && !out->resumed &&
+        SSL_get0_dane_tlsa(c->ssl, &usage, NULL, NULL, NULL, NULL) >= 0)
+        out->dane_usage = usage;
     X509 *peer = SSL_get0_peer_certificate(c->ssl);
     if (peer == NULL && SSL_get_peer_cert_chain(c->ssl) != NULL) {
         /* A certificate that failed verification is not kept as the peer's,

@@ -200,6 +200,12 @@ tls_ctx_new_client(const struct tls_config *cfg, struct tls_ctx **out, char *err
     /* Each conn decides whether a bad certificate fails its handshake;
      * the chain is checked and the result kept either way. */
     SSL_CTX_set_verify(s, SSL_VERIFY_NONE, NULL);
+    /* DANE (RFC 7672) for conns made with TLSA records: OpenSSL's own
+     * matcher, with its default digests (SHA-256, SHA-512). */
+    if (SSL_CTX_dane_enable(s) <= 0) {
+        rc = ctx_fail(err, errlen, "client", "DANE");
+        goto fail;
+    }
     /* Sessions go to the conn's own cache (per worker, keyed by MX host),
      * never to OpenSSL's internal one, which is locked and keyed by
      * session id. */

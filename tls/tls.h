@@ -165,6 +165,35 @@ int tls_conn_new_server(struct tls_ctx *ctx, struct tls_conn **out);
 int tls_conn_new_client(struct tls_ctx *ctx, const char *host, bool verify, struct tls_cache *cache,
                         const char *cache_key, struct tls_conn **out);
 
+/* One TLSA record (RFC 6698 2.1) as DNS gave it. */
+struct tls_tlsa {
+    uint8_t usage;       /* 0 PKIX-TA, 1 PKIX-EE, 2 DANE-TA, 3 DANE-EE */
+    uint8_t selector;    /* 0 certificate, 1 SubjectPublicKeyInfo */
+    uint8_t mtype;       /* 0 exact, 1 SHA-256, 2 SHA-512 */
+    uint16_t len;
+    const uint8_t *data; /* borrowed: during the call only */
+};
+
+/* How many of the records DANE for SMTP can use (RFC 7672 3.1.3): usage
+ * DANE-TA(2) or DANE-EE(3), a known selector and matching type. PKIX-TA(0)
+ * and PKIX-EE(1) are not: SMTP has no agreed trust store. None usable
+ * means TLS is still mandatory but cannot be authenticated (RFC 7672 2.2). */
+unsigned tls_tlsa_usable(const struct tls_tlsa *rrs, unsigned n);
+
+/* A client connection to host (an MX host name, the TLSA base domain)
+ * authenticated by DANE: the handshake fails with TLS_EVERIFY unless the
+ * server's certificate matches a DANE-EE(3) record (its name and dates
+ * are then not checked, RFC 7672 3.1.1) or chains to a DANE-TA(2) record's
+ * certificate or key and names host (3.1.2). Unusable records are
+ * skipped. A cached session is resumed only when it was DANE-authenticated
+ * for host under the same TLSA records (they are part of the key), so
+ * resumption never skips the check and a new record set makes a full
+ * handshake. Otherwise as tls_conn_new_client. Returns 0 and *out,
+ * -ENODATA when no record is usable, -EINVAL or -ENOMEM. */
+int tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls_tlsa *rrs,
+                             unsigned n, struct tls_cache *cache, const char *cache_key,
+                             struct tls_conn **out);
+
 /* Free the conn without sending anything. Nothing handed out by
  * tls_conn_peek may still be in use (a send in flight). A client conn
  * freed after its handshake but before tls_conn_shutdown counts as broken:
@@ -225,7 +254,11 @@ struct tls_info {
     const char *cipher;   /* "TLS_AES_256_GCM_SHA384" */
     int cipher_bits;
     bool resumed;              /* an earlier session was resumed */
-    bool verified;             /* chain trusted and certificate matched the host */
+    bool verified;             /* chain trusted and certificate matched the host, or
+                                  DANE-authenticated */
+    bool dane;                 /* a DANE conn (tls_conn_new_client_dane) */
+    int dane_usage;            /* the record that authenticated it: 2 or 3; -1: none, or
+                                  resumed (the session had been authenticated) */
     const char *verify_result; /* "ok", or why not: "hostname mismatch", "no peer certificate" */
     char peer_subject[256];    /* RFC 2253, cut to fit; "" without a peer certificate */
     char peer_issuer[256];

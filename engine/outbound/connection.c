@@ -583,11 +583,43 @@ conn_handle(struct conn *c, int ev)
 
 /* ---- STARTTLS ---- */
 
+/* The MX host this connection goes to as DNS answered it, when DANE
+ * decides its TLS (RFC 7672): validated TLSA records (TLS mandatory and
+ * authenticated by them, whatever the domain's tls policy: DANE comes
+ * first), or a failed TLSA lookup (the host may not be used). NULL:
+ * the domain's policy decides. */
+static const struct dns_mx_host *
+conn_dane(const struct conn *c)
+{
+    for (unsigned i = 0; c->answer != NULL && i < c->answer->nhosts; i++) {
+        const struct dns_mx_host *h = &c->answer->hosts[i];
+        if (h->name == c->mx)
+            return h->dane == DNS_DANE_SECURE || h->dane == DNS_DANE_TEMPFAIL ? h : NULL;
+    }
+    return NULL;
+}
+
+/* The host's usable TLSA records in TLS's terms; returns the count. */
+static unsigned
+conn_tlsa(const struct dns_mx_host *h, struct tls_tlsa out[DNS_TLSA_MAX])
+{
+    unsigned n = h->ntlsa < DNS_TLSA_MAX ? h->ntlsa : DNS_TLSA_MAX;
+    for (unsigned i = 0; i < n; i++)
+        out[i] = (struct tls_tlsa){h->tlsa[i].usage, h->tlsa[i].selector, h->tlsa[i].mtype,
+                                   h->tlsa[i].len, h->tlsa[i].data};
+    return tls_tlsa_usable(out, n) > 0 ? n : 0;
+}
+
 static void
 tls_start(struct conn *c)
 {
     c->tls_wanted = false;
     bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
+    const struct dns_mx_host *dane = conn_dane(c);
+    struct tls_tlsa tlsa[DNS_TLSA_MAX];
+    unsigned ntlsa = dane != NULL ? conn_tlsa(dane, tlsa) : 0;
+    if (dane != NULL)
+        verify = false; /* authenticated by the TLSA records, or (none usable) not at all */
     /* Sessions per source and MX address: a receiver may tie a session to
      * the address that made it, and a source's sessions are its own. */
     char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str) + 68];
@@ -597,6 +629,8 @@ tls_start(struct conn *c)
     struct tls_ctx *ctx = engine_tls_client(c->d->e);
     int rc = c->cin == NULL || ctx == NULL
                  ? -ENOMEM
+             : ntlsa > 0
+                 ? tls_conn_new_client_dane(ctx, c->mx, tlsa, ntlsa, c->d->tls_cache, key, &c->tls)
                  : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &c->tls);
     tls_ctx_unref(ctx);
     if (rc < 0) {
@@ -653,8 +687,10 @@ tls_in(struct conn *c)
             }
             if (rc < 0) {
                 log_msg(LOG_NOTICE,
-                        "conn=%llx event=tls_failed domain=%s mx=%s err=\"%s\" detail=\"%s\"",
-                        (unsigned long long)c->id, c->dest->name, c->mx, tls_strerror(rc),
+                        "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
+                        "detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx,
+                        conn_dane(c) != NULL ? "dane" : "domain", tls_strerror(rc),
                         tls_conn_error_str(c->tls));
                 conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
                 return;
@@ -666,6 +702,17 @@ tls_in(struct conn *c)
                 c->tls_proto = info.protocol;
                 c->tls_cipher = info.cipher;
                 verified = info.verified;
+                if (conn_dane(c) != NULL)
+                    log_msg(LOG_INFO,
+                            "conn=%llx event=tls_dane domain=%s mx=%s authenticated=%s "
+                            "usage=%s resumed=%s protocol=%s peer=\"%s\"",
+                            (unsigned long long)c->id, c->dest->name, c->mx,
+                            info.dane && verified ? "yes" : "no",
+                            info.dane_usage == 3   ? "dane-ee"
+                            : info.dane_usage == 2 ? "dane-ta"
+                            : info.dane            ? "session"
+                                                   : "none-usable",
+                            info.resumed ? "yes" : "no", info.protocol, info.peer_subject);
             }
             conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
                                                                   : SMTP_CLIENT_TLS_UNVERIFIED));
@@ -821,6 +868,27 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         conn_maybe_free(c);
         return;
     }
+    const struct dns_mx_host *dane = conn_dane(c);
+    if (dane != NULL && dane->dane == DNS_DANE_TEMPFAIL) {
+        /* RFC 7672 2.2: a TLSA lookup that failed for a validated MX name
+         * (SERVFAIL, which is what a validating resolver says of a bogus
+         * answer) may be an attack hiding the records: not this host. */
+        log_msg(LOG_NOTICE, "conn=%llx event=dane_tempfail domain=%s mx=%s addr=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
+        struct smtp_outcome o;
+        memset(&o, 0, sizeof(o));
+        o.status = SMTP_STATUS_TEMPFAIL;
+        o.scope = SMTP_SCOPE_SESSION;
+        o.reason = SMTP_REASON_TLS_UNAVAILABLE;
+        o.enh = (struct smtp_enh){4, 7, 5};
+        snprintf(o.text, sizeof(o.text),
+                 "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
+                 c->mx);
+        sched_conn_event(c, POLICY_CONNECT_FAILED, &o);
+        conn_close(c, "dane_tempfail");
+        conn_maybe_free(c);
+        return;
+    }
     c->connected = true;
     struct sockaddr_storage local;
     socklen_t llen = sizeof(local);
@@ -848,6 +916,13 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
                                                           : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = sched_conn_max_rcpt(c),
     };
+    if (dane != NULL) {
+        /* DANE comes before the domain's policy (and MTA-STS): TLS or
+         * nothing, authenticated when a record is usable. */
+        struct tls_tlsa tlsa[DNS_TLSA_MAX];
+        o.tls = conn_tlsa(dane, tlsa) > 0 ? SMTP_CLIENT_TLS_VERIFY : SMTP_CLIENT_TLS_REQUIRED;
+        o.tls_label = "DANE";
+    }
     c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);
     if (rc < 0) {
