@@ -170,6 +170,12 @@ main(int argc, char **argv)
     }
     if (check) {
         printf("%s: ok\n", path);
+        if (cfg->dns.dnssec == DNS_DNSSEC_TRUST_AD)
+            printf("%s: [dns] dnssec = trust_ad: DANE is on. sluice does not validate DNSSEC "
+                   "itself: it trusts the AD bit of %s, which must be a validating resolver "
+                   "(unbound, with the root trust anchor) on this host; the AD bit is "
+                   "believed only because the path to it is loopback\n",
+                   path, cfg->dns.servers);
         config_free(cfg);
         return 0;
     }

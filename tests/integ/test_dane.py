@@ -1,0 +1,486 @@
+"""DANE for SMTP (RFC 7672) against real DNS on loopback.
+
+nsd serves two zones: dane.test, signed with ldns-signzone, and plain.test,
+unsigned. A validating unbound on its own port holds the trust anchor of
+dane.test (a stub zone to nsd for each) and is sluice's only resolver, with
+[dns] dnssec = trust_ad. The MX hosts live on their own loopback addresses
+(127.0.0.N) on one port, each a receiver made for its case: a second sluice
+offering STARTTLS with a certificate made here (openssl), or smtp-sink,
+which offers no STARTTLS.
+
+  ee.dane.test     DANE-EE(3 1 1) of the receiver's key (its certificate
+                   names another host): delivered over TLS, authenticated
+  ta.dane.test     DANE-TA(2 0 1) of a CA that issued the receiver's
+                   certificate (sent as a chain): delivered, authenticated
+  bad.dane.test    3 1 1 of some other key: deferred, the receiver sees
+                   nothing
+  strip.dane.test  TLSA published, receiver offers no STARTTLS: deferred,
+                   never sent in plaintext
+  bogus.dane.test  the TLSA record altered after signing (a validating
+                   resolver answers SERVFAIL): deferred, host not used
+  none.dane.test   signed zone, no TLSA: opportunistic TLS as before
+  x.plain.test     unsigned zone with a TLSA record that matches nothing:
+                   insecure, so ignored: opportunistic, delivered
+"""
+import hashlib
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+
+from harness import (WAIT, Sluice, Workdir, free_port, main, run, skip, wait_until)
+
+SLUICE = sys.argv[1]
+
+NSD = shutil.which("nsd") or "/usr/sbin/nsd"
+UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
+for tool in (NSD, UNBOUND):
+    if not os.path.exists(tool):
+        skip(f"{tool} not installed (tools/install-deps --test)")
+for tool in ("ldns-keygen", "ldns-signzone", "openssl", "smtp-sink"):
+    if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+        skip(f"{tool} not installed (tools/install-deps --test)")
+
+ADDR = {"ee": "127.0.0.2", "ta": "127.0.0.3", "bad": "127.0.0.4", "strip": "127.0.0.5",
+        "bogus": "127.0.0.6", "none": "127.0.0.7", "plain": "127.0.0.8"}
+
+
+def dns_query(port, name, qtype, ad=True, timeout=0.5):
+    """One UDP query; returns (rcode, ad bit, answer count) or None."""
+    q = struct.pack(">HHHHHH", 0x4242, 0x0100 | (0x20 if ad else 0), 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    q += struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(q, ("127.0.0.1", port))
+            r = s.recv(4096)
+        except OSError:
+            return None
+    if len(r) < 12 or r[:2] != b"\x42\x42":
+        return None
+    flags, _, an = struct.unpack(">HHH", r[2:8])
+    return flags & 0xF, bool(flags & 0x20), an
+
+
+def sh(cmd, cwd=None):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert res.returncode == 0, f"{cmd}: {res.stderr}"
+    return res.stdout
+
+
+def der(pem_file, pubkey=False):
+    if pubkey:
+        return subprocess.run(["openssl", "x509", "-in", pem_file, "-noout", "-pubkey"],
+                              capture_output=True, check=True).stdout
+    return subprocess.run(["openssl", "x509", "-in", pem_file, "-outform", "DER"],
+                          capture_output=True, check=True).stdout
+
+
+def spki_sha256(pem_file):
+    pub = der(pem_file, pubkey=True)
+    d = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub,
+                       capture_output=True, check=True).stdout
+    return hashlib.sha256(d).hexdigest()
+
+
+class Env:
+    """Certificates, the two zones, nsd and unbound: made once for the file."""
+
+    def __init__(self):
+        self.wd = Workdir("sluice-dane-")
+        self.nsd = self.unbound = None
+        p = self.wd.path
+        os.chmod(p, 0o755)
+        try:
+            self._certs(p)
+            self._zones(p)
+            self._nsd(p)
+            self._unbound(p)
+        except BaseException:
+            self.close()
+            raise
+
+    def _self_signed(self, name, cn, extra=()):
+        p = self.wd.path
+        sh(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", f"/CN={cn}", "-keyout", f"{p}/{name}-key.pem",
+            "-out", f"{p}/{name}-cert.pem", *extra])
+        return f"{p}/{name}-cert.pem", f"{p}/{name}-key.pem"
+
+    def _certs(self, p):
+        self.certs = {}
+        # DANE-EE ignores names: this one names some other host.
+        self.certs["ee"] = self._self_signed("ee", "not-the-mx.example")
+        # DANE-TA: a CA, and a leaf for the MX host it issued; the receiver
+        # sends both.
+        ca, _ = self._self_signed("ca", "DANE test CA",
+                                  ["-addext", "basicConstraints=critical,CA:TRUE",
+                                   "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        self.ca = ca
+        sh(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-subj", "/CN=mx-ta.dane.test", "-keyout", f"{p}/ta-key.pem", "-out", f"{p}/ta.csr"])
+        with open(f"{p}/ta.ext", "w") as f:
+            f.write("subjectAltName=DNS:mx-ta.dane.test\n")
+        sh(["openssl", "x509", "-req", "-in", f"{p}/ta.csr", "-CA", ca, "-CAkey", f"{p}/ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{p}/ta.ext", "-out", f"{p}/ta-leaf.pem"])
+        with open(f"{p}/ta-cert.pem", "w") as out:
+            for f in (f"{p}/ta-leaf.pem", ca):
+                out.write(open(f).read())
+        self.certs["ta"] = (f"{p}/ta-cert.pem", f"{p}/ta-key.pem")
+        for n in ("bad", "bogus", "none", "plain", "other"):
+            self.certs[n] = self._self_signed(n, f"mx-{n}.dane.test")
+
+    def _zones(self, p):
+        ee = spki_sha256(self.certs["ee"][0])
+        ta = hashlib.sha256(der(self.ca)).hexdigest()
+        other = spki_sha256(self.certs["other"][0])  # no receiver has this key
+        bogus = spki_sha256(self.certs["bogus"][0])
+        soa = "@ 300 IN SOA ns.{z}. hostmaster.{z}. 1 3600 600 86400 300\n@ 300 IN NS ns.{z}.\n" \
+              "ns 300 IN A 127.0.0.1\n"
+        z = soa.format(z="dane.test")
+        for n in ("ee", "ta", "bad", "strip", "bogus", "none"):
+            z += f"{n} 300 IN MX 10 mx-{n}.dane.test.\nmx-{n} 300 IN A {ADDR[n]}\n"
+        z += f"_25._tcp.mx-ee 300 IN TLSA 3 1 1 {ee}\n"
+        z += f"_25._tcp.mx-ta 300 IN TLSA 2 0 1 {ta}\n"
+        z += f"_25._tcp.mx-bad 300 IN TLSA 3 1 1 {other}\n"
+        z += f"_25._tcp.mx-strip 300 IN TLSA 3 1 1 {other}\n"
+        z += f"_25._tcp.mx-bogus 300 IN TLSA 3 1 1 {bogus}\n"
+        # PKIX usages are ignored (RFC 7672 3.1.3): with only this beside a
+        # usable record, the usable one decides.
+        z += f"_25._tcp.mx-ee 300 IN TLSA 1 1 1 {other}\n"
+        with open(f"{p}/dane.test.zone", "w") as f:
+            f.write("$ORIGIN dane.test.\n" + z)
+        zp = soa.format(z="plain.test")
+        zp += f"x 300 IN MX 10 mx.plain.test.\nmx 300 IN A {ADDR['plain']}\n"
+        zp += f"_25._tcp.mx 300 IN TLSA 3 1 1 {other}\n"
+        with open(f"{p}/plain.test.zone", "w") as f:
+            f.write("$ORIGIN plain.test.\n" + zp)
+        ksk = sh(["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "dane.test"], cwd=p).strip()
+        zsk = sh(["ldns-keygen", "-a", "ECDSAP256SHA256", "dane.test"], cwd=p).strip()
+        sh(["ldns-signzone", "dane.test.zone", ksk, zsk], cwd=p)
+        self.anchor = f"{p}/{ksk}.ds"
+        # Break the TLSA of mx-bogus after signing: its RRSIG no longer
+        # matches, and the validating resolver calls the answer bogus.
+        signed = open(f"{p}/dane.test.zone.signed").read()
+        signed, n = re.subn(r"(_25\._tcp\.mx-bogus\.dane\.test\.\s+\d+\s+IN\s+TLSA\s+3 1 1 )(\w)",
+                            lambda m: m.group(1) + ("0" if m.group(2) != "0" else "1"), signed)
+        assert n == 1, "no TLSA of mx-bogus in the signed zone"
+        with open(f"{p}/dane.test.zone.signed", "w") as f:
+            f.write(signed)
+
+    def _nsd(self, p):
+        for _ in range(5):
+            self.nsd_port = free_port(kind=socket.SOCK_DGRAM)
+            conf = self.wd.file("nsd.conf", f"""server:
+  ip-address: 127.0.0.1@{self.nsd_port}
+  port: {self.nsd_port}
+  username: ""
+  chroot: ""
+  database: ""
+  zonesdir: "{p}"
+  pidfile: "{p}/nsd.pid"
+  xfrdfile: "{p}/xfrd.state"
+  xfrdir: "{p}"
+  zonelistfile: "{p}/zone.list"
+  logfile: "{p}/nsd.log"
+  server-count: 1
+  verbosity: 1
+remote-control:
+  control-enable: no
+zone:
+  name: dane.test
+  zonefile: dane.test.zone.signed
+zone:
+  name: plain.test
+  zonefile: plain.test.zone
+""")
+            self.nsd = subprocess.Popen([NSD, "-d", "-c", conf], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+            wait_until(lambda: self.nsd.poll() is not None or
+                       dns_query(self.nsd_port, "dane.test", 6, ad=False), WAIT, "nsd to answer")
+            if self.nsd.poll() is None:
+                return
+        raise AssertionError("nsd would not start: " + open(f"{p}/nsd.log").read()[-500:])
+
+    def _unbound(self, p):
+        for _ in range(5):
+            self.port = free_port(kind=socket.SOCK_DGRAM)
+            conf = self.wd.file("unbound.conf", f"""server:
+  interface: 127.0.0.1@{self.port}
+  port: {self.port}
+  do-daemonize: no
+  username: ""
+  chroot: ""
+  directory: "{p}"
+  pidfile: "{p}/unbound.pid"
+  use-syslog: no
+  logfile: "{p}/unbound.log"
+  verbosity: 1
+  val-log-level: 2
+  do-ip6: no
+  do-not-query-localhost: no
+  module-config: "validator iterator"
+  trust-anchor-file: "{self.anchor}"
+  domain-insecure: "plain.test"
+  local-zone: "test." nodefault
+  cache-max-ttl: 1
+  so-reuseport: no
+remote-control:
+  control-enable: no
+stub-zone:
+  name: "dane.test"
+  stub-addr: 127.0.0.1@{self.nsd_port}
+stub-zone:
+  name: "plain.test"
+  stub-addr: 127.0.0.1@{self.nsd_port}
+""")
+            self.unbound = subprocess.Popen([UNBOUND, "-d", "-c", conf],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda: self.unbound.poll() is not None or
+                       dns_query(self.port, "ee.dane.test", 15), WAIT, "unbound to answer")
+            if self.unbound.poll() is None:
+                break
+        else:
+            raise AssertionError("unbound would not start: " +
+                                 open(f"{p}/unbound.log").read()[-500:])
+        # The setup itself: validated where signed, not where not, bogus
+        # where broken. Otherwise the tests below prove nothing.
+        r = dns_query(self.port, "_25._tcp.mx-ee.dane.test", 52)
+        assert r is not None and r[0] == 0 and r[1] and r[2] == 2, f"TLSA of mx-ee: {r}"
+        r = dns_query(self.port, "_25._tcp.mx.plain.test", 52)
+        assert r is not None and r[0] == 0 and not r[1] and r[2] == 1, f"TLSA of plain: {r}"
+        r = dns_query(self.port, "_25._tcp.mx-bogus.dane.test", 52)
+        assert r is not None and r[0] == 2, f"TLSA of mx-bogus should be SERVFAIL: {r}"
+
+    def close(self):
+        for proc in (self.unbound, self.nsd):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.wd.cleanup()
+
+
+ENV = None
+
+
+def receiver(wd, name, port):
+    """A sluice on ADDR[name]:port offering STARTTLS with the case's cert."""
+    cert, key = ENV.certs[name]
+    conf = wd.file(f"mx-{name}.conf", f"""
+[server]
+workers = 1
+listen = {ADDR[name]}:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/mx-{name}-spool
+map_size = 64M
+[delivery]
+enabled = no
+[tls]
+cert_file = {cert}
+key_file = {key}
+""")
+    mx = Sluice(SLUICE, conf)
+    mx.wait_log("event=ready")
+    return mx
+
+
+class Relay:
+    """The sending sluice, resolving through unbound with dnssec = trust_ad,
+    and the receiver of one case."""
+
+    def __init__(self, case, domain_conf=""):
+        self.wd = Workdir("sluice-dane-run-")
+        self.d = self.mx = self.sink = None
+        try:
+            self.mx_port = free_port()
+            if case == "strip":
+                os.chmod(self.wd.path, 0o755)
+                os.makedirs(f"{self.wd.path}/sink", mode=0o777)
+                os.chmod(f"{self.wd.path}/sink", 0o777)
+                user = ["-u", "nobody"] if os.geteuid() == 0 else []
+                self.sink = subprocess.Popen(
+                    ["smtp-sink", *user, "-d", f"{self.wd.path}/sink/%M.",
+                     f"{ADDR[case]}:{self.mx_port}", "10"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_until(lambda: self.sink.poll() is not None or
+                           connectable(ADDR[case], self.mx_port), WAIT, "smtp-sink")
+                assert self.sink.poll() is None, "smtp-sink exited"
+            else:
+                self.mx = receiver(self.wd, case, self.mx_port)
+            self.port = free_port()
+            conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 1
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {self.wd.path}/spool
+map_size = 64M
+[delivery]
+remote_port = {self.mx_port}
+allow_networks = 127.0.0.0/8
+connect_timeout = 2s
+idle_timeout = 1s
+[dns]
+servers = 127.0.0.1:{ENV.port}
+dnssec = trust_ad
+[bounce]
+dsn = no
+[log]
+level = info
+{domain_conf}
+""")
+            self.d = Sluice(SLUICE, conf)
+            self.d.wait_log("event=ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def inject(self, rcpt):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(b"EHLO tester\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        s.sendall(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<%s>\r\nDATA\r\n" % rcpt.encode())
+        for _ in range(2):
+            line = f.readline()
+            assert line.startswith(b"250"), line
+        assert f.readline().startswith(b"354")
+        s.sendall(b"Subject: dane\r\n\r\nover DANE\r\n.\r\n")
+        line = f.readline()
+        assert line.startswith(b"250"), line
+        s.sendall(b"QUIT\r\n")
+        s.close()
+
+    def sink_files(self):
+        return os.listdir(f"{self.wd.path}/sink")
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                assert self.d.stop_clean() == 0
+        finally:
+            try:
+                if self.mx is not None and self.mx.proc.poll() is None:
+                    self.mx.stop_clean()
+            finally:
+                if self.sink is not None:
+                    self.sink.kill()
+                    self.sink.wait()
+                self.wd.cleanup()
+
+
+def connectable(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def delivered_case(case, domain, usage):
+    r = Relay(case)
+    try:
+        r.inject(f"a@{domain}")
+        line = r.d.wait_log("event=delivered", timeout=30)
+        assert 'tls="TLSv1.' in line, line
+        dane = r.d.wait_log("event=tls_dane", timeout=5)
+        assert "authenticated=yes" in dane and f"usage={usage}" in dane, dane
+        r.mx.wait_log("event=queued", timeout=10)
+    finally:
+        r.close()
+
+
+def test_dane_ee_match_delivers_authenticated():
+    delivered_case("ee", "ee.dane.test", "dane-ee")
+
+
+def test_dane_ta_chain_delivers_authenticated():
+    delivered_case("ta", "ta.dane.test", "dane-ta")
+
+
+def deferred_case(case, domain, expect, domain_conf=""):
+    r = Relay(case, domain_conf)
+    try:
+        r.inject(f"a@{domain}")
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert r.d.count_log("event=delivered") == 0, line
+        assert expect in line, line
+        if r.mx is not None:
+            assert r.mx.count_log("event=queued") == 0, r.mx.lines
+        else:
+            assert r.sink_files() == []
+        return r.d.lines[:]
+    finally:
+        r.close()
+
+
+def test_tlsa_mismatch_defers():
+    lines = deferred_case("bad", "bad.dane.test", "DANE: TLS handshake failed")
+    assert any("event=tls_failed" in ln and "tls_policy=dane" in ln and "TLSA" in ln
+               for ln in lines), "\n".join(lines[-20:])
+
+
+def test_stripped_starttls_defers_for_a_dane_host():
+    # tls = off for the domain: DANE comes first.
+    deferred_case("strip", "strip.dane.test", "DANE: TLS required by policy but STARTTLS not offered",
+                  "[domain strip.dane.test]\ntls = off\n")
+
+
+def test_bogus_tlsa_answer_defers():
+    deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test")
+
+
+def opportunistic_case(case, domain):
+    r = Relay(case)
+    try:
+        r.inject(f"a@{domain}")
+        line = r.d.wait_log("event=delivered", timeout=30)
+        assert 'tls="TLSv1.' in line, line
+        assert r.d.count_log("event=tls_dane") == 0
+        r.mx.wait_log("event=queued", timeout=10)
+    finally:
+        r.close()
+
+
+def test_signed_zone_without_tlsa_is_opportunistic():
+    opportunistic_case("none", "none.dane.test")
+
+
+def test_unsigned_zone_is_opportunistic_whatever_its_tlsa():
+    opportunistic_case("plain", "x.plain.test")
+
+
+def test_check_config_refuses_a_remote_resolver():
+    wd = Workdir("sluice-dane-cc-")
+    try:
+        conf = wd.file("c.conf", f"[queue]\npath = {wd.path}/spool\n[dns]\n"
+                       "servers = 192.0.2.53\ndnssec = trust_ad\n")
+        res = run([SLUICE, "-c", conf, "--check-config"])
+        assert res.returncode != 0 and "loopback" in res.stderr, res.stderr
+        conf = wd.file("d.conf", f"[queue]\npath = {wd.path}/spool\n[dns]\n"
+                       "servers = 127.0.0.1:5353\ndnssec = trust_ad\n")
+        res = run([SLUICE, "-c", conf, "--check-config"])
+        assert res.returncode == 0, res.stderr
+        assert "validating resolver" in res.stdout, res.stdout
+    finally:
+        wd.cleanup()
+
+
+if __name__ == "__main__":
+    ENV = Env()
+    try:
+        main([test_dane_ee_match_delivers_authenticated, test_dane_ta_chain_delivers_authenticated,
+              test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
+              test_bogus_tlsa_answer_defers, test_signed_zone_without_tlsa_is_opportunistic,
+              test_unsigned_zone_is_opportunistic_whatever_its_tlsa,
+              test_check_config_refuses_a_remote_resolver])
+    finally:
+        ENV.close()
