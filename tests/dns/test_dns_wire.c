@@ -2,7 +2,8 @@
  * test_dns_wire: the bounded DNS message reader (dns/wire.h) on messages
  * built byte by byte: compression, CNAME chains, negative answers with
  * SOA, null MX, odd names, and malformed input (pointer loops, forward
- * pointers, over-long names, every truncation of a valid message).
+ * pointers, over-long names, every truncation of a valid message), and
+ * the TLSA records and AD bit that DANE reads (RFC 6698, RFC 7672).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -382,6 +383,109 @@ test_every_truncation(void **state)
     }
 }
 
+static void
+tlsa_rr(struct mb *m, const char *owner, uint32_t ttl, unsigned u, unsigned sel, unsigned mt,
+        unsigned dlen, uint8_t fill)
+{
+    size_t at = rr(m, owner, WIRE_T_TLSA, ttl);
+    u8(m, u);
+    u8(m, sel);
+    u8(m, mt);
+    for (unsigned i = 0; i < dlen; i++)
+        u8(m, fill);
+    rr_end(m, at);
+}
+
+static void
+test_tlsa_records_and_ad(void **state)
+{
+    (void)state;
+    struct mb m;
+    struct wire_tlsa t[4];
+    uint32_t ttl = UINT32_MAX;
+    header(&m, 0, 3, 0, 0);
+    m.b[3] |= 0x20; /* AD */
+    question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
+    tlsa_rr(&m, "@12", 300, 3, 1, 1, 32, 0xAB);
+    tlsa_rr(&m, "_25._tcp.other.test", 10, 3, 1, 1, 32, 0xCD); /* another owner: ignored */
+    tlsa_rr(&m, "@12", 120, 2, 0, 2, 64, 0xEF);
+    assert_int_equal(wire_answer(m.b, m.n, "_25._tcp.mx.x.test", WIRE_T_TLSA, &ans), 0);
+    assert_true(ans.ad);
+    assert_int_equal(ans.rcode, 0);
+    assert_int_equal(wire_tlsa(m.b, m.n, ans.final, t, 4, &ttl), 2);
+    assert_int_equal(ttl, 120);
+    assert_int_equal(t[0].usage, 3);
+    assert_int_equal(t[0].selector, 1);
+    assert_int_equal(t[0].mtype, 1);
+    assert_int_equal(t[0].len, 32);
+    assert_int_equal(t[0].data[0], 0xAB);
+    assert_int_equal(t[0].data[31], 0xAB);
+    assert_int_equal(t[1].usage, 2);
+    assert_int_equal(t[1].mtype, 2);
+    assert_int_equal(t[1].len, 64);
+    assert_int_equal(t[1].data[63], 0xEF);
+    /* capped at max: the TTL of the dropped one still counts */
+    ttl = UINT32_MAX;
+    assert_int_equal(wire_tlsa(m.b, m.n, ans.final, t, 1, &ttl), 1);
+    assert_int_equal(ttl, 120);
+
+    /* no AD bit: read as not validated */
+    m.b[3] &= (uint8_t)~0x20;
+    assert_int_equal(wire_answer(m.b, m.n, "_25._tcp.mx.x.test", WIRE_T_TLSA, &ans), 0);
+    assert_false(ans.ad);
+
+    /* a CNAME to the records: they are read at the chain's end */
+    header(&m, 0, 2, 0, 0);
+    question(&m, "_25._tcp.mx.y.test", WIRE_T_TLSA);
+    size_t at = rr(&m, "@12", WIRE_T_CNAME, 60);
+    name(&m, "tlsa.y.test");
+    rr_end(&m, at);
+    tlsa_rr(&m, "tlsa.y.test", 300, 3, 0, 0, 5, 1);
+    assert_int_equal(wire_answer(m.b, m.n, "_25._tcp.mx.y.test", WIRE_T_TLSA, &ans), 0);
+    assert_string_equal(ans.final, "tlsa.y.test");
+    assert_int_equal(ans.chain, 1);
+    ttl = UINT32_MAX;
+    assert_int_equal(wire_tlsa(m.b, m.n, ans.final, t, 4, &ttl), 1);
+    assert_int_equal(t[0].len, 5);
+    assert_int_equal(ttl, 300);
+
+    /* no records: 0 */
+    header(&m, 0, 0, 0, 0);
+    question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
+    assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), 0);
+
+    /* three octets of rdata: no association data at all */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
+    tlsa_rr(&m, "@12", 300, 3, 1, 1, 0, 0);
+    assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), -EBADMSG);
+}
+
+static void
+test_tlsa_every_truncation(void **state)
+{
+    (void)state;
+    struct mb m;
+    struct wire_tlsa t[4];
+    header(&m, 0, 2, 0, 0);
+    question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
+    tlsa_rr(&m, "@12", 300, 3, 1, 1, 32, 0xAB);
+    tlsa_rr(&m, "@12", 300, 2, 1, 1, 32, 0xAC);
+    uint32_t ttl = UINT32_MAX;
+    assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), 2);
+    for (size_t len = 0; len < m.n; len++) {
+        uint8_t *cut = malloc(len ? len : 1);
+        memcpy(cut, m.b, len);
+        ttl = UINT32_MAX;
+        int rc = wire_tlsa(cut, len, "_25._tcp.mx.x.test", t, 4, &ttl);
+        /* never both records from a cut message: each one is whole or refused */
+        assert_true(rc == -EBADMSG || rc == 0 || rc == 1);
+        for (int i = 0; i < rc; i++)
+            assert_true(t[i].data + t[i].len <= cut + len);
+        free(cut);
+    }
+}
+
 int
 main(void)
 {
@@ -389,6 +493,7 @@ main(void)
         cmocka_unit_test(test_mx_with_compression), cmocka_unit_test(test_cname_chain),
         cmocka_unit_test(test_negative_answers),    cmocka_unit_test(test_odd_targets),
         cmocka_unit_test(test_malformed),           cmocka_unit_test(test_every_truncation),
+        cmocka_unit_test(test_tlsa_records_and_ad), cmocka_unit_test(test_tlsa_every_truncation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
