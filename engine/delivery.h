@@ -30,6 +30,9 @@ struct delivery_stats {
     uint64_t dsn_queued;                   /* DSNs committed to the spool */
     uint64_t connections;                  /* opened */
     uint64_t connect_failures;
+    uint64_t dane_authenticated;           /* TLS sessions authenticated by TLSA records */
+    uint64_t dane_failed;                  /* DANE hosts not used: no STARTTLS, no match,
+                                            * TLSA lookup failed */
     uint64_t transactions;
     uint64_t reused;                       /* transactions on a reused connection */
     uint64_t open;                         /* connections open now */

@@ -381,6 +381,8 @@ ops_counters(void *arg, struct stats_counters *out)
             out->delivered_tls += s->dlv.delivered_tls;
             out->conn_out_total += s->dlv.connections;
             out->conn_out_failed += s->dlv.connect_failures;
+            out->dane_authenticated += s->dlv.dane_authenticated;
+            out->dane_failed += s->dlv.dane_failed;
             out->conn_out_open += s->dlv.open;
             out->transactions += s->dlv.transactions;
             out->reused_transactions += s->dlv.reused;

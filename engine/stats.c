@@ -320,6 +320,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "inbound_total", c->conn_in_total);
     json_ku64(j, "outbound_total", c->conn_out_total);
     json_ku64(j, "outbound_failed", c->conn_out_failed);
+    json_ku64(j, "dane_authenticated", c->dane_authenticated);
+    json_ku64(j, "dane_failed", c->dane_failed);
     json_ku64(j, "transactions", c->transactions);
     json_ku64(j, "reused_transactions", c->reused_transactions);
     kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
@@ -626,6 +628,13 @@ static const struct metric metrics[] = {
      CTR(conn_out_total)},
     {"sluice_connections_outbound_failed_total", "counter",
      "Outbound SMTP connections that failed before a greeting.", CTR(conn_out_failed)},
+    {"sluice_connections_dane_authenticated_total", "counter",
+     "Outbound TLS sessions authenticated by the MX host's DNSSEC-validated TLSA records.",
+     CTR(dane_authenticated)},
+    {"sluice_connections_dane_failed_total", "counter",
+     "Outbound connections to DANE hosts given up: no STARTTLS, no TLSA match, TLSA lookup "
+     "failed.",
+     CTR(dane_failed)},
     {"sluice_connections_inbound_open", "gauge", "Inbound SMTP connections open.",
      CTR(conn_in_open)},
     {"sluice_connections_outbound_open", "gauge", "Outbound SMTP connections open.",

@@ -47,6 +47,7 @@
 #define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
 
 static void conn_handle(struct conn *c, int ev);
+static const struct dns_mx_host *conn_dane(const struct conn *c);
 static void conn_flush(struct conn *c);
 static void conn_next(struct conn *c);
 
@@ -562,6 +563,16 @@ conn_handle(struct conn *c, int ev)
         if (ev & SMTP_CLIENT_EV_TXN_DONE)
             conn_txn_done(c);
         if (ev & SMTP_CLIENT_EV_CLOSE) {
+            const struct smtp_outcome *so = smtp_client_session(&c->cli);
+            if (so != NULL && so->reason >= SMTP_REASON_TLS_UNAVAILABLE &&
+                so->reason <= SMTP_REASON_TLS_UNVERIFIED && conn_dane(c) != NULL) {
+                /* No STARTTLS, refused, a handshake or a TLSA match that
+                 * failed: the host stays unused, never plaintext. */
+                c->d->stats.dane_failed++;
+                log_msg(LOG_NOTICE, "conn=%llx event=dane_failed domain=%s mx=%s reason=%s",
+                        (unsigned long long)c->id, c->dest->name, c->mx,
+                        smtp_reason_str(so->reason));
+            }
             c->want_close = true;
             c->pending_ev = 0;
             break;
@@ -702,6 +713,8 @@ tls_in(struct conn *c)
                 c->tls_proto = info.protocol;
                 c->tls_cipher = info.cipher;
                 verified = info.verified;
+                if (conn_dane(c) != NULL && info.dane && verified)
+                    c->d->stats.dane_authenticated++;
                 if (conn_dane(c) != NULL)
                     log_msg(LOG_INFO,
                             "conn=%llx event=tls_dane domain=%s mx=%s authenticated=%s "
@@ -873,6 +886,7 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         /* RFC 7672 2.2: a TLSA lookup that failed for a validated MX name
          * (SERVFAIL, which is what a validating resolver says of a bogus
          * answer) may be an attack hiding the records: not this host. */
+        c->d->stats.dane_failed++;
         log_msg(LOG_NOTICE, "conn=%llx event=dane_tempfail domain=%s mx=%s addr=%s",
                 (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
         struct smtp_outcome o;

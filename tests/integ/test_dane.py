@@ -413,6 +413,7 @@ def deferred_case(case, domain, expect, domain_conf=""):
         line = r.d.wait_log("event=deferred", timeout=30)
         assert r.d.count_log("event=delivered") == 0, line
         assert expect in line, line
+        assert r.d.count_log("event=dane_failed") + r.d.count_log("event=dane_tempfail") >= 1
         if r.mx is not None:
             assert r.mx.count_log("event=queued") == 0, r.mx.lines
         else:
