@@ -128,7 +128,9 @@ struct setup {
 static int
 handshake(struct setup *s, enum mode m)
 {
-    struct tls_ctx *srv_ctx = m == DANE_EE ? s->srv_self : m == DANE_TA ? s->srv_chain : s->srv_leaf;
+    struct tls_ctx *srv_ctx = m == DANE_EE   ? s->srv_self
+                              : m == DANE_TA ? s->srv_chain
+                                             : s->srv_leaf;
     struct tls_conn *srv, *cli;
     int rc = tls_conn_new_server(srv_ctx, &srv);
     if (rc != 0)

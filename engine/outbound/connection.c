@@ -595,17 +595,17 @@ conn_handle(struct conn *c, int ev)
 /* ---- STARTTLS ---- */
 
 /* The MX host this connection goes to as DNS answered it, when DANE
- * decides its TLS (RFC 7672): validated TLSA records (TLS mandatory and
- * authenticated by them, whatever the domain's tls policy: DANE comes
- * first), or a failed TLSA lookup (the host may not be used). NULL:
- * the domain's policy decides. */
+ * decides its TLS (RFC 7672): validated TLSA records, so TLS is mandatory
+ * and authenticated by them, whatever the domain's tls policy (DANE comes
+ * first). NULL: the domain's policy decides. (A host whose TLSA lookup
+ * failed is never connected to: the scheduler skips it.) */
 static const struct dns_mx_host *
 conn_dane(const struct conn *c)
 {
     for (unsigned i = 0; c->answer != NULL && i < c->answer->nhosts; i++) {
         const struct dns_mx_host *h = &c->answer->hosts[i];
         if (h->name == c->mx)
-            return h->dane == DNS_DANE_SECURE || h->dane == DNS_DANE_TEMPFAIL ? h : NULL;
+            return h->dane == DNS_DANE_SECURE ? h : NULL;
     }
     return NULL;
 }
@@ -701,7 +701,10 @@ tls_in(struct conn *c)
                         "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
                         "detail=\"%s\"",
                         (unsigned long long)c->id, c->dest->name, c->mx,
-                        conn_dane(c) != NULL ? "dane" : "domain", tls_strerror(rc),
+                        conn_dane(c) != NULL                        ? "dane"
+                        : c->dest->pol->tls == DOMAIN_TLS_VERIFY ? "verify"
+                                                                   : "opportunistic",
+                        tls_strerror(rc),
                         tls_conn_error_str(c->tls));
                 conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
                 return;
@@ -882,27 +885,6 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     const struct dns_mx_host *dane = conn_dane(c);
-    if (dane != NULL && dane->dane == DNS_DANE_TEMPFAIL) {
-        /* RFC 7672 2.2: a TLSA lookup that failed for a validated MX name
-         * (SERVFAIL, which is what a validating resolver says of a bogus
-         * answer) may be an attack hiding the records: not this host. */
-        c->d->stats.dane_failed++;
-        log_msg(LOG_NOTICE, "conn=%llx event=dane_tempfail domain=%s mx=%s addr=%s",
-                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
-        struct smtp_outcome o;
-        memset(&o, 0, sizeof(o));
-        o.status = SMTP_STATUS_TEMPFAIL;
-        o.scope = SMTP_SCOPE_SESSION;
-        o.reason = SMTP_REASON_TLS_UNAVAILABLE;
-        o.enh = (struct smtp_enh){4, 7, 5};
-        snprintf(o.text, sizeof(o.text),
-                 "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
-                 c->mx);
-        sched_conn_event(c, POLICY_CONNECT_FAILED, &o);
-        conn_close(c, "dane_tempfail");
-        conn_maybe_free(c);
-        return;
-    }
     c->connected = true;
     struct sockaddr_storage local;
     socklen_t llen = sizeof(local);

@@ -1071,6 +1071,26 @@ dest_run_once(struct dest *t)
             }
             return;
         }
+        if (h->dane == DNS_DANE_TEMPFAIL) {
+            /* RFC 7672 2.2: the TLSA lookup of a validated MX name failed
+             * (SERVFAIL: what a validating resolver says of a bogus
+             * answer, or a timeout), which may be an attacker hiding the
+             * records: this host is not used. As an address that failed:
+             * the next one, and why, for the deferral when none is left. */
+            d->stats.dane_failed++;
+            log_msg(LOG_NOTICE, "event=dane_tempfail domain=%s mx=%s", t->name, h->name);
+            memset(&t->last_fail, 0, sizeof(t->last_fail));
+            t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+            t->last_fail.scope = SMTP_SCOPE_SESSION;
+            t->last_fail.reason = SMTP_REASON_TLS_UNAVAILABLE;
+            t->last_fail.enh = (struct smtp_enh){4, 7, 5};
+            snprintf(t->last_fail.text, sizeof(t->last_fail.text),
+                     "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
+                     h->name);
+            t->next_addr++;
+            t->failed_addrs++;
+            continue;
+        }
         struct source_pick pk;
         if (dest_source(t, h->name, a->sa.sa_family, &pk) == 0) {
             if (pk.other_family) {

@@ -394,6 +394,7 @@ def delivered_case(case, domain, usage):
         dane = r.d.wait_log("event=tls_dane", timeout=5)
         assert "authenticated=yes" in dane and f"usage={usage}" in dane, dane
         r.mx.wait_log("event=queued", timeout=10)
+        assert r.mx.count_log("event=connect ") >= 1  # what no_connect looks for
     finally:
         r.close()
 
@@ -406,7 +407,7 @@ def test_dane_ta_chain_delivers_authenticated():
     delivered_case("ta", "ta.dane.test", "dane-ta")
 
 
-def deferred_case(case, domain, expect, domain_conf=""):
+def deferred_case(case, domain, expect, domain_conf="", no_connect=False):
     r = Relay(case, domain_conf)
     try:
         r.inject(f"a@{domain}")
@@ -416,6 +417,9 @@ def deferred_case(case, domain, expect, domain_conf=""):
         assert r.d.count_log("event=dane_failed") + r.d.count_log("event=dane_tempfail") >= 1
         if r.mx is not None:
             assert r.mx.count_log("event=queued") == 0, r.mx.lines
+            if no_connect:
+                # a host whose TLSA lookup failed is not even connected to
+                assert r.mx.count_log("event=connect ") == 0, r.mx.lines
         else:
             assert r.sink_files() == []
         return r.d.lines[:]
@@ -436,7 +440,8 @@ def test_stripped_starttls_defers_for_a_dane_host():
 
 
 def test_bogus_tlsa_answer_defers():
-    deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test")
+    deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test",
+                  no_connect=True)
 
 
 def opportunistic_case(case, domain):

@@ -157,8 +157,8 @@ static void
 expect_ok(const struct result *r)
 {
     if (r->new_rc != 0 || r->srv_rc != 0 || r->cli_rc != 0)
-        fail_msg("new %d, handshake: server %s, client %s (%s)", r->new_rc,
-                 tls_strerror(r->srv_rc), tls_strerror(r->cli_rc), r->error);
+        fail_msg("new %d, handshake: server %s, client %s (%s)", r->new_rc, tls_strerror(r->srv_rc),
+                 tls_strerror(r->cli_rc), r->error);
 }
 
 static void
@@ -228,8 +228,7 @@ test_unusable(void **state)
     };
     assert_int_equal(tls_tlsa_usable(rr, 4), 0);
     struct tls_conn *c;
-    assert_int_equal(tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", rr, 4, NULL, NULL,
-                                              &c),
+    assert_int_equal(tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", rr, 4, NULL, NULL, &c),
                      -ENODATA);
     assert_null(c);
     /* a SHA-256 record of the wrong length: OpenSSL calls it unusable */
