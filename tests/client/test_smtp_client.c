@@ -781,6 +781,18 @@ sc_tls_required_fails(void)
                  "4.7.4");
         no_reuse();
     }
+    /* the policy that asked for TLS is named in the text (DANE) */
+    {
+        struct smtp_client_opts o = {.name = NAME, .tls = SMTP_CLIENT_TLS_VERIFY,
+                                     .tls_label = "DANE", .trace = on_trace};
+        start_opts(&o);
+        IN("220 mx\r\n", 0);
+        OUT("EHLO " NAME "\r\n");
+        IN(EHLO_FULL, EV_CLOSE);
+        OUT("QUIT\r\n");
+        assert_string_equal(smtp_client_session(&R.c)->text,
+                            "DANE: TLS required by policy but STARTTLS not offered");
+    }
     /* EHLO refused: HELO could not do TLS either */
     start(SMTP_CLIENT_TLS_REQUIRED);
     IN("220 mx\r\n", 0);
