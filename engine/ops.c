@@ -392,6 +392,9 @@ ops_counters(void *arg, struct stats_counters *out)
                 out->dns_lookups += s->dns.dns.lookups;
                 out->dns_cache_hits += s->dns.dns.hits;
                 out->dns_cache_entries += s->dns.dns.entries;
+                out->dns_tlsa_queries += s->dns.dns.tlsa_queries;
+                out->dns_tlsa_secure += s->dns.dns.tlsa_secure;
+                out->dns_tlsa_failed += s->dns.dns.tlsa_failed;
             }
         }
         uint64_t waiting = 0, bufs = 0, sites = 0, addrs = 0;

@@ -351,6 +351,9 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "cache_hits", c->dns_cache_hits);
     json_ku64(j, "cache_entries", c->dns_cache_entries);
     kdouble(j, "cache_hit_share", share(c->dns_cache_hits, c->dns_lookups));
+    json_ku64(j, "tlsa_queries", c->dns_tlsa_queries);
+    json_ku64(j, "tlsa_secure", c->dns_tlsa_secure);
+    json_ku64(j, "tlsa_failed", c->dns_tlsa_failed);
     json_obj_end(j);
 
     json_key(j, "redis");
@@ -657,6 +660,14 @@ static const struct metric metrics[] = {
     {"sluice_dns_cache_hits_total", "counter", "DNS lookups answered from the cache.",
      CTR(dns_cache_hits)},
     {"sluice_dns_cache_entries", "gauge", "Entries in the DNS cache.", CTR(dns_cache_entries)},
+    {"sluice_dns_tlsa_queries_total", "counter",
+     "TLSA queries for MX hosts of validated MX answers ([dns] dnssec = trust_ad).",
+     CTR(dns_tlsa_queries)},
+    {"sluice_dns_tlsa_secure_total", "counter", "MX hosts found with validated TLSA records.",
+     CTR(dns_tlsa_secure)},
+    {"sluice_dns_tlsa_failed_total", "counter",
+     "TLSA lookups that failed (SERVFAIL, bogus, timeout): the host is not used.",
+     CTR(dns_tlsa_failed)},
     {"sluice_dlog_events_total", "counter", "Delivery log events written.", CTR(dlog_events)},
     {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
      CTR(dlog_write_errors)},

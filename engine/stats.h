@@ -142,6 +142,7 @@ struct stats_counters {
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
+    uint64_t dns_tlsa_queries, dns_tlsa_secure, dns_tlsa_failed; /* DANE's TLSA lookups */
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;
     /* Recipients deferred, and bounced (expired ones included), by the
      * class of their failure ("rate_limited", "policy", ...), counted

@@ -23,6 +23,7 @@ which offers no STARTTLS.
                    insecure, so ignored: opportunistic, delivered
 """
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -333,6 +334,8 @@ dnssec = trust_ad
 dsn = no
 [log]
 level = info
+[stats]
+socket = {self.wd.path}/stats.sock
 {domain_conf}
 """)
             self.d = Sluice(SLUICE, conf)
@@ -358,6 +361,21 @@ level = info
         assert line.startswith(b"250"), line
         s.sendall(b"QUIT\r\n")
         s.close()
+
+    def stats(self):
+        """The stats socket's answer to "stats" (a dict)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(f"{self.wd.path}/stats.sock")
+            s.sendall(b"stats\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                assert chunk, "stats socket closed without an answer"
+                buf += chunk
+        doc = json.loads(buf)
+        assert doc.get("ok"), doc
+        return doc
 
     def sink_files(self):
         return os.listdir(f"{self.wd.path}/sink")
@@ -395,6 +413,10 @@ def delivered_case(case, domain, usage):
         assert "authenticated=yes" in dane and f"usage={usage}" in dane, dane
         r.mx.wait_log("event=queued", timeout=10)
         assert r.mx.count_log("event=connect ") >= 1  # what no_connect looks for
+        st = r.stats()
+        assert st["connections"]["dane_authenticated"] >= 1, st["connections"]
+        assert st["connections"]["dane_failed"] == 0, st["connections"]
+        assert st["dns"]["tlsa_secure"] >= 1 and st["dns"]["tlsa_failed"] == 0, st["dns"]
     finally:
         r.close()
 
@@ -415,6 +437,9 @@ def deferred_case(case, domain, expect, domain_conf="", no_connect=False):
         assert r.d.count_log("event=delivered") == 0, line
         assert expect in line, line
         assert r.d.count_log("event=dane_failed") + r.d.count_log("event=dane_tempfail") >= 1
+        st = r.stats()
+        assert st["connections"]["dane_failed"] >= 1, st["connections"]
+        assert st["connections"]["dane_authenticated"] == 0, st["connections"]
         if r.mx is not None:
             assert r.mx.count_log("event=queued") == 0, r.mx.lines
             if no_connect:
