@@ -109,8 +109,9 @@ struct conn {
     struct conn *next_idle;
     struct site *site;    /* owned reference: the site it was opened for */
     unsigned epoch;       /* its site's window epoch when it opened */
-    int tls_pol;          /* enum domain_tls it was opened with: a domain it
-                           * moves to must have the same */
+    int tls_pol;          /* enum domain_tls it was opened with, or -1 for DANE
+                           * (scheduler.c dest_tls_key): a domain it moves to
+                           * must have the same */
     bool addr_counted;    /* counted in the worker's per-address table */
     uint64_t id;          /* for the logs: conn=ID on each line */
     int fd;

@@ -292,6 +292,22 @@ dest_site(struct dest *t)
         site_window_set_ceiling(&s->win, t->pol->max_connections);
 }
 
+/* The TLS a connection to MX host mx must have to carry t's mail: t's
+ * policy, or DANE when t's own answer holds validated TLSA records for the
+ * host (RFC 7672). Domains of one site may differ there: a signed domain
+ * and an unsigned one naming the same MX host (DANE applies only through
+ * a validated MX answer), so an opportunistic connection opened for the
+ * one must not carry the other's mail. */
+#define TLS_KEY_DANE (-1)
+static int
+dest_tls_key(const struct dest *t, const char *mx)
+{
+    for (unsigned i = 0; t->mx != NULL && i < t->mx->nhosts; i++)
+        if (strcmp(t->mx->hosts[i].name, mx) == 0)
+            return t->mx->hosts[i].dane == DNS_DANE_SECURE ? TLS_KEY_DANE : t->pol->tls;
+    return t->pol->tls;
+}
+
 /* Hand an idle (or finishing) connection c to domain t of its site: the
  * domain's connection lease moves with it. False when t's own limits
  * refuse or its TLS policy differs from the one c was opened with. */
@@ -302,7 +318,7 @@ conn_move(struct conn *c, struct dest *t)
     struct dest *old = c->dest;
     if (old == t)
         return true;
-    if (t->pol->tls != c->tls_pol || t->site != c->site)
+    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol)
         return false;
     uint64_t retry_at;
     if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
@@ -1026,7 +1042,7 @@ dest_run_once(struct dest *t)
      * (the message rate): the others would not either. */
     while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
-        while (*pc != NULL && (*pc)->tls_pol != t->pol->tls)
+        while (*pc != NULL && (*pc)->tls_pol != dest_tls_key(t, (*pc)->mx))
             pc = &(*pc)->next_idle;
         struct conn *c = *pc;
         if (c == NULL)
@@ -1205,7 +1221,7 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     c->site->conns++;
     c->site->opened++;
     c->epoch = c->site->win.epoch;
-    c->tls_pol = t->pol->tls;
+    c->tls_pol = dest_tls_key(t, host->name);
     t->conns++;
     t->opening++;
     d->stats.open++;

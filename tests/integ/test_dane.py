@@ -158,6 +158,8 @@ class Env:
         zp = soa.format(z="plain.test")
         zp += f"x 300 IN MX 10 mx.plain.test.\nmx 300 IN A {ADDR['plain']}\n"
         zp += f"_25._tcp.mx 300 IN TLSA 3 1 1 {other}\n"
+        # an unsigned domain naming the DANE host: same site as ee.dane.test
+        zp += "y 300 IN MX 10 mx-ee.dane.test.\n"
         with open(f"{p}/plain.test.zone", "w") as f:
             f.write("$ORIGIN plain.test.\n" + zp)
         ksk = sh(["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "dane.test"], cwd=p).strip()
@@ -294,7 +296,7 @@ class Relay:
     """The sending sluice, resolving through unbound with dnssec = trust_ad,
     and the receiver of one case."""
 
-    def __init__(self, case, domain_conf=""):
+    def __init__(self, case, domain_conf="", idle="1s"):
         self.wd = Workdir("sluice-dane-run-")
         self.d = self.mx = self.sink = None
         try:
@@ -326,7 +328,7 @@ map_size = 64M
 remote_port = {self.mx_port}
 allow_networks = 127.0.0.0/8
 connect_timeout = 2s
-idle_timeout = 1s
+idle_timeout = {idle}
 [dns]
 servers = 127.0.0.1:{ENV.port}
 dnssec = trust_ad
@@ -452,6 +454,25 @@ def deferred_case(case, domain, expect, domain_conf="", no_connect=False):
         r.close()
 
 
+def test_dane_domain_never_rides_an_opportunistic_connection():
+    # y.plain.test (unsigned: no DANE) and ee.dane.test (DANE) name the same
+    # MX host, so they share a site and its idle connections. The
+    # opportunistic connection left idle by the first must not carry the
+    # second's mail: that one opens its own, authenticated.
+    r = Relay("ee", idle="60s")
+    try:
+        r.inject("a@y.plain.test")
+        r.d.wait_log("event=delivered", timeout=30)
+        assert r.d.count_log("event=tls_dane") == 0, r.d.lines[-10:]
+        r.inject("b@ee.dane.test")
+        r.d.wait_log_count("event=delivered", 2, timeout=30)
+        dane = r.d.wait_log("event=tls_dane", timeout=5)
+        assert "authenticated=yes" in dane and "domain=ee.dane.test" in dane, dane
+        assert r.mx.count_log("event=connect ") == 2, r.mx.lines
+    finally:
+        r.close()
+
+
 def test_tlsa_mismatch_defers():
     lines = deferred_case("bad", "bad.dane.test", "DANE: TLS handshake failed")
     assert any("event=tls_failed" in ln and "tls_policy=dane" in ln and "TLSA" in ln
@@ -509,6 +530,7 @@ if __name__ == "__main__":
     ENV = Env()
     try:
         main([test_dane_ee_match_delivers_authenticated, test_dane_ta_chain_delivers_authenticated,
+              test_dane_domain_never_rides_an_opportunistic_connection,
               test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
               test_bogus_tlsa_answer_defers, test_signed_zone_without_tlsa_is_opportunistic,
               test_unsigned_zone_is_opportunistic_whatever_its_tlsa,
