@@ -579,6 +579,8 @@ render_stats(const cJSON *st)
     table_row(&t, "  inbound total", fmt_count(st, "connections.inbound_total"), "");
     table_row(&t, "  outbound total", fmt_count(st, "connections.outbound_total"), "");
     table_row(&t, "  outbound failed", fmt_count(st, "connections.outbound_failed"), "");
+    table_row(&t, "  DANE authenticated", fmt_count(st, "connections.dane_authenticated"), "");
+    table_row(&t, "  DANE hosts given up", fmt_count(st, "connections.dane_failed"), "");
     table_row(&t, "  transactions", fmt_count(st, "connections.transactions"), "");
     table_row(&t, "  on reused connections", fmt_count(st, "connections.reused_transactions"),
               fmt_share(st, "connections.reuse_share"));
@@ -596,6 +598,9 @@ render_stats(const cJSON *st)
     table_row(&t, "  cache hits", fmt_count(st, "dns.cache_hits"),
               fmt_share(st, "dns.cache_hit_share"));
     table_row(&t, "  cache entries", fmt_count(st, "dns.cache_entries"), "");
+    table_row(&t, "  TLSA queries (DANE)", fmt_count(st, "dns.tlsa_queries"), "");
+    table_row(&t, "  MX hosts with validated TLSA", fmt_count(st, "dns.tlsa_secure"), "");
+    table_row(&t, "  TLSA lookups failed", fmt_count(st, "dns.tlsa_failed"), "");
     table_heading(&t, "Delivery log");
     table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
     table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");
