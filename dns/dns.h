@@ -15,7 +15,9 @@
  * order (equal preferences shuffled per lookup), the implicit MX of RFC
  * 5321 5.1 when there is none, the null MX of RFC 7505, and each host's
  * IPv4/IPv6 addresses (from the additional section when the server gave
- * them, else by A/AAAA queries; CNAMEs followed as resolvers do). A
+ * them, else by A/AAAA queries; CNAMEs followed as resolvers do), and,
+ * with dnssec = trust_ad and a validated MX answer, each host's TLSA
+ * records (_25._tcp.HOST) for DANE and whether they were validated. A
  * domain costs one lookup per TTL: answers are cached, and a request for
  * a domain whose lookup is in flight joins it.
  *

@@ -11,6 +11,13 @@
  *            +-NXDOMAIN-> not found
  *            +-SERVFAIL, timeout, refused, malformed-> retry
  *
+ * With [dns] dnssec = trust_ad every query carries the AD bit, and when
+ * the MX answer (or, for an implicit MX, its denial) came back with AD
+ * set, each host's TLSA records (_25._tcp.HOST) are asked beside its
+ * addresses: validated records, validated denial, unvalidated, or failed
+ * (SERVFAIL: a validating resolver's word for bogus) go into the result
+ * per host, and the records' TTL bounds the result's (RFC 7672 2.2).
+ *
  * The lookup counts its queries in flight (plus one while it is issuing
  * them, because c-ares may call back from inside ares_query); the answer
  * is built when the count drops to zero.

@@ -5,7 +5,7 @@
  * answers are read here: names with compression (pointers must go back,
  * so a message cannot loop), records of every section, and the analysis
  * of one answer (follow the CNAME chain from the question to the records
- * of the type asked).
+ * of the type asked), the AD bit, and TLSA records (RFC 6698) for DANE.
  *
  * Every read is checked against the message length; a malformed message
  * is -EBADMSG, never a crash. Names come out lowercased, dot-separated,

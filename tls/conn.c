@@ -18,6 +18,12 @@
  * buffers released (SSL_MODE_RELEASE_BUFFERS, ctx.c), what an idle conn
  * keeps is the SSL object and this struct.
  *
+ * A client conn checks the server one of three ways: not at all
+ * (opportunistic: the result is only recorded), against the ctx's CA store
+ * and the host name (verify), or against the MX host's TLSA records with
+ * OpenSSL's DANE matcher (tls_conn_new_client_dane, RFC 7672); a DANE
+ * conn's sessions are cached under a key that includes its records.
+ *
  * Threading: a conn is used by one thread at a time (its worker). The BIO
  * method is made once per process (pthread_once) and never changes.
  */

@@ -1,7 +1,8 @@
 /*
  * ctx: the OpenSSL contexts. A server ctx holds the submission certificate
- * and key; a client ctx holds the CA store that the verify policy trusts
- * and hands new sessions to the conn's cache. Both carry the protocol and
+ * and key; a client ctx holds the CA store that the verify policy trusts,
+ * has OpenSSL's DANE support enabled (for conns given TLSA records) and
+ * hands new sessions to the conn's cache. Both carry the protocol and
  * cipher settings of [tls] and the per-connection buffer size.
  *
  * Threading: a ctx is built on one thread and never changed afterwards, so

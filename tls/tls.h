@@ -3,7 +3,8 @@
  * The io_uring loop moves ciphertext between a socket and a tls_conn;
  * OpenSSL never sees a file descriptor and nothing here does I/O. This
  * module owns the OpenSSL contexts (server: the submission certificate;
- * client: the CA store for the verify policy), one SSL per connection with
+ * client: the CA store for the verify policy, and DANE: authentication by
+ * an MX host's TLSA records, RFC 7672), one SSL per connection with
  * its two bounded ciphertext buffers, and the client session cache that
  * resumes sessions per MX host.
  *

@@ -4,7 +4,8 @@
  * picked, drives the pure client machine of smtp_client.h (every state
  * transition traced at debug level), plain or over TLS after STARTTLS
  * (OpenSSL over memory BIOs: ciphertext in cin, out through
- * tls_conn_peek), streams the body from the spool in chunks, and when the
+ * tls_conn_peek; to an MX host with validated TLSA records, DANE decides:
+ * STARTTLS mandatory, authenticated by the records), streams the body from the spool in chunks, and when the
  * session is ready asks the scheduler for its next job (reuse: a job of
  * any domain of its site) or goes idle. Transaction outcomes go to
  * outcome.c; what a failed connect, a timeout or the end of the session
