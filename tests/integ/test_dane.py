@@ -9,13 +9,17 @@ offering STARTTLS with a certificate made here (openssl), or smtp-sink,
 which offers no STARTTLS.
 
   ee.dane.test     DANE-EE(3 1 1) of the receiver's key (its certificate
-                   names another host): delivered over TLS, authenticated
+                   names another host): delivered over TLS, authenticated;
+                   y.plain.test (unsigned) names the same MX host: its
+                   opportunistic connection never carries ee's mail
   ta.dane.test     DANE-TA(2 0 1) of a CA that issued the receiver's
                    certificate (sent as a chain): delivered, authenticated
   bad.dane.test    3 1 1 of some other key: deferred, the receiver sees
                    nothing
   strip.dane.test  TLSA published, receiver offers no STARTTLS: deferred,
-                   never sent in plaintext
+                   never sent in plaintext (tls = off for it: DANE first)
+  pkix.dane.test   only a PKIX-EE record (unusable for SMTP) to the same
+                   sink: TLS still mandatory, deferred
   bogus.dane.test  the TLSA record altered after signing (a validating
                    resolver answers SERVFAIL): deferred, host not used
   none.dane.test   signed zone, no TLSA: opportunistic TLS as before
@@ -153,6 +157,10 @@ class Env:
         # PKIX usages are ignored (RFC 7672 3.1.3): with only this beside a
         # usable record, the usable one decides.
         z += f"_25._tcp.mx-ee 300 IN TLSA 1 1 1 {other}\n"
+        # Validated records of which none is usable (PKIX-EE only): TLS is
+        # still mandatory (RFC 7672 2.2); this host is the STARTTLS-less sink.
+        z += f"pkix 300 IN MX 10 mx-pkix.dane.test.\nmx-pkix 300 IN A {ADDR['strip']}\n"
+        z += f"_25._tcp.mx-pkix 300 IN TLSA 1 1 1 {other}\n"
         with open(f"{p}/dane.test.zone", "w") as f:
             f.write("$ORIGIN dane.test.\n" + z)
         zp = soa.format(z="plain.test")
@@ -485,6 +493,11 @@ def test_stripped_starttls_defers_for_a_dane_host():
                   "[domain strip.dane.test]\ntls = off\n")
 
 
+def test_unusable_tlsa_still_makes_tls_mandatory():
+    deferred_case("strip", "pkix.dane.test",
+                  "DANE: TLS required by policy but STARTTLS not offered")
+
+
 def test_bogus_tlsa_answer_defers():
     deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test",
                   no_connect=True)
@@ -532,6 +545,7 @@ if __name__ == "__main__":
         main([test_dane_ee_match_delivers_authenticated, test_dane_ta_chain_delivers_authenticated,
               test_dane_domain_never_rides_an_opportunistic_connection,
               test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
+              test_unusable_tlsa_still_makes_tls_mandatory,
               test_bogus_tlsa_answer_defers, test_signed_zone_without_tlsa_is_opportunistic,
               test_unsigned_zone_is_opportunistic_whatever_its_tlsa,
               test_check_config_refuses_a_remote_resolver])
