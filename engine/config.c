@@ -12,6 +12,7 @@
 #include "engine/config.h"
 
 #include "engine/classify.h"
+#include "engine/shaping.h"
 #include "engine/events.h"
 
 #include <arpa/inet.h>
@@ -237,6 +238,32 @@ static const struct conf_key delivery_keys[] = {
     CONF_END,
 };
 
+#define SHP(f) offsetof(struct shaping_config, f)
+static const struct conf_key shaping_keys[] = {
+    {"enabled", CONF_BOOL, SHP(enabled), 0, 0, "yes",
+     "match receivers' replies against the shaping rules and act on them (suspend a source at "
+     "a destination group, back off, cap connections); actions are shared through [redis] url "
+     "with every node and kept in the spool (shaping.state) across restarts",
+     NULL},
+    {"rules", CONF_STRING, SHP(rules), 1, 4096, NULL,
+     "the operator's rules file (\"group NAME PATTERN...\" and \"rule NAME KEY=VALUE...\" "
+     "lines, see etc/shaping.rules), tried before the shipped rules; its groups and rules "
+     "replace shipped ones of the same name",
+     NULL},
+    {"builtin_rules", CONF_BOOL, SHP(builtin_rules), 0, 0, "yes",
+     "also use the shipped rules for the large receivers (Yahoo, Microsoft, Gmail, Comcast, "
+     "Orange, GMX/web.de, ...; etc/shaping.rules, built in)",
+     NULL},
+    {"node_name", CONF_STRING, SHP(node_name), 1, 63, NULL,
+     "this node's name in the origin of the actions it starts (default: [server] hostname)",
+     NULL},
+    {"stream_max", CONF_UINT, SHP(stream_max), 100, 10000000, "10000",
+     "changes the Redis stream PREFIXshaping:log keeps (nodes catch up from the hash of "
+     "active actions after a longer absence)",
+     NULL},
+    CONF_END,
+};
+
 #define RDS(f) offsetof(struct redis_config, f)
 static const struct conf_key redis_keys[] = {
     {"url", CONF_STRING, RDS(url), 1, 1024, NULL,
@@ -413,6 +440,8 @@ static const struct section sections[] = {
     SECTION("dns", "MX resolution and its cache, per worker", dns_conf_keys,
             struct dns_config, dns),
     SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
+    SECTION("shaping", "traffic shaping from receivers' replies, shared by every node",
+            shaping_keys, struct shaping_config, shaping),
     SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),
     SECTION("log", "the daemon log and the delivery log", log_keys, struct log_config, log),
     SECTION("bounce", "bounces and delivery status notifications", bounce_keys,
@@ -1571,6 +1600,35 @@ source_key_line(struct parse *p, unsigned i, const char *key)
     return p->cfg->sources[i].line;
 }
 
+/* [shaping]: the operator's rules file, then the shipped set, compiled
+ * once (a bad rule is an error of this config). */
+static int
+build_shaping(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    if (!cfg->shaping.enabled)
+        return 0;
+    if ((cfg->shaping_rules = shaping_rules_new()) == NULL)
+        return -ENOMEM;
+    char why[512];
+    int rc = 0;
+    if (cfg->shaping.rules != NULL)
+        rc = shaping_rules_add_file(cfg->shaping_rules, cfg->shaping.rules, why, sizeof(why));
+    if (rc == 0 && cfg->shaping.builtin_rules)
+        rc = shaping_rules_add_text(cfg->shaping_rules, shaping_builtin_rules,
+                                    "(built-in shaping.rules)", why, sizeof(why));
+    if (rc == -ENOMEM)
+        return -ENOMEM;
+    if (rc < 0) {
+        unsigned sec = 0;
+        while (strcmp(sections[sec].name, "shaping") != 0)
+            sec++;
+        perr(p, key_line(p, sec, "rules"), "[shaping] rules: %s", why);
+        return 0;
+    }
+    return shaping_rules_finish(cfg->shaping_rules);
+}
+
 /* Finish each [warmup] plan and put each [source] on its plan. */
 static void
 resolve_warmups(struct parse *p)
@@ -1691,6 +1749,8 @@ finish(struct parse *p)
     if (resolve_owners(p) < 0)
         return -ENOMEM;
     resolve_warmups(p);
+    if (build_shaping(p) < 0)
+        return -ENOMEM;
     if (build_dkim(p) < 0)
         return -ENOMEM;
     for (unsigned i = 0; i < cfg->nevents; i++)
@@ -1813,6 +1873,7 @@ config_free(struct config *cfg)
     }
     free(cfg->events);
     classify_free(cfg->classify);
+    shaping_rules_free(cfg->shaping_rules);
     dkim_keyring_unref(cfg->dkim_keys);
     free(cfg->path);
     free(cfg);

@@ -133,6 +133,15 @@ struct redis_config {
     uint64_t timeout;        /* ms */
 };
 
+/* [shaping]: traffic shaping that reacts to receivers' replies (shaping.h). */
+struct shaping_config {
+    bool enabled;
+    char *rules;             /* owned: the operator's rules file, tried first; NULL: none */
+    bool builtin_rules;      /* the shipped set (etc/shaping.rules) after the operator's */
+    char *node_name;         /* owned: this node in the actions' origin; NULL: [server] hostname */
+    unsigned stream_max;     /* entries the Redis stream of changes keeps */
+};
+
 struct stats_config {
     char *socket;            /* owned; NULL: no stats socket */
     unsigned socket_mode;    /* parsed from socket_mode_text */
@@ -234,6 +243,9 @@ struct config {
     struct log_config log;
     struct bounce_config bounce;
     struct suppress_config suppress;
+    struct shaping_config shaping;
+    struct shaping_rules *shaping_rules; /* owned: [shaping] rules, then the shipped set;
+                                          * NULL when [shaping] is off */
     struct classify *classify; /* owned: built-in rules, then [classify] ones first */
     struct domain_policy default_domain;
     struct domain_policy *domains; /* owned array, sorted by name */

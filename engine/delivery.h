@@ -42,6 +42,7 @@ struct delivery_stats {
     uint64_t mx_addresses;                 /* MX addresses connected now */
     uint64_t dests_evicted;                /* idle destinations forgotten */
     uint64_t source_holds;                 /* a pool's source held at a site (throttled) */
+    uint64_t shaping_quits;                /* connections that said goodbye as shaping said */
     uint64_t parked;                       /* jobs set aside now: their tenant or
                                             * campaign is suspended */
 };

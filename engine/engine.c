@@ -34,6 +34,7 @@
 #include "engine/server.h"
 #include "engine/suppress.h"
 #include "engine/warmup.h"
+#include "engine/shaping.h"
 
 struct start_msg {
     struct worker_msg m;
@@ -262,6 +263,22 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0 ||
         (rc = test_hook_warmup_clock(e, err, errlen)) < 0)
         goto fail;
+    if (cfg->shaping.enabled) {
+        /* Active actions are kept with the spool: same disk, same backups. */
+        char spath[PATH_MAX];
+        snprintf(spath, sizeof(spath), "%s/shaping.state", cfg->queue.path);
+        struct shaping_opts so = {
+            .state_path = spath,
+            .node = cfg->shaping.node_name ? cfg->shaping.node_name : cfg->server.hostname,
+            .redis_url = cfg->redis.url,
+            .redis_password = cfg->redis.password,
+            .key_prefix = cfg->redis.key_prefix,
+            .redis_timeout_ms = cfg->redis.timeout,
+            .stream_max = cfg->shaping.stream_max,
+        };
+        if ((rc = shaping_open(&so, &e->shaping, err, errlen)) < 0)
+            goto fail;
+    }
     if (e->suppress != NULL && e->oob.suppress == NULL)
         e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
     rc = load_users(e, err, errlen);
@@ -448,6 +465,7 @@ engine_stop(struct engine *e)
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;
     e->warmup = warmup_close(e->warmup);
+    e->shaping = shaping_close(e->shaping); /* after the workers: nobody asks */
     e->names = intern_free(e->names); /* after every worker: jobs hold ids */
     e->users = auth_db_unref(e->users);
     e->auth_limit = auth_limit_free(e->auth_limit);

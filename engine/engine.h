@@ -29,6 +29,7 @@ struct events;
 struct dlog_writer;
 struct stats_server;
 struct suppress;
+struct shaping;
 struct intern;
 
 /* Connections per client address, shared by all workers (accepting is
@@ -52,6 +53,8 @@ struct engine {
     struct queue *queue;       /* owned */
     struct suppress *suppress; /* owned: the suppression list; NULL when [suppress] is off */
     struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
+    struct shaping *shaping;   /* owned: active shaping actions (shaping.h); NULL when
+                                * [shaping] is off */
     struct intern *names;      /* owned: ids of tenants, pools, campaigns and sources
                                 * (common/intern.h), for jobs, stats and operations */
     bool warmup_test_hooks;    /* builds with test hooks, SLUICE_TEST_WARMUP_CLOCK set: the

@@ -12,6 +12,7 @@
 #include "engine/ops.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -36,6 +37,7 @@
 #include "engine/engine.h"
 #include "engine/resolver.h"
 #include "engine/server.h"
+#include "engine/shaping.h"
 #include "engine/suppress.h"
 #include "engine/stats.h"
 #include "engine/warmup.h"
@@ -304,6 +306,51 @@ merge_tenants(struct engine *e, const struct wstats *ws, struct stats_counters *
     free(all);
 }
 
+static int
+cmp_rule_hits(const void *a, const void *b)
+{
+    const struct stats_shaping_rule *x = a, *y = b;
+    return x->hits < y->hits ? 1 : x->hits > y->hits ? -1 : strcmp(x->name, y->name);
+}
+
+/* Shaping: active actions by kind, and the rules that fired most. */
+static void
+shaping_counters(struct engine *e, struct stats_counters *out)
+{
+    const struct config *cfg = e->cfg;
+    if (e->shaping == NULL)
+        return;
+    struct shaping_stats ss;
+    shaping_stats(e->shaping, &ss);
+    out->shaping_on = true;
+    out->shaping_redis = !ss.redis_on ? "off" : ss.redis_up ? "connected" : "unreachable";
+    for (unsigned k = 0; k < SHAPING_KIND_COUNT && k < 4; k++)
+        out->shaping_active[k] = ss.active[k];
+    out->shaping_started = ss.started;
+    out->shaping_ended = ss.ended;
+    out->shaping_hits = ss.hits;
+    out->shaping_published = ss.published;
+    out->shaping_received = ss.received;
+    unsigned nr = shaping_rules_count(cfg->shaping_rules), n = 0;
+    out->shaping_rules = nr;
+    for (unsigned i = 0; i < nr; i++) {
+        uint64_t h = shaping_rule_hit_count(cfg->shaping_rules, i);
+        if (h == 0)
+            continue;
+        struct stats_shaping_rule x = {.hits = h};
+        snprintf(x.name, sizeof(x.name), "%s", shaping_rule(cfg->shaping_rules, i)->name);
+        if (n < STATS_OWNERS_MAX) {
+            out->shaping_rule_hits[n++] = x;
+        } else if (h > out->shaping_rule_hits[n - 1].hits) {
+            out->shaping_rule_hits[n - 1] = x;
+        } else {
+            continue;
+        }
+        qsort(out->shaping_rule_hits, n, sizeof(x), cmp_rule_hits);
+    }
+    out->nshaping_rule_hits = n;
+}
+
 /* The warm-up plans' rows and the keeper's state. */
 static void
 warmup_counters(struct engine *e, struct stats_counters *out)
@@ -373,6 +420,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->oob_refused += s->srv.oob_refused;
             out->delivered += s->dlv.delivered;
             out->source_holds += s->dlv.source_holds;
+            out->shaping_quits += s->dlv.shaping_quits;
             out->parked += s->dlv.parked;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;
@@ -439,6 +487,7 @@ ops_counters(void *arg, struct stats_counters *out)
     }
     wcall_unref(c);
     warmup_counters(e, out);
+    shaping_counters(e, out);
     struct queue_counts qc;
     if (queue_counts(e->queue, &qc, NULL, NULL) == 0) {
         out->queue_msgs = qc.messages;
@@ -1580,6 +1629,169 @@ cmd_warmup(struct engine *e, const char *args, struct json *out, char *err, size
     return 0;
 }
 
+static void
+shaping_action_json(struct json *out, const struct shaping_action *a, uint64_t now)
+{
+    json_obj_begin(out);
+    json_kstr(out, "id", a->id);
+    json_kstr(out, "action", shaping_kind_str(a->kind));
+    if (a->kind == SHAPING_CAP)
+        json_ku64(out, "value", a->value);
+    json_kstr(out, "scope", shaping_scope_str(a->scope));
+    if (a->scope == SHAPING_SCOPE_SOURCE)
+        json_kstr(out, "source", a->source);
+    if (a->group[0] != '\0')
+        json_kstr(out, "group", a->group);
+    if (a->domain[0] != '\0')
+        json_kstr(out, "domain", a->domain);
+    json_kstr(out, "rule", a->rule);
+    json_kstr(out, "trigger", a->trigger);
+    json_kstr(out, "origin", a->origin);
+    json_key(out, "started");
+    json_time_ms(out, a->started_ms);
+    json_key(out, "until");
+    json_time_ms(out, a->until_ms);
+    json_ku64(out, "remaining_ms", a->until_ms > now ? a->until_ms - now : 0);
+    json_obj_end(out);
+}
+
+/* shaping [list] | shaping clear SEL | shaping KIND SCOPE... for=DURATION */
+static int
+cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    if (e->shaping == NULL) {
+        snprintf(err, errlen, "shaping is off ([shaping] enabled = no)");
+        return -1;
+    }
+    char buf[512];
+    snprintf(buf, sizeof(buf), "%s", args);
+    char *save = NULL, *w[8];
+    unsigned n = 0;
+    for (char *t = strtok_r(buf, " \t", &save); t != NULL && n < 8; t = strtok_r(NULL, " \t", &save))
+        w[n++] = t;
+    if (n == 0 || strcmp(w[0], "list") == 0) {
+        struct shaping_action *v;
+        size_t na;
+        if (shaping_list(e->shaping, &v, &na) < 0) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        struct shaping_stats ss;
+        shaping_stats(e->shaping, &ss);
+        uint64_t now = clock_unix_ms();
+        json_obj_begin(out);
+        json_kstr(out, "redis", !ss.redis_on ? "off" : ss.redis_up ? "connected" : "unreachable");
+        json_ku64(out, "rules", shaping_rules_count(e->cfg->shaping_rules));
+        json_key(out, "actions");
+        json_arr_begin(out);
+        for (size_t i = 0; i < na; i++)
+            shaping_action_json(out, &v[i], now);
+        json_arr_end(out);
+        json_obj_end(out);
+        free(v);
+        return 0;
+    }
+    if (strcmp(w[0], "clear") == 0) {
+        if (n != 2) {
+            snprintf(err, errlen, "usage: shaping clear ID|source=A|group=G|domain=D|rule=R|all");
+            return -1;
+        }
+        int k = shaping_clear(e->shaping, w[1]);
+        log_msg(LOG_NOTICE, "event=shaping_cleared by=operator selector=\"%s\" actions=%d", w[1], k);
+        json_obj_begin(out);
+        json_ku64(out, "cleared", (uint64_t)k);
+        json_obj_end(out);
+        return 0;
+    }
+    /* an action by hand */
+    struct shaping_action a;
+    memset(&a, 0, sizeof(a));
+    if (strcmp(w[0], "suspend") == 0) {
+        a.kind = SHAPING_SUSPEND;
+    } else if (strcmp(w[0], "backoff") == 0) {
+        a.kind = SHAPING_BACKOFF;
+    } else if (strncmp(w[0], "cap:", 4) == 0 && atoi(w[0] + 4) > 0) {
+        a.kind = SHAPING_CAP;
+        a.value = (unsigned)atoi(w[0] + 4);
+    } else {
+        snprintf(err, errlen, "shaping: list, clear, suspend, backoff or cap:N, not %.40s", w[0]);
+        return -1;
+    }
+    uint64_t for_ms = 0;
+    bool src = false, grp = false, dom = false;
+    for (unsigned i = 1; i < n; i++) {
+        if (strncmp(w[i], "source=", 7) == 0) {
+            unsigned char ab[16];
+            if (inet_pton(AF_INET, w[i] + 7, ab) != 1 && inet_pton(AF_INET6, w[i] + 7, ab) != 1) {
+                snprintf(err, errlen, "not a source address: %.60s", w[i] + 7);
+                return -1;
+            }
+            snprintf(a.source, sizeof(a.source), "%s", w[i] + 7);
+            src = true;
+        } else if (strncmp(w[i], "group=", 6) == 0 && w[i][6] != '\0') {
+            snprintf(a.group, sizeof(a.group), "%s", w[i] + 6);
+            grp = true;
+        } else if (strncmp(w[i], "domain=", 7) == 0 && domain_arg_ok(w[i] + 7)) {
+            for (size_t k = 0; w[i][7 + k] != '\0' && k + 1 < sizeof(a.domain); k++)
+                a.domain[k] = (char)tolower((unsigned char)w[i][7 + k]);
+            dom = true;
+        } else if (strncmp(w[i], "for=", 4) == 0) {
+            if (conf_parse_duration(w[i] + 4, &for_ms) != 0 || for_ms == 0) {
+                snprintf(err, errlen, "for=: not a duration: %.50s", w[i] + 4);
+                return -1;
+            }
+        } else {
+            snprintf(err, errlen, "shaping: unknown argument %.60s", w[i]);
+            return -1;
+        }
+    }
+    if (for_ms == 0 || !((src && grp && !dom) || (grp && !src && !dom) || (dom && !src && !grp))) {
+        snprintf(err, errlen, "usage: shaping %s source=A group=G | group=G | domain=D "
+                              "for=DURATION",
+                 w[0]);
+        return -1;
+    }
+    if (grp && strncmp(a.group, "mx:", 3) != 0 &&
+        shaping_rules_group_name(e->cfg->shaping_rules, 0) != NULL) {
+        bool known = false;
+        for (unsigned g = 0; g < shaping_rules_groups(e->cfg->shaping_rules); g++)
+            known = known || strcasecmp(shaping_rules_group_name(e->cfg->shaping_rules, g),
+                                        a.group) == 0;
+        if (!known) {
+            snprintf(err, errlen, "no group %.60s in the shaping rules (or mx:HOST)", a.group);
+            return -1;
+        }
+    }
+    a.scope = src ? SHAPING_SCOPE_SOURCE : grp ? SHAPING_SCOPE_GROUP : SHAPING_SCOPE_DOMAIN;
+    a.until_ms = clock_unix_ms() + for_ms;
+    snprintf(a.trigger, sizeof(a.trigger), "by the operator");
+    if (shaping_add(e->shaping, &a) < 0) {
+        snprintf(err, errlen, "too many shaping actions");
+        return -1;
+    }
+    struct shaping_action *v;
+    size_t na;
+    if (shaping_list(e->shaping, &v, &na) < 0) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    json_obj_begin(out);
+    json_key(out, "action");
+    size_t at = na;
+    for (size_t i = 0; i < na && at == na; i++)
+        if (strcmp(v[i].rule, "operator") == 0 && v[i].kind == a.kind && v[i].scope == a.scope &&
+            strcmp(v[i].source, a.source) == 0 && strcmp(v[i].group, a.group) == 0 &&
+            strcmp(v[i].domain, a.domain) == 0)
+            at = i;
+    if (at < na)
+        shaping_action_json(out, &v[at], clock_unix_ms());
+    else
+        json_null(out); /* ended meanwhile (a clear from another node) */
+    json_obj_end(out);
+    free(v);
+    return 0;
+}
+
 static int
 ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
             size_t errlen)
@@ -1599,6 +1811,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
         return cmd_suppress(e, args, out, err, errlen);
     if (strcmp(verb, "warmup") == 0)
         return cmd_warmup(e, args, out, err, errlen);
+    if (strcmp(verb, "shaping") == 0)
+        return cmd_shaping(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same. */
         kill(getpid(), SIGHUP);

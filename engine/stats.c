@@ -145,6 +145,35 @@ kcount(struct json *j, const char *k, uint64_t v)
     }
 }
 
+/* "shaping": active actions by kind, counters, the rules that fired. */
+static void
+render_shaping(struct json *j, const struct stats_counters *c)
+{
+    static const char *const kinds[4] = {"suspend", "backoff", "cap", "count"};
+    json_key(j, "shaping");
+    json_obj_begin(j);
+    json_kbool(j, "enabled", c->shaping_on);
+    json_kstr(j, "redis", c->shaping_redis != NULL ? c->shaping_redis : "off");
+    json_ku64(j, "rules", c->shaping_rules);
+    json_key(j, "active");
+    json_obj_begin(j);
+    for (unsigned k = 0; k < 4; k++)
+        json_ku64(j, kinds[k], c->shaping_active[k]);
+    json_obj_end(j);
+    json_ku64(j, "started", c->shaping_started);
+    json_ku64(j, "ended", c->shaping_ended);
+    json_ku64(j, "rule_hits", c->shaping_hits);
+    json_ku64(j, "published", c->shaping_published);
+    json_ku64(j, "received", c->shaping_received);
+    json_ku64(j, "connections_quit", c->shaping_quits);
+    json_key(j, "by_rule");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++)
+        json_ku64(j, c->shaping_rule_hits[i].name, c->shaping_rule_hits[i].hits);
+    json_obj_end(j);
+    json_obj_end(j);
+}
+
 /* "warmup": the keeper's state and one row per (source, group). */
 static void
 render_warmup(struct json *j, const struct stats_counters *c)
@@ -387,6 +416,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     render_owners(j, "pools", c->pools, c->npools, false);
     render_owners(j, "sources", c->sources, c->nsources, true);
     json_ku64(j, "source_holds", c->source_holds);
+    render_shaping(j, c);
     json_ku64(j, "parked", c->parked);
     json_key(j, "auth");
     json_obj_begin(j);
@@ -826,6 +856,8 @@ render_warmup_metrics(struct json *t, const struct stats_counters *c)
 
 /* sluice_{pool,source}_recipients_{delivered,deferred,bounced}_total
  * and sluice_source_connections_total: the busiest only (top_n). */
+static void render_shaping_metrics(struct json *t, const struct stats_counters *c);
+
 static void
 render_owner_metrics(struct json *t, const struct stats_counters *c)
 {
@@ -862,6 +894,46 @@ render_owner_metrics(struct json *t, const struct stats_counters *c)
     text_family(t, "sluice_source_holds_total", "counter",
                 "Times a pool's source was held at a site after a receiver pushed back.");
     text_printf(t, "sluice_source_holds_total %llu\n", (unsigned long long)c->source_holds);
+    render_shaping_metrics(t, c);
+}
+
+/* sluice_shaping_*: active actions by kind, actions started and ended,
+ * rule hits (per rule: those that fired, the most first). */
+static void
+render_shaping_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const char *const kinds[4] = {"suspend", "backoff", "cap", "count"};
+    if (!c->shaping_on)
+        return;
+    text_family(t, "sluice_shaping_active", "gauge",
+                "Shaping actions in force now (every node's, as this node applies them).");
+    for (unsigned k = 0; k < 4; k++)
+        text_printf(t, "sluice_shaping_active{kind=\"%s\"} %llu\n", kinds[k],
+                    (unsigned long long)c->shaping_active[k]);
+    text_family(t, "sluice_shaping_actions_started_total", "counter",
+                "Shaping actions that started on this node (its rules, other nodes', operators').");
+    text_printf(t, "sluice_shaping_actions_started_total %llu\n",
+                (unsigned long long)c->shaping_started);
+    text_family(t, "sluice_shaping_actions_ended_total", "counter",
+                "Shaping actions that ended (expired or cleared).");
+    text_printf(t, "sluice_shaping_actions_ended_total %llu\n",
+                (unsigned long long)c->shaping_ended);
+    text_family(t, "sluice_shaping_rule_hits_total", "counter",
+                "Receivers' replies that matched a shaping rule on this node.");
+    text_printf(t, "sluice_shaping_rule_hits_total %llu\n", (unsigned long long)c->shaping_hits);
+    if (c->nshaping_rule_hits > 0) {
+        text_family(t, "sluice_shaping_rule_matches_total", "counter",
+                    "Replies that matched each shaping rule on this node (the rules that fired).");
+        for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++) {
+            text_printf(t, "sluice_shaping_rule_matches_total{rule=\"");
+            text_label(t, c->shaping_rule_hits[i].name, sizeof(c->shaping_rule_hits[i].name));
+            text_printf(t, "\"} %llu\n", (unsigned long long)c->shaping_rule_hits[i].hits);
+        }
+    }
+    text_family(t, "sluice_shaping_connections_quit_total", "counter",
+                "Outbound connections that said goodbye because a shaping action said so.");
+    text_printf(t, "sluice_shaping_connections_quit_total %llu\n",
+                (unsigned long long)c->shaping_quits);
 }
 
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
@@ -1237,6 +1309,10 @@ static const struct command commands[] = {
      "the suppression list (see doc/sluicectl.md)", 1, 64, true},
     {"warmup", "", "warm-up plans: per source and group the day, allowance, taken, left", 0, 8,
      true},
+    {"shaping", "[list|clear ID|SCOPE|all|suspend|backoff|cap:N SCOPE for=DURATION]",
+     "traffic-shaping actions on every node: list them, clear them (by id, source=A, group=G, "
+     "domain=D, rule=R or all), or start one by hand (source=A group=G | group=G | domain=D)",
+     0, 8, true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},
 };

@@ -184,6 +184,18 @@ struct stats_counters {
     struct stats_owner sources[STATS_OWNERS_MAX]; /* likewise */
     unsigned nsources;
     uint64_t source_holds;  /* a pool's source held at a site after a receiver's push-back */
+    /* traffic shaping (engine/shaping.h) */
+    bool shaping_on;               /* [shaping] enabled */
+    const char *shaping_redis;     /* static: "off" | "connected" | "unreachable" */
+    uint64_t shaping_active[4];    /* by kind: suspend, backoff, cap, count */
+    uint64_t shaping_started, shaping_ended, shaping_hits, shaping_published,
+        shaping_received, shaping_quits;
+    unsigned shaping_rules;        /* rules loaded */
+    struct stats_shaping_rule {
+        char name[64];
+        uint64_t hits;
+    } shaping_rule_hits[STATS_OWNERS_MAX]; /* rules that fired, the most first */
+    unsigned nshaping_rule_hits;
     uint64_t parked;        /* jobs set aside now: tenant or campaign suspended */
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */

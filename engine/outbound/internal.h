@@ -516,6 +516,10 @@ void conn_pool_fini(struct pool *p);
 void job_finish(struct delivery *d, struct dest *t, struct job *j,
                 const struct queue_envelope *env, const struct smtp_client_rcpt *rc,
                 const struct smtp_outcome *all, const struct outcome_where *where);
+/* A reply o (not a delivery) from MX host mx to source src_id (0: the
+ * default) for t: the shaping rules may start an action (shaping.h). */
+void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
+                     const struct smtp_outcome *o);
 /* Every recipient of j (owned: freed) fails with o, without a session
  * (an outbound_ops fail). */
 void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,

@@ -18,11 +18,13 @@
 #include <strings.h>
 
 #include "common/clock.h"
+#include "common/intern.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/dlog.h"
 #include "engine/dsn.h"
 #include "engine/engine.h"
+#include "engine/shaping.h"
 #include "engine/outbound/internal.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
@@ -314,6 +316,30 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
  * sender (DSN). A temporary failure past the recipient's expiry is an
  * expiration; a deferral never reaches past it, so that a deferred
  * recipient comes due when it expires. */
+/* A receiver's reply that was not a delivery goes past the shaping rules
+ * (shaping.h): one that fires starts an action for the source, the
+ * destination group or the domain, on every node. */
+void
+outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
+                const struct smtp_outcome *o)
+{
+    struct engine *e = d->e;
+    const struct config *cfg = e->cfg;
+    if (e->shaping == NULL || cfg->shaping_rules == NULL || o->code < 400 || o->code > 599)
+        return;
+    struct shaping_reply rep = {
+        .code = o->code,
+        .enh_cls = o->enh.cls,
+        .enh_subject = o->enh.subject,
+        .enh_detail = o->enh.detail,
+        .text = o->text,
+        .mx = mx,
+        .domain = t->name,
+    };
+    const char *source = src_id != 0 ? intern_name(e->names, src_id) : "";
+    shaping_on_reply(e->shaping, cfg->shaping_rules, &rep, source ? source : "");
+}
+
 void
 job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
            const struct smtp_client_rcpt *rc, const struct smtp_outcome *all,
@@ -361,6 +387,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     /* per pool and source (outbound/scope.c; tenants: d->tenants above) */
     struct owner_count *oc_p = j->owner.pool ? owner_count(d, SCOPE_POOL, j->owner.pool) : NULL;
     struct owner_count *oc_s = where->src_id ? source_count(d, where->src_id) : NULL;
+    bool shaped = false;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -382,6 +409,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
                                    ? BOUNCE_OTHER
                                    : classify(cfg->classify, policy_source(o, where->src), o->code,
                                               &o->enh, o->text);
+        if (o->status != SMTP_STATUS_DELIVERED && o->code >= 400 && !shaped &&
+            policy_source(o, where->src) == CLASSIFY_REPLY) {
+            shaped = true; /* one reply per job: its recipients share it, or nearly */
+            outcome_shaping(d, t, where->mx, where->src_id, o);
+        }
         struct policy_rcpt pr;
         policy_rcpt(o, oc, where->src, now, expire,
                     o->status == SMTP_STATUS_TEMPFAIL ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)

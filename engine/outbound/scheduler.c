@@ -50,6 +50,7 @@
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
+#include "engine/shaping.h"
 #include "engine/warmup.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
@@ -709,13 +710,54 @@ source_family(const struct mx_policy *src)
     return strchr(src->pattern, ':') != NULL ? AF_INET6 : AF_INET;
 }
 
+/* What the active shaping actions (shaping.h) say about source src_id
+ * (0: the node's default source) sending to MX host mx for t: whether
+ * any applies, and when to look again (monotonic ns) in *recheck. */
+static bool
+dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_verdict *v,
+             uint64_t *recheck)
+{
+    struct delivery *d = t->d;
+    struct engine *e = d->e;
+    memset(v, 0, sizeof(*v));
+    if (e->shaping == NULL)
+        return false;
+    const char *src = src_id != 0 ? intern_name(e->names, src_id) : "";
+    uint64_t now_ms = clock_unix_ms();
+    if (!shaping_check(e->shaping, e->cfg->shaping_rules, src ? src : "", mx, t->name, now_ms, v))
+        return false;
+    *recheck = d->w->now + MS_TO_NS(v->recheck_ms > now_ms ? v->recheck_ms - now_ms : 1);
+    return true;
+}
+
+/* May a new connection of t go from src_id to mx, as shaping says? */
+static bool
+shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    if (!dest_shaping(t, src_id, mx, &v, &at))
+        return true;
+    if (!v.suspended && (v.cap == 0 || t->conns < v.cap))
+        return true;
+    if (at < *wait)
+        *wait = at;
+    return false;
+}
+
 int
 dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
 {
     struct delivery *d = t->d;
     memset(out, 0, sizeof(*out));
-    if (t->poolc == NULL || t->site == NULL)
-        return 1; /* the node's default source */
+    if (t->poolc == NULL || t->site == NULL) {
+        /* the node's default source, unless shaping holds it */
+        uint64_t wait = UINT64_MAX;
+        if (shaping_may_open(t, 0, mx, &wait))
+            return 1;
+        out->until = wait;
+        return 0;
+    }
     uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
     long best = -1; /* an index: site_source() may move the entries */
     unsigned bw = 0, held = 0, usable = 0;
@@ -730,6 +772,8 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
         uint32_t id = intern_id(d->e->names, ps->source->pattern);
         if (id == 0 || scope_suspended(d, SCOPE_SOURCE, id, now))
             continue;
+        if (!shaping_may_open(t, id, mx, &wait))
+            continue; /* suspended or capped at this destination by shaping */
         struct site_source *ss = site_source(t->site, id);
         if (ss == NULL)
             continue;
@@ -807,6 +851,24 @@ source_may_send(struct conn *c)
         return mine_w != 0 || others == 0;
     /* mine_sent / total against mine_w / wsum, with some slack */
     return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
+}
+
+/* May c take another transaction, as shaping says? Not while its source
+ * (or its destination group, or domain) is suspended, not a second one in
+ * backoff mode, not while its destination has more connections than a
+ * cap allows. */
+static bool
+shaping_may_send(struct conn *c)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    if (!dest_shaping(c->dest, c->src_id, c->mx, &v, &at))
+        return true;
+    if (v.suspended || (v.one_txn && c->nmsgs >= 1) || (v.cap != 0 && c->dest->conns > v.cap)) {
+        c->d->stats.shaping_quits++;
+        return false;
+    }
+    return true;
 }
 
 /* Source src_id rests at site (policy_source_hold) while the pool's
@@ -1243,7 +1305,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         t->failed_addrs = 0; /* this address works */
     }
     if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
-        !source_may_send(c)) {
+        !source_may_send(c) || !shaping_may_send(c)) {
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }

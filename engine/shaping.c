@@ -1,0 +1,1015 @@
+/*
+ * shaping: the active shaping actions of this process (see shaping.h),
+ * their expiry, their state file and their sharing through Redis.
+ *
+ * One table under one lock. An action's id is a hash of its rule and
+ * scope, so that the same rule firing for the same scope on two nodes
+ * (or twice on one) is one action: the later end wins. Workers read the
+ * table when they open a connection or start a transaction
+ * (shaping_check); while nothing is active an atomic count answers.
+ *
+ * The keeper thread, every KEEPER_TICK_MS or when woken:
+ *   - ends the actions whose time is over (logged: event=shaping_ended);
+ *   - writes the table to the state file in the spool (a temporary file,
+ *     fsync, rename) when it changed: actions survive a restart, with or
+ *     without Redis;
+ *   - with [redis] url: shares them. Why a stream and a hash, not pub/sub:
+ *     a hash (PREFIXshaping:active, id -> the action as one line) holds
+ *     what is active now, read whole (HGETALL) at every connect, so a
+ *     node that starts, or comes back after Redis was away, catches up on
+ *     everything however long it missed; a stream (PREFIXshaping:log,
+ *     capped at stream_max entries) carries each change (add, clear) in
+ *     order, read with XREAD BLOCK from the last id seen, so that every
+ *     node applies a change within one block (KEEPER_TICK_MS) of it. Pub/sub
+ *     would lose what is sent while a node is disconnected, and would need
+ *     the same hash anyway. What this node changed while Redis was away is
+ *     written to the hash when it is back (merged first: the later end wins).
+ *     The keeper's connection is blocking (hiredis sync API), off the
+ *     workers, as warmup.c's keeper.
+ *   - Redis away: the table keeps working on this node (local only), and
+ *     the keeper reconnects with backoff; event=shaping_redis_down/up.
+ *
+ * Threading: any thread; the keeper is the only one doing I/O.
+ */
+
+#include "engine/shaping.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "engine/redis.h"
+
+#define KEEPER_TICK_MS     100
+#define REDIS_BACKOFF_MAX  5000
+#define LINE_MAX_LEN       1024
+#define RECHECK_MAX_MS     1000 /* a worker asks again at least this often: clears from
+                                 * other nodes and operators act within it */
+
+struct outbox_item {
+    struct outbox_item *next;
+    bool clear;
+    struct shaping_action a;
+};
+
+struct shaping {
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    struct shaping_action *act; /* owned: nact entries */
+    size_t nact, cap;
+    _Atomic size_t live;        /* nact, read without the lock */
+    bool dirty;                 /* the state file is behind */
+    bool stop;
+    struct outbox_item *out, **out_tail; /* owned: changes to publish */
+    char *state_path;           /* owned, or NULL */
+    char node[64];
+    char instance[17];          /* this process: its own stream entries are skipped */
+    /* Redis (keeper only, but for redis_up) */
+    bool redis_on;
+    struct redis_endpoint ep;
+    char prefix[64];
+    uint64_t timeout_ms;
+    unsigned stream_max;
+    redisContext *rc;           /* owned: keeper's */
+    char last_id[64];           /* of the stream, read up to */
+    uint64_t next_try, backoff; /* mono ms */
+    bool redis_up;
+    pthread_t keeper;
+    bool keeper_started;
+    struct shaping_stats st;
+};
+
+/* ---- actions as text ---- */
+
+static void
+clean_copy(char *dst, size_t cap, const char *src)
+{
+    size_t n = 0;
+    for (; src != NULL && *src != '\0' && n + 1 < cap; src++)
+        dst[n++] = (*src == '\t' || *src == '\n' || *src == '\r' || (unsigned char)*src < 0x20)
+                       ? ' '
+                       : *src;
+    dst[n] = '\0';
+}
+
+int
+shaping_action_format(const struct shaping_action *a, char *buf, size_t cap)
+{
+    int n = snprintf(buf, cap,
+                     "id=%s\tkind=%s\tscope=%s\tvalue=%u\tsource=%s\tgroup=%s\tdomain=%s\t"
+                     "rule=%s\torigin=%s\tstarted=%llu\tuntil=%llu\ttrigger=%s",
+                     a->id, shaping_kind_str(a->kind), shaping_scope_str(a->scope), a->value,
+                     a->source, a->group, a->domain, a->rule, a->origin,
+                     (unsigned long long)a->started_ms, (unsigned long long)a->until_ms,
+                     a->trigger);
+    return n < 0 || (size_t)n >= cap ? -ENOSPC : n;
+}
+
+int
+shaping_action_parse(const char *line, struct shaping_action *a)
+{
+    memset(a, 0, sizeof(*a));
+    bool have_id = false, have_kind = false, have_until = false;
+    const char *s = line;
+    while (*s != '\0' && *s != '\n') {
+        const char *e = s;
+        while (*e != '\0' && *e != '\t' && *e != '\n')
+            e++;
+        const char *eq = memchr(s, '=', (size_t)(e - s));
+        if (eq != NULL) {
+            size_t kl = (size_t)(eq - s), vl = (size_t)(e - eq - 1);
+            char v[SHAPING_TEXT_MAX + 64];
+            if (vl >= sizeof(v))
+                vl = sizeof(v) - 1;
+            memcpy(v, eq + 1, vl);
+            v[vl] = '\0';
+#define KEY(k) (kl == sizeof(k) - 1 && memcmp(s, k, kl) == 0)
+            if (KEY("id")) {
+                have_id = strlen(v) == 16 && strspn(v, "0123456789abcdef") == 16;
+                memcpy(a->id, v, have_id ? 17 : 0);
+            } else if (KEY("kind")) {
+                for (unsigned k = 0; k < SHAPING_KIND_COUNT; k++)
+                    if (strcmp(v, shaping_kind_str((enum shaping_kind)k)) == 0) {
+                        a->kind = (enum shaping_kind)k;
+                        have_kind = true;
+                    }
+            } else if (KEY("scope")) {
+                for (unsigned k = 0; k < SHAPING_SCOPE_COUNT; k++)
+                    if (strcmp(v, shaping_scope_str((enum shaping_scope)k)) == 0)
+                        a->scope = (enum shaping_scope)k;
+            } else if (KEY("value")) {
+                a->value = (unsigned)strtoul(v, NULL, 10);
+            } else if (KEY("source")) {
+                clean_copy(a->source, sizeof(a->source), v);
+            } else if (KEY("group")) {
+                clean_copy(a->group, sizeof(a->group), v);
+            } else if (KEY("domain")) {
+                clean_copy(a->domain, sizeof(a->domain), v);
+            } else if (KEY("rule")) {
+                clean_copy(a->rule, sizeof(a->rule), v);
+            } else if (KEY("origin")) {
+                clean_copy(a->origin, sizeof(a->origin), v);
+            } else if (KEY("started")) {
+                a->started_ms = strtoull(v, NULL, 10);
+            } else if (KEY("until")) {
+                a->until_ms = strtoull(v, NULL, 10);
+                have_until = a->until_ms != 0;
+            } else if (KEY("trigger")) {
+                /* the last field: the rest of the line */
+                size_t tl = 0;
+                const char *t = eq + 1;
+                while (t[tl] != '\0' && t[tl] != '\n')
+                    tl++;
+                char tb[SHAPING_TEXT_MAX];
+                if (tl >= sizeof(tb))
+                    tl = sizeof(tb) - 1;
+                memcpy(tb, t, tl);
+                tb[tl] = '\0';
+                clean_copy(a->trigger, sizeof(a->trigger), tb);
+                break;
+            }
+#undef KEY
+        }
+        s = *e == '\t' ? e + 1 : e;
+    }
+    return have_id && have_kind && have_until ? 0 : -EINVAL;
+}
+
+/* ---- the table (under lock) ---- */
+
+static struct shaping_action *
+find(struct shaping *s, const char *id)
+{
+    for (size_t i = 0; i < s->nact; i++)
+        if (strcmp(s->act[i].id, id) == 0)
+            return &s->act[i];
+    return NULL;
+}
+
+static void
+log_started(const struct shaping_action *a, const char *how)
+{
+    uint64_t now = clock_unix_ms();
+    log_msg(LOG_NOTICE,
+            "event=shaping_started id=%s rule=%s kind=%s value=%u scope=%s source=%s group=%s "
+            "domain=%s for_ms=%llu origin=%s via=%s trigger=\"%s\"",
+            a->id, a->rule, shaping_kind_str(a->kind), a->value, shaping_scope_str(a->scope),
+            a->source[0] ? a->source : "-", a->group[0] ? a->group : "-",
+            a->domain[0] ? a->domain : "-",
+            (unsigned long long)(a->until_ms > now ? a->until_ms - now : 0), a->origin, how,
+            a->trigger);
+}
+
+static void
+log_ended(const struct shaping_action *a, const char *why)
+{
+    log_msg(LOG_NOTICE,
+            "event=shaping_ended id=%s rule=%s kind=%s scope=%s source=%s group=%s domain=%s "
+            "reason=%s",
+            a->id, a->rule, shaping_kind_str(a->kind), shaping_scope_str(a->scope),
+            a->source[0] ? a->source : "-", a->group[0] ? a->group : "-",
+            a->domain[0] ? a->domain : "-", why);
+}
+
+static void
+outbox_push(struct shaping *s, const struct shaping_action *a, bool clear)
+{
+    if (!s->redis_on)
+        return;
+    struct outbox_item *it = calloc(1, sizeof(*it));
+    if (it == NULL)
+        return; /* the hash is rewritten whole at the next reconnect */
+    it->a = *a;
+    it->clear = clear;
+    *s->out_tail = it;
+    s->out_tail = &it->next;
+}
+
+/* Insert or extend a (the later end wins). Returns 1 when new, 2 when
+ * extended, 0 when nothing changed, -ENOSPC when the table is full. */
+static int
+upsert(struct shaping *s, const struct shaping_action *a)
+{
+    struct shaping_action *x = find(s, a->id);
+    if (x != NULL) {
+        if (a->until_ms <= x->until_ms)
+            return 0;
+        x->until_ms = a->until_ms;
+        s->dirty = true;
+        return 2;
+    }
+    if (s->nact == SHAPING_ACTIONS_MAX)
+        return -ENOSPC;
+    if (s->nact == s->cap) {
+        size_t nc = s->cap ? s->cap * 2 : 16;
+        struct shaping_action *v = realloc(s->act, nc * sizeof(*v));
+        if (v == NULL)
+            return -ENOMEM;
+        s->act = v;
+        s->cap = nc;
+    }
+    s->act[s->nact++] = *a;
+    atomic_store(&s->live, s->nact);
+    s->st.active[a->kind < SHAPING_KIND_COUNT ? a->kind : SHAPING_COUNT]++;
+    s->st.started++;
+    s->dirty = true;
+    return 1;
+}
+
+static void
+remove_at(struct shaping *s, size_t i, const char *why)
+{
+    log_ended(&s->act[i], why);
+    enum shaping_kind k = s->act[i].kind;
+    if (s->st.active[k] > 0)
+        s->st.active[k]--;
+    s->st.ended++;
+    s->act[i] = s->act[--s->nact];
+    atomic_store(&s->live, s->nact);
+    s->dirty = true;
+}
+
+static void
+expire(struct shaping *s, uint64_t now)
+{
+    for (size_t i = 0; i < s->nact;) {
+        if (s->act[i].until_ms <= now)
+            remove_at(s, i, "expired");
+        else
+            i++;
+    }
+}
+
+/* ---- the id ---- */
+
+static uint64_t
+fnv(uint64_t h, const char *p)
+{
+    for (; *p != '\0'; p++) {
+        h ^= (unsigned char)*p;
+        h *= 0x100000001b3ULL;
+    }
+    h ^= 0xff;
+    h *= 0x100000001b3ULL;
+    return h;
+}
+
+static void
+make_id(struct shaping_action *a)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    h = fnv(h, a->rule);
+    h = fnv(h, shaping_scope_str(a->scope));
+    h = fnv(h, shaping_kind_str(a->kind));
+    h = fnv(h, a->source);
+    h = fnv(h, a->group);
+    h = fnv(h, a->domain);
+    snprintf(a->id, sizeof(a->id), "%016llx", (unsigned long long)h);
+}
+
+/* ---- what workers call ---- */
+
+int
+shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct shaping_reply *rep,
+                 const char *source)
+{
+    if (s == NULL || r == NULL)
+        return -1;
+    int i = shaping_rules_match(r, rep);
+    if (i < 0)
+        return -1;
+    shaping_rule_hit(r, (unsigned)i);
+    const struct shaping_rule_info *ri = shaping_rule(r, (unsigned)i);
+    struct shaping_action a;
+    memset(&a, 0, sizeof(a));
+    a.kind = ri->kind;
+    a.scope = ri->scope;
+    a.value = ri->value;
+    snprintf(a.rule, sizeof(a.rule), "%s", ri->name);
+    if (a.scope == SHAPING_SCOPE_DOMAIN) {
+        snprintf(a.domain, sizeof(a.domain), "%s", rep->domain ? rep->domain : "");
+    } else {
+        /* the rule's group, or the group of the MX host, or that host alone */
+        const char *g = ri->group;
+        int gi = g == NULL ? shaping_rules_group_of(r, rep->mx) : -1;
+        if (g == NULL && gi >= 0)
+            g = shaping_rules_group_name(r, (unsigned)gi);
+        if (g != NULL)
+            snprintf(a.group, sizeof(a.group), "%s", g);
+        else
+            snprintf(a.group, sizeof(a.group), "mx:%.59s", rep->mx ? rep->mx : "");
+        if (a.scope == SHAPING_SCOPE_SOURCE)
+            snprintf(a.source, sizeof(a.source), "%s", source ? source : "");
+    }
+    char text[SHAPING_TEXT_MAX];
+    char enh[24] = "";
+    if (rep->enh_cls != 0)
+        snprintf(enh, sizeof(enh), "%u.%u.%u ", rep->enh_cls, rep->enh_subject, rep->enh_detail);
+    snprintf(text, sizeof(text), "%u %s%s", rep->code, enh, rep->text ? rep->text : "");
+    clean_copy(a.trigger, sizeof(a.trigger), text);
+    make_id(&a);
+    uint64_t now = clock_unix_ms();
+    a.started_ms = now;
+    a.until_ms = now + (ri->for_ms ? ri->for_ms : 1);
+    pthread_mutex_lock(&s->lock);
+    snprintf(a.origin, sizeof(a.origin), "%s", s->node);
+    s->st.hits++;
+    if (a.kind == SHAPING_COUNT) {
+        pthread_mutex_unlock(&s->lock);
+        return i; /* counted: no action to keep or share */
+    }
+    struct shaping_action *old = find(s, a.id);
+    /* extended only by a tenth of its duration or more: a storm of the
+     * same reply is not a storm of writes */
+    bool worth = old == NULL || a.until_ms >= old->until_ms + ri->for_ms / 10 + 1;
+    int rc = worth ? upsert(s, &a) : 0;
+    if (rc == 1)
+        log_started(&a, "rule");
+    if (rc > 0) {
+        outbox_push(s, rc == 1 ? &a : find(s, a.id), false);
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return i;
+}
+
+static bool
+in_group(const struct shaping_rules *r, const char *group, const char *mx)
+{
+    if (mx == NULL || group[0] == '\0')
+        return false;
+    if (strncmp(group, "mx:", 3) == 0)
+        return strcasecmp(group + 3, mx) == 0;
+    return shaping_rules_in_group(r, group, mx);
+}
+
+bool
+shaping_check(struct shaping *s, const struct shaping_rules *r, const char *source,
+              const char *mx, const char *domain, uint64_t now_ms, struct shaping_verdict *v)
+{
+    memset(v, 0, sizeof(*v));
+    if (s == NULL || atomic_load_explicit(&s->live, memory_order_relaxed) == 0)
+        return false;
+    bool any = false;
+    uint64_t recheck = now_ms + RECHECK_MAX_MS;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->nact; i++) {
+        const struct shaping_action *a = &s->act[i];
+        if (a->until_ms <= now_ms || a->kind == SHAPING_COUNT)
+            continue;
+        bool applies;
+        switch (a->scope) {
+        case SHAPING_SCOPE_SOURCE:
+            applies = strcmp(a->source, source ? source : "") == 0 && in_group(r, a->group, mx);
+            break;
+        case SHAPING_SCOPE_GROUP:
+            applies = in_group(r, a->group, mx);
+            break;
+        case SHAPING_SCOPE_DOMAIN:
+        default:
+            applies = domain != NULL && strcasecmp(a->domain, domain) == 0;
+            break;
+        }
+        if (!applies)
+            continue;
+        any = true;
+        if (a->until_ms < recheck)
+            recheck = a->until_ms;
+        if (a->kind == SHAPING_SUSPEND) {
+            v->suspended = true;
+        } else {
+            unsigned cap = a->kind == SHAPING_BACKOFF ? 1 : a->value;
+            if (v->cap == 0 || cap < v->cap)
+                v->cap = cap;
+            if (a->kind == SHAPING_BACKOFF)
+                v->one_txn = true;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    v->recheck_ms = recheck;
+    return any;
+}
+
+/* ---- operators ---- */
+
+int
+shaping_add(struct shaping *s, const struct shaping_action *in)
+{
+    struct shaping_action a = *in;
+    if (a.rule[0] == '\0')
+        snprintf(a.rule, sizeof(a.rule), "operator");
+    make_id(&a);
+    a.started_ms = clock_unix_ms();
+    pthread_mutex_lock(&s->lock);
+    snprintf(a.origin, sizeof(a.origin), "%s", s->node);
+    struct shaping_action *old = find(s, a.id);
+    if (old != NULL) /* an operator's word sets the end, shorter or longer */
+        old->until_ms = a.until_ms;
+    int rc = old != NULL ? 2 : upsert(s, &a);
+    if (rc == 1)
+        log_started(&a, "operator");
+    if (rc > 0) {
+        s->dirty = true;
+        outbox_push(s, find(s, a.id), false);
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc < 0 ? rc : 0;
+}
+
+static bool
+selected(const struct shaping_action *a, const char *sel)
+{
+    if (strcmp(sel, "all") == 0 || strcmp(sel, a->id) == 0)
+        return true;
+    const char *eq = strchr(sel, '=');
+    if (eq == NULL)
+        return false;
+    size_t kl = (size_t)(eq - sel);
+    const char *v = eq + 1;
+    if (kl == 6 && strncmp(sel, "source", 6) == 0)
+        return strcmp(a->source, v) == 0 && a->scope == SHAPING_SCOPE_SOURCE;
+    if (kl == 5 && strncmp(sel, "group", 5) == 0)
+        return strcasecmp(a->group, v) == 0;
+    if (kl == 6 && strncmp(sel, "domain", 6) == 0)
+        return strcasecmp(a->domain, v) == 0;
+    if (kl == 4 && strncmp(sel, "rule", 4) == 0)
+        return strcmp(a->rule, v) == 0;
+    return false;
+}
+
+int
+shaping_clear(struct shaping *s, const char *sel)
+{
+    int n = 0;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->nact;) {
+        if (!selected(&s->act[i], sel)) {
+            i++;
+            continue;
+        }
+        outbox_push(s, &s->act[i], true);
+        remove_at(s, i, "cleared");
+        n++;
+    }
+    if (n > 0)
+        pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+int
+shaping_list(struct shaping *s, struct shaping_action **out, size_t *n)
+{
+    pthread_mutex_lock(&s->lock);
+    expire(s, clock_unix_ms());
+    *n = s->nact;
+    *out = malloc((s->nact ? s->nact : 1) * sizeof(**out));
+    if (*out != NULL && s->nact > 0)
+        memcpy(*out, s->act, s->nact * sizeof(**out));
+    pthread_mutex_unlock(&s->lock);
+    return *out != NULL ? 0 : -ENOMEM;
+}
+
+void
+shaping_stats(struct shaping *s, struct shaping_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (s == NULL)
+        return;
+    pthread_mutex_lock(&s->lock);
+    *out = s->st;
+    out->redis_on = s->redis_on;
+    out->redis_up = s->redis_up;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- the state file ---- */
+
+static void
+state_load(struct shaping *s)
+{
+    if (s->state_path == NULL)
+        return;
+    FILE *f = fopen(s->state_path, "r");
+    if (f == NULL)
+        return;
+    char line[LINE_MAX_LEN];
+    uint64_t now = clock_unix_ms();
+    unsigned n = 0, bad = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        struct shaping_action a;
+        if (shaping_action_parse(line, &a) < 0) {
+            bad++;
+            continue;
+        }
+        if (a.until_ms <= now)
+            continue;
+        if (upsert(s, &a) == 1) {
+            log_started(&a, "state_file");
+            n++;
+        }
+    }
+    fclose(f);
+    s->dirty = false;
+    log_msg(bad ? LOG_WARN : LOG_INFO, "event=shaping_state_loaded path=%s actions=%u bad_lines=%u",
+            s->state_path, n, bad);
+}
+
+static int
+state_write(struct shaping *s)
+{
+    pthread_mutex_lock(&s->lock);
+    size_t n = s->nact;
+    struct shaping_action *v = malloc((n ? n : 1) * sizeof(*v));
+    if (v != NULL && n > 0)
+        memcpy(v, s->act, n * sizeof(*v));
+    s->dirty = false;
+    pthread_mutex_unlock(&s->lock);
+    if (v == NULL)
+        return -ENOMEM;
+    char tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", s->state_path);
+    int rc = 0;
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL) {
+        rc = -errno;
+    } else {
+        char line[LINE_MAX_LEN];
+        for (size_t i = 0; i < n; i++)
+            if (shaping_action_format(&v[i], line, sizeof(line)) > 0)
+                fprintf(f, "%s\n", line);
+        if (fflush(f) != 0 || fsync(fileno(f)) != 0)
+            rc = -errno;
+        if (fclose(f) != 0 && rc == 0)
+            rc = -errno;
+        if (rc == 0 && rename(tmp, s->state_path) != 0)
+            rc = -errno;
+        if (rc < 0)
+            unlink(tmp);
+    }
+    free(v);
+    if (rc < 0) {
+        pthread_mutex_lock(&s->lock);
+        s->dirty = true;
+        pthread_mutex_unlock(&s->lock);
+        log_msg(LOG_ERR, "event=shaping_state_write_failed path=%s error=\"%s\"", s->state_path,
+                strerror(-rc));
+    }
+    return rc;
+}
+
+/* ---- Redis (the keeper) ---- */
+
+static void
+redis_drop(struct shaping *s, const char *why)
+{
+    if (s->rc != NULL)
+        redisFree(s->rc);
+    s->rc = NULL;
+    s->backoff = s->backoff ? s->backoff * 2 : KEEPER_TICK_MS;
+    if (s->backoff > REDIS_BACKOFF_MAX)
+        s->backoff = REDIS_BACKOFF_MAX;
+    s->next_try = clock_mono_ms() + s->backoff;
+    pthread_mutex_lock(&s->lock);
+    bool was = s->redis_up;
+    s->redis_up = false;
+    pthread_mutex_unlock(&s->lock);
+    if (was)
+        log_msg(LOG_WARN, "event=shaping_redis_down redis=%s error=\"%s\" note=local_only",
+                s->ep.addr, why);
+}
+
+static redisReply *
+cmd(struct shaping *s, int argc, const char **argv)
+{
+    redisReply *r = redisCommandArgv(s->rc, argc, argv, NULL);
+    if (r == NULL) {
+        redis_drop(s, s->rc->errstr[0] ? s->rc->errstr : "no reply");
+        return NULL;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        log_msg(LOG_WARN, "event=shaping_redis_error error=\"%s\"", r->str);
+        freeReplyObject(r);
+        return NULL;
+    }
+    return r;
+}
+
+static void
+key(struct shaping *s, char *out, size_t cap, const char *what)
+{
+    snprintf(out, cap, "%sshaping:%s", s->prefix, what);
+}
+
+/* Apply one action line from Redis. */
+static void
+apply_remote(struct shaping *s, const char *line, bool clear, const char *via)
+{
+    struct shaping_action a;
+    if (shaping_action_parse(line, &a) < 0)
+        return;
+    pthread_mutex_lock(&s->lock);
+    s->st.received++;
+    if (clear) {
+        for (size_t i = 0; i < s->nact; i++)
+            if (strcmp(s->act[i].id, a.id) == 0) {
+                remove_at(s, i, "cleared_elsewhere");
+                break;
+            }
+    } else if (a.until_ms > clock_unix_ms()) {
+        struct shaping_action *old = find(s, a.id);
+        if (old != NULL && strcmp(a.rule, "operator") == 0) {
+            if (old->until_ms != a.until_ms) { /* an operator sets the end */
+                old->until_ms = a.until_ms;
+                s->dirty = true;
+            }
+        } else if (upsert(s, &a) == 1) {
+            log_started(&a, via);
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+static int
+redis_publish(struct shaping *s, const struct shaping_action *a, bool clear)
+{
+    char line[LINE_MAX_LEN], hk[128], sk[128], maxlen[16];
+    if (shaping_action_format(a, line, sizeof(line)) < 0)
+        return 0;
+    key(s, hk, sizeof(hk), "active");
+    key(s, sk, sizeof(sk), "log");
+    snprintf(maxlen, sizeof(maxlen), "%u", s->stream_max);
+    redisReply *r;
+    if (clear) {
+        const char *argv[] = {"HDEL", hk, a->id};
+        r = cmd(s, 3, argv);
+    } else {
+        const char *argv[] = {"HSET", hk, a->id, line};
+        r = cmd(s, 4, argv);
+    }
+    if (r == NULL)
+        return s->rc == NULL ? -EIO : 0;
+    freeReplyObject(r);
+    const char *xa[] = {"XADD", sk, "MAXLEN", "~", maxlen, "*", "op", clear ? "clear" : "add",
+                        "node", s->instance, "a", line};
+    r = cmd(s, 12, xa);
+    if (r == NULL)
+        return s->rc == NULL ? -EIO : 0;
+    freeReplyObject(r);
+    pthread_mutex_lock(&s->lock);
+    s->st.published++;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+/* Connected: the stream's last id first (what follows is read after),
+ * then the hash (what is active), then ours that the hash lacks or holds
+ * shorter (made while Redis was away, or lost with it). */
+static int
+redis_catch_up(struct shaping *s)
+{
+    char hk[128], sk[128];
+    key(s, hk, sizeof(hk), "active");
+    key(s, sk, sizeof(sk), "log");
+    const char *xr[] = {"XREVRANGE", sk, "+", "-", "COUNT", "1"};
+    redisReply *r = cmd(s, 6, xr);
+    if (r == NULL)
+        return -EIO;
+    snprintf(s->last_id, sizeof(s->last_id), "0-0");
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 1 &&
+        r->element[0]->type == REDIS_REPLY_ARRAY && r->element[0]->elements == 2 &&
+        r->element[0]->element[0]->type == REDIS_REPLY_STRING)
+        snprintf(s->last_id, sizeof(s->last_id), "%s", r->element[0]->element[0]->str);
+    freeReplyObject(r);
+    const char *hg[] = {"HGETALL", hk};
+    if ((r = cmd(s, 2, hg)) == NULL)
+        return -EIO;
+    uint64_t now = clock_unix_ms();
+    char stale[64][17];
+    unsigned nstale = 0;
+    if (r->type == REDIS_REPLY_ARRAY)
+        for (size_t i = 0; i + 1 < r->elements; i += 2) {
+            const redisReply *v = r->element[i + 1];
+            if (v->type != REDIS_REPLY_STRING)
+                continue;
+            struct shaping_action a;
+            if (shaping_action_parse(v->str, &a) == 0 && a.until_ms <= now && nstale < 64)
+                snprintf(stale[nstale++], 17, "%s", a.id);
+            else
+                apply_remote(s, v->str, false, "redis_catch_up");
+        }
+    freeReplyObject(r);
+    for (unsigned i = 0; i < nstale; i++) {
+        const char *hd[] = {"HDEL", hk, stale[i]};
+        if ((r = cmd(s, 3, hd)) == NULL)
+            return -EIO;
+        freeReplyObject(r);
+    }
+    /* ours, merged: written back whole (idempotent) */
+    pthread_mutex_lock(&s->lock);
+    size_t n = s->nact;
+    struct shaping_action *v = malloc((n ? n : 1) * sizeof(*v));
+    if (v != NULL && n > 0)
+        memcpy(v, s->act, n * sizeof(*v));
+    /* what waited in the outbox is in the table (adds) or gone (clears):
+     * the clears still go out, the adds are covered by the rewrite */
+    struct outbox_item *o = s->out;
+    s->out = NULL;
+    s->out_tail = &s->out;
+    pthread_mutex_unlock(&s->lock);
+    int rc = 0;
+    for (; o != NULL;) {
+        struct outbox_item *nx = o->next;
+        if (o->clear && rc == 0)
+            rc = redis_publish(s, &o->a, true);
+        free(o);
+        o = nx;
+    }
+    for (size_t i = 0; rc == 0 && v != NULL && i < n; i++) {
+        char line[LINE_MAX_LEN];
+        if (shaping_action_format(&v[i], line, sizeof(line)) < 0)
+            continue;
+        const char *hs[] = {"HSET", hk, v[i].id, line};
+        if ((r = cmd(s, 4, hs)) == NULL) {
+            rc = -EIO;
+            break;
+        }
+        freeReplyObject(r);
+    }
+    free(v);
+    return rc;
+}
+
+static int
+redis_connect(struct shaping *s)
+{
+    if (s->rc != NULL)
+        return 0;
+    if (clock_mono_ms() < s->next_try)
+        return -EAGAIN;
+    struct timeval tv = {(time_t)(s->timeout_ms / 1000), (suseconds_t)(s->timeout_ms % 1000) * 1000};
+    s->rc = redisConnectWithTimeout(s->ep.ip, s->ep.port, tv);
+    if (s->rc == NULL || s->rc->err) {
+        if (s->rc == NULL) {
+            s->next_try = clock_mono_ms() + REDIS_BACKOFF_MAX;
+            return -ENOMEM;
+        }
+        redis_drop(s, s->rc->errstr);
+        return -ECONNREFUSED;
+    }
+    /* a blocking read of KEEPER_TICK_MS plus the command timeout */
+    struct timeval rtv = {(time_t)((s->timeout_ms + KEEPER_TICK_MS) / 1000),
+                          (suseconds_t)((s->timeout_ms + KEEPER_TICK_MS) % 1000) * 1000};
+    redisSetTimeout(s->rc, rtv);
+    if (s->ep.password != NULL) {
+        const char *a1[] = {"AUTH", s->ep.password};
+        const char *a2[] = {"AUTH", s->ep.user ? s->ep.user : "", s->ep.password};
+        redisReply *r = s->ep.user ? cmd(s, 3, a2) : cmd(s, 2, a1);
+        if (r == NULL) {
+            if (s->rc != NULL)
+                redis_drop(s, "AUTH refused");
+            return -EACCES;
+        }
+        freeReplyObject(r);
+    }
+    if (redis_catch_up(s) < 0) {
+        if (s->rc != NULL)
+            redis_drop(s, "catch-up failed");
+        return -EIO;
+    }
+    s->backoff = 0;
+    pthread_mutex_lock(&s->lock);
+    s->redis_up = true;
+    pthread_mutex_unlock(&s->lock);
+    log_msg(LOG_NOTICE, "event=shaping_redis_up redis=%s stream_from=%s", s->ep.addr, s->last_id);
+    return 0;
+}
+
+/* Read what others published since last_id, waiting up to one tick. */
+static void
+redis_read(struct shaping *s)
+{
+    char sk[128], block[16];
+    key(s, sk, sizeof(sk), "log");
+    snprintf(block, sizeof(block), "%d", KEEPER_TICK_MS);
+    const char *argv[] = {"XREAD", "COUNT", "256", "BLOCK", block, "STREAMS", sk, s->last_id};
+    redisReply *r = cmd(s, 8, argv);
+    if (r == NULL)
+        return;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 &&
+        r->element[0]->type == REDIS_REPLY_ARRAY && r->element[0]->elements == 2) {
+        const redisReply *ents = r->element[0]->element[1];
+        for (size_t i = 0; ents->type == REDIS_REPLY_ARRAY && i < ents->elements; i++) {
+            const redisReply *e = ents->element[i];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+                e->element[0]->type != REDIS_REPLY_STRING)
+                continue;
+            snprintf(s->last_id, sizeof(s->last_id), "%s", e->element[0]->str);
+            const redisReply *f = e->element[1];
+            const char *op = NULL, *node = NULL, *line = NULL;
+            for (size_t k = 0; f->type == REDIS_REPLY_ARRAY && k + 1 < f->elements; k += 2) {
+                if (f->element[k]->type != REDIS_REPLY_STRING ||
+                    f->element[k + 1]->type != REDIS_REPLY_STRING)
+                    continue;
+                const char *fk = f->element[k]->str, *fv = f->element[k + 1]->str;
+                if (strcmp(fk, "op") == 0)
+                    op = fv;
+                else if (strcmp(fk, "node") == 0)
+                    node = fv;
+                else if (strcmp(fk, "a") == 0)
+                    line = fv;
+            }
+            if (op == NULL || line == NULL || (node != NULL && strcmp(node, s->instance) == 0))
+                continue;
+            apply_remote(s, line, strcmp(op, "clear") == 0, "redis");
+        }
+    }
+    freeReplyObject(r);
+}
+
+static void
+redis_pass(struct shaping *s)
+{
+    if (redis_connect(s) < 0)
+        return;
+    pthread_mutex_lock(&s->lock);
+    struct outbox_item *o = s->out;
+    s->out = NULL;
+    s->out_tail = &s->out;
+    pthread_mutex_unlock(&s->lock);
+    bool failed = false;
+    while (o != NULL) {
+        struct outbox_item *nx = o->next;
+        if (!failed && redis_publish(s, &o->a, o->clear) < 0)
+            failed = true; /* the reconnect's catch-up rewrites the hash; clears are lost
+                            * to the stream but not to the hash */
+        free(o);
+        o = nx;
+    }
+    if (s->rc != NULL)
+        redis_read(s);
+}
+
+static void *
+keeper_main(void *arg)
+{
+    struct shaping *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->lock);
+        if (s->stop) {
+            pthread_mutex_unlock(&s->lock);
+            break;
+        }
+        expire(s, clock_unix_ms());
+        bool dirty = s->dirty;
+        bool wait = !s->redis_on || s->rc == NULL;
+        if (wait && s->out == NULL && !dirty) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += KEEPER_TICK_MS * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&s->cv, &s->lock, &ts);
+        }
+        pthread_mutex_unlock(&s->lock);
+        if (dirty && s->state_path != NULL)
+            state_write(s);
+        if (s->redis_on)
+            redis_pass(s);
+    }
+    if (s->state_path != NULL)
+        state_write(s);
+    return NULL;
+}
+
+int
+shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size_t errlen)
+{
+    struct shaping *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->out_tail = &s->out;
+    snprintf(s->node, sizeof(s->node), "%s", o->node ? o->node : "sluice");
+    uint64_t rnd = 0;
+    if (getrandom(&rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+        rnd = clock_unix_ms() ^ ((uint64_t)getpid() << 32);
+    snprintf(s->instance, sizeof(s->instance), "%016llx", (unsigned long long)rnd);
+    s->stream_max = o->stream_max ? o->stream_max : 10000;
+    s->timeout_ms = o->redis_timeout_ms ? o->redis_timeout_ms : 1000;
+    snprintf(s->prefix, sizeof(s->prefix), "%s", o->key_prefix ? o->key_prefix : "sluice:");
+    if (o->state_path != NULL && (s->state_path = strdup(o->state_path)) == NULL) {
+        shaping_close(s);
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if (o->redis_url != NULL) {
+        char e2[256];
+        int rc = redis_url_parse(o->redis_url, &s->ep, e2, sizeof(e2));
+        if (rc < 0) {
+            snprintf(err, errlen, "[shaping] redis: %s", e2);
+            shaping_close(s);
+            return rc;
+        }
+        if (o->redis_password != NULL) {
+            free(s->ep.password);
+            s->ep.password = strdup(o->redis_password);
+        }
+        s->redis_on = true;
+    }
+    state_load(s);
+    if (pthread_create(&s->keeper, NULL, keeper_main, s) != 0) {
+        snprintf(err, errlen, "cannot start the shaping keeper thread");
+        shaping_close(s);
+        return -EAGAIN;
+    }
+    s->keeper_started = true;
+    *out = s;
+    return 0;
+}
+
+struct shaping *
+shaping_close(struct shaping *s)
+{
+    if (s == NULL)
+        return NULL;
+    if (s->keeper_started) {
+        pthread_mutex_lock(&s->lock);
+        s->stop = true;
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->lock);
+        pthread_join(s->keeper, NULL);
+    }
+    if (s->rc != NULL)
+        redisFree(s->rc);
+    while (s->out != NULL) {
+        struct outbox_item *nx = s->out->next;
+        free(s->out);
+        s->out = nx;
+    }
+    free(s->ep.user);
+    free(s->ep.password);
+    free(s->act);
+    free(s->state_path);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+    return NULL;
+}

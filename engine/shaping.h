@@ -1,0 +1,185 @@
+/*
+ * shaping: traffic shaping that reacts to what receivers say, on every
+ * node. Two halves:
+ *
+ *   - rules (shaping_conf.c): reply patterns (basic code, enhanced code,
+ *     a POSIX regex on the text; scoped to a destination group, an MX
+ *     pattern or a recipient domain) mapped to an action for a duration.
+ *     A rule set is built while the config loads (the operator's file
+ *     first, then the shipped etc/shaping.rules) and immutable after:
+ *     shaping_rules_match() runs on any thread.
+ *   - actions (shaping.c): what the rules fired, here or on another node:
+ *     suspend, back off, cap connections or only count, for the source
+ *     that was refused at a destination group, the whole group, or a
+ *     recipient domain, until a wall-clock time. One table per process,
+ *     under a lock, read by the workers when they open a connection or
+ *     start a transaction (a lock-free count keeps that free while no
+ *     action is active). A keeper thread expires them, keeps them in a
+ *     file of the spool (shaping.state: they survive a restart) and shares
+ *     them through Redis (see shaping.c) so that every node applies them.
+ *
+ * Threading: shaping_rules_* as said above; struct shaping is
+ * thread-safe (workers, the stats thread, the keeper).
+ */
+#ifndef SLUICE_ENGINE_SHAPING_H
+#define SLUICE_ENGINE_SHAPING_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define SHAPING_NAME_MAX    64  /* rule and group names */
+#define SHAPING_TEXT_MAX    200 /* of a trigger reply kept with an action */
+#define SHAPING_PATTERNS_MAX 16 /* MX patterns per group */
+#define SHAPING_ACTIONS_MAX 4096 /* active at once, every node's */
+
+enum shaping_kind {
+    SHAPING_SUSPEND,  /* no new connection, open ones say goodbye */
+    SHAPING_BACKOFF,  /* one connection per destination and node, one transaction each */
+    SHAPING_CAP,      /* at most value connections per destination and node */
+    SHAPING_COUNT,    /* only counted (and shown) */
+    SHAPING_KIND_COUNT
+};
+
+enum shaping_scope {
+    SHAPING_SCOPE_SOURCE, /* the source address refused, at the rule's destination group */
+    SHAPING_SCOPE_GROUP,  /* every source, at the destination group (the site) */
+    SHAPING_SCOPE_DOMAIN, /* the recipient domain, every source */
+    SHAPING_SCOPE_COUNT
+};
+
+const char *shaping_kind_str(enum shaping_kind k);
+const char *shaping_scope_str(enum shaping_scope s);
+
+/* ---- rules (shaping_conf.c) ---- */
+
+struct shaping_rules;
+
+/* A reply to match, and where it was met. */
+struct shaping_reply {
+    unsigned code;                 /* 421 */
+    unsigned enh_cls, enh_subject, enh_detail; /* 4.7.0; cls 0: none */
+    const char *text;              /* the reply text (at most SMTP_REPLY_TEXT_MAX used) */
+    const char *mx;                /* the MX host's name, or NULL */
+    const char *domain;            /* the recipient domain, or NULL */
+};
+
+/* A rule as loaded. */
+struct shaping_rule_info {
+    const char *name;
+    const char *group;  /* the destination group it is scoped to, or NULL (any host) */
+    enum shaping_kind kind;
+    enum shaping_scope scope;
+    unsigned value;     /* SHAPING_CAP: connections */
+    uint64_t for_ms;
+    const char *origin; /* "FILE:LINE" */
+};
+
+struct shaping_rules *shaping_rules_new(void);
+struct shaping_rules *shaping_rules_free(struct shaping_rules *r);
+/* Add the groups and rules of text (a rules file's contents; origin names
+ * it in messages). The first definition of a group wins, so an
+ * operator's file loaded first redefines a shipped group. Returns 0, or
+ * -EINVAL with "ORIGIN:LINE: why" in err, -ENOMEM. */
+int shaping_rules_add_text(struct shaping_rules *r, const char *text, const char *origin,
+                           char *err, size_t errlen);
+/* ... from a file. */
+int shaping_rules_add_file(struct shaping_rules *r, const char *path, char *err, size_t errlen);
+/* Build the index; no rule is added after. Returns 0 or -ENOMEM. */
+int shaping_rules_finish(struct shaping_rules *r);
+unsigned shaping_rules_count(const struct shaping_rules *r);
+unsigned shaping_rules_groups(const struct shaping_rules *r);
+const struct shaping_rule_info *shaping_rule(const struct shaping_rules *r, unsigned i);
+/* The first rule (in load order) that rep matches, or -1. Costs one look
+ * at the rules of rep's code and group whose literal (the regex's longest
+ * fixed run) occurs in the text, and one regexec for each of those. */
+int shaping_rules_match(const struct shaping_rules *r, const struct shaping_reply *rep);
+/* The index of the group host belongs to (the first defining it), or -1. */
+int shaping_rules_group_of(const struct shaping_rules *r, const char *host);
+/* Does host belong to group name (false when no such group)? */
+bool shaping_rules_in_group(const struct shaping_rules *r, const char *group, const char *host);
+const char *shaping_rules_group_name(const struct shaping_rules *r, unsigned g);
+/* Hits of rule i since the rule set was loaded (atomic: any thread). */
+uint64_t shaping_rule_hit_count(const struct shaping_rules *r, unsigned i);
+void shaping_rule_hit(const struct shaping_rules *r, unsigned i);
+
+/* The shipped rule set (etc/shaping.rules, embedded at build time). */
+extern const char shaping_builtin_rules[];
+extern const size_t shaping_builtin_rules_len;
+
+/* ---- actions (shaping.c) ---- */
+
+struct shaping_action {
+    char id[17];                    /* 16 hex: the same rule and scope give the same id
+                                     * on every node */
+    enum shaping_kind kind;
+    enum shaping_scope scope;
+    unsigned value;                 /* SHAPING_CAP */
+    char source[64];                /* SHAPING_SCOPE_SOURCE: the address ("" default) */
+    char group[SHAPING_NAME_MAX];   /* SOURCE and GROUP scopes */
+    char domain[256];               /* SHAPING_SCOPE_DOMAIN */
+    char rule[SHAPING_NAME_MAX];    /* the rule, or "operator" */
+    char trigger[SHAPING_TEXT_MAX]; /* the reply that fired it */
+    char origin[64];                /* the node it was fired on */
+    uint64_t started_ms, until_ms;  /* Unix ms */
+};
+
+struct shaping;
+struct shaping_opts {
+    const char *state_path;  /* where active actions are kept (NULL: memory only) */
+    const char *node;        /* this node's name, for origin */
+    const char *redis_url;   /* NULL: local only */
+    const char *redis_password;
+    const char *key_prefix;  /* "sluice:" */
+    uint64_t redis_timeout_ms;
+    unsigned stream_max;     /* entries the Redis stream keeps */
+};
+
+/* Load the state file, start the keeper thread. Returns 0 or a negative
+ * code with a message in err. */
+int shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size_t errlen);
+/* Stop the keeper (the state is written), free. Returns NULL. */
+struct shaping *shaping_close(struct shaping *s);
+
+/* A reply met on a worker: when rule fires, its action starts (or is
+ * extended) for scope; rules is borrowed for the call. Returns the rule's
+ * index, or -1. */
+int shaping_on_reply(struct shaping *s, const struct shaping_rules *r,
+                     const struct shaping_reply *rep, const char *source);
+
+/* What the active actions say about a connection from source (the
+ * address, "" for the node's default) to MX host mx for domain at
+ * now_ms. */
+struct shaping_verdict {
+    bool suspended;     /* no new connection, no new transaction */
+    unsigned cap;       /* connections per destination (0: no cap) */
+    bool one_txn;       /* backoff: one transaction per connection */
+    uint64_t recheck_ms; /* Unix ms by which to ask again (an action ends or may be cleared) */
+};
+/* Fills v and returns whether any action applies. Lock-free while no
+ * action is active. */
+bool shaping_check(struct shaping *s, const struct shaping_rules *r, const char *source,
+                   const char *mx, const char *domain, uint64_t now_ms, struct shaping_verdict *v);
+
+/* Operators: an action by hand (rule "operator"), cluster-wide. */
+int shaping_add(struct shaping *s, const struct shaping_action *a);
+/* Clear the actions that sel names: an id, "all", or SCOPE=NAME
+ * (source=ADDR, group=G, domain=D); cluster-wide. Returns how many. */
+int shaping_clear(struct shaping *s, const char *sel);
+/* A copy of the active actions (malloc'ed, the caller frees) in *out. */
+int shaping_list(struct shaping *s, struct shaping_action **out, size_t *n);
+
+struct shaping_stats {
+    uint64_t active[SHAPING_KIND_COUNT];
+    uint64_t started, ended, hits, published, received;
+    bool redis_on, redis_up;
+};
+void shaping_stats(struct shaping *s, struct shaping_stats *out);
+
+/* Lines of the state file and the Redis values: one action as text
+ * (tab-separated key=value) and back. */
+int shaping_action_format(const struct shaping_action *a, char *buf, size_t cap);
+int shaping_action_parse(const char *line, struct shaping_action *a);
+
+#endif

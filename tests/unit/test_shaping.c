@@ -1,0 +1,405 @@
+/*
+ * shaping: rules files (groups, every key, the errors an operator gets),
+ * matching of the large receivers' real replies against the shipped
+ * rules (and replies that must not match), the operator's rules and
+ * groups first, the literal prefilter never hiding a match, 1,000 rules;
+ * actions as text and back; actions kept in the state file across a
+ * close and open; two instances sharing one real redis-server: an action
+ * reaches the other within a second, a clear likewise, a late starter
+ * catches up from the hash.
+ *
+ * Threading: the keeper threads of the instances; redis-server is
+ * started before any of them (never fork with threads running).
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "common/clock.h"
+#include "engine/shaping.h"
+#include "tests/support/redis_server.h"
+
+static struct shaping_rules *
+load(const char *text, char *err, size_t errlen, bool builtin)
+{
+    struct shaping_rules *r = shaping_rules_new();
+    assert_non_null(r);
+    int rc = text ? shaping_rules_add_text(r, text, "test.rules", err, errlen) : 0;
+    if (rc == 0 && builtin)
+        rc = shaping_rules_add_text(r, shaping_builtin_rules, "builtin", err, errlen);
+    if (rc < 0)
+        return shaping_rules_free(r);
+    assert_int_equal(shaping_rules_finish(r), 0);
+    return r;
+}
+
+static const char *
+match(const struct shaping_rules *r, unsigned code, const char *enh, const char *text,
+      const char *mx)
+{
+    struct shaping_reply rep = {.code = code, .text = text, .mx = mx, .domain = "example.com"};
+    if (enh != NULL)
+        sscanf(enh, "%u.%u.%u", &rep.enh_cls, &rep.enh_subject, &rep.enh_detail);
+    int i = shaping_rules_match(r, &rep);
+    return i < 0 ? NULL : shaping_rule(r, (unsigned)i)->name;
+}
+
+static void
+test_builtin_replies(void **state)
+{
+    (void)state;
+    char err[256] = "";
+    struct shaping_rules *r = load(NULL, err, sizeof(err), true);
+    assert_non_null(r);
+    const char *y = "mta6.am0.yahoodns.net", *m = "example-com.mail.protection.outlook.com",
+               *g = "gmail-smtp-in.l.google.com";
+    assert_string_equal(match(r, 421, "4.7.0",
+                              "[TSS04] Messages from 192.0.2.1 temporarily deferred due to "
+                              "unexpected volume or user complaints - 4.16.55.1; see "
+                              "https://postmaster.yahooinc.com/error-codes",
+                              y),
+                        "yahoo-tss04");
+    assert_string_equal(match(r, 421, "4.7.0", "[TS01] Messages from 192.0.2.1 temporarily "
+                                              "deferred due to user complaints", y),
+                        "yahoo-ts01");
+    assert_string_equal(match(r, 421, "4.7.1", "[TS03] All messages from 192.0.2.1 will be "
+                                              "permanently deferred; Retrying will NOT succeed.",
+                              y),
+                        "yahoo-ts03");
+    /* the same Yahoo reply from a host of another group: no rule */
+    assert_null(match(r, 421, "4.7.0", "[TSS04] Messages from 192.0.2.1 temporarily deferred",
+                      "mx.example.net"));
+    assert_string_equal(
+        match(r, 550, "5.7.1",
+              "Unfortunately, messages from [192.0.2.1] weren't sent. Please contact your "
+              "Internet service provider since part of their network is on our block list "
+              "(S3150). You can also refer your provider to "
+              "http://mail.live.com/mail/troubleshooting.aspx#errors.",
+              m),
+        "microsoft-s3150");
+    assert_string_equal(match(r, 550, "5.7.606",
+                              "Access denied, banned sending IP [192.0.2.1]. To request removal "
+                              "from this list please visit https://sender.office.com/",
+                              m),
+                        "microsoft-banned-ip");
+    assert_string_equal(match(r, 550, "5.7.649", "Access denied, banned sending IP", m),
+                        "microsoft-banned-ip");
+    assert_null(match(r, 550, "5.7.650", "Access denied", m)); /* out of the range */
+    assert_string_equal(match(r, 451, "4.7.500",
+                              "Server busy. Please try again later from [192.0.2.1]. (S77714)", m),
+                        "microsoft-busy");
+    assert_string_equal(
+        match(r, 421, "4.7.28",
+              "[192.0.2.1 15] Gmail has detected an unusual rate of unsolicited mail "
+              "originating from your IP address. To protect our users from spam, mail sent "
+              "from your IP address has been temporarily rate limited.",
+              g),
+        "gmail-4.7.28");
+    assert_string_equal(match(r, 421, "4.7.0",
+                              "[192.0.2.1 15] Our system has detected an unusual rate of "
+                              "UNSOLICITED mail originating from your IP address.",
+                              g),
+                        "gmail-unusual-rate");
+    assert_string_equal(match(r, 550, "5.7.26", "This mail is unauthenticated, which poses a "
+                                               "security risk to the sender and Gmail users",
+                              g),
+                        "gmail-5.7.26");
+    assert_string_equal(match(r, 421, NULL, "mwinf5c10 ME Trop de connexions, veuillez verifier "
+                                            "votre configuration. Too many connections, slow "
+                                            "down. OFR005_104 [104]",
+                              "smtp-in.orange.fr"),
+                        "orange-too-many-connections");
+    assert_string_equal(match(r, 421, NULL, "Reject due to policy restrictions. For explanation "
+                                            "visit https://postmaster.gmx.net/en/error-messages",
+                              "mx01.emig.gmx.net"),
+                        "gmx-policy");
+    /* ordinary replies: nothing */
+    assert_null(match(r, 450, "4.2.0", "mailbox busy", y));
+    assert_null(match(r, 250, "2.0.0", "ok", y));
+    assert_null(match(r, 421, "4.7.0", "too many connections", g));
+    assert_true(shaping_rules_count(r) >= 20);
+    shaping_rules_free(r);
+}
+
+static void
+test_operator_first_and_errors(void **state)
+{
+    (void)state;
+    char err[256] = "";
+    /* the operator's group replaces the shipped one; its rule comes first */
+    struct shaping_rules *r =
+        load("group yahoo mx.yahoo.test\n"
+             "rule mine group=yahoo code=421 match=\"TSS04\" action=cap:2 scope=group for=10m\n",
+             err, sizeof(err), true);
+    assert_non_null(r);
+    assert_string_equal(match(r, 421, "4.7.0", "[TSS04] deferred", "mx.yahoo.test"), "mine");
+    assert_null(match(r, 421, "4.7.0", "[TSS04] deferred", "mta6.am0.yahoodns.net"));
+    const struct shaping_rule_info *ri = shaping_rule(r, 0);
+    assert_int_equal(ri->kind, SHAPING_CAP);
+    assert_int_equal(ri->value, 2);
+    assert_int_equal(ri->scope, SHAPING_SCOPE_GROUP);
+    assert_int_equal(ri->for_ms, 600000);
+    shaping_rules_free(r);
+
+    static const struct {
+        const char *text, *want;
+    } bad[] = {
+        {"rule a code=421 action=suspend\n", "needs for="},
+        {"rule a code=421 for=1h\n", "needs action="},
+        {"rule a action=suspend for=1h\n", "needs code="},
+        {"rule a code=621 action=suspend for=1h\n", "code: 200..599"},
+        {"rule a enhanced=5.7 action=suspend for=1h\n", "enhanced: C.S.D"},
+        {"rule a enhanced=5.7.9-3 action=suspend for=1h\n", "enhanced: C.S.D"},
+        {"rule a match=\"([\" action=suspend for=1h\n", "match:"},
+        {"rule a match=\"x action=suspend for=1h\n", "unterminated quote"},
+        {"rule a code=421 group=nosuch action=suspend for=1h\n", "group: not defined"},
+        {"rule a code=421 action=cap for=1h\n", "cap:N"},
+        {"rule a code=421 action=suspend scope=tenant for=1h\n", "scope:"},
+        {"rule a code=421 action=suspend for=40d\n", "for:"},
+        {"rule a code=421 action=suspend for=1h color=red\n", "unknown key"},
+        {"group g\n", "needs MX patterns"},
+        {"bogus line\n", "expected group or rule"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err[0] = '\0';
+        assert_null(load(bad[i].text, err, sizeof(err), false));
+        if (strstr(err, bad[i].want) == NULL || strstr(err, "test.rules:1") == NULL)
+            fail_msg("%s: got \"%s\", want \"%s\"", bad[i].text, err, bad[i].want);
+    }
+}
+
+/* The literal taken from a regex never hides a match the regex makes. */
+static void
+test_prefilter(void **state)
+{
+    (void)state;
+    char err[256] = "";
+    struct shaping_rules *r = load("rule opt code=421 match=\"abc?d\" action=count\n"
+                                   "rule grp code=421 match=\"x(yz)*w\" action=count\n"
+                                   "rule alt code=421 match=\"foo|bar\" action=count\n"
+                                   "rule cls code=421 match=\"q[0-9]+r\" action=count\n"
+                                   "rule esc code=421 match=\"\\(S3150\\)\" action=count\n"
+                                   "rule any enhanced=4.x.x match=\"^ZZZ\" action=count\n",
+                                   err, sizeof(err), false);
+    assert_non_null(r);
+    assert_string_equal(match(r, 421, NULL, "..ABD..", NULL), "opt");
+    assert_string_equal(match(r, 421, NULL, "..abcd..", NULL), "opt");
+    assert_string_equal(match(r, 421, NULL, "..xw..", NULL), "grp");
+    assert_string_equal(match(r, 421, NULL, "..BAR..", NULL), "alt");
+    assert_string_equal(match(r, 421, NULL, "q123r", NULL), "cls");
+    assert_string_equal(match(r, 421, NULL, "list (S3150).", NULL), "esc");
+    assert_null(match(r, 421, NULL, "list S3150.", NULL));
+    assert_string_equal(match(r, 451, "4.3.0", "zzz top", NULL), "any");
+    assert_null(match(r, 451, NULL, "zzz top", NULL)); /* no enhanced code */
+    shaping_rules_free(r);
+}
+
+/* 1,000 rules: the right one still wins, and the first of equals. */
+static void
+test_many_rules(void **state)
+{
+    (void)state;
+    size_t cap = 200000, len = 0;
+    char *text = malloc(cap);
+    assert_non_null(text);
+    for (unsigned i = 0; i < 16; i++)
+        len += (size_t)snprintf(text + len, cap - len, "group g%u *.g%u.test\n", i, i);
+    for (unsigned i = 0; i < 1000; i++)
+        len += (size_t)snprintf(text + len, cap - len,
+                                "rule r%u group=g%u code=%u match=\"code-%u\\b\" action=count\n",
+                                i, i % 16, i % 2 ? 421 : 550, i);
+    char err[256] = "";
+    struct shaping_rules *r = load(text, err, sizeof(err), false);
+    free(text);
+    assert_non_null(r);
+    assert_int_equal(shaping_rules_count(r), 1000);
+    assert_string_equal(match(r, 421, NULL, "deferred code-777 now", "mx.g9.test"), "r777");
+    assert_null(match(r, 421, NULL, "deferred code-777 now", "mx.g8.test"));
+    assert_null(match(r, 550, NULL, "deferred code-777 now", "mx.g9.test"));
+    assert_string_equal(match(r, 550, NULL, "code-998", "a.b.g6.test"), "r998");
+    shaping_rules_free(r);
+}
+
+static void
+test_action_text(void **state)
+{
+    (void)state;
+    struct shaping_action a = {.kind = SHAPING_CAP, .scope = SHAPING_SCOPE_SOURCE, .value = 3,
+                               .started_ms = 1700000000000ULL, .until_ms = 1700000600000ULL};
+    snprintf(a.id, sizeof(a.id), "0123456789abcdef");
+    snprintf(a.source, sizeof(a.source), "192.0.2.7");
+    snprintf(a.group, sizeof(a.group), "yahoo");
+    snprintf(a.rule, sizeof(a.rule), "yahoo-tss04");
+    snprintf(a.origin, sizeof(a.origin), "node-a");
+    snprintf(a.trigger, sizeof(a.trigger), "421 4.7.0 [TSS04] a=b c");
+    char line[1024];
+    assert_true(shaping_action_format(&a, line, sizeof(line)) > 0);
+    struct shaping_action b;
+    assert_int_equal(shaping_action_parse(line, &b), 0);
+    assert_memory_equal(&a, &b, sizeof(a));
+    assert_int_equal(shaping_action_parse("id=zz\tkind=suspend\tuntil=5", &b), -EINVAL);
+    assert_int_equal(shaping_action_parse("", &b), -EINVAL);
+}
+
+static struct shaping *
+open_node(const char *dir, const char *node, int redis_port)
+{
+    char path[512], url[64], err[256];
+    snprintf(path, sizeof(path), "%s/%s.state", dir, node);
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d", redis_port);
+    struct shaping_opts o = {.state_path = path, .node = node,
+                             .redis_url = redis_port > 0 ? url : NULL,
+                             .key_prefix = "t:", .redis_timeout_ms = 1000};
+    struct shaping *s = NULL;
+    if (shaping_open(&o, &s, err, sizeof(err)) < 0)
+        fail_msg("shaping_open: %s", err);
+    return s;
+}
+
+static size_t
+count(struct shaping *s)
+{
+    struct shaping_action *v;
+    size_t n;
+    assert_int_equal(shaping_list(s, &v, &n), 0);
+    free(v);
+    return n;
+}
+
+static bool
+wait_count(struct shaping *s, size_t want, unsigned ms)
+{
+    for (unsigned i = 0; i < ms / 10; i++) {
+        if (count(s) == want)
+            return true;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return count(s) == want;
+}
+
+static void
+test_state_file_and_check(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-shaping-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char err[256] = "";
+    struct shaping_rules *r = load(NULL, err, sizeof(err), true);
+    struct shaping *s = open_node(dir, "a", 0);
+    struct shaping_reply rep = {.code = 421, .enh_cls = 4, .enh_subject = 7,
+                                .text = "[TSS04] Messages from 192.0.2.1 temporarily deferred",
+                                .mx = "mta5.am0.yahoodns.net", .domain = "yahoo.com"};
+    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1") >= 0);
+    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1") >= 0); /* the same action */
+    assert_int_equal(count(s), 1);
+    struct shaping_verdict v;
+    uint64_t now = clock_unix_ms();
+    assert_true(shaping_check(s, r, "192.0.2.1", "mta7.am0.yahoodns.net", "aol.com", now, &v));
+    assert_true(v.suspended);
+    assert_true(v.recheck_ms <= now + 1000);
+    assert_false(shaping_check(s, r, "192.0.2.2", "mta7.am0.yahoodns.net", "aol.com", now, &v));
+    assert_false(shaping_check(s, r, "192.0.2.1", "gmail-smtp-in.l.google.com", "x", now, &v));
+    /* kept across a close and an open */
+    s = shaping_close(s);
+    s = open_node(dir, "a", 0);
+    assert_int_equal(count(s), 1);
+    assert_true(shaping_check(s, r, "192.0.2.1", "mta7.am0.yahoodns.net", "aol.com",
+                              clock_unix_ms(), &v));
+    /* an operator's short action ends on time; clear by selector */
+    struct shaping_action a = {.kind = SHAPING_BACKOFF, .scope = SHAPING_SCOPE_DOMAIN};
+    snprintf(a.domain, sizeof(a.domain), "example.org");
+    a.until_ms = clock_unix_ms() + 300;
+    assert_int_equal(shaping_add(s, &a), 0);
+    assert_true(shaping_check(s, r, "", "mx.example.org", "example.org", clock_unix_ms(), &v));
+    assert_true(v.one_txn && v.cap == 1 && !v.suspended);
+    assert_true(wait_count(s, 1, 3000));
+    assert_int_equal(shaping_clear(s, "source=192.0.2.1"), 1);
+    assert_int_equal(count(s), 0);
+    s = shaping_close(s);
+    s = open_node(dir, "a", 0);
+    assert_int_equal(count(s), 0); /* the clear was written too */
+    shaping_close(s);
+    shaping_rules_free(r);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
+static void
+test_two_nodes_through_redis(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL)
+        skip();
+    int port = redis_server_free_port();
+    char err[256] = "";
+    pid_t pid = redis_server_start(port, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("redis-server: %s", err);
+    char dir[] = "/tmp/sluice-shaping-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct shaping_rules *r = load(NULL, err, sizeof(err), true);
+    struct shaping *a = open_node(dir, "a", port), *b = open_node(dir, "b", port);
+    struct shaping_stats st;
+    for (int i = 0; i < 300; i++) { /* both connected */
+        shaping_stats(a, &st);
+        bool ua = st.redis_up;
+        shaping_stats(b, &st);
+        if (ua && st.redis_up)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    struct shaping_reply rep = {.code = 550, .enh_cls = 5, .enh_subject = 7, .enh_detail = 1,
+                                .text = "Unfortunately, messages from [192.0.2.9] weren't sent. "
+                                        "(S3150)",
+                                .mx = "x.mail.protection.outlook.com", .domain = "hotmail.com"};
+    uint64_t t0 = clock_mono_ms();
+    assert_true(shaping_on_reply(a, r, &rep, "192.0.2.9") >= 0);
+    assert_true(wait_count(b, 1, 1000)); /* within a second */
+    uint64_t took = clock_mono_ms() - t0;
+    print_message("action on the second instance after %llu ms\n", (unsigned long long)took);
+    struct shaping_verdict v;
+    assert_true(shaping_check(b, r, "192.0.2.9", "y.mail.protection.outlook.com", "outlook.com",
+                              clock_unix_ms(), &v));
+    assert_true(v.suspended);
+    /* a third starts late: the hash catches it up */
+    struct shaping *c = open_node(dir, "c", port);
+    assert_true(wait_count(c, 1, 2000));
+    /* a clear on b reaches a and c */
+    assert_int_equal(shaping_clear(b, "group=microsoft"), 1);
+    assert_true(wait_count(a, 0, 1000));
+    assert_true(wait_count(c, 0, 1000));
+    shaping_close(c);
+    shaping_close(b);
+    shaping_close(a);
+    shaping_rules_free(r);
+    redis_server_kill(pid);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_builtin_replies),
+        cmocka_unit_test(test_operator_first_and_errors),
+        cmocka_unit_test(test_prefilter),
+        cmocka_unit_test(test_many_rules),
+        cmocka_unit_test(test_action_text),
+        cmocka_unit_test(test_state_file_and_check),
+        cmocka_unit_test(test_two_nodes_through_redis),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
