@@ -739,32 +739,49 @@ redis_catch_up(struct shaping *s)
     uint64_t now = clock_unix_ms();
     char stale[64][17];
     unsigned nstale = 0;
+    /* what the hash holds: (id, end), to compare ours with */
+    struct seen {
+        char id[17];
+        uint64_t until;
+    } *seen = NULL;
+    size_t nseen = 0;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements > 0)
+        seen = calloc(r->elements / 2 + 1, sizeof(*seen));
     if (r->type == REDIS_REPLY_ARRAY)
         for (size_t i = 0; i + 1 < r->elements; i += 2) {
             const redisReply *v = r->element[i + 1];
             if (v->type != REDIS_REPLY_STRING)
                 continue;
             struct shaping_action a;
-            if (shaping_action_parse(v->str, &a) == 0 && a.until_ms <= now && nstale < 64)
-                snprintf(stale[nstale++], 17, "%s", a.id);
-            else
+            if (shaping_action_parse(v->str, &a) < 0)
+                continue;
+            if (seen != NULL) {
+                memcpy(seen[nseen].id, a.id, sizeof(a.id));
+                seen[nseen++].until = a.until_ms;
+            }
+            if (a.until_ms <= now) {
+                if (nstale < 64)
+                    snprintf(stale[nstale++], 17, "%s", a.id);
+            } else {
                 apply_remote(s, v->str, false, "redis_catch_up");
+            }
         }
     freeReplyObject(r);
     for (unsigned i = 0; i < nstale; i++) {
         const char *hd[] = {"HDEL", hk, stale[i]};
-        if ((r = cmd(s, 3, hd)) == NULL)
+        if ((r = cmd(s, 3, hd)) == NULL) {
+            free(seen);
             return -EIO;
+        }
         freeReplyObject(r);
     }
-    /* ours, merged: written back whole (idempotent) */
     pthread_mutex_lock(&s->lock);
     size_t n = s->nact;
     struct shaping_action *v = malloc((n ? n : 1) * sizeof(*v));
     if (v != NULL && n > 0)
         memcpy(v, s->act, n * sizeof(*v));
-    /* what waited in the outbox is in the table (adds) or gone (clears):
-     * the clears still go out, the adds are covered by the rewrite */
+    /* what waited in the outbox: adds are in the table (published below
+     * when the hash lacks them), clears still go out */
     struct outbox_item *o = s->out;
     s->out = NULL;
     s->out_tail = &s->out;
@@ -777,17 +794,17 @@ redis_catch_up(struct shaping *s)
         free(o);
         o = nx;
     }
+    /* ours that the hash lacks or holds shorter (started, or lost with
+     * Redis, while it was away): published as new, so that the nodes
+     * already connected read them from the stream */
     for (size_t i = 0; rc == 0 && v != NULL && i < n; i++) {
-        char line[LINE_MAX_LEN];
-        if (shaping_action_format(&v[i], line, sizeof(line)) < 0)
-            continue;
-        const char *hs[] = {"HSET", hk, v[i].id, line};
-        if ((r = cmd(s, 4, hs)) == NULL) {
-            rc = -EIO;
-            break;
-        }
-        freeReplyObject(r);
+        bool known = false;
+        for (size_t k = 0; k < nseen && !known; k++)
+            known = strcmp(seen[k].id, v[i].id) == 0 && seen[k].until >= v[i].until_ms;
+        if (!known)
+            rc = redis_publish(s, &v[i], false);
     }
+    free(seen);
     free(v);
     return rc;
 }

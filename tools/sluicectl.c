@@ -1087,6 +1087,67 @@ run_warmup(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* "shaping": one row per active action, its trigger below it. */
+static void
+render_shaping(const cJSON *doc)
+{
+    struct table t;
+    table_init(&t, 8, 0x40u); /* right: LEFT */
+    table_row(&t, "ID", "ACTION", "SCOPE", "SOURCE", "GROUP/DOMAIN", "RULE", "LEFT", "ORIGIN");
+    const cJSON *a;
+    size_t n = 0;
+    cJSON_ArrayForEach(a, get(doc, "actions"))
+    {
+        n++;
+        char act[32];
+        const char *k = fmt_str(a, "action");
+        double v;
+        if (strcmp(k, "cap") == 0 && num(a, "value", &v))
+            snprintf(act, sizeof(act), "cap:%.0f", v);
+        else
+            snprintf(act, sizeof(act), "%s", k);
+        const char *where = fmt_str(a, "domain");
+        if (strcmp(where, "-") == 0)
+            where = fmt_str(a, "group");
+        table_row(&t, fmt_str(a, "id"), act, fmt_str(a, "scope"), fmt_str(a, "source"), where,
+                  fmt_str(a, "rule"), fmt_duration(a, "remaining_ms"), fmt_str(a, "origin"));
+    }
+    table_print(&t, stdout);
+    if (n == 0)
+        printf("(no shaping action in force)\n");
+    cJSON_ArrayForEach(a, get(doc, "actions"))
+    printf("%s: %s\n", fmt_str(a, "id"), fmt_str(a, "trigger"));
+    printf("redis: %s; rules loaded: %s\n", fmt_str(doc, "redis"), fmt_count(doc, "rules"));
+}
+
+static int
+run_shaping(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    (void)cmd;
+    char line[512];
+    size_t n = (size_t)snprintf(line, sizeof(line), "shaping");
+    for (int i = 0; i < argc && n < sizeof(line); i++)
+        n += (size_t)snprintf(line + n, sizeof(line) - n, " %s", argv[i]);
+    if (n >= sizeof(line)) {
+        fprintf(stderr, "sluicectl: arguments too long\n");
+        return EXIT_USAGE;
+    }
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else if (argc == 0 || strcmp(argv[0], "list") == 0)
+        render_shaping(doc);
+    else if (strcmp(argv[0], "clear") == 0)
+        printf("cleared %s action(s) on every node\n", fmt_count(doc, "cleared"));
+    else
+        printf("%s: %s %s for %s on every node\n", fmt_str(doc, "action.id"),
+               fmt_str(doc, "action.action"), fmt_str(doc, "action.scope"),
+               fmt_duration(doc, "action.remaining_ms"));
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
 /* Rows of the terminal left for domains, or 20 off a terminal. */
 static size_t
 top_rows(void)
@@ -1405,6 +1466,19 @@ static const struct cmd cmds[] = {
      "messages taken today (with [redis]: by every node) and what is left (with\n"
      "[redis]: this node's reserved share).",
      0, 0, run_warmup},
+    {"shaping", "[list | clear ID|SCOPE|all | suspend|backoff|cap:N SCOPE for=DURATION]",
+     "traffic shaping: actions started by receivers' replies, on every node",
+     "  shaping [list]              active actions: id, action, scope, source, group or\n"
+     "                              domain, the rule, time left, the node it started on,\n"
+     "                              and the reply that triggered it\n"
+     "  shaping clear ID|all        end actions now, on every node (also by\n"
+     "  shaping clear source=A|group=G|domain=D|rule=R   scope or rule)\n"
+     "  shaping suspend|backoff|cap:N source=A group=G for=DURATION\n"
+     "  shaping suspend|backoff|cap:N group=G|domain=D for=DURATION\n"
+     "                              an action by hand, on every node\n\n"
+     "Actions are shared through Redis (with [redis] url) and kept in the spool\n"
+     "across restarts. Rules: etc/shaping.rules and [shaping] rules.",
+     0, 6, run_shaping},
     {"metrics", "", "the Prometheus text exposition, as GET /metrics serves it", NULL, 0, 0,
      run_plain},
     {"suppress", "add|remove|check|list|import|export|purge ...",

@@ -1,0 +1,308 @@
+"""Traffic shaping from receivers' replies, across two nodes (issue 21).
+
+Two sluice nodes share one real redis-server; each has its own spool and
+a pool of two sources (127.0.0.2 and 127.0.0.3, with EHLO names that say
+which node speaks). dnsmasq gives the test domains the MX host
+mta5.am0.yahoodns.net (on 127.0.0.1), so the shipped rules' yahoo group
+applies as it would to Yahoo. shaping_receiver.py is that MX: after a few
+messages from 127.0.0.2 it answers its MAIL commands with Yahoo's real
+deferral, "421 4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred
+due to unexpected volume or user complaints ..." (the text of
+https://senders.yahooinc.com/smtp-error-codes/).
+
+What is checked: the shipped rule yahoo-tss04 fires on the node that met
+the reply and suspends that source for the yahoo group, the other source
+carrying the mail on; the second node, which never met the reply, lists
+the action within a second and never connects from 127.0.0.2; the action
+holds across a restart of either node; `sluicectl shaping clear` on one
+node lifts it on both, and 127.0.0.2 sends again; an operator's action
+made while Redis is down stays local and reaches the other node when
+Redis is back; a timed action ends on time on both nodes, logged.
+"""
+import json
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+from harness import Sluice, Workdir, free_port, main, skip, wait_until
+import test_delivery
+from test_delivery import Dns, connectable, records_for
+from test_limits_integ import Redis
+
+SLUICE = sys.argv[1]
+ROOT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "..")
+test_delivery.SLUICE = SLUICE
+HERE = os.path.dirname(os.path.abspath(__file__))
+CTL = os.path.join(os.path.dirname(SLUICE), "..", "tools", "sluicectl")
+
+MX = "mta5.am0.yahoodns.net"
+DOMAINS = [f"y{i}.test" for i in range(10)]
+TSS04 = ("421 4.7.0 [TSS04] Messages from 127.0.0.2 temporarily deferred due to unexpected "
+         "volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes")
+
+
+class Receiver:
+    def __init__(self, wd, port, after):
+        self.path = os.path.join(wd.path, "received.jsonl")
+        self.switch = wd.file("defer-on", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "shaping_receiver.py"), "127.0.0.1", str(port),
+             self.path, "127.0.0.2", str(after), TSS04, self.switch],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(wd.path, "receiver.err"), "wb"))
+        wait_until(lambda: self.proc.poll() is not None or connectable(port, "127.0.0.1"), 30,
+                   "the receiver listening")
+        assert self.proc.poll() is None, "the receiver did not start"
+
+    def records(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(ln) for ln in f if ln.endswith("\n")]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Node:
+    def __init__(self, wd, name, dns_port, mx_port, redis_port):
+        self.name = name
+        self.port = free_port()
+        self.sock = os.path.join(wd.path, f"{name}-stats.sock")
+        self.conf = wd.file(f"{name}.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.1/32
+[queue]
+path = {os.path.join(wd.path, name + "-spool")}
+map_size = 128M
+[delivery]
+remote_port = {mx_port}
+allow_networks = 127.0.0.0/8
+connect_timeout = 5s
+idle_timeout = 1s
+[domain *]
+retry_schedule = 1s
+site_hold = 1s
+[dns]
+servers = 127.0.0.1:{dns_port}
+[bounce]
+dsn = no
+[redis]
+url = redis://127.0.0.1:{redis_port}
+timeout = 500ms
+[shaping]
+node_name = node-{name}
+[stats]
+socket = {self.sock}
+[source 127.0.0.2]
+ehlo = s2.node-{name}.example
+[source 127.0.0.3]
+ehlo = s3.node-{name}.example
+[pool bulk]
+sources = 127.0.0.2, 127.0.0.3
+[tenant acme]
+pool = bulk
+""")
+        self.d = None
+        self.start()
+
+    def start(self):
+        self.d = Sluice(SLUICE, self.conf)
+        self.d.wait_log("event=ready")
+
+    def restart(self):
+        assert self.d.stop_clean() == 0
+        self.start()
+
+    def ask(self, command):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(20)
+            s.connect(self.sock)
+            s.sendall(command.encode() + b"\n")
+            return json.loads(s.makefile("rb").readline())
+
+    def actions(self):
+        r = self.ask("shaping list")
+        assert r["ok"], r
+        return r["actions"]
+
+    def ctl(self, *args):
+        out = subprocess.run([CTL, "-s", self.sock, *args], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return out.stdout
+
+    def inject(self, n, tag):
+        hdr = "X-Sluice-Tenant: acme\r\n"
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as c:
+            for i in range(n):
+                body = f"Subject: {tag}{i}\r\n{hdr}\r\nbody {i}\r\n".encode()
+                rcpts = [f"{tag}{i}@{DOMAINS[i % len(DOMAINS)]}"]
+                assert not c.sendmail("s@sender.example", rcpts, body)
+
+    def stop(self):
+        if self.d is not None and self.d.proc.poll() is None:
+            assert self.d.stop_clean() == 0
+
+
+class Cluster:
+    def __init__(self, after=5):
+        if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
+            skip("dnsmasq not installed (tools/install-deps --test)")
+        if shutil.which("redis-server") is None:
+            skip("redis-server not installed (tools/install-deps --test)")
+        self.wd = Workdir("sluice-shaping-")
+        self.dns = self.rx = self.redis = None
+        self.nodes = []
+        try:
+            self.redis = Redis()
+            self.dns = Dns(self.wd, records_for(DOMAINS, mx_host=MX))
+            mx_port = free_port()
+            self.rx = Receiver(self.wd, mx_port, after)
+            for name in ("a", "b"):
+                self.nodes.append(Node(self.wd, name, self.dns.port, mx_port, self.redis.port))
+            for n in self.nodes:
+                wait_until(lambda: n.ask("shaping list")["redis"] == "connected", 10,
+                           f"node {n.name} connected to Redis")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        try:
+            for n in self.nodes:
+                n.stop()
+        finally:
+            for p in (self.rx, self.dns, self.redis):
+                if p is not None:
+                    p.stop()
+            self.wd.cleanup()
+
+
+def delivered_by(recs, ehlo_suffix):
+    return [r for r in recs if r.get("delivered") and r["ehlo"].endswith(ehlo_suffix)]
+
+
+def test_reply_suspends_source_on_every_node():
+    c = Cluster(after=5)
+    a, b = c.nodes
+    try:
+        a.inject(30, "a")
+        # the rule fires on a
+        acts = wait_until(lambda: a.actions() or None, 60, "the action on node a")
+        t_a = time.monotonic()
+        assert len(acts) == 1, acts
+        x = acts[0]
+        assert x["rule"] == "yahoo-tss04" and x["action"] == "suspend", x
+        assert x["scope"] == "source" and x["source"] == "127.0.0.2" and x["group"] == "yahoo", x
+        assert "[TSS04]" in x["trigger"] and x["origin"] == "node-a", x
+        assert 0 < x["remaining_ms"] <= 2 * 3600 * 1000, x
+        # ... and reaches b within a second (polled every 20 ms)
+        wait_until(lambda: b.actions() or time.sleep(0.02), 5, "the action on node b")
+        took = time.monotonic() - t_a
+        print(f"the action reached node b {took * 1000:.0f} ms after node a listed it")
+        assert took < 1.0, took
+        assert b.actions()[0]["id"] == x["id"] and b.actions()[0]["origin"] == "node-a"
+        # the rule's hits (since the node started) on the socket and in /metrics
+        st = a.ask("stats")["shaping"]
+        assert st["by_rule"].get("yahoo-tss04", 0) >= 1 and st["rule_hits"] >= 1, st
+        m = a.ask("metrics")["text"]
+        assert 'sluice_shaping_rule_matches_total{rule="yahoo-tss04"}' in m, m[-2000:]
+        # a's mail all arrives, the rest of it from 127.0.0.3
+        wait_until(lambda: len(delivered_by(c.rx.records(), ".node-a.example")) >= 30, 60,
+                   "node a's 30 messages delivered")
+        # b never met the reply: its mail leaves from 127.0.0.3 only, and
+        # it never even connects from 127.0.0.2
+        b.inject(20, "b")
+        wait_until(lambda: len(delivered_by(c.rx.records(), ".node-b.example")) >= 20, 60,
+                   "node b's 20 messages delivered")
+        from_b = [r for r in c.rx.records() if r["ehlo"].endswith(".node-b.example")]
+        assert {r["peer"] for r in from_b} == {"127.0.0.3"}, {r["peer"] for r in from_b}
+        # it holds across a restart of either node
+        for n in (b, a):
+            n.restart()
+            assert [y["id"] for y in n.actions()] == [x["id"]], n.actions()
+        b.inject(5, "c")
+        wait_until(lambda: len([r for r in delivered_by(c.rx.records(), ".node-b.example")
+                                if r["rcpts"][0].startswith("<c")]) >= 5, 60,
+                   "node b's 5 messages after its restart")
+        from_b = [r for r in c.rx.records() if r["ehlo"].endswith(".node-b.example")]
+        assert {r["peer"] for r in from_b} == {"127.0.0.3"}, {r["peer"] for r in from_b}
+        # sluicectl shows it; a clear on a lifts it on both
+        out = b.ctl("shaping", "list")
+        assert "yahoo-tss04" in out and "127.0.0.2" in out and "[TSS04]" in out, out
+        os.unlink(c.rx.switch)  # the receiver is happy again
+        out = a.ctl("shaping", "clear", "source=127.0.0.2")
+        assert "cleared 1" in out, out
+        assert a.actions() == []
+        wait_until(lambda: b.actions() == [], 2, "the clear on node b")
+        # an operator's action on a, for the other source, reaches b too:
+        # b's mail now has only 127.0.0.2, which must send again
+        out = a.ctl("shaping", "suspend", "source=127.0.0.3", "group=yahoo", "for=10m")
+        assert "suspend source" in out, out
+        wait_until(lambda: b.actions() or None, 2, "the operator's action on node b")
+        b.inject(20, "d")
+        wait_until(lambda: len([r for r in delivered_by(c.rx.records(), ".node-b.example")
+                                if r["rcpts"][0].startswith("<d")]) >= 20, 60,
+                   "node b's 20 messages after the clear")
+        after = [r for r in delivered_by(c.rx.records(), ".node-b.example")
+                 if r["rcpts"][0].startswith("<d")]
+        assert {r["peer"] for r in after} == {"127.0.0.2"}, {r["peer"] for r in after}
+        # visible: stats and metrics
+        st = a.ask("stats")["shaping"]
+        assert st["ended"] >= 1, st
+        assert st["active"]["suspend"] == 1 and st["redis"] == "connected", st
+        m = a.ask("metrics")["text"]
+        assert 'sluice_shaping_active{kind="suspend"} 1' in m, m[-2000:]
+        assert a.d.count_log("event=shaping_started") >= 1
+        assert a.d.count_log("event=shaping_ended") >= 1
+        assert b.d.count_log("reason=cleared_elsewhere") == 1, b.d.log_lines("shaping_ended")
+    finally:
+        c.close()
+
+
+def test_redis_away_then_back_and_expiry():
+    c = Cluster(after=10 ** 6)  # the receiver never defers
+    a, b = c.nodes
+    try:
+        # Redis away: an operator's action stays on its node
+        c.redis.kill9()
+        wait_until(lambda: a.ask("shaping list")["redis"] == "unreachable", 10,
+                   "node a to see Redis gone")
+        r = a.ask("shaping suspend group=yahoo for=10m")
+        assert r["ok"] and r["action"]["scope"] == "group", r
+        assert len(a.actions()) == 1 and b.actions() == []
+        # deliveries of a wait; they are not lost
+        a.inject(3, "w")
+        time.sleep(1.0)  # a negative check: nothing may arrive in this while
+        assert not delivered_by(c.rx.records(), ".node-a.example")
+        # Redis back (same port, empty): a writes what it has, b reads it
+        c.redis.start()
+        wait_until(lambda: b.actions() or None, 15, "node b to get the action after Redis came back")
+        assert b.actions()[0]["origin"] == "node-a"
+        assert b.ctl("shaping", "clear", "all").startswith("cleared 1")
+        wait_until(lambda: a.actions() == [], 3, "the clear on node a")
+        wait_until(lambda: len(delivered_by(c.rx.records(), ".node-a.example")) >= 3, 30,
+                   "node a's held messages delivered after the clear")
+        # a timed action ends on time on both nodes
+        t0 = time.monotonic()
+        r = b.ask("shaping suspend source=127.0.0.3 group=yahoo for=2s")
+        assert r["ok"] and r["action"]["remaining_ms"] <= 2000, r
+        wait_until(lambda: a.actions() or None, 2, "the timed action on node a")
+        wait_until(lambda: a.actions() == [] and b.actions() == [], 5, "the action's end")
+        took = time.monotonic() - t0
+        assert 1.9 <= took < 3.5, took
+        for n in (a, b):
+            n.d.wait_log("reason=expired")
+    finally:
+        c.close()
+
+
+if __name__ == "__main__":
+    main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry])
