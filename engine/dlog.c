@@ -116,6 +116,8 @@ static const char *const kind_names[] = {
     [DLOG_OOB_BOUNCE] = "oob_bounce",
     [DLOG_COMPLAINT] = "complaint",
     [DLOG_SUPPRESSED] = "suppressed",
+    [DLOG_SHAPING_STARTED] = "shaping_started",
+    [DLOG_SHAPING_ENDED] = "shaping_ended",
 };
 
 const char *
@@ -275,6 +277,12 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "campaign", ev->campaign);
     put_str(j, "pool", ev->pool);
     put_u64(j, "priority", ev->priority);
+    put_str(j, "rule", ev->rule);
+    put_str(j, "group", ev->group);
+    if (ev->until_ms != 0) {
+        json_key(j, "until");
+        json_time_ms(j, ev->until_ms);
+    }
     if (ev->kind == DLOG_OOB_BOUNCE || ev->kind == DLOG_COMPLAINT) {
         if (ev->rcpt_index >= 0)
             json_ku64(j, "rcpt_index", (uint64_t)ev->rcpt_index);

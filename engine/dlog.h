@@ -52,6 +52,9 @@ enum dlog_kind {
     DLOG_OOB_BOUNCE, /* a bounce that came back by mail, days later perhaps */
     DLOG_COMPLAINT,  /* a feedback-loop report (ARF) */
     DLOG_SUPPRESSED, /* a recipient refused at RCPT: on the suppression list */
+    /* Traffic shaping (engine/shaping.h), not of a message: */
+    DLOG_SHAPING_STARTED, /* an action starts on this node: id, action, scope, rule, reply */
+    DLOG_SHAPING_ENDED,   /* ... and ends: reason expired, cleared, cleared_elsewhere */
 };
 
 /* "reception", "delivery", ...: the value of the "event" field. */
@@ -114,6 +117,11 @@ struct dlog_event {
     const char *message_id;     /* the original's Message-ID field */
     const char *campaign;       /* X-Sluice-Campaign of the original */
     int rcpt_index;             /* the recipient's index in the message; -1: not printed */
+    /* shaping_started, shaping_ended (id: the action's; action, scope,
+     * source, domain, reply, reason, reporter: the node it started on) */
+    const char *rule;
+    const char *group;          /* the destination group */
+    uint64_t until_ms;          /* Unix ms the action ends */
     int verified;               /* 1: the VERP token's MAC and recipient tag checked;
                                  * 0: not printed; -1: printed as false */
 };

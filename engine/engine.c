@@ -212,6 +212,39 @@ test_hook_warmup_clock(struct engine *e, char *err, size_t errlen)
     return 0;
 }
 
+/* Shaping actions that start and end on this node go to the delivery log
+ * (and through its hook to the event sinks) as shaping_started and
+ * shaping_ended, on one writer of their own under a lock: the shaping
+ * table calls from workers, its keeper and the stats thread. */
+static void
+shaping_to_dlog(void *arg, const struct shaping_action *a, bool started, const char *why)
+{
+    struct engine *e = arg;
+    pthread_mutex_lock(&e->shaping_dlog_lock);
+    if (e->dlogw_shaping != NULL) {
+        char value[16] = "";
+        if (a->kind == SHAPING_CAP)
+            snprintf(value, sizeof(value), "cap:%u", a->value);
+        struct dlog_event ev = {
+            .kind = started ? DLOG_SHAPING_STARTED : DLOG_SHAPING_ENDED,
+            .id = a->id,
+            .action = value[0] ? value : shaping_kind_str(a->kind),
+            .scope = shaping_scope_str(a->scope),
+            .source = a->source[0] ? a->source : NULL,
+            .group = a->group[0] ? a->group : NULL,
+            .domain = a->domain[0] ? a->domain : NULL,
+            .rule = a->rule,
+            .reply = started ? a->trigger : NULL,
+            .reason = why,
+            .reporter = a->origin,
+            .until_ms = started ? a->until_ms : 0,
+            .rcpt_index = -1,
+        };
+        dlog_event(e->dlogw_shaping, &ev);
+    }
+    pthread_mutex_unlock(&e->shaping_dlog_lock);
+}
+
 /* The bounce listener's seam (oob.h), on a worker: queued to the list's
  * writer thread. A hard bounce suppresses the address for everyone, as
  * [suppress] on_invalid_recipient says; a complaint suppresses it for the
@@ -248,6 +281,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     pthread_mutex_init(&e->dkim_lock, NULL);
     e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
     pthread_mutex_init(&e->tls_lock, NULL);
+    pthread_mutex_init(&e->shaping_dlog_lock, NULL);
     e->names = intern_new();
     if (e->names == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -275,6 +309,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             .key_prefix = cfg->redis.key_prefix,
             .redis_timeout_ms = cfg->redis.timeout,
             .stream_max = cfg->shaping.stream_max,
+            .on_event = shaping_to_dlog,
+            .arg = e,
         };
         if ((rc = shaping_open(&so, &e->shaping, err, errlen)) < 0)
             goto fail;
@@ -306,6 +342,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         if (e->events != NULL)
             dlog_set_hook(e->dlog, events_put, e->events);
+        pthread_mutex_lock(&e->shaping_dlog_lock);
+        e->dlogw_shaping = dlog_writer_new(e->dlog); /* NULL: no events, still logged */
+        pthread_mutex_unlock(&e->shaping_dlog_lock);
     }
     struct tls_ctx *tls_server, *tls_client;
     rc = tls_contexts_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
@@ -447,6 +486,13 @@ engine_stop(struct engine *e)
         if (e->dlogw != NULL)
             e->dlogw[i] = dlog_writer_free(e->dlogw[i]);
     }
+    /* After the workers and the stats thread (nobody asks), before the
+     * delivery log (its events are written out). */
+    e->shaping = shaping_close(e->shaping); /* after the workers: nobody asks */
+    pthread_mutex_lock(&e->shaping_dlog_lock);
+    e->dlogw_shaping = dlog_writer_free(e->dlogw_shaping);
+    pthread_mutex_unlock(&e->shaping_dlog_lock);
+    pthread_mutex_destroy(&e->shaping_dlog_lock);
     /* After every worker: what they logged is written out. */
     e->dlog = dlog_free(e->dlog);
     e->events = events_free(e->events); /* after every writer, before the spool */
@@ -465,7 +511,6 @@ engine_stop(struct engine *e)
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;
     e->warmup = warmup_close(e->warmup);
-    e->shaping = shaping_close(e->shaping); /* after the workers: nobody asks */
     e->names = intern_free(e->names); /* after every worker: jobs hold ids */
     e->users = auth_db_unref(e->users);
     e->auth_limit = auth_limit_free(e->auth_limit);

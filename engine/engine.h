@@ -55,6 +55,9 @@ struct engine {
     struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
     struct shaping *shaping;   /* owned: active shaping actions (shaping.h); NULL when
                                 * [shaping] is off */
+    struct dlog_writer *dlogw_shaping; /* owned: shaping_started/ended events, under
+                                        * shaping_dlog_lock; NULL when no delivery log */
+    pthread_mutex_t shaping_dlog_lock;
     struct intern *names;      /* owned: ids of tenants, pools, campaigns and sources
                                 * (common/intern.h), for jobs, stats and operations */
     bool warmup_test_hooks;    /* builds with test hooks, SLUICE_TEST_WARMUP_CLOCK set: the

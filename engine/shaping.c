@@ -88,6 +88,8 @@ struct shaping {
     pthread_t keeper;
     bool keeper_started;
     struct shaping_stats st;
+    void (*on_event)(void *arg, const struct shaping_action *a, bool started, const char *why);
+    void *on_event_arg;
 };
 
 /* ---- actions as text ---- */
@@ -198,8 +200,10 @@ find(struct shaping *s, const char *id)
 }
 
 static void
-log_started(const struct shaping_action *a, const char *how)
+log_started(struct shaping *s, const struct shaping_action *a, const char *how)
 {
+    if (s->on_event != NULL)
+        s->on_event(s->on_event_arg, a, true, how);
     uint64_t now = clock_unix_ms();
     log_msg(LOG_NOTICE,
             "event=shaping_started id=%s rule=%s kind=%s value=%u scope=%s source=%s group=%s "
@@ -212,8 +216,10 @@ log_started(const struct shaping_action *a, const char *how)
 }
 
 static void
-log_ended(const struct shaping_action *a, const char *why)
+log_ended(struct shaping *s, const struct shaping_action *a, const char *why)
 {
+    if (s->on_event != NULL)
+        s->on_event(s->on_event_arg, a, false, why);
     log_msg(LOG_NOTICE,
             "event=shaping_ended id=%s rule=%s kind=%s scope=%s source=%s group=%s domain=%s "
             "reason=%s",
@@ -270,7 +276,7 @@ upsert(struct shaping *s, const struct shaping_action *a)
 static void
 remove_at(struct shaping *s, size_t i, const char *why)
 {
-    log_ended(&s->act[i], why);
+    log_ended(s, &s->act[i], why);
     enum shaping_kind k = s->act[i].kind;
     if (s->st.active[k] > 0)
         s->st.active[k]--;
@@ -375,7 +381,7 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
     bool worth = old == NULL || a.until_ms >= old->until_ms + ri->for_ms / 10 + 1;
     int rc = worth ? upsert(s, &a) : 0;
     if (rc == 1)
-        log_started(&a, "rule");
+        log_started(s, &a, "rule");
     if (rc > 0) {
         outbox_push(s, rc == 1 ? &a : find(s, a.id), false);
         pthread_cond_signal(&s->cv);
@@ -458,7 +464,7 @@ shaping_add(struct shaping *s, const struct shaping_action *in)
         old->until_ms = a.until_ms;
     int rc = old != NULL ? 2 : upsert(s, &a);
     if (rc == 1)
-        log_started(&a, "operator");
+        log_started(s, &a, "operator");
     if (rc > 0) {
         s->dirty = true;
         outbox_push(s, find(s, a.id), false);
@@ -557,7 +563,7 @@ state_load(struct shaping *s)
         if (a.until_ms <= now)
             continue;
         if (upsert(s, &a) == 1) {
-            log_started(&a, "state_file");
+            log_started(s, &a, "state_file");
             n++;
         }
     }
@@ -676,7 +682,7 @@ apply_remote(struct shaping *s, const char *line, bool clear, const char *via)
                 s->dirty = true;
             }
         } else if (upsert(s, &a) == 1) {
-            log_started(&a, via);
+            log_started(s, &a, via);
         }
     }
     pthread_mutex_unlock(&s->lock);
@@ -964,6 +970,8 @@ shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->out_tail = &s->out;
+    s->on_event = o->on_event;
+    s->on_event_arg = o->arg;
     snprintf(s->node, sizeof(s->node), "%s", o->node ? o->node : "sluice");
     uint64_t rnd = 0;
     if (getrandom(&rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))

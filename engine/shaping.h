@@ -134,6 +134,12 @@ struct shaping_opts {
     const char *key_prefix;  /* "sluice:" */
     uint64_t redis_timeout_ms;
     unsigned stream_max;     /* entries the Redis stream keeps */
+    /* Told of each action that starts or ends on this node (why: how it
+     * started, "rule", "redis", "operator", ...; or why it ended,
+     * "expired", "cleared", "cleared_elsewhere"), on any thread, under
+     * the table's lock: quick, and never calling back. NULL: none. */
+    void (*on_event)(void *arg, const struct shaping_action *a, bool started, const char *why);
+    void *arg;
 };
 
 /* Load the state file, start the keeper thread. Returns 0 or a negative

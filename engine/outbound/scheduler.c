@@ -1455,6 +1455,11 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     };
     struct policy_conn_decision pd;
     policy_conn_end(&pe, &pd);
+    /* A refusal before any transaction (a 421 or 554 greeting, EHLO
+     * refused) reaches no job: the shaping rules see it here. Replies
+     * within transactions are seen with their job (outcome.c). */
+    if (so != NULL && c->connected && !c->ready_once && so->code >= 400 && !d->stopping)
+        outcome_shaping(d, t, c->mx, c->src_id, so);
     if (site != NULL && pd.congested && !d->draining)
         sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
     bool by_source = c->src != NULL && t->poolc != NULL && pd.source_hold && !d->stopping;

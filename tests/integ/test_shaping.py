@@ -73,6 +73,7 @@ class Node:
         self.name = name
         self.port = free_port()
         self.sock = os.path.join(wd.path, f"{name}-stats.sock")
+        self.dlog = os.path.join(wd.path, f"{name}-delivery.jsonl")
         self.conf = wd.file(f"{name}.conf", f"""
 [server]
 workers = 2
@@ -96,6 +97,9 @@ dsn = no
 [redis]
 url = redis://127.0.0.1:{redis_port}
 timeout = 500ms
+[log]
+delivery_log = {os.path.join(wd.path, name + "-delivery.jsonl")}
+delivery_log_flush = 50ms
 [shaping]
 node_name = node-{name}
 [stats]
@@ -145,6 +149,13 @@ pool = bulk
                 body = f"Subject: {tag}{i}\r\n{hdr}\r\nbody {i}\r\n".encode()
                 rcpts = [f"{tag}{i}@{DOMAINS[i % len(DOMAINS)]}"]
                 assert not c.sendmail("s@sender.example", rcpts, body)
+
+    def dlog_events(self, kind):
+        if not os.path.exists(self.dlog):
+            return []
+        with open(self.dlog) as f:
+            return [e for e in (json.loads(ln) for ln in f if ln.endswith("\n"))
+                    if e["event"] == kind]
 
     def stop(self):
         if self.d is not None and self.d.proc.poll() is None:
@@ -263,6 +274,13 @@ def test_reply_suspends_source_on_every_node():
         assert a.d.count_log("event=shaping_started") >= 1
         assert a.d.count_log("event=shaping_ended") >= 1
         assert b.d.count_log("reason=cleared_elsewhere") == 1, b.d.log_lines("shaping_ended")
+        # the delivery log tells when it started (the rule, the reply) and ended
+        st = wait_until(lambda: a.dlog_events("shaping_started") or None, 5, "a's dlog")
+        assert st[0]["rule"] == "yahoo-tss04" and st[0]["source"] == "127.0.0.2", st[0]
+        assert "[TSS04]" in st[0]["reply"] and st[0]["action"] == "suspend", st[0]
+        assert st[0]["group"] == "yahoo" and st[0]["id"] == x["id"] and "until" in st[0], st[0]
+        en = wait_until(lambda: b.dlog_events("shaping_ended") or None, 5, "b's dlog")
+        assert en[0]["id"] == x["id"] and en[0]["reason"] == "cleared_elsewhere", en[0]
     finally:
         c.close()
 
