@@ -11,16 +11,19 @@
  * The keeper thread, every KEEPER_TICK_MS or when woken:
  *   - ends the actions whose time is over (logged: event=shaping_ended);
  *   - writes the table to the state file in the spool (a temporary file,
- *     fsync, rename) when it changed: actions survive a restart, with or
- *     without Redis;
+ *     fsync, rename) when it changed, at most every STATE_SAVE_MS, and at
+ *     close: actions survive a restart, with or without Redis (a crash
+ *     loses at most the last STATE_SAVE_MS of changes of this node, which
+ *     Redis still has);
  *   - with [redis] url: shares them. Why a stream and a hash, not pub/sub:
  *     a hash (PREFIXshaping:active, id -> the action as one line) holds
  *     what is active now, read whole (HGETALL) at every connect, so a
  *     node that starts, or comes back after Redis was away, catches up on
  *     everything however long it missed; a stream (PREFIXshaping:log,
  *     capped at stream_max entries) carries each change (add, clear) in
- *     order, read with XREAD BLOCK from the last id seen, so that every
- *     node applies a change within one block (KEEPER_TICK_MS) of it. Pub/sub
+ *     order, read with XREAD from the last id seen every READ_POLL_MS
+ *     (no BLOCK: see redis_read), so that every node applies a change
+ *     within a few tens of ms. Pub/sub
  *     would lose what is sent while a node is disconnected, and would need
  *     the same hash anyway. What this node changed while Redis was away is
  *     written to the hash when it is back (merged first: the later end wins).
@@ -52,6 +55,9 @@
 #include "engine/redis.h"
 
 #define KEEPER_TICK_MS     100
+#define READ_POLL_MS       20  /* the stream is read this often while Redis is up */
+#define STATE_SAVE_MS      250 /* changes reach the state file within this (fsync off the
+                                * path of what other nodes wait for) */
 #define REDIS_BACKOFF_MAX  5000
 #define LINE_MAX_LEN       1024
 #define RECHECK_MAX_MS     1000 /* a worker asks again at least this often: clears from
@@ -832,10 +838,7 @@ redis_connect(struct shaping *s)
         redis_drop(s, s->rc->errstr);
         return -ECONNREFUSED;
     }
-    /* a blocking read of KEEPER_TICK_MS plus the command timeout */
-    struct timeval rtv = {(time_t)((s->timeout_ms + KEEPER_TICK_MS) / 1000),
-                          (suseconds_t)((s->timeout_ms + KEEPER_TICK_MS) % 1000) * 1000};
-    redisSetTimeout(s->rc, rtv);
+    redisSetTimeout(s->rc, tv);
     if (s->ep.password != NULL) {
         const char *a1[] = {"AUTH", s->ep.password};
         const char *a2[] = {"AUTH", s->ep.user ? s->ep.user : "", s->ep.password};
@@ -860,15 +863,17 @@ redis_connect(struct shaping *s)
     return 0;
 }
 
-/* Read what others published since last_id, waiting up to one tick. */
+/* Read what others published since last_id (no BLOCK: the keeper waits
+ * on its condition variable instead, so that a change of this node is
+ * published at once rather than after a blocked read ends, which Redis
+ * times out only at its hz, 100 ms by default). */
 static void
 redis_read(struct shaping *s)
 {
-    char sk[128], block[16];
+    char sk[128];
     key(s, sk, sizeof(sk), "log");
-    snprintf(block, sizeof(block), "%d", KEEPER_TICK_MS);
-    const char *argv[] = {"XREAD", "COUNT", "256", "BLOCK", block, "STREAMS", sk, s->last_id};
-    redisReply *r = cmd(s, 8, argv);
+    const char *argv[] = {"XREAD", "COUNT", "256", "STREAMS", sk, s->last_id};
+    redisReply *r = cmd(s, 6, argv);
     if (r == NULL)
         return;
     if (r->type == REDIS_REPLY_ARRAY && r->elements >= 1 &&
@@ -929,6 +934,7 @@ static void *
 keeper_main(void *arg)
 {
     struct shaping *s = arg;
+    uint64_t saved = 0;
     for (;;) {
         pthread_mutex_lock(&s->lock);
         if (s->stop) {
@@ -936,12 +942,13 @@ keeper_main(void *arg)
             break;
         }
         expire(s, clock_unix_ms());
-        bool dirty = s->dirty;
-        bool wait = !s->redis_on || s->rc == NULL;
-        if (wait && s->out == NULL && !dirty) {
+        bool dirty = s->dirty && clock_mono_ms() >= saved + STATE_SAVE_MS;
+        long wait_ms = s->redis_on && s->rc != NULL ? READ_POLL_MS : KEEPER_TICK_MS;
+        /* what waits for Redis waits for its reconnect, not in a spin */
+        if ((s->out == NULL || s->rc == NULL) && !dirty) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += KEEPER_TICK_MS * 1000000L;
+            ts.tv_nsec += wait_ms * 1000000L;
             if (ts.tv_nsec >= 1000000000L) {
                 ts.tv_sec++;
                 ts.tv_nsec -= 1000000000L;
@@ -949,10 +956,13 @@ keeper_main(void *arg)
             pthread_cond_timedwait(&s->cv, &s->lock, &ts);
         }
         pthread_mutex_unlock(&s->lock);
-        if (dirty && s->state_path != NULL)
-            state_write(s);
+        /* Redis first: the other nodes wait on it, the file only on a crash */
         if (s->redis_on)
             redis_pass(s);
+        if (dirty && s->state_path != NULL) {
+            state_write(s);
+            saved = clock_mono_ms();
+        }
     }
     if (s->state_path != NULL)
         state_write(s);
