@@ -107,6 +107,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->id = id;
     j->expire_ms = 0;
     j->bounce = bounce;
+    j->shaped = false;
     j->failovers = 0;
     j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;

@@ -231,6 +231,7 @@ shaping_to_dlog(void *arg, const struct shaping_action *a, bool started, const c
             .action = value[0] ? value : shaping_kind_str(a->kind),
             .scope = shaping_scope_str(a->scope),
             .source = a->source[0] ? a->source : NULL,
+            .tenant = a->tenant[0] ? a->tenant : NULL,
             .group = a->group[0] ? a->group : NULL,
             .domain = a->domain[0] ? a->domain : NULL,
             .rule = a->rule,

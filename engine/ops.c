@@ -1644,6 +1644,8 @@ shaping_action_json(struct json *out, const struct shaping_action *a, uint64_t n
         json_kstr(out, "group", a->group);
     if (a->domain[0] != '\0')
         json_kstr(out, "domain", a->domain);
+    if (a->scope == SHAPING_SCOPE_TENANT)
+        json_kstr(out, "tenant", a->tenant);
     json_kstr(out, "rule", a->rule);
     json_kstr(out, "trigger", a->trigger);
     json_kstr(out, "origin", a->origin);
@@ -1718,7 +1720,7 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
         return -1;
     }
     uint64_t for_ms = 0;
-    bool src = false, grp = false, dom = false;
+    bool src = false, grp = false, dom = false, ten = false;
     for (unsigned i = 1; i < n; i++) {
         if (strncmp(w[i], "source=", 7) == 0) {
             unsigned char ab[16];
@@ -1728,6 +1730,10 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
             }
             snprintf(a.source, sizeof(a.source), "%s", w[i] + 7);
             src = true;
+        } else if (strncmp(w[i], "tenant=", 7) == 0 && config_name_valid(w[i] + 7, strlen(w[i] + 7)) &&
+                   strlen(w[i] + 7) < sizeof(a.tenant)) {
+            snprintf(a.tenant, sizeof(a.tenant), "%s", w[i] + 7);
+            ten = true;
         } else if (strncmp(w[i], "group=", 6) == 0 && w[i][6] != '\0') {
             snprintf(a.group, sizeof(a.group), "%s", w[i] + 6);
             grp = true;
@@ -1745,10 +1751,15 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
             return -1;
         }
     }
-    if (for_ms == 0 || !((src && grp && !dom) || (grp && !src && !dom) || (dom && !src && !grp))) {
-        snprintf(err, errlen, "usage: shaping %s source=A group=G | group=G | domain=D "
-                              "for=DURATION",
+    if (for_ms == 0 || !((src && grp && !dom && !ten) || (ten && grp && !dom && !src) ||
+                         (grp && !src && !dom && !ten) || (dom && !src && !grp && !ten))) {
+        snprintf(err, errlen, "usage: shaping %s source=A group=G | tenant=T group=G | group=G | "
+                              "domain=D for=DURATION",
                  w[0]);
+        return -1;
+    }
+    if (ten && a.kind != SHAPING_SUSPEND) {
+        snprintf(err, errlen, "a tenant is suspended or not (no %s)", w[0]);
         return -1;
     }
     if (grp && strncmp(a.group, "mx:", 3) != 0 &&
@@ -1762,7 +1773,10 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
             return -1;
         }
     }
-    a.scope = src ? SHAPING_SCOPE_SOURCE : grp ? SHAPING_SCOPE_GROUP : SHAPING_SCOPE_DOMAIN;
+    a.scope = src   ? SHAPING_SCOPE_SOURCE
+              : ten ? SHAPING_SCOPE_TENANT
+              : grp ? SHAPING_SCOPE_GROUP
+                    : SHAPING_SCOPE_DOMAIN;
     a.until_ms = clock_unix_ms() + for_ms;
     snprintf(a.trigger, sizeof(a.trigger), "by the operator");
     if (shaping_add(e->shaping, &a) < 0) {
@@ -1781,7 +1795,7 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
     for (size_t i = 0; i < na && at == na; i++)
         if (strcmp(v[i].rule, "operator") == 0 && v[i].kind == a.kind && v[i].scope == a.scope &&
             strcmp(v[i].source, a.source) == 0 && strcmp(v[i].group, a.group) == 0 &&
-            strcmp(v[i].domain, a.domain) == 0)
+            strcmp(v[i].domain, a.domain) == 0 && strcmp(v[i].tenant, a.tenant) == 0)
             at = i;
     if (at < na)
         shaping_action_json(out, &v[at], clock_unix_ms());

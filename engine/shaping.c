@@ -116,9 +116,9 @@ shaping_action_format(const struct shaping_action *a, char *buf, size_t cap)
 {
     int n = snprintf(buf, cap,
                      "id=%s\tkind=%s\tscope=%s\tvalue=%u\tsource=%s\tgroup=%s\tdomain=%s\t"
-                     "rule=%s\torigin=%s\tstarted=%llu\tuntil=%llu\ttrigger=%s",
+                     "tenant=%s\trule=%s\torigin=%s\tstarted=%llu\tuntil=%llu\ttrigger=%s",
                      a->id, shaping_kind_str(a->kind), shaping_scope_str(a->scope), a->value,
-                     a->source, a->group, a->domain, a->rule, a->origin,
+                     a->source, a->group, a->domain, a->tenant, a->rule, a->origin,
                      (unsigned long long)a->started_ms, (unsigned long long)a->until_ms,
                      a->trigger);
     return n < 0 || (size_t)n >= cap ? -ENOSPC : n;
@@ -164,6 +164,8 @@ shaping_action_parse(const char *line, struct shaping_action *a)
                 clean_copy(a->group, sizeof(a->group), v);
             } else if (KEY("domain")) {
                 clean_copy(a->domain, sizeof(a->domain), v);
+            } else if (KEY("tenant")) {
+                clean_copy(a->tenant, sizeof(a->tenant), v);
             } else if (KEY("rule")) {
                 clean_copy(a->rule, sizeof(a->rule), v);
             } else if (KEY("origin")) {
@@ -213,10 +215,10 @@ log_started(struct shaping *s, const struct shaping_action *a, const char *how)
     uint64_t now = clock_unix_ms();
     log_msg(LOG_NOTICE,
             "event=shaping_started id=%s rule=%s kind=%s value=%u scope=%s source=%s group=%s "
-            "domain=%s for_ms=%llu origin=%s via=%s trigger=\"%s\"",
+            "domain=%s tenant=%s for_ms=%llu origin=%s via=%s trigger=\"%s\"",
             a->id, a->rule, shaping_kind_str(a->kind), a->value, shaping_scope_str(a->scope),
             a->source[0] ? a->source : "-", a->group[0] ? a->group : "-",
-            a->domain[0] ? a->domain : "-",
+            a->domain[0] ? a->domain : "-", a->tenant[0] ? a->tenant : "-",
             (unsigned long long)(a->until_ms > now ? a->until_ms - now : 0), a->origin, how,
             a->trigger);
 }
@@ -327,6 +329,8 @@ make_id(struct shaping_action *a)
     h = fnv(h, a->source);
     h = fnv(h, a->group);
     h = fnv(h, a->domain);
+    if (a->scope == SHAPING_SCOPE_TENANT)
+        h = fnv(h, a->tenant);
     snprintf(a->id, sizeof(a->id), "%016llx", (unsigned long long)h);
 }
 
@@ -334,7 +338,7 @@ make_id(struct shaping_action *a)
 
 int
 shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct shaping_reply *rep,
-                 const char *source)
+                 const char *source, const char *tenant)
 {
     if (s == NULL || r == NULL)
         return -1;
@@ -363,6 +367,8 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
             snprintf(a.group, sizeof(a.group), "mx:%.59s", rep->mx ? rep->mx : "");
         if (a.scope == SHAPING_SCOPE_SOURCE)
             snprintf(a.source, sizeof(a.source), "%s", source ? source : "");
+        if (a.scope == SHAPING_SCOPE_TENANT)
+            snprintf(a.tenant, sizeof(a.tenant), "%s", tenant ? tenant : "");
     }
     char text[SHAPING_TEXT_MAX];
     char enh[24] = "";
@@ -377,7 +383,9 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
     pthread_mutex_lock(&s->lock);
     snprintf(a.origin, sizeof(a.origin), "%s", s->node);
     s->st.hits++;
-    if (a.kind == SHAPING_COUNT) {
+    if (a.kind == SHAPING_COUNT || (a.scope == SHAPING_SCOPE_TENANT && a.tenant[0] == '\0')) {
+        /* counted only: no action to keep or share (mail of no tenant
+         * has no tenant to hold) */
         pthread_mutex_unlock(&s->lock);
         return i; /* counted: no action to keep or share */
     }
@@ -418,8 +426,8 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
     pthread_mutex_lock(&s->lock);
     for (size_t i = 0; i < s->nact; i++) {
         const struct shaping_action *a = &s->act[i];
-        if (a->until_ms <= now_ms || a->kind == SHAPING_COUNT)
-            continue;
+        if (a->until_ms <= now_ms || a->kind == SHAPING_COUNT || a->scope == SHAPING_SCOPE_TENANT)
+            continue; /* tenants: per job, shaping_tenant_held */
         bool applies;
         switch (a->scope) {
         case SHAPING_SCOPE_SOURCE:
@@ -451,6 +459,31 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
     pthread_mutex_unlock(&s->lock);
     v->recheck_ms = recheck;
     return any;
+}
+
+bool
+shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const char *tenant,
+                    const char *mx, uint64_t now_ms, uint64_t *recheck_ms)
+{
+    if (s == NULL || tenant == NULL || tenant[0] == '\0' ||
+        atomic_load_explicit(&s->live, memory_order_relaxed) == 0)
+        return false;
+    bool held = false;
+    uint64_t recheck = now_ms + RECHECK_MAX_MS;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->nact; i++) {
+        const struct shaping_action *a = &s->act[i];
+        if (a->scope != SHAPING_SCOPE_TENANT || a->kind != SHAPING_SUSPEND ||
+            a->until_ms <= now_ms || strcmp(a->tenant, tenant) != 0 ||
+            !in_group(r, a->group, mx))
+            continue;
+        held = true;
+        if (a->until_ms < recheck)
+            recheck = a->until_ms;
+    }
+    pthread_mutex_unlock(&s->lock);
+    *recheck_ms = recheck;
+    return held;
 }
 
 /* ---- operators ---- */
@@ -496,6 +529,8 @@ selected(const struct shaping_action *a, const char *sel)
         return strcasecmp(a->group, v) == 0;
     if (kl == 6 && strncmp(sel, "domain", 6) == 0)
         return strcasecmp(a->domain, v) == 0;
+    if (kl == 6 && strncmp(sel, "tenant", 6) == 0)
+        return strcmp(a->tenant, v) == 0 && a->scope == SHAPING_SCOPE_TENANT;
     if (kl == 4 && strncmp(sel, "rule", 4) == 0)
         return strcmp(a->rule, v) == 0;
     return false;

@@ -46,6 +46,8 @@ enum shaping_scope {
     SHAPING_SCOPE_SOURCE, /* the source address refused, at the rule's destination group */
     SHAPING_SCOPE_GROUP,  /* every source, at the destination group (the site) */
     SHAPING_SCOPE_DOMAIN, /* the recipient domain, every source */
+    SHAPING_SCOPE_TENANT, /* the tenant whose mail drew the reply, at the destination group
+                           * (suspend only: its jobs are set aside, the others go on) */
     SHAPING_SCOPE_COUNT
 };
 
@@ -119,6 +121,7 @@ struct shaping_action {
     char source[64];                /* SHAPING_SCOPE_SOURCE: the address ("" default) */
     char group[SHAPING_NAME_MAX];   /* SOURCE and GROUP scopes */
     char domain[256];               /* SHAPING_SCOPE_DOMAIN */
+    char tenant[64];                /* SHAPING_SCOPE_TENANT (with group) */
     char rule[SHAPING_NAME_MAX];    /* the rule, or "operator" */
     char trigger[SHAPING_TEXT_MAX]; /* the reply that fired it */
     char origin[64];                /* the node it was fired on */
@@ -152,7 +155,7 @@ struct shaping *shaping_close(struct shaping *s);
  * extended) for scope; rules is borrowed for the call. Returns the rule's
  * index, or -1. */
 int shaping_on_reply(struct shaping *s, const struct shaping_rules *r,
-                     const struct shaping_reply *rep, const char *source);
+                     const struct shaping_reply *rep, const char *source, const char *tenant);
 
 /* What the active actions say about a connection from source (the
  * address, "" for the node's default) to MX host mx for domain at
@@ -168,10 +171,16 @@ struct shaping_verdict {
 bool shaping_check(struct shaping *s, const struct shaping_rules *r, const char *source,
                    const char *mx, const char *domain, uint64_t now_ms, struct shaping_verdict *v);
 
+/* Is tenant's mail to MX host mx suspended (a tenant-scope action)? Then
+ * *recheck_ms: Unix ms by which to ask again. Lock-free while no action
+ * is active. */
+bool shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const char *tenant,
+                         const char *mx, uint64_t now_ms, uint64_t *recheck_ms);
+
 /* Operators: an action by hand (rule "operator"), cluster-wide. */
 int shaping_add(struct shaping *s, const struct shaping_action *a);
 /* Clear the actions that sel names: an id, "all", or SCOPE=NAME
- * (source=ADDR, group=G, domain=D); cluster-wide. Returns how many. */
+ * (source=ADDR, group=G, domain=D, tenant=T, rule=R); cluster-wide. Returns how many. */
 int shaping_clear(struct shaping *s, const char *sel);
 /* A copy of the active actions (malloc'ed, the caller frees) in *out. */
 int shaping_list(struct shaping *s, struct shaping_action **out, size_t *n);

@@ -16,7 +16,7 @@
  *   enhanced=C.S.D    each part a number, "x" (any) or a range A-B: 5.7.606-649
  *   match="REGEX" POSIX extended, case-insensitive, searched in the text
  *   action=suspend|backoff|cap:N|count
- *   scope=source|group|domain   (default source)
+ *   scope=source|group|domain|tenant   (default source; tenant: suspend or count)
  *   for=DURATION  how long the action lasts (250ms, 30s, 5m, 4h, 1d)
  * Values may be in double quotes (\" and \\ inside). Rules are tried in
  * load order, first match wins.
@@ -91,7 +91,8 @@ struct shaping_rules {
 };
 
 static const char *const kind_names[SHAPING_KIND_COUNT] = {"suspend", "backoff", "cap", "count"};
-static const char *const scope_names[SHAPING_SCOPE_COUNT] = {"source", "group", "domain"};
+static const char *const scope_names[SHAPING_SCOPE_COUNT] = {"source", "group", "domain",
+                                                              "tenant"};
 
 const char *
 shaping_kind_str(enum shaping_kind k)
@@ -527,7 +528,7 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
                 if (strcasecmp(v, scope_names[s]) == 0)
                     break;
             if (s == SHAPING_SCOPE_COUNT)
-                why = "scope: source, group or domain";
+                why = "scope: source, group, domain or tenant";
             x->info.scope = (enum shaping_scope)s;
         } else if (strcmp(k, "for") == 0) {
             have_for = true;
@@ -544,6 +545,9 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
         why = "needs action=";
     if (why == NULL && !have_for && x->info.kind != SHAPING_COUNT)
         why = "needs for=DURATION";
+    if (why == NULL && x->info.scope == SHAPING_SCOPE_TENANT && x->info.kind != SHAPING_SUSPEND &&
+        x->info.kind != SHAPING_COUNT)
+        why = "scope=tenant: action=suspend or count (a tenant's jobs are set aside or not)";
     if (why == NULL && x->code == 0 && x->code_cls == 0 && !x->has_enh && !x->has_re)
         why = "needs code=, enhanced= or match=";
     if (why != NULL) {

@@ -1311,7 +1311,8 @@ static const struct command commands[] = {
      true},
     {"shaping", "[list|clear ID|SCOPE|all|suspend|backoff|cap:N SCOPE for=DURATION]",
      "traffic-shaping actions on every node: list them, clear them (by id, source=A, group=G, "
-     "domain=D, rule=R or all), or start one by hand (source=A group=G | group=G | domain=D)",
+     "domain=D, tenant=T, rule=R or all), or start one by hand (source=A group=G | tenant=T "
+     "group=G | group=G | domain=D)",
      0, 8, true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},

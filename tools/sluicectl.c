@@ -1093,7 +1093,8 @@ render_shaping(const cJSON *doc)
 {
     struct table t;
     table_init(&t, 8, 0x40u); /* right: LEFT */
-    table_row(&t, "ID", "ACTION", "SCOPE", "SOURCE", "GROUP/DOMAIN", "RULE", "LEFT", "ORIGIN");
+    table_row(&t, "ID", "ACTION", "SCOPE", "SOURCE/TENANT", "GROUP/DOMAIN", "RULE", "LEFT",
+              "ORIGIN");
     const cJSON *a;
     size_t n = 0;
     cJSON_ArrayForEach(a, get(doc, "actions"))
@@ -1109,7 +1110,10 @@ render_shaping(const cJSON *doc)
         const char *where = fmt_str(a, "domain");
         if (strcmp(where, "-") == 0)
             where = fmt_str(a, "group");
-        table_row(&t, fmt_str(a, "id"), act, fmt_str(a, "scope"), fmt_str(a, "source"), where,
+        const char *who = fmt_str(a, "tenant");
+        if (strcmp(who, "-") == 0)
+            who = fmt_str(a, "source");
+        table_row(&t, fmt_str(a, "id"), act, fmt_str(a, "scope"), who, where,
                   fmt_str(a, "rule"), fmt_duration(a, "remaining_ms"), fmt_str(a, "origin"));
     }
     table_print(&t, stdout);
@@ -1475,6 +1479,7 @@ static const struct cmd cmds[] = {
      "  shaping clear source=A|group=G|domain=D|rule=R   scope or rule)\n"
      "  shaping suspend|backoff|cap:N source=A group=G for=DURATION\n"
      "  shaping suspend|backoff|cap:N group=G|domain=D for=DURATION\n"
+     "  shaping suspend tenant=T group=G for=DURATION\n"
      "                              an action by hand, on every node\n\n"
      "Actions are shared through Redis (with [redis] url) and kept in the spool\n"
      "across restarts. Rules: etc/shaping.rules and [shaping] rules.",

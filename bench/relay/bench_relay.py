@@ -7,7 +7,7 @@ ceiling of the tools on this machine.
   bench/relay/bench_relay.py [--sluice build-rel/engine/sluice] [--messages 20000]
                              [--sessions 50] [--size 2048] [--domains 1] [--dlog] [--dkim]
                              [--dkim-on-worker none|ed25519|all]
-                             [--before OTHER-SLUICE [--rounds 3]]
+                             [--before OTHER-SLUICE [--rounds 3]] [--shaping]
 
 Prints the injection rate and the end-to-end rate (until sluice has logged
 every delivery). Durable spool under /var/tmp (not tmpfs). Never fails on
@@ -104,6 +104,10 @@ def main():
                          "times each, and the best of each is compared (with --events: a "
                          "sinks-on run of it after each sinks off/on pair of --sluice)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shaping", action="store_true",
+                    help="run with [shaping] off, with 1,000 rules loaded, and with 1,000 "
+                         "rules and one action in force (for another destination group, so "
+                         "that every transaction asks the table), twice each, and compare")
     a = ap.parse_args()
 
     sink_port = free_port()
@@ -121,6 +125,9 @@ def main():
         binaries = {"before": a.before, "after": a.sluice}
     if a.dlog:
         runs = [("log off", ""), ("log on", "dlog")] * 2
+    if a.shaping:
+        runs = [("shaping off", "shaping-off"), ("1,000 rules", "shaping-rules"),
+                ("1,000 rules, 1 action", "shaping-action")] * 2
     keydir = None
     if a.dkim:
         runs = [("unsigned", ""), ("ed25519", "ed25519"), ("rsa-2048", "rsa2048")] * 2
@@ -200,6 +207,16 @@ def main():
               f"RSA-2048 {cpu['rsa-2048'] * 1e6:.0f} us "
               f"(+{(cpu['rsa-2048'] - cpu['unsigned']) * 1e6:.0f}: "
               f"{(cpu['rsa-2048'] - cpu['unsigned']) * speed:.2f} signatures' worth)")
+    if a.shaping:
+        best = {lab: max(r[1][3] / r[1][1] for r in results if r[0] == lab)
+                for lab in ("shaping off", "1,000 rules", "1,000 rules, 1 action")}
+        cpu = {lab: min(r[1][4] / r[1][3] for r in results if r[0] == lab) for lab in best}
+        off = best["shaping off"]
+        print("  shaping (alternating runs, best of 2 each; replies are all 2xx, so no rule "
+              "is matched here: bench/shaping has the matching cost per reply):")
+        for lab, v in best.items():
+            print(f"    {lab:24s} {v:8.0f} msg/s ({100 * v / off:.0f}% of shaping off), "
+                  f"sluice CPU {cpu[lab] * 1e6:.0f} us per message")
     if a.dlog:
         off = [r[1][3] / r[1][1] for r in results if r[0] == "log off"]
         on = [r[1][3] / r[1][1] for r in results if r[0] == "log on"]
@@ -218,6 +235,34 @@ def main():
             bef = max(r[1][3] / r[1][1] for r in results if r[0] == "sinks on (before)")
             print(f"  sinks on with {a.before}: best e2e {bef:.0f} msg/s: this binary's sinks-on "
                   f"rate is {100 * best_on / bef:.0f}% of it")
+
+
+def shaping_rules_file(work, n):
+    """n operator rules over 16 groups and the usual codes (as bench/shaping
+    generates them), none of which the sink's replies match."""
+    codes = [421, 450, 451, 452, 550, 552, 553, 554]
+    lines = [f"group g{g} *.g{g}.test" for g in range(16)]
+    lines += [f'rule op{i} group=g{i % 16} code={codes[i % 8]} match="err-{i} [a-z]+ deferred" '
+              f"action=suspend scope=source for=1h" for i in range(n)]
+    path = os.path.join(work, "shaping.rules")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def stats_cmd(sock, line):
+    import json
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(line.encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            buf += s.recv(65536)
+    r = json.loads(buf.split(b"\n", 1)[0])
+    assert r.get("ok"), r
+    return r
 
 
 def sinks_pending(sock):
@@ -254,12 +299,18 @@ def relay_run(a, sink_port, what):
         extra += (f"[events hook]\nurl = http://127.0.0.1:{a.receiver_port}/events\n"
                   f"secret = bench\n"
                   f"[events stream]\nurl = redis://127.0.0.1:{a.redis_port}/relay-events\n")
+    if what == "shaping-off":
+        extra += "[shaping]\nenabled = no\n"
+    elif what.startswith("shaping-"):
+        extra += f"[shaping]\nrules = {shaping_rules_file(work, 977)}\n"
     ref = subprocess.run([a.sluice, "--config-reference"], capture_output=True, text=True).stdout
     conf = relay_conf(wd, port, f"{work}/spool", sink_port, dns.port, extra,
                       allow="allow_networks" in ref)
     d = Daemon(a.sluice, conf)
     try:
         d.wait_log("event=ready")
+        if what == "shaping-action":
+            stats_cmd(f"{work}/stats.sock", "shaping suspend group=yahoo for=1h")
         t0 = time.monotonic()
         # smtp-source has one recipient address; with several domains,
         # several runs share the messages

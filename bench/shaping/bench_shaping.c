@@ -210,7 +210,7 @@ bench_spread(void)
         char src[32];
         snprintf(src, sizeof(src), "10.%u.%u.1", i / 250, i % 250);
         double t0 = now_s();
-        shaping_on_reply(a, r, &rep, src);
+        shaping_on_reply(a, r, &rep, src, NULL);
         struct shaping_verdict v;
         for (unsigned k = 0; k < 200000; k++) { /* at most ~20 s */
             if (shaping_check(b, r, src, "mta7.am0.yahoodns.net", dom, clock_unix_ms(), &v))

@@ -76,6 +76,7 @@ struct job {
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
+    bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
     unsigned failovers;  /* times a session failure moved it to the next address */
     struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned n;
@@ -288,6 +289,7 @@ struct delivery {
     unsigned nsusp;
     struct timer scope_timer; /* the earliest timed suspension ends */
     struct job *parked;       /* owned: jobs of a suspended tenant or campaign */
+    unsigned nshaped;         /* of them, parked for a shaping action on their tenant */
     struct hash counts[DELIVERY_SCOPE_COUNT]; /* struct owner_count by id (TENANT, POOL, SOURCE) */
 };
 
@@ -470,6 +472,11 @@ bool scope_domain_suspended(const struct delivery *d, const char *domain, uint64
 /* j (just taken from its queue, owned) belongs to a suspended tenant or
  * campaign: it is set aside (true, j no longer the caller's), or not. */
 bool scope_job_parked(struct delivery *d, struct job *j);
+/* j (just taken from its queue for a connection to MX host mx, owned)
+ * belongs to a tenant that a shaping action suspends at mx's group: it is
+ * set aside (true) until the action ends or is cleared (looked at every
+ * second), or not. */
+bool scope_job_shaped(struct delivery *d, struct job *j, const char *mx);
 /* The counters of id in kind's table, made on first use; a static dummy
  * without memory (never NULL). */
 struct owner_count *owner_count(struct delivery *d, enum scope_kind kind, uint32_t id);
@@ -519,7 +526,7 @@ void job_finish(struct delivery *d, struct dest *t, struct job *j,
 /* A reply o (not a delivery) from MX host mx to source src_id (0: the
  * default) for t: the shaping rules may start an action (shaping.h). */
 void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
-                     const struct smtp_outcome *o);
+                     uint32_t tenant, const struct smtp_outcome *o);
 /* Every recipient of j (owned: freed) fails with o, without a session
  * (an outbound_ops fail). */
 void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,

@@ -321,7 +321,7 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
  * destination group or the domain, on every node. */
 void
 outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
-                const struct smtp_outcome *o)
+                uint32_t tenant, const struct smtp_outcome *o)
 {
     struct engine *e = d->e;
     const struct config *cfg = e->cfg;
@@ -337,7 +337,8 @@ outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src
         .domain = t->name,
     };
     const char *source = src_id != 0 ? intern_name(e->names, src_id) : "";
-    shaping_on_reply(e->shaping, cfg->shaping_rules, &rep, source ? source : "");
+    const char *ten = tenant != 0 ? intern_name(e->names, tenant) : NULL;
+    shaping_on_reply(e->shaping, cfg->shaping_rules, &rep, source ? source : "", ten);
 }
 
 void
@@ -412,7 +413,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (o->status != SMTP_STATUS_DELIVERED && o->code >= 400 && !shaped &&
             policy_source(o, where->src) == CLASSIFY_REPLY) {
             shaped = true; /* one reply per job: its recipients share it, or nearly */
-            outcome_shaping(d, t, where->mx, where->src_id, o);
+            outcome_shaping(d, t, where->mx, where->src_id, j->owner.tenant, o);
         }
         struct policy_rcpt pr;
         policy_rcpt(o, oc, where->src, now, expire,

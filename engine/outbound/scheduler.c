@@ -1325,6 +1325,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             if (j != NULL && scope_job_parked(d, j)) {
                 continue; /* its tenant or campaign is suspended: parked */
             }
+            if (j != NULL && scope_job_shaped(d, j, c->mx))
+                continue; /* its tenant is suspended at this MX by shaping: parked */
             if (j != NULL && c->src != NULL &&
                 !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
@@ -1459,7 +1461,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
      * refused) reaches no job: the shaping rules see it here. Replies
      * within transactions are seen with their job (outcome.c). */
     if (so != NULL && c->connected && !c->ready_once && so->code >= 400 && !d->stopping)
-        outcome_shaping(d, t, c->mx, c->src_id, so);
+        outcome_shaping(d, t, c->mx, c->src_id, c->job ? c->job->owner.tenant : 0, so);
     if (site != NULL && pd.congested && !d->draining)
         sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
     bool by_source = c->src != NULL && t->poolc != NULL && pd.source_hold && !d->stopping;

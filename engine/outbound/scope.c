@@ -17,7 +17,11 @@
  *     parked job stays in the spool as any queued one: a restart
  *     delivers it unless the suspension is given again.
  * Suspensions live in memory, per worker (ops.c sends each to every
- * worker): like a domain's, they do not survive a restart.
+ * worker): like a domain's, they do not survive a restart. Jobs of a
+ * tenant that a shaping action suspends at a destination group
+ * (engine/shaping.h, scope=tenant) are parked the same way when they come
+ * up for a connection to that group (scope_job_shaped), and looked at
+ * again every second: the action is shaping's, kept and shared there.
  *
  * Threading: the worker's thread.
  */
@@ -25,10 +29,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/clock.h"
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
+#include "engine/shaping.h"
 
 static const char *const scope_names[DELIVERY_SCOPE_COUNT] = {"domain", "tenant", "campaign",
                                                                "pool", "source"};
@@ -167,6 +173,50 @@ scope_job_parked(struct delivery *d, struct job *j)
     return true;
 }
 
+#define SHAPED_RECHECK_MS 1000
+
+/* Is j's tenant suspended by shaping at mx (its destination's preferred
+ * MX host when mx is NULL)? */
+static bool
+job_shaped(struct delivery *d, const struct job *j, const char *mx)
+{
+    struct engine *e = d->e;
+    if (e->shaping == NULL || j->owner.tenant == 0)
+        return false;
+    if (mx == NULL) {
+        struct dest *t = dest_get_pool(d, j->domain, j->owner.pool);
+        mx = t != NULL && t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
+    }
+    uint64_t recheck;
+    return mx != NULL && shaping_tenant_held(e->shaping, e->cfg->shaping_rules,
+                                             intern_name(e->names, j->owner.tenant), mx,
+                                             clock_unix_ms(), &recheck);
+}
+
+static void
+scope_shaped_timer(struct delivery *d)
+{
+    uint64_t at = d->w->now + MS_TO_NS(SHAPED_RECHECK_MS);
+    if (d->nshaped > 0 && (!timer_armed(&d->scope_timer) || d->scope_timer.deadline > at))
+        worker_timer_arm(d->w, &d->scope_timer, at);
+}
+
+bool
+scope_job_shaped(struct delivery *d, struct job *j, const char *mx)
+{
+    if (!job_shaped(d, j, mx))
+        return false;
+    j->shaped = true;
+    j->next_parked = d->parked;
+    d->parked = j;
+    d->stats.parked++;
+    if (d->nshaped++ == 0)
+        log_msg(LOG_INFO, "event=jobs_parked reason=shaping tenant=%s mx=%s",
+                intern_name(d->e->names, j->owner.tenant), mx ? mx : "-");
+    scope_shaped_timer(d);
+    return true;
+}
+
 /* Park the waiting jobs of a suspended tenant or campaign, every
  * destination's, keeping the others' order. */
 static void
@@ -201,10 +251,14 @@ scope_release(struct delivery *d)
     while ((j = p) != NULL) {
         p = j->next_parked;
         j->next_parked = NULL;
-        if (job_suspended(d, j, now)) {
+        if (job_suspended(d, j, now) || (j->shaped && job_shaped(d, j, NULL))) {
             j->next_parked = d->parked;
             d->parked = j;
             continue;
+        }
+        if (j->shaped) {
+            j->shaped = false;
+            d->nshaped--;
         }
         d->stats.parked--;
         struct dest *t = dest_get_pool(d, j->domain, j->owner.pool);
@@ -249,6 +303,7 @@ scope_expire(struct delivery *d)
         worker_timer_arm(d->w, &d->scope_timer, next);
     else
         worker_timer_cancel(d->w, &d->scope_timer);
+    scope_shaped_timer(d); /* and jobs parked by shaping are looked at each second */
     return dropped;
 }
 
@@ -259,8 +314,9 @@ scope_on_timer(struct timer *tm, void *ctx)
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, scope_timer));
     if (d->stopping)
         return;
-    if (scope_expire(d))
+    if (scope_expire(d) || d->nshaped > 0)
         scope_release(d);
+    scope_shaped_timer(d); /* scope_expire may have cancelled it */
 }
 
 int

@@ -4,10 +4,11 @@ answers like a large receiver that has had enough of one sending address.
     python3 shaping_receiver.py HOST PORT RECORDS PEER AFTER REPLY SWITCH
 
 It accepts mail from everyone, and appends one JSON line per MAIL command
-to RECORDS: the peer address, its EHLO name, the time, the code answered,
-and "delivered": true once the message's data was accepted. After AFTER
-messages accepted from PEER, and for as long as the file SWITCH exists,
-it answers PEER's MAIL commands with REPLY (one line, code included, as
+to RECORDS: the peer address, its EHLO name, the sender, the time, the
+code answered, and "delivered": true once the message's data was
+accepted. PEER is an address, or "from:TEXT" for the MAIL commands whose
+sender holds TEXT. After AFTER messages accepted from PEER, and for as
+long as the file SWITCH exists, it answers PEER's MAIL commands with REPLY (one line, code included, as
 "421 4.7.0 [TSS04] Messages from ... deferred ...") and, for a 421, closes
 the connection as a receiver does. Deleting SWITCH makes it accept PEER
 again (the test's "the receiver is happy again").
@@ -27,6 +28,11 @@ def main():
     out = open(path, "a", buffering=1)
     accepted = {"n": 0}
 
+    def bad(peer, sender):
+        if peer_bad.startswith("from:"):
+            return peer_bad[5:] in sender
+        return peer == peer_bad
+
     def record(**kw):
         kw["t"] = time.time()
         out.write(json.dumps(kw) + "\n")
@@ -34,7 +40,7 @@ def main():
     async def session(reader, writer):
         peer = writer.get_extra_info("peername")[0]
         writer.write(b"220 rx.test ESMTP\r\n")
-        ehlo, rcpts = "", []
+        ehlo, rcpts, sender = "", [], ""
         try:
             while True:
                 line = await reader.readline()
@@ -47,15 +53,15 @@ def main():
                     writer.write(b"250-rx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
                                  b"250 ENHANCEDSTATUSCODES\r\n")
                 elif verb == "MAIL":
-                    rcpts = []
-                    if peer == peer_bad and accepted["n"] >= after and os.path.exists(switch):
-                        record(peer=peer, ehlo=ehlo, code=int(reply[:3]))
+                    rcpts, sender = [], cmd[10:].strip()
+                    if bad(peer, sender) and accepted["n"] >= after and os.path.exists(switch):
+                        record(peer=peer, ehlo=ehlo, sender=sender, code=int(reply[:3]))
                         writer.write(reply.encode() + b"\r\n")
                         await writer.drain()
                         if reply.startswith("421"):
                             break
                         continue
-                    record(peer=peer, ehlo=ehlo, code=250)
+                    record(peer=peer, ehlo=ehlo, sender=sender, code=250)
                     writer.write(b"250 2.1.0 ok\r\n")
                 elif verb == "RCPT":
                     rcpts.append(cmd[8:].strip())
@@ -67,9 +73,10 @@ def main():
                         body = await reader.readline()
                         if not body or body == b".\r\n":
                             break
-                    if peer == peer_bad:
+                    if bad(peer, sender):
                         accepted["n"] += 1
-                    record(peer=peer, ehlo=ehlo, code=250, delivered=True, rcpts=rcpts)
+                    record(peer=peer, ehlo=ehlo, sender=sender, code=250, delivered=True,
+                           rcpts=rcpts)
                     writer.write(b"250 2.0.0 queued\r\n")
                 elif verb == "RSET":
                     rcpts = []

@@ -162,7 +162,8 @@ test_operator_first_and_errors(void **state)
         {"rule a match=\"x action=suspend for=1h\n", "unterminated quote"},
         {"rule a code=421 group=nosuch action=suspend for=1h\n", "group: not defined"},
         {"rule a code=421 action=cap for=1h\n", "cap:N"},
-        {"rule a code=421 action=suspend scope=tenant for=1h\n", "scope:"},
+        {"rule a code=421 action=suspend scope=mailbox for=1h\n", "scope:"},
+        {"rule a code=421 action=backoff scope=tenant for=1h\n", "scope=tenant"},
         {"rule a code=421 action=suspend for=40d\n", "for:"},
         {"rule a code=421 action=suspend for=1h color=red\n", "unknown key"},
         {"group g\n", "needs MX patterns"},
@@ -298,8 +299,8 @@ test_state_file_and_check(void **state)
     struct shaping_reply rep = {.code = 421, .enh_cls = 4, .enh_subject = 7,
                                 .text = "[TSS04] Messages from 192.0.2.1 temporarily deferred",
                                 .mx = "mta5.am0.yahoodns.net", .domain = "yahoo.com"};
-    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1") >= 0);
-    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1") >= 0); /* the same action */
+    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1", NULL) >= 0);
+    assert_true(shaping_on_reply(s, r, &rep, "192.0.2.1", NULL) >= 0); /* the same action */
     assert_int_equal(count(s), 1);
     struct shaping_verdict v;
     uint64_t now = clock_unix_ms();
@@ -314,6 +315,27 @@ test_state_file_and_check(void **state)
     assert_int_equal(count(s), 1);
     assert_true(shaping_check(s, r, "192.0.2.1", "mta7.am0.yahoodns.net", "aol.com",
                               clock_unix_ms(), &v));
+    /* a tenant's spam block holds that tenant at the group, nobody else */
+    struct shaping_reply t57 = {.code = 550, .enh_cls = 5, .enh_subject = 7, .enh_detail = 26,
+                                .text = "This mail is unauthenticated, which poses a security "
+                                        "risk to the sender and Gmail users",
+                                .mx = "gmail-smtp-in.l.google.com", .domain = "gmail.com"};
+    int gi = shaping_on_reply(s, r, &t57, "192.0.2.1", "acme");
+    assert_true(gi >= 0);
+    assert_string_equal(shaping_rule(r, (unsigned)gi)->name, "gmail-5.7.26");
+    uint64_t rc_ms;
+    assert_true(shaping_tenant_held(s, r, "acme", "alt1.gmail-smtp-in.l.google.com",
+                                    clock_unix_ms(), &rc_ms));
+    assert_false(shaping_tenant_held(s, r, "globex", "alt1.gmail-smtp-in.l.google.com",
+                                     clock_unix_ms(), &rc_ms));
+    assert_false(shaping_tenant_held(s, r, "acme", "mta5.am0.yahoodns.net", clock_unix_ms(),
+                                     &rc_ms));
+    /* no connection check is held by it */
+    assert_false(shaping_check(s, r, "192.0.2.5", "alt1.gmail-smtp-in.l.google.com", "gmail.com",
+                               clock_unix_ms(), &v));
+    assert_int_equal(shaping_on_reply(s, r, &t57, "192.0.2.1", NULL), gi); /* no tenant */
+    assert_int_equal(count(s), 2);
+    assert_int_equal(shaping_clear(s, "tenant=acme"), 1);
     /* an operator's short action ends on time; clear by selector */
     struct shaping_action a = {.kind = SHAPING_BACKOFF, .scope = SHAPING_SCOPE_DOMAIN};
     snprintf(a.domain, sizeof(a.domain), "example.org");
@@ -364,7 +386,7 @@ test_two_nodes_through_redis(void **state)
                                         "(S3150)",
                                 .mx = "x.mail.protection.outlook.com", .domain = "hotmail.com"};
     uint64_t t0 = clock_mono_ms();
-    assert_true(shaping_on_reply(a, r, &rep, "192.0.2.9") >= 0);
+    assert_true(shaping_on_reply(a, r, &rep, "192.0.2.9", NULL) >= 0);
     assert_true(wait_count(b, 1, 1000)); /* within a second */
     uint64_t took = clock_mono_ms() - t0;
     print_message("action on the second instance after %llu ms\n", (unsigned long long)took);
