@@ -660,8 +660,10 @@ state_write(struct shaping *s)
 /* ---- Redis (the keeper) ---- */
 
 static void
-redis_drop(struct shaping *s, const char *why)
+redis_drop(struct shaping *s, const char *why_in)
 {
+    char why[128]; /* why_in may be the context's errstr, freed below */
+    snprintf(why, sizeof(why), "%s", why_in);
     if (s->rc != NULL)
         redisFree(s->rc);
     s->rc = NULL;
