@@ -11,9 +11,9 @@
  *   that match, ordinary deferrals and bounces that do not, from hosts in
  *   and out of the groups). Beside it, the ceiling it avoids: the same
  *   1,000 regexes each tried once per reply (regexec, no index). The
- *   budget is a relayed message's share of one core at the relay's rate
- *   (bench/README.md: about 10,000 messages/s per core on this VM, 100 us),
- *   and a message meets at most one non-2xx reply in the common case.
+ *   budget is sluice's CPU per relayed message (bench/relay/bench_relay.py
+ *   --shaping on this VM: about 220 us), and a message meets at most one
+ *   non-2xx reply in the common case.
  * spread: the time from a triggering reply on instance A (shaping_on_reply)
  *   to the action applied on instance B (shaping_check says so), the two
  *   sharing a redis-server of the benchmark's own: 200 actions, one at a
@@ -122,8 +122,9 @@ bench_match(void)
             if (dt < best)
                 best = dt;
         }
-        printf("match, %4u rules: %7.0f ns/reply  (%.1f%% of a 100 us message budget)\n",
-               shaping_rules_count(r), best * 1e9, best * 1e9 / 1000.0);
+        printf("match, %4u rules: %7.0f ns/reply  (%.2f%% of sluice's 220 us of CPU per "
+               "relayed message)\n",
+               shaping_rules_count(r), best * 1e9, best * 1e9 / 2200.0);
     }
     /* the ceiling avoided: every rule's regex once per reply */
     unsigned n = shaping_rules_count(big);
