@@ -772,6 +772,25 @@ redis_catch_up(struct shaping *s)
     char hk[128], sk[128];
     key(s, hk, sizeof(hk), "active");
     key(s, sk, sizeof(sk), "log");
+    /* What waited in the outbox: clears go out first, so that the hash
+     * read below does not bring back what this node cleared while Redis
+     * was away; adds are in the table (published below when the hash
+     * lacks them). */
+    pthread_mutex_lock(&s->lock);
+    struct outbox_item *o = s->out;
+    s->out = NULL;
+    s->out_tail = &s->out;
+    pthread_mutex_unlock(&s->lock);
+    int crc = 0;
+    for (; o != NULL;) {
+        struct outbox_item *nx = o->next;
+        if (o->clear && crc == 0)
+            crc = redis_publish(s, &o->a, true);
+        free(o);
+        o = nx;
+    }
+    if (crc < 0)
+        return crc;
     const char *xr[] = {"XREVRANGE", sk, "+", "-", "COUNT", "1"};
     redisReply *r = cmd(s, 6, xr);
     if (r == NULL)
@@ -829,20 +848,8 @@ redis_catch_up(struct shaping *s)
     struct shaping_action *v = malloc((n ? n : 1) * sizeof(*v));
     if (v != NULL && n > 0)
         memcpy(v, s->act, n * sizeof(*v));
-    /* what waited in the outbox: adds are in the table (published below
-     * when the hash lacks them), clears still go out */
-    struct outbox_item *o = s->out;
-    s->out = NULL;
-    s->out_tail = &s->out;
     pthread_mutex_unlock(&s->lock);
     int rc = 0;
-    for (; o != NULL;) {
-        struct outbox_item *nx = o->next;
-        if (o->clear && rc == 0)
-            rc = redis_publish(s, &o->a, true);
-        free(o);
-        o = nx;
-    }
     /* ours that the hash lacks or holds shorter (started, or lost with
      * Redis, while it was away): published as new, so that the nodes
      * already connected read them from the stream */

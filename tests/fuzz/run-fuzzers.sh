@@ -1,6 +1,6 @@
 #!/bin/sh
 # Build the libFuzzer targets (SMTP protocol core, DKIM, submission
-# session, DSN builder, feedback parsers, DNS messages) with clang and run each for a bounded time over a copy of its seed corpus (the tree's corpus
+# session, DSN builder, feedback parsers, DNS messages, shaping rules) with clang and run each for a bounded time over a copy of its seed corpus (the tree's corpus
 # is never written). Exits non-zero when a target finds a crash; the input
 # that crashed is kept and its path printed.
 #
@@ -8,7 +8,7 @@
 #   build-dir  configured with CC=clang -DSLUICE_FUZZ=ON, or new (default:
 #              $TMPDIR/sluice-fuzz); only the fuzz targets are built.
 # env: FUZZ_SECONDS   per target (default 20)
-#      FUZZ_TARGETS   names to run (default: all ten)
+#      FUZZ_TARGETS   names to run (default: all twelve)
 #      FUZZ_ARGS      extra libFuzzer flags
 set -eu
 
@@ -24,7 +24,7 @@ build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire"}
+targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire shaping"}
 
 if [ -f "$build/CMakeCache.txt" ]; then
     if ! grep -q '^SLUICE_FUZZ:BOOL=ON' "$build/CMakeCache.txt"; then
