@@ -323,7 +323,7 @@ def test_redis_away_then_back_and_expiry():
         wait_until(lambda: a.actions() or None, 2, "the timed action on node a")
         wait_until(lambda: a.actions() == [] and b.actions() == [], 5, "the action's end")
         took = time.monotonic() - t0
-        assert 1.9 <= took < 3.5, took
+        assert 1.9 <= took < 5.0, took  # the end, seen by polling both sockets
         for n in (a, b):
             n.d.wait_log("reason=expired")
     finally:
