@@ -204,6 +204,9 @@ struct dest {
     uint32_t pool;           /* the pool's name id (e->names); 0: none, the default source */
     const struct pool_config *poolc; /* borrowed from the config: its sources; NULL when
                                       * pool is 0 or names no [pool] now */
+    uint32_t *src_ids;       /* owned: the name ids of poolc's sources, in its order
+                              * (asked per transaction: the name table takes a lock) */
+    const struct pool_config *src_ids_for; /* compared only: the poolc src_ids are of */
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */

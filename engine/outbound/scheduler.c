@@ -476,6 +476,7 @@ dest_free(struct dest *t, bool live)
             limits_key_fini(d->lim, &t->lim);
     }
     dns_mx_result_unref(t->mx);
+    free(t->src_ids);
     want_remove(t);
     site_unref(&d->sites, t->site);
     hash_remove(&d->dests, &t->node);
@@ -644,25 +645,34 @@ dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *ou
         out->sin.sin_port = port;
 }
 
+/* Whose count of connections to an MX address a connection of t takes
+ * (site.h): its pool's (0: the node's default source). A pool's sources
+ * share the pool's; each pool, and mail without one, has the cap whole. */
+static uint32_t
+dest_addr_owner(const struct dest *t)
+{
+    return t->pool;
+}
+
 /* The address a new connection of t goes to: the failover cursor's,
- * unless this worker has its share of max_connections_per_address there;
+ * unless this worker has its (pool's) share of max_connections_per_address there;
  * then the least busy address of an MX host of the same preference with
  * room (never a backup MX for want of room). False when none has room. */
 static bool
-dest_address_room(struct dest *t, uint32_t src, const struct dns_mx_host **host,
-                  const union dns_addr **addr)
+dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
     struct delivery *d = t->d;
+    uint32_t owner = dest_addr_owner(t);
     unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
                                    d->e->nworkers);
     union dns_addr k;
     dest_addr_port(t, *addr, &k);
-    if (cap == 0 || site_addr_conns(&d->sites, src, &k) < cap)
+    if (cap == 0 || site_addr_conns(&d->sites, owner, &k) < cap)
         return true;
     /* Full here: a connection that goes idle at this address gives its
      * slot back instead (sched_conn_next), until t tries again. */
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
-    site_addr_want(&d->sites, src, &k, until, t->site);
+    site_addr_want(&d->sites, owner, &k, until, t->site);
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];
@@ -672,9 +682,9 @@ dest_address_room(struct dest *t, uint32_t src, const struct dns_mx_host **host,
             if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
                 continue;
             dest_addr_port(t, &x->addrs[i], &k);
-            unsigned n = site_addr_conns(&d->sites, src, &k);
+            unsigned n = site_addr_conns(&d->sites, owner, &k);
             if (n >= cap)
-                site_addr_want(&d->sites, src, &k, until, t->site);
+                site_addr_want(&d->sites, owner, &k, until, t->site);
             if (n < best) {
                 best = n;
                 *host = x;
@@ -701,6 +711,31 @@ source_better(const struct site_source *a, unsigned wa, const struct site_source
     /* the least (transactions + connections + 1) per weight */
     uint64_t la = a->sent + a->conns + 1, lb = b->sent + b->conns + 1;
     return la * wb < lb * wa;
+}
+
+/* The name ids of t's pool's sources, in the pool's order (0 where the
+ * name table is full), made once per [pool] in force; NULL without
+ * memory. */
+static const uint32_t *
+dest_src_ids(struct dest *t)
+{
+    if (t->src_ids != NULL && t->src_ids_for == t->poolc)
+        return t->src_ids;
+    free(t->src_ids);
+    t->src_ids = NULL;
+    t->src_ids_for = NULL;
+    if (t->poolc == NULL || t->poolc->nsources == 0)
+        return NULL;
+    uint32_t *ids = calloc(t->poolc->nsources, sizeof(*ids));
+    if (ids == NULL)
+        return NULL;
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        ids[i] = ps->source != NULL ? intern_id(t->d->e->names, ps->source->pattern) : 0;
+    }
+    t->src_ids = ids;
+    t->src_ids_for = t->poolc;
+    return ids;
 }
 
 /* The address family of a [source] section's address. */
@@ -758,6 +793,7 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
         out->until = wait;
         return 0;
     }
+    const uint32_t *ids = dest_src_ids(t);
     uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
     long best = -1; /* an index: site_source() may move the entries */
     unsigned bw = 0, held = 0, usable = 0;
@@ -769,7 +805,7 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             out->other_family = true;
             continue;
         }
-        uint32_t id = intern_id(d->e->names, ps->source->pattern);
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
         if (id == 0 || scope_suspended(d, SCOPE_SOURCE, id, now))
             continue;
         if (!shaping_may_open(t, id, mx, &wait))
@@ -829,11 +865,12 @@ source_may_send(struct conn *c)
         return false;
     uint64_t total = 0, wsum = 0, mine_sent = mine->sent;
     unsigned mine_w = 0, others = 0;
+    const uint32_t *ids = dest_src_ids(t);
     for (unsigned i = 0; i < t->poolc->nsources; i++) {
         const struct pool_source *ps = &t->poolc->sources[i];
         if (ps->weight == 0 || ps->source == NULL)
             continue;
-        uint32_t id = intern_id(d->e->names, ps->source->pattern);
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
         struct site_source *ss = NULL;
         for (unsigned k = 0; k < c->site->nsrc; k++)
             if (c->site->src[k].id == id)
@@ -1186,7 +1223,7 @@ dest_run_once(struct dest *t)
                 dest_lim_wait(t, pk.until);
             return;
         }
-        if (!dest_address_room(t, pk.id, &h, &a)) {
+        if (!dest_address_room(t, &h, &a)) {
             /* This worker's share of the address is taken: a connection of
              * the site that closes wakes t; one of another site sharing the
              * address does not, hence the timer. */
@@ -1273,7 +1310,7 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
      * of the site, and t may be resolved again meanwhile). */
     c->answer = dns_mx_result_ref(t->mx);
     c->mx = host->name;
-    c->addr_counted = site_addr_add(&d->sites, src_id, &c->addr) == 0;
+    c->addr_counted = site_addr_add(&d->sites, dest_addr_owner(t), &c->addr) == 0;
     c->site = t->site;
     c->site->refs++;
     struct site_source *ss = src != NULL ? site_source(c->site, src_id) : NULL;
@@ -1327,7 +1364,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             }
             if (j != NULL && scope_job_shaped(d, j, c->mx))
                 continue; /* its tenant is suspended at this MX by shaping: parked */
-            if (j != NULL && c->src != NULL &&
+            /* (no plan in the config: nothing to count, and no lock to take
+             * on each transaction) */
+            if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&
                 !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
                 dest_push(t, j, true);
@@ -1354,7 +1393,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             if (fairq_empty(&t->q) && c->addr_counted &&
-                site_addr_wanted(&d->sites, c->src_id, &c->addr, d->w->now, c->site)) {
+                site_addr_wanted(&d->sites, dest_addr_owner(c->dest), &c->addr, d->w->now,
+                                 c->site)) {
                 /* A domain of another site waits for this address's
                  * slot: give it back rather than hold it idle. */
                 *what = SCHED_NEXT_QUIT;
@@ -1501,7 +1541,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (site != NULL)
         site->conns--;
     if (c->addr_counted)
-        site_addr_del(&d->sites, c->src_id, &c->addr);
+        site_addr_del(&d->sites, dest_addr_owner(t), &c->addr);
     if (c->src != NULL && site != NULL) {
         struct site_source *ss = site_source(site, c->src_id);
         if (ss != NULL && ss->conns > 0)

@@ -75,7 +75,7 @@ site_eq(const struct hash_node *n, const void *key)
 
 struct site_addr {
     struct hash_node node;
-    uint32_t src;          /* the source address's name id (0: the node's default) */
+    uint32_t src;          /* the owner: a pool's name id (0: no pool) */
     union dns_addr a;      /* port included */
     unsigned conns;
     uint64_t wanted_until; /* ns: a domain found no room here ... */
@@ -96,7 +96,7 @@ addr_key(const union dns_addr *a, unsigned char *out)
     return 6;
 }
 
-/* What the table is looked up by: a source and an MX address. */
+/* What the table is looked up by: an owner (a pool) and an MX address. */
 struct addr_ref {
     uint32_t src;
     const union dns_addr *a;

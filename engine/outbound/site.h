@@ -113,11 +113,15 @@ struct site *site_get(struct sites *s, const char *key, unsigned initial, unsign
 /* One reference less; the site goes with the last. Returns NULL. */
 struct site *site_unref(struct sites *s, struct site *site);
 
-/* The per-address table counts connections per (source, MX address):
- * receivers limit connections per sending IP, so each source of a pool
- * has the cap of its own at an MX address. src is the source address's
- * name id, 0 for the node's default source. */
-/* Connections from src to one address (and port) now. */
+/* The per-address table counts connections per (owner, MX address): the
+ * scheduler's owner is a pool (its name id; 0 for mail without a pool,
+ * which leaves from the node's default source). Each pool has the cap
+ * whole at an MX address, so one customer's flood never takes another's
+ * slots there; the sources of a pool share the pool's, so the receiving
+ * host sees no more connections from a pool of eight addresses than from
+ * one (its capacity does not grow with our addresses; each source's own
+ * limits are its [source] section's). */
+/* Connections of src (an owner) to one address (and port) now. */
 unsigned site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a);
 /* A destination of site `by` found a's share of the cap taken: until
  * `until` (ns), site_addr_wanted() says so to the connections of other

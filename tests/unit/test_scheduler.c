@@ -839,6 +839,42 @@ source_held_alone(void **state)
 }
 
 /* The pick itself: the least (transactions + connections + 1) per weight. */
+/* max_connections_per_address counts per pool: the sources of a pool
+ * share the pool's cap at an MX address (the receiving host sees no more
+ * from eight addresses than from one), while each pool, and mail without
+ * one, has the cap whole (one customer's flood never takes another's
+ * slots). Before, each source had a cap of its own: 8 here, not 4. */
+static void
+pool_shares_address_cap(void **state)
+{
+    (void)state;
+    char conf[1024];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 8\nmax_connections_per_address = 4\n%s",
+             strstr(POOLS, "[domain *]"));
+    struct fx *f = fx_new(conf);
+    for (int i = 0; i < 20; i++)
+        submit_pool("cap.test", 1, "bulk");
+    answer_pool("cap.test", "bulk", MX1, A1, 1);
+    unsigned a, b, c;
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(f->opened, 4); /* the pool's 4, from both its sources */
+    assert_int_equal(a, 3);
+    assert_int_equal(b, 1);
+    for (int i = 0; i < 20; i++)
+        submit_pool("cap.test", 1, "tx");
+    answer_pool("cap.test", "tx", MX1, A1, 1);
+    for (int i = 0; i < 20; i++)
+        submit("cap.test", 1);
+    answer("cap.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(c, 4);           /* pool tx: 4 of its own */
+    assert_int_equal(f->opened, 12);  /* and mail without a pool 4 more */
+    struct dest *tb = dest_get_pool(f->d, "cap.test", intern_id(f->e.names, "bulk"));
+    assert_true(dest_queued(tb) > 0); /* the rest waits for the pool's slots */
+    fx_free(f);
+}
+
 static void
 source_pick_order(void **state)
 {
@@ -867,6 +903,7 @@ main(void)
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_pick_order),
+        cmocka_unit_test(pool_shares_address_cap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
