@@ -4,6 +4,7 @@ pools and 4 tenants beside the single-source rate, in the same run.
 
   chrt -f 80 bench/relay/bench_pools.py [--sluice build-rel/engine/sluice]
                                          [--messages 20000] [--domains 50] [--rounds 2]
+                                         [--before OTHER-SLUICE]
 
 Each round and each case (single source, then pools): Python clients
 inject the messages (4 tenants, X-Sluice-Tenant from a trusted address;
@@ -16,7 +17,9 @@ Only [tenant] ... pool = differs between the cases: without it every
 message leaves from the node's default source; with it, tenants t1 and
 t2 use pool a (127.0.0.2..5), t3 and t4 pool b (127.0.0.6..9), equal
 weights. smtp-sink (any source address) is the MX. Prints both rates,
-the best of the rounds, and their ratio. Never fails on a number.
+the best of the rounds, and their ratio. With --before, another binary
+(e.g. main's) runs both cases too, in each round right before this one:
+before and after side by side in one run. Never fails on a number.
 """
 import argparse
 import os
@@ -82,7 +85,7 @@ def inject_part(port, k, n, domains, size):
             c.sendmail("bench@example.com", [f"r{i}@{d}"], msg)
 
 
-def run_case(a, pools):
+def run_case(a, sluice, pools):
     wd = Workdir("sluice-pools-bench-")
     work = tempfile.mkdtemp(prefix="sluice-pools-bench-", dir=a.spool)
     domains = [f"d{i}.test" for i in range(a.domains)]
@@ -92,7 +95,7 @@ def run_case(a, pools):
     port = free_port()
     d = None
     try:
-        d = Daemon(a.sluice, conf(wd, port, f"{work}/spool", sink_port, dns.port, pools, False))
+        d = Daemon(sluice, conf(wd, port, f"{work}/spool", sink_port, dns.port, pools, False))
         d.wait_log("event=ready")
         per = a.messages // 4
         ps = [Process(target=inject_part, args=(port, k, per, domains, a.size)) for k in range(4)]
@@ -102,7 +105,7 @@ def run_case(a, pools):
             p.join()
         d.stop()
         n = per * 4
-        d = Daemon(a.sluice, conf(wd, port, f"{work}/spool", sink_port, dns.port, pools, True))
+        d = Daemon(sluice, conf(wd, port, f"{work}/spool", sink_port, dns.port, pools, True))
         t0 = time.monotonic()
         deadline = t0 + 600
         got = 0
@@ -139,24 +142,32 @@ def main():
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--spool", default="/var/tmp")
+    ap.add_argument("--before", default="",
+                    help="another sluice binary (e.g. main's) run on both cases just before "
+                         "this one in each round")
     a = ap.parse_args()
-    res = {False: [], True: []}
+    binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
+    res = {(b, p): [] for b, _ in binaries for p in (False, True)}
     for _ in range(a.rounds):
-        for pools in (False, True):  # alternating, side by side
-            res[pools].append(run_case(a, pools))
+        for b, path in binaries:
+            for pools in (False, True):  # alternating, side by side
+                res[(b, pools)].append(run_case(a, path, pools))
     print(f"delivery from the spool: {a.messages} messages of {a.size} B, 1 recipient each, "
           f"{a.domains} domains on one MX, 4 tenants, best of {a.rounds} alternating rounds")
-    for pools in (False, True):
-        rate, got, n, cpu, conns, srcs = max(res[pools])
-        label = "8 sources in 2 pools" if pools else "single source       "
-        print(f"  {label}: {rate:8.0f} msg/s  (delivered {got} of {n}, {conns} connections "
-              f"from {srcs or 1} source address(es), sluice CPU {1e6 * cpu / n:.0f} us/msg)")
-    best_single = max(r[0] for r in res[False])
-    best_pools = max(r[0] for r in res[True])
-    print(f"  pools / single source: {100 * best_pools / best_single:.0f}% (target: at least 90%)")
-    print(f"  all rounds, msg/s: single {[round(r[0]) for r in res[False]]}, "
-          f"pools {[round(r[0]) for r in res[True]]}")
-
+    for b, path in binaries:
+        if b:
+            print(f"{b}: {path}")
+        for pools in (False, True):
+            rate, got, n, cpu, conns, srcs = max(res[(b, pools)])
+            label = "8 sources in 2 pools" if pools else "single source       "
+            print(f"  {label}: {rate:8.0f} msg/s  (delivered {got} of {n}, {conns} connections "
+                  f"from {srcs or 1} source address(es), sluice CPU {1e6 * cpu / n:.0f} us/msg)")
+        best_single = max(r[0] for r in res[(b, False)])
+        best_pools = max(r[0] for r in res[(b, True)])
+        print(f"  pools / single source: {100 * best_pools / best_single:.0f}% "
+              f"(target: at least 90%)")
+        print(f"  all rounds, msg/s: single {[round(r[0]) for r in res[(b, False)]]}, "
+              f"pools {[round(r[0]) for r in res[(b, True)]]}")
 
 if __name__ == "__main__":
     main()
