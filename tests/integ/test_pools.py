@@ -131,7 +131,8 @@ pool = tx
             s.sendall(command.encode() + b"\n")
             return json.loads(s.makefile("rb").readline())
 
-    def inject(self, n, tenant, pool=None, campaign="spring", domains=DOMAINS):
+    def inject(self, n, tenant, pool=None, campaign="spring", domains=DOMAINS,
+               sender="s@sender.example"):
         """n messages of tenant, each to one recipient at every domain."""
         hdr = f"X-Sluice-Tenant: {tenant}\r\nX-Sluice-Campaign: {campaign}\r\n"
         if pool:
@@ -139,7 +140,7 @@ pool = tx
         with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as c:
             for i in range(n):
                 body = f"Subject: m{i}\r\n{hdr}\r\nbody {i}\r\n".encode()
-                refused = c.sendmail("s@sender.example", [f"u{i}@{d}" for d in domains], body)
+                refused = c.sendmail(sender, [f"u{i}@{d}" for d in domains], body)
                 assert not refused, refused
 
     def close(self):
@@ -316,6 +317,53 @@ def test_warmup_allowance_holds_and_overflows():
         n.close()
 
 
+def test_bounce_parked_by_scope():
+    """Recipients parked by a tenant's suspension are bounced through
+    sluicectl by scope: first one domain's (`bounce DOMAIN`: the rest of
+    the message still waits), then the tenant's (`bounce --tenant`). Each
+    is bounced once, and none of them leaves after the resume."""
+    n = Node()
+    try:
+        from harness import _spool_tool
+        ctl = os.path.join(os.path.dirname(_spool_tool()), "sluicectl")
+
+        def sluicectl(*args):
+            p = subprocess.run([ctl, "-s", n.sock, "--json", *args], capture_output=True,
+                               text=True, timeout=60)
+            assert p.returncode == 0, (args, p.returncode, p.stdout, p.stderr)
+            return json.loads(p.stdout)
+
+        assert n.ask("suspend tenant=globex")["ok"]
+        n.inject(1, "globex", domains=DOMAINS[:10])  # one message, 10 transactions, pool tx
+        # each job is parked as a connection of its destination takes it up
+        wait_until(lambda: n.ask("stats")["parked"] == 10 or None, 60, "10 jobs parked")
+        r = sluicectl("bounce", "d0.test")
+        assert r["ok"] and r["recipients"] == 1, r
+        wait_until(lambda: n.ask("stats")["tenants"].get("globex", {}).get("bounced") == 1
+                   or None, 30, "d0.test's recipient bounced")
+        r = sluicectl("bounce", "--tenant", "globex")
+        assert r["ok"] and r["recipients"] == 9, r
+        wait_until(lambda: n.ask("stats")["tenants"].get("globex", {}).get("bounced") == 10
+                   or None, 30, "the other 9 bounced")
+        assert n.ask("resume tenant=globex")["ok"]
+        wait_until(lambda: n.ask("stats")["parked"] == 0 or None, 30, "nothing parked")
+        # a marker through the same pool and domains after the resume
+        # (the resumed jobs went back to their queues before it, first of
+        # their tenant: had any recipient been left in them, it would
+        # arrive with or before the marker's)
+        n.inject(1, "globex", domains=DOMAINS[:10], sender="marker@sender.example")
+        recs = n.rx.wait(10)
+        assert len(recs) == 10, recs
+        assert all(r["from"].startswith("<marker@sender.example>") for r in recs), recs
+        st = n.ask("stats")
+        assert st["tenants"]["globex"]["bounced"] == 10, st["tenants"]["globex"]
+        assert st["tenants"]["globex"]["delivered"] == 10, st["tenants"]["globex"]
+        assert n.d.count_log("event=bounced") == 10, n.d.count_log("event=bounced")
+    finally:
+        n.close()
+
+
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
-          test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows])
+          test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
+          test_bounce_parked_by_scope])
