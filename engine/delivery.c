@@ -164,6 +164,27 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
                 free(q);
             }
         }
+        /* ... and of a job parked by a suspension (outbound/scope.c):
+         * left there, it went back to the queue at the resume and could
+         * reach a connection before this bounce's commit had marked the
+         * recipient done in the spool: bounced and delivered. */
+        for (struct job **pp = &d->parked; *pp != NULL;) {
+            struct job *q = *pp;
+            if (q->id == j->id && q->owner.pool == t->pool && strcmp(q->domain, t->name) == 0) {
+                unsigned m = 0;
+                for (unsigned k = 0; k < q->n; k++)
+                    if (q->idx[k] != j->idx[i])
+                        q->idx[m++] = q->idx[k];
+                q->n = m;
+            }
+            if (q->n == 0) {
+                *pp = q->next_parked;
+                d->stats.parked--;
+                free(q);
+                continue;
+            }
+            pp = &q->next_parked;
+        }
         j->idx[n++] = j->idx[i];
     }
     j->n = n;
