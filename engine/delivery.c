@@ -688,7 +688,6 @@ delivery_free(struct delivery *d)
     while (d->all != NULL) {
         struct conn *c = d->all;
         c->closed = true;
-        c->inflight = 0;
         conn_free(c);
     }
     sched_free_dests(d);
@@ -728,6 +727,7 @@ void
 delivery_stats(const struct delivery *d, struct delivery_stats *out)
 {
     *out = d->stats;
+    out->recv_nobufs = d->bufs.nobufs;
     out->bufs_out = d->cli_pool.out;
     out->sites = d->sites.live;
     out->mx_addresses = hash_count(&d->sites.addrs);
