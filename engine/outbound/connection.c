@@ -739,7 +739,9 @@ conn_on_connect(struct stream *st, int res)
     int one = 1;
     setsockopt(stream_fd(&c->st), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* The EHLO name: the source's (its PTR), else the [source] section of
-     * the default address's, else [server] hostname. */
+     * the default address's, else [server] hostname. The machine borrows
+     * it for the session: every config loaded stays until exit (main.c),
+     * so a reload does not pull it away. */
     const char *ehlo = c->src && c->src->ehlo ? c->src->ehlo : NULL;
     if (ehlo == NULL && c->src == NULL && c->srck != NULL && c->srck->pol != NULL)
         ehlo = c->srck->pol->ehlo;
