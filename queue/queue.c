@@ -112,6 +112,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -2798,6 +2799,29 @@ read_begin(struct queue *q, MDB_txn **txn)
     return mdb_txn_begin(q->env, NULL, MDB_RDONLY, txn);
 }
 
+/*
+ * A message's record (its envelope with the body, or a body chunk) is
+ * larger than half a page: LMDB keeps it in overflow pages of its own.
+ * Once a reader copied what it needs, the pages stay mapped in this
+ * process, and a worker that starts 10,000 transactions keeps 10,000
+ * pages of the spool in its RSS (the kernel's fault-around maps their
+ * cached neighbours too) for as long as the map lives, though nothing
+ * reads them again until the body is sent. Unmap them: the data stays in
+ * the page cache (the map is shared and read-only; nothing is lost or
+ * written), a later read refaults it at the cost of a minor fault, and
+ * the process's RSS counts what it holds rather than what it once read.
+ * Smaller records share leaf pages with others and are left alone.
+ */
+static void
+map_release(const struct queue *q, const MDB_val *v)
+{
+    if (v->mv_size < q->psize / 2)
+        return;
+    uintptr_t a = (uintptr_t)v->mv_data & ~(uintptr_t)(q->psize - 1);
+    uintptr_t b = ((uintptr_t)v->mv_data + v->mv_size + q->psize - 1) & ~(uintptr_t)(q->psize - 1);
+    madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 /* Copy n bytes as a NUL-terminated string at *dst; returns it. */
 static char *
 copy_str(char **dst, const void *src, size_t n)
@@ -2917,6 +2941,8 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
     }
     if (c != NULL)
         mdb_cursor_close(c);
+    if (rc == 0)
+        map_release(q, &mv);
     mdb_txn_abort(txn);
     if (rc != 0) {
         *out = queue_envelope_free(*out);
@@ -2966,12 +2992,15 @@ queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t ca
                     break;
                 size_t take = cv.mv_size - in < want ? cv.mv_size - in : (size_t)want;
                 memcpy(dst + *len, (const unsigned char *)cv.mv_data + in, take);
+                map_release(q, &cv);
                 *len += take;
                 off += take;
                 want -= take;
             }
         }
     }
+    if (rc == 0)
+        map_release(q, &v);
     mdb_txn_abort(txn);
     if (rc != 0)
         *len = 0;
