@@ -211,7 +211,8 @@ struct dest {
     unsigned next_addr;      /* failover cursor over the answer's addresses */
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
-    struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
+    struct smtp_outcome *last_fail; /* owned: why the last address failed, for the
+                              * deferral; NULL: none (524 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
@@ -363,6 +364,10 @@ unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
 void dest_run(struct dest *t);
 /* No new connection to t for ms. */
 void dest_hold(struct dest *t, uint64_t ms);
+/* Keep o as why t's last address failed (nothing kept without memory:
+ * the deferral then gives the generic reason); forget it. */
+void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o);
+void dest_last_fail_clear(struct dest *t);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
