@@ -107,6 +107,8 @@ end_progress(struct end *e)
 static void
 got_append(struct end *e, const char *p, size_t n)
 {
+    if (n == 0)
+        return;
     if (e->got_len + n > e->got_cap) {
         e->got_cap = (e->got_len + n) * 2;
         e->got = realloc(e->got, e->got_cap);
