@@ -286,6 +286,9 @@ static void
 due_on_timer(struct timer *tm, void *ctx)
 {
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
+    /* Once a second: the spool's pages read since (envelopes, bodies of
+     * transactions now waiting for replies) leave the RSS. */
+    queue_map_trim(d->e->queue);
     struct due_take *dt = calloc(1, sizeof(*dt));
     int rc = -ENOMEM;
     if (dt != NULL) {
