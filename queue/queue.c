@@ -113,6 +113,7 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/sysmacros.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1791,6 +1792,8 @@ disk_reserve(struct queue *q, size_t need)
         q->alloc_pages = want;
 }
 
+static void *map_find(const struct stat *st);
+
 static void
 refresh_map_use(struct queue *q)
 {
@@ -2733,7 +2736,6 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     mdb_env_info(q->env, &info);
     mdb_env_stat(q->env, &st);
     q->psize = st.ms_psize;
-    q->map_addr = info.me_mapaddr;
     q->map_pages = info.me_mapsize / q->psize;
     q->reserve_pages = q->map_pages / 50;
     if (q->reserve_pages < 32)
@@ -2744,6 +2746,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     refresh_map_use(q);
     struct stat fst;
     if (mdb_env_get_fd(q->env, &q->data_fd) == 0 && fstat(q->data_fd, &fst) == 0) {
+        q->map_addr = map_find(&fst);
         q->prealloc = true;
         q->alloc_pages = (size_t)fst.st_size / q->psize;
         disk_reserve(q, 0);
@@ -2814,6 +2817,30 @@ read_begin(struct queue *q, MDB_txn **txn)
  * madvise, its TLB shootdown and the refaults, at every envelope and
  * body read).
  */
+/* Where LMDB mapped the data file (it says only for MDB_FIXEDMAP): the
+ * mapping of st's file at offset 0 in /proc/self/maps. NULL: not found
+ * (queue_map_trim then does nothing). At open, once. */
+static void *
+map_find(const struct stat *st)
+{
+    FILE *f = fopen("/proc/self/maps", "re");
+    if (f == NULL)
+        return NULL;
+    char line[4096 + 128];
+    void *found = NULL;
+    while (found == NULL && fgets(line, sizeof(line), f) != NULL) {
+        unsigned long lo, hi, off, ino;
+        unsigned maj, min;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &off, &maj, &min, &ino) ==
+                7 &&
+            ino == (unsigned long)st->st_ino && makedev(maj, min) == st->st_dev && off == 0)
+            found = (void *)(uintptr_t)lo;
+    }
+    fclose(f);
+    return found;
+}
+
 void
 queue_map_trim(struct queue *q)
 {
