@@ -307,6 +307,9 @@ static void
 due_on_timer(struct timer *tm, void *ctx)
 {
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
+    /* Once a second: the spool's pages read since (envelopes, bodies of
+     * transactions now waiting for replies) leave the RSS. */
+    queue_map_trim(d->e->queue);
     struct due_take *dt = calloc(1, sizeof(*dt));
     int rc = -ENOMEM;
     if (dt != NULL) {
@@ -709,7 +712,6 @@ delivery_free(struct delivery *d)
     while (d->all != NULL) {
         struct conn *c = d->all;
         c->closed = true;
-        c->inflight = 0;
         conn_free(c);
     }
     sched_free_dests(d);
@@ -749,6 +751,7 @@ void
 delivery_stats(const struct delivery *d, struct delivery_stats *out)
 {
     *out = d->stats;
+    out->recv_nobufs = d->bufs.nobufs;
     out->bufs_out = d->cli_pool.out;
     out->sites = d->sites.live;
     out->mx_addresses = hash_count(&d->sites.addrs);

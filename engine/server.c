@@ -22,10 +22,11 @@
  * the signing pool (state SIGN, no reading); the commit follows with the
  * DKIM-Signature fields in front. Detached sessions sign nothing.
  *
- * Over TLS the socket's bytes go through cin and the tls conn;
- * session_run() drains both (and OpenSSL's own buffer) into the input
- * buffer as the state machine makes room, and only waits for the socket
- * once nothing buffered is left to read.
+ * The socket is a stream (engine/stream.h) in room mode: plain reads
+ * land in the input buffer directly; over TLS, session_run() has the
+ * stream decrypt what it holds into the input buffer as the state machine
+ * makes room, and only waits for the socket once nothing buffered is left
+ * to read.
  *
  * AUTH hands the password to the hashing pool (auth_pool.h) and waits in
  * AUTH_HASH, reading nothing, until the answer comes back through the
@@ -35,7 +36,8 @@
  * Lifetime (STYLE rule 7): a session counts its operations in flight
  * (recv, send, a pending spool commit, a password hash in the AUTH pool).
  * session_close() shuts the socket down so that a pending recv completes;
- * the last completion frees.
+ * the last completion frees (the stream's reads and sends count in
+ * stream_busy(), the others in inflight).
  *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
@@ -86,13 +88,13 @@
 #include "engine/owner.h"
 #include "engine/smtp_cmd.h"
 #include "engine/smtp_data.h"
+#include "engine/stream.h"
 #include "engine/suppress.h"
 #include "engine/worker.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
 
 #define IN_CAP      (SMTP_CMD_LINE_MAX_AUTH + 4096)
-#define CIN_CAP     (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define OUT_CAP     8192
 #define OUT_HIGH    (OUT_CAP - 1024) /* stop handling commands until a send drains */
 #define BODY_START  (16 * 1024)
@@ -137,12 +139,12 @@ struct session {
     struct server_worker *sw; /* borrowed: outlives its sessions */
     struct session *prev, *next;
     uint64_t id;
-    int fd;
+    struct stream st;  /* the socket, plain or TLS; its reads and sends */
     enum session_state state;
-    unsigned inflight; /* ops on the ring + a pending commit */
-    bool recv_busy, send_busy, peek_busy;
+    unsigned inflight; /* the peek, a pending commit, a signature or a hash */
+    bool peek_busy;
     bool counted;      /* in the engine's client counts */
-    struct op recv_op, send_op, peek_op;
+    struct op peek_op;
     struct timer timer;
 
     struct sockaddr_storage peer;
@@ -151,18 +153,10 @@ struct session {
     bool loopback;
     bool bounce;   /* accepted on the bounce listener: the bounce role */
 
-    /* TLS: when tls is set, the socket carries ciphertext through cin and
-     * tls; in/out stay plaintext. */
-    struct tls_conn *tls; /* owned */
-    bool tls_ready;       /* handshake complete */
+    /* TLS (in the stream): in/out stay plaintext. */
     bool tls_implicit;    /* an implicit-TLS listener: greet after the handshake */
-    bool tls_shut;        /* close_notify queued */
-    bool tls_eof;         /* the client's close_notify came: read nothing more */
-    char tls_desc[96];    /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
-    char *cin;            /* owned, CIN_CAP: ciphertext read, not yet fed */
-    size_t cin_off;       /* cin[cin_off..cin_len) is waiting to be fed; the buffer is
-                           * compacted only while no recv is writing into it */
-    size_t cin_len;
+    const char *tls_proto, *tls_cipher; /* once the handshake completed: OpenSSL's
+                           * constant names ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
 
     char helo[256];
     bool greeted;  /* HELO or EHLO seen */
@@ -276,8 +270,6 @@ struct server_worker {
 static void session_run(struct session *s);
 static void session_close(struct session *s, const char *why);
 static void session_maybe_free(struct session *s);
-static void session_on_recv(struct worker *w, struct op *op, int res, uint32_t flags);
-static void session_on_send(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_timer(struct timer *t, void *ctx);
 static void hand_to_delivery(struct session *s);
@@ -297,6 +289,8 @@ session_enter(struct session *s, enum session_state next)
         log_msg(LOG_DEBUG, "session=%016llx state=%s->%s", (unsigned long long)s->id,
                 session_state_str(s->state), session_state_str(next));
     s->state = next;
+    if (next == SS_CLOSING)
+        stream_end(&s->st); /* over TLS, close_notify after the last reply */
 }
 
 static void
@@ -327,81 +321,72 @@ reply(struct session *s, const char *fmt, ...)
     s->out[s->out_len++] = '\n';
 }
 
-/* TLS: move plaintext replies into the conn (it takes what its bounded
- * buffer holds); on the way out, queue close_notify. */
-static void
-tls_push(struct session *s)
-{
-    while (s->tls_ready && s->out_sent < s->out_len) {
-        ssize_t n = tls_conn_write(s->tls, s->out + s->out_sent, s->out_len - s->out_sent);
-        if (n <= 0)
-            break; /* WANT_IO: after the next send; an error shows on the next read */
-        s->out_sent += (size_t)n;
-    }
-    if (s->out_sent == s->out_len)
-        s->out_sent = s->out_len = 0;
-    if (s->state == SS_CLOSING && s->tls_ready && s->out_len == 0 && !s->tls_shut)
-        s->tls_shut = tls_conn_shutdown(s->tls) != TLS_WANT_IO;
-}
-
-/* Everything said has left: plaintext sent, or handed to TLS and sent. */
-static bool
-all_sent(const struct session *s)
-{
-    if (s->tls != NULL)
-        return s->out_len == 0 && tls_conn_pending(s->tls) == 0;
-    return s->out_sent == s->out_len;
-}
-
 static void
 flush(struct session *s)
 {
-    if (s->send_busy || s->state == SS_CLOSED || s->sw->detached)
+    if (s->state == SS_CLOSED || s->sw->detached)
         return; /* detached: server_session_feed() takes the replies */
-    const void *p;
-    size_t len;
-    if (s->tls != NULL) {
-        tls_push(s);
-        p = tls_conn_peek(s->tls, &len);
-    } else {
-        p = s->out + s->out_sent;
-        len = s->out_len - s->out_sent;
-    }
-    if (len == 0)
-        return;
-    struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->send_op);
-    io_uring_prep_send(sqe, s->fd, p, len, MSG_NOSIGNAL);
-    s->send_busy = true;
-    s->inflight++;
+    stream_send(&s->st);
 }
 
 static void tls_begin(struct session *s);
 
-static void
-session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
+/* ---- the stream's callbacks ---- */
+
+/* Plaintext lands in s->in, up to its end; nothing while the 220 to
+ * STARTTLS goes out (what follows it is dropped unread). */
+static char *
+session_room(struct stream *st, size_t *cap)
 {
-    struct session *s = SESSION_OF(op, send_op);
-    s->send_busy = false;
-    s->inflight--;
-    if (s->state == SS_CLOSED) {
-        session_maybe_free(s);
-        return;
+    struct session *s = SESSION_OF(st, st);
+    if (s->state == SS_TLS_START || s->in_len >= IN_CAP) {
+        *cap = 0;
+        return NULL;
     }
-    if (res <= 0) {
-        session_close(s, res == 0 ? "send_zero" : "send_error");
-        session_maybe_free(s);
-        return;
-    }
-    if (s->tls != NULL) {
-        tls_conn_consume(s->tls, (size_t)res);
-    } else {
-        s->out_sent += (size_t)res;
-        if (s->out_sent == s->out_len)
-            s->out_sent = s->out_len = 0;
-    }
-    if (s->state == SS_CLOSING && s->tls != NULL && s->tls_ready)
-        tls_push(s); /* close_notify once the last reply is in */
-    if (all_sent(s)) {
+    *cap = IN_CAP - s->in_len;
+    return s->in + s->in_len;
+}
+
+static void
+session_on_data(struct stream *st, const char *p, size_t len)
+{
+    struct session *s = SESSION_OF(st, st);
+    (void)p; /* at s->in + s->in_len: session_room() said so */
+    s->in_len += len;
+}
+
+static const char *
+session_output(struct stream *st, size_t *len)
+{
+    struct session *s = SESSION_OF(st, st);
+    *len = s->out_len - s->out_sent;
+    return s->out + s->out_sent;
+}
+
+static void
+session_on_sent(struct stream *st, size_t n)
+{
+    struct session *s = SESSION_OF(st, st);
+    s->out_sent += n;
+    if (s->out_sent == s->out_len)
+        s->out_sent = s->out_len = 0;
+}
+
+static void tls_established(struct stream *st);
+
+static void
+session_on_readable(struct stream *st)
+{
+    session_run(SESSION_OF(st, st));
+}
+
+static void
+session_on_writable(struct stream *st)
+{
+    struct session *s = SESSION_OF(st, st);
+    if (s->state == SS_CLOSING)
+        stream_send(&s->st); /* the rest, then close_notify once the last reply is in */
+    if (stream_drained(&s->st)) {
         if (s->state == SS_CLOSING) {
             session_close(s, NULL);
             session_maybe_free(s);
@@ -416,6 +401,33 @@ session_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
     }
     session_run(s);
 }
+
+static void
+session_on_eof(struct stream *st, int err, bool send)
+{
+    struct session *s = SESSION_OF(st, st);
+    session_close(s, send ? (err == -EPIPE ? "send_zero" : "send_error")
+                          : (err == 0 ? "client_closed" : "recv_error"));
+    session_maybe_free(s);
+}
+
+static void
+session_on_release(struct stream *st)
+{
+    session_maybe_free(SESSION_OF(st, st));
+}
+
+static const struct stream_ops session_stream_ops = {
+    .room = session_room,
+    .on_data = session_on_data,
+    .on_handshake = tls_established,
+    .output = session_output,
+    .on_sent = session_on_sent,
+    .on_readable = session_on_readable,
+    .on_writable = session_on_writable,
+    .on_eof = session_on_eof,
+    .on_release = session_on_release,
+};
 
 /* Say it and hang up. */
 static void
@@ -784,7 +796,7 @@ protocol_name(const struct session *s)
 {
     if (!s->esmtp)
         return "SMTP";
-    if (s->tls_ready)
+    if (stream_tls_ready(&s->st))
         return s->user ? "ESMTPSA" : "ESMTPS";
     return s->user ? "ESMTPA" : "ESMTP";
 }
@@ -930,12 +942,15 @@ message_finish(struct session *s, uint32_t data_flags)
     }
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
+    char tls_desc[96]; /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
+    snprintf(tls_desc, sizeof(tls_desc), "%s %s", s->tls_proto ? s->tls_proto : "",
+             s->tls_cipher ? s->tls_cipher : "");
     struct msa_trace t = {
         .hostname = sw->e->cfg->server.hostname,
         .helo = s->helo,
         .client_ip = s->peer_ip,
         .protocol = protocol_name(s),
-        .tls = s->tls_ready ? s->tls_desc : NULL,
+        .tls = stream_tls_ready(&s->st) ? tls_desc : NULL,
         .queue_id = qid,
         .rcpt = s->nrcpt == 1 ? s->rcpts[0].addr : NULL,
         .now = time(NULL),
@@ -1188,7 +1203,7 @@ session_on_signed(struct dkim_job *j)
 static bool
 auth_allowed_here(const struct session *s)
 {
-    if (s->tls_ready)
+    if (stream_tls_ready(&s->st))
         return true;
     switch (s->sw->cfg->plaintext_auth) {
     case PLAINTEXT_AUTH_ALWAYS:
@@ -1216,7 +1231,7 @@ cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
     }
     reply(s, "250-%s", host);
     reply(s, "250-PIPELINING");
-    if (s->sw->tls != NULL && s->tls == NULL)
+    if (s->sw->tls != NULL && !stream_tls(&s->st))
         reply(s, "250-STARTTLS");
     reply(s, "250-SIZE %llu", (unsigned long long)s->sw->cfg->max_message_size);
     if (s->users != NULL && auth_allowed_here(s))
@@ -2013,7 +2028,7 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     case SMTP_VERB_STARTTLS:
         if (s->sw->tls == NULL) {
             reply(s, "502 5.5.1 STARTTLS is not offered here");
-        } else if (s->tls != NULL) {
+        } else if (stream_tls(&s->st)) {
             reply(s, "503 5.5.1 TLS is already active");
         } else if (s->in_txn) {
             reply(s, "503 5.5.1 STARTTLS not allowed during a mail transaction");
@@ -2186,90 +2201,7 @@ want_input(const struct session *s)
 static bool
 want_recv(const struct session *s)
 {
-    if (!want_input(s) || s->recv_busy || s->out_len >= OUT_HIGH || s->tls_eof)
-        return false;
-    return s->tls != NULL ? s->cin_len < CIN_CAP : s->in_len < IN_CAP;
-}
-
-/* Move what cin holds into the conn, as much as it takes. Returns the
- * count moved, or a tls error. */
-static ssize_t
-tls_feed(struct session *s)
-{
-    size_t moved = 0;
-    while (s->cin_off < s->cin_len) {
-        ssize_t n = tls_conn_feed(s->tls, s->cin + s->cin_off, s->cin_len - s->cin_off);
-        if (n < 0)
-            return n;
-        if (n == 0)
-            break; /* the conn's buffer is full until OpenSSL reads from it */
-        s->cin_off += (size_t)n;
-        moved += (size_t)n;
-    }
-    if (s->cin_off != 0 && !s->recv_busy) {
-        memmove(s->cin, s->cin + s->cin_off, s->cin_len - s->cin_off);
-        s->cin_len -= s->cin_off;
-        s->cin_off = 0;
-    }
-    return (ssize_t)moved;
-}
-
-/* TLS in: feed the buffered ciphertext, drive the handshake, and take the
- * plaintext there is room for. Returns 1 when it moved anything (ciphertext
- * fed, plaintext read, the handshake completed), 0 when it could not, or a
- * tls error. It stops when s->in is full, so OpenSSL and cin may still
- * hold input: session_run() calls it again once the state machine has
- * made room, until neither moves, and only then waits for the socket. */
-static int tls_established(struct session *s);
-
-static int
-tls_in(struct session *s)
-{
-    int moved = 0;
-    if (s->tls_eof)
-        return 0; /* close_notify came: whatever followed it is not read */
-    for (;;) {
-        ssize_t n = tls_feed(s);
-        if (n < 0)
-            return (int)n;
-        bool progress = n > 0;
-        if (!s->tls_ready) {
-            int rc = tls_conn_handshake(s->tls);
-            if (rc < 0)
-                return rc;
-            if (rc == 0) {
-                rc = tls_established(s);
-                if (rc < 0)
-                    return rc;
-                progress = true;
-            }
-        }
-        while (s->tls_ready && s->in_len < IN_CAP && s->state != SS_TLS_START) {
-            n = tls_conn_read(s->tls, s->in + s->in_len, IN_CAP - s->in_len);
-            if (n == 0)
-                break;
-            if (n == TLS_ECLOSED) {
-                /* The client ended TLS: what it said before still counts. */
-                s->tls_eof = true;
-                return 1;
-            }
-            if (n < 0)
-                return (int)n;
-            s->in_len += (size_t)n;
-            progress = true;
-        }
-        /* A handshake step or a read that produced nothing may still have
-         * taken ciphertext out of the conn's full buffer: feed again, or
-         * the rest of cin would wait for a recv that never completes. */
-        n = tls_feed(s);
-        if (n < 0)
-            return (int)n;
-        if (n > 0)
-            progress = true;
-        if (!progress)
-            return moved;
-        moved = 1;
-    }
+    return want_input(s) && s->out_len < OUT_HIGH && !stream_eof(&s->st);
 }
 
 /* A TLS error: say why in the log, send the alert OpenSSL may have queued
@@ -2281,11 +2213,11 @@ tls_fail(struct session *s, int rc)
     log_msg(LOG_NOTICE, "session=%016llx event=tls_failed client=%s state=%s err=\"%s\" "
                         "detail=\"%s\"",
             (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
-            tls_strerror(rc), tls_conn_error_str(s->tls));
+            tls_strerror(rc), stream_tls_error(&s->st));
     s->out_len = s->out_sent = 0;
     session_enter(s, SS_CLOSING);
     flush(s);
-    if (!s->send_busy) {
+    if (stream_drained(&s->st)) {
         session_close(s, "tls");
         session_maybe_free(s);
     }
@@ -2305,7 +2237,7 @@ tls_on_eof(struct session *s)
     session_enter(s, SS_CLOSING);
     session_deadline(s, s->sw->cfg->timeout_command);
     flush(s);
-    if (!s->send_busy) {
+    if (stream_drained(&s->st)) {
         session_close(s, NULL);
         session_maybe_free(s);
     }
@@ -2318,8 +2250,8 @@ session_run(struct session *s)
      * and no recv completion will come for bytes already received. */
     for (;;) {
         bool moved = false;
-        if (s->tls != NULL && s->state != SS_CLOSED && s->state != SS_CLOSING) {
-            int rc = tls_in(s);
+        if (s->state != SS_CLOSED && s->state != SS_CLOSING) {
+            int rc = stream_read(&s->st);
             if (rc < 0) {
                 tls_fail(s, rc);
                 return;
@@ -2348,49 +2280,16 @@ session_run(struct session *s)
                 break;
             moved = true;
         }
-        if (!moved || s->tls == NULL)
+        if (!moved)
             break;
     }
-    if (s->tls_eof && want_input(s) && s->out_len < OUT_HIGH) {
+    if (stream_eof(&s->st) && want_input(s) && s->out_len < OUT_HIGH) {
         tls_on_eof(s);
         return;
     }
     flush(s);
-    if (want_recv(s) && !s->sw->detached) {
-        struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->recv_op);
-        if (s->tls != NULL)
-            io_uring_prep_recv(sqe, s->fd, s->cin + s->cin_len, CIN_CAP - s->cin_len, 0);
-        else
-            io_uring_prep_recv(sqe, s->fd, s->in + s->in_len, IN_CAP - s->in_len, 0);
-        s->recv_busy = true;
-        s->inflight++;
-    }
-}
-
-static void
-session_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
-{
-    struct session *s = SESSION_OF(op, recv_op);
-    s->recv_busy = false;
-    s->inflight--;
-    if (s->state == SS_CLOSED) {
-        session_maybe_free(s);
-        return;
-    }
-    if (res <= 0) {
-        if (res == -EINTR || res == -EAGAIN) {
-            session_run(s);
-            return;
-        }
-        session_close(s, res == 0 ? "client_closed" : "recv_error");
-        session_maybe_free(s);
-        return;
-    }
-    if (s->tls != NULL)
-        s->cin_len += (size_t)res;
-    else
-        s->in_len += (size_t)res;
-    session_run(s);
+    if (want_recv(s) && !s->sw->detached)
+        stream_recv(&s->st);
 }
 
 /* ---- greeting and TLS ---- */
@@ -2411,11 +2310,8 @@ tls_begin(struct session *s)
 {
     s->in_len = 0;
     s->skip_line = false;
-    s->cin_off = s->cin_len = 0;
-    s->cin = malloc(CIN_CAP);
-    if (s->cin == NULL || tls_conn_new_server(s->sw->tls, &s->tls) < 0) {
-        free(s->cin);
-        s->cin = NULL;
+    struct tls_conn *tls = NULL;
+    if (tls_conn_new_server(s->sw->tls, &tls) < 0 || stream_start_tls(&s->st, tls) < 0) {
         log_msg(LOG_ERR, "session=%016llx event=tls_setup_failed", (unsigned long long)s->id);
         session_close(s, "tls_setup");
         return;
@@ -2426,18 +2322,22 @@ tls_begin(struct session *s)
     session_deadline(s, s->sw->e->cfg->tls.handshake_timeout);
 }
 
-static int
-tls_established(struct session *s)
+/* The handshake completed (from inside stream_read()). */
+static void
+tls_established(struct stream *st)
 {
+    struct session *s = SESSION_OF(st, st);
     struct tls_info info;
-    s->tls_ready = true;
-    if (tls_conn_info(s->tls, &info) == 0)
-        snprintf(s->tls_desc, sizeof(s->tls_desc), "%s %s", info.protocol, info.cipher);
-    log_msg(LOG_INFO, "session=%016llx event=tls client=%s tls=\"%s\"",
-            (unsigned long long)s->id, s->peer_ip, s->tls_desc);
+    if (stream_tls_info(&s->st, &info) == 0) {
+        s->tls_proto = info.protocol;
+        s->tls_cipher = info.cipher;
+    }
+    log_msg(LOG_INFO, "session=%016llx event=tls client=%s tls=\"%s %s\"",
+            (unsigned long long)s->id, s->peer_ip, s->tls_proto ? s->tls_proto : "",
+            s->tls_cipher ? s->tls_cipher : "");
     if (s->tls_implicit) {
-        greet(s); /* queues the 220: the session_run() under way sends it */
-        return 0;
+        greet(s); /* queues the 220: the stream sends it */
+        return;
     }
     /* RFC 3207 4.2: forget what the client said before TLS. */
     s->greeted = s->esmtp = false;
@@ -2446,7 +2346,6 @@ tls_established(struct session *s)
     txn_reset(s);
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
-    return 0;
 }
 
 /* After greet_pause: anything already sent is a client that did not wait
@@ -2484,7 +2383,7 @@ session_on_timer(struct timer *t, void *ctx)
     switch (s->state) {
     case SS_PREGREET: {
         struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->peek_op);
-        io_uring_prep_recv(sqe, s->fd, s->in, 1, MSG_PEEK | MSG_DONTWAIT);
+        io_uring_prep_recv(sqe, stream_fd(&s->st), s->in, 1, MSG_PEEK | MSG_DONTWAIT);
         s->peek_busy = true;
         s->inflight++;
         return;
@@ -2528,8 +2427,7 @@ session_close(struct session *s, const char *why)
     worker_timer_cancel(s->sw->w, &s->timer);
     /* Completes the pending recv (and fails a pending send) so that the
      * ops come back and the last one frees the session. */
-    if (s->fd >= 0)
-        shutdown(s->fd, SHUT_RDWR);
+    stream_close(&s->st);
 }
 
 static void
@@ -2550,10 +2448,7 @@ session_free(struct session *s)
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
     }
     worker_timer_cancel(sw->w, &s->timer);
-    if (s->fd >= 0)
-        close(s->fd);
-    tls_conn_free(s->tls);
-    free(s->cin);
+    stream_fini(&s->st);
     txn_reset(s);
     dkim_body_free(s->dkim_body);
     free(s->rcpts);
@@ -2565,7 +2460,7 @@ session_free(struct session *s)
 static void
 session_maybe_free(struct session *s)
 {
-    if (s->state == SS_CLOSED && s->inflight == 0)
+    if (s->state == SS_CLOSED && s->inflight == 0 && !stream_busy(&s->st))
         session_free(s);
 }
 
@@ -2577,11 +2472,9 @@ session_alloc(struct server_worker *sw, int fd)
     if (s == NULL)
         return NULL;
     s->sw = sw;
-    s->fd = fd;
+    stream_init(&s->st, sw->w, fd, &session_stream_ops, NULL);
     s->id = (uint64_t)sw->w->id << 56 | ++sw->seq;
     s->state = SS_PREGREET;
-    s->recv_op = (struct op){OP_CALLBACK, session_on_recv};
-    s->send_op = (struct op){OP_CALLBACK, session_on_send};
     s->peek_op = (struct op){OP_CALLBACK, session_on_peek};
     timer_init(&s->timer, session_on_timer);
     s->next = sw->sessions;

@@ -184,7 +184,8 @@ struct smtp_outcome {
 };
 
 struct smtp_client_opts {
-    const char *name; /* borrowed, copied at init: our EHLO/HELO name */
+    const char *name; /* borrowed: lives as long as the session (sluice's
+                       * comes from the config, kept until exit): our EHLO/HELO name */
     enum smtp_client_tls_policy tls;
     const char *tls_label;      /* borrowed (static): the policy that asked for TLS, put in
                                    front of the TLS failures' texts ("DANE"); NULL: none */
@@ -273,7 +274,6 @@ struct smtp_client {
     uint32_t ev; /* events of the current call */
     uint64_t transitions;
     struct smtp_client_opts opts;
-    char name[SMTP_CLIENT_NAME_MAX + 1];
     struct smtp_ehlo caps;
     bool esmtp;      /* EHLO accepted (caps valid) */
     bool pipelining; /* caps & PIPELINING and allowed */

@@ -397,6 +397,11 @@ struct queue_envelope *queue_envelope_free(struct queue_envelope *env);
  * another code. */
 int queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t cap, size_t *len);
 
+/* Unmap the spool's pages from this process (they stay in the page cache;
+ * the next read of one refaults it): what readers touched stops counting
+ * in the RSS. Any thread, any time; cheap enough for once a second. */
+void queue_map_trim(struct queue *q);
+
 /* Every stored recipient, in (message id, index) order: ready ones and
  * deferred ones with their due time. To rebuild the ready queues at start.
  * A record that fails its checks is skipped, not returned: the walk goes

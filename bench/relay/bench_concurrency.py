@@ -107,6 +107,7 @@ def run(a, binary, tag):
                       "[log]\nlevel = info\n[delivery]\nmax_connections_per_address = 0\n")
     d = Daemon(binary, conf)
     peak = [0, 0, 0, 0]  # sockets, VmRSS, RssAnon, RssFile at the most sockets
+    held = [0, 0, 0, 0]  # the same, the last sample with that many (the end of the hold)
     files = []           # the files mapped with the most RSS then
     stop = threading.Event()
     try:
@@ -120,6 +121,8 @@ def run(a, binary, tag):
                     an, fi = rss_kb(d.proc.pid, "RssAnon"), rss_kb(d.proc.pid, "RssFile")
                 except OSError:
                     return
+                if n >= peak[0]:
+                    held[:] = [n, r, an, fi]
                 if n > peak[0]:
                     peak[:] = [n, r, an, fi]
                     try:
@@ -206,6 +209,10 @@ def run(a, binary, tag):
               f"{(peak[2] - base[1]) / conns:.1f} kB per connection; "
               f"file-backed (spool map): {base[2]} kB before, {peak[3]} kB: "
               f"{(peak[3] - base[2]) / conns:.1f} kB per connection")
+        if held[0] == peak[0]:
+            print(f"  still {held[0]} sockets at the last sample (the hold's end): RSS {held[1]} kB: "
+                  f"{(held[1] - base[0]) / conns:.1f} kB per connection (heap "
+                  f"{(held[2] - base[1]) / conns:.1f}, spool map {(held[3] - base[2]) / conns:.1f})")
         print("  mapped files with the most RSS at the peak: " +
               ", ".join(f"{os.path.basename(p)} {kb} kB" for p, kb in files))
 

@@ -2,20 +2,20 @@
  * connection: one outbound SMTP connection (struct conn, conn=ID in the
  * logs) on the worker's ring. It connects to the address the scheduler
  * picked, drives the pure client machine of smtp_client.h (every state
- * transition traced at debug level), plain or over TLS after STARTTLS
- * (OpenSSL over memory BIOs: ciphertext in cin, out through
- * tls_conn_peek; to an MX host with validated TLSA records, DANE decides:
- * STARTTLS mandatory, authenticated by the records), streams the body from the spool in chunks, and when the
- * session is ready asks the scheduler for its next job (reuse: a job of
- * any domain of its site) or goes idle. Transaction outcomes go to
- * outcome.c; what a failed connect, a timeout or the end of the session
- * means is the scheduler's and the policy's.
+ * transition traced at debug level) over its stream (engine/stream.h:
+ * the socket's reads and sends, plain or TLS after STARTTLS; to an MX
+ * host with validated TLSA records, DANE decides: STARTTLS mandatory,
+ * authenticated by the records), streams the body from the spool in
+ * chunks, and when the session is ready asks the scheduler for its next
+ * job (reuse: a job of any domain of its site) or goes idle. Transaction
+ * outcomes go to outcome.c; what a failed connect, a timeout or the end
+ * of the session means is the scheduler's and the policy's.
  *
  * Memory only while it is used: the machine's buffer is lent from a pool
- * for each call, received octets come from the ring's provided buffers,
- * a body chunk is held only while a body is sent. Lifetime (STYLE rule
- * 7): ops in flight are counted, conn_close() cancels, and the last
- * completion after it frees.
+ * for each call, received octets come from the ring's provided buffers
+ * (the stream's lend mode), a body chunk is held only while a body is
+ * sent. Lifetime (STYLE rule 7): the stream counts its ops in flight,
+ * conn_close() closes it, and the last completion after that frees.
  *
  * Threading: the worker's thread.
  */
@@ -39,10 +39,8 @@
 #include "engine/outbound/internal.h"
 #include "tls/tls.h"
 
-#define IN_CAP         4096 /* one provided receive buffer */
 #define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
 #define IN_BGID        7    /* their buffer group on the worker's ring */
-#define CIN_CAP        (17 * 1024) /* ciphertext in: a whole TLS record fits */
 #define POOL_KEEP      256  /* free buffers a pool keeps for the next burst */
 
 #define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
@@ -144,8 +142,7 @@ conn_free(struct conn *c)
     struct delivery *d = c->d;
     struct dest *t = c->dest;
     worker_timer_cancel(d->w, &c->timer);
-    if (c->fd >= 0)
-        close(c->fd);
+    stream_fini(&c->st);
     if (c->job != NULL) {
         /* Not finished by the machine (cannot happen after EV_TXN_DONE):
          * back to the queue, it was not sent. */
@@ -156,9 +153,6 @@ conn_free(struct conn *c)
     queue_envelope_free(c->env);
     free(c->rc);
     free(c->verp);
-    tls_conn_free(c->tls);
-    free(c->cin);
-    free(c->in);
     conn_pool_put(&d->chunk_pool, c->chunk);
     /* Whatever the machine still held is moot: nothing is in flight. */
     conn_pool_put(&d->cli_pool, c->cli.buf);
@@ -169,7 +163,7 @@ conn_free(struct conn *c)
 static void
 conn_maybe_free(struct conn *c)
 {
-    if (c->closed && c->inflight == 0)
+    if (c->closed && !stream_busy(&c->st))
         conn_free(c);
 }
 
@@ -183,42 +177,18 @@ conn_close(struct conn *c, const char *why)
                 (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, why);
     c->closed = true;
     worker_timer_cancel(c->d->w, &c->timer);
-    if (!c->connected) {
-        /* shutdown() does not end a connect in progress; a cancel does */
-        struct io_uring_sqe *sqe = worker_sqe(c->d->w, NULL);
-        io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)&c->connect_op, 0);
-    }
-    if (c->fd >= 0)
-        shutdown(c->fd, SHUT_RDWR);
+    stream_close(&c->st);
 }
 
 static void
 conn_recv(struct conn *c)
 {
-    if (c->closed || c->recv_busy || !c->connected)
+    /* Nothing is read between the 220 to STARTTLS and the handshake: the
+     * first read after it is of ciphertext (stream_start_tls). */
+    if (c->closed || !c->connected || c->want_close || c->tls_wanted)
         return;
-    struct delivery *d = c->d;
-    if (c->tls != NULL) {
-        if (c->cin_len == CIN_CAP)
-            return;
-        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
-        io_uring_prep_recv(sqe, c->fd, c->cin + c->cin_len, CIN_CAP - c->cin_len, 0);
-    } else if (d->br != NULL) {
-        /* The kernel picks a buffer when octets arrive, not now. */
-        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
-        io_uring_prep_recv(sqe, c->fd, NULL, IN_CAP, 0);
-        sqe->flags |= IOSQE_BUFFER_SELECT;
-        sqe->buf_group = IN_BGID;
-    } else {
-        if (c->in == NULL && (c->in = malloc(IN_CAP)) == NULL) {
-            conn_close(c, "out_of_memory");
-            return;
-        }
-        struct io_uring_sqe *sqe = worker_sqe(d->w, &c->recv_op);
-        io_uring_prep_recv(sqe, c->fd, c->in, IN_CAP, 0);
-    }
-    c->recv_busy = true;
-    c->inflight++;
+    if (stream_recv(&c->st) < 0)
+        conn_close(c, "out_of_memory");
 }
 
 /* Register the worker's provided receive buffers. Without them (an old
@@ -226,97 +196,32 @@ conn_recv(struct conn *c)
 void
 conn_bufs_init(struct delivery *d)
 {
-    size_t ring_len = IN_BUFS * sizeof(struct io_uring_buf);
-    void *ring = mmap(NULL, ring_len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-    if (ring == MAP_FAILED)
-        return;
-    d->br_mem = malloc((size_t)IN_BUFS * IN_CAP);
-    struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)ring,
-                                   .ring_entries = IN_BUFS,
-                                   .bgid = IN_BGID};
-    int rc = d->br_mem ? io_uring_register_buf_ring(&d->w->ring, &reg, 0) : -ENOMEM;
-    if (rc < 0) {
-        log_msg(LOG_NOTICE, "event=provided_buffers_unavailable err=\"%s\" note=per_connection_buffers",
-                strerror(-rc));
-        munmap(ring, ring_len);
-        free(d->br_mem);
-        d->br_mem = NULL;
-        return;
-    }
-    d->br = ring;
-    io_uring_buf_ring_init(d->br);
-    for (unsigned i = 0; i < IN_BUFS; i++)
-        io_uring_buf_ring_add(d->br, d->br_mem + (size_t)i * IN_CAP, IN_CAP, (unsigned short)i,
-                              io_uring_buf_ring_mask(IN_BUFS), (int)i);
-    io_uring_buf_ring_advance(d->br, IN_BUFS);
+    stream_bufs_init(&d->bufs, d->w, IN_BUFS, IN_BGID);
 }
 
-/* After the loop ended, from the thread that frees: no read is in flight,
- * and the ring (a single-issuer ring refuses registrations from other
- * threads) drops its reference when it closes. */
+/* After the loop ended, from the thread that frees: no read is in flight. */
 void
 conn_bufs_fini(struct delivery *d)
 {
-    if (d->br == NULL)
-        return;
-    munmap(d->br, IN_BUFS * sizeof(struct io_uring_buf));
-    free(d->br_mem);
-    d->br = NULL;
-    d->br_mem = NULL;
-}
-
-/* The provided buffer a completion carries, or NULL. */
-static char *
-recv_buf(struct delivery *d, uint32_t flags, unsigned *bid)
-{
-    if (d->br == NULL || !(flags & IORING_CQE_F_BUFFER))
-        return NULL;
-    *bid = flags >> IORING_CQE_BUFFER_SHIFT;
-    return d->br_mem + (size_t)*bid * IN_CAP;
-}
-
-static void
-recv_buf_put(struct delivery *d, unsigned bid)
-{
-    io_uring_buf_ring_add(d->br, d->br_mem + (size_t)bid * IN_CAP, IN_CAP, (unsigned short)bid,
-                          io_uring_buf_ring_mask(IN_BUFS), 0);
-    io_uring_buf_ring_advance(d->br, 1);
+    stream_bufs_fini(&d->bufs);
 }
 
 static void tls_start(struct conn *c);
 
+/* Send what the machine has to say; once all has left, close or begin
+ * TLS as the machine asked. */
 static void
 conn_flush(struct conn *c)
 {
-    if (c->closed || c->send_busy || !c->connected)
+    if (c->closed || !c->connected)
         return;
-    size_t len;
-    const char *p = smtp_client_output(&c->cli, &len);
-    if (c->tls != NULL && c->tls_ready) {
-        /* Plaintext into TLS; what TLS took counts as sent. */
-        while (len > 0) {
-            ssize_t n = tls_conn_write(c->tls, p, len);
-            if (n <= 0)
-                break;
-            c->pending_ev |= smtp_client_sent(conn_cli(c), (size_t)n);
-            p = smtp_client_output(&c->cli, &len);
-        }
-        if (len == 0 && c->want_close && !c->tls_shut)
-            c->tls_shut = tls_conn_shutdown(c->tls) != TLS_WANT_IO;
-    }
-    if (c->tls != NULL)
-        p = tls_conn_peek(c->tls, &len);
-    if (len == 0) {
-        if (c->want_close)
-            conn_close(c, "done");
-        else if (c->tls_wanted && c->tls == NULL)
-            tls_start(c);
+    stream_send(&c->st);
+    if (c->closed || !stream_drained(&c->st))
         return;
-    }
-    struct io_uring_sqe *sqe = worker_sqe(c->d->w, &c->send_op);
-    io_uring_prep_send(sqe, c->fd, p, len, MSG_NOSIGNAL);
-    c->send_busy = true;
-    c->inflight++;
+    if (c->want_close)
+        conn_close(c, "done");
+    else if (c->tls_wanted && !stream_tls(&c->st))
+        tls_start(c);
 }
 
 /* Feed the body from the spool while the machine's output has room. */
@@ -524,8 +429,8 @@ conn_txn_done(struct conn *c)
             .mx_addr = c->addr_str,
             .source = c->src_str[0] ? c->src_str : NULL,
             .src_id = c->src_id,
-            .tls_proto = c->tls_ready ? c->tls_proto : NULL,
-            .tls_cipher = c->tls_ready ? c->tls_cipher : NULL,
+            .tls_proto = stream_tls_ready(&c->st) ? c->tls_proto : NULL,
+            .tls_cipher = stream_tls_ready(&c->st) ? c->tls_cipher : NULL,
             .src = CLASSIFY_CONNECT,
         };
         job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
@@ -576,6 +481,7 @@ conn_handle(struct conn *c, int ev)
             }
             c->want_close = true;
             c->pending_ev = 0;
+            stream_end(&c->st); /* over TLS, close_notify after the last octets */
             break;
         }
         if (ev & SMTP_CLIENT_EV_STARTTLS)
@@ -589,8 +495,7 @@ conn_handle(struct conn *c, int ev)
     conn_flush(c);
     c->handling = false;
     conn_cli_release(c);
-    if (!c->want_close)
-        conn_recv(c);
+    conn_recv(c);
 }
 
 /* ---- STARTTLS ---- */
@@ -636,214 +541,155 @@ tls_start(struct conn *c)
      * the address that made it, and a source's sessions are its own. */
     char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str) + 68];
     snprintf(key, sizeof(key), "%s:%s@%s", c->mx, c->addr_str, c->src ? c->src->pattern : "");
-    c->cin = malloc(CIN_CAP);
     /* The engine's current ctx: a reload may have brought other CAs. */
     struct tls_ctx *ctx = engine_tls_client(c->d->e);
-    int rc = c->cin == NULL || ctx == NULL
-                 ? -ENOMEM
+    struct tls_conn *tls = NULL;
+    int rc = ctx == NULL ? -ENOMEM
              : ntlsa > 0
-                 ? tls_conn_new_client_dane(ctx, c->mx, tlsa, ntlsa, c->d->tls_cache, key, &c->tls)
-                 : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &c->tls);
+                 ? tls_conn_new_client_dane(ctx, c->mx, tlsa, ntlsa, c->d->tls_cache, key, &tls)
+                 : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &tls);
     tls_ctx_unref(ctx);
-    if (rc < 0) {
-        free(c->cin);
-        c->cin = NULL;
+    /* The ClientHello goes out now; the rest in conn_on_readable(). */
+    if (rc < 0 || stream_start_tls(&c->st, tls) < 0) {
         conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
         return;
     }
-    c->cin_off = c->cin_len = 0;
-    /* The ClientHello goes out now; the rest in tls_in(). */
-    tls_conn_handshake(c->tls);
-    conn_flush(c);
     conn_recv(c);
 }
 
-/* Move what cin holds into the conn, as much as it takes (an error shows
- * on the next call on the conn). Returns the count moved. */
-static size_t
-tls_feed(struct conn *c)
-{
-    size_t moved = 0;
-    while (c->cin_off < c->cin_len) {
-        ssize_t n = tls_conn_feed(c->tls, c->cin + c->cin_off, c->cin_len - c->cin_off);
-        if (n <= 0)
-            break;
-        c->cin_off += (size_t)n;
-        moved += (size_t)n;
-    }
-    if (c->cin_off != 0 && !c->recv_busy) {
-        memmove(c->cin, c->cin + c->cin_off, c->cin_len - c->cin_off);
-        c->cin_len -= c->cin_off;
-        c->cin_off = 0;
-    }
-    return moved;
-}
+/* ---- the stream's callbacks ---- */
 
-/* Ciphertext in: drive the handshake, then hand plaintext to the machine.
- * A handshake step or a read that yields nothing may still have taken
- * ciphertext out of the conn's full buffer (a record larger than it, such
- * as a long certificate chain): feed again before waiting for the socket,
- * or the rest of cin would wait for bytes the server never sends. */
+/* Replies, plain or decrypted, lent for the call: the machine consumes
+ * all it is given (or closes). */
 static void
-tls_in(struct conn *c)
+conn_on_data(struct stream *st, const char *p, size_t len)
 {
-    for (;;) {
-        tls_feed(c);
-        if (!c->tls_ready) {
-            int rc = tls_conn_handshake(c->tls);
-            if (rc == TLS_WANT_IO) {
-                if (tls_feed(c) > 0)
-                    continue;
-                conn_flush(c);
-                return;
-            }
-            if (rc < 0) {
-                log_msg(LOG_NOTICE,
-                        "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
-                        "detail=\"%s\"",
-                        (unsigned long long)c->id, c->dest->name, c->mx,
-                        conn_dane(c) != NULL                        ? "dane"
-                        : c->dest->pol->tls == DOMAIN_TLS_VERIFY ? "verify"
-                                                                   : "opportunistic",
-                        tls_strerror(rc),
-                        tls_conn_error_str(c->tls));
-                conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
-                return;
-            }
-            struct tls_info info;
-            c->tls_ready = true;
-            bool verified = false;
-            if (tls_conn_info(c->tls, &info) == 0) {
-                c->tls_proto = info.protocol;
-                c->tls_cipher = info.cipher;
-                verified = info.verified;
-                if (conn_dane(c) != NULL && info.dane && verified)
-                    c->d->stats.dane_authenticated++;
-                if (conn_dane(c) != NULL)
-                    log_msg(LOG_INFO,
-                            "conn=%llx event=tls_dane domain=%s mx=%s authenticated=%s "
-                            "usage=%s resumed=%s protocol=%s peer=\"%s\"",
-                            (unsigned long long)c->id, c->dest->name, c->mx,
-                            info.dane && verified ? "yes" : "no",
-                            info.dane_usage == 3   ? "dane-ee"
-                            : info.dane_usage == 2 ? "dane-ta"
-                            : info.dane            ? "session"
-                                                   : "none-usable",
-                            info.resumed ? "yes" : "no", info.protocol, info.peer_subject);
-            }
-            conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
-                                                                  : SMTP_CLIENT_TLS_UNVERIFIED));
-            if (c->closed)
-                return;
-        }
-        char plain[IN_CAP];
-        ssize_t n = tls_conn_read(c->tls, plain, sizeof(plain));
-        if (n < 0) {
-            conn_handle(c, smtp_client_eof(conn_cli(c)));
-            return;
-        }
-        if (n > 0) {
-            size_t used;
-            conn_handle(c, smtp_client_input(conn_cli(c), plain, (size_t)n, &used));
-            if (c->closed || c->want_close)
-                return;
-        } else if (tls_feed(c) == 0) {
-            return; /* nothing read, nothing more to feed: wait for the socket */
-        }
-    }
-}
-
-static void
-conn_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
-{
-    struct conn *c = CONN_OF(op, recv_op);
-    struct delivery *d = c->d;
-    unsigned bid = 0;
-    char *in = recv_buf(d, flags, &bid);
-    c->recv_busy = false;
-    c->inflight--;
-    if (c->closed) {
-        if (in != NULL)
-            recv_buf_put(d, bid);
-        conn_maybe_free(c);
+    struct conn *c = CONN_OF(st, st);
+    if (c->closed || c->want_close)
         return;
-    }
-    if (res <= 0) {
-        if (in != NULL)
-            recv_buf_put(d, bid);
-        if (res == -EINTR || res == -EAGAIN || res == -ENOBUFS) {
-            /* ENOBUFS: every provided buffer was taken in this batch of
-             * completions; they are back by the time this is submitted. */
-            if (res == -ENOBUFS)
-                d->stats.recv_nobufs++;
-            conn_recv(c);
-            return;
-        }
-        conn_handle(c, smtp_client_eof(conn_cli(c)));
-        conn_close(c, "eof");
-        conn_maybe_free(c);
-        return;
-    }
-    if (c->tls != NULL) {
-        if (in != NULL) {
-            /* A read posted before STARTTLS cannot complete after it
-             * (tls_start posts the first ciphertext read). */
-            recv_buf_put(d, bid);
-            conn_close(c, "tls_read_state");
-            conn_maybe_free(c);
-            return;
-        }
-        c->cin_len += (size_t)res;
-        tls_in(c);
-        conn_recv(c);
-        conn_maybe_free(c);
-        return;
-    }
     size_t used;
-    /* An idle connection that hears from the server leaves the idle list
-     * through conn_free or the events; the machine knows what it means.
-     * The machine consumes all it is given (or closes), so the buffer goes
-     * back at once. */
-    int ev = smtp_client_input(conn_cli(c), in != NULL ? in : c->in, (size_t)res, &used);
-    if (in != NULL)
-        recv_buf_put(d, bid);
-    conn_handle(c, ev);
+    conn_handle(c, smtp_client_input(conn_cli(c), p, len, &used));
+}
+
+static void
+conn_on_handshake(struct stream *st)
+{
+    struct conn *c = CONN_OF(st, st);
+    struct tls_info info;
+    bool verified = false;
+    if (stream_tls_info(&c->st, &info) == 0) {
+        c->tls_proto = info.protocol;
+        c->tls_cipher = info.cipher;
+        verified = info.verified;
+        if (conn_dane(c) != NULL && info.dane && verified)
+            c->d->stats.dane_authenticated++;
+        if (conn_dane(c) != NULL)
+            log_msg(LOG_INFO,
+                    "conn=%llx event=tls_dane domain=%s mx=%s authenticated=%s "
+                    "usage=%s resumed=%s protocol=%s peer=\"%s\"",
+                    (unsigned long long)c->id, c->dest->name, c->mx,
+                    info.dane && verified ? "yes" : "no",
+                    info.dane_usage == 3   ? "dane-ee"
+                    : info.dane_usage == 2 ? "dane-ta"
+                    : info.dane            ? "session"
+                                           : "none-usable",
+                    info.resumed ? "yes" : "no", info.protocol, info.peer_subject);
+    }
+    conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
+                                                          : SMTP_CLIENT_TLS_UNVERIFIED));
+}
+
+static const char *
+conn_output(struct stream *st, size_t *len)
+{
+    struct conn *c = CONN_OF(st, st);
+    return smtp_client_output(&c->cli, len);
+}
+
+static void
+conn_on_sent(struct stream *st, size_t n)
+{
+    struct conn *c = CONN_OF(st, st);
+    int ev = smtp_client_sent(conn_cli(c), n);
+    if (ev < 0)
+        conn_handle(c, ev); /* misuse: closes */
+    else
+        c->pending_ev |= ev; /* acted on by the conn_handle() under way, or below */
+}
+
+/* An idle connection that hears from the server leaves the idle list
+ * through conn_free or the events; the machine knows what it means. */
+static void
+conn_on_readable(struct stream *st)
+{
+    struct conn *c = CONN_OF(st, st);
+    int rc = stream_read(&c->st);
+    if (rc < 0 && !c->closed) {
+        if (stream_tls(&c->st) && !stream_tls_ready(&c->st)) {
+            log_msg(LOG_NOTICE,
+                    "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
+                    "detail=\"%s\"",
+                    (unsigned long long)c->id, c->dest->name, c->mx,
+                    conn_dane(c) != NULL                      ? "dane"
+                    : c->dest->pol->tls == DOMAIN_TLS_VERIFY ? "verify"
+                                                             : "opportunistic",
+                    tls_strerror(rc), stream_tls_error(&c->st));
+            conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
+        } else {
+            conn_handle(c, smtp_client_eof(conn_cli(c)));
+        }
+    } else if (stream_eof(&c->st) && !c->closed) {
+        conn_handle(c, smtp_client_eof(conn_cli(c))); /* the server's close_notify */
+    }
+    conn_handle(c, 0); /* what sending produced meanwhile; the next read */
     conn_maybe_free(c);
 }
 
 static void
-conn_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
+conn_on_writable(struct stream *st)
 {
-    struct conn *c = CONN_OF(op, send_op);
-    c->send_busy = false;
-    c->inflight--;
-    if (c->closed) {
-        conn_maybe_free(c);
-        return;
-    }
-    if (res <= 0) {
-        conn_handle(c, smtp_client_eof(conn_cli(c)));
-        conn_close(c, "send_failed");
-        conn_maybe_free(c);
-        return;
-    }
-    int ev = 0;
-    if (c->tls != NULL)
-        tls_conn_consume(c->tls, (size_t)res);
-    else
-        ev = smtp_client_sent(conn_cli(c), (size_t)res);
-    if (smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY)
-        ev |= SMTP_CLIENT_EV_SEND_BODY;
-    conn_handle(c, ev);
+    struct conn *c = CONN_OF(st, st);
+    conn_handle(c, smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY ? SMTP_CLIENT_EV_SEND_BODY
+                                                                     : 0);
     conn_maybe_free(c);
 }
+
+static void
+conn_on_eof(struct stream *st, int err, bool send)
+{
+    struct conn *c = CONN_OF(st, st);
+    (void)err;
+    conn_handle(c, smtp_client_eof(conn_cli(c)));
+    conn_close(c, send ? "send_failed" : "eof");
+    conn_maybe_free(c);
+}
+
+static void
+conn_on_release(struct stream *st)
+{
+    conn_maybe_free(CONN_OF(st, st));
+}
+
+static void conn_on_connect(struct stream *st, int res);
+
+static const struct stream_ops conn_stream_ops = {
+    .on_data = conn_on_data, /* lend mode: no room */
+    .on_handshake = conn_on_handshake,
+    .output = conn_output,
+    .on_sent = conn_on_sent,
+    .on_readable = conn_on_readable,
+    .on_writable = conn_on_writable,
+    .on_eof = conn_on_eof,
+    .on_connect = conn_on_connect,
+    .on_release = conn_on_release,
+};
 
 static void
 conn_on_timer(struct timer *tm, void *ctx)
 {
     struct conn *c = (struct conn *)((char *)tm - offsetof(struct conn, timer));
     if (!c->connected) {
-        /* connect timed out: the pending connect completes on shutdown */
+        /* connect timed out: the pending connect completes on the cancel */
         sched_conn_event(c, POLICY_CONNECT_TIMEOUT, NULL);
         conn_close(c, "connect_timeout");
         return;
@@ -861,14 +707,9 @@ conn_on_trace(void *arg, enum smtp_client_state from, enum smtp_client_state to)
 }
 
 static void
-conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
+conn_on_connect(struct stream *st, int res)
 {
-    struct conn *c = CONN_OF(op, connect_op);
-    c->inflight--;
-    if (c->closed) {
-        conn_maybe_free(c);
-        return;
-    }
+    struct conn *c = CONN_OF(st, st);
     if (res < 0) {
         log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=%s",
                 (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, strerror(-res));
@@ -889,16 +730,18 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     c->connected = true;
     struct sockaddr_storage local;
     socklen_t llen = sizeof(local);
-    if (getsockname(c->fd, (struct sockaddr *)&local, &llen) == 0)
+    if (getsockname(stream_fd(&c->st), (struct sockaddr *)&local, &llen) == 0)
         netaddr_ip_str((const struct sockaddr *)&local, c->src_str, sizeof(c->src_str));
     log_msg(LOG_INFO, "conn=%llx event=connected domain=%s mx=%s addr=%s source=%s pool=%s",
             (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
             c->src_str[0] ? c->src_str : "-",
             c->dest->pool ? intern_name(c->d->e->names, c->dest->pool) : "-");
     int one = 1;
-    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(stream_fd(&c->st), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* The EHLO name: the source's (its PTR), else the [source] section of
-     * the default address's, else [server] hostname. */
+     * the default address's, else [server] hostname. The machine borrows
+     * it for the session: every config loaded stays until exit (main.c),
+     * so a reload does not pull it away. */
     const char *ehlo = c->src && c->src->ehlo ? c->src->ehlo : NULL;
     if (ehlo == NULL && c->src == NULL && c->srck != NULL && c->srck->pol != NULL)
         ehlo = c->srck->pol->ehlo;
@@ -931,6 +774,7 @@ conn_on_connect(struct worker *w, struct op *op, int res, uint32_t flags)
     }
     conn_deadline(c, smtp_client_deadline_ms(&c->cli));
     conn_recv(c);
+    conn_maybe_free(c);
 }
 
 /* ---- what the scheduler calls ---- */
@@ -958,8 +802,8 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     struct conn *c = calloc(1, sizeof(*c));
     if (c == NULL)
         return NULL;
-    c->fd = socket(addr->sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->fd < 0) {
+    int fd = socket(addr->sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
         log_msg(LOG_ERR, "event=socket_failed err=%s", strerror(errno));
         free(c);
         return NULL;
@@ -973,32 +817,28 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
         if (!source_sockaddr(srcpol, addr->sa.sa_family, &pool_src)) {
             log_msg(LOG_ERR, "event=source_family_mismatch source=%s domain=%s",
                     srcpol->pattern, t->name);
-            close(c->fd);
+            close(fd);
             free(c);
             return NULL;
         }
         src = &pool_src;
     }
     if (src->ss_family != AF_UNSPEC &&
-        bind(c->fd, (const struct sockaddr *)src,
+        bind(fd, (const struct sockaddr *)src,
              src->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
                                         : sizeof(struct sockaddr_in)) < 0) {
         char text[64];
         netaddr_ip_str((const struct sockaddr *)src, text, sizeof(text));
         log_msg(LOG_ERR, "event=source_bind_failed source=%s err=%s", text, strerror(errno));
-        close(c->fd);
+        close(fd);
         free(c);
         return NULL;
     }
-    c->connect_op = (struct op){OP_CALLBACK, conn_on_connect};
-    c->recv_op = (struct op){OP_CALLBACK, conn_on_recv};
-    c->send_op = (struct op){OP_CALLBACK, conn_on_send};
+    stream_init(&c->st, d->w, fd, &conn_stream_ops, &d->bufs);
     timer_init(&c->timer, conn_on_timer);
     /* Counted from here on: the id, the site, the caps. */
     sched_conn_attach(c, t, host, addr, srcpol, src_id);
-    struct io_uring_sqe *sqe = worker_sqe(d->w, &c->connect_op);
-    io_uring_prep_connect(sqe, c->fd, &c->addr.sa, dns_addr_len(&c->addr));
-    c->inflight++;
+    stream_connect(&c->st, &c->addr.sa, dns_addr_len(&c->addr));
     conn_deadline(c, d->e->cfg->delivery.connect_timeout);
     return c;
 }

@@ -20,9 +20,10 @@
  *                          (a pure data structure: tests/unit/test_fairq.c);
  *   outbound/targets.c     where mail must not go (allow_networks, loops);
  *   outbound/site.c        sites, the adaptive window, the per-address table;
- *   outbound/connection.c  struct conn: connect, the client machine,
- *                          STARTTLS over memory BIOs, body streaming,
- *                          reuse and lifetime;
+ *   outbound/connection.c  struct conn: connect, the client machine on
+ *                          its stream (engine/stream.h: plain, or TLS
+ *                          after STARTTLS), body streaming, reuse and
+ *                          lifetime;
  *   outbound/outcome.c     acting on the outcome of a job: the failure
  *                          policy's verdict per recipient, the spool
  *                          update (retried while it fails), the logs,
@@ -53,6 +54,7 @@
 #include "engine/outbound/site.h"
 #include "engine/smtp_client.h"
 #include "engine/stats.h"
+#include "engine/stream.h"
 #include "engine/timer.h"
 #include "engine/worker.h"
 #include "common/hash.h"
@@ -115,10 +117,9 @@ struct conn {
                            * must have the same */
     bool addr_counted;    /* counted in the worker's per-address table */
     uint64_t id;          /* for the logs: conn=ID on each line */
-    int fd;
-    unsigned inflight;
-    bool closed, connected, recv_busy, send_busy, want_close;
-    struct op connect_op, recv_op, send_op;
+    bool closed, connected, want_close;
+    struct stream st;     /* the socket, plain or TLS (lend mode: the worker's
+                           * provided buffers); its ops count for the lifetime */
     struct timer timer;
     union dns_addr addr;
     char addr_str[64];
@@ -148,20 +149,13 @@ struct conn {
     size_t chunk_len, chunk_pos;
     bool body_last;
 
-    /* STARTTLS: once tls is set the socket carries ciphertext (cin in,
-     * tls_conn_peek out) and the machine sees plaintext. */
-    struct tls_conn *tls; /* owned */
+    /* STARTTLS: the stream carries TLS from then on; the machine sees
+     * plaintext. */
     bool tls_wanted;      /* EV_STARTTLS: handshake once the output is sent */
-    bool tls_ready;
-    bool tls_shut;
-    const char *tls_proto, *tls_cipher; /* once tls_ready: borrowed from OpenSSL's
-                           * constant tables ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
+    const char *tls_proto, *tls_cipher; /* once the handshake completed: borrowed from
+                           * OpenSSL's constant tables ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
     char src_str[64];     /* our address on this connection */
     uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
-    char *cin;            /* owned, CIN_CAP */
-    size_t cin_off;       /* cin[cin_off..cin_len) waits to be fed; compacted only
-                           * while no recv is writing into cin */
-    size_t cin_len;
     int pending_ev;       /* events not acted on yet (see conn_handle) */
     bool handling;
 
@@ -169,7 +163,6 @@ struct conn {
      * thousands of them, holds none): the machine's buffer comes from
      * d->cli_pool, received octets from the ring's provided buffers. */
     struct smtp_client cli;
-    char *in;             /* owned, IN_CAP: only without provided buffers */
     char *chunk;          /* owned, from d->chunk_pool, only while a body is
                            * being sent */
 };
@@ -221,7 +214,8 @@ struct dest {
     unsigned next_addr;      /* failover cursor over the answer's addresses */
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
-    struct smtp_outcome last_fail; /* why the last address failed, for the deferral */
+    struct smtp_outcome *last_fail; /* owned: why the last address failed, for the
+                              * deferral; NULL: none (524 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
@@ -264,8 +258,7 @@ struct delivery {
     struct delivery_stats stats;
     struct pool cli_pool;    /* struct smtp_client_buf */
     struct pool chunk_pool;  /* BODY_CHUNK */
-    struct io_uring_buf_ring *br; /* owned (mmap): provided receive buffers, or NULL */
-    char *br_mem;            /* owned: IN_BUFS * IN_CAP */
+    struct stream_bufs bufs; /* the ring's provided receive buffers (none on an old kernel) */
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
@@ -374,6 +367,10 @@ unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
 void dest_run(struct dest *t);
 /* No new connection to t for ms. */
 void dest_hold(struct dest *t, uint64_t ms);
+/* Keep o as why t's last address failed (nothing kept without memory:
+ * the deferral then gives the generic reason); forget it. */
+void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o);
+void dest_last_fail_clear(struct dest *t);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);

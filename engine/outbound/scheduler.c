@@ -458,6 +458,21 @@ dest_next(const struct delivery *d, struct dest_iter *it)
 /* Forget t and what waits in it (the spool keeps the recipients). live:
  * the loop turns, so timers, the lookup and the limiter are let go of
  * too; else they went with the loop. */
+void
+dest_last_fail_set(struct dest *t, const struct smtp_outcome *o)
+{
+    if (t->last_fail == NULL && (t->last_fail = malloc(sizeof(*t->last_fail))) == NULL)
+        return;
+    *t->last_fail = *o;
+}
+
+void
+dest_last_fail_clear(struct dest *t)
+{
+    free(t->last_fail);
+    t->last_fail = NULL;
+}
+
 static void
 dest_free(struct dest *t, bool live)
 {
@@ -477,6 +492,7 @@ dest_free(struct dest *t, bool live)
     }
     dns_mx_result_unref(t->mx);
     free(t->src_ids);
+    dest_last_fail_clear(t);
     want_remove(t);
     site_unref(&d->sites, t->site);
     hash_remove(&d->dests, &t->node);
@@ -1126,8 +1142,8 @@ dest_run_once(struct dest *t)
         /* Every address is one mail must not go to. */
         struct policy_fail nf;
         policy_job(t->refused_self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
-        dest_fail_all(t, &nf, t->last_fail.text);
-        memset(&t->last_fail, 0, sizeof(t->last_fail));
+        dest_fail_all(t, &nf, t->last_fail != NULL ? t->last_fail->text : "");
+        dest_last_fail_clear(t);
         return;
     }
     dest_site(t);
@@ -1171,17 +1187,17 @@ dest_run_once(struct dest *t)
         if (!dest_address(t, &h, &a)) {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
-                if (t->last_fail.text[0] != '\0') {
+                if (t->last_fail != NULL && t->last_fail->text[0] != '\0') {
                     /* deferred with why the last address failed */
                     struct job *j;
                     while ((j = dest_pop(t)) != NULL)
-                        d->ops->fail(d, t, j, &t->last_fail, CLASSIFY_CONNECT);
+                        d->ops->fail(d, t, j, t->last_fail, CLASSIFY_CONNECT);
                 } else {
                     struct policy_fail nf;
                     policy_job(POLICY_NO_MX_ANSWERED, &nf);
                     dest_fail_all(t, &nf, NULL);
                 }
-                memset(&t->last_fail, 0, sizeof(t->last_fail));
+                dest_last_fail_clear(t);
                 dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
             }
             return;
@@ -1194,14 +1210,16 @@ dest_run_once(struct dest *t)
              * the next one, and why, for the deferral when none is left. */
             d->stats.dane_failed++;
             log_msg(LOG_NOTICE, "event=dane_tempfail domain=%s mx=%s", t->name, h->name);
-            memset(&t->last_fail, 0, sizeof(t->last_fail));
-            t->last_fail.status = SMTP_STATUS_TEMPFAIL;
-            t->last_fail.scope = SMTP_SCOPE_SESSION;
-            t->last_fail.reason = SMTP_REASON_TLS_UNAVAILABLE;
-            t->last_fail.enh = (struct smtp_enh){4, 7, 5};
-            snprintf(t->last_fail.text, sizeof(t->last_fail.text),
+            struct smtp_outcome why;
+            memset(&why, 0, sizeof(why));
+            why.status = SMTP_STATUS_TEMPFAIL;
+            why.scope = SMTP_SCOPE_SESSION;
+            why.reason = SMTP_REASON_TLS_UNAVAILABLE;
+            why.enh = (struct smtp_enh){4, 7, 5};
+            snprintf(why.text, sizeof(why.text),
                      "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
                      h->name);
+            dest_last_fail_set(t, &why);
             t->next_addr++;
             t->failed_addrs++;
             continue;
@@ -1450,7 +1468,7 @@ sched_txn_done(struct conn *c, struct job *j)
     };
     if (policy_failover(&pt)) {
         j->failovers++;
-        t->last_fail = c->txn.msg;
+        dest_last_fail_set(t, &c->txn.msg);
         t->failed_addrs++;
         t->next_addr++;
         dest_push(t, j, true);
@@ -1467,7 +1485,7 @@ sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_ou
     struct policy_event_decision pd;
     policy_conn_event(ev, &pd);
     if (why != NULL)
-        t->last_fail = *why;
+        dest_last_fail_set(t, why);
     if (pd.next_addr) {
         t->failed_addrs++;
         t->next_addr++;
@@ -1523,8 +1541,9 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (!c->ready_once)
         t->opening--;
     if (pd.remember) {
-        t->last_fail = *so;
-        t->last_fail.status = SMTP_STATUS_TEMPFAIL;
+        struct smtp_outcome o = *so;
+        o.status = SMTP_STATUS_TEMPFAIL;
+        dest_last_fail_set(t, &o);
     }
     if (pd.next_addr) {
         t->failed_addrs++;

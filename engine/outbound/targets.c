@@ -124,7 +124,7 @@ dest_targets(struct dest *t)
                 "event=target_refused domain=%s mx=%s addr=%s reason=\"%s\" usable=%u", t->name,
                 wh->name, ip, why, t->ntargets);
         if (t->ntargets == 0) {
-            struct smtp_outcome *o = &t->last_fail;
+            struct smtp_outcome fail, *o = &fail;
             memset(o, 0, sizeof(*o));
             bool self = strcmp(why, "this node's own listener") == 0;
             struct policy_fail nf;
@@ -139,6 +139,7 @@ dest_targets(struct dest *t)
                          "MX %s of %s has address %s (%s): not a delivery target, see "
                          "[delivery] allow_networks",
                          wh->name, t->name, ip, why);
+            dest_last_fail_set(t, o);
         }
     }
     return t->ntargets;

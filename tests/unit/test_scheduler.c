@@ -79,7 +79,7 @@ t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
     assert_true(F->nopen < MAXC);
     struct conn *c = calloc(1, sizeof(*c));
     assert_non_null(c);
-    c->fd = -1;
+    c->st.fd = -1;
     sched_conn_attach(c, t, h, a, src, src_id);
     snprintf(F->opened_to[F->opened % MAXC], sizeof(F->opened_to[0]), "%s %s%s%s", h->name,
              c->addr_str, src ? " from " : "", src ? src->pattern : "");

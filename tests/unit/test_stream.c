@@ -1,0 +1,519 @@
+/*
+ * engine/stream over a socketpair, both ends streams on one worker's ring
+ * (no network): plain transfers into a room the size of a few octets,
+ * into the worker's provided buffers and into a stream's own buffer; TLS
+ * both ways at once (a lend-mode client against a room-mode server with
+ * a tiny room), ended with close_notify; a TLS server fed plaintext; a
+ * stream closed with a read in flight. Each test runs the loop until
+ * every end has been released, bounded by a deadline.
+ *
+ * Threading: one thread, the worker's loop run on it.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "engine/stream.h"
+#include "engine/worker.h"
+#include "tests/tls/tls_test.h"
+#include "tls/tls.h"
+
+#define DEADLINE_S 20
+#define ROOM_MAX   256
+
+struct end {
+    struct stream st;
+    const char *name;
+    bool room_mode;
+    char room[ROOM_MAX];
+    size_t room_len, room_cap; /* room_cap: at most ROOM_MAX */
+    char *got;                 /* owned: everything received */
+    size_t got_len, got_cap;
+    size_t expect;             /* octets to receive before it is done */
+    const char *out;           /* borrowed: what it sends */
+    size_t out_len, out_off;
+    bool wait_peer_eof;        /* done only once the peer's close_notify came */
+    unsigned handshakes, eofs;
+    int eof_err, read_err;
+    bool peer_eof, ending, closed, released;
+};
+
+struct fixture {
+    struct worker w;
+    struct stream_bufs bufs;
+    struct end a, b;
+    struct timer deadline;
+    bool timed_out;
+    void (*start)(struct fixture *f);
+    struct worker_msg start_msg;
+    struct test_pki pki;
+    struct test_cert cert;
+    struct tls_config cfg;
+    struct tls_ctx *srv_ctx, *cli_ctx;
+};
+
+static struct fixture *F;
+
+#define END_OF(st) ((struct end *)((char *)(st) - offsetof(struct end, st)))
+
+static void
+check_all_released(void)
+{
+    if (F->a.released && F->b.released)
+        F->w.stopping = true;
+}
+
+static void
+end_close(struct end *e)
+{
+    if (e->closed)
+        return;
+    e->closed = true;
+    stream_close(&e->st);
+    if (!stream_busy(&e->st))
+        e->released = true;
+    check_all_released();
+}
+
+/* Done receiving and sending (and, when asked, heard close_notify): end
+ * TLS, and close once everything left. */
+static void
+end_progress(struct end *e)
+{
+    if (e->closed)
+        return;
+    bool done = e->got_len >= e->expect && e->out_off == e->out_len &&
+                (!e->wait_peer_eof || e->peer_eof);
+    if (!done)
+        return;
+    if (!e->ending) {
+        e->ending = true;
+        stream_end(&e->st);
+        stream_send(&e->st);
+    }
+    if (stream_drained(&e->st))
+        end_close(e);
+}
+
+static void
+got_append(struct end *e, const char *p, size_t n)
+{
+    if (n == 0)
+        return;
+    if (e->got_len + n > e->got_cap) {
+        e->got_cap = (e->got_len + n) * 2;
+        e->got = realloc(e->got, e->got_cap);
+        assert_non_null(e->got);
+    }
+    memcpy(e->got + e->got_len, p, n);
+    e->got_len += n;
+}
+
+static char *
+t_room(struct stream *st, size_t *cap)
+{
+    struct end *e = END_OF(st);
+    if (e->room_len >= e->room_cap) {
+        *cap = 0;
+        return NULL;
+    }
+    *cap = e->room_cap - e->room_len;
+    return e->room + e->room_len;
+}
+
+static void
+t_on_data(struct stream *st, const char *p, size_t len)
+{
+    struct end *e = END_OF(st);
+    assert_true(len > 0);
+    if (e->room_mode) {
+        assert_ptr_equal(p, e->room + e->room_len); /* appended where room() said */
+        assert_true(e->room_len + len <= e->room_cap);
+        e->room_len += len;
+    } else {
+        got_append(e, p, len);
+    }
+}
+
+static void
+t_on_handshake(struct stream *st)
+{
+    END_OF(st)->handshakes++;
+}
+
+static const char *
+t_output(struct stream *st, size_t *len)
+{
+    struct end *e = END_OF(st);
+    *len = e->out_len - e->out_off;
+    return e->out + e->out_off;
+}
+
+static void
+t_on_sent(struct stream *st, size_t n)
+{
+    struct end *e = END_OF(st);
+    assert_true(e->out_off + n <= e->out_len);
+    e->out_off += n;
+}
+
+/* Take what arrived, emptying the room each time, until nothing moves. */
+static void
+t_on_readable(struct stream *st)
+{
+    struct end *e = END_OF(st);
+    for (;;) {
+        int rc = stream_read(st);
+        if (e->room_mode) {
+            got_append(e, e->room, e->room_len);
+            e->room_len = 0;
+        }
+        if (rc < 0) {
+            e->read_err = rc;
+            end_close(e);
+            return;
+        }
+        if (rc == 0 || e->closed)
+            break;
+    }
+    if (stream_eof(st))
+        e->peer_eof = true;
+    stream_send(st);
+    stream_recv(st);
+    end_progress(e);
+}
+
+static void
+t_on_writable(struct stream *st)
+{
+    struct end *e = END_OF(st);
+    stream_send(st);
+    end_progress(e);
+}
+
+static void
+t_on_eof(struct stream *st, int err, bool send)
+{
+    (void)send;
+    struct end *e = END_OF(st);
+    e->eofs++;
+    e->eof_err = err;
+    end_close(e);
+}
+
+static void
+t_on_release(struct stream *st)
+{
+    struct end *e = END_OF(st);
+    if (e->closed && !stream_busy(st))
+        e->released = true;
+    check_all_released();
+}
+
+static const struct stream_ops room_ops = {
+    .room = t_room,
+    .on_data = t_on_data,
+    .on_handshake = t_on_handshake,
+    .output = t_output,
+    .on_sent = t_on_sent,
+    .on_readable = t_on_readable,
+    .on_writable = t_on_writable,
+    .on_eof = t_on_eof,
+    .on_release = t_on_release,
+};
+
+static const struct stream_ops lend_ops = {
+    .on_data = t_on_data,
+    .on_handshake = t_on_handshake,
+    .output = t_output,
+    .on_sent = t_on_sent,
+    .on_readable = t_on_readable,
+    .on_writable = t_on_writable,
+    .on_eof = t_on_eof,
+    .on_release = t_on_release,
+};
+
+/* ---- the loop ---- */
+
+static void
+on_deadline(struct timer *t, void *ctx)
+{
+    (void)t;
+    (void)ctx;
+    F->timed_out = true;
+    F->w.stopping = true;
+}
+
+static void
+on_start(struct worker *w, struct worker_msg *m)
+{
+    (void)w;
+    (void)m;
+    F->start(F);
+}
+
+/* a uses lend mode (with the worker's provided buffers when bufs), b
+ * room mode with a room of room_cap octets (0: lend mode as well). */
+static void
+ends_init(struct fixture *f, bool bufs, size_t room_cap)
+{
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    f->a.name = "a";
+    f->b.name = "b";
+    stream_init(&f->a.st, &f->w, sv[0], &lend_ops, bufs ? &f->bufs : NULL);
+    f->b.room_mode = room_cap != 0;
+    f->b.room_cap = room_cap;
+    stream_init(&f->b.st, &f->w, sv[1], room_cap != 0 ? &room_ops : &lend_ops,
+                bufs ? &f->bufs : NULL);
+}
+
+static void
+run(struct fixture *f)
+{
+    f->start_msg.fn = on_start;
+    worker_post(&f->w, &f->start_msg);
+    timer_init(&f->deadline, on_deadline);
+    worker_timer_arm(&f->w, &f->deadline, clock_now_ns() + DEADLINE_S * 1000000000ULL);
+    assert_int_equal(worker_run(&f->w), 0);
+    worker_timer_cancel(&f->w, &f->deadline);
+    assert_false(f->timed_out);
+}
+
+static int
+setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return -1;
+    if (worker_init(&f->w, 0, 256, NULL) < 0) {
+        free(f);
+        return -1;
+    }
+    if (test_pki_init(&f->pki, "sluice test CA") != 0 ||
+        test_pki_issue(&f->pki, "mx", "mx.example.test", false, &f->cert) != 0)
+        return -1;
+    test_config(&f->cfg);
+    test_config_set(&f->cfg, "cert_file", f->cert.cert_file);
+    test_config_set(&f->cfg, "key_file", f->cert.key_file);
+    test_config_set(&f->cfg, "buffer_size", "4096"); /* records cut small: more rounds */
+    char err[256];
+    if (tls_ctx_new_server(&f->cfg, &f->srv_ctx, err, sizeof(err)) != 0 ||
+        tls_ctx_new_client(&f->cfg, &f->cli_ctx, err, sizeof(err)) != 0)
+        return -1;
+    F = f;
+    *state = f;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    struct fixture *f = *state;
+    stream_fini(&f->a.st);
+    stream_fini(&f->b.st);
+    stream_bufs_fini(&f->bufs);
+    worker_fini(&f->w);
+    free(f->a.got);
+    free(f->b.got);
+    tls_ctx_unref(f->srv_ctx);
+    tls_ctx_unref(f->cli_ctx);
+    conf_free(tls_conf_keys, &f->cfg);
+    test_pki_fini(&f->pki);
+    free(f);
+    F = NULL;
+    return 0;
+}
+
+static char *
+pattern(size_t len, unsigned seed)
+{
+    char *p = malloc(len);
+    assert_non_null(p);
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < len; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        p[i] = (char)x;
+    }
+    return p;
+}
+
+/* ---- plaintext ---- */
+
+static char *plain_data;
+
+/* a sends, b receives; a closes when all has left, b on the EOF. */
+static void
+start_plain(struct fixture *f)
+{
+    stream_send(&f->a.st);
+    assert_int_equal(stream_recv(&f->b.st), 0);
+    end_progress(&f->a);
+}
+
+static void
+plain_case(struct fixture *f, bool bufs, size_t room_cap, size_t len)
+{
+    if (bufs && stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
+        skip(); /* an old kernel: no provided buffers */
+    plain_data = pattern(len, 7);
+    ends_init(f, bufs, room_cap);
+    f->a.out = plain_data;
+    f->a.out_len = len;
+    f->b.expect = SIZE_MAX; /* until the EOF */
+    f->start = start_plain;
+    run(f);
+    assert_int_equal(f->a.out_off, len);
+    assert_int_equal(f->b.got_len, len);
+    assert_memory_equal(f->b.got, plain_data, len);
+    assert_int_equal(f->b.eofs, 1);
+    assert_int_equal(f->b.eof_err, 0); /* the peer closed */
+    assert_int_equal(f->a.read_err, 0);
+    free(plain_data);
+}
+
+static void
+test_plain_room(void **state)
+{
+    plain_case(*state, false, 7, 64 * 1024);
+}
+
+static void
+test_plain_provided_buffers(void **state)
+{
+    plain_case(*state, true, 0, 512 * 1024);
+}
+
+static void
+test_plain_own_buffer(void **state)
+{
+    plain_case(*state, false, 0, 256 * 1024);
+}
+
+/* ---- TLS ---- */
+
+static void
+start_tls(struct fixture *f)
+{
+    struct tls_conn *cli = NULL, *srv = NULL;
+    assert_int_equal(tls_conn_new_server(f->srv_ctx, &srv), 0);
+    assert_int_equal(stream_start_tls(&f->b.st, srv), 0);
+    assert_int_equal(stream_recv(&f->b.st), 0);
+    assert_int_equal(tls_conn_new_client(f->cli_ctx, "mx.example.test", false, NULL, NULL, &cli),
+                     0);
+    assert_int_equal(stream_start_tls(&f->a.st, cli), 0); /* the ClientHello goes out */
+    assert_int_equal(stream_recv(&f->a.st), 0);
+}
+
+static void
+test_tls_both_ways(void **state)
+{
+    struct fixture *f = *state;
+    if (stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
+        skip();
+    size_t len = 300 * 1000;
+    char *da = pattern(len, 1), *db = pattern(len, 2);
+    ends_init(f, true, 100); /* the server reads through a room of 100 octets */
+    f->a.out = da;
+    f->a.out_len = len;
+    f->a.expect = len;
+    f->b.out = db;
+    f->b.out_len = len;
+    f->b.expect = len;
+    f->b.wait_peer_eof = true; /* b closes on a's close_notify */
+    f->start = start_tls;
+    run(f);
+    assert_int_equal(f->a.handshakes, 1);
+    assert_int_equal(f->b.handshakes, 1);
+    assert_true(stream_tls_ready(&f->a.st));
+    assert_int_equal(f->a.read_err, 0);
+    assert_int_equal(f->b.read_err, 0);
+    assert_int_equal(f->a.got_len, len);
+    assert_int_equal(f->b.got_len, len);
+    assert_memory_equal(f->a.got, db, len);
+    assert_memory_equal(f->b.got, da, len);
+    assert_true(f->b.peer_eof); /* close_notify arrived after the data */
+    free(da);
+    free(db);
+}
+
+/* A client that talks plaintext to a TLS server: the server's read fails
+ * before any handshake, and nothing reaches it as data. */
+static void
+start_garbage(struct fixture *f)
+{
+    struct tls_conn *srv = NULL;
+    assert_int_equal(tls_conn_new_server(f->srv_ctx, &srv), 0);
+    assert_int_equal(stream_start_tls(&f->b.st, srv), 0);
+    assert_int_equal(stream_recv(&f->b.st), 0);
+    stream_send(&f->a.st);
+    assert_int_equal(stream_recv(&f->a.st), 0);
+}
+
+static void
+test_tls_plaintext_refused(void **state)
+{
+    struct fixture *f = *state;
+    static const char ehlo[] = "EHLO client.example\r\nMAIL FROM:<a@b>\r\n";
+    ends_init(f, false, 64);
+    f->a.out = ehlo;
+    f->a.out_len = sizeof(ehlo) - 1;
+    f->a.expect = SIZE_MAX; /* until the server hangs up */
+    f->b.expect = SIZE_MAX;
+    f->start = start_garbage;
+    run(f);
+    assert_true(f->b.read_err < 0);
+    assert_false(stream_tls_ready(&f->b.st));
+    assert_int_equal(f->b.handshakes, 0);
+    assert_int_equal(f->b.got_len, 0);
+    assert_int_equal(f->a.eofs, 1); /* a sees the end (after the alert, if any) */
+}
+
+/* Closed with a read in flight: the read comes back, then release. */
+static void
+start_close_inflight(struct fixture *f)
+{
+    assert_int_equal(stream_recv(&f->a.st), 0);
+    assert_int_equal(stream_recv(&f->b.st), 0);
+    assert_true(stream_busy(&f->a.st));
+    end_close(&f->a);
+    assert_false(f->a.released); /* not before the read came back */
+    end_close(&f->b);
+}
+
+static void
+test_close_with_read_in_flight(void **state)
+{
+    struct fixture *f = *state;
+    ends_init(f, false, 0);
+    f->start = start_close_inflight;
+    run(f);
+    assert_true(f->a.released);
+    assert_true(f->b.released);
+    assert_int_equal(f->a.eofs, 0); /* closed by its owner: no EOF reported */
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_plain_room, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_plain_provided_buffers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_plain_own_buffer, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_both_ways, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_plaintext_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
