@@ -4,6 +4,10 @@
 #include "common/fs.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -29,4 +33,52 @@ fs_mkdir_p(const char *path)
     if (stat(buf, &st) < 0)
         return -errno;
     return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+int
+fs_fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return rc;
+}
+
+int
+fs_write_atomic(const char *dir, const char *name, const char *text, size_t len)
+{
+    char tmp[PATH_MAX], path[PATH_MAX];
+    snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (fd < 0)
+        return -errno;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write(fd, text + done, len - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int rc = n < 0 ? -errno : -EIO;
+            close(fd);
+            unlink(tmp);
+            return rc;
+        }
+        done += (size_t)n;
+    }
+    if (fdatasync(fd) < 0) {
+        int rc = -errno;
+        close(fd);
+        unlink(tmp);
+        return rc;
+    }
+    close(fd);
+    if (rename(tmp, path) < 0) {
+        int rc = -errno;
+        unlink(tmp);
+        return rc;
+    }
+    return fs_fsync_dir(dir);
 }

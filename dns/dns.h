@@ -215,6 +215,21 @@ void dns_process_timeouts(struct dns *d);
  * Ask again after every call into this module. */
 uint64_t dns_timeout(struct dns *d, uint64_t now);
 
+/* ---- TXT records (dns/txt.c): MTA-STS and TLS reporting policies ---- */
+
+/* A TXT lookup finished: status DNS_OK with n >= 1 records (each one's
+ * character-strings joined, at most 4096 octets, at most 16 records;
+ * borrowed: valid during the call only), DNS_NOT_FOUND (NXDOMAIN or no
+ * TXT record) or DNS_RETRY; why is static text. */
+typedef void dns_txt_fn(void *arg, enum dns_status status, const char *why,
+                        const char *const *txt, unsigned n);
+/* Ask for name's TXT records; not cached. The callback runs exactly once,
+ * from dns_process_fd() or dns_process_timeouts(), or from inside this
+ * call when c-ares fails at once; dns_free() drops pending lookups
+ * without calling them. Returns 0, -EINVAL (a bad name: no call) or
+ * -ENOMEM. */
+int dns_txt_lookup(struct dns *d, const char *name, dns_txt_fn *cb, void *arg);
+
 /* Drop every cached answer (lookups in flight finish and are kept). */
 void dns_cache_clear(struct dns *d);
 

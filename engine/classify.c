@@ -51,6 +51,7 @@ static const char *const class_names[BOUNCE_CLASS_COUNT] = {
     [BOUNCE_CONNECTION_FAILURE] = "connection_failure",
     [BOUNCE_EXPIRED] = "expired",
     [BOUNCE_REFUSED_TARGET] = "refused_target",
+    [BOUNCE_TLS_POLICY] = "tls_policy",
 };
 
 struct builtin {
@@ -398,6 +399,8 @@ classify(const struct classify *c, enum classify_source src, unsigned code,
         return BOUNCE_EXPIRED;
     case CLASSIFY_TARGET:
         return BOUNCE_REFUSED_TARGET;
+    case CLASSIFY_TLS_POLICY:
+        return BOUNCE_TLS_POLICY;
     case CLASSIFY_PROTOCOL:
     default:
         return BOUNCE_OTHER;

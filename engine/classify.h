@@ -55,6 +55,7 @@ enum bounce_class {
     BOUNCE_CONNECTION_FAILURE, /* refused, timed out, closed */
     BOUNCE_EXPIRED,            /* max_age reached */
     BOUNCE_REFUSED_TARGET,     /* MX addresses sluice will not deliver to (loopback, ...) */
+    BOUNCE_TLS_POLICY,         /* a published TLS policy (MTA-STS enforce) refused the MX */
     BOUNCE_CLASS_COUNT
 };
 
@@ -67,6 +68,7 @@ enum classify_source {
     CLASSIFY_PROTOCOL, /* the server broke the protocol -> other */
     CLASSIFY_EXPIRED,  /* -> expired */
     CLASSIFY_TARGET,   /* an address refused as a delivery target -> refused_target */
+    CLASSIFY_TLS_POLICY, /* MTA-STS enforce: no MX matches, or TLS did not verify -> tls_policy */
 };
 
 struct classify;

@@ -236,6 +236,12 @@ static const struct conf_key delivery_keys[] = {
      "while transactions complete, up to max_connections, and halves on connect failures, "
      "greeting failures, 421 and resets",
      NULL},
+    {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
+     "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
+     "enforce mode deliver only to the MX hosts it names, over TLS with a certificate that "
+     "verifies for the MX name, else defer (class tls_policy); [domain] mta_sts = no turns "
+     "it off for one domain",
+     NULL},
     CONF_END,
 };
 
@@ -347,6 +353,10 @@ static const struct conf_key domain_keys[] = {
      "after a 421 or when every MX address failed, no new connection to the domain for "
      "this long; its waiting recipients keep their place",
      NULL},
+    {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
+     "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "
+     "route",
+     NULL},
     CONF_END,
 };
 
@@ -438,6 +448,9 @@ static const struct section sections[] = {
     SECTION("tls", "TLS: the server certificate, protocols, the CA store for verify",
             tls_conf_keys, struct tls_config, tls),
     SECTION("delivery", "outbound SMTP", delivery_keys, struct delivery_config, delivery),
+    SECTION("mta_sts", "MTA-STS policies (RFC 8461) and TLS reporting (RFC 8460): how "
+            "policies are fetched, how reports are sent", mta_sts_conf_keys,
+            struct mta_sts_config, mta_sts),
     SECTION("dns", "MX resolution and its cache, per worker", dns_conf_keys,
             struct dns_config, dns),
     SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
@@ -2084,7 +2097,7 @@ config_reference(FILE *out)
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "
                  "needed. Classes: invalid_recipient, mailbox_full, message_too_large, policy, "
                  "rate_limited, dns_failure, tls_failure, connection_failure, expired, "
-                 "refused_target, other. "
+                 "refused_target, tls_policy, other. "
                  "Matchers: `enh:5.7.1` (subject or detail may be `*`), `code:421`, or "
                  "`text:REGEX` (POSIX extended, case-insensitive). Rules from this section are "
                  "tried in order before the built-in table (see the README), and the first "

@@ -19,6 +19,7 @@
 #include "dkim/dkim.h"
 #include "dns/dns.h"
 #include "engine/events.h"
+#include "engine/mta_sts.h"
 #include "engine/netaddr.h"
 #include "feedback/verp.h"
 #include "engine/suppress.h"
@@ -121,6 +122,8 @@ struct delivery_config {
     char *allow_networks;     /* owned: as written; parsed into allow */
     struct cidr allow[NETADDR_MAX_LIST];
     int nallow;
+    bool mta_sts;             /* MTA-STS (RFC 8461) for every domain; [domain] mta_sts can
+                               * turn it off for one */
 };
 
 struct redis_config {
@@ -171,6 +174,8 @@ struct domain_policy {
     char *route;             /* owned: "host[:port]" as written; NULL: the domain's MX hosts */
     char route_host[256];    /* derived: the host (or [literal]) resolved instead */
     unsigned route_port;     /* derived: 0 for [delivery] remote_port */
+    bool mta_sts;            /* this domain's MTA-STS policy is looked up and applied (with
+                              * [delivery] mta_sts; never for a routed domain) */
 };
 
 struct classify;
@@ -237,6 +242,7 @@ struct config {
     struct queue_config queue;
     struct tls_config tls;
     struct delivery_config delivery;
+    struct mta_sts_config mta_sts;
     struct dns_config dns;
     struct redis_config redis;
     struct stats_config stats;

@@ -234,6 +234,8 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "scope", ev->scope);
     put_str(j, "tls_protocol", ev->tls_protocol);
     put_str(j, "tls_cipher", ev->tls_cipher);
+    put_str(j, "tls_policy", ev->tls_policy);
+    put_str(j, "tls_verify", ev->tls_verify);
     put_u64(j, "size", ev->size);
     if (ev->arrival_ms != 0)
         json_ku64(j, "queue_time_ms", time_ms > ev->arrival_ms ? time_ms - ev->arrival_ms : 0);

@@ -8,6 +8,7 @@
  * seam SLUICE_TEST_FAIL_RING injects that failure.
  */
 #include "engine/engine.h"
+#include "engine/mta_sts.h"
 
 #include <limits.h>
 
@@ -347,6 +348,14 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         e->dlogw_shaping = dlog_writer_new(e->dlog); /* NULL: no events, still logged */
         pthread_mutex_unlock(&e->shaping_dlog_lock);
     }
+    if (cfg->delivery.mta_sts && cfg->delivery.enabled) {
+        /* The policy cache lives with the spool: a restart keeps it. */
+        char path[PATH_MAX];
+        snprintf(path, sizeof(path), "%s/mta-sts.cache", cfg->queue.path);
+        rc = mta_sts_new(cfg, path, &e->mta_sts, err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
     struct tls_ctx *tls_server, *tls_client;
     rc = tls_contexts_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
     if (rc < 0)
@@ -494,6 +503,8 @@ engine_stop(struct engine *e)
     e->dlogw_shaping = dlog_writer_free(e->dlogw_shaping);
     pthread_mutex_unlock(&e->shaping_dlog_lock);
     pthread_mutex_destroy(&e->shaping_dlog_lock);
+    /* After every worker: none asks for a policy or reports a session. */
+    e->mta_sts = mta_sts_free(e->mta_sts);
     /* After every worker: what they logged is written out. */
     e->dlog = dlog_free(e->dlog);
     e->events = events_free(e->events); /* after every writer, before the spool */

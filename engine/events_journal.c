@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/fs.h"
 #include "common/log.h"
 
 #define SCAN_CHUNK (1024u * 1024)
@@ -50,55 +51,6 @@ static void
 seg_path(const struct journal *j, const struct journal_pos *start, char *out, size_t outlen)
 {
     snprintf(out, outlen, "%s/%016" PRIx64 "-%016" PRIx64 ".seg", j->dir, start->off, start->seq);
-}
-
-static int
-fsync_dir(const char *dir)
-{
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int rc = fsync(fd) < 0 ? -errno : 0;
-    close(fd);
-    return rc;
-}
-
-/* Write text to dir/name through a fsynced temporary file and rename. */
-static int
-write_atomic(const char *dir, const char *name, const char *text, size_t len)
-{
-    char tmp[PATH_MAX], path[PATH_MAX];
-    snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir, name);
-    snprintf(path, sizeof(path), "%s/%s", dir, name);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-    if (fd < 0)
-        return -errno;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = write(fd, text + done, len - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            int rc = n < 0 ? -errno : -EIO;
-            close(fd);
-            unlink(tmp);
-            return rc;
-        }
-        done += (size_t)n;
-    }
-    if (fdatasync(fd) < 0) {
-        int rc = -errno;
-        close(fd);
-        unlink(tmp);
-        return rc;
-    }
-    close(fd);
-    if (rename(tmp, path) < 0) {
-        int rc = -errno;
-        unlink(tmp);
-        return rc;
-    }
-    return fsync_dir(dir);
 }
 
 static int
@@ -147,7 +99,7 @@ load_id(struct journal *j)
         return -EIO;
     snprintf(j->id, sizeof(j->id), "%016" PRIx64, r);
     snprintf(text, sizeof(text), "%s\n", j->id);
-    return write_atomic(j->dir, "id", text, strlen(text));
+    return fs_write_atomic(j->dir, "id", text, strlen(text));
 }
 
 /*
@@ -233,7 +185,7 @@ seg_create(struct journal *j, const struct journal_pos *start)
     int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
     if (fd < 0)
         return -errno;
-    int rc = fsync_dir(j->dir);
+    int rc = fs_fsync_dir(j->dir);
     if (rc < 0) {
         close(fd);
         return rc;
@@ -453,7 +405,7 @@ journal_skip_to(struct journal *j, uint64_t seq)
         unlink(path);
         return rc;
     }
-    int rc = fsync_dir(j->dir);
+    int rc = fs_fsync_dir(j->dir);
     if (rc < 0) {
         close(fd);
         return rc;
@@ -657,7 +609,7 @@ journal_cursor_store(struct journal *j, const char *name, const struct journal_p
     char file[JOURNAL_NAME_MAX + 16], text[80];
     snprintf(file, sizeof(file), "cursor.%s", name);
     int n = snprintf(text, sizeof(text), "%" PRIu64 " %" PRIu64 "\n", pos->off, pos->seq);
-    return write_atomic(j->dir, file, text, (size_t)n);
+    return fs_write_atomic(j->dir, file, text, (size_t)n);
 }
 
 unsigned

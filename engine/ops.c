@@ -35,6 +35,7 @@
 #include "engine/dlog.h"
 #include "engine/events.h"
 #include "engine/engine.h"
+#include "engine/mta_sts.h"
 #include "engine/resolver.h"
 #include "engine/server.h"
 #include "engine/shaping.h"
@@ -1209,6 +1210,47 @@ cmd_events(struct engine *e, const char *args, struct json *out, char *err, size
     return 0;
 }
 
+/* "tlsrpt": MTA-STS and TLS reporting counters; "tlsrpt flush": send
+ * every pending TLS report now, today's too (tests, and an operator who
+ * will not wait for the day to end). */
+static int
+cmd_tlsrpt(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    bool flush = strcmp(args, "flush") == 0;
+    if (args[0] != '\0' && !flush) {
+        snprintf(err, errlen, "usage: tlsrpt [flush]");
+        return -1;
+    }
+    if (e->mta_sts == NULL) {
+        snprintf(err, errlen, "MTA-STS is off ([delivery] mta_sts)");
+        return -1;
+    }
+    if (flush && mta_sts_tlsrpt(e->mta_sts) == NULL) {
+        snprintf(err, errlen, "TLS reporting is off ([mta_sts] tlsrpt)");
+        return -1;
+    }
+    if (flush)
+        mta_sts_tlsrpt_flush(e->mta_sts);
+    struct mta_sts_stats st;
+    mta_sts_stats(e->mta_sts, &st);
+    json_obj_begin(out);
+    if (flush)
+        json_kstr(out, "flush", "requested");
+    json_ku64(out, "domains", st.domains);
+    json_ku64(out, "policies", st.policies);
+    json_ku64(out, "enforce", st.enforce);
+    json_ku64(out, "checks", st.checks);
+    json_ku64(out, "fetches", st.fetches);
+    json_ku64(out, "fetched", st.fetched);
+    json_ku64(out, "fetch_failed", st.fetch_failed);
+    json_ku64(out, "inflight", st.inflight);
+    json_ku64(out, "queued", st.queued);
+    json_ku64(out, "reports_sent", st.reports_sent);
+    json_ku64(out, "reports_failed", st.reports_failed);
+    json_obj_end(out);
+    return 0;
+}
+
 /* ---- the suppression list ---- */
 
 static void
@@ -1827,6 +1869,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
         return cmd_warmup(e, args, out, err, errlen);
     if (strcmp(verb, "shaping") == 0)
         return cmd_shaping(e, args, out, err, errlen);
+    if (strcmp(verb, "tlsrpt") == 0)
+        return cmd_tlsrpt(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same. */
         kill(getpid(), SIGHUP);

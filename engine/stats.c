@@ -1314,6 +1314,9 @@ static const struct command commands[] = {
      "domain=D, tenant=T, rule=R or all), or start one by hand (source=A group=G | tenant=T "
      "group=G | group=G | domain=D)",
      0, 8, true},
+    {"tlsrpt", "[flush]",
+     "MTA-STS policies and TLS reports: counters; flush sends every pending report now", 0, 1,
+     true},
     {"metrics", "", "the Prometheus text exposition, as \"text\"", 0, 0, false},
     {"help", "", "this list", 0, 0, false},
 };

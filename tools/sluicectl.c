@@ -1456,6 +1456,12 @@ static const struct cmd cmds[] = {
      "event in the delivery log. This cannot be undone.",
      0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
+    {"tlsrpt", "[flush]", "MTA-STS policies and TLS reports (RFC 8461, RFC 8460)",
+     "Counters of the MTA-STS store: domains known, policies cached (and in\n"
+     "enforce mode), TXT checks, policy fetches and their failures, TLS reports\n"
+     "sent and not sent. flush sends every pending TLS report now, today's too,\n"
+     "rather than after the end of the UTC day.",
+     0, 1, run_plain},
     {"events", "[pause|resume NAME]",
      "the event sinks (webhooks, Redis streams); pause or resume one",
      "One row per [events NAME] sink: events journaled and not yet acknowledged,\n"

@@ -37,6 +37,7 @@
 #include "engine/netaddr.h"
 #include "engine/oob.h"
 #include "engine/outbound/internal.h"
+#include "engine/tlsrpt.h"
 #include "tls/tls.h"
 
 #define IN_BUFS        512  /* provided receive buffers per worker (a power of two) */
@@ -136,6 +137,20 @@ conn_cli_release(struct conn *c)
     conn_pool_put(&c->d->cli_pool, smtp_client_detach(&c->cli));
 }
 
+/* Count c's TLS result for TLS reporting (RFC 8460), once per
+ * connection, when its domain is under an MTA-STS policy. */
+static void
+conn_tlsrpt(struct conn *c, enum tlsrpt_result res)
+{
+    struct mta_sts *m = c->d->e->mta_sts;
+    if (c->tls_reported || m == NULL || c->dest->sts == NULL || mta_sts_tlsrpt(m) == NULL)
+        return;
+    c->tls_reported = true;
+    char ip[64];
+    netaddr_ip_str(&c->addr.sa, ip, sizeof(ip));
+    tlsrpt_record(mta_sts_tlsrpt(m), c->dest->name, c->dest->sts, res, c->mx, ip);
+}
+
 void
 conn_free(struct conn *c)
 {
@@ -156,8 +171,13 @@ conn_free(struct conn *c)
     conn_pool_put(&d->chunk_pool, c->chunk);
     /* Whatever the machine still held is moot: nothing is in flight. */
     conn_pool_put(&d->cli_pool, c->cli.buf);
+    const struct smtp_outcome *so = c->connected ? smtp_client_session(&c->cli) : NULL;
+    if (so != NULL && so->reason == SMTP_REASON_TLS_UNAVAILABLE) {
+        conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED);
+        snprintf(t->tls_verify, sizeof(t->tls_verify), "STARTTLS not offered");
+    }
     /* The scheduler acts on what the end means, and frees c. */
-    sched_conn_detach(c, c->connected ? smtp_client_session(&c->cli) : NULL);
+    sched_conn_detach(c, so);
 }
 
 static void
@@ -431,8 +451,12 @@ conn_txn_done(struct conn *c)
             .src_id = c->src_id,
             .tls_proto = stream_tls_ready(&c->st) ? c->tls_proto : NULL,
             .tls_cipher = stream_tls_ready(&c->st) ? c->tls_cipher : NULL,
+            .tls_verify = c->tls_verify[0] ? c->tls_verify : NULL,
+            .tls_policy = conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
             .src = CLASSIFY_CONNECT,
         };
+        if (!stream_tls(&c->st))
+            conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */
         job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
         free(j);
     }
@@ -531,7 +555,7 @@ static void
 tls_start(struct conn *c)
 {
     c->tls_wanted = false;
-    bool verify = c->dest->pol->tls == DOMAIN_TLS_VERIFY;
+    bool verify = c->tls_pol == DOMAIN_TLS_VERIFY;
     const struct dns_mx_host *dane = conn_dane(c);
     struct tls_tlsa tlsa[DNS_TLSA_MAX];
     unsigned ntlsa = dane != NULL ? conn_tlsa(dane, tlsa) : 0;
@@ -594,6 +618,10 @@ conn_on_handshake(struct stream *st)
                     : info.dane            ? "session"
                                            : "none-usable",
                     info.resumed ? "yes" : "no", info.protocol, info.peer_subject);
+        snprintf(c->tls_verify, sizeof(c->tls_verify), "%s",
+                 verified ? "ok" : info.verify_result ? info.verify_result : "unverified");
+        snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
+        conn_tlsrpt(c, verified ? TLSRPT_SUCCESS : tlsrpt_result_of_verify(info.verify_result));
     }
     conn_handle(c, smtp_client_tls_done(conn_cli(c), verified ? SMTP_CLIENT_TLS_VERIFIED
                                                           : SMTP_CLIENT_TLS_UNVERIFIED));
@@ -630,10 +658,13 @@ conn_on_readable(struct stream *st)
                     "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
                     "detail=\"%s\"",
                     (unsigned long long)c->id, c->dest->name, c->mx,
-                    conn_dane(c) != NULL                      ? "dane"
-                    : c->dest->pol->tls == DOMAIN_TLS_VERIFY ? "verify"
-                                                             : "opportunistic",
+                    conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
                     tls_strerror(rc), stream_tls_error(&c->st));
+            snprintf(c->tls_verify, sizeof(c->tls_verify), "%s",
+                     stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st) : tls_strerror(rc));
+            snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
+            conn_tlsrpt(c, rc == TLS_EVERIFY ? tlsrpt_result_of_verify(c->tls_verify)
+                                             : TLSRPT_VALIDATION_FAILURE);
             conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
         } else {
             conn_handle(c, smtp_client_eof(conn_cli(c)));
@@ -750,10 +781,10 @@ conn_on_connect(struct stream *st, int res)
         .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
         .trace_arg = c,
         .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
-               : c->dest->pol->tls == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
-               : c->dest->pol->tls == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
-               : c->dest->pol->tls == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
-                                                          : SMTP_CLIENT_TLS_OFF,
+               : c->tls_pol == DOMAIN_TLS_VERIFY   ? SMTP_CLIENT_TLS_VERIFY
+               : c->tls_pol == DOMAIN_TLS_REQUIRED ? SMTP_CLIENT_TLS_REQUIRED
+               : c->tls_pol == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
+                                                   : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = sched_conn_max_rcpt(c),
     };
     if (dane != NULL) {

@@ -49,6 +49,7 @@
 #include "engine/config.h"
 #include "engine/delivery.h"
 #include "engine/limits.h"
+#include "engine/mta_sts.h"
 #include "engine/outbound/fairq.h"
 #include "engine/outbound/policy.h"
 #include "engine/outbound/site.h"
@@ -64,6 +65,8 @@
 #define BODY_CHUNK     (64 * 1024) /* body read from the spool per step */
 #define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
+#define STS_ASK_MS     1000 /* a destination asks the MTA-STS store at most this often */
+#define STS_WAIT_MS    50   /* ... and this often while its first check runs */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
 
 struct dest;
@@ -154,6 +157,9 @@ struct conn {
     bool tls_wanted;      /* EV_STARTTLS: handshake once the output is sent */
     const char *tls_proto, *tls_cipher; /* once the handshake completed: borrowed from
                            * OpenSSL's constant tables ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
+    char tls_verify[96];  /* the certificate check once TLS was tried: "ok", or why not
+                           * ("hostname mismatch", "certificate verify failed: ..."); "" before */
+    bool tls_reported;    /* its TLS result was counted for TLS reporting (tlsrpt.h) */
     char src_str[64];     /* our address on this connection */
     uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
     int pending_ev;       /* events not acted on yet (see conn_handle) */
@@ -217,6 +223,12 @@ struct dest {
     struct smtp_outcome *last_fail; /* owned: why the last address failed, for the
                               * deferral; NULL: none (524 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
+    bool refused_sts;        /* no target: no MX host matches its MTA-STS enforce policy */
+    /* MTA-STS (engine/mta_sts.h): the policy when last asked, asked again
+     * at most every STS_ASK_MS; while the first check of the domain runs
+     * it waits (dest_run_once asks again every STS_WAIT_MS). */
+    struct mta_sts_policy *sts; /* owned reference, or NULL: none (or not applied) */
+    uint64_t sts_asked;      /* monotonic ns of the last answer; 0: none yet */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
@@ -236,6 +248,8 @@ struct dest {
      * clock's end of the hold (hold_until is monotonic). */
     uint32_t deferred_by_class[BOUNCE_CLASS_COUNT];
     uint64_t hold_until_ms;
+    char tls_verify[96];     /* the last certificate check of its connections, for the
+                              * deferral of a job that no session carried */
     char name[];             /* the domain, as long as it is (at most 255) */
 };
 
@@ -294,6 +308,8 @@ struct outcome_where {
     const char *mx, *mx_addr, *source;
     uint32_t src_id;          /* the pool source's name id, 0: the default source */
     const char *tls_proto, *tls_cipher;
+    const char *tls_verify;   /* "ok" or why the certificate did not verify; NULL: no TLS */
+    const char *tls_policy;   /* the connection's ("dane", ...); NULL: the domain's */
     enum classify_source src; /* for outcomes that are not a server's reply */
 };
 
@@ -318,6 +334,35 @@ struct outbound_ops {
     void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
                  enum classify_source src);
 };
+
+/* ---- MTA-STS, as the scheduler applies it (outbound/targets.c) ---- */
+
+/* Is t under an MTA-STS policy in enforce mode now? */
+static inline bool
+dest_sts_enforce(const struct dest *t)
+{
+    return t->sts != NULL && t->sts->mode == MTA_STS_ENFORCE;
+}
+/* The TLS policy t's connections are opened with and shared under (enum
+ * domain_tls): verify under an enforce policy, else the domain's. */
+static inline int
+dest_tls(const struct dest *t)
+{
+    return dest_sts_enforce(t) ? DOMAIN_TLS_VERIFY : t->pol->tls;
+}
+/* May t's mail go to MX host name (its enforce policy's patterns)? */
+static inline bool
+dest_mx_allowed(const struct dest *t, const char *name)
+{
+    return !dest_sts_enforce(t) || mta_sts_match(t->sts, name);
+}
+/* The policy t's mail is under: true when known (t->sts set, or NULL),
+ * false while its first check runs (ask again in STS_WAIT_MS). */
+bool dest_sts_ready(struct dest *t);
+/* "none", "opportunistic", "mta-sts", "verify": the delivery log's
+ * tls_policy for a delivery of t under TLS policy tls_pol (enum
+ * domain_tls). */
+const char *dest_tls_policy_str(const struct dest *t, int tls_pol);
 
 /* ---- outbound/scheduler.c ---- */
 

@@ -347,6 +347,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
            const struct outcome_where *where)
 {
     const struct config *cfg = d->e->cfg;
+    /* The TLS policy the delivery was under (the delivery log's tls_policy). */
+    const char *tls_policy =
+        where->tls_policy != NULL ? where->tls_policy : dest_tls_policy_str(t, dest_tls(t));
     struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
     struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
     char (*status)[16] = calloc(j->n, sizeof(*status));
@@ -406,10 +409,14 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         enum bounce_class cls = BOUNCE_OTHER;
         bool failed = false;
         /* The decision is the failure policy's (outbound/policy.h). */
+        /* A TLS failure under an MTA-STS enforce policy is the policy's
+         * refusal (class tls_policy), not a passing TLS problem. */
+        enum classify_source osrc = policy_source(o, where->src);
+        if (osrc == CLASSIFY_TLS && dest_sts_enforce(t))
+            osrc = CLASSIFY_TLS_POLICY;
         enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
                                    ? BOUNCE_OTHER
-                                   : classify(cfg->classify, policy_source(o, where->src), o->code,
-                                              &o->enh, o->text);
+                                   : classify(cfg->classify, osrc, o->code, &o->enh, o->text);
         if (o->status != SMTP_STATUS_DELIVERED && o->code >= 400 && !shaped &&
             policy_source(o, where->src) == CLASSIFY_REPLY) {
             shaped = true; /* one reply per job: its recipients share it, or nearly */
@@ -472,13 +479,18 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
         const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
+        const char *tls_verify = where->tls_verify;
+        if (tls_verify == NULL && (osrc == CLASSIFY_TLS || osrc == CLASSIFY_TLS_POLICY) &&
+            t->tls_verify[0] != '\0')
+            tls_verify = t->tls_verify; /* the session that failed is gone */
         log_msg(LOG_INFO,
-                "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" code=%u "
-                "enhanced=%s reason=%s class=%s reply=\"%s\"",
+                "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" tls_policy=%s "
+                "tls_verify=\"%s\" code=%u enhanced=%s reason=%s class=%s reply=\"%s\"",
                 qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
                      : kind == DLOG_EXPIRATION ? "expired" : "bounced",
                 r ? r->addr : "?", t->name, where->mx ? where->mx : "-",
-                where->tls_proto ? where->tls_proto : "none", o->code, enh[0] ? enh : "-",
+                where->tls_proto ? where->tls_proto : "none", tls_policy,
+                tls_verify ? tls_verify : "-", o->code, enh[0] ? enh : "-",
                 smtp_reason_str(o->reason), cls_str ? cls_str : "-", o->text);
         struct dlog_event ev = {
             .kind = kind,
@@ -497,6 +509,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .classification = cls_str,
             .tls_protocol = where->tls_proto,
             .tls_cipher = where->tls_cipher,
+            .tls_policy = tls_policy,
+            .tls_verify = tls_verify,
             .size = env ? env->body_len : 0,
             .arrival_ms = env ? env->arrival_ms : queue_id_time_ms(j->id),
             .tenant = env && env->tenant && env->tenant[0] ? env->tenant : NULL,

@@ -164,6 +164,12 @@ policy_job(enum policy_job_event ev, struct policy_fail *out)
         *out = (struct policy_fail){true, false, 451, {4, 4, 1}, CLASSIFY_CONNECT, false,
                                     "no MX host answered"};
         return;
+    case POLICY_TLS_POLICY_NO_MX:
+        /* The policy or the MX records may be mid-change (RFC 8461 8.3):
+         * wait for either, never deliver elsewhere. */
+        *out = (struct policy_fail){true, false, 451, {4, 7, 5}, CLASSIFY_TLS_POLICY, false,
+                                    "no MX host matches the domain's MTA-STS policy"};
+        return;
     case POLICY_OPERATOR_BOUNCE:
     default:
         *out = (struct policy_fail){true, true, 550, {5, 0, 0}, CLASSIFY_REPLY, false,

@@ -149,6 +149,7 @@ enum policy_job_event {
     POLICY_NO_TARGET_SELF,   /* ... and one is this node's own listener: a loop */
     POLICY_NO_MX_ANSWERED,   /* every address failed in a row, and none said why */
     POLICY_OPERATOR_BOUNCE,  /* sluicectl bounce */
+    POLICY_TLS_POLICY_NO_MX, /* MTA-STS enforce: no MX host matches the policy */
 };
 
 void policy_job(enum policy_job_event ev, struct policy_fail *out);

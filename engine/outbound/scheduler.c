@@ -305,8 +305,8 @@ dest_tls_key(const struct dest *t, const char *mx)
 {
     for (unsigned i = 0; t->mx != NULL && i < t->mx->nhosts; i++)
         if (strcmp(t->mx->hosts[i].name, mx) == 0)
-            return t->mx->hosts[i].dane == DNS_DANE_SECURE ? TLS_KEY_DANE : t->pol->tls;
-    return t->pol->tls;
+            return t->mx->hosts[i].dane == DNS_DANE_SECURE ? TLS_KEY_DANE : dest_tls(t);
+    return dest_tls(t);
 }
 
 /* Hand an idle (or finishing) connection c to domain t of its site: the
@@ -319,7 +319,7 @@ conn_move(struct conn *c, struct dest *t)
     struct dest *old = c->dest;
     if (old == t)
         return true;
-    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol)
+    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol || !dest_mx_allowed(t, c->mx))
         return false;
     uint64_t retry_at;
     if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
@@ -493,6 +493,7 @@ dest_free(struct dest *t, bool live)
     dns_mx_result_unref(t->mx);
     free(t->src_ids);
     dest_last_fail_clear(t);
+    mta_sts_policy_unref(t->sts);
     want_remove(t);
     site_unref(&d->sites, t->site);
     hash_remove(&d->dests, &t->node);
@@ -638,7 +639,8 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
     unsigned k = t->next_addr % total;
     for (unsigned h = 0; h < t->mx->nhosts; h++)
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
-            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL)
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) != NULL ||
+                !dest_mx_allowed(t, t->mx->hosts[h].name))
                 continue;
             if (k-- == 0) {
                 *host = &t->mx->hosts[h];
@@ -692,7 +694,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];
-        if (x->preference != pref)
+        if (x->preference != pref || !dest_mx_allowed(t, x->name))
             continue;
         for (unsigned i = 0; i < x->naddrs; i++) {
             if (target_refused(d, &x->addrs[i], dest_port(t)) != NULL)
@@ -1102,6 +1104,12 @@ dest_run_once(struct dest *t)
     struct delivery *d = t->d;
     if (fairq_empty(&t->q) || d->stopping || d->draining || dest_paused(t))
         return;
+    if (!dest_sts_ready(t)) {
+        /* Its first MTA-STS check runs (bounded by [mta_sts]
+         * fetch_timeout): nothing leaves before its policy is known. */
+        dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MS));
+        return;
+    }
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
     }
@@ -1141,9 +1149,17 @@ dest_run_once(struct dest *t)
     if (dest_targets(t) == 0) {
         /* Every address is one mail must not go to. */
         struct policy_fail nf;
-        policy_job(t->refused_self ? POLICY_NO_TARGET_SELF : POLICY_NO_TARGET, &nf);
+        policy_job(t->refused_sts    ? POLICY_TLS_POLICY_NO_MX
+                   : t->refused_self ? POLICY_NO_TARGET_SELF
+                                     : POLICY_NO_TARGET,
+                   &nf);
         dest_fail_all(t, &nf, t->last_fail != NULL ? t->last_fail->text : "");
         dest_last_fail_clear(t);
+        if (t->refused_sts) {
+            /* Deferred: ask again (policy and MX) after the hold. */
+            t->targets_for = NULL;
+            dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
+        }
         return;
     }
     dest_site(t);
@@ -1157,7 +1173,8 @@ dest_run_once(struct dest *t)
      * (the message rate): the others would not either. */
     while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
-        while (*pc != NULL && (*pc)->tls_pol != dest_tls_key(t, (*pc)->mx))
+        while (*pc != NULL && ((*pc)->tls_pol != dest_tls_key(t, (*pc)->mx) ||
+                               !dest_mx_allowed(t, (*pc)->mx)))
             pc = &(*pc)->next_idle;
         struct conn *c = *pc;
         if (c == NULL)
@@ -1361,6 +1378,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     }
     if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
         !source_may_send(c) || !shaping_may_send(c)) {
+        *what = SCHED_NEXT_QUIT;
+        return NULL;
+    }
+    /* Checked per transaction: a policy that changed under c (a new
+     * MTA-STS policy in enforce mode, or one whose patterns no longer
+     * name c's MX host) ends it; the mail waits for a connection opened
+     * under the policy in force. */
+    (void)dest_sts_ready(t);
+    if (c->tls_pol != dest_tls_key(t, c->mx) || !dest_mx_allowed(t, c->mx)) {
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }

@@ -94,8 +94,48 @@ target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
     return what;
 }
 
+/* ---- MTA-STS ---- */
+
+bool
+dest_sts_ready(struct dest *t)
+{
+    struct delivery *d = t->d;
+    struct mta_sts *m = d->e->mta_sts;
+    /* Not for a route (the MX is the operator's choice, not the
+     * domain's) nor an address literal. */
+    /* A reload may turn it off ([delivery] mta_sts = no); on again takes a
+     * restart (the store starts with the engine). */
+    if (m == NULL || !d->e->cfg->delivery.mta_sts || !t->pol->mta_sts ||
+        t->pol->route_host[0] != '\0' || t->name[0] == '[') {
+        t->sts = mta_sts_policy_unref(t->sts);
+        return true;
+    }
+    if (t->sts_asked != 0 && d->w->now - t->sts_asked < MS_TO_NS(STS_ASK_MS))
+        return true;
+    struct mta_sts_policy *p = NULL;
+    if (mta_sts_get(m, t->name, &p) == MTA_STS_WAIT)
+        return false;
+    if (p != t->sts)
+        t->targets_for = NULL; /* the hosts it may use may have changed: count again */
+    mta_sts_policy_unref(t->sts);
+    t->sts = p;
+    t->sts_asked = d->w->now;
+    return true;
+}
+
+const char *
+dest_tls_policy_str(const struct dest *t, int tls_pol)
+{
+    if (t != NULL && t->sts != NULL && t->sts->mode != MTA_STS_NONE)
+        return "mta-sts";
+    return tls_pol == DOMAIN_TLS_OFF      ? "none"
+           : tls_pol == DOMAIN_TLS_VERIFY ? "verify"
+                                          : "opportunistic";
+}
+
 /* The addresses of t's answer that may be delivered to, counted once per
- * answer. With none, t->last_fail says why (for the bounce). */
+ * answer. With none, t->last_fail says why (for the bounce, or for the
+ * deferral when an MTA-STS policy matches no MX host). */
 unsigned
 dest_targets(struct dest *t)
 {
@@ -103,11 +143,17 @@ dest_targets(struct dest *t)
         return t->ntargets;
     t->targets_for = t->mx;
     t->ntargets = 0;
+    t->refused_sts = false;
     const char *why = NULL;
     const struct dns_mx_host *wh = NULL;
     const union dns_addr *wa = NULL;
+    unsigned sts_refused = 0;
     for (unsigned h = 0; h < t->mx->nhosts; h++)
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
+            if (!dest_mx_allowed(t, t->mx->hosts[h].name)) {
+                sts_refused++;
+                continue;
+            }
             const char *r = target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t));
             if (r == NULL) {
                 t->ntargets++;
@@ -117,6 +163,24 @@ dest_targets(struct dest *t)
                 wa = &t->mx->hosts[h].addrs[i];
             }
         }
+    if (sts_refused > 0)
+        log_msg(t->ntargets ? LOG_INFO : LOG_NOTICE,
+                "event=mta_sts_mx_refused domain=%s mx=%s policy_id=%s refused=%u usable=%u",
+                t->name, t->mx->hosts[0].name, t->sts->id, sts_refused, t->ntargets);
+    if (t->ntargets == 0 && sts_refused > 0) {
+        struct smtp_outcome fail, *o = &fail;
+        memset(o, 0, sizeof(*o));
+        struct policy_fail nf;
+        policy_job(POLICY_TLS_POLICY_NO_MX, &nf);
+        o->enh = nf.enh;
+        t->refused_sts = true;
+        snprintf(o->text, sizeof(o->text),
+                 "MX %s of %s matches no mx of its MTA-STS policy (id %s, enforce): not "
+                 "delivered there",
+                 t->mx->hosts[0].name, t->name, t->sts->id);
+        dest_last_fail_set(t, o);
+        return 0;
+    }
     if (why != NULL) {
         char ip[64];
         netaddr_ip_str(&wa->sa, ip, sizeof(ip));

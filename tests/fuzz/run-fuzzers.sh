@@ -24,7 +24,7 @@ build=${1:-${TMPDIR:-/tmp}/sluice-fuzz}
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
 seconds=${FUZZ_SECONDS:-20}
-targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire shaping"}
+targets=${FUZZ_TARGETS:-"smtp_cmd smtp_reply smtp_unstuff smtp_stuff smtp_client session dkim dsn feedback_dsn feedback_arf dns_wire shaping mta_sts"}
 
 if [ -f "$build/CMakeCache.txt" ]; then
     if ! grep -q '^SLUICE_FUZZ:BOOL=ON' "$build/CMakeCache.txt"; then

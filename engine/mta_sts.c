@@ -1,0 +1,1102 @@
+/*
+ * mta_sts: the policy store and the thread that learns policies (see
+ * mta_sts.h for what it does). Each domain is one struct sts_entry in a
+ * hash under m->lock; a check walks it through TXT -> ADDR -> FETCH ->
+ * idle on the thread, whose loop is curl_multi_poll() watching curl's
+ * sockets and the resolver's (given as extra fds), woken by
+ * curl_multi_wakeup() when a worker queues a check.
+ *
+ * Threading: the entries' shared fields (pol, checked_ms, busy, queued)
+ * under m->lock; the check's own fields (st, easy, body) on the thread
+ * only.
+ */
+#include "engine/mta_sts.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/clock.h"
+#include "common/fs.h"
+#include "common/hash.h"
+#include "common/log.h"
+#include "engine/config.h"
+#include "engine/netaddr.h"
+#include "engine/tlsrpt.h"
+
+#define CACHE_MAGIC "sluice-mta-sts 1"
+#define SAVE_MS     1000 /* the cache file is written at most this often */
+#define MAX_DNS_FDS 16
+#define SWEEP_MS    60000   /* domains without a policy are forgotten this often */
+#define FORGET_MS   600000  /* ... once unused this long (and at least recheck) */
+
+#define STS(f) offsetof(struct mta_sts_config, f)
+const struct conf_key mta_sts_conf_keys[] = {
+    {"ca_file", CONF_STRING, STS(ca_file), 1, 4096, NULL,
+     "CA bundle (PEM) that policy servers' certificates are checked against; unset: the "
+     "system's store (Debian: ca-certificates, /etc/ssl/certs)",
+     NULL},
+    {"fetch_timeout", CONF_DURATION, STS(fetch_timeout), 100, 300000, "10s",
+     "a policy fetch (connect, TLS, the answer) that takes longer fails; the domain is "
+     "delivered to as if it had no policy, or under its cached one",
+     NULL},
+    {"recheck", CONF_DURATION, STS(recheck), 1000, 86400000, "1h",
+     "a known domain's _mta-sts TXT record is asked again this often; a new id fetches its "
+     "policy again",
+     NULL},
+    {"max_fetches", CONF_UINT, STS(max_fetches), 1, 10000, "64",
+     "policy checks (DNS and HTTPS) in flight at once; more wait in order", NULL},
+    {"fetch_port", CONF_UINT, STS(fetch_port), 1, 65535, "443",
+     "TCP port of the policy servers: 443 (RFC 8461); another value is for tests only", NULL},
+    {"tlsrpt", CONF_BOOL, STS(tlsrpt), 0, 0, "yes",
+     "TLS reporting (RFC 8460): count each policy domain's TLS successes and failures per "
+     "UTC day and send the day's report to the addresses of its _smtp._tls TXT record",
+     NULL},
+    {"tlsrpt_org", CONF_STRING, STS(tlsrpt_org), 1, 200, NULL,
+     "organization-name of the reports; unset: [server] hostname", NULL},
+    {"tlsrpt_contact", CONF_STRING, STS(tlsrpt_contact), 1, 200, NULL,
+     "contact-info of the reports; unset: postmaster@ [server] hostname", NULL},
+    {"tlsrpt_from", CONF_STRING, STS(tlsrpt_from), 1, 200, NULL,
+     "envelope and header sender of reports sent by mail; unset: tlsrpt_contact", NULL},
+    CONF_END,
+};
+
+const char *
+mta_sts_mode_str(enum mta_sts_mode m)
+{
+    return m == MTA_STS_ENFORCE ? "enforce" : m == MTA_STS_TESTING ? "testing" : "none";
+}
+
+/* ---- policies ---- */
+
+struct mta_sts_policy *
+mta_sts_policy_ref(struct mta_sts_policy *p)
+{
+    if (p != NULL)
+        atomic_fetch_add_explicit(&p->refs, 1, memory_order_relaxed);
+    return p;
+}
+
+struct mta_sts_policy *
+mta_sts_policy_unref(struct mta_sts_policy *p)
+{
+    if (p != NULL && atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) == 1)
+        free(p);
+    return NULL;
+}
+
+static void
+trim(const char **s, const char **e)
+{
+    while (*s < *e && (**s == ' ' || **s == '\t'))
+        (*s)++;
+    while (*e > *s && ((*e)[-1] == ' ' || (*e)[-1] == '\t' || (*e)[-1] == '\r'))
+        (*e)--;
+}
+
+static bool
+span_is(const char *s, const char *e, const char *word)
+{
+    size_t n = strlen(word);
+    return (size_t)(e - s) == n && memcmp(s, word, n) == 0;
+}
+
+/* An mx pattern: a host name, or "*." and one; lowercased into out. */
+static bool
+mx_pattern_ok(const char *s, const char *e, char *out, size_t cap)
+{
+    size_t n = (size_t)(e - s);
+    if (n == 0 || n + 1 > cap)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        out[i] = (char)tolower((unsigned char)s[i]);
+    out[n] = '\0';
+    const char *name = out;
+    if (n > 2 && out[0] == '*' && out[1] == '.')
+        name = out + 2;
+    char norm[DNS_NAME_MAX + 1];
+    return dns_name_normalize(name, norm) > 0 && strchr(name, '*') == NULL;
+}
+
+int
+mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out, const char **why)
+{
+    *out = NULL;
+    struct mta_sts_policy *p = calloc(1, sizeof(*p));
+    if (p == NULL) {
+        *why = "out of memory";
+        return -ENOMEM;
+    }
+    atomic_init(&p->refs, 1);
+    bool have_version = false, have_mode = false, have_age = false;
+    const char *end = text + len;
+    unsigned lineno = 0;
+    for (const char *l = text; l < end;) {
+        const char *nl = memchr(l, '\n', (size_t)(end - l));
+        const char *le = nl != NULL ? nl : end;
+        const char *next = nl != NULL ? nl + 1 : end;
+        const char *colon = memchr(l, ':', (size_t)(le - l));
+        const char *ks = l, *ke = colon != NULL ? colon : le;
+        trim(&ks, &ke);
+        if (ks == ke && colon == NULL) { /* an empty line */
+            l = next;
+            continue;
+        }
+        if (colon == NULL) {
+            *why = "a line without a colon";
+            goto bad;
+        }
+        const char *vs = colon + 1, *ve = le;
+        trim(&vs, &ve);
+        if (lineno++ == 0 && !span_is(ks, ke, "version")) {
+            *why = "the first line is not version";
+            goto bad;
+        }
+        if (span_is(ks, ke, "version")) {
+            if (!span_is(vs, ve, "STSv1")) {
+                *why = "version is not STSv1";
+                goto bad;
+            }
+            have_version = true;
+        } else if (span_is(ks, ke, "mode")) {
+            if (span_is(vs, ve, "enforce"))
+                p->mode = MTA_STS_ENFORCE;
+            else if (span_is(vs, ve, "testing"))
+                p->mode = MTA_STS_TESTING;
+            else if (span_is(vs, ve, "none"))
+                p->mode = MTA_STS_NONE;
+            else {
+                *why = "mode is not enforce, testing or none";
+                goto bad;
+            }
+            have_mode = true;
+        } else if (span_is(ks, ke, "max_age")) {
+            uint64_t v = 0;
+            if (vs == ve || ve - vs > 10) {
+                *why = "max_age is not a number of seconds";
+                goto bad;
+            }
+            for (const char *c = vs; c < ve; c++) {
+                if (!isdigit((unsigned char)*c)) {
+                    *why = "max_age is not a number of seconds";
+                    goto bad;
+                }
+                v = v * 10 + (uint64_t)(*c - '0');
+            }
+            p->max_age = v > MTA_STS_MAX_AGE ? MTA_STS_MAX_AGE : v;
+            have_age = true;
+        } else if (span_is(ks, ke, "mx")) {
+            if (p->nmx == MTA_STS_MAX_MX) {
+                l = next; /* beyond what is kept: the first ones stand */
+                continue;
+            }
+            if (!mx_pattern_ok(vs, ve, p->mx[p->nmx], sizeof(p->mx[0]))) {
+                *why = "an mx line is not a host name or *.name";
+                goto bad;
+            }
+            p->nmx++;
+        } /* other keys: ignored (RFC 8461 3.2 extensions) */
+        l = next;
+    }
+    if (!have_version || !have_mode || !have_age) {
+        *why = !have_version ? "no version" : !have_mode ? "no mode" : "no max_age";
+        goto bad;
+    }
+    if (p->nmx == 0 && p->mode != MTA_STS_NONE) {
+        *why = "no mx line";
+        goto bad;
+    }
+    *out = p;
+    *why = "ok";
+    return 0;
+bad:
+    free(p);
+    return -EINVAL;
+}
+
+int
+mta_sts_txt_parse(const char *txt, char id[33])
+{
+    /* RFC 8461 3.1: "v=STSv1" first, then fields separated by ';'. */
+    const char *s = txt;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (strncmp(s, "v=STSv1", 7) != 0 || (s[7] != ';' && s[7] != '\0' && s[7] != ' ' &&
+                                          s[7] != '\t'))
+        return -ENOENT;
+    id[0] = '\0';
+    for (const char *f = s + 7; *f != '\0';) {
+        while (*f == ';' || *f == ' ' || *f == '\t')
+            f++;
+        const char *fe = f;
+        while (*fe != '\0' && *fe != ';')
+            fe++;
+        if (strncmp(f, "id=", 3) == 0) {
+            const char *v = f + 3, *ve = fe;
+            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
+            size_t n = (size_t)(ve - v);
+            if (n == 0 || n > 32)
+                return -EINVAL;
+            for (size_t i = 0; i < n; i++)
+                if (!isalnum((unsigned char)v[i]))
+                    return -EINVAL;
+            memcpy(id, v, n);
+            id[n] = '\0';
+        }
+        f = fe;
+    }
+    return id[0] != '\0' ? 0 : -EINVAL;
+}
+
+bool
+mta_sts_match(const struct mta_sts_policy *p, const char *mx)
+{
+    char host[DNS_NAME_MAX + 1];
+    if (p == NULL || dns_name_normalize(mx, host) < 0)
+        return false;
+    for (unsigned i = 0; i < p->nmx; i++) {
+        const char *pat = p->mx[i];
+        if (pat[0] == '*' && pat[1] == '.') {
+            /* One label, not more: "*.example.com" matches mx.example.com,
+             * not a.b.example.com nor example.com. */
+            const char *dot = strchr(host, '.');
+            if (dot != NULL && dot != host && strcmp(dot + 1, pat + 2) == 0)
+                return true;
+        } else if (strcmp(host, pat) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- the store ---- */
+
+enum check_state { CHECK_IDLE, CHECK_TXT, CHECK_ADDR, CHECK_FETCH };
+
+struct sts_entry {
+    struct hash_node hn;          /* in m->domains (first) */
+    struct mta_sts *m;            /* borrowed: the store it is in */
+    /* Under m->lock. */
+    struct mta_sts_policy *pol;   /* owned reference, or NULL */
+    uint64_t checked_ms;          /* Unix ms of the last finished check; 0: never */
+    bool busy;                    /* a check is queued or in flight */
+    struct sts_entry *qnext;      /* on m->queue */
+    /* The thread's only. */
+    uint8_t st;                   /* enum check_state */
+    char new_id[33];
+    struct dns_req *req;
+    CURL *easy;                   /* owned while fetching */
+    struct curl_slist *resolve;   /* owned while fetching */
+    char *body;                   /* owned: the answer so far, MTA_STS_MAX_BYTES + 1 */
+    size_t blen;
+    bool too_big;
+    char name[];
+};
+
+struct mta_sts {
+    const struct config *cfg;     /* borrowed */
+    const struct mta_sts_config *sc; /* borrowed: &cfg->mta_sts */
+    char dir[PATH_MAX], file[128]; /* the cache */
+    pthread_mutex_t lock;
+    struct hash domains;          /* owned struct sts_entry, by name */
+    struct sts_entry *qhead, *qtail; /* checks waiting for the thread */
+    bool stop;
+    bool dirty;                   /* the cache file is behind */
+    bool flush_reports;           /* the operator asked */
+    struct mta_sts_stats st;
+
+    /* The thread's. */
+    pthread_t thread;
+    bool started;
+    CURLM *multi;
+    struct dns *dns;
+    struct pollfd dfds[MAX_DNS_FDS]; /* the resolver's sockets */
+    unsigned ndfds;
+    unsigned inflight;
+    uint64_t saved_ms;
+    uint64_t swept_ms;            /* monotonic ms of the last sweep */
+    struct tlsrpt *rpt;           /* owned, or NULL */
+};
+
+static bool
+entry_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct sts_entry *)n)->name, key) == 0;
+}
+
+/* Under m->lock. */
+static struct sts_entry *
+entry_get(struct mta_sts *m, const char *name, bool make)
+{
+    uint64_t h = hash_str_nocase(name);
+    struct hash_node *n = hash_find(&m->domains, h, name);
+    if (n != NULL || !make)
+        return (struct sts_entry *)n;
+    size_t len = strlen(name);
+    struct sts_entry *e = calloc(1, sizeof(*e) + len + 1);
+    if (e == NULL)
+        return NULL;
+    memcpy(e->name, name, len + 1);
+    e->m = m;
+    e->hn.hash = h;
+    if (hash_insert(&m->domains, &e->hn) < 0) {
+        free(e);
+        return NULL;
+    }
+    m->st.domains++;
+    return e;
+}
+
+/* Under m->lock: e joins the checks to run. */
+static void
+entry_queue(struct mta_sts *m, struct sts_entry *e)
+{
+    e->busy = true;
+    e->qnext = NULL;
+    if (m->qtail != NULL)
+        m->qtail->qnext = e;
+    else
+        m->qhead = e;
+    m->qtail = e;
+    m->st.queued++;
+}
+
+enum mta_sts_answer
+mta_sts_get(struct mta_sts *m, const char *domain, struct mta_sts_policy **out)
+{
+    *out = NULL;
+    uint64_t now = clock_unix_ms();
+    bool wake = false;
+    enum mta_sts_answer a = MTA_STS_READY;
+    pthread_mutex_lock(&m->lock);
+    struct sts_entry *e = entry_get(m, domain, true);
+    if (e == NULL) {
+        pthread_mutex_unlock(&m->lock); /* no memory: as without a policy */
+        return MTA_STS_READY;
+    }
+    if (!e->busy && (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
+                     (e->pol != NULL && now >= e->pol->expires_ms))) {
+        entry_queue(m, e);
+        wake = true;
+    }
+    if (e->checked_ms == 0)
+        a = MTA_STS_WAIT;
+    else if (e->pol != NULL && now < e->pol->expires_ms)
+        *out = mta_sts_policy_ref(e->pol);
+    pthread_mutex_unlock(&m->lock);
+    if (wake)
+        curl_multi_wakeup(m->multi);
+    return a;
+}
+
+void
+mta_sts_stats(struct mta_sts *m, struct mta_sts_stats *out)
+{
+    pthread_mutex_lock(&m->lock);
+    *out = m->st;
+    pthread_mutex_unlock(&m->lock);
+    if (m->rpt != NULL) {
+        out->reports_sent = tlsrpt_sent(m->rpt);
+        out->reports_failed = tlsrpt_failed(m->rpt);
+    }
+}
+
+struct tlsrpt *
+mta_sts_tlsrpt(struct mta_sts *m)
+{
+    return m->rpt;
+}
+
+void
+mta_sts_tlsrpt_flush(struct mta_sts *m)
+{
+    pthread_mutex_lock(&m->lock);
+    m->flush_reports = true;
+    pthread_mutex_unlock(&m->lock);
+    curl_multi_wakeup(m->multi);
+}
+
+/* ---- the cache file ---- */
+
+static void
+cache_save(struct mta_sts *m)
+{
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL)
+        return;
+    len = (size_t)snprintf(buf, cap, "%s\n", CACHE_MAGIC);
+    uint64_t now = clock_unix_ms();
+    pthread_mutex_lock(&m->lock);
+    m->dirty = false;
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        const struct mta_sts_policy *p = e->pol;
+        if (p == NULL || p->expires_ms <= now)
+            continue;
+        size_t need = strlen(e->name) + 128 + p->nmx * (DNS_NAME_MAX + 4);
+        if (len + need > cap) {
+            size_t ncap = (len + need) * 2;
+            char *nb = realloc(buf, ncap);
+            if (nb == NULL) {
+                m->dirty = true;
+                pthread_mutex_unlock(&m->lock);
+                free(buf);
+                return;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        len += (size_t)snprintf(buf + len, cap - len, "%s %s %s %llu %llu", e->name, p->id,
+                                mta_sts_mode_str(p->mode), (unsigned long long)p->max_age,
+                                (unsigned long long)p->fetched_ms);
+        for (unsigned i = 0; i < p->nmx; i++)
+            len += (size_t)snprintf(buf + len, cap - len, " %s", p->mx[i]);
+        buf[len++] = '\n';
+    }
+    pthread_mutex_unlock(&m->lock);
+    int rc = fs_write_atomic(m->dir, m->file, buf, len);
+    free(buf);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "event=mta_sts_cache_write_failed dir=%s err=\"%s\"", m->dir,
+                strerror(-rc));
+        pthread_mutex_lock(&m->lock);
+        m->dirty = true;
+        pthread_mutex_unlock(&m->lock);
+    }
+}
+
+/* Before the thread starts: the policies a previous run learned. A line
+ * that does not parse is skipped (logged); an expired policy is dropped. */
+static void
+cache_load(struct mta_sts *m)
+{
+    char path[PATH_MAX + 130];
+    snprintf(path, sizeof(path), "%s/%s", m->dir, m->file);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return;
+    char line[MTA_STS_MAX_MX * (DNS_NAME_MAX + 4) + 512];
+    uint64_t now = clock_unix_ms();
+    unsigned lineno = 0, loaded = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        lineno++;
+        line[strcspn(line, "\n")] = '\0';
+        if (lineno == 1) {
+            if (strcmp(line, CACHE_MAGIC) != 0) {
+                log_msg(LOG_WARN, "event=mta_sts_cache_skipped path=%s reason=\"unknown format\"",
+                        path);
+                break;
+            }
+            continue;
+        }
+        char *save = NULL;
+        char *name = strtok_r(line, " ", &save), *id = strtok_r(NULL, " ", &save),
+             *mode = strtok_r(NULL, " ", &save), *age = strtok_r(NULL, " ", &save),
+             *fetched = strtok_r(NULL, " ", &save);
+        struct mta_sts_policy *p = calloc(1, sizeof(*p));
+        char norm[DNS_NAME_MAX + 1];
+        bool ok = p != NULL && fetched != NULL && dns_name_normalize(name, norm) > 0 &&
+                  strlen(id) < sizeof(p->id);
+        if (ok) {
+            atomic_init(&p->refs, 1);
+            snprintf(p->id, sizeof(p->id), "%s", id);
+            p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
+                      : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
+                                                     : MTA_STS_NONE;
+            p->max_age = strtoull(age, NULL, 10);
+            p->fetched_ms = strtoull(fetched, NULL, 10);
+            p->expires_ms = p->fetched_ms + p->max_age * 1000;
+            for (char *x; p->nmx < MTA_STS_MAX_MX && (x = strtok_r(NULL, " ", &save)) != NULL;)
+                ok = ok && mx_pattern_ok(x, x + strlen(x), p->mx[p->nmx++], sizeof(p->mx[0]));
+        }
+        if (!ok) {
+            free(p);
+            log_msg(LOG_WARN, "event=mta_sts_cache_line_skipped path=%s line=%u", path, lineno);
+            continue;
+        }
+        if (p->expires_ms <= now) {
+            free(p);
+            continue;
+        }
+        struct sts_entry *e = entry_get(m, norm, true);
+        if (e == NULL) {
+            free(p);
+            continue;
+        }
+        mta_sts_policy_unref(e->pol);
+        e->pol = p;
+        e->checked_ms = 1; /* known, and due for a check at first use */
+        m->st.policies++;
+        m->st.enforce += p->mode == MTA_STS_ENFORCE;
+        loaded++;
+    }
+    fclose(f);
+    log_msg(LOG_INFO, "event=mta_sts_cache_loaded path=%s policies=%u", path, loaded);
+}
+
+/* ---- checks, on the thread ---- */
+
+static void check_next(struct mta_sts *m);
+
+/* The check of e ended: pol (a reference moved in, or NULL) replaces the
+ * cached policy when replace; otherwise the cached one stays. */
+static void
+check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_policy *pol,
+           const char *result, const char *why)
+{
+    e->st = CHECK_IDLE;
+    m->inflight--;
+    uint64_t now = clock_unix_ms();
+    pthread_mutex_lock(&m->lock);
+    m->st.inflight--;
+    if (replace) {
+        if (e->pol != NULL) {
+            m->st.policies--;
+            m->st.enforce -= e->pol->mode == MTA_STS_ENFORCE;
+        }
+        mta_sts_policy_unref(e->pol);
+        e->pol = pol;
+        if (pol != NULL) {
+            m->st.policies++;
+            m->st.enforce += pol->mode == MTA_STS_ENFORCE;
+        }
+        m->dirty = true;
+    } else {
+        mta_sts_policy_unref(pol);
+    }
+    e->checked_ms = now;
+    e->busy = false;
+    const struct mta_sts_policy *p = e->pol;
+    log_msg(LOG_INFO, "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s%s", e->name,
+            result, p != NULL ? mta_sts_mode_str(p->mode) : "-", p != NULL ? p->id : "-",
+            why != NULL ? " reason=\"" : "", why != NULL ? why : "", why != NULL ? "\"" : "");
+    pthread_mutex_unlock(&m->lock);
+}
+
+/* A fetch or a TXT record failed: the cached policy (if any) stays, and
+ * the failure is reported under the domain's policy (RFC 8460 4.3.1). */
+static void
+check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, const char *why)
+{
+    pthread_mutex_lock(&m->lock);
+    m->st.fetch_failed++;
+    struct mta_sts_policy *p = mta_sts_policy_ref(e->pol);
+    pthread_mutex_unlock(&m->lock);
+    if (m->rpt != NULL)
+        tlsrpt_record(m->rpt, e->name, p, r, NULL, NULL);
+    mta_sts_policy_unref(p);
+    check_done(m, e, false, NULL, "fetch_failed", why);
+}
+
+static size_t
+on_body(char *data, size_t size, size_t nmemb, void *arg)
+{
+    struct sts_entry *e = arg;
+    size_t n = size * nmemb;
+    if (e->blen + n > MTA_STS_MAX_BYTES) {
+        e->too_big = true;
+        return 0; /* curl stops: CURLE_WRITE_ERROR */
+    }
+    memcpy(e->body + e->blen, data, n);
+    e->blen += n;
+    return n;
+}
+
+static void
+fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
+{
+    char ip[64], rs[DNS_NAME_MAX + 100], url[DNS_NAME_MAX + 100];
+    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    unsigned port = m->sc->fetch_port;
+    snprintf(rs, sizeof(rs), "mta-sts.%s:%u:%s%s%s", e->name, port,
+             a->sa.sa_family == AF_INET6 ? "[" : "", ip, a->sa.sa_family == AF_INET6 ? "]" : "");
+    if (port == 443)
+        snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", e->name);
+    else
+        snprintf(url, sizeof(url), "https://mta-sts.%s:%u/.well-known/mta-sts.txt", e->name, port);
+    e->body = malloc(MTA_STS_MAX_BYTES + 1);
+    e->resolve = curl_slist_append(NULL, rs);
+    e->easy = curl_easy_init();
+    e->blen = 0;
+    e->too_big = false;
+    if (e->body == NULL || e->resolve == NULL || e->easy == NULL) {
+        free(e->body);
+        e->body = NULL;
+        curl_slist_free_all(e->resolve);
+        e->resolve = NULL;
+        if (e->easy != NULL)
+            curl_easy_cleanup(e->easy);
+        e->easy = NULL;
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+        return;
+    }
+    CURL *c = e->easy;
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_RESOLVE, e->resolve);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, e);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)m->sc->fetch_timeout);
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)m->sc->fetch_timeout);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, e);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L); /* RFC 8461 3.3: no redirects */
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
+    curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)MTA_STS_MAX_BYTES);
+    if (m->sc->ca_file != NULL)
+        curl_easy_setopt(c, CURLOPT_CAINFO, m->sc->ca_file);
+    e->st = CHECK_FETCH;
+    pthread_mutex_lock(&m->lock);
+    m->st.fetches++;
+    pthread_mutex_unlock(&m->lock);
+    curl_multi_add_handle(m->multi, c);
+}
+
+static void
+fetch_free(struct mta_sts *m, struct sts_entry *e)
+{
+    if (e->easy != NULL) {
+        curl_multi_remove_handle(m->multi, e->easy);
+        curl_easy_cleanup(e->easy);
+        e->easy = NULL;
+    }
+    curl_slist_free_all(e->resolve);
+    e->resolve = NULL;
+    free(e->body);
+    e->body = NULL;
+}
+
+static void
+fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
+{
+    long code = 0;
+    char *ctype = NULL;
+    curl_easy_getinfo(e->easy, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_getinfo(e->easy, CURLINFO_CONTENT_TYPE, &ctype);
+    char why[160];
+    enum tlsrpt_result r = TLSRPT_STS_POLICY_FETCH_ERROR;
+    bool ok = false;
+    if (e->too_big || res == CURLE_FILESIZE_EXCEEDED) {
+        snprintf(why, sizeof(why), "policy larger than %u octets", MTA_STS_MAX_BYTES);
+    } else if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE) {
+        r = TLSRPT_STS_WEBPKI_INVALID;
+        snprintf(why, sizeof(why), "policy server certificate: %s", curl_easy_strerror(res));
+    } else if (res != CURLE_OK) {
+        snprintf(why, sizeof(why), "%s", curl_easy_strerror(res));
+    } else if (code != 200) {
+        snprintf(why, sizeof(why), "HTTP status %ld%s", code,
+                 code >= 300 && code < 400 ? " (redirects are refused)" : "");
+    } else if (ctype == NULL || strncasecmp(ctype, "text/plain", 10) != 0 ||
+               (ctype[10] != '\0' && ctype[10] != ';' && ctype[10] != ' ')) {
+        r = TLSRPT_STS_POLICY_INVALID;
+        snprintf(why, sizeof(why), "media type %s, not text/plain", ctype ? ctype : "none");
+    } else {
+        ok = true;
+    }
+    if (!ok) {
+        fetch_free(m, e);
+        check_failed(m, e, r, why);
+        return;
+    }
+    struct mta_sts_policy *p = NULL;
+    const char *pwhy = NULL;
+    int rc = mta_sts_policy_parse(e->body, e->blen, &p, &pwhy);
+    fetch_free(m, e);
+    if (rc < 0) {
+        snprintf(why, sizeof(why), "policy does not parse: %s", pwhy);
+        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, why);
+        return;
+    }
+    snprintf(p->id, sizeof(p->id), "%s", e->new_id);
+    p->fetched_ms = clock_unix_ms();
+    p->expires_ms = p->fetched_ms + p->max_age * 1000;
+    pthread_mutex_lock(&m->lock);
+    m->st.fetched++;
+    pthread_mutex_unlock(&m->lock);
+    check_done(m, e, true, p, "fetched", NULL);
+}
+
+static void
+on_addr(void *arg, struct dns_mx_result *res)
+{
+    struct sts_entry *e = arg;
+    struct mta_sts *m = e->m;
+    e->req = NULL;
+    const union dns_addr *pick = NULL;
+    const char *why = res->why;
+    if (res->status == DNS_OK && !res->implicit_mx) {
+        why = "mta-sts host has MX records, not addresses";
+    } else if (res->status == DNS_OK) {
+        const struct delivery_config *dc = &m->cfg->delivery;
+        for (unsigned i = 0; i < res->hosts[0].naddrs && pick == NULL; i++) {
+            const union dns_addr *a = &res->hosts[0].addrs[i];
+            if (netaddr_special(&a->sa) == NULL || cidr_match(dc->allow, dc->nallow, &a->sa))
+                pick = a;
+        }
+        if (pick == NULL)
+            why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
+    }
+    if (pick != NULL)
+        fetch_start(m, e, pick);
+    else
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, why);
+    dns_mx_result_unref(res);
+}
+
+static void
+check_addr(struct mta_sts *m, struct sts_entry *e)
+{
+    char host[DNS_NAME_MAX + 16];
+    snprintf(host, sizeof(host), "mta-sts.%s", e->name);
+    e->st = CHECK_ADDR;
+    struct dns_mx_result *res = NULL;
+    int rc = dns_mx_resolve(m->dns, host, on_addr, e, &res, &e->req);
+    if (rc == 1) {
+        e->req = NULL;
+        on_addr(e, res);
+    } else if (rc < 0) {
+        e->req = NULL;
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+    }
+}
+
+static void
+on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+{
+    struct sts_entry *e = arg;
+    struct mta_sts *m = e->m;
+    if (status == DNS_NOT_FOUND) {
+        /* No record: no policy, unless one is cached and still valid
+         * (RFC 8461 5.1: a removed record does not end a policy early). */
+        check_done(m, e, false, NULL, "no_record", NULL);
+        return;
+    }
+    if (status != DNS_OK) {
+        check_done(m, e, false, NULL, "dns_failed", why);
+        return;
+    }
+    unsigned found = 0, bad = 0;
+    char id[33] = "";
+    for (unsigned i = 0; i < n; i++) {
+        char x[33];
+        int rc = mta_sts_txt_parse(txt[i], x);
+        if (rc == 0 && found++ == 0)
+            memcpy(id, x, sizeof(id));
+        else if (rc == -EINVAL)
+            bad++;
+    }
+    if (found != 1) {
+        /* RFC 8461 3.1: several STSv1 records, or a broken one, count as
+         * none. */
+        check_done(m, e, false, NULL, found > 1 || bad > 0 ? "bad_record" : "no_record",
+                   found > 1 ? "several STSv1 records" : bad > 0 ? "STSv1 record without a valid id"
+                                                                 : NULL);
+        return;
+    }
+    pthread_mutex_lock(&m->lock);
+    bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 &&
+                clock_unix_ms() < e->pol->expires_ms;
+    pthread_mutex_unlock(&m->lock);
+    if (same) {
+        check_done(m, e, false, NULL, "unchanged", NULL);
+        return;
+    }
+    memcpy(e->new_id, id, sizeof(id));
+    check_addr(m, e);
+}
+
+static void
+check_start(struct mta_sts *m, struct sts_entry *e)
+{
+    char name[DNS_NAME_MAX + 16];
+    snprintf(name, sizeof(name), "_mta-sts.%s", e->name);
+    m->inflight++;
+    pthread_mutex_lock(&m->lock);
+    m->st.inflight++;
+    m->st.checks++;
+    pthread_mutex_unlock(&m->lock);
+    e->st = CHECK_TXT;
+    int rc = dns_txt_lookup(m->dns, name, on_txt, e);
+    if (rc < 0) {
+        check_done(m, e, false, NULL, "dns_failed", rc == -EINVAL ? "bad name" : "out of memory");
+    }
+}
+
+/* Start queued checks while there is room. */
+static void
+check_next(struct mta_sts *m)
+{
+    while (m->inflight < m->sc->max_fetches) {
+        pthread_mutex_lock(&m->lock);
+        struct sts_entry *e = m->qhead;
+        if (e != NULL) {
+            m->qhead = e->qnext;
+            if (m->qhead == NULL)
+                m->qtail = NULL;
+            m->st.queued--;
+        }
+        pthread_mutex_unlock(&m->lock);
+        if (e == NULL)
+            return;
+        check_start(m, e);
+    }
+}
+
+/* ---- the thread ---- */
+
+static void
+on_dns_sock(void *arg, int fd, bool readable, bool writable)
+{
+    struct mta_sts *m = arg;
+    unsigned i = 0;
+    while (i < m->ndfds && m->dfds[i].fd != fd)
+        i++;
+    if (!readable && !writable) {
+        if (i < m->ndfds)
+            m->dfds[i] = m->dfds[--m->ndfds];
+        return;
+    }
+    if (i == m->ndfds) {
+        if (m->ndfds == MAX_DNS_FDS)
+            return; /* c-ares's timeouts still move it on */
+        m->ndfds++;
+    }
+    m->dfds[i].fd = fd;
+    m->dfds[i].events = (short)((readable ? POLLIN : 0) | (writable ? POLLOUT : 0));
+}
+
+/* Forget the domains that have no policy (or only an expired one), no
+ * check running, and no use for a while: memory follows the domains
+ * mail goes to, not every domain ever seen. A policy in force stays (it
+ * is in the cache file too). */
+static void
+sweep(struct mta_sts *m)
+{
+    uint64_t now = clock_unix_ms();
+    uint64_t idle = m->sc->recheck > FORGET_MS ? m->sc->recheck : FORGET_MS;
+    struct sts_entry *gone = NULL;
+    pthread_mutex_lock(&m->lock);
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        if (!e->busy && e->st == CHECK_IDLE && now - e->checked_ms > idle &&
+            (e->pol == NULL || e->pol->expires_ms <= now)) {
+            e->qnext = gone;
+            gone = e;
+        }
+    }
+    while (gone != NULL) {
+        struct sts_entry *e = gone;
+        gone = e->qnext;
+        hash_remove(&m->domains, &e->hn);
+        if (e->pol != NULL) {
+            m->st.policies--;
+            m->st.enforce -= e->pol->mode == MTA_STS_ENFORCE;
+            m->dirty = true;
+        }
+        mta_sts_policy_unref(e->pol);
+        m->st.domains--;
+        free(e);
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
+static uint64_t
+mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void *
+thread_main(void *arg)
+{
+    struct mta_sts *m = arg;
+    log_set_thread_name("mta-sts");
+    for (;;) {
+        pthread_mutex_lock(&m->lock);
+        bool stop = m->stop, flush = m->flush_reports, dirty = m->dirty;
+        m->flush_reports = false;
+        pthread_mutex_unlock(&m->lock);
+        if (stop)
+            break;
+        check_next(m);
+        uint64_t now_ms = clock_mono_ms();
+        if (dirty && now_ms - m->saved_ms >= SAVE_MS) {
+            m->saved_ms = now_ms;
+            cache_save(m);
+        }
+        if (m->rpt != NULL)
+            tlsrpt_tick(m->rpt, m->dns, m->multi, flush);
+        if (now_ms - m->swept_ms >= SWEEP_MS) {
+            m->swept_ms = now_ms;
+            sweep(m);
+        }
+
+        struct curl_waitfd w[MAX_DNS_FDS];
+        for (unsigned i = 0; i < m->ndfds; i++)
+            w[i] = (struct curl_waitfd){.fd = m->dfds[i].fd, .events = m->dfds[i].events};
+        unsigned nw = m->ndfds;
+        int timeout = 1000;
+        uint64_t now = mono_ns();
+        uint64_t dl = dns_timeout(m->dns, now);
+        if (dl != UINT64_MAX) {
+            uint64_t ms = dl <= now ? 0 : (dl - now + 999999) / 1000000;
+            if (ms < (uint64_t)timeout)
+                timeout = (int)ms;
+        }
+        if (dirty && timeout > (int)SAVE_MS)
+            timeout = SAVE_MS;
+        curl_multi_poll(m->multi, w, nw, timeout, NULL);
+        for (unsigned i = 0; i < nw; i++)
+            if (w[i].revents != 0)
+                dns_process_fd(m->dns, w[i].fd,
+                               (w[i].revents & (CURL_WAIT_POLLIN | CURL_WAIT_POLLPRI)) != 0 ||
+                                   (w[i].revents & ~(CURL_WAIT_POLLIN | CURL_WAIT_POLLOUT |
+                                                     CURL_WAIT_POLLPRI)) != 0,
+                               (w[i].revents & CURL_WAIT_POLLOUT) != 0);
+        if (dns_timeout(m->dns, mono_ns()) <= mono_ns())
+            dns_process_timeouts(m->dns);
+        int running = 0;
+        curl_multi_perform(m->multi, &running);
+        int left = 0;
+        for (CURLMsg *msg; (msg = curl_multi_info_read(m->multi, &left)) != NULL;) {
+            if (msg->msg != CURLMSG_DONE)
+                continue;
+            void *priv = NULL;
+            curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv);
+            if (m->rpt != NULL && tlsrpt_owns(m->rpt, msg->easy_handle)) {
+                tlsrpt_on_done(m->rpt, msg->easy_handle, msg->data.result);
+                continue;
+            }
+            fetch_done(m, priv, msg->data.result);
+        }
+    }
+    return NULL;
+}
+
+int
+mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **out, char *err,
+            size_t errlen)
+{
+    *out = NULL;
+    struct mta_sts *m = calloc(1, sizeof(*m));
+    if (m == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    m->cfg = cfg;
+    m->sc = &cfg->mta_sts;
+    const char *slash = strrchr(cache_path, '/');
+    if (slash == NULL || (size_t)(slash - cache_path) >= sizeof(m->dir) ||
+        strlen(slash + 1) >= sizeof(m->file)) {
+        snprintf(err, errlen, "mta-sts cache path %s: not a file in a directory", cache_path);
+        free(m);
+        return -EINVAL;
+    }
+    memcpy(m->dir, cache_path, (size_t)(slash - cache_path));
+    m->dir[slash - cache_path] = '\0';
+    snprintf(m->file, sizeof(m->file), "%s", slash + 1);
+    pthread_mutex_init(&m->lock, NULL);
+    hash_init(&m->domains, entry_eq, 64);
+    int rc = dns_new(&cfg->dns, on_dns_sock, m, &m->dns, err, errlen);
+    if (rc < 0)
+        goto fail;
+    m->multi = curl_multi_init();
+    if (m->multi == NULL) {
+        snprintf(err, errlen, "libcurl: cannot make a multi handle");
+        rc = -ENOMEM;
+        goto fail;
+    }
+    curl_multi_setopt(m->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)m->sc->max_fetches);
+    if (m->sc->tlsrpt) {
+        char rdir[PATH_MAX];
+        snprintf(rdir, sizeof(rdir), "%s", m->dir);
+        rc = tlsrpt_new(cfg, rdir, &m->rpt, err, errlen);
+        if (rc < 0)
+            goto fail;
+    }
+    cache_load(m);
+    rc = pthread_create(&m->thread, NULL, thread_main, m);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the MTA-STS thread: %s", strerror(rc));
+        rc = -rc;
+        goto fail;
+    }
+    m->started = true;
+    *out = m;
+    return 0;
+fail:
+    mta_sts_free(m);
+    return rc;
+}
+
+struct mta_sts *
+mta_sts_free(struct mta_sts *m)
+{
+    if (m == NULL)
+        return NULL;
+    if (m->started) {
+        pthread_mutex_lock(&m->lock);
+        m->stop = true;
+        pthread_mutex_unlock(&m->lock);
+        curl_multi_wakeup(m->multi);
+        pthread_join(m->thread, NULL);
+    }
+    /* Checks in flight are abandoned: their DNS lookups go with the
+     * resolver, their transfers with their handles. */
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        if (e->st == CHECK_FETCH)
+            fetch_free(m, e);
+    }
+    if (m->rpt != NULL)
+        m->rpt = tlsrpt_free(m->rpt, m->multi);
+    m->dns = dns_free(m->dns);
+    if (m->started && m->dirty)
+        cache_save(m);
+    b = 0;
+    cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        mta_sts_policy_unref(e->pol);
+    }
+    /* Entries are freed after the walk: the table is not changed under it. */
+    b = 0;
+    cur = NULL;
+    struct sts_entry *all = NULL;
+    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        e->qnext = all;
+        all = e;
+    }
+    while (all != NULL) {
+        struct sts_entry *next = all->qnext;
+        free(all);
+        all = next;
+    }
+    hash_fini(&m->domains);
+    if (m->multi != NULL)
+        curl_multi_cleanup(m->multi);
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+    return NULL;
+}

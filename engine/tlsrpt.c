@@ -1,0 +1,707 @@
+/*
+ * tlsrpt: see tlsrpt.h. A struct day per (policy domain, UTC day) in a
+ * hash under r->lock; sending a day walks it through RUA (the TXT lookup)
+ * -> POST (one transfer per https: address) -> gone, or back to idle to
+ * be tried again.
+ *
+ * Threading: r->lock guards the days and the counters; the sending state
+ * of a day is the MTA-STS thread's.
+ */
+#include "engine/tlsrpt.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <zlib.h>
+
+#include "common/clock.h"
+#include "common/fs.h"
+#include "common/hash.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "dns/dns.h"
+#include "engine/config.h"
+#include "engine/mta_sts.h"
+
+#define STATE_FILE    "tlsrpt.state"
+#define STATE_MAGIC   "sluice-tlsrpt 1"
+#define MAX_DETAILS   32          /* failure rows per report */
+#define MAX_RUA       4           /* addresses a report goes to */
+#define RETRY_MS      3600000ULL  /* a report no address took */
+#define GIVE_UP_DAYS  3
+#define DAY_MS        86400000ULL
+
+static const char *const result_names[TLSRPT_RESULT_COUNT] = {
+    [TLSRPT_SUCCESS] = "success",
+    [TLSRPT_STARTTLS_NOT_SUPPORTED] = "starttls-not-supported",
+    [TLSRPT_CERTIFICATE_HOST_MISMATCH] = "certificate-host-mismatch",
+    [TLSRPT_CERTIFICATE_EXPIRED] = "certificate-expired",
+    [TLSRPT_CERTIFICATE_NOT_TRUSTED] = "certificate-not-trusted",
+    [TLSRPT_VALIDATION_FAILURE] = "validation-failure",
+    [TLSRPT_STS_POLICY_FETCH_ERROR] = "sts-policy-fetch-error",
+    [TLSRPT_STS_POLICY_INVALID] = "sts-policy-invalid",
+    [TLSRPT_STS_WEBPKI_INVALID] = "sts-webpki-invalid",
+};
+
+const char *
+tlsrpt_result_str(enum tlsrpt_result r)
+{
+    return (unsigned)r < TLSRPT_RESULT_COUNT ? result_names[r] : "validation-failure";
+}
+
+static int
+result_parse(const char *s)
+{
+    for (int i = 0; i < TLSRPT_RESULT_COUNT; i++)
+        if (strcmp(s, result_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+enum tlsrpt_result
+tlsrpt_result_of_verify(const char *why)
+{
+    if (why == NULL)
+        return TLSRPT_VALIDATION_FAILURE;
+    if (strstr(why, "hostname mismatch") != NULL || strstr(why, "IP address mismatch") != NULL)
+        return TLSRPT_CERTIFICATE_HOST_MISMATCH;
+    if (strstr(why, "expired") != NULL)
+        return TLSRPT_CERTIFICATE_EXPIRED;
+    if (strstr(why, "self-signed") != NULL || strstr(why, "self signed") != NULL ||
+        strstr(why, "unable to get local issuer") != NULL ||
+        strstr(why, "unable to get issuer") != NULL || strstr(why, "unknown ca") != NULL ||
+        strstr(why, "untrusted") != NULL || strstr(why, "not trusted") != NULL)
+        return TLSRPT_CERTIFICATE_NOT_TRUSTED;
+    return TLSRPT_VALIDATION_FAILURE;
+}
+
+struct detail {
+    uint8_t result;
+    char mx[DNS_NAME_MAX + 1];
+    char addr[64];
+    uint64_t count;
+};
+
+enum day_state { DAY_IDLE, DAY_RUA, DAY_POST };
+
+struct day {
+    struct hash_node hn;   /* in r->days (first) */
+    struct day *next_all;  /* the sending walk's list */
+    struct tlsrpt *r;      /* borrowed */
+    char key[DNS_NAME_MAX + 16]; /* "domain day" */
+    char domain[DNS_NAME_MAX + 1];
+    int64_t day;           /* days since 1970-01-01 UTC */
+    bool have_policy;
+    struct mta_sts_policy pol; /* a copy (refs unused) */
+    uint64_t success, failure;
+    unsigned ndetails;
+    struct detail details[MAX_DETAILS];
+    /* Sending: the thread's. */
+    uint8_t st;            /* enum day_state */
+    uint64_t next_try_ms;  /* Unix ms; 0: at once when due */
+    unsigned posts, posted; /* transfers in flight, and those that succeeded */
+    CURL *easy[MAX_RUA];
+    struct curl_slist *hdrs[MAX_RUA];
+    char *gz;              /* owned while posting: the gzipped report */
+    size_t gzlen;
+};
+
+struct tlsrpt {
+    const struct config *cfg; /* borrowed */
+    char dir[PATH_MAX];
+    pthread_mutex_t lock;
+    struct hash days;         /* owned struct day */
+    bool dirty;
+    uint64_t saved_ms;
+    uint64_t sent, failed;
+    CURLM *multi;             /* borrowed: the thread's, once it ticked */
+    unsigned seq;             /* report ids */
+};
+
+static bool
+day_eq(const struct hash_node *n, const void *key)
+{
+    return strcmp(((const struct day *)n)->key, key) == 0;
+}
+
+/* Under r->lock. */
+static struct day *
+day_get(struct tlsrpt *r, const char *domain, int64_t dayno)
+{
+    char key[DNS_NAME_MAX + 16];
+    snprintf(key, sizeof(key), "%s %lld", domain, (long long)dayno);
+    uint64_t h = hash_str_nocase(key);
+    struct hash_node *n = hash_find(&r->days, h, key);
+    if (n != NULL)
+        return (struct day *)n;
+    struct day *d = calloc(1, sizeof(*d));
+    if (d == NULL)
+        return NULL;
+    d->r = r;
+    snprintf(d->key, sizeof(d->key), "%s", key);
+    snprintf(d->domain, sizeof(d->domain), "%s", domain);
+    d->day = dayno;
+    d->hn.hash = h;
+    if (hash_insert(&r->days, &d->hn) < 0) {
+        free(d);
+        return NULL;
+    }
+    return d;
+}
+
+static void
+day_count(struct day *d, enum tlsrpt_result res, const char *mx, const char *addr, uint64_t n)
+{
+    if (res == TLSRPT_SUCCESS) {
+        d->success += n;
+        return;
+    }
+    d->failure += n;
+    mx = mx != NULL ? mx : "";
+    addr = addr != NULL ? addr : "";
+    for (unsigned i = 0; i < d->ndetails; i++) {
+        struct detail *x = &d->details[i];
+        if (x->result == res && strcmp(x->mx, mx) == 0 && strcmp(x->addr, addr) == 0) {
+            x->count += n;
+            return;
+        }
+    }
+    if (d->ndetails == MAX_DETAILS)
+        return; /* counted in the summary, without a row of its own */
+    struct detail *x = &d->details[d->ndetails++];
+    x->result = (uint8_t)res;
+    snprintf(x->mx, sizeof(x->mx), "%s", mx);
+    snprintf(x->addr, sizeof(x->addr), "%s", addr);
+    x->count = n;
+}
+
+void
+tlsrpt_record(struct tlsrpt *r, const char *domain, const struct mta_sts_policy *p,
+              enum tlsrpt_result res, const char *mx, const char *addr)
+{
+    if (r == NULL)
+        return;
+    int64_t dayno = (int64_t)(clock_unix_ms() / DAY_MS);
+    pthread_mutex_lock(&r->lock);
+    struct day *d = day_get(r, domain, dayno);
+    if (d != NULL) {
+        if (p != NULL && !d->have_policy) {
+            memcpy(&d->pol, p, sizeof(d->pol));
+            d->have_policy = true;
+        }
+        day_count(d, res, mx, addr, 1);
+        r->dirty = true;
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+uint64_t
+tlsrpt_sent(struct tlsrpt *r)
+{
+    pthread_mutex_lock(&r->lock);
+    uint64_t v = r->sent;
+    pthread_mutex_unlock(&r->lock);
+    return v;
+}
+
+uint64_t
+tlsrpt_failed(struct tlsrpt *r)
+{
+    pthread_mutex_lock(&r->lock);
+    uint64_t v = r->failed;
+    pthread_mutex_unlock(&r->lock);
+    return v;
+}
+
+/* ---- the state file ---- */
+
+/* "D domain day success failure have mode max_age id mx,mx" then one
+ * "F result count mx addr" per detail ("-" for empty). */
+static void
+state_save(struct tlsrpt *r)
+{
+    struct json j; /* used as a growing buffer only */
+    json_init(&j);
+    char line[DNS_NAME_MAX * 2 + 256];
+    snprintf(line, sizeof(line), "%s\n", STATE_MAGIC);
+    json_raw(&j, line, strlen(line));
+    pthread_mutex_lock(&r->lock);
+    r->dirty = false;
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&r->days, &b, &cur)) != NULL;) {
+        const struct day *d = (const struct day *)n;
+        int k = snprintf(line, sizeof(line), "D %s %lld %llu %llu %d %s %llu %s ", d->domain,
+                         (long long)d->day, (unsigned long long)d->success,
+                         (unsigned long long)d->failure, d->have_policy ? 1 : 0,
+                         mta_sts_mode_str(d->pol.mode), (unsigned long long)d->pol.max_age,
+                         d->pol.id[0] ? d->pol.id : "-");
+        json_raw(&j, line, (size_t)k);
+        for (unsigned i = 0; i < d->pol.nmx; i++) {
+            json_raw(&j, d->pol.mx[i], strlen(d->pol.mx[i]));
+            if (i + 1 < d->pol.nmx)
+                json_raw(&j, ",", 1);
+        }
+        if (d->pol.nmx == 0)
+            json_raw(&j, "-", 1);
+        json_raw(&j, "\n", 1);
+        for (unsigned i = 0; i < d->ndetails; i++) {
+            const struct detail *x = &d->details[i];
+            k = snprintf(line, sizeof(line), "F %s %llu %s %s\n", result_names[x->result],
+                         (unsigned long long)x->count, x->mx[0] ? x->mx : "-",
+                         x->addr[0] ? x->addr : "-");
+            json_raw(&j, line, (size_t)k);
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    int rc = json_failed(&j) ? -ENOMEM : fs_write_atomic(r->dir, STATE_FILE, j.buf, j.len);
+    json_fini(&j);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "event=tlsrpt_state_write_failed dir=%s err=\"%s\"", r->dir,
+                strerror(-rc));
+        pthread_mutex_lock(&r->lock);
+        r->dirty = true;
+        pthread_mutex_unlock(&r->lock);
+    }
+}
+
+static void
+state_load(struct tlsrpt *r)
+{
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/%s", r->dir, STATE_FILE);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return;
+    char line[MTA_STS_MAX_MX * (DNS_NAME_MAX + 2) + 512];
+    struct day *d = NULL;
+    unsigned lineno = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        if (lineno++ == 0) {
+            if (strcmp(line, STATE_MAGIC) != 0)
+                break;
+            continue;
+        }
+        char *save = NULL;
+        char *tag = strtok_r(line, " ", &save);
+        if (tag != NULL && strcmp(tag, "D") == 0) {
+            char *dom = strtok_r(NULL, " ", &save), *dayno = strtok_r(NULL, " ", &save),
+                 *succ = strtok_r(NULL, " ", &save), *fail = strtok_r(NULL, " ", &save),
+                 *have = strtok_r(NULL, " ", &save), *mode = strtok_r(NULL, " ", &save),
+                 *age = strtok_r(NULL, " ", &save), *id = strtok_r(NULL, " ", &save),
+                 *mxs = strtok_r(NULL, " ", &save);
+            d = NULL;
+            char norm[DNS_NAME_MAX + 1];
+            if (mxs == NULL || dns_name_normalize(dom, norm) < 0)
+                continue;
+            d = day_get(r, norm, strtoll(dayno, NULL, 10));
+            if (d == NULL)
+                continue;
+            d->success = strtoull(succ, NULL, 10);
+            d->failure = strtoull(fail, NULL, 10);
+            d->have_policy = strcmp(have, "1") == 0;
+            d->pol.mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
+                          : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
+                                                         : MTA_STS_NONE;
+            d->pol.max_age = strtoull(age, NULL, 10);
+            snprintf(d->pol.id, sizeof(d->pol.id), "%s", strcmp(id, "-") == 0 ? "" : id);
+            char *s2 = NULL;
+            for (char *x = strtok_r(mxs, ",", &s2); x != NULL && d->pol.nmx < MTA_STS_MAX_MX;
+                 x = strtok_r(NULL, ",", &s2))
+                if (strcmp(x, "-") != 0)
+                    snprintf(d->pol.mx[d->pol.nmx++], sizeof(d->pol.mx[0]), "%s", x);
+        } else if (tag != NULL && strcmp(tag, "F") == 0 && d != NULL &&
+                   d->ndetails < MAX_DETAILS) {
+            char *res = strtok_r(NULL, " ", &save), *cnt = strtok_r(NULL, " ", &save),
+                 *mx = strtok_r(NULL, " ", &save), *addr = strtok_r(NULL, " ", &save);
+            int rs = res != NULL ? result_parse(res) : -1;
+            if (addr == NULL || rs <= 0)
+                continue;
+            struct detail *x = &d->details[d->ndetails++];
+            x->result = (uint8_t)rs;
+            x->count = strtoull(cnt, NULL, 10);
+            snprintf(x->mx, sizeof(x->mx), "%s", strcmp(mx, "-") == 0 ? "" : mx);
+            snprintf(x->addr, sizeof(x->addr), "%s", strcmp(addr, "-") == 0 ? "" : addr);
+        }
+    }
+    fclose(f);
+}
+
+/* ---- the report ---- */
+
+static void
+day_iso(int64_t day, bool end, char *out, size_t cap)
+{
+    time_t t = (time_t)(day * 86400 + (end ? 86399 : 0));
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, cap, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* The JSON of RFC 8460 4.4 for d, into j. */
+static void
+report_json(struct tlsrpt *r, const struct day *d, const char *report_id, struct json *j)
+{
+    const struct config *cfg = r->cfg;
+    const char *host = cfg->server.hostname;
+    char contact[300], start[32], end[32];
+    if (cfg->mta_sts.tlsrpt_contact != NULL)
+        snprintf(contact, sizeof(contact), "%s", cfg->mta_sts.tlsrpt_contact);
+    else
+        snprintf(contact, sizeof(contact), "postmaster@%s", host);
+    day_iso(d->day, false, start, sizeof(start));
+    day_iso(d->day, true, end, sizeof(end));
+    json_obj_begin(j);
+    json_kstr(j, "organization-name",
+              cfg->mta_sts.tlsrpt_org != NULL ? cfg->mta_sts.tlsrpt_org : host);
+    json_key(j, "date-range");
+    json_obj_begin(j);
+    json_kstr(j, "start-datetime", start);
+    json_kstr(j, "end-datetime", end);
+    json_obj_end(j);
+    json_kstr(j, "contact-info", contact);
+    json_kstr(j, "report-id", report_id);
+    json_key(j, "policies");
+    json_arr_begin(j);
+    json_obj_begin(j);
+    json_key(j, "policy");
+    json_obj_begin(j);
+    json_kstr(j, "policy-type", d->have_policy ? "sts" : "no-policy-found");
+    if (d->have_policy) {
+        char line[DNS_NAME_MAX + 16];
+        json_key(j, "policy-string");
+        json_arr_begin(j);
+        json_str(j, "version: STSv1");
+        snprintf(line, sizeof(line), "mode: %s", mta_sts_mode_str(d->pol.mode));
+        json_str(j, line);
+        for (unsigned i = 0; i < d->pol.nmx; i++) {
+            snprintf(line, sizeof(line), "mx: %s", d->pol.mx[i]);
+            json_str(j, line);
+        }
+        snprintf(line, sizeof(line), "max_age: %llu", (unsigned long long)d->pol.max_age);
+        json_str(j, line);
+        json_arr_end(j);
+    }
+    json_kstr(j, "policy-domain", d->domain);
+    if (d->have_policy) {
+        json_key(j, "mx-host");
+        json_arr_begin(j);
+        for (unsigned i = 0; i < d->pol.nmx; i++)
+            json_str(j, d->pol.mx[i]);
+        json_arr_end(j);
+    }
+    json_obj_end(j);
+    json_key(j, "summary");
+    json_obj_begin(j);
+    json_ku64(j, "total-successful-session-count", d->success);
+    json_ku64(j, "total-failure-session-count", d->failure);
+    json_obj_end(j);
+    json_key(j, "failure-details");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < d->ndetails; i++) {
+        const struct detail *x = &d->details[i];
+        json_obj_begin(j);
+        json_kstr(j, "result-type", result_names[x->result]);
+        if (x->addr[0])
+            json_kstr(j, "receiving-ip", x->addr);
+        if (x->mx[0])
+            json_kstr(j, "receiving-mx-hostname", x->mx);
+        json_ku64(j, "failed-session-count", x->count);
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+    json_obj_end(j);
+    json_arr_end(j);
+    json_obj_end(j);
+}
+
+/* gzip (RFC 1952) of in; *out is malloc'd. */
+static int
+gzip(const char *in, size_t len, char **out, size_t *outlen)
+{
+    z_stream z;
+    memset(&z, 0, sizeof(z));
+    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) !=
+        Z_OK)
+        return -ENOMEM;
+    size_t cap = deflateBound(&z, (uLong)len) + 64;
+    char *buf = malloc(cap);
+    if (buf == NULL) {
+        deflateEnd(&z);
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)(uintptr_t)in;
+    z.avail_in = (uInt)len;
+    z.next_out = (Bytef *)buf;
+    z.avail_out = (uInt)cap;
+    int rc = deflate(&z, Z_FINISH);
+    deflateEnd(&z);
+    if (rc != Z_STREAM_END) {
+        free(buf);
+        return -EIO;
+    }
+    *out = buf;
+    *outlen = cap - z.avail_out;
+    return 0;
+}
+
+/* ---- sending ---- */
+
+static void
+day_sent(struct tlsrpt *r, struct day *d)
+{
+    bool ok = d->posted > 0;
+    free(d->gz);
+    d->gz = NULL;
+    d->st = DAY_IDLE;
+    int64_t today = (int64_t)(clock_unix_ms() / DAY_MS);
+    pthread_mutex_lock(&r->lock);
+    if (ok)
+        r->sent++;
+    else
+        r->failed++;
+    bool drop = ok || today - d->day > GIVE_UP_DAYS;
+    if (drop) {
+        hash_remove(&r->days, &d->hn);
+        r->dirty = true;
+    } else {
+        d->next_try_ms = clock_unix_ms() + RETRY_MS;
+    }
+    pthread_mutex_unlock(&r->lock);
+    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_%s domain=%s day=%lld%s",
+            ok ? "sent" : "not_sent", d->domain, (long long)d->day,
+            ok || !drop ? "" : " reason=\"given up\"");
+    if (drop)
+        free(d);
+}
+
+static void
+post_start(struct tlsrpt *r, struct day *d, const char *url)
+{
+    if (d->posts == MAX_RUA)
+        return;
+    CURL *c = curl_easy_init();
+    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/tlsrpt+gzip");
+    if (h != NULL)
+        h = curl_slist_append(h, "Expect:");
+    if (c == NULL || h == NULL) {
+        if (c != NULL)
+            curl_easy_cleanup(c);
+        curl_slist_free_all(h);
+        return;
+    }
+    unsigned i = 0;
+    while (d->easy[i] != NULL)
+        i++;
+    d->easy[i] = c;
+    d->hdrs[i] = h;
+    d->posts++;
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, d);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_POST, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, d->gz);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)d->gzlen);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)r->cfg->mta_sts.fetch_timeout * 3);
+    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
+    if (r->cfg->mta_sts.ca_file != NULL)
+        curl_easy_setopt(c, CURLOPT_CAINFO, r->cfg->mta_sts.ca_file);
+    curl_multi_add_handle(r->multi, c);
+}
+
+bool
+tlsrpt_owns(struct tlsrpt *r, CURL *easy)
+{
+    /* The handle's private pointer may be another module's (a policy
+     * fetch): only compare it, never read through it, until it is found
+     * among the days. */
+    void *priv = NULL;
+    curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+    bool mine = false;
+    pthread_mutex_lock(&r->lock);
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; !mine && (n = hash_next(&r->days, &b, &cur)) != NULL;) {
+        const struct day *d = (const struct day *)n;
+        if ((const void *)d != priv)
+            continue;
+        for (unsigned i = 0; i < MAX_RUA; i++)
+            mine = mine || d->easy[i] == easy;
+    }
+    pthread_mutex_unlock(&r->lock);
+    return mine;
+}
+
+void
+tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res)
+{
+    void *priv = NULL;
+    curl_easy_getinfo(easy, CURLINFO_PRIVATE, &priv);
+    struct day *d = priv;
+    long code = 0;
+    curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &code);
+    char *url = NULL;
+    curl_easy_getinfo(easy, CURLINFO_EFFECTIVE_URL, &url);
+    bool ok = res == CURLE_OK && code >= 200 && code < 300;
+    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_post domain=%s url=%s status=%ld%s%s%s",
+            d->domain, url ? url : "-", code, ok ? "" : " err=\"",
+            ok ? "" : (res != CURLE_OK ? curl_easy_strerror(res) : "HTTP status"), ok ? "" : "\"");
+    for (unsigned i = 0; i < MAX_RUA; i++)
+        if (d->easy[i] == easy) {
+            curl_multi_remove_handle(r->multi, easy);
+            curl_easy_cleanup(easy);
+            curl_slist_free_all(d->hdrs[i]);
+            d->easy[i] = NULL;
+            d->hdrs[i] = NULL;
+        }
+    d->posted += ok;
+    if (--d->posts == 0)
+        day_sent(r, d);
+}
+
+static void
+on_rua(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+{
+    struct day *d = arg;
+    struct tlsrpt *r = d->r;
+    const char *rec = NULL;
+    for (unsigned i = 0; i < n; i++)
+        if (strncmp(txt[i], "v=TLSRPTv1", 10) == 0 && (txt[i][10] == ';' || txt[i][10] == ' '))
+            rec = txt[i];
+    if (rec == NULL) {
+        log_msg(LOG_INFO, "event=tlsrpt_no_record domain=%s%s%s%s", d->domain,
+                status != DNS_OK ? " reason=\"" : "", status != DNS_OK ? why : "",
+                status != DNS_OK ? "\"" : "");
+        /* Nobody to tell: the day is done (a DNS failure tries again). */
+        d->posted = status == DNS_RETRY ? 0 : 1;
+        day_sent(r, d);
+        return;
+    }
+    struct json j;
+    json_init(&j);
+    char id[2 * DNS_NAME_MAX + 64];
+    snprintf(id, sizeof(id), "%lld.%u.%s@%s", (long long)d->day, ++r->seq, d->domain,
+             r->cfg->server.hostname);
+    pthread_mutex_lock(&r->lock);
+    report_json(r, d, id, &j);
+    pthread_mutex_unlock(&r->lock);
+    int rc = json_failed(&j) ? -ENOMEM : gzip(j.buf, j.len, &d->gz, &d->gzlen);
+    json_fini(&j);
+    if (rc < 0) {
+        day_sent(r, d);
+        return;
+    }
+    d->st = DAY_POST;
+    /* rua=uri,uri (RFC 8460 3): https: posted, mailto: not yet. */
+    const char *p = strstr(rec, "rua=");
+    char uris[1024];
+    snprintf(uris, sizeof(uris), "%s", p != NULL ? p + 4 : "");
+    uris[strcspn(uris, ";")] = '\0';
+    char *save = NULL;
+    for (char *u = strtok_r(uris, ", \t", &save); u != NULL; u = strtok_r(NULL, ", \t", &save)) {
+        if (strncasecmp(u, "https://", 8) == 0)
+            post_start(r, d, u);
+        else
+            log_msg(LOG_NOTICE, "event=tlsrpt_rua_skipped domain=%s rua=%s reason=\"%s\"",
+                    d->domain, u,
+                    strncasecmp(u, "mailto:", 7) == 0 ? "mailto: not supported yet"
+                                                      : "not an https: or mailto: URI");
+    }
+    if (d->posts == 0)
+        day_sent(r, d);
+}
+
+void
+tlsrpt_tick(struct tlsrpt *r, struct dns *dns, CURLM *multi, bool flush)
+{
+    r->multi = multi;
+    uint64_t now = clock_unix_ms();
+    int64_t today = (int64_t)(now / DAY_MS);
+    pthread_mutex_lock(&r->lock);
+    bool dirty = r->dirty;
+    struct day *due = NULL;
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&r->days, &b, &cur)) != NULL;) {
+        struct day *d = (struct day *)n;
+        if (d->st == DAY_IDLE && (flush || (d->day < today && now >= d->next_try_ms))) {
+            d->next_all = due;
+            due = d;
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (dirty && clock_mono_ms() - r->saved_ms >= 1000) {
+        r->saved_ms = clock_mono_ms();
+        state_save(r);
+    }
+    for (struct day *d = due; d != NULL;) {
+        struct day *next = d->next_all;
+        char name[DNS_NAME_MAX + 16];
+        snprintf(name, sizeof(name), "_smtp._tls.%s", d->domain);
+        d->st = DAY_RUA;
+        d->posted = 0;
+        if (dns_txt_lookup(dns, name, on_rua, d) < 0)
+            on_rua(d, DNS_RETRY, "out of memory", NULL, 0);
+        d = next;
+    }
+}
+
+int
+tlsrpt_new(const struct config *cfg, const char *dir, struct tlsrpt **out, char *err,
+           size_t errlen)
+{
+    struct tlsrpt *r = calloc(1, sizeof(*r));
+    if (r == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    r->cfg = cfg;
+    snprintf(r->dir, sizeof(r->dir), "%s", dir);
+    pthread_mutex_init(&r->lock, NULL);
+    hash_init(&r->days, day_eq, 16);
+    state_load(r);
+    *out = r;
+    return 0;
+}
+
+struct tlsrpt *
+tlsrpt_free(struct tlsrpt *r, CURLM *multi)
+{
+    if (r == NULL)
+        return NULL;
+    struct day *all = NULL;
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n; (n = hash_next(&r->days, &b, &cur)) != NULL;) {
+        struct day *d = (struct day *)n;
+        d->next_all = all;
+        all = d;
+        for (unsigned i = 0; i < MAX_RUA; i++)
+            if (d->easy[i] != NULL) {
+                curl_multi_remove_handle(multi, d->easy[i]);
+                curl_easy_cleanup(d->easy[i]);
+                curl_slist_free_all(d->hdrs[i]);
+            }
+        free(d->gz);
+        d->gz = NULL;
+        d->st = DAY_IDLE;
+    }
+    state_save(r);
+    while (all != NULL) {
+        struct day *next = all->next_all;
+        free(all);
+        all = next;
+    }
+    hash_fini(&r->days);
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+    return NULL;
+}

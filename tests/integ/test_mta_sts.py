@@ -1,0 +1,593 @@
+"""MTA-STS (RFC 8461) and TLS reporting (RFC 8460) against real servers on
+loopback: dnsmasq serves the _mta-sts and _smtp._tls TXT records, the MX
+records and the addresses; a Python HTTPS server (a test CA made here with
+openssl) serves the policies and takes the reports; two sluice instances
+are the receiving MX hosts, one with a certificate from the test CA
+(127.0.0.1) and one with a self-signed certificate (127.0.0.2), on the
+same port. Checks: enforce delivers to a matching MX over verified TLS
+and defers (class tls_policy) against a bad certificate or an MX that
+matches no pattern, and that receiver sees nothing; testing delivers and
+counts the failure; an oversized, a slow and a redirecting policy server
+are fetch failures that hang nothing; the cache survives a restart with
+the policy server gone; a new TXT id fetches the policy again; the day's
+TLS report is posted (gzip) and valid against RFC 8460's schema."""
+import gzip
+import http.server
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+from harness import (WAIT, Sluice, Workdir, free_port, main, run, skip, wait_until)
+
+SLUICE = sys.argv[1] if len(sys.argv) > 1 else None  # bench/tls_policy imports this file
+
+MX_GOOD = "127.0.0.1"
+MX_BAD = "127.0.0.2"
+
+
+def connectable(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def openssl(*args):
+    r = run(["openssl", *args])
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+class Pki:
+    """A test CA, a certificate it signs for the policy server and the
+    good MX (all their names, and 127.0.0.1 for the report URL), and a
+    self-signed one for the bad MX."""
+
+    def __init__(self, wd, names):
+        p = wd.path
+        self.ca = f"{p}/ca.pem"
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=sluice test CA", "-keyout", f"{p}/ca-key.pem", "-out", self.ca,
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        san = ",".join([f"DNS:{n}" for n in names] + ["IP:127.0.0.1"])
+        ext = wd.file("ext.cnf", f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                                 "extendedKeyUsage=serverAuth\n")
+        self.key, self.cert = f"{p}/srv-key.pem", f"{p}/srv.pem"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=sluice test server",
+                "-keyout", self.key, "-out", f"{p}/srv.csr")
+        openssl("x509", "-req", "-in", f"{p}/srv.csr", "-CA", self.ca, "-CAkey",
+                f"{p}/ca-key.pem", "-CAcreateserial", "-days", "2", "-extfile", ext,
+                "-out", self.cert)
+        self.bad_key, self.bad_cert = f"{p}/bad-key.pem", f"{p}/bad.pem"
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=mx.bad.test", "-addext", "subjectAltName=DNS:mx.bad.test",
+                "-keyout", self.bad_key, "-out", self.bad_cert)
+
+
+class PolicyServer:
+    """HTTPS on 127.0.0.1: GET /.well-known/mta-sts.txt answers by the Host
+    header from `policies` (a str, or "big", "slow", "redirect", "html");
+    POST stores the report. A slow answer waits on an event that stop()
+    sets, so no thread outlives the test."""
+
+    def __init__(self, pki, policies):
+        self.policies = policies
+        self.reports = []
+        self.gets = []
+        self.release = threading.Event()
+        self.cv = threading.Condition()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                host = self.headers.get("Host", "").split(":")[0]
+                with server.cv:
+                    server.gets.append(host)
+                    server.cv.notify_all()
+                pol = server.policies.get(host.removeprefix("mta-sts."))
+                if self.path != "/.well-known/mta-sts.txt" or pol is None:
+                    return self.answer(404, b"no\n")
+                if pol == "slow":
+                    server.release.wait(WAIT)
+                    return self.answer(200, b"version: STSv1\nmode: enforce\n")
+                if pol == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", f"https://{host}/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if pol == "big":
+                    body = b"version: STSv1\nmode: enforce\nmx: mx.good.test\nmax_age: 86400\n"
+                    return self.answer(200, body + b"#" * 70000 + b"\n")
+                if pol == "html":
+                    return self.answer(200, pol.encode(), "text/html")
+                return self.answer(200, pol.encode())
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(n)
+                with server.cv:
+                    server.reports.append((self.path, self.headers.get("Content-Type"), body))
+                    server.cv.notify_all()
+                self.answer(200, b"thanks\n")
+
+            def answer(self, code, body, ctype="text/plain; charset=utf-8"):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up (the slow policy): as expected
+
+        self.port = free_port()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki.cert, pki.key)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        wait_until(lambda: connectable(self.port), WAIT, "the policy server to listen")
+
+    def gets_for(self, host):
+        with self.cv:
+            return self.gets.count(host)
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+class Dns:
+    """dnsmasq on its own port with the records given as config lines;
+    restart() reads new ones on the same port."""
+
+    def __init__(self, wd, records):
+        self.wd = wd
+        self.port = free_port(kind=socket.SOCK_DGRAM)
+        self.proc = None
+        self.start(records)
+
+    def start(self, records):
+        conf = self.wd.file("dnsmasq.conf", "\n".join(["local=/test/", *records]) + "\n")
+        for _ in range(50):
+            self.proc = subprocess.Popen(
+                ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
+                 f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
+                 "--bind-interfaces", "--log-facility=/dev/null"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda: self.ready() or self.proc.poll() is not None, 10,
+                       "dnsmasq to answer")
+            if self.proc.poll() is None:
+                return
+        raise AssertionError("dnsmasq would not start")
+
+    def ready(self):
+        q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x04test\x00\x00\x01\x00\x01"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.sendto(q, ("127.0.0.1", self.port))
+                return s.recv(512)[:2] == b"\x12\x34"
+            except OSError:
+                return False
+
+    def restart(self, records):
+        self.stop()
+        self.start(records)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def policy(mode, *mx, max_age=86400):
+    return "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (
+        mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
+
+
+# domain: (policy served, MX host, TXT id)
+DOMAINS = {
+    "enforce.test": (policy("enforce", "mx.good.test"), "mx.good.test", "1"),
+    "wild.test": (policy("enforce", "*.good.test"), "mx.good.test", "1"),
+    "badcert.test": (policy("enforce", "mx.bad.test"), "mx.bad.test", "1"),
+    "nomatch.test": (policy("enforce", "*.elsewhere.test"), "mx.good.test", "1"),
+    "testing.test": (policy("testing", "mx.bad.test"), "mx.bad.test", "1"),
+    "big.test": ("big", "mx.bad.test", "1"),
+    "slow.test": ("slow", "mx.bad.test", "1"),
+    "redirect.test": ("redirect", "mx.bad.test", "1"),
+    "html.test": ("html", "mx.bad.test", "1"),
+    "plain.test": (None, "mx.good.test", None),
+}
+
+
+def records(report_port, ids=None):
+    ids = ids or {}
+    recs = [f"host-record=mx.good.test,{MX_GOOD}", f"host-record=mx.bad.test,{MX_BAD}"]
+    for dom, (pol, mx, txt_id) in DOMAINS.items():
+        recs.append(f"mx-host={dom},{mx},10")
+        if txt_id is not None:
+            recs.append(f'txt-record=_mta-sts.{dom},"v=STSv1; id={ids.get(dom, txt_id)}"')
+            recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
+    recs.append(f'txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
+                f'rua=https://127.0.0.1:{report_port}/report"')
+    recs.append(f'txt-record=_smtp._tls.badcert.test,"v=TLSRPTv1;rua=mailto:tls@badcert.test,'
+                f'https://127.0.0.1:{report_port}/bad"')
+    return recs
+
+
+class Receiver:
+    """A sluice that accepts mail on addr:port with STARTTLS."""
+
+    def __init__(self, wd, name, addr, port, cert, key):
+        conf = wd.file(f"{name}.conf", f"""
+[server]
+workers = 1
+listen = {addr}:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/{name}-spool
+map_size = 64M
+[delivery]
+enabled = no
+[tls]
+cert_file = {cert}
+key_file = {key}
+""")
+        self.d = Sluice(SLUICE, conf)
+        self.d.wait_log("event=ready")
+
+    def got_from(self, sender):
+        return self.d.count_log(f"event=queued") and self.d.count_log(f"from=<{sender}>")
+
+
+class World:
+    def __init__(self):
+        for tool in ("dnsmasq", "openssl"):
+            if run(["which", tool]).returncode != 0 and not os.path.exists(f"/usr/sbin/{tool}"):
+                skip(f"{tool} not installed (tools/install-deps --test)")
+        self.wd = Workdir("sluice-sts-")
+        self.dns = self.https = self.good = self.bad = self.d = None
+        try:
+            names = ["mx.good.test"] + [f"mta-sts.{d}" for d in DOMAINS]
+            self.pki = Pki(self.wd, names)
+            self.https = PolicyServer(self.pki, {d: v[0] for d, v in DOMAINS.items() if v[0]})
+            self.dns = Dns(self.wd, records(self.https.port))
+            self.mx_port = free_port()
+            self.good = Receiver(self.wd, "good", MX_GOOD, self.mx_port, self.pki.cert,
+                                 self.pki.key)
+            self.bad = Receiver(self.wd, "bad", MX_BAD, self.mx_port, self.pki.bad_cert,
+                                self.pki.bad_key)
+            self.port = free_port()
+            self.sock = os.path.join(self.wd.path, "sluice.sock")
+            self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
+            self.conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.0/8
+hostname = sender.test
+[queue]
+path = {self.wd.path}/spool
+map_size = 128M
+[delivery]
+remote_port = {self.mx_port}
+allow_networks = 127.0.0.0/8
+connect_timeout = 2s
+idle_timeout = 1s
+[tls]
+ca_file = {self.pki.ca}
+[mta_sts]
+ca_file = {self.pki.ca}
+# the policy server's port: a test-only override of 443
+fetch_port = {self.https.port}
+fetch_timeout = 2s
+recheck = 1s
+[dns]
+servers = 127.0.0.1:{self.dns.port}
+[stats]
+socket = {self.sock}
+[log]
+delivery_log = {self.dlog}
+delivery_log_flush = 10ms
+[bounce]
+dsn = no
+""")
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self):
+        self.d = Sluice(SLUICE, self.conf)
+        self.d.wait_log("event=ready")
+
+    def send(self, rcpt, sender=None):
+        dom = rcpt.split("@")[1]
+        sender = sender or f"s-{dom.split('.')[0]}@example.com"
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        f = s.makefile("rb")
+        try:
+            assert f.readline().startswith(b"220")
+            s.sendall(b"EHLO tester\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            s.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender.encode(),
+                                                                       rcpt.encode()))
+            for _ in range(2):
+                assert f.readline().startswith(b"250")
+            assert f.readline().startswith(b"354")
+            s.sendall(b"Subject: sts\r\n\r\nto %s\r\n.\r\n" % dom.encode())
+            assert f.readline().startswith(b"250")
+            s.sendall(b"QUIT\r\n")
+        finally:
+            s.close()
+        return sender
+
+    def outcome(self, rcpt, n=1):
+        """The n-th outcome line (delivered or deferred) of rcpt."""
+        def got():
+            lines = [x for x in self.d.log_lines(f"rcpt=<{rcpt}>")
+                     if "event=delivered" in x or "event=deferred" in x or "event=bounced" in x]
+            return lines[n - 1] if len(lines) >= n else None
+        return wait_until(got, WAIT, f"an outcome for {rcpt}")
+
+    def ctl(self, line):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(WAIT)
+            s.connect(self.sock)
+            s.sendall(line.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                self.d.stop_clean()
+        finally:
+            for r in (self.good, self.bad):
+                if r is not None and r.d.proc.poll() is None:
+                    r.d.stop_clean()
+            for p in (self.https, self.dns):
+                if p is not None:
+                    p.stop()
+            self.wd.cleanup()
+
+
+def dlog_records(path, rcpt):
+    with open(path) as f:
+        return [json.loads(x) for x in f if f'"rcpt":"{rcpt}"' in x]
+
+
+# RFC 8460 4.4, written out as a JSON Schema (draft 7 vocabulary) and
+# checked by check_schema below (no library needed for this much).
+REPORT_SCHEMA = {
+    "type": "object",
+    "required": ["organization-name", "date-range", "contact-info", "report-id", "policies"],
+    "properties": {
+        "organization-name": {"type": "string"},
+        "date-range": {"type": "object", "required": ["start-datetime", "end-datetime"],
+                       "properties": {"start-datetime": {"type": "string", "format": "date-time"},
+                                      "end-datetime": {"type": "string",
+                                                       "format": "date-time"}}},
+        "contact-info": {"type": "string"},
+        "report-id": {"type": "string"},
+        "policies": {"type": "array", "items": {
+            "type": "object", "required": ["policy", "summary"],
+            "properties": {
+                "policy": {"type": "object", "required": ["policy-type", "policy-domain"],
+                           "properties": {
+                               "policy-type": {"type": "string",
+                                               "enum": ["tlsa", "sts", "no-policy-found"]},
+                               "policy-string": {"type": "array", "items": {"type": "string"}},
+                               "policy-domain": {"type": "string"},
+                               "mx-host": {"type": "array", "items": {"type": "string"}}}},
+                "summary": {"type": "object",
+                            "required": ["total-successful-session-count",
+                                         "total-failure-session-count"],
+                            "properties": {
+                                "total-successful-session-count": {"type": "integer"},
+                                "total-failure-session-count": {"type": "integer"}}},
+                "failure-details": {"type": "array", "items": {
+                    "type": "object", "required": ["result-type", "failed-session-count"],
+                    "properties": {
+                        "result-type": {"type": "string", "enum": [
+                            "starttls-not-supported", "certificate-host-mismatch",
+                            "certificate-expired", "certificate-not-trusted",
+                            "validation-failure", "tlsa-invalid", "dnssec-invalid",
+                            "dane-required", "sts-policy-fetch-error", "sts-policy-invalid",
+                            "sts-webpki-invalid"]},
+                        "sending-mta-ip": {"type": "string"},
+                        "receiving-mx-hostname": {"type": "string"},
+                        "receiving-mx-helo": {"type": "string"},
+                        "receiving-ip": {"type": "string"},
+                        "failed-session-count": {"type": "integer"},
+                        "additional-information": {"type": "string"},
+                        "failure-reason-code": {"type": "string"}}}}}}},
+    },
+}
+DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def check_schema(v, s, where="$"):
+    t = s.get("type")
+    types = {"object": dict, "array": list, "string": str, "integer": int}
+    if t is not None:
+        assert isinstance(v, types[t]) and not isinstance(v, bool), f"{where}: not {t}: {v!r}"
+    if "enum" in s:
+        assert v in s["enum"], f"{where}: {v!r} not one of {s['enum']}"
+    if s.get("format") == "date-time":
+        assert DATETIME.match(v), f"{where}: not an RFC 3339 date-time: {v!r}"
+    if t == "integer":
+        assert v >= 0, f"{where}: negative"
+    for k in s.get("required", []):
+        assert k in v, f"{where}: no {k}"
+    for k, sub in s.get("properties", {}).items():
+        if isinstance(v, dict) and k in v:
+            check_schema(v[k], sub, f"{where}.{k}")
+    if t == "array":
+        for i, x in enumerate(v):
+            check_schema(x, s["items"], f"{where}[{i}]")
+
+
+def test_enforce_testing_fetch_failures_cache_and_reports():
+    w = World()
+    try:
+        # enforce, an MX that matches (exactly, then by wildcard), a
+        # certificate from the CA: delivered over verified TLS.
+        for rcpt in ("a@enforce.test", "a@wild.test"):
+            sender = w.send(rcpt)
+            line = w.outcome(rcpt)
+            assert "event=delivered" in line, line
+            assert "tls_policy=mta-sts" in line and 'tls_verify="ok"' in line, line
+            wait_until(lambda: w.good.d.count_log(f"from=<{sender}>"), WAIT,
+                       f"the good MX to take {rcpt}")
+        rec = dlog_records(w.dlog, "a@enforce.test")
+        assert rec and rec[-1]["tls_policy"] == "mta-sts" and rec[-1]["tls_verify"] == "ok", rec
+
+        # enforce against a self-signed certificate: deferred, class
+        # tls_policy, and the receiver got nothing (no plaintext retry).
+        sender = w.send("a@badcert.test")
+        line = w.outcome("a@badcert.test")
+        assert "event=deferred" in line and "class=tls_policy" in line, line
+        assert "tls_policy=mta-sts" in line and 'tls_verify="-"' not in line, line
+        # enforce with no MX matching: deferred without a connection.
+        w.send("a@nomatch.test")
+        line = w.outcome("a@nomatch.test")
+        assert "event=deferred" in line and "class=tls_policy" in line, line
+        assert "MTA-STS" in line and "enhanced=4.7.5" in line, line
+
+        # testing: delivered to the bad certificate anyway, and counted.
+        sender_t = w.send("a@testing.test")
+        line = w.outcome("a@testing.test")
+        assert "event=delivered" in line and "tls_policy=mta-sts" in line, line
+        assert 'tls_verify="ok"' not in line, line
+        wait_until(lambda: w.bad.d.count_log(f"from=<{sender_t}>"), WAIT, "testing at the bad MX")
+        assert w.bad.d.count_log(f"from=<{sender}>") == 0, "enforce mail reached a bad cert"
+        assert w.good.d.count_log("from=<s-nomatch@example.com>") == 0
+
+        # Oversized, slow, redirected and mistyped policies: fetch failures
+        # (the domain has no policy yet), delivered as before, nothing hangs.
+        for dom, why in (("big", "larger than"), ("slow", "imeout"),
+                         ("redirect", "redirects are refused"), ("html", "not text/plain")):
+            w.send(f"a@{dom}.test")
+            line = w.d.wait_log(f"event=mta_sts_checked domain={dom}.test result=fetch_failed")
+            assert why in line, line
+            out = w.outcome(f"a@{dom}.test")
+            assert "event=delivered" in out and "tls_policy=opportunistic" in out, out
+        # No policy at all: as before.
+        out = w.outcome(w.send("a@plain.test") and "a@plain.test")
+        assert "event=delivered" in out and "tls_policy=opportunistic" in out, out
+
+        # TLS report: flushed now; one report per policy domain with an
+        # https rua, gzip, valid against RFC 8460's schema.
+        ans = w.ctl("tlsrpt flush")
+        assert ans.get("ok") is not False, ans
+        wait_until(lambda: len([r for r in w.https.reports if r[0] == "/report"]) >= 1, WAIT,
+                   "the testing.test report")
+        wait_until(lambda: len([r for r in w.https.reports if r[0] == "/bad"]) >= 1, WAIT,
+                   "the badcert.test report")
+        for path, ctype, body in w.https.reports:
+            assert ctype == "application/tlsrpt+gzip", ctype
+            rep = json.loads(gzip.decompress(body))
+            check_schema(rep, REPORT_SCHEMA)
+            pol = rep["policies"][0]
+            if path == "/report":
+                assert pol["policy"]["policy-domain"] == "testing.test", rep
+                assert pol["policy"]["policy-type"] == "sts", rep
+                assert "mode: testing" in pol["policy"]["policy-string"], rep
+                assert pol["summary"]["total-failure-session-count"] >= 1, rep
+                kinds = {d["result-type"] for d in pol["failure-details"]}
+                assert kinds & {"certificate-not-trusted", "certificate-host-mismatch"}, rep
+            else:
+                assert pol["policy"]["policy-domain"] == "badcert.test", rep
+                assert pol["summary"]["total-failure-session-count"] >= 1, rep
+        w.d.wait_log("event=tlsrpt_rua_skipped domain=badcert.test rua=mailto:")
+        st = w.ctl("tlsrpt")
+        assert st["reports_sent"] >= 2 and st["enforce"] >= 4, st
+
+        # The cache survives a restart with the policy server gone: still
+        # enforced (no fetch needed while the TXT id stays).
+        w.d.stop_clean()
+        w.https.stop()
+        w.https = None
+        w.start()
+        w.send("b@badcert.test")
+        line = w.outcome("b@badcert.test")
+        assert "event=deferred" in line and "class=tls_policy" in line, line
+        w.d.wait_log("event=mta_sts_cache_loaded")
+        assert "policies=" in w.d.wait_log("event=mta_sts_cache_loaded")
+        # A new id with the server still gone: the fetch fails and the
+        # cached enforce policy stays (RFC 8461 5.1).
+        # (A domain's TXT record is asked again when mail for it comes,
+        # at most every recheck: this message makes the check.)
+        w.dns.restart(records(0, {"badcert.test": "2"}))
+        w.send("c@badcert.test")
+        w.d.wait_log("event=mta_sts_checked domain=badcert.test result=fetch_failed")
+        line = w.outcome("c@badcert.test")
+        assert "event=deferred" in line and "class=tls_policy" in line, line
+        assert w.bad.d.count_log("from=<s-badcert@example.com>") == 0
+    finally:
+        w.close()
+
+
+def test_policy_id_change_fetches_again():
+    """A new TXT id fetches the policy again: enforce.test moves from
+    mx.good.test to a pattern its MX does not match, and is deferred."""
+    w = World()
+    try:
+        w.send("a@enforce.test")
+        assert "event=delivered" in w.outcome("a@enforce.test")
+        assert w.https.gets_for("mta-sts.enforce.test") == 1
+        w.https.policies["enforce.test"] = policy("enforce", "mx.moved.test")
+        w.dns.restart(records(w.https.port, {"enforce.test": "20261202"}))
+        # Mail makes the check (the TXT record is asked again at most every
+        # recheck, 1 s here, in the background: a message may still go
+        # under the old policy meanwhile). Mail until one is refused.
+        line = None
+        deadline = time.monotonic() + WAIT
+        for i in range(10000):
+            if time.monotonic() > deadline:
+                break
+            rcpt = f"m{i}@enforce.test"
+            w.send(rcpt)
+            line = w.outcome(rcpt)
+            if "event=deferred" in line:
+                break
+            assert "event=delivered" in line, line
+        assert "event=deferred" in line and "class=tls_policy" in line, (
+            line, w.d.log_lines("domain=enforce.test result="))
+        fetched = w.d.log_lines("domain=enforce.test result=fetched")
+        assert len(fetched) == 2 and "id=20261202" in fetched[-1], fetched
+        assert w.https.gets_for("mta-sts.enforce.test") == 2
+    finally:
+        w.close()
+
+
+if __name__ == "__main__":
+    if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
+        skip("dnsmasq not installed (tools/install-deps --test)")
+    main([test_enforce_testing_fetch_failures_cache_and_reports,
+          test_policy_id_change_fetches_again])

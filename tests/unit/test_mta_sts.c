@@ -1,0 +1,180 @@
+/*
+ * test_mta_sts: the MTA-STS policy parser, the TXT record parser and the
+ * mx pattern match (engine/mta_sts.c), table-driven, plus every split of
+ * a policy at each byte (a policy body is parsed whole: a cut one must
+ * fail or parse to a prefix, never crash), and the TLS-RPT result types
+ * read from OpenSSL's words.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "engine/mta_sts.h"
+#include "engine/tlsrpt.h"
+
+static void
+test_policy_table(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        int ok;
+        int mode;
+        unsigned nmx;
+        uint64_t max_age;
+    } cases[] = {
+        {"version: STSv1\nmode: enforce\nmx: mx.example.com\nmax_age: 86400\n", 1,
+         MTA_STS_ENFORCE, 1, 86400},
+        {"version: STSv1\r\nmode: testing\r\nmx: *.example.net\r\nmx: mx1.example.com\r\n"
+         "max_age: 604800\r\n",
+         1, MTA_STS_TESTING, 2, 604800},
+        {"version: STSv1\nmode: none\nmax_age: 10\n", 1, MTA_STS_NONE, 0, 10},
+        {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 99999999999\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n", 1,
+         MTA_STS_ENFORCE, 1, MTA_STS_MAX_AGE},
+        {"version: STSv1\nmode: enforce\nmax_age: 86400\n", 0, 0, 0, 0}, /* no mx */
+        {"mode: enforce\nversion: STSv1\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"version: STSv2\nmode: enforce\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: strict\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: a.example\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -1\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: mx*.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\nfuture: x\n", 1,
+         MTA_STS_ENFORCE, 1, 1},
+        {"<html>hello</html>", 0, 0, 0, 0},
+        {"", 0, 0, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct mta_sts_policy *p = NULL;
+        const char *why = NULL;
+        int rc = mta_sts_policy_parse(cases[i].text, strlen(cases[i].text), &p, &why);
+        if (!cases[i].ok) {
+            if (rc == 0)
+                fail_msg("case %zu parsed: %s", i, cases[i].text);
+            assert_null(p);
+            assert_non_null(why);
+            continue;
+        }
+        if (rc != 0)
+            fail_msg("case %zu: %s", i, why);
+        assert_int_equal(p->mode, cases[i].mode);
+        assert_int_equal(p->nmx, cases[i].nmx);
+        assert_int_equal(p->max_age, cases[i].max_age);
+        mta_sts_policy_unref(p);
+    }
+}
+
+static void
+test_policy_every_split(void **state)
+{
+    (void)state;
+    const char *text = "version: STSv1\r\nmode: enforce\r\nmx: *.example.net\r\nmax_age: 86400\r\n";
+    size_t n = strlen(text);
+    for (size_t cut = 0; cut <= n; cut++) {
+        char *buf = malloc(cut + 1); /* exactly the cut: ASan sees a read past it */
+        memcpy(buf, text, cut);
+        struct mta_sts_policy *p = NULL;
+        const char *why = NULL;
+        int rc = mta_sts_policy_parse(buf, cut, &p, &why);
+        if (rc == 0) {
+            assert_true(cut >= strlen("version: STSv1\r\nmode: enforce\r\nmx: *.example.net\r\n"
+                                      "max_age: 8"));
+            mta_sts_policy_unref(p);
+        }
+        free(buf);
+    }
+}
+
+/* More mx lines than are kept: the first MTA_STS_MAX_MX stand, the
+ * parser goes on to the end (fuzz_mta_sts found it looping). */
+static void
+test_policy_many_mx(void **state)
+{
+    (void)state;
+    char text[8192];
+    size_t n = (size_t)snprintf(text, sizeof(text), "version: STSv1\nmode: enforce\n");
+    for (int i = 0; i < MTA_STS_MAX_MX + 8; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, "mx: mx%d.example.com\n", i);
+    n += (size_t)snprintf(text + n, sizeof(text) - n, "max_age: 60\n");
+    struct mta_sts_policy *p = NULL;
+    const char *why = NULL;
+    assert_int_equal(mta_sts_policy_parse(text, n, &p, &why), 0);
+    assert_int_equal(p->nmx, MTA_STS_MAX_MX);
+    assert_int_equal(p->max_age, 60);
+    assert_true(mta_sts_match(p, "mx0.example.com"));
+    mta_sts_policy_unref(p);
+}
+
+static void
+test_match(void **state)
+{
+    (void)state;
+    struct mta_sts_policy *p = NULL;
+    const char *why;
+    const char *text = "version: STSv1\nmode: enforce\nmx: mx.example.com\nmx: *.Example.NET\n"
+                       "max_age: 1\n";
+    assert_int_equal(mta_sts_policy_parse(text, strlen(text), &p, &why), 0);
+    assert_true(mta_sts_match(p, "mx.example.com"));
+    assert_true(mta_sts_match(p, "MX.EXAMPLE.COM."));
+    assert_true(mta_sts_match(p, "a.example.net"));
+    assert_false(mta_sts_match(p, "example.net"));
+    assert_false(mta_sts_match(p, "a.b.example.net"));
+    assert_false(mta_sts_match(p, "mx.example.com.evil.test"));
+    assert_false(mta_sts_match(p, "xmx.example.com"));
+    assert_false(mta_sts_match(NULL, "mx.example.com"));
+    mta_sts_policy_unref(p);
+}
+
+static void
+test_txt(void **state)
+{
+    (void)state;
+    char id[33];
+    assert_int_equal(mta_sts_txt_parse("v=STSv1; id=20160831085700Z;", id), 0);
+    assert_string_equal(id, "20160831085700Z");
+    assert_int_equal(mta_sts_txt_parse("v=STSv1;id=abc", id), 0);
+    assert_string_equal(id, "abc");
+    assert_int_equal(mta_sts_txt_parse("v=STSv1; ext=1; id=x1 ", id), 0);
+    assert_string_equal(id, "x1");
+    assert_int_equal(mta_sts_txt_parse("v=spf1 -all", id), -ENOENT);
+    assert_int_equal(mta_sts_txt_parse("v=STSv10; id=1", id), -ENOENT);
+    assert_int_equal(mta_sts_txt_parse("v=STSv1;", id), -EINVAL);
+    assert_int_equal(mta_sts_txt_parse("v=STSv1; id=a-b", id), -EINVAL);
+    assert_int_equal(mta_sts_txt_parse("v=STSv1; id=123456789012345678901234567890123", id),
+                     -EINVAL);
+}
+
+static void
+test_tlsrpt_results(void **state)
+{
+    (void)state;
+    assert_int_equal(tlsrpt_result_of_verify("hostname mismatch"),
+                     TLSRPT_CERTIFICATE_HOST_MISMATCH);
+    assert_int_equal(tlsrpt_result_of_verify("certificate verify failed: self-signed certificate"),
+                     TLSRPT_CERTIFICATE_NOT_TRUSTED);
+    assert_int_equal(tlsrpt_result_of_verify("certificate has expired"),
+                     TLSRPT_CERTIFICATE_EXPIRED);
+    assert_int_equal(tlsrpt_result_of_verify("unable to get local issuer certificate"),
+                     TLSRPT_CERTIFICATE_NOT_TRUSTED);
+    assert_int_equal(tlsrpt_result_of_verify("wrong version number"), TLSRPT_VALIDATION_FAILURE);
+    assert_string_equal(tlsrpt_result_str(TLSRPT_STS_WEBPKI_INVALID), "sts-webpki-invalid");
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_policy_table), cmocka_unit_test(test_policy_every_split),
+        cmocka_unit_test(test_policy_many_mx),
+        cmocka_unit_test(test_match),        cmocka_unit_test(test_txt),
+        cmocka_unit_test(test_tlsrpt_results),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
