@@ -104,8 +104,10 @@ def per_address(port, pid):
         for line in f.readlines()[1:]:
             cols = line.split()
             if cols[3] == "01" and cols[2].endswith(suffix) and cols[9] in mine:
-                out[cols[2]] = out.get(cols[2], 0) + 1
-    return out
+                out.setdefault(cols[2], set()).add(cols[9])
+    # By socket inode, not by line: /proc/net/tcp is no snapshot (the walk
+    # resumes at each read; a socket may be listed twice under churn).
+    return {a: len(s) for a, s in out.items()}
 
 
 class Sampler(threading.Thread):

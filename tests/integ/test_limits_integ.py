@@ -441,17 +441,20 @@ def sink_conns(port, pids):
     beside this one bind sinks of their own to 127.0.0.2-4 on ports that
     free_port() (which asks about 127.0.0.1 only) may hand out again here,
     and their relays' connections to those have this port as their
-    remote port too (a full parallel run once counted 56 here)."""
+    remote port too (a full parallel run once counted 56 here). Counted by
+    socket inode, not by line: /proc/net/tcp is no snapshot (the kernel
+    resumes its walk at each read, so under churn it may list a socket
+    twice)."""
     mine = socket_inodes(pids())
     want = f"0100007F:{port:04X}"
-    n = 0
+    found = set()
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             parts = line.split()
             if parts[2] == want and parts[3] == "01" and parts[9] in mine:
-                n += 1
-    return n
+                found.add(parts[9])
+    return len(found)
 
 
 class ConnSampler:

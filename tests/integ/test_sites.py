@@ -29,16 +29,19 @@ def socket_inodes(pid):
 
 def established_to(port, pid):
     """Established TCP connections of process pid to 127.0.0.1:port, from
-    the kernel's table (other processes' connections do not count)."""
+    the kernel's table (other processes' connections do not count).
+    Counted by socket inode, not by line: /proc/net/tcp is no snapshot (the
+    kernel resumes its walk of the hash table at each read, so sockets
+    opened or closed meanwhile can make it list a socket twice)."""
     mine = socket_inodes(pid)
-    n = 0
+    found = set()
     want = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             cols = line.split()
             if cols[2] == want and cols[3] == "01" and cols[9] in mine:
-                n += 1
-    return n
+                found.add(cols[9])
+    return len(found)
 
 
 class Sampler:
