@@ -162,7 +162,7 @@ rate_interval(const struct conf_rate *r)
 }
 
 static uint32_t
-bo_factor(const struct limits *l, const struct limit_key *k, uint64_t now)
+backoff_factor(const struct limits *l, const struct limit_key *k, uint64_t now)
 {
     if (k->bo_factor >= FACTOR_ONE)
         return FACTOR_ONE;
@@ -171,6 +171,15 @@ bo_factor(const struct limits *l, const struct limit_key *k, uint64_t now)
     uint64_t steps = (now - k->bo_hold_until) / l->bo_step_ns + 1;
     uint64_t f = k->bo_factor + steps * FACTOR_STEP;
     return f >= FACTOR_ONE ? FACTOR_ONE : (uint32_t)f;
+}
+
+/* The rate scale: the adaptive backoff's, or a shaping action's when
+ * lower (limits_key_shape). */
+static uint32_t
+bo_factor(const struct limits *l, const struct limit_key *k, uint64_t now)
+{
+    uint32_t f = backoff_factor(l, k, now);
+    return k->shape_factor != 0 && k->shape_factor < f ? k->shape_factor : f;
 }
 
 /* T scaled by backoff and by the local share. */
@@ -212,13 +221,23 @@ local_share(const struct limits *l)
     return l->r != NULL ? l->nodes : 1;
 }
 
-/* Tokens per request: token_batch, at most a tenth of a second's worth at
- * the current scale. */
-static unsigned
-batch_size(const struct limits *l, const struct limit_key *k, uint32_t factor)
+/* The message interval of k now (ns, before the local share; 0:
+ * unlimited): the configured rate scaled (backoff, a shaping fraction),
+ * and never shorter than a shaping action's absolute rate asks. */
+static uint64_t
+msg_interval(const struct limits *l, const struct limit_key *k, uint64_t now)
 {
-    const struct conf_rate *r = &k->conf.msg_rate;
-    uint64_t per_tenth = (uint64_t)r->count * 100u * factor / FACTOR_ONE / (r->per_ms ? r->per_ms : 1000);
+    uint64_t T0 = rate_interval(&k->conf.msg_rate);
+    uint64_t T = T0 != 0 ? eff_interval(T0, bo_factor(l, k, now), 1) : 0;
+    return k->shape_T > T ? k->shape_T : T;
+}
+
+/* Tokens per request: token_batch, at most a tenth of a second's worth at
+ * interval T. */
+static unsigned
+batch_size(const struct limits *l, uint64_t T)
+{
+    uint64_t per_tenth = T != 0 ? MS_TO_NS(100) / T : 0;
     uint64_t b = l->batch;
     if (per_tenth < b)
         b = per_tenth;
@@ -597,9 +616,8 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
 static int
 msg_request(struct limits *l, struct limit_key *k, uint64_t now)
 {
-    uint32_t f = bo_factor(l, k, now);
-    uint64_t T = eff_interval(rate_interval(&k->conf.msg_rate), f, 1);
-    unsigned b = batch_size(l, k, f);
+    uint64_t T = msg_interval(l, k, now);
+    unsigned b = batch_size(l, T);
     struct limit_req *q = req_new(l, k, REQ_TAKE);
     if (q == NULL)
         return -ENOMEM;
@@ -923,15 +941,14 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
         *retry_at_ns = UINT64_MAX;
         return 0;
     }
-    uint64_t T0 = rate_interval(&k->conf.msg_rate);
-    if (T0 == 0) {
+    uint64_t T1 = msg_interval(l, k, now_ns);
+    if (T1 == 0) {
         l->st.local_decisions++;
         l->st.msgs_granted += n;
         return n;
     }
-    uint32_t f = bo_factor(l, k, now_ns);
     if (l->shared && now_ns >= k->local_until) {
-        unsigned b = batch_size(l, k, f);
+        unsigned b = batch_size(l, T1);
         held_expire(l, k, b, now_ns);
         unsigned g = held_due(k, now_ns);
         if (g > n)
@@ -964,7 +981,7 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
         /* Redis would not take the request: decide locally this time. */
     }
     unsigned share = local_share(l);
-    uint64_t T = eff_interval(T0, f, share);
+    uint64_t T = sat_mul(T1, share);
     uint64_t tau = sat_mul(T, k->conf.msg_burst / share);
     unsigned g = gcra_take(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
     l->st.local_decisions++;
@@ -1085,7 +1102,7 @@ limits_conn_release(struct limits *l, struct limit_key *k)
 void
 limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns)
 {
-    uint32_t f = bo_factor(l, k, now_ns) / 2;
+    uint32_t f = backoff_factor(l, k, now_ns) / 2;
     if (f < FACTOR_MIN)
         f = FACTOR_MIN;
     k->bo_factor = f;
@@ -1105,6 +1122,31 @@ limits_key_rate_pct(const struct limit_key *k, uint64_t now_ns)
     if (k->l == NULL)
         return 100;
     return bo_factor(k->l, k, now_ns) * 100u / FACTOR_ONE;
+}
+
+void
+limits_key_shape(struct limits *l, struct limit_key *k, unsigned permille, uint64_t interval_ns)
+{
+    uint32_t f = permille == 0 || permille >= 1000 ? 0 : (uint32_t)(permille * FACTOR_ONE / 1000u);
+    if (permille != 0 && permille < 1000 && f < FACTOR_MIN)
+        f = FACTOR_MIN;
+    if (f == k->shape_factor && interval_ns == k->shape_T)
+        return;
+    bool slower = (f != 0 && (k->shape_factor == 0 || f < k->shape_factor)) ||
+                  interval_ns > k->shape_T;
+    k->shape_factor = f;
+    k->shape_T = interval_ns;
+    /* Tokens fetched at the old rate would keep it up for a batch. */
+    if (slower && k->held > 0) {
+        l->st.tokens_expired += k->held;
+        k->held = 0;
+    }
+    log_msg(LOG_INFO, "event=limits_shaped key=%s rate_permille=%u min_interval_us=%llu", k->name,
+            permille, (unsigned long long)(interval_ns / 1000));
+    if (!slower) {
+        k->want_wake = true;
+        key_wake(k);
+    }
 }
 
 void

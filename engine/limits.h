@@ -120,6 +120,8 @@ struct limit_key {
     uint64_t ready_at;
     uint32_t bo_factor;        /* rate scale in 1/1024; 1024: no backoff */
     uint64_t bo_hold_until;
+    uint32_t shape_factor;     /* a shaping action's scale in 1/1024; 0: none */
+    uint64_t shape_T;          /* a shaping action's least message interval, ns; 0: none */
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */
 };
@@ -158,6 +160,16 @@ bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
 void limits_conn_release(struct limits *l, struct limit_key *k);
 /* A 421 or a "rate limited" reply: see above. */
 void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);
+/* A shaping action (engine/shaping.h, action=rate) lowers k's message
+ * rate for as long as it is given: to permille of the configured rate
+ * (0: no fraction) and to at most one message per interval_ns (0: no
+ * absolute rate; applies even where no rate is configured), whichever is
+ * slower, on top of an adaptive backoff (the lower scale wins). Given
+ * again on every transaction; 0, 0 lifts it (the waker runs). In shared
+ * mode the slower interval is what the node books from the shared
+ * schedule, so the nodes together keep to an absolute rate. */
+void limits_key_shape(struct limits *l, struct limit_key *k, unsigned permille,
+                      uint64_t interval_ns);
 /* The rate scale now, in percent of the configured rates (100: none). */
 unsigned limits_key_rate_pct(const struct limit_key *k, uint64_t now_ns);
 /* Suspended: no tokens and no new connections (open ones keep their

@@ -325,7 +325,7 @@ shaping_counters(struct engine *e, struct stats_counters *out)
     shaping_stats(e->shaping, &ss);
     out->shaping_on = true;
     out->shaping_redis = !ss.redis_on ? "off" : ss.redis_up ? "connected" : "unreachable";
-    for (unsigned k = 0; k < SHAPING_KIND_COUNT && k < 4; k++)
+    for (unsigned k = 0; k < SHAPING_KIND_COUNT && k < 6; k++)
         out->shaping_active[k] = ss.active[k];
     out->shaping_started = ss.started;
     out->shaping_ended = ss.ended;
@@ -1679,6 +1679,10 @@ shaping_action_json(struct json *out, const struct shaping_action *a, uint64_t n
     json_kstr(out, "action", shaping_kind_str(a->kind));
     if (a->kind == SHAPING_CAP)
         json_ku64(out, "value", a->value);
+    if (a->kind == SHAPING_RATE) {
+        char rb[32];
+        json_kstr(out, "rate", shaping_rate_str(a->value, a->per_ms, rb, sizeof(rb)));
+    }
     json_kstr(out, "scope", shaping_scope_str(a->scope));
     if (a->scope == SHAPING_SCOPE_SOURCE)
         json_kstr(out, "source", a->source);
@@ -1757,8 +1761,15 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
     } else if (strncmp(w[0], "cap:", 4) == 0 && atoi(w[0] + 4) > 0) {
         a.kind = SHAPING_CAP;
         a.value = (unsigned)atoi(w[0] + 4);
+    } else if (strncmp(w[0], "rate:", 5) == 0 &&
+               shaping_rate_parse(w[0] + 5, &a.value, &a.per_ms) == 0) {
+        a.kind = SHAPING_RATE;
+    } else if (strcmp(w[0], "bounce") == 0) {
+        a.kind = SHAPING_BOUNCE;
     } else {
-        snprintf(err, errlen, "shaping: list, clear, suspend, backoff or cap:N, not %.40s", w[0]);
+        snprintf(err, errlen,
+                 "shaping: list, clear, suspend, backoff, cap:N, rate:R or bounce, not %.40s",
+                 w[0]);
         return -1;
     }
     uint64_t for_ms = 0;

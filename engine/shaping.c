@@ -116,11 +116,11 @@ shaping_action_format(const struct shaping_action *a, char *buf, size_t cap)
 {
     int n = snprintf(buf, cap,
                      "id=%s\tkind=%s\tscope=%s\tvalue=%u\tsource=%s\tgroup=%s\tdomain=%s\t"
-                     "tenant=%s\trule=%s\torigin=%s\tstarted=%llu\tuntil=%llu\ttrigger=%s",
+                     "tenant=%s\trule=%s\torigin=%s\tstarted=%llu\tuntil=%llu\tper=%u\ttrigger=%s",
                      a->id, shaping_kind_str(a->kind), shaping_scope_str(a->scope), a->value,
                      a->source, a->group, a->domain, a->tenant, a->rule, a->origin,
                      (unsigned long long)a->started_ms, (unsigned long long)a->until_ms,
-                     a->trigger);
+                     a->per_ms, a->trigger);
     return n < 0 || (size_t)n >= cap ? -ENOSPC : n;
 }
 
@@ -158,6 +158,8 @@ shaping_action_parse(const char *line, struct shaping_action *a)
                         a->scope = (enum shaping_scope)k;
             } else if (KEY("value")) {
                 a->value = (unsigned)strtoul(v, NULL, 10);
+            } else if (KEY("per")) {
+                a->per_ms = (unsigned)strtoul(v, NULL, 10);
             } else if (KEY("source")) {
                 clean_copy(a->source, sizeof(a->source), v);
             } else if (KEY("group")) {
@@ -352,6 +354,7 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
     a.kind = ri->kind;
     a.scope = ri->scope;
     a.value = ri->value;
+    a.per_ms = ri->per_ms;
     snprintf(a.rule, sizeof(a.rule), "%s", ri->name);
     if (a.scope == SHAPING_SCOPE_DOMAIN) {
         snprintf(a.domain, sizeof(a.domain), "%s", rep->domain ? rep->domain : "");
@@ -448,6 +451,17 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
             recheck = a->until_ms;
         if (a->kind == SHAPING_SUSPEND) {
             v->suspended = true;
+        } else if (a->kind == SHAPING_BOUNCE) {
+            v->bounce = true;
+        } else if (a->kind == SHAPING_RATE) {
+            if (a->per_ms == 0) {
+                if (a->value > 0 && (v->rate_permille == 0 || a->value < v->rate_permille))
+                    v->rate_permille = a->value;
+            } else if (a->value > 0) {
+                uint64_t T = (uint64_t)a->per_ms * 1000000ULL / a->value;
+                if (T > v->rate_interval_ns)
+                    v->rate_interval_ns = T;
+            }
         } else {
             unsigned cap = a->kind == SHAPING_BACKOFF ? 1 : a->value;
             if (v->cap == 0 || cap < v->cap)

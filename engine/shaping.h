@@ -9,7 +9,8 @@
  *     first, then the shipped etc/shaping.rules) and immutable after:
  *     shaping_rules_match() runs on any thread.
  *   - actions (shaping.c): what the rules fired, here or on another node:
- *     suspend, back off, cap connections or only count, for the source
+ *     suspend, back off, cap connections, lower the message rate, bounce
+ *     what waits or only count, for the source
  *     that was refused at a destination group, the whole group, or a
  *     recipient domain, until a wall-clock time. One table per process,
  *     under a lock, read by the workers when they open a connection or
@@ -39,6 +40,9 @@ enum shaping_kind {
     SHAPING_BACKOFF,  /* one connection per destination and node, one transaction each */
     SHAPING_CAP,      /* at most value connections per destination and node */
     SHAPING_COUNT,    /* only counted (and shown) */
+    SHAPING_RATE,     /* the message rate lowered: value per per_ms (an absolute rate), or
+                       * per_ms 0 and value in permille of the configured rate */
+    SHAPING_BOUNCE,   /* what waits for the scope is bounced (as an operator bounce) */
     SHAPING_KIND_COUNT
 };
 
@@ -53,6 +57,14 @@ enum shaping_scope {
 
 const char *shaping_kind_str(enum shaping_kind k);
 const char *shaping_scope_str(enum shaping_scope s);
+
+/* The argument of action=rate:ARG: an absolute rate ("10/s", "600/min",
+ * "100/h": *value per *per_ms) or a fraction of the configured rate
+ * ("0.5", "50%": *value permille, *per_ms 0), 1..999 permille. Returns 0
+ * or -EINVAL. */
+int shaping_rate_parse(const char *arg, unsigned *value, unsigned *per_ms);
+/* "10/s", "600/min", "50%" ... of an action's value and per_ms, in buf. */
+const char *shaping_rate_str(unsigned value, unsigned per_ms, char *buf, size_t cap);
 
 /* ---- rules (shaping_conf.c) ---- */
 
@@ -73,7 +85,8 @@ struct shaping_rule_info {
     const char *group;  /* the destination group it is scoped to, or NULL (any host) */
     enum shaping_kind kind;
     enum shaping_scope scope;
-    unsigned value;     /* SHAPING_CAP: connections */
+    unsigned value;     /* SHAPING_CAP: connections; SHAPING_RATE: see enum shaping_kind */
+    unsigned per_ms;    /* SHAPING_RATE */
     uint64_t for_ms;
     const char *origin; /* "FILE:LINE" */
 };
@@ -117,7 +130,8 @@ struct shaping_action {
                                      * on every node */
     enum shaping_kind kind;
     enum shaping_scope scope;
-    unsigned value;                 /* SHAPING_CAP */
+    unsigned value;                 /* SHAPING_CAP, SHAPING_RATE (see enum shaping_kind) */
+    unsigned per_ms;                /* SHAPING_RATE: 0 when value is a fraction */
     char source[64];                /* SHAPING_SCOPE_SOURCE: the address ("" default) */
     char group[SHAPING_NAME_MAX];   /* SOURCE and GROUP scopes */
     char domain[256];               /* SHAPING_SCOPE_DOMAIN */
@@ -164,6 +178,11 @@ struct shaping_verdict {
     bool suspended;     /* no new connection, no new transaction */
     unsigned cap;       /* connections per destination (0: no cap) */
     bool one_txn;       /* backoff: one transaction per connection */
+    bool bounce;        /* bounce: what waits is bounced */
+    unsigned rate_permille; /* rate: the lowest fraction of the configured message rate
+                             * (0: none) */
+    uint64_t rate_interval_ns; /* rate: the longest spacing of messages an absolute
+                                * rate asks for (0: none) */
     uint64_t recheck_ms; /* Unix ms by which to ask again (an action ends or may be cleared) */
 };
 /* Fills v and returns whether any action applies. Lock-free while no

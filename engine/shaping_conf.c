@@ -15,7 +15,9 @@
  *   code=421|4xx|5xx  the basic code
  *   enhanced=C.S.D    each part a number, "x" (any) or a range A-B: 5.7.606-649
  *   match="REGEX" POSIX extended, case-insensitive, searched in the text
- *   action=suspend|backoff|cap:N|count
+ *   action=suspend|backoff|cap:N|rate:R|bounce|count
+ *                 rate:R: 10/s, 600/min (absolute) or 0.5, 50% (of the
+ *                 configured message rate)
  *   scope=source|group|domain|tenant   (default source; tenant: suspend or count)
  *   for=DURATION  how long the action lasts (250ms, 30s, 5m, 4h, 1d)
  * Values may be in double quotes (\" and \\ inside). Rules are tried in
@@ -90,7 +92,8 @@ struct shaping_rules {
     bool finished;
 };
 
-static const char *const kind_names[SHAPING_KIND_COUNT] = {"suspend", "backoff", "cap", "count"};
+static const char *const kind_names[SHAPING_KIND_COUNT] = {"suspend", "backoff", "cap",
+                                                           "count",   "rate",    "bounce"};
 static const char *const scope_names[SHAPING_SCOPE_COUNT] = {"source", "group", "domain",
                                                               "tenant"};
 
@@ -104,6 +107,51 @@ const char *
 shaping_scope_str(enum shaping_scope s)
 {
     return (unsigned)s < SHAPING_SCOPE_COUNT ? scope_names[s] : "?";
+}
+
+int
+shaping_rate_parse(const char *arg, unsigned *value, unsigned *per_ms)
+{
+    if (strchr(arg, '/') != NULL) {
+        struct conf_rate r;
+        if (conf_parse_rate(arg, &r) != 0 || r.count == 0 || r.count > 1000000)
+            return -EINVAL;
+        *value = r.count;
+        *per_ms = r.per_ms;
+        return 0;
+    }
+    /* a fraction: 0.5 or 50% (in permille, 1..999) */
+    char *end;
+    errno = 0;
+    double f = strtod(arg, &end);
+    if (end == arg || errno != 0)
+        return -EINVAL;
+    if (*end == '%' && end[1] == '\0')
+        f /= 100.0;
+    else if (*end != '\0')
+        return -EINVAL;
+    long pm = (long)(f * 1000.0 + 0.5);
+    if (!(f > 0.0) || pm < 1 || pm > 999)
+        return -EINVAL;
+    *value = (unsigned)pm;
+    *per_ms = 0;
+    return 0;
+}
+
+const char *
+shaping_rate_str(unsigned value, unsigned per_ms, char *buf, size_t cap)
+{
+    if (per_ms == 0)
+        snprintf(buf, cap, "%u.%u%%", value / 10, value % 10);
+    else if (per_ms == 1000)
+        snprintf(buf, cap, "%u/s", value);
+    else if (per_ms == 60000)
+        snprintf(buf, cap, "%u/min", value);
+    else if (per_ms == 3600000)
+        snprintf(buf, cap, "%u/h", value);
+    else
+        snprintf(buf, cap, "%u/%ums", value, per_ms);
+    return buf;
 }
 
 struct shaping_rules *
@@ -516,10 +564,15 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
                     why = "action=cap:N: N connections, 1..100000";
                 kk = SHAPING_CAP;
                 x->info.value = (unsigned)n;
-            } else if (kk == SHAPING_CAP) {
-                why = "action=cap:N: give N";
+            } else if (kk == SHAPING_KIND_COUNT && strncasecmp(v, "rate:", 5) == 0) {
+                if (shaping_rate_parse(v + 5, &x->info.value, &x->info.per_ms) < 0)
+                    why = "action=rate:R: a rate (10/s, 600/min) or a fraction of the "
+                          "configured rate (0.5, 50%)";
+                kk = SHAPING_RATE;
+            } else if (kk == SHAPING_CAP || kk == SHAPING_RATE) {
+                why = "action=cap:N, rate:R: give N or R";
             } else if (kk == SHAPING_KIND_COUNT) {
-                why = "action: suspend, backoff, cap:N or count";
+                why = "action: suspend, backoff, cap:N, rate:R, bounce or count";
             }
             x->info.kind = (enum shaping_kind)kk;
         } else if (strcmp(k, "scope") == 0) {

@@ -149,7 +149,7 @@ kcount(struct json *j, const char *k, uint64_t v)
 static void
 render_shaping(struct json *j, const struct stats_counters *c)
 {
-    static const char *const kinds[4] = {"suspend", "backoff", "cap", "count"};
+    static const char *const kinds[6] = {"suspend", "backoff", "cap", "count", "rate", "bounce"};
     json_key(j, "shaping");
     json_obj_begin(j);
     json_kbool(j, "enabled", c->shaping_on);
@@ -157,7 +157,7 @@ render_shaping(struct json *j, const struct stats_counters *c)
     json_ku64(j, "rules", c->shaping_rules);
     json_key(j, "active");
     json_obj_begin(j);
-    for (unsigned k = 0; k < 4; k++)
+    for (unsigned k = 0; k < 6; k++)
         json_ku64(j, kinds[k], c->shaping_active[k]);
     json_obj_end(j);
     json_ku64(j, "started", c->shaping_started);
@@ -902,12 +902,12 @@ render_owner_metrics(struct json *t, const struct stats_counters *c)
 static void
 render_shaping_metrics(struct json *t, const struct stats_counters *c)
 {
-    static const char *const kinds[4] = {"suspend", "backoff", "cap", "count"};
+    static const char *const kinds[6] = {"suspend", "backoff", "cap", "count", "rate", "bounce"};
     if (!c->shaping_on)
         return;
     text_family(t, "sluice_shaping_active", "gauge",
                 "Shaping actions in force now (every node's, as this node applies them).");
-    for (unsigned k = 0; k < 4; k++)
+    for (unsigned k = 0; k < 6; k++)
         text_printf(t, "sluice_shaping_active{kind=\"%s\"} %llu\n", kinds[k],
                     (unsigned long long)c->shaping_active[k]);
     text_family(t, "sluice_shaping_actions_started_total", "counter",

@@ -187,7 +187,7 @@ struct stats_counters {
     /* traffic shaping (engine/shaping.h) */
     bool shaping_on;               /* [shaping] enabled */
     const char *shaping_redis;     /* static: "off" | "connected" | "unreachable" */
-    uint64_t shaping_active[4];    /* by kind: suspend, backoff, cap, count */
+    uint64_t shaping_active[6];    /* by kind: suspend, backoff, cap, count, rate, bounce */
     uint64_t shaping_started, shaping_ended, shaping_hits, shaping_published,
         shaping_received, shaping_quits;
     unsigned shaping_rules;        /* rules loaded */

@@ -1105,6 +1105,8 @@ render_shaping(const cJSON *doc)
         double v;
         if (strcmp(k, "cap") == 0 && num(a, "value", &v))
             snprintf(act, sizeof(act), "cap:%.0f", v);
+        else if (strcmp(k, "rate") == 0)
+            snprintf(act, sizeof(act), "rate:%s", fmt_str(a, "rate"));
         else
             snprintf(act, sizeof(act), "%s", k);
         const char *where = fmt_str(a, "domain");

@@ -783,6 +783,27 @@ dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_ver
     return true;
 }
 
+/* A bounce action applies to t: what waits in its queue fails now, as
+ * an operator's bounce (spool, delivery log, DSN); what comes up later
+ * while the action lasts likewise. */
+static void
+shaping_bounce(struct dest *t, const char *mx)
+{
+    struct delivery *d = t->d;
+    struct policy_fail f;
+    policy_job(POLICY_OPERATOR_BOUNCE, &f);
+    struct smtp_outcome o;
+    char text[160];
+    snprintf(text, sizeof(text), "bounced by a shaping action for %.100s", mx ? mx : t->name);
+    job_outcome(&o, &f, text);
+    unsigned n = 0;
+    for (struct job *j; (j = dest_pop(t)) != NULL; n++)
+        job_fail(d, t, j, &o, f.src);
+    if (n > 0)
+        log_msg(LOG_NOTICE, "event=shaping_bounced domain=%s mx=%s jobs=%u", t->name,
+                mx ? mx : "-", n);
+}
+
 /* May a new connection of t go from src_id to mx, as shaping says? */
 static bool
 shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait)
@@ -791,6 +812,12 @@ shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait
     uint64_t at = 0;
     if (!dest_shaping(t, src_id, mx, &v, &at))
         return true;
+    if (v.bounce) {
+        shaping_bounce(t, mx);
+        if (at < *wait)
+            *wait = at;
+        return false;
+    }
     if (!v.suspended && (v.cap == 0 || t->conns < v.cap))
         return true;
     if (at < *wait)
@@ -917,8 +944,16 @@ shaping_may_send(struct conn *c)
 {
     struct shaping_verdict v;
     uint64_t at = 0;
-    if (!dest_shaping(c->dest, c->src_id, c->mx, &v, &at))
+    bool any = dest_shaping(c->dest, c->src_id, c->mx, &v, &at);
+    /* a rate action lowers the destination's message rate in the limiter
+     * (as an adaptive backoff does); lifted once none applies */
+    limits_key_shape(c->d->lim, &c->dest->lim, v.rate_permille, v.rate_interval_ns);
+    if (!any)
         return true;
+    if (v.bounce) {
+        shaping_bounce(c->dest, c->mx);
+        return false;
+    }
     if (v.suspended || (v.one_txn && c->nmsgs >= 1) || (v.cap != 0 && c->dest->conns > v.cap)) {
         c->d->stats.shaping_quits++;
         return false;

@@ -24,6 +24,7 @@
 #include <cmocka.h>
 
 #include "common/clock.h"
+#include "engine/limits.h"
 #include "engine/shaping.h"
 #include "tests/support/redis_server.h"
 
@@ -356,6 +357,136 @@ test_state_file_and_check(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+
+/* action=rate: its forms and errors, kept as text, what shaping_check
+ * says, and the rate a local limiter then lets through (simulated time). */
+static struct worker fake_worker; /* a local limiter touches neither ring nor timers */
+
+static unsigned
+drive(struct limits *l, struct limit_key *k, uint64_t start_ns, unsigned ms)
+{
+    unsigned total = 0;
+    for (unsigned i = 0; i < ms; i++) {
+        uint64_t r;
+        total += limits_take_msgs(l, k, 1000, start_ns + (uint64_t)i * 1000000ULL, &r);
+    }
+    return total;
+}
+
+static void
+test_rate_action(void **state)
+{
+    (void)state;
+    unsigned v, per;
+    assert_int_equal(shaping_rate_parse("10/s", &v, &per), 0);
+    assert_true(v == 10 && per == 1000);
+    assert_int_equal(shaping_rate_parse("600/min", &v, &per), 0);
+    assert_true(v == 600 && per == 60000);
+    assert_int_equal(shaping_rate_parse("0.5", &v, &per), 0);
+    assert_true(v == 500 && per == 0);
+    assert_int_equal(shaping_rate_parse("25%", &v, &per), 0);
+    assert_true(v == 250 && per == 0);
+    const char *bad[] = {"0", "1", "1.5", "0/s", "abc", "10/fortnight", "-0.5", "", "50%x"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(shaping_rate_parse(bad[i], &v, &per), -EINVAL);
+    char rb[32];
+    assert_string_equal(shaping_rate_str(500, 0, rb, sizeof(rb)), "50.0%");
+    assert_string_equal(shaping_rate_str(10, 1000, rb, sizeof(rb)), "10/s");
+
+    char err[256] = "";
+    struct shaping_rules *r = load("group slow *.slow.test\n"
+                                   "rule slow-abs group=slow code=421 match=\"slow down\" "
+                                   "action=rate:20/s scope=group for=1h\n"
+                                   "rule slow-half group=slow code=451 action=rate:0.5 "
+                                   "scope=source for=1h\n"
+                                   "rule gone group=slow code=550 match=\"no such list\" "
+                                   "action=bounce scope=domain for=10m\n",
+                                   err, sizeof(err), false);
+    assert_non_null(r);
+    assert_int_equal(shaping_rule(r, 0)->kind, SHAPING_RATE);
+    assert_true(shaping_rule(r, 0)->value == 20 && shaping_rule(r, 0)->per_ms == 1000);
+    assert_true(shaping_rule(r, 1)->value == 500 && shaping_rule(r, 1)->per_ms == 0);
+    assert_int_equal(shaping_rule(r, 2)->kind, SHAPING_BOUNCE);
+    struct shaping_rules *b = load("rule x code=421 action=rate:2 for=1h\n", err, sizeof(err), false);
+    assert_null(b);
+    assert_non_null(strstr(err, "action=rate:R"));
+
+    /* the text form keeps the rate */
+    struct shaping_action a = {.kind = SHAPING_RATE, .scope = SHAPING_SCOPE_GROUP, .value = 20,
+                               .per_ms = 1000, .until_ms = 2};
+    snprintf(a.id, sizeof(a.id), "0123456789abcdef");
+    snprintf(a.group, sizeof(a.group), "slow");
+    char line[1024];
+    assert_true(shaping_action_format(&a, line, sizeof(line)) > 0);
+    struct shaping_action back;
+    assert_int_equal(shaping_action_parse(line, &back), 0);
+    assert_true(back.kind == SHAPING_RATE && back.value == 20 && back.per_ms == 1000);
+
+    /* fired by replies: the verdict carries both, the slower of each */
+    char dir[] = "/tmp/sluice-shaping-rate-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct shaping *s = open_node(dir, "a", 0);
+    struct shaping_reply r421 = {.code = 421, .text = "slow down please", .mx = "mx1.slow.test",
+                                 .domain = "slow.test"};
+    struct shaping_reply r451 = {.code = 451, .text = "try later", .mx = "mx1.slow.test",
+                                 .domain = "slow.test"};
+    assert_int_equal(shaping_on_reply(s, r, &r421, "192.0.2.1", NULL), 0);
+    assert_int_equal(shaping_on_reply(s, r, &r451, "192.0.2.1", NULL), 1);
+    struct shaping_verdict vd;
+    uint64_t now = clock_unix_ms();
+    assert_true(shaping_check(s, r, "192.0.2.1", "mx2.slow.test", "slow.test", now, &vd));
+    assert_false(vd.suspended || vd.bounce || vd.one_txn || vd.cap != 0);
+    assert_int_equal(vd.rate_permille, 500);
+    assert_true(vd.rate_interval_ns == 50000000ULL); /* 20/s */
+    /* another source: the group's absolute rate only */
+    assert_true(shaping_check(s, r, "192.0.2.2", "mx2.slow.test", "slow.test", now, &vd));
+    assert_int_equal(vd.rate_permille, 0);
+    assert_false(shaping_check(s, r, "192.0.2.1", "mx.other.test", "other.test", now, &vd));
+
+    /* the limiter: 100/s configured; half of it, then 20/s where no rate
+     * is configured at all, then lifted */
+    struct limits_opts o = {0};
+    struct limits *l = NULL;
+    assert_int_equal(limits_new(&fake_worker, &o, &l, err, sizeof(err)), 0);
+    struct limit_key k, u;
+    struct limit_conf c = {.msg_rate = {100, 1000}, .msg_burst = 1};
+    struct limit_conf none = {0};
+    assert_int_equal(limits_key_init(l, &k, "rate.test", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(l, &u, "unlimited.test", &none, NULL, NULL), 0);
+    uint64_t t = 1000ULL * 1000000000ULL;
+    unsigned n = drive(l, &k, t, 4000);
+    assert_true(n >= 399 && n <= 403);
+    t += 4000000000ULL;
+    limits_key_shape(l, &k, 500, 0);
+    assert_int_equal(limits_key_rate_pct(&k, t), 50);
+    n = drive(l, &k, t, 4000);
+    assert_true(n >= 198 && n <= 203); /* 50/s */
+    t += 4000000000ULL;
+    limits_key_shape(l, &k, 500, 50000000ULL); /* and at most 20/s: the slower */
+    n = drive(l, &k, t, 4000);
+    assert_true(n >= 79 && n <= 82);
+    t += 4000000000ULL;
+    limits_key_shape(l, &k, 0, 0);
+    assert_int_equal(limits_key_rate_pct(&k, t), 100);
+    n = drive(l, &k, t, 4000);
+    assert_true(n >= 390 && n <= 403);
+    /* unlimited: only an absolute rate holds it */
+    limits_key_shape(l, &u, 500, 0);
+    assert_int_equal(drive(l, &u, t, 1000), 1000u * 1000u);
+    limits_key_shape(l, &u, 0, vd.rate_interval_ns ? vd.rate_interval_ns : 50000000ULL);
+    n = drive(l, &u, t + 2000000000ULL, 4000);
+    assert_true(n >= 79 && n <= 82);
+    limits_key_fini(l, &k);
+    limits_key_fini(l, &u);
+    limits_free(l);
+
+    shaping_close(s);
+    shaping_rules_free(r);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 static void
 test_two_nodes_through_redis(void **state)
 {
@@ -421,6 +552,7 @@ main(void)
         cmocka_unit_test(test_many_rules),
         cmocka_unit_test(test_action_text),
         cmocka_unit_test(test_state_file_and_check),
+        cmocka_unit_test(test_rate_action),
         cmocka_unit_test(test_two_nodes_through_redis),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
