@@ -802,8 +802,64 @@ parse_suspend_scope(const char *args, char *buf, size_t cap, const char **name, 
     return kind;
 }
 
-/* suspend SCOPE [for=DURATION] | resume SCOPE: a domain on the worker
- * that owns it; the other scopes on every worker. */
+#define SUSPEND_CLUSTER_MS (365ULL * 86400000ULL) /* "until resumed": a year at most */
+
+/* suspend/resume of a domain, a tenant or a source on every node: a
+ * shaping action (engine/shaping.h) of kind suspend, rule "operator",
+ * group "*" (every destination), shared through Redis and kept in the
+ * spool's shaping.state like the rules' actions; the scheduler applies it
+ * as it applies theirs (a domain's and a source's connections, a
+ * tenant's jobs parked as they come up). */
+static int
+suspend_cluster(struct engine *e, int kind, const char *name, bool on, uint64_t for_ms,
+                struct json *out, char *err, size_t errlen)
+{
+    struct shaping_action a;
+    memset(&a, 0, sizeof(a));
+    a.kind = SHAPING_SUSPEND;
+    if (kind == DELIVERY_SCOPE_DOMAIN) {
+        a.scope = SHAPING_SCOPE_DOMAIN;
+        for (size_t i = 0; name[i] != '\0' && i + 1 < sizeof(a.domain); i++)
+            a.domain[i] = (char)tolower((unsigned char)name[i]);
+    } else {
+        a.scope = kind == DELIVERY_SCOPE_TENANT ? SHAPING_SCOPE_TENANT : SHAPING_SCOPE_SOURCE;
+        snprintf(a.group, sizeof(a.group), "*");
+        if (kind == DELIVERY_SCOPE_TENANT)
+            snprintf(a.tenant, sizeof(a.tenant), "%s", name);
+        else
+            snprintf(a.source, sizeof(a.source), "%s", name);
+    }
+    int n = 0;
+    if (on) {
+        a.until_ms = clock_unix_ms() + (for_ms != 0 ? for_ms : SUSPEND_CLUSTER_MS);
+        snprintf(a.trigger, sizeof(a.trigger), "sluicectl suspend");
+        if (shaping_add(e->shaping, &a) < 0) {
+            snprintf(err, errlen, "too many shaping actions");
+            return -1;
+        }
+    } else {
+        n = shaping_remove(e->shaping, &a);
+    }
+    log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu cluster=yes",
+            on ? "suspended" : "resumed", delivery_scope_str((enum delivery_scope)kind), name,
+            (unsigned long long)for_ms);
+    json_obj_begin(out);
+    json_kstr(out, delivery_scope_str((enum delivery_scope)kind),
+              kind == DELIVERY_SCOPE_DOMAIN ? a.domain : name);
+    json_kbool(out, "suspended", on);
+    json_kbool(out, "cluster", true);
+    if (for_ms != 0)
+        json_ku64(out, "for_ms", for_ms);
+    if (!on)
+        json_ku64(out, "resumed", (uint64_t)n);
+    json_obj_end(out);
+    return 0;
+}
+
+/* suspend SCOPE [for=DURATION] | resume SCOPE: with shaping on, a domain,
+ * tenant or source on every node (suspend_cluster); else, and with
+ * "local" first, a domain on the worker that owns it, the other scopes
+ * on every worker of this node. */
 static int
 cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char *err,
             size_t errlen)
@@ -824,9 +880,14 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     }
     char scope[512];
     const char *name;
-    int kind = parse_suspend_scope(buf, scope, sizeof(scope), &name, err, errlen);
+    bool local = strncmp(buf, "local ", 6) == 0;
+    int kind = parse_suspend_scope(local ? buf + 6 : buf, scope, sizeof(scope), &name, err, errlen);
     if (kind < 0)
         return -1;
+    if (!local && e->shaping != NULL &&
+        (kind == DELIVERY_SCOPE_DOMAIN || kind == DELIVERY_SCOPE_TENANT ||
+         kind == DELIVERY_SCOPE_SOURCE))
+        return suspend_cluster(e, kind, name, on, for_ms, out, err, errlen);
     struct wcall *c = wcall_new(e, suspend_on_worker);
     if (c == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -848,6 +909,7 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     json_obj_begin(out);
     json_kstr(out, delivery_scope_str((enum delivery_scope)kind), c->arg);
     json_kbool(out, "suspended", on);
+    json_kbool(out, "cluster", false);
     if (for_ms != 0)
         json_ku64(out, "for_ms", for_ms);
     json_obj_end(out);

@@ -410,6 +410,8 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
 static bool
 in_group(const struct shaping_rules *r, const char *group, const char *mx)
 {
+    if (strcmp(group, "*") == 0)
+        return true; /* an operator's suspend: every destination */
     if (mx == NULL || group[0] == '\0')
         return false;
     if (strncmp(group, "mx:", 3) == 0)
@@ -525,6 +527,16 @@ shaping_add(struct shaping *s, const struct shaping_action *in)
     }
     pthread_mutex_unlock(&s->lock);
     return rc < 0 ? rc : 0;
+}
+
+int
+shaping_remove(struct shaping *s, const struct shaping_action *in)
+{
+    struct shaping_action a = *in;
+    if (a.rule[0] == '\0')
+        snprintf(a.rule, sizeof(a.rule), "operator");
+    make_id(&a);
+    return shaping_clear(s, a.id);
 }
 
 static bool

@@ -198,6 +198,11 @@ bool shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const
 
 /* Operators: an action by hand (rule "operator"), cluster-wide. */
 int shaping_add(struct shaping *s, const struct shaping_action *a);
+/* Clear the action that shaping_add(a) made (the same kind, scope and
+ * names; rule "operator" when a's is empty), cluster-wide. Returns 1, or
+ * 0 when there is none. Group "*" (in shaping_add too): every
+ * destination (an operator's `sluicectl suspend`). */
+int shaping_remove(struct shaping *s, const struct shaping_action *a);
 /* Clear the actions that sel names: an id, "all", or SCOPE=NAME
  * (source=ADDR, group=G, domain=D, tenant=T, rule=R); cluster-wide. Returns how many. */
 int shaping_clear(struct shaping *s, const char *sel);

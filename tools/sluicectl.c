@@ -901,7 +901,12 @@ run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     const char *tenant = NULL, *campaign = NULL, *target = NULL, *pool = NULL, *source = NULL,
                *dur = NULL;
     bool susp = strcmp(cmd->name, "suspend") == 0 || strcmp(cmd->name, "resume") == 0;
+    bool local = false;
     for (int i = 0; i < argc; i++) {
+        if (susp && strcmp(argv[i], "--local") == 0) {
+            local = true;
+            continue;
+        }
         const char **slot = strcmp(argv[i], "--tenant") == 0     ? &tenant
                             : strcmp(argv[i], "--campaign") == 0 ? &campaign
                             : strcmp(argv[i], "--pool") == 0     ? &pool
@@ -935,7 +940,7 @@ run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         strcmp(cmd->name, "bounce") == 0)
         die(EXIT_USAGE, "bounce: missing argument (usage: sluicectl bounce %s)", cmd->args);
     char line[LINE_MAX_OCTETS];
-    int n = snprintf(line, sizeof(line), "%s", cmd->name);
+    int n = snprintf(line, sizeof(line), "%s%s", cmd->name, local ? " local" : "");
     if (target != NULL) {
         check_word(cmd->name, susp ? "DOMAIN" : "ID|DOMAIN", target);
         n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", target);
@@ -1439,14 +1444,18 @@ static const struct cmd cmds[] = {
      "whether it is suspended, and why its limits are what they are.",
      0, 1, run_domains},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
-    {"suspend", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--for DURATION]",
+    {"suspend", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--for DURATION] [--local]",
      "stop deliveries of a scope (at once; queued mail waits)",
      "A domain (in every pool), a tenant's or a campaign's mail, a pool, or one\n"
      "source address of a pool. --for ends the suspension by itself (e.g. 30m).\n"
-     "Suspensions live in memory: a restart forgets them.",
-     1, 4, run_scoped},
-    {"resume", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR",
-     "resume deliveries of a scope", NULL, 1, 2, run_scoped},
+     "With shaping on, a domain, tenant or source is suspended on every node\n"
+     "(a shaping action: shared through Redis, kept across restarts; see\n"
+     "shaping list). A pool or campaign, and anything with --local, is suspended\n"
+     "on this node only, in memory: a restart forgets it.",
+     1, 5, run_scoped},
+    {"resume", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--local]",
+     "resume deliveries of a scope (on every node, or --local as suspend)", NULL, 1, 3,
+     run_scoped},
     {"flush", "[DOMAIN | --tenant T [--campaign C] | --pool P]",
      "retry deferred recipients now (of DOMAIN, a tenant, a campaign, a pool, or all)",
      "--tenant, --campaign and --pool select the messages of that tenant, campaign\n"

@@ -384,6 +384,67 @@ def test_tenant_block_holds_that_tenant_only():
         c.close()
 
 
+def test_operator_suspend_rate_and_bounce_everywhere():
+    """`sluicectl suspend` on node a holds a domain on node b (a shaping
+    action of rule "operator", through Redis) and `resume` on a sends b's
+    mail; `--local` stays on its node. A rate action is listed with its
+    rate on both nodes and mail goes on under it; a bounce action made on
+    a bounces b's mail for that domain (delivery-log bounce events)."""
+    c = Cluster(after=10 ** 6)  # the receiver never defers
+    a, b = c.nodes
+    try:
+        out = a.ctl("suspend", "y0.test")
+        assert "y0.test" in out, out
+        acts = wait_until(lambda: b.actions() or None, 5, "the operator suspend on node b")
+        x = acts[0]
+        assert x["rule"] == "operator" and x["action"] == "suspend" and x["scope"] == "domain", x
+        assert x["domain"] == "y0.test" and x["origin"] == "node-a", x
+        # b holds y0.test; y1.test, injected after it in the same session, goes
+        b.inject(2, "s")  # s0@y0.test, s1@y1.test
+        wait_until(lambda: [r for r in delivered_by(c.rx.records(), ".node-b.example")
+                            if (r.get("rcpts") or [""])[0] == "<s1@y1.test>"] or None, 60, "s1 from node b")
+        b.d.wait_log("event=shaping_started")
+        assert not [r for r in c.rx.records() if (r.get("rcpts") or [""])[0] == "<s0@y0.test>"], \
+            "node b delivered to the domain suspended on node a"
+        # resume on a sends it from b
+        r = a.ask("resume domain=y0.test")
+        assert r["ok"] and r["cluster"] is True and r["resumed"] == 1, r
+        wait_until(lambda: b.actions() == [], 3, "the resume on node b")
+        wait_until(lambda: [r for r in delivered_by(c.rx.records(), ".node-b.example")
+                            if (r.get("rcpts") or [""])[0] == "<s0@y0.test>"] or None, 30,
+                   "s0 from node b after the resume")
+        # --local: this node only, as before
+        r = a.ask("suspend local domain=y4.test")
+        assert r["ok"] and r["cluster"] is False, r
+        assert a.actions() == [] and b.actions() == []
+        assert a.ask("resume local domain=y4.test")["ok"]
+        # a rate action, listed with its rate on both nodes; mail goes on
+        r = a.ask("shaping rate:5/s domain=y2.test for=10m")
+        assert r["ok"] and r["action"]["rate"] == "5/s", r
+        acts = wait_until(lambda: b.actions() or None, 5, "the rate action on node b")
+        assert acts[0]["action"] == "rate" and acts[0]["rate"] == "5/s", acts
+        assert "rate:5/s" in b.ctl("shaping", "list")
+        b.inject(3, "r")  # r0@y0, r1@y1, r2@y2
+        wait_until(lambda: [r for r in delivered_by(c.rx.records(), ".node-b.example")
+                            if (r.get("rcpts") or [""])[0] == "<r2@y2.test>"] or None, 60,
+                   "node b's mail under the rate action")
+        assert b.ask("stats")["shaping"]["active"]["rate"] == 1
+        assert "cleared 1" in a.ctl("shaping", "clear", "domain=y2.test")
+        # a bounce action on a: b's mail for y3.test bounces, untried
+        r = a.ask("shaping bounce domain=y3.test for=10m")
+        assert r["ok"] and r["action"]["action"] == "bounce", r
+        wait_until(lambda: b.actions() or None, 5, "the bounce action on node b")
+        b.inject(4, "x")  # x3@y3.test among them
+        ev = wait_until(lambda: [e for e in b.dlog_events("bounce")
+                                 if e.get("rcpt", e.get("recipient", "")) == "x3@y3.test"]
+                        or None, 30, "x3@y3.test bounced on node b")
+        assert "shaping" in json.dumps(ev[0]), ev[0]
+        assert not [r for r in c.rx.records() if (r.get("rcpts") or [""])[0] == "<x3@y3.test>"]
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry,
-          test_tenant_block_holds_that_tenant_only])
+          test_tenant_block_holds_that_tenant_only,
+          test_operator_suspend_rate_and_bounce_everywhere])
