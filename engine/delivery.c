@@ -30,6 +30,7 @@
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/resolver.h"
+#include "engine/shaping.h"
 #include "engine/stats.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
@@ -505,6 +506,12 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         x->bounced = t->failed;
         x->max_connections = t->pol->max_connections;
         x->suspended = t->suspended;
+        struct shaping_verdict sv;
+        /* ... or by a domain-wide shaping suspend (an operator's on any node) */
+        if (!x->suspended &&
+            shaping_check(d->e->shaping, d->e->cfg->shaping_rules, "", NULL, t->name,
+                          clock_unix_ms(), &sv))
+            x->suspended = sv.suspended;
         snprintf(x->last_reply, sizeof(x->last_reply), "%s", t->last_reply);
         bool held = d->w->now < t->hold_until;
         x->held = held;

@@ -36,8 +36,9 @@ def events(path):
     for raw in data.splitlines():
         ev = json.loads(raw)  # raises on a line that is not JSON
         assert TIME_RE.match(ev["time"]), ev
-        assert len(ev["id"]) == 13, ev
         kind = ev["event"]
+        # a message's queue id (13), or a shaping action's id (16 hex)
+        assert len(ev["id"]) == (16 if kind.startswith("shaping_") else 13), ev
         if kind == "reception":
             for k in ("sender", "rcpt_count", "size", "client"):
                 assert k in ev, (k, ev)
@@ -50,6 +51,9 @@ def events(path):
                 assert 200 <= ev["code"] < 300, ev
             else:
                 assert ev.get("class"), ev
+        elif kind in ("shaping_started", "shaping_ended"):
+            for k in ("scope", "action", "rule"):
+                assert k in ev, (k, ev)
         else:
             assert kind == "dsn", ev
         out.append(ev)
