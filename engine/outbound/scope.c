@@ -17,7 +17,10 @@
  *     parked job stays in the spool as any queued one: a restart
  *     delivers it unless the suspension is given again.
  * Suspensions live in memory, per worker (ops.c sends each to every
- * worker): like a domain's, they do not survive a restart. Jobs of a
+ * worker): like a domain's, they do not survive a restart. (With
+ * shaping on, `sluicectl suspend` of a domain, tenant or source is a
+ * shaping action instead, on every node: ops.c's suspend_cluster; these
+ * are pools, campaigns and `--local`.) Jobs of a
  * tenant that a shaping action suspends at a destination group
  * (engine/shaping.h, scope=tenant) are parked the same way when they come
  * up for a connection to that group (scope_job_shaped), and looked at
