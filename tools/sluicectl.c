@@ -1487,17 +1487,19 @@ static const struct cmd cmds[] = {
      "messages taken today (with [redis]: by every node) and what is left (with\n"
      "[redis]: this node's reserved share).",
      0, 0, run_warmup},
-    {"shaping", "[list | clear ID|SCOPE|all | suspend|backoff|cap:N SCOPE for=DURATION]",
+    {"shaping", "[list | clear ID|SCOPE|all | suspend|backoff|cap:N|rate:R|bounce SCOPE for=DURATION]",
      "traffic shaping: actions started by receivers' replies, on every node",
      "  shaping [list]              active actions: id, action, scope, source, group or\n"
      "                              domain, the rule, time left, the node it started on,\n"
      "                              and the reply that triggered it\n"
      "  shaping clear ID|all        end actions now, on every node (also by\n"
      "  shaping clear source=A|group=G|domain=D|rule=R   scope or rule)\n"
-     "  shaping suspend|backoff|cap:N source=A group=G for=DURATION\n"
-     "  shaping suspend|backoff|cap:N group=G|domain=D for=DURATION\n"
+     "  shaping ACTION source=A group=G for=DURATION\n"
+     "  shaping ACTION group=G|domain=D for=DURATION\n"
      "  shaping suspend tenant=T group=G for=DURATION\n"
-     "                              an action by hand, on every node\n\n"
+     "                              an action by hand, on every node; ACTION:\n"
+     "                              suspend, backoff, cap:N, rate:R (10/s, 600/min,\n"
+     "                              or 0.5 of the configured rate) or bounce\n\n"
      "Actions are shared through Redis (with [redis] url) and kept in the spool\n"
      "across restarts. Rules: etc/shaping.rules and [shaping] rules.",
      0, 6, run_shaping},

@@ -18,6 +18,10 @@ holds across a restart of either node; `sluicectl shaping clear` on one
 node lifts it on both, and 127.0.0.2 sends again; an operator's action
 made while Redis is down stays local and reaches the other node when
 Redis is back; a timed action ends on time on both nodes, logged.
+`sluicectl suspend DOMAIN` on one node holds the domain on the other
+(`--local` stays local) and `resume` sends it; a rate action is listed
+with its rate on both nodes while mail goes on; a bounce action made on one
+node bounces the other's mail for that domain, untried.
 """
 import json
 import os

@@ -3,7 +3,9 @@
  * matching of the large receivers' real replies against the shipped
  * rules (and replies that must not match), the operator's rules and
  * groups first, the literal prefilter never hiding a match, 1,000 rules;
- * actions as text and back; actions kept in the state file across a
+ * actions as text and back; action=rate (its forms and errors, the
+ * verdict, the rate a local limiter then lets through) and action=bounce
+ * parsed; actions kept in the state file across a
  * close and open; two instances sharing one real redis-server: an action
  * reaches the other within a second, a clear likewise, a late starter
  * catches up from the hash.
