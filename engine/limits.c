@@ -1141,7 +1141,7 @@ limits_key_shape(struct limits *l, struct limit_key *k, unsigned permille, uint6
         l->st.tokens_expired += k->held;
         k->held = 0;
     }
-    log_msg(LOG_INFO, "event=limits_shaped key=%s rate_permille=%u min_interval_us=%llu", k->name,
+    log_msg(LOG_DEBUG, "event=limits_shaped key=%s rate_permille=%u min_interval_us=%llu", k->name,
             permille, (unsigned long long)(interval_ns / 1000));
     if (!slower) {
         k->want_wake = true;
