@@ -397,6 +397,24 @@ conn_set_host(struct tls_conn *c, const char *name)
     return 0;
 }
 
+/* Remember key as c's session-cache key, and offer the session the cache
+ * holds under it (verified: whether a verified session is wanted). */
+static int
+conn_offer_session(struct tls_conn *c, struct tls_cache *cache, const char *key, bool verify)
+{
+    c->cache = cache;
+    c->cache_key = strdup(key);
+    if (c->cache_key == NULL)
+        return -ENOMEM;
+    bool verified;
+    SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, verify, &verified);
+    if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
+        c->offered_session = true;
+        c->offered_verified = verified;
+    }
+    return 0;
+}
+
 int
 tls_conn_new_client(struct tls_ctx *ctx, const char *host, bool verify, struct tls_cache *cache,
                     const char *cache_key, struct tls_conn **out)
@@ -418,20 +436,8 @@ tls_conn_new_client(struct tls_ctx *ctx, const char *host, bool verify, struct t
      * goes in the delivery log); only the failure is not fatal. */
     SSL_set_verify(c->ssl, verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
     const char *key = cache_key != NULL ? cache_key : c->host;
-    if (cache != NULL && key != NULL) {
-        c->cache = cache;
-        c->cache_key = strdup(key);
-        if (c->cache_key == NULL) {
-            rc = -ENOMEM;
-            goto fail;
-        }
-        bool verified;
-        SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, verify, &verified);
-        if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
-            c->offered_session = true;
-            c->offered_verified = verified;
-        }
-    }
+    if (cache != NULL && key != NULL && (rc = conn_offer_session(c, cache, key, verify)) != 0)
+        goto fail;
     ERR_clear_error();
     *out = c;
     return 0;
@@ -441,13 +447,20 @@ fail:
     return rc;
 }
 
+/* DANE-TA(2) or DANE-EE(3), a selector and matching type OpenSSL knows,
+ * and data: the PKIX usages are ignored (RFC 7672 3.1.3). */
+static bool
+tlsa_usable(const struct tls_tlsa *r)
+{
+    return (r->usage == 2 || r->usage == 3) && r->selector <= 1 && r->mtype <= 2 && r->len > 0;
+}
+
 unsigned
 tls_tlsa_usable(const struct tls_tlsa *rrs, unsigned n)
 {
     unsigned k = 0;
     for (unsigned i = 0; i < n; i++)
-        k += (rrs[i].usage == 2 || rrs[i].usage == 3) && rrs[i].selector <= 1 &&
-             rrs[i].mtype <= 2 && rrs[i].len > 0;
+        k += tlsa_usable(&rrs[i]);
     return k;
 }
 
@@ -487,7 +500,7 @@ tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls
     uint64_t h = 14695981039346656037ULL;
     for (unsigned i = 0; i < n; i++) {
         const struct tls_tlsa *r = &rrs[i];
-        if (!((r->usage == 2 || r->usage == 3) && r->selector <= 1 && r->mtype <= 2 && r->len > 0))
+        if (!tlsa_usable(r))
             continue;
         int ar = SSL_dane_tlsa_add(c->ssl, r->usage, r->selector, r->mtype, r->data, r->len);
         if (ar < 0) {
@@ -512,18 +525,8 @@ tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls
         char key[512];
         snprintf(key, sizeof(key), "%s|dane:%016llx", cache_key != NULL ? cache_key : c->host,
                  (unsigned long long)h);
-        c->cache = cache;
-        c->cache_key = strdup(key);
-        if (c->cache_key == NULL) {
-            rc = -ENOMEM;
+        if ((rc = conn_offer_session(c, cache, key, true)) != 0)
             goto fail;
-        }
-        bool verified;
-        SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, true, &verified);
-        if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
-            c->offered_session = true;
-            c->offered_verified = verified;
-        }
     }
     ERR_clear_error();
     *out = c;
