@@ -515,7 +515,8 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
                 why = "group: not defined (a \"group NAME PATTERN...\" line before)";
         } else if (strcmp(k, "mx") == 0 || strcmp(k, "domain") == 0) {
             char **dst = k[0] == 'm' ? &x->mx : &x->domain;
-            free(*dst);
+            free(*dst); /* a second mx= or domain= replaces the first */
+            *dst = NULL;
             if (v[0] == '\0' || strlen(v) > 253)
                 why = "mx, domain: a pattern (*.example.com or a host)";
             else if ((*dst = strdup(v)) == NULL)

@@ -169,6 +169,10 @@ test_operator_first_and_errors(void **state)
         {"rule a code=421 action=backoff scope=tenant for=1h\n", "scope=tenant"},
         {"rule a code=421 action=suspend for=40d\n", "for:"},
         {"rule a code=421 action=suspend for=1h color=red\n", "unknown key"},
+        /* a second domain= that is refused: the first was freed (a
+         * double free the fuzzer found) */
+        {"rule a code=421 domain=a.test domain= action=suspend for=1h\n", "mx, domain"},
+        {"rule a code=421 mx=mx.a.test mx= action=suspend for=1h\n", "mx, domain"},
         {"group g\n", "needs MX patterns"},
         {"bogus line\n", "expected group or rule"},
     };
