@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/fs.h"
 #include "common/hash.h"
 #include "common/log.h"
 #include "engine/config.h"
@@ -37,6 +38,7 @@
 #define REDIS_BACKOFF_MAX_MS 30000
 #define REDIS_KEY_TTL_S    (3 * 86400)
 #define STATE_MAGIC        "sluice-warmup 1"
+#define STATE_FILE         "warmup.state" /* in the spool directory */
 
 struct wcount {
     int64_t day;       /* the plan's day these counts are of */
@@ -64,7 +66,8 @@ struct warmup {
     unsigned nsrcs;
     int64_t shift_ms;          /* tests: warmup_clock_shift() */
     bool dirty;                /* counts changed since the last save */
-    char path[PATH_MAX];       /* the state file; "" none */
+    char path[PATH_MAX];       /* the state file, dir/STATE_FILE; "" none */
+    char dir[PATH_MAX];        /* the spool directory that holds it */
     /* Redis (keeper thread only, but for the flags read by stats) */
     bool redis_on;
     struct redis_endpoint ep;
@@ -421,10 +424,10 @@ state_save(struct warmup *w)
     pthread_mutex_unlock(&w->lock);
     if (v == NULL)
         return -ENOMEM;
-    char tmp[PATH_MAX + 8];
-    snprintf(tmp, sizeof(tmp), "%s.tmp", w->path);
+    char *text = NULL;
+    size_t len = 0;
     int rc = 0;
-    FILE *f = fopen(tmp, "w");
+    FILE *f = open_memstream(&text, &len);
     if (f == NULL) {
         rc = -errno;
     } else {
@@ -434,14 +437,11 @@ state_save(struct warmup *w)
                 fprintf(f, "%s %s %lld %llu %llu %llu\n", v[i].addr, v[i].group,
                         (long long)v[i].day, (unsigned long long)v[i].mine,
                         (unsigned long long)v[i].reported, (unsigned long long)v[i].reserved);
-        if (fflush(f) != 0 || fsync(fileno(f)) != 0)
-            rc = -errno;
-        if (fclose(f) != 0 && rc == 0)
-            rc = -errno;
-        if (rc == 0 && rename(tmp, w->path) != 0)
-            rc = -errno;
-        if (rc < 0)
-            unlink(tmp);
+        if (fclose(f) != 0)
+            rc = -ENOMEM;
+        else
+            rc = fs_write_atomic(w->dir, STATE_FILE, text, len);
+        free(text);
     }
     free(v);
     pthread_mutex_lock(&w->lock);
@@ -460,8 +460,10 @@ state_save(struct warmup *w)
 /* ---- Redis ---- */
 
 static void
-redis_drop(struct warmup *w, const char *why)
+redis_drop(struct warmup *w, const char *reason)
 {
+    char why[128]; /* reason may be the context's errstr, freed here */
+    snprintf(why, sizeof(why), "%s", reason);
     if (w->rc != NULL)
         redisFree(w->rc);
     w->rc = NULL;
@@ -738,8 +740,9 @@ warmup_open(const struct config *cfg, struct warmup **out, char *err, size_t err
         return rc;
     }
     if (cfg->queue.path != NULL && cfg->queue.path[0] != '\0' &&
-        (size_t)snprintf(w->path, sizeof(w->path), "%s/warmup.state", cfg->queue.path) >=
-            sizeof(w->path))
+        ((size_t)snprintf(w->path, sizeof(w->path), "%s/%s", cfg->queue.path, STATE_FILE) >=
+             sizeof(w->path) ||
+         (size_t)snprintf(w->dir, sizeof(w->dir), "%s", cfg->queue.path) >= sizeof(w->dir)))
         w->path[0] = '\0';
     if (cfg->redis.url != NULL) {
         rc = redis_url_parse(cfg->redis.url, &w->ep, err, errlen);
