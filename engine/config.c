@@ -204,6 +204,25 @@ static const struct conf_key delivery_keys[] = {
      "how long a connection to an MX address may take before the next address is tried", NULL},
     {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
      "how long an idle outbound connection waits for another message before QUIT", NULL},
+    {"greeting_timeout", CONF_DURATION, DLV(greeting_timeout), 1000, 3600000, "5m",
+     "how long a receiver may take to send its 220 greeting, and to answer EHLO or HELO "
+     "(RFC 5321 4.5.3.2 asks for 5 minutes); past it the connection is closed and the "
+     "mail deferred",
+     NULL},
+    {"starttls_timeout", CONF_DURATION, DLV(starttls_timeout), 1000, 3600000, "5m",
+     "how long a receiver may take to answer STARTTLS, and then to complete the TLS "
+     "handshake",
+     NULL},
+    {"command_timeout", CONF_DURATION, DLV(command_timeout), 1000, 3600000, "5m",
+     "how long a receiver may take to answer RSET, MAIL FROM and each RCPT TO", NULL},
+    {"data_timeout", CONF_DURATION, DLV(data_timeout), 1000, 3600000, "3m",
+     "how long a receiver may take to answer DATA with 354, and to take each block of the "
+     "message sent (a receiver that stops reading stalls the send)",
+     NULL},
+    {"dot_timeout", CONF_DURATION, DLV(dot_timeout), 1000, 3600000, "10m",
+     "how long a receiver may take to answer the final dot (RFC 5321 asks for 10 minutes: "
+     "receivers scan the message then; shorter risks a message delivered twice)",
+     NULL},
     {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
      "after a 421 or a reply classified rate_limited, the destination's message and "
      "connection rates are halved (again on each further one) for this long",
@@ -1684,6 +1703,16 @@ finish(struct parse *p)
 {
     struct config *cfg = p->cfg;
     char why[256];
+    struct delivery_config *dc = &cfg->delivery;
+    uint32_t *t = dc->client_timeouts; /* each key is at most an hour: fits */
+    t[SMTP_CLIENT_S_GREETING] = t[SMTP_CLIENT_S_EHLO] = t[SMTP_CLIENT_S_HELO] =
+        (uint32_t)dc->greeting_timeout;
+    t[SMTP_CLIENT_S_STARTTLS] = t[SMTP_CLIENT_S_TLS] = (uint32_t)dc->starttls_timeout;
+    t[SMTP_CLIENT_S_RSET] = t[SMTP_CLIENT_S_MAIL] = t[SMTP_CLIENT_S_RCPT] =
+        (uint32_t)dc->command_timeout;
+    t[SMTP_CLIENT_S_DATA] = t[SMTP_CLIENT_S_BODY] = (uint32_t)dc->data_timeout;
+    t[SMTP_CLIENT_S_DOT] = (uint32_t)dc->dot_timeout;
+    t[SMTP_CLIENT_S_IDLE] = t[SMTP_CLIENT_S_CLOSED] = 0; /* the caller's idle_timeout */
     for (unsigned i = 0; i < NSECTIONS; i++)
         if (strcmp(sections[i].name, "suppress") == 0 &&
             suppress_config_check(&cfg->suppress, cfg->queue.path, why, sizeof(why)) != 0) {

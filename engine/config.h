@@ -21,6 +21,7 @@
 #include "engine/events.h"
 #include "engine/mta_sts.h"
 #include "engine/netaddr.h"
+#include "engine/smtp_client.h"
 #include "feedback/verp.h"
 #include "engine/suppress.h"
 #include "engine/warmup_conf.h"
@@ -112,6 +113,14 @@ struct delivery_config {
     struct sockaddr_storage source4, source6; /* family AF_UNSPEC: not set */
     uint64_t connect_timeout; /* ms */
     uint64_t idle_timeout;    /* ms */
+    /* What a receiver has to answer in (ms), as Postfix's smtp_*_timeout: */
+    uint64_t greeting_timeout; /* the 220 greeting; the EHLO or HELO reply */
+    uint64_t starttls_timeout; /* the reply to STARTTLS; the TLS handshake */
+    uint64_t command_timeout;  /* the replies to RSET, MAIL and RCPT */
+    uint64_t data_timeout;     /* the 354 to DATA; each block of the body sent */
+    uint64_t dot_timeout;      /* the reply to the final dot */
+    uint32_t client_timeouts[SMTP_CLIENT_S_COUNT]; /* the five by client state, for
+                                                    * smtp_client_opts.timeout_ms */
     unsigned retry_jitter;    /* percent: each retry delay is moved by up to this much */
     uint64_t backoff;         /* ms at half rate after a 421 or a rate-limited reply */
     uint64_t backoff_step;    /* ms between steps back up */

@@ -786,6 +786,8 @@ conn_on_connect(struct stream *st, int res)
                : c->tls_pol == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
                                                    : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = sched_conn_max_rcpt(c),
+        /* every config loaded stays until exit: the table outlives c */
+        .timeout_ms = c->d->e->cfg->delivery.client_timeouts,
     };
     if (dane != NULL) {
         /* DANE comes before the domain's policy (and MTA-STS): TLS or

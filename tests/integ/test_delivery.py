@@ -4,7 +4,9 @@ each message to a file, or injecting 4xx, 5xx, 421 and disconnects), and
 sluice relays what Python injects. Checks: every message delivered exactly
 once and intact, connection reuse, MX failover, and the outcome of each
 fault: delivered, deferred (kept) or bounced (removed), never counted
-delivered when the server did not accept it."""
+delivered when the server did not accept it; receivers that stall in the
+greeting, the TLS handshake or after the final dot are given up on after
+the [delivery] timeouts."""
 import json
 import os
 import random
@@ -109,7 +111,8 @@ class Sink:
 class Relay:
     """dnsmasq + smtp-sink + sluice, all on ports of their own."""
 
-    def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False):
+    def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False,
+                 delivery_conf=""):
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -139,6 +142,7 @@ remote_port = {self.mx_port}
 allow_networks = 127.0.0.0/8
 connect_timeout = 2s
 idle_timeout = 1s
+{delivery_conf}
 [dns]
 servers = 127.0.0.1:{self.dns.port}
 {"" if dsn else "[bounce]"}
@@ -488,6 +492,55 @@ def test_hostile_mx_replies_deliver_nothing():
             r.close()
 
 
+def _stall_greeting(c, rfile):
+    rfile.readline()  # says nothing; returns when sluice gives up and closes
+
+
+def _stall_tls_handshake(c, rfile):
+    c.sendall(b"220 stalling ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-stalling\r\n250 STARTTLS\r\n")
+    rfile.readline()
+    c.sendall(b"220 go ahead\r\n")
+    c.recv(65536)  # the ClientHello, never answered
+    c.recv(65536)  # returns when sluice gives up and closes
+
+
+def _stall_dot(c, rfile):
+    c.sendall(b"220 stalling ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250 stalling\r\n")
+    for reply in (b"250 ok", b"250 ok", b"354 go"):
+        rfile.readline()
+        c.sendall(reply + b"\r\n")
+    _read_until(rfile, b".")
+    rfile.readline()  # no answer to the dot
+
+
+def test_stalled_receivers_time_out_as_configured():
+    """A receiver that never greets, one that stalls the TLS handshake
+    after its 220 to STARTTLS, and one that never answers the final dot:
+    each session is closed after its [delivery] timeout (a second here;
+    the defaults are RFC 5321's minutes) and the recipient deferred with
+    reason timeout, in the state the receiver stalled in."""
+    conf = ("greeting_timeout = 1s\nstarttls_timeout = 1s\ndot_timeout = 1s\n")
+    for script, state in ((_stall_greeting, "greeting"), (_stall_tls_handshake, "tls"),
+                          (_stall_dot, "dot")):
+        r = Relay(records_for(["stall.test"]), with_sink=False, delivery_conf=conf)
+        mx = HostileMx(r.mx_port, script)
+        try:
+            r.inject([("s@example.com", ["a@stall.test"], b"Subject: s\r\n\r\nstalled\r\n")])
+            line = r.d.wait_log("event=deferred", timeout=20)
+            assert "reason=timeout" in line, (script.__name__, line)
+            assert f"in state {state}" in line, (script.__name__, line)
+            assert r.d.count_log("event=delivered") == 0, script.__name__
+            assert r.d.stop_clean() == 0, script.__name__
+            assert mdb_entries(r.spool, "msg") == 1, script.__name__
+        finally:
+            mx.stop()
+            r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -566,4 +619,4 @@ if __name__ == "__main__":
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
           test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
-          test_hostile_mx_replies_deliver_nothing])
+          test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured])
