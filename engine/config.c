@@ -162,7 +162,12 @@ static const struct conf_key bounce_keys[] = {
      "the bounce listener (host:port, comma separated; port 25 in production): out-of-band "
      "bounces and complaints for the bounce domains, parsed and logged (oob_bounce, "
      "complaint), never queued; every other recipient is refused (never a relay); no AUTH; "
-     "the [server] limits apply; unset: none",
+     "the [server] limits apply but for max_clients (below); unset: none",
+     NULL},
+    {"max_clients", CONF_UINT, BNC(max_clients), 1, 1000000, "1000",
+     "connections open at once to the bounce listener, all workers: counted apart from "
+     "[server] max_clients, so that remote MXs flooding it never take the submission "
+     "port's (a client of both still counts once per connection in max_clients_per_ip)",
      NULL},
     {"domains", CONF_STRING, BNC(domains), 1, 2048, NULL,
      "the domains the bounce listener accepts mail for, comma separated; unset: verp_domain",

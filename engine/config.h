@@ -96,6 +96,7 @@ struct bounce_config {
     char *verp_key_file;     /* owned */
     char *accept_local_parts; /* owned: comma separated, accepted at the bounce domains */
     uint64_t verp_max_age;   /* ms: a token for an older message is dropped */
+    unsigned max_clients;    /* the bounce listener's connections at once, all workers */
     /* derived at load */
     struct netaddr listen_addrs[NETADDR_MAX_LIST];
     int nlisten;

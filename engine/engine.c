@@ -275,6 +275,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->oob = oob;
     e->cfg = cfg;
     atomic_init(&e->clients, 0);
+    atomic_init(&e->bounce_clients, 0);
     atomic_init(&e->drained, 0);
     atomic_init(&e->failed, 0);
     e->started_ms = clock_unix_ms();

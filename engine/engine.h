@@ -91,6 +91,8 @@ struct engine {
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
+    _Atomic unsigned bounce_clients; /* the bounce listener's, counted apart: a flood of
+                                      * remote MXs there never takes submission's */
     _Atomic unsigned drained;  /* workers whose delivery finished draining */
     _Atomic uint64_t body_bytes; /* bytes of message-body buffers held by submission
                                   * sessions of every worker; bounded by [server]

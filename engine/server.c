@@ -2444,7 +2444,7 @@ session_free(struct session *s)
             (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-");
     hash_unlink(s);
     if (s->counted) {
-        atomic_fetch_sub(&sw->e->clients, 1);
+        atomic_fetch_sub(s->bounce ? &sw->e->bounce_clients : &sw->e->clients, 1);
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
     }
     worker_timer_cancel(sw->w, &s->timer);
@@ -2511,8 +2511,9 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
-    unsigned n = atomic_fetch_add(&sw->e->clients, 1) + 1;
-    bool ok = n <= cfg->max_clients;
+    _Atomic unsigned *open = bounce ? &sw->e->bounce_clients : &sw->e->clients;
+    unsigned n = atomic_fetch_add(open, 1) + 1;
+    bool ok = n <= (bounce ? sw->e->cfg->bounce.max_clients : cfg->max_clients);
     if (s->peer.ss_family != AF_INET && s->peer.ss_family != AF_INET6) {
         /* gone before we could ask who it was (a reset): nothing to serve */
         ok = false;
@@ -2523,7 +2524,7 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
         s->counted = true;
     }
     if (!s->counted)
-        atomic_fetch_sub(&sw->e->clients, 1);
+        atomic_fetch_sub(open, 1);
     log_msg(LOG_INFO, "session=%016llx event=connect client=%s trusted=%d%s%s",
             (unsigned long long)s->id, s->peer_ip, s->trusted, bounce ? " role=bounce" : "",
             ok ? "" : " refused=limit");

@@ -15,7 +15,8 @@ report yields a complaint; forged and altered tokens, other domains and
 AUTH are refused at the listener (never a relay); a token for a message
 too old is logged and dropped; an auto-reply is ignored; malformed MIME
 gets a clean reply; oversize messages and silent clients meet the same
-limits as on the submission port."""
+limits as on the submission port; the listener's connections are capped
+by [bounce] max_clients, apart from the submission port's."""
 import base64
 import hashlib
 import hmac
@@ -340,6 +341,31 @@ def test_limits():
         f.close()
 
 
+def test_connection_caps_apart():
+    """The bounce listener's connections count against [bounce]
+    max_clients, not [server] max_clients: remote MXs holding every slot
+    of the listener leave the submission port all of its own."""
+    f = Feedback(server_extra="max_clients = 3\n[server]\nmax_clients = 4\n")
+    held = []
+    try:
+        def greeting(port):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(s)
+            line = s.makefile("rb").readline()
+            return line
+        for _ in range(3):
+            assert greeting(f.bport).startswith(b"220"), "bounce listener"
+        assert greeting(f.bport).startswith(b"421 4.7.0"), "4th at the bounce listener"
+        for i in range(4):
+            line = greeting(f.r.port)
+            assert line.startswith(b"220"), f"submission connection {i + 1}: {line!r}"
+        assert greeting(f.r.port).startswith(b"421 4.7.0"), "5th at submission"
+    finally:
+        for s in held:
+            s.close()
+        f.close()
+
+
 def test_tenant_from_auth_user():
     """The tenant of the message (here the AUTH user's tenant=, as stored
     in the spool) is carried in the token and given back in the event (a
@@ -382,4 +408,5 @@ def test_tenant_from_auth_user():
 
 if __name__ == "__main__":
     main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits,
+          test_connection_caps_apart,
           test_tenant_from_auth_user])
