@@ -188,6 +188,48 @@ def main(tests):
     sys.exit(1 if failed else 0)
 
 
+# ---- Servers several tests share: redis-server.
+
+
+class Redis:
+    """redis-server on a loopback port of its own, no persistence; ready
+    once it answers PING; stopped (or killed) by PID."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.pong() or self.proc.poll() is not None, 10, "redis to answer")
+        assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
+
+    def pong(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill9(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # ---- SMTP submission tests: a sluice that checks its sanitizers, a raw
 # ---- SMTP client, and a reader of the LMDB spool (lmdb-utils).
 

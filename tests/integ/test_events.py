@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from harness import Sluice, Workdir, free_port, main, skip, wait_until
+from harness import Redis, Sluice, Workdir, free_port, main, skip, wait_until
 import test_delivery
 from test_delivery import Dns, Sink, records_for
 from test_outcomes import events as dlog_events
@@ -126,42 +126,6 @@ def redis_cli(port, *args):
     r = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
                        timeout=30)
     return r.stdout
-
-
-class Redis:
-    def __init__(self, port=None):
-        self.port = port or free_port()
-        self.start()
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: self.pong() or self.proc.poll() is not None, 10, "redis to answer")
-        assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
-
-    def pong(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill9(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Node:

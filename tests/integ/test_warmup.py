@@ -19,8 +19,7 @@ import socket
 import sys
 import time
 
-from harness import Sluice, Workdir, free_port, main, run, wait_until
-from test_limits_integ import Redis  # redis-server on its own port, stopped by PID
+from harness import Redis, Sluice, Workdir, free_port, main, run, wait_until
 
 SLUICE = sys.argv[1]
 SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
