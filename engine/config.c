@@ -241,7 +241,8 @@ static const struct conf_key delivery_keys[] = {
     {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
      "40",
      "connections open at once to one MX address (and port) from this node, whatever the "
-     "domains behind it; each worker holds an equal share (0: no cap). Each [pool] has it "
+     "domains behind it; each worker holds an equal share, rounded down but at least one (so a "
+     "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
      "whole, shared by the pool's sources; mail without a pool has it too",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
