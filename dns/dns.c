@@ -89,6 +89,9 @@ req_release(struct dns *d, struct dns_req *r)
 /* Entries examined per turn of the expiry sweep: a cache of 100,000
  * domains is swept in 25 short turns rather than one long stall. */
 #define SWEEP_BATCH 4096
+/* An address literal ([192.0.2.1]) answers for an hour, as a looked-up
+ * answer does for its TTL (a reload that changes a route drops it). */
+#define LITERAL_TTL_NS (3600ULL * 1000000000ULL)
 /* How often the sweep runs while the cache holds entries: min_ttl (no
  * answer expires sooner, but for errors kept error_ttl), between 1 and 10
  * seconds; an expired answer waits at most that long to go. */
@@ -290,7 +293,10 @@ literal_result(const char *domain)
     res = result_new(DNS_OK, "address literal", domain, &h, 1, false);
     if (res != NULL) {
         res->literal = true;
-        res->expires = dns_now();
+        /* It never changes: kept as an answer is, for its TTL (a route's
+         * literal asked again after every failed connection never had all
+         * its addresses fail, and connected again at once, endlessly). */
+        res->expires = dns_now() + LITERAL_TTL_NS;
     }
     return res;
 bad:

@@ -283,6 +283,35 @@ def test_routes_send_a_domain_to_its_smarthost():
         r.close()
 
 
+def test_a_refusing_route_is_held_not_stormed():
+    """route = [literal]:port and route = host:port where nothing listens:
+    each destination's mail is deferred (connection refused) after one
+    failed connection per address, and the destination held (what came
+    meanwhile waits for the hold to end), as for an MX that refuses. The
+    literal's answer was dropped and asked again after each failed
+    connection, so that its addresses never all failed: tens of thousands
+    of connections a second, and no deferral, ever."""
+    closed = free_port()  # nothing listens on it
+    recs = records_for(["plain.test"]) + ["host-record=relay.test,127.0.0.1"]
+    r = Relay(recs, with_sink=False,
+              domain_conf=f"[domain lit.test]\nroute = [127.0.0.1]:{closed}\n"
+                          f"[domain named.test]\nroute = relay.test:{closed}\n")
+    try:
+        r.inject([("s@example.com", [f"u{i}@lit.test"], b"Subject: l\r\n\r\nx\r\n")
+                  for i in range(5)] +
+                 [("s@example.com", [f"u{i}@named.test"], b"Subject: n\r\n\r\nx\r\n")
+                  for i in range(5)])
+        def deferred(dom):
+            return len([x for x in r.d.log_lines("event=deferred") if f"domain={dom} " in x])
+        for dom in ("lit.test", "named.test"):
+            wait_until(lambda: deferred(dom) >= 1, 20, f"{dom}'s mail deferred")
+        fails = r.d.log_lines("event=connect_failed")
+        assert 2 <= len(fails) <= 4, f"{len(fails)} failed connections: {fails[:3]}"
+        assert r.d.count_log("event=delivered") == 0
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
@@ -290,4 +319,4 @@ if __name__ == "__main__":
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself,
           test_idle_destinations_and_sites_are_forgotten,
-          test_routes_send_a_domain_to_its_smarthost])
+          test_routes_send_a_domain_to_its_smarthost, test_a_refusing_route_is_held_not_stormed])
