@@ -45,7 +45,8 @@ static const struct conf_key server_keys[] = {
      NULL},
     {"listen", CONF_STRING, SRV(listen), 1, 2048, "0.0.0.0:587",
      "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (one SO_REUSEPORT socket "
-     "per worker each)",
+     "per worker each; an address another process listens on, another sluice too, is a "
+     "start-up error)",
      NULL},
     {"listen_tls", CONF_STRING, SRV(listen_tls), 1, 2048, NULL,
      "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465; needs [tls] cert_file",

@@ -394,6 +394,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             rc = -ENOMEM;
             goto fail;
         }
+        if (i == 0 && (rc = server_listen_check(cfg, err, errlen)) < 0)
+            goto fail;
         rc = server_worker_new(e, &e->workers[i], &e->srv[i], err, errlen);
         if (rc < 0)
             goto fail;

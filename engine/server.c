@@ -2598,6 +2598,47 @@ listener_arm(struct listener *l)
 }
 
 static int
+listen_probe(const struct netaddr *a, char *err, size_t errlen)
+{
+    in_port_t port = a->ss.ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)&a->ss)->sin6_port
+                                                 : ((const struct sockaddr_in *)&a->ss)->sin_port;
+    if (port == 0)
+        return 0; /* the kernel picks: nobody else's */
+    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0; /* listener_open says what is wrong */
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* TIME_WAIT is no listener */
+    if (a->ss.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    int rc = bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 ? -errno : 0;
+    close(fd);
+    if (rc == -EADDRINUSE) {
+        char text[80];
+        netaddr_str((const struct sockaddr *)&a->ss, text, sizeof(text));
+        snprintf(err, errlen, "listen %s: address in use (another sluice, or another server, "
+                 "listens there)", text);
+        return rc;
+    }
+    return 0;
+}
+
+int
+server_listen_check(const struct config *cfg, char *err, size_t errlen)
+{
+    const struct server_config *sc = &cfg->server;
+    const struct bounce_config *bc = &cfg->bounce;
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < sc->nlisten; i++)
+        rc = listen_probe(&sc->listen_addrs[i], err, errlen);
+    for (int i = 0; rc == 0 && i < sc->nlisten_tls; i++)
+        rc = listen_probe(&sc->listen_tls_addrs[i], err, errlen);
+    for (int i = 0; rc == 0 && i < bc->nlisten; i++)
+        rc = listen_probe(&bc->listen_addrs[i], err, errlen);
+    return rc;
+}
+
+static int
 listener_open(struct listener *l, const struct netaddr *a, char *err, size_t errlen)
 {
     char text[80];

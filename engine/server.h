@@ -16,6 +16,7 @@
 
 #include "engine/stats.h"
 
+struct config;
 struct engine;
 struct worker;
 struct server_worker;
@@ -51,6 +52,13 @@ struct server_stats {
 unsigned server_worker_tenants(const struct server_worker *sw, struct stats_tenant *out,
                                unsigned cap);
 
+/* Before any worker's listeners: is every listen address of cfg
+ * (submission, implicit TLS, bounce) free of other processes' listeners?
+ * The workers bind with SO_REUSEPORT, which another process of the same
+ * user may share unnoticed (a second sluice on the same port would take
+ * half the clients); a probe bound without it fails where anyone listens.
+ * Returns 0 or -EADDRINUSE (or -errno) with err. */
+int server_listen_check(const struct config *cfg, char *err, size_t errlen);
 /* Make the worker's listening sockets (bound now, so that a port in use is
  * a start-up error) and its spool port. Returns 0 or -errno with err. */
 int server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,

@@ -1,6 +1,7 @@
 """The sluice binary: --help, --version, --check-config errors with
 file:line, start on a config, SIGTERM stops it within a second with exit
-0, SIGHUP reopens the log file, and doc/config.md matches the binary."""
+0, SIGHUP reopens the log file, doc/config.md matches the binary, and a
+second instance on the same listen address refuses to start."""
 import os
 import signal
 import sys
@@ -125,6 +126,37 @@ def test_sighup_reopens_log():
         wd.cleanup()
 
 
+def test_a_second_instance_on_the_same_port_is_refused():
+    """The workers listen with SO_REUSEPORT, which a second process of the
+    same user could share unnoticed (half the clients would go to it).
+    A second sluice on the same listen address, with a spool of its own,
+    must refuse to start and say why; the first goes on serving."""
+    wd = Workdir("sluice-dup-")
+    wd2 = Workdir("sluice-dup2-")
+    try:
+        port = free_port()
+        conf = lambda w: w.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+[delivery]
+enabled = no
+[queue]
+path = {w.path}/spool
+map_size = 64M
+""")
+        d = Daemon(SLUICE, conf(wd))
+        d.wait_log("event=ready")
+        r = run([SLUICE, "-c", conf(wd2)])
+        assert r.returncode != 0, r
+        assert f"listen 127.0.0.1:{port}: address in use" in r.stderr, r.stderr[-400:]
+        assert d.proc.poll() is None, "the first instance died"
+        assert d.stop() == 0
+    finally:
+        wd2.cleanup()
+        wd.cleanup()
+
+
 def test_config_reference_is_current():
     r = run([SLUICE, "--config-reference"])
     assert r.returncode == 0
@@ -149,4 +181,4 @@ if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
           test_bundled_config_checks, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
-          test_classification_table_is_current])
+          test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused])
