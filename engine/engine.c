@@ -282,6 +282,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     pthread_mutex_init(&e->per_ip.lock, NULL);
     pthread_mutex_init(&e->users_lock, NULL);
     pthread_mutex_init(&e->dkim_lock, NULL);
+    pthread_mutex_init(&e->reload_lock, NULL);
+    pthread_cond_init(&e->reload_cv, NULL);
     e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
     pthread_mutex_init(&e->tls_lock, NULL);
     pthread_mutex_init(&e->shaping_dlog_lock, NULL);
@@ -532,6 +534,8 @@ engine_stop(struct engine *e)
     pthread_mutex_destroy(&e->users_lock);
     e->dkim_keys = dkim_keyring_unref(e->dkim_keys);
     pthread_mutex_destroy(&e->dkim_lock);
+    pthread_mutex_destroy(&e->reload_lock);
+    pthread_cond_destroy(&e->reload_cv);
     e->tls_server = tls_ctx_unref(e->tls_server);
     e->tls_client = tls_ctx_unref(e->tls_client);
     pthread_mutex_destroy(&e->tls_lock);
@@ -645,6 +649,9 @@ engine_reload(struct engine *e, const struct config *ncfg)
     if (ncfg != NULL && e->nworkers > 0 &&
         (refused = tls_contexts_new(&ncfg->tls, &tls_server, &tls_client, err, sizeof(err))) < 0) {
         log_msg(LOG_ERR, "event=reload_refused error=\"%s\"", err);
+        pthread_mutex_lock(&e->reload_lock);
+        snprintf(e->reload_why, sizeof(e->reload_why), "%s", err);
+        pthread_mutex_unlock(&e->reload_lock);
         log_msg(LOG_ERR, "event=reload_failed what=config note=previous_config_kept");
         ncfg = NULL;
     }
@@ -720,6 +727,53 @@ engine_reload(struct engine *e, const struct config *ncfg)
     if (rc < 0)
         log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);
     return refused < 0 ? refused : rc;
+}
+
+void
+engine_reload_done(struct engine *e, bool ok, const char *why)
+{
+    pthread_mutex_lock(&e->reload_lock);
+    e->reload_ok = ok;
+    if (ok)
+        e->reload_why[0] = '\0';
+    else if (why != NULL)
+        snprintf(e->reload_why, sizeof(e->reload_why), "%s", why);
+    e->reload_gen++;
+    pthread_cond_broadcast(&e->reload_cv);
+    pthread_mutex_unlock(&e->reload_lock);
+}
+
+uint64_t
+engine_reload_gen(struct engine *e)
+{
+    pthread_mutex_lock(&e->reload_lock);
+    uint64_t g = e->reload_gen;
+    pthread_mutex_unlock(&e->reload_lock);
+    return g;
+}
+
+int
+engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms, char *why, size_t whylen)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    int rc = -ETIMEDOUT;
+    pthread_mutex_lock(&e->reload_lock);
+    while (e->reload_gen == gen)
+        if (pthread_cond_timedwait(&e->reload_cv, &e->reload_lock, &until) != 0)
+            break;
+    if (e->reload_gen != gen) {
+        rc = e->reload_ok ? 1 : 0;
+        snprintf(why, whylen, "%s", e->reload_why);
+    }
+    pthread_mutex_unlock(&e->reload_lock);
+    return rc;
 }
 
 static struct tls_ctx *

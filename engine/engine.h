@@ -88,6 +88,13 @@ struct engine {
     struct dkim_keyring *dkim_keys; /* owned reference; NULL: nothing signed. Under dkim_lock:
                                      * a reload swaps it while sessions take references */
     pthread_mutex_t dkim_lock;
+    /* The last reload's outcome, for `sluicectl reload` (ops.c), which
+     * raises SIGHUP and waits for the main thread to say (main.c): */
+    pthread_mutex_t reload_lock;
+    pthread_cond_t reload_cv;
+    uint64_t reload_gen;       /* reloads finished, either way */
+    bool reload_ok;
+    char reload_why[512];      /* why the last one was refused */
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     _Atomic unsigned clients;  /* submission connections open, all workers */
@@ -141,6 +148,15 @@ unsigned engine_failed_workers(struct engine *e);
  * config or the users file was refused (the old one stays; the errors are
  * logged). */
 int engine_reload(struct engine *e, const struct config *ncfg);
+/* The main thread, after each SIGHUP: the reload took (ok), or why not
+ * (NULL: what engine_reload itself refused for). Wakes engine_reload_wait. */
+void engine_reload_done(struct engine *e, bool ok, const char *why);
+/* The reloads finished so far (a generation to wait past). */
+uint64_t engine_reload_gen(struct engine *e);
+/* Wait up to timeout_ms for a reload to finish after generation gen.
+ * Returns 1 (it took), 0 (refused: why says), or -ETIMEDOUT. */
+int engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms, char *why,
+                       size_t whylen);
 /* A reference to the current users table (NULL when AUTH is off); any
  * thread. Drop it with auth_db_unref(). */
 struct auth_db *engine_users(struct engine *e);

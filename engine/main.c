@@ -250,9 +250,16 @@ main(int argc, char **argv)
                     ncfg->delivery.enabled = engine.cfg->delivery.enabled;
                 }
             }
+            /* the first error is what `sluicectl reload` shows */
+            char first[512] = "";
+            if (ncfg == NULL)
+                snprintf(first, sizeof(first), "%s",
+                         buf == NULL || buf[0] == '\0' ? "out of memory" : buf);
             free(buf);
             const struct config *before = engine.cfg;
             engine_reload(&engine, ncfg);
+            engine_reload_done(&engine, ncfg != NULL && engine.cfg == ncfg,
+                               ncfg == NULL ? first : NULL);
             /* The config replaced stays allocated until exit (a pointer
              * read from it just before the swap stays valid), but its
              * DKIM keys need not: the engine holds those in force. */

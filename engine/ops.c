@@ -45,6 +45,7 @@
 #include "queue/queue.h"
 
 #define WAIT_MS       2000    /* for the workers' answers */
+#define RELOAD_WAIT_MS 8000   /* for a reload's outcome (sluicectl waits 10 s) */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
 #define FLUSH_BATCH   1000    /* recipients per spool commit */
@@ -1968,10 +1969,21 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
     if (strcmp(verb, "tlsrpt") == 0)
         return cmd_tlsrpt(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
-        /* The main thread reloads on SIGHUP; this is the same. */
+        /* The main thread reloads on SIGHUP; this is the same, and waits
+         * for its outcome (a SIGHUP from elsewhere meanwhile may answer
+         * for this one: it read the same file). */
+        uint64_t gen = engine_reload_gen(e);
         kill(getpid(), SIGHUP);
+        char why[512];
+        int rc = engine_reload_wait(e, gen, RELOAD_WAIT_MS, why, sizeof(why));
+        if (rc == 0) {
+            snprintf(err, errlen, "reload refused, the running config is kept: %s", why);
+            return -1;
+        }
         json_obj_begin(out);
-        json_kstr(out, "reload", "requested");
+        json_kstr(out, "reload", rc == 1 ? "done" : "requested");
+        if (rc < 0)
+            json_kstr(out, "note", "not finished yet: see the log");
         json_obj_end(out);
         return 0;
     }

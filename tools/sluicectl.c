@@ -1466,7 +1466,11 @@ static const struct cmd cmds[] = {
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. This cannot be undone.",
      0, 4, run_scoped},
-    {"reload", "", "reread the configuration file (as SIGHUP does)", NULL, 0, 0, run_plain},
+    {"reload", "", "reread the configuration file (as SIGHUP does)",
+     "Waits (up to 8 s) for the outcome: \"reload done\", or the first error\n"
+     "(file:line: key) and exit 1 when the new configuration is refused and\n"
+     "the running one kept.",
+     0, 0, run_plain},
     {"tlsrpt", "[flush]", "MTA-STS policies and TLS reports (RFC 8461, RFC 8460)",
      "Counters of the MTA-STS store: domains known, policies cached (and in\n"
      "enforce mode), TXT checks, policy fetches and their failures, TLS reports\n"
