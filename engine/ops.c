@@ -848,10 +848,15 @@ suspend_cluster(struct engine *e, int kind, const char *name, bool on, uint64_t 
     } else {
         a.scope = kind == DELIVERY_SCOPE_TENANT ? SHAPING_SCOPE_TENANT : SHAPING_SCOPE_SOURCE;
         snprintf(a.group, sizeof(a.group), "*");
-        if (kind == DELIVERY_SCOPE_TENANT)
-            snprintf(a.tenant, sizeof(a.tenant), "%s", name);
-        else
-            snprintf(a.source, sizeof(a.source), "%s", name);
+        char *field = kind == DELIVERY_SCOPE_TENANT ? a.tenant : a.source;
+        size_t len = strlen(name);
+        _Static_assert(sizeof(a.tenant) == sizeof(a.source), "one bound for both");
+        if (len >= sizeof(a.tenant)) {
+            snprintf(err, errlen, "%s name too long (%zu octets, at most %zu)",
+                     delivery_scope_str((enum delivery_scope)kind), len, sizeof(a.tenant) - 1);
+            return -1;
+        }
+        memcpy(field, name, len + 1);
     }
     int n = 0;
     if (on) {

@@ -1547,9 +1547,12 @@ usage(FILE *f)
             "Commands:\n",
             DEFAULT_SOCKET);
     for (size_t i = 0; i < NCMDS; i++) {
-        char left[48];
-        snprintf(left, sizeof(left), "%s %s", cmds[i].name, cmds[i].args);
-        fprintf(f, "  %-34s %s\n", left, cmds[i].about);
+        char left[256];
+        int n = snprintf(left, sizeof(left), "%s %s", cmds[i].name, cmds[i].args);
+        if (n > 34) /* the whole synopsis on its line, what it does under it */
+            fprintf(f, "  %s\n  %-34s %s\n", left, "", cmds[i].about);
+        else
+            fprintf(f, "  %-34s %s\n", left, cmds[i].about);
     }
     fprintf(f, "\nExit status: 0 ok, 1 sluice refused, 2 usage, 3 socket unreachable.\n");
 }
