@@ -32,7 +32,9 @@ the injection rate alone, sluice's CPU seconds per 1,000 messages, and
 the CPU seconds the injector (inject_synth's own count, or this process
 during the injection), the DNS responder (during the line), the smtp-sinks (all M of them) and this
 process (reading sluice's log, sampling the connections) took from the
-same two cores.
+same two cores, and "busy": all of these together against what the
+machine's cores could give in the line (near 100%, the line is bound by
+the cores they share, and a process's CPU per message is the rate).
 The injector (pipelined MAIL/RCPT/DATA on --sessions connections, the
 same for every line; smtp-source has one recipient address per process)
 is bench/relay/inject_synth.c when built beside --sluice (--injector
@@ -64,8 +66,18 @@ def sinks(port, m, backlog=256, one=False):
     if one:
         # One smtp-sink on the wildcard address answers for every
         # 127.0.0.x: the receivers cost what one costs, as on a network
-        # where they are other machines.
-        p = subprocess.Popen(["smtp-sink", *user, "-c", f"0.0.0.0:{port}", str(backlog)],
+        # where they are other machines. Each of those machines would
+        # serve sessions and queue connections of its own, so the one
+        # stands for M of them: M times smtp-sink's 256 sessions at once
+        # (-m) and M times the backlog. With one machine's, a relay that
+        # held more than 256 connections over 100 hosts (idle ones wait
+        # idle_timeout for more mail) had its next connections queued
+        # unanswered: greetings came 5 to 10 s late, 500 msg/s instead of
+        # 5,000 in a 5,000-message line over 10,000 domains; and the first
+        # burst of connections overflowed the accept queue (the kernel
+        # drops the last ACK of a connection that finds it full).
+        p = subprocess.Popen(["smtp-sink", *user, "-c", "-m", str(256 * m), f"0.0.0.0:{port}",
+                              str(min(backlog * m, 4096))],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for k in range(m):
             wait_until(lambda: connectable(port, f"127.0.0.{1 + k}"), 10, "smtp-sink")
@@ -262,12 +274,18 @@ servers = 127.0.0.1:{dns.port}
         if perf is not None:
             perf.send_signal(2)  # SIGINT: perf writes its file and exits
             perf.wait(60)
+        sluice_cpu = cpu_s(d.proc.pid)
+        dns_cpu = cpu_s(dns.proc.pid) - dns0
+        sink_cpu = sum(cpu_s(p.pid) for p in procs)
+        # The share of the machine these processes took during the line:
+        # near 100%, the line is bound by the cores they share.
+        busy = (sluice_cpu + inj_cpu + dns_cpu + sink_cpu + bench_cpu) / \
+            ((os.cpu_count() or 1) * max(1e-3, t_last - t0))
         res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
-                   cpu=1000 * cpu_s(d.proc.pid) / max(1, delivered),
+                   cpu=1000 * sluice_cpu / max(1, delivered), busy=busy,
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
-                   dns_cpu=cpu_s(dns.proc.pid) - dns0,
-                   sink_cpu=sum(cpu_s(p.pid) for p in procs), bench_cpu=bench_cpu)
+                   dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu)
         d.stop(60)
     finally:
         if d.proc.poll() is None:
@@ -330,13 +348,14 @@ def main():
     sink_port = free_port()
     print(f"sites: {a.messages} messages of {a.size} B, 1 recipient each, {a.sessions} sessions, "
           f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
-          f"receivers: smtp-sink{' (one for all)' if a.one_sink else ''}, backlog 256; "
+          f"receivers: smtp-sink{' (one for all)' if a.one_sink else ''}, backlog 256"
+          f"{' per MX host' if a.one_sink else ''}; "
           f"DNS: {a.dns_synth or 'dns_synth.py'}; injector: {a.injector or 'Python'}; "
           f"load average {os.getloadavg()[0]:.1f}",
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
           f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
-          f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7} {'sink-cpu':>8} {'bench-cpu':>9}",
+          f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7} {'sink-cpu':>8} {'bench-cpu':>9} {'busy':>5}",
           flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     base = {}
@@ -364,7 +383,7 @@ def main():
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
                   f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.2f} "
                   f"{r['load']:>5.1f} {r['inj_cpu']:>7.1f} {r['dns_cpu']:>7.1f} {r['sink_cpu']:>8.1f} "
-                  f"{r['bench_cpu']:>9.1f} {label}"
+                  f"{r['bench_cpu']:>9.1f} {100 * r['busy']:>4.0f}% {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
                   + (f"  (one domain just before: {ref['msgs']:.0f} msg/s)" if ref else ""),
                   flush=True)
