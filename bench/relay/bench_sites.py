@@ -335,6 +335,9 @@ def main():
         a.injector = c if os.access(c, os.X_OK) else ""
     elif a.injector == "python":
         a.injector = ""
+    elif not os.access(a.injector, os.X_OK):
+        ap.error(f"--injector {a.injector}: not an executable (build it: cmake --build BUILD "
+                 f"--target inject_synth; or --injector python)")
     if a.dns_synth is None:
         c = os.path.join(os.path.dirname(os.path.abspath(a.sluice)), "..", "bench", "relay",
                          "dns_synth")
