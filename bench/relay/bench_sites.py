@@ -27,14 +27,17 @@ With --before, each line runs with the other binary first, then with
 Each line: messages/s from the first injection to the last delivery, the
 ratio to one domain on one MX in the same run, connections opened per
 1,000 messages (sluice's event=connected lines), the most connections
-open at once to one MX address (the kernel's table, sampled every 10 ms),
-the injection rate alone, sluice's CPU seconds per 1,000 messages, and
-the CPU seconds the injector (inject_synth's own count, or this process
-during the injection), the DNS responder (during the line), the smtp-sinks (all M of them) and this
-process (reading sluice's log, sampling the connections) took from the
-same two cores, and "busy": all of these together against what the
-machine's cores could give in the line (near 100%, the line is bound by
-the cores they share, and a process's CPU per message is the rate).
+open at once to one MX address (the sinks' accepted sockets as the
+kernel's sock_diag lists them, sampled every 10 ms), the injection rate
+alone, sluice's CPU seconds per 1,000 messages, and the CPU seconds that
+the injector (inject_synth's own count; with the Python injector, this
+whole process during the injection), the DNS responder (during the
+line), the smtp-sinks (all M of them) and this process (reading sluice's
+log, sampling the connections; the Python injector's share taken out)
+took from the same two cores; "busy" is all of these together against
+what the machine's cores could give during the line: near 100%, the
+line is bound by the cores they share, its rate what their CPU per
+message allows.
 The injector (pipelined MAIL/RCPT/DATA on --sessions connections, the
 same for every line; smtp-source has one recipient address per process)
 is bench/relay/inject_synth.c when built beside --sluice (--injector
