@@ -1139,12 +1139,9 @@ dest_run_once(struct dest *t)
     struct delivery *d = t->d;
     if (fairq_empty(&t->q) || d->stopping || d->draining || dest_paused(t))
         return;
-    if (!dest_sts_ready(t)) {
-        /* Its first MTA-STS check runs (bounded by [mta_sts]
-         * fetch_timeout): nothing leaves before its policy is known. */
-        dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MS));
-        return;
-    }
+    /* Asked first, so that a new domain's MTA-STS check (its TXT lookup,
+     * maybe a policy fetch) runs beside its MX lookup, not after it. */
+    bool sts_ready = dest_sts_ready(t);
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
     }
@@ -1172,6 +1169,12 @@ dest_run_once(struct dest *t)
                 t->req = NULL;
             return;
         }
+    }
+    if (!sts_ready) {
+        /* Its first MTA-STS check runs (bounded by [mta_sts]
+         * fetch_timeout): nothing leaves before its policy is known. */
+        dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MS));
+        return;
     }
     struct policy_fail pf;
     policy_dns(t->mx->status, &pf);
