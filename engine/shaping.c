@@ -456,14 +456,26 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
         } else if (a->kind == SHAPING_BOUNCE) {
             v->bounce = true;
         } else if (a->kind == SHAPING_RATE) {
+            /* a source's rate is its own (keyed per source and group by the
+             * scheduler); a group's or a domain's is everyone's */
+            bool own = a->scope == SHAPING_SCOPE_SOURCE;
+            unsigned *pm = own ? &v->src_rate_permille : &v->rate_permille;
+            uint64_t *iv = own ? &v->src_rate_interval_ns : &v->rate_interval_ns;
+            bool slower = false;
             if (a->per_ms == 0) {
-                if (a->value > 0 && (v->rate_permille == 0 || a->value < v->rate_permille))
-                    v->rate_permille = a->value;
+                if (a->value > 0 && (*pm == 0 || a->value < *pm)) {
+                    *pm = a->value;
+                    slower = true;
+                }
             } else if (a->value > 0) {
                 uint64_t T = (uint64_t)a->per_ms * 1000000ULL / a->value;
-                if (T > v->rate_interval_ns)
-                    v->rate_interval_ns = T;
+                if (T > *iv) {
+                    *iv = T;
+                    slower = true;
+                }
             }
+            if (own && (slower || v->src_rate_group[0] == '\0'))
+                snprintf(v->src_rate_group, sizeof(v->src_rate_group), "%s", a->group);
         } else {
             unsigned cap = a->kind == SHAPING_BACKOFF ? 1 : a->value;
             if (v->cap == 0 || cap < v->cap)

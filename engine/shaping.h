@@ -179,10 +179,17 @@ struct shaping_verdict {
     unsigned cap;       /* connections per destination (0: no cap) */
     bool one_txn;       /* backoff: one transaction per connection */
     bool bounce;        /* bounce: what waits is bounced */
-    unsigned rate_permille; /* rate: the lowest fraction of the configured message rate
+    /* rate, of the group- and domain-scope actions (every source's mail
+     * to the destination): */
+    unsigned rate_permille; /* the lowest fraction of the configured message rate
                              * (0: none) */
-    uint64_t rate_interval_ns; /* rate: the longest spacing of messages an absolute
-                                * rate asks for (0: none) */
+    uint64_t rate_interval_ns; /* the longest spacing of messages an absolute rate
+                                * asks for (0: none) */
+    /* rate, of the source-scope actions: source's own mail to the hosts
+     * of src_rate_group only (the other sources are not slowed) */
+    unsigned src_rate_permille;
+    uint64_t src_rate_interval_ns;
+    char src_rate_group[SHAPING_NAME_MAX]; /* the group of the slowest such action */
     uint64_t recheck_ms; /* Unix ms by which to ask again (an action ends or may be cleared) */
 };
 /* Fills v and returns whether any action applies. Lock-free while no

@@ -1503,7 +1503,8 @@ static const struct cmd cmds[] = {
      "  shaping suspend tenant=T group=G for=DURATION\n"
      "                              an action by hand, on every node; ACTION:\n"
      "                              suspend, backoff, cap:N, rate:R (10/s, 600/min,\n"
-     "                              or 0.5 of the configured rate) or bounce\n\n"
+     "                              or 0.5 of the configured rate; with source=\n"
+     "                              that source only) or bounce\n\n"
      "Actions are shared through Redis (with [redis] url) and kept in the spool\n"
      "across restarts. Rules: etc/shaping.rules and [shaping] rules.",
      0, 6, run_shaping},

@@ -135,6 +135,8 @@ struct conn {
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
     struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
+    struct mxkey *shk;    /* borrowed: the rate a shaping action gives its source at
+                           * its MX host's group ("shape:"), or NULL; no lease */
     const struct mx_policy *src; /* borrowed (configs live to the end): the [source] it
                                   * binds, from its destination's pool; NULL: the node's
                                   * default source ([delivery] source_address) */
@@ -276,7 +278,8 @@ struct delivery {
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
-    struct mxkey *mxkeys;    /* owned: [mx] limits met so far, and [source] ones ("src:") */
+    struct mxkey *mxkeys;    /* owned: [mx] limits met so far, [source] ones ("src:") and
+                              * shaping's per source and group ("shape:") */
     struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     uint64_t conn_seq;       /* connection ids: worker id in the top byte */

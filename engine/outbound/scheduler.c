@@ -194,6 +194,38 @@ src_key(struct delivery *d, const struct mx_policy *src, int fam)
     return mxkey_get(d, "src:", m);
 }
 
+/* The key of a shaping rate on source src_id at destination group
+ * group ("shape:SRC@GROUP"), made on first use: the source's mail to
+ * every MX host of the group draws on it, the other sources' does not.
+ * No [section] stands behind it (pol NULL): shaping_may_send gives it its
+ * rate on each transaction. */
+static struct mxkey *
+shape_key(struct delivery *d, uint32_t src_id, const char *group)
+{
+    const char *src = src_id != 0 ? intern_name(d->e->names, src_id) : NULL;
+    char name[LIMIT_KEY_MAX];
+    int n = snprintf(name, sizeof(name), "shape:%s@%s", src != NULL ? src : "default", group);
+    if (n < 0 || (size_t)n >= sizeof(name) || strpbrk(name, "{}") != NULL)
+        return NULL;
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        if (strcmp(k->pattern, name) == 0)
+            return k;
+    struct mxkey *k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        return NULL;
+    k->d = d;
+    snprintf(k->pattern, sizeof(k->pattern), "%s", name);
+    struct limit_conf lc;
+    memset(&lc, 0, sizeof(lc));
+    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
+        free(k);
+        return NULL;
+    }
+    k->next = d->mxkeys;
+    d->mxkeys = k;
+    return k;
+}
+
 static void
 mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 {
@@ -864,6 +896,9 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             wait = ss->hold_until < wait ? ss->hold_until : wait;
             continue;
         }
+        if (ss->shaped_until > now && ss->conns > 0)
+            continue; /* slowed by a shaping rate: one connection carries it, the
+                       * others go from sources that may go at full rate */
         if (warmup_left(d->e->warmup, ps->source->pattern, mx, now_ms) == 0) {
             uint64_t next = warmup_next_day_ms(d->e->warmup, ps->source->pattern, mx, now_ms);
             uint64_t at = now + MS_TO_NS(next > now_ms ? next - now_ms : HOLD_MIN_MS);
@@ -922,8 +957,9 @@ source_may_send(struct conn *c)
                 ss = &c->site->src[k];
         if (id == c->src_id)
             mine_w = ps->weight;
-        else if (ss == NULL || ss->hold_until > now || scope_suspended(d, SCOPE_SOURCE, id, now))
-            continue; /* it cannot carry its share now */
+        else if (ss == NULL || ss->hold_until > now || ss->shaped_until > now ||
+                 scope_suspended(d, SCOPE_SOURCE, id, now))
+            continue; /* it cannot carry its share now (held, slowed by shaping) */
         else
             others++;
         total += ss ? ss->sent : 0;
@@ -933,6 +969,49 @@ source_may_send(struct conn *c)
         return mine_w != 0 || others == 0;
     /* mine_sent / total against mine_w / wsum, with some slack */
     return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
+}
+
+/* A source's rate action (scope=source) slows that source only: its
+ * transactions to the hosts of the action's group draw on a key of their
+ * own (shape_key), the destination's and the other sources' are
+ * untouched. A fraction is of the message rate configured for c's
+ * destination. Without Redis each worker has its own key, so an absolute
+ * rate is split between the workers, as the [mx] limits are. While it
+ * holds, the source cannot carry its weighted share at the site
+ * (shaped_until): the other sources' connections do not give way to it. */
+static void
+shaping_source_rate(struct conn *c, const struct shaping_verdict *v, uint64_t until)
+{
+    struct delivery *d = c->d;
+    if (v->src_rate_permille == 0 && v->src_rate_interval_ns == 0) {
+        if (c->shk != NULL) /* over (or cleared): the key goes back to no limit */
+            limits_key_shape(d->lim, &c->shk->lim, 0, 0);
+        c->shk = NULL;
+        return;
+    }
+    struct mxkey *k = shape_key(d, c->src_id, v->src_rate_group);
+    if (k != c->shk && c->shk != NULL)
+        limits_key_shape(d->lim, &c->shk->lim, 0, 0);
+    c->shk = k;
+    if (k == NULL)
+        return; /* no memory: the source goes at the destination's rate */
+    const struct limit_conf *dc = &c->dest->lim.conf;
+    if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
+        k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
+        k->lim.conf.msg_burst != dc->msg_burst) {
+        struct limit_conf lc;
+        memset(&lc, 0, sizeof(lc));
+        lc.msg_rate = dc->msg_rate;
+        lc.msg_burst = dc->msg_burst;
+        limits_key_set(d->lim, &k->lim, &lc);
+    }
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    limits_key_shape(d->lim, &k->lim, v->src_rate_permille,
+                     v->src_rate_interval_ns * (share ? share : 1));
+    struct site_source *ss = c->site != NULL && c->src != NULL ? site_source(c->site, c->src_id)
+                                                                : NULL;
+    if (ss != NULL)
+        ss->shaped_until = until > d->w->now + MS_TO_NS(1000) ? until : d->w->now + MS_TO_NS(1000);
 }
 
 /* May c take another transaction, as shaping says? Not while its source
@@ -945,9 +1024,11 @@ shaping_may_send(struct conn *c)
     struct shaping_verdict v;
     uint64_t at = 0;
     bool any = dest_shaping(c->dest, c->src_id, c->mx, &v, &at);
-    /* a rate action lowers the destination's message rate in the limiter
-     * (as an adaptive backoff does); lifted once none applies */
+    /* a group's or domain's rate action lowers the destination's message
+     * rate in the limiter (as an adaptive backoff does); lifted once none
+     * applies */
     limits_key_shape(c->d->lim, &c->dest->lim, v.rate_permille, v.rate_interval_ns);
+    shaping_source_rate(c, &v, at);
     if (!any)
         return true;
     if (v.bounce) {
@@ -1432,13 +1513,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         struct job *j = NULL;
         uint64_t retry_at;
         if (!dest_paused(t) && !fairq_empty(&t->q)) {
-            struct mxkey *mk = c->mxk, *sk = c->srck;
+            struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1)
                 dest_lim_wait(t, retry_at);
             else if (mk != NULL && limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1)
                 mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
             else if (sk != NULL && limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1)
                 mx_wait(sk, t, retry_at); /* likewise */
+            else if (hk != NULL && limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1)
+                mx_wait(hk, t, retry_at); /* likewise: its source's shaping rate */
             else
                 j = dest_pop(t);
             if (j != NULL && scope_job_parked(d, j)) {

@@ -21,7 +21,9 @@ Redis is back; a timed action ends on time on both nodes, logged.
 `sluicectl suspend DOMAIN` on one node holds the domain on the other
 (`--local` stays local) and `resume` sends it; a rate action is listed
 with its rate on both nodes while mail goes on; a bounce action made on one
-node bounces the other's mail for that domain, untried.
+node bounces the other's mail for that domain, untried. A rate action on
+one source caps that source only (counted from the delivery log), the
+other source carrying the rest; a group's rate slows both.
 """
 import json
 import os
@@ -35,7 +37,7 @@ import time
 from harness import Sluice, Workdir, free_port, main, skip, wait_until
 import test_delivery
 from test_delivery import Dns, connectable, records_for
-from test_limits_integ import Redis
+from test_limits_integ import Redis, parse_time
 
 SLUICE = sys.argv[1]
 ROOT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "..")
@@ -154,12 +156,12 @@ pool = bulk
         assert out.returncode == 0, (args, out.stdout, out.stderr)
         return out.stdout
 
-    def inject(self, n, tag, tenant="acme"):
+    def inject(self, n, tag, tenant="acme", domains=DOMAINS):
         hdr = f"X-Sluice-Tenant: {tenant}\r\n"
         with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as c:
             for i in range(n):
                 body = f"Subject: {tag}{i}\r\n{hdr}\r\nbody {i}\r\n".encode()
-                rcpts = [f"{tag}{i}@{DOMAINS[i % len(DOMAINS)]}"]
+                rcpts = [f"{tag}{i}@{domains[i % len(domains)]}"]
                 assert not c.sendmail(f"news@{tenant}.example", rcpts, body)
 
     def dlog_events(self, kind):
@@ -448,7 +450,59 @@ def test_operator_suspend_rate_and_bounce_everywhere():
         c.close()
 
 
+def delivered_in_log(node):
+    """(seconds, source) of each delivered recipient in node's delivery log."""
+    return [(parse_time(e["time"]), e.get("source", "")) for e in node.dlog_events("delivery")]
+
+
+def test_source_rate_slows_that_source_only():
+    """rate:2/s for source 127.0.0.2 at the yahoo group: that source's mail
+    to the group's hosts goes at most at 2/s (counted from the delivery
+    log, with the limiter's burst as tolerance), while 127.0.0.3 carries
+    the rest at its own pace; a rate for the whole group then slows both
+    sources together."""
+    c = Cluster(after=10 ** 6)  # the receiver never defers
+    a = c.nodes[0]
+    try:
+        r = a.ask("shaping rate:2/s source=127.0.0.2 group=yahoo for=10m")
+        assert r["ok"] and r["action"]["scope"] == "source", r
+        n = 60
+        a.inject(n, "q")
+        wait_until(lambda: len(delivered_in_log(a)) >= n or None, 120, "every message delivered")
+        ev = sorted(delivered_in_log(a))
+        slow = [t for t, s in ev if s == "127.0.0.2"]
+        fast = [t for t, s in ev if s == "127.0.0.3"]
+        assert len(slow) + len(fast) == n, ev
+        # the window the other source worked in: the slowed one may not
+        # have sent more than its rate allows in it (2/s, plus a burst of
+        # a few), and the other carried most of the mail meanwhile
+        window = fast[-1] - ev[0][0]
+        slow_in = len([t for t in slow if t <= fast[-1]])
+        assert slow_in <= 2 * window + 4, (slow_in, window)
+        assert len(fast) >= 3 * max(slow_in, 1), (len(fast), slow_in, window)
+        # any pair of the slowed source's deliveries: at most 2/s between
+        for i in range(len(slow)):
+            for k in range(i + 1, len(slow)):
+                assert k - i <= 2 * (slow[k] - slow[i]) + 4, (i, k, slow)
+        # a group's rate is everyone's (per recipient domain): both sources
+        # together at 2/s to y0.test
+        assert "cleared 1" in a.ctl("shaping", "clear", "source=127.0.0.2")
+        r = a.ask("shaping rate:2/s group=yahoo for=10m")
+        assert r["ok"], r
+        m = 10
+        a.inject(m, "g", domains=["y0.test"])
+        wait_until(lambda: len(delivered_in_log(a)) >= n + m or None, 60,
+                   "the second batch delivered")
+        ev2 = sorted(delivered_in_log(a))[n:]
+        assert {s for _, s in ev2} <= {"127.0.0.2", "127.0.0.3"}, ev2
+        span = ev2[-1][0] - ev2[0][0]
+        assert m - 1 <= 2 * span + 4, (m, span)
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry,
           test_tenant_block_holds_that_tenant_only,
-          test_operator_suspend_rate_and_bounce_everywhere])
+          test_operator_suspend_rate_and_bounce_everywhere,
+          test_source_rate_slows_that_source_only])

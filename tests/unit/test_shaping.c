@@ -428,7 +428,8 @@ test_rate_action(void **state)
     assert_int_equal(shaping_action_parse(line, &back), 0);
     assert_true(back.kind == SHAPING_RATE && back.value == 20 && back.per_ms == 1000);
 
-    /* fired by replies: the verdict carries both, the slower of each */
+    /* fired by replies: the verdict carries both, the slower of each; the
+     * source's own apart from the group's (everyone's) */
     char dir[] = "/tmp/sluice-shaping-rate-XXXXXX";
     assert_non_null(mkdtemp(dir));
     struct shaping *s = open_node(dir, "a", 0);
@@ -442,11 +443,16 @@ test_rate_action(void **state)
     uint64_t now = clock_unix_ms();
     assert_true(shaping_check(s, r, "192.0.2.1", "mx2.slow.test", "slow.test", now, &vd));
     assert_false(vd.suspended || vd.bounce || vd.one_txn || vd.cap != 0);
-    assert_int_equal(vd.rate_permille, 500);
-    assert_true(vd.rate_interval_ns == 50000000ULL); /* 20/s */
+    assert_int_equal(vd.rate_permille, 0);
+    assert_true(vd.rate_interval_ns == 50000000ULL); /* 20/s, the group's */
+    assert_int_equal(vd.src_rate_permille, 500);     /* the source's, at its group */
+    assert_int_equal(vd.src_rate_interval_ns, 0);
+    assert_string_equal(vd.src_rate_group, "slow");
     /* another source: the group's absolute rate only */
     assert_true(shaping_check(s, r, "192.0.2.2", "mx2.slow.test", "slow.test", now, &vd));
     assert_int_equal(vd.rate_permille, 0);
+    assert_int_equal(vd.src_rate_permille, 0);
+    assert_string_equal(vd.src_rate_group, "");
     assert_false(shaping_check(s, r, "192.0.2.1", "mx.other.test", "other.test", now, &vd));
 
     /* the limiter: 100/s configured; half of it, then 20/s where no rate
