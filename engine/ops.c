@@ -1902,8 +1902,9 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
                  w[0]);
         return -1;
     }
-    if (ten && a.kind != SHAPING_SUSPEND) {
-        snprintf(err, errlen, "a tenant is suspended or not (no %s)", w[0]);
+    if (ten && (a.kind == SHAPING_BACKOFF || a.kind == SHAPING_CAP)) {
+        snprintf(err, errlen, "a tenant's mail is suspended, slowed (rate:R) or bounced; "
+                              "connections are not a tenant's (no %s)", w[0]);
         return -1;
     }
     if (grp && strncmp(a.group, "mx:", 3) != 0 &&

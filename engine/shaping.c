@@ -432,7 +432,7 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
     for (size_t i = 0; i < s->nact; i++) {
         const struct shaping_action *a = &s->act[i];
         if (a->until_ms <= now_ms || a->kind == SHAPING_COUNT || a->scope == SHAPING_SCOPE_TENANT)
-            continue; /* tenants: per job, shaping_tenant_held */
+            continue; /* tenants: per job, shaping_tenant_check */
         bool applies;
         switch (a->scope) {
         case SHAPING_SCOPE_SOURCE:
@@ -490,28 +490,58 @@ shaping_check(struct shaping *s, const struct shaping_rules *r, const char *sour
 }
 
 bool
-shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const char *tenant,
-                    const char *mx, uint64_t now_ms, uint64_t *recheck_ms)
+shaping_tenant_check(struct shaping *s, const struct shaping_rules *r, const char *tenant,
+                     const char *mx, uint64_t now_ms, struct shaping_tenant_verdict *v)
 {
+    memset(v, 0, sizeof(*v));
+    v->recheck_ms = now_ms + RECHECK_MAX_MS;
     if (s == NULL || tenant == NULL || tenant[0] == '\0' ||
         atomic_load_explicit(&s->live, memory_order_relaxed) == 0)
         return false;
-    bool held = false;
-    uint64_t recheck = now_ms + RECHECK_MAX_MS;
+    bool any = false;
     pthread_mutex_lock(&s->lock);
     for (size_t i = 0; i < s->nact; i++) {
         const struct shaping_action *a = &s->act[i];
-        if (a->scope != SHAPING_SCOPE_TENANT || a->kind != SHAPING_SUSPEND ||
-            a->until_ms <= now_ms || strcmp(a->tenant, tenant) != 0 ||
-            !in_group(r, a->group, mx))
+        if (a->scope != SHAPING_SCOPE_TENANT || a->until_ms <= now_ms ||
+            strcmp(a->tenant, tenant) != 0 || !in_group(r, a->group, mx))
             continue;
-        held = true;
-        if (a->until_ms < recheck)
-            recheck = a->until_ms;
+        if (a->kind == SHAPING_SUSPEND) {
+            v->held = true;
+        } else if (a->kind == SHAPING_BOUNCE) {
+            v->bounce = true;
+        } else if (a->kind == SHAPING_RATE && a->value > 0) {
+            bool slower = false;
+            if (a->per_ms == 0 && (v->rate_permille == 0 || a->value < v->rate_permille)) {
+                v->rate_permille = a->value;
+                slower = true;
+            } else if (a->per_ms != 0) {
+                uint64_t T = (uint64_t)a->per_ms * 1000000ULL / a->value;
+                if (T > v->rate_interval_ns) {
+                    v->rate_interval_ns = T;
+                    slower = true;
+                }
+            }
+            if (slower || v->rate_group[0] == '\0')
+                snprintf(v->rate_group, sizeof(v->rate_group), "%s", a->group);
+        } else {
+            continue; /* count, or a kind a tenant has not (backoff, cap) */
+        }
+        any = true;
+        if (a->until_ms < v->recheck_ms)
+            v->recheck_ms = a->until_ms;
     }
     pthread_mutex_unlock(&s->lock);
-    *recheck_ms = recheck;
-    return held;
+    return any;
+}
+
+bool
+shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const char *tenant,
+                    const char *mx, uint64_t now_ms, uint64_t *recheck_ms)
+{
+    struct shaping_tenant_verdict v;
+    bool any = shaping_tenant_check(s, r, tenant, mx, now_ms, &v);
+    *recheck_ms = v.recheck_ms;
+    return any && v.held;
 }
 
 /* ---- operators ---- */

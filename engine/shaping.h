@@ -51,7 +51,8 @@ enum shaping_scope {
     SHAPING_SCOPE_GROUP,  /* every source, at the destination group (the site) */
     SHAPING_SCOPE_DOMAIN, /* the recipient domain, every source */
     SHAPING_SCOPE_TENANT, /* the tenant whose mail drew the reply, at the destination group
-                           * (suspend only: its jobs are set aside, the others go on) */
+                           * (suspend, rate, bounce: its jobs are set aside, slowed or
+                           * bounced, the others go on) */
     SHAPING_SCOPE_COUNT
 };
 
@@ -197,6 +198,19 @@ struct shaping_verdict {
 bool shaping_check(struct shaping *s, const struct shaping_rules *r, const char *source,
                    const char *mx, const char *domain, uint64_t now_ms, struct shaping_verdict *v);
 
+/* What the tenant-scope actions say about tenant's mail to MX host mx. */
+struct shaping_tenant_verdict {
+    bool held;              /* suspend: its jobs are set aside */
+    bool bounce;            /* bounce: its jobs are bounced */
+    unsigned rate_permille; /* rate: as in struct shaping_verdict (0: none) */
+    uint64_t rate_interval_ns;
+    char rate_group[SHAPING_NAME_MAX]; /* the group of the slowest rate */
+    uint64_t recheck_ms;    /* Unix ms by which to ask again */
+};
+/* Fills v and returns whether any tenant action applies. Lock-free while
+ * no action is active. */
+bool shaping_tenant_check(struct shaping *s, const struct shaping_rules *r, const char *tenant,
+                          const char *mx, uint64_t now_ms, struct shaping_tenant_verdict *v);
 /* Is tenant's mail to MX host mx suspended (a tenant-scope action)? Then
  * *recheck_ms: Unix ms by which to ask again. Lock-free while no action
  * is active. */

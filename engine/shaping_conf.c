@@ -18,7 +18,8 @@
  *   action=suspend|backoff|cap:N|rate:R|bounce|count
  *                 rate:R: 10/s, 600/min (absolute) or 0.5, 50% (of the
  *                 configured message rate)
- *   scope=source|group|domain|tenant   (default source; tenant: suspend or count)
+ *   scope=source|group|domain|tenant   (default source; tenant: suspend, rate:R,
+ *                 bounce or count)
  *   for=DURATION  how long the action lasts (250ms, 30s, 5m, 4h, 1d)
  * Values may be in double quotes (\" and \\ inside). Rules are tried in
  * load order, first match wins.
@@ -599,9 +600,10 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
         why = "needs action=";
     if (why == NULL && !have_for && x->info.kind != SHAPING_COUNT)
         why = "needs for=DURATION";
-    if (why == NULL && x->info.scope == SHAPING_SCOPE_TENANT && x->info.kind != SHAPING_SUSPEND &&
-        x->info.kind != SHAPING_COUNT)
-        why = "scope=tenant: action=suspend or count (a tenant's jobs are set aside or not)";
+    if (why == NULL && x->info.scope == SHAPING_SCOPE_TENANT &&
+        (x->info.kind == SHAPING_BACKOFF || x->info.kind == SHAPING_CAP))
+        why = "scope=tenant: action=suspend, rate:R, bounce or count (a tenant's jobs are "
+              "set aside, slowed or bounced; connections are not a tenant's)";
     if (why == NULL && x->code == 0 && x->code_cls == 0 && !x->has_enh && !x->has_re)
         why = "needs code=, enhanced= or match=";
     if (why != NULL) {

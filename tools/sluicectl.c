@@ -1500,7 +1500,7 @@ static const struct cmd cmds[] = {
      "  shaping clear source=A|group=G|domain=D|rule=R   scope or rule)\n"
      "  shaping ACTION source=A group=G for=DURATION\n"
      "  shaping ACTION group=G|domain=D for=DURATION\n"
-     "  shaping suspend tenant=T group=G for=DURATION\n"
+     "  shaping suspend|rate:R|bounce tenant=T group=G for=DURATION\n"
      "                              an action by hand, on every node; ACTION:\n"
      "                              suspend, backoff, cap:N, rate:R (10/s, 600/min,\n"
      "                              or 0.5 of the configured rate; with source=\n"

@@ -82,6 +82,8 @@ struct job {
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
     bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
+    uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
+                            * then; 0: by a suspension */
     unsigned failovers;  /* times a session failure moved it to the next address */
     struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned n;
@@ -520,11 +522,20 @@ bool scope_domain_suspended(const struct delivery *d, const char *domain, uint64
 /* j (just taken from its queue, owned) belongs to a suspended tenant or
  * campaign: it is set aside (true, j no longer the caller's), or not. */
 bool scope_job_parked(struct delivery *d, struct job *j);
-/* j (just taken from its queue for a connection to MX host mx, owned)
- * belongs to a tenant that a shaping action suspends at mx's group: it is
- * set aside (true) until the action ends or is cleared (looked at every
- * second), or not. */
-bool scope_job_shaped(struct delivery *d, struct job *j, const char *mx);
+/* j (just taken from t's queue for a connection to MX host mx, owned)
+ * belongs to a tenant that a shaping action names at mx's group: it is
+ * set aside (true) until a suspension ends or is cleared (looked at every
+ * second) or until its tenant's rate lets it go, or bounced (true, as an
+ * operator's bounce), or neither (false: it goes). */
+bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx);
+/* The limiter key of a shaping rate on who ("SOURCE", "tenant:T") at
+ * destination group ("shape:WHO@GROUP"), made on first use (NULL: no
+ * memory or a name too long); given its rate by sched_shape_rate. */
+struct mxkey *sched_shape_key(struct delivery *d, const char *who, const char *group);
+/* k at permille of t's configured message rate and at most one message
+ * per interval_ns (split between the workers without Redis); 0, 0 lifts it. */
+void sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t,
+                      unsigned permille, uint64_t interval_ns);
 /* The counters of id in kind's table, made on first use; a static dummy
  * without memory (never NULL). */
 struct owner_count *owner_count(struct delivery *d, enum scope_kind kind, uint32_t id);

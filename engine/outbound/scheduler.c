@@ -194,17 +194,15 @@ src_key(struct delivery *d, const struct mx_policy *src, int fam)
     return mxkey_get(d, "src:", m);
 }
 
-/* The key of a shaping rate on source src_id at destination group
- * group ("shape:SRC@GROUP"), made on first use: the source's mail to
- * every MX host of the group draws on it, the other sources' does not.
- * No [section] stands behind it (pol NULL): shaping_may_send gives it its
- * rate on each transaction. */
-static struct mxkey *
-shape_key(struct delivery *d, uint32_t src_id, const char *group)
+/* A shaping rate's key (internal.h): a source's ("shape:SRC@GROUP": its
+ * mail to every MX host of the group draws on it, the other sources'
+ * does not) or a tenant's ("shape:tenant:T@GROUP"). No [section] stands
+ * behind it (pol NULL): sched_shape_rate gives it its rate on each use. */
+struct mxkey *
+sched_shape_key(struct delivery *d, const char *who, const char *group)
 {
-    const char *src = src_id != 0 ? intern_name(d->e->names, src_id) : NULL;
     char name[LIMIT_KEY_MAX];
-    int n = snprintf(name, sizeof(name), "shape:%s@%s", src != NULL ? src : "default", group);
+    int n = snprintf(name, sizeof(name), "shape:%s@%s", who, group);
     if (n < 0 || (size_t)n >= sizeof(name) || strpbrk(name, "{}") != NULL)
         return NULL;
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
@@ -971,6 +969,24 @@ source_may_send(struct conn *c)
     return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
 }
 
+void
+sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsigned permille,
+                 uint64_t interval_ns)
+{
+    const struct limit_conf *dc = &t->lim.conf;
+    if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
+        k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
+        k->lim.conf.msg_burst != dc->msg_burst) {
+        struct limit_conf lc;
+        memset(&lc, 0, sizeof(lc));
+        lc.msg_rate = dc->msg_rate;
+        lc.msg_burst = dc->msg_burst;
+        limits_key_set(d->lim, &k->lim, &lc);
+    }
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    limits_key_shape(d->lim, &k->lim, permille, interval_ns * (share ? share : 1));
+}
+
 /* A source's rate action (scope=source) slows that source only: its
  * transactions to the hosts of the action's group draw on a key of their
  * own (shape_key), the destination's and the other sources' are
@@ -989,25 +1005,14 @@ shaping_source_rate(struct conn *c, const struct shaping_verdict *v, uint64_t un
         c->shk = NULL;
         return;
     }
-    struct mxkey *k = shape_key(d, c->src_id, v->src_rate_group);
+    const char *src = c->src_id != 0 ? intern_name(d->e->names, c->src_id) : NULL;
+    struct mxkey *k = sched_shape_key(d, src != NULL ? src : "default", v->src_rate_group);
     if (k != c->shk && c->shk != NULL)
         limits_key_shape(d->lim, &c->shk->lim, 0, 0);
     c->shk = k;
     if (k == NULL)
         return; /* no memory: the source goes at the destination's rate */
-    const struct limit_conf *dc = &c->dest->lim.conf;
-    if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
-        k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
-        k->lim.conf.msg_burst != dc->msg_burst) {
-        struct limit_conf lc;
-        memset(&lc, 0, sizeof(lc));
-        lc.msg_rate = dc->msg_rate;
-        lc.msg_burst = dc->msg_burst;
-        limits_key_set(d->lim, &k->lim, &lc);
-    }
-    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
-    limits_key_shape(d->lim, &k->lim, v->src_rate_permille,
-                     v->src_rate_interval_ns * (share ? share : 1));
+    sched_shape_rate(d, k, c->dest, v->src_rate_permille, v->src_rate_interval_ns);
     struct site_source *ss = c->site != NULL && c->src != NULL ? site_source(c->site, c->src_id)
                                                                 : NULL;
     if (ss != NULL)
@@ -1527,8 +1532,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             if (j != NULL && scope_job_parked(d, j)) {
                 continue; /* its tenant or campaign is suspended: parked */
             }
-            if (j != NULL && scope_job_shaped(d, j, c->mx))
-                continue; /* its tenant is suspended at this MX by shaping: parked */
+            if (j != NULL && scope_job_shaped(d, t, j, c->mx))
+                continue; /* its tenant is suspended, slowed or bounced at this MX by
+                           * shaping: parked for a while, or bounced */
             /* (no plan in the config: nothing to count, and no lock to take
              * on each transaction) */
             if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&

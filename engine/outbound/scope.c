@@ -24,7 +24,11 @@
  * tenant that a shaping action suspends at a destination group
  * (engine/shaping.h, scope=tenant) are parked the same way when they come
  * up for a connection to that group (scope_job_shaped), and looked at
- * again every second: the action is shaping's, kept and shared there.
+ * again every second: the action is shaping's, kept and shared there. A
+ * tenant's rate action parks each job that finds no token of the
+ * tenant's key at the group (sched_shape_key) until the limiter's time
+ * for it; a tenant's bounce action bounces its jobs as they come up, and
+ * the parked ones at the next look.
  *
  * Threading: the worker's thread.
  */
@@ -177,47 +181,113 @@ scope_job_parked(struct delivery *d, struct job *j)
 }
 
 #define SHAPED_RECHECK_MS 1000
+#define SHAPED_RATE_POLL_MS 50 /* a rate's token asked of Redis: look again then */
 
-/* Is j's tenant suspended by shaping at mx (its destination's preferred
- * MX host when mx is NULL)? */
+/* What shaping's tenant-scope actions say of j at mx (t's preferred MX
+ * host when mx is NULL; t NULL: j's destination). */
 static bool
-job_shaped(struct delivery *d, const struct job *j, const char *mx)
+job_shaping(struct delivery *d, struct dest *t, const struct job *j, const char *mx,
+            struct shaping_tenant_verdict *v)
 {
     struct engine *e = d->e;
+    memset(v, 0, sizeof(*v));
     if (e->shaping == NULL || j->owner.tenant == 0)
         return false;
     if (mx == NULL) {
-        struct dest *t = dest_get_pool(d, j->domain, j->owner.pool);
+        if (t == NULL)
+            t = dest_get_pool(d, j->domain, j->owner.pool);
         mx = t != NULL && t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
     }
-    uint64_t recheck;
-    return mx != NULL && shaping_tenant_held(e->shaping, e->cfg->shaping_rules,
-                                             intern_name(e->names, j->owner.tenant), mx,
-                                             clock_unix_ms(), &recheck);
+    return mx != NULL && shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
+                                              intern_name(e->names, j->owner.tenant), mx,
+                                              clock_unix_ms(), v);
+}
+
+static void
+scope_timer_at(struct delivery *d, uint64_t at)
+{
+    if (!timer_armed(&d->scope_timer) || d->scope_timer.deadline > at)
+        worker_timer_arm(d->w, &d->scope_timer, at);
 }
 
 static void
 scope_shaped_timer(struct delivery *d)
 {
-    uint64_t at = d->w->now + MS_TO_NS(SHAPED_RECHECK_MS);
-    if (d->nshaped > 0 && (!timer_armed(&d->scope_timer) || d->scope_timer.deadline > at))
-        worker_timer_arm(d->w, &d->scope_timer, at);
+    if (d->nshaped > 0)
+        scope_timer_at(d, d->w->now + MS_TO_NS(SHAPED_RECHECK_MS));
 }
 
-bool
-scope_job_shaped(struct delivery *d, struct job *j, const char *mx)
+/* A tenant's bounce action: j fails now, as an operator's bounce (spool,
+ * delivery log, DSN). */
+static void
+shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
 {
-    if (!job_shaped(d, j, mx))
-        return false;
+    struct policy_fail f;
+    policy_job(POLICY_OPERATOR_BOUNCE, &f);
+    struct smtp_outcome o;
+    char text[240];
+    snprintf(text, sizeof(text), "bounced by a shaping action for tenant %.64s at %.100s",
+             intern_name(d->e->names, j->owner.tenant), mx ? mx : t->name);
+    job_outcome(&o, &f, text);
+    job_fail(d, t, j, &o, f.src);
+}
+
+/* May j go under its tenant's rate at mx (a token of the tenant's key at
+ * the action's group)? When not, *until: monotonic ns to ask again. */
+static bool
+shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
+                 const struct shaping_tenant_verdict *v, uint64_t *until)
+{
+    char who[80];
+    snprintf(who, sizeof(who), "tenant:%s", intern_name(d->e->names, j->owner.tenant));
+    struct mxkey *k = sched_shape_key(d, who, v->rate_group);
+    if (k == NULL)
+        return true; /* no memory: at the destination's rate */
+    sched_shape_rate(d, k, t, v->rate_permille, v->rate_interval_ns);
+    uint64_t retry_at = 0;
+    if (limits_take_msgs(d->lim, &k->lim, 1, d->w->now, &retry_at) == 1)
+        return true;
+    *until = retry_at != UINT64_MAX ? retry_at : d->w->now + MS_TO_NS(SHAPED_RATE_POLL_MS);
+    return false;
+}
+
+static void
+shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until, const char *why)
+{
     j->shaped = true;
+    j->shaped_until = until;
     j->next_parked = d->parked;
     d->parked = j;
     d->stats.parked++;
     if (d->nshaped++ == 0)
-        log_msg(LOG_INFO, "event=jobs_parked reason=shaping tenant=%s mx=%s",
+        log_msg(LOG_INFO, "event=jobs_parked reason=shaping action=%s tenant=%s mx=%s", why,
                 intern_name(d->e->names, j->owner.tenant), mx ? mx : "-");
     scope_shaped_timer(d);
-    return true;
+    if (until != 0)
+        scope_timer_at(d, until);
+}
+
+bool
+scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx)
+{
+    struct shaping_tenant_verdict v;
+    if (!job_shaping(d, t, j, mx, &v))
+        return false;
+    if (v.bounce) {
+        shaped_bounce(d, t, j, mx);
+        return true;
+    }
+    if (v.held) {
+        shaped_park(d, j, mx, 0, "suspend");
+        return true;
+    }
+    uint64_t until = 0;
+    if ((v.rate_permille != 0 || v.rate_interval_ns != 0) &&
+        !shaped_rate_take(d, t, j, &v, &until)) {
+        shaped_park(d, j, mx, until, "rate");
+        return true;
+    }
+    return false;
 }
 
 /* Park the waiting jobs of a suspended tenant or campaign, every
@@ -250,17 +320,27 @@ scope_release(struct delivery *d)
 {
     struct job *p = d->parked, *j;
     d->parked = NULL;
-    uint64_t now = d->w->now;
+    uint64_t now = d->w->now, rate_next = UINT64_MAX;
     while ((j = p) != NULL) {
         p = j->next_parked;
         j->next_parked = NULL;
-        if (job_suspended(d, j, now) || (j->shaped && job_shaped(d, j, NULL))) {
+        struct shaping_tenant_verdict v = {0};
+        bool shaping = j->shaped && job_shaping(d, NULL, j, NULL, &v);
+        bool bounce = shaping && v.bounce;
+        /* a rate's job waits for its time (the token is asked again when
+         * it comes up), unless its tenant's rate is over or it bounces */
+        bool waits = j->shaped && j->shaped_until > now && shaping &&
+                     (v.rate_permille != 0 || v.rate_interval_ns != 0);
+        if (!bounce && (job_suspended(d, j, now) || waits || (shaping && v.held))) {
+            if (waits && j->shaped_until < rate_next)
+                rate_next = j->shaped_until;
             j->next_parked = d->parked;
             d->parked = j;
             continue;
         }
         if (j->shaped) {
             j->shaped = false;
+            j->shaped_until = 0;
             d->nshaped--;
         }
         d->stats.parked--;
@@ -269,8 +349,13 @@ scope_release(struct delivery *d)
             free(j); /* no memory: the spool still has it, a restart delivers it */
             continue;
         }
-        dest_enqueue(t, j);
+        if (bounce)
+            shaped_bounce(d, t, j, NULL);
+        else
+            dest_enqueue(t, j);
     }
+    if (rate_next != UINT64_MAX)
+        scope_timer_at(d, rate_next);
     struct dest_iter it = {0};
     for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
         bool was = t->suspended;

@@ -23,7 +23,9 @@ Redis is back; a timed action ends on time on both nodes, logged.
 with its rate on both nodes while mail goes on; a bounce action made on one
 node bounces the other's mail for that domain, untried. A rate action on
 one source caps that source only (counted from the delivery log), the
-other source carrying the rest; a group's rate slows both.
+other source carrying the rest; a group's rate slows both. A tenant's
+rate caps that tenant's mail while another tenant's goes on, and a
+tenant's bounce bounces its mail untried, the other tenant's delivered.
 """
 import json
 import os
@@ -501,8 +503,53 @@ def test_source_rate_slows_that_source_only():
         c.close()
 
 
+def test_tenant_rate_and_bounce():
+    """rate:2/s for tenant acme at the yahoo group: acme's mail goes at
+    most at 2/s (counted from the delivery log), globex's at its own pace
+    beside it; then bounce for acme: acme's mail bounces untried (once
+    each, delivery-log bounce events), globex's is delivered."""
+    c = Cluster(after=10 ** 6)  # the receiver never defers
+    a = c.nodes[0]
+    try:
+        r = a.ask("shaping rate:2/s tenant=acme group=yahoo for=10m")
+        assert r["ok"] and r["action"]["scope"] == "tenant" and r["action"]["rate"] == "2/s", r
+        na, ng = 12, 36
+        a.inject(na, "t", "acme")
+        a.inject(ng, "u", "globex")
+
+        def times(tag):
+            return sorted(parse_time(e["time"]) for e in a.dlog_events("delivery")
+                          if e.get("rcpt", "").startswith(tag))
+        wait_until(lambda: len(times("t")) >= na and len(times("u")) >= ng or None, 120,
+                   "acme's and globex's mail delivered")
+        slow, fast = times("t"), times("u")
+        for i in range(len(slow)):
+            for k in range(i + 1, len(slow)):
+                assert k - i <= 2 * (slow[k] - slow[i]) + 4, (i, k, slow)
+        # globex was not held behind acme: its mail was done while acme's
+        # still trickled out
+        assert fast[-1] < slow[-1], (fast[-1], slow[-1])
+        assert len([t for t in slow if t <= fast[-1]]) <= 2 * (fast[-1] - slow[0]) + 4
+        # bounce: acme's mail fails untried, globex's goes
+        assert "cleared 1" in a.ctl("shaping", "clear", "tenant=acme")
+        r = a.ask("shaping bounce tenant=acme group=yahoo for=10m")
+        assert r["ok"] and r["action"]["action"] == "bounce", r
+        a.inject(5, "v", "acme")
+        a.inject(5, "w", "globex")
+        wait_until(lambda: len([e for e in a.dlog_events("bounce")
+                                if e.get("rcpt", "").startswith("v")]) >= 5 or None, 60,
+                   "acme's mail bounced")
+        wait_until(lambda: len(times("w")) >= 5 or None, 60, "globex's mail delivered")
+        bounced = [e["rcpt"] for e in a.dlog_events("bounce")]
+        assert sorted(bounced) == sorted(f"v{i}@{DOMAINS[i]}" for i in range(5)), bounced
+        assert "shaping" in json.dumps(a.dlog_events("bounce")[0])
+        assert not [x for x in c.rx.records() if (x.get("rcpts") or [""])[0].startswith("<v")]
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry,
           test_tenant_block_holds_that_tenant_only,
           test_operator_suspend_rate_and_bounce_everywhere,
-          test_source_rate_slows_that_source_only])
+          test_source_rate_slows_that_source_only, test_tenant_rate_and_bounce])

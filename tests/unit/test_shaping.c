@@ -343,6 +343,33 @@ test_state_file_and_check(void **state)
     assert_int_equal(shaping_on_reply(s, r, &t57, "192.0.2.1", NULL), gi); /* no tenant */
     assert_int_equal(count(s), 2);
     assert_int_equal(shaping_clear(s, "tenant=acme"), 1);
+    /* a tenant's rate and bounce: that tenant's verdict, at that group */
+    struct shaping_action tr = {.kind = SHAPING_RATE, .scope = SHAPING_SCOPE_TENANT, .value = 2,
+                                .per_ms = 1000, .until_ms = clock_unix_ms() + 60000};
+    snprintf(tr.tenant, sizeof(tr.tenant), "acme");
+    snprintf(tr.group, sizeof(tr.group), "gmail");
+    assert_int_equal(shaping_add(s, &tr), 0);
+    struct shaping_tenant_verdict tv;
+    assert_true(shaping_tenant_check(s, r, "acme", "alt1.gmail-smtp-in.l.google.com",
+                                     clock_unix_ms(), &tv));
+    assert_false(tv.held || tv.bounce);
+    assert_true(tv.rate_interval_ns == 500000000ULL && tv.rate_permille == 0);
+    assert_string_equal(tv.rate_group, "gmail");
+    assert_false(shaping_tenant_held(s, r, "acme", "alt1.gmail-smtp-in.l.google.com",
+                                     clock_unix_ms(), &rc_ms));
+    assert_false(shaping_tenant_check(s, r, "globex", "alt1.gmail-smtp-in.l.google.com",
+                                      clock_unix_ms(), &tv));
+    tr.kind = SHAPING_BOUNCE;
+    tr.value = tr.per_ms = 0;
+    assert_int_equal(shaping_add(s, &tr), 0);
+    assert_true(shaping_tenant_check(s, r, "acme", "gmail-smtp-in.l.google.com", clock_unix_ms(),
+                                     &tv));
+    assert_true(tv.bounce && !tv.held);
+    assert_false(shaping_tenant_check(s, r, "acme", "mta5.am0.yahoodns.net", clock_unix_ms(), &tv));
+    /* neither reaches a connection's verdict */
+    assert_false(shaping_check(s, r, "192.0.2.5", "alt1.gmail-smtp-in.l.google.com", "gmail.com",
+                               clock_unix_ms(), &v));
+    assert_int_equal(shaping_clear(s, "tenant=acme"), 2);
     /* an operator's short action ends on time; clear by selector */
     struct shaping_action a = {.kind = SHAPING_BACKOFF, .scope = SHAPING_SCOPE_DOMAIN};
     snprintf(a.domain, sizeof(a.domain), "example.org");
@@ -416,6 +443,17 @@ test_rate_action(void **state)
     struct shaping_rules *b = load("rule x code=421 action=rate:2 for=1h\n", err, sizeof(err), false);
     assert_null(b);
     assert_non_null(strstr(err, "action=rate:R"));
+    /* a tenant is slowed or bounced (not capped) */
+    b = load("rule t1 code=554 action=rate:1/s scope=tenant for=1h\n"
+             "rule t2 code=550 action=bounce scope=tenant for=1h\n",
+             err, sizeof(err), false);
+    assert_non_null(b);
+    assert_int_equal(shaping_rule(b, 0)->scope, SHAPING_SCOPE_TENANT);
+    assert_int_equal(shaping_rule(b, 1)->kind, SHAPING_BOUNCE);
+    shaping_rules_free(b);
+    assert_null(load("rule t3 code=554 action=cap:2 scope=tenant for=1h\n", err, sizeof(err),
+                     false));
+    assert_non_null(strstr(err, "scope=tenant"));
 
     /* the text form keeps the rate */
     struct shaping_action a = {.kind = SHAPING_RATE, .scope = SHAPING_SCOPE_GROUP, .value = 20,
