@@ -89,7 +89,7 @@ delivery_owner(struct engine *e, const char *tenant, const char *pool, const cha
 
 static void
 submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
-       bool bounce, const struct job_owner *owner)
+       bool bounce, bool shaped, const struct job_owner *owner)
 {
     if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
@@ -108,7 +108,9 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->id = id;
     j->expire_ms = 0;
     j->bounce = bounce;
+    j->shaped_bounce = shaped;
     j->shaped = false;
+    j->shaped_until = 0;
     j->failovers = 0;
     j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;
@@ -123,14 +125,80 @@ void
 delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                 unsigned n, const struct job_owner *owner)
 {
-    submit(e, id, domain, idx, n, false, owner);
+    submit(e, id, domain, idx, n, false, false, owner);
 }
 
 void
 delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                        unsigned n, const struct job_owner *owner)
 {
-    submit(e, id, domain, idx, n, true, owner);
+    submit(e, id, domain, idx, n, true, false, owner);
+}
+
+/* ---- a shaping bounce action: what waits in the spool for its scope ---- */
+
+/* Deferred recipients due sooner than this are left to the due poll: they
+ * come up for a connection, where the scheduler bounces them (a recipient
+ * taken by the poll while its bounce travelled would be both). */
+#define SHAPED_BOUNCE_DUE_MARGIN_MS 5000
+
+struct shaped_walk {
+    const struct shaping_action *a; /* borrowed for the walk */
+    uint64_t min_due;
+    struct delivery_batch b;
+};
+
+static void
+shaped_flush(struct delivery_batch *b)
+{
+    if (b->n != 0)
+        submit(b->e, b->id, b->domain, b->idx, b->n, true, true, &b->owner);
+    b->recipients += b->n;
+    b->n = 0;
+}
+
+static int
+shaped_walk_add(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct shaped_walk *w = arg;
+    const struct shaping_action *a = w->a;
+    if (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due)
+        return 0;
+    if (a->scope == SHAPING_SCOPE_DOMAIN && strcasecmp(a->domain, r->domain) != 0)
+        return 0;
+    if (a->scope == SHAPING_SCOPE_TENANT &&
+        strcasecmp(a->tenant, r->owner.tenant != NULL ? r->owner.tenant : "") != 0)
+        return 0;
+    struct delivery_batch *b = &w->b;
+    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 ||
+                      b->n == sizeof(b->idx) / sizeof(b->idx[0])))
+        shaped_flush(b);
+    if (b->n == 0) {
+        delivery_owner(b->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
+                       r->owner.priority, &b->owner);
+        b->id = id;
+        snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
+    }
+    b->idx[b->n++] = r->index;
+    return 0;
+}
+
+void
+delivery_shaping_bounce(void *arg, const struct shaping_action *a)
+{
+    struct engine *e = arg;
+    if (a->kind != SHAPING_BOUNCE)
+        return;
+    struct shaped_walk w = {.a = a, .min_due = clock_unix_ms() + SHAPED_BOUNCE_DUE_MARGIN_MS};
+    w.b.e = e;
+    int rc = queue_walk(e->queue, shaped_walk_add, &w);
+    shaped_flush(&w.b);
+    log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
+            "event=shaping_bounce_deferred id=%s scope=%s group=%s domain=%s tenant=%s "
+            "recipients=%llu error=\"%s\"",
+            a->id, shaping_scope_str(a->scope), a->group[0] ? a->group : "-",
+            a->domain[0] ? a->domain : "-", a->tenant[0] ? a->tenant : "-",
+            (unsigned long long)w.b.recipients, rc < 0 ? queue_strerror(rc) : "-");
 }
 
 /* An operator bounce on the owning worker. A recipient on a connection now
@@ -202,7 +270,7 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
     struct policy_fail f;
     policy_job(POLICY_OPERATOR_BOUNCE, &f);
     struct smtp_outcome o;
-    job_outcome(&o, &f, NULL);
+    job_outcome(&o, &f, j->shaped_bounce ? "bounced by a shaping action" : NULL);
     job_fail(d, t, j, &o, f.src);
 }
 
@@ -219,6 +287,12 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
         return;
     }
     if (j->bounce) {
+        /* a shaping bounce's deferred recipients: only where the action
+         * applies to t (its group is of t's MX hosts), else they wait */
+        if (j->shaped_bounce && !sched_shaping_bounces(t, j)) {
+            free(j);
+            return;
+        }
         bounce_now(d, t, j);
         return;
     }

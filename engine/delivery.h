@@ -157,6 +157,18 @@ void delivery_submit(struct engine *e, uint64_t id, const char *domain, const un
 void delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,
                             const unsigned *idx, unsigned n, const struct job_owner *owner);
 
+struct shaping_action;
+/* A shaping bounce action started (engine/shaping.h's bounce hook; arg:
+ * the engine): the deferred recipients of its scope that are not due
+ * within a few seconds (those come up for a connection, where they are
+ * bounced) are read from the spool and handed to their workers, which
+ * bounce them as an operator's bounce where the action applies to the
+ * destination (a group's: one of its MX hosts is in the group; a
+ * destination whose MX hosts are not known then keeps them until they
+ * come up). A source's bounce bounces only what comes up. Blocking: the
+ * shaping keeper's thread. */
+void delivery_shaping_bounce(void *arg, const struct shaping_action *a);
+
 /* Gathers recipients met in (message id, index) order, as queue_walk()
  * and queue_due() give them, into one job per message and domain. */
 struct delivery_batch {

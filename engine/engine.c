@@ -428,6 +428,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
         }
     }
+    /* the workers take jobs now: a bounce action bounces what waits */
+    shaping_set_bounce_hook(e->shaping, delivery_shaping_bounce, e);
     rc = ops_start(e, err, errlen);
     if (rc < 0)
         goto fail;
@@ -461,6 +463,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
 void
 engine_stop(struct engine *e)
 {
+    shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     ops_stop(e);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (!e->workers[i].started)

@@ -31,6 +31,9 @@
  *     workers, as warmup.c's keeper.
  *   - Redis away: the table keeps working on this node (local only), and
  *     the keeper reconnects with backoff; event=shaping_redis_down/up.
+ *   - hands each bounce action that started here (whatever its origin) to
+ *     the bounce hook, outside the lock: the engine bounces what already
+ *     waits in the spool for its scope (shaping_set_bounce_hook).
  *
  * Threading: any thread; the keeper is the only one doing I/O.
  */
@@ -96,6 +99,12 @@ struct shaping {
     struct shaping_stats st;
     void (*on_event)(void *arg, const struct shaping_action *a, bool started, const char *why);
     void *on_event_arg;
+    struct outbox_item *bounces, **bounces_tail; /* owned: bounce actions started, for the
+                                                  * hook (the keeper's) */
+    pthread_mutex_t hook_lock;  /* held while the bounce hook runs, and to change it */
+    void (*on_bounce)(void *arg, const struct shaping_action *a);
+    void *on_bounce_arg;
+    bool hook_set;              /* on_bounce is set (under lock: the keeper's wait) */
 };
 
 /* ---- actions as text ---- */
@@ -277,6 +286,17 @@ upsert(struct shaping *s, const struct shaping_action *a)
     }
     s->act[s->nact++] = *a;
     atomic_store(&s->live, s->nact);
+    if (a->kind == SHAPING_BOUNCE) {
+        /* what already waits for the scope in the spool: the keeper hands
+         * it to the bounce hook (without memory, it bounces as it comes up) */
+        struct outbox_item *it = calloc(1, sizeof(*it));
+        if (it != NULL) {
+            it->a = *a;
+            *s->bounces_tail = it;
+            s->bounces_tail = &it->next;
+            pthread_cond_signal(&s->cv);
+        }
+    }
     s->st.active[a->kind < SHAPING_KIND_COUNT ? a->kind : SHAPING_COUNT]++;
     s->st.started++;
     s->dirty = true;
@@ -1042,6 +1062,45 @@ redis_pass(struct shaping *s)
         redis_read(s);
 }
 
+/* Bounce actions started: the hook bounces what waits for each. */
+static void
+bounce_pass(struct shaping *s)
+{
+    pthread_mutex_lock(&s->hook_lock);
+    if (s->on_bounce == NULL) {
+        pthread_mutex_unlock(&s->hook_lock);
+        return; /* they wait for the hook */
+    }
+    pthread_mutex_lock(&s->lock);
+    struct outbox_item *o = s->bounces;
+    s->bounces = NULL;
+    s->bounces_tail = &s->bounces;
+    pthread_mutex_unlock(&s->lock);
+    while (o != NULL) {
+        struct outbox_item *nx = o->next;
+        s->on_bounce(s->on_bounce_arg, &o->a);
+        free(o);
+        o = nx;
+    }
+    pthread_mutex_unlock(&s->hook_lock);
+}
+
+void
+shaping_set_bounce_hook(struct shaping *s, void (*fn)(void *arg, const struct shaping_action *a),
+                        void *arg)
+{
+    if (s == NULL)
+        return;
+    pthread_mutex_lock(&s->hook_lock);
+    s->on_bounce = fn;
+    s->on_bounce_arg = arg;
+    pthread_mutex_unlock(&s->hook_lock);
+    pthread_mutex_lock(&s->lock);
+    s->hook_set = fn != NULL;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->lock);
+}
+
 static void *
 keeper_main(void *arg)
 {
@@ -1057,7 +1116,8 @@ keeper_main(void *arg)
         bool dirty = s->dirty && clock_mono_ms() >= saved + STATE_SAVE_MS;
         long wait_ms = s->redis_on && s->rc != NULL ? READ_POLL_MS : KEEPER_TICK_MS;
         /* what waits for Redis waits for its reconnect, not in a spin */
-        if ((s->out == NULL || s->rc == NULL) && !dirty) {
+        if ((s->out == NULL || s->rc == NULL) && !dirty &&
+            (s->bounces == NULL || !s->hook_set)) {
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_nsec += wait_ms * 1000000L;
@@ -1071,6 +1131,7 @@ keeper_main(void *arg)
         /* Redis first: the other nodes wait on it, the file only on a crash */
         if (s->redis_on)
             redis_pass(s);
+        bounce_pass(s);
         if (dirty && s->state_path != NULL) {
             state_write(s);
             saved = clock_mono_ms();
@@ -1090,8 +1151,10 @@ shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size
         return -ENOMEM;
     }
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->hook_lock, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->out_tail = &s->out;
+    s->bounces_tail = &s->bounces;
     s->on_event = o->on_event;
     s->on_event_arg = o->arg;
     snprintf(s->node, sizeof(s->node), "%s", o->node ? o->node : "sluice");
@@ -1151,11 +1214,17 @@ shaping_close(struct shaping *s)
         free(s->out);
         s->out = nx;
     }
+    while (s->bounces != NULL) {
+        struct outbox_item *nx = s->bounces->next;
+        free(s->bounces);
+        s->bounces = nx;
+    }
     free(s->ep.user);
     free(s->ep.password);
     free(s->act);
     free(s->state_path);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->hook_lock);
     pthread_cond_destroy(&s->cv);
     free(s);
     return NULL;

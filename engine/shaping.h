@@ -217,6 +217,15 @@ bool shaping_tenant_check(struct shaping *s, const struct shaping_rules *r, cons
 bool shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const char *tenant,
                          const char *mx, uint64_t now_ms, uint64_t *recheck_ms);
 
+/* Told of each bounce action that starts on this node (a rule's, an
+ * operator's, another node's, or one read from the state file), on the
+ * keeper thread, outside the table's lock, so that it may bounce what
+ * waits in the spool for the scope (blocking reads are fine there). Until
+ * a hook is set the actions wait for it; NULL unsets it (the hook is not
+ * running when this returns). */
+void shaping_set_bounce_hook(struct shaping *s,
+                             void (*fn)(void *arg, const struct shaping_action *a), void *arg);
+
 /* Operators: an action by hand (rule "operator"), cluster-wide. */
 int shaping_add(struct shaping *s, const struct shaping_action *a);
 /* Clear the action that shaping_add(a) made (the same kind, scope and

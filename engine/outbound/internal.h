@@ -82,6 +82,7 @@ struct job {
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
     bool bounce;         /* the operator bounces these recipients */
     bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
+    bool shaped_bounce;  /* with bounce: a shaping bounce's, only where it applies */
     uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
                             * then; 0: by a suspension */
     unsigned failovers;  /* times a session failure moved it to the next address */
@@ -528,6 +529,9 @@ bool scope_job_parked(struct delivery *d, struct job *j);
  * second) or until its tenant's rate lets it go, or bounced (true, as an
  * operator's bounce), or neither (false: it goes). */
 bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx);
+/* Does a shaping bounce action apply to j's recipients at t (a domain's,
+ * a group's of t's preferred MX host, j's tenant's there)? */
+bool sched_shaping_bounces(struct dest *t, const struct job *j);
 /* The limiter key of a shaping rate on who ("SOURCE", "tenant:T") at
  * destination group ("shape:WHO@GROUP"), made on first use (NULL: no
  * memory or a name too long); given its rate by sched_shape_rate. */

@@ -834,6 +834,24 @@ shaping_bounce(struct dest *t, const char *mx)
                 mx ? mx : "-", n);
 }
 
+bool
+sched_shaping_bounces(struct dest *t, const struct job *j)
+{
+    struct engine *e = t->d->e;
+    if (e->shaping == NULL)
+        return false;
+    const char *mx = t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
+    uint64_t now_ms = clock_unix_ms();
+    struct shaping_verdict v;
+    if (shaping_check(e->shaping, e->cfg->shaping_rules, "", mx, t->name, now_ms, &v) && v.bounce)
+        return true;
+    struct shaping_tenant_verdict tv;
+    return j->owner.tenant != 0 && mx != NULL &&
+           shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
+                                intern_name(e->names, j->owner.tenant), mx, now_ms, &tv) &&
+           tv.bounce;
+}
+
 /* May a new connection of t go from src_id to mx, as shaping says? */
 static bool
 shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait)

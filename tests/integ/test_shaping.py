@@ -26,6 +26,9 @@ one source caps that source only (counted from the delivery log), the
 other source carrying the rest; a group's rate slows both. A tenant's
 rate caps that tenant's mail while another tenant's goes on, and a
 tenant's bounce bounces its mail untried, the other tenant's delivered.
+A group's bounce bounces recipients deferred with a long retry at once
+from the spool and those with a short one as they come due, each once,
+none delivered; `sluicectl bounce DOMAIN` takes deferred ones too.
 """
 import json
 import os
@@ -83,7 +86,7 @@ class Receiver:
 
 
 class Node:
-    def __init__(self, wd, name, dns_port, mx_port, redis_port):
+    def __init__(self, wd, name, dns_port, mx_port, redis_port, extra=""):
         self.name = name
         self.port = free_port()
         self.sock = os.path.join(wd.path, f"{name}-stats.sock")
@@ -128,7 +131,7 @@ sources = 127.0.0.2, 127.0.0.3
 pool = bulk
 [tenant globex]
 pool = bulk
-""")
+{extra}""")
         self.d = None
         self.start()
 
@@ -179,7 +182,7 @@ pool = bulk
 
 
 class Cluster:
-    def __init__(self, after=5, mx=MX, bad="127.0.0.2", reply=TSS04):
+    def __init__(self, after=5, mx=MX, bad="127.0.0.2", reply=TSS04, extra=""):
         if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
             skip("dnsmasq not installed (tools/install-deps --test)")
         if shutil.which("redis-server") is None:
@@ -193,7 +196,8 @@ class Cluster:
             mx_port = free_port()
             self.rx = Receiver(self.wd, mx_port, after, bad, reply)
             for name in ("a", "b"):
-                self.nodes.append(Node(self.wd, name, self.dns.port, mx_port, self.redis.port))
+                self.nodes.append(Node(self.wd, name, self.dns.port, mx_port, self.redis.port,
+                                       extra))
             for n in self.nodes:
                 wait_until(lambda: n.ask("shaping list")["redis"] == "connected", 10,
                            f"node {n.name} connected to Redis")
@@ -548,8 +552,63 @@ def test_tenant_rate_and_bounce():
         c.close()
 
 
+DEFER = "452 4.2.2 Mailbox full, try again later"
+
+
+def test_bounce_takes_deferred_not_due():
+    """Recipients deferred with a long retry (y3.test: 1h) and with a short
+    one (y4.test: 2s) sit in the spool; a bounce action for the yahoo group
+    bounces each of them once (delivery-log bounce events, the not-yet-due
+    ones at once from the spool, the others as they come due), none is
+    delivered though the receiver accepts again, and nothing is left in
+    the spool."""
+    c = Cluster(after=0, bad="from:@acme.example", reply=DEFER,
+                extra="[domain y3.test]\nretry_schedule = 1h\n"
+                      "[domain y4.test]\nretry_schedule = 2s\n")
+    a = c.nodes[0]
+    try:
+        a.inject(6, "d", "acme", domains=["y3.test", "y4.test"])
+        deferred = wait_until(lambda: {e["rcpt"] for e in a.dlog_events("transient_failure")
+                                       if e.get("rcpt", "").startswith("d")} >= {
+            f"d{i}@y{3 + i % 2}.test" for i in range(6)} or None, 60, "six deferrals")
+        assert deferred
+        r = a.ask("shaping bounce group=yahoo for=10m")
+        assert r["ok"] and r["action"]["action"] == "bounce", r
+        os.unlink(c.rx.switch)  # the receiver accepts again: a retry would deliver
+
+        def bounced():
+            return [e["rcpt"] for e in a.dlog_events("bounce") if e.get("rcpt", "").startswith("d")]
+        wait_until(lambda: len(set(bounced())) >= 6 or None, 30, "six bounces")
+        # the not-yet-due ones came from the spool walk, at once
+        a.d.wait_log("event=shaping_bounce_deferred")
+        st = wait_until(lambda: (lambda s: s if s["queue"]["recipients"] == 0 else None)(
+            a.ask("stats")), 30, "an empty spool")
+        assert st
+        assert sorted(bounced()) == sorted(f"d{i}@y{3 + i % 2}.test" for i in range(6)), bounced()
+        # (the receiver's own records count the DATA that follows a
+        # refused MAIL in a pipelined transaction: sluice's log is the truth)
+        got = [e for e in a.dlog_events("delivery") if e.get("rcpt", "").startswith("d")]
+        assert not got, got
+        # `sluicectl bounce DOMAIN` takes the deferred ones not yet due too
+        assert "cleared 1" in a.ctl("shaping", "clear", "all")
+        with open(c.rx.switch, "w"):
+            pass
+        a.inject(2, "e", "acme", domains=["y3.test"])
+        wait_until(lambda: len({e["rcpt"] for e in a.dlog_events("transient_failure")
+                                if e.get("rcpt", "").startswith("e")}) >= 2 or None, 60,
+                   "two more deferrals")
+        assert "2" in a.ctl("bounce", "y3.test")
+        wait_until(lambda: len([e for e in a.dlog_events("bounce")
+                                if e.get("rcpt", "").startswith("e")]) >= 2 or None, 30,
+                   "the operator's bounce")
+        assert len([e for e in a.dlog_events("bounce") if e["rcpt"].startswith("e")]) == 2
+    finally:
+        c.close()
+
+
 if __name__ == "__main__":
     main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry,
           test_tenant_block_holds_that_tenant_only,
           test_operator_suspend_rate_and_bounce_everywhere,
-          test_source_rate_slows_that_source_only, test_tenant_rate_and_bounce])
+          test_source_rate_slows_that_source_only, test_tenant_rate_and_bounce,
+          test_bounce_takes_deferred_not_due])
