@@ -105,6 +105,8 @@ struct shaping {
     void (*on_bounce)(void *arg, const struct shaping_action *a);
     void *on_bounce_arg;
     bool hook_set;              /* on_bounce is set (under lock: the keeper's wait) */
+    char unknown[8][70];        /* kinds/scopes of actions ignored, logged already */
+    unsigned nunknown;
 };
 
 /* ---- actions as text ---- */
@@ -138,6 +140,7 @@ shaping_action_parse(const char *line, struct shaping_action *a)
 {
     memset(a, 0, sizeof(*a));
     bool have_id = false, have_kind = false, have_until = false;
+    bool kind_unknown = false, scope_unknown = false;
     const char *s = line;
     while (*s != '\0' && *s != '\n') {
         const char *e = s;
@@ -161,10 +164,14 @@ shaping_action_parse(const char *line, struct shaping_action *a)
                         a->kind = (enum shaping_kind)k;
                         have_kind = true;
                     }
+                kind_unknown = !have_kind;
             } else if (KEY("scope")) {
+                scope_unknown = true;
                 for (unsigned k = 0; k < SHAPING_SCOPE_COUNT; k++)
-                    if (strcmp(v, shaping_scope_str((enum shaping_scope)k)) == 0)
+                    if (strcmp(v, shaping_scope_str((enum shaping_scope)k)) == 0) {
                         a->scope = (enum shaping_scope)k;
+                        scope_unknown = false;
+                    }
             } else if (KEY("value")) {
                 a->value = (unsigned)strtoul(v, NULL, 10);
             } else if (KEY("per")) {
@@ -204,10 +211,48 @@ shaping_action_parse(const char *line, struct shaping_action *a)
         }
         s = *e == '\t' ? e + 1 : e;
     }
+    if (have_id && have_until && (kind_unknown || scope_unknown))
+        return -ENOTSUP; /* a newer node's: read as a known one, it would be misapplied
+                          * (a scope read as the default one, source) */
     return have_id && have_kind && have_until ? 0 : -EINVAL;
 }
 
 /* ---- the table (under lock) ---- */
+
+/* An action of a kind or scope this node does not know (a newer node's,
+ * read from Redis or the state file): ignored, counted, and logged once
+ * per kind and scope. Under lock. */
+static void
+note_unknown(struct shaping *s, const char *line)
+{
+    s->st.ignored++;
+    char kind[32] = "?", scope[32] = "?";
+    for (const char *p = line; *p != '\0' && *p != '\n';) {
+        const char *e = p + strcspn(p, "\t\n");
+        size_t n = (size_t)(e - p);
+        char *dst = n > 5 && strncmp(p, "kind=", 5) == 0 ? kind
+                    : n > 6 && strncmp(p, "scope=", 6) == 0 ? scope
+                                                           : NULL;
+        if (dst != NULL) {
+            size_t off = dst == kind ? 5 : 6;
+            char v[32];
+            snprintf(v, sizeof(v), "%.*s", (int)(n - off < 31 ? n - off : 31), p + off);
+            clean_copy(dst, 32, v);
+        }
+        p = *e == '\t' ? e + 1 : e;
+    }
+    char seen[70];
+    snprintf(seen, sizeof(seen), "%s/%s", kind, scope);
+    for (unsigned i = 0; i < s->nunknown; i++)
+        if (strcmp(s->unknown[i], seen) == 0)
+            return;
+    if (s->nunknown < sizeof(s->unknown) / sizeof(s->unknown[0]))
+        snprintf(s->unknown[s->nunknown++], sizeof(s->unknown[0]), "%s", seen);
+    log_msg(LOG_WARN,
+            "event=shaping_action_ignored kind=%s scope=%s note=\"unknown to this node (a newer "
+            "node's?): ignored, logged once\"",
+            kind, scope);
+}
 
 static struct shaping_action *
 find(struct shaping *s, const char *id)
@@ -685,7 +730,12 @@ state_load(struct shaping *s)
     unsigned n = 0, bad = 0;
     while (fgets(line, sizeof(line), f) != NULL) {
         struct shaping_action a;
-        if (shaping_action_parse(line, &a) < 0) {
+        int prc = shaping_action_parse(line, &a);
+        if (prc == -ENOTSUP) {
+            note_unknown(s, line); /* before the keeper: no lock needed */
+            continue;
+        }
+        if (prc < 0) {
             bad++;
             continue;
         }
@@ -795,7 +845,13 @@ static void
 apply_remote(struct shaping *s, const char *line, bool clear, const char *via)
 {
     struct shaping_action a;
-    if (shaping_action_parse(line, &a) < 0)
+    int prc = shaping_action_parse(line, &a);
+    if (prc == -ENOTSUP && !clear) {
+        pthread_mutex_lock(&s->lock);
+        note_unknown(s, line);
+        pthread_mutex_unlock(&s->lock);
+    }
+    if (prc < 0)
         return;
     pthread_mutex_lock(&s->lock);
     s->st.received++;
@@ -909,7 +965,13 @@ redis_catch_up(struct shaping *s)
             if (v->type != REDIS_REPLY_STRING)
                 continue;
             struct shaping_action a;
-            if (shaping_action_parse(v->str, &a) < 0)
+            int prc = shaping_action_parse(v->str, &a);
+            if (prc == -ENOTSUP) {
+                pthread_mutex_lock(&s->lock);
+                note_unknown(s, v->str);
+                pthread_mutex_unlock(&s->lock);
+            }
+            if (prc < 0)
                 continue;
             if (seen != NULL) {
                 memcpy(seen[nseen].id, a.id, sizeof(a.id));

@@ -242,12 +242,16 @@ int shaping_list(struct shaping *s, struct shaping_action **out, size_t *n);
 struct shaping_stats {
     uint64_t active[SHAPING_KIND_COUNT];
     uint64_t started, ended, hits, published, received;
+    uint64_t ignored; /* actions of a kind or scope unknown here (a newer node's) */
     bool redis_on, redis_up;
 };
 void shaping_stats(struct shaping *s, struct shaping_stats *out);
 
 /* Lines of the state file and the Redis values: one action as text
- * (tab-separated key=value) and back. */
+ * (tab-separated key=value) and back. Parsing returns 0, -EINVAL for a
+ * line that is not an action, or -ENOTSUP for an action of a kind or
+ * scope this node does not know (a newer node's: ignored, never read as
+ * another). */
 int shaping_action_format(const struct shaping_action *a, char *buf, size_t cap);
 int shaping_action_parse(const char *line, struct shaping_action *a);
 

@@ -24,8 +24,10 @@
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <hiredis/hiredis.h>
 
 #include "common/clock.h"
+#include "common/log.h"
 #include "engine/limits.h"
 #include "engine/shaping.h"
 #include "tests/support/redis_server.h"
@@ -537,6 +539,126 @@ test_rate_action(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+/* Lines of the log file at path holding needle. */
+static unsigned
+log_lines_with(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    char line[2048];
+    unsigned n = 0;
+    while (fgets(line, sizeof(line), f) != NULL)
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
+
+/* An action of a kind (or scope) this node does not know, as a newer
+ * node would publish it to Redis: ignored (never read as another kind or
+ * as the default scope), counted, logged once, whether it comes by the
+ * stream or by the hash at a (re)connect. */
+static void
+test_unknown_kind_from_redis(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL)
+        skip();
+    int port = redis_server_free_port();
+    char err[256] = "";
+    pid_t pid = redis_server_start(port, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("redis-server: %s", err);
+    char dir[] = "/tmp/sluice-shaping-unknown-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char logpath[600];
+    snprintf(logpath, sizeof(logpath), "%s/log", dir);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    struct shaping_rules *r = load(NULL, err, sizeof(err), true);
+    struct shaping *a = open_node(dir, "a", port);
+    struct shaping_stats st;
+    for (int i = 0; i < 300; i++) { /* connected */
+        shaping_stats(a, &st);
+        if (st.redis_up)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_true(st.redis_up);
+    redisContext *rc = redisConnect("127.0.0.1", port);
+    assert_true(rc != NULL && rc->err == 0);
+    unsigned long long until = (unsigned long long)clock_unix_ms() + 3600000ULL;
+    /* a kind unknown here, twice (two ids), and a known kind in an
+     * unknown scope (read as scope=source with source "" it would suspend
+     * the default source everywhere) */
+    const char *fmt[] = {"id=%s\tkind=throttle\tscope=group\tvalue=3\tsource=\tgroup=*\t"
+                         "domain=\ttenant=\trule=r1\torigin=n2\tstarted=1\tuntil=%llu\tper=0\t"
+                         "trigger=x",
+                         "id=%s\tkind=throttle\tscope=group\tvalue=3\tsource=\tgroup=*\t"
+                         "domain=\ttenant=\trule=r2\torigin=n2\tstarted=1\tuntil=%llu\tper=0\t"
+                         "trigger=x",
+                         "id=%s\tkind=suspend\tscope=campaign\tvalue=0\tsource=\tgroup=*\t"
+                         "domain=\ttenant=\trule=r3\torigin=n2\tstarted=1\tuntil=%llu\tper=0\t"
+                         "trigger=x"};
+    const char *ids[] = {"00000000000000a1", "00000000000000a2", "00000000000000a3"};
+    for (unsigned i = 0; i < 3; i++) {
+        char line[512];
+        snprintf(line, sizeof(line), fmt[i], ids[i], until);
+        redisReply *x = redisCommand(rc, "HSET t:shaping:active %s %s", ids[i], line);
+        assert_non_null(x);
+        freeReplyObject(x);
+        x = redisCommand(rc, "XADD t:shaping:log * op add node other a %s", line);
+        assert_true(x != NULL && x->type == REDIS_REPLY_STRING);
+        freeReplyObject(x);
+    }
+    for (int i = 0; i < 300; i++) { /* read from the stream */
+        shaping_stats(a, &st);
+        if (st.ignored >= 3)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(st.ignored, 3);
+    assert_int_equal(count(a), 0);
+    struct shaping_verdict v;
+    assert_false(shaping_check(a, r, "", "mta5.am0.yahoodns.net", "yahoo.com", clock_unix_ms(),
+                               &v));
+    assert_false(shaping_check(a, r, "192.0.2.1", "mx.example.net", "example.net",
+                               clock_unix_ms(), &v));
+    /* a known one beside them still applies */
+    struct shaping_action ok = {.kind = SHAPING_SUSPEND, .scope = SHAPING_SCOPE_DOMAIN,
+                                .until_ms = clock_unix_ms() + 60000};
+    snprintf(ok.domain, sizeof(ok.domain), "example.net");
+    assert_int_equal(shaping_add(a, &ok), 0);
+    assert_true(shaping_check(a, r, "", "mx.example.net", "example.net", clock_unix_ms(), &v));
+    assert_true(v.suspended);
+    /* a restart reads the hash at connect: ignored again, logged once per
+     * process (kind and scope) */
+    a = shaping_close(a);
+    a = open_node(dir, "a", port);
+    for (int i = 0; i < 300; i++) {
+        shaping_stats(a, &st);
+        if (st.redis_up && st.ignored >= 3)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(st.ignored, 3);
+    assert_int_equal(count(a), 1);
+    shaping_close(a);
+    log_open(NULL, LOG_INFO);
+    /* two processes' worth (two opens), one line for each kind/scope in each */
+    assert_int_equal(log_lines_with(logpath, "event=shaping_action_ignored kind=throttle"), 2);
+    assert_int_equal(log_lines_with(logpath, "event=shaping_action_ignored kind=suspend "
+                                             "scope=campaign"), 2);
+    redisFree(rc);
+    redis_server_kill(pid);
+    shaping_rules_free(r);
+    char cmdline[700];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 static void
 test_two_nodes_through_redis(void **state)
 {
@@ -603,6 +725,7 @@ main(void)
         cmocka_unit_test(test_action_text),
         cmocka_unit_test(test_state_file_and_check),
         cmocka_unit_test(test_rate_action),
+        cmocka_unit_test(test_unknown_kind_from_redis),
         cmocka_unit_test(test_two_nodes_through_redis),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
