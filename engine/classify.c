@@ -21,6 +21,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/re_cost.h"
+
 enum matcher_kind { MATCH_ENH, MATCH_CODE, MATCH_TEXT };
 
 struct rule {
@@ -257,6 +259,11 @@ rule_init(struct rule *r, enum bounce_class cls, const char *matcher, const char
         r->kind = MATCH_TEXT;
         if (matcher[5] == '\0') {
             set_err(err, errlen, "empty regex in \"%s\"", matcher);
+            return -EINVAL;
+        }
+        char cost[160];
+        if (re_cost_check(matcher + 5, cost, sizeof(cost)) < 0) {
+            set_err(err, errlen, "regex \"%s\" refused: %s", matcher + 5, cost);
             return -EINVAL;
         }
         int rc = regcomp(&r->re, matcher + 5, REG_EXTENDED | REG_ICASE | REG_NOSUB);

@@ -46,6 +46,7 @@
 #include <strings.h>
 
 #include "common/conf.h"
+#include "common/re_cost.h"
 #include "engine/config.h"
 #include "engine/shaping.h"
 
@@ -503,6 +504,7 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
     memcpy(x->name, name, strlen(name) + 1); /* name_ok: shorter than the field */
     snprintf(x->origin, sizeof(x->origin), "%s:%u", origin, ln);
     const char *why = NULL;
+    char cost[160];
     while (why == NULL && next_word(&p, w, sizeof(w), &bad)) {
         char *eq = strchr(w, '=');
         if (eq == NULL) {
@@ -540,6 +542,10 @@ add_rule(struct shaping_rules *r, const char *line, const char *origin, unsigned
         } else if (strcmp(k, "match") == 0) {
             if (x->has_re) {
                 why = "match: given twice";
+            } else if (re_cost_check(v, cost, sizeof(cost)) < 0) {
+                snprintf(err, errlen, "%s:%u: rule %s: match: %s", origin, ln, name, cost);
+                srule_clear(x);
+                return -EINVAL;
             } else {
                 int rc = regcomp(&x->re, v, REG_EXTENDED | REG_ICASE | REG_NOSUB);
                 if (rc != 0) {
