@@ -208,6 +208,9 @@ main(int argc, char **argv)
     }
     log_msg(LOG_NOTICE, "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s",
             SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname);
+    if (!cfg->delivery.enabled)
+        log_msg(LOG_WARN, "event=delivery_disabled key=delivery.enabled "
+                          "note=mail_is_accepted_and_queued_but_nothing_is_sent");
 
     /* Every config the engine ran on, freed after it stopped. */
     struct config **cfgs = NULL;

@@ -7,13 +7,16 @@
  *   sluice-spool count DIR    {"messages":N,"ready":N,"deferred":N}
  *   sluice-spool check DIR    exit 0 when consistent, 1 with a report (counts on
  *                             stdout, each problem found with its key on stderr)
- *   sluice-spool dump DIR     one JSON object per message, body in base64
+ *   sluice-spool dump DIR     one JSON object per message: envelope, each
+ *                             recipient's state, attempts, next and last
+ *                             attempt and last reply, body in base64
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/conf.h"
 #include "queue/queue.h"
@@ -31,6 +34,22 @@ json_str(const char *s)
             putchar(*p);
     }
     putchar('"');
+}
+
+/* Unix ms as an RFC 3339 UTC time in quotes, or null for 0. */
+static void
+json_time(uint64_t ms)
+{
+    if (ms == 0) {
+        printf("null");
+        return;
+    }
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    char b[32];
+    strftime(b, sizeof(b), "%Y-%m-%dT%H:%M:%S", &tm);
+    printf("\"%s.%03uZ\"", b, (unsigned)(ms % 1000));
 }
 
 static void
@@ -101,7 +120,9 @@ dump(struct queue *q)
         }
         char qid[QUEUE_ID_STRLEN + 1];
         queue_id_str(env->id, qid);
-        printf("{\"id\":\"%s\",\"sender\":", qid);
+        printf("{\"id\":\"%s\",\"arrival\":", qid);
+        json_time(env->arrival_ms);
+        printf(",\"sender\":");
         json_str(env->sender);
         printf(",\"auth_user\":");
         json_str(env->auth_user);
@@ -124,9 +145,16 @@ dump(struct queue *q)
             json_str(env->rcpt[r].addr);
             printf(",\"domain\":");
             json_str(env->rcpt[r].domain);
-            printf(",\"state\":%d,\"notify\":%u,\"orcpt\":", (int)env->rcpt[r].state,
-                   env->rcpt[r].notify);
-            json_str(env->rcpt[r].orcpt);
+            const struct queue_rcpt *x = &env->rcpt[r];
+            printf(",\"state\":\"%s\",\"attempts\":%u,\"next_attempt\":",
+                   x->state == QUEUE_RCPT_DEFERRED ? "deferred" : "ready", x->attempts);
+            json_time(x->state == QUEUE_RCPT_DEFERRED ? x->due_ms : 0);
+            printf(",\"last_attempt\":");
+            json_time(x->last_ms);
+            printf(",\"last_code\":%u,\"last_reply\":", x->last_code);
+            json_str(x->last_reply);
+            printf(",\"notify\":%u,\"orcpt\":", x->notify);
+            json_str(x->orcpt);
             printf("}");
         }
         printf("],\"body_len\":%" PRIu64 ",\"body\":\"", env->body_len);
@@ -142,6 +170,16 @@ dump(struct queue *q)
 int
 main(int argc, char **argv)
 {
+    if (argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        printf("usage: sluice-spool count|check|dump SPOOL_DIR\n\n"
+               "Reads a spool no sluice has open (stop sluice first; while it runs,\n"
+               "sluicectl asks it).\n\n"
+               "  count  {\"messages\":N,\"ready\":N,\"deferred\":N}\n"
+               "  check  exit 0 when consistent, 1 with each problem on stderr\n"
+               "  dump   one JSON object per message: envelope, each recipient's state,\n"
+               "         attempts, next and last attempt and last reply, body in base64\n");
+        return 0;
+    }
     if (argc != 3 || (strcmp(argv[1], "count") && strcmp(argv[1], "check") &&
                       strcmp(argv[1], "dump"))) {
         fprintf(stderr, "usage: sluice-spool count|check|dump SPOOL_DIR\n");

@@ -330,6 +330,12 @@ def test_4xx_rcpt_defers_and_keeps():
         assert r.d.stop_clean() == 0
         c = json.loads(spool_tool("count", r.spool).stdout)
         assert c["messages"] == 1 and c["deferred"] == 1, c
+        # what an operator reads of it, stopped: state, attempts, next attempt, reply
+        m = json.loads(spool_tool("dump", r.spool).stdout.splitlines()[0])
+        x = m["rcpts"][0]
+        assert x["state"] == "deferred" and x["attempts"] == 1, x
+        assert x["next_attempt"] > x["last_attempt"] >= m["arrival"], (m["arrival"], x)
+        assert 400 <= x["last_code"] < 500 and x["last_reply"], x
     finally:
         r.close()
 
