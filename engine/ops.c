@@ -45,6 +45,7 @@
 #include "queue/queue.h"
 
 #define WAIT_MS       2000    /* for the workers' answers */
+#define QUEUE_LIST_MAX 10000 /* messages "queue" lists at most */
 #define RELOAD_WAIT_MS 8000   /* for a reload's outcome (sluicectl waits 10 s) */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
@@ -1200,22 +1201,13 @@ state_str(enum queue_rcpt_state s)
     return s == QUEUE_RCPT_DEFERRED ? "deferred" : "ready";
 }
 
-static int
-cmd_message(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
+/* One message of the spool and its recipients, as "message" and "queue"
+ * show it. */
+static void
+message_json(struct json *out, const struct queue_envelope *env)
 {
-    uint64_t id;
-    if (queue_id_parse(what, &id) != 0) {
-        snprintf(err, errlen, "not a queue id: %.100s", what);
-        return -1;
-    }
-    struct queue_envelope *env = NULL;
-    if (queue_envelope_get(e->queue, id, &env) != 0) {
-        snprintf(err, errlen, "no message %s in the spool (delivered, bounced or never queued)",
-                 what);
-        return -1;
-    }
     char qid[QUEUE_ID_STRLEN + 1];
-    queue_id_str(id, qid);
+    queue_id_str(env->id, qid);
     json_obj_begin(out);
     json_kstr(out, "id", qid);
     json_kstr(out, "sender", env->sender);
@@ -1254,6 +1246,95 @@ cmd_message(struct engine *e, const char *what, struct json *out, char *err, siz
     }
     json_arr_end(out);
     json_obj_end(out);
+}
+
+/* "queue [N] [DOMAIN]": the first N messages of the spool (oldest
+ * first, by queue id; default 100, at most QUEUE_LIST_MAX), or the first
+ * N with a recipient at DOMAIN, each with its recipients, as mailq lists
+ * Postfix's queue. The walk stops at the Nth message; with a domain it
+ * reads as far as it must. */
+struct qlist {
+    uint64_t *ids; /* owned */
+    size_t n, cap;
+    const char *domain; /* NULL: any */
+};
+
+static int
+qlist_add(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct qlist *l = arg;
+    if (l->n > 0 && l->ids[l->n - 1] == id)
+        return 0;
+    if (l->domain != NULL && strcasecmp(r->domain, l->domain) != 0)
+        return 0;
+    if (l->n == l->cap)
+        return 1; /* enough */
+    l->ids[l->n++] = id;
+    return 0;
+}
+
+static int
+cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    char a[2][256] = {"", ""};
+    int na = sscanf(args, "%255s %255s", a[0], a[1]);
+    unsigned long n = 100;
+    const char *domain = NULL;
+    for (int k = 0; k < na && k < 2; k++) {
+        char *end;
+        unsigned long v = strtoul(a[k], &end, 10);
+        if (*end == '\0' && a[k][0] != '\0')
+            n = v;
+        else
+            domain = a[k];
+    }
+    if (n == 0 || n > QUEUE_LIST_MAX) {
+        snprintf(err, errlen, "queue: N from 1 to %u", QUEUE_LIST_MAX);
+        return -1;
+    }
+    struct qlist l = {.ids = calloc(n, sizeof(uint64_t)), .cap = n, .domain = domain};
+    if (l.ids == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    int rc = queue_walk(e->queue, qlist_add, &l);
+    if (rc < 0) {
+        snprintf(err, errlen, "spool: %s", queue_strerror(rc));
+        free(l.ids);
+        return -1;
+    }
+    json_obj_begin(out);
+    json_kbool(out, "more", rc == 1);
+    json_key(out, "messages");
+    json_arr_begin(out);
+    for (size_t i = 0; i < l.n; i++) {
+        struct queue_envelope *env = NULL;
+        if (queue_envelope_get(e->queue, l.ids[i], &env) != 0)
+            continue; /* delivered meanwhile */
+        message_json(out, env);
+        queue_envelope_free(env);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+    free(l.ids);
+    return 0;
+}
+
+static int
+cmd_message(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
+{
+    uint64_t id;
+    if (queue_id_parse(what, &id) != 0) {
+        snprintf(err, errlen, "not a queue id: %.100s", what);
+        return -1;
+    }
+    struct queue_envelope *env = NULL;
+    if (queue_envelope_get(e->queue, id, &env) != 0) {
+        snprintf(err, errlen, "no message %s in the spool (delivered, bounced or never queued)",
+                 what);
+        return -1;
+    }
+    message_json(out, env);
     queue_envelope_free(env);
     return 0;
 }
@@ -1958,6 +2039,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
     struct engine *e = arg;
     if (strcmp(verb, "message") == 0)
         return cmd_message(e, args, out, err, errlen);
+    if (strcmp(verb, "queue") == 0)
+        return cmd_queue(e, args, out, err, errlen);
     if (strcmp(verb, "suspend") == 0 || strcmp(verb, "resume") == 0)
         return cmd_suspend(e, args, verb[0] == 's', out, err, errlen);
     if (strcmp(verb, "flush") == 0)

@@ -1293,6 +1293,10 @@ static const struct command commands[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects", 0, 0, false},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)", 0, 1, false},
     {"message", "ID", "a queued message and its recipients", 1, 1, true},
+    {"queue", "[N] [DOMAIN]",
+     "the first N queued messages (oldest first; default 100, at most 10000), or those with "
+     "a recipient at DOMAIN, each with its recipients",
+     0, 2, true},
     {"suspend", "SCOPE [for=DURATION]",
      "stop deliveries of a scope: DOMAIN, domain=D, tenant=T, campaign=C, pool=P or source=ADDR",
      1, 16, true},

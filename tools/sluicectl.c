@@ -869,6 +869,45 @@ check_word(const char *cmd, const char *what, const char *s)
             die(EXIT_USAGE, "%s: %s may not hold spaces or control characters", cmd, what);
 }
 
+/* "queue": as mailq, a message a block: id, age, size, sender (and
+ * tenant), then each recipient with its state, attempts, next attempt and
+ * last reply. */
+static void
+render_queue(const cJSON *doc)
+{
+    const cJSON *m;
+    size_t n = 0;
+    cJSON_ArrayForEach(m, get(doc, "messages"))
+    {
+        if (n++ == 0)
+            printf("%-16s %-8s %-10s %s\n", "ID", "AGE", "SIZE", "SENDER");
+        printf("%-16s %-8s %-10s <%s>", fmt_str(m, "id"), fmt_duration(m, "age_ms"),
+               fmt_bytes(m, "size"), cJSON_IsString(get(m, "sender")) ? fmt_str(m, "sender") : "");
+        if (cJSON_IsString(get(m, "tenant")) && get(m, "tenant")->valuestring[0] != '\0')
+            printf("  tenant %s", fmt_str(m, "tenant"));
+        printf("\n");
+        const cJSON *r;
+        cJSON_ArrayForEach(r, get(m, "recipients"))
+        {
+            printf("    %-8s %s", fmt_str(r, "state"), fmt_str(r, "rcpt"));
+            double att = 0;
+            if (num(r, "attempts", &att) && att > 0)
+                printf("  attempts %s", fmt_count_d(att));
+            if (cJSON_IsString(get(r, "next_attempt")))
+                printf("  next %s", fmt_str(r, "next_attempt"));
+            printf("\n");
+            if (cJSON_IsString(get(r, "last_reply")) && get(r, "last_reply")->valuestring[0])
+                printf("             (%s %s)\n", fmt_count(r, "last_code"), fmt_str(r, "last_reply"));
+        }
+    }
+    if (n == 0)
+        printf("(the queue is empty)\n");
+    else if (cJSON_IsTrue(get(doc, "more")))
+        printf("\n%zu messages shown; the spool holds more (sluicectl queue N, N up to 10000)\n", n);
+    else
+        printf("\n%zu message%s\n", n, n == 1 ? "" : "s");
+}
+
 static int
 run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
@@ -884,6 +923,8 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         printf("%s\n", raw);
     else if (strcmp(cmd->name, "stats") == 0)
         render_stats(doc);
+    else if (strcmp(cmd->name, "queue") == 0)
+        render_queue(doc);
     else if (strcmp(cmd->name, "metrics") == 0)
         fputs(cJSON_IsString(get(doc, "text")) ? get(doc, "text")->valuestring : "", stdout);
     else
@@ -1444,6 +1485,13 @@ static const struct cmd cmds[] = {
      "whether it is suspended, and why its limits are what they are.",
      0, 1, run_domains},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
+    {"queue", "[N] [DOMAIN]", "the queued messages, oldest first, as mailq lists them",
+     "The first N messages of the spool (default 100, at most 10000), or the\n"
+     "first N with a recipient at DOMAIN: id, age, size, sender, and each\n"
+     "recipient's state, attempts, next attempt and last reply. The listing\n"
+     "stops at the Nth message; with a DOMAIN it reads the spool as far as it\n"
+     "must.",
+     0, 2, run_plain},
     {"suspend", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--for DURATION] [--local]",
      "stop deliveries of a scope (at once; queued mail waits)",
      "A domain (in every pool), a tenant's or a campaign's mail, a pool, or one\n"

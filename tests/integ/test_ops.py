@@ -200,6 +200,42 @@ def test_suspend_and_resume():
         r.close()
 
 
+def test_queue_lists_like_mailq():
+    """sluicectl queue [N] [DOMAIN] on a running sluice: the queued
+    messages oldest first with each recipient's state, attempts, next
+    attempt and last reply; N cuts the list and says there is more; a
+    DOMAIN keeps the messages with a recipient there; the text view shows
+    the same. (sluice-spool needs sluice stopped.)"""
+    r = Relay(records_for(["soft.test", "other.test"]), sink_flags=["-r", "RCPT"],
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(1, ["a@soft.test", "b@soft.test"]), msg(2, ["c@other.test"]),
+                  msg(3, ["d@other.test"])], sessions=1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 4)
+        doc = ctl_json(r, "queue")
+        ms = doc["messages"]
+        assert len(ms) == 3 and doc["more"] is False, doc
+        assert [m["id"] for m in ms] == sorted(m["id"] for m in ms), "oldest first"
+        first = ms[0]
+        assert [x["rcpt"] for x in first["recipients"]] == ["a@soft.test", "b@soft.test"], first
+        for x in first["recipients"]:
+            assert x["state"] == "deferred" and x["attempts"] == 1, x
+            assert x["next_attempt"] and 400 <= x["last_code"] < 500 and x["last_reply"], x
+        one = ctl_json(r, "queue", "1")
+        assert len(one["messages"]) == 1 and one["more"] is True, one
+        other = ctl_json(r, "queue", "10", "other.test")
+        assert [m["recipients"][0]["rcpt"] for m in other["messages"]] == \
+            ["c@other.test", "d@other.test"], other
+        text = ctl(r, "queue")
+        assert text.returncode == 0, text.stderr
+        assert text.stdout.startswith("ID") and first["id"] in text.stdout, text.stdout
+        assert "deferred a@soft.test" in " ".join(text.stdout.split()), text.stdout
+        assert "3 messages" in text.stdout, text.stdout
+        one_line_error(ctl(r, "queue", "0"), 1)
+    finally:
+        r.close()
+
+
 def test_flush_retries_deferred_now():
     r = Relay(records_for(["soft.test", "other.test"]), sink_flags=["-r", "RCPT"],
               domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
@@ -493,5 +529,5 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_suspend_and_resume,
           test_flush_retries_deferred_now, test_bounce_by_id_and_domain,
-          test_prometheus_endpoint, test_reload_keeps_sessions, test_reload_refused_says_why,
+          test_prometheus_endpoint, test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
           test_sigterm_drains_and_restart_loses_nothing])
