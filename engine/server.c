@@ -162,6 +162,9 @@ struct session {
     bool greeted;  /* HELO or EHLO seen */
     bool esmtp;
     unsigned errors;
+    /* Commands by verb (SMTP_VERB_NONE: unrecognized), and those answered
+     * 4xx or 5xx: the disconnect line's summary, as Postfix's. */
+    uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];
 
     /* AUTH */
     struct auth_db *users;         /* owned reference, from session start */
@@ -1971,6 +1974,8 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
     session_enter(s, SS_AUTH);
 }
 
+static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
+
 /* Handle one command line (without CRLF). rest: octets after it. */
 static void
 handle_line(struct session *s, const char *line, size_t len, size_t rest)
@@ -1981,11 +1986,24 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     }
     struct smtp_cmd c;
     int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
+    unsigned v = (unsigned)c.verb <= SMTP_VERB_AUTH ? (unsigned)c.verb : SMTP_VERB_NONE;
+    size_t at = s->out_len; /* where this command's reply starts */
+    s->cmds[v]++;
     if (rc < 0) {
         s->errors++;
+        s->cmds_refused[v]++;
         reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
         return;
     }
+    handle_verb(s, &c, rest);
+    if (s->out_len > at && (s->out[at] == '4' || s->out[at] == '5'))
+        s->cmds_refused[v]++;
+}
+
+static void
+handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest)
+{
+    struct smtp_cmd c = *cp;
     switch (c.verb) {
     case SMTP_VERB_EHLO:
         cmd_ehlo(s, &c, true);
@@ -2077,6 +2095,10 @@ run_commands(struct session *s)
         return false;
     if (n == SMTP_CMD_E_LINE_TOO_LONG) {
         s->errors++;
+        s->cmds[SMTP_VERB_NONE]++;
+        s->cmds_refused[SMTP_VERB_NONE]++;
+        log_msg(LOG_INFO, "session=%016llx event=line_too_long client=%s",
+                (unsigned long long)s->id, s->peer_ip);
         reply(s, "500 5.5.2 Line too long");
         /* Drop the line: through its end when it is here (what follows is
          * the next command), else all we have, and the rest as it comes. */
@@ -2104,6 +2126,8 @@ run_commands(struct session *s)
     if (s->state == SS_COMMAND || s->state == SS_AUTH)
         session_deadline(s, s->sw->cfg->timeout_command);
     if (s->errors >= s->sw->cfg->max_errors && s->state != SS_CLOSING) {
+        log_msg(LOG_NOTICE, "session=%016llx event=too_many_errors client=%s errors=%u",
+                (unsigned long long)s->id, s->peer_ip, s->errors);
         reply_close(s, "421 4.7.0 Too many errors: closing");
     }
     return true;
@@ -2308,6 +2332,9 @@ greet(struct session *s)
 static void
 tls_begin(struct session *s)
 {
+    if (s->in_len > 0) /* Postfix: "improper command pipelining after STARTTLS" */
+        log_msg(LOG_NOTICE, "session=%016llx event=pipelined_after_starttls client=%s dropped=%zu",
+                (unsigned long long)s->id, s->peer_ip, s->in_len);
     s->in_len = 0;
     s->skip_line = false;
     struct tls_conn *tls = NULL;
@@ -2440,8 +2467,30 @@ session_free(struct session *s)
         sw->sessions = s->next;
     if (s->next)
         s->next->prev = s->prev;
-    log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s",
-            (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-");
+    /* "ehlo=1 mail=1 rcpt=2/3 data=1 quit=1 commands=6/7": per verb the
+     * commands answered 2xx or 3xx (of all, where some were refused), as
+     * Postfix's smtpd says at disconnect */
+    char sum[512];
+    size_t o = 0;
+    uint32_t all = 0, ok = 0;
+    for (unsigned v = 1; v <= SMTP_VERB_AUTH + 1 && o < sizeof(sum) - 48; v++) {
+        unsigned k = v <= SMTP_VERB_AUTH ? v : SMTP_VERB_NONE; /* unknown ones last */
+        if (s->cmds[k] == 0)
+            continue;
+        uint32_t good = s->cmds[k] - s->cmds_refused[k];
+        all += s->cmds[k];
+        ok += good;
+        char name[16];
+        snprintf(name, sizeof(name), "%s", k == SMTP_VERB_NONE ? "unknown" : smtp_verb_str(k));
+        for (char *p = name; *p; p++)
+            *p = (char)tolower((unsigned char)*p);
+        o += (size_t)(s->cmds_refused[k] ? snprintf(sum + o, sizeof(sum) - o, " %s=%u/%u", name,
+                                                    good, s->cmds[k])
+                                         : snprintf(sum + o, sizeof(sum) - o, " %s=%u", name,
+                                                    good));
+    }
+    log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
+            (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
     hash_unlink(s);
     if (s->counted) {
         atomic_fetch_sub(s->bounce ? &sw->e->bounce_clients : &sw->e->clients, 1);
