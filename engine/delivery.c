@@ -129,6 +129,17 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
 }
 
 void
+delivery_submit_local(struct engine *e, uint64_t id, const char *rcpt, const char *tenant,
+                      const char *pool, const char *campaign)
+{
+    const char *at = strrchr(rcpt, '@');
+    unsigned idx = 0;
+    struct job_owner own;
+    delivery_owner(e, tenant, pool, campaign, 0, &own);
+    submit(e, id, at != NULL ? at + 1 : "", &idx, 1, false, false, &own);
+}
+
+void
 delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                        unsigned n, const struct job_owner *owner)
 {

@@ -152,6 +152,13 @@ void delivery_owner(struct engine *e, const char *tenant, const char *pool, cons
 void delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx,
                      unsigned n, const struct job_owner *owner);
 
+/* A message this node wrote itself (a DSN, a TLS report), with its one
+ * recipient rcpt (index 0), now durable in the spool: to the worker that
+ * owns rcpt's domain, as the mail of tenant, pool and campaign (each NULL
+ * or "" for none) at no priority. Any thread. */
+void delivery_submit_local(struct engine *e, uint64_t id, const char *rcpt, const char *tenant,
+                           const char *pool, const char *campaign);
+
 /* The same recipients fail now, as a bounce by the operator: spool,
  * logs and DSN as for any bounce. Any thread. */
 void delivery_submit_bounce(struct engine *e, uint64_t id, const char *domain,

@@ -36,6 +36,8 @@
 #include "engine/suppress.h"
 #include "engine/warmup.h"
 #include "engine/shaping.h"
+#include "engine/tlsrpt.h"
+#include "common/json.h"
 
 struct start_msg {
     struct worker_msg m;
@@ -247,6 +249,91 @@ shaping_to_dlog(void *arg, const struct shaping_action *a, bool started, const c
     pthread_mutex_unlock(&e->shaping_dlog_lock);
 }
 
+struct local_commit {
+    bool done;
+    int rc;
+};
+
+static void
+local_on_commit(void *cookie, int rc)
+{
+    struct local_commit *c = cookie;
+    c->done = true;
+    c->rc = rc;
+}
+
+/* The mailer of TLS reports (tlsrpt.h), on the MTA-STS thread: the report
+ * is committed to the spool with its reception event, as a DSN is with
+ * its outcomes, then handed to delivery like any message. The thread
+ * waits for the commit on a port of its own: it serves no client, and a
+ * report is a few a day per domain. */
+static int
+engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *text, size_t len)
+{
+    struct engine *e = arg;
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -ENOMEM;
+    uint64_t id = queue_id_next(e->queue);
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(id, qid);
+    struct queue_rcpt r = {.addr = rcpt};
+    struct queue_envelope env = {
+        .id = id,
+        .sender = from,
+        .ret = QUEUE_RET_NONE,
+        .body_type = QUEUE_BODY_7BIT,
+        .nrcpt = 1,
+        .rcpt = &r,
+    };
+    struct iovec body = {(void *)(uintptr_t)text, len};
+    struct dlog_writer *lw = e->dlogw_tlsrpt;
+    struct dlog_event ev = {
+        .kind = DLOG_RECEPTION,
+        .id = qid,
+        .sender = from,
+        .rcpt = rcpt,
+        .size = len,
+        .rcpt_count = 1,
+        .report = "tlsrpt",
+        .rcpt_index = -1,
+    };
+    /* With event sinks the reception event is committed with the message
+     * (queue.h, "events"); the file gets it once that is done. */
+    struct json line;
+    json_init(&line);
+    bool capture = e->events != NULL && lw != NULL;
+    if (capture) {
+        dlog_capture(lw, &line, false);
+        dlog_event(lw, &ev);
+        dlog_capture(lw, NULL, false);
+    }
+    bool have = capture && !json_failed(&line) && line.len > 0;
+    struct local_commit c = {false, 0};
+    int rc = queue_enqueue_events(e->queue, port, &env, &body, 1, have ? line.buf : NULL,
+                                  have ? line.len : 0, local_on_commit, &c);
+    /* done runs exactly once when the enqueue was taken */
+    while (rc == 0 && !c.done)
+        queue_port_wait(port, 1000);
+    if (rc == 0)
+        rc = c.rc;
+    queue_port_free(port);
+    if (rc == 0) {
+        if (have)
+            dlog_line(lw, line.buf, line.len);
+        else if (!capture)
+            dlog_event(lw, &ev);
+        log_msg(LOG_INFO, "id=%s event=tlsrpt_queued from=<%s> to=<%s> size=%zu", qid, from, rcpt,
+                len);
+        delivery_submit_local(e, id, rcpt, NULL, NULL, NULL);
+    } else {
+        log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
+                queue_strerror(rc));
+    }
+    json_fini(&line);
+    return rc;
+}
+
 /* The bounce listener's seam (oob.h), on a worker: queued to the list's
  * writer thread. A hard bounce suppresses the address for everyone, as
  * [suppress] on_invalid_recipient says; a complaint suppresses it for the
@@ -350,6 +437,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         pthread_mutex_lock(&e->shaping_dlog_lock);
         e->dlogw_shaping = dlog_writer_new(e->dlog); /* NULL: no events, still logged */
         pthread_mutex_unlock(&e->shaping_dlog_lock);
+        e->dlogw_tlsrpt = dlog_writer_new(e->dlog);
     }
     if (cfg->delivery.mta_sts && cfg->delivery.enabled) {
         /* The policy cache lives with the spool: a restart keeps it. */
@@ -433,6 +521,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     rc = ops_start(e, err, errlen);
     if (rc < 0)
         goto fail;
+    /* Reports by mail once the workers run: delivery_submit posts to them. */
+    if (e->mta_sts != NULL)
+        tlsrpt_set_mailer(mta_sts_tlsrpt(e->mta_sts), engine_tlsrpt_mail, e);
     return 0;
 fail:
     engine_stop(e);
@@ -464,6 +555,10 @@ void
 engine_stop(struct engine *e)
 {
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
+    /* No report is mailed once the workers stop (it waits for the next
+     * start); a send in progress ends first. */
+    if (e->mta_sts != NULL)
+        tlsrpt_set_mailer(mta_sts_tlsrpt(e->mta_sts), NULL, NULL);
     ops_stop(e);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (!e->workers[i].started)
@@ -513,6 +608,7 @@ engine_stop(struct engine *e)
     pthread_mutex_destroy(&e->shaping_dlog_lock);
     /* After every worker: none asks for a policy or reports a session. */
     e->mta_sts = mta_sts_free(e->mta_sts);
+    e->dlogw_tlsrpt = dlog_writer_free(e->dlogw_tlsrpt);
     /* After every worker: what they logged is written out. */
     e->dlog = dlog_free(e->dlog);
     e->events = events_free(e->events); /* after every writer, before the spool */

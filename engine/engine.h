@@ -58,6 +58,8 @@ struct engine {
     struct dlog_writer *dlogw_shaping; /* owned: shaping_started/ended events, under
                                         * shaping_dlog_lock; NULL when no delivery log */
     pthread_mutex_t shaping_dlog_lock;
+    struct dlog_writer *dlogw_tlsrpt;  /* owned: the MTA-STS thread's, for the receptions of
+                                        * TLS reports by mail; NULL when no delivery log */
     struct intern *names;      /* owned: ids of tenants, pools, campaigns and sources
                                 * (common/intern.h), for jobs, stats and operations */
     bool warmup_test_hooks;    /* builds with test hooks, SLUICE_TEST_WARMUP_CLOCK set: the

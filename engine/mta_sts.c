@@ -58,14 +58,22 @@ const struct conf_key mta_sts_conf_keys[] = {
      "TCP port of the policy servers: 443 (RFC 8461); another value is for tests only", NULL},
     {"tlsrpt", CONF_BOOL, STS(tlsrpt), 0, 0, "yes",
      "TLS reporting (RFC 8460): count each policy domain's TLS successes and failures per "
-     "UTC day and send the day's report to the addresses of its _smtp._tls TXT record",
+     "UTC day and send the day's report to each address of its _smtp._tls TXT record (rua, "
+     "up to 4): https: ones by HTTP POST, mailto: ones as a message (RFC 8460 5.3: "
+     "multipart/report with the gzipped report attached, at most 1 MB) committed to this "
+     "node's spool and delivered like any message, with a reception in the delivery log; "
+     "such a message is not DKIM-signed, and the recipient domain's MTA-STS or DANE policy "
+     "applies to it as to any message",
      NULL},
     {"tlsrpt_org", CONF_STRING, STS(tlsrpt_org), 1, 200, NULL,
      "organization-name of the reports; unset: [server] hostname", NULL},
     {"tlsrpt_contact", CONF_STRING, STS(tlsrpt_contact), 1, 200, NULL,
      "contact-info of the reports; unset: postmaster@ [server] hostname", NULL},
     {"tlsrpt_from", CONF_STRING, STS(tlsrpt_from), 1, 200, NULL,
-     "envelope and header sender of reports sent by mail; unset: tlsrpt_contact", NULL},
+     "envelope and header sender of reports sent by mail; its domain is the Submitter of "
+     "their subject and TLS-Report-Submitter field; unset: tlsrpt_contact when that is an "
+     "address, else postmaster@ [server] hostname",
+     NULL},
     CONF_END,
 };
 

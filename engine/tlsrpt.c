@@ -1,14 +1,17 @@
 /*
  * tlsrpt: see tlsrpt.h. A struct day per (policy domain, UTC day) in a
- * hash under r->lock; sending a day walks it through RUA (the TXT lookup)
- * -> POST (one transfer per https: address) -> gone, or back to idle to
- * be tried again.
+ * hash under r->lock; sending a day walks it through RUA (the TXT lookup,
+ * then a message to each mailto: address, handed to the mailer there and
+ * then) -> POST (one transfer per https: address) -> gone, or back to
+ * idle to be tried again.
  *
- * Threading: r->lock guards the days and the counters; the sending state
- * of a day is the MTA-STS thread's.
+ * Threading: r->lock guards the days and the counters; r->mail_lock the
+ * mailer (held while it runs, so that clearing it waits); the sending
+ * state of a day is the MTA-STS thread's.
  */
 #include "engine/tlsrpt.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
@@ -16,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <openssl/evp.h>
 #include <zlib.h>
 
 #include "common/clock.h"
@@ -26,6 +30,7 @@
 #include "dns/dns.h"
 #include "engine/config.h"
 #include "engine/mta_sts.h"
+#include "queue/queue.h"
 
 #define STATE_FILE    "tlsrpt.state"
 #define STATE_MAGIC   "sluice-tlsrpt 1"
@@ -120,7 +125,21 @@ struct tlsrpt {
     uint64_t sent, failed;
     CURLM *multi;             /* borrowed: the thread's, once it ticked */
     unsigned seq;             /* report ids */
+    pthread_mutex_t mail_lock;
+    tlsrpt_mail_fn *mail;     /* under mail_lock; NULL: mailto: skipped */
+    void *mail_arg;
 };
+
+void
+tlsrpt_set_mailer(struct tlsrpt *r, tlsrpt_mail_fn *fn, void *arg)
+{
+    if (r == NULL)
+        return;
+    pthread_mutex_lock(&r->mail_lock);
+    r->mail = fn;
+    r->mail_arg = arg;
+    pthread_mutex_unlock(&r->mail_lock);
+}
 
 static bool
 day_eq(const struct hash_node *n, const void *key)
@@ -450,6 +469,230 @@ gzip(const char *in, size_t len, char **out, size_t *outlen)
     return 0;
 }
 
+/* ---- the report by mail (RFC 8460 5.3) ---- */
+
+/* One line of printable ASCII, none of the characters in bad. */
+static bool
+field_ok(const char *s, size_t max, const char *bad)
+{
+    if (s == NULL || *s == '\0' || strlen(s) > max)
+        return false;
+    for (const char *c = s; *c != '\0'; c++)
+        if (*c < 0x20 || *c > 0x7e || strchr(bad, *c) != NULL)
+            return false;
+    return true;
+}
+
+/* A domain name as it may stand in a header field and a file name. */
+static bool
+name_ok(const char *s)
+{
+    if (!field_ok(s, DNS_NAME_MAX, ""))
+        return false;
+    for (const char *c = s; *c != '\0'; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+              *c == '.' || *c == '-' || *c == '_'))
+            return false;
+    return true;
+}
+
+int
+tlsrpt_mail_build(const struct tlsrpt_mail_input *in, char **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    /* Addresses and ids go between <> or in a quoted file name: none of
+     * the characters that would end them early, no spaces. */
+    if (in->gz == NULL || in->gzlen == 0 || !field_ok(in->from, QUEUE_MAX_ADDR, " <>\"\\(),;") ||
+        !field_ok(in->to, QUEUE_MAX_ADDR, " <>\"\\(),;") ||
+        strchr(in->from, '@') == NULL || strchr(in->to, '@') == NULL ||
+        !field_ok(in->report_id, 400, " <>\"\\(),;") || strchr(in->report_id, '@') == NULL ||
+        !name_ok(in->domain) || !name_ok(in->submitter) || !field_ok(in->org, 200, ""))
+        return -EINVAL;
+    size_t b64 = 4 * ((in->gzlen + 2) / 3);
+    size_t need = b64 + b64 / 76 * 2 + 4096 + 4 * DNS_NAME_MAX + 2 * QUEUE_MAX_ADDR;
+    if (need > TLSRPT_MAIL_MAX)
+        return -EFBIG;
+    char *m = malloc(need);
+    if (m == NULL)
+        return -ENOMEM;
+    char date[64], boundary[96], fname[2 * DNS_NAME_MAX + 64], start[32], end[32];
+    time_t now = (time_t)(in->now_ms / 1000);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
+    /* The boundary cannot occur in base64 ('=' and '_' pairs never do)
+     * nor in the text part, which says nothing with "=_". */
+    snprintf(boundary, sizeof(boundary), "=_tlsrpt_%llu_%u_=",
+             (unsigned long long)in->now_ms, (unsigned)(in->gzlen * 2654435761u));
+    /* RFC 8460 5.3: submitter!policy-domain!begin!end!unique-id.json.gz,
+     * the unique id alphanumeric: the report id's first label. */
+    char uniq[32];
+    size_t k = 0;
+    for (const char *c = in->report_id; *c != '\0' && k + 1 < sizeof(uniq); c++)
+        if ((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z'))
+            uniq[k++] = *c;
+        else if (k > 0 && *c == '@')
+            break;
+    uniq[k] = '\0';
+    snprintf(fname, sizeof(fname), "%s!%s!%lld!%lld%s%s.json.gz", in->submitter, in->domain,
+             (long long)in->start, (long long)in->end, k > 0 ? "!" : "", uniq);
+    day_iso(in->start / 86400, false, start, sizeof(start));
+    day_iso(in->end / 86400, true, end, sizeof(end));
+    int n = snprintf(m, need,
+                     "From: <%s>\r\n"
+                     "To: <%s>\r\n"
+                     "Date: %s\r\n"
+                     "Message-ID: <%s>\r\n"
+                     "Subject: Report Domain: %s Submitter: %s Report-ID: <%s>\r\n"
+                     "TLS-Report-Domain: %s\r\n"
+                     "TLS-Report-Submitter: %s\r\n"
+                     "Auto-Submitted: auto-generated\r\n"
+                     "MIME-Version: 1.0\r\n"
+                     "Content-Type: multipart/report; report-type=\"tlsrpt\";\r\n"
+                     "\tboundary=\"%s\"\r\n"
+                     "\r\n"
+                     "This is a multi-part message in MIME format.\r\n"
+                     "\r\n"
+                     "--%s\r\n"
+                     "Content-Type: text/plain; charset=us-ascii\r\n"
+                     "Content-Transfer-Encoding: 7bit\r\n"
+                     "\r\n"
+                     "This is an aggregate TLS report (RFC 8460) from %s\r\n"
+                     "for the policy domain %s, %s to %s.\r\n"
+                     "The report is attached as %s.\r\n"
+                     "\r\n"
+                     "--%s\r\n"
+                     "Content-Type: application/tlsrpt+gzip;\r\n"
+                     "\tname=\"%s\"\r\n"
+                     "Content-Transfer-Encoding: base64\r\n"
+                     "Content-Disposition: attachment;\r\n"
+                     "\tfilename=\"%s\"\r\n"
+                     "\r\n",
+                     in->from, in->to, date, in->report_id, in->domain, in->submitter,
+                     in->report_id, in->domain, in->submitter, boundary, boundary, in->org,
+                     in->domain, start, end, fname, boundary, fname, fname);
+    if (n < 0 || (size_t)n >= need) {
+        free(m);
+        return -EFBIG;
+    }
+    size_t at = (size_t)n;
+    /* 57 octets make one line of 76 base64 characters. */
+    for (size_t off = 0; off < in->gzlen; off += 57) {
+        size_t chunk = in->gzlen - off < 57 ? in->gzlen - off : 57;
+        at += (size_t)EVP_EncodeBlock((unsigned char *)m + at,
+                                      (const unsigned char *)in->gz + off, (int)chunk);
+        m[at++] = '\r';
+        m[at++] = '\n';
+    }
+    n = snprintf(m + at, need - at, "\r\n--%s--\r\n", boundary);
+    if (n < 0 || (size_t)n >= need - at) {
+        free(m);
+        return -EFBIG;
+    }
+    *out = m;
+    *len = at + (size_t)n;
+    return 0;
+}
+
+/* The address of a mailto: URI (RFC 6068): up to '?', %XX decoded.
+ * Returns false when it is not one address that can be sent to. */
+static bool
+mailto_addr(const char *uri, char *out, size_t cap)
+{
+    const char *s = uri + 7, *e = s + strcspn(s, "?");
+    size_t k = 0;
+    for (; s < e; s++) {
+        char c = *s;
+        if (c == '%' && e - s >= 3 && isxdigit((unsigned char)s[1]) &&
+            isxdigit((unsigned char)s[2])) {
+            char hex[3] = {s[1], s[2], '\0'};
+            c = (char)strtol(hex, NULL, 16);
+            s += 2;
+        }
+        if (k + 1 >= cap)
+            return false;
+        out[k++] = c;
+    }
+    out[k] = '\0';
+    const char *at = strrchr(out, '@');
+    return at != NULL && at != out && at[1] != '\0' && k <= QUEUE_MAX_ADDR &&
+           field_ok(out, QUEUE_MAX_ADDR, " <>\"\\(),;:[]") && strchr(out, '@') == at;
+}
+
+/* The From of reports by mail: [mta_sts] tlsrpt_from, else the contact
+ * when it is an address, else postmaster@ [server] hostname. */
+static void
+mail_from(const struct config *cfg, char *out, size_t cap)
+{
+    const struct mta_sts_config *sc = &cfg->mta_sts;
+    if (sc->tlsrpt_from != NULL)
+        snprintf(out, cap, "%s", sc->tlsrpt_from);
+    else if (sc->tlsrpt_contact != NULL && strchr(sc->tlsrpt_contact, '@') != NULL &&
+             strchr(sc->tlsrpt_contact, ' ') == NULL && strchr(sc->tlsrpt_contact, ':') == NULL)
+        snprintf(out, cap, "%s", sc->tlsrpt_contact);
+    else
+        snprintf(out, cap, "postmaster@%s", cfg->server.hostname);
+}
+
+/* Mail d's report (d->gz) to the mailto: URI uri. Returns true when the
+ * mailer took it (it is in the spool). */
+static bool
+mail_start(struct tlsrpt *r, struct day *d, const char *uri, const char *report_id)
+{
+    const struct config *cfg = r->cfg;
+    char to[QUEUE_MAX_ADDR + 2], from[QUEUE_MAX_ADDR + 2];
+    const char *why = NULL;
+    int rc = 0;
+    char *text = NULL;
+    size_t len = 0;
+    mail_from(cfg, from, sizeof(from));
+    if (!mailto_addr(uri, to, sizeof(to))) {
+        why = "not one address";
+    } else {
+        const char *at = strrchr(from, '@');
+        struct tlsrpt_mail_input in = {
+            .from = from,
+            .to = to,
+            .domain = d->domain,
+            .submitter = at != NULL ? at + 1 : cfg->server.hostname,
+            .org = cfg->mta_sts.tlsrpt_org != NULL ? cfg->mta_sts.tlsrpt_org
+                                                   : cfg->server.hostname,
+            .report_id = report_id,
+            .start = d->day * 86400,
+            .end = d->day * 86400 + 86399,
+            .gz = d->gz,
+            .gzlen = d->gzlen,
+            .now_ms = clock_unix_ms(),
+        };
+        rc = tlsrpt_mail_build(&in, &text, &len);
+        if (rc == -EINVAL)
+            why = "the From ([mta_sts] tlsrpt_from) or the report's fields cannot be sent";
+        else if (rc == -EFBIG)
+            why = "report larger than the bound for mail";
+        else if (rc < 0)
+            why = "out of memory";
+    }
+    if (why == NULL) {
+        pthread_mutex_lock(&r->mail_lock);
+        if (r->mail == NULL)
+            why = "mail not ready (starting or stopping)";
+        else if ((rc = r->mail(r->mail_arg, from, to, text, len)) < 0)
+            why = "the spool did not take it";
+        pthread_mutex_unlock(&r->mail_lock);
+    }
+    free(text);
+    if (why != NULL) {
+        log_msg(LOG_WARN, "event=tlsrpt_mail_failed domain=%s day=%lld rua=%s reason=\"%s\"%s%s",
+                d->domain, (long long)d->day, uri, why, rc < 0 ? " err=" : "",
+                rc < 0 ? strerror(-rc) : "");
+        return false;
+    }
+    log_msg(LOG_INFO, "event=tlsrpt_mailed domain=%s day=%lld to=<%s> size=%zu report_id=%s",
+            d->domain, (long long)d->day, to, len, report_id);
+    return true;
+}
+
 /* ---- sending ---- */
 
 static void
@@ -563,7 +806,7 @@ tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res)
             d->hdrs[i] = NULL;
         }
     d->posted += ok;
-    if (--d->posts == 0)
+    if (d->posts == 0)
         day_sent(r, d);
 }
 
@@ -600,20 +843,28 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
         return;
     }
     d->st = DAY_POST;
-    /* rua=uri,uri (RFC 8460 3): https: posted, mailto: not yet. */
+    /* rua=uri,uri (RFC 8460 3): each address gets the report, up to
+     * MAX_RUA of them; mailto: ones are in the spool when the mailer
+     * returns, https: ones posted. */
     const char *p = strstr(rec, "rua=");
     char uris[1024];
     snprintf(uris, sizeof(uris), "%s", p != NULL ? p + 4 : "");
     uris[strcspn(uris, ";")] = '\0';
     char *save = NULL;
+    unsigned tried = 0;
     for (char *u = strtok_r(uris, ", \t", &save); u != NULL; u = strtok_r(NULL, ", \t", &save)) {
-        if (strncasecmp(u, "https://", 8) == 0)
-            post_start(r, d, u);
-        else
+        bool https = strncasecmp(u, "https://", 8) == 0, mail = strncasecmp(u, "mailto:", 7) == 0;
+        if ((https || mail) && tried++ >= MAX_RUA) {
             log_msg(LOG_NOTICE, "event=tlsrpt_rua_skipped domain=%s rua=%s reason=\"%s\"",
-                    d->domain, u,
-                    strncasecmp(u, "mailto:", 7) == 0 ? "mailto: not supported yet"
-                                                      : "not an https: or mailto: URI");
+                    d->domain, u, "more than 4 addresses");
+        } else if (https) {
+            post_start(r, d, u);
+        } else if (mail) {
+            d->posted += mail_start(r, d, u, id);
+        } else {
+            log_msg(LOG_NOTICE, "event=tlsrpt_rua_skipped domain=%s rua=%s reason=\"%s\"",
+                    d->domain, u, "not an https: or mailto: URI");
+        }
     }
     if (d->posts == 0)
         day_sent(r, d);
@@ -666,6 +917,7 @@ tlsrpt_new(const struct config *cfg, const char *dir, struct tlsrpt **out, char 
     r->cfg = cfg;
     snprintf(r->dir, sizeof(r->dir), "%s", dir);
     pthread_mutex_init(&r->lock, NULL);
+    pthread_mutex_init(&r->mail_lock, NULL);
     hash_init(&r->days, day_eq, 16);
     state_load(r);
     *out = r;
@@ -702,6 +954,7 @@ tlsrpt_free(struct tlsrpt *r, CURLM *multi)
     }
     hash_fini(&r->days);
     pthread_mutex_destroy(&r->lock);
+    pthread_mutex_destroy(&r->mail_lock);
     free(r);
     return NULL;
 }

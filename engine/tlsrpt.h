@@ -7,14 +7,18 @@
  * spool directory (written whole and renamed, at most once a second), so
  * a restart loses none. Once a day is over (or when the operator asks:
  * `sluicectl tlsrpt flush`), the day's report (the JSON of RFC 8460 4.4,
- * gzipped) goes to the https: addresses of the domain's `_smtp._tls` TXT
- * record (rua) as an HTTP POST of application/tlsrpt+gzip (RFC 8460 5.3).
- * A report that no address took is tried again the next hour, for up to
- * three days. mailto: addresses are logged as not supported yet.
+ * gzipped) goes to every address of the domain's `_smtp._tls` TXT record
+ * (rua, at most four): https: ones get an HTTP POST of
+ * application/tlsrpt+gzip, mailto: ones a message (RFC 8460 5.3: a
+ * multipart/report; report-type="tlsrpt" with the gzipped JSON attached,
+ * built by tlsrpt_mail_build) that the engine's mailer commits to the
+ * spool and delivers like any message (tlsrpt_set_mailer). A report that
+ * no address took is tried again the next hour, for up to three days.
  *
- * Threading: tlsrpt_record from any thread (under the struct's lock);
- * everything else on the MTA-STS thread (engine/mta_sts.c), which owns
- * the resolver and the curl multi handle the sending uses.
+ * Threading: tlsrpt_record and tlsrpt_set_mailer from any thread (under
+ * the struct's locks); everything else on the MTA-STS thread
+ * (engine/mta_sts.c), which owns the resolver and the curl multi handle
+ * the sending uses.
  */
 #ifndef SLUICE_ENGINE_TLSRPT_H
 #define SLUICE_ENGINE_TLSRPT_H
@@ -66,6 +70,43 @@ void tlsrpt_tick(struct tlsrpt *r, struct dns *dns, CURLM *multi, bool flush);
 /* Is easy one of the report's transfers? Then tlsrpt_on_done takes it. */
 bool tlsrpt_owns(struct tlsrpt *r, CURL *easy);
 void tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res);
+
+/* The engine's mailer: commit one message from `from` to `rcpt` (text:
+ * CRLF lines, 7-bit) to the spool and hand it to delivery. Returns 0 once
+ * it is durable, or a negative code. Runs on the MTA-STS thread, which it
+ * may block for one commit. */
+typedef int tlsrpt_mail_fn(void *arg, const char *from, const char *rcpt, const char *text,
+                           size_t len);
+/* Set (fn NULL: clear) the mailer. Without one, mailto: addresses are
+ * skipped (logged). Clearing waits for a send in progress to end, so
+ * that after it returns fn is never called again. */
+void tlsrpt_set_mailer(struct tlsrpt *r, tlsrpt_mail_fn *fn, void *arg);
+
+#define TLSRPT_MAIL_MAX (1024 * 1024) /* octets of a report by mail; bigger ones are not mailed */
+
+/* One report by mail. All pointers borrowed for the call. */
+struct tlsrpt_mail_input {
+    const char *from;       /* header From: an address */
+    const char *to;         /* the rua mailto: address */
+    const char *domain;     /* the policy domain */
+    const char *submitter;  /* the reporting domain (RFC 8460 5.3: a domain name) */
+    const char *org;        /* organization-name, for people */
+    const char *report_id;  /* "left@right": the Report-ID and the Message-ID */
+    int64_t start, end;     /* the report's range, Unix seconds */
+    const char *gz;         /* the gzipped JSON report */
+    size_t gzlen;
+    uint64_t now_ms;        /* Date */
+};
+/* The message of RFC 8460 5.3: Subject "Report Domain: D Submitter: S
+ * Report-ID: <ID>", TLS-Report-Domain and TLS-Report-Submitter fields, a
+ * multipart/report; report-type="tlsrpt" of a text/plain part and the
+ * report as application/tlsrpt+gzip (base64) named
+ * "S!D!start!end!unique.json.gz". Every field is checked to be one line of
+ * printable ASCII without the characters that would end it early.
+ * Returns 0 with *out (malloc'd, NUL-terminated, *len octets without the
+ * NUL), -EINVAL (a field missing or unsafe), -EFBIG (more than
+ * TLSRPT_MAIL_MAX octets) or -ENOMEM. */
+int tlsrpt_mail_build(const struct tlsrpt_mail_input *in, char **out, size_t *len);
 
 uint64_t tlsrpt_sent(struct tlsrpt *r);
 uint64_t tlsrpt_failed(struct tlsrpt *r);

@@ -257,13 +257,10 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
     queue_id_str(m->id, qid);
     queue_id_str(m->orig, oqid);
-    unsigned idx = 0;
     d->stats.dsn_queued++;
     log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
     /* a DSN is its tenant's mail, through its pool, at no priority */
-    struct job_owner own;
-    delivery_owner(d->e, m->tenant, m->pool, m->campaign, 0, &own);
-    delivery_submit(d->e, m->id, m->domain, &idx, 1, &own);
+    delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign);
 }
 
 /* The DSN for the failed recipients r[0..n) of env to its sender, to be

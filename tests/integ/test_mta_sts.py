@@ -10,7 +10,14 @@ matches no pattern, and that receiver sees nothing; testing delivers and
 counts the failure; an oversized, a slow and a redirecting policy server
 are fetch failures that hang nothing; the cache survives a restart with
 the policy server gone; a new TXT id fetches the policy again; the day's
-TLS report is posted (gzip) and valid against RFC 8460's schema."""
+TLS report is posted (gzip) and valid against RFC 8460's schema, and for
+a rua with a mailto: address too it arrives by mail (through sluice's
+own queue) at smtp-sink, the MX of reports.test (127.0.0.3), as RFC
+8460 5.3 says: subject, TLS-Report-* fields, a multipart/report whose
+application/tlsrpt+gzip attachment holds the same valid report."""
+import email
+import email.policy
+import glob
 import gzip
 import http.server
 import json
@@ -29,6 +36,7 @@ SLUICE = sys.argv[1] if len(sys.argv) > 1 else None  # bench/tls_policy imports 
 
 MX_GOOD = "127.0.0.1"
 MX_BAD = "127.0.0.2"
+MX_REPORTS = "127.0.0.3"
 
 
 def connectable(port, host="127.0.0.1"):
@@ -228,9 +236,39 @@ def records(report_port, ids=None):
             recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
     recs.append(f'txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
                 f'rua=https://127.0.0.1:{report_port}/report"')
-    recs.append(f'txt-record=_smtp._tls.badcert.test,"v=TLSRPTv1;rua=mailto:tls@badcert.test,'
+    recs.append(f'txt-record=_smtp._tls.badcert.test,"v=TLSRPTv1;rua=mailto:tlsrpt@reports.test,'
                 f'https://127.0.0.1:{report_port}/bad"')
+    recs.append("mx-host=reports.test,mx.reports.test,10")
+    recs.append(f"host-record=mx.reports.test,{MX_REPORTS}")
     return recs
+
+
+class Sink:
+    """smtp-sink on addr:port writing each message to a file in dir."""
+
+    def __init__(self, wd, addr, port):
+        self.dir = os.path.join(wd.path, "sink")
+        os.chmod(wd.path, 0o755)
+        os.makedirs(self.dir, mode=0o777)
+        os.chmod(self.dir, 0o777)
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(["smtp-sink", *user, "-d", f"{self.dir}/%M.",
+                                      f"{addr}:{port}", "10"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.proc.poll() is not None or connectable(port, addr), WAIT,
+                   "smtp-sink")
+        assert self.proc.poll() is None, "smtp-sink exited"
+
+    def messages(self):
+        out = []
+        for path in sorted(glob.glob(f"{self.dir}/*")):
+            with open(path, "rb") as f:
+                out.append(f.read())
+        return out
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
 class Receiver:
@@ -264,7 +302,7 @@ class World:
             if run(["which", tool]).returncode != 0 and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
         self.wd = Workdir("sluice-sts-")
-        self.dns = self.https = self.good = self.bad = self.d = None
+        self.dns = self.https = self.good = self.bad = self.d = self.sink = None
         try:
             names = ["mx.good.test"] + [f"mta-sts.{d}" for d in DOMAINS]
             self.pki = Pki(self.wd, names)
@@ -275,6 +313,7 @@ class World:
                                  self.pki.key)
             self.bad = Receiver(self.wd, "bad", MX_BAD, self.mx_port, self.pki.bad_cert,
                                 self.pki.bad_key)
+            self.sink = Sink(self.wd, MX_REPORTS, self.mx_port)
             self.port = free_port()
             self.sock = os.path.join(self.wd.path, "sluice.sock")
             self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
@@ -370,7 +409,7 @@ dsn = no
             for r in (self.good, self.bad):
                 if r is not None and r.d.proc.poll() is None:
                     r.d.stop_clean()
-            for p in (self.https, self.dns):
+            for p in (self.https, self.dns, self.sink):
                 if p is not None:
                     p.stop()
             self.wd.cleanup()
@@ -452,6 +491,41 @@ def check_schema(v, s, where="$"):
             check_schema(x, s["items"], f"{where}[{i}]")
 
 
+def check_report_mail(raw, domain, submitter):
+    """A TLS report by mail as RFC 8460 5.3 has it; returns the report."""
+    # smtp-sink -d writes its own trace lines first: the message follows
+    # the first Received field sluice's delivery does not add, so start at
+    # the first field of the message proper.
+    at = raw.find(b"From: ")
+    assert at >= 0, raw[:500]
+    msg = email.message_from_bytes(raw[at:], policy=email.policy.default)
+    subj = msg["Subject"]
+    m = re.fullmatch(r"Report Domain: (\S+) Submitter: (\S+) Report-ID: <([^<>@\s]+@[^<>@\s]+)>",
+                     subj)
+    assert m and m.group(1) == domain and m.group(2) == submitter, subj
+    assert msg["TLS-Report-Domain"] == domain, msg["TLS-Report-Domain"]
+    assert msg["TLS-Report-Submitter"] == submitter, msg["TLS-Report-Submitter"]
+    assert msg["From"].addresses[0].addr_spec == f"postmaster@{submitter}", msg["From"]
+    assert msg["To"].addresses[0].addr_spec == "tlsrpt@reports.test", msg["To"]
+    assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+    assert msg.get_param("report-type") == "tlsrpt", msg["Content-Type"]
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "application/tlsrpt+gzip"], \
+        [p.get_content_type() for p in parts]
+    att = parts[1]
+    assert att["Content-Transfer-Encoding"] == "base64", att["Content-Transfer-Encoding"]
+    name = att.get_filename()
+    fm = re.fullmatch(r"([^!]+)!([^!]+)!(\d+)!(\d+)(![0-9A-Za-z]+)?\.json\.gz", name or "")
+    assert fm and fm.group(1) == submitter and fm.group(2) == domain, name
+    assert int(fm.group(4)) - int(fm.group(3)) == 86399, name
+    rep = json.loads(gzip.decompress(att.get_content()))
+    check_schema(rep, REPORT_SCHEMA)
+    pol = rep["policies"][0]
+    assert pol["policy"]["policy-domain"] == domain, rep
+    assert rep["report-id"] == m.group(3), (rep["report-id"], subj)
+    return rep
+
+
 def test_enforce_testing_fetch_failures_cache_and_reports():
     w = World()
     try:
@@ -524,7 +598,18 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
             else:
                 assert pol["policy"]["policy-domain"] == "badcert.test", rep
                 assert pol["summary"]["total-failure-session-count"] >= 1, rep
-        w.d.wait_log("event=tlsrpt_rua_skipped domain=badcert.test rua=mailto:")
+        # The mailto: address of badcert.test's rua got it by mail, through
+        # the queue: a reception, then a delivery to reports.test's MX.
+        line = w.d.wait_log("event=tlsrpt_mailed domain=badcert.test day=")
+        assert "to=<tlsrpt@reports.test>" in line, line
+        msgs = wait_until(lambda: w.sink.messages(), WAIT, "the report by mail at smtp-sink")
+        assert len(msgs) == 1, msgs
+        check_report_mail(msgs[0], "badcert.test", "sender.test")
+        rec = dlog_records(w.dlog, "tlsrpt@reports.test")
+        kinds = [r["event"] for r in rec]
+        assert "reception" in kinds and "delivery" in kinds, rec
+        recv = [r for r in rec if r["event"] == "reception"][0]
+        assert recv["report"] == "tlsrpt" and recv["sender"] == "postmaster@sender.test", recv
         st = w.ctl("tlsrpt")
         assert st["reports_sent"] >= 2 and st["enforce"] >= 4, st
 

@@ -2,8 +2,10 @@
  * test_mta_sts: the MTA-STS policy parser, the TXT record parser and the
  * mx pattern match (engine/mta_sts.c), table-driven, plus every split of
  * a policy at each byte (a policy body is parsed whole: a cut one must
- * fail or parse to a prefix, never crash), and the TLS-RPT result types
- * read from OpenSSL's words.
+ * fail or parse to a prefix, never crash), the TLS-RPT result types
+ * read from OpenSSL's words, and the TLS report by mail (tlsrpt_mail_build):
+ * its fields, and no field that could end a header line early or forge
+ * another one.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -167,6 +169,66 @@ test_tlsrpt_results(void **state)
     assert_string_equal(tlsrpt_result_str(TLSRPT_STS_WEBPKI_INVALID), "sts-webpki-invalid");
 }
 
+static void
+test_tlsrpt_mail(void **state)
+{
+    (void)state;
+    static const char gz[200] = {0x1f, (char)0x8b, 8};
+    struct tlsrpt_mail_input in = {
+        .from = "postmaster@sender.example",
+        .to = "tlsrpt@reports.example",
+        .domain = "example.com",
+        .submitter = "sender.example",
+        .org = "Sender Org",
+        .report_id = "20000.1.example.com@sender.example",
+        .start = 20000LL * 86400,
+        .end = 20000LL * 86400 + 86399,
+        .gz = gz,
+        .gzlen = sizeof(gz),
+        .now_ms = 20000ULL * 86400000 + 3600000,
+    };
+    char *m = NULL;
+    size_t len = 0;
+    assert_int_equal(tlsrpt_mail_build(&in, &m, &len), 0);
+    assert_int_equal(strlen(m), len);
+    assert_non_null(strstr(m, "\r\nSubject: Report Domain: example.com Submitter: sender.example "
+                              "Report-ID: <20000.1.example.com@sender.example>\r\n"));
+    assert_non_null(strstr(m, "\r\nTLS-Report-Domain: example.com\r\n"));
+    assert_non_null(strstr(m, "\r\nTLS-Report-Submitter: sender.example\r\n"));
+    assert_non_null(strstr(m, "Content-Type: multipart/report; report-type=\"tlsrpt\""));
+    assert_non_null(strstr(m, "Content-Type: application/tlsrpt+gzip"));
+    assert_non_null(strstr(m, "filename=\"sender.example!example.com!1728000000!1728086399!"
+                              "200001examplecom.json.gz\""));
+    /* CRLF only, no line over 78 + CRLF in the body, ends with the close. */
+    for (size_t i = 0; i < len; i++)
+        if (m[i] == '\n')
+            assert_true(i > 0 && m[i - 1] == '\r');
+    assert_true(len > 4 && memcmp(m + len - 4, "--\r\n", 4) == 0);
+    free(m);
+
+    /* A field that would forge a header line or break out of <> or "". */
+    struct tlsrpt_mail_input bad[6];
+    for (int i = 0; i < 6; i++)
+        bad[i] = in;
+    bad[0].to = "a@b.example\r\nBcc: x@evil.example";
+    bad[1].from = "a@b.example>, <c@d.example";
+    bad[2].domain = "example.com\r\nX: y";
+    bad[3].org = "Org\nX: y";
+    bad[4].report_id = "no-at-sign";
+    bad[5].to = "no-at-sign";
+    for (int i = 0; i < 6; i++) {
+        m = NULL;
+        assert_int_equal(tlsrpt_mail_build(&bad[i], &m, &len), -EINVAL);
+        assert_null(m);
+    }
+    /* Bounded: a report too big for mail is refused, not cut. */
+    static char big[TLSRPT_MAIL_MAX];
+    struct tlsrpt_mail_input huge = in;
+    huge.gz = big;
+    huge.gzlen = sizeof(big);
+    assert_int_equal(tlsrpt_mail_build(&huge, &m, &len), -EFBIG);
+}
+
 int
 main(void)
 {
@@ -174,7 +236,7 @@ main(void)
         cmocka_unit_test(test_policy_table), cmocka_unit_test(test_policy_every_split),
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_txt),
-        cmocka_unit_test(test_tlsrpt_results),
+        cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
