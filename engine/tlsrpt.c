@@ -33,8 +33,11 @@
 #include "queue/queue.h"
 
 #define STATE_FILE    "tlsrpt.state"
-#define STATE_MAGIC   "sluice-tlsrpt 1"
-#define MAX_DETAILS   32          /* failure rows per report */
+#define STATE_MAGIC   "sluice-tlsrpt 2"
+#define STATE_MAGIC_1 "sluice-tlsrpt 1" /* one policy a day, still read */
+#define MAX_DETAILS   32          /* failure rows per policy */
+#define MAX_POLICIES  8           /* per domain and day: no policy, MTA-STS, TLSA per MX host */
+#define TLSA_TEXT_MAX 4096        /* of a TLSA policy's records: those beyond are left out */
 #define MAX_RUA       4           /* addresses a report goes to */
 #define RETRY_MS      3600000ULL  /* a report no address took */
 #define GIVE_UP_DAYS  3
@@ -50,6 +53,8 @@ static const char *const result_names[TLSRPT_RESULT_COUNT] = {
     [TLSRPT_STS_POLICY_FETCH_ERROR] = "sts-policy-fetch-error",
     [TLSRPT_STS_POLICY_INVALID] = "sts-policy-invalid",
     [TLSRPT_STS_WEBPKI_INVALID] = "sts-webpki-invalid",
+    [TLSRPT_TLSA_INVALID] = "tlsa-invalid",
+    [TLSRPT_DNSSEC_INVALID] = "dnssec-invalid",
 };
 
 const char *
@@ -93,6 +98,23 @@ struct detail {
 
 enum day_state { DAY_IDLE, DAY_RUA, DAY_POST };
 
+/* RFC 8460 4.3: "no-policy-found" (a failed MTA-STS fetch with nothing
+ * cached), "sts" or "tlsa" (DANE, per MX host). */
+enum pol_type { POL_NONE, POL_STS, POL_TLSA };
+static const char *const pol_names[] = {"no-policy-found", "sts", "tlsa"};
+
+/* One policy of a report and what was counted under it. */
+struct rpol {
+    uint8_t type;              /* enum pol_type */
+    char mx[DNS_NAME_MAX + 1]; /* POL_TLSA: the MX host whose records these are */
+    bool set;                  /* POL_STS: sts holds the policy */
+    struct mta_sts_policy sts; /* POL_STS: a copy (refs unused) */
+    char *tlsa;                /* owned, POL_TLSA: "usage selector mtype HEX\n" per record */
+    uint64_t success, failure;
+    unsigned ndetails;
+    struct detail details[MAX_DETAILS];
+};
+
 struct day {
     struct hash_node hn;   /* in r->days (first) */
     struct day *next_all;  /* the sending walk's list */
@@ -100,11 +122,8 @@ struct day {
     char key[DNS_NAME_MAX + 16]; /* "domain day" */
     char domain[DNS_NAME_MAX + 1];
     int64_t day;           /* days since 1970-01-01 UTC */
-    bool have_policy;
-    struct mta_sts_policy pol; /* a copy (refs unused) */
-    uint64_t success, failure;
-    unsigned ndetails;
-    struct detail details[MAX_DETAILS];
+    unsigned npols;
+    struct rpol *pols[MAX_POLICIES]; /* owned; the first of each kind (and MX host) stays */
     /* Sending: the thread's. */
     uint8_t st;            /* enum day_state */
     uint64_t next_try_ms;  /* Unix ms; 0: at once when due */
@@ -172,8 +191,39 @@ day_get(struct tlsrpt *r, const char *domain, int64_t dayno)
     return d;
 }
 
+static struct day *
+day_free(struct day *d)
+{
+    for (unsigned i = 0; i < d->npols; i++) {
+        free(d->pols[i]->tlsa);
+        free(d->pols[i]);
+    }
+    free(d);
+    return NULL;
+}
+
+/* Under r->lock: d's policy of type t (for POL_TLSA: of MX host mx),
+ * made on first use; NULL when out of room or memory (not counted). */
+static struct rpol *
+day_pol(struct day *d, enum pol_type t, const char *mx)
+{
+    for (unsigned i = 0; i < d->npols; i++)
+        if (d->pols[i]->type == t && (t != POL_TLSA || strcmp(d->pols[i]->mx, mx) == 0))
+            return d->pols[i];
+    if (d->npols == MAX_POLICIES)
+        return NULL;
+    struct rpol *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return NULL;
+    p->type = (uint8_t)t;
+    if (t == POL_TLSA)
+        snprintf(p->mx, sizeof(p->mx), "%s", mx);
+    d->pols[d->npols++] = p;
+    return p;
+}
+
 static void
-day_count(struct day *d, enum tlsrpt_result res, const char *mx, const char *addr, uint64_t n)
+pol_count(struct rpol *d, enum tlsrpt_result res, const char *mx, const char *addr, uint64_t n)
 {
     if (res == TLSRPT_SUCCESS) {
         d->success += n;
@@ -207,12 +257,57 @@ tlsrpt_record(struct tlsrpt *r, const char *domain, const struct mta_sts_policy 
     int64_t dayno = (int64_t)(clock_unix_ms() / DAY_MS);
     pthread_mutex_lock(&r->lock);
     struct day *d = day_get(r, domain, dayno);
-    if (d != NULL) {
-        if (p != NULL && !d->have_policy) {
-            memcpy(&d->pol, p, sizeof(d->pol));
-            d->have_policy = true;
+    struct rpol *rp = d != NULL ? day_pol(d, p != NULL ? POL_STS : POL_NONE, NULL) : NULL;
+    if (rp != NULL) {
+        if (p != NULL && !rp->set) {
+            memcpy(&rp->sts, p, sizeof(rp->sts));
+            atomic_init(&rp->sts.refs, 0);
+            rp->set = true;
         }
-        day_count(d, res, mx, addr, 1);
+        pol_count(rp, res, mx, addr, 1);
+        r->dirty = true;
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* "usage selector mtype HEX\n" per record, as many whole ones as fit in
+ * TLSA_TEXT_MAX; NULL when out of memory. */
+static char *
+tlsa_text(const struct dns_tlsa *tlsa, unsigned n)
+{
+    char *t = malloc(TLSA_TEXT_MAX);
+    if (t == NULL)
+        return NULL;
+    size_t at = 0;
+    for (unsigned i = 0; i < n; i++) {
+        size_t need = 16 + 2 * (size_t)tlsa[i].len;
+        if (at + need + 1 > TLSA_TEXT_MAX)
+            break;
+        at += (size_t)snprintf(t + at, TLSA_TEXT_MAX - at, "%u %u %u ", tlsa[i].usage,
+                               tlsa[i].selector, tlsa[i].mtype);
+        for (unsigned k = 0; k < tlsa[i].len; k++)
+            at += (size_t)snprintf(t + at, TLSA_TEXT_MAX - at, "%02X", tlsa[i].data[k]);
+        t[at++] = '\n';
+    }
+    t[at] = '\0';
+    return t;
+}
+
+void
+tlsrpt_record_tlsa(struct tlsrpt *r, const char *domain, const char *mx,
+                   const struct dns_tlsa *tlsa, unsigned n, enum tlsrpt_result res,
+                   const char *addr)
+{
+    if (r == NULL || mx == NULL)
+        return;
+    int64_t dayno = (int64_t)(clock_unix_ms() / DAY_MS);
+    pthread_mutex_lock(&r->lock);
+    struct day *d = day_get(r, domain, dayno);
+    struct rpol *rp = d != NULL ? day_pol(d, POL_TLSA, mx) : NULL;
+    if (rp != NULL) {
+        if (rp->tlsa == NULL)
+            rp->tlsa = tlsa_text(tlsa, n);
+        pol_count(rp, res, mx, addr, 1);
         r->dirty = true;
     }
     pthread_mutex_unlock(&r->lock);
@@ -238,8 +333,54 @@ tlsrpt_failed(struct tlsrpt *r)
 
 /* ---- the state file ---- */
 
-/* "D domain day success failure have mode max_age id mx,mx" then one
- * "F result count mx addr" per detail ("-" for empty). */
+/* Version 2: "D domain day", then per policy one of "P sts success
+ * failure mode max_age id mx,mx", "P none success failure" or "P tlsa
+ * success failure mx u:s:m:HEX,...", each followed by its failure rows
+ * "F result count mx addr" ("-" for empty). Version 1 had one policy a
+ * day on its D line ("D domain day success failure have mode max_age id
+ * mx,mx"); it is still read. */
+static void
+pol_save(struct json *j, const struct rpol *p)
+{
+    char line[DNS_NAME_MAX * 2 + 256];
+    int k = snprintf(line, sizeof(line), "P %s %llu %llu", p->type == POL_STS    ? "sts"
+                                                           : p->type == POL_TLSA ? "tlsa"
+                                                                                 : "none",
+                     (unsigned long long)p->success, (unsigned long long)p->failure);
+    json_raw(j, line, (size_t)k);
+    if (p->type == POL_STS) {
+        k = snprintf(line, sizeof(line), " %s %llu %s ", mta_sts_mode_str(p->sts.mode),
+                     (unsigned long long)p->sts.max_age, p->sts.id[0] ? p->sts.id : "-");
+        json_raw(j, line, (size_t)k);
+        for (unsigned i = 0; i < p->sts.nmx; i++) {
+            json_raw(j, p->sts.mx[i], strlen(p->sts.mx[i]));
+            if (i + 1 < p->sts.nmx)
+                json_raw(j, ",", 1);
+        }
+        if (p->sts.nmx == 0)
+            json_raw(j, "-", 1);
+    } else if (p->type == POL_TLSA) {
+        json_raw(j, " ", 1);
+        json_raw(j, p->mx, strlen(p->mx));
+        json_raw(j, " ", 1);
+        const char *t = p->tlsa != NULL && p->tlsa[0] ? p->tlsa : "-";
+        size_t n = strlen(t);
+        for (size_t i = 0; i < n; i++) {
+            char c = t[i] == ' ' ? ':' : t[i] == '\n' ? ',' : t[i];
+            if (!(c == ',' && i + 1 == n))
+                json_raw(j, &c, 1);
+        }
+    }
+    json_raw(j, "\n", 1);
+    for (unsigned i = 0; i < p->ndetails; i++) {
+        const struct detail *x = &p->details[i];
+        k = snprintf(line, sizeof(line), "F %s %llu %s %s\n", result_names[x->result],
+                     (unsigned long long)x->count, x->mx[0] ? x->mx : "-",
+                     x->addr[0] ? x->addr : "-");
+        json_raw(j, line, (size_t)k);
+    }
+}
+
 static void
 state_save(struct tlsrpt *r)
 {
@@ -254,27 +395,10 @@ state_save(struct tlsrpt *r)
     struct hash_node *cur = NULL;
     for (struct hash_node *n; (n = hash_next(&r->days, &b, &cur)) != NULL;) {
         const struct day *d = (const struct day *)n;
-        int k = snprintf(line, sizeof(line), "D %s %lld %llu %llu %d %s %llu %s ", d->domain,
-                         (long long)d->day, (unsigned long long)d->success,
-                         (unsigned long long)d->failure, d->have_policy ? 1 : 0,
-                         mta_sts_mode_str(d->pol.mode), (unsigned long long)d->pol.max_age,
-                         d->pol.id[0] ? d->pol.id : "-");
+        int k = snprintf(line, sizeof(line), "D %s %lld\n", d->domain, (long long)d->day);
         json_raw(&j, line, (size_t)k);
-        for (unsigned i = 0; i < d->pol.nmx; i++) {
-            json_raw(&j, d->pol.mx[i], strlen(d->pol.mx[i]));
-            if (i + 1 < d->pol.nmx)
-                json_raw(&j, ",", 1);
-        }
-        if (d->pol.nmx == 0)
-            json_raw(&j, "-", 1);
-        json_raw(&j, "\n", 1);
-        for (unsigned i = 0; i < d->ndetails; i++) {
-            const struct detail *x = &d->details[i];
-            k = snprintf(line, sizeof(line), "F %s %llu %s %s\n", result_names[x->result],
-                         (unsigned long long)x->count, x->mx[0] ? x->mx : "-",
-                         x->addr[0] ? x->addr : "-");
-            json_raw(&j, line, (size_t)k);
-        }
+        for (unsigned i = 0; i < d->npols; i++)
+            pol_save(&j, d->pols[i]);
     }
     pthread_mutex_unlock(&r->lock);
     int rc = json_failed(&j) ? -ENOMEM : fs_write_atomic(r->dir, STATE_FILE, j.buf, j.len);
@@ -288,6 +412,22 @@ state_save(struct tlsrpt *r)
     }
 }
 
+/* The fields of an MTA-STS policy as saved: mode max_age id mx,mx. */
+static void
+sts_load(struct mta_sts_policy *p, const char *mode, const char *age, const char *id, char *mxs)
+{
+    p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
+              : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
+                                             : MTA_STS_NONE;
+    p->max_age = strtoull(age, NULL, 10);
+    snprintf(p->id, sizeof(p->id), "%s", strcmp(id, "-") == 0 ? "" : id);
+    char *s2 = NULL;
+    for (char *x = strtok_r(mxs, ",", &s2); x != NULL && p->nmx < MTA_STS_MAX_MX;
+         x = strtok_r(NULL, ",", &s2))
+        if (strcmp(x, "-") != 0)
+            snprintf(p->mx[p->nmx++], sizeof(p->mx[0]), "%s", x);
+}
+
 static void
 state_load(struct tlsrpt *r)
 {
@@ -296,52 +436,89 @@ state_load(struct tlsrpt *r)
     FILE *f = fopen(path, "r");
     if (f == NULL)
         return;
-    char line[MTA_STS_MAX_MX * (DNS_NAME_MAX + 2) + 512];
+    char line[MTA_STS_MAX_MX * (DNS_NAME_MAX + 2) + TLSA_TEXT_MAX + 512];
     struct day *d = NULL;
+    struct rpol *p = NULL;
     unsigned lineno = 0;
+    bool v1 = false;
     while (fgets(line, sizeof(line), f) != NULL) {
         line[strcspn(line, "\n")] = '\0';
         if (lineno++ == 0) {
-            if (strcmp(line, STATE_MAGIC) != 0)
+            v1 = strcmp(line, STATE_MAGIC_1) == 0;
+            if (!v1 && strcmp(line, STATE_MAGIC) != 0)
                 break;
             continue;
         }
         char *save = NULL;
         char *tag = strtok_r(line, " ", &save);
         if (tag != NULL && strcmp(tag, "D") == 0) {
-            char *dom = strtok_r(NULL, " ", &save), *dayno = strtok_r(NULL, " ", &save),
-                 *succ = strtok_r(NULL, " ", &save), *fail = strtok_r(NULL, " ", &save),
+            char *dom = strtok_r(NULL, " ", &save), *dayno = strtok_r(NULL, " ", &save);
+            d = NULL;
+            p = NULL;
+            char norm[DNS_NAME_MAX + 1];
+            if (dayno == NULL || dns_name_normalize(dom, norm) < 0)
+                continue;
+            d = day_get(r, norm, strtoll(dayno, NULL, 10));
+            if (d == NULL || !v1)
+                continue;
+            char *succ = strtok_r(NULL, " ", &save), *fail = strtok_r(NULL, " ", &save),
                  *have = strtok_r(NULL, " ", &save), *mode = strtok_r(NULL, " ", &save),
                  *age = strtok_r(NULL, " ", &save), *id = strtok_r(NULL, " ", &save),
                  *mxs = strtok_r(NULL, " ", &save);
-            d = NULL;
-            char norm[DNS_NAME_MAX + 1];
-            if (mxs == NULL || dns_name_normalize(dom, norm) < 0)
+            if (mxs == NULL)
                 continue;
-            d = day_get(r, norm, strtoll(dayno, NULL, 10));
-            if (d == NULL)
+            bool sts = strcmp(have, "1") == 0;
+            p = day_pol(d, sts ? POL_STS : POL_NONE, NULL);
+            if (p == NULL)
                 continue;
-            d->success = strtoull(succ, NULL, 10);
-            d->failure = strtoull(fail, NULL, 10);
-            d->have_policy = strcmp(have, "1") == 0;
-            d->pol.mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
-                          : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
-                                                         : MTA_STS_NONE;
-            d->pol.max_age = strtoull(age, NULL, 10);
-            snprintf(d->pol.id, sizeof(d->pol.id), "%s", strcmp(id, "-") == 0 ? "" : id);
-            char *s2 = NULL;
-            for (char *x = strtok_r(mxs, ",", &s2); x != NULL && d->pol.nmx < MTA_STS_MAX_MX;
-                 x = strtok_r(NULL, ",", &s2))
-                if (strcmp(x, "-") != 0)
-                    snprintf(d->pol.mx[d->pol.nmx++], sizeof(d->pol.mx[0]), "%s", x);
-        } else if (tag != NULL && strcmp(tag, "F") == 0 && d != NULL &&
-                   d->ndetails < MAX_DETAILS) {
+            p->success = strtoull(succ, NULL, 10);
+            p->failure = strtoull(fail, NULL, 10);
+            if (sts) {
+                sts_load(&p->sts, mode, age, id, mxs);
+                p->set = true;
+            }
+        } else if (tag != NULL && strcmp(tag, "P") == 0 && d != NULL && !v1) {
+            char *type = strtok_r(NULL, " ", &save), *succ = strtok_r(NULL, " ", &save),
+                 *fail = strtok_r(NULL, " ", &save);
+            p = NULL;
+            if (fail == NULL)
+                continue;
+            if (strcmp(type, "sts") == 0) {
+                char *mode = strtok_r(NULL, " ", &save), *age = strtok_r(NULL, " ", &save),
+                     *id = strtok_r(NULL, " ", &save), *mxs = strtok_r(NULL, " ", &save);
+                if (mxs == NULL || (p = day_pol(d, POL_STS, NULL)) == NULL)
+                    continue;
+                sts_load(&p->sts, mode, age, id, mxs);
+                p->set = true;
+            } else if (strcmp(type, "tlsa") == 0) {
+                char *mx = strtok_r(NULL, " ", &save), *recs = strtok_r(NULL, " ", &save);
+                char norm[DNS_NAME_MAX + 1];
+                if (recs == NULL || dns_name_normalize(mx, norm) < 0 ||
+                    (p = day_pol(d, POL_TLSA, norm)) == NULL)
+                    continue;
+                size_t n = strlen(recs);
+                if (p->tlsa == NULL && strcmp(recs, "-") != 0 && n + 2 <= TLSA_TEXT_MAX &&
+                    (p->tlsa = malloc(n + 2)) != NULL) {
+                    for (size_t i = 0; i < n; i++)
+                        p->tlsa[i] = recs[i] == ':' ? ' ' : recs[i] == ',' ? '\n' : recs[i];
+                    p->tlsa[n] = '\n';
+                    p->tlsa[n + 1] = '\0';
+                }
+            } else if (strcmp(type, "none") == 0) {
+                p = day_pol(d, POL_NONE, NULL);
+            }
+            if (p != NULL) {
+                p->success = strtoull(succ, NULL, 10);
+                p->failure = strtoull(fail, NULL, 10);
+            }
+        } else if (tag != NULL && strcmp(tag, "F") == 0 && p != NULL &&
+                   p->ndetails < MAX_DETAILS) {
             char *res = strtok_r(NULL, " ", &save), *cnt = strtok_r(NULL, " ", &save),
                  *mx = strtok_r(NULL, " ", &save), *addr = strtok_r(NULL, " ", &save);
             int rs = res != NULL ? result_parse(res) : -1;
             if (addr == NULL || rs <= 0)
                 continue;
-            struct detail *x = &d->details[d->ndetails++];
+            struct detail *x = &p->details[p->ndetails++];
             x->result = (uint8_t)rs;
             x->count = strtoull(cnt, NULL, 10);
             snprintf(x->mx, sizeof(x->mx), "%s", strcmp(mx, "-") == 0 ? "" : mx);
@@ -360,6 +537,76 @@ day_iso(int64_t day, bool end, char *out, size_t cap)
     struct tm tm;
     gmtime_r(&t, &tm);
     strftime(out, cap, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+/* One element of "policies" (RFC 8460 4.4): the policy and its counts. */
+static void
+pol_json(const struct day *d, const struct rpol *p, struct json *j)
+{
+    json_obj_begin(j);
+    json_key(j, "policy");
+    json_obj_begin(j);
+    json_kstr(j, "policy-type", pol_names[p->type]);
+    if (p->type == POL_STS) {
+        char line[DNS_NAME_MAX + 16];
+        json_key(j, "policy-string");
+        json_arr_begin(j);
+        json_str(j, "version: STSv1");
+        snprintf(line, sizeof(line), "mode: %s", mta_sts_mode_str(p->sts.mode));
+        json_str(j, line);
+        for (unsigned i = 0; i < p->sts.nmx; i++) {
+            snprintf(line, sizeof(line), "mx: %s", p->sts.mx[i]);
+            json_str(j, line);
+        }
+        snprintf(line, sizeof(line), "max_age: %llu", (unsigned long long)p->sts.max_age);
+        json_str(j, line);
+        json_arr_end(j);
+    } else if (p->type == POL_TLSA) {
+        /* RFC 8460 4.2: the TLSA records, one string each */
+        json_key(j, "policy-string");
+        json_arr_begin(j);
+        for (const char *t = p->tlsa; t != NULL && *t != '\0';) {
+            const char *nl = strchr(t, '\n');
+            size_t n = nl != NULL ? (size_t)(nl - t) : strlen(t);
+            char rec[TLSA_TEXT_MAX];
+            memcpy(rec, t, n);
+            rec[n] = '\0';
+            json_str(j, rec);
+            t += n + (nl != NULL);
+        }
+        json_arr_end(j);
+    }
+    json_kstr(j, "policy-domain", d->domain);
+    if (p->type != POL_NONE) {
+        json_key(j, "mx-host");
+        json_arr_begin(j);
+        for (unsigned i = 0; p->type == POL_STS && i < p->sts.nmx; i++)
+            json_str(j, p->sts.mx[i]);
+        if (p->type == POL_TLSA)
+            json_str(j, p->mx);
+        json_arr_end(j);
+    }
+    json_obj_end(j);
+    json_key(j, "summary");
+    json_obj_begin(j);
+    json_ku64(j, "total-successful-session-count", p->success);
+    json_ku64(j, "total-failure-session-count", p->failure);
+    json_obj_end(j);
+    json_key(j, "failure-details");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < p->ndetails; i++) {
+        const struct detail *x = &p->details[i];
+        json_obj_begin(j);
+        json_kstr(j, "result-type", result_names[x->result]);
+        if (x->addr[0])
+            json_kstr(j, "receiving-ip", x->addr);
+        if (x->mx[0])
+            json_kstr(j, "receiving-mx-hostname", x->mx);
+        json_ku64(j, "failed-session-count", x->count);
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+    json_obj_end(j);
 }
 
 /* The JSON of RFC 8460 4.4 for d, into j. */
@@ -387,56 +634,36 @@ report_json(struct tlsrpt *r, const struct day *d, const char *report_id, struct
     json_kstr(j, "report-id", report_id);
     json_key(j, "policies");
     json_arr_begin(j);
-    json_obj_begin(j);
-    json_key(j, "policy");
-    json_obj_begin(j);
-    json_kstr(j, "policy-type", d->have_policy ? "sts" : "no-policy-found");
-    if (d->have_policy) {
-        char line[DNS_NAME_MAX + 16];
-        json_key(j, "policy-string");
-        json_arr_begin(j);
-        json_str(j, "version: STSv1");
-        snprintf(line, sizeof(line), "mode: %s", mta_sts_mode_str(d->pol.mode));
-        json_str(j, line);
-        for (unsigned i = 0; i < d->pol.nmx; i++) {
-            snprintf(line, sizeof(line), "mx: %s", d->pol.mx[i]);
-            json_str(j, line);
-        }
-        snprintf(line, sizeof(line), "max_age: %llu", (unsigned long long)d->pol.max_age);
-        json_str(j, line);
-        json_arr_end(j);
-    }
-    json_kstr(j, "policy-domain", d->domain);
-    if (d->have_policy) {
-        json_key(j, "mx-host");
-        json_arr_begin(j);
-        for (unsigned i = 0; i < d->pol.nmx; i++)
-            json_str(j, d->pol.mx[i]);
-        json_arr_end(j);
-    }
-    json_obj_end(j);
-    json_key(j, "summary");
-    json_obj_begin(j);
-    json_ku64(j, "total-successful-session-count", d->success);
-    json_ku64(j, "total-failure-session-count", d->failure);
-    json_obj_end(j);
-    json_key(j, "failure-details");
-    json_arr_begin(j);
-    for (unsigned i = 0; i < d->ndetails; i++) {
-        const struct detail *x = &d->details[i];
-        json_obj_begin(j);
-        json_kstr(j, "result-type", result_names[x->result]);
-        if (x->addr[0])
-            json_kstr(j, "receiving-ip", x->addr);
-        if (x->mx[0])
-            json_kstr(j, "receiving-mx-hostname", x->mx);
-        json_ku64(j, "failed-session-count", x->count);
-        json_obj_end(j);
-    }
+    for (unsigned i = 0; i < d->npols; i++)
+        pol_json(d, d->pols[i], j);
     json_arr_end(j);
     json_obj_end(j);
-    json_arr_end(j);
-    json_obj_end(j);
+}
+
+int
+tlsrpt_report_json(struct tlsrpt *r, const char *domain, int64_t day, const char *report_id,
+                   char **out, size_t *len)
+{
+    *out = NULL;
+    char key[DNS_NAME_MAX + 16];
+    snprintf(key, sizeof(key), "%s %lld", domain, (long long)day);
+    struct json j;
+    json_init(&j);
+    pthread_mutex_lock(&r->lock);
+    struct hash_node *n = hash_find(&r->days, hash_str_nocase(key), key);
+    if (n != NULL)
+        report_json(r, (const struct day *)n, report_id, &j);
+    pthread_mutex_unlock(&r->lock);
+    int rc = n == NULL ? -ENOENT : json_failed(&j) ? -ENOMEM : 0;
+    if (rc == 0 && (*out = malloc(j.len + 1)) == NULL)
+        rc = -ENOMEM;
+    if (rc == 0) {
+        memcpy(*out, j.buf, j.len);
+        (*out)[j.len] = '\0';
+        *len = j.len;
+    }
+    json_fini(&j);
+    return rc;
 }
 
 /* gzip (RFC 1952) of in; *out is malloc'd. */
@@ -720,7 +947,7 @@ day_sent(struct tlsrpt *r, struct day *d)
             ok ? "sent" : "not_sent", d->domain, (long long)d->day,
             ok || !drop ? "" : " reason=\"given up\"");
     if (drop)
-        free(d);
+        day_free(d);
 }
 
 static void
@@ -949,7 +1176,7 @@ tlsrpt_free(struct tlsrpt *r, CURLM *multi)
     state_save(r);
     while (all != NULL) {
         struct day *next = all->next_all;
-        free(all);
+        day_free(all);
         all = next;
     }
     hash_fini(&r->days);

@@ -1,8 +1,14 @@
 /*
  * tlsrpt: SMTP TLS reporting (RFC 8460) for the domains sluice delivers
- * to under an MTA-STS policy. Each TLS session with such a domain's MX
- * (and each failed policy fetch) is counted per policy domain and UTC
+ * to under a policy: MTA-STS (policy type "sts"), or DANE (type "tlsa",
+ * one policy per MX host, its TLSA records as the policy string; DANE
+ * comes first where both apply). Each TLS session with such a domain's
+ * MX (and each failed MTA-STS fetch: type "sts", or "no-policy-found"
+ * when nothing is cached) is counted per policy domain, policy and UTC
  * day: successes, and failures by result type, MX host and address.
+ * Sessions of domains without a policy are not counted (a report is sent
+ * only to a domain with a TLSRPT record, and most have none: counting
+ * every domain would cost memory for nothing).
  * The counts are kept in tlsrpt.state beside the MTA-STS cache in the
  * spool directory (written whole and renamed, at most once a second), so
  * a restart loses none. Once a day is over (or when the operator asks:
@@ -30,6 +36,7 @@
 
 struct config;
 struct dns;
+struct dns_tlsa;
 struct mta_sts_policy;
 struct tlsrpt;
 
@@ -44,6 +51,8 @@ enum tlsrpt_result {
     TLSRPT_STS_POLICY_FETCH_ERROR,
     TLSRPT_STS_POLICY_INVALID,
     TLSRPT_STS_WEBPKI_INVALID,
+    TLSRPT_TLSA_INVALID,   /* DANE: none of the host's TLSA records is usable */
+    TLSRPT_DNSSEC_INVALID, /* DANE: the TLSA lookup did not validate (bogus) */
     TLSRPT_RESULT_COUNT
 };
 /* "starttls-not-supported", ... ("success" for TLSRPT_SUCCESS). */
@@ -62,6 +71,21 @@ struct tlsrpt *tlsrpt_free(struct tlsrpt *r, CURLM *multi);
  * none was found). mx and addr may be NULL. Any thread. */
 void tlsrpt_record(struct tlsrpt *r, const char *domain, const struct mta_sts_policy *p,
                    enum tlsrpt_result res, const char *mx, const char *addr);
+
+/* Count one session of domain with MX host mx under DANE: its TLSA
+ * records tlsa[0..n) (borrowed; kept as text once a day, as many whole
+ * records as fit in 4 KB). res is TLSRPT_SUCCESS, a DANE failure
+ * (TLSA_INVALID, DNSSEC_INVALID, VALIDATION_FAILURE: no record matched) or
+ * STARTTLS_NOT_SUPPORTED. Any thread. */
+void tlsrpt_record_tlsa(struct tlsrpt *r, const char *domain, const char *mx,
+                        const struct dns_tlsa *tlsa, unsigned n, enum tlsrpt_result res,
+                        const char *addr);
+
+/* The report JSON (RFC 8460 4.4) of domain's UTC day (days since the
+ * epoch) as it stands, with report_id: *out malloc'd, NUL-terminated.
+ * Returns 0, -ENOENT (nothing counted) or -ENOMEM. For tests and tools. */
+int tlsrpt_report_json(struct tlsrpt *r, const char *domain, int64_t day, const char *report_id,
+                       char **out, size_t *len);
 
 /* On the MTA-STS thread, each loop turn: write the state when due; start
  * sending the reports that are due (all of them, today's too, with

@@ -48,6 +48,7 @@
 
 static void conn_handle(struct conn *c, int ev);
 static const struct dns_mx_host *conn_dane(const struct conn *c);
+static unsigned conn_tlsa(const struct dns_mx_host *h, struct tls_tlsa out[DNS_TLSA_MAX]);
 static void conn_flush(struct conn *c);
 static void conn_next(struct conn *c);
 
@@ -138,17 +139,31 @@ conn_cli_release(struct conn *c)
 }
 
 /* Count c's TLS result for TLS reporting (RFC 8460), once per
- * connection, when its domain is under an MTA-STS policy. */
+ * connection, when its MX host is under DANE (policy type tlsa, which
+ * comes first) or its domain under an MTA-STS policy (sts). A DANE
+ * session that did not authenticate is a DANE failure: tlsa-invalid when
+ * none of the host's records is usable, else validation-failure (no
+ * record matched the certificate). */
 static void
 conn_tlsrpt(struct conn *c, enum tlsrpt_result res)
 {
     struct mta_sts *m = c->d->e->mta_sts;
-    if (c->tls_reported || m == NULL || c->dest->sts == NULL || mta_sts_tlsrpt(m) == NULL)
+    struct tlsrpt *r = m != NULL ? mta_sts_tlsrpt(m) : NULL;
+    const struct dns_mx_host *dane = conn_dane(c);
+    if (c->tls_reported || r == NULL || (dane == NULL && c->dest->sts == NULL))
         return;
     c->tls_reported = true;
     char ip[64];
     netaddr_ip_str(&c->addr.sa, ip, sizeof(ip));
-    tlsrpt_record(mta_sts_tlsrpt(m), c->dest->name, c->dest->sts, res, c->mx, ip);
+    if (dane == NULL) {
+        tlsrpt_record(r, c->dest->name, c->dest->sts, res, c->mx, ip);
+        return;
+    }
+    struct tls_tlsa tlsa[DNS_TLSA_MAX];
+    if (res != TLSRPT_SUCCESS && res != TLSRPT_STARTTLS_NOT_SUPPORTED)
+        res = conn_tlsa(dane, tlsa) == 0 ? TLSRPT_TLSA_INVALID : TLSRPT_VALIDATION_FAILURE;
+    tlsrpt_record_tlsa(r, c->dest->name, c->mx, dane->tlsa,
+                       dane->ntlsa < DNS_TLSA_MAX ? dane->ntlsa : DNS_TLSA_MAX, res, ip);
 }
 
 void

@@ -48,9 +48,11 @@
 #include "common/log.h"
 #include "common/intern.h"
 #include "engine/engine.h"
+#include "engine/mta_sts.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 #include "engine/shaping.h"
+#include "engine/tlsrpt.h"
 #include "engine/warmup.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
@@ -1369,6 +1371,12 @@ dest_run_once(struct dest *t)
              * the next one, and why, for the deferral when none is left. */
             d->stats.dane_failed++;
             log_msg(LOG_NOTICE, "event=dane_tempfail domain=%s mx=%s", t->name, h->name);
+            if (d->e->mta_sts != NULL) { /* TLS reporting: a DANE failure (RFC 8460 4.3) */
+                char ip[64];
+                netaddr_ip_str(&a->sa, ip, sizeof(ip));
+                tlsrpt_record_tlsa(mta_sts_tlsrpt(d->e->mta_sts), t->name, h->name, NULL, 0,
+                                   TLSRPT_DNSSEC_INVALID, ip);
+            }
             struct smtp_outcome why;
             memset(&why, 0, sizeof(why));
             why.status = SMTP_STATUS_TEMPFAIL;

@@ -5,7 +5,9 @@
  * fail or parse to a prefix, never crash), the TLS-RPT result types
  * read from OpenSSL's words, and the TLS report by mail (tlsrpt_mail_build):
  * its fields, and no field that could end a header line early or forge
- * another one.
+ * another one; the report's JSON with DANE sessions (policy type tlsa, its
+ * TLSA records, its failures), an MTA-STS policy and a failed fetch side
+ * by side, and the same after the state file is read back.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -16,7 +18,12 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
 
+#include "dns/dns.h"
+#include "engine/config.h"
 #include "engine/mta_sts.h"
 #include "engine/tlsrpt.h"
 
@@ -229,6 +236,90 @@ test_tlsrpt_mail(void **state)
     assert_int_equal(tlsrpt_mail_build(&huge, &m, &len), -EFBIG);
 }
 
+static void
+test_tlsrpt_json_dane(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-tlsrpt-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.server.hostname = "sender.example";
+    cfg.mta_sts.tlsrpt = true;
+    char err[256];
+    struct tlsrpt *r = NULL;
+    assert_int_equal(tlsrpt_new(&cfg, dir, &r, err, sizeof(err)), 0);
+
+    static const uint8_t h1[32] = {0xab, 0xcd, 0x01}, h2[2] = {0x12, 0x34};
+    const struct dns_tlsa tlsa[2] = {{3, 1, 1, sizeof(h1), h1}, {2, 0, 1, sizeof(h2), h2}};
+    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1");
+    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1");
+    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_VALIDATION_FAILURE,
+                       "192.0.2.1");
+    tlsrpt_record_tlsa(r, "dane.example", "mx2.dane.example", NULL, 0, TLSRPT_DNSSEC_INVALID,
+                       "192.0.2.2");
+    struct mta_sts_policy *p = NULL;
+    const char *why = NULL;
+    const char *pol = "version: STSv1\nmode: enforce\nmx: mx1.dane.example\nmax_age: 600\n";
+    assert_int_equal(mta_sts_policy_parse(pol, strlen(pol), &p, &why), 0);
+    tlsrpt_record(r, "dane.example", p, TLSRPT_SUCCESS, "mx1.dane.example", "192.0.2.1");
+    tlsrpt_record(r, "other.example", NULL, TLSRPT_STS_POLICY_FETCH_ERROR, NULL, NULL);
+    mta_sts_policy_unref(p);
+
+    int64_t day = (int64_t)(time(NULL) / 86400);
+    char *js = NULL;
+    size_t len = 0;
+    assert_int_equal(tlsrpt_report_json(r, "dane.example", day, "1.dane.example@sender.example",
+                                        &js, &len),
+                     0);
+    /* The DANE policy of mx1: its records, 2 successes, 1 failure. */
+    assert_non_null(strstr(js, "{\"policy\":{\"policy-type\":\"tlsa\",\"policy-string\":["
+                               "\"3 1 1 ABCD01"));
+    assert_non_null(strstr(js, "00\",\"2 0 1 1234\"],\"policy-domain\":\"dane.example\","
+                               "\"mx-host\":[\"mx1.dane.example\"]},\"summary\":{"
+                               "\"total-successful-session-count\":2,"
+                               "\"total-failure-session-count\":1},\"failure-details\":[{"
+                               "\"result-type\":\"validation-failure\",\"receiving-ip\":"
+                               "\"192.0.2.1\",\"receiving-mx-hostname\":\"mx1.dane.example\","
+                               "\"failed-session-count\":1}]}"));
+    /* mx2: a TLSA lookup that did not validate. */
+    assert_non_null(strstr(js, "\"policy-type\":\"tlsa\",\"policy-string\":[],"
+                               "\"policy-domain\":\"dane.example\",\"mx-host\":"
+                               "[\"mx2.dane.example\"]}"));
+    assert_non_null(strstr(js, "\"result-type\":\"dnssec-invalid\""));
+    /* The MTA-STS policy beside them, with its own count. */
+    assert_non_null(strstr(js, "\"policy-type\":\"sts\",\"policy-string\":[\"version: STSv1\","
+                               "\"mode: enforce\",\"mx: mx1.dane.example\",\"max_age: 600\"]"));
+    assert_non_null(strstr(js, "\"total-successful-session-count\":1,"
+                               "\"total-failure-session-count\":0"));
+    char *other = NULL;
+    assert_int_equal(tlsrpt_report_json(r, "other.example", day, "2.other.example@sender.example",
+                                        &other, &len),
+                     0);
+    assert_non_null(strstr(other, "\"policy-type\":\"no-policy-found\""));
+    assert_non_null(strstr(other, "\"result-type\":\"sts-policy-fetch-error\""));
+    assert_null(strstr(other, "tlsa"));
+    char *none = NULL;
+    assert_int_equal(tlsrpt_report_json(r, "nothing.example", day, "3@x", &none, &len), -ENOENT);
+
+    /* Written out and read back: the same report. */
+    r = tlsrpt_free(r, NULL);
+    assert_int_equal(tlsrpt_new(&cfg, dir, &r, err, sizeof(err)), 0);
+    char *again = NULL;
+    assert_int_equal(tlsrpt_report_json(r, "dane.example", day, "1.dane.example@sender.example",
+                                        &again, &len),
+                     0);
+    assert_string_equal(again, js);
+    r = tlsrpt_free(r, NULL);
+    free(js);
+    free(other);
+    free(again);
+    char path[sizeof(dir) + 32];
+    snprintf(path, sizeof(path), "%s/tlsrpt.state", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
 int
 main(void)
 {
@@ -237,6 +328,7 @@ main(void)
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_txt),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
+        cmocka_unit_test(test_tlsrpt_json_dane),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
