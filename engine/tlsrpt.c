@@ -107,13 +107,15 @@ static const char *const pol_names[] = {"no-policy-found", "sts", "tlsa"};
 struct rpol {
     uint8_t type;              /* enum pol_type */
     char mx[DNS_NAME_MAX + 1]; /* POL_TLSA: the MX host whose records these are */
-    bool set;                  /* POL_STS: sts holds the policy */
-    struct mta_sts_policy sts; /* POL_STS: a copy (refs unused) */
+    struct mta_sts_policy *sts; /* owned reference, POL_STS: the first policy of the day */
     char *tlsa;                /* owned, POL_TLSA: "usage selector mtype HEX\n" per record */
     uint64_t success, failure;
     unsigned ndetails;
-    struct detail details[MAX_DETAILS];
+    struct detail *details;    /* owned: MAX_DETAILS rows, made at the first failure (most
+                                * policies see none: a day costs little per domain) */
 };
+
+static const struct mta_sts_policy no_sts; /* a POL_STS whose policy is not known */
 
 struct day {
     struct hash_node hn;   /* in r->days (first) */
@@ -196,6 +198,8 @@ day_free(struct day *d)
 {
     for (unsigned i = 0; i < d->npols; i++) {
         free(d->pols[i]->tlsa);
+        free(d->pols[i]->details);
+        mta_sts_policy_unref(d->pols[i]->sts);
         free(d->pols[i]);
     }
     free(d);
@@ -239,8 +243,10 @@ pol_count(struct rpol *d, enum tlsrpt_result res, const char *mx, const char *ad
             return;
         }
     }
-    if (d->ndetails == MAX_DETAILS)
+    if (d->details == NULL && (d->details = calloc(MAX_DETAILS, sizeof(*d->details))) == NULL)
         return; /* counted in the summary, without a row of its own */
+    if (d->ndetails == MAX_DETAILS)
+        return; /* likewise */
     struct detail *x = &d->details[d->ndetails++];
     x->result = (uint8_t)res;
     snprintf(x->mx, sizeof(x->mx), "%s", mx);
@@ -259,11 +265,8 @@ tlsrpt_record(struct tlsrpt *r, const char *domain, const struct mta_sts_policy 
     struct day *d = day_get(r, domain, dayno);
     struct rpol *rp = d != NULL ? day_pol(d, p != NULL ? POL_STS : POL_NONE, NULL) : NULL;
     if (rp != NULL) {
-        if (p != NULL && !rp->set) {
-            memcpy(&rp->sts, p, sizeof(rp->sts));
-            atomic_init(&rp->sts.refs, 0);
-            rp->set = true;
-        }
+        if (p != NULL && rp->sts == NULL) /* immutable: shared, not copied */
+            rp->sts = mta_sts_policy_ref((struct mta_sts_policy *)(uintptr_t)p);
         pol_count(rp, res, mx, addr, 1);
         r->dirty = true;
     }
@@ -349,15 +352,16 @@ pol_save(struct json *j, const struct rpol *p)
                      (unsigned long long)p->success, (unsigned long long)p->failure);
     json_raw(j, line, (size_t)k);
     if (p->type == POL_STS) {
-        k = snprintf(line, sizeof(line), " %s %llu %s ", mta_sts_mode_str(p->sts.mode),
-                     (unsigned long long)p->sts.max_age, p->sts.id[0] ? p->sts.id : "-");
+        const struct mta_sts_policy *sp = p->sts != NULL ? p->sts : &no_sts;
+        k = snprintf(line, sizeof(line), " %s %llu %s ", mta_sts_mode_str(sp->mode),
+                     (unsigned long long)sp->max_age, sp->id[0] ? sp->id : "-");
         json_raw(j, line, (size_t)k);
-        for (unsigned i = 0; i < p->sts.nmx; i++) {
-            json_raw(j, p->sts.mx[i], strlen(p->sts.mx[i]));
-            if (i + 1 < p->sts.nmx)
+        for (unsigned i = 0; i < sp->nmx; i++) {
+            json_raw(j, sp->mx[i], strlen(sp->mx[i]));
+            if (i + 1 < sp->nmx)
                 json_raw(j, ",", 1);
         }
-        if (p->sts.nmx == 0)
+        if (sp->nmx == 0)
             json_raw(j, "-", 1);
     } else if (p->type == POL_TLSA) {
         json_raw(j, " ", 1);
@@ -412,10 +416,15 @@ state_save(struct tlsrpt *r)
     }
 }
 
-/* The fields of an MTA-STS policy as saved: mode max_age id mx,mx. */
-static void
-sts_load(struct mta_sts_policy *p, const char *mode, const char *age, const char *id, char *mxs)
+/* The fields of an MTA-STS policy as saved: mode max_age id mx,mx, into
+ * a policy of its own (one reference); NULL when out of memory. */
+static struct mta_sts_policy *
+sts_load(const char *mode, const char *age, const char *id, char *mxs)
 {
+    struct mta_sts_policy *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return NULL;
+    atomic_init(&p->refs, 1);
     p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
               : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
                                              : MTA_STS_NONE;
@@ -426,6 +435,7 @@ sts_load(struct mta_sts_policy *p, const char *mode, const char *age, const char
          x = strtok_r(NULL, ",", &s2))
         if (strcmp(x, "-") != 0)
             snprintf(p->mx[p->nmx++], sizeof(p->mx[0]), "%s", x);
+    return p;
 }
 
 static void
@@ -473,10 +483,8 @@ state_load(struct tlsrpt *r)
                 continue;
             p->success = strtoull(succ, NULL, 10);
             p->failure = strtoull(fail, NULL, 10);
-            if (sts) {
-                sts_load(&p->sts, mode, age, id, mxs);
-                p->set = true;
-            }
+            if (sts && p->sts == NULL)
+                p->sts = sts_load(mode, age, id, mxs);
         } else if (tag != NULL && strcmp(tag, "P") == 0 && d != NULL && !v1) {
             char *type = strtok_r(NULL, " ", &save), *succ = strtok_r(NULL, " ", &save),
                  *fail = strtok_r(NULL, " ", &save);
@@ -488,8 +496,8 @@ state_load(struct tlsrpt *r)
                      *id = strtok_r(NULL, " ", &save), *mxs = strtok_r(NULL, " ", &save);
                 if (mxs == NULL || (p = day_pol(d, POL_STS, NULL)) == NULL)
                     continue;
-                sts_load(&p->sts, mode, age, id, mxs);
-                p->set = true;
+                if (p->sts == NULL)
+                    p->sts = sts_load(mode, age, id, mxs);
             } else if (strcmp(type, "tlsa") == 0) {
                 char *mx = strtok_r(NULL, " ", &save), *recs = strtok_r(NULL, " ", &save);
                 char norm[DNS_NAME_MAX + 1];
@@ -512,7 +520,9 @@ state_load(struct tlsrpt *r)
                 p->failure = strtoull(fail, NULL, 10);
             }
         } else if (tag != NULL && strcmp(tag, "F") == 0 && p != NULL &&
-                   p->ndetails < MAX_DETAILS) {
+                   p->ndetails < MAX_DETAILS &&
+                   (p->details != NULL ||
+                    (p->details = calloc(MAX_DETAILS, sizeof(*p->details))) != NULL)) {
             char *res = strtok_r(NULL, " ", &save), *cnt = strtok_r(NULL, " ", &save),
                  *mx = strtok_r(NULL, " ", &save), *addr = strtok_r(NULL, " ", &save);
             int rs = res != NULL ? result_parse(res) : -1;
@@ -547,18 +557,19 @@ pol_json(const struct day *d, const struct rpol *p, struct json *j)
     json_key(j, "policy");
     json_obj_begin(j);
     json_kstr(j, "policy-type", pol_names[p->type]);
+    const struct mta_sts_policy *sp = p->sts != NULL ? p->sts : &no_sts;
     if (p->type == POL_STS) {
         char line[DNS_NAME_MAX + 16];
         json_key(j, "policy-string");
         json_arr_begin(j);
         json_str(j, "version: STSv1");
-        snprintf(line, sizeof(line), "mode: %s", mta_sts_mode_str(p->sts.mode));
+        snprintf(line, sizeof(line), "mode: %s", mta_sts_mode_str(sp->mode));
         json_str(j, line);
-        for (unsigned i = 0; i < p->sts.nmx; i++) {
-            snprintf(line, sizeof(line), "mx: %s", p->sts.mx[i]);
+        for (unsigned i = 0; i < sp->nmx; i++) {
+            snprintf(line, sizeof(line), "mx: %s", sp->mx[i]);
             json_str(j, line);
         }
-        snprintf(line, sizeof(line), "max_age: %llu", (unsigned long long)p->sts.max_age);
+        snprintf(line, sizeof(line), "max_age: %llu", (unsigned long long)sp->max_age);
         json_str(j, line);
         json_arr_end(j);
     } else if (p->type == POL_TLSA) {
@@ -580,8 +591,8 @@ pol_json(const struct day *d, const struct rpol *p, struct json *j)
     if (p->type != POL_NONE) {
         json_key(j, "mx-host");
         json_arr_begin(j);
-        for (unsigned i = 0; p->type == POL_STS && i < p->sts.nmx; i++)
-            json_str(j, p->sts.mx[i]);
+        for (unsigned i = 0; p->type == POL_STS && i < sp->nmx; i++)
+            json_str(j, sp->mx[i]);
         if (p->type == POL_TLSA)
             json_str(j, p->mx);
         json_arr_end(j);
