@@ -266,7 +266,8 @@ static const struct conf_key delivery_keys[] = {
      "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
      "enforce mode deliver only to the MX hosts it names, over TLS with a certificate that "
      "verifies for the MX name, else defer (class tls_policy); [domain] mta_sts = no turns "
-     "it off for one domain",
+     "it off for one domain; a reload turns it on or off (on starts the MTA-STS thread); TLS "
+     "reports (DANE's too) are sent from that thread, so only while it is on",
      NULL},
     CONF_END,
 };
@@ -475,7 +476,9 @@ static const struct section sections[] = {
             tls_conf_keys, struct tls_config, tls),
     SECTION("delivery", "outbound SMTP", delivery_keys, struct delivery_config, delivery),
     SECTION("mta_sts", "MTA-STS policies (RFC 8461) and TLS reporting (RFC 8460): how "
-            "policies are fetched, how reports are sent", mta_sts_conf_keys,
+            "policies are fetched, how reports are sent; read when the MTA-STS thread starts "
+            "(at the start, or at the reload that turns [delivery] mta_sts on): a later change "
+            "needs a restart (logged as event=reload_kept key=mta_sts)", mta_sts_conf_keys,
             struct mta_sts_config, mta_sts),
     SECTION("dns", "MX resolution and its cache, per worker", dns_conf_keys,
             struct dns_config, dns),

@@ -354,6 +354,54 @@ oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
     }
 }
 
+/* The MTA-STS store and its thread, under cfg (kept to the end). */
+static int
+mta_sts_start(const struct config *cfg, struct mta_sts **out, char *err, size_t errlen)
+{
+    /* The policy cache lives with the spool: a restart keeps it. */
+    char path[PATH_MAX];
+    snprintf(path, sizeof(path), "%s/mta-sts.cache", cfg->queue.path);
+    return mta_sts_new(cfg, path, out, err, errlen);
+}
+
+/* A reload: [delivery] mta_sts turned on starts the store (workers that
+ * see the new config before it is stored deliver as without a policy
+ * meanwhile, as for a domain whose first check runs). Its [mta_sts]
+ * settings are those it started with: a change is logged as kept. */
+static void
+mta_sts_reload(struct engine *e, const struct config *n)
+{
+    struct mta_sts *m = e->mta_sts;
+    if (m == NULL && n->delivery.mta_sts && n->delivery.enabled && e->nworkers > 0) {
+        char err[512];
+        int rc = mta_sts_start(n, &m, err, sizeof(err));
+        if (rc < 0) {
+            log_msg(LOG_ERR, "event=reload_failed what=mta_sts reason=\"%s\"", err);
+            return;
+        }
+        tlsrpt_set_mailer(mta_sts_tlsrpt(m), engine_tlsrpt_mail, e);
+        e->mta_sts = m;
+        log_msg(LOG_NOTICE, "event=mta_sts_started reason=reload");
+        return;
+    }
+    if (m == NULL)
+        return;
+    const struct config *o = mta_sts_config(m); /* the one it started with */
+    const struct mta_sts_config *a = &o->mta_sts, *b = &n->mta_sts;
+#define SAME_STR(x, y) ((x) == (y) || ((x) != NULL && (y) != NULL && strcmp((x), (y)) == 0))
+    bool same = SAME_STR(a->ca_file, b->ca_file) && a->fetch_timeout == b->fetch_timeout &&
+                a->recheck == b->recheck && a->max_fetches == b->max_fetches &&
+                a->fetch_port == b->fetch_port && a->tlsrpt == b->tlsrpt &&
+                SAME_STR(a->tlsrpt_org, b->tlsrpt_org) &&
+                SAME_STR(a->tlsrpt_contact, b->tlsrpt_contact) &&
+                SAME_STR(a->tlsrpt_from, b->tlsrpt_from) &&
+                SAME_STR(o->server.hostname, n->server.hostname);
+#undef SAME_STR
+    if (!same)
+        log_msg(LOG_WARN, "event=reload_kept key=mta_sts note=needs_a_restart "
+                          "reason=\"the MTA-STS thread keeps the settings it started with\"");
+}
+
 int
 engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen)
 {
@@ -440,10 +488,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         e->dlogw_tlsrpt = dlog_writer_new(e->dlog);
     }
     if (cfg->delivery.mta_sts && cfg->delivery.enabled) {
-        /* The policy cache lives with the spool: a restart keeps it. */
-        char path[PATH_MAX];
-        snprintf(path, sizeof(path), "%s/mta-sts.cache", cfg->queue.path);
-        rc = mta_sts_new(cfg, path, &e->mta_sts, err, errlen);
+        struct mta_sts *m = NULL;
+        rc = mta_sts_start(cfg, &m, err, errlen);
+        e->mta_sts = m;
         if (rc < 0)
             goto fail;
     }
@@ -804,6 +851,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
             if (warmup_reload(e->warmup, ncfg) < 0)
                 log_msg(LOG_ERR, "event=reload_failed what=warmup reason=out_of_memory "
                                  "note=previous_plans_kept");
+            mta_sts_reload(e, ncfg);
             log_set_level((enum log_level)ncfg->log.level);
             log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u", ncfg->path,
                     parked, e->nworkers);

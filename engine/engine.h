@@ -81,8 +81,11 @@ struct engine {
     struct delivery **dlv;     /* owned: the outbound side of each worker */
     struct dlog *dlog;         /* owned: the delivery log, NULL when off */
     struct events *events;     /* owned: event sinks and their journal, NULL when none */
-    struct mta_sts *mta_sts;   /* owned: MTA-STS policies and TLS reports (mta_sts.h); NULL
-                                * when [delivery] mta_sts or delivery is off */
+    /* Owned: MTA-STS policies and TLS reports (mta_sts.h); NULL while
+     * [delivery] mta_sts or delivery is off. Made at the start, or by the
+     * reload that turns it on (stored once the object is whole; never
+     * replaced or freed before the stop), so any thread may read it. */
+    struct mta_sts *_Atomic mta_sts;
     struct dlog_writer **dlogw; /* owned: one writer per worker (NULL entries when off) */
     struct dlog_writer *dlogw_ops; /* owned: the stats thread's, for operator bounces */
     struct stats_server *stats; /* owned: the stats socket and /metrics, or NULL */

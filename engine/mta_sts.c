@@ -419,6 +419,12 @@ mta_sts_stats(struct mta_sts *m, struct mta_sts_stats *out)
     }
 }
 
+const struct config *
+mta_sts_config(const struct mta_sts *m)
+{
+    return m->cfg;
+}
+
 struct tlsrpt *
 mta_sts_tlsrpt(struct mta_sts *m)
 {

@@ -108,6 +108,9 @@ enum mta_sts_answer {
 enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain,
                                 struct mta_sts_policy **out);
 
+/* The config m started with (its [mta_sts] settings hold to the end). */
+const struct config *mta_sts_config(const struct mta_sts *m);
+
 /* The TLS reporting half, on this thread (NULL when [mta_sts] tlsrpt is
  * off). */
 struct tlsrpt *mta_sts_tlsrpt(struct mta_sts *m);

@@ -14,7 +14,9 @@ TLS report is posted (gzip) and valid against RFC 8460's schema, and for
 a rua with a mailto: address too it arrives by mail (through sluice's
 own queue) at smtp-sink, the MX of reports.test (127.0.0.3), as RFC
 8460 5.3 says: subject, TLS-Report-* fields, a multipart/report whose
-application/tlsrpt+gzip attachment holds the same valid report."""
+application/tlsrpt+gzip attachment holds the same valid report; a
+reload that turns [delivery] mta_sts on starts enforcing without a
+restart."""
 import email
 import email.policy
 import glob
@@ -23,6 +25,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -297,7 +300,7 @@ key_file = {key}
 
 
 class World:
-    def __init__(self):
+    def __init__(self, delivery_extra=""):
         for tool in ("dnsmasq", "openssl"):
             if run(["which", tool]).returncode != 0 and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -331,6 +334,7 @@ remote_port = {self.mx_port}
 allow_networks = 127.0.0.0/8
 connect_timeout = 2s
 idle_timeout = 1s
+{delivery_extra}
 [tls]
 ca_file = {self.pki.ca}
 [mta_sts]
@@ -671,8 +675,49 @@ def test_policy_id_change_fetches_again():
         w.close()
 
 
+def test_reload_turns_mta_sts_on():
+    """Started with [delivery] mta_sts = no, an enforce domain gets its mail
+    over unverified TLS; a reload with it on starts the MTA-STS thread,
+    and the next message to that domain is deferred (class tls_policy)."""
+    w = World(delivery_extra="mta_sts = no")
+    try:
+        w.send("a@badcert.test")
+        line = w.outcome("a@badcert.test")
+        assert "event=delivered" in line and "tls_policy=opportunistic" in line, line
+        assert w.d.count_log("event=mta_sts_cache_loaded") == 0
+        with open(w.conf) as f:
+            text = f.read()
+        with open(w.conf, "w") as f:
+            f.write(text.replace("mta_sts = no\n", ""))
+        w.d.signal(signal.SIGHUP)
+        w.d.wait_log("event=mta_sts_started reason=reload")
+        w.d.wait_log("event=config_reloaded")
+        assert w.d.count_log("event=reload_kept key=mta_sts") == 0
+        # A second reload that changes [mta_sts]: kept, and said so.
+        with open(w.conf, "w") as f:
+            f.write(text.replace("mta_sts = no\n", "").replace("recheck = 1s", "recheck = 2s"))
+        w.d.signal(signal.SIGHUP)
+        w.d.wait_log("event=reload_kept key=mta_sts")
+        # The destination asks again within STS_ASK_MS of the reload: mail
+        # until one is refused (bounded), none after it goes out.
+        line = None
+        deadline = time.monotonic() + WAIT
+        for i in range(1000):
+            if time.monotonic() > deadline:
+                break
+            rcpt = f"r{i}@badcert.test"
+            w.send(rcpt)
+            line = w.outcome(rcpt)
+            if "event=deferred" in line:
+                break
+        assert "event=deferred" in line and "class=tls_policy" in line, line
+        assert w.d.count_log("event=mta_sts_checked domain=badcert.test result=fetched") == 1
+    finally:
+        w.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_enforce_testing_fetch_failures_cache_and_reports,
-          test_policy_id_change_fetches_again])
+          test_policy_id_change_fetches_again, test_reload_turns_mta_sts_on])
