@@ -37,6 +37,9 @@
 #define MAX_DNS_FDS 16
 #define SWEEP_MS    60000   /* domains without a policy are forgotten this often */
 #define FORGET_MS   600000  /* ... once unused this long (and at least recheck) */
+#define REFRESH_SCAN_MS 1000 /* policies near their end are looked for this often */
+#define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
+#define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
 const struct conf_key mta_sts_conf_keys[] = {
@@ -298,6 +301,8 @@ struct sts_entry {
     struct mta_sts_policy *pol;   /* owned reference, or NULL */
     uint64_t checked_ms;          /* Unix ms of the last finished check; 0: never */
     bool busy;                    /* a check is queued or in flight */
+    bool refresh;                 /* ... to fetch the policy again (RFC 8461 3.3) */
+    uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
     struct sts_entry *qnext;      /* on m->queue */
     /* The thread's only. */
     uint8_t st;                   /* enum check_state */
@@ -333,6 +338,7 @@ struct mta_sts {
     unsigned inflight;
     uint64_t saved_ms;
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
+    uint64_t refresh_ms;          /* monotonic ms of the last refresh scan */
     struct tlsrpt *rpt;           /* owned, or NULL */
 };
 
@@ -365,6 +371,18 @@ entry_get(struct mta_sts *m, const char *name, bool make)
     return e;
 }
 
+/* Is p in the last tenth of its max_age (at least REFRESH_MIN_MS), when
+ * it is fetched again before it ends (RFC 8461 3.3: a policy in use is
+ * never lost to its expiry)? */
+static bool
+refresh_due(const struct mta_sts_policy *p, uint64_t now)
+{
+    uint64_t window = p->max_age * 100; /* a tenth, in ms */
+    if (window < REFRESH_MIN_MS)
+        window = REFRESH_MIN_MS;
+    return now + window >= p->expires_ms;
+}
+
 /* Under m->lock: e joins the checks to run. */
 static void
 entry_queue(struct mta_sts *m, struct sts_entry *e)
@@ -392,6 +410,7 @@ mta_sts_get(struct mta_sts *m, const char *domain, struct mta_sts_policy **out)
         pthread_mutex_unlock(&m->lock); /* no memory: as without a policy */
         return MTA_STS_READY;
     }
+    e->used_ms = now;
     if (!e->busy && (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
                      (e->pol != NULL && now >= e->pol->expires_ms))) {
         entry_queue(m, e);
@@ -593,6 +612,7 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
     }
     e->checked_ms = now;
     e->busy = false;
+    e->refresh = false;
     const struct mta_sts_policy *p = e->pol;
     log_msg(LOG_INFO, "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s%s", e->name,
             result, p != NULL ? mta_sts_mode_str(p->mode) : "-", p != NULL ? p->id : "-",
@@ -741,8 +761,10 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     p->expires_ms = p->fetched_ms + p->max_age * 1000;
     pthread_mutex_lock(&m->lock);
     m->st.fetched++;
+    bool refreshed = e->refresh;
+    m->st.refreshed += refreshed;
     pthread_mutex_unlock(&m->lock);
-    check_done(m, e, true, p, "fetched", NULL);
+    check_done(m, e, true, p, refreshed ? "refreshed" : "fetched", NULL);
 }
 
 static void
@@ -823,8 +845,10 @@ on_txt(void *arg, enum dns_status status, const char *why, const char *const *tx
         return;
     }
     pthread_mutex_lock(&m->lock);
-    bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 &&
-                clock_unix_ms() < e->pol->expires_ms;
+    uint64_t now = clock_unix_ms();
+    bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 && now < e->pol->expires_ms &&
+                !refresh_due(e->pol, now);
+    e->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
     pthread_mutex_unlock(&m->lock);
     if (same) {
         check_done(m, e, false, NULL, "unchanged", NULL);
@@ -931,6 +955,33 @@ sweep(struct mta_sts *m)
     pthread_mutex_unlock(&m->lock);
 }
 
+/* RFC 8461 3.3: fetch again, before they end, the policies in their
+ * last tenth that mail used since they were fetched, at most
+ * REFRESH_MAX a scan, and a domain no more often than recheck (a policy
+ * server that is down is not asked every second). A policy nobody uses
+ * ends at its max_age. */
+static void
+refresh_scan(struct mta_sts *m)
+{
+    uint64_t now = clock_unix_ms();
+    unsigned started = 0;
+    pthread_mutex_lock(&m->lock);
+    size_t b = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *n;
+         started < REFRESH_MAX && (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
+        struct sts_entry *e = (struct sts_entry *)n;
+        const struct mta_sts_policy *p = e->pol;
+        if (e->busy || p == NULL || now >= p->expires_ms || e->used_ms < p->fetched_ms ||
+            !refresh_due(p, now) || now - e->checked_ms < m->sc->recheck)
+            continue;
+        e->refresh = true;
+        entry_queue(m, e);
+        started++;
+    }
+    pthread_mutex_unlock(&m->lock);
+}
+
 static uint64_t
 mono_ns(void)
 {
@@ -962,6 +1013,11 @@ thread_main(void *arg)
         if (now_ms - m->swept_ms >= SWEEP_MS) {
             m->swept_ms = now_ms;
             sweep(m);
+        }
+        if (now_ms - m->refresh_ms >= REFRESH_SCAN_MS) {
+            m->refresh_ms = now_ms;
+            refresh_scan(m);
+            check_next(m);
         }
 
         struct curl_waitfd w[MAX_DNS_FDS];

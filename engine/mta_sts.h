@@ -18,7 +18,10 @@
  * restart does not forget an enforce policy (RFC 8461 10.2: that is what
  * defeats a downgrade on first contact). A known domain's TXT record is
  * asked again every `recheck`; a new id fetches the policy again; a failed
- * fetch keeps the cached policy until its max_age ends (RFC 8461 5.1).
+ * fetch keeps the cached policy until its max_age ends (RFC 8461 5.1). A
+ * policy in the last tenth of its max_age that mail used since it was
+ * fetched is fetched again before it ends (RFC 8461 3.3), at most 10 a
+ * second, so a domain mail goes to never loses its policy to time.
  *
  * TLS reporting (RFC 8460) lives beside it (engine/tlsrpt.h) and uses
  * the same thread for its DNS and HTTPS.
@@ -126,6 +129,7 @@ struct mta_sts_stats {
     uint64_t fetches;     /* policy fetches started */
     uint64_t fetched;     /* policies fetched and valid */
     uint64_t fetch_failed; /* fetches that failed (a cached policy stays) */
+    uint64_t refreshed;   /* of fetched: a policy fetched again before its end */
     uint64_t inflight;    /* checks in flight now */
     uint64_t queued;      /* checks waiting for a slot */
     uint64_t reports_sent; /* TLS reports delivered */

@@ -1415,6 +1415,7 @@ cmd_tlsrpt(struct engine *e, const char *args, struct json *out, char *err, size
     json_ku64(out, "fetches", st.fetches);
     json_ku64(out, "fetched", st.fetched);
     json_ku64(out, "fetch_failed", st.fetch_failed);
+    json_ku64(out, "refreshed", st.refreshed);
     json_ku64(out, "inflight", st.inflight);
     json_ku64(out, "queued", st.queued);
     json_ku64(out, "reports_sent", st.reports_sent);

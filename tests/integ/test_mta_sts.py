@@ -16,7 +16,7 @@ own queue) at smtp-sink, the MX of reports.test (127.0.0.3), as RFC
 8460 5.3 says: subject, TLS-Report-* fields, a multipart/report whose
 application/tlsrpt+gzip attachment holds the same valid report; a
 reload that turns [delivery] mta_sts on starts enforcing without a
-restart."""
+restart; a policy in use is fetched again before its max_age ends."""
 import email
 import email.policy
 import glob
@@ -226,6 +226,7 @@ DOMAINS = {
     "redirect.test": ("redirect", "mx.bad.test", "1"),
     "html.test": ("html", "mx.bad.test", "1"),
     "plain.test": (None, "mx.good.test", None),
+    "short.test": (policy("enforce", "mx.good.test", max_age=10), "mx.good.test", "1"),
 }
 
 
@@ -675,6 +676,32 @@ def test_policy_id_change_fetches_again():
         w.close()
 
 
+def test_policy_refreshed_before_it_ends():
+    """RFC 8461 3.3: short.test's policy lives 10 s; mail used it, so the
+    MTA-STS thread fetches it again before it ends (no mail needed then),
+    and a message after the first policy's end still goes under a policy
+    (without the refresh its check would find it expired and deliver
+    opportunistically while the fetch runs)."""
+    w = World()
+    try:
+        w.send("a@short.test")
+        line = w.outcome("a@short.test")
+        assert "event=delivered" in line and "tls_policy=mta-sts" in line, line
+        fetched = time.time()
+        w.d.wait_log("event=mta_sts_checked domain=short.test result=fetched")
+        line = w.d.wait_log("event=mta_sts_checked domain=short.test result=refreshed", 30)
+        assert "mode=enforce" in line, line
+        # Past the first policy's end (10 s after its fetch): still enforced.
+        wait_until(lambda: time.time() > fetched + 11, 30, "the first policy's end")
+        w.send("b@short.test")
+        line = w.outcome("b@short.test")
+        assert "event=delivered" in line and "tls_policy=mta-sts" in line, line
+        st = w.ctl("tlsrpt")
+        assert st["refreshed"] >= 1 and st["policies"] >= 1, st
+    finally:
+        w.close()
+
+
 def test_reload_turns_mta_sts_on():
     """Started with [delivery] mta_sts = no, an enforce domain gets its mail
     over unverified TLS; a reload with it on starts the MTA-STS thread,
@@ -720,4 +747,5 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_enforce_testing_fetch_failures_cache_and_reports,
-          test_policy_id_change_fetches_again, test_reload_turns_mta_sts_on])
+          test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
+          test_reload_turns_mta_sts_on])
