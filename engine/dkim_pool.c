@@ -71,20 +71,19 @@ now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Every signature of one message, appended in the signers' order. */
-static void
-job_run(struct dkim_job *j)
+int
+dkim_pool_sign_now(const struct dkim_signer *const *signers, unsigned n,
+              const uint8_t bh[2][DKIM_HASH_LEN], uint64_t timestamp, const char *hdr,
+              size_t hdr_len, char **sig, size_t *sig_len, const struct dkim_signer **failed)
 {
     /* h= names every signed field: never longer than the header section
      * (twice that leaves room for its folding and over-signed names). */
-    size_t cap = ((size_t)DKIM_SIG_MAX + 2 * j->hdr_len) * j->nsigners, used = 0;
-    j->sig = malloc(cap);
-    if (j->sig == NULL) {
-        j->rc = -ENOMEM;
-        return;
-    }
-    for (unsigned i = 0; i < j->nsigners; i++) {
-        const struct dkim_signer *s = j->signers[i];
+    size_t cap = ((size_t)DKIM_SIG_MAX + 2 * hdr_len) * n, used = 0;
+    *sig = malloc(cap);
+    if (*sig == NULL)
+        return -ENOMEM;
+    for (unsigned i = 0; i < n; i++) {
+        const struct dkim_signer *s = signers[i];
         struct dkim_sig_params p = {
             .domain = s->domain,
             .selector = s->selector,
@@ -95,20 +94,27 @@ job_run(struct dkim_job *j)
             .nheaders = s->nheaders,
             .oversign = (const char *const *)s->oversign,
             .noversign = s->noversign,
-            .timestamp = j->timestamp,
+            .timestamp = timestamp,
             .expire = s->expire_s,
         };
-        int rc = dkim_sign(&p, j->hdr, j->hdr_len, j->bh[s->body_canon], j->sig, cap, &used);
+        int rc = dkim_sign(&p, hdr, hdr_len, bh[s->body_canon], *sig, cap, &used);
         if (rc < 0) {
-            j->rc = rc;
-            j->failed = s;
-            free(j->sig);
-            j->sig = NULL;
-            return;
+            *failed = s;
+            free(*sig);
+            *sig = NULL;
+            return rc;
         }
     }
-    j->sig_len = used;
-    j->rc = 0;
+    *sig_len = used;
+    return 0;
+}
+
+/* Every signature of one message, appended in the signers' order. */
+static void
+job_run(struct dkim_job *j)
+{
+    j->rc = dkim_pool_sign_now(j->signers, j->nsigners, (const uint8_t(*)[DKIM_HASH_LEN])j->bh,
+                          j->timestamp, j->hdr, j->hdr_len, &j->sig, &j->sig_len, &j->failed);
 }
 
 static struct dkim_job *

@@ -81,4 +81,14 @@ int dkim_pool_submit(struct dkim_pool *p, struct dkim_job *j);
 bool dkim_pool_msg_free(struct worker_msg *m);
 void dkim_pool_stats(struct dkim_pool *p, struct dkim_pool_stats *out);
 
+/* Sign on the calling thread, as a job is signed: the signatures of
+ * signers[0..n) over the header section hdr[0..hdr_len) (as it will be
+ * stored) and the body hashes bh (per enum dkim_canon), appended in
+ * order. For messages this node writes itself, off the workers (TLS
+ * reports). Returns 0 with *sig (malloc'd, the caller frees it) and
+ * *sig_len, or a negative code with the signer at fault in *failed. */
+int dkim_pool_sign_now(const struct dkim_signer *const *signers, unsigned n,
+                  const uint8_t bh[2][DKIM_HASH_LEN], uint64_t timestamp, const char *hdr,
+                  size_t hdr_len, char **sig, size_t *sig_len, const struct dkim_signer **failed);
+
 #endif

@@ -27,6 +27,7 @@
 #include "engine/auth_limit.h"
 #include "engine/auth_pool.h"
 #include "engine/delivery.h"
+#include "dkim/dkim.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
 #include "engine/events.h"
@@ -262,11 +263,59 @@ local_on_commit(void *cookie, int rc)
     c->rc = rc;
 }
 
+/* DKIM: the signatures of a message this node wrote (text: header
+ * section, empty line, body), when the keyring signs for its From domain
+ * (from: the address): *sig malloc'd (NULL: unsigned), one dlog_dkim per
+ * signature into sigs. Returns how many, or a negative code (unsigned). */
+static int
+local_dkim(struct engine *e, const char *from, const char *text, size_t len, char **sig,
+           size_t *sig_len, struct dlog_dkim sigs[DKIM_MAX_SIGNERS])
+{
+    *sig = NULL;
+    *sig_len = 0;
+    struct dkim_keyring *kr = engine_dkim_keys(e);
+    const char *at = strrchr(from, '@');
+    const struct dkim_signer *sg[DKIM_MAX_SIGNERS];
+    unsigned n = kr != NULL && at != NULL ? dkim_keyring_lookup(kr, at + 1, sg, DKIM_MAX_SIGNERS)
+                                          : 0;
+    int rc = 0;
+    if (n > 0) {
+        const char *end = strstr(text, "\r\n\r\n");
+        size_t hlen = end != NULL ? (size_t)(end - text) + 2 : len;
+        unsigned canons = dkim_keyring_body_canons(kr);
+        struct dkim_body *b = dkim_body_new(canons);
+        uint8_t bh[2][DKIM_HASH_LEN];
+        memset(bh, 0, sizeof(bh));
+        rc = b != NULL ? 0 : -ENOMEM;
+        if (b != NULL)
+            dkim_body_feed(b, text, len);
+        for (unsigned c = 0; rc == 0 && c < 2; c++)
+            if (canons & (1u << c))
+                rc = dkim_body_final(b, (enum dkim_canon)c, bh[c]);
+        dkim_body_free(b);
+        const struct dkim_signer *bad = NULL;
+        if (rc == 0)
+            rc = dkim_pool_sign_now(sg, n, (const uint8_t(*)[DKIM_HASH_LEN])bh,
+                                    clock_unix_ms() / 1000, text, hlen, sig, sig_len, &bad);
+        for (unsigned i = 0; rc == 0 && i < n; i++)
+            sigs[i] = (struct dlog_dkim){sg[i]->domain, sg[i]->selector,
+                                         dkim_alg_str(dkim_key_alg(sg[i]->key))};
+        if (rc < 0)
+            log_msg(LOG_WARN, "event=tlsrpt_unsigned from=<%s> err=\"%s\"%s%s", from,
+                    dkim_strerror(rc), bad != NULL ? " key=" : "", bad != NULL ? bad->source : "");
+    }
+    dkim_keyring_unref(kr);
+    return rc < 0 ? rc : (int)n;
+}
+
 /* The mailer of TLS reports (tlsrpt.h), on the MTA-STS thread: the report
- * is committed to the spool with its reception event, as a DSN is with
- * its outcomes, then handed to delivery like any message. The thread
- * waits for the commit on a port of its own: it serves no client, and a
- * report is a few a day per domain. */
+ * is DKIM-signed when the node signs for its From domain (here: the
+ * signing threads serve the workers), committed to the spool with its
+ * reception event, as a DSN is with its outcomes, then handed to
+ * delivery like any message. The thread waits for the commit on a port
+ * of its own: it serves no client, and a report is a few a day per
+ * domain. A signature that cannot be made leaves the report unsigned
+ * (logged): a key error must not stop the reports. */
 static int
 engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *text, size_t len)
 {
@@ -286,17 +335,23 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
         .nrcpt = 1,
         .rcpt = &r,
     };
-    struct iovec body = {(void *)(uintptr_t)text, len};
+    char *sig = NULL;
+    size_t sig_len = 0;
+    struct dlog_dkim sigs[DKIM_MAX_SIGNERS];
+    int nsig = local_dkim(e, from, text, len, &sig, &sig_len, sigs);
+    struct iovec body[2] = {{sig, sig_len}, {(void *)(uintptr_t)text, len}};
     struct dlog_writer *lw = e->dlogw_tlsrpt;
     struct dlog_event ev = {
         .kind = DLOG_RECEPTION,
         .id = qid,
         .sender = from,
         .rcpt = rcpt,
-        .size = len,
+        .size = sig_len + len,
         .rcpt_count = 1,
         .report = "tlsrpt",
         .rcpt_index = -1,
+        .dkim = nsig > 0 ? sigs : NULL,
+        .ndkim = nsig > 0 ? (unsigned)nsig : 0,
     };
     /* With event sinks the reception event is committed with the message
      * (queue.h, "events"); the file gets it once that is done. */
@@ -310,7 +365,7 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     }
     bool have = capture && !json_failed(&line) && line.len > 0;
     struct local_commit c = {false, 0};
-    int rc = queue_enqueue_events(e->queue, port, &env, &body, 1, have ? line.buf : NULL,
+    int rc = queue_enqueue_events(e->queue, port, &env, body, 2, have ? line.buf : NULL,
                                   have ? line.len : 0, local_on_commit, &c);
     /* done runs exactly once when the enqueue was taken */
     while (rc == 0 && !c.done)
@@ -323,14 +378,15 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
             dlog_line(lw, line.buf, line.len);
         else if (!capture)
             dlog_event(lw, &ev);
-        log_msg(LOG_INFO, "id=%s event=tlsrpt_queued from=<%s> to=<%s> size=%zu", qid, from, rcpt,
-                len);
+        log_msg(LOG_INFO, "id=%s event=tlsrpt_queued from=<%s> to=<%s> size=%zu dkim=%d", qid,
+                from, rcpt, sig_len + len, nsig > 0 ? nsig : 0);
         delivery_submit_local(e, id, rcpt, NULL, NULL, NULL);
     } else {
         log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
                 queue_strerror(rc));
     }
     json_fini(&line);
+    free(sig);
     return rc;
 }
 

@@ -14,7 +14,8 @@ TLS report is posted (gzip) and valid against RFC 8460's schema, and for
 a rua with a mailto: address too it arrives by mail (through sluice's
 own queue) at smtp-sink, the MX of reports.test (127.0.0.3), as RFC
 8460 5.3 says: subject, TLS-Report-* fields, a multipart/report whose
-application/tlsrpt+gzip attachment holds the same valid report; a
+application/tlsrpt+gzip attachment holds the same valid report, and
+DKIM-signed (dkimpy verifies it) since the node signs for its From; a
 reload that turns [delivery] mta_sts on starts enforcing without a
 restart; a policy in use is fetched again before its max_age ends."""
 import email
@@ -34,6 +35,13 @@ import threading
 import time
 
 from harness import (WAIT, Sluice, Workdir, free_port, main, run, skip, wait_until)
+
+sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
+try:
+    import dkim
+    import dns.resolver
+except ImportError:
+    dkim = None
 
 SLUICE = sys.argv[1] if len(sys.argv) > 1 else None  # bench/tls_policy imports this file
 
@@ -301,7 +309,7 @@ key_file = {key}
 
 
 class World:
-    def __init__(self, delivery_extra=""):
+    def __init__(self, delivery_extra="", dkim_key=False):
         for tool in ("dnsmasq", "openssl"):
             if run(["which", tool]).returncode != 0 and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -318,6 +326,12 @@ class World:
             self.bad = Receiver(self.wd, "bad", MX_BAD, self.mx_port, self.pki.bad_cert,
                                 self.pki.bad_key)
             self.sink = Sink(self.wd, MX_REPORTS, self.mx_port)
+            dkim_conf = ""
+            if dkim_key:
+                key = os.path.join(self.wd.path, "dkim.pem")
+                openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                        "-out", key)
+                dkim_conf = f"[dkim sender.test rpt]\nkey_file = {key}\n"
             self.port = free_port()
             self.sock = os.path.join(self.wd.path, "sluice.sock")
             self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
@@ -353,7 +367,15 @@ delivery_log = {self.dlog}
 delivery_log_flush = 10ms
 [bounce]
 dsn = no
-""")
+{dkim_conf}""")
+            if dkim_key:
+                r = run([SLUICE, "-c", self.conf, "--dkim-dns", "sender.test", "rpt"])
+                assert r.returncode == 0, r.stderr
+                line = [x for x in r.stdout.splitlines() if not x.startswith(";")][0]
+                strings = re.findall(r'"([^"]*)"', line)
+                self.dns.restart(records(self.https.port) + [
+                    "txt-record=rpt._domainkey.sender.test," +
+                    ",".join(f'"{x}"' for x in strings)])
             self.start()
         except BaseException:
             self.close()
@@ -531,8 +553,31 @@ def check_report_mail(raw, domain, submitter):
     return rep
 
 
+def dkim_verify(raw, port):
+    """dkimpy's word on each DKIM-Signature of raw: [(d, s, ok)]."""
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers = ["127.0.0.1"]
+    res.port = port
+
+    def dnsfunc(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        try:
+            return b"".join(b"".join(r.strings) for r in res.resolve(name, "TXT"))
+        except Exception:
+            return None
+
+    d = dkim.DKIM(raw)
+    n = len([h for h in d.headers if h[0].lower() == b"dkim-signature"])
+    out = []
+    for i in range(n):
+        d = dkim.DKIM(raw)
+        ok = d.verify(idx=i, dnsfunc=dnsfunc)
+        out.append((d.domain.decode(), d.selector.decode(), bool(ok)))
+    return out
+
+
 def test_enforce_testing_fetch_failures_cache_and_reports():
-    w = World()
+    w = World(dkim_key=True)
     try:
         # enforce, an MX that matches (exactly, then by wildcard), a
         # certificate from the CA: delivered over verified TLS.
@@ -610,11 +655,18 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
         msgs = wait_until(lambda: w.sink.messages(), WAIT, "the report by mail at smtp-sink")
         assert len(msgs) == 1, msgs
         check_report_mail(msgs[0], "badcert.test", "sender.test")
+        # Signed: the node signs for sender.test, the report's From domain.
+        raw = msgs[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # smtp-sink writes LF
+        assert b"\r\nDKIM-Signature: " in raw or raw.startswith(b"DKIM-Signature: "), raw[:800]
+        if dkim is not None:
+            at = raw.find(b"DKIM-Signature: ")
+            assert dkim_verify(raw[at:], w.dns.port) == [("sender.test", "rpt", True)], raw[:1500]
         rec = dlog_records(w.dlog, "tlsrpt@reports.test")
         kinds = [r["event"] for r in rec]
         assert "reception" in kinds and "delivery" in kinds, rec
         recv = [r for r in rec if r["event"] == "reception"][0]
         assert recv["report"] == "tlsrpt" and recv["sender"] == "postmaster@sender.test", recv
+        assert [(x["d"], x["s"]) for x in recv["dkim"]] == [("sender.test", "rpt")], recv
         st = w.ctl("tlsrpt")
         assert st["reports_sent"] >= 2 and st["enforce"] >= 4, st
 
