@@ -413,6 +413,32 @@ def connectable(host, port):
         return False
 
 
+def tlsrpt_tlsa(r, want):
+    """The TLS report's counts (SPOOL/tlsrpt.state, written within a
+    second) once they hold want: [(success, failure, mx, records, [failure
+    result types])] of the DANE (tlsa) policies."""
+    path = os.path.join(r.wd.path, "spool", "tlsrpt.state")
+
+    def read():
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        pols, cur = [], None
+        for ln in lines:
+            x = ln.split(" ")
+            if x[0] == "P":
+                cur = None
+                if x[1] == "tlsa":
+                    cur = (int(x[2]), int(x[3]), x[4], x[5], [])
+                    pols.append(cur)
+            elif x[0] == "F" and cur is not None:
+                cur[4].append(x[1])
+        return pols if want(pols) else None
+    return wait_until(read, 30, "the TLS report's tlsa counts")
+
+
 def delivered_case(case, domain, usage):
     r = Relay(case)
     try:
@@ -427,6 +453,12 @@ def delivered_case(case, domain, usage):
         assert st["connections"]["dane_authenticated"] >= 1, st["connections"]
         assert st["connections"]["dane_failed"] == 0, st["connections"]
         assert st["dns"]["tlsa_secure"] >= 1 and st["dns"]["tlsa_failed"] == 0, st["dns"]
+        # TLS reporting (RFC 8460): a success under policy type tlsa, the
+        # MX host's records as its policy string.
+        pols = tlsrpt_tlsa(r, lambda p: any(x[0] >= 1 for x in p))
+        want = "3:" if usage == "dane-ee" else "2:"
+        assert len(pols) == 1 and pols[0][1] == 0, pols
+        assert any(x.startswith(want) for x in pols[0][3].split(",")), pols
     finally:
         r.close()
 
@@ -439,7 +471,7 @@ def test_dane_ta_chain_delivers_authenticated():
     delivered_case("ta", "ta.dane.test", "dane-ta")
 
 
-def deferred_case(case, domain, expect, domain_conf="", no_connect=False):
+def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt=None):
     r = Relay(case, domain_conf)
     try:
         r.inject(f"a@{domain}")
@@ -457,6 +489,9 @@ def deferred_case(case, domain, expect, domain_conf="", no_connect=False):
                 assert r.mx.count_log("event=connect ") == 0, r.mx.lines
         else:
             assert r.sink_files() == []
+        if tlsrpt is not None:  # the failure in the TLS report, under tlsa
+            pols = tlsrpt_tlsa(r, lambda p: any(tlsrpt in x[4] for x in p))
+            assert all(x[0] == 0 for x in pols), pols
         return r.d.lines[:]
     finally:
         r.close()
@@ -482,7 +517,8 @@ def test_dane_domain_never_rides_an_opportunistic_connection():
 
 
 def test_tlsa_mismatch_defers():
-    lines = deferred_case("bad", "bad.dane.test", "DANE: TLS handshake failed")
+    lines = deferred_case("bad", "bad.dane.test", "DANE: TLS handshake failed",
+                          tlsrpt="validation-failure")
     assert any("event=tls_failed" in ln and "tls_policy=dane" in ln and "TLSA" in ln
                for ln in lines), "\n".join(lines[-20:])
 
@@ -490,7 +526,7 @@ def test_tlsa_mismatch_defers():
 def test_stripped_starttls_defers_for_a_dane_host():
     # tls = off for the domain: DANE comes first.
     deferred_case("strip", "strip.dane.test", "DANE: TLS required by policy but STARTTLS not offered",
-                  "[domain strip.dane.test]\ntls = off\n")
+                  "[domain strip.dane.test]\ntls = off\n", tlsrpt="starttls-not-supported")
 
 
 def test_unusable_tlsa_still_makes_tls_mandatory():
@@ -500,7 +536,7 @@ def test_unusable_tlsa_still_makes_tls_mandatory():
 
 def test_bogus_tlsa_answer_defers():
     deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test",
-                  no_connect=True)
+                  no_connect=True, tlsrpt="dnssec-invalid")
 
 
 def opportunistic_case(case, domain):
