@@ -614,7 +614,11 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
     e->busy = false;
     e->refresh = false;
     const struct mta_sts_policy *p = e->pol;
-    log_msg(LOG_INFO, "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s%s", e->name,
+    /* Most domains publish nothing: their checks are debug lines, not one
+     * info line per new domain of a campaign. */
+    bool nothing = strcmp(result, "no_record") == 0 && p == NULL;
+    log_msg(nothing ? LOG_DEBUG : LOG_INFO,
+            "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s%s", e->name,
             result, p != NULL ? mta_sts_mode_str(p->mode) : "-", p != NULL ? p->id : "-",
             why != NULL ? " reason=\"" : "", why != NULL ? why : "", why != NULL ? "\"" : "");
     pthread_mutex_unlock(&m->lock);
