@@ -61,7 +61,11 @@ on_start(struct worker *w, struct worker_msg *m)
 static int
 walk_ready(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
-    return r->state == QUEUE_RCPT_READY ? delivery_batch_add(arg, id, r) : 0;
+    struct delivery_batch *b = arg;
+    if (r->state == QUEUE_RCPT_READY)
+        return delivery_batch_add(b, id, r);
+    b->deferred++;
+    return 0;
 }
 
 static void
@@ -73,9 +77,11 @@ requeue_spool(struct engine *e)
     b->e = e;
     int rc = queue_walk(e->queue, walk_ready, b);
     delivery_batch_flush(b);
-    log_msg(rc == 0 ? LOG_NOTICE : LOG_ERR, "event=spool_requeued recipients=%llu%s%s",
-            (unsigned long long)b->recipients, rc == 0 ? "" : " err=",
-            rc == 0 ? "" : queue_strerror(rc));
+    /* recipients: the ready ones, queued now; deferred: those waiting for
+     * their retry time, which the due poll brings back */
+    log_msg(rc == 0 ? LOG_NOTICE : LOG_ERR, "event=spool_requeued recipients=%llu deferred=%llu%s%s",
+            (unsigned long long)b->recipients, (unsigned long long)b->deferred,
+            rc == 0 ? "" : " err=", rc == 0 ? "" : queue_strerror(rc));
     free(b);
 }
 
