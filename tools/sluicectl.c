@@ -1161,8 +1161,13 @@ render_shaping(const cJSON *doc)
         const char *who = fmt_str(a, "tenant");
         if (strcmp(who, "-") == 0)
             who = fmt_str(a, "source");
+        /* an operator's suspend without --for lasts a year: "until resumed" */
+        double left = 0;
+        bool open_ended = strcmp(fmt_str(a, "rule"), "operator") == 0 &&
+                          num(a, "remaining_ms", &left) && left > 300 * 86400000.0;
         table_row(&t, fmt_str(a, "id"), act, fmt_str(a, "scope"), who, where,
-                  fmt_str(a, "rule"), fmt_duration(a, "remaining_ms"), fmt_str(a, "origin"));
+                  fmt_str(a, "rule"), open_ended ? "until resumed" : fmt_duration(a, "remaining_ms"),
+                  fmt_str(a, "origin"));
     }
     table_print(&t, stdout);
     if (n == 0)

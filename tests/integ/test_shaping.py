@@ -411,6 +411,7 @@ def test_operator_suspend_rate_and_bounce_everywhere():
         x = acts[0]
         assert x["rule"] == "operator" and x["action"] == "suspend" and x["scope"] == "domain", x
         assert x["domain"] == "y0.test" and x["origin"] == "node-a", x
+        assert "until resumed" in b.ctl("shaping", "list")  # no --for: no hidden year
         # b holds y0.test; y1.test, injected after it in the same session, goes
         b.inject(2, "s")  # s0@y0.test, s1@y1.test
         wait_until(lambda: [r for r in delivered_by(c.rx.records(), ".node-b.example")
