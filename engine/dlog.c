@@ -228,6 +228,7 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_u64(j, "code", ev->code);
     put_str(j, "enhanced", ev->enhanced);
     put_str(j, "reply", ev->reply);
+    put_str(j, "dsn_id", ev->dsn_id);
     put_u64(j, "attempt", ev->attempt);
     put_str(j, "class", ev->classification);
     put_str(j, "reason", ev->reason);

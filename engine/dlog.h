@@ -83,6 +83,7 @@ struct dlog_event {
     unsigned code;              /* SMTP reply code */
     const char *enhanced;       /* "5.1.1" */
     const char *reply;          /* reply text */
+    const char *dsn_id;         /* dsn: the DSN's own queue id (reply holds it too) */
     unsigned attempt;           /* delivery attempt number, from 1 */
     const char *classification; /* printed as "class" */
     const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual */

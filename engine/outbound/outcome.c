@@ -228,7 +228,8 @@ dsn_event(struct delivery *d, const struct dsn_msg *m)
     queue_id_str(m->orig, oqid);
     struct dlog_event ev = {.kind = DLOG_DSN,
                             .id = oqid,
-                            .reply = qid,
+                            .reply = qid, /* what earlier versions wrote */
+                            .dsn_id = qid,
                             .size = m->len,
                             .tenant = m->tenant[0] ? m->tenant : NULL,
                             .campaign = m->campaign[0] ? m->campaign : NULL,

@@ -120,9 +120,12 @@ def test_5xx_bounce_class_and_dsn():
             b = wait_events(path, lambda e: e["event"] == "bounce", 1)[0]
             assert b["code"] // 100 == 5 and b["class"], b
             assert b["rcpt"] == "nobody@hard.test" and b["sender"] == "alice@sender.test", b
-            wait_events(path, lambda e: e["event"] == "dsn", 1)
+            dsn = wait_events(path, lambda e: e["event"] == "dsn", 1)[0]
+            assert dsn["id"] == b["id"] and dsn["dsn_id"] != b["id"], dsn  # its own queue id
+            assert dsn["reply"] == dsn["dsn_id"], dsn  # as earlier versions wrote it
             # Delivered (so written whole) at the sender's MX.
-            wait_events(path, lambda e: e["event"] == "delivery", 1)
+            dl = wait_events(path, lambda e: e["event"] == "delivery", 1)
+            assert dl[0]["id"] == dsn["dsn_id"], (dl, dsn)
             wait_until(lambda: len(s2.files()) >= 1, 30, "the DSN at the sender's MX")
             dump = s2.messages()[0].replace(b"\n", b"\r\n")
             msg = email.message_from_bytes(dump, policy=email.policy.default)
