@@ -159,15 +159,6 @@ struct shaped_walk {
     struct delivery_batch b;
 };
 
-static void
-shaped_flush(struct delivery_batch *b)
-{
-    if (b->n != 0)
-        submit(b->e, b->id, b->domain, b->idx, b->n, true, true, &b->owner);
-    b->recipients += b->n;
-    b->n = 0;
-}
-
 static int
 shaped_walk_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
@@ -180,18 +171,7 @@ shaped_walk_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     if (a->scope == SHAPING_SCOPE_TENANT &&
         strcasecmp(a->tenant, r->owner.tenant != NULL ? r->owner.tenant : "") != 0)
         return 0;
-    struct delivery_batch *b = &w->b;
-    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 ||
-                      b->n == sizeof(b->idx) / sizeof(b->idx[0])))
-        shaped_flush(b);
-    if (b->n == 0) {
-        delivery_owner(b->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
-                       r->owner.priority, &b->owner);
-        b->id = id;
-        snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
-    }
-    b->idx[b->n++] = r->index;
-    return 0;
+    return delivery_batch_add(&w->b, id, r);
 }
 
 void
@@ -202,8 +182,9 @@ delivery_shaping_bounce(void *arg, const struct shaping_action *a)
         return;
     struct shaped_walk w = {.a = a, .min_due = clock_unix_ms() + SHAPED_BOUNCE_DUE_MARGIN_MS};
     w.b.e = e;
+    w.b.bounce = true; /* submitted as the action's bounce */
     int rc = queue_walk(e->queue, shaped_walk_add, &w);
-    shaped_flush(&w.b);
+    delivery_batch_flush(&w.b);
     log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
             "event=shaping_bounce_deferred id=%s scope=%s group=%s domain=%s tenant=%s "
             "recipients=%llu error=\"%s\"",
@@ -334,7 +315,7 @@ void
 delivery_batch_flush(struct delivery_batch *b)
 {
     if (b->n != 0)
-        delivery_submit(b->e, b->id, b->domain, b->idx, b->n, &b->owner);
+        submit(b->e, b->id, b->domain, b->idx, b->n, b->bounce, b->bounce, &b->owner);
     b->recipients += b->n;
     b->n = 0;
 }

@@ -187,6 +187,7 @@ struct delivery_batch {
     struct job_owner owner; /* of message id */
     uint64_t recipients; /* submitted so far */
     uint64_t deferred;   /* seen waiting for their retry (the caller counts) */
+    bool bounce;         /* submitted to be bounced (a shaping bounce action's) */
 };
 struct queue_rcpt;
 /* A queue_rcpt_fn: add r (of message id, with its owner) to the batch
