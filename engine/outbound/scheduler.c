@@ -137,11 +137,11 @@ mx_on_wake(void *arg)
 
 /* The key of an [mx] ("mx:") or [source] ("src:") section m, made on
  * first use: its name for the limiter is prefix + the section's name. */
+/* The key named name, made on first use with the limits of m (NULL: none
+ * yet; a shaping key gets its rate on each use). */
 static struct mxkey *
-mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
+mxkey_named(struct delivery *d, const char *name, const struct mx_policy *m)
 {
-    char name[LIMIT_KEY_MAX];
-    snprintf(name, sizeof(name), "%s%s", prefix, m->pattern);
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
         if (strcmp(k->pattern, name) == 0)
             return k;
@@ -152,7 +152,10 @@ mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
     k->pol = m;
     snprintf(k->pattern, sizeof(k->pattern), "%s", name);
     struct limit_conf lc;
-    mx_limit_conf(d, m, &lc);
+    if (m != NULL)
+        mx_limit_conf(d, m, &lc);
+    else
+        memset(&lc, 0, sizeof(lc));
     if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
         free(k);
         return NULL;
@@ -160,6 +163,14 @@ mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
     k->next = d->mxkeys;
     d->mxkeys = k;
     return k;
+}
+
+static struct mxkey *
+mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
+{
+    char name[LIMIT_KEY_MAX];
+    snprintf(name, sizeof(name), "%s%s", prefix, m->pattern);
+    return mxkey_named(d, name, m);
 }
 
 /* The [mx] limits for t's preferred MX host, looked up once per answer. */
@@ -207,23 +218,7 @@ sched_shape_key(struct delivery *d, const char *who, const char *group)
     int n = snprintf(name, sizeof(name), "shape:%s@%s", who, group);
     if (n < 0 || (size_t)n >= sizeof(name) || strpbrk(name, "{}") != NULL)
         return NULL;
-    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
-        if (strcmp(k->pattern, name) == 0)
-            return k;
-    struct mxkey *k = calloc(1, sizeof(*k));
-    if (k == NULL)
-        return NULL;
-    k->d = d;
-    snprintf(k->pattern, sizeof(k->pattern), "%s", name);
-    struct limit_conf lc;
-    memset(&lc, 0, sizeof(lc));
-    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
-        free(k);
-        return NULL;
-    }
-    k->next = d->mxkeys;
-    d->mxkeys = k;
-    return k;
+    return mxkey_named(d, name, NULL);
 }
 
 static void
