@@ -230,6 +230,40 @@ class Redis:
                 self.proc.wait()
 
 
+# ---- DKIM: what a verifier says of sluice's signatures.
+
+
+def dkimpy_verify(msg, port):
+    """Every signature of msg per dkimpy (Debian's python3-dkim), its keys
+    asked of the DNS server on 127.0.0.1:port: [(domain, selector, ok)]."""
+    import dkim
+    import dns.resolver
+    res = dns.resolver.Resolver(configure=False)
+    res.nameservers = ["127.0.0.1"]
+    res.port = port
+
+    def dnsfunc(name, timeout=5):
+        name = name.decode() if isinstance(name, bytes) else name
+        try:
+            ans = res.resolve(name, "TXT")
+        except Exception:
+            return None
+        return b"".join(b"".join(r.strings) for r in ans)
+
+    out = []
+    try:
+        d = dkim.DKIM(msg)
+        n = len([h for h in d.headers if h[0].lower() == b"dkim-signature"])
+        for i in range(n):
+            d = dkim.DKIM(msg)
+            ok = d.verify(idx=i, dnsfunc=dnsfunc)
+            out.append((d.domain.decode() if d.domain else None,
+                        d.selector.decode() if d.selector else None, bool(ok)))
+    except dkim.DKIMException:
+        out.append((None, None, False))
+    return out
+
+
 # ---- SMTP submission tests: a sluice that checks its sanitizers, a raw
 # ---- SMTP client, and a reader of the LMDB spool (lmdb-utils).
 

@@ -21,7 +21,7 @@ import time
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 
-from harness import Workdir, main, run, skip, wait_until  # noqa: E402
+from harness import Workdir, dkimpy_verify, main, run, skip, wait_until  # noqa: E402
 import test_delivery  # noqa: E402
 from test_delivery import Relay, records_for  # noqa: E402
 from test_outcomes import events, wait_events  # noqa: E402
@@ -138,34 +138,6 @@ def dns_records(conf, pairs):
         assert strings and all(len(x) <= 255 for x in strings), line
         recs.append(f"txt-record={name}," + ",".join(f'"{x}"' for x in strings))
     return recs
-
-
-def dkimpy_verify(msg, port):
-    """Every signature of msg per dkimpy: [(domain, selector, ok)]."""
-    res = dns.resolver.Resolver(configure=False)
-    res.nameservers = ["127.0.0.1"]
-    res.port = port
-
-    def dnsfunc(name, timeout=5):
-        name = name.decode() if isinstance(name, bytes) else name
-        try:
-            ans = res.resolve(name, "TXT")
-        except Exception:
-            return None
-        return b"".join(b"".join(r.strings) for r in ans)
-
-    out = []
-    try:
-        d = dkim.DKIM(msg)
-        n = len([h for h in d.headers if h[0].lower() == b"dkim-signature"])
-        for i in range(n):
-            d = dkim.DKIM(msg)
-            ok = d.verify(idx=i, dnsfunc=dnsfunc)
-            out.append((d.domain.decode() if d.domain else None,
-                        d.selector.decode() if d.selector else None, bool(ok)))
-    except dkim.DKIMException:
-        out.append((None, None, False))
-    return out
 
 
 PERL = r"""

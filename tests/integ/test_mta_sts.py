@@ -34,7 +34,8 @@ import sys
 import threading
 import time
 
-from harness import (WAIT, Sluice, Workdir, free_port, main, run, skip, wait_until)
+from harness import (WAIT, Sluice, Workdir, dkimpy_verify, free_port, main, run, skip,
+                     wait_until)
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 try:
@@ -553,29 +554,6 @@ def check_report_mail(raw, domain, submitter):
     return rep
 
 
-def dkim_verify(raw, port):
-    """dkimpy's word on each DKIM-Signature of raw: [(d, s, ok)]."""
-    res = dns.resolver.Resolver(configure=False)
-    res.nameservers = ["127.0.0.1"]
-    res.port = port
-
-    def dnsfunc(name, timeout=5):
-        name = name.decode() if isinstance(name, bytes) else name
-        try:
-            return b"".join(b"".join(r.strings) for r in res.resolve(name, "TXT"))
-        except Exception:
-            return None
-
-    d = dkim.DKIM(raw)
-    n = len([h for h in d.headers if h[0].lower() == b"dkim-signature"])
-    out = []
-    for i in range(n):
-        d = dkim.DKIM(raw)
-        ok = d.verify(idx=i, dnsfunc=dnsfunc)
-        out.append((d.domain.decode(), d.selector.decode(), bool(ok)))
-    return out
-
-
 def test_enforce_testing_fetch_failures_cache_and_reports():
     w = World(dkim_key=True)
     try:
@@ -660,7 +638,7 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
         assert b"\r\nDKIM-Signature: " in raw or raw.startswith(b"DKIM-Signature: "), raw[:800]
         if dkim is not None:
             at = raw.find(b"DKIM-Signature: ")
-            assert dkim_verify(raw[at:], w.dns.port) == [("sender.test", "rpt", True)], raw[:1500]
+            assert dkimpy_verify(raw[at:], w.dns.port) == [("sender.test", "rpt", True)], raw[:1500]
         rec = dlog_records(w.dlog, "tlsrpt@reports.test")
         kinds = [r["event"] for r in rec]
         assert "reception" in kinds and "delivery" in kinds, rec
