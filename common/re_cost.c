@@ -96,6 +96,7 @@ re_cost_check(const char *re, char *why, size_t whylen)
     unsigned top = 0;
     groups[0] = (struct cost){0, 1};
     struct cost atom = {0, 1};
+    unsigned long total = 0; /* copies made by bounded repeats, all added */
     bool have_atom = false, after_quant = false;
     for (size_t i = 0; i < len; i++) {
         char c = re[i];
@@ -118,15 +119,17 @@ re_cost_check(const char *re, char *why, size_t whylen)
             }
             atom.depth++;
             atom.copies *= bound > 1 ? bound : 1;
+            if (bound > 1)
+                total += atom.copies; /* a nested one counts again: a bound above */
             if (atom.depth > RE_COST_MAX_DEPTH) {
                 snprintf(why, whylen, "quantifiers nested more than %u deep at offset %zu",
                          RE_COST_MAX_DEPTH, i);
                 return -EINVAL;
             }
-            if (atom.copies > RE_COST_MAX_COPIES) {
+            if (atom.copies > RE_COST_MAX_COPIES || total > RE_COST_MAX_COPIES) {
                 snprintf(why, whylen,
-                         "nested repeats at offset %zu make more than %u copies to compile",
-                         i, RE_COST_MAX_COPIES);
+                         "repeats up to offset %zu make more than %u copies to compile", i,
+                         RE_COST_MAX_COPIES);
                 return -EINVAL;
             }
             cost_max(&groups[top], &atom);

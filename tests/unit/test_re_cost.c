@@ -4,8 +4,9 @@
  * rules' (read from etc/shaping.rules); the shapes that take glibc's
  * regcomp seconds to hours are refused with a reason: stacked
  * quantifiers (the input fuzz_shaping found: "13+++...+", forty of them),
- * quantified groups nested deep, nested bounded repeats, bounds too
- * large, back-references, and patterns too long. Escapes and bracket
+ * quantified groups nested deep, bounded repeats nested or side by side
+ * past the copies allowed, bounds too large, back-references, and
+ * patterns too long. Escapes and bracket
  * expressions are read as the atoms they are ("[+*]+" and "\++" are one
  * quantifier each).
  */
@@ -58,8 +59,9 @@ test_ordinary_patterns_pass(void **state)
     passes("\\++a\\*?");     /* escaped quantifiers are atoms */
     passes("((a+)+)+");      /* three deep */
     passes("(((a+)+)+)+");   /* four: the limit */
-    passes("(a{1,100}){1,100}");
-    passes("a{1000}");
+    passes("(a{1,40}){1,40}");
+    passes("a{255}");
+    passes("a{1,255}b{1,255}c{1,255}d{1,255}e{1,255}f{1,255}g{1,255}"); /* 1,785 */
     passes("x{3,}");
     passes("a\\{x");         /* an escaped brace: an atom */
     passes("a{,3}");         /* glibc's {0,3} */
@@ -88,9 +90,14 @@ test_costly_patterns_are_refused(void **state)
         strcat(deep, ")+");
     refused(deep, "nested more than 4");
     refused("(a{1,255}){1,255}", "copies");
+    refused("(a{1,100}){1,100}", "copies");
     refused("((a{2,30}){2,30}){2,30}", "copies");
-    refused("a{1,5000}", "bound over 1000");
-    refused("a{99999999999999999999}", "bound over 1000");
+    char wide[1100] = ""; /* side by side: eight times 255 */
+    for (int i = 0; i < 8; i++)
+        strcat(wide, "a{1,255}");
+    refused(wide, "copies");
+    refused("a{1,1000}", "bound over 255");
+    refused("a{99999999999999999999}", "bound over 255");
     refused("(a)\\1", "back-reference");
     char *big = malloc(RE_COST_MAX_LEN + 2);
     assert_non_null(big);
