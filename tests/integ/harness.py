@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 # The default bound of a wait for something that must happen (a log line,
 # an exit): generous, since it costs nothing when things work, and a
@@ -183,7 +184,9 @@ def main(tests):
             print(f"ok   {name}")
         except Exception as e:  # an assertion or an unexpected error
             failed += 1
-            print(f"FAIL {name}: {e}")
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+            # Where: an assertion without a message says nothing else.
+            traceback.print_exc(limit=-3, file=sys.stdout)
     print(f"{len(tests) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
