@@ -61,6 +61,8 @@ static void dest_on_hold(struct timer *t, void *ctx);
 static void dest_on_sweep(struct timer *t, void *ctx);
 static void dest_on_evict(struct timer *tm, void *ctx);
 static void dest_run_once(struct dest *t);
+static bool dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_verdict *v,
+                         uint64_t *recheck);
 
 /* ---- destinations ---- */
 
@@ -364,6 +366,24 @@ conn_move(struct conn *c, struct dest *t)
     return true;
 }
 
+/* May c carry t's mail now, as the shaping actions say of t, c's source
+ * and c's MX host (what shaping_may_send() asks of a connection's own
+ * domain at each transaction, asked before c moves to t)? When not, t
+ * runs again when they may have changed. */
+static bool
+shaping_may_move(struct conn *c, struct dest *t)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    if (!dest_shaping(t, c->src_id, c->mx, &v, &at))
+        return true;
+    if (!v.bounce && !v.suspended && !(v.one_txn && c->nmsgs >= 1) &&
+        (v.cap == 0 || t->conns < v.cap))
+        return true;
+    dest_lim_wait(t, at); /* a bounce: its own run bounces what waits */
+    return false;
+}
+
 /* A domain of c's site that waits for a connection, c moved to it; NULL
  * when none can take it. */
 static struct dest *
@@ -373,7 +393,8 @@ conn_take_waiting(struct conn *c)
     struct delivery *d = c->d;
     struct dest *t;
     while (s != NULL && (t = want_pop(s)) != NULL) {
-        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until || !conn_move(c, t))
+        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until ||
+            !shaping_may_move(c, t) || !conn_move(c, t))
             continue;
         if (dest_queued(t) > 1)
             want_push(t); /* more for other idle connections */
@@ -1320,7 +1341,7 @@ dest_run_once(struct dest *t)
             break;
         *pc = c->next_idle;
         c->next_idle = NULL;
-        if (!conn_move(c, t)) {
+        if (!shaping_may_move(c, t) || !conn_move(c, t)) {
             c->next_idle = site->idle;
             site->idle = c;
             break; /* t has its own max_connections already */

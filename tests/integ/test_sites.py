@@ -3,6 +3,7 @@
 adapts. Real servers on loopback: dnsmasq for the MX records, smtp-sink as
 the receiver; connections are counted from the kernel's table
 (/proc/net/tcp), not from sluice's word."""
+import json
 import os
 import sys
 import threading
@@ -10,6 +11,7 @@ import time
 
 from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, wait_until
 from test_delivery import Dns, Relay, Sink, records_for
+from test_ops import ctl, stats_conf
 
 SLUICE = sys.argv[1]
 SOURCE_DIR = sys.argv[2]
@@ -86,6 +88,40 @@ def test_domains_behind_one_mx_share_its_connections():
         assert most <= 4, f"{most} connections at once to one address (cap 4)"
         assert opened < len(doms), f"{opened} connections for {len(doms)} domains: not shared"
         assert r.d.count_log("event=delivered") == len(msgs)
+    finally:
+        r.close()
+
+
+def test_a_suspended_domain_never_rides_a_shared_connection():
+    """a.test and held.test share one MX host, so one site of one worker
+    (both names hash to worker 0), which may hold one connection; held.test
+    is suspended (sluicectl suspend: a shaping action). The receiver takes
+    a second over each DATA, so held.test's mail comes while the site's
+    connection carries a.test's and waits for it: when a.test has no more,
+    the connection must not take held.test's (before, it did: a connection
+    that moved between domains was not asked what shaping says of the
+    domain it moved to), nor close for it."""
+    r = Relay(records_for(["a.test", "held.test"]), sink_flags=["-w", "1"],
+              domain_conf=stats_conf() + "[delivery]\ninitial_connections = 1\n"
+              "[domain *]\nmax_connections = 1\n")
+    try:
+        p = ctl(r, "suspend", "held.test")
+        assert p.returncode == 0, p.stderr
+        body = b"Subject: t\r\n\r\nrollup\r\n"
+        r.inject([("s@example.com", [f"a{k}@a.test"], body) for k in range(2)])
+        r.d.wait_log("event=connected", timeout=30)  # a.test's, busy for 2 s
+        r.inject([("s@example.com", [f"h{k}@held.test"], body) for k in range(3)])
+        r.d.wait_log_count("event=delivered", 2, timeout=30)
+        r.inject([("s@example.com", ["c@a.test"], body)])
+        r.d.wait_log_count("event=delivered", 3, timeout=30)  # the connection still serves
+        out = [ln for ln in r.d.lines if "event=delivered" in ln and "held.test" in ln]
+        assert not out, out
+        assert r.d.count_log("event=connected") == 1, \
+            [ln for ln in r.d.lines if "event=connected" in ln]
+        q = ctl(r, "domains", json_out=True)
+        assert q.returncode == 0, q.stderr
+        row = [d for d in json.loads(q.stdout)["domains"] if d["name"] == "held.test"]
+        assert row and row[0]["ready"] == 3, row
     finally:
         r.close()
 
@@ -316,6 +352,7 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
+          test_a_suspended_domain_never_rides_a_shared_connection,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself,
           test_idle_destinations_and_sites_are_forgotten,
