@@ -61,6 +61,7 @@ static const struct outbound_ops delivery_ops = {
     .cancel = ops_cancel,
     .open = conn_open,
     .resume = conn_resume,
+    .quit = conn_quit,
     .fail = job_fail,
 };
 
@@ -112,6 +113,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->shaped = false;
     j->shaped_until = 0;
     j->failovers = 0;
+    j->queued_ns = 0;
     j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;
     for (size_t i = 0; i < dl; i++)

@@ -86,6 +86,8 @@ struct job {
     uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
                             * then; 0: by a suspension */
     unsigned failovers;  /* times a session failure moved it to the next address */
+    uint64_t queued_ns;  /* monotonic ns it was queued at its destination (put back
+                          * first after a failure: kept) */
     struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned n;
     char domain[256];
@@ -135,6 +137,7 @@ struct conn {
     unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
+    uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
     struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
@@ -225,6 +228,8 @@ struct dest {
     unsigned next_addr;      /* failover cursor over the answer's addresses */
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
+    uint64_t usable_ns;      /* monotonic ns its answer (and policy) let its jobs wait
+                              * for a connection of its site; 0: not yet */
     struct smtp_outcome *last_fail; /* owned: why the last address failed, for the
                               * deferral; NULL: none (524 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
@@ -336,6 +341,9 @@ struct outbound_ops {
     /* An idle connection was handed to a domain with work: start its next
      * transaction (sched_conn_next() says which). */
     void (*resume)(struct conn *c);
+    /* An idle connection (off its site's idle list) says goodbye now: its
+     * slot comes back when it has gone (sched_conn_detach()). */
+    void (*quit)(struct conn *c);
     /* Every recipient of j (owned: freed) fails with o, without a session. */
     void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
                  enum classify_source src);

@@ -307,7 +307,12 @@ dest_site(struct dest *t)
         memcpy(key + pl + 1, mx, ml);
         key[pl + 1 + ml] = '\0';
     }
-    struct site *s = site_get(&d->sites, key, dc->initial_connections, t->pol->max_connections);
+    /* A pool's site starts with a connection per source at least: each
+     * carries its share (and its warm-up allowance) from the start. */
+    unsigned initial = dc->initial_connections;
+    if (t->poolc != NULL && t->poolc->nsources > initial)
+        initial = t->poolc->nsources;
+    struct site *s = site_get(&d->sites, key, initial, t->pol->max_connections);
     if (s == NULL)
         return; /* no memory: keep the old one, ask again with the next answer */
     t->site_for = t->mx;
@@ -621,6 +626,8 @@ dest_tenant_weight(void *ctx, uint32_t tenant)
 void
 dest_push(struct dest *t, struct job *j, bool front)
 {
+    if (!front)
+        j->queued_ns = t->d->w->now;
     if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0)
         return;
     /* Still in the spool: a restart delivers it. Say so. */
@@ -1148,6 +1155,7 @@ dest_on_mx(void *arg, struct dns_mx_result *res)
     t->req = NULL;
     dns_mx_result_unref(t->mx);
     t->mx = res;
+    t->usable_ns = 0;
     t->next_addr = 0;
     t->failed_addrs = 0;
     dest_run(t);
@@ -1266,6 +1274,7 @@ dest_run_once(struct dest *t)
     bool sts_ready = dest_sts_ready(t);
     if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
         t->mx = dns_mx_result_unref(t->mx);
+        t->usable_ns = 0;
     }
     if (t->mx == NULL) {
         if (t->req != NULL)
@@ -1285,6 +1294,7 @@ dest_run_once(struct dest *t)
         if (rc == 1) {
             t->req = NULL;
             t->mx = res;
+            t->usable_ns = 0;
             t->next_addr = t->failed_addrs = 0;
         } else {
             if (rc < 0)
@@ -1302,8 +1312,10 @@ dest_run_once(struct dest *t)
     policy_dns(t->mx->status, &pf);
     if (pf.fail) {
         dest_fail_all(t, &pf, t->mx->status == DNS_NULL_MX ? NULL : t->mx->why);
-        if (pf.forget_answer)
+        if (pf.forget_answer) {
             t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
+            t->usable_ns = 0;
+        }
         return;
     }
     if (dest_targets(t) == 0) {
@@ -1328,17 +1340,22 @@ dest_run_once(struct dest *t)
         dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS)); /* no memory now */
         return;
     }
+    if (t->usable_ns == 0)
+        t->usable_ns = d->w->now; /* its jobs wait for connections from now */
     /* Idle connections of the site first, whichever domain they served
      * last: reuse. One that goes back to the idle list found no token
      * (the message rate): the others would not either. */
+    bool idle_other = false; /* idle connections are left that t may not ride */
     while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
         while (*pc != NULL && ((*pc)->tls_pol != dest_tls_key(t, (*pc)->mx) ||
                                !dest_mx_allowed(t, (*pc)->mx)))
             pc = &(*pc)->next_idle;
         struct conn *c = *pc;
-        if (c == NULL)
+        if (c == NULL) {
+            idle_other = true;
             break;
+        }
         *pc = c->next_idle;
         c->next_idle = NULL;
         if (!shaping_may_move(c, t) || !conn_move(c, t)) {
@@ -1358,6 +1375,17 @@ dest_run_once(struct dest *t)
         const struct dns_mx_host *h;
         const union dns_addr *a;
         if (site->conns >= site_allowed(t)) {
+            if (idle_other && site->idle != NULL) {
+                /* The idle connections left are ones t may not ride
+                 * (opened under another TLS policy, to an MX host its
+                 * MTA-STS policy does not name): one says goodbye rather
+                 * than hold the slot t waits for until its idle time
+                 * ends. Its end wakes the site. */
+                struct conn *c = site->idle;
+                site->idle = c->next_idle;
+                c->next_idle = NULL;
+                d->ops->quit(c);
+            }
             want_push(t); /* a slot, or an idle connection, will come */
             return;
         }
@@ -1521,6 +1549,7 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     c->site->conns++;
     c->site->opened++;
     c->epoch = c->site->win.epoch;
+    c->opened_ns = d->w->now;
     c->tls_pol = dest_tls_key(t, host->name);
     t->conns++;
     t->opening++;
@@ -1541,6 +1570,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         c->ready_once = true;
         t->opening--;
         t->failed_addrs = 0; /* this address works */
+        if (c->site != NULL)
+            site_window_on_ready(&c->site->win, d->w->now - c->opened_ns);
     }
     if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
         !source_may_send(c) || !shaping_may_send(c)) {
@@ -1624,6 +1655,12 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             if (ss != NULL)
                 site_source_sent(c->site, ss);
         }
+        /* How long it waited for a connection: since it came, or since
+         * its domain's answer and policy were known (the wait for DNS or
+         * MTA-STS is not one more connections would have shortened). */
+        uint64_t since = j->queued_ns > t->usable_ns ? j->queued_ns : t->usable_ns;
+        if (c->site != NULL && since != 0 && d->w->now > since)
+            site_window_on_wait(&c->site->win, d->w->now - since);
         *what = SCHED_NEXT_JOB;
         return j;
     }

@@ -13,6 +13,7 @@
 
 /* ---- the window ---- */
 
+
 void
 site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
 {
@@ -22,6 +23,8 @@ site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
         w->cwnd = w->ceiling;
     w->ssthresh = w->ceiling; /* slow start until the first failure */
     w->epoch = 0;
+    w->setup_ns = 0;
+    w->waited = false;
 }
 
 void
@@ -42,10 +45,34 @@ site_window_allowed(const struct site_window *w)
 }
 
 void
+site_window_on_ready(struct site_window *w, uint64_t setup_ns)
+{
+    if (setup_ns == 0)
+        setup_ns = 1; /* 0 means none yet */
+    if (w->setup_ns == 0)
+        w->setup_ns = setup_ns;
+    else if (setup_ns > w->setup_ns)
+        w->setup_ns += (setup_ns - w->setup_ns) / 4;
+    else
+        w->setup_ns -= (w->setup_ns - setup_ns) / 4;
+}
+
+void
+site_window_on_wait(struct site_window *w, uint64_t waited_ns)
+{
+    uint64_t longer = 2 * w->setup_ns > SITE_WAIT_MIN_NS ? 2 * w->setup_ns : SITE_WAIT_MIN_NS;
+    if (w->setup_ns != 0 && waited_ns > longer)
+        w->waited = true;
+}
+
+void
 site_window_on_success(struct site_window *w, unsigned in_use)
 {
     if (in_use + 1 < site_window_allowed(w))
         return; /* the window is not what limits: it earns nothing */
+    if (!w->waited)
+        return; /* the connections there are serve the mail as soon */
+    w->waited = false;
     if (w->cwnd < w->ssthresh)
         w->cwnd += 1.0;
     else

@@ -7,9 +7,23 @@
  * schedule, max_age and suspend (engine/outbound/scheduler.c).
  *
  * Concurrency is adaptive, TCP's rule applied to connections: a site
- * starts with [delivery] initial_connections; while its window is in use,
- * every transaction that completes adds one connection (slow start) up to
- * the threshold, then 1/window (additive increase, one a round). A connect
+ * starts with [delivery] initial_connections; while its window is in use
+ * and its mail waits, every transaction that completes adds one connection
+ * (slow start) up to the threshold, then 1/window (additive increase, one
+ * a round). Mail waits when a job a connection takes had been waiting
+ * for one (since it was queued, or since its domain's MX answer and
+ * MTA-STS policy came) for longer than twice the time the site's
+ * connections take to open (connect, greeting, EHLO, STARTTLS: a moving
+ * average), and at least 25 ms: a connection opened when it came would
+ * have carried it sooner. Jobs that wait less are served as soon by the
+ * connections there are, and a window that grew for them only adds
+ * connections each receiver must serve: over 100 MX hosts, a site that
+ * started at 4 and grew on every transaction held 7 to 10 connections per
+ * address where 1 or 2 carried the mail, and the receivers' cost of the
+ * extra ones took 40% of the rate (bench/relay/bench_sites.py). The
+ * default start is 1: a domain with a backlog waits more than that on
+ * its first transactions and slow start doubles its window each round
+ * trip. A connect
  * failure, a greeting that times out or refuses, a 421 or a connection
  * reset before the session was ready halves the window (multiplicative
  * decrease, never below one), at most once per round: failures of
@@ -42,11 +56,23 @@
 
 /* ---- the concurrency window (pure) ---- */
 
+/* The shortest wait that earns a connection, however fast connections
+ * open: on a LAN or loopback they open in well under a millisecond while a
+ * job behind a busy one waits a few, and a window grown for those waits
+ * held 4 to 5 times the connections that carried the mail over 100 hosts
+ * at 60% of the rate (bench/relay/bench_sites.py: 10 and 25 ms gave the
+ * same). Over the Internet twice the setup time (round trips and TLS) is
+ * longer. */
+#define SITE_WAIT_MIN_NS 25000000ULL
+
 struct site_window {
     double cwnd;       /* connections allowed now */
     double ssthresh;   /* slow start below, additive increase above */
     unsigned epoch;    /* decreases so far: a connection remembers the one it opened in */
     unsigned ceiling;  /* max_connections; never above */
+    uint64_t setup_ns; /* connections' time from connect to ready: a moving average
+                        * (0: none ready yet) */
+    bool waited;       /* a job waited longer than twice setup_ns since the last growth */
 };
 
 void site_window_init(struct site_window *w, unsigned initial, unsigned ceiling);
@@ -54,9 +80,14 @@ void site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
 void site_window_set_ceiling(struct site_window *w, unsigned ceiling);
 /* Connections the window allows now (>= 1). */
 unsigned site_window_allowed(const struct site_window *w);
+/* A connection of the site became ready setup_ns after it began. */
+void site_window_on_ready(struct site_window *w, uint64_t setup_ns);
+/* A connection took a job queued waited_ns ago. */
+void site_window_on_wait(struct site_window *w, uint64_t waited_ns);
 /* A transaction completed on a connection of the site while in_use
  * connections were open: grow, if the window is used (in_use + 1 >=
- * allowed; an unused window earns nothing). */
+ * allowed; an unused window earns nothing) and mail waited (above) since
+ * the last growth. */
 void site_window_on_success(struct site_window *w, unsigned in_use);
 /* A connection opened in epoch failed as above: halve, unless the window
  * was halved since that connection opened. Returns whether it shrank. */

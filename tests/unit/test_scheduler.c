@@ -45,6 +45,8 @@ struct fx {
     unsigned opened;           /* connections opened in all */
     char opened_to[MAXC][384]; /* "mx name addr" of each, in order */
     unsigned resumed;          /* idle connections handed a domain */
+    unsigned quits;            /* idle connections told to say goodbye */
+    struct conn *quit;         /* the last of them */
     unsigned failed;           /* recipients failed without a session */
     struct smtp_outcome last_fail;
     enum classify_source last_src;
@@ -99,6 +101,13 @@ t_resume(struct conn *c)
 }
 
 static void
+t_quit(struct conn *c)
+{
+    F->quits++;
+    F->quit = c;
+}
+
+static void
 t_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
        enum classify_source src)
 {
@@ -115,6 +124,7 @@ static const struct outbound_ops test_ops = {
     .cancel = t_cancel,
     .open = t_open,
     .resume = t_resume,
+    .quit = t_quit,
     .fail = t_fail,
 };
 
@@ -345,11 +355,21 @@ window_opens_and_grows(void **state)
 
     enum sched_next what;
     struct conn *c0 = f->open[0];
+    f->w.now += MS_TO_NS(1); /* the connections take 1 ms to open */
     conn_ready(c0, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     conn_ready(f->open[1], &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
-    /* Both in use: a completed transaction earns a third connection. */
+    /* Both in use, but the jobs waited 1 ms (less than SITE_WAIT_MIN_NS,
+     * and no longer than twice the time a connection takes to open): a new
+     * one would not have been sooner. */
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 2);
+    assert_int_equal(f->opened, 2);
+    /* The next job waited 31 ms: the completed transaction earns a third. */
+    f->w.now += MS_TO_NS(30);
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
     assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     assert_int_equal(allowed("a.test"), 3);
     assert_int_equal(f->opened, 3);
@@ -357,10 +377,57 @@ window_opens_and_grows(void **state)
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     assert_int_equal(allowed("a.test"), 4);
-    /* Jobs left: 6 - 2 done - 1 in flight = 3, connections 3 opening or
-     * busy: a fourth opens for the job nobody is opening for. */
+    /* Jobs left: 6 - 3 done - 1 in flight = 2, connections 1 opening, 2
+     * in use: a fourth opens for the job nobody is opening for. */
     assert_int_equal(f->opened, 4);
-    assert_int_equal(f->finished, 2);
+    assert_int_equal(f->finished, 3);
+    fx_free(f);
+}
+
+/* Over 100 MX hosts and many domains, each host's mail comes a few jobs
+ * at a time: jobs a busy connection takes within twice the time a new one
+ * takes to open earn no connection, however many transactions complete. */
+static void
+window_holds_while_mail_is_served(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(2); /* it opens in 2 ms */
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    for (unsigned i = 0; i < 40; i++) {
+        /* A job of another domain of the site comes while c is busy and
+         * is taken 3 ms later: within twice the 2 ms, and SITE_WAIT_MIN_NS. */
+        char dom[32];
+        snprintf(dom, sizeof(dom), "d%u.test", i);
+        submit(dom, 1);
+        answer(dom, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+        f->w.now += MS_TO_NS(3);
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    assert_int_equal(allowed("a.test"), 1);
+    assert_int_equal(f->opened, 1);
+    assert_int_equal(f->finished, 40);
+    /* One that waits 30 ms: the site earns a second connection. */
+    submit("late.test", 1);
+    answer("late.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    f->w.now += MS_TO_NS(30);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    submit("late2.test", 1);
+    answer("late2.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 2);
+    assert_int_equal(f->opened, 2);
     fx_free(f);
 }
 
@@ -448,19 +515,26 @@ idle_connection_takes_other_domain(void **state)
     assert_true(two->want.on);
 
     enum sched_next what;
+    f->w.now += MS_TO_NS(1); /* c opens in 1 ms */
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, one);
+    f->w.now += MS_TO_NS(30);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    /* The window grew to 2: two opened its own. */
-    assert_int_equal(f->opened, 2);
+    /* No job has waited yet for a connection: no second one. */
+    assert_int_equal(f->opened, 1);
     /* Nothing left for one: c moves to two, lease and all. */
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_ptr_equal(c->dest, two);
     assert_int_equal(one->conns, 0);
-    assert_int_equal(two->conns, 2);
+    assert_int_equal(two->conns, 1);
+    /* two's job waited 31 ms, over twice the 1 ms a connection takes to
+     * open and SITE_WAIT_MIN_NS: the window grows to 2 and two opens its
+     * own. */
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(two->conns, 2);
     /* two's other job is the new connection's: c goes idle on the site. */
     struct conn *c2 = f->open[1];
     conn_ready(c2, &what);
@@ -475,6 +549,41 @@ idle_connection_takes_other_domain(void **state)
     assert_ptr_equal(c->dest, one);
     assert_non_null(c->job);
     assert_int_equal(f->opened, before);
+    fx_free(f);
+}
+
+/* A site's window is full of an idle connection the next domain may not
+ * ride (opened under another TLS policy): it says goodbye, and the domain
+ * opens its own in its slot rather than wait out the idle time. */
+static void
+idle_connection_of_another_policy_yields(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n"
+                          "[domain strict.test]\ntls = verify\n");
+    submit("plain.test", 1);
+    answer("plain.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    submit("strict.test", 1);
+    answer("strict.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *strict = dest_get(f->d, "strict.test");
+    assert_ptr_equal(strict->site, c->site);
+    assert_int_equal(f->resumed, 0); /* not handed the opportunistic one */
+    assert_int_equal(f->quits, 1);
+    assert_ptr_equal(f->quit, c);
+    assert_null(c->site->idle);
+    assert_int_equal(f->opened, 1);
+    assert_true(strict->want.on);
+    conn_gone(c, NULL); /* freed */
+    assert_int_equal(f->opened, 2);
+    assert_ptr_equal(f->open[0]->dest, strict);
     fx_free(f);
 }
 
@@ -892,8 +1001,10 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_opens_and_grows),
+        cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(idle_connection_takes_other_domain),
+        cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
         cmocka_unit_test(shared_address_slot_given_back),
         cmocka_unit_test(answers_that_fail),

@@ -25,12 +25,18 @@ window_slow_start_then_additive(void **state)
     struct site_window w;
     site_window_init(&w, 4, 20);
     assert_int_equal(site_window_allowed(&w), 4);
+    /* Connections take 20 ms to open; a job that waited 50 ms would have
+     * gone sooner on a new one. */
+    site_window_on_ready(&w, 20000000);
     /* An unused window earns nothing. */
+    site_window_on_wait(&w, 50000000);
     site_window_on_success(&w, 1);
     assert_int_equal(site_window_allowed(&w), 4);
     /* Used: one more per transaction (slow start) up to the ceiling. */
-    for (unsigned i = 0; i < 30; i++)
+    for (unsigned i = 0; i < 30; i++) {
+        site_window_on_wait(&w, 50000000);
         site_window_on_success(&w, site_window_allowed(&w));
+    }
     assert_int_equal(site_window_allowed(&w), 20);
     /* A failure halves, once per epoch. */
     unsigned epoch = w.epoch;
@@ -39,10 +45,14 @@ window_slow_start_then_additive(void **state)
     assert_false(site_window_on_failure(&w, epoch)); /* same round: no more */
     assert_int_equal(site_window_allowed(&w), 10);
     /* Above the threshold: one connection per window of transactions. */
-    for (unsigned i = 0; i < 9; i++)
+    for (unsigned i = 0; i < 9; i++) {
+        site_window_on_wait(&w, 50000000);
         site_window_on_success(&w, 10);
+    }
     assert_int_equal(site_window_allowed(&w), 10);
+    site_window_on_wait(&w, 50000000);
     site_window_on_success(&w, 10);
+    site_window_on_wait(&w, 50000000);
     site_window_on_success(&w, 10);
     assert_int_equal(site_window_allowed(&w), 11);
     /* Failures in a row, each of a new round: down to one, never zero. */
@@ -53,6 +63,61 @@ window_slow_start_then_additive(void **state)
     site_window_init(&w, 8, 100);
     site_window_set_ceiling(&w, 3);
     assert_int_equal(site_window_allowed(&w), 3);
+}
+
+/* The window grows only for mail that waited longer than twice the
+ * time a connection of the site takes to open: the connections there are
+ * served the rest as soon. */
+static void
+window_grows_only_when_mail_waits(void **state)
+{
+    (void)state;
+    struct site_window w;
+    site_window_init(&w, 2, 20);
+    /* No connection ready yet: no measure of waiting. */
+    site_window_on_wait(&w, 1000000000);
+    site_window_on_success(&w, 2);
+    assert_int_equal(site_window_allowed(&w), 2);
+    /* Connections open in 2 ms (a moving average: 1 ms, then 5 ms
+     * samples move it a quarter of the way each). */
+    site_window_on_ready(&w, 2000000);
+    assert_int_equal(w.setup_ns, 2000000);
+    site_window_on_ready(&w, 6000000);
+    assert_int_equal(w.setup_ns, 3000000);
+    site_window_on_ready(&w, 0); /* on the same tick: counts as a nanosecond */
+    assert_true(w.setup_ns > 2000000 && w.setup_ns < 3000000);
+    site_window_init(&w, 2, 20);
+    site_window_on_ready(&w, 20000000);
+    /* Jobs that waited up to twice that: however many transactions. */
+    for (unsigned i = 0; i < 50; i++) {
+        site_window_on_wait(&w, 40000000);
+        site_window_on_success(&w, 2);
+    }
+    assert_int_equal(site_window_allowed(&w), 2);
+    /* One that waited longer: one connection more, once. */
+    site_window_on_wait(&w, 40000001);
+    site_window_on_success(&w, 2);
+    assert_int_equal(site_window_allowed(&w), 3);
+    site_window_on_success(&w, 3);
+    assert_int_equal(site_window_allowed(&w), 3);
+    /* Connections that open in 1 ms: a job must still wait at least
+     * SITE_WAIT_MIN_NS. */
+    struct site_window fast;
+    site_window_init(&fast, 1, 20);
+    site_window_on_ready(&fast, 1000000);
+    site_window_on_wait(&fast, SITE_WAIT_MIN_NS);
+    site_window_on_success(&fast, 1);
+    assert_int_equal(site_window_allowed(&fast), 1);
+    site_window_on_wait(&fast, SITE_WAIT_MIN_NS + 1);
+    site_window_on_success(&fast, 1);
+    assert_int_equal(site_window_allowed(&fast), 2);
+    /* A wait seen while the window was not in use is kept for the next
+     * transaction that finds it in use. */
+    site_window_on_wait(&w, 90000000);
+    site_window_on_success(&w, 1);
+    assert_int_equal(site_window_allowed(&w), 3);
+    site_window_on_success(&w, 3);
+    assert_int_equal(site_window_allowed(&w), 4);
 }
 
 static struct dns_mx_result *
@@ -203,6 +268,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_slow_start_then_additive),
+        cmocka_unit_test(window_grows_only_when_mail_waits),
         cmocka_unit_test(keys_name_the_hosts),
         cmocka_unit_test(sites_and_addresses),
         cmocka_unit_test(hash_grows_and_shrinks),
