@@ -86,7 +86,9 @@ struct dlog_event {
     const char *dsn_id;         /* dsn: the DSN's own queue id (reply holds it too) */
     unsigned attempt;           /* delivery attempt number, from 1 */
     const char *classification; /* printed as "class" */
-    const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual */
+    const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual;
+                                 * per recipient, why when no reply tells it: connect_refused,
+                                 * connect_timeout, connect_failed, timeout, eof, ... */
     const char *scope;          /* suppressed: the list that holds the entry */
     const char *tls_protocol;
     const char *tls_cipher;

@@ -1139,6 +1139,7 @@ smtp_reason_str(enum smtp_reason r)
         "protocol",       "tls_unavailable", "tls_refused",   "tls_failed",
         "tls_unverified", "need_8bitmime",   "need_smtputf8", "size",
         "address",        "rcpt_limit",      "no_rcpt",       "quit",
+        "connect_refused", "connect_timeout", "connect_failed",
     };
 
     return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "?";

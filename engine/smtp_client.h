@@ -150,7 +150,8 @@ enum smtp_scope {
 };
 
 /* Where an outcome came from. REPLY: code, enh and text are the server's.
- * The others are ours: code 0 for the session reasons (no reply exists),
+ * The others are ours: code 0 for the session and connect reasons (no
+ * reply exists),
  * the reply a server would have given for the local message checks
  * (NEED_8BITMIME 554 5.6.3, NEED_SMTPUTF8 553 5.6.7, SIZE 552 5.3.4,
  * ADDRESS 553 5.1.7/5.1.3, RCPT_LIMIT 452 4.5.3). */
@@ -171,6 +172,10 @@ enum smtp_reason {
     SMTP_REASON_RCPT_LIMIT,      /* past the server's LIMITS RCPTMAX: not tried */
     SMTP_REASON_NO_RCPT,         /* message outcome when no recipient was accepted */
     SMTP_REASON_QUIT,            /* the session ended by smtp_client_quit() */
+    /* Not the machine's (no session existed): the caller's connect. */
+    SMTP_REASON_CONNECT_REFUSED, /* the address refused the connection (RST): 4.4.1 */
+    SMTP_REASON_CONNECT_TIMEOUT, /* the connect was not answered in time: 4.4.1 */
+    SMTP_REASON_CONNECT_FAILED,  /* unreachable, or another connect error: 4.4.1 */
 };
 
 struct smtp_outcome {

@@ -730,13 +730,35 @@ static const struct stream_ops conn_stream_ops = {
     .on_release = conn_on_release,
 };
 
+/* Why the connect to c's address failed (err: -errno, or -ETIMEDOUT for
+ * our own deadline), for the deferral of what waits when no address is
+ * left: no reply exists, so no code; the reason and the text say what. */
+static void
+conn_connect_outcome(const struct conn *c, int err, struct smtp_outcome *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->status = SMTP_STATUS_TEMPFAIL;
+    o->scope = SMTP_SCOPE_SESSION;
+    o->reason = err == -ECONNREFUSED ? SMTP_REASON_CONNECT_REFUSED
+                : err == -ETIMEDOUT  ? SMTP_REASON_CONNECT_TIMEOUT
+                                     : SMTP_REASON_CONNECT_FAILED;
+    o->enh = (struct smtp_enh){4, 4, 1};
+    snprintf(o->text, sizeof(o->text), "connect to %s (%s): %s", c->mx, c->addr_str,
+             err == -ETIMEDOUT ? "timed out" : strerror(-err));
+}
+
 static void
 conn_on_timer(struct timer *tm, void *ctx)
 {
     struct conn *c = (struct conn *)((char *)tm - offsetof(struct conn, timer));
     if (!c->connected) {
         /* connect timed out: the pending connect completes on the cancel */
-        sched_conn_event(c, POLICY_CONNECT_TIMEOUT, NULL);
+        log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=timeout",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
+        struct smtp_outcome o;
+        conn_connect_outcome(c, -ETIMEDOUT, &o);
+        c->d->stats.connect_failures++;
+        sched_conn_event(c, POLICY_CONNECT_TIMEOUT, &o); /* the reason, for a deferral */
         conn_close(c, "connect_timeout");
         return;
     }
@@ -760,12 +782,7 @@ conn_on_connect(struct stream *st, int res)
         log_msg(LOG_NOTICE, "conn=%llx event=connect_failed domain=%s mx=%s addr=%s err=%s",
                 (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str, strerror(-res));
         struct smtp_outcome o;
-        memset(&o, 0, sizeof(o));
-        o.status = SMTP_STATUS_TEMPFAIL;
-        o.scope = SMTP_SCOPE_SESSION;
-        o.enh = (struct smtp_enh){4, 4, 1};
-        snprintf(o.text, sizeof(o.text), "connect to %s (%s): %s", c->mx, c->addr_str,
-                 strerror(-res));
+        conn_connect_outcome(c, res, &o);
         c->d->stats.connect_failures++;
         sched_conn_event(c, POLICY_CONNECT_FAILED, &o); /* the reason, for a deferral */
         conn_close(c, "connect_failed");

@@ -201,6 +201,15 @@ struct mxkey {
     struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
 };
 
+/* Why a destination's last address failed, kept for the deferral of
+ * what waits once every address failed: the outcome, and the MX host and
+ * address it came from (empty when there was none: a refused target). */
+struct dest_fail {
+    struct smtp_outcome o;
+    char mx[DNS_NAME_MAX + 1];
+    char addr[64];
+};
+
 struct dest {
     struct hash_node node;   /* on d->dests: first, the table's entries are dests */
     struct lru_node lru;     /* on d->dest_lru: eviction when idle */
@@ -230,8 +239,8 @@ struct dest {
     uint64_t hold_until;     /* monotonic ns: no new connection before */
     uint64_t usable_ns;      /* monotonic ns its answer (and policy) let its jobs wait
                               * for a connection of its site; 0: not yet */
-    struct smtp_outcome *last_fail; /* owned: why the last address failed, for the
-                              * deferral; NULL: none (524 octets only once one failed) */
+    struct dest_fail *last_fail; /* owned: why the last address failed, for the
+                              * deferral; NULL: none (some 850 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
     bool refused_sts;        /* no target: no MX host matches its MTA-STS enforce policy */
     /* MTA-STS (engine/mta_sts.h): the policy when last asked, asked again
@@ -426,9 +435,11 @@ unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
 void dest_run(struct dest *t);
 /* No new connection to t for ms. */
 void dest_hold(struct dest *t, uint64_t ms);
-/* Keep o as why t's last address failed (nothing kept without memory:
- * the deferral then gives the generic reason); forget it. */
-void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o);
+/* Keep o as why t's last address failed, from MX host mx at address addr
+ * (each NULL: none; nothing kept without memory: the deferral then gives
+ * the generic reason); forget it. */
+void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
+                        const char *addr);
 void dest_last_fail_clear(struct dest *t);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
@@ -599,7 +610,8 @@ void job_finish(struct delivery *d, struct dest *t, struct job *j,
 void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
                      uint32_t tenant, const struct smtp_outcome *o);
 /* Every recipient of j (owned: freed) fails with o, without a session
- * (an outbound_ops fail). */
+ * (an outbound_ops fail). When o is t's last failure (&t->last_fail->o),
+ * its MX host and address are the outcome's. */
 void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
               enum classify_source src);
 /* An outcome for a whole job from a policy verdict, text the reply. */

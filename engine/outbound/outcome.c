@@ -470,25 +470,35 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
         if (failed)
             t->failed++;
-        if (kind != DLOG_DELIVERY)
+        if (kind != DLOG_DELIVERY && o->code != 0)
             snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
+        else if (kind != DLOG_DELIVERY)
+            snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
         t->last_ms = now;
         char enh[16] = "";
         if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
         const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
+        /* Code 0: no reply (a connect failure, a timeout; the reason says
+         * which), never a code of its own. */
+        char code[8] = "-";
+        if (o->code != 0)
+            snprintf(code, sizeof(code), "%u", o->code);
+        const char *reason = smtp_reason_str(o->reason);
+        if (o->reason == SMTP_REASON_NONE || o->reason == SMTP_REASON_REPLY)
+            reason = NULL; /* a server's reply, or a verdict of ours that its text says */
         const char *tls_verify = where->tls_verify;
         if (tls_verify == NULL && (osrc == CLASSIFY_TLS || osrc == CLASSIFY_TLS_POLICY) &&
             t->tls_verify[0] != '\0')
             tls_verify = t->tls_verify; /* the session that failed is gone */
         log_msg(LOG_INFO,
                 "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" tls_policy=%s "
-                "tls_verify=\"%s\" code=%u enhanced=%s reason=%s class=%s reply=\"%s\"",
+                "tls_verify=\"%s\" code=%s enhanced=%s reason=%s class=%s reply=\"%s\"",
                 qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
                      : kind == DLOG_EXPIRATION ? "expired" : "bounced",
                 r ? r->addr : "?", t->name, where->mx ? where->mx : "-",
                 where->tls_proto ? where->tls_proto : "none", tls_policy,
-                tls_verify ? tls_verify : "-", o->code, enh[0] ? enh : "-",
+                tls_verify ? tls_verify : "-", code, enh[0] ? enh : "-",
                 smtp_reason_str(o->reason), cls_str ? cls_str : "-", o->text);
         struct dlog_event ev = {
             .kind = kind,
@@ -505,6 +515,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .reply = o->text[0] ? o->text : NULL,
             .attempt = (r ? r->attempts : 0) + 1,
             .classification = cls_str,
+            .reason = reason,
             .tls_protocol = where->tls_proto,
             .tls_cipher = where->tls_cipher,
             .tls_policy = tls_policy,
@@ -549,7 +560,12 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             x->status = status[i];
             x->code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
             x->text = o->text[0] ? o->text : NULL;
-            x->remote_mta = where->mx;
+            /* no MTA reported anything when the connect failed (Postfix
+             * leaves Remote-MTA out then too) */
+            bool no_session = o->reason == SMTP_REASON_CONNECT_REFUSED ||
+                              o->reason == SMTP_REASON_CONNECT_TIMEOUT ||
+                              o->reason == SMTP_REASON_CONNECT_FAILED;
+            x->remote_mta = no_session ? NULL : where->mx;
             x->last_attempt_ms = now;
             x->class_str = cls_str;
         }
@@ -594,6 +610,11 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
     struct queue_envelope *env = NULL;
     queue_envelope_get(d->e->queue, j->id, &env);
     struct outcome_where where = {.src = src};
+    if (t->last_fail != NULL && o == &t->last_fail->o) {
+        /* every address failed: the last one tried is where */
+        where.mx = t->last_fail->mx[0] ? t->last_fail->mx : NULL;
+        where.mx_addr = t->last_fail->addr[0] ? t->last_fail->addr : NULL;
+    }
     job_finish(d, t, j, env, NULL, o, &where);
     queue_envelope_free(env);
     free(j);

@@ -20,6 +20,9 @@ policy_source(const struct smtp_outcome *o, enum classify_source fallback)
     case SMTP_REASON_TIMEOUT:
     case SMTP_REASON_EOF:
     case SMTP_REASON_QUIT:
+    case SMTP_REASON_CONNECT_REFUSED:
+    case SMTP_REASON_CONNECT_TIMEOUT:
+    case SMTP_REASON_CONNECT_FAILED:
         return CLASSIFY_CONNECT;
     case SMTP_REASON_PROTOCOL:
         return CLASSIFY_PROTOCOL;

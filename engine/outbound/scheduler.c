@@ -512,11 +512,14 @@ dest_next(const struct delivery *d, struct dest_iter *it)
  * the loop turns, so timers, the lookup and the limiter are let go of
  * too; else they went with the loop. */
 void
-dest_last_fail_set(struct dest *t, const struct smtp_outcome *o)
+dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
+                   const char *addr)
 {
     if (t->last_fail == NULL && (t->last_fail = malloc(sizeof(*t->last_fail))) == NULL)
         return;
-    *t->last_fail = *o;
+    t->last_fail->o = *o;
+    snprintf(t->last_fail->mx, sizeof(t->last_fail->mx), "%s", mx ? mx : "");
+    snprintf(t->last_fail->addr, sizeof(t->last_fail->addr), "%s", addr ? addr : "");
 }
 
 void
@@ -1325,7 +1328,7 @@ dest_run_once(struct dest *t)
                    : t->refused_self ? POLICY_NO_TARGET_SELF
                                      : POLICY_NO_TARGET,
                    &nf);
-        dest_fail_all(t, &nf, t->last_fail != NULL ? t->last_fail->text : "");
+        dest_fail_all(t, &nf, t->last_fail != NULL ? t->last_fail->o.text : "");
         dest_last_fail_clear(t);
         if (t->refused_sts) {
             /* Deferred: ask again (policy and MX) after the hold. */
@@ -1392,11 +1395,11 @@ dest_run_once(struct dest *t)
         if (!dest_address(t, &h, &a)) {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
-                if (t->last_fail != NULL && t->last_fail->text[0] != '\0') {
+                if (t->last_fail != NULL && t->last_fail->o.text[0] != '\0') {
                     /* deferred with why the last address failed */
                     struct job *j;
                     while ((j = dest_pop(t)) != NULL)
-                        d->ops->fail(d, t, j, t->last_fail, CLASSIFY_CONNECT);
+                        d->ops->fail(d, t, j, &t->last_fail->o, CLASSIFY_CONNECT);
                 } else {
                     struct policy_fail nf;
                     policy_job(POLICY_NO_MX_ANSWERED, &nf);
@@ -1430,7 +1433,7 @@ dest_run_once(struct dest *t)
             snprintf(why.text, sizeof(why.text),
                      "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
                      h->name);
-            dest_last_fail_set(t, &why);
+            dest_last_fail_set(t, &why, h->name, NULL);
             t->next_addr++;
             t->failed_addrs++;
             continue;
@@ -1700,7 +1703,7 @@ sched_txn_done(struct conn *c, struct job *j)
     };
     if (policy_failover(&pt)) {
         j->failovers++;
-        dest_last_fail_set(t, &c->txn.msg);
+        dest_last_fail_set(t, &c->txn.msg, c->mx, c->addr_str);
         t->failed_addrs++;
         t->next_addr++;
         dest_push(t, j, true);
@@ -1717,7 +1720,7 @@ sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_ou
     struct policy_event_decision pd;
     policy_conn_event(ev, &pd);
     if (why != NULL)
-        dest_last_fail_set(t, why);
+        dest_last_fail_set(t, why, c->mx, c->addr_str);
     if (pd.next_addr) {
         t->failed_addrs++;
         t->next_addr++;
@@ -1775,7 +1778,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (pd.remember) {
         struct smtp_outcome o = *so;
         o.status = SMTP_STATUS_TEMPFAIL;
-        dest_last_fail_set(t, &o);
+        dest_last_fail_set(t, &o, c->mx, c->addr_str);
     }
     if (pd.next_addr) {
         t->failed_addrs++;

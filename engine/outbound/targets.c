@@ -178,7 +178,7 @@ dest_targets(struct dest *t)
                  "MX %s of %s matches no mx of its MTA-STS policy (id %s, enforce): not "
                  "delivered there",
                  t->mx->hosts[0].name, t->name, t->sts->id);
-        dest_last_fail_set(t, o);
+        dest_last_fail_set(t, o, NULL, NULL);
         return 0;
     }
     if (why != NULL) {
@@ -203,7 +203,7 @@ dest_targets(struct dest *t)
                          "MX %s of %s has address %s (%s): not a delivery target, see "
                          "[delivery] allow_networks",
                          wh->name, t->name, ip, why);
-            dest_last_fail_set(t, o);
+            dest_last_fail_set(t, o, NULL, NULL);
         }
     }
     return t->ntargets;

@@ -306,6 +306,60 @@ def test_mx_failover_when_first_mx_is_down():
         r.close()
 
 
+def test_connect_failures_are_deferred_with_where_and_why():
+    """A receiver that refuses the connect, and one that does not answer
+    it (a listener whose accept queue is full drops the SYN): each
+    recipient is deferred with the MX host and address tried, the reason
+    (connect_refused, connect_timeout) and no reply code, in the log line
+    and in the delivery log's transient_failure event."""
+    silent = socket.socket()
+    fillers = []
+    r = None
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        sport = silent.getsockname()[1]
+        # Fill the accept queue (never accepted): later SYNs get no answer.
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", sport))
+            fillers.append(c)
+        r = Relay(records_for(["refused.test"]), with_sink=False,
+                  domain_conf=f"[domain silent.test]\nroute = [127.0.0.1]:{sport}\n"
+                              "[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
+        r.inject([("s@example.com", ["a@refused.test"], b"Subject: r\r\n\r\nx\r\n"),
+                  ("s@example.com", ["b@silent.test"], b"Subject: s\r\n\r\nx\r\n")])
+
+        def events():
+            if not os.path.exists(r.dlog):
+                return {}
+            with open(r.dlog) as f:
+                evs = [json.loads(ln) for ln in f if ln.strip()]
+            return {e["rcpt"]: e for e in evs if e["event"] == "transient_failure"}
+        wait_until(lambda: len(events()) == 2, 30, "both recipients deferred")
+        ev = events()
+        a, b = ev["a@refused.test"], ev["b@silent.test"]
+        assert a["mx"] == "mx.test" and a["mx_addr"] == f"127.0.0.1:{r.mx_port}", a
+        assert a["reason"] == "connect_refused" and "code" not in a, a
+        assert a["enhanced"] == "4.4.1" and "refused" in a["reply"], a
+        assert b["mx_addr"] == f"127.0.0.1:{sport}" and b.get("mx"), b
+        assert b["reason"] == "connect_timeout" and "code" not in b, b
+        assert a["class"] == b["class"] == "connection_failure", (a, b)
+        for rcpt, reason in (("a@refused.test", "connect_refused"),
+                             ("b@silent.test", "connect_timeout")):
+            line = [x for x in r.d.log_lines("event=deferred") if f"rcpt=<{rcpt}>" in x][0]
+            assert " mx=- " not in line and " code=- " in line, line
+            assert f" reason={reason} " in line, line
+        assert r.d.count_log("event=delivered") == 0
+    finally:
+        if r is not None:
+            r.close()
+        for c in fillers:
+            c.close()
+        silent.close()
+
+
 def test_5xx_rcpt_bounces_and_is_removed():
     r = Relay(records_for(["hard.test"]), sink_flags=["-f", "RCPT"])
     try:
@@ -620,7 +674,9 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
-          test_mx_failover_when_first_mx_is_down, test_5xx_rcpt_bounces_and_is_removed,
+          test_mx_failover_when_first_mx_is_down,
+          test_connect_failures_are_deferred_with_where_and_why,
+          test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
           test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
