@@ -622,6 +622,8 @@ struct deferred_cache {
     struct dcount {
         char name[256];
         uint64_t deferred;
+        uint64_t oldest_ms;                 /* its oldest recipient's, deferred or not */
+        uint64_t by_tag[QUEUE_TAGS];        /* deferred, by class + 1 (outcome.c) */
     } *v;            /* owned */
     size_t n, cap;
 };
@@ -642,9 +644,38 @@ dcache_add(void *arg, const char *domain, const struct queue_counts *c)
         dc->v = v;
         dc->cap = nc;
     }
-    snprintf(dc->v[dc->n].name, sizeof(dc->v[dc->n].name), "%s", domain);
-    dc->v[dc->n++].deferred = c->deferred;
+    struct dcount *x = &dc->v[dc->n++];
+    snprintf(x->name, sizeof(x->name), "%s", domain);
+    x->deferred = c->deferred;
+    x->oldest_ms = c->oldest_ms;
+    memcpy(x->by_tag, c->deferred_by_tag, sizeof(x->by_tag));
     return 0;
+}
+
+/* What the spool says of x's deferred recipients (dc): their count, the
+ * oldest waiting recipient when older than the workers' ready ones (a
+ * domain whose mail is all deferred has none of those), and their
+ * classes, most first (a selection of a few of QUEUE_TAGS). */
+static void
+dcount_apply(const struct dcount *dc, struct stats_domain *x)
+{
+    x->deferred = dc->deferred;
+    if (dc->oldest_ms != 0 && (x->oldest_ms == 0 || dc->oldest_ms < x->oldest_ms))
+        x->oldest_ms = dc->oldest_ms;
+    bool taken[QUEUE_TAGS] = {false};
+    x->nwaiting_classes = 0;
+    while (x->nwaiting_classes < STATS_DOMAIN_CLASSES) {
+        unsigned best = 0;
+        for (unsigned k = 1; k < QUEUE_TAGS && k <= BOUNCE_CLASS_COUNT; k++)
+            if (!taken[k] && dc->by_tag[k] != 0 && (best == 0 || dc->by_tag[k] > dc->by_tag[best]))
+                best = k;
+        if (best == 0)
+            return; /* tag 0: stored before classes were, not counted */
+        taken[best] = true;
+        struct stats_object *o = &x->waiting_by_class[x->nwaiting_classes++];
+        snprintf(o->name, sizeof(o->name), "%s", bounce_class_str((enum bounce_class)(best - 1)));
+        o->live = dc->by_tag[best];
+    }
 }
 
 static uint64_t
@@ -712,7 +743,7 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
         bool found = false;
         for (size_t k = 0; k < all.n && !found; k++)
             if (strcmp(all.d[k].name, dcache.v[i].name) == 0) {
-                all.d[k].deferred = dcache.v[i].deferred;
+                dcount_apply(&dcache.v[i], &all.d[k]);
                 found = true;
             }
         if (!found) { /* not known to any worker now: shown with its spool count */
@@ -727,7 +758,7 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
             struct stats_domain *x = &all.d[all.n++];
             memset(x, 0, sizeof(*x));
             snprintf(x->name, sizeof(x->name), "%s", dcache.v[i].name);
-            x->deferred = dcache.v[i].deferred;
+            dcount_apply(&dcache.v[i], x);
             const struct domain_policy *pol = config_domain(e->cfg, x->name);
             x->max_connections = pol->max_connections;
             snprintf(x->limit_reason, sizeof(x->limit_reason), "waiting for its retry");

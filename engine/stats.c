@@ -506,6 +506,8 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
             json_null(j);
         render_named(j, "deferred_by_class", x->deferred_by_class, x->nclasses,
                      STATS_DOMAIN_CLASSES);
+        render_named(j, "waiting_by_class", x->waiting_by_class, x->nwaiting_classes,
+                     STATS_DOMAIN_CLASSES);
         kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
         json_ku64(j, "tenants_waiting", x->tenants_waiting);
         json_key(j, "tenants");

@@ -220,7 +220,8 @@ struct stats_domain {
     unsigned max_connections;
     char limit_reason[64]; /* why the limits in force are what they are */
     char last_reply[256];
-    uint64_t oldest_ms; /* Unix ms of the oldest waiting message, 0: none */
+    uint64_t oldest_ms; /* Unix ms of the oldest waiting recipient's message (ready, in
+                         * flight or deferred), 0: none */
     bool suspended;
     /* No new connection before held_until_ms (Unix ms): after a 421, or
      * when every MX address failed in a row ([domain] site_hold). */
@@ -231,6 +232,11 @@ struct stats_domain {
      * STATS_DOMAIN_CLASSES most frequent, most first; zeros left out. */
     struct stats_object deferred_by_class[STATS_DOMAIN_CLASSES];
     unsigned nclasses;
+    /* Its deferred recipients waiting in the spool, by the class of their
+     * last deferral (kept with each recipient, so it holds across a
+     * restart): likewise the most frequent, most first. */
+    struct stats_object waiting_by_class[STATS_DOMAIN_CLASSES];
+    unsigned nwaiting_classes;
 };
 
 struct stats_ops {

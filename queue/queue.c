@@ -38,7 +38,10 @@
  *         fragmented free list rarely has, so the file would grow instead.
  *   rcpt  id + index (2 bytes BE) -> struct rcpt_head, then address,
  *         lowercased domain, ORCPT, last reply text. Delivered and bounced
- *         recipients are deleted; the message goes with its last one.
+ *         recipients are deleted; the message goes with its last one. The
+ *         head's tag (the caller's kind of a deferral, queue_outcome) sits
+ *         in what earlier versions wrote as a zero reserved word: their
+ *         records read as untagged, and they ignore it.
  *   due   due ms (8 BE) + id + index -> empty: the deferred recipients in
  *         time order that nobody took yet. queue_due_take() removes what
  *         is due and makes it ready in one commit, so the index itself is
@@ -158,7 +161,8 @@ struct rcpt_head {
     uint16_t attempts;
     uint16_t code;
     uint16_t addr_len, domain_len, orcpt_len, reply_len;
-    uint16_t reserved;
+    uint16_t tag; /* a deferral's queue_outcome tag; 0: none (and in records of
+                   * versions that wrote it as a zero "reserved" word) */
     uint64_t due_ms;
     uint64_t last_ms;
 };
@@ -257,6 +261,7 @@ struct upd_item {
     uint16_t code;
     uint16_t reply_len;
     uint8_t kind;
+    uint8_t tag;
 };
 
 struct queue_req {
@@ -896,6 +901,7 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tai
             .rcpt = o->rcpt,
             .code = (uint16_t)o->code,
             .reply_len = (uint16_t)len,
+            .tag = o->tag < QUEUE_TAGS ? (uint8_t)o->tag : 0,
             .kind = (uint8_t)o->kind,
         };
         if (len > 0)
@@ -1466,6 +1472,7 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     if (h.attempts < UINT16_MAX)
         h.attempts++;
     h.code = it->code;
+    h.tag = it->tag;
     h.reply_len = it->reply_len;
     h.due_ms = it->due_ms;
     h.last_ms = now;
@@ -3280,10 +3287,15 @@ queue_counts(struct queue *q, struct queue_counts *total, queue_domain_fn *cb, v
             rc = ENOMEM;
             break;
         }
-        if (h.state == QUEUE_RCPT_DEFERRED)
+        if (h.state == QUEUE_RCPT_DEFERRED) {
             slot->c.deferred++;
-        else
+            slot->c.deferred_by_tag[h.tag < QUEUE_TAGS ? h.tag : 0]++;
+        } else {
             slot->c.ready++;
+        }
+        uint64_t at = k.mv_size >= 8 ? queue_id_time_ms(key_u64(k.mv_data)) : 0;
+        if (at != 0 && (slot->c.oldest_ms == 0 || at < slot->c.oldest_ms))
+            slot->c.oldest_ms = at;
     }
     scan_end(&s);
     int ret = rc == MDB_NOTFOUND ? 0 : lmdb_err(rc);

@@ -263,6 +263,10 @@ struct queue_outcome {
     uint64_t due_ms;   /* QUEUE_DEFERRED: Unix ms of the next attempt */
     unsigned code;     /* reply code, 0 if none (e.g. connection failure) */
     const char *reply; /* borrowed for the call; NULL or text, cut at QUEUE_MAX_REPLY */
+    unsigned tag;      /* QUEUE_DEFERRED: the caller's kind of failure, 1..QUEUE_TAGS-1
+                        * (0: none), kept with the recipient until its next outcome
+                        * and counted per domain by queue_counts() (sluice's: its
+                        * failure class + 1); opaque to the spool */
 };
 
 /* Submit n outcomes, committed together. outcomes is copied. Same
@@ -432,10 +436,17 @@ struct queue_due_pos {
 int queue_due(struct queue *q, struct queue_due_pos *pos, uint64_t now_ms, unsigned limit,
               queue_rcpt_fn *cb, void *arg);
 
+#define QUEUE_TAGS 16
+
 struct queue_counts {
     uint64_t messages; /* totals only */
     uint64_t ready;    /* recipients */
     uint64_t deferred; /* recipients */
+    /* Per domain only (zero in the totals): */
+    uint64_t oldest_ms; /* queue_id_time_ms() of its oldest recipient, ready or deferred */
+    uint64_t deferred_by_tag[QUEUE_TAGS]; /* its deferred recipients by their last
+                                           * outcome's tag ([0]: none, e.g. stored
+                                           * by an earlier version) */
 };
 
 typedef int queue_domain_fn(void *arg, const char *domain, const struct queue_counts *c);

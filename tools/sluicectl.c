@@ -685,10 +685,16 @@ render_domains(const cJSON *doc, size_t limit)
                             : cJSON_IsTrue(susp) ? (cJSON_IsTrue(held) ? "suspended,held" : "suspended")
                             : cJSON_IsTrue(held) ? "held"
                                                  : "active";
-        /* the most frequent class first (the engine sorts them) */
+        /* the most frequent class first (the engine sorts them); with no
+         * deferral since the destination was made (after a restart), the
+         * class of most of its recipients waiting deferred in the spool */
         char top[64] = "-";
         const cJSON *cls = get(d, "deferred_by_class");
         const cJSON *c0 = cJSON_IsObject(cls) ? cls->child : NULL;
+        if (c0 == NULL) {
+            cls = get(d, "waiting_by_class");
+            c0 = cJSON_IsObject(cls) ? cls->child : NULL;
+        }
         if (c0 != NULL && c0->string != NULL && cJSON_IsNumber(c0))
             snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
         table_row(&t, fmt_str(d, "name"), fmt_str(d, "pool"), fmt_count(d, "ready"),
@@ -1486,8 +1492,10 @@ static const struct cmd cmds[] = {
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)",
      "One row per destination, busiest first (ready + deferred + in flight):\n"
      "queued recipients by state, connections and the limit in force, the\n"
-     "message rate allowed, totals, the age of the oldest waiting message,\n"
-     "whether it is suspended, and why its limits are what they are.",
+     "message rate allowed, totals, the age of the oldest waiting recipient\n"
+     "(deferred ones too), whether it is suspended, the most frequent class\n"
+     "of its deferrals (after a restart: of its recipients waiting deferred),\n"
+     "and why its limits are what they are.",
      0, 1, run_domains},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
     {"queue", "[N] [DOMAIN]", "the queued messages, oldest first, as mailq lists them",

@@ -462,6 +462,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             if (ten != NULL)
                 ten->deferred++;
             t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
+            /* kept with the recipient: the domains view counts the waiting
+             * recipients by class from the spool, across restarts */
+            _Static_assert(BOUNCE_CLASS_COUNT < QUEUE_TAGS, "a class is a spool tag");
+            q->tag = (unsigned)cls < BOUNCE_CLASS_COUNT ? (unsigned)cls + 1 : 0;
             owner_add(NULL, oc_p, oc_s, 0, 1, 0);
             if (pr.backoff && where->src_id != 0 && t->poolc != NULL)
                 sched_source_throttled(t, where->src_id, where->mx, "rate_limited");

@@ -267,6 +267,40 @@ def test_flush_retries_deferred_now():
         r.close()
 
 
+def test_domains_of_deferred_mail_across_a_restart():
+    """A domain whose every recipient waits deferred: `domains` gives the
+    age of the oldest one (not '-': none is ready) and its deferral class
+    (TOP DEFERRAL), before and after a restart on the same spool (the
+    class is kept with each recipient in the spool)."""
+    r = Relay(records_for(["soft.test"]), sink_flags=["-r", "RCPT"],
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(1, ["a@soft.test", "b@soft.test"]), msg(2, ["c@soft.test"])])
+        ev = wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 3)
+        cls = ev[0]["class"]
+
+        def check(when, key):
+            d = wait_until(lambda: (lambda x: x if x and x["deferred"] == 3 else None)(
+                domain_row(r, "soft.test")), 10, f"soft.test's 3 deferred {when}")
+            assert d["ready"] == 0, (when, d)
+            assert d["oldest_age_ms"] is not None and d["oldest"] is not None, (when, d)
+            assert d[key] == {cls: 3}, (when, d)
+            p = ctl(r, "domains")
+            assert p.returncode == 0, p.stderr
+            row = [ln for ln in p.stdout.splitlines() if ln.startswith("soft.test ")]
+            assert len(row) == 1, p.stdout
+            assert row[0].split()[10] != "-", (when, p.stdout)  # OLDEST
+            assert f" {cls}:3 " in row[0], (when, p.stdout)   # TOP DEFERRAL
+        check("before the restart", "deferred_by_class")
+        assert r.d.stop_clean() == 0
+        r.d = Sluice(SLUICE, os.path.join(r.wd.path, "sluice.conf"))
+        r.d.wait_log("event=ready")
+        check("after the restart", "waiting_by_class")
+        assert domain_row(r, "soft.test")["deferred_by_class"] == {}
+    finally:
+        r.close()
+
+
 def test_bounce_by_id_and_domain():
     """bounce ID of a deferred message, then bounce DOMAIN of a suspended
     domain's ready mail: the recipients leave the spool with a bounce event
@@ -528,6 +562,7 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_suspend_and_resume,
-          test_flush_retries_deferred_now, test_bounce_by_id_and_domain,
+          test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
+          test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
           test_sigterm_drains_and_restart_loses_nothing])

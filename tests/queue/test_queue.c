@@ -138,7 +138,7 @@ static void
 outcome(struct queue *q, uint64_t id, unsigned rcpt, enum queue_outcome_kind kind, uint64_t due,
         unsigned code, const char *reply)
 {
-    struct queue_outcome o = {id, rcpt, kind, due, code, reply};
+    struct queue_outcome o = {id, rcpt, kind, due, code, reply, 0};
     assert_int_equal(queue_update_wait(q, &o, 1), 0);
 }
 
@@ -759,8 +759,8 @@ test_delete_with_last_rcpt(void **state)
 
     /* the last two in one update: the message goes */
     struct queue_outcome last[2] = {
-        {id, 2, QUEUE_DELIVERED, 0, 250, "ok"},
-        {id, 3, QUEUE_BOUNCED, 0, 550, "no"},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0},
+        {id, 3, QUEUE_BOUNCED, 0, 550, "no", 0},
     };
     assert_int_equal(queue_update_wait(f->q, last, 2), 0);
     assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
@@ -814,10 +814,10 @@ test_deferred_index(void **state)
     uint64_t b = put_msg(f->q, 2, "example.org", "b", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x"},
-        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x"},
-        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x"},
-        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x"},
+        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x", 0},
+        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x", 0},
+        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x", 0},
+        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x", 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 4), 0);
 
@@ -897,7 +897,7 @@ test_due_many_renews(void **state)
         struct queue_outcome o[100];
         for (unsigned i = 0; i < 100; i++)
             o[i] = (struct queue_outcome){id,  i,  QUEUE_DEFERRED, base + 100000 - m * 100 - i,
-                                          451, "z"};
+                                          451, "z", 0};
         assert_int_equal(queue_update_wait(f->q, o, 100), 0);
     }
     struct seen s = {0};
@@ -1022,8 +1022,8 @@ test_large_body(void **state)
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 41);
-    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL},
-                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL}};
+    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL, 0},
+                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL, 0}};
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 0 && rep.messages == 0);
@@ -1086,7 +1086,7 @@ test_port_async(void **state)
     /* an update through the same port */
     struct queue_outcome o[32];
     for (int i = 0; i < 32; i++)
-        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL};
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0};
     struct done_cookie uc = {&log, 100};
     assert_int_equal(queue_update(f->q, p, o, 32, on_done, &uc), 0);
     while (log.n < 33)
@@ -1148,7 +1148,7 @@ test_update_enqueue(void **state)
     struct queue_rcpt dr = {.addr = "bounce@sender.example"};
     struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
     struct iovec diov = {(void *)"the dsn", 7};
-    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown"};
+    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0};
     struct queue_stats s0, s1;
     queue_stats(f->q, &s0);
     assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
@@ -1199,9 +1199,9 @@ test_due_take_clock_steps(void **state)
     uint64_t a = put_msg(f->q, 3, "example.com", "t", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy"},
-        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy"},
-        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy"},
+        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy", 0},
+        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy", 0},
+        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy", 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 3), 0);
     struct seen s = {0};
@@ -1304,8 +1304,8 @@ test_owner_walk_and_due_take(void **state)
     uint64_t plain = put_msg(f->q, 1, "example.com", "x\r\n", 3);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later"},
-        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later"},
+        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later", 0},
+        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later", 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     reopen(f);
@@ -1379,8 +1379,8 @@ test_corrupt_skipped(void **state)
     uint64_t c = put_msg(f->q, 1, "c.example", "c", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {b, 0, QUEUE_DEFERRED, base, 451, "x"},
-        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x"},
+        {b, 0, QUEUE_DEFERRED, base, 451, "x", 0},
+        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x", 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     queue_close(f->q);
@@ -1500,7 +1500,7 @@ test_events_committed_and_numbered(void **state)
                                                               ev_done, &w)),
                      0);
     /* two outcome lines with their outcome */
-    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok"};
+    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
     w = (struct ev_wait){0};
     assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
                                                                      0, "d1\nd2\n", 6, ev_done,
