@@ -166,6 +166,7 @@ render_shaping(struct json *j, const struct stats_counters *c)
     json_ku64(j, "published", c->shaping_published);
     json_ku64(j, "received", c->shaping_received);
     json_ku64(j, "connections_quit", c->shaping_quits);
+    json_ku64(j, "ignored", c->shaping_ignored);
     json_key(j, "by_rule");
     json_obj_begin(j);
     for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++)
@@ -899,8 +900,8 @@ render_owner_metrics(struct json *t, const struct stats_counters *c)
     render_shaping_metrics(t, c);
 }
 
-/* sluice_shaping_*: active actions by kind, actions started and ended,
- * rule hits (per rule: those that fired, the most first). */
+/* sluice_shaping_*: active actions by kind, actions started, ended and
+ * ignored, rule hits (per rule: those that fired, the most first). */
 static void
 render_shaping_metrics(struct json *t, const struct stats_counters *c)
 {
@@ -936,6 +937,11 @@ render_shaping_metrics(struct json *t, const struct stats_counters *c)
                 "Outbound connections that said goodbye because a shaping action said so.");
     text_printf(t, "sluice_shaping_connections_quit_total %llu\n",
                 (unsigned long long)c->shaping_quits);
+    text_family(t, "sluice_shaping_actions_ignored_total", "counter",
+                "Shaping actions read of a kind or scope this node does not know (a newer "
+                "node's): ignored.");
+    text_printf(t, "sluice_shaping_actions_ignored_total %llu\n",
+                (unsigned long long)c->shaping_ignored);
 }
 
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */

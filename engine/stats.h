@@ -190,6 +190,8 @@ struct stats_counters {
     uint64_t shaping_active[6];    /* by kind: suspend, backoff, cap, count, rate, bounce */
     uint64_t shaping_started, shaping_ended, shaping_hits, shaping_published,
         shaping_received, shaping_quits;
+    uint64_t shaping_ignored; /* actions read of a kind or scope unknown here (a newer
+                               * node's, from Redis or the state file): not applied */
     unsigned shaping_rules;        /* rules loaded */
     struct stats_shaping_rule {
         char name[64];

@@ -605,6 +605,16 @@ render_stats(const cJSON *st)
     table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
     table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");
     table_row(&t, "  dropped", fmt_count(st, "dlog.dropped"), "");
+    if (cJSON_IsTrue(get(st, "shaping.enabled"))) {
+        /* the actions in force: "shaping list" */
+        table_heading(&t, "Traffic shaping");
+        table_row(&t, "  actions started", fmt_count(st, "shaping.started"), "");
+        table_row(&t, "  actions ended", fmt_count(st, "shaping.ended"), "");
+        table_row(&t, "  replies that matched a rule", fmt_count(st, "shaping.rule_hits"), "");
+        table_row(&t, "  connections quit for an action", fmt_count(st, "shaping.connections_quit"),
+                  "");
+        table_row(&t, "  actions ignored (unknown here)", fmt_count(st, "shaping.ignored"), "");
+    }
     table_heading(&t, "AUTH");
     table_row(&t, "  succeeded", fmt_count(st, "auth.ok"), "");
     table_row(&t, "  failed", fmt_count(st, "auth.failed"), "");
@@ -1487,7 +1497,9 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 static const struct cmd cmds[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects",
      "Totals since start, rates over the last second and the last minute,\n"
-     "connections, queue depth, spool, DNS cache, delivery log and live objects.",
+     "connections, queue depth, spool, DNS cache, delivery log, traffic shaping\n"
+     "(with the actions ignored: of a kind or scope this node does not know)\n"
+     "and live objects.",
      0, 0, run_plain},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)",
      "One row per destination, busiest first (ready + deferred + in flight):\n"

@@ -435,6 +435,36 @@ def test_prometheus_endpoint():
         r.close()
 
 
+def test_shaping_actions_unknown_here_are_counted():
+    """Actions of a kind or scope this node does not know (a newer node's,
+    here in the state file it reads at start) are ignored, and counted
+    beside the other shaping counters: `stats` (shaping.ignored), its
+    sluicectl rendering, and /metrics."""
+    hport = free_port()
+    r = Relay(records_for(["p.test"]), domain_conf=stats_conf(http=hport))
+    try:
+        assert r.d.stop_clean() == 0
+        until = int(time.time() * 1000) + 3600000
+        rest = "source=\tgroup=*\tdomain=\ttenant=\torigin=n2\tstarted=1\t" \
+               f"until={until}\tper=0\ttrigger=x"
+        with open(os.path.join(r.spool, "shaping.state"), "w") as f:
+            f.write(f"id=00000000000000a1\tkind=throttle\tscope=group\tvalue=3\trule=r1\t{rest}\n")
+            f.write(f"id=00000000000000a2\tkind=throttle\tscope=group\tvalue=3\trule=r2\t{rest}\n")
+            f.write(f"id=00000000000000a3\tkind=suspend\tscope=campaign\tvalue=0\trule=r3\t{rest}\n")
+        r.d = Sluice(SLUICE, os.path.join(r.wd.path, "sluice.conf"))
+        r.d.wait_log("event=ready")
+        assert r.d.count_log("event=shaping_action_ignored") == 2  # once per kind and scope
+        sh = ctl_json(r, "stats")["shaping"]
+        assert sh["ignored"] == 3 and sum(sh["active"].values()) == 0, sh
+        p = ctl(r, "stats")
+        assert p.returncode == 0, p.stderr
+        assert re.search(r"^  actions ignored \(unknown here\)\s+3$", p.stdout, re.M), p.stdout
+        wait_until(lambda: http_get(hport, "/metrics")[0] == 200, 10, "the /metrics listener")
+        assert metric(http_get(hport, "/metrics")[2], "sluice_shaping_actions_ignored_total") == 3
+    finally:
+        r.close()
+
+
 def test_reload_refused_says_why():
     """sluicectl reload answers once the reload is over: a config with an
     unknown key is refused with the file, line and key in the error and a
@@ -564,5 +594,6 @@ if __name__ == "__main__":
     main([test_stats_domains_message_and_exit_codes, test_suspend_and_resume,
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
-          test_prometheus_endpoint, test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
+          test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
+          test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
           test_sigterm_drains_and_restart_loses_nothing])
