@@ -246,6 +246,67 @@ conf_find(const struct conf_key *keys, const char *name)
     return NULL;
 }
 
+#define SUGGEST_MAX 64 /* longer names are not compared */
+
+/* Edit distance of a and b (lengths at most SUGGEST_MAX), case ignored:
+ * insertions, deletions, substitutions and swaps of neighbours (optimal
+ * string alignment). */
+static unsigned
+edit_distance(const char *a, size_t la, const char *b, size_t lb)
+{
+    unsigned d[SUGGEST_MAX + 1][SUGGEST_MAX + 1];
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = (unsigned)i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++)
+        for (size_t j = 1; j <= lb; j++) {
+            int ca = tolower((unsigned char)a[i - 1]), cb = tolower((unsigned char)b[j - 1]);
+            unsigned v = d[i - 1][j - 1] + (ca != cb);
+            if (d[i - 1][j] + 1 < v)
+                v = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < v)
+                v = d[i][j - 1] + 1;
+            if (i > 1 && j > 1 && ca == tolower((unsigned char)b[j - 2]) &&
+                tolower((unsigned char)a[i - 2]) == cb && d[i - 2][j - 2] + 1 < v)
+                v = d[i - 2][j - 2] + 1;
+            d[i][j] = v;
+        }
+    return d[la][lb];
+}
+
+const char *
+conf_suggest_name(const char *name, const char *const *cand, size_t n)
+{
+    size_t ln = strlen(name);
+    if (ln == 0 || ln > SUGGEST_MAX)
+        return NULL;
+    unsigned limit = ln <= 4 ? 1 : ln <= 8 ? 2 : 3;
+    const char *best = NULL;
+    unsigned bestd = limit + 1;
+    for (size_t i = 0; i < n; i++) {
+        size_t lc = strlen(cand[i]);
+        if (lc > SUGGEST_MAX || (lc > ln ? lc - ln : ln - lc) > limit)
+            continue;
+        unsigned dist = edit_distance(name, ln, cand[i], lc);
+        if (dist < bestd) {
+            bestd = dist;
+            best = cand[i];
+        }
+    }
+    return best;
+}
+
+const char *
+conf_suggest(const struct conf_key *keys, const char *name)
+{
+    const char *names[256];
+    size_t n = 0;
+    for (const struct conf_key *k = keys; k->name != NULL && n < 256; k++)
+        names[n++] = k->name;
+    return conf_suggest_name(name, names, n);
+}
+
 static void
 fmt_size(uint64_t v, char *out, size_t len)
 {

@@ -60,6 +60,13 @@ void conf_free(const struct conf_key *keys, void *obj);
 /* Deep-copy obj into dst (strings duplicated). Returns 0 or -ENOMEM. */
 int conf_copy(const struct conf_key *keys, void *dst, const void *src, size_t size);
 const struct conf_key *conf_find(const struct conf_key *keys, const char *name);
+/* For an unknown name: the closest of the n names cand (by edit distance,
+ * a swap of two neighbours counting as one edit, case ignored), when it
+ * is close enough to be a typo (at most 1 edit for a name of up to 4
+ * octets, 2 up to 8, 3 beyond); else NULL. Borrowed from cand. */
+const char *conf_suggest_name(const char *name, const char *const *cand, size_t n);
+/* The same among the names of keys. */
+const char *conf_suggest(const struct conf_key *keys, const char *name);
 /* Format the value of a key (for --config-reference and stats). */
 void conf_format(const struct conf_key *key, const void *obj, char *out, size_t outlen);
 /* "1..65535", "1M..", "off, optional, required" or "" (for the reference

@@ -578,6 +578,47 @@ perr(struct parse *p, unsigned line, const char *fmt, ...)
     p->nerrors++;
 }
 
+/* " (did you mean \"NAME\"?)" for an unknown key close to one of keys
+ * (a typo), else "": into buf. */
+static const char *
+key_hint(char *buf, size_t len, const struct conf_key *keys, const char *name)
+{
+    const char *s = conf_suggest(keys, name);
+    if (s == NULL)
+        return "";
+    snprintf(buf, len, " (did you mean \"%s\"?)", s);
+    return buf;
+}
+
+/* The same for an unknown section header: a plain section ([delivery]),
+ * or the kind of one that takes a name ([domain NAME], ...). */
+static const char *
+section_hint(char *buf, size_t len, const char *section)
+{
+    static const char *const kinds[] = {"domain", "mx",   "source", "dkim",
+                                        "events", "pool", "tenant", "warmup"};
+    const char *plain[NSECTIONS + 1];
+    size_t n = 0;
+    for (unsigned i = 0; i < NSECTIONS; i++)
+        plain[n++] = sections[i].name;
+    plain[n++] = "classify";
+    size_t wl = strcspn(section, " \t");
+    const char *rest = section + wl;
+    while (*rest == ' ' || *rest == '\t')
+        rest++;
+    char word[65];
+    if (wl >= sizeof(word))
+        return "";
+    memcpy(word, section, wl);
+    word[wl] = '\0';
+    const char *s = *rest == '\0' ? conf_suggest_name(word, plain, n)
+                                  : conf_suggest_name(word, kinds, sizeof(kinds) / sizeof(kinds[0]));
+    if (s == NULL)
+        return "";
+    snprintf(buf, len, " (did you mean \"[%s%s%.*s]\"?)", s, *rest ? " " : "", 128, rest);
+    return buf;
+}
+
 /* inih calls this once per line (or per chunk of a line longer than its
  * buffer): count lines, and refuse the over-long ones. */
 static void enter_section(struct parse *p, const char *section);
@@ -1001,10 +1042,12 @@ enter_section(struct parse *p, const char *section)
         return;
     }
     p->sec = -3;
+    char hint[300];
     if (section[0] == '\0')
         perr(p, p->line, "keys must follow a section header such as [server]");
     else
-        perr(p, p->header_line, "[%s]: unknown section", section);
+        perr(p, p->header_line, "[%s]: unknown section%s", section,
+             section_hint(hint, sizeof(hint), section));
 }
 
 static int
@@ -1016,7 +1059,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
     if (p->sec == -3)
         return 1; /* already reported */
 
-    char why[256];
+    char why[256], hint[160];
     if (p->sec == -11) {
         if (warmup_conf_key(&p->cfg->warmups[p->warmup_i], name, value, p->line, why,
                             sizeof(why)) < 0)
@@ -1027,7 +1070,8 @@ on_key(void *user, const char *section, const char *name, const char *value)
         struct dkim_build *b = p->dkim;
         const struct conf_key *k = conf_find(dkim_sig_conf_keys, name);
         if (k == NULL) {
-            perr(p, p->line, "%s: unknown key in [dkim %s %s]", name, b->domain, b->selector);
+            perr(p, p->line, "%s: unknown key in [dkim %s %s]%s", name, b->domain, b->selector,
+                 key_hint(hint, sizeof(hint), dkim_sig_conf_keys, name));
             return 1;
         }
         unsigned *first = &b->key_line[k - dkim_sig_conf_keys];
@@ -1050,7 +1094,8 @@ on_key(void *user, const char *section, const char *name, const char *value)
                                : p->cfg->tenants[p->named_i].key_line;
         const struct conf_key *k = conf_find(keys, name);
         if (k == NULL) {
-            perr(p, p->line, "%s: unknown key in [%s %s]", name, pool ? "pool" : "tenant", sname);
+            perr(p, p->line, "%s: unknown key in [%s %s]%s", name, pool ? "pool" : "tenant", sname,
+                 key_hint(hint, sizeof(hint), keys, name));
             return 1;
         }
         unsigned *first = &lines[k - keys];
@@ -1093,15 +1138,19 @@ on_key(void *user, const char *section, const char *name, const char *value)
             p->lim_set[p->nlim_set++] = (struct lim_set){p->lim_v, p->lim_i, idx, p->line};
         }
         if (k == NULL)
-            perr(p, p->line, "%s: unknown key in [%s %s]", name, p->sec == -5 ? "mx" : "source",
-                 m->pattern);
+            perr(p, p->line, "%s: unknown key in [%s %s]%s", name, p->sec == -5 ? "mx" : "source",
+                 m->pattern, key_hint(hint, sizeof(hint), lkeys, name));
         else if (conf_set(lkeys, m, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
     if (p->sec == -8) {
         struct events_sink_config *c = &p->cfg->events[p->ev_i];
-        if (conf_set(events_sink_keys, c, name, value, why, sizeof(why)) < 0)
+        int src = conf_set(events_sink_keys, c, name, value, why, sizeof(why));
+        if (src == -ENOENT)
+            perr(p, p->line, "%s: unknown key in [events %s]%s", name, c->name,
+                 key_hint(hint, sizeof(hint), events_sink_keys, name));
+        else if (src < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
@@ -1114,7 +1163,8 @@ on_key(void *user, const char *section, const char *name, const char *value)
     if (p->sec == -2) {
         const struct conf_key *k = conf_find(domain_keys, name);
         if (k == NULL) {
-            perr(p, p->line, "%s: unknown key in [domain %s]", name, p->dom->name);
+            perr(p, p->line, "%s: unknown key in [domain %s]%s", name, p->dom->name,
+                 key_hint(hint, sizeof(hint), domain_keys, name));
             return 1;
         }
         unsigned idx = (unsigned)(k - domain_keys);
@@ -1154,7 +1204,8 @@ on_key(void *user, const char *section, const char *name, const char *value)
     const struct section *sec = &sections[p->sec];
     const struct conf_key *k = conf_find(sec->keys, name);
     if (k == NULL) {
-        perr(p, p->line, "%s: unknown key in [%s]", name, sec->name);
+        perr(p, p->line, "%s: unknown key in [%s]%s", name, sec->name,
+             key_hint(hint, sizeof(hint), sec->keys, name));
         return 1;
     }
     unsigned idx = (unsigned)(k - sec->keys);

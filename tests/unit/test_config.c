@@ -46,7 +46,7 @@ load(const char *text, struct config **cfg, int *rc)
 static void
 expect_error(const char *errs, unsigned line, const char *what)
 {
-    char want[128];
+    char want[512];
     snprintf(want, sizeof(want), "%s:%u: %s", path, line, what);
     if (strstr(errs, want) == NULL)
         fail_msg("expected '%s' in:\n%s", want, errs);
@@ -82,6 +82,46 @@ test_errors_with_lines(void **state)
     expect_error(errs, 10, "[nonsense]: unknown section");
     expect_error(errs, 13, "workers: set twice in [server] (first at line 2)");
     expect_error(errs, 14, "not a [section] header");
+    free(errs);
+}
+
+/* An unknown key or section that is a typo of a known one says which
+ * (edit distance, a swap counting as one edit); one far from any does not. */
+static void
+test_unknown_names_suggest(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[delivery]\n"                 /* 1 */
+                      "idle_timout = 5s\n"           /* 2: one letter short */
+                      "conenct_timeout = 5s\n"       /* 3: two letters swapped */
+                      "frobnicate = 1\n"             /* 4: nothing close */
+                      "[delivry]\n"                  /* 5: a section */
+                      "x = 1\n"                      /* 6 */
+                      "[domian example.com]\n"       /* 7: a named section's kind */
+                      "x = 1\n"                      /* 8 */
+                      "[domain example.com]\n"       /* 9 */
+                      "max_conections = 5\n"         /* 10: [domain] keys */
+                      "[source 192.0.2.1]\n"         /* 11 */
+                      "ehlp = a.example\n"           /* 12: [source] keys */
+                      "[zzzzzz]\n"                   /* 13: nothing close */
+                      "x = 1\n",                     /* 14 */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    expect_error(errs, 2,
+                 "idle_timout: unknown key in [delivery] (did you mean \"idle_timeout\"?)");
+    expect_error(errs, 3,
+                 "conenct_timeout: unknown key in [delivery] (did you mean \"connect_timeout\"?)");
+    expect_error(errs, 4, "frobnicate: unknown key in [delivery]\n");
+    expect_error(errs, 5, "[delivry]: unknown section (did you mean \"[delivery]\"?)");
+    expect_error(errs, 7,
+                 "[domian example.com]: unknown section (did you mean \"[domain example.com]\"?)");
+    expect_error(errs, 10, "max_conections: unknown key in [domain example.com] (did you mean "
+                           "\"max_connections\"?)");
+    expect_error(errs, 12, "ehlp: unknown key in [source 192.0.2.1] (did you mean \"ehlo\"?)");
+    expect_error(errs, 13, "[zzzzzz]: unknown section\n");
     free(errs);
 }
 
@@ -275,6 +315,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors_with_lines),
+        cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_line_and_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
