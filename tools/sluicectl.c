@@ -47,6 +47,7 @@ enum { EXIT_OK = 0, EXIT_REFUSED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
 struct ctl {
     const char *path; /* borrowed: argv or the environment */
+    const char *path_from; /* static: where path came from, for the operator */
     bool json;
     int fd;    /* -1: not connected yet */
     char *buf; /* owned: what was read and not yet used */
@@ -104,6 +105,22 @@ wait_fd(int fd, short events, uint64_t deadline)
 
 /* ---- the connection ---- */
 
+/* The socket cannot be reached (e: errno): say what that likely means
+ * and which path was tried, from where, rather than a bare errno. */
+static void __attribute__((noreturn))
+ctl_unreachable(const struct ctl *c, int e)
+{
+    const char *why = e == ENOENT       ? "no such socket: is sluice running?"
+                      : e == ECONNREFUSED ? "connection refused: sluice may not be running "
+                                          "(a socket left behind by one that stopped)"
+                      : e == EACCES      ? "permission denied: run as a user that may open it"
+                      : e == ENOTSOCK    ? "not a socket"
+                      : e == ETIMEDOUT   ? "timed out: sluice is running but does not answer"
+                                         : strerror(e);
+    die(EXIT_UNREACHABLE, "cannot reach sluice's stats socket %s (%s): %s", c->path,
+        c->path_from, why);
+}
+
 static void
 ctl_connect(struct ctl *c)
 {
@@ -119,14 +136,14 @@ ctl_connect(struct ctl *c)
     if (connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
         /* a full backlog: wait for room, as long as a request may take */
         if (errno != EAGAIN && errno != EINPROGRESS)
-            die(EXIT_UNREACHABLE, "cannot reach %s: %s", c->path, strerror(errno));
+            ctl_unreachable(c, errno);
         if (!wait_fd(c->fd, POLLOUT, clock_mono_ms() + TIMEOUT_MS))
-            die(EXIT_UNREACHABLE, "cannot reach %s: timed out", c->path);
+            ctl_unreachable(c, ETIMEDOUT);
         int e = 0;
         socklen_t el = sizeof(e);
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &e, &el);
         if (e != 0)
-            die(EXIT_UNREACHABLE, "cannot reach %s: %s", c->path, strerror(e));
+            ctl_unreachable(c, e);
     }
 }
 
@@ -1645,8 +1662,11 @@ main(int argc, char **argv)
 {
     struct ctl c = {.fd = -1};
     c.path = getenv("SLUICE_SOCKET");
-    if (c.path == NULL || c.path[0] == '\0')
+    c.path_from = "from $SLUICE_SOCKET";
+    if (c.path == NULL || c.path[0] == '\0') {
         c.path = DEFAULT_SOCKET;
+        c.path_from = "the default; -s or $SLUICE_SOCKET names another";
+    }
     signal(SIGPIPE, SIG_IGN);
 
     int i = 1;
@@ -1659,8 +1679,10 @@ main(int argc, char **argv)
             if (i + 1 >= argc)
                 die(EXIT_USAGE, "%s needs a socket path", a);
             c.path = argv[++i];
+            c.path_from = "from -s";
         } else if (strncmp(a, "--socket=", 9) == 0) {
             c.path = a + 9;
+            c.path_from = "from --socket";
         } else if (strcmp(a, "-j") == 0 || strcmp(a, "--json") == 0) {
             c.json = true;
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {

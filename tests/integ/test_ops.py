@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from harness import Smtp, Sluice, free_port, main, mdb_entries, skip, wait_until
+from harness import Smtp, Sluice, Workdir, free_port, main, mdb_entries, skip, wait_until
 import test_delivery
 from test_delivery import Relay, Sink, records_for, wait_sink
 from test_outcomes import events, log_conf_text, wait_events
@@ -168,6 +168,30 @@ def test_stats_domains_message_and_exit_codes():
         assert ctl(r, "stats").returncode == 0
     finally:
         r.close()
+
+
+def test_sluicectl_without_sluice_says_so():
+    """No sluice behind the socket: sluicectl exits 3 with one line that
+    names the path it tried, where the path came from, and that sluice
+    may not be running (no socket, or one left by a sluice that stopped),
+    not a bare errno."""
+    wd = Workdir("sluice-ctl-")
+    try:
+        gone = os.path.join(wd.path, "gone.sock")
+        err = one_line_error(ctl(gone, "stats"), 3)
+        assert gone in err and "(from -s)" in err and "is sluice running?" in err, err
+        env = dict(os.environ, SLUICE_SOCKET=gone)
+        p = subprocess.run([SLUICECTL, "stats"], capture_output=True, text=True, timeout=30,
+                           env=env)
+        err = one_line_error(p, 3)
+        assert gone in err and "$SLUICE_SOCKET" in err and "is sluice running?" in err, err
+        stale = os.path.join(wd.path, "stale.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(stale)  # never listened on: refused, as after a stop
+        err = one_line_error(ctl(stale, "domains"), 3)
+        assert stale in err and "sluice may not be running" in err, err
+    finally:
+        wd.cleanup()
 
 
 def test_suspend_and_resume():
@@ -591,7 +615,8 @@ if __name__ == "__main__":
             skip(f"{tool} not installed (tools/install-deps --test)")
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
-    main([test_stats_domains_message_and_exit_codes, test_suspend_and_resume,
+    main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
+          test_suspend_and_resume,
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
