@@ -784,6 +784,14 @@ share_slack(uint64_t total)
 bool
 source_better(const struct site_source *a, unsigned wa, const struct site_source *b, unsigned wb)
 {
+    /* A source with no connection at the site, not ahead of the other
+     * per weight, first: a site opens one connection per source before a
+     * second from any (with a window of a few, the heavier source took
+     * every connection, and the others never sent or warmed up). */
+    if (a->conns == 0 && b->conns != 0 && a->sent * wb <= b->sent * wa)
+        return true;
+    if (b->conns == 0 && a->conns != 0 && b->sent * wa <= a->sent * wb)
+        return false;
     /* the least (transactions + connections + 1) per weight */
     uint64_t la = a->sent + a->conns + 1, lb = b->sent + b->conns + 1;
     return la * wb < lb * wa;

@@ -994,6 +994,13 @@ source_pick_order(void **state)
     assert_false(source_better(&a, 3, &b, 1));
     b.sent = 11; /* 13/1 > 11 */
     assert_true(source_better(&a, 3, &b, 1));
+    /* A source without a connection first, unless ahead per weight. */
+    struct site_source none = {.sent = 0, .conns = 0}, busy = {.sent = 0, .conns = 1};
+    assert_true(source_better(&none, 1, &busy, 3));
+    assert_false(source_better(&busy, 3, &none, 1));
+    none.sent = 20, busy.sent = 30; /* 20/1 > 30/3: ahead, the weights decide */
+    assert_false(source_better(&none, 1, &busy, 3));
+    assert_true(source_better(&busy, 3, &none, 1));
 }
 
 int
