@@ -66,7 +66,8 @@
 #define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
 #define STS_ASK_MS     1000 /* a destination asks the MTA-STS store at most this often */
-#define STS_WAIT_MS    50   /* ... and this often while its first check runs */
+#define STS_WAIT_MS    50   /* ... and at least this often while its first check runs */
+#define STS_WAIT_MIN_MS 2   /* ... at most this often (after half the time it has run) */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
 
 struct dest;
@@ -245,9 +246,12 @@ struct dest {
     bool refused_sts;        /* no target: no MX host matches its MTA-STS enforce policy */
     /* MTA-STS (engine/mta_sts.h): the policy when last asked, asked again
      * at most every STS_ASK_MS; while the first check of the domain runs
-     * it waits (dest_run_once asks again every STS_WAIT_MS). */
+     * it waits (dest_run_once asks again, every STS_WAIT_MIN_MS to
+     * STS_WAIT_MS). */
     struct mta_sts_policy *sts; /* owned reference, or NULL: none (or not applied) */
     uint64_t sts_asked;      /* monotonic ns of the last answer; 0: none yet */
+    uint64_t sts_wait_since; /* monotonic ns its mail began to wait for a first check;
+                              * 0: it does not */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
@@ -380,7 +384,7 @@ dest_mx_allowed(const struct dest *t, const char *name)
     return !dest_sts_enforce(t) || mta_sts_match(t->sts, name);
 }
 /* The policy t's mail is under: true when known (t->sts set, or NULL),
- * false while its first check runs (ask again in STS_WAIT_MS). */
+ * false while its first check runs (ask again in STS_WAIT_MIN_MS to STS_WAIT_MS). */
 bool dest_sts_ready(struct dest *t);
 /* "none", "opportunistic", "mta-sts", "verify": the delivery log's
  * tls_policy for a delivery of t under TLS policy tls_pol (enum
