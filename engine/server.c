@@ -2470,7 +2470,7 @@ session_free(struct session *s)
     /* "ehlo=1 mail=1 rcpt=2/3 data=1 quit=1 commands=6/7": per verb the
      * commands answered 2xx or 3xx (of all, where some were refused), as
      * Postfix's smtpd says at disconnect */
-    char sum[512];
+    char sum[512] = ""; /* empty for a session that said nothing */
     size_t o = 0;
     uint32_t all = 0, ok = 0;
     for (unsigned v = 1; v <= SMTP_VERB_AUTH + 1 && o < sizeof(sum) - 48; v++) {

@@ -328,6 +328,30 @@ def test_max_errors_closes_session():
         assert [x.code for x in got] == [500, 421], got
 
 
+def test_disconnect_line_sums_commands():
+    """The disconnect line counts what the session said, per verb (ok/all
+    where some were refused), and nothing else: a client that leaves
+    without a command gets "commands=0/0" right after its user, never
+    bytes left on the stack."""
+    with sluice() as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        c.expect("RCPT TO:<bad address>", 553)
+        c.expect("XYZZY", 500)
+        c.expect("QUIT", 221)
+        c.close()
+        line = r.d.wait_log("event=disconnect")
+        assert line.endswith(" user=- ehlo=1 mail=1 rcpt=1/2 quit=1 unknown=0/1 commands=4/6"), line
+        for _ in range(3):
+            c = r.connect()
+            c.close()
+        r.d.wait_log_count("event=disconnect", 4)
+        for line in r.d.log_lines("event=disconnect")[1:]:
+            assert line.endswith(" user=- commands=0/0"), line
+
+
 def test_too_many_recipients():
     with sluice(server="max_recipients = 3\n") as r:
         c = r.connect()
@@ -1094,6 +1118,7 @@ if __name__ == "__main__":
         test_smtp_source_load,
         test_sequence_syntax_and_simple_commands,
         test_max_errors_closes_session,
+        test_disconnect_line_sums_commands,
         test_too_many_recipients,
         test_message_size_limit,
         test_relay_refused_without_auth,
