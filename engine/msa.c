@@ -32,6 +32,8 @@ msa_scan(const char *msg, size_t len, struct msa_scan *out)
         size_t content = llen > 0 && line[llen - 1] == '\r' ? llen - 1 : llen;
         if (content == 0)
             break; /* the empty line: end of the header section */
+        if (off == 0 && (line[0] == ' ' || line[0] == '\t'))
+            break; /* a continuation of nothing: the body */
         if (line[0] != ' ' && line[0] != '\t') {
             const char *colon = memchr(line, ':', content);
             if (colon == NULL)
@@ -44,6 +46,8 @@ msa_scan(const char *msg, size_t len, struct msa_scan *out)
         off += lf ? llen + 1 : llen;
         out->header_len = off;
     }
+    size_t h = out->header_len;
+    out->no_separator = h < len && (len - h < 2 || msg[h] != '\r' || msg[h + 1] != '\n');
 }
 
 /* Copy s keeping what is safe inside a comment of a header field. */

@@ -2,6 +2,8 @@
  * msa: what the message submission agent adds to a message (RFC 6409
  * section 8): a Received trace field always, Message-ID and Date where
  * the message has none. Pure: scans and formats into caller buffers.
+ * The caller ends the header section with an empty line where the message
+ * has none (struct msa_scan's no_separator).
  */
 #ifndef SLUICE_ENGINE_MSA_H
 #define SLUICE_ENGINE_MSA_H
@@ -15,6 +17,10 @@ struct msa_scan {
     bool has_message_id;
     bool has_date;
     size_t header_len; /* octets of the header section, the empty line excluded */
+    /* The text after the header fields is not an empty line (a body that
+     * began without one, or a message with no field at all): whoever puts
+     * fields in front of it must end them with an empty line there. */
+    bool no_separator;
 };
 
 /* A header field of the header section (its first hdr_len octets, as
@@ -30,7 +36,8 @@ bool msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *o
 int msa_parse_expiry(const char *val, size_t vlen, uint64_t now_ms, uint64_t *expire_ms);
 
 /* Look through the header section of a CRLF message (up to the first
- * empty line, or the first line that is not a header field). */
+ * empty line, or the first line that is not a header field; a first line
+ * that starts with a blank continues no field, so it is not one). */
 void msa_scan(const char *msg, size_t len, struct msa_scan *out);
 
 struct msa_trace {

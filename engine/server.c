@@ -222,6 +222,8 @@ struct session {
     struct owner owner;            /* who the message belongs to (owner.h) */
     struct owner_cut cuts[OWNER_F_COUNT]; /* control fields, removed from what is stored */
     unsigned ncuts;
+    bool sep;                      /* an empty line is stored at body[sep_at]: the body */
+    size_t sep_at;                 /* began without one (msa_scan's no_separator) */
 
     /* DKIM: the body hash as the content arrives, then the signature */
     struct dkim_keyring *dkim_keys; /* owned reference, from DATA/BDAT on; NULL: not signed */
@@ -610,6 +612,8 @@ txn_reset(struct session *s)
     s->expire_ms = 0;
     memset(&s->owner, 0, sizeof(s->owner));
     s->ncuts = 0;
+    s->sep = false;
+    s->sep_at = 0;
     s->dkim_keys = dkim_keyring_unref(s->dkim_keys);
     s->dkim_job = dkim_job_free(s->dkim_job);
     s->dkim_skip = NULL;
@@ -961,6 +965,8 @@ message_finish(struct session *s, uint32_t data_flags)
         .add_date = !scan.has_date,
     };
     s->hdrs_len = msa_headers(&t, s->hdrs, sizeof(s->hdrs));
+    s->sep = scan.no_separator;
+    s->sep_at = scan.header_len;
     s->expire_ms = expire_ms;
     if (dkim_sign_start(s, scan.header_len))
         return; /* signing (SS_SIGN), or refused */
@@ -1004,7 +1010,7 @@ message_commit(struct session *s)
         .nrcpt = s->nrcpt,
         .rcpt = qr,
     };
-    struct iovec iov[3 + OWNER_F_COUNT] = {
+    struct iovec iov[4 + OWNER_F_COUNT] = {
         {s->dkim_job ? s->dkim_job->sig : NULL, s->dkim_job ? s->dkim_job->sig_len : 0},
         {s->hdrs, s->hdrs_len},
     };
@@ -1013,6 +1019,12 @@ message_commit(struct session *s)
     for (unsigned i = 0; i < s->ncuts; i++) {
         iov[niov++] = (struct iovec){s->body + at, s->cuts[i].off - at};
         at = s->cuts[i].off + s->cuts[i].len;
+    }
+    /* The cuts are all in the header section, before sep_at. */
+    if (s->sep) {
+        iov[niov++] = (struct iovec){s->body + at, s->sep_at - at};
+        iov[niov++] = (struct iovec){(char *)"\r\n", 2};
+        at = s->sep_at;
     }
     iov[niov++] = (struct iovec){s->body + at, s->body_len - at};
     /* With event sinks, the reception event is committed with the

@@ -681,6 +681,39 @@ def test_msa_adds_received_message_id_date():
         assert "client.example" in dict(headers_of(msgs[b"body bare\r\n"]))["received"]
 
 
+def test_msa_fields_end_the_header_section_of_a_message_without_one():
+    """A message whose text does not begin with header fields (a body
+    alone, a first line that is no field, a first line that starts with
+    a blank, a field list cut by a line that is no field) is stored with
+    an empty line between the header fields and that text, as Postfix's
+    cleanup does: the MSA's fields never take the client's text into the
+    header section (a body line read as a field, or a leading blank line
+    folded into sluice's own Date: or Received:)."""
+    cases = [
+        (b"just a body line\r\nand another\r\n", b"just a body line\r\nand another\r\n"),
+        (b" folded-first\r\nSubject: x\r\n\r\nx\r\n", b" folded-first\r\nSubject: x\r\n\r\nx\r\n"),
+        (b"Subject: cut\r\nnot a field\r\nbody\r\n", b"not a field\r\nbody\r\n"),
+    ]
+    with sluice() as r:
+        c = r.connect()
+        for i, (content, _) in enumerate(cases):
+            assert send_msg(c, content, ehlo="client.example" if i == 0 else None).code == 250
+        r.d.wait_log_count(QUEUED, len(cases))
+        r.stop()
+        stored = [m["body"] for m in r.messages()]
+        assert len(stored) == len(cases), stored
+        for content, body in cases:
+            (m,) = [b for b in stored if b.endswith(body)]
+            assert b"\r\n\r\n" in m, m
+            head, text = m.split(b"\r\n\r\n", 1)
+            assert text == body, m
+            names = [n for n, _ in headers_of(m)]
+            assert names[:1] == ["received"] and names.count("date") == 1, m
+            assert b"folded-first" not in head and b"not a field" not in head, m
+            for line in head.split(b"\r\n"):
+                assert b":" in line or line[:1] in (b" ", b"\t"), m
+
+
 # ---------------------------------------------------------------- hostile input
 
 
@@ -1129,6 +1162,7 @@ if __name__ == "__main__":
         test_pipelining_replies_in_order,
         test_chunking_bdat,
         test_msa_adds_received_message_id_date,
+        test_msa_fields_end_the_header_section_of_a_message_without_one,
         test_bare_lf_in_content_refused,
         test_smtp_smuggling_variants,
         test_long_command_lines,
