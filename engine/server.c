@@ -847,6 +847,69 @@ bounce_finish(struct session *s)
     session_enter(s, SS_COMMAND);
 }
 
+/* Two recipients are one when their addresses are: the local part as it
+ * is (only the receiving host may fold it, RFC 5321 2.4), the domain
+ * without case. */
+static int
+rcpt_addr_cmp(const char *a, const char *b)
+{
+    const char *da = strrchr(a, '@'), *db = strrchr(b, '@');
+    size_t la = da ? (size_t)(da - a) : strlen(a), lb = db ? (size_t)(db - b) : strlen(b);
+    if (la != lb)
+        return la < lb ? -1 : 1;
+    int c = memcmp(a, b, la);
+    return c != 0 ? c : strcasecmp(da ? da : "", db ? db : "");
+}
+
+struct rcpt_ref {
+    const char *addr; /* borrowed: s->rcpts[i].addr */
+    unsigned i;
+};
+
+static int
+rcpt_ref_cmp(const void *a, const void *b)
+{
+    const struct rcpt_ref *x = a, *y = b;
+    int c = rcpt_addr_cmp(x->addr, y->addr);
+    return c != 0 ? c : x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* A recipient given twice in the transaction is kept once, with what its
+ * first RCPT said (as Postfix's cleanup drops duplicates): one copy goes
+ * out, one outcome is logged. Sorted, not compared pairwise: a message
+ * may have max_recipients of them. Without memory they all stay. */
+static void
+rcpts_dedup(struct session *s)
+{
+    if (s->nrcpt < 2)
+        return;
+    struct rcpt_ref *v = malloc(sizeof(*v) * s->nrcpt);
+    bool *dup = calloc(s->nrcpt, sizeof(*dup));
+    if (v == NULL || dup == NULL) {
+        free(v);
+        free(dup);
+        return;
+    }
+    for (unsigned i = 0; i < s->nrcpt; i++)
+        v[i] = (struct rcpt_ref){s->rcpts[i].addr, i};
+    qsort(v, s->nrcpt, sizeof(*v), rcpt_ref_cmp);
+    for (unsigned k = 1; k < s->nrcpt; k++)
+        if (rcpt_addr_cmp(v[k - 1].addr, v[k].addr) == 0)
+            dup[v[k].i] = true;
+    unsigned kept = 0;
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        if (dup[i]) {
+            free(s->rcpts[i].addr);
+            free(s->rcpts[i].orcpt);
+        } else {
+            s->rcpts[kept++] = s->rcpts[i];
+        }
+    }
+    s->nrcpt = kept;
+    free(v);
+    free(dup);
+}
+
 /* The whole message is in s->body: check it, add the MSA's fields and
  * hand it to the spool (after DKIM signing, when it is signed). */
 static void
@@ -895,6 +958,7 @@ message_finish(struct session *s, uint32_t data_flags)
         bounce_finish(s);
         return;
     }
+    rcpts_dedup(s);
 
     struct msa_scan scan;
     msa_scan(s->body, s->body_len, &scan);

@@ -370,6 +370,29 @@ def test_too_many_recipients():
         assert sorted(m["rcpts"]) == [b"r0@example.org", b"r1@example.org", b"r2@example.org"]
 
 
+def test_duplicate_recipients_stored_once():
+    """A recipient given twice in one transaction (the same address, its
+    domain in any case) is stored once, with what its first RCPT said, as
+    Postfix's cleanup does: one copy is delivered, one outcome logged. The
+    local part is compared as it is (RFC 5321 2.4: only the receiving host
+    may fold it)."""
+    with sluice() as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        for rcpt in ("<a@example.org> NOTIFY=NEVER", "<b@example.org>", "<a@example.org>",
+                     "<a@EXAMPLE.org>", "<A@example.org>", "<b@example.org>"):
+            c.expect(f"RCPT TO:{rcpt}", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: twice\r\n\r\ntwice\r\n.\r\n")
+        assert c.reply().code == 250
+        line = r.d.wait_log(QUEUED)
+        assert "nrcpt=3 " in line, line
+        r.stop()
+        (m,) = r.messages()
+        assert m["rcpts"] == [b"a@example.org", b"b@example.org", b"A@example.org"], m["rcpts"]
+
+
 def test_message_size_limit():
     limit = 4096
     with sluice(server=f"max_message_size = {limit}\n") as r:
@@ -1153,6 +1176,7 @@ if __name__ == "__main__":
         test_max_errors_closes_session,
         test_disconnect_line_sums_commands,
         test_too_many_recipients,
+        test_duplicate_recipients_stored_once,
         test_message_size_limit,
         test_relay_refused_without_auth,
         test_relay_refused_with_users_but_no_auth,
