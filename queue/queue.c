@@ -2687,8 +2687,12 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     }
     if (flock(q->lock_fd, LOCK_EX | LOCK_NB) < 0) {
         rc = errno == EWOULDBLOCK ? QUEUE_ELOCKED : -errno;
-        open_fail(err, errlen, rc, "spool %s is in use by another process (lock %s): %s", path,
-                  lock_path, queue_strerror(rc));
+        if (rc == QUEUE_ELOCKED)
+            open_fail(err, errlen, rc, "spool %s is in use by another process (lock %s)", path,
+                      lock_path);
+        else
+            open_fail(err, errlen, rc, "cannot lock spool %s (lock %s): %s", path, lock_path,
+                      queue_strerror(rc));
         queue_destroy(q);
         return rc;
     }

@@ -1,7 +1,7 @@
 """The sluice binary: --help, --version, --check-config errors with
 file:line, start on a config, SIGTERM stops it within a second with exit
 0, SIGHUP reopens the log file, doc/config.md matches the binary, and a
-second instance on the same listen address refuses to start."""
+second instance on the same listen address or spool refuses to start."""
 import os
 import signal
 import sys
@@ -157,6 +157,26 @@ map_size = 64M
         wd.cleanup()
 
 
+def test_a_second_instance_on_the_same_spool_is_refused():
+    """Starting sluice twice on one config (the first hour's mistake) is
+    refused at the spool's lock, saying so once and where the lock is;
+    the first goes on serving."""
+    wd = Workdir("sluice-lock-")
+    try:
+        conf = config(wd)
+        d = Daemon(SLUICE, conf)
+        d.wait_log("event=ready")
+        r = run([SLUICE, "-c", conf])
+        assert r.returncode == 1, r
+        (line,) = [x for x in r.stderr.splitlines() if "event=start_failed" in x]
+        assert line.endswith(f'reason="spool {wd.path}/spool is in use by another process '
+                             f'(lock {wd.path}/spool/sluice.lock)"'), line
+        assert d.proc.poll() is None, "the first instance died"
+        assert d.stop() == 0
+    finally:
+        wd.cleanup()
+
+
 def test_config_reference_is_current():
     r = run([SLUICE, "--config-reference"])
     assert r.returncode == 0
@@ -181,4 +201,5 @@ if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
           test_bundled_config_checks, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
-          test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused])
+          test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,
+          test_a_second_instance_on_the_same_spool_is_refused])
