@@ -2165,6 +2165,19 @@ run_commands(struct session *s)
         in_consume(s, (size_t)(lf - s->in) + 1);
         s->skip_line = false;
     }
+    /* A TLS handshake record (type 22, version 3.x) where a command
+     * should start: a client set to implicit TLS on a plaintext port. No
+     * command starts with a control octet; answered at once, not after a
+     * line end that its ClientHello may never hold. */
+    if (s->in_len >= 2 && s->in[0] == 0x16 && s->in[1] == 0x03) {
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=tls_on_plaintext_port client=%s "
+                "hint=\"the client starts with TLS: here it must say STARTTLS; implicit TLS is "
+                "[server] listen_tls\"",
+                (unsigned long long)s->id, s->peer_ip);
+        reply_close(s, "500 5.5.2 TLS handshake on a plaintext port: use STARTTLS");
+        return true;
+    }
     size_t off;
     long n = smtp_cmd_line_find(s->in, s->in_len, SMTP_CMD_LINE_MAX_AUTH, &off);
     if (n == 0)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import smtplib
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -935,6 +936,33 @@ def test_talking_before_greeting():
         assert [m["sender"] for m in msgs] == [b"polite@example.com"], msgs
 
 
+def test_tls_handshake_on_the_plaintext_port():
+    """A client set to implicit TLS pointed at the submission port (the
+    first hour's mistake) fails at once, whatever its ClientHello holds
+    (one without a CR or LF used to wait for a line end until
+    timeout_command), and the log says what happened instead of a bare
+    line end."""
+    with sluice() as r:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+            t0 = time.monotonic()
+            try:
+                ctx.wrap_socket(sock)
+                raise AssertionError("a TLS handshake succeeded on the plaintext port")
+            except ssl.SSLError:
+                pass
+            finally:
+                sock.close()
+            assert time.monotonic() - t0 < 4, "the handshake waited for a timeout"
+        r.d.wait_log_count("event=tls_on_plaintext_port", 3)
+        line = r.d.log_lines("event=tls_on_plaintext_port")[0]
+        assert "listen_tls" in line and "STARTTLS" in line, line
+        assert r.d.count_log("event=bare_line_end") == 0
+
+
 # ---------------------------------------------------------------- slow clients
 
 
@@ -1196,6 +1224,7 @@ if __name__ == "__main__":
         test_invalid_base64_in_auth,
         test_content_before_354_refused,
         test_talking_before_greeting,
+        test_tls_handshake_on_the_plaintext_port,
         test_timeouts_silent_trickle_and_data,
         test_normal_client_served_among_1000_slow_connections,
         test_max_clients_per_ip,
