@@ -649,6 +649,10 @@ delivery_reconfigure(struct delivery *d)
         limits_key_set(d->lim, &t->lim, &lc);
         t->mxk_for = NULL; /* the [mx] sections may have changed */
         t->mxk = NULL;
+        /* allow_networks and the listeners may have changed: the usable
+         * addresses are counted again (targets.c), so that a destination
+         * left with none fails as at a start, saying why. */
+        t->targets_for = NULL;
     }
     for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
         const struct mx_policy *m = NULL;

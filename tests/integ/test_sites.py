@@ -5,6 +5,7 @@ the receiver; connections are counted from the kernel's table
 (/proc/net/tcp), not from sluice's word."""
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -209,6 +210,38 @@ def test_bundled_config_refuses_loopback():
         wd.cleanup()
 
 
+def test_allow_networks_follows_a_reload():
+    """A reload that drops the receivers' network from allow_networks
+    refuses them from the next message on, as a start would: the
+    recipient bounces with class refused_target and the reply that says
+    why (the count of usable addresses was kept from before the reload:
+    the address was skipped at connect time and the mail deferred as 'no
+    MX host answered', no line saying why)."""
+    r = Relay(records_for(["rl.test"]), dsn=False)
+    try:
+        r.inject([("s@example.com", ["a@rl.test"], b"Subject: t\r\n\r\nbefore\r\n")])
+        r.d.wait_log("event=delivered", timeout=30)
+        # The idle connection goes first (idle_timeout): the reload's
+        # address check is for new connections.
+        wait_until(lambda: established_to(r.mx_port, r.d.proc.pid) == 0, 30,
+                   "the idle connection closed")
+        conf = os.path.join(r.wd.path, "sluice.conf")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("allow_networks = 127.0.0.0/8", ""))
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log_count("event=config_reloaded", 1)
+        r.inject([("s@example.com", ["b@rl.test"], b"Subject: t\r\n\r\nafter\r\n")])
+        line = r.d.wait_log("rcpt=<b@rl.test>", timeout=30)
+        assert "event=bounced" in line and "class=refused_target" in line, line
+        assert "allow_networks" in line, line
+        assert r.d.count_log("event=target_refused") == 1
+        assert r.d.count_log("event=connected") == 1
+    finally:
+        r.close()
+
+
 def test_allowed_network_delivers_but_never_to_itself():
     """allow_networks lets loopback through (the tests' receivers), but a
     domain whose MX is this node's own listener bounces as a loop."""
@@ -354,6 +387,6 @@ if __name__ == "__main__":
     main([test_domains_behind_one_mx_share_its_connections,
           test_a_suspended_domain_never_rides_a_shared_connection,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
-          test_allowed_network_delivers_but_never_to_itself,
+          test_allowed_network_delivers_but_never_to_itself, test_allow_networks_follows_a_reload,
           test_idle_destinations_and_sites_are_forgotten,
           test_routes_send_a_domain_to_its_smarthost, test_a_refusing_route_is_held_not_stormed])
