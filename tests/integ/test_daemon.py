@@ -78,6 +78,38 @@ def test_bundled_config_checks():
     assert r.returncode == 0, r
 
 
+def test_bundled_config_try_lines_check():
+    """The lines etc/sluice.conf holds commented for a first try (STARTTLS
+    and listen_tls with a self-signed certificate made by the command it
+    gives, everything routed to a receiver on this machine) make a valid
+    config once uncommented, with the certificate where they say."""
+    wd = Workdir("sluice-try-")
+    try:
+        with open(os.path.join(SOURCE, "etc/sluice.conf")) as f:
+            text = f.read()
+        keys = ("listen_tls", "[tls]", "cert_file", "key_file", "[delivery]",
+                "allow_networks", "route")
+        out = []
+        for line in text.splitlines():
+            if line.startswith("#") and line[1:].startswith(keys):
+                line = line[1:]
+            out.append(line.replace("./var/", f"{wd.path}/var/"))
+        got = [ln.split()[0] for ln in out if ln.startswith(keys)]
+        assert got == ["listen_tls", "[tls]", "cert_file", "key_file", "route", "[delivery]",
+                       "allow_networks"], got
+        cmd = [ln.strip("# \\") for ln in text.splitlines() if "openssl req" in ln or
+               "-keyout" in ln]
+        assert len(cmd) == 2, cmd
+        os.makedirs(f"{wd.path}/var")
+        r = run(" ".join(cmd).split(), cwd=wd.path)
+        assert r.returncode == 0, r
+        conf = wd.file("try.conf", "\n".join(out) + "\n")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 0, r
+    finally:
+        wd.cleanup()
+
+
 def test_sigterm_stops_when_idle():
     """With nothing in flight the drain has nothing to wait for: exit 0
     without waiting out drain_timeout (30 s by default; the bound here is
@@ -199,7 +231,8 @@ def test_classification_table_is_current():
 
 if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
-          test_bundled_config_checks, test_sigterm_stops_when_idle,
+          test_bundled_config_checks, test_bundled_config_try_lines_check,
+          test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
           test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,
           test_a_second_instance_on_the_same_spool_is_refused])
