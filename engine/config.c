@@ -361,7 +361,8 @@ static const struct conf_key domain_keys[] = {
     {"max_rcpt_per_txn", CONF_UINT, DOM(max_rcpt_per_txn), 1, 10000, "100",
      "recipients of one message in one transaction", NULL},
     {"tls", CONF_ENUM, DOM(tls), 0, 0, "optional",
-     "outbound STARTTLS: off, optional (when offered), required, verify (chain and MX name)",
+     "outbound STARTTLS: off, optional (when offered; after a failed handshake, plaintext to "
+     "that MX address for an hour), required, verify (chain and MX name)",
      tls_policies},
     {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
      "delays between attempts after a temporary failure; the last repeats ([delivery] "

@@ -5,7 +5,9 @@
  * transition traced at debug level) over its stream (engine/stream.h:
  * the socket's reads and sends, plain or TLS after STARTTLS; to an MX
  * host with validated TLSA records, DANE decides: STARTTLS mandatory,
- * authenticated by the records), streams the body from the spool in
+ * authenticated by the records; under opportunistic TLS, an address whose
+ * handshake failed is connected to in plaintext for a while:
+ * policy_tls_fallback), streams the body from the spool in
  * chunks, and when the session is ready asks the scheduler for its next
  * job (reuse: a job of any domain of its site) or goes idle. Transaction
  * outcomes go to outcome.c; what a failed connect, a timeout or the end
@@ -539,6 +541,39 @@ conn_handle(struct conn *c, int ev)
 
 /* ---- STARTTLS ---- */
 
+/* The slot of c's MX address in the plaintext fallback table, and its key. */
+static struct tls_fallback *
+conn_tls_fallback_slot(const struct conn *c, uint64_t *key)
+{
+    char name[DNS_NAME_MAX + 2 + sizeof(c->addr_str)];
+    int n = snprintf(name, sizeof(name), "%s@%s", c->mx, c->addr_str);
+    uint64_t k = hash_bytes(name, n > 0 ? (size_t)n : 0);
+    *key = k != 0 ? k : 1;
+    size_t nslots = sizeof(c->d->tls_fallback) / sizeof(c->d->tls_fallback[0]);
+    return &c->d->tls_fallback[*key % nslots];
+}
+
+/* Does c go in plaintext: its address failed a handshake lately? */
+static bool
+conn_tls_fallback(const struct conn *c)
+{
+    uint64_t key;
+    const struct tls_fallback *f = conn_tls_fallback_slot(c, &key);
+    return f->key == key && c->d->w->now < f->until_ns;
+}
+
+/* c's handshake failed: may its address go in plaintext from now on? */
+static bool
+conn_tls_fallback_mark(struct conn *c)
+{
+    if (!policy_tls_fallback(c->tls_pol, conn_dane(c) != NULL))
+        return false;
+    uint64_t key;
+    struct tls_fallback *f = conn_tls_fallback_slot(c, &key);
+    *f = (struct tls_fallback){key, c->d->w->now + MS_TO_NS(POLICY_TLS_FALLBACK_MS)};
+    return true;
+}
+
 /* The MX host this connection goes to as DNS answered it, when DANE
  * decides its TLS (RFC 7672): validated TLSA records, so TLS is mandatory
  * and authenticated by them, whatever the domain's tls policy (DANE comes
@@ -669,12 +704,13 @@ conn_on_readable(struct stream *st)
     int rc = stream_read(&c->st);
     if (rc < 0 && !c->closed) {
         if (stream_tls(&c->st) && !stream_tls_ready(&c->st)) {
+            bool fallback = conn_tls_fallback_mark(c);
             log_msg(LOG_NOTICE,
-                    "conn=%llx event=tls_failed domain=%s mx=%s tls_policy=%s err=\"%s\" "
-                    "detail=\"%s\"",
-                    (unsigned long long)c->id, c->dest->name, c->mx,
+                    "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s err=\"%s\" "
+                    "detail=\"%s\" next=%s",
+                    (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
                     conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
-                    tls_strerror(rc), stream_tls_error(&c->st));
+                    tls_strerror(rc), stream_tls_error(&c->st), fallback ? "plaintext" : "tls");
             snprintf(c->tls_verify, sizeof(c->tls_verify), "%s",
                      stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st) : tls_strerror(rc));
             snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
@@ -827,6 +863,12 @@ conn_on_connect(struct stream *st, int res)
         struct tls_tlsa tlsa[DNS_TLSA_MAX];
         o.tls = conn_tlsa(dane, tlsa) > 0 ? SMTP_CLIENT_TLS_VERIFY : SMTP_CLIENT_TLS_REQUIRED;
         o.tls_label = "DANE";
+    } else if (o.tls == SMTP_CLIENT_TLS_OPTIONAL && conn_tls_fallback(c)) {
+        o.tls = SMTP_CLIENT_TLS_OFF;
+        log_msg(LOG_INFO,
+                "conn=%llx event=tls_plaintext_fallback domain=%s mx=%s addr=%s "
+                "reason=\"a STARTTLS handshake failed here lately; opportunistic TLS\"",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str);
     }
     c->max_rcpt = o.max_rcpt;
     int rc = smtp_client_init(&c->cli, &o);

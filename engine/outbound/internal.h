@@ -316,6 +316,14 @@ struct delivery {
         uint32_t id;      /* 0: empty */
         unsigned weight;
     } tweights[64];
+    /* MX addresses ("host@address:port") whose STARTTLS handshake failed
+     * under opportunistic TLS: connections there go in plaintext until
+     * then (policy_tls_fallback; connection.c). Direct-mapped by hash: a
+     * collision forgets one (TLS is tried there again), never mixes two. */
+    struct tls_fallback {
+        uint64_t key;      /* 0: empty */
+        uint64_t until_ns; /* worker clock */
+    } tls_fallback[256];
     struct stats_tenant_table tenants; /* recipient outcomes per tenant (outcome.c) */
     /* outbound/scope.c: operators' suspensions by scope, parked jobs,
      * counters per tenant, pool and source */

@@ -5,6 +5,8 @@
 
 #include <string.h>
 
+#include "engine/config.h"
+
 enum classify_source
 policy_source(const struct smtp_outcome *o, enum classify_source fallback)
 {
@@ -220,4 +222,10 @@ policy_source_hold(uint64_t site_hold_ms, unsigned holds)
     for (unsigned i = 1; i < holds && ms < 8 * base; i++)
         ms *= 2;
     return ms < 8 * base ? ms : 8 * base;
+}
+
+bool
+policy_tls_fallback(int tls_pol, bool dane)
+{
+    return tls_pol == DOMAIN_TLS_OPTIONAL && !dane;
 }

@@ -165,4 +165,18 @@ uint64_t policy_all_failed_hold(uint64_t site_hold_ms);
  * site_hold, never under POLICY_HOLD_MIN_MS. holds: this one included. */
 uint64_t policy_source_hold(uint64_t site_hold_ms, unsigned holds);
 
+/* How long an MX address whose STARTTLS handshake failed is delivered to
+ * in plaintext when the TLS policy is opportunistic. */
+#define POLICY_TLS_FALLBACK_MS (60 * 60 * 1000)
+
+/* A STARTTLS handshake failed on a connection opened under TLS policy
+ * tls_pol (enum domain_tls), dane: the MX host has validated TLSA
+ * records. True: the next connections to that address for
+ * POLICY_TLS_FALLBACK_MS go in plaintext. Only opportunistic TLS, which
+ * takes plaintext from a server without STARTTLS anyway (Postfix's
+ * "may" level retries in plaintext likewise, or mail to a server with
+ * broken TLS would wait until it expires); never required, verify,
+ * MTA-STS enforce or DANE. */
+bool policy_tls_fallback(int tls_pol, bool dane);
+
 #endif

@@ -642,6 +642,58 @@ def test_starttls_to_a_receiver_that_offers_it():
         r.close()
 
 
+def _broken_tls(c, rfile):
+    """Offers STARTTLS and fails every handshake with an alert (an old or
+    misconfigured receiver); takes mail in plaintext."""
+    c.sendall(b"220 broken-tls ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-broken-tls\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+    while True:
+        line = rfile.readline().upper()
+        if not line:
+            return
+        if line.startswith(b"STARTTLS"):
+            c.sendall(b"220 go ahead\r\n")
+            c.recv(65536)  # the ClientHello
+            c.sendall(bytes([0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x28]))  # handshake_failure
+            return
+        if line.startswith(b"DATA"):
+            c.sendall(b"354 go\r\n")
+            _read_until(rfile, b".\r\n")
+            c.sendall(b"250 2.0.0 taken in plaintext\r\n")
+        elif line.startswith(b"QUIT"):
+            c.sendall(b"221 bye\r\n")
+            return
+        else:
+            c.sendall(b"250 ok\r\n")
+
+
+def test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake():
+    """Opportunistic TLS (tls = optional, the default) to a receiver whose
+    STARTTLS handshake fails: the attempt is deferred (class tls_failure)
+    and the next one goes in plaintext, as Postfix's opportunistic TLS
+    retries in plaintext, rather than deferring until the mail expires.
+    tls = required never does."""
+    r = Relay(records_for(["broken.test", "strict.test"]), with_sink=False,
+              domain_conf="[domain *]\nretry_schedule = 1s\nsite_hold = 0s\n"
+                          "[domain strict.test]\ntls = required\nretry_schedule = 1s\n"
+                          "site_hold = 0s\n")
+    mx = HostileMx(r.mx_port, _broken_tls)
+    try:
+        r.inject([("s@example.com", ["a@broken.test"], b"Subject: b\r\n\r\nbroken tls\r\n")])
+        line = r.d.wait_log("event=delivered", timeout=30)
+        assert 'tls="none"' in line and "taken in plaintext" in line, line
+        first = r.d.log_lines("rcpt=<a@broken.test>")[0]
+        assert "event=deferred" in first and "class=tls_failure" in first, first
+        assert r.d.count_log("event=tls_plaintext_fallback") >= 1
+        r.inject([("s@example.com", ["a@strict.test"], b"Subject: s\r\n\r\nstrict\r\n")])
+        r.d.wait_log_count("rcpt=<a@strict.test>", 3, timeout=30)
+        assert r.d.count_log("event=delivered") == 1
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_required_tls_defers_when_not_offered():
     r = Relay(records_for(["plain.test"]), domain_conf="[domain plain.test]\ntls = required\n")
     try:
@@ -679,6 +731,8 @@ if __name__ == "__main__":
           test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
-          test_starttls_to_a_receiver_that_offers_it, test_required_tls_defers_when_not_offered,
+          test_starttls_to_a_receiver_that_offers_it,
+          test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake,
+          test_required_tls_defers_when_not_offered,
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured])
