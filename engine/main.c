@@ -207,8 +207,14 @@ main(int argc, char **argv)
         config_free(cfg);
         return 1;
     }
-    log_msg(LOG_NOTICE, "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s",
-            SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname);
+    /* Where to find it: the first line a new user reads. */
+    log_msg(LOG_NOTICE,
+            "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s listen=\"%s\" "
+            "listen_tls=\"%s\" stats_socket=%s metrics=%s",
+            SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname,
+            cfg->server.listen, cfg->server.listen_tls ? cfg->server.listen_tls : "-",
+            cfg->stats.socket ? cfg->stats.socket : "-",
+            cfg->stats.http_listen ? cfg->stats.http_listen : "-");
     if (!cfg->delivery.enabled)
         log_msg(LOG_WARN, "event=delivery_disabled key=delivery.enabled "
                           "note=mail_is_accepted_and_queued_but_nothing_is_sent");

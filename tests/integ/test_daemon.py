@@ -110,6 +110,24 @@ def test_bundled_config_try_lines_check():
         wd.cleanup()
 
 
+def test_ready_line_says_where_to_find_it():
+    """The ready line names the submission and implicit-TLS listeners,
+    the stats socket and /metrics: what a first run needs to know to talk
+    to it, without reading the config."""
+    wd = Workdir("sluice-ready-")
+    try:
+        port = free_port()
+        conf = config(wd, f"http_listen = 127.0.0.1:{port}\n")
+        listen = [ln.split("=", 1)[1].strip() for ln in open(conf) if ln.startswith("listen")]
+        d = Daemon(SLUICE, conf)
+        line = d.wait_log("event=ready")
+        assert (f'listen="{listen[0]}" listen_tls="-" stats_socket={wd.path}/sluice.sock '
+                f"metrics=127.0.0.1:{port}") in line, line
+        assert d.stop() == 0
+    finally:
+        wd.cleanup()
+
+
 def test_sigterm_stops_when_idle():
     """With nothing in flight the drain has nothing to wait for: exit 0
     without waiting out drain_timeout (30 s by default; the bound here is
@@ -232,7 +250,7 @@ def test_classification_table_is_current():
 if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
           test_bundled_config_checks, test_bundled_config_try_lines_check,
-          test_sigterm_stops_when_idle,
+          test_ready_line_says_where_to_find_it, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
           test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,
           test_a_second_instance_on_the_same_spool_is_refused])
