@@ -50,6 +50,7 @@
 
 static void conn_handle(struct conn *c, int ev);
 static const struct dns_mx_host *conn_dane(const struct conn *c);
+static bool conn_tls_fallback_mark(struct conn *c);
 static unsigned conn_tlsa(const struct dns_mx_host *h, struct tls_tlsa out[DNS_TLSA_MAX]);
 static void conn_flush(struct conn *c);
 static void conn_next(struct conn *c);
@@ -511,6 +512,15 @@ conn_handle(struct conn *c, int ev)
             conn_txn_done(c);
         if (ev & SMTP_CLIENT_EV_CLOSE) {
             const struct smtp_outcome *so = smtp_client_session(&c->cli);
+            /* A handshake that stalled past starttls_timeout failed too
+             * (one that failed outright is marked where it is read). */
+            if (so != NULL && so->reason == SMTP_REASON_TIMEOUT &&
+                so->stage == SMTP_CLIENT_S_TLS && conn_tls_fallback_mark(c))
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s "
+                        "err=\"handshake timed out\" next=plaintext",
+                        (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+                        dest_tls_policy_str(c->dest, c->tls_pol));
             if (so != NULL && so->reason >= SMTP_REASON_TLS_UNAVAILABLE &&
                 so->reason <= SMTP_REASON_TLS_UNVERIFIED && conn_dane(c) != NULL) {
                 /* No STARTTLS, refused, a handshake or a TLSA match that

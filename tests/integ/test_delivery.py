@@ -668,6 +668,32 @@ def _broken_tls(c, rfile):
             c.sendall(b"250 ok\r\n")
 
 
+def _stalled_tls(c, rfile):
+    """Offers STARTTLS and never answers the ClientHello; takes mail in
+    plaintext."""
+    c.sendall(b"220 stalled-tls ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-stalled-tls\r\n250 STARTTLS\r\n")
+    while True:
+        line = rfile.readline().upper()
+        if not line:
+            return
+        if line.startswith(b"STARTTLS"):
+            c.sendall(b"220 go ahead\r\n")
+            while c.recv(65536):  # until sluice gives up
+                pass
+            return
+        if line.startswith(b"DATA"):
+            c.sendall(b"354 go\r\n")
+            _read_until(rfile, b".\r\n")
+            c.sendall(b"250 2.0.0 taken in plaintext\r\n")
+        elif line.startswith(b"QUIT"):
+            c.sendall(b"221 bye\r\n")
+            return
+        else:
+            c.sendall(b"250 ok\r\n")
+
+
 def test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake():
     """Opportunistic TLS (tls = optional, the default) to a receiver whose
     STARTTLS handshake fails: the attempt is deferred (class tls_failure)
@@ -689,6 +715,20 @@ def test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake():
         r.inject([("s@example.com", ["a@strict.test"], b"Subject: s\r\n\r\nstrict\r\n")])
         r.d.wait_log_count("rcpt=<a@strict.test>", 3, timeout=30)
         assert r.d.count_log("event=delivered") == 1
+    finally:
+        mx.stop()
+        r.close()
+    # A handshake that stalls past starttls_timeout counts as failed too.
+    r = Relay(records_for(["stall.test"]), with_sink=False,
+              delivery_conf="starttls_timeout = 1s\n",
+              domain_conf="[domain *]\nretry_schedule = 1s\nsite_hold = 0s\n")
+    mx = HostileMx(r.mx_port, _stalled_tls)
+    try:
+        r.inject([("s@example.com", ["a@stall.test"], b"Subject: s\r\n\r\nstalled tls\r\n")])
+        line = r.d.wait_log("event=delivered", timeout=30)
+        assert 'tls="none"' in line and "taken in plaintext" in line, line
+        first = r.d.log_lines("rcpt=<a@stall.test>")[0]
+        assert "event=deferred" in first and "in state tls" in first, first
     finally:
         mx.stop()
         r.close()
