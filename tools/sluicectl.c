@@ -929,8 +929,13 @@ render_queue(const cJSON *doc)
             if (cJSON_IsString(get(r, "next_attempt")))
                 printf("  next %s", fmt_str(r, "next_attempt"));
             printf("\n");
-            if (cJSON_IsString(get(r, "last_reply")) && get(r, "last_reply")->valuestring[0])
+            /* Code 0: no reply, a failure of ours (connect, timeout, TLS). */
+            bool said = cJSON_IsString(get(r, "last_reply")) && get(r, "last_reply")->valuestring[0];
+            double code = 0;
+            if (said && num(r, "last_code", &code) && code > 0)
                 printf("             (%s %s)\n", fmt_count(r, "last_code"), fmt_str(r, "last_reply"));
+            else if (said)
+                printf("             (%s)\n", fmt_str(r, "last_reply"));
         }
     }
     if (n == 0)

@@ -156,6 +156,11 @@ def test_stats_domains_message_and_exit_codes():
         p = ctl(r, "message", qid)
         assert p.returncode == 0 and "x@dead.test" in p.stdout and "deferred" in p.stdout, \
             p.stdout
+        # A failure without a reply (code 0) shows its text alone in the
+        # queue, as mailq does: "(connect to ...)", not "(0 connect to ...)".
+        q = ctl(r, "queue", "10", "dead.test")
+        assert q.returncode == 0 and "(connect to " in q.stdout, q.stdout
+        assert "(0 " not in q.stdout, q.stdout
 
         # Errors: from sluice 1, usage 2, no socket 3.
         one_line_error(ctl(r, "message", "not-an-id"), 1)
