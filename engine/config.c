@@ -375,8 +375,9 @@ static const struct conf_key domain_keys[] = {
     {"route", CONF_STRING, DOM(route), 1, 270, NULL,
      "host[:port] to deliver to instead of the domain's MX hosts (a smarthost, as Postfix's "
      "relayhost or transport map): the host's MX records if it has any, else its addresses; "
-     "[192.0.2.1] or [IPv6:2001:db8::1] as is; the port overrides [delivery] remote_port. "
-     "Domains routed to the same host share its connections (a site)",
+     "[192.0.2.1] or [IPv6:2001:db8::1] as is (a literal on loopback, link-local and the "
+     "like is an error unless [delivery] allow_networks lists it); the port overrides "
+     "[delivery] remote_port. Domains routed to the same host share its connections (a site)",
      NULL},
     {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
      "after a 421 or when every MX address failed, no new connection to the domain for "
@@ -1304,6 +1305,35 @@ parse_route(struct parse *p, struct domain_policy *pol, unsigned line)
     return 0;
 }
 
+/* A route to an address literal that delivery refuses as a target
+ * (loopback, link-local, ... and not in [delivery] allow_networks:
+ * outbound/targets.c): every message routed there would bounce, so the
+ * config is refused instead. A host name is resolved at delivery, not
+ * here. */
+static void
+check_route_target(struct parse *p, const struct domain_policy *pol, unsigned line)
+{
+    const char *h = pol->route_host;
+    size_t n = strlen(h);
+    if (n < 3 || h[0] != '[' || h[n - 1] != ']')
+        return;
+    bool v6 = strncmp(h + 1, "ipv6:", 5) == 0;
+    char spec[sizeof(pol->route_host) + 8];
+    snprintf(spec, sizeof(spec), v6 ? "[%.*s]:25" : "%.*s:25", (int)(n - (v6 ? 7 : 2)),
+             h + (v6 ? 6 : 1));
+    struct netaddr a;
+    if (netaddr_parse(spec, &a) < 0)
+        return;
+    const struct sockaddr *sa = (const struct sockaddr *)&a.ss;
+    const char *what = netaddr_special(sa);
+    const struct delivery_config *dc = &p->cfg->delivery;
+    if (what != NULL && !cidr_match(dc->allow, dc->nallow, sa))
+        perr(p, line,
+             "route: %s is a %s address, which [delivery] allow_networks does not list: every "
+             "message routed there would bounce (class refused_target)",
+             pol->route, what);
+}
+
 static int
 resolve_domains(struct parse *p)
 {
@@ -1324,6 +1354,7 @@ resolve_domains(struct parse *p)
         }
     if (parse_route(p, &cfg->default_domain, cfg->default_domain.line) < 0)
         return -EINVAL;
+    check_route_target(p, &cfg->default_domain, cfg->default_domain.line);
     unsigned n = 0;
     cfg->domains = calloc(p->ndoms ? p->ndoms : 1, sizeof(*cfg->domains));
     if (cfg->domains == NULL)
@@ -1344,6 +1375,9 @@ resolve_domains(struct parse *p)
         cfg->ndomains = n;
         if (apply_domain(p, pol, &p->doms[i]) < 0 || parse_route(p, pol, pol->line) < 0)
             return -EINVAL;
+        if (pol->route != NULL && (cfg->default_domain.route == NULL ||
+                                   strcmp(pol->route, cfg->default_domain.route) != 0))
+            check_route_target(p, pol, pol->line); /* an inherited one is said once */
     }
     qsort(cfg->domains, cfg->ndomains, sizeof(*cfg->domains), cmp_domain);
     return 0;

@@ -73,6 +73,33 @@ def test_check_config_reports_every_error():
         wd.cleanup()
 
 
+def test_check_config_refuses_a_route_to_a_refused_literal():
+    """A route to an address literal that delivery refuses as a target
+    (loopback, link-local, ...) without [delivery] allow_networks would
+    bounce every message routed there (refused_target): --check-config
+    says so at the route's line. allow_networks makes it valid; a host
+    name is left to delivery."""
+    wd = Workdir("sluice-route-")
+    try:
+        conf = config(wd, "[domain *]\nroute = [127.0.0.1]:2526\n"
+                          "[domain b.test]\nroute = [IPv6:fe80::1]:25\n"
+                          "[domain c.test]\nroute = localhost:2526\n")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 1, r
+        errs = [x for x in r.stderr.splitlines() if ": route: " in x]
+        assert len(errs) == 2, r.stderr
+        assert "[127.0.0.1]:2526 is a loopback address" in errs[0], errs
+        assert "allow_networks" in errs[0] and "refused_target" in errs[0], errs
+        assert "[IPv6:fe80::1]:25 is a link-local address" in errs[1], errs
+        conf = config(wd, "[delivery]\nallow_networks = 127.0.0.0/8, fe80::/10\n"
+                          "[domain *]\nroute = [127.0.0.1]:2526\n"
+                          "[domain b.test]\nroute = [IPv6:fe80::1]:25\n")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 0, r
+    finally:
+        wd.cleanup()
+
+
 def test_bundled_config_checks():
     r = run([SLUICE, "-c", os.path.join(SOURCE, "etc/sluice.conf"), "--check-config"])
     assert r.returncode == 0, r
@@ -249,6 +276,7 @@ def test_classification_table_is_current():
 
 if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
+          test_check_config_refuses_a_route_to_a_refused_literal,
           test_bundled_config_checks, test_bundled_config_try_lines_check,
           test_ready_line_says_where_to_find_it, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
