@@ -28,6 +28,13 @@ socket = {wd.path}/sluice.sock
 """)
 
 
+def stop_if_running(d):
+    """A failed assertion leaves no sluice behind: killed by its PID."""
+    if d is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
 def test_help_and_version():
     r = run([SLUICE, "--help"])
     assert r.returncode == 0 and "--check-config" in r.stdout, r
@@ -142,6 +149,7 @@ def test_ready_line_says_where_to_find_it():
     the stats socket and /metrics: what a first run needs to know to talk
     to it, without reading the config."""
     wd = Workdir("sluice-ready-")
+    d = None
     try:
         port = free_port()
         conf = config(wd, f"http_listen = 127.0.0.1:{port}\n")
@@ -152,6 +160,7 @@ def test_ready_line_says_where_to_find_it():
                 f"metrics=127.0.0.1:{port}") in line, line
         assert d.stop() == 0
     finally:
+        stop_if_running(d)
         wd.cleanup()
 
 
@@ -239,6 +248,7 @@ def test_a_second_instance_on_the_same_spool_is_refused():
     refused at the spool's lock, saying so once and where the lock is;
     the first goes on serving."""
     wd = Workdir("sluice-lock-")
+    d = None
     try:
         conf = config(wd)
         d = Daemon(SLUICE, conf)
@@ -251,6 +261,7 @@ def test_a_second_instance_on_the_same_spool_is_refused():
         assert d.proc.poll() is None, "the first instance died"
         assert d.stop() == 0
     finally:
+        stop_if_running(d)
         wd.cleanup()
 
 
