@@ -1686,6 +1686,13 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         uint64_t since = j->queued_ns > t->usable_ns ? j->queued_ns : t->usable_ns;
         if (c->site != NULL && since != 0 && d->w->now > since)
             site_window_on_wait(&c->site->win, d->w->now - since);
+        /* A backlog that the site's connections will not drain soon: more
+         * jobs behind this one than SITE_BACKLOG_PER_CONN per connection.
+         * A burst of a domain's mail (a spool commit hands over tens at
+         * once) waits only milliseconds on a LAN, under the shortest wait
+         * above, yet is what more connections carry sooner. */
+        if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns)
+            c->site->win.waited = true;
         *what = SCHED_NEXT_JOB;
         return j;
     }

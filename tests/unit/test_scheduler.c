@@ -552,6 +552,35 @@ idle_connection_takes_other_domain(void **state)
     fx_free(f);
 }
 
+/* A backlog grows the window without waiting: more than
+ * SITE_BACKLOG_PER_CONN jobs per connection behind the one taken. */
+static void
+window_grows_for_a_backlog(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < SITE_BACKLOG_PER_CONN + 1; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what); /* SITE_BACKLOG_PER_CONN behind it: not more */
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 1);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    conn_ready(c, &what); /* 5 behind it, a millisecond old */
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(allowed("a.test"), 2);
+    assert_int_equal(f->opened, 2);
+    fx_free(f);
+}
+
 /* A site's window is full of an idle connection the next domain may not
  * ride (opened under another TLS policy): it says goodbye, and the domain
  * opens its own in its slot rather than wait out the idle time. */
@@ -1009,6 +1038,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(window_holds_while_mail_is_served),
+        cmocka_unit_test(window_grows_for_a_backlog),
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
