@@ -1692,7 +1692,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
          * once) waits only milliseconds on a LAN, under the shortest wait
          * above, yet is what more connections carry sooner. */
         if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns)
-            c->site->win.waited = true;
+            site_window_on_backlog(&c->site->win);
         *what = SCHED_NEXT_JOB;
         return j;
     }

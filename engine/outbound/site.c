@@ -13,7 +13,6 @@
 
 /* ---- the window ---- */
 
-
 void
 site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
 {
@@ -63,6 +62,12 @@ site_window_on_wait(struct site_window *w, uint64_t waited_ns)
     uint64_t longer = 2 * w->setup_ns > SITE_WAIT_MIN_NS ? 2 * w->setup_ns : SITE_WAIT_MIN_NS;
     if (w->setup_ns != 0 && waited_ns > longer)
         w->waited = true;
+}
+
+void
+site_window_on_backlog(struct site_window *w)
+{
+    w->waited = true;
 }
 
 void

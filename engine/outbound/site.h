@@ -79,7 +79,8 @@ struct site_window {
     unsigned ceiling;  /* max_connections; never above */
     uint64_t setup_ns; /* connections' time from connect to ready: a moving average
                         * (0: none ready yet) */
-    bool waited;       /* a job waited longer than twice setup_ns since the last growth */
+    bool waited;       /* mail waited since the last growth: a job longer than twice
+                        * setup_ns (and SITE_WAIT_MIN_NS), or a backlog */
 };
 
 void site_window_init(struct site_window *w, unsigned initial, unsigned ceiling);
@@ -91,6 +92,9 @@ unsigned site_window_allowed(const struct site_window *w);
 void site_window_on_ready(struct site_window *w, uint64_t setup_ns);
 /* A connection took a job queued waited_ns ago. */
 void site_window_on_wait(struct site_window *w, uint64_t waited_ns);
+/* A connection took a job with more than SITE_BACKLOG_PER_CONN jobs per
+ * connection of the site behind it in its domain's queue. */
+void site_window_on_backlog(struct site_window *w);
 /* A transaction completed on a connection of the site while in_use
  * connections were open: grow, if the window is used (in_use + 1 >=
  * allowed; an unused window earns nothing) and mail waited (above) since
