@@ -56,6 +56,14 @@ ops_cancel(struct delivery *d, struct dns_req *req)
         resolver_cancel(d->res, req);
 }
 
+static int
+ops_txt(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg)
+{
+    if (d->res == NULL)
+        return -ENXIO;
+    return resolver_txt_lookup(d->res, name, cb, arg);
+}
+
 static const struct outbound_ops delivery_ops = {
     .resolve = ops_resolve,
     .cancel = ops_cancel,
@@ -63,6 +71,7 @@ static const struct outbound_ops delivery_ops = {
     .resume = conn_resume,
     .quit = conn_quit,
     .fail = job_fail,
+    .txt = ops_txt,
 };
 
 uint32_t

@@ -302,11 +302,14 @@ struct sts_entry {
     uint64_t checked_ms;          /* Unix ms of the last finished check; 0: never */
     bool busy;                    /* a check is queued or in flight */
     bool refresh;                 /* ... to fetch the policy again (RFC 8461 3.3) */
+    bool txt_known;               /* ... from new_id: a worker asked the TXT record */
     uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
     struct sts_entry *qnext;      /* on m->queue */
+    char new_id[33];              /* the id to fetch, while busy: by the thread, or by
+                                   * mta_sts_txt_answer (under m->lock) before it
+                                   * queues the entry */
     /* The thread's only. */
     uint8_t st;                   /* enum check_state */
-    char new_id[33];
     struct dns_req *req;
     CURL *easy;                   /* owned while fetching */
     struct curl_slist *resolve;   /* owned while fetching */
@@ -383,6 +386,9 @@ refresh_due(const struct mta_sts_policy *p, uint64_t now)
     return now + window >= p->expires_ms;
 }
 
+static int txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt,
+                       unsigned n, char id[33], const char **result, const char **why);
+
 /* Under m->lock: e joins the checks to run. */
 static void
 entry_queue(struct mta_sts *m, struct sts_entry *e)
@@ -398,7 +404,7 @@ entry_queue(struct mta_sts *m, struct sts_entry *e)
 }
 
 enum mta_sts_answer
-mta_sts_get(struct mta_sts *m, const char *domain, struct mta_sts_policy **out)
+mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_policy **out)
 {
     *out = NULL;
     uint64_t now = clock_unix_ms();
@@ -411,6 +417,15 @@ mta_sts_get(struct mta_sts *m, const char *domain, struct mta_sts_policy **out)
         return MTA_STS_READY;
     }
     e->used_ms = now;
+    if (!e->busy && e->checked_ms == 0 && e->pol == NULL && can_ask) {
+        /* A first contact: the caller asks the TXT record on its own
+         * resolver, beside the domain's MX lookup. */
+        e->busy = true;
+        m->st.checks++;
+        m->st.inflight++;
+        pthread_mutex_unlock(&m->lock);
+        return MTA_STS_ASK;
+    }
     if (!e->busy && (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
                      (e->pol != NULL && now >= e->pol->expires_ms))) {
         entry_queue(m, e);
@@ -424,6 +439,40 @@ mta_sts_get(struct mta_sts *m, const char *domain, struct mta_sts_policy **out)
     if (wake)
         curl_multi_wakeup(m->multi);
     return a;
+}
+
+void
+mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status, const char *why,
+                   const char *const *txt, unsigned n)
+{
+    char id[33];
+    const char *result, *reason;
+    int has = txt_verdict(status, why, txt, n, id, &result, &reason);
+    pthread_mutex_lock(&m->lock);
+    /* Busy since the ask: the sweep kept it. */
+    struct sts_entry *e = entry_get(m, domain, false);
+    if (e == NULL || !e->busy) {
+        pthread_mutex_unlock(&m->lock);
+        return;
+    }
+    m->st.inflight--;
+    if (has) {
+        /* A policy to fetch: the thread goes on from the id. */
+        memcpy(e->new_id, id, sizeof(e->new_id));
+        e->txt_known = true;
+        entry_queue(m, e);
+        pthread_mutex_unlock(&m->lock);
+        curl_multi_wakeup(m->multi);
+        return;
+    }
+    e->checked_ms = clock_unix_ms();
+    e->busy = false;
+    /* As check_done: most domains publish nothing, a debug line each. */
+    log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
+            "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s%s", e->name, result,
+            reason != NULL ? " reason=\"" : "", reason != NULL ? reason : "",
+            reason != NULL ? "\"" : "");
+    pthread_mutex_unlock(&m->lock);
 }
 
 void
@@ -815,39 +864,48 @@ check_addr(struct mta_sts *m, struct sts_entry *e)
     }
 }
 
-static void
-on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+/* What a TXT answer for _mta-sts.DOMAIN says: 1 with the policy's id
+ * (exactly one valid STSv1 record), or 0 with the result and reason of a
+ * check that ends there (no policy, unless a valid one is cached: RFC
+ * 8461 5.1, a removed record does not end a policy early). */
+static int
+txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt, unsigned n,
+            char id[33], const char **result, const char **why)
 {
-    struct sts_entry *e = arg;
-    struct mta_sts *m = e->m;
+    *why = NULL;
     if (status == DNS_NOT_FOUND) {
-        /* No record: no policy, unless one is cached and still valid
-         * (RFC 8461 5.1: a removed record does not end a policy early). */
-        check_done(m, e, false, NULL, "no_record", NULL);
-        return;
+        *result = "no_record";
+        return 0;
     }
     if (status != DNS_OK) {
-        check_done(m, e, false, NULL, "dns_failed", why);
-        return;
+        *result = "dns_failed";
+        *why = dwhy;
+        return 0;
     }
     unsigned found = 0, bad = 0;
-    char id[33] = "";
+    id[0] = '\0';
     for (unsigned i = 0; i < n; i++) {
         char x[33];
         int rc = mta_sts_txt_parse(txt[i], x);
         if (rc == 0 && found++ == 0)
-            memcpy(id, x, sizeof(id));
+            memcpy(id, x, 33);
         else if (rc == -EINVAL)
             bad++;
     }
-    if (found != 1) {
-        /* RFC 8461 3.1: several STSv1 records, or a broken one, count as
-         * none. */
-        check_done(m, e, false, NULL, found > 1 || bad > 0 ? "bad_record" : "no_record",
-                   found > 1 ? "several STSv1 records" : bad > 0 ? "STSv1 record without a valid id"
-                                                                 : NULL);
-        return;
-    }
+    if (found == 1)
+        return 1;
+    /* RFC 8461 3.1: several STSv1 records, or a broken one, count as
+     * none. */
+    *result = found > 1 || bad > 0 ? "bad_record" : "no_record";
+    *why = found > 1 ? "several STSv1 records" : bad > 0 ? "STSv1 record without a valid id" : NULL;
+    return 0;
+}
+
+/* The TXT record named policy id: fetch it, unless the cached policy has
+ * that id and is neither ended nor in its last tenth. */
+static void
+check_id(struct mta_sts *m, struct sts_entry *e, const char id[33])
+{
     pthread_mutex_lock(&m->lock);
     uint64_t now = clock_unix_ms();
     bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 && now < e->pol->expires_ms &&
@@ -858,20 +916,41 @@ on_txt(void *arg, enum dns_status status, const char *why, const char *const *tx
         check_done(m, e, false, NULL, "unchanged", NULL);
         return;
     }
-    memcpy(e->new_id, id, sizeof(id));
+    memcpy(e->new_id, id, sizeof(e->new_id));
     check_addr(m, e);
+}
+
+static void
+on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+{
+    struct sts_entry *e = arg;
+    char id[33];
+    const char *result, *reason;
+    if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0)
+        check_done(e->m, e, false, NULL, result, reason);
+    else
+        check_id(e->m, e, id);
 }
 
 static void
 check_start(struct mta_sts *m, struct sts_entry *e)
 {
-    char name[DNS_NAME_MAX + 16];
-    snprintf(name, sizeof(name), "_mta-sts.%s", e->name);
+    char id[33];
     m->inflight++;
     pthread_mutex_lock(&m->lock);
     m->st.inflight++;
-    m->st.checks++;
+    bool known = e->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
+    e->txt_known = false;
+    memcpy(id, e->new_id, sizeof(id));
+    if (!known)
+        m->st.checks++;
     pthread_mutex_unlock(&m->lock);
+    if (known) {
+        check_id(m, e, id);
+        return;
+    }
+    char name[DNS_NAME_MAX + 16];
+    snprintf(name, sizeof(name), "_mta-sts.%s", e->name);
     e->st = CHECK_TXT;
     int rc = dns_txt_lookup(m->dns, name, on_txt, e);
     if (rc < 0) {

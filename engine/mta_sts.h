@@ -11,7 +11,11 @@
  * certificate checked against [mta_sts] ca_file or the system store,
  * redirects refused, at most 64 KB, text/plain, within fetch_timeout).
  * No worker ever waits on DNS or HTTP: a worker asks (mta_sts_get) and
- * is told "wait" until the thread has an answer.
+ * is told "wait" until the thread has an answer. A domain's first check
+ * starts on the worker instead: it asks the TXT record on its own
+ * resolver, beside the MX lookup, and hands the answer over
+ * (mta_sts_txt_answer); only a domain that has a record costs the thread
+ * anything.
  *
  * Policies are kept durably in the spool directory (mta-sts.cache, one
  * line per domain, written whole to a temporary file and renamed), so a
@@ -105,11 +109,24 @@ struct mta_sts *mta_sts_free(struct mta_sts *m);
 enum mta_sts_answer {
     MTA_STS_READY, /* *out: the policy (a reference) or NULL when the domain has none */
     MTA_STS_WAIT,  /* the first check of the domain runs: ask again shortly */
+    MTA_STS_ASK,   /* (can_ask only) the domain's first check is the caller's: it asks
+                    * _mta-sts.DOMAIN TXT on its own resolver and hands the answer to
+                    * mta_sts_txt_answer(); until then others are told WAIT */
 };
 /* The policy of domain (normalised, lowercase) now; starts a check when
- * there is none yet or the last one is older than recheck. */
-enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain,
+ * there is none yet or the last one is older than recheck. With can_ask,
+ * a domain never seen is answered ASK rather than queued for the thread:
+ * a worker asks the TXT record beside the domain's MX lookup, and a
+ * domain without a record (most of a campaign's) never costs the thread
+ * a wake-up nor its mail a wait for one. */
+enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask,
                                 struct mta_sts_policy **out);
+/* The answer to the TXT lookup an ASK asked for (status, why and the
+ * records as dns_txt_fn gives them). No record, a broken one or a DNS
+ * failure end the check (no policy); a record with an id hands the check
+ * to the thread, which fetches the policy (WAIT until then). Any thread. */
+void mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status,
+                        const char *why, const char *const *txt, unsigned n);
 
 /* The config m started with (its [mta_sts] settings hold to the end). */
 const struct config *mta_sts_config(const struct mta_sts *m);

@@ -288,6 +288,18 @@ resolver_mx_resolve(struct resolver *r, const char *domain, dns_mx_fn *cb, void 
     return rc;
 }
 
+int
+resolver_txt_lookup(struct resolver *r, const char *name, dns_txt_fn *cb, void *arg)
+{
+    if (r->closing || r->close_pending)
+        return -ENXIO;
+    r->depth++;
+    int rc = dns_txt_lookup(r->d, name, cb, arg);
+    r->depth--;
+    resolver_settle(r);
+    return rc;
+}
+
 void
 resolver_cancel(struct resolver *r, struct dns_req *req)
 {

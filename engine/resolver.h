@@ -46,6 +46,10 @@ int resolver_new(struct worker *w, const struct dns_config *cfg, struct resolver
 int resolver_mx_resolve(struct resolver *r, const char *domain, dns_mx_fn *cb, void *arg,
                         struct dns_mx_result **res, struct dns_req **req);
 void resolver_cancel(struct resolver *r, struct dns_req *req);
+/* dns_txt_lookup() on this worker (MTA-STS first checks), re-arming the
+ * timer after. -ENXIO once the resolver is closing. A lookup still out
+ * when the resolver closes never calls back. */
+int resolver_txt_lookup(struct resolver *r, const char *name, dns_txt_fn *cb, void *arg);
 
 struct resolver_stats {
     struct dns_stats dns;

@@ -252,6 +252,7 @@ struct dest {
     uint64_t sts_asked;      /* monotonic ns of the last answer; 0: none yet */
     uint64_t sts_wait_since; /* monotonic ns its mail began to wait for a first check;
                               * 0: it does not */
+    struct sts_ask *sts_ask; /* borrowed: its first check's TXT lookup, in flight */
     struct timer hold_timer;
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
@@ -307,6 +308,8 @@ struct delivery {
     char (*local)[64];       /* owned: this host's interface addresses, as text */
     unsigned nlocal;
     bool resolver_closed;
+    struct sts_ask *sts_asks; /* owned: MTA-STS TXT lookups in flight (targets.c) */
+    unsigned nsts_asks;
     struct worker_msg stop_msg;
     struct worker_msg drain_msg;
     const struct outbound_ops *ops; /* borrowed (static): what the scheduler calls out to */
@@ -368,6 +371,11 @@ struct outbound_ops {
     /* Every recipient of j (owned: freed) fails with o, without a session. */
     void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
                  enum classify_source src);
+    /* As dns_txt_lookup() on this worker's resolver: 0 (cb runs exactly
+     * once, later, unless the resolver closes first), or a negative code
+     * (-ENXIO: no resolver here). NULL: MTA-STS first checks go to the
+     * store's thread. */
+    int (*txt)(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg);
 };
 
 /* ---- MTA-STS, as the scheduler applies it (outbound/targets.c) ---- */
@@ -392,8 +400,16 @@ dest_mx_allowed(const struct dest *t, const char *name)
     return !dest_sts_enforce(t) || mta_sts_match(t->sts, name);
 }
 /* The policy t's mail is under: true when known (t->sts set, or NULL),
- * false while its first check runs (ask again in STS_WAIT_MIN_MS to STS_WAIT_MS). */
+ * false while its first check runs. A domain never seen has its TXT
+ * record asked on this worker's resolver (struct sts_ask, while
+ * t->sts_ask is set: the answer runs t again); a check the store's
+ * thread runs (a policy to fetch) is asked again in STS_WAIT_MIN_MS to
+ * STS_WAIT_MS. */
 bool dest_sts_ready(struct dest *t);
+/* At the end: the TXT lookups still out (their answers never come). */
+void dest_sts_asks_free(struct delivery *d);
+/* t goes: its TXT lookup's answer (if one is out) still reaches the store. */
+void dest_sts_forget(struct dest *t);
 /* "none", "opportunistic", "mta-sts", "verify": the delivery log's
  * tls_policy for a delivery of t under TLS policy tls_pol (enum
  * domain_tls). */

@@ -550,6 +550,7 @@ dest_free(struct dest *t, bool live)
     free(t->src_ids);
     dest_last_fail_clear(t);
     mta_sts_policy_unref(t->sts);
+    dest_sts_forget(t);
     want_remove(t);
     site_unref(&d->sites, t->site);
     hash_remove(&d->dests, &t->node);
@@ -565,7 +566,8 @@ static bool
 dest_evictable(const struct dest *t, uint64_t now)
 {
     return fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
-           t->req == NULL && !t->mx_waiting && !t->running && now >= t->hold_until &&
+           t->req == NULL && t->sts_ask == NULL && !t->mx_waiting && !t->running &&
+           now >= t->hold_until &&
            t->lim.nleases == 0;
 }
 
@@ -1313,8 +1315,10 @@ dest_run_once(struct dest *t)
             return;
         }
     }
+    if (!sts_ready && t->sts_ask != NULL)
+        return; /* its TXT lookup's answer runs it again */
     if (!sts_ready) {
-        /* Its first MTA-STS check runs (bounded by [mta_sts]
+        /* Its first MTA-STS check runs on the store's thread (bounded by [mta_sts]
          * fetch_timeout): nothing leaves before its policy is known. Asked
          * again after half the time it has run, from STS_WAIT_MIN_MS up to
          * STS_WAIT_MS: a check answered from a near resolver in a
@@ -1905,6 +1909,7 @@ sched_free_dests(struct delivery *d)
     for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
         dest_free(t, false);
     hash_fini(&d->dests);
+    dest_sts_asks_free(d);
 }
 
 void

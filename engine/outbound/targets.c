@@ -13,6 +13,7 @@
  * when the worker's delivery is made.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <ifaddrs.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -96,6 +97,100 @@ target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
 
 /* ---- MTA-STS ---- */
 
+/* A first MTA-STS check's TXT lookup on this worker's resolver. It
+ * outlives its destination (an eviction, the end): the answer goes to
+ * the store by name all the same. */
+struct sts_ask {
+    struct delivery *d;          /* borrowed */
+    struct dest *t;              /* borrowed; NULL once it went */
+    struct sts_ask *prev, *next; /* on d->sts_asks */
+    char domain[];
+};
+
+static void
+sts_ask_unlink(struct sts_ask *a)
+{
+    struct delivery *d = a->d;
+    if (a->prev != NULL)
+        a->prev->next = a->next;
+    else
+        d->sts_asks = a->next;
+    if (a->next != NULL)
+        a->next->prev = a->prev;
+    d->nsts_asks--;
+}
+
+static void
+on_sts_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+{
+    struct sts_ask *a = arg;
+    struct delivery *d = a->d;
+    struct dest *t = a->t;
+    if (d->e->mta_sts != NULL)
+        mta_sts_txt_answer(d->e->mta_sts, a->domain, status, why, txt, n);
+    sts_ask_unlink(a);
+    free(a);
+    if (t != NULL) {
+        t->sts_ask = NULL;
+        dest_run(t);
+    }
+}
+
+/* Ask _mta-sts.DOMAIN on this worker's resolver for t. 0, or a negative
+ * code (nothing asked). */
+static int
+sts_ask_start(struct dest *t)
+{
+    struct delivery *d = t->d;
+    char name[DNS_NAME_MAX + 16];
+    int len = snprintf(name, sizeof(name), "_mta-sts.%s", t->name);
+    if (len < 0 || (size_t)len >= sizeof(name))
+        return -EINVAL;
+    size_t dl = strlen(t->name);
+    struct sts_ask *a = malloc(sizeof(*a) + dl + 1);
+    if (a == NULL)
+        return -ENOMEM;
+    memcpy(a->domain, t->name, dl + 1);
+    a->d = d;
+    a->t = t;
+    a->prev = NULL;
+    a->next = d->sts_asks;
+    if (a->next != NULL)
+        a->next->prev = a;
+    d->sts_asks = a;
+    d->nsts_asks++;
+    t->sts_ask = a;
+    int rc = d->ops->txt(d, name, on_sts_txt, a);
+    if (rc < 0) {
+        t->sts_ask = NULL;
+        sts_ask_unlink(a);
+        free(a);
+    }
+    return rc;
+}
+
+void
+dest_sts_asks_free(struct delivery *d)
+{
+    while (d->sts_asks != NULL) {
+        struct sts_ask *a = d->sts_asks;
+        if (a->t != NULL)
+            a->t->sts_ask = NULL;
+        sts_ask_unlink(a);
+        free(a);
+    }
+}
+
+/* t goes: its lookup's answer still reaches the store. */
+void
+dest_sts_forget(struct dest *t)
+{
+    if (t->sts_ask != NULL) {
+        t->sts_ask->t = NULL;
+        t->sts_ask = NULL;
+    }
+}
+
 bool
 dest_sts_ready(struct dest *t)
 {
@@ -110,10 +205,25 @@ dest_sts_ready(struct dest *t)
         t->sts = mta_sts_policy_unref(t->sts);
         return true;
     }
+    if (t->sts_ask != NULL)
+        return false; /* its TXT lookup runs: the answer runs t again */
     if (t->sts_asked != 0 && d->w->now - t->sts_asked < MS_TO_NS(STS_ASK_MS))
         return true;
     struct mta_sts_policy *p = NULL;
-    if (mta_sts_get(m, t->name, &p) == MTA_STS_WAIT)
+    /* Lookups on this worker are bounded as its MX lookups are; beyond,
+     * the store's thread takes them (its max_fetches at once). */
+    bool can_ask = d->ops->txt != NULL && d->nsts_asks < d->e->cfg->dns.max_inflight;
+    enum mta_sts_answer a = mta_sts_get(m, t->name, can_ask, &p);
+    if (a == MTA_STS_ASK) {
+        int rc = sts_ask_start(t);
+        if (rc == 0)
+            return false;
+        /* Not asked: as a lookup that failed at once (no policy known). */
+        mta_sts_txt_answer(m, t->name, DNS_RETRY, rc == -EINVAL ? "bad name" : "no resolver",
+                           NULL, 0);
+        a = mta_sts_get(m, t->name, false, &p);
+    }
+    if (a == MTA_STS_WAIT)
         return false;
     if (p != t->sts)
         t->targets_for = NULL; /* the hosts it may use may have changed: count again */

@@ -17,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -51,6 +53,10 @@ struct fx {
     struct smtp_outcome last_fail;
     enum classify_source last_src;
     unsigned finished;         /* jobs reported after a transaction */
+    unsigned txts;             /* TXT lookups asked for (MTA-STS first checks) */
+    char txt_name[128];        /* the last one's name */
+    dns_txt_fn *txt_cb;        /* ... and its callback, for the test to answer */
+    void *txt_arg;
 };
 
 static struct fx *F;
@@ -126,6 +132,28 @@ static const struct outbound_ops test_ops = {
     .resume = t_resume,
     .quit = t_quit,
     .fail = t_fail,
+};
+
+static int
+t_txt(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg)
+{
+    (void)d;
+    F->txts++;
+    snprintf(F->txt_name, sizeof(F->txt_name), "%s", name);
+    F->txt_cb = cb;
+    F->txt_arg = arg;
+    return 0;
+}
+
+/* With MTA-STS: the worker asks TXT records itself. */
+static const struct outbound_ops test_ops_txt = {
+    .resolve = t_resolve,
+    .cancel = t_cancel,
+    .open = t_open,
+    .resume = t_resume,
+    .quit = t_quit,
+    .fail = t_fail,
+    .txt = t_txt,
 };
 
 /* ---- the fixture ---- */
@@ -820,6 +848,89 @@ idle_destinations_evicted(void **state)
     fx_free(f);
 }
 
+/* MTA-STS (engine/mta_sts.h): a domain never seen has its TXT record asked
+ * on the worker, beside its MX lookup, and its mail waits for the answer;
+ * no record lets it go at once, without the store's thread; a record
+ * hands the check to the thread (the policy fetch), and the mail waits. */
+static void
+first_mta_sts_check_on_the_worker(void **state)
+{
+    (void)state;
+    /* The store's own resolver asks a socket that never answers: its
+     * fetch of b.test's policy cannot end before the test does. */
+    int mute = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(mute >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
+    char conf[256];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 1\n"
+             "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+             "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
+             ntohs(sin.sin_port));
+    struct fx *f = fx_new(conf);
+    char dir[] = "/tmp/sluice-sched-sts-XXXXXX", cache[64], err[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    struct mta_sts *m = NULL;
+    assert_int_equal(mta_sts_new(f->cfg, cache, &m, err, sizeof(err)), 0);
+    f->e.mta_sts = m;
+    f->d->ops = &test_ops_txt;
+    sched_start(f->d);
+
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 1);
+    assert_int_equal(f->txts, 1);
+    assert_string_equal(f->txt_name, "_mta-sts.a.test");
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 0); /* its policy is not known yet */
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_non_null(t->sts_ask);
+    assert_int_equal(f->d->nsts_asks, 1);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    assert_int_equal(f->d->nsts_asks, 0);
+    assert_null(t->sts_ask);
+    assert_int_equal(f->opened, 1); /* no policy: on its way */
+    assert_null(t->sts);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_non_null(c->job);
+
+    submit("b.test", 1);
+    assert_int_equal(f->txts, 2);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    const char *rec[] = {"v=STSv1; id=20261202"};
+    f->txt_cb(f->txt_arg, DNS_OK, "ok", rec, 1);
+    /* A record: the thread fetches the policy; the mail waits for it
+     * (the connection open for a.test does not take it). */
+    struct mta_sts_policy *p = NULL;
+    assert_int_equal(mta_sts_get(m, "b.test", true, &p), MTA_STS_WAIT);
+    assert_int_equal(f->txts, 2); /* asked once */
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 2);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_null(c->job);
+    assert_int_equal(f->opened, 1);
+    assert_false(fairq_empty(&dest_get(f->d, "b.test")->q));
+
+    /* An answer for a domain nobody asked is dropped; one asked but never
+     * answered is freed with the destinations. */
+    mta_sts_txt_answer(m, "c.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    assert_int_equal(mta_sts_get(m, "c.test", true, &p), MTA_STS_ASK);
+    submit("d.test", 1);
+    assert_int_equal(f->txts, 3);
+    fx_free(f);
+    mta_sts_free(m);
+    close(mute);
+    unlink(cache);
+    rmdir(dir);
+}
+
 /* ---- pools and sources ---- */
 
 static const char POOLS[] =
@@ -1047,6 +1158,7 @@ main(void)
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),
         cmocka_unit_test(idle_destinations_evicted),
+        cmocka_unit_test(first_mta_sts_check_on_the_worker),
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
