@@ -425,7 +425,7 @@ def main():
             b = ref["msgs"] if ref else base[label]
             print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / b:>5.0f}% "
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
-                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.2f} "
+                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.3f} "
                   f"{r['load']:>5.1f} {r['inj_cpu']:>7.1f} {r['dns_cpu']:>7.1f} {r['sink_cpu']:>8.1f} "
                   f"{r['bench_cpu']:>9.1f} {100 * r['busy']:>4.0f}% {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
