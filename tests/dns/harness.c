@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -350,6 +352,27 @@ silent_server(int *port)
     return fd;
 }
 
+/* name in wire form (no compression) at out[at]; returns the offset past
+ * it, 0 when it does not fit or a label is empty or too long. */
+static size_t
+put_name(uint8_t *out, size_t at, size_t cap, const char *name)
+{
+    while (*name != '\0') {
+        const char *dot = strchr(name, '.');
+        size_t n = dot != NULL ? (size_t)(dot - name) : strlen(name);
+        if (n == 0 || n > 63 || at + 1 + n >= cap)
+            return 0;
+        out[at++] = (uint8_t)n;
+        memcpy(out + at, name, n);
+        at += n;
+        name += n + (dot != NULL);
+    }
+    if (at >= cap)
+        return 0;
+    out[at++] = 0;
+    return at;
+}
+
 int
 raw_query(int port, const char *name, uint16_t type, int timeout_ms)
 {
@@ -365,18 +388,9 @@ raw_query(int port, const char *name, uint16_t type, int timeout_ms)
     q[n++] = 1; /* one question */
     memset(q + n, 0, 6);
     n += 6;
-    for (const char *p = name; *p;) {
-        size_t l = strcspn(p, ".");
-        if (l == 0 || l > 63 || n + l + 8 > sizeof(q))
-            return -1;
-        q[n++] = (uint8_t)l;
-        memcpy(q + n, p, l);
-        n += l;
-        p += l;
-        if (*p == '.')
-            p++;
-    }
-    q[n++] = 0;
+    n = put_name(q, n, sizeof(q) - 4, name);
+    if (n == 0)
+        return -1;
     q[n++] = (uint8_t)(type >> 8);
     q[n++] = (uint8_t)type;
     q[n++] = 0;
@@ -506,4 +520,181 @@ harness_config(struct dns_config *cfg, int port)
         fprintf(stderr, "servers: %s\n", err);
         abort();
     }
+}
+
+/* ---- the scripted server ---- */
+
+/* The rdata of rr into out; returns its length, 0 when it does not parse. */
+static size_t
+put_rdata(uint8_t *out, size_t cap, const struct script_rr *rr)
+{
+    unsigned pref, u, sel, mt;
+    int off = 0;
+    switch (rr->type) {
+    case 1:
+        return inet_pton(AF_INET, rr->data, out) == 1 ? 4 : 0;
+    case 28:
+        return inet_pton(AF_INET6, rr->data, out) == 1 ? 16 : 0;
+    case 5:
+        return put_name(out, 0, cap, rr->data);
+    case 15: {
+        char host[256];
+        if (sscanf(rr->data, "%u %255s", &pref, host) != 2)
+            return 0;
+        out[0] = (uint8_t)(pref >> 8);
+        out[1] = (uint8_t)pref;
+        return put_name(out, 2, cap, host);
+    }
+    case 52: {
+        if (sscanf(rr->data, "%u %u %u %n", &u, &sel, &mt, &off) != 3)
+            return 0;
+        out[0] = (uint8_t)u;
+        out[1] = (uint8_t)sel;
+        out[2] = (uint8_t)mt;
+        size_t n = 3;
+        for (const char *h = rr->data + off; h[0] != '\0' && h[1] != '\0' && n < cap; h += 2) {
+            unsigned byte;
+            if (sscanf(h, "%2x", &byte) != 1)
+                return 0;
+            out[n++] = (uint8_t)byte;
+        }
+        return n;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* The reply to the query q (qlen bytes) into out; returns its length, or
+ * 0 to drop the query. */
+static size_t
+script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *out, size_t cap)
+{
+    if (qlen < 12 || (q[2] & 0x80) != 0 || q[4] != 0 || q[5] != 1)
+        return 0;
+    char name[256];
+    size_t at = 12, nl = 0;
+    while (at < qlen && q[at] != 0) {
+        size_t n = q[at];
+        if ((n & 0xC0) != 0 || at + 1 + n > qlen || nl + n + 1 >= sizeof(name))
+            return 0;
+        if (nl > 0)
+            name[nl++] = '.';
+        for (size_t i = 0; i < n; i++) {
+            char c = (char)q[at + 1 + i];
+            name[nl++] = c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
+        }
+        at += 1 + n;
+    }
+    name[nl] = '\0';
+    if (at + 5 > qlen)
+        return 0;
+    uint16_t qtype = (uint16_t)(q[at + 1] << 8 | q[at + 2]);
+    size_t qend = at + 5;
+    const struct script_answer *a = NULL;
+    for (unsigned i = 0; i < s->n && a == NULL; i++)
+        if (s->table[i].qtype == qtype && strcmp(s->table[i].qname, name) == 0) {
+            a = &s->table[i];
+            __atomic_fetch_add(&s->hits[i], 1, __ATOMIC_SEQ_CST);
+        }
+    if (qend > cap)
+        return 0;
+    memcpy(out, q, qend);
+    out[2] = (uint8_t)(0x80 | (q[2] & 0x01)); /* QR, RD as asked */
+    out[3] = (uint8_t)(0x80 | (a != NULL && a->ad ? 0x20 : 0) | (a != NULL ? a->rcode : 5));
+    memset(out + 6, 0, 6); /* AN, NS, AR */
+    size_t len = qend;
+    unsigned an = 0;
+    for (unsigned i = 0; a != NULL && i < SCRIPT_RR_MAX && a->rr[i].owner != NULL; i++) {
+        const struct script_rr *rr = &a->rr[i];
+        len = put_name(out, len, cap, rr->owner);
+        if (len == 0 || len + 10 >= cap)
+            return 0;
+        uint8_t *h = out + len;
+        h[0] = (uint8_t)(rr->type >> 8);
+        h[1] = (uint8_t)rr->type;
+        h[2] = 0;
+        h[3] = 1;                                  /* IN */
+        h[4] = h[5] = 0, h[6] = 0x01, h[7] = 0x2c; /* TTL 300 */
+        size_t rd = put_rdata(out + len + 10, cap - len - 10, rr);
+        if (rd == 0)
+            return 0;
+        h[8] = (uint8_t)(rd >> 8);
+        h[9] = (uint8_t)rd;
+        len += 10 + rd;
+        an++;
+    }
+    out[7] = (uint8_t)an;
+    return len;
+}
+
+int
+script_start(struct script_server *s, const struct script_answer *table, unsigned n)
+{
+    memset(s, 0, sizeof(*s));
+    s->table = table;
+    s->n = n;
+    s->hits = mmap(NULL, n * sizeof(unsigned) + 1, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (s->hits == MAP_FAILED) {
+        s->hits = NULL;
+        fprintf(stderr, "script server: mmap: %s\n", strerror(errno));
+        return -1;
+    }
+    int fd = silent_server(&s->port);
+    if (fd < 0) {
+        fprintf(stderr, "script server: socket: %s\n", strerror(errno));
+        script_stop(s);
+        return -1;
+    }
+    pid_t parent = getpid();
+    s->pid = fork();
+    if (s->pid < 0) {
+        fprintf(stderr, "script server: fork: %s\n", strerror(errno));
+        close(fd);
+        script_stop(s);
+        return -1;
+    }
+    if (s->pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(0);
+        for (;;) {
+            uint8_t q[1500], r[1500];
+            struct sockaddr_storage from;
+            socklen_t flen = sizeof(from);
+            ssize_t got = recvfrom(fd, q, sizeof(q), 0, (struct sockaddr *)&from, &flen);
+            if (got < 0)
+                continue;
+            size_t len = script_reply(s, q, (size_t)got, r, sizeof(r));
+            if (len > 0)
+                sendto(fd, r, len, 0, (struct sockaddr *)&from, flen);
+        }
+    }
+    /* The socket was bound before the fork: queries sent from now on wait
+     * in its buffer for the child, so no readiness wait is needed. */
+    close(fd);
+    return 0;
+}
+
+void
+script_stop(struct script_server *s)
+{
+    if (s->pid > 0) {
+        kill(s->pid, SIGKILL);
+        waitpid(s->pid, NULL, 0);
+        s->pid = 0;
+    }
+    if (s->hits != NULL)
+        munmap(s->hits, s->n * sizeof(unsigned) + 1);
+    s->hits = NULL;
+}
+
+int
+script_hits(const struct script_server *s, const char *qname, uint16_t qtype)
+{
+    for (unsigned i = 0; i < s->n; i++)
+        if (s->table[i].qtype == qtype && strcmp(s->table[i].qname, qname) == 0)
+            return (int)__atomic_load_n(&s->hits[i], __ATOMIC_SEQ_CST);
+    return -1;
 }

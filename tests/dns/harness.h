@@ -11,6 +11,11 @@
  * --no-hosts, bound to 127.0.0.1 only, logging every query to a file in a
  * temp dir of its own so that tests can count the queries it saw.
  *
+ * The scripted server answers what dnsmasq cannot: DNSSEC outcomes (the
+ * AD bit per answer, as a validating resolver sets it), CNAME chains
+ * and TLSA records, from a table the test writes; it is a forked child
+ * killed by PID, with PR_SET_PDEATHSIG should the test die first.
+ *
  * Threading: one thread.
  */
 #ifndef SLUICE_TESTS_DNS_HARNESS_H
@@ -53,6 +58,46 @@ int silent_server(int *port);
 /* One raw UDP query of type for name to 127.0.0.1:port; waits up to
  * timeout_ms. Returns the answer's rcode, or -1 without an answer. */
 int raw_query(int port, const char *name, uint16_t type, int timeout_ms);
+
+/* ---- a scripted server: fixed answers with the AD bit as told ---- */
+
+/* One record of an answer section, data in presentation form: A
+ * "192.0.2.1", AAAA "2001:db8::1", CNAME "target.test", MX "10 mx.test",
+ * TLSA "3 1 1 <hex>". */
+struct script_rr {
+    const char *owner;
+    uint16_t type;
+    const char *data;
+};
+
+#define SCRIPT_RR_MAX 4
+/* The answer to (qname, qtype): rcode, AD, records (NULL owner ends). */
+struct script_answer {
+    const char *qname;
+    uint16_t qtype;
+    uint8_t rcode;
+    bool ad;
+    struct script_rr rr[SCRIPT_RR_MAX];
+};
+
+/* A child process answering UDP queries on 127.0.0.1 from a table; a
+ * question not in it gets REFUSED. It counts the queries each entry
+ * answered in memory shared with the test. */
+struct script_server {
+    pid_t pid;
+    int port;
+    unsigned n;
+    const struct script_answer *table; /* borrowed: lives as long as the server */
+    unsigned *hits;                    /* owned (shared mapping): per entry */
+};
+
+/* Start it (the child dies with the test). Returns 0 or -1 (a message
+ * says why). */
+int script_start(struct script_server *s, const struct script_answer *table, unsigned n);
+/* Kill the child by its PID, reap it, unmap the counts. */
+void script_stop(struct script_server *s);
+/* Queries answered so far for (qname, qtype); -1 when not in the table. */
+int script_hits(const struct script_server *s, const char *qname, uint16_t qtype);
 
 /* ---- a poll() loop for a struct dns ---- */
 
