@@ -17,7 +17,9 @@
  * IPv4/IPv6 addresses (from the additional section when the server gave
  * them, else by A/AAAA queries; CNAMEs followed as resolvers do), and,
  * with dnssec = trust_ad and a validated MX answer, each host's TLSA
- * records (_25._tcp.HOST) for DANE and whether they were validated. A
+ * records for DANE and whether they were validated: at _25._tcp.TARGET
+ * first when the host is an alias whose CNAME chain to TARGET was
+ * validated, then at _25._tcp.HOST (RFC 7672 2.2.2). A
  * domain costs one lookup per TTL: answers are cached, and a request for
  * a domain whose lookup is in flight joins it.
  *
@@ -122,10 +124,15 @@ dns_addr_len(const union dns_addr *a)
     return a->sa.sa_family == AF_INET6 ? sizeof(a->sin6) : sizeof(a->sin);
 }
 
-/* What DNS says about DANE (RFC 7672) for one MX host: its TLSA records
- * at _25._tcp.HOST, looked up only with dnssec = trust_ad and when the MX
- * answer itself was validated (2.2.1: an insecure MX name is no
- * reference identifier worth authenticating). */
+/* What DNS says about DANE (RFC 7672) for one MX host: its TLSA records,
+ * looked up only with dnssec = trust_ad and when the MX answer itself
+ * was validated (2.2.1: an insecure MX name is no reference identifier
+ * worth authenticating). The TLSA base domain (2.2.2) is the host's
+ * expanded name (the end of its validated CNAME chain) when the answer
+ * there holds validated records or failed, else the host's own name:
+ * a validated denial or an unvalidated answer at the expanded name
+ * falls back to _25._tcp.HOST. A chain not validated end to end leaves
+ * the host's own name only. */
 enum dns_dane {
     DNS_DANE_NONE,     /* not looked up: dnssec off, MX answer not validated, literal */
     DNS_DANE_INSECURE, /* the TLSA answer was not validated (unsigned zone): opportunistic */
@@ -154,6 +161,17 @@ struct dns_mx_host {
     enum dns_dane dane;
     unsigned ntlsa;              /* DNS_DANE_SECURE: records (may be 0 after drops) */
     const struct dns_tlsa *tlsa; /* borrowed: lives as long as the result */
+    /* borrowed: lives as long as the result. Where name's CNAME chain
+     * ends, when TLSA records were looked up (dane is not
+     * DNS_DANE_NONE), name is an alias and the address answers that
+     * show the chain were validated; else NULL. With DNS_DANE_SECURE
+     * both name and expanded are reference identifiers for the
+     * certificate's names (RFC 7672 3.2.2). */
+    const char *expanded;
+    /* borrowed: lives as long as the result. The TLSA base domain whose
+     * answer dane tells ("_25._tcp." + it was asked): name or expanded;
+     * NULL with DNS_DANE_NONE. */
+    const char *tlsa_base;
 };
 
 /* An answer. Immutable and refcounted: whoever is handed one owns one

@@ -127,6 +127,8 @@ struct result_host {
     enum dns_dane dane;
     unsigned ntlsa;                 /* DNS_DANE_SECURE */
     const struct wire_tlsa *tlsa;   /* borrowed for the build */
+    const char *expanded;           /* borrowed for the build; NULL: none */
+    const char *tlsa_base;          /* borrowed for the build: name, expanded or NULL */
 };
 
 /* A result in one allocation, one reference. NULL when out of memory. */

@@ -17,13 +17,20 @@
  * addresses: validated records, validated denial, unvalidated, or failed
  * (SERVFAIL: a validating resolver's word for bogus) go into the result
  * per host, and the records' TTL bounds the result's (RFC 7672 2.2).
+ * A host whose address answers show a validated CNAME chain (AD set)
+ * also has its TLSA asked at the end of the chain once the first such
+ * answer is in; that answer comes first when it holds validated records
+ * or failed, and the host's own otherwise (RFC 7672 2.2.2, RFC 7671 7).
+ * Such a host's addresses are always asked (not taken from the host
+ * cache), since the chain is only seen in an answer.
  *
  * The lookup counts its queries in flight (plus one while it is issuing
  * them, because c-ares may call back from inside ares_query); the answer
  * is built when the count drops to zero.
  *
  * Hosts are answered as the MX names them: a host that is a CNAME keeps
- * its MX name (what TLS and logs want) and gets its target's addresses.
+ * its MX name (what TLS and logs want) and gets its target's addresses;
+ * under DANE a validated chain's target is in the result too.
  * MX targets that are no host names (the root among other MX records,
  * address literals, odd bytes) are skipped, as Postfix does.
  *
@@ -43,10 +50,28 @@ enum fam_state {
     FS_TEMP,     /* try again later */
 };
 
+/* What a host's address answers say of its CNAME chain. */
+enum alias_state {
+    ALIAS_UNKNOWN,  /* no address answer read (yet) */
+    ALIAS_NONE,     /* the name holds its addresses itself */
+    ALIAS_SECURE,   /* a validated chain to expanded */
+    ALIAS_INSECURE, /* a chain not validated, or answers that disagree */
+};
+
 struct lk_query {
     struct lookup *lk; /* borrowed: the lookup outlives its queries */
     int host;          /* index into hosts; -1: the MX query */
     uint16_t type;
+};
+
+/* One TLSA answer of a host. */
+struct lk_tlsa {
+    uint8_t st;  /* enum fam_state; FS_SKIP: not asked */
+    bool ad;     /* that answer was validated */
+    unsigned n;
+    struct wire_tlsa rec[DNS_TLSA_MAX]; /* data in data */
+    uint8_t *data;                      /* owned */
+    struct lk_query q;
 };
 
 struct lk_host {
@@ -57,13 +82,11 @@ struct lk_host {
     uint8_t a4[WIRE_MAX_ADDR][16];
     uint8_t a6[WIRE_MAX_ADDR][16];
     struct lk_query q4, q6;
-    /* DANE: the TLSA answer at _25._tcp.NAME (FS_SKIP: not asked) */
-    uint8_t st_tlsa;  /* enum fam_state */
-    bool tlsa_ad;     /* that answer was validated */
-    unsigned ntlsa;
-    struct wire_tlsa tlsa[DNS_TLSA_MAX]; /* data in tlsa_data */
-    uint8_t *tlsa_data;                  /* owned */
-    struct lk_query qt;
+    uint8_t alias;                      /* enum alias_state */
+    char expanded[DNS_NAME_MAX + 1];    /* ALIAS_SECURE: where the chain ends */
+    /* DANE: the TLSA answers at _25._tcp.NAME ([0]) and, for a validated
+     * alias, at _25._tcp.EXPANDED ([1]) */
+    struct lk_tlsa tl[2];
 };
 
 struct lookup {
@@ -97,8 +120,10 @@ lookup_free(struct lookup *lk)
 {
     if (lk->e != NULL && lk->e->lookup == lk)
         lk->e->lookup = NULL;
-    for (unsigned i = 0; lk->hosts != NULL && i < lk->nhosts; i++)
-        free(lk->hosts[i].tlsa_data);
+    for (unsigned i = 0; lk->hosts != NULL && i < lk->nhosts; i++) {
+        free(lk->hosts[i].tl[0].data);
+        free(lk->hosts[i].tl[1].data);
+    }
     free(lk->hosts);
     free(lk);
 }
@@ -216,24 +241,35 @@ finish(struct lookup *lk)
             rh[n].a6 = (const uint8_t(*)[16])h->a6;
             rh[n].ntlsa = 0;
             rh[n].tlsa = NULL;
-            switch (h->st_tlsa) {
+            rh[n].expanded = h->alias == ALIAS_SECURE ? h->expanded : NULL;
+            /* RFC 7672 2.2.2: the expanded name's answer when it has
+             * validated records or failed, else the MX name's. */
+            const struct lk_tlsa *t = &h->tl[0];
+            rh[n].tlsa_base = h->name;
+            if (rh[n].expanded != NULL &&
+                (h->tl[1].st == FS_TEMP || (h->tl[1].st == FS_OK && h->tl[1].ad))) {
+                t = &h->tl[1];
+                rh[n].tlsa_base = h->expanded;
+            }
+            switch (t->st) {
             case FS_OK:
-                rh[n].dane = h->tlsa_ad ? DNS_DANE_SECURE : DNS_DANE_INSECURE;
-                if (h->tlsa_ad) {
-                    rh[n].ntlsa = h->ntlsa;
-                    rh[n].tlsa = h->tlsa;
+                rh[n].dane = t->ad ? DNS_DANE_SECURE : DNS_DANE_INSECURE;
+                if (t->ad) {
+                    rh[n].ntlsa = t->n;
+                    rh[n].tlsa = t->rec;
                     d->stats.tlsa_secure++;
                 }
                 break;
             case FS_NODATA:
             case FS_NXDOMAIN:
-                rh[n].dane = h->tlsa_ad ? DNS_DANE_NO_TLSA : DNS_DANE_INSECURE;
+                rh[n].dane = t->ad ? DNS_DANE_NO_TLSA : DNS_DANE_INSECURE;
                 break;
             case FS_TEMP:
                 rh[n].dane = DNS_DANE_TEMPFAIL;
                 break;
             default:
                 rh[n].dane = DNS_DANE_NONE;
+                rh[n].tlsa_base = NULL;
                 break;
             }
             n++;
@@ -330,6 +366,40 @@ order_mx(struct dns *d, struct wire_mx *mx, unsigned n)
     return out;
 }
 
+/* Ask name's TLSA records into t; a name too long for the prefix is
+ * not asked (t stays FS_SKIP). */
+static void
+ask_tlsa(struct lookup *lk, struct lk_tlsa *t, const char *name)
+{
+    char tname[DNS_NAME_MAX + 1];
+    if (!tlsa_name(name, tname))
+        return;
+    t->st = FS_PENDING;
+    lk->d->stats.tlsa_queries++;
+    send_query(lk, &t->q, tname, WIRE_T_TLSA);
+}
+
+/* Under DANE, what an address answer (data or no data) of host i says
+ * of its CNAME chain; the first validated chain asks the TLSA records at
+ * its end. Answers that disagree leave no expanded name. */
+static void
+note_alias(struct lookup *lk, unsigned i, const struct wire_answer *a)
+{
+    struct lk_host *h = &lk->hosts[i];
+    if (lk->d->cfg.dnssec != DNS_DNSSEC_TRUST_AD || !lk->mx_ad)
+        return;
+    enum alias_state seen = a->chain == 0 ? ALIAS_NONE : a->ad ? ALIAS_SECURE : ALIAS_INSECURE;
+    if (h->alias == ALIAS_UNKNOWN) {
+        h->alias = (uint8_t)seen;
+        if (seen != ALIAS_SECURE)
+            return;
+        memcpy(h->expanded, a->final, sizeof(h->expanded));
+        ask_tlsa(lk, &h->tl[1], h->expanded);
+    } else if (h->alias != seen || (seen == ALIAS_SECURE && strcmp(h->expanded, a->final) != 0)) {
+        h->alias = ALIAS_INSECURE;
+    }
+}
+
 static void
 want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
 {
@@ -356,11 +426,20 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
             lk->ttl = min32(lk->ttl, ttl);
         }
     }
-    /* What another domain naming this host was answered (hosts.c). */
+    /* Addresses held by the name itself: no CNAME. */
+    if (h->n4 + h->n6 > 0)
+        h->alias = ALIAS_NONE;
+    /* DANE: TLSA records matter only when the MX name itself was
+     * validated (RFC 7672 2.2.1); they are asked beside the addresses. */
+    bool dane = lk->d->cfg.dnssec == DNS_DNSSEC_TRUST_AD && lk->mx_ad;
+    /* What another domain naming this host was answered (hosts.c); not
+     * under DANE before the name is known to be no alias: only an
+     * answer shows the CNAME chain (2.2.2). */
     for (int v6 = 0; v6 < 2; v6++) {
         uint8_t *st = v6 ? &h->st6 : &h->st4;
         struct host_addrs ha;
-        if (*st != FS_PENDING || !hosts_find(lk->d, h->name, v6, &ha))
+        if (*st != FS_PENDING || (dane && h->alias != ALIAS_NONE) ||
+            !hosts_find(lk->d, h->name, v6, &ha))
             continue;
         if (ha.st == HOST_OK) {
             memcpy(v6 ? h->a6 : h->a4, ha.addr, (size_t)ha.n * 16);
@@ -375,16 +454,9 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
             lk->neg_ttl = min32(lk->neg_ttl, ha.ttl);
         }
     }
-    /* DANE: TLSA records matter only when the MX name itself was
-     * validated (RFC 7672 2.2.1); they are asked beside the addresses. */
-    char tname[DNS_NAME_MAX + 1];
-    h->st_tlsa = FS_SKIP;
-    h->qt.host = (int)i;
-    if (lk->d->cfg.dnssec == DNS_DNSSEC_TRUST_AD && lk->mx_ad && tlsa_name(h->name, tname)) {
-        h->st_tlsa = FS_PENDING;
-        lk->d->stats.tlsa_queries++;
-        send_query(lk, &h->qt, tname, WIRE_T_TLSA);
-    }
+    h->tl[0].q.host = h->tl[1].q.host = (int)i;
+    if (dane)
+        ask_tlsa(lk, &h->tl[0], h->name);
     if (h->st4 == FS_PENDING)
         send_query(lk, &h->q4, h->name, WIRE_T_A);
     if (h->st6 == FS_PENDING)
@@ -462,6 +534,8 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     struct lk_host *h = &lk->hosts[q->host];
     bool v4 = q->type == WIRE_T_A;
     uint8_t *st = v4 ? &h->st4 : &h->st6;
+    if (kind == ANS_DATA || kind == ANS_NODATA)
+        note_alias(lk, (unsigned)q->host, a);
     switch (kind) {
     case ANS_DATA:
         memcpy(v4 ? h->a4 : h->a6, a->addr, (size_t)a->n * 16);
@@ -495,24 +569,25 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     }
 }
 
-/* The TLSA answer of a host (q->type TLSA), its records copied out of the
- * message. */
+/* A TLSA answer of a host (q->type TLSA, q is h->tl[k].q), its records
+ * copied out of the message. */
 static void
 on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_answer *a,
         const uint8_t *abuf, size_t alen)
 {
     struct lk_host *h = &lk->hosts[q->host];
-    h->tlsa_ad = a->ad;
+    struct lk_tlsa *t = q == &h->tl[1].q ? &h->tl[1] : &h->tl[0];
+    t->ad = a->ad;
     /* wire_answer keeps no TLSA records (kind is NODATA when there are
      * some): wire_tlsa reads them at the end of the CNAME chain. */
     if (kind == ANS_TEMP) {
-        h->st_tlsa = FS_TEMP;
+        t->st = FS_TEMP;
         lk->tlsa_temp = true;
         lk->d->stats.tlsa_failed++;
         return;
     }
     if (kind == ANS_NXDOMAIN || abuf == NULL) {
-        h->st_tlsa = kind == ANS_NXDOMAIN ? FS_NXDOMAIN : FS_NODATA;
+        t->st = kind == ANS_NXDOMAIN ? FS_NXDOMAIN : FS_NODATA;
         if (a->soa)
             lk->ttl = min32(lk->ttl, a->neg_ttl);
         return;
@@ -522,13 +597,13 @@ on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     int n = wire_tlsa(abuf, alen, a->final, rec, DNS_TLSA_MAX, &ttl);
     if (n < 0) {
         /* A validated answer we cannot read is no proof of absence. */
-        h->st_tlsa = FS_TEMP;
+        t->st = FS_TEMP;
         lk->tlsa_temp = true;
         lk->d->stats.tlsa_failed++;
         return;
     }
     if (n == 0) {
-        h->st_tlsa = FS_NODATA;
+        t->st = FS_NODATA;
         if (a->soa)
             lk->ttl = min32(lk->ttl, a->neg_ttl);
         return;
@@ -536,24 +611,24 @@ on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     size_t total = 0;
     for (int i = 0; i < n; i++)
         total += rec[i].len <= DNS_TLSA_DATA_MAX ? rec[i].len : 0;
-    h->tlsa_data = malloc(total ? total : 1);
-    if (h->tlsa_data == NULL) {
-        h->st_tlsa = FS_TEMP;
+    t->data = malloc(total ? total : 1);
+    if (t->data == NULL) {
+        t->st = FS_TEMP;
         lk->tlsa_temp = true;
         return;
     }
-    uint8_t *p = h->tlsa_data;
-    h->ntlsa = 0;
+    uint8_t *p = t->data;
+    t->n = 0;
     for (int i = 0; i < n; i++) {
         if (rec[i].len > DNS_TLSA_DATA_MAX)
             continue; /* no digest is that long; an oversized full certificate is unusable */
         memcpy(p, rec[i].data, rec[i].len);
-        h->tlsa[h->ntlsa] = rec[i];
-        h->tlsa[h->ntlsa].data = p;
-        h->ntlsa++;
+        t->rec[t->n] = rec[i];
+        t->rec[t->n].data = p;
+        t->n++;
         p += rec[i].len;
     }
-    h->st_tlsa = FS_OK;
+    t->st = FS_OK;
     lk->ttl = min32(lk->ttl, min32(a->ttl, ttl));
 }
 
@@ -598,6 +673,8 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     const char *qname = q->host < 0 ? lk->e->name : lk->hosts[q->host].name;
     char tname[DNS_NAME_MAX + 1];
     if (q->type == WIRE_T_TLSA) {
+        if (q == &lk->hosts[q->host].tl[1].q)
+            qname = lk->hosts[q->host].expanded;
         tlsa_name(qname, tname);
         qname = tname;
     }

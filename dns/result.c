@@ -70,6 +70,8 @@ result_new(enum dns_status status, const char *why, const char *domain,
     for (unsigned i = 0; i < nhosts; i++) {
         naddrs += hosts[i].n4 + hosts[i].n6;
         chars += strlen(hosts[i].name) + 1;
+        if (hosts[i].expanded != NULL)
+            chars += strlen(hosts[i].expanded) + 1;
         ntlsa += hosts[i].ntlsa;
         for (unsigned k = 0; k < hosts[i].ntlsa; k++)
             chars += hosts[i].tlsa[k].len;
@@ -106,6 +108,17 @@ result_new(enum dns_status status, const char *why, const char *domain,
         memcpy(s, src->name, len);
         h[i].name = s;
         s += len;
+        h[i].expanded = NULL;
+        if (src->expanded != NULL) {
+            len = strlen(src->expanded) + 1;
+            memcpy(s, src->expanded, len);
+            h[i].expanded = s;
+            s += len;
+        }
+        /* the base is one of the two names: point at its copy */
+        h[i].tlsa_base = src->tlsa_base == NULL       ? NULL
+                         : src->tlsa_base == src->name ? h[i].name
+                                                       : h[i].expanded;
         h[i].preference = src->preference;
         h[i].naddrs = src->n4 + src->n6;
         h[i].addrs = a;
