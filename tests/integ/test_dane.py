@@ -23,6 +23,12 @@ which offers no STARTTLS.
   bogus.dane.test  the TLSA record altered after signing (a validating
                    resolver answers SERVFAIL): deferred, host not used
   none.dane.test   signed zone, no TLSA: opportunistic TLS as before
+  cn.dane.test     MX host alias-ee, a CNAME to mx-ee (validated): the
+                   TLSA at the target (mx-ee's) is used first, not the
+                   one at alias-ee that matches nothing (RFC 7672 2.2.2)
+  cn2.dane.test    MX host alias-none, a CNAME to mx-none (no TLSA): the
+                   TLSA at alias-none, which matches mx-none's key, is
+                   used
   x.plain.test     unsigned zone with a TLSA record that matches nothing:
                    insecure, so ignored: opportunistic, delivered
 """
@@ -161,6 +167,12 @@ class Env:
         # still mandatory (RFC 7672 2.2); this host is the STARTTLS-less sink.
         z += f"pkix 300 IN MX 10 mx-pkix.dane.test.\nmx-pkix 300 IN A {ADDR['strip']}\n"
         z += f"_25._tcp.mx-pkix 300 IN TLSA 1 1 1 {other}\n"
+        # CNAME'd MX hosts: records at the target come first, then at the
+        # alias (RFC 7672 2.2.2).
+        z += "cn 300 IN MX 10 alias-ee.dane.test.\nalias-ee 300 IN CNAME mx-ee.dane.test.\n"
+        z += f"_25._tcp.alias-ee 300 IN TLSA 3 1 1 {other}\n"
+        z += "cn2 300 IN MX 10 alias-none.dane.test.\nalias-none 300 IN CNAME mx-none.dane.test.\n"
+        z += f"_25._tcp.alias-none 300 IN TLSA 3 1 1 {spki_sha256(self.certs['none'][0])}\n"
         with open(f"{p}/dane.test.zone", "w") as f:
             f.write("$ORIGIN dane.test.\n" + z)
         zp = soa.format(z="plain.test")
@@ -471,6 +483,15 @@ def test_dane_ta_chain_delivers_authenticated():
     delivered_case("ta", "ta.dane.test", "dane-ta")
 
 
+def test_cname_mx_host_uses_the_targets_tlsa_first():
+    # alias-ee's own TLSA matches nothing: only the target's authenticates.
+    delivered_case("ee", "cn.dane.test", "dane-ee")
+
+
+def test_cname_mx_host_falls_back_to_the_alias_tlsa():
+    delivered_case("none", "cn2.dane.test", "dane-ee")
+
+
 def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt=None):
     r = Relay(case, domain_conf)
     try:
@@ -579,6 +600,8 @@ if __name__ == "__main__":
     ENV = Env()
     try:
         main([test_dane_ee_match_delivers_authenticated, test_dane_ta_chain_delivers_authenticated,
+              test_cname_mx_host_uses_the_targets_tlsa_first,
+              test_cname_mx_host_falls_back_to_the_alias_tlsa,
               test_dane_domain_never_rides_an_opportunistic_connection,
               test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
               test_unusable_tlsa_still_makes_tls_mandatory,
