@@ -363,7 +363,8 @@ static const struct conf_key domain_keys[] = {
      "recipients of one message in one transaction", NULL},
     {"tls", CONF_ENUM, DOM(tls), 0, 0, "optional",
      "outbound STARTTLS: off, optional (when offered; after a failed handshake, plaintext to "
-     "that MX address for an hour), required, verify (chain and MX name)",
+     "that MX address at once, in the same attempt, and for an hour), required, verify "
+     "(chain and MX name)",
      tls_policies},
     {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
      "delays between attempts after a temporary failure; the last repeats ([delivery] "

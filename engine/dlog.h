@@ -93,7 +93,9 @@ struct dlog_event {
     const char *tls_protocol;
     const char *tls_cipher;
     const char *tls_policy;     /* none, opportunistic, mta-sts, dane, verify */
-    const char *tls_verify;     /* "ok", or why the certificate check failed */
+    const char *tls_verify;     /* "ok", or why the certificate check failed, or
+                                 * "plaintext fallback: ..." (opportunistic TLS
+                                 * after a failed handshake) */
     uint64_t size;         /* message size in octets */
     uint64_t arrival_ms;   /* Unix ms the message arrived: gives queue_time_ms */
     unsigned rcpt_count;   /* reception */

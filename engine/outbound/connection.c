@@ -6,8 +6,9 @@
  * the socket's reads and sends, plain or TLS after STARTTLS; to an MX
  * host with validated TLSA records, DANE decides: STARTTLS mandatory,
  * authenticated by the records; under opportunistic TLS, an address whose
- * handshake failed is connected to in plaintext for a while:
- * policy_tls_fallback), streams the body from the spool in
+ * handshake failed is connected to in plaintext for a while, the
+ * scheduler's retry of the jobs that wait first: policy_tls_fallback),
+ * streams the body from the spool in
  * chunks, and when the session is ready asks the scheduler for its next
  * job (reuse: a job of any domain of its site) or goes idle. Transaction
  * outcomes go to outcome.c; what a failed connect, a timeout or the end
@@ -581,6 +582,7 @@ conn_tls_fallback_mark(struct conn *c)
     uint64_t key;
     struct tls_fallback *f = conn_tls_fallback_slot(c, &key);
     *f = (struct tls_fallback){key, c->d->w->now + MS_TO_NS(POLICY_TLS_FALLBACK_MS)};
+    c->tls_fell_back = true; /* the scheduler retries in plaintext at once */
     return true;
 }
 
@@ -875,6 +877,9 @@ conn_on_connect(struct stream *st, int res)
         o.tls_label = "DANE";
     } else if (o.tls == SMTP_CLIENT_TLS_OPTIONAL && conn_tls_fallback(c)) {
         o.tls = SMTP_CLIENT_TLS_OFF;
+        /* The delivery log's tls_verify says why this went in plaintext. */
+        snprintf(c->tls_verify, sizeof(c->tls_verify), "%s",
+                 "plaintext fallback: a STARTTLS handshake failed here lately");
         log_msg(LOG_INFO,
                 "conn=%llx event=tls_plaintext_fallback domain=%s mx=%s addr=%s "
                 "reason=\"a STARTTLS handshake failed here lately; opportunistic TLS\"",

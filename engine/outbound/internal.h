@@ -87,6 +87,9 @@ struct job {
     uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
                             * then; 0: by a suspension */
     unsigned failovers;  /* times a session failure moved it to the next address */
+    bool tls_retried;    /* it waited while a STARTTLS handshake failed under opportunistic
+                          * TLS and had its plaintext retry (policy_conn_end): not again
+                          * in this attempt */
     uint64_t queued_ns;  /* monotonic ns it was queued at its destination (put back
                           * first after a failure: kept) */
     struct job_owner owner; /* its message's tenant, pool, campaign, priority */
@@ -169,6 +172,8 @@ struct conn {
     char tls_verify[96];  /* the certificate check once TLS was tried: "ok", or why not
                            * ("hostname mismatch", "certificate verify failed: ..."); "" before */
     bool tls_reported;    /* its TLS result was counted for TLS reporting (tlsrpt.h) */
+    bool tls_fell_back;   /* its handshake failed and its address goes in plaintext now
+                           * (policy_tls_fallback): its end asks for a plaintext retry */
     char src_str[64];     /* our address on this connection */
     uint64_t expire_ms;   /* Unix ms at which the job in flight expires, 0: none */
     int pending_ev;       /* events not acted on yet (see conn_handle) */
@@ -343,7 +348,8 @@ struct outcome_where {
     const char *mx, *mx_addr, *source;
     uint32_t src_id;          /* the pool source's name id, 0: the default source */
     const char *tls_proto, *tls_cipher;
-    const char *tls_verify;   /* "ok" or why the certificate did not verify; NULL: no TLS */
+    const char *tls_verify;   /* "ok" or why the certificate did not verify, or "plaintext
+                               * fallback: ..." (policy_tls_fallback); NULL: no TLS */
     const char *tls_policy;   /* the connection's ("dane", ...); NULL: the domain's */
     enum classify_source src; /* for outcomes that are not a server's reply */
 };

@@ -110,6 +110,16 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
         out->congested = true;
         out->source_hold = true;
     }
+    if (!e->ready_once && e->connected && e->tls_fallback && e->tls_retry_left) {
+        /* Opportunistic TLS whose handshake failed: the address answered,
+         * its TLS is broken, not its SMTP; plaintext there now, as a
+         * server without STARTTLS gets (policy_tls_fallback). Neither a
+         * failed address nor a sign of load. Each job once per attempt:
+         * a job that already had its retry meets a failed address. */
+        out->retry_plain = true;
+        out->remember = so != NULL && so->status != SMTP_STATUS_PENDING;
+        return;
+    }
     if (!e->ready_once) {
         /* Refused, timed out, or greeting, EHLO or the TLS policy failed:
          * the next address; a reason to remember when there is one. */

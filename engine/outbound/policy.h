@@ -91,6 +91,10 @@ struct policy_conn_end {
     bool ready_once;      /* the session reached a transaction */
     const struct smtp_outcome *session; /* borrowed: the machine's session outcome, or NULL */
     bool stopping;        /* the worker stops: no decision but release */
+    bool tls_fallback;    /* its STARTTLS handshake failed or stalled, and its address
+                           * goes in plaintext now (policy_tls_fallback) */
+    bool tls_retry_left;  /* a job waits at the destination that has not had its
+                           * plaintext retry in this attempt (job.tls_retried) */
 };
 
 struct policy_conn_decision {
@@ -104,6 +108,9 @@ struct policy_conn_decision {
                            * next_addr (the address works; the source was refused).
                            * Never for a refused connect: a host that is down
                            * refuses every source alike, the next address is tried */
+    bool retry_plain;     /* a plaintext connection to the same address at once for the
+                           * jobs that wait (each once per attempt): the address did not
+                           * fail, nothing is deferred */
 };
 
 void policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out);
@@ -169,14 +176,17 @@ uint64_t policy_source_hold(uint64_t site_hold_ms, unsigned holds);
  * in plaintext when the TLS policy is opportunistic. */
 #define POLICY_TLS_FALLBACK_MS (60 * 60 * 1000)
 
-/* A STARTTLS handshake failed on a connection opened under TLS policy
- * tls_pol (enum domain_tls), dane: the MX host has validated TLSA
- * records. True: the next connections to that address for
- * POLICY_TLS_FALLBACK_MS go in plaintext. Only opportunistic TLS, which
- * takes plaintext from a server without STARTTLS anyway (Postfix's
- * "may" level retries in plaintext likewise, or mail to a server with
- * broken TLS would wait until it expires); never required, verify,
- * MTA-STS enforce or DANE. */
+/* A STARTTLS handshake failed (or stalled past starttls_timeout) on a
+ * connection opened under TLS policy tls_pol (enum domain_tls), dane: the
+ * MX host has validated TLSA records. True: that address goes in
+ * plaintext, at once and for POLICY_TLS_FALLBACK_MS: policy_conn_end()
+ * then retries the jobs that wait on a plaintext connection to it in the
+ * same attempt (retry_plain), once per job, instead of counting a failed
+ * address and deferring them until their next retry. Only opportunistic
+ * TLS, which takes plaintext from a server without STARTTLS anyway
+ * (Postfix's "may" level retries in plaintext at once likewise, or mail
+ * to a server with broken TLS would wait until it expires); never
+ * required, verify, MTA-STS enforce or DANE. */
 bool policy_tls_fallback(int tls_pol, bool dane);
 
 #endif

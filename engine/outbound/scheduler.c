@@ -1762,6 +1762,23 @@ sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_ou
         dest_hold(t, pd.rest_ms);
 }
 
+/* The jobs waiting at t that have not had their plaintext retry after a
+ * failed handshake in this attempt (job.tls_retried): are there any, or
+ * (mark) they have had it now. */
+static bool
+dest_tls_retry(struct dest *t, bool mark)
+{
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    for (struct fairq_node *x; (x = fairq_iter_next(&it)) != NULL;) {
+        struct job *j = job_of(x);
+        if (!mark && !j->tls_retried)
+            return true;
+        j->tls_retried = true;
+    }
+    return false;
+}
+
 void
 sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
 {
@@ -1780,9 +1797,18 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .ready_once = c->ready_once,
         .session = so,
         .stopping = d->stopping,
+        .tls_fallback = c->tls_fell_back,
+        .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
     };
     struct policy_conn_decision pd;
     policy_conn_end(&pe, &pd);
+    if (pd.retry_plain) {
+        /* The address is in plaintext now (connection.c): dest_run()
+         * below opens there for what waits, once per job and attempt. */
+        dest_tls_retry(t, true);
+        log_msg(LOG_INFO, "conn=%llx event=tls_plaintext_retry domain=%s mx=%s addr=%s jobs=%u",
+                (unsigned long long)c->id, t->name, c->mx, c->addr_str, dest_queued(t));
+    }
     /* A refusal before any transaction (a 421 or 554 greeting, EHLO
      * refused) reaches no job: the shaping rules see it here. Replies
      * within transactions are seen with their job (outcome.c). */

@@ -2,7 +2,8 @@
  * The outbound failure policy from scripted events: outcomes of a
  * recipient (delivered, 5xx, 4xx before and past expiry, rate-limited,
  * 421), transactions that end in a session failure (fail over or not),
- * connections that end (refused, greeting failed, 421, stopping), DNS
+ * connections that end (refused, greeting failed, 421, stopping, a
+ * failed handshake under opportunistic TLS), DNS
  * statuses, the retry schedule with jitter, and expiry. No network.
  */
 #include <setjmp.h>
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "engine/config.h"
 #include "engine/outbound/policy.h"
 
 static struct smtp_outcome
@@ -133,6 +135,41 @@ connections(void **state)
     e = (struct policy_conn_end){.connected = true, .session = &q, .stopping = true};
     policy_conn_end(&e, &d);
     assert_false(d.hold || d.congested);
+    /* A STARTTLS handshake that failed under opportunistic TLS, with jobs
+     * that have not had their retry: plaintext to the same address at
+     * once; neither a failed address nor congestion. */
+    struct smtp_outcome hs = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_TLS_FAILED);
+    e = (struct policy_conn_end){.connected = true, .session = &hs, .tls_fallback = true,
+                                 .tls_retry_left = true};
+    policy_conn_end(&e, &d);
+    assert_true(d.retry_plain && d.remember);
+    assert_false(d.next_addr || d.congested || d.hold);
+    /* Every job waiting had its retry in this attempt: a failed address. */
+    e.tls_retry_left = false;
+    policy_conn_end(&e, &d);
+    assert_false(d.retry_plain);
+    assert_true(d.next_addr && d.congested);
+    /* No fallback for the address (required, verify, MTA-STS, DANE). */
+    e = (struct policy_conn_end){.connected = true, .session = &hs, .tls_retry_left = true};
+    policy_conn_end(&e, &d);
+    assert_false(d.retry_plain);
+    assert_true(d.next_addr);
+    e = (struct policy_conn_end){.connected = true, .session = &hs, .tls_fallback = true,
+                                 .tls_retry_left = true, .stopping = true};
+    policy_conn_end(&e, &d);
+    assert_false(d.retry_plain);
+}
+
+/* Which TLS failures may go on in plaintext: opportunistic TLS only. */
+static void
+tls_fallback(void **state)
+{
+    (void)state;
+    assert_true(policy_tls_fallback(DOMAIN_TLS_OPTIONAL, false));
+    assert_false(policy_tls_fallback(DOMAIN_TLS_OPTIONAL, true)); /* DANE */
+    assert_false(policy_tls_fallback(DOMAIN_TLS_REQUIRED, false));
+    assert_false(policy_tls_fallback(DOMAIN_TLS_VERIFY, false)); /* and MTA-STS enforce */
+    assert_false(policy_tls_fallback(DOMAIN_TLS_OFF, false));
 }
 
 static void
@@ -215,6 +252,7 @@ main(void)
         cmocka_unit_test(failover),
         cmocka_unit_test(connections),
         cmocka_unit_test(dns_and_schedule),
+        cmocka_unit_test(tls_fallback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

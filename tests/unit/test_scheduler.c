@@ -523,6 +523,51 @@ failures_shrink_and_fail_over(void **state)
     fx_free(f);
 }
 
+/* A STARTTLS handshake that failed under opportunistic TLS (its address
+ * goes in plaintext now: connection.c): the jobs that wait get a new
+ * connection to the same address at once, not a failover and not a
+ * deferral; once per job and attempt: another failed handshake (the
+ * fallback forgotten meanwhile) is a failed address, which defers them
+ * here; new jobs have their own retry. */
+static void
+tls_failure_retried_in_plaintext_at_once(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    for (unsigned i = 0; i < 3; i++)
+        submit("tls.test", 1);
+    answer("tls.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct smtp_outcome hs;
+    memset(&hs, 0, sizeof(hs));
+    hs.status = SMTP_STATUS_TEMPFAIL;
+    hs.scope = SMTP_SCOPE_SESSION;
+    hs.reason = SMTP_REASON_TLS_FAILED;
+    snprintf(hs.text, sizeof(hs.text), "TLS handshake failed");
+    struct conn *c = f->open[0];
+    c->connected = true;
+    c->tls_fell_back = true;
+    conn_gone(c, &hs);
+    assert_int_equal(f->opened, 2);
+    assert_string_equal(f->opened_to[1], "mx1.hoster.test 192.0.2.1:25");
+    assert_int_equal(f->failed, 0);
+    struct dest *t = dest_get(f->d, "tls.test");
+    assert_int_equal(t->failed_addrs, 0);
+    assert_true(t->hold_until <= f->w.now);
+    /* The retry's handshake fails too: no second retry; the only address
+     * has failed, what waits is deferred with the reason. */
+    c = f->open[0];
+    c->connected = true;
+    c->tls_fell_back = true;
+    conn_gone(c, &hs);
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(f->last_src, CLASSIFY_CONNECT);
+    assert_string_equal(f->last_fail.text, "TLS handshake failed");
+    fx_free(f);
+}
+
 /* MX rollup: two domains on the same MX hosts share one site; an idle
  * connection of the site takes the next transaction of the other domain. */
 static void
@@ -1151,6 +1196,7 @@ main(void)
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
         cmocka_unit_test(failures_shrink_and_fail_over),
+        cmocka_unit_test(tls_failure_retried_in_plaintext_at_once),
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
