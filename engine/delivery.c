@@ -95,6 +95,7 @@ delivery_owner(struct engine *e, const char *tenant, const char *pool, const cha
     out->pool = intern_id(e->names, pool);
     out->campaign = intern_id(e->names, campaign);
     out->priority = (uint8_t)(priority <= QUEUE_MAX_PRIORITY ? priority : QUEUE_MAX_PRIORITY);
+    out->tls_relaxed = false;
 }
 
 static void
@@ -142,12 +143,13 @@ delivery_submit(struct engine *e, uint64_t id, const char *domain, const unsigne
 
 void
 delivery_submit_local(struct engine *e, uint64_t id, const char *rcpt, const char *tenant,
-                      const char *pool, const char *campaign)
+                      const char *pool, const char *campaign, bool tls_relaxed)
 {
     const char *at = strrchr(rcpt, '@');
     unsigned idx = 0;
     struct job_owner own;
     delivery_owner(e, tenant, pool, campaign, 0, &own);
+    own.tls_relaxed = tls_relaxed;
     submit(e, id, at != NULL ? at + 1 : "", &idx, 1, false, false, &own);
 }
 
@@ -285,7 +287,7 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
     struct delivery *d = e->dlv[w->id];
     struct job *j = (struct job *)m;
     /* A destination is (domain, pool): the pool's sources only. */
-    struct dest *t = d ? dest_get_pool(d, j->domain, j->owner.pool) : NULL;
+    struct dest *t = d ? dest_of_job(d, j) : NULL;
     if (t == NULL) {
         free(j);
         return;
@@ -342,6 +344,7 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     if (b->n == 0) {
         delivery_owner(b->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
                        r->owner.priority, &b->owner);
+        b->owner.tls_relaxed = r->owner.tls_relaxed;
         b->id = id;
         snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
     }

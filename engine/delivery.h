@@ -139,6 +139,8 @@ bool delivery_idle(const struct delivery *d);
 struct job_owner {
     uint32_t tenant, pool, campaign;
     uint8_t priority; /* 0..9, higher goes first */
+    bool tls_relaxed; /* the message's queue_envelope.tls_relaxed (a TLS report):
+                       * a destination of its own, opportunistic TLS only */
 };
 
 /* The owner of names (each NULL or "" for none), interned in e->names.
@@ -155,9 +157,10 @@ void delivery_submit(struct engine *e, uint64_t id, const char *domain, const un
 /* A message this node wrote itself (a DSN, a TLS report), with its one
  * recipient rcpt (index 0), now durable in the spool: to the worker that
  * owns rcpt's domain, as the mail of tenant, pool and campaign (each NULL
- * or "" for none) at no priority. Any thread. */
+ * or "" for none) at no priority; tls_relaxed as the message was stored
+ * with (queue_envelope). Any thread. */
 void delivery_submit_local(struct engine *e, uint64_t id, const char *rcpt, const char *tenant,
-                           const char *pool, const char *campaign);
+                           const char *pool, const char *campaign, bool tls_relaxed);
 
 /* The same recipients fail now, as a bounce by the operator: spool,
  * logs and DSN as for any bounce. Any thread. */

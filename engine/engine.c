@@ -318,7 +318,9 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
  * is DKIM-signed when the node signs for its From domain (here: the
  * signing threads serve the workers), committed to the spool with its
  * reception event, as a DSN is with its outcomes, then handed to
- * delivery like any message. The thread waits for the commit on a port
+ * delivery like any message, but tls_relaxed (queue.h: RFC 8460 3, a
+ * report is delivered despite TLS failures, so opportunistic TLS whatever
+ * the recipient domain's policy). The thread waits for the commit on a port
  * of its own: it serves no client, and a report is a few a day per
  * domain. A signature that cannot be made leaves the report unsigned
  * (logged): a key error must not stop the reports. */
@@ -338,6 +340,9 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
         .sender = from,
         .ret = QUEUE_RET_NONE,
         .body_type = QUEUE_BODY_7BIT,
+        /* RFC 8460 3: delivered despite the TLS failures it may report,
+         * whatever the TLS policy of the report's domain. */
+        .tls_relaxed = true,
         .nrcpt = 1,
         .rcpt = &r,
     };
@@ -386,7 +391,7 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
             dlog_event(lw, &ev);
         log_msg(LOG_INFO, "id=%s event=tlsrpt_queued from=<%s> to=<%s> size=%zu dkim=%d", qid,
                 from, rcpt, sig_len + len, nsig > 0 ? nsig : 0);
-        delivery_submit_local(e, id, rcpt, NULL, NULL, NULL);
+        delivery_submit_local(e, id, rcpt, NULL, NULL, NULL, true);
     } else {
         log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
                 queue_strerror(rc));

@@ -66,8 +66,10 @@ const struct conf_key mta_sts_conf_keys[] = {
      "up to 4): https: ones by HTTP POST, mailto: ones as a message (RFC 8460 5.3: "
      "multipart/report with the gzipped report attached, at most 1 MB) committed to this "
      "node's spool and delivered like any message, with a reception in the delivery log; "
-     "DKIM-signed when the node signs for the From domain (tlsrpt_from); the recipient "
-     "domain's MTA-STS or DANE policy applies to it as to any message",
+     "DKIM-signed when the node signs for the From domain (tlsrpt_from); delivered despite "
+     "TLS failures (RFC 8460 3): opportunistic TLS with the plaintext fallback, whatever the "
+     "recipient domain's MTA-STS, DANE or [domain] tls (off stays off; tls_policy=relaxed "
+     "in the delivery log)",
      NULL},
     {"tlsrpt_org", CONF_STRING, STS(tlsrpt_org), 1, 200, NULL,
      "organization-name of the reports; unset: [server] hostname", NULL},

@@ -1189,7 +1189,8 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
             struct queue_rcpt r = env->rcpt[i];
             r.owner = (struct queue_owner){env->tenant ? env->tenant : "",
                                            env->campaign ? env->campaign : "",
-                                           env->pool ? env->pool : "", env->priority};
+                                           env->pool ? env->pool : "", env->priority,
+                                           env->tls_relaxed};
             walk_select(&w, id, &r);
         }
         queue_envelope_free(env);

@@ -18,7 +18,8 @@
  * application/tlsrpt+gzip, mailto: ones a message (RFC 8460 5.3: a
  * multipart/report; report-type="tlsrpt" with the gzipped JSON attached,
  * built by tlsrpt_mail_build) that the engine's mailer commits to the
- * spool and delivers like any message (tlsrpt_set_mailer). A report that
+ * spool and delivers like any message (tlsrpt_set_mailer), but despite
+ * TLS failures (RFC 8460 3: stored tls_relaxed, queue.h). A report that
  * no address took is tried again the next hour, for up to three days.
  *
  * Threading: tlsrpt_record and tlsrpt_set_mailer from any thread (under

@@ -24,7 +24,8 @@
  *         "last_id" -> u64 highest message id ever stored (ids stay unique
  *                      even if the clock steps back across a restart)
  *   msg   id (8 bytes big-endian, so keys sort by time) ->
- *         struct msg_head, then sender, envid, auth user, client address,
+ *         struct msg_head (flags: BODY=, SMTPUTF8, and tls_relaxed, a bit that
+ *         older versions ignore), then sender, envid, auth user, client address,
  *         tenant, campaign, pool (no NULs, lengths in the head), then the
  *         body when it is at most BODY_INLINE_MAX: one put per message on
  *         the hot path. Schema 2 added tenant, campaign, pool and priority
@@ -137,7 +138,7 @@
 
 /* ---- records ---- */
 
-enum { MSG_F_8BITMIME = 1, MSG_F_BINARYMIME = 2, MSG_F_SMTPUTF8 = 4 };
+enum { MSG_F_8BITMIME = 1, MSG_F_BINARYMIME = 2, MSG_F_SMTPUTF8 = 4, MSG_F_TLS_RELAXED = 8 };
 
 struct msg_head {
     uint32_t magic;
@@ -521,12 +522,14 @@ struct take_rec {
     uint32_t index;
     uint32_t len;                 /* of the record; the owner's strings follow it */
     uint8_t tenant_len, campaign_len, pool_len, priority;
+    bool tls_relaxed;
 };
 
 /* The owner of one message, read once per message by a scan. */
 struct owner_buf {
     uint64_t id; /* whose: 0 before the first read */
     uint8_t tenant_len, campaign_len, pool_len, priority;
+    bool tls_relaxed;
     char tenant[QUEUE_MAX_TAG + 1], campaign[QUEUE_MAX_TAG + 1], pool[QUEUE_MAX_TAG + 1];
 };
 
@@ -557,7 +560,8 @@ take_report(struct queue_req *r)
         os += tr.campaign_len;
         memcpy(ob.pool, os, tr.pool_len);
         ob.pool[tr.pool_len] = '\0';
-        qr.owner = (struct queue_owner){ob.tenant, ob.campaign, ob.pool, tr.priority};
+        qr.owner = (struct queue_owner){ob.tenant, ob.campaign, ob.pool, tr.priority,
+                                        tr.tls_relaxed};
         r->u.take.cb(r->u.take.arg, tr.id, &qr);
         off += (sizeof(tr) + tr.len + tr.tenant_len + tr.campaign_len + tr.pool_len + 7) &
                ~(size_t)7;
@@ -746,7 +750,8 @@ enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelop
         .magic = MSG_MAGIC,
         .flags = (uint8_t)((env->body_type == QUEUE_BODY_8BITMIME ? MSG_F_8BITMIME : 0) |
                            (env->body_type == QUEUE_BODY_BINARYMIME ? MSG_F_BINARYMIME : 0) |
-                           (env->smtputf8 ? MSG_F_SMTPUTF8 : 0)),
+                           (env->smtputf8 ? MSG_F_SMTPUTF8 : 0) |
+                           (env->tls_relaxed ? MSG_F_TLS_RELAXED : 0)),
         .ret = (uint8_t)env->ret,
         .nrcpt = (uint16_t)env->nrcpt,
         .body_chunks = req->enq.chunks,
@@ -1548,7 +1553,8 @@ take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, s
                           .tenant_len = o->tenant_len,
                           .campaign_len = o->campaign_len,
                           .pool_len = o->pool_len,
-                          .priority = o->priority};
+                          .priority = o->priority,
+                          .tls_relaxed = o->tls_relaxed};
     unsigned char *p = r->u.take.buf + r->u.take.len;
     memcpy(p, &tr, sizeof(tr));
     memcpy(p + sizeof(tr), rec, len);
@@ -1571,6 +1577,7 @@ owner_read(struct queue *q, MDB_txn *txn, uint64_t id, struct owner_buf *o)
         return;
     o->id = id;
     o->tenant_len = o->campaign_len = o->pool_len = o->priority = 0;
+    o->tls_relaxed = false;
     o->tenant[0] = o->campaign[0] = o->pool[0] = '\0';
     unsigned char key[MSG_KEY_LEN];
     msg_key(key, id);
@@ -1592,6 +1599,7 @@ owner_read(struct queue *q, MDB_txn *txn, uint64_t id, struct owner_buf *o)
     memcpy(o->pool, p, h.pool_len);
     o->pool[h.pool_len] = '\0';
     o->priority = h.priority <= QUEUE_MAX_PRIORITY ? h.priority : QUEUE_MAX_PRIORITY;
+    o->tls_relaxed = (h.flags & MSG_F_TLS_RELAXED) != 0;
 }
 
 /* Move the deferred recipients due by the request's time out of the time
@@ -2894,7 +2902,7 @@ rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v, uns
     r->due_ms = h->state == QUEUE_RCPT_DEFERRED ? h->due_ms : 0;
     r->last_ms = h->last_ms;
     r->last_code = h->code;
-    r->owner = (struct queue_owner){"", "", "", 0};
+    r->owner = (struct queue_owner){"", "", "", 0, false};
 }
 
 int
@@ -2950,6 +2958,7 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
                            : h.flags & MSG_F_8BITMIME ? QUEUE_BODY_8BITMIME
                                                       : QUEUE_BODY_7BIT;
             e->smtputf8 = (h.flags & MSG_F_SMTPUTF8) != 0;
+            e->tls_relaxed = (h.flags & MSG_F_TLS_RELAXED) != 0;
             e->arrival_ms = h.arrival_ms;
             e->expire_ms = h.expire_ms;
             e->body_len = h.body_len;
@@ -3123,7 +3132,8 @@ queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
         rcpt_fill(&r, &h, &v, key_u16((const unsigned char *)k.mv_data + 8), &p);
         uint64_t id = key_u64(k.mv_data);
         owner_read(q, s.txn, id, ob);
-        r.owner = (struct queue_owner){ob->tenant, ob->campaign, ob->pool, ob->priority};
+        r.owner = (struct queue_owner){ob->tenant, ob->campaign, ob->pool, ob->priority,
+                                       ob->tls_relaxed};
         ret = cb(arg, id, &r);
         if (ret != 0)
             break;

@@ -150,6 +150,7 @@ struct queue_owner {
     const char *campaign;
     const char *pool;
     unsigned priority; /* 0..QUEUE_MAX_PRIORITY */
+    bool tls_relaxed;  /* the envelope's tls_relaxed */
 };
 
 /* One recipient. As input (queue_enqueue) only addr, orcpt and notify are
@@ -193,6 +194,10 @@ struct queue_envelope {
     const char *campaign;
     const char *pool;
     unsigned priority;              /* 0..QUEUE_MAX_PRIORITY, higher goes first */
+    /* Delivered despite TLS failures (a TLS report by mail, RFC 8460 3):
+     * the engine gives it opportunistic TLS, no MTA-STS, DANE or required
+     * TLS. A flag bit of the message record that older versions ignore. */
+    bool tls_relaxed;
     uint64_t body_len;              /* output only */
     unsigned nrcpt;                 /* output: live recipients only, in index order */
     struct queue_rcpt *rcpt;        /* nrcpt entries */

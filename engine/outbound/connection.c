@@ -5,7 +5,8 @@
  * transition traced at debug level) over its stream (engine/stream.h:
  * the socket's reads and sends, plain or TLS after STARTTLS; to an MX
  * host with validated TLSA records, DANE decides: STARTTLS mandatory,
- * authenticated by the records; under opportunistic TLS, an address whose
+ * authenticated by the records, except for tls_relaxed mail (a TLS
+ * report, opened opportunistic); under opportunistic TLS, an address whose
  * handshake failed is connected to in plaintext for a while, the
  * scheduler's retry of the jobs that wait first: policy_tls_fallback),
  * streams the body from the spool in
@@ -594,6 +595,8 @@ conn_tls_fallback_mark(struct conn *c)
 static const struct dns_mx_host *
 conn_dane(const struct conn *c)
 {
+    if (c->tls_pol != -1)
+        return NULL; /* not opened under DANE (scheduler.c dest_tls_key): tls_relaxed mail */
     for (unsigned i = 0; c->answer != NULL && i < c->answer->nhosts; i++) {
         const struct dns_mx_host *h = &c->answer->hosts[i];
         if (h->name == c->mx)

@@ -224,6 +224,10 @@ struct dest {
     /* A destination is (domain, pool): mail of one pool leaves only
      * through that pool's sources, on sites of its own. */
     uint32_t pool;           /* the pool's name id (e->names); 0: none, the default source */
+    bool tls_relaxed;        /* and of messages delivered despite TLS failures (TLS
+                              * reports, RFC 8460 3: job_owner.tls_relaxed), a destination
+                              * of their own: opportunistic TLS (or off), never MTA-STS,
+                              * DANE, required or verify */
     const struct pool_config *poolc; /* borrowed from the config: its sources; NULL when
                                       * pool is 0 or names no [pool] now */
     uint32_t *src_ids;       /* owned: the name ids of poolc's sources, in its order
@@ -393,10 +397,13 @@ dest_sts_enforce(const struct dest *t)
     return t->sts != NULL && t->sts->mode == MTA_STS_ENFORCE;
 }
 /* The TLS policy t's connections are opened with and shared under (enum
- * domain_tls): verify under an enforce policy, else the domain's. */
+ * domain_tls): verify under an enforce policy, else the domain's; for
+ * tls_relaxed mail opportunistic at most (its t->sts stays NULL). */
 static inline int
 dest_tls(const struct dest *t)
 {
+    if (t->tls_relaxed)
+        return t->pol->tls == DOMAIN_TLS_OFF ? DOMAIN_TLS_OFF : DOMAIN_TLS_OPTIONAL;
     return dest_sts_enforce(t) ? DOMAIN_TLS_VERIFY : t->pol->tls;
 }
 /* May t's mail go to MX host name (its enforce policy's patterns)? */
@@ -416,7 +423,7 @@ bool dest_sts_ready(struct dest *t);
 void dest_sts_asks_free(struct delivery *d);
 /* t goes: its TXT lookup's answer (if one is out) still reaches the store. */
 void dest_sts_forget(struct dest *t);
-/* "none", "opportunistic", "mta-sts", "verify": the delivery log's
+/* "none", "opportunistic", "mta-sts", "verify", "relaxed": the delivery log's
  * tls_policy for a delivery of t under TLS policy tls_pol (enum
  * domain_tls). */
 const char *dest_tls_policy_str(const struct dest *t, int tls_pol);
@@ -440,6 +447,14 @@ void sched_fini(struct delivery *d);
  * first use; NULL without memory. dest_get: pool 0. */
 struct dest *dest_get_pool(struct delivery *d, const char *name, uint32_t pool);
 struct dest *dest_get(struct delivery *d, const char *name);
+/* ... of tls_relaxed mail too (struct dest tls_relaxed). */
+struct dest *dest_get_for(struct delivery *d, const char *name, uint32_t pool, bool tls_relaxed);
+/* The destination job j goes to. */
+static inline struct dest *
+dest_of_job(struct delivery *d, const struct job *j)
+{
+    return dest_get_for(d, j->domain, j->owner.pool, j->owner.tls_relaxed);
+}
 /* Iteration over the destinations of a worker. */
 struct dest_iter {
     size_t bucket;

@@ -261,7 +261,7 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     d->stats.dsn_queued++;
     log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
     /* a DSN is its tenant's mail, through its pool, at no priority */
-    delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign);
+    delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign, false);
 }
 
 /* The DSN for the failed recipients r[0..n) of env to its sender, to be

@@ -3,7 +3,9 @@
  * one worker (see internal.h for the other files).
  *
  * A destination (struct dest) is a domain with its queue of jobs, its MX
- * answer (or its route's), its limiter key and its site. The queue
+ * answer (or its route's), its limiter key and its site (one per pool,
+ * and one more for tls_relaxed mail: TLS reports, opportunistic TLS
+ * whatever the domain's policy). The queue
  * (outbound/fairq.c) is shared between tenants by their [tenant] weight
  * and ordered by priority within a tenant: every connection of the
  * destination takes its next job from it, so the domain's connections
@@ -337,7 +339,7 @@ dest_site(struct dest *t)
 static int
 dest_tls_key(const struct dest *t, const char *mx)
 {
-    for (unsigned i = 0; t->mx != NULL && i < t->mx->nhosts; i++)
+    for (unsigned i = 0; t->mx != NULL && !t->tls_relaxed && i < t->mx->nhosts; i++)
         if (strcmp(t->mx->hosts[i].name, mx) == 0)
             return t->mx->hosts[i].dane == DNS_DANE_SECURE ? TLS_KEY_DANE : dest_tls(t);
     return dest_tls(t);
@@ -430,6 +432,7 @@ site_wake(struct delivery *d, struct site *s)
 struct dest_ref {
     const char *name;
     uint32_t pool;
+    bool tls_relaxed;
 };
 
 static bool
@@ -437,7 +440,7 @@ dest_eq(const struct hash_node *n, const void *key)
 {
     const struct dest *t = (const struct dest *)n;
     const struct dest_ref *r = key;
-    return t->pool == r->pool && strcmp(t->name, r->name) == 0;
+    return t->pool == r->pool && t->tls_relaxed == r->tls_relaxed && strcmp(t->name, r->name) == 0;
 }
 
 /* The [pool] of t's pool id in the config in force, or NULL. */
@@ -457,8 +460,14 @@ dest_get(struct delivery *d, const char *name)
 struct dest *
 dest_get_pool(struct delivery *d, const char *name, uint32_t pool)
 {
-    struct dest_ref ref = {name, pool};
-    uint64_t h = hash_str_nocase(name) ^ ((uint64_t)pool * 0x9e3779b97f4a7c15ULL);
+    return dest_get_for(d, name, pool, false);
+}
+
+struct dest *
+dest_get_for(struct delivery *d, const char *name, uint32_t pool, bool tls_relaxed)
+{
+    struct dest_ref ref = {name, pool, tls_relaxed};
+    uint64_t h = hash_str_nocase(name) ^ ((uint64_t)pool * 0x9e3779b97f4a7c15ULL) ^ tls_relaxed;
     struct dest *t = (struct dest *)hash_find(&d->dests, h, &ref);
     if (t != NULL)
         return t;
@@ -469,6 +478,7 @@ dest_get_pool(struct delivery *d, const char *name, uint32_t pool)
     t->d = d;
     memcpy(t->name, name, nl); /* NUL: calloc */
     t->pool = pool;
+    t->tls_relaxed = tls_relaxed;
     t->poolc = pool ? dest_poolc(d, pool) : NULL;
     t->pol = config_domain(d->e->cfg, name);
     fairq_init(&t->q, dest_tenant_weight, d);
@@ -1436,7 +1446,7 @@ dest_run_once(struct dest *t)
             }
             return;
         }
-        if (h->dane == DNS_DANE_TEMPFAIL) {
+        if (h->dane == DNS_DANE_TEMPFAIL && !t->tls_relaxed) {
             /* RFC 7672 2.2: the TLSA lookup of a validated MX name failed
              * (SERVFAIL: what a validating resolver says of a bogus
              * answer, or a timeout), which may be an attacker hiding the

@@ -195,7 +195,7 @@ job_shaping(struct delivery *d, struct dest *t, const struct job *j, const char 
         return false;
     if (mx == NULL) {
         if (t == NULL)
-            t = dest_get_pool(d, j->domain, j->owner.pool);
+            t = dest_of_job(d, j);
         mx = t != NULL && t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
     }
     return mx != NULL && shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
@@ -344,7 +344,7 @@ scope_release(struct delivery *d)
             d->nshaped--;
         }
         d->stats.parked--;
-        struct dest *t = dest_get_pool(d, j->domain, j->owner.pool);
+        struct dest *t = dest_of_job(d, j);
         if (t == NULL) {
             free(j); /* no memory: the spool still has it, a restart delivers it */
             continue;

@@ -200,7 +200,8 @@ dest_sts_ready(struct dest *t)
      * domain's) nor an address literal. */
     /* A reload may turn it off ([delivery] mta_sts = no); on again takes a
      * restart (the store starts with the engine). */
-    if (m == NULL || !d->e->cfg->delivery.mta_sts || !t->pol->mta_sts ||
+    /* Nor for mail delivered despite TLS failures (tls_relaxed). */
+    if (m == NULL || !d->e->cfg->delivery.mta_sts || !t->pol->mta_sts || t->tls_relaxed ||
         t->pol->route_host[0] != '\0' || t->name[0] == '[') {
         t->sts = mta_sts_policy_unref(t->sts);
         return true;
@@ -238,6 +239,8 @@ dest_tls_policy_str(const struct dest *t, int tls_pol)
 {
     if (t != NULL && t->sts != NULL && t->sts->mode != MTA_STS_NONE)
         return "mta-sts";
+    if (t != NULL && t->tls_relaxed && tls_pol != DOMAIN_TLS_OFF)
+        return "relaxed";
     return tls_pol == DOMAIN_TLS_OFF      ? "none"
            : tls_pol == DOMAIN_TLS_VERIFY ? "verify"
                                           : "opportunistic";

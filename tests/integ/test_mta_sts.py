@@ -15,7 +15,10 @@ a rua with a mailto: address too it arrives by mail (through sluice's
 own queue) at smtp-sink, the MX of reports.test (127.0.0.3), as RFC
 8460 5.3 says: subject, TLS-Report-* fields, a multipart/report whose
 application/tlsrpt+gzip attachment holds the same valid report, and
-DKIM-signed (dkimpy verifies it) since the node signs for its From; a
+DKIM-signed (dkimpy verifies it) since the node signs for its From,
+delivered in plaintext although reports.test has an enforce policy that
+its MX does not match and tls = required, which hold ordinary mail there
+(RFC 8460 3: reports go despite TLS failures); a
 reload that turns [delivery] mta_sts on starts enforcing without a
 restart; a policy in use is fetched again before its max_age ends."""
 import email
@@ -237,6 +240,10 @@ DOMAINS = {
     "plain.test": (None, "mx.good.test", None),
     "short.test": (policy("enforce", "mx.good.test", max_age=10), "mx.good.test", "1"),
 }
+# The domain of the mailto: reports: an enforce policy its MX (smtp-sink,
+# no STARTTLS) does not match, so that only the reports' exemption from
+# the recipient domain's TLS policy (RFC 8460 3) lets mail through.
+REPORTS_POLICY = policy("enforce", "*.elsewhere.test")
 
 
 def records(report_port, ids=None):
@@ -253,6 +260,8 @@ def records(report_port, ids=None):
                 f'https://127.0.0.1:{report_port}/bad"')
     recs.append("mx-host=reports.test,mx.reports.test,10")
     recs.append(f"host-record=mx.reports.test,{MX_REPORTS}")
+    recs.append('txt-record=_mta-sts.reports.test,"v=STSv1; id=1"')
+    recs.append("host-record=mta-sts.reports.test,127.0.0.1")
     return recs
 
 
@@ -317,9 +326,10 @@ class World:
         self.wd = Workdir("sluice-sts-")
         self.dns = self.https = self.good = self.bad = self.d = self.sink = None
         try:
-            names = ["mx.good.test"] + [f"mta-sts.{d}" for d in DOMAINS]
+            names = ["mx.good.test", "mta-sts.reports.test"] + [f"mta-sts.{d}" for d in DOMAINS]
             self.pki = Pki(self.wd, names)
-            self.https = PolicyServer(self.pki, {d: v[0] for d, v in DOMAINS.items() if v[0]})
+            self.https = PolicyServer(self.pki, {"reports.test": REPORTS_POLICY,
+                                                 **{d: v[0] for d, v in DOMAINS.items() if v[0]}})
             self.dns = Dns(self.wd, records(self.https.port))
             self.mx_port = free_port()
             self.good = Receiver(self.wd, "good", MX_GOOD, self.mx_port, self.pki.cert,
@@ -555,7 +565,9 @@ def check_report_mail(raw, domain, submitter):
 
 
 def test_enforce_testing_fetch_failures_cache_and_reports():
-    w = World(dkim_key=True)
+    # reports.test: an MTA-STS enforce policy that its MX does not match,
+    # and TLS required by the config; smtp-sink offers no STARTTLS.
+    w = World(dkim_key=True, delivery_extra="[domain reports.test]\ntls = required\n")
     try:
         # enforce, an MX that matches (exactly, then by wildcard), a
         # certificate from the CA: delivered over verified TLS.
@@ -602,6 +614,9 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
         # No policy at all: as before.
         out = w.outcome(w.send("a@plain.test") and "a@plain.test")
         assert "event=delivered" in out and "tls_policy=opportunistic" in out, out
+        # Ordinary mail to reports.test waits: no MX matches its policy.
+        out = w.outcome(w.send("a@reports.test") and "a@reports.test")
+        assert "event=deferred" in out and "class=tls_policy" in out, out
 
         # TLS report: flushed now; one report per policy domain with an
         # https rua, gzip, valid against RFC 8460's schema.
@@ -627,11 +642,16 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
                 assert pol["policy"]["policy-domain"] == "badcert.test", rep
                 assert pol["summary"]["total-failure-session-count"] >= 1, rep
         # The mailto: address of badcert.test's rua got it by mail, through
-        # the queue: a reception, then a delivery to reports.test's MX.
+        # the queue: a reception, then a delivery to reports.test's MX, in
+        # plaintext despite reports.test's enforce policy and tls =
+        # required (RFC 8460 3: reports are delivered despite TLS failures).
         line = w.d.wait_log("event=tlsrpt_mailed domain=badcert.test day=")
         assert "to=<tlsrpt@reports.test>" in line, line
         msgs = wait_until(lambda: w.sink.messages(), WAIT, "the report by mail at smtp-sink")
-        assert len(msgs) == 1, msgs
+        assert len(msgs) == 1, msgs  # the report only: a@reports.test still waits
+        out = w.outcome("tlsrpt@reports.test")
+        assert "event=delivered" in out and "tls_policy=relaxed" in out, out
+        assert 'tls="none"' in out, out
         check_report_mail(msgs[0], "badcert.test", "sender.test")
         # Signed: the node signs for sender.test, the report's From domain.
         raw = msgs[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # smtp-sink writes LF

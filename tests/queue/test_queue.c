@@ -1262,6 +1262,7 @@ struct owners {
     uint64_t id[8];
     char tenant[8][QUEUE_MAX_TAG + 1], campaign[8][QUEUE_MAX_TAG + 1], pool[8][QUEUE_MAX_TAG + 1];
     unsigned priority[8];
+    bool tls_relaxed[8];
 };
 
 static int
@@ -1274,14 +1275,16 @@ collect_owner(void *arg, uint64_t id, const struct queue_rcpt *r)
     snprintf(o->campaign[o->n], sizeof(o->campaign[0]), "%s", r->owner.campaign);
     snprintf(o->pool[o->n], sizeof(o->pool[0]), "%s", r->owner.pool);
     o->priority[o->n] = r->owner.priority;
+    o->tls_relaxed[o->n] = r->owner.tls_relaxed;
     o->n++;
     return 0;
 }
 
 /* A job's owner survives a restart: the start-up walk and the due take
  * (the spool's two ways back to delivery) hand each recipient out with
- * its message's tenant, campaign, pool and priority, also after a
- * reopen, and "" for a message without them. */
+ * its message's tenant, campaign, pool, priority and tls_relaxed (a TLS
+ * report's exemption from TLS policies), also after a reopen, and "" (or
+ * false) for a message without them; the envelope has tls_relaxed too. */
 static void
 test_owner_walk_and_due_take(void **state)
 {
@@ -1296,6 +1299,7 @@ test_owner_walk_and_due_take(void **state)
                                  .campaign = longest,
                                  .pool = "transactional",
                                  .priority = 8,
+                                 .tls_relaxed = true,
                                  .nrcpt = 2,
                                  .rcpt = rc};
     struct iovec iov = {"body\r\n", 6};
@@ -1319,8 +1323,10 @@ test_owner_walk_and_due_take(void **state)
         assert_string_equal(w.campaign[i], longest);
         assert_string_equal(w.pool[i], "transactional");
         assert_int_equal(w.priority[i], 8);
+        assert_true(w.tls_relaxed[i]);
     }
     assert_true(w.id[2] == plain);
+    assert_false(w.tls_relaxed[2]);
     assert_string_equal(w.tenant[2], "");
     assert_string_equal(w.pool[2], "");
     assert_int_equal(w.priority[2], 0);
@@ -1332,6 +1338,15 @@ test_owner_walk_and_due_take(void **state)
     assert_string_equal(t.campaign[0], longest);
     assert_string_equal(t.pool[0], "transactional");
     assert_int_equal(t.priority[0], 8);
+    assert_true(t.tls_relaxed[0]);
+    assert_false(t.tls_relaxed[1]);
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, owned, &e), 0);
+    assert_true(e->tls_relaxed);
+    queue_envelope_free(e);
+    assert_int_equal(queue_envelope_get(f->q, plain, &e), 0);
+    assert_false(e->tls_relaxed);
+    queue_envelope_free(e);
     assert_string_equal(t.tenant[1], "");
     assert_string_equal(t.campaign[1], "");
     assert_string_equal(t.pool[1], "");

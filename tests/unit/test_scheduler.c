@@ -568,6 +568,64 @@ tls_failure_retried_in_plaintext_at_once(void **state)
     fx_free(f);
 }
 
+/* A job of a tls_relaxed message (a TLS report) of domain to its own
+ * destination; its answer: one MX host at 192.0.2.1 whose DANE status
+ * is dane. Returns the destination. */
+static struct dest *
+relaxed_job(const char *domain, bool relaxed, enum dns_dane dane)
+{
+    struct job *j = calloc(1, sizeof(*j) + sizeof(unsigned));
+    assert_non_null(j);
+    j->id = next_id++;
+    j->n = 1;
+    j->owner.tls_relaxed = relaxed;
+    snprintf(j->domain, sizeof(j->domain), "%s", domain);
+    struct dest *t = dest_of_job(F->d, j);
+    assert_non_null(t);
+    dest_enqueue(t, j);
+    struct result_host rh = {.name = MX1[0], .preference = 10, .n4 = 1, .a4 = &A1[0],
+                             .dane = dane};
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, domain, &rh, 1, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    assert_non_null(t->req);
+    dest_on_mx(t, r);
+    return t;
+}
+
+/* RFC 8460 3: TLS reports are delivered despite TLS failures. Their
+ * messages (tls_relaxed) have a destination of their own beside the
+ * domain's: opportunistic TLS where the domain requires it, and DANE
+ * neither enforced (a host with TLSA records) nor a reason to skip a host
+ * (a failed TLSA lookup), while the domain's own mail keeps all three. */
+static void
+tls_relaxed_destination(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\n"
+                          "[domain r.test]\ntls = required\n");
+    struct dest *t = relaxed_job("r.test", false, DNS_DANE_SECURE);
+    struct dest *x = relaxed_job("r.test", true, DNS_DANE_SECURE);
+    assert_ptr_not_equal(t, x);
+    assert_ptr_equal(x, dest_get_for(f->d, "r.test", 0, true));
+    assert_ptr_equal(t, dest_get(f->d, "r.test"));
+    assert_int_equal(dest_tls(t), DOMAIN_TLS_REQUIRED);
+    assert_int_equal(dest_tls(x), DOMAIN_TLS_OPTIONAL);
+    assert_string_equal(dest_tls_policy_str(x, dest_tls(x)), "relaxed");
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(f->open[0]->tls_pol, -1); /* DANE */
+    assert_int_equal(f->open[1]->tls_pol, DOMAIN_TLS_OPTIONAL);
+    /* The TLSA lookup failed: the host is not used for the domain's mail
+     * (deferred), it is for a report. */
+    relaxed_job("tempfail.test", false, DNS_DANE_TEMPFAIL);
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(f->failed, 1);
+    relaxed_job("tempfail.test", true, DNS_DANE_TEMPFAIL);
+    assert_int_equal(f->opened, 3);
+    assert_int_equal(f->failed, 1);
+    fx_free(f);
+}
+
 /* MX rollup: two domains on the same MX hosts share one site; an idle
  * connection of the site takes the next transaction of the other domain. */
 static void
@@ -1197,6 +1255,7 @@ main(void)
         cmocka_unit_test(window_grows_for_a_backlog),
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(tls_failure_retried_in_plaintext_at_once),
+        cmocka_unit_test(tls_relaxed_destination),
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
