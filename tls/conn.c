@@ -21,8 +21,10 @@
  * A client conn checks the server one of three ways: not at all
  * (opportunistic: the result is only recorded), against the ctx's CA store
  * and the host name (verify), or against the MX host's TLSA records with
- * OpenSSL's DANE matcher (tls_conn_new_client_dane, RFC 7672); a DANE
- * conn's sessions are cached under a key that includes its records.
+ * OpenSSL's DANE matcher (tls_conn_new_client_dane, RFC 7672: the TLSA
+ * base domain as SNI, and it and an MX host's CNAME'd other name as the
+ * names a DANE-TA chain may match); a DANE conn's sessions are cached
+ * under a key that includes its records and those names.
  *
  * Threading: a conn is used by one thread at a time (its worker). The BIO
  * method is made once per process (pthread_once) and never changes.
@@ -465,14 +467,18 @@ tls_tlsa_usable(const struct tls_tlsa *rrs, unsigned n)
 }
 
 int
-tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls_tlsa *rrs,
-                         unsigned n, struct tls_cache *cache, const char *cache_key,
-                         struct tls_conn **out)
+tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const char *alt_name,
+                         const struct tls_tlsa *rrs, unsigned n, struct tls_cache *cache,
+                         const char *cache_key, struct tls_conn **out)
 {
     *out = NULL;
-    char name[256];
+    char name[256], alt[256];
     if (ctx == NULL || ctx->server || host == NULL || host_normalize(host, name, sizeof(name)) != 0)
         return -EINVAL;
+    if (alt_name != NULL && host_normalize(alt_name, alt, sizeof(alt)) != 0)
+        return -EINVAL;
+    if (alt_name == NULL || strcmp(alt, name) == 0)
+        alt[0] = '\0';
     if (tls_tlsa_usable(rrs, n) == 0)
         return -ENODATA;
     struct tls_conn *c;
@@ -485,10 +491,12 @@ tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls
         rc = -ENOMEM;
         goto fail;
     }
-    /* SNI, then the base domain: OpenSSL checks DANE-TA(2) chains against
-     * it (the MX host name, RFC 7672 3.2.2); DANE-EE(3) matches the key
-     * alone (3.2.1). */
-    if (SSL_set_tlsext_host_name(c->ssl, name) != 1 || SSL_dane_enable(c->ssl, name) <= 0) {
+    /* SNI is the TLSA base domain (RFC 7672 8.1), which is also the first
+     * name a DANE-TA(2) chain's leaf may match; the other end of a CNAME
+     * chain is the second (3.2.2): OpenSSL accepts any of them.
+     * DANE-EE(3) matches the key alone (3.2.1). */
+    if (SSL_set_tlsext_host_name(c->ssl, name) != 1 || SSL_dane_enable(c->ssl, name) <= 0 ||
+        (alt[0] != '\0' && SSL_add1_host(c->ssl, alt) != 1)) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -520,6 +528,10 @@ tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls
         rc = -ENODATA;
         goto fail;
     }
+    /* So does the second name: a session whose leaf named only it must
+     * not resume a conn that no longer accepts it (the alias is gone). */
+    for (const char *p = alt; *p != '\0'; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ULL;
     SSL_set_verify(c->ssl, SSL_VERIFY_PEER, NULL);
     if (cache != NULL) {
         char key[512];

@@ -4,9 +4,10 @@
  * OpenSSL never sees a file descriptor and nothing here does I/O. This
  * module owns the OpenSSL contexts (server: the submission certificate;
  * client: the CA store for the verify policy, and DANE: authentication by
- * an MX host's TLSA records, RFC 7672), one SSL per connection with
- * its two bounded ciphertext buffers, and the client session cache that
- * resumes sessions per MX host.
+ * an MX host's TLSA records, RFC 7672, with the TLSA base domain as SNI
+ * and a CNAME'd host's two names as reference identifiers), one SSL per
+ * connection with its two bounded ciphertext buffers, and the client
+ * session cache that resumes sessions per MX host.
  *
  * One connection, as its owner drives it:
  *
@@ -181,19 +182,23 @@ struct tls_tlsa {
  * means TLS is still mandatory but cannot be authenticated (RFC 7672 2.2). */
 unsigned tls_tlsa_usable(const struct tls_tlsa *rrs, unsigned n);
 
-/* A client connection to host (an MX host name, the TLSA base domain)
- * authenticated by DANE: the handshake fails with TLS_EVERIFY unless the
- * server's certificate matches a DANE-EE(3) record (its name and dates
+/* A client connection to an MX host authenticated by DANE. host is the
+ * TLSA base domain (the name whose _25._tcp TLSA records rrs are): it is
+ * sent as SNI (RFC 7672 8.1). The handshake fails with TLS_EVERIFY unless
+ * the server's certificate matches a DANE-EE(3) record (its name and dates
  * are then not checked, RFC 7672 3.1.1) or chains to a DANE-TA(2) record's
- * certificate or key and names host (3.1.2). Unusable records are
- * skipped. A cached session is resumed only when it was DANE-authenticated
- * for host under the same TLSA records (they are part of the key), so
- * resumption never skips the check and a new record set makes a full
- * handshake. Otherwise as tls_conn_new_client. Returns 0 and *out,
+ * certificate or key and names host or alt_name (3.1.2, 3.2.2: for an MX
+ * host that is a validated CNAME, both the MX host name and the end of the
+ * chain are reference identifiers; pass the one that is not host, or NULL
+ * for none). Unusable records are skipped. A cached session is resumed
+ * only when it was DANE-authenticated for host under the same TLSA records
+ * and alt_name (they are part of the key), so resumption never skips the
+ * check and a new record set makes a full handshake. Otherwise as
+ * tls_conn_new_client (host and alt_name are copied). Returns 0 and *out,
  * -ENODATA when no record is usable, -EINVAL or -ENOMEM. */
-int tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const struct tls_tlsa *rrs,
-                             unsigned n, struct tls_cache *cache, const char *cache_key,
-                             struct tls_conn **out);
+int tls_conn_new_client_dane(struct tls_ctx *ctx, const char *host, const char *alt_name,
+                             const struct tls_tlsa *rrs, unsigned n, struct tls_cache *cache,
+                             const char *cache_key, struct tls_conn **out);
 
 /* Free the conn without sending anything. Nothing handed out by
  * tls_conn_peek may still be in use (a send in flight). A client conn

@@ -136,8 +136,8 @@ handshake(struct setup *s, enum mode m)
     if (rc != 0)
         return rc;
     if (m == DANE_EE || m == DANE_TA)
-        rc = tls_conn_new_client_dane(s->cli, "mx.example.test", m == DANE_EE ? &s->ee : &s->ta, 1,
-                                      NULL, NULL, &cli);
+        rc = tls_conn_new_client_dane(s->cli, "mx.example.test", NULL,
+                                      m == DANE_EE ? &s->ee : &s->ta, 1, NULL, NULL, &cli);
     else
         rc = tls_conn_new_client(s->cli, "mx.example.test", m == PKIX, NULL, NULL, &cli);
     if (rc != 0) {

@@ -626,6 +626,11 @@ tls_start(struct conn *c)
     unsigned ntlsa = dane != NULL ? conn_tlsa(dane, tlsa) : 0;
     if (dane != NULL)
         verify = false; /* authenticated by the TLSA records, or (none usable) not at all */
+    /* DANE: SNI is the TLSA base domain; the other end of a validated
+     * CNAME chain is a second name a DANE-TA leaf may carry (RFC 7672
+     * 3.2.2, 8.1). Borrowed from c->answer, which c holds. */
+    const char *base = dane != NULL && dane->tlsa_base != NULL ? dane->tlsa_base : c->mx;
+    const char *alt = dane == NULL ? NULL : base == dane->expanded ? dane->name : dane->expanded;
     /* Sessions per source and MX address: a receiver may tie a session to
      * the address that made it, and a source's sessions are its own. */
     char key[DNS_NAME_MAX + 1 + sizeof(c->addr_str) + 68];
@@ -635,7 +640,7 @@ tls_start(struct conn *c)
     struct tls_conn *tls = NULL;
     int rc = ctx == NULL ? -ENOMEM
              : ntlsa > 0
-                 ? tls_conn_new_client_dane(ctx, c->mx, tlsa, ntlsa, c->d->tls_cache, key, &tls)
+                 ? tls_conn_new_client_dane(ctx, base, alt, tlsa, ntlsa, c->d->tls_cache, key, &tls)
                  : tls_conn_new_client(ctx, c->mx, verify, c->d->tls_cache, key, &tls);
     tls_ctx_unref(ctx);
     /* The ClientHello goes out now; the rest in conn_on_readable(). */

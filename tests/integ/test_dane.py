@@ -29,6 +29,13 @@ which offers no STARTTLS.
   cn2.dane.test    MX host alias-none, a CNAME to mx-none (no TLSA): the
                    TLSA at alias-none, which matches mx-none's key, is
                    used
+  cn3.dane.test    MX host alias-ta, a CNAME to mx-ta: DANE-TA at the
+                   target, whose certificate names only mx-ta: the target
+                   is the TLSA base domain (SNI, names checked), delivered
+  cn4.dane.test    MX host alias-ta2, a CNAME to mx-ta2 (no TLSA there):
+                   DANE-TA at alias-ta2, the certificate names only mx-ta2:
+                   the chain's end is a second reference identifier (RFC
+                   7672 3.2.2), delivered
   x.plain.test     unsigned zone with a TLSA record that matches nothing:
                    insecure, so ignored: opportunistic, delivered
 """
@@ -56,7 +63,7 @@ for tool in ("ldns-keygen", "ldns-signzone", "openssl", "smtp-sink"):
         skip(f"{tool} not installed (tools/install-deps --test)")
 
 ADDR = {"ee": "127.0.0.2", "ta": "127.0.0.3", "bad": "127.0.0.4", "strip": "127.0.0.5",
-        "bogus": "127.0.0.6", "none": "127.0.0.7", "plain": "127.0.0.8"}
+        "bogus": "127.0.0.6", "none": "127.0.0.7", "plain": "127.0.0.8", "ta2": "127.0.0.9"}
 
 
 def dns_query(port, name, qtype, ad=True, timeout=0.5):
@@ -132,16 +139,20 @@ class Env:
                                   ["-addext", "basicConstraints=critical,CA:TRUE",
                                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         self.ca = ca
-        sh(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-subj", "/CN=mx-ta.dane.test", "-keyout", f"{p}/ta-key.pem", "-out", f"{p}/ta.csr"])
-        with open(f"{p}/ta.ext", "w") as f:
-            f.write("subjectAltName=DNS:mx-ta.dane.test\n")
-        sh(["openssl", "x509", "-req", "-in", f"{p}/ta.csr", "-CA", ca, "-CAkey", f"{p}/ca-key.pem",
-            "-CAcreateserial", "-days", "2", "-extfile", f"{p}/ta.ext", "-out", f"{p}/ta-leaf.pem"])
-        with open(f"{p}/ta-cert.pem", "w") as out:
-            for f in (f"{p}/ta-leaf.pem", ca):
-                out.write(open(f).read())
-        self.certs["ta"] = (f"{p}/ta-cert.pem", f"{p}/ta-key.pem")
+        # ta2's leaf names only mx-ta2 (the CNAME target of cn4's MX host).
+        for n in ("ta", "ta2"):
+            sh(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-subj", f"/CN=mx-{n}.dane.test", "-keyout", f"{p}/{n}-key.pem",
+                "-out", f"{p}/{n}.csr"])
+            with open(f"{p}/{n}.ext", "w") as f:
+                f.write(f"subjectAltName=DNS:mx-{n}.dane.test\n")
+            sh(["openssl", "x509", "-req", "-in", f"{p}/{n}.csr", "-CA", ca,
+                "-CAkey", f"{p}/ca-key.pem", "-CAcreateserial", "-days", "2",
+                "-extfile", f"{p}/{n}.ext", "-out", f"{p}/{n}-leaf.pem"])
+            with open(f"{p}/{n}-cert.pem", "w") as out:
+                for f in (f"{p}/{n}-leaf.pem", ca):
+                    out.write(open(f).read())
+            self.certs[n] = (f"{p}/{n}-cert.pem", f"{p}/{n}-key.pem")
         for n in ("bad", "bogus", "none", "plain", "other"):
             self.certs[n] = self._self_signed(n, f"mx-{n}.dane.test")
 
@@ -173,6 +184,10 @@ class Env:
         z += f"_25._tcp.alias-ee 300 IN TLSA 3 1 1 {other}\n"
         z += "cn2 300 IN MX 10 alias-none.dane.test.\nalias-none 300 IN CNAME mx-none.dane.test.\n"
         z += f"_25._tcp.alias-none 300 IN TLSA 3 1 1 {spki_sha256(self.certs['none'][0])}\n"
+        # DANE-TA behind a CNAME: at the target (cn3), at the alias (cn4).
+        z += "cn3 300 IN MX 10 alias-ta.dane.test.\nalias-ta 300 IN CNAME mx-ta.dane.test.\n"
+        z += "cn4 300 IN MX 10 alias-ta2.dane.test.\nalias-ta2 300 IN CNAME mx-ta2.dane.test.\n"
+        z += f"mx-ta2 300 IN A {ADDR['ta2']}\n_25._tcp.alias-ta2 300 IN TLSA 2 0 1 {ta}\n"
         with open(f"{p}/dane.test.zone", "w") as f:
             f.write("$ORIGIN dane.test.\n" + z)
         zp = soa.format(z="plain.test")
@@ -492,6 +507,17 @@ def test_cname_mx_host_falls_back_to_the_alias_tlsa():
     delivered_case("none", "cn2.dane.test", "dane-ee")
 
 
+def test_cname_mx_host_dane_ta_names_the_target():
+    # TLSA at the target: it is the base domain, SNI and the name checked.
+    delivered_case("ta", "cn3.dane.test", "dane-ta")
+
+
+def test_cname_mx_host_dane_ta_alias_records_accept_the_target_name():
+    # TLSA at the alias, the certificate names only the chain's end: both
+    # names are reference identifiers (RFC 7672 3.2.2).
+    delivered_case("ta2", "cn4.dane.test", "dane-ta")
+
+
 def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt=None):
     r = Relay(case, domain_conf)
     try:
@@ -602,6 +628,8 @@ if __name__ == "__main__":
         main([test_dane_ee_match_delivers_authenticated, test_dane_ta_chain_delivers_authenticated,
               test_cname_mx_host_uses_the_targets_tlsa_first,
               test_cname_mx_host_falls_back_to_the_alias_tlsa,
+              test_cname_mx_host_dane_ta_names_the_target,
+              test_cname_mx_host_dane_ta_alias_records_accept_the_target_name,
               test_dane_domain_never_rides_an_opportunistic_connection,
               test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
               test_unusable_tlsa_still_makes_tls_mandatory,

@@ -2,10 +2,12 @@
  * Unit tests of DANE (RFC 7672) in tls/: a DANE-EE(3 1 1) record matches a
  * self-signed certificate whatever its name; a DANE-TA(2 0 1) record
  * matches a CA that the server sends in its chain, and then the leaf must
- * name the MX host; a record for another key fails the handshake with
- * TLS_EVERIFY; PKIX usages are not usable; and the session cache resumes a
- * DANE connection only from a session that was DANE-authenticated under the
- * same records, never from an opportunistic one stored for the same host.
+ * name the TLSA base domain or the second reference identifier given (an
+ * MX host's CNAME target, or the alias), no other; a record for another
+ * key fails the handshake with TLS_EVERIFY; PKIX usages are not usable;
+ * and the session cache resumes a DANE connection only from a session
+ * that was DANE-authenticated under the same records and names, never
+ * from an opportunistic one stored for the same host.
  *
  * Threading: tests run one at a time on one thread.
  */
@@ -128,13 +130,13 @@ struct result {
 };
 
 static struct result
-dane_connect(struct fixture *f, struct tls_ctx *srv_ctx, const char *host,
-             const struct tls_tlsa *rrs, unsigned n, struct tls_cache *cache)
+dane_connect2(struct fixture *f, struct tls_ctx *srv_ctx, const char *host, const char *alt,
+              const struct tls_tlsa *rrs, unsigned n, struct tls_cache *cache)
 {
     struct result res;
     memset(&res, 0, sizeof(res));
     struct tls_conn *srv, *cli;
-    res.new_rc = tls_conn_new_client_dane(f->cli_ctx, host, rrs, n, cache, host, &cli);
+    res.new_rc = tls_conn_new_client_dane(f->cli_ctx, host, alt, rrs, n, cache, host, &cli);
     if (res.new_rc != 0)
         return res;
     assert_int_equal(tls_conn_new_server(srv_ctx, &srv), 0);
@@ -151,6 +153,13 @@ dane_connect(struct fixture *f, struct tls_ctx *srv_ctx, const char *host,
     tls_conn_free(srv);
     tls_conn_free(cli);
     return res;
+}
+
+static struct result
+dane_connect(struct fixture *f, struct tls_ctx *srv_ctx, const char *host,
+             const struct tls_tlsa *rrs, unsigned n, struct tls_cache *cache)
+{
+    return dane_connect2(f, srv_ctx, host, NULL, rrs, n, cache);
 }
 
 static void
@@ -215,6 +224,62 @@ test_dane_ta(void **state)
     tls_ctx_unref(srv);
 }
 
+/* An MX host that is a validated CNAME: alias.customer.test -> mx.example.test,
+ * whose certificate (issued under the pinned CA) names only the target.
+ * With the TLSA records at the alias (the base domain when the target has
+ * none), the target is the second reference identifier (RFC 7672 3.2.2). */
+static void
+test_dane_ta_cname(void **state)
+{
+    struct fixture *f = *state;
+    struct tls_ctx *srv = server_ctx(f->chain_file, f->leaf.key_file);
+    uint8_t d[32];
+    digest(f->pki.ca_file, 0, d);
+    struct tls_tlsa rr = {2, 0, 1, 32, d};
+    /* Base domain the alias, the target given beside it: accepted. */
+    struct result r =
+        dane_connect2(f, srv, "alias.customer.test", "MX.example.test.", &rr, 1, NULL);
+    expect_ok(&r);
+    assert_true(r.info.verified);
+    assert_int_equal(r.info.dane_usage, 2);
+    /* The alias alone: the leaf does not name it. */
+    r = dane_connect2(f, srv, "alias.customer.test", NULL, &rr, 1, NULL);
+    assert_int_equal(r.cli_rc, TLS_EVERIFY);
+    assert_false(r.info.verified);
+    /* Base domain the target (records there), the alias beside it. */
+    r = dane_connect2(f, srv, "mx.example.test", "alias.customer.test", &rr, 1, NULL);
+    expect_ok(&r);
+    /* A second name is one more name, not a wildcard: neither matches. */
+    r = dane_connect2(f, srv, "alias.customer.test", "other.example.test", &rr, 1, NULL);
+    assert_int_equal(r.cli_rc, TLS_EVERIFY);
+    /* DANE-EE needs no name: the same leaf's key authenticates either way. */
+    uint8_t k[32];
+    digest(f->leaf.cert_file, 1, k);
+    struct tls_tlsa ee = {3, 1, 1, 32, k};
+    r = dane_connect2(f, srv, "alias.customer.test", NULL, &ee, 1, NULL);
+    expect_ok(&r);
+
+    /* A session authenticated through the second name does not resume a
+     * conn that lacks it (the alias went away, same records): a full
+     * handshake, refused. */
+    r = dane_connect2(f, srv, "alias.customer.test", "mx.example.test", &rr, 1, f->cache);
+    expect_ok(&r);
+    r = dane_connect2(f, srv, "alias.customer.test", "mx.example.test", &rr, 1, f->cache);
+    expect_ok(&r);
+    assert_true(r.info.resumed);
+    r = dane_connect2(f, srv, "alias.customer.test", NULL, &rr, 1, f->cache);
+    assert_false(r.info.resumed);
+    assert_int_equal(r.cli_rc, TLS_EVERIFY);
+
+    /* A second name that is no DNS name is refused up front. */
+    struct tls_conn *c;
+    assert_int_equal(
+        tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", "", &rr, 1, NULL, NULL, &c),
+        -EINVAL);
+    assert_null(c);
+    tls_ctx_unref(srv);
+}
+
 static void
 test_unusable(void **state)
 {
@@ -228,13 +293,14 @@ test_unusable(void **state)
     };
     assert_int_equal(tls_tlsa_usable(rr, 4), 0);
     struct tls_conn *c;
-    assert_int_equal(tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", rr, 4, NULL, NULL, &c),
-                     -ENODATA);
+    assert_int_equal(
+        tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", NULL, rr, 4, NULL, NULL, &c),
+        -ENODATA);
     assert_null(c);
     /* a SHA-256 record of the wrong length: OpenSSL calls it unusable */
     struct tls_tlsa shortd = {3, 1, 1, 5, d};
     assert_int_equal(
-        tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", &shortd, 1, NULL, NULL, &c),
+        tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", NULL, &shortd, 1, NULL, NULL, &c),
         -ENODATA);
 }
 
@@ -290,6 +356,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_dane_ee, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dane_ta, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dane_ta_cname, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unusable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume, setup, teardown),
     };
