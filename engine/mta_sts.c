@@ -61,7 +61,7 @@ const struct conf_key mta_sts_conf_keys[] = {
      "TCP port of the policy servers: 443 (RFC 8461); another value is for tests only", NULL},
     {"tlsrpt", CONF_BOOL, STS(tlsrpt), 0, 0, "yes",
      "TLS reporting (RFC 8460): count the TLS successes and failures of each domain under a "
-     "policy (MTA-STS: type sts; DANE, with [dns] dnssec: type tlsa, per MX host; not "
+     "policy (MTA-STS: type sts; DANE, with [dns] dnssec: type tlsa, per TLSA base domain; not "
      "domains without one) per UTC day, and send the day's report to each address of its _smtp._tls TXT record (rua, "
      "up to 4): https: ones by HTTP POST, mailto: ones as a message (RFC 8460 5.3: "
      "multipart/report with the gzipped report attached, at most 1 MB) committed to this "

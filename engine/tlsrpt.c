@@ -36,7 +36,7 @@
 #define STATE_MAGIC   "sluice-tlsrpt 2"
 #define STATE_MAGIC_1 "sluice-tlsrpt 1" /* one policy a day, still read */
 #define MAX_DETAILS   32          /* failure rows per policy */
-#define MAX_POLICIES  8           /* per domain and day: no policy, MTA-STS, TLSA per MX host */
+#define MAX_POLICIES  8           /* per domain and day: no policy, MTA-STS, TLSA per base domain */
 #define TLSA_TEXT_MAX 4096        /* of a TLSA policy's records: those beyond are left out */
 #define MAX_RUA       4           /* addresses a report goes to */
 #define RETRY_MS      3600000ULL  /* a report no address took */
@@ -99,14 +99,14 @@ struct detail {
 enum day_state { DAY_IDLE, DAY_RUA, DAY_POST };
 
 /* RFC 8460 4.3: "no-policy-found" (a failed MTA-STS fetch with nothing
- * cached), "sts" or "tlsa" (DANE, per MX host). */
+ * cached), "sts" or "tlsa" (DANE, per TLSA base domain). */
 enum pol_type { POL_NONE, POL_STS, POL_TLSA };
 static const char *const pol_names[] = {"no-policy-found", "sts", "tlsa"};
 
 /* One policy of a report and what was counted under it. */
 struct rpol {
     uint8_t type;              /* enum pol_type */
-    char mx[DNS_NAME_MAX + 1]; /* POL_TLSA: the MX host whose records these are */
+    char mx[DNS_NAME_MAX + 1]; /* POL_TLSA: the TLSA base domain whose records these are */
     struct mta_sts_policy *sts; /* owned reference, POL_STS: the first policy of the day */
     char *tlsa;                /* owned, POL_TLSA: "usage selector mtype HEX\n" per record */
     uint64_t success, failure;
@@ -206,7 +206,7 @@ day_free(struct day *d)
     return NULL;
 }
 
-/* Under r->lock: d's policy of type t (for POL_TLSA: of MX host mx),
+/* Under r->lock: d's policy of type t (for POL_TLSA: of base domain mx),
  * made on first use; NULL when out of room or memory (not counted). */
 static struct rpol *
 day_pol(struct day *d, enum pol_type t, const char *mx)
@@ -299,14 +299,14 @@ tlsa_text(const struct dns_tlsa *tlsa, unsigned n)
 void
 tlsrpt_record_tlsa(struct tlsrpt *r, const char *domain, const char *mx,
                    const struct dns_tlsa *tlsa, unsigned n, enum tlsrpt_result res,
-                   const char *addr)
+                   const char *addr, const char *base)
 {
     if (r == NULL || mx == NULL)
         return;
     int64_t dayno = (int64_t)(clock_unix_ms() / DAY_MS);
     pthread_mutex_lock(&r->lock);
     struct day *d = day_get(r, domain, dayno);
-    struct rpol *rp = d != NULL ? day_pol(d, POL_TLSA, mx) : NULL;
+    struct rpol *rp = d != NULL ? day_pol(d, POL_TLSA, base != NULL ? base : mx) : NULL;
     if (rp != NULL) {
         if (rp->tlsa == NULL)
             rp->tlsa = tlsa_text(tlsa, n);

@@ -1,7 +1,8 @@
 /*
  * tlsrpt: SMTP TLS reporting (RFC 8460) for the domains sluice delivers
  * to under a policy: MTA-STS (policy type "sts"), or DANE (type "tlsa",
- * one policy per MX host, its TLSA records as the policy string; DANE
+ * one policy per TLSA base domain (the MX host, or the end of its
+ * validated CNAME chain), its TLSA records as the policy string; DANE
  * comes first where both apply). Each TLS session with such a domain's
  * MX (and each failed MTA-STS fetch: type "sts", or "no-policy-found"
  * when nothing is cached) is counted per policy domain, policy and UTC
@@ -73,14 +74,17 @@ struct tlsrpt *tlsrpt_free(struct tlsrpt *r, CURLM *multi);
 void tlsrpt_record(struct tlsrpt *r, const char *domain, const struct mta_sts_policy *p,
                    enum tlsrpt_result res, const char *mx, const char *addr);
 
-/* Count one session of domain with MX host mx under DANE: its TLSA
+/* Count one session of domain with MX host mx under DANE: the TLSA
  * records tlsa[0..n) (borrowed; kept as text once a day, as many whole
- * records as fit in 4 KB). res is TLSRPT_SUCCESS, a DANE failure
+ * records as fit in 4 KB) of base, the TLSA base domain (the end of mx's
+ * validated CNAME chain when the records are there; NULL: mx). The policy
+ * is named by base (its mx-host), a failure row by mx (receiving-mx-
+ * hostname: the MX record's name). res is TLSRPT_SUCCESS, a DANE failure
  * (TLSA_INVALID, DNSSEC_INVALID, VALIDATION_FAILURE: no record matched) or
  * STARTTLS_NOT_SUPPORTED. Any thread. */
 void tlsrpt_record_tlsa(struct tlsrpt *r, const char *domain, const char *mx,
                         const struct dns_tlsa *tlsa, unsigned n, enum tlsrpt_result res,
-                        const char *addr);
+                        const char *addr, const char *base);
 
 /* The report JSON (RFC 8460 4.4) of domain's UTC day (days since the
  * epoch) as it stands, with report_id: *out malloc'd, NUL-terminated.

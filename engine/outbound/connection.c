@@ -168,7 +168,8 @@ conn_tlsrpt(struct conn *c, enum tlsrpt_result res)
     if (res != TLSRPT_SUCCESS && res != TLSRPT_STARTTLS_NOT_SUPPORTED)
         res = conn_tlsa(dane, tlsa) == 0 ? TLSRPT_TLSA_INVALID : TLSRPT_VALIDATION_FAILURE;
     tlsrpt_record_tlsa(r, c->dest->name, c->mx, dane->tlsa,
-                       dane->ntlsa < DNS_TLSA_MAX ? dane->ntlsa : DNS_TLSA_MAX, res, ip);
+                       dane->ntlsa < DNS_TLSA_MAX ? dane->ntlsa : DNS_TLSA_MAX, res, ip,
+                       dane->tlsa_base);
 }
 
 void

@@ -1458,7 +1458,7 @@ dest_run_once(struct dest *t)
                 char ip[64];
                 netaddr_ip_str(&a->sa, ip, sizeof(ip));
                 tlsrpt_record_tlsa(mta_sts_tlsrpt(d->e->mta_sts), t->name, h->name, NULL, 0,
-                                   TLSRPT_DNSSEC_INVALID, ip);
+                                   TLSRPT_DNSSEC_INVALID, ip, h->tlsa_base);
             }
             struct smtp_outcome why;
             memset(&why, 0, sizeof(why));
@@ -1468,7 +1468,7 @@ dest_run_once(struct dest *t)
             why.enh = (struct smtp_enh){4, 7, 5};
             snprintf(why.text, sizeof(why.text),
                      "DANE: TLSA lookup for _25._tcp.%s failed (SERVFAIL or bogus): host not used",
-                     h->name);
+                     h->tlsa_base != NULL ? h->tlsa_base : h->name);
             dest_last_fail_set(t, &why, h->name, NULL);
             t->next_addr++;
             t->failed_addrs++;

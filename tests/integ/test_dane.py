@@ -36,6 +36,8 @@ which offers no STARTTLS.
                    DANE-TA at alias-ta2, the certificate names only mx-ta2:
                    the chain's end is a second reference identifier (RFC
                    7672 3.2.2), delivered
+  cn5.dane.test    MX host alias-bogus, a CNAME to mx-bogus: the failed
+                   lookup is the target's, and says so
   x.plain.test     unsigned zone with a TLSA record that matches nothing:
                    insecure, so ignored: opportunistic, delivered
 """
@@ -188,6 +190,8 @@ class Env:
         z += "cn3 300 IN MX 10 alias-ta.dane.test.\nalias-ta 300 IN CNAME mx-ta.dane.test.\n"
         z += "cn4 300 IN MX 10 alias-ta2.dane.test.\nalias-ta2 300 IN CNAME mx-ta2.dane.test.\n"
         z += f"mx-ta2 300 IN A {ADDR['ta2']}\n_25._tcp.alias-ta2 300 IN TLSA 2 0 1 {ta}\n"
+        z += "cn5 300 IN MX 10 alias-bogus.dane.test.\n"
+        z += "alias-bogus 300 IN CNAME mx-bogus.dane.test.\n"
         with open(f"{p}/dane.test.zone", "w") as f:
             f.write("$ORIGIN dane.test.\n" + z)
         zp = soa.format(z="plain.test")
@@ -443,7 +447,8 @@ def connectable(host, port):
 def tlsrpt_tlsa(r, want):
     """The TLS report's counts (SPOOL/tlsrpt.state, written within a
     second) once they hold want: [(success, failure, mx, records, [failure
-    result types])] of the DANE (tlsa) policies."""
+    result types], [their MX host names])] of the DANE (tlsa) policies; mx
+    names the policy (the TLSA base domain)."""
     path = os.path.join(r.wd.path, "spool", "tlsrpt.state")
 
     def read():
@@ -458,15 +463,16 @@ def tlsrpt_tlsa(r, want):
             if x[0] == "P":
                 cur = None
                 if x[1] == "tlsa":
-                    cur = (int(x[2]), int(x[3]), x[4], x[5], [])
+                    cur = (int(x[2]), int(x[3]), x[4], x[5], [], [])
                     pols.append(cur)
             elif x[0] == "F" and cur is not None:
                 cur[4].append(x[1])
+                cur[5].append(x[3])
         return pols if want(pols) else None
     return wait_until(read, 30, "the TLS report's tlsa counts")
 
 
-def delivered_case(case, domain, usage):
+def delivered_case(case, domain, usage, policy_mx=None):
     r = Relay(case)
     try:
         r.inject(f"a@{domain}")
@@ -486,6 +492,8 @@ def delivered_case(case, domain, usage):
         want = "3:" if usage == "dane-ee" else "2:"
         assert len(pols) == 1 and pols[0][1] == 0, pols
         assert any(x.startswith(want) for x in pols[0][3].split(",")), pols
+        if policy_mx is not None:  # the TLSA base domain names the policy
+            assert pols[0][2] == policy_mx, pols
     finally:
         r.close()
 
@@ -509,16 +517,17 @@ def test_cname_mx_host_falls_back_to_the_alias_tlsa():
 
 def test_cname_mx_host_dane_ta_names_the_target():
     # TLSA at the target: it is the base domain, SNI and the name checked.
-    delivered_case("ta", "cn3.dane.test", "dane-ta")
+    delivered_case("ta", "cn3.dane.test", "dane-ta", policy_mx="mx-ta.dane.test")
 
 
 def test_cname_mx_host_dane_ta_alias_records_accept_the_target_name():
     # TLSA at the alias, the certificate names only the chain's end: both
     # names are reference identifiers (RFC 7672 3.2.2).
-    delivered_case("ta2", "cn4.dane.test", "dane-ta")
+    delivered_case("ta2", "cn4.dane.test", "dane-ta", policy_mx="alias-ta2.dane.test")
 
 
-def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt=None):
+def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt=None,
+                  policy_mx=None):
     r = Relay(case, domain_conf)
     try:
         r.inject(f"a@{domain}")
@@ -539,6 +548,8 @@ def deferred_case(case, domain, expect, domain_conf="", no_connect=False, tlsrpt
         if tlsrpt is not None:  # the failure in the TLS report, under tlsa
             pols = tlsrpt_tlsa(r, lambda p: any(tlsrpt in x[4] for x in p))
             assert all(x[0] == 0 for x in pols), pols
+            if policy_mx is not None:
+                assert [x[2] for x in pols] == [policy_mx], pols
         return r.d.lines[:]
     finally:
         r.close()
@@ -584,6 +595,22 @@ def test_unusable_tlsa_still_makes_tls_mandatory():
 def test_bogus_tlsa_answer_defers():
     deferred_case("bogus", "bogus.dane.test", "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test",
                   no_connect=True, tlsrpt="dnssec-invalid")
+
+
+def test_bogus_tlsa_at_a_cname_target_names_the_target():
+    # The target's lookup failed: that is the name the deferral and the TLS
+    # report give; the failure row keeps the MX record's name.
+    r = Relay("bogus")
+    try:
+        r.inject("a@cn5.dane.test")
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "DANE: TLSA lookup for _25._tcp.mx-bogus.dane.test failed" in line, line
+        assert r.mx.count_log("event=connect ") == 0, r.mx.lines
+        pols = tlsrpt_tlsa(r, lambda p: any("dnssec-invalid" in x[4] for x in p))
+        want = [("mx-bogus.dane.test", ["alias-bogus.dane.test"])]
+        assert [(x[2], x[5]) for x in pols] == want, pols
+    finally:
+        r.close()
 
 
 def opportunistic_case(case, domain):
@@ -633,7 +660,8 @@ if __name__ == "__main__":
               test_dane_domain_never_rides_an_opportunistic_connection,
               test_tlsa_mismatch_defers, test_stripped_starttls_defers_for_a_dane_host,
               test_unusable_tlsa_still_makes_tls_mandatory,
-              test_bogus_tlsa_answer_defers, test_signed_zone_without_tlsa_is_opportunistic,
+              test_bogus_tlsa_answer_defers, test_bogus_tlsa_at_a_cname_target_names_the_target,
+              test_signed_zone_without_tlsa_is_opportunistic,
               test_unsigned_zone_is_opportunistic_whatever_its_tlsa,
               test_check_config_refuses_a_remote_resolver])
     finally:

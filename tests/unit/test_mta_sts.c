@@ -252,12 +252,18 @@ test_tlsrpt_json_dane(void **state)
 
     static const uint8_t h1[32] = {0xab, 0xcd, 0x01}, h2[2] = {0x12, 0x34};
     const struct dns_tlsa tlsa[2] = {{3, 1, 1, sizeof(h1), h1}, {2, 0, 1, sizeof(h2), h2}};
-    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1");
-    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1");
+    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1",
+                       NULL);
+    tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_SUCCESS, "192.0.2.1",
+                       "mx1.dane.example");
     tlsrpt_record_tlsa(r, "dane.example", "mx1.dane.example", tlsa, 2, TLSRPT_VALIDATION_FAILURE,
-                       "192.0.2.1");
+                       "192.0.2.1", NULL);
     tlsrpt_record_tlsa(r, "dane.example", "mx2.dane.example", NULL, 0, TLSRPT_DNSSEC_INVALID,
-                       "192.0.2.2");
+                       "192.0.2.2", NULL);
+    /* mx3 a CNAME to mx.hoster.example, whose records decided: the policy
+     * is the base domain's, the failure row names the MX host. */
+    tlsrpt_record_tlsa(r, "dane.example", "mx3.dane.example", tlsa, 1, TLSRPT_VALIDATION_FAILURE,
+                       "192.0.2.3", "mx.hoster.example");
     struct mta_sts_policy *p = NULL;
     const char *why = NULL;
     const char *pol = "version: STSv1\nmode: enforce\nmx: mx1.dane.example\nmax_age: 600\n";
@@ -287,6 +293,14 @@ test_tlsrpt_json_dane(void **state)
                                "\"policy-domain\":\"dane.example\",\"mx-host\":"
                                "[\"mx2.dane.example\"]}"));
     assert_non_null(strstr(js, "\"result-type\":\"dnssec-invalid\""));
+    /* mx3: named by its base domain, the failure by the MX record's name. */
+    assert_non_null(strstr(js, "\"policy-domain\":\"dane.example\",\"mx-host\":"
+                               "[\"mx.hoster.example\"]},\"summary\":{"
+                               "\"total-successful-session-count\":0,"
+                               "\"total-failure-session-count\":1},\"failure-details\":[{"
+                               "\"result-type\":\"validation-failure\",\"receiving-ip\":"
+                               "\"192.0.2.3\",\"receiving-mx-hostname\":\"mx3.dane.example\","));
+    assert_null(strstr(js, "\"mx-host\":[\"mx3.dane.example\"]"));
     /* The MTA-STS policy beside them, with its own count. */
     assert_non_null(strstr(js, "\"policy-type\":\"sts\",\"policy-string\":[\"version: STSv1\","
                                "\"mode: enforce\",\"mx: mx1.dane.example\",\"max_age: 600\"]"));
