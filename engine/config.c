@@ -261,8 +261,8 @@ static const struct conf_key delivery_keys[] = {
      "connections a site (the MX hosts a set of domains share) starts with; it earns one more "
      "per completed transaction while its mail waits for a connection longer than twice the "
      "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
-     "connection, up to max_connections, and halves on connect failures, greeting failures, "
-     "421 and resets",
+     "connection (waits for a message rate's tokens do not count), up to max_connections, and "
+     "halves on connect failures, greeting failures, 421 and resets",
      NULL},
     {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
      "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "

@@ -66,6 +66,8 @@
 #define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
 #define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
 #define STS_ASK_MS     1000 /* a destination asks the MTA-STS store at most this often */
+#define RATE_BOUND_NS  1000000000ULL /* a backlog held back by a rate this recently
+                                      * earns its site no connection */
 #define STS_WAIT_MS    50   /* ... and at least this often while its first check runs */
 #define STS_WAIT_MIN_MS 2   /* ... at most this often (after half the time it has run) */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
@@ -248,7 +250,10 @@ struct dest {
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
     uint64_t usable_ns;      /* monotonic ns its answer (and policy) let its jobs wait
-                              * for a connection of its site; 0: not yet */
+                              * for a connection of its site, or its message rate's
+                              * next token came (dest_rate_wait); 0: not yet */
+    uint64_t rate_until;     /* monotonic ns: the last wait for message tokens ended
+                              * (or ends) then; 0: none */
     struct dest_fail *last_fail; /* owned: why the last address failed, for the
                               * deferral; NULL: none (some 850 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */

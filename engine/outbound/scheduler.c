@@ -93,6 +93,26 @@ dest_on_lim_timer(struct timer *tm, void *ctx)
     dest_run((struct dest *)((char *)tm - offsetof(struct dest, lim_timer)));
 }
 
+/* t's mail waits for message tokens (its rate, its MX host's, a
+ * source's or shaping's) until retry_at: a wait more connections would
+ * not shorten. The window's wait counts from then (usable_ns), and its
+ * backlog earns nothing while the rate holds it (dest_rate_bound). */
+static void
+dest_rate_wait(struct dest *t, uint64_t retry_at)
+{
+    uint64_t until = retry_at != UINT64_MAX ? retry_at : t->d->w->now;
+    if (until > t->usable_ns)
+        t->usable_ns = until;
+    t->rate_until = until;
+}
+
+/* Did a message rate hold t back within the last RATE_BOUND_NS? */
+static bool
+dest_rate_bound(const struct dest *t)
+{
+    return t->rate_until != 0 && t->d->w->now < t->rate_until + RATE_BOUND_NS;
+}
+
 /* A token or lease was refused: run again when the limiter says. */
 static void
 dest_lim_wait(struct dest *t, uint64_t retry_at)
@@ -1631,16 +1651,24 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         uint64_t retry_at;
         if (!dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
-            if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1)
+            if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
+                dest_rate_wait(t, retry_at);
                 dest_lim_wait(t, retry_at);
-            else if (mk != NULL && limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1)
+            } else if (mk != NULL &&
+                       limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1) {
+                dest_rate_wait(t, retry_at);
                 mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
-            else if (sk != NULL && limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1)
+            } else if (sk != NULL &&
+                       limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1) {
+                dest_rate_wait(t, retry_at);
                 mx_wait(sk, t, retry_at); /* likewise */
-            else if (hk != NULL && limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1)
+            } else if (hk != NULL &&
+                       limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1) {
+                dest_rate_wait(t, retry_at);
                 mx_wait(hk, t, retry_at); /* likewise: its source's shaping rate */
-            else
+            } else {
                 j = dest_pop(t);
+            }
             if (j != NULL && scope_job_parked(d, j)) {
                 continue; /* its tenant or campaign is suspended: parked */
             }
@@ -1705,7 +1733,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
          * A burst of a domain's mail (a spool commit hands over tens at
          * once) waits only milliseconds on a LAN, under the shortest wait
          * above, yet is what more connections carry sooner. */
-        if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns)
+        if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns &&
+            !dest_rate_bound(t))
             site_window_on_backlog(&c->site->win);
         *what = SCHED_NEXT_JOB;
         return j;

@@ -12,11 +12,14 @@
  * (slow start) up to the threshold, then 1/window (additive increase, one
  * a round). Mail waits when a job a connection takes had been waiting
  * for one (since it was queued, or since its domain's MX answer and
- * MTA-STS policy came) for longer than twice the time the site's
+ * MTA-STS policy came, or since the message token its rate made it wait
+ * for came: a wait for tokens is not one more connections shorten) for
+ * longer than twice the time the site's
  * connections take to open (connect, greeting, EHLO, STARTTLS: a moving
  * average), and at least 25 ms: a connection opened when it came would
  * have carried it sooner; or when more than SITE_BACKLOG_PER_CONN jobs
- * per connection of the site wait behind it in its domain's queue (a
+ * per connection of the site wait behind it in its domain's queue, and
+ * no message rate held the domain back in the last second (a
  * burst handed over by one spool commit waits only milliseconds on a LAN,
  * yet is what more connections carry sooner: without it, one domain's
  * relay ran 5% slower). Jobs that wait less are served as soon by the

@@ -459,6 +459,45 @@ window_holds_while_mail_is_served(void **state)
     fx_free(f);
 }
 
+/* A domain held to its message rate: its jobs wait for tokens, not for
+ * a connection, and that wait earns its site no more connections. */
+static void
+window_ignores_waits_for_rate_tokens(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n"
+                          "[domain slow.test]\nmax_connections = 10\nmax_message_rate = 10/s\n");
+    for (unsigned i = 0; i < 12; i++) /* a backlog too: 11 behind the first */
+        submit("slow.test", 1);
+    answer("slow.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(2);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* (The first job's backlog may earn one more: the rate is not known
+     * to hold it yet.) */
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    unsigned w0 = allowed("slow.test");
+    assert_true(w0 <= 2);
+    for (unsigned i = 0; i < 4; i++) {
+        /* The next token comes 100 ms later: c idles until then, and the
+         * limiter's timer hands it the next job. */
+        unsigned before = f->resumed;
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_IDLE);
+        f->w.now += MS_TO_NS(100);
+        timer_run(&f->w.timers, f->w.now, NULL);
+        assert_int_equal(f->resumed, before + 1);
+        assert_non_null(c->job);
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    }
+    assert_int_equal(allowed("slow.test"), w0);
+    assert_true(f->opened <= w0);
+    fx_free(f);
+}
+
 /* Connect failures halve the window, once per round; the failover cursor
  * moves to the next MX host; when every address failed in a row, what
  * waits is deferred with the last failure and the destination rests. */
@@ -1253,6 +1292,7 @@ main(void)
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
+        cmocka_unit_test(window_ignores_waits_for_rate_tokens),
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(tls_failure_retried_in_plaintext_at_once),
         cmocka_unit_test(tls_relaxed_destination),
