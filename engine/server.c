@@ -2030,12 +2030,14 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 AUTH not allowed during a mail transaction");
         return;
     }
-    if (!auth_allowed_here(s)) {
-        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
-        return;
-    }
+    /* RFC 4954: a mechanism we do not offer is 504 whatever the TLS state;
+     * 538 is only for one we would accept once encrypted. */
     if (c->auth_mech != SMTP_AUTH_PLAIN && c->auth_mech != SMTP_AUTH_LOGIN) {
         reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    if (!auth_allowed_here(s)) {
+        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
         return;
     }
     if (auth_address_refused(s))

@@ -528,6 +528,7 @@ def test_auth_refused_without_tls_when_never():
         assert not any(ln.startswith("AUTH") for ln in ehlo.lines), ehlo
         c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", "538 5.7.11")
         c.expect("AUTH LOGIN", "538")
+        c.expect("AUTH FOO", "504 5.5.4")
         c.expect("MAIL FROM:<alice@example.com>", "530")
         r.stop()
         assert r.d.count_log("event=auth_ok") == 0

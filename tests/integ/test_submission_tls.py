@@ -138,6 +138,11 @@ def test_auth_only_after_tls():
         assert not any("AUTH" in ln for ln in ehlo), ehlo
         c.send(b"AUTH PLAIN AGFsaWNlAHMzY3JldC1Qdw==\r\n")
         assert c.reply()[0].startswith("538 5.7.11"), "AUTH before TLS must be refused"
+        # RFC 4954: an unknown mechanism is 504 before TLS too, not 538
+        c.send(b"AUTH FOO\r\n")
+        assert c.reply()[0].startswith("504 5.5.4"), "unknown mechanism before TLS"
+        c.send(b"AUTH CRAM-MD5\r\n")
+        assert c.reply()[0].startswith("504 5.5.4"), "mechanism not offered, before TLS"
         c.send(b"MAIL FROM:<alice@example.com>\r\n")
         assert c.reply()[0].startswith("530 5.7.0")
         c.send(b"STARTTLS\r\n")
