@@ -1272,7 +1272,13 @@ message_json(struct json *out, const struct queue_envelope *env)
             json_time_ms(out, r->due_ms);
         }
         if (r->last_code != 0 || (r->last_reply && r->last_reply[0])) {
-            json_ku64(out, "last_code", r->last_code);
+            /* code 0: no SMTP reply (connect refused, timeout, TLS); the
+             * text is ours, and there is no code to show */
+            json_key(out, "last_code");
+            if (r->last_code != 0)
+                json_u64(out, r->last_code);
+            else
+                json_null(out);
             json_kstr(out, "last_reply", r->last_reply);
         }
         json_obj_end(out);

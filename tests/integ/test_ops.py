@@ -153,9 +153,20 @@ def test_stats_domains_message_and_exit_codes():
         got = {x["rcpt"]: x["state"] for x in m["recipients"]}
         assert got == {"x@dead.test": "deferred", "y@dead.test": "deferred"}, m
         assert all(x["attempts"] >= 1 for x in m["recipients"]), m
+        # A refused connect has no SMTP reply: no code, and JSON says so
+        # (null), not 0; the text shows "-" under LAST CODE.
+        assert all(x["last_code"] is None and x["last_reply"] for x in m["recipients"]), m
         p = ctl(r, "message", qid)
         assert p.returncode == 0 and "x@dead.test" in p.stdout and "deferred" in p.stdout, \
             p.stdout
+        lines = p.stdout.splitlines()
+        head = next(ln for ln in lines if "LAST CODE" in ln)
+        at = head.index("LAST CODE")
+        rows = [ln for ln in lines if "@dead.test" in ln]
+        assert len(rows) == 2, p.stdout
+        for ln in rows:
+            cell = ln[at:at + len("LAST CODE")].strip()
+            assert cell == "-", (cell, p.stdout)
         # A failure without a reply (code 0) shows its text alone in the
         # queue, as mailq does: "(connect to ...)", not "(0 connect to ...)".
         q = ctl(r, "queue", "10", "dead.test")
