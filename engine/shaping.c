@@ -63,6 +63,7 @@
                                 * path of what other nodes wait for) */
 #define REDIS_BACKOFF_MAX  5000
 #define LINE_MAX_LEN       1024
+#define IGNORED_IDS_MAX    256  /* distinct ignored actions remembered, to count each once */
 #define RECHECK_MAX_MS     1000 /* a worker asks again at least this often: clears from
                                  * other nodes and operators act within it */
 
@@ -107,6 +108,9 @@ struct shaping {
     bool hook_set;              /* on_bounce is set (under lock: the keeper's wait) */
     char unknown[8][70];        /* kinds/scopes of actions ignored, logged already */
     unsigned nunknown;
+    char ignored_ids[IGNORED_IDS_MAX][17]; /* ids of actions ignored, counted already: the
+                                            * hash is read again at each (re)connect */
+    unsigned nignored_ids, ignored_next;   /* a ring: the oldest id is forgotten first */
 };
 
 /* ---- actions as text ---- */
@@ -220,13 +224,13 @@ shaping_action_parse(const char *line, struct shaping_action *a)
 /* ---- the table (under lock) ---- */
 
 /* An action of a kind or scope this node does not know (a newer node's,
- * read from Redis or the state file): ignored, counted, and logged once
- * per kind and scope. Under lock. */
+ * read from Redis or the state file): ignored, counted once per id (the
+ * last IGNORED_IDS_MAX ids are remembered: the hash is read whole again
+ * at each reconnect), and logged once per kind and scope. Under lock. */
 static void
 note_unknown(struct shaping *s, const char *line)
 {
-    s->st.ignored++;
-    char kind[32] = "?", scope[32] = "?";
+    char kind[32] = "?", scope[32] = "?", id[17] = "";
     for (const char *p = line; *p != '\0' && *p != '\n';) {
         const char *e = p + strcspn(p, "\t\n");
         size_t n = (size_t)(e - p);
@@ -238,8 +242,21 @@ note_unknown(struct shaping *s, const char *line)
             char v[32];
             snprintf(v, sizeof(v), "%.*s", (int)(n - off < 31 ? n - off : 31), p + off);
             clean_copy(dst, 32, v);
+        } else if (n == 3 + 16 && strncmp(p, "id=", 3) == 0) {
+            memcpy(id, p + 3, 16); /* shaping_action_parse checked it: 16 hex digits */
+            id[16] = '\0';
         }
         p = *e == '\t' ? e + 1 : e;
+    }
+    bool counted = false;
+    for (unsigned i = 0; i < s->nignored_ids && !counted; i++)
+        counted = strcmp(s->ignored_ids[i], id) == 0;
+    if (!counted) {
+        s->st.ignored++;
+        memcpy(s->ignored_ids[s->ignored_next], id, sizeof(id));
+        s->ignored_next = (s->ignored_next + 1) % IGNORED_IDS_MAX;
+        if (s->nignored_ids < IGNORED_IDS_MAX)
+            s->nignored_ids++;
     }
     char seen[70];
     snprintf(seen, sizeof(seen), "%s/%s", kind, scope);

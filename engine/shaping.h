@@ -242,7 +242,8 @@ int shaping_list(struct shaping *s, struct shaping_action **out, size_t *n);
 struct shaping_stats {
     uint64_t active[SHAPING_KIND_COUNT];
     uint64_t started, ended, hits, published, received;
-    uint64_t ignored; /* actions of a kind or scope unknown here (a newer node's) */
+    uint64_t ignored; /* distinct actions (ids) of a kind or scope unknown here (a newer
+                       * node's), each counted once however often it is read */
     bool redis_on, redis_up;
 };
 void shaping_stats(struct shaping *s, struct shaping_stats *out);

@@ -620,6 +620,21 @@ test_unknown_kind_from_redis(void **state)
     }
     assert_int_equal(st.ignored, 3);
     assert_int_equal(count(a), 0);
+    /* a reconnect reads the hash whole again: the same three actions, not
+     * counted again */
+    unsigned ups = log_lines_with(logpath, "event=shaping_redis_up");
+    redisReply *k = redisCommand(rc, "CLIENT KILL SKIPME yes TYPE normal");
+    assert_true(k != NULL && k->type == REDIS_REPLY_INTEGER && k->integer >= 1);
+    freeReplyObject(k);
+    for (int i = 0; i < 500; i++) { /* the keeper is back (it logs after the catch-up) */
+        if (log_lines_with(logpath, "event=shaping_redis_up") > ups)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_true(log_lines_with(logpath, "event=shaping_redis_up") > ups);
+    shaping_stats(a, &st);
+    assert_int_equal(st.ignored, 3);
     struct shaping_verdict v;
     assert_false(shaping_check(a, r, "", "mta5.am0.yahoodns.net", "yahoo.com", clock_unix_ms(),
                                &v));
