@@ -712,16 +712,13 @@ render_domains(const cJSON *doc, size_t limit)
                             : cJSON_IsTrue(susp) ? (cJSON_IsTrue(held) ? "suspended,held" : "suspended")
                             : cJSON_IsTrue(held) ? "held"
                                                  : "active";
-        /* the most frequent class first (the engine sorts them); with no
-         * deferral since the destination was made (after a restart), the
-         * class of most of its recipients waiting deferred in the spool */
+        /* one meaning, before a restart and after: the class of most of
+         * the recipients waiting deferred now (the spool keeps each one's
+         * class; the engine sorts them, most first), not the deferrals
+         * counted since the destination was made */
         char top[64] = "-";
-        const cJSON *cls = get(d, "deferred_by_class");
+        const cJSON *cls = get(d, "waiting_by_class");
         const cJSON *c0 = cJSON_IsObject(cls) ? cls->child : NULL;
-        if (c0 == NULL) {
-            cls = get(d, "waiting_by_class");
-            c0 = cJSON_IsObject(cls) ? cls->child : NULL;
-        }
         if (c0 != NULL && c0->string != NULL && cJSON_IsNumber(c0))
             snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
         table_row(&t, fmt_str(d, "name"), fmt_str(d, "pool"), fmt_count(d, "ready"),
@@ -1527,8 +1524,8 @@ static const struct cmd cmds[] = {
      "One row per destination, busiest first (ready + deferred + in flight):\n"
      "queued recipients by state, connections and the limit in force, the\n"
      "message rate allowed, totals, the age of the oldest waiting recipient\n"
-     "(deferred ones too), whether it is suspended, the most frequent class\n"
-     "of its deferrals (after a restart: of its recipients waiting deferred),\n"
+     "(deferred ones too), whether it is suspended, the deferral class of most\n"
+     "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"
      "and why its limits are what they are.",
      0, 1, run_domains},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},

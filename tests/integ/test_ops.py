@@ -310,8 +310,10 @@ def test_flush_retries_deferred_now():
 def test_domains_of_deferred_mail_across_a_restart():
     """A domain whose every recipient waits deferred: `domains` gives the
     age of the oldest one (not '-': none is ready) and its deferral class
-    (TOP DEFERRAL), before and after a restart on the same spool (the
-    class is kept with each recipient in the spool)."""
+    (TOP DEFERRAL: the recipients waiting deferred now, by class), before
+    and after a restart on the same spool (the class is kept with each
+    recipient in the spool), and after the same recipients were deferred
+    again (deferrals since the destination was made are not recipients)."""
     r = Relay(records_for(["soft.test"]), sink_flags=["-r", "RCPT"],
               domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
     try:
@@ -320,7 +322,8 @@ def test_domains_of_deferred_mail_across_a_restart():
         cls = ev[0]["class"]
 
         def check(when, key):
-            d = wait_until(lambda: (lambda x: x if x and x["deferred"] == 3 else None)(
+            d = wait_until(lambda: (lambda x: x if x and x["deferred"] == 3
+                                    and x["waiting_by_class"] == {cls: 3} else None)(
                 domain_row(r, "soft.test")), 10, f"soft.test's 3 deferred {when}")
             assert d["ready"] == 0, (when, d)
             assert d["oldest_age_ms"] is not None and d["oldest"] is not None, (when, d)
@@ -332,6 +335,13 @@ def test_domains_of_deferred_mail_across_a_restart():
             assert row[0].split()[10] != "-", (when, p.stdout)  # OLDEST
             assert f" {cls}:3 " in row[0], (when, p.stdout)   # TOP DEFERRAL
         check("before the restart", "deferred_by_class")
+        # The three tried and deferred again: six deferrals since the
+        # destination was made, still three recipients waiting.
+        assert ctl_json(r, "flush")["recipients"] == 3
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 6)
+        wait_until(lambda: domain_row(r, "soft.test")["deferred_by_class"] == {cls: 6}, 10,
+                   "six deferrals counted")
+        check("after a second deferral", "waiting_by_class")
         assert r.d.stop_clean() == 0
         r.d = Sluice(SLUICE, os.path.join(r.wd.path, "sluice.conf"))
         r.d.wait_log("event=ready")
