@@ -556,6 +556,12 @@ def _stall_greeting(c, rfile):
     rfile.readline()  # says nothing; returns when sluice gives up and closes
 
 
+def _stall_ehlo(c, rfile):
+    c.sendall(b"220 stalling ESMTP\r\n")
+    rfile.readline()  # EHLO, never answered
+    rfile.readline()  # returns when sluice gives up and closes
+
+
 def _stall_tls_handshake(c, rfile):
     c.sendall(b"220 stalling ESMTP\r\n")
     rfile.readline()
@@ -578,16 +584,17 @@ def _stall_dot(c, rfile):
 
 
 def test_stalled_receivers_time_out_as_configured():
-    """A receiver that never greets, one that stalls the TLS handshake
-    after its 220 to STARTTLS, and one that never answers the final dot:
-    each session is closed after its [delivery] timeout (a second here;
-    the defaults are RFC 5321's minutes) and the recipient deferred with
-    reason timeout, in the state the receiver stalled in. (TLS required
-    for the handshake's: under opportunistic TLS the mail would go on in
-    plaintext at once, test_optional_tls_falls_back_to_plaintext_...)"""
+    """A receiver that never greets, one that never answers EHLO, one that
+    stalls the TLS handshake after its 220 to STARTTLS, and one that never
+    answers the final dot: each session is closed after its [delivery]
+    timeout (a second here; the defaults are RFC 5321's minutes) and the
+    recipient deferred with reason timeout, in the state the receiver
+    stalled in, naming the MX host tried (not mx=-, even that early). (TLS
+    required for the handshake's: under opportunistic TLS the mail would
+    go on in plaintext at once, test_optional_tls_falls_back_to_plaintext_...)"""
     conf = ("greeting_timeout = 1s\nstarttls_timeout = 1s\ndot_timeout = 1s\n")
-    for script, state in ((_stall_greeting, "greeting"), (_stall_tls_handshake, "tls"),
-                          (_stall_dot, "dot")):
+    for script, state in ((_stall_greeting, "greeting"), (_stall_ehlo, "ehlo"),
+                          (_stall_tls_handshake, "tls"), (_stall_dot, "dot")):
         tls = "[domain stall.test]\ntls = required\n" if state == "tls" else ""
         r = Relay(records_for(["stall.test"]), with_sink=False, delivery_conf=conf,
                   domain_conf=tls)
@@ -597,6 +604,7 @@ def test_stalled_receivers_time_out_as_configured():
             line = r.d.wait_log("event=deferred", timeout=20)
             assert "reason=timeout" in line, (script.__name__, line)
             assert f"in state {state}" in line, (script.__name__, line)
+            assert " mx=mx.test " in line, (script.__name__, line)
             assert r.d.count_log("event=delivered") == 0, script.__name__
             assert r.d.stop_clean() == 0, script.__name__
             assert mdb_entries(r.spool, "msg") == 1, script.__name__
