@@ -36,6 +36,7 @@
 #endif
 
 #define CHECKS 2000000 /* per thread and kind */
+#define THREADS_MAX 2  /* the runs use 1 and 2 threads */
 
 static double
 now_s(void)
@@ -115,11 +116,20 @@ raw_main(void *arg)
     return NULL;
 }
 
+/* 1..THREADS_MAX: the arrays of threads are that big (and so the
+ * compiler sees the loops stay within them). */
+static int
+threads_bound(int threads)
+{
+    return threads < 1 ? 1 : threads > THREADS_MAX ? THREADS_MAX : threads;
+}
+
 static double
 run_checks(struct suppress *s, unsigned long entries, int kind, int threads)
 {
-    pthread_t t[2];
-    struct job j[2];
+    pthread_t t[THREADS_MAX];
+    struct job j[THREADS_MAX];
+    threads = threads_bound(threads);
     for (int i = 0; i < threads; i++) {
         j[i] = (struct job){s, entries, kind, (unsigned)i * 7919u + 1, 0, 0};
         pthread_create(&t[i], NULL, check_main, &j[i]);
@@ -140,8 +150,9 @@ run_raw(const char *path, unsigned long entries, int with_get, int threads)
 {
     MDB_env *env;
     MDB_txn *txn;
-    struct raw x[2];
-    pthread_t t[2];
+    struct raw x[THREADS_MAX];
+    pthread_t t[THREADS_MAX];
+    threads = threads_bound(threads);
     mdb_env_create(&env);
     mdb_env_set_maxdbs(env, 2);
     mdb_env_set_mapsize(env, 8ULL << 30);

@@ -281,7 +281,8 @@ static void
 answer(const char *domain, enum dns_status st, const char **hosts, const unsigned *pref,
        const uint8_t (*addrs)[16], unsigned n)
 {
-    struct result_host rh[8];
+    struct result_host rh[8] = {0}; /* zeroed: with n 0 (a status alone), nothing is set */
+    assert_true(n <= sizeof(rh) / sizeof(rh[0]));
     for (unsigned i = 0; i < n; i++)
         rh[i] = (struct result_host){.name = hosts[i], .preference = pref[i], .n4 = 1,
                                      .a4 = &addrs[i]};
@@ -299,7 +300,8 @@ static void
 answer_pool(const char *domain, const char *pool, const char **hosts, const uint8_t (*addrs)[16],
             unsigned n)
 {
-    struct result_host rh[8];
+    struct result_host rh[8] = {0};
+    assert_true(n <= sizeof(rh) / sizeof(rh[0]));
     for (unsigned i = 0; i < n; i++)
         rh[i] = (struct result_host){.name = hosts[i], .preference = 10, .n4 = 1, .a4 = &addrs[i]};
     struct dns_mx_result *r = result_new(DNS_OK, NULL, domain, rh, n, false);
