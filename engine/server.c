@@ -1173,10 +1173,16 @@ dkim_sign_start(struct session *s, size_t header_len)
     char dom[256] = "";
     int rc = 0;
     struct dkim_job *j = NULL;
-    if (header_len < s->body_len && (s->body_len - header_len < 2 || b[header_len] != '\r' ||
-                                     b[header_len + 1] != '\n')) {
-        rc = DKIM_EHEADER; /* a line that is no header field before the empty line */
-    } else if (dkim_keyring_signing_domain(kr) == DKIM_FROM_ENVELOPE) {
+    if (s->sep) {
+        /* The body began without an empty line: one is stored at sep_at
+         * (message_commit). The streamed hash looked for an empty line
+         * that is not there (or took a later one): hash the body again as
+         * it will be stored, after the inserted one. */
+        dkim_body_reset(s->dkim_body);
+        dkim_body_feed(s->dkim_body, "\r\n", 2);
+        dkim_body_feed(s->dkim_body, b + header_len, s->body_len - header_len);
+    }
+    if (dkim_keyring_signing_domain(kr) == DKIM_FROM_ENVELOPE) {
         const char *at = strrchr(s->sender, '@');
         if (at == NULL || at[1] == '\0' || strlen(at + 1) >= sizeof(dom))
             rc = DKIM_ENOFROM;

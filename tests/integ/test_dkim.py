@@ -440,8 +440,10 @@ key_file = {bad}
 
 def test_hostile_headers_get_a_clear_outcome():
     """A 100 KB header field, 10,000 header fields, a From: naming two
-    domains, none at all: each is queued (signed, or unsigned and logged
-    with the reason), and sluice stays up."""
+    domains, none at all, a body that begins without the empty line: each
+    is queued (signed, or unsigned and logged with the reason), and sluice
+    stays up. The one without the empty line is stored with one inserted,
+    and signed as stored."""
     keys = [("a.pem", "ed25519")]
     t = DkimRelay(keys, "[dkim a.test k]\nkey_file = @KEYS@/a.pem\n", [("a.test", "k")])
     try:
@@ -455,20 +457,27 @@ def test_hostile_headers_get_a_clear_outcome():
             "two_domains": msg(b"a@a.test, b@other.test", b"two domains"),
             "no_from": b"To: x@rcpt.test\r\nSubject: no from\r\n\r\nbody\r\n",
             "empty_from": msg(b"undisclosed-recipients:;", b"empty from"),
+            # the body's first line follows the fields directly; an empty
+            # line later in the body must not be taken for the separator
+            "no_separator": b"From: a@a.test\r\nTo: x@rcpt.test\r\nSubject: no separator\r\n"
+                            b"first body line\r\n\r\nafter an empty line\r\n",
         }
         t.r.inject([("s@sender.test", ["x@rcpt.test"], m) for m in msgs.values()], sessions=2)
         got = t.mx.wait(len(msgs))
         for m in got:
-            if b"big field" in m or b"many fields" in m or b"many signed fields" in m:
+            if b"no separator" in m:
+                assert b"Subject: no separator\r\n\r\nfirst body line\r\n" in m, m
+            if (b"big field" in m or b"many fields" in m or b"many signed fields" in m or
+                    b"no separator" in m):
                 check_both(m, t.dns_port, [("a.test", "k", "ed25519-sha256")])
             else:
                 assert b"DKIM-Signature" not in m
         evs = wait_events(t.r.dlog, lambda e: e["event"] == "reception", len(msgs))
         reasons = sorted(e.get("dkim_unsigned", "signed") for e in evs)
         assert reasons == ["no_from", "no_from", "several_from_domains", "signed", "signed",
-                           "signed"], reasons
+                           "signed", "signed"], reasons
         c = t.counters()
-        assert (c["dkim_signed"], c["dkim_unsigned"], c["dkim_failed"]) == (3, 3, 0), c
+        assert (c["dkim_signed"], c["dkim_unsigned"], c["dkim_failed"]) == (4, 3, 0), c
     finally:
         t.close()
 
