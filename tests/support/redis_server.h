@@ -1,8 +1,11 @@
 /*
  * redis_server: a redis-server of a test's or a benchmark's own, on a
  * loopback port, without persistence (--save '' --appendonly no), started
- * in the foreground and stopped by its PID. One implementation for
- * tests/unit/test_limits.c and bench/limits.
+ * in the foreground and stopped by its PID, or killed by the kernel when
+ * the thread that started it exits (PR_SET_PDEATHSIG: a test whose
+ * assertion failed before its redis_server_kill() leaves none behind).
+ * One implementation for the unit tests (limits, shaping, warm-up) and
+ * bench/limits.
  *
  * Threading: any thread; no state of its own.
  */
