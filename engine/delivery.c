@@ -98,6 +98,13 @@ delivery_owner(struct engine *e, const char *tenant, const char *pool, const cha
     out->tls_relaxed = false;
 }
 
+void
+delivery_owner_of(struct engine *e, const struct queue_owner *o, struct job_owner *out)
+{
+    delivery_owner(e, o->tenant, o->pool, o->campaign, o->priority, out);
+    out->tls_relaxed = o->tls_relaxed;
+}
+
 static void
 submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
        bool bounce, bool shaped, const struct job_owner *owner)
@@ -342,9 +349,7 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
                       b->n == sizeof(b->idx) / sizeof(b->idx[0])))
         delivery_batch_flush(b);
     if (b->n == 0) {
-        delivery_owner(b->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
-                       r->owner.priority, &b->owner);
-        b->owner.tls_relaxed = r->owner.tls_relaxed;
+        delivery_owner_of(b->e, &r->owner, &b->owner);
         b->id = id;
         snprintf(b->domain, sizeof(b->domain), "%s", r->domain);
     }

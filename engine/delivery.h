@@ -22,6 +22,7 @@
 struct engine;
 struct worker;
 struct delivery;
+struct queue_owner;
 
 struct delivery_stats {
     uint64_t delivered, deferred, bounced; /* recipients */
@@ -147,6 +148,11 @@ struct job_owner {
  * Any thread. */
 void delivery_owner(struct engine *e, const char *tenant, const char *pool, const char *campaign,
                     unsigned priority, struct job_owner *out);
+/* The owner of a recipient read from the spool (queue_rcpt.owner: a due
+ * take, a walk): as delivery_owner, and its message's tls_relaxed, so
+ * that its job reaches the destination where that message's other jobs
+ * are (dest_of_job). Any thread. */
+void delivery_owner_of(struct engine *e, const struct queue_owner *o, struct job_owner *out);
 
 /* Hand the recipients idx[0..n) of message id, all at domain, to the
  * worker that owns domain, with the message's owner (NULL: none). Any

@@ -1027,8 +1027,7 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     x->id = id;
     x->idx = r->index;
     if (w->e != NULL)
-        delivery_owner(w->e, r->owner.tenant, r->owner.pool, r->owner.campaign,
-                       r->owner.priority, &x->owner);
+        delivery_owner_of(w->e, &r->owner, &x->owner); /* tls_relaxed: bounce_now's dest */
     else
         memset(&x->owner, 0, sizeof(x->owner));
     snprintf(x->domain, sizeof(x->domain), "%s", r->domain);

@@ -28,6 +28,7 @@
 #include "engine/limits.h"
 #include "common/intern.h"
 #include "engine/outbound/internal.h"
+#include "queue/queue.h"
 
 #define MAXC 64
 
@@ -667,6 +668,32 @@ tls_relaxed_destination(void **state)
     fx_free(f);
 }
 
+/* A recipient read back from the spool (a due take; the walk of an
+ * operator's bounce in engine/ops.c) keeps its message's tls_relaxed: its
+ * job reaches the destination where the report's job waits, which is
+ * where bounce_now() looks for it in flight and in the queue (else the
+ * recipient was bounced and the waiting job delivered it after). */
+static void
+spool_owner_keeps_tls_relaxed(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("");
+    struct dest *x = relaxed_job("r.test", true, DNS_DANE_NONE);
+    struct queue_owner qo = {"", "", "", 0, true};
+    struct job *j = calloc(1, sizeof(*j) + sizeof(unsigned));
+    assert_non_null(j);
+    snprintf(j->domain, sizeof(j->domain), "%s", "r.test");
+    delivery_owner_of(&f->e, &qo, &j->owner);
+    assert_true(j->owner.tls_relaxed);
+    assert_ptr_equal(dest_of_job(f->d, j), x);
+    qo.tls_relaxed = false;
+    delivery_owner_of(&f->e, &qo, &j->owner);
+    assert_false(j->owner.tls_relaxed);
+    assert_ptr_not_equal(dest_of_job(f->d, j), x);
+    free(j);
+    fx_free(f);
+}
+
 /* MX rollup: two domains on the same MX hosts share one site; an idle
  * connection of the site takes the next transaction of the other domain. */
 static void
@@ -1298,6 +1325,7 @@ main(void)
         cmocka_unit_test(failures_shrink_and_fail_over),
         cmocka_unit_test(tls_failure_retried_in_plaintext_at_once),
         cmocka_unit_test(tls_relaxed_destination),
+        cmocka_unit_test(spool_owner_keeps_tls_relaxed),
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
