@@ -2743,6 +2743,9 @@ listener_arm(struct listener *l)
     l->armed = true;
 }
 
+#define LISTEN_PROBE_WAIT_MS 2000u
+#define LISTEN_PROBE_STEP_MS 20u
+
 static int
 listen_probe(const struct netaddr *a, char *err, size_t errlen)
 {
@@ -2757,7 +2760,18 @@ listen_probe(const struct netaddr *a, char *err, size_t errlen)
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* TIME_WAIT is no listener */
     if (a->ss.ss_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    int rc = bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 ? -errno : 0;
+    /* A sluice killed a moment ago may still hold its listeners: the
+     * kernel tears a dead process's io_uring down after the process is
+     * reaped, and the sockets its accept ops held go with it. Asked again
+     * for up to LISTEN_PROBE_WAIT_MS before another process is blamed. */
+    int rc;
+    for (unsigned waited = 0;; waited += LISTEN_PROBE_STEP_MS) {
+        rc = bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 ? -errno : 0;
+        if (rc != -EADDRINUSE || waited >= LISTEN_PROBE_WAIT_MS)
+            break;
+        struct timespec ts = {0, LISTEN_PROBE_STEP_MS * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     close(fd);
     if (rc == -EADDRINUSE) {
         char text[80];

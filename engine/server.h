@@ -57,7 +57,10 @@ unsigned server_worker_tenants(const struct server_worker *sw, struct stats_tena
  * The workers bind with SO_REUSEPORT, which another process of the same
  * user may share unnoticed (a second sluice on the same port would take
  * half the clients); a probe bound without it fails where anyone listens.
- * Returns 0 or -EADDRINUSE (or -errno) with err. */
+ * A port in use is asked again for up to 2 s first: the listeners of a
+ * sluice killed a moment ago live until the kernel has torn its io_uring
+ * down, after the process is gone. Returns 0 or -EADDRINUSE (or -errno)
+ * with err. */
 int server_listen_check(const struct config *cfg, char *err, size_t errlen);
 /* Make the worker's listening sockets (bound now, so that a port in use is
  * a start-up error) and its spool port. Returns 0 or -errno with err. */
