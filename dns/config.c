@@ -58,8 +58,9 @@ const struct conf_key dns_conf_keys[] = {
      * unbound's default so-rcvbuf) drops beyond a hundred or so, and a
      * dropped query costs a whole timeout. */
     {"max_inflight", CONF_UINT, DNS(max_inflight), 1, 65536, "64",
-     "lookups each worker runs at once; more wait their turn (bounds the burst a DNS server "
-     "sees)",
+     "MX lookups each worker runs at once; more wait their turn (bounds the burst a DNS "
+     "server sees); a worker's MTA-STS first checks (TXT) are bounded by it too, apart: "
+     "beyond it they go to the MTA-STS thread",
      NULL},
     {"dnssec", CONF_ENUM, DNS(dnssec), 0, 0, "off",
      "off, or trust_ad: ask every query with the AD bit and count an answer as DNSSEC-validated "

@@ -92,7 +92,7 @@ struct dlog_event {
     const char *scope;          /* suppressed: the list that holds the entry */
     const char *tls_protocol;
     const char *tls_cipher;
-    const char *tls_policy;     /* none, opportunistic, mta-sts, dane, verify */
+    const char *tls_policy;     /* none, opportunistic, mta-sts, dane, verify, relaxed */
     const char *tls_verify;     /* "ok", or why the certificate check failed, or
                                  * "plaintext fallback: ..." (opportunistic TLS
                                  * after a failed handshake) */

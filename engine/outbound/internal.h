@@ -387,9 +387,10 @@ struct outbound_ops {
     void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
                  enum classify_source src);
     /* As dns_txt_lookup() on this worker's resolver: 0 (cb runs exactly
-     * once, later, unless the resolver closes first), or a negative code
-     * (-ENXIO: no resolver here). NULL: MTA-STS first checks go to the
-     * store's thread. */
+     * once: later, or from inside this call when c-ares fails at once;
+     * never once the resolver closed), or a negative code (-ENXIO: no
+     * resolver here). NULL: MTA-STS first checks go to the store's
+     * thread. */
     int (*txt)(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg);
 };
 
