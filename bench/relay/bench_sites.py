@@ -37,7 +37,11 @@ log, sampling the connections; the Python injector's share taken out)
 took from the same two cores; "busy" is all of these together against
 what the machine's cores could give during the line: near 100%, the
 line is bound by the cores they share, its rate what their CPU per
-message allows.
+message allows. "host" is the whole machine's busy share over the line
+(/proc/stat, from the first injection to the poll of sluice's log that
+saw the last deliveries, up to 50 ms after them: a little low): above
+"busy", other processes took the difference (a shared machine), and a
+line with both well below 100% waited on something other than CPU.
 The injector (pipelined MAIL/RCPT/DATA on --sessions connections, the
 same for every line; smtp-source has one recipient address per process)
 is bench/relay/inject_synth.c when built beside --sluice (--injector
@@ -236,6 +240,13 @@ def log_time(line):
     return calendar.timegm(t) + float("0" + stamp[19:-1])
 
 
+def host_jiffies():
+    """(all, idle) jiffies of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
 def cpu_s(pid):
     """User + system CPU seconds of pid so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -285,6 +296,8 @@ file = {work}/sluice.log
                                      str(d.proc.pid), "-o", f"{a.perf}-{ndom}-{nmx}.data"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0, w0 = time.monotonic(), time.time()
+        host0 = host_jiffies()
+        host1 = host0
         if a.injector:
             errors, inj_cpu = inject_c(a.injector, port, a.messages, a.sessions, a.size, ndom)
             t_inject = time.monotonic() - t0
@@ -297,6 +310,7 @@ file = {work}/sluice.log
         delivered = connected = 0
         t_last = t0
         while time.monotonic() < deadline and delivered < a.messages:
+            before = delivered
             for ln in log.lines():
                 if b"event=delivered" in ln:
                     delivered += 1
@@ -305,6 +319,8 @@ file = {work}/sluice.log
                     t_last = max(t_last, t0 + log_time(ln) - w0)
                 elif b"event=connected" in ln:
                     connected += 1
+            if delivered > before:
+                host1 = host_jiffies()  # the window ends where the last deliveries were seen
             time.sleep(0.05)
         samp.stopped = True
         samp.join(5)
@@ -324,6 +340,7 @@ file = {work}/sluice.log
             ((os.cpu_count() or 1) * max(1e-3, t_last - t0))
         res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
                    cpu=1000 * sluice_cpu / max(1, delivered), busy=busy,
+                   host=1 - (host1[1] - host0[1]) / max(1, host1[0] - host0[0]),
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
                    dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu)
@@ -399,7 +416,7 @@ def main():
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
           f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
-          f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7} {'sink-cpu':>8} {'bench-cpu':>9} {'busy':>5}",
+          f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7} {'sink-cpu':>8} {'bench-cpu':>9} {'busy':>5} {'host':>5}",
           flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     base = {}
@@ -427,7 +444,7 @@ def main():
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
                   f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.3f} "
                   f"{r['load']:>5.1f} {r['inj_cpu']:>7.1f} {r['dns_cpu']:>7.1f} {r['sink_cpu']:>8.1f} "
-                  f"{r['bench_cpu']:>9.1f} {100 * r['busy']:>4.0f}% {label}"
+                  f"{r['bench_cpu']:>9.1f} {100 * r['busy']:>4.0f}% {100 * r['host']:>4.0f}% {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
                   + (f"  (one domain just before: {ref['msgs']:.0f} msg/s)" if ref else ""),
                   flush=True)
