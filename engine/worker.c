@@ -130,10 +130,17 @@ void
 worker_post(struct worker *w, struct worker_msg *m)
 {
     m->next = NULL;
+    worker_post_chain(w, m, m);
+}
+
+void
+worker_post_chain(struct worker *w, struct worker_msg *first, struct worker_msg *last)
+{
+    last->next = NULL;
     pthread_mutex_lock(&w->mbox_lock);
     bool was_empty = w->mbox_head == NULL;
-    *w->mbox_tail = m;
-    w->mbox_tail = &m->next;
+    *w->mbox_tail = first;
+    w->mbox_tail = &last->next;
     pthread_mutex_unlock(&w->mbox_lock);
     /* Only the post that makes the box non-empty wakes: the worker takes
      * the whole list at once, so later posts ride on the same wake-up. */

@@ -107,6 +107,9 @@ int worker_join(struct worker *w);
 
 /* Hand m to w; fn runs on w's thread, in posting order. Any thread. */
 void worker_post(struct worker *w, struct worker_msg *m);
+/* As worker_post() for a chain of messages linked by next (the last's
+ * next NULL), kept in order, under one lock and at most one wake-up. */
+void worker_post_chain(struct worker *w, struct worker_msg *first, struct worker_msg *last);
 /* Once the loop has ended and nothing posts any more: take every message
  * whose fn is fn out of the mailbox, unrun (its owner is about to free
  * it). Returns how many. */
