@@ -244,7 +244,11 @@ static const struct conf_key delivery_keys[] = {
      "connections open at once to one MX address (and port) from this node, whatever the "
      "domains behind it; each worker holds an equal share, rounded down but at least one (so a "
      "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
-     "whole, shared by the pool's sources; mail without a pool has it too",
+     "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
+     "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
+     "affinity), so the site's addresses get that worker's share; not the domains an [mx] or "
+     "[source] section's limits apply to (without [redis], those are split between the "
+     "workers too), nor mail through a pool: they stay on the worker their name hashes to",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
      "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "

@@ -1,6 +1,7 @@
 /*
  * delivery: outbound SMTP on a worker's ring. Each destination domain
- * belongs to one worker (a hash of its name), which holds its queue of
+ * belongs to one worker (delivery_worker_of: the worker of its site, once
+ * its MX answer named one; else a hash of its name), which holds its queue of
  * jobs (recipients of one message at that domain), resolves its MX hosts
  * (or its route) through the worker's resolver, and delivers them over the
  * connections of its site (the domains of the worker whose answers name
@@ -15,6 +16,7 @@
 #ifndef SLUICE_ENGINE_DELIVERY_H
 #define SLUICE_ENGINE_DELIVERY_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -42,6 +44,7 @@ struct delivery_stats {
     uint64_t sites;                        /* sites now (MX host sets in use) */
     uint64_t mx_addresses;                 /* MX addresses connected now */
     uint64_t dests_evicted;                /* idle destinations forgotten */
+    uint64_t handed_over;                  /* jobs handed to their site's worker */
     uint64_t source_holds;                 /* a pool's source held at a site (throttled) */
     uint64_t shaping_quits;                /* connections that said goodbye as shaping said */
     uint64_t parked;                       /* jobs set aside now: their tenant or
@@ -117,8 +120,17 @@ struct delivery_owner_stats {
  * realloc). Returns 0 or -ENOMEM. */
 int delivery_owner_stats(struct delivery *d, struct delivery_owner_stats **out, size_t *n,
                          size_t *cap);
-/* Which worker owns a domain: delivery_domain_hash(lowercase) % workers. */
+/* The hash of a domain, any case (FNV-1a of its lowercase form). */
 uint32_t delivery_domain_hash(const char *domain);
+/* Site affinity. The route table, shared by the workers (NULL without
+ * memory; free() it): a slot per hash of a domain name, where the worker
+ * of the domain's site is written once its MX answer named the site. */
+_Atomic uint32_t *delivery_route_new(void);
+/* Which worker a domain's mail through pool (a name id; 0: none) goes to
+ * now: for mail without a pool, the worker its site claimed for it in the
+ * route table (outbound/scheduler.c, dest_affinity); else, and for mail
+ * through a pool, delivery_domain_hash % workers. Any thread. */
+unsigned delivery_worker_of(const struct engine *e, const char *domain, uint32_t pool);
 /* "off", "connecting", "connected" or "unreachable" (a static string). */
 const char *delivery_redis_state(const struct delivery *d);
 struct resolver_stats;

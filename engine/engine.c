@@ -575,7 +575,10 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->srv = calloc(cfg->server.workers, sizeof(*e->srv));
     e->dlv = calloc(cfg->server.workers, sizeof(*e->dlv));
     e->dlogw = calloc(cfg->server.workers, sizeof(*e->dlogw));
-    if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL) {
+    if (cfg->server.workers > 1)
+        e->route = delivery_route_new();
+    if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
+        (cfg->server.workers > 1 && e->route == NULL)) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
         goto fail;
@@ -731,6 +734,8 @@ engine_stop(struct engine *e)
     free(e->workers);
     free(e->srv);
     free(e->dlv);
+    free((void *)e->route);
+    e->route = NULL;
     e->workers = NULL;
     e->srv = NULL;
     e->dlv = NULL;

@@ -102,6 +102,9 @@ struct engine {
     char reload_why[512];      /* why the last one was refused */
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
+    /* owned: site affinity's route table (delivery.c: which worker the
+     * mail of a domain without a pool goes to); NULL with one worker */
+    _Atomic uint32_t *route;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     _Atomic unsigned bounce_clients; /* the bounce listener's, counted apart: a flood of
                                       * remote MXs there never takes submission's */

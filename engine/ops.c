@@ -439,6 +439,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->conn_out_open += s->dlv.open;
             out->transactions += s->dlv.transactions;
             out->reused_transactions += s->dlv.reused;
+            out->handed_over += s->dlv.handed_over;
             out->destinations += s->dests;
             out->jobs_inflight += s->inflight;
             if (s->has_dns) {
@@ -777,20 +778,22 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
 
 /* ---- commands ---- */
 
-static int
+static unsigned
 owner_of(const struct engine *e, const char *domain)
 {
-    return (int)(delivery_domain_hash(domain) % e->nworkers);
+    return delivery_worker_of(e, domain, 0);
 }
 
+/* On every worker: a domain's mail through a pool is on the worker its
+ * name hashes to, its mail without one on its site's (site affinity). */
 static void
 suspend_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
-    if (c->kind == DELIVERY_SCOPE_DOMAIN && c->for_ms == 0) {
-        c->rc = delivery_suspend(e->dlv[w], c->arg, c->flag);
-        return;
-    }
-    int rc = delivery_suspend_scope(e->dlv[w], (enum delivery_scope)c->kind, c->arg, c->flag,
+    int rc;
+    if (c->kind == DELIVERY_SCOPE_DOMAIN && c->for_ms == 0 && w == owner_of(e, c->arg))
+        rc = delivery_suspend(e->dlv[w], c->arg, c->flag); /* logs it */
+    else
+        rc = delivery_suspend_scope(e->dlv[w], (enum delivery_scope)c->kind, c->arg, c->flag,
                                     c->for_ms);
     if (rc < 0)
         c->rc = rc; /* any worker's failure is the answer's */
@@ -962,7 +965,7 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     c->flag = on;
     c->kind = kind;
     c->for_ms = for_ms;
-    int rc = wcall_run(c, kind == DELIVERY_SCOPE_DOMAIN ? owner_of(e, c->arg) : -1);
+    int rc = wcall_run(c, -1);
     int wrc = c->rc;
     if (rc == 0 && wrc == 0)
         log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu",

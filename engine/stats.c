@@ -355,6 +355,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "transactions", c->transactions);
     json_ku64(j, "reused_transactions", c->reused_transactions);
     kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
+    json_ku64(j, "handed_over", c->handed_over);
     json_obj_end(j);
 
     kdouble(j, "tls_share", share(c->delivered_tls, c->delivered));
@@ -678,6 +679,8 @@ static const struct metric metrics[] = {
     {"sluice_transactions_total", "counter", "Outbound SMTP transactions.", CTR(transactions)},
     {"sluice_transactions_reused_total", "counter",
      "Outbound SMTP transactions on a connection that had one before.", CTR(reused_transactions)},
+    {"sluice_jobs_handed_over_total", "counter",
+     "Delivery jobs moved to the worker of their site (site affinity).", CTR(handed_over)},
     {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},
     {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
     {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",

@@ -241,6 +241,7 @@ struct dest {
     unsigned opening;        /* not yet ready for a transaction */
     struct site *site;       /* owned reference: the site of its answer, or NULL */
     const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
+    const struct dns_mx_result *affinity_for; /* compared only: the answer dest_affinity saw */
     struct lru_node want;    /* on site->want: waits for a connection */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
@@ -392,6 +393,18 @@ struct outbound_ops {
      * resolver here). NULL: MTA-STS first checks go to the store's
      * thread. */
     int (*txt)(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg);
+    /* Site affinity (delivery.c's route table, shared by the workers; the
+     * scheduler's rule is dest_affinity()). NULL: one worker's world,
+     * every domain is this one's. route: the worker a domain's mail
+     * without a pool belongs to now. claim: write worker as the domain's,
+     * if its slot is empty; false when taken (by this domain or another
+     * that falls in the slot). unclaim: empty the slot if this worker's
+     * claim for the domain is in it. hand_over: post t's answer and its
+     * waiting jobs to worker (t is left empty). */
+    unsigned (*route)(struct delivery *d, const char *domain);
+    bool (*claim)(struct delivery *d, const char *domain, unsigned worker);
+    void (*unclaim)(struct delivery *d, const char *domain);
+    void (*hand_over)(struct dest *t, unsigned worker);
 };
 
 /* ---- MTA-STS, as the scheduler applies it (outbound/targets.c) ---- */
@@ -498,6 +511,9 @@ void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char
 void dest_last_fail_clear(struct dest *t);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
+/* t's answer is res now (a reference moved in; NULL: none, ask again);
+ * the old one is let go, and what was worked out from it. */
+void dest_set_mx(struct dest *t, struct dns_mx_result *res);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
 /* The port t delivers to: its route's, or [delivery] remote_port. */

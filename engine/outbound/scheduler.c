@@ -17,6 +17,9 @@
  * max_connections, the site's window (outbound/site.c) and this worker's
  * share of each MX address, and within the [mx] and [source] limits.
  * Targets that mail must not go to (outbound/targets.c) are never picked.
+ * With several workers, a domain whose answer names a site moves to the
+ * site's worker before its first connection (site affinity: see
+ * dest_affinity).
  *
  * A connection ready for a transaction asks sched_conn_next() for its job:
  * one of its domain, or else one of another domain of its site that waits
@@ -43,12 +46,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "common/clock.h"
+#include "common/hash.h"
 #include "common/intern.h"
 #include "common/log.h"
-#include "common/intern.h"
 #include "engine/engine.h"
 #include "engine/mta_sts.h"
 #include "engine/netaddr.h"
@@ -623,6 +627,8 @@ dest_on_evict(struct timer *tm, void *ctx)
             lru_touch(&d->dest_lru, &t->lru);
             continue;
         }
+        if (t->pool == 0 && !t->tls_relaxed && d->ops->unclaim != NULL)
+            d->ops->unclaim(d, t->name); /* its next mail starts over */
         dest_free(t, true);
         d->evicted++;
     }
@@ -1192,15 +1198,25 @@ dest_port(const struct dest *t)
 }
 
 void
-dest_on_mx(void *arg, struct dns_mx_result *res)
+dest_set_mx(struct dest *t, struct dns_mx_result *res)
 {
-    struct dest *t = arg;
-    t->req = NULL;
     dns_mx_result_unref(t->mx);
     t->mx = res;
     t->usable_ns = 0;
     t->next_addr = 0;
     t->failed_addrs = 0;
+    /* What was worked out from the old answer is asked again: a pointer
+     * compared alone could match a new answer that took the freed one's
+     * memory. */
+    t->site_for = t->affinity_for = t->targets_for = t->mxk_for = NULL;
+}
+
+void
+dest_on_mx(void *arg, struct dns_mx_result *res)
+{
+    struct dest *t = arg;
+    t->req = NULL;
+    dest_set_mx(t, res);
     dest_run(t);
 }
 
@@ -1283,6 +1299,111 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
         t->d->ops->fail(t->d, t, j, &o, f->src);
 }
 
+/* ---- site affinity ----
+ *
+ * With several workers, a domain starts on the worker its name hashes to
+ * (delivery_worker_of). Once its MX answer names its site, the domain
+ * moves to the site's worker (a hash of the site's first MX host: the
+ * least name of the best preference), so that every domain of a site is
+ * sent from one worker and each MX address sees one worker's connections,
+ * not one set per worker (over 100 MX hosts, two workers held 200
+ * connections where 100 carried the mail, and the receivers' cost of the
+ * second set took the second core's gain: bench/relay/bench_sites.py).
+ * The move is made before the domain's first connection: its claim in
+ * the route table, then its answer and waiting jobs handed over in one
+ * post. A later answer moves it again only when its site's worker
+ * changed (dest_affinity); a domain idle long enough to be forgotten
+ * empties its claim.
+ *
+ * Only where no limit is split between the workers would be taken whole
+ * by one (each worker holds a share of it, and a site gathered on one
+ * worker would get one share): mail without a pool (a pool's sources have
+ * [source] limits), to MX hosts no [mx] section names, from a default
+ * source no [source] section names; with [redis] url the limits are
+ * Redis's, whole for every worker, so only the pool rule holds. The cap
+ * per MX address stays a share per worker (site.h), which holds whatever
+ * the routing. */
+
+/* The worker of t's site, from its answer. */
+static unsigned
+site_worker(const struct dns_mx_result *mx, unsigned workers)
+{
+    const char *best = mx->hosts[0].name;
+    for (unsigned i = 1; i < mx->nhosts && mx->hosts[i].preference == mx->hosts[0].preference;
+         i++)
+        if (strcasecmp(mx->hosts[i].name, best) < 0)
+            best = mx->hosts[i].name;
+    return (unsigned)(hash_str_nocase(best) % workers);
+}
+
+/* May t's domain be gathered on its site's worker? (See above.) */
+static bool
+dest_may_gather(const struct dest *t)
+{
+    const struct config *cfg = t->d->e->cfg;
+    if (t->pool != 0 || t->tls_relaxed)
+        return false;
+    if (cfg->redis.url != NULL)
+        return true;
+    if (cfg->nmxs != 0 && config_mx(cfg, t->mx->hosts[0].name) != NULL)
+        return false;
+    const struct delivery_config *dc = &cfg->delivery;
+    if (cfg->nsources != 0 &&
+        ((dc->source4.ss_family != AF_UNSPEC &&
+          config_source(cfg, (const struct sockaddr *)&dc->source4) != NULL) ||
+         (dc->source6.ss_family != AF_UNSPEC &&
+          config_source(cfg, (const struct sockaddr *)&dc->source6) != NULL)))
+        return false;
+    return true;
+}
+
+/* Is t's domain another worker's now? Then its waiting jobs go there. */
+static bool
+dest_elsewhere(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (d->ops->route == NULL || t->pool != 0)
+        return false;
+    unsigned w = d->ops->route(d, t->name);
+    if (w == d->w->id)
+        return false;
+    d->ops->hand_over(t, w);
+    return true;
+}
+
+/* t has a new answer: where its domain belongs. The first names its
+ * site: the domain is claimed for the site's worker and, if that is
+ * another, moves there (its jobs handed over). A later one moves it
+ * again only if it changed the site's worker (its MX hosts changed) or
+ * the domain may no longer be gathered (a reload gave its host an [mx]
+ * section): this worker's claim goes, and a new one is made, or the
+ * domain goes back to its hash's worker. True when t's jobs moved. A
+ * pool's or tls_relaxed destination follows the domain's claim and makes
+ * none. */
+static bool
+dest_affinity(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (d->ops->claim == NULL || d->e->nworkers < 2 || t->affinity_for == t->mx)
+        return false;
+    t->affinity_for = t->mx;
+    if (t->pool != 0 || t->tls_relaxed)
+        return false;
+    bool may = t->mx->nhosts > 0 && dest_may_gather(t);
+    unsigned w = may ? site_worker(t->mx, d->e->nworkers) : d->w->id;
+    if (may && w == d->w->id) {
+        d->ops->claim(d, t->name, w); /* if not made already */
+        return false;
+    }
+    d->ops->unclaim(d, t->name);
+    if (!may)
+        return dest_elsewhere(t);
+    if (!d->ops->claim(d, t->name, w))
+        return dest_elsewhere(t); /* its slots are full: its hash's worker */
+    d->ops->hand_over(t, w);
+    return true;
+}
+
 /* The scheduler's one decision point, never re-entered for the same
  * destination: a limiter's wake-up or a connection's events inside a run
  * ask for another pass, made when this one ends. */
@@ -1312,13 +1433,13 @@ dest_run_once(struct dest *t)
     struct delivery *d = t->d;
     if (fairq_empty(&t->q) || d->stopping || d->draining || dest_paused(t))
         return;
+    if (dest_elsewhere(t))
+        return;
     /* Asked first, so that a new domain's MTA-STS check (its TXT lookup,
      * maybe a policy fetch) runs beside its MX lookup, not after it. */
     bool sts_ready = dest_sts_ready(t);
-    if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0) {
-        t->mx = dns_mx_result_unref(t->mx);
-        t->usable_ns = 0;
-    }
+    if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0)
+        dest_set_mx(t, NULL);
     if (t->mx == NULL) {
         if (t->req != NULL)
             return;
@@ -1336,9 +1457,7 @@ dest_run_once(struct dest *t)
         }
         if (rc == 1) {
             t->req = NULL;
-            t->mx = res;
-            t->usable_ns = 0;
-            t->next_addr = t->failed_addrs = 0;
+            dest_set_mx(t, res);
         } else {
             if (rc < 0)
                 t->req = NULL;
@@ -1371,10 +1490,8 @@ dest_run_once(struct dest *t)
     policy_dns(t->mx->status, &pf);
     if (pf.fail) {
         dest_fail_all(t, &pf, t->mx->status == DNS_NULL_MX ? NULL : t->mx->why);
-        if (pf.forget_answer) {
-            t->mx = dns_mx_result_unref(t->mx); /* ask again next time */
-            t->usable_ns = 0;
-        }
+        if (pf.forget_answer)
+            dest_set_mx(t, NULL); /* ask again next time */
         return;
     }
     if (dest_targets(t) == 0) {
@@ -1393,6 +1510,8 @@ dest_run_once(struct dest *t)
         }
         return;
     }
+    if (dest_affinity(t))
+        return;
     dest_site(t);
     struct site *site = t->site;
     if (site == NULL) {

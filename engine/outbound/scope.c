@@ -450,9 +450,10 @@ delivery_suspend_scope(struct delivery *d, enum delivery_scope k, const char *na
     }
     scope_expire(d); /* the timer for the next one that ends */
     if (on && k == DELIVERY_SCOPE_DOMAIN) {
-        /* made if unknown: the suspension shows, and holds for mail to come */
-        struct dest *t0 = dest_get(d, dom);
-        if (t0 == NULL)
+        /* made if unknown, on the worker its mail without a pool goes to
+         * (a pool's goes by its name's hash: ops.c asks every worker):
+         * the suspension shows, and holds for mail to come */
+        if ((d->ops->route == NULL || d->ops->route(d, dom) == d->w->id) && dest_get(d, dom) == NULL)
             return -ENOMEM;
         struct dest_iter it = {0};
         for (struct dest *t; (t = dest_next(d, &it)) != NULL;)

@@ -38,13 +38,15 @@
  * configured max_connections is the ceiling.
  *
  * Connections per MX address: a worker table of the addresses connected
- * now (entries live while connections do). A destination domain belongs to
- * one worker (a hash of its name) and the domains of one site are spread
- * over the workers, so each worker holds an equal share of
- * max_connections_per_address (at least one): a bound that holds without
- * any exchange between the workers. Routing every domain of a site to one
- * worker would need the MX answer before the hand-off and would move a
- * domain when its answer changes; the share costs little at a few workers.
+ * now (entries live while connections do). Each worker holds an equal
+ * share of max_connections_per_address (at least one): a bound that holds
+ * without any exchange between the workers, wherever domains are. Most
+ * sites are on one worker (site affinity, scheduler.c: a domain moves to
+ * its site's worker once its answer names the site), so their addresses
+ * see that worker's share; a domain that cannot move (its [mx] or
+ * [source] limits are split between the workers too, or it goes through
+ * a pool) stays on the worker its name hashes to, and the other workers'
+ * shares are there for it.
  *
  * Threading: one worker's thread; pure but for the tables' memory.
  */

@@ -26,6 +26,7 @@
 #include "engine/config.h"
 #include "engine/engine.h"
 #include "engine/limits.h"
+#include "common/hash.h"
 #include "common/intern.h"
 #include "engine/outbound/internal.h"
 #include "queue/queue.h"
@@ -58,6 +59,12 @@ struct fx {
     char txt_name[128];        /* the last one's name */
     dns_txt_fn *txt_cb;        /* ... and its callback, for the test to answer */
     void *txt_arg;
+    /* Site affinity: the route table as the test keeps it */
+    char claimed[8][64];       /* domains claimed ... */
+    unsigned claimed_by[8];    /* ... for these workers */
+    unsigned nclaimed;
+    unsigned handed;           /* jobs handed to another worker */
+    unsigned handed_to;        /* the last hand-over's worker */
 };
 
 static struct fx *F;
@@ -155,6 +162,67 @@ static const struct outbound_ops test_ops_txt = {
     .quit = t_quit,
     .fail = t_fail,
     .txt = t_txt,
+};
+
+/* With two workers: the test keeps the route table (unclaimed domains
+ * are this worker's). */
+static unsigned
+t_route(struct delivery *d, const char *domain)
+{
+    for (unsigned i = 0; i < F->nclaimed; i++)
+        if (strcmp(F->claimed[i], domain) == 0)
+            return F->claimed_by[i];
+    return d->w->id;
+}
+
+static bool
+t_claim(struct delivery *d, const char *domain, unsigned worker)
+{
+    (void)d;
+    for (unsigned i = 0; i < F->nclaimed; i++)
+        if (strcmp(F->claimed[i], domain) == 0)
+            return false;
+    assert_true(F->nclaimed < 8);
+    snprintf(F->claimed[F->nclaimed], sizeof(F->claimed[0]), "%s", domain);
+    F->claimed_by[F->nclaimed++] = worker;
+    return true;
+}
+
+static void
+t_unclaim(struct delivery *d, const char *domain)
+{
+    for (unsigned i = 0; i < F->nclaimed; i++)
+        if (strcmp(F->claimed[i], domain) == 0 && F->claimed_by[i] == d->w->id) {
+            F->nclaimed--;
+            memmove(F->claimed[i], F->claimed[i + 1], (F->nclaimed - i) * sizeof(F->claimed[0]));
+            memmove(&F->claimed_by[i], &F->claimed_by[i + 1],
+                    (F->nclaimed - i) * sizeof(F->claimed_by[0]));
+            return;
+        }
+}
+
+static void
+t_hand_over(struct dest *t, unsigned worker)
+{
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL) {
+        F->handed++;
+        free(j);
+    }
+    F->handed_to = worker;
+}
+
+static const struct outbound_ops test_ops_aff = {
+    .resolve = t_resolve,
+    .cancel = t_cancel,
+    .open = t_open,
+    .resume = t_resume,
+    .quit = t_quit,
+    .fail = t_fail,
+    .route = t_route,
+    .claim = t_claim,
+    .unclaim = t_unclaim,
+    .hand_over = t_hand_over,
 };
 
 /* ---- the fixture ---- */
@@ -1314,6 +1382,187 @@ source_pick_order(void **state)
     assert_true(source_better(&busy, 3, &none, 1));
 }
 
+/* ---- site affinity ---- */
+
+static struct fx *
+fx_two_workers(const char *extra, unsigned id)
+{
+    struct fx *f = fx_new(extra);
+    f->e.nworkers = 2;
+    f->w.id = id;
+    f->d->ops = &test_ops_aff;
+    return f;
+}
+
+static unsigned
+worker_of_host(const char *mx)
+{
+    return (unsigned)(hash_str_nocase(mx) % 2);
+}
+
+/* A domain whose answer names a site of the other worker moves there
+ * before its first connection: its claim, its jobs handed over. One whose
+ * site is this worker's stays and claims it too. */
+static void
+affinity_moves_a_domain_to_its_sites_worker(void **state)
+{
+    (void)state;
+    unsigned site_w = worker_of_host(MX1[0]);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - site_w);
+    submit("a.test", 1);
+    submit("a.test", 2);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->handed, 2);
+    assert_int_equal(f->handed_to, site_w);
+    assert_int_equal(f->nclaimed, 1);
+    assert_string_equal(f->claimed[0], "a.test");
+    assert_int_equal(f->claimed_by[0], site_w);
+    /* mail that comes later for it is passed on at once, unresolved */
+    submit("a.test", 1);
+    assert_int_equal(f->handed, 3);
+    assert_int_equal(f->resolves, 1);
+    fx_free(f);
+
+    f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", site_w);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->handed, 0);
+    assert_int_equal(f->opened, 1);
+    assert_int_equal(f->nclaimed, 1);
+    assert_int_equal(f->claimed_by[0], site_w);
+    fx_free(f);
+}
+
+/* The site's worker is that of its first MX host by name among those of
+ * the best preference, whatever order the answer lists them in. */
+static void
+affinity_site_worker_ignores_order(void **state)
+{
+    (void)state;
+    /* two hosts of one preference whose workers differ */
+    const char *h[2] = {NULL, NULL};
+    static char names[64][32];
+    for (unsigned i = 0; i < 64 && (h[0] == NULL || h[1] == NULL); i++) {
+        snprintf(names[i], sizeof(names[i]), "mx%u.hoster.test", i);
+        unsigned w = worker_of_host(names[i]);
+        if (h[w] == NULL)
+            h[w] = names[i];
+    }
+    assert_non_null(h[0]);
+    assert_non_null(h[1]);
+    const char *lo = strcmp(h[0], h[1]) < 0 ? h[0] : h[1];
+    unsigned want = worker_of_host(lo);
+    const char *fwd[2] = {h[0], h[1]}, *rev[2] = {h[1], h[0]};
+    const char **orders[2] = {fwd, rev};
+    for (unsigned k = 0; k < 2; k++) {
+        struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - want);
+        submit("a.test", 1);
+        answer("a.test", DNS_OK, orders[k], (unsigned[]){10, 10}, A1, 2);
+        assert_int_equal(f->nclaimed, 1);
+        assert_int_equal(f->claimed_by[0], want);
+        assert_int_equal(f->handed, 1);
+        fx_free(f);
+    }
+}
+
+/* Not where a limit is split between the workers: an [mx] section names
+ * the host (each worker holds a share of its limits), or the mail goes
+ * through a pool (its sources' [source] limits). Such a domain stays on
+ * its hash's worker and claims nothing. */
+static void
+affinity_not_where_limits_are_shared(void **state)
+{
+    (void)state;
+    unsigned other = 1 - worker_of_host(MX1[0]);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                  "[mx *.hoster.test]\nmax_connections = 4\n",
+                                  other);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->nclaimed, 0);
+    assert_int_equal(f->handed, 0);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+
+    f = fx_two_workers(POOLS, other);
+    submit_pool("a.test", 1, "bulk");
+    answer_pool("a.test", "bulk", MX1, A1, 1);
+    assert_int_equal(f->nclaimed, 0);
+    assert_int_equal(f->handed, 0);
+    assert_true(f->opened >= 1);
+    fx_free(f);
+}
+
+/* A later answer that names hosts of another worker's site moves the
+ * domain there: this worker's claim goes, the new one is made, and the
+ * jobs follow. */
+static void
+affinity_follows_a_changed_answer(void **state)
+{
+    (void)state;
+    unsigned site_w = worker_of_host(MX1[0]);
+    const char *other = NULL;
+    static char name[32];
+    for (unsigned i = 0; i < 64 && other == NULL; i++) {
+        snprintf(name, sizeof(name), "mx%u.elsewhere.test", i);
+        if (worker_of_host(name) != site_w)
+            other = name;
+    }
+    assert_non_null(other);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", site_w);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->nclaimed, 1);
+    enum sched_next what;
+    struct conn *c = f->open[0];
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    conn_gone(c, NULL);
+    dest_get(f->d, "a.test")->mx->expires = 0; /* its TTL ran out */
+    submit("a.test", 1);
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 2);
+    answer("a.test", DNS_OK, (const char *[]){other}, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->handed, 2);
+    assert_int_equal(f->handed_to, 1 - site_w);
+    assert_int_equal(f->nclaimed, 1);
+    assert_int_equal(f->claimed_by[0], 1 - site_w);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* An idle domain forgotten on its site's worker empties its claim: its
+ * next mail starts where its name hashes, and asks again. */
+static void
+affinity_claim_goes_with_the_idle_domain(void **state)
+{
+    (void)state;
+    unsigned site_w = worker_of_host(MX1[0]);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                  "destination_idle_ttl = 1s\n",
+                                  site_w);
+    sched_start(f->d);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->nclaimed, 1);
+    enum sched_next what;
+    struct conn *c = f->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    conn_gone(c, NULL);
+    f->w.now += MS_TO_NS(7000); /* past the ttl and a sweep */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->d->evicted, 1);
+    assert_int_equal(f->nclaimed, 0);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -1339,6 +1588,11 @@ main(void)
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_pick_order),
         cmocka_unit_test(pool_shares_address_cap),
+        cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
+        cmocka_unit_test(affinity_site_worker_ignores_order),
+        cmocka_unit_test(affinity_not_where_limits_are_shared),
+        cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
+        cmocka_unit_test(affinity_follows_a_changed_answer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
