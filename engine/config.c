@@ -246,9 +246,11 @@ static const struct conf_key delivery_keys[] = {
      "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
      "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
      "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
-     "affinity), so the site's addresses get that worker's share; not the domains an [mx] or "
-     "[source] section's limits apply to (without [redis], those are split between the "
-     "workers too), nor mail through a pool: they stay on the worker their name hashes to",
+     "affinity), so the site's addresses get that worker's share; not the domains of a site "
+     "that filled that share or has 20 connections there (busy: for 10 minutes, its new "
+     "domains are sent from every worker), of an [mx] or [source] section's limits (without "
+     "[redis], those are split between the workers too), nor mail through a pool: they stay on "
+     "the worker their name hashes to",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
      "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "

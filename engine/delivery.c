@@ -77,13 +77,13 @@ delivery_domain_hash(const char *s)
 /* ---- site affinity: the route table ----
  *
  * 2^18 slots of 32 bits (1 MiB, zero pages until used) in buckets of 16
- * (a cache line), the bucket a hash of the domain's name. A claimed slot
+ * (64 bytes), the bucket a hash of the domain's name. A claimed slot
  * holds the worker of the domain's site plus one (9 bits: [server]
  * workers is at most 256) under a tag made of the hash's other bits; a
  * domain without a slot of its tag keeps its hash's worker. A claim
- * takes an empty slot of the bucket (compare-and-swap) and is made once,
- * by the worker the domain's mail is on at the time; that worker empties
- * it when the domain is forgotten (idle). So a domain's worker changes
+ * takes an empty slot of the bucket (compare-and-swap), made by the
+ * worker the domain's mail is on at the time, which empties it when the
+ * domain is forgotten (idle) or moves on. So a domain's worker changes
  * only where its mail is, which hands its waiting jobs over in the same
  * turn (outbound/scheduler.c); a job posted on the old answer meets the
  * new one on arrival and is passed on (delivery_on_job). Why buckets: with
@@ -95,6 +95,11 @@ delivery_domain_hash(const char *s)
 #define ROUTE_BUCKET_BITS 14
 #define ROUTE_BUCKET      16
 #define ROUTE_WBITS       9
+#define ROUTE_SLOTS       ((size_t)ROUTE_BUCKET << ROUTE_BUCKET_BITS)
+/* After the slots: when each busy site stops being so (seconds of the
+ * monotonic clock; 0: never marked), per hash of its MX host's name. A
+ * host that shares a hash with a busy one is not gathered meanwhile. */
+#define ROUTE_BUSY        1024
 
 static uint32_t
 route_tag(uint32_t h)
@@ -111,11 +116,7 @@ route_bucket(const struct engine *e, uint32_t h)
 _Atomic uint32_t *
 delivery_route_new(void)
 {
-    size_t n = ((size_t)1 << ROUTE_BUCKET_BITS) * ROUTE_BUCKET;
-    _Atomic uint32_t *r = aligned_alloc(64, n * sizeof(*r));
-    if (r != NULL)
-        memset((void *)r, 0, n * sizeof(*r));
-    return r;
+    return calloc(ROUTE_SLOTS + ROUTE_BUSY, sizeof(_Atomic uint32_t));
 }
 
 unsigned
@@ -141,13 +142,40 @@ ops_route(struct delivery *d, const char *domain)
     return delivery_worker_of(d->e, domain, 0);
 }
 
+static _Atomic uint32_t *
+route_busy(const struct delivery *d, const char *host)
+{
+    return &d->e->route[ROUTE_SLOTS + delivery_domain_hash(host) % ROUTE_BUSY];
+}
+
+static uint32_t
+route_now_s(const struct delivery *d)
+{
+    return (uint32_t)(d->w->now / 1000000000u) + 1; /* never 0 */
+}
+
+static void
+ops_site_busy(struct delivery *d, const char *host)
+{
+    if (d->e->route == NULL)
+        return;
+    uint32_t until = route_now_s(d) + SITE_BUSY_MS / 1000;
+    _Atomic uint32_t *b = route_busy(d, host);
+    if (atomic_load_explicit(b, memory_order_relaxed) != until)
+        atomic_store_explicit(b, until, memory_order_relaxed);
+}
+
 static bool
-ops_claim(struct delivery *d, const char *domain, unsigned worker)
+ops_claim(struct delivery *d, const char *domain, unsigned worker, const char *host)
 {
     if (d->e->route == NULL || worker >= d->e->nworkers)
         return false;
+    if (host != NULL &&
+        atomic_load_explicit(route_busy(d, host), memory_order_relaxed) > route_now_s(d))
+        return false; /* a site one worker does not carry: spread */
     uint32_t h = delivery_domain_hash(domain), tag = route_tag(h);
     _Atomic uint32_t *b = route_bucket(d->e, h);
+    /* claimed already? */
     for (unsigned i = 0; i < ROUTE_BUCKET; i++) {
         uint32_t v = atomic_load_explicit(&b[i], memory_order_relaxed);
         if (v != 0 && v >> ROUTE_WBITS == tag)
@@ -250,6 +278,7 @@ static const struct outbound_ops delivery_ops = {
     .claim = ops_claim,
     .unclaim = ops_unclaim,
     .hand_over = ops_hand_over,
+    .site_busy = ops_site_busy,
 };
 
 /* ---- jobs between workers ---- */

@@ -367,6 +367,12 @@ struct outcome_where {
 /* What the scheduler calls out to. engine/delivery.c wires the worker's
  * resolver, outbound/connection.c and outbound/outcome.c; the scheduler's
  * unit test wires scripts. */
+/* Site affinity (outbound/scheduler.c): a site with this many connections
+ * on one worker, or that filled the worker's share of an MX address, is
+ * busy, and stays so this long after the last time it was found so. */
+#define SITE_BUSY_CONNS 20
+#define SITE_BUSY_MS    600000
+
 struct outbound_ops {
     /* As resolver_mx_resolve(): 1 with *res, 0 with *req (dest_on_mx()
      * runs later), or a negative code; -ENXIO: no resolver here. */
@@ -396,15 +402,18 @@ struct outbound_ops {
     /* Site affinity (delivery.c's route table, shared by the workers; the
      * scheduler's rule is dest_affinity()). NULL: one worker's world,
      * every domain is this one's. route: the worker a domain's mail
-     * without a pool belongs to now. claim: write worker as the domain's,
-     * if its slot is empty; false when taken (by this domain or another
-     * that falls in the slot). unclaim: empty the slot if this worker's
-     * claim for the domain is in it. hand_over: post t's answer and its
-     * waiting jobs to worker (t is left empty). */
+     * without a pool belongs to now. claim: write worker as the domain's
+     * (its site named by MX host), if a slot is free; false when it is
+     * claimed already, its slots are taken, or the site is marked busy.
+     * unclaim: empty the slot if this worker's claim for the domain is in
+     * it. hand_over: post t's answer and its waiting jobs to worker (t is
+     * left empty). site_busy: mark the site of MX host busy for
+     * SITE_BUSY_MS from now. */
     unsigned (*route)(struct delivery *d, const char *domain);
-    bool (*claim)(struct delivery *d, const char *domain, unsigned worker);
+    bool (*claim)(struct delivery *d, const char *domain, unsigned worker, const char *host);
     void (*unclaim)(struct delivery *d, const char *domain);
     void (*hand_over)(struct dest *t, unsigned worker);
+    void (*site_busy)(struct delivery *d, const char *host);
 };
 
 /* ---- MTA-STS, as the scheduler applies it (outbound/targets.c) ---- */

@@ -12,7 +12,7 @@ import time
 
 from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, wait_until
 from test_delivery import Dns, Relay, Sink, records_for
-from test_ops import ctl, stats_conf
+from test_ops import ctl, ctl_json, stats_conf
 
 SLUICE = sys.argv[1]
 SOURCE_DIR = sys.argv[2]
@@ -74,10 +74,7 @@ def test_domains_behind_one_mx_share_its_connections():
     """60 domains, one MX host, 5 messages each: without sites each domain
     opens connections of its own (60 at least); with them the site's
     connections carry every domain's transactions, and the address never
-    has more than its cap (4 across the node's two workers). The domains
-    hash to both workers, but once their answer names the site they are
-    all sent from the site's worker (site affinity): one worker's share
-    of the cap (2), not one set of connections per worker."""
+    has more than its cap (4 across the node's two workers)."""
     doms = [f"d{i}.test" for i in range(60)]
     r = Relay(records_for(doms),
               domain_conf="[delivery]\nmax_connections_per_address = 4\n")
@@ -89,12 +86,58 @@ def test_domains_behind_one_mx_share_its_connections():
         r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
         most = s.stop()
         opened = r.d.count_log("event=connected")
-        assert most <= 2, f"{most} connections at once to one address (one worker's share: 2)"
+        assert most <= 4, f"{most} connections at once to one address (cap 4)"
         assert opened < len(doms), f"{opened} connections for {len(doms)} domains: not shared"
-        threads = {ln.split(" thread=")[1].split()[0]
-                   for ln in r.d.lines if "event=connected" in ln}
-        assert len(threads) == 1, f"the site's connections came from {sorted(threads)}"
         assert r.d.count_log("event=delivered") == len(msgs)
+    finally:
+        r.close()
+
+
+def connected_threads(r):
+    return {ln.split(" thread=")[1].split()[0] for ln in r.d.lines if "event=connected" in ln}
+
+
+def test_a_site_is_sent_from_one_worker():
+    """40 domains behind one MX host hash to both workers; once their
+    answer names the site they are all sent from the site's worker (site
+    affinity), so the host sees one worker's connections, not a set per
+    worker; the jobs that moved are counted."""
+    doms = [f"d{i}.test" for i in range(40)]
+    r = Relay(records_for(doms), domain_conf=stats_conf())
+    try:
+        body = b"Subject: t\r\n\r\naffinity\r\n"
+        msgs = [("s@example.com", [f"u{k}@{d}"], body) for k in range(3) for d in doms]
+        r.inject(msgs, sessions=4)
+        r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+        threads = connected_threads(r)
+        assert len(threads) == 1, f"the site's connections came from {sorted(threads)}"
+        st = ctl_json(r, "stats")
+        assert st["connections"]["handed_over"] > 0, st["connections"]
+    finally:
+        r.close()
+
+
+def test_a_busy_site_is_sent_from_every_worker():
+    """A site that fills one worker's share of its address's cap (2 of 4
+    here, with 8 connections to start) is busy: the domains met after
+    stay on the worker their name hashes to, so both workers send to it,
+    as a large provider's MX hosts need, and the address still never has
+    more than its cap."""
+    doms = [f"d{i}.test" for i in range(20)]
+    r = Relay(records_for(doms), sink_flags=["-w", "1"],
+              domain_conf="[delivery]\nmax_connections_per_address = 4\n"
+              "initial_connections = 8\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        body = b"Subject: t\r\n\r\nbusy\r\n"
+        r.inject([("s@example.com", [f"u{k}@{d}"], body) for k in range(3) for d in doms[:4]])
+        r.d.wait_log("event=connected", timeout=30)
+        r.inject([("s@example.com", [f"v{k}@{d}"], body) for k in range(2) for d in doms])
+        r.d.wait_log_count("event=delivered", 12 + 2 * len(doms), timeout=120)
+        most = s.stop()
+        assert most <= 4, f"{most} connections at once to one address (cap 4)"
+        threads = connected_threads(r)
+        assert len(threads) == 2, f"the busy site's connections came from {sorted(threads)}"
     finally:
         r.close()
 
@@ -391,6 +434,7 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
+          test_a_site_is_sent_from_one_worker, test_a_busy_site_is_sent_from_every_worker,
           test_a_suspended_domain_never_rides_a_shared_connection,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself, test_allow_networks_follows_a_reload,

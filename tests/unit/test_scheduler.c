@@ -65,6 +65,7 @@ struct fx {
     unsigned nclaimed;
     unsigned handed;           /* jobs handed to another worker */
     unsigned handed_to;        /* the last hand-over's worker */
+    char busy_host[64];        /* the last site marked busy, by MX host */
 };
 
 static struct fx *F;
@@ -176,9 +177,11 @@ t_route(struct delivery *d, const char *domain)
 }
 
 static bool
-t_claim(struct delivery *d, const char *domain, unsigned worker)
+t_claim(struct delivery *d, const char *domain, unsigned worker, const char *host)
 {
     (void)d;
+    if (host != NULL && strcmp(host, F->busy_host) == 0)
+        return false;
     for (unsigned i = 0; i < F->nclaimed; i++)
         if (strcmp(F->claimed[i], domain) == 0)
             return false;
@@ -212,6 +215,13 @@ t_hand_over(struct dest *t, unsigned worker)
     F->handed_to = worker;
 }
 
+static void
+t_site_busy(struct delivery *d, const char *host)
+{
+    (void)d;
+    snprintf(F->busy_host, sizeof(F->busy_host), "%s", host);
+}
+
 static const struct outbound_ops test_ops_aff = {
     .resolve = t_resolve,
     .cancel = t_cancel,
@@ -223,6 +233,7 @@ static const struct outbound_ops test_ops_aff = {
     .claim = t_claim,
     .unclaim = t_unclaim,
     .hand_over = t_hand_over,
+    .site_busy = t_site_busy,
 };
 
 /* ---- the fixture ---- */
@@ -1534,6 +1545,36 @@ affinity_follows_a_changed_answer(void **state)
     fx_free(f);
 }
 
+/* A site that fills this worker's share of its address is marked busy:
+ * the domains met after it stay on their hash's worker (a large
+ * provider's MX hosts are sent to from every worker); those gathered
+ * before it stay gathered. */
+static void
+affinity_not_for_a_busy_site(void **state)
+{
+    (void)state;
+    unsigned site_w = worker_of_host(MX1[0]);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                  "max_connections_per_address = 4\ninitial_connections = 4\n",
+                                  site_w);
+    for (int i = 0; i < 6; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2); /* this worker's share of 4 */
+    assert_string_equal(f->busy_host, MX1[0]);
+    assert_int_equal(f->nclaimed, 1); /* a.test came before */
+    fx_free(f);
+
+    f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - site_w);
+    snprintf(f->busy_host, sizeof(f->busy_host), "%s", MX1[0]);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->nclaimed, 0);
+    assert_int_equal(f->handed, 0);
+    assert_int_equal(f->opened, 1); /* sent from here */
+    fx_free(f);
+}
+
 /* An idle domain forgotten on its site's worker empties its claim: its
  * next mail starts where its name hashes, and asks again. */
 static void
@@ -1593,6 +1634,7 @@ main(void)
         cmocka_unit_test(affinity_not_where_limits_are_shared),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
         cmocka_unit_test(affinity_follows_a_changed_answer),
+        cmocka_unit_test(affinity_not_for_a_busy_site),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
