@@ -82,8 +82,9 @@ delivery_domain_hash(const char *s)
  * workers is at most 256) under a tag made of the hash's other bits; a
  * domain without a slot of its tag keeps its hash's worker. A claim
  * takes an empty slot of the bucket (compare-and-swap), made by the
- * worker the domain's mail is on at the time, which empties it when the
- * domain is forgotten (idle) or moves on. So a domain's worker changes
+ * worker the domain's mail is on at the time; the worker the claim names
+ * empties it when the domain is forgotten there (idle) or moves on. So a
+ * domain's worker changes
  * only where its mail is, which hands its waiting jobs over in the same
  * turn (outbound/scheduler.c); a job posted on the old answer meets the
  * new one on arrival and is passed on (delivery_on_job). Why buckets: with
@@ -159,10 +160,15 @@ ops_site_busy(struct delivery *d, const char *host)
 {
     if (d->e->route == NULL)
         return;
-    uint32_t until = route_now_s(d) + SITE_BUSY_MS / 1000;
+    uint32_t now = route_now_s(d), until = now + SITE_BUSY_MS / 1000;
     _Atomic uint32_t *b = route_busy(d, host);
-    if (atomic_load_explicit(b, memory_order_relaxed) != until)
-        atomic_store_explicit(b, until, memory_order_relaxed);
+    uint32_t was = atomic_load_explicit(b, memory_order_relaxed);
+    if (was == until)
+        return;
+    atomic_store_explicit(b, until, memory_order_relaxed);
+    if (was <= now)
+        log_msg(LOG_INFO, "event=site_busy mx=%s for_ms=%u note=domains_not_gathered", host,
+                (unsigned)SITE_BUSY_MS);
 }
 
 static bool
@@ -222,7 +228,9 @@ handover_on_arrive(struct worker *w, struct worker_msg *m)
     struct handover *h = (struct handover *)m;
     struct dest *t = d != NULL && !d->stopping ? dest_get_for(d, h->name, 0, h->tls_relaxed)
                                                 : NULL;
-    if (t != NULL && t->mx == NULL) {
+    /* A destination left here by an earlier move has an older answer: the
+     * new one, unless connections still use the old. */
+    if (t != NULL && (t->mx == NULL || (t->conns == 0 && h->mx->expires > t->mx->expires))) {
         if (t->req != NULL) { /* a job that overtook the answer asked already */
             d->ops->cancel(d, t->req);
             t->req = NULL;
@@ -334,7 +342,13 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
         j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
     j->domain[dl] = '\0';
     memcpy(j->idx, idx, n * sizeof(unsigned));
-    worker_post(&e->workers[delivery_worker_of(e, j->domain, j->owner.pool)], &j->m);
+    /* A bounce goes by way of the worker the domain's name hashes to,
+     * which passes it on (delivery_on_job) behind whatever it still holds
+     * of the domain (a job posted before the domain moved, or its
+     * hand-over): so it never overtakes a job of its recipient. */
+    unsigned to = bounce ? delivery_domain_hash(j->domain) % e->nworkers
+                         : delivery_worker_of(e, j->domain, j->owner.pool);
+    worker_post(&e->workers[to], &j->m);
 }
 
 void
@@ -870,6 +884,7 @@ delivery_reconfigure(struct delivery *d)
         dest_limit_conf(t->pol, &lc);
         limits_key_set(d->lim, &t->lim, &lc);
         t->mxk_for = NULL; /* the [mx] sections may have changed */
+        t->affinity_for = NULL; /* ... and whether its domain may be gathered */
         t->mxk = NULL;
         /* allow_networks and the listeners may have changed: the usable
          * addresses are counted again (targets.c), so that a destination

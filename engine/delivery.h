@@ -44,7 +44,8 @@ struct delivery_stats {
     uint64_t sites;                        /* sites now (MX host sets in use) */
     uint64_t mx_addresses;                 /* MX addresses connected now */
     uint64_t dests_evicted;                /* idle destinations forgotten */
-    uint64_t handed_over;                  /* jobs handed to their site's worker */
+    uint64_t handed_over;                  /* jobs handed to another worker with their
+                                            * domain (site affinity) */
     uint64_t source_holds;                 /* a pool's source held at a site (throttled) */
     uint64_t shaping_quits;                /* connections that said goodbye as shaping said */
     uint64_t parked;                       /* jobs set aside now: their tenant or
@@ -123,8 +124,9 @@ int delivery_owner_stats(struct delivery *d, struct delivery_owner_stats **out, 
 /* The hash of a domain, any case (FNV-1a of its lowercase form). */
 uint32_t delivery_domain_hash(const char *domain);
 /* Site affinity. The route table, shared by the workers (NULL without
- * memory; free() it): a slot per hash of a domain name, where the worker
- * of the domain's site is written once its MX answer named the site. */
+ * memory; free() it): buckets of slots by hash of a domain name, where
+ * the worker of the domain's site is written once its MX answer named the
+ * site; and the sites marked busy (not gathered). */
 _Atomic uint32_t *delivery_route_new(void);
 /* Which worker a domain's mail through pool (a name id; 0: none) goes to
  * now: for mail without a pool, the worker its site claimed for it in the

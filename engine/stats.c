@@ -680,7 +680,7 @@ static const struct metric metrics[] = {
     {"sluice_transactions_reused_total", "counter",
      "Outbound SMTP transactions on a connection that had one before.", CTR(reused_transactions)},
     {"sluice_jobs_handed_over_total", "counter",
-     "Delivery jobs moved to the worker of their site (site affinity).", CTR(handed_over)},
+     "Delivery jobs handed to another worker with their domain (site affinity).", CTR(handed_over)},
     {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},
     {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
     {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",

@@ -138,7 +138,7 @@ struct stats_counters {
     uint64_t delivered_tls;               /* deliveries over TLS */
     uint64_t dane_authenticated, dane_failed; /* outbound TLS to DANE hosts (RFC 7672) */
     uint64_t transactions, reused_transactions;
-    uint64_t handed_over; /* jobs moved to their site's worker (site affinity) */
+    uint64_t handed_over; /* jobs handed to another worker with their domain (site affinity) */
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */

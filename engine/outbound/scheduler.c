@@ -782,8 +782,8 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
                                    d->e->nworkers);
     union dns_addr k;
     dest_addr_port(t, *addr, &k);
-    if (t->site != NULL && t->site->conns >= SITE_BUSY_CONNS)
-        site_mark_busy(t);
+    if (t->site != NULL && t->site->conns + 1 >= SITE_BUSY_CONNS)
+        site_mark_busy(t); /* this one would be its SITE_BUSY_CONNS-th here */
     if (cap == 0 || site_addr_conns(&d->sites, owner, &k) < cap)
         return true;
     site_mark_busy(t);
@@ -1410,8 +1410,8 @@ dest_elsewhere(struct dest *t)
  * the domain may no longer be gathered (a reload gave its host an [mx]
  * section): this worker's claim goes, and a new one is made, or the
  * domain goes back to its hash's worker. True when t's jobs moved. A
- * pool's or tls_relaxed destination follows the domain's claim and makes
- * none. */
+ * pool's destination is where the domain's name hashes (pool mail is not
+ * gathered); a tls_relaxed one follows the domain's claim and makes none. */
 static bool
 dest_affinity(struct dest *t)
 {
@@ -1424,10 +1424,8 @@ dest_affinity(struct dest *t)
     bool may = t->mx->nhosts > 0 && dest_may_gather(t);
     const char *host = may ? site_host(t->mx) : NULL;
     unsigned w = may ? site_worker(t->mx, d->e->nworkers) : d->w->id;
-    if (may && w == d->w->id) {
-        d->ops->claim(d, t->name, w, host); /* if not made already */
-        return false;
-    }
+    if (may && w == d->w->id)
+        return false; /* its hash's worker, or claimed for this one already */
     d->ops->unclaim(d, t->name);
     if (!may)
         return dest_elsewhere(t);

@@ -1413,7 +1413,7 @@ worker_of_host(const char *mx)
 
 /* A domain whose answer names a site of the other worker moves there
  * before its first connection: its claim, its jobs handed over. One whose
- * site is this worker's stays and claims it too. */
+ * site is the worker its name hashes to stays, and needs no claim. */
 static void
 affinity_moves_a_domain_to_its_sites_worker(void **state)
 {
@@ -1440,8 +1440,7 @@ affinity_moves_a_domain_to_its_sites_worker(void **state)
     answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->handed, 0);
     assert_int_equal(f->opened, 1);
-    assert_int_equal(f->nclaimed, 1);
-    assert_int_equal(f->claimed_by[0], site_w);
+    assert_int_equal(f->nclaimed, 0);
     fx_free(f);
 }
 
@@ -1524,7 +1523,7 @@ affinity_follows_a_changed_answer(void **state)
     struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", site_w);
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->nclaimed, 1);
+    assert_int_equal(f->nclaimed, 0); /* its hash's worker: no claim needed */
     enum sched_next what;
     struct conn *c = f->open[0];
     conn_ready(c, &what);
@@ -1562,7 +1561,24 @@ affinity_not_for_a_busy_site(void **state)
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->opened, 2); /* this worker's share of 4 */
     assert_string_equal(f->busy_host, MX1[0]);
-    assert_int_equal(f->nclaimed, 1); /* a.test came before */
+    fx_free(f);
+
+    /* no cap per address: its SITE_BUSY_CONNS-th connection here */
+    f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                       "max_connections_per_address = 0\ninitial_connections = 30\n"
+                       "[domain *]\nmax_connections = 30\n",
+                       site_w);
+    for (int i = 0; i < SITE_BUSY_CONNS - 2; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, SITE_BUSY_CONNS - 2);
+    assert_string_equal(f->busy_host, "");
+    submit("a.test", 1);
+    assert_int_equal(f->opened, SITE_BUSY_CONNS - 1);
+    assert_string_equal(f->busy_host, "");
+    submit("a.test", 1);
+    assert_int_equal(f->opened, SITE_BUSY_CONNS);
+    assert_string_equal(f->busy_host, MX1[0]);
     fx_free(f);
 
     f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - site_w);
@@ -1576,7 +1592,8 @@ affinity_not_for_a_busy_site(void **state)
 }
 
 /* An idle domain forgotten on its site's worker empties its claim: its
- * next mail starts where its name hashes, and asks again. */
+ * next mail starts where its name hashes, and asks again. (Moved here:
+ * claimed for this worker.) */
 static void
 affinity_claim_goes_with_the_idle_domain(void **state)
 {
@@ -1586,8 +1603,10 @@ affinity_claim_goes_with_the_idle_domain(void **state)
                                   "destination_idle_ttl = 1s\n",
                                   site_w);
     sched_start(f->d);
+    assert_true(t_claim(f->d, "a.test", site_w, NULL));
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->handed, 0);
     assert_int_equal(f->nclaimed, 1);
     enum sched_next what;
     struct conn *c = f->open[0];
