@@ -2,7 +2,7 @@
  * delivery: see delivery.h. The public face of the outbound side, on each
  * worker: jobs handed over from any thread (delivery_submit) arrive here
  * and go to their destination's queue (outbound/scheduler.c), on the
- * worker the route table of site affinity names (below); the spool's
+ * worker the route table of site affinity names (engine/route.h); the spool's
  * due recipients are polled (worker 0) and submitted; start, stop, drain
  * and reload; the views operators get (domains, objects, stats) and their
  * commands (suspend, bounce).
@@ -31,6 +31,7 @@
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/resolver.h"
+#include "engine/route.h"
 #include "engine/shaping.h"
 #include "engine/stats.h"
 #include "queue/queue.h"
@@ -74,65 +75,16 @@ delivery_domain_hash(const char *s)
     return h;
 }
 
-/* ---- site affinity: the route table ----
- *
- * 2^18 slots of 32 bits (1 MiB, zero pages until used) in buckets of 16
- * (64 bytes), the bucket a hash of the domain's name. A claimed slot
- * holds the worker of the domain's site plus one (9 bits: [server]
- * workers is at most 256) under a tag made of the hash's other bits; a
- * domain without a slot of its tag keeps its hash's worker. A claim
- * takes an empty slot of the bucket (compare-and-swap), made by the
- * worker the domain's mail is on at the time; the worker the claim names
- * empties it when the domain is forgotten there (idle) or moves on. So a
- * domain's worker changes
- * only where its mail is, which hands its waiting jobs over in the same
- * turn (outbound/scheduler.c); a job posted on the old answer meets the
- * new one on arrival and is passed on (delivery_on_job). Why buckets: with
- * one slot per hash, 4% of 10,000 domains found their slot taken and
- * stayed behind, and nearly every site of 100 domains had one domain on
- * the other worker, with connections of its own to the site's address.
- * A full bucket (16 live claims on one hash) leaves the domain where its
- * hash puts it, as before affinity. */
-#define ROUTE_BUCKET_BITS 14
-#define ROUTE_BUCKET      16
-#define ROUTE_WBITS       9
-#define ROUTE_SLOTS       ((size_t)ROUTE_BUCKET << ROUTE_BUCKET_BITS)
-/* After the slots: when each busy site stops being so (seconds of the
- * monotonic clock; 0: never marked), per hash of its MX host's name. A
- * host that shares a hash with a busy one is not gathered meanwhile. */
-#define ROUTE_BUSY        1024
-
-static uint32_t
-route_tag(uint32_t h)
-{
-    return (h * 2654435761u) >> ROUTE_WBITS; /* 23 bits, all of h mixed in */
-}
-
-static _Atomic uint32_t *
-route_bucket(const struct engine *e, uint32_t h)
-{
-    return &e->route[(size_t)(h & ((1u << ROUTE_BUCKET_BITS) - 1)) * ROUTE_BUCKET];
-}
-
-_Atomic uint32_t *
-delivery_route_new(void)
-{
-    return calloc(ROUTE_SLOTS + ROUTE_BUSY, sizeof(_Atomic uint32_t));
-}
+/* ---- site affinity: the route table (engine/route.h) ---- */
 
 unsigned
 delivery_worker_of(const struct engine *e, const char *domain, uint32_t pool)
 {
     uint32_t h = delivery_domain_hash(domain);
     if (pool == 0 && e->route != NULL) {
-        _Atomic uint32_t *b = route_bucket(e, h);
-        uint32_t tag = route_tag(h);
-        for (unsigned i = 0; i < ROUTE_BUCKET; i++) {
-            uint32_t v = atomic_load_explicit(&b[i], memory_order_relaxed);
-            unsigned w = v & ((1u << ROUTE_WBITS) - 1);
-            if (w != 0 && v >> ROUTE_WBITS == tag && w <= e->nworkers)
-                return w - 1;
-        }
+        int w = route_worker(e->route, h);
+        if (w >= 0 && (unsigned)w < e->nworkers)
+            return (unsigned)w;
     }
     return h % e->nworkers;
 }
@@ -141,12 +93,6 @@ static unsigned
 ops_route(struct delivery *d, const char *domain)
 {
     return delivery_worker_of(d->e, domain, 0);
-}
-
-static _Atomic uint32_t *
-route_busy(const struct delivery *d, const char *host)
-{
-    return &d->e->route[ROUTE_SLOTS + delivery_domain_hash(host) % ROUTE_BUSY];
 }
 
 static uint32_t
@@ -160,13 +106,8 @@ ops_site_busy(struct delivery *d, const char *host)
 {
     if (d->e->route == NULL)
         return;
-    uint32_t now = route_now_s(d), until = now + SITE_BUSY_MS / 1000;
-    _Atomic uint32_t *b = route_busy(d, host);
-    uint32_t was = atomic_load_explicit(b, memory_order_relaxed);
-    if (was == until)
-        return;
-    atomic_store_explicit(b, until, memory_order_relaxed);
-    if (was <= now)
+    uint32_t now = route_now_s(d);
+    if (route_busy_mark(d->e->route, delivery_domain_hash(host), now, now + SITE_BUSY_MS / 1000))
         log_msg(LOG_INFO, "event=site_busy mx=%s for_ms=%u note=domains_not_gathered", host,
                 (unsigned)SITE_BUSY_MS);
 }
@@ -176,37 +117,16 @@ ops_claim(struct delivery *d, const char *domain, unsigned worker, const char *h
 {
     if (d->e->route == NULL || worker >= d->e->nworkers)
         return false;
-    if (host != NULL &&
-        atomic_load_explicit(route_busy(d, host), memory_order_relaxed) > route_now_s(d))
+    if (host != NULL && route_busy(d->e->route, delivery_domain_hash(host), route_now_s(d)))
         return false; /* a site one worker does not carry: spread */
-    uint32_t h = delivery_domain_hash(domain), tag = route_tag(h);
-    _Atomic uint32_t *b = route_bucket(d->e, h);
-    /* claimed already? */
-    for (unsigned i = 0; i < ROUTE_BUCKET; i++) {
-        uint32_t v = atomic_load_explicit(&b[i], memory_order_relaxed);
-        if (v != 0 && v >> ROUTE_WBITS == tag)
-            return false; /* claimed already */
-    }
-    for (unsigned i = 0; i < ROUTE_BUCKET; i++) {
-        uint32_t none = 0;
-        if (atomic_compare_exchange_strong(&b[i], &none, tag << ROUTE_WBITS | (worker + 1)))
-            return true;
-    }
-    return false; /* full */
+    return route_claim(d->e->route, delivery_domain_hash(domain), worker);
 }
 
 static void
 ops_unclaim(struct delivery *d, const char *domain)
 {
-    if (d->e->route == NULL)
-        return;
-    uint32_t h = delivery_domain_hash(domain);
-    _Atomic uint32_t *b = route_bucket(d->e, h);
-    for (unsigned i = 0; i < ROUTE_BUCKET; i++) {
-        uint32_t mine = route_tag(h) << ROUTE_WBITS | (d->w->id + 1);
-        if (atomic_compare_exchange_strong(&b[i], &mine, 0))
-            return;
-    }
+    if (d->e->route != NULL)
+        route_unclaim(d->e->route, delivery_domain_hash(domain), d->w->id);
 }
 
 static void delivery_on_job(struct worker *w, struct worker_msg *m);

@@ -16,7 +16,6 @@
 #ifndef SLUICE_ENGINE_DELIVERY_H
 #define SLUICE_ENGINE_DELIVERY_H
 
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -123,11 +122,6 @@ int delivery_owner_stats(struct delivery *d, struct delivery_owner_stats **out, 
                          size_t *cap);
 /* The hash of a domain, any case (FNV-1a of its lowercase form). */
 uint32_t delivery_domain_hash(const char *domain);
-/* Site affinity. The route table, shared by the workers (NULL without
- * memory; free() it): buckets of slots by hash of a domain name, where
- * the worker of the domain's site is written once its MX answer named the
- * site; and the sites marked busy (not gathered). */
-_Atomic uint32_t *delivery_route_new(void);
 /* Which worker a domain's mail through pool (a name id; 0: none) goes to
  * now: for mail without a pool, the worker its site claimed for it in the
  * route table (outbound/scheduler.c, dest_affinity); else, and for mail

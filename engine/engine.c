@@ -27,6 +27,7 @@
 #include "engine/auth_limit.h"
 #include "engine/auth_pool.h"
 #include "engine/delivery.h"
+#include "engine/route.h"
 #include "dkim/dkim.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -576,7 +577,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->dlv = calloc(cfg->server.workers, sizeof(*e->dlv));
     e->dlogw = calloc(cfg->server.workers, sizeof(*e->dlogw));
     if (cfg->server.workers > 1)
-        e->route = delivery_route_new();
+        e->route = route_new();
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
         (cfg->server.workers > 1 && e->route == NULL)) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
@@ -734,7 +735,7 @@ engine_stop(struct engine *e)
     free(e->workers);
     free(e->srv);
     free(e->dlv);
-    free((void *)e->route);
+    route_free(e->route);
     e->route = NULL;
     e->workers = NULL;
     e->srv = NULL;

@@ -45,6 +45,8 @@ struct conn_table {
     uint32_t used;      /* slots ever taken since the last grow */
 };
 
+struct route;
+
 struct engine {
     /* Borrowed: outlives the engine. Replaced whole by a reload while the
      * workers are parked (engine_reload); replaced configs stay alive
@@ -102,9 +104,9 @@ struct engine {
     char reload_why[512];      /* why the last one was refused */
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
-    /* owned: site affinity's route table (delivery.c: which worker the
-     * mail of a domain without a pool goes to); NULL with one worker */
-    _Atomic uint32_t *route;
+    /* owned: site affinity's route table (route.h: which worker the mail
+     * of a domain without a pool goes to); NULL with one worker */
+    struct route *route;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     _Atomic unsigned bounce_clients; /* the bounce listener's, counted apart: a flood of
                                       * remote MXs there never takes submission's */

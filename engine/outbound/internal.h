@@ -19,6 +19,8 @@
  *                          served by weight, by priority within each
  *                          (a pure data structure: tests/unit/test_fairq.c);
  *   outbound/targets.c     where mail must not go (allow_networks, loops);
+ *   outbound/affinity.c    which worker a domain's mail is sent from (site
+ *                          affinity: claims in engine/route.h, hand-overs);
  *   outbound/site.c        sites, the adaptive window, the per-address table;
  *   outbound/connection.c  struct conn: connect, the client machine on
  *                          its stream (engine/stream.h: plain, or TLS
@@ -523,6 +525,17 @@ void dest_on_mx(void *arg, struct dns_mx_result *res);
 /* t's answer is res now (a reference moved in; NULL: none, ask again);
  * the old one is let go, and what was worked out from it. */
 void dest_set_mx(struct dest *t, struct dns_mx_result *res);
+
+/* ---- site affinity (outbound/affinity.c) ---- */
+
+/* Is t's domain another worker's now? Then its waiting jobs go there:
+ * true. (Not for a pool's destination: pool mail goes by name hash.) */
+bool dest_elsewhere(struct dest *t);
+/* t has a usable answer: claim its domain for its site's worker, and hand
+ * its jobs over if that is another (true), as affinity.c says. */
+bool dest_affinity(struct dest *t);
+/* t's site is busier than one worker should carry alone: mark it. */
+void site_mark_busy(const struct dest *t);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
 /* The port t delivers to: its route's, or [delivery] remote_port. */

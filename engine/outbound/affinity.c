@@ -1,0 +1,147 @@
+/*
+ * affinity: site affinity, the choice of the worker a destination
+ * domain's mail is sent from (outbound/scheduler.c asks before it
+ * resolves and before it joins a site; the route table the workers share
+ * is engine/route.h, delivery.c's ops reach it).
+ *
+ * With several workers, a domain starts on the worker its name hashes to
+ * (delivery_worker_of). Once its MX answer names its site, the domain
+ * moves to the site's worker (a hash of the site's first MX host: the
+ * least name of the best preference), so that every domain of a site is
+ * sent from one worker and each MX address sees one worker's connections,
+ * not one set per worker (over 100 MX hosts, two workers held 200
+ * connections where 100 carried the mail, and the receivers' cost of the
+ * second set took the second core's gain: bench/relay/bench_sites.py).
+ * The move is made before the domain's first connection: its claim in
+ * the route table, then its answer and waiting jobs handed over in one
+ * post. A later answer moves it again only when its site's worker
+ * changed (dest_affinity); a domain idle long enough to be forgotten
+ * empties its claim.
+ *
+ * Only for sites that one worker carries: a site whose connections on a
+ * worker fill that worker's share of an MX address's cap
+ * (max_connections_per_address), or reach SITE_BUSY_CONNS, is marked
+ * busy in the route table, and the domains met after are left on the
+ * worker their name hashes to, so that a site as big as a large mail
+ * provider's is sent from every worker, as before affinity (gathered on
+ * one, 10,000 domains on one MX host ran 6% slower, one core busy and the
+ * other not). The mark lasts SITE_BUSY_MS after the site was last found
+ * busy; the domains gathered before it stay.
+ *
+ * And only where no limit is split between the workers would be taken
+ * whole by one (each worker holds a share of it, and a site gathered on
+ * one worker would get one share): mail without a pool (a pool's sources have
+ * [source] limits), to MX hosts no [mx] section names, from a default
+ * source no [source] section names; with [redis] url the limits are
+ * Redis's, whole for every worker, so only the pool rule holds. The cap
+ * per MX address stays a share per worker (site.h), which holds whatever
+ * the routing.
+ *
+ * Threading: the worker's thread.
+ */
+#include <stdbool.h>
+#include <strings.h>
+#include <sys/socket.h>
+
+#include "common/hash.h"
+#include "engine/config.h"
+#include "engine/engine.h"
+#include "engine/outbound/internal.h"
+
+/* The MX host that names a site for affinity: the least name of the best
+ * preference, whatever order the answer lists them in. */
+static const char *
+site_host(const struct dns_mx_result *mx)
+{
+    const char *best = mx->hosts[0].name;
+    for (unsigned i = 1; i < mx->nhosts && mx->hosts[i].preference == mx->hosts[0].preference;
+         i++)
+        if (strcasecmp(mx->hosts[i].name, best) < 0)
+            best = mx->hosts[i].name;
+    return best;
+}
+
+/* The worker of t's site, from its answer. */
+static unsigned
+site_worker(const struct dns_mx_result *mx, unsigned workers)
+{
+    return (unsigned)(hash_str_nocase(site_host(mx)) % workers);
+}
+
+/* A site busier than one worker's share of it: its domains are no longer
+ * gathered (see above). */
+void
+site_mark_busy(const struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (d->ops->site_busy != NULL && t->pool == 0 && t->mx != NULL && t->mx->nhosts > 0)
+        d->ops->site_busy(d, site_host(t->mx));
+}
+
+/* May t's domain be gathered on its site's worker? (See above.) */
+static bool
+dest_may_gather(const struct dest *t)
+{
+    const struct config *cfg = t->d->e->cfg;
+    if (t->pool != 0 || t->tls_relaxed)
+        return false;
+    if (cfg->redis.url != NULL)
+        return true;
+    if (cfg->nmxs != 0 && config_mx(cfg, t->mx->hosts[0].name) != NULL)
+        return false;
+    const struct delivery_config *dc = &cfg->delivery;
+    if (cfg->nsources != 0 &&
+        ((dc->source4.ss_family != AF_UNSPEC &&
+          config_source(cfg, (const struct sockaddr *)&dc->source4) != NULL) ||
+         (dc->source6.ss_family != AF_UNSPEC &&
+          config_source(cfg, (const struct sockaddr *)&dc->source6) != NULL)))
+        return false;
+    return true;
+}
+
+/* Is t's domain another worker's now? Then its waiting jobs go there. */
+bool
+dest_elsewhere(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (d->ops->route == NULL || t->pool != 0)
+        return false;
+    unsigned w = d->ops->route(d, t->name);
+    if (w == d->w->id)
+        return false;
+    d->ops->hand_over(t, w);
+    return true;
+}
+
+/* t has a new answer: where its domain belongs. The first names its
+ * site: the domain is claimed for the site's worker and, if that is
+ * another, moves there (its jobs handed over). A later one moves it
+ * again only if it changed the site's worker (its MX hosts changed) or
+ * the domain may no longer be gathered (a reload gave its host an [mx]
+ * section): this worker's claim goes, and a new one is made, or the
+ * domain goes back to its hash's worker. True when t's jobs moved. A
+ * pool's destination is where the domain's name hashes (pool mail is not
+ * gathered); a tls_relaxed one follows the domain's claim and makes none. */
+bool
+dest_affinity(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (d->ops->claim == NULL || d->e->nworkers < 2 || t->affinity_for == t->mx)
+        return false;
+    t->affinity_for = t->mx;
+    if (t->pool != 0 || t->tls_relaxed)
+        return false;
+    bool may = t->mx->nhosts > 0 && dest_may_gather(t);
+    const char *host = may ? site_host(t->mx) : NULL;
+    unsigned w = may ? site_worker(t->mx, d->e->nworkers) : d->w->id;
+    if (may && w == d->w->id)
+        return false; /* its hash's worker, or claimed for this one already */
+    d->ops->unclaim(d, t->name);
+    if (!may)
+        return dest_elsewhere(t);
+    if (!d->ops->claim(d, t->name, w, host))
+        return dest_elsewhere(t); /* a busy site, or full slots: its hash's worker */
+    d->ops->hand_over(t, w);
+    return true;
+}
+
