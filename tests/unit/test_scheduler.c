@@ -1411,6 +1411,19 @@ worker_of_host(const char *mx)
     return (unsigned)(hash_str_nocase(mx) % 2);
 }
 
+/* c's one job is delivered, nothing more waits: it goes idle, then away. */
+static void
+deliver_one_and_close(struct conn *c)
+{
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    conn_gone(c, NULL);
+}
+
 /* A domain whose answer names a site of the other worker moves there
  * before its first connection: its claim, its jobs handed over. One whose
  * site is the worker its name hashes to stays, and needs no claim. */
@@ -1524,13 +1537,7 @@ affinity_follows_a_changed_answer(void **state)
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->nclaimed, 0); /* its hash's worker: no claim needed */
-    enum sched_next what;
-    struct conn *c = f->open[0];
-    conn_ready(c, &what);
-    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_IDLE);
-    conn_gone(c, NULL);
+    deliver_one_and_close(f->open[0]);
     dest_get(f->d, "a.test")->mx->expires = 0; /* its TTL ran out */
     submit("a.test", 1);
     submit("a.test", 1);
@@ -1608,14 +1615,7 @@ affinity_claim_goes_with_the_idle_domain(void **state)
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->handed, 0);
     assert_int_equal(f->nclaimed, 1);
-    enum sched_next what;
-    struct conn *c = f->open[0];
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
-    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_IDLE);
-    conn_gone(c, NULL);
+    deliver_one_and_close(f->open[0]);
     f->w.now += MS_TO_NS(7000); /* past the ttl and a sweep */
     timer_run(&f->w.timers, f->w.now, NULL);
     assert_int_equal(f->d->evicted, 1);
