@@ -151,7 +151,11 @@ dump(struct queue *q)
             json_time(x->state == QUEUE_RCPT_DEFERRED ? x->due_ms : 0);
             printf(",\"last_attempt\":");
             json_time(x->last_ms);
-            printf(",\"last_code\":%u,\"last_reply\":", x->last_code);
+            /* null: no server has replied for it yet (as sluicectl message) */
+            if (x->last_code != 0)
+                printf(",\"last_code\":%u,\"last_reply\":", x->last_code);
+            else
+                printf(",\"last_code\":null,\"last_reply\":");
             json_str(x->last_reply);
             printf(",\"notify\":%u,\"orcpt\":", x->notify);
             json_str(x->orcpt);

@@ -509,6 +509,8 @@ def spool_messages(env_dir):
         m = json.loads(line)
         body = base64.b64decode(m["body"])
         assert len(body) == m["body_len"], f"body {len(body)} octets, envelope says {m['body_len']}"
+        for r in m["rcpts"]:  # never tried: no reply, and no code made up for it
+            assert r["attempts"] > 0 or r["last_code"] is None, r
         msgs.append(dict(key=m["id"], sender=m["sender"].encode(), envid=m["envid"].encode(),
                          auth=m["auth_user"].encode(), client=m["client"].encode(),
                          nrcpt=len(m["rcpts"]), body=body,
