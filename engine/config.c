@@ -256,7 +256,8 @@ static const struct conf_key delivery_keys[] = {
      "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "
      "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
      "addresses are all refused bounces, class refused_target); this node's own listeners "
-     "are refused whatever this says",
+     "are refused whatever this says. The same rule holds for MTA-STS policy fetches and "
+     "TLS report POSTs",
      NULL},
     {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
      "a destination domain with nothing queued, in flight or held is forgotten after this "

@@ -2,8 +2,9 @@
  * tlsrpt: see tlsrpt.h. A struct day per (policy domain, UTC day) in a
  * hash under r->lock; sending a day walks it through RUA (the TXT lookup,
  * then a message to each mailto: address, handed to the mailer there and
- * then) -> POST (one transfer per https: address) -> gone, or back to
- * idle to be tried again.
+ * then) -> POST (one transfer per https: address, never connected to an
+ * address [delivery] allow_networks refuses) -> gone, or back to idle to
+ * be tried again.
  *
  * Threading: r->lock guards the days and the counters; r->mail_lock the
  * mailer (held while it runs, so that clearing it waits); the sending
@@ -19,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <openssl/evp.h>
 #include <zlib.h>
 
@@ -30,6 +32,7 @@
 #include "dns/dns.h"
 #include "engine/config.h"
 #include "engine/mta_sts.h"
+#include "engine/netaddr.h"
 #include "queue/queue.h"
 
 #define STATE_FILE    "tlsrpt.state"
@@ -961,6 +964,30 @@ day_sent(struct tlsrpt *r, struct day *d)
         day_free(d);
 }
 
+/* libcurl's socket for a report's POST: none for an address no mail may
+ * go to ([delivery] allow_networks, as for MX targets and policy
+ * fetches). The rua URL is the policy domain's word, from DNS: without
+ * this, any domain could have this node POST to its own loopback or
+ * link-local services. Checked at connect, on the address curl resolved
+ * and is about to use, so no second lookup can answer otherwise. */
+static curl_socket_t
+post_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
+{
+    struct day *d = arg;
+    const struct delivery_config *dc = &d->r->cfg->delivery;
+    const char *kind = purpose == CURLSOCKTYPE_IPCXN ? netaddr_special(&a->addr) : NULL;
+    if (kind != NULL && !cidr_match(dc->allow, dc->nallow, &a->addr)) {
+        char ip[INET6_ADDRSTRLEN + 8];
+        netaddr_str(&a->addr, ip, sizeof(ip));
+        log_msg(LOG_WARN,
+                "event=tlsrpt_refused domain=%s addr=%s reason=\"%s address, not in [delivery] "
+                "allow_networks\"",
+                d->domain, ip, kind);
+        return CURL_SOCKET_BAD;
+    }
+    return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+}
+
 static void
 post_start(struct tlsrpt *r, struct day *d, const char *url)
 {
@@ -993,6 +1020,8 @@ post_start(struct tlsrpt *r, struct day *d, const char *url)
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https");
     curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
+    curl_easy_setopt(c, CURLOPT_OPENSOCKETFUNCTION, post_socket);
+    curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, d);
     if (r->cfg->mta_sts.ca_file != NULL)
         curl_easy_setopt(c, CURLOPT_CAINFO, r->cfg->mta_sts.ca_file);
     curl_multi_add_handle(r->multi, c);

@@ -52,6 +52,7 @@ SLUICE = sys.argv[1] if len(sys.argv) > 1 else None  # bench/tls_policy imports 
 MX_GOOD = "127.0.0.1"
 MX_BAD = "127.0.0.2"
 MX_REPORTS = "127.0.0.3"
+TRAP = "127.0.0.9"  # listens, outside allow_networks: nothing may connect to it
 
 
 def connectable(port, host="127.0.0.1"):
@@ -246,7 +247,7 @@ DOMAINS = {
 REPORTS_POLICY = policy("enforce", "*.elsewhere.test")
 
 
-def records(report_port, ids=None):
+def records(report_port, ids=None, trap_port=None):
     ids = ids or {}
     recs = [f"host-record=mx.good.test,{MX_GOOD}", f"host-record=mx.bad.test,{MX_BAD}"]
     for dom, (pol, mx, txt_id) in DOMAINS.items():
@@ -256,8 +257,12 @@ def records(report_port, ids=None):
             recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
     recs.append(f'txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
                 f'rua=https://127.0.0.1:{report_port}/report"')
+    # and a third to an address outside allow_networks: refused, never
+    # connected to (a domain must not make the node POST to its own
+    # loopback or link-local services)
+    trap = f",https://{TRAP}:{trap_port}/refused" if trap_port else ""
     recs.append(f'txt-record=_smtp._tls.badcert.test,"v=TLSRPTv1;rua=mailto:tlsrpt@reports.test,'
-                f'https://127.0.0.1:{report_port}/bad"')
+                f'https://127.0.0.1:{report_port}/bad{trap}"')
     recs.append("mx-host=reports.test,mx.reports.test,10")
     recs.append(f"host-record=mx.reports.test,{MX_REPORTS}")
     recs.append('txt-record=_mta-sts.reports.test,"v=STSv1; id=1"')
@@ -325,12 +330,17 @@ class World:
                 skip(f"{tool} not installed (tools/install-deps --test)")
         self.wd = Workdir("sluice-sts-")
         self.dns = self.https = self.good = self.bad = self.d = self.sink = None
+        self.trap = socket.socket()
         try:
+            self.trap.bind((TRAP, 0))
+            self.trap.listen(8)
+            self.trap.setblocking(False)
             names = ["mx.good.test", "mta-sts.reports.test"] + [f"mta-sts.{d}" for d in DOMAINS]
             self.pki = Pki(self.wd, names)
             self.https = PolicyServer(self.pki, {"reports.test": REPORTS_POLICY,
                                                  **{d: v[0] for d, v in DOMAINS.items() if v[0]}})
-            self.dns = Dns(self.wd, records(self.https.port))
+            self.dns = Dns(self.wd, records(self.https.port,
+                                            trap_port=self.trap.getsockname()[1]))
             self.mx_port = free_port()
             self.good = Receiver(self.wd, "good", MX_GOOD, self.mx_port, self.pki.cert,
                                  self.pki.key)
@@ -357,7 +367,7 @@ path = {self.wd.path}/spool
 map_size = 128M
 [delivery]
 remote_port = {self.mx_port}
-allow_networks = 127.0.0.0/8
+allow_networks = {MX_GOOD}, {MX_BAD}, {MX_REPORTS}
 connect_timeout = 2s
 idle_timeout = 1s
 {delivery_extra}
@@ -384,7 +394,8 @@ dsn = no
                 assert r.returncode == 0, r.stderr
                 line = [x for x in r.stdout.splitlines() if not x.startswith(";")][0]
                 strings = re.findall(r'"([^"]*)"', line)
-                self.dns.restart(records(self.https.port) + [
+                self.dns.restart(records(self.https.port,
+                                         trap_port=self.trap.getsockname()[1]) + [
                     "txt-record=rpt._domainkey.sender.test," +
                     ",".join(f'"{x}"' for x in strings)])
             self.start()
@@ -450,6 +461,7 @@ dsn = no
             for p in (self.https, self.dns, self.sink):
                 if p is not None:
                     p.stop()
+            self.trap.close()
             self.wd.cleanup()
 
 
@@ -626,6 +638,17 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
                    "the testing.test report")
         wait_until(lambda: len([r for r in w.https.reports if r[0] == "/bad"]) >= 1, WAIT,
                    "the badcert.test report")
+        # its third address is refused at connect: a line says so, and the
+        # listener there was never connected to
+        line = w.d.wait_log(f"event=tlsrpt_refused domain=badcert.test addr={TRAP}:")
+        assert 'reason="loopback address, not in [delivery] allow_networks"' in line, line
+        w.d.wait_log(f"event=tlsrpt_post domain=badcert.test url=https://{TRAP}:")
+        try:
+            conn, peer = w.trap.accept()
+            conn.close()
+            raise AssertionError(f"the refused report address was connected to from {peer}")
+        except BlockingIOError:
+            pass
         for path, ctype, body in w.https.reports:
             assert ctype == "application/tlsrpt+gzip", ctype
             rep = json.loads(gzip.decompress(body))
