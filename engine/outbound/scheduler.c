@@ -570,10 +570,13 @@ dest_free(struct dest *t, bool live)
     while ((j = dest_pop(t)) != NULL)
         free(j);
     fairq_fini(&t->q);
+    /* Always: at a stop, a job that came after sched_stop (or a
+     * connection closing) may have armed one again, and the heap outlives
+     * t (worker_fini walks it). */
+    worker_timer_cancel(d->w, &t->hold_timer);
+    worker_timer_cancel(d->w, &t->sweep_timer);
+    worker_timer_cancel(d->w, &t->lim_timer);
     if (live) {
-        worker_timer_cancel(d->w, &t->hold_timer);
-        worker_timer_cancel(d->w, &t->sweep_timer);
-        worker_timer_cancel(d->w, &t->lim_timer);
         if (t->req != NULL)
             d->ops->cancel(d, t->req);
         if (t->lim.l != NULL)
@@ -1262,18 +1265,24 @@ dest_on_sweep(struct timer *tm, void *ctx)
         struct queue_envelope *env = NULL;
         if (j->expire_ms == 0) {
             if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
-                continue; /* gone or unreadable: conn_next drops it */
+                continue; /* gone or unreadable: conn_next drops what is gone */
             j->expire_ms = job_expire_ms(t->pol, env, j->id);
         }
         if (!policy_expired(now, j->expire_ms)) {
             queue_envelope_free(env);
             continue;
         }
-        fairq_iter_remove(&it);
-        if (env == NULL && queue_envelope_get(d->e->queue, j->id, &env) != 0) {
-            free(j);
+        int erc = env == NULL ? queue_envelope_get(d->e->queue, j->id, &env) : 0;
+        if (erc != 0) {
+            /* Gone: dropped. Unreadable now: kept for the next sweep, as
+             * freeing it would leave its recipient to a restart. */
+            if (erc == QUEUE_ENOTFOUND) {
+                fairq_iter_remove(&it);
+                free(j);
+            }
             continue;
         }
+        fairq_iter_remove(&it);
         struct smtp_outcome o;
         memset(&o, 0, sizeof(o));
         o.status = SMTP_STATUS_TEMPFAIL;
@@ -1356,8 +1365,12 @@ dest_run_once(struct dest *t)
             t->req = NULL;
             dest_set_mx(t, res);
         } else {
-            if (rc < 0)
+            if (rc < 0) {
+                /* Not asked (no memory): nothing would run t again but
+                 * another job for it. */
                 t->req = NULL;
+                dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+            }
             return;
         }
     }
@@ -1561,7 +1574,11 @@ dest_run_once(struct dest *t)
                 limits_conn_release(d->lim, &mk->lim);
             if (sk != NULL)
                 limits_conn_release(d->lim, &sk->lim);
-            return; /* could not open one now */
+            /* Could not open one now (no socket, memory or source
+             * address): try again shortly, or nothing would run t again
+             * but another job for it. */
+            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+            return;
         }
         c->leased = true;
         c->mxk = mk;

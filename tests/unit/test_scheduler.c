@@ -47,6 +47,7 @@ struct fx {
     struct conn *open[MAXC];   /* connections opened and not gone */
     unsigned nopen;
     unsigned opened;           /* connections opened in all */
+    unsigned open_fails;       /* opens to fail (as on EMFILE) before any succeeds */
     char opened_to[MAXC][384]; /* "mx name addr" of each, in order */
     unsigned resumed;          /* idle connections handed a domain */
     unsigned quits;            /* idle connections told to say goodbye */
@@ -94,6 +95,10 @@ t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
        const struct mx_policy *src, uint32_t src_id)
 {
     assert_true(F->nopen < MAXC);
+    if (F->open_fails > 0) {
+        F->open_fails--;
+        return NULL;
+    }
     struct conn *c = calloc(1, sizeof(*c));
     assert_non_null(c);
     c->st.fd = -1;
@@ -442,6 +447,27 @@ allowed(const char *domain)
 /* A new site opens initial_connections, then one more per transaction
  * that completes while the window is in use (slow start), and no more
  * than the jobs need. */
+/* A connection that cannot be opened (no socket, memory or source
+ * address) leaves t's job queued with a timer to try again: before, t
+ * waited for another job of its domain, or a restart. */
+static void
+failed_open_tries_again(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
+    f->open_fails = 1;
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_int_equal(f->opened, 0);
+    assert_false(fairq_empty(&t->q));
+    assert_true(timer_armed(&t->lim_timer));
+    f->w.now += MS_TO_NS(HOLD_MIN_MS);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
 static void
 window_opens_and_grows(void **state)
 {
@@ -1628,6 +1654,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_opens_and_grows),
+        cmocka_unit_test(failed_open_tries_again),
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
         cmocka_unit_test(window_ignores_waits_for_rate_tokens),
