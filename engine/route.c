@@ -15,6 +15,7 @@
 
 struct route {
     _Atomic uint32_t w[SLOTS + BUSY];
+    atomic_flag lock[(size_t)1 << BUCKET_BITS]; /* held by a claim of the bucket */
 };
 
 static uint32_t
@@ -32,7 +33,10 @@ bucket_of(struct route *r, uint32_t h)
 struct route *
 route_new(void)
 {
-    return calloc(1, sizeof(struct route));
+    struct route *r = calloc(1, sizeof(struct route));
+    for (size_t i = 0; r != NULL && i < (size_t)1 << BUCKET_BITS; i++)
+        atomic_flag_clear(&r->lock[i]);
+    return r;
 }
 
 void
@@ -57,26 +61,26 @@ route_worker(const struct route *r, uint32_t h)
 bool
 route_claim(struct route *r, uint32_t h, unsigned worker)
 {
-    if (worker + 1 >= 1u << WBITS || route_worker(r, h) >= 0)
+    if (worker + 1 >= 1u << WBITS)
         return false;
+    size_t bi = h & ((1u << BUCKET_BITS) - 1);
     _Atomic uint32_t *b = bucket_of(r, h);
     uint32_t tag = tag_of(h), v = tag << WBITS | (worker + 1);
-    for (unsigned i = 0; i < BUCKET; i++) {
-        uint32_t none = 0;
-        if (!atomic_compare_exchange_strong(&b[i], &none, v))
-            continue;
-        /* Another claim of the domain made meanwhile, in a slot before
-         * this one: that one stands (route_worker finds it first). */
-        for (unsigned k = 0; k < i; k++) {
-            uint32_t x = atomic_load(&b[k]);
-            if (x != 0 && x >> WBITS == tag) {
-                atomic_store(&b[i], 0);
-                return false;
-            }
+    /* Claims of a bucket one at a time: a claim that checked for its tag
+     * and then took a slot could otherwise stand beside another one made
+     * meanwhile in a slot it had passed (freed by an unclaim in between).
+     * Claims are rare (a domain's move), the wait a few loads. */
+    while (atomic_flag_test_and_set_explicit(&r->lock[bi], memory_order_acquire))
+        ;
+    bool claimed = false;
+    if (route_worker(r, h) < 0) {
+        for (unsigned i = 0; i < BUCKET && !claimed; i++) {
+            uint32_t none = 0;
+            claimed = atomic_compare_exchange_strong(&b[i], &none, v);
         }
-        return true;
     }
-    return false; /* full */
+    atomic_flag_clear_explicit(&r->lock[bi], memory_order_release);
+    return claimed; /* false: claimed already, or the bucket is full */
 }
 
 void

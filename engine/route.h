@@ -10,9 +10,10 @@
  * claimed slot holds the worker plus one (9 bits: [server] workers is at
  * most 256) under a tag made of all the hash's bits; a domain without a
  * slot of its tag has no route here (its hash's worker). A claim takes an
- * empty slot of its bucket (compare-and-swap; of two claims of one
- * domain made at once, the one in the earlier slot stands); the worker it
- * names empties it. Why buckets: with one slot per hash, 4% of 10,000 domains
+ * empty slot of its bucket, under the bucket's spin lock (16 KiB of
+ * flags: claims of one bucket one at a time, so two claims of one domain
+ * never both stand); the worker it names empties it (compare-and-swap,
+ * no lock: an emptied slot makes no second claim). Why buckets: with one slot per hash, 4% of 10,000 domains
  * found their slot taken and stayed behind, and nearly every site of 100
  * domains had one domain on the other worker, with connections of its own
  * to the site's address. A full bucket (16 live claims) is a claim

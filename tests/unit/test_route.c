@@ -3,10 +3,12 @@
  * per domain, emptied by the worker they name only; a full bucket refuses;
  * a domain of another tag in the same bucket has no route; busy marks
  * last until their time; two threads claiming the same slots at once end
- * with one claim each, none lost.
+ * with one claim each, none lost; two claims of one domain never stand
+ * at once, even while slots of their bucket are freed and taken.
  */
 #include <pthread.h>
 #include <setjmp.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -118,6 +120,60 @@ concurrent_claims_one_each(void **state)
     route_free(r);
 }
 
+#define SPINS 2000000
+
+struct spinner {
+    struct route *r;
+    unsigned worker;          /* 0, 1: claim the domain; 2: another domain of its bucket */
+    _Atomic unsigned *owners; /* workers holding the domain's claim now */
+    unsigned twice;           /* times this one found the other holding it too */
+};
+
+static void *
+spin(void *arg)
+{
+    struct spinner *x = arg;
+    const uint32_t dom = 5, blocker = 5 + NBUCKETS; /* one bucket */
+    for (unsigned i = 0; i < SPINS; i++) {
+        if (x->worker == 2) {
+            if (route_claim(x->r, blocker, 2))
+                route_unclaim(x->r, blocker, 2);
+            continue;
+        }
+        if (!route_claim(x->r, dom, x->worker))
+            continue;
+        if (atomic_fetch_add(x->owners, 1) != 0)
+            x->twice++;
+        atomic_fetch_sub(x->owners, 1);
+        route_unclaim(x->r, dom, x->worker);
+    }
+    return NULL;
+}
+
+/* Two workers claim and give up one domain over and over while a third
+ * takes and frees the slot before theirs (another domain of the bucket):
+ * a claim checked for its tag, then took a slot; another claim made
+ * meanwhile in a slot freed before it stood beside it. Never two owners. */
+static void
+claims_with_slots_freed_meanwhile(void **state)
+{
+    (void)state;
+    struct route *r = route_new();
+    assert_non_null(r);
+    _Atomic unsigned owners = 0;
+    struct spinner x[3];
+    pthread_t t[3];
+    for (unsigned k = 0; k < 3; k++) {
+        x[k] = (struct spinner){.r = r, .worker = k, .owners = &owners};
+        assert_int_equal(pthread_create(&t[k], NULL, spin, &x[k]), 0);
+    }
+    for (unsigned k = 0; k < 3; k++)
+        pthread_join(t[k], NULL);
+    assert_int_equal(x[0].twice + x[1].twice, 0);
+    assert_int_equal(route_worker(r, 5), -1);
+    route_free(r);
+}
+
 int
 main(void)
 {
@@ -126,6 +182,7 @@ main(void)
         cmocka_unit_test(bucket_full_and_other_tags),
         cmocka_unit_test(busy_marks_expire),
         cmocka_unit_test(concurrent_claims_one_each),
+        cmocka_unit_test(claims_with_slots_freed_meanwhile),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
