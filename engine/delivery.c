@@ -241,8 +241,10 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     struct job *j = malloc(sizeof(*j) + n * sizeof(unsigned));
     if (j == NULL) {
         /* Still in the spool: a restart delivers it. Say so. */
-        log_msg(LOG_ERR, "event=job_lost_until_restart id=%016llx reason=out_of_memory",
-                (unsigned long long)id);
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(id, qid);
+        log_msg(LOG_ERR, "id=%s event=job_lost_until_restart domain=%s recipients=%u "
+                "reason=out_of_memory", qid, domain, n);
         return;
     }
     j->m.fn = delivery_on_job;
@@ -265,7 +267,13 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     /* A bounce goes by way of the worker the domain's name hashes to,
      * which passes it on (delivery_on_job) behind whatever it still holds
      * of the domain (a job posted before the domain moved, or its
-     * hand-over): so it never overtakes a job of its recipient. */
+     * hand-over). It can still cross a job of its recipient posted to
+     * another worker meanwhile: that job then finds the recipient gone
+     * from the spool when its transaction starts (connection.c reads the
+     * live recipients) and drops it. Only a transaction that started
+     * before the bounce was committed delivers a recipient its bounce
+     * also reports, as Postfix's postsuper -d does to a message in
+     * its active queue. */
     unsigned to = bounce ? delivery_domain_hash(j->domain) % e->nworkers
                          : delivery_worker_of(e, j->domain, j->owner.pool);
     worker_post(&e->workers[to], &j->m);
@@ -434,7 +442,7 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
     /* A destination is (domain, pool): the pool's sources only. */
     struct dest *t = d ? dest_of_job(d, j) : NULL;
     if (t == NULL) {
-        free(j);
+        job_lost(j); /* no memory for its destination */
         return;
     }
     if (j->bounce) {

@@ -73,8 +73,10 @@ static void
 requeue_spool(struct engine *e)
 {
     struct delivery_batch *b = calloc(1, sizeof(*b));
-    if (b == NULL)
+    if (b == NULL) {
+        log_msg(LOG_ERR, "event=spool_requeued err=\"out of memory\" note=ready_recipients_wait_for_a_restart");
         return;
+    }
     b->e = e;
     int rc = queue_walk(e->queue, walk_ready, b);
     delivery_batch_flush(b);

@@ -769,8 +769,14 @@ hand_to_delivery(struct session *s)
 {
     unsigned idx[256];
     bool *done = calloc(s->nrcpt, sizeof(*done));
-    if (done == NULL)
-        return; /* in the spool: the next start delivers it */
+    if (done == NULL) {
+        /* in the spool: the next start delivers it */
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(s->msg_id, qid);
+        log_msg(LOG_ERR, "id=%s event=job_lost_until_restart recipients=%u reason=out_of_memory",
+                qid, s->nrcpt);
+        return;
+    }
     struct job_owner own;
     delivery_owner(s->sw->e, s->owner.tenant ? s->owner.tenant->name : NULL,
                    s->owner.pool ? s->owner.pool->name : NULL, s->owner.campaign,

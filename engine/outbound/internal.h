@@ -499,6 +499,10 @@ void dest_enqueue(struct dest *t, struct job *j);
  * sub-queue j is dropped (logged; it stays in the spool for the next
  * start). */
 void dest_push(struct dest *t, struct job *j, bool front);
+/* Free j, dropped for want of memory (a destination or a queue entry
+ * could not be made), with the log line that says so: its recipients
+ * stay in the spool, and the next start delivers them. */
+void job_lost(struct job *j);
 /* The next job of t: the tenants' turns by weight, then priority. */
 struct job *dest_pop(struct dest *t);
 /* Jobs waiting at t. */

@@ -673,11 +673,16 @@ dest_push(struct dest *t, struct job *j, bool front)
         j->queued_ns = t->d->w->now;
     if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0)
         return;
-    /* Still in the spool: a restart delivers it. Say so. */
+    job_lost(j);
+}
+
+void
+job_lost(struct job *j)
+{
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(j->id, qid);
-    log_msg(LOG_ERR, "id=%s event=job_lost_until_restart domain=%s reason=out_of_memory", qid,
-            t->name);
+    log_msg(LOG_ERR, "id=%s event=job_lost_until_restart domain=%s recipients=%u "
+            "reason=out_of_memory", qid, j->domain, j->n);
     free(j);
 }
 

@@ -346,7 +346,7 @@ scope_release(struct delivery *d)
         d->stats.parked--;
         struct dest *t = dest_of_job(d, j);
         if (t == NULL) {
-            free(j); /* no memory: the spool still has it, a restart delivers it */
+            job_lost(j); /* no memory for its destination */
             continue;
         }
         if (bounce)
