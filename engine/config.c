@@ -257,7 +257,8 @@ static const struct conf_key delivery_keys[] = {
      "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
      "addresses are all refused bounces, class refused_target); this node's own listeners "
      "are refused whatever this says. The same rule holds for MTA-STS policy fetches and "
-     "TLS report POSTs",
+     "TLS report POSTs, which never go through a proxy (https_proxy and all_proxy in the "
+     "environment are ignored: the address checked would be the proxy's)",
      NULL},
     {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
      "a destination domain with nothing queued, in flight or held is forgotten after this "

@@ -735,6 +735,9 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
     CURL *c = e->easy;
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_RESOLVE, e->resolve);
+    /* No proxy from the environment (https_proxy, all_proxy): the policy
+     * host's addresses are the ones resolved and checked here. */
+    curl_easy_setopt(c, CURLOPT_PROXY, "");
     curl_easy_setopt(c, CURLOPT_PRIVATE, e);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)m->sc->fetch_timeout);

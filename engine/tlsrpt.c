@@ -1021,6 +1021,9 @@ post_start(struct tlsrpt *r, struct day *d, const char *url)
     curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
     curl_easy_setopt(c, CURLOPT_OPENSOCKETFUNCTION, post_socket);
+    /* No proxy from the environment (https_proxy, all_proxy): through one,
+     * the address checked above would be the proxy's, not the report's. */
+    curl_easy_setopt(c, CURLOPT_PROXY, "");
     curl_easy_setopt(c, CURLOPT_OPENSOCKETDATA, d);
     if (r->cfg->mta_sts.ca_file != NULL)
         curl_easy_setopt(c, CURLOPT_CAINFO, r->cfg->mta_sts.ca_file);

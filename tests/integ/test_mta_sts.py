@@ -20,7 +20,10 @@ delivered in plaintext although reports.test has an enforce policy that
 its MX does not match and tls = required, which hold ordinary mail there
 (RFC 8460 3: reports go despite TLS failures); a
 reload that turns [delivery] mta_sts on starts enforcing without a
-restart; a policy in use is fetched again before its max_age ends."""
+restart; a policy in use is fetched again before its max_age ends.
+sluice runs with https_proxy and all_proxy pointing at a listener on
+127.0.0.9 (outside allow_networks), which nothing may connect to: a
+fetch or report through it would have escaped the address checks."""
 import email
 import email.policy
 import glob
@@ -53,6 +56,7 @@ MX_GOOD = "127.0.0.1"
 MX_BAD = "127.0.0.2"
 MX_REPORTS = "127.0.0.3"
 TRAP = "127.0.0.9"  # listens, outside allow_networks: nothing may connect to it
+PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")  # set to the trap
 
 
 def connectable(port, host="127.0.0.1"):
@@ -404,7 +408,19 @@ dsn = no
             raise
 
     def start(self):
-        self.d = Sluice(SLUICE, self.conf)
+        # A proxy in sluice's environment points at the trap: policy
+        # fetches and report posts must not go through it (the addresses
+        # allow_networks checks would be the proxy's).
+        saved = {k: os.environ.get(k) for k in PROXY_VARS}
+        os.environ.update({k: f"http://{TRAP}:{self.trap.getsockname()[1]}" for k in PROXY_VARS})
+        try:
+            self.d = Sluice(SLUICE, self.conf)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.d.wait_log("event=ready")
 
     def send(self, rcpt, sender=None):
