@@ -12,8 +12,10 @@
  * not one set per worker (over 100 MX hosts, two workers held 200
  * connections where 100 carried the mail, and the receivers' cost of the
  * second set took the second core's gain: bench/relay/bench_sites.py).
- * The move is made before the domain's first connection: its claim in
- * the route table, then its answer and waiting jobs handed over in one
+ * The move is made when the answer comes, before the domain's first
+ * connection (a reload decides again for every domain, which may then
+ * move with connections open: they finish their transactions): its claim in the
+ * route table, then its answer and waiting jobs handed over in one
  * post. A later answer moves it again only when its site's worker
  * changed (dest_affinity); a domain idle long enough to be forgotten
  * empties its claim.
@@ -140,7 +142,8 @@ dest_affinity(struct dest *t)
     if (!may)
         return dest_elsewhere(t);
     if (!d->ops->claim(d, t->name, w, host))
-        return dest_elsewhere(t); /* a busy site, or full slots: its hash's worker */
+        return dest_elsewhere(t); /* a busy site, full slots, or another worker's
+                                   * claim of the domain: its hash's worker */
     d->ops->hand_over(t, w);
     return true;
 }

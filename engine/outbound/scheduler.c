@@ -541,9 +541,6 @@ dest_next(const struct delivery *d, struct dest_iter *it)
     return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
 }
 
-/* Forget t and what waits in it (the spool keeps the recipients). live:
- * the loop turns, so timers, the lookup and the limiter are let go of
- * too; else they went with the loop. */
 void
 dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
                    const char *addr)
@@ -562,6 +559,9 @@ dest_last_fail_clear(struct dest *t)
     t->last_fail = NULL;
 }
 
+/* Forget t and what waits in it (the spool keeps the recipients). live:
+ * the loop turns, so timers, the lookup and the limiter are let go of
+ * too; else they went with the loop. */
 static void
 dest_free(struct dest *t, bool live)
 {
