@@ -220,7 +220,8 @@ static const struct conf_key delivery_keys[] = {
      "handshake",
      NULL},
     {"command_timeout", CONF_DURATION, DLV(command_timeout), 1000, 3600000, "5m",
-     "how long a receiver may take to answer RSET, MAIL FROM and each RCPT TO", NULL},
+     "how long a receiver may take to answer RSET, MAIL FROM and each RCPT TO; and, once a session "
+     "has ended, to take its last octets (QUIT) before the connection is closed anyway", NULL},
     {"data_timeout", CONF_DURATION, DLV(data_timeout), 1000, 3600000, "3m",
      "how long a receiver may take to answer DATA with 354, and to take each block of the "
      "message sent (a receiver that stops reading stalls the send)",

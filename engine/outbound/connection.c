@@ -536,6 +536,12 @@ conn_handle(struct conn *c, int ev)
             c->want_close = true;
             c->pending_ev = 0;
             stream_end(&c->st); /* over TLS, close_notify after the last octets */
+            /* The machine arms nothing once closed, and a receiver that
+             * stopped reading (a body block timed out) never takes what is
+             * left: give up on the goodbye after one more period, as the
+             * submission server does, or the connection and its slot
+             * would stay forever. conn_flush() closes sooner once drained. */
+            conn_deadline(c, c->d->e->cfg->delivery.command_timeout);
             break;
         }
         if (ev & SMTP_CLIENT_EV_STARTTLS)
@@ -817,6 +823,12 @@ conn_on_timer(struct timer *tm, void *ctx)
         c->d->stats.connect_failures++;
         sched_conn_event(c, POLICY_CONNECT_TIMEOUT, &o); /* the reason, for a deferral */
         conn_close(c, "connect_timeout");
+        return;
+    }
+    if (c->want_close) {
+        /* The session is over; its last octets were not taken in time. */
+        conn_close(c, "send_timeout");
+        conn_maybe_free(c);
         return;
     }
     conn_handle(c, smtp_client_timeout(conn_cli(c)));

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from harness import (WAIT, Sluice, Workdir, free_port, main, mdb_entries, run, skip,
@@ -613,6 +614,42 @@ def test_stalled_receivers_time_out_as_configured():
             r.close()
 
 
+def test_receiver_that_stops_reading_the_body_is_given_up_on():
+    """A receiver that answers 354 and then never reads again: the send
+    of the body stalls, data_timeout ends the session, and the connection
+    whose last octets can never leave is closed one command_timeout later
+    (before, it stayed open for good, holding the site's only connection
+    slot, so the recipient was neither retried nor deferred). The
+    recipient is deferred with reason timeout in state body, nothing is
+    delivered, and the message stays queued."""
+    release = threading.Event()
+
+    def script(c, rfile):
+        c.sendall(b"220 stalling ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-stalling\r\n250 PIPELINING\r\n")
+        _read_until(rfile, b"DATA")
+        c.sendall(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        release.wait(60)  # reads nothing more: sluice's sends stall
+
+    # More than the loopback socket buffers take, so the send blocks.
+    body = b"Subject: s\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20000
+    r = Relay(records_for(["stall.test"]), with_sink=False,
+              delivery_conf="data_timeout = 1s\ncommand_timeout = 1s\n")
+    mx = HostileMx(r.mx_port, script)
+    try:
+        r.inject([("s@example.com", ["a@stall.test"], body)])
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "reason=timeout" in line and "in state body" in line, line
+        assert r.d.count_log("event=delivered") == 0, line
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 1
+    finally:
+        release.set()
+        mx.stop()
+        r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -799,4 +836,5 @@ if __name__ == "__main__":
           test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake,
           test_required_tls_defers_when_not_offered,
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
-          test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured])
+          test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
+          test_receiver_that_stops_reading_the_body_is_given_up_on])
