@@ -3,8 +3,9 @@
  * or a route's address) on loopback, unspecified, link-local, multicast
  * or broadcast networks is refused as a delivery target unless
  * [delivery] allow_networks lists it; this node's own SMTP listeners
- * (their addresses, or every interface address for a wildcard listener)
- * are refused whatever it says: that is a loop. The scheduler skips
+ * (their addresses, or every interface address for a wildcard listener;
+ * an IPv4 one also as a v4-mapped IPv6 address) are refused whatever it
+ * says: that is a loop. The scheduler skips
  * refused addresses; a destination left with none fails as the policy
  * says (policy_job: 5.4.4, or 5.4.6 for a loop), with the reason the
  * first refusal gave.
@@ -52,6 +53,15 @@ static bool
 target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
 {
     const struct server_config *srv = &d->e->cfg->server;
+    /* A v4-mapped IPv6 address (an AAAA record of ::ffff:a.b.c.d) is
+     * where a connect to it goes: the IPv4 address a.b.c.d. */
+    union dns_addr v4;
+    if (a->sa.sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&a->sin6.sin6_addr)) {
+        memset(&v4, 0, sizeof(v4));
+        v4.sin.sin_family = AF_INET;
+        memcpy(&v4.sin.sin_addr, &a->sin6.sin6_addr.s6_addr[12], 4);
+        a = &v4;
+    }
     char ip[64];
     netaddr_ip_str(&a->sa, ip, sizeof(ip));
     for (int k = 0; k < 2; k++) {

@@ -397,6 +397,22 @@ answer_pool(const char *domain, const char *pool, const char **hosts, const uint
     dest_on_mx(t, r);
 }
 
+/* The same, one IPv6 address (AAAA) per host. */
+static void
+answer6(const char *domain, const char **hosts, const uint8_t (*addrs)[16], unsigned n)
+{
+    struct result_host rh[8] = {0};
+    assert_true(n <= sizeof(rh) / sizeof(rh[0]));
+    for (unsigned i = 0; i < n; i++)
+        rh[i] = (struct result_host){.name = hosts[i], .preference = 10, .n6 = 1, .a6 = &addrs[i]};
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, domain, rh, n, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *t = dest_get(F->d, domain);
+    assert_non_null(t->req);
+    dest_on_mx(t, r);
+}
+
 static const uint8_t A1[][16] = {{192, 0, 2, 1}, {192, 0, 2, 2}, {192, 0, 2, 3}};
 static const char *MX1[] = {"mx1.hoster.test", "mx2.hoster.test", "mx3.hoster.test"};
 
@@ -1049,6 +1065,15 @@ answers_that_fail(void **state)
     answer("self.test", DNS_OK, MX1, (unsigned[]){10}, lo, 1);
     assert_int_equal(f->opened, 0);
     assert_int_equal(f->last_fail.enh.detail, 6);
+    /* ... and so is that listener's address in an AAAA record, v4-mapped
+     * (::ffff:127.0.0.1): a connect there reaches 127.0.0.1. */
+    static const uint8_t lo_mapped[][16] = {{[10] = 0xff, [11] = 0xff, [12] = 127, [15] = 1}};
+    submit("self6.test", 1);
+    answer6("self6.test", MX1, lo_mapped, 1);
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_PERMFAIL);
+    assert_int_equal(f->last_fail.enh.detail, 6);
+    assert_non_null(strstr(f->last_fail.text, "loops back to myself"));
     fx_free(f);
 }
 
