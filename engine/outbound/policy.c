@@ -171,6 +171,12 @@ policy_job(enum policy_job_event ev, struct policy_fail *out)
         *out = (struct policy_fail){true, true, 550, {5, 4, 4}, CLASSIFY_TARGET, false,
                                     "no delivery target"};
         return;
+    case POLICY_NO_TARGET_PARTIAL:
+        /* The hosts whose addresses could not be looked up may be
+         * targets: a DNS failure for now, never a bounce. */
+        *out = (struct policy_fail){true, false, 451, {4, 4, 3}, CLASSIFY_DNS, true,
+                                    "no delivery target yet: some MX hosts' lookups failed"};
+        return;
     case POLICY_NO_TARGET_SELF:
         *out = (struct policy_fail){true, true, 550, {5, 4, 6}, CLASSIFY_TARGET, false,
                                     "mail loops back to myself"};

@@ -151,12 +151,14 @@ void policy_dns(enum dns_status st, struct policy_fail *out);
 
 /* Jobs that fail as a whole, without a session. */
 enum policy_job_event {
-    POLICY_NO_RESOLVER,      /* this worker has no resolver */
-    POLICY_NO_TARGET,        /* every address is one mail must not go to */
-    POLICY_NO_TARGET_SELF,   /* ... and one is this node's own listener: a loop */
-    POLICY_NO_MX_ANSWERED,   /* every address failed in a row, and none said why */
-    POLICY_OPERATOR_BOUNCE,  /* sluicectl bounce */
-    POLICY_TLS_POLICY_NO_MX, /* MTA-STS enforce: no MX host matches the policy */
+    POLICY_NO_RESOLVER,       /* this worker has no resolver */
+    POLICY_NO_TARGET,         /* every address is one mail must not go to */
+    POLICY_NO_TARGET_SELF,    /* ... and one is this node's own listener: a loop */
+    POLICY_NO_TARGET_PARTIAL, /* every address of an answer that misses MX hosts whose
+                               * lookups failed for now (dns_mx_result.partial) */
+    POLICY_NO_MX_ANSWERED,    /* every address failed in a row, and none said why */
+    POLICY_OPERATOR_BOUNCE,   /* sluicectl bounce */
+    POLICY_TLS_POLICY_NO_MX,  /* MTA-STS enforce: no MX host matches the policy */
 };
 
 void policy_job(enum policy_job_event ev, struct policy_fail *out);

@@ -1410,14 +1410,23 @@ dest_run_once(struct dest *t)
         return;
     }
     if (dest_targets(t) == 0) {
-        /* Every address is one mail must not go to. */
+        /* Every address is one mail must not go to (of those looked up:
+         * a partial answer misses hosts whose lookups failed for now). */
         struct policy_fail nf;
         policy_job(t->refused_sts    ? POLICY_TLS_POLICY_NO_MX
+                   : t->mx->partial  ? POLICY_NO_TARGET_PARTIAL
                    : t->refused_self ? POLICY_NO_TARGET_SELF
                                      : POLICY_NO_TARGET,
                    &nf);
-        dest_fail_all(t, &nf, t->last_fail != NULL ? t->last_fail->o.text : "");
+        dest_fail_all(t, &nf,
+                      nf.forget_answer ? NULL
+                      : t->last_fail != NULL ? t->last_fail->o.text
+                                             : "");
         dest_last_fail_clear(t);
+        if (nf.forget_answer) {
+            dest_set_mx(t, NULL); /* ask again next time */
+            return;
+        }
         if (t->refused_sts) {
             /* Deferred: ask again (policy and MX) after the hold. */
             t->targets_for = NULL;

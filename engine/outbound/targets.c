@@ -8,7 +8,8 @@
  * says: that is a loop. The scheduler skips
  * refused addresses; a destination left with none fails as the policy
  * says (policy_job: 5.4.4, or 5.4.6 for a loop), with the reason the
- * first refusal gave.
+ * first refusal gave, or is deferred (4.4.3) when its answer misses MX
+ * hosts whose lookups failed for now.
  *
  * Threading: the worker's thread; the interface addresses are read once
  * when the worker's delivery is made.

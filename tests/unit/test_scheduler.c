@@ -1057,6 +1057,28 @@ answers_that_fail(void **state)
     assert_int_equal(f->last_src, CLASSIFY_TARGET);
     assert_non_null(strstr(f->last_fail.text, "allow_networks"));
 
+    /* The same loopback host in an answer that misses the other MX hosts
+     * (their address lookups failed for now: partial): those may be
+     * targets on the next try, so the mail is deferred, not bounced, and
+     * the answer is asked again. */
+    submit("partial.test", 2);
+    {
+        struct result_host rh = {.name = MX1[1], .preference = 20, .n4 = 1, .a4 = lo};
+        struct dns_mx_result *r = result_new(DNS_OK, NULL, "partial.test", &rh, 1, false);
+        assert_non_null(r);
+        r->partial = true;
+        r->expires = UINT64_MAX;
+        struct dest *t = dest_get(F->d, "partial.test");
+        assert_non_null(t->req);
+        dest_on_mx(t, r);
+    }
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_TEMPFAIL);
+    assert_int_equal(f->last_fail.enh.cls, 4);
+    asked = f->resolves;
+    submit("partial.test", 1);
+    assert_int_equal(f->resolves, asked + 1); /* the answer was forgotten */
+
     /* This node's own listener (127.0.0.1:2587 here) is a loop, even
      * when loopback is allowed. */
     fx_free(f);
