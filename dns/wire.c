@@ -213,12 +213,23 @@ answer_pass(struct wire_msg *m, const char *name, uint16_t qtype, struct wire_an
         if (qtype == WIRE_T_MX) {
             if (rr.rdlen < 3)
                 return -EBADMSG;
-            if (a->n == WIRE_MAX_MX)
-                continue;
+            uint16_t pref = get16(m->buf + rr.rdoff);
             struct wire_mx *mx = &a->mx[a->n];
+            if (a->n == WIRE_MAX_MX) {
+                /* Full: the best WIRE_MAX_MX by preference are kept, not
+                 * the first ones, so that a long answer cannot push the
+                 * most preferred hosts out (RFC 5321 5.1). */
+                mx = &a->mx[0];
+                for (unsigned i = 1; i < WIRE_MAX_MX; i++)
+                    if (a->mx[i].preference > mx->preference)
+                        mx = &a->mx[i];
+                if (pref >= mx->preference)
+                    continue;
+                a->n--; /* replaced: counted again below */
+            }
             size_t after;
             bool ok;
-            mx->preference = get16(m->buf + rr.rdoff);
+            mx->preference = pref;
             if (rdata_name(m, &rr, rr.rdoff + 2, mx->host, &ok, &after) < 0)
                 return -EBADMSG;
             mx->ok = ok && wire_host_ok(mx->host);

@@ -23,7 +23,7 @@
 
 #define WIRE_NAME_MAX  253 /* presentation characters, without the NUL */
 #define WIRE_MAX_RR    512 /* records read per message; the rest is ignored */
-#define WIRE_MAX_MX    64  /* MX records kept per answer */
+#define WIRE_MAX_MX    64  /* MX records kept per answer: the most preferred */
 #define WIRE_MAX_ADDR  16  /* addresses kept per name and family */
 #define WIRE_MAX_CHAIN 8   /* CNAMEs followed per answer */
 

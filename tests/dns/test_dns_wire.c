@@ -12,6 +12,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -166,6 +167,36 @@ test_mx_with_compression(void **state)
     assert_memory_equal(addr[0], "\xc0\x00\x02\x01", 4);
     assert_int_equal(wire_additional(m.b, m.n, "mx2.example.com", WIRE_T_A, addr, 4, &ttl), 0);
     assert_int_equal(wire_additional(m.b, m.n, "mx1.example.com", WIRE_T_AAAA, addr, 4, &ttl), 0);
+}
+
+/* More MX records than are kept, the most preferred last: those are the
+ * ones kept, whatever their place in the answer. */
+static void
+test_many_mx_keeps_the_most_preferred(void **state)
+{
+    (void)state;
+    struct mb m;
+    unsigned total = WIRE_MAX_MX + 36;
+    header(&m, 0, total, 0, 0);
+    question(&m, "many.test", WIRE_T_MX); /* name at offset 12 */
+    for (unsigned i = 0; i < total; i++) {
+        char host[32];
+        snprintf(host, sizeof(host), "h%u.@12", i);
+        mx(&m, "@12", 300, total - i, host); /* preferences total .. 1 */
+    }
+    assert_true(m.n <= sizeof(m.b));
+    assert_int_equal(wire_answer(m.b, m.n, "many.test", WIRE_T_MX, &ans), 0);
+    assert_int_equal(ans.n, WIRE_MAX_MX);
+    bool seen[WIRE_MAX_MX + 1] = {false};
+    for (unsigned i = 0; i < ans.n; i++) {
+        assert_in_range(ans.mx[i].preference, 1, WIRE_MAX_MX);
+        assert_false(seen[ans.mx[i].preference]);
+        seen[ans.mx[i].preference] = true;
+        char host[32];
+        snprintf(host, sizeof(host), "h%u.many.test", total - ans.mx[i].preference);
+        assert_string_equal(ans.mx[i].host, host);
+        assert_true(ans.mx[i].ok);
+    }
 }
 
 static void
@@ -490,7 +521,8 @@ int
 main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_mx_with_compression), cmocka_unit_test(test_cname_chain),
+        cmocka_unit_test(test_mx_with_compression),
+        cmocka_unit_test(test_many_mx_keeps_the_most_preferred), cmocka_unit_test(test_cname_chain),
         cmocka_unit_test(test_negative_answers),    cmocka_unit_test(test_odd_targets),
         cmocka_unit_test(test_malformed),           cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_tlsa_records_and_ad), cmocka_unit_test(test_tlsa_every_truncation),
