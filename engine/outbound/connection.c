@@ -339,8 +339,16 @@ conn_next(struct conn *c)
         }
         /* VERP (oob.h): each recipient has its own sender, so its own transaction. */
         unsigned maxr = c->d->e->cfg->bounce.verp_domain != NULL && env->sender[0] ? 1 : c->max_rcpt;
+        /* RFC 9422: no more than the server's LIMITS RCPTMAX in one
+         * transaction; the rest go back first in line for the next one
+         * (the machine would fail them for now, 452 4.5.3, and they would
+         * wait for the retry schedule). */
+        uint32_t rcptmax = smtp_client_caps(&c->cli)->rcpt_max;
+        if (rcptmax != 0 && rcptmax < maxr)
+            maxr = rcptmax;
         if (j->n > maxr) {
-            /* Split with a larger max_rcpt_per_txn before a reload. */
+            /* Split with a larger max_rcpt_per_txn before a reload, or
+             * past the server's RCPTMAX. */
             struct job *rest = malloc(sizeof(*rest) + (j->n - maxr) * sizeof(unsigned));
             if (rest == NULL) {
                 queue_envelope_free(env);

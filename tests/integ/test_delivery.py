@@ -650,6 +650,57 @@ def test_receiver_that_stops_reading_the_body_is_given_up_on():
         r.close()
 
 
+def test_rcptmax_splits_the_job_into_transactions():
+    """A receiver that announces LIMITS RCPTMAX=2 (RFC 9422) gets a
+    message for five of its recipients in transactions of at most two
+    recipients, one after the other on the connection; none of them is
+    deferred (before, the recipients past the second got 452 4.5.3
+    locally and waited for the retry schedule, 5 minutes and more, each
+    retry taking two more)."""
+    got = []  # (recipients, body) per transaction
+
+    def script(c, rfile):
+        c.sendall(b"220 limits ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-limits\r\n250-PIPELINING\r\n250 LIMITS RCPTMAX=2\r\n")
+        rcpts = []
+        for _ in range(1000):  # bounded
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"RCPT":
+                rcpts.append(line.strip())
+                c.sendall(b"250 ok\r\n" if len(rcpts) <= 2 else b"452 4.5.3 too many\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go\r\n")
+                body = _read_until(rfile, b".\r\n")
+                got.append((list(rcpts), body))
+                rcpts = []
+                c.sendall(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    rcpts = [f"r{i}@limits.test" for i in range(5)]
+    r = Relay(records_for(["limits.test"]), with_sink=False)
+    mx = HostileMx(r.mx_port, script)
+    try:
+        r.inject([("s@example.com", rcpts, b"Subject: l\r\n\r\nlimits\r\n")])
+        r.d.wait_log_count("event=delivered", 5, timeout=30)
+        assert r.d.count_log("event=deferred") == 0
+        assert len(got) == 3 and all(len(g[0]) <= 2 for g in got), got
+        assert sorted(x for g in got for x in g[0]) == sorted(
+            b"RCPT TO:<%s>" % a.encode() for a in rcpts), got
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -837,4 +888,5 @@ if __name__ == "__main__":
           test_required_tls_defers_when_not_offered,
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
-          test_receiver_that_stops_reading_the_body_is_given_up_on])
+          test_receiver_that_stops_reading_the_body_is_given_up_on,
+          test_rcptmax_splits_the_job_into_transactions])
