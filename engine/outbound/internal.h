@@ -707,8 +707,9 @@ void job_finish(struct delivery *d, struct dest *t, struct job *j,
 void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src_id,
                      uint32_t tenant, const struct smtp_outcome *o);
 /* Every recipient of j (owned: freed) fails with o, without a session
- * (an outbound_ops fail). When o is t's last failure (&t->last_fail->o),
- * its MX host and address are the outcome's. */
+ * (an outbound_ops fail); none that is no longer in the spool (done
+ * meanwhile: told once already). When o is t's last failure
+ * (&t->last_fail->o), its MX host and address are the outcome's. */
 void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
               enum classify_source src);
 /* An outcome for a whole job from a policy verdict, text the reply. */

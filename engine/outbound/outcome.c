@@ -612,7 +612,13 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
          enum classify_source src)
 {
     struct queue_envelope *env = NULL;
-    queue_envelope_get(d->e->queue, j->id, &env);
+    if (queue_envelope_get(d->e->queue, j->id, &env) == QUEUE_ENOTFOUND) {
+        /* Every recipient of the message is done (a bounce that crossed
+         * another, an outcome committed meanwhile): each was told once
+         * already, nothing to tell again (as conn_next and the sweep). */
+        free(j);
+        return;
+    }
     struct outcome_where where = {.src = src};
     if (t->last_fail != NULL && o == &t->last_fail->o) {
         /* every address failed: the last one tried is where */
