@@ -354,11 +354,14 @@ delivery_shaping_bounce(void *arg, const struct shaping_action *a)
 
 /* An operator bounce on the owning worker. A recipient on a connection now
  * is left alone (its transaction decides: bouncing it could contradict a
- * 250 a moment later); one waiting here is taken out of its job. */
+ * 250 a moment later), and so is one whose final outcome is not durable
+ * yet (outcome_pending_drop: a 250 a moment earlier, a bounce that
+ * crossed this one); one waiting here is taken out of its job. */
 static void
 bounce_now(struct delivery *d, struct dest *t, struct job *j)
 {
     unsigned n = 0, busy = 0;
+    unsigned done = outcome_pending_drop(d, j);
     for (unsigned i = 0; i < j->n; i++) {
         bool flight = false;
         for (struct conn *c = d->all; c != NULL && !flight; c = c->next_all)
@@ -408,11 +411,12 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
         j->idx[n++] = j->idx[i];
     }
     j->n = n;
-    if (busy > 0) {
+    if (busy > 0 || done > 0) {
         char qid[QUEUE_ID_STRLEN + 1];
         queue_id_str(j->id, qid);
-        log_msg(LOG_NOTICE, "id=%s event=operator_bounce_skipped domain=%s in_flight=%u", qid,
-                t->name, busy);
+        log_msg(LOG_NOTICE,
+                "id=%s event=operator_bounce_skipped domain=%s in_flight=%u outcome_pending=%u",
+                qid, t->name, busy, done);
     }
     if (n == 0) {
         free(j);

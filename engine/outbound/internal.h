@@ -317,6 +317,9 @@ struct delivery {
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
+    struct outcome_batch *pending;  /* borrowed (each owned by its spool request or by
+                                     * retrying): every outcome batch not durable yet, so
+                                     * that a recipient is not told twice (outcome.c) */
     struct mxkey *mxkeys;    /* owned: [mx] limits met so far, [source] ones ("src:") and
                               * shaping's per source and group ("shape:") */
     struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
@@ -717,6 +720,10 @@ void job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char
 /* When the recipients of id give up. */
 uint64_t job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env,
                        uint64_t id);
+/* Take out of j (one message's recipients) those whose final outcome
+ * (delivered, bounced) is not durable yet: told already. Returns how
+ * many. */
+unsigned outcome_pending_drop(const struct delivery *d, struct job *j);
 /* Outcome commits waiting to be tried again: their timers out of the
  * worker's heap (delivery_free), then the batches freed (logged). */
 void outcome_retrying_cancel(struct delivery *d);

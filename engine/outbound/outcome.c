@@ -7,7 +7,10 @@
  * (RFC 3464: a bounce, an expiry, or a delay warning for those who asked)
  * to the spool in the same commit. A commit that fails is tried again,
  * backing off, for as long as the worker runs; once durable, the DSN is
- * logged and submitted for delivery like any message.
+ * logged and submitted for delivery like any message. Until then the
+ * spool still lists the recipients: every batch is on d->pending, and an
+ * operator's bounce leaves out those whose final outcome is on its way
+ * (outcome_pending_drop), so that each is told once.
  *
  * Threading: the worker's thread.
  */
@@ -40,6 +43,7 @@
 struct outcome_batch {
     struct delivery *d;
     struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
+    struct outcome_batch *pprev, *pnext; /* on d->pending until durable or given up */
     struct timer timer;
     unsigned tries;
     struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
@@ -51,6 +55,48 @@ struct outcome_batch {
 
 static void outcome_done(void *cookie, int rc);
 static void dsn_committed(struct delivery *d, const struct dsn_msg *m);
+
+/* b is durable, or given up (the spool keeps its recipients for the
+ * next start): off d->pending, freed with its DSN. */
+static void
+outcome_batch_free(struct outcome_batch *b)
+{
+    struct delivery *d = b->d;
+    if (b->pprev)
+        b->pprev->pnext = b->pnext;
+    else if (d->pending == b)
+        d->pending = b->pnext;
+    if (b->pnext)
+        b->pnext->pprev = b->pprev;
+    dsn_msg_free(b->dsn);
+    free(b);
+}
+
+/* Take out of j the recipients whose final outcome (delivered, bounced)
+ * is on its way to the spool: submitted, or waiting to be tried again,
+ * not durable yet. The spool's envelope still lists them, yet they are
+ * done, and told already. One pass over d->pending (a batch is one job's:
+ * one message). Returns how many were taken out. */
+unsigned
+outcome_pending_drop(const struct delivery *d, struct job *j)
+{
+    unsigned dropped = 0;
+    for (const struct outcome_batch *b = d->pending; b != NULL && j->n > 0; b = b->pnext) {
+        if (b->n == 0 || b->o[0].id != j->id)
+            continue;
+        for (size_t i = 0; i < b->n; i++) {
+            if (b->o[i].kind != QUEUE_DELIVERED && b->o[i].kind != QUEUE_BOUNCED)
+                continue;
+            unsigned m = 0;
+            for (unsigned k = 0; k < j->n; k++)
+                if (j->idx[k] != b->o[i].rcpt)
+                    j->idx[m++] = j->idx[k];
+            dropped += j->n - m;
+            j->n = m;
+        }
+    }
+    return dropped;
+}
 
 static void
 outcome_submit(struct outcome_batch *b)
@@ -92,8 +138,7 @@ outcome_done(void *cookie, int rc)
     if (rc == 0) {
         if (b->dsn != NULL)
             dsn_committed(d, b->dsn);
-        dsn_msg_free(b->dsn);
-        free(b);
+        outcome_batch_free(b);
         return;
     }
     b->tries++;
@@ -103,8 +148,7 @@ outcome_done(void *cookie, int rc)
         log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu dsn=%s "
                          "note=retried_after_restart",
                 queue_strerror(rc), b->n, b->dsn ? "yes" : "no");
-        dsn_msg_free(b->dsn);
-        free(b);
+        outcome_batch_free(b);
         return;
     }
     unsigned shift = b->tries < 6 ? b->tries : 6;
@@ -153,6 +197,10 @@ outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, str
         b->events = t;
         b->events_len = evlen;
     }
+    b->pnext = d->pending;
+    if (b->pnext)
+        b->pnext->pprev = b;
+    d->pending = b;
     outcome_submit(b);
     return 0;
 }
@@ -646,7 +694,6 @@ outcome_retrying_free(struct delivery *d)
         log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu dsn=%s "
                          "note=retried_after_restart",
                 b->n, b->dsn ? "yes" : "no");
-        dsn_msg_free(b->dsn);
-        free(b);
+        outcome_batch_free(b);
     }
 }

@@ -1,13 +1,16 @@
 /*
  * The outcome hand-off (engine/outbound/outcome.c) without a network:
- * jobs failed as a whole (job_fail: an operator's bounce, a DNS answer
- * that fails them) against a real spool in a temporary directory, the
- * delivery log's lines caught by its hook. Each recipient must end in
- * exactly one final outcome, told once: a second report of a recipient
- * that is already done (a bounce that crossed another) tells nothing.
+ * operators' bounces (delivery_submit_bounce, run from the worker's
+ * mailbox as its loop runs them) and a transaction's outcomes against a
+ * real spool in a temporary directory, the delivery log's lines caught
+ * by its hook. Each recipient must end in exactly one final outcome,
+ * told once: a bounce of a recipient that is already done, or whose
+ * final outcome is not durable yet, tells nothing.
  */
 #include <errno.h>
 #include <ftw.h>
+#include <pthread.h>
+#include <semaphore.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -35,6 +38,7 @@ struct fx {
     struct delivery *d;
     struct dlog *dlog;
     struct dlog_writer *writers[1];
+    struct delivery *dlv[1];
     unsigned lines, bounces; /* delivery log lines, and of them bounce events */
 };
 
@@ -106,6 +110,14 @@ fx_new(void)
     f->w.now = clock_now_ns();
     f->e.cfg = f->cfg;
     f->e.nworkers = 1;
+    /* Its mailbox, which the test empties (mbox_run): operators' bounces
+     * arrive there. */
+    pthread_mutex_init(&f->w.mbox_lock, NULL);
+    f->w.mbox_tail = &f->w.mbox_head;
+    f->w.wake_fd = -1;
+    f->w.ctx = &f->e;
+    f->e.workers = &f->w;
+    f->e.dlv = f->dlv;
     f->e.names = intern_new();
     assert_non_null(f->e.names);
     struct delivery *d = calloc(1, sizeof(*d));
@@ -121,6 +133,7 @@ fx_new(void)
     sched_init(d);
     scope_init(d);
     f->d = d;
+    f->dlv[0] = d;
     return f;
 }
 
@@ -148,6 +161,7 @@ fx_free(struct fx *f)
     intern_free(f->e.names);
     config_free(f->cfg);
     timer_heap_fini(&f->w.timers);
+    pthread_mutex_destroy(&f->w.mbox_lock);
     nftw(f->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     free(f);
 }
@@ -189,17 +203,28 @@ job_new(uint64_t id, const char *domain, const unsigned *idx, unsigned n)
     return j;
 }
 
-/* An operator's bounce of job j (owned) at its destination. */
+/* The messages posted to the worker, run as its loop runs them. */
 static void
-bounce(struct fx *f, struct job *j)
+mbox_run(struct fx *f)
 {
-    struct policy_fail pf;
-    policy_job(POLICY_OPERATOR_BOUNCE, &pf);
-    struct smtp_outcome o;
-    job_outcome(&o, &pf, NULL);
-    struct dest *t = dest_get(f->d, j->domain);
-    assert_non_null(t);
-    job_fail(f->d, t, j, &o, pf.src);
+    struct worker_msg *m = f->w.mbox_head;
+    f->w.mbox_head = NULL;
+    f->w.mbox_tail = &f->w.mbox_head;
+    while (m != NULL) {
+        struct worker_msg *next = m->next;
+        m->fn(&f->w, m);
+        m = next;
+    }
+}
+
+/* `sluicectl bounce`: recipients idx[0..n) of message id at domain, as
+ * the stats thread hands them to the worker. */
+static void
+bounce(struct fx *f, uint64_t id, const char *domain, const unsigned *idx, unsigned n)
+{
+    struct job_owner own = {0};
+    delivery_submit_bounce(&f->e, id, domain, idx, n, &own);
+    mbox_run(f);
 }
 
 /* Every outcome submitted is durable (or failed). */
@@ -223,14 +248,14 @@ bounce_of_a_gone_message_tells_nothing(void **state)
     const unsigned idx[] = {0};
     uint64_t id = store(f, "example.test", 1);
 
-    bounce(f, job_new(id, "example.test", idx, 1));
+    bounce(f, id, "example.test", idx, 1);
     settle(f);
     assert_int_equal(f->d->stats.bounced, 1);
     assert_int_equal(f->bounces, 1);
     struct queue_envelope *env = NULL;
     assert_int_equal(queue_envelope_get(f->e.queue, id, &env), QUEUE_ENOTFOUND);
 
-    bounce(f, job_new(id, "example.test", idx, 1));
+    bounce(f, id, "example.test", idx, 1);
     settle(f);
     assert_int_equal(f->d->stats.bounced, 1);
     assert_int_equal(f->bounces, 1);
@@ -239,11 +264,153 @@ bounce_of_a_gone_message_tells_nothing(void **state)
     fx_free(f);
 }
 
+/* The spool's committer held: a commit of an event line whose hook
+ * blocks the committer's thread until released, so that the commits
+ * submitted meanwhile wait, not durable, deterministically. */
+struct hold {
+    sem_t entered, release;
+    bool once;
+    struct queue_port *port;
+};
+
+static void
+hold_hook(void *arg)
+{
+    struct hold *h = arg;
+    if (h->once)
+        return;
+    h->once = true;
+    sem_post(&h->entered);
+    sem_wait(&h->release);
+}
+
+static void
+hold_done(void *cookie, int rc)
+{
+    (void)cookie;
+    assert_int_equal(rc, 0);
+}
+
+static void
+hold_start(struct fx *f, struct hold *h)
+{
+    memset(h, 0, sizeof(*h));
+    sem_init(&h->entered, 0, 0);
+    sem_init(&h->release, 0, 0);
+    h->port = queue_port_new();
+    assert_non_null(h->port);
+    queue_events_set_hook(f->e.queue, hold_hook, h);
+    assert_int_equal(queue_events_put(f->e.queue, h->port, "{}\n", 3, hold_done, NULL), 0);
+    sem_wait(&h->entered);
+}
+
+static void
+hold_end(struct fx *f, struct hold *h)
+{
+    sem_post(&h->release);
+    while (queue_port_pending(h->port) > 0)
+        assert_true(queue_port_wait(h->port, 5000) >= 0);
+    queue_events_set_hook(f->e.queue, NULL, NULL);
+    queue_port_free(h->port);
+    sem_destroy(&h->entered);
+    sem_destroy(&h->release);
+}
+
+/* Is recipient rcpt of message id still in the spool? */
+static bool
+stored(struct fx *f, uint64_t id, unsigned rcpt)
+{
+    struct queue_envelope *env = NULL;
+    if (queue_envelope_get(f->e.queue, id, &env) != 0)
+        return false;
+    bool found = false;
+    for (unsigned k = 0; k < env->nrcpt; k++)
+        found |= env->rcpt[k].index == rcpt;
+    queue_envelope_free(env);
+    return found;
+}
+
+/* Two bounces of one recipient, the second before the first's commit is
+ * durable (two `sluicectl bounce` in a row; a bounce whose commit is
+ * tried again on a full spool and an operator's bounce of the domain):
+ * the spool still lists the recipient, yet its final outcome is on its
+ * way. Told once. */
+static void
+second_bounce_before_the_first_is_durable(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    struct hold h;
+    hold_start(f, &h);
+
+    bounce(f, id, "example.test", idx, 1);
+    assert_true(stored(f, id, 0)); /* not durable: the committer is held */
+    bounce(f, id, "example.test", idx, 2); /* both recipients */
+    assert_int_equal(f->d->stats.bounced, 2);
+    assert_int_equal(f->bounces, 2);
+
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 2);
+    assert_int_equal(f->bounces, 2);
+    assert_false(stored(f, id, 0));
+    assert_false(stored(f, id, 1));
+    assert_null(f->d->pending);
+    fx_free(f);
+}
+
+/* An operator's bounce of a recipient delivered a moment ago, whose
+ * delivery is not durable yet: the recipient was delivered, and is told
+ * so once; the bounce tells nothing (and no DSN says it failed). */
+static void
+bounce_after_a_250_not_yet_durable(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0};
+    uint64_t id = store(f, "example.test", 1);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[1];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_DELIVERED;
+    rc[0].out.code = 250;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "2.0.0 queued as 1234");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct hold h;
+    hold_start(f, &h);
+
+    struct job *j = job_new(id, "example.test", idx, 1);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    assert_true(stored(f, id, 0)); /* not durable: the committer is held */
+    bounce(f, id, "example.test", idx, 1);
+    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->d->stats.bounced, 0);
+    assert_int_equal(f->bounces, 0);
+    assert_int_equal(f->lines, 1);
+
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 0);
+    assert_int_equal(f->lines, 1);
+    assert_false(stored(f, id, 0));
+    fx_free(f);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(bounce_of_a_gone_message_tells_nothing),
+        cmocka_unit_test(second_bounce_before_the_first_is_durable),
+        cmocka_unit_test(bounce_after_a_250_not_yet_durable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
