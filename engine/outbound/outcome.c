@@ -308,6 +308,11 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     queue_id_str(m->orig, oqid);
     d->stats.dsn_queued++;
     log_msg(LOG_INFO, "id=%s event=dsn_queued dsn_id=%s", oqid, qid);
+    /* Stopping (delivery_free drains the port after the loop ended and
+     * the mailboxes were swept): no worker takes a job now. The DSN is
+     * in the spool, ready: the next start's walk delivers it. */
+    if (d->stopping)
+        return;
     /* a DSN is its tenant's mail, through its pool, at no priority */
     delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign, false);
 }

@@ -166,9 +166,9 @@ fx_free(struct fx *f)
     free(f);
 }
 
-/* A message from the null sender (no DSN) to n recipients at domain. */
+/* A message from sender to n recipients at domain. */
 static uint64_t
-store(struct fx *f, const char *domain, unsigned n)
+store_from(struct fx *f, const char *sender, const char *domain, unsigned n)
 {
     char addr[8][64];
     struct queue_rcpt r[8];
@@ -180,7 +180,7 @@ store(struct fx *f, const char *domain, unsigned n)
     }
     struct queue_envelope env = {
         .id = queue_id_next(f->e.queue),
-        .sender = "",
+        .sender = sender,
         .nrcpt = n,
         .rcpt = r,
     };
@@ -188,6 +188,13 @@ store(struct fx *f, const char *domain, unsigned n)
     struct iovec iov = {(void *)body, sizeof(body) - 1};
     assert_int_equal(queue_enqueue_wait(f->e.queue, &env, &iov, 1), 0);
     return env.id;
+}
+
+/* ... from the null sender: no DSN. */
+static uint64_t
+store(struct fx *f, const char *domain, unsigned n)
+{
+    return store_from(f, "", domain, n);
 }
 
 /* A job of recipients idx[0..n) of message id at domain. */
@@ -404,6 +411,48 @@ bounce_after_a_250_not_yet_durable(void **state)
     fx_free(f);
 }
 
+static int
+count_msgs(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    uint64_t *last = arg;
+    (void)r;
+    if (id != last[0]) {
+        last[0] = id;
+        last[1]++;
+    }
+    return 0;
+}
+
+/* A bounce whose commit (with its DSN) completes while the worker stops
+ * (delivery_free drains the spool port after the loop ended, and after
+ * the engine swept the workers' mailboxes, some of them finished): the
+ * DSN is in the spool, and the next start delivers it; nothing is posted
+ * to a worker that no longer runs (the job would be lost in a mailbox
+ * nobody reads, or in one already torn down). */
+static void
+dsn_committed_while_stopping_waits_for_the_next_start(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0};
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 1);
+    struct hold h;
+    hold_start(f, &h);
+    bounce(f, id, "example.test", idx, 1);
+    assert_int_equal(f->d->stats.bounced, 1);
+    f->d->stopping = true; /* delivery_on_stop; then the loop ends */
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    assert_null(f->w.mbox_head); /* nothing posted */
+    assert_false(stored(f, id, 0));
+    uint64_t walk[2] = {0, 0}; /* the DSN, alone in the spool, for the next start */
+    assert_true(queue_walk(f->e.queue, count_msgs, walk) >= 0);
+    assert_int_equal(walk[1], 1);
+    assert_true(walk[0] != id);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -411,6 +460,7 @@ main(void)
         cmocka_unit_test(bounce_of_a_gone_message_tells_nothing),
         cmocka_unit_test(second_bounce_before_the_first_is_durable),
         cmocka_unit_test(bounce_after_a_250_not_yet_durable),
+        cmocka_unit_test(dsn_committed_while_stopping_waits_for_the_next_start),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
