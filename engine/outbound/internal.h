@@ -578,7 +578,7 @@ void sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct sm
  * NULL), release its counts and leases, free c, let what waits go. */
 void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
 /* Transactions on c before QUIT: its domain's, or its [mx] or [source]
- * section's when lower. */
+ * section's, or the server's LIMITS MAILMAX, when lower. */
 unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);

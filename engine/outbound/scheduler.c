@@ -1617,6 +1617,12 @@ sched_conn_max_msgs(const struct conn *c)
         m = lower(m, c->mxk->pol->max_messages_per_connection);
     if (c->srck != NULL && c->srck->pol != NULL)
         m = lower(m, c->srck->pol->max_messages_per_connection);
+    /* The server's LIMITS MAILMAX (RFC 9422), learnt at EHLO: a
+     * transaction past it is refused, and its recipients would be
+     * deferred along the retry schedule for nothing. */
+    const struct smtp_ehlo *caps = smtp_client_caps(&c->cli);
+    if (caps != NULL)
+        m = lower(m, caps->mail_max);
     return m;
 }
 

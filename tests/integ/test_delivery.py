@@ -533,6 +533,83 @@ def _plaintext_after_starttls(c, rfile):
     rfile.readline()
 
 
+def _limits_receiver(got, rcpt_max=0, mail_max=0):
+    """An MX that says LIMITS RCPTMAX= and MAILMAX= (RFC 9422; 0: not
+    said, no limit) and refuses past them as such a server does: a RCPT
+    with 452 4.5.3, a MAIL with 451 4.5.3. got collects the recipients of
+    each message whose final dot it accepted."""
+    limits = b" ".join(([b"RCPTMAX=%d" % rcpt_max] if rcpt_max else []) +
+                       ([b"MAILMAX=%d" % mail_max] if mail_max else []))
+
+    def script(c, rfile):
+        c.sendall(b"220 limits ESMTP\r\n")
+        rcpts, mails = [], 0
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                c.sendall(b"250-limits\r\n250-PIPELINING\r\n250 LIMITS " + limits + b"\r\n")
+            elif verb == b"MAIL":
+                rcpts, mails = [], mails + 1
+                if mail_max and mails > mail_max:
+                    c.sendall(b"451 4.5.3 too many transactions\r\n")
+                    rcpts = None
+                else:
+                    c.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                if rcpts is None:
+                    c.sendall(b"503 5.5.1 no MAIL\r\n")
+                elif rcpt_max and len(rcpts) >= rcpt_max:
+                    c.sendall(b"452 4.5.3 too many recipients\r\n")
+                else:
+                    rcpts.append(line[8:].strip().decode())
+                    c.sendall(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                if not rcpts:
+                    c.sendall(b"503 5.5.1 no valid recipients\r\n")
+                    continue
+                c.sendall(b"354 go ahead\r\n")
+                while True:
+                    body = rfile.readline()
+                    if not body or body == b".\r\n":
+                        break
+                if not body:
+                    return
+                got.append(list(rcpts))
+                c.sendall(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+    return script
+
+
+def test_server_mailmax_ends_the_session():
+    """A receiver that takes one transaction per session (LIMITS
+    MAILMAX=1, a second MAIL refused with 451): three messages there go
+    on connections of one transaction each, all delivered at once, none
+    deferred by a refused MAIL on a reused connection."""
+    r = Relay(records_for(["limits.test"]), with_sink=False)
+    got = []
+    mx = HostileMx(r.mx_port, _limits_receiver(got, mail_max=1))
+    try:
+        r.inject([("s@example.com", [f"u{i}@limits.test"], b"Subject: m\r\n\r\nmailmax\r\n")
+                  for i in range(3)], sessions=1)
+        wait_until(lambda: r.d.count_log("event=delivered") + r.d.count_log("event=deferred") >= 3,
+                   30, "an outcome for each of the 3 recipients")
+        assert r.d.count_log("event=deferred") == 0, r.d.count_log("event=deferred")
+        assert r.d.count_log("event=delivered") == 3
+        assert sorted(a for txn in got for a in txn) == [f"<u{i}@limits.test>" for i in range(3)]
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_hostile_mx_replies_deliver_nothing():
     """1 MB reply lines, endless continuations, a bad code, more replies
     than commands, plaintext after STARTTLS: the session is dropped, the
@@ -889,4 +966,4 @@ if __name__ == "__main__":
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
           test_receiver_that_stops_reading_the_body_is_given_up_on,
-          test_rcptmax_splits_the_job_into_transactions])
+          test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session])
