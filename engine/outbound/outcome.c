@@ -362,11 +362,6 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
     return m;
 }
 
-/* Report the outcome of every recipient of job (from the transaction, or
- * one outcome for all when all is given) to the spool, the logs and the
- * sender (DSN). A temporary failure past the recipient's expiry is an
- * expiration; a deferral never reaches past it, so that a deferred
- * recipient comes due when it expires. */
 /* A receiver's reply that was not a delivery goes past the shaping rules
  * (shaping.h): one that fires starts an action for the source, the
  * destination group or the domain, on every node. */
@@ -392,6 +387,11 @@ outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_t src
     shaping_on_reply(e->shaping, cfg->shaping_rules, &rep, source ? source : "", ten);
 }
 
+/* Report the outcome of every recipient of job (from the transaction, or
+ * one outcome for all when all is given) to the spool, the logs and the
+ * sender (DSN). A temporary failure past the recipient's expiry is an
+ * expiration; a deferral never reaches past it, so that a deferred
+ * recipient comes due when it expires. */
 void
 job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue_envelope *env,
            const struct smtp_client_rcpt *rc, const struct smtp_outcome *all,
