@@ -12,8 +12,10 @@
  * streams the body from the spool in
  * chunks, and when the session is ready asks the scheduler for its next
  * job (reuse: a job of any domain of its site) or goes idle. Transaction
- * outcomes go to outcome.c; what a failed connect, a timeout or the end
- * of the session means is the scheduler's and the policy's.
+ * outcomes go to outcome.c (but recipients refused for the server's
+ * limit per transaction, which go first in line for the next one); what a
+ * failed connect, a timeout or the end of the session means is the
+ * scheduler's and the policy's.
  *
  * Memory only while it is used: the machine's buffer is lent from a pool
  * for each call, received octets come from the ring's provided buffers
@@ -464,6 +466,40 @@ conn_next(struct conn *c)
     conn_handle(c, smtp_client_txn(conn_cli(c), &c->txn));
 }
 
+/* Recipients the policy sends in the next transaction (refused for the
+ * server's limit per transaction, policy_rcpt_next_txn) go first in line
+ * for it, now; this connection sends no more than were accepted from now
+ * on. j keeps the rest, c->rc compacted beside it. */
+static void
+conn_rcpt_overflow(struct conn *c, struct job *j)
+{
+    unsigned over = 0;
+    for (unsigned i = 0; i < j->n; i++)
+        over += policy_rcpt_next_txn(&c->rc[i].out, c->txn.delivered);
+    if (over == 0)
+        return;
+    struct job *next = malloc(sizeof(*next) + over * sizeof(unsigned));
+    if (next == NULL)
+        return; /* reported as they are: deferred along the schedule */
+    *next = *j;
+    next->n = 0;
+    unsigned keep = 0;
+    for (unsigned i = 0; i < j->n; i++) {
+        if (policy_rcpt_next_txn(&c->rc[i].out, c->txn.delivered)) {
+            next->idx[next->n++] = j->idx[i];
+            continue;
+        }
+        j->idx[keep] = j->idx[i];
+        c->rc[keep++] = c->rc[i];
+    }
+    j->n = keep;
+    if (c->txn.delivered < c->max_rcpt)
+        c->max_rcpt = c->txn.delivered;
+    log_msg(LOG_INFO, "conn=%llx event=rcpt_limit domain=%s mx=%s accepted=%u next_txn=%u",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->txn.delivered, next->n);
+    dest_push(c->dest, next, true);
+}
+
 static void
 conn_txn_done(struct conn *c)
 {
@@ -486,6 +522,7 @@ conn_txn_done(struct conn *c)
         };
         if (!stream_tls(&c->st))
             conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */
+        conn_rcpt_overflow(c, j);
         job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
         free(j);
     }

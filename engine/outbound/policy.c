@@ -87,6 +87,17 @@ policy_expired(uint64_t now_ms, uint64_t expire_ms)
 }
 
 bool
+policy_rcpt_next_txn(const struct smtp_outcome *o, unsigned delivered)
+{
+    if (delivered == 0 || (o->code != 452 && o->code != 552))
+        return false;
+    if (o->enh.subject == 5 && o->enh.detail == 3)
+        return true;
+    return o->enh.subject == 0 && o->enh.detail == 0 &&
+           strcasestr(o->text, "too many recipients") != NULL;
+}
+
+bool
 policy_failover(const struct policy_txn *t)
 {
     const struct smtp_outcome *m = t->msg;

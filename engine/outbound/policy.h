@@ -66,6 +66,13 @@ uint64_t policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_ex
  * (4.4.7), never sent. */
 bool policy_expired(uint64_t now_ms, uint64_t expire_ms);
 
+/* A recipient refused for the server's limit of recipients per
+ * transaction (452, or RFC 821's 552, with X.5.3, or without an enhanced
+ * code saying "too many recipients"; not 452 4.2.2, a full mailbox) in a
+ * transaction that delivered to others: it goes in the next transaction
+ * at once, not along the retry schedule (RFC 5321 4.5.3.1.10). */
+bool policy_rcpt_next_txn(const struct smtp_outcome *o, unsigned delivered);
+
 /* ---- a job whose transaction ended in a session failure ---- */
 
 struct policy_txn {

@@ -533,13 +533,16 @@ def _plaintext_after_starttls(c, rfile):
     rfile.readline()
 
 
-def _limits_receiver(got, rcpt_max=0, mail_max=0):
+def _limits_receiver(got, rcpt_max=0, mail_max=0, announce=True, refusal=b"452 4.5.3"):
     """An MX that says LIMITS RCPTMAX= and MAILMAX= (RFC 9422; 0: not
-    said, no limit) and refuses past them as such a server does: a RCPT
-    with 452 4.5.3, a MAIL with 451 4.5.3. got collects the recipients of
-    each message whose final dot it accepted."""
+    said, no limit; announce False: never said, only held to) and refuses
+    past them as such a server does: a RCPT with refusal (452 4.5.3), a
+    MAIL with 451 4.5.3. got collects the recipients of each message whose
+    final dot it accepted."""
     limits = b" ".join(([b"RCPTMAX=%d" % rcpt_max] if rcpt_max else []) +
                        ([b"MAILMAX=%d" % mail_max] if mail_max else []))
+    ehlo = b"250-limits\r\n250-PIPELINING\r\n250 LIMITS " + limits + b"\r\n" if announce else \
+        b"250-limits\r\n250 PIPELINING\r\n"
 
     def script(c, rfile):
         c.sendall(b"220 limits ESMTP\r\n")
@@ -550,7 +553,7 @@ def _limits_receiver(got, rcpt_max=0, mail_max=0):
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                c.sendall(b"250-limits\r\n250-PIPELINING\r\n250 LIMITS " + limits + b"\r\n")
+                c.sendall(ehlo)
             elif verb == b"MAIL":
                 rcpts, mails = [], mails + 1
                 if mail_max and mails > mail_max:
@@ -562,7 +565,7 @@ def _limits_receiver(got, rcpt_max=0, mail_max=0):
                 if rcpts is None:
                     c.sendall(b"503 5.5.1 no MAIL\r\n")
                 elif rcpt_max and len(rcpts) >= rcpt_max:
-                    c.sendall(b"452 4.5.3 too many recipients\r\n")
+                    c.sendall(refusal + b" too many recipients\r\n")
                 else:
                     rcpts.append(line[8:].strip().decode())
                     c.sendall(b"250 2.1.5 ok\r\n")
@@ -605,6 +608,52 @@ def test_server_mailmax_ends_the_session():
         assert sorted(a for txn in got for a in txn) == [f"<u{i}@limits.test>" for i in range(3)]
         assert r.d.stop_clean() == 0
         assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_unannounced_recipient_limit_sends_the_rest_next():
+    """A receiver that takes at most 2 recipients per transaction without
+    saying so (no LIMITS): the third RCPT gets 452 4.5.3 (then, on a
+    second run, RFC 821's 552 without an enhanced code). The refused
+    recipients go in the next transactions at once, none deferred along
+    the retry schedule (RFC 5321 4.5.3.1.10), and a 452 that is not about
+    the limit (4.2.2, mailbox full) is still a deferral."""
+    for refusal in (b"452 4.5.3", b"552"):
+        r = Relay(records_for(["limits.test"]), with_sink=False)
+        got = []
+        mx = HostileMx(r.mx_port, _limits_receiver(got, rcpt_max=2, announce=False,
+                                                   refusal=refusal))
+        try:
+            rcpts = [f"u{i}@limits.test" for i in range(5)]
+            r.inject([("s@example.com", rcpts, b"Subject: l\r\n\r\nlimits\r\n")])
+            wait_until(lambda: r.d.count_log("event=delivered") + r.d.count_log("event=deferred")
+                       + r.d.count_log("event=bounced") >= 5, 30,
+                       "an outcome for each of the 5 recipients")
+            assert r.d.count_log("event=deferred") == 0, r.d.log_lines("event=deferred")
+            assert r.d.count_log("event=bounced") == 0, r.d.log_lines("event=bounced")
+            assert r.d.count_log("event=delivered") == 5
+            assert sorted(a for txn in got for a in txn) == sorted(f"<{a}>" for a in rcpts), got
+            assert all(1 <= len(txn) <= 2 for txn in got), got
+            assert r.d.count_log("event=rcpt_limit") >= 1
+            assert r.d.stop_clean() == 0
+            assert mdb_entries(r.spool, "msg") == 0
+        finally:
+            mx.stop()
+            r.close()
+    # 452 4.2.2 is the mailbox's, not the transaction's: deferred as before
+    r = Relay(records_for(["limits.test"]), with_sink=False)
+    got = []
+    mx = HostileMx(r.mx_port, _limits_receiver(got, rcpt_max=2, announce=False,
+                                               refusal=b"452 4.2.2"))
+    try:
+        r.inject([("s@example.com", [f"u{i}@limits.test" for i in range(3)],
+                   b"Subject: l\r\n\r\nfull\r\n")])
+        r.d.wait_log("event=deferred", timeout=30)
+        assert r.d.count_log("event=rcpt_limit") == 0
+        assert r.d.count_log("event=delivered") == 2
+        assert r.d.stop_clean() == 0
     finally:
         mx.stop()
         r.close()
@@ -966,4 +1015,5 @@ if __name__ == "__main__":
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
           test_receiver_that_stops_reading_the_body_is_given_up_on,
-          test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session])
+          test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
+          test_unannounced_recipient_limit_sends_the_rest_next])

@@ -4,12 +4,14 @@
  * 421), transactions that end in a session failure (fail over or not),
  * connections that end (refused, greeting failed, 421, stopping, a
  * failed handshake under opportunistic TLS), DNS
- * statuses, the retry schedule with jitter, and expiry. No network.
+ * statuses, the retry schedule with jitter, and expiry; recipients
+ * refused for the server's limit per transaction, sent next. No network.
  */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <cmocka.h>
 
@@ -26,6 +28,37 @@ outcome(enum smtp_status st, unsigned code, enum smtp_reason reason)
     o.reason = reason;
     o.scope = SMTP_SCOPE_RCPT;
     return o;
+}
+
+static struct smtp_outcome
+refused(unsigned code, uint8_t cls, uint16_t subject, uint16_t detail, const char *text)
+{
+    struct smtp_outcome o = outcome(code >= 500 ? SMTP_STATUS_PERMFAIL : SMTP_STATUS_TEMPFAIL, code,
+                                    SMTP_REASON_REPLY);
+    o.enh = (struct smtp_enh){cls, subject, detail};
+    snprintf(o.text, sizeof(o.text), "%s", text);
+    return o;
+}
+
+static void
+recipient_limit_goes_next(void **state)
+{
+    (void)state;
+    struct smtp_outcome o = refused(452, 4, 5, 3, "4.5.3 too many recipients");
+    assert_true(policy_rcpt_next_txn(&o, 2));
+    assert_false(policy_rcpt_next_txn(&o, 0)); /* nothing delivered: a deferral */
+    o = refused(552, 5, 5, 3, "5.5.3 too many recipients");
+    assert_true(policy_rcpt_next_txn(&o, 1)); /* RFC 821's code */
+    o = refused(552, 5, 0, 0, "Too many recipients");
+    assert_true(policy_rcpt_next_txn(&o, 1)); /* no enhanced code: the text says it */
+    o = refused(452, 4, 2, 2, "4.2.2 mailbox full");
+    assert_false(policy_rcpt_next_txn(&o, 1)); /* the mailbox's, not the transaction's */
+    o = refused(452, 4, 3, 1, "4.3.1 too many recipients"); /* an enhanced code that says else */
+    assert_false(policy_rcpt_next_txn(&o, 1));
+    o = refused(452, 4, 0, 0, "insufficient system storage");
+    assert_false(policy_rcpt_next_txn(&o, 1));
+    o = refused(550, 5, 5, 3, "5.5.3 too many recipients");
+    assert_false(policy_rcpt_next_txn(&o, 1));
 }
 
 static void
@@ -249,6 +282,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(recipients),
+        cmocka_unit_test(recipient_limit_goes_next),
         cmocka_unit_test(failover),
         cmocka_unit_test(connections),
         cmocka_unit_test(dns_and_schedule),
