@@ -395,8 +395,10 @@ struct outbound_ops {
     /* An idle connection (off its site's idle list) says goodbye now: its
      * slot comes back when it has gone (sched_conn_detach()). */
     void (*quit)(struct conn *c);
-    /* Every recipient of j (owned: freed) fails with o, without a session. */
-    void (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+    /* Every recipient of j fails with o, without a session: true, and j
+     * is freed; false when its message could not be read just then (not
+     * gone: an I/O error, no reader slot), and j is the caller's still. */
+    bool (*fail)(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
                  enum classify_source src);
     /* As dns_txt_lookup() on this worker's resolver: 0 (cb runs exactly
      * once: later, or from inside this call when c-ares fails at once;
@@ -713,7 +715,7 @@ void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_
  * (an outbound_ops fail); none that is no longer in the spool (done
  * meanwhile: told once already). When o is t's last failure
  * (&t->last_fail->o), its MX host and address are the outcome's. */
-void job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
+bool job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
               enum classify_source src);
 /* An outcome for a whole job from a policy verdict, text the reply. */
 void job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *text);

@@ -660,17 +660,27 @@ job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *tex
 
 /* A failure for a whole job without a session: DNS, no address, an
  * operator's bounce. */
-void
+bool
 job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
          enum classify_source src)
 {
     struct queue_envelope *env = NULL;
-    if (queue_envelope_get(d->e->queue, j->id, &env) == QUEUE_ENOTFOUND) {
+    int erc = queue_envelope_get(d->e->queue, j->id, &env);
+    if (erc == QUEUE_ENOTFOUND) {
         /* Every recipient of the message is done (a bounce that crossed
          * another, an outcome committed meanwhile): each was told once
          * already, nothing to tell again (as conn_next and the sweep). */
         free(j);
-        return;
+        return true;
+    }
+    if (erc != 0) {
+        /* Without its envelope there is no sender to tell (DSN) and no
+         * address to log: kept for the next try, as conn_next keeps it. */
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(j->id, qid);
+        log_msg(LOG_ERR, "id=%s event=envelope_read_failed domain=%s err=\"%s\" note=kept",
+                qid, t->name, queue_strerror(erc));
+        return false;
     }
     struct outcome_where where = {.src = src};
     if (t->last_fail != NULL && o == &t->last_fail->o) {
@@ -681,6 +691,7 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
     job_finish(d, t, j, env, NULL, o, &where);
     queue_envelope_free(env);
     free(j);
+    return true;
 }
 
 void

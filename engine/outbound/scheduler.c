@@ -1303,6 +1303,29 @@ dest_on_sweep(struct timer *tm, void *ctx)
         worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }
 
+/* Every job waiting at t fails with o; one whose message could not be
+ * read just then (ops->fail kept it) waits at t again, in its place, and
+ * t runs again after HOLD_MIN_MS. */
+static void
+dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src)
+{
+    struct job *kept = NULL, *j;
+    while ((j = dest_pop(t)) != NULL) {
+        if (!t->d->ops->fail(t->d, t, j, o, src)) {
+            j->next_parked = kept; /* a link while it is on no list */
+            kept = j;
+        }
+    }
+    if (kept == NULL)
+        return;
+    while ((j = kept) != NULL) {
+        kept = j->next_parked;
+        j->next_parked = NULL;
+        dest_push(t, j, true); /* the last kept first: back in order */
+    }
+    dest_lim_wait(t, t->d->w->now + MS_TO_NS(HOLD_MIN_MS));
+}
+
 /* Every waiting job of t fails as f says, with text as the reply (f's
  * own when NULL). */
 static void
@@ -1310,9 +1333,7 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
 {
     struct smtp_outcome o;
     job_outcome(&o, f, text);
-    struct job *j;
-    while ((j = dest_pop(t)) != NULL)
-        t->d->ops->fail(t->d, t, j, &o, f->src);
+    dest_fail_each(t, &o, f->src);
 }
 
 /* The scheduler's one decision point, never re-entered for the same
@@ -1496,9 +1517,7 @@ dest_run_once(struct dest *t)
             if (t->conns == 0) {
                 if (t->last_fail != NULL && t->last_fail->o.text[0] != '\0') {
                     /* deferred with why the last address failed */
-                    struct job *j;
-                    while ((j = dest_pop(t)) != NULL)
-                        d->ops->fail(d, t, j, &t->last_fail->o, CLASSIFY_CONNECT);
+                    dest_fail_each(t, &t->last_fail->o, CLASSIFY_CONNECT);
                 } else {
                     struct policy_fail nf;
                     policy_job(POLICY_NO_MX_ANSWERED, &nf);

@@ -53,6 +53,7 @@ struct fx {
     unsigned quits;            /* idle connections told to say goodbye */
     struct conn *quit;         /* the last of them */
     unsigned failed;           /* recipients failed without a session */
+    unsigned fail_keeps;       /* fails to refuse (a message unreadable just then) first */
     struct smtp_outcome last_fail;
     enum classify_source last_src;
     unsigned finished;         /* jobs reported after a transaction */
@@ -127,16 +128,21 @@ t_quit(struct conn *c)
     F->quit = c;
 }
 
-static void
+static bool
 t_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
        enum classify_source src)
 {
     (void)d;
     (void)t;
+    if (F->fail_keeps > 0) {
+        F->fail_keeps--;
+        return false;
+    }
     F->failed += j->n;
     F->last_fail = *o;
     F->last_src = src;
     free(j);
+    return true;
 }
 
 static const struct outbound_ops test_ops = {
@@ -481,6 +487,29 @@ failed_open_tries_again(void **state)
     f->w.now += MS_TO_NS(HOLD_MIN_MS);
     timer_run(&f->w.timers, f->w.now, NULL);
     assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* A bounce for every job of a domain (NXDOMAIN) that meets a message it
+ * cannot read just then: that job stays queued, in its place, and is
+ * failed when the destination runs again; the others go at once. */
+static void
+failure_of_an_unreadable_message_waits(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n");
+    submit("nx.test", 1);
+    submit("nx.test", 2);
+    f->fail_keeps = 1;
+    answer("nx.test", DNS_NOT_FOUND, NULL, NULL, NULL, 0);
+    struct dest *t = dest_get(f->d, "nx.test");
+    assert_int_equal(f->failed, 2); /* the second job's two */
+    assert_int_equal(dest_queued(t), 1);
+    assert_true(timer_armed(&t->lim_timer));
+    f->w.now += MS_TO_NS(HOLD_MIN_MS);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(dest_queued(t), 0);
     fx_free(f);
 }
 
@@ -1705,6 +1734,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(failed_open_tries_again),
+        cmocka_unit_test(failure_of_an_unreadable_message_waits),
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
         cmocka_unit_test(window_ignores_waits_for_rate_tokens),
