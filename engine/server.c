@@ -924,6 +924,13 @@ message_finish(struct session *s, uint32_t data_flags)
     struct server_worker *sw = s->sw;
     if (s->body_seen > sw->cfg->max_message_size)
         s->too_big = true;
+    /* "BDAT 0 LAST" as the only chunk: no octet came, so no buffer was
+     * made. The empty message gets one, as after DATA and a lone dot:
+     * what follows copies from s->body (the DKIM header copy, the spool's
+     * iovecs, the bounce parser), and a copy from NULL is undefined even
+     * for 0 octets. Without memory it is refused like any other body. */
+    if (s->body == NULL)
+        body_reserve(s, 1);
     if (s->too_big || s->no_memory) {
         sw->stats.rejected++;
         log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s size=%llu reason=%s",

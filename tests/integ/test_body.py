@@ -1,7 +1,8 @@
 """Message bodies from submission to the next hop, against real servers
 on loopback (dnsmasq for MX records, Postfix's smtp-sink as the MX):
 a message whose client left between its final dot (or last BDAT chunk)
-and the 250 is still delivered and logged without a restart; 8-bit
+and the 250 is still delivered and logged without a restart; an empty
+message (a lone "BDAT 0 LAST") is signed, stored and delivered; 8-bit
 content declared BODY=7BIT (or undeclared, or sent with BDAT) is relayed
 as 8BITMIME to a server that offers it and bounced with 5.6.3 by one
 that does not."""
@@ -11,7 +12,7 @@ import socket
 import struct
 import sys
 
-from harness import main, mdb_entries, wait_until
+from harness import Workdir, main, mdb_entries, run, wait_until
 import test_delivery
 from test_delivery import Relay, records_for, stuff, wait_sink
 
@@ -182,9 +183,54 @@ def test_8bit_to_a_server_without_8bitmime_bounces_563():
         r.close()
 
 
+def test_empty_bdat_message_signed_and_delivered():
+    """A transaction whose only chunk is "BDAT 0 LAST" (RFC 3030 allows a
+    zero-length last chunk), from a sender whose domain has a DKIM key:
+    250, then the message (sluice's own fields, nothing else) is signed
+    and delivered, as one sent with DATA and a lone dot is; the session
+    goes on. It used to reach the signer with no body buffer at all, and
+    copy from a NULL pointer: under UBSan (the sanitizer build) sluice
+    aborted and the client saw the connection drop."""
+    kd = Workdir("sluice-empty-key-")
+    r = None
+    try:
+        key = os.path.join(kd.path, "k.pem")
+        g = run(["openssl", "genpkey", "-algorithm", "ED25519", "-out", key])
+        assert g.returncode == 0, g.stderr
+        r = Relay(records_for(["empty.test"]),
+                  domain_conf=f"[dkim]\nsigning_domain = envelope\n"
+                              f"[dkim example.com k]\nkey_file = {key}\n")
+        s, f = hello(r.port)
+        try:
+            s.sendall(b"MAIL FROM:<s@example.com>\r\nRCPT TO:<u@empty.test>\r\n"
+                      b"BDAT 0 LAST\r\n")
+            for _ in range(2):
+                assert read_reply(f).startswith(b"250")
+            rep = read_reply(f)
+            assert rep.startswith(b"250 2.0.0 Ok: queued as"), rep
+            s.sendall(b"NOOP\r\n")
+            assert read_reply(f).startswith(b"250"), "the session did not go on"
+            s.sendall(b"QUIT\r\n")
+            assert read_reply(f).startswith(b"221")
+        finally:
+            s.close()
+        got = wait_sink(r, 1)
+        assert len(got) == 1, got
+        head, sep, body = got[0].partition(b"\r\n\r\n")
+        assert b"DKIM-Signature:" in head and b"d=example.com" in head, got[0][:800]
+        assert b"Received:" in head and body in (b"", b".\r\n"), got[0][:800]
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        if r is not None:
+            r.close()
+        kd.cleanup()
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_before_250_still_delivered,
+        test_empty_bdat_message_signed_and_delivered,
         test_8bit_declared_7bit_goes_as_8bitmime,
         test_8bit_to_a_server_without_8bitmime_bounces_563,
     ])
