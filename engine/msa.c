@@ -173,7 +173,10 @@ msa_parse_expiry(const char *val, size_t vlen, uint64_t now_ms, uint64_t *expire
         return 0;
     }
     uint64_t ms;
-    if (conf_parse_duration(buf, &ms) < 0 || ms == 0)
+    /* A duration whose end does not fit in 64-bit Unix ms is refused like
+     * any other bad value: added, it would wrap to a time just before now,
+     * and the message would expire unsent right after its 250. */
+    if (conf_parse_duration(buf, &ms) < 0 || ms == 0 || ms > UINT64_MAX - now_ms)
         return -EINVAL;
     *expire_ms = now_ms + ms;
     return 0;

@@ -32,7 +32,8 @@ bool msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *o
 
 /* A per-message expiry: a duration from now ("90m", "2h", "3600") or an
  * RFC 3339 UTC time ("2026-11-23T18:00:00Z"). Sets *expire_ms (Unix ms).
- * Returns 0 or -EINVAL. */
+ * Returns 0 or -EINVAL (also for a duration whose end is past what 64-bit
+ * Unix ms can hold). */
 int msa_parse_expiry(const char *val, size_t vlen, uint64_t now_ms, uint64_t *expire_ms);
 
 /* Look through the header section of a CRLF message (up to the first

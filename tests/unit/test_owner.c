@@ -1,8 +1,9 @@
 /*
  * owner: the control header fields (table-driven: folding, case, blanks
  * before the colon, duplicates, over-long and malformed values, cuts that
- * leave the rest of the header section intact) and the owner decisions
- * against a config and a user (engine/owner.h).
+ * leave the rest of the header section intact), the owner decisions
+ * against a config and a user (engine/owner.h), and the expiry field's
+ * value (msa_parse_expiry).
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -248,6 +249,44 @@ test_resolve(void **state)
     config_free(cfg);
 }
 
+/* The expiry field: a duration from arrival or an RFC 3339 time; a bad
+ * value, including a duration whose end does not fit in 64-bit Unix ms
+ * (it wrapped to a time just before arrival: the message expired unsent
+ * right after its 250), is -EINVAL, refused with 550 5.6.0. */
+static void
+test_expiry(void **state)
+{
+    (void)state;
+    const uint64_t now = 1764700000000ULL; /* 2025-12-02 */
+    static const struct {
+        const char *v;
+        int rc;
+        uint64_t want; /* with rc 0 */
+    } ex[] = {
+        {"90m", 0, now + 90 * 60000ULL},
+        {"3600", 0, now + 3600000ULL},
+        {"2026-11-23T18:00:00Z", 0, 1795456800000ULL},
+        {"10000000000d", 0, now + 10000000000ULL * 86400000ULL}, /* long: max_age wins */
+        {"tomorrow", -EINVAL, 0},
+        {"0s", -EINVAL, 0},
+        {"2026-11-23T18:00:00", -EINVAL, 0},
+        /* ms = 18446744073709551000: fits alone, wraps once added to now */
+        {"18446744073709551s", -EINVAL, 0},
+        {"213503982334d", -EINVAL, 0},
+        /* past what ms can hold even alone */
+        {"18446744073709552s", -EINVAL, 0},
+    };
+    for (size_t i = 0; i < sizeof(ex) / sizeof(ex[0]); i++) {
+        uint64_t got = 0;
+        int rc = msa_parse_expiry(ex[i].v, strlen(ex[i].v), now, &got);
+        if (rc != ex[i].rc || (rc == 0 && got != ex[i].want))
+            fail_msg("%s: rc %d expire %llu, want rc %d expire %llu", ex[i].v, rc,
+                     (unsigned long long)got, ex[i].rc, (unsigned long long)ex[i].want);
+        if (rc == 0)
+            assert_true(got > now);
+    }
+}
+
 int
 main(void)
 {
@@ -255,6 +294,7 @@ main(void)
         cmocka_unit_test(test_scan_table),
         cmocka_unit_test(test_scan_long),
         cmocka_unit_test(test_resolve),
+        cmocka_unit_test(test_expiry),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
