@@ -286,6 +286,12 @@ static void tenant_count(struct server_worker *sw, const char *name, unsigned nr
 /* ---- state ---- */
 
 static void
+session_deadline(struct session *s, uint64_t ms)
+{
+    worker_timer_arm(s->sw->w, &s->timer, s->sw->w->now + MS_TO_NS(ms));
+}
+
+static void
 session_enter(struct session *s, enum session_state next)
 {
     if (s->state == next)
@@ -294,14 +300,14 @@ session_enter(struct session *s, enum session_state next)
         log_msg(LOG_DEBUG, "session=%016llx state=%s->%s", (unsigned long long)s->id,
                 session_state_str(s->state), session_state_str(next));
     s->state = next;
-    if (next == SS_CLOSING)
+    if (next == SS_CLOSING) {
         stream_end(&s->st); /* over TLS, close_notify after the last reply */
-}
-
-static void
-session_deadline(struct session *s, uint64_t ms)
-{
-    worker_timer_arm(s->sw->w, &s->timer, s->sw->w->now + MS_TO_NS(ms));
+        /* The last reply has one command's time to leave, however the
+         * session got here: some ways in (a failed AUTH's delay or hash)
+         * have no deadline running, and a client that stopped reading
+         * would hold the session, and its connection slots, for good. */
+        session_deadline(s, s->sw->cfg->timeout_command);
+    }
 }
 
 /* ---- output ---- */
@@ -2369,7 +2375,6 @@ tls_on_eof(struct session *s)
             s->peer_ip, session_state_str(s->state),
             mid_txn ? " note=transaction_dropped" : "");
     session_enter(s, SS_CLOSING);
-    session_deadline(s, s->sw->cfg->timeout_command);
     flush(s);
     if (stream_drained(&s->st)) {
         session_close(s, NULL);
@@ -2542,10 +2547,10 @@ session_on_timer(struct timer *t, void *ctx)
     default:
         log_msg(LOG_NOTICE, "session=%016llx event=timeout client=%s state=%s",
                 (unsigned long long)s->id, s->peer_ip, session_state_str(s->state));
+        /* If the client does not read either, give up after one more period
+         * (the deadline of SS_CLOSING). */
         reply_close(s, "421 4.4.2 Timeout: closing connection");
         flush(s);
-        /* If the client does not read either, give up after one more period. */
-        session_deadline(s, s->sw->cfg->timeout_command);
         return;
     }
 }
@@ -2690,7 +2695,6 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
     if (!ok) {
         sw->stats.refused++;
         reply_close(s, "421 4.7.0 Too many connections: try again later");
-        session_deadline(s, cfg->timeout_command);
         flush(s);
         return;
     }

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from harness import Sluice, Smtp, SmtpClosed, Workdir, free_port, main, wait_until
+from harness import Sluice, Smtp, SmtpClosed, Workdir, free_port, main, skip, wait_until
 
 SLUICE = sys.argv[1]
 
@@ -537,6 +537,96 @@ enabled = no
         wd.cleanup()
 
 
+# ---- the last reply, to a client that stopped reading ----
+
+def test_closing_after_failed_auth_has_a_deadline():
+    """A client pipelines NOOPs and then a wrong AUTH, and never reads:
+    the NOOPs' replies fill the socket's buffers. When they fill them
+    only just (the AUTH is still handled), its 535 and the 421 of
+    auth_max_failures wait behind them, with the session closing. That
+    session must still end within timeout_command of its 421. It used
+    to have no deadline at all there (the failed AUTH's delay timer had
+    just fired and nothing armed another), so it held its connection
+    slots for as long as the client kept the socket open.
+
+    How many replies fill the buffers depends on the kernel, so the test
+    finds it: connections with more and more NOOPs, coarse then fine
+    (steps of 150 NOOPs, 2,400 octets of replies, under the 7 KB of
+    replies a session holds before it stops reading), each judged by
+    what sluice logs for it (the AUTH failed, or a timeout before it was
+    read); the fine ones around the boundary are the cases."""
+    server = ("workers = 1\ntimeout_command = 2s\nauth_fail_delay = 100ms\n"
+              "auth_max_failures = 1\nauth_failures_per_address = 0\n"
+              "auth_failures_per_user = 0\nmax_clients_per_ip = 10000\n")
+    with sluice([("alice", crypt("right", FAST), None)], server=server) as r:
+        bad = f"AUTH PLAIN {plain('alice', 'wrong')}\r\n".encode()
+        socks = []
+
+        def attempt(k):
+            """Connect, EHLO, then k NOOPs and the AUTH, unread; the
+            session's number (workers = 1: sessions are numbered as
+            accepted, and each is greeted before the next connects)."""
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", r.port))
+            socks.append(s)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220")
+            s.sendall(b"EHLO client.example\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            data = b"NOOP\r\n" * k + bad
+            s.setblocking(False)
+            sent, end = 0, time.monotonic() + 5
+            while sent < len(data) and time.monotonic() < end:
+                try:
+                    sent += s.send(data[sent:])
+                except BlockingIOError:
+                    time.sleep(0.005)
+            return len(socks)
+
+        def outcomes(ks):
+            """{k: "auth" or "timeout"} for the sessions started for ks."""
+            ids = {attempt(k): k for k in ks}
+
+            def judged():
+                got = {}
+                for line in r.d.log_lines("session="):
+                    sid = int(line.split("session=")[1].split()[0], 16) & ((1 << 56) - 1)
+                    if sid in ids and "event=auth_failed" in line:
+                        got[ids[sid]] = "auth"
+                    elif sid in ids and "event=timeout" in line:
+                        got.setdefault(ids[sid], "timeout")
+                return got
+            wait_until(lambda: len(judged()) == len(ids), 30, f"an outcome for {sorted(ks)}")
+            return judged()
+
+        def boundary(lo, hi, step):
+            """The last k that got its AUTH read, and the first after it
+            that timed out first, among lo, lo + step, ... < hi."""
+            got = outcomes(range(lo, hi, step))
+            first_timeout = min((k for k, v in got.items() if v == "timeout"), default=None)
+            if first_timeout is None:
+                return None
+            last_auth = max((k for k, v in got.items() if v == "auth" and k < first_timeout),
+                            default=lo)
+            return last_auth, first_timeout
+
+        b = boundary(25000, 625000, 25000)
+        if b is None:
+            skip("the socket buffers here hold over 10 MB of replies: too many NOOPs to fill")
+        b = boundary(b[0], b[1] + 1, 2000) or b
+        boundary(max(b[0] - 2000, 0), b[1] + 2000, 150)
+        n = len(socks)
+        # Every session ends: those that read the AUTH (421 sent or not)
+        # within timeout_command of their 421, the others at their timeout.
+        wait_until(lambda: r.d.count_log("event=disconnect") >= n, 20,
+                   f"all {n} sessions closed (the client reads nothing)")
+        for s in socks:
+            s.close()
+
+
 if __name__ == "__main__":
     main([test_hashing_does_not_stall_other_sessions, test_close_while_hashing_and_sigterm,
           test_full_hash_queue_answers_454, test_failures_per_address_across_connections,
@@ -544,4 +634,5 @@ if __name__ == "__main__":
           test_identical_credentials_hashed_once,
           test_failures_per_user_across_addresses, test_unknown_name_runs_a_users_setting,
           test_null_sender_needs_the_users_file_to_allow_it,
-          test_null_sender_alone_is_a_users_file_error])
+          test_null_sender_alone_is_a_users_file_error,
+          test_closing_after_failed_auth_has_a_deadline])
