@@ -1996,7 +1996,8 @@ auth_response(struct session *s, const char *line, size_t len)
         session_enter(s, SS_COMMAND);
         return;
     }
-    char buf[1100];
+    /* PLAIN: authzid NUL name NUL password, each at its longest */
+    char buf[AUTH_NAME_MAX + 1 + AUTH_NAME_MAX + 1 + AUTH_PASS_MAX];
     long n;
     if (len == 1 && line[0] == '=')
         n = 0; /* an empty initial response (RFC 4954 4) */
@@ -2012,6 +2013,7 @@ auth_response(struct session *s, const char *line, size_t len)
         const char *u, *p;
         size_t ul, pl;
         if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
+            OPENSSL_cleanse(buf, sizeof(buf));
             auth_fail(s, false, NULL);
             return;
         }
@@ -2021,7 +2023,8 @@ auth_response(struct session *s, const char *line, size_t len)
     }
     /* LOGIN */
     if (s->auth_step == 0) {
-        if ((size_t)n >= sizeof(s->auth_name)) {
+        if ((size_t)n >= sizeof(s->auth_name) || memchr(buf, '\0', (size_t)n) != NULL) {
+            /* too long, or a NUL that would cut the name short */
             auth_fail(s, false, NULL);
             return;
         }

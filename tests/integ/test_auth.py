@@ -12,7 +12,9 @@ against a real sluice on loopback with raw SMTP clients:
 - an unknown name runs exactly one hash, always the same one for the same
   name, drawn from the users' own settings (counted per scheme on the
   stats socket);
-- MAIL FROM:<> needs "<>" in the domain list of a user tied to domains.
+- MAIL FROM:<> needs "<>" in the domain list of a user tied to domains;
+- the longest credentials are read whole, and a NUL in an AUTH LOGIN
+  name is a failure, not a shorter name.
 """
 import base64
 import contextlib
@@ -627,6 +629,39 @@ def test_closing_after_failed_auth_has_a_deadline():
             s.close()
 
 
+def test_longest_credentials_and_a_nul_in_a_login_name():
+    """AUTH PLAIN with an authorisation id and a name of 255 octets and a
+    password of 511 (the longest crypt(3) hashes) authenticates, and one of
+    1,024 (the longest allowed) is a failed authentication, 535: before, a
+    response that decoded to more than 1,100 octets was "501 invalid
+    base64". AUTH LOGIN with the name "alice<NUL>x" fails at once:
+    before, the NUL cut the name to alice, and alice's password passed."""
+    name, password = "u" * 255, "p" * 511
+    users = [(name, crypt(password, FAST), None), ("alice", crypt("secret", FAST), None)]
+    with sluice(users, server=NO_LIMITS) as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        resp = base64.b64encode(f"{name}\0{name}\0{password}".encode()).decode()
+        rep = c.cmd(f"AUTH PLAIN {resp}", timeout=30)
+        assert rep.code == 235, rep
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        resp = base64.b64encode(f"{name}\0{name}\0{'p' * 1024}".encode()).decode()
+        rep = c.cmd(f"AUTH PLAIN {resp}", timeout=30)
+        assert rep.code == 535, rep
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("AUTH LOGIN", 334)
+        rep = c.cmd(base64.b64encode(b"alice\0x").decode(), timeout=30)
+        assert rep.code == 535, rep  # at once: the name is refused
+        c = r.connect()  # and the name alone passes
+        c.expect("EHLO client.example", 250)
+        c.expect("AUTH LOGIN", 334)
+        c.expect(base64.b64encode(b"alice").decode(), 334)
+        rep = c.cmd(base64.b64encode(b"secret").decode(), timeout=30)
+        assert rep.code == 235, rep
+
+
 if __name__ == "__main__":
     main([test_hashing_does_not_stall_other_sessions, test_close_while_hashing_and_sigterm,
           test_full_hash_queue_answers_454, test_failures_per_address_across_connections,
@@ -635,4 +670,5 @@ if __name__ == "__main__":
           test_failures_per_user_across_addresses, test_unknown_name_runs_a_users_setting,
           test_null_sender_needs_the_users_file_to_allow_it,
           test_null_sender_alone_is_a_users_file_error,
-          test_closing_after_failed_auth_has_a_deadline])
+          test_closing_after_failed_auth_has_a_deadline,
+          test_longest_credentials_and_a_nul_in_a_login_name])
