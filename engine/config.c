@@ -231,8 +231,9 @@ static const struct conf_key delivery_keys[] = {
      "receivers scan the message then; shorter risks a message delivered twice)",
      NULL},
     {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
-     "after a 421 or a reply classified rate_limited, the destination's message and "
-     "connection rates are halved (again on each further one) for this long",
+     "after a 421 (at the greeting or in a transaction; not one to an idle connection) or a "
+     "reply classified rate_limited, the destination's message and connection rates are "
+     "halved (again on each further one) for this long",
      NULL},
     {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
      "then they come back by a quarter of the configured rate at each step", NULL},
@@ -391,8 +392,10 @@ static const struct conf_key domain_keys[] = {
      "[delivery] remote_port. Domains routed to the same host share its connections (a site)",
      NULL},
     {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
-     "after a 421 or when every MX address failed, no new connection to the domain for "
-     "this long; its waiting recipients keep their place",
+     "after a 421 at the greeting or in a transaction, or when every MX address failed, no "
+     "new connection to the domain for this long; its waiting recipients keep their place (a "
+     "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
+     "connection only)",
      NULL},
     {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
      "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "

@@ -114,8 +114,11 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
     if (e->stopping)
         return;
     const struct smtp_outcome *so = e->connected ? e->session : NULL;
-    if (so != NULL && so->code == 421) {
-        /* The server pushes back: give it a rest (RFC 5321 3.8). */
+    if (so != NULL && so->code == 421 && !e->idle) {
+        /* The server pushes back: give it a rest (RFC 5321 3.8). A 421
+         * to an idle connection, no transaction at stake, is its idle
+         * timeout ("421 4.4.2 ... timeout exceeded", Postfix's smtpd) or
+         * a shutdown: the connection ends, the next job opens another. */
         out->hold = true;
         out->backoff = true;
         out->congested = true;

@@ -102,12 +102,17 @@ struct policy_conn_end {
                            * goes in plaintext now (policy_tls_fallback) */
     bool tls_retry_left;  /* a job waits at the destination that has not had its
                            * plaintext retry in this attempt (job.tls_retried) */
+    bool idle;            /* the session ended between transactions, no command
+                           * outstanding (its outcome's stage SMTP_CLIENT_S_IDLE) */
 };
 
 struct policy_conn_decision {
     bool next_addr;       /* this address failed: move the cursor, count a failure */
     bool remember;        /* keep session (made temporary) as the reason for a deferral */
-    bool hold;            /* no new connection to the destination for site_hold */
+    bool hold;            /* no new connection to the destination for site_hold: a 421
+                           * at the greeting or in a transaction (the receiver pushes
+                           * back); never a 421 to an idle connection, the receiver's
+                           * idle timeout or shutdown: that connection ends, no more */
     bool backoff;         /* and halve its rates */
     bool congested;       /* the site's window comes down (site.h) */
     bool source_hold;     /* a pool's source: it rests at the site on its own

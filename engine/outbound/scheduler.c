@@ -1910,6 +1910,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .stopping = d->stopping,
         .tls_fallback = c->tls_fell_back,
         .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
+        .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
     };
     struct policy_conn_decision pd;
     policy_conn_end(&pe, &pd);

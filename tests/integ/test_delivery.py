@@ -113,7 +113,7 @@ class Relay:
     """dnsmasq + smtp-sink + sluice, all on ports of their own."""
 
     def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False,
-                 delivery_conf=""):
+                 delivery_conf="", idle_timeout="1s"):
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -142,7 +142,7 @@ remote_port = {self.mx_port}
 # the receivers are on loopback, refused as targets unless allowed
 allow_networks = 127.0.0.0/8
 connect_timeout = 2s
-idle_timeout = 1s
+idle_timeout = {idle_timeout}
 {delivery_conf}
 [dns]
 servers = 127.0.0.1:{self.dns.port}
@@ -827,6 +827,69 @@ def test_rcptmax_splits_the_job_into_transactions():
         r.close()
 
 
+def test_421_to_an_idle_connection_holds_nothing():
+    """A receiver that takes a message, then says "421 4.4.2 idle timeout"
+    to the idle connection and closes it (Postfix's smtpd timeout, a
+    shutdown): that connection ends, and nothing more. A second message a
+    moment later goes at once on a new connection: no destination_held
+    line, no deferral (before, the destination was held for site_hold, a
+    minute, its rates halved and its site's window cut, as for a 421 in
+    a transaction)."""
+    idle = threading.Event()    # the first message is delivered: sluice is idle
+    closed = threading.Event()  # sluice closed the connection after the 421
+    got, conns = [], []
+
+    def script(c, rfile):
+        conns.append(c)
+        c.sendall(b"220 idle ESMTP\r\n")
+        for _ in range(1000):  # bounded
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                c.sendall(b"354 go\r\n")
+                got.append(_read_until(rfile, b".\r\n"))
+                c.sendall(b"250 2.0.0 taken\r\n")
+                if len(conns) == 1:
+                    idle.wait(30)
+                    c.sendall(b"421 4.4.2 idle.test Error: timeout exceeded\r\n")
+                    c.shutdown(socket.SHUT_WR)
+                    while c.recv(4096):  # until sluice closes its end
+                        pass
+                    closed.set()
+                    return
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            elif verb == b"EHLO":
+                c.sendall(b"250-idle\r\n250 PIPELINING\r\n")
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    # Idle for far longer than the test takes: the 421 comes first.
+    r = Relay(records_for(["idle.test"]), with_sink=False, idle_timeout="1m")
+    mx = HostileMx(r.mx_port, script)
+    try:
+        r.inject([("s@example.com", ["a@idle.test"], b"Subject: 1\r\n\r\nfirst\r\n")])
+        r.d.wait_log("event=delivered", timeout=30)
+        idle.set()
+        wait_until(closed.is_set, 30, "sluice to close the connection after the 421")
+        t0 = time.monotonic()
+        r.inject([("s@example.com", ["b@idle.test"], b"Subject: 2\r\n\r\nsecond\r\n")])
+        r.d.wait_log_count("event=delivered", 2, timeout=20)
+        assert time.monotonic() - t0 < 20
+        assert len(got) == 2 and len(conns) == 2, (got, conns)
+        assert r.d.count_log("event=destination_held") == 0, r.d.log_lines("destination_held")
+        assert r.d.count_log("event=deferred") == 0, r.d.log_lines("event=deferred")
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        idle.set()
+        mx.stop()
+        r.close()
+
+
 def tls_receiver(r):
     """A second sluice as the receiving MX, offering STARTTLS."""
     p = r.wd.path
@@ -1016,4 +1079,5 @@ if __name__ == "__main__":
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
           test_receiver_that_stops_reading_the_body_is_given_up_on,
           test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
-          test_unannounced_recipient_limit_sends_the_rest_next])
+          test_unannounced_recipient_limit_sends_the_rest_next,
+          test_421_to_an_idle_connection_holds_nothing])

@@ -2,8 +2,8 @@
  * The outbound failure policy from scripted events: outcomes of a
  * recipient (delivered, 5xx, 4xx before and past expiry, rate-limited,
  * 421), transactions that end in a session failure (fail over or not),
- * connections that end (refused, greeting failed, 421, stopping, a
- * failed handshake under opportunistic TLS), DNS
+ * connections that end (refused, greeting failed, 421, a 421 to an idle
+ * connection, stopping, a failed handshake under opportunistic TLS), DNS
  * statuses, the retry schedule with jitter, and expiry; recipients
  * refused for the server's limit per transaction, sent next. No network.
  */
@@ -193,6 +193,37 @@ connections(void **state)
     assert_false(d.retry_plain);
 }
 
+/* A 421 to an idle connection, between transactions, is the receiver's
+ * idle timeout or shutdown: that connection ends and nothing else (no
+ * hold, no backoff, no smaller window, no source held, no failed
+ * address). At the greeting or in a transaction it pushes back still. */
+static void
+idle_421(void **state)
+{
+    (void)state;
+    struct policy_conn_decision d;
+    struct smtp_outcome q = outcome(SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY);
+    q.scope = SMTP_SCOPE_SESSION;
+    q.enh = (struct smtp_enh){4, 4, 2};
+    snprintf(q.text, sizeof(q.text), "idle timeout exceeded");
+    q.stage = SMTP_CLIENT_S_IDLE;
+    struct policy_conn_end e = {.connected = true, .ready_once = true, .session = &q, .idle = true};
+    policy_conn_end(&e, &d);
+    assert_false(d.hold || d.backoff || d.congested || d.source_hold || d.next_addr || d.remember ||
+                 d.retry_plain);
+    /* The same 421 in a transaction: held, backed off, window and source. */
+    q.stage = SMTP_CLIENT_S_RCPT;
+    e.idle = false;
+    policy_conn_end(&e, &d);
+    assert_true(d.hold && d.backoff && d.congested && d.source_hold);
+    assert_false(d.next_addr);
+    /* At the greeting: held, and the next address. */
+    q.stage = SMTP_CLIENT_S_GREETING;
+    e = (struct policy_conn_end){.connected = true, .session = &q};
+    policy_conn_end(&e, &d);
+    assert_true(d.hold && d.backoff && d.congested && d.next_addr && d.remember);
+}
+
 /* Which TLS failures may go on in plaintext: opportunistic TLS only. */
 static void
 tls_fallback(void **state)
@@ -285,6 +316,7 @@ main(void)
         cmocka_unit_test(recipient_limit_goes_next),
         cmocka_unit_test(failover),
         cmocka_unit_test(connections),
+        cmocka_unit_test(idle_421),
         cmocka_unit_test(dns_and_schedule),
         cmocka_unit_test(tls_fallback),
     };
