@@ -651,7 +651,10 @@ session_on_commit(void *cookie, int rc)
     }
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
-    bool gone = s->state == SS_CLOSED;
+    /* Closing (a TLS failure while the spool had the message): the last
+     * reply is on its way and no 250 can follow it; the session stays
+     * closing, as a closed one stays closed. */
+    bool gone = s->state == SS_CLOSED || s->state == SS_CLOSING;
     if (rc == 0) {
         /* Stored: it is delivered and logged even when the client left
          * before its 250 (it may send it again: at least once). */
@@ -689,7 +692,8 @@ session_on_commit(void *cookie, int rc)
         reply(s, "451 4.3.0 Local error in processing");
     }
     if (gone) {
-        session_maybe_free(s); /* frees the transaction with the session */
+        txn_reset(s); /* the body's memory goes back now, not at the close */
+        session_maybe_free(s);
         return;
     }
     txn_reset(s);
@@ -1279,7 +1283,14 @@ session_on_signed(struct dkim_job *j)
     struct session *s = j->cookie;
     s->inflight--;
     s->dkim_job = j;
-    if (s->sw->stopping || s->state == SS_CLOSED) {
+    if (s->sw->stopping) {
+        session_maybe_free(s);
+        return;
+    }
+    if (s->state == SS_CLOSED || s->state == SS_CLOSING) {
+        /* The client is gone, or going (a TLS failure meanwhile): nothing
+         * is committed that no 250 could answer; closing stays closing. */
+        txn_reset(s);
         session_maybe_free(s);
         return;
     }
@@ -1879,7 +1890,9 @@ session_on_hash(struct worker *w, struct worker_msg *m)
         }
         f = next;
     }
-    if (s->state == SS_CLOSED) {
+    if (s->state == SS_CLOSED || s->state == SS_CLOSING) {
+        /* Gone, or going with its last reply (a TLS failure meanwhile):
+         * no 235 or 535 after it, and closing stays closing. */
         session_maybe_free(s);
         return;
     }
