@@ -1471,9 +1471,23 @@ dest_run_once(struct dest *t)
     bool idle_other = false; /* idle connections are left that t may not ride */
     while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
-        while (*pc != NULL && ((*pc)->tls_pol != dest_tls_key(t, (*pc)->mx) ||
-                               !dest_mx_allowed(t, (*pc)->mx)))
-            pc = &(*pc)->next_idle;
+        while (*pc != NULL) {
+            struct conn *x = *pc;
+            if (x->want_close || x->closed) {
+                /* Its session ended while idle (our idle timeout's QUIT,
+                 * the server's 421 or close) and its last ops are in
+                 * flight: it leaves the list; handed a job, its closed
+                 * machine would refuse it (a client_misuse and a rest of
+                 * the destination). Its end (sched_conn_detach) wakes the
+                 * site. */
+                *pc = x->next_idle;
+                x->next_idle = NULL;
+                continue;
+            }
+            if (x->tls_pol == dest_tls_key(t, x->mx) && dest_mx_allowed(t, x->mx))
+                break;
+            pc = &x->next_idle;
+        }
         struct conn *c = *pc;
         if (c == NULL) {
             idle_other = true;

@@ -901,6 +901,46 @@ idle_connection_takes_other_domain(void **state)
     fx_free(f);
 }
 
+/* An idle connection whose session ended (our idle timeout's QUIT, or the
+ * server's 421 or close) stays on its site's idle list until its last ops
+ * complete: mail that comes meanwhile is not handed to it (its closed
+ * machine would refuse the transaction), and goes on a new connection
+ * once the ending one is gone. */
+static void
+ending_idle_connection_is_not_handed_a_job(void **state)
+{
+    (void)state;
+    struct fx *f =
+        fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n");
+    submit("one.test", 1);
+    answer("one.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_ptr_equal(c->site->idle, c);
+    /* The session ends (EV_CLOSE: QUIT or close_notify on their way). */
+    c->want_close = true;
+    submit("one.test", 1);
+    assert_int_equal(f->resumed, 0);
+    assert_null(c->job);
+    assert_null(c->site->idle);
+    assert_int_equal(f->opened, 1); /* the site's one slot is c's until it is gone */
+    struct smtp_outcome quit;
+    memset(&quit, 0, sizeof(quit));
+    quit.reason = SMTP_REASON_QUIT;
+    quit.scope = SMTP_SCOPE_SESSION;
+    quit.stage = SMTP_CLIENT_S_IDLE;
+    conn_gone(c, &quit);
+    assert_int_equal(f->opened, 2); /* the job waiting goes on a new connection */
+    fx_free(f);
+}
+
 /* A backlog grows the window without waiting: more than
  * SITE_BACKLOG_PER_CONN jobs per connection behind the one taken. */
 static void
@@ -1743,6 +1783,7 @@ main(void)
         cmocka_unit_test(tls_relaxed_destination),
         cmocka_unit_test(spool_owner_keeps_tls_relaxed),
         cmocka_unit_test(idle_connection_takes_other_domain),
+        cmocka_unit_test(ending_idle_connection_is_not_handed_a_job),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
         cmocka_unit_test(shared_address_slot_given_back),
