@@ -258,11 +258,14 @@ struct upd_item {
     uint64_t id;
     uint64_t due_ms;
     const char *reply; /* borrowed: points into the request's data */
+    size_t ev_len;     /* octets of the request's event lines that tell this outcome */
+    unsigned ev_lines; /* ... and their count (queue_update_enqueue_events) */
     uint32_t rcpt;
     uint16_t code;
     uint16_t reply_len;
     uint8_t kind;
     uint8_t tag;
+    bool applied; /* committer only: not stale in the last transaction tried */
 };
 
 struct queue_req {
@@ -296,7 +299,7 @@ struct queue_req {
     union {
         struct {
             size_t n;
-            const struct upd_item *items; /* into data */
+            struct upd_item *items; /* into data */
         } upd;
         struct {
             uint64_t now_ms;
@@ -921,6 +924,30 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tai
     return req;
 }
 
+/* Give each outcome of req its lines of the event text, in order:
+ * ev_lines[i] of them (NULL: none), their octets in ev_len. False when
+ * they add up to more lines than the text has. */
+static bool
+upd_events_split(struct queue_req *req, const unsigned *ev_lines)
+{
+    size_t off = 0;
+    for (size_t i = 0; ev_lines != NULL && i < req->u.upd.n; i++) {
+        struct upd_item *it = &req->u.upd.items[i];
+        size_t start = off;
+        it->ev_lines = ev_lines[i];
+        for (unsigned l = 0; l < it->ev_lines; l++) {
+            const char *nl = off < req->ev_len
+                                 ? memchr(req->ev_text + off, '\n', req->ev_len - off)
+                                 : NULL;
+            if (nl == NULL)
+                return false;
+            off = (size_t)(nl - req->ev_text) + 1;
+        }
+        it->ev_len = off - start;
+    }
+    return true;
+}
+
 int
 queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
              size_t n, queue_done_fn *done, void *cookie)
@@ -934,8 +961,8 @@ queue_update_enqueue(struct queue *q, struct queue_port *port,
                      const struct queue_envelope *env, const struct iovec *body, unsigned iovcnt,
                      queue_done_fn *done, void *cookie)
 {
-    return queue_update_enqueue_events(q, port, outcomes, n, env, body, iovcnt, NULL, 0, done,
-                                       cookie);
+    return queue_update_enqueue_events(q, port, outcomes, n, env, body, iovcnt, NULL, 0, NULL,
+                                       done, cookie);
 }
 
 int
@@ -943,7 +970,7 @@ queue_update_enqueue_events(struct queue *q, struct queue_port *port,
                             const struct queue_outcome *outcomes, size_t n,
                             const struct queue_envelope *env, const struct iovec *body,
                             unsigned iovcnt, const char *events, size_t events_len,
-                            queue_done_fn *done, void *cookie)
+                            const unsigned *ev_lines, queue_done_fn *done, void *cookie)
 {
     struct enq_size sz = {0};
     uint64_t lines;
@@ -958,6 +985,10 @@ queue_update_enqueue_events(struct queue *q, struct queue_port *port,
     char *tail = (char *)req->ev_text;
     req->ev_text = NULL;
     events_attach(req, tail, events, events_len, lines);
+    if (!upd_events_split(req, ev_lines)) {
+        free(req);
+        return -EINVAL;
+    }
     req->port = port;
     req->done = done;
     req->cookie = cookie;
@@ -1144,24 +1175,50 @@ apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t ne
     return mdb_put(txn, q->dbi_meta, &nk, &nv, 0);
 }
 
-/* Committer: write r's event lines as the record numbered *seq. */
+/* Committer: write r's event lines as the record numbered *seq; of an
+ * update, only the lines of the outcomes that applied and its own (the
+ * lines after its outcomes'): a stale outcome tells nothing. */
 static int
 apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *seq, struct tally *t)
 {
-    if (r->ev_len == 0)
+    size_t len = r->ev_len;
+    uint64_t lines = r->ev_lines;
+    for (size_t i = 0; r->kind == REQ_UPDATE && i < r->u.upd.n; i++) {
+        const struct upd_item *it = &r->u.upd.items[i];
+        if (!it->applied) {
+            len -= it->ev_len;
+            lines -= it->ev_lines;
+        }
+    }
+    if (len == 0)
         return 0;
     unsigned char key[8];
     msg_key(key, *seq);
-    MDB_val k = {8, key}, v = {r->ev_len, (void *)r->ev_text};
-    int rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_APPEND);
+    MDB_val k = {8, key}, v = {len, NULL};
+    int rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_APPEND | MDB_RESERVE);
     if (rc == MDB_KEYEXIST) /* not above the last key: cannot happen, but not fatal */
-        rc = mdb_put(txn, q->dbi_events, &k, &v, 0);
+        rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_RESERVE);
     if (rc != 0)
         return rc;
+    if (len == r->ev_len) {
+        memcpy(v.mv_data, r->ev_text, len);
+    } else {
+        char *dst = v.mv_data;
+        size_t off = 0;
+        for (size_t i = 0; i < r->u.upd.n; i++) {
+            const struct upd_item *it = &r->u.upd.items[i];
+            if (it->applied && it->ev_len > 0) {
+                memcpy(dst, r->ev_text + off, it->ev_len);
+                dst += it->ev_len;
+            }
+            off += it->ev_len;
+        }
+        memcpy(dst, r->ev_text + off, r->ev_len - off);
+    }
     r->ev_seq = *seq;
-    *seq += r->ev_lines;
+    *seq += lines;
     t->ev_records++;
-    t->ev_lines += r->ev_lines;
+    t->ev_lines += lines;
     return 0;
 }
 
@@ -1842,8 +1899,11 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM)
             continue;
         uint64_t before = t.outcomes;
-        for (size_t j = 0; j < r->u.upd.n && rc == 0; j++)
+        for (size_t j = 0; j < r->u.upd.n && rc == 0; j++) {
+            uint64_t b = t.outcomes;
             rc = apply_outcome(q, txn, &r->u.upd.items[j], now, &t);
+            r->u.upd.items[j].applied = t.outcomes > b;
+        }
         r->applied = t.outcomes > before;
     }
     if (rc == 0)
@@ -1860,8 +1920,9 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     for (size_t i = 0; i < ne && rc == 0; i++)
         rc = apply_enqueue(q, txn, enq[i], &t);
-    /* The event lines, numbered in commit order: the updates' (outcomes
-     * applied, or lines alone), then the enqueues' (stored now). */
+    /* The event lines, numbered in commit order: the updates' (those of
+     * the outcomes applied and their own, or lines alone), then the
+     * enqueues' (stored now). */
     uint64_t floor = atomic_load(&q->ev_floor);
     uint64_t seq = q->ev_next > floor ? q->ev_next : floor;
     bool trims = false;

@@ -322,13 +322,21 @@ int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outco
  * what it tells is. The events module copies the durable records to its
  * journal under the same numbers, then trims them here.
  *
- * An update's lines are written when at least one of its outcomes was
- * applied (a retry of a commit that did happen writes none: they were
- * written then); an enqueue's with its message (not for QUEUE_EEXIST). */
+ * An update's lines are split between its outcomes and itself (ev_lines
+ * below): each outcome's lines are written only when that outcome
+ * applies, not when it is ignored as stale (a recipient an operator
+ * bounced meanwhile is not told delivered too); the request's own lines
+ * (a DSN's, say) when at least one of its outcomes applies. So a retry
+ * of a commit that did happen writes none: they were written then. An
+ * enqueue's lines are written with its message (not for QUEUE_EEXIST). */
 
 /* queue_enqueue() and queue_update_enqueue() with event lines (events
- * NULL or len 0: none). The lines are copied. -EINVAL also when the text
- * does not end with '\n'. */
+ * NULL or len 0: none). The lines are copied. ev_lines: NULL, or n
+ * counts (copied): outcomes[0] is told by the first ev_lines[0] lines,
+ * outcomes[1] by the ev_lines[1] lines after them, and so on; the lines
+ * after all of theirs are the request's own. NULL: every line is the
+ * request's. -EINVAL also when the text does not end with '\n', or when
+ * the counts add up to more lines than it has. */
 int queue_enqueue_events(struct queue *q, struct queue_port *port,
                          const struct queue_envelope *env, const struct iovec *body,
                          unsigned iovcnt, const char *events, size_t events_len,
@@ -337,7 +345,7 @@ int queue_update_enqueue_events(struct queue *q, struct queue_port *port,
                                 const struct queue_outcome *outcomes, size_t n,
                                 const struct queue_envelope *env, const struct iovec *body,
                                 unsigned iovcnt, const char *events, size_t events_len,
-                                queue_done_fn *done, void *cookie);
+                                const unsigned *ev_lines, queue_done_fn *done, void *cookie);
 /* Event lines alone (events that change nothing in the spool: a
  * recipient refused as suppressed, a bounce that came back by mail). */
 int queue_events_put(struct queue *q, struct queue_port *port, const char *events,

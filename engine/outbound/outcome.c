@@ -49,8 +49,10 @@ struct outcome_batch {
     struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
     char *events;        /* into the allocation: their event lines (events.h), or NULL */
     size_t events_len;
+    unsigned *ev_lines;  /* into the allocation: n counts, o[i]'s lines of events (the
+                          * spool writes them only if o[i] applies; the DSN's follow) */
     size_t n;
-    struct queue_outcome o[]; /* then the reply texts */
+    struct queue_outcome o[]; /* then ev_lines, then the reply texts */
 };
 
 static void outcome_done(void *cookie, int rc);
@@ -109,7 +111,7 @@ outcome_submit(struct outcome_batch *b)
         dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
     int rc = queue_update_enqueue_events(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
                                          &dbody, b->dsn ? 1 : 0, b->events, b->events_len,
-                                         outcome_done, b);
+                                         b->events_len > 0 ? b->ev_lines : NULL, outcome_done, b);
     if (rc < 0)
         outcome_done(b, rc);
 }
@@ -163,17 +165,19 @@ outcome_done(void *cookie, int rc)
     worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
 }
 
-/* Copy qo[0..n), their replies and their event lines (ev, or NULL) into
- * one batch and submit it, with the DSN they cause (owned: taken over,
- * freed on failure too) or NULL. */
+/* Copy qo[0..n), their replies and their event lines (ev, or NULL: the
+ * first lines[0] lines tell qo[0], and so on; the DSN's follow) into one
+ * batch and submit it, with the DSN they cause (owned: taken over, freed
+ * on failure too) or NULL. */
 static int
-outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, struct dsn_msg *dsn,
-               const struct json *ev)
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, const unsigned *lines, size_t n,
+               struct dsn_msg *dsn, const struct json *ev)
 {
     size_t text = 0, evlen = ev != NULL && !json_failed(ev) ? ev->len : 0;
     for (size_t i = 0; i < n; i++)
         text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
-    struct outcome_batch *b = malloc(sizeof(*b) + n * sizeof(b->o[0]) + text + evlen);
+    struct outcome_batch *b =
+        malloc(sizeof(*b) + n * (sizeof(b->o[0]) + sizeof(unsigned)) + text + evlen);
     if (b == NULL) {
         dsn_msg_free(dsn);
         return -ENOMEM;
@@ -182,8 +186,10 @@ outcome_commit(struct delivery *d, const struct queue_outcome *qo, size_t n, str
     b->d = d;
     b->dsn = dsn;
     b->n = n;
-    char *t = (char *)&b->o[n];
+    b->ev_lines = (unsigned *)&b->o[n];
+    char *t = (char *)&b->ev_lines[n];
     for (size_t i = 0; i < n; i++) {
+        b->ev_lines[i] = evlen > 0 ? lines[i] : 0;
         b->o[i] = qo[i];
         if (qo[i].reply != NULL) {
             size_t l = strlen(qo[i].reply) + 1;
@@ -402,11 +408,13 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     const char *tls_policy =
         where->tls_policy != NULL ? where->tls_policy : dest_tls_policy_str(t, dest_tls(t));
     struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
+    unsigned *qlines = calloc(j->n, sizeof(*qlines)); /* qo[k]'s event lines */
     struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
     char (*status)[16] = calloc(j->n, sizeof(*status));
-    if (qo == NULL || dr == NULL || status == NULL) {
+    if (qo == NULL || qlines == NULL || dr == NULL || status == NULL) {
         log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
         free(qo);
+        free(qlines);
         free(dr);
         free(status);
         return;
@@ -451,6 +459,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
                 r = &env->rcpt[k];
         if (env != NULL && r == NULL)
             continue; /* no longer stored (done meanwhile): nothing to tell */
+        /* its event lines are told only if its outcome applies (it can
+         * still be stale: done since env was read) */
+        size_t ev_from = evbuf.len;
+        unsigned *q_lines = &qlines[nq];
         struct queue_outcome *q = &qo[nq++];
         q->id = j->id;
         q->rcpt = j->idx[i];
@@ -626,6 +638,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             x->last_attempt_ms = now;
             x->class_str = cls_str;
         }
+        for (size_t k = ev_from; capture && k < evbuf.len; k++)
+            *q_lines += evbuf.buf[k] == '\n';
     }
     /* The DSN goes in the commit of the outcomes that cause it. */
     struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
@@ -635,13 +649,14 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         dlog_capture(lw, NULL, false);
     if (json_failed(&evbuf))
         log_msg(LOG_ERR, "event=events_lost id=%s reason=out_of_memory", qid);
-    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, nq, dm, capture ? &evbuf : NULL);
+    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, qlines, nq, dm, capture ? &evbuf : NULL);
     json_fini(&evbuf);
     if (rc2 < 0)
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
     free(hbuf);
     free(qo);
+    free(qlines);
     free(dr);
     free(status);
 }

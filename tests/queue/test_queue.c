@@ -1518,13 +1518,14 @@ test_events_committed_and_numbered(void **state)
     struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
     w = (struct ev_wait){0};
     assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
-                                                                     0, "d1\nd2\n", 6, ev_done,
-                                                                     &w)),
+                                                                     0, "d1\nd2\n", 6, NULL,
+                                                                     ev_done, &w)),
                      0);
     /* the same outcome again (a retry of a commit that happened): no lines */
     w = (struct ev_wait){0};
     assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
-                                                                     0, "x\n", 2, ev_done, &w)),
+                                                                     0, "x\n", 2, NULL, ev_done,
+                                                                     &w)),
                      0);
     /* lines alone */
     w = (struct ev_wait){0};
@@ -1589,6 +1590,64 @@ test_events_committed_and_numbered(void **state)
     queue_port_free(port);
 }
 
+/* An outcome's own lines go with it: one that is stale (the recipient
+ * bounced by an operator meanwhile) tells nothing, while the others of
+ * the same update and the update's own lines (a DSN's) are written. */
+static void
+test_events_stale_outcome_untold(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t id = put_msg(q, 3, "x.example", "body\r\n", 6);
+
+    /* the operator's bounce of recipient 1, with its line */
+    struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0};
+    unsigned one = 1;
+    struct ev_wait w = {0};
+    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &b, 1, NULL, NULL,
+                                                                     0, "b1\n", 3, &one, ev_done,
+                                                                     &w)),
+                     0);
+    /* a transaction that started before it ends: all three delivered, a
+     * line each, and a line of the update's own after them */
+    struct queue_outcome o[3] = {
+        {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0},
+    };
+    unsigned lines[3] = {1, 1, 1};
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, o, 3, NULL, NULL, 0,
+                                                           "d0\nd1\nd2\nm\n", 11, lines,
+                                                           ev_done, &w)),
+                     0);
+    struct ev_rec r = {0};
+    assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 2);
+    assert_int_equal(r.seq[0], 0);
+    assert_string_equal(r.text[0], "b1\n");
+    assert_int_equal(r.seq[1], 1);
+    assert_string_equal(r.text[1], "d0\nd2\nm\n"); /* not d1: recipient 1 was bounced */
+    assert_int_equal(queue_events_durable(q), 4);
+    struct queue_stats st;
+    queue_stats(q, &st);
+    assert_int_equal(st.event_lines, 4);
+    assert_int_equal(st.outcomes_stale, 1);
+
+    /* counts that claim more lines than the text has */
+    unsigned two = 2;
+    assert_int_equal(queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, "x\n", 2, &two,
+                                                 ev_done, &w),
+                     -EINVAL);
+    assert_int_equal(queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, NULL, 0, &one,
+                                                 ev_done, &w),
+                     -EINVAL);
+    assert_int_equal(queue_port_pending(port), 0);
+    queue_port_free(port);
+}
+
 int
 main(void)
 {
@@ -1623,6 +1682,7 @@ main(void)
         T(test_port_async),
         T(test_close_finishes_queued),
         T(test_events_committed_and_numbered),
+        T(test_events_stale_outcome_untold),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

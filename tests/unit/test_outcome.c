@@ -453,6 +453,78 @@ dsn_committed_while_stopping_waits_for_the_next_start(void **state)
     fx_free(f);
 }
 
+static int
+events_gather(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    char *all = arg;
+    (void)seq;
+    size_t have = strlen(all);
+    assert_true(have + len < 8192);
+    memcpy(all + have, text, len);
+    all[have + len] = '\0';
+    return 0;
+}
+
+/* A transaction whose envelope was read before an operator's bounce of
+ * one of its recipients was committed ends with both delivered: the
+ * spool ignores the stale outcome, and its event line must not reach the
+ * backend either (it would hear "bounce" and then "delivery" for the same
+ * recipient); the other recipient's line is committed. */
+static void
+stale_outcome_tells_the_backend_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    int sinks; /* event sinks on: only tested against NULL here */
+    f->e.events = (struct events *)&sinks;
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(env->nrcpt, 2);
+
+    bounce(f, id, "example.test", idx, 1); /* recipient 0 */
+    settle(f);
+    assert_false(stored(f, id, 0));
+
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    for (int i = 0; i < 2; i++) {
+        rc[i].out.status = SMTP_STATUS_DELIVERED;
+        rc[i].out.code = 250;
+        rc[i].out.reason = SMTP_REASON_REPLY;
+        snprintf(rc[i].out.text, sizeof(rc[i].out.text), "2.0.0 ok");
+    }
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_false(stored(f, id, 1));
+
+    static char all[8192];
+    all[0] = '\0';
+    assert_true(queue_events_read(f->e.queue, 0, 1 << 20, events_gather, all) >= 0);
+    const char *b0 = strstr(all, "\"event\":\"bounce\"");
+    const char *d1 = strstr(all, "\"event\":\"delivery\"");
+    assert_non_null(b0);
+    assert_non_null(d1);
+    assert_null(strstr(d1 + 1, "\"event\":\"delivery\"")); /* one delivery line */
+    const char *eol = strchr(d1, '\n');
+    assert_non_null(eol);
+    char line[4096];
+    assert_true((size_t)(eol - d1) < sizeof(line));
+    memcpy(line, d1, (size_t)(eol - d1));
+    line[eol - d1] = '\0';
+    assert_non_null(strstr(line, "user1@example.test")); /* ... of recipient 1 */
+    assert_int_equal(queue_events_durable(f->e.queue), 2);
+    f->e.events = NULL;
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -461,6 +533,7 @@ main(void)
         cmocka_unit_test(second_bounce_before_the_first_is_durable),
         cmocka_unit_test(bounce_after_a_250_not_yet_durable),
         cmocka_unit_test(dsn_committed_while_stopping_waits_for_the_next_start),
+        cmocka_unit_test(stale_outcome_tells_the_backend_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
