@@ -1510,6 +1510,19 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
         MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
         return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
     }
+    size_t fixed = (size_t)h.addr_len + h.domain_len + h.orcpt_len;
+    if (it->kind == QUEUE_DEFERRED && h.state == QUEUE_RCPT_DEFERRED && h.due_ms == it->due_ms &&
+        h.code == it->code && h.tag == it->tag && h.reply_len == it->reply_len &&
+        memcmp((const unsigned char *)v.mv_data + sizeof(h) + fixed, it->reply, it->reply_len) ==
+            0) {
+        /* This very deferral again: its commit happened but was reported
+         * failed (the sync after it), and the caller tried again. Applied
+         * twice it would count two attempts and tell its event twice; a
+         * deferral of its own comes only once queue_due_take made the
+         * recipient ready again, and names a later time. */
+        t->stale++;
+        return 0;
+    }
     if (h.state == QUEUE_RCPT_DEFERRED) {
         due_key(dkey, h.due_ms, it->id, it->rcpt);
         MDB_val dk = {DUE_KEY_LEN, dkey};
@@ -1524,7 +1537,6 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     }
     /* Rebuild the record: v points into a page the puts below may move. */
     unsigned char rec[RCPT_REC_MAX];
-    size_t fixed = (size_t)h.addr_len + h.domain_len + h.orcpt_len;
     if (sizeof(h) + fixed + it->reply_len > sizeof(rec))
         return MDB_CORRUPTED;
     memcpy(rec + sizeof(h), (const unsigned char *)v.mv_data + sizeof(h), fixed);

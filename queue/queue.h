@@ -260,7 +260,11 @@ enum queue_outcome_kind {
 
 /* One recipient outcome. The message is removed with its last recipient.
  * An outcome for a recipient that is no longer stored (already removed,
- * e.g. a retry after a crash) is ignored and counted in the stats. */
+ * e.g. a retry after a crash) is ignored and counted in the stats (stale);
+ * so is a QUEUE_DEFERRED one for a recipient deferred already with the
+ * same due_ms, code, tag and reply: the same deferral tried again after
+ * a commit that did happen was reported failed (its sync), whose attempt
+ * and event must count once. */
 struct queue_outcome {
     uint64_t id;
     unsigned rcpt; /* struct queue_rcpt.index */

@@ -6,8 +6,10 @@
  * configured message headers), counts it, and hands the DSN it causes
  * (RFC 3464: a bounce, an expiry, or a delay warning for those who asked)
  * to the spool in the same commit. A commit that fails is tried again,
- * backing off, for as long as the worker runs; once durable, the DSN is
- * logged and submitted for delivery like any message. Until then the
+ * backing off, for as long as the worker runs (one that happened though
+ * its sync was reported failed is found stale when tried again: the
+ * spool applies no outcome, event or DSN twice, queue.h); once durable,
+ * the DSN is logged and submitted for delivery like any message. Until then the
  * spool still lists the recipients: every batch is on d->pending, and an
  * operator's bounce leaves out those whose final outcome is on its way
  * (outcome_pending_drop), so that each is told once.

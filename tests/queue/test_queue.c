@@ -1648,6 +1648,62 @@ test_events_stale_outcome_untold(void **state)
     queue_port_free(port);
 }
 
+/* A deferral tried again after its commit happened but was reported
+ * failed (a sync that failed after the data landed): the spool has it
+ * already, so the retry changes nothing: one attempt, one event line. A
+ * later deferral of the recipient (another time) applies as usual. */
+static void
+test_deferral_retried_counts_once(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t id = put_msg(q, 2, "x.example", "body\r\n", 6);
+    uint64_t due = queue_id_time_ms(id) + 600000;
+    struct queue_outcome o[2] = {
+        {id, 0, QUEUE_DEFERRED, due, 451, "4.7.1 try later", 3},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0},
+    };
+    unsigned lines[2] = {1, 1};
+    for (int i = 0; i < 2; i++) { /* the commit, then the caller's retry */
+        struct ev_wait w = {0};
+        assert_int_equal(ev_finish(port, &w,
+                                   queue_update_enqueue_events(q, port, o, 2, NULL, NULL, 0,
+                                                               "t0\nd1\n", 6, lines, ev_done,
+                                                               &w)),
+                         0);
+    }
+    struct ev_rec r = {0};
+    assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 1);
+    assert_string_equal(r.text[0], "t0\nd1\n");
+    assert_int_equal(queue_events_durable(q), 2);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(q, id, &env), 0);
+    assert_int_equal(env->nrcpt, 1);
+    assert_int_equal(env->rcpt[0].attempts, 1);
+    assert_true(env->rcpt[0].due_ms == due);
+    env = queue_envelope_free(env);
+    struct queue_stats st;
+    queue_stats(q, &st);
+    assert_int_equal(st.outcomes, 2);
+    assert_int_equal(st.outcomes_stale, 2);
+
+    /* the next attempt's deferral: a later time */
+    o[0].due_ms = due + 1200000;
+    struct ev_wait w = {0};
+    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0,
+                                                                     "t0\n", 3, lines, ev_done,
+                                                                     &w)),
+                     0);
+    assert_int_equal(queue_envelope_get(q, id, &env), 0);
+    assert_int_equal(env->rcpt[0].attempts, 2);
+    assert_true(env->rcpt[0].due_ms == due + 1200000);
+    queue_envelope_free(env);
+    assert_int_equal(queue_events_durable(q), 3);
+    queue_port_free(port);
+}
+
 int
 main(void)
 {
@@ -1683,6 +1739,7 @@ main(void)
         T(test_close_finishes_queued),
         T(test_events_committed_and_numbered),
         T(test_events_stale_outcome_untold),
+        T(test_deferral_retried_counts_once),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
