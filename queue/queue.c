@@ -2391,11 +2391,15 @@ flush_pending(struct queue *q)
         q->pend_unsynced = false;
         if (rc != 0) {
             /* The data may well be on disk, but it was not confirmed:
-             * the client retries, a duplicate is better than a loss. */
+             * the client retries, a duplicate is better than a loss. Not
+             * a take: what it took left the index and is ready in the
+             * spool this process reads, so only its caller can own it
+             * (failed, nobody would until a restart); should a crash
+             * lose the commit, the recipients are deferred as before. */
             int err = lmdb_err(rc);
             note_failure(q, err);
             for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
-                if (r->rc == 0)
+                if (r->rc == 0 && r->kind != REQ_TAKE)
                     r->rc = err;
         }
     }

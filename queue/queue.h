@@ -382,10 +382,11 @@ void queue_events_set_hook(struct queue *q, void (*fn)(void *arg), void *arg);
 /* Take the deferred recipients due at or before now_ms (Unix ms, the
  * caller's clock), at most limit of them (0: no limit), in due order: in
  * one write transaction they leave the time index and become ready
- * (attempts and last reply kept). Once that commit is durable, cb(arg,
- * id, r) runs for each on port's owner thread (r as in queue_walk, state
- * ready; its return value is ignored), then done(cookie, rc); on failure
- * cb never runs and the
+ * (attempts and last reply kept). Once that commit is durable (or made,
+ * when the sync after it fails: the spool lists them ready now, so they
+ * are the caller's all the same), cb(arg, id, r) runs for each on port's
+ * owner thread (r as in queue_walk, state ready; its return value is
+ * ignored), then done(cookie, rc); on failure cb never runs and the
  * recipients stay deferred. The caller now owns them as it owns the
  * ready ones it found at start: it must deliver them or record an
  * outcome; after a crash they are ready, found by the start-up walk.
