@@ -380,7 +380,14 @@ line_vformat(struct line *o, const char *fmt, va_list ap)
         spec[sl] = '\0';
         enum log_esc mode = !quoted && (prev == '=' || prev == '<') ? LOG_ESC_VALUE : LOG_ESC_TEXT;
         char prev_fmt = prev;
+        /* What the next conversion follows: the last octet of free text
+         * this one writes, so that a key passed as an argument
+         * (reason=%s%s%s with " detail=", value) makes the value after it
+         * a value too. Not that of a value: one that ends in '=' is no
+         * key, and the free text after it stays free text. */
         prev = conv;
+        size_t before = o->len;
+        bool free_text = mode == LOG_ESC_TEXT && (conv == 's' || conv == 'c');
         char num[512];
         int nl = -1;
         if (plain && (conv == 'u' || conv == 'd' || conv == 'i')) {
@@ -494,6 +501,8 @@ line_vformat(struct line *o, const char *fmt, va_list ap)
         }
         if (nl > 0)
             line_put(o, num, (size_t)nl < sizeof(num) ? (size_t)nl : sizeof(num) - 1);
+        if (free_text && o->len > before)
+            prev = o->buf[o->len - 1];
     }
 }
 

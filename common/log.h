@@ -8,8 +8,11 @@
  * in the mode its place in the format calls for: an unquoted value
  * (key=%s) that holds a space is put in quotes (err="Connection refused"),
  * one inside <> (rcpt=<%s>) has its spaces as \x20 (LOG_ESC_VALUE), and
- * the rest (key="%s", free text) is LOG_ESC_TEXT. Other conversions are
- * printf's.
+ * the rest (key="%s", free text) is LOG_ESC_TEXT. The place is what the
+ * line holds just before the conversion, from the format or from free
+ * text an argument wrote, so a key passed as an argument (detail=%s
+ * written as "reason=%s%s%s", ..., " detail=", value) makes the value
+ * after it a value as well. Other conversions are printf's.
  *
  * Threading: every function may be called from any thread. Each line is
  * formatted into a stack buffer and written with one write(2), so lines

@@ -406,7 +406,82 @@ def test_tenant_from_auth_user():
         shutil.rmtree(keydir, ignore_errors=True)
 
 
+def log_fields(line):
+    """The keys and values of a log line as a key=value reader that honours
+    quotes and backslashes sees them: [(key, raw value), ...]."""
+    out = []
+    i = line.index(" ") + 1  # after the timestamp
+    while i < len(line):
+        eq = line.index("=", i)
+        key = line[i:eq]
+        j = eq + 1
+        if j < len(line) and line[j] == '"':
+            j += 1
+            while line[j] != '"':
+                j += 2 if line[j] == "\\" else 1
+            j += 1
+        else:
+            while j < len(line) and line[j] != " ":
+                j += 2 if line[j] == "\\" else 1
+        out.append((key, line[eq + 1:j]))
+        assert j == len(line) or line[j] == " ", (j, line)
+        i = j + 1
+    return out
+
+
+def test_client_text_cannot_forge_log_fields():
+    """A client's quoted local part (spaces, '=', quotes) and a remote
+    sender's Message-ID are values in their log lines, never keys: the
+    submission port's queued line, the bounce listener's oob_received and
+    oob_dropped (detail=, a key passed to log_msg as an argument)."""
+    f = Feedback()
+    try:
+        d = f.r.d
+        forged = '"x user=root event=auth_ok"@example.com'
+        c = Smtp(f.r.port)
+        c.expect("EHLO client.test", 250)
+        c.expect(f"MAIL FROM:<{forged}>", 250)
+        c.expect("RCPT TO:<r@d1.test>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert c.reply().code == 250
+        c.expect("QUIT", 221)
+        c.close()
+        # to postmaster with no token of ours: dropped, the original's
+        # Message-ID logged as detail=
+        msgid = "<a@b> user=root event=auth_ok"
+        dsn = fixture("postfix-dsn.eml", **{
+            FIXTURE_VERP: "someone@elsewhere.test",
+            "<0000018f2a6b1c00.sluice@relay.example.com>": msgid})
+        with smtplib.SMTP("127.0.0.1", f.bport, timeout=20) as s:
+            s.ehlo("mx.reporter.test")
+            s.sendmail(forged, ["postmaster@bounces.test"], crlf(dsn))
+        queued = d.wait_log("event=queued")
+        dropped = d.wait_log("event=oob_dropped")
+        received = d.wait_log("event=oob_received")
+        for line, keys in (
+                (queued, ["level", "thread", "session", "event", "id", "from", "nrcpt", "size",
+                          "body", "user", "client", "tenant", "pool", "campaign", "priority"]),
+                (dropped, ["level", "thread", "session", "event", "client", "kind", "reason",
+                           "detail", "from"]),
+                (received, ["level", "thread", "session", "event", "client", "from", "nrcpt",
+                            "size", "kind", "events", "suppressed", "dropped"])):
+            fields = log_fields(line)
+            assert [k for k, _ in fields] == keys, (fields, line)
+            vals = dict(fields)
+            assert vals["event"] in ("queued", "oob_dropped", "oob_received"), line
+            assert vals.get("user", "-") == "-", line
+        assert dict(log_fields(dropped))["detail"] == \
+            '"<a@b> user=root event=auth_ok"', dropped
+        assert dict(log_fields(queued))["from"] == \
+            r'<\"x\x20user=root\x20event=auth_ok\"@example.com>', queued
+        # an ordinary address stays as it is
+        assert "rcpt=<r@d1.test>" in d.wait_log("event=delivered"), d.log_lines("r@d1.test")
+    finally:
+        f.close()
+
+
 if __name__ == "__main__":
     main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits,
           test_connection_caps_apart,
-          test_tenant_from_auth_user])
+          test_tenant_from_auth_user, test_client_text_cannot_forge_log_fields])

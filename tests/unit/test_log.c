@@ -253,6 +253,50 @@ test_hostile_unquoted_values(void **state)
     }
 }
 
+/* An optional key passed as an argument (oob.c's "reason=%s%s%s" with
+ * " detail=" and a Message-ID a remote sender chose): its value is a
+ * value like any other, quoted when it holds a space, so it cannot add
+ * keys of its own. An empty value before the key leaves the key alone. */
+static void
+test_key_passed_as_argument(void **state)
+{
+    struct fixture *fx = *state;
+    const char *forged = "<a@b> user=root event=auth_ok \"x\" y=";
+    log_msg(LOG_NOTICE, "session=1 event=oob_dropped reason=%s%s%s from=\"%s\"", "no_token",
+            " detail=", forged, "s@d.test");
+    char *line = one_line(fx);
+    char keys[256];
+    keys_of(line, keys, sizeof(keys));
+    if (strcmp(keys, "level,session,event,reason,detail,from,") != 0)
+        fail_msg("keys %s in: %s", keys, line);
+    char got[1024];
+    size_t n = value_of(line, "detail", got);
+    if (n != strlen(forged) || memcmp(got, forged, n) != 0)
+        fail_msg("detail does not read back: %s", line);
+    free(line);
+
+    /* inside <> after an argument key: spaces as \x20 */
+    log_msg(LOG_INFO, "event=x%s%s code=%d", " rcpt=<", "a b=c@d>", 5);
+    line = one_line(fx);
+    assert_non_null(strstr(line, " rcpt=<a\\x20b=c@d> code=5"));
+    free(line);
+
+    /* a value that ends in '=' is no key: the key after it is */
+    log_msg(LOG_INFO, "event=x id=%s%s%s", "abc=", " reason=", "a b=c \"d=e\"");
+    line = one_line(fx);
+    keys_of(line, keys, sizeof(keys));
+    if (strcmp(keys, "level,event,id,reason,") != 0)
+        fail_msg("keys %s in: %s", keys, line);
+    free(line);
+
+    /* the value before the key is empty, numbers before it: key as it is */
+    log_msg(LOG_INFO, "event=x reason=%s%s%s n=%u%s%s", "", " detail=", "a b", 3u, " more=",
+            "c d");
+    line = one_line(fx);
+    assert_non_null(strstr(line, "event=x reason= detail=\"a b\" n=3 more=\"c d\""));
+    free(line);
+}
+
 static void
 test_conversions(void **state)
 {
@@ -351,6 +395,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_hostile_quoted_values, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hostile_unquoted_values, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_key_passed_as_argument, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conversions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line_is_cut_on_a_whole_escape, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_plain_value_fills_the_line, setup, teardown),
