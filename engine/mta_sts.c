@@ -471,9 +471,8 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
     e->busy = false;
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
-            "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s%s", e->name, result,
-            reason != NULL ? " reason=\"" : "", reason != NULL ? reason : "",
-            reason != NULL ? "\"" : "");
+            "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
+            reason != NULL ? " reason=" : "", reason != NULL ? reason : "");
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -669,9 +668,9 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
      * info line per new domain of a campaign. */
     bool nothing = strcmp(result, "no_record") == 0 && p == NULL;
     log_msg(nothing ? LOG_DEBUG : LOG_INFO,
-            "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s%s", e->name,
+            "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s", e->name,
             result, p != NULL ? mta_sts_mode_str(p->mode) : "-", p != NULL ? p->id : "-",
-            why != NULL ? " reason=\"" : "", why != NULL ? why : "", why != NULL ? "\"" : "");
+            why != NULL ? " reason=" : "", why != NULL ? why : "");
     pthread_mutex_unlock(&m->lock);
 }
 

@@ -957,9 +957,9 @@ day_sent(struct tlsrpt *r, struct day *d)
         d->next_try_ms = clock_unix_ms() + RETRY_MS;
     }
     pthread_mutex_unlock(&r->lock);
-    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_%s domain=%s day=%lld%s",
+    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_%s domain=%s day=%lld%s%s",
             ok ? "sent" : "not_sent", d->domain, (long long)d->day,
-            ok || !drop ? "" : " reason=\"given up\"");
+            ok || !drop ? "" : " reason=", ok || !drop ? "" : "given up");
     if (drop)
         day_free(d);
 }
@@ -1064,9 +1064,9 @@ tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res)
     char *url = NULL;
     curl_easy_getinfo(easy, CURLINFO_EFFECTIVE_URL, &url);
     bool ok = res == CURLE_OK && code >= 200 && code < 300;
-    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_post domain=%s url=%s status=%ld%s%s%s",
-            d->domain, url ? url : "-", code, ok ? "" : " err=\"",
-            ok ? "" : (res != CURLE_OK ? curl_easy_strerror(res) : "HTTP status"), ok ? "" : "\"");
+    log_msg(ok ? LOG_INFO : LOG_WARN, "event=tlsrpt_post domain=%s url=%s status=%ld%s%s",
+            d->domain, url ? url : "-", code, ok ? "" : " err=",
+            ok ? "" : (res != CURLE_OK ? curl_easy_strerror(res) : "HTTP status"));
     for (unsigned i = 0; i < MAX_RUA; i++)
         if (d->easy[i] == easy) {
             curl_multi_remove_handle(r->multi, easy);
@@ -1090,9 +1090,8 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
         if (strncmp(txt[i], "v=TLSRPTv1", 10) == 0 && (txt[i][10] == ';' || txt[i][10] == ' '))
             rec = txt[i];
     if (rec == NULL) {
-        log_msg(LOG_INFO, "event=tlsrpt_no_record domain=%s%s%s%s", d->domain,
-                status != DNS_OK ? " reason=\"" : "", status != DNS_OK ? why : "",
-                status != DNS_OK ? "\"" : "");
+        log_msg(LOG_INFO, "event=tlsrpt_no_record domain=%s%s%s", d->domain,
+                status != DNS_OK ? " reason=" : "", status != DNS_OK ? why : "");
         /* Nobody to tell: the day is done (a DNS failure tries again). */
         d->posted = status == DNS_RETRY ? 0 : 1;
         day_sent(r, d);

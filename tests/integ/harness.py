@@ -274,6 +274,31 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime e
                    "UndefinedBehaviorSanitizer", "ThreadSanitizer")
 
 
+def log_fields(line):
+    """The keys and values of a log line as a key=value reader that honours
+    quotes and backslashes sees them: [(key, raw value), ...]."""
+    out = []
+    i = line.index(" ") + 1  # after the timestamp
+    while i < len(line):
+        eq = line.find("=", i)
+        key = line[i:eq]
+        assert eq >= 0 and key and " " not in key, f"a word that is no key=value in: {line}"
+        j = eq + 1
+        if j < len(line) and line[j] == '"':
+            j += 1
+            while j < len(line) and line[j] != '"':
+                j += 2 if line[j] == "\\" else 1
+            assert j < len(line), f"a quoted value without its end in: {line}"
+            j += 1
+        else:
+            while j < len(line) and line[j] != " ":
+                j += 2 if line[j] == "\\" else 1
+        out.append((key, line[eq + 1:j]))
+        assert j == len(line) or line[j] == " ", (j, line)
+        i = j + 1
+    return out
+
+
 class Sluice(Daemon):
     """A Daemon whose log is read with undecodable bytes escaped (a client's
     bytes may reach the log), that can count log lines, and that fails a

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from harness import Smtp, free_port, main, wait_until
+from harness import Smtp, free_port, log_fields, main, wait_until
 from test_delivery import Relay, records_for
 
 KEY = b"0123456789abcdef0123456789abcdef-oob-test"
@@ -404,29 +404,6 @@ def test_tenant_from_auth_user():
     finally:
         f.close()
         shutil.rmtree(keydir, ignore_errors=True)
-
-
-def log_fields(line):
-    """The keys and values of a log line as a key=value reader that honours
-    quotes and backslashes sees them: [(key, raw value), ...]."""
-    out = []
-    i = line.index(" ") + 1  # after the timestamp
-    while i < len(line):
-        eq = line.index("=", i)
-        key = line[i:eq]
-        j = eq + 1
-        if j < len(line) and line[j] == '"':
-            j += 1
-            while line[j] != '"':
-                j += 2 if line[j] == "\\" else 1
-            j += 1
-        else:
-            while j < len(line) and line[j] != " ":
-                j += 2 if line[j] == "\\" else 1
-        out.append((key, line[eq + 1:j]))
-        assert j == len(line) or line[j] == " ", (j, line)
-        i = j + 1
-    return out
 
 
 def test_client_text_cannot_forge_log_fields():

@@ -40,8 +40,8 @@ import sys
 import threading
 import time
 
-from harness import (WAIT, Sluice, Workdir, dkimpy_verify, free_port, main, run, skip,
-                     wait_until)
+from harness import (WAIT, Sluice, Workdir, dkimpy_verify, free_port, log_fields, main, run,
+                     skip, wait_until)
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 try:
@@ -140,8 +140,8 @@ class PolicyServer:
                 if pol == "big":
                     body = b"version: STSv1\nmode: enforce\nmx: mx.good.test\nmax_age: 86400\n"
                     return self.answer(200, body + b"#" * 70000 + b"\n")
-                if pol == "html":
-                    return self.answer(200, pol.encode(), "text/html")
+                if pol == "html":  # a type that would forge log keys, were it unquoted
+                    return self.answer(200, pol.encode(), 'text/html user=root "event=x"')
                 return self.answer(200, pol.encode())
 
             def do_POST(self):
@@ -637,6 +637,9 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
             w.send(f"a@{dom}.test")
             line = w.d.wait_log(f"event=mta_sts_checked domain={dom}.test result=fetch_failed")
             assert why in line, line
+            keys = [k for k, _ in log_fields(line) if k != "thread"]
+            assert keys == ["level", "event", "domain", "result", "mode", "id", "reason"], \
+                (keys, line)
             out = w.outcome(f"a@{dom}.test")
             assert "event=delivered" in out and "tls_policy=opportunistic" in out, out
         # No policy at all: as before.
