@@ -146,16 +146,22 @@ log_set_thread_name(const char *name)
 /* Octets of a valid UTF-8 sequence at p that a terminal or a log viewer
  * may take for a control: C1 controls (U+0080-U+009F), the line and
  * paragraph separators (U+2028/2029), the bidirectional embeddings,
- * overrides and isolates (U+202A-U+202E, U+2066-U+2069). */
+ * overrides and isolates (U+202A-U+202E, U+2066-U+2069); or that a
+ * reader splitting on Unicode white space (Python's str.split(), Go's
+ * strings.Fields) takes for a space between fields: U+00A0, U+1680,
+ * U+2000-U+200A, U+202F, U+205F, U+3000. */
 static bool
-utf8_is_control(const unsigned char *p, size_t l)
+utf8_escaped(const unsigned char *p, size_t l)
 {
     if (l == 2)
-        return p[0] == 0xc2 && p[1] < 0xa0;
+        return p[0] == 0xc2 && p[1] <= 0xa0;
     if (l == 3 && p[0] == 0xe2 && p[1] == 0x80)
-        return p[2] >= 0xa8 && p[2] <= 0xae;
+        return p[2] <= 0x8a || (p[2] >= 0xa8 && p[2] <= 0xaf);
     if (l == 3 && p[0] == 0xe2 && p[1] == 0x81)
-        return p[2] >= 0xa6 && p[2] <= 0xa9;
+        return (p[2] >= 0xa6 && p[2] <= 0xa9) || p[2] == 0x9f;
+    if (l == 3)
+        return (p[0] == 0xe1 && p[1] == 0x9a && p[2] == 0x80) ||
+               (p[0] == 0xe3 && p[1] == 0x80 && p[2] == 0x80);
     return false;
 }
 
@@ -203,7 +209,7 @@ log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
         bool esc;
         if (c >= 0x80) {
             l = json_utf8_len(p + i, n - i);
-            esc = l == 0 || utf8_is_control(p + i, l);
+            esc = l == 0 || utf8_escaped(p + i, l);
             if (l == 0)
                 l = 1;
         } else {

@@ -47,8 +47,10 @@ enum log_esc {
     /* Always: a backslash and '"' as \\ and \", CR LF TAB as \r \n \t,
      * other control octets (C0, DEL), octets that are not UTF-8 and the
      * code points that reorder or break lines on a terminal (C1 controls,
-     * U+2028/2029, bidirectional controls) as \xHH per octet. Valid
-     * UTF-8 otherwise stays as it is. */
+     * U+2028/2029, bidirectional controls) or that a reader may split
+     * fields on (the Unicode spaces: U+00A0, U+1680, U+2000-U+200A,
+     * U+202F, U+205F, U+3000) as \xHH per octet. Valid UTF-8 otherwise
+     * stays as it is. */
     LOG_ESC_TEXT,
     LOG_ESC_VALUE, /* also a space as \x20: an unquoted value stays one token */
 };

@@ -277,6 +277,8 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime e
 def log_fields(line):
     """The keys and values of a log line as a key=value reader that honours
     quotes and backslashes sees them: [(key, raw value), ...]."""
+    # what str.split() or Go's strings.Fields would also split on
+    assert not any(c.isspace() and c != " " for c in line), f"a Unicode space in: {line}"
     out = []
     i = line.index(" ") + 1  # after the timestamp
     while i < len(line):

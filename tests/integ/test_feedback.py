@@ -407,10 +407,11 @@ def test_tenant_from_auth_user():
 
 
 def test_client_text_cannot_forge_log_fields():
-    """A client's quoted local part (spaces, '=', quotes) and a remote
-    sender's Message-ID are values in their log lines, never keys: the
-    submission port's queued line, the bounce listener's oob_received and
-    oob_dropped (detail=, a key passed to log_msg as an argument)."""
+    """A client's quoted local part (spaces, Unicode spaces, '=', quotes)
+    and a remote sender's Message-ID are values in their log lines, never
+    keys: the submission port's queued line, the bounce listener's
+    oob_received and oob_dropped (detail=, a key passed to log_msg as an
+    argument)."""
     f = Feedback()
     try:
         d = f.r.d
@@ -421,6 +422,15 @@ def test_client_text_cannot_forge_log_fields():
         c.expect("RCPT TO:<r@d1.test>", 250)
         c.expect("DATA", 354)
         c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert c.reply().code == 250
+        # the same with Unicode spaces (SMTPUTF8), as a reader that splits
+        # on any white space sees them
+        c.send('MAIL FROM:<"y\u2003user=root\u00a0event=auth_ok"@example.com> SMTPUTF8\r\n'
+               .encode())
+        assert c.reply().code == 250
+        c.expect("RCPT TO:<r2@d1.test>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: y\r\n\r\nbody\r\n.\r\n")
         assert c.reply().code == 250
         c.expect("QUIT", 221)
         c.close()
@@ -433,10 +443,13 @@ def test_client_text_cannot_forge_log_fields():
         with smtplib.SMTP("127.0.0.1", f.bport, timeout=20) as s:
             s.ehlo("mx.reporter.test")
             s.sendmail(forged, ["postmaster@bounces.test"], crlf(dsn))
-        queued = d.wait_log("event=queued")
+        queued, queued_utf8 = d.wait_log_count("event=queued", 2)[:2]
         dropped = d.wait_log("event=oob_dropped")
         received = d.wait_log("event=oob_received")
         for line, keys in (
+                (queued_utf8, ["level", "thread", "session", "event", "id", "from", "nrcpt",
+                               "size", "body", "user", "client", "tenant", "pool", "campaign",
+                               "priority"]),
                 (queued, ["level", "thread", "session", "event", "id", "from", "nrcpt", "size",
                           "body", "user", "client", "tenant", "pool", "campaign", "priority"]),
                 (dropped, ["level", "thread", "session", "event", "client", "kind", "reason",
@@ -448,6 +461,9 @@ def test_client_text_cannot_forge_log_fields():
             vals = dict(fields)
             assert vals["event"] in ("queued", "oob_dropped", "oob_received"), line
             assert vals.get("user", "-") == "-", line
+        for line in (queued, queued_utf8):  # no quoted value with a space: split() reads them
+            words = [w.split("=", 1) for w in line.split()[1:]]
+            assert [w[0] for w in words] == [k for k, _ in log_fields(line)], line
         assert dict(log_fields(dropped))["detail"] == \
             '"<a@b> user=root event=auth_ok"', dropped
         assert dict(log_fields(queued))["from"] == \

@@ -76,6 +76,14 @@ one_line(struct fixture *fx)
     buf[n - 1] = '\0';
     assert_null(memchr(buf, '\n', n - 1)); /* one line */
     assert_null(memchr(buf, '\r', n - 1));
+    /* no space but U+0020, which a reader splitting on white space would
+     * take for the end of a field */
+    static const char *const spaces[] = {"\xc2\xa0", "\xe1\x9a\x80", "\xe2\x80\x80",
+                                         "\xe2\x80\x83", "\xe2\x80\x8a", "\xe2\x80\xaf",
+                                         "\xe2\x81\x9f", "\xe3\x80\x80"};
+    for (size_t i = 0; i < sizeof(spaces) / sizeof(spaces[0]); i++)
+        if (strstr(buf, spaces[i]) != NULL)
+            fail_msg("a Unicode space (%zu) in: %s", i, buf);
     for (size_t i = 0; i < n - 1; i++) { /* no control octet at all */
         unsigned char c = (unsigned char)buf[i];
         if (c < 0x20 || c == 0x7f)
@@ -191,6 +199,8 @@ static const struct {
     {"line separator", "550 a\xe2\x80\xa8" "b\xe2\x80\xa9" "c"},
     {"bidi override", "550 \xe2\x80\xae" "txt.exe \xe2\x81\xa6" "x"},
     {"other controls", "550 \x01\x07\x08\x7f\t tab"},
+    {"unicode spaces", "550 a\xc2\xa0user=x\xe1\x9a\x80" "b\xe2\x80\x80" "c\xe2\x80\x83"
+                       "d\xe2\x80\x8a" "e\xe2\x80\xaf" "f\xe2\x81\x9f" "g\xe3\x80\x80" "h"},
 };
 
 static void
