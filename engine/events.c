@@ -891,6 +891,9 @@ pump_move(struct events *ev)
     ev->appends++;
     pthread_cond_broadcast(&ev->cond);
     pthread_mutex_unlock(&ev->mu);
+    /* Sinks trim as their cursors move; with none left (a reload removed
+     * the last), nobody else would, and every segment stayed on disk. */
+    events_trim(ev);
     if (!ev->trimming) {
         journal_end(ev->journal, &end);
         ev->trimming = true;
@@ -1051,6 +1054,24 @@ sink_new(struct events *ev, const struct events_sink_config *c, char *err, size_
     return s;
 }
 
+/* SLUICE_TEST_EVENTS_SEGMENT=BYTES: journal segments of that size
+ * (tests of rollover and trimming without 64 MB of events). Only in
+ * builds with test hooks (SLUICE_TESTS=ON); 0: the default. */
+static size_t
+test_hook_segment_max(void)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_EVENTS_SEGMENT");
+    char *end;
+    unsigned long long n = v != NULL && *v != '\0' ? strtoull(v, &end, 10) : 0;
+    if (n > 0 && *end == '\0') {
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_EVENTS_SEGMENT bytes=%llu", n);
+        return (size_t)n;
+    }
+#endif
+    return 0;
+}
+
 int
 events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct queue *q,
            struct events **out, char *err, size_t errlen)
@@ -1082,7 +1103,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     pthread_cond_init(&ev->cond, &ca);
     pthread_condattr_destroy(&ca);
     ev->queue = q;
-    int rc = journal_open(dir, 0, &ev->journal, err, errlen);
+    int rc = journal_open(dir, test_hook_segment_max(), &ev->journal, err, errlen);
     if (rc < 0)
         goto fail;
     if ((ev->port = queue_port_new()) == NULL) {

@@ -135,7 +135,9 @@ void events_put(void *arg, const char *line, size_t len);
  * and start again from their cursor (a batch in flight is sent again);
  * new ones start, from their stored cursor if they ever had one, else at
  * the journal's end (every event from now on). A change of "paused"
- * alone pauses or resumes. The module must exist (a node started without
+ * alone pauses or resumes. Segments before every running sink's cursor
+ * are deleted (with no sink left, all but the one being appended to): a
+ * removed sink's cursor holds nothing on disk. The module must exist (a node started without
  * any sink needs a restart for its first). Returns 0 or -errno (a sink
  * that could not start is logged and left out).
  */
