@@ -15,7 +15,10 @@
  * the cursor with the next batch.
  *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
- * and ev->cond wakes the sink threads (appends, pause, stop). A sink's
+ * and the journal's trims (a trim reads every listed sink's cursor and
+ * deletes under it, so a reload that takes a sink out to restart it
+ * holds the trims until it is back); ev->cond wakes the sink threads
+ * (appends, pause, stop). A sink's
  * clients and buffers belong to its thread alone.
  */
 #include "engine/events.h"
@@ -132,6 +135,7 @@ struct events {
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
     struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;
+    bool trim_held; /* under mu: a reload restarts sinks, no trim meanwhile */
     pthread_t pump;
     bool pump_started;
     _Atomic uint64_t put_failed; /* lines put alone that the spool refused */
@@ -606,17 +610,22 @@ wait_until(struct events *ev, uint64_t deadline_ms)
 
 static void sink_store_cursor(struct sink *s, const struct journal_pos *pos);
 
-/* Delete the segments every sink passed. */
+/* Delete the segments every sink passed. Not while a reload restarts
+ * sinks: one it took out of the list to stop it would not count, and it
+ * resumes from its cursor. */
 static void
 events_trim(struct events *ev)
 {
     struct journal_pos keep = {UINT64_MAX, UINT64_MAX};
     pthread_mutex_lock(&ev->mu);
-    for (unsigned i = 0; i < ev->nsinks; i++)
-        if (ev->sinks[i]->cursor.off < keep.off)
-            keep = ev->sinks[i]->cursor;
+    if (!ev->trim_held) {
+        for (unsigned i = 0; i < ev->nsinks; i++)
+            if (ev->sinks[i]->cursor.off < keep.off)
+                keep = ev->sinks[i]->cursor;
+        /* under mu: the list cannot change between the two */
+        journal_trim(ev->journal, &keep);
+    }
     pthread_mutex_unlock(&ev->mu);
-    journal_trim(ev->journal, &keep);
 }
 
 /* Move the cursor past what max_backlog allows; mu held. Returns
@@ -1210,6 +1219,10 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
     struct sink *old[EVENTS_SINKS_MAX];
     unsigned nold = 0;
     pthread_mutex_lock(&ev->mu);
+    /* Until every sink is listed again: stopping one waits for its
+     * request in flight (up to its timeout), and the others' trims would
+     * delete what it resumes from. */
+    ev->trim_held = true;
     for (unsigned i = 0; i < ev->nsinks;) {
         struct sink *s = ev->sinks[i];
         const struct events_sink_config *c = NULL;
@@ -1311,6 +1324,9 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
         sink_fini(old[i]);
         free(old[i]);
     }
+    pthread_mutex_lock(&ev->mu);
+    ev->trim_held = false;
+    pthread_mutex_unlock(&ev->mu);
     events_trim(ev);
     return failed;
 }
