@@ -671,6 +671,24 @@ sink_store_cursor(struct sink *s, const struct journal_pos *pos)
                 strerror(-rc));
 }
 
+/* The time of the first event after the cursor, for the stats of a sink
+ * that reads nothing meanwhile (paused). mu held; dropped meanwhile. */
+static void
+sink_peek_oldest(struct sink *s)
+{
+    struct journal_pos pos = s->cursor;
+    uint64_t at = pos.seq, skipped = 0, ms = 0;
+    pthread_mutex_unlock(&s->ev->mu);
+    long n = journal_read(s->ev->journal, &pos, s->rbuf, READ_BUF, &s->fd, &s->fd_seg, &skipped);
+    if (n > 0) {
+        const char *nl = memchr(s->rbuf, '\n', (size_t)n);
+        ms = line_time_ms(s->rbuf, (size_t)(nl - s->rbuf) + 1);
+    }
+    pthread_mutex_lock(&s->ev->mu);
+    if (s->cursor.seq == at)
+        s->oldest_ms = ms;
+}
+
 /* This sink is to stop (all, or it alone); ev->mu held. */
 #define SINK_STOP(s) ((s)->ev->stop || (s)->stop)
 
@@ -700,6 +718,8 @@ sink_main(void *arg)
             journal_end(ev->journal, &end);
             if (s->st.paused && sink_cap_backlog(s, &end))
                 sink_after_cap(s); /* a paused sink's backlog is bounded too */
+            if (s->st.paused && !SINK_STOP(s) && s->oldest_ms == 0 && end.seq > s->cursor.seq)
+                sink_peek_oldest(s); /* its lag, on the stats */
         }
         if (SINK_STOP(s))
             break;
@@ -725,6 +745,12 @@ sink_main(void *arg)
 
         uint64_t filtered = 0, skipped = 0, first_ms = 0;
         int rc = batch_gather(s, &from, &filtered, &skipped, &first_ms);
+        if (first_ms != 0) {
+            /* the oldest pending event, while the batch is on its way */
+            pthread_mutex_lock(&ev->mu);
+            s->oldest_ms = first_ms;
+            pthread_mutex_unlock(&ev->mu);
+        }
         int sent = -1;
         err[0] = '\0';
         if (rc < 0)
@@ -753,8 +779,6 @@ sink_main(void *arg)
 
         pthread_mutex_lock(&ev->mu);
         s->st.dropped += skipped;
-        if (first_ms != 0)
-            s->oldest_ms = first_ms;
         if (sent == 0) {
             s->st.filtered += filtered;
             s->st.sent += s->nlines;

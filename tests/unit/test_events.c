@@ -266,6 +266,33 @@ test_paused_sink_keeps_its_backlog(void **state)
     sink_cfg_fini(&c);
 }
 
+/* A paused sink's stats tell how old its oldest pending event is (the
+ * lag an operator alerts on), not 0 as if nothing were pending. */
+static void
+test_paused_sink_reports_its_oldest_pending(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 1, 20);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 5000; i++) {
+        assert_int_equal(events_stats(ev, &st, 1), 1);
+        if (st.pending == 20 && st.oldest_age_ms > 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    assert_int_equal(st.pending, 20);
+    assert_true(st.paused);
+    /* the lines say 2026-01-02T03:04:05.678Z */
+    uint64_t want = (uint64_t)time(NULL) * 1000 - 1767323045678ULL;
+    if (st.oldest_age_ms + 60000 < want || st.oldest_age_ms > want + 60000)
+        fail_msg("oldest pending age %llu ms, expected about %llu",
+                 (unsigned long long)st.oldest_age_ms, (unsigned long long)want);
+    events_free(ev);
+    sink_cfg_fini(&c);
+}
+
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
 static int
 listen_local(int *port_out)
@@ -382,6 +409,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
