@@ -2230,8 +2230,9 @@ config_reference(FILE *out)
                  "orders a message's events. A webhook gets JSON arrays in POSTs, signed when "
                  "secret is set; a Redis sink XADDs one entry per event (fields event_id and "
                  "data). A reload adds, changes (from the sink's cursor) and removes sinks "
-                 "(the cursor stays: added back, a sink resumes); a node started without a "
-                 "sink needs a restart for its first.\n\n");
+                 "(the cursor stays: added back, a sink resumes there as far as the journal "
+                 "still holds, the events it missed counted as dropped); a node started "
+                 "without a sink needs a restart for its first.\n\n");
     reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

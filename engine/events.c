@@ -1042,10 +1042,21 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
             return -ENOMEM;
         }
     }
-    int rc = journal_cursor_load(ev->journal, c->name, &s->cursor);
+    uint64_t lost = 0;
+    int rc = journal_cursor_load(ev->journal, c->name, &s->cursor, &lost);
     if (rc < 0) {
         snprintf(err, errlen, "[events %s]: cannot read its cursor: %s", c->name, strerror(-rc));
         return rc;
+    }
+    if (lost > 0) {
+        /* Removed (by a reload, or from the config across a restart)
+         * while the other sinks moved on: the journal was trimmed
+         * behind them, not kept for it. */
+        s->st.dropped = lost;
+        log_msg(LOG_ERR,
+                "event=events_backlog_dropped sink=%s events=%" PRIu64
+                " note=trimmed_while_the_sink_was_away",
+                c->name, lost);
     }
     return 0;
 }
@@ -1322,7 +1333,7 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
             s->st.batches = o->batches;
             s->st.failed = o->failed;
             s->st.filtered = o->filtered;
-            s->st.dropped = o->dropped;
+            s->st.dropped += o->dropped;
             memcpy(s->st.last_error, o->last_error, sizeof(s->st.last_error));
             s->st.paused = sinks[k].paused != had_paused_cfg[prev] ? sinks[k].paused
                                                                     : was_paused[prev];

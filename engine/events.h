@@ -130,16 +130,18 @@ void events_put(void *arg, const char *line, size_t len);
 
 /*
  * A reload (main thread): sinks no longer configured stop (their cursor
- * stays on disk: added back, they resume there); sinks whose settings
+ * stays on disk: added back, they resume there, or at the journal's
+ * first event when it was trimmed meanwhile, the events between counted
+ * as dropped and logged); sinks whose settings
  * changed (url, secret, filters, batch and retry settings, ...) stop
  * and start again from their cursor (a batch in flight is sent again);
  * new ones start, from their stored cursor if they ever had one, else at
  * the journal's end (every event from now on). A change of "paused"
  * alone pauses or resumes. Segments before every running sink's cursor
  * are deleted (with no sink left, all but the one being appended to): a
- * removed sink's cursor holds nothing on disk. The module must exist (a node started without
- * any sink needs a restart for its first). Returns 0 or -errno (a sink
- * that could not start is logged and left out).
+ * removed sink's cursor holds nothing on disk. The module must exist (a
+ * node started without any sink needs a restart for its first). Returns
+ * 0 or -errno (a sink that could not start is logged and left out).
  */
 int events_reconfigure(struct events *ev, const struct events_sink_config *sinks, unsigned n);
 

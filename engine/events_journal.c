@@ -561,8 +561,11 @@ journal_name_valid(const char *name)
 }
 
 int
-journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos)
+journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos,
+                    uint64_t *lost)
 {
+    if (lost != NULL)
+        *lost = 0;
     if (!journal_name_valid(name))
         return -EINVAL;
     struct journal_pos begin, end;
@@ -583,9 +586,15 @@ journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos
     if (sscanf(text, "%" SCNu64 " %" SCNu64, &off, &seq) != 2)
         return 0;
     /* Outside the journal (a journal made anew under an old cursor):
-     * from the beginning. Before it: the segments were trimmed. */
-    if (off > end.off || seq > end.seq || off < begin.off)
+     * from the beginning. Before it: the segments were trimmed, and
+     * the events in them are lost to this cursor. */
+    if (off > end.off || seq > end.seq)
         return 0;
+    if (off < begin.off) {
+        if (lost != NULL && begin.seq > seq)
+            *lost = begin.seq - seq;
+        return 0;
+    }
     pos->off = off;
     pos->seq = seq;
     return 0;

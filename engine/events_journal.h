@@ -88,8 +88,13 @@ long journal_read(struct journal *j, struct journal_pos *pos, char *buf, size_t 
 bool journal_name_valid(const char *name);
 
 /* A sink's cursor: 0 and *pos (the journal's first position when the
- * cursor was never stored or lies outside the journal), or -errno. */
-int journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos);
+ * cursor was never stored or lies outside the journal), or -errno.
+ * *lost (NULL: not asked) is the number of events between a stored
+ * cursor and the journal's first position when the segments after that
+ * cursor were deleted since (trimmed while its sink was away): events
+ * that sink will never get; else 0. */
+int journal_cursor_load(struct journal *j, const char *name, struct journal_pos *pos,
+                        uint64_t *lost);
 int journal_cursor_store(struct journal *j, const char *name, const struct journal_pos *pos);
 /* Whether a cursor was ever stored for name (it stays when its sink is
  * removed: added back, the sink resumes there). */

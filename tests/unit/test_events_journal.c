@@ -251,16 +251,16 @@ test_cursor_resume(void **state)
     struct journal *j = jopen(0);
     append_str(j, "{\"a\":1}\n{\"a\":2}\n{\"a\":3}\n");
     struct journal_pos pos;
-    assert_int_equal(journal_cursor_load(j, "hook", &pos), 0);
+    assert_int_equal(journal_cursor_load(j, "hook", &pos, NULL), 0);
     assert_int_equal(pos.off, 0); /* never stored: the beginning */
     assert_int_equal(pos.seq, 0);
     struct journal_pos two = {16, 2};
     assert_int_equal(journal_cursor_store(j, "hook", &two), 0);
-    assert_int_equal(journal_cursor_load(j, "../x", &pos), -EINVAL);
+    assert_int_equal(journal_cursor_load(j, "../x", &pos, NULL), -EINVAL);
     journal_close(j);
 
     j = jopen(0);
-    assert_int_equal(journal_cursor_load(j, "hook", &pos), 0);
+    assert_int_equal(journal_cursor_load(j, "hook", &pos, NULL), 0);
     assert_int_equal(pos.off, 16);
     assert_int_equal(pos.seq, 2);
     char out[64];
@@ -269,7 +269,7 @@ test_cursor_resume(void **state)
     /* A cursor past the end (a journal made anew): from the beginning. */
     struct journal_pos beyond = {1000, 90};
     assert_int_equal(journal_cursor_store(j, "hook", &beyond), 0);
-    assert_int_equal(journal_cursor_load(j, "hook", &pos), 0);
+    assert_int_equal(journal_cursor_load(j, "hook", &pos, NULL), 0);
     assert_int_equal(pos.off, 0);
     assert_int_equal(pos.seq, 0);
     journal_close(j);
