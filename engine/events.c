@@ -50,6 +50,7 @@
 #define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
 #define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
 #define PUMP_RETRY_MS  1000u          /* after a failed append */
+#define HTTP_ANSWER_MAX (64u * 1024)  /* octets of an endpoint's answer read; past them, closed */
 
 #define EVK(f) offsetof(struct events_sink_config, f)
 const struct conf_key events_sink_keys[] = {
@@ -117,6 +118,7 @@ struct sink {
     CURL *curl;                 /* owned */
     struct curl_slist *headers; /* owned, rebuilt per request */
     char curl_err[CURL_ERROR_SIZE];
+    size_t answer_len; /* octets of the answer's body read so far */
     /* redis */
     redisContext *redis; /* owned */
     char host[256], stream[256], password[256];
@@ -411,12 +413,16 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
 
 /* ---- HTTP ---- */
 
+/* The answer's body means nothing (the status is the answer): read and
+ * dropped, up to HTTP_ANSWER_MAX; past it the transfer stops (the
+ * connection is closed), so an endless or huge body costs no more. */
 static size_t
 discard(char *p, size_t size, size_t n, void *arg)
 {
     (void)p;
-    (void)arg;
-    return size * n;
+    struct sink *s = arg;
+    s->answer_len += size * n;
+    return s->answer_len > HTTP_ANSWER_MAX ? 0 : size * n;
 }
 
 /* libcurl calls this while a request runs: a stop abandons it (the
@@ -444,6 +450,7 @@ http_init(struct sink *s)
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)s->cfg.timeout);
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)s->cfg.timeout);
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, s);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, s->curl_err);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
@@ -457,7 +464,11 @@ http_init(struct sink *s)
     return 0;
 }
 
-/* POST the batch. Returns 0 on a 2xx, else -1 with the reason in err. */
+/* POST the batch. Returns 0 on a 2xx, else -1 with the reason in err. A
+ * 2xx status acknowledges the batch whatever happens to the body after
+ * it (cut short, too long, a stop): the endpoint took the batch; sending
+ * it again would only repeat it, and for an endpoint that always answers
+ * so, for ever. */
 static int
 http_send(struct sink *s, char *err, size_t errlen)
 {
@@ -485,18 +496,17 @@ http_send(struct sink *s, char *err, size_t errlen)
     curl_easy_setopt(s->curl, CURLOPT_POSTFIELDS, s->body.buf);
     curl_easy_setopt(s->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)s->body.len);
     s->curl_err[0] = '\0';
+    s->answer_len = 0;
     CURLcode rc = curl_easy_perform(s->curl);
-    if (rc != CURLE_OK) {
-        snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
-        return -1;
-    }
-    long code = 0;
+    long code = 0; /* this transfer's: libcurl clears it as a transfer starts */
     curl_easy_getinfo(s->curl, CURLINFO_RESPONSE_CODE, &code);
-    if (code < 200 || code > 299) {
+    if (code >= 200 && code <= 299)
+        return 0;
+    if (code != 0) /* the status says more than what became of its body */
         snprintf(err, errlen, "HTTP status %ld", code);
-        return -1;
-    }
-    return 0;
+    else
+        snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
+    return -1;
 }
 
 /* ---- Redis ---- */

@@ -19,6 +19,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -468,6 +469,149 @@ test_changed_sink_keeps_its_backlog(void **state)
     sink_cfg_fini(&c2);
 }
 
+/* ---- a webhook endpoint on loopback, answering 200 in odd ways ---- */
+
+enum answer { ANSWER_CUT, ANSWER_ENDLESS };
+
+struct endpoint {
+    int lfd, port;
+    enum answer answer;
+    _Atomic bool stop;
+    _Atomic unsigned requests;
+    pthread_t thread;
+};
+
+/* Read one request (headers and Content-Length octets of body). */
+static bool
+endpoint_read_request(int fd)
+{
+    char buf[65536];
+    size_t have = 0;
+    const char *eoh = NULL;
+    while (eoh == NULL) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 10000) != 1 || have == sizeof(buf) - 1)
+            return false;
+        ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+        if (n <= 0)
+            return false;
+        have += (size_t)n;
+        buf[have] = '\0';
+        eoh = strstr(buf, "\r\n\r\n");
+    }
+    const char *cl = strcasestr(buf, "content-length:");
+    size_t want = cl != NULL ? strtoul(cl + 15, NULL, 10) : 0;
+    size_t got = have - (size_t)(eoh + 4 - buf);
+    while (got < want) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 10000) != 1)
+            return false;
+        ssize_t n = read(fd, buf, sizeof(buf));
+        if (n <= 0)
+            return false;
+        got += (size_t)n;
+    }
+    return true;
+}
+
+static void *
+endpoint_main(void *arg)
+{
+    struct endpoint *e = arg;
+    while (!atomic_load(&e->stop)) {
+        struct pollfd p = {.fd = e->lfd, .events = POLLIN};
+        if (poll(&p, 1, 50) != 1)
+            continue;
+        int fd = accept(e->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        while (!atomic_load(&e->stop) && endpoint_read_request(fd)) {
+            atomic_fetch_add(&e->requests, 1);
+            if (e->answer == ANSWER_CUT) {
+                /* the status, then the connection drops inside the body */
+                static const char a[] = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"ok\"";
+                (void)!write(fd, a, sizeof(a) - 1);
+                break;
+            }
+            /* the status, then a body without end */
+            static const char a[] = "HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n";
+            if (write(fd, a, sizeof(a) - 1) < 0)
+                break;
+            static char chunk[16384];
+            while (!atomic_load(&e->stop) && send(fd, chunk, sizeof(chunk), MSG_NOSIGNAL) > 0) {
+            }
+            break;
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+static void
+endpoint_start(struct endpoint *e, enum answer answer)
+{
+    e->lfd = listen_local(&e->port);
+    e->answer = answer;
+    atomic_init(&e->stop, false);
+    atomic_init(&e->requests, 0);
+    assert_int_equal(pthread_create(&e->thread, NULL, endpoint_main, e), 0);
+}
+
+static void
+endpoint_stop(struct endpoint *e)
+{
+    atomic_store(&e->stop, true);
+    pthread_join(e->thread, NULL);
+    close(e->lfd);
+}
+
+/* A 2xx acknowledges the batch (README): what follows the status, a body
+ * cut short or one without end, is the endpoint's business. Else the
+ * same batch is sent again and again, the sink never moves on, and the
+ * endpoint gets every copy. */
+static void
+answered_200(enum answer answer)
+{
+    struct endpoint e;
+    endpoint_start(&e, answer);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.timeout = 2000;
+    c.retry_min = c.retry_max = 10;
+    struct events *ev = start(&c, 1);
+    put_lines(0, 20);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if ((st.sent == 20 && st.pending == 0) || st.failed >= 3)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.sent != 20 || st.failed != 0)
+        fail_msg("answered 200: %llu sent, %llu failed attempts (%s), %u requests",
+                 (unsigned long long)st.sent, (unsigned long long)st.failed, st.last_error,
+                 atomic_load(&e.requests));
+    sink_cfg_fini(&c);
+}
+
+static void
+test_200_with_body_cut_short_acknowledges(void **state)
+{
+    (void)state;
+    answered_200(ANSWER_CUT);
+}
+
+static void
+test_200_with_endless_body_acknowledges(void **state)
+{
+    (void)state;
+    answered_200(ANSWER_ENDLESS);
+}
+
 int
 main(void)
 {
@@ -479,6 +623,9 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_sink_added_back_counts_what_it_missed, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_200_with_body_cut_short_acknowledges, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_200_with_endless_body_acknowledges, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
