@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -121,6 +122,7 @@ struct sink {
     size_t answer_len; /* octets of the answer's body read so far */
     /* redis */
     redisContext *redis; /* owned */
+    int redis_fd;        /* under ev->mu: its socket while connected, else -1 (a stop shuts it) */
     char host[256], stream[256], password[256];
     int port;
 };
@@ -514,9 +516,24 @@ http_send(struct sink *s, char *err, size_t errlen)
 static void
 redis_drop(struct sink *s)
 {
-    if (s->redis != NULL)
-        redisFree(s->redis);
+    if (s->redis == NULL)
+        return;
+    pthread_mutex_lock(&s->ev->mu);
+    s->redis_fd = -1; /* closed below: a stop no longer touches it */
+    pthread_mutex_unlock(&s->ev->mu);
+    redisFree(s->redis);
     s->redis = NULL;
+}
+
+/* A stop abandons the request in flight: libcurl's through its progress
+ * callback, a Redis one (hiredis blocks in read or write until the
+ * timeout) by shutting its socket down, which ends the wait at once.
+ * mu held. */
+static void
+sink_abort_locked(struct sink *s)
+{
+    if (s->redis_fd >= 0)
+        shutdown(s->redis_fd, SHUT_RDWR);
 }
 
 static int
@@ -532,6 +549,11 @@ redis_connect(struct sink *s, char *err, size_t errlen)
         return -1;
     }
     redisSetTimeout(s->redis, tv);
+    pthread_mutex_lock(&s->ev->mu);
+    s->redis_fd = s->redis->fd;
+    if (s->ev->stop || s->stop) /* the stop came during the connect */
+        sink_abort_locked(s);
+    pthread_mutex_unlock(&s->ev->mu);
     if (s->password[0] != '\0') {
         redisReply *r = redisCommand(s->redis, "AUTH %s", s->password);
         bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
@@ -1018,6 +1040,7 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
 {
     s->ev = ev;
     s->fd = -1;
+    s->redis_fd = -1;
     json_init(&s->body);
     int crc = conf_copy(events_sink_keys, &s->cfg, c, sizeof(*c));
     s->cfg.name = NULL; /* not a key: copied below */
@@ -1205,6 +1228,8 @@ events_free(struct events *ev)
     atomic_store(&ev->stopping, true);
     pthread_mutex_lock(&ev->mu);
     ev->stop = true;
+    for (unsigned i = 0; i < ev->nsinks; i++)
+        sink_abort_locked(ev->sinks[i]);
     pthread_cond_broadcast(&ev->cond);
     pthread_mutex_unlock(&ev->mu);
     for (unsigned i = 0; i < ev->nsinks; i++)
@@ -1301,6 +1326,7 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
         if (s->started) {
             pthread_mutex_lock(&ev->mu);
             s->stop = true;
+            sink_abort_locked(s);
             pthread_cond_broadcast(&ev->cond);
             pthread_mutex_unlock(&ev->mu);
             atomic_store(&s->quit, true);

@@ -118,8 +118,9 @@ struct events_sink_stats {
 struct queue;
 int events_new(const struct events_sink_config *sinks, unsigned n, const char *dir,
                struct queue *q, struct events **out, char *err, size_t errlen);
-/* Stop the sink threads (a batch in flight is abandoned: it is sent
- * again from the cursor on the next start) and close. Returns NULL. */
+/* Stop the sink threads (a batch in flight is abandoned at once: it is
+ * sent again from the cursor on the next start; only a Redis connect in
+ * progress runs to its timeout) and close. Returns NULL. */
 struct events *events_free(struct events *ev);
 
 /* The delivery log's hook (dlog_set_hook) for events logged outside a

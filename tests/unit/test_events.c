@@ -19,6 +19,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -375,6 +376,41 @@ listen_local(int *port_out)
     return fd;
 }
 
+/* A listening socket whose accept queue is full (backlog 0 and one
+ * connection of the test's waiting in it): the kernel drops further
+ * SYNs, so a client's connect hangs until its own timeout. */
+static int
+listen_full(int *port_out, int *queued)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(listen(fd, 0), 0);
+    socklen_t al = sizeof(a);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &al), 0);
+    *port_out = ntohs(a.sin_port);
+    *queued = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(*queued >= 0);
+    assert_int_equal(connect(*queued, (struct sockaddr *)&a, sizeof(a)), 0);
+    return fd;
+}
+
+/* Whether a socket of this host is connecting (SYN_SENT) to 127.0.0.1:port. */
+static bool
+connecting_to(int to)
+{
+    FILE *f = fopen("/proc/net/tcp", "r");
+    assert_non_null(f);
+    char line[512], want[32];
+    snprintf(want, sizeof(want), " 0100007F:%04X 02 ", to);
+    bool found = false;
+    while (!found && fgets(line, sizeof(line), f) != NULL)
+        found = strstr(line, want) != NULL;
+    fclose(f);
+    return found;
+}
+
 static void
 wait_readable(int fd)
 {
@@ -410,30 +446,29 @@ listed(struct events *ev, const char *name)
 }
 
 /* A reload that changes a sink stops it and starts it again from its
- * cursor. Stopping waits for its request in flight (here a Redis that
- * does not answer, up to the sink's timeout); events committed meanwhile
- * are appended and trimmed behind the other sinks' cursors. The sink
- * being restarted must not lose its backlog to that trim: it resumes
- * with every event after its cursor still in the journal. */
+ * cursor. Stopping waits for what the sink is doing (here a connect to a
+ * Redis that does not accept, up to the sink's timeout); events
+ * committed meanwhile are appended and trimmed behind the other sinks'
+ * cursors. The sink being restarted must not lose its backlog to that
+ * trim: it resumes with every event after its cursor still in the
+ * journal. */
 static void
 test_changed_sink_keeps_its_backlog(void **state)
 {
     (void)state;
-    int rport;
-    int lfd = listen_local(&rport);
+    int rport, queued;
+    int lfd = listen_full(&rport, &queued);
     char url[128];
     snprintf(url, sizeof(url), "redis://127.0.0.1:%d/events", rport);
     struct events_sink_config c = sink_cfg("s", url, false);
-    c.timeout = 60000; /* the stop waits for the answer that never comes */
+    c.timeout = 5000; /* the stop waits for the connect, up to this */
     c.batch_wait = 0;
     c.retry_min = c.retry_max = 10;
     struct events *ev = start(&c, 1);
     put_rounds(0, 10, 20);
-    /* The sink is waiting for the answers to its XADDs. */
-    wait_readable(lfd);
-    int conn = accept(lfd, NULL, NULL);
-    assert_true(conn >= 0);
-    wait_readable(conn);
+    for (int i = 0; i < 10000 && !connecting_to(rport); i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_true(connecting_to(rport));
 
     /* The reload: another URL (paused: it sends nothing here). */
     struct events_sink_config c2 = sink_cfg("s", "http://127.0.0.1:9/events", true);
@@ -442,13 +477,12 @@ test_changed_sink_keeps_its_backlog(void **state)
     assert_int_equal(pthread_create(&t, NULL, reload_main, &r), 0);
     for (int i = 0; i < 10000 && listed(ev, "s"); i++)
         nanosleep(&(struct timespec){0, 1000000}, NULL);
-    assert_false(listed(ev, "s")); /* stopping: its thread waits for Redis */
+    assert_false(listed(ev, "s")); /* stopping: its thread waits for the connect */
     /* Events committed while it stops: appended and trimmed behind the
      * sinks listed (none); the second round is taken once the pump is
      * done with the first. */
     put_rounds(200, 2, 20);
-    close(conn); /* Redis goes away: the old sink's request fails, it stops */
-    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(pthread_join(t, NULL), 0); /* the connect timed out */
     assert_int_equal(r.rc, 0);
 
     /* the last round's append may still be on its way to the disk */
@@ -464,9 +498,50 @@ test_changed_sink_keeps_its_backlog(void **state)
         fail_msg("the changed sink resumes with %llu of its 240 events pending",
                  (unsigned long long)st.pending);
     events_free(ev);
+    close(queued);
     close(lfd);
     sink_cfg_fini(&c);
     sink_cfg_fini(&c2);
+}
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A stop (SIGTERM, or a reload that removes or changes the sink)
+ * abandons a Redis request in flight at once (events.h), as it does a
+ * webhook's: it does not wait out the sink's timeout for a Redis that
+ * does not answer. */
+static void
+test_stop_abandons_a_redis_request(void **state)
+{
+    (void)state;
+    int rport;
+    int lfd = listen_local(&rport);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/events", rport);
+    struct events_sink_config c = sink_cfg("s", url, false);
+    c.timeout = 30000;
+    c.batch_wait = 0;
+    struct events *ev = start(&c, 1);
+    put_lines(0, 20);
+    wait_readable(lfd);
+    int conn = accept(lfd, NULL, NULL);
+    assert_true(conn >= 0);
+    wait_readable(conn); /* its XADDs: it waits for the answers */
+    uint64_t t0 = mono_ms();
+    events_free(ev);
+    uint64_t took = mono_ms() - t0;
+    close(conn);
+    close(lfd);
+    sink_cfg_fini(&c);
+    if (took > 5000)
+        fail_msg("the stop waited %llu ms for the Redis request in flight",
+                 (unsigned long long)took);
 }
 
 /* ---- a webhook endpoint on loopback, answering 200 in odd ways ---- */
@@ -615,6 +690,7 @@ test_200_with_endless_body_acknowledges(void **state)
 int
 main(void)
 {
+    signal(SIGPIPE, SIG_IGN); /* as sluice's main: hiredis writes without MSG_NOSIGNAL */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
@@ -626,6 +702,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_200_with_body_cut_short_acknowledges, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_200_with_endless_body_acknowledges, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stop_abandons_a_redis_request, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
