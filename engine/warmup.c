@@ -118,11 +118,20 @@ limit_of(const struct warmup *w, const struct wcount *c, uint64_t allowance)
 }
 
 /* The count of s's group g at the plan's day `today`: a new day starts
- * from nothing. Under lock. */
+ * from nothing. A clock that stepped back by up to a day (an NTP step
+ * over midnight, a VM resumed, a node restarted with its clock behind
+ * the one that wrote the state file) keeps the later day's count: c->day
+ * stays the day counted at, and callers take the allowance and the next
+ * day of c->day, not of today. Starting yesterday afresh would hand out
+ * its allowance a second time, and today's once more when the clock
+ * gets back to it. Further back, the clock was wrong, not the date: the
+ * count starts afresh. Under lock. */
 static struct wcount *
 count_at(struct warmup *w, struct wsrc *s, unsigned g, int64_t today)
 {
     struct wcount *c = &s->counts[g];
+    if (c->day != INT64_MIN && today < c->day && c->day - today <= 1)
+        return c;
     if (c->day != today) {
         if (c->mine > 0 || c->reserved > 0)
             w->dirty = true;
@@ -145,10 +154,9 @@ now_of(const struct warmup *w, uint64_t now_ms)
 static uint64_t
 left_of(struct warmup *w, struct wsrc *s, unsigned g, uint64_t t, struct wcount **cp, bool ask)
 {
-    int64_t today = warmup_conf_today(s->plan, t);
-    struct wcount *c = count_at(w, s, g, today);
+    struct wcount *c = count_at(w, s, g, warmup_conf_today(s->plan, t));
     *cp = c;
-    uint64_t allowance = warmup_conf_allowance(s->plan, g, today - s->start_day + 1);
+    uint64_t allowance = warmup_conf_allowance(s->plan, g, c->day - s->start_day + 1);
     if (allowance == WARMUP_UNLIMITED)
         return UINT64_MAX;
     uint64_t limit = limit_of(w, c, allowance);
@@ -213,8 +221,8 @@ warmup_next_day_ms(struct warmup *w, const char *source, const char *mx_host, ui
         uint64_t t = now_of(w, now_ms);
         unsigned g = warmup_conf_group(s->plan, mx_host);
         struct wcount *c;
-        int64_t today = warmup_conf_today(s->plan, t);
         uint64_t left = left_of(w, s, g, t, &c, true);
+        int64_t today = c->day; /* the count's: later than the clock's after a step back */
         uint64_t allowance = warmup_conf_allowance(s->plan, g, today - s->start_day + 1);
         if (left == 0 && w->redis_on && c->seen < allowance) {
             at = now_ms + KEEPER_INTERVAL_MS; /* the share grows at the next pass */
@@ -383,11 +391,11 @@ snapshot(struct warmup *w, uint64_t t, size_t *n, bool for_redis)
             struct snap *e = &v[k++];
             snprintf(e->addr, sizeof(e->addr), "%s", s->addr);
             snprintf(e->group, sizeof(e->group), "%s", s->plan->groups[g].name);
-            e->day = today;
+            e->day = c->day; /* the Redis keys and the file are of the count's day */
             e->mine = c->mine;
             e->reported = c->reported;
             e->reserved = c->reserved;
-            e->allowance = warmup_conf_allowance(s->plan, g, today - s->start_day + 1);
+            e->allowance = warmup_conf_allowance(s->plan, g, c->day - s->start_day + 1);
             if (for_redis) {
                 e->delta = c->mine - c->reported;
                 /* Reserve for demand only (an idle node holds nothing): half
@@ -857,7 +865,6 @@ warmup_report(struct warmup *w, uint64_t now_ms, struct warmup_row *out, size_t 
     size_t k = 0;
     for (unsigned i = 0; i < w->nsrcs; i++) {
         struct wsrc *s = w->srcs[i];
-        int64_t today = warmup_conf_today(s->plan, t);
         for (unsigned g = 0; g < s->plan->ngroups; g++, k++) {
             if (k >= cap)
                 continue;
@@ -865,15 +872,16 @@ warmup_report(struct warmup *w, uint64_t now_ms, struct warmup_row *out, size_t 
             memset(r, 0, sizeof(*r));
             struct wcount *c;
             r->left = left_of(w, s, g, t, &c, false);
+            int64_t day = c->day; /* the count's: see count_at */
             snprintf(r->source, sizeof(r->source), "%s", s->addr);
             snprintf(r->plan, sizeof(r->plan), "%s", s->plan->name);
             snprintf(r->group, sizeof(r->group), "%s", s->plan->groups[g].name);
-            warmup_conf_format_date(today, r->date, sizeof(r->date));
+            warmup_conf_format_date(day, r->date, sizeof(r->date));
             warmup_conf_format_date(s->start_day, r->start, sizeof(r->start));
-            r->day = today - s->start_day + 1;
+            r->day = day - s->start_day + 1;
             r->allowance = warmup_conf_allowance(s->plan, g, r->day);
             r->taken = c->mine + c->others;
-            int64_t next = (int64_t)warmup_conf_day_start_ms(s->plan, today + 1) - w->shift_ms;
+            int64_t next = (int64_t)warmup_conf_day_start_ms(s->plan, day + 1) - w->shift_ms;
             r->next_day_ms = next < 0 ? 0 : (uint64_t)next;
         }
     }

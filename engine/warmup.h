@@ -15,8 +15,11 @@
  * A keeper thread writes them to <spool>/warmup.state every second (and
  * warmup_close() once more), by write, fsync and rename: after a kill -9
  * a source may over-send by what it took in the last second before the
- * kill, at most that day's allowance. A state file from another day counts
- * for nothing today.
+ * kill, at most that day's allowance. A state file from an earlier day
+ * counts for nothing today. The day never goes back: after the clock
+ * steps back by up to a day (over midnight), the later day's counts and
+ * allowance hold until the clock is past that day; further back, the
+ * clock was wrong and the counts start afresh.
  *
  * With [redis] url the day's budget is shared by every node. A node sends
  * only tokens it reserved: the keeper, every second, reserves for each

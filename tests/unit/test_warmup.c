@@ -298,6 +298,50 @@ test_take_until_spent_and_next_day(void **state)
     remove_dir();
 }
 
+/* The clock stepped back across midnight (an NTP step, a VM resumed):
+ * what was taken on the later day still counts, before and after the
+ * clock reaches that day again, and so does a state file written by a
+ * node whose clock was ahead. A step back by more than a day is a clock
+ * that was wrong: the count starts afresh. */
+static void
+test_clock_steps_back(void **state)
+{
+    (void)state;
+    make_dir();
+    struct config *cfg = load_cfg(PLAN, 0, NULL);
+    struct warmup *w = open_w(cfg);
+    uint64_t now = clock_unix_ms();
+    warmup_clock_shift(w, DAY_MS / 2 + 30000); /* day 2, 00:00:30 */
+    for (int i = 0; i < 10; i++)
+        assert_true(warmup_take(w, "127.0.0.2", OTHER, now));
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 0);
+    warmup_clock_shift(w, -60000); /* day 1, 23:59:30 */
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 0);
+    assert_false(warmup_take(w, "127.0.0.2", OTHER, now));
+    /* the day that ends next is still day 2, in a day and 30 s */
+    assert_int_equal(warmup_next_day_ms(w, "127.0.0.2", OTHER, now) - now, DAY_MS + 30000);
+    struct warmup_row rows[8];
+    assert_int_equal(warmup_report(w, now, rows, 8), 5);
+    assert_int_equal(rows[4].day, 2);
+    assert_int_equal(rows[4].taken, 10);
+    warmup_clock_shift(w, 60000); /* day 2 again */
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 0);
+    assert_false(warmup_take(w, "127.0.0.2", OTHER, now));
+    warmup_close(w);
+    /* a restart with the clock behind: the state file's day 2 still counts */
+    w = open_w(cfg);
+    warmup_clock_shift(w, DAY_MS / 2 - 30000); /* day 1, 23:59:30 */
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 0);
+    warmup_clock_shift(w, 60000);
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 0);
+    /* two days back: a clock that was wrong, day 1 from nothing */
+    warmup_clock_shift(w, -2 * DAY_MS);
+    assert_int_equal(warmup_left(w, "127.0.0.2", OTHER, now), 5);
+    warmup_close(w);
+    config_free(cfg);
+    remove_dir();
+}
+
 static void
 test_utc_offset(void **state)
 {
@@ -563,6 +607,7 @@ main(void)
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_take_until_spent_and_next_day),
         cmocka_unit_test(test_utc_offset),
+        cmocka_unit_test(test_clock_steps_back),
         cmocka_unit_test(test_restart_keeps_counts),
         cmocka_unit_test(test_reload_keeps_counts),
         cmocka_unit_test(test_two_threads),
