@@ -26,7 +26,9 @@
  *     within a few tens of ms. Pub/sub
  *     would lose what is sent while a node is disconnected, and would need
  *     the same hash anyway. What this node changed while Redis was away is
- *     written to the hash when it is back (merged first: the later end wins).
+ *     written to the hash when it is back (merged first: the later end wins);
+ *     meanwhile one change per action id waits (outbox_push), not one per
+ *     extension.
  *     The keeper's connection is blocking (hiredis sync API), off the
  *     workers, as warmup.c's keeper.
  *   - Redis away: the table keeps working on this node (local only), and
@@ -66,10 +68,13 @@
 #define IGNORED_IDS_MAX    256  /* distinct ignored actions remembered, to count each once */
 #define RECHECK_MAX_MS     1000 /* a worker asks again at least this often: clears from
                                  * other nodes and operators act within it */
+#define OUTBOX_MAX         (2 * SHAPING_ACTIONS_MAX) /* changes waiting for Redis: one per
+                                                      * action id (see outbox_push) */
 
 struct outbox_item {
     struct outbox_item *next;
     bool clear;
+    bool clear_first; /* an add that followed a clear of its id: the clear goes out first */
     struct shaping_action a;
 };
 
@@ -82,6 +87,8 @@ struct shaping {
     bool dirty;                 /* the state file is behind */
     bool stop;
     struct outbox_item *out, **out_tail; /* owned: changes to publish */
+    size_t nout;                /* items in out (st.outbox) */
+    uint64_t outbox_dropped;    /* changes dropped at OUTBOX_MAX (logged on the first) */
     char *state_path;           /* owned, or NULL */
     char node[64];
     char instance[17];          /* this process: its own stream entries are skipped */
@@ -309,11 +316,43 @@ log_ended(struct shaping *s, const struct shaping_action *a, const char *why)
             a->domain[0] ? a->domain : "-", why);
 }
 
+/* Queue a change for Redis. While Redis is away nothing drains the
+ * queue, and a reply storm extends the same actions again and again: one
+ * item per action id waits, holding its latest state (an add after a
+ * clear of it keeps the clear, published first), so that the queue is
+ * bounded by the ids changed, not by the changes; past OUTBOX_MAX ids the
+ * oldest change is dropped (a lost add is published again by the
+ * reconnect's catch-up, from the table; a lost clear lets the action come
+ * back from the hash until its end). Under lock. */
 static void
 outbox_push(struct shaping *s, const struct shaping_action *a, bool clear)
 {
     if (!s->redis_on)
         return;
+    for (struct outbox_item *it = s->out; it != NULL; it = it->next) {
+        if (strcmp(it->a.id, a->id) != 0)
+            continue;
+        if (clear) {
+            it->clear_first = false; /* clear, add, clear: one clear */
+        } else {
+            it->clear_first |= it->clear;
+        }
+        it->clear = clear;
+        it->a = *a;
+        return;
+    }
+    if (s->nout >= OUTBOX_MAX) {
+        struct outbox_item *old = s->out;
+        s->out = old->next;
+        if (s->out == NULL)
+            s->out_tail = &s->out;
+        free(old);
+        s->nout--;
+        if (s->outbox_dropped++ == 0)
+            log_msg(LOG_WARN, "event=shaping_outbox_full max=%d note=\"oldest change dropped: "
+                              "Redis away too long\"",
+                    OUTBOX_MAX);
+    }
     struct outbox_item *it = calloc(1, sizeof(*it));
     if (it == NULL)
         return; /* the hash is rewritten whole at the next reconnect */
@@ -321,6 +360,18 @@ outbox_push(struct shaping *s, const struct shaping_action *a, bool clear)
     it->clear = clear;
     *s->out_tail = it;
     s->out_tail = &it->next;
+    s->nout++;
+}
+
+/* Take the whole queue (the caller frees it). Under lock. */
+static struct outbox_item *
+outbox_take(struct shaping *s)
+{
+    struct outbox_item *o = s->out;
+    s->out = NULL;
+    s->out_tail = &s->out;
+    s->nout = 0;
+    return o;
 }
 
 /* Insert or extend a (the later end wins). Returns 1 when new, 2 when
@@ -727,6 +778,8 @@ shaping_stats(struct shaping *s, struct shaping_stats *out)
         return;
     pthread_mutex_lock(&s->lock);
     *out = s->st;
+    out->outbox = s->nout;
+    out->outbox_dropped = s->outbox_dropped;
     out->redis_on = s->redis_on;
     out->redis_up = s->redis_up;
     pthread_mutex_unlock(&s->lock);
@@ -938,14 +991,12 @@ redis_catch_up(struct shaping *s)
      * was away; adds are in the table (published below when the hash
      * lacks them). */
     pthread_mutex_lock(&s->lock);
-    struct outbox_item *o = s->out;
-    s->out = NULL;
-    s->out_tail = &s->out;
+    struct outbox_item *o = outbox_take(s);
     pthread_mutex_unlock(&s->lock);
     int crc = 0;
     for (; o != NULL;) {
         struct outbox_item *nx = o->next;
-        if (o->clear && crc == 0)
+        if ((o->clear || o->clear_first) && crc == 0)
             crc = redis_publish(s, &o->a, true);
         free(o);
         o = nx;
@@ -1124,13 +1175,13 @@ redis_pass(struct shaping *s)
     if (redis_connect(s) < 0)
         return;
     pthread_mutex_lock(&s->lock);
-    struct outbox_item *o = s->out;
-    s->out = NULL;
-    s->out_tail = &s->out;
+    struct outbox_item *o = outbox_take(s);
     pthread_mutex_unlock(&s->lock);
     bool failed = false;
     while (o != NULL) {
         struct outbox_item *nx = o->next;
+        if (!failed && o->clear_first && redis_publish(s, &o->a, true) < 0)
+            failed = true;
         if (!failed && redis_publish(s, &o->a, o->clear) < 0)
             failed = true; /* the reconnect's catch-up rewrites the hash; clears are lost
                             * to the stream but not to the hash */

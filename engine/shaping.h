@@ -244,6 +244,8 @@ struct shaping_stats {
     uint64_t started, ended, hits, published, received;
     uint64_t ignored; /* distinct actions (ids) of a kind or scope unknown here (a newer
                        * node's), each counted once however often it is read */
+    uint64_t outbox;  /* changes waiting for Redis: at most one per action id */
+    uint64_t outbox_dropped; /* changes dropped: more ids than that waited (Redis away) */
     bool redis_on, redis_up;
 };
 void shaping_stats(struct shaping *s, struct shaping_stats *out);

@@ -8,10 +8,12 @@
  * parsed; actions kept in the state file across a
  * close and open; two instances sharing one real redis-server: an action
  * reaches the other within a second, a clear likewise, a late starter
- * catches up from the hash.
+ * catches up from the hash; while Redis is away, what waits for it is
+ * one change per action, and none is lost when it comes.
  *
  * Threading: the keeper threads of the instances; redis-server is
- * started before any of them (never fork with threads running).
+ * started before any of them, but in the test where Redis comes late
+ * (the child calls only async-signal-safe functions before its exec).
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -729,6 +731,73 @@ test_two_nodes_through_redis(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+/* Redis away: a storm of changes to the same actions waits as one change
+ * per action (the queue is bounded by the ids, not by the changes), and
+ * nothing of what waited is lost when Redis comes: an action extended a
+ * thousand times, one added and cleared, one added, cleared and added
+ * again. */
+static void
+test_outbox_bounded_while_redis_away(void **state)
+{
+    (void)state;
+    int port = redis_server_free_port(); /* nobody listens: Redis is away */
+    assert_true(port > 0);
+    char dir[] = "/tmp/sluice-shaping-outbox-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char err[256] = "";
+    struct shaping *a = open_node(dir, "a", port);
+    uint64_t now = clock_unix_ms();
+    struct shaping_action x = {.kind = SHAPING_SUSPEND, .scope = SHAPING_SCOPE_DOMAIN};
+    snprintf(x.domain, sizeof(x.domain), "storm.example");
+    for (int i = 0; i < 1000; i++) {
+        x.until_ms = now + 600000 + (uint64_t)i;
+        assert_int_equal(shaping_add(a, &x), 0);
+    }
+    struct shaping_action y = x, z = x;
+    snprintf(y.domain, sizeof(y.domain), "gone.example");
+    snprintf(z.domain, sizeof(z.domain), "back.example");
+    assert_int_equal(shaping_add(a, &y), 0);
+    assert_int_equal(shaping_remove(a, &y), 1);
+    assert_int_equal(shaping_add(a, &z), 0);
+    assert_int_equal(shaping_remove(a, &z), 1);
+    assert_int_equal(shaping_add(a, &z), 0);
+    struct shaping_stats st;
+    shaping_stats(a, &st);
+    assert_false(st.redis_up);
+    assert_int_equal(st.outbox, 3);
+    assert_int_equal(st.outbox_dropped, 0);
+    assert_int_equal(count(a), 2);
+    if (redis_server_path() != NULL) {
+        pid_t pid = redis_server_start(port, err, sizeof(err));
+        if (pid < 0)
+            fail_msg("redis-server: %s", err);
+        struct shaping *b = open_node(dir, "b", port);
+        /* a reconnects (backoff: at most 5 s) and publishes what waited */
+        assert_true(wait_count(b, 2, 10000));
+        shaping_stats(a, &st);
+        assert_true(st.redis_up);
+        assert_int_equal(st.outbox, 0);
+        struct shaping_action *v;
+        size_t n;
+        assert_int_equal(shaping_list(b, &v, &n), 0);
+        for (size_t i = 0; i < n; i++) {
+            assert_true(strcmp(v[i].domain, "storm.example") == 0 ||
+                        strcmp(v[i].domain, "back.example") == 0);
+            if (strcmp(v[i].domain, "storm.example") == 0)
+                assert_int_equal(v[i].until_ms, now + 600999);
+        }
+        free(v);
+        shaping_close(b);
+        shaping_close(a);
+        redis_server_kill(pid);
+    } else {
+        shaping_close(a);
+    }
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 int
 main(void)
 {
@@ -742,6 +811,7 @@ main(void)
         cmocka_unit_test(test_rate_action),
         cmocka_unit_test(test_unknown_kind_from_redis),
         cmocka_unit_test(test_two_nodes_through_redis),
+        cmocka_unit_test(test_outbox_bounded_while_redis_away),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
