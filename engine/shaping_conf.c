@@ -369,14 +369,27 @@ re_needle(const char *re, char *out, size_t cap)
             continue;
         } else if (c == '[') {
             END_RUN();
-            /* skip the bracket expression: ']' first is a member */
+            /* skip the bracket expression: ']' first is a member, and
+             * so is the ']' that closes a class, an equivalence class or
+             * a collating element inside it ("[[:digit:]]", "[[=e=]]",
+             * "[[.-.]]") */
             s++;
             if (*s == '^')
                 s++;
             if (*s == ']')
                 s++;
-            while (*s != '\0' && *s != ']')
+            while (*s != '\0' && *s != ']') {
+                if (*s == '[' && (s[1] == ':' || s[1] == '=' || s[1] == '.')) {
+                    char kind = s[1];
+                    s += 2;
+                    while (*s != '\0' && !(*s == kind && s[1] == ']'))
+                        s++;
+                    if (*s == '\0')
+                        return;
+                    s++; /* onto its ']' */
+                }
                 s++;
+            }
             if (*s == '\0')
                 return;
             continue;

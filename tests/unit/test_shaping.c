@@ -212,6 +212,20 @@ test_prefilter(void **state)
     assert_string_equal(match(r, 451, "4.3.0", "zzz top", NULL), "any");
     assert_null(match(r, 451, NULL, "zzz top", NULL)); /* no enhanced code */
     shaping_rules_free(r);
+    /* bracket expressions holding a class, an equivalence class or a
+     * collating element: their inner ']' does not end them */
+    r = load("rule cc code=421 match=\"[[:digit:]]xyz\" action=count\n"
+             "rule ncc code=421 match=\"[^[:space:]]+blocked\" action=count\n"
+             "rule eq code=421 match=\"[[=k=]]lmn\" action=count\n"
+             "rule coll code=421 match=\"[[.-.]a]pqr\" action=count\n",
+             err, sizeof(err), false);
+    assert_non_null(r);
+    assert_string_equal(match(r, 421, NULL, "code 5xyz", NULL), "cc");
+    assert_string_equal(match(r, 421, NULL, "ip-blocked", NULL), "ncc");
+    assert_string_equal(match(r, 421, NULL, "klmn", NULL), "eq");
+    assert_string_equal(match(r, 421, NULL, "-pqr", NULL), "coll");
+    assert_null(match(r, 421, NULL, "code xyz", NULL));
+    shaping_rules_free(r);
 }
 
 /* 1,000 rules: the right one still wins, and the first of equals. */
