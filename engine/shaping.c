@@ -690,8 +690,13 @@ shaping_add(struct shaping *s, const struct shaping_action *in)
     pthread_mutex_lock(&s->lock);
     snprintf(a.origin, sizeof(a.origin), "%s", s->node);
     struct shaping_action *old = find(s, a.id);
-    if (old != NULL) /* an operator's word sets the end, shorter or longer */
+    if (old != NULL) {
+        /* an operator's word sets the end, shorter or longer, and the
+         * value (the id is the same for cap:3 and cap:10) */
         old->until_ms = a.until_ms;
+        old->value = a.value;
+        old->per_ms = a.per_ms;
+    }
     int rc = old != NULL ? 2 : upsert(s, &a);
     if (rc == 1)
         log_started(s, &a, "operator");
@@ -934,8 +939,11 @@ apply_remote(struct shaping *s, const char *line, bool clear, const char *via)
     } else if (a.until_ms > clock_unix_ms()) {
         struct shaping_action *old = find(s, a.id);
         if (old != NULL && strcmp(a.rule, "operator") == 0) {
-            if (old->until_ms != a.until_ms) { /* an operator sets the end */
+            if (old->until_ms != a.until_ms || old->value != a.value ||
+                old->per_ms != a.per_ms) { /* an operator sets the end and the value */
                 old->until_ms = a.until_ms;
+                old->value = a.value;
+                old->per_ms = a.per_ms;
                 s->dirty = true;
             }
         } else if (upsert(s, &a) == 1) {

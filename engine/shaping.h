@@ -226,7 +226,9 @@ bool shaping_tenant_held(struct shaping *s, const struct shaping_rules *r, const
 void shaping_set_bounce_hook(struct shaping *s,
                              void (*fn)(void *arg, const struct shaping_action *a), void *arg);
 
-/* Operators: an action by hand (rule "operator"), cluster-wide. */
+/* Operators: an action by hand (rule "operator"), cluster-wide. Given
+ * again (the same kind, scope and names: the same id), it sets the
+ * action's end and value (cap:N, rate:R), shorter or longer. */
 int shaping_add(struct shaping *s, const struct shaping_action *a);
 /* Clear the action that shaping_add(a) made (the same kind, scope and
  * names; rule "operator" when a's is empty), cluster-wide. Returns 1, or

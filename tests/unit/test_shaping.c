@@ -812,6 +812,80 @@ test_outbox_bounded_while_redis_away(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+/* An operator's action given again with another value (cap:3, then
+ * cap:10; rate:10/s, then 50/s) takes the new value, here and on the
+ * other nodes, as it takes the new end. */
+static void
+test_operator_changes_value(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-shaping-value-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char err[256] = "";
+    struct shaping_rules *r = load(NULL, err, sizeof(err), true);
+    pid_t pid = -1;
+    int port = 0;
+    if (redis_server_path() != NULL) {
+        port = redis_server_free_port();
+        pid = redis_server_start(port, err, sizeof(err));
+        if (pid < 0)
+            fail_msg("redis-server: %s", err);
+    }
+    struct shaping *a = open_node(dir, "a", port), *b = port ? open_node(dir, "b", port) : NULL;
+    const char *mx = "mta5.am0.yahoodns.net";
+    struct shaping_action cap = {.kind = SHAPING_CAP, .scope = SHAPING_SCOPE_GROUP, .value = 3,
+                                 .until_ms = clock_unix_ms() + 600000};
+    snprintf(cap.group, sizeof(cap.group), "yahoo");
+    struct shaping_action rate = {.kind = SHAPING_RATE, .scope = SHAPING_SCOPE_DOMAIN,
+                                  .value = 10, .per_ms = 1000,
+                                  .until_ms = clock_unix_ms() + 600000};
+    snprintf(rate.domain, sizeof(rate.domain), "example.net");
+    assert_int_equal(shaping_add(a, &cap), 0);
+    assert_int_equal(shaping_add(a, &rate), 0);
+    struct shaping_verdict v;
+    assert_true(shaping_check(a, r, "", mx, "example.net", clock_unix_ms(), &v));
+    assert_int_equal(v.cap, 3);
+    assert_int_equal(v.rate_interval_ns, 100000000ULL);
+    if (b != NULL) {
+        assert_true(wait_count(b, 2, 2000));
+        for (int i = 0; i < 200; i++) {
+            shaping_check(b, r, "", mx, "example.net", clock_unix_ms(), &v);
+            if (v.cap == 3)
+                break;
+            struct timespec ts = {0, 10 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+        assert_int_equal(v.cap, 3);
+    }
+    cap.value = 10; /* same end */
+    rate.value = 50;
+    assert_int_equal(shaping_add(a, &cap), 0);
+    assert_int_equal(shaping_add(a, &rate), 0);
+    assert_true(shaping_check(a, r, "", mx, "example.net", clock_unix_ms(), &v));
+    assert_int_equal(v.cap, 10);
+    assert_int_equal(v.rate_interval_ns, 20000000ULL);
+    assert_int_equal(count(a), 2);
+    if (b != NULL) {
+        for (int i = 0; i < 200; i++) {
+            shaping_check(b, r, "", mx, "example.net", clock_unix_ms(), &v);
+            if (v.cap == 10 && v.rate_interval_ns == 20000000ULL)
+                break;
+            struct timespec ts = {0, 10 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+        assert_int_equal(v.cap, 10);
+        assert_int_equal(v.rate_interval_ns, 20000000ULL);
+        shaping_close(b);
+    }
+    shaping_close(a);
+    if (pid > 0)
+        redis_server_kill(pid);
+    shaping_rules_free(r);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 int
 main(void)
 {
@@ -826,6 +900,7 @@ main(void)
         cmocka_unit_test(test_unknown_kind_from_redis),
         cmocka_unit_test(test_two_nodes_through_redis),
         cmocka_unit_test(test_outbox_bounded_while_redis_away),
+        cmocka_unit_test(test_operator_changes_value),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
