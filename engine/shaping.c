@@ -1256,8 +1256,9 @@ keeper_main(void *arg)
         /* what waits for Redis waits for its reconnect, not in a spin */
         if ((s->out == NULL || s->rc == NULL) && !dirty &&
             (s->bounces == NULL || !s->hook_set)) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
+            struct timespec ts; /* the cv waits on CLOCK_MONOTONIC: a step of the
+                                 * wall clock neither stalls nor spins the keeper */
+            clock_gettime(CLOCK_MONOTONIC, &ts);
             ts.tv_nsec += wait_ms * 1000000L;
             if (ts.tv_nsec >= 1000000000L) {
                 ts.tv_sec++;
@@ -1290,7 +1291,11 @@ shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size
     }
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->hook_lock, NULL);
-    pthread_cond_init(&s->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cv, &ca);
+    pthread_condattr_destroy(&ca);
     s->out_tail = &s->out;
     s->bounces_tail = &s->bounces;
     s->on_event = o->on_event;

@@ -9,13 +9,16 @@
  * close and open; two instances sharing one real redis-server: an action
  * reaches the other within a second, a clear likewise, a late starter
  * catches up from the hash; while Redis is away, what waits for it is
- * one change per action, and none is lost when it comes.
+ * one change per action, and none is lost when it comes; a keeper whose
+ * wall clock steps still reads Redis on time (the binary's own
+ * clock_gettime() moves the keepers' wall clock).
  *
  * Threading: the keeper threads of the instances; redis-server is
  * started before any of them, but in the test where Redis comes late
  * (the child calls only async-signal-safe functions before its exec).
  */
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -23,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -33,6 +37,26 @@
 #include "engine/limits.h"
 #include "engine/shaping.h"
 #include "tests/support/redis_server.h"
+
+/* The wall clock as the keeper threads read it, ahead of the kernel's by
+ * this much (0: the real one; the main thread always reads the real one).
+ * A deadline computed from that clock and handed to a wait on
+ * CLOCK_REALTIME ends as late as after a step back of the wall clock by
+ * as much: what test_keeper_wall_clock_step shows. Every call of the
+ * binary comes here (it defines the symbol), and goes to the kernel. */
+static _Atomic long long keeper_wall_ahead_ms;
+static pthread_t main_thread;
+
+int
+clock_gettime(clockid_t clk, struct timespec *ts)
+{
+    int rc = (int)syscall(SYS_clock_gettime, clk, ts);
+    long long ahead = keeper_wall_ahead_ms;
+    if (rc == 0 && clk == CLOCK_REALTIME && ahead != 0 &&
+        !pthread_equal(pthread_self(), main_thread))
+        ts->tv_sec += (time_t)(ahead / 1000);
+    return rc;
+}
 
 static struct shaping_rules *
 load(const char *text, char *err, size_t errlen, bool builtin)
@@ -886,9 +910,47 @@ test_operator_changes_value(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+/* The keeper's waits do not follow the wall clock: stepped back by an hour
+ * (seen here as the keepers' wall clock an hour ahead of the kernel's),
+ * a keeper still connects to Redis and applies another node's action
+ * within a second, not an hour later. */
+static void
+test_keeper_wall_clock_step(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL)
+        skip();
+    int port = redis_server_free_port();
+    char err[256] = "";
+    pid_t pid = redis_server_start(port, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("redis-server: %s", err);
+    char dir[] = "/tmp/sluice-shaping-step-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    keeper_wall_ahead_ms = 3600000;
+    struct shaping *a = open_node(dir, "a", port), *b = open_node(dir, "b", port);
+    struct shaping_action x = {.kind = SHAPING_SUSPEND, .scope = SHAPING_SCOPE_DOMAIN,
+                               .until_ms = clock_unix_ms() + 2 * 3600000ULL};
+    snprintf(x.domain, sizeof(x.domain), "step.example");
+    assert_int_equal(shaping_add(b, &x), 0);
+    bool reached = wait_count(a, 1, 3000);
+    struct shaping_stats st;
+    shaping_stats(a, &st);
+    shaping_close(b);
+    shaping_close(a);
+    keeper_wall_ahead_ms = 0;
+    redis_server_kill(pid);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+    assert_true(st.redis_up);
+    assert_true(reached);
+}
+
 int
 main(void)
 {
+    main_thread = pthread_self();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_builtin_replies),
         cmocka_unit_test(test_operator_first_and_errors),
@@ -901,6 +963,7 @@ main(void)
         cmocka_unit_test(test_two_nodes_through_redis),
         cmocka_unit_test(test_outbox_bounded_while_redis_away),
         cmocka_unit_test(test_operator_changes_value),
+        cmocka_unit_test(test_keeper_wall_clock_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
