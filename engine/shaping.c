@@ -68,6 +68,8 @@
 #define IGNORED_IDS_MAX    256  /* distinct ignored actions remembered, to count each once */
 #define RECHECK_MAX_MS     1000 /* a worker asks again at least this often: clears from
                                  * other nodes and operators act within it */
+#define MX_GROUP_HOST_MAX  (SHAPING_NAME_MAX - 4) /* of a host in a group "mx:HOST" (with
+                                                   * the NUL): a longer one is cut there */
 #define OUTBOX_MAX         (2 * SHAPING_ACTIONS_MAX) /* changes waiting for Redis: one per
                                                       * action id (see outbox_push) */
 
@@ -500,7 +502,8 @@ shaping_on_reply(struct shaping *s, const struct shaping_rules *r, const struct 
         if (g != NULL)
             snprintf(a.group, sizeof(a.group), "%s", g);
         else
-            snprintf(a.group, sizeof(a.group), "mx:%.59s", rep->mx ? rep->mx : "");
+            snprintf(a.group, sizeof(a.group), "mx:%.*s", MX_GROUP_HOST_MAX,
+                     rep->mx ? rep->mx : "");
         if (a.scope == SHAPING_SCOPE_SOURCE)
             snprintf(a.source, sizeof(a.source), "%s", source ? source : "");
         if (a.scope == SHAPING_SCOPE_TENANT)
@@ -547,8 +550,13 @@ in_group(const struct shaping_rules *r, const char *group, const char *mx)
         return true; /* an operator's suspend: every destination */
     if (mx == NULL || group[0] == '\0')
         return false;
-    if (strncmp(group, "mx:", 3) == 0)
-        return strcasecmp(group + 3, mx) == 0;
+    if (strncmp(group, "mx:", 3) == 0) {
+        /* a host as long as the field holds may have been cut (here or by
+         * sluicectl's group=mx:HOST): its first octets stand for it */
+        size_t hl = strlen(group + 3);
+        return hl == MX_GROUP_HOST_MAX ? strncasecmp(group + 3, mx, hl) == 0
+                                       : strcasecmp(group + 3, mx) == 0;
+    }
     return shaping_rules_in_group(r, group, mx);
 }
 

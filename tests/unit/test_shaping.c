@@ -947,6 +947,40 @@ test_keeper_wall_clock_step(void **state)
     assert_true(reached);
 }
 
+/* A rule without a group, from an MX host in no group, acts at that host
+ * ("mx:HOST"), however long its name (the action keeps its first octets). */
+static void
+test_long_mx_host(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-shaping-mx-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char err[256] = "";
+    struct shaping_rules *r = load("rule slow code=421 match=\"slow down\" action=suspend "
+                                   "scope=group for=1h\n",
+                                   err, sizeof(err), false);
+    assert_non_null(r);
+    struct shaping *s = open_node(dir, "a", 0);
+    const char *hosts[] = {"mx.short.example",
+                           "inbound-smtp-relay-01.eu-west-1.mail-filtering.example-provider.net"};
+    for (unsigned i = 0; i < 2; i++) {
+        struct shaping_reply rep = {.code = 421, .text = "4.7.0 slow down", .mx = hosts[i],
+                                    .domain = "example.org"};
+        assert_int_equal(shaping_on_reply(s, r, &rep, "", NULL), 0);
+        struct shaping_verdict v;
+        if (!shaping_check(s, r, "", hosts[i], "example.org", clock_unix_ms(), &v) ||
+            !v.suspended)
+            fail_msg("%s: not suspended by its own action", hosts[i]);
+        assert_false(shaping_check(s, r, "", "mx.other.example", "example.org",
+                                   clock_unix_ms(), &v));
+    }
+    shaping_close(s);
+    shaping_rules_free(r);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 int
 main(void)
 {
@@ -964,6 +998,7 @@ main(void)
         cmocka_unit_test(test_outbox_bounded_while_redis_away),
         cmocka_unit_test(test_operator_changes_value),
         cmocka_unit_test(test_keeper_wall_clock_step),
+        cmocka_unit_test(test_long_mx_host),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
