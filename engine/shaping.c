@@ -19,7 +19,10 @@
  *     a hash (PREFIXshaping:active, id -> the action as one line) holds
  *     what is active now, read whole (HGETALL) at every connect, so a
  *     node that starts, or comes back after Redis was away, catches up on
- *     everything however long it missed; a stream (PREFIXshaping:log,
+ *     everything however long it missed (an action that ends leaves it:
+ *     each node takes out what ended here if it ended there too, by a
+ *     compare-and-delete script, and the catch-up what ended while it
+ *     was away); a stream (PREFIXshaping:log,
  *     capped at stream_max entries) carries each change (add, clear) in
  *     order, read with XREAD from the last id seen every READ_POLL_MS
  *     (no BLOCK: see redis_read), so that every node applies a change
@@ -90,6 +93,9 @@ struct shaping {
     bool stop;
     struct outbox_item *out, **out_tail; /* owned: changes to publish */
     size_t nout;                /* items in out (st.outbox) */
+    char (*gone)[17];           /* owned (with Redis): ids of actions that ended here, for
+                                 * the keeper to take out of the hash if they ended there */
+    size_t ngone;               /* at most SHAPING_ACTIONS_MAX */
     uint64_t outbox_dropped;    /* changes dropped at OUTBOX_MAX (logged on the first) */
     char *state_path;           /* owned, or NULL */
     char node[64];
@@ -431,14 +437,20 @@ remove_at(struct shaping *s, size_t i, const char *why)
     s->dirty = true;
 }
 
+/* Actions whose end passed leave the table; with Redis up their ids go
+ * to the keeper, which takes them out of the hash when it holds them
+ * ended too (while Redis is away, the catch-up at the reconnect does). */
 static void
 expire(struct shaping *s, uint64_t now)
 {
     for (size_t i = 0; i < s->nact;) {
-        if (s->act[i].until_ms <= now)
+        if (s->act[i].until_ms <= now) {
+            if (s->gone != NULL && s->redis_up && s->ngone < SHAPING_ACTIONS_MAX)
+                memcpy(s->gone[s->ngone++], s->act[i].id, sizeof(s->gone[0]));
             remove_at(s, i, "expired");
-        else
+        } else {
             i++;
+        }
     }
 }
 
@@ -923,6 +935,31 @@ key(struct shaping *s, char *out, size_t cap, const char *what)
     snprintf(out, cap, "%sshaping:%s", s->prefix, what);
 }
 
+/* HDEL the action id of the hash KEYS[1] only if the line there has ended
+ * by ARGV[2] (Unix ms): not one another node extended meanwhile. The
+ * trigger, the only free text, is the last field and holds no tab. */
+static const char drop_stale_lua[] =
+    "local v = redis.call('HGET', KEYS[1], ARGV[1]) "
+    "if not v then return 0 end "
+    "local u = tonumber(string.match(v, '\\tuntil=(%d+)')) "
+    "if u and u <= tonumber(ARGV[2]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end "
+    "return 0";
+
+/* Take action id out of the hash if it ended there by now. Returns 0, or
+ * -EIO when the connection is gone. */
+static int
+redis_drop_stale(struct shaping *s, const char *hk, const char *id, uint64_t now)
+{
+    char num[24];
+    snprintf(num, sizeof(num), "%llu", (unsigned long long)now);
+    const char *argv[] = {"EVAL", drop_stale_lua, "1", hk, id, num};
+    redisReply *r = cmd(s, 6, argv);
+    if (r == NULL)
+        return s->rc == NULL ? -EIO : 0;
+    freeReplyObject(r);
+    return 0;
+}
+
 /* Apply one action line from Redis. */
 static void
 apply_remote(struct shaping *s, const char *line, bool clear, const char *via)
@@ -1033,9 +1070,8 @@ redis_catch_up(struct shaping *s)
     if ((r = cmd(s, 2, hg)) == NULL)
         return -EIO;
     uint64_t now = clock_unix_ms();
-    char stale[64][17];
-    unsigned nstale = 0;
-    /* what the hash holds: (id, end), to compare ours with */
+    /* what the hash holds: (id, end), to compare ours with, and to take
+     * out what ended */
     struct seen {
         char id[17];
         uint64_t until;
@@ -1061,22 +1097,15 @@ redis_catch_up(struct shaping *s)
                 memcpy(seen[nseen].id, a.id, sizeof(a.id));
                 seen[nseen++].until = a.until_ms;
             }
-            if (a.until_ms <= now) {
-                if (nstale < 64)
-                    snprintf(stale[nstale++], 17, "%s", a.id);
-            } else {
+            if (a.until_ms > now)
                 apply_remote(s, v->str, false, "redis_catch_up");
-            }
         }
     freeReplyObject(r);
-    for (unsigned i = 0; i < nstale; i++) {
-        const char *hd[] = {"HDEL", hk, stale[i]};
-        if ((r = cmd(s, 3, hd)) == NULL) {
+    for (size_t i = 0; i < nseen; i++)
+        if (seen[i].until <= now && redis_drop_stale(s, hk, seen[i].id, now) < 0) {
             free(seen);
             return -EIO;
         }
-        freeReplyObject(r);
-    }
     pthread_mutex_lock(&s->lock);
     size_t n = s->nact;
     struct shaping_action *v = malloc((n ? n : 1) * sizeof(*v));
@@ -1204,6 +1233,21 @@ redis_pass(struct shaping *s)
         free(o);
         o = nx;
     }
+    /* what ended here leaves the hash if it ended there too (not what
+     * another node extended meanwhile: redis_drop_stale compares) */
+    pthread_mutex_lock(&s->lock);
+    size_t ng = s->ngone;
+    char(*gone)[17] = ng > 0 ? malloc(ng * sizeof(*gone)) : NULL;
+    if (gone != NULL)
+        memcpy(gone, s->gone, ng * sizeof(*gone));
+    s->ngone = 0; /* without memory: the catch-up at the next connect takes them out */
+    pthread_mutex_unlock(&s->lock);
+    uint64_t now = clock_unix_ms();
+    char hk[128];
+    key(s, hk, sizeof(hk), "active");
+    for (size_t i = 0; gone != NULL && i < ng && s->rc != NULL; i++)
+        redis_drop_stale(s, hk, gone[i], now);
+    free(gone);
     if (s->rc != NULL)
         redis_read(s);
 }
@@ -1334,6 +1378,11 @@ shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size
             s->ep.password = strdup(o->redis_password);
         }
         s->redis_on = true;
+        if ((s->gone = calloc(SHAPING_ACTIONS_MAX, sizeof(*s->gone))) == NULL) {
+            snprintf(err, errlen, "out of memory");
+            shaping_close(s);
+            return -ENOMEM;
+        }
     }
     state_load(s);
     if (pthread_create(&s->keeper, NULL, keeper_main, s) != 0) {
@@ -1373,6 +1422,7 @@ shaping_close(struct shaping *s)
     free(s->ep.user);
     free(s->ep.password);
     free(s->act);
+    free(s->gone);
     free(s->state_path);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->hook_lock);

@@ -981,6 +981,93 @@ test_long_mx_host(void **state)
     assert_int_equal(system(cmdline), 0);
 }
 
+/* An action that ended leaves the hash of active actions in Redis: the
+ * hash holds what is active, not every action ever started (it is read
+ * whole at each connect). One extended meanwhile by another node stays. */
+static void
+test_ended_actions_leave_the_hash(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL)
+        skip();
+    int port = redis_server_free_port();
+    char err[256] = "";
+    pid_t pid = redis_server_start(port, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("redis-server: %s", err);
+    char dir[] = "/tmp/sluice-shaping-ended-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct shaping *a = open_node(dir, "a", port);
+    struct shaping_stats st;
+    for (int i = 0; i < 300; i++) {
+        shaping_stats(a, &st);
+        if (st.redis_up)
+            break;
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_true(st.redis_up);
+    redisContext *rc = redisConnect("127.0.0.1", port);
+    assert_true(rc != NULL && rc->err == 0);
+    struct shaping_action x = {.kind = SHAPING_SUSPEND, .scope = SHAPING_SCOPE_DOMAIN,
+                               .until_ms = clock_unix_ms() + 1000};
+    snprintf(x.domain, sizeof(x.domain), "short.example");
+    assert_int_equal(shaping_add(a, &x), 0);
+    struct shaping_action y = x;
+    snprintf(y.domain, sizeof(y.domain), "kept.example");
+    assert_int_equal(shaping_add(a, &y), 0);
+    struct shaping_action *v;
+    size_t n;
+    assert_int_equal(shaping_list(a, &v, &n), 0);
+    assert_int_equal(n, 2);
+    char ids[2][17];
+    memcpy(ids[0], strcmp(v[0].domain, "short.example") == 0 ? v[0].id : v[1].id, 17);
+    memcpy(ids[1], strcmp(v[0].domain, "short.example") == 0 ? v[1].id : v[0].id, 17);
+    free(v);
+    long long hlen = 0;
+    for (int i = 0; i < 300 && hlen != 2; i++) { /* both published */
+        redisReply *h = redisCommand(rc, "HLEN t:shaping:active");
+        assert_non_null(h);
+        hlen = h->integer;
+        freeReplyObject(h);
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(hlen, 2);
+    /* another node extended kept.example in the hash (its HSET, before
+     * this node reads its stream entry), while here it ends */
+    char line[1024];
+    y.until_ms = clock_unix_ms() + 3600000;
+    memcpy(y.id, ids[1], 17);
+    snprintf(y.rule, sizeof(y.rule), "operator");
+    snprintf(y.origin, sizeof(y.origin), "b");
+    assert_true(shaping_action_format(&y, line, sizeof(line)) > 0);
+    redisReply *h = redisCommand(rc, "HSET t:shaping:active %s %s", ids[1], line);
+    assert_non_null(h);
+    freeReplyObject(h);
+    assert_true(wait_count(a, 0, 3000)); /* both ended here */
+    long long short_left = 1;
+    for (int i = 0; i < 300 && short_left != 0; i++) {
+        h = redisCommand(rc, "HEXISTS t:shaping:active %s", ids[0]);
+        assert_non_null(h);
+        short_left = h->integer;
+        freeReplyObject(h);
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(short_left, 0);
+    h = redisCommand(rc, "HEXISTS t:shaping:active %s", ids[1]);
+    assert_non_null(h);
+    assert_int_equal(h->integer, 1); /* extended elsewhere: kept */
+    freeReplyObject(h);
+    shaping_close(a);
+    redisFree(rc);
+    redis_server_kill(pid);
+    char cmdline[600];
+    snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
+    assert_int_equal(system(cmdline), 0);
+}
+
 int
 main(void)
 {
@@ -999,6 +1086,7 @@ main(void)
         cmocka_unit_test(test_operator_changes_value),
         cmocka_unit_test(test_keeper_wall_clock_step),
         cmocka_unit_test(test_long_mx_host),
+        cmocka_unit_test(test_ended_actions_leave_the_hash),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
