@@ -308,7 +308,8 @@ group_index(const struct warmup_plan_conf *pl, const char *name)
 
 /* ---- the state file ---- */
 
-/* Lines "SOURCE GROUP DAY BASE MINE" after the magic line. */
+/* Lines "SOURCE GROUP DAY MINE REPORTED RESERVED" after the magic line
+ * (state_save); REPORTED and RESERVED count only with Redis. */
 static void
 state_load(struct warmup *w)
 {
