@@ -132,8 +132,12 @@ shaping_rate_parse(const char *arg, unsigned *value, unsigned *per_ms)
         f /= 100.0;
     else if (*end != '\0')
         return -EINVAL;
+    /* The range first: converting a value a long cannot hold (1e300,
+     * inf, nan) is undefined. */
+    if (!(f > 0.0 && f < 1.0))
+        return -EINVAL;
     long pm = (long)(f * 1000.0 + 0.5);
-    if (!(f > 0.0) || pm < 1 || pm > 999)
+    if (pm < 1 || pm > 999)
         return -EINVAL;
     *value = (unsigned)pm;
     *per_ms = 0;

@@ -461,7 +461,8 @@ test_rate_action(void **state)
     assert_true(v == 500 && per == 0);
     assert_int_equal(shaping_rate_parse("25%", &v, &per), 0);
     assert_true(v == 250 && per == 0);
-    const char *bad[] = {"0", "1", "1.5", "0/s", "abc", "10/fortnight", "-0.5", "", "50%x"};
+    const char *bad[] = {"0", "1", "1.5", "0/s", "abc", "10/fortnight", "-0.5", "", "50%x",
+                         "1e300", "1e300%", "nan", "inf", "-inf", "0.00001"};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         assert_int_equal(shaping_rate_parse(bad[i], &v, &per), -EINVAL);
     char rb[32];
