@@ -8,6 +8,7 @@
 #ifndef SLUICE_COMMON_CLOCK_H
 #define SLUICE_COMMON_CLOCK_H
 
+#include <pthread.h>
 #include <stdint.h>
 #include <time.h>
 
@@ -27,6 +28,38 @@ clock_mono_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A condition variable whose timed waits take monotonic deadlines
+ * (clock_mono_deadline()): against CLOCK_REALTIME, pthread's default, a
+ * wall clock stepped back an hour stretches a 2 s wait by that hour. */
+static inline int
+clock_cond_init_mono(pthread_cond_t *cv)
+{
+    pthread_condattr_t ca;
+    int rc = pthread_condattr_init(&ca);
+    if (rc != 0)
+        return rc;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    rc = pthread_cond_init(cv, &ca);
+    pthread_condattr_destroy(&ca);
+    return rc;
+}
+
+/* The CLOCK_MONOTONIC time ms from now, for pthread_cond_timedwait() on a
+ * condition variable made by clock_cond_init_mono(). */
+static inline struct timespec
+clock_mono_deadline(uint64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += (time_t)(ms / 1000);
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
 }
 
 #endif

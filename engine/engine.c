@@ -488,7 +488,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     pthread_mutex_init(&e->users_lock, NULL);
     pthread_mutex_init(&e->dkim_lock, NULL);
     pthread_mutex_init(&e->reload_lock, NULL);
-    pthread_cond_init(&e->reload_cv, NULL);
+    clock_cond_init_mono(&e->reload_cv);
     e->dkim_keys = cfg->dkim_keys ? dkim_keyring_ref(cfg->dkim_keys) : NULL;
     pthread_mutex_init(&e->tls_lock, NULL);
     pthread_mutex_init(&e->shaping_dlog_lock, NULL);
@@ -887,7 +887,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
             log_msg(LOG_ERR, "event=reload_failed what=config reason=out_of_memory");
         } else {
             pthread_mutex_init(&p->lock, NULL);
-            pthread_cond_init(&p->cv, NULL);
+            clock_cond_init_mono(&p->cv);
             p->e = e;
             p->left = e->nworkers + 1;
             for (unsigned i = 0; i < e->nworkers; i++) {
@@ -897,9 +897,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
             }
             /* Every worker parked (or 2 s passed: a late one takes the new
              * config when it gets there), swap, let them go. */
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += 2;
+            struct timespec until = clock_mono_deadline(2000);
             pthread_mutex_lock(&p->lock);
             while (p->arrived < e->nworkers)
                 if (pthread_cond_timedwait(&p->cv, &p->lock, &until) != 0)
@@ -977,14 +975,7 @@ engine_reload_gen(struct engine *e)
 int
 engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms, char *why, size_t whylen)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = clock_mono_deadline(timeout_ms);
     int rc = -ETIMEDOUT;
     pthread_mutex_lock(&e->reload_lock);
     while (e->reload_gen == gen)

@@ -1174,11 +1174,7 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     }
     atomic_init(&ev->stopping, false);
     pthread_mutex_init(&ev->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&ev->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    clock_cond_init_mono(&ev->cond);
     ev->queue = q;
     int rc = journal_open(dir, test_hook_segment_max(), &ev->journal, err, errlen);
     if (rc < 0)

@@ -117,7 +117,7 @@ wcall_new(struct engine *e, wcall_fn *fn)
     if (c == NULL)
         return NULL;
     pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->cv, NULL);
+    clock_cond_init_mono(&c->cv);
     c->fn = fn;
     c->e = e;
     c->n = n;
@@ -139,9 +139,7 @@ wcall_run(struct wcall *c, int only)
         c->msgs[i].w = i;
         worker_post(&c->e->workers[i], &c->msgs[i].m);
     }
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += WAIT_MS / 1000;
+    struct timespec until = clock_mono_deadline(WAIT_MS);
     int rc = 0;
     pthread_mutex_lock(&c->lock);
     while (c->pending > 0 && rc == 0)

@@ -1343,11 +1343,7 @@ shaping_open(const struct shaping_opts *o, struct shaping **out, char *err, size
     }
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->hook_lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&s->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    clock_cond_init_mono(&s->cv);
     s->out_tail = &s->out;
     s->bounces_tail = &s->bounces;
     s->on_event = o->on_event;

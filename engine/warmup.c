@@ -733,11 +733,7 @@ warmup_open(const struct config *cfg, struct warmup **out, char *err, size_t err
         return -ENOMEM;
     pthread_mutex_init(&w->lock, NULL);
     pthread_mutex_init(&w->pass_lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&w->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    clock_cond_init_mono(&w->cv);
     int rc = srcs_build(cfg, &w->srcs, &w->nsrcs);
     if (rc == 0)
         rc = srcs_index(&w->by_addr, w->srcs, w->nsrcs);
