@@ -12,7 +12,11 @@
  * event was seen); send it; on success store the cursor, on failure
  * count, keep the error text and wait retry_min doubling to retry_max,
  * then send the same events again. Events the filter leaves out move
- * the cursor with the next batch.
+ * the cursor with the next batch. An HTTP 413 (the endpoint's body limit:
+ * nginx's default is 1 MB, a catching-up batch up to 4 MB) halves the
+ * sink's batch, in events and octets, and sends again at once: the limit
+ * stays learnt until the sink restarts. A single event refused so is
+ * retried like any failure.
  *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
  * and the journal's trims (a trim reads every listed sink's cursor and
@@ -48,6 +52,8 @@
 
 #define READ_BUF       (1024u * 1024) /* journal octets read at a time */
 #define CURSOR_SYNC_MS 1000u          /* a busy sink stores its cursor this often */
+#define FRAME_MAX      64u            /* an event's {"event_id":"NODE-SEQ" head */
+#define HTTP_TOO_LARGE (-2)           /* http_send: the endpoint answered 413 */
 #define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
 #define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
 #define PUMP_RETRY_MS  1000u          /* after a failed append */
@@ -114,6 +120,9 @@ struct sink {
     size_t *offs, *lens; /* owned, batch_max each: every event's object in body */
     uint64_t *seqs;      /* owned, batch_max: every event's number */
     unsigned nlines;
+    unsigned max_lines;      /* a batch's events: batch_max, less after a 413 */
+    size_t max_bytes;        /* a batch's octets (but for its first event): EVENTS_BATCH_BYTES,
+                              * less after a 413 */
     struct journal_pos next; /* the cursor once the batch is acknowledged */
     /* http */
     CURL *curl;                 /* owned */
@@ -351,7 +360,7 @@ batch_add(struct sink *s, const char *line, size_t len, uint64_t seq)
     if (s->nlines > 0)
         json_raw(b, ",", 1);
     s->offs[s->nlines] = b->len;
-    char head[64];
+    char head[FRAME_MAX];
     int hn = snprintf(head, sizeof(head), "{\"event_id\":\"%s-%" PRIu64 "\"",
                       journal_id(s->ev->journal), seq);
     json_raw(b, head, (size_t)hn);
@@ -369,8 +378,8 @@ batch_add(struct sink *s, const char *line, size_t len, uint64_t seq)
 
 /*
  * Gather the batch that starts at from into body (a JSON array): up to
- * batch_max events the filter wants, EVENTS_BATCH_BYTES of them, or
- * what the journal holds. s->next is where the cursor goes once it is
+ * max_lines events the filter wants, max_bytes of them (the first
+ * event whatever its size), or what the journal holds. s->next is where the cursor goes once it is
  * acknowledged (past filtered events too). Returns 0 or -errno.
  */
 static int
@@ -391,15 +400,22 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
             break;
         const char *p = s->rbuf, *end = s->rbuf + n;
         while (p < end) {
-            if (s->nlines == s->cfg.batch_max || s->body.len >= EVENTS_BATCH_BYTES) {
+            if (s->nlines == s->max_lines) {
                 full = true;
                 break;
             }
             const char *nl = memchr(p, '\n', (size_t)(end - p));
             size_t len = (size_t)(nl - p) + 1;
+            bool wanted = sink_wants(s, p, len);
+            /* framed: the line, its event_id member (under FRAME_MAX),
+             * a comma and the closing bracket */
+            if (wanted && s->nlines > 0 && s->body.len + len + FRAME_MAX + 2 > s->max_bytes) {
+                full = true;
+                break;
+            }
             if (*first_ms == 0)
                 *first_ms = line_time_ms(p, len);
-            if (sink_wants(s, p, len))
+            if (wanted)
                 batch_add(s, p, len, pos.seq);
             else
                 (*filtered)++;
@@ -508,7 +524,7 @@ http_send(struct sink *s, char *err, size_t errlen)
         snprintf(err, errlen, "HTTP status %ld", code);
     else
         snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
-    return -1;
+    return code == 413 ? HTTP_TOO_LARGE : -1;
 }
 
 /* ---- Redis ---- */
@@ -762,7 +778,7 @@ sink_main(void *arg)
             first_seen = now;
         /* A batch closes at batch_max events or batch_wait after the
          * first: wait for either (a backlog sends at once). */
-        while (!SINK_STOP(s) && !s->st.paused && end.seq - s->cursor.seq < s->cfg.batch_max &&
+        while (!SINK_STOP(s) && !s->st.paused && end.seq - s->cursor.seq < s->max_lines &&
                now < first_seen + s->cfg.batch_wait) {
             wait_until(ev, first_seen + s->cfg.batch_wait);
             journal_end(ev->journal, &end);
@@ -829,6 +845,16 @@ sink_main(void *arg)
         }
         s->st.failed++;
         snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", err);
+        if (sent == HTTP_TOO_LARGE && s->nlines > 1) {
+            /* Over the endpoint's body limit: half as much, at once. */
+            s->max_lines = s->nlines / 2;
+            s->max_bytes = s->body.len / 2;
+            log_msg(LOG_WARN,
+                    "event=events_batch_smaller sink=%s status=413 events=%u bytes=%zu "
+                    "max_events=%u max_bytes=%zu",
+                    s->cfg.name, s->nlines, s->body.len, s->max_lines, s->max_bytes);
+            continue;
+        }
         backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
         if (backoff > s->cfg.retry_max)
             backoff = s->cfg.retry_max;
@@ -1049,6 +1075,8 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
         return -ENOMEM;
     }
     unsigned bm = c->batch_max;
+    s->max_lines = bm;
+    s->max_bytes = EVENTS_BATCH_BYTES;
     s->rbuf = malloc(READ_BUF);
     s->offs = calloc(bm, sizeof(*s->offs));
     s->lens = calloc(bm, sizeof(*s->lens));

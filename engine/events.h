@@ -44,7 +44,7 @@
  * endpoint thus costs its own thread only; delivery never waits for it.
  *
  * Memory is bounded per sink (one batch: batch_max events and at most
- * EVENTS_BATCH_BYTES); the backlog is the journal on disk, bounded per
+ * EVENTS_BATCH_BYTES, less once an endpoint answered 413); the backlog is the journal on disk, bounded per
  * sink by max_backlog (past it, the oldest segment is skipped for that
  * sink and the events it held are counted as dropped, loudly).
  *

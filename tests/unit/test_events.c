@@ -546,19 +546,20 @@ test_stop_abandons_a_redis_request(void **state)
 
 /* ---- a webhook endpoint on loopback, answering 200 in odd ways ---- */
 
-enum answer { ANSWER_CUT, ANSWER_ENDLESS };
+enum answer { ANSWER_CUT, ANSWER_ENDLESS, ANSWER_413_OVER_4K };
 
 struct endpoint {
     int lfd, port;
     enum answer answer;
     _Atomic bool stop;
     _Atomic unsigned requests;
+    _Atomic size_t largest_taken; /* ANSWER_413_OVER_4K: the largest body answered 200 */
     pthread_t thread;
 };
 
-/* Read one request (headers and Content-Length octets of body). */
+/* Read one request (headers and Content-Length octets of body, *body_len). */
 static bool
-endpoint_read_request(int fd)
+endpoint_read_request(int fd, size_t *body_len)
 {
     char buf[65536];
     size_t have = 0;
@@ -576,6 +577,7 @@ endpoint_read_request(int fd)
     }
     const char *cl = strcasestr(buf, "content-length:");
     size_t want = cl != NULL ? strtoul(cl + 15, NULL, 10) : 0;
+    *body_len = want;
     size_t got = have - (size_t)(eoh + 4 - buf);
     while (got < want) {
         struct pollfd p = {.fd = fd, .events = POLLIN};
@@ -600,8 +602,21 @@ endpoint_main(void *arg)
         int fd = accept(e->lfd, NULL, NULL);
         if (fd < 0)
             continue;
-        while (!atomic_load(&e->stop) && endpoint_read_request(fd)) {
+        size_t body_len;
+        while (!atomic_load(&e->stop) && endpoint_read_request(fd, &body_len)) {
             atomic_fetch_add(&e->requests, 1);
+            if (e->answer == ANSWER_413_OVER_4K) {
+                /* nginx's client_max_body_size, scaled down */
+                static const char big[] =
+                    "HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\n\r\n";
+                static const char ok[] = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                bool over = body_len > 4096;
+                if (!over && body_len > atomic_load(&e->largest_taken))
+                    atomic_store(&e->largest_taken, body_len);
+                if (write(fd, over ? big : ok, over ? sizeof(big) - 1 : sizeof(ok) - 1) < 0)
+                    break;
+                continue;
+            }
             if (e->answer == ANSWER_CUT) {
                 /* the status, then the connection drops inside the body */
                 static const char a[] = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"ok\"";
@@ -629,6 +644,7 @@ endpoint_start(struct endpoint *e, enum answer answer)
     e->answer = answer;
     atomic_init(&e->stop, false);
     atomic_init(&e->requests, 0);
+    atomic_init(&e->largest_taken, 0);
     assert_int_equal(pthread_create(&e->thread, NULL, endpoint_main, e), 0);
 }
 
@@ -687,12 +703,50 @@ test_200_with_endless_body_acknowledges(void **state)
     answered_200(ANSWER_ENDLESS);
 }
 
+/* An endpoint whose body limit is under a batch (nginx's 1 MB against a
+ * catching-up batch of 4 MB) answers 413: the sink sends smaller
+ * batches. Without that, the same batch was refused for ever and the
+ * sink never moved on. */
+static void
+test_413_makes_batches_smaller(void **state)
+{
+    (void)state;
+    struct endpoint e;
+    endpoint_start(&e, ANSWER_413_OVER_4K);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 300); /* about 37 kB framed: one batch of 300 before the sink starts */
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent == 300 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.sent != 300)
+        fail_msg("413 over 4 kB: %llu of 300 sent, %llu failed attempts (%s), %u requests",
+                 (unsigned long long)st.sent, (unsigned long long)st.failed, st.last_error,
+                 atomic_load(&e.requests));
+    /* halved from 300 events to what fits: a handful of refusals, and
+     * then batches that use most of the limit */
+    assert_true(st.failed >= 1 && st.failed <= 8);
+    assert_true(atomic_load(&e.largest_taken) > 1024);
+    sink_cfg_fini(&c);
+}
+
 int
 main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as sluice's main: hiredis writes without MSG_NOSIGNAL */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_413_makes_batches_smaller, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
