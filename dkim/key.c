@@ -7,7 +7,8 @@
  *
  * Setting up an OpenSSL 3 context (fetching the algorithm from the
  * provider) costs as much as an Ed25519 signature itself, so each key
- * keeps the contexts it has set up, ready for the next signature.
+ * keeps the contexts it has set up for the next signature (an Ed25519
+ * one is initialised again, keeping its key, before it signs again).
  *
  * Threading: a loaded key is immutable but for its spare contexts, taken
  * and given back under its mutex; any number of threads sign at once,
@@ -56,8 +57,17 @@ ctx_take(struct dkim_key *k)
     pthread_mutex_lock(&k->lock);
     void *ctx = k->nspare > 0 ? k->spare[--k->nspare] : NULL;
     pthread_mutex_unlock(&k->lock);
-    if (ctx != NULL)
+    if (ctx != NULL && k->alg == DKIM_ALG_ED25519_SHA256) {
+        /* EVP_DigestSign finalises its context: OpenSSL 3.2 and later
+         * refuse a second call (openssl#23075). Initialising it again
+         * with no key keeps its key and provider algorithm: no fetch. */
+        if (EVP_DigestSignInit(ctx, NULL, NULL, NULL, NULL) == 1)
+            return ctx;
+        ERR_clear_error();
+        EVP_MD_CTX_free(ctx); /* then one set up from scratch */
+    } else if (ctx != NULL) {
         return ctx;
+    }
     if (k->alg == DKIM_ALG_ED25519_SHA256) {
         EVP_MD_CTX *md = EVP_MD_CTX_new();
         if (md != NULL && EVP_DigestSignInit(md, NULL, NULL, NULL, k->pkey) != 1)
