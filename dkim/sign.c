@@ -178,12 +178,16 @@ canon_field(EVP_MD_CTX *md, const char *f, size_t len, size_t name_len, enum dki
 
 /* Collect the domains of the addresses in one From: value (unfolded as
  * it goes): comments and quoted strings are skipped, an angle-addr wins
- * over the words around it, a group's addresses count. */
+ * over the words around it, a group's addresses count. Only what follows
+ * an address's last @ is kept: a local part of any length cannot push
+ * its domain out of the buffer (and out of the count of domains). */
 static int
 from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
 {
-    char addr[512];
+    char addr[512]; /* the domain part of the address being read */
     size_t alen = 0;
+    bool at = false;   /* an @ was seen: addr holds what follows the last one */
+    bool over = false; /* addr overflowed: no domain is that long */
     bool angle = false, had_angle = false;
     int depth = 0;
     for (size_t i = 0; i <= len; i++) {
@@ -205,14 +209,17 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
             for (i++; i < len && v[i] != '"'; i++)
                 if (v[i] == '\\')
                     i++;
-            if (!had_angle && !angle)
+            if (!had_angle && !angle) {
                 alen = 0; /* a display name, not an address */
+                at = over = false;
+            }
             continue;
         }
         if (ch == '<') {
             angle = true;
             had_angle = true;
             alen = 0;
+            at = over = false;
             continue;
         }
         if (ch == '>') {
@@ -221,27 +228,22 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
         }
         if (!angle && (ch == ':' || ch == ';')) {
             alen = 0; /* a group's name, or its end */
+            at = over = false;
             had_angle = false;
             continue;
         }
         if (!angle && ch == ',') {
-            const char *at = alen ? memchr(addr, '@', alen) : NULL;
-            if (at != NULL) {
-                const char *last = at;
-                while ((at = memchr(last + 1, '@', alen - (size_t)(last + 1 - addr))) != NULL)
-                    last = at;
-                size_t dl = alen - (size_t)(last + 1 - addr);
-                while (dl > 0 && addr[alen - 1] == '.') {
+            if (at) {
+                size_t dl = alen;
+                while (dl > 0 && addr[dl - 1] == '.')
                     dl--;
-                    alen--;
-                }
-                if (dl == 0 || dl >= cap)
+                if (over || dl == 0 || dl >= cap)
                     return DKIM_ENOFROM;
                 char d[256];
                 if (dl >= sizeof(d))
                     return DKIM_ENOFROM;
                 for (size_t k = 0; k < dl; k++)
-                    d[k] = (char)tolower((unsigned char)last[1 + k]);
+                    d[k] = (char)tolower((unsigned char)addr[k]);
                 d[dl] = '\0';
                 if (*have && strcmp(d, dom) != 0)
                     return DKIM_EFROMS;
@@ -249,6 +251,7 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
                 *have = true;
             }
             alen = 0;
+            at = over = false;
             had_angle = false;
             continue;
         }
@@ -256,8 +259,15 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
             continue;
         if (had_angle && !angle)
             continue; /* words after the angle-addr */
-        if (alen + 1 < sizeof(addr))
+        if (ch == '@') {
+            alen = 0; /* the local part (or a route) is not needed */
+            at = true;
+            over = false;
+        } else if (alen + 1 < sizeof(addr)) {
             addr[alen++] = ch;
+        } else {
+            over = true;
+        }
     }
     return 0;
 }

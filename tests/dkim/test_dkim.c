@@ -117,6 +117,31 @@ test_from_domain(void **state)
         if (cases[i].dom != NULL)
             assert_string_equal(dom, cases[i].dom);
     }
+    /* A local part longer than any buffer: its domain still counts, so a
+     * second domain beside it is still DKIM_EFROMS (README: a From:
+     * naming two domains goes out unsigned). */
+    char lp[1200], hdr[1400], dom[256];
+    memset(lp, 'a', 1000);
+    lp[1000] = '\0';
+    const char *forms[] = {"From: <%s@victim.example>, me@tenant.example\r\n",
+                           "From: %s@victim.example, me@tenant.example\r\n",
+                           "From: me@tenant.example\r\nFrom: \"x\" <%s@Victim.example>\r\n"};
+    for (size_t i = 0; i < sizeof(forms) / sizeof(forms[0]); i++) {
+        snprintf(hdr, sizeof(hdr), forms[i], lp);
+        dom[0] = '\0';
+        int rc = dkim_from_domain(hdr, strlen(hdr), dom, sizeof(dom));
+        if (rc != DKIM_EFROMS)
+            fail_msg("long local part, form %zu: rc %d (domain \"%s\"), want DKIM_EFROMS", i, rc,
+                     dom);
+    }
+    snprintf(hdr, sizeof(hdr), "From: Jane <%s@Victim.example>\r\n", lp);
+    assert_int_equal(dkim_from_domain(hdr, strlen(hdr), dom, sizeof(dom)), 0);
+    assert_string_equal(dom, "victim.example");
+    /* a domain longer than a domain can be is no address */
+    memset(lp, 'd', 1100);
+    lp[1100] = '\0';
+    snprintf(hdr, sizeof(hdr), "From: a@%s\r\n", lp);
+    assert_int_equal(dkim_from_domain(hdr, strlen(hdr), dom, sizeof(dom)), DKIM_ENOFROM);
 }
 
 static char tmpdir[64];
