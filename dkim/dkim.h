@@ -56,8 +56,9 @@ enum dkim_alg { DKIM_ALG_RSA_SHA256, DKIM_ALG_ED25519_SHA256 };
 
 struct dkim_key;
 
-/* Read a PEM private key (PKCS#8 or traditional RSA). Returns 0 and *out,
- * or a negative code with a message for the operator in err. */
+/* Read a PEM private key (PKCS#8 or traditional RSA) from a regular file
+ * (anything else, a FIFO or a directory, is DKIM_EKEY at once). Returns 0
+ * and *out, or a negative code with a message for the operator in err. */
 int dkim_key_load(const char *path, struct dkim_key **out, char *err, size_t errlen);
 struct dkim_key *dkim_key_free(struct dkim_key *k);
 enum dkim_alg dkim_key_alg(const struct dkim_key *k);

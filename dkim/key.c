@@ -15,6 +15,7 @@
  * each with a context of its own.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <openssl/bio.h>
 #include <pthread.h>
 #include <openssl/err.h>
@@ -25,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "dkim/dkim.h"
 #include "dkim/dkim_int.h"
@@ -105,9 +108,25 @@ int
 dkim_key_load(const char *path, struct dkim_key **out, char *err, size_t errlen)
 {
     *out = NULL;
-    FILE *fp = fopen(path, "r");
+    /* Not blocking in open: a FIFO (or a device) in the key's place would
+     * hold the config load, and with it a reload on the main thread, for
+     * ever. Only a regular file is read. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(e));
+        return -e;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        snprintf(err, errlen, "%s: not a regular file", path);
+        return DKIM_EKEY;
+    }
+    FILE *fp = fdopen(fd, "r");
     if (fp == NULL) {
         int e = errno;
+        close(fd);
         snprintf(err, errlen, "cannot read %s: %s", path, strerror(e));
         return -e;
     }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -297,6 +298,21 @@ test_bad_keys(void **state)
     assert_int_equal(dkim_key_load(path, &k, err, sizeof(err)), DKIM_EKEYTYPE);
     assert_non_null(strstr(err, "RSA or Ed25519"));
     unlink(path);
+    /* A FIFO where the key should be (no writer will ever come) is an
+     * error at once, not a config load blocked for ever; a directory too.
+     * The alarm ends the test if the load blocks. */
+    snprintf(path, sizeof(path), "%s/fifo.pem", tmpdir);
+    assert_int_equal(mkfifo(path, 0600), 0);
+    alarm(10);
+    assert_int_equal(dkim_key_load(path, &k, err, sizeof(err)), DKIM_EKEY);
+    alarm(0);
+    assert_non_null(strstr(err, "fifo.pem: not a regular file"));
+    unlink(path);
+    snprintf(path, sizeof(path), "%s/dir.pem", tmpdir);
+    assert_int_equal(mkdir(path, 0700), 0);
+    assert_int_equal(dkim_key_load(path, &k, err, sizeof(err)), DKIM_EKEY);
+    assert_non_null(strstr(err, "dir.pem: not a regular file"));
+    rmdir(path);
 }
 
 static void
