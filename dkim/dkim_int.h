@@ -18,9 +18,13 @@ struct dkim_field {
     bool used;       /* already signed (h= takes fields bottom-up) */
 };
 
-/* Split a header section into fields. *out (free()) borrows hdr. Returns
- * 0, DKIM_EHEADER (a line that is not a field) or -ENOMEM. */
-int dkim_fields_split(const char *hdr, size_t len, struct dkim_field **out, size_t *nout);
+/* Split a header section into fields, keeping those named in
+ * names[0..nnames) (lowercase; NULL: every field): the memory is that of
+ * the fields kept, whatever the number of the others. *out (free())
+ * borrows hdr. Returns 0, DKIM_EHEADER (a line that is not a field, kept
+ * or not) or -ENOMEM. */
+int dkim_fields_split(const char *hdr, size_t len, const char *const *names, unsigned nnames,
+                      struct dkim_field **out, size_t *nout);
 
 /* Sign the SHA-256 hash of the header data: RSASSA-PKCS1-v1_5 with SHA-256,
  * or Ed25519 over the hash (RFC 8463). *sig is malloc'd (free()). */

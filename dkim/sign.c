@@ -72,35 +72,52 @@ dkim_error_token(int rc)
 
 /* ---- the header section ---- */
 
-int
-dkim_fields_split(const char *hdr, size_t len, struct dkim_field **out, size_t *nout)
+/* The field at hdr[*off..len) into *f, *off moved past it. Returns 1, 0
+ * at the end, or DKIM_EHEADER (a line that is not a field). */
+static int
+field_next(const char *hdr, size_t len, size_t *off, struct dkim_field *f)
 {
-    size_t cap = 32, n = 0;
+    size_t start = *off, o = *off;
+    if (o >= len)
+        return 0;
+    /* the field runs through every line that starts with WSP */
+    for (;;) {
+        const char *lf = memchr(hdr + o, '\n', len - o);
+        o = lf ? (size_t)(lf - hdr) + 1 : len;
+        if (o >= len || (hdr[o] != ' ' && hdr[o] != '\t'))
+            break;
+    }
+    const char *colon = memchr(hdr + start, ':', o - start);
+    if (colon == NULL || hdr[start] == ' ' || hdr[start] == '\t')
+        return DKIM_EHEADER;
+    size_t nl = (size_t)(colon - (hdr + start));
+    while (nl > 0 && (hdr[start + nl - 1] == ' ' || hdr[start + nl - 1] == '\t'))
+        nl--;
+    if (nl == 0 || nl > 998)
+        return DKIM_EHEADER;
+    *f = (struct dkim_field){hdr + start, o - start, nl, false};
+    *off = o;
+    return 1;
+}
+
+static bool name_is(const struct dkim_field *f, const char *name);
+
+int
+dkim_fields_split(const char *hdr, size_t len, const char *const *names, unsigned nnames,
+                  struct dkim_field **out, size_t *nout)
+{
+    size_t cap = 32, n = 0, off = 0;
     struct dkim_field *v = malloc(cap * sizeof(*v));
     if (v == NULL)
         return -ENOMEM;
-    size_t off = 0;
-    while (off < len) {
-        size_t start = off;
-        /* the field runs through every line that starts with WSP */
-        for (;;) {
-            const char *lf = memchr(hdr + off, '\n', len - off);
-            off = lf ? (size_t)(lf - hdr) + 1 : len;
-            if (off >= len || (hdr[off] != ' ' && hdr[off] != '\t'))
-                break;
-        }
-        const char *colon = memchr(hdr + start, ':', off - start);
-        if (colon == NULL || hdr[start] == ' ' || hdr[start] == '\t') {
-            free(v);
-            return DKIM_EHEADER;
-        }
-        size_t nl = (size_t)(colon - (hdr + start));
-        while (nl > 0 && (hdr[start + nl - 1] == ' ' || hdr[start + nl - 1] == '\t'))
-            nl--;
-        if (nl == 0 || nl > 998) {
-            free(v);
-            return DKIM_EHEADER;
-        }
+    struct dkim_field f;
+    int rc;
+    while ((rc = field_next(hdr, len, &off, &f)) > 0) {
+        bool want = names == NULL;
+        for (unsigned i = 0; !want && i < nnames; i++)
+            want = name_is(&f, names[i]);
+        if (!want)
+            continue;
         if (n == cap) {
             cap *= 2;
             struct dkim_field *g = realloc(v, cap * sizeof(*v));
@@ -110,7 +127,11 @@ dkim_fields_split(const char *hdr, size_t len, struct dkim_field **out, size_t *
             }
             v = g;
         }
-        v[n++] = (struct dkim_field){hdr + start, off - start, nl, false};
+        v[n++] = f;
+    }
+    if (rc < 0) {
+        free(v);
+        return rc;
     }
     *out = v;
     *nout = n;
@@ -275,20 +296,20 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
 int
 dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap)
 {
-    struct dkim_field *f;
-    size_t n;
-    int rc = dkim_fields_split(hdr, len, &f, &n);
-    if (rc < 0)
-        return rc;
+    /* One field at a time: this runs on the worker, over a header
+     * section that may be the whole message. */
+    size_t off = 0;
+    struct dkim_field f;
     bool have = false;
-    for (size_t i = 0; i < n && rc == 0; i++) {
-        if (!name_is(&f[i], "from"))
+    int rc;
+    while ((rc = field_next(hdr, len, &off, &f)) > 0) {
+        if (!name_is(&f, "from"))
             continue;
-        const char *colon = memchr(f[i].p, ':', f[i].len);
-        rc = from_value_domains(colon + 1, f[i].len - (size_t)(colon + 1 - f[i].p), out, cap,
-                                &have);
+        const char *colon = memchr(f.p, ':', f.len);
+        rc = from_value_domains(colon + 1, f.len - (size_t)(colon + 1 - f.p), out, cap, &have);
+        if (rc < 0)
+            return rc;
     }
-    free(f);
     if (rc == 0 && !have)
         rc = DKIM_ENOFROM;
     return rc;
@@ -364,7 +385,8 @@ dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
 {
     struct dkim_field *f = NULL;
     size_t nf = 0;
-    int rc = dkim_fields_split(hdr, len, &f, &nf);
+    /* only the fields h= may name: the others are never hashed */
+    int rc = dkim_fields_split(hdr, len, p->headers, p->nheaders, &f, &nf);
     if (rc < 0)
         return rc;
     EVP_MD_CTX *md = EVP_MD_CTX_new();

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -315,6 +316,54 @@ test_bad_keys(void **state)
     rmdir(path);
 }
 
+/* A header section that is the whole message (every line a field): what
+ * the From: domain and the signature cost beside it is the fields they
+ * use, not one record per field (hostile: 32 octets per 4-octet "a:"). */
+static void
+test_big_header(void **state)
+{
+    (void)state;
+    size_t cap = 20u << 20, n = 0;
+    char *hdr = malloc(cap);
+    assert_non_null(hdr);
+    n += (size_t)sprintf(hdr, "From: a@example.com\r\nTo: b@example.org\r\n");
+    while (n + 4 <= cap) {
+        memcpy(hdr + n, "a:\r\n", 4);
+        n += 4;
+    }
+    char *path = make_key("big", "ED25519", 0);
+    struct dkim_key *k;
+    char err[512];
+    assert_int_equal(dkim_key_load(path, &k, err, sizeof(err)), 0);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    long before = ru.ru_maxrss; /* KiB, the header section touched */
+
+    char dom[256];
+    assert_int_equal(dkim_from_domain(hdr, n, dom, sizeof(dom)), 0);
+    assert_string_equal(dom, "example.com");
+    const char *names[] = {"from", "to", "subject"};
+    const char *over[] = {"from"};
+    struct dkim_sig_params p = {
+        "example.com", "s1", k, DKIM_CANON_RELAXED, DKIM_CANON_RELAXED, names, 3, over, 1,
+        1700000000,    0};
+    uint8_t bh[32] = {0};
+    char out[DKIM_SIG_MAX];
+    size_t used = 0;
+    assert_int_equal(dkim_sign(&p, hdr, n, bh, out, sizeof(out), &used), 0);
+    out[used] = '\0';
+    assert_non_null(strstr(out, "h=from:from:to;"));
+
+    getrusage(RUSAGE_SELF, &ru);
+    long grew = (ru.ru_maxrss - before) / 1024;
+    if (grew > 16)
+        fail_msg("%zu MB of header fields took %ld MB more", n >> 20, grew);
+    dkim_key_free(k);
+    unlink(path);
+    free(path);
+    free(hdr);
+}
+
 static void
 report_fail(void *ctx, const char *what)
 {
@@ -375,7 +424,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_body_canon),      cmocka_unit_test(test_from_domain),
         cmocka_unit_test(test_sign_and_check),  cmocka_unit_test(test_bad_keys),
-        cmocka_unit_test(test_keyring),
+        cmocka_unit_test(test_keyring),         cmocka_unit_test(test_big_header),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     rmdir(tmpdir);
