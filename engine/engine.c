@@ -275,14 +275,18 @@ local_on_commit(void *cookie, int rc)
 /* DKIM: the signatures of a message this node wrote (text: header
  * section, empty line, body), when the keyring signs for its From domain
  * (from: the address): *sig malloc'd (NULL: unsigned), one dlog_dkim per
- * signature into sigs. Returns how many, or a negative code (unsigned). */
+ * signature into sigs. The strings of sigs live in *keys, a reference
+ * the caller drops (dkim_keyring_unref) after its last use of them: a
+ * reload meanwhile frees the keyring it replaces. Returns how many, or a
+ * negative code (unsigned). */
 static int
 local_dkim(struct engine *e, const char *from, const char *text, size_t len, char **sig,
-           size_t *sig_len, struct dlog_dkim sigs[DKIM_MAX_SIGNERS])
+           size_t *sig_len, struct dlog_dkim sigs[DKIM_MAX_SIGNERS], struct dkim_keyring **keys)
 {
     *sig = NULL;
     *sig_len = 0;
     struct dkim_keyring *kr = engine_dkim_keys(e);
+    *keys = kr;
     const char *at = strrchr(from, '@');
     const struct dkim_signer *sg[DKIM_MAX_SIGNERS];
     unsigned n = kr != NULL && at != NULL ? dkim_keyring_lookup(kr, at + 1, sg, DKIM_MAX_SIGNERS)
@@ -313,7 +317,6 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
             log_msg(LOG_WARN, "event=tlsrpt_unsigned from=<%s> err=\"%s\"%s%s", from,
                     dkim_strerror(rc), bad != NULL ? " key=" : "", bad != NULL ? bad->source : "");
     }
-    dkim_keyring_unref(kr);
     return rc < 0 ? rc : (int)n;
 }
 
@@ -352,7 +355,8 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     char *sig = NULL;
     size_t sig_len = 0;
     struct dlog_dkim sigs[DKIM_MAX_SIGNERS];
-    int nsig = local_dkim(e, from, text, len, &sig, &sig_len, sigs);
+    struct dkim_keyring *keys; /* owned reference: sigs' strings live in it */
+    int nsig = local_dkim(e, from, text, len, &sig, &sig_len, sigs, &keys);
     struct iovec body[2] = {{sig, sig_len}, {(void *)(uintptr_t)text, len}};
     struct dlog_writer *lw = e->dlogw_tlsrpt;
     struct dlog_event ev = {
@@ -401,6 +405,7 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     }
     json_fini(&line);
     free(sig);
+    dkim_keyring_unref(keys); /* after the last dlog_event that names sigs */
     return rc;
 }
 

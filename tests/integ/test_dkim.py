@@ -8,7 +8,8 @@ message changed after signing fails both; a domain without a key goes out
 unsigned and the delivery log says why; [dkim * SELECTOR] signs for the
 rest; key_dir keys come and go on SIGHUP, and a bad key is refused at
 --check-config and at reload; hostile header sections get a clear
-outcome."""
+outcome; a TLS report the node signs keeps its signature's names in the
+delivery log across a reload that frees the keyring it was signed with."""
 import json
 import os
 import re
@@ -538,10 +539,84 @@ def test_bdat_and_clients_that_leave_while_signing():
         t.close()
 
 
+def writer_waits_for_lock(pid):
+    """Whether the spool's writer thread (sluice-queue) of sluice pid is
+    blocked on LMDB's write lock: in futex(2) on an address inside its
+    lock.mdb mapping (/proc/PID/maps; /proc/PID/task/TID/syscall: the
+    syscall number, then its arguments)."""
+    spans = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if line.rstrip().endswith("/lock.mdb"):
+                lo, hi = line.split()[0].split("-")
+                spans.append((int(lo, 16), int(hi, 16)))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() != "sluice-queue":
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                sc = f.read().split()
+        except OSError:
+            continue
+        if len(sc) > 1 and sc[0] == "202" and any(lo <= int(sc[1], 16) < hi for lo, hi in spans):
+            return True
+    return False
+
+
+def test_tls_report_signed_across_a_reload():
+    """A TLS report mailed by the node is signed on the MTA-STS thread
+    (engine.c local_dkim); its reception event names the signature after
+    the commit. A SIGHUP while that commit is held (an mdb_load holds the
+    spool's write lock) replaces the keyring: the event still says
+    d=sender.test s=rpt, and nothing reads the keyring the reload freed."""
+    for tool in ("mdb_load", "openssl"):
+        if run(["which", tool]).returncode != 0:
+            skip(f"{tool} not installed (tools/install-deps --test)")
+    import test_mta_sts as sts
+    w = sts.World(dkim_key=True)
+    hold = None
+    try:
+        w.send("a@badcert.test")  # a TLS failure under an enforce policy: counted
+        assert "event=deferred" in w.outcome("a@badcert.test")
+        hold = subprocess.Popen(["mdb_load", "-s", "rcpt", os.path.join(w.wd.path, "spool")],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # mdb_load takes the write lock once it has read a header, then
+        # waits for records that never come until its input is closed.
+        hold.stdin.write(b"VERSION=3\nformat=bytevalue\ntype=btree\nHEADER=END\n")
+        hold.stdin.flush()
+        # The report is signed, then handed to the spool, whose writer
+        # then waits behind mdb_load.
+        assert w.ctl("tlsrpt flush").get("ok") is not False
+        wait_until(lambda: writer_waits_for_lock(w.d.proc.pid), 30,
+                   "the report's commit to wait behind mdb_load")
+        os.kill(w.d.proc.pid, signal.SIGHUP)
+        w.d.wait_log("event=config_reloaded")
+        hold.stdin.close()  # mdb_load commits nothing and lets go
+        assert hold.wait(timeout=30) == 0
+        hold = None
+        w.d.wait_log("event=tlsrpt_mailed domain=badcert.test")
+
+        def reception():
+            rec = [r for r in sts.dlog_records(w.dlog, "tlsrpt@reports.test")
+                   if r["event"] == "reception"]
+            return rec[0] if rec else None
+        recv = wait_until(reception, 30, "the report's reception event")
+        assert [(x["d"], x["s"]) for x in recv["dkim"]] == [("sender.test", "rpt")], recv
+        assert w.d.proc.poll() is None
+    finally:
+        if hold is not None:
+            hold.kill()
+            hold.wait()
+        w.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_signatures_verify_with_dkimpy_and_mail_dkim,
           test_unsigned_domains_and_the_default_key, test_key_dir_and_sighup,
           test_check_config_reports_bad_keys, test_hostile_headers_get_a_clear_outcome,
-          test_bdat_and_clients_that_leave_while_signing])
+          test_bdat_and_clients_that_leave_while_signing,
+          test_tls_report_signed_across_a_reload])
