@@ -2095,6 +2095,26 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
 
 static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
 
+/* A BDAT command whose size could not be read: its chunk follows, and
+ * where it ends is unknown. Reading on would take the client's octets
+ * for commands (an RCPT or a MAIL hidden in a chunk would be acted on);
+ * RFC 3030 leaves no other safe answer than to refuse and hang up. */
+static void
+bdat_unframed(struct session *s, const char *why)
+{
+    log_msg(LOG_NOTICE, "session=%016llx event=bdat_unframed client=%s reason=%s",
+            (unsigned long long)s->id, s->peer_ip, why);
+    reply_close(s, "501 5.5.4 Syntax error in BDAT size; closing");
+}
+
+/* A line too long for the line finder that is a BDAT: "BDAT" and a space
+ * at the start of buf. */
+static bool
+is_bdat_line(const char *buf, size_t len)
+{
+    return len >= 5 && strncasecmp(buf, "bdat ", 5) == 0;
+}
+
 /* Handle one command line (without CRLF). rest: octets after it. */
 static void
 handle_line(struct session *s, const char *line, size_t len, size_t rest)
@@ -2111,6 +2131,10 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     if (rc < 0) {
         s->errors++;
         s->cmds_refused[v]++;
+        if (c.verb == SMTP_VERB_BDAT) {
+            bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
+            return;
+        }
         reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
         return;
     }
@@ -2226,6 +2250,13 @@ run_commands(struct session *s)
     if (n == 0)
         return false;
     if (n == SMTP_CMD_E_LINE_TOO_LONG) {
+        if (is_bdat_line(s->in, s->in_len)) {
+            s->errors++;
+            s->cmds[SMTP_VERB_BDAT]++;
+            s->cmds_refused[SMTP_VERB_BDAT]++;
+            bdat_unframed(s, "line_too_long");
+            return true;
+        }
         s->errors++;
         s->cmds[SMTP_VERB_NONE]++;
         s->cmds_refused[SMTP_VERB_NONE]++;

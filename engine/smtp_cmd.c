@@ -966,11 +966,17 @@ smtp_cmd_parse(const char *line, size_t len, uint32_t flags, struct smtp_cmd *cm
 
     memset(cmd, 0, sizeof *cmd);
     verb = verb_of(line, len, &vlen);
-    if (len + 2 > line_max(verb))
+    if (len > vlen && line[vlen] != ' ')
+        verb = SMTP_VERB_NONE;
+    if (len + 2 > line_max(verb)) {
+        /* The verb is said even so: a BDAT line that is too long leaves
+         * the chunk's end unknown, and the caller must know that. */
+        cmd->verb = verb;
         return fail(cmd, line, line + line_max(verb) - 2, SMTP_CMD_E_LINE_TOO_LONG);
+    }
     if (len == 0)
         return SMTP_CMD_E_EMPTY;
-    if (verb == SMTP_VERB_NONE || (len > vlen && line[vlen] != ' '))
+    if (verb == SMTP_VERB_NONE)
         return SMTP_CMD_E_UNKNOWN;
     cmd->verb = verb;
     p = line + vlen;

@@ -1129,6 +1129,43 @@ def accepted(r, source=None):
     return None
 
 
+def test_bdat_bad_size_closes():
+    """A BDAT whose size cannot be read (a non-number, trailing junk, a
+    negative or overflowing size, a bad LAST, a line too long) leaves the
+    end of its chunk unknown (RFC 3030): sluice says 501 5.5.4 and closes,
+    and the octets after it, which look like commands here, are never
+    acted on: no reply to them, no message queued."""
+    smuggled = (b"RSET\r\nMAIL FROM:<evil@evil.example>\r\nRCPT TO:<x@evil.example>\r\n"
+                b"BDAT 7 LAST\r\nevil\r\n\r\nNOOP\r\n")
+    bad = [b"BDAT x", b"BDAT 10x", b"BDAT -5", b"BDAT 99999999999999999999999",
+           b"BDAT 10 LASTX", b"BDAT", b"BDAT 10 LAST junk", b"bdat 1o",
+           b"BDAT 10" + b" " * 600, b"BDAT 10" + b" " * 13000]
+    with sluice() as r:
+        for line in bad:
+            c = r.connect()
+            c.expect("EHLO client.example", 250)
+            c.expect("MAIL FROM:<a@example.com>", 250)
+            c.expect("RCPT TO:<b@example.org>", 250)
+            c.send(line + b"\r\n" + smuggled)
+            got = c.rest_until_closed()
+            assert [g.raw for g in got] == ["501 5.5.4 Syntax error in BDAT size; closing"], \
+                (line[:40], got)
+            c.close()
+        # a good BDAT is served as before
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        body = b"Subject: ok\r\n\r\nok\r\n"
+        c.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        rep = c.reply()
+        assert rep.code == 250, rep
+        c.expect("QUIT", 221)
+        r.stop()
+        msgs = r.messages()
+        assert [m["sender"] for m in msgs] == [b"a@example.com"], msgs
+
+
 def test_max_clients_per_ip():
     with sluice(server="max_clients_per_ip = 5\n") as r:
         held = [r.connect() for _ in range(5)]
@@ -1214,6 +1251,7 @@ if __name__ == "__main__":
         test_user_restricted_to_domain,
         test_pipelining_replies_in_order,
         test_chunking_bdat,
+        test_bdat_bad_size_closes,
         test_msa_adds_received_message_id_date,
         test_msa_fields_end_the_header_section_of_a_message_without_one,
         test_bare_lf_in_content_refused,

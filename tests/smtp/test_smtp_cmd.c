@@ -593,6 +593,15 @@ test_limits(void **state)
     assert_int_equal(smtp_cmd_parse(line, 511, 0, &c), SMTP_CMD_E_LINE_TOO_LONG);
     fill(line, 'x', 511);
     assert_int_equal(smtp_cmd_parse(line, 511, 0, &c), SMTP_CMD_E_LINE_TOO_LONG);
+    assert_int_equal(c.verb, SMTP_VERB_NONE);
+    /* a BDAT line too long still says BDAT: its chunk's end is unknown */
+    memcpy(line, "BDAT 10 ", 8);
+    fill(line + 8, ' ', 503);
+    assert_int_equal(smtp_cmd_parse(line, 511, 0, &c), SMTP_CMD_E_LINE_TOO_LONG);
+    assert_int_equal(c.verb, SMTP_VERB_BDAT);
+    memcpy(line, "BDATX", 5);
+    assert_int_equal(smtp_cmd_parse(line, 511, 0, &c), SMTP_CMD_E_LINE_TOO_LONG);
+    assert_int_equal(c.verb, SMTP_VERB_NONE);
 
     /* local part: 64 */
     n = (size_t)sprintf(line, "RCPT TO:<");
