@@ -52,7 +52,10 @@ static const struct conf_key server_keys[] = {
      "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465; needs [tls] cert_file",
      NULL},
     {"max_clients", CONF_UINT, SRV(max_clients), 1, 1000000, "10000",
-     "concurrent submission connections; over it a client gets 421 4.7.0", NULL},
+     "concurrent submission connections; over it a client gets 421 4.7.0 (on listen_tls "
+     "inside TLS, after the handshake, as Postfix in wrapper mode; past 64 such at once per "
+     "worker, a close without a word)",
+     NULL},
     {"max_clients_per_ip", CONF_UINT, SRV(max_clients_per_ip), 1, 1000000, "1000",
      "concurrent submission connections from one client address; over it 421 4.7.0", NULL},
     {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",

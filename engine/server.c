@@ -155,6 +155,7 @@ struct session {
 
     /* TLS (in the stream): in/out stay plaintext. */
     bool tls_implicit;    /* an implicit-TLS listener: greet after the handshake */
+    bool tls_refuse;      /* over a connection limit on it: 421 after the handshake */
     const char *tls_proto, *tls_cipher; /* once the handshake completed: OpenSSL's
                            * constant names ("TLSv1.3", "TLS_AES_256_GCM_SHA384") */
 
@@ -267,10 +268,17 @@ struct server_worker {
     struct session *hashing;  /* borrowed: sessions whose own hash is with the pool */
     struct auth_cache auth;
     uint64_t seq;
+    unsigned tls_refusing; /* sessions with tls_refuse set, at most TLS_REFUSE_MAX */
     struct server_stats stats;
     struct stats_tenant_table tenants; /* counts per tenant */
     bool detached; /* a harness's: no listener, no ring I/O, no spool (see server.h) */
 };
+
+/* Implicit-TLS clients over a connection limit that are told so inside
+ * TLS, per worker, at once. Each costs a handshake and TLS buffers, and
+ * is outside the limits that bound everything else: past this, they are
+ * closed without a word (as by a full listen backlog). */
+#define TLS_REFUSE_MAX 64
 
 static void session_run(struct session *s);
 static void session_close(struct session *s, const char *why);
@@ -2524,6 +2532,10 @@ tls_established(struct stream *st)
     log_msg(LOG_INFO, "session=%016llx event=tls client=%s tls=\"%s %s\"",
             (unsigned long long)s->id, s->peer_ip, s->tls_proto ? s->tls_proto : "",
             s->tls_cipher ? s->tls_cipher : "");
+    if (s->tls_refuse) {
+        reply_close(s, "421 4.7.0 Too many connections: try again later");
+        return;
+    }
     if (s->tls_implicit) {
         greet(s); /* queues the 220: the stream sends it */
         return;
@@ -2654,6 +2666,8 @@ session_free(struct session *s)
     log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
             (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
     hash_unlink(s);
+    if (s->tls_refuse)
+        sw->tls_refusing--;
     if (s->counted) {
         atomic_fetch_sub(s->bounce ? &sw->e->bounce_clients : &sw->e->clients, 1);
         conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
@@ -2739,8 +2753,22 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
     log_msg(LOG_INFO, "session=%016llx event=connect client=%s trusted=%d%s%s",
             (unsigned long long)s->id, s->peer_ip, s->trusted, bounce ? " role=bounce" : "",
             ok ? "" : " refused=limit");
-    if (!ok) {
+    if (!ok && implicit_tls && sw->tls_refusing < TLS_REFUSE_MAX &&
+        (s->peer.ss_family == AF_INET || s->peer.ss_family == AF_INET6)) {
+        /* A plaintext 421 would be garbage to a client that starts with
+         * its ClientHello. Postfix (smtpd_tls_wrappermode) completes the
+         * handshake before its connection-count check and says 421
+         * inside TLS: so does this, within TLS_REFUSE_MAX. */
         sw->stats.refused++;
+        sw->tls_refusing++;
+        s->tls_refuse = true;
+    } else if (!ok) {
+        sw->stats.refused++;
+        if (implicit_tls) {
+            session_close(s, "limit");
+            session_maybe_free(s);
+            return;
+        }
         reply_close(s, "421 4.7.0 Too many connections: try again later");
         flush(s);
         return;

@@ -8,7 +8,7 @@ import ssl
 import subprocess
 import sys
 
-from harness import Daemon, Workdir, free_port, main, run, skip
+from harness import Daemon, Workdir, free_port, main, run, skip, wait_until
 
 SLUICE = sys.argv[1]
 
@@ -242,6 +242,44 @@ def test_wrong_password_over_tls():
         srv.close()
 
 
+def test_implicit_tls_over_connection_limits():
+    """On the implicit-TLS port a client over max_clients_per_ip or
+    max_clients gets its handshake, then 421 4.7.0 inside TLS and the
+    close (as Postfix's smtpd in wrapper mode), not a plaintext 421 that
+    its TLS stack reads as a broken record."""
+    srv = Server("max_clients = 3\nmax_clients_per_ip = 2\n")
+    try:
+        def tls_conn(source):
+            c = Conn.__new__(Conn)
+            c.s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10,
+                                           source_address=(source, 0))
+            c.buf = b""
+            c.starttls()  # the handshake; a plaintext reply makes it fail
+            return c, c.reply()
+
+        held = []
+        for src in ("127.0.0.1", "127.0.0.1"):
+            c, rep = tls_conn(src)
+            assert rep[0].startswith("220 "), rep
+            held.append(c)
+        c, rep = tls_conn("127.0.0.1")  # a third from one address
+        assert rep == ["421 4.7.0 Too many connections: try again later"], rep
+        assert c.closed()
+        c, rep = tls_conn("127.0.0.2")
+        assert rep[0].startswith("220 "), rep
+        held.append(c)
+        c, rep = tls_conn("127.0.0.3")  # a fourth in all
+        assert rep == ["421 4.7.0 Too many connections: try again later"], rep
+        assert c.closed()
+        # the log is read by another thread: wait for both lines
+        wait_until(lambda: len([ln for ln in srv.d.lines if "refused=limit" in ln]) == 2, 10,
+                   "two connect lines with refused=limit")
+        for c in held:
+            c.s.close()
+    finally:
+        srv.close()
+
+
 if __name__ == "__main__":
     for tool in ("swaks", "openssl"):
         if run(["which", tool]).returncode != 0:
@@ -249,4 +287,4 @@ if __name__ == "__main__":
     main([test_swaks_starttls_auth_plain_pipelined, test_swaks_implicit_tls_auth_login,
           test_auth_only_after_tls, test_plaintext_pipelined_after_starttls_is_dropped,
           test_plaintext_injected_into_tls_stream_ends_session, test_garbage_instead_of_handshake,
-          test_wrong_password_over_tls])
+          test_wrong_password_over_tls, test_implicit_tls_over_connection_limits])
