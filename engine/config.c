@@ -57,7 +57,14 @@ static const struct conf_key server_keys[] = {
      "worker, a close without a word)",
      NULL},
     {"max_clients_per_ip", CONF_UINT, SRV(max_clients_per_ip), 1, 1000000, "1000",
-     "concurrent submission connections from one client address; over it 421 4.7.0", NULL},
+     "concurrent submission connections from one client address (an IPv6 client: from its "
+     "max_clients_per_ip_v6_prefix; an IPv4-mapped IPv6 address counts as the IPv4 address); "
+     "over it 421 4.7.0",
+     NULL},
+    {"max_clients_per_ip_v6_prefix", CONF_UINT, SRV(max_clients_per_ip_v6_prefix), 32, 128, "64",
+     "the IPv6 prefix length that max_clients_per_ip counts as one client: a host is given a "
+     "whole /64 and can take any address in it",
+     NULL},
     {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",
      "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
     {"body_memory_limit", CONF_SIZE, SRV(body_memory_limit), 1024, 1ULL << 40, "1G",

@@ -39,6 +39,7 @@ struct server_config {
     char *listen_tls;        /* owned: implicit-TLS listeners (465); NULL: none */
     unsigned max_clients;
     unsigned max_clients_per_ip;
+    unsigned max_clients_per_ip_v6_prefix; /* IPv6 clients count per this prefix */
     uint64_t max_message_size;
     uint64_t body_memory_limit; /* bytes of message bodies held in memory, all sessions */
     unsigned max_recipients;

@@ -1035,14 +1035,24 @@ engine_users(struct engine *e)
 
 /* ---- connections per client address ---- */
 
-static void
-addr_key(const struct sockaddr *sa, uint8_t key[16])
+void
+conn_table_key(const struct sockaddr *sa, unsigned v6_prefix, uint8_t key[16])
 {
     memset(key, 0, 16);
-    if (sa->sa_family == AF_INET)
+    if (sa->sa_family == AF_INET) {
+        /* as ::ffff:a.b.c.d, the form a dual-stack socket reports */
+        key[10] = key[11] = 0xff;
         memcpy(key + 12, &((const struct sockaddr_in *)sa)->sin_addr, 4);
-    else if (sa->sa_family == AF_INET6)
-        memcpy(key, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        memcpy(key, a, 16);
+        if (IN6_IS_ADDR_V4MAPPED(a))
+            return;
+        if (v6_prefix > 128)
+            v6_prefix = 128;
+        for (unsigned bit = v6_prefix; bit < 128; bit++)
+            key[bit / 8] &= (uint8_t) ~(0x80u >> (bit % 8));
+    }
 }
 
 static uint32_t
@@ -1106,10 +1116,8 @@ table_rebuild(struct conn_table *t)
 }
 
 bool
-conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max)
+conn_table_add(struct conn_table *t, const uint8_t key[16], unsigned max)
 {
-    uint8_t key[16];
-    addr_key(sa, key);
     pthread_mutex_lock(&t->lock);
     struct conn_slot *s = slot_find(t, key, false);
     bool ok = true;
@@ -1136,10 +1144,8 @@ conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max)
 }
 
 void
-conn_table_remove(struct conn_table *t, const struct sockaddr *sa)
+conn_table_remove(struct conn_table *t, const uint8_t key[16])
 {
-    uint8_t key[16];
-    addr_key(sa, key);
     pthread_mutex_lock(&t->lock);
     struct conn_slot *s = slot_find(t, key, false);
     if (s != NULL && s->state == SLOT_LIVE && --s->count == 0)

@@ -181,8 +181,14 @@ struct dkim_keyring *engine_dkim_keys(struct engine *e);
 struct tls_ctx *engine_tls_server(struct engine *e);
 struct tls_ctx *engine_tls_client(struct engine *e);
 
-/* Count a connection from sa against max; false when over it. */
-bool conn_table_add(struct conn_table *t, const struct sockaddr *sa, unsigned max);
-void conn_table_remove(struct conn_table *t, const struct sockaddr *sa);
+/* The key sa counts under: an IPv4 address, or an IPv4-mapped IPv6
+ * address as that IPv4 address, as itself; any other IPv6 address as its
+ * first v6_prefix bits (a host may own a whole /64 and rotate through
+ * it). A session keeps the key it was counted under, so that a reload
+ * changing the prefix cannot make it uncount another. */
+void conn_table_key(const struct sockaddr *sa, unsigned v6_prefix, uint8_t key[16]);
+/* Count a connection under key against max; false when over it. */
+bool conn_table_add(struct conn_table *t, const uint8_t key[16], unsigned max);
+void conn_table_remove(struct conn_table *t, const uint8_t key[16]);
 
 #endif

@@ -144,6 +144,7 @@ struct session {
     unsigned inflight; /* the peek, a pending commit, a signature or a hash */
     bool peek_busy;
     bool counted;      /* in the engine's client counts */
+    uint8_t conn_key[16]; /* counted under this key in e->per_ip */
     struct op peek_op;
     struct timer timer;
 
@@ -2670,7 +2671,7 @@ session_free(struct session *s)
         sw->tls_refusing--;
     if (s->counted) {
         atomic_fetch_sub(s->bounce ? &sw->e->bounce_clients : &sw->e->clients, 1);
-        conn_table_remove(&sw->e->per_ip, (struct sockaddr *)&s->peer);
+        conn_table_remove(&sw->e->per_ip, s->conn_key);
     }
     worker_timer_cancel(sw->w, &s->timer);
     stream_fini(&s->st);
@@ -2742,11 +2743,10 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
     if (s->peer.ss_family != AF_INET && s->peer.ss_family != AF_INET6) {
         /* gone before we could ask who it was (a reset): nothing to serve */
         ok = false;
-    } else if (ok && !conn_table_add(&sw->e->per_ip, (struct sockaddr *)&s->peer,
-                                     cfg->max_clients_per_ip)) {
-        ok = false;
     } else if (ok) {
-        s->counted = true;
+        conn_table_key((struct sockaddr *)&s->peer, cfg->max_clients_per_ip_v6_prefix, s->conn_key);
+        s->counted = conn_table_add(&sw->e->per_ip, s->conn_key, cfg->max_clients_per_ip);
+        ok = s->counted;
     }
     if (!s->counted)
         atomic_fetch_sub(open, 1);
