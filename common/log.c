@@ -214,7 +214,7 @@ log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode)
                 l = 1;
         } else {
             esc = c < 0x20 || c == 0x7f || c == '"' || c == '\\' ||
-                  (c == ' ' && mode == LOG_ESC_VALUE);
+                  ((c == ' ' || c == '>') && mode == LOG_ESC_VALUE);
         }
         if (!esc) {
             run += l;

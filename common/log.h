@@ -7,7 +7,9 @@
  * key: log_msg() runs every %s (and %c) argument through log_escape(),
  * in the mode its place in the format calls for: an unquoted value
  * (key=%s) that holds a space is put in quotes (err="Connection refused"),
- * one inside <> (rcpt=<%s>) has its spaces as \x20 (LOG_ESC_VALUE), and
+ * one inside <> (rcpt=<%s>) has its spaces as \x20 and its '>' as \x3e
+ * (LOG_ESC_VALUE: a quoted local part may hold both), so that the value
+ * ends at the format's '>', and
  * the rest (key="%s", free text) is LOG_ESC_TEXT. The place is what the
  * line holds just before the conversion, from the format or from free
  * text an argument wrote, so a key passed as an argument (detail=%s
@@ -52,7 +54,8 @@ enum log_esc {
      * U+202F, U+205F, U+3000) as \xHH per octet. Valid UTF-8 otherwise
      * stays as it is. */
     LOG_ESC_TEXT,
-    LOG_ESC_VALUE, /* also a space as \x20: an unquoted value stays one token */
+    LOG_ESC_VALUE, /* also a space as \x20 and '>' as \x3e: a value stays one
+                    * token, and one inside <> ends at the format's '>' */
 };
 
 /* Escape n octets of s into out (cap octets, NUL-terminated when cap > 0).

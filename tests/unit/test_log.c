@@ -263,6 +263,46 @@ test_hostile_unquoted_values(void **state)
     }
 }
 
+/* A '>' inside <>: a quoted local part may hold one ("a>b"@d, RFC 5321
+ * qtextSMTP), and left as it is it would end the value early for a
+ * reader that takes rcpt=<...> up to its '>', and make what follows
+ * look like the rest of the line. It is \x3e there, read back whole;
+ * elsewhere it stays as it is. */
+static void
+test_angle_bracket_in_value(void **state)
+{
+    struct fixture *fx = *state;
+    const char *forged = "\"v@victim.example> status=sent code=250 x=<\"@evil.example";
+    log_msg(LOG_INFO, "id=1 event=bounced rcpt=<%s> from=<%s> reply=\"%s\" n=%d", forged,
+            "a>b@c", "550 <x>", 2);
+    char *line = one_line(fx);
+    const char *r = strstr(line, " rcpt=<");
+    assert_non_null(r);
+    r += strlen(" rcpt=<");
+    const char *gt = strchr(r, '>');
+    assert_non_null(gt);
+    if (strncmp(gt, "> from=<", 8) != 0)
+        fail_msg("rcpt=<...> ends early: %s", line);
+    char got[1024];
+    size_t n;
+    unescape(r, true, got, &n); /* through the format's '>' */
+    assert_true(n > 0 && got[n - 1] == '>');
+    got[n - 1] = '\0';
+    assert_string_equal(got, forged);
+    assert_non_null(strstr(line, " from=<a\\x3eb@c> reply=\"550 <x>\" n=2"));
+    char keys[256];
+    keys_of(line, keys, sizeof(keys));
+    if (strcmp(keys, "level,id,event,rcpt,from,reply,n,") != 0)
+        fail_msg("keys %s in: %s", keys, line);
+    free(line);
+
+    char out[32];
+    assert_int_equal(log_escape(out, sizeof(out), "a>b", 3, LOG_ESC_VALUE), 6);
+    assert_string_equal(out, "a\\x3eb");
+    assert_int_equal(log_escape(out, sizeof(out), "a>b", 3, LOG_ESC_TEXT), 3);
+    assert_string_equal(out, "a>b");
+}
+
 /* An optional key passed as an argument (oob.c's "reason=%s%s%s" with
  * " detail=" and a Message-ID a remote sender chose): its value is a
  * value like any other, quoted when it holds a space, so it cannot add
@@ -286,7 +326,7 @@ test_key_passed_as_argument(void **state)
     free(line);
 
     /* inside <> after an argument key: spaces as \x20 */
-    log_msg(LOG_INFO, "event=x%s%s code=%d", " rcpt=<", "a b=c@d>", 5);
+    log_msg(LOG_INFO, "event=x%s%s> code=%d", " rcpt=<", "a b=c@d", 5);
     line = one_line(fx);
     assert_non_null(strstr(line, " rcpt=<a\\x20b=c@d> code=5"));
     free(line);
@@ -406,6 +446,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_hostile_quoted_values, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hostile_unquoted_values, setup, teardown),
         cmocka_unit_test_setup_teardown(test_key_passed_as_argument, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_angle_bracket_in_value, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conversions, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line_is_cut_on_a_whole_escape, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_plain_value_fills_the_line, setup, teardown),
