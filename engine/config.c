@@ -68,10 +68,12 @@ static const struct conf_key server_keys[] = {
     {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",
      "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
     {"body_memory_limit", CONF_SIZE, SRV(body_memory_limit), 1024, 1ULL << 40, "1G",
-     "memory that the bodies of messages being received may take together, all sessions "
-     "and workers (a body is held until its commit returns); a message that does not fit "
-     "gets 452 4.3.1 (at MAIL when its SIZE= does not fit, else after its data), which "
-     "clients retry; at least max_message_size",
+     "memory that the bodies of messages being received, and the recipients of transactions "
+     "in progress (up to about 800 octets each), may take together, all sessions and "
+     "workers (a body is held until its commit returns); a message that does not fit gets "
+     "452 4.3.1 (at MAIL when its SIZE= does not fit, at RCPT when the recipient does not, "
+     "else after its data), which clients retry; at least max_message_size, with room for "
+     "the recipients of a message that large besides",
      NULL},
     {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
      "recipients per message; more get 452 4.5.3", NULL},

@@ -465,7 +465,7 @@ ops_counters(void *arg, struct stats_counters *out)
         o[2].live = out->conn_in_open;
         snprintf(o[3].name, sizeof(o[3].name), "outbound_connections");
         o[3].live = out->conn_out_open;
-        /* bytes, not objects: what message bodies in reception hold of
+        /* bytes, not objects: what message bodies and recipients in reception hold of
          * [server] body_memory_limit */
         snprintf(o[4].name, sizeof(o[4].name), "body_memory_bytes");
         o[4].live = atomic_load(&e->body_bytes);

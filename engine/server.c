@@ -100,6 +100,8 @@
 #define BODY_START  (16 * 1024)
 #define BODY_MMAP   (256 * 1024)  /* from here on a body buffer is a mapping of its own */
 #define BODY_STEP   (1024 * 1024) /* least growth of a mapped body buffer */
+#define RCPT_KEEP           64 /* a recipient array up to this stays across transactions */
+#define RCPT_ALLOC_OVERHEAD 16 /* what malloc adds to each string of a recipient */
 #define ACCEPT_BACKOFF_MS 100
 
 enum session_state {
@@ -197,6 +199,7 @@ struct session {
     bool smtputf8;
     struct rcpt *rcpts;            /* owned */
     unsigned nrcpt, rcpt_cap;
+    uint64_t rcpt_bytes; /* of the body budget, held for the recipients */
 
     /* message content */
     struct smtp_unstuff unstuff;
@@ -464,13 +467,14 @@ reply_close(struct session *s, const char *text)
  * that stores it returns (the spool borrows it, no copy). Every worker's
  * sessions draw on one budget, e->body_bytes against [server]
  * body_memory_limit, counted by buffer capacity: what the daemon holds for
- * bodies, not what clients declared. A buffer that cannot grow within it
- * is dropped at once and the rest of the message is read and discarded;
- * the client gets 452 4.3.1 at the end of its data and retries. Buffers
- * from BODY_MMAP up are mappings of their own (grown with mremap, which
- * moves pages instead of copying them), so that a large body's memory
- * goes back to the system when it is released instead of staying in the
- * allocator's arenas.
+ * bodies, not what clients declared; the recipients of a transaction
+ * draw on it too (cmd_rcpt, given back by txn_reset). A buffer that
+ * cannot grow within it is dropped at once and the rest of the message is
+ * read and discarded; the client gets 452 4.3.1 at the end of its data
+ * and retries. Buffers from BODY_MMAP up are mappings of their own (grown
+ * with mremap, which moves pages instead of copying them), so that a
+ * large body's memory goes back to the system when it is released instead
+ * of staying in the allocator's arenas.
  */
 
 /* Take delta bytes of the body budget; false when they do not fit. */
@@ -607,6 +611,14 @@ txn_reset(struct session *s)
         free(s->rcpts[i].orcpt);
     }
     s->nrcpt = 0;
+    if (s->rcpt_cap > RCPT_KEEP) {
+        /* a long list's array goes too: an idle session keeps little */
+        free(s->rcpts);
+        s->rcpts = NULL;
+        s->rcpt_cap = 0;
+    }
+    body_budget_give(s->sw->e, s->rcpt_bytes);
+    s->rcpt_bytes = 0;
     s->in_txn = false;
     s->ret = SMTP_RET_NONE;
     s->body_type = SMTP_BODY_NONE;
@@ -1598,10 +1610,30 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
     }
     if (!s->bounce && s->sw->e->suppress != NULL && rcpt_suppressed(s, c))
         return;
+    /* A recipient's memory comes from the body budget until the
+     * transaction ends: max_recipients of the longest addresses with an
+     * ORCPT are about 0.8 MB a session, which max_clients sessions
+     * would hold outside body_memory_limit. */
+    uint64_t cost = sizeof(struct rcpt) + RCPT_ALLOC_OVERHEAD + c->path.mailbox.len + 1;
+    if (c->params.seen & SMTP_PARAM_ORCPT)
+        cost += RCPT_ALLOC_OVERHEAD + c->params.orcpt_type.len + c->params.orcpt_addr.len + 2;
+    if (!body_budget_take(s->sw->e, cost, s->sw->cfg->body_memory_limit)) {
+        log_msg(LOG_WARN,
+                "session=%016llx event=body_memory_full client=%s nrcpt=%u held=%llu limit=%llu "
+                "err=body_memory_limit",
+                (unsigned long long)s->id, s->peer_ip, s->nrcpt,
+                (unsigned long long)atomic_load(&s->sw->e->body_bytes),
+                (unsigned long long)s->sw->cfg->body_memory_limit);
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    s->rcpt_bytes += cost;
     if (s->nrcpt == s->rcpt_cap) {
         unsigned cap = s->rcpt_cap ? s->rcpt_cap * 2 : 8;
         struct rcpt *v = realloc(s->rcpts, sizeof(*v) * cap);
         if (v == NULL) {
+            body_budget_give(s->sw->e, cost);
+            s->rcpt_bytes -= cost;
             reply(s, "452 4.3.1 Insufficient system resources");
             return;
         }
@@ -1625,6 +1657,8 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
     if (r->addr == NULL || ((c->params.seen & SMTP_PARAM_ORCPT) && r->orcpt == NULL)) {
         free(r->addr);
         free(r->orcpt);
+        body_budget_give(s->sw->e, cost);
+        s->rcpt_bytes -= cost;
         reply(s, "452 4.3.1 Insufficient system resources");
         return;
     }

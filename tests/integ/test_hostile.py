@@ -229,6 +229,45 @@ def test_declared_size_is_the_first_allocation():
         c.expect("QUIT", 221)
 
 
+def test_recipients_held_within_body_memory():
+    """Recipients take memory until their transaction ends, up to about
+    800 octets each (a 254-octet address and a 500-octet ORCPT): many
+    sessions at max_recipients would hold it outside body_memory_limit.
+    They are counted in it: past the limit an RCPT gets 452 4.3.1, the
+    stats socket shows what they hold, RSET gives it all back, and the
+    session then goes on."""
+    limit = 64 * 1024
+    with sluice(server=f"body_memory_limit = {limit}\nmax_message_size = {limit}\n",
+                stats=True) as d:
+        dom = ".".join(["d" * 60] * 3) + ".org"
+        orcpt = "rfc822;" + "x" * 493
+        n = 400
+        c = Smtp(d.port, timeout=60)
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.send(b"".join(b"RCPT TO:<%s@%s> ORCPT=%s\r\n" % (b"%064d" % i, dom.encode(),
+                                                              orcpt.encode())
+                        for i in range(n)))
+        got = c.replies(n)
+        ok = sum(1 for r in got if r.code == 250)
+        full = [r for r in got if r.raw.startswith("452 4.3.1")]
+        assert ok + len(full) == n, [r.raw for r in got if r.code != 250][:3]
+        assert 0 < ok < n and full, (ok, len(full))
+        held = body_memory(d)
+        assert ok * 700 < held <= limit, (ok, held)
+        c.expect("RSET", 250)
+        assert body_memory(d) == 0
+        # the session goes on, and the budget serves the next message
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: after\r\n\r\nafter\r\n.\r\n")
+        assert c.reply().code == 250
+        assert body_memory(d) == 0
+        c.expect("QUIT", 221)
+        d.wait_log("event=body_memory_full")
+
+
 def test_bdat_content_checked_across_chunks():
     """BDAT octets are checked as each chunk arrives, with what the last
     chunk ended in: CR | LF across two chunks is a line end; a CR ending
@@ -488,6 +527,7 @@ if __name__ == "__main__":
         test_body_memory_bounded_under_many_large_messages,
         test_size_declared_at_mail_over_free_body_memory,
         test_declared_size_is_the_first_allocation,
+        test_recipients_held_within_body_memory,
         test_bdat_content_checked_across_chunks,
         test_body_over_max_message_size_data_and_bdat,
         test_100000_recipients_in_one_session,
