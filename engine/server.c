@@ -1682,6 +1682,17 @@ data_start(struct session *s)
 static void
 cmd_data(struct session *s, size_t rest)
 {
+    if (rest != 0) {
+        /* RFC 2920 3.1: DATA ends a pipelined group; the client must wait
+         * for its reply. Bytes already here were sent before it: treating
+         * them as content or as commands would both be guesses, and when
+         * the DATA is refused (no valid recipient, no MAIL) they are most
+         * likely the content, whose lines must never run as commands. */
+        log_msg(LOG_NOTICE, "session=%016llx event=early_data client=%s octets=%zu",
+                (unsigned long long)s->id, s->peer_ip, rest);
+        reply_close(s, "554 5.5.0 Message content sent before the 354 reply: closing");
+        return;
+    }
     if (!s->in_txn) {
         reply(s, "503 5.5.1 Need MAIL command");
         return;
@@ -1692,15 +1703,6 @@ cmd_data(struct session *s, size_t rest)
     }
     if (s->bdat) {
         reply(s, "503 5.5.1 DATA after BDAT in one transaction");
-        return;
-    }
-    if (rest != 0) {
-        /* RFC 2920 3.1: DATA ends a pipelined group; the client must wait
-         * for 354. Bytes already here were sent before it: treating them
-         * as content or as commands would both be guesses. */
-        log_msg(LOG_NOTICE, "session=%016llx event=early_data client=%s octets=%zu",
-                (unsigned long long)s->id, s->peer_ip, rest);
-        reply_close(s, "554 5.5.0 Message content sent before the 354 reply: closing");
         return;
     }
     data_start(s);

@@ -917,6 +917,30 @@ def test_content_before_354_refused():
         assert_nothing_queued(r)
 
 
+def test_content_after_refused_data_never_runs_as_commands():
+    """A DATA that is refused (no valid recipient; no MAIL) with octets
+    pipelined after it: those are the message content the client sent
+    without waiting (RFC 2920 3.1), and its lines must never run as
+    commands. Here the content holds an RCPT and a whole BDAT message: the
+    session ends at the DATA with 554 5.5.0, nothing of it is acted on."""
+    content = (b"Subject: smuggled\r\n\r\nRCPT TO:<evil@example.org>\r\n"
+               b"BDAT 5 LAST\r\nevil!.\r\n")
+    with sluice() as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<Postmaster>\r\nDATA\r\n" + content)
+        got = c.rest_until_closed(10)
+        assert [x.code for x in got] == [250, 550, 554], got
+        assert got[2].raw.startswith("554 5.5.0"), got
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.send(b"DATA\r\n" + content)
+        got = c.rest_until_closed(10)
+        assert [x.raw[:9] for x in got] == ["554 5.5.0"], got
+        r.stop()
+        assert_nothing_queued(r)
+
+
 def test_talking_before_greeting():
     with sluice(server="greet_pause = 500ms\n") as r:
         early = r.connect(greet=False)
@@ -1262,6 +1286,7 @@ if __name__ == "__main__":
         test_nul_bytes,
         test_invalid_base64_in_auth,
         test_content_before_354_refused,
+        test_content_after_refused_data_never_runs_as_commands,
         test_talking_before_greeting,
         test_tls_handshake_on_the_plaintext_port,
         test_timeouts_silent_trickle_and_data,
