@@ -2307,7 +2307,14 @@ run_commands(struct session *s)
         s->cmds_refused[SMTP_VERB_NONE]++;
         log_msg(LOG_INFO, "session=%016llx event=line_too_long client=%s",
                 (unsigned long long)s->id, s->peer_ip);
-        reply(s, "500 5.5.2 Line too long");
+        if (s->state == SS_AUTH) {
+            /* RFC 4954 4: the AUTH fails; the line after this one is a
+             * command again, not a name or password. */
+            reply(s, "500 5.5.6 Authentication Exchange line is too long");
+            session_enter(s, SS_COMMAND);
+        } else {
+            reply(s, "500 5.5.2 Line too long");
+        }
         /* Drop the line: through its end when it is here (what follows is
          * the next command), else all we have, and the rest as it comes. */
         char *lf = memchr(s->in, '\n', s->in_len);

@@ -905,6 +905,32 @@ def test_invalid_base64_in_auth():
         assert_nothing_queued(r)
 
 
+def test_auth_response_too_long_ends_the_exchange():
+    """A SASL response over 12288 octets (RFC 4954 4): 500 5.5.6 and the
+    AUTH is over, whether the line ends in the buffer or later: the next
+    line is a command again, not a user name or a password."""
+    with sluice(server="plaintext_auth = loopback\nauth_fail_delay = 0\n",
+                users=[("alice", PASSWORD, None)], trusted="") as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        for mech, first in (("LOGIN", "334 VXNlcm5hbWU6"), ("PLAIN", "334 ")):
+            rep = c.cmd(f"AUTH {mech}")
+            assert rep.raw == first, rep
+            c.send(b"QUFB" * 4000 + b"\r\n")
+            assert c.reply().raw == "500 5.5.6 Authentication Exchange line is too long"
+            c.expect("NOOP", 250)
+        # the second step of LOGIN too, its line in two writes
+        c.expect("AUTH LOGIN", 334)
+        c.expect(base64.b64encode(b"alice").decode(), 334)
+        c.send(b"QUFB" * 4000)
+        assert c.reply().raw == "500 5.5.6 Authentication Exchange line is too long"
+        c.send(b"QUFB\r\nNOOP\r\n")  # the long line's end, then a command
+        rep = c.reply()
+        assert rep.raw.startswith("250 2.0.0"), rep
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", "235")
+        c.expect("QUIT", 221)
+
+
 def test_content_before_354_refused():
     with sluice() as r:
         c = r.connect()
@@ -1285,6 +1311,7 @@ if __name__ == "__main__":
         test_megabyte_without_line_end_bounded_memory,
         test_nul_bytes,
         test_invalid_base64_in_auth,
+        test_auth_response_too_long_ends_the_exchange,
         test_content_before_354_refused,
         test_content_after_refused_data_never_runs_as_commands,
         test_talking_before_greeting,
