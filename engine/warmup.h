@@ -67,7 +67,8 @@ struct warmup *warmup_close(struct warmup *w);
 int warmup_reload(struct warmup *w, const struct config *cfg);
 
 /* Messages source (an address as text, as in [source ADDRESS]) may still
- * send today to a destination whose preferred MX host is mx_host, at
+ * send today to MX host mx_host (the host the message goes to: the
+ * preferred one, or the one a failover moved it to), at
  * now_ms (Unix ms); UINT64_MAX when the source has no plan, is past its
  * schedule (or w is NULL). Counts nothing. */
 uint64_t warmup_left(struct warmup *w, const char *source, const char *mx_host, uint64_t now_ms);
