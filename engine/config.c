@@ -243,8 +243,9 @@ static const struct conf_key delivery_keys[] = {
      "receivers scan the message then; shorter risks a message delivered twice)",
      NULL},
     {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
-     "after a 421 (at the greeting or in a transaction; not one to an idle connection) or a "
-     "reply classified rate_limited, the destination's message and connection rates are "
+     "after a 421 (at the greeting or in a transaction; not one to an idle connection, nor "
+     "one to the first RSET or MAIL on a reused connection) or a reply classified "
+     "rate_limited, the destination's message and connection rates are "
      "halved (again on each further one) for this long",
      NULL},
     {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
@@ -284,7 +285,8 @@ static const struct conf_key delivery_keys[] = {
      "per completed transaction while its mail waits for a connection longer than twice the "
      "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
      "connection (waits for a message rate's tokens do not count), up to max_connections, and "
-     "halves on connect failures, greeting failures, 421 and resets",
+     "halves on connect failures, greeting failures, 421 and resets (not a 421 or reset at "
+     "the first RSET or MAIL on a reused connection: the receiver's idle timeout)",
      NULL},
     {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
      "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
@@ -407,7 +409,8 @@ static const struct conf_key domain_keys[] = {
      "after a 421 at the greeting or in a transaction, or when every MX address failed, no "
      "new connection to the domain for this long; its waiting recipients keep their place (a "
      "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
-     "connection only)",
+     "connection only; so does one to the first RSET or MAIL of a transaction on a reused "
+     "connection, whose job goes on another connection at once)",
      NULL},
     {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
      "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "

@@ -256,6 +256,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->shaped = false;
     j->shaped_until = 0;
     j->failovers = 0;
+    j->reuse_lost = 0;
     j->tls_retried = false;
     j->queued_ns = 0;
     j->owner = owner ? *owner : (struct job_owner){0};

@@ -37,6 +37,9 @@ struct delivery_stats {
                                             * TLSA lookup failed */
     uint64_t transactions;
     uint64_t reused;                       /* transactions on a reused connection */
+    uint64_t reuse_lost;                   /* of those, lost at their first command by a
+                                            * receiver that closed (policy_reuse_lost):
+                                            * the job went to another connection */
     uint64_t open;                         /* connections open now */
     uint64_t recv_nobufs;                  /* reads retried: provided buffers all taken */
     uint64_t bufs_out;                     /* session buffers lent now */

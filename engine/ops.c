@@ -437,6 +437,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->conn_out_open += s->dlv.open;
             out->transactions += s->dlv.transactions;
             out->reused_transactions += s->dlv.reused;
+            out->reuse_lost += s->dlv.reuse_lost;
             out->handed_over += s->dlv.handed_over;
             out->destinations += s->dests;
             out->jobs_inflight += s->inflight;

@@ -355,6 +355,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "transactions", c->transactions);
     json_ku64(j, "reused_transactions", c->reused_transactions);
     kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
+    json_ku64(j, "reuse_lost", c->reuse_lost);
     json_ku64(j, "handed_over", c->handed_over);
     json_obj_end(j);
 
@@ -679,6 +680,10 @@ static const struct metric metrics[] = {
     {"sluice_transactions_total", "counter", "Outbound SMTP transactions.", CTR(transactions)},
     {"sluice_transactions_reused_total", "counter",
      "Outbound SMTP transactions on a connection that had one before.", CTR(reused_transactions)},
+    {"sluice_transactions_reuse_lost_total", "counter",
+     "Transactions on a reused connection that the receiver closed at their first command; "
+     "the job went to another connection at once.",
+     CTR(reuse_lost)},
     {"sluice_jobs_handed_over_total", "counter",
      "Delivery jobs handed to another worker with their domain (site affinity).", CTR(handed_over)},
     {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},

@@ -138,6 +138,7 @@ struct stats_counters {
     uint64_t delivered_tls;               /* deliveries over TLS */
     uint64_t dane_authenticated, dane_failed; /* outbound TLS to DANE hosts (RFC 7672) */
     uint64_t transactions, reused_transactions;
+    uint64_t reuse_lost; /* reused transactions lost at their first command, job requeued */
     uint64_t handed_over; /* jobs handed to another worker with their domain (site affinity) */
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */

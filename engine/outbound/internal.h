@@ -91,6 +91,8 @@ struct job {
     uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
                             * then; 0: by a suspension */
     unsigned failovers;  /* times a session failure moved it to the next address */
+    unsigned reuse_lost; /* times it was lost on a reused connection and requeued at
+                          * once (policy_reuse_lost) */
     bool tls_retried;    /* it waited while a STARTTLS handshake failed under opportunistic
                           * TLS and had its plaintext retry (policy_conn_end): not again
                           * in this attempt */
@@ -145,6 +147,9 @@ struct conn {
     unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
+    bool idled;           /* it waited on its site's idle list at least once */
+    bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
+                           * (policy_reuse_lost): its end holds nothing back */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */

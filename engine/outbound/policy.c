@@ -107,6 +107,19 @@ policy_failover(const struct policy_txn *t)
            t->now_ms + POLICY_EXPIRY_SLACK_MS < t->expire_ms;
 }
 
+bool
+policy_reuse_lost(const struct policy_txn *t)
+{
+    const struct smtp_outcome *m = t->msg;
+    bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421) || m->reason == SMTP_REASON_EOF;
+    bool first = m->stage == SMTP_CLIENT_S_RSET || m->stage == SMTP_CLIENT_S_MAIL;
+    bool reused = t->txns_on_conn > 1 || t->idled;
+    return m->scope == SMTP_SCOPE_SESSION && m->status == SMTP_STATUS_TEMPFAIL && lost && first &&
+           reused && t->delivered == 0 && t->permfail == 0 &&
+           t->reuse_lost < POLICY_REUSE_LOST_MAX &&
+           t->now_ms + POLICY_EXPIRY_SLACK_MS < t->expire_ms;
+}
+
 void
 policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out)
 {
@@ -114,11 +127,13 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
     if (e->stopping)
         return;
     const struct smtp_outcome *so = e->connected ? e->session : NULL;
-    if (so != NULL && so->code == 421 && !e->idle) {
+    if (so != NULL && so->code == 421 && !e->idle && !e->reuse_lost) {
         /* The server pushes back: give it a rest (RFC 5321 3.8). A 421
          * to an idle connection, no transaction at stake, is its idle
          * timeout ("421 4.4.2 ... timeout exceeded", Postfix's smtpd) or
-         * a shutdown: the connection ends, the next job opens another. */
+         * a shutdown: the connection ends, the next job opens another.
+         * So is one that crossed the first command of a transaction on
+         * a reused connection (policy_reuse_lost): the job went back. */
         out->hold = true;
         out->backoff = true;
         out->congested = true;

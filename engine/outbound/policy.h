@@ -24,6 +24,7 @@
 #define POLICY_EXPIRY_SLACK_MS 50  /* timers and the wall clock disagree by a little */
 #define POLICY_HOLD_MIN_MS     1000 /* shortest hold after every MX address failed */
 #define POLICY_FAILOVER_MAX    3    /* next-address moves of one job after session failures */
+#define POLICY_REUSE_LOST_MAX  2    /* requeues of one job lost on reused connections */
 
 /* ---- one recipient's outcome ---- */
 
@@ -81,6 +82,8 @@ struct policy_txn {
     unsigned txns_on_conn;          /* transactions this connection finished, this one included */
     unsigned failovers;             /* times this job was moved already */
     bool have_answer;               /* the destination has MX addresses to move to */
+    bool idled;                     /* the connection sat idle before this transaction */
+    unsigned reuse_lost;            /* times this job was lost on a reused connection already */
     uint64_t now_ms, expire_ms;
 };
 
@@ -90,6 +93,24 @@ struct policy_txn {
  * may have the message), nor after a 421 (the receiver pushes back), and a
  * few times at most. */
 bool policy_failover(const struct policy_txn *t);
+
+/* Requeue the job for another connection at once (true) rather than
+ * report its outcome or fail over: its transaction was lost on a reused
+ * connection (one that finished transactions before, or sat idle) at its
+ * first command, RSET or MAIL, with a 421 or the connection lost (EOF,
+ * reset, a failed send). That is the receiver closing a connection it
+ * thought idle (its own idle timeout, "421 4.4.2 ... timeout", crossing
+ * our command), not a verdict on the message or a sign of load: no
+ * deferral, and policy_conn_end(reuse_lost) neither holds nor backs off
+ * nor shrinks the window (Postfix retries a cached connection that fails
+ * so on a new one). Bounded: a fresh connection never qualifies, and a
+ * job is requeued so at most POLICY_REUSE_LOST_MAX times (each costs the
+ * connection that failed); then its failure is a normal one. A 250 to a
+ * pipelined RSET followed by a 421 to MAIL counts too (the machine
+ * reports the stage, not the replies heard): bounded all the same. The
+ * reply still goes past the shaping rules (a "421 ... [TSS04]" at MAIL
+ * is a receiver's pushback that only its text tells apart). */
+bool policy_reuse_lost(const struct policy_txn *t);
 
 /* ---- a connection that ended ---- */
 
@@ -104,6 +125,8 @@ struct policy_conn_end {
                            * plaintext retry in this attempt (job.tls_retried) */
     bool idle;            /* the session ended between transactions, no command
                            * outstanding (its outcome's stage SMTP_CLIENT_S_IDLE) */
+    bool reuse_lost;      /* its last transaction was lost on reuse and its job
+                           * requeued (policy_reuse_lost): the end is no pushback */
 };
 
 struct policy_conn_decision {
@@ -112,7 +135,8 @@ struct policy_conn_decision {
     bool hold;            /* no new connection to the destination for site_hold: a 421
                            * at the greeting or in a transaction (the receiver pushes
                            * back); never a 421 to an idle connection, the receiver's
-                           * idle timeout or shutdown: that connection ends, no more */
+                           * idle timeout or shutdown, nor one lost on reuse
+                           * (policy_reuse_lost): that connection ends, no more */
     bool backoff;         /* and halve its rates */
     bool congested;       /* the site's window comes down (site.h) */
     bool source_hold;     /* a pool's source: it rests at the site on its own

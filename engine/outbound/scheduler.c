@@ -27,7 +27,10 @@
  * idle on its site or says goodbye. When a transaction or a connection
  * ends, the site's window and the destination's failover cursor learn of
  * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
- * waits for a slot runs.
+ * waits for a slot runs. A transaction lost at its first command on a
+ * reused connection (the receiver's idle close crossing it:
+ * policy_reuse_lost) puts its job back first for another connection,
+ * and the window and the destination learn nothing from it.
  *
  * Held destinations have their waiting jobs swept for expiry; destinations
  * idle for [delivery] destination_idle_ttl are evicted (dest_on_evict).
@@ -1798,6 +1801,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             /* Idle: wait for work of any domain of the site. */
+            c->idled = true;
             c->next_idle = c->site->idle;
             c->site->idle = c;
             *what = SCHED_NEXT_IDLE;
@@ -1833,6 +1837,42 @@ sched_txn_done(struct conn *c, struct job *j)
     struct dest *t = c->dest;
     t->inflight--;
     const struct smtp_outcome *mo = &c->txn.msg;
+    struct policy_txn pt = {
+        .msg = mo,
+        .delivered = c->txn.delivered,
+        .permfail = c->txn.permfail,
+        .txns_on_conn = c->nmsgs,
+        .failovers = j->failovers,
+        .have_answer = t->mx != NULL,
+        .idled = c->idled,
+        .reuse_lost = j->reuse_lost,
+        .now_ms = clock_unix_ms(),
+        .expire_ms = c->expire_ms,
+    };
+    if (policy_reuse_lost(&pt)) {
+        /* The receiver dropped a connection it thought idle as we reused
+         * it: another connection takes the job now (the one this closes
+         * makes room; dest_run() in sched_conn_detach), no deferral, and
+         * neither the window nor the destination pays for it. */
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(j->id, qid);
+        log_msg(LOG_NOTICE,
+                "id=%s conn=%llx event=reuse_lost domain=%s mx=%s addr=%s stage=%s txns=%u "
+                "idled=%s reply=\"%s\"",
+                qid, (unsigned long long)c->id, t->name, c->mx, c->addr_str,
+                smtp_client_state_str((enum smtp_client_state)mo->stage), c->nmsgs - 1,
+                c->idled ? "yes" : "no", mo->text);
+        j->reuse_lost++;
+        c->reuse_lost = true;
+        c->d->stats.reuse_lost++;
+        uint32_t tenant = j->owner.tenant;
+        dest_push(t, j, true);
+        /* The reply is not reported with the job, yet the shaping rules
+         * see every reply (a receiver's "421 ... [TSS04]" to a reused
+         * connection's MAIL is theirs to act on, as when reported). */
+        outcome_shaping(c->d, t, c->mx, c->src_id, tenant, mo);
+        return true;
+    }
     if (policy_txn_congested(mo)) {
         sched_conn_congested(c, mo->code == 421 ? "421" : "reset");
         if (c->src != NULL && t->poolc != NULL)
@@ -1849,16 +1889,6 @@ sched_txn_done(struct conn *c, struct job *j)
     /* A session failure before this connection delivered anything is the
      * server's, not the message's: the job goes to the next MX address
      * (policy_failover() says when). */
-    struct policy_txn pt = {
-        .msg = &c->txn.msg,
-        .delivered = c->txn.delivered,
-        .permfail = c->txn.permfail,
-        .txns_on_conn = c->nmsgs,
-        .failovers = j->failovers,
-        .have_answer = t->mx != NULL,
-        .now_ms = clock_unix_ms(),
-        .expire_ms = c->expire_ms,
-    };
     if (policy_failover(&pt)) {
         j->failovers++;
         dest_last_fail_set(t, &c->txn.msg, c->mx, c->addr_str);
@@ -1925,6 +1955,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .tls_fallback = c->tls_fell_back,
         .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
         .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
+        .reuse_lost = c->reuse_lost,
     };
     struct policy_conn_decision pd;
     policy_conn_end(&pe, &pd);

@@ -659,6 +659,93 @@ def test_unannounced_recipient_limit_sends_the_rest_next():
         r.close()
 
 
+def _reuse_closer(got, mode, pipelining):
+    """A receiver whose idle timeout strikes as sluice reuses a
+    connection: the first MAIL of the second transaction on each
+    connection gets a 421 (mode "421"), or the connection closes before
+    any reply ("eof") or is reset ("reset"). got collects the recipients
+    of each final dot it accepted, one list per transaction."""
+    import struct
+
+    ehlo = b"250-reuse\r\n250 PIPELINING\r\n" if pipelining else b"250 reuse\r\n"
+
+    def script(c, rfile):
+        c.sendall(b"220 reuse ESMTP\r\n")
+        rcpts, mails = [], 0
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                c.sendall(ehlo)
+            elif verb == b"MAIL":
+                mails += 1
+                if mails == 2:
+                    if mode == "421":
+                        c.sendall(b"421 4.4.2 reuse Error: timeout exceeded\r\n")
+                    elif mode == "reset":
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        os.close(c.detach())  # an RST, whatever the handler does next
+                    return
+                rcpts = []
+                c.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line[8:].strip().decode())
+                c.sendall(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go ahead\r\n")
+                if _read_until(rfile, b".\r\n") != b".\r\n":
+                    return
+                got.append(list(rcpts))
+                c.sendall(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+    return script
+
+
+def test_connection_lost_on_reuse_goes_to_a_new_one():
+    """A receiver that drops a connection as sluice reuses it (a 421 to
+    the second transaction's MAIL, pipelined with RCPT and DATA or not,
+    or the connection closed or reset there): the message goes on a new
+    connection at once, delivered exactly once, with no deferral and no
+    hold of the destination (Postfix retries a cached connection that
+    fails so). One connection at a time and one recipient per
+    transaction, so the second recipient is the second transaction."""
+    for mode, pipelining in (("421", True), ("421", False), ("eof", True), ("reset", True)):
+        what = f"{mode} pipelining={pipelining}"
+        r = Relay(records_for(["reuse.test"]), with_sink=False,
+                  domain_conf="[domain reuse.test]\nmax_connections = 1\nmax_rcpt_per_txn = 1\n")
+        got = []
+        mx = HostileMx(r.mx_port, _reuse_closer(got, mode, pipelining))
+        try:
+            start = time.monotonic()
+            r.inject([("s@example.com", ["a@reuse.test", "b@reuse.test"],
+                       b"Subject: r\r\n\r\nreuse\r\n")], sessions=1)
+            wait_until(lambda: r.d.count_log("event=delivered") + r.d.count_log("event=deferred")
+                       >= 2, 30, f"an outcome for each recipient ({what})")
+            assert r.d.count_log("event=deferred") == 0, (what, r.d.log_lines("event=deferred"))
+            assert r.d.count_log("event=delivered") == 2, what
+            assert time.monotonic() - start < 15, what  # at once, not after a retry or hold
+            assert sorted(a for txn in got for a in txn) == ["<a@reuse.test>", "<b@reuse.test>"], \
+                (what, got)
+            lost = r.d.log_lines("event=reuse_lost")
+            assert len(lost) == 1, (what, lost)
+            assert "conn=" in lost[0] and "reply=" in lost[0], lost[0]
+            if mode == "421":
+                assert "4.4.2" in lost[0], lost[0]
+            assert r.d.count_log("event=destination_held") == 0, what
+            assert r.d.count_log("event=site_window_down") == 0, what
+            assert r.d.stop_clean() == 0, what
+            assert mdb_entries(r.spool, "msg") == 0, what
+        finally:
+            mx.stop()
+            r.close()
+
+
 def test_hostile_mx_replies_deliver_nothing():
     """1 MB reply lines, endless continuations, a bad code, more replies
     than commands, plaintext after STARTTLS: the session is dropped, the
@@ -1080,4 +1167,5 @@ if __name__ == "__main__":
           test_receiver_that_stops_reading_the_body_is_given_up_on,
           test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
           test_unannounced_recipient_limit_sends_the_rest_next,
-          test_421_to_an_idle_connection_holds_nothing])
+          test_421_to_an_idle_connection_holds_nothing,
+          test_connection_lost_on_reuse_goes_to_a_new_one])

@@ -1,7 +1,8 @@
 /*
  * The outbound failure policy from scripted events: outcomes of a
  * recipient (delivered, 5xx, 4xx before and past expiry, rate-limited,
- * 421), transactions that end in a session failure (fail over or not),
+ * 421), transactions that end in a session failure (fail over or not,
+ * or lost at the first command on a reused connection: another one),
  * connections that end (refused, greeting failed, 421, a 421 to an idle
  * connection, stopping, a failed handshake under opportunistic TLS), DNS
  * statuses, the retry schedule with jitter, and expiry; recipients
@@ -135,6 +136,81 @@ failover(void **state)
     t.now_ms = 1000;
     m.scope = SMTP_SCOPE_RCPT;
     assert_false(policy_failover(&t));
+}
+
+/* A transaction lost at its first command on a reused connection (a
+ * 421, or the connection lost, crossing RSET or MAIL): the job goes to
+ * another connection at once, a bounded number of times; anything else
+ * is a normal failure. The connection's end holds nothing back. */
+static void
+reuse_lost(void **state)
+{
+    (void)state;
+    struct smtp_outcome m = outcome(SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY);
+    m.scope = SMTP_SCOPE_SESSION;
+    m.stage = SMTP_CLIENT_S_MAIL;
+    snprintf(m.text, sizeof(m.text), "4.4.2 mx Error: timeout exceeded");
+    struct policy_txn t = {.msg = &m, .txns_on_conn = 2, .have_answer = true,
+                           .now_ms = 1000, .expire_ms = 100000};
+    assert_true(policy_reuse_lost(&t));
+    assert_false(policy_failover(&t)); /* a 421: never the next address */
+    m.stage = SMTP_CLIENT_S_RSET;
+    assert_true(policy_reuse_lost(&t));
+    m = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF); /* EOF, reset, failed send */
+    m.scope = SMTP_SCOPE_SESSION;
+    m.stage = SMTP_CLIENT_S_MAIL;
+    assert_true(policy_reuse_lost(&t));
+    /* A fresh connection is not reused, unless it sat idle first. */
+    t.txns_on_conn = 1;
+    assert_false(policy_reuse_lost(&t));
+    t.idled = true;
+    assert_true(policy_reuse_lost(&t));
+    t.idled = false;
+    t.txns_on_conn = 5;
+    /* Past the first command: the server answered this transaction. */
+    m.stage = SMTP_CLIENT_S_RCPT;
+    assert_false(policy_reuse_lost(&t));
+    m.stage = SMTP_CLIENT_S_DATA;
+    assert_false(policy_reuse_lost(&t));
+    m.stage = SMTP_CLIENT_S_DOT;
+    assert_false(policy_reuse_lost(&t));
+    m.stage = SMTP_CLIENT_S_MAIL;
+    /* A timeout or a protocol error is no race with an idle close. */
+    m.reason = SMTP_REASON_TIMEOUT;
+    assert_false(policy_reuse_lost(&t));
+    m.reason = SMTP_REASON_PROTOCOL;
+    assert_false(policy_reuse_lost(&t));
+    m.reason = SMTP_REASON_EOF;
+    /* A refused MAIL (451, 550) is the message's. */
+    struct smtp_outcome r = refused(451, 4, 3, 0, "try later");
+    r.scope = SMTP_SCOPE_MESSAGE;
+    r.stage = SMTP_CLIENT_S_MAIL;
+    t.msg = &r;
+    assert_false(policy_reuse_lost(&t));
+    t.msg = &m;
+    /* Bounded per job, and never past expiry. */
+    t.reuse_lost = POLICY_REUSE_LOST_MAX;
+    assert_false(policy_reuse_lost(&t));
+    t.reuse_lost = 0;
+    t.now_ms = t.expire_ms;
+    assert_false(policy_reuse_lost(&t));
+    t.now_ms = 1000;
+    assert_true(policy_reuse_lost(&t));
+
+    /* The 421 that ends such a connection: no hold, no backoff, no
+     * smaller window, no source held, no failed address. */
+    struct smtp_outcome q = outcome(SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY);
+    q.scope = SMTP_SCOPE_SESSION;
+    q.stage = SMTP_CLIENT_S_MAIL;
+    struct policy_conn_decision d;
+    struct policy_conn_end e = {.connected = true, .ready_once = true, .session = &q,
+                                .reuse_lost = true};
+    policy_conn_end(&e, &d);
+    assert_false(d.hold || d.backoff || d.congested || d.source_hold || d.next_addr || d.remember ||
+                 d.retry_plain);
+    e.reuse_lost = false;
+    policy_conn_end(&e, &d);
+    assert_true(d.hold && d.backoff && d.congested && d.source_hold);
 }
 
 static void
@@ -315,6 +391,7 @@ main(void)
         cmocka_unit_test(recipients),
         cmocka_unit_test(recipient_limit_goes_next),
         cmocka_unit_test(failover),
+        cmocka_unit_test(reuse_lost),
         cmocka_unit_test(connections),
         cmocka_unit_test(idle_421),
         cmocka_unit_test(dns_and_schedule),

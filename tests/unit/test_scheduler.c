@@ -435,16 +435,18 @@ conn_ready(struct conn *c, enum sched_next *what)
     }
 }
 
-/* The transaction of c ended with the message outcome status (and code). */
+/* The transaction of c ended with the message outcome status (and
+ * code), answering the command of state stage. */
 static bool
-txn_done(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason reason,
-         enum smtp_scope scope)
+txn_done_at(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason reason,
+            enum smtp_scope scope, enum smtp_client_state stage)
 {
     memset(&c->txn, 0, sizeof(c->txn));
     c->txn.msg.status = st;
     c->txn.msg.code = (uint16_t)code;
     c->txn.msg.reason = reason;
     c->txn.msg.scope = scope;
+    c->txn.msg.stage = (uint8_t)stage;
     c->txn.delivered = st == SMTP_STATUS_DELIVERED ? c->job->n : 0;
     c->expire_ms = UINT64_MAX;
     struct job *j = c->job;
@@ -456,6 +458,13 @@ txn_done(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason re
         free(j);
     }
     return requeued;
+}
+
+static bool
+txn_done(struct conn *c, enum smtp_status st, unsigned code, enum smtp_reason reason,
+         enum smtp_scope scope)
+{
+    return txn_done_at(c, st, code, reason, scope, SMTP_CLIENT_S_RCPT);
 }
 
 static unsigned
@@ -1210,6 +1219,107 @@ session_failures(void **state)
     fx_free(f);
 }
 
+/* A 421 that crosses the first MAIL on a reused connection (the
+ * receiver's idle timeout): the job goes back first in line and a new
+ * connection takes it at once; nothing is reported (no deferral), the
+ * destination is not held, the window does not come down, the failover
+ * cursor does not move. The same on the fresh connection is a normal
+ * failure: reported, and the destination held. */
+static void
+reuse_lost_goes_to_a_new_connection(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n");
+    submit("ru.test", 1);
+    submit("ru.test", 1);
+    answer("ru.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *t = c->dest;
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    uint64_t id = c->job->id;
+    unsigned window = allowed("ru.test"), failures = c->site->failures;
+    assert_true(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
+                            SMTP_CLIENT_S_MAIL));
+    assert_int_equal(f->finished, 1); /* the first job only: nothing deferred */
+    assert_int_equal(dest_queued(t), 1);
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    struct job *j = job_of(fairq_iter_next(&it));
+    assert_int_equal(j->id, id);
+    assert_int_equal(j->reuse_lost, 1);
+    assert_int_equal(j->failovers, 0);
+    assert_int_equal(t->next_addr, 0);
+    assert_int_equal(allowed("ru.test"), window);
+    assert_int_equal(c->site->failures, failures);
+    struct smtp_outcome bye;
+    memset(&bye, 0, sizeof(bye));
+    bye.code = 421;
+    bye.status = SMTP_STATUS_TEMPFAIL;
+    bye.reason = SMTP_REASON_REPLY;
+    bye.scope = SMTP_SCOPE_SESSION;
+    bye.stage = SMTP_CLIENT_S_MAIL;
+    snprintf(bye.text, sizeof(bye.text), "4.4.2 mx1 Error: timeout exceeded");
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(t->hold_until <= f->w.now); /* not held */
+    assert_int_equal(f->opened, 2);         /* a new connection at once, same address */
+    assert_string_equal(f->opened_to[1], "mx1.hoster.test 192.0.2.1:25");
+    assert_int_equal(allowed("ru.test"), window);
+
+    /* The fresh connection meets the same: a normal failure now. */
+    c = f->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_int_equal(c->job->id, id);
+    assert_false(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
+                             SMTP_CLIENT_S_MAIL));
+    assert_int_equal(f->finished, 2);
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(t->hold_until > f->w.now);
+    fx_free(f);
+}
+
+/* A connection that sat idle before its first transaction is reused
+ * too: a reset at its first command (RSET or MAIL) sends the job to
+ * another connection, unreported. */
+static void
+reuse_lost_after_idle(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\n[domain *]\nmax_connections = 2\n");
+    submit("ri.test", 1);
+    submit("ri.test", 1);
+    answer("ri.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    struct conn *c0 = f->open[0], *c1 = f->open[1];
+    struct dest *t = c0->dest;
+    enum sched_next what;
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c0, &what); /* takes the second job: c1 finds nothing */
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(c1, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_int_equal(c1->nmsgs, 0);
+    unsigned resumed = f->resumed;
+    submit("ri.test", 1); /* handed to the idle connection */
+    assert_int_equal(f->resumed, resumed + 1);
+    assert_non_null(c1->job);
+    unsigned finished = f->finished;
+    assert_true(txn_done_at(c1, SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF, SMTP_SCOPE_SESSION,
+                            SMTP_CLIENT_S_MAIL));
+    assert_int_equal(f->finished, finished);
+    assert_int_equal(dest_queued(t), 1);
+    fx_free(f);
+}
+
 /* Memory follows the destinations in use: one idle for
  * destination_idle_ttl goes (with its site, at its last reference); one
  * with mail waiting stays. */
@@ -1802,6 +1912,8 @@ main(void)
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
+        cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
+        cmocka_unit_test(reuse_lost_after_idle),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
