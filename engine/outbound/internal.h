@@ -147,7 +147,8 @@ struct conn {
     unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
     bool ready_once;      /* the session reached IDLE at least once */
-    bool idled;           /* it waited on its site's idle list at least once */
+    bool idled;           /* it waited on its site's idle list since its last transaction
+                           * (or before its first): cleared as each one ends */
     bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
                            * (policy_reuse_lost): its end holds nothing back */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */

@@ -111,7 +111,10 @@ bool
 policy_reuse_lost(const struct policy_txn *t)
 {
     const struct smtp_outcome *m = t->msg;
-    bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421) || m->reason == SMTP_REASON_EOF;
+    /* A 421 only after the connection sat idle: one right after another
+     * transaction is the receiver pushing back ("421 ... [TSS04]"). */
+    bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421 && t->idled) ||
+                m->reason == SMTP_REASON_EOF;
     bool first = m->stage == SMTP_CLIENT_S_RSET || m->stage == SMTP_CLIENT_S_MAIL;
     bool reused = t->txns_on_conn > 1 || t->idled;
     return m->scope == SMTP_SCOPE_SESSION && m->status == SMTP_STATUS_TEMPFAIL && lost && first &&

@@ -82,7 +82,8 @@ struct policy_txn {
     unsigned txns_on_conn;          /* transactions this connection finished, this one included */
     unsigned failovers;             /* times this job was moved already */
     bool have_answer;               /* the destination has MX addresses to move to */
-    bool idled;                     /* the connection sat idle before this transaction */
+    bool idled;                     /* the connection sat idle since its last transaction
+                                     * (or before its first) */
     unsigned reuse_lost;            /* times this job was lost on a reused connection already */
     uint64_t now_ms, expire_ms;
 };
@@ -97,19 +98,22 @@ bool policy_failover(const struct policy_txn *t);
 /* Requeue the job for another connection at once (true) rather than
  * report its outcome or fail over: its transaction was lost on a reused
  * connection (one that finished transactions before, or sat idle) at its
- * first command, RSET or MAIL, with a 421 or the connection lost (EOF,
- * reset, a failed send). That is the receiver closing a connection it
- * thought idle (its own idle timeout, "421 4.4.2 ... timeout", crossing
- * our command), not a verdict on the message or a sign of load: no
+ * first command, RSET or MAIL, with the connection lost (EOF, reset, a
+ * failed send), or with a 421 after the connection sat idle since its
+ * last transaction. That is the receiver closing a connection it thought
+ * idle (its own idle timeout, "421 4.4.2 ... timeout", crossing our
+ * command), not a verdict on the message or a sign of load: no
  * deferral, and policy_conn_end(reuse_lost) neither holds nor backs off
  * nor shrinks the window (Postfix retries a cached connection that fails
  * so on a new one). Bounded: a fresh connection never qualifies, and a
  * job is requeued so at most POLICY_REUSE_LOST_MAX times (each costs the
  * connection that failed); then its failure is a normal one. A 250 to a
  * pipelined RSET followed by a 421 to MAIL counts too (the machine
- * reports the stage, not the replies heard): bounded all the same. The
- * reply still goes past the shaping rules (a "421 ... [TSS04]" at MAIL
- * is a receiver's pushback that only its text tells apart). */
+ * reports the stage, not the replies heard): bounded all the same. A
+ * 421 to a connection reused straight after a transaction is no idle
+ * close but the receiver's pushback ("421 ... [TSS04]" under load): a
+ * normal failure, which holds the destination. The reply goes past the
+ * shaping rules either way. */
 bool policy_reuse_lost(const struct policy_txn *t);
 
 /* ---- a connection that ended ---- */

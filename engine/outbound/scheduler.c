@@ -1849,6 +1849,7 @@ sched_txn_done(struct conn *c, struct job *j)
         .now_ms = clock_unix_ms(),
         .expire_ms = c->expire_ms,
     };
+    c->idled = false; /* the next transaction's: whether it idles before it */
     if (policy_reuse_lost(&pt)) {
         /* The receiver dropped a connection it thought idle as we reused
          * it: another connection takes the job now (the one this closes
@@ -1861,7 +1862,7 @@ sched_txn_done(struct conn *c, struct job *j)
                 "idled=%s reply=\"%s\"",
                 qid, (unsigned long long)c->id, t->name, c->mx, c->addr_str,
                 smtp_client_state_str((enum smtp_client_state)mo->stage), c->nmsgs - 1,
-                c->idled ? "yes" : "no", mo->text);
+                pt.idled ? "yes" : "no", mo->text);
         j->reuse_lost++;
         c->reuse_lost = true;
         c->d->stats.reuse_lost++;

@@ -708,23 +708,41 @@ def _reuse_closer(got, mode, pipelining):
 
 
 def test_connection_lost_on_reuse_goes_to_a_new_one():
-    """A receiver that drops a connection as sluice reuses it (a 421 to
-    the second transaction's MAIL, pipelined with RCPT and DATA or not,
-    or the connection closed or reset there): the message goes on a new
-    connection at once, delivered exactly once, with no deferral and no
-    hold of the destination (Postfix retries a cached connection that
-    fails so). One connection at a time and one recipient per
-    transaction, so the second recipient is the second transaction."""
-    for mode, pipelining in (("421", True), ("421", False), ("eof", True), ("reset", True)):
+    """A receiver that drops a connection as sluice reuses it after it
+    sat idle (a 421 to the next transaction's MAIL, pipelined with RCPT
+    and DATA or not, or the connection closed or reset there): the
+    message goes on a new connection at once, delivered exactly once,
+    with no deferral and no hold of the destination (Postfix retries a
+    cached connection that fails so). A 421 to a connection reused
+    straight after a transaction is the receiver pushing back: deferred,
+    as on a fresh one. One connection at a time."""
+    for mode, pipelining in (("421", True), ("421", False), ("eof", True), ("reset", True),
+                             ("421 at once", True)):
         what = f"{mode} pipelining={pipelining}"
         r = Relay(records_for(["reuse.test"]), with_sink=False,
                   domain_conf="[domain reuse.test]\nmax_connections = 1\nmax_rcpt_per_txn = 1\n")
         got = []
-        mx = HostileMx(r.mx_port, _reuse_closer(got, mode, pipelining))
+        mx = HostileMx(r.mx_port, _reuse_closer(got, mode.split()[0], pipelining))
         try:
             start = time.monotonic()
-            r.inject([("s@example.com", ["a@reuse.test", "b@reuse.test"],
-                       b"Subject: r\r\n\r\nreuse\r\n")], sessions=1)
+            if mode == "421 at once":
+                # one message, two transactions back to back (max_rcpt_per_txn)
+                r.inject([("s@example.com", ["a@reuse.test", "b@reuse.test"],
+                           b"Subject: r\r\n\r\nreuse\r\n")], sessions=1)
+                wait_until(lambda: r.d.count_log("event=deferred") >= 1, 30,
+                           f"b deferred ({what})")
+                assert r.d.count_log("event=delivered") == 1, what
+                assert r.d.count_log("event=reuse_lost") == 0, (what, r.d.log_lines("reuse_lost"))
+                assert "rcpt=<b@reuse.test>" in r.d.log_lines("event=deferred")[0], what
+                assert r.d.stop_clean() == 0, what
+                continue
+            # the first message delivered; the connection idles; the next
+            # one meets the receiver's idle close
+            r.inject([("s@example.com", ["a@reuse.test"], b"Subject: r\r\n\r\nreuse\r\n")],
+                     sessions=1)
+            wait_until(lambda: r.d.count_log("event=delivered") >= 1, 30, f"a delivered ({what})")
+            r.inject([("s@example.com", ["b@reuse.test"], b"Subject: r\r\n\r\nreuse\r\n")],
+                     sessions=1)
             wait_until(lambda: r.d.count_log("event=delivered") + r.d.count_log("event=deferred")
                        >= 2, 30, f"an outcome for each recipient ({what})")
             assert r.d.count_log("event=deferred") == 0, (what, r.d.log_lines("event=deferred"))
@@ -736,7 +754,7 @@ def test_connection_lost_on_reuse_goes_to_a_new_one():
             assert len(lost) == 1, (what, lost)
             assert "conn=" in lost[0] and "reply=" in lost[0], lost[0]
             if mode == "421":
-                assert "4.4.2" in lost[0], lost[0]
+                assert "4.4.2" in lost[0] and "idled=yes" in lost[0], lost[0]
             assert r.d.count_log("event=destination_held") == 0, what
             assert r.d.count_log("event=site_window_down") == 0, what
             assert r.d.stop_clean() == 0, what

@@ -151,15 +151,19 @@ reuse_lost(void **state)
     m.stage = SMTP_CLIENT_S_MAIL;
     snprintf(m.text, sizeof(m.text), "4.4.2 mx Error: timeout exceeded");
     struct policy_txn t = {.msg = &m, .txns_on_conn = 2, .have_answer = true,
-                           .now_ms = 1000, .expire_ms = 100000};
+                           .idled = true, .now_ms = 1000, .expire_ms = 100000};
     assert_true(policy_reuse_lost(&t));
     assert_false(policy_failover(&t)); /* a 421: never the next address */
     m.stage = SMTP_CLIENT_S_RSET;
     assert_true(policy_reuse_lost(&t));
+    /* A 421 to a connection reused straight after a transaction, without
+     * idling: the receiver pushing back, a normal failure. */
+    t.idled = false;
+    assert_false(policy_reuse_lost(&t));
     m = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF); /* EOF, reset, failed send */
     m.scope = SMTP_SCOPE_SESSION;
     m.stage = SMTP_CLIENT_S_MAIL;
-    assert_true(policy_reuse_lost(&t));
+    assert_true(policy_reuse_lost(&t)); /* lost: idled or not */
     /* A fresh connection is not reused, unless it sat idle first. */
     t.txns_on_conn = 1;
     assert_false(policy_reuse_lost(&t));

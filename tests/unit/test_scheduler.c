@@ -1231,7 +1231,6 @@ reuse_lost_goes_to_a_new_connection(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n");
     submit("ru.test", 1);
-    submit("ru.test", 1);
     answer("ru.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     assert_int_equal(f->opened, 1);
     struct conn *c = f->open[0];
@@ -1240,7 +1239,9 @@ reuse_lost_goes_to_a_new_connection(void **state)
     conn_ready(c, &what);
     assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* nothing more for now: it idles */
+    submit("ru.test", 1);                     /* later mail: handed to it */
+    assert_non_null(c->job);
     uint64_t id = c->job->id;
     unsigned window = allowed("ru.test"), failures = c->site->failures;
     assert_true(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
@@ -1279,6 +1280,42 @@ reuse_lost_goes_to_a_new_connection(void **state)
     assert_false(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
                              SMTP_CLIENT_S_MAIL));
     assert_int_equal(f->finished, 2);
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(t->hold_until > f->w.now);
+    fx_free(f);
+}
+
+/* A 421 to the MAIL of a connection reused straight after a
+ * transaction, without idling, is no idle close: the receiver pushes
+ * back under load ("421 ... [TSS04]"). Reported, and the destination
+ * held, as on a fresh connection. */
+static void
+reuse_421_without_idle_is_pushback(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n");
+    submit("rp.test", 1);
+    submit("rp.test", 1);
+    answer("rp.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct conn *c = f->open[0];
+    struct dest *t = c->dest;
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB); /* straight to the next job */
+    assert_false(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
+                             SMTP_CLIENT_S_MAIL));
+    assert_int_equal(f->finished, 2); /* reported */
+    struct smtp_outcome bye;
+    memset(&bye, 0, sizeof(bye));
+    bye.code = 421;
+    bye.status = SMTP_STATUS_TEMPFAIL;
+    bye.reason = SMTP_REASON_REPLY;
+    bye.scope = SMTP_SCOPE_SESSION;
+    bye.stage = SMTP_CLIENT_S_MAIL;
+    snprintf(bye.text, sizeof(bye.text), "4.7.0 [TSS04] Messages temporarily deferred");
     c->connected = true;
     conn_gone(c, &bye);
     assert_true(t->hold_until > f->w.now);
@@ -1914,6 +1951,7 @@ main(void)
         cmocka_unit_test(affinity_not_for_a_busy_site),
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
         cmocka_unit_test(reuse_lost_after_idle),
+        cmocka_unit_test(reuse_421_without_idle_is_pushback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
