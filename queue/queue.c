@@ -2395,11 +2395,14 @@ flush_pending(struct queue *q)
              * a take: what it took left the index and is ready in the
              * spool this process reads, so only its caller can own it
              * (failed, nobody would until a restart); should a crash
-             * lose the commit, the recipients are deferred as before. */
+             * lose the commit, the recipients are deferred as before.
+             * Nor event lines put alone: nobody puts them again, and
+             * they are published below all the same, so the pump moves
+             * them to the journal; failed, they were reported lost. */
             int err = lmdb_err(rc);
             note_failure(q, err);
             for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
-                if (r->rc == 0 && r->kind != REQ_TAKE)
+                if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
                     r->rc = err;
         }
     }

@@ -351,7 +351,10 @@ int queue_update_enqueue_events(struct queue *q, struct queue_port *port,
                                 unsigned iovcnt, const char *events, size_t events_len,
                                 const unsigned *ev_lines, queue_done_fn *done, void *cookie);
 /* Event lines alone (events that change nothing in the spool: a
- * recipient refused as suppressed, a bounce that came back by mail). */
+ * recipient refused as suppressed, a bounce that came back by mail).
+ * done gets 0 also when the sync after a commit that holds them fails:
+ * they are in the spool and published durable (queue_events_durable), so
+ * they reach the journal; a negative rc means they were not stored. */
 int queue_events_put(struct queue *q, struct queue_port *port, const char *events,
                      size_t events_len, queue_done_fn *done, void *cookie);
 /* Delete the records whose lines are all numbered below upto (they are
