@@ -257,7 +257,8 @@ static const struct conf_key delivery_keys[] = {
     {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
      "40",
      "connections open at once to one MX address (and port) from this node, whatever the "
-     "domains behind it; each worker holds an equal share, rounded down but at least one (so a "
+     "domains behind it (an AAAA record of a v4-mapped address, ::ffff:a.b.c.d, is the IPv4 "
+     "address a.b.c.d: connected over IPv4 and counted with it); each worker holds an equal share, rounded down but at least one (so a "
      "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
      "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
      "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "

@@ -225,6 +225,21 @@ netaddr_str(const struct sockaddr *sa, char *out, size_t outlen)
 }
 
 bool
+netaddr_v4mapped(const struct sockaddr *sa, struct sockaddr_in *out)
+{
+    if (sa->sa_family != AF_INET6)
+        return false;
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
+    if (!IN6_IS_ADDR_V4MAPPED(&a->sin6_addr))
+        return false;
+    memset(out, 0, sizeof(*out));
+    out->sin_family = AF_INET;
+    out->sin_port = a->sin6_port;
+    memcpy(&out->sin_addr, &a->sin6_addr.s6_addr[12], 4);
+    return true;
+}
+
+bool
 netaddr_is_loopback(const struct sockaddr *sa)
 {
     static const struct cidr lo[] = {

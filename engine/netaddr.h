@@ -34,6 +34,11 @@ void netaddr_ip_str(const struct sockaddr *sa, char *out, size_t outlen);
 /* "1.2.3.4:25" or "[::1]:25". */
 void netaddr_str(const struct sockaddr *sa, char *out, size_t outlen);
 bool netaddr_is_loopback(const struct sockaddr *sa);
+/* A v4-mapped IPv6 address (::ffff:a.b.c.d: an AAAA record may name an
+ * IPv4 host so) is the IPv4 address a connect to it reaches: when sa is
+ * one, that address and sa's port into *out and true; else false, out
+ * untouched. What counts or keys by address uses the IPv4 form. */
+bool netaddr_v4mapped(const struct sockaddr *sa, struct sockaddr_in *out);
 /* "loopback", "unspecified", "link-local", "multicast" or "broadcast"
  * (a v4-mapped v6 address as its v4), or NULL for any other address:
  * what no mail should be delivered to unless allowed. */

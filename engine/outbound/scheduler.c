@@ -757,6 +757,23 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
     return false;
 }
 
+/* Where a connection to a goes: a itself, or for a v4-mapped address
+ * (an AAAA record of ::ffff:a.b.c.d) the IPv4 address a.b.c.d, written
+ * in *tmp. The connection is an IPv4 one: its source is picked and
+ * bound in that family (a v6 socket bound to an IPv6 source cannot reach
+ * a v4-mapped address: ENETUNREACH), and its address is counted, keyed
+ * (the plaintext fallback, TLS sessions) and logged as IPv4. */
+static const union dns_addr *
+dest_addr_unmapped(const union dns_addr *a, union dns_addr *tmp)
+{
+    struct sockaddr_in v4;
+    if (!netaddr_v4mapped(&a->sa, &v4))
+        return a; /* tmp itself, maybe: left as it is */
+    memset(tmp, 0, sizeof(*tmp));
+    tmp->sin = v4;
+    return tmp;
+}
+
 /* a with t's port. */
 void
 dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out)
@@ -1514,6 +1531,7 @@ dest_run_once(struct dest *t)
     while (dest_queued(t) > t->opening && t->conns < t->pol->max_connections) {
         const struct dns_mx_host *h;
         const union dns_addr *a;
+        union dns_addr unmapped;
         if (site->conns >= site_allowed(t)) {
             if (idle_other && site->idle != NULL) {
                 /* The idle connections left are ones t may not ride
@@ -1529,7 +1547,9 @@ dest_run_once(struct dest *t)
             want_push(t); /* a slot, or an idle connection, will come */
             return;
         }
-        if (!dest_address(t, &h, &a)) {
+        if (dest_address(t, &h, &a))
+            a = dest_addr_unmapped(a, &unmapped);
+        else {
             /* Every address failed in a row: defer what waits, and hold. */
             if (t->conns == 0) {
                 if (t->last_fail != NULL && t->last_fail->o.text[0] != '\0') {
@@ -1598,6 +1618,7 @@ dest_run_once(struct dest *t)
             dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             return;
         }
+        a = dest_addr_unmapped(a, &unmapped); /* another address may have room */
         uint64_t retry_at;
         if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
             dest_lim_wait(t, retry_at);

@@ -3,6 +3,7 @@
  * (tests/unit/test_site.c); the tables are two struct hash of common/.
  */
 #include "engine/outbound/site.h"
+#include "engine/netaddr.h"
 
 #include <errno.h>
 #include <netinet/in.h>
@@ -114,10 +115,18 @@ struct site_addr {
     const void *wanted_by; /* ... of this site (compared, never followed) */
 };
 
-/* Address and port only: the rest of a sockaddr (flow info) is noise. */
+/* Address and port only: the rest of a sockaddr (flow info) is noise. A
+ * v4-mapped address (::ffff:a.b.c.d) is its IPv4 one: the same host,
+ * reached by the same connects, so under the same cap. */
 static size_t
 addr_key(const union dns_addr *a, unsigned char *out)
 {
+    struct sockaddr_in v4;
+    if (netaddr_v4mapped(&a->sa, &v4)) {
+        memcpy(out, &v4.sin_addr, 4);
+        memcpy(out + 4, &v4.sin_port, 2);
+        return 6;
+    }
     if (a->sa.sa_family == AF_INET6) {
         memcpy(out, &a->sin6.sin6_addr, 16);
         memcpy(out + 16, &a->sin6.sin6_port, 2);

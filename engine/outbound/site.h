@@ -38,7 +38,8 @@
  * configured max_connections is the ceiling.
  *
  * Connections per MX address: a worker table of the addresses connected
- * now (entries live while connections do). Each worker holds an equal
+ * now (entries live while connections do; a v4-mapped IPv6 address,
+ * ::ffff:a.b.c.d, is counted as the IPv4 address it reaches). Each worker holds an equal
  * share of max_connections_per_address (at least one): a bound that holds
  * without any exchange between the workers, wherever domains are. Most
  * sites are on one worker (site affinity, scheduler.c: a domain moves to

@@ -57,12 +57,8 @@ target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
     /* A v4-mapped IPv6 address (an AAAA record of ::ffff:a.b.c.d) is
      * where a connect to it goes: the IPv4 address a.b.c.d. */
     union dns_addr v4;
-    if (a->sa.sa_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&a->sin6.sin6_addr)) {
-        memset(&v4, 0, sizeof(v4));
-        v4.sin.sin_family = AF_INET;
-        memcpy(&v4.sin.sin_addr, &a->sin6.sin6_addr.s6_addr[12], 4);
+    if (netaddr_v4mapped(&a->sa, &v4.sin))
         a = &v4;
-    }
     char ip[64];
     netaddr_ip_str(&a->sa, ip, sizeof(ip));
     for (int k = 0; k < 2; k++) {

@@ -1484,6 +1484,31 @@ static const char POOLS[] =
     "[pool bulk]\nsources = 198.51.100.2:3, 198.51.100.3:1\n"
     "[pool tx]\nsources = 198.51.100.4\n";
 
+/* An AAAA record of a v4-mapped address (::ffff:192.0.2.1) names the
+ * IPv4 host: a pool whose sources are IPv4 sends there, from one of
+ * them, to the IPv4 address (counted, keyed and logged so). */
+static void
+pool_sends_to_a_v4_mapped_address_over_ipv4(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    submit_pool("mapped.test", 1, "tx");
+    static const uint8_t mapped[][16] = {{[10] = 0xff, [11] = 0xff, [12] = 192, [13] = 0,
+                                          [14] = 2, [15] = 1}};
+    struct result_host rh = {.name = MX1[0], .preference = 10, .n6 = 1, .a6 = mapped};
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, "mapped.test", &rh, 1, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *t = dest_get_pool(F->d, "mapped.test", intern_id(F->e.names, "tx"));
+    assert_non_null(t->req);
+    dest_on_mx(t, r);
+    assert_int_equal(f->opened, 1);
+    assert_int_equal(f->failed, 0);
+    assert_string_equal(f->opened_to[0], "mx1.hoster.test 192.0.2.1:25 from 198.51.100.4");
+    assert_int_equal(f->open[0]->addr.sa.sa_family, AF_INET);
+    fx_free(f);
+}
+
 /* Connections opened from each source, from opened_to[0..n). */
 static void
 count_sources(unsigned n, unsigned *a, unsigned *b, unsigned *c)
@@ -1943,6 +1968,7 @@ main(void)
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_pick_order),
         cmocka_unit_test(pool_shares_address_cap),
+        cmocka_unit_test(pool_sends_to_a_v4_mapped_address_over_ipv4),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
         cmocka_unit_test(affinity_site_worker_ignores_order),
         cmocka_unit_test(affinity_not_where_limits_are_shared),

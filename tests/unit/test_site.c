@@ -2,7 +2,8 @@
  * Sites without a network: the concurrency window from scripted events
  * (transactions that complete, failures of connections opened in a given
  * epoch) to the connections it allows; site keys from MX answers; the
- * per-address table and the per-worker share of its cap; the hash table
+ * per-address table (a v4-mapped address counted as its IPv4 one) and
+ * the per-worker share of its cap; the hash table
  * of common/ under inserts and removals.
  */
 #include <setjmp.h>
@@ -208,6 +209,51 @@ sites_and_addresses(void **state)
     sites_fini(&s);
 }
 
+/* An AAAA answer of ::ffff:a.b.c.d names the IPv4 host a.b.c.d: its
+ * connections count under a.b.c.d's cap, not beside it (twice the cap). */
+static void
+v4_mapped_counts_as_its_ipv4_address(void **state)
+{
+    (void)state;
+    struct sites s;
+    sites_init(&s);
+    struct site *mine = site_get(&s, "mx.test:25", 1, 20);
+    union dns_addr v4, mapped, other6;
+    memset(&v4, 0, sizeof(v4));
+    v4.sin.sin_family = AF_INET;
+    v4.sin.sin_port = htons(25);
+    inet_pton(AF_INET, "192.0.2.1", &v4.sin.sin_addr);
+    memset(&mapped, 0, sizeof(mapped));
+    mapped.sin6.sin6_family = AF_INET6;
+    mapped.sin6.sin6_port = htons(25);
+    mapped.sin6.sin6_flowinfo = htonl(7); /* noise */
+    inet_pton(AF_INET6, "::ffff:192.0.2.1", &mapped.sin6.sin6_addr);
+    other6 = mapped;
+    inet_pton(AF_INET6, "2001:db8::c000:201", &other6.sin6.sin6_addr); /* same low bits */
+
+    assert_int_equal(site_addr_add(&s, 0, &v4), 0);
+    assert_int_equal(site_addr_add(&s, 0, &mapped), 0);
+    assert_int_equal(site_addr_conns(&s, 0, &v4), 2);
+    assert_int_equal(site_addr_conns(&s, 0, &mapped), 2);
+    assert_int_equal(hash_count(&s.addrs), 1);
+    /* a real IPv6 address is another host; another port another slot */
+    assert_int_equal(site_addr_conns(&s, 0, &other6), 0);
+    union dns_addr mapped26 = mapped;
+    mapped26.sin6.sin6_port = htons(26);
+    assert_int_equal(site_addr_conns(&s, 0, &mapped26), 0);
+    /* a want made through one form is seen through the other */
+    site_addr_want(&s, 0, &mapped, 100, mine);
+    assert_true(site_addr_wanted(&s, 0, &v4, 50, NULL));
+    assert_false(site_addr_wanted(&s, 0, &v4, 50, mine));
+    /* either form gives the slot back */
+    site_addr_del(&s, 0, &v4);
+    assert_int_equal(site_addr_conns(&s, 0, &mapped), 1);
+    site_addr_del(&s, 0, &mapped);
+    assert_int_equal(hash_count(&s.addrs), 0);
+    site_unref(&s, mine);
+    sites_fini(&s);
+}
+
 struct item {
     struct hash_node node;
     unsigned key;
@@ -271,6 +317,7 @@ main(void)
         cmocka_unit_test(window_grows_only_when_mail_waits),
         cmocka_unit_test(keys_name_the_hosts),
         cmocka_unit_test(sites_and_addresses),
+        cmocka_unit_test(v4_mapped_counts_as_its_ipv4_address),
         cmocka_unit_test(hash_grows_and_shrinks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
