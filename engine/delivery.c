@@ -799,6 +799,9 @@ delivery_reconfigure(struct delivery *d)
 {
     /* [tenant] weights are asked of the new config from the next turn. */
     memset(d->tweights, 0, sizeof(d->tweights));
+    /* An interface address added since (a loop if delivered to) is known
+     * from now on; the targets are counted again below. */
+    targets_local_load(d);
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         const struct domain_policy *old = t->pol;

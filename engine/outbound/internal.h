@@ -333,6 +333,7 @@ struct delivery {
     uint64_t conn_seq;       /* connection ids: worker id in the top byte */
     char (*local)[64];       /* owned: this host's interface addresses, as text */
     unsigned nlocal;
+    uint64_t local_read_ns;  /* worker clock: when they were read (targets.c) */
     bool resolver_closed;
     struct sts_ask *sts_asks; /* owned: MTA-STS TXT lookups in flight (targets.c) */
     unsigned nsts_asks;
@@ -412,6 +413,10 @@ struct outbound_ops {
      * resolver here). NULL: MTA-STS first checks go to the store's
      * thread. */
     int (*txt)(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg);
+    /* This host's interface addresses as text (netaddr_ip_str), into *out
+     * (malloc'd, the caller's: free()) and *n: 0 or a negative code.
+     * NULL: getifaddrs(3). */
+    int (*local_addrs)(struct delivery *d, char (**out)[64], unsigned *n);
     /* Site affinity (delivery.c's route table, shared by the workers; the
      * scheduler's rule is dest_affinity()). NULL: one worker's world,
      * every domain is this one's. route: the worker a domain's mail
@@ -675,12 +680,18 @@ struct owner_count *source_count(struct delivery *d, uint32_t id);
 
 /* ---- outbound/targets.c ---- */
 
-/* This host's interface addresses, for listeners on a wildcard address
- * (without them only the listeners' own addresses are known). */
+/* Read this host's interface addresses (again), for listeners on a
+ * wildcard address (without them only the listeners' own addresses are
+ * known): when the worker's delivery is made and on each reload; the
+ * list read before stays when they cannot be read. */
 void targets_local_load(struct delivery *d);
+/* At most this often, an address not among them on a wildcard
+ * listener's port has them read again (one added since: DHCP, a new
+ * egress address). */
+#define TARGETS_LOCAL_REREAD_NS 10000000000ULL
 /* Why a (on port) is refused as a delivery target ("loopback", "this
  * node's own listener", ...), or NULL: it may be delivered to. */
-const char *target_refused(const struct delivery *d, const union dns_addr *a, unsigned port);
+const char *target_refused(struct delivery *d, const union dns_addr *a, unsigned port);
 /* The addresses of t's answer that may be delivered to, counted once per
  * answer. With none, t->last_fail says why and t->refused_self whether it
  * is a loop. */

@@ -11,8 +11,13 @@
  * first refusal gave, or is deferred (4.4.3) when its answer misses MX
  * hosts whose lookups failed for now.
  *
- * Threading: the worker's thread; the interface addresses are read once
- * when the worker's delivery is made.
+ * Threading: the worker's thread. The interface addresses are read when
+ * the worker's delivery is made, again on each reload, and when a
+ * target on a wildcard listener's port is not among them, at most every
+ * TARGETS_LOCAL_REREAD_NS: an address added later (DHCP, a new egress
+ * address) is a loop too. getifaddrs(3) asks the kernel over netlink and
+ * does not wait on anything else: rate-limited, it costs a worker
+ * little.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -28,30 +33,71 @@
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 
-/* This host's interface addresses (for listeners on a wildcard address).
- * Without them only the listeners' own addresses are known. */
-void
-targets_local_load(struct delivery *d)
+/* getifaddrs(3)'s addresses as text: outbound_ops.local_addrs. */
+static int
+local_addrs_read(char (**out)[64], unsigned *nout)
 {
     struct ifaddrs *ifa = NULL;
     if (getifaddrs(&ifa) < 0)
-        return;
+        return -errno;
     unsigned n = 0;
     for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
         n += i->ifa_addr != NULL &&
              (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6);
-    d->local = n ? calloc(n, sizeof(*d->local)) : NULL;
-    for (struct ifaddrs *i = ifa; i != NULL && d->local != NULL; i = i->ifa_next)
+    char (*v)[64] = calloc(n ? n : 1, sizeof(*v));
+    if (v == NULL) {
+        freeifaddrs(ifa);
+        return -ENOMEM;
+    }
+    n = 0;
+    for (struct ifaddrs *i = ifa; i != NULL; i = i->ifa_next)
         if (i->ifa_addr != NULL &&
             (i->ifa_addr->sa_family == AF_INET || i->ifa_addr->sa_family == AF_INET6))
-            netaddr_ip_str(i->ifa_addr, d->local[d->nlocal++], sizeof(d->local[0]));
+            netaddr_ip_str(i->ifa_addr, v[n++], sizeof(v[0]));
     freeifaddrs(ifa);
+    *out = v;
+    *nout = n;
+    return 0;
+}
+
+void
+targets_local_load(struct delivery *d)
+{
+    char (*v)[64] = NULL;
+    unsigned n = 0;
+    d->local_read_ns = d->w->now;
+    int rc = d->ops->local_addrs != NULL ? d->ops->local_addrs(d, &v, &n)
+                                         : local_addrs_read(&v, &n);
+    if (rc < 0) {
+        log_msg(LOG_WARN, "event=local_addresses_unread err=\"%s\" kept=%u", strerror(-rc),
+                d->nlocal);
+        return;
+    }
+    bool same = n == d->nlocal && (n == 0 || memcmp(v, d->local, n * sizeof(*v)) == 0);
+    free(d->local);
+    d->local = v;
+    d->nlocal = n;
+    if (same)
+        return;
+    /* Another list: every answer's usable addresses are counted again. */
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
+        t->targets_for = NULL;
+}
+
+static bool
+target_is_local(const struct delivery *d, const char *ip)
+{
+    for (unsigned j = 0; j < d->nlocal; j++)
+        if (strcmp(d->local[j], ip) == 0)
+            return true;
+    return false;
 }
 
 /* Is a (on port) one of this node's SMTP listeners? Delivering there is
  * a loop, whatever allow_networks says. */
 static bool
-target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
+target_is_self(struct delivery *d, const union dns_addr *a, unsigned port)
 {
     const struct server_config *srv = &d->e->cfg->server;
     /* A v4-mapped IPv6 address (an AAAA record of ::ffff:a.b.c.d) is
@@ -77,11 +123,13 @@ target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
                 return true;
             const char *sp = netaddr_special(sa);
             if (sp != NULL && strcmp(sp, "unspecified") == 0) {
-                if (netaddr_is_loopback(&a->sa))
+                if (netaddr_is_loopback(&a->sa) || target_is_local(d, ip))
                     return true;
-                for (unsigned j = 0; j < d->nlocal; j++)
-                    if (strcmp(d->local[j], ip) == 0)
+                if (d->w->now - d->local_read_ns >= TARGETS_LOCAL_REREAD_NS) {
+                    targets_local_load(d);
+                    if (target_is_local(d, ip))
                         return true;
+                }
             }
         }
     }
@@ -91,7 +139,7 @@ target_is_self(const struct delivery *d, const union dns_addr *a, unsigned port)
 /* Why a (on port) is refused as a delivery target ("loopback", ...), or
  * NULL. */
 const char *
-target_refused(const struct delivery *d, const union dns_addr *a, unsigned port)
+target_refused(struct delivery *d, const union dns_addr *a, unsigned port)
 {
     const struct delivery_config *dc = &d->e->cfg->delivery;
     if (target_is_self(d, a, port))

@@ -249,6 +249,10 @@ static const struct outbound_ops test_ops_aff = {
 
 /* ---- the fixture ---- */
 
+/* [server] listen of the next fixture (a test that needs another sets it
+ * and puts it back). */
+static const char *fx_listen = "127.0.0.1:2587";
+
 static void
 setup_conf(struct fx *f, const char *extra)
 {
@@ -257,7 +261,7 @@ setup_conf(struct fx *f, const char *extra)
     assert_true(fd >= 0);
     char text[2048];
     int n = snprintf(text, sizeof(text),
-                     "[server]\nhostname = relay.test\nlisten = 127.0.0.1:2587\n%s\n", extra);
+                     "[server]\nhostname = relay.test\nlisten = %s\n%s\n", fx_listen, extra);
     assert_int_equal(write(fd, text, (size_t)n), n);
     close(fd);
     char *buf = NULL;
@@ -1177,6 +1181,99 @@ answers_that_fail(void **state)
     fx_free(f);
 }
 
+/* This host's interface addresses as the test says they are now. */
+static char fake_local[4][64];
+static unsigned fake_nlocal, fake_reads;
+
+static int
+t_local_addrs(struct delivery *d, char (**out)[64], unsigned *n)
+{
+    (void)d;
+    fake_reads++;
+    *out = calloc(4, sizeof(**out));
+    assert_non_null(*out);
+    memcpy(*out, fake_local, sizeof(fake_local));
+    *n = fake_nlocal;
+    return 0;
+}
+
+static const struct outbound_ops test_ops_local = {
+    .resolve = t_resolve,
+    .cancel = t_cancel,
+    .open = t_open,
+    .resume = t_resume,
+    .quit = t_quit,
+    .fail = t_fail,
+    .local_addrs = t_local_addrs,
+};
+
+/* A wildcard listener's loop check knows interface addresses added after
+ * the start (DHCP, a new egress address): read again on a reload, and
+ * when an address is not among them, at most every
+ * TARGETS_LOCAL_REREAD_NS. */
+static void
+interface_addresses_read_again(void **state)
+{
+    (void)state;
+    fx_listen = "127.0.0.1:2587, 0.0.0.0:2465"; /* a wildcard listener */
+    struct fx *f = fx_new("[delivery]\nremote_port = 2465\n");
+    fx_listen = "127.0.0.1:2587";
+    f->d->ops = &test_ops_local;
+    memset(fake_local, 0, sizeof(fake_local));
+    snprintf(fake_local[0], sizeof(fake_local[0]), "10.0.0.1");
+    fake_nlocal = 1;
+    fake_reads = 0;
+    targets_local_load(f->d);
+    assert_int_equal(fake_reads, 1);
+
+    /* 10.0.0.1 is a loop, 192.0.2.77 is not (yet) */
+    static const uint8_t own[][16] = {{10, 0, 0, 1}};
+    static const uint8_t added[][16] = {{192, 0, 2, 77}};
+    static const uint8_t added2[][16] = {{192, 0, 2, 78}};
+    submit("own.test", 1);
+    answer("own.test", DNS_OK, MX1, (unsigned[]){10}, own, 1);
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->last_fail.enh.detail, 6);
+    submit("far.test", 1);
+    answer("far.test", DNS_OK, MX1, (unsigned[]){10}, added, 1);
+    assert_int_equal(f->opened, 1);
+    assert_int_equal(fake_reads, 1); /* read moments ago: not again */
+
+    /* 192.0.2.77 becomes this host's: once the interval has passed, the
+     * first address not found has the list read again */
+    snprintf(fake_local[1], sizeof(fake_local[1]), "192.0.2.77");
+    fake_nlocal = 2;
+    f->w.now += TARGETS_LOCAL_REREAD_NS;
+    unsigned failed = f->failed;
+    submit("late.test", 1);
+    answer("late.test", DNS_OK, MX1, (unsigned[]){10}, added, 1);
+    assert_int_equal(fake_reads, 2);
+    assert_int_equal(f->opened, 1);
+    assert_int_equal(f->failed, failed + 1);
+    assert_int_equal(f->last_fail.enh.detail, 6);
+    assert_non_null(strstr(f->last_fail.text, "loops back to myself"));
+    /* ... and no more often than that */
+    submit("far2.test", 1);
+    answer("far2.test", DNS_OK, MX1 + 1, (unsigned[]){10}, (const uint8_t[][16]){{192, 0, 2, 99}}, 1);
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(fake_reads, 2);
+
+    /* A reload reads them at once */
+    snprintf(fake_local[2], sizeof(fake_local[2]), "192.0.2.78");
+    fake_nlocal = 3;
+    delivery_reconfigure(f->d);
+    assert_int_equal(fake_reads, 3);
+    submit("reload.test", 1);
+    answer("reload.test", DNS_OK, MX1, (unsigned[]){10}, added2, 1);
+    assert_int_equal(f->opened, 2);
+    /* reload.test's job, and far.test's (still waiting for its
+     * connection to 192.0.2.77, now this host's): both loops */
+    assert_int_equal(f->failed, failed + 3);
+    assert_int_equal(f->last_fail.enh.detail, 6);
+    assert_int_equal(dest_queued(dest_get(f->d, "far.test")), 0);
+    fx_free(f);
+}
+
 /* A session failure before anything was delivered gives the job to the
  * next address (failover); a 421 shrinks the window and holds. */
 static void
@@ -1961,6 +2058,7 @@ main(void)
         cmocka_unit_test(shared_address_slot_given_back),
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),
+        cmocka_unit_test(interface_addresses_read_again),
         cmocka_unit_test(idle_destinations_evicted),
         cmocka_unit_test(first_mta_sts_check_on_the_worker),
         cmocka_unit_test(pools_keep_apart),
