@@ -1610,6 +1610,8 @@ dest_run_once(struct dest *t)
                 dest_lim_wait(t, pk.until);
             return;
         }
+        const struct dns_mx_host *picked_h = h;
+        int picked_family = a->sa.sa_family;
         if (!dest_address_room(t, &h, &a)) {
             /* This worker's share of the address is taken: a connection of
              * the site that closes wakes t; one of another site sharing the
@@ -1619,6 +1621,16 @@ dest_run_once(struct dest *t)
             return;
         }
         a = dest_addr_unmapped(a, &unmapped); /* another address may have room */
+        if ((h != picked_h || a->sa.sa_family != picked_family) &&
+            dest_source(t, h->name, a->sa.sa_family, &pk) == 0) {
+            /* The address with room is another host's or of the other
+             * family: the source was picked for the first (a pool's IPv6
+             * source cannot connect to an IPv4 address), so it is picked
+             * again; none may go there now: as when no address has room. */
+            want_push(t);
+            dest_lim_wait(t, pk.until);
+            return;
+        }
         uint64_t retry_at;
         if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
             dest_lim_wait(t, retry_at);

@@ -1788,6 +1788,41 @@ pool_shares_address_cap(void **state)
     fx_free(f);
 }
 
+/* The address with room (dest_address_room: the first one's share of
+ * max_connections_per_address is taken) may be another host's, of the
+ * other family: the connection goes from a source of the pool of that
+ * family, not from the one picked for the first address (an IPv6 source
+ * cannot connect to an IPv4 address: conn_open refused it, and the
+ * domain tried again every second while the first address was full). */
+static void
+pool_source_follows_the_address_with_room(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 8\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 40\n"
+                          "[source 198.51.100.2]\nehlo = a.out.test\n"
+                          "[source 2001:db8::5]\nehlo = b.out.test\n"
+                          "[pool dual]\nsources = 198.51.100.2, 2001:db8::5\n");
+    for (int i = 0; i < 4; i++)
+        submit_pool("dual.test", 1, "dual");
+    static const uint8_t v6[][16] = {{0x20, 0x01, 0x0d, 0xb8, [15] = 0x25}};
+    static const uint8_t v4[][16] = {{192, 0, 2, 2}};
+    struct result_host rh[2] = {
+        {.name = MX1[0], .preference = 10, .n6 = 1, .a6 = v6},
+        {.name = MX1[1], .preference = 10, .n4 = 1, .a4 = v4},
+    };
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, "dual.test", rh, 2, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *t = dest_get_pool(F->d, "dual.test", intern_id(F->e.names, "dual"));
+    assert_non_null(t->req);
+    dest_on_mx(t, r);
+    assert_int_equal(f->opened, 2); /* one per address: the cap */
+    assert_string_equal(f->opened_to[0], "mx1.hoster.test [2001:db8::25]:25 from 2001:db8::5");
+    assert_string_equal(f->opened_to[1], "mx2.hoster.test 192.0.2.2:25 from 198.51.100.2");
+    fx_free(f);
+}
+
 static void
 source_pick_order(void **state)
 {
@@ -2066,6 +2101,7 @@ main(void)
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_pick_order),
         cmocka_unit_test(pool_shares_address_cap),
+        cmocka_unit_test(pool_source_follows_the_address_with_room),
         cmocka_unit_test(pool_sends_to_a_v4_mapped_address_over_ipv4),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
         cmocka_unit_test(affinity_site_worker_ignores_order),
