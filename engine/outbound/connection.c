@@ -295,8 +295,10 @@ conn_body(struct conn *c)
         int ev = smtp_client_body(conn_cli(c), c->chunk + c->chunk_pos, c->chunk_len - c->chunk_pos,
                                   c->body_last, &consumed);
         c->chunk_pos += consumed;
-        if (ev < 0)
+        if (ev < 0) {
+            conn_handle(c, ev); /* no buffer (conn_cli) or the wrong state: closed */
             return;
+        }
         bool full = c->chunk_pos < c->chunk_len;
         if (ev & ~SMTP_CLIENT_EV_SEND_BODY)
             conn_handle(c, ev & ~SMTP_CLIENT_EV_SEND_BODY);
