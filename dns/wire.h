@@ -3,7 +3,9 @@
  * dns/. c-ares's own parsers drop what delivery needs (TTLs of MX
  * records, the SOA of a negative answer, the additional section), so
  * answers are read here: names with compression (pointers must go back,
- * so a message cannot loop), records of every section, and the analysis
+ * so a message cannot loop, and a name follows at most 128 of them, so a
+ * message cannot make one name cost thousands of steps), records of
+ * every section, and the analysis
  * of one answer (follow the CNAME chain from the question to the records
  * of the type asked), the AD bit, and TLSA records (RFC 6698) for DANE.
  *

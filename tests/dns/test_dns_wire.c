@@ -377,6 +377,63 @@ test_malformed(void **state)
     assert_int_equal(wire_answer(NULL, 0, "x.test", WIRE_T_MX, &ans), -EBADMSG);
 }
 
+/* k pointers, each to the one before, the first to target. Returns the
+ * offset of the last: a name there takes k jumps. */
+static size_t
+pointer_chain(struct mb *m, size_t target, unsigned k)
+{
+    size_t prev = target;
+    for (unsigned i = 0; i < k; i++) {
+        size_t at = m->n;
+        u16(m, 0xC000u | (unsigned)prev);
+        prev = at;
+    }
+    return prev;
+}
+
+/* Pointers that go ever lower cannot loop, but a chain of them made one
+ * name cost as many steps as the message has pairs of bytes (30,000 in a
+ * 64 KB answer over TCP), and every walk over the records paid it again
+ * for each record. A name follows at most 128 pointers. */
+static void
+test_pointer_chain(void **state)
+{
+    (void)state;
+    struct mb m;
+    char out[WIRE_NAME_MAX + 1];
+    bool ok;
+    size_t after;
+    header(&m, 0, 0, 0, 0);
+    name(&m, "x.test");
+    size_t top = pointer_chain(&m, 12, 128);
+    assert_int_equal(wire_name(m.b, m.n, top, out, &ok, &after), 0);
+    assert_string_equal(out, "x.test");
+    assert_int_equal(after, top + 2);
+    top = pointer_chain(&m, top, 1);
+    assert_int_equal(wire_name(m.b, m.n, top, out, &ok, &after), -EBADMSG);
+
+    /* In an answer: the chain in the rdata of a record of another type,
+     * the MX record's owner a pointer to its top (one jump more). */
+    for (unsigned k = 127; k <= 128; k++) {
+        header(&m, 0, 2, 0, 0);
+        question(&m, "x.test", WIRE_T_MX);
+        size_t at = rr(&m, "@12", 99, 60);
+        top = pointer_chain(&m, 12, k);
+        rr_end(&m, at);
+        char owner[16];
+        snprintf(owner, sizeof(owner), "@%zu", top);
+        mx(&m, owner, 60, 10, "mx.@12");
+        int rc = wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans);
+        if (k == 127) {
+            assert_int_equal(rc, 0);
+            assert_int_equal(ans.n, 1);
+            assert_string_equal(ans.mx[0].host, "mx.x.test");
+        } else {
+            assert_int_equal(rc, -EBADMSG);
+        }
+    }
+}
+
 static void
 test_every_truncation(void **state)
 {
@@ -522,10 +579,15 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mx_with_compression),
-        cmocka_unit_test(test_many_mx_keeps_the_most_preferred), cmocka_unit_test(test_cname_chain),
-        cmocka_unit_test(test_negative_answers),    cmocka_unit_test(test_odd_targets),
-        cmocka_unit_test(test_malformed),           cmocka_unit_test(test_every_truncation),
-        cmocka_unit_test(test_tlsa_records_and_ad), cmocka_unit_test(test_tlsa_every_truncation),
+        cmocka_unit_test(test_many_mx_keeps_the_most_preferred),
+        cmocka_unit_test(test_cname_chain),
+        cmocka_unit_test(test_negative_answers),
+        cmocka_unit_test(test_odd_targets),
+        cmocka_unit_test(test_malformed),
+        cmocka_unit_test(test_pointer_chain),
+        cmocka_unit_test(test_every_truncation),
+        cmocka_unit_test(test_tlsa_records_and_ad),
+        cmocka_unit_test(test_tlsa_every_truncation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
