@@ -45,7 +45,8 @@ const struct conf_key dns_conf_keys[] = {
      "keep answers at most this long, whatever their TTL", NULL},
     {"negative_ttl", CONF_DURATION, DNS(negative_ttl), 0, 7ULL * 86400 * 1000, "5m",
      "keep not-found answers this long when they carry no SOA; with an SOA, its minimum but "
-     "never longer than this",
+     "never longer than this; an implicit MX (no MX records, mail to the domain's own "
+     "addresses) is kept no longer than its denial of MX records",
      NULL},
     {"error_ttl", CONF_DURATION, DNS(error_ttl), 0, 3600 * 1000, "10s",
      "keep temporary failures (SERVFAIL, timeout) this long so that a burst of mail for the "

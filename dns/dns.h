@@ -73,7 +73,7 @@ struct dns_config {
     unsigned cache_size;   /* domains kept (LRU beyond) */
     uint64_t min_ttl;      /* ms; answers are kept at least this long */
     uint64_t max_ttl;      /* ms; and at most this long */
-    uint64_t negative_ttl; /* ms; not-found answers: without SOA, and the cap with one */
+    uint64_t negative_ttl; /* ms; not-found answers, implicit MX: without SOA; the cap with one */
     uint64_t error_ttl;    /* ms; retry answers (SERVFAIL, timeout); 0: not kept */
     unsigned max_mx_hosts; /* MX hosts kept per domain, best first */
     unsigned max_inflight; /* lookups in flight; more wait in arrival order */

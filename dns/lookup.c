@@ -213,6 +213,18 @@ result_ttl_ms(const struct lookup *lk, enum dns_status status, bool partial)
     return 0;
 }
 
+/* How long a not-found answer (NXDOMAIN, or no data of the type asked)
+ * is kept, in ms before clamping: negative_ttl, or less when its SOA says
+ * so (RFC 2308 5). */
+static uint64_t
+negative_ms(const struct dns_config *c, const struct wire_answer *a)
+{
+    uint64_t ms = c->negative_ttl;
+    if (a->soa && (uint64_t)a->neg_ttl * 1000 < ms)
+        ms = (uint64_t)a->neg_ttl * 1000;
+    return ms;
+}
+
 static void
 finish(struct lookup *lk)
 {
@@ -481,6 +493,12 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
     case ANS_NODATA:
         if (a->soa)
             lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
+        /* An implicit MX rests on there being no MX records as much as
+         * on the domain's addresses: it is kept no longer than that
+         * denial, so that MX records or a null MX published later are
+         * seen when a resolver would see them, not after the address
+         * records' TTL (up to max_ttl). */
+        lk->ttl = min32(lk->ttl, (uint32_t)(negative_ms(&d->cfg, a) / 1000));
         lk->implicit = true;
         lk->hosts = calloc(1, sizeof(*lk->hosts));
         if (lk->hosts == NULL) {
@@ -555,11 +573,8 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
             lk->neg_ttl = min32(lk->neg_ttl, a->neg_ttl);
         /* As long as a not-found domain is kept (result_ttl_ms). */
         const struct dns_config *c = &lk->d->cfg;
-        uint64_t ms = c->negative_ttl;
-        if (a->soa && (uint64_t)a->neg_ttl * 1000 < ms)
-            ms = (uint64_t)a->neg_ttl * 1000;
         hosts_put(lk->d, h->name, !v4, kind == ANS_NODATA ? HOST_NODATA : HOST_NXDOMAIN, NULL, 0,
-                  clamp_ms(ms, c->min_ttl, c->max_ttl));
+                  clamp_ms(negative_ms(c, a), c->min_ttl, c->max_ttl));
         return;
     }
     case ANS_TEMP:

@@ -3,7 +3,8 @@
  * plain poll() loop. Each group starts its own dnsmasq on a port of its
  * own and stops it; queries are counted in dnsmasq's log.
  *
- * Groups: records (ordering, shuffle, implicit and null MX, NXDOMAIN,
+ * Groups: records (ordering, shuffle, implicit MX and how long it is
+ * kept, null MX, NXDOMAIN,
  * CNAME'd and IPv6-only hosts, skipped targets, names, cache hits,
  * in-flight deduplication, MX host answers shared between domains,
  * cancel, eviction, TCP fallback, REFUSED, a
@@ -337,6 +338,38 @@ test_implicit_mx(void **state)
     assert_true(r->implicit_mx);
     assert_int_equal(r->nhosts, 1);
     assert_host(&r->hosts[0], "implicit.test", 0, "192.0.2.9 2001:db8::9");
+    dns_mx_result_unref(r);
+    fx_close(&f);
+}
+
+static void
+neg_one_minute(struct dns_config *c)
+{
+    c->min_ttl = 0;
+    c->negative_ttl = 60000;
+}
+
+/* An implicit MX rests on the denial of MX records as well as on the
+ * domain's addresses (TTL 300 here): it is kept no longer than a
+ * not-found answer, so that MX records or a null MX published later are
+ * seen within negative_ttl, not after the address TTL (up to max_ttl). */
+static void
+test_implicit_mx_ttl(void **state)
+{
+    (void)state;
+    struct fx f;
+    fx_open(&f, dm.port, neg_one_minute);
+    struct dns_mx_result *r = resolve(&f, "implicit.test", NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_true(r->implicit_mx);
+    assert_true(r->ttl <= 60);
+    assert_true(r->expires <= harness_now_ns() + 60 * 1000000000ULL);
+    dns_mx_result_unref(r);
+    /* A domain with MX records keeps its addresses' TTL. */
+    r = resolve(&f, "hit.test", NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_false(r->implicit_mx);
+    assert_int_equal(r->ttl, 300);
     dns_mx_result_unref(r);
     fx_close(&f);
 }
@@ -998,6 +1031,7 @@ main(void)
         cmocka_unit_test(test_family_and_prefer),
         cmocka_unit_test(test_host_answers_shared),
         cmocka_unit_test(test_implicit_mx),
+        cmocka_unit_test(test_implicit_mx_ttl),
         cmocka_unit_test(test_null_mx),
         cmocka_unit_test(test_not_found),
         cmocka_unit_test(test_cname_host),
