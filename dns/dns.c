@@ -520,6 +520,9 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
     if (getrandom(&d->rng, sizeof(d->rng), GRND_NONBLOCK) != sizeof(d->rng))
         d->rng = dns_now() ^ ((uint64_t)getpid() << 32);
     d->rng |= 1; /* xorshift must not start at zero */
+    if (getrandom(&d->qid_rng, sizeof(d->qid_rng), GRND_NONBLOCK) != sizeof(d->qid_rng))
+        d->qid_rng = dns_rand(d) ^ ((uint64_t)(uintptr_t)d << 16);
+    d->qid_rng |= 1;
 
     struct ares_options o;
     memset(&o, 0, sizeof(o));

@@ -67,6 +67,7 @@ struct dns {
     dns_sock_fn *sock;
     void *sock_arg; /* borrowed: the host's, lives longer than d */
     uint64_t rng;   /* xorshift state for the shuffles */
+    uint64_t qid_rng; /* xorshift state for query ids (trust_ad: ares_send), seeded apart */
 
     struct hash cache;      /* of owned struct entry, by name */
     struct hash hosts;      /* of owned struct hentry (hosts.c), by MX host name and family */
@@ -146,15 +147,32 @@ struct dns_mx_result *result_oom(void);
 int servers_parse(const char *s, struct ares_addr_port_node **out, char *err, size_t errlen);
 
 static inline uint64_t
-dns_rand(struct dns *d)
+dns_xorshift(uint64_t *state)
 {
-    /* xorshift64*: the shuffles need spread, not secrecy */
-    uint64_t x = d->rng;
+    /* xorshift64* */
+    uint64_t x = *state;
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
-    d->rng = x;
+    *state = x;
     return x * 0x2545F4914F6CDD1DULL;
+}
+
+static inline uint64_t
+dns_rand(struct dns *d)
+{
+    return dns_xorshift(&d->rng); /* the shuffles need spread, not secrecy */
+}
+
+/* A query id for ares_send(), which sends the one in the message (c-ares
+ * 1.18; ares_query() draws its own): from a state of its own, seeded from
+ * getrandom(), so that the shuffles, whose order a receiver sees, tell
+ * nothing about it. Unpredictable to whoever cannot see the queries,
+ * which is what an id is for (RFC 5452). */
+static inline uint16_t
+dns_qid(struct dns *d)
+{
+    return (uint16_t)(dns_xorshift(&d->qid_rng) >> 48);
 }
 
 uint64_t dns_now(void);

@@ -151,10 +151,12 @@ send_query(struct lookup *lk, struct lk_query *q, const char *name, uint16_t typ
     }
     /* c-ares 1.18 has no flag for it: make the query, set AD (RFC 6840
      * 5.7: "tell me whether you validated this"; no DO, so no RRSIGs
-     * swell the answer), send it as it is. */
+     * swell the answer), send it as it is. ares_send() keeps the id the
+     * message has, so it gets a random one here (ares_query() draws its
+     * own; with 0 for all, every query had the same id). */
     unsigned char *buf = NULL;
     int len = 0;
-    int arc = ares_create_query(name, 1 /* IN */, type, 0, 1, &buf, &len, 1232);
+    int arc = ares_create_query(name, 1 /* IN */, type, dns_qid(d), 1, &buf, &len, 1232);
     if (arc != ARES_SUCCESS) {
         on_answer(q, arc, 0, NULL, 0);
         return;

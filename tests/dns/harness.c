@@ -572,6 +572,12 @@ script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *ou
 {
     if (qlen < 12 || (q[2] & 0x80) != 0 || q[4] != 0 || q[5] != 1)
         return 0;
+    unsigned *nq = &s->hits[s->n];
+    unsigned k = __atomic_load_n(nq, __ATOMIC_SEQ_CST);
+    if (k < SCRIPT_QIDS_MAX) {
+        __atomic_store_n(&nq[1 + k], (unsigned)(q[0] << 8 | q[1]), __ATOMIC_SEQ_CST);
+        __atomic_store_n(nq, k + 1, __ATOMIC_SEQ_CST);
+    }
     char name[256];
     size_t at = 12, nl = 0;
     while (at < qlen && q[at] != 0) {
@@ -628,14 +634,21 @@ script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *ou
     return len;
 }
 
+/* The shared counters: hits per entry, the count of ids, the ids. */
+static size_t
+script_map_len(unsigned n)
+{
+    return (n + 1 + SCRIPT_QIDS_MAX) * sizeof(unsigned);
+}
+
 int
 script_start(struct script_server *s, const struct script_answer *table, unsigned n)
 {
     memset(s, 0, sizeof(*s));
     s->table = table;
     s->n = n;
-    s->hits = mmap(NULL, n * sizeof(unsigned) + 1, PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    s->hits =
+        mmap(NULL, script_map_len(n), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (s->hits == MAP_FAILED) {
         s->hits = NULL;
         fprintf(stderr, "script server: mmap: %s\n", strerror(errno));
@@ -686,7 +699,7 @@ script_stop(struct script_server *s)
         s->pid = 0;
     }
     if (s->hits != NULL)
-        munmap(s->hits, s->n * sizeof(unsigned) + 1);
+        munmap(s->hits, script_map_len(s->n));
     s->hits = NULL;
 }
 
@@ -697,4 +710,16 @@ script_hits(const struct script_server *s, const char *qname, uint16_t qtype)
         if (s->table[i].qtype == qtype && strcmp(s->table[i].qname, qname) == 0)
             return (int)__atomic_load_n(&s->hits[i], __ATOMIC_SEQ_CST);
     return -1;
+}
+
+unsigned
+script_qids(const struct script_server *s, uint16_t *out, unsigned max)
+{
+    const unsigned *nq = &s->hits[s->n];
+    unsigned k = __atomic_load_n(nq, __ATOMIC_SEQ_CST);
+    if (k > max)
+        k = max;
+    for (unsigned i = 0; i < k; i++)
+        out[i] = (uint16_t)__atomic_load_n(&nq[1 + i], __ATOMIC_SEQ_CST);
+    return k;
 }

@@ -82,13 +82,15 @@ struct script_answer {
 
 /* A child process answering UDP queries on 127.0.0.1 from a table; a
  * question not in it gets REFUSED. It counts the queries each entry
- * answered in memory shared with the test. */
+ * answered, and keeps the ids of the first SCRIPT_QIDS_MAX queries, in
+ * memory shared with the test. */
+#define SCRIPT_QIDS_MAX 64
 struct script_server {
     pid_t pid;
     int port;
     unsigned n;
     const struct script_answer *table; /* borrowed: lives as long as the server */
-    unsigned *hits;                    /* owned (shared mapping): per entry */
+    unsigned *hits; /* owned (shared mapping): per entry, then the count of ids, then the ids */
 };
 
 /* Start it (the child dies with the test). Returns 0 or -1 (a message
@@ -98,6 +100,9 @@ int script_start(struct script_server *s, const struct script_answer *table, uns
 void script_stop(struct script_server *s);
 /* Queries answered so far for (qname, qtype); -1 when not in the table. */
 int script_hits(const struct script_server *s, const char *qname, uint16_t qtype);
+/* The ids of the queries received so far (the first max, at most
+ * SCRIPT_QIDS_MAX) into out; returns how many. */
+unsigned script_qids(const struct script_server *s, uint16_t *out, unsigned max);
 
 /* ---- a poll() loop for a struct dns ---- */
 

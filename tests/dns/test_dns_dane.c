@@ -15,6 +15,8 @@
  *   u.test  an unsigned domain naming a.test's MX host: its lookup (no
  *           DANE) fills the host cache, and a.test's lookup after it
  *           still sees the chain
+ *
+ * and the ids of the queries, which dns/ makes itself in this mode.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -240,6 +242,32 @@ test_host_cache_does_not_hide_the_chain(void **state)
     dns_mx_result_unref(r);
 }
 
+/* With trust_ad the queries are made here and sent with ares_send(),
+ * which (c-ares 1.18) sends the id it is given: each query needs an id of
+ * its own, unpredictable, as ares_query() gives, not 0 for every one
+ * (answers matched on the question alone, spoofing made easier, and all
+ * queries in one of c-ares's id buckets). */
+static void
+test_query_ids_random(void **state)
+{
+    struct fx *f = *state;
+    dns_cache_clear(f->d);
+    dns_mx_result_unref(resolve(f, "p.test"));
+    dns_mx_result_unref(resolve(f, "a.test"));
+    uint16_t ids[SCRIPT_QIDS_MAX];
+    unsigned n = script_qids(&f->srv, ids, SCRIPT_QIDS_MAX);
+    assert_true(n >= 6);
+    unsigned distinct = 0;
+    for (unsigned i = 0; i < n; i++) {
+        bool seen = false;
+        for (unsigned k = 0; k < i && !seen; k++)
+            seen = ids[k] == ids[i];
+        distinct += !seen;
+    }
+    /* 16 random bits: a repeat or two among n is chance, not a rule */
+    assert_true(distinct >= n - 2);
+}
+
 int
 main(void)
 {
@@ -250,6 +278,7 @@ main(void)
         cmocka_unit_test(test_target_failure_is_tempfail),
         cmocka_unit_test(test_plain_host_one_tlsa_query),
         cmocka_unit_test(test_host_cache_does_not_hide_the_chain),
+        cmocka_unit_test(test_query_ids_random),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
