@@ -4,6 +4,10 @@
  * (_smtp._tls.DOMAIN). Not cached here: their callers keep what they
  * learn for as long as the policy says. Each record's character-strings
  * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them.
+ * Answers are read by wire.h, as MX answers are: the CNAME chain from the
+ * name asked, and the TXT records (class IN) where it ends, no others
+ * (c-ares's TXT parser took every TXT record of the answer section,
+ * whatever its owner or class).
  *
  * Threading: the owner thread of the struct dns, like the rest of it.
  */
@@ -21,6 +25,7 @@ struct txt_query {
     struct dns *d; /* borrowed */
     dns_txt_fn *cb;
     void *arg;
+    char name[DNS_NAME_MAX + 1]; /* normalised: what the answer must be about */
 };
 
 static void
@@ -34,7 +39,8 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         free(q); /* dropped without a call, as dns_free() says */
         return;
     }
-    char *txt[TXT_MAX_RECORDS];
+    const char *txt[TXT_MAX_RECORDS];
+    char *buf = NULL; /* owned: the records' text */
     unsigned n = 0;
     enum dns_status st = DNS_RETRY;
     const char *why = "resolver error";
@@ -46,55 +52,39 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         why = "no TXT record";
     } else if (status == ARES_ETIMEOUT) {
         why = "timeout";
-    } else if (status == ARES_SUCCESS && abuf != NULL) {
-        struct ares_txt_ext *head = NULL;
-        int prc = ares_parse_txt_reply_ext(abuf, alen, &head);
-        if (prc == ARES_ENODATA) {
-            st = DNS_NOT_FOUND;
-            why = "no TXT record";
-        } else if (prc != ARES_SUCCESS) {
-            why = "malformed answer";
-        } else {
+    } else if (status == ARES_SUCCESS && abuf != NULL && alen > 0) {
+        struct wire_answer *a = malloc(sizeof(*a)); /* big: the MX targets */
+        buf = malloc((size_t)TXT_MAX_RECORDS * (TXT_MAX_LEN + 1));
+        int rc = a == NULL || buf == NULL ? -ENOMEM
+                                          : wire_answer(abuf, (size_t)alen, q->name, WIRE_T_TXT, a);
+        if (rc == 0 && a->chain_bad)
+            rc = -ELOOP;
+        if (rc == 0 && a->rcode == WIRE_NXDOMAIN)
+            rc = -ENOENT;
+        if (rc == 0)
+            rc = wire_txt(abuf, (size_t)alen, a->final, buf, TXT_MAX_LEN, TXT_MAX_RECORDS);
+        free(a);
+        if (rc > 0) {
             st = DNS_OK;
             why = "ok";
-            size_t len = 0;
-            for (struct ares_txt_ext *t = head; t != NULL; t = t->next) {
-                if (t->record_start) {
-                    if (n == TXT_MAX_RECORDS)
-                        break;
-                    txt[n] = calloc(1, TXT_MAX_LEN + 1);
-                    if (txt[n] == NULL) {
-                        st = DNS_RETRY;
-                        why = "out of memory";
-                        break;
-                    }
-                    n++;
-                    len = 0;
-                }
-                if (n == 0)
-                    continue;
-                size_t k = t->length;
-                if (k > TXT_MAX_LEN - len)
-                    k = TXT_MAX_LEN - len;
-                memcpy(txt[n - 1] + len, t->txt, k);
-                len += k;
-            }
-            ares_free_data(head);
-            if (st == DNS_OK && n == 0) {
-                st = DNS_NOT_FOUND;
-                why = "no TXT record";
-            }
+            n = (unsigned)rc;
+            for (unsigned i = 0; i < n; i++)
+                txt[i] = buf + (size_t)i * (TXT_MAX_LEN + 1);
+        } else if (rc == 0 || rc == -ENOENT) {
+            st = DNS_NOT_FOUND;
+            why = rc == 0 ? "no TXT record" : "NXDOMAIN";
+        } else {
+            why = rc == -ENOMEM  ? "out of memory"
+                  : rc == -ELOOP ? "CNAME chain too long or to a bad name"
+                                 : "malformed answer";
         }
     }
     if (st != DNS_OK) {
         d->stats.failures += st == DNS_RETRY;
-        for (unsigned i = 0; i < n; i++)
-            free(txt[i]);
         n = 0;
     }
-    q->cb(q->arg, st, why, (const char *const *)txt, n);
-    for (unsigned i = 0; i < n; i++)
-        free(txt[i]);
+    q->cb(q->arg, st, why, txt, n);
+    free(buf);
     free(q);
 }
 
@@ -110,6 +100,7 @@ dns_txt_lookup(struct dns *d, const char *name, dns_txt_fn *cb, void *arg)
     q->d = d;
     q->cb = cb;
     q->arg = arg;
+    memcpy(q->name, norm, sizeof(norm));
     d->stats.queries++;
     d->deadline_dirty = true;
     ares_query(d->channel, norm, 1 /* IN */, 16 /* TXT */, on_txt, q);

@@ -289,7 +289,7 @@ authority_soa(struct wire_msg *m, struct wire_answer *a)
         a->neg_ttl = min32(rr.ttl, minimum);
         return 0;
     }
-    return rc;
+    return rc < 0 ? rc : 0; /* 1: stopped at the additional section */
 }
 
 int
@@ -365,6 +365,40 @@ wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *ou
         out[n].len = (uint16_t)(rr.rdlen - 3);
         out[n].data = p + 3;
         n++;
+    }
+    return rc < 0 ? rc : (int)n;
+}
+
+int
+wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap, unsigned max)
+{
+    struct wire_msg m;
+    struct wire_rr rr;
+    int rc = wire_open(&m, buf, len);
+    if (rc < 0)
+        return rc;
+    unsigned n = 0;
+    while ((rc = wire_next(&m, &rr)) > 0) {
+        if (rr.section != WIRE_SEC_ANSWER)
+            break;
+        if (rr.type != WIRE_T_TXT || rr.cls != 1 || !rr.owner_ok || strcmp(rr.owner, name) != 0)
+            continue;
+        char *t = n < max ? out + (size_t)n * (cap + 1) : NULL;
+        size_t o = 0, pos = rr.rdoff, end = rr.rdoff + rr.rdlen;
+        while (pos < end) {
+            size_t l = buf[pos];
+            if (pos + 1 + l > end)
+                return -EBADMSG;
+            size_t k = l < cap - o ? l : cap - o;
+            if (t != NULL)
+                memcpy(t + o, buf + pos + 1, k);
+            o += k;
+            pos += 1 + l;
+        }
+        if (t != NULL) {
+            t[o] = '\0';
+            n++;
+        }
     }
     return rc < 0 ? rc : (int)n;
 }

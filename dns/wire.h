@@ -34,6 +34,7 @@ enum wire_type {
     WIRE_T_CNAME = 5,
     WIRE_T_SOA = 6,
     WIRE_T_MX = 15,
+    WIRE_T_TXT = 16,
     WIRE_T_AAAA = 28,
     WIRE_T_TLSA = 52,
 };
@@ -124,6 +125,14 @@ struct wire_tlsa {
  * max are skipped. Returns the count or -EBADMSG. */
 int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *out,
               unsigned max, uint32_t *ttl);
+
+/* The TXT records (RFC 1035 3.3.14) at name (the end of wire_answer's
+ * chain) in the answer section, of class IN: each one's
+ * character-strings joined into out + i * (cap + 1), cut at cap octets
+ * and NUL-terminated; at most max records (the rest skipped). Records of
+ * other owners or classes are no answer to the question. Returns the
+ * count or -EBADMSG (a string running past its record). */
+int wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap, unsigned max);
 
 /* Addresses of name (A or AAAA) in the additional section. Returns how
  * many were copied (at most max) and lowers *ttl to theirs; 0 when none

@@ -537,6 +537,20 @@ put_rdata(uint8_t *out, size_t cap, const struct script_rr *rr)
         return inet_pton(AF_INET6, rr->data, out) == 1 ? 16 : 0;
     case 5:
         return put_name(out, 0, cap, rr->data);
+    case 16: { /* character-strings separated by '|' */
+        size_t n = 0;
+        for (const char *p = rr->data;;) {
+            size_t l = strcspn(p, "|");
+            if (l > 255 || n + 1 + l > cap)
+                return 0;
+            out[n++] = (uint8_t)l;
+            memcpy(out + n, p, l);
+            n += l;
+            if (p[l] == '\0')
+                return n;
+            p += l + 1;
+        }
+    }
     case 15: {
         char host[256];
         if (sscanf(rr->data, "%u %255s", &pref, host) != 2)

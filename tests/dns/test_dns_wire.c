@@ -434,6 +434,71 @@ test_pointer_chain(void **state)
     }
 }
 
+/* TXT records: the strings of each record joined and cut at cap, only
+ * the records of the name asked and of class IN; a string running past
+ * its record is malformed. */
+static void
+test_txt(void **state)
+{
+    (void)state;
+    struct mb m;
+    char out[3][9];
+    header(&m, 0, 5, 0, 0);
+    question(&m, "_mta-sts.x.test", WIRE_T_TXT);
+    size_t at = rr(&m, "@12", WIRE_T_TXT, 60);
+    u8(&m, 4);
+    memcpy(m.b + m.n, "v=ST", 4);
+    m.n += 4;
+    u8(&m, 3);
+    memcpy(m.b + m.n, "Sv1", 3);
+    m.n += 3;
+    rr_end(&m, at);
+    at = rr(&m, "other.test", WIRE_T_TXT, 60); /* another owner */
+    u8(&m, 1);
+    u8(&m, 'o');
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    m.b[at - 5] = 3; /* class CHAOS */
+    u8(&m, 1);
+    u8(&m, 'c');
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 12 octets: cut at 8 */
+    u8(&m, 12);
+    memcpy(m.b + m.n, "abcdefghijkl", 12);
+    m.n += 12;
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* beyond max */
+    u8(&m, 1);
+    u8(&m, 'z');
+    rr_end(&m, at);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 8, 2), 2);
+    assert_string_equal(out[0], "v=STSv1");
+    assert_string_equal(out[1], "abcdefgh");
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 8, 3), 3);
+    assert_string_equal(out[2], "z");
+    assert_int_equal(wire_txt(m.b, m.n, "other.test", &out[0][0], 8, 3), 1);
+    assert_string_equal(out[0], "o");
+    /* No data, no SOA, an additional section (an OPT record, say):
+     * wire_answer says 0, as it promises, not 1 (the walk that stopped at
+     * the additional section), which a caller would take for a count. */
+    header(&m, 0, 0, 0, 1);
+    question(&m, "x.test", WIRE_T_TXT);
+    a_rr(&m, "ns.x.test", 60, 192, 0, 2, 1);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_TXT, &ans), 0);
+    assert_int_equal(ans.n, 0);
+    assert_false(ans.soa);
+    /* a string longer than what is left of its record */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "x.test", WIRE_T_TXT);
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    u8(&m, 5);
+    memcpy(m.b + m.n, "abcde", 5);
+    m.n += 5;
+    rr_end(&m, at);
+    m.b[at + 2] = 6;
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", &out[0][0], 8, 3), -EBADMSG);
+}
+
 static void
 test_every_truncation(void **state)
 {
@@ -585,6 +650,7 @@ main(void)
         cmocka_unit_test(test_odd_targets),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_pointer_chain),
+        cmocka_unit_test(test_txt),
         cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_tlsa_records_and_ad),
         cmocka_unit_test(test_tlsa_every_truncation),

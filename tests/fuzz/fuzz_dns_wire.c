@@ -2,12 +2,14 @@
  * libFuzzer target: the DNS message reader of dns/ (dns/wire.h), which
  * reads every answer a resolver sends: the analysis of an answer for MX,
  * A, AAAA and TLSA (CNAME chains, the negative TTL), the addresses of the
- * additional section, and the TLSA records DANE trusts. Invariants: the
- * counts stay within their caps, every TLSA record's data lies inside the
- * message, names are NUL-terminated within their bound.
+ * additional section, the TLSA records DANE trusts, and TXT records.
+ * Invariants: the counts stay within their caps, every TLSA record's data
+ * lies inside the message, names and TXT records are NUL-terminated
+ * within their bound.
  *
  * Threading: single-threaded fuzz target.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +47,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static struct wire_answer a;
     for (unsigned i = 0; i < 3; i++) {
         for (unsigned t = 0; t < 4; t++) {
-            if (wire_answer(buf, size, names[i], types[t], &a) < 0)
+            int rc = wire_answer(buf, size, names[i], types[t], &a);
+            check(rc == 0 || rc == -EBADMSG);
+            if (rc < 0)
                 continue;
             check(a.n <= (types[t] == WIRE_T_MX ? WIRE_MAX_MX : WIRE_MAX_ADDR));
             check(strlen(a.final) <= WIRE_NAME_MAX);
@@ -63,6 +67,11 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint8_t addr[4][16];
         uint32_t ttl = UINT32_MAX;
         check(wire_additional(buf, size, names[i], WIRE_T_A, addr, 4, &ttl) <= 4);
+        static char txt[3][17];
+        int n = wire_txt(buf, size, names[i], &txt[0][0], 16, 3);
+        check(n <= 3);
+        for (int k = 0; k < n; k++)
+            check(strlen(txt[k]) <= 16);
     }
     free(buf);
     return 0;
