@@ -967,10 +967,11 @@ delivery_free(struct delivery *d)
         conn_free(c);
     }
     sched_free_dests(d);
-    scope_fini(d);
+    /* the last outcomes count per pool and source (outcome.c) */
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     outcome_retrying_free(d);
+    scope_fini(d);
     queue_port_free(d->port);
     if (d->tls_cache != NULL)
         tls_cache_free(d->tls_cache);

@@ -501,19 +501,29 @@ writer_append(struct dlog_writer *w, const char *p, size_t n)
 }
 
 void
+dlog_count(struct dlog_writer *w, enum dlog_kind kind, enum bounce_class cls)
+{
+    if (w == NULL ||
+        (kind != DLOG_TRANSIENT_FAILURE && kind != DLOG_BOUNCE && kind != DLOG_EXPIRATION))
+        return;
+    if ((unsigned)cls >= BOUNCE_CLASS_COUNT)
+        cls = BOUNCE_OTHER;
+    pthread_mutex_lock(&w->mu);
+    w->outcomes[kind == DLOG_TRANSIENT_FAILURE ? DLOG_OUT_DEFERRED : DLOG_OUT_BOUNCED][cls]++;
+    pthread_mutex_unlock(&w->mu);
+}
+
+void
 dlog_event(struct dlog_writer *w, const struct dlog_event *ev)
 {
     if (w == NULL || ev == NULL)
         return;
-    if (ev->kind == DLOG_TRANSIENT_FAILURE || ev->kind == DLOG_BOUNCE ||
-        ev->kind == DLOG_EXPIRATION) {
+    if (!w->capture_only) {
+        /* captured for the file later: counted when told (dlog_count) */
         enum bounce_class cls = BOUNCE_OTHER;
         if (ev->classification != NULL && bounce_class_parse(ev->classification, &cls) < 0)
             cls = BOUNCE_OTHER;
-        pthread_mutex_lock(&w->mu);
-        w->outcomes[ev->kind == DLOG_TRANSIENT_FAILURE ? DLOG_OUT_DEFERRED : DLOG_OUT_BOUNCED]
-                   [cls]++;
-        pthread_mutex_unlock(&w->mu);
+        dlog_count(w, ev->kind, cls);
     }
     uint64_t t = ev->time_ms != 0 ? ev->time_ms : clock_unix_ms();
     const char *text = writer_time(w, t);
@@ -548,6 +558,20 @@ dlog_line(struct dlog_writer *w, const char *line, size_t len)
 {
     if (w != NULL && len > 0)
         writer_append(w, line, len);
+}
+
+void
+dlog_told(struct dlog_writer *w, const char *lines, size_t len)
+{
+    if (w == NULL || len == 0)
+        return;
+    for (size_t at = 0; w->log->hook != NULL && at < len;) {
+        const char *nl = memchr(lines + at, '\n', len - at);
+        size_t end = nl != NULL ? (size_t)(nl - lines) + 1 : len;
+        w->log->hook(w->log->hook_arg, lines + at, end - at);
+        at = end;
+    }
+    writer_append(w, lines, len);
 }
 
 /* ---- the writer thread ---- */

@@ -175,14 +175,22 @@ void dlog_set_hook(struct dlog *d, void (*fn)(void *arg, const char *line, size_
  * Capture: until dlog_capture(w, NULL, ...), each event logged on w is
  * appended to buf (one line each) instead of going to the hook, so that
  * the caller commits the lines in the spool transaction of what they
- * tell (queue.h, "events"). file false: the lines go to buf only; the
- * caller hands them to the file with dlog_line once that commit is
- * durable. Owner thread of w.
+ * tell (queue.h, "events"). file false: the lines go to buf only, and
+ * outcome events are not counted (dlog_stats outcomes); the caller hands
+ * them to the file with dlog_line (or dlog_told), and counts them with
+ * dlog_count, once that commit is durable and says they apply. Owner
+ * thread of w.
  */
 struct json;
 void dlog_capture(struct dlog_writer *w, struct json *buf, bool file);
 /* Append whole preformatted lines (from a capture) to w's buffer. */
 void dlog_line(struct dlog_writer *w, const char *line, size_t len);
+/* The same for captured lines that the spool did not commit for the
+ * event sinks: each also goes to the hook, as dlog_event would have. */
+void dlog_told(struct dlog_writer *w, const char *lines, size_t len);
+/* Count an outcome event of kind and class in dlog_stats (other kinds:
+ * nothing), for one captured with file false. Owner thread of w. */
+void dlog_count(struct dlog_writer *w, enum dlog_kind kind, enum bounce_class cls);
 
 /* Cap the octets held in buffers not yet written (default
  * DLOG_MAX_BUFFERED, at least 2 * DLOG_BUF_SIZE). Any thread. */

@@ -57,6 +57,8 @@ queue_strerror(int rc)
         return "a message with this id is already in the spool";
     case QUEUE_ESTORE:
         return "spool storage error";
+    case QUEUE_ESTALE:
+        return "an outcome the update's message names is stale: nothing applied";
     }
     if (rc < 0) {
         /* strerrordesc_np is thread-safe and returns static text. */

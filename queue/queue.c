@@ -265,7 +265,8 @@ struct upd_item {
     uint16_t reply_len;
     uint8_t kind;
     uint8_t tag;
-    bool applied; /* committer only: not stale in the last transaction tried */
+    bool applied; /* committer: not stale in the last transaction tried (QUEUE_ESTALE:
+                   * would not have been); read by the owner once the request is back */
 };
 
 struct queue_req {
@@ -278,6 +279,7 @@ struct queue_req {
     uint64_t cost; /* body bytes, against max_batch_bytes */
     bool has_msg;  /* REQ_ENQUEUE, or a REQ_UPDATE carrying a message (enq) */
     bool applied;  /* committer only: some outcome of this update was not stale */
+    bool *applied_out; /* borrowed, or NULL: the caller's flags, set before done runs */
     /* Event lines to commit with the request (into data), or none; for
      * REQ_TRIM ev_seq is the bound. */
     const char *ev_text;
@@ -596,6 +598,10 @@ queue_port_drain(struct queue_port *port)
                 take_report(r);
             free(r->u.take.buf);
         }
+        if (r->kind == REQ_UPDATE && r->applied_out != NULL &&
+            (r->rc == 0 || r->rc == QUEUE_ESTALE))
+            for (size_t i = 0; i < r->u.upd.n; i++)
+                r->applied_out[i] = r->u.upd.items[i].applied;
         r->done(r->cookie, r->rc);
         free(r);
         r = next;
@@ -961,7 +967,7 @@ queue_update_enqueue(struct queue *q, struct queue_port *port,
                      const struct queue_envelope *env, const struct iovec *body, unsigned iovcnt,
                      queue_done_fn *done, void *cookie)
 {
-    return queue_update_enqueue_events(q, port, outcomes, n, env, body, iovcnt, NULL, 0, NULL,
+    return queue_update_enqueue_events(q, port, outcomes, n, env, body, iovcnt, NULL, 0, NULL, NULL,
                                        done, cookie);
 }
 
@@ -970,7 +976,8 @@ queue_update_enqueue_events(struct queue *q, struct queue_port *port,
                             const struct queue_outcome *outcomes, size_t n,
                             const struct queue_envelope *env, const struct iovec *body,
                             unsigned iovcnt, const char *events, size_t events_len,
-                            const unsigned *ev_lines, queue_done_fn *done, void *cookie)
+                            const unsigned *ev_lines, bool *applied, queue_done_fn *done,
+                            void *cookie)
 {
     struct enq_size sz = {0};
     uint64_t lines;
@@ -992,6 +999,7 @@ queue_update_enqueue_events(struct queue *q, struct queue_port *port,
     req->port = port;
     req->done = done;
     req->cookie = cookie;
+    req->applied_out = applied;
     /* No cost against max_batch_bytes: an update is never held back, and
      * a DSN is small next to the batch bound. */
     if (env != NULL) {
@@ -1467,6 +1475,45 @@ touched_add(struct queue *q, uint64_t id)
     return 0;
 }
 
+/* Whether it, applied in txn now, would be ignored as stale (struct
+ * queue_outcome): sets *stale, and *v and *h to the recipient's record
+ * when there is one. Changes nothing. Returns 0 or an LMDB code. */
+static int
+outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MDB_val *v,
+              struct rcpt_head *h, bool *stale)
+{
+    unsigned char key[RCPT_KEY_LEN];
+    rcpt_key(key, it->id, it->rcpt);
+    MDB_val k = {RCPT_KEY_LEN, key};
+    *stale = true;
+    int rc = mdb_get(txn, q->dbi_rcpt, &k, v);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc != 0)
+        return rc;
+    if (!rcpt_decode(v, h))
+        return MDB_CORRUPTED;
+    /* Only a deferred recipient has a time to move. */
+    if (it->kind == QUEUE_RETIME) {
+        *stale = h->state != QUEUE_RCPT_DEFERRED;
+        return 0;
+    }
+    size_t fixed = (size_t)h->addr_len + h->domain_len + h->orcpt_len;
+    if (it->kind == QUEUE_DEFERRED && h->state == QUEUE_RCPT_DEFERRED && h->due_ms == it->due_ms &&
+        h->code == it->code && h->tag == it->tag && h->reply_len == it->reply_len &&
+        memcmp((const unsigned char *)v->mv_data + sizeof(*h) + fixed, it->reply, it->reply_len) ==
+            0) {
+        /* This very deferral again: its commit happened but was reported
+         * failed (the sync after it), and the caller tried again. Applied
+         * twice it would count two attempts and tell its event twice; a
+         * deferral of its own comes only once queue_due_take made the
+         * recipient ready again, and names a later time. */
+        return 0;
+    }
+    *stale = false;
+    return 0;
+}
+
 static int
 apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t now,
               struct tally *t)
@@ -1474,23 +1521,17 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
     rcpt_key(key, it->id, it->rcpt);
     MDB_val k = {RCPT_KEY_LEN, key}, v;
-    int rc = mdb_get(txn, q->dbi_rcpt, &k, &v);
-    if (rc == MDB_NOTFOUND) {
+    struct rcpt_head h;
+    bool stale;
+    int rc = outcome_stale(q, txn, it, &v, &h, &stale);
+    if (rc != 0)
+        return rc;
+    if (stale) {
         t->stale++;
         return 0;
     }
-    if (rc != 0)
-        return rc;
-    struct rcpt_head h;
-    if (!rcpt_decode(&v, &h))
-        return MDB_CORRUPTED;
     if (it->kind == QUEUE_RETIME) {
-        /* Only a deferred recipient has a time to move; the rest of its
-         * record (attempts, last reply) stays as it is. */
-        if (h.state != QUEUE_RCPT_DEFERRED) {
-            t->stale++;
-            return 0;
-        }
+        /* The rest of its record (attempts, last reply) stays as it is. */
         unsigned char rec[RCPT_REC_MAX];
         if (v.mv_size > sizeof(rec))
             return MDB_CORRUPTED;
@@ -1511,18 +1552,6 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
         return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
     }
     size_t fixed = (size_t)h.addr_len + h.domain_len + h.orcpt_len;
-    if (it->kind == QUEUE_DEFERRED && h.state == QUEUE_RCPT_DEFERRED && h.due_ms == it->due_ms &&
-        h.code == it->code && h.tag == it->tag && h.reply_len == it->reply_len &&
-        memcmp((const unsigned char *)v.mv_data + sizeof(h) + fixed, it->reply, it->reply_len) ==
-            0) {
-        /* This very deferral again: its commit happened but was reported
-         * failed (the sync after it), and the caller tried again. Applied
-         * twice it would count two attempts and tell its event twice; a
-         * deferral of its own comes only once queue_due_take made the
-         * recipient ready again, and names a later time. */
-        t->stale++;
-        return 0;
-    }
     if (h.state == QUEUE_RCPT_DEFERRED) {
         due_key(dkey, h.due_ms, it->id, it->rcpt);
         MDB_val dk = {DUE_KEY_LEN, dkey};
@@ -1889,6 +1918,39 @@ refresh_map_use(struct queue *q)
     }
 }
 
+/* An update carrying a message (a DSN) with an outcome that would be
+ * stale, while another would apply: the message may tell a recipient
+ * that is done already (delivered, say, by a delivery that crossed an
+ * operator's bounce). Nothing of it is applied: *refuse, r->rc
+ * QUEUE_ESTALE, and each outcome's applied flag says whether it would
+ * have applied, so that the caller tries again without the stale ones
+ * and with a message that names only the others. When every outcome
+ * would be stale (a retry of a commit that happened), the request goes
+ * on and changes nothing (queue.h). Returns 0 or an LMDB code. */
+static int
+msg_check(struct queue *q, MDB_txn *txn, struct queue_req *r, bool *refuse)
+{
+    bool stale_one = false, any = false;
+    *refuse = false;
+    for (size_t j = 0; j < r->u.upd.n; j++) {
+        struct upd_item *it = &r->u.upd.items[j];
+        MDB_val v;
+        struct rcpt_head h;
+        bool stale;
+        int rc = outcome_stale(q, txn, it, &v, &h, &stale);
+        if (rc != 0)
+            return rc;
+        it->applied = !stale;
+        any |= !stale;
+        stale_one |= stale;
+    }
+    if (stale_one && any) {
+        *refuse = true;
+        r->rc = QUEUE_ESTALE;
+    }
+    return 0;
+}
+
 /* One write transaction: the updates, then the enqueues. Returns 0 or an
  * LMDB code, with nothing committed on failure. */
 static int
@@ -1910,6 +1972,14 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
         }
         if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM)
             continue;
+        r->rc = 0; /* a try before this one (halved for space) may have set it */
+        r->applied = false;
+        if (r->has_msg) {
+            bool refuse;
+            rc = msg_check(q, txn, r, &refuse);
+            if (rc != 0 || refuse)
+                continue;
+        }
         uint64_t before = t.outcomes;
         for (size_t j = 0; j < r->u.upd.n && rc == 0; j++) {
             uint64_t b = t.outcomes;

@@ -67,6 +67,7 @@ enum queue_error {
     QUEUE_EREADERS = -31007,  /* too many concurrent readers */
     QUEUE_EEXIST = -31008,    /* a message with this id is already stored */
     QUEUE_ESTORE = -31009,    /* any other LMDB failure */
+    QUEUE_ESTALE = -31010,    /* an update with a message has a stale outcome: nothing applied */
 };
 
 /* Text for any code this module returns (never NULL, static storage). */
@@ -298,8 +299,10 @@ int queue_update(struct queue *q, struct queue_port *port, const struct queue_ou
  * once deliveries have made room. It is left
  * out when every outcome of the request is stale (a retry of a commit
  * that did happen: the message is already stored), and a message with
- * the same id already stored is not an error, for the same reason.
- * Returns as queue_update(), or -EINVAL for a bad envelope. */
+ * the same id already stored is not an error, for the same reason. When
+ * only some are stale the request is refused whole: QUEUE_ESTALE (see
+ * queue_update_enqueue_events). Returns as queue_update(), or -EINVAL
+ * for a bad envelope. */
 int queue_update_enqueue(struct queue *q, struct queue_port *port,
                          const struct queue_outcome *outcomes, size_t n,
                          const struct queue_envelope *env, const struct iovec *body,
@@ -340,7 +343,25 @@ int queue_update_enqueue_wait(struct queue *q, const struct queue_outcome *outco
  * outcomes[1] by the ev_lines[1] lines after them, and so on; the lines
  * after all of theirs are the request's own. NULL: every line is the
  * request's. -EINVAL also when the text does not end with '\n', or when
- * the counts add up to more lines than it has. */
+ * the counts add up to more lines than it has.
+ *
+ * applied: NULL, or n flags of the caller's, which must stay valid until
+ * done has run; set on port's owner thread just before done runs with 0
+ * or QUEUE_ESTALE: applied[i] says whether outcomes[i] applied (0), or
+ * would have (QUEUE_ESTALE), as opposed to being ignored as stale. So
+ * the caller tells (counts, logs, suppresses) exactly the outcomes the
+ * spool applied, decided in the commit itself, whatever crossed them.
+ *
+ * The message an update carries (a DSN) names some of its recipients,
+ * and must not be stored with an outcome of theirs that is stale: it
+ * would say "failed" of a recipient delivered meanwhile, or name it a
+ * second time. So when some outcome of such a request is stale and some
+ * other is not, the whole request is refused in the commit, nothing of
+ * it applied (no outcome, no message, no line): done gets QUEUE_ESTALE
+ * with the flags set, and the caller submits again without the stale
+ * outcomes and with a message that names the others only (or none).
+ * When every outcome is stale the request applies nothing, as above,
+ * and done gets 0. */
 int queue_enqueue_events(struct queue *q, struct queue_port *port,
                          const struct queue_envelope *env, const struct iovec *body,
                          unsigned iovcnt, const char *events, size_t events_len,
@@ -349,7 +370,8 @@ int queue_update_enqueue_events(struct queue *q, struct queue_port *port,
                                 const struct queue_outcome *outcomes, size_t n,
                                 const struct queue_envelope *env, const struct iovec *body,
                                 unsigned iovcnt, const char *events, size_t events_len,
-                                const unsigned *ev_lines, queue_done_fn *done, void *cookie);
+                                const unsigned *ev_lines, bool *applied, queue_done_fn *done,
+                                void *cookie);
 /* Event lines alone (events that change nothing in the spool: a
  * recipient refused as suppressed, a bounce that came back by mail).
  * done gets 0 also when the sync after a commit that holds them fails:

@@ -14,6 +14,29 @@
  * operator's bounce leaves out those whose final outcome is on its way
  * (outcome_pending_drop), so that each is told once.
  *
+ * Told once, and only if applied. An outcome can be stale by the time
+ * its commit runs: the envelope was read before another worker's commit
+ * (an operator's bounce, say) removed the recipient. The spool ignores
+ * it, and only the commit knows: so what tells an outcome waits for the
+ * commit's completion, which says per outcome whether it applied
+ * (queue_update_enqueue_events, applied): the counters (d->stats, per
+ * tenant, pool and source), the delivery log's line (captured when the
+ * outcome is decided, written to the file then; the event sinks' copy
+ * is committed by the spool for applied outcomes only), its count per
+ * class, and the suppression list. The DSN cannot wait (it is committed
+ * with its outcomes): the commit refuses the whole batch (QUEUE_ESTALE)
+ * when one of its outcomes is stale while others are not; the batch is
+ * then made again without the stale outcomes, with a DSN that names the
+ * others only (made again, the envelope read again, when it named a
+ * stale one), and submitted. The decision of which applied is the
+ * committer's, in one write transaction, so it holds across workers.
+ * What tells the attempt rather than the recipient's outcome stays in
+ * job_finish: the log line, the destination's view (its counts, last
+ * reply, failures, backoff, shaping; a destination can be evicted
+ * before the commit completes) say what the server answered. After a try that failed, an outcome found stale
+ * may have been applied by that try (its sync failed, queue.h): it is
+ * told then, at least once, as after a crash.
+ *
  * Threading: the worker's thread.
  */
 #include <errno.h>
@@ -42,22 +65,50 @@
  * reserve for outcomes is gone) is tried again, backing off, for as long
  * as the worker runs. Without that the recipients would wait in the spool,
  * ready, with nobody to take them until a restart. */
+/* What telling o[i] takes once its commit says it applied. */
+struct outcome_tell {
+    const char *addr;  /* into the allocation: the recipient, or NULL (unknown) */
+    const char *orcpt; /* into the allocation: its ORCPT, or NULL */
+    unsigned dsn_code; /* the DSN's Diagnostic-Code, 0: none */
+    uint8_t kind;      /* enum dlog_kind */
+    uint8_t cls;       /* enum bounce_class */
+    bool tls;          /* delivered over TLS */
+    bool dsn;          /* named in the DSN: as failed, or delayed (below) */
+    bool delayed;
+    bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
+    char status[DSN_STATUS_MAX];
+};
+
+/* What a batch's outcomes share: the owners they are counted for, and
+ * what a DSN made again needs. */
+struct outcome_info {
+    char tenant[QUEUE_MAX_TAG + 1]; /* "" none */
+    uint32_t pool, src;             /* name ids, 0: none */
+    char mx[256];                   /* "" none */
+    uint64_t now_ms, expire_ms;
+};
+
 struct outcome_batch {
     struct delivery *d;
     struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
     struct outcome_batch *pprev, *pnext; /* on d->pending until durable or given up */
     struct timer timer;
     unsigned tries;
+    bool maybe_applied;  /* a try failed in the spool: its commit may have landed */
     struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
-    char *events;        /* into the allocation: their event lines (events.h), or NULL */
+    char *events;        /* into the allocation: their delivery log lines, or NULL */
     size_t events_len;
     unsigned *ev_lines;  /* into the allocation: n counts, o[i]'s lines of events (the
                           * spool writes them only if o[i] applies; the DSN's follow) */
+    struct outcome_tell *tell; /* into the allocation: n */
+    bool *applied;             /* into the allocation: n, set by the spool (queue.h) */
+    struct outcome_info info;
     size_t n;
-    struct queue_outcome o[]; /* then ev_lines, then the reply texts */
+    struct queue_outcome o[]; /* then tell, ev_lines, applied, then the texts */
 };
 
 static void outcome_done(void *cookie, int rc);
+static void outcome_failed(struct outcome_batch *b, int rc);
 static void dsn_committed(struct delivery *d, const struct dsn_msg *m);
 
 /* b is durable, or given up (the spool keeps its recipients for the
@@ -111,11 +162,16 @@ outcome_submit(struct outcome_batch *b)
     struct iovec dbody;
     if (b->dsn != NULL)
         dsn_msg_envelope(b->dsn, &denv, &drcpt, &dbody);
+    /* the lines go in the commit for the event sinks (queue.h, "events") */
+    bool sinks = d->e->events != NULL && b->events_len > 0;
+    for (size_t i = 0; i < b->n; i++)
+        b->applied[i] = false;
     int rc = queue_update_enqueue_events(d->e->queue, d->port, b->o, b->n, b->dsn ? &denv : NULL,
-                                         &dbody, b->dsn ? 1 : 0, b->events, b->events_len,
-                                         b->events_len > 0 ? b->ev_lines : NULL, outcome_done, b);
+                                         &dbody, b->dsn ? 1 : 0, sinks ? b->events : NULL,
+                                         sinks ? b->events_len : 0, sinks ? b->ev_lines : NULL,
+                                         b->applied, outcome_done, b);
     if (rc < 0)
-        outcome_done(b, rc);
+        outcome_failed(b, rc); /* refused before any commit */
 }
 
 static void
@@ -134,17 +190,143 @@ outcome_on_retry(struct timer *tm, void *ctx)
     outcome_submit(b);
 }
 
+/* The octets of the lines lines[0..n) tell, from off in text (one
+ * outcome's lines each). */
+static size_t
+lines_len(const char *text, size_t len, size_t off, unsigned lines)
+{
+    size_t at = off;
+    for (unsigned l = 0; l < lines && at < len; l++) {
+        const char *nl = memchr(text + at, '\n', len - at);
+        at = nl != NULL ? (size_t)(nl - text) + 1 : len;
+    }
+    return at - off;
+}
+
+/* Delivery log lines told: to the file; and to the event sinks' hook
+ * unless the spool committed them for the sinks. */
+static void
+outcome_lines(struct delivery *d, const char *text, size_t len)
+{
+    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    if (len == 0 || lw == NULL)
+        return;
+    if (d->e->events != NULL)
+        dlog_line(lw, text, len);
+    else
+        dlog_told(lw, text, len);
+}
+
+/* Count a recipient of a tenant, pool and source (each NULL: none). */
+static void
+owner_add(struct owner_count *a, struct owner_count *b, struct owner_count *c, unsigned dl,
+          unsigned df, unsigned bo)
+{
+    struct owner_count *v[3] = {a, b, c};
+    for (int i = 0; i < 3; i++)
+        if (v[i] != NULL) {
+            v[i]->delivered += dl;
+            v[i]->deferred += df;
+            v[i]->bounced += bo;
+        }
+}
+
+/* b's commit is durable: tell the outcomes it applied (the file's lines,
+ * the counters, the suppression list), and the DSN's lines if dsn_told
+ * (it was stored with them). */
+static void
+outcome_tell(struct outcome_batch *b, bool dsn_told)
+{
+    struct delivery *d = b->d;
+    struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+    struct stats_tenant *ten =
+        b->info.tenant[0] != '\0' ? stats_tenant_get(&d->tenants, b->info.tenant) : NULL;
+    struct owner_count *oc_p = b->info.pool ? owner_count(d, SCOPE_POOL, b->info.pool) : NULL;
+    struct owner_count *oc_s = b->info.src ? source_count(d, b->info.src) : NULL;
+    size_t off = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        size_t len = lines_len(b->events, b->events_len, off, b->ev_lines[i]);
+        const struct outcome_tell *tl = &b->tell[i];
+        size_t from = off;
+        off += len;
+        if (!b->applied[i] && !b->maybe_applied)
+            continue; /* stale: another commit told this recipient */
+        if (len > 0) /* else events may be NULL: no delivery log */
+            outcome_lines(d, b->events + from, len);
+        switch ((enum dlog_kind)tl->kind) {
+        case DLOG_DELIVERY:
+            d->stats.delivered++;
+            if (ten != NULL)
+                ten->delivered++;
+            owner_add(NULL, oc_p, oc_s, 1, 0, 0);
+            if (tl->tls)
+                d->stats.delivered_tls++;
+            break;
+        case DLOG_BOUNCE:
+            d->stats.bounced++;
+            if (ten != NULL)
+                ten->bounced++;
+            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
+            /* An address that is gone goes on the suppression list, as
+             * the config says for its class: the global list (gone is
+             * gone, for every tenant). */
+            if (tl->addr != NULL)
+                suppress_on_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
+                                   b->o[i].reply);
+            break;
+        case DLOG_EXPIRATION:
+            d->stats.expired++;
+            if (ten != NULL)
+                ten->expired++;
+            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
+            break;
+        default:
+            d->stats.deferred++;
+            if (ten != NULL)
+                ten->deferred++;
+            owner_add(NULL, oc_p, oc_s, 0, 1, 0);
+            break;
+        }
+        dlog_count(lw, (enum dlog_kind)tl->kind, (enum bounce_class)tl->cls);
+    }
+    if (dsn_told && off < b->events_len)
+        outcome_lines(d, b->events + off, b->events_len - off);
+}
+
+static int outcome_again(struct outcome_batch *b);
+
 static void
 outcome_done(void *cookie, int rc)
 {
     struct outcome_batch *b = cookie;
     struct delivery *d = b->d;
     if (rc == 0) {
-        if (b->dsn != NULL)
+        /* Stored with the outcomes, unless all were stale (a try before
+         * that failed may have stored it: its sync failed, queue.h). */
+        bool any = b->maybe_applied;
+        for (size_t i = 0; i < b->n; i++)
+            any |= b->applied[i];
+        outcome_tell(b, b->dsn != NULL && any);
+        if (b->dsn != NULL && any)
             dsn_committed(d, b->dsn);
         outcome_batch_free(b);
         return;
     }
+    if (rc == QUEUE_ESTALE) {
+        if ((rc = outcome_again(b)) == 0)
+            return;
+    } else if (!queue_error_is_space(rc)) {
+        b->maybe_applied = true;
+    }
+    outcome_failed(b, rc);
+}
+
+/* A try of b failed with rc: tried again later, backing off, or (the
+ * worker stopping) left to the next start. */
+static void
+outcome_failed(struct outcome_batch *b, int rc)
+{
+    struct delivery *d = b->d;
     b->tries++;
     if (d->stopping) {
         /* neither the outcomes nor their DSN are stored: the recipients
@@ -167,41 +349,68 @@ outcome_done(void *cookie, int rc)
     worker_timer_arm(d->w, &b->timer, d->w->now + MS_TO_NS(500u << shift));
 }
 
-/* Copy qo[0..n), their replies and their event lines (ev, or NULL: the
- * first lines[0] lines tell qo[0], and so on; the DSN's follow) into one
- * batch and submit it, with the DSN they cause (owned: taken over, freed
- * on failure too) or NULL. */
-static int
-outcome_commit(struct delivery *d, const struct queue_outcome *qo, const unsigned *lines, size_t n,
-               struct dsn_msg *dsn, const struct json *ev)
+static size_t
+str_size(const char *p)
 {
-    size_t text = 0, evlen = ev != NULL && !json_failed(ev) ? ev->len : 0;
+    return p != NULL ? strlen(p) + 1 : 0;
+}
+
+/* Copy p into *t (the allocation's texts), moving *t on; NULL stays NULL. */
+static const char *
+str_put(char **t, const char *p)
+{
+    if (p == NULL)
+        return NULL;
+    size_t l = strlen(p) + 1;
+    memcpy(*t, p, l);
+    const char *r = *t;
+    *t += l;
+    return r;
+}
+
+/* Copy qo[0..n), their replies, what telling them takes (tl) and their
+ * delivery log lines (ev[0..evlen): the first lines[0] lines tell qo[0],
+ * and so on; the DSN's follow) into one batch and submit it, with the
+ * DSN they cause (owned: taken over, but left to the caller when this
+ * fails) or NULL. was:
+ * the batch this one is made again from (outcome_again), or NULL. */
+static int
+outcome_commit(struct delivery *d, const struct queue_outcome *qo, const struct outcome_tell *tl,
+               const unsigned *lines, size_t n, struct dsn_msg *dsn, const char *ev, size_t evlen,
+               const struct outcome_info *info, const struct outcome_batch *was)
+{
+    size_t text = 0;
     for (size_t i = 0; i < n; i++)
-        text += qo[i].reply ? strlen(qo[i].reply) + 1 : 0;
-    struct outcome_batch *b =
-        malloc(sizeof(*b) + n * (sizeof(b->o[0]) + sizeof(unsigned)) + text + evlen);
-    if (b == NULL) {
-        dsn_msg_free(dsn);
+        text += str_size(qo[i].reply) + str_size(tl[i].addr) + str_size(tl[i].orcpt);
+    struct outcome_batch *b = malloc(
+        sizeof(*b) + n * (sizeof(b->o[0]) + sizeof(b->tell[0]) + sizeof(unsigned) + sizeof(bool)) +
+        text + evlen);
+    if (b == NULL)
         return -ENOMEM;
-    }
     memset(b, 0, sizeof(*b));
     b->d = d;
     b->dsn = dsn;
     b->n = n;
-    b->ev_lines = (unsigned *)&b->o[n];
-    char *t = (char *)&b->ev_lines[n];
+    b->info = *info;
+    if (was != NULL) {
+        b->tries = was->tries;
+        b->maybe_applied = was->maybe_applied;
+    }
+    b->tell = (struct outcome_tell *)&b->o[n];
+    b->ev_lines = (unsigned *)&b->tell[n];
+    b->applied = (bool *)&b->ev_lines[n];
+    char *t = (char *)&b->applied[n];
     for (size_t i = 0; i < n; i++) {
         b->ev_lines[i] = evlen > 0 ? lines[i] : 0;
+        b->applied[i] = false;
         b->o[i] = qo[i];
-        if (qo[i].reply != NULL) {
-            size_t l = strlen(qo[i].reply) + 1;
-            memcpy(t, qo[i].reply, l);
-            b->o[i].reply = t;
-            t += l;
-        }
+        b->o[i].reply = str_put(&t, qo[i].reply);
+        b->tell[i] = tl[i];
+        b->tell[i].addr = str_put(&t, tl[i].addr);
+        b->tell[i].orcpt = str_put(&t, tl[i].orcpt);
     }
     if (evlen > 0) {
-        memcpy(t, ev->buf, evlen);
+        memcpy(t, ev, evlen);
         b->events = t;
         b->events_len = evlen;
     }
@@ -293,20 +502,6 @@ dsn_event(struct delivery *d, const struct dsn_msg *m)
     dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
 }
 
-/* Count recipients of a tenant, pool and source (each NULL: none). */
-static void
-owner_add(struct owner_count *a, struct owner_count *b, struct owner_count *c, unsigned dl,
-          unsigned df, unsigned bo)
-{
-    struct owner_count *v[3] = {a, b, c};
-    for (int i = 0; i < 3; i++)
-        if (v[i] != NULL) {
-            v[i]->delivered += dl;
-            v[i]->deferred += df;
-            v[i]->bounced += bo;
-        }
-}
-
 /* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
 static void
 dsn_committed(struct delivery *d, const struct dsn_msg *m)
@@ -370,6 +565,124 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
     return m;
 }
 
+/* The DSN's entry for the outcome told by tl (reply: its reply). */
+static void
+dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply,
+            const struct outcome_info *info)
+{
+    memset(x, 0, sizeof(*x));
+    x->addr = tl->addr;
+    x->orcpt = tl->orcpt;
+    x->delayed = tl->delayed;
+    x->status = tl->status;
+    x->code = tl->dsn_code;
+    x->text = reply != NULL && reply[0] != '\0' ? reply : NULL;
+    /* no MTA reported anything when the connect failed (Postfix leaves
+     * Remote-MTA out then too) */
+    x->remote_mta = tl->session && info->mx[0] != '\0' ? info->mx : NULL;
+    x->last_attempt_ms = info->now_ms;
+    x->retry_until_ms = tl->delayed ? info->expire_ms : 0;
+    x->class_str = bounce_class_str((enum bounce_class)tl->cls);
+}
+
+/* b's commit was refused whole (QUEUE_ESTALE): its DSN names a recipient
+ * that is done already (told by the commit that did it). Submit again
+ * the outcomes that would have applied, with their lines and a DSN that
+ * names those of them the old one named (the envelope read again: the
+ * sender, the original); b is freed. Returns 0, or a code: b is kept and
+ * tried again later (refused again, it is made again then). */
+static int
+outcome_again(struct outcome_batch *b)
+{
+    struct delivery *d = b->d;
+    size_t n = 0;
+    unsigned ndsn = 0;
+    bool remake = false; /* the DSN names a stale outcome */
+    for (size_t i = 0; i < b->n; i++) {
+        if (b->applied[i]) {
+            n++;
+            ndsn += b->tell[i].dsn;
+        }
+        remake |= !b->applied[i] && b->tell[i].dsn;
+    }
+    struct queue_envelope *env = NULL;
+    if (remake && ndsn > 0) {
+        int erc = queue_envelope_get(d->e->queue, b->o[0].id, &env);
+        if (erc != 0 && erc != QUEUE_ENOTFOUND)
+            return erc;
+        /* gone: every recipient is done now, the outcomes are stale */
+    }
+    struct queue_outcome *qo = calloc(n + 1, sizeof(*qo));
+    struct outcome_tell *tl = calloc(n + 1, sizeof(*tl));
+    unsigned *lines = calloc(n + 1, sizeof(*lines));
+    struct dsn_rcpt *dr = calloc(ndsn + 1, sizeof(*dr));
+    if (qo == NULL || tl == NULL || lines == NULL || dr == NULL) {
+        free(qo);
+        free(tl);
+        free(lines);
+        free(dr);
+        queue_envelope_free(env);
+        return -ENOMEM;
+    }
+    struct json ev;
+    json_init(&ev);
+    size_t off = 0, m = 0;
+    unsigned nd = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        size_t len = lines_len(b->events, b->events_len, off, b->ev_lines[i]);
+        size_t from = off;
+        off += len;
+        if (!b->applied[i])
+            continue;
+        qo[m] = b->o[i];
+        tl[m] = b->tell[i];
+        lines[m] = b->ev_lines[i];
+        if (len > 0)
+            json_raw(&ev, b->events + from, len);
+        if (tl[m].dsn && env != NULL)
+            dsn_rcpt_of(&dr[nd++], &tl[m], qo[m].reply, &b->info);
+        m++;
+    }
+    struct dsn_msg *dm = NULL;
+    if (!remake) {
+        /* the same DSN and its lines */
+        dm = b->dsn;
+        b->dsn = NULL;
+        if (off < b->events_len)
+            json_raw(&ev, b->events + off, b->events_len - off);
+    } else if (nd > 0 && (dm = dsn_make(d, env, dr, nd)) != NULL) {
+        struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
+        dlog_capture(lw, &ev, false);
+        dsn_event(d, dm);
+        dlog_capture(lw, NULL, false);
+    }
+    for (size_t k = 0; k < m; k++)
+        tl[k].dsn &= dm != NULL;
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(b->o[0].id, qid);
+    log_msg(LOG_INFO, "id=%s event=outcome_stale_dropped recipients=%zu dsn_recipients=%u", qid,
+            b->n - m, nd);
+    if (m == 0)
+        dm = dsn_msg_free(dm); /* nothing applies: nothing to tell */
+    bool lost = json_failed(&ev);
+    int rc = m == 0 ? 0
+                    : outcome_commit(d, qo, tl, lines, m, dm, lost ? NULL : ev.buf,
+                                     lost ? 0 : ev.len, &b->info, b);
+    json_fini(&ev);
+    queue_envelope_free(env);
+    free(qo);
+    free(tl);
+    free(lines);
+    free(dr);
+    if (rc == 0)
+        outcome_batch_free(b);
+    else if (!remake)
+        b->dsn = dm; /* kept for the next try */
+    else
+        dsn_msg_free(dm);
+    return rc;
+}
+
 /* A receiver's reply that was not a delivery goes past the shaping rules
  * (shaping.h): one that fires starts an action for the source, the
  * destination group or the domain, on every node. */
@@ -411,14 +724,14 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         where->tls_policy != NULL ? where->tls_policy : dest_tls_policy_str(t, dest_tls(t));
     struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
     unsigned *qlines = calloc(j->n, sizeof(*qlines)); /* qo[k]'s event lines */
+    struct outcome_tell *qt = calloc(j->n, sizeof(*qt)); /* what telling qo[k] takes */
     struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
-    char (*status)[16] = calloc(j->n, sizeof(*status));
-    if (qo == NULL || qlines == NULL || dr == NULL || status == NULL) {
+    if (qo == NULL || qlines == NULL || qt == NULL || dr == NULL) {
         log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
         free(qo);
         free(qlines);
+        free(qt);
         free(dr);
-        free(status);
         return;
     }
     static const struct outcome_where nowhere = {.src = CLASSIFY_CONNECT};
@@ -436,22 +749,23 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         job_headers(d, cfg, j->id, hbuf, HDR_SCAN_MAX, hvals);
     else
         nhdr = 0;
-    /* With event sinks, the events go in the commit of the outcomes they
-     * tell (queue.h, "events"): durable together, numbered in order. */
+    /* The lines are told once the commit says which outcomes applied
+     * (outcome_tell); with event sinks, they go in that commit too
+     * (queue.h, "events"): durable together, numbered in order. */
     struct json evbuf;
     json_init(&evbuf);
-    bool capture = d->e->events != NULL && lw != NULL;
+    bool capture = lw != NULL;
     if (capture)
-        dlog_capture(lw, &evbuf, true);
+        dlog_capture(lw, &evbuf, false);
     unsigned ndsn = 0, nq = 0;
-    /* One message, one tenant (none: not counted per tenant). */
-    struct stats_tenant *ten =
-        env != NULL && env->tenant != NULL && env->tenant[0] != '\0'
-            ? stats_tenant_get(&d->tenants, env->tenant)
-            : NULL;
-    /* per pool and source (outbound/scope.c; tenants: d->tenants above) */
-    struct owner_count *oc_p = j->owner.pool ? owner_count(d, SCOPE_POOL, j->owner.pool) : NULL;
-    struct owner_count *oc_s = where->src_id ? source_count(d, where->src_id) : NULL;
+    /* Counted when told: one message, one tenant (none: not counted per
+     * tenant), per pool and source (outbound/scope.c). */
+    struct outcome_info info = {
+        .pool = j->owner.pool, .src = where->src_id, .now_ms = now, .expire_ms = expire};
+    if (env != NULL && env->tenant != NULL)
+        snprintf(info.tenant, sizeof(info.tenant), "%s", env->tenant);
+    if (where->mx != NULL)
+        snprintf(info.mx, sizeof(info.mx), "%s", where->mx);
     bool shaped = false;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
@@ -465,6 +779,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
          * still be stale: done since env was read) */
         size_t ev_from = evbuf.len;
         unsigned *q_lines = &qlines[nq];
+        struct outcome_tell *tl = &qt[nq];
         struct queue_outcome *q = &qo[nq++];
         q->id = j->id;
         q->rcpt = j->idx[i];
@@ -495,50 +810,36 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
-            d->stats.delivered++;
             t->delivered++;
-            if (ten != NULL)
-                ten->delivered++;
-            owner_add(NULL, oc_p, oc_s, 1, 0, 0);
-            if (where->tls_proto != NULL)
-                d->stats.delivered_tls++;
+            tl->tls = where->tls_proto != NULL;
         } else if (pr.kind == POLICY_BOUNCE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_BOUNCE;
             cls = oc;
             failed = true;
-            d->stats.bounced++;
-            if (ten != NULL)
-                ten->bounced++;
-            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
         } else if (pr.kind == POLICY_EXPIRE) {
             q->kind = QUEUE_BOUNCED;
             kind = DLOG_EXPIRATION;
             cls = BOUNCE_EXPIRED;
             failed = true;
-            d->stats.expired++;
-            if (ten != NULL)
-                ten->expired++;
-            owner_add(NULL, oc_p, oc_s, 0, 0, 1);
         } else {
             q->kind = QUEUE_DEFERRED;
             q->due_ms = pr.due_ms;
             kind = DLOG_TRANSIENT_FAILURE;
             cls = oc;
-            d->stats.deferred++;
-            if (ten != NULL)
-                ten->deferred++;
             t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
             /* kept with the recipient: the domains view counts the waiting
              * recipients by class from the spool, across restarts */
             _Static_assert(BOUNCE_CLASS_COUNT < QUEUE_TAGS, "a class is a spool tag");
             q->tag = (unsigned)cls < BOUNCE_CLASS_COUNT ? (unsigned)cls + 1 : 0;
-            owner_add(NULL, oc_p, oc_s, 0, 1, 0);
             if (pr.backoff && where->src_id != 0 && t->poolc != NULL)
                 sched_source_throttled(t, where->src_id, where->mx, "rate_limited");
             else if (pr.backoff)
                 limits_backoff(d->lim, &t->lim, d->w->now);
         }
+        tl->kind = (uint8_t)kind;
+        tl->cls = (uint8_t)cls;
+        tl->addr = r ? r->addr : NULL;
         if (failed)
             t->failed++;
         if (kind != DLOG_DELIVERY && o->code != 0)
@@ -601,12 +902,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .hdr_values = hvals,
             .nhdr = nhdr,
         };
-        dlog_event(lw, &ev);
-        /* An address that is gone goes on the suppression list, as the
-         * config says for its class: the global list (gone is gone, for
-         * every tenant). */
-        if (kind == DLOG_BOUNCE && r != NULL)
-            suppress_on_bounce(d->e->suppress, NULL, r->addr, cls, o->text);
+        dlog_event(lw, &ev); /* captured: told by outcome_tell */
         /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
          * once: at the deferral that carries it past delay_warning. */
         bool warn = false;
@@ -618,49 +914,49 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
         if ((failed || warn) && r != NULL && env != NULL && env->sender[0] != '\0' &&
             cfg->bounce.dsn && dsn_wanted(r->notify, failed)) {
-            struct dsn_rcpt *x = &dr[ndsn++];
-            dsn_status_format(status[i], sizeof(status[i]), &o->enh, o->code, warn);
-            if (warn && status[i][0] == '5')
-                status[i][0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
-            x->delayed = warn;
-            x->retry_until_ms = warn ? expire : 0;
+            dsn_status_format(tl->status, sizeof(tl->status), &o->enh, o->code, warn);
+            if (warn && tl->status[0] == '5')
+                tl->status[0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             if (kind == DLOG_EXPIRATION)
-                snprintf(status[i], sizeof(status[i]), "%s", "4.4.7");
-            x->addr = r->addr;
-            x->orcpt = r->orcpt;
-            x->status = status[i];
-            x->code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
-            x->text = o->text[0] ? o->text : NULL;
-            /* no MTA reported anything when the connect failed (Postfix
-             * leaves Remote-MTA out then too) */
-            bool no_session = o->reason == SMTP_REASON_CONNECT_REFUSED ||
-                              o->reason == SMTP_REASON_CONNECT_TIMEOUT ||
-                              o->reason == SMTP_REASON_CONNECT_FAILED;
-            x->remote_mta = no_session ? NULL : where->mx;
-            x->last_attempt_ms = now;
-            x->class_str = cls_str;
+                snprintf(tl->status, sizeof(tl->status), "%s", "4.4.7");
+            tl->dsn = true;
+            tl->delayed = warn;
+            tl->orcpt = r->orcpt;
+            tl->dsn_code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
+            tl->session = o->reason != SMTP_REASON_CONNECT_REFUSED &&
+                          o->reason != SMTP_REASON_CONNECT_TIMEOUT &&
+                          o->reason != SMTP_REASON_CONNECT_FAILED;
+            dsn_rcpt_of(&dr[ndsn++], tl, o->text, &info);
         }
         for (size_t k = ev_from; capture && k < evbuf.len; k++)
             *q_lines += evbuf.buf[k] == '\n';
     }
-    /* The DSN goes in the commit of the outcomes that cause it. */
+    /* The DSN goes in the commit of the outcomes that cause it; the
+     * spool refuses it if one it names is stale (outcome_again). */
     struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
+    for (unsigned k = 0; k < nq; k++)
+        qt[k].dsn &= dm != NULL;
     if (dm != NULL)
         dsn_event(d, dm);
     if (capture)
         dlog_capture(lw, NULL, false);
-    if (json_failed(&evbuf))
+    bool lost = json_failed(&evbuf);
+    if (lost)
         log_msg(LOG_ERR, "event=events_lost id=%s reason=out_of_memory", qid);
-    int rc2 = nq == 0 ? 0 : outcome_commit(d, qo, qlines, nq, dm, capture ? &evbuf : NULL);
+    int rc2 = nq == 0 ? 0
+                      : outcome_commit(d, qo, qt, qlines, nq, dm, lost ? NULL : evbuf.buf,
+                                       lost ? 0 : evbuf.len, &info, NULL);
     json_fini(&evbuf);
-    if (rc2 < 0)
+    if (rc2 < 0) {
+        dsn_msg_free(dm);
         log_msg(LOG_ERR, "event=outcome_submit_failed id=%s err=\"%s\"", qid,
                 queue_strerror(rc2));
+    }
     free(hbuf);
     free(qo);
     free(qlines);
+    free(qt);
     free(dr);
-    free(status);
 }
 
 void

@@ -1478,6 +1478,80 @@ ev_finish(struct queue_port *port, struct ev_wait *w, int submitted)
     return w->rc;
 }
 
+/* A DSN whose request has a stale outcome beside one that applies (a
+ * transaction whose envelope was read before an operator's bounce of one
+ * of its recipients): the DSN may name a recipient that is done, so the
+ * request is refused whole, nothing applied, and the flags say which
+ * outcomes would have applied; tried again without the stale one it
+ * commits, and each outcome's flag says it applied. */
+static void
+test_update_enqueue_stale_refused(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t a = put_msg(q, 2, "example.com", "original", 8);
+    struct queue_outcome op = {a, 0, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0};
+    assert_int_equal(queue_update_wait(q, &op, 1), 0);
+
+    struct queue_rcpt dr = {.addr = "bounce@sender.example"};
+    struct queue_envelope denv = {.id = queue_id_next(q), .sender = "", .nrcpt = 1, .rcpt = &dr};
+    struct iovec diov = {(void *)"the dsn", 7};
+    struct queue_outcome o[2] = {
+        {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0},
+        {a, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0},
+    };
+    unsigned lines[2] = {1, 1};
+    bool applied[2] = {true, false};
+    struct queue_stats s0, s1;
+    queue_stats(q, &s0);
+    struct ev_wait w = {0};
+    assert_int_equal(
+        ev_finish(port, &w,
+                  queue_update_enqueue_events(q, port, o, 2, &denv, &diov, 1, "b0\nb1\nm\n", 8,
+                                              lines, applied, ev_done, &w)),
+        QUEUE_ESTALE);
+    assert_false(applied[0]); /* stale: recipient 0 is done */
+    assert_true(applied[1]);  /* would have applied */
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(q, denv.id, &e), QUEUE_ENOTFOUND); /* no DSN */
+    assert_int_equal(queue_envelope_get(q, a, &e), 0); /* recipient 1 still there */
+    assert_int_equal(e->nrcpt, 1);
+    assert_int_equal(e->rcpt[0].index, 1);
+    e = queue_envelope_free(e);
+    queue_stats(q, &s1);
+    assert_int_equal(s1.outcomes - s0.outcomes, 0);
+    assert_int_equal(s1.event_lines - s0.event_lines, 0);
+
+    /* again without the stale outcome: committed with its DSN */
+    applied[0] = false;
+    w = (struct ev_wait){0};
+    assert_int_equal(
+        ev_finish(port, &w,
+                  queue_update_enqueue_events(q, port, &o[1], 1, &denv, &diov, 1, "b1\nm\n", 5,
+                                              lines, applied, ev_done, &w)),
+        0);
+    assert_true(applied[0]);
+    assert_body(q, denv.id, "the dsn", 7);
+    assert_int_equal(queue_envelope_get(q, a, &e), QUEUE_ENOTFOUND);
+    queue_stats(q, &s1);
+    assert_int_equal(s1.outcomes - s0.outcomes, 1);
+    assert_int_equal(s1.event_lines - s0.event_lines, 2);
+
+    /* every outcome stale (a retry of that commit): 0, nothing applied */
+    applied[0] = true;
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, o, 2, &denv, &diov, 1, NULL, 0,
+                                                           NULL, applied, ev_done, &w)),
+                     0);
+    assert_false(applied[0]);
+    assert_false(applied[1]);
+    queue_port_free(port);
+    assert_consistent(q);
+}
+
 struct ev_rec {
     uint64_t seq[16];
     char text[16][64];
@@ -1517,15 +1591,15 @@ test_events_committed_and_numbered(void **state)
     /* two outcome lines with their outcome */
     struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
     w = (struct ev_wait){0};
-    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
-                                                                     0, "d1\nd2\n", 6, NULL,
-                                                                     ev_done, &w)),
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, &o, 1, NULL, NULL, 0,
+                                                           "d1\nd2\n", 6, NULL, NULL, ev_done, &w)),
                      0);
     /* the same outcome again (a retry of a commit that happened): no lines */
     w = (struct ev_wait){0};
-    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &o, 1, NULL, NULL,
-                                                                     0, "x\n", 2, NULL, ev_done,
-                                                                     &w)),
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, &o, 1, NULL, NULL, 0, "x\n", 2,
+                                                           NULL, NULL, ev_done, &w)),
                      0);
     /* lines alone */
     w = (struct ev_wait){0};
@@ -1606,9 +1680,9 @@ test_events_stale_outcome_untold(void **state)
     struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0};
     unsigned one = 1;
     struct ev_wait w = {0};
-    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, &b, 1, NULL, NULL,
-                                                                     0, "b1\n", 3, &one, ev_done,
-                                                                     &w)),
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, &b, 1, NULL, NULL, 0, "b1\n", 3,
+                                                           &one, NULL, ev_done, &w)),
                      0);
     /* a transaction that started before it ends: all three delivered, a
      * line each, and a line of the update's own after them */
@@ -1619,11 +1693,11 @@ test_events_stale_outcome_untold(void **state)
     };
     unsigned lines[3] = {1, 1, 1};
     w = (struct ev_wait){0};
-    assert_int_equal(ev_finish(port, &w,
-                               queue_update_enqueue_events(q, port, o, 3, NULL, NULL, 0,
-                                                           "d0\nd1\nd2\nm\n", 11, lines,
-                                                           ev_done, &w)),
-                     0);
+    assert_int_equal(
+        ev_finish(port, &w,
+                  queue_update_enqueue_events(q, port, o, 3, NULL, NULL, 0, "d0\nd1\nd2\nm\n", 11,
+                                              lines, NULL, ev_done, &w)),
+        0);
     struct ev_rec r = {0};
     assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 2);
     assert_int_equal(r.seq[0], 0);
@@ -1638,12 +1712,12 @@ test_events_stale_outcome_untold(void **state)
 
     /* counts that claim more lines than the text has */
     unsigned two = 2;
-    assert_int_equal(queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, "x\n", 2, &two,
+    assert_int_equal(queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, "x\n", 2, &two, NULL,
                                                  ev_done, &w),
                      -EINVAL);
-    assert_int_equal(queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, NULL, 0, &one,
-                                                 ev_done, &w),
-                     -EINVAL);
+    assert_int_equal(
+        queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, NULL, 0, &one, NULL, ev_done, &w),
+        -EINVAL);
     assert_int_equal(queue_port_pending(port), 0);
     queue_port_free(port);
 }
@@ -1668,11 +1742,11 @@ test_deferral_retried_counts_once(void **state)
     unsigned lines[2] = {1, 1};
     for (int i = 0; i < 2; i++) { /* the commit, then the caller's retry */
         struct ev_wait w = {0};
-        assert_int_equal(ev_finish(port, &w,
-                                   queue_update_enqueue_events(q, port, o, 2, NULL, NULL, 0,
-                                                               "t0\nd1\n", 6, lines, ev_done,
-                                                               &w)),
-                         0);
+        assert_int_equal(
+            ev_finish(port, &w,
+                      queue_update_enqueue_events(q, port, o, 2, NULL, NULL, 0, "t0\nd1\n", 6,
+                                                  lines, NULL, ev_done, &w)),
+            0);
     }
     struct ev_rec r = {0};
     assert_int_equal(queue_events_read(q, 0, 1 << 20, ev_collect, &r), 1);
@@ -1692,9 +1766,9 @@ test_deferral_retried_counts_once(void **state)
     /* the next attempt's deferral: a later time */
     o[0].due_ms = due + 1200000;
     struct ev_wait w = {0};
-    assert_int_equal(ev_finish(port, &w, queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0,
-                                                                     "t0\n", 3, lines, ev_done,
-                                                                     &w)),
+    assert_int_equal(ev_finish(port, &w,
+                               queue_update_enqueue_events(q, port, o, 1, NULL, NULL, 0, "t0\n", 3,
+                                                           lines, NULL, ev_done, &w)),
                      0);
     assert_int_equal(queue_envelope_get(q, id, &env), 0);
     assert_int_equal(env->rcpt[0].attempts, 2);
@@ -1739,6 +1813,7 @@ main(void)
         T(test_close_finishes_queued),
         T(test_events_committed_and_numbered),
         T(test_events_stale_outcome_untold),
+        T(test_update_enqueue_stale_refused),
         T(test_deferral_retried_counts_once),
     };
 #undef T

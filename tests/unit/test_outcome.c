@@ -355,8 +355,8 @@ second_bounce_before_the_first_is_durable(void **state)
     bounce(f, id, "example.test", idx, 1);
     assert_true(stored(f, id, 0)); /* not durable: the committer is held */
     bounce(f, id, "example.test", idx, 2); /* both recipients */
-    assert_int_equal(f->d->stats.bounced, 2);
-    assert_int_equal(f->bounces, 2);
+    assert_int_equal(f->d->stats.bounced, 0); /* told once durable */
+    assert_int_equal(f->bounces, 0);
 
     hold_end(f, &h);
     settle(f);
@@ -398,14 +398,15 @@ bounce_after_a_250_not_yet_durable(void **state)
     queue_envelope_free(env);
     assert_true(stored(f, id, 0)); /* not durable: the committer is held */
     bounce(f, id, "example.test", idx, 1);
-    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->d->stats.delivered, 0); /* told once durable */
     assert_int_equal(f->d->stats.bounced, 0);
-    assert_int_equal(f->bounces, 0);
-    assert_int_equal(f->lines, 1);
+    assert_int_equal(f->lines, 0);
 
     hold_end(f, &h);
     settle(f);
+    assert_int_equal(f->d->stats.delivered, 1);
     assert_int_equal(f->d->stats.bounced, 0);
+    assert_int_equal(f->bounces, 0);
     assert_int_equal(f->lines, 1);
     assert_false(stored(f, id, 0));
     fx_free(f);
@@ -439,10 +440,10 @@ dsn_committed_while_stopping_waits_for_the_next_start(void **state)
     struct hold h;
     hold_start(f, &h);
     bounce(f, id, "example.test", idx, 1);
-    assert_int_equal(f->d->stats.bounced, 1);
     f->d->stopping = true; /* delivery_on_stop; then the loop ends */
     hold_end(f, &h);
     settle(f);
+    assert_int_equal(f->d->stats.bounced, 1);
     assert_int_equal(f->d->stats.dsn_queued, 1);
     assert_null(f->w.mbox_head); /* nothing posted */
     assert_false(stored(f, id, 0));
@@ -504,6 +505,8 @@ stale_outcome_tells_the_backend_nothing(void **state)
     queue_envelope_free(env);
     settle(f);
     assert_false(stored(f, id, 1));
+    assert_int_equal(f->d->stats.bounced, 1);
+    assert_int_equal(f->d->stats.delivered, 1); /* recipient 1's only */
 
     static char all[8192];
     all[0] = '\0';
@@ -525,6 +528,173 @@ stale_outcome_tells_the_backend_nothing(void **state)
     fx_free(f);
 }
 
+/* The DSNs in the spool (to sender), and how many of them name addr. */
+struct dsn_scan {
+    const char *sender;
+    uint64_t ids[8];
+    unsigned n;
+};
+
+static int
+dsn_collect(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    struct dsn_scan *s = arg;
+    if (strcmp(r->addr, s->sender) == 0 && s->n < 8)
+        s->ids[s->n++] = id;
+    return 0;
+}
+
+static unsigned
+dsns_naming(struct fx *f, struct dsn_scan *s, const char *addr)
+{
+    unsigned named = 0;
+    static char body[65536];
+    for (unsigned i = 0; i < s->n; i++) {
+        size_t len = 0;
+        assert_int_equal(queue_body_read(f->e.queue, s->ids[i], 0, body, sizeof(body) - 1, &len),
+                         0);
+        body[len] = '\0';
+        named += strstr(body, addr) != NULL;
+    }
+    return named;
+}
+
+/* A job failed whole (an operator's bounce, a DNS failure) whose envelope
+ * was read before another worker's delivery of one of its recipients was
+ * committed: that outcome is stale. The spool ignored it, and nothing
+ * else may tell it: no bounce counted, no delivery log line, and above
+ * all no DSN that says the delivered recipient failed. The other
+ * recipient's bounce is told, once, with a DSN that names it alone. */
+static void
+stale_outcome_in_no_dsn_and_no_counter(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(env->nrcpt, 2);
+
+    /* recipient 0 delivered, and durable */
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_DELIVERED;
+    rc[0].out.code = 250;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "2.0.0 ok");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 1);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    settle(f);
+    assert_false(stored(f, id, 0));
+    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->lines, 1);
+
+    /* both failed, from the envelope read before */
+    struct smtp_outcome fail;
+    memset(&fail, 0, sizeof(fail));
+    fail.status = SMTP_STATUS_PERMFAIL;
+    fail.code = 550;
+    fail.reason = SMTP_REASON_REPLY;
+    fail.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(fail.text, sizeof(fail.text), "5.1.1 no such user");
+    j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, NULL, &fail, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_false(stored(f, id, 1));
+    assert_null(f->d->pending);
+
+    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->d->stats.bounced, 1); /* recipient 1 only */
+    assert_int_equal(f->bounces, 1);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 0); /* delivered */
+    struct dlog_stats ds;
+    dlog_stats(f->dlog, &ds);
+    uint64_t bounced = 0;
+    for (unsigned c = 0; c < BOUNCE_CLASS_COUNT; c++)
+        bounced += ds.outcomes[DLOG_OUT_BOUNCED][c];
+    assert_int_equal(bounced, 1);
+    /* the DSN's delivery, posted to the worker: not run here */
+    for (struct worker_msg *m = f->w.mbox_head, *next; m != NULL; m = next) {
+        next = m->next;
+        assert_true(delivery_msg_free(m));
+    }
+    f->w.mbox_head = NULL;
+    f->w.mbox_tail = &f->w.mbox_head;
+    fx_free(f);
+}
+
+/* The same with a DSN that names only recipients whose outcome applies:
+ * recipient 0 bounced by an operator (its DSN), then a transaction from
+ * the envelope read before: 250 for recipient 0 (stale), 550 for
+ * recipient 1. The batch is refused for its stale outcome and goes again
+ * with the same DSN, which names recipient 1 alone; recipient 0 is not
+ * counted delivered. */
+static void
+stale_outcome_beside_a_dsn_keeps_the_dsn(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    bounce(f, id, "example.test", idx, 1); /* recipient 0 */
+    settle(f);
+    assert_false(stored(f, id, 0));
+
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_DELIVERED;
+    rc[0].out.code = 250;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "2.0.0 ok");
+    rc[1].out.status = SMTP_STATUS_PERMFAIL;
+    rc[1].out.code = 550;
+    rc[1].out.reason = SMTP_REASON_REPLY;
+    rc[1].out.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(rc[1].out.text, sizeof(rc[1].out.text), "5.1.1 no such user");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_false(stored(f, id, 1));
+    assert_null(f->d->pending);
+
+    assert_int_equal(f->d->stats.delivered, 0); /* recipient 0 was bounced */
+    assert_int_equal(f->d->stats.bounced, 2);
+    assert_int_equal(f->bounces, 2);
+    assert_int_equal(f->lines, 4); /* two bounces, two DSNs */
+    assert_int_equal(f->d->stats.dsn_queued, 2);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
+    for (struct worker_msg *m = f->w.mbox_head, *next; m != NULL; m = next) {
+        next = m->next;
+        assert_true(delivery_msg_free(m));
+    }
+    f->w.mbox_head = NULL;
+    f->w.mbox_tail = &f->w.mbox_head;
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -534,6 +704,8 @@ main(void)
         cmocka_unit_test(bounce_after_a_250_not_yet_durable),
         cmocka_unit_test(dsn_committed_while_stopping_waits_for_the_next_start),
         cmocka_unit_test(stale_outcome_tells_the_backend_nothing),
+        cmocka_unit_test(stale_outcome_in_no_dsn_and_no_counter),
+        cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
