@@ -594,9 +594,7 @@ writer_main(void *arg)
     pthread_mutex_lock(&s->flock);
     for (;;) {
         while (s->fhead == NULL && !s->stop && !s->warm && clock_mono_ms() < next_purge) {
-            struct timespec until;
-            clock_gettime(CLOCK_REALTIME, &until);
-            until.tv_sec += 60;
+            struct timespec until = clock_mono_deadline(60000);
             pthread_cond_timedwait(&s->fcv, &s->flock, &until);
         }
         if (s->fhead == NULL && s->stop)
@@ -680,7 +678,7 @@ suppress_open(const struct suppress_config *cfg, struct suppress **out, char *er
     s->cfg.complaint_ttl = cfg->complaint_ttl;
     pthread_mutex_init(&s->wlock, NULL);
     pthread_mutex_init(&s->flock, NULL);
-    pthread_cond_init(&s->fcv, NULL);
+    clock_cond_init_mono(&s->fcv);
     pthread_cond_init(&s->dcv, NULL);
     s->ftail = &s->fhead;
     int rc = fs_mkdir_p(cfg->path);
