@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--domains", type=int, default=1)
     ap.add_argument("--spool", default="/var/tmp")
     ap.add_argument("--dlog", action="store_true",
-                    help="run twice, with the JSON delivery log off and on, and compare")
+                    help="run twice, with the JSON delivery log off and on, and compare "
+                         "(with --before: both binaries with the log on)")
     ap.add_argument("--dkim", action="store_true",
                     help="run unsigned, Ed25519-signed and RSA-2048-signed, twice each, "
                          "alternating, and compare")
@@ -123,7 +124,9 @@ def main():
     if a.before:
         runs = [("before", ""), ("after", "")] * a.rounds
         binaries = {"before": a.before, "after": a.sluice}
-    if a.dlog:
+    if a.dlog and a.before:
+        runs = [("before", "dlog"), ("after", "dlog")] * a.rounds  # both with the log on
+    elif a.dlog:
         runs = [("log off", ""), ("log on", "dlog")] * 2
     if a.shaping:
         runs = [("shaping off", "shaping-off"), ("1,000 rules", "shaping-rules"),
@@ -217,7 +220,7 @@ def main():
         for lab, v in best.items():
             print(f"    {lab:24s} {v:8.0f} msg/s ({100 * v / off:.0f}% of shaping off), "
                   f"sluice CPU {cpu[lab] * 1e6:.0f} us per message")
-    if a.dlog:
+    if a.dlog and not a.before:
         off = [r[1][3] / r[1][1] for r in results if r[0] == "log off"]
         on = [r[1][3] / r[1][1] for r in results if r[0] == "log on"]
         best_off, best_on = max(off), max(on)
