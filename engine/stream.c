@@ -166,7 +166,19 @@ stream_recv(struct stream *st)
         if (st->cin_len == STREAM_CIN_CAP)
             return 0;
         sqe = worker_sqe(st->w, &st->recv_op);
-        io_uring_prep_recv(sqe, st->fd, st->buf + st->cin_len, STREAM_CIN_CAP - st->cin_len, 0);
+        if (st->bufs != NULL && st->cin_len == 0) {
+            /* Nothing waits to be fed: the kernel picks a provided buffer
+             * when octets arrive, so a connection that waits holds no
+             * ciphertext buffer (stream_on_recv copies into buf). */
+            free(st->buf);
+            st->buf = NULL;
+            io_uring_prep_recv(sqe, st->fd, NULL, STREAM_BUF_SIZE, 0);
+            sqe->flags |= IOSQE_BUFFER_SELECT;
+            sqe->buf_group = st->bufs->bgid;
+        } else {
+            io_uring_prep_recv(sqe, st->fd, st->buf + st->cin_len, STREAM_CIN_CAP - st->cin_len,
+                               0);
+        }
         st->recv_tls = true;
     } else if (st->ops->room != NULL) {
         size_t cap = 0;
@@ -218,7 +230,18 @@ stream_on_recv(struct worker *w, struct op *op, int res, uint32_t flags)
         }
         return;
     }
-    if (st->recv_tls) {
+    if (st->recv_tls && provided) {
+        /* Posted only while buf was empty (stream_recv), so it fits. */
+        if (st->buf == NULL && (st->buf = malloc(STREAM_CIN_CAP)) == NULL) {
+            bufs_put(st->bufs, bid);
+            st->ops->on_eof(st, -ENOMEM, false);
+            return;
+        }
+        memcpy(st->buf, bufs_at(st->bufs, bid), (size_t)res);
+        bufs_put(st->bufs, bid);
+        st->cin_off = 0;
+        st->cin_len = (uint32_t)res;
+    } else if (st->recv_tls) {
         st->cin_len += (uint32_t)res;
     } else {
         st->held = (uint32_t)res;
@@ -249,6 +272,12 @@ tls_feed(struct stream *st)
         memmove(st->buf, st->buf + st->cin_off, st->cin_len - st->cin_off);
         st->cin_len -= st->cin_off;
         st->cin_off = 0;
+    }
+    if (st->cin_len == 0 && st->bufs != NULL && !st->recv_busy) {
+        /* All fed: the next read goes to a provided buffer; buf comes
+         * back when one completes. */
+        free(st->buf);
+        st->buf = NULL;
     }
     return (ssize_t)moved;
 }
@@ -451,8 +480,9 @@ stream_start_tls(struct stream *st, struct tls_conn *tls)
     }
     held_drop(st);
     free(st->buf);
-    st->buf = malloc(STREAM_CIN_CAP);
-    if (st->buf == NULL) {
+    st->buf = NULL;
+    /* With provided buffers, buf comes when ciphertext does (stream_on_recv). */
+    if (st->bufs == NULL && (st->buf = malloc(STREAM_CIN_CAP)) == NULL) {
         tls_conn_free(tls);
         return -ENOMEM;
     }

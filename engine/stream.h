@@ -23,9 +23,12 @@
  *    when octets arrive, so a connection waiting for a reply holds no
  *    input buffer), or in a buffer of the stream's own when there are
  *    none (an old kernel). Outbound connections use it.
- * Over TLS, ciphertext is read into a buffer the stream allocates at
- * stream_start_tls() (a whole record fits) and fed to the conn; plaintext
- * goes to the room, or in lend mode through a buffer on the stack.
+ * Over TLS, ciphertext is read into a buffer of the stream's (a whole
+ * record fits) and fed to the conn; plaintext goes to the room, or in lend
+ * mode through a buffer on the stack. That buffer is allocated at
+ * stream_start_tls(), or, with provided buffers, only while ciphertext
+ * waits in it: a read with nothing left to feed goes to a provided buffer
+ * and is copied in, so an idle TLS connection holds none.
  *
  * Output. The owner keeps what it has to say; stream_send() pulls it with
  * output() and sends it as it stands (plain: the send SQE points into the
@@ -129,7 +132,8 @@ struct stream {
     const struct stream_ops *ops; /* borrowed (static) */
     struct stream_bufs *bufs;    /* borrowed, lend mode; NULL: none */
     struct tls_conn *tls;        /* owned, from stream_start_tls(); NULL: plaintext */
-    char *buf;                   /* owned: TLS: ciphertext in, STREAM_CIN_CAP;
+    char *buf;                   /* owned: TLS: ciphertext in, STREAM_CIN_CAP
+                                  * (with provided buffers: NULL while empty);
                                   * plaintext in lend mode without provided
                                   * buffers: STREAM_BUF_SIZE; else NULL */
     uint32_t cin_off, cin_len;   /* buf[cin_off..cin_len) waits to be fed; compacted
@@ -139,7 +143,8 @@ struct stream {
     uint16_t held_bid;           /* its provided buffer */
     bool held_buf : 1;           /* ... is a provided buffer */
     bool recv_busy : 1, send_busy : 1, connecting : 1, closed : 1;
-    bool recv_tls : 1;           /* the read in flight is into buf as ciphertext */
+    bool recv_tls : 1;           /* the read in flight is of ciphertext (into buf, or a
+                                  * provided buffer while buf is empty) */
     bool tls_ready : 1;          /* handshake complete */
     bool ending : 1;             /* close_notify after the output */
     bool tls_shut : 1;           /* close_notify queued */

@@ -3,7 +3,8 @@
  * (no network): plain transfers into a room the size of a few octets,
  * into the worker's provided buffers and into a stream's own buffer; TLS
  * both ways at once (a lend-mode client against a room-mode server with
- * a tiny room), ended with close_notify; a TLS server fed plaintext; a
+ * a tiny room), ended with close_notify; a TLS client waiting without a
+ * ciphertext buffer; a TLS server fed plaintext; a
  * stream closed with a read in flight. Each test runs the loop until
  * every end has been released, bounded by a deadline.
  *
@@ -42,6 +43,8 @@ struct end {
     const char *out;           /* borrowed: what it sends */
     size_t out_len, out_off;
     bool wait_peer_eof;        /* done only once the peer's close_notify came */
+    bool check_idle_buf;       /* a TLS read waiting with nothing to feed holds no buffer */
+    unsigned idle_checks;      /* times that was checked */
     unsigned handshakes, eofs;
     int eof_err, read_err;
     bool peer_eof, ending, closed, released;
@@ -189,6 +192,10 @@ t_on_readable(struct stream *st)
         e->peer_eof = true;
     stream_send(st);
     stream_recv(st);
+    if (e->check_idle_buf && stream_busy(st) && st->recv_busy && st->cin_len == 0) {
+        assert_null(st->buf);
+        e->idle_checks++;
+    }
     end_progress(e);
 }
 
@@ -448,6 +455,37 @@ test_tls_both_ways(void **state)
     free(db);
 }
 
+/* A TLS client with the worker's provided buffers waiting for the
+ * server holds no ciphertext buffer of its own (17 KB per idle outbound
+ * connection otherwise); what it reads still arrives whole. */
+static void
+test_tls_idle_holds_no_buffer(void **state)
+{
+    struct fixture *f = *state;
+    if (stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
+        skip();
+    size_t len = 40 * 1000; /* records over several provided buffers */
+    char *da = pattern(len, 3), *db = pattern(len, 4);
+    ends_init(f, true, 0);
+    f->a.out = da;
+    f->a.out_len = len;
+    f->a.expect = len;
+    f->a.check_idle_buf = true;
+    f->b.out = db;
+    f->b.out_len = len;
+    f->b.expect = len;
+    f->b.wait_peer_eof = true;
+    f->start = start_tls;
+    run(f);
+    assert_int_equal(f->a.read_err, 0);
+    assert_int_equal(f->a.got_len, len);
+    assert_memory_equal(f->a.got, db, len);
+    assert_memory_equal(f->b.got, da, len);
+    assert_true(f->a.idle_checks > 0);
+    free(da);
+    free(db);
+}
+
 /* A client that talks plaintext to a TLS server: the server's read fails
  * before any handshake, and nothing reaches it as data. */
 static void
@@ -512,6 +550,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_plain_provided_buffers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_plain_own_buffer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_both_ways, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_idle_holds_no_buffer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_plaintext_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
     };
