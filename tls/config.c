@@ -27,7 +27,8 @@ const struct conf_key tls_conf_keys[] = {
     {"max_protocol", CONF_ENUM, TLS(max_protocol), 0, 0, "TLSv1.3",
      "newest TLS version offered, inbound and outbound", tls_protocols},
     {"ciphers", CONF_STRING, TLS(ciphers), 1, 4096, NULL,
-     "OpenSSL cipher list for TLS 1.2; unset: OpenSSL's default", NULL},
+     "OpenSSL cipher list for TLS 1.2; unset: OpenSSL's default; with ciphersuites, one "
+     "that leaves no cipher usable under the protocols allowed is refused", NULL},
     {"ciphersuites", CONF_STRING, TLS(ciphersuites), 1, 4096, NULL,
      "OpenSSL ciphersuites for TLS 1.3, colon-separated; unset: OpenSSL's default", NULL},
     {"ca_file", CONF_STRING, TLS(ca_file), 1, PATH_MAX, NULL,

@@ -76,6 +76,34 @@ ctx_setup(SSL_CTX *s, const struct tls_config *cfg, char *err, size_t errlen)
     return 0;
 }
 
+/* Whether any cipher is left once OpenSSL filters the lists by the
+ * protocol range and its security level. SSL_CTX_set_cipher_list only
+ * asks that a name match, so "@SECLEVEL=3:AES128-SHA" or a list of PSK
+ * ciphers under max_protocol = TLSv1.2 loads, and then every handshake
+ * fails before a ClientHello is written (an outbound peer only sees an
+ * alert and hangs up) or finds no shared cipher: the operator hears it
+ * at startup or reload instead. */
+static int
+ctx_check_ciphers(SSL_CTX *s, const struct tls_config *cfg, char *err, size_t errlen)
+{
+    SSL *ssl = SSL_new(s);
+    if (ssl == NULL)
+        return ctx_fail(err, errlen, "ciphers", "check");
+    STACK_OF(SSL_CIPHER) *sk = SSL_get1_supported_ciphers(ssl);
+    int n = sk != NULL ? sk_SSL_CIPHER_num(sk) : 0;
+    sk_SSL_CIPHER_free(sk);
+    SSL_free(ssl);
+    ERR_clear_error();
+    if (n > 0)
+        return 0;
+    snprintf(err, errlen,
+             "ciphers %s, ciphersuites %s: none usable with the protocols allowed "
+             "(min_protocol..max_protocol) at OpenSSL's security level",
+             cfg->ciphers != NULL ? cfg->ciphers : "(default)",
+             cfg->ciphersuites != NULL ? cfg->ciphersuites : "(default)");
+    return TLS_ECONFIG;
+}
+
 /* The last trust generation handed out. Process-wide because it must be
  * unique across every ctx of the process, whichever thread makes one; it
  * only ever grows. */
@@ -152,6 +180,8 @@ tls_ctx_new_server(const struct tls_config *cfg, struct tls_ctx **out, char *err
     SSL_CTX_set_options(s, SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_dh_auto(s, 1);
     SSL_CTX_set_verify(s, SSL_VERIFY_NONE, NULL);
+    if ((rc = ctx_check_ciphers(s, cfg, err, errlen)) != 0)
+        goto fail;
     ERR_clear_error();
     return ctx_wrap(s, cfg, true, out, err, errlen);
 fail:
@@ -212,6 +242,8 @@ tls_ctx_new_client(const struct tls_config *cfg, struct tls_ctx **out, char *err
      * session id. */
     SSL_CTX_set_session_cache_mode(s, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(s, tls_conn_on_new_session);
+    if ((rc = ctx_check_ciphers(s, cfg, err, errlen)) != 0)
+        goto fail;
     ERR_clear_error();
     return ctx_wrap(s, cfg, false, out, err, errlen);
 fail:

@@ -184,6 +184,15 @@ test_ctx_errors(void **state)
     test_config_set(&cfg, "ciphers", "NO-SUCH-CIPHER");
     expect_ctx_error(&cfg, true, TLS_ECONFIG, "ciphers NO-SUCH-CIPHER");
     expect_ctx_error(&cfg, false, TLS_ECONFIG, "ciphers NO-SUCH-CIPHER");
+    /* Names that match, but nothing left under TLS 1.2 alone: every
+     * handshake would fail (a client's before its ClientHello). */
+    test_config_set(&cfg, "max_protocol", "TLSv1.2");
+    test_config_set(&cfg, "ciphers", "PSK");
+    expect_ctx_error(&cfg, true, TLS_ECONFIG, "ciphers PSK, ciphersuites (default): none usable");
+    expect_ctx_error(&cfg, false, TLS_ECONFIG, "ciphers PSK, ciphersuites (default): none usable");
+    test_config_set(&cfg, "ciphers", "@SECLEVEL=3:AES128-SHA");
+    expect_ctx_error(&cfg, false, TLS_ECONFIG, "none usable");
+    test_config_set(&cfg, "max_protocol", "TLSv1.3");
     free(cfg.ciphers);
     cfg.ciphers = NULL;
     test_config_set(&cfg, "ciphersuites", "TLS_NOPE");
