@@ -1074,6 +1074,7 @@ tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res)
             curl_slist_free_all(d->hdrs[i]);
             d->easy[i] = NULL;
             d->hdrs[i] = NULL;
+            d->posts--;
         }
     d->posted += ok;
     if (d->posts == 0)
