@@ -123,21 +123,25 @@ span_is(const char *s, const char *e, const char *word)
     return (size_t)(e - s) == n && memcmp(s, word, n) == 0;
 }
 
-/* An mx pattern: a host name, or "*." and one; lowercased into out. */
+/* An mx pattern: a host name, or "*." and one; normalised into out as
+ * mta_sts_match() normalises the MX host (lowercase, no trailing dot), so
+ * that a pattern the parser takes is one a host can match. */
 static bool
 mx_pattern_ok(const char *s, const char *e, char *out, size_t cap)
 {
     size_t n = (size_t)(e - s);
-    if (n == 0 || n + 1 > cap)
+    if (n == 0 || n + 1 > cap || memchr(s, '\0', n) != NULL)
         return false;
-    for (size_t i = 0; i < n; i++)
-        out[i] = (char)tolower((unsigned char)s[i]);
+    memcpy(out, s, n);
     out[n] = '\0';
-    const char *name = out;
+    char *name = out;
     if (n > 2 && out[0] == '*' && out[1] == '.')
         name = out + 2;
     char norm[DNS_NAME_MAX + 1];
-    return dns_name_normalize(name, norm) > 0 && strchr(name, '*') == NULL;
+    if (strchr(name, '*') != NULL || dns_name_normalize(name, norm) <= 0)
+        return false;
+    memcpy(name, norm, strlen(norm) + 1); /* no longer than name */
+    return true;
 }
 
 int

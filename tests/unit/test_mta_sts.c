@@ -141,6 +141,36 @@ test_match(void **state)
     mta_sts_policy_unref(p);
 }
 
+/* An mx pattern written as a fully qualified name ("mx.example.com.")
+ * is taken by the parser, so it must match the host it names: stored as
+ * the host is compared (no trailing dot), not kept verbatim and matched
+ * by nothing (enforce would then refuse every MX of the domain). A NUL
+ * inside an mx line is no host name. */
+static void
+test_match_trailing_dot(void **state)
+{
+    (void)state;
+    struct mta_sts_policy *p = NULL;
+    const char *why;
+    const char *text = "version: STSv1\nmode: enforce\nmx: MX.Example.COM.\nmx: *.example.org.\n"
+                       "max_age: 60\n";
+    assert_int_equal(mta_sts_policy_parse(text, strlen(text), &p, &why), 0);
+    assert_int_equal(p->nmx, 2);
+    assert_string_equal(p->mx[0], "mx.example.com");
+    assert_string_equal(p->mx[1], "*.example.org");
+    assert_true(mta_sts_match(p, "mx.example.com"));
+    assert_true(mta_sts_match(p, "mx.example.com."));
+    assert_true(mta_sts_match(p, "a.example.org"));
+    assert_false(mta_sts_match(p, "example.org"));
+    mta_sts_policy_unref(p);
+
+    static const char nul[] = "version: STSv1\nmode: enforce\nmx: mx.example.com\0.evil\n"
+                              "max_age: 60\n";
+    p = NULL;
+    assert_int_equal(mta_sts_policy_parse(nul, sizeof(nul) - 1, &p, &why), -EINVAL);
+    assert_null(p);
+}
+
 static void
 test_txt(void **state)
 {
@@ -340,7 +370,8 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_policy_table), cmocka_unit_test(test_policy_every_split),
         cmocka_unit_test(test_policy_many_mx),
-        cmocka_unit_test(test_match),        cmocka_unit_test(test_txt),
+        cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
+        cmocka_unit_test(test_txt),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
