@@ -900,12 +900,15 @@ txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt, un
         else if (rc == -EINVAL)
             bad++;
     }
-    if (found == 1)
+    if (found == 1 && bad == 0)
         return 1;
-    /* RFC 8461 3.1: several STSv1 records, or a broken one, count as
-     * none. */
-    *result = found > 1 || bad > 0 ? "bad_record" : "no_record";
-    *why = found > 1 ? "several STSv1 records" : bad > 0 ? "STSv1 record without a valid id" : NULL;
+    /* RFC 8461 3.1: unless exactly one STSv1 record remains and it is
+     * valid, there is no policy: several STSv1 records (valid or broken
+     * alike) or a broken one count as none. */
+    *result = found + bad > 0 ? "bad_record" : "no_record";
+    *why = found + bad > 1 ? "several STSv1 records"
+           : bad > 0       ? "STSv1 record without a valid id"
+                           : NULL;
     return 0;
 }
 

@@ -7,9 +7,15 @@
  * its fields, and no field that could end a header line early or forge
  * another one; the report's JSON with DANE sessions (policy type tlsa, its
  * TLSA records, its failures), an MTA-STS policy and a failed fetch side
- * by side, and the same after the state file is read back.
+ * by side, and the same after the state file is read back. The store
+ * itself is driven only through a worker's TXT answer
+ * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -188,6 +194,72 @@ test_txt(void **state)
     assert_int_equal(mta_sts_txt_parse("v=STSv1; id=a-b", id), -EINVAL);
     assert_int_equal(mta_sts_txt_parse("v=STSv1; id=123456789012345678901234567890123", id),
                      -EINVAL);
+}
+
+/* RFC 8461 3.1: beside a valid STSv1 record, a second one that is
+ * broken (an id that is not 1..32 alphanumerics) leaves the domain
+ * without a policy, as two valid ones do: the number of STSv1 records is
+ * not one. Driven through mta_sts_txt_answer (a worker's TXT answer):
+ * with no policy the check ends there (READY, none); with one the thread
+ * would fetch it (WAIT). The store's resolver asks a socket that never
+ * answers, so nothing else moves the domain. */
+static void
+test_txt_answer_broken_second_record(void **state)
+{
+    (void)state;
+    int mute = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(mute >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
+    char dir[] = "/tmp/sluice-mta-sts-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char conf[PATH_MAX], cache[PATH_MAX], text[512], err[256];
+    snprintf(conf, sizeof(conf), "%s/sluice.conf", dir);
+    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    int n = snprintf(text, sizeof(text),
+                     "[server]\nhostname = relay.test\n"
+                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+                     "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
+                     ntohs(sin.sin_port));
+    FILE *cf = fopen(conf, "w");
+    assert_non_null(cf);
+    assert_int_equal(fwrite(text, 1, (size_t)n, cf), (size_t)n);
+    fclose(cf);
+    struct config *cfg = NULL;
+    assert_int_equal(config_load(conf, &cfg, stderr), 0);
+    struct mta_sts *m = NULL;
+    assert_int_equal(mta_sts_new(cfg, cache, &m, err, sizeof(err)), 0);
+
+    struct mta_sts_policy *p = NULL;
+    const char *one_bad[] = {"v=STSv1; id=20261202", "v=STSv1; id=not-an-id"};
+    assert_int_equal(mta_sts_get(m, "mixed.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "mixed.test", DNS_OK, "ok", one_bad, 2);
+    assert_int_equal(mta_sts_get(m, "mixed.test", true, &p), MTA_STS_READY);
+    assert_null(p);
+
+    const char *two[] = {"v=STSv1; id=1", "v=STSv1; id=2"};
+    assert_int_equal(mta_sts_get(m, "two.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "two.test", DNS_OK, "ok", two, 2);
+    assert_int_equal(mta_sts_get(m, "two.test", true, &p), MTA_STS_READY);
+    assert_null(p);
+
+    /* One valid record among others that are not STSv1: fetched. */
+    const char *other[] = {"v=spf1 -all", "v=STSv1; id=1"};
+    assert_int_equal(mta_sts_get(m, "one.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "one.test", DNS_OK, "ok", other, 2);
+    assert_int_equal(mta_sts_get(m, "one.test", true, &p), MTA_STS_WAIT);
+
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 3);
+    mta_sts_free(m);
+    config_free(cfg);
+    close(mute);
+    unlink(cache);
+    unlink(conf);
+    rmdir(dir);
 }
 
 static void
@@ -371,7 +443,7 @@ main(void)
         cmocka_unit_test(test_policy_table), cmocka_unit_test(test_policy_every_split),
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
-        cmocka_unit_test(test_txt),
+        cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
