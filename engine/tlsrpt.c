@@ -1093,9 +1093,19 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
     if (rec == NULL) {
         log_msg(LOG_INFO, "event=tlsrpt_no_record domain=%s%s%s", d->domain,
                 status != DNS_OK ? " reason=" : "", status != DNS_OK ? why : "");
-        /* Nobody to tell: the day is done (a DNS failure tries again). */
-        d->posted = status == DNS_RETRY ? 0 : 1;
-        day_sent(r, d);
+        if (status == DNS_RETRY) { /* a DNS failure: a failed try, tried again */
+            d->posted = 0;
+            day_sent(r, d);
+            return;
+        }
+        /* Nobody to tell: the day is done, and no report was sent (not
+         * counted in reports_sent, no tlsrpt_sent line). */
+        d->st = DAY_IDLE;
+        pthread_mutex_lock(&r->lock);
+        hash_remove(&r->days, &d->hn);
+        r->dirty = true;
+        pthread_mutex_unlock(&r->lock);
+        day_free(d);
         return;
     }
     struct json j;
