@@ -565,6 +565,18 @@ cache_save(struct mta_sts *m)
     }
 }
 
+/* A cache file's number: digits only, 19 at most (no sign, no wrap past
+ * UINT64_MAX). */
+static bool
+cache_number(const char *s, uint64_t *out)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 19 || strspn(s, "0123456789") != n)
+        return false;
+    *out = strtoull(s, NULL, 10);
+    return true;
+}
+
 /* Before the thread starts: the policies a previous run learned. A line
  * that does not parse is skipped (logged); an expired policy is dropped. */
 static void
@@ -598,16 +610,23 @@ cache_load(struct mta_sts *m)
         bool ok = p != NULL && fetched != NULL && dns_name_normalize(name, norm) > 0 &&
                   strlen(id) < sizeof(p->id);
         if (ok) {
+            /* As the fetch would have left it: a line that no fetch could
+             * have written (a mode that is not one, a max_age past the
+             * RFC's year, a fetch in the future, an enforce policy without
+             * mx) is corruption, not a policy to keep for years. */
             atomic_init(&p->refs, 1);
             snprintf(p->id, sizeof(p->id), "%s", id);
             p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
                       : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
                                                      : MTA_STS_NONE;
-            p->max_age = strtoull(age, NULL, 10);
-            p->fetched_ms = strtoull(fetched, NULL, 10);
+            ok = p->mode != MTA_STS_NONE || strcmp(mode, "none") == 0;
+            ok = ok && cache_number(age, &p->max_age) && p->max_age <= MTA_STS_MAX_AGE;
+            ok = ok && cache_number(fetched, &p->fetched_ms) && p->fetched_ms <= now + SAVE_MS;
             p->expires_ms = p->fetched_ms + p->max_age * 1000;
-            for (char *x; p->nmx < MTA_STS_MAX_MX && (x = strtok_r(NULL, " ", &save)) != NULL;)
-                ok = ok && mx_pattern_ok(x, x + strlen(x), p->mx[p->nmx++], sizeof(p->mx[0]));
+            for (char *x;
+                 ok && p->nmx < MTA_STS_MAX_MX && (x = strtok_r(NULL, " ", &save)) != NULL;)
+                ok = mx_pattern_ok(x, x + strlen(x), p->mx[p->nmx++], sizeof(p->mx[0]));
+            ok = ok && (p->nmx > 0 || p->mode == MTA_STS_NONE);
         }
         if (!ok) {
             free(p);
@@ -622,6 +641,11 @@ cache_load(struct mta_sts *m)
         if (e == NULL) {
             free(p);
             continue;
+        }
+        if (e->pol != NULL) { /* a second line for the domain: the last stands */
+            m->st.policies--;
+            m->st.enforce -= e->pol->mode == MTA_STS_ENFORCE;
+            loaded--;
         }
         mta_sts_policy_unref(e->pol);
         e->pol = p;

@@ -9,11 +9,11 @@
  * TLSA records, its failures), an MTA-STS policy and a failed fetch side
  * by side, and the same after the state file is read back. The store
  * itself is driven only through a worker's TXT answer
- * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy.
+ * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy;
+ * and its cache file read back, corrupt lines and all.
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <limits.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <setjmp.h>
@@ -196,41 +196,76 @@ test_txt(void **state)
                      -EINVAL);
 }
 
-/* RFC 8461 3.1: beside a valid STSv1 record, a second one that is
- * broken (an id that is not 1..32 alphanumerics) leaves the domain
- * without a policy, as two valid ones do: the number of STSv1 records is
- * not one. Driven through mta_sts_txt_answer (a worker's TXT answer):
- * with no policy the check ends there (READY, none); with one the thread
- * would fetch it (WAIT). The store's resolver asks a socket that never
- * answers, so nothing else moves the domain. */
+/* A store whose resolver asks a socket that never answers (nothing but
+ * the test moves a domain), its cache file in a directory of its own,
+ * that file written first from cache_text when it is not NULL. */
+struct store {
+    int mute;
+    char dir[64], conf[128], cache[128];
+    struct config *cfg;
+    struct mta_sts *m;
+};
+
 static void
-test_txt_answer_broken_second_record(void **state)
+store_new(struct store *s, const char *cache_text)
 {
-    (void)state;
-    int mute = socket(AF_INET, SOCK_DGRAM, 0);
-    assert_true(mute >= 0);
+    s->mute = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(s->mute >= 0);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t sl = sizeof(sin);
-    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
-    char dir[] = "/tmp/sluice-mta-sts-XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    char conf[PATH_MAX], cache[PATH_MAX], text[512], err[256];
-    snprintf(conf, sizeof(conf), "%s/sluice.conf", dir);
-    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    assert_int_equal(bind(s->mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(s->mute, (struct sockaddr *)&sin, &sl), 0);
+    snprintf(s->dir, sizeof(s->dir), "/tmp/sluice-mta-sts-XXXXXX");
+    assert_non_null(mkdtemp(s->dir));
+    snprintf(s->conf, sizeof(s->conf), "%s/sluice.conf", s->dir);
+    snprintf(s->cache, sizeof(s->cache), "%s/mta-sts.cache", s->dir);
+    char text[512], err[256];
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
                      "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
                      "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
                      ntohs(sin.sin_port));
-    FILE *cf = fopen(conf, "w");
-    assert_non_null(cf);
-    assert_int_equal(fwrite(text, 1, (size_t)n, cf), (size_t)n);
-    fclose(cf);
-    struct config *cfg = NULL;
-    assert_int_equal(config_load(conf, &cfg, stderr), 0);
-    struct mta_sts *m = NULL;
-    assert_int_equal(mta_sts_new(cfg, cache, &m, err, sizeof(err)), 0);
+    FILE *f = fopen(s->conf, "w");
+    assert_non_null(f);
+    assert_int_equal(fwrite(text, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    if (cache_text != NULL) {
+        f = fopen(s->cache, "w");
+        assert_non_null(f);
+        assert_int_equal(fputs(cache_text, f) >= 0, 1);
+        fclose(f);
+    }
+    s->cfg = NULL;
+    assert_int_equal(config_load(s->conf, &s->cfg, stderr), 0);
+    s->m = NULL;
+    if (mta_sts_new(s->cfg, s->cache, &s->m, err, sizeof(err)) != 0)
+        fail_msg("mta_sts_new: %s", err);
+}
+
+static void
+store_free(struct store *s)
+{
+    s->m = mta_sts_free(s->m);
+    s->cfg = config_free(s->cfg);
+    close(s->mute);
+    unlink(s->cache);
+    unlink(s->conf);
+    rmdir(s->dir);
+}
+
+/* RFC 8461 3.1: beside a valid STSv1 record, a second one that is
+ * broken (an id that is not 1..32 alphanumerics) leaves the domain
+ * without a policy, as two valid ones do: the number of STSv1 records is
+ * not one. Driven through mta_sts_txt_answer (a worker's TXT answer):
+ * with no policy the check ends there (READY, none); with one the thread
+ * would fetch it (WAIT). */
+static void
+test_txt_answer_broken_second_record(void **state)
+{
+    (void)state;
+    struct store s;
+    store_new(&s, NULL);
+    struct mta_sts *m = s.m;
 
     struct mta_sts_policy *p = NULL;
     const char *one_bad[] = {"v=STSv1; id=20261202", "v=STSv1; id=not-an-id"};
@@ -254,12 +289,38 @@ test_txt_answer_broken_second_record(void **state)
     struct mta_sts_stats st;
     mta_sts_stats(m, &st);
     assert_int_equal(st.checks, 3);
-    mta_sts_free(m);
-    config_free(cfg);
-    close(mute);
-    unlink(cache);
-    unlink(conf);
-    rmdir(dir);
+    store_free(&s);
+}
+
+/* The cache file is read back as the fetch left it: a corrupt line (a
+ * max_age past a year, a fetch in the future, an unknown mode, enforce
+ * without mx, a number with a sign) is skipped, not kept as a policy for
+ * ages; a domain on two lines is one policy (the last), counted once. */
+static void
+test_cache_corrupt_lines(void **state)
+{
+    (void)state;
+    unsigned long long now = (unsigned long long)time(NULL) * 1000;
+    char text[2048];
+    snprintf(text, sizeof(text),
+             "sluice-mta-sts 1\n"
+             "dup.test 1 enforce 86400 %llu mx.dup.test\n"
+             "dup.test 2 testing 86400 %llu mx.dup.test\n"
+             "forever.test 1 enforce 99999999999 %llu mx.forever.test\n"
+             "future.test 1 enforce 86400 %llu mx.future.test\n"
+             "weird.test 1 strict 86400 %llu mx.weird.test\n"
+             "nomx.test 1 enforce 86400 %llu\n"
+             "signed.test 1 enforce -86400 %llu mx.signed.test\n"
+             "ok.test 1 enforce 86400 %llu *.ok.test\n",
+             now, now, now, now + 10ULL * 365 * 86400000, now, now, now, now);
+    struct store s;
+    store_new(&s, text);
+    struct mta_sts_stats st;
+    mta_sts_stats(s.m, &st);
+    assert_int_equal(st.policies, 2); /* dup.test (testing), ok.test */
+    assert_int_equal(st.enforce, 1);
+    assert_int_equal(st.domains, 2);
+    store_free(&s);
 }
 
 static void
@@ -444,6 +505,7 @@ main(void)
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
+        cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
