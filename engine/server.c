@@ -1511,14 +1511,21 @@ suppress_one(struct session *s, const char *addr, const char *tenant, char *text
     return 1;
 }
 
-/* The tenant whose list RCPT checks: the users file's tenant= of the AUTH
- * user (the one VERP tokens carry, so that complaints land in that list).
- * A tenant named by control header fields is known only after DATA
- * (suppress_after_data). */
+/* The tenant whose list RCPT checks: the AUTH user's tenant= under the
+ * config's name for it, the one the message, its VERP token and so its
+ * complaints carry (names compare without case, list scopes with it: the
+ * users file's "ACME" is [tenant acme], whose list is scope "acme"). A
+ * tenant the config does not name is checked as written (the message is
+ * refused after DATA anyway). A tenant named by control header fields is
+ * known only after DATA (suppress_after_data). */
 static const char *
 rcpt_tenant(const struct session *s)
 {
-    return s->user != NULL ? s->user->tenant : NULL;
+    if (s->user == NULL || s->user->tenant == NULL)
+        return NULL;
+    const struct tenant_config *t =
+        config_tenant(s->sw->e->cfg, s->user->tenant, strlen(s->user->tenant));
+    return t != NULL ? t->name : s->user->tenant;
 }
 
 /* The suppression list at RCPT: one read transaction. True when the

@@ -272,6 +272,45 @@ def test_header_tenant_checked_after_data():
         r.close()
 
 
+def test_auth_tenant_named_in_another_case():
+    """Tenant names compare without case: a users file's tenant=ACME is
+    the config's [tenant acme], whose name the message, its VERP token and
+    so its complaints carry. RCPT checks that tenant's list under the
+    config's name, not under the users file's spelling (under which no
+    entry was ever written: the recipient went through RCPT and DATA)."""
+    import base64
+    import shutil
+    import tempfile
+    from test_auth import crypt
+    keydir = tempfile.mkdtemp(prefix="sluice-sup-users-")
+    users = os.path.join(keydir, "users")
+    with open(users, "w") as fh:
+        fh.write(f"app1:{crypt('secret', '$6$rounds=5000$')}:tenant=ACME\n")
+    r = Relay(records_for(["ten.test"]), domain_conf=conf(
+        f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n[tenant acme]\n"))
+    try:
+        ctl_ok(r, "suppress", "add", "gone@ten.test", "--scope", "acme")
+        c = Client(r.port)
+        auth = base64.b64encode(b"\0app1\0secret").decode()
+        assert c.cmd("AUTH PLAIN " + auth).startswith("235")
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        reply = c.cmd("RCPT TO:<gone@ten.test>")
+        assert reply == "550 5.7.1 <gone@ten.test> is on the do-not-mail list (manual)", reply
+        assert c.cmd("RCPT TO:<here@ten.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.s.sendall(b"Subject: s\r\n\r\nhello\r\n.\r\n")
+        assert c.f.readline().startswith(b"250")
+        c.close()
+        d = wait_events(r.dlog, lambda e: e["event"] == "delivery", 1)
+        assert [(e["rcpt"], e.get("tenant")) for e in d] == [("here@ten.test", "acme")], d
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 1)
+        assert [(e["rcpt"], e["scope"]) for e in sup] == [("gone@ten.test", "acme")], sup
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
 def test_hard_bounce_feeds_the_list():
     r = Relay(records_for(["gone.test"]), with_sink=False,
               domain_conf=conf("on_invalid_recipient = 30d\n"))
@@ -421,4 +460,5 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
-          test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data])
+          test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
+          test_auth_tenant_named_in_another_case])
