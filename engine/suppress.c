@@ -776,7 +776,9 @@ suppress_check(struct suppress *s, const char *scope, const char *addr, struct s
     }
     bool scoped = scope != NULL && strcmp(scope, SUPPRESS_SCOPE_GLOBAL) != 0 &&
                   check_scope(scope) == 0;
-    const char *dom = strchr(norm, '@'); /* "@domain" */
+    /* "@domain": after the last '@', as normalize() split it (a quoted
+     * local part may hold one) */
+    const char *dom = strrchr(norm, '@');
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
     if (rc != 0)

@@ -129,6 +129,13 @@ test_domain_and_scope(void **state)
     snprintf(longer + 100, sizeof(longer) - 100, "@DEAD.example");
     assert_int_equal(suppress_check(f->s, NULL, longer, &e), 1);
     assert_string_equal(e.addr, "@dead.example");
+    /* a quoted local part with an '@' in it (RFC 5321 4.1.2): the domain
+     * is what follows the last '@', for the address's entry and its
+     * domain's alike */
+    assert_int_equal(suppress_check(f->s, NULL, "\"a@b\"@dead.example", &e), 1);
+    assert_string_equal(e.addr, "@dead.example");
+    assert_int_equal(suppress_check(f->s, "t1", "\"x@live.example\"@gone.example", &e), 1);
+    assert_string_equal(e.addr, "@gone.example");
     /* the tenant's entries hold for that tenant only */
     assert_int_equal(suppress_check(f->s, NULL, "y@gone.example", NULL), 0);
     assert_int_equal(suppress_check(f->s, "t2", "y@gone.example", NULL), 0);
