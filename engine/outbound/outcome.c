@@ -76,6 +76,7 @@ struct outcome_tell {
     bool dsn;          /* named in the DSN: as failed, or delayed (below) */
     bool delayed;
     bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
+    bool rcpt_named; /* the reply came after RCPT named the recipient: it may speak of it */
     char status[DSN_STATUS_MAX];
 };
 
@@ -269,8 +270,12 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
             owner_add(NULL, oc_p, oc_s, 0, 0, 1);
             /* An address that is gone goes on the suppression list, as
              * the config says for its class: the global list (gone is
-             * gone, for every tenant). */
-            if (tl->addr != NULL)
+             * gone, for every tenant). A refusal of our MAIL FROM (or
+             * earlier) is about the sender or the session, whatever its
+             * code says (Postfix's reject_unlisted_sender: 550 5.1.0
+             * "Sender address rejected: User unknown"): it bounces every
+             * recipient of the transaction but says nothing of them. */
+            if (tl->addr != NULL && tl->rcpt_named)
                 suppress_on_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
                                    b->o[i].reply);
             break;
@@ -840,6 +845,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->kind = (uint8_t)kind;
         tl->cls = (uint8_t)cls;
         tl->addr = r ? r->addr : NULL;
+        tl->rcpt_named = o->stage >= SMTP_CLIENT_S_RCPT && o->stage <= SMTP_CLIENT_S_DOT;
         if (failed)
             t->failed++;
         if (kind != DLOG_DELIVERY && o->code != 0)

@@ -8,7 +8,9 @@ receiver on loopback, driven by sluicectl on its stats socket.
 - A receiver that answers 550 5.1.1 to RCPT (a small SMTP server written
   here: smtp-sink can only say 5.3.0) makes sluice bounce the recipient
   with class invalid_recipient; with on_invalid_recipient set, the address
-  is on the list, and the next submission to it is refused at RCPT.
+  is on the list, and the next submission to it is refused at RCPT. A
+  refused MAIL FROM with such a code (a sender problem) puts no recipient
+  on the list.
 - Import and export round-trip a 100,000-entry CSV.
 - The list survives a clean restart and a kill -9: every entry that
   sluicectl saw acknowledged is there afterwards.
@@ -107,9 +109,10 @@ class Client:
 
 class UnknownUserMx:
     """A receiving MX on loopback that says 550 5.1.1 to recipients whose
-    local part starts with "gone" and accepts the rest (pipelining)."""
+    local part starts with "gone" and accepts the rest (pipelining); with
+    mail_reply, it answers MAIL with that instead (a sender it refuses)."""
 
-    def __init__(self, port):
+    def __init__(self, port, mail_reply=None):
         self.accepted = []
         outer = self
 
@@ -127,7 +130,7 @@ class UnknownUserMx:
                         w.write(b"250-unknown-user-mx\r\n250 PIPELINING\r\n")
                     elif verb == b"MAIL":
                         good = 0
-                        w.write(b"250 2.1.0 Ok\r\n")
+                        w.write(mail_reply or b"250 2.1.0 Ok\r\n")
                     elif verb == b"RCPT":
                         addr = line.split(b"<", 1)[1].split(b">", 1)[0]
                         if addr.lower().startswith(b"gone"):
@@ -342,6 +345,33 @@ def test_hard_bounce_feeds_the_list():
         r.close()
 
 
+def test_sender_refused_does_not_feed_the_list():
+    """A MAIL FROM refused with a code of the invalid_recipient class
+    (Postfix's reject_unlisted_sender: 550 5.1.0 ... Sender address
+    rejected: User unknown) bounces every recipient of the transaction,
+    but says nothing of them: none goes on the list."""
+    r = Relay(records_for(["strict.test"]), with_sink=False,
+              domain_conf=conf("on_invalid_recipient = 30d\n"))
+    mx = UnknownUserMx(r.mx_port, mail_reply=b"550 5.1.0 <s@example.com>: Sender address "
+                       b"rejected: User unknown in local recipient table\r\n")
+    try:
+        r.inject([("s@example.com", ["a@strict.test", "b@strict.test"],
+                   b"Subject: b\r\n\r\nhello\r\n")])
+        b = wait_events(r.dlog, lambda e: e["event"] == "bounce", 2)
+        assert all(e["class"] == "invalid_recipient" for e in b), b
+        # whatever the writer thread was given is committed before the check
+        assert r.d.stop_clean() == 0
+        r.d = Sluice(SLUICE, os.path.join(r.wd.path, "sluice.conf"))
+        r.d.wait_log("event=ready")
+        assert not suppressed(r, "a@strict.test")
+        assert not suppressed(r, "b@strict.test")
+        assert ctl_ok(r, "stats")["suppress"]["entries"] == 0
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_import_export_round_trip_100k():
     r = Relay(records_for(["bulk.test"]), domain_conf=conf())
     try:
@@ -461,4 +491,4 @@ if __name__ == "__main__":
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
-          test_auth_tenant_named_in_another_case])
+          test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list])
