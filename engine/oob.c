@@ -115,6 +115,17 @@ enh_parse(const char *s, struct smtp_enh *e)
     return 1;
 }
 
+/* Does a feedback report of this type (lowercase, "" when absent) say
+ * the recipient does not want the mail? Not RFC 6430's not-spam (the
+ * user marked it wanted) nor RFC 6591's auth-failure (a receiver's SPF,
+ * DKIM or DMARC check, nothing of the recipient's); the others
+ * (abuse, fraud, virus, other, unregistered ones) do. */
+static int
+complaint_type(const char *type)
+{
+    return strcmp(type, "not-spam") != 0 && strcmp(type, "auth-failure") != 0;
+}
+
 /* Why a token is not to be believed, or NULL. */
 static const char *
 ref_stale(const struct bounce_config *bc, const struct verp_ref *ref)
@@ -231,7 +242,8 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
                 "verified=%d client=%s",
                 (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
                 tenant[0] ? tenant : "-", ev.feedback_type, verified, client);
-        if (verified && hooks != NULL && hooks->suppress != NULL) {
+        if (verified && complaint_type(r->feedback_type) && hooks != NULL &&
+            hooks->suppress != NULL) {
             hooks->suppress(hooks->ctx, tenant, addr, OOB_SUPPRESS_COMPLAINT);
             out->suppressed++;
         }

@@ -31,7 +31,9 @@
  *
  * The suppression seam: struct oob_hooks.suppress, when set (engine.h:
  * e->oob), is called for a verified hard bounce (class invalid_recipient,
- * action failed) and a verified complaint, on the worker's thread, with
+ * action failed) and a verified complaint (any feedback type but
+ * not-spam and auth-failure, which say nothing of the recipient's wishes),
+ * on the worker's thread, with
  * borrowed strings; it must not block. NULL: the events are logged only.
  *
  * Threading: every function may run on any worker thread at once; the

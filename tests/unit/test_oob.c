@@ -260,6 +260,20 @@ test_complaint(void **state)
     assert_int_equal(o.events, 1);
     assert_int_equal(c.n, 0);
     free(m);
+    /* reports that are no complaint of the recipient's (RFC 6430's
+     * not-spam: the user said it is wanted; RFC 6591's auth-failure: a
+     * receiver's authentication check): logged, not suppressed */
+    static const char *const not_complaints[] = {"Feedback-Type: not-spam",
+                                                 "Feedback-Type: Auth-Failure"};
+    for (unsigned i = 0; i < 2; i++) {
+        memset(&c, 0, sizeof(c));
+        m = fixture("arf-yahoo.eml", verp, "Feedback-Type: abuse", not_complaints[i], &len);
+        run(&bc, &c, "fbl@fbl.example.com", m, len, &o);
+        assert_int_equal(o.events, 1);
+        assert_int_equal(o.suppressed, 0);
+        assert_int_equal(c.n, 0);
+        free(m);
+    }
 }
 
 static void
