@@ -14,8 +14,10 @@
  * command: add, remove, check, list, import and export of CSV).
  *
  * Keys are normalised before they are stored or looked up: the domain is
- * always lowercase; the local part only as [suppress] says (lowercase,
- * +tag stripped, dots of Gmail addresses dropped), all off by default.
+ * always lowercase; a quoted local part that needs no quotes loses them
+ * ("john"@ is john@, RFC 5321 4.1.2); the rest of the local part only as
+ * [suppress] says (lowercase, +tag stripped, dots of Gmail addresses
+ * dropped), all off by default.
  * An entry for "@example.com" (or "example.com") suppresses the domain.
  *
  * Threading: suppress_open/_close on one thread (the engine's main

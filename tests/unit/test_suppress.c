@@ -192,6 +192,25 @@ test_normalisation_off(void **state)
     char out[400];
     assert_int_equal(suppress_normalize(f->s, "F.O.O+news@GMail.com", out, sizeof(out)), 0);
     assert_string_equal(out, "F.O.O+news@gmail.com");
+    /* a quoted local part that needs no quotes is its dot-atom (RFC 5321
+     * 4.1.2): "John" and "J\ohn" are John's mailbox, on the list or not */
+    assert_int_equal(suppress_normalize(f->s, "\"John\"@x.example", out, sizeof(out)), 0);
+    assert_string_equal(out, "John@x.example");
+    assert_int_equal(suppress_normalize(f->s, "<\"J\\ohn.Smith\"@x.example>", out, sizeof(out)),
+                     0);
+    assert_string_equal(out, "John.Smith@x.example");
+    assert_int_equal(suppress_add(f->s, NULL, "John@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "\"John\"@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "\"J\\ohn\"@x.example", NULL), 1);
+    /* ones that need them stay quoted */
+    static const char *const quoted[] = {"\"a@b\"@x.example", "\"a..b\"@x.example",
+                                         "\".a\"@x.example", "\"a.\"@x.example",
+                                         "\"a\\\"b\"@x.example", "\"\"@x.example"};
+    for (unsigned i = 0; i < sizeof(quoted) / sizeof(quoted[0]); i++) {
+        int rc = suppress_normalize(f->s, quoted[i], out, sizeof(out));
+        if (rc == 0)
+            assert_string_equal(out, quoted[i]);
+    }
 }
 
 static void
