@@ -544,6 +544,11 @@ long
 suppress_purge(struct suppress *s, int64_t now_ms)
 {
     long total = 0;
+    /* Each batch goes on from the last key deleted: started again from
+     * the first key, a purge of E expired among N entries walked about
+     * E / PURGE_BATCH times N keys, holding the write lock each time. */
+    unsigned char from[512]; /* LMDB keys: 511 octets at most (mdb_env_get_maxkeysize) */
+    size_t from_len = 0;
     for (;;) {
         pthread_mutex_lock(&s->wlock);
         MDB_txn *txn;
@@ -555,14 +560,18 @@ suppress_purge(struct suppress *s, int64_t now_ms)
             pthread_mutex_unlock(&s->wlock);
             return mdb_to_errno(rc);
         }
-        MDB_val k, v;
+        MDB_val k = {.mv_size = from_len, .mv_data = from}, v;
         long n = 0;
         bool more = false;
-        for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+        for (rc = mdb_cursor_get(cur, &k, &v, from_len > 0 ? MDB_SET_RANGE : MDB_FIRST); rc == 0;
              rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
             int64_t x = val_expires(&v);
             if (x == 0 || x > now_ms)
                 continue;
+            if (k.mv_size <= sizeof(from)) {
+                memcpy(from, k.mv_data, k.mv_size);
+                from_len = k.mv_size;
+            }
             if ((rc = mdb_cursor_del(cur, 0)) != 0)
                 break;
             if (++n == PURGE_BATCH) {

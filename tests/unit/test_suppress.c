@@ -169,6 +169,36 @@ test_expiry_and_purge(void **state)
     assert_int_equal(st.entries, 1);
 }
 
+/* A purge over more than one batch (PURGE_BATCH, 10,000): each batch
+ * goes on from the last key it deleted, and every expired entry goes,
+ * live ones interleaved with them stay. */
+static void
+test_purge_in_batches(void **state)
+{
+    struct fix *f = *state;
+    int64_t now = (int64_t)clock_unix_ms();
+    size_t cap = 26000 * 48, len = 0;
+    char *csv = malloc(cap);
+    assert_non_null(csv);
+    for (unsigned i = 0; i < 25000; i++) /* every other one expired in 2001 */
+        len += (size_t)snprintf(csv + len, cap - len, "u%05u@p.example,,manual,,%s,\n", i,
+                                i % 2 ? "1000000000" : "");
+    FILE *in = fmemopen(csv, len, "r");
+    assert_non_null(in);
+    struct suppress_import_result res;
+    assert_int_equal(suppress_import_csv(f->s, in, &res), 0);
+    fclose(in);
+    free(csv);
+    assert_int_equal(res.imported, 25000);
+    assert_int_equal(suppress_purge(f->s, now), 12500);
+    struct suppress_stats st;
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 12500);
+    assert_int_equal(suppress_check(f->s, NULL, "u24998@p.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "u24999@p.example", NULL), 0);
+    assert_int_equal(suppress_purge(f->s, now), 0);
+}
+
 static void
 test_normalisation(void **state)
 {
@@ -432,6 +462,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_add_check_remove, setup, teardown),
         cmocka_unit_test_setup_teardown(test_domain_and_scope, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expiry_and_purge, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_purge_in_batches, setup, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation, setup_norm, teardown),
         cmocka_unit_test_setup_teardown(test_normalisation_off, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bounce_policy, setup, teardown),
