@@ -47,6 +47,7 @@
 #define CONN_POLL_MAX_NS MS_TO_NS(1000) /* leases all taken: ask again within */
 #define WAIT_MAX_NS MS_TO_NS(60000)     /* a refusal's wait: at least this cap */
 #define BAD_REPLY_LOCAL_NS MS_TO_NS(1000) /* a key decides locally after a bad reply */
+#define SCRIPT_RETRY_NS MS_TO_NS(1000)    /* SCRIPT LOAD refused: ask again after */
 #define NAME_MAX_PREFIX 64
 
 /*
@@ -132,11 +133,13 @@ struct limits {
     bool shared;       /* connected and the script loaded */
     bool down_logged;  /* event=redis_down said for this outage */
     bool bad_logged;   /* event=redis_bad_reply said (once per limiter) */
+    bool load_logged;  /* event=redis_script_load_failed said since the last load */
     struct limit_key *keys; /* borrowed: attached keys */
     struct limit_req *reqs; /* owned: in flight */
     uint64_t next_lease;
     unsigned leases;
     struct timer refresh_timer;
+    struct timer script_timer; /* SCRIPT LOAD again after a refusal */
     struct limits_stats st;
 };
 
@@ -674,19 +677,32 @@ on_script_loaded(struct redis *r, const struct redisReply *reply, void *arg)
     struct limits *l = arg;
     l->loading = false;
     if (reply == NULL)
-        return;
+        return; /* the connection is dying: the next one loads it again */
     if (reply->type != REDIS_REPLY_STRING || reply->len != 40 ||
         strspn(reply->str, "0123456789abcdef") != 40) {
+        /* A Redis still loading its dataset after a restart answers
+         * -LOADING (AUTH passes meanwhile), one running a long script
+         * -BUSY: nothing else would load the script again on this
+         * connection, and the limits would stay at the local share. */
         if (reply->type != REDIS_REPLY_ERROR)
             l->st.redis_bad_replies++;
-        log_msg(LOG_ERR, "event=redis_script_load_failed node=%s reply=\"%.*s\"", l->node,
-                reply->type == REDIS_REPLY_ERROR ? (int)(reply->len > 200 ? 200 : reply->len) : 0,
-                reply->type == REDIS_REPLY_ERROR ? reply->str : "");
+        if (!l->load_logged) {
+            l->load_logged = true;
+            log_msg(LOG_ERR,
+                    "event=redis_script_load_failed node=%s reply=\"%.*s\" "
+                    "note=retried_every_second",
+                    l->node,
+                    reply->type == REDIS_REPLY_ERROR ? (int)(reply->len > 200 ? 200 : reply->len)
+                                                     : 0,
+                    reply->type == REDIS_REPLY_ERROR ? reply->str : "");
+        }
+        worker_timer_arm(l->w, &l->script_timer, clock_now_ns() + SCRIPT_RETRY_NS);
         return;
     }
     memcpy(l->sha, reply->str, 40);
     l->sha[40] = '\0';
     l->sha_ok = true;
+    l->load_logged = false;
     if (l->shared)
         return;
     l->shared = true;
@@ -709,6 +725,15 @@ script_load(struct limits *l)
     size_t lens[] = {6, 4, sizeof(script_text) - 1};
     if (redis_command(l->r, on_script_loaded, l, 3, argv, lens) == 0)
         l->loading = true;
+}
+
+static void
+limits_on_script_timer(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    struct limits *l = (struct limits *)((char *)t - offsetof(struct limits, script_timer));
+    if (!l->sha_ok && redis_state(l->r) == REDIS_STATE_UP)
+        script_load(l); /* no-op while a load is in flight */
 }
 
 static void
@@ -799,6 +824,7 @@ limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, c
                  w->id, (unsigned long long)(salt & 0xffffffffu));
     }
     timer_init(&l->refresh_timer, limits_on_refresh);
+    timer_init(&l->script_timer, limits_on_script_timer);
     if (o->redis_url != NULL) {
         struct redis_opts ro = {
             .url = o->redis_url,
@@ -824,6 +850,7 @@ limits_free(struct limits *l)
     if (l == NULL)
         return NULL;
     worker_timer_cancel(l->w, &l->refresh_timer);
+    worker_timer_cancel(l->w, &l->script_timer);
     l->r = redis_free(l->r); /* runs no callback */
     while (l->reqs != NULL) {
         struct limit_req *q = l->reqs;

@@ -12,7 +12,9 @@
  * length W, and sustains exactly count per period.
  *
  * Shared mode (Redis): the same GCRA lives in Redis, run by one Lua script
- * (EVALSHA; loaded at connect, reloaded on NOSCRIPT) on Redis's own clock,
+ * (EVALSHA; loaded at connect, reloaded on NOSCRIPT, and asked for again
+ * every second while SCRIPT LOAD is refused, e.g. -LOADING after a
+ * restart: shared once it loads) on Redis's own clock,
  * so every node sharing the Redis draws on one budget per key. A node
  * books message tokens in batches (up to token_batch, and about a tenth of
  * a second's worth): a batch is the next slots of the shared schedule, and

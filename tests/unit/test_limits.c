@@ -16,9 +16,11 @@
  * test) answers with hostile values: counts above the request, negative,
  * 2^63, waits of years, wrong types, a truncated reply, a huge array, a
  * bad script id; the limiter grants no more than asked, waits no longer
- * than its caps, and goes on deciding. The test thread talks to a worker
- * only through worker_post() and a semaphore; conditions that depend on
- * Redis are re-checked on the worker from a 2 ms timer, each wait bounded.
+ * than its caps, and goes on deciding; a SCRIPT LOAD refused with
+ * -LOADING is asked for again until the limits are shared. The test
+ * thread talks to a worker only through worker_post() and a semaphore;
+ * conditions that depend on Redis are re-checked on the worker from a
+ * 2 ms timer, each wait bounded.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -1016,6 +1018,8 @@ struct fake_redis {
     pthread_mutex_t lock;
     const char *load_reply, *take_reply, *conn_reply; /* borrowed: literals */
     bool mute_after_take; /* a connection answers nothing more after a take */
+    unsigned load_errors; /* so many SCRIPT LOADs get -LOADING first */
+    unsigned loads;       /* SCRIPT LOADs answered */
     unsigned takes, conns;                              /* answered */
 };
 
@@ -1072,7 +1076,11 @@ fake_answer(struct fake_redis *f, struct fake_conn *c, int argc, const size_t *o
         reply = "+PONG\r\n";
     } else if (len[0] == 6 && strncasecmp(a0, "SCRIPT", 6) == 0) {
         reply = f->load_reply;
-        if (reply == NULL) {
+        f->loads++;
+        if (f->load_errors > 0) {
+            f->load_errors--;
+            reply = "-LOADING Redis is loading the dataset in memory\r\n";
+        } else if (reply == NULL) {
             snprintf(sha, sizeof(sha), "$40\r\n%040x\r\n", 0xabcu);
             reply = sha;
         }
@@ -1210,6 +1218,7 @@ fake_set(struct fake_redis *f, const char *load, const char *take, const char *c
     f->take_reply = take;
     f->conn_reply = conn;
     f->takes = f->conns = 0;
+    f->load_errors = f->loads = 0;
     pthread_mutex_unlock(&f->lock);
 }
 
@@ -1345,6 +1354,39 @@ test_hostile_redis(void **state)
     fake_stop(&f);
 }
 
+/*
+ * A Redis restarted with a password and a dataset to load answers AUTH
+ * but refuses SCRIPT LOAD with -LOADING for a while (so does one busy
+ * with a long script, with -BUSY). The limiter loaded the script only at
+ * connect and on NOSCRIPT: it stayed at the local share ("connecting")
+ * for as long as the connection lived.
+ */
+static void
+test_script_load_refused_then_retried(void **state)
+{
+    (void)state;
+    struct fake_redis f;
+    fake_start(&f);
+    fake_set(&f, NULL, "*2\r\n:5\r\n:0\r\n", "*3\r\n:1\r\n:0\r\n:0\r\n", false);
+    pthread_mutex_lock(&f.lock);
+    f.load_errors = 2;
+    pthread_mutex_unlock(&f.lock);
+    struct limits_opts o = opts_on(f.port, 2);
+    struct limit_conf c = conf_msgs(100, 1000, 4);
+    static struct node a;
+    node_start(&a, 0, "loading", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 10000));
+    pthread_mutex_lock(&f.lock);
+    unsigned loads = f.loads;
+    pthread_mutex_unlock(&f.lock);
+    assert_int_equal(loads, 3); /* two refused, the third loaded */
+    struct limits_stats st;
+    node_call(&a, get_stats, &st);
+    assert_int_equal(st.redis_downs, 0); /* the connection stayed up throughout */
+    node_stop(&a, true);
+    fake_stop(&f);
+}
+
 int
 main(void)
 {
@@ -1363,6 +1405,7 @@ main(void)
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),
+        cmocka_unit_test(test_script_load_refused_then_retried),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
