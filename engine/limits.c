@@ -218,10 +218,16 @@ gcra_take(uint64_t *tat, uint64_t T, uint64_t tau, uint64_t now, unsigned want,
     return g;
 }
 
+/* The divisor of k's limits while they cannot be shared through Redis:
+ * one per expected node, times the limiters of this node that hold the
+ * same key (conf.spread). Without Redis the caller has split them. */
 static unsigned
-local_share(const struct limits *l)
+local_share(const struct limits *l, const struct limit_key *k)
 {
-    return l->r != NULL ? l->nodes : 1;
+    if (l->r == NULL)
+        return 1;
+    uint64_t s = (uint64_t)l->nodes * (k->conf.spread ? k->conf.spread : 1);
+    return s > 1000000u ? 1000000u : (unsigned)s;
 }
 
 /* The message interval of k now (ns, before the local share; 0:
@@ -1007,7 +1013,7 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
         }
         /* Redis would not take the request: decide locally this time. */
     }
-    unsigned share = local_share(l);
+    unsigned share = local_share(l, k);
     uint64_t T = sat_mul(T1, share);
     uint64_t tau = sat_mul(T, k->conf.msg_burst / share);
     unsigned g = gcra_take(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
@@ -1054,7 +1060,7 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         return true;
     }
     bool shared = l->shared && now_ns >= k->local_until;
-    unsigned share = shared ? 1 : local_share(l);
+    unsigned share = shared ? 1 : local_share(l, k);
     unsigned max = k->conf.max_connections;
     if (max != 0) {
         max /= share;
@@ -1079,7 +1085,7 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         }
         /* Redis would not take the request: decide locally this time,
          * the cap included (above it was checked with the shared one). */
-        share = local_share(l);
+        share = local_share(l, k);
         if (max != 0) {
             unsigned m = k->conf.max_connections / share;
             if (k->nleases >= (m ? m : 1)) {

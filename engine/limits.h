@@ -35,7 +35,9 @@
  *
  * Redis unreachable or slow (a command timeout): decisions stay local at a
  * conservative share: rates and max connections divided by the expected
- * node count (at least 1). Logged once per transition (event=redis_down,
+ * node count (at least 1), and by a key's spread (the limiters of one
+ * node that hold the same key: one per worker for an [mx] limit), so that
+ * the node as a whole keeps 1/nodes. Logged once per transition (event=redis_down,
  * event=redis_up) and reported by limits_stats(); reconnects with backoff.
  *
  * Replies are checked where they are parsed: a granted count above the
@@ -94,6 +96,8 @@ struct limit_conf {
     struct conf_rate conn_rate;
     unsigned conn_burst;
     unsigned max_connections;
+    unsigned spread;          /* limiters on this node holding this key (0: 1): the
+                               * local share while Redis is away is 1/(nodes * spread) */
 };
 
 #define LIMIT_KEY_MAX 256

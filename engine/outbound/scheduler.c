@@ -148,6 +148,9 @@ mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_
     lc->conn_burst = m->connection_burst / share;
     lc->max_connections = m->max_connections == 0 ? 0
                           : m->max_connections / share ? m->max_connections / share : 1;
+    /* With Redis every worker holds the key whole; while Redis is away
+     * each keeps its share of the node's share. */
+    lc->spread = share == 1 ? d->e->nworkers : 1;
 }
 
 static void
@@ -1096,13 +1099,17 @@ sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsi
                  uint64_t interval_ns)
 {
     const struct limit_conf *dc = &t->lim.conf;
+    /* With Redis every worker's key draws on one budget; while Redis is
+     * away each keeps its share of the node's share. */
+    unsigned spread = d->e->cfg->redis.url != NULL ? d->e->nworkers : 1;
     if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
         k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
-        k->lim.conf.msg_burst != dc->msg_burst) {
+        k->lim.conf.msg_burst != dc->msg_burst || k->lim.conf.spread != spread) {
         struct limit_conf lc;
         memset(&lc, 0, sizeof(lc));
         lc.msg_rate = dc->msg_rate;
         lc.msg_burst = dc->msg_burst;
+        lc.spread = spread;
         limits_key_set(d->lim, &k->lim, &lc);
     }
     unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;

@@ -214,6 +214,65 @@ test_gcra_late_wakeups_keep_the_rate(void **state)
     limits_free(l);
 }
 
+/*
+ * The local share while Redis is away, of a key that every worker of a
+ * node holds (an [mx] or [source] limit: spread = workers). The node as
+ * a whole must keep 1/nodes of the limit, so each of its workers 1/(nodes
+ * * workers); each worker kept 1/nodes, the node workers/nodes: with the
+ * default nodes = 1, every worker the whole limit. Redis is configured
+ * but never reached (the loop never turns): decisions are local shares,
+ * driven on simulated time.
+ */
+static void
+test_local_share_of_a_spread_key(void **state)
+{
+    (void)state;
+    static struct worker w; /* only its timer heap: redis_new arms a timer */
+    assert_int_equal(timer_heap_init(&w.timers, 8), 0);
+    struct limits_opts o = {0};
+    o.redis_url = "redis://127.0.0.1:1";
+    o.nodes = 2;
+    struct limits *l = NULL;
+    char err[256];
+    assert_int_equal(limits_new(&w, &o, &l, err, sizeof(err)), 0);
+    struct limit_key k, one;
+    struct limit_conf c = conf_msgs(800, 1000, 0);
+    c.max_connections = 16;
+    c.spread = 4; /* four workers hold "mx:*.example.net" */
+    assert_int_equal(limits_key_init(l, &k, "mx:*.example.net", &c, NULL, NULL), 0);
+    c.spread = 0; /* a domain: one worker holds it */
+    assert_int_equal(limits_key_init(l, &one, "example.org", &c, NULL, NULL), 0);
+    struct limits_stats st;
+    limits_stats(l, &st);
+    assert_string_not_equal(st.redis, "connected");
+    /* 10 s: 800/s / (2 nodes * 4 workers) = 100/s for the spread key,
+     * 800/s / 2 nodes = 400/s for the domain */
+    uint64_t spread_total = drive_ms(l, &k, BASE, 10000, NULL);
+    uint64_t one_total = drive_ms(l, &one, BASE, 10000, NULL);
+    print_message("local share: spread key %llu, domain %llu in 10 s\n",
+                  (unsigned long long)spread_total, (unsigned long long)one_total);
+    assert_true(spread_total >= 990 && spread_total <= 1001);
+    assert_true(one_total >= 3990 && one_total <= 4001);
+    /* connections: 16 / 8 = 2 for the spread key, 16 / 2 = 8 for the domain */
+    uint64_t r;
+    unsigned got = 0;
+    while (got < 16 && limits_conn_acquire(l, &k, BASE + 20 * SEC, &r))
+        got++;
+    assert_int_equal(got, 2);
+    while (got-- > 0)
+        limits_conn_release(l, &k);
+    got = 0;
+    while (got < 16 && limits_conn_acquire(l, &one, BASE + 20 * SEC, &r))
+        got++;
+    assert_int_equal(got, 8);
+    while (got-- > 0)
+        limits_conn_release(l, &one);
+    limits_key_fini(l, &k);
+    limits_key_fini(l, &one);
+    l = limits_free(l);
+    timer_heap_fini(&w.timers);
+}
+
 static void
 test_unlimited(void **state)
 {
@@ -1396,6 +1455,7 @@ main(void)
         cmocka_unit_test(test_gcra_retry_at),
         cmocka_unit_test(test_gcra_late_wakeups_keep_the_rate),
         cmocka_unit_test(test_unlimited),
+        cmocka_unit_test(test_local_share_of_a_spread_key),
         cmocka_unit_test(test_conn_leases_local),
         cmocka_unit_test(test_backoff_and_recovery),
         cmocka_unit_test(test_backoff_conn_rate),
