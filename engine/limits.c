@@ -134,6 +134,7 @@ struct limits {
     bool down_logged;  /* event=redis_down said for this outage */
     bool bad_logged;   /* event=redis_bad_reply said (once per limiter) */
     bool load_logged;  /* event=redis_script_load_failed said since the last load */
+    bool err_logged;   /* event=redis_script_error said on this connection */
     struct limit_key *keys; /* borrowed: attached keys */
     struct limit_req *reqs; /* owned: in flight */
     uint64_t next_lease;
@@ -508,9 +509,17 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
             q->retried = true;
             if (req_send(l, q) == 0)
                 return;
-        } else {
-            log_msg(LOG_ERR, "event=redis_script_error key=%s reply=\"%.*s\"", q->name,
-                    (int)(reply->len > 200 ? 200 : reply->len), reply->str ? reply->str : "");
+        } else if (!l->err_logged) {
+            /* Said once per connection: a Redis out of memory (-OOM), a
+             * read-only replica (-READONLY) or one busy with a script
+             * (-BUSY) refuses every key's requests, each key again every
+             * second; redis_errors counts them. */
+            l->err_logged = true;
+            log_msg(LOG_ERR,
+                    "event=redis_script_error redis=%s key=%s reply=\"%.*s\" "
+                    "note=decided_locally_further_ones_counted",
+                    redis_addr(l->r), q->name, (int)(reply->len > 200 ? 200 : reply->len),
+                    reply->str ? reply->str : "");
         }
         reply = NULL;
         refused = true;
@@ -748,6 +757,7 @@ on_redis_state(struct redis *r, enum redis_state st, void *arg)
     struct limits *l = arg;
     if (st == REDIS_STATE_UP) {
         l->sha_ok = false;
+        l->err_logged = false;
         script_load(l);
         return;
     }

@@ -47,7 +47,10 @@
  * a reply of the wrong shape (not an array of integers, a negative count)
  * or an error reply makes the key decide locally, at the local share, for
  * a second before it asks again. The first such reply is logged
- * (event=redis_bad_reply), every one is counted (redis_bad_replies).
+ * (event=redis_bad_reply), every one is counted (redis_bad_replies); of
+ * error replies (-OOM, -READONLY, -BUSY, ...) the first of each
+ * connection is logged (event=redis_script_error), every one counted
+ * (redis_errors).
  *
  * Adaptive backoff: limits_backoff() (on a 421 or a "rate limited" reply)
  * halves the key's message and connection rates (again on each further

@@ -17,7 +17,8 @@
  * 2^63, waits of years, wrong types, a truncated reply, a huge array, a
  * bad script id; the limiter grants no more than asked, waits no longer
  * than its caps, and goes on deciding; a SCRIPT LOAD refused with
- * -LOADING is asked for again until the limits are shared. The test
+ * -LOADING is asked for again until the limits are shared; error
+ * replies are logged once per connection, counted each. The test
  * thread talks to a worker only through worker_post() and a semaphore;
  * conditions that depend on Redis are re-checked on the worker from a
  * 2 ms timer, each wait bounded.
@@ -45,6 +46,7 @@
 #include <cmocka.h>
 #include <hiredis/hiredis.h>
 
+#include "common/log.h"
 #include "engine/limits.h"
 #include "tests/support/redis_server.h"
 
@@ -1446,6 +1448,63 @@ test_script_load_refused_then_retried(void **state)
     fake_stop(&f);
 }
 
+static void
+errors_arm(struct node *n, void *arg)
+{
+    (void)n;
+    struct hostile_probe *p = arg;
+    p->until = clock_now_ns() + 2500 * MSEC;
+}
+
+/*
+ * A Redis that refuses every script call with an error (out of memory,
+ * a read-only replica): each key decides locally for a second, then asks
+ * again. The error is logged once per connection, as limits.h says, not
+ * on every request of every key (a million keys: a million lines a
+ * second); redis_errors counts them all.
+ */
+static void
+test_error_replies_logged_once(void **state)
+{
+    (void)state;
+    static const char oom[] = "-OOM command not allowed when used memory > 'maxmemory'.\r\n";
+    struct fake_redis f;
+    fake_start(&f);
+    fake_set(&f, NULL, oom, oom, false);
+    char logpath[] = "/tmp/test_limits_log_XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    struct limits_opts o = opts_on(f.port, 2);
+    struct limit_conf c = conf_msgs(100, 1000, 4);
+    c.max_connections = 4;
+    static struct node a;
+    node_start(&a, 0, "errors", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    struct hostile_probe p;
+    memset(&p, 0, sizeof(p));
+    node_call(&a, errors_arm, &p);
+    assert_true(node_until(&a, hostile_step, &p, 10000));
+    struct limits_stats st;
+    node_call(&a, get_stats, &st);
+    node_stop(&a, true);
+    fake_stop(&f);
+    log_open(NULL, LOG_INFO);
+    FILE *fp = fopen(logpath, "r");
+    assert_non_null(fp);
+    char line[1024];
+    unsigned lines = 0;
+    while (fgets(line, sizeof(line), fp) != NULL)
+        lines += strstr(line, "event=redis_script_error") != NULL;
+    fclose(fp);
+    unlink(logpath);
+    print_message("error replies %llu, logged %u\n", (unsigned long long)st.redis_errors, lines);
+    assert_true(st.redis_errors >= 4); /* take and conn, at 0 s, 1 s and 2 s */
+    assert_true(p.grants > 0);         /* decided locally meanwhile */
+    assert_int_equal(lines, 1);
+}
+
 int
 main(void)
 {
@@ -1466,6 +1525,7 @@ main(void)
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),
         cmocka_unit_test(test_script_load_refused_then_retried),
+        cmocka_unit_test(test_error_replies_logged_once),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
