@@ -19,21 +19,24 @@
 #include <time.h>
 
 #include "common/conf.h"
+#include "common/json.h"
 #include "queue/queue.h"
 
+/* A JSON string through common/json: octets that are not UTF-8 (a
+ * receiver's reply in Latin-1, or one cut inside a character) become
+ * U+FFFD, so that every line is JSON whatever the spool holds. */
 static void
-json_str(const char *s)
+put_str(const char *s)
 {
-    putchar('"');
-    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
-        if (*p == '"' || *p == '\\')
-            printf("\\%c", *p);
-        else if (*p < 0x20)
-            printf("\\u%04x", *p);
-        else
-            putchar(*p);
+    struct json j;
+    json_init(&j);
+    json_str(&j, s != NULL ? s : "");
+    if (json_failed(&j)) {
+        fputs("\"\"", stdout);
+    } else {
+        fwrite(j.buf, 1, j.len, stdout);
     }
-    putchar('"');
+    json_fini(&j);
 }
 
 /* Unix ms as an RFC 3339 UTC time in quotes, or null for 0. */
@@ -123,28 +126,28 @@ dump(struct queue *q)
         printf("{\"id\":\"%s\",\"arrival\":", qid);
         json_time(env->arrival_ms);
         printf(",\"sender\":");
-        json_str(env->sender);
+        put_str(env->sender);
         printf(",\"auth_user\":");
-        json_str(env->auth_user);
+        put_str(env->auth_user);
         printf(",\"client\":");
-        json_str(env->client_addr);
+        put_str(env->client_addr);
         printf(",\"envid\":");
-        json_str(env->envid);
+        put_str(env->envid);
         printf(",\"tenant\":");
-        json_str(env->tenant);
+        put_str(env->tenant);
         printf(",\"campaign\":");
-        json_str(env->campaign);
+        put_str(env->campaign);
         printf(",\"pool\":");
-        json_str(env->pool);
+        put_str(env->pool);
         printf(",\"priority\":%u", env->priority);
         printf(",\"smtputf8\":%s,\"body_type\":%d,\"rcpts\":[", env->smtputf8 ? "true" : "false",
                (int)env->body_type);
         for (unsigned r = 0; r < env->nrcpt; r++) {
             printf(r ? "," : "");
             printf("{\"addr\":");
-            json_str(env->rcpt[r].addr);
+            put_str(env->rcpt[r].addr);
             printf(",\"domain\":");
-            json_str(env->rcpt[r].domain);
+            put_str(env->rcpt[r].domain);
             const struct queue_rcpt *x = &env->rcpt[r];
             printf(",\"state\":\"%s\",\"attempts\":%u,\"next_attempt\":",
                    x->state == QUEUE_RCPT_DEFERRED ? "deferred" : "ready", x->attempts);
@@ -156,9 +159,9 @@ dump(struct queue *q)
                 printf(",\"last_code\":%u,\"last_reply\":", x->last_code);
             else
                 printf(",\"last_code\":null,\"last_reply\":");
-            json_str(x->last_reply);
+            put_str(x->last_reply);
             printf(",\"notify\":%u,\"orcpt\":", x->notify);
-            json_str(x->orcpt);
+            put_str(x->orcpt);
             printf("}");
         }
         printf("],\"body_len\":%" PRIu64 ",\"body\":\"", env->body_len);

@@ -56,7 +56,9 @@ def main():
                     rcpts, sender = [], cmd[10:].strip()
                     if bad(peer, sender) and accepted["n"] >= after and os.path.exists(switch):
                         record(peer=peer, ehlo=ehlo, sender=sender, code=int(reply[:3]))
-                        writer.write(reply.encode() + b"\r\n")
+                        # surrogateescape: a REPLY given as octets that are
+                        # not UTF-8 goes out as those octets
+                        writer.write(reply.encode("utf-8", "surrogateescape") + b"\r\n")
                         await writer.drain()
                         if reply.startswith("421"):
                             break

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 
-from harness import Smtp, Sluice, Workdir, free_port, main, mdb_entries, skip, wait_until
+from harness import (Smtp, Sluice, Workdir, _spool_tool, free_port, main, mdb_entries, skip,
+                     wait_until)
 import test_delivery
-from test_delivery import Relay, Sink, records_for, wait_sink
+from test_delivery import Relay, Sink, connectable, records_for, wait_sink
 from test_outcomes import events, log_conf_text, wait_events
 
 SLUICE = sys.argv[1]
@@ -634,6 +635,42 @@ def test_sigterm_drains_and_restart_loses_nothing():
         r.close()
 
 
+def test_spool_dump_is_json_whatever_the_reply():
+    """sluice-spool dump prints JSON (UTF-8) even when a receiver's reply,
+    kept as the recipient's last reply, is not UTF-8 (here Latin-1, as
+    some receivers still answer). The octets that are not UTF-8 become
+    U+FFFD, as in sluicectl message."""
+    r = Relay(records_for(["odd.test"]), with_sink=False,
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    rx = None
+    try:
+        reply = b"450 4.2.0 <a@odd.test> M\xfcller: mailbox busy"
+        rx = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "shaping_receiver.py"),
+             "127.0.0.1", str(r.mx_port), os.path.join(r.wd.path, "rx.jsonl"), "from:s@",
+             "0", reply, r.wd.file("defer-on", "")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: rx.poll() is not None or connectable(r.mx_port), 30,
+                   "the receiver listening")
+        assert rx.poll() is None, "the receiver did not start"
+        r.inject([msg(1, ["a@odd.test"])], sessions=1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1)
+        r.d.stop_clean(30)
+        p = subprocess.run([_spool_tool(), "dump", r.spool], capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.decode("utf-8").splitlines()  # strict: not UTF-8 fails here
+        assert len(lines) == 1, lines
+        x = json.loads(lines[0])["rcpts"][0]
+        assert x["state"] == "deferred" and x["last_code"] == 450, x
+        assert "M\ufffdller: mailbox busy" in x["last_reply"], x
+    finally:
+        if rx is not None:
+            rx.terminate()
+            rx.wait(10)
+        r.close()
+
+
 if __name__ == "__main__":
     for tool in ("dnsmasq", "smtp-sink"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0 and \
@@ -647,4 +684,5 @@ if __name__ == "__main__":
           test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
-          test_sigterm_drains_and_restart_loses_nothing])
+          test_sigterm_drains_and_restart_loses_nothing,
+          test_spool_dump_is_json_whatever_the_reply])
