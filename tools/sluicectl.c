@@ -1362,6 +1362,25 @@ render_entries(struct table *t, const cJSON *arr)
     }
 }
 
+/* Append to the command line being built in line[cap], whose first *n
+ * octets are written: the suppress command's words are long (an absolute
+ * path may be PATH_MAX octets) and snprintf returns the length it would
+ * have written, so the end is checked before every word, never after. */
+static void line_add(char *line, size_t cap, int *n, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+line_add(char *line, size_t cap, int *n, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int w = (size_t)*n < cap ? vsnprintf(line + *n, cap - (size_t)*n, fmt, ap) : -1;
+    va_end(ap);
+    if (w < 0 || (size_t)w >= cap - (size_t)*n)
+        die(EXIT_USAGE, "suppress: the command is longer than %zu octets", cap - 1);
+    *n += w;
+}
+
 /* "suppress SUB ...": options become the socket's key=value words. */
 static int
 run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
@@ -1416,7 +1435,7 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         for (const unsigned char *p = (const unsigned char *)w; *p != '\0'; p++)
             if (*p <= ' ' || *p == 0x7f)
                 die(EXIT_USAGE, "suppress %s: no spaces or control characters, please", sub);
-        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", w);
+        line_add(line, sizeof(line), &n, " %s", w);
         i = 2;
     }
     const char *note = NULL;
@@ -1442,16 +1461,14 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             continue;
         }
         check_word("suppress", o, v);
-        n += snprintf(line + n, sizeof(line) - (size_t)n, " %s=%s", key, v);
+        line_add(line, sizeof(line), &n, " %s=%s", key, v);
     }
     if (note != NULL) {
         for (const unsigned char *p = (const unsigned char *)note; *p != '\0'; p++)
             if (*p < ' ' || *p == 0x7f)
                 die(EXIT_USAGE, "suppress: --note may not hold control characters");
-        n += snprintf(line + n, sizeof(line) - (size_t)n, " note=%s", note);
+        line_add(line, sizeof(line), &n, " note=%s", note);
     }
-    if ((size_t)n >= sizeof(line))
-        die(EXIT_USAGE, "suppress: the command is longer than %d octets", LINE_MAX_OCTETS - 1);
     if (!list) {
         const char *raw;
         cJSON *doc = ctl_ask(c, line, &raw);
@@ -1482,10 +1499,10 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     for (;;) {
         long want = limit == 0 || limit - shown > 1000 ? 1000 : limit - shown;
         char req[LINE_MAX_OCTETS];
-        int m = snprintf(req, sizeof(req), "%s limit=%ld", line, want);
+        int m = 0;
+        line_add(req, sizeof(req), &m, "%s limit=%ld", line, want);
         if (after[0] != '\0')
-            snprintf(req + m, sizeof(req) - (size_t)m, " after=%s after_scope=%s", after,
-                     after_scope);
+            line_add(req, sizeof(req), &m, " after=%s after_scope=%s", after, after_scope);
         const char *raw;
         cJSON *doc = ctl_ask(c, req, &raw);
         if (c->json)

@@ -211,6 +211,30 @@ def test_sluicectl_without_sluice_says_so():
         wd.cleanup()
 
 
+def test_sluicectl_suppress_too_long_says_so():
+    """A suppress command longer than the socket's line (an export FILE
+    whose absolute path is near PATH_MAX, then --scope) is refused with
+    exit 2 and one line, before anything is sent. The line is checked
+    before each word is added: the build with SLUICE_SANITIZE reported a
+    stack-buffer-overflow here, writing --scope past the line."""
+    wd = Workdir("sluice-ctl-")
+    try:
+        d = wd.path
+        while len(d) < 3800:
+            d = os.path.join(d, "d" * 200)
+        os.makedirs(d)
+        path = os.path.join(d, "f" * (4090 - len(d)))
+        scope = "s" * 250
+        err = one_line_error(ctl(os.path.join(wd.path, "gone.sock"), "suppress", "export", path,
+                                 "--scope", scope, "--scope", scope), 2)
+        assert "longer than 4095 octets" in err, err
+        err = one_line_error(ctl(os.path.join(wd.path, "gone.sock"), "suppress", "list",
+                                 "--note", "n" * 4090), 2)
+        assert "longer than 4095 octets" in err, err
+    finally:
+        wd.cleanup()
+
+
 def test_suspend_and_resume():
     r = Relay(records_for(["held.test", "free.test"]), domain_conf=stats_conf())
     try:
@@ -679,6 +703,7 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
+          test_sluicectl_suppress_too_long_says_so,
           test_suspend_and_resume,
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
