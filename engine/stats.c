@@ -778,12 +778,72 @@ domain_value(const struct stats_domain *d, int field)
     return NAN;
 }
 
+/* {domain="D" or {domain="D",pool="P": the caller closes the braces. */
 static void
 text_domain_label(struct json *t, const struct stats_domain *d)
 {
     json_raw(t, "{domain=\"", 9);
     text_label(t, d->name, sizeof(d->name));
     json_raw(t, "\"", 1);
+    if (d->pool[0] != '\0') {
+        json_raw(t, ",pool=\"", 7);
+        text_label(t, d->pool, sizeof(d->pool));
+        json_raw(t, "\"", 1);
+    }
+}
+
+/* y's figures added to x's, the row of the same domain and pool. */
+static void
+domain_add(struct stats_domain *x, const struct stats_domain *y)
+{
+    x->ready += y->ready;
+    x->deferred += y->deferred;
+    x->inflight += y->inflight;
+    x->connections += y->connections;
+    x->delivered += y->delivered;
+    x->bounced += y->bounced;
+    if (y->max_connections > x->max_connections)
+        x->max_connections = y->max_connections;
+    if (y->rate_limit > x->rate_limit)
+        x->rate_limit = y->rate_limit;
+    x->suspended = x->suspended || y->suspended;
+    x->held = x->held || y->held;
+    if (y->oldest_ms != 0 && (x->oldest_ms == 0 || y->oldest_ms < x->oldest_ms))
+        x->oldest_ms = y->oldest_ms;
+    for (unsigned k = 0; k < y->nclasses && k < STATS_DOMAIN_CLASSES; k++) {
+        const struct stats_object *o = &y->deferred_by_class[k];
+        unsigned i = 0;
+        while (i < x->nclasses && i < STATS_DOMAIN_CLASSES &&
+               strncmp(x->deferred_by_class[i].name, o->name, sizeof(o->name)) != 0)
+            i++;
+        if (i < x->nclasses)
+            x->deferred_by_class[i].live += o->live;
+        else if (x->nclasses < STATS_DOMAIN_CLASSES)
+            x->deferred_by_class[x->nclasses++] = *o;
+    }
+}
+
+/* d[0..n) into out, one row per series: a domain has a destination per
+ * pool (its series carry a pool label) and one more for tls_relaxed mail
+ * (outbound/scheduler.c), whose figures join its sibling's. Two samples
+ * of one series are an error of the exposition, and Prometheus keeps
+ * only the first. The first row of each, the busiest, gives its limit
+ * reason. Returns the number of rows in out. */
+static size_t
+domains_merge(const struct stats_domain *d, size_t n, struct stats_domain *out)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = 0;
+        while (k < m && (strncmp(out[k].name, d[i].name, sizeof(d[i].name)) != 0 ||
+                         strncmp(out[k].pool, d[i].pool, sizeof(d[i].pool)) != 0))
+            k++;
+        if (k < m)
+            domain_add(&out[k], &d[i]);
+        else
+            out[m++] = d[i];
+    }
+    return m;
 }
 
 /* sluice_tenant_*{tenant="NAME"}: the busiest tenants. */
@@ -1089,6 +1149,15 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
         text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
     }
 
+    struct stats_domain *merged = NULL; /* owned */
+    if (n > 0) {
+        if ((merged = malloc(n * sizeof(*merged))) == NULL) {
+            json_fini(&t);
+            return NULL;
+        }
+        n = domains_merge(d, n, merged);
+        d = merged;
+    }
     if (n > 0) {
         text_family(&t, "sluice_domain_queue_recipients", "gauge",
                     "Recipients queued for the domain, by state (the busiest domains only).");
@@ -1149,6 +1218,7 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
         }
     }
 
+    free(merged);
     if (json_failed(&t)) {
         json_fini(&t);
         return NULL;

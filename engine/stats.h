@@ -301,7 +301,8 @@ void stats_render_stats(struct json *j, const struct stats_counters *c,
                         const struct stats_rates *r1s, const struct stats_rates *r1m);
 void stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms);
 /* The Prometheus text exposition (format 0.0.4) of c and the first n
- * domains. Returns a malloc'd NUL-terminated string (the caller frees),
+ * domains: one series per domain and pool (a pool label when it has
+ * one), the rows of the same domain and pool added up. Returns a malloc'd NUL-terminated string (the caller frees),
  * or NULL when out of memory. */
 char *stats_render_metrics(const struct stats_counters *c, const struct stats_domain *d, size_t n,
                            uint64_t now_ms);

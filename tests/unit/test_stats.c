@@ -1107,6 +1107,60 @@ test_metrics_render(void **state)
     assert_non_null(strstr(j.buf, "\"held\":false,\"held_until\":null,\"deferred_by_class\":{}"));
     json_fini(&j);
 
+    /* A domain has a destination per pool and one more for tls_relaxed
+     * mail: one series each per domain and pool (a pool label), never two
+     * samples of one series (Prometheus keeps the first, promtool does
+     * not mind). */
+    struct stats_domain pd[3];
+    memset(pd, 0, sizeof(pd));
+    for (int i = 0; i < 3; i++) {
+        snprintf(pd[i].name, sizeof(pd[i].name), "pooled.test");
+        pd[i].max_connections = 20;
+    }
+    snprintf(pd[1].pool, sizeof(pd[1].pool), "warm");
+    pd[0].connections = 2, pd[0].delivered = 10, pd[0].ready = 7;
+    pd[1].connections = 3, pd[1].delivered = 20;
+    pd[2].connections = 1, pd[2].delivered = 4, pd[2].held = true; /* tls_relaxed */
+    snprintf(pd[2].deferred_by_class[0].name, sizeof(pd[2].deferred_by_class[0].name), "other");
+    pd[2].deferred_by_class[0].live = 2;
+    pd[2].nclasses = 1;
+    snprintf(pd[0].limit_reason, sizeof(pd[0].limit_reason), "config");
+    t = stats_render_metrics(&c, pd, 3, 0);
+    assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_domain_connections{domain=\"pooled.test\"} 3\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_connections{domain=\"pooled.test\",pool=\"warm\"} 3\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_delivered_total{domain=\"pooled.test\"} 14\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"pooled.test\"} 1\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_max_connections{domain=\"pooled.test\"} 20\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_queue_recipients{domain=\"pooled.test\",pool=\"warm\","
+                              "state=\"ready\"} 0\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_recipients_deferred_by_class_total{domain=\"pooled.test\","
+                              "class=\"other\"} 2\n"));
+    assert_non_null(strstr(t, "\nsluice_domain_limit_info{domain=\"pooled.test\",reason=\"config\"} 1\n"));
+    /* every sample's name and labels once */
+    size_t nkeys = 0;
+    const char *keys[400];
+    size_t klen[400];
+    for (const char *line = t; *line != '\0';) {
+        const char *eol = strchr(line, '\n');
+        assert_non_null(eol);
+        if (line[0] != '#') {
+            const char *sp = eol;
+            while (sp > line && *sp != ' ')
+                sp--;
+            for (size_t k = 0; k < nkeys; k++)
+                if (klen[k] == (size_t)(sp - line) && memcmp(keys[k], line, klen[k]) == 0)
+                    fail_msg("two samples of one series: %.*s", (int)klen[k], line);
+            assert_true(nkeys < sizeof(keys) / sizeof(keys[0]));
+            keys[nkeys] = line;
+            klen[nkeys++] = (size_t)(sp - line);
+        }
+        line = eol + 1;
+    }
+    if (have_promtool())
+        assert_int_equal(promtool_check(fx, t, false), 0);
+    free(t);
+
     /* per tenant: what was received and what became of it, in both */
     struct stats_counters ct;
     memset(&ct, 0, sizeof(ct));
