@@ -1,6 +1,7 @@
 /*
  * sluice-spool: read a spool that no sluice has open (the queue takes an
  * exclusive lock): count, check, or dump every message as JSON lines.
+ * A directory without a spool is refused, not given a new one.
  * For operators and for the tests, which then need not know the record
  * format.
  *
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "common/conf.h"
@@ -191,6 +193,21 @@ main(int argc, char **argv)
                       strcmp(argv[1], "dump"))) {
         fprintf(stderr, "usage: sluice-spool count|check|dump SPOOL_DIR\n");
         return 2;
+    }
+    /* queue_open makes a spool where there is none: a mistyped path
+     * would be created, given a new spool, and reported empty and
+     * consistent. */
+    char data[4200];
+    struct stat st;
+    if ((size_t)snprintf(data, sizeof(data), "%s/data.mdb", argv[2]) >= sizeof(data)) {
+        fprintf(stderr, "sluice-spool: %s: path too long\n", argv[2]);
+        return 1;
+    }
+    int sr = stat(data, &st);
+    if (sr != 0 || !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "sluice-spool: %s: no spool there (%s: %s)\n", argv[2], data,
+                sr != 0 ? strerror(errno) : "not a file");
+        return 1;
     }
     struct queue_config cfg;
     char err[512];

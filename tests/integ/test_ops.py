@@ -235,6 +235,28 @@ def test_sluicectl_suppress_too_long_says_so():
         wd.cleanup()
 
 
+def test_spool_tool_refuses_a_directory_without_a_spool():
+    """sluice-spool on a mistyped path, or a directory that holds no spool,
+    exits 1 with one line, and creates nothing there (queue_open would
+    make a new spool and report it empty and consistent)."""
+    wd = Workdir("sluice-spool-")
+    try:
+        typo = os.path.join(wd.path, "spoool")
+        empty = os.path.join(wd.path, "empty")
+        os.mkdir(empty)
+        for cmd in ("count", "check", "dump"):
+            for d in (typo, empty):
+                p = subprocess.run([_spool_tool(), cmd, d], capture_output=True, text=True,
+                                   timeout=60)
+                err = one_line_error(p, 1)
+                assert "no spool there" in err and d in err, err
+                assert p.stdout == "", p.stdout
+        assert not os.path.exists(typo), "a spool was made at the mistyped path"
+        assert os.listdir(empty) == [], os.listdir(empty)
+    finally:
+        wd.cleanup()
+
+
 def test_suspend_and_resume():
     r = Relay(records_for(["held.test", "free.test"]), domain_conf=stats_conf())
     try:
@@ -704,6 +726,7 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
           test_sluicectl_suppress_too_long_says_so,
+          test_spool_tool_refuses_a_directory_without_a_spool,
           test_suspend_and_resume,
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
