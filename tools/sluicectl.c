@@ -1323,6 +1323,10 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         fflush(stdout);
         if (count > 0 && it + 1 >= count)
             break;
+        /* Not held open across the wait: sluice drops a client silent for
+         * its idle time (60 s, and -d may be longer) and, with its pool
+         * full, the one idle longest first; the next view connects anew. */
+        ctl_close(c);
         /* wait, watching the keyboard for q */
         uint64_t deadline = clock_mono_ms() + (uint64_t)(delay * 1000);
         while (!interrupted) {

@@ -1401,6 +1401,20 @@ test_sluicectl(void **state)
         }
         free(out);
     }
+    /* top outlives the socket's idle time between two views: each view
+     * connects anew (before, the second view found its connection
+     * closed and exited 3) */
+    stats_server_set_idle_timeout(fx->s, 200);
+    {
+        const char *targs[] = {"-s", fx->path, "top", "-n", "2", "-d", "0.6", NULL};
+        char *tout;
+        assert_int_equal(run_ctl(fx, bin, &tout, targs), 0);
+        char *second = strstr(tout, "gmail.com");
+        assert_non_null(second);
+        assert_non_null(strstr(second + 1, "gmail.com"));
+        free(tout);
+    }
+    stats_server_set_idle_timeout(fx->s, 0);
     /* the socket from the environment */
     setenv("SLUICE_SOCKET", fx->path, 1);
     const char *args[] = {"stats", NULL};
