@@ -1251,6 +1251,19 @@ top_rows(void)
     return rows < 3 ? 3 : (size_t)rows;
 }
 
+/* The terminal's settings before top changed them, put back however
+ * sluicectl exits: die() (sluice stopped, the socket closed) included. */
+static struct termios top_saved;
+static bool top_changed;
+
+static void
+top_restore(void)
+{
+    if (top_changed)
+        tcsetattr(STDIN_FILENO, TCSANOW, &top_saved);
+    top_changed = false;
+}
+
 static int
 run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
@@ -1270,14 +1283,17 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         }
     }
     bool tty_out = isatty(STDOUT_FILENO), tty_in = isatty(STDIN_FILENO);
-    struct termios saved;
     bool raw_mode = false;
-    if (tty_in && !c->json && tcgetattr(STDIN_FILENO, &saved) == 0) {
-        struct termios t = saved;
+    if (tty_in && !c->json && tcgetattr(STDIN_FILENO, &top_saved) == 0) {
+        struct termios t = top_saved;
         t.c_lflag &= ~(tcflag_t)(ICANON | ECHO); /* q without Enter; ISIG stays: Ctrl-C */
         t.c_cc[VMIN] = 0;
         t.c_cc[VTIME] = 0;
         raw_mode = tcsetattr(STDIN_FILENO, TCSANOW, &t) == 0;
+        if (raw_mode && !top_changed) {
+            top_changed = true;
+            atexit(top_restore);
+        }
     }
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
@@ -1345,8 +1361,7 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             }
         }
     }
-    if (raw_mode)
-        tcsetattr(STDIN_FILENO, TCSANOW, &saved);
+    top_restore();
     (void)cmd;
     return rc;
 }

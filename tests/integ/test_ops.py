@@ -257,6 +257,50 @@ def test_spool_tool_refuses_a_directory_without_a_spool():
         wd.cleanup()
 
 
+def test_top_gives_the_terminal_back_when_sluice_goes():
+    """sluicectl top on a terminal turns echo and line editing off while
+    it waits for q; when sluice goes away under it (here a socket that
+    answers one view and closes), it exits 3 and the terminal has them
+    back, as after q."""
+    import pty
+    import termios
+    import threading
+    wd = Workdir("sluice-top-")
+    master, slave = pty.openpty()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path = os.path.join(wd.path, "stats.sock")
+        srv.bind(path)
+        srv.listen(4)
+
+        def serve():  # one view, then the connection closes, and so does the socket
+            conn, _ = srv.accept()
+            with conn:
+                f = conn.makefile("rb")
+                for _ in range(2):
+                    if not f.readline():
+                        return
+                    conn.sendall(b'{"ok":true,"domains":[]}\n')
+            srv.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO and before[3] & termios.ICANON
+        p = subprocess.run([SLUICECTL, "-s", path, "top", "-d", "0.1"], stdin=slave,
+                           stdout=slave, stderr=subprocess.PIPE, text=True, timeout=30)
+        t.join(10)
+        assert p.returncode == 3, (p.returncode, p.stderr)
+        after = termios.tcgetattr(slave)
+        assert after[3] & termios.ECHO and after[3] & termios.ICANON, \
+            "echo or canonical mode left off"
+    finally:
+        srv.close()
+        os.close(master)
+        os.close(slave)
+        wd.cleanup()
+
+
 def test_suspend_and_resume():
     r = Relay(records_for(["held.test", "free.test"]), domain_conf=stats_conf())
     try:
@@ -727,6 +771,7 @@ if __name__ == "__main__":
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
           test_sluicectl_suppress_too_long_says_so,
           test_spool_tool_refuses_a_directory_without_a_spool,
+          test_top_gives_the_terminal_back_when_sluice_goes,
           test_suspend_and_resume,
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
