@@ -1087,12 +1087,23 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
     struct day *d = arg;
     struct tlsrpt *r = d->r;
     const char *rec = NULL;
+    unsigned nrec = 0;
     for (unsigned i = 0; i < n; i++)
-        if (strncmp(txt[i], "v=TLSRPTv1", 10) == 0 && (txt[i][10] == ';' || txt[i][10] == ' '))
+        if (strncmp(txt[i], "v=TLSRPTv1", 10) == 0 && (txt[i][10] == ';' || txt[i][10] == ' ')) {
             rec = txt[i];
+            nrec++;
+        }
+    if (nrec > 1) {
+        /* RFC 8460 3: "If the number of resulting records is not one,
+         * senders MUST assume the recipient domain does not implement
+         * TLSRPT." */
+        rec = NULL;
+        why = "several TLSRPTv1 records";
+    }
     if (rec == NULL) {
         log_msg(LOG_INFO, "event=tlsrpt_no_record domain=%s%s%s", d->domain,
-                status != DNS_OK ? " reason=" : "", status != DNS_OK ? why : "");
+                status != DNS_OK || nrec > 1 ? " reason=" : "",
+                status != DNS_OK || nrec > 1 ? why : "");
         if (status == DNS_RETRY) { /* a DNS failure: a failed try, tried again */
             d->posted = 0;
             day_sent(r, d);

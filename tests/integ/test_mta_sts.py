@@ -267,6 +267,10 @@ def records(report_port, ids=None, trap_port=None):
     trap = f",https://{TRAP}:{trap_port}/refused" if trap_port else ""
     recs.append(f'txt-record=_smtp._tls.badcert.test,"v=TLSRPTv1;rua=mailto:tlsrpt@reports.test,'
                 f'https://127.0.0.1:{report_port}/bad{trap}"')
+    # two TLSRPTv1 records: RFC 8460 3, no reporting at all
+    for k in (1, 2):
+        recs.append(f'txt-record=_smtp._tls.enforce.test,"v=TLSRPTv1; '
+                    f'rua=https://127.0.0.1:{report_port}/two{k}"')
     recs.append("mx-host=reports.test,mx.reports.test,10")
     recs.append(f"host-record=mx.reports.test,{MX_REPORTS}")
     recs.append('txt-record=_mta-sts.reports.test,"v=STSv1; id=1"')
@@ -716,6 +720,10 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
         # days of domains without a _smtp._tls record are no report sent.
         assert st["reports_sent"] == 2 and st["enforce"] >= 4, st
         assert w.d.count_log("event=tlsrpt_sent domain=enforce.test") == 0
+        # enforce.test has two TLSRPTv1 records: not one, so no report
+        line = w.d.wait_log("event=tlsrpt_no_record domain=enforce.test")
+        assert 'reason="several TLSRPTv1 records"' in line, line
+        assert not [r for r in w.https.reports if r[0].startswith("/two")], w.https.reports
 
         # The cache survives a restart with the policy server gone: still
         # enforced (no fetch needed while the TXT id stays).
