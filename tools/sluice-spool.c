@@ -10,7 +10,9 @@
  *                             stdout, each problem found with its key on stderr)
  *   sluice-spool dump DIR     one JSON object per message: envelope, each
  *                             recipient's state, attempts, next and last
- *                             attempt and last reply, body in base64
+ *                             attempt and last reply, body in base64; a
+ *                             message that cannot be read is named on
+ *                             stderr and makes the exit status 1
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -108,23 +110,26 @@ dump(struct queue *q)
         free(ids.v);
         return 1;
     }
+    size_t bad = 0; /* messages left out: the dump is incomplete, and says so */
     for (size_t i = 0; i < ids.n; i++) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(ids.v[i], qid);
         struct queue_envelope *env;
         rc = queue_envelope_get(q, ids.v[i], &env);
         if (rc != 0) {
-            fprintf(stderr, "sluice-spool: envelope: %s\n", queue_strerror(rc));
+            fprintf(stderr, "sluice-spool: message %s: envelope: %s\n", qid, queue_strerror(rc));
+            bad++;
             continue;
         }
         unsigned char *body = malloc(env->body_len + 1);
         size_t got = 0;
         if (body == NULL || queue_body_read(q, env->id, 0, body, env->body_len, &got) != 0) {
-            fprintf(stderr, "sluice-spool: body of message %zu unreadable\n", i);
+            fprintf(stderr, "sluice-spool: message %s: body unreadable\n", qid);
+            bad++;
             free(body);
             queue_envelope_free(env);
             continue;
         }
-        char qid[QUEUE_ID_STRLEN + 1];
-        queue_id_str(env->id, qid);
         printf("{\"id\":\"%s\",\"arrival\":", qid);
         json_time(env->arrival_ms);
         printf(",\"sender\":");
@@ -173,6 +178,10 @@ dump(struct queue *q)
         queue_envelope_free(env);
     }
     free(ids.v);
+    if (bad > 0) {
+        fprintf(stderr, "sluice-spool: %zu of %zu messages left out of the dump\n", bad, ids.n);
+        return 1;
+    }
     return 0;
 }
 
