@@ -1247,7 +1247,8 @@ message_json(struct json *out, const struct queue_envelope *env)
     json_kstr(out, "sender", env->sender);
     json_key(out, "arrival");
     json_time_ms(out, env->arrival_ms);
-    json_ku64(out, "age_ms", clock_unix_ms() - env->arrival_ms);
+    uint64_t now_ms = clock_unix_ms(); /* a wall clock stepped back: age 0, not 2^64 - x */
+    json_ku64(out, "age_ms", now_ms > env->arrival_ms ? now_ms - env->arrival_ms : 0);
     json_ku64(out, "size", env->body_len);
     if (env->expire_ms != 0) {
         json_key(out, "expires");
