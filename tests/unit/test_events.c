@@ -148,7 +148,7 @@ journal_written(void)
 {
     DIR *d = opendir(evdir);
     assert_non_null(d);
-    char last[64] = "";
+    char last[256] = ""; /* as d_name: -Wformat-truncation wants it whole */
     struct dirent *de;
     while ((de = readdir(d)) != NULL)
         if (strlen(de->d_name) == 37 && strcmp(de->d_name + 33, ".seg") == 0 &&
@@ -303,7 +303,7 @@ journal_first(void)
 {
     DIR *d = opendir(evdir);
     assert_non_null(d);
-    char first[64] = "";
+    char first[256] = ""; /* as d_name */
     struct dirent *de;
     while ((de = readdir(d)) != NULL)
         if (strlen(de->d_name) == 37 && strcmp(de->d_name + 33, ".seg") == 0 &&
