@@ -158,7 +158,7 @@ journal_written(void)
     assert_true(last[0] != '\0');
     unsigned long long off, seq;
     assert_int_equal(sscanf(last, "%16llx-%16llx", &off, &seq), 2);
-    char path[400];
+    char path[sizeof(evdir) + 1 + sizeof(last)];
     snprintf(path, sizeof(path), "%s/%s", evdir, last);
     FILE *f = fopen(path, "r");
     if (f == NULL)
