@@ -380,8 +380,11 @@ def test_tenant_block_holds_that_tenant_only():
         delivered_a = len([r for r in from_tenant(c.rx.records(), "a", "acme")
                            if r.get("delivered")])
         # (the receiver counts its 3 before refusing; transactions in flight
-        # on other connections may pass it by a few)
-        assert delivered_a >= 3 and bounced >= 1 and delivered_a + bounced < 12, \
+        # on other connections may pass it by a few, and on a loaded machine
+        # all 12 were in flight before the first refusal (CI: 8 and 4), so
+        # that node a had none left to park: the parking is node b's check
+        # above)
+        assert delivered_a >= 3 and bounced >= 1 and delivered_a + bounced <= 12, \
             (delivered_a, bounced)
         # the tenant fixed its DKIM: cleared on b, both nodes send acme's mail
         os.unlink(c.rx.switch)
