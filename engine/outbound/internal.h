@@ -11,10 +11,12 @@
  *                          worker, the spool port and due recipients,
  *                          start, stop, drain, reload, operators' views;
  *   outbound/scheduler.c   destinations (struct dest) and their queues,
- *                          resolving, where mail must not go, [mx] and
- *                          [source] limits, which connection a job takes,
+ *                          resolving, which connection a job takes,
  *                          opening connections within the caps, holds,
  *                          expiry sweeps, eviction of idle destinations;
+ *   outbound/egress.c      the [mx] and [source] limit keys, which source
+ *                          of a pool a connection goes from, and what the
+ *                          shaping actions allow;
  *   outbound/fairq.c       a destination's queue: per-tenant sub-queues
  *                          served by weight, by priority within each
  *                          (a pure data structure: tests/unit/test_fairq.c);
@@ -557,6 +559,9 @@ bool dest_affinity(struct dest *t);
 /* t's site is busier than one worker should carry alone: mark it. */
 void site_mark_busy(const struct dest *t);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
+/* A token or lease of t was refused: t runs again at retry_at (UINT64_MAX:
+ * the limiter's waker will run it). */
+void dest_lim_wait(struct dest *t, uint64_t retry_at);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
 /* The port t delivers to: its route's, or [delivery] remote_port. */
 unsigned dest_port(const struct dest *t);
@@ -596,7 +601,31 @@ unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
 
-/* ---- outbound/scheduler.c: sources ---- */
+/* ---- outbound/egress.c: [mx] and [source] limits, sources, shaping ---- */
+
+/* The [mx] limits of t's preferred MX host, looked up once per answer
+ * (NULL: none). */
+struct mxkey *dest_mxkey(struct dest *t);
+/* The [source] limits of a connection from src (a pool's source), or,
+ * src NULL, in family fam from [delivery] source_address; NULL: none. */
+struct mxkey *src_key(struct delivery *d, const struct mx_policy *src, int fam);
+/* t was refused a token or lease of k: run again at retry_at, or, at
+ * UINT64_MAX, when k has a slot free (mx_on_wake). */
+void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at);
+/* k has news (a slot, a refill): the destinations waiting on it run. */
+void mx_on_wake(void *arg);
+/* May c (of a pool's source) take another transaction at its site? Not
+ * while its source is held or suspended, nor while it is ahead of its
+ * weighted share of the transactions of the sources that may send. */
+bool source_may_send(struct conn *c);
+/* May c take another transaction, as the shaping actions say (applying
+ * their rates on the way)? */
+bool shaping_may_send(struct conn *c);
+/* May c carry t's mail now, as the shaping actions say of t, c's source
+ * and c's MX host? When not, t runs again when they may have changed. */
+bool shaping_may_move(struct conn *c, struct dest *t);
+/* c's source rests at c's site (policy_source_hold); why: for the log. */
+void source_hold(struct conn *c, const char *why);
 
 /* The source a new connection of a destination takes. */
 struct source_pick {

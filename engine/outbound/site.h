@@ -123,7 +123,7 @@ struct dest;
 struct site_source {
     uint32_t id;         /* the source's name id (its address text) */
     uint64_t hold_until; /* monotonic ns: no new connection from it before */
-    uint64_t shaped_until; /* monotonic ns: a shaping rate holds it back (scheduler.c)
+    uint64_t shaped_until; /* monotonic ns: a shaping rate holds it back (egress.c)
                             * until about then: it cannot carry its share */
     unsigned holds;      /* holds in a row: the next one is longer */
     uint64_t sent;       /* transactions from it, halved now and then */

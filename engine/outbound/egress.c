@@ -1,0 +1,579 @@
+/*
+ * egress: what stands between a destination and the network on the way
+ * out, on one worker (see internal.h for the other files).
+ *
+ * - The [mx] and [source] limits: one limiter key per section in force
+ *   ("mx:PATTERN", "src:ADDRESS"), made on first use and shared by every
+ *   destination behind it (dest_mxkey, src_key), and the keys of shaping
+ *   rates ("shape:SRC@GROUP", "shape:tenant:T@GROUP": sched_shape_key).
+ *   A destination refused a token waits on the key (mx_wait) and runs
+ *   again when the limiter has news.
+ * - Sources: which egress address of a destination's pool the next
+ *   connection goes from (dest_source: per weight, one connection per
+ *   source before a second from any, not a held, suspended or warmed-up
+ *   one), whether a pool's connection may take another transaction
+ *   (source_may_send: its source's weighted share per message), and the
+ *   holds of one source at a site (source_hold_at).
+ * - What the active shaping actions say (engine/shaping.h): a cap, a
+ *   suspension, a rate or a bounce, for a new connection
+ *   (shaping_may_open) and before each transaction (shaping_may_send).
+ *
+ * The scheduler (outbound/scheduler.c) asks these before it opens a
+ * connection or hands a job to one; the decisions on failures stay in
+ * outbound/policy.c.
+ *
+ * Threading: the worker's thread.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "common/clock.h"
+#include "common/intern.h"
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/outbound/internal.h"
+#include "engine/shaping.h"
+#include "engine/warmup.h"
+
+void
+mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    if (m == NULL)
+        return; /* a pattern gone after a reload: no limit */
+    /* Without Redis each worker holds its share: the domains behind one MX
+     * are spread over the workers. */
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    lc->msg_rate = m->max_message_rate;
+    if (share > 1 && lc->msg_rate.count != 0)
+        lc->msg_rate.count = lc->msg_rate.count / share ? lc->msg_rate.count / share : 1;
+    lc->msg_burst = m->message_burst / share;
+    lc->conn_rate = m->max_connection_rate;
+    if (share > 1 && lc->conn_rate.count != 0)
+        lc->conn_rate.count = lc->conn_rate.count / share ? lc->conn_rate.count / share : 1;
+    lc->conn_burst = m->connection_burst / share;
+    lc->max_connections = m->max_connections == 0 ? 0
+                          : m->max_connections / share ? m->max_connections / share : 1;
+    /* With Redis every worker holds the key whole; while Redis is away
+     * each keeps its share of the node's share. */
+    lc->spread = share == 1 ? d->e->nworkers : 1;
+}
+
+void
+mx_on_wake(void *arg)
+{
+    struct mxkey *k = arg;
+    struct dest *w = k->waiters;
+    k->waiters = NULL;
+    while (w != NULL) {
+        struct dest *next = w->next_mxwait;
+        w->next_mxwait = NULL;
+        w->mx_waiting = false;
+        dest_run(w);
+        w = next;
+    }
+}
+
+/* The key of an [mx] ("mx:") or [source] ("src:") section m, made on
+ * first use: its name for the limiter is prefix + the section's name. */
+/* The key named name, made on first use with the limits of m (NULL: none
+ * yet; a shaping key gets its rate on each use). */
+static struct mxkey *
+mxkey_named(struct delivery *d, const char *name, const struct mx_policy *m)
+{
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next)
+        if (strcmp(k->pattern, name) == 0)
+            return k;
+    struct mxkey *k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        return NULL;
+    k->d = d;
+    k->pol = m;
+    snprintf(k->pattern, sizeof(k->pattern), "%s", name);
+    struct limit_conf lc;
+    if (m != NULL)
+        mx_limit_conf(d, m, &lc);
+    else
+        memset(&lc, 0, sizeof(lc));
+    if (limits_key_init(d->lim, &k->lim, name, &lc, mx_on_wake, k) < 0) {
+        free(k);
+        return NULL;
+    }
+    k->next = d->mxkeys;
+    d->mxkeys = k;
+    return k;
+}
+
+static struct mxkey *
+mxkey_get(struct delivery *d, const char *prefix, const struct mx_policy *m)
+{
+    char name[LIMIT_KEY_MAX];
+    snprintf(name, sizeof(name), "%s%s", prefix, m->pattern);
+    return mxkey_named(d, name, m);
+}
+
+/* The [mx] limits for t's preferred MX host, looked up once per answer. */
+struct mxkey *
+dest_mxkey(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx != NULL && t->mxk_for == t->mx)
+        return t->mxk;
+    t->mxk_for = t->mx;
+    t->mxk = NULL;
+    if (t->mx == NULL || t->mx->nhosts == 0 || d->e->cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(d->e->cfg, t->mx->hosts[0].name);
+    if (m == NULL)
+        return NULL;
+    return t->mxk = mxkey_get(d, "mx:", m);
+}
+
+/* The [source] limits of a connection from src (a pool's source), or,
+ * src NULL, in family fam from [delivery] source_address; NULL: none. */
+struct mxkey *
+src_key(struct delivery *d, const struct mx_policy *src, int fam)
+{
+    if (src != NULL)
+        return mxkey_get(d, "src:", src);
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    const struct sockaddr_storage *ss = fam == AF_INET6 ? &dc->source6 : &dc->source4;
+    if (d->e->cfg->nsources == 0 || ss->ss_family == AF_UNSPEC)
+        return NULL;
+    const struct mx_policy *m = config_source(d->e->cfg, (const struct sockaddr *)ss);
+    if (m == NULL)
+        return NULL;
+    return mxkey_get(d, "src:", m);
+}
+
+/* A shaping rate's key (internal.h): a source's ("shape:SRC@GROUP": its
+ * mail to every MX host of the group draws on it, the other sources'
+ * does not) or a tenant's ("shape:tenant:T@GROUP"). No [section] stands
+ * behind it (pol NULL): sched_shape_rate gives it its rate on each use. */
+struct mxkey *
+sched_shape_key(struct delivery *d, const char *who, const char *group)
+{
+    char name[LIMIT_KEY_MAX];
+    int n = snprintf(name, sizeof(name), "shape:%s@%s", who, group);
+    if (n < 0 || (size_t)n >= sizeof(name) || strpbrk(name, "{}") != NULL)
+        return NULL;
+    return mxkey_named(d, name, NULL);
+}
+
+void
+mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
+{
+    if (retry_at != UINT64_MAX) {
+        dest_lim_wait(t, retry_at);
+        return;
+    }
+    if (!t->mx_waiting) {
+        t->mx_waiting = true;
+        t->next_mxwait = k->waiters;
+        k->waiters = t;
+    }
+}
+
+/* ---- sources: the egress addresses of a destination's pool ---- */
+
+/* Transactions a source may be ahead of its weighted share at a site
+ * before its connections give way to the others'. */
+static uint64_t
+share_slack(uint64_t total)
+{
+    return 32 + total / 64;
+}
+
+bool
+source_better(const struct site_source *a, unsigned wa, const struct site_source *b, unsigned wb)
+{
+    /* A source with no connection at the site, not ahead of the other
+     * per weight, first: a site opens one connection per source before a
+     * second from any (with a window of a few, the heavier source took
+     * every connection, and the others never sent or warmed up). */
+    if (a->conns == 0 && b->conns != 0 && a->sent * wb <= b->sent * wa)
+        return true;
+    if (b->conns == 0 && a->conns != 0 && b->sent * wa <= a->sent * wb)
+        return false;
+    /* the least (transactions + connections + 1) per weight */
+    uint64_t la = a->sent + a->conns + 1, lb = b->sent + b->conns + 1;
+    return la * wb < lb * wa;
+}
+
+/* The name ids of t's pool's sources, in the pool's order (0 where the
+ * name table is full), made once per [pool] in force; NULL without
+ * memory. */
+static const uint32_t *
+dest_src_ids(struct dest *t)
+{
+    if (t->src_ids != NULL && t->src_ids_for == t->poolc)
+        return t->src_ids;
+    free(t->src_ids);
+    t->src_ids = NULL;
+    t->src_ids_for = NULL;
+    if (t->poolc == NULL || t->poolc->nsources == 0)
+        return NULL;
+    uint32_t *ids = calloc(t->poolc->nsources, sizeof(*ids));
+    if (ids == NULL)
+        return NULL;
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        ids[i] = ps->source != NULL ? intern_id(t->d->e->names, ps->source->pattern) : 0;
+    }
+    t->src_ids = ids;
+    t->src_ids_for = t->poolc;
+    return ids;
+}
+
+/* The address family of a [source] section's address. */
+static int
+source_family(const struct mx_policy *src)
+{
+    return strchr(src->pattern, ':') != NULL ? AF_INET6 : AF_INET;
+}
+
+/* What the active shaping actions (shaping.h) say about source src_id
+ * (0: the node's default source) sending to MX host mx for t: whether
+ * any applies, and when to look again (monotonic ns) in *recheck. */
+static bool
+dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_verdict *v,
+             uint64_t *recheck)
+{
+    struct delivery *d = t->d;
+    struct engine *e = d->e;
+    memset(v, 0, sizeof(*v));
+    if (e->shaping == NULL)
+        return false;
+    const char *src = src_id != 0 ? intern_name(e->names, src_id) : "";
+    uint64_t now_ms = clock_unix_ms();
+    if (!shaping_check(e->shaping, e->cfg->shaping_rules, src ? src : "", mx, t->name, now_ms, v))
+        return false;
+    *recheck = d->w->now + MS_TO_NS(v->recheck_ms > now_ms ? v->recheck_ms - now_ms : 1);
+    return true;
+}
+
+/* A bounce action applies to t: what waits in its queue fails now, as
+ * an operator's bounce (spool, delivery log, DSN); what comes up later
+ * while the action lasts likewise. */
+static void
+shaping_bounce(struct dest *t, const char *mx)
+{
+    struct delivery *d = t->d;
+    struct policy_fail f;
+    policy_job(POLICY_OPERATOR_BOUNCE, &f);
+    struct smtp_outcome o;
+    char text[160];
+    snprintf(text, sizeof(text), "bounced by a shaping action for %.100s", mx ? mx : t->name);
+    job_outcome(&o, &f, text);
+    unsigned n = 0;
+    for (struct job *j; (j = dest_pop(t)) != NULL; n++)
+        job_fail(d, t, j, &o, f.src);
+    if (n > 0)
+        log_msg(LOG_NOTICE, "event=shaping_bounced domain=%s mx=%s jobs=%u", t->name,
+                mx ? mx : "-", n);
+}
+
+bool
+sched_shaping_bounces(struct dest *t, const struct job *j)
+{
+    struct engine *e = t->d->e;
+    if (e->shaping == NULL)
+        return false;
+    const char *mx = t->mx != NULL && t->mx->nhosts > 0 ? t->mx->hosts[0].name : NULL;
+    uint64_t now_ms = clock_unix_ms();
+    struct shaping_verdict v;
+    if (shaping_check(e->shaping, e->cfg->shaping_rules, "", mx, t->name, now_ms, &v) && v.bounce)
+        return true;
+    struct shaping_tenant_verdict tv;
+    return j->owner.tenant != 0 && mx != NULL &&
+           shaping_tenant_check(e->shaping, e->cfg->shaping_rules,
+                                intern_name(e->names, j->owner.tenant), mx, now_ms, &tv) &&
+           tv.bounce;
+}
+
+/* May a new connection of t go from src_id to mx, as shaping says? */
+static bool
+shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    if (!dest_shaping(t, src_id, mx, &v, &at))
+        return true;
+    if (v.bounce) {
+        shaping_bounce(t, mx);
+        if (at < *wait)
+            *wait = at;
+        return false;
+    }
+    if (!v.suspended && (v.cap == 0 || t->conns < v.cap))
+        return true;
+    if (at < *wait)
+        *wait = at;
+    return false;
+}
+
+int
+dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
+{
+    struct delivery *d = t->d;
+    memset(out, 0, sizeof(*out));
+    if (t->poolc == NULL || t->site == NULL) {
+        /* the node's default source, unless shaping holds it */
+        uint64_t wait = UINT64_MAX;
+        if (shaping_may_open(t, 0, mx, &wait))
+            return 1;
+        out->until = wait;
+        return 0;
+    }
+    const uint32_t *ids = dest_src_ids(t);
+    uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
+    long best = -1; /* an index: site_source() may move the entries */
+    unsigned bw = 0, held = 0, usable = 0;
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        if (ps->weight == 0 || ps->source == NULL)
+            continue;
+        if (family != AF_UNSPEC && source_family(ps->source) != family) {
+            out->other_family = true;
+            continue;
+        }
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
+        if (id == 0 || scope_suspended(d, SCOPE_SOURCE, id, now))
+            continue;
+        if (!shaping_may_open(t, id, mx, &wait))
+            continue; /* suspended or capped at this destination by shaping */
+        struct site_source *ss = site_source(t->site, id);
+        if (ss == NULL)
+            continue;
+        usable++;
+        if (ss->hold_until > now) {
+            held++;
+            wait = ss->hold_until < wait ? ss->hold_until : wait;
+            continue;
+        }
+        if (ss->shaped_until > now && ss->conns > 0)
+            continue; /* slowed by a shaping rate: one connection carries it, the
+                       * others go from sources that may go at full rate */
+        if (warmup_left(d->e->warmup, ps->source->pattern, mx, now_ms) == 0) {
+            uint64_t next = warmup_next_day_ms(d->e->warmup, ps->source->pattern, mx, now_ms);
+            uint64_t at = now + MS_TO_NS(next > now_ms ? next - now_ms : HOLD_MIN_MS);
+            wait = at < wait ? at : wait;
+            continue;
+        }
+        if (best < 0 || source_better(ss, ps->weight, &t->site->src[best], bw)) {
+            best = ss - t->site->src;
+            bw = ps->weight;
+            out->src = ps->source;
+            out->id = id;
+        }
+    }
+    if (best >= 0)
+        return 1;
+    out->src = NULL;
+    out->id = 0;
+    out->until = wait == UINT64_MAX ? now + MS_TO_NS(HOLD_MIN_MS) : wait;
+    out->all_held = usable > 0 && held == usable;
+    out->other_family = out->other_family && usable == 0;
+    return 0;
+}
+
+/* May c (of a pool's source) take another transaction at its site? Not
+ * while its source is held, nor while it is ahead of its weighted share
+ * of the transactions of the sources that may send now: then it says
+ * goodbye, and the next connection goes from a source behind its share
+ * (dest_source). So the weights hold per message, not only per
+ * connection, whatever the connections' speed and lifetime. */
+bool
+source_may_send(struct conn *c)
+{
+    struct delivery *d = c->d;
+    struct dest *t = c->dest;
+    if (c->src == NULL || c->site == NULL || t->poolc == NULL)
+        return true;
+    uint64_t now = d->w->now;
+    if (scope_suspended(d, SCOPE_SOURCE, c->src_id, now))
+        return false;
+    struct site_source *mine = site_source(c->site, c->src_id);
+    if (mine == NULL)
+        return true;
+    if (mine->hold_until > now)
+        return false;
+    uint64_t total = 0, wsum = 0, mine_sent = mine->sent;
+    unsigned mine_w = 0, others = 0;
+    const uint32_t *ids = dest_src_ids(t);
+    for (unsigned i = 0; i < t->poolc->nsources; i++) {
+        const struct pool_source *ps = &t->poolc->sources[i];
+        if (ps->weight == 0 || ps->source == NULL)
+            continue;
+        uint32_t id = ids != NULL ? ids[i] : intern_id(d->e->names, ps->source->pattern);
+        struct site_source *ss = NULL;
+        for (unsigned k = 0; k < c->site->nsrc; k++)
+            if (c->site->src[k].id == id)
+                ss = &c->site->src[k];
+        if (id == c->src_id)
+            mine_w = ps->weight;
+        else if (ss == NULL || ss->hold_until > now || ss->shaped_until > now ||
+                 scope_suspended(d, SCOPE_SOURCE, id, now))
+            continue; /* it cannot carry its share now (held, slowed by shaping) */
+        else
+            others++;
+        total += ss ? ss->sent : 0;
+        wsum += ps->weight;
+    }
+    if (others == 0 || mine_w == 0 || wsum == 0)
+        return mine_w != 0 || others == 0;
+    /* mine_sent / total against mine_w / wsum, with some slack */
+    return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
+}
+
+void
+sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t, unsigned permille,
+                 uint64_t interval_ns)
+{
+    const struct limit_conf *dc = &t->lim.conf;
+    /* With Redis every worker's key draws on one budget; while Redis is
+     * away each keeps its share of the node's share. */
+    unsigned spread = d->e->cfg->redis.url != NULL ? d->e->nworkers : 1;
+    if (k->lim.conf.msg_rate.count != dc->msg_rate.count ||
+        k->lim.conf.msg_rate.per_ms != dc->msg_rate.per_ms ||
+        k->lim.conf.msg_burst != dc->msg_burst || k->lim.conf.spread != spread) {
+        struct limit_conf lc;
+        memset(&lc, 0, sizeof(lc));
+        lc.msg_rate = dc->msg_rate;
+        lc.msg_burst = dc->msg_burst;
+        lc.spread = spread;
+        limits_key_set(d->lim, &k->lim, &lc);
+    }
+    unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
+    limits_key_shape(d->lim, &k->lim, permille, interval_ns * (share ? share : 1));
+}
+
+/* A source's rate action (scope=source) slows that source only: its
+ * transactions to the hosts of the action's group draw on a key of their
+ * own (shape_key), the destination's and the other sources' are
+ * untouched. A fraction is of the message rate configured for c's
+ * destination. Without Redis each worker has its own key, so an absolute
+ * rate is split between the workers, as the [mx] limits are. While it
+ * holds, the source cannot carry its weighted share at the site
+ * (shaped_until): the other sources' connections do not give way to it. */
+static void
+shaping_source_rate(struct conn *c, const struct shaping_verdict *v, uint64_t until)
+{
+    struct delivery *d = c->d;
+    if (v->src_rate_permille == 0 && v->src_rate_interval_ns == 0) {
+        if (c->shk != NULL) /* over (or cleared): the key goes back to no limit */
+            limits_key_shape(d->lim, &c->shk->lim, 0, 0);
+        c->shk = NULL;
+        return;
+    }
+    const char *src = c->src_id != 0 ? intern_name(d->e->names, c->src_id) : NULL;
+    struct mxkey *k = sched_shape_key(d, src != NULL ? src : "default", v->src_rate_group);
+    if (k != c->shk && c->shk != NULL)
+        limits_key_shape(d->lim, &c->shk->lim, 0, 0);
+    c->shk = k;
+    if (k == NULL)
+        return; /* no memory: the source goes at the destination's rate */
+    sched_shape_rate(d, k, c->dest, v->src_rate_permille, v->src_rate_interval_ns);
+    struct site_source *ss = c->site != NULL && c->src != NULL ? site_source(c->site, c->src_id)
+                                                                : NULL;
+    if (ss != NULL)
+        ss->shaped_until = until > d->w->now + MS_TO_NS(1000) ? until : d->w->now + MS_TO_NS(1000);
+}
+
+/* May c take another transaction, as shaping says? Not while its source
+ * (or its destination group, or domain) is suspended, not a second one in
+ * backoff mode, not while its destination has more connections than a
+ * cap allows. */
+bool
+shaping_may_send(struct conn *c)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    bool any = dest_shaping(c->dest, c->src_id, c->mx, &v, &at);
+    /* a group's or domain's rate action lowers the destination's message
+     * rate in the limiter (as an adaptive backoff does); lifted once none
+     * applies */
+    limits_key_shape(c->d->lim, &c->dest->lim, v.rate_permille, v.rate_interval_ns);
+    shaping_source_rate(c, &v, at);
+    if (!any)
+        return true;
+    if (v.bounce) {
+        shaping_bounce(c->dest, c->mx);
+        return false;
+    }
+    if (v.suspended || (v.one_txn && c->nmsgs >= 1) || (v.cap != 0 && c->dest->conns > v.cap)) {
+        c->d->stats.shaping_quits++;
+        return false;
+    }
+    return true;
+}
+
+/* May c carry t's mail now, as the shaping actions say of t, c's source
+ * and c's MX host (what shaping_may_send() asks of a connection's own
+ * domain at each transaction, asked before c moves to t)? When not, t
+ * runs again when they may have changed. */
+bool
+shaping_may_move(struct conn *c, struct dest *t)
+{
+    struct shaping_verdict v;
+    uint64_t at = 0;
+    if (!dest_shaping(t, c->src_id, c->mx, &v, &at))
+        return true;
+    if (!v.bounce && !v.suspended && !(v.one_txn && c->nmsgs >= 1) &&
+        (v.cap == 0 || t->conns < v.cap))
+        return true;
+    dest_lim_wait(t, at); /* a bounce: its own run bounces what waits */
+    return false;
+}
+
+/* Source src_id rests at site (policy_source_hold) while the pool's
+ * other sources carry on; when every source of t's pool is held there,
+ * t holds as a destination without a pool would. conn: for the log. */
+static void
+source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *mx,
+               unsigned long long conn, const char *why)
+{
+    struct delivery *d = t->d;
+    struct site_source *ss = site ? site_source(site, src_id) : NULL;
+    if (ss == NULL) {
+        dest_hold(t, t->pol->site_hold);
+        return;
+    }
+    if (ss->hold_until > d->w->now)
+        return; /* held already (its other connections met the same): no longer */
+    ss->holds++;
+    uint64_t ms = policy_source_hold(t->pol->site_hold, ss->holds);
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (until > ss->hold_until)
+        ss->hold_until = until;
+    d->stats.source_holds++;
+    log_msg(LOG_NOTICE,
+            "conn=%llx event=source_held source=%s domain=%s site=%s for_ms=%llu holds=%u "
+            "reason=%s",
+            conn, intern_name(d->e->names, src_id), t->name, site->key, (unsigned long long)ms,
+            ss->holds, why);
+    struct source_pick pk;
+    if (t->site == site && dest_source(t, mx, AF_UNSPEC, &pk) == 0 && pk.all_held &&
+        pk.until > d->w->now) {
+        uint64_t rest = (pk.until - d->w->now + 999999) / 1000000;
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=destination_held domain=%s pool=%s for_ms=%llu "
+                "reason=every_source_held",
+                conn, t->name, intern_name(d->e->names, t->pool), (unsigned long long)rest);
+        dest_hold(t, rest);
+    }
+}
+
+void
+source_hold(struct conn *c, const char *why)
+{
+    source_hold_at(c->dest, c->site, c->src_id, c->mx, (unsigned long long)c->id, why);
+}
+
+void
+sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why)
+{
+    source_hold_at(t, t->site, src_id, mx ? mx : "", 0, why);
+}
