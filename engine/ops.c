@@ -334,6 +334,8 @@ shaping_counters(struct engine *e, struct stats_counters *out)
     out->shaping_published = ss.published;
     out->shaping_received = ss.received;
     out->shaping_ignored = ss.ignored;
+    out->shaping_outbox = ss.outbox;
+    out->shaping_outbox_dropped = ss.outbox_dropped;
     unsigned nr = shaping_rules_count(cfg->shaping_rules), n = 0;
     out->shaping_rules = nr;
     for (unsigned i = 0; i < nr; i++) {

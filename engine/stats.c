@@ -167,6 +167,8 @@ render_shaping(struct json *j, const struct stats_counters *c)
     json_ku64(j, "received", c->shaping_received);
     json_ku64(j, "connections_quit", c->shaping_quits);
     json_ku64(j, "ignored", c->shaping_ignored);
+    json_ku64(j, "outbox", c->shaping_outbox);
+    json_ku64(j, "outbox_dropped", c->shaping_outbox_dropped);
     json_key(j, "by_rule");
     json_obj_begin(j);
     for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++)
@@ -1010,6 +1012,15 @@ render_shaping_metrics(struct json *t, const struct stats_counters *c)
                 "node's): ignored.");
     text_printf(t, "sluice_shaping_actions_ignored_total %llu\n",
                 (unsigned long long)c->shaping_ignored);
+    text_family(t, "sluice_shaping_outbox", "gauge",
+                "Action changes of this node waiting to be published to Redis (one per "
+                "action id).");
+    text_printf(t, "sluice_shaping_outbox %llu\n", (unsigned long long)c->shaping_outbox);
+    text_family(t, "sluice_shaping_outbox_dropped_total", "counter",
+                "Action changes dropped unpublished: more action ids waited than the outbox "
+                "holds while Redis was away.");
+    text_printf(t, "sluice_shaping_outbox_dropped_total %llu\n",
+                (unsigned long long)c->shaping_outbox_dropped);
 }
 
 /* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */

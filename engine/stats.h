@@ -194,6 +194,8 @@ struct stats_counters {
         shaping_received, shaping_quits;
     uint64_t shaping_ignored; /* actions read of a kind or scope unknown here (a newer
                                * node's, from Redis or the state file): not applied */
+    uint64_t shaping_outbox;         /* changes waiting to be published (Redis away) */
+    uint64_t shaping_outbox_dropped; /* changes dropped: the outbox was full */
     unsigned shaping_rules;        /* rules loaded */
     struct stats_shaping_rule {
         char name[64];

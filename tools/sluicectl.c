@@ -631,6 +631,9 @@ render_stats(const cJSON *st)
         table_row(&t, "  connections quit for an action", fmt_count(st, "shaping.connections_quit"),
                   "");
         table_row(&t, "  actions ignored (unknown here)", fmt_count(st, "shaping.ignored"), "");
+        table_row(&t, "  changes waiting for Redis", fmt_count(st, "shaping.outbox"), "");
+        table_row(&t, "  changes dropped (Redis away)", fmt_count(st, "shaping.outbox_dropped"),
+                  "");
     }
     table_heading(&t, "AUTH");
     table_row(&t, "  succeeded", fmt_count(st, "auth.ok"), "");

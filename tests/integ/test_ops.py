@@ -606,6 +606,30 @@ def test_shaping_actions_unknown_here_are_counted():
         r.close()
 
 
+def test_shaping_outbox_while_redis_away():
+    """An action started while Redis is unreachable waits in the outbox to
+    be published: `stats` (shaping.outbox), its sluicectl rendering and
+    /metrics show it, beside the changes dropped (none)."""
+    hport, rport = free_port(), free_port()  # nothing listens on rport
+    r = Relay(records_for(["p.test"]),
+              domain_conf=stats_conf(f"[redis]\nurl = redis://127.0.0.1:{rport}\n", http=hport))
+    try:
+        p = ctl(r, "shaping", "suspend", "domain=p.test", "for=10m")
+        assert p.returncode == 0, p.stdout + p.stderr
+        sh = ctl_json(r, "stats")["shaping"]
+        assert sh["redis"] == "unreachable", sh
+        assert sh["outbox"] == 1 and sh["outbox_dropped"] == 0, sh
+        p = ctl(r, "stats")
+        assert p.returncode == 0, p.stderr
+        assert re.search(r"^  changes waiting for Redis\s+1$", p.stdout, re.M), p.stdout
+        wait_until(lambda: http_get(hport, "/metrics")[0] == 200, 10, "the /metrics listener")
+        text = http_get(hport, "/metrics")[2]
+        assert metric(text, "sluice_shaping_outbox") == 1, text[-2000:]
+        assert metric(text, "sluice_shaping_outbox_dropped_total") == 0
+    finally:
+        r.close()
+
+
 def test_reload_refused_says_why():
     """sluicectl reload answers once the reload is over: a config with an
     unknown key is refused with the file, line and key in the error and a
@@ -776,6 +800,7 @@ if __name__ == "__main__":
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
+          test_shaping_outbox_while_redis_away,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
           test_sigterm_drains_and_restart_loses_nothing,
           test_spool_dump_is_json_whatever_the_reply])
