@@ -153,6 +153,8 @@ struct conn {
                            * (or before its first): cleared as each one ends */
     bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
                            * (policy_reuse_lost): its end holds nothing back */
+    bool congested;       /* its site learned of a failure of it (sched_conn_congested):
+                           * once per connection (a 421 in a transaction, then its end) */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */

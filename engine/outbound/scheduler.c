@@ -564,11 +564,15 @@ dest_enqueue(struct dest *t, struct job *j)
 
 /* ---- what connections tell the scheduler ---- */
 
-/* The site's window learns of a refusal, timeout, reset or 421. */
+/* The site's window learns of a refusal, timeout, reset or 421, once per
+ * connection. */
 static void
 sched_conn_congested(struct conn *c, const char *why)
 {
     struct site *s = c->site;
+    if (c->congested)
+        return;
+    c->congested = true;
     s->failures++;
     if (!site_window_on_failure(&s->win, c->epoch))
         return;

@@ -1303,6 +1303,8 @@ session_failures(void **state)
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
     /* A 421: reported (deferred), not failed over. */
+    struct site *site = c->site;
+    uint64_t failures = site->failures;
     assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
     assert_int_equal(f->finished, 1);
     struct smtp_outcome bye;
@@ -1313,6 +1315,9 @@ session_failures(void **state)
     c->connected = true;
     conn_gone(c, &bye);
     assert_true(t->hold_until > f->w.now);
+    /* the 421 and the end it brought are one failure of one connection */
+    assert_int_equal(t->site, site);
+    assert_int_equal(site->failures, failures + 1);
     fx_free(f);
 }
 
