@@ -794,6 +794,51 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
     return 0;
 }
 
+_Static_assert(DELIVERY_SITE_KEY_MAX == SITE_KEY_MAX, "a site's key");
+
+int
+delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t *cap)
+{
+    size_t first = *n, bucket = 0;
+    struct hash_node *cur = NULL;
+    for (struct hash_node *hn; (hn = hash_next(&d->sites.by_key, &bucket, &cur)) != NULL;) {
+        struct site *s = (struct site *)hn;
+        if (*n == *cap) {
+            size_t nc = *cap ? *cap * 2 : 64;
+            struct delivery_site *a = realloc(*out, nc * sizeof(*a));
+            if (a == NULL)
+                return -ENOMEM;
+            *out = a;
+            *cap = nc;
+        }
+        struct delivery_site *x = &(*out)[(*n)++];
+        memset(x, 0, sizeof(*x));
+        memcpy(x->key, s->key, sizeof(x->key));
+        x->worker = d->w->id;
+        x->conns = s->conns;
+        for (const struct conn *c = s->idle; c != NULL; c = c->next_idle)
+            x->idle++;
+        x->window = site_window_allowed(&s->win);
+        x->ceiling = s->win.ceiling;
+        x->domains_waiting = (unsigned)s->want.n;
+        x->opened = s->opened;
+        x->failures = s->failures;
+        x->shrinks = s->shrinks;
+        s->view_row = *n - 1;
+    }
+    /* Each destination to its site's row (every site is in the table). */
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
+        if (t->site == NULL || t->site->view_row < first || t->site->view_row >= *n)
+            continue;
+        struct delivery_site *x = &(*out)[t->site->view_row];
+        x->domains++;
+        x->ready += dest_queued(t);
+        x->inflight += t->inflight;
+    }
+    return 0;
+}
+
 void
 delivery_reconfigure(struct delivery *d)
 {

@@ -83,6 +83,28 @@ unsigned delivery_tenants(const struct delivery *d, struct stats_tenant *out, un
  * connected, suspended, or active in the last 10 minutes) to *out
  * (*n entries of *cap, grown with realloc). Returns 0 or -ENOMEM. */
 int delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap);
+/* One site of a worker (outbound/site.h: the MX hosts its domains'
+ * answers name, or a route; a pool's sites are its own), as the "sites"
+ * view shows it. */
+#define DELIVERY_SITE_KEY_MAX 256 /* = SITE_KEY_MAX */
+struct delivery_site {
+    char key[DELIVERY_SITE_KEY_MAX]; /* "[POOL@]host1,host2:PORT", or "route:host:port" */
+    unsigned worker;
+    unsigned conns;         /* open or opening */
+    unsigned idle;          /* of those, idle on the site's list */
+    unsigned window;        /* connections its adaptive window allows now */
+    unsigned ceiling;       /* the window's ceiling: its domains' max_connections */
+    unsigned domains;       /* destinations on it */
+    unsigned domains_waiting; /* ... waiting for a connection of it */
+    uint64_t ready;         /* jobs waiting in its destinations' queues */
+    uint64_t inflight;      /* jobs on its connections */
+    uint64_t opened;        /* connections opened since the site was made */
+    uint64_t failures;      /* connect failures, greeting timeouts, 421s, resets */
+    uint64_t shrinks;       /* times its window was halved */
+};
+/* Append the worker's sites to *out (*n entries of *cap, grown with
+ * realloc). Returns 0 or -ENOMEM. */
+int delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t *cap);
 /* After a reload (engine.c parks the workers while it swaps e->cfg):
  * take up the new domain policies and limits. Worker thread. */
 void delivery_reconfigure(struct delivery *d);

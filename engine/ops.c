@@ -2076,6 +2076,125 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
     return 0;
 }
 
+/* ---- sites ---- */
+
+struct slist {
+    struct delivery_site *v; /* owned */
+    size_t n, cap;
+};
+
+static void
+sites_on_worker(struct engine *e, unsigned w, struct wcall *c)
+{
+    struct slist *l = &((struct slist *)c->res)[w];
+    if (delivery_sites(e->dlv[w], &l->v, &l->n, &l->cap) < 0)
+        c->rc = -ENOMEM;
+}
+
+static void
+free_slists(void *res, unsigned n)
+{
+    struct slist *l = res;
+    for (unsigned i = 0; l != NULL && i < n; i++)
+        free(l[i].v);
+    free(l);
+}
+
+static uint64_t
+site_busyness(const struct delivery_site *s)
+{
+    return s->conns + s->ready + s->inflight;
+}
+
+static int
+cmp_site(const void *a, const void *b)
+{
+    const struct delivery_site *x = a, *y = b;
+    uint64_t bx = site_busyness(x), by = site_busyness(y);
+    if (bx != by)
+        return bx > by ? -1 : 1;
+    int k = strcmp(x->key, y->key);
+    return k != 0 ? k : x->worker < y->worker ? -1 : x->worker > y->worker;
+}
+
+/* "sites [N]": the N busiest sites of every worker (connections, waiting
+ * and in-flight jobs), with their windows and counters. A site is a
+ * worker's: the same hosts on two workers (a pool's domains, or domains
+ * whose limits keep them on their own worker) are two rows. */
+static int
+cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    unsigned long want = STATS_DOMAINS_DEFAULT;
+    if (args[0] != '\0') {
+        char *end;
+        errno = 0;
+        want = strtoul(args, &end, 10);
+        if (args[0] < '0' || args[0] > '9' || *end != '\0' || errno != 0 || want == 0 ||
+            want > STATS_DOMAINS_MAX) {
+            snprintf(err, errlen, "sites: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
+            return -1;
+        }
+    }
+    struct wcall *c = wcall_new(e, sites_on_worker);
+    if (c == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    c->res = calloc(e->nworkers, sizeof(struct slist));
+    c->res_free = free_slists;
+    if (c->res == NULL || wcall_run(c, -1) != 0 || c->rc != 0) {
+        snprintf(err, errlen, "%s",
+                 c->res == NULL || c->rc != 0 ? "out of memory" : "a worker did not answer");
+        wcall_unref(c);
+        return -1;
+    }
+    struct slist all = {0};
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        struct slist *l = &((struct slist *)c->res)[i];
+        if (l->n == 0)
+            continue;
+        struct delivery_site *v = realloc(all.v, (all.n + l->n) * sizeof(*v));
+        if (v == NULL) {
+            free(all.v);
+            wcall_unref(c);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        all.v = v;
+        memcpy(all.v + all.n, l->v, l->n * sizeof(*v));
+        all.n += l->n;
+    }
+    wcall_unref(c);
+    if (all.n > 1)
+        qsort(all.v, all.n, sizeof(*all.v), cmp_site);
+    json_obj_begin(out);
+    json_ku64(out, "sites_total", all.n);
+    json_key(out, "sites");
+    json_arr_begin(out);
+    for (size_t i = 0; i < all.n && i < want; i++) {
+        const struct delivery_site *s = &all.v[i];
+        json_obj_begin(out);
+        json_kstr(out, "site", s->key);
+        json_ku64(out, "worker", s->worker);
+        json_ku64(out, "connections", s->conns);
+        json_ku64(out, "idle", s->idle);
+        json_ku64(out, "window", s->window);
+        json_ku64(out, "max_connections", s->ceiling);
+        json_ku64(out, "domains", s->domains);
+        json_ku64(out, "domains_waiting", s->domains_waiting);
+        json_ku64(out, "ready", s->ready);
+        json_ku64(out, "inflight", s->inflight);
+        json_ku64(out, "opened", s->opened);
+        json_ku64(out, "failures", s->failures);
+        json_ku64(out, "window_halved", s->shrinks);
+        json_obj_end(out);
+    }
+    json_arr_end(out);
+    json_obj_end(out);
+    free(all.v);
+    return 0;
+}
+
 static int
 ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
             size_t errlen)
@@ -2101,6 +2220,8 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
         return cmd_shaping(e, args, out, err, errlen);
     if (strcmp(verb, "tlsrpt") == 0)
         return cmd_tlsrpt(e, args, out, err, errlen);
+    if (strcmp(verb, "sites") == 0)
+        return cmd_sites(e, args, out, err, errlen);
     if (strcmp(verb, "reload") == 0) {
         /* The main thread reloads on SIGHUP; this is the same, and waits
          * for its outcome (a SIGHUP from elsewhere meanwhile may answer

@@ -1389,6 +1389,10 @@ struct command {
 static const struct command commands[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects", 0, 0, false},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)", 0, 1, false},
+    {"sites", "[N]",
+     "the N busiest sites (default 20, at most 1000): the MX hosts domains share connections "
+     "at, with their adaptive windows",
+     0, 1, true},
     {"message", "ID", "a queued message and its recipients", 1, 1, true},
     {"queue", "[N] [DOMAIN]",
      "the first N queued messages (oldest first; default 100, at most 10000), or those with "

@@ -1076,6 +1076,53 @@ run_domains(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* "sites [N]": one row per site of a worker, busiest first. */
+static void
+render_sites(const cJSON *doc)
+{
+    struct table t;
+    /* right: every column but SITE */
+    table_init(&t, 13, 0x1ffeu);
+    table_row(&t, "SITE", "WORKER", "CONN", "IDLE", "WINDOW", "MAX", "DOMAINS", "WAITING",
+              "READY", "INFLIGHT", "OPENED", "FAILURES", "HALVED");
+    const cJSON *s;
+    size_t n = 0;
+    cJSON_ArrayForEach(s, get(doc, "sites"))
+    {
+        n++;
+        table_row(&t, fmt_str(s, "site"), fmt_count(s, "worker"), fmt_count(s, "connections"),
+                  fmt_count(s, "idle"), fmt_count(s, "window"), fmt_count(s, "max_connections"),
+                  fmt_count(s, "domains"), fmt_count(s, "domains_waiting"), fmt_count(s, "ready"),
+                  fmt_count(s, "inflight"), fmt_count(s, "opened"), fmt_count(s, "failures"),
+                  fmt_count(s, "window_halved"));
+    }
+    table_print(&t, stdout);
+    if (n == 0)
+        printf("(no sites)\n");
+    double total;
+    if (num(doc, "sites_total", &total) && total > (double)n)
+        printf("(%zu of %.0f sites shown)\n", n, total);
+}
+
+static int
+run_sites(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
+{
+    (void)cmd;
+    long n = 20;
+    if (argc == 1)
+        n = parse_number("sites", argv[0], 1, DOMAINS_MAX);
+    char line[64];
+    snprintf(line, sizeof(line), "sites %ld", n);
+    const char *raw;
+    cJSON *doc = ctl_ask(c, line, &raw);
+    if (c->json)
+        printf("%s\n", raw);
+    else
+        render_sites(doc);
+    cJSON_Delete(doc);
+    return EXIT_OK;
+}
+
 /* "events" and "events pause|resume NAME": one row per sink. */
 static void
 render_events(const cJSON *doc)
@@ -1567,6 +1614,18 @@ static const struct cmd cmds[] = {
      "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"
      "and why its limits are what they are.",
      0, 1, run_domains},
+    {"sites", "[N]", "the N busiest sites (default 20, at most 1000)",
+     "One row per site of a worker, busiest first (connections + ready + in\n"
+     "flight). A site is the set of MX hosts its domains' answers name (or a\n"
+     "route; a pool's sites are its own): its domains share its connections\n"
+     "and its adaptive window. CONN connections open or opening, IDLE of\n"
+     "those idle, WINDOW the connections the window allows now, MAX its\n"
+     "ceiling (max_connections), DOMAINS the destinations on it and WAITING\n"
+     "those waiting for a connection, READY and INFLIGHT their jobs, OPENED,\n"
+     "FAILURES (connect failures, greeting timeouts, 421s, resets) and HALVED\n"
+     "(window decreases) since the site was made; an idle site is forgotten\n"
+     "with its last domain.",
+     0, 1, run_sites},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
     {"queue", "[N] [DOMAIN]", "the queued messages, oldest first, as mailq lists them",
      "The first N messages of the spool (default 100, at most 10000), or the\n"

@@ -142,6 +142,7 @@ struct site {
     struct site_source *src; /* owned: nsrc entries, made on first use */
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */
+    size_t view_row;         /* scratch of delivery_sites(): its row in the view */
 };
 
 struct sites {

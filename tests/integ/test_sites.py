@@ -5,6 +5,7 @@ the receiver; connections are counted from the kernel's table
 (/proc/net/tcp), not from sluice's word."""
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -179,9 +180,11 @@ def test_a_suspended_domain_never_rides_a_shared_connection():
 
 def test_a_refusing_address_shrinks_the_window():
     """An MX host that refuses connections: the site's window halves (a
-    logged event) and the recipients are deferred, not bounced."""
+    logged event) and the recipients are deferred, not bounced. The sites
+    view counts the failure and the halving."""
+    from test_ops import sock_of
     doms = ["down.test"]
-    r = Relay(records_for(doms), with_sink=False)
+    r = Relay(records_for(doms), with_sink=False, domain_conf=stats_conf())
     try:
         r.inject([("s@example.com", ["u@down.test"], b"Subject: t\r\n\r\nx\r\n")])
         line = r.d.wait_log("event=site_window_down", timeout=30)
@@ -189,6 +192,52 @@ def test_a_refusing_address_shrinks_the_window():
         line = r.d.wait_log("event=deferred", timeout=30)
         assert "class=connection_failure" in line, line
         assert r.d.count_log("event=bounced") == 0
+        rows = [s for s in ctl_json(sock_of(r), "sites")["sites"]
+                if s["site"] == f"mx.test:{r.mx_port}"]
+        assert len(rows) == 1, rows
+        s = rows[0]
+        assert s["domains"] == 1 and s["failures"] >= 1 and s["window_halved"] >= 1, s
+        assert s["opened"] >= s["failures"] and s["window"] >= 1, s
+    finally:
+        r.close()
+
+
+def test_sites_view_shows_domains_sharing_a_site():
+    """40 domains behind one MX host and 10 behind another: `sluicectl
+    sites` shows two sites, their domains and the connections they opened
+    (as many as the log's event=connected), never more open than the
+    window's ceiling, and the table's header and rows."""
+    from test_ops import sock_of
+    doms = [f"s{i}.test" for i in range(50)]
+    recs = [f"host-record=mx{k}.test,127.0.0.1" for k in range(2)]
+    recs += [f"mx-host={d},mx{0 if i < 40 else 1}.test,10" for i, d in enumerate(doms)]
+    r = Relay(recs, domain_conf=stats_conf())
+    try:
+        r.inject([("s@example.com", [f"u@{d}"], b"Subject: t\r\n\r\nx\r\n") for d in doms],
+                 sessions=4)
+        r.d.wait_log_count("event=delivered", len(doms), timeout=120)
+        view = ctl_json(sock_of(r), "sites")
+        by = {}
+        for s in view["sites"]:
+            assert s["connections"] <= s["max_connections"], s
+            assert s["idle"] <= s["connections"] and s["ready"] == 0, s
+            k = s["site"]
+            row = by.setdefault(k, {"domains": 0, "opened": 0})
+            row["domains"] += s["domains"]
+            row["opened"] += s["opened"]
+        assert view["sites_total"] == len(view["sites"]), view
+        assert by[f"mx0.test:{r.mx_port}"]["domains"] >= 40, by
+        assert by[f"mx1.test:{r.mx_port}"]["domains"] >= 10, by
+        assert set(by) == {f"mx0.test:{r.mx_port}", f"mx1.test:{r.mx_port}"}, by
+        assert sum(v["opened"] for v in by.values()) == r.d.count_log("event=connected"), by
+        p = ctl(sock_of(r), "sites", "1")
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0].split()[:4] == ["SITE", "WORKER", "CONN", "IDLE"], p.stdout
+        assert lines[1].startswith("mx0.test:") or lines[1].startswith("mx1.test:"), p.stdout
+        assert re.search(r"^\(1 of \d+ sites shown\)$", p.stdout, re.M), p.stdout
+        bad = ctl(sock_of(r), "sites", "0")
+        assert bad.returncode != 0 and "from 1 to 1000" in bad.stderr + bad.stdout, bad
     finally:
         r.close()
 
@@ -440,4 +489,5 @@ if __name__ == "__main__":
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself, test_allow_networks_follows_a_reload,
           test_idle_destinations_and_sites_are_forgotten,
+          test_sites_view_shows_domains_sharing_a_site,
           test_routes_send_a_domain_to_its_smarthost, test_a_refusing_route_is_held_not_stormed])
