@@ -1629,12 +1629,14 @@ http_answer(struct json *out, int minor, const char *status, const char *extra, 
         json_raw(out, body, bodylen);
 }
 
+/* An error answer; head: to a HEAD request, so without its body (RFC 9110
+ * 9.3.2), its length still given. */
 static void
-http_error(struct json *out, int minor, const char *status, const char *extra)
+http_error(struct json *out, int minor, const char *status, const char *extra, bool head)
 {
     char body[128];
     int n = snprintf(body, sizeof(body), "%s\n", status);
-    http_answer(out, minor, status, extra, "text/plain; charset=utf-8", body, (size_t)n, false);
+    http_answer(out, minor, status, extra, "text/plain; charset=utf-8", body, (size_t)n, head);
 }
 
 /* status.json, what the status page shows: {"stats": the answer to
@@ -1684,7 +1686,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
         ll--;
     char line[1024];
     if (ll >= sizeof(line)) {
-        http_error(out, 1, "414 URI Too Long", "");
+        http_error(out, 1, "414 URI Too Long", "", false);
         return;
     }
     memcpy(line, in, ll);
@@ -1693,7 +1695,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
     char *sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
     if (sp1 == NULL || sp2 == NULL || sp1 == line || sp2 == sp1 + 1 || strchr(sp2 + 1, ' ') ||
         strncmp(sp2 + 1, "HTTP/", 5) != 0) {
-        http_error(out, 1, "400 Bad Request", "");
+        http_error(out, 1, "400 Bad Request", "", false);
         return;
     }
     *sp1 = *sp2 = '\0';
@@ -1704,18 +1706,18 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
     } else if (strcmp(version, "HTTP/1.1") == 0) {
         minor = 1;
     } else {
-        http_error(out, 1, "505 HTTP Version Not Supported", "");
+        http_error(out, 1, "505 HTTP Version Not Supported", "", false);
         return;
     }
     for (const char *m = method; *m != '\0'; m++) {
         if (*m < 'A' || *m > 'Z') {
-            http_error(out, minor, "400 Bad Request", "");
+            http_error(out, minor, "400 Bad Request", "", false);
             return;
         }
     }
     bool head = strcmp(method, "HEAD") == 0;
     if (!head && strcmp(method, "GET") != 0) {
-        http_error(out, minor, "405 Method Not Allowed", "Allow: GET, HEAD\r\n");
+        http_error(out, minor, "405 Method Not Allowed", "Allow: GET, HEAD\r\n", false);
         return;
     }
     size_t tl = strcspn(target, "?");
@@ -1735,7 +1737,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
         render_status(s, &body);
         if (json_failed(&body)) {
             json_fini(&body);
-            http_error(out, minor, "500 Internal Server Error", "");
+            http_error(out, minor, "500 Internal Server Error", "", head);
             return;
         }
         http_answer(out, minor, "200 OK", "X-Content-Type-Options: nosniff\r\n",
@@ -1744,7 +1746,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
         return;
     }
     if (tl != 8 || strncmp(target, "/metrics", 8) != 0) {
-        http_error(out, minor, "404 Not Found", "");
+        http_error(out, minor, "404 Not Found", "", head);
         return;
     }
     struct stats_counters c;
@@ -1752,7 +1754,7 @@ stats_on_http(struct stats_server *s, const char *in, size_t len, struct json *o
     size_t n = gather_domains(s, s->top_n);
     char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
     if (text == NULL) {
-        http_error(out, minor, "500 Internal Server Error", "");
+        http_error(out, minor, "500 Internal Server Error", "", head);
         return;
     }
     http_answer(out, minor, "200 OK", "", "text/plain; version=0.0.4; charset=utf-8", text,
@@ -1856,9 +1858,9 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
         if (c->kind == CLIENT_HTTP) {
             size_t end = http_request_end(c->in, c->inlen);
             if (end == 0 && c->inlen >= sizeof(c->in))
-                http_error(&c->out, 1, "431 Request Header Fields Too Large", "");
+                http_error(&c->out, 1, "431 Request Header Fields Too Large", "", false);
             else if (end == 0 && c->eof)
-                http_error(&c->out, 1, "400 Bad Request", "");
+                http_error(&c->out, 1, "400 Bad Request", "", false);
             else if (end == 0)
                 return 0;
             else

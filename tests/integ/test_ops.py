@@ -572,6 +572,15 @@ def test_prometheus_endpoint():
         assert http_get(hport, "/metrics", "POST")[0] == 405
         status, _, body = http_get(hport, "/metrics", "HEAD")
         assert status == 200 and body == "", (status, body[:100])
+        # an error answer to HEAD has no body either: read raw, to the close
+        with socket.create_connection(("127.0.0.1", hport), timeout=10) as sk:
+            sk.sendall(b"HEAD /other HTTP/1.0\r\n\r\n")
+            raw = b""
+            while chunk := sk.recv(4096):
+                raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 404 ") and rest == b"", raw
+        assert b"Content-Length: 14" in head, raw
     finally:
         r.close()
 
