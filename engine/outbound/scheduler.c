@@ -181,21 +181,18 @@ dest_site(struct dest *t)
         return;
     const struct delivery_config *dc = &d->e->cfg->delivery;
     char key[SITE_KEY_MAX];
-    site_key(t->mx, dest_port(t), key, sizeof(key));
     const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
+    size_t pl = 0;
     if (pname != NULL) {
-        /* A pool's connections are its sources': sites of their own. */
-        char mx[SITE_KEY_MAX];
-        memcpy(mx, key, sizeof(mx));
-        size_t pl = strlen(pname);
+        /* A pool's connections are its sources': sites of their own,
+         * "POOL@" before the hosts (spelt, or hashed, in the room left). */
+        pl = strlen(pname);
         if (pl > 64)
             pl = 64; /* pool names are at most CONFIG_NAME_MAX */
         memcpy(key, pname, pl);
-        key[pl] = '@';
-        size_t ml = strnlen(mx, sizeof(key) - pl - 2);
-        memcpy(key + pl + 1, mx, ml);
-        key[pl + 1 + ml] = '\0';
+        key[pl++] = '@';
     }
+    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl);
     /* A pool's site starts with a connection per source at least: each
      * carries its share (and its warm-up allowance) from the start. */
     unsigned initial = dc->initial_connections;

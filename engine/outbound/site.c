@@ -202,23 +202,28 @@ site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen
     for (unsigned i = 0; i < mx->nhosts && n < 64; i++)
         names[n++] = mx->hosts[i].name;
     qsort(names, n, sizeof(names[0]), name_cmp);
-    size_t len = 0;
+    /* The port's room is kept: two keys differ by port whatever the names. */
+    char suffix[16];
+    size_t sl = (size_t)snprintf(suffix, sizeof(suffix), ":%u", port);
+    size_t room = outlen > sl ? outlen - sl : 0, len = 0;
     out[0] = '\0';
     for (unsigned i = 0; i < n; i++) {
         if (i > 0 && strcasecmp(names[i], names[i - 1]) == 0)
             continue;
-        int w = snprintf(out + len, outlen - len, "%s%s", len ? "," : "", names[i]);
-        if (w < 0 || (size_t)w >= outlen - len) {
+        int w = snprintf(out + len, room - len, "%s%s", len ? "," : "", names[i]);
+        if (w < 0 || (size_t)w >= room - len) {
             /* Too many names to spell: their hash names the site. */
             uint64_t h = 0;
             for (unsigned k = 0; k < n; k++)
                 h = h * 31 + hash_str_nocase(names[k]);
-            len = (size_t)snprintf(out, outlen, "#%016llx", (unsigned long long)h);
+            len = (size_t)snprintf(out, room, "#%016llx", (unsigned long long)h);
+            if (len >= room)
+                len = room > 0 ? room - 1 : 0; /* (outlen is SITE_KEY_MAX: never) */
             break;
         }
         len += (size_t)w;
     }
-    snprintf(out + len, outlen - len, ":%u", port);
+    snprintf(out + len, outlen - len, "%s", suffix);
     for (char *p = out; *p; p++)
         if (*p >= 'A' && *p <= 'Z')
             *p = (char)(*p + 32);

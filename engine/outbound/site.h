@@ -156,7 +156,9 @@ void sites_init(struct sites *s);
 void sites_fini(struct sites *s);
 
 /* The site key of an answer: its MX host names sorted and joined, and the
- * port. Same hosts, same key, whatever the order or preferences. */
+ * port. Same hosts, same key, whatever the order or preferences. Names
+ * that do not fit before the port are hashed ("#HEX:PORT"): the port is
+ * never cut. */
 void site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen);
 /* The site of key, made on first use with the window given; one more
  * reference. NULL without memory. */

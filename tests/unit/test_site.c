@@ -162,6 +162,24 @@ keys_name_the_hosts(void **state)
     site_key(answer(z, 8), 25, b, sizeof(b));
     assert_true(a[0] == '#');
     assert_string_equal(a, b);
+    /* Names that fill the key but for the port: the port is not cut, so
+     * the same hosts on two ports are two sites (spelt, or hashed). */
+    char fill[SITE_KEY_MAX];
+    memset(fill, 'm', sizeof(fill));
+    for (size_t cut = SITE_KEY_MAX - 8; cut < SITE_KEY_MAX; cut++) {
+        fill[cut] = '\0';
+        const char *one[] = {fill};
+        site_key(answer(one, 1), 25, a, sizeof(a));
+        site_key(answer(one, 1), 2525, b, sizeof(b));
+        assert_string_not_equal(a, b);
+        size_t la = strlen(a), lb = strlen(b);
+        assert_true(la >= 3 && strcmp(a + la - 3, ":25") == 0);
+        assert_true(lb >= 5 && strcmp(b + lb - 5, ":2525") == 0);
+        fill[cut] = 'm';
+    }
+    /* In a smaller buffer (a pool's key: "POOL@" before it) likewise. */
+    site_key(answer(x, 2), 25, a, 20);
+    assert_true(a[0] == '#' && strcmp(a + strlen(a) - 3, ":25") == 0);
 }
 
 static void
