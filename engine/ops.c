@@ -696,6 +696,31 @@ cmp_busy(const void *a, const void *b)
     return strcmp(((const struct stats_domain *)a)->name, ((const struct stats_domain *)b)->name);
 }
 
+/* By name, then pool: a domain's row without a pool first. */
+static int
+cmp_name_pool(const void *a, const void *b)
+{
+    const struct stats_domain *x = a, *y = b;
+    int k = strcmp(x->name, y->name);
+    return k != 0 ? k : strcmp(x->pool, y->pool);
+}
+
+/* The row of domain name among d[0..n) (sorted by cmp_name_pool): its row
+ * without a pool when it has one, else its first pooled row; NULL. */
+static struct stats_domain *
+domain_row(struct stats_domain *d, size_t n, const char *name)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) { /* the first row whose name is not below name */
+        size_t mid = lo + (hi - lo) / 2;
+        if (strcmp(d[mid].name, name) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && strcmp(d[lo].name, name) == 0 ? &d[lo] : NULL;
+}
+
 static size_t
 ops_domains(void *arg, struct stats_domain *out, size_t cap)
 {
@@ -742,14 +767,18 @@ ops_domains(void *arg, struct stats_domain *out, size_t cap)
         dcache.at_ms = clock_unix_ms();
         dcache.scan_ms = dcache.at_ms - now;
     }
+    /* The spool counts a domain's deferred recipients whatever their pool:
+     * they go on its row without a pool, or its first pooled one. Found
+     * by name in the workers' rows, sorted (tens of thousands of domains
+     * on both sides are a status page's refresh, not a quadratic walk). */
+    size_t known = all.n;
+    if (known > 1)
+        qsort(all.d, known, sizeof(*all.d), cmp_name_pool);
     for (size_t i = 0; i < dcache.n; i++) {
-        bool found = false;
-        for (size_t k = 0; k < all.n && !found; k++)
-            if (strcmp(all.d[k].name, dcache.v[i].name) == 0) {
-                dcount_apply(&dcache.v[i], &all.d[k]);
-                found = true;
-            }
-        if (!found) { /* not known to any worker now: shown with its spool count */
+        struct stats_domain *row = domain_row(all.d, known, dcache.v[i].name);
+        if (row != NULL) {
+            dcount_apply(&dcache.v[i], row);
+        } else { /* not known to any worker now: shown with its spool count */
             if (all.n == all.cap) {
                 size_t nc = all.cap ? all.cap * 2 : 64;
                 struct stats_domain *v = realloc(all.d, nc * sizeof(*v));

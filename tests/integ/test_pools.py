@@ -161,6 +161,34 @@ def by_peer(recs):
     return out
 
 
+def test_deferred_count_on_the_domains_own_row():
+    """A domain with mail through a pool and mail without one has two rows
+    in `domains`. The MX refuses connections (its receiver stopped), so all
+    its recipients wait deferred; the spool's count of them (which knows no
+    pool) is on the row without a pool, not on whichever row a worker
+    listed first."""
+    n = Node()
+    try:
+        n.rx.stop()
+        n.rx = None
+        with smtplib.SMTP("127.0.0.1", n.port, timeout=60) as c:  # untenanted: no pool
+            for i in range(3):
+                assert not c.sendmail("s@sender.example", [f"v{i}@d0.test"],
+                                      f"Subject: plain {i}\r\n\r\nx\r\n".encode())
+        n.inject(2, "globex", domains=["d0.test"])      # pool tx
+        n.d.wait_log_count("event=deferred", 5, timeout=60)
+
+        def rows():
+            got = [x for x in n.ask("domains 200")["domains"] if x["name"] == "d0.test"]
+            return got if sum(x["deferred"] for x in got) == 5 and len(got) == 2 else None
+        got = wait_until(rows, 30, "the spool's deferred count in the domains view")
+        by_pool = {x["pool"]: x for x in got}
+        assert set(by_pool) == {None, "tx"}, got
+        assert by_pool[None]["deferred"] == 5 and by_pool["tx"]["deferred"] == 0, got
+    finally:
+        n.close()
+
+
 def test_weights_pools_ehlo_and_stats():
     """10,000 transactions of pool bulk (weights 3:1) leave from
     127.0.0.2 75% ± 3% of the time and from 127.0.0.3 the rest, each with
@@ -366,4 +394,4 @@ def test_bounce_parked_by_scope():
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
           test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
-          test_bounce_parked_by_scope])
+          test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row])
