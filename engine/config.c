@@ -69,11 +69,12 @@ static const struct conf_key server_keys[] = {
      "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
     {"body_memory_limit", CONF_SIZE, SRV(body_memory_limit), 1024, 1ULL << 40, "1G",
      "memory that the bodies of messages being received, and the recipients of transactions "
-     "in progress (up to about 800 octets each), may take together, all sessions and "
+     "in progress (up to 1,100 octets each), may take together, all sessions and "
      "workers (a body is held until its commit returns); a message that does not fit gets "
      "452 4.3.1 (at MAIL when its SIZE= does not fit, at RCPT when the recipient does not, "
-     "else after its data), which clients retry; at least max_message_size, with room for "
-     "the recipients of a message that large besides",
+     "else after its data), which clients retry; at least max_message_size + "
+     "max_recipients x 1,100 octets (one message that large to that many recipients), "
+     "checked at start and reload",
      NULL},
     {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
      "recipients per message; more get 452 4.5.3", NULL},
@@ -1469,13 +1470,20 @@ parse_headers(struct parse *p)
         perr(p, key_line(p, ss, "socket_mode"), "socket_mode: octal permissions, e.g. 0660");
     }
     sc->socket_mode = (unsigned)mode;
-    if (p->cfg->server.body_memory_limit < p->cfg->server.max_message_size)
+    /* One message of max_message_size to max_recipients recipients must
+     * fit, or its client would be told 452 for ever. */
+    uint64_t one_txn = p->cfg->server.max_message_size +
+                       (uint64_t)p->cfg->server.max_recipients * CONFIG_RCPT_MEMORY_MAX;
+    if (p->cfg->server.body_memory_limit < one_txn)
         perr(p,
              key_line(p, 0, "body_memory_limit") ? key_line(p, 0, "body_memory_limit")
-                                                 : key_line(p, 0, "max_message_size"),
-             "body_memory_limit: smaller than max_message_size (%llu): a message of that "
-             "size could never be received",
-             (unsigned long long)p->cfg->server.max_message_size);
+             : key_line(p, 0, "max_message_size") ? key_line(p, 0, "max_message_size")
+                                                  : key_line(p, 0, "max_recipients"),
+             "body_memory_limit: smaller than max_message_size (%llu) and the memory of "
+             "max_recipients (%u) recipients (%u octets each at most): %llu; a message of that "
+             "size to that many recipients could never be received",
+             (unsigned long long)p->cfg->server.max_message_size, p->cfg->server.max_recipients,
+             CONFIG_RCPT_MEMORY_MAX, (unsigned long long)one_txn);
     const char *eh = p->cfg->server.expire_header;
     if (eh != NULL && !valid_field_name(eh, strlen(eh)))
         perr(p, key_line(p, 0, "expire_header"), "expire_header: not a header field name");

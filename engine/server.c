@@ -136,6 +136,10 @@ struct rcpt {
     char *orcpt; /* owned; NULL when absent */
     unsigned notify;
 };
+/* The start-up check (config.c) leaves room for max_recipients of these. */
+_Static_assert(sizeof(struct rcpt) + 2 * RCPT_ALLOC_OVERHEAD + SMTP_CMD_LINE_MAX_RCPT + 3 <=
+                   CONFIG_RCPT_MEMORY_MAX,
+               "a recipient's memory bound");
 
 struct session {
     struct server_worker *sw; /* borrowed: outlives its sessions */

@@ -192,6 +192,24 @@ test_body_memory_limit_below_message_size(void **state)
     assert_int_equal(cfg->server.body_memory_limit, 4ULL << 30);
     config_free(cfg);
     free(errs);
+    /* Room for the recipients of a message that large too: 1000 of them
+     * (the default max_recipients) at 1,100 octets each. */
+    errs = load("[server]\nmax_message_size = 10M\nbody_memory_limit = 10M\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3,
+                 "body_memory_limit: smaller than max_message_size (10485760) and the memory "
+                 "of max_recipients (1000) recipients (1100 octets each at most): 11585760");
+    free(errs);
+    errs = load("[server]\nmax_message_size = 10M\nbody_memory_limit = 12M\n", &cfg, &rc);
+    assert_int_equal(rc, 0);
+    config_free(cfg);
+    free(errs);
+    errs = load("[server]\nmax_message_size = 10M\nbody_memory_limit = 10500K\n"
+                "max_recipients = 100\n",
+                &cfg, &rc);
+    assert_int_equal(rc, 0);
+    config_free(cfg);
+    free(errs);
 }
 
 /* [bounce]: the listener needs domains and a key; the key file is read at
