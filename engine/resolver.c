@@ -8,6 +8,16 @@
  * event set no longer covers what c-ares wants (a TCP connect now also
  * wants POLLOUT) is cancelled and re-armed from its completion.
  *
+ * A poll that fails (any error but -ECANCELED) keeps its watch: c-ares
+ * 1.18 closes a UDP socket only when the whole channel has no query left
+ * (or a read on it fails), so a socket nobody polls would, under steady
+ * load, time out every query sent on it. The watch is re-armed from the
+ * resolver's timer after a backoff (POLL_RETRY_MIN_NS, doubling to
+ * POLL_RETRY_MAX_NS while polls keep failing, reset by a poll that
+ * completes), so a poll that always fails costs a few wake-ups a second,
+ * not a spinning loop. Data that arrived meanwhile waits in the socket:
+ * the re-armed poll reports it at once.
+ *
  * Re-entrancy: dns_process_fd() may call back into on_sock_state() for
  * the very watch being handled (busy: its handler re-arms or frees it
  * afterwards) and may run request callbacks that close the resolver
@@ -36,7 +46,15 @@ struct watch {
     bool cancelling;     /* and a cancel for it was submitted */
     bool busy;           /* inside its completion handler */
     unsigned armed_mask; /* events of the poll in flight */
+    unsigned failures;   /* polls failed in a row */
+    uint64_t retry_at;   /* after a failed poll: re-armed by the timer then; 0: not waiting */
 };
+
+/* The backoff of a watch whose poll failed: the first retry after 10 ms
+ * (a transient -ENOMEM is over by then), doubling to at most 1 s, well
+ * under c-ares's per-try timeout of 2 s by default. */
+#define POLL_RETRY_MIN_NS (10ULL * 1000000ULL)
+#define POLL_RETRY_MAX_NS (1000ULL * 1000000ULL)
 
 struct resolver {
     struct worker *w;      /* borrowed: outlives r */
@@ -44,7 +62,12 @@ struct resolver {
     struct timer timer;    /* c-ares timeouts and due callbacks */
     struct watch *watches; /* owned: attached watches */
     unsigned nwatches;
-    unsigned polls;     /* poll ops in flight, attached or not */
+    unsigned polls;         /* poll ops in flight, attached or not */
+    uint64_t poll_failures; /* polls that failed (not cancelled), ever */
+#ifdef SLUICE_TEST_HOOKS
+    unsigned fail_polls; /* resolver_test_fail_polls(): completions still to fail */
+    int fail_err;
+#endif
     unsigned depth;     /* inside a dns call */
     bool close_pending; /* resolver_close() came from inside a dns call */
     bool closing;
@@ -82,8 +105,8 @@ static void
 watch_arm(struct watch *wa)
 {
     unsigned mask = watch_mask(wa);
-    if (mask == 0)
-        return;
+    if (mask == 0 || wa->retry_at != 0)
+        return; /* a watch backing off is armed by the timer */
     if (wa->armed) {
         if ((mask & ~wa->armed_mask) != 0)
             watch_cancel(wa);
@@ -193,6 +216,9 @@ resolver_settle(struct resolver *r)
         return;
     }
     uint64_t t = dns_timeout(r->d, r->w->now);
+    for (struct watch *wa = r->watches; wa != NULL; wa = wa->next)
+        if (wa->retry_at != 0 && wa->retry_at < t)
+            t = wa->retry_at;
     if (t == UINT64_MAX)
         worker_timer_cancel(r->w, &r->timer);
     else if (!timer_armed(&r->timer) || r->timer.deadline != t)
@@ -208,11 +234,17 @@ watch_on_poll(struct worker *w, struct op *op, int res, uint32_t flags)
     wa->armed = false;
     wa->cancelling = false;
     r->polls--;
+#ifdef SLUICE_TEST_HOOKS
+    if (r->fail_polls > 0 && res > 0 && wa->attached) {
+        r->fail_polls--;
+        res = r->fail_err;
+    }
+#endif
     /* Busy until the end: a close run below (a deferred resolver_close)
      * detaches this watch, and only this handler may free it. */
     wa->busy = true;
-    bool rearm = true;
     if (wa->attached && !r->closing && res > 0) {
+        wa->failures = 0;
         bool broken = (res & (POLLERR | POLLHUP | POLLNVAL)) != 0;
         /* An error or hang-up goes to whichever side c-ares watches: its
          * read or write then sees the error and drops the socket. */
@@ -223,19 +255,27 @@ watch_on_poll(struct worker *w, struct op *op, int res, uint32_t flags)
             dns_process_fd(r->d, wa->fd, rd, wr);
             r->depth--;
         }
-    } else if (wa->attached && res < 0 && res != -ECANCELED) {
-        /* Not re-armed, or it would fail again at once: c-ares times the
-         * socket's queries out and gives up the socket. */
-        log_msg(LOG_WARN, "worker=%s event=dns_poll_failed fd=%d err=%s", w->name, wa->fd,
-                strerror(-res));
-        rearm = false;
+    } else if (wa->attached && !r->closing && res < 0 && res != -ECANCELED) {
+        /* Not re-armed now, or it could fail again at once: the timer
+         * re-arms it after the backoff (see the header comment). */
+        uint64_t delay = POLL_RETRY_MAX_NS;
+        if (wa->failures < 7)
+            delay = POLL_RETRY_MIN_NS << wa->failures;
+        if (delay > POLL_RETRY_MAX_NS)
+            delay = POLL_RETRY_MAX_NS;
+        wa->failures++;
+        wa->retry_at = w->now + delay;
+        r->poll_failures++;
+        log_msg(LOG_WARN, "worker=%s event=dns_poll_failed fd=%d err=%s failures=%u retry_ms=%llu",
+                w->name, wa->fd, strerror(-res), wa->failures,
+                (unsigned long long)(delay / 1000000ULL));
     }
     if (r->close_pending && r->depth == 0) {
         r->close_pending = false;
         resolver_shut(r);
     }
     wa->busy = false;
-    if (wa->attached && rearm && !r->closing)
+    if (wa->attached && !r->closing)
         watch_arm(wa);
     watch_maybe_free(wa);
     resolver_settle(r);
@@ -246,6 +286,12 @@ resolver_on_timer(struct timer *t, void *ctx)
 {
     (void)ctx;
     struct resolver *r = (struct resolver *)((char *)t - offsetof(struct resolver, timer));
+    for (struct watch *wa = r->watches; wa != NULL; wa = wa->next) {
+        if (wa->retry_at != 0 && wa->retry_at <= r->w->now) {
+            wa->retry_at = 0;
+            watch_arm(wa);
+        }
+    }
     r->depth++;
     dns_process_timeouts(r->d);
     r->depth--;
@@ -315,7 +361,17 @@ resolver_stats(const struct resolver *r, struct resolver_stats *out)
         dns_stats(r->d, &out->dns);
     out->watches = r->nwatches;
     out->polls = r->polls;
+    out->poll_failures = r->poll_failures;
 }
+
+#ifdef SLUICE_TEST_HOOKS
+void
+resolver_test_fail_polls(struct resolver *r, unsigned n, int err)
+{
+    r->fail_polls = n;
+    r->fail_err = err;
+}
+#endif
 
 void
 resolver_close(struct resolver *r, resolver_closed_fn *closed, void *arg)

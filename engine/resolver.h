@@ -1,9 +1,10 @@
 /*
  * resolver: one struct dns (dns/dns.h) driven by one worker's ring. The
  * sockets c-ares asks to watch get one-shot IORING_OP_POLL_ADD ops,
- * re-armed after each completion while c-ares still wants them; a worker
- * timer covers c-ares's timeouts and runs callbacks that are due. No
- * blocking call, no extra thread.
+ * re-armed after each completion while c-ares still wants them (after a
+ * poll that failed, from the timer after a bounded backoff: resolver.c);
+ * a worker timer covers c-ares's timeouts and runs callbacks that are
+ * due. No blocking call, no extra thread.
  *
  * Use resolver_mx_resolve() rather than dns_mx_resolve() on the struct
  * dns: it re-arms the timer afterwards. Its completion rule is the one of
@@ -53,13 +54,19 @@ int resolver_txt_lookup(struct resolver *r, const char *name, dns_txt_fn *cb, vo
 
 struct resolver_stats {
     struct dns_stats dns;
-    unsigned watches; /* sockets watched now */
-    unsigned polls;   /* poll ops in flight now (including cancelled ones) */
+    unsigned watches;       /* sockets watched now */
+    unsigned polls;         /* poll ops in flight now (including cancelled ones) */
+    uint64_t poll_failures; /* polls that completed with an error, ever (each re-armed later) */
 };
 void resolver_stats(const struct resolver *r, struct resolver_stats *out);
 
 /* Close (see above). closed may be NULL; it may run before this returns
  * when nothing was in flight. */
 void resolver_close(struct resolver *r, resolver_closed_fn *closed, void *arg);
+
+/* Tests only (defined in builds with test hooks, SLUICE_TESTS=ON): the
+ * next n poll completions that report events on a watched socket are
+ * taken as failed with err (a negative errno) instead. */
+void resolver_test_fail_polls(struct resolver *r, unsigned n, int err);
 
 #endif

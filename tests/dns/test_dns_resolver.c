@@ -16,6 +16,11 @@
  *  2. a cache hit, then five lookups; the first callback closes the
  *     resolver while queries are still out on its socket. The loop stops
  *     when both resolvers have freed themselves (every poll came back).
+ *
+ * Then, on a resolver of its own, polls that fail (the test hook turns
+ * their results into -ENOMEM): the watch is re-armed after a backoff and
+ * the lookup is answered, long before c-ares would time it out; and a
+ * resolver closed while its watch waits out a backoff frees itself.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -366,11 +371,232 @@ test_resolver_on_ring(void **state)
     free(c);
 }
 
+/* ---- polls that fail ---- */
+
+enum { FAILED_POLLS = 5 };
+
+struct fctx {
+    struct worker w;
+    struct resolver *r;
+    struct worker_msg start;
+    struct timer guard;
+    struct dns_mx_result *res;
+    struct resolver_stats stats; /* when the answer came */
+    uint64_t started, answered;
+    bool timed_out, closed;
+};
+
+static void
+f_on_closed(struct worker *w, void *arg)
+{
+    struct fctx *f = arg;
+    f->closed = true;
+    w->stopping = true;
+}
+
+static void
+f_on_answer(void *arg, struct dns_mx_result *res)
+{
+    struct fctx *f = arg;
+    f->res = res;
+    f->answered = clock_now_ns();
+    resolver_stats(f->r, &f->stats);
+    resolver_close(f->r, f_on_closed, f);
+}
+
+static void
+f_start(struct worker *w, struct worker_msg *m)
+{
+    struct fctx *f = (struct fctx *)((char *)m - offsetof(struct fctx, start));
+    struct dns_mx_result *res;
+    struct dns_req *req;
+    f->started = clock_now_ns();
+    if (resolver_mx_resolve(f->r, "a.test", f_on_answer, f, &res, &req) != 0) {
+        dns_mx_result_unref(res);
+        w->stopping = true;
+    }
+}
+
+static void
+f_on_guard(struct timer *t, void *ctx)
+{
+    struct fctx *f = (struct fctx *)((char *)t - offsetof(struct fctx, guard));
+    (void)ctx;
+    f->timed_out = true;
+    f->w.stopping = true;
+}
+
+static void
+test_resolver_poll_failure(void **state)
+{
+    (void)state;
+    if (skipped)
+        skip();
+    struct fctx *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    int rc = worker_init(&f->w, 0, 64, NULL);
+    if (rc == -ENOSYS || rc == -EPERM) {
+        free(f);
+        skip();
+    }
+    assert_int_equal(rc, 0);
+    struct dns_config cfg;
+    char err[256];
+    harness_config(&cfg, dm.port);
+    /* One try of 4 s: a socket left unpolled would end the lookup as a
+     * timeout, not an answer. */
+    cfg.timeout = 4000;
+    cfg.tries = 1;
+    assert_int_equal(resolver_new(&f->w, &cfg, &f->r, err, sizeof(err)), 0);
+    conf_free(dns_conf_keys, &cfg);
+    resolver_test_fail_polls(f->r, FAILED_POLLS, -ENOMEM);
+
+    f->start.fn = f_start;
+    worker_post(&f->w, &f->start);
+    timer_init(&f->guard, f_on_guard);
+    assert_int_equal(worker_timer_arm(&f->w, &f->guard, clock_now_ns() + MS_TO_NS(10000)), 0);
+    assert_int_equal(worker_run(&f->w), 0);
+    worker_timer_cancel(&f->w, &f->guard);
+    uint64_t loops = f->w.stats.loops;
+    bool closed = f->closed;
+    worker_fini(&f->w);
+
+    assert_false(f->timed_out);
+    assert_true(closed);
+    assert_non_null(f->res);
+    assert_int_equal(f->res->status, DNS_OK);
+    assert_int_equal(f->res->nhosts, 2);
+    assert_string_equal(f->res->hosts[0].name, "mx1.a.test");
+    assert_int_equal(f->stats.poll_failures, FAILED_POLLS);
+    uint64_t ms = (f->answered - f->started) / 1000000ULL;
+    /* Each failure waited out its backoff (10, 20, 40, 80, 160 ms) rather
+     * than re-arming at once, and the answer came before c-ares's own
+     * timeout could have resent anything. */
+    assert_true(ms >= 310);
+    assert_true(ms < 4000);
+    assert_true(loops < 100);
+    dns_mx_result_unref(f->res);
+    free(f);
+}
+
+/* Closed while its only watch waits out a backoff (no poll in flight):
+ * the watch goes at once, the resolver frees itself and calls closed(),
+ * the lookup's callback never runs, and the timer is no longer armed. */
+struct cctx {
+    struct worker w;
+    struct resolver *r;
+    struct worker_msg start;
+    struct timer check, guard;
+    struct resolver_stats at_close;
+    unsigned answers;
+    bool timed_out, closed;
+};
+
+static void
+c_on_answer(void *arg, struct dns_mx_result *res)
+{
+    struct cctx *c = arg;
+    c->answers++;
+    dns_mx_result_unref(res);
+}
+
+static void
+c_on_closed(struct worker *w, void *arg)
+{
+    struct cctx *c = arg;
+    c->closed = true;
+    w->stopping = true;
+}
+
+static void
+c_start(struct worker *w, struct worker_msg *m)
+{
+    struct cctx *c = (struct cctx *)((char *)m - offsetof(struct cctx, start));
+    struct dns_mx_result *res;
+    struct dns_req *req;
+    if (resolver_mx_resolve(c->r, "a.test", c_on_answer, c, &res, &req) != 0) {
+        dns_mx_result_unref(res);
+        w->stopping = true;
+    }
+}
+
+/* Every 5 ms until the watch is seen backing off (a backoff lasts 40 ms
+ * or more from the third failure on), then close. */
+static void
+c_on_check(struct timer *t, void *ctx)
+{
+    struct worker *w = ctx;
+    struct cctx *c = (struct cctx *)((char *)t - offsetof(struct cctx, check));
+    struct resolver_stats st;
+    resolver_stats(c->r, &st);
+    if (st.poll_failures >= 3 && st.polls == 0 && st.watches == 1) {
+        c->at_close = st;
+        resolver_close(c->r, c_on_closed, c);
+        c->r = NULL;
+        return;
+    }
+    worker_timer_arm(w, &c->check, w->now + MS_TO_NS(5));
+}
+
+static void
+c_on_guard(struct timer *t, void *ctx)
+{
+    struct cctx *c = (struct cctx *)((char *)t - offsetof(struct cctx, guard));
+    (void)ctx;
+    c->timed_out = true;
+    c->w.stopping = true;
+}
+
+static void
+test_resolver_close_in_backoff(void **state)
+{
+    (void)state;
+    if (skipped)
+        skip();
+    struct cctx *c = calloc(1, sizeof(*c));
+    assert_non_null(c);
+    int rc = worker_init(&c->w, 0, 64, NULL);
+    if (rc == -ENOSYS || rc == -EPERM) {
+        free(c);
+        skip();
+    }
+    assert_int_equal(rc, 0);
+    struct dns_config cfg;
+    char err[256];
+    harness_config(&cfg, dm.port);
+    cfg.timeout = 4000;
+    cfg.tries = 1;
+    assert_int_equal(resolver_new(&c->w, &cfg, &c->r, err, sizeof(err)), 0);
+    conf_free(dns_conf_keys, &cfg);
+    resolver_test_fail_polls(c->r, 1000, -ENOMEM); /* every poll fails */
+
+    c->start.fn = c_start;
+    worker_post(&c->w, &c->start);
+    timer_init(&c->check, c_on_check);
+    timer_init(&c->guard, c_on_guard);
+    assert_int_equal(worker_timer_arm(&c->w, &c->check, clock_now_ns() + MS_TO_NS(5)), 0);
+    assert_int_equal(worker_timer_arm(&c->w, &c->guard, clock_now_ns() + MS_TO_NS(10000)), 0);
+    assert_int_equal(worker_run(&c->w), 0);
+    worker_timer_cancel(&c->w, &c->guard);
+    worker_timer_cancel(&c->w, &c->check);
+    unsigned timers = c->w.timers.n;
+    worker_fini(&c->w);
+
+    assert_false(c->timed_out);
+    assert_true(c->closed);
+    assert_int_equal(c->answers, 0);
+    assert_in_range(c->at_close.poll_failures, 3, 8);
+    assert_int_equal(timers, 0); /* the resolver's retry timer went with it */
+    free(c);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_resolver_on_ring),
+        cmocka_unit_test(test_resolver_poll_failure),
+        cmocka_unit_test(test_resolver_close_in_backoff),
     };
     int failed = cmocka_run_group_tests_name("dns resolver", tests, setup, teardown);
     return skipped ? HARNESS_SKIP : failed;
