@@ -3,7 +3,9 @@
  * policy records of MTA-STS (_mta-sts.DOMAIN) and TLS reporting
  * (_smtp._tls.DOMAIN). Not cached here: their callers keep what they
  * learn for as long as the policy says. Each record's character-strings
- * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them.
+ * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them;
+ * a record over TXT_MAX_LEN octets is left out whole, never cut (a cut
+ * TLS-RPT rua list could end in a truncated URI that still parses).
  * Answers are read by wire.h, as MX answers are: the CNAME chain from the
  * name asked, and the TXT records (class IN) where it ends, no others
  * (c-ares's TXT parser took every TXT record of the answer section,

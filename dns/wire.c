@@ -389,13 +389,15 @@ wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap
             size_t l = buf[pos];
             if (pos + 1 + l > end)
                 return -EBADMSG;
-            size_t k = l < cap - o ? l : cap - o;
-            if (t != NULL)
-                memcpy(t + o, buf + pos + 1, k);
-            o += k;
+            /* Past cap the record is dropped, not cut: a cut policy
+             * (a TLS-RPT rua list) could end in a truncated URI that
+             * still parses. Its strings are still checked. */
+            if (t != NULL && o <= cap && l <= cap - o)
+                memcpy(t + o, buf + pos + 1, l);
+            o += l;
             pos += 1 + l;
         }
-        if (t != NULL) {
+        if (t != NULL && o <= cap) {
             t[o] = '\0';
             n++;
         }

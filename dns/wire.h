@@ -128,10 +128,12 @@ int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa
 
 /* The TXT records (RFC 1035 3.3.14) at name (the end of wire_answer's
  * chain) in the answer section, of class IN: each one's
- * character-strings joined into out + i * (cap + 1), cut at cap octets
- * and NUL-terminated; at most max records (the rest skipped). Records of
- * other owners or classes are no answer to the question. Returns the
- * count or -EBADMSG (a string running past its record). */
+ * character-strings joined into out + i * (cap + 1), NUL-terminated; a
+ * record longer than cap octets is dropped whole (never cut: a cut one
+ * could still parse, as a shorter policy); at most max records (the rest
+ * skipped). Records of other owners or classes are no answer to the
+ * question. Returns the count or -EBADMSG (a string running past its
+ * record). */
 int wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap, unsigned max);
 
 /* Addresses of name (A or AAAA) in the additional section. Returns how

@@ -19,7 +19,7 @@
 #include "dns/wire.h"
 
 struct mb {
-    uint8_t b[4096];
+    uint8_t b[16384]; /* two TXT records of about 4096 octets */
     size_t n;
 };
 
@@ -434,16 +434,16 @@ test_pointer_chain(void **state)
     }
 }
 
-/* TXT records: the strings of each record joined and cut at cap, only
- * the records of the name asked and of class IN; a string running past
- * its record is malformed. */
+/* TXT records: the strings of each record joined, a record longer than
+ * cap dropped whole (not cut), only the records of the name asked and of
+ * class IN; a string running past its record is malformed. */
 static void
 test_txt(void **state)
 {
     (void)state;
     struct mb m;
     char out[3][9];
-    header(&m, 0, 5, 0, 0);
+    header(&m, 0, 6, 0, 0);
     question(&m, "_mta-sts.x.test", WIRE_T_TXT);
     size_t at = rr(&m, "@12", WIRE_T_TXT, 60);
     u8(&m, 4);
@@ -462,10 +462,18 @@ test_txt(void **state)
     u8(&m, 1);
     u8(&m, 'c');
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 12 octets: cut at 8 */
-    u8(&m, 12);
-    memcpy(m.b + m.n, "abcdefghijkl", 12);
-    m.n += 12;
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 9 octets in two strings: dropped */
+    u8(&m, 5);
+    memcpy(m.b + m.n, "ABCDE", 5);
+    m.n += 5;
+    u8(&m, 4);
+    memcpy(m.b + m.n, "FGHI", 4);
+    m.n += 4;
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 8 octets: kept whole */
+    u8(&m, 8);
+    memcpy(m.b + m.n, "abcdefgh", 8);
+    m.n += 8;
     rr_end(&m, at);
     at = rr(&m, "@12", WIRE_T_TXT, 60); /* beyond max */
     u8(&m, 1);
@@ -478,6 +486,15 @@ test_txt(void **state)
     assert_string_equal(out[2], "z");
     assert_int_equal(wire_txt(m.b, m.n, "other.test", &out[0][0], 8, 3), 1);
     assert_string_equal(out[0], "o");
+    /* Only the over-long record: none left. */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "x.test", WIRE_T_TXT);
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    u8(&m, 9);
+    memcpy(m.b + m.n, "abcdefghi", 9);
+    m.n += 9;
+    rr_end(&m, at);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", &out[0][0], 8, 3), 0);
     /* No data, no SOA, an additional section (an OPT record, say):
      * wire_answer says 0, as it promises, not 1 (the walk that stopped at
      * the additional section), which a caller would take for a count. */
@@ -497,6 +514,64 @@ test_txt(void **state)
     rr_end(&m, at);
     m.b[at + 2] = 6;
     assert_int_equal(wire_txt(m.b, m.n, "x.test", &out[0][0], 8, 3), -EBADMSG);
+}
+
+/* A string of s's text at the end of m (at most 255 octets). */
+static void
+txt_string(struct mb *m, const char *s, size_t l)
+{
+    u8(m, (unsigned)l);
+    memcpy(m->b + m->n, s, l);
+    m->n += l;
+}
+
+/* A TLS-RPT record (RFC 8460 3) whose rua list of mailto: URIs makes it
+ * exactly `total` octets (the last URI's local part pads it), in strings
+ * of at most 255 octets: the last URI's end is the record's end. */
+static void
+tlsrpt_record(struct mb *m, size_t total)
+{
+    static const char dom[] = "@reports.x.test";
+    char rec[5000];
+    size_t n = (size_t)snprintf(rec, sizeof(rec), "v=TLSRPTv1; rua=");
+    for (unsigned i = 0; n + 80 < total; i++)
+        n += (size_t)snprintf(rec + n, sizeof(rec) - n, "mailto:r%04u%s,", i, dom);
+    n += (size_t)snprintf(rec + n, sizeof(rec) - n, "mailto:");
+    while (n < total - (sizeof(dom) - 1))
+        rec[n++] = 'x';
+    memcpy(rec + n, dom, sizeof(dom));
+    n += sizeof(dom) - 1;
+    assert_int_equal(n, total);
+    size_t at = rr(m, "@12", WIRE_T_TXT, 60);
+    for (size_t o = 0; o < n; o += 255)
+        txt_string(m, rec + o, n - o < 255 ? n - o : 255);
+    rr_end(m, at);
+}
+
+/* With dns/txt.c's cap of 4096 octets: a TLS-RPT record of 4096 octets
+ * comes back whole; one of 4097 is left out, not cut to 4096 (which
+ * would end its rua list in a truncated URI that still parses as one). */
+static void
+test_txt_over_cap_dropped(void **state)
+{
+    (void)state;
+    enum { CAP = 4096 };
+    struct mb m;
+    static char out[2][CAP + 1];
+    header(&m, 0, 2, 0, 0);
+    question(&m, "_smtp._tls.x.test", WIRE_T_TXT);
+    tlsrpt_record(&m, CAP + 1);
+    tlsrpt_record(&m, CAP);
+    assert_true(m.n <= sizeof(m.b));
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", &out[0][0], CAP, 2), 1);
+    assert_int_equal(strlen(out[0]), CAP);
+    assert_memory_equal(out[0], "v=TLSRPTv1; rua=mailto:", 23);
+    assert_string_equal(out[0] + CAP - 15, "@reports.x.test");
+    /* The longer one alone: no record at all. */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "_smtp._tls.x.test", WIRE_T_TXT);
+    tlsrpt_record(&m, CAP + 1);
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", &out[0][0], CAP, 2), 0);
 }
 
 static void
@@ -651,6 +726,7 @@ main(void)
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_pointer_chain),
         cmocka_unit_test(test_txt),
+        cmocka_unit_test(test_txt_over_cap_dropped),
         cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_tlsa_records_and_ad),
         cmocka_unit_test(test_tlsa_every_truncation),
