@@ -15,6 +15,10 @@
  * Readers take a read transaction of their own (MDB_NOTLS) and end it
  * before returning. Fields marked "committer only" are touched by no
  * other thread once the committer has started; "notifier only" likewise.
+ * A spool opened read-only (queue_open_readonly, for the tools) has an
+ * MDB_RDONLY environment and neither thread: submit() refuses every
+ * write, and opening it changes nothing on disk, not even an older
+ * schema number or the blocks reserved below.
  *
  * On disk (one LMDB environment, a directory with data.mdb and lock.mdb,
  * plus sluice.lock which keeps a second process out):
@@ -352,6 +356,8 @@ struct queue {
     MDB_env *env;            /* owned */
     MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events;
     int lock_fd;
+    bool read_only;          /* queue_open_readonly: no committer, nothing written */
+    bool has_events;         /* the events database exists (read-only: it may not) */
     size_t psize;
     void *map_addr;          /* the map's address (queue_map_trim) */
     size_t map_pages;
@@ -645,6 +651,8 @@ port_push(struct queue_port *p, struct queue_req *head, struct queue_req *tail)
 static int
 submit(struct queue *q, struct queue_req *r)
 {
+    if (q->read_only)
+        return -EROFS; /* no committer to take it */
     r->next = NULL;
     atomic_fetch_add(&r->port->pending, 1);
     pthread_mutex_lock(&q->mu);
@@ -2607,12 +2615,17 @@ open_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
     return rc;
 }
 
-/* Create a fresh spool's databases, or check an existing one's schema. */
+/* Create a fresh spool's databases, or check an existing one's schema.
+ * Read-only (txn is then a read transaction): check only; a spool without
+ * its meta database is refused, an older schema is read as it is and not
+ * marked, a missing events database stays missing. */
 static int
 open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
 {
     const char *path = q->cfg.path;
     int rc = mdb_dbi_open(txn, "meta", 0, &q->dbi_meta);
+    if (rc == MDB_NOTFOUND && q->read_only)
+        return open_fail(err, errlen, QUEUE_ECORRUPT, "%s holds no sluice spool", path);
     if (rc == MDB_NOTFOUND) {
         MDB_dbi main_dbi;
         MDB_stat st;
@@ -2639,6 +2652,7 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
             (rc = mdb_put(txn, q->dbi_meta, &k2, &v2, 0)) != 0)
             return open_fail(err, errlen, lmdb_err(rc), "cannot create spool %s: %s", path,
                              mdb_strerror(rc));
+        q->has_events = true;
         return 0;
     }
     if (rc != 0)
@@ -2656,7 +2670,7 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
                          "spool %s has schema version %u, written by a newer sluice; this one "
                          "reads up to version %u and will not touch it",
                          path, version, SCHEMA_VERSION);
-    if (version < SCHEMA_VERSION) {
+    if (version < SCHEMA_VERSION && !q->read_only) {
         /* Older records read as they are (see the top of the file); the
          * new version keeps an older sluice from misreading new ones. */
         uint32_t now_version = SCHEMA_VERSION;
@@ -2677,10 +2691,13 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
                              "spool %s lacks its %s database: %s", path, names[i],
                              mdb_strerror(rc));
     }
-    rc = mdb_dbi_open(txn, "events", MDB_CREATE, &q->dbi_events);
+    rc = mdb_dbi_open(txn, "events", q->read_only ? 0 : MDB_CREATE, &q->dbi_events);
+    if (rc == MDB_NOTFOUND && q->read_only)
+        return 0; /* an older sluice's spool: no events to read */
     if (rc != 0)
         return open_fail(err, errlen, lmdb_err(rc), "cannot open the events database of %s: %s",
                          path, mdb_strerror(rc));
+    q->has_events = true;
     return 0;
 }
 
@@ -2703,8 +2720,8 @@ open_seed_events(struct queue *q, MDB_txn *txn)
 {
     uint64_t next;
     int rc = meta_get_u64(q, txn, "ev_next", &next);
-    if (rc != 0)
-        return rc;
+    if (rc != 0 || !q->has_events)
+        return rc; /* without the database, ev_durable 0: nothing to read */
     MDB_val k, v;
     MDB_cursor *c;
     if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0)
@@ -2794,8 +2811,10 @@ queue_destroy(struct queue *q)
     free(q);
 }
 
-int
-queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen)
+/* queue_open and queue_open_readonly. */
+static int
+open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, char *err,
+           size_t errlen)
 {
     *out = NULL;
     if (err != NULL && errlen > 0)
@@ -2809,6 +2828,7 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     if (q == NULL)
         return open_fail(err, errlen, -ENOMEM, "queue: out of memory");
     q->lock_fd = -1;
+    q->read_only = read_only;
     q->since_free = 2;
     pthread_mutex_init(&q->mu, NULL);
     pthread_condattr_t ca;
@@ -2828,22 +2848,24 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     if (q->cfg.max_batch_bytes == 0)
         q->cfg.max_batch_bytes = UINT64_MAX;
     const char *path = q->cfg.path;
-    int rc = fs_mkdir_p(path);
+    int rc = read_only ? 0 : fs_mkdir_p(path);
     if (rc < 0) {
         open_fail(err, errlen, rc, "cannot create spool directory %s: %s", path, strerror(-rc));
         queue_destroy(q);
         return rc;
     }
+    /* A reader shares the lock with other readers: a sluice (exclusive)
+     * stays out while it reads, and it stays out while a sluice runs. */
     char lock_path[4200];
     snprintf(lock_path, sizeof(lock_path), "%s/sluice.lock", path);
-    q->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    q->lock_fd = open(lock_path, (read_only ? O_RDONLY : O_RDWR) | O_CREAT | O_CLOEXEC, 0600);
     if (q->lock_fd < 0) {
         rc = -errno;
         open_fail(err, errlen, rc, "cannot open spool lock %s: %s", lock_path, strerror(-rc));
         queue_destroy(q);
         return rc;
     }
-    if (flock(q->lock_fd, LOCK_EX | LOCK_NB) < 0) {
+    if (flock(q->lock_fd, (read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
         rc = errno == EWOULDBLOCK ? QUEUE_ELOCKED : -errno;
         if (rc == QUEUE_ELOCKED)
             open_fail(err, errlen, rc, "spool %s is in use by another process (lock %s)", path,
@@ -2860,7 +2882,9 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
      * cached neighbours on a fault, so that every first touch of a page
      * of the map (tree pages, the overflow page of a message being
      * removed) faults alone; the profile of outcome commits showed it. */
-    unsigned flags = MDB_NOTLS | (q->cfg.unsafe_no_sync ? MDB_NOSYNC : MDB_NOMETASYNC);
+    unsigned flags = MDB_NOTLS | (read_only                ? MDB_RDONLY
+                                  : q->cfg.unsafe_no_sync ? MDB_NOSYNC
+                                                          : MDB_NOMETASYNC);
     if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
         (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
         (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
@@ -2878,8 +2902,10 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     int dead = 0;
     mdb_reader_check(q->env, &dead); /* slots of readers killed with us */
 
+    /* Read-only, a read transaction: its commit keeps the handles of the
+     * databases it opened and writes nothing. */
     MDB_txn *txn;
-    rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    rc = mdb_txn_begin(q->env, NULL, read_only ? MDB_RDONLY : 0, &txn);
     if (rc != 0) {
         int code = lmdb_err(rc);
         open_fail(err, errlen, code, "cannot open spool %s: %s", path, mdb_strerror(rc));
@@ -2916,9 +2942,13 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     struct stat fst;
     if (mdb_env_get_fd(q->env, &q->data_fd) == 0 && fstat(q->data_fd, &fst) == 0) {
         q->map_addr = map_find(&fst);
-        q->prealloc = true;
+        q->prealloc = !read_only; /* a reader allocates no blocks */
         q->alloc_pages = (size_t)fst.st_size / q->psize;
         disk_reserve(q, 0);
+    }
+    if (read_only) {
+        *out = q;
+        return 0;
     }
 
     q->vec_upd = calloc(q->cfg.max_batch, sizeof(*q->vec_upd));
@@ -2954,13 +2984,25 @@ queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t
     return 0;
 }
 
+int
+queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen)
+{
+    return open_spool(cfg, false, out, err, errlen);
+}
+
+int
+queue_open_readonly(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen)
+{
+    return open_spool(cfg, true, out, err, errlen);
+}
+
 void
 queue_close(struct queue *q)
 {
     if (q == NULL)
         return;
     queue_stop(q);
-    if (q->cfg.unsafe_no_sync)
+    if (q->cfg.unsafe_no_sync && !q->read_only)
         mdb_env_sync(q->env, 1);
     queue_destroy(q);
 }

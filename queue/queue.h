@@ -10,8 +10,9 @@
  * answers 250.
  *
  * Threading:
- *  - queue_open() and queue_close(): one thread; nothing else may be in
- *    flight on this queue once queue_close() starts.
+ *  - queue_open(), queue_open_readonly() and queue_close(): one thread;
+ *    nothing else may be in flight on this queue once queue_close()
+ *    starts.
  *  - queue_enqueue(), queue_update(), queue_update_enqueue(),
  *    queue_due_take(), queue_id_next() and every reader:
  *    any thread, concurrently. Readers use short read transactions of
@@ -89,6 +90,15 @@ queue_error_is_space(int rc)
  * is NULL and err holds one line for the operator naming the path and
  * the reason. Takes an exclusive lock on the spool for this process. */
 int queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen);
+/* Open an existing spool to read it (tools): the environment read-only
+ * (MDB_RDONLY), no committer, nothing written: an older schema stays as it
+ * is (queue_open would mark it), no disk blocks are reserved, no directory
+ * or spool is created. Every reader works; every write (enqueue, update,
+ * due take, events) returns -EROFS. Takes the spool's lock shared: it
+ * fails with QUEUE_ELOCKED while a queue_open holds it, and keeps
+ * queue_open out until queue_close. */
+int queue_open_readonly(const struct queue_config *cfg, struct queue **out, char *err,
+                        size_t errlen);
 /* Commit every request already submitted (their completions are pushed
  * to their ports, which the caller still drains), stop the committer and
  * close the spool. No other call on q may be in flight or follow. */

@@ -1,7 +1,11 @@
 /*
  * sluice-spool: read a spool that no sluice has open (the queue takes an
  * exclusive lock): count, check, or dump every message as JSON lines.
- * A directory without a spool is refused, not given a new one.
+ * A directory without a spool is refused, not given a new one. Every
+ * command only reads: the spool is opened read-only (queue_open_readonly),
+ * so that it is left exactly as it was: an older sluice's spool keeps its
+ * schema number (which a read-write open would raise, and that sluice
+ * would then refuse its own spool) and no disk blocks are reserved.
  * For operators and for the tests, which then need not know the record
  * format.
  *
@@ -203,9 +207,8 @@ main(int argc, char **argv)
         fprintf(stderr, "usage: sluice-spool count|check|dump SPOOL_DIR\n");
         return 2;
     }
-    /* queue_open makes a spool where there is none: a mistyped path
-     * would be created, given a new spool, and reported empty and
-     * consistent. */
+    /* Said here, for the operator, before the queue's own refusal:
+     * a mistyped path must not read as an empty, consistent spool. */
     char data[4200];
     struct stat st;
     if ((size_t)snprintf(data, sizeof(data), "%s/data.mdb", argv[2]) >= sizeof(data)) {
@@ -228,7 +231,7 @@ main(int argc, char **argv)
     free(cfg.path);
     cfg.path = strdup(argv[2]);
     struct queue *q;
-    int rc = queue_open(&cfg, &q, err, sizeof(err));
+    int rc = queue_open_readonly(&cfg, &q, err, sizeof(err));
     conf_free(queue_conf_keys, &cfg);
     if (rc < 0) {
         fprintf(stderr, "sluice-spool: %s\n", err);

@@ -511,6 +511,129 @@ test_owner_fields_and_schema_1(void **state)
     assert_int_equal(queue_check(f->q, &rep), 0);
 }
 
+/* Rewrite data.mdb as a plain copy of its bytes: the blocks a sluice kept
+ * allocated past its end (disk_reserve) are gone, as after a cp or a
+ * restore, so that an open that reserves blocks shows in st_blocks. */
+static void
+data_copy_plain(const struct fixture *f)
+{
+    char path[400], tmp[420];
+    snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
+    snprintf(tmp, sizeof(tmp), "%s/data.mdb.copy", f->cfg.path);
+    FILE *in = fopen(path, "rb"), *out = fopen(tmp, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), in)) > 0)
+        assert_int_equal(fwrite(buf, 1, n, out), n);
+    fclose(in);
+    assert_int_equal(fclose(out), 0);
+    assert_int_equal(rename(tmp, path), 0);
+}
+
+static int
+no_event(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    (void)arg;
+    (void)seq;
+    (void)text;
+    (void)len;
+    fail_msg("an event in a spool without events");
+    return -1;
+}
+
+static void
+data_stat(const struct fixture *f, struct stat *st)
+{
+    char path[400];
+    snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
+    assert_int_equal(stat(path, st), 0);
+}
+
+/* A read-only open reads everything and changes nothing: an older
+ * schema number stays (queue_open would raise it and the older sluice
+ * would then refuse its spool), no blocks are reserved, a spool without
+ * an events database is not given one, writes are refused, nothing is
+ * created where there is no spool. Its lock is shared with readers and
+ * keeps a writer out. */
+static void
+test_open_readonly(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 2, "example.com", "x\r\n", 3);
+    queue_close(f->q);
+    f->q = NULL;
+
+    /* an older sluice's spool: schema 1, no events database */
+    assert_int_equal(schema_get(f, 1), 2);
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, f->cfg.map_size), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "events", 0, &dbi), 0);
+    assert_int_equal(mdb_drop(txn, dbi, 1), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    data_copy_plain(f);
+    struct stat before, after;
+    data_stat(f, &before);
+
+    char err[512];
+    struct queue *r1, *r2, *w;
+    assert_int_equal(queue_open_readonly(&f->cfg, &r1, err, sizeof(err)), 0);
+    assert_int_equal(queue_open_readonly(&f->cfg, &r2, err, sizeof(err)), 0);
+    assert_int_equal(queue_open(&f->cfg, &w, err, sizeof(err)), QUEUE_ELOCKED);
+    assert_null(w);
+    struct queue_counts c;
+    assert_int_equal(queue_counts(r1, &c, NULL, NULL), 0);
+    assert_int_equal(c.messages, 1);
+    assert_int_equal(c.ready, 2);
+    struct queue_check_report rep;
+    assert_int_equal(queue_check(r2, &rep), 0);
+    assert_body(r1, id, "x\r\n", 3);
+    assert_int_equal(queue_events_read(r1, 0, 4096, no_event, NULL), 0);
+    struct queue_rcpt rc = {.addr = "a@example.org"};
+    struct queue_envelope e = {
+        .id = queue_id_next(r1), .sender = "s@example.com", .nrcpt = 1, .rcpt = &rc};
+    struct iovec iov = {"y\r\n", 3};
+    assert_int_equal(queue_enqueue_wait(r1, &e, &iov, 1), -EROFS);
+    struct queue_outcome o = {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
+    assert_int_equal(queue_update_wait(r2, &o, 1), -EROFS);
+    queue_close(r1);
+    queue_close(r2);
+
+    data_stat(f, &after);
+    assert_int_equal(after.st_size, before.st_size);
+    assert_int_equal(after.st_blocks, before.st_blocks);
+    assert_int_equal(after.st_mtim.tv_sec, before.st_mtim.tv_sec);
+    assert_int_equal(after.st_mtim.tv_nsec, before.st_mtim.tv_nsec);
+    assert_int_equal(schema_get(f, 0), 1);
+
+    /* nothing where there is no spool: refused, not created */
+    struct queue_config none = f->cfg;
+    char path[300];
+    snprintf(path, sizeof(path), "%s/none", f->dir);
+    none.path = path;
+    assert_int_not_equal(queue_open_readonly(&none, &r1, err, sizeof(err)), 0);
+    assert_null(r1);
+    assert_non_null(strstr(err, path));
+    struct stat st;
+    assert_int_equal(stat(path, &st), -1);
+
+    /* a writer then marks it 2 and gives it its events database back */
+    fixture_open(f);
+    assert_body(f->q, id, "x\r\n", 3);
+    queue_close(f->q);
+    f->q = NULL;
+    assert_int_equal(schema_get(f, 0), 2);
+    fixture_open(f);
+}
+
 static void
 test_not_a_spool(void **state)
 {
@@ -1792,6 +1915,7 @@ main(void)
         T(test_open_refusals),
         T(test_schema_refused),
         T(test_owner_fields_and_schema_1),
+        T(test_open_readonly),
         T(test_not_a_spool),
         T(test_enqueue_read),
         T(test_enqueue_invalid),

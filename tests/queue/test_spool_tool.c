@@ -1,0 +1,151 @@
+/*
+ * sluice-spool leaves the spool it reads as it was: on a spool of an
+ * older sluice (schema 1), count, check and dump succeed and leave the
+ * schema number, the data file's size, blocks and time alone. The tool
+ * comes from $SLUICE_SPOOL (set by ctest); without it the test skips.
+ *
+ * Threading: one thread; the tool runs as a child process.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <lmdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "queue/queue.h"
+
+static const char *tool;
+
+static int
+rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+/* The schema record; set it to set when set is not 0. */
+static uint32_t
+schema(const char *path, uint32_t set)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_open(env, path, set != 0 ? 0 : MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, set != 0 ? 0 : MDB_RDONLY, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    MDB_val k = {6, "schema"}, v;
+    assert_int_equal(mdb_get(txn, dbi, &k, &v), 0);
+    uint32_t was;
+    memcpy(&was, v.mv_data, sizeof(was));
+    if (set != 0) {
+        MDB_val nv = {sizeof(set), &set};
+        assert_int_equal(mdb_put(txn, dbi, &k, &nv, 0), 0);
+    }
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    return was;
+}
+
+/* Exit status of sluice-spool CMD DIR, its output thrown away. */
+static int
+run_tool(const char *cmd, const char *dir)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int fd = open("/dev/null", O_WRONLY);
+        if (fd >= 0)
+            dup2(fd, 1);
+        execl(tool, tool, cmd, dir, (char *)NULL);
+        _exit(127);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+static void
+test_read_commands_change_nothing(void **state)
+{
+    (void)state;
+    char dir[256], spool[300], data[320], copy[340];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, sizeof(dir), "%s/sluice-spool-tool-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    assert_non_null(mkdtemp(dir));
+    snprintf(spool, sizeof(spool), "%s/spool", dir);
+    snprintf(data, sizeof(data), "%s/data.mdb", spool);
+    snprintf(copy, sizeof(copy), "%s/data.copy", spool);
+
+    struct queue_config cfg;
+    char err[512];
+    memset(&cfg, 0, sizeof(cfg));
+    assert_int_equal(conf_defaults(queue_conf_keys, &cfg, err, sizeof(err)), 0);
+    free(cfg.path);
+    cfg.path = strdup(spool);
+    cfg.map_size = 64ULL << 20;
+    struct queue *q;
+    assert_int_equal(queue_open(&cfg, &q, err, sizeof(err)), 0);
+    struct queue_rcpt rc = {.addr = "a@example.org"};
+    struct queue_envelope env = {
+        .id = queue_id_next(q), .sender = "s@example.com", .nrcpt = 1, .rcpt = &rc};
+    struct iovec iov = {"body\r\n", 6};
+    assert_int_equal(queue_enqueue_wait(q, &env, &iov, 1), 0);
+    queue_close(q);
+    conf_free(queue_conf_keys, &cfg);
+
+    /* as an older sluice left it, copied without the blocks a sluice
+     * keeps allocated past the end of the data */
+    assert_int_equal(schema(spool, 1), 2);
+    FILE *in = fopen(data, "rb"), *out = fopen(copy, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), in)) > 0)
+        assert_int_equal(fwrite(buf, 1, n, out), n);
+    fclose(in);
+    assert_int_equal(fclose(out), 0);
+    assert_int_equal(rename(copy, data), 0);
+
+    struct stat before, after;
+    assert_int_equal(stat(data, &before), 0);
+    static const char *const cmds[] = {"count", "check", "dump"};
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(run_tool(cmds[i], spool), 0);
+        assert_int_equal(schema(spool, 0), 1);
+        assert_int_equal(stat(data, &after), 0);
+        assert_int_equal(after.st_size, before.st_size);
+        assert_int_equal(after.st_blocks, before.st_blocks);
+        assert_int_equal(after.st_mtim.tv_sec, before.st_mtim.tv_sec);
+        assert_int_equal(after.st_mtim.tv_nsec, before.st_mtim.tv_nsec);
+    }
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+int
+main(void)
+{
+    tool = getenv("SLUICE_SPOOL");
+    if (tool == NULL || access(tool, X_OK) != 0) {
+        fprintf(stderr, "SKIP: SLUICE_SPOOL does not name the sluice-spool tool\n");
+        return 77;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_read_commands_change_nothing),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
