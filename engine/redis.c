@@ -368,15 +368,40 @@ redis_lost(struct redis *r)
     redis_set_state(r, REDIS_STATE_DOWN);
 }
 
+/* Does an error reply start with this code (its first word)? */
+static bool
+error_is(const struct redisReply *reply, const char *code)
+{
+    size_t n = strlen(code);
+    return reply->len >= n && memcmp(reply->str, code, n) == 0 &&
+           (reply->len == n || reply->str[n] == ' ');
+}
+
+/* arg: the first command's name ("AUTH" or "PING", a literal). An error
+ * reply to it is logged as what it is: a Redis still loading its dataset
+ * (or busy with a script, or a replica without its master) is not ready
+ * yet, which is no fault of ours and passes like a refused connect; a
+ * refused AUTH, or a PING that asks for one, is the operator's to fix.
+ * Either way the connection is dropped and re-made with backoff. */
 static void
 on_hello(struct redis *r, const struct redisReply *reply, void *arg)
 {
-    (void)arg;
+    const char *cmd = arg;
     if (reply == NULL)
         return; /* the link is dying; ev_cleanup counts it */
     if (reply->type == REDIS_REPLY_ERROR) {
-        log_msg(LOG_ERR, "event=redis_auth_failed redis=%s reply=\"%.*s\"", r->addr,
-                (int)(reply->len > 200 ? 200 : reply->len), reply->str);
+        int len = (int)(reply->len > 200 ? 200 : reply->len);
+        if (error_is(reply, "LOADING") || error_is(reply, "BUSY") ||
+            error_is(reply, "MASTERDOWN") || error_is(reply, "TRYAGAIN"))
+            log_msg(LOG_INFO, "event=redis_not_ready redis=%s cmd=%s reply=\"%.*s\" note=retrying",
+                    r->addr, cmd, len, reply->str);
+        else if (strcmp(cmd, "AUTH") == 0 || error_is(reply, "NOAUTH") ||
+                 error_is(reply, "WRONGPASS"))
+            log_msg(LOG_ERR, "event=redis_auth_failed redis=%s cmd=%s reply=\"%.*s\"", r->addr,
+                    cmd, len, reply->str);
+        else
+            log_msg(LOG_ERR, "event=redis_hello_failed redis=%s cmd=%s reply=\"%.*s\"", r->addr,
+                    cmd, len, reply->str);
         link_drop(r);
         return;
     }
@@ -443,15 +468,15 @@ redis_attempt(struct redis *r)
     if (r->password != NULL && r->user != NULL) {
         const char *argv[] = {"AUTH", r->user, r->password};
         size_t lens[] = {4, strlen(r->user), strlen(r->password)};
-        rc = cmd_send(r, on_hello, NULL, 3, argv, lens);
+        rc = cmd_send(r, on_hello, (void *)"AUTH", 3, argv, lens);
     } else if (r->password != NULL) {
         const char *argv[] = {"AUTH", r->password};
         size_t lens[] = {4, strlen(r->password)};
-        rc = cmd_send(r, on_hello, NULL, 2, argv, lens);
+        rc = cmd_send(r, on_hello, (void *)"AUTH", 2, argv, lens);
     } else {
         const char *argv[] = {"PING"};
         size_t lens[] = {4};
-        rc = cmd_send(r, on_hello, NULL, 1, argv, lens);
+        rc = cmd_send(r, on_hello, (void *)"PING", 1, argv, lens);
     }
     if (rc < 0)
         link_drop(r); /* its cleanup schedules the next attempt */

@@ -13,7 +13,11 @@
  * down: the connection is dropped (every pending command is answered with
  * a NULL reply) and re-made with backoff. The first command of every
  * connection (AUTH or PING) carries the same deadline, so it also bounds
- * the connect.
+ * the connect. An error reply to it fails the attempt like a refused
+ * connect (dropped, re-made with backoff) and is logged as what it is:
+ * redis_not_ready (info: -LOADING, -BUSY, -MASTERDOWN, -TRYAGAIN),
+ * redis_auth_failed (error: a refused AUTH, or -NOAUTH to a PING) or
+ * redis_hello_failed (error: anything else).
  *
  * Replies come in the order commands were sent (one FIFO of pending
  * commands), so one timer at the oldest deadline covers them all.

@@ -17,7 +17,9 @@
  * 2^63, waits of years, wrong types, a truncated reply, a huge array, a
  * bad script id; the limiter grants no more than asked, waits no longer
  * than its caps, and goes on deciding; a SCRIPT LOAD refused with
- * -LOADING is asked for again until the limits are shared; error
+ * -LOADING is asked for again until the limits are shared; a PING
+ * answered -LOADING is retried as a refused connect and logged as Redis
+ * not ready, not as an AUTH failure; error
  * replies are logged once per connection, counted each. The test
  * thread talks to a worker only through worker_post() and a semaphore;
  * conditions that depend on Redis are re-checked on the worker from a
@@ -1080,6 +1082,8 @@ struct fake_redis {
     const char *load_reply, *take_reply, *conn_reply; /* borrowed: literals */
     bool mute_after_take; /* a connection answers nothing more after a take */
     unsigned load_errors; /* so many SCRIPT LOADs get -LOADING first */
+    unsigned ping_errors; /* so many PINGs get -LOADING first */
+    unsigned pings;       /* PINGs answered */
     unsigned loads;       /* SCRIPT LOADs answered */
     unsigned takes, conns;                              /* answered */
 };
@@ -1135,6 +1139,11 @@ fake_answer(struct fake_redis *f, struct fake_conn *c, int argc, const size_t *o
     pthread_mutex_lock(&f->lock);
     if (len[0] == 4 && strncasecmp(a0, "PING", 4) == 0) {
         reply = "+PONG\r\n";
+        f->pings++;
+        if (f->ping_errors > 0) {
+            f->ping_errors--;
+            reply = "-LOADING Redis is loading the dataset in memory\r\n";
+        }
     } else if (len[0] == 6 && strncasecmp(a0, "SCRIPT", 6) == 0) {
         reply = f->load_reply;
         f->loads++;
@@ -1280,6 +1289,7 @@ fake_set(struct fake_redis *f, const char *load, const char *take, const char *c
     f->conn_reply = conn;
     f->takes = f->conns = 0;
     f->load_errors = f->loads = 0;
+    f->ping_errors = f->pings = 0;
     pthread_mutex_unlock(&f->lock);
 }
 
@@ -1448,6 +1458,55 @@ test_script_load_refused_then_retried(void **state)
     fake_stop(&f);
 }
 
+/*
+ * A Redis without a password that is still loading its dataset answers
+ * the first command of a connection (PING) with -LOADING: the attempt
+ * fails as a refused connect would, and is tried again with backoff
+ * until Redis is ready. It is logged as Redis not being ready, never as
+ * an AUTH failure (no AUTH was sent).
+ */
+static void
+test_ping_loading_then_retried(void **state)
+{
+    (void)state;
+    struct fake_redis f;
+    fake_start(&f);
+    fake_set(&f, NULL, "*2\r\n:5\r\n:0\r\n", "*3\r\n:1\r\n:0\r\n:0\r\n", false);
+    pthread_mutex_lock(&f.lock);
+    f.ping_errors = 2;
+    pthread_mutex_unlock(&f.lock);
+    char logpath[] = "/tmp/test_limits_log_XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    struct limits_opts o = opts_on(f.port, 2);
+    struct limit_conf c = conf_msgs(100, 1000, 4);
+    static struct node a;
+    node_start(&a, 0, "ping_loading", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 10000));
+    node_stop(&a, true);
+    pthread_mutex_lock(&f.lock);
+    unsigned pings = f.pings;
+    pthread_mutex_unlock(&f.lock);
+    fake_stop(&f);
+    log_open(NULL, LOG_INFO);
+    FILE *fp = fopen(logpath, "r");
+    assert_non_null(fp);
+    char line[1024];
+    unsigned not_ready = 0, auth_failed = 0;
+    while (fgets(line, sizeof(line), fp) != NULL) {
+        not_ready += strstr(line, "event=redis_not_ready") != NULL &&
+                     strstr(line, "cmd=PING") != NULL && strstr(line, "LOADING") != NULL;
+        auth_failed += strstr(line, "auth_failed") != NULL;
+    }
+    fclose(fp);
+    unlink(logpath);
+    assert_int_equal(pings, 3); /* two refused, the third answered */
+    assert_int_equal(not_ready, 2);
+    assert_int_equal(auth_failed, 0);
+}
+
 static void
 errors_arm(struct node *n, void *arg)
 {
@@ -1525,6 +1584,7 @@ main(void)
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),
         cmocka_unit_test(test_script_load_refused_then_retried),
+        cmocka_unit_test(test_ping_loading_then_retried),
         cmocka_unit_test(test_error_replies_logged_once),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
