@@ -118,9 +118,15 @@ int dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
               const uint8_t bh[DKIM_HASH_LEN], char *out, size_t cap, size_t *used);
 
 /* Room enough for one DKIM-Signature field with an RSA-4096 signature
- * and the default h= list; add twice the header section's length for a
- * message whose fields are many (h= names each one signed). */
+ * and the default h= list, over a header section with a field or two of
+ * each name signed; dkim_sig_room() says what any one needs. */
 #define DKIM_SIG_MAX 4096
+
+/* The most octets dkim_sign(p, hdr, len, ...) can append: DKIM_SIG_MAX,
+ * plus d=, s= and a b= of p's key size, plus the h= list (a name for each
+ * field of hdr that p->headers names, and for each over-signed name): it
+ * grows with the number of signed fields, not with the header's size. */
+size_t dkim_sig_room(const struct dkim_sig_params *p, const char *hdr, size_t len);
 
 /* ---- configuration: [dkim] and [dkim DOMAIN SELECTOR] ---- */
 

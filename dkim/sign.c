@@ -379,6 +379,37 @@ dkim_b64(const uint8_t *in, size_t n, char *out, size_t cap)
     return EVP_EncodeBlock((unsigned char *)out, in, (int)n);
 }
 
+size_t
+dkim_sig_room(const struct dkim_sig_params *p, const char *hdr, size_t len)
+{
+    /* The fixed tags and bh= (DKIM_SIG_MAX holds them with an RSA-4096
+     * b=), d= and s= whatever their length, b= for a larger key (base64,
+     * folded every 72 octets with 4), then h=: a name with its ':' and a
+     * fold (CRLF TAB) for each field it will name. The header text itself
+     * is never copied into the field. */
+    size_t sig = dkim_key_bits(p->key) / 8 + 1, b64 = 4 * ((sig + 2) / 3);
+    size_t room = DKIM_SIG_MAX + strlen(p->domain) + strlen(p->selector) + b64 + b64 / 72 * 4 + 8;
+    size_t off = 0;
+    struct dkim_field f;
+    while (field_next(hdr, len, &off, &f) > 0) {
+        for (unsigned h = 0; h < p->nheaders; h++) {
+            if (name_is(&f, p->headers[h])) {
+                room += f.name_len + 4;
+                break;
+            }
+        }
+    }
+    for (unsigned h = 0; h < p->nheaders; h++) {
+        for (unsigned o = 0; o < p->noversign; o++) {
+            if (strcasecmp(p->oversign[o], p->headers[h]) == 0) {
+                room += strlen(p->headers[h]) + 4;
+                break;
+            }
+        }
+    }
+    return room;
+}
+
 int
 dkim_sign(const struct dkim_sig_params *p, const char *hdr, size_t len,
           const uint8_t bh[DKIM_HASH_LEN], char *out, size_t cap, size_t *used)

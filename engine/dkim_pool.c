@@ -76,15 +76,17 @@ dkim_pool_sign_now(const struct dkim_signer *const *signers, unsigned n,
               const uint8_t bh[2][DKIM_HASH_LEN], uint64_t timestamp, const char *hdr,
               size_t hdr_len, char **sig, size_t *sig_len, const struct dkim_signer **failed)
 {
-    /* h= names every signed field: never longer than the header section
-     * (twice that leaves room for its folding and over-signed names). */
-    size_t cap = ((size_t)DKIM_SIG_MAX + 2 * hdr_len) * n, used = 0;
-    *sig = malloc(cap);
-    if (*sig == NULL)
-        return -ENOMEM;
+    /* The fields' room, summed over the signers: a signature holds the
+     * names of the fields it signs (h=), never the header text, so a 50 MB
+     * header section of Received: lines costs a few KB here, not 100 MB
+     * of address space per signer. */
+    struct dkim_sig_params ps[DKIM_MAX_SIGNERS];
+    size_t cap = 0, used = 0;
+    if (n > DKIM_MAX_SIGNERS)
+        return -EINVAL;
     for (unsigned i = 0; i < n; i++) {
         const struct dkim_signer *s = signers[i];
-        struct dkim_sig_params p = {
+        ps[i] = (struct dkim_sig_params){
             .domain = s->domain,
             .selector = s->selector,
             .key = s->key,
@@ -97,7 +99,14 @@ dkim_pool_sign_now(const struct dkim_signer *const *signers, unsigned n,
             .timestamp = timestamp,
             .expire = s->expire_s,
         };
-        int rc = dkim_sign(&p, hdr, hdr_len, bh[s->body_canon], *sig, cap, &used);
+        cap += dkim_sig_room(&ps[i], hdr, hdr_len);
+    }
+    *sig = malloc(cap);
+    if (*sig == NULL)
+        return -ENOMEM;
+    for (unsigned i = 0; i < n; i++) {
+        const struct dkim_signer *s = signers[i];
+        int rc = dkim_sign(&ps[i], hdr, hdr_len, bh[s->body_canon], *sig, cap, &used);
         if (rc < 0) {
             *failed = s;
             free(*sig);
