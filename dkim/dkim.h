@@ -40,11 +40,13 @@ enum dkim_error {
     DKIM_EHEADER = -32005,   /* the header section cannot be signed as it is */
     DKIM_ENOKEY = -32006,    /* no key for the signing domain */
     DKIM_ETOOBIG = -32007,   /* output does not fit */
+    DKIM_EFROMSYNTAX = -32008, /* a From: field ends inside a comment, quoted string or <> */
 };
 
 /* Text for any code this module returns (static storage). */
 const char *dkim_strerror(int rc);
-/* A short token for logs: "no_from", "several_from_domains", "no_key", ... */
+/* A short token for logs: "no_from", "several_from_domains", "no_key", ...
+ * (DKIM_EFROMSYNTAX is "no_from" too: dkim_strerror says why). */
 const char *dkim_error_token(int rc);
 
 enum dkim_canon { DKIM_CANON_SIMPLE = 0, DKIM_CANON_RELAXED = 1 };
@@ -92,7 +94,12 @@ int dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM
 /* The domain of the address(es) in the From: fields of the header
  * section hdr[0..len): exactly one domain, lowercase, into out. Several
  * From: fields or addresses sharing that domain are fine (DMARC aligns
- * with it); several domains are DKIM_EFROMS, none DKIM_ENOFROM. */
+ * with it); several domains are DKIM_EFROMS, none DKIM_ENOFROM. A From:
+ * field that ends inside a comment, a quoted string or an angle-addr
+ * ("From: (Bob <bob@example.com>") is DKIM_EFROMSYNTAX: RFC 5322 reads
+ * no address there (what follows the '(' is all comment), and neither do
+ * OpenDKIM's and OpenDMARC's parsers (unbalanced), so no domain can be
+ * picked that a receiver would align with. */
 int dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap);
 
 /* ---- signing ---- */

@@ -42,6 +42,8 @@ dkim_strerror(int rc)
         return "no key for the signing domain";
     case DKIM_ETOOBIG:
         return "the signature does not fit";
+    case DKIM_EFROMSYNTAX:
+        return "a From: field ends inside a comment, quoted string or <address>";
     default:
         return rc < 0 ? strerror(-rc) : "?";
     }
@@ -52,6 +54,7 @@ dkim_error_token(int rc)
 {
     switch (rc) {
     case DKIM_ENOFROM:
+    case DKIM_EFROMSYNTAX:
         return "no_from";
     case DKIM_EFROMS:
         return "several_from_domains";
@@ -201,7 +204,9 @@ canon_field(EVP_MD_CTX *md, const char *f, size_t len, size_t name_len, enum dki
  * it goes): comments and quoted strings are skipped, an angle-addr wins
  * over the words around it, a group's addresses count. Only what follows
  * an address's last @ is kept: a local part of any length cannot push
- * its domain out of the buffer (and out of the count of domains). */
+ * its domain out of the buffer (and out of the count of domains). A
+ * value that ends inside a comment, quoted string or angle-addr is
+ * DKIM_EFROMSYNTAX (dkim.h). */
 static int
 from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
 {
@@ -213,6 +218,8 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
     int depth = 0;
     for (size_t i = 0; i <= len; i++) {
         char ch = i < len ? v[i] : ',';
+        if (i == len && (depth > 0 || angle))
+            return DKIM_EFROMSYNTAX; /* unterminated: no address can be told */
         if (depth > 0) {
             if (ch == '\\' && i + 1 < len)
                 i++;
@@ -230,6 +237,8 @@ from_value_domains(const char *v, size_t len, char *dom, size_t cap, bool *have)
             for (i++; i < len && v[i] != '"'; i++)
                 if (v[i] == '\\')
                     i++;
+            if (i >= len)
+                return DKIM_EFROMSYNTAX;
             if (!had_angle && !angle) {
                 alen = 0; /* a display name, not an address */
                 at = over = false;

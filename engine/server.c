@@ -1262,8 +1262,8 @@ dkim_sign_start(struct session *s, size_t header_len)
         }
         s->dkim_skip = dkim_error_token(rc);
         sw->stats.dkim_unsigned++;
-        log_msg(LOG_INFO, "session=%016llx event=dkim_unsigned reason=%s domain=%s",
-                (unsigned long long)s->id, s->dkim_skip, dom[0] ? dom : "-");
+        log_msg(LOG_INFO, "session=%016llx event=dkim_unsigned reason=%s domain=%s error=\"%s\"",
+                (unsigned long long)s->id, s->dkim_skip, dom[0] ? dom : "-", dkim_strerror(rc));
         return false;
     }
     memcpy(j->hdr, s->hdrs, s->hdrs_len);

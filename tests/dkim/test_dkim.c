@@ -110,6 +110,22 @@ test_from_domain(void **state)
         {"From: <>\r\n", DKIM_ENOFROM, NULL},
         {"From: a@\r\n", DKIM_ENOFROM, NULL},
         {"not a header\r\n", DKIM_EHEADER, NULL},
+        /* comments that end, with an escaped ')' inside */
+        {"From: (Bob) <bob@example.com>\r\n", 0, "example.com"},
+        {"From: (a \\) (b) c) bob@example.com (x)\r\n", 0, "example.com"},
+        /* a value that ends inside a comment, quoted string or <>: RFC
+         * 5322 (and OpenDKIM's parser) read no address; said apart from
+         * "no From:" so that the log can say why */
+        {"From: (Bob <bob@example.com>\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: bob@example.com (Bob\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: (a (b) bob@example.com\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: (Bob \\)\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: \"Bob <bob@example.com>\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: \"Bob\\\" <bob@example.com>\r\n", DKIM_EFROMSYNTAX, NULL},
+        {"From: Bob <bob@example.com\r\n", DKIM_EFROMSYNTAX, NULL},
+        /* one From: field that cannot be read beside one that can: which
+         * a receiver takes cannot be told */
+        {"From: a@example.com\r\nFrom: (x <b@other.org>\r\n", DKIM_EFROMSYNTAX, NULL},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char dom[256] = "";
@@ -119,6 +135,8 @@ test_from_domain(void **state)
         if (cases[i].dom != NULL)
             assert_string_equal(dom, cases[i].dom);
     }
+    assert_string_equal(dkim_error_token(DKIM_EFROMSYNTAX), "no_from");
+    assert_non_null(strstr(dkim_strerror(DKIM_EFROMSYNTAX), "comment"));
     /* A local part longer than any buffer: its domain still counts, so a
      * second domain beside it is still DKIM_EFROMS (README: a From:
      * naming two domains goes out unsigned). */

@@ -441,7 +441,8 @@ key_file = {bad}
 
 def test_hostile_headers_get_a_clear_outcome():
     """A 100 KB header field, 10,000 header fields, a From: naming two
-    domains, none at all, a body that begins without the empty line: each
+    domains, none at all, one whose address is in an unterminated comment,
+    a body that begins without the empty line: each
     is queued (signed, or unsigned and logged with the reason), and sluice
     stays up. The one without the empty line is stored with one inserted,
     and signed as stored."""
@@ -458,6 +459,9 @@ def test_hostile_headers_get_a_clear_outcome():
             "two_domains": msg(b"a@a.test, b@other.test", b"two domains"),
             "no_from": b"To: x@rcpt.test\r\nSubject: no from\r\n\r\nbody\r\n",
             "empty_from": msg(b"undisclosed-recipients:;", b"empty from"),
+            # the address is inside a comment that never ends: RFC 5322
+            # (and OpenDKIM) read no address; unsigned, and the log says why
+            "open_comment": msg(b"(Bob <a@a.test>", b"open comment"),
             # the body's first line follows the fields directly; an empty
             # line later in the body must not be taken for the separator
             "no_separator": b"From: a@a.test\r\nTo: x@rcpt.test\r\nSubject: no separator\r\n"
@@ -475,10 +479,14 @@ def test_hostile_headers_get_a_clear_outcome():
                 assert b"DKIM-Signature" not in m
         evs = wait_events(t.r.dlog, lambda e: e["event"] == "reception", len(msgs))
         reasons = sorted(e.get("dkim_unsigned", "signed") for e in evs)
-        assert reasons == ["no_from", "no_from", "several_from_domains", "signed", "signed",
-                           "signed", "signed"], reasons
+        assert reasons == ["no_from", "no_from", "no_from", "several_from_domains", "signed",
+                           "signed", "signed", "signed"], reasons
+        assert t.r.d.count_log('event=dkim_unsigned reason=no_from domain=- '
+                               'error="a From: field ends inside a comment') == 1
+        assert t.r.d.count_log('event=dkim_unsigned reason=no_from domain=- '
+                               'error="no From: address"') == 2
         c = t.counters()
-        assert (c["dkim_signed"], c["dkim_unsigned"], c["dkim_failed"]) == (4, 3, 0), c
+        assert (c["dkim_signed"], c["dkim_unsigned"], c["dkim_failed"]) == (4, 4, 0), c
     finally:
         t.close()
 
