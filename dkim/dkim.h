@@ -101,6 +101,13 @@ int dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM
  * OpenDKIM's and OpenDMARC's parsers (unbalanced), so no domain can be
  * picked that a receiver would align with. */
 int dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap);
+/* The signing domain of one address (an envelope sender, a configured
+ * From): what follows its last '@', lowercase, without trailing dots (a
+ * keyring's domains have none, and d= must not: "example.com." is not
+ * example.com to a verifier's alignment check), as dkim_from_domain
+ * does. Returns 0, or DKIM_ENOFROM when there is none or it does not
+ * fit in cap. */
+int dkim_addr_domain(const char *addr, char *out, size_t cap);
 
 /* ---- signing ---- */
 

@@ -324,6 +324,23 @@ dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap)
     return rc;
 }
 
+int
+dkim_addr_domain(const char *addr, char *out, size_t cap)
+{
+    const char *at = addr != NULL ? strrchr(addr, '@') : NULL;
+    if (at == NULL)
+        return DKIM_ENOFROM;
+    size_t n = strlen(at + 1);
+    while (n > 0 && at[n] == '.')
+        n--;
+    if (n == 0 || n >= cap)
+        return DKIM_ENOFROM;
+    for (size_t i = 0; i < n; i++)
+        out[i] = (char)tolower((unsigned char)at[1 + i]);
+    out[n] = '\0';
+    return 0;
+}
+
 /* ---- the signature ---- */
 
 struct text {

@@ -287,10 +287,11 @@ local_dkim(struct engine *e, const char *from, const char *text, size_t len, cha
     *sig_len = 0;
     struct dkim_keyring *kr = engine_dkim_keys(e);
     *keys = kr;
-    const char *at = strrchr(from, '@');
+    char dom[256];
     const struct dkim_signer *sg[DKIM_MAX_SIGNERS];
-    unsigned n = kr != NULL && at != NULL ? dkim_keyring_lookup(kr, at + 1, sg, DKIM_MAX_SIGNERS)
-                                          : 0;
+    unsigned n = kr != NULL && dkim_addr_domain(from, dom, sizeof(dom)) == 0
+                     ? dkim_keyring_lookup(kr, dom, sg, DKIM_MAX_SIGNERS)
+                     : 0;
     int rc = 0;
     if (n > 0) {
         const char *end = strstr(text, "\r\n\r\n");

@@ -1231,12 +1231,9 @@ dkim_sign_start(struct session *s, size_t header_len)
         dkim_body_feed(s->dkim_body, b + header_len, s->body_len - header_len);
     }
     if (dkim_keyring_signing_domain(kr) == DKIM_FROM_ENVELOPE) {
-        const char *at = strrchr(s->sender, '@');
-        if (at == NULL || at[1] == '\0' || strlen(at + 1) >= sizeof(dom))
-            rc = DKIM_ENOFROM;
-        else
-            for (size_t i = 0; at[i + 1] != '\0'; i++)
-                dom[i] = (char)tolower((unsigned char)at[i + 1]);
+        rc = dkim_addr_domain(s->sender, dom, sizeof(dom));
+        if (rc < 0)
+            dom[0] = '\0';
     } else {
         rc = dkim_from_domain(b, header_len, dom, sizeof(dom));
     }

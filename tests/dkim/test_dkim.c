@@ -135,6 +135,33 @@ test_from_domain(void **state)
         if (cases[i].dom != NULL)
             assert_string_equal(dom, cases[i].dom);
     }
+    /* one address's domain (the envelope's, a configured From): as
+     * dkim_from_domain, lowercase and without trailing dots */
+    struct {
+        const char *addr;
+        int rc;
+        const char *dom;
+    } addrs[] = {
+        {"user@Example.COM", 0, "example.com"},
+        {"user@example.com.", 0, "example.com"},
+        {"\"a@b\"@Sub.Example.com..", 0, "sub.example.com"},
+        {"user@", DKIM_ENOFROM, NULL},
+        {"user@.", DKIM_ENOFROM, NULL},
+        {"user", DKIM_ENOFROM, NULL},
+        {"", DKIM_ENOFROM, NULL},
+    };
+    for (size_t i = 0; i < sizeof(addrs) / sizeof(addrs[0]); i++) {
+        char d[256] = "";
+        int rc = dkim_addr_domain(addrs[i].addr, d, sizeof(d));
+        if (rc != addrs[i].rc)
+            fail_msg("address %s: rc %d, want %d", addrs[i].addr, rc, addrs[i].rc);
+        if (addrs[i].dom != NULL)
+            assert_string_equal(d, addrs[i].dom);
+    }
+    char small[8];
+    assert_int_equal(dkim_addr_domain("a@example.com", small, sizeof(small)), DKIM_ENOFROM);
+    assert_int_equal(dkim_addr_domain("a@example", small, sizeof(small)), 0);
+    assert_string_equal(small, "example");
     assert_string_equal(dkim_error_token(DKIM_EFROMSYNTAX), "no_from");
     assert_non_null(strstr(dkim_strerror(DKIM_EFROMSYNTAX), "comment"));
     /* A local part longer than any buffer: its domain still counts, so a

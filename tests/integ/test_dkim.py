@@ -577,12 +577,15 @@ def test_tls_report_signed_across_a_reload():
     (engine.c local_dkim); its reception event names the signature after
     the commit. A SIGHUP while that commit is held (an mdb_load holds the
     spool's write lock) replaces the keyring: the event still says
-    d=sender.test s=rpt, and nothing reads the keyring the reload freed."""
+    d=sender.test s=rpt, and nothing reads the keyring the reload freed.
+    The report's From is written in capitals (tlsrpt_from): its domain is
+    still the keyring's sender.test (it used to be looked up as written,
+    and the report went out unsigned)."""
     for tool in ("mdb_load", "openssl"):
         if run(["which", tool]).returncode != 0:
             skip(f"{tool} not installed (tools/install-deps --test)")
     import test_mta_sts as sts
-    w = sts.World(dkim_key=True)
+    w = sts.World(dkim_key=True, mta_sts_extra="tlsrpt_from = Reports@Sender.TEST\n")
     hold = None
     try:
         w.send("a@badcert.test")  # a TLS failure under an enforce policy: counted

@@ -332,7 +332,7 @@ key_file = {key}
 
 
 class World:
-    def __init__(self, delivery_extra="", dkim_key=False):
+    def __init__(self, delivery_extra="", dkim_key=False, mta_sts_extra=""):
         for tool in ("dnsmasq", "openssl"):
             if run(["which", tool]).returncode != 0 and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -387,6 +387,7 @@ ca_file = {self.pki.ca}
 fetch_port = {self.https.port}
 fetch_timeout = 2s
 recheck = 1s
+{mta_sts_extra}
 [dns]
 servers = 127.0.0.1:{self.dns.port}
 [stats]
