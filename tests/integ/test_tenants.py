@@ -300,7 +300,8 @@ def test_trusted_headers_and_refusals():
         assert (authed["tenant"], authed["pool"], authed["priority"]) == \
             ("acme", "bulk", 5), authed
         # counted per tenant, refusals not; and what became of them (both
-        # delivered: logged after they were counted)
+        # delivered: logged after they were counted, so wait for the log)
+        n.wait_events(lambda e: e["event"] == "delivery", 2)
         st = n.ask("stats")
         assert st["tenants"] == {"acme": {"received_msgs": 2, "received_rcpts": 2,
                                           "delivered": 2, "deferred": 0, "bounced": 0,
