@@ -1,15 +1,17 @@
 /*
  * dns: the resolver of dns.h: the c-ares channel, the cache (a hash of
- * entries by domain, an LRU list of finished ones, a FIFO of lookups
- * waiting for a slot; the MX hosts' addresses in hosts.c, swept with it),
- * requests and the ready list that runs callbacks.
+ * entries by domain and kind, MX or address; an LRU list of finished
+ * ones; a FIFO of lookups waiting for a slot; the MX hosts' addresses in
+ * hosts.c, swept with it), requests and the ready list that runs
+ * callbacks.
  *
  * Callbacks run only from drain(), at the end of dns_process_fd() and
  * dns_process_timeouts(): a lookup that ends anywhere else (inside
- * dns_mx_resolve, or inside another lookup's answer) only moves its
- * requests to the ready list, and dns_timeout() answers "now" while that
- * list is not empty. So no caller is ever called back from inside its own
- * call, and a callback may resolve or cancel anything.
+ * dns_mx_resolve or dns_addr_resolve, or inside another lookup's
+ * answer) only moves its requests to the ready list, and dns_timeout()
+ * answers "now" while that list is not empty. So no caller is ever
+ * called back from inside its own call, and a callback may resolve or
+ * cancel anything.
  *
  * Threading: one struct dns per thread (see dns.h).
  */
@@ -118,16 +120,33 @@ entry_of_lru(struct lru_node *n)
     return (struct entry *)((char *)n - offsetof(struct entry, ln));
 }
 
+/* An entry's key: a name's MX answer and its address answer are two
+ * entries. */
+struct entry_key {
+    const char *name;
+    bool addr;
+};
+
 static bool
 entry_eq(const struct hash_node *n, const void *key)
 {
-    return strcmp(entry_of((struct hash_node *)n)->name, key) == 0;
+    const struct entry *e = entry_of((struct hash_node *)n);
+    const struct entry_key *k = key;
+    return e->addr == k->addr && strcmp(e->name, k->name) == 0;
+}
+
+static uint64_t
+entry_hash(const char *name, size_t len, bool addr)
+{
+    uint64_t h = hash_bytes(name, len);
+    return addr ? h ^ 0x9E3779B97F4A7C15ULL : h;
 }
 
 static struct entry *
-cache_find(struct dns *d, const char *name, uint64_t hash)
+cache_find(struct dns *d, const char *name, bool addr, uint64_t hash)
 {
-    struct hash_node *n = hash_find(&d->cache, hash, name);
+    struct entry_key k = {name, addr};
+    struct hash_node *n = hash_find(&d->cache, hash, &k);
     return n == NULL ? NULL : entry_of(n);
 }
 
@@ -142,7 +161,7 @@ cache_drop(struct dns *d, struct entry *e)
 }
 
 static struct entry *
-cache_add(struct dns *d, const char *name, size_t len, uint64_t hash)
+cache_add(struct dns *d, const char *name, size_t len, bool addr, uint64_t hash)
 {
     /* Only finished answers are evicted: a lookup in flight has callers
      * waiting, so while many are in flight the cache may run over. */
@@ -155,6 +174,7 @@ cache_add(struct dns *d, const char *name, size_t len, uint64_t hash)
     if (e == NULL)
         return NULL;
     memcpy(e->name, name, len + 1);
+    e->addr = addr;
     e->hn.hash = hash;
     e->state = ENTRY_QUEUED;
     if (hash_insert(&d->cache, &e->hn) < 0) {
@@ -319,14 +339,16 @@ bad_name_result(const char *domain)
 
 /* ---- API ---- */
 
-int
-dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
-               struct dns_mx_result **res, struct dns_req **req)
+/* dns_mx_resolve (addr false) and dns_addr_resolve (addr true): one
+ * cache, one queue, one completion rule. */
+static int
+resolve(struct dns *d, const char *domain, bool addr, dns_mx_fn *cb, void *arg,
+        struct dns_mx_result **res, struct dns_req **req)
 {
     *res = NULL;
     *req = NULL;
     d->stats.lookups++;
-    if (domain[0] == '[') {
+    if (domain[0] == '[' && !addr) {
         *res = literal_result(domain);
         if (*res == NULL)
             *res = result_oom();
@@ -340,8 +362,8 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
             *res = result_oom();
         return 1;
     }
-    uint64_t hash = hash_bytes(name, (size_t)len);
-    struct entry *e = cache_find(d, name, hash);
+    uint64_t hash = entry_hash(name, (size_t)len, addr);
+    struct entry *e = cache_find(d, name, addr, hash);
     if (e != NULL && e->state != ENTRY_DONE) {
         struct dns_req *r = req_new(d);
         if (r == NULL)
@@ -367,7 +389,7 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
         lru_remove(&d->lru, &e->ln); /* expired: look it up again in place */
         e->res = dns_mx_result_unref(e->res);
         e->state = ENTRY_QUEUED;
-    } else if ((e = cache_add(d, name, (size_t)len, hash)) == NULL) {
+    } else if ((e = cache_add(d, name, (size_t)len, addr, hash)) == NULL) {
         req_release(d, r);
         return -ENOMEM;
     }
@@ -391,6 +413,20 @@ dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
     list_append(&e->waiters, r);
     *req = r;
     return 0;
+}
+
+int
+dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
+               struct dns_mx_result **res, struct dns_req **req)
+{
+    return resolve(d, domain, false, cb, arg, res, req);
+}
+
+int
+dns_addr_resolve(struct dns *d, const char *name, dns_mx_fn *cb, void *arg,
+                 struct dns_mx_result **res, struct dns_req **req)
+{
+    return resolve(d, name, true, cb, arg, res, req);
 }
 
 void

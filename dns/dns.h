@@ -23,13 +23,21 @@
  * domain costs one lookup per TTL: answers are cached, and a request for
  * a domain whose lookup is in flight joins it.
  *
- * Completion rule: dns_mx_resolve() returns 1 when the answer is known at
- * once (cache hit, domain literal, bad name, or a lookup that failed
- * before it could wait) and hands the result out through *res; the
- * callback is then never called. It returns 0 when the answer must wait:
- * the callback runs exactly once, later, from dns_process_fd() or
- * dns_process_timeouts() on the same thread (never from inside
- * dns_mx_resolve), unless dns_cancel() came first.
+ * An address lookup (dns_addr_resolve) finds a host name's own IPv4/IPv6
+ * addresses and asks no MX: for a host that is reached by name, such as
+ * the MTA-STS policy host (RFC 8461 3.3), whatever MX records its name
+ * has. It shares the cache (as an entry apart from the name's MX
+ * answer), the MX hosts' address answers, the TTL rules, the answer
+ * checks and the completion rule below.
+ *
+ * Completion rule: dns_mx_resolve() (and dns_addr_resolve()) returns 1
+ * when the answer is known at once (cache hit, domain literal, bad name,
+ * or a lookup that failed before it could wait) and hands the result out
+ * through *res; the callback is then never called. It returns 0 when the
+ * answer must wait: the callback runs exactly once, later, from
+ * dns_process_fd() or dns_process_timeouts() on the same thread (never
+ * from inside dns_mx_resolve or dns_addr_resolve), unless dns_cancel()
+ * came first.
  *
  * Threading: a struct dns and its requests belong to the thread that
  * created it. Results are immutable and their reference count is atomic,
@@ -217,6 +225,16 @@ struct dns *dns_free(struct dns *d);
  * the callback starts or dns_cancel), or -ENOMEM. */
 int dns_mx_resolve(struct dns *d, const char *domain, dns_mx_fn *cb, void *arg,
                    struct dns_mx_result **res, struct dns_req **req);
+/* Resolve host name's own addresses (any case, trailing dot allowed,
+ * A-labels), with the family policy; its MX records are not asked. The
+ * result is DNS_OK with one host (name, preference 0, addresses
+ * preferred family first, implicit_mx false, dane DNS_DANE_NONE),
+ * DNS_NOT_FOUND (NXDOMAIN, or no address of the wanted families),
+ * DNS_RETRY, or DNS_FAIL for a bad name (address literals included).
+ * Same completion rule as dns_mx_resolve: returns 1 and *res, or 0 and
+ * *req (valid until the callback starts or dns_cancel), or -ENOMEM. */
+int dns_addr_resolve(struct dns *d, const char *name, dns_mx_fn *cb, void *arg,
+                     struct dns_mx_result **res, struct dns_req **req);
 /* Forget a pending request: its callback will not run. The lookup goes
  * on for the others and for the cache. */
 void dns_cancel(struct dns *d, struct dns_req *req);
@@ -253,7 +271,7 @@ int dns_txt_lookup(struct dns *d, const char *name, dns_txt_fn *cb, void *arg);
 void dns_cache_clear(struct dns *d);
 
 struct dns_stats {
-    uint64_t lookups;   /* dns_mx_resolve() calls */
+    uint64_t lookups;   /* dns_mx_resolve() and dns_addr_resolve() calls */
     uint64_t hits;      /* answered from the cache */
     uint64_t misses;    /* started a lookup: not cached or expired */
     uint64_t joined;    /* joined a lookup in flight for the same domain */

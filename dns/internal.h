@@ -4,7 +4,8 @@
  *
  * Shapes:
  *  - struct entry: one domain in the cache (common/hash.h, keyed by the
- *    normalised name). QUEUED (waiting for a slot under max_inflight),
+ *    normalised name and the kind of lookup: MX, or the name's own
+ *    addresses for dns_addr_resolve). QUEUED (waiting for a slot under max_inflight),
  *    INFLIGHT (its struct lookup talks to c-ares) or DONE (holds a result
  *    until it expires or is evicted). Only DONE entries are on the LRU
  *    list (common/lru.h), so only they are ever evicted: the oldest when
@@ -55,6 +56,7 @@ struct entry {
     struct dns_mx_result *res;   /* owned reference: DONE */
     uint64_t expires;            /* DONE: CLOCK_MONOTONIC ns */
     uint8_t state; /* enum entry_state */
+    bool addr;     /* the name's own addresses (dns_addr_resolve), not its MX */
     char name[];   /* normalised domain */
 };
 

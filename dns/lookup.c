@@ -11,6 +11,10 @@
  *            +-NXDOMAIN-> not found
  *            +-SERVFAIL, timeout, refused, malformed-> retry
  *
+ * An address lookup (dns_addr_resolve) asks no MX: the name is its one
+ * host, its addresses found as an implicit MX's are (host cache, A
+ * and/or AAAA per the family policy, CNAMEs followed), with no TLSA.
+ *
  * With [dns] dnssec = trust_ad every query carries the AD bit, and when
  * the MX answer (or, for an implicit MX, its denial) came back with AD
  * set, each host's TLSA records (_25._tcp.HOST) are asked beside its
@@ -290,11 +294,14 @@ finish(struct lookup *lk)
         }
         if (n > 0) {
             status = DNS_OK;
-            why = lk->implicit ? "implicit MX" : "MX";
+            why = lk->e->addr ? "addresses" : lk->implicit ? "implicit MX" : "MX";
             partial = temp;
         } else if (temp) {
             status = DNS_RETRY;
             why = lk->temp_why;
+        } else if (lk->e->addr) {
+            status = DNS_NOT_FOUND;
+            why = "no address records";
         } else if (lk->implicit) {
             status = DNS_NOT_FOUND;
             why = "no MX and no address records";
@@ -477,6 +484,23 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
         send_query(lk, &h->q6, h->name, WIRE_T_AAAA);
 }
 
+/* The one host is the name itself (an implicit MX, or an address
+ * lookup); a CNAME'd name is followed by the A/AAAA queries, as for any
+ * host. */
+static void
+want_own_addresses(struct lookup *lk)
+{
+    lk->hosts = calloc(1, sizeof(*lk->hosts));
+    if (lk->hosts == NULL) {
+        decide(lk, DNS_RETRY, "out of memory");
+        return;
+    }
+    lk->nhosts = 1;
+    memcpy(lk->hosts[0].name, lk->e->name, strlen(lk->e->name) + 1);
+    lk->hosts[0].preference = 0;
+    want_addresses(lk, 0, NULL, 0);
+}
+
 static void
 on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *temp_why,
       const uint8_t *abuf, size_t alen)
@@ -502,17 +526,7 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
          * records' TTL (up to max_ttl). */
         lk->ttl = min32(lk->ttl, (uint32_t)(negative_ms(&d->cfg, a) / 1000));
         lk->implicit = true;
-        lk->hosts = calloc(1, sizeof(*lk->hosts));
-        if (lk->hosts == NULL) {
-            decide(lk, DNS_RETRY, "out of memory");
-            return;
-        }
-        lk->nhosts = 1;
-        /* The domain itself; a CNAME'd domain is followed by the A/AAAA
-         * queries, as for any host. */
-        memcpy(lk->hosts[0].name, lk->e->name, strlen(lk->e->name) + 1);
-        lk->hosts[0].preference = 0;
-        want_addresses(lk, 0, NULL, 0);
+        want_own_addresses(lk);
         return;
     case ANS_DATA:
         break;
@@ -747,6 +761,9 @@ lookup_start(struct dns *d, struct entry *e)
     lk->temp_why = "resolver error";
     e->lookup = lk;
     lk->pending = 1; /* held while issuing: c-ares may answer from inside ares_query */
-    send_query(lk, &lk->qmx, e->name, WIRE_T_MX);
+    if (e->addr)
+        want_own_addresses(lk); /* no MX query: the name's A/AAAA only */
+    else
+        send_query(lk, &lk->qmx, e->name, WIRE_T_MX);
     lookup_put(lk);
 }

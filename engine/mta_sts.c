@@ -860,9 +860,7 @@ on_addr(void *arg, struct dns_mx_result *res)
     e->req = NULL;
     const union dns_addr *pick = NULL;
     const char *why = res->why;
-    if (res->status == DNS_OK && !res->implicit_mx) {
-        why = "mta-sts host has MX records, not addresses";
-    } else if (res->status == DNS_OK) {
+    if (res->status == DNS_OK) {
         const struct delivery_config *dc = &m->cfg->delivery;
         for (unsigned i = 0; i < res->hosts[0].naddrs && pick == NULL; i++) {
             const union dns_addr *a = &res->hosts[0].addrs[i];
@@ -886,7 +884,9 @@ check_addr(struct mta_sts *m, struct sts_entry *e)
     snprintf(host, sizeof(host), "mta-sts.%s", e->name);
     e->st = CHECK_ADDR;
     struct dns_mx_result *res = NULL;
-    int rc = dns_mx_resolve(m->dns, host, on_addr, e, &res, &e->req);
+    /* Its A/AAAA records (RFC 8461 3.3: an HTTPS GET to the host), not
+     * its MX: a name under a wildcard MX has both. */
+    int rc = dns_addr_resolve(m->dns, host, on_addr, e, &res, &e->req);
     if (rc == 1) {
         e->req = NULL;
         on_addr(e, res);

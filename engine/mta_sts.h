@@ -4,7 +4,8 @@
  * domain, shared by the workers under a mutex, and one thread of its own
  * that learns them. The thread asks `_mta-sts.DOMAIN` TXT through its own
  * struct dns (dns/: the same servers and timeouts as the workers'),
- * resolves `mta-sts.DOMAIN` through it too and refuses an address that
+ * resolves `mta-sts.DOMAIN` through it too (its A/AAAA records with
+ * dns_addr_resolve, not its MX) and refuses an address that
  * [delivery] allow_networks would refuse as a delivery target, then
  * fetches https://mta-sts.DOMAIN/.well-known/mta-sts.txt with libcurl's
  * multi interface (pinned to that address with CURLOPT_RESOLVE, the

@@ -5,7 +5,8 @@
  *
  * Groups: records (ordering, shuffle, implicit MX and how long it is
  * kept, null MX, NXDOMAIN,
- * CNAME'd and IPv6-only hosts, skipped targets, names, cache hits,
+ * CNAME'd and IPv6-only hosts, address lookups of a name with MX
+ * records, skipped targets, names, cache hits,
  * in-flight deduplication, MX host answers shared between domains,
  * cancel, eviction, TCP fallback, REFUSED, a
  * server that never answers); ttl (expiry after the TTL, expired answers
@@ -74,14 +75,16 @@ fx_close(struct fx *f)
     conf_free(dns_conf_keys, &f->cfg);
 }
 
-/* Resolve and wait; *sync says whether the answer came at once. */
+/* Resolve (MX, or with addr the name's own addresses) and wait; *sync
+ * says whether the answer came at once. */
 static struct dns_mx_result *
-resolve(struct fx *f, const char *domain, bool *sync)
+resolve_kind(struct fx *f, const char *domain, bool addr, bool *sync)
 {
     struct slot s = {0};
     struct dns_mx_result *res;
     struct dns_req *req;
-    int rc = dns_mx_resolve(f->d, domain, on_done, &s, &res, &req);
+    int rc = addr ? dns_addr_resolve(f->d, domain, on_done, &s, &res, &req)
+                  : dns_mx_resolve(f->d, domain, on_done, &s, &res, &req);
     assert_true(rc == 0 || rc == 1);
     if (sync != NULL)
         *sync = rc == 1;
@@ -93,6 +96,12 @@ resolve(struct fx *f, const char *domain, bool *sync)
     assert_int_equal(ploop_run(&f->loop, &s.done, 1, 10000), 0);
     assert_int_equal(s.done, 1);
     return s.res;
+}
+
+static struct dns_mx_result *
+resolve(struct fx *f, const char *domain, bool *sync)
+{
+    return resolve_kind(f, domain, false, sync);
 }
 
 static const char *
@@ -166,7 +175,9 @@ static const char records[] = "mx-host=a.test,mx1.a.test,10\n"
                               "mx-host=cancel.test,mx1.a.test,10\n"
                               "mx-host=xn--bcher-kva.test,mx1.a.test,10\n"
                               "mx-host=dup.test,mx1.a.test,30\n"
-                              "mx-host=dup.test,mx1.a.test,10\n";
+                              "mx-host=dup.test,mx1.a.test,10\n"
+                              "mx-host=mta-sts.wmx.test,mx1.a.test,10\n"
+                              "host-record=mta-sts.wmx.test,192.0.2.50,2001:db8::50\n";
 
 static int
 records_setup(void **state)
@@ -428,6 +439,78 @@ test_cname_host(void **state)
     assert_int_equal(r->nhosts, 1);
     /* Named as the MX names it, with its target's addresses. */
     assert_host(&r->hosts[0], "cn.a.test", 5, "192.0.2.1");
+    dns_mx_result_unref(r);
+    fx_close(&f);
+}
+
+/* A host reached by name (the MTA-STS policy host, RFC 8461 3.3) has
+ * its own A/AAAA looked up, whatever MX records the name has (a wildcard
+ * MX gives it some): no MX query, and the MX answer and the address
+ * answer of one name are two cache entries that never stand for each
+ * other. */
+static void
+test_addr_lookup(void **state)
+{
+    (void)state;
+    struct fx f;
+    struct dns_stats st;
+    bool sync;
+    fx_open(&f, dm.port, NULL);
+    int mx_before = dnsmasq_count(&dm, "MX", "mta-sts.wmx.test");
+    struct dns_mx_result *r = resolve_kind(&f, "MTA-STS.wmx.test.", true, &sync);
+    assert_false(sync);
+    assert_int_equal(r->status, DNS_OK);
+    assert_false(r->implicit_mx);
+    assert_string_equal(r->domain, "mta-sts.wmx.test");
+    assert_int_equal(r->nhosts, 1);
+    assert_host(&r->hosts[0], "mta-sts.wmx.test", 0, "192.0.2.50 2001:db8::50");
+    assert_int_equal(r->hosts[0].dane, DNS_DANE_NONE);
+    dns_mx_result_unref(r);
+    assert_int_equal(dnsmasq_count(&dm, "MX", "mta-sts.wmx.test") - mx_before, 0);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.queries, 2); /* A, AAAA */
+    /* The same name's MX answer: its own entry, its own query. */
+    r = resolve_kind(&f, "mta-sts.wmx.test", false, &sync);
+    assert_false(sync);
+    assert_int_equal(r->status, DNS_OK);
+    assert_int_equal(r->nhosts, 1);
+    assert_host(&r->hosts[0], "mx1.a.test", 10, "192.0.2.1");
+    dns_mx_result_unref(r);
+    assert_int_equal(dnsmasq_count(&dm, "MX", "mta-sts.wmx.test") - mx_before, 1);
+    /* Both kept, each answering for itself. */
+    r = resolve_kind(&f, "mta-sts.wmx.test", true, &sync);
+    assert_true(sync);
+    assert_host(&r->hosts[0], "mta-sts.wmx.test", 0, "192.0.2.50 2001:db8::50");
+    dns_mx_result_unref(r);
+    r = resolve_kind(&f, "mta-sts.wmx.test", false, &sync);
+    assert_true(sync);
+    assert_host(&r->hosts[0], "mx1.a.test", 10, "192.0.2.1");
+    dns_mx_result_unref(r);
+    dns_stats(f.d, &st);
+    assert_int_equal(st.entries, 2);
+    assert_int_equal(st.hits, 2);
+    /* A CNAME is followed; the answers of an MX host are shared. */
+    r = resolve_kind(&f, "cn.a.test", true, NULL);
+    assert_int_equal(r->status, DNS_OK);
+    assert_host(&r->hosts[0], "cn.a.test", 0, "192.0.2.1");
+    dns_mx_result_unref(r);
+    /* Not found: no such name, a name without addresses (it has a
+     * TXT record), and a name whose MX records are all it has. */
+    r = resolve_kind(&f, "nx.test", true, NULL);
+    assert_int_equal(r->status, DNS_NOT_FOUND);
+    dns_mx_result_unref(r);
+    r = resolve_kind(&f, "nodata.test", true, NULL);
+    assert_int_equal(r->status, DNS_NOT_FOUND);
+    assert_string_equal(r->why, "no address records");
+    assert_int_equal(r->nhosts, 0);
+    dns_mx_result_unref(r);
+    r = resolve_kind(&f, "a.test", true, NULL);
+    assert_int_equal(r->status, DNS_NOT_FOUND);
+    dns_mx_result_unref(r);
+    /* An address literal is no host name here. */
+    r = resolve_kind(&f, "[192.0.2.1]", true, &sync);
+    assert_true(sync);
+    assert_int_equal(r->status, DNS_FAIL);
     dns_mx_result_unref(r);
     fx_close(&f);
 }
@@ -1035,6 +1118,7 @@ main(void)
         cmocka_unit_test(test_null_mx),
         cmocka_unit_test(test_not_found),
         cmocka_unit_test(test_cname_host),
+        cmocka_unit_test(test_addr_lookup),
         cmocka_unit_test(test_ipv6_only),
         cmocka_unit_test(test_skipped_targets),
         cmocka_unit_test(test_names),

@@ -5,7 +5,8 @@ openssl) serves the policies and takes the reports; two sluice instances
 are the receiving MX hosts, one with a certificate from the test CA
 (127.0.0.1) and one with a self-signed certificate (127.0.0.2), on the
 same port. Checks: enforce delivers to a matching MX over verified TLS
-and defers (class tls_policy) against a bad certificate or an MX that
+(also when the policy host's name has an MX record: its A record is
+asked, RFC 8461 3.3) and defers (class tls_policy) against a bad certificate or an MX that
 matches no pattern, and that receiver sees nothing; testing delivers and
 counts the failure; an oversized, a slow and a redirecting policy server
 are fetch failures that hang nothing; the cache survives a restart with
@@ -244,6 +245,9 @@ DOMAINS = {
     "html.test": ("html", "mx.bad.test", "1"),
     "plain.test": (None, "mx.good.test", None),
     "short.test": (policy("enforce", "mx.good.test", max_age=10), "mx.good.test", "1"),
+    # its policy host mta-sts.mxhost.test has an MX record as well (a
+    # wildcard MX at a hosting provider does that): its A record counts
+    "mxhost.test": (policy("enforce", "mx.good.test"), "mx.good.test", "1"),
 }
 # The domain of the mailto: reports: an enforce policy its MX (smtp-sink,
 # no STARTTLS) does not match, so that only the reports' exemption from
@@ -259,6 +263,7 @@ def records(report_port, ids=None, trap_port=None):
         if txt_id is not None:
             recs.append(f'txt-record=_mta-sts.{dom},"v=STSv1; id={ids.get(dom, txt_id)}"')
             recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
+    recs.append("mx-host=mta-sts.mxhost.test,mx.bad.test,10")
     recs.append(f'txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
                 f'rua=https://127.0.0.1:{report_port}/report"')
     # and a third to an address outside allow_networks: refused, never
@@ -603,14 +608,18 @@ def test_enforce_testing_fetch_failures_cache_and_reports():
     w = World(dkim_key=True, delivery_extra="[domain reports.test]\ntls = required\n")
     try:
         # enforce, an MX that matches (exactly, then by wildcard), a
-        # certificate from the CA: delivered over verified TLS.
-        for rcpt in ("a@enforce.test", "a@wild.test"):
+        # certificate from the CA: delivered over verified TLS; also when
+        # the policy host's name has an MX record beside its address.
+        for rcpt in ("a@enforce.test", "a@wild.test", "a@mxhost.test"):
             sender = w.send(rcpt)
             line = w.outcome(rcpt)
             assert "event=delivered" in line, line
             assert "tls_policy=mta-sts" in line and 'tls_verify="ok"' in line, line
             wait_until(lambda: w.good.d.count_log(f"from=<{sender}>"), WAIT,
                        f"the good MX to take {rcpt}")
+        line = w.d.wait_log("event=mta_sts_checked domain=mxhost.test result=")
+        assert "result=fetched mode=enforce" in line, line
+        assert w.https.gets_for("mta-sts.mxhost.test") == 1
         rec = dlog_records(w.dlog, "a@enforce.test")
         assert rec and rec[-1]["tls_policy"] == "mta-sts" and rec[-1]["tls_verify"] == "ok", rec
 
