@@ -240,38 +240,79 @@ bad:
     return -EINVAL;
 }
 
+static bool
+is_wsp(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* sts-ext-name "=" sts-ext-value (RFC 8461 3.1) over [f, fe). */
+static bool
+txt_extension_ok(const char *f, const char *fe)
+{
+    const char *eq = memchr(f, '=', (size_t)(fe - f));
+    if (eq == NULL || eq == f || eq - f > 32 || !isalnum((unsigned char)*f) || eq + 1 == fe)
+        return false;
+    for (const char *c = f + 1; c < eq; c++)
+        if (!isalnum((unsigned char)*c) && *c != '_' && *c != '-' && *c != '.')
+            return false;
+    for (const char *c = eq + 1; c < fe; c++) /* %x21-3A / %x3C / %x3E-7E */
+        if ((unsigned char)*c < 0x21 || (unsigned char)*c > 0x7e || *c == ';' || *c == '=')
+            return false;
+    return true;
+}
+
 int
 mta_sts_txt_parse(const char *txt, char id[33])
 {
-    /* RFC 8461 3.1: "v=STSv1" first, then fields separated by ';'. */
+    /* RFC 8461 3.1:
+     *   sts-text-record = sts-version 1*(sts-field-delim sts-field) [sts-field-delim]
+     *   sts-field-delim = *WSP ";" *WSP
+     *   sts-version     = %s"v=STSv1"
+     *   sts-field       = sts-id / sts-extension
+     * A record that does not begin with the version and a delimiter is
+     * no STSv1 record: it is discarded, and so cannot hide a valid one
+     * beside it ("v=STSv1 is not a policy"). One that does and then
+     * breaks the grammar is broken. Trailing blanks are tolerated. */
     const char *s = txt;
-    while (*s == ' ' || *s == '\t')
+    if (strncmp(s, "v=STSv1", 7) != 0)
+        return -ENOENT;
+    s += 7;
+    while (is_wsp(*s))
         s++;
-    if (strncmp(s, "v=STSv1", 7) != 0 || (s[7] != ';' && s[7] != '\0' && s[7] != ' ' &&
-                                          s[7] != '\t'))
+    if (*s != ';')
         return -ENOENT;
     id[0] = '\0';
-    for (const char *f = s + 7; *f != '\0';) {
-        while (*f == ';' || *f == ' ' || *f == '\t')
-            f++;
-        const char *fe = f;
-        while (*fe != '\0' && *fe != ';')
+    bool fields = false;
+    while (*s == ';') {
+        s++;
+        while (is_wsp(*s))
+            s++;
+        if (*s == '\0')
+            break; /* the optional last delimiter */
+        const char *fe = s;
+        while (*fe != '\0' && *fe != ';' && !is_wsp(*fe))
             fe++;
-        if (strncmp(f, "id=", 3) == 0) {
-            const char *v = f + 3, *ve = fe;
-            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
-                ve--;
-            size_t n = (size_t)(ve - v);
+        if (strncmp(s, "id=", 3) == 0) {
+            /* the grammar lets a field repeat: the last id= stands */
+            size_t n = (size_t)(fe - (s + 3));
             if (n == 0 || n > 32)
                 return -EINVAL;
             for (size_t i = 0; i < n; i++)
-                if (!isalnum((unsigned char)v[i]))
+                if (!isalnum((unsigned char)s[3 + i]))
                     return -EINVAL;
-            memcpy(id, v, n);
+            memcpy(id, s + 3, n);
             id[n] = '\0';
+        } else if (!txt_extension_ok(s, fe)) {
+            return -EINVAL;
         }
-        f = fe;
+        fields = true;
+        s = fe;
+        while (is_wsp(*s))
+            s++;
     }
+    if (*s != '\0' || !fields)
+        return -EINVAL; /* a field not after a ";" ("id=1 id=2"), or no field */
     return id[0] != '\0' ? 0 : -EINVAL;
 }
 

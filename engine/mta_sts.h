@@ -90,9 +90,11 @@ struct mta_sts_policy *mta_sts_policy_unref(struct mta_sts_policy *p);
  * reference, id and times unset), or -EINVAL with *why (static text). */
 int mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out,
                          const char **why);
-/* Parse a TXT record: "v=STSv1; id=..." Returns 0 and the id (1..32
- * alphanumerics), -ENOENT when it is not an STSv1 record, -EINVAL when
- * it is one but broken. */
+/* Parse a TXT record: "v=STSv1; id=..." (RFC 8461 3.1: fields after
+ * ";", each id= or an extension name=value). Returns 0 and the id (1..32
+ * alphanumerics; of several, the last), -ENOENT when it is not an STSv1
+ * record (it does not begin with "v=STSv1" and ";"), -EINVAL when it is
+ * one but broken. */
 int mta_sts_txt_parse(const char *txt, char id[33]);
 /* Does MX host name mx match one of p's patterns (RFC 8461 4.1: exact, or
  * "*.suffix" for exactly one more leftmost label)? */

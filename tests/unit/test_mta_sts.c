@@ -9,7 +9,8 @@
  * TLSA records, its failures), an MTA-STS policy and a failed fetch side
  * by side, and the same after the state file is read back. The store
  * itself is driven only through a worker's TXT answer
- * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy;
+ * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy
+ * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all.
  */
 #include <arpa/inet.h>
@@ -194,6 +195,43 @@ test_txt(void **state)
     assert_int_equal(mta_sts_txt_parse("v=STSv1; id=a-b", id), -EINVAL);
     assert_int_equal(mta_sts_txt_parse("v=STSv1; id=123456789012345678901234567890123", id),
                      -EINVAL);
+    /* RFC 8461 3.1's grammar: fields come after ";" (sts-field-delim =
+     * *WSP ";" *WSP); a record that does not begin with the version
+     * and a ";" is no STSv1 record, one that does and breaks the
+     * grammar after it is broken. */
+    static const struct {
+        const char *txt;
+        int rc;
+        const char *id;
+    } cases[] = {
+        {"v=STSv1 ; id=a1", 0, "a1"},
+        {"v=STSv1;\tid=a1\t;\t", 0, "a1"},
+        {"v=STSv1; id=a1; ext_1.x-y=v:a/l", 0, "a1"},
+        {"v=STSv1; id=a1; id=b2", 0, "b2"}, /* the grammar lets a field repeat */
+        {"v=STSv1 id=x", -ENOENT, NULL},
+        {"v=STSv1 is not a policy", -ENOENT, NULL},
+        {"v=STSv1", -ENOENT, NULL},
+        {" v=STSv1; id=a1", -ENOENT, NULL},
+        {"V=STSv1; id=a1", -ENOENT, NULL},
+        {"v=STSv1; id=a1 id=b2", -EINVAL, NULL},
+        {"v=STSv1; id=a1 junk", -EINVAL, NULL},
+        {"v=STSv1;; id=a1", -EINVAL, NULL},
+        {"v=STSv1; id=a1; ext", -EINVAL, NULL},
+        {"v=STSv1; id=a1; ext=", -EINVAL, NULL},
+        {"v=STSv1; id=a1; =v", -EINVAL, NULL},
+        {"v=STSv1; id=a1; _x=v", -EINVAL, NULL},
+        {"v=STSv1; id=a1; x=a=b", -EINVAL, NULL},
+        {"v=STSv1; id=a1; x=\x7f", -EINVAL, NULL},
+        {"v=STSv1; ID=a1", -EINVAL, NULL},
+        {"v=STSv1; id =a1", -EINVAL, NULL},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int rc = mta_sts_txt_parse(cases[i].txt, id);
+        if (rc != cases[i].rc)
+            fail_msg("\"%s\": %d, not %d", cases[i].txt, rc, cases[i].rc);
+        if (rc == 0 && strcmp(id, cases[i].id) != 0)
+            fail_msg("\"%s\": id %s, not %s", cases[i].txt, id, cases[i].id);
+    }
 }
 
 /* A store whose resolver asks a socket that never answers (nothing but
@@ -286,9 +324,23 @@ test_txt_answer_broken_second_record(void **state)
     mta_sts_txt_answer(m, "one.test", DNS_OK, "ok", other, 2);
     assert_int_equal(mta_sts_get(m, "one.test", true, &p), MTA_STS_WAIT);
 
+    /* RFC 8461 3.1: records that do not begin with "v=STSv1;" are
+     * discarded; such a one beside the real record does not hide it. */
+    const char *decoy[] = {"v=STSv1 is not a policy", "v=STSv1; id=1"};
+    assert_int_equal(mta_sts_get(m, "decoy.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "decoy.test", DNS_OK, "ok", decoy, 2);
+    assert_int_equal(mta_sts_get(m, "decoy.test", true, &p), MTA_STS_WAIT);
+
+    /* And alone, a record without the ";" is no policy. */
+    const char *nodelim[] = {"v=STSv1 id=1"};
+    assert_int_equal(mta_sts_get(m, "nodelim.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "nodelim.test", DNS_OK, "ok", nodelim, 1);
+    assert_int_equal(mta_sts_get(m, "nodelim.test", true, &p), MTA_STS_READY);
+    assert_null(p);
+
     struct mta_sts_stats st;
     mta_sts_stats(m, &st);
-    assert_int_equal(st.checks, 3);
+    assert_int_equal(st.checks, 5);
     store_free(&s);
 }
 
