@@ -388,6 +388,8 @@ struct mta_sts {
     unsigned inflight;
     uint64_t saved_ms;
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
+    uint64_t sweep_every_ms;      /* SWEEP_MS, or a test hook's */
+    uint64_t forget_ms;           /* 0: FORGET_MS and at least recheck; else a test hook's */
     uint64_t refresh_ms;          /* monotonic ms of the last refresh scan */
     struct tlsrpt *rpt;           /* owned, or NULL */
 };
@@ -1078,21 +1080,29 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
 }
 
 /* Forget the domains that have no policy (or only an expired one), no
- * check running, and no use for a while: memory follows the domains
- * mail goes to, not every domain ever seen. A policy in force stays (it
- * is in the cache file too). */
+ * check running, and neither use nor check for a while (FORGET_MS, at
+ * least recheck, so that a domain mail goes to now and then is not asked
+ * afresh each time): memory follows the domains mail goes to, not every
+ * domain ever seen. A policy in force stays (it is in the cache file
+ * too). Use counts, not only the last check: a domain checked an hour
+ * ago and used a second ago is known, and forgetting it would hold its
+ * next mail for a first check. */
 static void
 sweep(struct mta_sts *m)
 {
     uint64_t now = clock_unix_ms();
     uint64_t idle = m->sc->recheck > FORGET_MS ? m->sc->recheck : FORGET_MS;
+    if (m->forget_ms != 0)
+        idle = m->forget_ms;
     struct sts_entry *gone = NULL;
     pthread_mutex_lock(&m->lock);
     size_t b = 0;
     struct hash_node *cur = NULL;
     for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
         struct sts_entry *e = (struct sts_entry *)n;
-        if (!e->busy && e->st == CHECK_IDLE && now - e->checked_ms > idle &&
+        uint64_t last = e->used_ms > e->checked_ms ? e->used_ms : e->checked_ms;
+        /* now < last: the wall clock stepped back; kept until it passes */
+        if (!e->busy && e->st == CHECK_IDLE && now > last && now - last > idle &&
             (e->pol == NULL || e->pol->expires_ms <= now)) {
             e->qnext = gone;
             gone = e;
@@ -1169,7 +1179,7 @@ thread_main(void *arg)
         }
         if (m->rpt != NULL)
             tlsrpt_tick(m->rpt, m->dns, m->multi, flush);
-        if (now_ms - m->swept_ms >= SWEEP_MS) {
+        if (now_ms - m->swept_ms >= m->sweep_every_ms) {
             m->swept_ms = now_ms;
             sweep(m);
         }
@@ -1221,6 +1231,27 @@ thread_main(void *arg)
     return NULL;
 }
 
+/* SLUICE_TEST_MTA_STS_FORGET=MS: domains are forgotten after MS ms
+ * without use or check (whatever recheck says), looked for every MS/2
+ * (tests of the sweep without waiting ten minutes). Only in builds with
+ * test hooks (SLUICE_TESTS=ON): a production build ignores it. */
+static void
+test_hook_forget(struct mta_sts *m)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_MTA_STS_FORGET");
+    char *end;
+    unsigned long long ms = v != NULL && *v != '\0' ? strtoull(v, &end, 10) : 0;
+    if (ms >= 2 && ms <= 86400000 && *end == '\0') {
+        m->forget_ms = ms;
+        m->sweep_every_ms = ms / 2;
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_MTA_STS_FORGET ms=%llu", ms);
+    }
+#else
+    (void)m;
+#endif
+}
+
 int
 mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **out, char *err,
             size_t errlen)
@@ -1245,6 +1276,8 @@ mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **o
     snprintf(m->file, sizeof(m->file), "%s", slash + 1);
     pthread_mutex_init(&m->lock, NULL);
     hash_init(&m->domains, entry_eq, 64);
+    m->sweep_every_ms = SWEEP_MS;
+    test_hook_forget(m);
     int rc = dns_new(&cfg->dns, on_dns_sock, m, &m->dns, err, errlen);
     if (rc < 0)
         goto fail;

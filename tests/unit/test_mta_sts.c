@@ -11,7 +11,8 @@
  * itself is driven only through a worker's TXT answer
  * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
- * and its cache file read back, corrupt lines and all.
+ * and its cache file read back, corrupt lines and all; its sweep, which
+ * forgets the domains mail no longer goes to and keeps those it does.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -344,6 +345,61 @@ test_txt_answer_broken_second_record(void **state)
     store_free(&s);
 }
 
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* The sweep forgets the domains without a policy that mail has not used
+ * for a while, not those whose last check is old: used.test, checked
+ * once and then used all along, stays known (its mail never waits for a
+ * first check again) while idle.test, checked at the same time and not
+ * used since, goes. SLUICE_TEST_MTA_STS_FORGET shortens "a while" (ten
+ * minutes, at least recheck: an hour here) to 300 ms. */
+static void
+test_sweep_keeps_domains_in_use(void **state)
+{
+    (void)state;
+    assert_int_equal(setenv("SLUICE_TEST_MTA_STS_FORGET", "300", 1), 0);
+    struct store s;
+    store_new(&s, NULL);
+    unsetenv("SLUICE_TEST_MTA_STS_FORGET");
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    const char *names[] = {"used.test", "idle.test"};
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(mta_sts_get(m, names[i], true, &p), MTA_STS_ASK);
+        mta_sts_txt_answer(m, names[i], DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    }
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.domains, 2);
+    /* Mail for used.test every 20 ms until the sweep took idle.test. */
+    uint64_t start = mono_ms(), deadline = start + 10000;
+    unsigned uses = 0;
+    do {
+        enum mta_sts_answer a = mta_sts_get(m, "used.test", false, &p);
+        if (a != MTA_STS_READY)
+            fail_msg("used.test forgotten after %llu ms (%u uses): answer %d",
+                     (unsigned long long)(mono_ms() - start), uses, (int)a);
+        assert_null(p);
+        uses++;
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.domains == 2 && mono_ms() < deadline);
+    assert_int_equal(st.domains, 1);
+    assert_true(mono_ms() - start >= 300); /* not before its time */
+    /* used.test is the one left: known, no first check; idle.test is new. */
+    assert_int_equal(mta_sts_get(m, "used.test", true, &p), MTA_STS_READY);
+    assert_int_equal(mta_sts_get(m, "idle.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "idle.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    store_free(&s);
+}
+
 /* The cache file is read back as the fetch left it: a corrupt line (a
  * max_age past a year, a fetch in the future, an unknown mode, enforce
  * without mx, a number with a sign) is skipped, not kept as a policy for
@@ -557,7 +613,7 @@ main(void)
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
-        cmocka_unit_test(test_cache_corrupt_lines),
+        cmocka_unit_test(test_cache_corrupt_lines), cmocka_unit_test(test_sweep_keeps_domains_in_use),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
