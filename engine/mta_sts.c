@@ -475,8 +475,13 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
         pthread_mutex_unlock(&m->lock);
         return MTA_STS_ASK;
     }
-    if (!e->busy && (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
-                     (e->pol != NULL && now >= e->pol->expires_ms))) {
+    /* Due: never checked, recheck passed, or the policy ended since the
+     * last check. Not again and again once it ended: a policy server
+     * that is down, or a policy of max_age 0, is asked every recheck,
+     * not at every mail. */
+    if (!e->busy &&
+        (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
+         (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms))) {
         entry_queue(m, e);
         wake = true;
     }

@@ -12,7 +12,8 @@
  * (mta_sts_txt_answer): which sets of _mta-sts records mean a policy
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all; its sweep, which
- * forgets the domains mail no longer goes to and keeps those it does.
+ * forgets the domains mail no longer goes to and keeps those it does;
+ * and a policy that ended is checked once, not at every mail.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -245,8 +246,10 @@ struct store {
     struct mta_sts *m;
 };
 
+/* As store_new, with the resolver's timeout (one try) given: queries to
+ * the mute socket fail after it. */
 static void
-store_new(struct store *s, const char *cache_text)
+store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
 {
     s->mute = socket(AF_INET, SOCK_DGRAM, 0);
     assert_true(s->mute >= 0);
@@ -261,9 +264,9 @@ store_new(struct store *s, const char *cache_text)
     char text[512], err[256];
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
-                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = %s\ntries = 1\n"
                      "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
-                     ntohs(sin.sin_port));
+                     ntohs(sin.sin_port), dns_timeout);
     FILE *f = fopen(s->conf, "w");
     assert_non_null(f);
     assert_int_equal(fwrite(text, 1, (size_t)n, f), (size_t)n);
@@ -279,6 +282,12 @@ store_new(struct store *s, const char *cache_text)
     s->m = NULL;
     if (mta_sts_new(s->cfg, s->cache, &s->m, err, sizeof(err)) != 0)
         fail_msg("mta_sts_new: %s", err);
+}
+
+static void
+store_new(struct store *s, const char *cache_text)
+{
+    store_new_timeout(s, cache_text, "60s");
 }
 
 static void
@@ -397,6 +406,60 @@ test_sweep_keeps_domains_in_use(void **state)
     assert_int_equal(mta_sts_get(m, "used.test", true, &p), MTA_STS_READY);
     assert_int_equal(mta_sts_get(m, "idle.test", true, &p), MTA_STS_ASK);
     mta_sts_txt_answer(m, "idle.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    store_free(&s);
+}
+
+/* Once a policy ended, one check follows at the next mail, and then
+ * the domain is asked every recheck (an hour here) like any other, not
+ * at every mail while its checks fail (a policy server that is down, a
+ * policy of max_age 0): the resolver answers nothing and gives up after
+ * 100 ms, so each check ends quickly. */
+static void
+test_ended_policy_checked_once(void **state)
+{
+    (void)state;
+    unsigned long long now = (unsigned long long)time(NULL) * 1000;
+    char text[256];
+    /* a policy that ends a second or two from now */
+    snprintf(text, sizeof(text), "sluice-mta-sts 1\nend.test 1 enforce 1 %llu mx.end.test\n", now);
+    struct store s;
+    store_new_timeout(&s, text, "100ms");
+    struct mta_sts *m = s.m;
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.policies, 1);
+    struct mta_sts_policy *p = NULL;
+    uint64_t deadline = mono_ms() + 10000;
+    /* Mail every 20 ms: under the policy, then (it ended) without it. */
+    for (;;) {
+        assert_int_equal(mta_sts_get(m, "end.test", false, &p), MTA_STS_READY);
+        if (p == NULL)
+            break;
+        p = mta_sts_policy_unref(p);
+        assert_true(mono_ms() < deadline);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    /* The checks so far (the first mail's, a loaded policy being due
+     * for one, and the one the end calls for) end: they fail. */
+    do {
+        assert_true(mono_ms() < deadline);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.checks < 1 || st.inflight > 0 || st.queued > 0);
+    uint64_t checks = st.checks;
+    assert_true(checks <= 2);
+    /* A second of mail after them (ten resolver timeouts): no other. */
+    uint64_t until = mono_ms() + 1000;
+    while (mono_ms() < until) {
+        assert_int_equal(mta_sts_get(m, "end.test", false, &p), MTA_STS_READY);
+        assert_null(p);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, checks);
     store_free(&s);
 }
 
@@ -613,7 +676,9 @@ main(void)
         cmocka_unit_test(test_policy_many_mx),
         cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
-        cmocka_unit_test(test_cache_corrupt_lines), cmocka_unit_test(test_sweep_keeps_domains_in_use),
+        cmocka_unit_test(test_cache_corrupt_lines),
+        cmocka_unit_test(test_sweep_keeps_domains_in_use),
+        cmocka_unit_test(test_ended_policy_checked_once),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
