@@ -11,7 +11,10 @@
  * while yielding nothing (a record larger than it, such as a long
  * certificate chain), so stream_read() offers what its buffer still holds
  * again after each of them, and only then waits for the socket: the peer
- * may have sent all it will send until it hears back.
+ * may have sent all it will send until it hears back. And a handshake
+ * step or a read that stopped at a full output (key update answers) is
+ * retried once a send made room: stream_on_send posts a no-op whose
+ * completion is announced as readable (stream.h).
  *
  * Threading: the worker's thread.
  */
@@ -31,6 +34,7 @@
 static void stream_on_recv(struct worker *w, struct op *op, int res, uint32_t flags);
 static void stream_on_send(struct worker *w, struct op *op, int res, uint32_t flags);
 static void stream_on_connect(struct worker *w, struct op *op, int res, uint32_t flags);
+static void stream_on_kick(struct worker *w, struct op *op, int res, uint32_t flags);
 
 /* ---- provided buffers ---- */
 
@@ -101,6 +105,7 @@ stream_init(struct stream *st, struct worker *w, int fd, const struct stream_ops
     memset(st, 0, sizeof(*st));
     st->recv_op = (struct op){OP_CALLBACK, stream_on_recv};
     st->send_op = (struct op){OP_CALLBACK, stream_on_send};
+    st->kick_op = (struct op){OP_CALLBACK, stream_on_kick};
     st->w = w;
     st->ops = ops;
     st->bufs = bufs != NULL && bufs->br != NULL ? bufs : NULL;
@@ -444,12 +449,36 @@ stream_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
     } else if (res <= 0) {
         st->ops->on_eof(st, res == 0 ? -EPIPE : res, true);
     } else {
-        if (st->tls != NULL)
+        if (st->tls != NULL) {
             tls_conn_consume(st->tls, (size_t)res);
-        else
+            if (tls_conn_wants_room(st->tls) && !st->kick_busy) {
+                /* Input waits behind the output that just made room, and
+                 * no read completion will come for it: a no-op's
+                 * completion announces it (stream_on_kick), since this
+                 * one ends in on_writable. */
+                struct io_uring_sqe *sqe = worker_sqe(st->w, &st->kick_op);
+                io_uring_prep_nop(sqe);
+                st->kick_busy = true;
+            }
+        } else {
             st->ops->on_sent(st, (size_t)res);
+        }
         st->ops->on_writable(st);
     }
+}
+
+static void
+stream_on_kick(struct worker *w, struct op *op, int res, uint32_t flags)
+{
+    (void)w;
+    (void)res;
+    (void)flags;
+    struct stream *st = STREAM_OF(op, kick_op);
+    st->kick_busy = false;
+    if (st->closed)
+        st->ops->on_release(st);
+    else
+        st->ops->on_readable(st);
 }
 
 static void

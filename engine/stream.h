@@ -38,8 +38,17 @@
  * stream_drained() says whether everything said has left. stream_end()
  * asks for TLS close_notify after the owner's last octets.
  *
- * Lifetime (STYLE rule 7): the stream counts its reads and sends in
- * flight (stream_busy()); stream_close() shuts the socket down (and
+ * Over TLS, input can wait behind output: a peer that asks for many key
+ * updates at once makes OpenSSL queue an answer to each, and once the
+ * conn's output is full it reads no further until that has been sent,
+ * while the peer, having sent everything, waits. When a send completes
+ * with input so stuck, the stream posts a no-op on the ring whose
+ * completion calls on_readable() as a read's would: the owner's
+ * stream_read() takes the input on, whether or not it reads in
+ * on_writable().
+ *
+ * Lifetime (STYLE rule 7): the stream counts its reads, sends and no-ops
+ * in flight (stream_busy()); stream_close() shuts the socket down (and
  * cancels a connect) so that they come back. Each completion ends in
  * exactly one of the owner's completion callbacks (on_readable,
  * on_writable, on_eof, on_connect; on_release once the stream is closed),
@@ -87,7 +96,8 @@ struct stream_ops {
     /* n octets at the start of output() were taken: sent on a plain
      * socket, or encrypted into TLS. */
     void (*on_sent)(struct stream *st, size_t n);
-    /* A read completed: take it with stream_read(). */
+    /* A read completed, or (over TLS) input already received can move
+     * again: take it with stream_read(). */
     void (*on_readable)(struct stream *st);
     /* A send completed (after on_sent): room for more. */
     void (*on_writable)(struct stream *st);
@@ -122,12 +132,13 @@ void stream_bufs_fini(struct stream_bufs *b);
 
 /*
  * One socket. Fields private, visible so that the owner embeds it (about
- * 100 octets; a connection's buffers are lent or allocated only while
+ * 120 octets; a connection's buffers are lent or allocated only while
  * used).
  */
 struct stream {
     struct op recv_op;
     struct op send_op;           /* the connect, before the first send */
+    struct op kick_op;           /* a no-op: TLS input can move again */
     struct worker *w;            /* borrowed: the ring, lives longer */
     const struct stream_ops *ops; /* borrowed (static) */
     struct stream_bufs *bufs;    /* borrowed, lend mode; NULL: none */
@@ -143,6 +154,7 @@ struct stream {
     uint16_t held_bid;           /* its provided buffer */
     bool held_buf : 1;           /* ... is a provided buffer */
     bool recv_busy : 1, send_busy : 1, connecting : 1, closed : 1;
+    bool kick_busy : 1;          /* kick_op is in flight */
     bool recv_tls : 1;           /* the read in flight is of ciphertext (into buf, or a
                                   * provided buffer while buf is empty) */
     bool tls_ready : 1;          /* handshake complete */
@@ -198,7 +210,7 @@ void stream_close(struct stream *st);
 static inline bool
 stream_busy(const struct stream *st)
 {
-    return st->recv_busy || st->send_busy;
+    return st->recv_busy || st->send_busy || st->kick_busy;
 }
 
 static inline int

@@ -71,6 +71,7 @@ struct tls_conn {
     uint64_t trust_gen;    /* the ctx's: see struct tls_ctx */
     bool peer_closed;      /* close_notify received */
     bool shutdown_sent;    /* close_notify queued */
+    bool wants_room;       /* the last handshake step or read stopped at a full output */
     struct tls_buf in;
     struct tls_buf out;
     char errstr[160];
@@ -601,6 +602,7 @@ tls_conn_handshake(struct tls_conn *c)
     ERR_clear_error();
     int r = SSL_do_handshake(c->ssl);
     int rc = r == 1 ? 0 : conn_check(c, r);
+    c->wants_room = rc == TLS_WANT_IO && SSL_want_write(c->ssl);
     if (rc == 0)
         c->state = CONN_OPEN;
     else if (rc < 0 && c->offered_session)
@@ -622,19 +624,40 @@ tls_conn_read(struct tls_conn *c, void *buf, size_t cap)
         return TLS_ESTATE;
     if (cap == 0)
         return 0;
-    /* Nothing received and nothing inside OpenSSL: a read could only say
-     * "want more", and on its way OpenSSL would allocate its read buffer
-     * (about 17 KB) and keep it while the connection waits. */
-    if (buf_len(&c->in) == 0 && !SSL_has_pending(c->ssl))
+    /* Nothing received, nothing inside OpenSSL and no answer waiting for
+     * room: a read could only say "want more", and on its way OpenSSL
+     * would allocate its read buffer (about 17 KB) and keep it while the
+     * connection waits. */
+    if (buf_len(&c->in) == 0 && !SSL_has_pending(c->ssl) && !c->wants_room)
         return 0;
     ERR_clear_error();
     size_t n = 0;
     ssize_t rc;
-    if (SSL_read_ex(c->ssl, buf, cap, &n) == 1) {
-        rc = (ssize_t)n;
-    } else {
+    for (;;) {
+        size_t in_before = buf_len(&c->in);
+        bool had_pending = SSL_has_pending(c->ssl) == 1;
+        c->wants_room = false;
+        if (SSL_read_ex(c->ssl, buf, cap, &n) == 1) {
+            rc = (ssize_t)n;
+            break;
+        }
         int e = conn_check(c, 0);
         rc = e == TLS_WANT_IO ? 0 : e; /* a count of 1 is not TLS_WANT_IO */
+        if (e != TLS_WANT_IO)
+            break;
+        if (SSL_want_write(c->ssl)) {
+            /* A key update answer that did not fit: OpenSSL reads no
+             * further until it is written (tls_conn_wants_room). */
+            c->wants_room = true;
+            break;
+        }
+        /* Without SSL_MODE_AUTO_RETRY (ctx.c), OpenSSL returns after a
+         * record that carries no data (a key update, a session ticket)
+         * once its read-ahead buffer is empty, even with more in ours:
+         * go on while it takes something, or no one would call again
+         * for input that has all arrived. */
+        if (buf_len(&c->in) == 0 || (buf_len(&c->in) == in_before && !had_pending))
+            break;
     }
     ERR_clear_error();
     return rc;
@@ -728,6 +751,12 @@ size_t
 tls_conn_pending(const struct tls_conn *c)
 {
     return buf_len(&c->out);
+}
+
+bool
+tls_conn_wants_room(const struct tls_conn *c)
+{
+    return c->wants_room && c->state != CONN_FAILED;
 }
 
 /* ---- for logs ---- */

@@ -21,6 +21,11 @@
  * tls_conn_feed or tls_conn_consume, retry the call that returned
  * TLS_WANT_IO (or 0 from tls_conn_read or tls_conn_write). Any call may produce ciphertext:
  * a read can answer a key update, a failed handshake leaves an alert.
+ * A handshake step or a read that stopped at a full output buffer
+ * (tls_conn_wants_room: a peer that asked for many key updates at once)
+ * reads nothing more until its answer is written: retry it after
+ * tls_conn_consume even when no ciphertext arrived, since what it has not
+ * read yet is already in the conn and the peer may send nothing more.
  * And a handshake step or a read may take ciphertext out of the input
  * buffer even when it yields nothing (a record larger than the buffer is
  * gathered inside OpenSSL): when tls_conn_feed took less than offered,
@@ -251,6 +256,11 @@ const void *tls_conn_peek(struct tls_conn *c, size_t *len);
 int tls_conn_consume(struct tls_conn *c, size_t n);
 /* Ciphertext bytes waiting to be sent. */
 size_t tls_conn_pending(const struct tls_conn *c);
+/* The last tls_conn_handshake or tls_conn_read stopped because the output
+ * buffer was full (OpenSSL holds a key update answer or a handshake
+ * message it could not write): after tls_conn_consume, call it again,
+ * even with nothing new fed. False once the conn failed. */
+bool tls_conn_wants_room(const struct tls_conn *c);
 
 /* What to log about a connection once its handshake completed or failed
  * (a failed verify still shows the certificate it refused). Strings are

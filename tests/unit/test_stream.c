@@ -4,11 +4,14 @@
  * into the worker's provided buffers and into a stream's own buffer; TLS
  * both ways at once (a lend-mode client against a room-mode server with
  * a tiny room), ended with close_notify; a TLS client waiting without a
- * ciphertext buffer; a TLS server fed plaintext; a
- * stream closed with a read in flight. Each test runs the loop until
- * every end has been released, bounded by a deadline.
+ * ciphertext buffer; a TLS server fed plaintext; a TLS 1.3 KeyUpdate
+ * flood from a hostile peer (plain OpenSSL on a thread of its own) on
+ * either side; a stream closed with a read in flight. Each test runs the
+ * loop until every end has been released, bounded by a deadline.
  *
- * Threading: one thread, the worker's loop run on it.
+ * Threading: one thread, the worker's loop run on it; the hostile peer
+ * runs on a thread of its own, shares nothing but its struct (read after
+ * the join) and a socket.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,11 +20,16 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "engine/stream.h"
 #include "engine/worker.h"
@@ -284,8 +292,10 @@ ends_init(struct fixture *f, bool bufs, size_t room_cap)
                 bufs ? &f->bufs : NULL);
 }
 
+/* Run the loop until every end is released or the deadline passed;
+ * check_deadline: fail the test at once if it did. */
 static void
-run(struct fixture *f)
+run_until(struct fixture *f, bool check_deadline)
 {
     f->start_msg.fn = on_start;
     worker_post(&f->w, &f->start_msg);
@@ -293,7 +303,14 @@ run(struct fixture *f)
     worker_timer_arm(&f->w, &f->deadline, clock_now_ns() + DEADLINE_S * 1000000000ULL);
     assert_int_equal(worker_run(&f->w), 0);
     worker_timer_cancel(&f->w, &f->deadline);
-    assert_false(f->timed_out);
+    if (check_deadline)
+        assert_false(f->timed_out);
+}
+
+static void
+run(struct fixture *f)
+{
+    run_until(f, true);
 }
 
 static int
@@ -518,6 +535,169 @@ test_tls_plaintext_refused(void **state)
     assert_int_equal(f->a.eofs, 1); /* a sees the end (after the alert, if any) */
 }
 
+/* A hostile TLS 1.3 peer on a thread of its own, with OpenSSL over the
+ * other end of the socketpair: after the handshake it asks for a key
+ * update n times, in one write, then sends msg and reads (answering
+ * nothing) until our close_notify. Each request makes the stream's conn
+ * queue an answer; many more than its output buffer holds arrive at
+ * once, and the last of them wait in the input behind a full output
+ * while the peer waits too. */
+struct hostile {
+    int fd;             /* owned by the test: shut down and closed after the join */
+    bool server;        /* the peer is the TLS server */
+    const char *cert_file, *key_file;
+    unsigned updates;
+    const char *msg;
+    bool done;          /* the thread saw our close_notify */
+    char err[160];
+    pthread_t thread;
+};
+
+static void *
+hostile_run(void *arg)
+{
+    struct hostile *h = arg;
+    SSL_CTX *ctx = SSL_CTX_new(h->server ? TLS_server_method() : TLS_client_method());
+    SSL *ssl = NULL;
+    BIO *mem = NULL;
+    if (ctx == NULL || SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1 ||
+        (h->server && (SSL_CTX_use_certificate_chain_file(ctx, h->cert_file) != 1 ||
+                       SSL_CTX_use_PrivateKey_file(ctx, h->key_file, SSL_FILETYPE_PEM) != 1))) {
+        snprintf(h->err, sizeof(h->err), "ctx");
+        goto out;
+    }
+    ssl = SSL_new(ctx);
+    if (ssl == NULL || SSL_set_fd(ssl, h->fd) != 1 ||
+        (h->server ? SSL_accept(ssl) : SSL_connect(ssl)) != 1) {
+        snprintf(h->err, sizeof(h->err), "handshake");
+        goto out;
+    }
+    /* Gather the flood in memory and write it at once. */
+    mem = BIO_new(BIO_s_mem());
+    if (mem == NULL) {
+        snprintf(h->err, sizeof(h->err), "bio");
+        goto out;
+    }
+    BIO *sock = SSL_get_wbio(ssl);
+    BIO_up_ref(sock);
+    BIO_up_ref(mem);
+    SSL_set0_wbio(ssl, mem);
+    for (unsigned i = 0; i < h->updates; i++) {
+        if (SSL_key_update(ssl, SSL_KEY_UPDATE_REQUESTED) != 1 || SSL_do_handshake(ssl) != 1) {
+            snprintf(h->err, sizeof(h->err), "key update %u", i);
+            BIO_free(sock);
+            goto out;
+        }
+    }
+    size_t n = 0;
+    if (SSL_write_ex(ssl, h->msg, strlen(h->msg), &n) != 1) {
+        snprintf(h->err, sizeof(h->err), "write");
+        BIO_free(sock);
+        goto out;
+    }
+    char *p;
+    long len = BIO_get_mem_data(mem, &p);
+    for (long off = 0; off < len;) {
+        ssize_t w = write(h->fd, p + off, (size_t)(len - off));
+        if (w <= 0) {
+            snprintf(h->err, sizeof(h->err), "send: %s", strerror(errno));
+            BIO_free(sock);
+            goto out;
+        }
+        off += w;
+    }
+    SSL_set0_wbio(ssl, sock); /* the socket again, for whatever a read writes */
+    char buf[256];
+    int r;
+    while ((r = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+    }
+    h->done = SSL_get_error(ssl, r) == SSL_ERROR_ZERO_RETURN;
+    if (!h->done)
+        snprintf(h->err, sizeof(h->err), "read ended with %d", SSL_get_error(ssl, r));
+out:
+    SSL_free(ssl);
+    BIO_free(mem);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return NULL;
+}
+
+static struct hostile *flood_peer;
+
+/* Our side: e, a TLS client or server, reads until it has the peer's
+ * message, then ends TLS and closes. */
+static void
+start_flood(struct fixture *f)
+{
+    struct end *e = flood_peer->server ? &f->a : &f->b;
+    struct tls_conn *tls = NULL;
+    if (flood_peer->server)
+        assert_int_equal(tls_conn_new_client(f->cli_ctx, "mx.example.test", false, NULL, NULL,
+                                             &tls),
+                         0);
+    else
+        assert_int_equal(tls_conn_new_server(f->srv_ctx, &tls), 0);
+    assert_int_equal(stream_start_tls(&e->st, tls), 0);
+    assert_int_equal(stream_recv(&e->st), 0);
+}
+
+static void
+flood_case(struct fixture *f, bool peer_is_server)
+{
+    if (stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
+        skip();
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    static const char msg[] = "250 still here after the flood\r\n";
+    struct hostile h = {.fd = sv[1],
+                        .server = peer_is_server,
+                        .cert_file = f->cert.cert_file,
+                        .key_file = f->cert.key_file,
+                        .updates = 400, /* answers: 11 KB, the output holds 4 KB */
+                        .msg = msg};
+    /* Ours: an outbound connection's client (lend mode, provided buffers)
+     * or the submission server's (room mode, a small room, ciphertext read
+     * into a buffer of its own: the flood arrives in one read). */
+    struct end *e = peer_is_server ? &f->a : &f->b, *unused = peer_is_server ? &f->b : &f->a;
+    e->name = peer_is_server ? "client" : "server";
+    e->room_mode = !peer_is_server;
+    e->room_cap = peer_is_server ? 0 : 100;
+    stream_init(&e->st, &f->w, sv[0], peer_is_server ? &lend_ops : &room_ops,
+                peer_is_server ? &f->bufs : NULL);
+    e->expect = sizeof(msg) - 1;
+    stream_init(&unused->st, &f->w, -1, &lend_ops, NULL);
+    unused->closed = unused->released = true;
+    flood_peer = &h;
+    assert_int_equal(pthread_create(&h.thread, NULL, hostile_run, &h), 0);
+    f->start = start_flood;
+    run_until(f, false);
+    shutdown(sv[1], SHUT_RDWR); /* a peer still waiting gives up */
+    pthread_join(h.thread, NULL);
+    close(sv[1]);
+    flood_peer = NULL;
+    assert_false(f->timed_out); /* it did not stall */
+    assert_string_equal(h.err, "");
+    assert_int_equal(e->read_err, 0);
+    assert_int_equal(e->handshakes, 1);
+    assert_int_equal(e->got_len, sizeof(msg) - 1);
+    assert_memory_equal(e->got, msg, sizeof(msg) - 1);
+    assert_true(h.done); /* it got our close_notify after every answer */
+}
+
+/* Outbound: the receiver is the hostile server. */
+static void
+test_tls_key_update_flood_from_server(void **state)
+{
+    flood_case(*state, true);
+}
+
+/* Inbound: the submission client is the hostile one. */
+static void
+test_tls_key_update_flood_from_client(void **state)
+{
+    flood_case(*state, false);
+}
+
 /* Closed with a read in flight: the read comes back, then release. */
 static void
 start_close_inflight(struct fixture *f)
@@ -545,6 +725,7 @@ test_close_with_read_in_flight(void **state)
 int
 main(void)
 {
+    signal(SIGPIPE, SIG_IGN); /* the hostile peer writes with write(2) */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_plain_room, setup, teardown),
         cmocka_unit_test_setup_teardown(test_plain_provided_buffers, setup, teardown),
@@ -552,6 +733,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_tls_both_ways, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_idle_holds_no_buffer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_plaintext_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_server, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
