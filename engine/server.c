@@ -2560,8 +2560,12 @@ tls_begin(struct session *s)
     s->in_len = 0;
     s->skip_line = false;
     struct tls_conn *tls = NULL;
-    if (tls_conn_new_server(s->sw->tls, &tls) < 0 || stream_start_tls(&s->st, tls) < 0) {
-        log_msg(LOG_ERR, "session=%016llx event=tls_setup_failed", (unsigned long long)s->id);
+    int rc = tls_conn_new_server(s->sw->tls, &tls);
+    if (rc == 0)
+        rc = stream_start_tls(&s->st, tls);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "session=%016llx event=tls_setup_failed err=\"%s\"",
+                (unsigned long long)s->id, tls_strerror(rc));
         session_close(s, "tls_setup");
         return;
     }

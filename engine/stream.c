@@ -519,7 +519,16 @@ stream_start_tls(struct stream *st, struct tls_conn *tls)
     st->tls = tls;
     /* A client's ClientHello goes out now (a server's conn waits for one);
      * the rest in stream_read(). */
-    tls_conn_handshake(st->tls);
+    int rc = tls_conn_handshake(st->tls);
+    if (rc < 0) {
+        /* OpenSSL could not make it (out of memory, mostly): nothing was
+         * sent and nothing will come, so say so now rather than wait for
+         * a deadline. */
+        st->tls = tls_conn_free(st->tls);
+        free(st->buf);
+        st->buf = NULL;
+        return rc;
+    }
     stream_send(st);
     return 0;
 }

@@ -199,8 +199,11 @@ void stream_end(struct stream *st);
 /* Begin TLS on the connection: the stream takes tls (a client conn sends
  * its ClientHello at once). A completed plain read not yet handed over is
  * dropped (sent before TLS began: CVE-2011-0411). Returns 0, -EBUSY (a
- * read is in flight, or TLS has begun already: the owner's mistake), or
- * -ENOMEM; tls is freed on failure. */
+ * read is in flight, or TLS has begun already: the owner's mistake),
+ * -ENOMEM, or the tls error of the first handshake step (a ClientHello
+ * OpenSSL could not make: out of memory, mostly; stream_tls_error() no
+ * longer has its text); tls is freed on failure and the stream stays
+ * plaintext. */
 int stream_start_tls(struct stream *st, struct tls_conn *tls);
 
 /* Shut the socket down (and cancel a connect in progress) so that the ops

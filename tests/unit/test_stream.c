@@ -28,6 +28,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
@@ -698,6 +699,54 @@ test_tls_key_update_flood_from_client(void **state)
     flood_case(*state, false);
 }
 
+/* OpenSSL's allocations, failed on demand (set in main(), before
+ * OpenSSL allocates anything). */
+static bool crypto_fail;
+
+static void *
+crypto_malloc(size_t n, const char *file, int line)
+{
+    (void)file;
+    (void)line;
+    return crypto_fail ? NULL : malloc(n);
+}
+
+static void *
+crypto_realloc(void *p, size_t n, const char *file, int line)
+{
+    (void)file;
+    (void)line;
+    return crypto_fail ? NULL : realloc(p, n);
+}
+
+static void
+crypto_free(void *p, const char *file, int line)
+{
+    (void)file;
+    (void)line;
+    free(p);
+}
+
+/* A client whose ClientHello OpenSSL cannot make (no memory): TLS fails
+ * at once, where it would otherwise wait for a server that never heard
+ * from it; the stream stays plaintext, holding nothing of TLS. */
+static void
+test_tls_start_fails_at_once(void **state)
+{
+    struct fixture *f = *state;
+    ends_init(f, false, 0);
+    struct tls_conn *cli = NULL;
+    assert_int_equal(tls_conn_new_client(f->cli_ctx, "mx.example.test", false, NULL, NULL, &cli),
+                     0);
+    crypto_fail = true;
+    int rc = stream_start_tls(&f->a.st, cli);
+    crypto_fail = false;
+    assert_true(rc < 0);
+    assert_false(stream_tls(&f->a.st));
+    assert_null(f->a.st.buf);
+    assert_false(stream_busy(&f->a.st)); /* nothing was sent */
+}
+
 /* Closed with a read in flight: the read comes back, then release. */
 static void
 start_close_inflight(struct fixture *f)
@@ -725,6 +774,10 @@ test_close_with_read_in_flight(void **state)
 int
 main(void)
 {
+    if (CRYPTO_set_mem_functions(crypto_malloc, crypto_realloc, crypto_free) != 1) {
+        fprintf(stderr, "OpenSSL allocated before main\n");
+        return 1;
+    }
     signal(SIGPIPE, SIG_IGN); /* the hostile peer writes with write(2) */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_plain_room, setup, teardown),
@@ -733,6 +786,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_tls_both_ways, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_idle_holds_no_buffer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_plaintext_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_start_fails_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_server, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
