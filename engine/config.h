@@ -216,7 +216,7 @@ struct mx_policy {
 #define CONFIG_NAME_MAX 64 /* tenant and pool names */
 /* What one recipient of a transaction in reception takes from
  * body_memory_limit at most: its RCPT line's address and ORCPT, its
- * record and the allocator's share (server.c charges the real cost). */
+ * record and the allocator's share (server_cmd.c charges the real cost). */
 #define CONFIG_RCPT_MEMORY_MAX 1100
 
 /* One source of a [pool NAME]: a [source ADDRESS] section and its share. */

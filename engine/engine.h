@@ -113,7 +113,7 @@ struct engine {
     _Atomic unsigned drained;  /* workers whose delivery finished draining */
     _Atomic uint64_t body_bytes; /* bytes of message-body buffers held by submission
                                   * sessions of every worker; bounded by [server]
-                                  * body_memory_limit (server.c takes and gives back) */
+                                  * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
     struct conn_table per_ip;
     /* The bounce listener's seam to the suppression list (oob.h): set

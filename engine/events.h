@@ -5,7 +5,7 @@
  *
  * Where events become durable. An event is committed in the spool
  * transaction of what it tells (queue.h, "events"): the reception with
- * its message, before the 250 (server.c); delivery, transient_failure,
+ * its message, before the 250 (server_msg.c); delivery, transient_failure,
  * bounce, expiration and dsn with the outcomes and the DSN they belong
  * to (outbound/outcome.c passes the lines with its outcome batch).
  * Events that change nothing in the spool (suppressed, oob_bounce,

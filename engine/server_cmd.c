@@ -1,0 +1,960 @@
+/*
+ * server_cmd: the commands of a submission session (see server_int.h for
+ * the other files of the server): HELO and EHLO (the extensions offered),
+ * STARTTLS, AUTH (PLAIN, LOGIN; the hashing pool and the failure limits),
+ * MAIL and RCPT (with their parameters: SIZE, BODY, SMTPUTF8, DSN, AUTH;
+ * relay rules, suppression, the bounce role's rules), DATA and BDAT
+ * (chunks read into the body), RSET, NOOP, VRFY, HELP and QUIT. Each
+ * handler answers through reply() and moves the session with
+ * session_enter(); server.c reads the lines and calls them.
+ *
+ * Threading: the worker's thread.
+ */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "engine/delivery.h"
+#include "engine/dlog.h"
+#include "engine/oob.h"
+#include "engine/server_int.h"
+#include "engine/suppress.h"
+#include "tls/tls.h"
+
+/* ---- commands ---- */
+
+static bool
+auth_allowed_here(const struct session *s)
+{
+    if (stream_tls_ready(&s->st))
+        return true;
+    switch (s->sw->cfg->plaintext_auth) {
+    case PLAINTEXT_AUTH_ALWAYS:
+        return true;
+    case PLAINTEXT_AUTH_LOOPBACK:
+        return s->loopback;
+    default:
+        return false;
+    }
+}
+
+static void
+cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
+{
+    size_t n = c->arg.len < sizeof(s->helo) ? c->arg.len : sizeof(s->helo) - 1;
+    memcpy(s->helo, c->arg.ptr, n);
+    s->helo[n] = '\0';
+    s->greeted = true;
+    s->esmtp = ehlo;
+    txn_reset(s);
+    const char *host = s->sw->e->cfg->server.hostname;
+    if (!ehlo) {
+        reply(s, "250 %s", host);
+        return;
+    }
+    reply(s, "250-%s", host);
+    reply(s, "250-PIPELINING");
+    if (s->sw->tls != NULL && !stream_tls(&s->st))
+        reply(s, "250-STARTTLS");
+    reply(s, "250-SIZE %llu", (unsigned long long)s->sw->cfg->max_message_size);
+    if (s->users != NULL && auth_allowed_here(s))
+        reply(s, "250-AUTH PLAIN LOGIN");
+    reply(s, "250-ENHANCEDSTATUSCODES");
+    reply(s, "250-8BITMIME");
+    reply(s, "250-SMTPUTF8");
+    reply(s, "250-DSN");
+    reply(s, "250 CHUNKING");
+}
+
+static void
+cmd_mail(struct session *s, const struct smtp_cmd *c)
+{
+    const struct server_config *cfg = s->sw->cfg;
+    if (!s->greeted) {
+        reply(s, "503 5.5.1 Send HELO or EHLO first");
+        return;
+    }
+    if (s->in_txn) {
+        reply(s, "503 5.5.1 Nested MAIL command");
+        return;
+    }
+    if (s->user == NULL && !s->trusted && !s->bounce) {
+        reply(s, "530 5.7.0 Authentication required");
+        return;
+    }
+    const struct smtp_params *p = &c->params;
+    if ((p->seen & SMTP_PARAM_SIZE) && p->size > cfg->max_message_size) {
+        reply(s, "552 5.3.4 Message size exceeds fixed maximum message size");
+        return;
+    }
+    /* Known now, said now: a declared size the body memory cannot hold at
+     * the moment. Nothing is set aside for it (a client may declare more
+     * than it sends); the data is held to the same budget as it comes. */
+    uint64_t held = atomic_load_explicit(&s->sw->e->body_bytes, memory_order_relaxed);
+    if ((p->seen & SMTP_PARAM_SIZE) &&
+        (held > cfg->body_memory_limit || p->size > cfg->body_memory_limit - held)) {
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=body_memory_full client=%s size=%llu held=%llu "
+                "limit=%llu at=mail",
+                (unsigned long long)s->id, s->peer_ip, (unsigned long long)p->size,
+                (unsigned long long)held, (unsigned long long)cfg->body_memory_limit);
+        reply(s, "452 4.3.1 Insufficient system resources for a message of this size now: "
+                 "try again later");
+        return;
+    }
+    if ((p->seen & SMTP_PARAM_BODY) && p->body == SMTP_BODY_BINARYMIME) {
+        reply(s, "555 5.5.4 BODY=BINARYMIME is not offered here");
+        return;
+    }
+    if (s->user != NULL && !(c->path.flags & SMTP_PATH_NULL) &&
+        !auth_user_may_send_as(s->user, c->path.domain.ptr, c->path.domain.len)) {
+        reply(s, "553 5.7.1 Sender address not owned by user %s", s->user->name);
+        return;
+    }
+    if (s->user != NULL && (c->path.flags & SMTP_PATH_NULL) && !s->user->null_sender) {
+        /* A bounce from a user tied to sender domains would carry no
+         * domain of theirs: only where the users file says "<>". */
+        reply(s, "553 5.7.1 Null sender not allowed for user %s", s->user->name);
+        return;
+    }
+    s->sender = session_span_dup(c->path.mailbox);
+    if ((p->seen & SMTP_PARAM_ENVID) && (s->envid = session_span_dup(p->envid)) == NULL)
+        s->sender = (free(s->sender), NULL);
+    if (s->sender == NULL) {
+        reply(s, "451 4.3.0 Local error in processing");
+        return;
+    }
+    s->size_hint = (p->seen & SMTP_PARAM_SIZE) ? p->size : 0;
+    s->ret = p->ret;
+    s->body_type = p->body;
+    s->smtputf8 = (p->seen & SMTP_PARAM_SMTPUTF8) != 0;
+    s->in_txn = true;
+    reply(s, "250 2.1.0 Ok");
+}
+
+/* The bounce role's RCPT rule (oob.h); false when refused (said). */
+static bool
+bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
+{
+    char addr[SMTP_CMD_LINE_MAX];
+    size_t n = c->path.mailbox.len < sizeof(addr) - 1 ? c->path.mailbox.len : sizeof(addr) - 1;
+    memcpy(addr, c->path.mailbox.ptr, n);
+    addr[n] = '\0';
+    struct verp_ref ref;
+    enum oob_rcpt r = oob_rcpt_check(&s->sw->e->cfg->bounce, addr, &ref);
+    if (r == OOB_RCPT_VERP || r == OOB_RCPT_LOCAL)
+        return true;
+    s->sw->stats.oob_refused++;
+    log_msg(LOG_NOTICE, "session=%016llx event=oob_rcpt_refused client=%s rcpt=<%.*s> reason=%s",
+            (unsigned long long)s->id, s->peer_ip, (int)(n < 200 ? n : 200), addr,
+            r == OOB_RCPT_FORGED ? "forged_token" : "not_a_bounce_address");
+    if (r == OOB_RCPT_FORGED)
+        reply(s, "550 5.7.1 <%.*s>: bounce address not recognised", (int)(n < 200 ? n : 200),
+              addr);
+    else
+        reply(s, "550 5.7.1 <%.*s>: relay access denied", (int)(n < 200 ? n : 200), addr);
+    return false;
+}
+
+/* Check addr against the suppression list: the global list, then
+ * tenant's own (NULL: none). Returns 1 when it is suppressed (the
+ * event logged and counted, the reply to give in text), 0 when not, or a
+ * negative errno when the list cannot be read (logged). */
+static int
+suppress_one(struct session *s, const char *addr, const char *tenant, char *text, size_t tlen)
+{
+    struct suppress_entry ent;
+    int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
+    if (rc == 0)
+        return 0;
+    if (rc < 0) {
+        log_msg(LOG_ERR, "session=%016llx event=suppress_check_failed rcpt=<%s> err=\"%s\"",
+                (unsigned long long)s->id, addr, strerror(-rc));
+        return rc;
+    }
+    suppress_reply(s->sw->e->suppress, addr, &ent, text, tlen);
+    s->sw->stats.rcpt_suppressed++;
+    log_msg(LOG_INFO,
+            "session=%016llx event=suppressed rcpt=<%s> from=<%s> reason=%s scope=%s entry=%s "
+            "user=%s client=%s",
+            (unsigned long long)s->id, addr, s->sender, suppress_reason_str(ent.reason), ent.scope,
+            ent.addr, s->user ? s->user->name : "-", s->peer_ip);
+    struct engine *e = s->sw->e;
+    struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
+    struct dlog_event ev = {
+        .kind = DLOG_SUPPRESSED,
+        .rcpt = addr,
+        .sender = s->sender,
+        .domain = strrchr(addr, '@') != NULL ? strrchr(addr, '@') + 1 : NULL,
+        .code = (unsigned)atoi(text),
+        .reply = text,
+        .reason = suppress_reason_str(ent.reason),
+        .scope = ent.scope,
+        .client = s->peer_ip,
+        .auth_user = s->user ? s->user->name : NULL,
+        .tenant = tenant,
+    };
+    dlog_event(lw, &ev);
+    return 1;
+}
+
+/* The tenant whose list RCPT checks: the AUTH user's tenant= under the
+ * config's name for it, the one the message, its VERP token and so its
+ * complaints carry (names compare without case, list scopes with it: the
+ * users file's "ACME" is [tenant acme], whose list is scope "acme"). A
+ * tenant the config does not name is checked as written (the message is
+ * refused after DATA anyway). A tenant named by control header fields is
+ * known only after DATA (suppress_after_data). */
+static const char *
+rcpt_tenant(const struct session *s)
+{
+    if (s->user == NULL || s->user->tenant == NULL)
+        return NULL;
+    const struct tenant_config *t =
+        config_tenant(s->sw->e->cfg, s->user->tenant, strlen(s->user->tenant));
+    return t != NULL ? t->name : s->user->tenant;
+}
+
+/* The suppression list at RCPT: one read transaction. True when the
+ * recipient was refused (the reply is said, the event logged). A list
+ * that cannot be read defers the recipient: better late than to a
+ * complainer. */
+static bool
+rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
+{
+    char addr[1024];
+    if (c->path.mailbox.len >= sizeof(addr))
+        return false; /* the parser keeps paths far shorter */
+    memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
+    addr[c->path.mailbox.len] = '\0';
+    char text[512];
+    int rc = suppress_one(s, addr, rcpt_tenant(s), text, sizeof(text));
+    if (rc == 0)
+        return false;
+    if (rc < 0)
+        reply(s, "451 4.3.0 Local error in processing");
+    else
+        reply(s, "%s", text);
+    return true;
+}
+
+/* After DATA, once the message's tenant is known: when it is not the one
+ * RCPT checked (a tenant named by X-Sluice-Tenant from a trusted client),
+ * each recipient is checked against that tenant's list too, and the ones
+ * on it are dropped from the transaction (each with its suppressed event,
+ * as at RCPT). Returns 0 with at least one recipient left, or a negative
+ * value with the reply for the whole message in text: every recipient
+ * suppressed (550) or the list unreadable (451). */
+int
+suppress_after_data(struct session *s, char *text, size_t tlen)
+{
+    const char *tenant = s->owner.tenant != NULL ? s->owner.tenant->name : NULL;
+    const char *checked = rcpt_tenant(s);
+    if (s->sw->e->suppress == NULL || tenant == NULL ||
+        (checked != NULL && strcasecmp(checked, tenant) == 0))
+        return 0;
+    unsigned kept = 0;
+    char one[512];
+    for (unsigned i = 0; i < s->nrcpt; i++) {
+        int rc = suppress_one(s, s->rcpts[i].addr, tenant, one, sizeof(one));
+        if (rc < 0) {
+            snprintf(text, tlen, "451 4.3.0 Local error in processing");
+            /* What was dropped so far stays dropped: the message is refused. */
+            for (unsigned k = i; k < s->nrcpt; k++)
+                s->rcpts[kept++] = s->rcpts[k];
+            s->nrcpt = kept;
+            return rc;
+        }
+        if (rc == 1) {
+            free(s->rcpts[i].addr);
+            free(s->rcpts[i].orcpt);
+            continue;
+        }
+        s->rcpts[kept++] = s->rcpts[i];
+    }
+    s->nrcpt = kept;
+    if (kept == 0) {
+        snprintf(text, tlen, "550 5.7.1 Every recipient is suppressed for tenant %s", tenant);
+        return -EPERM;
+    }
+    return 0;
+}
+
+void
+cmd_rcpt(struct session *s, const struct smtp_cmd *c)
+{
+    if (!s->in_txn) {
+        reply(s, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if ((c->path.flags & SMTP_PATH_POSTMASTER) && !s->bounce) {
+        reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
+        return;
+    }
+    if (s->bounce && !(c->path.flags & SMTP_PATH_POSTMASTER) && !bounce_rcpt_ok(s, c))
+        return;
+    if (c->path.flags & SMTP_PATH_LIT_OTHER) {
+        /* [tag:content]: no address sluice could connect to */
+        reply(s, "553 5.1.3 Address literals other than IPv4 and IPv6 cannot be delivered");
+        return;
+    }
+    if (s->nrcpt >= s->sw->cfg->max_recipients) {
+        reply(s, "452 4.5.3 Too many recipients");
+        return;
+    }
+    if (!s->bounce && s->sw->e->suppress != NULL && rcpt_suppressed(s, c))
+        return;
+    /* A recipient's memory comes from the body budget until the
+     * transaction ends: max_recipients of the longest addresses with an
+     * ORCPT are about 0.8 MB a session, which max_clients sessions
+     * would hold outside body_memory_limit. */
+    uint64_t cost = sizeof(struct rcpt) + RCPT_ALLOC_OVERHEAD + c->path.mailbox.len + 1;
+    if (c->params.seen & SMTP_PARAM_ORCPT)
+        cost += RCPT_ALLOC_OVERHEAD + c->params.orcpt_type.len + c->params.orcpt_addr.len + 2;
+    if (!body_budget_take(s->sw->e, cost, s->sw->cfg->body_memory_limit)) {
+        log_msg(LOG_WARN,
+                "session=%016llx event=body_memory_full client=%s nrcpt=%u held=%llu limit=%llu "
+                "err=body_memory_limit",
+                (unsigned long long)s->id, s->peer_ip, s->nrcpt,
+                (unsigned long long)atomic_load(&s->sw->e->body_bytes),
+                (unsigned long long)s->sw->cfg->body_memory_limit);
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    s->rcpt_bytes += cost;
+    if (s->nrcpt == s->rcpt_cap) {
+        unsigned cap = s->rcpt_cap ? s->rcpt_cap * 2 : 8;
+        struct rcpt *v = realloc(s->rcpts, sizeof(*v) * cap);
+        if (v == NULL) {
+            body_budget_give(s->sw->e, cost);
+            s->rcpt_bytes -= cost;
+            reply(s, "452 4.3.1 Insufficient system resources");
+            return;
+        }
+        s->rcpts = v;
+        s->rcpt_cap = cap;
+    }
+    struct rcpt *r = &s->rcpts[s->nrcpt];
+    memset(r, 0, sizeof(*r));
+    r->addr = session_span_dup(c->path.mailbox);
+    r->notify = c->params.notify;
+    if (c->params.seen & SMTP_PARAM_ORCPT) {
+        size_t tl = c->params.orcpt_type.len, al = c->params.orcpt_addr.len;
+        r->orcpt = malloc(tl + al + 2);
+        if (r->orcpt != NULL) {
+            memcpy(r->orcpt, c->params.orcpt_type.ptr, tl);
+            r->orcpt[tl] = ';';
+            memcpy(r->orcpt + tl + 1, c->params.orcpt_addr.ptr, al);
+            r->orcpt[tl + al + 1] = '\0';
+        }
+    }
+    if (r->addr == NULL || ((c->params.seen & SMTP_PARAM_ORCPT) && r->orcpt == NULL)) {
+        free(r->addr);
+        free(r->orcpt);
+        body_budget_give(s->sw->e, cost);
+        s->rcpt_bytes -= cost;
+        reply(s, "452 4.3.1 Insufficient system resources");
+        return;
+    }
+    s->nrcpt++;
+    reply(s, "250 2.1.5 Ok");
+}
+
+
+static void
+data_start(struct session *s)
+{
+    s->msg_id = s->sw->detached ? s->sw->seq++ : queue_id_next(s->sw->e->queue);
+    smtp_unstuff_init(&s->unstuff);
+    s->body_len = 0;
+    s->body_seen = 0;
+    s->too_big = false;
+    dkim_body_start(s);
+}
+
+static void
+cmd_data(struct session *s, size_t rest)
+{
+    if (rest != 0) {
+        /* RFC 2920 3.1: DATA ends a pipelined group; the client must wait
+         * for its reply. Bytes already here were sent before it: treating
+         * them as content or as commands would both be guesses, and when
+         * the DATA is refused (no valid recipient, no MAIL) they are most
+         * likely the content, whose lines must never run as commands. */
+        log_msg(LOG_NOTICE, "session=%016llx event=early_data client=%s octets=%zu",
+                (unsigned long long)s->id, s->peer_ip, rest);
+        reply_close(s, "554 5.5.0 Message content sent before the 354 reply: closing");
+        return;
+    }
+    if (!s->in_txn) {
+        reply(s, "503 5.5.1 Need MAIL command");
+        return;
+    }
+    if (s->nrcpt == 0) {
+        reply(s, "554 5.5.1 No valid recipients");
+        return;
+    }
+    if (s->bdat) {
+        reply(s, "503 5.5.1 DATA after BDAT in one transaction");
+        return;
+    }
+    data_start(s);
+    reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    session_enter(s, SS_DATA);
+    session_deadline(s, s->sw->cfg->timeout_data);
+}
+
+static void
+cmd_bdat(struct session *s, const struct smtp_cmd *c)
+{
+    s->bdat_left = c->bdat_size;
+    s->bdat_last = c->bdat_last;
+    s->bdat_discard = false;
+    const char *refuse = NULL;
+    if (!s->in_txn)
+        refuse = "503 5.5.1 Need MAIL command";
+    else if (s->nrcpt == 0)
+        refuse = "554 5.5.1 No valid recipients";
+    if (refuse != NULL) {
+        /* The chunk follows the command whatever we say: read it, drop it. */
+        s->bdat_discard = true;
+        reply(s, "%s", refuse);
+    } else if (!s->bdat) {
+        s->bdat = true;
+        data_start(s);
+    }
+    session_enter(s, SS_BDAT);
+    session_deadline(s, s->sw->cfg->timeout_data);
+}
+
+/* A BDAT body has no terminator to protect, but it is stored and relayed
+ * like any other: refuse what DATA would refuse. The octets of each chunk
+ * are looked at as they are stored (while they are in cache), the state
+ * carried across chunks. */
+void
+bdat_scan(struct session *s, const char *b, size_t len)
+{
+    uint32_t flags = s->bdat_flags, line = s->bdat_line;
+    bool cr = s->bdat_cr;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)b[i];
+        if (cr && c != '\n')
+            flags |= SMTP_DATA_F_BARE_CR;
+        cr = c == '\r';
+        if (c == '\n') {
+            if (i == 0 ? !s->bdat_cr : b[i - 1] != '\r')
+                flags |= SMTP_DATA_F_BARE_LF;
+            line = 0;
+            continue;
+        }
+        if (c == '\0')
+            flags |= SMTP_DATA_F_NUL;
+        else if (c >= 0x80)
+            flags |= SMTP_DATA_F_8BIT;
+        if (c != '\r' && ++line > SMTP_DATA_LINE_MAX)
+            flags |= SMTP_DATA_F_LONG_LINE;
+    }
+    s->bdat_flags = flags;
+    s->bdat_line = line > SMTP_DATA_LINE_MAX ? SMTP_DATA_LINE_MAX + 1 : line;
+    s->bdat_cr = cr;
+}
+
+/* The answer to a failed AUTH, once its delay has passed. */
+void
+auth_fail_reply(struct session *s)
+{
+    reply(s, "535 5.7.8 Authentication credentials invalid");
+    if (s->auth_failures >= s->sw->cfg->auth_max_failures) {
+        reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        return;
+    }
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
+/* A client-supplied name, safe in a key=value log line. */
+static const char *
+log_name(const char *name, char *buf, size_t cap)
+{
+    size_t o = 0;
+    for (const char *p = name; *p != '\0' && o + 1 < cap; p++) {
+        unsigned char c = (unsigned char)*p;
+        buf[o++] = (char)((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                                  (c >= '0' && c <= '9') || strchr("@._+-", c) != NULL
+                              ? c
+                              : '?');
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+/* A failed attempt: counted for the session and, unless counted already
+ * (a hash's end counts its own), for the client's address and the name
+ * (when one was given); answered after the delay. */
+static void
+auth_fail(struct session *s, bool counted, const char *name)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    s->auth_failures++;
+    sw->stats.auth_failed++;
+    if (!counted) {
+        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
+        if (name != NULL && name[0] != '\0')
+            auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
+                            cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    }
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
+            (unsigned long long)s->id, s->peer_ip, s->auth_failures);
+    uint64_t delay = cfg->auth_fail_delay;
+    if (delay == 0) {
+        auth_fail_reply(s);
+        return;
+    }
+    unsigned shift = s->auth_failures - 1 < 5 ? s->auth_failures - 1 : 5;
+    session_enter(s, SS_AUTH_WAIT);
+    session_deadline(s, delay << shift);
+}
+
+/* Has the client's address failed too often lately (all sessions, all
+ * workers)? Then it is told so and the session closes. */
+static bool
+auth_address_refused(struct session *s)
+{
+    struct server_worker *sw = s->sw;
+    if (!auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                         sw->cfg->auth_failures_per_address, sw->w->now))
+        return false;
+    sw->stats.auth_refused_address++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_refused reason=address_failures client=%s",
+            (unsigned long long)s->id, s->peer_ip);
+    reply_close(s, "421 4.7.0 Too many failed authentications from your address: try again "
+                   "later");
+    return true;
+}
+
+static void
+auth_ok(struct session *s, const struct auth_user *u)
+{
+    s->user = u;
+    s->sw->stats.auth_ok++;
+    log_msg(LOG_INFO, "session=%016llx event=auth_ok client=%s user=%s",
+            (unsigned long long)s->id, s->peer_ip, u->name);
+    reply(s, "235 2.7.0 Authentication successful");
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+}
+
+/* End the attempt's place in the failure limits (begun in auth_check). */
+static void
+auth_limits_end(struct session *s, bool failed)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    const char *name = s->hash_job.a.name;
+    if (s->limit_address)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                       failed, cfg->auth_failures_per_address, cfg->auth_failure_window,
+                       sw->w->now);
+    if (s->limit_user)
+        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name), failed,
+                       cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
+    s->limit_address = s->limit_user = false;
+}
+
+/* A session with a hash of its own with the pool and the same users
+ * table and credentials as s's attempt, or NULL. */
+static struct session *
+hash_leader_find(struct server_worker *sw, const struct session *s)
+{
+    for (struct session *l = sw->hashing; l != NULL; l = l->hash_next)
+        if (l->users == s->users && CRYPTO_memcmp(l->hash_job.a.key, s->hash_job.a.key, 32) == 0)
+            return l;
+    return NULL;
+}
+
+/* Take s out of the lists of hashes under way (its own, or its leader's). */
+void
+session_hash_unlink(struct session *s)
+{
+    struct session **pp;
+    for (pp = &s->sw->hashing; *pp != NULL && *pp != s; pp = &(*pp)->hash_next)
+        ;
+    if (*pp == s)
+        *pp = s->hash_next;
+    s->hash_next = NULL;
+    if (s->hash_leader != NULL) {
+        for (pp = &s->hash_leader->hash_followers; *pp != NULL && *pp != s;
+             pp = &(*pp)->hash_next_follower)
+            ;
+        if (*pp == s)
+            *pp = s->hash_next_follower;
+        s->hash_leader = NULL;
+        s->hash_next_follower = NULL;
+    }
+    /* Followers left only when the worker stops (else s lives until its
+     * hash ends and hands them the answer). */
+    for (struct session *f = s->hash_followers, *next; f != NULL; f = next) {
+        next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+    }
+    s->hash_followers = NULL;
+}
+
+/* The hash is done: back on the worker, through its mailbox. Sessions
+ * that waited for it get its answer too. */
+void
+session_on_hash(struct worker *w, struct worker_msg *m)
+{
+    struct session *s = SESSION_OF(m, hash_job.m);
+    s->inflight--;
+    const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
+    auth_limits_end(s, u == NULL);
+    struct session *f = s->hash_followers;
+    s->hash_followers = NULL;
+    session_hash_unlink(s);
+    while (f != NULL) {
+        struct session *next = f->hash_next_follower;
+        f->hash_leader = NULL;
+        f->hash_next_follower = NULL;
+        if (f->state == SS_AUTH_HASH) { /* else closed: its own completions free it */
+            if (u != NULL)
+                auth_ok(f, u);
+            else
+                auth_fail(f, true, f->hash_job.a.name);
+            session_run(f);
+        }
+        f = next;
+    }
+    if (s->state == SS_CLOSED || s->state == SS_CLOSING) {
+        /* Gone, or going with its last reply (a TLS failure meanwhile):
+         * no 235 or 535 after it, and closing stays closing. */
+        session_maybe_free(s);
+        return;
+    }
+    if (u != NULL)
+        auth_ok(s, u);
+    else
+        auth_fail(s, true, s->hash_job.a.name);
+    session_run(s);
+}
+
+/* No hash for this attempt now: too many under way, or the queue is full.
+ * Nothing was guessed; the client may try again. */
+static void
+auth_busy(struct session *s, const char *why)
+{
+    OPENSSL_cleanse(s->hash_job.a.pass, sizeof(s->hash_job.a.pass));
+    auth_limits_end(s, false);
+    s->sw->stats.auth_busy++;
+    log_msg(LOG_NOTICE, "session=%016llx event=auth_busy client=%s reason=%s",
+            (unsigned long long)s->id, s->peer_ip, why);
+    reply(s, "454 4.7.0 Temporary authentication failure");
+    session_enter(s, SS_COMMAND);
+}
+
+/* Check user and password: refused at once when the address or the name
+ * failed too often; from the cache when this worker verified them lately;
+ * else hashed by the pool while the session waits, reading nothing. A
+ * hash takes a place among the address's and the name's attempts under
+ * way (auth_limit.h), so that concurrent connections cannot guess past the
+ * limits. */
+static void
+auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
+{
+    struct server_worker *sw = s->sw;
+    const struct server_config *cfg = sw->cfg;
+    struct auth_limit *lim = sw->e->auth_limit;
+    if (auth_address_refused(s))
+        return;
+    const struct auth_user *u = NULL;
+    struct auth_attempt *a = &s->hash_job.a;
+    enum auth_start st = auth_attempt_start(s->users, &sw->auth, user, ulen, pass, plen, a, &u);
+    if (st == AUTH_START_INVALID) {
+        auth_fail(s, false, NULL);
+        return;
+    }
+    if (auth_limit_over(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                        cfg->auth_failures_per_user, sw->w->now)) {
+        /* Even the right password: else guessing from many addresses
+         * would go on. Not counted against the address or the name: the
+         * refusal guessed nothing, and the user's own application retrying
+         * must not get its address blocked too. */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        char nb[80];
+        sw->stats.auth_refused_user++;
+        s->auth_failures++;
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
+                (unsigned long long)s->id, s->peer_ip, log_name(a->name, nb, sizeof(nb)));
+        reply(s, "454 4.7.0 Too many failed authentications for this user: try again later");
+        if (s->auth_failures >= cfg->auth_max_failures)
+            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
+        else
+            session_enter(s, SS_COMMAND);
+        return;
+    }
+    if (st == AUTH_START_CACHED) {
+        auth_ok(s, u); /* the right password: no guess to count */
+        return;
+    }
+    struct session *lead = hash_leader_find(sw, s);
+    if (lead != NULL) {
+        /* The same guess as one under way: no second hash, no second count. */
+        OPENSSL_cleanse(a->pass, sizeof(a->pass));
+        s->hash_leader = lead;
+        s->hash_next_follower = lead->hash_followers;
+        lead->hash_followers = s;
+        sw->stats.auth_coalesced++;
+        worker_timer_cancel(sw->w, &s->timer);
+        session_enter(s, SS_AUTH_HASH);
+        return;
+    }
+    int rc = auth_limit_begin(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
+                              cfg->auth_failures_per_address, sw->w->now);
+    s->limit_address = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "address_attempts_under_way");
+        return;
+    }
+    rc = auth_limit_begin(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
+                          cfg->auth_failures_per_user, sw->w->now);
+    s->limit_user = rc == 1;
+    if (rc < 0) {
+        auth_busy(s, "user_attempts_under_way");
+        return;
+    }
+    s->hash_job.m.fn = session_on_hash;
+    if (auth_pool_submit(sw->e->auth_pool, &s->hash_job, sw->w) < 0) {
+        auth_busy(s, "hash_queue_full");
+        return;
+    }
+    s->inflight++;
+    s->hash_next = sw->hashing;
+    sw->hashing = s;
+    worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
+    session_enter(s, SS_AUTH_HASH);
+}
+
+/* One SASL response (initial response or a line after 334). */
+static void
+auth_response(struct session *s, const char *line, size_t len)
+{
+    if (len == 1 && line[0] == '*') {
+        reply(s, "501 5.0.0 Authentication cancelled");
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    /* PLAIN: authzid NUL name NUL password, each at its longest */
+    char buf[AUTH_NAME_MAX + 1 + AUTH_NAME_MAX + 1 + AUTH_PASS_MAX];
+    long n;
+    if (len == 1 && line[0] == '=')
+        n = 0; /* an empty initial response (RFC 4954 4) */
+    else
+        n = auth_b64_decode(line, len, buf, sizeof(buf));
+    if (n < 0) {
+        reply(s, "501 5.5.2 Invalid base64 data");
+        session_enter(s, SS_COMMAND);
+        s->errors++;
+        return;
+    }
+    if (s->auth_mech == SMTP_AUTH_PLAIN) {
+        const char *u, *p;
+        size_t ul, pl;
+        if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
+            OPENSSL_cleanse(buf, sizeof(buf));
+            auth_fail(s, false, NULL);
+            return;
+        }
+        auth_check(s, u, ul, p, pl);
+        OPENSSL_cleanse(buf, sizeof(buf));
+        return;
+    }
+    /* LOGIN */
+    if (s->auth_step == 0) {
+        if ((size_t)n >= sizeof(s->auth_name) || memchr(buf, '\0', (size_t)n) != NULL) {
+            /* too long, or a NUL that would cut the name short */
+            auth_fail(s, false, NULL);
+            return;
+        }
+        memcpy(s->auth_name, buf, (size_t)n);
+        s->auth_name[n] = '\0';
+        s->auth_step = 1;
+        reply(s, "334 UGFzc3dvcmQ6");
+        session_enter(s, SS_AUTH);
+        return;
+    }
+    auth_check(s, s->auth_name, strlen(s->auth_name), buf, (size_t)n);
+    OPENSSL_cleanse(buf, sizeof(buf));
+}
+
+static void
+cmd_auth(struct session *s, const struct smtp_cmd *c)
+{
+    if (s->users == NULL) {
+        reply(s, "503 5.5.1 AUTH is not offered here");
+        return;
+    }
+    if (!s->greeted || !s->esmtp) {
+        reply(s, "503 5.5.1 Send EHLO first");
+        return;
+    }
+    if (s->user != NULL) {
+        reply(s, "503 5.5.1 Already authenticated");
+        return;
+    }
+    if (s->in_txn) {
+        reply(s, "503 5.5.1 AUTH not allowed during a mail transaction");
+        return;
+    }
+    /* RFC 4954: a mechanism we do not offer is 504 whatever the TLS state;
+     * 538 is only for one we would accept once encrypted. */
+    if (c->auth_mech != SMTP_AUTH_PLAIN && c->auth_mech != SMTP_AUTH_LOGIN) {
+        reply(s, "504 5.5.4 Unrecognized authentication type");
+        return;
+    }
+    if (!auth_allowed_here(s)) {
+        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
+        return;
+    }
+    if (auth_address_refused(s))
+        return;
+    s->auth_mech = c->auth_mech;
+    s->auth_step = 0;
+    if (c->auth_ir.len != 0) {
+        auth_response(s, c->auth_ir.ptr, c->auth_ir.len);
+        return;
+    }
+    reply(s, s->auth_mech == SMTP_AUTH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");
+    session_enter(s, SS_AUTH);
+}
+
+static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
+
+/* A BDAT command whose size could not be read: its chunk follows, and
+ * where it ends is unknown. Reading on would take the client's octets
+ * for commands (an RCPT or a MAIL hidden in a chunk would be acted on);
+ * RFC 3030 leaves no other safe answer than to refuse and hang up. */
+void
+bdat_unframed(struct session *s, const char *why)
+{
+    log_msg(LOG_NOTICE, "session=%016llx event=bdat_unframed client=%s reason=%s",
+            (unsigned long long)s->id, s->peer_ip, why);
+    reply_close(s, "501 5.5.4 Syntax error in BDAT size; closing");
+}
+
+/* A line too long for the line finder that is a BDAT: "BDAT" and a space
+ * at the start of buf. */
+bool
+is_bdat_line(const char *buf, size_t len)
+{
+    return len >= 5 && strncasecmp(buf, "bdat ", 5) == 0;
+}
+
+/* Handle one command line (without CRLF). rest: octets after it. */
+void
+handle_line(struct session *s, const char *line, size_t len, size_t rest)
+{
+    if (s->state == SS_AUTH) {
+        auth_response(s, line, len);
+        return;
+    }
+    struct smtp_cmd c;
+    int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
+    unsigned v = (unsigned)c.verb <= SMTP_VERB_AUTH ? (unsigned)c.verb : SMTP_VERB_NONE;
+    size_t at = s->out_len; /* where this command's reply starts */
+    s->cmds[v]++;
+    if (rc < 0) {
+        s->errors++;
+        s->cmds_refused[v]++;
+        if (c.verb == SMTP_VERB_BDAT) {
+            bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
+            return;
+        }
+        reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
+        return;
+    }
+    handle_verb(s, &c, rest);
+    if (s->out_len > at && (s->out[at] == '4' || s->out[at] == '5'))
+        s->cmds_refused[v]++;
+}
+
+static void
+handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest)
+{
+    struct smtp_cmd c = *cp;
+    switch (c.verb) {
+    case SMTP_VERB_EHLO:
+        cmd_ehlo(s, &c, true);
+        break;
+    case SMTP_VERB_HELO:
+        cmd_ehlo(s, &c, false);
+        break;
+    case SMTP_VERB_MAIL:
+        cmd_mail(s, &c);
+        break;
+    case SMTP_VERB_RCPT:
+        cmd_rcpt(s, &c);
+        break;
+    case SMTP_VERB_DATA:
+        cmd_data(s, rest);
+        break;
+    case SMTP_VERB_BDAT:
+        cmd_bdat(s, &c);
+        break;
+    case SMTP_VERB_RSET:
+        txn_reset(s);
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case SMTP_VERB_NOOP:
+        reply(s, "250 2.0.0 Ok");
+        break;
+    case SMTP_VERB_QUIT:
+        reply_close(s, "221 2.0.0 Bye");
+        break;
+    case SMTP_VERB_VRFY:
+        reply(s, "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery");
+        break;
+    case SMTP_VERB_EXPN:
+        reply(s, "502 5.5.1 EXPN is not offered here");
+        break;
+    case SMTP_VERB_HELP:
+        reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
+                 "HELP AUTH; see RFC 5321");
+        break;
+    case SMTP_VERB_STARTTLS:
+        if (s->sw->tls == NULL) {
+            reply(s, "502 5.5.1 STARTTLS is not offered here");
+        } else if (stream_tls(&s->st)) {
+            reply(s, "503 5.5.1 TLS is already active");
+        } else if (s->in_txn) {
+            reply(s, "503 5.5.1 STARTTLS not allowed during a mail transaction");
+        } else {
+            reply(s, "220 2.0.0 Ready to start TLS");
+            session_enter(s, SS_TLS_START);
+        }
+        break;
+    case SMTP_VERB_AUTH:
+        cmd_auth(s, &c);
+        break;
+    case SMTP_VERB_NONE:
+    default:
+        s->errors++;
+        reply(s, "500 5.5.2 Command unrecognized");
+        break;
+    }
+}
