@@ -2256,7 +2256,12 @@ config_reference(FILE *out)
                  "data). A reload adds, changes (from the sink's cursor) and removes sinks "
                  "(the cursor stays: added back, a sink resumes there as far as the journal "
                  "still holds, the events it missed counted as dropped); a node started "
-                 "without a sink needs a restart for its first.\n\n");
+                 "without a sink needs a restart for its first. A webhook's 2xx acknowledges a "
+                 "batch; a 413 halves the sink's batches; a 4xx that refuses the events "
+                 "themselves (400, 422: any 4xx but 401, 403, 404, 405, 407, 408, 410, 413, "
+                 "421, 425 and 429) splits the batch until one event is refused alone, which "
+                 "is dropped, logged (event=events_rejected) and counted (rejected); anything "
+                 "else is retried from retry_min doubling to retry_max.\n\n");
     reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

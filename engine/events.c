@@ -16,7 +16,17 @@
  * nginx's default is 1 MB, a catching-up batch up to 4 MB) halves the
  * sink's batch, in events and octets, and sends again at once: the limit
  * stays learnt until the sink restarts. A single event refused so is
- * retried like any failure.
+ * retried like any failure. A webhook's 4xx that refuses what was sent
+ * (a 400 or 422 for one malformed or unwanted event; not 401, 403, 404,
+ * 405, 407, 408, 410, 413, 421, 425 or 429, which say nothing about the
+ * events: see http_refuses) splits the batch: its first half is sent at
+ * once, halved again while refused, until one event is refused alone;
+ * that one is dropped (counted as rejected, logged with its id and
+ * recipient) and the sink moves on with whole batches. A second event
+ * dropped with nothing acknowledged since the first waits the backoff
+ * first: an endpoint that refuses everything loses one event a backoff,
+ * each logged, not its whole backlog at once. 5xx and connection errors
+ * are retried.
  *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
  * and the journal's trims (a trim reads every listed sink's cursor and
@@ -54,6 +64,7 @@
 #define CURSOR_SYNC_MS 1000u          /* a busy sink stores its cursor this often */
 #define FRAME_MAX      64u            /* an event's {"event_id":"NODE-SEQ" head */
 #define HTTP_TOO_LARGE (-2)           /* http_send: the endpoint answered 413 */
+#define HTTP_REFUSED   (-3)           /* http_send: a 4xx that refuses the events (http_refuses) */
 #define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
 #define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
 #define PUMP_RETRY_MS  1000u          /* after a failed append */
@@ -123,6 +134,9 @@ struct sink {
     unsigned max_lines;      /* a batch's events: batch_max, less after a 413 */
     size_t max_bytes;        /* a batch's octets (but for its first event): EVENTS_BATCH_BYTES,
                               * less after a 413 */
+    unsigned split_lines;    /* 0, or a batch's events while a refused batch is split */
+    uint64_t split_end;      /* while split: the number after the refused batch's events */
+    bool rejected_last;      /* the last event dealt with was dropped as refused */
     struct journal_pos next; /* the cursor once the batch is acknowledged */
     /* http */
     CURL *curl;                 /* owned */
@@ -400,7 +414,7 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
             break;
         const char *p = s->rbuf, *end = s->rbuf + n;
         while (p < end) {
-            if (s->nlines == s->max_lines) {
+            if (s->nlines == s->max_lines || (s->split_lines > 0 && s->nlines == s->split_lines)) {
                 full = true;
                 break;
             }
@@ -482,14 +496,45 @@ http_init(struct sink *s)
     return 0;
 }
 
+/*
+ * Whether an HTTP status refuses the events sent, so that sending them
+ * again can only be refused again: a 4xx but those that say nothing
+ * about the body (a wrong secret or URL refuses every batch alike, and
+ * dropping events one by one would empty the backlog into the log), those
+ * that ask to come back later, and 413 (the batch's size, not its
+ * events: halved).
+ */
+static bool
+http_refuses(long code)
+{
+    switch (code) {
+    case 401: /* Unauthorized: a wrong secret */
+    case 403: /* Forbidden: an address or credentials refused */
+    case 404: /* Not Found, 405 Method Not Allowed, 410 Gone: a wrong URL */
+    case 405:
+    case 407: /* Proxy Authentication Required */
+    case 408: /* Request Timeout */
+    case 410:
+    case 413: /* Content Too Large: halved (HTTP_TOO_LARGE) */
+    case 421: /* Misdirected Request */
+    case 425: /* Too Early */
+    case 429: /* Too Many Requests */
+        return false;
+    default:
+        return code >= 400 && code <= 499;
+    }
+}
+
 /* POST the batch. Returns 0 on a 2xx, else -1 with the reason in err. A
  * 2xx status acknowledges the batch whatever happens to the body after
  * it (cut short, too long, a stop): the endpoint took the batch; sending
  * it again would only repeat it, and for an endpoint that always answers
- * so, for ever. */
+ * so, for ever. A 413 returns HTTP_TOO_LARGE, a status http_refuses
+ * HTTP_REFUSED; *status is the status (0: none). */
 static int
-http_send(struct sink *s, char *err, size_t errlen)
+http_send(struct sink *s, long *status, char *err, size_t errlen)
 {
+    *status = 0;
     uint64_t ts = clock_unix_ms() / 1000;
     char line[128], sig[80];
     curl_slist_free_all(s->headers);
@@ -518,13 +563,14 @@ http_send(struct sink *s, char *err, size_t errlen)
     CURLcode rc = curl_easy_perform(s->curl);
     long code = 0; /* this transfer's: libcurl clears it as a transfer starts */
     curl_easy_getinfo(s->curl, CURLINFO_RESPONSE_CODE, &code);
+    *status = code;
     if (code >= 200 && code <= 299)
         return 0;
     if (code != 0) /* the status says more than what became of its body */
         snprintf(err, errlen, "HTTP status %ld", code);
     else
         snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
-    return code == 413 ? HTTP_TOO_LARGE : -1;
+    return code == 413 ? HTTP_TOO_LARGE : http_refuses(code) ? HTTP_REFUSED : -1;
 }
 
 /* ---- Redis ---- */
@@ -737,6 +783,32 @@ sink_peek_oldest(struct sink *s)
         s->oldest_ms = ms;
 }
 
+/* Log the one event of the batch, dropped: its endpoint refused it
+ * alone with status. */
+static void
+sink_log_rejected(const struct sink *s, long status)
+{
+    const char *ev = s->body.buf + s->offs[0];
+    size_t len = s->lens[0];
+    char type[32] = "", id[64] = "", rcpt[320] = "";
+    struct {
+        const char *key;
+        char *out;
+        size_t cap;
+    } f[] = {{"event", type, sizeof(type)}, {"id", id, sizeof(id)}, {"rcpt", rcpt, sizeof(rcpt)}};
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        size_t n = 0;
+        const char *v = line_field(ev, len, f[i].key, &n);
+        if (v != NULL)
+            snprintf(f[i].out, f[i].cap, "%.*s", (int)(n < f[i].cap ? n : f[i].cap - 1), v);
+    }
+    log_msg(LOG_ERR,
+            "event=events_rejected sink=%s status=%ld event_id=%s-%" PRIu64
+            " type=%s id=%s rcpt=<%s> note=dropped_refused_alone",
+            s->cfg.name, status, journal_id(s->ev->journal), s->seqs[0], type[0] ? type : "-",
+            id[0] ? id : "-", rcpt);
+}
+
 /* This sink is to stop (all, or it alone); ev->mu held. */
 #define SINK_STOP(s) ((s)->ev->stop || (s)->stop)
 
@@ -777,9 +849,10 @@ sink_main(void *arg)
         if (first_seen == 0)
             first_seen = now;
         /* A batch closes at batch_max events or batch_wait after the
-         * first: wait for either (a backlog sends at once). */
-        while (!SINK_STOP(s) && !s->st.paused && end.seq - s->cursor.seq < s->max_lines &&
-               now < first_seen + s->cfg.batch_wait) {
+         * first: wait for either (a backlog, or the rest of a refused
+         * batch being split, sends at once). */
+        while (!SINK_STOP(s) && !s->st.paused && s->split_lines == 0 &&
+               end.seq - s->cursor.seq < s->max_lines && now < first_seen + s->cfg.batch_wait) {
             wait_until(ev, first_seen + s->cfg.batch_wait);
             journal_end(ev->journal, &end);
             now = mono_ms();
@@ -800,16 +873,19 @@ sink_main(void *arg)
             pthread_mutex_unlock(&ev->mu);
         }
         int sent = -1;
+        long status = 0;
         err[0] = '\0';
         if (rc < 0)
             snprintf(err, sizeof(err), "journal read: %s", strerror(-rc));
         else if (s->nlines == 0)
             sent = 0;
         else if (s->kind == SINK_HTTP)
-            sent = http_send(s, err, sizeof(err));
+            sent = http_send(s, &status, err, sizeof(err));
         else
             sent = redis_send(s, err, sizeof(err));
-        if (sent == 0) {
+        /* One event refused alone: the poison of a refused batch. */
+        bool reject = sent == HTTP_REFUSED && s->nlines == 1;
+        if (sent == 0 || reject) {
             /* The cursor goes to disk when the sink is idle, else once a
              * CURSOR_SYNC_MS: two fsyncs a batch would bound a backlog's
              * catch-up, and a crash re-sends at most that much. */
@@ -827,13 +903,19 @@ sink_main(void *arg)
 
         pthread_mutex_lock(&ev->mu);
         s->st.dropped += skipped;
-        if (sent == 0) {
+        if (sent == 0 || reject) {
             s->st.filtered += filtered;
-            s->st.sent += s->nlines;
-            s->st.batches += s->nlines > 0;
             s->cursor = s->next;
             s->oldest_ms = 0;
             first_seen = 0;
+            if (s->split_lines > 0 && (reject || s->next.seq >= s->split_end))
+                s->split_lines = 0; /* the refused batch is behind: whole batches again */
+        }
+        if (sent == 0) {
+            s->st.sent += s->nlines;
+            s->st.batches += s->nlines > 0;
+            if (s->nlines > 0)
+                s->rejected_last = false;
             backoff = 0;
             if (failing)
                 log_msg(LOG_NOTICE, "event=events_sink_recovered sink=%s", s->cfg.name);
@@ -845,6 +927,39 @@ sink_main(void *arg)
         }
         s->st.failed++;
         snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", err);
+        if (reject) {
+            s->st.rejected++;
+            sink_log_rejected(s, status);
+            bool again = s->rejected_last;
+            s->rejected_last = true;
+            pthread_mutex_unlock(&ev->mu);
+            events_trim(ev);
+            pthread_mutex_lock(&ev->mu);
+            if (!again)
+                continue;
+            /* Nothing acknowledged since the last event dropped: the
+             * endpoint may refuse everything; it does not get the next
+             * before the backoff. */
+            backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
+            if (backoff > s->cfg.retry_max)
+                backoff = s->cfg.retry_max;
+            uint64_t until = mono_ms() + backoff;
+            while (!SINK_STOP(s) && mono_ms() < until)
+                wait_until(ev, until);
+            continue;
+        }
+        if (sent == HTTP_REFUSED) {
+            /* Refused for what it holds: its first half, at once, until
+             * the event refused is alone. */
+            if (s->split_lines == 0)
+                s->split_end = s->next.seq;
+            s->split_lines = s->nlines / 2;
+            log_msg(LOG_NOTICE,
+                    "event=events_batch_split sink=%s status=%ld events=%u first_seq=%" PRIu64
+                    " next_events=%u",
+                    s->cfg.name, status, s->nlines, s->seqs[0], s->split_lines);
+            continue;
+        }
         if (sent == HTTP_TOO_LARGE && s->nlines > 1) {
             /* Over the endpoint's body limit: half as much, at once. */
             s->max_lines = s->nlines / 2;
@@ -1394,6 +1509,7 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
             s->st.failed = o->failed;
             s->st.filtered = o->filtered;
             s->st.dropped += o->dropped;
+            s->st.rejected = o->rejected;
             memcpy(s->st.last_error, o->last_error, sizeof(s->st.last_error));
             s->st.paused = sinks[k].paused != had_paused_cfg[prev] ? sinks[k].paused
                                                                     : was_paused[prev];

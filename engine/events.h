@@ -21,7 +21,9 @@
  * (queue_events_floor), so a number names one event for ever.
  *
  * Each sink keeps a durable cursor in the journal and moves it only once
- * its endpoint acknowledged a batch (a 2xx, or every XADD answered). The
+ * its endpoint acknowledged a batch (a 2xx, or every XADD answered), or
+ * refused one event alone for what it holds (a webhook's 400 or 422:
+ * that event is dropped, counted and logged; events.c). The
  * cursor is written (fsync, rename) when the sink has caught up, else
  * once a second: two fsyncs a batch would bound the catch-up of a
  * backlog to the disk's fsync rate. So a restart or a kill -9 resumes
@@ -106,6 +108,7 @@ struct events_sink_stats {
     uint64_t failed;        /* failed attempts (batches) */
     uint64_t filtered;      /* events its filter left out */
     uint64_t dropped;       /* events skipped past max_backlog */
+    uint64_t rejected;      /* events a webhook refused alone (a 4xx), dropped */
     bool paused;
     char last_error[EVENTS_ERROR_MAX]; /* "" when none yet */
 };

@@ -541,6 +541,7 @@ ops_counters(void *arg, struct stats_counters *out)
             o->sent = es[i].sent;
             o->failed = es[i].failed;
             o->dropped = es[i].dropped;
+            o->rejected = es[i].rejected;
             o->paused = es[i].paused;
             memcpy(o->last_error, es[i].last_error, sizeof(o->last_error));
         }
@@ -1445,6 +1446,7 @@ cmd_events(struct engine *e, const char *args, struct json *out, char *err, size
         json_ku64(out, "failed_attempts", es[i].failed);
         json_ku64(out, "filtered", es[i].filtered);
         json_ku64(out, "dropped", es[i].dropped);
+        json_ku64(out, "rejected", es[i].rejected);
         json_kbool(out, "paused", es[i].paused);
         json_kstr(out, "last_error", es[i].last_error);
         json_obj_end(out);

@@ -126,6 +126,7 @@ render_event_sinks(struct json *j, const struct stats_counters *c)
         json_ku64(j, "sent", e->sent);
         json_ku64(j, "failed_attempts", e->failed);
         json_ku64(j, "dropped", e->dropped);
+        json_ku64(j, "rejected", e->rejected);
         json_kbool(j, "paused", e->paused);
         kfixed(j, "last_error", e->last_error, sizeof(e->last_error));
         json_obj_end(j);
@@ -1036,6 +1037,8 @@ render_event_sink_metrics(struct json *t, const struct stats_counters *c)
         {"sluice_events_sent_total", "counter", "Events the sink's endpoint acknowledged."},
         {"sluice_events_failed_attempts_total", "counter", "Failed attempts to send a batch."},
         {"sluice_events_dropped_total", "counter", "Events given up past the sink's max_backlog."},
+        {"sluice_events_rejected_total", "counter",
+         "Events the sink's endpoint refused alone (a 4xx), dropped."},
         {"sluice_events_paused", "gauge", "1 while the sink is paused."},
     };
     unsigned n = c->nevent_sinks < STATS_EVENT_SINKS_MAX ? c->nevent_sinks : STATS_EVENT_SINKS_MAX;
@@ -1063,6 +1066,9 @@ render_event_sink_metrics(struct json *t, const struct stats_counters *c)
                 break;
             case 4:
                 text_printf(t, "%llu\n", (unsigned long long)e->dropped);
+                break;
+            case 5:
+                text_printf(t, "%llu\n", (unsigned long long)e->rejected);
                 break;
             default:
                 text_printf(t, "%d\n", e->paused ? 1 : 0);

@@ -1128,10 +1128,10 @@ static void
 render_events(const cJSON *doc)
 {
     struct table t;
-    /* right: PENDING OLDEST SENT FAILED DROPPED */
-    table_init(&t, 9, 0x7cu);
-    table_row(&t, "SINK", "KIND", "PENDING", "OLDEST", "SENT", "FAILED", "DROPPED", "STATE",
-              "LAST ERROR");
+    /* right: PENDING OLDEST SENT FAILED DROPPED REJECTED */
+    table_init(&t, 10, 0xfcu);
+    table_row(&t, "SINK", "KIND", "PENDING", "OLDEST", "SENT", "FAILED", "DROPPED", "REJECTED",
+              "STATE", "LAST ERROR");
     const cJSON *d;
     size_t n = 0;
     cJSON_ArrayForEach(d, get(doc, "sinks"))
@@ -1141,7 +1141,7 @@ render_events(const cJSON *doc)
         table_row(&t, fmt_str(d, "name"), fmt_str(d, "kind"), fmt_count(d, "pending"),
                   fmt_duration(d, "oldest_pending_age_ms"), fmt_count(d, "sent"),
                   fmt_count(d, "failed_attempts"), fmt_count(d, "dropped"),
-                  cJSON_IsTrue(paused) ? "paused" : "active", fmt_str(d, "last_error"));
+                  fmt_count(d, "rejected"), cJSON_IsTrue(paused) ? "paused" : "active", fmt_str(d, "last_error"));
     }
     table_print(&t, stdout);
     if (n == 0)

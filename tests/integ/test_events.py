@@ -5,8 +5,9 @@ each batch's HMAC signature and freshness) or to a Redis stream (a
 redis-server started here). Checks: every event of every message arrives
 at least once, signed, in order per message; nothing is lost while the
 receiver refuses (503), is down across a restart and a kill -9 of
-sluice, or hangs; Redis killed and back; pause and resume; the stats
-socket's and /metrics' view of each sink.
+sluice, or hangs; one event the receiver refuses (400) is dropped alone;
+Redis killed and back; pause and resume; the stats socket's and
+/metrics' view of each sink.
 
 Every event the delivery log file holds must reach the sink: the file and
 the spool get the same lines, so it is the reference (the file may show
@@ -45,6 +46,8 @@ class Receiver:
 
     def __init__(self, port=None):
         self.port = port or free_port()
+        self.refuse = None     # event -> True: a batch holding it is answered 400
+        self.refused = 0       # batches answered 400 so
         self.lock = threading.Lock()
         self.events = {}       # event_id -> event (the first copy)
         self.order = []        # event_ids in arrival order (every copy)
@@ -85,6 +88,11 @@ class Receiver:
                         status = 401
                 if rec.hold.is_set():
                     rec.released.wait(60)
+                if status == 200 and rec.refuse is not None and \
+                        any(rec.refuse(ev) for ev in json.loads(body)):
+                    status = 400  # a consumer that cannot take one event
+                    with rec.lock:
+                        rec.refused += 1
                 if status == 200:
                     batch = json.loads(body)
                     assert isinstance(batch, list)
@@ -426,6 +434,66 @@ def test_pause_resume_filter_and_metrics():
         rec.stop()
 
 
+def test_400_to_one_event_drops_it_alone():
+    """A webhook that answers 400 to any batch holding one event (the
+    delivery of one recipient: its consumer cannot take it). The sink
+    splits the batches until that event is refused alone, drops it
+    (logged with its recipient, counted as rejected on the stats socket,
+    /metrics and sluicectl) and goes on: every other event arrives, and
+    events logged after it too. Before, the batch holding it was sent
+    again for ever: nothing after it arrived and the journal grew."""
+    rec = Receiver()
+    poison = f"p37@{DOMAIN}"
+    rec.refuse = lambda ev: ev.get("event") == "delivery" and ev.get("rcpt") == poison
+    node = Node(hook_conf(rec.port, "batch_wait = 1s"), metrics=True)
+    try:
+        node.inject(100, "p")
+        node.wait_delivered(100)
+
+        def rejected():
+            st = node.sink_stats("hook")
+            return st if st["rejected"] >= 1 and st["pending"] == 0 else None
+        st = wait_until(rejected, 60, "the refused event dropped and nothing pending")
+        assert st["rejected"] == 1, st
+        assert "400" in st["last_error"], st
+        node.inject(20, "q")  # the sink goes on
+        node.wait_delivered(120)
+        want = dlog_events(node.dlog)
+        bad = [e for e in want if e["event"] == "delivery" and e.get("rcpt") == poison]
+        assert len(bad) == 1, bad
+
+        def others_arrived():
+            with rec.lock:
+                got = {key(e) for e in rec.events.values()}
+            return all(key(e) in got for e in dlog_events(node.dlog)
+                       if key(e) != key(bad[0]))
+        wait_until(others_arrived, 60, "every other event at the receiver")
+        with rec.lock:
+            assert key(bad[0]) not in {key(e) for e in rec.events.values()}
+            assert rec.refused >= 1, rec.refused
+        # the file can show an event a moment before its commit is journaled
+        st = wait_until(lambda: (lambda s: s if s["pending"] == 0 and
+                                 s["sent"] + s["rejected"] >= len(want) else None)(
+            node.sink_stats("hook")), 30, "every event sent or rejected")
+        assert st["rejected"] == 1 and st["sent"] == len(want) - 1, (st, len(want))
+        line = node.d.wait_log("event=events_rejected")
+        assert "sink=hook" in line and "status=400" in line and f"rcpt=<{poison}>" in line \
+            and "event_id=" in line, line
+        assert node.ctl("stats")["event_sinks"][0]["rejected"] == 1
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        assert 'sluice_events_rejected_total{sink="hook"} 1\n' in text, text[-2000:]
+        ctl = os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl")
+        out = subprocess.run([ctl, "-s", node.sock, "events"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0 and "REJECTED" in out.stdout, out.stdout + out.stderr
+    finally:
+        node.close()
+        rec.stop()
+
+
 def stream_ids(port, stream):
     """The event_ids in the stream, read with a consumer group (every
     entry delivered to the group once)."""
@@ -660,10 +728,14 @@ def test_suppressed_event_committed_alone_arrives():
 
 
 if __name__ == "__main__":
-    # Two ctest entries (tests/integ/CMakeLists.txt), so that each stays
-    # well inside its timeout under the sanitizers: "push" (the default)
-    # and "crash" (the kill -9 rounds and the reload).
-    if (sys.argv[3] if len(sys.argv) > 3 else "push") == "crash":
+    # Three ctest entries (tests/integ/CMakeLists.txt), so that each stays
+    # well inside its timeout under the sanitizers: "push" (the default),
+    # "crash" (the kill -9 rounds and the reload) and "reject" (an
+    # endpoint that refuses one event).
+    group = sys.argv[3] if len(sys.argv) > 3 else "push"
+    if group == "reject":
+        main([test_400_to_one_event_drops_it_alone])
+    elif group == "crash":
         main([test_kill9_right_after_delivery_loses_no_event,
               test_reload_adds_changes_and_removes_sinks,
               test_suppressed_event_committed_alone_arrives])

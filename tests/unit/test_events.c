@@ -546,18 +546,26 @@ test_stop_abandons_a_redis_request(void **state)
 
 /* ---- a webhook endpoint on loopback, answering 200 in odd ways ---- */
 
-enum answer { ANSWER_CUT, ANSWER_ENDLESS, ANSWER_413_OVER_4K };
+enum answer { ANSWER_CUT, ANSWER_ENDLESS, ANSWER_413_OVER_4K, ANSWER_REFUSE };
+
+#define ENDPOINT_IDS 1000 /* put_lines's numbers the endpoint keeps track of */
 
 struct endpoint {
     int lfd, port;
     enum answer answer;
+    int status;         /* ANSWER_REFUSE: the status of a refusal */
+    const char *poison; /* ANSWER_REFUSE: refused when the body holds it; NULL: always */
     _Atomic bool stop;
     _Atomic unsigned requests;
     _Atomic size_t largest_taken; /* ANSWER_413_OVER_4K: the largest body answered 200 */
+    _Atomic unsigned taken[ENDPOINT_IDS]; /* ANSWER_REFUSE: copies of "t%06u" answered 200 */
     pthread_t thread;
 };
 
-/* Read one request (headers and Content-Length octets of body, *body_len). */
+/* Read one request (headers and Content-Length octets of body, *body_len;
+ * the body's first sizeof(body) - 1 octets in body, NUL-terminated). */
+static char body[1 << 20];
+
 static bool
 endpoint_read_request(int fd, size_t *body_len)
 {
@@ -579,6 +587,8 @@ endpoint_read_request(int fd, size_t *body_len)
     size_t want = cl != NULL ? strtoul(cl + 15, NULL, 10) : 0;
     *body_len = want;
     size_t got = have - (size_t)(eoh + 4 - buf);
+    size_t kept = got < sizeof(body) - 1 ? got : sizeof(body) - 1;
+    memcpy(body, eoh + 4, kept);
     while (got < want) {
         struct pollfd p = {.fd = fd, .events = POLLIN};
         if (poll(&p, 1, 10000) != 1)
@@ -586,8 +596,12 @@ endpoint_read_request(int fd, size_t *body_len)
         ssize_t n = read(fd, buf, sizeof(buf));
         if (n <= 0)
             return false;
+        size_t k = kept + (size_t)n < sizeof(body) - 1 ? (size_t)n : sizeof(body) - 1 - kept;
+        memcpy(body + kept, buf, k);
+        kept += k;
         got += (size_t)n;
     }
+    body[kept] = '\0';
     return true;
 }
 
@@ -605,6 +619,22 @@ endpoint_main(void *arg)
         size_t body_len;
         while (!atomic_load(&e->stop) && endpoint_read_request(fd, &body_len)) {
             atomic_fetch_add(&e->requests, 1);
+            if (e->answer == ANSWER_REFUSE) {
+                char no[96];
+                int nn = snprintf(no, sizeof(no),
+                                  "HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n", e->status);
+                static const char ok[] = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                bool refused = e->poison == NULL || strstr(body, e->poison) != NULL;
+                for (const char *at = body; !refused && (at = strstr(at, "\"id\":\"t")) != NULL;
+                     at++) {
+                    unsigned id = (unsigned)strtoul(at + 7, NULL, 10);
+                    if (id < ENDPOINT_IDS)
+                        atomic_fetch_add(&e->taken[id], 1);
+                }
+                if (write(fd, refused ? no : ok, refused ? (size_t)nn : sizeof(ok) - 1) < 0)
+                    break;
+                continue;
+            }
             if (e->answer == ANSWER_413_OVER_4K) {
                 /* nginx's client_max_body_size, scaled down */
                 static const char big[] =
@@ -645,6 +675,8 @@ endpoint_start(struct endpoint *e, enum answer answer)
     atomic_init(&e->stop, false);
     atomic_init(&e->requests, 0);
     atomic_init(&e->largest_taken, 0);
+    for (unsigned i = 0; i < ENDPOINT_IDS; i++)
+        atomic_init(&e->taken[i], 0);
     assert_int_equal(pthread_create(&e->thread, NULL, endpoint_main, e), 0);
 }
 
@@ -740,6 +772,127 @@ test_413_makes_batches_smaller(void **state)
     sink_cfg_fini(&c);
 }
 
+/* A webhook that answers 400 to any batch holding one event (one that
+ * its consumer cannot parse, say): the sink splits the batches until
+ * that event is refused alone, drops it (counted as rejected) and moves
+ * on; every other event arrives. Without that, the batch holding it was
+ * sent again for ever: the sink stalled and the journal grew. */
+static void
+test_400_to_one_event_drops_that_event_alone(void **state)
+{
+    (void)state;
+    struct endpoint e = {.status = 400, .poison = "\"id\":\"t000137\""};
+    endpoint_start(&e, ANSWER_REFUSE);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 300); /* one batch of 300 before the sink starts */
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent + st.rejected >= 300 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    put_lines(300, 20); /* and the sink goes on */
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent + st.rejected >= 320 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.sent != 319 || st.rejected != 1 || st.pending != 0)
+        fail_msg("400 to t000137: %llu sent, %llu rejected, %llu pending, %llu failed "
+                 "attempts (%s), %u requests",
+                 (unsigned long long)st.sent, (unsigned long long)st.rejected,
+                 (unsigned long long)st.pending, (unsigned long long)st.failed, st.last_error,
+                 atomic_load(&e.requests));
+    for (unsigned i = 0; i < 320; i++)
+        if (i != 137 && atomic_load(&e.taken[i]) == 0)
+            fail_msg("event t%06u never acknowledged", i);
+    assert_int_equal(atomic_load(&e.taken[137]), 0);
+    /* 300 halved down to one: about log2(300) refusals */
+    if (st.failed < 2 || st.failed > 12)
+        fail_msg("%llu failed attempts to isolate one event of 300", (unsigned long long)st.failed);
+    assert_non_null(strstr(st.last_error, "400"));
+    sink_cfg_fini(&c);
+}
+
+/* A status that refuses every batch alike (401: a wrong secret) says
+ * nothing of the events: they are retried, none dropped. */
+static void
+test_401_drops_nothing(void **state)
+{
+    (void)state;
+    struct endpoint e = {.status = 401, .poison = NULL};
+    endpoint_start(&e, ANSWER_REFUSE);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 20);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.failed >= 5)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.failed < 5 || st.rejected != 0 || st.sent != 0 || st.pending != 20)
+        fail_msg("401: %llu failed attempts, %llu rejected, %llu sent, %llu pending",
+                 (unsigned long long)st.failed, (unsigned long long)st.rejected,
+                 (unsigned long long)st.sent, (unsigned long long)st.pending);
+    sink_cfg_fini(&c);
+}
+
+/* An endpoint that refuses every event with 400 (a broken consumer):
+ * the first event is dropped at once, the second too (nothing in between
+ * could tell), but then the sink waits its backoff before each next one:
+ * the backlog is not emptied into the log in a moment. */
+static void
+test_400_to_everything_drops_one_a_backoff(void **state)
+{
+    (void)state;
+    struct endpoint e = {.status = 400, .poison = NULL};
+    endpoint_start(&e, ANSWER_REFUSE);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 60000;
+    put_lines(0, 20);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.rejected >= 2)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    assert_int_equal(st.rejected, 2);
+    unsigned requests = atomic_load(&e.requests);
+    /* within the backoff: no further request, nothing more dropped */
+    nanosleep(&(struct timespec){0, 300000000}, NULL);
+    st = stats_of(ev, "h");
+    events_free(ev); /* the backoff's wait ends at once */
+    endpoint_stop(&e);
+    if (st.rejected != 2 || atomic_load(&e.requests) != requests || st.pending != 18)
+        fail_msg("400 to everything: %llu rejected, %llu pending, %u requests (%u at the "
+                 "second drop)",
+                 (unsigned long long)st.rejected, (unsigned long long)st.pending,
+                 atomic_load(&e.requests), requests);
+    sink_cfg_fini(&c);
+}
+
 int
 main(void)
 {
@@ -747,6 +900,11 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_makes_batches_smaller, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_400_to_one_event_drops_that_event_alone, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_401_drops_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_400_to_everything_drops_one_a_backoff, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
