@@ -525,28 +525,48 @@ journal_read(struct journal *j, struct journal_pos *pos, char *buf, size_t cap, 
         const char *nl = memrchr(buf, '\n', (size_t)n);
         if (nl != NULL)
             return (long)(nl - buf + 1);
-        if ((size_t)n < cap)
-            return 0; /* cannot happen: durable data ends with a line */
-        /* One line longer than cap: skip it whole. */
+        /* No line ends in what was read: a line longer than cap, or
+         * octets without a newline up to the segment's durable end (a
+         * segment damaged on disk: appends write whole lines). Skip to
+         * the next newline within the segment, or to its end. */
         uint64_t at = pos->off - s.start.off + (uint64_t)n;
-        for (;;) {
+        bool found = false;
+        while (at < s.len && !found) {
+            size_t w = s.len - at < cap ? (size_t)(s.len - at) : cap;
             do
-                n = pread(*fd, buf, cap, (off_t)at);
+                n = pread(*fd, buf, w, (off_t)at);
             while (n < 0 && errno == EINTR);
-            if (n <= 0)
-                return n < 0 ? -errno : 0;
+            if (n < 0)
+                return -errno;
+            if (n == 0)
+                break; /* the file is shorter than its length: as its end */
             nl = memchr(buf, '\n', (size_t)n);
-            if (nl != NULL) {
-                at += (uint64_t)(nl - buf + 1);
-                break;
-            }
-            at += (uint64_t)n;
+            at += nl != NULL ? (uint64_t)(nl - buf + 1) : (uint64_t)n;
+            found = nl != NULL;
         }
-        pos->off = s.start.off + at;
-        pos->seq++;
-        (*skipped)++;
-        log_msg(LOG_ERR, "event=events_journal_line_skipped reason=longer_than_buffer cap=%zu",
-                cap);
+        if (found) {
+            pos->off = s.start.off + at;
+            pos->seq++;
+            (*skipped)++;
+            log_msg(LOG_ERR, "event=events_journal_line_skipped reason=longer_than_buffer cap=%zu",
+                    cap);
+            continue;
+        }
+        /* The segment ends inside a line: read on from the next segment,
+         * under its numbers; the numbers passed are events lost. */
+        char path[PATH_MAX];
+        seg_path(j, &s.start, path, sizeof(path));
+        uint64_t from = pos->seq, cut = s.start.off + s.len - pos->off;
+        pos->off = s.start.off + s.len;
+        pthread_mutex_lock(&j->mu);
+        seg_at_locked(j, pos, &avail);
+        pthread_mutex_unlock(&j->mu);
+        uint64_t lost = pos->seq > from ? pos->seq - from : 0;
+        *skipped += lost;
+        log_msg(LOG_ERR,
+                "event=events_journal_corrupt segment=%s bytes=%" PRIu64 " events=%" PRIu64
+                " note=no_newline_before_segment_end",
+                path, cut, lost);
     }
     return 0;
 }

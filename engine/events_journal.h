@@ -79,6 +79,10 @@ const char *journal_id(const struct journal *j);
  * *fd_seg which one it is. Returns the octets read (0: nothing new), or
  * -errno. A line longer than cap is skipped whole and counted in
  * *skipped (events lost to this reader; never happens with dlog lines).
+ * Octets without a newline up to a segment's end (a segment damaged on
+ * disk: appends write whole lines) are skipped too, logged, and reading
+ * goes on in the next segment: the numbers passed are counted in
+ * *skipped.
  */
 long journal_read(struct journal *j, struct journal_pos *pos, char *buf, size_t cap, int *fd,
                   uint64_t *fd_seg, uint64_t *skipped);

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -893,6 +895,68 @@ test_400_to_everything_drops_one_a_backoff(void **state)
     sink_cfg_fini(&c);
 }
 
+/* A journal segment damaged on disk: cut short inside a line, so that
+ * octets without a newline end it. The sink skips them (the event
+ * counted as dropped) and sends the events of the next segments. Before,
+ * it read "nothing new" there with events after its cursor, and asked
+ * again at once, for ever: a thread spinning and a sink that never
+ * moved on. */
+static void
+test_segment_cut_short_does_not_stall_the_sink(void **state)
+{
+    (void)state;
+    struct journal *j = NULL;
+    char err[256];
+    assert_int_equal(journal_open(evdir, SEGMENT, &j, err, sizeof(err)), 0);
+    for (unsigned i = 0; i < 30; i++) {
+        char line[160];
+        int len = snprintf(line, sizeof(line),
+                           "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                           "\"id\":\"t%06u\",\"pad\":\"%040u\"}\n",
+                           i, i);
+        struct iovec v = {line, (size_t)len};
+        assert_int_equal(journal_append(j, &v, 1), 0);
+    }
+    struct journal_pos end;
+    journal_end(j, &end);
+    journal_close(j);
+    assert_int_equal(end.seq, 30);
+    assert_true(segments() >= 3);
+    /* the first segment loses the end of its last line */
+    char first[sizeof(evdir) + 64];
+    snprintf(first, sizeof(first), "%s/%016x-%016x.seg", evdir, 0, 0);
+    struct stat sb;
+    assert_int_equal(stat(first, &sb), 0);
+    assert_int_equal(truncate(first, sb.st_size - 5), 0);
+
+    struct endpoint e = {.status = 400, .poison = "never in a batch"};
+    endpoint_start(&e, ANSWER_REFUSE);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 10000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent + st.dropped >= 30 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.sent != 29 || st.dropped != 1 || st.pending != 0)
+        fail_msg("a segment cut short: %llu sent, %llu dropped, %llu pending",
+                 (unsigned long long)st.sent, (unsigned long long)st.dropped,
+                 (unsigned long long)st.pending);
+    unsigned missing = 0;
+    for (unsigned i = 0; i < 30; i++)
+        missing += atomic_load(&e.taken[i]) == 0;
+    assert_int_equal(missing, 1);
+    sink_cfg_fini(&c);
+}
+
 int
 main(void)
 {
@@ -903,6 +967,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_400_to_one_event_drops_that_event_alone, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_401_drops_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_segment_cut_short_does_not_stall_the_sink, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_400_to_everything_drops_one_a_backoff, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),

@@ -244,6 +244,51 @@ test_torn_tail(void **state)
     journal_close(j);
 }
 
+/* A segment that is not the last one ends inside a line (damaged on
+ * disk: cut short). A reader skips the part line, counts the number it
+ * passes, and reads on from the next segment. It used to stop there for
+ * good: journal_read returned 0 ("nothing new") at the part line, and a
+ * sink, with events after its cursor, asked again at once, for ever. */
+static void
+test_segment_cut_short_is_skipped(void **state)
+{
+    (void)state;
+    struct journal *j = jopen(16);
+    append_str(j, "{\"a\":1}\n{\"a\":2}\n"); /* 16 octets: the next append rolls over */
+    append_str(j, "{\"a\":3}\n");
+    append_str(j, "{\"a\":4}\n");
+    journal_close(j);
+    char first[600];
+    snprintf(first, sizeof(first), "%s/%016x-%016x.seg", dir, 0, 0);
+    assert_int_equal(truncate(first, 12), 0); /* "{"a":1}\n{"a"" */
+
+    j = jopen(16);
+    struct journal_pos pos = {0, 0};
+    char buf[4096], out[256];
+    int fd = -1;
+    uint64_t fd_seg = 0, skipped = 0;
+    size_t len = 0;
+    for (int guard = 0; guard < 100; guard++) {
+        long n = journal_read(j, &pos, buf, sizeof(buf), &fd, &fd_seg, &skipped);
+        assert_true(n >= 0);
+        if (n == 0)
+            break;
+        for (long i = 0; i < n; i++)
+            pos.seq += buf[i] == '\n';
+        pos.off += (uint64_t)n;
+        memcpy(out + len, buf, (size_t)n);
+        len += (size_t)n;
+    }
+    out[len] = '\0';
+    if (fd >= 0)
+        close(fd);
+    assert_string_equal(out, "{\"a\":1}\n{\"a\":3}\n{\"a\":4}\n");
+    assert_int_equal(skipped, 1);
+    assert_int_equal(pos.seq, 4);
+    assert_int_equal(pos.off, 32);
+    journal_close(j);
+}
+
 static void
 test_cursor_resume(void **state)
 {
@@ -329,6 +374,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_append_read, setup, teardown),
         cmocka_unit_test_setup_teardown(test_segments_and_trim, setup, teardown),
         cmocka_unit_test_setup_teardown(test_torn_tail, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_segment_cut_short_is_skipped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cursor_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_skip_to, setup, teardown),
         cmocka_unit_test(test_sign),
