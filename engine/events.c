@@ -70,6 +70,8 @@
 #define PUMP_RETRY_MS  1000u          /* after a failed append */
 #define HTTP_ANSWER_MAX (64u * 1024)  /* octets of an endpoint's answer read; past them, closed */
 
+_Static_assert(EVENTS_NAME_MAX == JOURNAL_NAME_MAX, "a sink's name is its cursor's");
+
 #define EVK(f) offsetof(struct events_sink_config, f)
 const struct conf_key events_sink_keys[] = {
     {"url", CONF_STRING, EVK(url), 1, 2048, NULL,

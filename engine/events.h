@@ -64,6 +64,7 @@
 #include "common/conf.h"
 
 #define EVENTS_SINKS_MAX   16
+#define EVENTS_NAME_MAX    64                 /* a sink's name (its cursor's: JOURNAL_NAME_MAX) */
 #define EVENTS_BATCH_BYTES (4u * 1024 * 1024) /* a batch closes before this size */
 #define EVENTS_ERROR_MAX   200
 #define EVENTS_SIG_HEADER  "X-Sluice-Signature" /* "sha256=" hex HMAC of "TIMESTAMP.BODY" */
@@ -99,7 +100,7 @@ struct events;
 
 /* One sink's counters and gauges. */
 struct events_sink_stats {
-    char name[64];
+    char name[EVENTS_NAME_MAX + 1];
     char kind[8];           /* "http" | "redis" */
     uint64_t pending;       /* events in the journal after its cursor */
     uint64_t oldest_age_ms; /* age of the first of them; 0 when none */

@@ -62,7 +62,7 @@ struct stats_object {
 /* One [events NAME] sink: shown under "event_sinks" and as
  * sluice_events_*{sink="NAME"}. */
 struct stats_event_sink {
-    char name[64];
+    char name[65];          /* up to 64 octets, NUL-terminated (events_sink_stats) */
     char kind[8];           /* "http" | "redis" */
     uint64_t pending;       /* events journaled and not yet acknowledged */
     uint64_t oldest_age_ms; /* age of the oldest of them; 0 when none or not known yet */

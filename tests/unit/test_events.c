@@ -299,6 +299,28 @@ test_paused_sink_reports_its_oldest_pending(void **state)
     sink_cfg_fini(&c);
 }
 
+/* A sink's name may be 64 octets long (events_sink_check): the stats
+ * give it whole, not its first 63, or a client that asks for the sink by
+ * the name it configured finds none. */
+static void
+test_stats_give_a_64_octet_name_whole(void **state)
+{
+    (void)state;
+    char name[EVENTS_NAME_MAX + 1];
+    memset(name, 'n', EVENTS_NAME_MAX);
+    name[EVENTS_NAME_MAX] = '\0';
+    struct events_sink_config c = sink_cfg(name, "http://127.0.0.1:9/events", true);
+    char err[256];
+    assert_int_equal(events_sink_check(&c, err, sizeof(err)), 0);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st;
+    assert_int_equal(events_stats(ev, &st, 1), 1);
+    assert_string_equal(st.name, name);
+    assert_int_equal(events_pause(ev, st.name, false), 0);
+    events_free(ev);
+    sink_cfg_fini(&c);
+}
+
 /* The first number of the oldest segment on disk. */
 static uint64_t
 journal_first(void)
@@ -972,6 +994,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_400_to_everything_drops_one_a_backoff, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stats_give_a_64_octet_name_whole, setup, teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
                                         teardown),
