@@ -172,10 +172,11 @@ struct events {
     /* Pump thread only. */
     char *pbuf; /* owned: PUMP_BYTES + one record */
     size_t plen, pcap;
-    uint64_t pfrom; /* the number the copy must start at */
-    uint64_t pseq;  /* the number after the copied lines */
-    uint64_t pskip; /* non-zero: the spool's next record starts there, past pfrom */
-    bool trimming;  /* a trim is in flight */
+    uint64_t pfrom;   /* the number the copy must start at */
+    uint64_t pseq;    /* the number after the copied lines */
+    uint64_t pskip;   /* non-zero: the spool's next record starts there, past pfrom */
+    bool trimming;    /* a trim is in flight */
+    uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 
 /* ---- config ---- */
@@ -1040,14 +1041,37 @@ pump_record(void *arg, uint64_t seq, const char *text, size_t len)
     return 0;
 }
 
+static void pump_trim_done(void *cookie, int rc);
+
+/* Ask the spool to trim what the journal holds, unless a trim is in
+ * flight: its completion asks again for what came meanwhile. Pump
+ * thread. */
+static void
+pump_trim(struct events *ev)
+{
+    struct journal_pos end;
+    journal_end(ev->journal, &end);
+    if (ev->trimming || end.seq <= ev->trim_to)
+        return;
+    ev->trimming = true;
+    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
+        ev->trimming = false;
+    else
+        ev->trim_to = end.seq;
+}
+
 static void
 pump_trim_done(void *cookie, int rc)
 {
     struct events *ev = cookie;
     ev->trimming = false;
-    if (rc < 0)
+    if (rc < 0) {
         log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
                 queue_strerror(rc));
+        ev->trim_to = 0; /* asked again with the next append */
+        return;
+    }
+    pump_trim(ev); /* what was appended while it ran */
 }
 
 static void
@@ -1086,8 +1110,10 @@ pump_move(struct events *ev)
         int rc = journal_skip_to(ev->journal, ev->pskip);
         return rc < 0 ? rc : 1;
     }
-    if (ev->plen == 0)
+    if (ev->plen == 0) {
+        pump_trim(ev); /* records a crash left between a copy and its trim */
         return 0;
+    }
     struct iovec v = {ev->pbuf, ev->plen};
     int rc = journal_append(ev->journal, &v, 1);
     if (rc < 0) {
@@ -1102,12 +1128,7 @@ pump_move(struct events *ev)
     /* Sinks trim as their cursors move; with none left (a reload removed
      * the last), nobody else would, and every segment stayed on disk. */
     events_trim(ev);
-    if (!ev->trimming) {
-        journal_end(ev->journal, &end);
-        ev->trimming = true;
-        if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
-            ev->trimming = false;
-    }
+    pump_trim(ev);
     return queue_events_durable(ev->queue) > ev->pseq ? 1 : 0;
 }
 
@@ -1126,9 +1147,19 @@ pump_main(void *arg)
             wait_until(ev, mono_ms() + PUMP_RETRY_MS);
         } else if (rc == 0) {
             /* Caught up: wait for the next commit, then a little more so
-             * that one append (one fsync) carries several commits. */
-            while (!ev->stop && seen == ev->committed)
-                wait_until(ev, mono_ms() + 1000);
+             * that one append (one fsync) carries several commits. A
+             * trim in flight is waited for meanwhile: its completion
+             * trims what was appended since it was asked, else that
+             * stays in the spool until the next commit. */
+            while (!ev->stop && seen == ev->committed) {
+                if (!ev->trimming) {
+                    wait_until(ev, mono_ms() + 1000);
+                    continue;
+                }
+                pthread_mutex_unlock(&ev->mu);
+                queue_port_wait(ev->port, (int)PUMP_GATHER_MS);
+                pthread_mutex_lock(&ev->mu);
+            }
             seen = ev->committed;
             if (!ev->stop)
                 wait_until(ev, mono_ms() + PUMP_GATHER_MS);

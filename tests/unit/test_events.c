@@ -299,6 +299,61 @@ test_paused_sink_reports_its_oldest_pending(void **state)
     sink_cfg_fini(&c);
 }
 
+static int
+count_record(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    (void)seq;
+    (void)text;
+    (void)len;
+    (*(unsigned *)arg)++;
+    return 0;
+}
+
+/* Event records the spool still holds. */
+static unsigned
+spool_records(void)
+{
+    unsigned n = 0;
+    assert_true(queue_events_read(q, 0, SIZE_MAX, count_record, &n) >= 0);
+    return n;
+}
+
+/* Once the pump copied the spool's event records to the journal, it
+ * trims them from the spool (README: the spool holds events only for
+ * the few ms between the two). A backlog over one pump batch (4 MB)
+ * takes two copies; the second came while the first's trim was in
+ * flight, skipped its own trim, and the pump went idle: its records
+ * stayed in the spool until the next commit, however long that took. */
+static void
+test_idle_pump_leaves_nothing_in_the_spool(void **state)
+{
+    (void)state;
+    static char line[1200];
+    for (unsigned i = 0; i < 5000; i++) { /* 5.6 MB */
+        int len = snprintf(line, sizeof(line),
+                           "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                           "\"id\":\"t%06u\",\"pad\":\"%01040u\"}\n",
+                           i, i);
+        assert_int_equal(queue_events_put(q, port, line, (size_t)len, put_done, NULL), 0);
+    }
+    while (queue_port_pending(port) > 0)
+        assert_true(queue_port_wait(port, 10000) >= 0);
+    assert_true(spool_records() > 0);
+    setenv("SLUICE_TEST_EVENTS_SEGMENT", "0", 1); /* one segment: 5,000 would be slow */
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    wait_written(5000);
+    unsigned left = spool_records();
+    for (int i = 0; i < 5000 && left > 0; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        left = spool_records();
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    if (left > 0)
+        fail_msg("%u event records left in the spool while the pump is idle", left);
+}
+
 /* A sink's name may be 64 octets long (events_sink_check): the stats
  * give it whole, not its first 63, or a client that asks for the sink by
  * the name it configured finds none. */
@@ -995,6 +1050,8 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats_give_a_64_octet_name_whole, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_pump_leaves_nothing_in_the_spool, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
                                         teardown),
