@@ -1,0 +1,1193 @@
+/*
+ * stats_render: the rendering of the stats server's answers (stats.h),
+ * pure functions of the figures handed in: the JSON of "stats" and
+ * "domains" (and the status page's status.json from them) and the
+ * Prometheus text of GET /metrics. engine/stats.c runs the socket, the
+ * HTTP listener and the rates, and calls these; tests/unit/test_stats.c
+ * calls them directly.
+ *
+ * Threading: any thread; nothing here is shared.
+ */
+#include "engine/stats.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/json.h"
+#include "engine/stats_int.h"
+
+/* ---- rendering: JSON ---- */
+
+static double
+share(uint64_t part, uint64_t whole)
+{
+    /* NaN renders as null: "no deliveries yet" is not "0 % over TLS". */
+    return whole == 0 ? NAN : (double)part / (double)whole;
+}
+
+static void
+kdouble(struct json *j, const char *key, double v)
+{
+    json_key(j, key);
+    json_double(j, v);
+}
+
+static void
+render_rates(struct json *j, const char *key, const struct stats_rates *r)
+{
+    json_key(j, key);
+    if (r == NULL || !r->known) {
+        json_null(j);
+        return;
+    }
+    json_obj_begin(j);
+    kdouble(j, "received", r->received);
+    kdouble(j, "delivered", r->delivered);
+    kdouble(j, "deferred", r->deferred);
+    kdouble(j, "bounced", r->bounced);
+    kdouble(j, "expired", r->expired);
+    json_obj_end(j);
+}
+
+/* A fixed-size name from the engine may lack its NUL. */
+static void
+kfixed(struct json *j, const char *key, const char *s, size_t cap)
+{
+    json_key(j, key);
+    json_strn(j, s, strnlen(s, cap));
+}
+
+/* "event_sinks": one object per [events NAME] sink. */
+static void
+render_event_sinks(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "event_sinks");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < c->nevent_sinks && i < STATS_EVENT_SINKS_MAX; i++) {
+        const struct stats_event_sink *e = &c->event_sinks[i];
+        json_obj_begin(j);
+        kfixed(j, "name", e->name, sizeof(e->name));
+        kfixed(j, "kind", e->kind, sizeof(e->kind));
+        json_ku64(j, "pending", e->pending);
+        json_ku64(j, "oldest_pending_age_ms", e->oldest_age_ms);
+        json_ku64(j, "sent", e->sent);
+        json_ku64(j, "failed_attempts", e->failed);
+        json_ku64(j, "dropped", e->dropped);
+        json_ku64(j, "rejected", e->rejected);
+        json_kbool(j, "paused", e->paused);
+        kfixed(j, "last_error", e->last_error, sizeof(e->last_error));
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+}
+
+/* An allowance or what is left of it: a number, null for no limit. */
+static void
+kcount(struct json *j, const char *k, uint64_t v)
+{
+    if (v == UINT64_MAX) {
+        json_key(j, k);
+        json_null(j);
+    } else {
+        json_ku64(j, k, v);
+    }
+}
+
+/* "shaping": active actions by kind, counters, the rules that fired. */
+static void
+render_shaping(struct json *j, const struct stats_counters *c)
+{
+    static const char *const kinds[6] = {"suspend", "backoff", "cap", "count", "rate", "bounce"};
+    json_key(j, "shaping");
+    json_obj_begin(j);
+    json_kbool(j, "enabled", c->shaping_on);
+    json_kstr(j, "redis", c->shaping_redis != NULL ? c->shaping_redis : "off");
+    json_ku64(j, "rules", c->shaping_rules);
+    json_key(j, "active");
+    json_obj_begin(j);
+    for (unsigned k = 0; k < 6; k++)
+        json_ku64(j, kinds[k], c->shaping_active[k]);
+    json_obj_end(j);
+    json_ku64(j, "started", c->shaping_started);
+    json_ku64(j, "ended", c->shaping_ended);
+    json_ku64(j, "rule_hits", c->shaping_hits);
+    json_ku64(j, "published", c->shaping_published);
+    json_ku64(j, "received", c->shaping_received);
+    json_ku64(j, "connections_quit", c->shaping_quits);
+    json_ku64(j, "ignored", c->shaping_ignored);
+    json_ku64(j, "outbox", c->shaping_outbox);
+    json_ku64(j, "outbox_dropped", c->shaping_outbox_dropped);
+    json_key(j, "by_rule");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++)
+        json_ku64(j, c->shaping_rule_hits[i].name, c->shaping_rule_hits[i].hits);
+    json_obj_end(j);
+    json_obj_end(j);
+}
+
+/* "warmup": the keeper's state and one row per (source, group). */
+static void
+render_warmup(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "warmup");
+    json_obj_begin(j);
+    json_ku64(j, "sources", c->warmup_sources);
+    json_kstr(j, "redis", c->warmup_redis != NULL ? c->warmup_redis : "off");
+    json_ku64(j, "refused", c->warmup_refused);
+    json_ku64(j, "saves", c->warmup_saves);
+    json_ku64(j, "save_failures", c->warmup_save_failures);
+    json_ku64(j, "syncs", c->warmup_syncs);
+    json_ku64(j, "sync_failures", c->warmup_sync_failures);
+    json_key(j, "rows");
+    json_arr_begin(j);
+    for (unsigned i = 0; i < c->nwarmup && i < STATS_WARMUP_MAX; i++) {
+        const struct stats_warmup *r = &c->warmup[i];
+        json_obj_begin(j);
+        json_kstr(j, "source", r->source);
+        json_kstr(j, "plan", r->plan);
+        json_kstr(j, "group", r->group);
+        json_key(j, "day");
+        json_i64(j, r->day);
+        kcount(j, "allowance", r->allowance);
+        json_ku64(j, "taken", r->taken);
+        kcount(j, "left", r->left);
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+    json_obj_end(j);
+}
+
+struct stats_tenant *
+stats_tenant_get(struct stats_tenant_table *t, const char *name)
+{
+    for (unsigned i = 0; i < t->n; i++)
+        if (strcmp(t->v[i].name, name) == 0)
+            return &t->v[i];
+    if (t->n >= STATS_TENANT_TABLE_MAX)
+        return NULL;
+    if (t->n == t->cap) {
+        unsigned cap = t->cap ? t->cap * 2 : 8;
+        struct stats_tenant *v = realloc(t->v, cap * sizeof(*v));
+        if (v == NULL)
+            return NULL;
+        t->v = v;
+        t->cap = cap;
+    }
+    struct stats_tenant *e = &t->v[t->n++];
+    memset(e, 0, sizeof(*e));
+    snprintf(e->name, sizeof(e->name), "%s", name);
+    return e;
+}
+
+unsigned
+stats_tenant_copy(const struct stats_tenant_table *t, struct stats_tenant *out, unsigned cap)
+{
+    unsigned n = t->n < cap ? t->n : cap;
+    if (n > 0)
+        memcpy(out, t->v, n * sizeof(*out));
+    return n;
+}
+
+void
+stats_tenant_fini(struct stats_tenant_table *t)
+{
+    free(t->v);
+    memset(t, 0, sizeof(*t));
+}
+
+/* "tenants": {"NAME": {...}} for the busiest tenants. */
+static void
+render_tenants(struct json *j, const struct stats_counters *c)
+{
+    json_key(j, "tenants");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->ntenants && i < STATS_TENANTS_MAX; i++) {
+        const struct stats_tenant *t = &c->tenants[i];
+        json_key(j, t->name);
+        json_obj_begin(j);
+        json_ku64(j, "received_msgs", t->received_msgs);
+        json_ku64(j, "received_rcpts", t->received_rcpts);
+        json_ku64(j, "delivered", t->delivered);
+        json_ku64(j, "deferred", t->deferred);
+        json_ku64(j, "bounced", t->bounced);
+        json_ku64(j, "expired", t->expired);
+        json_obj_end(j);
+    }
+    json_obj_end(j);
+}
+
+/* "pools" / "sources": {"NAME": {...}} for the busiest. */
+static void
+render_owners(struct json *j, const char *key, const struct stats_owner *o, unsigned n,
+              bool conns)
+{
+    json_key(j, key);
+    json_obj_begin(j);
+    for (unsigned i = 0; i < n && i < STATS_OWNERS_MAX; i++) {
+        json_key(j, o[i].name);
+        json_obj_begin(j);
+        json_ku64(j, "delivered", o[i].delivered);
+        json_ku64(j, "deferred", o[i].deferred);
+        json_ku64(j, "bounced", o[i].bounced);
+        if (conns)
+            json_ku64(j, "connections", o[i].connections);
+        json_obj_end(j);
+    }
+    json_obj_end(j);
+}
+
+/* {"name": count, ...} of the named entries of a stats_object array. */
+static void
+render_named(struct json *j, const char *key, const struct stats_object *o, unsigned n,
+             unsigned cap)
+{
+    json_key(j, key);
+    json_obj_begin(j);
+    for (unsigned i = 0; i < n && i < cap; i++) {
+        size_t len = strnlen(o[i].name, sizeof(o[i].name));
+        if (len == 0)
+            continue;
+        char name[sizeof(o[i].name) + 1];
+        memcpy(name, o[i].name, len);
+        name[len] = '\0';
+        json_ku64(j, name, o[i].live);
+    }
+    json_obj_end(j);
+}
+
+void
+stats_render_stats(struct json *j, const struct stats_counters *c, const struct stats_rates *r1s,
+                   const struct stats_rates *r1m)
+{
+    json_obj_begin(j);
+    json_kbool(j, "ok", true);
+    json_kstr(j, "version", SLUICE_VERSION);
+    json_ku64(j, "uptime_ms", c->uptime_ms);
+    json_ku64(j, "workers", c->workers);
+
+    json_key(j, "counters");
+    json_obj_begin(j);
+    json_ku64(j, "received_msgs", c->received_msgs);
+    json_ku64(j, "received_rcpts", c->received_rcpts);
+    json_ku64(j, "delivered", c->delivered);
+    json_ku64(j, "deferred", c->deferred);
+    json_ku64(j, "bounced", c->bounced);
+    json_ku64(j, "expired", c->expired);
+    json_ku64(j, "dsn_queued", c->dsn_queued);
+    json_ku64(j, "rcpt_suppressed", c->rcpt_suppressed);
+    json_ku64(j, "delivered_tls", c->delivered_tls);
+    json_ku64(j, "dkim_signed", c->dkim_signed);
+    json_ku64(j, "dkim_unsigned", c->dkim_unsigned);
+    json_ku64(j, "dkim_failed", c->dkim_failed);
+    json_ku64(j, "oob_messages", c->oob_messages);
+    json_ku64(j, "oob_events", c->oob_events);
+    json_ku64(j, "oob_dropped", c->oob_dropped);
+    json_ku64(j, "oob_refused", c->oob_refused);
+    render_named(j, "deferred_by_class", c->deferred_by_class, c->nclasses, STATS_CLASSES_MAX);
+    render_named(j, "bounced_by_class", c->bounced_by_class, c->nclasses, STATS_CLASSES_MAX);
+    json_obj_end(j);
+
+    json_key(j, "rates");
+    json_obj_begin(j);
+    render_rates(j, "1s", r1s);
+    render_rates(j, "1m", r1m);
+    json_obj_end(j);
+
+    json_key(j, "connections");
+    json_obj_begin(j);
+    json_ku64(j, "inbound_open", c->conn_in_open);
+    json_ku64(j, "outbound_open", c->conn_out_open);
+    json_ku64(j, "inbound_total", c->conn_in_total);
+    json_ku64(j, "outbound_total", c->conn_out_total);
+    json_ku64(j, "outbound_failed", c->conn_out_failed);
+    json_ku64(j, "dane_authenticated", c->dane_authenticated);
+    json_ku64(j, "dane_failed", c->dane_failed);
+    json_ku64(j, "transactions", c->transactions);
+    json_ku64(j, "reused_transactions", c->reused_transactions);
+    kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
+    json_ku64(j, "reuse_lost", c->reuse_lost);
+    json_ku64(j, "handed_over", c->handed_over);
+    json_obj_end(j);
+
+    kdouble(j, "tls_share", share(c->delivered_tls, c->delivered));
+
+    json_key(j, "queue");
+    json_obj_begin(j);
+    json_ku64(j, "messages", c->queue_msgs);
+    json_ku64(j, "recipients", c->queue_rcpts);
+    json_ku64(j, "deferred", c->queue_deferred);
+    json_obj_end(j);
+
+    json_key(j, "spool");
+    json_obj_begin(j);
+    json_ku64(j, "bytes", c->spool_bytes);
+    json_ku64(j, "map_size", c->map_size);
+    json_ku64(j, "map_used", c->map_used);
+    kdouble(j, "map_used_share", share(c->map_used, c->map_size));
+    json_ku64(j, "corrupt_records", c->spool_corrupt);
+    json_obj_end(j);
+
+    json_key(j, "dns");
+    json_obj_begin(j);
+    json_ku64(j, "lookups", c->dns_lookups);
+    json_ku64(j, "cache_hits", c->dns_cache_hits);
+    json_ku64(j, "cache_entries", c->dns_cache_entries);
+    kdouble(j, "cache_hit_share", share(c->dns_cache_hits, c->dns_lookups));
+    json_ku64(j, "tlsa_queries", c->dns_tlsa_queries);
+    json_ku64(j, "tlsa_secure", c->dns_tlsa_secure);
+    json_ku64(j, "tlsa_failed", c->dns_tlsa_failed);
+    json_obj_end(j);
+
+    json_key(j, "redis");
+    json_obj_begin(j);
+    json_kstr(j, "state", c->redis_state != NULL ? c->redis_state : "off");
+    json_obj_end(j);
+
+    json_key(j, "suppress");
+    json_obj_begin(j);
+    json_kbool(j, "enabled", c->suppress_on);
+    json_ku64(j, "entries", c->suppress_entries);
+    json_ku64(j, "checks", c->suppress_checks);
+    json_ku64(j, "hits", c->suppress_hits);
+    json_ku64(j, "added", c->suppress_added);
+    json_ku64(j, "removed", c->suppress_removed);
+    json_ku64(j, "feed_dropped", c->suppress_feed_dropped);
+    json_ku64(j, "map_size", c->suppress_map_size);
+    json_ku64(j, "map_used", c->suppress_map_used);
+    json_obj_end(j);
+
+    json_key(j, "dlog");
+    json_obj_begin(j);
+    json_ku64(j, "events", c->dlog_events);
+    json_ku64(j, "write_errors", c->dlog_write_errors);
+    json_ku64(j, "dropped", c->dlog_dropped);
+    json_obj_end(j);
+
+    render_event_sinks(j, c);
+    render_tenants(j, c);
+    render_warmup(j, c);
+    render_owners(j, "pools", c->pools, c->npools, false);
+    render_owners(j, "sources", c->sources, c->nsources, true);
+    json_ku64(j, "source_holds", c->source_holds);
+    render_shaping(j, c);
+    json_ku64(j, "parked", c->parked);
+    json_key(j, "auth");
+    json_obj_begin(j);
+    json_ku64(j, "ok", c->auth_ok);
+    json_ku64(j, "failed", c->auth_failed);
+    json_ku64(j, "refused_address", c->auth_refused_address);
+    json_ku64(j, "refused_user", c->auth_refused_user);
+    json_ku64(j, "busy", c->auth_busy);
+    json_ku64(j, "coalesced", c->auth_coalesced);
+    json_ku64(j, "hash_waiting", c->auth_hash_waiting);
+    json_ku64(j, "limit_entries", c->auth_limit_entries);
+    json_ku64(j, "limit_evictions", c->auth_limit_evictions);
+    json_key(j, "hashes");
+    json_obj_begin(j);
+    for (unsigned i = 0; i < c->nauth_hashes && i < STATS_AUTH_SCHEMES_MAX; i++) {
+        const struct stats_object *o = &c->auth_hashes[i];
+        size_t n = strnlen(o->name, sizeof(o->name));
+        if (n == 0)
+            continue;
+        char name[sizeof(o->name) + 1];
+        memcpy(name, o->name, n);
+        name[n] = '\0';
+        json_ku64(j, name, o->live);
+    }
+    json_obj_end(j);
+    json_obj_end(j);
+
+    json_key(j, "objects");
+    json_obj_begin(j);
+    json_ku64(j, "destinations", c->destinations);
+    json_ku64(j, "jobs_inflight", c->jobs_inflight);
+    for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
+        const struct stats_object *o = &c->objects[i];
+        size_t n = strnlen(o->name, sizeof(o->name));
+        if (n == 0)
+            continue;
+        char name[sizeof(o->name) + 1];
+        memcpy(name, o->name, n);
+        name[n] = '\0';
+        json_ku64(j, name, o->live);
+    }
+    json_obj_end(j);
+    json_obj_end(j);
+}
+
+void
+render_domain_array(struct json *j, const char *key, const struct stats_domain *d, size_t n,
+                    uint64_t now_ms)
+{
+    json_key(j, key);
+    json_arr_begin(j);
+    for (size_t i = 0; i < n; i++) {
+        const struct stats_domain *x = &d[i];
+        json_obj_begin(j);
+        kfixed(j, "name", x->name, sizeof(x->name));
+        json_key(j, "pool");
+        if (x->pool[0] != '\0')
+            json_str(j, x->pool);
+        else
+            json_null(j);
+        json_ku64(j, "ready", x->ready);
+        json_ku64(j, "deferred", x->deferred);
+        json_ku64(j, "inflight", x->inflight);
+        json_ku64(j, "connections", x->connections);
+        json_ku64(j, "max_connections", x->max_connections);
+        /* 0 means "no limit": null says so without a magic number. */
+        kdouble(j, "rate_limit", x->rate_limit > 0 ? x->rate_limit : NAN);
+        kfixed(j, "limit_reason", x->limit_reason, sizeof(x->limit_reason));
+        json_ku64(j, "delivered", x->delivered);
+        json_ku64(j, "bounced", x->bounced);
+        json_key(j, "oldest");
+        if (x->oldest_ms != 0)
+            json_time_ms(j, x->oldest_ms);
+        else
+            json_null(j);
+        json_key(j, "oldest_age_ms");
+        if (x->oldest_ms != 0)
+            json_u64(j, now_ms > x->oldest_ms ? now_ms - x->oldest_ms : 0);
+        else
+            json_null(j);
+        json_kbool(j, "suspended", x->suspended);
+        json_kbool(j, "held", x->held);
+        json_key(j, "held_until");
+        if (x->held && x->held_until_ms != 0)
+            json_time_ms(j, x->held_until_ms);
+        else
+            json_null(j);
+        render_named(j, "deferred_by_class", x->deferred_by_class, x->nclasses,
+                     STATS_DOMAIN_CLASSES);
+        render_named(j, "waiting_by_class", x->waiting_by_class, x->nwaiting_classes,
+                     STATS_DOMAIN_CLASSES);
+        kfixed(j, "last_reply", x->last_reply, sizeof(x->last_reply));
+        json_ku64(j, "tenants_waiting", x->tenants_waiting);
+        json_key(j, "tenants");
+        json_arr_begin(j);
+        for (unsigned k = 0; k < x->ntenants && k < STATS_DOMAIN_TENANTS; k++) {
+            json_obj_begin(j);
+            json_key(j, "tenant");
+            if (x->tenants[k].name[0] != '\0')
+                json_strn(j, x->tenants[k].name, strnlen(x->tenants[k].name,
+                                                         sizeof(x->tenants[k].name)));
+            else
+                json_null(j);
+            json_ku64(j, "ready", x->tenants[k].ready);
+            json_obj_end(j);
+        }
+        json_arr_end(j);
+        json_obj_end(j);
+    }
+    json_arr_end(j);
+}
+
+void
+stats_render_domains(struct json *j, const struct stats_domain *d, size_t n, uint64_t now_ms)
+{
+    render_domain_array(j, "domains", d, n, now_ms);
+}
+
+/* ---- rendering: Prometheus ---- */
+
+/* struct json doubles as the growable text buffer: json_raw() appends
+ * without any JSON punctuation. */
+void
+text_printf(struct json *t, const char *fmt, ...)
+{
+    char b[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(b, sizeof(b), fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n < sizeof(b)) {
+        json_raw(t, b, (size_t)n);
+        return;
+    }
+    char *big = malloc((size_t)n + 1);
+    if (big == NULL) {
+        t->oom = true;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    json_raw(t, big, (size_t)n);
+    free(big);
+}
+
+/* A label value per the text format: backslash, double quote and line
+ * feed escaped; the value is otherwise any UTF-8. */
+static void
+text_label(struct json *t, const char *s, size_t cap)
+{
+    size_t n = strnlen(s, cap);
+    for (size_t i = 0; i < n; i++) {
+        switch (s[i]) {
+        case '\\':
+            json_raw(t, "\\\\", 2);
+            break;
+        case '"':
+            json_raw(t, "\\\"", 2);
+            break;
+        case '\n':
+            json_raw(t, "\\n", 2);
+            break;
+        default:
+            json_raw(t, &s[i], 1);
+            break;
+        }
+    }
+}
+
+static void
+text_family(struct json *t, const char *name, const char *type, const char *help)
+{
+    text_printf(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void
+text_double(struct json *t, double v)
+{
+    if (isnan(v))
+        json_raw(t, "NaN", 3);
+    else if (isinf(v))
+        json_raw(t, v > 0 ? "+Inf" : "-Inf", 4);
+    else
+        text_printf(t, "%.17g", v);
+}
+
+struct metric {
+    const char *name, *type, *help;
+    size_t off; /* of a uint64_t in struct stats_counters */
+};
+
+#define CTR(f) offsetof(struct stats_counters, f)
+static const struct metric metrics[] = {
+    {"sluice_messages_received_total", "counter", "Messages accepted at submission.",
+     CTR(received_msgs)},
+    {"sluice_recipients_received_total", "counter", "Recipients accepted at submission.",
+     CTR(received_rcpts)},
+    {"sluice_recipients_delivered_total", "counter", "Recipients delivered (2xx).", CTR(delivered)},
+    {"sluice_recipients_deferred_total", "counter", "Recipient attempts deferred (to retry).",
+     CTR(deferred)},
+    {"sluice_recipients_bounced_total", "counter", "Recipients bounced (5xx or policy).",
+     CTR(bounced)},
+    {"sluice_recipients_expired_total", "counter", "Recipients bounced after their maximum age.",
+     CTR(expired)},
+    {"sluice_recipients_delivered_tls_total", "counter", "Recipients delivered over TLS.",
+     CTR(delivered_tls)},
+    {"sluice_dsn_queued_total", "counter", "Delivery status notifications queued.",
+     CTR(dsn_queued)},
+    {"sluice_rcpt_suppressed_total", "counter",
+     "Recipients refused at RCPT: on the suppression list.", CTR(rcpt_suppressed)},
+    {"sluice_suppress_entries", "gauge", "Entries in the suppression list.",
+     CTR(suppress_entries)},
+    {"sluice_suppress_added_total", "counter",
+     "Suppression entries written (operator, bounces, complaints, imports).",
+     CTR(suppress_added)},
+    {"sluice_suppress_feed_dropped_total", "counter",
+     "Suppression entries from bounces that could not be written.", CTR(suppress_feed_dropped)},
+    {"sluice_dkim_signed_total", "counter", "Messages DKIM-signed at reception.",
+     CTR(dkim_signed)},
+    {"sluice_dkim_unsigned_total", "counter",
+     "Messages sent unsigned although DKIM keys are configured (no key, no From:).",
+     CTR(dkim_unsigned)},
+    {"sluice_dkim_failed_total", "counter",
+     "Messages refused with 451 because signing failed or its queue was full.",
+     CTR(dkim_failed)},
+    {"sluice_oob_messages_total", "counter",
+     "Messages accepted at the bounce listener and parsed (never queued).", CTR(oob_messages)},
+    {"sluice_oob_events_total", "counter",
+     "oob_bounce and complaint events logged from the bounce listener.", CTR(oob_events)},
+    {"sluice_oob_dropped_total", "counter",
+     "Bounce listener messages that gave no event (auto-replies, no or forged token, ...).",
+     CTR(oob_dropped)},
+    {"sluice_oob_refused_total", "counter",
+     "Recipients refused at the bounce listener (forged tokens, other addresses).",
+     CTR(oob_refused)},
+    {"sluice_connections_inbound_total", "counter", "Inbound SMTP connections accepted.",
+     CTR(conn_in_total)},
+    {"sluice_connections_outbound_total", "counter", "Outbound SMTP connections attempted.",
+     CTR(conn_out_total)},
+    {"sluice_connections_outbound_failed_total", "counter",
+     "Outbound SMTP connections that failed before a greeting.", CTR(conn_out_failed)},
+    {"sluice_connections_dane_authenticated_total", "counter",
+     "Outbound TLS sessions authenticated by the MX host's DNSSEC-validated TLSA records.",
+     CTR(dane_authenticated)},
+    {"sluice_connections_dane_failed_total", "counter",
+     "Outbound connections to DANE hosts given up: no STARTTLS, no TLSA match, TLSA lookup "
+     "failed.",
+     CTR(dane_failed)},
+    {"sluice_connections_inbound_open", "gauge", "Inbound SMTP connections open.",
+     CTR(conn_in_open)},
+    {"sluice_connections_outbound_open", "gauge", "Outbound SMTP connections open.",
+     CTR(conn_out_open)},
+    {"sluice_transactions_total", "counter", "Outbound SMTP transactions.", CTR(transactions)},
+    {"sluice_transactions_reused_total", "counter",
+     "Outbound SMTP transactions on a connection that had one before.", CTR(reused_transactions)},
+    {"sluice_transactions_reuse_lost_total", "counter",
+     "Transactions on a reused connection that the receiver closed at their first command; "
+     "the job went to another connection at once.",
+     CTR(reuse_lost)},
+    {"sluice_jobs_handed_over_total", "counter",
+     "Delivery jobs handed to another worker with their domain (site affinity).", CTR(handed_over)},
+    {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},
+    {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
+    {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",
+     CTR(queue_deferred)},
+    {"sluice_spool_bytes", "gauge", "Bytes of messages in the spool.", CTR(spool_bytes)},
+    {"sluice_spool_map_size_bytes", "gauge", "Size of the spool's LMDB map.", CTR(map_size)},
+    {"sluice_spool_map_used_bytes", "gauge", "Bytes of the spool's LMDB map in use.",
+     CTR(map_used)},
+    {"sluice_spool_corrupt_records_total", "counter",
+     "Spool records skipped because they fail their checks (each logged with its key).",
+     CTR(spool_corrupt)},
+    {"sluice_dns_lookups_total", "counter", "DNS lookups asked.", CTR(dns_lookups)},
+    {"sluice_dns_cache_hits_total", "counter", "DNS lookups answered from the cache.",
+     CTR(dns_cache_hits)},
+    {"sluice_dns_cache_entries", "gauge", "Entries in the DNS cache.", CTR(dns_cache_entries)},
+    {"sluice_dns_tlsa_queries_total", "counter",
+     "TLSA queries for MX hosts of validated MX answers ([dns] dnssec = trust_ad).",
+     CTR(dns_tlsa_queries)},
+    {"sluice_dns_tlsa_secure_total", "counter", "MX hosts found with validated TLSA records.",
+     CTR(dns_tlsa_secure)},
+    {"sluice_dns_tlsa_failed_total", "counter",
+     "TLSA lookups that failed (SERVFAIL, bogus, timeout): the host is not used.",
+     CTR(dns_tlsa_failed)},
+    {"sluice_dlog_events_total", "counter", "Delivery log events written.", CTR(dlog_events)},
+    {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
+     CTR(dlog_write_errors)},
+    {"sluice_dlog_dropped_total", "counter", "Delivery log events dropped.", CTR(dlog_dropped)},
+    {"sluice_auth_ok_total", "counter", "AUTH attempts that succeeded.", CTR(auth_ok)},
+    {"sluice_auth_failed_total", "counter", "AUTH attempts that failed.", CTR(auth_failed)},
+    {"sluice_auth_refused_address_total", "counter",
+     "AUTH refused: the client address failed too often.", CTR(auth_refused_address)},
+    {"sluice_auth_refused_user_total", "counter", "AUTH refused: the user name failed too often.",
+     CTR(auth_refused_user)},
+    {"sluice_auth_busy_total", "counter", "AUTH answered 454: no room for another hash.",
+     CTR(auth_busy)},
+    {"sluice_auth_coalesced_total", "counter",
+     "AUTH answered by the hash of the same credentials under way for another session.",
+     CTR(auth_coalesced)},
+    {"sluice_auth_hash_waiting", "gauge", "Password hashes waiting for a hashing thread.",
+     CTR(auth_hash_waiting)},
+    {"sluice_destinations", "gauge", "Destination domains known to the scheduler.",
+     CTR(destinations)},
+    {"sluice_jobs_inflight", "gauge", "Delivery jobs in flight.", CTR(jobs_inflight)},
+};
+
+/* Per-domain gauges and counters that take one value each. */
+struct domain_metric {
+    const char *name, *type, *help;
+    int field;
+};
+enum { DM_CONNECTIONS, DM_MAX_CONNECTIONS, DM_RATE, DM_DELIVERED, DM_BOUNCED, DM_SUSPENDED, DM_HELD };
+
+static const struct domain_metric domain_metrics[] = {
+    {"sluice_domain_connections", "gauge", "Outbound connections open to the domain.",
+     DM_CONNECTIONS},
+    {"sluice_domain_max_connections", "gauge", "Connection limit in force for the domain.",
+     DM_MAX_CONNECTIONS},
+    {"sluice_domain_message_rate_limit", "gauge",
+     "Messages per second allowed to the domain, 0 when unlimited.", DM_RATE},
+    {"sluice_domain_recipients_delivered_total", "counter", "Recipients delivered to the domain.",
+     DM_DELIVERED},
+    {"sluice_domain_recipients_bounced_total", "counter", "Recipients bounced by the domain.",
+     DM_BOUNCED},
+    {"sluice_domain_suspended", "gauge", "1 when deliveries to the domain are suspended.",
+     DM_SUSPENDED},
+    {"sluice_domain_held", "gauge",
+     "1 while the domain is held (no new connection) after a 421 or failed MX addresses.",
+     DM_HELD},
+};
+
+static double
+domain_value(const struct stats_domain *d, int field)
+{
+    switch (field) {
+    case DM_CONNECTIONS:
+        return (double)d->connections;
+    case DM_MAX_CONNECTIONS:
+        return (double)d->max_connections;
+    case DM_RATE:
+        return d->rate_limit > 0 ? d->rate_limit : 0;
+    case DM_DELIVERED:
+        return (double)d->delivered;
+    case DM_BOUNCED:
+        return (double)d->bounced;
+    case DM_SUSPENDED:
+        return d->suspended ? 1 : 0;
+    case DM_HELD:
+        return d->held ? 1 : 0;
+    }
+    return NAN;
+}
+
+/* {domain="D" or {domain="D",pool="P": the caller closes the braces. */
+static void
+text_domain_label(struct json *t, const struct stats_domain *d)
+{
+    json_raw(t, "{domain=\"", 9);
+    text_label(t, d->name, sizeof(d->name));
+    json_raw(t, "\"", 1);
+    if (d->pool[0] != '\0') {
+        json_raw(t, ",pool=\"", 7);
+        text_label(t, d->pool, sizeof(d->pool));
+        json_raw(t, "\"", 1);
+    }
+}
+
+/* y's figures added to x's, the row of the same domain and pool. */
+static void
+domain_add(struct stats_domain *x, const struct stats_domain *y)
+{
+    x->ready += y->ready;
+    x->deferred += y->deferred;
+    x->inflight += y->inflight;
+    x->connections += y->connections;
+    x->delivered += y->delivered;
+    x->bounced += y->bounced;
+    if (y->max_connections > x->max_connections)
+        x->max_connections = y->max_connections;
+    if (y->rate_limit > x->rate_limit)
+        x->rate_limit = y->rate_limit;
+    x->suspended = x->suspended || y->suspended;
+    x->held = x->held || y->held;
+    if (y->oldest_ms != 0 && (x->oldest_ms == 0 || y->oldest_ms < x->oldest_ms))
+        x->oldest_ms = y->oldest_ms;
+    for (unsigned k = 0; k < y->nclasses && k < STATS_DOMAIN_CLASSES; k++) {
+        const struct stats_object *o = &y->deferred_by_class[k];
+        unsigned i = 0;
+        while (i < x->nclasses && i < STATS_DOMAIN_CLASSES &&
+               strncmp(x->deferred_by_class[i].name, o->name, sizeof(o->name)) != 0)
+            i++;
+        if (i < x->nclasses)
+            x->deferred_by_class[i].live += o->live;
+        else if (x->nclasses < STATS_DOMAIN_CLASSES)
+            x->deferred_by_class[x->nclasses++] = *o;
+    }
+}
+
+/* d[0..n) into out, one row per series: a domain has a destination per
+ * pool (its series carry a pool label) and one more for tls_relaxed mail
+ * (outbound/scheduler.c), whose figures join its sibling's. Two samples
+ * of one series are an error of the exposition, and Prometheus keeps
+ * only the first. The first row of each, the busiest, gives its limit
+ * reason. Returns the number of rows in out. */
+static size_t
+domains_merge(const struct stats_domain *d, size_t n, struct stats_domain *out)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = 0;
+        while (k < m && (strncmp(out[k].name, d[i].name, sizeof(d[i].name)) != 0 ||
+                         strncmp(out[k].pool, d[i].pool, sizeof(d[i].pool)) != 0))
+            k++;
+        if (k < m)
+            domain_add(&out[k], &d[i]);
+        else
+            out[m++] = d[i];
+    }
+    return m;
+}
+
+/* sluice_tenant_*{tenant="NAME"}: the busiest tenants. */
+static void
+render_tenant_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } fam[] = {
+        {"sluice_tenant_messages_received_total",
+         "Messages accepted at submission for the tenant (the busiest tenants only).",
+         offsetof(struct stats_tenant, received_msgs)},
+        {"sluice_tenant_recipients_received_total",
+         "Recipients of the messages accepted for the tenant.",
+         offsetof(struct stats_tenant, received_rcpts)},
+        {"sluice_tenant_recipients_delivered_total", "Recipients of the tenant delivered.",
+         offsetof(struct stats_tenant, delivered)},
+        {"sluice_tenant_recipients_deferred_total",
+         "Recipient attempts of the tenant deferred (a temporary failure).",
+         offsetof(struct stats_tenant, deferred)},
+        {"sluice_tenant_recipients_bounced_total",
+         "Recipients of the tenant bounced (a permanent failure).",
+         offsetof(struct stats_tenant, bounced)},
+        {"sluice_tenant_recipients_expired_total",
+         "Recipients of the tenant that expired (max_age) before delivery.",
+         offsetof(struct stats_tenant, expired)},
+    };
+    unsigned n = c->ntenants < STATS_TENANTS_MAX ? c->ntenants : STATS_TENANTS_MAX;
+    if (n == 0)
+        return;
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, "counter", fam[f].help);
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_tenant *e = &c->tenants[i];
+            uint64_t v;
+            memcpy(&v, (const char *)e + fam[f].off, sizeof(v));
+            text_printf(t, "%s{tenant=\"", fam[f].name);
+            text_label(t, e->name, sizeof(e->name));
+            text_printf(t, "\"} %llu\n", (unsigned long long)v);
+        }
+    }
+}
+
+/* sluice_warmup_*{source="ADDRESS",group="GROUP"}: warm-up progress. */
+static void
+render_warmup_metrics(struct json *t, const struct stats_counters *c)
+{
+    unsigned n = c->nwarmup < STATS_WARMUP_MAX ? c->nwarmup : STATS_WARMUP_MAX;
+    if (n == 0)
+        return;
+    static const struct {
+        const char *name, *help;
+    } fam[] = {
+        {"sluice_warmup_allowance",
+         "Messages the source may send to the destination group today under its warm-up plan "
+         "(+Inf past the schedule)."},
+        {"sluice_warmup_taken", "Messages the source sent to the destination group today "
+                                "(with Redis: every node's)."},
+        {"sluice_warmup_day", "Day of the source's warm-up plan (1 on its start date)."},
+    };
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, "gauge", fam[f].help);
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_warmup *r = &c->warmup[i];
+            text_printf(t, "%s{source=\"", fam[f].name);
+            text_label(t, r->source, sizeof(r->source));
+            json_raw(t, "\",group=\"", 9);
+            text_label(t, r->group, sizeof(r->group));
+            json_raw(t, "\"} ", 3);
+            if (f == 0 && r->allowance == UINT64_MAX)
+                text_printf(t, "+Inf\n");
+            else
+                text_printf(t, "%llu\n",
+                            f == 0   ? (unsigned long long)r->allowance
+                            : f == 1 ? (unsigned long long)r->taken
+                                     : (unsigned long long)(r->day > 0 ? r->day : 0));
+        }
+    }
+}
+
+/* sluice_{pool,source}_recipients_{delivered,deferred,bounced}_total
+ * and sluice_source_connections_total: the busiest only (top_n). */
+static void render_shaping_metrics(struct json *t, const struct stats_counters *c);
+
+static void
+render_owner_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const char *const what[3] = {"delivered", "deferred", "bounced"};
+    for (int f = 0; f < 3; f++) {
+        char name[96];
+        for (int k = 0; k < 2; k++) {
+            const struct stats_owner *o = k == 0 ? c->pools : c->sources;
+            unsigned n = k == 0 ? c->npools : c->nsources;
+            if (n == 0)
+                continue;
+            const char *kind = k == 0 ? "pool" : "source";
+            snprintf(name, sizeof(name), "sluice_%s_recipients_%s_total", kind, what[f]);
+            text_family(t, name, "counter",
+                        k == 0 ? "Recipients of the pool's mail, by outcome."
+                               : "Recipients sent from the source, by outcome.");
+            for (unsigned i = 0; i < n && i < STATS_OWNERS_MAX; i++) {
+                text_printf(t, "%s{%s=\"", name, kind);
+                text_label(t, o[i].name, sizeof(o[i].name));
+                uint64_t v = f == 0 ? o[i].delivered : f == 1 ? o[i].deferred : o[i].bounced;
+                text_printf(t, "\"} %llu\n", (unsigned long long)v);
+            }
+        }
+    }
+    if (c->nsources > 0) {
+        text_family(t, "sluice_source_connections_total", "counter",
+                    "Outbound connections opened from the source.");
+        for (unsigned i = 0; i < c->nsources && i < STATS_OWNERS_MAX; i++) {
+            text_printf(t, "sluice_source_connections_total{source=\"");
+            text_label(t, c->sources[i].name, sizeof(c->sources[i].name));
+            text_printf(t, "\"} %llu\n", (unsigned long long)c->sources[i].connections);
+        }
+    }
+    text_family(t, "sluice_source_holds_total", "counter",
+                "Times a pool's source was held at a site after a receiver pushed back.");
+    text_printf(t, "sluice_source_holds_total %llu\n", (unsigned long long)c->source_holds);
+    render_shaping_metrics(t, c);
+}
+
+/* sluice_shaping_*: active actions by kind, actions started, ended and
+ * ignored, rule hits (per rule: those that fired, the most first). */
+static void
+render_shaping_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const char *const kinds[6] = {"suspend", "backoff", "cap", "count", "rate", "bounce"};
+    if (!c->shaping_on)
+        return;
+    text_family(t, "sluice_shaping_active", "gauge",
+                "Shaping actions in force now (every node's, as this node applies them).");
+    for (unsigned k = 0; k < 6; k++)
+        text_printf(t, "sluice_shaping_active{kind=\"%s\"} %llu\n", kinds[k],
+                    (unsigned long long)c->shaping_active[k]);
+    text_family(t, "sluice_shaping_actions_started_total", "counter",
+                "Shaping actions that started on this node (its rules, other nodes', operators').");
+    text_printf(t, "sluice_shaping_actions_started_total %llu\n",
+                (unsigned long long)c->shaping_started);
+    text_family(t, "sluice_shaping_actions_ended_total", "counter",
+                "Shaping actions that ended (expired or cleared).");
+    text_printf(t, "sluice_shaping_actions_ended_total %llu\n",
+                (unsigned long long)c->shaping_ended);
+    text_family(t, "sluice_shaping_rule_hits_total", "counter",
+                "Receivers' replies that matched a shaping rule on this node.");
+    text_printf(t, "sluice_shaping_rule_hits_total %llu\n", (unsigned long long)c->shaping_hits);
+    if (c->nshaping_rule_hits > 0) {
+        text_family(t, "sluice_shaping_rule_matches_total", "counter",
+                    "Replies that matched each shaping rule on this node (the rules that fired).");
+        for (unsigned i = 0; i < c->nshaping_rule_hits && i < STATS_OWNERS_MAX; i++) {
+            text_printf(t, "sluice_shaping_rule_matches_total{rule=\"");
+            text_label(t, c->shaping_rule_hits[i].name, sizeof(c->shaping_rule_hits[i].name));
+            text_printf(t, "\"} %llu\n", (unsigned long long)c->shaping_rule_hits[i].hits);
+        }
+    }
+    text_family(t, "sluice_shaping_connections_quit_total", "counter",
+                "Outbound connections that said goodbye because a shaping action said so.");
+    text_printf(t, "sluice_shaping_connections_quit_total %llu\n",
+                (unsigned long long)c->shaping_quits);
+    text_family(t, "sluice_shaping_actions_ignored_total", "counter",
+                "Shaping actions read of a kind or scope this node does not know (a newer "
+                "node's): ignored.");
+    text_printf(t, "sluice_shaping_actions_ignored_total %llu\n",
+                (unsigned long long)c->shaping_ignored);
+    text_family(t, "sluice_shaping_outbox", "gauge",
+                "Action changes of this node waiting to be published to Redis (one per "
+                "action id).");
+    text_printf(t, "sluice_shaping_outbox %llu\n", (unsigned long long)c->shaping_outbox);
+    text_family(t, "sluice_shaping_outbox_dropped_total", "counter",
+                "Action changes dropped unpublished: more action ids waited than the outbox "
+                "holds while Redis was away.");
+    text_printf(t, "sluice_shaping_outbox_dropped_total %llu\n",
+                (unsigned long long)c->shaping_outbox_dropped);
+}
+
+/* sluice_events_*{sink="NAME"}: one series per [events NAME] sink. */
+static void
+render_event_sink_metrics(struct json *t, const struct stats_counters *c)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } fam[] = {
+        {"sluice_events_pending", "gauge", "Events journaled, not yet acknowledged by the sink."},
+        {"sluice_events_oldest_pending_seconds", "gauge",
+         "Age of the oldest event the sink has not acknowledged."},
+        {"sluice_events_sent_total", "counter", "Events the sink's endpoint acknowledged."},
+        {"sluice_events_failed_attempts_total", "counter", "Failed attempts to send a batch."},
+        {"sluice_events_dropped_total", "counter", "Events given up past the sink's max_backlog."},
+        {"sluice_events_rejected_total", "counter",
+         "Events the sink's endpoint refused alone (a 4xx), dropped."},
+        {"sluice_events_paused", "gauge", "1 while the sink is paused."},
+    };
+    unsigned n = c->nevent_sinks < STATS_EVENT_SINKS_MAX ? c->nevent_sinks : STATS_EVENT_SINKS_MAX;
+    if (n == 0)
+        return;
+    for (size_t f = 0; f < sizeof(fam) / sizeof(fam[0]); f++) {
+        text_family(t, fam[f].name, fam[f].type, fam[f].help);
+        for (unsigned i = 0; i < n; i++) {
+            const struct stats_event_sink *e = &c->event_sinks[i];
+            text_printf(t, "%s{sink=\"", fam[f].name);
+            text_label(t, e->name, sizeof(e->name));
+            json_raw(t, "\"} ", 3);
+            switch (f) {
+            case 0:
+                text_printf(t, "%llu\n", (unsigned long long)e->pending);
+                break;
+            case 1:
+                text_printf(t, "%.3f\n", (double)e->oldest_age_ms / 1000.0);
+                break;
+            case 2:
+                text_printf(t, "%llu\n", (unsigned long long)e->sent);
+                break;
+            case 3:
+                text_printf(t, "%llu\n", (unsigned long long)e->failed);
+                break;
+            case 4:
+                text_printf(t, "%llu\n", (unsigned long long)e->dropped);
+                break;
+            case 5:
+                text_printf(t, "%llu\n", (unsigned long long)e->rejected);
+                break;
+            default:
+                text_printf(t, "%d\n", e->paused ? 1 : 0);
+                break;
+            }
+        }
+    }
+}
+
+char *
+stats_render_metrics(const struct stats_counters *c, const struct stats_domain *d, size_t n,
+                     uint64_t now_ms)
+{
+    struct json t;
+    json_init(&t);
+    json_raw(&t, "", 0);
+
+    text_family(&t, "sluice_build_info", "gauge", "Version of sluice, as a label.");
+    text_printf(&t, "sluice_build_info{version=\"%s\"} 1\n", SLUICE_VERSION);
+    text_family(&t, "sluice_uptime_seconds", "gauge", "Seconds since sluice started.");
+    text_printf(&t, "sluice_uptime_seconds %.3f\n", (double)c->uptime_ms / 1000.0);
+    text_family(&t, "sluice_workers", "gauge", "Worker threads.");
+    text_printf(&t, "sluice_workers %u\n", c->workers);
+
+    for (size_t i = 0; i < sizeof(metrics) / sizeof(metrics[0]); i++) {
+        const struct metric *m = &metrics[i];
+        uint64_t v;
+        memcpy(&v, (const char *)c + m->off, sizeof(v));
+        text_family(&t, m->name, m->type, m->help);
+        text_printf(&t, "%s %llu\n", m->name, (unsigned long long)v);
+    }
+
+    text_family(&t, "sluice_redis_state", "gauge",
+                "1 for the state of the connection to the shared Redis.");
+    json_raw(&t, "sluice_redis_state{state=\"", 26);
+    const char *rs = c->redis_state != NULL ? c->redis_state : "off";
+    text_label(&t, rs, strlen(rs));
+    json_raw(&t, "\"} 1\n", 5);
+
+    render_event_sink_metrics(&t, c);
+    render_tenant_metrics(&t, c);
+    render_warmup_metrics(&t, c);
+    render_owner_metrics(&t, c);
+
+    /* Every class, zeros too: a series that exists from the start gives
+     * rate() its first point. */
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } by_class[] = {
+        {"sluice_recipients_deferred_by_class_total",
+         "Recipient attempts deferred, by the class of the failure.",
+         offsetof(struct stats_counters, deferred_by_class)},
+        {"sluice_recipients_bounced_by_class_total",
+         "Recipients bounced or expired, by the class of the failure.",
+         offsetof(struct stats_counters, bounced_by_class)},
+    };
+    for (size_t f = 0; c->nclasses > 0 && f < sizeof(by_class) / sizeof(by_class[0]); f++) {
+        const struct stats_object *o =
+            (const struct stats_object *)(const void *)((const char *)c + by_class[f].off);
+        text_family(&t, by_class[f].name, "counter", by_class[f].help);
+        for (unsigned i = 0; i < c->nclasses && i < STATS_CLASSES_MAX; i++) {
+            if (o[i].name[0] == '\0')
+                continue;
+            text_printf(&t, "%s{class=\"", by_class[f].name);
+            text_label(&t, o[i].name, sizeof(o[i].name));
+            text_printf(&t, "\"} %llu\n", (unsigned long long)o[i].live);
+        }
+    }
+
+    bool any = false;
+    for (unsigned i = 0; i < c->nobjects && i < STATS_OBJECTS_MAX; i++) {
+        const struct stats_object *o = &c->objects[i];
+        if (o->name[0] == '\0')
+            continue;
+        if (!any)
+            text_family(&t, "sluice_objects", "gauge", "Live objects by type.");
+        any = true;
+        json_raw(&t, "sluice_objects{type=\"", 21);
+        text_label(&t, o->name, sizeof(o->name));
+        text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+    }
+
+    any = false;
+    for (unsigned i = 0; i < c->nauth_hashes && i < STATS_AUTH_SCHEMES_MAX; i++) {
+        const struct stats_object *o = &c->auth_hashes[i];
+        if (o->name[0] == '\0')
+            continue;
+        if (!any)
+            text_family(&t, "sluice_auth_hashes_total", "counter",
+                        "Password hashes run for AUTH, by scheme.");
+        any = true;
+        json_raw(&t, "sluice_auth_hashes_total{scheme=\"", 33);
+        text_label(&t, o->name, sizeof(o->name));
+        text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+    }
+
+    struct stats_domain *merged = NULL; /* owned */
+    if (n > 0) {
+        if ((merged = malloc(n * sizeof(*merged))) == NULL) {
+            json_fini(&t);
+            return NULL;
+        }
+        n = domains_merge(d, n, merged);
+        d = merged;
+    }
+    if (n > 0) {
+        text_family(&t, "sluice_domain_queue_recipients", "gauge",
+                    "Recipients queued for the domain, by state (the busiest domains only).");
+        static const char *const states[] = {"ready", "deferred", "inflight"};
+        for (size_t i = 0; i < n; i++) {
+            const uint64_t v[] = {d[i].ready, d[i].deferred, d[i].inflight};
+            for (size_t k = 0; k < 3; k++) {
+                json_raw(&t, "sluice_domain_queue_recipients", 30);
+                text_domain_label(&t, &d[i]);
+                text_printf(&t, ",state=\"%s\"} %llu\n", states[k], (unsigned long long)v[k]);
+            }
+        }
+        for (size_t k = 0; k < sizeof(domain_metrics) / sizeof(domain_metrics[0]); k++) {
+            const struct domain_metric *m = &domain_metrics[k];
+            text_family(&t, m->name, m->type, m->help);
+            for (size_t i = 0; i < n; i++) {
+                json_raw(&t, m->name, strlen(m->name));
+                text_domain_label(&t, &d[i]);
+                json_raw(&t, "} ", 2);
+                text_double(&t, domain_value(&d[i], m->field));
+                json_raw(&t, "\n", 1);
+            }
+        }
+        /* Only the classes a domain met: at most STATS_DOMAIN_CLASSES
+         * series per domain of the top_n. */
+        text_family(&t, "sluice_domain_recipients_deferred_by_class_total", "counter",
+                    "Recipient attempts deferred by the domain, by the class of the failure "
+                    "(since the destination was last forgotten when idle).");
+        for (size_t i = 0; i < n; i++)
+            for (unsigned k = 0; k < d[i].nclasses && k < STATS_DOMAIN_CLASSES; k++) {
+                const struct stats_object *o = &d[i].deferred_by_class[k];
+                if (o->name[0] == '\0')
+                    continue;
+                json_raw(&t, "sluice_domain_recipients_deferred_by_class_total", 48);
+                text_domain_label(&t, &d[i]);
+                json_raw(&t, ",class=\"", 8);
+                text_label(&t, o->name, sizeof(o->name));
+                text_printf(&t, "\"} %llu\n", (unsigned long long)o->live);
+            }
+        text_family(&t, "sluice_domain_oldest_message_age_seconds", "gauge",
+                    "Age of the oldest message waiting for the domain.");
+        for (size_t i = 0; i < n; i++) {
+            if (d[i].oldest_ms == 0)
+                continue;
+            uint64_t age = now_ms > d[i].oldest_ms ? now_ms - d[i].oldest_ms : 0;
+            json_raw(&t, "sluice_domain_oldest_message_age_seconds", 40);
+            text_domain_label(&t, &d[i]);
+            text_printf(&t, "} %.3f\n", (double)age / 1000.0);
+        }
+        text_family(&t, "sluice_domain_limit_info", "gauge",
+                    "Why the domain's limits in force are what they are, as a label.");
+        for (size_t i = 0; i < n; i++) {
+            json_raw(&t, "sluice_domain_limit_info", 24);
+            text_domain_label(&t, &d[i]);
+            json_raw(&t, ",reason=\"", 9);
+            text_label(&t, d[i].limit_reason, sizeof(d[i].limit_reason));
+            json_raw(&t, "\"} 1\n", 5);
+        }
+    }
+
+    free(merged);
+    if (json_failed(&t)) {
+        json_fini(&t);
+        return NULL;
+    }
+    return t.buf; /* json_fini not called: the caller owns the buffer now */
+}
+
