@@ -1,15 +1,17 @@
 /*
- * config: INI file -> struct config (see config.h).
+ * config: INI file -> struct config (see config.h), against the key
+ * tables of engine/config_keys.c.
  *
  * inih reads the file; it does not pass line numbers to the handler in
  * Debian's build, so the reader callback counts lines itself (and refuses
  * lines longer than inih's buffer, which inih would silently cut).
  * Values are checked as they are read, so each error carries its line;
- * per-domain sections keep their raw values and are applied after the
+ * per-domain config_sections keep their raw values and are applied after the
  * whole file is read, so that [domain *] may come after the domains that
  * inherit from it.
  */
 #include "engine/config.h"
+#include "engine/config_int.h"
 
 #include "engine/classify.h"
 #include "engine/shaping.h"
@@ -32,516 +34,10 @@
 
 #define MAX_KEYS 64
 
-/* ---- the engine's own key tables ---- */
-
-#define SRV(f) offsetof(struct server_config, f)
-static const struct conf_key server_keys[] = {
-    {"workers", CONF_UINT, SRV(workers), 0, 256, "0",
-     "worker threads, each with its own io_uring ring; 0: one per core", NULL},
-    {"hostname", CONF_STRING, SRV(hostname), 0, 253, NULL,
-     "name used in greetings and Received headers; unset: the system host name", NULL},
-    {"ring_entries", CONF_UINT, SRV(ring_entries), 64, 32768, "4096",
-     "submission queue entries per worker ring (the completion queue gets four times as many)",
-     NULL},
-    {"listen", CONF_STRING, SRV(listen), 1, 2048, "0.0.0.0:587",
-     "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (one SO_REUSEPORT socket "
-     "per worker each; an address another process listens on, another sluice too, is a "
-     "start-up error)",
-     NULL},
-    {"listen_tls", CONF_STRING, SRV(listen_tls), 1, 2048, NULL,
-     "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465; needs [tls] cert_file",
-     NULL},
-    {"max_clients", CONF_UINT, SRV(max_clients), 1, 1000000, "10000",
-     "concurrent submission connections; over it a client gets 421 4.7.0 (on listen_tls "
-     "inside TLS, after the handshake, as Postfix in wrapper mode; past 64 such at once per "
-     "worker, a close without a word)",
-     NULL},
-    {"max_clients_per_ip", CONF_UINT, SRV(max_clients_per_ip), 1, 1000000, "1000",
-     "concurrent submission connections from one client address (an IPv6 client: from its "
-     "max_clients_per_ip_v6_prefix; an IPv4-mapped IPv6 address counts as the IPv4 address); "
-     "over it 421 4.7.0",
-     NULL},
-    {"max_clients_per_ip_v6_prefix", CONF_UINT, SRV(max_clients_per_ip_v6_prefix), 32, 128, "64",
-     "the IPv6 prefix length that max_clients_per_ip counts as one client: a host is given a "
-     "whole /64 and can take any address in it",
-     NULL},
-    {"max_message_size", CONF_SIZE, SRV(max_message_size), 1024, 1ULL << 31, "50M",
-     "largest message accepted (advertised as SIZE); larger gets 552 5.3.4", NULL},
-    {"body_memory_limit", CONF_SIZE, SRV(body_memory_limit), 1024, 1ULL << 40, "1G",
-     "memory that the bodies of messages being received, and the recipients of transactions "
-     "in progress (up to 1,100 octets each), may take together, all sessions and "
-     "workers (a body is held until its commit returns); a message that does not fit gets "
-     "452 4.3.1 (at MAIL when its SIZE= does not fit, at RCPT when the recipient does not, "
-     "else after its data), which clients retry; at least max_message_size + "
-     "max_recipients x 1,100 octets (one message that large to that many recipients), "
-     "checked at start and reload",
-     NULL},
-    {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
-     "recipients per message; more get 452 4.5.3", NULL},
-    {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
-     "protocol errors in one session before it is closed with 421", NULL},
-    {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
-     "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},
-    {"timeout_data", CONF_DURATION, SRV(timeout_data), 1000, 7200000, "10m",
-     "how long a client may take to send a whole message after 354, or a BDAT chunk", NULL},
-    {"greet_pause", CONF_DURATION, SRV(greet_pause), 0, 60000, "0",
-     "wait this long before the greeting; a client that talks first is refused (554)", NULL},
-    {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
-     "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
-    {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
-     "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list "
-     "allows the null sender; tenant=NAME and pool=NAME in the list set the tenant and pool "
-     "of the user's messages ([tenant], [pool]); unset: no AUTH",
-     NULL},
-    {"plaintext_auth", CONF_ENUM, SRV(plaintext_auth), 0, 0, "never",
-     "AUTH without TLS: never, loopback (clients on 127.0.0.0/8 and ::1), always",
-     (const char *const[]){"never", "loopback", "always", NULL}},
-    {"auth_fail_delay", CONF_DURATION, SRV(auth_fail_delay), 0, 60000, "1s",
-     "delay before answering a failed AUTH; doubles with each failure of the session", NULL},
-    {"auth_max_failures", CONF_UINT, SRV(auth_max_failures), 1, 100, "3",
-     "failed AUTH attempts before the session is closed with 421 4.7.0", NULL},
-    {"auth_failures_per_address", CONF_UINT, SRV(auth_failures_per_address), 0, 1000000, "10",
-     "failed AUTH attempts per client address (IPv6: per /64) per auth_failure_window, "
-     "across connections and workers; over it AUTH gets 421 4.7.0 and the connection "
-     "closes; 0: no limit",
-     NULL},
-    {"auth_failures_per_user", CONF_UINT, SRV(auth_failures_per_user), 0, 1000000, "20",
-     "failed AUTH attempts per user name (known or not) per auth_failure_window, from "
-     "any address; over it AUTH for that name gets 454 4.7.0, even with the right "
-     "password; 0: no limit",
-     NULL},
-    {"auth_failure_window", CONF_DURATION, SRV(auth_failure_window), 1000, 86400000, "10m",
-     "the window of the two limits above: failures drain at limit per window (a leaky "
-     "bucket), so a client that keeps guessing gets that many per window",
-     NULL},
-    {"auth_failure_table", CONF_UINT, SRV(auth_failure_table), 64, 16777216, "65536",
-     "client addresses and user names whose failures are remembered (about 48 bytes "
-     "each); when full the one left alone longest is forgotten; needs a restart",
-     NULL},
-    {"auth_hash_threads", CONF_UINT, SRV(auth_hash_threads), 1, 64, "2",
-     "threads that run the password hashes of AUTH, off the worker loops and at a lower "
-     "priority than them; needs a restart",
-     NULL},
-    {"auth_hash_queue", CONF_UINT, SRV(auth_hash_queue), 1, 100000, "64",
-     "AUTH attempts waiting for a hashing thread; beyond it AUTH gets 454 4.7.0 at once; "
-     "needs a restart",
-     NULL},
-    {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
-     "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
-     "to finish before exiting; what is left stays queued for the next start",
-     NULL},
-    {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
-     "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "
-     "an RFC 3339 time (2026-11-23T18:00:00Z); removed before delivery; a bad value is "
-     "refused with 550 5.6.0",
-     NULL},
-    CONF_END,
-};
-
-static const char *const log_levels[] = {"debug", "info", "notice", "warn", "error", "crit", NULL};
-#define LOG(f) offsetof(struct log_config, f)
-static const struct conf_key log_keys[] = {
-    {"file", CONF_STRING, LOG(file), 0, PATH_MAX, "-",
-     "where the daemon log goes: a path (reopened on SIGHUP) or - for standard error", NULL},
-    {"level", CONF_ENUM, LOG(level), 0, 0, "info", "lowest level written", log_levels},
-    {"delivery_log", CONF_STRING, LOG(delivery_log), 1, PATH_MAX, NULL,
-     "the JSON Lines delivery log (one event per line: reception, delivery, "
-     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, suppressed); reopened "
-     "on SIGHUP; unset: none",
-     NULL},
-    {"delivery_log_flush", CONF_DURATION, LOG(delivery_log_flush), 10, 10000, "200ms",
-     "longest time an event waits in memory before it is written", NULL},
-    {"delivery_log_headers", CONF_STRING, LOG(delivery_log_headers), 0, 1024, "",
-     "header fields of the injected message copied into every event of it (up to 8, "
-     "comma-separated), e.g. X-Campaign-ID, X-Tenant-ID",
-     NULL},
-    CONF_END,
-};
-
-#define BNC(f) offsetof(struct bounce_config, f)
-static const struct conf_key bounce_keys[] = {
-    {"dsn", CONF_BOOL, BNC(dsn), 0, 0, "yes",
-     "send a delivery status notification (RFC 3464) to the envelope sender of a message "
-     "that bounces or expires; never to the null sender, never when NOTIFY=NEVER",
-     NULL},
-    {"dsn_from", CONF_STRING, BNC(dsn_from), 1, 64, "MAILER-DAEMON",
-     "local part of the From of DSNs (the domain is [server] hostname)", NULL},
-    {"delay_warning", CONF_DURATION, BNC(delay_warning), 0, 30ULL * 86400 * 1000, "4h",
-     "a recipient still deferred this long after arrival gets one delay DSN, when it "
-     "asked for one at injection (NOTIFY=DELAY); 0: never",
-     NULL},
-    {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
-     "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
-    {"listen", CONF_STRING, BNC(listen), 1, 2048, NULL,
-     "the bounce listener (host:port, comma separated; port 25 in production): out-of-band "
-     "bounces and complaints for the bounce domains, parsed and logged (oob_bounce, "
-     "complaint), never queued; every other recipient is refused (never a relay); no AUTH; "
-     "the [server] limits apply but for max_clients (below); unset: none",
-     NULL},
-    {"max_clients", CONF_UINT, BNC(max_clients), 1, 1000000, "1000",
-     "connections open at once to the bounce listener, all workers: counted apart from "
-     "[server] max_clients, so that remote MXs flooding it never take the submission "
-     "port's (a client of both still counts once per connection in max_clients_per_ip)",
-     NULL},
-    {"domains", CONF_STRING, BNC(domains), 1, 2048, NULL,
-     "the domains the bounce listener accepts mail for, comma separated; unset: verp_domain",
-     NULL},
-    {"verp_domain", CONF_STRING, BNC(verp_domain), 1, 180, NULL,
-     "send with a VERP envelope sender <verp_prefix TOKEN@verp_domain>, one recipient per "
-     "transaction, the token tying a bounce to the message id, recipient and tenant under "
-     "a keyed MAC (needs verp_key_file); unset: the injected sender",
-     NULL},
-    {"verp_prefix", CONF_STRING, BNC(verp_prefix), 1, VERP_PREFIX_MAX, "bounce-",
-     "local part of VERP senders before the token", NULL},
-    {"verp_key_file", CONF_STRING, BNC(verp_key_file), 1, 4096, NULL,
-     "file whose first line is the VERP MAC key, 16 to 128 octets (openssl rand -hex 32); "
-     "read at load and reload; every node sharing the bounce domains needs the same key",
-     NULL},
-    {"accept_local_parts", CONF_STRING, BNC(accept_local_parts), 0, 1024, "postmaster, abuse, fbl",
-     "local parts the bounce listener accepts at the bounce domains besides VERP addresses "
-     "(postmaster, the address registered with feedback loops), comma separated",
-     NULL},
-    {"verp_max_age", CONF_DURATION, BNC(verp_max_age), 3600000, 365ULL * 86400 * 1000, "30d",
-     "a bounce or complaint for a message older than this (by its id) is logged and dropped",
-     NULL},
-    CONF_END,
-};
-
-#define DLV(f) offsetof(struct delivery_config, f)
-static const struct conf_key delivery_keys[] = {
-    {"enabled", CONF_BOOL, DLV(enabled), 0, 0, "yes",
-     "no: accept and store mail but deliver nothing (maintenance, or testing the "
-     "submission side alone); it stays queued for when delivery is enabled again",
-     NULL},
-    {"remote_port", CONF_UINT, DLV(remote_port), 1, 65535, "25",
-     "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
-    {"source_address", CONF_STRING, DLV(source_address), 1, 200, NULL,
-     "local addresses outbound connections come from: one IPv4 and/or one IPv6, "
-     "comma-separated; unset: the kernel chooses",
-     NULL},
-    {"connect_timeout", CONF_DURATION, DLV(connect_timeout), 1000, 600000, "30s",
-     "how long a connection to an MX address may take before the next address is tried", NULL},
-    {"idle_timeout", CONF_DURATION, DLV(idle_timeout), 100, 600000, "5s",
-     "how long an idle outbound connection waits for another message before QUIT", NULL},
-    {"greeting_timeout", CONF_DURATION, DLV(greeting_timeout), 1000, 3600000, "5m",
-     "how long a receiver may take to send its 220 greeting, and to answer EHLO or HELO "
-     "(RFC 5321 4.5.3.2 asks for 5 minutes); past it the connection is closed and the "
-     "mail deferred",
-     NULL},
-    {"starttls_timeout", CONF_DURATION, DLV(starttls_timeout), 1000, 3600000, "5m",
-     "how long a receiver may take to answer STARTTLS, and then to complete the TLS "
-     "handshake",
-     NULL},
-    {"command_timeout", CONF_DURATION, DLV(command_timeout), 1000, 3600000, "5m",
-     "how long a receiver may take to answer RSET, MAIL FROM and each RCPT TO; and, once a session "
-     "has ended, to take its last octets (QUIT) before the connection is closed anyway", NULL},
-    {"data_timeout", CONF_DURATION, DLV(data_timeout), 1000, 3600000, "3m",
-     "how long a receiver may take to answer DATA with 354, and to take each block of the "
-     "message sent (a receiver that stops reading stalls the send)",
-     NULL},
-    {"dot_timeout", CONF_DURATION, DLV(dot_timeout), 1000, 3600000, "10m",
-     "how long a receiver may take to answer the final dot (RFC 5321 asks for 10 minutes: "
-     "receivers scan the message then; shorter risks a message delivered twice)",
-     NULL},
-    {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
-     "after a 421 (at the greeting or in a transaction; not one to an idle connection, nor "
-     "one to the first RSET or MAIL on a reused connection) or a reply classified "
-     "rate_limited, the destination's message and connection rates are "
-     "halved (again on each further one) for this long",
-     NULL},
-    {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
-     "then they come back by a quarter of the configured rate at each step", NULL},
-    {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
-     "percent: each retry delay is moved at random by up to this much, so that recipients "
-     "deferred together do not come back together",
-     NULL},
-    {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
-     "40",
-     "connections open at once to one MX address (and port) from this node, whatever the "
-     "domains behind it (an AAAA record of a v4-mapped address, ::ffff:a.b.c.d, is the IPv4 "
-     "address a.b.c.d: connected over IPv4 and counted with it); each worker holds an equal share, rounded down but at least one (so a "
-     "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
-     "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
-     "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
-     "affinity), so the site's addresses get that worker's share; not the domains of a site "
-     "that filled that share or has 20 connections there (busy: for 10 minutes, its new "
-     "domains are sent from every worker), of an [mx] or [source] section's limits (without "
-     "[redis], those are split between the workers too), nor mail through a pool: they stay on "
-     "the worker their name hashes to",
-     NULL},
-    {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
-     "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "
-     "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
-     "addresses are all refused bounces, class refused_target); this node's own listeners "
-     "are refused whatever this says. The same rule holds for MTA-STS policy fetches and "
-     "TLS report POSTs, which never go through a proxy (https_proxy and all_proxy in the "
-     "environment are ignored: the address checked would be the proxy's)",
-     NULL},
-    {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
-     "a destination domain with nothing queued, in flight or held is forgotten after this "
-     "long (its counters on the stats socket restart when mail for it comes again): memory "
-     "follows the domains in use, not every domain ever seen",
-     NULL},
-    {"initial_connections", CONF_UINT, DLV(initial_connections), 1, 100000, "1",
-     "connections a site (the MX hosts a set of domains share) starts with; it earns one more "
-     "per completed transaction while its mail waits for a connection longer than twice the "
-     "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
-     "connection (waits for a message rate's tokens do not count), up to max_connections, and "
-     "halves on connect failures, greeting failures, 421 and resets (not a 421 or reset at "
-     "the first RSET or MAIL on a reused connection: the receiver's idle timeout)",
-     NULL},
-    {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
-     "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
-     "enforce mode deliver only to the MX hosts it names, over TLS with a certificate that "
-     "verifies for the MX name, else defer (class tls_policy); [domain] mta_sts = no turns "
-     "it off for one domain; a reload turns it on or off (on starts the MTA-STS thread); TLS "
-     "reports (DANE's too) are sent from that thread, so only while it is on",
-     NULL},
-    CONF_END,
-};
-
-#define SHP(f) offsetof(struct shaping_config, f)
-static const struct conf_key shaping_keys[] = {
-    {"enabled", CONF_BOOL, SHP(enabled), 0, 0, "yes",
-     "match receivers' replies against the shaping rules and act on them (suspend a source at "
-     "a destination group, back off, cap connections); actions are shared through [redis] url "
-     "with every node and kept in the spool (shaping.state) across restarts",
-     NULL},
-    {"rules", CONF_STRING, SHP(rules), 1, 4096, NULL,
-     "the operator's rules file (\"group NAME PATTERN...\" and \"rule NAME KEY=VALUE...\" "
-     "lines, see etc/shaping.rules), tried before the shipped rules; its groups and rules "
-     "replace shipped ones of the same name",
-     NULL},
-    {"builtin_rules", CONF_BOOL, SHP(builtin_rules), 0, 0, "yes",
-     "also use the shipped rules for the large receivers (Yahoo, Microsoft, Gmail, Comcast, "
-     "Orange, GMX/web.de, ...; etc/shaping.rules, built in)",
-     NULL},
-    {"node_name", CONF_STRING, SHP(node_name), 1, 63, NULL,
-     "this node's name in the origin of the actions it starts (default: [server] hostname)",
-     NULL},
-    {"stream_max", CONF_UINT, SHP(stream_max), 100, 10000000, "10000",
-     "changes the Redis stream PREFIXshaping:log keeps (nodes catch up from the hash of "
-     "active actions after a longer absence)",
-     NULL},
-    CONF_END,
-};
-
-#define RDS(f) offsetof(struct redis_config, f)
-static const struct conf_key redis_keys[] = {
-    {"url", CONF_STRING, RDS(url), 1, 1024, NULL,
-     "redis://[:password@]host[:port] of the Redis shared by all nodes (message and "
-     "connection rates, connection leases); unset: limits hold per node, in memory",
-     NULL},
-    {"password", CONF_STRING, RDS(password), 1, 512, NULL, "AUTH password (or in the URL)",
-     NULL},
-    {"key_prefix", CONF_STRING, RDS(key_prefix), 1, 64, "sluice:",
-     "prefix of every Redis key (keys carry a {hash tag} per destination)", NULL},
-    {"nodes", CONF_UINT, RDS(nodes), 1, 1000, "1",
-     "nodes sharing the Redis: while it is unreachable each node keeps 1/nodes of every limit",
-     NULL},
-    {"lease_ttl", CONF_DURATION, RDS(lease_ttl), 1000, 3600000, "30s",
-     "a connection lease of a node that died expires after this long", NULL},
-    {"token_batch", CONF_UINT, RDS(token_batch), 1, 1000, "10",
-     "message tokens booked per Redis round trip (1: one round trip per message)", NULL},
-    {"timeout", CONF_DURATION, RDS(timeout), 10, 60000, "1s",
-     "a Redis reply slower than this counts as Redis down (local shares until it is back)",
-     NULL},
-    CONF_END,
-};
-
-#define STS(f) offsetof(struct stats_config, f)
-static const struct conf_key stats_keys[] = {
-    {"socket", CONF_STRING, STS(socket), 1, 107, NULL,
-     "path of the Unix stats socket, e.g. /run/sluice/stats.sock (sluicectl -s PATH); its "
-     "directory must exist; unset: no socket and no /metrics",
-     NULL},
-    {"socket_mode", CONF_STRING, STS(socket_mode_text), 1, 4, "0660",
-     "permissions of the socket file, octal: whoever may open it may steer sluice", NULL},
-    {"http_listen", CONF_STRING, STS(http_listen), 1, 200, NULL,
-     "address:port of the read-only HTTP listener: Prometheus metrics at GET /metrics, the "
-     "status page at GET / and its JSON at GET /status.json (e.g. 127.0.0.1:9187; keep it on "
-     "loopback or a management network: it has no authentication); unset: none",
-     NULL},
-    {"top_n", CONF_UINT, STS(top_n), 0, 10000, "50",
-     "destinations with their own series in /metrics (the busiest ones)", NULL},
-    CONF_END,
-};
-
-static const char *const tls_policies[] = {"off", "optional", "required", "verify", NULL};
-#define DOM(f) offsetof(struct domain_policy, f)
-static const struct conf_key domain_keys[] = {
-    {"max_connections", CONF_UINT, DOM(max_connections), 1, 100000, "20",
-     "concurrent connections to the domain's MX hosts: per node, and across all nodes "
-     "(leases in Redis) with [redis] url",
-     NULL},
-    {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
-     "messages per second, minute or hour (50/s, 3000/h); across all nodes with [redis] url",
-     NULL},
-    {"message_burst", CONF_UINT, DOM(message_burst), 0, 1000000, "0",
-     "messages that may go at once beyond the steady rate", NULL},
-    {"max_connection_rate", CONF_RATE, DOM(max_connection_rate), 0, 0, "unlimited",
-     "new connections per second, minute or hour; across all nodes with [redis] url", NULL},
-    {"connection_burst", CONF_UINT, DOM(connection_burst), 0, 100000, "0",
-     "connections that may open at once beyond the steady rate", NULL},
-    {"max_messages_per_connection", CONF_UINT, DOM(max_messages_per_connection), 1, 1000000,
-     "1000", "transactions on one connection before QUIT", NULL},
-    {"max_rcpt_per_txn", CONF_UINT, DOM(max_rcpt_per_txn), 1, 10000, "100",
-     "recipients of one message in one transaction", NULL},
-    {"tls", CONF_ENUM, DOM(tls), 0, 0, "optional",
-     "outbound STARTTLS: off, optional (when offered; after a failed handshake, plaintext to "
-     "that MX address at once, in the same attempt, and for an hour), required, verify "
-     "(chain and MX name)",
-     tls_policies},
-    {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
-     "delays between attempts after a temporary failure; the last repeats ([delivery] "
-     "retry_jitter moves each)",
-     NULL},
-    {"max_age", CONF_DURATION, DOM(max_age), 1000, 30ULL * 86400 * 1000, "3d",
-     "how long a recipient may stay queued before it expires and bounces, whether ready, "
-     "deferred or in flight (a message's expire_header may shorten it)",
-     NULL},
-    {"route", CONF_STRING, DOM(route), 1, 270, NULL,
-     "host[:port] to deliver to instead of the domain's MX hosts (a smarthost, as Postfix's "
-     "relayhost or transport map): the host's MX records if it has any, else its addresses; "
-     "[192.0.2.1] or [IPv6:2001:db8::1] as is (a literal on loopback, link-local and the "
-     "like is an error unless [delivery] allow_networks lists it); the port overrides "
-     "[delivery] remote_port. Domains routed to the same host share its connections (a site)",
-     NULL},
-    {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
-     "after a 421 at the greeting or in a transaction, or when every MX address failed, no "
-     "new connection to the domain for this long; its waiting recipients keep their place (a "
-     "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
-     "connection only; so does one to the first RSET or MAIL of a transaction on a reused "
-     "connection, whose job goes on another connection at once)",
-     NULL},
-    {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
-     "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "
-     "route",
-     NULL},
-    CONF_END,
-};
-
-#define MXP(f) offsetof(struct mx_policy, f)
-#define MX_LIMIT_KEYS                                                                              \
-    {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",                          \
-     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap)", NULL},    \
-        {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
-         "messages per second, minute or hour to the matching MX hosts", NULL},                    \
-        {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",                          \
-         "messages beyond the steady rate", NULL},                                                 \
-        {"max_connection_rate", CONF_RATE, MXP(max_connection_rate), 0, 0, "unlimited",            \
-         "new connections per second, minute or hour to the matching MX hosts", NULL},            \
-        {"connection_burst", CONF_UINT, MXP(connection_burst), 0, 100000, "0",                     \
-         "connections beyond the steady rate", NULL},                                              \
-        {"max_messages_per_connection", CONF_UINT, MXP(max_messages_per_connection), 0, 1000000,   \
-         "0",                                                                                      \
-         "transactions on one connection before QUIT, when lower than the domain's (0: the "      \
-         "domain's)",                                                                              \
-         NULL},                                                                                    \
-        {"max_rcpt_per_txn", CONF_UINT, MXP(max_rcpt_per_txn), 0, 10000, "0",                      \
-         "recipients per transaction, when lower than the domain's (0: the domain's)", NULL}
-static const struct conf_key mx_keys[] = {
-    MX_LIMIT_KEYS,
-    CONF_END,
-};
-/* [source ADDRESS]: the same limits, and the name it greets with. */
-static const struct conf_key source_keys[] = {
-    MX_LIMIT_KEYS,
-    {"ehlo", CONF_STRING, MXP(ehlo), 1, 253, NULL,
-     "the host name said in EHLO on connections from this address: the name its PTR "
-     "record gives, which receivers check; unset: [server] hostname",
-     NULL},
-    {"warmup", CONF_STRING, MXP(warmup), 1, 64, NULL,
-     "the [warmup NAME] plan this address follows: a daily volume per destination group "
-     "that rises along the plan's schedule; unset: none",
-     NULL},
-    {"warmup_start", CONF_STRING, MXP(warmup_start), 10, 10, NULL,
-     "YYYY-MM-DD: day 1 of the plan (required with warmup)", NULL},
-    CONF_END,
-};
-
-#define POOL(f) offsetof(struct pool_config, f)
-static const struct conf_key pool_keys[] = {
-    {"sources", CONF_STRING, POOL(sources_text), 1, 4096, NULL,
-     "the pool's egress sources, comma-separated: ADDRESS[:weight] (IPv6 with a weight: "
-     "[ADDRESS]:weight); each ADDRESS has a [source ADDRESS] section; weights 0..1000, 1 by "
-     "default (0 keeps the source listed but sends nothing through it)",
-     NULL},
-    CONF_END,
-};
-
-#define TEN(f) offsetof(struct tenant_config, f)
-static const struct conf_key tenant_keys[] = {
-    {"weight", CONF_UINT, TEN(weight), 1, 1000, "1",
-     "the tenant's share of a destination's transactions (so of its connections and rate) "
-     "against the other tenants with mail waiting there: turns of up to weight messages each",
-     NULL},
-    {"pools", CONF_STRING, TEN(pools_text), 1, 4096, NULL,
-     "the pools the tenant may send through, comma-separated (an X-Sluice-Pool header or a "
-     "user's pool= chooses among them); unset: only its default pool",
-     NULL},
-    {"pool", CONF_STRING, TEN(pool_text), 1, CONFIG_NAME_MAX, NULL,
-     "the pool of its messages that name none; unset: the first of pools (none without "
-     "pools)",
-     NULL},
-    {"priority", CONF_UINT, TEN(priority), 0, 9, "0",
-     "priority of its messages that do not say (X-Sluice-Priority): 0..9, higher goes first "
-     "within the tenant",
-     NULL},
-    CONF_END,
-};
-
-struct section {
-    const char *name;
-    const char *help;
-    const struct conf_key *keys;
-    size_t offset; /* into struct config */
-    size_t size;   /* of the module's struct */
-};
-
-#define SECTION(name, help, keys, type, field)                                                   \
-    {name, help, keys, offsetof(struct config, field), sizeof(type)}
-
-static const struct section sections[] = {
-    SECTION("server", "the daemon, its workers and the submission server", server_keys,
-            struct server_config, server),
-    SECTION("queue", "the durable spool (LMDB)", queue_conf_keys, struct queue_config, queue),
-    SECTION("tls", "TLS: the server certificate, protocols, the CA store for verify",
-            tls_conf_keys, struct tls_config, tls),
-    SECTION("delivery", "outbound SMTP", delivery_keys, struct delivery_config, delivery),
-    SECTION("mta_sts", "MTA-STS policies (RFC 8461) and TLS reporting (RFC 8460): how "
-            "policies are fetched, how reports are sent; read when the MTA-STS thread starts "
-            "(at the start, or at the reload that turns [delivery] mta_sts on): a later change "
-            "needs a restart (logged as event=reload_kept key=mta_sts)", mta_sts_conf_keys,
-            struct mta_sts_config, mta_sts),
-    SECTION("dns", "MX resolution and its cache, per worker", dns_conf_keys,
-            struct dns_config, dns),
-    SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
-    SECTION("shaping", "traffic shaping from receivers' replies, shared by every node",
-            shaping_keys, struct shaping_config, shaping),
-    SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),
-    SECTION("log", "the daemon log and the delivery log", log_keys, struct log_config, log),
-    SECTION("bounce", "bounces and delivery status notifications", bounce_keys,
-            struct bounce_config, bounce),
-    SECTION("suppress", "the suppression list: recipients refused at RCPT, fed by bounces, "
-            "complaints and operators", suppress_conf_keys, struct suppress_config, suppress),
-    SECTION("dkim", "DKIM signing: defaults for every signature, the key directory, the "
-            "signing threads", dkim_conf_keys, struct dkim_config, dkim),
-};
-#define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
-
-const char *
-domain_tls_str(int policy)
-{
-    if (policy >= 0 && policy < 4)
-        return tls_policies[policy];
-    return "?";
-}
-
 /* ---- parsing ---- */
 
 struct raw_value {
-    unsigned key;  /* index into domain_keys */
+    unsigned key;  /* index into config_domain_keys */
     unsigned line;
     char *value;   /* owned */
 };
@@ -573,7 +69,7 @@ struct parse {
     struct config *cfg;
 
     char section[300];       /* the section of the previous call */
-    int sec;                 /* index into sections, -1 none, -2 domain, -3 unknown */
+    int sec;                 /* index into config_sections, -1 none, -2 domain, -3 unknown */
     struct domain_build *dom;
     unsigned set_line[NSECTIONS][MAX_KEYS];
 
@@ -582,7 +78,7 @@ struct parse {
 
     struct mx_policy **lim_v; /* the [mx] or [source] section being read: (*lim_v)[lim_i] */
     unsigned lim_i;
-    struct lim_set {          /* keys set in [mx] and [source] sections, with their line */
+    struct lim_set {          /* keys set in [mx] and [source] config_sections, with their line */
         struct mx_policy **v;
         unsigned i, key, line;
     } *lim_set;               /* owned */
@@ -633,7 +129,7 @@ section_hint(char *buf, size_t len, const char *section)
     const char *plain[NSECTIONS + 1];
     size_t n = 0;
     for (unsigned i = 0; i < NSECTIONS; i++)
-        plain[n++] = sections[i].name;
+        plain[n++] = config_sections[i].name;
     plain[n++] = "classify";
     size_t wl = strcspn(section, " \t");
     const char *rest = section + wl;
@@ -788,7 +284,7 @@ limit_section_add(struct parse *p, struct mx_policy **v, unsigned *n, const char
     struct mx_policy *m = &nv[*n];
     memset(m, 0, sizeof(*m));
     char why[256];
-    if (conf_defaults(v == &p->cfg->sources ? source_keys : mx_keys, m, why, sizeof(why)) < 0 ||
+    if (conf_defaults(v == &p->cfg->sources ? config_source_keys : config_mx_keys, m, why, sizeof(why)) < 0 ||
         (m->pattern = strdup(name)) == NULL) {
         perr(p, p->line, "out of memory");
         return -1;
@@ -1002,7 +498,7 @@ named_section(struct parse *p, const char *kind, const char *arg)
         }
         cfg->pools = nv;
         memset(&nv[n], 0, sizeof(nv[n]));
-        conf_defaults(pool_keys, &nv[n], why, sizeof(why));
+        conf_defaults(config_pool_keys, &nv[n], why, sizeof(why));
         nv[n].name = name;
         nv[n].line = p->header_line;
         cfg->npools++;
@@ -1015,7 +511,7 @@ named_section(struct parse *p, const char *kind, const char *arg)
         }
         cfg->tenants = nv;
         memset(&nv[n], 0, sizeof(nv[n]));
-        conf_defaults(tenant_keys, &nv[n], why, sizeof(why));
+        conf_defaults(config_tenant_keys, &nv[n], why, sizeof(why));
         nv[n].name = name;
         nv[n].line = p->header_line;
         cfg->ntenants++;
@@ -1038,7 +534,7 @@ enter_section(struct parse *p, const char *section)
         return;
     }
     for (unsigned i = 0; i < NSECTIONS; i++)
-        if (strcmp(section, sections[i].name) == 0) {
+        if (strcmp(section, config_sections[i].name) == 0) {
             p->sec = (int)i;
             return;
         }
@@ -1120,7 +616,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
     }
     if (p->sec == -9 || p->sec == -10) {
         bool pool = p->sec == -9;
-        const struct conf_key *keys = pool ? pool_keys : tenant_keys;
+        const struct conf_key *keys = pool ? config_pool_keys : config_tenant_keys;
         void *obj = pool ? (void *)&p->cfg->pools[p->named_i] : (void *)&p->cfg->tenants[p->named_i];
         const char *sname = pool ? p->cfg->pools[p->named_i].name : p->cfg->tenants[p->named_i].name;
         unsigned *lines = pool ? p->cfg->pools[p->named_i].key_line
@@ -1144,7 +640,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
     }
     if (p->sec == -5 || p->sec == -6) {
         struct mx_policy *m = &(*p->lim_v)[p->lim_i];
-        const struct conf_key *lkeys = p->sec == -6 ? source_keys : mx_keys;
+        const struct conf_key *lkeys = p->sec == -6 ? config_source_keys : config_mx_keys;
         const struct conf_key *k = conf_find(lkeys, name);
         if (k != NULL) {
             /* as in every other section: a key once, wherever the section
@@ -1194,13 +690,13 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1;
     }
     if (p->sec == -2) {
-        const struct conf_key *k = conf_find(domain_keys, name);
+        const struct conf_key *k = conf_find(config_domain_keys, name);
         if (k == NULL) {
             perr(p, p->line, "%s: unknown key in [domain %s]%s", name, p->dom->name,
-                 key_hint(hint, sizeof(hint), domain_keys, name));
+                 key_hint(hint, sizeof(hint), config_domain_keys, name));
             return 1;
         }
-        unsigned idx = (unsigned)(k - domain_keys);
+        unsigned idx = (unsigned)(k - config_domain_keys);
         for (unsigned i = 0; i < p->dom->nvalues; i++)
             if (p->dom->values[i].key == idx) {
                 perr(p, p->line, "%s: set twice in [domain %s] (first at line %u)", name,
@@ -1208,7 +704,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
                 return 1;
             }
         struct domain_policy scratch = {0};
-        int src = conf_set(domain_keys, &scratch, name, value, why, sizeof(why));
+        int src = conf_set(config_domain_keys, &scratch, name, value, why, sizeof(why));
         free(scratch.route); /* the only owned field: checked, not kept */
         if (src < 0) {
             perr(p, p->line, "%s: %s", name, why);
@@ -1234,7 +730,7 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1;
     }
 
-    const struct section *sec = &sections[p->sec];
+    const struct section *sec = &config_sections[p->sec];
     const struct conf_key *k = conf_find(sec->keys, name);
     if (k == NULL) {
         perr(p, p->line, "%s: unknown key in [%s]%s", name, sec->name,
@@ -1258,8 +754,8 @@ apply_domain(struct parse *p, struct domain_policy *pol, const struct domain_bui
 {
     char why[256];
     for (unsigned i = 0; i < d->nvalues; i++) {
-        const struct conf_key *k = &domain_keys[d->values[i].key];
-        if (conf_set(domain_keys, pol, k->name, d->values[i].value, why, sizeof(why)) < 0) {
+        const struct conf_key *k = &config_domain_keys[d->values[i].key];
+        if (conf_set(config_domain_keys, pol, k->name, d->values[i].value, why, sizeof(why)) < 0) {
             perr(p, d->values[i].line, "%s: %s", k->name, why);
             return -EINVAL;
         }
@@ -1370,7 +866,7 @@ resolve_domains(struct parse *p)
 {
     struct config *cfg = p->cfg;
     char why[256];
-    if (conf_defaults(domain_keys, &cfg->default_domain, why, sizeof(why)) < 0) {
+    if (conf_defaults(config_domain_keys, &cfg->default_domain, why, sizeof(why)) < 0) {
         perr(p, 0, "%s", why);
         return -EINVAL;
     }
@@ -1417,8 +913,8 @@ resolve_domains(struct parse *p)
 static unsigned
 key_line(struct parse *p, unsigned sec, const char *name)
 {
-    const struct conf_key *k = conf_find(sections[sec].keys, name);
-    return k ? p->set_line[sec][k - sections[sec].keys] : 0;
+    const struct conf_key *k = conf_find(config_sections[sec].keys, name);
+    return k ? p->set_line[sec][k - config_sections[sec].keys] : 0;
 }
 
 static bool
@@ -1438,7 +934,7 @@ parse_headers(struct parse *p)
 {
     struct log_config *lc = &p->cfg->log;
     unsigned sec = 0;
-    while (strcmp(sections[sec].name, "log") != 0)
+    while (strcmp(config_sections[sec].name, "log") != 0)
         sec++;
     unsigned line = key_line(p, sec, "delivery_log_headers");
     for (const char *s = lc->delivery_log_headers; s != NULL && *s != '\0';) {
@@ -1465,7 +961,7 @@ parse_headers(struct parse *p)
     unsigned long mode = sc->socket_mode_text ? strtoul(sc->socket_mode_text, &end, 8) : 0660;
     if (sc->socket_mode_text != NULL && (*end != '\0' || mode > 0777)) {
         unsigned ss = 0;
-        while (strcmp(sections[ss].name, "stats") != 0)
+        while (strcmp(config_sections[ss].name, "stats") != 0)
             ss++;
         perr(p, key_line(p, ss, "socket_mode"), "socket_mode: octal permissions, e.g. 0660");
     }
@@ -1501,12 +997,12 @@ dkim_report(void *ctx, const char *what)
 {
     struct parse *p = ctx;
     unsigned sec = 0;
-    while (strcmp(sections[sec].name, "dkim") != 0)
+    while (strcmp(config_sections[sec].name, "dkim") != 0)
         sec++;
     perr(p, key_line(p, sec, "key_dir"), "[dkim] %s", what);
 }
 
-/* Load every key of [dkim DOMAIN SELECTOR] sections and of [dkim] key_dir
+/* Load every key of [dkim DOMAIN SELECTOR] config_sections and of [dkim] key_dir
  * into cfg->dkim_keys: a key that cannot be read or parsed is an error of
  * this config, with the line of its key_file. */
 static int
@@ -1514,7 +1010,7 @@ build_dkim(struct parse *p)
 {
     struct config *cfg = p->cfg;
     unsigned sec = 0;
-    while (strcmp(sections[sec].name, "dkim") != 0)
+    while (strcmp(config_sections[sec].name, "dkim") != 0)
         sec++;
     char why[256];
     const char *bad = NULL;
@@ -1555,7 +1051,7 @@ check_bounce(struct parse *p)
 {
     struct bounce_config *b = &p->cfg->bounce;
     unsigned sec = 0;
-    while (strcmp(sections[sec].name, "bounce") != 0)
+    while (strcmp(config_sections[sec].name, "bounce") != 0)
         sec++;
     char why[256];
     if (b->listen != NULL) {
@@ -1641,8 +1137,8 @@ parse_pool_source(const char *tok, char *addr, size_t cap, unsigned *weight, cha
     return 0;
 }
 
-/* Resolve [pool] sources against [source] sections and [tenant] pools
- * against [pool] sections, reporting every name that matches nothing. */
+/* Resolve [pool] sources against [source] config_sections and [tenant] pools
+ * against [pool] config_sections, reporting every name that matches nothing. */
 static int
 resolve_owners(struct parse *p)
 {
@@ -1754,15 +1250,15 @@ resolve_owners(struct parse *p)
     return 0;
 }
 
-/* Where key (of source_keys) was set in [source] i; its header's line
+/* Where key (of config_source_keys) was set in [source] i; its header's line
  * when it was not. */
 static unsigned
 source_key_line(struct parse *p, unsigned i, const char *key)
 {
-    const struct conf_key *k = conf_find(source_keys, key);
+    const struct conf_key *k = conf_find(config_source_keys, key);
     for (unsigned n = 0; k != NULL && n < p->nlim_set; n++) {
         const struct lim_set *ls = &p->lim_set[n];
-        if (ls->v == &p->cfg->sources && ls->i == i && ls->key == (unsigned)(k - source_keys))
+        if (ls->v == &p->cfg->sources && ls->i == i && ls->key == (unsigned)(k - config_source_keys))
             return ls->line;
     }
     return p->cfg->sources[i].line;
@@ -1789,7 +1285,7 @@ build_shaping(struct parse *p)
         return -ENOMEM;
     if (rc < 0) {
         unsigned sec = 0;
-        while (strcmp(sections[sec].name, "shaping") != 0)
+        while (strcmp(config_sections[sec].name, "shaping") != 0)
             sec++;
         perr(p, key_line(p, sec, "rules"), "[shaping] rules: %s", why);
         return 0;
@@ -1849,7 +1345,7 @@ finish(struct parse *p)
     t[SMTP_CLIENT_S_DOT] = (uint32_t)dc->dot_timeout;
     t[SMTP_CLIENT_S_IDLE] = t[SMTP_CLIENT_S_CLOSED] = 0; /* the caller's idle_timeout */
     for (unsigned i = 0; i < NSECTIONS; i++)
-        if (strcmp(sections[i].name, "suppress") == 0 &&
+        if (strcmp(config_sections[i].name, "suppress") == 0 &&
             suppress_config_check(&cfg->suppress, cfg->queue.path, why, sizeof(why)) != 0) {
             const char *k = strncmp(why, "reply", 5) == 0             ? "reply"
                             : strncmp(why, "on_complaint", 12) == 0   ? "on_complaint"
@@ -1877,7 +1373,7 @@ finish(struct parse *p)
         int n = cidr_parse_list(cfg->delivery.source_address, src, 4, why, sizeof(why));
         unsigned line = 0;
         for (unsigned i = 0; i < NSECTIONS; i++)
-            if (strcmp(sections[i].name, "delivery") == 0)
+            if (strcmp(config_sections[i].name, "delivery") == 0)
                 line = key_line(p, i, "source_address");
         for (int i = 0; i < n; i++) {
             struct sockaddr_storage *ss =
@@ -1905,7 +1401,7 @@ finish(struct parse *p)
                                                NETADDR_MAX_LIST, why, sizeof(why));
         unsigned line = 0;
         for (unsigned i = 0; i < NSECTIONS; i++)
-            if (strcmp(sections[i].name, "delivery") == 0)
+            if (strcmp(config_sections[i].name, "delivery") == 0)
                 line = key_line(p, i, "allow_networks");
         if (cfg->delivery.nallow < 0) {
             perr(p, line, "allow_networks: %s", why);
@@ -1914,7 +1410,7 @@ finish(struct parse *p)
     }
     if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
-        while (strcmp(sections[dns_sec].name, "dns") != 0)
+        while (strcmp(config_sections[dns_sec].name, "dns") != 0)
             dns_sec++;
         perr(p, key_line(p, dns_sec, "servers"), "[dns] %s", why);
     }
@@ -1981,9 +1477,9 @@ config_load(const char *path, struct config **out, FILE *errs)
         perr(&p, 0, "out of memory");
     char why[256];
     for (unsigned i = 0; i < NSECTIONS; i++)
-        if (conf_defaults(sections[i].keys, (char *)cfg + sections[i].offset, why, sizeof(why)) <
+        if (conf_defaults(config_sections[i].keys, (char *)cfg + config_sections[i].offset, why, sizeof(why)) <
             0)
-            perr(&p, 0, "[%s] %s", sections[i].name, why);
+            perr(&p, 0, "[%s] %s", config_sections[i].name, why);
 
     int rc = ini_parse_stream(reader, &p, on_key, &p);
     if (rc > 0)
@@ -2010,7 +1506,7 @@ config_free(struct config *cfg)
     if (cfg == NULL)
         return NULL;
     for (unsigned i = 0; i < NSECTIONS; i++)
-        conf_free(sections[i].keys, (char *)cfg + sections[i].offset);
+        conf_free(config_sections[i].keys, (char *)cfg + config_sections[i].offset);
     for (unsigned i = 0; i < cfg->ndomains; i++) {
         free(cfg->domains[i].name);
         free(cfg->domains[i].route);
@@ -2021,23 +1517,23 @@ config_free(struct config *cfg)
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
     for (unsigned i = 0; i < cfg->nmxs; i++) {
-        conf_free(mx_keys, &cfg->mxs[i]);
+        conf_free(config_mx_keys, &cfg->mxs[i]);
         free(cfg->mxs[i].pattern);
     }
     free(cfg->mxs);
     for (unsigned i = 0; i < cfg->nsources; i++) {
-        conf_free(source_keys, &cfg->sources[i]);
+        conf_free(config_source_keys, &cfg->sources[i]);
         free(cfg->sources[i].pattern);
     }
     free(cfg->sources);
     for (unsigned i = 0; i < cfg->npools; i++) {
-        conf_free(pool_keys, &cfg->pools[i]);
+        conf_free(config_pool_keys, &cfg->pools[i]);
         free(cfg->pools[i].name);
         free(cfg->pools[i].sources);
     }
     free(cfg->pools);
     for (unsigned i = 0; i < cfg->ntenants; i++) {
-        conf_free(tenant_keys, &cfg->tenants[i]);
+        conf_free(config_tenant_keys, &cfg->tenants[i]);
         free(cfg->tenants[i].name);
         free(cfg->tenants[i].pools);
     }
@@ -2185,14 +1681,14 @@ config_reference(FILE *out)
                  "Keys marked [not yet in effect] are parsed and checked but nothing uses "
                  "them yet.\n\n");
     for (unsigned i = 0; i < NSECTIONS; i++) {
-        fprintf(out, "## [%s]: %s\n\n", sections[i].name, sections[i].help);
-        reference_table(out, sections[i].keys, sections[i].size);
+        fprintf(out, "## [%s]: %s\n\n", config_sections[i].name, config_sections[i].help);
+        reference_table(out, config_sections[i].keys, config_sections[i].size);
     }
     fprintf(out, "## [domain NAME] and [domain *]: per-destination policy\n\n"
                  "`[domain *]` sets the defaults; `[domain example.com]` overrides them for "
                  "one domain (names are case-insensitive; a trailing dot is ignored). Keys a "
                  "domain does not set come from `[domain *]`, then from the defaults below.\n\n");
-    reference_table(out, domain_keys, sizeof(struct domain_policy));
+    reference_table(out, config_domain_keys, sizeof(struct domain_policy));
     fprintf(out, "## [mx PATTERN]: limits per MX host\n\n"
                  "Limits shared by every destination whose preferred MX host matches: "
                  "`[mx *.google.com]` (any host under google.com) or `[mx mx.example.net]` "
@@ -2200,14 +1696,14 @@ config_reference(FILE *out)
                  "section wins. With [redis] url they hold across all nodes; without, each "
                  "worker keeps 1/workers of them (the domains behind one MX are spread over "
                  "the workers).\n\n");
-    reference_table(out, mx_keys, sizeof(struct mx_policy));
+    reference_table(out, config_mx_keys, sizeof(struct mx_policy));
     fprintf(out, "## [source ADDRESS]: limits per source address\n\n"
                  "The same keys as [mx], for every connection that comes from ADDRESS, one of "
                  "the [delivery] source_address ones (what receivers see of this node), and "
                  "the name it greets with. With "
                  "[redis] url they hold across all nodes; without, each worker keeps "
                  "1/workers of them. A [pool] lists sources by their ADDRESS.\n\n");
-    reference_table(out, source_keys, sizeof(struct mx_policy));
+    reference_table(out, config_source_keys, sizeof(struct mx_policy));
     fprintf(out, "## [pool NAME]: egress sources\n\n"
                  "A set of [source ADDRESS] sections that a message's mail is spread over by "
                  "weight. A message's pool comes from its tenant (the user's pool=, the "
@@ -2218,7 +1714,7 @@ config_reference(FILE *out)
                  "not held, not suspended and with warm-up allowance left; a source a "
                  "receiver answers with 421 or a rate-limited reply is held at that site "
                  "alone. Mail without a pool leaves from [delivery] source_address.\n\n");
-    reference_table(out, pool_keys, sizeof(struct pool_config));
+    reference_table(out, config_pool_keys, sizeof(struct pool_config));
     fprintf(out, "## [tenant NAME]: who a message belongs to\n\n"
                  "A customer whose mail is kept apart. A message's tenant is its AUTH user's "
                  "(tenant= in the users file) or, from trusted_networks only, the "
@@ -2231,7 +1727,7 @@ config_reference(FILE *out)
                  "(untenanted mail is one more tenant of weight 1), and within a tenant "
                  "sends the highest priority first, oldest first within a priority: one "
                  "tenant's backlog delays another's mail by at most one round of turns.\n\n");
-    reference_table(out, tenant_keys, sizeof(struct tenant_config));
+    reference_table(out, config_tenant_keys, sizeof(struct tenant_config));
     warmup_conf_reference(out);
     fprintf(out, "## [dkim DOMAIN SELECTOR]: one DKIM signature\n\n"
                  "Mail whose signing domain ([dkim] signing_domain: the From: header's by "
