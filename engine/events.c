@@ -1,10 +1,10 @@
 /*
- * events: see events.h for the design. This file owns the pump (the
- * spool's event records to the journal, then a trim) and the sinks: their
+ * events: see events.h for the design. This file owns the sinks: their
  * threads, their batches (read from the journal, filtered, framed with
- * each event's id), the HTTP client (libcurl's easy interface, one
- * handle per sink, reused for keep-alive) and the Redis client (one
- * hiredis context per sink, XADDs pipelined), and their backoff.
+ * each event's id) and their backoff; sending a batch (the webhook over
+ * libcurl, the Redis stream over hiredis) is engine/events_send.c's, and
+ * the pump (the spool's event records to the journal, then a trim)
+ * engine/events_pump.c's (events_int.h: what the three share).
  *
  * A sink thread's loop: wait until the journal holds events past its
  * cursor and the sink is not paused; gather a batch (closing at
@@ -19,7 +19,7 @@
  * retried like any failure. A webhook's 4xx that refuses what was sent
  * (a 400 or 422 for one malformed or unwanted event; not 401, 403, 404,
  * 405, 407, 408, 410, 413, 421, 425 or 429, which say nothing about the
- * events: see http_refuses) splits the batch: its first half is sent at
+ * events: see sink_http_refuses) splits the batch: its first half is sent at
  * once, halved again while refused, until one event is refused alone;
  * that one is dropped (counted as rejected, logged with its id and
  * recipient) and the sink moves on with whole batches. A second event
@@ -57,18 +57,9 @@
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "engine/events_int.h"
 #include "engine/events_journal.h"
 #include "queue/queue.h"
-
-#define READ_BUF       (1024u * 1024) /* journal octets read at a time */
-#define CURSOR_SYNC_MS 1000u          /* a busy sink stores its cursor this often */
-#define FRAME_MAX      64u            /* an event's {"event_id":"NODE-SEQ" head */
-#define HTTP_TOO_LARGE (-2)           /* http_send: the endpoint answered 413 */
-#define HTTP_REFUSED   (-3)           /* http_send: a 4xx that refuses the events (http_refuses) */
-#define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
-#define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
-#define PUMP_RETRY_MS  1000u          /* after a failed append */
-#define HTTP_ANSWER_MAX (64u * 1024)  /* octets of an endpoint's answer read; past them, closed */
 
 _Static_assert(EVENTS_NAME_MAX == JOURNAL_NAME_MAX, "a sink's name is its cursor's");
 
@@ -107,76 +98,6 @@ const struct conf_key events_sink_keys[] = {
     {"paused", CONF_BOOL, EVK(paused), 0, 0, "no",
      "start paused (sluicectl events resume NAME starts it)", NULL},
     CONF_END,
-};
-
-enum sink_kind { SINK_HTTP, SINK_REDIS };
-
-struct sink {
-    struct events *ev;             /* borrowed: owns the sink */
-    struct events_sink_config cfg; /* owned strings (conf_copy) */
-    enum sink_kind kind;
-    pthread_t thread;
-    bool started;
-    bool stop;          /* under ev->mu: this sink alone stops (a reload) */
-    _Atomic bool quit;  /* stop, read without mu: a request in flight gives up */
-
-    /* Under ev->mu. */
-    struct journal_pos cursor; /* durable: acknowledged up to here */
-    struct events_sink_stats st;
-    uint64_t oldest_ms; /* Unix ms of the first pending event, 0: unknown */
-
-    /* Sink thread only. */
-    int fd; /* journal segment being read, -1 */
-    uint64_t fd_seg;
-    char *rbuf;          /* owned: READ_BUF */
-    struct json body;    /* the batch: a JSON array of framed events */
-    size_t *offs, *lens; /* owned, batch_max each: every event's object in body */
-    uint64_t *seqs;      /* owned, batch_max: every event's number */
-    unsigned nlines;
-    unsigned max_lines;      /* a batch's events: batch_max, less after a 413 */
-    size_t max_bytes;        /* a batch's octets (but for its first event): EVENTS_BATCH_BYTES,
-                              * less after a 413 */
-    unsigned split_lines;    /* 0, or a batch's events while a refused batch is split */
-    uint64_t split_end;      /* while split: the number after the refused batch's events */
-    bool rejected_last;      /* the last event dealt with was dropped as refused */
-    struct journal_pos next; /* the cursor once the batch is acknowledged */
-    /* http */
-    CURL *curl;                 /* owned */
-    struct curl_slist *headers; /* owned, rebuilt per request */
-    char curl_err[CURL_ERROR_SIZE];
-    size_t answer_len; /* octets of the answer's body read so far */
-    /* redis */
-    redisContext *redis; /* owned */
-    int redis_fd;        /* under ev->mu: its socket while connected, else -1 (a stop shuts it) */
-    char host[256], stream[256], password[256];
-    int port;
-};
-
-struct events {
-    struct journal *journal; /* owned */
-    struct queue *queue;     /* borrowed: outlives the module */
-    struct queue_port *port; /* owned: the pump's (trims, and lines put alone) */
-    pthread_mutex_t mu;
-    pthread_cond_t cond; /* CLOCK_MONOTONIC */
-    bool stop;
-    _Atomic bool stopping; /* stop, read without mu: a request in flight gives up */
-    uint64_t appends;      /* bumped on every append: sinks wait for a change */
-    uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
-    struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
-    unsigned nsinks;
-    bool trim_held; /* under mu: a reload restarts sinks, no trim meanwhile */
-    pthread_t pump;
-    bool pump_started;
-    _Atomic uint64_t put_failed; /* lines put alone that the spool refused */
-
-    /* Pump thread only. */
-    char *pbuf; /* owned: PUMP_BYTES + one record */
-    size_t plen, pcap;
-    uint64_t pfrom;   /* the number the copy must start at */
-    uint64_t pseq;    /* the number after the copied lines */
-    uint64_t pskip;   /* non-zero: the spool's next record starts there, past pfrom */
-    bool trimming;    /* a trim is in flight */
-    uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 
 /* ---- config ---- */
@@ -262,35 +183,6 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
         return -EINVAL;
     }
     return 0;
-}
-
-/* ---- signature ---- */
-
-void
-events_sign(const char *secret, uint64_t ts, const char *body, size_t len, char *out)
-{
-    unsigned char mac[EVP_MAX_MD_SIZE];
-    size_t maclen = 0;
-    char prefix[32];
-    int pn = snprintf(prefix, sizeof(prefix), "%" PRIu64 ".", ts);
-    EVP_MAC *m = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    EVP_MAC_CTX *c = m != NULL ? EVP_MAC_CTX_new(m) : NULL;
-    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string("digest", (char *)"SHA256", 0),
-                           OSSL_PARAM_construct_end()};
-    if (c == NULL || !EVP_MAC_init(c, (const unsigned char *)secret, strlen(secret), params) ||
-        !EVP_MAC_update(c, (const unsigned char *)prefix, (size_t)pn) ||
-        !EVP_MAC_update(c, (const unsigned char *)body, len) ||
-        !EVP_MAC_final(c, mac, &maclen, sizeof(mac)))
-        maclen = 0;
-    EVP_MAC_CTX_free(c);
-    EVP_MAC_free(m);
-    static const char hex[] = "0123456789abcdef";
-    memcpy(out, "sha256=", 7);
-    for (size_t i = 0; i < maclen; i++) {
-        out[7 + 2 * i] = hex[mac[i] >> 4];
-        out[8 + 2 * i] = hex[mac[i] & 15];
-    }
-    out[7 + 2 * maclen] = '\0';
 }
 
 /* ---- batches ---- */
@@ -446,250 +338,10 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
     return json_failed(&s->body) ? -ENOMEM : 0;
 }
 
-/* ---- HTTP ---- */
-
-/* The answer's body means nothing (the status is the answer): read and
- * dropped, up to HTTP_ANSWER_MAX; past it the transfer stops (the
- * connection is closed), so an endless or huge body costs no more. */
-static size_t
-discard(char *p, size_t size, size_t n, void *arg)
-{
-    (void)p;
-    struct sink *s = arg;
-    s->answer_len += size * n;
-    return s->answer_len > HTTP_ANSWER_MAX ? 0 : size * n;
-}
-
-/* libcurl calls this while a request runs: a stop abandons it (the
- * batch is sent again from the cursor after the restart). */
-static int
-http_progress(void *arg, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
-{
-    (void)dltotal;
-    (void)dlnow;
-    (void)ultotal;
-    (void)ulnow;
-    const struct sink *s = arg;
-    return atomic_load(&s->ev->stopping) || atomic_load(&s->quit) ? 1 : 0;
-}
-
-static int
-http_init(struct sink *s)
-{
-    s->curl = curl_easy_init();
-    if (s->curl == NULL)
-        return -ENOMEM;
-    CURL *c = s->curl;
-    curl_easy_setopt(c, CURLOPT_URL, s->cfg.url);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)s->cfg.timeout);
-    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)s->cfg.timeout);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, s);
-    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, s->curl_err);
-    curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, http_progress);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, s);
-    curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
-    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
-    if (s->cfg.ca_file != NULL)
-        curl_easy_setopt(c, CURLOPT_CAINFO, s->cfg.ca_file);
-    return 0;
-}
-
-/*
- * Whether an HTTP status refuses the events sent, so that sending them
- * again can only be refused again: a 4xx but those that say nothing
- * about the body (a wrong secret or URL refuses every batch alike, and
- * dropping events one by one would empty the backlog into the log), those
- * that ask to come back later, and 413 (the batch's size, not its
- * events: halved).
- */
-static bool
-http_refuses(long code)
-{
-    switch (code) {
-    case 401: /* Unauthorized: a wrong secret */
-    case 403: /* Forbidden: an address or credentials refused */
-    case 404: /* Not Found, 405 Method Not Allowed, 410 Gone: a wrong URL */
-    case 405:
-    case 407: /* Proxy Authentication Required */
-    case 408: /* Request Timeout */
-    case 410:
-    case 413: /* Content Too Large: halved (HTTP_TOO_LARGE) */
-    case 421: /* Misdirected Request */
-    case 425: /* Too Early */
-    case 429: /* Too Many Requests */
-        return false;
-    default:
-        return code >= 400 && code <= 499;
-    }
-}
-
-/* POST the batch. Returns 0 on a 2xx, else -1 with the reason in err. A
- * 2xx status acknowledges the batch whatever happens to the body after
- * it (cut short, too long, a stop): the endpoint took the batch; sending
- * it again would only repeat it, and for an endpoint that always answers
- * so, for ever. A 413 returns HTTP_TOO_LARGE, a status http_refuses
- * HTTP_REFUSED; *status is the status (0: none). */
-static int
-http_send(struct sink *s, long *status, char *err, size_t errlen)
-{
-    *status = 0;
-    uint64_t ts = clock_unix_ms() / 1000;
-    char line[128], sig[80];
-    curl_slist_free_all(s->headers);
-    s->headers = NULL;
-    struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-    snprintf(line, sizeof(line), EVENTS_TS_HEADER ": %" PRIu64, ts);
-    if (h != NULL)
-        h = curl_slist_append(h, line);
-    if (h != NULL && s->cfg.secret != NULL) {
-        events_sign(s->cfg.secret, ts, s->body.buf, s->body.len, sig);
-        snprintf(line, sizeof(line), EVENTS_SIG_HEADER ": %s", sig);
-        h = curl_slist_append(h, line);
-    }
-    if (h != NULL)
-        h = curl_slist_append(h, "Expect:"); /* no 100-continue round trip */
-    if (h == NULL) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    s->headers = h;
-    curl_easy_setopt(s->curl, CURLOPT_HTTPHEADER, s->headers);
-    curl_easy_setopt(s->curl, CURLOPT_POSTFIELDS, s->body.buf);
-    curl_easy_setopt(s->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)s->body.len);
-    s->curl_err[0] = '\0';
-    s->answer_len = 0;
-    CURLcode rc = curl_easy_perform(s->curl);
-    long code = 0; /* this transfer's: libcurl clears it as a transfer starts */
-    curl_easy_getinfo(s->curl, CURLINFO_RESPONSE_CODE, &code);
-    *status = code;
-    if (code >= 200 && code <= 299)
-        return 0;
-    if (code != 0) /* the status says more than what became of its body */
-        snprintf(err, errlen, "HTTP status %ld", code);
-    else
-        snprintf(err, errlen, "%.180s", s->curl_err[0] ? s->curl_err : curl_easy_strerror(rc));
-    return code == 413 ? HTTP_TOO_LARGE : http_refuses(code) ? HTTP_REFUSED : -1;
-}
-
-/* ---- Redis ---- */
-
-static void
-redis_drop(struct sink *s)
-{
-    if (s->redis == NULL)
-        return;
-    pthread_mutex_lock(&s->ev->mu);
-    s->redis_fd = -1; /* closed below: a stop no longer touches it */
-    pthread_mutex_unlock(&s->ev->mu);
-    redisFree(s->redis);
-    s->redis = NULL;
-}
-
-/* A stop abandons the request in flight: libcurl's through its progress
- * callback, a Redis one (hiredis blocks in read or write until the
- * timeout) by shutting its socket down, which ends the wait at once.
- * mu held. */
-static void
-sink_abort_locked(struct sink *s)
-{
-    if (s->redis_fd >= 0)
-        shutdown(s->redis_fd, SHUT_RDWR);
-}
-
-static int
-redis_connect(struct sink *s, char *err, size_t errlen)
-{
-    struct timeval tv = {.tv_sec = (time_t)(s->cfg.timeout / 1000),
-                         .tv_usec = (suseconds_t)(s->cfg.timeout % 1000 * 1000)};
-    s->redis = redisConnectWithTimeout(s->host, s->port, tv);
-    if (s->redis == NULL || s->redis->err) {
-        snprintf(err, errlen, "connect %.64s:%d: %.100s", s->host, s->port,
-                 s->redis ? s->redis->errstr : "out of memory");
-        redis_drop(s);
-        return -1;
-    }
-    redisSetTimeout(s->redis, tv);
-    pthread_mutex_lock(&s->ev->mu);
-    s->redis_fd = s->redis->fd;
-    if (s->ev->stop || s->stop) /* the stop came during the connect */
-        sink_abort_locked(s);
-    pthread_mutex_unlock(&s->ev->mu);
-    if (s->password[0] != '\0') {
-        redisReply *r = redisCommand(s->redis, "AUTH %s", s->password);
-        bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
-        if (!ok)
-            snprintf(err, errlen, "AUTH: %s", r ? r->str : s->redis->errstr);
-        if (r != NULL)
-            freeReplyObject(r);
-        if (!ok) {
-            redis_drop(s);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* XADD every event of the batch, pipelined. Returns 0 when each was
- * answered with an id, else -1 with the reason in err. */
-static int
-redis_send(struct sink *s, char *err, size_t errlen)
-{
-    if (s->redis == NULL && redis_connect(s, err, errlen) < 0)
-        return -1;
-    char maxlen[24], id[64];
-    snprintf(maxlen, sizeof(maxlen), "%u", s->cfg.maxlen);
-    for (unsigned i = 0; i < s->nlines; i++) {
-        int idn = snprintf(id, sizeof(id), "%s-%" PRIu64, journal_id(s->ev->journal), s->seqs[i]);
-        const char *av[10];
-        size_t al[10];
-        int argc = 0;
-#define ARG(p, n) (av[argc] = (p), al[argc] = (n), argc++)
-        ARG("XADD", 4);
-        ARG(s->stream, strlen(s->stream));
-        if (s->cfg.maxlen > 0) {
-            ARG("MAXLEN", 6);
-            ARG("~", 1);
-            ARG(maxlen, strlen(maxlen));
-        }
-        ARG("*", 1);
-        ARG("event_id", 8);
-        ARG(id, (size_t)idn);
-        ARG("data", 4);
-        ARG(s->body.buf + s->offs[i], s->lens[i]);
-#undef ARG
-        if (redisAppendCommandArgv(s->redis, argc, av, al) != REDIS_OK) {
-            snprintf(err, errlen, "%s", s->redis->errstr);
-            redis_drop(s);
-            return -1;
-        }
-    }
-    int rc = 0;
-    for (unsigned i = 0; i < s->nlines; i++) {
-        void *rp = NULL;
-        if (redisGetReply(s->redis, &rp) != REDIS_OK) {
-            snprintf(err, errlen, "%s", s->redis->errstr[0] ? s->redis->errstr : "I/O error");
-            redis_drop(s);
-            return -1;
-        }
-        redisReply *r = rp;
-        if (r->type == REDIS_REPLY_ERROR && rc == 0) {
-            snprintf(err, errlen, "XADD: %s", r->str);
-            rc = -1;
-        }
-        freeReplyObject(r);
-    }
-    return rc;
-}
-
 /* ---- the sink thread ---- */
 
-static uint64_t
-mono_ms(void)
+uint64_t
+events_mono_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -697,8 +349,8 @@ mono_ms(void)
 }
 
 /* Wait on ev->cond until the monotonic deadline (ms) or a signal; mu held. */
-static void
-wait_until(struct events *ev, uint64_t deadline_ms)
+void
+events_wait_until(struct events *ev, uint64_t deadline_ms)
 {
     struct timespec ts = {.tv_sec = (time_t)(deadline_ms / 1000),
                           .tv_nsec = (long)(deadline_ms % 1000 * 1000000)};
@@ -710,7 +362,7 @@ static void sink_store_cursor(struct sink *s, const struct journal_pos *pos);
 /* Delete the segments every sink passed. Not while a reload restarts
  * sinks: one it took out of the list to stop it would not count, and it
  * resumes from its cursor. */
-static void
+void
 events_trim(struct events *ev)
 {
     struct journal_pos keep = {UINT64_MAX, UINT64_MAX};
@@ -835,9 +487,9 @@ sink_main(void *arg)
             first_seen = 0;
             uint64_t seen = ev->appends;
             while (!SINK_STOP(s) && seen == ev->appends && !s->st.paused)
-                wait_until(ev, mono_ms() + 1000);
+                events_wait_until(ev, events_mono_ms() + 1000);
             if (s->st.paused && !SINK_STOP(s))
-                wait_until(ev, mono_ms() + 1000);
+                events_wait_until(ev, events_mono_ms() + 1000);
             journal_end(ev->journal, &end);
             if (s->st.paused && sink_cap_backlog(s, &end))
                 sink_after_cap(s); /* a paused sink's backlog is bounded too */
@@ -848,7 +500,7 @@ sink_main(void *arg)
             break;
         if (sink_cap_backlog(s, &end))
             sink_after_cap(s);
-        uint64_t now = mono_ms();
+        uint64_t now = events_mono_ms();
         if (first_seen == 0)
             first_seen = now;
         /* A batch closes at batch_max events or batch_wait after the
@@ -856,9 +508,9 @@ sink_main(void *arg)
          * batch being split, sends at once). */
         while (!SINK_STOP(s) && !s->st.paused && s->split_lines == 0 &&
                end.seq - s->cursor.seq < s->max_lines && now < first_seen + s->cfg.batch_wait) {
-            wait_until(ev, first_seen + s->cfg.batch_wait);
+            events_wait_until(ev, first_seen + s->cfg.batch_wait);
             journal_end(ev->journal, &end);
-            now = mono_ms();
+            now = events_mono_ms();
         }
         if (SINK_STOP(s))
             break;
@@ -883,9 +535,9 @@ sink_main(void *arg)
         else if (s->nlines == 0)
             sent = 0;
         else if (s->kind == SINK_HTTP)
-            sent = http_send(s, &status, err, sizeof(err));
+            sent = sink_http_send(s, &status, err, sizeof(err));
         else
-            sent = redis_send(s, err, sizeof(err));
+            sent = sink_redis_send(s, err, sizeof(err));
         /* One event refused alone: the poison of a refused batch. */
         bool reject = sent == HTTP_REFUSED && s->nlines == 1;
         if (sent == 0 || reject) {
@@ -894,7 +546,7 @@ sink_main(void *arg)
              * catch-up, and a crash re-sends at most that much. */
             struct journal_pos now_end;
             journal_end(ev->journal, &now_end);
-            uint64_t t = mono_ms();
+            uint64_t t = events_mono_ms();
             if (now_end.seq <= s->next.seq || t - last_store >= CURSOR_SYNC_MS) {
                 sink_store_cursor(s, &s->next);
                 last_store = t;
@@ -946,9 +598,9 @@ sink_main(void *arg)
             backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
             if (backoff > s->cfg.retry_max)
                 backoff = s->cfg.retry_max;
-            uint64_t until = mono_ms() + backoff;
-            while (!SINK_STOP(s) && mono_ms() < until)
-                wait_until(ev, until);
+            uint64_t until = events_mono_ms() + backoff;
+            while (!SINK_STOP(s) && events_mono_ms() < until)
+                events_wait_until(ev, until);
             continue;
         }
         if (sent == HTTP_REFUSED) {
@@ -982,210 +634,15 @@ sink_main(void *arg)
                     " note=kept_in_journal",
                     s->cfg.name, err, backoff);
         failing = true;
-        uint64_t until = mono_ms() + backoff;
-        while (!SINK_STOP(s) && mono_ms() < until)
-            wait_until(ev, until);
+        uint64_t until = events_mono_ms() + backoff;
+        while (!SINK_STOP(s) && events_mono_ms() < until)
+            events_wait_until(ev, until);
     }
     struct journal_pos last = s->cursor;
     pthread_mutex_unlock(&ev->mu);
     if (dirty)
         sink_store_cursor(s, &last);
     return NULL;
-}
-
-/* ---- the pump: spool records to the journal ---- */
-
-/* The spool's hook, on its committer thread: more lines are durable. */
-static void
-pump_wake(void *arg)
-{
-    struct events *ev = arg;
-    pthread_mutex_lock(&ev->mu);
-    ev->committed++;
-    pthread_cond_broadcast(&ev->cond);
-    pthread_mutex_unlock(&ev->mu);
-}
-
-/* Copy one spool record (its lines from ev->pfrom on) to the buffer. A
- * record that starts past the copy's end means numbers the spool no
- * longer holds: the copy stops there (the caller skips them). */
-static int
-pump_record(void *arg, uint64_t seq, const char *text, size_t len)
-{
-    struct events *ev = arg;
-    if (seq > ev->pseq) {
-        /* numbers the spool does not hold: append what is before them,
-         * then the journal skips them (pump_move) */
-        if (ev->plen == 0)
-            ev->pskip = seq;
-        return 1;
-    }
-    const char *p = text, *end = text + len;
-    for (uint64_t n = seq; n < ev->pseq && p < end; n++) { /* lines already in the journal */
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        p = nl != NULL ? nl + 1 : end;
-    }
-    size_t n = (size_t)(end - p);
-    if (ev->plen + n > ev->pcap) {
-        size_t cap = ev->plen + n;
-        char *b = realloc(ev->pbuf, cap);
-        if (b == NULL)
-            return 1;
-        ev->pbuf = b;
-        ev->pcap = cap;
-    }
-    memcpy(ev->pbuf + ev->plen, p, n);
-    ev->plen += n;
-    for (const char *q = p; (q = memchr(q, '\n', (size_t)(end - q))) != NULL; q++)
-        ev->pseq++;
-    return 0;
-}
-
-static void pump_trim_done(void *cookie, int rc);
-
-/* Ask the spool to trim what the journal holds, unless a trim is in
- * flight: its completion asks again for what came meanwhile. Pump
- * thread. */
-static void
-pump_trim(struct events *ev)
-{
-    struct journal_pos end;
-    journal_end(ev->journal, &end);
-    if (ev->trimming || end.seq <= ev->trim_to)
-        return;
-    ev->trimming = true;
-    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
-        ev->trimming = false;
-    else
-        ev->trim_to = end.seq;
-}
-
-static void
-pump_trim_done(void *cookie, int rc)
-{
-    struct events *ev = cookie;
-    ev->trimming = false;
-    if (rc < 0) {
-        log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
-                queue_strerror(rc));
-        ev->trim_to = 0; /* asked again with the next append */
-        return;
-    }
-    pump_trim(ev); /* what was appended while it ran */
-}
-
-static void
-pump_put_done(void *cookie, int rc)
-{
-    struct events *ev = cookie;
-    if (rc < 0) {
-        atomic_fetch_add(&ev->put_failed, 1);
-        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
-                queue_strerror(rc));
-    }
-}
-
-/*
- * Move every durable spool record past the journal's end to the journal
- * (fsynced), under the spool's numbers, then ask the spool to trim what
- * the journal holds. Returns 0 when it caught up, 1 when there is more,
- * -errno when the journal refused (nothing trimmed: tried again).
- */
-static int
-pump_move(struct events *ev)
-{
-    struct journal_pos end;
-    journal_end(ev->journal, &end);
-    ev->plen = 0;
-    ev->pskip = 0;
-    ev->pfrom = ev->pseq = end.seq;
-    int n = queue_events_read(ev->queue, end.seq, PUMP_BYTES, pump_record, ev);
-    if (n < 0) {
-        log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
-        return n;
-    }
-    if (ev->pskip > ev->pfrom) {
-        /* the spool holds nothing from pfrom to pskip: a journal made anew
-         * beside an older spool, or records lost; number on from there */
-        int rc = journal_skip_to(ev->journal, ev->pskip);
-        return rc < 0 ? rc : 1;
-    }
-    if (ev->plen == 0) {
-        pump_trim(ev); /* records a crash left between a copy and its trim */
-        return 0;
-    }
-    struct iovec v = {ev->pbuf, ev->plen};
-    int rc = journal_append(ev->journal, &v, 1);
-    if (rc < 0) {
-        log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" bytes=%zu "
-                "note=kept_in_spool_retried", strerror(-rc), ev->plen);
-        return rc;
-    }
-    pthread_mutex_lock(&ev->mu);
-    ev->appends++;
-    pthread_cond_broadcast(&ev->cond);
-    pthread_mutex_unlock(&ev->mu);
-    /* Sinks trim as their cursors move; with none left (a reload removed
-     * the last), nobody else would, and every segment stayed on disk. */
-    events_trim(ev);
-    pump_trim(ev);
-    return queue_events_durable(ev->queue) > ev->pseq ? 1 : 0;
-}
-
-static void *
-pump_main(void *arg)
-{
-    struct events *ev = arg;
-    log_set_thread_name("ev-pump");
-    uint64_t seen = 0;
-    bool stop = false;
-    while (!stop) {
-        queue_port_drain(ev->port);
-        int rc = pump_move(ev);
-        pthread_mutex_lock(&ev->mu);
-        if (rc < 0) {
-            wait_until(ev, mono_ms() + PUMP_RETRY_MS);
-        } else if (rc == 0) {
-            /* Caught up: wait for the next commit, then a little more so
-             * that one append (one fsync) carries several commits. A
-             * trim in flight is waited for meanwhile: its completion
-             * trims what was appended since it was asked, else that
-             * stays in the spool until the next commit. */
-            while (!ev->stop && seen == ev->committed) {
-                if (!ev->trimming) {
-                    wait_until(ev, mono_ms() + 1000);
-                    continue;
-                }
-                pthread_mutex_unlock(&ev->mu);
-                queue_port_wait(ev->port, (int)PUMP_GATHER_MS);
-                pthread_mutex_lock(&ev->mu);
-            }
-            seen = ev->committed;
-            if (!ev->stop)
-                wait_until(ev, mono_ms() + PUMP_GATHER_MS);
-        }
-        stop = ev->stop;
-        pthread_mutex_unlock(&ev->mu);
-    }
-    /* What is durable now goes to the journal before the stop. */
-    for (int i = 0; i < 64 && pump_move(ev) == 1; i++) {
-    }
-    /* The trim in flight (and lines put alone) complete: the spool still runs. */
-    for (int i = 0; i < 100 && queue_port_pending(ev->port) > 0; i++)
-        queue_port_wait(ev->port, 100);
-    return NULL;
-}
-
-void
-events_put(void *arg, const char *line, size_t len)
-{
-    struct events *ev = arg;
-    int rc = queue_events_put(ev->queue, ev->port, line, len, pump_put_done, ev);
-    if (rc < 0) {
-        atomic_fetch_add(&ev->put_failed, 1);
-        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
-                queue_strerror(rc));
-    }
 }
 
 /* ---- the module ---- */
@@ -1203,7 +660,7 @@ sink_fini(struct sink *s)
     if (s->curl != NULL)
         curl_easy_cleanup(s->curl);
     curl_slist_free_all(s->headers);
-    redis_drop(s);
+    sink_redis_drop(s);
     conf_free(events_sink_keys, &s->cfg);
     free(s->cfg.name);
 }
@@ -1246,7 +703,7 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
     } else {
         s->kind = SINK_HTTP;
         snprintf(s->st.kind, sizeof(s->st.kind), "http");
-        if (http_init(s) < 0) {
+        if (sink_http_init(s) < 0) {
             snprintf(err, errlen, "[events %s]: cannot make an HTTP client", c->name);
             return -ENOMEM;
         }
@@ -1366,8 +823,8 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     struct journal_pos jend;
     journal_end(ev->journal, &jend);
     queue_events_floor(q, jend.seq);
-    queue_events_set_hook(q, pump_wake, ev);
-    if ((rc = pthread_create(&ev->pump, NULL, pump_main, ev)) != 0) {
+    queue_events_set_hook(q, events_pump_wake, ev);
+    if ((rc = pthread_create(&ev->pump, NULL, events_pump_main, ev)) != 0) {
         snprintf(err, errlen, "events: cannot start the pump thread: %s", strerror(rc));
         rc = -rc;
         goto fail;

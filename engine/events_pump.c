@@ -1,0 +1,221 @@
+/*
+ * events_pump: the pump (see events_int.h for the other files of the
+ * event push). The spool keeps each event record in the commit of what
+ * it tells (queue.h: durable with it); the pump's thread copies them, a
+ * few commits gathered at a time (PUMP_GATHER_MS, up to PUMP_BYTES), to
+ * the journal, then trims them from the spool, so the spool holds events
+ * only for milliseconds and the journal is what the sinks read.
+ *
+ * Threading: the pump's thread.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "engine/events_int.h"
+
+/* ---- the pump: spool records to the journal ---- */
+
+/* The spool's hook, on its committer thread: more lines are durable. */
+void
+events_pump_wake(void *arg)
+{
+    struct events *ev = arg;
+    pthread_mutex_lock(&ev->mu);
+    ev->committed++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+}
+
+/* Copy one spool record (its lines from ev->pfrom on) to the buffer. A
+ * record that starts past the copy's end means numbers the spool no
+ * longer holds: the copy stops there (the caller skips them). */
+static int
+pump_record(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    struct events *ev = arg;
+    if (seq > ev->pseq) {
+        /* numbers the spool does not hold: append what is before them,
+         * then the journal skips them (pump_move) */
+        if (ev->plen == 0)
+            ev->pskip = seq;
+        return 1;
+    }
+    const char *p = text, *end = text + len;
+    for (uint64_t n = seq; n < ev->pseq && p < end; n++) { /* lines already in the journal */
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        p = nl != NULL ? nl + 1 : end;
+    }
+    size_t n = (size_t)(end - p);
+    if (ev->plen + n > ev->pcap) {
+        size_t cap = ev->plen + n;
+        char *b = realloc(ev->pbuf, cap);
+        if (b == NULL)
+            return 1;
+        ev->pbuf = b;
+        ev->pcap = cap;
+    }
+    memcpy(ev->pbuf + ev->plen, p, n);
+    ev->plen += n;
+    for (const char *q = p; (q = memchr(q, '\n', (size_t)(end - q))) != NULL; q++)
+        ev->pseq++;
+    return 0;
+}
+
+static void pump_trim_done(void *cookie, int rc);
+
+/* Ask the spool to trim what the journal holds, unless a trim is in
+ * flight: its completion asks again for what came meanwhile. Pump
+ * thread. */
+static void
+pump_trim(struct events *ev)
+{
+    struct journal_pos end;
+    journal_end(ev->journal, &end);
+    if (ev->trimming || end.seq <= ev->trim_to)
+        return;
+    ev->trimming = true;
+    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
+        ev->trimming = false;
+    else
+        ev->trim_to = end.seq;
+}
+
+static void
+pump_trim_done(void *cookie, int rc)
+{
+    struct events *ev = cookie;
+    ev->trimming = false;
+    if (rc < 0) {
+        log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
+                queue_strerror(rc));
+        ev->trim_to = 0; /* asked again with the next append */
+        return;
+    }
+    pump_trim(ev); /* what was appended while it ran */
+}
+
+static void
+pump_put_done(void *cookie, int rc)
+{
+    struct events *ev = cookie;
+    if (rc < 0) {
+        atomic_fetch_add(&ev->put_failed, 1);
+        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
+                queue_strerror(rc));
+    }
+}
+
+/*
+ * Move every durable spool record past the journal's end to the journal
+ * (fsynced), under the spool's numbers, then ask the spool to trim what
+ * the journal holds. Returns 0 when it caught up, 1 when there is more,
+ * -errno when the journal refused (nothing trimmed: tried again).
+ */
+static int
+pump_move(struct events *ev)
+{
+    struct journal_pos end;
+    journal_end(ev->journal, &end);
+    ev->plen = 0;
+    ev->pskip = 0;
+    ev->pfrom = ev->pseq = end.seq;
+    int n = queue_events_read(ev->queue, end.seq, PUMP_BYTES, pump_record, ev);
+    if (n < 0) {
+        log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
+        return n;
+    }
+    if (ev->pskip > ev->pfrom) {
+        /* the spool holds nothing from pfrom to pskip: a journal made anew
+         * beside an older spool, or records lost; number on from there */
+        int rc = journal_skip_to(ev->journal, ev->pskip);
+        return rc < 0 ? rc : 1;
+    }
+    if (ev->plen == 0) {
+        pump_trim(ev); /* records a crash left between a copy and its trim */
+        return 0;
+    }
+    struct iovec v = {ev->pbuf, ev->plen};
+    int rc = journal_append(ev->journal, &v, 1);
+    if (rc < 0) {
+        log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" bytes=%zu "
+                "note=kept_in_spool_retried", strerror(-rc), ev->plen);
+        return rc;
+    }
+    pthread_mutex_lock(&ev->mu);
+    ev->appends++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+    /* Sinks trim as their cursors move; with none left (a reload removed
+     * the last), nobody else would, and every segment stayed on disk. */
+    events_trim(ev);
+    pump_trim(ev);
+    return queue_events_durable(ev->queue) > ev->pseq ? 1 : 0;
+}
+
+void *
+events_pump_main(void *arg)
+{
+    struct events *ev = arg;
+    log_set_thread_name("ev-pump");
+    uint64_t seen = 0;
+    bool stop = false;
+    while (!stop) {
+        queue_port_drain(ev->port);
+        int rc = pump_move(ev);
+        pthread_mutex_lock(&ev->mu);
+        if (rc < 0) {
+            events_wait_until(ev, events_mono_ms() + PUMP_RETRY_MS);
+        } else if (rc == 0) {
+            /* Caught up: wait for the next commit, then a little more so
+             * that one append (one fsync) carries several commits. A
+             * trim in flight is waited for meanwhile: its completion
+             * trims what was appended since it was asked, else that
+             * stays in the spool until the next commit. */
+            while (!ev->stop && seen == ev->committed) {
+                if (!ev->trimming) {
+                    events_wait_until(ev, events_mono_ms() + 1000);
+                    continue;
+                }
+                pthread_mutex_unlock(&ev->mu);
+                queue_port_wait(ev->port, (int)PUMP_GATHER_MS);
+                pthread_mutex_lock(&ev->mu);
+            }
+            seen = ev->committed;
+            if (!ev->stop)
+                events_wait_until(ev, events_mono_ms() + PUMP_GATHER_MS);
+        }
+        stop = ev->stop;
+        pthread_mutex_unlock(&ev->mu);
+    }
+    /* What is durable now goes to the journal before the stop. */
+    for (int i = 0; i < 64 && pump_move(ev) == 1; i++) {
+    }
+    /* The trim in flight (and lines put alone) complete: the spool still runs. */
+    for (int i = 0; i < 100 && queue_port_pending(ev->port) > 0; i++)
+        queue_port_wait(ev->port, 100);
+    return NULL;
+}
+
+void
+events_put(void *arg, const char *line, size_t len)
+{
+    struct events *ev = arg;
+    int rc = queue_events_put(ev->queue, ev->port, line, len, pump_put_done, ev);
+    if (rc < 0) {
+        atomic_fetch_add(&ev->put_failed, 1);
+        log_msg(LOG_ERR, "event=events_lost err=\"%s\" note=spool_refused_the_lines",
+                queue_strerror(rc));
+    }
+}
