@@ -305,7 +305,12 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
             (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
             tenant[0] ? tenant : "-", ev.report, fr->status[0] ? fr->status : "-",
             ev.classification, verified, client);
-    if (verified && bcls == BOUNCE_INVALID_RECIPIENT && hooks != NULL && hooks->suppress != NULL) {
+    /* A refusal of our sender (the bounce of a MAIL FROM, or of a RCPT
+     * under sender checks) says nothing of the recipient, whatever its
+     * class (as in-band: outbound/outcome.c). */
+    if (verified && bcls == BOUNCE_INVALID_RECIPIENT &&
+        !classify_sender_refused(cls, has_enh ? &enh : NULL, fr->diag) && hooks != NULL &&
+        hooks->suppress != NULL) {
         hooks->suppress(hooks->ctx, tenant, addr, OOB_SUPPRESS_HARD_BOUNCE);
         out->suppressed++;
     }
