@@ -313,7 +313,8 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
              * earlier) is about the sender or the session, whatever its
              * code says (Postfix's reject_unlisted_sender: 550 5.1.0
              * "Sender address rejected: User unknown"): it bounces every
-             * recipient of the transaction but says nothing of them. */
+             * recipient of the transaction but says nothing of them; so
+             * does such a refusal answered to RCPT (rcpt_named false). */
             if (tl->addr != NULL && tl->rcpt_named)
                 suppress_on_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
                                    b->o[i].reply);
@@ -890,7 +891,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->kind = (uint8_t)kind;
         tl->cls = (uint8_t)cls;
         tl->addr = r ? r->addr : NULL;
-        tl->rcpt_named = o->stage >= SMTP_CLIENT_S_RCPT && o->stage <= SMTP_CLIENT_S_DOT;
+        /* A sender check answered at RCPT (Postfix's smtpd_delay_reject,
+         * its default) names the sender, not the recipient. */
+        tl->rcpt_named = o->stage >= SMTP_CLIENT_S_RCPT && o->stage <= SMTP_CLIENT_S_DOT &&
+                         !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
         if (kind != DLOG_DELIVERY && o->code != 0)
             snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
         else if (kind != DLOG_DELIVERY)

@@ -29,6 +29,7 @@
 #include "engine/dlog.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
+#include "engine/suppress.h"
 #include "queue/queue.h"
 
 struct fx {
@@ -786,6 +787,66 @@ stale_outcome_not_in_the_domains_view_nor_the_log(void **state)
     fx_free(f);
 }
 
+/* A sender check answered at RCPT (Postfix's reject_unlisted_sender
+ * under smtpd_delay_reject = yes, its default: "550 5.1.0 <sender>:
+ * Sender address rejected: User unknown in local recipient table")
+ * bounces the recipient as invalid_recipient, yet says nothing of it:
+ * not suppressed. The recipient's own 550 5.1.1 at RCPT still is. Before
+ * the fix both were. */
+static void
+sender_refused_at_rcpt_suppresses_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    struct suppress_config sc = {0};
+    char err[256], path[320];
+    assert_int_equal(conf_defaults(suppress_conf_keys, &sc, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, &sc, "map_size", "16M", err, sizeof(err)), 0);
+    assert_int_equal(
+        conf_set(suppress_conf_keys, &sc, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
+    snprintf(path, sizeof(path), "%s/suppress", f->dir);
+    assert_int_equal(conf_set(suppress_conf_keys, &sc, "path", path, err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(&sc, f->dir, err, sizeof(err)), 0);
+    assert_int_equal(suppress_open(&sc, &f->e.suppress, err, sizeof(err)), 0);
+
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    for (int i = 0; i < 2; i++) {
+        rc[i].out.status = SMTP_STATUS_PERMFAIL;
+        rc[i].out.code = 550;
+        rc[i].out.reason = SMTP_REASON_REPLY;
+        rc[i].out.stage = SMTP_CLIENT_S_RCPT;
+    }
+    rc[0].out.enh = (struct smtp_enh){5, 1, 0};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text),
+             "5.1.0 <news@shop.example>: Sender address rejected: User unknown in local "
+             "recipient table");
+    rc[1].out.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(rc[1].out.text, sizeof(rc[1].out.text),
+             "5.1.1 <user1@example.test>: Recipient address rejected: User unknown in local "
+             "recipient table");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 2);
+    suppress_sync(f->e.suppress);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", NULL), 0);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user1@example.test", NULL), 1);
+    suppress_close(f->e.suppress);
+    f->e.suppress = NULL;
+    conf_free(suppress_conf_keys, &sc);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -798,6 +859,7 @@ main(void)
         cmocka_unit_test(stale_outcome_in_no_dsn_and_no_counter),
         cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
         cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
+        cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
