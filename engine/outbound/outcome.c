@@ -78,7 +78,7 @@ struct outcome_tell {
     bool dsn;          /* named in the DSN: as failed, or delayed (below) */
     bool delayed;
     bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
-    bool rcpt_named; /* the reply came after RCPT named the recipient: it may speak of it */
+    bool rcpt_named; /* a server's reply after RCPT named the recipient: it may speak of it */
     uint8_t reason;  /* enum smtp_reason: the log line's */
     char status[DSN_STATUS_MAX];
     char enh[16];        /* the log line's enhanced code, "" none */
@@ -892,8 +892,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->cls = (uint8_t)cls;
         tl->addr = r ? r->addr : NULL;
         /* A sender check answered at RCPT (Postfix's smtpd_delay_reject,
-         * its default) names the sender, not the recipient. */
-        tl->rcpt_named = o->stage >= SMTP_CLIENT_S_RCPT && o->stage <= SMTP_CLIENT_S_DOT &&
+         * its default) names the sender, not the recipient; a verdict of
+         * ours (an address or ORCPT we cannot send, reason ADDRESS) is
+         * no server's word on it at all. */
+        tl->rcpt_named = o->reason == SMTP_REASON_REPLY && o->stage >= SMTP_CLIENT_S_RCPT &&
+                         o->stage <= SMTP_CLIENT_S_DOT &&
                          !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
         if (kind != DLOG_DELIVERY && o->code != 0)
             snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);

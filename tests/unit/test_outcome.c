@@ -787,6 +787,30 @@ stale_outcome_not_in_the_domains_view_nor_the_log(void **state)
     fx_free(f);
 }
 
+/* The suppression list on (in the fixture's directory), fed by
+ * invalid_recipient bounces; suppress_off closes it. */
+static void
+suppress_on(struct fx *f, struct suppress_config *sc)
+{
+    char err[256], path[320];
+    assert_int_equal(conf_defaults(suppress_conf_keys, sc, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, sc, "map_size", "16M", err, sizeof(err)), 0);
+    assert_int_equal(
+        conf_set(suppress_conf_keys, sc, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
+    snprintf(path, sizeof(path), "%s/suppress", f->dir);
+    assert_int_equal(conf_set(suppress_conf_keys, sc, "path", path, err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(sc, f->dir, err, sizeof(err)), 0);
+    assert_int_equal(suppress_open(sc, &f->e.suppress, err, sizeof(err)), 0);
+}
+
+static void
+suppress_off(struct fx *f, struct suppress_config *sc)
+{
+    suppress_close(f->e.suppress);
+    f->e.suppress = NULL;
+    conf_free(suppress_conf_keys, sc);
+}
+
 /* A sender check answered at RCPT (Postfix's reject_unlisted_sender
  * under smtpd_delay_reject = yes, its default: "550 5.1.0 <sender>:
  * Sender address rejected: User unknown in local recipient table")
@@ -799,15 +823,7 @@ sender_refused_at_rcpt_suppresses_nothing(void **state)
     (void)state;
     struct fx *f = fx_new();
     struct suppress_config sc = {0};
-    char err[256], path[320];
-    assert_int_equal(conf_defaults(suppress_conf_keys, &sc, err, sizeof(err)), 0);
-    assert_int_equal(conf_set(suppress_conf_keys, &sc, "map_size", "16M", err, sizeof(err)), 0);
-    assert_int_equal(
-        conf_set(suppress_conf_keys, &sc, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
-    snprintf(path, sizeof(path), "%s/suppress", f->dir);
-    assert_int_equal(conf_set(suppress_conf_keys, &sc, "path", path, err, sizeof(err)), 0);
-    assert_int_equal(suppress_config_check(&sc, f->dir, err, sizeof(err)), 0);
-    assert_int_equal(suppress_open(&sc, &f->e.suppress, err, sizeof(err)), 0);
+    suppress_on(f, &sc);
 
     const unsigned idx[] = {0, 1};
     uint64_t id = store(f, "example.test", 2);
@@ -841,9 +857,48 @@ sender_refused_at_rcpt_suppresses_nothing(void **state)
     suppress_sync(f->e.suppress);
     assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", NULL), 0);
     assert_int_equal(suppress_check(f->e.suppress, NULL, "user1@example.test", NULL), 1);
-    suppress_close(f->e.suppress);
-    f->e.suppress = NULL;
-    conf_free(suppress_conf_keys, &sc);
+    suppress_off(f, &sc);
+    fx_free(f);
+}
+
+/* Our own refusal to send a RCPT (an ORCPT too long to format: the
+ * client's local 553 5.1.3, smtp_client.c) bounces the recipient as
+ * invalid_recipient, but no server said anything of the address: not
+ * suppressed. Before the fix it was, on the global list. */
+static void
+local_rcpt_error_suppresses_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    struct suppress_config sc = {0};
+    suppress_on(f, &sc);
+    const unsigned idx[] = {0};
+    uint64_t id = store(f, "example.test", 1);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[1];
+    memset(rc, 0, sizeof(rc));
+    /* as smtp_client.c's txn_advance makes it */
+    rc[0].out.status = SMTP_STATUS_PERMFAIL;
+    rc[0].out.scope = SMTP_SCOPE_RCPT;
+    rc[0].out.reason = SMTP_REASON_ADDRESS;
+    rc[0].out.stage = SMTP_CLIENT_S_RCPT;
+    rc[0].out.code = 553;
+    rc[0].out.enh = (struct smtp_enh){5, 1, 3};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text),
+             "recipient address or RCPT parameter cannot be sent: line too long");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 1);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 1);
+    suppress_sync(f->e.suppress);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", NULL), 0);
+    suppress_off(f, &sc);
     fx_free(f);
 }
 
@@ -860,6 +915,7 @@ main(void)
         cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
         cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
         cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
+        cmocka_unit_test(local_rcpt_error_suppresses_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
