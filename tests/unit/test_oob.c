@@ -156,7 +156,8 @@ test_hard_bounce_suppresses(void **state)
 
 /* A tenant name longer than a token holds goes as its tag; the listener
  * finds it among the configured tenants, and the complaint or bounce goes
- * to that tenant's list. A tag no configured tenant has: the global list. */
+ * to that tenant's list. A tag no configured tenant has: a list of that
+ * tag ("tag:XXXXXXXX"), not the global one. */
 static void
 test_long_tenant_by_tag(void **state)
 {
@@ -178,12 +179,35 @@ test_long_tenant_by_tag(void **state)
     assert_int_equal(c.n, 1);
     assert_string_equal(c.tenant, "Customer-0042");
     assert_string_equal(c.addr, "nobody@example.net");
-    /* the tenant is gone from the config since: the global list */
+    /* The tenant is gone from the config since: still its own list,
+     * under its tag (the hook's tenant; a hard bounce is global anyway),
+     * never the global one: above all for a complaint, which speaks of
+     * that tenant's mail only. Before the fix both went global (""), while
+     * a gone tenant with a short name (carried whole) kept its list. */
     bc.ntenants = 1;
+    char want[32];
+    snprintf(want, sizeof(want), "tag:%08x",
+             (unsigned)verp_tenant_tag(bc.verp_key, bc.verp_key_len, "customer-0042"));
     memset(&c, 0, sizeof(c));
     run(&bc, &c, verp, m, len, &o);
     assert_int_equal(c.n, 1);
-    assert_string_equal(c.tenant, "");
+    assert_string_equal(c.tenant, want);
+    free(m);
+    verp_for(&bc, id, 2, "happy.reader@yahoo.com", "customer-0042", verp, sizeof(verp));
+    m = fixture("arf-yahoo.eml", verp, NULL, NULL, &len);
+    memset(&c, 0, sizeof(c));
+    run(&bc, &c, "fbl@fbl.example.com", m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_int_equal(c.kind, OOB_SUPPRESS_COMPLAINT);
+    assert_string_equal(c.tenant, want);
+    free(m);
+    /* a short name no longer configured is carried whole: its list */
+    verp_for(&bc, id, 2, "happy.reader@yahoo.com", "gone", verp, sizeof(verp));
+    m = fixture("arf-yahoo.eml", verp, NULL, NULL, &len);
+    memset(&c, 0, sizeof(c));
+    run(&bc, &c, "fbl@fbl.example.com", m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_string_equal(c.tenant, "gone");
     free(m);
 }
 
