@@ -39,7 +39,27 @@ struct classify {
     struct rule *rules; /* owned: n rules, operator ones first */
     size_t n, cap;
     size_t nadded; /* operator rules at the front */
+    regex_t sender; /* sender_text, compiled */
+    bool sender_ok; /* ... and to be freed */
 };
+
+/*
+ * Replies that refuse our sender rather than the recipient, whatever
+ * their code and class (classify_sender_refused): Postfix's sender
+ * restrictions ("Sender address rejected: User unknown in local
+ * recipient table", reject_unlisted_sender, answered at RCPT under the
+ * default smtpd_delay_reject), "Domain of sender address ... does not
+ * exist" (Postfix, Sendmail), Exim's "Sender verify failed", and a
+ * bounce's own account of the command ("in reply to MAIL FROM command",
+ * Postfix; "after MAIL FROM", Exim).
+ */
+#define SP "[[:space:]]+"
+static const char sender_text[] =
+    "sender" SP "((address|domain|mailbox)" SP ")?(rejected|refused|denied|unknown|blocked"
+    "|not" SP "(allowed|permitted|accepted|found|valid))"
+    "|sender" SP "verif(y|ication)" SP "fail|domain" SP "of" SP "sender" SP "address"
+    "|(in" SP "reply" SP "to|after)" SP "mail" SP "from";
+#undef SP
 
 static const char *const class_names[BOUNCE_CLASS_COUNT] = {
     [BOUNCE_OTHER] = "other",
@@ -330,6 +350,11 @@ classify_new(void)
         }
         c->n++;
     }
+    if (regcomp(&c->sender, sender_text, REG_EXTENDED | REG_ICASE | REG_NOSUB) != 0) {
+        fprintf(stderr, "classify: sender_text refused\n"); /* a bug in this file */
+        abort();
+    }
+    c->sender_ok = true;
     return c;
 }
 
@@ -340,6 +365,8 @@ classify_free(struct classify *c)
         return NULL;
     for (size_t i = 0; i < c->n; i++)
         rule_fini(&c->rules[i]);
+    if (c->sender_ok)
+        regfree(&c->sender);
     free(c->rules);
     free(c);
     return NULL;
@@ -440,6 +467,21 @@ classify(const struct classify *c, enum classify_source src, unsigned code,
             return r->cls;
     }
     return BOUNCE_OTHER;
+}
+
+bool
+classify_sender_refused(const struct classify *c, const struct smtp_enh *enh, const char *text)
+{
+    /* RFC 3463 X.1.7, X.1.8: bad sender's mailbox, bad sender's system */
+    if (enh != NULL && enh->cls != 0 && enh->subject == 1 && (enh->detail == 7 || enh->detail == 8))
+        return true;
+    if (c == NULL || !c->sender_ok || text == NULL || text[0] == '\0')
+        return false;
+    char buf[CLASSIFY_TEXT_MAX + 1];
+    size_t n = strnlen(text, CLASSIFY_TEXT_MAX);
+    memcpy(buf, text, n);
+    buf[n] = '\0';
+    return regexec(&c->sender, buf, 0, NULL, 0) == 0;
 }
 
 /* A table cell: "|" would end the cell, so it is escaped (GFM allows \|

@@ -34,6 +34,7 @@
 #ifndef SLUICE_ENGINE_CLASSIFY_H
 #define SLUICE_ENGINE_CLASSIFY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -101,6 +102,18 @@ int classify_add_rule(struct classify *c, const char *category, const char *matc
  */
 enum bounce_class classify(const struct classify *c, enum classify_source src, unsigned code,
                            const struct smtp_enh *enh, const char *text);
+
+/*
+ * Does a refusal speak of our sender rather than of its recipient? The
+ * enhanced code X.1.7 or X.1.8, or a text that says so ("Sender address
+ * rejected", "Sender verify failed", "in reply to MAIL FROM command",
+ * ...; the first CLASSIFY_TEXT_MAX octets). Whatever classify() says: a
+ * sender refusal worded "550 5.1.0 ... User unknown" is invalid_recipient
+ * by its code and text, yet nothing is known of the recipient, which
+ * must not go on the suppression list for it. c NULL: the code only.
+ */
+bool classify_sender_refused(const struct classify *c, const struct smtp_enh *enh,
+                             const char *text);
 
 /* The rules in the order they are tried, as a Markdown table (order,
  * matcher, class, why), so that the README cannot drift from the code. */

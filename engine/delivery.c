@@ -1011,11 +1011,12 @@ delivery_free(struct delivery *d)
         c->closed = true;
         conn_free(c);
     }
-    sched_free_dests(d);
-    /* the last outcomes count per pool and source (outcome.c) */
+    /* the last outcomes count per destination, pool and source
+     * (outcome.c): told before those go */
     while (d->port != NULL && queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     outcome_retrying_free(d);
+    sched_free_dests(d);
     scope_fini(d);
     queue_port_free(d->port);
     if (d->tls_cache != NULL)

@@ -413,8 +413,9 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
 /* The bounce listener's seam (oob.h), on a worker: queued to the list's
  * writer thread. A hard bounce suppresses the address for everyone, as
  * [suppress] on_invalid_recipient says; a complaint suppresses it for the
- * tenant whose mail drew it (for everyone when the token named none), as
- * on_complaint says. */
+ * tenant whose mail drew it (for everyone when the token named none; a
+ * tenant no longer configured keeps its list, "tag:XXXXXXXX" when known
+ * by its tag only, oob.c), as on_complaint says. */
 static void
 oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
 {

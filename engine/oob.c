@@ -11,6 +11,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,19 +88,27 @@ oob_verp_sender(const struct bounce_config *bc, const char *sender, uint64_t id,
                         rcpt, out, cap);
 }
 
-/* The tenant a token names: its name, or the configured tenant whose tag
- * it carries ("" when none matches: the tenant was removed from the
- * config since, so the report goes to the global list). */
+/* The tenant a token names: its name ("" none), or the configured
+ * tenant whose tag it carries. A tag that no configured tenant has (the
+ * tenant was removed from the config since, or this node's config does
+ * not name it yet) is still that tenant's: "tag:" and the tag in hex,
+ * into buf (OOB_TAG_SCOPE_LEN + 1), with *unknown set. Its complaints go
+ * to a list of that name, as those of a short-named tenant no longer
+ * configured go to its name's: one tenant's complainer is not every
+ * tenant's, and "tag:" is no tenant name (config_name_valid). */
 static const char *
-ref_tenant(const struct bounce_config *bc, const struct verp_ref *ref)
+ref_tenant(const struct bounce_config *bc, const struct verp_ref *ref, char *buf, bool *unknown)
 {
+    *unknown = false;
     if (ref->tenant[0] != '\0' || ref->tenant_tag == 0)
         return ref->tenant;
     for (unsigned i = 0; i < bc->ntenants; i++)
         if (verp_tenant_tag(bc->verp_key, bc->verp_key_len, bc->tenants[i].name) ==
             ref->tenant_tag)
             return bc->tenants[i].name;
-    return "";
+    *unknown = true;
+    snprintf(buf, OOB_TAG_SCOPE_LEN + 1, "tag:%08x", (unsigned)ref->tenant_tag);
+    return buf;
 }
 
 /* "5.1.1" to the struct classify() takes; false when malformed. */
@@ -205,11 +214,13 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
     }
     const uint8_t *key = bc->verp_key;
     size_t kl = bc->verp_key_len;
-    const char *tenant = ref_tenant(bc, &ref);
+    char tagbuf[OOB_TAG_SCOPE_LEN + 1];
+    bool unknown;
+    const char *tenant = ref_tenant(bc, &ref, tagbuf, &unknown);
     struct dlog_event ev = {
         .id = qid,
         .client = client,
-        .tenant = tenant[0] ? tenant : NULL,
+        .tenant = tenant[0] && !unknown ? tenant : NULL, /* a name, not a tag */
         .report = feedback_kind_str(r->kind),
         .message_id = r->orig_message_id[0] ? r->orig_message_id : NULL,
         .campaign = r->sluice_campaign[0] ? r->sluice_campaign : NULL,
@@ -305,7 +316,12 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
             (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
             tenant[0] ? tenant : "-", ev.report, fr->status[0] ? fr->status : "-",
             ev.classification, verified, client);
-    if (verified && bcls == BOUNCE_INVALID_RECIPIENT && hooks != NULL && hooks->suppress != NULL) {
+    /* A refusal of our sender (the bounce of a MAIL FROM, or of a RCPT
+     * under sender checks) says nothing of the recipient, whatever its
+     * class (as in-band: outbound/outcome.c). */
+    if (verified && bcls == BOUNCE_INVALID_RECIPIENT &&
+        !classify_sender_refused(cls, has_enh ? &enh : NULL, fr->diag) && hooks != NULL &&
+        hooks->suppress != NULL) {
         hooks->suppress(hooks->ctx, tenant, addr, OOB_SUPPRESS_HARD_BOUNCE);
         out->suppressed++;
     }

@@ -56,9 +56,14 @@ enum oob_suppress_kind {
     OOB_SUPPRESS_COMPLAINT = 2,
 };
 
+/* The scope of a tenant known by its tag only: "tag:" and 8 hex digits. */
+#define OOB_TAG_SCOPE_LEN 12
+
 /* The seam to the suppression list: the lead connects suppress_add() here. */
 struct oob_hooks {
-    /* tenant "" when the message had none; addr as the report named it. */
+    /* tenant "" when the message had none, "tag:XXXXXXXX" for a tenant
+     * whose long name the token carried as its tag (verp.h) and that the
+     * config does not name (removed since); addr as the report named it. */
     void (*suppress)(void *ctx, const char *tenant, const char *addr, int kind);
     void *ctx; /* borrowed */
 };

@@ -1135,7 +1135,9 @@ off_cmp(const void *x, const void *y, void *arg)
 }
 
 static int
-import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
+import_line(struct suppress *s, char *line, int64_t now, struct arena *a,
+            const char *(*scope_name)(void *arg, const char *scope), void *arg, char *why,
+            size_t wl)
 {
     char *f[6] = {0};
     int nf = csv_split(line, f, 6);
@@ -1144,6 +1146,8 @@ import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *
         return -EINVAL;
     }
     const char *scope = nf > 1 && f[1][0] != '\0' ? f[1] : SUPPRESS_SCOPE_GLOBAL;
+    if (scope_name != NULL)
+        scope = scope_name(arg, scope);
     enum suppress_reason reason = SUPPRESS_MANUAL;
     if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
         snprintf(why, wl, "unknown reason");
@@ -1213,7 +1217,9 @@ import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
 }
 
 int
-suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
+suppress_import_csv(struct suppress *s, FILE *in,
+                    const char *(*scope_name)(void *arg, const char *scope), void *arg,
+                    struct suppress_import_result *res)
 {
     memset(res, 0, sizeof(*res));
     struct arena a = {0};
@@ -1235,7 +1241,7 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             snprintf(why, sizeof(why), "NUL octet");
             rc = -EINVAL;
         } else {
-            rc = import_line(s, line, now, &a, why, sizeof(why));
+            rc = import_line(s, line, now, &a, scope_name, arg, why, sizeof(why));
         }
         if (rc == -ENOMEM)
             break;

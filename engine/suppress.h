@@ -171,8 +171,14 @@ struct suppress_import_result {
 /* Read in whole, sorted, written in large transactions (MDB_APPEND when
  * the keys come after everything stored). Entries of the file replace
  * stored ones with the same key; lines in error are skipped and counted.
- * Returns 0, or -errno (nothing after the failing batch is written). */
-int suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res);
+ * scope_name (NULL: none) gives the scope an entry is stored under for
+ * the one its line names (the config's spelling of a tenant's name,
+ * which RCPT and the bounce listener use: ops.c); what it returns lives
+ * until the next call. Returns 0, or -errno (nothing after the failing
+ * batch is written). */
+int suppress_import_csv(struct suppress *s, FILE *in,
+                        const char *(*scope_name)(void *arg, const char *scope), void *arg,
+                        struct suppress_import_result *res);
 /* Write entries (of scope, NULL: all) with a header line. Returns the
  * number written, or -errno. */
 long suppress_export_csv(struct suppress *s, FILE *out, const char *scope);

@@ -291,11 +291,14 @@ struct dest {
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
-    uint64_t delivered, failed; /* recipients, since start */
+    uint64_t delivered, failed; /* recipients, since start: counted when told (outcome.c) */
+    unsigned untold;         /* outcome batches of its jobs not told yet: it stays
+                              * (outcome.c counts them on it) */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
     /* For the operators' views (delivery_domains): recipient deferrals
-     * since the destination was made, by enum bounce_class, and the wall
+     * since the destination was made, by enum bounce_class (counted when
+     * told, as delivered and failed), and the wall
      * clock's end of the hold (hold_until is monotonic). */
     uint32_t deferred_by_class[BOUNCE_CLASS_COUNT];
     uint64_t hold_until_ms;

@@ -20,7 +20,9 @@
  * it, and only the commit knows: so what tells an outcome waits for the
  * commit's completion, which says per outcome whether it applied
  * (queue_update_enqueue_events, applied): the counters (d->stats, per
- * tenant, pool and source), the delivery log's line (captured when the
+ * tenant, pool and source, and the destination's for the domains view:
+ * delivered, failed, deferrals by class), the log line (event=delivered
+ * and the others), the delivery log's line (captured when the
  * outcome is decided, written to the file then; the event sinks' copy
  * is committed by the spool for applied outcomes only), its count per
  * class, and the suppression list. The DSN cannot wait (it is committed
@@ -30,12 +32,12 @@
  * others only (made again, the envelope read again, when it named a
  * stale one), and submitted. The decision of which applied is the
  * committer's, in one write transaction, so it holds across workers.
+ * A destination with a batch not told yet is not evicted (t->untold).
  * What tells the attempt rather than the recipient's outcome stays in
- * job_finish: the log line, the destination's view (its counts, last
- * reply, failures, backoff, shaping; a destination can be evicted
- * before the commit completes) say what the server answered. After a try that failed, an outcome found stale
- * may have been applied by that try (its sync failed, queue.h): it is
- * told then, at least once, as after a crash.
+ * job_finish: the destination's last reply, address failures, backoff
+ * and shaping say what the server answered. After a try that failed, an
+ * outcome found stale may have been applied by that try (its sync
+ * failed, queue.h): it is told then, at least once, as after a crash.
  *
  * Threading: the worker's thread.
  */
@@ -76,8 +78,11 @@ struct outcome_tell {
     bool dsn;          /* named in the DSN: as failed, or delayed (below) */
     bool delayed;
     bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
-    bool rcpt_named; /* the reply came after RCPT named the recipient: it may speak of it */
+    bool rcpt_named; /* a server's reply after RCPT named the recipient: it may speak of it */
+    uint8_t reason;  /* enum smtp_reason: the log line's */
     char status[DSN_STATUS_MAX];
+    char enh[16];        /* the log line's enhanced code, "" none */
+    char tls_verify[96]; /* the log line's certificate check, "" none */
 };
 
 /* What a batch's outcomes share: the owners they are counted for, and
@@ -87,10 +92,13 @@ struct outcome_info {
     uint32_t pool, src;             /* name ids, 0: none */
     char mx[256];                   /* "" none */
     uint64_t now_ms, expire_ms;
+    char tls[24];                   /* the log line's TLS protocol, "" none */
+    char tls_policy[24];            /* the log line's TLS policy */
 };
 
 struct outcome_batch {
     struct delivery *d;
+    struct dest *t; /* borrowed: kept from eviction while t->untold counts b */
     struct outcome_batch *prev, *next; /* on d->retrying while waiting to retry */
     struct outcome_batch *pprev, *pnext; /* on d->pending until durable or given up */
     struct timer timer;
@@ -124,6 +132,7 @@ outcome_batch_free(struct outcome_batch *b)
         d->pending = b->pnext;
     if (b->pnext)
         b->pnext->pprev = b->pprev;
+    b->t->untold--;
     dsn_msg_free(b->dsn);
     free(b);
 }
@@ -232,6 +241,33 @@ owner_add(struct owner_count *a, struct owner_count *b, struct owner_count *c, u
         }
 }
 
+/* The log line of b->o[i], told: what the server answered, and what
+ * became of the recipient. */
+static void
+outcome_log(const struct outcome_batch *b, size_t i)
+{
+    const struct outcome_tell *tl = &b->tell[i];
+    const struct queue_outcome *q = &b->o[i];
+    enum dlog_kind kind = (enum dlog_kind)tl->kind;
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(q->id, qid);
+    /* Code 0: no reply (a connect failure, a timeout; the reason says
+     * which), never a code of its own. */
+    char code[12] = "-";
+    if (q->code != 0)
+        snprintf(code, sizeof(code), "%u", q->code);
+    const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str((enum bounce_class)tl->cls);
+    log_msg(LOG_INFO,
+            "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" tls_policy=%s "
+            "tls_verify=\"%s\" code=%s enhanced=%s reason=%s class=%s reply=\"%s\"",
+            qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
+                 : kind == DLOG_EXPIRATION ? "expired" : "bounced",
+            tl->addr ? tl->addr : "?", b->t->name, b->info.mx[0] ? b->info.mx : "-",
+            b->info.tls[0] ? b->info.tls : "none", b->info.tls_policy,
+            tl->tls_verify[0] ? tl->tls_verify : "-", code, tl->enh[0] ? tl->enh : "-",
+            smtp_reason_str(tl->reason), cls_str ? cls_str : "-", q->reply ? q->reply : "");
+}
+
 /* b's commit is durable: tell the outcomes it applied (the file's lines,
  * the counters, the suppression list), and the DSN's lines if dsn_told
  * (it was stored with them). */
@@ -254,8 +290,10 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
             continue; /* stale: another commit told this recipient */
         if (len > 0) /* else events may be NULL: no delivery log */
             outcome_lines(d, b->events + from, len);
+        outcome_log(b, i);
         switch ((enum dlog_kind)tl->kind) {
         case DLOG_DELIVERY:
+            b->t->delivered++;
             d->stats.delivered++;
             if (ten != NULL)
                 ten->delivered++;
@@ -264,6 +302,7 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
                 d->stats.delivered_tls++;
             break;
         case DLOG_BOUNCE:
+            b->t->failed++;
             d->stats.bounced++;
             if (ten != NULL)
                 ten->bounced++;
@@ -274,18 +313,21 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
              * earlier) is about the sender or the session, whatever its
              * code says (Postfix's reject_unlisted_sender: 550 5.1.0
              * "Sender address rejected: User unknown"): it bounces every
-             * recipient of the transaction but says nothing of them. */
+             * recipient of the transaction but says nothing of them; so
+             * does such a refusal answered to RCPT (rcpt_named false). */
             if (tl->addr != NULL && tl->rcpt_named)
                 suppress_on_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
                                    b->o[i].reply);
             break;
         case DLOG_EXPIRATION:
+            b->t->failed++;
             d->stats.expired++;
             if (ten != NULL)
                 ten->expired++;
             owner_add(NULL, oc_p, oc_s, 0, 0, 1);
             break;
         default:
+            b->t->deferred_by_class[tl->cls < BOUNCE_CLASS_COUNT ? tl->cls : BOUNCE_OTHER]++;
             d->stats.deferred++;
             if (ten != NULL)
                 ten->deferred++;
@@ -380,9 +422,10 @@ str_put(char **t, const char *p)
  * fails) or NULL. was:
  * the batch this one is made again from (outcome_again), or NULL. */
 static int
-outcome_commit(struct delivery *d, const struct queue_outcome *qo, const struct outcome_tell *tl,
-               const unsigned *lines, size_t n, struct dsn_msg *dsn, const char *ev, size_t evlen,
-               const struct outcome_info *info, const struct outcome_batch *was)
+outcome_commit(struct delivery *d, struct dest *t, const struct queue_outcome *qo,
+               const struct outcome_tell *tl, const unsigned *lines, size_t n, struct dsn_msg *dsn,
+               const char *ev, size_t evlen, const struct outcome_info *info,
+               const struct outcome_batch *was)
 {
     size_t text = 0;
     for (size_t i = 0; i < n; i++)
@@ -394,6 +437,8 @@ outcome_commit(struct delivery *d, const struct queue_outcome *qo, const struct 
         return -ENOMEM;
     memset(b, 0, sizeof(*b));
     b->d = d;
+    b->t = t;
+    t->untold++;
     b->dsn = dsn;
     b->n = n;
     b->info = *info;
@@ -404,19 +449,19 @@ outcome_commit(struct delivery *d, const struct queue_outcome *qo, const struct 
     b->tell = (struct outcome_tell *)&b->o[n];
     b->ev_lines = (unsigned *)&b->tell[n];
     b->applied = (bool *)&b->ev_lines[n];
-    char *t = (char *)&b->applied[n];
+    char *txt = (char *)&b->applied[n];
     for (size_t i = 0; i < n; i++) {
         b->ev_lines[i] = evlen > 0 ? lines[i] : 0;
         b->applied[i] = false;
         b->o[i] = qo[i];
-        b->o[i].reply = str_put(&t, qo[i].reply);
+        b->o[i].reply = str_put(&txt, qo[i].reply);
         b->tell[i] = tl[i];
-        b->tell[i].addr = str_put(&t, tl[i].addr);
-        b->tell[i].orcpt = str_put(&t, tl[i].orcpt);
+        b->tell[i].addr = str_put(&txt, tl[i].addr);
+        b->tell[i].orcpt = str_put(&txt, tl[i].orcpt);
     }
     if (evlen > 0) {
-        memcpy(t, ev, evlen);
-        b->events = t;
+        memcpy(txt, ev, evlen);
+        b->events = txt;
         b->events_len = evlen;
     }
     b->pnext = d->pending;
@@ -671,7 +716,7 @@ outcome_again(struct outcome_batch *b)
         dm = dsn_msg_free(dm); /* nothing applies: nothing to tell */
     bool lost = json_failed(&ev);
     int rc = m == 0 ? 0
-                    : outcome_commit(d, qo, tl, lines, m, dm, lost ? NULL : ev.buf,
+                    : outcome_commit(d, b->t, qo, tl, lines, m, dm, lost ? NULL : ev.buf,
                                      lost ? 0 : ev.len, &b->info, b);
     json_fini(&ev);
     queue_envelope_free(env);
@@ -771,6 +816,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         snprintf(info.tenant, sizeof(info.tenant), "%s", env->tenant);
     if (where->mx != NULL)
         snprintf(info.mx, sizeof(info.mx), "%s", where->mx);
+    if (where->tls_proto != NULL)
+        snprintf(info.tls, sizeof(info.tls), "%s", where->tls_proto);
+    snprintf(info.tls_policy, sizeof(info.tls_policy), "%s", tls_policy ? tls_policy : "-");
     bool shaped = false;
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
@@ -815,7 +863,6 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;
-            t->delivered++;
             tl->tls = where->tls_proto != NULL;
         } else if (pr.kind == POLICY_BOUNCE) {
             q->kind = QUEUE_BOUNCED;
@@ -832,7 +879,6 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             q->due_ms = pr.due_ms;
             kind = DLOG_TRANSIENT_FAILURE;
             cls = oc;
-            t->deferred_by_class[(unsigned)cls < BOUNCE_CLASS_COUNT ? cls : BOUNCE_OTHER]++;
             /* kept with the recipient: the domains view counts the waiting
              * recipients by class from the spool, across restarts */
             _Static_assert(BOUNCE_CLASS_COUNT < QUEUE_TAGS, "a class is a spool tag");
@@ -845,9 +891,13 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->kind = (uint8_t)kind;
         tl->cls = (uint8_t)cls;
         tl->addr = r ? r->addr : NULL;
-        tl->rcpt_named = o->stage >= SMTP_CLIENT_S_RCPT && o->stage <= SMTP_CLIENT_S_DOT;
-        if (failed)
-            t->failed++;
+        /* A sender check answered at RCPT (Postfix's smtpd_delay_reject,
+         * its default) names the sender, not the recipient; a verdict of
+         * ours (an address or ORCPT we cannot send, reason ADDRESS) is
+         * no server's word on it at all. */
+        tl->rcpt_named = o->reason == SMTP_REASON_REPLY && o->stage >= SMTP_CLIENT_S_RCPT &&
+                         o->stage <= SMTP_CLIENT_S_DOT &&
+                         !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
         if (kind != DLOG_DELIVERY && o->code != 0)
             snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
         else if (kind != DLOG_DELIVERY)
@@ -857,11 +907,6 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
         const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
-        /* Code 0: no reply (a connect failure, a timeout; the reason says
-         * which), never a code of its own. */
-        char code[8] = "-";
-        if (o->code != 0)
-            snprintf(code, sizeof(code), "%u", o->code);
         const char *reason = smtp_reason_str(o->reason);
         if (o->reason == SMTP_REASON_NONE || o->reason == SMTP_REASON_REPLY)
             reason = NULL; /* a server's reply, or a verdict of ours that its text says */
@@ -869,15 +914,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         if (tls_verify == NULL && (osrc == CLASSIFY_TLS || osrc == CLASSIFY_TLS_POLICY) &&
             t->tls_verify[0] != '\0')
             tls_verify = t->tls_verify; /* the session that failed is gone */
-        log_msg(LOG_INFO,
-                "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" tls_policy=%s "
-                "tls_verify=\"%s\" code=%s enhanced=%s reason=%s class=%s reply=\"%s\"",
-                qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
-                     : kind == DLOG_EXPIRATION ? "expired" : "bounced",
-                r ? r->addr : "?", t->name, where->mx ? where->mx : "-",
-                where->tls_proto ? where->tls_proto : "none", tls_policy,
-                tls_verify ? tls_verify : "-", code, enh[0] ? enh : "-",
-                smtp_reason_str(o->reason), cls_str ? cls_str : "-", o->text);
+        /* its log line is written when told (outcome_log) */
+        tl->reason = o->reason;
+        snprintf(tl->enh, sizeof(tl->enh), "%s", enh);
+        snprintf(tl->tls_verify, sizeof(tl->tls_verify), "%s", tls_verify ? tls_verify : "");
         struct dlog_event ev = {
             .kind = kind,
             .time_ms = now,
@@ -950,7 +990,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     if (lost)
         log_msg(LOG_ERR, "event=events_lost id=%s reason=out_of_memory", qid);
     int rc2 = nq == 0 ? 0
-                      : outcome_commit(d, qo, qt, qlines, nq, dm, lost ? NULL : evbuf.buf,
+                      : outcome_commit(d, t, qo, qt, qlines, nq, dm, lost ? NULL : evbuf.buf,
                                        lost ? 0 : evbuf.len, &info, NULL);
     json_fini(&evbuf);
     if (rc2 < 0) {

@@ -447,7 +447,7 @@ dest_evictable(const struct dest *t, uint64_t now)
     return fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
            t->req == NULL && t->sts_ask == NULL && !t->mx_waiting && !t->running &&
            now >= t->hold_until &&
-           t->lim.nleases == 0;
+           t->lim.nleases == 0 && t->untold == 0;
 }
 
 /* Every EVICT_SWEEP_MS: drop the destinations idle for

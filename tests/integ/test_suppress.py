@@ -314,6 +314,39 @@ def test_auth_tenant_named_in_another_case():
         shutil.rmtree(keydir, ignore_errors=True)
 
 
+def test_operator_scope_in_another_case():
+    """Tenant names compare without case, list scopes with it: an
+    operator's `--scope ACME` and an imported line's "Acme" are stored in
+    [tenant acme]'s list, under the config's name, where RCPT (and so
+    `suppress check --scope acme`) looks and its complaints land; "GLOBAL"
+    is the global list. Before the fix both went to lists named as typed,
+    which nothing ever checks."""
+    r = Relay(records_for(["ten.test"]), domain_conf=conf("[tenant acme]\n"))
+    try:
+        got = ctl_ok(r, "suppress", "add", "gone@ten.test", "--scope", "ACME")
+        assert got["scope"] == "acme", got
+        src = os.path.join(r.wd.path, "scopes.csv")
+        with open(src, "w") as f:
+            f.write("gone2@ten.test,Acme,,,,\nall@ten.test,GLOBAL,,,,\n")
+        got = ctl_ok(r, "suppress", "import", src)
+        assert got["imported"] == 2 and got["skipped"] == 0, got
+        for addr in ("gone@ten.test", "gone2@ten.test"):
+            chk = ctl_ok(r, "suppress", "check", addr, "--scope", "acme")
+            assert chk["suppressed"] and chk["entry"]["scope"] == "acme", chk
+        assert suppressed(r, "all@ten.test")  # the global list
+        listed = ctl_ok(r, "suppress", "list")["entries"]
+        assert sorted((e["address"], e["scope"]) for e in listed) == [
+            ("all@ten.test", "global"), ("gone2@ten.test", "acme"),
+            ("gone@ten.test", "acme")], listed
+        # removed under any spelling of the tenant's name
+        ctl_ok(r, "suppress", "remove", "gone@ten.test", "--scope", "aCmE")
+        chk = ctl_ok(r, "suppress", "check", "gone@ten.test", "--scope", "acme")
+        assert not chk["suppressed"], chk
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_hard_bounce_feeds_the_list():
     r = Relay(records_for(["gone.test"]), with_sink=False,
               domain_conf=conf("on_invalid_recipient = 30d\n"))
@@ -491,4 +524,5 @@ if __name__ == "__main__":
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
-          test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list])
+          test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list,
+          test_operator_scope_in_another_case])

@@ -395,6 +395,43 @@ test_print_builtins(void **state)
     classify_free(c);
 }
 
+/* Refusals of our sender, told from refusals of the recipient. */
+static void
+test_sender_refused(void **state)
+{
+    (void)state;
+    struct classify *c = classify_new();
+    assert_non_null(c);
+    static const struct {
+        struct smtp_enh enh;
+        const char *text;
+        bool sender;
+    } sc[] = {
+        {{5, 1, 0}, "<a@b.example>: Sender address rejected: User unknown in local recipient table",
+         true},
+        {{5, 7, 1}, "<a@b.example>: Sender address rejected: Access denied", true},
+        {{5, 1, 8}, "no text", true},
+        {{4, 1, 7}, NULL, true},
+        {{0, 0, 0}, "Sender verify failed", true},
+        {{5, 1, 8}, "<a@b.example>: Domain of sender address a@b.example does not exist", true},
+        {{5, 0, 0}, "host mx said: 550 denied (in reply to MAIL FROM command)", true},
+        {{0, 0, 0}, "SMTP error from remote mail server after MAIL FROM:<a@b>: 550 no", true},
+        {{5, 1, 1}, "<x@y.example>: Recipient address rejected: User unknown in local "
+                    "recipient table", false},
+        {{5, 1, 1}, "user unknown (in reply to RCPT TO command)", false},
+        {{5, 7, 1}, "Message rejected as spam", false},
+        {{0, 0, 0}, NULL, false},
+    };
+    for (size_t i = 0; i < sizeof(sc) / sizeof(sc[0]); i++) {
+        if (classify_sender_refused(c, &sc[i].enh, sc[i].text) != sc[i].sender)
+            fail_msg("case %zu: \"%s\"", i, sc[i].text ? sc[i].text : "(null)");
+    }
+    /* without a table, the code alone */
+    assert_true(classify_sender_refused(NULL, &sc[2].enh, NULL));
+    assert_false(classify_sender_refused(NULL, &sc[0].enh, sc[0].text));
+    classify_free(c);
+}
+
 int
 main(void)
 {
@@ -402,7 +439,7 @@ main(void)
         cmocka_unit_test(test_replies),        cmocka_unit_test(test_sources),
         cmocka_unit_test(test_names),          cmocka_unit_test(test_operator_rules),
         cmocka_unit_test(test_bad_rules),      cmocka_unit_test(test_hostile_text),
-        cmocka_unit_test(test_print_builtins),
+        cmocka_unit_test(test_print_builtins), cmocka_unit_test(test_sender_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,7 +1,8 @@
 /*
  * test_oob: engine/oob.c between the parser and the delivery log: which
  * reports reach the suppression seam (a verified hard bounce, a verified
- * complaint) and which do not (a delay, a policy block, a replayed token
+ * complaint) and which do not (a delay, a policy block, a refusal of
+ * our sender, a replayed token
  * naming another address, a redacted complaint, a forged or stale token,
  * an auto-reply); the events written for them; the RCPT rule of the
  * bounce listener; the VERP sender.
@@ -155,7 +156,8 @@ test_hard_bounce_suppresses(void **state)
 
 /* A tenant name longer than a token holds goes as its tag; the listener
  * finds it among the configured tenants, and the complaint or bounce goes
- * to that tenant's list. A tag no configured tenant has: the global list. */
+ * to that tenant's list. A tag no configured tenant has: a list of that
+ * tag ("tag:XXXXXXXX"), not the global one. */
 static void
 test_long_tenant_by_tag(void **state)
 {
@@ -177,12 +179,35 @@ test_long_tenant_by_tag(void **state)
     assert_int_equal(c.n, 1);
     assert_string_equal(c.tenant, "Customer-0042");
     assert_string_equal(c.addr, "nobody@example.net");
-    /* the tenant is gone from the config since: the global list */
+    /* The tenant is gone from the config since: still its own list,
+     * under its tag (the hook's tenant; a hard bounce is global anyway),
+     * never the global one: above all for a complaint, which speaks of
+     * that tenant's mail only. Before the fix both went global (""), while
+     * a gone tenant with a short name (carried whole) kept its list. */
     bc.ntenants = 1;
+    char want[32];
+    snprintf(want, sizeof(want), "tag:%08x",
+             (unsigned)verp_tenant_tag(bc.verp_key, bc.verp_key_len, "customer-0042"));
     memset(&c, 0, sizeof(c));
     run(&bc, &c, verp, m, len, &o);
     assert_int_equal(c.n, 1);
-    assert_string_equal(c.tenant, "");
+    assert_string_equal(c.tenant, want);
+    free(m);
+    verp_for(&bc, id, 2, "happy.reader@yahoo.com", "customer-0042", verp, sizeof(verp));
+    m = fixture("arf-yahoo.eml", verp, NULL, NULL, &len);
+    memset(&c, 0, sizeof(c));
+    run(&bc, &c, "fbl@fbl.example.com", m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_int_equal(c.kind, OOB_SUPPRESS_COMPLAINT);
+    assert_string_equal(c.tenant, want);
+    free(m);
+    /* a short name no longer configured is carried whole: its list */
+    verp_for(&bc, id, 2, "happy.reader@yahoo.com", "gone", verp, sizeof(verp));
+    m = fixture("arf-yahoo.eml", verp, NULL, NULL, &len);
+    memset(&c, 0, sizeof(c));
+    run(&bc, &c, "fbl@fbl.example.com", m, len, &o);
+    assert_int_equal(c.n, 1);
+    assert_string_equal(c.tenant, "gone");
     free(m);
 }
 
@@ -301,6 +326,66 @@ test_rcpt_rule_and_sender(void **state)
     assert_int_equal(oob_verp_sender(&bc, "x@y", 1, 0, "a@b", NULL, verp, sizeof(verp)), 0);
 }
 
+/* Replace the first from in m[0..*len) (room for 4096 more octets, as
+ * fixture leaves) by to. */
+static void
+subst(char *m, size_t *len, const char *from, const char *to)
+{
+    char *at = memmem(m, *len, from, strlen(from));
+    assert_non_null(at);
+    size_t fl = strlen(from), tl = strlen(to), tail = *len - (size_t)(at - m) - fl;
+    memmove(at + tl, at + fl, tail);
+    memcpy(at, to, tl);
+    *len = *len - fl + tl;
+}
+
+/* A verified DSN whose diagnostic refuses our sender, not the recipient:
+ * Postfix's reject_unlisted_sender ("550 5.1.0 <sender>: Sender address
+ * rejected: User unknown in local recipient table": 5.1.0 and its text
+ * are invalid_recipient), Exim's sender verification without an
+ * enhanced code. Logged as the bounce it is, and the recipient is not
+ * suppressed (as in-band, bb10b46). Before the fix both were. */
+static void
+test_sender_refusal_does_not_suppress(void **state)
+{
+    (void)state;
+    struct bounce_config bc;
+    bounce_conf(&bc);
+    uint64_t id = new_id();
+    char verp[128];
+    verp_for(&bc, id, 4, "nobody@example.net", "shop", verp, sizeof(verp));
+    static const char *const status[] = {"Status: 5.1.0", "Status: 5.0.0"};
+    static const char *const diag[] = {
+        "550 5.1.0 <news@shop.example.com>: Sender address\n    rejected: User unknown in "
+        "local recipient table",
+        "550 Sender verify failed: unknown user",
+    };
+    for (unsigned i = 0; i < 2; i++) {
+        size_t len;
+        char *m = fixture("postfix-dsn.eml", verp, NULL, NULL, &len);
+        subst(m, &len, "Status: 5.1.1", status[i]);
+        subst(m, &len,
+              "550 5.1.1 <nobody@example.net>: Recipient address\n    rejected: User unknown in "
+              "local recipient table",
+              diag[i]);
+        struct calls c = {0};
+        struct oob_outcome o;
+        run(&bc, &c, verp, m, len, &o);
+        assert_int_equal(o.events, 1);
+        assert_int_equal(o.suppressed, 0);
+        assert_int_equal(c.n, 0);
+        free(m);
+    }
+    /* the recipient's own refusal still is */
+    size_t len;
+    char *m = fixture("postfix-dsn.eml", verp, NULL, NULL, &len);
+    struct calls c = {0};
+    struct oob_outcome o;
+    run(&bc, &c, verp, m, len, &o);
+    assert_int_equal(c.n, 1);
+    free(m);
+}
+
 int
 main(void)
 {
@@ -310,6 +395,7 @@ main(void)
         cmocka_unit_test(test_no_suppression),
         cmocka_unit_test(test_complaint),
         cmocka_unit_test(test_rcpt_rule_and_sender),
+        cmocka_unit_test(test_sender_refusal_does_not_suppress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

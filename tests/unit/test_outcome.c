@@ -24,10 +24,12 @@
 
 #include "common/clock.h"
 #include "common/intern.h"
+#include "common/log.h"
 #include "engine/config.h"
 #include "engine/dlog.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
+#include "engine/suppress.h"
 #include "queue/queue.h"
 
 struct fx {
@@ -695,6 +697,211 @@ stale_outcome_beside_a_dsn_keeps_the_dsn(void **state)
     fx_free(f);
 }
 
+/* Lines of the log file at path holding needle. */
+static unsigned
+log_lines_with(const char *path, const char *needle)
+{
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    char line[4096];
+    unsigned n = 0;
+    while (fgets(line, sizeof(line), fp) != NULL)
+        n += strstr(line, needle) != NULL;
+    fclose(fp);
+    return n;
+}
+
+/* The domains view (a destination's delivered, failed and deferrals by
+ * class) and the outcome's log line follow the same rule as the other
+ * counters: an outcome the spool did not apply is not told. Recipient 0
+ * bounced by an operator; then, from the envelope read before, a 250
+ * for recipient 0 (stale) and 1, and, from a second read before, a 451
+ * for both. Before the fix the destination counted 2 delivered and 2
+ * deferred, and the log had two event=delivered lines. */
+static void
+stale_outcome_not_in_the_domains_view_nor_the_log(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    char logpath[320];
+    snprintf(logpath, sizeof(logpath), "%s/log", f->dir);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    uint64_t id2 = store(f, "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL, *env2 = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(queue_envelope_get(f->e.queue, id2, &env2), 0);
+    bounce(f, id, "example.test", idx, 1);  /* recipient 0 of each */
+    bounce(f, id2, "example.test", idx, 1);
+    settle(f);
+    assert_int_equal(t->failed, 2);
+
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    for (int i = 0; i < 2; i++) {
+        rc[i].out.status = SMTP_STATUS_DELIVERED;
+        rc[i].out.code = 250;
+        rc[i].out.reason = SMTP_REASON_REPLY;
+        snprintf(rc[i].out.text, sizeof(rc[i].out.text), "2.0.0 ok");
+    }
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    settle(f);
+    assert_false(stored(f, id, 1));
+
+    struct smtp_outcome tmp;
+    memset(&tmp, 0, sizeof(tmp));
+    tmp.status = SMTP_STATUS_TEMPFAIL;
+    tmp.code = 451;
+    tmp.reason = SMTP_REASON_REPLY;
+    tmp.enh = (struct smtp_enh){4, 3, 0};
+    snprintf(tmp.text, sizeof(tmp.text), "4.3.0 try later");
+    j = job_new(id2, "example.test", idx, 2);
+    job_finish(f->d, t, j, env2, NULL, &tmp, &where);
+    free(j);
+    settle(f);
+    assert_true(stored(f, id2, 1));
+    assert_null(f->d->pending);
+    queue_envelope_free(env);
+    queue_envelope_free(env2);
+
+    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->d->stats.deferred, 1);
+    assert_int_equal(t->delivered, 1); /* recipient 1 of id only */
+    assert_int_equal(t->failed, 2);    /* the operator's bounces */
+    uint64_t deferred = 0;
+    for (unsigned c = 0; c < BOUNCE_CLASS_COUNT; c++)
+        deferred += t->deferred_by_class[c];
+    assert_int_equal(deferred, 1); /* recipient 1 of id2 only */
+    log_open(NULL, LOG_INFO);
+    assert_int_equal(log_lines_with(logpath, "event=delivered rcpt=<user1@example.test>"), 1);
+    assert_int_equal(log_lines_with(logpath, "event=delivered"), 1);
+    assert_int_equal(log_lines_with(logpath, "event=deferred rcpt=<user1@example.test>"), 1);
+    assert_int_equal(log_lines_with(logpath, "event=deferred"), 1);
+    assert_int_equal(log_lines_with(logpath, "event=bounced"), 2);
+    fx_free(f);
+}
+
+/* The suppression list on (in the fixture's directory), fed by
+ * invalid_recipient bounces; suppress_off closes it. */
+static void
+suppress_on(struct fx *f, struct suppress_config *sc)
+{
+    char err[256], path[320];
+    assert_int_equal(conf_defaults(suppress_conf_keys, sc, err, sizeof(err)), 0);
+    assert_int_equal(conf_set(suppress_conf_keys, sc, "map_size", "16M", err, sizeof(err)), 0);
+    assert_int_equal(
+        conf_set(suppress_conf_keys, sc, "on_invalid_recipient", "30d", err, sizeof(err)), 0);
+    snprintf(path, sizeof(path), "%s/suppress", f->dir);
+    assert_int_equal(conf_set(suppress_conf_keys, sc, "path", path, err, sizeof(err)), 0);
+    assert_int_equal(suppress_config_check(sc, f->dir, err, sizeof(err)), 0);
+    assert_int_equal(suppress_open(sc, &f->e.suppress, err, sizeof(err)), 0);
+}
+
+static void
+suppress_off(struct fx *f, struct suppress_config *sc)
+{
+    suppress_close(f->e.suppress);
+    f->e.suppress = NULL;
+    conf_free(suppress_conf_keys, sc);
+}
+
+/* A sender check answered at RCPT (Postfix's reject_unlisted_sender
+ * under smtpd_delay_reject = yes, its default: "550 5.1.0 <sender>:
+ * Sender address rejected: User unknown in local recipient table")
+ * bounces the recipient as invalid_recipient, yet says nothing of it:
+ * not suppressed. The recipient's own 550 5.1.1 at RCPT still is. Before
+ * the fix both were. */
+static void
+sender_refused_at_rcpt_suppresses_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    struct suppress_config sc = {0};
+    suppress_on(f, &sc);
+
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    for (int i = 0; i < 2; i++) {
+        rc[i].out.status = SMTP_STATUS_PERMFAIL;
+        rc[i].out.code = 550;
+        rc[i].out.reason = SMTP_REASON_REPLY;
+        rc[i].out.stage = SMTP_CLIENT_S_RCPT;
+    }
+    rc[0].out.enh = (struct smtp_enh){5, 1, 0};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text),
+             "5.1.0 <news@shop.example>: Sender address rejected: User unknown in local "
+             "recipient table");
+    rc[1].out.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(rc[1].out.text, sizeof(rc[1].out.text),
+             "5.1.1 <user1@example.test>: Recipient address rejected: User unknown in local "
+             "recipient table");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 2);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 2);
+    suppress_sync(f->e.suppress);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", NULL), 0);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user1@example.test", NULL), 1);
+    suppress_off(f, &sc);
+    fx_free(f);
+}
+
+/* Our own refusal to send a RCPT (an ORCPT too long to format: the
+ * client's local 553 5.1.3, smtp_client.c) bounces the recipient as
+ * invalid_recipient, but no server said anything of the address: not
+ * suppressed. Before the fix it was, on the global list. */
+static void
+local_rcpt_error_suppresses_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    struct suppress_config sc = {0};
+    suppress_on(f, &sc);
+    const unsigned idx[] = {0};
+    uint64_t id = store(f, "example.test", 1);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[1];
+    memset(rc, 0, sizeof(rc));
+    /* as smtp_client.c's txn_advance makes it */
+    rc[0].out.status = SMTP_STATUS_PERMFAIL;
+    rc[0].out.scope = SMTP_SCOPE_RCPT;
+    rc[0].out.reason = SMTP_REASON_ADDRESS;
+    rc[0].out.stage = SMTP_CLIENT_S_RCPT;
+    rc[0].out.code = 553;
+    rc[0].out.enh = (struct smtp_enh){5, 1, 3};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text),
+             "recipient address or RCPT parameter cannot be sent: line too long");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = job_new(id, "example.test", idx, 1);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 1);
+    suppress_sync(f->e.suppress);
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", NULL), 0);
+    suppress_off(f, &sc);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -706,6 +913,9 @@ main(void)
         cmocka_unit_test(stale_outcome_tells_the_backend_nothing),
         cmocka_unit_test(stale_outcome_in_no_dsn_and_no_counter),
         cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
+        cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
+        cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
+        cmocka_unit_test(local_rcpt_error_suppresses_nothing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

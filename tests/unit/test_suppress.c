@@ -186,7 +186,7 @@ test_purge_in_batches(void **state)
     FILE *in = fmemopen(csv, len, "r");
     assert_non_null(in);
     struct suppress_import_result res;
-    assert_int_equal(suppress_import_csv(f->s, in, &res), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &res), 0);
     fclose(in);
     free(csv);
     assert_int_equal(res.imported, 25000);
@@ -362,7 +362,7 @@ test_csv_round_trip(void **state)
                       "dup@x.example,,manual,,,second\n";
     FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &r), 0);
     fclose(in);
     assert_int_equal(r.lines, 9);
     assert_int_equal(r.imported, 5);
@@ -399,7 +399,7 @@ test_csv_round_trip(void **state)
     assert_int_equal(system(cmd), 0);
     fix_open(f);
     in = fmemopen(buf, len, "r");
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &r), 0);
     fclose(in);
     assert_int_equal(r.imported, 6);
     char *buf2 = NULL;
