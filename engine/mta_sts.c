@@ -40,6 +40,7 @@
 #define REFRESH_SCAN_MS 1000 /* policies near their end are looked for this often */
 #define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
 #define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
+#define RETRY_MIN_MS    1000 /* a DNS failure's retry_after() is at least this (error_ttl: 0) */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
 const struct conf_key mta_sts_conf_keys[] = {
@@ -53,7 +54,9 @@ const struct conf_key mta_sts_conf_keys[] = {
      NULL},
     {"recheck", CONF_DURATION, STS(recheck), 1000, 86400000, "1h",
      "a known domain's _mta-sts TXT record is asked again this often; a new id fetches its "
-     "policy again",
+     "policy again; after a check that failed on DNS (a timeout or SERVFAIL of the TXT record "
+     "or of mta-sts.DOMAIN's addresses) while the domain has no policy in force, after [dns] "
+     "error_ttl (at least 1s) instead",
      NULL},
     {"max_fetches", CONF_UINT, STS(max_fetches), 1, 10000, "64",
      "policy checks (DNS and HTTPS) in flight at once; more wait in order", NULL},
@@ -350,6 +353,10 @@ struct sts_entry {
     bool busy;                    /* a check is queued or in flight */
     bool refresh;                 /* ... to fetch the policy again (RFC 8461 3.3) */
     bool txt_known;               /* ... from new_id: a worker asked the TXT record */
+    bool dns_failed;              /* the last check ended on a temporary DNS failure
+                                   * (its TXT record's or its policy host's): with no
+                                   * policy in force, due again after retry_after(),
+                                   * not recheck */
     uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
     struct sts_entry *qnext;      /* on m->queue */
     char new_id[33];              /* the id to fetch, while busy: by the thread, or by
@@ -438,6 +445,21 @@ refresh_due(const struct mta_sts_policy *p, uint64_t now)
 static int txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt,
                        unsigned n, char id[33], const char **result, const char **why);
 
+/* How long after a check that failed on DNS (a timeout, SERVFAIL, or the
+ * resolver out of memory) a domain without a policy in force is due
+ * again: [dns] error_ttl, at least RETRY_MIN_MS, at most recheck. An
+ * enforce domain whose first check met one timeout is not delivered to
+ * without its policy for a whole recheck; a dead resolver costs one
+ * check per domain per error_ttl (busy keeps it to one at a time). */
+static uint64_t
+retry_after(const struct mta_sts *m)
+{
+    uint64_t ms = m->cfg->dns.error_ttl;
+    if (ms < RETRY_MIN_MS)
+        ms = RETRY_MIN_MS;
+    return ms < m->sc->recheck ? ms : m->sc->recheck;
+}
+
 /* Under m->lock: e joins the checks to run. */
 static void
 entry_queue(struct mta_sts *m, struct sts_entry *e)
@@ -478,9 +500,12 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
     /* Due: never checked, recheck passed, or the policy ended since the
      * last check. Not again and again once it ended: a policy server
      * that is down, or a policy of max_age 0, is asked every recheck,
-     * not at every mail. */
+     * not at every mail. Sooner after a DNS failure while no policy is
+     * in force (retry_after). */
+    bool in_force = e->pol != NULL && now < e->pol->expires_ms;
+    uint64_t again = e->dns_failed && !in_force ? retry_after(m) : m->sc->recheck;
     if (!e->busy &&
-        (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
+        (e->checked_ms == 0 || now - e->checked_ms >= again ||
          (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms))) {
         entry_queue(m, e);
         wake = true;
@@ -521,6 +546,7 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
     }
     e->checked_ms = clock_unix_ms();
     e->busy = false;
+    e->dns_failed = status == DNS_RETRY;
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
             "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
@@ -711,10 +737,11 @@ cache_load(struct mta_sts *m)
 static void check_next(struct mta_sts *m);
 
 /* The check of e ended: pol (a reference moved in, or NULL) replaces the
- * cached policy when replace; otherwise the cached one stays. */
+ * cached policy when replace; otherwise the cached one stays. dns_temp:
+ * it ended on a temporary DNS failure (see retry_after). */
 static void
 check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_policy *pol,
-           const char *result, const char *why)
+           bool dns_temp, const char *result, const char *why)
 {
     e->st = CHECK_IDLE;
     m->inflight--;
@@ -739,6 +766,7 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
     e->checked_ms = now;
     e->busy = false;
     e->refresh = false;
+    e->dns_failed = dns_temp;
     const struct mta_sts_policy *p = e->pol;
     /* Most domains publish nothing: their checks are debug lines, not one
      * info line per new domain of a campaign. */
@@ -751,9 +779,11 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
 }
 
 /* A fetch or a TXT record failed: the cached policy (if any) stays, and
- * the failure is reported under the domain's policy (RFC 8460 4.3.1). */
+ * the failure is reported under the domain's policy (RFC 8460 4.3.1).
+ * dns_temp: the policy host's address lookup failed for now. */
 static void
-check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, const char *why)
+check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, bool dns_temp,
+             const char *why)
 {
     pthread_mutex_lock(&m->lock);
     m->st.fetch_failed++;
@@ -762,7 +792,7 @@ check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, const
     if (m->rpt != NULL)
         tlsrpt_record(m->rpt, e->name, p, r, NULL, NULL);
     mta_sts_policy_unref(p);
-    check_done(m, e, false, NULL, "fetch_failed", why);
+    check_done(m, e, false, NULL, dns_temp, "fetch_failed", why);
 }
 
 static size_t
@@ -804,7 +834,7 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
         if (e->easy != NULL)
             curl_easy_cleanup(e->easy);
         e->easy = NULL;
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
         return;
     }
     CURL *c = e->easy;
@@ -877,7 +907,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     }
     if (!ok) {
         fetch_free(m, e);
-        check_failed(m, e, r, why);
+        check_failed(m, e, r, false, why);
         return;
     }
     struct mta_sts_policy *p = NULL;
@@ -886,7 +916,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     fetch_free(m, e);
     if (rc < 0) {
         snprintf(why, sizeof(why), "policy does not parse: %s", pwhy);
-        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, why);
+        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, false, why);
         return;
     }
     snprintf(p->id, sizeof(p->id), "%s", e->new_id);
@@ -897,7 +927,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     bool refreshed = e->refresh;
     m->st.refreshed += refreshed;
     pthread_mutex_unlock(&m->lock);
-    check_done(m, e, true, p, refreshed ? "refreshed" : "fetched", NULL);
+    check_done(m, e, true, p, false, refreshed ? "refreshed" : "fetched", NULL);
 }
 
 static void
@@ -921,7 +951,7 @@ on_addr(void *arg, struct dns_mx_result *res)
     if (pick != NULL)
         fetch_start(m, e, pick);
     else
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, why);
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
     dns_mx_result_unref(res);
 }
 
@@ -940,7 +970,7 @@ check_addr(struct mta_sts *m, struct sts_entry *e)
         on_addr(e, res);
     } else if (rc < 0) {
         e->req = NULL;
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
     }
 }
 
@@ -996,7 +1026,7 @@ check_id(struct mta_sts *m, struct sts_entry *e, const char id[33])
     e->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
     pthread_mutex_unlock(&m->lock);
     if (same) {
-        check_done(m, e, false, NULL, "unchanged", NULL);
+        check_done(m, e, false, NULL, false, "unchanged", NULL);
         return;
     }
     memcpy(e->new_id, id, sizeof(e->new_id));
@@ -1010,7 +1040,7 @@ on_txt(void *arg, enum dns_status status, const char *why, const char *const *tx
     char id[33];
     const char *result, *reason;
     if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0)
-        check_done(e->m, e, false, NULL, result, reason);
+        check_done(e->m, e, false, NULL, status == DNS_RETRY, result, reason);
     else
         check_id(e->m, e, id);
 }
@@ -1037,7 +1067,8 @@ check_start(struct mta_sts *m, struct sts_entry *e)
     e->st = CHECK_TXT;
     int rc = dns_txt_lookup(m->dns, name, on_txt, e);
     if (rc < 0) {
-        check_done(m, e, false, NULL, "dns_failed", rc == -EINVAL ? "bad name" : "out of memory");
+        check_done(m, e, false, NULL, rc != -EINVAL, "dns_failed",
+                   rc == -EINVAL ? "bad name" : "out of memory");
     }
 }
 

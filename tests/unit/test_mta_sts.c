@@ -13,7 +13,8 @@
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all; its sweep, which
  * forgets the domains mail no longer goes to and keeps those it does;
- * and a policy that ended is checked once, not at every mail.
+ * a policy that ended is checked once, not at every mail; and a check
+ * that failed on DNS is asked again after [dns] error_ttl, not recheck.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -247,9 +248,10 @@ struct store {
 };
 
 /* As store_new, with the resolver's timeout (one try) given: queries to
- * the mute socket fail after it. */
+ * the mute socket fail after it; dns_extra: more [dns] lines ("" none). */
 static void
-store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
+store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
+              const char *dns_extra)
 {
     s->mute = socket(AF_INET, SOCK_DGRAM, 0);
     assert_true(s->mute >= 0);
@@ -264,9 +266,9 @@ store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeo
     char text[512], err[256];
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
-                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = %s\ntries = 1\n"
+                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = %s\ntries = 1\n%s"
                      "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
-                     ntohs(sin.sin_port), dns_timeout);
+                     ntohs(sin.sin_port), dns_timeout, dns_extra);
     FILE *f = fopen(s->conf, "w");
     assert_non_null(f);
     assert_int_equal(fwrite(text, 1, (size_t)n, f), (size_t)n);
@@ -282,6 +284,12 @@ store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeo
     s->m = NULL;
     if (mta_sts_new(s->cfg, s->cache, &s->m, err, sizeof(err)) != 0)
         fail_msg("mta_sts_new: %s", err);
+}
+
+static void
+store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
+{
+    store_new_dns(s, cache_text, dns_timeout, "");
 }
 
 static void
@@ -460,6 +468,68 @@ test_ended_policy_checked_once(void **state)
     }
     mta_sts_stats(m, &st);
     assert_int_equal(st.checks, checks);
+    store_free(&s);
+}
+
+/* A first check that met a DNS failure (a timeout, SERVFAIL) is asked
+ * again after [dns] error_ttl (300 ms here), not after recheck (an
+ * hour): an enforce domain is not left to opportunistic TLS for an hour
+ * by one timeout. And no more often: with a resolver that never answers
+ * (the mute socket, 100 ms a try), mail every 20 ms costs one check per
+ * error_ttl and timeout, not one per mail. A domain whose cached policy
+ * is in force keeps it through a DNS failure and is asked again only
+ * after recheck. */
+static void
+test_dns_failure_retried_after_error_ttl(void **state)
+{
+    (void)state;
+    unsigned long long now = (unsigned long long)time(NULL) * 1000;
+    char text[256];
+    /* a policy in force for a day */
+    snprintf(text, sizeof(text), "sluice-mta-sts 1\nkept.test 1 enforce 86400 %llu mx.kept.test\n",
+             now);
+    struct store s;
+    store_new_dns(&s, text, "100ms", "error_ttl = 300ms\n");
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    struct mta_sts_stats st;
+
+    /* kept.test: loaded, so due for a check at first use; it fails. */
+    assert_int_equal(mta_sts_get(m, "kept.test", false, &p), MTA_STS_READY);
+    assert_non_null(p);
+    p = mta_sts_policy_unref(p);
+    uint64_t deadline = mono_ms() + 10000;
+    do {
+        assert_true(mono_ms() < deadline);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.checks < 1 || st.inflight > 0 || st.queued > 0);
+    assert_int_equal(st.checks, 1);
+
+    /* fail.test: its first check (a worker's TXT lookup) times out. */
+    assert_int_equal(mta_sts_get(m, "fail.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "fail.test", DNS_RETRY, "timeout", NULL, 0);
+    uint64_t start = mono_ms();
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 2);
+    /* Mail for both every 20 ms for 1.5 s. */
+    while (mono_ms() - start < 1500) {
+        assert_int_equal(mta_sts_get(m, "fail.test", true, &p), MTA_STS_READY);
+        assert_null(p);
+        assert_int_equal(mta_sts_get(m, "kept.test", true, &p), MTA_STS_READY);
+        assert_non_null(p);
+        p = mta_sts_policy_unref(p);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    uint64_t elapsed = mono_ms() - start;
+    mta_sts_stats(m, &st);
+    /* Asked again (at 300 ms, and after each 100 ms timeout and 300 ms
+     * more): at least once more, at most once per 300 ms. */
+    if (st.checks < 3 || st.checks > 2 + elapsed / 300)
+        fail_msg("%llu checks in %llu ms", (unsigned long long)st.checks,
+                 (unsigned long long)elapsed);
     store_free(&s);
 }
 
@@ -679,6 +749,7 @@ main(void)
         cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
         cmocka_unit_test(test_ended_policy_checked_once),
+        cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
