@@ -41,6 +41,7 @@
 #define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
 #define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
 #define RETRY_MIN_MS    1000 /* a DNS failure's retry_after() is at least this (error_ttl: 0) */
+#define FETCH_ADDRS     16   /* the policy host's addresses a fetch tries, at most */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
 const struct conf_key mta_sts_conf_keys[] = {
@@ -809,14 +810,26 @@ on_body(char *data, size_t size, size_t nmemb, void *arg)
     return n;
 }
 
+/* Fetch e's policy from the policy host at addrs (n >= 1, each one
+ * allowed as a target): curl connects to them in turn (and both
+ * families at once, RFC 8305), so one address that is down does not fail
+ * the fetch while another answers. */
 static void
-fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
+fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const *addrs,
+            unsigned n)
 {
-    char ip[64], rs[DNS_NAME_MAX + 100], url[DNS_NAME_MAX + 100];
-    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    /* host:port:addr[,addr]... (libcurl 7.59 and later: several), each
+     * address less than 64 octets and 3 more ("," "[" "]") */
+    char rs[DNS_NAME_MAX + 32 + FETCH_ADDRS * (64 + 3)], url[DNS_NAME_MAX + 100];
     unsigned port = m->sc->fetch_port;
-    snprintf(rs, sizeof(rs), "mta-sts.%s:%u:%s%s%s", e->name, port,
-             a->sa.sa_family == AF_INET6 ? "[" : "", ip, a->sa.sa_family == AF_INET6 ? "]" : "");
+    size_t o = (size_t)snprintf(rs, sizeof(rs), "mta-sts.%s:%u:", e->name, port);
+    for (unsigned i = 0; i < n && i < FETCH_ADDRS; i++) {
+        char ip[64];
+        bool v6 = addrs[i]->sa.sa_family == AF_INET6;
+        netaddr_ip_str(&addrs[i]->sa, ip, sizeof(ip));
+        o += (size_t)snprintf(rs + o, sizeof(rs) - o, "%s%s%s%s", i > 0 ? "," : "",
+                              v6 ? "[" : "", ip, v6 ? "]" : "");
+    }
     if (port == 443)
         snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", e->name);
     else
@@ -936,20 +949,23 @@ on_addr(void *arg, struct dns_mx_result *res)
     struct sts_entry *e = arg;
     struct mta_sts *m = e->m;
     e->req = NULL;
-    const union dns_addr *pick = NULL;
+    /* Every address a delivery could use, in the resolver's order (the
+     * preferred family first); the others are never connected to. */
+    const union dns_addr *pick[FETCH_ADDRS];
+    unsigned npick = 0;
     const char *why = res->why;
     if (res->status == DNS_OK) {
         const struct delivery_config *dc = &m->cfg->delivery;
-        for (unsigned i = 0; i < res->hosts[0].naddrs && pick == NULL; i++) {
+        for (unsigned i = 0; i < res->hosts[0].naddrs && npick < FETCH_ADDRS; i++) {
             const union dns_addr *a = &res->hosts[0].addrs[i];
             if (netaddr_special(&a->sa) == NULL || cidr_match(dc->allow, dc->nallow, &a->sa))
-                pick = a;
+                pick[npick++] = a;
         }
-        if (pick == NULL)
+        if (npick == 0)
             why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
     }
-    if (pick != NULL)
-        fetch_start(m, e, pick);
+    if (npick > 0)
+        fetch_start(m, e, pick, npick);
     else
         check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
     dns_mx_result_unref(res);

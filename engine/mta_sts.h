@@ -8,9 +8,11 @@
  * dns_addr_resolve, not its MX) and refuses an address that
  * [delivery] allow_networks would refuse as a delivery target, then
  * fetches https://mta-sts.DOMAIN/.well-known/mta-sts.txt with libcurl's
- * multi interface (pinned to that address with CURLOPT_RESOLVE, the
- * certificate checked against [mta_sts] ca_file or the system store,
- * redirects refused, at most 64 KB, text/plain, within fetch_timeout).
+ * multi interface (pinned with CURLOPT_RESOLVE to the addresses left, up
+ * to 16, which curl tries in turn, so that one that is down fails
+ * nothing; the certificate checked against [mta_sts] ca_file or the
+ * system store, redirects refused, at most 64 KB, text/plain, within
+ * fetch_timeout).
  * No worker ever waits on DNS or HTTP: a worker asks (mta_sts_get) and
  * is told "wait" until the thread has an answer. A domain's first check
  * starts on the worker instead: it asks the TXT record on its own
