@@ -34,7 +34,7 @@
 
 #define CACHE_MAGIC "sluice-mta-sts 1"
 #define SAVE_MS     1000 /* the cache file is written at most this often */
-#define MAX_DNS_FDS 16
+#define DNS_FDS_MIN 16 /* room for the resolver's sockets at first; grown as it opens more */
 #define SWEEP_MS    60000   /* domains without a policy are forgotten this often */
 #define FORGET_MS   600000  /* ... once unused this long (and at least recheck) */
 #define REFRESH_SCAN_MS 1000 /* policies near their end are looked for this often */
@@ -391,8 +391,12 @@ struct mta_sts {
     bool started;
     CURLM *multi;
     struct dns *dns;
-    struct pollfd dfds[MAX_DNS_FDS]; /* the resolver's sockets */
-    unsigned ndfds;
+    struct pollfd *dfds;          /* owned: the resolver's sockets, room for dcap */
+    unsigned ndfds, dcap;
+    struct curl_waitfd *wfds;     /* owned: dfds as curl_multi_poll takes them, room for
+                                   * wcap; grown only between polls (on_dns_sock runs
+                                   * while the last poll's are read) */
+    unsigned wcap;
     unsigned inflight;
     uint64_t saved_ms;
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
@@ -1123,8 +1127,20 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
         return;
     }
     if (i == m->ndfds) {
-        if (m->ndfds == MAX_DNS_FDS)
-            return; /* c-ares's timeouts still move it on */
+        /* Every socket is watched, however many servers there are: the
+         * answers of one left out would never be read, and its queries
+         * could only time out. */
+        if (m->ndfds == m->dcap) {
+            unsigned cap = m->dcap != 0 ? m->dcap * 2 : DNS_FDS_MIN;
+            struct pollfd *n = realloc(m->dfds, cap * sizeof(*n));
+            if (n == NULL) {
+                log_msg(LOG_ERR, "event=mta_sts_dns_socket_unwatched fd=%d reason=\"out of memory\"",
+                        fd);
+                return; /* c-ares's timeouts still move its queries on */
+            }
+            m->dfds = n;
+            m->dcap = cap;
+        }
         m->ndfds++;
     }
     m->dfds[i].fd = fd;
@@ -1241,10 +1257,17 @@ thread_main(void *arg)
             check_next(m);
         }
 
-        struct curl_waitfd w[MAX_DNS_FDS];
-        for (unsigned i = 0; i < m->ndfds; i++)
+        if (m->wcap < m->ndfds) {
+            struct curl_waitfd *n = realloc(m->wfds, m->dcap * sizeof(*n));
+            if (n != NULL) {
+                m->wfds = n;
+                m->wcap = m->dcap;
+            }
+        }
+        struct curl_waitfd *w = m->wfds;
+        unsigned nw = m->ndfds < m->wcap ? m->ndfds : m->wcap;
+        for (unsigned i = 0; i < nw; i++)
             w[i] = (struct curl_waitfd){.fd = m->dfds[i].fd, .events = m->dfds[i].events};
-        unsigned nw = m->ndfds;
         int timeout = 1000;
         uint64_t now = mono_ns();
         uint64_t dl = dns_timeout(m->dns, now);
@@ -1411,6 +1434,8 @@ mta_sts_free(struct mta_sts *m)
     hash_fini(&m->domains);
     if (m->multi != NULL)
         curl_multi_cleanup(m->multi);
+    free(m->dfds);
+    free(m->wfds);
     pthread_mutex_destroy(&m->lock);
     free(m);
     return NULL;

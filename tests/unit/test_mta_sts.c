@@ -13,12 +13,14 @@
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all; its sweep, which
  * forgets the domains mail no longer goes to and keeps those it does;
- * a policy that ended is checked once, not at every mail; and a check
- * that failed on DNS is asked again after [dns] error_ttl, not recheck.
+ * a policy that ended is checked once, not at every mail; a check that
+ * failed on DNS is asked again after [dns] error_ttl, not recheck; and
+ * the thread reads the answers of every resolver socket, past 16.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -32,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/log.h"
 #include "dns/dns.h"
 #include "engine/config.h"
 #include "engine/mta_sts.h"
@@ -248,10 +251,11 @@ struct store {
 };
 
 /* As store_new, with the resolver's timeout (one try) given: queries to
- * the mute socket fail after it; dns_extra: more [dns] lines ("" none). */
+ * the mute socket fail after it; dns_extra: more [dns] lines ("" none);
+ * servers: [dns] servers (NULL: the mute socket). */
 static void
 store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
-              const char *dns_extra)
+              const char *dns_extra, const char *servers)
 {
     s->mute = socket(AF_INET, SOCK_DGRAM, 0);
     assert_true(s->mute >= 0);
@@ -263,12 +267,14 @@ store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
     assert_non_null(mkdtemp(s->dir));
     snprintf(s->conf, sizeof(s->conf), "%s/sluice.conf", s->dir);
     snprintf(s->cache, sizeof(s->cache), "%s/mta-sts.cache", s->dir);
-    char text[512], err[256];
+    char text[2048], err[256], mute[32];
+    snprintf(mute, sizeof(mute), "127.0.0.1:%u", ntohs(sin.sin_port));
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
-                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = %s\ntries = 1\n%s"
+                     "[dns]\nservers = %s\ntimeout = %s\ntries = 1\n%s"
                      "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
-                     ntohs(sin.sin_port), dns_timeout, dns_extra);
+                     servers != NULL ? servers : mute, dns_timeout, dns_extra);
+    assert_true(n > 0 && (size_t)n < sizeof(text));
     FILE *f = fopen(s->conf, "w");
     assert_non_null(f);
     assert_int_equal(fwrite(text, 1, (size_t)n, f), (size_t)n);
@@ -289,7 +295,7 @@ store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
 static void
 store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
 {
-    store_new_dns(s, cache_text, dns_timeout, "");
+    store_new_dns(s, cache_text, dns_timeout, "", NULL);
 }
 
 static void
@@ -489,7 +495,7 @@ test_dns_failure_retried_after_error_ttl(void **state)
     snprintf(text, sizeof(text), "sluice-mta-sts 1\nkept.test 1 enforce 86400 %llu mx.kept.test\n",
              now);
     struct store s;
-    store_new_dns(&s, text, "100ms", "error_ttl = 300ms\n");
+    store_new_dns(&s, text, "100ms", "error_ttl = 300ms\n", NULL);
     struct mta_sts *m = s.m;
     struct mta_sts_policy *p = NULL;
     struct mta_sts_stats st;
@@ -531,6 +537,108 @@ test_dns_failure_retried_after_error_ttl(void **state)
         fail_msg("%llu checks in %llu ms", (unsigned long long)st.checks,
                  (unsigned long long)elapsed);
     store_free(&s);
+}
+
+/* A UDP socket on ::1, on a port of four digits from *port on (config
+ * lines are short: 17 servers fit only so), its port in *port; -1 when
+ * IPv6 has no loopback here. */
+static int
+udp6_socket(unsigned *port)
+{
+    int fd = socket(AF_INET6, SOCK_DGRAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in6 sin = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    for (; *port <= 9999; (*port)++) {
+        sin.sin6_port = htons((uint16_t)*port);
+        if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) == 0)
+            return fd;
+        if (errno != EADDRINUSE && errno != EACCES)
+            break;
+    }
+    close(fd);
+    return -1;
+}
+
+/* The thread watches every socket of its resolver, however many servers
+ * [dns] servers lists: 16 servers that never answer, then one that
+ * answers NXDOMAIN, each asked in turn (tries = 1, 50 ms each). The
+ * resolver's socket to the last is its 17th: its answer must be read
+ * (the check ends no_record), not left unread until the query times out
+ * (dns_failed), as when only 16 sockets were watched. On ::1 (a config
+ * line holds 198 characters: 17 IPv4 servers do not fit). */
+static void
+test_many_dns_sockets_watched(void **state)
+{
+    (void)state;
+    enum { MUTE = 16 };
+    int mute[MUTE + 1];
+    char servers[1024];
+    size_t o = 0;
+    unsigned port = 2000 + (unsigned)(getpid() % 4000);
+    for (int i = 0; i <= MUTE; i++) {
+        mute[i] = udp6_socket(&port);
+        if (mute[i] < 0) {
+            while (i-- > 0)
+                close(mute[i]);
+            skip(); /* no IPv6 loopback, or no port free */
+        }
+        o += (size_t)snprintf(servers + o, sizeof(servers) - o, "%s[::1]:%u", i > 0 ? "," : "",
+                              port++);
+    }
+    int ans = mute[MUTE];
+    char logpath[] = "/tmp/sluice-mta-sts-log-XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    enum log_level level = log_get_level();
+    assert_int_equal(log_open(logpath, LOG_DEBUG), 0);
+    struct store s;
+    store_new_dns(&s, NULL, "50ms", "", servers);
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+
+    /* Not asked by a worker: the thread asks; answer as the 17th server
+     * until the check ended. */
+    unsigned answered = 0;
+    uint64_t deadline = mono_ms() + 20000;
+    while (mta_sts_get(m, "many.test", false, &p) == MTA_STS_WAIT) {
+        assert_true(mono_ms() < deadline);
+        struct pollfd pfd = {.fd = ans, .events = POLLIN};
+        if (poll(&pfd, 1, 20) != 1)
+            continue;
+        uint8_t q[512];
+        struct sockaddr_in6 from;
+        socklen_t fl = sizeof(from);
+        ssize_t n = recvfrom(ans, q, sizeof(q), 0, (struct sockaddr *)&from, &fl);
+        size_t end = 12;
+        while (n > 12 && end < (size_t)n && q[end] != 0)
+            end += 1 + q[end];
+        end += 5; /* the root label, type and class */
+        if (n < 12 || end > (size_t)n)
+            continue;
+        q[2] = (uint8_t)(0x80 | (q[2] & 0x79)); /* a response, RD kept */
+        q[3] = 0x80 | 3;                         /* RA, NXDOMAIN */
+        memset(q + 6, 0, 6);                     /* the question alone */
+        assert_int_equal(sendto(ans, q, end, 0, (struct sockaddr *)&from, fl), (ssize_t)end);
+        answered++;
+    }
+    assert_null(p);
+    store_free(&s);
+    log_open("stderr", level);
+
+    FILE *f = fopen(logpath, "r");
+    assert_non_null(f);
+    char line[1024], result[1024] = "none";
+    while (fgets(line, sizeof(line), f) != NULL)
+        if (strstr(line, "event=mta_sts_checked domain=many.test ") != NULL)
+            snprintf(result, sizeof(result), "%s", line);
+    fclose(f);
+    unlink(logpath);
+    for (int i = 0; i <= MUTE; i++)
+        close(mute[i]);
+    if (answered == 0 || strstr(result, " result=no_record ") == NULL)
+        fail_msg("%u answers; the check: %s", answered, result);
 }
 
 /* The cache file is read back as the fetch left it: a corrupt line (a
@@ -750,6 +858,7 @@ main(void)
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
         cmocka_unit_test(test_ended_policy_checked_once),
         cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
+        cmocka_unit_test(test_many_dns_sockets_watched),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
