@@ -50,7 +50,9 @@ const struct conf_key dns_conf_keys[] = {
      NULL},
     {"error_ttl", CONF_DURATION, DNS(error_ttl), 0, 3600 * 1000, "10s",
      "keep temporary failures (SERVFAIL, timeout) this long so that a burst of mail for the "
-     "domain costs one query; 0: not kept",
+     "domain costs one query; 0: not kept; an MTA-STS check that failed that way, for a "
+     "domain without a policy in force, is made again after this long (at least 1s, at most "
+     "[mta_sts] recheck)",
      NULL},
     {"max_mx_hosts", CONF_UINT, DNS(max_mx_hosts), 1, 64, "10",
      "MX hosts resolved per domain, best preference first", NULL},

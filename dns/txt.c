@@ -4,8 +4,10 @@
  * (_smtp._tls.DOMAIN). Not cached here: their callers keep what they
  * learn for as long as the policy says. Each record's character-strings
  * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them;
- * a record over TXT_MAX_LEN octets is left out whole, never cut (a cut
- * TLS-RPT rua list could end in a truncated URI that still parses).
+ * a record over TXT_MAX_LEN octets, or with a NUL octet, is left out
+ * whole, never cut (a cut TLS-RPT rua list could end in a truncated URI
+ * that still parses; a NUL would cut "v=STSv1; id=1\0junk" to a policy
+ * record).
  * Answers are read by wire.h, as MX answers are: the CNAME chain from the
  * name asked, and the TXT records (class IN) where it ends, no others
  * (c-ares's TXT parser took every TXT record of the answer section,

@@ -385,19 +385,24 @@ wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap
             continue;
         char *t = n < max ? out + (size_t)n * (cap + 1) : NULL;
         size_t o = 0, pos = rr.rdoff, end = rr.rdoff + rr.rdlen;
+        bool nul = false;
         while (pos < end) {
             size_t l = buf[pos];
             if (pos + 1 + l > end)
                 return -EBADMSG;
             /* Past cap the record is dropped, not cut: a cut policy
              * (a TLS-RPT rua list) could end in a truncated URI that
-             * still parses. Its strings are still checked. */
+             * still parses. Its strings are still checked. A NUL
+             * octet would cut it as well (callers read a C string:
+             * "v=STSv1; id=1\0junk" as "v=STSv1; id=1"): dropped too. */
+            if (memchr(buf + pos + 1, '\0', l) != NULL)
+                nul = true;
             if (t != NULL && o <= cap && l <= cap - o)
                 memcpy(t + o, buf + pos + 1, l);
             o += l;
             pos += 1 + l;
         }
-        if (t != NULL && o <= cap) {
+        if (t != NULL && o <= cap && !nul) {
             t[o] = '\0';
             n++;
         }

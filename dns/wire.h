@@ -129,8 +129,9 @@ int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa
 /* The TXT records (RFC 1035 3.3.14) at name (the end of wire_answer's
  * chain) in the answer section, of class IN: each one's
  * character-strings joined into out + i * (cap + 1), NUL-terminated; a
- * record longer than cap octets is dropped whole (never cut: a cut one
- * could still parse, as a shorter policy); at most max records (the rest
+ * record longer than cap octets, or with a NUL octet in it, is dropped
+ * whole (never cut: a cut one could still parse, as a shorter policy;
+ * read as a C string, a NUL cuts it); at most max records (the rest
  * skipped). Records of other owners or classes are no answer to the
  * question. Returns the count or -EBADMSG (a string running past its
  * record). */

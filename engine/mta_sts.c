@@ -34,12 +34,14 @@
 
 #define CACHE_MAGIC "sluice-mta-sts 1"
 #define SAVE_MS     1000 /* the cache file is written at most this often */
-#define MAX_DNS_FDS 16
+#define DNS_FDS_MIN 16 /* room for the resolver's sockets at first; grown as it opens more */
 #define SWEEP_MS    60000   /* domains without a policy are forgotten this often */
 #define FORGET_MS   600000  /* ... once unused this long (and at least recheck) */
 #define REFRESH_SCAN_MS 1000 /* policies near their end are looked for this often */
 #define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
 #define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
+#define RETRY_MIN_MS    1000 /* a DNS failure's retry_after() is at least this (error_ttl: 0) */
+#define FETCH_ADDRS     16   /* the policy host's addresses a fetch tries, at most */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
 const struct conf_key mta_sts_conf_keys[] = {
@@ -53,7 +55,9 @@ const struct conf_key mta_sts_conf_keys[] = {
      NULL},
     {"recheck", CONF_DURATION, STS(recheck), 1000, 86400000, "1h",
      "a known domain's _mta-sts TXT record is asked again this often; a new id fetches its "
-     "policy again",
+     "policy again; after a check that failed on DNS (a timeout or SERVFAIL of the TXT record "
+     "or of mta-sts.DOMAIN's addresses) while the domain has no policy in force, after [dns] "
+     "error_ttl (at least 1s) instead",
      NULL},
     {"max_fetches", CONF_UINT, STS(max_fetches), 1, 10000, "64",
      "policy checks (DNS and HTTPS) in flight at once; more wait in order", NULL},
@@ -350,6 +354,10 @@ struct sts_entry {
     bool busy;                    /* a check is queued or in flight */
     bool refresh;                 /* ... to fetch the policy again (RFC 8461 3.3) */
     bool txt_known;               /* ... from new_id: a worker asked the TXT record */
+    bool dns_failed;              /* the last check ended on a temporary DNS failure
+                                   * (its TXT record's or its policy host's): with no
+                                   * policy in force, due again after retry_after(),
+                                   * not recheck */
     uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
     struct sts_entry *qnext;      /* on m->queue */
     char new_id[33];              /* the id to fetch, while busy: by the thread, or by
@@ -383,8 +391,12 @@ struct mta_sts {
     bool started;
     CURLM *multi;
     struct dns *dns;
-    struct pollfd dfds[MAX_DNS_FDS]; /* the resolver's sockets */
-    unsigned ndfds;
+    struct pollfd *dfds;          /* owned: the resolver's sockets, room for dcap */
+    unsigned ndfds, dcap;
+    struct curl_waitfd *wfds;     /* owned: dfds as curl_multi_poll takes them, room for
+                                   * wcap; grown only between polls (on_dns_sock runs
+                                   * while the last poll's are read) */
+    unsigned wcap;
     unsigned inflight;
     uint64_t saved_ms;
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
@@ -438,6 +450,21 @@ refresh_due(const struct mta_sts_policy *p, uint64_t now)
 static int txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt,
                        unsigned n, char id[33], const char **result, const char **why);
 
+/* How long after a check that failed on DNS (a timeout, SERVFAIL, or the
+ * resolver out of memory) a domain without a policy in force is due
+ * again: [dns] error_ttl, at least RETRY_MIN_MS, at most recheck. An
+ * enforce domain whose first check met one timeout is not delivered to
+ * without its policy for a whole recheck; a dead resolver costs one
+ * check per domain per error_ttl (busy keeps it to one at a time). */
+static uint64_t
+retry_after(const struct mta_sts *m)
+{
+    uint64_t ms = m->cfg->dns.error_ttl;
+    if (ms < RETRY_MIN_MS)
+        ms = RETRY_MIN_MS;
+    return ms < m->sc->recheck ? ms : m->sc->recheck;
+}
+
 /* Under m->lock: e joins the checks to run. */
 static void
 entry_queue(struct mta_sts *m, struct sts_entry *e)
@@ -478,9 +505,12 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
     /* Due: never checked, recheck passed, or the policy ended since the
      * last check. Not again and again once it ended: a policy server
      * that is down, or a policy of max_age 0, is asked every recheck,
-     * not at every mail. */
+     * not at every mail. Sooner after a DNS failure while no policy is
+     * in force (retry_after). */
+    bool in_force = e->pol != NULL && now < e->pol->expires_ms;
+    uint64_t again = e->dns_failed && !in_force ? retry_after(m) : m->sc->recheck;
     if (!e->busy &&
-        (e->checked_ms == 0 || now - e->checked_ms >= m->sc->recheck ||
+        (e->checked_ms == 0 || now - e->checked_ms >= again ||
          (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms))) {
         entry_queue(m, e);
         wake = true;
@@ -521,6 +551,7 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
     }
     e->checked_ms = clock_unix_ms();
     e->busy = false;
+    e->dns_failed = status == DNS_RETRY;
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
             "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
@@ -711,10 +742,11 @@ cache_load(struct mta_sts *m)
 static void check_next(struct mta_sts *m);
 
 /* The check of e ended: pol (a reference moved in, or NULL) replaces the
- * cached policy when replace; otherwise the cached one stays. */
+ * cached policy when replace; otherwise the cached one stays. dns_temp:
+ * it ended on a temporary DNS failure (see retry_after). */
 static void
 check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_policy *pol,
-           const char *result, const char *why)
+           bool dns_temp, const char *result, const char *why)
 {
     e->st = CHECK_IDLE;
     m->inflight--;
@@ -739,6 +771,7 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
     e->checked_ms = now;
     e->busy = false;
     e->refresh = false;
+    e->dns_failed = dns_temp;
     const struct mta_sts_policy *p = e->pol;
     /* Most domains publish nothing: their checks are debug lines, not one
      * info line per new domain of a campaign. */
@@ -751,9 +784,11 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
 }
 
 /* A fetch or a TXT record failed: the cached policy (if any) stays, and
- * the failure is reported under the domain's policy (RFC 8460 4.3.1). */
+ * the failure is reported under the domain's policy (RFC 8460 4.3.1).
+ * dns_temp: the policy host's address lookup failed for now. */
 static void
-check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, const char *why)
+check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, bool dns_temp,
+             const char *why)
 {
     pthread_mutex_lock(&m->lock);
     m->st.fetch_failed++;
@@ -762,7 +797,7 @@ check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, const
     if (m->rpt != NULL)
         tlsrpt_record(m->rpt, e->name, p, r, NULL, NULL);
     mta_sts_policy_unref(p);
-    check_done(m, e, false, NULL, "fetch_failed", why);
+    check_done(m, e, false, NULL, dns_temp, "fetch_failed", why);
 }
 
 static size_t
@@ -779,14 +814,26 @@ on_body(char *data, size_t size, size_t nmemb, void *arg)
     return n;
 }
 
+/* Fetch e's policy from the policy host at addrs (n >= 1, each one
+ * allowed as a target): curl connects to them in turn (and both
+ * families at once, RFC 8305), so one address that is down does not fail
+ * the fetch while another answers. */
 static void
-fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
+fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const *addrs,
+            unsigned n)
 {
-    char ip[64], rs[DNS_NAME_MAX + 100], url[DNS_NAME_MAX + 100];
-    netaddr_ip_str(&a->sa, ip, sizeof(ip));
+    /* host:port:addr[,addr]... (libcurl 7.59 and later: several), each
+     * address less than 64 octets and 3 more ("," "[" "]") */
+    char rs[DNS_NAME_MAX + 32 + FETCH_ADDRS * (64 + 3)], url[DNS_NAME_MAX + 100];
     unsigned port = m->sc->fetch_port;
-    snprintf(rs, sizeof(rs), "mta-sts.%s:%u:%s%s%s", e->name, port,
-             a->sa.sa_family == AF_INET6 ? "[" : "", ip, a->sa.sa_family == AF_INET6 ? "]" : "");
+    size_t o = (size_t)snprintf(rs, sizeof(rs), "mta-sts.%s:%u:", e->name, port);
+    for (unsigned i = 0; i < n && i < FETCH_ADDRS; i++) {
+        char ip[64];
+        bool v6 = addrs[i]->sa.sa_family == AF_INET6;
+        netaddr_ip_str(&addrs[i]->sa, ip, sizeof(ip));
+        o += (size_t)snprintf(rs + o, sizeof(rs) - o, "%s%s%s%s", i > 0 ? "," : "",
+                              v6 ? "[" : "", ip, v6 ? "]" : "");
+    }
     if (port == 443)
         snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", e->name);
     else
@@ -804,7 +851,7 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *a)
         if (e->easy != NULL)
             curl_easy_cleanup(e->easy);
         e->easy = NULL;
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
         return;
     }
     CURL *c = e->easy;
@@ -877,7 +924,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     }
     if (!ok) {
         fetch_free(m, e);
-        check_failed(m, e, r, why);
+        check_failed(m, e, r, false, why);
         return;
     }
     struct mta_sts_policy *p = NULL;
@@ -886,7 +933,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     fetch_free(m, e);
     if (rc < 0) {
         snprintf(why, sizeof(why), "policy does not parse: %s", pwhy);
-        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, why);
+        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, false, why);
         return;
     }
     snprintf(p->id, sizeof(p->id), "%s", e->new_id);
@@ -897,7 +944,7 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
     bool refreshed = e->refresh;
     m->st.refreshed += refreshed;
     pthread_mutex_unlock(&m->lock);
-    check_done(m, e, true, p, refreshed ? "refreshed" : "fetched", NULL);
+    check_done(m, e, true, p, false, refreshed ? "refreshed" : "fetched", NULL);
 }
 
 static void
@@ -906,22 +953,25 @@ on_addr(void *arg, struct dns_mx_result *res)
     struct sts_entry *e = arg;
     struct mta_sts *m = e->m;
     e->req = NULL;
-    const union dns_addr *pick = NULL;
+    /* Every address a delivery could use, in the resolver's order (the
+     * preferred family first); the others are never connected to. */
+    const union dns_addr *pick[FETCH_ADDRS];
+    unsigned npick = 0;
     const char *why = res->why;
     if (res->status == DNS_OK) {
         const struct delivery_config *dc = &m->cfg->delivery;
-        for (unsigned i = 0; i < res->hosts[0].naddrs && pick == NULL; i++) {
+        for (unsigned i = 0; i < res->hosts[0].naddrs && npick < FETCH_ADDRS; i++) {
             const union dns_addr *a = &res->hosts[0].addrs[i];
             if (netaddr_special(&a->sa) == NULL || cidr_match(dc->allow, dc->nallow, &a->sa))
-                pick = a;
+                pick[npick++] = a;
         }
-        if (pick == NULL)
+        if (npick == 0)
             why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
     }
-    if (pick != NULL)
-        fetch_start(m, e, pick);
+    if (npick > 0)
+        fetch_start(m, e, pick, npick);
     else
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, why);
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
     dns_mx_result_unref(res);
 }
 
@@ -940,7 +990,7 @@ check_addr(struct mta_sts *m, struct sts_entry *e)
         on_addr(e, res);
     } else if (rc < 0) {
         e->req = NULL;
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, "out of memory");
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
     }
 }
 
@@ -996,7 +1046,7 @@ check_id(struct mta_sts *m, struct sts_entry *e, const char id[33])
     e->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
     pthread_mutex_unlock(&m->lock);
     if (same) {
-        check_done(m, e, false, NULL, "unchanged", NULL);
+        check_done(m, e, false, NULL, false, "unchanged", NULL);
         return;
     }
     memcpy(e->new_id, id, sizeof(e->new_id));
@@ -1010,7 +1060,7 @@ on_txt(void *arg, enum dns_status status, const char *why, const char *const *tx
     char id[33];
     const char *result, *reason;
     if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0)
-        check_done(e->m, e, false, NULL, result, reason);
+        check_done(e->m, e, false, NULL, status == DNS_RETRY, result, reason);
     else
         check_id(e->m, e, id);
 }
@@ -1037,7 +1087,8 @@ check_start(struct mta_sts *m, struct sts_entry *e)
     e->st = CHECK_TXT;
     int rc = dns_txt_lookup(m->dns, name, on_txt, e);
     if (rc < 0) {
-        check_done(m, e, false, NULL, "dns_failed", rc == -EINVAL ? "bad name" : "out of memory");
+        check_done(m, e, false, NULL, rc != -EINVAL, "dns_failed",
+                   rc == -EINVAL ? "bad name" : "out of memory");
     }
 }
 
@@ -1076,8 +1127,20 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
         return;
     }
     if (i == m->ndfds) {
-        if (m->ndfds == MAX_DNS_FDS)
-            return; /* c-ares's timeouts still move it on */
+        /* Every socket is watched, however many servers there are: the
+         * answers of one left out would never be read, and its queries
+         * could only time out. */
+        if (m->ndfds == m->dcap) {
+            unsigned cap = m->dcap != 0 ? m->dcap * 2 : DNS_FDS_MIN;
+            struct pollfd *n = realloc(m->dfds, cap * sizeof(*n));
+            if (n == NULL) {
+                log_msg(LOG_ERR, "event=mta_sts_dns_socket_unwatched fd=%d reason=\"out of memory\"",
+                        fd);
+                return; /* c-ares's timeouts still move its queries on */
+            }
+            m->dfds = n;
+            m->dcap = cap;
+        }
         m->ndfds++;
     }
     m->dfds[i].fd = fd;
@@ -1194,10 +1257,17 @@ thread_main(void *arg)
             check_next(m);
         }
 
-        struct curl_waitfd w[MAX_DNS_FDS];
-        for (unsigned i = 0; i < m->ndfds; i++)
+        if (m->wcap < m->ndfds) {
+            struct curl_waitfd *n = realloc(m->wfds, m->dcap * sizeof(*n));
+            if (n != NULL) {
+                m->wfds = n;
+                m->wcap = m->dcap;
+            }
+        }
+        struct curl_waitfd *w = m->wfds;
+        unsigned nw = m->ndfds < m->wcap ? m->ndfds : m->wcap;
+        for (unsigned i = 0; i < nw; i++)
             w[i] = (struct curl_waitfd){.fd = m->dfds[i].fd, .events = m->dfds[i].events};
-        unsigned nw = m->ndfds;
         int timeout = 1000;
         uint64_t now = mono_ns();
         uint64_t dl = dns_timeout(m->dns, now);
@@ -1364,6 +1434,8 @@ mta_sts_free(struct mta_sts *m)
     hash_fini(&m->domains);
     if (m->multi != NULL)
         curl_multi_cleanup(m->multi);
+    free(m->dfds);
+    free(m->wfds);
     pthread_mutex_destroy(&m->lock);
     free(m);
     return NULL;

@@ -8,9 +8,11 @@
  * dns_addr_resolve, not its MX) and refuses an address that
  * [delivery] allow_networks would refuse as a delivery target, then
  * fetches https://mta-sts.DOMAIN/.well-known/mta-sts.txt with libcurl's
- * multi interface (pinned to that address with CURLOPT_RESOLVE, the
- * certificate checked against [mta_sts] ca_file or the system store,
- * redirects refused, at most 64 KB, text/plain, within fetch_timeout).
+ * multi interface (pinned with CURLOPT_RESOLVE to the addresses left, up
+ * to 16, which curl tries in turn, so that one that is down fails
+ * nothing; the certificate checked against [mta_sts] ca_file or the
+ * system store, redirects refused, at most 64 KB, text/plain, within
+ * fetch_timeout).
  * No worker ever waits on DNS or HTTP: a worker asks (mta_sts_get) and
  * is told "wait" until the thread has an answer. A domain's first check
  * starts on the worker instead: it asks the TXT record on its own
@@ -24,6 +26,10 @@
  * defeats a downgrade on first contact). A known domain's TXT record is
  * asked again every `recheck`; a new id fetches the policy again; a failed
  * fetch keeps the cached policy until its max_age ends (RFC 8461 5.1). A
+ * check that failed on DNS (a timeout or SERVFAIL, of the TXT record or
+ * of mta-sts.DOMAIN's addresses) while no policy is in force is made
+ * again after [dns] error_ttl (at least 1 s), not recheck: one timeout
+ * does not leave an enforce domain without its policy for an hour. A
  * policy in the last tenth of its max_age that mail used since it was
  * fetched is fetched again before it ends (RFC 8461 3.3), at most 10 a
  * second, so a domain mail goes to never loses its policy to time.
@@ -117,7 +123,9 @@ enum mta_sts_answer {
                     * mta_sts_txt_answer(); until then others are told WAIT */
 };
 /* The policy of domain (normalised, lowercase) now; starts a check when
- * there is none yet or the last one is older than recheck. With can_ask,
+ * there is none yet or the last one is older than recheck (than [dns]
+ * error_ttl, at least 1 s, when it failed on DNS and no policy is in
+ * force; the check runs on the thread, the mail goes on). With can_ask,
  * a domain never seen is answered ASK rather than queued for the thread:
  * a worker asks the TXT record beside the domain's MX lookup, and a
  * domain without a record (most of a campaign's) never costs the thread
@@ -126,7 +134,8 @@ enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain, bool can_
                                 struct mta_sts_policy **out);
 /* The answer to the TXT lookup an ASK asked for (status, why and the
  * records as dns_txt_fn gives them). No record, a broken one or a DNS
- * failure end the check (no policy); a record with an id hands the check
+ * failure end the check (no policy; after DNS_RETRY the domain is due
+ * again after error_ttl, see mta_sts_get); a record with an id hands the check
  * to the thread, which fetches the policy (WAIT until then). Any thread. */
 void mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status,
                         const char *why, const char *const *txt, unsigned n);

@@ -274,9 +274,10 @@ dest_sts_ready(struct dest *t)
         int rc = sts_ask_start(t);
         if (rc == 0)
             return false;
-        /* Not asked: as a lookup that failed at once (no policy known). */
-        mta_sts_txt_answer(m, t->name, DNS_RETRY, rc == -EINVAL ? "bad name" : "no resolver",
-                           NULL, 0);
+        /* Not asked: as a lookup that failed at once (no policy known);
+         * a name too long to ask fails for good, not for now. */
+        mta_sts_txt_answer(m, t->name, rc == -EINVAL ? DNS_FAIL : DNS_RETRY,
+                           rc == -EINVAL ? "bad name" : "no resolver", NULL, 0);
         a = mta_sts_get(m, t->name, false, &p);
     }
     if (a == MTA_STS_WAIT)

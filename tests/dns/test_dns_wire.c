@@ -2,7 +2,8 @@
  * test_dns_wire: the bounded DNS message reader (dns/wire.h) on messages
  * built byte by byte: compression, CNAME chains, negative answers with
  * SOA, null MX, odd names, and malformed input (pointer loops, forward
- * pointers, over-long names, every truncation of a valid message), and
+ * pointers, over-long names, every truncation of a valid message), TXT
+ * records (over-long ones and ones with a NUL octet dropped whole), and
  * the TLSA records and AD bit that DANE reads (RFC 6698, RFC 7672).
  */
 #include <setjmp.h>
@@ -574,6 +575,43 @@ test_txt_over_cap_dropped(void **state)
     assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", &out[0][0], CAP, 2), 0);
 }
 
+/* A TXT record with a NUL octet in it is dropped whole, not read as the
+ * text before the NUL: "v=STSv1; id=1\0junk" would otherwise pass for
+ * the policy record "v=STSv1; id=1", and a NUL in the second string
+ * likewise. The records around it are kept, and the count of records
+ * kept is the count returned. */
+static void
+test_txt_nul_dropped(void **state)
+{
+    (void)state;
+    struct mb m;
+    char out[3][33];
+    header(&m, 0, 4, 0, 0);
+    question(&m, "_mta-sts.x.test", WIRE_T_TXT);
+    size_t at = rr(&m, "@12", WIRE_T_TXT, 60);
+    txt_string(&m, "v=STSv1; id=1\0junk", 18);
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    txt_string(&m, "v=STSv1; id=2", 13);
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* the NUL in the second string */
+    txt_string(&m, "v=STSv1; ", 9);
+    txt_string(&m, "id=3\0", 5);
+    rr_end(&m, at);
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* a NUL alone */
+    txt_string(&m, "\0", 1);
+    rr_end(&m, at);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 32, 3), 1);
+    assert_string_equal(out[0], "v=STSv1; id=2");
+    /* The record with a NUL alone: no record at all. */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "_mta-sts.x.test", WIRE_T_TXT);
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    txt_string(&m, "v=STSv1; id=1\0junk", 18);
+    rr_end(&m, at);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 32, 3), 0);
+}
+
 static void
 test_every_truncation(void **state)
 {
@@ -727,6 +765,7 @@ main(void)
         cmocka_unit_test(test_pointer_chain),
         cmocka_unit_test(test_txt),
         cmocka_unit_test(test_txt_over_cap_dropped),
+        cmocka_unit_test(test_txt_nul_dropped),
         cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_tlsa_records_and_ad),
         cmocka_unit_test(test_tlsa_every_truncation),

@@ -21,7 +21,8 @@ delivered in plaintext although reports.test has an enforce policy that
 its MX does not match and tls = required, which hold ordinary mail there
 (RFC 8460 3: reports go despite TLS failures); a
 reload that turns [delivery] mta_sts on starts enforcing without a
-restart; a policy in use is fetched again before its max_age ends.
+restart; a policy in use is fetched again before its max_age ends; a
+policy host whose first allowed address is down is fetched from the next.
 sluice runs with https_proxy and all_proxy pointing at a listener on
 127.0.0.9 (outside allow_networks), which nothing may connect to: a
 fetch or report through it would have escaped the address checks."""
@@ -227,6 +228,28 @@ class Dns:
         self.proc.wait()
 
 
+def a_records(port, name):
+    """The A records dnsmasq on port answers for name, in its order."""
+    qname = b"".join(bytes([len(x)]) + x.encode() for x in name.split(".")) + b"\0"
+    q = b"\x43\x21\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(WAIT)
+        s.sendto(q, ("127.0.0.1", port))
+        r = s.recv(4096)
+    assert r[:2] == b"\x43\x21", r
+    pos, out = 12 + len(qname) + 4, []
+    for _ in range(int.from_bytes(r[6:8], "big")):
+        while r[pos] != 0 and r[pos] & 0xC0 != 0xC0:
+            pos += 1 + r[pos]
+        pos += 2 if r[pos] & 0xC0 == 0xC0 else 1
+        rtype, rdlen = int.from_bytes(r[pos:pos + 2], "big"), int.from_bytes(r[pos + 8:pos + 10],
+                                                                             "big")
+        if rtype == 1:
+            out.append(socket.inet_ntoa(r[pos + 10:pos + 14]))
+        pos += 10 + rdlen
+    return out
+
+
 def policy(mode, *mx, max_age=86400):
     return "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (
         mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
@@ -248,7 +271,14 @@ DOMAINS = {
     # its policy host mta-sts.mxhost.test has an MX record as well (a
     # wildcard MX at a hosting provider does that): its A record counts
     "mxhost.test": (policy("enforce", "mx.good.test"), "mx.good.test", "1"),
+    # its policy host has the addresses of POLICY_ADDRS
+    "twoaddr.test": (policy("enforce", "mx.good.test"), "mx.good.test", "1"),
 }
+# Policy hosts with several addresses, in the order of the answer: the
+# trap (outside allow_networks: never to be connected to), the bad MX
+# (allowed, but nothing listens on the policy port there: refused), then
+# the policy server.
+POLICY_ADDRS = {"twoaddr.test": [TRAP, MX_BAD, "127.0.0.1"]}
 # The domain of the mailto: reports: an enforce policy its MX (smtp-sink,
 # no STARTTLS) does not match, so that only the reports' exemption from
 # the recipient domain's TLS policy (RFC 8460 3) lets mail through.
@@ -262,7 +292,13 @@ def records(report_port, ids=None, trap_port=None):
         recs.append(f"mx-host={dom},{mx},10")
         if txt_id is not None:
             recs.append(f'txt-record=_mta-sts.{dom},"v=STSv1; id={ids.get(dom, txt_id)}"')
-            recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
+            if dom in POLICY_ADDRS:
+                # dnsmasq answers address= lines the last first (a
+                # host-record's addresses rotate): test_policy_host_addresses
+                # checks the order it got
+                recs += [f"address=/mta-sts.{dom}/{a}" for a in reversed(POLICY_ADDRS[dom])]
+            else:
+                recs.append(f"host-record=mta-sts.{dom},127.0.0.1")
     recs.append("mx-host=mta-sts.mxhost.test,mx.bad.test,10")
     recs.append(f'txt-record=_smtp._tls.testing.test,"v=TLSRPTv1; '
                 f'rua=https://127.0.0.1:{report_port}/report"')
@@ -819,6 +855,38 @@ def test_policy_refreshed_before_it_ends():
         w.close()
 
 
+def test_policy_host_addresses():
+    """The policy is fetched from any allowed address of the policy host,
+    not only the first: mta-sts.twoaddr.test answers the trap (refused by
+    allow_networks; a listener on the policy port there sees no
+    connection), then 127.0.0.2 (allowed, refused on the policy port),
+    then the policy server. The fetch goes past the dead address, the
+    policy is enforced, and its first message goes under it."""
+    w = World()
+    trap = socket.socket()
+    try:
+        trap.bind((TRAP, w.https.port))
+        trap.listen(8)
+        trap.setblocking(False)
+        got = a_records(w.dns.port, "mta-sts.twoaddr.test")
+        assert got == POLICY_ADDRS["twoaddr.test"], got
+        assert not connectable(w.https.port, MX_BAD)
+        w.send("a@twoaddr.test")
+        line = w.d.wait_log("event=mta_sts_checked domain=twoaddr.test result=")
+        assert "result=fetched mode=enforce" in line, line
+        assert w.https.gets_for("mta-sts.twoaddr.test") == 1
+        line = w.outcome("a@twoaddr.test")
+        assert "event=delivered" in line and "tls_policy=mta-sts" in line, line
+        try:
+            trap.accept()[0].close()
+            raise AssertionError("the fetch connected to an address allow_networks refuses")
+        except BlockingIOError:
+            pass
+    finally:
+        trap.close()
+        w.close()
+
+
 def test_reload_turns_mta_sts_on():
     """Started with [delivery] mta_sts = no, an enforce domain gets its mail
     over unverified TLS; a reload with it on starts the MTA-STS thread,
@@ -865,4 +933,4 @@ if __name__ == "__main__":
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_enforce_testing_fetch_failures_cache_and_reports,
           test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
-          test_reload_turns_mta_sts_on])
+          test_policy_host_addresses, test_reload_turns_mta_sts_on])

@@ -13,11 +13,14 @@
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all; its sweep, which
  * forgets the domains mail no longer goes to and keeps those it does;
- * and a policy that ended is checked once, not at every mail.
+ * a policy that ended is checked once, not at every mail; a check that
+ * failed on DNS is asked again after [dns] error_ttl, not recheck; and
+ * the thread reads the answers of every resolver socket, past 16.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -31,6 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/log.h"
 #include "dns/dns.h"
 #include "engine/config.h"
 #include "engine/mta_sts.h"
@@ -247,9 +251,11 @@ struct store {
 };
 
 /* As store_new, with the resolver's timeout (one try) given: queries to
- * the mute socket fail after it. */
+ * the mute socket fail after it; dns_extra: more [dns] lines ("" none);
+ * servers: [dns] servers (NULL: the mute socket). */
 static void
-store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
+store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
+              const char *dns_extra, const char *servers)
 {
     s->mute = socket(AF_INET, SOCK_DGRAM, 0);
     assert_true(s->mute >= 0);
@@ -261,12 +267,14 @@ store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeo
     assert_non_null(mkdtemp(s->dir));
     snprintf(s->conf, sizeof(s->conf), "%s/sluice.conf", s->dir);
     snprintf(s->cache, sizeof(s->cache), "%s/mta-sts.cache", s->dir);
-    char text[512], err[256];
+    char text[2048], err[256], mute[32];
+    snprintf(mute, sizeof(mute), "127.0.0.1:%u", ntohs(sin.sin_port));
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
-                     "[dns]\nservers = 127.0.0.1:%u\ntimeout = %s\ntries = 1\n"
+                     "[dns]\nservers = %s\ntimeout = %s\ntries = 1\n%s"
                      "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
-                     ntohs(sin.sin_port), dns_timeout);
+                     servers != NULL ? servers : mute, dns_timeout, dns_extra);
+    assert_true(n > 0 && (size_t)n < sizeof(text));
     FILE *f = fopen(s->conf, "w");
     assert_non_null(f);
     assert_int_equal(fwrite(text, 1, (size_t)n, f), (size_t)n);
@@ -282,6 +290,12 @@ store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeo
     s->m = NULL;
     if (mta_sts_new(s->cfg, s->cache, &s->m, err, sizeof(err)) != 0)
         fail_msg("mta_sts_new: %s", err);
+}
+
+static void
+store_new_timeout(struct store *s, const char *cache_text, const char *dns_timeout)
+{
+    store_new_dns(s, cache_text, dns_timeout, "", NULL);
 }
 
 static void
@@ -461,6 +475,170 @@ test_ended_policy_checked_once(void **state)
     mta_sts_stats(m, &st);
     assert_int_equal(st.checks, checks);
     store_free(&s);
+}
+
+/* A first check that met a DNS failure (a timeout, SERVFAIL) is asked
+ * again after [dns] error_ttl (300 ms here), not after recheck (an
+ * hour): an enforce domain is not left to opportunistic TLS for an hour
+ * by one timeout. And no more often: with a resolver that never answers
+ * (the mute socket, 100 ms a try), mail every 20 ms costs one check per
+ * error_ttl and timeout, not one per mail. A domain whose cached policy
+ * is in force keeps it through a DNS failure and is asked again only
+ * after recheck. */
+static void
+test_dns_failure_retried_after_error_ttl(void **state)
+{
+    (void)state;
+    unsigned long long now = (unsigned long long)time(NULL) * 1000;
+    char text[256];
+    /* a policy in force for a day */
+    snprintf(text, sizeof(text), "sluice-mta-sts 1\nkept.test 1 enforce 86400 %llu mx.kept.test\n",
+             now);
+    struct store s;
+    store_new_dns(&s, text, "100ms", "error_ttl = 300ms\n", NULL);
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    struct mta_sts_stats st;
+
+    /* kept.test: loaded, so due for a check at first use; it fails. */
+    assert_int_equal(mta_sts_get(m, "kept.test", false, &p), MTA_STS_READY);
+    assert_non_null(p);
+    p = mta_sts_policy_unref(p);
+    uint64_t deadline = mono_ms() + 10000;
+    do {
+        assert_true(mono_ms() < deadline);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.checks < 1 || st.inflight > 0 || st.queued > 0);
+    assert_int_equal(st.checks, 1);
+
+    /* fail.test: its first check (a worker's TXT lookup) times out. */
+    assert_int_equal(mta_sts_get(m, "fail.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "fail.test", DNS_RETRY, "timeout", NULL, 0);
+    uint64_t start = mono_ms();
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 2);
+    /* Mail for both every 20 ms for 1.5 s. */
+    while (mono_ms() - start < 1500) {
+        assert_int_equal(mta_sts_get(m, "fail.test", true, &p), MTA_STS_READY);
+        assert_null(p);
+        assert_int_equal(mta_sts_get(m, "kept.test", true, &p), MTA_STS_READY);
+        assert_non_null(p);
+        p = mta_sts_policy_unref(p);
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    uint64_t elapsed = mono_ms() - start;
+    mta_sts_stats(m, &st);
+    /* Asked again (at 300 ms, and after each 100 ms timeout and 300 ms
+     * more): at least once more, at most once per 300 ms. */
+    if (st.checks < 3 || st.checks > 2 + elapsed / 300)
+        fail_msg("%llu checks in %llu ms", (unsigned long long)st.checks,
+                 (unsigned long long)elapsed);
+    store_free(&s);
+}
+
+/* A UDP socket on ::1, on a port of four digits from *port on (config
+ * lines are short: 17 servers fit only so), its port in *port; -1 when
+ * IPv6 has no loopback here. */
+static int
+udp6_socket(unsigned *port)
+{
+    int fd = socket(AF_INET6, SOCK_DGRAM, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in6 sin = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    for (; *port <= 9999; (*port)++) {
+        sin.sin6_port = htons((uint16_t)*port);
+        if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) == 0)
+            return fd;
+        if (errno != EADDRINUSE && errno != EACCES)
+            break;
+    }
+    close(fd);
+    return -1;
+}
+
+/* The thread watches every socket of its resolver, however many servers
+ * [dns] servers lists: 16 servers that never answer, then one that
+ * answers NXDOMAIN, each asked in turn (tries = 1, 50 ms each). The
+ * resolver's socket to the last is its 17th: its answer must be read
+ * (the check ends no_record), not left unread until the query times out
+ * (dns_failed), as when only 16 sockets were watched. On ::1 (a config
+ * line holds 198 characters: 17 IPv4 servers do not fit). */
+static void
+test_many_dns_sockets_watched(void **state)
+{
+    (void)state;
+    enum { MUTE = 16 };
+    int mute[MUTE + 1];
+    char servers[1024];
+    size_t o = 0;
+    unsigned port = 2000 + (unsigned)(getpid() % 4000);
+    for (int i = 0; i <= MUTE; i++) {
+        mute[i] = udp6_socket(&port);
+        if (mute[i] < 0) {
+            while (i-- > 0)
+                close(mute[i]);
+            skip(); /* no IPv6 loopback, or no port free */
+        }
+        o += (size_t)snprintf(servers + o, sizeof(servers) - o, "%s[::1]:%u", i > 0 ? "," : "",
+                              port++);
+    }
+    int ans = mute[MUTE];
+    char logpath[] = "/tmp/sluice-mta-sts-log-XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    enum log_level level = log_get_level();
+    assert_int_equal(log_open(logpath, LOG_DEBUG), 0);
+    struct store s;
+    store_new_dns(&s, NULL, "50ms", "", servers);
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+
+    /* Not asked by a worker: the thread asks; answer as the 17th server
+     * until the check ended. */
+    unsigned answered = 0;
+    uint64_t deadline = mono_ms() + 20000;
+    while (mta_sts_get(m, "many.test", false, &p) == MTA_STS_WAIT) {
+        assert_true(mono_ms() < deadline);
+        struct pollfd pfd = {.fd = ans, .events = POLLIN};
+        if (poll(&pfd, 1, 20) != 1)
+            continue;
+        uint8_t q[512];
+        struct sockaddr_in6 from;
+        socklen_t fl = sizeof(from);
+        ssize_t n = recvfrom(ans, q, sizeof(q), 0, (struct sockaddr *)&from, &fl);
+        size_t end = 12;
+        while (n > 12 && end < (size_t)n && q[end] != 0)
+            end += 1 + q[end];
+        end += 5; /* the root label, type and class */
+        if (n < 12 || end > (size_t)n)
+            continue;
+        q[2] = (uint8_t)(0x80 | (q[2] & 0x79)); /* a response, RD kept */
+        q[3] = 0x80 | 3;                         /* RA, NXDOMAIN */
+        memset(q + 6, 0, 6);                     /* the question alone */
+        assert_int_equal(sendto(ans, q, end, 0, (struct sockaddr *)&from, fl), (ssize_t)end);
+        answered++;
+    }
+    assert_null(p);
+    store_free(&s);
+    log_open("stderr", level);
+
+    FILE *f = fopen(logpath, "r");
+    assert_non_null(f);
+    char line[1024], result[1024] = "none";
+    while (fgets(line, sizeof(line), f) != NULL)
+        if (strstr(line, "event=mta_sts_checked domain=many.test ") != NULL)
+            snprintf(result, sizeof(result), "%s", line);
+    fclose(f);
+    unlink(logpath);
+    for (int i = 0; i <= MUTE; i++)
+        close(mute[i]);
+    if (answered == 0 || strstr(result, " result=no_record ") == NULL)
+        fail_msg("%u answers; the check: %s", answered, result);
 }
 
 /* The cache file is read back as the fetch left it: a corrupt line (a
@@ -679,6 +857,8 @@ main(void)
         cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
         cmocka_unit_test(test_ended_policy_checked_once),
+        cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
+        cmocka_unit_test(test_many_dns_sockets_watched),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
