@@ -1,0 +1,92 @@
+/*
+ * ops_int.h: what the files of ops (the stats socket's requests of the
+ * running engine, see ops.h) share. Not a public header.
+ *
+ *   engine/ops.c           running a function on every worker (wcall),
+ *                          the commands (message, queue, suspend, resume,
+ *                          flush, bounce, events, warmup, shaping, tlsrpt,
+ *                          reload, sites), the stats_ops table;
+ *   engine/ops_views.c     the counters of "stats" and /metrics, and the
+ *                          "domains" view (with the spool's deferred
+ *                          counts);
+ *   engine/ops_suppress.c  "suppress": add, remove, check, list, import,
+ *                          export, purge.
+ *
+ * Threading: the stats thread; the *_on_worker functions on each worker.
+ */
+#ifndef SLUICE_ENGINE_OPS_INT_H
+#define SLUICE_ENGINE_OPS_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/json.h"
+#include "engine/engine.h"
+#include "engine/stats.h"
+#include "engine/worker.h"
+
+#define WAIT_MS       2000    /* for the workers' answers */
+#define QUEUE_LIST_MAX 10000 /* messages "queue" lists at most */
+#define RELOAD_WAIT_MS 8000   /* for a reload's outcome (sluicectl waits 10 s) */
+#define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
+#define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
+#define FLUSH_BATCH   1000    /* recipients per spool commit */
+
+/* ---- running a function on every worker ---- */
+
+struct wcall;
+typedef void wcall_fn(struct engine *e, unsigned w, struct wcall *c);
+
+struct wcall_msg {
+    struct worker_msg m;
+    struct wcall *c;
+    unsigned w;
+};
+
+struct wcall {
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    unsigned pending; /* workers that have not answered */
+    unsigned refs;    /* the waiter and each message */
+    wcall_fn *fn;
+    struct engine *e;
+    void *res;        /* owned: per call results, freed with the call */
+    void (*res_free)(void *res, unsigned n);
+    unsigned n;
+    int rc;
+    char arg[256];
+    bool flag;
+    int kind;         /* enum delivery_scope, for suspend */
+    uint64_t for_ms;  /* suspend: 0 until resumed */
+    struct wcall_msg msgs[];
+};
+
+/* ---- calls between the files ---- */
+
+/* ops.c */
+/* A call of fn on the workers, not yet run; NULL without memory. */
+struct wcall *wcall_new(struct engine *e, wcall_fn *fn);
+/* Run c->fn on worker only (every worker when only is -1) and wait.
+ * 0, or -ETIMEDOUT when a worker did not answer in time (its answer is
+ * then ignored; the call is freed by whoever lets go last). */
+int wcall_run(struct wcall *c, int only);
+/* Let go of c (its results are freed with the last reference). */
+void wcall_unref(struct wcall *c);
+/* Is s a domain an operator may name: 1 to 253 octets of letters,
+ * digits, '-', '.' and '_'? */
+bool domain_arg_ok(const char *s);
+
+/* ops_suppress.c */
+/* "suppress add|remove|check|list|import|export|purge ...". */
+int cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, size_t errlen);
+
+/* ops_views.c */
+/* The stats_ops callbacks of "stats" (and /metrics) and "domains". */
+void ops_counters(void *arg, struct stats_counters *out);
+size_t ops_domains(void *arg, struct stats_domain *out, size_t cap);
+/* Forget the cached spool counts of "domains" (the engine stops). */
+void ops_domains_forget(void);
+
+#endif

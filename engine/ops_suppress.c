@@ -1,0 +1,382 @@
+/*
+ * ops_suppress: the stats socket's "suppress" command (see ops_int.h for
+ * the other files of ops, and doc/sluicectl.md): add, remove and check
+ * entries of the suppression list (engine/suppress.h), list them a page at
+ * a time, import and export CSV files, purge by age or source. The
+ * operator's scope is the tenant's name as the config spells it.
+ *
+ * Threading: the stats thread.
+ */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/clock.h"
+#include "common/conf.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "engine/auth_limit.h"
+#include "engine/auth_pool.h"
+#include "engine/delivery.h"
+#include "engine/dkim_pool.h"
+#include "engine/dlog.h"
+#include "engine/events.h"
+#include "engine/mta_sts.h"
+#include "engine/ops_int.h"
+#include "engine/resolver.h"
+#include "engine/server.h"
+#include "engine/shaping.h"
+#include "engine/suppress.h"
+#include "engine/warmup.h"
+#include "queue/queue.h"
+
+/* ---- the suppression list ---- */
+
+static void
+entry_json(struct json *out, const struct suppress_entry *x)
+{
+    json_obj_begin(out);
+    json_kstr(out, "address", x->addr);
+    json_kstr(out, "scope", x->scope);
+    json_kstr(out, "reason", suppress_reason_str(x->reason));
+    json_key(out, "added");
+    json_time_ms(out, (uint64_t)x->added_ms);
+    json_key(out, "expires");
+    if (x->expires_ms != 0)
+        json_time_ms(out, (uint64_t)x->expires_ms);
+    else
+        json_null(out);
+    json_kstr(out, "note", x->note);
+    json_obj_end(out);
+}
+
+struct list_last {
+    struct json *out;
+    struct suppress_entry last;
+};
+
+static int
+list_keep(void *arg, const struct suppress_entry *x)
+{
+    struct list_last *l = arg;
+    entry_json(l->out, x);
+    l->last = *x;
+    return 0;
+}
+
+/* The options after the address: scope=, reason=, ttl=, expires=, limit=,
+ * after=, after_scope=, and note= (the rest of the line). */
+struct sup_opts {
+    char scope[SUPPRESS_SCOPE_MAX + 1];
+    bool has_scope;
+    char reason[32];
+    char ttl[32];
+    char expires[32];
+    char after[SUPPRESS_ADDR_MAX + 1];
+    char after_scope[SUPPRESS_SCOPE_MAX + 1];
+    char limit[16];
+    const char *note; /* borrowed: the rest of args */
+};
+
+static int
+sup_opts_parse(const char *p, struct sup_opts *o, char *err, size_t errlen)
+{
+    memset(o, 0, sizeof(*o));
+    while (*p != '\0') {
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (*p == '\0')
+            break;
+        if (strncmp(p, "note=", 5) == 0) {
+            o->note = p + 5;
+            break;
+        }
+        size_t n = strcspn(p, " \t");
+        const char *eq = memchr(p, '=', n);
+        if (eq == NULL) {
+            snprintf(err, errlen, "suppress: expected key=value, got \"%.*s\"", (int)(n > 40 ? 40 : n), p);
+            return -1;
+        }
+        size_t kl = (size_t)(eq - p), vl = n - kl - 1;
+        struct {
+            const char *k;
+            char *v;
+            size_t cap;
+        } keys[] = {{"scope", o->scope, sizeof(o->scope)},
+                    {"reason", o->reason, sizeof(o->reason)},
+                    {"ttl", o->ttl, sizeof(o->ttl)},
+                    {"expires", o->expires, sizeof(o->expires)},
+                    {"after", o->after, sizeof(o->after)},
+                    {"after_scope", o->after_scope, sizeof(o->after_scope)},
+                    {"limit", o->limit, sizeof(o->limit)}};
+        bool found = false;
+        for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+            if (strlen(keys[i].k) != kl || strncmp(keys[i].k, p, kl) != 0)
+                continue;
+            if (vl == 0 || vl >= keys[i].cap) {
+                snprintf(err, errlen, "suppress: %s: empty or too long", keys[i].k);
+                return -1;
+            }
+            memcpy(keys[i].v, eq + 1, vl);
+            keys[i].v[vl] = '\0';
+            found = true;
+        }
+        if (!found) {
+            snprintf(err, errlen, "suppress: unknown option \"%.*s\"", (int)(kl > 30 ? 30 : kl), p);
+            return -1;
+        }
+        p += n;
+    }
+    o->has_scope = o->scope[0] != '\0';
+    return 0;
+}
+
+/* The scope a list entry is stored and found under, for the one an
+ * operator named: a tenant's name as the config spells it (tenant names
+ * compare without case: "ACME" is [tenant acme]'s list, where RCPT looks
+ * and its complaints land, server.c and oob.c) and "global" whatever its
+ * case; any other name as written (no such tenant yet). */
+static const char *
+sup_scope(void *arg, const char *scope)
+{
+    const struct engine *e = arg;
+    if (strcasecmp(scope, SUPPRESS_SCOPE_GLOBAL) == 0)
+        return SUPPRESS_SCOPE_GLOBAL;
+    const struct tenant_config *t = config_tenant(e->cfg, scope, strlen(scope));
+    return t != NULL ? t->name : scope;
+}
+
+int
+cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+{
+    struct suppress *sup = e->suppress;
+    if (sup == NULL) {
+        snprintf(err, errlen, "suppress: the suppression list is off ([suppress] enabled = no)");
+        return -1;
+    }
+    char sub[16], word[STATS_LINE_MAX];
+    int used = 0;
+    if (sscanf(args, "%15s%n", sub, &used) != 1) {
+        snprintf(err, errlen, "usage: suppress add|remove|check|list|import|export|purge ...");
+        return -1;
+    }
+    const char *rest = args + used;
+    while (*rest == ' ' || *rest == '\t')
+        rest++;
+    bool takes_word = strcmp(sub, "add") == 0 || strcmp(sub, "remove") == 0 ||
+                      strcmp(sub, "check") == 0 || strcmp(sub, "import") == 0 ||
+                      strcmp(sub, "export") == 0;
+    word[0] = '\0';
+    if (takes_word) {
+        size_t n = strcspn(rest, " \t");
+        if (n == 0 || n >= sizeof(word)) {
+            snprintf(err, errlen, "usage: suppress %s %s", sub,
+                     strcmp(sub, "import") == 0 || strcmp(sub, "export") == 0 ? "PATH"
+                                                                               : "ADDRESS");
+            return -1;
+        }
+        memcpy(word, rest, n);
+        word[n] = '\0';
+        rest += n;
+    }
+    struct sup_opts o;
+    if (sup_opts_parse(rest, &o, err, errlen) != 0)
+        return -1;
+    const char *scope = o.has_scope ? sup_scope(e, o.scope) : NULL;
+    if (o.after_scope[0] != '\0')
+        snprintf(o.after_scope, sizeof(o.after_scope), "%s", sup_scope(e, o.after_scope));
+    int rc;
+    if (strcmp(sub, "add") == 0) {
+        enum suppress_reason reason = SUPPRESS_MANUAL;
+        if (o.reason[0] != '\0' && suppress_reason_parse(o.reason, &reason) != 0) {
+            snprintf(err, errlen, "suppress: reason is one of hard_bounce, complaint, "
+                                  "unsubscribe, manual");
+            return -1;
+        }
+        int64_t expires = 0;
+        if (o.ttl[0] != '\0') {
+            uint64_t ms;
+            if (conf_parse_duration(o.ttl, &ms) != 0 || ms == 0) {
+                snprintf(err, errlen, "suppress: ttl is a duration like 30d");
+                return -1;
+            }
+            expires = (int64_t)(clock_unix_ms() + ms);
+        } else if (o.expires[0] != '\0') {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(o.expires, &end, 10);
+            if (errno != 0 || *end != '\0' || v == 0) {
+                snprintf(err, errlen, "suppress: expires is Unix seconds");
+                return -1;
+            }
+            expires = (int64_t)v * 1000;
+        }
+        rc = suppress_add(sup, scope, word, reason, expires, o.note ? o.note : "operator");
+        if (rc < 0) {
+            snprintf(err, errlen, "suppress: %s: %s", word,
+                     rc == -EINVAL ? "not an address, domain or scope" : strerror(-rc));
+            return -1;
+        }
+        log_msg(LOG_NOTICE, "event=suppress_added by=operator address=<%s> scope=%s reason=%s",
+                word, scope ? scope : SUPPRESS_SCOPE_GLOBAL, suppress_reason_str(reason));
+        char norm[SUPPRESS_ADDR_MAX + 2];
+        suppress_normalize(sup, word, norm, sizeof(norm));
+        json_obj_begin(out);
+        json_kstr(out, "added", norm);
+        json_kstr(out, "scope", scope ? scope : SUPPRESS_SCOPE_GLOBAL);
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "remove") == 0) {
+        rc = suppress_remove(sup, scope, word);
+        if (rc < 0) {
+            snprintf(err, errlen, "suppress: %s: %s", word,
+                     rc == -ENOENT   ? "not on the list"
+                     : rc == -EINVAL ? "not an address, domain or scope"
+                                     : strerror(-rc));
+            return -1;
+        }
+        log_msg(LOG_NOTICE, "event=suppress_removed by=operator address=<%s> scope=%s", word,
+                scope ? scope : SUPPRESS_SCOPE_GLOBAL);
+        json_obj_begin(out);
+        json_kstr(out, "removed", word);
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "check") == 0) {
+        struct suppress_entry x;
+        rc = suppress_check(sup, scope, word, &x);
+        if (rc < 0) {
+            snprintf(err, errlen, "suppress: %s", strerror(-rc));
+            return -1;
+        }
+        json_obj_begin(out);
+        json_kstr(out, "address", word);
+        json_kbool(out, "suppressed", rc == 1);
+        if (rc == 1) {
+            json_key(out, "entry");
+            entry_json(out, &x);
+        }
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "list") == 0) {
+        unsigned long limit = 100;
+        if (o.limit[0] != '\0') {
+            char *end;
+            limit = strtoul(o.limit, &end, 10);
+            if (*end != '\0' || limit == 0 || limit > 1000) {
+                snprintf(err, errlen, "suppress: limit is 1 to 1000");
+                return -1;
+            }
+        }
+        struct list_last l = {.out = out};
+        json_obj_begin(out);
+        json_key(out, "entries");
+        json_arr_begin(out);
+        long n = suppress_list(sup, scope, o.after_scope[0] ? o.after_scope : NULL,
+                               o.after[0] ? o.after : NULL, limit, list_keep, &l);
+        json_arr_end(out);
+        if (n < 0) {
+            snprintf(err, errlen, "suppress: %s", strerror((int)-n));
+            return -1;
+        }
+        /* where the next page starts; null: this was the last */
+        json_key(out, "next");
+        if ((unsigned long)n == limit) {
+            json_obj_begin(out);
+            json_kstr(out, "after", l.last.addr);
+            json_kstr(out, "after_scope", l.last.scope);
+            json_obj_end(out);
+        } else {
+            json_null(out);
+        }
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "import") == 0) {
+        if (word[0] != '/') {
+            snprintf(err, errlen, "suppress: import needs an absolute path (read by sluice)");
+            return -1;
+        }
+        FILE *f = fopen(word, "re");
+        if (f == NULL) {
+            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            return -1;
+        }
+        uint64_t t0 = clock_mono_ms();
+        struct suppress_import_result r;
+        rc = suppress_import_csv(sup, f, sup_scope, e, &r);
+        fclose(f);
+        uint64_t ms = clock_mono_ms() - t0;
+        log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
+                "event=suppress_import by=operator file=%s lines=%llu imported=%llu "
+                "skipped=%llu ms=%llu%s%s",
+                word, (unsigned long long)r.lines, (unsigned long long)r.imported,
+                (unsigned long long)r.skipped, (unsigned long long)ms, rc < 0 ? " err=" : "",
+                rc < 0 ? strerror(-rc) : "");
+        if (rc < 0) {
+            snprintf(err, errlen, "suppress: import of %s failed after %llu entries: %s", word,
+                     (unsigned long long)r.imported, strerror(-rc));
+            return -1;
+        }
+        json_obj_begin(out);
+        json_ku64(out, "lines", r.lines);
+        json_ku64(out, "imported", r.imported);
+        json_ku64(out, "skipped", r.skipped);
+        if (r.first_bad_line != 0)
+            json_kstr(out, "first_error", r.first_error);
+        json_ku64(out, "ms", ms);
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "export") == 0) {
+        if (word[0] != '/') {
+            snprintf(err, errlen, "suppress: export needs an absolute path (written by sluice)");
+            return -1;
+        }
+        /* Never over an existing file: the socket must not be a way to
+         * overwrite what sluice's user can write. */
+        int fd = open(word, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+        FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+        if (f == NULL) {
+            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        long n = suppress_export_csv(sup, f, scope);
+        if (fclose(f) != 0 && n >= 0)
+            n = -EIO;
+        if (n < 0) {
+            snprintf(err, errlen, "suppress: export to %s failed: %s", word, strerror((int)-n));
+            return -1;
+        }
+        json_obj_begin(out);
+        json_ku64(out, "exported", (uint64_t)n);
+        json_kstr(out, "path", word);
+        json_obj_end(out);
+        return 0;
+    }
+    if (strcmp(sub, "purge") == 0) {
+        long n = suppress_purge(sup, (int64_t)clock_unix_ms());
+        if (n < 0) {
+            snprintf(err, errlen, "suppress: %s", strerror((int)-n));
+            return -1;
+        }
+        json_obj_begin(out);
+        json_ku64(out, "purged", (uint64_t)n);
+        json_obj_end(out);
+        return 0;
+    }
+    snprintf(err, errlen, "usage: suppress add|remove|check|list|import|export|purge ...");
+    return -1;
+}
