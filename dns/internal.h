@@ -86,6 +86,7 @@ struct dns {
 
     uint64_t deadline;   /* cached answer of dns_timeout */
     bool deadline_dirty; /* recompute with ares_timeout (linear in queries) */
+    bool edns_off;       /* c-ares turned EDNS off on channel (dns.c's edns_check) */
     struct dns_stats stats;
 };
 
