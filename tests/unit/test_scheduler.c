@@ -1817,6 +1817,80 @@ mta_sts_answer_at_once(void **state)
     rmdir(dir);
 }
 
+/* A domain's first MTA-STS check asked by its open connection's next
+ * transaction (the store forgot the domain): the mail waits for it there
+ * too, as README says ("a destination whose first check runs waits"),
+ * rather than leave under no policy while the check runs. The connection
+ * idles, and the answer hands it the job. */
+static void
+first_mta_sts_check_holds_an_open_connection(void **state)
+{
+    (void)state;
+    int mute = socket(AF_INET, SOCK_DGRAM, 0); /* the store's resolver: never answered */
+    assert_true(mute >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
+    char conf[384];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 2\n"
+             "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+             "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
+             ntohs(sin.sin_port));
+    struct fx *f = fx_new(conf);
+    char dir[] = "/tmp/sluice-sched-sts-XXXXXX", cache[64], err[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    struct mta_sts *m = NULL;
+    setenv("SLUICE_TEST_MTA_STS_FORGET", "20", 1);
+    assert_int_equal(mta_sts_new(f->cfg, cache, &m, err, sizeof(err)), 0);
+    unsetenv("SLUICE_TEST_MTA_STS_FORGET");
+    f->e.mta_sts = m;
+    f->d->ops = &test_ops_txt;
+    sched_start(f->d);
+
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->txts, 1);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    assert_int_equal(f->opened, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+
+    struct mta_sts_stats st;
+    for (int i = 0; i < 5000; i++) {
+        mta_sts_stats(m, &st);
+        if (st.domains == 0)
+            break;
+        usleep(1000);
+    }
+    assert_int_equal(st.domains, 0);
+    f->w.now += MS_TO_NS(STS_ASK_MS);
+
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(f->txts, 2);
+    assert_non_null(t->sts_ask);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* not under no policy */
+    assert_null(c->job);
+    assert_int_equal(dest_queued(t), 1);
+    assert_int_equal(f->opened, 1);
+
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    assert_int_equal(f->resumed, 1); /* the idle connection takes it */
+    assert_non_null(c->job);
+    assert_int_equal(dest_queued(t), 0);
+    assert_int_equal(f->opened, 1);
+
+    mta_sts_free(m);
+    f->e.mta_sts = NULL;
+    fx_free(f);
+    close(mute);
+    unlink(cache);
+    rmdir(dir);
+}
+
 /* A source a receiver answers 421 rests at that site on its own: new
  * connections go from the pool's other source; when both are held, the
  * destination holds. */
@@ -2207,6 +2281,7 @@ main(void)
         cmocka_unit_test(idle_destinations_evicted),
         cmocka_unit_test(first_mta_sts_check_on_the_worker),
         cmocka_unit_test(mta_sts_answer_at_once),
+        cmocka_unit_test(first_mta_sts_check_holds_an_open_connection),
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
