@@ -184,6 +184,8 @@ cache_add(struct dns *d, const char *name, size_t len, bool addr, uint64_t hash)
     return e;
 }
 
+static void edns_check(struct dns *d);
+
 /* One turn of the expiry sweep: drop the DONE entries whose answer has
  * expired (a later request would look them up again anyway), SWEEP_BATCH
  * at most, going on from where the last turn stopped. A turn that did not
@@ -209,6 +211,7 @@ cache_sweep(struct dns *d, uint64_t now)
         }
     }
     hosts_sweep(d, now); /* the MX hosts' addresses, in batches of their own */
+    edns_check(d);
     if (bucket >= d->cache.nb && cursor == NULL) {
         d->sweep_bucket = 0;
         hash_compact(&d->cache);
@@ -525,6 +528,87 @@ on_sock_state(void *data, ares_socket_t fd, int readable, int writable)
     d->sock(d->sock_arg, fd, readable != 0, writable != 0);
 }
 
+/* A channel for d (its config, servers from servers_parse: NULL for
+ * /etc/resolv.conf's). Returns 0 or DNS_EINIT with one line in err. */
+static int
+channel_new(struct dns *d, const struct ares_addr_port_node *servers, ares_channel *out,
+            char *err, size_t errlen)
+{
+    struct ares_options o;
+    memset(&o, 0, sizeof(o));
+    /* EDNS with the 1232-byte payload of DNS flag day 2020: most MX
+     * answers with their additional records fit in one datagram. */
+    o.flags = ARES_FLAG_EDNS | ARES_FLAG_NOSEARCH | ARES_FLAG_NOALIASES;
+    o.timeout = (int)d->cfg.timeout;
+    o.tries = (int)d->cfg.tries;
+    o.sock_state_cb = on_sock_state;
+    o.sock_state_cb_data = d;
+    o.ednspsz = 1232;
+    /* A burst of answers lands on one UDP socket between two loop turns. */
+    o.socket_receive_buffer_size = 1 << 20;
+    int mask = ARES_OPT_FLAGS | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES | ARES_OPT_SOCK_STATE_CB |
+               ARES_OPT_EDNSPSZ | ARES_OPT_SOCK_RCVBUF;
+    ares_channel ch;
+    int arc = ares_init_options(&ch, &o, mask);
+    if (arc != ARES_SUCCESS) {
+        snprintf(err, errlen, "c-ares: %s", ares_strerror(arc));
+        return DNS_EINIT;
+    }
+    /* (c-ares 1.18 takes a non-const list it only reads) */
+    if (servers != NULL && (arc = ares_set_servers_ports(
+                                ch, (struct ares_addr_port_node *)servers)) != ARES_SUCCESS) {
+        snprintf(err, errlen, "c-ares servers: %s", ares_strerror(arc));
+        ares_destroy(ch);
+        return DNS_EINIT;
+    }
+    *out = ch;
+    return 0;
+}
+
+/* c-ares 1.18 turns EDNS off for the whole channel, for good, after one
+ * FORMERR answer without an OPT record (process_answer clears
+ * ARES_FLAG_EDNS): from then on a UDP answer over 512 octets is taken as
+ * truncated and asked again over TCP, which fails where TCP/53 is
+ * blocked. Looked for at each sweep turn (counted in edns_off); the
+ * channel is then made again, with EDNS, once no query is left on it
+ * (counted in edns_restored): nothing to move over, and no socket to
+ * hand back (c-ares closes its sockets when its last query ends). A
+ * resolver that keeps answering FORMERR turns it off again, as c-ares
+ * means to. */
+static void
+edns_check(struct dns *d)
+{
+    if (!d->edns_off) {
+        struct ares_options o;
+        int mask = 0;
+        if (ares_save_options(d->channel, &o, &mask) != ARES_SUCCESS)
+            return;
+        bool off = (mask & ARES_OPT_FLAGS) != 0 && (o.flags & ARES_FLAG_EDNS) == 0;
+        ares_destroy_options(&o);
+        if (!off)
+            return;
+        d->edns_off = true;
+        d->stats.edns_off++;
+    }
+    struct timeval tvbuf;
+    if (ares_timeout(d->channel, NULL, &tvbuf) != NULL)
+        return; /* queries on it: a later turn */
+    struct ares_addr_port_node *servers = NULL;
+    char err[128];
+    ares_channel ch;
+    if (servers_parse(d->cfg.servers, &servers, err, sizeof(err)) < 0)
+        return; /* (it parsed at dns_new: no memory now) a later turn */
+    int rc = channel_new(d, servers, &ch, err, sizeof(err));
+    free(servers);
+    if (rc < 0)
+        return;
+    ares_destroy(d->channel);
+    d->channel = ch;
+    d->edns_off = false;
+    d->deadline_dirty = true;
+    d->stats.edns_restored++;
+}
+
 int
 dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct dns **out,
         char *err, size_t errlen)
@@ -560,39 +644,14 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
         d->qid_rng = dns_rand(d) ^ ((uint64_t)(uintptr_t)d << 16);
     d->qid_rng |= 1;
 
-    struct ares_options o;
-    memset(&o, 0, sizeof(o));
-    /* EDNS with the 1232-byte payload of DNS flag day 2020: most MX
-     * answers with their additional records fit in one datagram. */
-    o.flags = ARES_FLAG_EDNS | ARES_FLAG_NOSEARCH | ARES_FLAG_NOALIASES;
-    o.timeout = (int)cfg->timeout;
-    o.tries = (int)cfg->tries;
-    o.sock_state_cb = on_sock_state;
-    o.sock_state_cb_data = d;
-    o.ednspsz = 1232;
-    /* A burst of answers lands on one UDP socket between two loop turns. */
-    o.socket_receive_buffer_size = 1 << 20;
-    int mask = ARES_OPT_FLAGS | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES | ARES_OPT_SOCK_STATE_CB |
-               ARES_OPT_EDNSPSZ | ARES_OPT_SOCK_RCVBUF;
-    int arc = ares_init_options(&d->channel, &o, mask);
-    if (arc != ARES_SUCCESS) {
-        d->channel = NULL;
-        snprintf(err, errlen, "c-ares: %s", ares_strerror(arc));
-        rc = DNS_EINIT;
-        goto fail;
-    }
-    if (servers != NULL && (arc = ares_set_servers_ports(d->channel, servers)) != ARES_SUCCESS) {
-        snprintf(err, errlen, "c-ares servers: %s", ares_strerror(arc));
-        rc = DNS_EINIT;
-        goto fail;
-    }
+    rc = channel_new(d, servers, &d->channel, err, errlen);
     free(servers);
+    if (rc < 0) {
+        dns_free(d);
+        return rc;
+    }
     *out = d;
     return 0;
-fail:
-    free(servers);
-    dns_free(d);
-    return rc;
 }
 
 static void

@@ -290,6 +290,10 @@ struct dns_stats {
     uint64_t tlsa_queries; /* TLSA queries sent (dnssec = trust_ad) */
     uint64_t tlsa_secure;  /* MX hosts found with validated TLSA records */
     uint64_t tlsa_failed;  /* TLSA lookups that failed (SERVFAIL, bogus, timeout) */
+    uint64_t edns_off;      /* times c-ares turned EDNS off on the channel (a FORMERR
+                             * answer without OPT): UDP answers over 512 octets then
+                             * go over TCP until ... */
+    uint64_t edns_restored; /* ... the channel is made again, once it has no query */
 };
 void dns_stats(const struct dns *d, struct dns_stats *out);
 

@@ -21,8 +21,6 @@
 #include <string.h>
 #include <strings.h>
 
-#define HOSTS_SWEEP_BATCH 4096 /* entries examined per sweep turn */
-
 struct hentry {
     struct hash_node hn; /* in d->hosts (first member) */
     struct lru_node ln;  /* on d->hosts_lru */
@@ -162,7 +160,11 @@ hosts_sweep(struct dns *d, uint64_t now)
     size_t bucket = d->hosts_sweep_bucket;
     struct hash_node *cursor = NULL;
     struct hash_node *n = NULL;
-    while (seen < HOSTS_SWEEP_BATCH && (n = hash_next(&d->hosts, &bucket, &cursor)) != NULL) {
+    /* A turn ends between buckets, never inside a chain: the next one
+     * starts at a bucket, and the rest of the chain would wait for the
+     * next pass (as cache_sweep does). */
+    while ((seen < HOSTS_SWEEP_BATCH || cursor != NULL) &&
+           (n = hash_next(&d->hosts, &bucket, &cursor)) != NULL) {
         seen++;
         struct hentry *h = hentry_of(n);
         if (h->expires <= now)

@@ -86,6 +86,7 @@ struct dns {
 
     uint64_t deadline;   /* cached answer of dns_timeout */
     bool deadline_dirty; /* recompute with ares_timeout (linear in queries) */
+    bool edns_off;       /* c-ares turned EDNS off on channel (dns.c's edns_check) */
     struct dns_stats stats;
 };
 
@@ -115,7 +116,9 @@ int hosts_find(struct dns *d, const char *name, bool v6, struct host_addrs *out)
 /* Keep name's answer for ttl_ms (0: not kept). */
 void hosts_put(struct dns *d, const char *name, bool v6, enum host_st st, const uint8_t (*addr)[16],
                unsigned n, uint64_t ttl_ms);
-/* One batch of the expiry sweep. */
+/* One turn of the expiry sweep: HOSTS_SWEEP_BATCH entries, and the rest
+ * of the bucket's chain it stopped in, at most. */
+#define HOSTS_SWEEP_BATCH 4096
 void hosts_sweep(struct dns *d, uint64_t now);
 bool hosts_any(const struct dns *d);
 

@@ -340,6 +340,7 @@ ops_counters(void *arg, struct stats_counters *out)
                 out->dns_tlsa_queries += s->dns.dns.tlsa_queries;
                 out->dns_tlsa_secure += s->dns.dns.tlsa_secure;
                 out->dns_tlsa_failed += s->dns.dns.tlsa_failed;
+                out->dns_edns_off += s->dns.dns.edns_off;
             }
         }
         uint64_t waiting = 0, bufs = 0, sites = 0, addrs = 0;

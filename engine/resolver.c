@@ -68,6 +68,7 @@ struct resolver {
     unsigned fail_polls; /* resolver_test_fail_polls(): completions still to fail */
     int fail_err;
 #endif
+    bool edns_logged;   /* event=dns_edns_off was logged (once per resolver) */
     unsigned depth;     /* inside a dns call */
     bool close_pending; /* resolver_close() came from inside a dns call */
     bool closing;
@@ -294,6 +295,20 @@ resolver_on_timer(struct timer *t, void *ctx)
     }
     r->depth++;
     dns_process_timeouts(r->d);
+    if (!r->edns_logged && r->d != NULL) {
+        /* Found at a sweep turn (dns.c's edns_check): said once, counted
+         * in the stats (dns.edns_off) every time. */
+        struct dns_stats st;
+        dns_stats(r->d, &st);
+        if (st.edns_off > 0) {
+            r->edns_logged = true;
+            log_msg(LOG_WARN,
+                    "worker=%s event=dns_edns_off reason=\"FORMERR without OPT from a DNS "
+                    "server: c-ares turned EDNS off, answers over 512 octets go over TCP until "
+                    "the channel is idle and made again\"",
+                    r->w->name);
+        }
+    }
     r->depth--;
     resolver_settle(r);
 }

@@ -339,6 +339,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "tlsa_queries", c->dns_tlsa_queries);
     json_ku64(j, "tlsa_secure", c->dns_tlsa_secure);
     json_ku64(j, "tlsa_failed", c->dns_tlsa_failed);
+    json_ku64(j, "edns_off", c->dns_edns_off);
     json_obj_end(j);
 
     json_key(j, "redis");
@@ -660,6 +661,9 @@ static const struct metric metrics[] = {
     {"sluice_dns_tlsa_failed_total", "counter",
      "TLSA lookups that failed (SERVFAIL, bogus, timeout): the host is not used.",
      CTR(dns_tlsa_failed)},
+    {"sluice_dns_edns_off_total", "counter",
+     "Times c-ares turned EDNS off on a worker's resolver (a FORMERR answer without OPT).",
+     CTR(dns_edns_off)},
     {"sluice_dlog_events_total", "counter", "Delivery log events written.", CTR(dlog_events)},
     {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
      CTR(dlog_write_errors)},

@@ -468,7 +468,9 @@ dest_mx_allowed(const struct dest *t, const char *name)
 /* The policy t's mail is under: true when known (t->sts set, or NULL),
  * false while its first check runs. A domain never seen has its TXT
  * record asked on this worker's resolver (struct sts_ask, while
- * t->sts_ask is set: the answer runs t again); a check the store's
+ * t->sts_ask is set: the answer runs t again; one given inside the call,
+ * when c-ares fails at once, is read here and runs nothing, as this is
+ * called from sched_conn_next too); a check the store's
  * thread runs (a policy to fetch) is asked again in STS_WAIT_MIN_MS to
  * STS_WAIT_MS. */
 bool dest_sts_ready(struct dest *t);

@@ -1226,8 +1226,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     /* Checked per transaction: a policy that changed under c (a new
      * MTA-STS policy in enforce mode, or one whose patterns no longer
      * name c's MX host) ends it; the mail waits for a connection opened
-     * under the policy in force. */
-    (void)dest_sts_ready(t);
+     * under the policy in force. A first check that runs (a domain the
+     * store forgot, or MTA-STS turned on by a reload) holds t's mail
+     * here as in dest_run_once, not sent under no policy meanwhile: c
+     * serves another domain of the site or idles, and t's run at the
+     * check's end takes its idle connections first. */
+    bool sts_ready = dest_sts_ready(t);
+    if (!sts_ready && t->sts_ask == NULL)
+        dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MIN_MS)); /* the store's thread
+                                                                  * checks: t asks again */
     if (c->tls_pol != dest_tls_key(t, c->mx) || !dest_mx_allowed(t, c->mx)) {
         *what = SCHED_NEXT_QUIT;
         return NULL;
@@ -1235,7 +1242,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
-        if (!dest_paused(t) && !fairq_empty(&t->q)) {
+        if (sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
@@ -1271,12 +1278,14 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
         }
-        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t)) && *moves < 8) {
+        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t) || !sts_ready) && *moves < 8) {
             /* Nothing here: the next transaction of another domain of
-             * the site (MX rollup). */
+             * the site (MX rollup; one that waits for a connection has
+             * its policy). */
             struct dest *w = conn_take_waiting(c);
             if (w != NULL) {
                 t = w;
+                sts_ready = true;
                 (*moves)++;
                 continue;
             }

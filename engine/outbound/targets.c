@@ -159,6 +159,7 @@ struct sts_ask {
     struct delivery *d;          /* borrowed */
     struct dest *t;              /* borrowed; NULL once it went */
     struct sts_ask *prev, *next; /* on d->sts_asks */
+    bool starting;               /* inside sts_ask_start's call of ops->txt */
     char domain[];
 };
 
@@ -183,16 +184,23 @@ on_sts_txt(void *arg, enum dns_status status, const char *why, const char *const
     struct dest *t = a->t;
     if (d->e->mta_sts != NULL)
         mta_sts_txt_answer(d->e->mta_sts, a->domain, status, why, txt, n);
+    bool at_once = a->starting;
     sts_ask_unlink(a);
     free(a);
     if (t != NULL) {
         t->sts_ask = NULL;
-        dest_run(t);
+        /* An answer given inside the call (c-ares failed at once: no
+         * socket under EMFILE, no memory; dns.h) is read by the caller,
+         * dest_sts_ready: running t from here would run it inside
+         * sched_conn_next, which asks per transaction. */
+        if (!at_once)
+            dest_run(t);
     }
 }
 
-/* Ask _mta-sts.DOMAIN on this worker's resolver for t. 0, or a negative
- * code (nothing asked). */
+/* Ask _mta-sts.DOMAIN on this worker's resolver for t. 0 (the answer
+ * runs t), 1 (answered inside the call: the store has it, t was not
+ * run), or a negative code (nothing asked). */
 static int
 sts_ask_start(struct dest *t)
 {
@@ -215,7 +223,11 @@ sts_ask_start(struct dest *t)
     d->sts_asks = a;
     d->nsts_asks++;
     t->sts_ask = a;
+    a->starting = true;
     int rc = d->ops->txt(d, name, on_sts_txt, a);
+    if (t->sts_ask == NULL)
+        return 1; /* on_sts_txt ran, and freed a */
+    a->starting = false;
     if (rc < 0) {
         t->sts_ask = NULL;
         sts_ask_unlink(a);
@@ -274,10 +286,12 @@ dest_sts_ready(struct dest *t)
         int rc = sts_ask_start(t);
         if (rc == 0)
             return false;
-        /* Not asked: as a lookup that failed at once (no policy known);
-         * a name too long to ask fails for good, not for now. */
-        mta_sts_txt_answer(m, t->name, rc == -EINVAL ? DNS_FAIL : DNS_RETRY,
-                           rc == -EINVAL ? "bad name" : "no resolver", NULL, 0);
+        /* Not asked (as a lookup that failed at once: no policy known; a
+         * name too long to ask fails for good, not for now), or answered
+         * inside the call: the store's verdict, now. */
+        if (rc < 0)
+            mta_sts_txt_answer(m, t->name, rc == -EINVAL ? DNS_FAIL : DNS_RETRY,
+                               rc == -EINVAL ? "bad name" : "no resolver", NULL, 0);
         a = mta_sts_get(m, t->name, false, &p);
     }
     if (a == MTA_STS_WAIT)

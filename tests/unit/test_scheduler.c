@@ -176,6 +176,28 @@ static const struct outbound_ops test_ops_txt = {
     .txt = t_txt,
 };
 
+/* A TXT lookup c-ares fails at once (no socket under EMFILE, no
+ * memory): its callback runs inside the call, as dns.h allows. */
+static int
+t_txt_now(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg)
+{
+    (void)d;
+    F->txts++;
+    snprintf(F->txt_name, sizeof(F->txt_name), "%s", name);
+    cb(arg, DNS_RETRY, "resolver error", NULL, 0);
+    return 0;
+}
+
+static const struct outbound_ops test_ops_txt_now = {
+    .resolve = t_resolve,
+    .cancel = t_cancel,
+    .open = t_open,
+    .resume = t_resume,
+    .quit = t_quit,
+    .fail = t_fail,
+    .txt = t_txt_now,
+};
+
 /* With two workers: the test keeps the route table (unclaimed domains
  * are this worker's). */
 static unsigned
@@ -1712,6 +1734,163 @@ weights_per_transaction(void **state)
     fx_free(f);
 }
 
+/* A first MTA-STS check asked by a connection's next transaction
+ * (sched_conn_next checks the policy per transaction, and a domain the
+ * store forgot is a first contact again) and answered inside the call
+ * (c-ares failed at once): the answer is read there and then. It does
+ * not run the destination from inside sched_conn_next, which opened a
+ * second connection for the very job the ready one then took; nor, from
+ * dest_run, does it count as a check still running. */
+static void
+mta_sts_answer_at_once(void **state)
+{
+    (void)state;
+    int mute = socket(AF_INET, SOCK_DGRAM, 0); /* the store's resolver: never answered */
+    assert_true(mute >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
+    char conf[384];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 2\n"
+             "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+             "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
+             ntohs(sin.sin_port));
+    struct fx *f = fx_new(conf);
+    char dir[] = "/tmp/sluice-sched-sts-XXXXXX", cache[64], err[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    struct mta_sts *m = NULL;
+    /* The store forgets a domain 20 ms after its last use (ten minutes
+     * without the test hook). */
+    setenv("SLUICE_TEST_MTA_STS_FORGET", "20", 1);
+    assert_int_equal(mta_sts_new(f->cfg, cache, &m, err, sizeof(err)), 0);
+    unsetenv("SLUICE_TEST_MTA_STS_FORGET");
+    f->e.mta_sts = m;
+    f->d->ops = &test_ops_txt_now;
+    sched_start(f->d);
+
+    submit("a.test", 1);
+    assert_int_equal(f->txts, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_null(t->sts_ask);
+    assert_int_equal(t->sts_asked, f->w.now); /* known at once: no policy */
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    assert_false(timer_armed(&t->lim_timer)); /* nothing to wait for */
+
+    /* While its connection opens, the store forgets the domain, and the
+     * destination's policy is due to be asked again. */
+    struct mta_sts_stats st;
+    for (int i = 0; i < 5000; i++) {
+        mta_sts_stats(m, &st);
+        if (st.domains == 0)
+            break;
+        usleep(1000);
+    }
+    assert_int_equal(st.domains, 0);
+    f->w.now += MS_TO_NS(STS_ASK_MS);
+
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(f->txts, 2);
+    assert_string_equal(f->txt_name, "_mta-sts.a.test");
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_non_null(c->job);
+    assert_int_equal(f->opened, 1); /* none for the job c took */
+    assert_true(fairq_empty(&t->q));
+    assert_null(t->sts_ask);
+    assert_int_equal(f->d->nsts_asks, 0);
+    assert_null(t->sts);
+    assert_int_equal(t->sts_asked, f->w.now); /* the verdict was read */
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 2);
+    assert_int_equal(st.inflight, 0);
+
+    mta_sts_free(m);
+    f->e.mta_sts = NULL;
+    fx_free(f);
+    close(mute);
+    unlink(cache);
+    rmdir(dir);
+}
+
+/* A domain's first MTA-STS check asked by its open connection's next
+ * transaction (the store forgot the domain): the mail waits for it there
+ * too, as README says ("a destination whose first check runs waits"),
+ * rather than leave under no policy while the check runs. The connection
+ * idles, and the answer hands it the job. */
+static void
+first_mta_sts_check_holds_an_open_connection(void **state)
+{
+    (void)state;
+    int mute = socket(AF_INET, SOCK_DGRAM, 0); /* the store's resolver: never answered */
+    assert_true(mute >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(mute, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(mute, (struct sockaddr *)&sin, &sl), 0);
+    char conf[384];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 2\n"
+             "[dns]\nservers = 127.0.0.1:%u\ntimeout = 60s\ntries = 1\n"
+             "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
+             ntohs(sin.sin_port));
+    struct fx *f = fx_new(conf);
+    char dir[] = "/tmp/sluice-sched-sts-XXXXXX", cache[64], err[256];
+    assert_non_null(mkdtemp(dir));
+    snprintf(cache, sizeof(cache), "%s/mta-sts.cache", dir);
+    struct mta_sts *m = NULL;
+    setenv("SLUICE_TEST_MTA_STS_FORGET", "20", 1);
+    assert_int_equal(mta_sts_new(f->cfg, cache, &m, err, sizeof(err)), 0);
+    unsetenv("SLUICE_TEST_MTA_STS_FORGET");
+    f->e.mta_sts = m;
+    f->d->ops = &test_ops_txt;
+    sched_start(f->d);
+
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->txts, 1);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    assert_int_equal(f->opened, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+
+    struct mta_sts_stats st;
+    for (int i = 0; i < 5000; i++) {
+        mta_sts_stats(m, &st);
+        if (st.domains == 0)
+            break;
+        usleep(1000);
+    }
+    assert_int_equal(st.domains, 0);
+    f->w.now += MS_TO_NS(STS_ASK_MS);
+
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(f->txts, 2);
+    assert_non_null(t->sts_ask);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* not under no policy */
+    assert_null(c->job);
+    assert_int_equal(dest_queued(t), 1);
+    assert_int_equal(f->opened, 1);
+
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    assert_int_equal(f->resumed, 1); /* the idle connection takes it */
+    assert_non_null(c->job);
+    assert_int_equal(dest_queued(t), 0);
+    assert_int_equal(f->opened, 1);
+
+    mta_sts_free(m);
+    f->e.mta_sts = NULL;
+    fx_free(f);
+    close(mute);
+    unlink(cache);
+    rmdir(dir);
+}
+
 /* A source a receiver answers 421 rests at that site on its own: new
  * connections go from the pool's other source; when both are held, the
  * destination holds. */
@@ -2101,6 +2280,8 @@ main(void)
         cmocka_unit_test(interface_addresses_read_again),
         cmocka_unit_test(idle_destinations_evicted),
         cmocka_unit_test(first_mta_sts_check_on_the_worker),
+        cmocka_unit_test(mta_sts_answer_at_once),
+        cmocka_unit_test(first_mta_sts_check_holds_an_open_connection),
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
