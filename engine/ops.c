@@ -1144,16 +1144,10 @@ cmp_site(const void *a, const void *b)
 static int
 cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
 {
-    unsigned long want = STATS_DOMAINS_DEFAULT;
-    if (args[0] != '\0') {
-        char *end;
-        errno = 0;
-        want = strtoul(args, &end, 10);
-        if (args[0] < '0' || args[0] > '9' || *end != '\0' || errno != 0 || want == 0 ||
-            want > STATS_DOMAINS_MAX) {
-            snprintf(err, errlen, "sites: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
-            return -1;
-        }
+    unsigned long want;
+    if (stats_parse_top(args, &want) < 0) {
+        snprintf(err, errlen, "sites: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
+        return -1;
     }
     struct wcall *c = wcall_new(e, sites_on_worker);
     if (c == NULL) {

@@ -209,6 +209,22 @@ rates_get(const struct stats_server *s, struct stats_rates *r1s, struct stats_ra
 
 /* ---- the line protocol ---- */
 
+int
+stats_parse_top(const char *args, unsigned long *n)
+{
+    *n = STATS_DOMAINS_DEFAULT;
+    if (args[0] == '\0')
+        return 0;
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(args, &end, 10);
+    if (args[0] < '0' || args[0] > '9' || *end != '\0' || errno != 0 || v == 0 ||
+        v > STATS_DOMAINS_MAX)
+        return -1;
+    *n = v;
+    return 0;
+}
+
 struct command {
     const char *verb, *args, *about;
     unsigned min_args, max_args;
@@ -415,17 +431,11 @@ stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
         rates_get(s, &r1s, &r1m);
         stats_render_stats(out, &c, &r1s, &r1m);
     } else if (strcmp(cmd->verb, "domains") == 0) {
-        unsigned long want = STATS_DOMAINS_DEFAULT;
-        if (args[0] != '\0') {
-            char *end;
-            errno = 0;
-            want = strtoul(args, &end, 10);
-            if (args[0] < '0' || args[0] > '9' || *end != '\0' || errno != 0 || want == 0 ||
-                want > STATS_DOMAINS_MAX) {
-                answer_errorf(out, "domains: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
-                json_raw(out, "\n", 1);
-                return;
-            }
+        unsigned long want;
+        if (stats_parse_top(args, &want) < 0) {
+            answer_errorf(out, "domains: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
+            json_raw(out, "\n", 1);
+            return;
         }
         size_t n = gather_domains(s, want);
         json_obj_begin(out);

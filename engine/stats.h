@@ -269,6 +269,11 @@ struct stats_ops {
                    size_t errlen);
 };
 
+/* The N of "domains [N]" and "sites [N]": args empty gives
+ * STATS_DOMAINS_DEFAULT; else a number from 1 to STATS_DOMAINS_MAX in
+ * *n (0), or -1. */
+int stats_parse_top(const char *args, unsigned long *n);
+
 struct stats_server;
 
 /* Create the Unix socket at socket_path with socket_mode (e.g. 0660): a

@@ -6,6 +6,7 @@ the receiver; connections are counted from the kernel's table
 import json
 import os
 import re
+import socket
 import signal
 import sys
 import threading
@@ -238,6 +239,13 @@ def test_sites_view_shows_domains_sharing_a_site():
         assert re.search(r"^\(1 of \d+ sites shown\)$", p.stdout, re.M), p.stdout
         bad = ctl(sock_of(r), "sites", "0")
         assert bad.returncode != 0 and "from 1 to 1000" in bad.stderr + bad.stdout, bad
+        for arg in ("0", "1001", "x", "-1"):  # the socket itself, not only sluicectl
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sk:
+                sk.settimeout(10)
+                sk.connect(sock_of(r))
+                sk.sendall(f"sites {arg}\n".encode())
+                ans = json.loads(sk.makefile("rb").readline())
+            assert ans["ok"] is False and "from 1 to 1000" in ans["error"], (arg, ans)
     finally:
         r.close()
 
