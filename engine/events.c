@@ -16,7 +16,8 @@
  * nginx's default is 1 MB, a catching-up batch up to 4 MB) halves the
  * sink's batch, in events and octets, and sends again at once: the limit
  * stays learnt until the sink restarts. A single event refused so is
- * retried like any failure. A webhook's 4xx that refuses what was sent
+ * dropped as a refused one is (below), and the size learnt again from
+ * the next 413. A webhook's 4xx that refuses what was sent
  * (a 400 or 422 for one malformed or unwanted event; not 401, 403, 404,
  * 405, 407, 408, 410, 413, 421, 425 or 429, which say nothing about the
  * events: see sink_http_refuses) splits the batch: its first half is sent at
@@ -538,8 +539,9 @@ sink_main(void *arg)
             sent = sink_http_send(s, &status, err, sizeof(err));
         else
             sent = sink_redis_send(s, err, sizeof(err));
-        /* One event refused alone: the poison of a refused batch. */
-        bool reject = sent == HTTP_REFUSED && s->nlines == 1;
+        /* One event refused alone: the poison of a refused batch, or one
+         * event over the endpoint's body limit (a 413 to it alone). */
+        bool reject = (sent == HTTP_REFUSED || sent == HTTP_TOO_LARGE) && s->nlines == 1;
         if (sent == 0 || reject) {
             /* The cursor goes to disk when the sink is idle, else once a
              * CURSOR_SYNC_MS: two fsyncs a batch would bound a backlog's
@@ -585,6 +587,12 @@ sink_main(void *arg)
         if (reject) {
             s->st.rejected++;
             sink_log_rejected(s, status);
+            if (sent == HTTP_TOO_LARGE) {
+                /* The batches were halved down to it: the size is learnt
+                 * again from the next 413, not kept at one event. */
+                s->max_lines = s->cfg.batch_max;
+                s->max_bytes = EVENTS_BATCH_BYTES;
+            }
             bool again = s->rejected_last;
             s->rejected_last = true;
             pthread_mutex_unlock(&ev->mu);

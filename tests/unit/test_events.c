@@ -902,6 +902,52 @@ test_400_to_one_event_drops_that_event_alone(void **state)
     sink_cfg_fini(&c);
 }
 
+/* One event over the endpoint's body limit: the batches are halved down
+ * to it, and a 413 to it alone drops it as a refused one; the others go,
+ * in whole batches again. */
+static void
+test_413_to_one_event_drops_that_event_alone(void **state)
+{
+    (void)state;
+    struct endpoint e = {.status = 413, .poison = "\"id\":\"t000042\""};
+    endpoint_start(&e, ANSWER_REFUSE);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 100);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent + st.rejected >= 100 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    unsigned before = atomic_load(&e.requests);
+    put_lines(100, 50); /* one batch again, not fifty */
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "h");
+        if (st.sent + st.rejected >= 150 && st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    unsigned after = atomic_load(&e.requests);
+    events_free(ev);
+    endpoint_stop(&e);
+    if (st.sent != 149 || st.rejected != 1 || st.pending != 0)
+        fail_msg("413 to t000042: %llu sent, %llu rejected, %llu pending, %llu failed "
+                 "attempts (%s)",
+                 (unsigned long long)st.sent, (unsigned long long)st.rejected,
+                 (unsigned long long)st.pending, (unsigned long long)st.failed, st.last_error);
+    assert_int_equal(atomic_load(&e.taken[42]), 0);
+    if (after - before > 3)
+        fail_msg("%u requests for 50 events after the drop: the batch stayed small",
+                 after - before);
+    sink_cfg_fini(&c);
+}
+
 /* A status that refuses every batch alike (401: a wrong secret) says
  * nothing of the events: they are retried, none dropped. */
 static void
@@ -1041,6 +1087,8 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_makes_batches_smaller, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_413_to_one_event_drops_that_event_alone, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_400_to_one_event_drops_that_event_alone, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_401_drops_nothing, setup, teardown),
