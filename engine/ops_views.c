@@ -504,10 +504,10 @@ free_dlists(void *res, unsigned n)
 /* Per-domain deferred counts from the spool: a scan of every recipient,
  * so it is reused for DEFERRED_TTL. When the workers' deferral count has
  * moved, it is scanned again until a scan comes DEFERRED_SETTLE after the
- * move was seen (the spool commit follows the count by a few ms), but no
- * more often than ten times the last scan's length nor once a second:
- * a view left open on a queue of millions costs at most a tenth of a
- * thread. */
+ * move was seen (the workers count a deferral once its commit is durable,
+ * so the two are never far apart), but no more often than ten times the
+ * last scan's length nor once a second: a view left open on a queue of
+ * millions costs at most a tenth of a thread. */
 struct deferred_cache {
     pthread_mutex_t lock;
     uint64_t at_ms;

@@ -78,7 +78,9 @@ const struct conf_key suppress_conf_keys[] = {
      NULL},
     {"on_invalid_recipient", CONF_STRING, SUP(on_invalid_recipient), 1, 32, "off",
      "a recipient that bounces with class invalid_recipient is suppressed (reason hard_bounce) "
-     "for this long: off, forever, or a duration like 30d",
+     "for this long: off, forever, or a duration like 30d; not on a refusal of the sender "
+     "(X.1.7, X.1.8, \"Sender address rejected\", at MAIL, at RCPT or in a DSN) nor on an "
+     "error of our own that no server replied",
      NULL},
     {"on_complaint", CONF_STRING, SUP(on_complaint), 1, 32, "forever",
      "a recipient who complained (feedback-loop report) is suppressed for this long: off, "
