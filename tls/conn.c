@@ -72,6 +72,8 @@ struct tls_conn {
     bool peer_closed;      /* close_notify received */
     bool shutdown_sent;    /* close_notify queued */
     bool wants_room;       /* the last handshake step or read stopped at a full output */
+    unsigned key_updates;  /* TLS 1.3 KeyUpdate messages received (conn_on_msg) */
+    uint64_t read_bytes;   /* plaintext read: it earns key updates (KEY_UPDATE_PER) */
     struct tls_buf in;
     struct tls_buf out;
     char errstr[160];
@@ -299,6 +301,29 @@ conn_check(struct tls_conn *c, int r)
 
 /* ---- making and freeing ---- */
 
+/* TLS 1.3 KeyUpdate messages a peer may send: KEY_UPDATE_FREE, and one
+ * more per KEY_UPDATE_PER octets of plaintext read. OpenSSL derives new
+ * keys for each and answers each one that asks for it, so a peer that
+ * floods them (hundreds in one write, on and on) keeps the worker busy
+ * for nothing until a deadline ends the connection; a peer that rekeys
+ * to protect its traffic does so once in gigabytes. Past the budget the
+ * connection fails (TLS_EPROTO). */
+#define KEY_UPDATE_FREE 32
+#define KEY_UPDATE_PER  (1024 * 1024)
+
+/* OpenSSL's message callback: counts the KeyUpdate messages received. */
+static void
+conn_on_msg(int write_p, int version, int content_type, const void *buf, size_t len, SSL *ssl,
+            void *arg)
+{
+    (void)version;
+    (void)ssl;
+    struct tls_conn *c = arg;
+    if (!write_p && content_type == SSL3_RT_HANDSHAKE && len >= 1 &&
+        ((const unsigned char *)buf)[0] == SSL3_MT_KEY_UPDATE)
+        c->key_updates++;
+}
+
 static int
 conn_new(struct tls_ctx *ctx, struct tls_conn **out)
 {
@@ -328,6 +353,8 @@ conn_new(struct tls_ctx *ctx, struct tls_conn **out)
     BIO_up_ref(bio);
     SSL_set0_rbio(c->ssl, bio);
     SSL_set0_wbio(c->ssl, bio);
+    SSL_set_msg_callback(c->ssl, conn_on_msg);
+    SSL_set_msg_callback_arg(c->ssl, c);
     *out = c;
     return 0;
 }
@@ -660,6 +687,15 @@ tls_conn_read(struct tls_conn *c, void *buf, size_t cap)
             break;
     }
     ERR_clear_error();
+    if (rc > 0)
+        c->read_bytes += (uint64_t)rc;
+    if (c->key_updates > KEY_UPDATE_FREE + c->read_bytes / KEY_UPDATE_PER) {
+        snprintf(c->errstr, sizeof(c->errstr), "%u key updates after %llu octets: a flood",
+                 c->key_updates, (unsigned long long)c->read_bytes);
+        c->state = CONN_FAILED;
+        c->error = TLS_EPROTO;
+        return c->error;
+    }
     return rc;
 }
 

@@ -1,15 +1,16 @@
-"""A TLS 1.3 KeyUpdate flood: a peer that asks for a key update hundreds
-of times in one write (update_requested: each asks for an answer, which
-OpenSSL writes at once) and then says something. The answers are more than
-the connection's 16 KB output buffer holds, so the flood's last requests
-wait in the input until a send made room. Both sides of sluice must take
-them on and answer what follows at once, not at the next deadline:
+"""TLS 1.3 KeyUpdate requests (update_requested: each asks for an answer,
+which OpenSSL writes at once) sent in one write with something after them.
 
-- inbound: a submission client (STARTTLS and implicit TLS) floods, then
-  sends NOOP; the 250 comes within seconds (the command deadline is 60 s);
-- outbound: the receiving MX floods between the 220 to STARTTLS and its
-  EHLO reply; the message is delivered within seconds (the reply deadline
-  is 5 minutes).
+- A burst within the budget (BURST, under tls/conn.c's KEY_UPDATE_FREE of
+  32): sluice takes them on and answers what follows at once. Inbound, a
+  submission client (STARTTLS and implicit TLS) sends them, then NOOP: the
+  250 comes within seconds (the command deadline is 60 s). Outbound, the
+  receiving MX sends them between the 220 to STARTTLS and its EHLO reply:
+  the message is delivered within seconds (the reply deadline is 5 min).
+- A flood (FLOOD, whose answers are more than the connection's output
+  buffer holds): past the budget the connection fails at once, not at the
+  next deadline: inbound, the session is closed within seconds; outbound,
+  the recipient is deferred within seconds with the TLS failure.
 
 Python's ssl cannot send a KeyUpdate on demand: the peers are ssl.SSLObject
 over memory BIOs, and ctypes calls SSL_key_update on the SSL of the object
@@ -27,6 +28,7 @@ from harness import main, run, skip
 
 SLUICE = sys.argv[1]
 FLOOD = 800  # 800 answers of 27 octets: 21 KB, over the output buffer
+BURST = 30   # within the budget of key updates
 # The smallest ciphertext buffers (4 KB each way): the flood's answers
 # fill the output several times over, and the input holds the flood's
 # end while they do.
@@ -67,12 +69,12 @@ def ssl_of(obj):
     return ctypes.c_void_p.from_address(id(obj._sslobj) + 3 * p).value
 
 
-def flood(obj, server_side):
-    """Queue FLOOD KeyUpdate requests in obj's outgoing BIO."""
+def flood(obj, server_side, n):
+    """Queue n KeyUpdate requests in obj's outgoing BIO."""
     s = ssl_of(obj)
     assert LIB.SSL_version(s) == 0x0304, "not TLSv1.3"
     assert LIB.SSL_is_server(s) == int(server_side)
-    for i in range(FLOOD):
+    for i in range(n):
         assert LIB.SSL_key_update(s, 1) == 1, i  # SSL_KEY_UPDATE_REQUESTED
         assert LIB.SSL_do_handshake(s) == 1, i
 
@@ -109,9 +111,9 @@ class Peer:
                 self.pump_out()
                 self.pump_in()
 
-    def flood_and_send(self, data):
-        """The flood and data, in one write."""
-        flood(self.obj, self.server_side)
+    def flood_and_send(self, data, n):
+        """n key update requests and data, in one write."""
+        flood(self.obj, self.server_side, n)
         self.obj.write(data)
         self.pump_out()
 
@@ -173,12 +175,16 @@ def test_inbound_flood():
             # Well under the 60 s command deadline: a stalled session
             # would answer only with its 421 at the deadline.
             sock.settimeout(10)
-            c.flood_and_send(b"NOOP\r\n")
+            c.flood_and_send(b"NOOP\r\n", BURST)
             r = c.reply()
             assert r.startswith(b"250"), f"{mode}: {r!r}"
-            c.obj.write(b"QUIT\r\n")
-            c.pump_out()
-            assert c.reply().startswith(b"221")
+            # A flood past the budget: the session ends at once.
+            c.flood_and_send(b"NOOP\r\n", FLOOD)
+            try:
+                r = c.reply()
+                raise AssertionError(f"{mode}: answered after a flood: {r!r}")
+            except (AssertionError, ssl.SSLError, ConnectionError) as e:
+                assert "answered after a flood" not in str(e), e
             sock.close()
         srv.wait_no_sessions()
     finally:
@@ -187,9 +193,9 @@ def test_inbound_flood():
 
 # ---- outbound ----
 
-def hostile_mx(lsock, cert, key, result):
-    """One SMTP session as the MX: STARTTLS, then the flood ahead of the
-    EHLO reply, then an ordinary transaction."""
+def hostile_mx(lsock, cert, key, result, n):
+    """One SMTP session as the MX: STARTTLS, then n key update requests
+    ahead of the EHLO reply, then an ordinary transaction."""
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -204,7 +210,7 @@ def hostile_mx(lsock, cert, key, result):
         p = Peer(sock, ctx, True)
         p.handshake()
         assert p.line().startswith(b"EHLO")
-        p.flood_and_send(b"250-mx.test\r\n250 PIPELINING\r\n")
+        p.flood_and_send(b"250-mx.test\r\n250 PIPELINING\r\n", n)
         # Replies as the commands come; the message up to its final dot.
         while True:
             ln = p.line()
@@ -232,9 +238,11 @@ def hostile_mx(lsock, cert, key, result):
         result.setdefault("error", repr(e))
 
 
-def test_outbound_flood():
-    """The MX floods between STARTTLS and its EHLO reply; the message is
-    delivered well before the 5-minute reply deadline."""
+def outbound_case(n, flood):
+    """The MX sends n key update requests between STARTTLS and its EHLO
+    reply. Within the budget the message is delivered, a flood fails the
+    connection and the recipient is deferred: both well before the
+    5-minute reply deadline."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_delivery
     from test_delivery import Relay, records_for
@@ -256,10 +264,17 @@ def test_outbound_flood():
         lsock.settimeout(60)
         result = {}
         t = threading.Thread(target=hostile_mx,
-                             args=(lsock, f"{p}/mx-cert.pem", f"{p}/mx-key.pem", result),
+                             args=(lsock, f"{p}/mx-cert.pem", f"{p}/mx-key.pem", result, n),
                              daemon=True)
         t.start()
         r.inject([("a@sender.test", ["x@ku.test"], b"Subject: ku\r\n\r\nhello\r\n")], sessions=1)
+        if flood:
+            line = r.d.wait_log("event=deferred", timeout=30)
+            assert "ku.test" in line or "x@ku.test" in line, line
+            assert r.d.count_log("event=delivered") == 0
+            t.join(30)
+            assert not t.is_alive(), "the MX session did not end"
+            return
         line = r.d.wait_log("event=delivered", timeout=30)
         assert "ku.test" in line, line
         t.join(30)
@@ -272,10 +287,18 @@ def test_outbound_flood():
         r.close()
 
 
+def test_outbound_burst():
+    outbound_case(BURST, False)
+
+
+def test_outbound_flood():
+    outbound_case(FLOOD, True)
+
+
 if __name__ == "__main__":
     if run(["which", "openssl"]).returncode != 0:
         skip("openssl not installed (tools/install-deps --test)")
     LIB = _libssl()
     if LIB is None:
         skip("no libssl 3 matching Python's ssl module to call SSL_key_update through")
-    main([test_inbound_flood, test_outbound_flood])
+    main([test_inbound_flood, test_outbound_burst, test_outbound_flood])

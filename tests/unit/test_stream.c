@@ -642,9 +642,14 @@ start_flood(struct fixture *f)
     assert_int_equal(stream_recv(&e->st), 0);
 }
 
+/* The peer sends updates key update requests, then msg, in one write.
+ * Within the budget (tls/conn.c: KEY_UPDATE_FREE) msg arrives; past it
+ * the connection fails at once with TLS_EPROTO: neither waits for a
+ * deadline. */
 static void
-flood_case(struct fixture *f, bool peer_is_server)
+flood_case(struct fixture *f, bool peer_is_server, unsigned updates)
 {
+    bool within = updates <= 32;
     if (stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
         skip();
     int sv[2];
@@ -654,7 +659,7 @@ flood_case(struct fixture *f, bool peer_is_server)
                         .server = peer_is_server,
                         .cert_file = f->cert.cert_file,
                         .key_file = f->cert.key_file,
-                        .updates = 400, /* answers: 11 KB, the output holds 4 KB */
+                        .updates = updates, /* 400: answers of 11 KB, the output holds 4 KB */
                         .msg = msg};
     /* Ours: an outbound connection's client (lend mode, provided buffers)
      * or the submission server's (room mode, a small room, ciphertext read
@@ -677,9 +682,14 @@ flood_case(struct fixture *f, bool peer_is_server)
     close(sv[1]);
     flood_peer = NULL;
     assert_false(f->timed_out); /* it did not stall */
+    assert_int_equal(e->handshakes, 1);
+    if (!within) {
+        assert_int_equal(e->read_err, TLS_EPROTO); /* a flood: failed at once */
+        assert_true(e->got_len < sizeof(msg) - 1);
+        return;
+    }
     assert_string_equal(h.err, "");
     assert_int_equal(e->read_err, 0);
-    assert_int_equal(e->handshakes, 1);
     assert_int_equal(e->got_len, sizeof(msg) - 1);
     assert_memory_equal(e->got, msg, sizeof(msg) - 1);
     assert_true(h.done); /* it got our close_notify after every answer */
@@ -689,14 +699,27 @@ flood_case(struct fixture *f, bool peer_is_server)
 static void
 test_tls_key_update_flood_from_server(void **state)
 {
-    flood_case(*state, true);
+    flood_case(*state, true, 400);
 }
 
 /* Inbound: the submission client is the hostile one. */
 static void
 test_tls_key_update_flood_from_client(void **state)
 {
-    flood_case(*state, false);
+    flood_case(*state, false, 400);
+}
+
+/* A burst within the budget, either way: taken on, msg arrives. */
+static void
+test_tls_key_update_burst_from_server(void **state)
+{
+    flood_case(*state, true, 30);
+}
+
+static void
+test_tls_key_update_burst_from_client(void **state)
+{
+    flood_case(*state, false, 30);
 }
 
 /* OpenSSL's allocations, failed on demand (set in main(), before
@@ -789,6 +812,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_tls_start_fails_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_server, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_client, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_update_burst_from_server, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_key_update_burst_from_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
