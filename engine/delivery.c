@@ -1,14 +1,15 @@
 /*
  * delivery: see delivery.h. The public face of the outbound side, on each
  * worker: jobs handed over from any thread (delivery_submit) arrive here
- * and go to their destination's queue (outbound/scheduler.c), on the
+ * and go to their destination's queue (outbound/dest.c), on the
  * worker the route table of site affinity names (engine/route.h); the spool's
  * due recipients are polled (worker 0) and submitted; start, stop, drain
  * and reload; the views operators get (domains, objects, stats) and their
  * commands (suspend, bounce).
  *
  * The rest of the outbound side, one file per concern (internal.h says
- * who does what): outbound/scheduler.c decides what goes where and when,
+ * who does what): outbound/dest.c keeps the destinations,
+ * outbound/scheduler.c decides what goes where and when,
  * outbound/site.c keeps the sites and their windows, outbound/connection.c
  * is the SMTP connection, outbound/outcome.c acts on outcomes (spool,
  * logs, DSNs), and outbound/policy.c takes every failure decision.

@@ -10,10 +10,12 @@
  *   engine/delivery.c      the public face: submission into the owning
  *                          worker, the spool port and due recipients,
  *                          start, stop, drain, reload, operators' views;
- *   outbound/scheduler.c   destinations (struct dest) and their queues,
- *                          resolving, which connection a job takes,
- *                          opening connections within the caps, holds,
- *                          expiry sweeps, eviction of idle destinations;
+ *   outbound/dest.c        destinations (struct dest): their table,
+ *                          queues, MX answer, holds and expiry sweeps,
+ *                          eviction of idle ones;
+ *   outbound/scheduler.c   what a destination does next: resolving,
+ *                          which connection a job takes, opening
+ *                          connections within the caps, MX rollup;
  *   outbound/egress.c      the [mx] and [source] limit keys, which source
  *                          of a pool a connection goes from, and what the
  *                          shaping actions allow;
@@ -483,21 +485,17 @@ void dest_sts_forget(struct dest *t);
  * domain_tls). */
 const char *dest_tls_policy_str(const struct dest *t, int tls_pol);
 
-/* ---- outbound/scheduler.c ---- */
+/* ---- outbound/dest.c ---- */
 
-void sched_init(struct delivery *d);
-/* On the worker's thread: the eviction sweep starts. */
-void sched_start(struct delivery *d);
-/* The worker stops: timers and lookups of the destinations go now. */
-void sched_stop(struct delivery *d);
-/* ... and the leases, now rather than after their ttl (the loop turns). */
-void sched_release_leases(struct delivery *d);
+/* The table, the LRU and the eviction timer (from sched_init); the
+ * eviction sweep starts (from sched_start, on the worker's thread). */
+void dests_init(struct delivery *d);
+void dests_start(struct delivery *d);
 /* After the loop ended, connections gone: every destination (what waits
  * stays in the spool). */
 void sched_free_dests(struct delivery *d);
-/* After the limiter was freed: the [mx] keys, the sites. */
-void sched_fini(struct delivery *d);
-
+/* t is active now (the LRU of eviction). */
+void dest_touch(struct dest *t);
 /* The destination of domain name and pool (a name id, 0: none), made on
  * first use; NULL without memory. dest_get: pool 0. */
 struct dest *dest_get_pool(struct delivery *d, const char *name, uint32_t pool);
@@ -539,8 +537,6 @@ dest_queued(const struct dest *t)
 /* The weight of tenant at d's destinations ([tenant NAME] weight; 1 for
  * none): a fairq_weight_fn with d as ctx. */
 unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
-/* The scheduler's one decision point (see scheduler.c). */
-void dest_run(struct dest *t);
 /* No new connection to t for ms. */
 void dest_hold(struct dest *t, uint64_t ms);
 /* Keep o as why t's last address failed, from MX host mx at address addr
@@ -554,6 +550,26 @@ void dest_on_mx(void *arg, struct dns_mx_result *res);
 /* t's answer is res now (a reference moved in; NULL: none, ask again);
  * the old one is let go, and what was worked out from it. */
 void dest_set_mx(struct dest *t, struct dns_mx_result *res);
+void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
+/* The port t delivers to: its route's, or [delivery] remote_port. */
+unsigned dest_port(const struct dest *t);
+
+/* ---- outbound/scheduler.c ---- */
+
+void sched_init(struct delivery *d);
+/* On the worker's thread: the eviction sweep starts. */
+void sched_start(struct delivery *d);
+/* The worker stops: timers and lookups of the destinations go now. */
+void sched_stop(struct delivery *d);
+/* ... and the leases, now rather than after their ttl (the loop turns). */
+void sched_release_leases(struct delivery *d);
+/* After the limiter was freed: the [mx] keys, the sites. */
+void sched_fini(struct delivery *d);
+
+/* The scheduler's one decision point (see scheduler.c). */
+void dest_run(struct dest *t);
+/* t leaves its site's list of destinations waiting for a connection. */
+void dest_want_remove(struct dest *t);
 
 /* ---- site affinity (outbound/affinity.c) ---- */
 
@@ -565,13 +581,10 @@ bool dest_elsewhere(struct dest *t);
 bool dest_affinity(struct dest *t);
 /* t's site is busier than one worker should carry alone: mark it. */
 void site_mark_busy(const struct dest *t);
-void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
 /* A token or lease of t was refused: t runs again at retry_at (UINT64_MAX:
  * the limiter's waker will run it). */
 void dest_lim_wait(struct dest *t, uint64_t retry_at);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
-/* The port t delivers to: its route's, or [delivery] remote_port. */
-unsigned dest_port(const struct dest *t);
 /* a with t's port. */
 void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out);
 

@@ -4,7 +4,7 @@
  * names the same hosts shares the site's connections, its idle list and
  * its concurrency window (MX rollup, as KumoMTA's site name and
  * PowerMTA's MX rollup). Per domain stay the queue, the rates, the retry
- * schedule, max_age and suspend (engine/outbound/scheduler.c).
+ * schedule, max_age and suspend (engine/outbound/dest.c).
  *
  * Concurrency is adaptive, TCP's rule applied to connections: a site
  * starts with [delivery] initial_connections; while its window is in use

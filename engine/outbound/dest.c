@@ -1,0 +1,454 @@
+/*
+ * dest: the destinations of one worker (see internal.h for the other
+ * files): the table they are found in, by domain, pool and tls_relaxed
+ * (dest_get_for, made on first use with their limiter key and policy),
+ * their queue of jobs (dest_enqueue, dest_push, dest_pop: a fairq shared
+ * by tenants by weight), what they learnt of their MX answer and of their
+ * last failure, and their life: held ones have their waiting jobs swept
+ * for expiry (dest_hold, dest_on_sweep), and ones idle for [delivery]
+ * destination_idle_ttl are evicted, oldest first (dest_on_evict), so the
+ * table holds the active domains only.
+ *
+ * What a destination does next (resolve, open, hand a job to a
+ * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
+ *
+ * Threading: the worker's thread.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/hash.h"
+#include "common/intern.h"
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/mta_sts.h"
+#include "engine/outbound/internal.h"
+
+#define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
+
+static void dest_on_hold(struct timer *t, void *ctx);
+static void dest_on_sweep(struct timer *t, void *ctx);
+
+void
+dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc)
+{
+    memset(lc, 0, sizeof(*lc));
+    lc->msg_rate = pol->max_message_rate;
+    lc->msg_burst = pol->message_burst;
+    lc->conn_rate = pol->max_connection_rate;
+    lc->conn_burst = pol->connection_burst;
+    lc->max_connections = pol->max_connections;
+}
+
+/* The limiter has news for t (a refill, a lease, a resume). */
+static void
+dest_on_wake(void *arg)
+{
+    dest_run(arg);
+}
+
+static void
+dest_on_lim_timer(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    dest_run((struct dest *)((char *)tm - offsetof(struct dest, lim_timer)));
+}
+
+
+/* What the destinations are found by: a domain and a pool. */
+struct dest_ref {
+    const char *name;
+    uint32_t pool;
+    bool tls_relaxed;
+};
+
+static bool
+dest_eq(const struct hash_node *n, const void *key)
+{
+    const struct dest *t = (const struct dest *)n;
+    const struct dest_ref *r = key;
+    return t->pool == r->pool && t->tls_relaxed == r->tls_relaxed && strcmp(t->name, r->name) == 0;
+}
+
+/* The [pool] of t's pool id in the config in force, or NULL. */
+static const struct pool_config *
+dest_poolc(const struct delivery *d, uint32_t pool)
+{
+    const char *name = intern_name(d->e->names, pool);
+    return name ? config_pool(d->e->cfg, name, strlen(name)) : NULL;
+}
+
+struct dest *
+dest_get(struct delivery *d, const char *name)
+{
+    return dest_get_pool(d, name, 0);
+}
+
+struct dest *
+dest_get_pool(struct delivery *d, const char *name, uint32_t pool)
+{
+    return dest_get_for(d, name, pool, false);
+}
+
+struct dest *
+dest_get_for(struct delivery *d, const char *name, uint32_t pool, bool tls_relaxed)
+{
+    struct dest_ref ref = {name, pool, tls_relaxed};
+    uint64_t h = hash_str_nocase(name) ^ ((uint64_t)pool * 0x9e3779b97f4a7c15ULL) ^ tls_relaxed;
+    struct dest *t = (struct dest *)hash_find(&d->dests, h, &ref);
+    if (t != NULL)
+        return t;
+    size_t nl = strnlen(name, 255);
+    t = calloc(1, sizeof(*t) + nl + 1);
+    if (t == NULL)
+        return NULL;
+    t->d = d;
+    memcpy(t->name, name, nl); /* NUL: calloc */
+    t->pool = pool;
+    t->tls_relaxed = tls_relaxed;
+    t->poolc = pool ? dest_poolc(d, pool) : NULL;
+    t->pol = config_domain(d->e->cfg, name);
+    fairq_init(&t->q, dest_tenant_weight, d);
+    timer_init(&t->hold_timer, dest_on_hold);
+    timer_init(&t->sweep_timer, dest_on_sweep);
+    timer_init(&t->lim_timer, dest_on_lim_timer);
+    struct limit_conf lc;
+    dest_limit_conf(t->pol, &lc);
+    /* The domain's limits hold per destination: each pool (its own
+     * sending addresses) has them whole, as receivers count per address. */
+    char lname[LIMIT_KEY_MAX];
+    const char *pname = pool ? intern_name(d->e->names, pool) : NULL;
+    if (pname == NULL)
+        snprintf(lname, sizeof(lname), "%s", name);
+    else if ((size_t)snprintf(lname, sizeof(lname), "%s|%s", name, pname) >= sizeof(lname))
+        snprintf(lname, sizeof(lname), "%.200s|#%x", name, (unsigned)pool);
+    if (limits_key_init(d->lim, &t->lim, lname, &lc, dest_on_wake, t) < 0) {
+        /* a name the limiter refuses ('{' '}'): no domain has one */
+        free(t);
+        return NULL;
+    }
+    t->node.hash = h;
+    if (hash_insert(&d->dests, &t->node) < 0) {
+        limits_key_fini(d->lim, &t->lim);
+        free(t);
+        return NULL;
+    }
+    t->touched = d->w->now;
+    lru_touch(&d->dest_lru, &t->lru);
+    t->suspended = d->nsusp != 0 && scope_domain_suspended(d, t->name, d->w->now);
+    return t;
+}
+
+struct dest *
+dest_next(const struct delivery *d, struct dest_iter *it)
+{
+    return (struct dest *)hash_next(&d->dests, &it->bucket, &it->cur);
+}
+
+void
+dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
+                   const char *addr)
+{
+    if (t->last_fail == NULL && (t->last_fail = malloc(sizeof(*t->last_fail))) == NULL)
+        return;
+    t->last_fail->o = *o;
+    snprintf(t->last_fail->mx, sizeof(t->last_fail->mx), "%s", mx ? mx : "");
+    snprintf(t->last_fail->addr, sizeof(t->last_fail->addr), "%s", addr ? addr : "");
+}
+
+void
+dest_last_fail_clear(struct dest *t)
+{
+    free(t->last_fail);
+    t->last_fail = NULL;
+}
+
+/* Forget t and what waits in it (the spool keeps the recipients). live:
+ * the loop turns, so timers, the lookup and the limiter are let go of
+ * too; else they went with the loop. */
+static void
+dest_free(struct dest *t, bool live)
+{
+    struct delivery *d = t->d;
+    struct job *j;
+    while ((j = dest_pop(t)) != NULL)
+        free(j);
+    fairq_fini(&t->q);
+    /* Always: at a stop, a job that came after sched_stop (or a
+     * connection closing) may have armed one again, and the heap outlives
+     * t (worker_fini walks it). */
+    worker_timer_cancel(d->w, &t->hold_timer);
+    worker_timer_cancel(d->w, &t->sweep_timer);
+    worker_timer_cancel(d->w, &t->lim_timer);
+    if (live) {
+        if (t->req != NULL)
+            d->ops->cancel(d, t->req);
+        if (t->lim.l != NULL)
+            limits_key_fini(d->lim, &t->lim);
+    }
+    dns_mx_result_unref(t->mx);
+    free(t->src_ids);
+    dest_last_fail_clear(t);
+    mta_sts_policy_unref(t->sts);
+    dest_sts_forget(t);
+    dest_want_remove(t);
+    site_unref(&d->sites, t->site);
+    hash_remove(&d->dests, &t->node);
+    lru_remove(&d->dest_lru, &t->lru);
+    free(t);
+}
+
+/* Nothing of t is going on, nor has been for the idle time: it may go
+ * (what it knows, the MX answer, is in the resolver's cache). A held or
+ * suspended destination stays: that is state an operator or a receiver
+ * set. */
+static bool
+dest_evictable(const struct dest *t, uint64_t now)
+{
+    return fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
+           t->req == NULL && t->sts_ask == NULL && !t->mx_waiting && !t->running &&
+           now >= t->hold_until &&
+           t->lim.nleases == 0 && t->untold == 0;
+}
+
+/* Every EVICT_SWEEP_MS: drop the destinations idle for
+ * [delivery] destination_idle_ttl, oldest first; busy ones met on the
+ * way go to the recent end. Their sites go with their last reference. */
+static void
+dest_on_evict(struct timer *tm, void *ctx)
+{
+    (void)ctx;
+    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, evict_timer));
+    if (d->stopping)
+        return;
+    uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
+    size_t budget = d->dest_lru.n;
+    struct lru_node *x;
+    while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
+        if (now - t->touched < ttl)
+            break;
+        if (!dest_evictable(t, now)) {
+            t->touched = now;
+            lru_touch(&d->dest_lru, &t->lru);
+            continue;
+        }
+        if (t->pool == 0 && !t->tls_relaxed && d->ops->unclaim != NULL)
+            d->ops->unclaim(d, t->name); /* its next mail starts over */
+        dest_free(t, true);
+        d->evicted++;
+    }
+    hash_compact(&d->dests);
+    if (!d->stopping)
+        worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+/* t is active now. */
+void
+dest_touch(struct dest *t)
+{
+    t->touched = t->d->w->now;
+    lru_touch(&t->d->dest_lru, &t->lru);
+}
+
+unsigned
+dest_tenant_weight(void *ctx, uint32_t tenant)
+{
+    struct delivery *d = ctx;
+    if (tenant == 0)
+        return 1;
+    /* The config's look-up is a walk of its tenants: once per id. */
+    struct tenant_weight *tw = &d->tweights[tenant % (sizeof(d->tweights) / sizeof(d->tweights[0]))];
+    if (tw->id == tenant)
+        return tw->weight;
+    const char *name = intern_name(d->e->names, tenant);
+    /* A tenant a reload removed keeps its mail flowing at weight 1. */
+    const struct tenant_config *tc =
+        name != NULL ? config_tenant(d->e->cfg, name, strlen(name)) : NULL;
+    tw->id = tenant;
+    tw->weight = tc != NULL && tc->weight > 0 ? tc->weight : 1;
+    return tw->weight;
+}
+
+void
+dest_push(struct dest *t, struct job *j, bool front)
+{
+    if (!front)
+        j->queued_ns = t->d->w->now;
+    if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0)
+        return;
+    job_lost(j);
+}
+
+void
+job_lost(struct job *j)
+{
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(j->id, qid);
+    log_msg(LOG_ERR, "id=%s event=job_lost_until_restart domain=%s recipients=%u "
+            "reason=out_of_memory", qid, j->domain, j->n);
+    free(j);
+}
+
+struct job *
+dest_pop(struct dest *t)
+{
+    return job_of(fairq_pop(&t->q, NULL));
+}
+
+/* A job arrives (delivery.c's hand-off from the submitting thread):
+ * split to the domain's recipients per transaction. */
+void
+dest_enqueue(struct dest *t, struct job *j)
+{
+    struct delivery *d = t->d;
+    unsigned max = t->pol->max_rcpt_per_txn;
+    while (j->n > max) {
+        struct job *rest = malloc(sizeof(*rest) + (j->n - max) * sizeof(unsigned));
+        if (rest == NULL)
+            break;
+        *rest = *j;
+        rest->n = j->n - max;
+        memcpy(rest->idx, j->idx + max, rest->n * sizeof(unsigned));
+        j->n = max;
+        dest_push(t, j, false);
+        j = rest;
+    }
+    dest_push(t, j, false);
+    if (d->w->now < t->hold_until && !timer_armed(&t->sweep_timer))
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+    dest_run(t);
+}
+
+
+unsigned
+dest_port(const struct dest *t)
+{
+    return t->pol->route_port ? t->pol->route_port : t->d->e->cfg->delivery.remote_port;
+}
+
+void
+dest_set_mx(struct dest *t, struct dns_mx_result *res)
+{
+    dns_mx_result_unref(t->mx);
+    t->mx = res;
+    t->usable_ns = 0;
+    t->next_addr = 0;
+    t->failed_addrs = 0;
+    /* What was worked out from the old answer is asked again: a pointer
+     * compared alone could match a new answer that took the freed one's
+     * memory. */
+    t->site_for = t->affinity_for = t->targets_for = t->mxk_for = NULL;
+}
+
+void
+dest_on_mx(void *arg, struct dns_mx_result *res)
+{
+    struct dest *t = arg;
+    t->req = NULL;
+    dest_set_mx(t, res);
+    dest_run(t);
+}
+
+static void
+dest_on_hold(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, hold_timer));
+    t->failed_addrs = 0;
+    t->next_addr = 0;
+    dest_run(t);
+}
+
+/* No new connection to t for ms; what waits keeps its place, and is
+ * checked for expiry while it waits. */
+void
+dest_hold(struct dest *t, uint64_t ms)
+{
+    struct delivery *d = t->d;
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (until <= t->hold_until)
+        return;
+    t->hold_until = until;
+    t->hold_until_ms = clock_unix_ms() + ms;
+    worker_timer_arm(d->w, &t->hold_timer, until);
+    worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* While held: bounce the waiting jobs whose time is up (each job's
+ * expiry is read from the spool once). */
+static void
+dest_on_sweep(struct timer *tm, void *ctx)
+{
+    struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, sweep_timer));
+    struct delivery *d = t->d;
+    if (d->stopping || d->w->now >= t->hold_until)
+        return;
+    uint64_t now = clock_unix_ms();
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    for (struct job *j; (j = job_of(fairq_iter_next(&it))) != NULL;) {
+        struct queue_envelope *env = NULL;
+        if (j->expire_ms == 0) {
+            if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
+                continue; /* gone or unreadable: conn_next drops what is gone */
+            j->expire_ms = job_expire_ms(t->pol, env, j->id);
+        }
+        if (!policy_expired(now, j->expire_ms)) {
+            queue_envelope_free(env);
+            continue;
+        }
+        int erc = env == NULL ? queue_envelope_get(d->e->queue, j->id, &env) : 0;
+        if (erc != 0) {
+            /* Gone: dropped. Unreadable now: kept for the next sweep, as
+             * freeing it would leave its recipient to a restart. */
+            if (erc == QUEUE_ENOTFOUND) {
+                fairq_iter_remove(&it);
+                free(j);
+            }
+            continue;
+        }
+        fairq_iter_remove(&it);
+        struct smtp_outcome o;
+        memset(&o, 0, sizeof(o));
+        o.status = SMTP_STATUS_TEMPFAIL;
+        o.scope = SMTP_SCOPE_MESSAGE;
+        o.enh = (struct smtp_enh){4, 4, 7};
+        snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
+        struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+        job_finish(d, t, j, env, NULL, &o, &where);
+        queue_envelope_free(env);
+        free(j);
+    }
+    if (!fairq_empty(&t->q))
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+
+/* ---- the table ---- */
+
+void
+dests_init(struct delivery *d)
+{
+    hash_init(&d->dests, dest_eq, 256);
+    lru_init(&d->dest_lru);
+    timer_init(&d->evict_timer, dest_on_evict);
+}
+
+void
+dests_start(struct delivery *d)
+{
+    worker_timer_arm(d->w, &d->evict_timer, d->w->now + MS_TO_NS(EVICT_SWEEP_MS));
+}
+
+void
+sched_free_dests(struct delivery *d)
+{
+    worker_timer_cancel(d->w, &d->evict_timer);
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
+        dest_free(t, false);
+    hash_fini(&d->dests);
+    dest_sts_asks_free(d);
+}
