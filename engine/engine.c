@@ -415,7 +415,8 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
  * [suppress] on_invalid_recipient says; a complaint suppresses it for the
  * tenant whose mail drew it (for everyone when the token named none; a
  * tenant no longer configured keeps its list, "tag:XXXXXXXX" when known
- * by its tag only, oob.c), as on_complaint says. */
+ * by its tag only, oob.c, until the config names it again:
+ * suppress_fold_tags), as on_complaint says. */
 static void
 oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
 {
@@ -428,6 +429,36 @@ oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
             suppress_feed(s, tenant != NULL && tenant[0] != '\0' ? tenant : NULL, addr,
                           SUPPRESS_COMPLAINT, until, "complaint (feedback loop)") != 0)
             log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> reason=complaint", addr);
+    }
+}
+
+/* A complaint about a tenant the config did not name (removed since, or
+ * not yet on this node) went to the list "tag:XXXXXXXX" when its token
+ * carried the tenant's tag, not its name (oob.c). Once cfg names the
+ * tenant, that list becomes its own: RCPT checks the tenant's list only,
+ * and a complained-about recipient must not be mailed by that sender
+ * again. At start and after each reload (the main thread); the feeds
+ * queued before are committed first. A complaint taken meanwhile by a
+ * worker still on the previous config (one that did not park for the
+ * swap) is folded at the next reload or start. */
+static void
+suppress_fold_tags(struct engine *e, const struct config *cfg)
+{
+    if (e->suppress == NULL || cfg->ntenants == 0 || cfg->bounce.verp_key_len == 0)
+        return;
+    suppress_sync(e->suppress);
+    for (unsigned i = 0; i < cfg->ntenants; i++) {
+        char scope[OOB_TAG_SCOPE_LEN + 1];
+        const char *name = cfg->tenants[i].name;
+        if (!oob_tag_scope(&cfg->bounce, name, scope))
+            continue;
+        long n = suppress_move_scope(e->suppress, scope, name);
+        if (n > 0)
+            log_msg(LOG_NOTICE, "event=suppress_scope_folded from=%s to=%s entries=%ld", scope,
+                    name, n);
+        else if (n < 0)
+            log_msg(LOG_ERR, "event=suppress_fold_failed from=%s to=%s err=\"%s\"", scope, name,
+                    strerror((int)-n));
     }
 }
 
@@ -534,6 +565,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     }
     if (e->suppress != NULL && e->oob.suppress == NULL)
         e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
+    suppress_fold_tags(e, cfg);
     rc = load_users(e, err, errlen);
     if (rc < 0)
         goto fail;
@@ -932,6 +964,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
                 log_msg(LOG_ERR, "event=reload_failed what=warmup reason=out_of_memory "
                                  "note=previous_plans_kept");
             mta_sts_reload(e, ncfg);
+            suppress_fold_tags(e, ncfg);
             log_set_level((enum log_level)ncfg->log.level);
             log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u", ncfg->path,
                     parked, e->nworkers);

@@ -88,6 +88,13 @@ oob_verp_sender(const struct bounce_config *bc, const char *sender, uint64_t id,
                         rcpt, out, cap);
 }
 
+/* "tag:" and tag in hex, into buf (OOB_TAG_SCOPE_LEN + 1). */
+static void
+tag_scope(uint32_t tag, char *buf)
+{
+    snprintf(buf, OOB_TAG_SCOPE_LEN + 1, "tag:%08x", (unsigned)tag);
+}
+
 /* The tenant a token names: its name ("" none), or the configured
  * tenant whose tag it carries. A tag that no configured tenant has (the
  * tenant was removed from the config since, or this node's config does
@@ -107,8 +114,18 @@ ref_tenant(const struct bounce_config *bc, const struct verp_ref *ref, char *buf
             ref->tenant_tag)
             return bc->tenants[i].name;
     *unknown = true;
-    snprintf(buf, OOB_TAG_SCOPE_LEN + 1, "tag:%08x", (unsigned)ref->tenant_tag);
+    tag_scope(ref->tenant_tag, buf);
     return buf;
+}
+
+int
+oob_tag_scope(const struct bounce_config *bc, const char *tenant, char *buf)
+{
+    buf[0] = '\0';
+    if (tenant == NULL || strlen(tenant) <= VERP_TENANT_MAX || bc->verp_key_len == 0)
+        return 0;
+    tag_scope(verp_tenant_tag(bc->verp_key, bc->verp_key_len, tenant), buf);
+    return 1;
 }
 
 /* "5.1.1" to the struct classify() takes; false when malformed. */

@@ -59,11 +59,21 @@ enum oob_suppress_kind {
 /* The scope of a tenant known by its tag only: "tag:" and 8 hex digits. */
 #define OOB_TAG_SCOPE_LEN 12
 
+/* The scope tenant's complaints go to while the config does not name it
+ * (the bounce listener finds no configured tenant with its tag): "tag:"
+ * and its tag in hex under bc's key, into buf (OOB_TAG_SCOPE_LEN + 1).
+ * Returns 1, or 0 (buf "") for a tenant whose tokens carry its name
+ * (VERP_TENANT_MAX octets or fewer: its list is under that name) or
+ * when VERP has no key. engine.c folds that list into the tenant's own
+ * once the config names it again (suppress_move_scope). */
+int oob_tag_scope(const struct bounce_config *bc, const char *tenant, char *buf);
+
 /* The seam to the suppression list: the lead connects suppress_add() here. */
 struct oob_hooks {
     /* tenant "" when the message had none, "tag:XXXXXXXX" for a tenant
      * whose long name the token carried as its tag (verp.h) and that the
-     * config does not name (removed since); addr as the report named it. */
+     * config does not name (removed since, or not yet: oob_tag_scope);
+     * addr as the report named it. */
     void (*suppress)(void *ctx, const char *tenant, const char *addr, int kind);
     void *ctx; /* borrowed */
 };

@@ -24,7 +24,8 @@
  * each import, so that a check's pages are in memory and mapped before a
  * worker needs them (a page fault on a worker's loop stalls every
  * session of that worker). Writes take wlock: the writer thread's batches of feeds,
- * operator adds and removes, imports in chunks, purges in chunks. Feeds
+ * operator adds and removes, imports in chunks, purges in chunks, a
+ * scope's moves (suppress_move_scope) in chunks. Feeds
  * from the workers wait in a bounded list for the writer thread, which
  * commits all that are waiting in one transaction (group commit).
  *
@@ -54,6 +55,7 @@
 #define IMPORT_BATCH  250000   /* entries per write transaction of an import */
 #define PURGE_BATCH   10000    /* expired entries deleted per write transaction */
 #define PURGE_EVERY_MS (3600ULL * 1000)
+#define MOVE_BATCH     10000 /* entries moved per write transaction (suppress_move_scope) */
 
 static const char *const reason_names[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
 
@@ -594,6 +596,102 @@ suppress_purge(struct suppress *s, int64_t now_ms)
         total += n;
         atomic_fetch_add(&s->removed, (uint64_t)n);
         if (!more)
+            return total;
+    }
+}
+
+/* One batch of suppress_move_scope (wlock held): up to MOVE_BATCH entries
+ * of from (key prefix pfx, pl octets with its NUL) under to. Returns how
+ * many moved, or -errno. */
+static long
+move_batch(struct suppress *s, const uint8_t *pfx, size_t pl, const char *to)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc != 0)
+        return mdb_to_errno(rc);
+    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
+        mdb_txn_abort(txn);
+        return mdb_to_errno(rc);
+    }
+    /* Copied out first, then written: no put while a cursor walks the
+     * same database (the values point into pages a put may move). */
+    struct feed *head = NULL, **tail = &head;
+    long n = 0;
+    MDB_val k = {pl, (void *)pfx}, v;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE); rc == 0 && n < MOVE_BATCH;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < pl || memcmp(k.mv_data, pfx, pl) != 0)
+            break;
+        size_t al = k.mv_size - pl;
+        if (al > SUPPRESS_ADDR_MAX || v.mv_size > VAL_MAX)
+            continue; /* damaged: not ours to carry (list and export skip it too) */
+        struct feed *f = malloc(sizeof(*f) + 2 * KEY_MAX + VAL_MAX);
+        if (f == NULL) {
+            rc = ENOMEM;
+            break;
+        }
+        /* kv: the new key, the value, then the old key */
+        f->next = NULL;
+        f->klen = (uint16_t)(strlen(to) + 1 + al);
+        f->vlen = (uint16_t)v.mv_size;
+        memcpy(f->kv, to, strlen(to) + 1);
+        memcpy(f->kv + strlen(to) + 1, (const uint8_t *)k.mv_data + pl, al);
+        memcpy(f->kv + f->klen, v.mv_data, v.mv_size);
+        memcpy(f->kv + f->klen + f->vlen, k.mv_data, k.mv_size);
+        *tail = f;
+        tail = &f->next;
+        n++;
+    }
+    mdb_cursor_close(cur);
+    if (rc == MDB_NOTFOUND)
+        rc = 0;
+    for (struct feed *f = head; f != NULL && rc == 0; f = f->next) {
+        MDB_val ok = {f->klen - strlen(to) - 1 + pl, f->kv + f->klen + f->vlen};
+        MDB_val nk = {f->klen, f->kv}, nv = {f->vlen, f->kv + f->klen}, cv;
+        if ((rc = mdb_del(txn, s->dbi, &ok, NULL)) != 0)
+            break;
+        rc = mdb_get(txn, s->dbi, &nk, &cv);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            break;
+        int64_t have = rc == 0 ? val_expires(&cv) : -1, got = val_expires(&nv);
+        rc = 0;
+        if (have == 0 || (have > 0 && got != 0 && have >= got))
+            continue; /* the entry there holds longer */
+        rc = mdb_put(txn, s->dbi, &nk, &nv, 0);
+    }
+    while (head != NULL) {
+        struct feed *next = head->next;
+        free(head);
+        head = next;
+    }
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return mdb_to_errno(rc);
+    }
+    if ((rc = mdb_txn_commit(txn)) != 0)
+        return mdb_to_errno(rc);
+    return n;
+}
+
+long
+suppress_move_scope(struct suppress *s, const char *from, const char *to)
+{
+    if (from == NULL || to == NULL || check_scope(from) != 0 || check_scope(to) != 0 ||
+        strcmp(from, to) == 0)
+        return -EINVAL;
+    uint8_t pfx[SUPPRESS_SCOPE_MAX + 1];
+    size_t pl = key_make(pfx, from, "");
+    long total = 0;
+    for (;;) {
+        pthread_mutex_lock(&s->wlock);
+        long n = move_batch(s, pfx, pl, to);
+        pthread_mutex_unlock(&s->wlock);
+        if (n < 0)
+            return n;
+        total += n;
+        if (n < MOVE_BATCH)
             return total;
     }
 }

@@ -183,6 +183,19 @@ int suppress_import_csv(struct suppress *s, FILE *in,
  * number written, or -errno. */
 long suppress_export_csv(struct suppress *s, FILE *out, const char *scope);
 
+/*
+ * Move every entry of scope from into scope to: the list a tenant's
+ * complaints went to while no configured tenant had its tag
+ * ("tag:XXXXXXXX", oob.h) becomes its own once the config names it again
+ * (engine.c, at start and at each reload). Where to already holds an
+ * entry for the address, the one that holds longer stays (for ever beats
+ * any expiry). Written in transactions of a bounded size: what a crash
+ * leaves under from moves at the next call. Returns the number of
+ * entries moved (those dropped for a longer one included), or -errno
+ * (-EINVAL: a bad scope, or from and to the same).
+ */
+long suppress_move_scope(struct suppress *s, const char *from, const char *to);
+
 /* Delete expired entries. Returns how many, or -errno. */
 long suppress_purge(struct suppress *s, int64_t now_ms);
 

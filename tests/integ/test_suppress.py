@@ -21,10 +21,13 @@ receiver on loopback, driven by sluicectl on its stats socket.
 """
 import json
 import os
+import shutil
+import smtplib
 import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 
 from harness import Sluice, main, skip, wait_until
@@ -514,6 +517,115 @@ def test_out_of_band_complaint_and_bounce():
         f.close()
 
 
+def test_complaint_for_unconfigured_tenant_folded():
+    """A tenant whose name is too long for a VERP token is carried as its
+    tag; a complaint about its mail that comes back while the config does
+    not name it (removed since, or not on this node yet) goes to the list
+    "tag:XXXXXXXX". Once the config names the tenant again (SIGHUP, or a
+    restart), that list is folded into the tenant's own: its mail to the
+    complainer is refused at RCPT, another tenant's is not. Before the fix
+    nothing ever checked a "tag:" list: the recipient was mailed again."""
+    import base64
+    import re
+    import signal
+    from test_auth import crypt
+    from test_feedback import FIXTURE_VERP, Feedback, fixture
+    tenant = "customer-00042"  # longer than a token's 8 octets: its tag goes
+    section = f"[tenant {tenant}]\n"
+    keydir = tempfile.mkdtemp(prefix="sluice-sup-tag-")
+    users = os.path.join(keydir, "users")
+    with open(users, "w") as fh:
+        h = crypt("secret", "$6$rounds=5000$")
+        fh.write(f"app1:{h}:tenant=shop1\napp2:{h}:tenant={tenant}\n")
+    f = Feedback(server_extra=f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n"
+                 f"[suppress]\nreply = {REPLY}\n[tenant shop1]\n{section}")
+    sock = os.path.join(f.keydir, "stats.sock")
+    cfg = os.path.join(f.r.wd.path, "sluice.conf")
+    with open(cfg) as fh:
+        with_tenant = fh.read()
+    assert section in with_tenant
+    without_tenant = with_tenant.replace(section, "")
+
+    def sup(*args):
+        p = subprocess.run([SLUICECTL, "-s", sock, "--json", "suppress", *args],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p
+        return json.loads(p.stdout)
+
+    def reload(text):
+        with open(cfg, "w") as fh:
+            fh.write(text)
+        n = f.r.d.count_log("event=config_reloaded")
+        f.r.d.signal(signal.SIGHUP)
+        f.r.d.wait_log_count("event=config_reloaded", n + 1)
+
+    def complain(rcpt, verp, n):
+        arf = fixture("arf-yahoo.eml", **{FIXTURE_VERP: verp, "happy.reader@yahoo.com": rcpt,
+                                          "fbl@bounces.example.com": "fbl@fbl.test"})
+        f.bounce("feedback@arf.mail.yahoo.test", ["fbl@fbl.test"], arf)
+        f.wait_events("complaint", n)
+        wait_until(lambda: any(e["address"] == rcpt for e in sup("list")["entries"]), 15,
+                   f"{rcpt} on a list")
+        got = [e for e in sup("list")["entries"] if e["address"] == rcpt]
+        assert len(got) == 1 and re.fullmatch(r"tag:[0-9a-f]{8}", got[0]["scope"]), got
+        assert got[0]["reason"] == "complaint", got
+
+    def rcpt_as(user, rcpt):
+        c = Client(f.r.port)
+        auth = base64.b64encode(b"\0" + user.encode() + b"\0secret").decode()
+        assert c.cmd("AUTH PLAIN " + auth).startswith("235")
+        assert c.cmd("MAIL FROM:<news@shop.test>").startswith("250")
+        reply = c.cmd(f"RCPT TO:<{rcpt}>")
+        c.close()
+        return reply
+
+    try:
+        # the tenant's mail, each recipient with its own VERP sender
+        with smtplib.SMTP("127.0.0.1", f.r.port, timeout=30) as s:
+            s.ehlo("app.test")
+            s.login("app2", "secret")
+            s.sendmail("news@shop.test", ["carol@d2.test", "dave@d2.test"],
+                       b"Subject: t\r\n\r\nx\r\n")
+        wait_until(lambda: len(f.events("delivery")) >= 2, 60, "two deliveries")
+        verp = {}
+        for m in f.r.sink.messages():
+            head = m.split(b"\n\n", 1)[0].decode(errors="replace")
+            verp[re.search(r"^X-Rcpt-Args: <([^>]*)>", head, re.M).group(1)] = \
+                re.search(r"^X-Mail-Args: <([^>]*)>", head, re.M).group(1)
+        assert set(verp) == {"carol@d2.test", "dave@d2.test"}, verp
+
+        # the tenant leaves the config; carol complains meanwhile: its tag's list
+        reload(without_tenant)
+        complain("carol@d2.test", verp["carol@d2.test"], 1)
+        # back in the config (SIGHUP): the tag's list is the tenant's now
+        reload(with_tenant)
+        assert rcpt_as("app2", "carol@d2.test") == \
+            "550 5.7.1 <carol@d2.test> is on the do-not-mail list (complaint)"
+        assert rcpt_as("app2", "dave@d2.test").startswith("250")
+        assert rcpt_as("app1", "carol@d2.test").startswith("250")  # not another tenant's
+        got = [(e["address"], e["scope"]) for e in sup("list")["entries"]]
+        assert got == [("carol@d2.test", tenant)], got
+        assert f.r.d.count_log("event=suppress_scope_folded") == 1
+
+        # the same at a start: dave complains while the tenant is gone
+        reload(without_tenant)
+        complain("dave@d2.test", verp["dave@d2.test"], 2)
+        assert f.r.d.stop_clean() == 0
+        with open(cfg, "w") as fh:
+            fh.write(with_tenant)
+        f.r.d = Sluice(SLUICE, cfg)
+        f.r.d.wait_log("event=ready")
+        assert rcpt_as("app2", "dave@d2.test") == \
+            "550 5.7.1 <dave@d2.test> is on the do-not-mail list (complaint)"
+        assert rcpt_as("app1", "dave@d2.test").startswith("250")
+        got = sorted((e["address"], e["scope"]) for e in sup("list")["entries"])
+        assert got == [("carol@d2.test", tenant), ("dave@d2.test", tenant)], got
+        assert f.r.d.stop_clean() == 0
+    finally:
+        f.close()
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
 if __name__ == "__main__":
     for tool in ("dnsmasq", "smtp-sink"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0 and \
@@ -525,4 +637,4 @@ if __name__ == "__main__":
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
           test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list,
-          test_operator_scope_in_another_case])
+          test_operator_scope_in_another_case, test_complaint_for_unconfigured_tenant_folded])

@@ -113,6 +113,71 @@ test_add_check_remove(void **state)
     assert_int_equal(suppress_check(f->s, NULL, "no-at-sign-but-a-domain", NULL), 0);
 }
 
+static int
+count_one(void *arg, const struct suppress_entry *e)
+{
+    (void)arg;
+    (void)e;
+    return 0;
+}
+
+/* A tenant's "tag:" list (complaints taken while the config did not name
+ * it) moves into its own list, whole, past a batch; an address on both
+ * keeps the entry that holds longer; other scopes stay as they were. */
+static void
+test_move_scope(void **state)
+{
+    struct fix *f = *state;
+    struct suppress_entry e;
+    int64_t now = (int64_t)clock_unix_ms();
+    for (int i = 0; i < 10005; i++) { /* MOVE_BATCH and some */
+        char a[64];
+        snprintf(a, sizeof(a), "u%d@example.com", i);
+        assert_int_equal(suppress_feed(f->s, "tag:0a1b2c3d", a, SUPPRESS_COMPLAINT, 0, "fbl"), 0);
+    }
+    suppress_sync(f->s);
+    /* on both: for ever under the tag beats a day; two days beat one */
+    assert_int_equal(suppress_add(f->s, "customer-0042", "u1@example.com", SUPPRESS_MANUAL,
+                                  now + 86400000, NULL),
+                     0);
+    assert_int_equal(suppress_add(f->s, "tag:0a1b2c3d", "v@example.com", SUPPRESS_COMPLAINT,
+                                  now + 86400000, NULL),
+                     0);
+    assert_int_equal(suppress_add(f->s, "customer-0042", "v@example.com", SUPPRESS_MANUAL,
+                                  now + 2 * 86400000, "kept"),
+                     0);
+    assert_int_equal(
+        suppress_add(f->s, "tag:0a1b2c3e", "u2@example.com", SUPPRESS_COMPLAINT, 0, NULL), 0);
+    assert_int_equal(
+        suppress_add(f->s, "tag:0a1b2c3", "u3@example.com", SUPPRESS_COMPLAINT, 0, NULL), 0);
+    /* before: the tenant's mail goes to the complainers */
+    assert_int_equal(suppress_check(f->s, "customer-0042", "u2@example.com", NULL), 0);
+
+    assert_int_equal(suppress_move_scope(f->s, "tag:0a1b2c3d", "customer-0042"), 10006);
+    assert_int_equal(suppress_check(f->s, "customer-0042", "u2@example.com", &e), 1);
+    assert_string_equal(e.scope, "customer-0042");
+    assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    assert_string_equal(e.note, "fbl");
+    assert_int_equal(suppress_check(f->s, "customer-0042", "u10004@example.com", NULL), 1);
+    assert_int_equal(suppress_check(f->s, "customer-0042", "u1@example.com", &e), 1);
+    assert_int_equal(e.reason, SUPPRESS_COMPLAINT);
+    assert_int_equal(e.expires_ms, 0);
+    assert_int_equal(suppress_check(f->s, "customer-0042", "v@example.com", &e), 1);
+    assert_string_equal(e.note, "kept");
+    /* nothing left under the tag; the neighbours untouched */
+    assert_int_equal(suppress_list(f->s, "tag:0a1b2c3d", NULL, NULL, 0, count_one, NULL), 0);
+    assert_int_equal(suppress_list(f->s, "tag:0a1b2c3e", NULL, NULL, 0, count_one, NULL), 1);
+    assert_int_equal(suppress_list(f->s, "tag:0a1b2c3", NULL, NULL, 0, count_one, NULL), 1);
+    assert_int_equal(suppress_list(f->s, "customer-0042", NULL, NULL, 0, count_one, NULL), 10006);
+    struct suppress_stats st;
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 10006 + 2);
+    /* again: nothing to move */
+    assert_int_equal(suppress_move_scope(f->s, "tag:0a1b2c3d", "customer-0042"), 0);
+    assert_int_equal(suppress_move_scope(f->s, "x", "x"), -EINVAL);
+    assert_int_equal(suppress_move_scope(f->s, "bad scope", "x"), -EINVAL);
+}
+
 static void
 test_domain_and_scope(void **state)
 {
@@ -471,6 +536,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_list_pages, setup, teardown),
         cmocka_unit_test_setup_teardown(test_csv_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_move_scope, setup, teardown),
         cmocka_unit_test(test_config_check),
         cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
     };
