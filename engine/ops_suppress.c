@@ -2,8 +2,8 @@
  * ops_suppress: the stats socket's "suppress" command (see ops_int.h for
  * the other files of ops, and doc/sluicectl.md): add, remove and check
  * entries of the suppression list (engine/suppress.h), list them a page at
- * a time, import and export CSV files, purge by age or source. The
- * operator's scope is the tenant's name as the config spells it.
+ * a time, import and export CSV files, purge the expired entries. Scopes
+ * are the list's business (suppress.h: folded to lowercase).
  *
  * Threading: the stats thread.
  */
@@ -139,21 +139,6 @@ sup_opts_parse(const char *p, struct sup_opts *o, char *err, size_t errlen)
     return 0;
 }
 
-/* The scope a list entry is stored and found under, for the one an
- * operator named: a tenant's name as the config spells it (tenant names
- * compare without case: "ACME" is [tenant acme]'s list, where RCPT looks
- * and its complaints land, server.c and oob.c) and "global" whatever its
- * case; any other name as written (no such tenant yet). */
-static const char *
-sup_scope(void *arg, const char *scope)
-{
-    const struct engine *e = arg;
-    if (strcasecmp(scope, SUPPRESS_SCOPE_GLOBAL) == 0)
-        return SUPPRESS_SCOPE_GLOBAL;
-    const struct tenant_config *t = config_tenant(e->cfg, scope, strlen(scope));
-    return t != NULL ? t->name : scope;
-}
-
 int
 cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
 {
@@ -190,9 +175,14 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
     struct sup_opts o;
     if (sup_opts_parse(rest, &o, err, errlen) != 0)
         return -1;
-    const char *scope = o.has_scope ? sup_scope(e, o.scope) : NULL;
-    if (o.after_scope[0] != '\0')
-        snprintf(o.after_scope, sizeof(o.after_scope), "%s", sup_scope(e, o.after_scope));
+    /* The scope as the list stores it, for the answer and the log: in
+     * lowercase, as tenant names compare ("ACME" is [tenant Acme]'s list,
+     * where RCPT looks and its complaints land, configured yet or not).
+     * A name that is no scope goes as typed, for the list to refuse. */
+    char folded[SUPPRESS_SCOPE_MAX + 1];
+    const char *scope = NULL;
+    if (o.has_scope)
+        scope = suppress_normalize_scope(o.scope, folded, sizeof(folded)) == 0 ? folded : o.scope;
     int rc;
     if (strcmp(sub, "add") == 0) {
         enum suppress_reason reason = SUPPRESS_MANUAL;
@@ -314,7 +304,7 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
         }
         uint64_t t0 = clock_mono_ms();
         struct suppress_import_result r;
-        rc = suppress_import_csv(sup, f, sup_scope, e, &r);
+        rc = suppress_import_csv(sup, f, &r);
         fclose(f);
         uint64_t ms = clock_mono_ms() - t0;
         log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,

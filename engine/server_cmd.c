@@ -212,11 +212,11 @@ suppress_one(struct session *s, const char *addr, const char *tenant, char *text
 
 /* The tenant whose list RCPT checks: the AUTH user's tenant= under the
  * config's name for it, the one the message, its VERP token and so its
- * complaints carry (names compare without case, list scopes with it: the
- * users file's "ACME" is [tenant acme], whose list is scope "acme"). A
- * tenant the config does not name is checked as written (the message is
- * refused after DATA anyway). A tenant named by control header fields is
- * known only after DATA (suppress_after_data). */
+ * complaints carry (names compare without case, and so do list scopes:
+ * suppress.c folds them). A tenant the config does not name is checked
+ * as written (the message is refused after DATA anyway). A tenant named
+ * by control header fields is known only after DATA
+ * (suppress_after_data). */
 static const char *
 rcpt_tenant(const struct session *s)
 {

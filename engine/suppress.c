@@ -311,6 +311,35 @@ check_scope(const char *scope)
     return 0;
 }
 
+/* Scopes compare without case, as tenant names do (config.c): a list is
+ * stored and found under its scope in lowercase, whoever names it (the
+ * config's spelling at RCPT, the one a VERP token carried, an operator's,
+ * an imported file's). scope (NULL: global) into out (SUPPRESS_SCOPE_MAX
+ * + 1). Returns 0, or -EINVAL for a name no scope can have. */
+static int
+scope_fold(const char *scope, char *out)
+{
+    if (scope == NULL)
+        scope = SUPPRESS_SCOPE_GLOBAL;
+    if (check_scope(scope) != 0)
+        return -EINVAL;
+    size_t i = 0;
+    for (; scope[i] != '\0'; i++)
+        out[i] = (char)tolower((unsigned char)scope[i]);
+    out[i] = '\0';
+    return 0;
+}
+
+int
+suppress_normalize_scope(const char *scope, char *out, size_t outlen)
+{
+    char f[SUPPRESS_SCOPE_MAX + 1];
+    if (scope_fold(scope, f) != 0 || strlen(f) >= outlen)
+        return -EINVAL;
+    memcpy(out, f, strlen(f) + 1);
+    return 0;
+}
+
 static size_t
 key_make(uint8_t *k, const char *scope, const char *norm)
 {
@@ -432,10 +461,8 @@ static struct feed *
 feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress_reason reason,
           int64_t expires_at, const char *note, int *err)
 {
-    char norm[SUPPRESS_ADDR_MAX + 2];
-    if (scope == NULL)
-        scope = SUPPRESS_SCOPE_GLOBAL;
-    if ((unsigned)reason >= SUPPRESS_REASON_COUNT || check_scope(scope) != 0 ||
+    char norm[SUPPRESS_ADDR_MAX + 2], sc[SUPPRESS_SCOPE_MAX + 1];
+    if ((unsigned)reason >= SUPPRESS_REASON_COUNT || scope_fold(scope, sc) != 0 ||
         normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX ||
         expires_at < 0) {
         *err = -EINVAL;
@@ -447,7 +474,7 @@ feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress
         return NULL;
     }
     f->next = NULL;
-    f->klen = (uint16_t)key_make(f->kv, scope, norm);
+    f->klen = (uint16_t)key_make(f->kv, sc, norm);
     f->vlen = (uint16_t)val_make(f->kv + f->klen, reason, (int64_t)clock_unix_ms(), expires_at,
                                  note);
     return f;
@@ -520,14 +547,12 @@ suppress_complaint_expiry(const struct suppress *s, int64_t now_ms)
 int
 suppress_remove(struct suppress *s, const char *scope, const char *addr)
 {
-    char norm[SUPPRESS_ADDR_MAX + 2];
+    char norm[SUPPRESS_ADDR_MAX + 2], sc[SUPPRESS_SCOPE_MAX + 1];
     uint8_t kb[KEY_MAX];
-    if (scope == NULL)
-        scope = SUPPRESS_SCOPE_GLOBAL;
-    if (check_scope(scope) != 0 || normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
+    if (scope_fold(scope, sc) != 0 || normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
         strlen(norm) > SUPPRESS_ADDR_MAX)
         return -EINVAL;
-    MDB_val k = {key_make(kb, scope, norm), kb};
+    MDB_val k = {key_make(kb, sc, norm), kb};
     pthread_mutex_lock(&s->wlock);
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
@@ -675,12 +700,11 @@ move_batch(struct suppress *s, const uint8_t *pfx, size_t pl, const char *to)
     return n;
 }
 
-long
-suppress_move_scope(struct suppress *s, const char *from, const char *to)
+/* suppress_move_scope, from and to as stored (from may be a scope that
+ * needs folding: fold_stored_scopes). */
+static long
+move_scope(struct suppress *s, const char *from, const char *to)
 {
-    if (from == NULL || to == NULL || check_scope(from) != 0 || check_scope(to) != 0 ||
-        strcmp(from, to) == 0)
-        return -EINVAL;
     uint8_t pfx[SUPPRESS_SCOPE_MAX + 1];
     size_t pl = key_make(pfx, from, "");
     long total = 0;
@@ -693,6 +717,80 @@ suppress_move_scope(struct suppress *s, const char *from, const char *to)
         total += n;
         if (n < MOVE_BATCH)
             return total;
+    }
+}
+
+long
+suppress_move_scope(struct suppress *s, const char *from, const char *to)
+{
+    char f[SUPPRESS_SCOPE_MAX + 1], t[SUPPRESS_SCOPE_MAX + 1];
+    if (from == NULL || to == NULL || scope_fold(from, f) != 0 || scope_fold(to, t) != 0 ||
+        strcmp(f, t) == 0)
+        return -EINVAL;
+    return move_scope(s, f, t);
+}
+
+/* Lists stored under a scope with capitals (written before scopes were
+ * folded, or by such a sluice run since) move to the scope in lowercase,
+ * where every check now looks; an address on both keeps the entry that
+ * holds longer. Walks the scopes, not the entries: one seek per scope.
+ * At open, before any check. Returns the number of entries moved, or
+ * -errno. */
+static long
+fold_stored_scopes(struct suppress *s)
+{
+    uint8_t from[SUPPRESS_SCOPE_MAX + 2]; /* where the walk goes on */
+    size_t fl = 0;
+    long total = 0;
+    for (;;) {
+        char found[SUPPRESS_SCOPE_MAX + 1] = "";
+        MDB_txn *txn;
+        MDB_cursor *cur;
+        int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+        if (rc != 0)
+            return mdb_to_errno(rc);
+        if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
+            mdb_txn_abort(txn);
+            return mdb_to_errno(rc);
+        }
+        MDB_val k = {fl, from}, v;
+        rc = mdb_cursor_get(cur, &k, &v, fl > 0 ? MDB_SET_RANGE : MDB_FIRST);
+        while (rc == 0) {
+            const uint8_t *kp = k.mv_data, *z = memchr(kp, '\0', k.mv_size);
+            size_t sl = z != NULL ? (size_t)(z - kp) : 0;
+            if (z == NULL || sl == 0 || sl > SUPPRESS_SCOPE_MAX) { /* damaged: step over it */
+                rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+                continue;
+            }
+            /* past this scope: its name and 0x01 (no scope has octets below 0x21) */
+            memcpy(from, kp, sl);
+            from[sl] = 0x01;
+            fl = sl + 1;
+            bool upper = false;
+            for (size_t i = 0; i < sl && !upper; i++)
+                upper = kp[i] >= 'A' && kp[i] <= 'Z';
+            if (upper) {
+                memcpy(found, kp, sl);
+                found[sl] = '\0';
+                break;
+            }
+            k = (MDB_val){fl, from};
+            rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+        }
+        mdb_cursor_close(cur);
+        mdb_txn_abort(txn);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return mdb_to_errno(rc);
+        if (found[0] == '\0')
+            return total;
+        char low[SUPPRESS_SCOPE_MAX + 1];
+        for (size_t i = 0; i <= strlen(found); i++)
+            low[i] = (char)tolower((unsigned char)found[i]);
+        long n = move_scope(s, found, low);
+        if (n < 0)
+            return n;
+        log_msg(LOG_NOTICE, "event=suppress_scope_folded from=%s to=%s entries=%ld", found, low, n);
+        total += n;
     }
 }
 
@@ -849,6 +947,13 @@ suppress_open(const struct suppress_config *cfg, struct suppress **out, char *er
         suppress_close(s);
         return mdb_to_errno(rc);
     }
+    long folded = fold_stored_scopes(s);
+    if (folded < 0) {
+        snprintf(err, errlen, "suppress: cannot fold the scopes of the list at %s to lowercase: %s",
+                 cfg->path, strerror((int)-folded));
+        suppress_close(s);
+        return (int)folded;
+    }
     if ((rc = pthread_create(&s->thread, NULL, writer_main, s)) != 0) {
         snprintf(err, errlen, "suppress: cannot start its thread: %s", strerror(rc));
         suppress_close(s);
@@ -921,8 +1026,10 @@ suppress_check(struct suppress *s, const char *scope, const char *addr, struct s
         if (at == NULL || normalize(NULL, at, norm, sizeof(norm)) != 0)
             return 0;
     }
-    bool scoped = scope != NULL && strcmp(scope, SUPPRESS_SCOPE_GLOBAL) != 0 &&
-                  check_scope(scope) == 0;
+    char sc[SUPPRESS_SCOPE_MAX + 1];
+    bool scoped =
+        scope != NULL && scope_fold(scope, sc) == 0 && strcmp(sc, SUPPRESS_SCOPE_GLOBAL) != 0;
+    scope = sc;
     /* "@domain": after the last '@', as normalize() split it (a quoted
      * local part may hold one) */
     const char *dom = strrchr(norm, '@');
@@ -954,10 +1061,20 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
 {
     uint8_t kb[KEY_MAX];
     size_t sl = 0;
+    char sc[SUPPRESS_SCOPE_MAX + 1], asc[SUPPRESS_SCOPE_MAX + 1];
     if (scope != NULL) {
-        if (check_scope(scope) != 0)
+        if (scope_fold(scope, sc) != 0)
             return -EINVAL;
+        scope = sc;
         sl = strlen(scope) + 1; /* with its NUL: the range's prefix */
+    }
+    if (after_scope != NULL) {
+        size_t al = strlen(after_scope);
+        if (al > SUPPRESS_SCOPE_MAX)
+            return -EINVAL;
+        for (size_t i = 0; i <= al; i++)
+            asc[i] = (char)tolower((unsigned char)after_scope[i]);
+        after_scope = asc;
     }
     MDB_txn *txn;
     MDB_cursor *cur;
@@ -1235,9 +1352,7 @@ off_cmp(const void *x, const void *y, void *arg)
 }
 
 static int
-import_line(struct suppress *s, char *line, int64_t now, struct arena *a,
-            const char *(*scope_name)(void *arg, const char *scope), void *arg, char *why,
-            size_t wl)
+import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
 {
     char *f[6] = {0};
     int nf = csv_split(line, f, 6);
@@ -1245,9 +1360,7 @@ import_line(struct suppress *s, char *line, int64_t now, struct arena *a,
         snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
         return -EINVAL;
     }
-    const char *scope = nf > 1 && f[1][0] != '\0' ? f[1] : SUPPRESS_SCOPE_GLOBAL;
-    if (scope_name != NULL)
-        scope = scope_name(arg, scope);
+    char scope[SUPPRESS_SCOPE_MAX + 1];
     enum suppress_reason reason = SUPPRESS_MANUAL;
     if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
         snprintf(why, wl, "unknown reason");
@@ -1260,7 +1373,7 @@ import_line(struct suppress *s, char *line, int64_t now, struct arena *a,
         return -EINVAL;
     }
     char norm[SUPPRESS_ADDR_MAX + 2];
-    if (check_scope(scope) != 0) {
+    if (scope_fold(nf > 1 && f[1][0] != '\0' ? f[1] : NULL, scope) != 0) {
         snprintf(why, wl, "bad scope");
         return -EINVAL;
     }
@@ -1317,9 +1430,7 @@ import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
 }
 
 int
-suppress_import_csv(struct suppress *s, FILE *in,
-                    const char *(*scope_name)(void *arg, const char *scope), void *arg,
-                    struct suppress_import_result *res)
+suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
 {
     memset(res, 0, sizeof(*res));
     struct arena a = {0};
@@ -1341,7 +1452,7 @@ suppress_import_csv(struct suppress *s, FILE *in,
             snprintf(why, sizeof(why), "NUL octet");
             rc = -EINVAL;
         } else {
-            rc = import_line(s, line, now, &a, scope_name, arg, why, sizeof(why));
+            rc = import_line(s, line, now, &a, why, sizeof(why));
         }
         if (rc == -ENOMEM)
             break;

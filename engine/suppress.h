@@ -19,6 +19,11 @@
  * [suppress] says (lowercase, +tag stripped, dots of Gmail addresses
  * dropped), all off by default.
  * An entry for "@example.com" (or "example.com") suppresses the domain.
+ * Scopes compare without case, as tenant names do: "ACME", "Acme" and
+ * "acme" are one list, stored as "acme" (a list stored under capitals
+ * by an earlier version is folded into it at open), so that a tenant the
+ * config names later, in whatever case, finds the entries an operator or
+ * a VERP token gave under its name before.
  *
  * Threading: suppress_open/_close on one thread (the engine's main
  * thread). Everything else from any thread at once: checks and lists are
@@ -112,6 +117,10 @@ void suppress_close(struct suppress *s);
 /* Normalise addr as the list stores it. Returns 0, or -EINVAL (no
  * domain, empty or over-long parts, space or control characters). */
 int suppress_normalize(const struct suppress *s, const char *addr, char *out, size_t outlen);
+/* The scope (NULL: global) as the list stores it: in lowercase (see
+ * above). Returns 0, or -EINVAL (empty, too long, a space, a control
+ * character, ',' or '"'; or outlen too small). */
+int suppress_normalize_scope(const char *scope, char *out, size_t outlen);
 
 /*
  * Add (or replace) the entry of addr ("user@example.com"; "@example.com"
@@ -170,15 +179,10 @@ struct suppress_import_result {
 };
 /* Read in whole, sorted, written in large transactions (MDB_APPEND when
  * the keys come after everything stored). Entries of the file replace
- * stored ones with the same key; lines in error are skipped and counted.
- * scope_name (NULL: none) gives the scope an entry is stored under for
- * the one its line names (the config's spelling of a tenant's name,
- * which RCPT and the bounce listener use: ops.c); what it returns lives
- * until the next call. Returns 0, or -errno (nothing after the failing
- * batch is written). */
-int suppress_import_csv(struct suppress *s, FILE *in,
-                        const char *(*scope_name)(void *arg, const char *scope), void *arg,
-                        struct suppress_import_result *res);
+ * stored ones with the same key (the scope folded as every scope is);
+ * lines in error are skipped and counted. Returns 0, or -errno (nothing
+ * after the failing batch is written). */
+int suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res);
 /* Write entries (of scope, NULL: all) with a header line. Returns the
  * number written, or -errno. */
 long suppress_export_csv(struct suppress *s, FILE *out, const char *scope);

@@ -350,6 +350,48 @@ def test_operator_scope_in_another_case():
         r.close()
 
 
+def test_scope_for_a_tenant_configured_later():
+    """An operator's entry for a tenant the config does not name yet,
+    typed in another case than the section that comes later: once
+    [tenant Foo] is configured (SIGHUP), its users' RCPT to the address
+    is refused. Before the fix the entry stayed under "foo" while RCPT
+    looked under "Foo": the recipient was mailed."""
+    import base64
+    import signal
+    from test_auth import crypt
+    keydir = tempfile.mkdtemp(prefix="sluice-sup-later-")
+    users = os.path.join(keydir, "users")
+    with open(users, "w") as fh:
+        fh.write(f"app1:{crypt('secret', '$6$rounds=5000$')}:tenant=Foo\n")
+    r = Relay(records_for(["ten.test"]), domain_conf=conf(
+        f"[server]\nauth_users_file = {users}\nplaintext_auth = loopback\n"))
+    cfg = os.path.join(r.wd.path, "sluice.conf")
+    try:
+        got = ctl_ok(r, "suppress", "add", "gone@ten.test", "--scope", "foo")
+        assert got["scope"] == "foo", got
+        with open(cfg, "a") as fh:
+            fh.write("\n[tenant Foo]\n")
+        n = r.d.count_log("event=config_reloaded")
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log_count("event=config_reloaded", n + 1)
+        c = Client(r.port)
+        auth = base64.b64encode(b"\0app1\0secret").decode()
+        assert c.cmd("AUTH PLAIN " + auth).startswith("235")
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        reply = c.cmd("RCPT TO:<gone@ten.test>")
+        assert reply == "550 5.7.1 <gone@ten.test> is on the do-not-mail list (manual)", reply
+        assert c.cmd("RCPT TO:<here@ten.test>").startswith("250")
+        c.close()
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 1)
+        assert [(e["rcpt"], e["scope"]) for e in sup] == [("gone@ten.test", "foo")], sup
+        chk = ctl_ok(r, "suppress", "check", "gone@ten.test", "--scope", "FOO")
+        assert chk["suppressed"] and chk["entry"]["scope"] == "foo", chk
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
 def test_hard_bounce_feeds_the_list():
     r = Relay(records_for(["gone.test"]), with_sink=False,
               domain_conf=conf("on_invalid_recipient = 30d\n"))
@@ -637,4 +679,5 @@ if __name__ == "__main__":
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
           test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list,
-          test_operator_scope_in_another_case, test_complaint_for_unconfigured_tenant_folded])
+          test_operator_scope_in_another_case, test_complaint_for_unconfigured_tenant_folded,
+          test_scope_for_a_tenant_configured_later])

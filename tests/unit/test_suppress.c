@@ -20,6 +20,9 @@
 
 #include <cmocka.h>
 
+#include <endian.h>
+#include <lmdb.h>
+
 #include "common/clock.h"
 #include "engine/suppress.h"
 
@@ -251,7 +254,7 @@ test_purge_in_batches(void **state)
     FILE *in = fmemopen(csv, len, "r");
     assert_non_null(in);
     struct suppress_import_result res;
-    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &res), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, &res), 0);
     fclose(in);
     free(csv);
     assert_int_equal(res.imported, 25000);
@@ -427,7 +430,7 @@ test_csv_round_trip(void **state)
                       "dup@x.example,,manual,,,second\n";
     FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &r), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
     assert_int_equal(r.lines, 9);
     assert_int_equal(r.imported, 5);
@@ -464,7 +467,7 @@ test_csv_round_trip(void **state)
     assert_int_equal(system(cmd), 0);
     fix_open(f);
     in = fmemopen(buf, len, "r");
-    assert_int_equal(suppress_import_csv(f->s, in, NULL, NULL, &r), 0);
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
     assert_int_equal(r.imported, 6);
     char *buf2 = NULL;
@@ -488,6 +491,117 @@ test_reopen(void **state)
     fix_open(f);
     assert_int_equal(suppress_check(f->s, NULL, "stay@x.example", NULL), 1);
     assert_int_equal(suppress_check(f->s, NULL, "fed@x.example", NULL), 1);
+}
+
+/* Scopes compare without case, as tenant names: an entry given under
+ * one spelling (an operator's "foo" for a tenant the config does not
+ * name yet) is found under any other (the config's later [tenant Foo],
+ * at RCPT), removed under any, listed and imported the same way. */
+static void
+test_scope_case(void **state)
+{
+    struct fix *f = *state;
+    struct suppress_entry e;
+    assert_int_equal(suppress_add(f->s, "foo", "a@x.example", SUPPRESS_MANUAL, 0, "op"), 0);
+    assert_int_equal(suppress_check(f->s, "Foo", "a@x.example", &e), 1);
+    assert_string_equal(e.scope, "foo");
+    assert_int_equal(suppress_add(f->s, "Bar.Co", "b@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, "bar.co", "b@x.example", &e), 1);
+    assert_string_equal(e.scope, "bar.co");
+    assert_int_equal(suppress_check(f->s, "BAR.CO", "b@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, "other", "b@x.example", NULL), 0);
+    /* "GLOBAL" is the global list */
+    assert_int_equal(suppress_add(f->s, "GLOBAL", "c@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "c@x.example", &e), 1);
+    assert_string_equal(e.scope, "global");
+    assert_int_equal(suppress_list(f->s, "FOO", NULL, NULL, 0, count_one, NULL), 1);
+    assert_int_equal(suppress_list(f->s, NULL, "Bar.Co", "b@x.example", 0, count_one, NULL), 2);
+    assert_int_equal(suppress_remove(f->s, "fOO", "a@x.example"), 0);
+    assert_int_equal(suppress_check(f->s, "foo", "a@x.example", NULL), 0);
+    const char *csv = "d@x.example,Acme,,,,\n";
+    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
+    struct suppress_import_result r;
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    fclose(in);
+    assert_int_equal(r.imported, 1);
+    assert_int_equal(suppress_check(f->s, "ACME", "d@x.example", &e), 1);
+    assert_string_equal(e.scope, "acme");
+    char out[SUPPRESS_SCOPE_MAX + 1];
+    assert_int_equal(suppress_normalize_scope("Customer-0042", out, sizeof(out)), 0);
+    assert_string_equal(out, "customer-0042");
+    assert_int_equal(suppress_normalize_scope(NULL, out, sizeof(out)), 0);
+    assert_string_equal(out, "global");
+    assert_int_equal(suppress_normalize_scope("a b", out, sizeof(out)), -EINVAL);
+    assert_int_equal(suppress_normalize_scope("", out, sizeof(out)), -EINVAL);
+}
+
+/* Write key scope NUL addr with a value as suppress.c stores it. */
+static void
+raw_put(MDB_txn *txn, MDB_dbi dbi, const char *scope, const char *addr, int64_t expires,
+        const char *note)
+{
+    uint8_t k[512], v[64];
+    size_t sl = strlen(scope), al = strlen(addr), nl = strlen(note);
+    memcpy(k, scope, sl + 1);
+    memcpy(k + sl + 1, addr, al);
+    uint16_t l16 = htole16((uint16_t)nl);
+    uint64_t a = htole64((uint64_t)clock_unix_ms()), x = htole64((uint64_t)expires);
+    v[0] = 1;
+    v[1] = 3; /* manual */
+    memcpy(v + 2, &l16, 2);
+    memcpy(v + 4, &a, 8);
+    memcpy(v + 12, &x, 8);
+    memcpy(v + 20, note, nl);
+    MDB_val kv = {sl + 1 + al, k}, vv = {20 + nl, v};
+    assert_int_equal(mdb_put(txn, dbi, &kv, &vv, 0), 0);
+}
+
+/* A list an earlier version wrote under scopes as typed ("Foo", "BAR")
+ * is folded at open: every entry is then found, under the lowercase
+ * scope; where both spellings held the address, the entry that holds
+ * longer stays. */
+static void
+test_scope_case_folded_at_open(void **state)
+{
+    struct fix *f = *state;
+    assert_int_equal(suppress_add(f->s, "foo", "both@x.example", SUPPRESS_MANUAL,
+                                  (int64_t)clock_unix_ms() + 3600000, "an hour"),
+                     0);
+    assert_int_equal(suppress_add(f->s, NULL, "g@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
+    suppress_close(f->s);
+    f->s = NULL;
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 2), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, 64 << 20), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "entries", 0, &dbi), 0);
+    raw_put(txn, dbi, "Foo", "a@x.example", 0, "typed Foo");
+    raw_put(txn, dbi, "Foo", "both@x.example", 0, "for ever");
+    raw_put(txn, dbi, "BAR", "b@x.example", 0, "typed BAR");
+    raw_put(txn, dbi, "FOO", "c@x.example", 0, "typed FOO");
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+
+    fix_open(f);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, "foo", "a@x.example", &e), 1);
+    assert_string_equal(e.scope, "foo");
+    assert_string_equal(e.note, "typed Foo");
+    assert_int_equal(suppress_check(f->s, "Foo", "c@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, "bar", "b@x.example", &e), 1);
+    assert_string_equal(e.scope, "bar");
+    assert_int_equal(suppress_check(f->s, "foo", "both@x.example", &e), 1);
+    assert_string_equal(e.note, "for ever");
+    assert_int_equal(e.expires_ms, 0);
+    assert_int_equal(suppress_check(f->s, NULL, "g@x.example", NULL), 1);
+    struct suppress_stats st;
+    suppress_stats(f->s, &st);
+    assert_int_equal(st.entries, 5);
+    assert_int_equal(suppress_list(f->s, "foo", NULL, NULL, 0, count_one, NULL), 3);
 }
 
 static void
@@ -537,6 +651,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_csv_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_move_scope, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_scope_case, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_scope_case_folded_at_open, setup, teardown),
         cmocka_unit_test(test_config_check),
         cmocka_unit_test_setup_teardown(test_reply, setup, teardown),
     };
