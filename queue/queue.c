@@ -18,7 +18,8 @@
  * A spool opened read-only (queue_open_readonly, for the tools) has an
  * MDB_RDONLY environment and neither thread: submit() refuses every
  * write, and opening it changes nothing on disk, not even an older
- * schema number or the blocks reserved below.
+ * schema number or the blocks reserved below, and makes no file (neither
+ * sluice.lock nor lock.mdb: see open_spool).
  *
  * On disk (one LMDB environment, a directory with data.mdb and lock.mdb,
  * plus sluice.lock which keeps a second process out):
@@ -2811,6 +2812,27 @@ queue_destroy(struct queue *q)
     free(q);
 }
 
+/* Make q->env and open it at path with flags; on failure the
+ * environment is closed (LMDB's rule: it cannot be opened again) and
+ * q->env is NULL. Returns 0 or LMDB's code. */
+static int
+env_open(struct queue *q, const char *path, unsigned flags)
+{
+    int rc;
+    if ((rc = mdb_env_create(&q->env)) != 0) {
+        q->env = NULL;
+        return rc;
+    }
+    if ((rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
+        (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
+        (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
+        (rc = mdb_env_open(q->env, path, flags, 0600)) != 0) {
+        mdb_env_close(q->env);
+        q->env = NULL;
+    }
+    return rc;
+}
+
 /* queue_open and queue_open_readonly. */
 static int
 open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, char *err,
@@ -2855,17 +2877,21 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
         return rc;
     }
     /* A reader shares the lock with other readers: a sluice (exclusive)
-     * stays out while it reads, and it stays out while a sluice runs. */
+     * stays out while it reads, and it stays out while a sluice runs. A
+     * reader makes no file: without sluice.lock (a copy of the data file,
+     * a spool of mdb_copy) no sluice has the spool open, since a sluice
+     * makes the file before it opens the environment. */
     char lock_path[4200];
     snprintf(lock_path, sizeof(lock_path), "%s/sluice.lock", path);
-    q->lock_fd = open(lock_path, (read_only ? O_RDONLY : O_RDWR) | O_CREAT | O_CLOEXEC, 0600);
-    if (q->lock_fd < 0) {
+    q->lock_fd =
+        open(lock_path, read_only ? O_RDONLY | O_CLOEXEC : O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->lock_fd < 0 && !(read_only && errno == ENOENT)) {
         rc = -errno;
         open_fail(err, errlen, rc, "cannot open spool lock %s: %s", lock_path, strerror(-rc));
         queue_destroy(q);
         return rc;
     }
-    if (flock(q->lock_fd, (read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
+    if (q->lock_fd >= 0 && flock(q->lock_fd, (read_only ? LOCK_SH : LOCK_EX) | LOCK_NB) < 0) {
         rc = errno == EWOULDBLOCK ? QUEUE_ELOCKED : -errno;
         if (rc == QUEUE_ELOCKED)
             open_fail(err, errlen, rc, "spool %s is in use by another process (lock %s)", path,
@@ -2885,10 +2911,20 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
     unsigned flags = MDB_NOTLS | (read_only                ? MDB_RDONLY
                                   : q->cfg.unsafe_no_sync ? MDB_NOSYNC
                                                           : MDB_NOMETASYNC);
-    if ((rc = mdb_env_create(&q->env)) != 0 || (rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
-        (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
-        (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
-        (rc = mdb_env_open(q->env, path, flags, 0600)) != 0) {
+    /* A reader joins LMDB's lock file (lock.mdb) where there is one it may
+     * write, and reads without one (MDB_NOLOCK) where there is none, so
+     * as not to make it, or where it may not write it (a read-only copy):
+     * no writer can be at work, as the spool lock says above. */
+    char lmdb_lock[4200];
+    snprintf(lmdb_lock, sizeof(lmdb_lock), "%s/lock.mdb", path);
+    if (read_only && access(lmdb_lock, F_OK) != 0 && errno == ENOENT)
+        flags |= MDB_NOLOCK;
+    rc = env_open(q, path, flags);
+    if (rc != 0 && read_only && !(flags & MDB_NOLOCK) && (rc == EACCES || rc == EROFS)) {
+        flags |= MDB_NOLOCK;
+        rc = env_open(q, path, flags);
+    }
+    if (rc != 0) {
         int code = lmdb_err(rc);
         if (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH)
             open_fail(err, errlen, code, "cannot open spool %s: %s (not a spool of this LMDB)",

@@ -92,11 +92,13 @@ queue_error_is_space(int rc)
 int queue_open(const struct queue_config *cfg, struct queue **out, char *err, size_t errlen);
 /* Open an existing spool to read it (tools): the environment read-only
  * (MDB_RDONLY), no committer, nothing written: an older schema stays as it
- * is (queue_open would mark it), no disk blocks are reserved, no directory
- * or spool is created. Every reader works; every write (enqueue, update,
- * due take, events) returns -EROFS. Takes the spool's lock shared: it
- * fails with QUEUE_ELOCKED while a queue_open holds it, and keeps
- * queue_open out until queue_close. */
+ * is (queue_open would mark it), no disk blocks are reserved, no
+ * directory, spool or file is created (not sluice.lock, not LMDB's
+ * lock.mdb: a copy of the data file alone, or a directory it may not
+ * write, is read as it is). Every reader works; every write (enqueue,
+ * update, due take, events) returns -EROFS. Takes the spool's lock
+ * shared when there is one: it fails with QUEUE_ELOCKED while a
+ * queue_open holds it, and keeps queue_open out until queue_close. */
 int queue_open_readonly(const struct queue_config *cfg, struct queue **out, char *err,
                         size_t errlen);
 /* Commit every request already submitted (their completions are pushed

@@ -5,7 +5,10 @@
  * command only reads: the spool is opened read-only (queue_open_readonly),
  * so that it is left exactly as it was: an older sluice's spool keeps its
  * schema number (which a read-write open would raise, and that sluice
- * would then refuse its own spool) and no disk blocks are reserved.
+ * would then refuse its own spool), no disk blocks are reserved and no
+ * file is made in the directory (neither sluice.lock nor LMDB's
+ * lock.mdb): a copy of data.mdb alone, or a read-only copy, is read as it
+ * is.
  * For operators and for the tests, which then need not know the record
  * format.
  *

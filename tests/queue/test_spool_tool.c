@@ -1,8 +1,12 @@
 /*
  * sluice-spool leaves the spool it reads as it was: on a spool of an
  * older sluice (schema 1), count, check and dump succeed and leave the
- * schema number, the data file's size, blocks and time alone. The tool
- * comes from $SLUICE_SPOOL (set by ctest); without it the test skips.
+ * schema number, the data file's size, blocks and time alone. It makes
+ * no file in the spool's directory (neither sluice.lock nor LMDB's
+ * lock.mdb): on a copy of data.mdb alone, on a copy that may not be
+ * written (chmod a-w, read by a user that is not root), and on a spool a
+ * sluice holds, which it refuses. The tool comes from $SLUICE_SPOOL (set
+ * by ctest); without it the test skips.
  *
  * Threading: one thread; the tool runs as a child process.
  */
@@ -12,8 +16,10 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <grp.h>
 #include <lmdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,9 +66,10 @@ schema(const char *path, uint32_t set)
     return was;
 }
 
-/* Exit status of sluice-spool CMD DIR, its output thrown away. */
+/* Exit status of sluice-spool CMD DIR, its output thrown away; as user
+ * and group uid when uid is not -1 (root's test drops its rights). */
 static int
-run_tool(const char *cmd, const char *dir)
+run_tool_as(const char *cmd, const char *dir, int uid)
 {
     pid_t pid = fork();
     assert_true(pid >= 0);
@@ -70,12 +77,160 @@ run_tool(const char *cmd, const char *dir)
         int fd = open("/dev/null", O_WRONLY);
         if (fd >= 0)
             dup2(fd, 1);
+        if (uid != -1 &&
+            (setgroups(0, NULL) != 0 || setgid((gid_t)uid) != 0 || setuid((uid_t)uid) != 0))
+            _exit(126);
         execl(tool, tool, cmd, dir, (char *)NULL);
         _exit(127);
     }
     int st;
     assert_int_equal(waitpid(pid, &st, 0), pid);
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+static int
+run_tool(const char *cmd, const char *dir)
+{
+    return run_tool_as(cmd, dir, -1);
+}
+
+/* The names in dir, sorted, comma separated, into out. */
+static void
+names(const char *dir, char *out, size_t outlen)
+{
+    struct dirent **list;
+    int n = scandir(dir, &list, NULL, alphasort);
+    assert_true(n >= 0);
+    out[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        if (strcmp(list[i]->d_name, ".") != 0 && strcmp(list[i]->d_name, "..") != 0) {
+            size_t l = strlen(out);
+            snprintf(out + l, outlen - l, "%s%s", l > 0 ? "," : "", list[i]->d_name);
+        }
+        free(list[i]);
+    }
+    free(list);
+}
+
+/* A spool with one message at dir/spool, closed; dir made. */
+static void
+make_spool(char *dir, size_t dirlen, char *spool, size_t spoollen)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, dirlen, "%s/sluice-spool-tool-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    assert_non_null(mkdtemp(dir));
+    snprintf(spool, spoollen, "%s/spool", dir);
+    struct queue_config cfg;
+    char err[512];
+    memset(&cfg, 0, sizeof(cfg));
+    assert_int_equal(conf_defaults(queue_conf_keys, &cfg, err, sizeof(err)), 0);
+    free(cfg.path);
+    cfg.path = strdup(spool);
+    cfg.map_size = 64ULL << 20;
+    struct queue *q;
+    assert_int_equal(queue_open(&cfg, &q, err, sizeof(err)), 0);
+    struct queue_rcpt rc = {.addr = "a@example.org"};
+    struct queue_envelope env = {
+        .id = queue_id_next(q), .sender = "s@example.com", .nrcpt = 1, .rcpt = &rc};
+    struct iovec iov = {"body\r\n", 6};
+    assert_int_equal(queue_enqueue_wait(q, &env, &iov, 1), 0);
+    queue_close(q);
+    conf_free(queue_conf_keys, &cfg);
+}
+
+/* Copy file from to to, mode mode. */
+static void
+copy_file(const char *from, const char *to, mode_t mode)
+{
+    FILE *in = fopen(from, "rb"), *out = fopen(to, "wb");
+    assert_non_null(in);
+    assert_non_null(out);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), in)) > 0)
+        assert_int_equal(fwrite(buf, 1, n, out), n);
+    fclose(in);
+    assert_int_equal(fclose(out), 0);
+    assert_int_equal(chmod(to, mode), 0);
+}
+
+static const char *const cmds[] = {"count", "check", "dump"};
+
+/* A copy of the spool (data.mdb alone, as mdb_copy or a backup of the
+ * data file gives; then with every file of a stopped spool, made
+ * read-only): every command works, and no file appears. Before the fix
+ * the tool made sluice.lock and lock.mdb in the first, and failed in the
+ * read-only one (it could make neither). */
+static void
+test_copy_gets_no_new_file(void **state)
+{
+    (void)state;
+    char dir[256], spool[300], copy[300], from[340], to[340], got[256];
+    make_spool(dir, sizeof(dir), spool, sizeof(spool));
+    snprintf(copy, sizeof(copy), "%s/copy", dir);
+    assert_int_equal(mkdir(copy, 0755), 0);
+    snprintf(from, sizeof(from), "%s/data.mdb", spool);
+    snprintf(to, sizeof(to), "%s/data.mdb", copy);
+    copy_file(from, to, 0600);
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(run_tool(cmds[i], copy), 0);
+        names(copy, got, sizeof(got));
+        assert_string_equal(got, "data.mdb");
+    }
+
+    /* read-only: chmod a-w, read by a user that is not root, for whom
+     * the modes hold (root's test runs the tool as nobody) */
+    int uid = geteuid() == 0 ? 65534 : -1;
+    assert_int_equal(chmod(dir, 0755), 0);
+    static const char *const files[] = {"data.mdb", "lock.mdb", "sluice.lock"};
+    for (int all = 0; all < 2; all++) {
+        /* data.mdb alone, then every file a stopped sluice leaves */
+        for (size_t i = 0; i < (all ? 3 : 1); i++) {
+            snprintf(from, sizeof(from), "%s/%s", spool, files[i]);
+            snprintf(to, sizeof(to), "%s/%s", copy, files[i]);
+            chmod(to, 0600);
+            copy_file(from, to, 0444);
+        }
+        assert_int_equal(chmod(copy, 0555), 0);
+        char want[256];
+        names(copy, want, sizeof(want));
+        assert_string_equal(want, all ? "data.mdb,lock.mdb,sluice.lock" : "data.mdb");
+        for (size_t i = 0; i < 3; i++) {
+            assert_int_equal(run_tool_as(cmds[i], copy, uid), 0);
+            names(copy, got, sizeof(got));
+            assert_string_equal(got, want);
+        }
+        assert_int_equal(chmod(copy, 0755), 0);
+    }
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* A spool a sluice holds (queue_open's exclusive lock): every command
+ * refuses it, and leaves its directory as it was. */
+static void
+test_held_spool_refused(void **state)
+{
+    (void)state;
+    char dir[256], spool[300], before[256], after[256];
+    make_spool(dir, sizeof(dir), spool, sizeof(spool));
+    struct queue_config cfg;
+    char err[512];
+    memset(&cfg, 0, sizeof(cfg));
+    assert_int_equal(conf_defaults(queue_conf_keys, &cfg, err, sizeof(err)), 0);
+    free(cfg.path);
+    cfg.path = strdup(spool);
+    cfg.map_size = 64ULL << 20;
+    struct queue *q;
+    assert_int_equal(queue_open(&cfg, &q, err, sizeof(err)), 0);
+    names(spool, before, sizeof(before));
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(run_tool(cmds[i], spool), 1);
+        names(spool, after, sizeof(after));
+        assert_string_equal(after, before);
+    }
+    queue_close(q);
+    conf_free(queue_conf_keys, &cfg);
+    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static void
@@ -123,7 +278,6 @@ test_read_commands_change_nothing(void **state)
 
     struct stat before, after;
     assert_int_equal(stat(data, &before), 0);
-    static const char *const cmds[] = {"count", "check", "dump"};
     for (size_t i = 0; i < 3; i++) {
         assert_int_equal(run_tool(cmds[i], spool), 0);
         assert_int_equal(schema(spool, 0), 1);
@@ -146,6 +300,8 @@ main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_read_commands_change_nothing),
+        cmocka_unit_test(test_copy_gets_no_new_file),
+        cmocka_unit_test(test_held_spool_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
