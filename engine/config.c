@@ -1758,7 +1758,14 @@ config_reference(FILE *out)
                  "themselves (400, 422: any 4xx but 401, 403, 404, 405, 407, 408, 410, 413, "
                  "421, 425 and 429) splits the batch until one event is refused alone, which "
                  "is dropped, logged (event=events_rejected) and counted (rejected); anything "
-                 "else is retried from retry_min doubling to retry_max.\n\n");
+                 "else is retried from retry_min doubling to retry_max. A Redis sink "
+                 "pipelines a batch's XADDs and reads each reply: an event answered with an id "
+                 "is in and never sent again; one refused with a generic -ERR is dropped as "
+                 "above when the stream took another of the same batch or it was sent alone "
+                 "(a batch refused whole goes again one event at a time); any other error "
+                 "(-OOM, -WRONGTYPE, -READONLY, -LOADING, ...: the server or the key takes "
+                 "nothing now) or a lost connection retries the events not in, alone, after "
+                 "the backoff.\n\n");
     reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

@@ -29,6 +29,18 @@
  * each logged, not its whole backlog at once. 5xx and connection errors
  * are retried.
  *
+ * A Redis stream answers each XADD of the pipelined batch alone
+ * (sink_redis_settle): the cursor moves past the events up to the first
+ * one not in, the events after it that went in are noted (s->done) and
+ * left out when the batch is sent again, so no event is in the stream
+ * twice but after a crash or a restart. An event refused with a generic
+ * -ERR is refused for what it holds: dropped as above when the stream
+ * took another event of the same pipeline, or when it was sent alone; a
+ * batch refused whole is sent again one event at a time, under the
+ * same guard. Any other error (-OOM, -WRONGTYPE, -READONLY, -LOADING,
+ * ...: the server or the key takes nothing now) and a lost connection
+ * send the events not in again after the backoff.
+ *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
  * and the journal's trims (a trim reads every listed sink's cursor and
  * deletes under it, so a reload that takes a sink out to restart it
@@ -301,6 +313,13 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
     json_raw(&s->body, "[", 1);
     s->nlines = 0;
     *first_ms = 0;
+    /* what the cursor passed is behind: no longer left out */
+    unsigned gone = 0;
+    while (gone < s->ndone && s->done[gone] < pos.seq)
+        gone++;
+    memmove(s->done, s->done + gone, (s->ndone - gone) * sizeof(s->done[0]));
+    s->ndone -= gone;
+    unsigned next_done = 0;
     bool full = false;
     while (!full) {
         long n = journal_read(s->ev->journal, &pos, s->rbuf, READ_BUF, &s->fd, &s->fd_seg, skipped);
@@ -310,12 +329,23 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
             break;
         const char *p = s->rbuf, *end = s->rbuf + n;
         while (p < end) {
-            if (s->nlines == s->max_lines || (s->split_lines > 0 && s->nlines == s->split_lines)) {
+            if (s->nlines == s->max_lines || (s->split_lines > 0 && s->nlines == s->split_lines) ||
+                (s->ndone > 0 && pos.seq >= s->done_end)) {
                 full = true;
                 break;
             }
             const char *nl = memchr(p, '\n', (size_t)(end - p));
             size_t len = (size_t)(nl - p) + 1;
+            while (next_done < s->ndone && s->done[next_done] < pos.seq)
+                next_done++;
+            if (next_done < s->ndone && s->done[next_done] == pos.seq) {
+                /* in the stream already, or dropped: a part of a batch
+                 * taken in part (sink_redis_settle) */
+                pos.off += len;
+                pos.seq++;
+                p = nl + 1;
+                continue;
+            }
             bool wanted = sink_wants(s, p, len);
             /* framed: the line, its event_id member (under FRAME_MAX),
              * a comma and the closing bracket */
@@ -325,9 +355,10 @@ batch_gather(struct sink *s, const struct journal_pos *from, uint64_t *filtered,
             }
             if (*first_ms == 0)
                 *first_ms = line_time_ms(p, len);
-            if (wanted)
+            if (wanted) {
+                s->marks[s->nlines] = (struct batch_mark){pos, *filtered};
                 batch_add(s, p, len, pos.seq);
-            else
+            } else
                 (*filtered)++;
             pos.off += len;
             pos.seq++;
@@ -439,30 +470,109 @@ sink_peek_oldest(struct sink *s)
         s->oldest_ms = ms;
 }
 
-/* Log the one event of the batch, dropped: its endpoint refused it
- * alone with status. */
+/* Log event i of the batch, dropped: its endpoint refused it alone,
+ * with a status (a webhook) or a reply (Redis: s->refusal). */
 static void
-sink_log_rejected(const struct sink *s, long status)
+sink_log_rejected(const struct sink *s, unsigned i, long status)
 {
-    const char *ev = s->body.buf + s->offs[0];
-    size_t len = s->lens[0];
+    const char *ev = s->body.buf + s->offs[i];
+    size_t len = s->lens[i];
     char type[32] = "", id[64] = "", rcpt[320] = "";
     struct {
         const char *key;
         char *out;
         size_t cap;
     } f[] = {{"event", type, sizeof(type)}, {"id", id, sizeof(id)}, {"rcpt", rcpt, sizeof(rcpt)}};
-    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+    for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
         size_t n = 0;
-        const char *v = line_field(ev, len, f[i].key, &n);
+        const char *v = line_field(ev, len, f[k].key, &n);
         if (v != NULL)
-            snprintf(f[i].out, f[i].cap, "%.*s", (int)(n < f[i].cap ? n : f[i].cap - 1), v);
+            snprintf(f[k].out, f[k].cap, "%.*s", (int)(n < f[k].cap ? n : f[k].cap - 1), v);
     }
-    log_msg(LOG_ERR,
-            "event=events_rejected sink=%s status=%ld event_id=%s-%" PRIu64
-            " type=%s id=%s rcpt=<%s> note=dropped_refused_alone",
-            s->cfg.name, status, journal_id(s->ev->journal), s->seqs[0], type[0] ? type : "-",
-            id[0] ? id : "-", rcpt);
+    if (s->kind == SINK_REDIS)
+        log_msg(LOG_ERR,
+                "event=events_rejected sink=%s reply=\"%.100s\" event_id=%s-%" PRIu64
+                " type=%s id=%s rcpt=<%s> note=dropped_refused_alone",
+                s->cfg.name, s->refusal, journal_id(s->ev->journal), s->seqs[i],
+                type[0] ? type : "-", id[0] ? id : "-", rcpt);
+    else
+        log_msg(LOG_ERR,
+                "event=events_rejected sink=%s status=%ld event_id=%s-%" PRIu64
+                " type=%s id=%s rcpt=<%s> note=dropped_refused_alone",
+                s->cfg.name, status, journal_id(s->ev->journal), s->seqs[i], type[0] ? type : "-",
+                id[0] ? id : "-", rcpt);
+}
+
+/* What became of a Redis batch that was not taken whole. */
+struct xadd_settled {
+    struct journal_pos ack; /* the cursor: past every event dealt with from the batch's start */
+    uint64_t filtered;      /* events the filter left out before ack */
+    unsigned in;            /* events in the stream (counted as sent) */
+    unsigned dropped;       /* events refused and dropped (logged here) */
+};
+
+/*
+ * A Redis batch that was not taken whole (sink_redis_send, s->fates):
+ * the replies say which events are in, so none of those is sent again.
+ * An event refused for what it holds (XADD_REFUSED) while the stream
+ * took another of the same pipeline is dropped (rejected); alone in its
+ * batch too. The cursor moves past the events dealt with from the
+ * batch's start; those dealt with after the first that was not are
+ * noted in s->done, and the batch sent again leaves them out. Returns
+ * 0 when every event was dealt with, HTTP_REFUSED when nothing went in
+ * and refusals alone are left (one event: dropped by the caller; more:
+ * sent again one at a time, so that each is refused alone), or -1 when
+ * some are to be sent again after the backoff.
+ */
+static int
+sink_redis_settle(struct sink *s, struct xadd_settled *out)
+{
+    unsigned in = 0, refused = 0, retry = 0;
+    for (unsigned i = 0; i < s->nlines; i++) {
+        in += s->fates[i] == XADD_IN;
+        refused += s->fates[i] == XADD_REFUSED;
+        retry += s->fates[i] == XADD_RETRY;
+    }
+    out->in = in;
+    out->dropped = 0;
+    if (in == 0 && retry == 0)
+        return HTTP_REFUSED; /* the caller drops one alone, or sends several one by one */
+    unsigned first = s->nlines, later = 0; /* the first event not dealt with; those after */
+    for (unsigned i = 0; i < s->nlines; i++) {
+        if (s->fates[i] == XADD_REFUSED && in > 0) {
+            sink_log_rejected(s, i, 0);
+            s->fates[i] = XADD_IN; /* dealt with: dropped */
+            out->dropped++;
+        }
+        if (s->fates[i] != XADD_IN && first == s->nlines)
+            first = i;
+        else if (s->fates[i] == XADD_IN && first < s->nlines)
+            later++;
+    }
+    /* Merged into s->done (ascending; the batch left out the numbers it
+     * holds, so none is there twice). Every number there lies between the
+     * cursor and done_end, in one batch's span: batch_max at most. */
+    if (later > 0 && s->ndone + later <= s->cfg.batch_max) {
+        if (s->ndone == 0)
+            s->done_end = s->next.seq;
+        unsigned w = s->ndone + later, k = s->ndone;
+        for (unsigned i = s->nlines; i-- > first + 1;) {
+            if (s->fates[i] != XADD_IN)
+                continue;
+            while (k > 0 && s->done[k - 1] > s->seqs[i])
+                s->done[--w] = s->done[--k];
+            s->done[--w] = s->seqs[i];
+        }
+        s->ndone += later;
+    }
+    if (first == s->nlines) {
+        out->ack = s->next;
+        out->filtered = UINT64_MAX; /* all of them: the caller's count */
+        return 0;
+    }
+    out->ack = s->marks[first].at;
+    out->filtered = s->marks[first].filtered;
+    return -1;
 }
 
 /* This sink is to stop (all, or it alone); ev->mu held. */
@@ -539,18 +649,26 @@ sink_main(void *arg)
             sent = sink_http_send(s, &status, err, sizeof(err));
         else
             sent = sink_redis_send(s, err, sizeof(err));
+        /* What the endpoint took: the whole batch, or (Redis) a part. */
+        struct xadd_settled part = {sent == 0 ? s->next : from, UINT64_MAX,
+                                    sent == 0 ? s->nlines : 0, 0};
+        if (s->kind == SINK_REDIS && rc == 0 && sent < 0)
+            sent = sink_redis_settle(s, &part);
         /* One event refused alone: the poison of a refused batch, or one
          * event over the endpoint's body limit (a 413 to it alone). */
         bool reject = (sent == HTTP_REFUSED || sent == HTTP_TOO_LARGE) && s->nlines == 1;
-        if (sent == 0 || reject) {
+        if (reject)
+            part.ack = s->next;
+        bool acked = sent == 0 || reject || part.ack.seq > from.seq;
+        if (acked) {
             /* The cursor goes to disk when the sink is idle, else once a
              * CURSOR_SYNC_MS: two fsyncs a batch would bound a backlog's
              * catch-up, and a crash re-sends at most that much. */
             struct journal_pos now_end;
             journal_end(ev->journal, &now_end);
             uint64_t t = events_mono_ms();
-            if (now_end.seq <= s->next.seq || t - last_store >= CURSOR_SYNC_MS) {
-                sink_store_cursor(s, &s->next);
+            if (now_end.seq <= part.ack.seq || t - last_store >= CURSOR_SYNC_MS) {
+                sink_store_cursor(s, &part.ack);
                 last_store = t;
                 dirty = false;
             } else {
@@ -560,19 +678,20 @@ sink_main(void *arg)
 
         pthread_mutex_lock(&ev->mu);
         s->st.dropped += skipped;
-        if (sent == 0 || reject) {
-            s->st.filtered += filtered;
-            s->cursor = s->next;
+        s->st.sent += part.in;
+        s->st.rejected += part.dropped;
+        if (part.in > 0)
+            s->rejected_last = false;
+        if (acked) {
+            s->st.filtered += part.filtered == UINT64_MAX ? filtered : part.filtered;
+            s->cursor = part.ack;
             s->oldest_ms = 0;
             first_seen = 0;
-            if (s->split_lines > 0 && (reject || s->next.seq >= s->split_end))
+            if (s->split_lines > 0 && (reject || s->cursor.seq >= s->split_end))
                 s->split_lines = 0; /* the refused batch is behind: whole batches again */
         }
         if (sent == 0) {
-            s->st.sent += s->nlines;
             s->st.batches += s->nlines > 0;
-            if (s->nlines > 0)
-                s->rejected_last = false;
             backoff = 0;
             if (failing)
                 log_msg(LOG_NOTICE, "event=events_sink_recovered sink=%s", s->cfg.name);
@@ -586,7 +705,7 @@ sink_main(void *arg)
         snprintf(s->st.last_error, sizeof(s->st.last_error), "%s", err);
         if (reject) {
             s->st.rejected++;
-            sink_log_rejected(s, status);
+            sink_log_rejected(s, 0, status);
             if (sent == HTTP_TOO_LARGE) {
                 /* The batches were halved down to it: the size is learnt
                  * again from the next 413, not kept at one event. */
@@ -616,11 +735,13 @@ sink_main(void *arg)
              * the event refused is alone. */
             if (s->split_lines == 0)
                 s->split_end = s->next.seq;
-            s->split_lines = s->nlines / 2;
+            /* Redis answered each event: they go one at a time, so that
+             * each is refused alone (or taken) */
+            s->split_lines = s->kind == SINK_REDIS ? 1 : s->nlines / 2;
             log_msg(LOG_NOTICE,
-                    "event=events_batch_split sink=%s status=%ld events=%u first_seq=%" PRIu64
-                    " next_events=%u",
-                    s->cfg.name, status, s->nlines, s->seqs[0], s->split_lines);
+                    "event=events_batch_split sink=%s status=%ld err=\"%s\" events=%u "
+                    "first_seq=%" PRIu64 " next_events=%u",
+                    s->cfg.name, status, err, s->nlines, s->seqs[0], s->split_lines);
             continue;
         }
         if (sent == HTTP_TOO_LARGE && s->nlines > 1) {
@@ -664,6 +785,9 @@ sink_fini(struct sink *s)
     free(s->offs);
     free(s->lens);
     free(s->seqs);
+    free(s->marks);
+    free(s->fates);
+    free(s->done);
     json_fini(&s->body);
     if (s->curl != NULL)
         curl_easy_cleanup(s->curl);
@@ -694,7 +818,11 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
     s->offs = calloc(bm, sizeof(*s->offs));
     s->lens = calloc(bm, sizeof(*s->lens));
     s->seqs = calloc(bm, sizeof(*s->seqs));
-    if (s->rbuf == NULL || s->offs == NULL || s->lens == NULL || s->seqs == NULL) {
+    s->marks = calloc(bm, sizeof(*s->marks));
+    s->fates = calloc(bm, sizeof(*s->fates));
+    s->done = calloc(bm, sizeof(*s->done));
+    if (s->rbuf == NULL || s->offs == NULL || s->lens == NULL || s->seqs == NULL ||
+        s->marks == NULL || s->fates == NULL || s->done == NULL) {
         snprintf(err, errlen, "[events %s]: out of memory", c->name);
         return -ENOMEM;
     }

@@ -21,9 +21,12 @@
  * (queue_events_floor), so a number names one event for ever.
  *
  * Each sink keeps a durable cursor in the journal and moves it only once
- * its endpoint acknowledged a batch (a 2xx, or every XADD answered), or
- * refused one event alone for what it holds (a webhook's 400 or 422:
- * that event is dropped, counted and logged; events.c). The
+ * its endpoint acknowledged a batch (a 2xx; for a Redis stream, which
+ * answers every XADD of the pipeline alone, the events up to the first
+ * one not in: those after it that went in are left out when the rest is
+ * sent again), or refused one event alone for what it holds (a
+ * webhook's 400 or 422, a Redis -ERR: that event is dropped, counted and
+ * logged; events.c). The
  * cursor is written (fsync, rename) when the sink has caught up, else
  * once a second: two fsyncs a batch would bound the catch-up of a
  * backlog to the disk's fsync rate. So a restart or a kill -9 resumes
@@ -34,7 +37,10 @@
  * Order. Numbers follow commit order, and a message's reception commits
  * before any outcome of it can; the journal and each sink keep the
  * numbers' order (one batch in flight), so the first copy of a
- * message's reception arrives before the first copy of its outcomes.
+ * message's reception arrives before the first copy of its outcomes;
+ * but on a Redis stream that refused the reception's XADD for a moment
+ * (-OOM, ...) and took a later one of the same pipeline: the reception,
+ * sent again, then follows.
  *
  * Threads. The pump (spool to journal, PUMP_GATHER_MS after a commit so
  * that one fsync carries several commits), and one thread per sink, blocking on its own client with
@@ -109,7 +115,8 @@ struct events_sink_stats {
     uint64_t failed;        /* failed attempts (batches) */
     uint64_t filtered;      /* events its filter left out */
     uint64_t dropped;       /* events skipped past max_backlog */
-    uint64_t rejected;      /* events a webhook refused alone (a 4xx), dropped */
+    uint64_t rejected;      /* events the endpoint refused alone (a webhook's 4xx, a
+                             * Redis -ERR), dropped */
     bool paused;
     char last_error[EVENTS_ERROR_MAX]; /* "" when none yet */
 };

@@ -39,6 +39,21 @@
 
 enum sink_kind { SINK_HTTP, SINK_REDIS };
 
+/* What became of one event of a Redis batch (sink_redis_send). */
+enum xadd_fate {
+    XADD_IN,      /* answered with an entry id: in the stream */
+    XADD_REFUSED, /* a generic error (-ERR ...): refused for what it holds */
+    XADD_RETRY,   /* an error that says the server or the key takes nothing now (-OOM,
+                   * -WRONGTYPE, -READONLY, -LOADING, ...), or no answer: sent again */
+};
+
+/* Where one event of the batch starts in the journal, and how many
+ * events the filter left out between the batch's start and it. */
+struct batch_mark {
+    struct journal_pos at;
+    uint64_t filtered;
+};
+
 struct sink {
     struct events *ev;             /* borrowed: owns the sink */
     struct events_sink_config cfg; /* owned strings (conf_copy) */
@@ -60,6 +75,7 @@ struct sink {
     struct json body;    /* the batch: a JSON array of framed events */
     size_t *offs, *lens; /* owned, batch_max each: every event's object in body */
     uint64_t *seqs;      /* owned, batch_max: every event's number */
+    struct batch_mark *marks; /* owned, batch_max: every event's start */
     unsigned nlines;
     unsigned max_lines;      /* a batch's events: batch_max, less after a 413 */
     size_t max_bytes;        /* a batch's octets (but for its first event): EVENTS_BATCH_BYTES,
@@ -74,6 +90,14 @@ struct sink {
     char curl_err[CURL_ERROR_SIZE];
     size_t answer_len; /* octets of the answer's body read so far */
     /* redis */
+    unsigned char *fates; /* owned, batch_max: every event's enum xadd_fate */
+    uint64_t *done;       /* owned, batch_max: numbers past the cursor already dealt with (in
+                           * the stream, or dropped), ascending: a batch sent again leaves
+                           * them out */
+    unsigned ndone;
+    uint64_t done_end; /* while ndone > 0: the end of the batch they came from; no batch
+                        * reaches past it until they are behind the cursor */
+    char refusal[EVENTS_ERROR_MAX]; /* the batch's first XADD_REFUSED reply */
     redisContext *redis; /* owned */
     int redis_fd;        /* under ev->mu: its socket while connected, else -1 (a stop shuts it) */
     char host[256], stream[256], password[256];
@@ -135,7 +159,9 @@ bool sink_http_refuses(long code);
 int sink_http_send(struct sink *s, long *status, char *err, size_t errlen);
 /* Drop the sink's Redis connection (the next send connects again). */
 void sink_redis_drop(struct sink *s);
-/* XADD the sink's batch, pipelined; 0, or -1 with the reason in err. */
+/* XADD the sink's batch, pipelined: s->fates says what became of each
+ * event. Returns 0 when every one is in the stream, else -1 with the
+ * first failure in err. */
 int sink_redis_send(struct sink *s, char *err, size_t errlen);
 /* A stop abandons the sink's request in flight; mu held. */
 void sink_abort_locked(struct sink *s);

@@ -68,11 +68,15 @@ seg_push(struct journal *j, const struct journal_pos *start, uint64_t len)
     return 0;
 }
 
+/* By offset, then by number: of two segments at one offset (below),
+ * the one numbered higher comes last. */
 static int
 seg_cmp(const void *a, const void *b)
 {
     const struct seg *x = a, *y = b;
-    return x->start.off < y->start.off ? -1 : x->start.off > y->start.off;
+    if (x->start.off != y->start.off)
+        return x->start.off < y->start.off ? -1 : 1;
+    return x->start.seq < y->start.seq ? -1 : x->start.seq > y->start.seq;
 }
 
 static int
@@ -203,6 +207,44 @@ seg_create(struct journal *j, const struct journal_pos *start)
     return 0;
 }
 
+/*
+ * Two segments at one offset: a crash inside journal_skip_to of a build
+ * before it renamed (it made the new segment, then deleted the empty
+ * one it replaced) left both. The one numbered higher is the skip's;
+ * the other is empty and goes, else the table would hold two entries
+ * for one offset, and a trim would delete the file being appended to
+ * under the name of the other. Sorted table; returns 0 or -errno.
+ */
+static int
+drop_replaced(struct journal *j, char *err, size_t errlen)
+{
+    unsigned i = 0, dropped = 0;
+    while (i + 1 < j->nsegs) {
+        struct seg *s = &j->segs[i];
+        if (s->start.off != j->segs[i + 1].start.off) {
+            i++;
+            continue;
+        }
+        char path[PATH_MAX];
+        seg_path(j, &s->start, path, sizeof(path));
+        if (s->len != 0)
+            return open_fail(err, errlen, -EINVAL,
+                             "another segment starts at the same offset as this one, which is "
+                             "not empty",
+                             path);
+        if (unlink(path) < 0 && errno != ENOENT)
+            return open_fail(err, errlen, -errno, "cannot delete (replaced, empty)", path);
+        log_msg(LOG_WARN,
+                "event=events_journal_replaced_segment segment=%s next_seq=%" PRIu64
+                " note=deleted_empty_left_by_a_crash",
+                path, j->segs[i + 1].start.seq);
+        memmove(s, s + 1, (j->nsegs - i - 1) * sizeof(*s));
+        j->nsegs--;
+        dropped++;
+    }
+    return dropped > 0 ? fs_fsync_dir(j->dir) : 0;
+}
+
 int
 journal_open(const char *dir, size_t segment_max, struct journal **out, char *err, size_t errlen)
 {
@@ -258,6 +300,8 @@ journal_open(const char *dir, size_t segment_max, struct journal **out, char *er
         }
     } else {
         qsort(j->segs, j->nsegs, sizeof(j->segs[0]), seg_cmp);
+        if ((rc = drop_replaced(j, err, errlen)) < 0)
+            goto fail;
         if ((rc = scan_tail(j, last_seg(j))) < 0) {
             open_fail(err, errlen, rc, "cannot check the last segment", dir);
             goto fail;
@@ -394,36 +438,42 @@ journal_skip_to(struct journal *j, uint64_t seq)
     char path[PATH_MAX], old[PATH_MAX];
     seg_path(j, &start, path, sizeof(path));
     seg_path(j, &last.start, old, sizeof(old));
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
-    if (fd < 0)
-        return -errno;
-    /* An empty last segment would share its offset with the new one: the
-     * new one takes its place (nobody read anything from it). */
-    if (last.len == 0 && unlink(old) < 0 && errno != ENOENT) {
-        int rc = -errno;
-        close(fd);
-        unlink(path);
-        return rc;
-    }
-    int rc = fs_fsync_dir(j->dir);
-    if (rc < 0) {
-        close(fd);
-        return rc;
-    }
-    pthread_mutex_lock(&j->mu);
-    if (last.len == 0)
+    int rc;
+    if (last.len == 0) {
+        /* An empty last segment would share its offset with the new one:
+         * it takes the new name (nobody read anything from it), in one
+         * step, so that no crash leaves both on disk (journal_open would
+         * take either for the last). j->fd stays: the same file. */
+        if (rename(old, path) < 0)
+            return -errno;
+        pthread_mutex_lock(&j->mu);
         last_seg(j)->start = start;
-    else
-        rc = seg_push(j, &start, 0);
-    if (rc == 0)
         j->end_seq = seq;
-    pthread_mutex_unlock(&j->mu);
-    if (rc < 0) {
-        close(fd);
-        return rc;
+        pthread_mutex_unlock(&j->mu);
+        if ((rc = fs_fsync_dir(j->dir)) < 0)
+            return rc; /* renamed all the same: either name is the segment */
+    } else {
+        int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0640);
+        if (fd < 0)
+            return -errno;
+        rc = fs_fsync_dir(j->dir);
+        if (rc == 0) {
+            pthread_mutex_lock(&j->mu);
+            rc = seg_push(j, &start, 0);
+            if (rc == 0)
+                j->end_seq = seq;
+            pthread_mutex_unlock(&j->mu);
+        }
+        if (rc < 0) {
+            /* Not left on disk: past the offset where the last segment
+             * goes on, a restart would take it for the last. */
+            close(fd);
+            unlink(path);
+            return rc;
+        }
+        close(j->fd);
+        j->fd = fd;
     }
-    close(j->fd);
-    j->fd = fd;
     log_msg(LOG_WARN,
             "event=events_journal_skip from_seq=%" PRIu64 " to_seq=%" PRIu64
             " note=numbers_missing_from_the_spool",

@@ -21,7 +21,12 @@
  * part line, or zeros the file system allocated but never wrote) after
  * the last fsync, which journal_open cuts off. Readers never see past
  * the durable end, so an event number is never reused after a crash. A
- * cursor is written to a temporary file, fsynced and renamed.
+ * cursor is written to a temporary file, fsynced and renamed. A skip of
+ * numbers (journal_skip_to) renames an empty last segment to its new
+ * numbers in one step, or starts a new segment; two segments at one
+ * offset (the leftover of a crash inside an older build's skip) are
+ * taken at open for what they are: the one numbered higher is kept, the
+ * other (empty) deleted.
  *
  * Threading: journal_append and journal_skip_to from one thread at a
  * time (the pump); journal_read, journal_end, the cursor calls and

@@ -245,11 +245,30 @@ redis_connect(struct sink *s, char *err, size_t errlen)
     return 0;
 }
 
-/* XADD every event of the batch, pipelined. Returns 0 when each was
- * answered with an id, else -1 with the reason in err. */
+/* Does an error reply to an XADD refuse the event for what it holds? A
+ * generic -ERR does (no code says more); a code names a state of the
+ * server (-OOM, -READONLY, -LOADING, -BUSY, -MASTERDOWN, -TRYAGAIN,
+ * -CLUSTERDOWN, -MOVED, -MISCONF, ...), of the connection (-NOAUTH,
+ * -NOPERM) or of the key (-WRONGTYPE: the stream's name holds another
+ * type), which refuses every event alike until someone fixes it. */
+static bool
+xadd_error_refuses_event(const redisReply *r)
+{
+    return r->len >= 3 && memcmp(r->str, "ERR", 3) == 0 && (r->len == 3 || r->str[3] == ' ');
+}
+
+/* XADD every event of the batch, pipelined, and note what became of
+ * each in s->fates: the replies come one per command, in order, so one
+ * refused XADD says nothing of the others; an event answered with an id
+ * is in the stream whatever happens to the rest. Returns 0 when every
+ * one is in, else -1 with the first failure in err (a lost connection:
+ * the events not answered are XADD_RETRY). */
 int
 sink_redis_send(struct sink *s, char *err, size_t errlen)
 {
+    for (unsigned i = 0; i < s->nlines; i++)
+        s->fates[i] = XADD_RETRY;
+    s->refusal[0] = '\0';
     if (s->redis == NULL && redis_connect(s, err, errlen) < 0)
         return -1;
     char maxlen[24], id[64];
@@ -283,14 +302,21 @@ sink_redis_send(struct sink *s, char *err, size_t errlen)
     for (unsigned i = 0; i < s->nlines; i++) {
         void *rp = NULL;
         if (redisGetReply(s->redis, &rp) != REDIS_OK) {
-            snprintf(err, errlen, "%s", s->redis->errstr[0] ? s->redis->errstr : "I/O error");
+            if (rc == 0)
+                snprintf(err, errlen, "%s", s->redis->errstr[0] ? s->redis->errstr : "I/O error");
             sink_redis_drop(s);
             return -1;
         }
         redisReply *r = rp;
-        if (r->type == REDIS_REPLY_ERROR && rc == 0) {
-            snprintf(err, errlen, "XADD: %s", r->str);
+        if (r->type == REDIS_REPLY_ERROR) {
+            s->fates[i] = xadd_error_refuses_event(r) ? XADD_REFUSED : XADD_RETRY;
+            if (s->fates[i] == XADD_REFUSED && s->refusal[0] == '\0')
+                snprintf(s->refusal, sizeof(s->refusal), "%s", r->str);
+            if (rc == 0)
+                snprintf(err, errlen, "XADD: %s", r->str);
             rc = -1;
+        } else {
+            s->fates[i] = XADD_IN;
         }
         freeReplyObject(r);
     }

@@ -13,6 +13,13 @@
  * cleanup hook when a context dies; those callbacks see the connection as
  * not up (r->up is cleared first), so nothing queues on a dying context.
  *
+ * redis_free() from inside a callback of r (a reply callback, whose
+ * command's record hiredis still iterates past, or the state callback,
+ * run from one or from the cleanup hook) marks r closing and leaves the
+ * free to the handler that called into r (a poll completion or a timer:
+ * redis_enter/redis_leave count them), once hiredis has freed the
+ * context and answered the pending commands (skipped: closing).
+ *
  * hiredis's reader is given a createArray that refuses more than
  * REPLY_ELEMENTS_MAX elements, so a hostile "*2147483647" costs a
  * reconnect, not a huge allocation.
@@ -71,7 +78,9 @@ struct redis {
     uint64_t backoff;        /* delay before the next attempt */
     struct redis_link *link; /* NULL between connections */
     bool up;                 /* commands may be queued */
-    bool closing;
+    bool closing;            /* redis_free was called: no callback runs any more */
+    unsigned depth;          /* handlers of r running (a poll completion, a timer): a
+                              * redis_free from a callback frees r when the last returns */
     enum redis_state state;  /* as last told to on_state */
     redis_state_fn *on_state;
     void *state_arg; /* borrowed */
@@ -110,6 +119,27 @@ void
 redis_stats(const struct redis *r, struct redis_stats *out)
 {
     *out = r->stats;
+}
+
+static void redis_release(struct redis *r);
+
+/* Around every way into r from the loop (a poll completion, a timer):
+ * the callbacks of r run inside, and a redis_free they call must not
+ * free r (nor the records of its pending commands) under the code that
+ * called them, hiredis's included: it marks r closing, and the last
+ * handler to return frees it. */
+static void
+redis_enter(struct redis *r)
+{
+    if (r != NULL)
+        r->depth++;
+}
+
+static void
+redis_leave(struct redis *r)
+{
+    if (r != NULL && --r->depth == 0 && r->closing)
+        redis_release(r);
 }
 
 /* --- the poll adapter ------------------------------------------------- */
@@ -209,11 +239,14 @@ link_on_read(struct worker *w, struct op *op, int res, uint32_t flags)
     if (ln->ac != NULL && ln->want_rd && res != -ECANCELED) {
         /* An error result goes to hiredis too: its read sees the error and
          * drops the connection. */
+        struct redis *r = ln->r;
+        redis_enter(r);
         ln->busy = true;
         redisAsyncHandleRead(ln->ac);
         ln->busy = false;
         if (ln->ac != NULL && ln->want_rd)
             link_poll(ln, &ln->rd, &ln->rd_armed, POLLIN);
+        redis_leave(r);
     }
     link_maybe_free(ln);
 }
@@ -226,11 +259,14 @@ link_on_write(struct worker *w, struct op *op, int res, uint32_t flags)
     struct redis_link *ln = (struct redis_link *)((char *)op - offsetof(struct redis_link, wr));
     ln->wr_armed = false;
     if (ln->ac != NULL && ln->want_wr && res != -ECANCELED) {
+        struct redis *r = ln->r;
+        redis_enter(r);
         ln->busy = true;
         redisAsyncHandleWrite(ln->ac);
         ln->busy = false;
         if (ln->ac != NULL && ln->want_wr)
             link_poll(ln, &ln->wr, &ln->wr_armed, POLLOUT);
+        redis_leave(r);
     }
     link_maybe_free(ln);
 }
@@ -273,7 +309,8 @@ on_hiredis_reply(redisAsyncContext *ac, void *reply, void *privdata)
         r->stats.replies++;
     if (!r->closing) {
         c->cb(r, reply, c->arg);
-        cmd_timer_update(r);
+        if (!r->closing) /* else the callback freed r: its timers stay cancelled */
+            cmd_timer_update(r);
     }
     free(c);
 }
@@ -338,7 +375,9 @@ redis_on_cmd_timer(struct timer *t, void *ctx)
     r->stats.timeouts++;
     log_msg(LOG_WARN, "event=redis_timeout redis=%s pending=%u timeout_ms=%llu", r->addr,
             r->stats.pending, (unsigned long long)(r->cmd_timeout / 1000000ULL));
+    redis_enter(r); /* the NULL replies and the state callback run inside */
     link_drop(r);
+    redis_leave(r);
 }
 
 /* --- connection keeping ----------------------------------------------- */
@@ -487,8 +526,11 @@ redis_on_reconnect_timer(struct timer *t, void *ctx)
 {
     (void)ctx;
     struct redis *r = (struct redis *)((char *)t - offsetof(struct redis, reconnect_timer));
-    if (r->link == NULL && !r->closing)
+    if (r->link == NULL && !r->closing) {
+        redis_enter(r); /* a failed attempt tells the state callback */
         redis_attempt(r);
+        redis_leave(r);
+    }
 }
 
 /* --- setup ------------------------------------------------------------ */
@@ -644,15 +686,12 @@ redis_new(struct worker *w, const struct redis_opts *o, redis_state_fn *on_state
     return 0;
 }
 
-struct redis *
-redis_free(struct redis *r)
+/* Free r: no handler of it runs, hiredis holds none of its commands. */
+static void
+redis_release(struct redis *r)
 {
-    if (r == NULL)
-        return NULL;
-    r->closing = true;
     worker_timer_cancel(r->w, &r->reconnect_timer);
     worker_timer_cancel(r->w, &r->cmd_timer);
-    link_drop(r); /* pending callbacks are skipped: closing */
     while (r->head != NULL) {
         struct redis_cmd *c = r->head; /* hiredis never took it: cannot happen */
         r->head = c->next;
@@ -661,5 +700,22 @@ redis_free(struct redis *r)
     free(r->user);
     free(r->password);
     free(r);
+}
+
+struct redis *
+redis_free(struct redis *r)
+{
+    if (r == NULL || r->closing)
+        return NULL;
+    r->closing = true;
+    worker_timer_cancel(r->w, &r->reconnect_timer);
+    worker_timer_cancel(r->w, &r->cmd_timer);
+    /* Pending callbacks are skipped (closing). From inside a callback of
+     * r, hiredis frees the context once the callback returns, answering
+     * the pending commands first: their records and r stay until then,
+     * and the handler that called into r frees it (redis_leave). */
+    link_drop(r);
+    if (r->depth == 0)
+        redis_release(r);
     return NULL;
 }

@@ -82,8 +82,9 @@ int redis_url_parse(const char *url, struct redis_endpoint *out, char *err, size
  * (bad URL, unknown host) / -ENOMEM with one line in err. */
 int redis_new(struct worker *w, const struct redis_opts *o, redis_state_fn *on_state, void *arg,
               struct redis **out, char *err, size_t errlen);
-/* Drop the connection; pending callbacks never run. Returns NULL. Not
- * from inside a callback of r. */
+/* Drop the connection; pending callbacks never run. Returns NULL. Also
+ * from inside a callback of r (a reply or a state change): r is then
+ * freed once that callback returned, and nothing of r runs meanwhile. */
 struct redis *redis_free(struct redis *r);
 
 enum redis_state redis_state(const struct redis *r);

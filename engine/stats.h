@@ -69,7 +69,8 @@ struct stats_event_sink {
     uint64_t sent;          /* events acknowledged by the endpoint */
     uint64_t failed;        /* failed attempts (batches) */
     uint64_t dropped;       /* events given up past max_backlog */
-    uint64_t rejected;      /* events the endpoint refused alone (a 4xx), dropped */
+    uint64_t rejected;      /* events the endpoint refused alone (a webhook's 4xx, a Redis
+                             * -ERR), dropped */
     bool paused;
     char last_error[200]; /* "" when none */
 };

@@ -990,7 +990,8 @@ render_event_sink_metrics(struct json *t, const struct stats_counters *c)
         {"sluice_events_failed_attempts_total", "counter", "Failed attempts to send a batch."},
         {"sluice_events_dropped_total", "counter", "Events given up past the sink's max_backlog."},
         {"sluice_events_rejected_total", "counter",
-         "Events the sink's endpoint refused alone (a 4xx), dropped."},
+         "Events the sink's endpoint refused alone (a webhook's 4xx, a Redis -ERR), "
+         "dropped."},
         {"sluice_events_paused", "gauge", "1 while the sink is paused."},
     };
     unsigned n = c->nevent_sinks < STATS_EVENT_SINKS_MAX ? c->nevent_sinks : STATS_EVENT_SINKS_MAX;

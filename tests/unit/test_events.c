@@ -31,11 +31,13 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+#include <hiredis/hiredis.h>
 
 #include "common/conf.h"
 #include "engine/events.h"
 #include "engine/events_journal.h"
 #include "queue/queue.h"
+#include "tests/support/redis_server.h"
 
 #define SEGMENT 1024 /* octets: a few lines a segment */
 
@@ -1018,6 +1020,388 @@ test_400_to_everything_drops_one_a_backoff(void **state)
     sink_cfg_fini(&c);
 }
 
+/* ---- a Redis stream: a real redis-server of the test's own ---- */
+
+/* A blocking command to the test's redis-server; the reply (free it). */
+static redisReply *
+redis_do(int rport, const char *fmt, ...)
+{
+    struct timeval tv = {5, 0};
+    redisContext *c = redisConnectWithTimeout("127.0.0.1", rport, tv);
+    assert_non_null(c);
+    assert_int_equal(c->err, 0);
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    redisFree(c);
+    assert_non_null(r);
+    return r;
+}
+
+/* Commit n event lines of about 20 kB each, numbered from base. */
+static void
+put_big_lines(unsigned base, unsigned n)
+{
+    static char line[21000];
+    for (unsigned i = 0; i < n; i++) {
+        int len = snprintf(line, sizeof(line),
+                           "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                           "\"id\":\"t%06u\",\"pad\":\"%020000u\"}\n",
+                           base + i, base + i);
+        assert_int_equal(queue_events_put(q, port, line, (size_t)len, put_done, NULL), 0);
+    }
+    while (queue_port_pending(port) > 0)
+        assert_true(queue_port_wait(port, 10000) >= 0);
+}
+
+/* How many entries of the stream carry each of put_lines's ids t000000
+ * to t(n-1) (counts[i]), from XRANGE. */
+static void
+stream_counts(int rport, const char *stream, unsigned *counts, unsigned n)
+{
+    memset(counts, 0, n * sizeof(*counts));
+    redisReply *r = redis_do(rport, "XRANGE %s - +", stream);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    for (size_t i = 0; i < r->elements; i++) {
+        const redisReply *fields = r->element[i]->element[1];
+        for (size_t k = 0; k + 1 < fields->elements; k += 2) {
+            if (strcmp(fields->element[k]->str, "data") != 0)
+                continue;
+            const char *at = strstr(fields->element[k + 1]->str, "\"id\":\"t");
+            assert_non_null(at);
+            unsigned id = (unsigned)strtoul(at + 7, NULL, 10);
+            if (id < n)
+                counts[id]++;
+        }
+    }
+    freeReplyObject(r);
+}
+
+/* A pipelined batch of XADDs that Redis takes in part: past maxmemory
+ * (noeviction), the first few go in and the rest are refused with
+ * -OOM. The sink retries what was refused, and only that: every event
+ * is in the stream once when Redis has room again. Before, the whole
+ * batch failed and was sent again, and the events that had gone in
+ * were in the stream twice (or more: once per retry). */
+static void
+test_redis_batch_taken_in_part_is_not_sent_twice(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL) {
+        print_message("redis-server is not installed: skipping\n");
+        skip();
+    }
+    int rport = redis_server_free_port();
+    assert_true(rport > 0);
+    char err[256];
+    pid_t pid = redis_server_start(rport, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("%s", err);
+    redisReply *r = redis_do(rport, "CONFIG SET maxmemory-policy noeviction");
+    freeReplyObject(r);
+    r = redis_do(rport, "INFO memory");
+    const char *um = strstr(r->str, "used_memory:");
+    assert_non_null(um);
+    unsigned long long used = strtoull(um + 12, NULL, 10);
+    freeReplyObject(r);
+    /* room for a few of the 20 kB events, not for twenty */
+    r = redis_do(rport, "CONFIG SET maxmemory %llu", used + 200000);
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", rport);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 50;
+    put_big_lines(0, 20); /* one batch of 20 before the sink starts */
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if (st.failed >= 3)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    assert_true(st.failed >= 3);
+    assert_non_null(strstr(st.last_error, "OOM"));
+    r = redis_do(rport, "XLEN evs");
+    long long in_part = r->integer;
+    freeReplyObject(r);
+    r = redis_do(rport, "CONFIG SET maxmemory 0"); /* room again */
+    freeReplyObject(r);
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if (st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    unsigned counts[20];
+    stream_counts(rport, "evs", counts, 20);
+    redis_server_kill(pid);
+    sink_cfg_fini(&c);
+    print_message("%lld of 20 went in while Redis was out of memory\n", in_part);
+    assert_true(in_part > 0 && in_part < 20); /* the batch was taken in part */
+    for (unsigned i = 0; i < 20; i++)
+        if (counts[i] != 1)
+            fail_msg("event t%06u is in the stream %u times (%llu sent, %llu failed attempts)", i,
+                     counts[i], (unsigned long long)st.sent, (unsigned long long)st.failed);
+    assert_int_equal(st.sent, 20);
+    assert_int_equal(st.pending, 0);
+}
+
+/* ---- a Redis stand-in that refuses one event with -ERR ---- */
+
+struct fake_redis {
+    int lfd, port;
+    const char *poison;  /* an XADD whose data holds it is refused; NULL: every one */
+    const char *refusal; /* the refusal: NULL, "-ERR this entry is refused" */
+    unsigned refusals;   /* refused this often, then taken; 0: always refused */
+    _Atomic bool stop;
+    _Atomic unsigned xadds;
+    _Atomic unsigned taken[ENDPOINT_IDS]; /* entries made per put_lines id */
+    pthread_t thread;
+};
+
+/* One RESP array of bulk strings at p (n octets); its length, 0 when not
+ * all there. Its last argument in *last, *last_len. */
+static size_t
+resp_command(const char *p, size_t n, const char **last, size_t *last_len)
+{
+    const char *end = p + n, *c = p;
+    if (n < 4 || *c != '*')
+        return 0;
+    const char *nl = memmem(c, (size_t)(end - c), "\r\n", 2);
+    if (nl == NULL)
+        return 0;
+    long argc = strtol(c + 1, NULL, 10);
+    c = nl + 2;
+    for (long i = 0; i < argc; i++) {
+        if (c >= end || *c != '$')
+            return 0;
+        nl = memmem(c, (size_t)(end - c), "\r\n", 2);
+        if (nl == NULL)
+            return 0;
+        size_t len = strtoul(c + 1, NULL, 10);
+        c = nl + 2;
+        if ((size_t)(end - c) < len + 2)
+            return 0;
+        *last = c;
+        *last_len = len;
+        c += len + 2;
+    }
+    return (size_t)(c - p);
+}
+
+static void *
+fake_redis_main(void *arg)
+{
+    struct fake_redis *f = arg;
+    size_t cap = 8u << 20;
+    char *buf = malloc(cap);
+    assert_non_null(buf);
+    unsigned long long next_id = 1;
+    unsigned refused = 0;
+    while (!atomic_load(&f->stop)) {
+        struct pollfd p = {.fd = f->lfd, .events = POLLIN};
+        if (poll(&p, 1, 50) != 1)
+            continue;
+        int fd = accept(f->lfd, NULL, NULL);
+        if (fd < 0)
+            continue;
+        size_t have = 0;
+        while (!atomic_load(&f->stop)) {
+            struct pollfd pc = {.fd = fd, .events = POLLIN};
+            if (poll(&pc, 1, 50) != 1)
+                continue;
+            ssize_t n = read(fd, buf + have, cap - have);
+            if (n <= 0)
+                break;
+            have += (size_t)n;
+            size_t used = 0, len;
+            const char *last = NULL;
+            size_t last_len = 0;
+            while ((len = resp_command(buf + used, have - used, &last, &last_len)) > 0) {
+                used += len;
+                atomic_fetch_add(&f->xadds, 1);
+                char out[64];
+                int on;
+                bool poisoned =
+                    f->poison == NULL || memmem(last, last_len, f->poison, strlen(f->poison));
+                if (poisoned && (f->refusals == 0 || refused < f->refusals)) {
+                    refused++;
+                    on = snprintf(out, sizeof(out), "%s\r\n",
+                                  f->refusal ? f->refusal : "-ERR this entry is refused");
+                } else {
+                    const char *at = memmem(last, last_len, "\"id\":\"t", 7);
+                    unsigned id = at != NULL ? (unsigned)strtoul(at + 7, NULL, 10) : ENDPOINT_IDS;
+                    if (id < ENDPOINT_IDS)
+                        atomic_fetch_add(&f->taken[id], 1);
+                    char eid[32];
+                    int en = snprintf(eid, sizeof(eid), "%llu-0", next_id++);
+                    on = snprintf(out, sizeof(out), "$%d\r\n%s\r\n", en, eid);
+                }
+                if (write(fd, out, (size_t)on) != on)
+                    break;
+            }
+            memmove(buf, buf + used, have - used);
+            have -= used;
+        }
+        close(fd);
+    }
+    free(buf);
+    return NULL;
+}
+
+static void
+fake_redis_start(struct fake_redis *f)
+{
+    f->lfd = listen_local(&f->port);
+    atomic_init(&f->stop, false);
+    atomic_init(&f->xadds, 0);
+    for (unsigned i = 0; i < ENDPOINT_IDS; i++)
+        atomic_init(&f->taken[i], 0);
+    assert_int_equal(pthread_create(&f->thread, NULL, fake_redis_main, f), 0);
+}
+
+static void
+fake_redis_stop(struct fake_redis *f)
+{
+    atomic_store(&f->stop, true);
+    pthread_join(f->thread, NULL);
+    close(f->lfd);
+}
+
+/* A Redis that answers one XADD of a pipelined batch with -ERR (it
+ * refuses that entry, and takes the others): that event is dropped
+ * (counted as rejected), every other is in the stream once, and the
+ * sink goes on. Before, the batch failed whole and was sent again for
+ * ever: the sink stalled and the events that had gone in were added
+ * again on every retry. */
+static void
+test_redis_err_to_one_event_drops_it_alone(void **state)
+{
+    (void)state;
+    struct fake_redis f = {.poison = "\"id\":\"t000037\""};
+    fake_redis_start(&f);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", f.port);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 100); /* one batch of 100 before the sink starts */
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if ((st.sent + st.rejected >= 100 && st.pending == 0) || st.failed >= 20)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    put_lines(100, 20); /* and the sink goes on */
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if ((st.sent + st.rejected >= 120 && st.pending == 0) || st.failed >= 20)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    fake_redis_stop(&f);
+    if (st.sent != 119 || st.rejected != 1 || st.pending != 0)
+        fail_msg("-ERR to t000037: %llu sent, %llu rejected, %llu pending, %llu failed "
+                 "attempts (%s), %u XADDs",
+                 (unsigned long long)st.sent, (unsigned long long)st.rejected,
+                 (unsigned long long)st.pending, (unsigned long long)st.failed, st.last_error,
+                 atomic_load(&f.xadds));
+    for (unsigned i = 0; i < 120; i++)
+        if (i != 37 && atomic_load(&f.taken[i]) != 1)
+            fail_msg("event t%06u is in the stream %u times", i, atomic_load(&f.taken[i]));
+    /* each once: the refused one was dropped at its first answer, the
+     * stream having taken the others of its pipeline */
+    assert_int_equal(atomic_load(&f.xadds), 120);
+    sink_cfg_fini(&c);
+}
+
+/* A Redis that answers one XADD of a pipelined batch with -OOM (out of
+ * memory for a moment) and takes the others: the others are in once;
+ * that one is sent again alone after the backoff, and is in once too.
+ * Before, the whole batch was sent again. */
+static void
+test_redis_oom_to_one_event_sends_it_alone_again(void **state)
+{
+    (void)state;
+    struct fake_redis f = {.poison = "\"id\":\"t000037\"",
+                           .refusal = "-OOM command not allowed when used memory > 'maxmemory'.",
+                           .refusals = 2};
+    fake_redis_start(&f);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", f.port);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 100); /* one batch of 100 before the sink starts */
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if ((st.sent >= 100 && st.pending == 0) || st.failed >= 20)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    fake_redis_stop(&f);
+    if (st.sent != 100 || st.rejected != 0 || st.pending != 0 || st.failed != 2)
+        fail_msg("-OOM twice to t000037: %llu sent, %llu rejected, %llu pending, %llu failed "
+                 "attempts (%s), %u XADDs",
+                 (unsigned long long)st.sent, (unsigned long long)st.rejected,
+                 (unsigned long long)st.pending, (unsigned long long)st.failed, st.last_error,
+                 atomic_load(&f.xadds));
+    for (unsigned i = 0; i < 100; i++)
+        if (atomic_load(&f.taken[i]) != 1)
+            fail_msg("event t%06u is in the stream %u times", i, atomic_load(&f.taken[i]));
+    assert_int_equal(atomic_load(&f.xadds), 102); /* t000037 three times, the others once */
+    sink_cfg_fini(&c);
+}
+
+/* A Redis that answers every XADD with -ERR: as a webhook that answers
+ * 400 to everything, one event is dropped, a second, and then one a
+ * backoff; the backlog is not emptied into the log. */
+static void
+test_redis_err_to_everything_drops_one_a_backoff(void **state)
+{
+    (void)state;
+    struct fake_redis f = {.poison = NULL};
+    fake_redis_start(&f);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", f.port);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 60000;
+    put_lines(0, 20);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if (st.rejected >= 2)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    assert_int_equal(st.rejected, 2);
+    unsigned xadds = atomic_load(&f.xadds);
+    nanosleep(&(struct timespec){0, 300000000}, NULL); /* within the backoff */
+    st = stats_of(ev, "r");
+    events_free(ev);
+    fake_redis_stop(&f);
+    if (st.rejected != 2 || atomic_load(&f.xadds) != xadds || st.pending != 18)
+        fail_msg("-ERR to everything: %llu rejected, %llu pending, %u XADDs (%u at the "
+                 "second drop)",
+                 (unsigned long long)st.rejected, (unsigned long long)st.pending,
+                 atomic_load(&f.xadds), xadds);
+    sink_cfg_fini(&c);
+}
+
 /* A journal segment damaged on disk: cut short inside a line, so that
  * octets without a newline end it. The sink skips them (the event
  * counted as dropped) and sends the events of the next segments. Before,
@@ -1109,6 +1493,14 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_200_with_endless_body_acknowledges, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_abandons_a_redis_request, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_redis_batch_taken_in_part_is_not_sent_twice, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_redis_err_to_one_event_drops_it_alone, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_redis_oom_to_one_event_sends_it_alone_again, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_redis_err_to_everything_drops_one_a_backoff, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
