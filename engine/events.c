@@ -80,7 +80,8 @@ _Static_assert(EVENTS_NAME_MAX == JOURNAL_NAME_MAX, "a sink's name is its cursor
 const struct conf_key events_sink_keys[] = {
     {"url", CONF_STRING, EVK(url), 1, 2048, NULL,
      "where events go: http://HOST[:PORT]/PATH or https://... (a webhook: batched JSON POSTs), "
-     "or redis://[:PASSWORD@]HOST:PORT/STREAM (XADD to STREAM)",
+     "or redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM (XADD to STREAM; AUTH with USER, a "
+     "Redis 6 ACL user, when given)",
      NULL},
     {"secret", CONF_STRING, EVK(secret), 1, 1024, NULL,
      "key of the " EVENTS_SIG_HEADER " header: sha256= hex HMAC-SHA256 of the " EVENTS_TS_HEADER
@@ -115,26 +116,35 @@ const struct conf_key events_sink_keys[] = {
 
 /* ---- config ---- */
 
+/* redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM (a userinfo without ':' is
+ * a password alone). The userinfo ends at the last '@' with a '/' after
+ * it, so that a password may hold '/' and '@', and a stream name '@'. user
+ * and password: "" when not given. */
 static int
 parse_redis_url(const char *url, char *host, size_t hostlen, int *port, char *stream,
-                size_t streamlen, char *password, size_t passlen)
+                size_t streamlen, char *user, size_t userlen, char *password, size_t passlen)
 {
     if (strncmp(url, "redis://", 8) != 0)
         return -EINVAL;
     const char *p = url + 8;
-    password[0] = '\0';
-    const char *at = strchr(p, '@');
-    const char *slash = strchr(p, '/');
-    if (at != NULL && (slash == NULL || at < slash)) {
+    user[0] = password[0] = '\0';
+    const char *at = NULL;
+    for (const char *x = strchr(p, '@'); x != NULL; x = strchr(x + 1, '@'))
+        if (strchr(x + 1, '/') != NULL)
+            at = x;
+    if (at != NULL) {
         const char *colon = memchr(p, ':', (size_t)(at - p));
         const char *pw = colon != NULL ? colon + 1 : p;
-        size_t n = (size_t)(at - pw);
-        if (n >= passlen)
+        size_t un = colon != NULL ? (size_t)(colon - p) : 0, n = (size_t)(at - pw);
+        if (n >= passlen || un >= userlen)
             return -EINVAL;
+        memcpy(user, p, un);
+        user[un] = '\0';
         memcpy(password, pw, n);
         password[n] = '\0';
         p = at + 1;
     }
+    const char *slash = strchr(p, '/');
     if (slash == NULL || slash[1] == '\0')
         return -EINVAL;
     const char *colon = memchr(p, ':', (size_t)(slash - p));
@@ -180,11 +190,11 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
         return -EINVAL;
     }
     if (strncmp(c->url, "redis://", 8) == 0) {
-        char host[256], stream[256], pw[256];
+        char host[256], stream[256], user[256], pw[256];
         int port;
-        if (parse_redis_url(c->url, host, sizeof(host), &port, stream, sizeof(stream), pw,
-                            sizeof(pw)) < 0) {
-            snprintf(err, errlen, "url: expected redis://[:PASSWORD@]HOST:PORT/STREAM");
+        if (parse_redis_url(c->url, host, sizeof(host), &port, stream, sizeof(stream), user,
+                            sizeof(user), pw, sizeof(pw)) < 0) {
+            snprintf(err, errlen, "url: expected redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM");
             return -EINVAL;
         }
     } else if (strncmp(c->url, "http://", 7) != 0 && strncmp(c->url, "https://", 8) != 0) {
@@ -832,7 +842,8 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
         s->kind = SINK_REDIS;
         snprintf(s->st.kind, sizeof(s->st.kind), "redis");
         if (parse_redis_url(c->url, s->host, sizeof(s->host), &s->port, s->stream,
-                            sizeof(s->stream), s->password, sizeof(s->password)) < 0) {
+                            sizeof(s->stream), s->user, sizeof(s->user), s->password,
+                            sizeof(s->password)) < 0) {
             snprintf(err, errlen, "[events %s]: url: not a redis:// URL", c->name);
             return -EINVAL;
         }

@@ -80,7 +80,7 @@
 struct events_sink_config {
     char *name;           /* owned: the section's NAME */
     unsigned line;        /* where its section starts */
-    char *url;            /* owned: http://, https:// or redis://[:PASSWORD@]HOST:PORT/STREAM */
+    char *url;            /* owned: http://, https:// or redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM */
     char *secret;         /* owned: HMAC-SHA256 key of the signature header; NULL: unsigned */
     char *events;         /* owned: event types sent, comma separated; "": all */
     char *tenants;        /* owned: tenants sent ("tenant" field), comma separated; "": all */

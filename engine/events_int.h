@@ -100,7 +100,7 @@ struct sink {
     char refusal[EVENTS_ERROR_MAX]; /* the batch's first XADD_REFUSED reply */
     redisContext *redis; /* owned */
     int redis_fd;        /* under ev->mu: its socket while connected, else -1 (a stop shuts it) */
-    char host[256], stream[256], password[256];
+    char host[256], stream[256], user[256], password[256];
     int port;
 };
 

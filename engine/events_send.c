@@ -231,7 +231,9 @@ redis_connect(struct sink *s, char *err, size_t errlen)
         sink_abort_locked(s);
     pthread_mutex_unlock(&s->ev->mu);
     if (s->password[0] != '\0') {
-        redisReply *r = redisCommand(s->redis, "AUTH %s", s->password);
+        redisReply *r = s->user[0] != '\0'
+                            ? redisCommand(s->redis, "AUTH %s %s", s->user, s->password)
+                            : redisCommand(s->redis, "AUTH %s", s->password);
         bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
         if (!ok)
             snprintf(err, errlen, "AUTH: %s", r ? r->str : s->redis->errstr);

@@ -1274,6 +1274,66 @@ fake_redis_stop(struct fake_redis *f)
     close(f->lfd);
 }
 
+/* A Redis 6 ACL user: redis://USER:PASSWORD@HOST:PORT/STREAM sends
+ * AUTH USER PASSWORD, and a password may hold '/' and '@' (the userinfo
+ * ends at the last '@' before the path). Before, the user was dropped
+ * (AUTH with the password alone, refused for an ACL user), and a '/' in
+ * the password made the URL "not a redis:// URL". */
+static void
+test_redis_acl_user(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL) {
+        print_message("redis-server is not installed: skipping\n");
+        skip();
+    }
+    int rport = redis_server_free_port();
+    assert_true(rport > 0);
+    char err[256];
+    pid_t pid = redis_server_start(rport, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("%s", err);
+    redisReply *r = redis_do(rport, "ACL SETUSER ev on >p/a@ss ~* +@all");
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    r = redis_do(rport, "ACL SETUSER default off"); /* only ev may write */
+    freeReplyObject(r);
+
+    char url[160];
+    snprintf(url, sizeof(url), "redis://ev:p/a@ss@127.0.0.1:%d/ev@s", rport);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    assert_int_equal(events_sink_check(&c, err, sizeof(err)), 0);
+    c.batch_wait = 0;
+    struct events *ev = start(&c, 1);
+    put_lines(0, 10);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 10000; i++) {
+        st = stats_of(ev, "r");
+        if (st.sent >= 10 || st.failed > 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    /* The stream's entries, read as ev (default is off now). */
+    struct timeval tv = {5, 0};
+    redisContext *rc = redisConnectWithTimeout("127.0.0.1", rport, tv);
+    assert_non_null(rc);
+    r = redisCommand(rc, "AUTH ev p/a@ss");
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    r = redisCommand(rc, "XLEN ev@s");
+    assert_non_null(r);
+    long long n = r->integer;
+    freeReplyObject(r);
+    redisFree(rc);
+    redis_server_kill(pid);
+    if (st.failed > 0 || n != 10)
+        fail_msg("%lld of 10 events in the stream, %llu failed attempts: %s", n,
+                 (unsigned long long)st.failed, st.last_error);
+}
+
 /* A Redis that answers one XADD of a pipelined batch with -ERR (it
  * refuses that entry, and takes the others): that event is dropped
  * (counted as rejected), every other is in the stream once, and the
@@ -1495,6 +1555,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_stop_abandons_a_redis_request, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_batch_taken_in_part_is_not_sent_twice, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_redis_acl_user, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_err_to_one_event_drops_it_alone, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_redis_oom_to_one_event_sends_it_alone_again, setup,
