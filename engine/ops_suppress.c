@@ -178,11 +178,17 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
     /* The scope as the list stores it, for the answer and the log: in
      * lowercase, as tenant names compare ("ACME" is [tenant Acme]'s list,
      * where RCPT looks and its complaints land, configured yet or not).
-     * A name that is no scope goes as typed, for the list to refuse. */
+     * A name that is no scope is refused here, for every command: a check
+     * of one would otherwise answer for the global list alone. */
     char folded[SUPPRESS_SCOPE_MAX + 1];
     const char *scope = NULL;
-    if (o.has_scope)
-        scope = suppress_normalize_scope(o.scope, folded, sizeof(folded)) == 0 ? folded : o.scope;
+    if (o.has_scope) {
+        if (suppress_normalize_scope(o.scope, folded, sizeof(folded)) != 0) {
+            snprintf(err, errlen, "suppress: not a scope: %.*s", SUPPRESS_SCOPE_MAX, o.scope);
+            return -1;
+        }
+        scope = folded;
+    }
     int rc;
     if (strcmp(sub, "add") == 0) {
         enum suppress_reason reason = SUPPRESS_MANUAL;

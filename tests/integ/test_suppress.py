@@ -345,6 +345,11 @@ def test_operator_scope_in_another_case():
         ctl_ok(r, "suppress", "remove", "gone@ten.test", "--scope", "aCmE")
         chk = ctl_ok(r, "suppress", "check", "gone@ten.test", "--scope", "acme")
         assert not chk["suppressed"], chk
+        # A name that is no scope is refused, not answered for the global
+        # list alone (gone2 is suppressed in acme: "no" would be wrong).
+        for sub in ("check", "add", "remove"):
+            p = ctl(r, "suppress", sub, "gone2@ten.test", "--scope", "ac,me")
+            assert p.returncode != 0 and "not a scope" in p.stdout + p.stderr, (sub, p)
         assert r.d.stop_clean() == 0
     finally:
         r.close()
