@@ -512,7 +512,7 @@ test_owner_fields_and_schema_1(void **state)
 }
 
 /* Rewrite data.mdb as a plain copy of its bytes: the blocks a sluice kept
- * allocated past its end (disk_reserve) are gone, as after a cp or a
+ * allocated past its end (queue_disk_reserve) are gone, as after a cp or a
  * restore, so that an open that reserves blocks shows in st_blocks. */
 static void
 data_copy_plain(const struct fixture *f)

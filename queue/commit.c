@@ -1,0 +1,1331 @@
+/*
+ * commit: the committer thread and the notifier thread (queue_int.h
+ * lists the other files of the spool). The committer takes the requests
+ * submitted (queue.c) in batches (gather), admits enqueues against the
+ * room left in the map and on disk (admit, admit_msgs and the blocks of
+ * queue_disk_reserve), applies a batch in one write transaction
+ * (commit_set and the apply_* functions), and sends the completions on
+ * once their commit is durable (flush_pending); the notifier pushes them
+ * to their ports (deliver).
+ *
+ * Threading: all of it runs on the committer thread, except
+ * queue_notifier_main() on the notifier thread and what it calls
+ * (deliver, port_push), which the committer also calls for half of a
+ * batch when both are idle (notify). queue_disk_reserve() and
+ * queue_refresh_map_use() also run at open, before either thread starts
+ * (open.c).
+ *
+ * An update may carry one new message (a DSN) that the committer writes
+ * in the same transaction as its outcomes, admitted as an update (it may
+ * use the reserve below).
+ *
+ * Durability choices. The environment is opened without MDB_WRITEMAP:
+ * pages are written with pwrite, so a full disk is an ENOSPC error from a
+ * commit, which we report, instead of a SIGBUS on a write into a sparse
+ * mapping, which would kill the server; it also keeps application bugs
+ * from scribbling on the map, and keeps nested transactions available.
+ * LMDB's default commit syncs twice: the data pages (fdatasync), then the
+ * meta page (an O_DSYNC write). We open with MDB_NOMETASYNC instead: a
+ * commit syncs its data pages, then writes its meta page without a sync,
+ * and the next sync on the file (the next commit's data sync, or our own
+ * mdb_env_sync when there is no next commit yet) makes that meta page
+ * durable. Integrity is the same (data is on disk before any meta page
+ * that points at it), and a completion still leaves only once its commit
+ * is durable: completions wait in q->pend for that next sync. Under load
+ * every commit thus costs one sync and carries the previous one's
+ * durability; when idle, a commit costs two, as by default. With
+ * unsafe_no_sync the commits are not synced at all (MDB_NOSYNC) and
+ * completions leave at once; the file is synced once at close.
+ *
+ * A full map. LMDB needs free pages even to delete (copy-on-write), so a
+ * spool filled to the last page could never be emptied. The committer
+ * therefore admits an enqueue only if the pages it needs leave a reserve
+ * (2% of the map, 32 pages at least, 32 MB at most) for outcome updates.
+ * If a commit still fails for space, the enqueues of that batch get the
+ * error and its updates are committed alone (split in halves on failure).
+ * The map cannot grow while the server runs: raise map_size and restart.
+ *
+ * A full disk. The same reserve must exist on disk: the committer keeps
+ * blocks allocated (fallocate, file size unchanged) for the reserve plus
+ * some slack past the end of the data, so writes into that area cannot
+ * fail with ENOSPC. When the disk fills, extending the allocation fails,
+ * admission refuses new mail with -ENOSPC, and deletions still commit
+ * within the allocated blocks. On a filesystem without fallocate a full
+ * disk fails whole commits with -ENOSPC (updates included) until space
+ * returns; acknowledged mail is never at stake either way.
+ */
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "queue/queue_int.h"
+
+#define GATHER_GAP_US   100
+
+/* ---- the committer ---- */
+
+/* Counts of one write transaction, folded into the stats after commit. */
+struct tally {
+    uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, taken, fixed, max_id;
+    uint64_t ev_records, ev_lines, ev_trimmed; /* event records written, their lines, deleted */
+};
+
+static uint64_t
+mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static bool
+lmdb_space_err(int rc)
+{
+    return rc == MDB_MAP_FULL || rc == ENOSPC || rc == EDQUOT || rc == EFBIG;
+}
+
+/* Copy from a caller's iovecs, in order, across calls. */
+struct iov_cursor {
+    const struct iovec *iov;
+    unsigned n, i;
+    size_t off;
+};
+
+static void
+iov_read(struct iov_cursor *c, unsigned char *dst, size_t len)
+{
+    while (len > 0 && c->i < c->n) {
+        size_t avail = c->iov[c->i].iov_len - c->off;
+        size_t take = avail < len ? avail : len;
+        if (take > 0)
+            memcpy(dst, (const char *)c->iov[c->i].iov_base + c->off, take);
+        dst += take;
+        len -= take;
+        c->off += take;
+        if (c->off == c->iov[c->i].iov_len) {
+            c->i++;
+            c->off = 0;
+        }
+    }
+}
+
+static int
+apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
+{
+    unsigned char key[BODY_KEY_LEN];
+    uint64_t id = r->enq.id;
+    msg_key(key, id);
+    bool inline_body = r->enq.chunks == 0;
+    MDB_val k = {MSG_KEY_LEN, key};
+    MDB_val v = {r->enq.head_len + (inline_body ? r->enq.body_len : 0), NULL};
+    int rc = mdb_put(txn, q->dbi_msg, &k, &v, MDB_NOOVERWRITE | MDB_RESERVE);
+    if (rc == MDB_KEYEXIST) {
+        /* Nothing written: the transaction is still good for the others. */
+        r->rc = QUEUE_EEXIST;
+        return 0;
+    }
+    if (rc != 0)
+        return rc;
+    struct iov_cursor cur = {r->enq.iov, r->enq.iovcnt, 0, 0};
+    memcpy(v.mv_data, r->enq.head, r->enq.head_len);
+    if (inline_body) {
+        iov_read(&cur, (unsigned char *)v.mv_data + r->enq.head_len, r->enq.body_len);
+    } else {
+        uint64_t left = r->enq.body_len;
+        for (uint32_t c = 0; c < r->enq.chunks; c++) {
+            body_key(key, id, c);
+            MDB_val ck = {BODY_KEY_LEN, key};
+            MDB_val cv = {left < BODY_CHUNK ? (size_t)left : BODY_CHUNK, NULL};
+            rc = mdb_put(txn, q->dbi_body, &ck, &cv, MDB_RESERVE);
+            if (rc != 0)
+                return rc;
+            iov_read(&cur, cv.mv_data, cv.mv_size);
+            left -= cv.mv_size;
+        }
+    }
+    const unsigned char *p = r->enq.rcpts;
+    for (unsigned i = 0; i < r->enq.nrcpt; i++) {
+        uint32_t len;
+        memcpy(&len, p, 4);
+        rcpt_key(key, id, i);
+        MDB_val rk = {RCPT_KEY_LEN, key};
+        MDB_val rv = {len, (void *)(p + 4)};
+        rc = mdb_put(txn, q->dbi_rcpt, &rk, &rv, 0);
+        if (rc != 0)
+            return rc;
+        p += 4 + align4(len);
+    }
+    t->enq++;
+    t->enq_rcpts += r->enq.nrcpt;
+    t->enq_bytes += r->enq.body_len;
+    if (id > t->max_id)
+        t->max_id = id;
+    return 0;
+}
+
+static int
+touched_add(struct queue *q, uint64_t id)
+{
+    if (q->touched_n > 0 && q->touched[q->touched_n - 1] == id)
+        return 0;
+    if (q->touched_n == q->touched_cap) {
+        size_t cap = q->touched_cap ? q->touched_cap * 2 : 256;
+        uint64_t *t = realloc(q->touched, cap * sizeof(*t));
+        if (t == NULL)
+            return ENOMEM;
+        q->touched = t;
+        q->touched_cap = cap;
+    }
+    q->touched[q->touched_n++] = id;
+    return 0;
+}
+
+/* Whether it, applied in txn now, would be ignored as stale (struct
+ * queue_outcome): sets *stale, and *v and *h to the recipient's record
+ * when there is one. Changes nothing. Returns 0 or an LMDB code. */
+static int
+outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MDB_val *v,
+              struct rcpt_head *h, bool *stale)
+{
+    unsigned char key[RCPT_KEY_LEN];
+    rcpt_key(key, it->id, it->rcpt);
+    MDB_val k = {RCPT_KEY_LEN, key};
+    *stale = true;
+    int rc = mdb_get(txn, q->dbi_rcpt, &k, v);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc != 0)
+        return rc;
+    if (!rcpt_decode(v, h))
+        return MDB_CORRUPTED;
+    /* Only a deferred recipient has a time to move. */
+    if (it->kind == QUEUE_RETIME) {
+        *stale = h->state != QUEUE_RCPT_DEFERRED;
+        return 0;
+    }
+    size_t fixed = (size_t)h->addr_len + h->domain_len + h->orcpt_len;
+    if (it->kind == QUEUE_DEFERRED && h->state == QUEUE_RCPT_DEFERRED && h->due_ms == it->due_ms &&
+        h->code == it->code && h->tag == it->tag && h->reply_len == it->reply_len &&
+        memcmp((const unsigned char *)v->mv_data + sizeof(*h) + fixed, it->reply, it->reply_len) ==
+            0) {
+        /* This very deferral again: its commit happened but was reported
+         * failed (the sync after it), and the caller tried again. Applied
+         * twice it would count two attempts and tell its event twice; a
+         * deferral of its own comes only once queue_due_take made the
+         * recipient ready again, and names a later time. */
+        return 0;
+    }
+    *stale = false;
+    return 0;
+}
+
+static int
+apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t now,
+              struct tally *t)
+{
+    unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
+    rcpt_key(key, it->id, it->rcpt);
+    MDB_val k = {RCPT_KEY_LEN, key}, v;
+    struct rcpt_head h;
+    bool stale;
+    int rc = outcome_stale(q, txn, it, &v, &h, &stale);
+    if (rc != 0)
+        return rc;
+    if (stale) {
+        t->stale++;
+        return 0;
+    }
+    if (it->kind == QUEUE_RETIME) {
+        /* The rest of its record (attempts, last reply) stays as it is. */
+        unsigned char rec[RCPT_REC_MAX];
+        if (v.mv_size > sizeof(rec))
+            return MDB_CORRUPTED;
+        due_key(dkey, h.due_ms, it->id, it->rcpt);
+        MDB_val odk = {DUE_KEY_LEN, dkey};
+        rc = mdb_del(txn, q->dbi_due, &odk, NULL);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return rc;
+        memcpy(rec, v.mv_data, v.mv_size);
+        h.due_ms = it->due_ms;
+        memcpy(rec, &h, sizeof(h));
+        MDB_val nv = {v.mv_size, rec};
+        if ((rc = mdb_put(txn, q->dbi_rcpt, &k, &nv, 0)) != 0)
+            return rc;
+        t->outcomes++;
+        due_key(dkey, it->due_ms, it->id, it->rcpt);
+        MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
+        return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
+    }
+    size_t fixed = (size_t)h.addr_len + h.domain_len + h.orcpt_len;
+    if (h.state == QUEUE_RCPT_DEFERRED) {
+        due_key(dkey, h.due_ms, it->id, it->rcpt);
+        MDB_val dk = {DUE_KEY_LEN, dkey};
+        rc = mdb_del(txn, q->dbi_due, &dk, NULL);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return rc;
+    }
+    t->outcomes++;
+    if (it->kind != QUEUE_DEFERRED) {
+        rc = mdb_del(txn, q->dbi_rcpt, &k, NULL);
+        return rc != 0 ? rc : touched_add(q, it->id);
+    }
+    /* Rebuild the record: v points into a page the puts below may move. */
+    unsigned char rec[RCPT_REC_MAX];
+    if (sizeof(h) + fixed + it->reply_len > sizeof(rec))
+        return MDB_CORRUPTED;
+    memcpy(rec + sizeof(h), (const unsigned char *)v.mv_data + sizeof(h), fixed);
+    if (it->reply_len > 0)
+        memcpy(rec + sizeof(h) + fixed, it->reply, it->reply_len);
+    h.state = QUEUE_RCPT_DEFERRED;
+    if (h.attempts < UINT16_MAX)
+        h.attempts++;
+    h.code = it->code;
+    h.tag = it->tag;
+    h.reply_len = it->reply_len;
+    h.due_ms = it->due_ms;
+    h.last_ms = now;
+    memcpy(rec, &h, sizeof(h));
+    MDB_val nv = {sizeof(h) + fixed + it->reply_len, rec};
+    rc = mdb_put(txn, q->dbi_rcpt, &k, &nv, 0);
+    if (rc != 0)
+        return rc;
+    due_key(dkey, it->due_ms, it->id, it->rcpt);
+    MDB_val dk = {DUE_KEY_LEN, dkey}, empty = {0, NULL};
+    return mdb_put(txn, q->dbi_due, &dk, &empty, 0);
+}
+
+/* Committer: delete the records wholly below r->ev_seq and keep the next
+ * number in meta. */
+static int
+apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t next,
+           struct tally *t)
+{
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_events, &c);
+    if (rc != 0)
+        return rc;
+    MDB_val k, v;
+    while ((rc = mdb_cursor_get(c, &k, &v, MDB_FIRST)) == 0) {
+        if (k.mv_size == 8 && key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size) > r->ev_seq)
+            break;
+        if ((rc = mdb_cursor_del(c, 0)) != 0)
+            break;
+        t->ev_trimmed++;
+    }
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    MDB_val nk = {7, "ev_next"}, nv = {sizeof(next), &next};
+    return mdb_put(txn, q->dbi_meta, &nk, &nv, 0);
+}
+
+/* Committer: write r's event lines as the record numbered *seq; of an
+ * update, only the lines of the outcomes that applied and its own (the
+ * lines after its outcomes'): a stale outcome tells nothing. */
+static int
+apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *seq, struct tally *t)
+{
+    size_t len = r->ev_len;
+    uint64_t lines = r->ev_lines;
+    for (size_t i = 0; r->kind == REQ_UPDATE && i < r->u.upd.n; i++) {
+        const struct upd_item *it = &r->u.upd.items[i];
+        if (!it->applied) {
+            len -= it->ev_len;
+            lines -= it->ev_lines;
+        }
+    }
+    if (len == 0)
+        return 0;
+    unsigned char key[8];
+    msg_key(key, *seq);
+    MDB_val k = {8, key}, v = {len, NULL};
+    int rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_APPEND | MDB_RESERVE);
+    if (rc == MDB_KEYEXIST) /* not above the last key: cannot happen, but not fatal */
+        rc = mdb_put(txn, q->dbi_events, &k, &v, MDB_RESERVE);
+    if (rc != 0)
+        return rc;
+    if (len == r->ev_len) {
+        memcpy(v.mv_data, r->ev_text, len);
+    } else {
+        char *dst = v.mv_data;
+        size_t off = 0;
+        for (size_t i = 0; i < r->u.upd.n; i++) {
+            const struct upd_item *it = &r->u.upd.items[i];
+            if (it->applied && it->ev_len > 0) {
+                memcpy(dst, r->ev_text + off, it->ev_len);
+                dst += it->ev_len;
+            }
+            off += it->ev_len;
+        }
+        memcpy(dst, r->ev_text + off, r->ev_len - off);
+    }
+    r->ev_seq = *seq;
+    *seq += lines;
+    t->ev_records++;
+    t->ev_lines += lines;
+    return 0;
+}
+
+/* Append a taken recipient to r's result (committer; freed by the owner). */
+static int
+take_append(struct queue_req *r, uint64_t id, unsigned index, const void *rec, size_t len,
+            const struct owner_buf *o)
+{
+    size_t olen = (size_t)o->tenant_len + o->campaign_len + o->pool_len;
+    size_t need = (sizeof(struct take_rec) + len + olen + 7) & ~(size_t)7;
+    if (r->u.take.len + need > r->u.take.cap) {
+        size_t cap = r->u.take.cap ? r->u.take.cap * 2 : 4096;
+        while (cap < r->u.take.len + need)
+            cap *= 2;
+        unsigned char *b = realloc(r->u.take.buf, cap);
+        if (b == NULL)
+            return ENOMEM;
+        r->u.take.buf = b;
+        r->u.take.cap = cap;
+    }
+    struct take_rec tr = {.id = id,
+                          .index = index,
+                          .len = (uint32_t)len,
+                          .tenant_len = o->tenant_len,
+                          .campaign_len = o->campaign_len,
+                          .pool_len = o->pool_len,
+                          .priority = o->priority,
+                          .tls_relaxed = o->tls_relaxed};
+    unsigned char *p = r->u.take.buf + r->u.take.len;
+    memcpy(p, &tr, sizeof(tr));
+    memcpy(p + sizeof(tr), rec, len);
+    p += sizeof(tr) + len;
+    memcpy(p, o->tenant, o->tenant_len);
+    memcpy(p + o->tenant_len, o->campaign, o->campaign_len);
+    memcpy(p + o->tenant_len + o->campaign_len, o->pool, o->pool_len);
+    r->u.take.len += need;
+    r->u.take.n++;
+    return 0;
+}
+
+/* Move the deferred recipients due by the request's time out of the time
+ * index and make them ready, in due order, up to its limit. The index is
+ * the truth about what nobody took yet: it is read from its start, so
+ * that no remembered position can hide an entry (a deferral behind it
+ * after the wall clock stepped back). An entry without its recipient is
+ * removed; one whose recipient does not decode is skipped and counted.
+ * Returns 0 or an LMDB code. */
+static int
+apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t)
+{
+    r->u.take.len = 0;
+    r->u.take.n = 0;
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_due, &c);
+    if (rc != 0)
+        return rc;
+    unsigned char last[DUE_KEY_LEN];
+    size_t last_len = 0;
+    unsigned limit = r->u.take.limit;
+    struct owner_buf *ob = calloc(1, sizeof(*ob));
+    if (ob == NULL) {
+        mdb_cursor_close(c);
+        return ENOMEM;
+    }
+    while (limit == 0 || r->u.take.n < limit) {
+        MDB_val k, v;
+        if (last_len == 0) {
+            rc = mdb_cursor_get(c, &k, &v, MDB_FIRST);
+        } else {
+            /* taken entries are gone; a skipped one is still there */
+            k = (MDB_val){last_len, last};
+            rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+            if (rc == 0 && k.mv_size == last_len && memcmp(k.mv_data, last, last_len) == 0)
+                rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+        }
+        if (rc != 0)
+            break;
+        last_len = k.mv_size < sizeof(last) ? k.mv_size : sizeof(last);
+        memcpy(last, k.mv_data, last_len);
+        if (k.mv_size != DUE_KEY_LEN) {
+            queue_corrupt_note(q, "due", last, last_len);
+            continue;
+        }
+        uint64_t due = key_u64(last), id = key_u64(last + 8);
+        unsigned idx = key_u16(last + 16);
+        if (due > r->u.take.now_ms)
+            break;
+        MDB_val dk = {DUE_KEY_LEN, last}, rk = {RCPT_KEY_LEN, last + 8}, rv;
+        rc = mdb_get(txn, q->dbi_rcpt, &rk, &rv);
+        if (rc == MDB_NOTFOUND) {
+            /* an index entry for nobody: drop it, or it stays due forever */
+            queue_corrupt_note(q, "due", last, DUE_KEY_LEN);
+            if ((rc = mdb_del(txn, q->dbi_due, &dk, NULL)) != 0)
+                break;
+            t->fixed++;
+            continue;
+        }
+        if (rc != 0)
+            break;
+        struct rcpt_head h;
+        unsigned char rec[RCPT_REC_MAX];
+        if (!rcpt_decode(&rv, &h) || rv.mv_size > sizeof(rec)) {
+            queue_corrupt_note(q, "rcpt", last + 8, RCPT_KEY_LEN);
+            continue;
+        }
+        if ((rc = mdb_del(txn, q->dbi_due, &dk, NULL)) != 0)
+            break;
+        if (h.state != QUEUE_RCPT_DEFERRED || h.due_ms != due) {
+            /* the record disagrees with its index entry: the record wins;
+             * a deferred one is taken all the same, or it might never be */
+            queue_corrupt_note(q, "due", last, DUE_KEY_LEN);
+            t->fixed++;
+            if (h.state != QUEUE_RCPT_DEFERRED)
+                continue;
+            unsigned char okey[DUE_KEY_LEN];
+            due_key(okey, h.due_ms, id, idx);
+            MDB_val ok = {DUE_KEY_LEN, okey};
+            if ((rc = mdb_del(txn, q->dbi_due, &ok, NULL)) != 0 && rc != MDB_NOTFOUND)
+                break;
+        }
+        memcpy(rec, rv.mv_data, rv.mv_size);
+        h.state = QUEUE_RCPT_READY;
+        h.due_ms = 0;
+        memcpy(rec, &h, sizeof(h));
+        MDB_val nv = {rv.mv_size, rec};
+        if ((rc = mdb_put(txn, q->dbi_rcpt, &rk, &nv, 0)) != 0)
+            break;
+        queue_owner_read(q, txn, id, ob);
+        if ((rc = take_append(r, id, idx, rec, rv.mv_size, ob)) != 0)
+            break;
+        t->taken++;
+    }
+    free(ob);
+    mdb_cursor_close(c);
+    return rc == MDB_NOTFOUND ? 0 : rc;
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Remove the message and body of every touched id left without recipients. */
+static int
+remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
+{
+    if (q->touched_n == 0)
+        return 0;
+    qsort(q->touched, q->touched_n, sizeof(uint64_t), cmp_u64);
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
+    if (rc != 0)
+        return rc;
+    uint64_t prev = 0;
+    for (size_t i = 0; i < q->touched_n && rc == 0; i++) {
+        uint64_t id = q->touched[i];
+        if (i > 0 && id == prev)
+            continue;
+        prev = id;
+        unsigned char key[BODY_KEY_LEN];
+        rcpt_key(key, id, 0);
+        MDB_val k = {RCPT_KEY_LEN, key}, v;
+        rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        if (rc == 0 && k.mv_size == RCPT_KEY_LEN && key_u64(k.mv_data) == id)
+            continue; /* recipients left */
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            break;
+        msg_key(key, id);
+        MDB_val mk = {MSG_KEY_LEN, key}, mv;
+        rc = mdb_get(txn, q->dbi_msg, &mk, &mv);
+        if (rc == MDB_NOTFOUND) {
+            rc = 0;
+            continue;
+        }
+        if (rc != 0)
+            break;
+        struct msg_head h;
+        uint32_t chunks = msg_decode(&mv, &h) ? h.body_chunks : 0;
+        rc = mdb_del(txn, q->dbi_msg, &mk, NULL);
+        for (uint32_t ch = 0; ch < chunks && rc == 0; ch++) {
+            body_key(key, id, ch);
+            MDB_val bk = {BODY_KEY_LEN, key};
+            rc = mdb_del(txn, q->dbi_body, &bk, NULL);
+            if (rc == MDB_NOTFOUND)
+                rc = 0;
+        }
+        if (rc == 0)
+            t->removed++;
+    }
+    mdb_cursor_close(c);
+    return rc;
+}
+
+static void
+counter_add(_Atomic uint64_t *c, uint64_t n)
+{
+    /* one writer (the committer): a relaxed load and store is enough */
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
+                          memory_order_relaxed);
+}
+
+static void
+counter_max(_Atomic uint64_t *c, uint64_t v)
+{
+    if (v > atomic_load_explicit(c, memory_order_relaxed))
+        atomic_store_explicit(c, v, memory_order_relaxed);
+}
+
+/* Keep disk blocks allocated (fallocate, file size unchanged) for some
+ * pages past the end of the data: a full disk then stops new mail at
+ * admission, with a reserve of blocks left for the updates that delete
+ * mail, instead of failing every commit, deletions included, on ENOSPC.
+ * need: pages about to be used by enqueues. Committer (or open) only. */
+void
+queue_disk_reserve(struct queue *q, size_t need)
+{
+    if (!q->prealloc)
+        return;
+    size_t want = q->last_pgno + 1 + need + q->reserve_pages;
+    if (want > q->map_pages)
+        want = q->map_pages;
+    if (q->alloc_pages >= want)
+        return;
+    /* grow by a good step: one call per few MB written, not per commit */
+    size_t step = q->reserve_pages < 512 ? 256 : q->reserve_pages / 2;
+    size_t target = want + step < q->map_pages ? want + step : q->map_pages;
+    off_t off = (off_t)q->alloc_pages * (off_t)q->psize;
+    off_t len = (off_t)(target - q->alloc_pages) * (off_t)q->psize;
+    if (fallocate(q->data_fd, FALLOC_FL_KEEP_SIZE, off, len) == 0) {
+        q->alloc_pages = target;
+        return;
+    }
+    if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+        q->prealloc = false; /* this filesystem cannot: plain ENOSPC it is */
+        return;
+    }
+    /* ENOSPC and the like: take what fits, page by page would be slow;
+     * admission sees the shortfall and refuses new mail. */
+    if (target > want && fallocate(q->data_fd, FALLOC_FL_KEEP_SIZE, off,
+                                   (off_t)(want - q->alloc_pages) * (off_t)q->psize) == 0)
+        q->alloc_pages = want;
+}
+
+void
+queue_refresh_map_use(struct queue *q)
+{
+    MDB_envinfo info;
+    if (mdb_env_info(q->env, &info) == 0) {
+        q->last_pgno = info.me_last_pgno;
+        atomic_store_explicit(&q->st.map_used, (uint64_t)(info.me_last_pgno + 1) * q->psize,
+                              memory_order_relaxed);
+    }
+}
+
+/* An update carrying a message (a DSN) with an outcome that would be
+ * stale, while another would apply: the message may tell a recipient
+ * that is done already (delivered, say, by a delivery that crossed an
+ * operator's bounce). Nothing of it is applied: *refuse, r->rc
+ * QUEUE_ESTALE, and each outcome's applied flag says whether it would
+ * have applied, so that the caller tries again without the stale ones
+ * and with a message that names only the others. When every outcome
+ * would be stale (a retry of a commit that happened), the request goes
+ * on and changes nothing (queue.h). Returns 0 or an LMDB code. */
+static int
+msg_check(struct queue *q, MDB_txn *txn, struct queue_req *r, bool *refuse)
+{
+    bool stale_one = false, any = false;
+    *refuse = false;
+    for (size_t j = 0; j < r->u.upd.n; j++) {
+        struct upd_item *it = &r->u.upd.items[j];
+        MDB_val v;
+        struct rcpt_head h;
+        bool stale;
+        int rc = outcome_stale(q, txn, it, &v, &h, &stale);
+        if (rc != 0)
+            return rc;
+        it->applied = !stale;
+        any |= !stale;
+        stale_one |= stale;
+    }
+    if (stale_one && any) {
+        *refuse = true;
+        r->rc = QUEUE_ESTALE;
+    }
+    return 0;
+}
+
+/* One write transaction: the updates, then the enqueues. Returns 0 or an
+ * LMDB code, with nothing committed on failure. */
+static int
+commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req **enq, size_t ne)
+{
+    uint64_t t0 = mono_us();
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0)
+        return rc;
+    struct tally t = {0};
+    uint64_t now = now_ms();
+    q->touched_n = 0;
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind == REQ_TAKE) {
+            rc = apply_take(q, txn, r, &t);
+            continue;
+        }
+        if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM)
+            continue;
+        r->rc = 0; /* a try before this one (halved for space) may have set it */
+        r->applied = false;
+        if (r->has_msg) {
+            bool refuse;
+            rc = msg_check(q, txn, r, &refuse);
+            if (rc != 0 || refuse)
+                continue;
+        }
+        uint64_t before = t.outcomes;
+        for (size_t j = 0; j < r->u.upd.n && rc == 0; j++) {
+            uint64_t b = t.outcomes;
+            rc = apply_outcome(q, txn, &r->u.upd.items[j], now, &t);
+            r->u.upd.items[j].applied = t.outcomes > b;
+        }
+        r->applied = t.outcomes > before;
+    }
+    if (rc == 0)
+        rc = remove_finished(q, txn, &t);
+    /* The messages updates carry (DSNs), with the outcomes that caused
+     * them; not when those were all stale (that commit happened before). */
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind != REQ_UPDATE || !r->has_msg || !r->applied)
+            continue;
+        rc = apply_enqueue(q, txn, r, &t);
+        if (r->rc == QUEUE_EEXIST)
+            r->rc = 0; /* stored by an earlier try */
+    }
+    for (size_t i = 0; i < ne && rc == 0; i++)
+        rc = apply_enqueue(q, txn, enq[i], &t);
+    /* The event lines, numbered in commit order: the updates' (those of
+     * the outcomes applied and their own, or lines alone), then the
+     * enqueues' (stored now). */
+    uint64_t floor = atomic_load(&q->ev_floor);
+    uint64_t seq = q->ev_next > floor ? q->ev_next : floor;
+    bool trims = false;
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind == REQ_EVENTS || (r->kind == REQ_UPDATE && r->applied))
+            rc = apply_events(q, txn, r, &seq, &t);
+        trims |= r->kind == REQ_TRIM;
+    }
+    for (size_t i = 0; i < ne && rc == 0; i++)
+        if (enq[i]->rc == 0)
+            rc = apply_events(q, txn, enq[i], &seq, &t);
+    for (size_t i = 0; i < nu && rc == 0 && trims; i++)
+        if (upd[i]->kind == REQ_TRIM)
+            rc = apply_trim(q, txn, upd[i], seq, &t);
+    if (rc == 0 && ne == 0 && t.outcomes == 0 && t.stale == 0 && t.taken == 0 && t.fixed == 0 &&
+        t.enq == 0) {
+        /* Only takes, and nothing was due: no commit, no sync (the due
+         * poll asks every second, also when there is nothing to do). */
+        bool takes_only = t.ev_records == 0;
+        for (size_t i = 0; i < nu; i++)
+            takes_only &= upd[i]->kind == REQ_TAKE;
+        if (takes_only) {
+            mdb_txn_abort(txn);
+            return 0;
+        }
+    }
+    uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
+    bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0 && t.taken == 0 &&
+                 t.ev_records == 0 && !trims;
+    bool store = clean || (t.removed > 0 && high > q->stored_id);
+    if (rc == 0 && store) {
+        /* The highest id must outlive the messages that carried it
+         * (opening takes the larger of it and the last live id). And a
+         * commit with no dirty page skips its data sync, on which
+         * flush_pending counts: give it one. */
+        MDB_val k = {7, "last_id"}, v = {sizeof(high), &high};
+        rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+    }
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        counter_add(&q->st.commit_failures, 1);
+        return rc;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc != 0) {
+        counter_add(&q->st.commit_failures, 1);
+        return rc;
+    }
+    q->batch_commits++;
+    q->high_id = high;
+    q->ev_next = seq;
+    counter_add(&q->st.event_lines, t.ev_lines);
+    counter_add(&q->st.events_kept, t.ev_records);
+    if (t.ev_trimmed > 0)
+        atomic_fetch_sub(&q->st.events_kept, t.ev_trimmed);
+    if (store)
+        q->stored_id = high;
+    if (t.removed > 0)
+        q->since_free = 0;
+    else if (q->since_free < 2)
+        q->since_free++;
+    uint64_t us = mono_us() - t0;
+    q->last_commit_us = us;
+    counter_add(&q->st.commits, 1);
+    counter_add(&q->st.enqueued, t.enq);
+    counter_add(&q->st.enqueued_rcpts, t.enq_rcpts);
+    counter_add(&q->st.enqueued_bytes, t.enq_bytes);
+    counter_add(&q->st.outcomes, t.outcomes);
+    counter_add(&q->st.outcomes_stale, t.stale);
+    counter_add(&q->st.removed, t.removed);
+    counter_add(&q->st.taken, t.taken);
+    counter_add(&q->st.commit_us_total, us);
+    counter_max(&q->st.commit_us_max, us);
+    counter_max(&q->st.batch_max, nu + ne);
+    queue_refresh_map_use(q);
+    queue_disk_reserve(q, 0);
+    return 0;
+}
+
+/* Updates alone; on a space failure, halves, so that what fits commits. */
+static void
+commit_updates(struct queue *q, struct queue_req **upd, size_t n)
+{
+    int rc = commit_set(q, upd, n, NULL, 0);
+    if (rc == 0)
+        return;
+    if (lmdb_space_err(rc) && n > 1) {
+        commit_updates(q, upd, n / 2);
+        commit_updates(q, upd + n / 2, n - n / 2);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        upd[i]->rc = queue_lmdb_err(rc);
+}
+
+/* Pages in LMDB's free list, read the way mdb_stat -f does (each record
+ * of database 0 is a page list whose first word is its length). Only
+ * called when the end of the map is near, so the scan is rare. */
+static size_t
+freelist_pages(struct queue *q)
+{
+    MDB_txn *txn;
+    MDB_cursor *c;
+    size_t pages = 0;
+    if (mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn) != 0)
+        return 0;
+    if (mdb_cursor_open(txn, 0, &c) == 0) {
+        MDB_val k, v;
+        while (mdb_cursor_get(c, &k, &v, MDB_NEXT) == 0) {
+            size_t n;
+            if (v.mv_size >= sizeof(n)) {
+                memcpy(&n, v.mv_data, sizeof(n));
+                pages += n;
+            }
+        }
+        mdb_cursor_close(c);
+    }
+    mdb_txn_abort(txn);
+    return pages;
+}
+
+static size_t
+enqueue_pages(const struct queue *q, const struct queue_req *r)
+{
+    /* Rough: the record and body pages, the recipients at half-full
+     * leaves, and a couple of branch pages. */
+    uint64_t bytes = r->enq.head_len + r->enq.body_len + 64ULL * r->enq.chunks;
+    return (size_t)(bytes / q->psize) + 2 * r->enq.rcpt_bytes / q->psize + 3;
+}
+
+static void
+full_note(struct queue *q, const char *reason, size_t refused)
+{
+    counter_add(&q->st.enqueue_refused, refused);
+    if (q->full)
+        return;
+    q->full = true;
+    uint64_t now = now_ms();
+    /* once per episode, and episodes at most once a minute */
+    q->full_logged = q->full_logged_ms == 0 || now - q->full_logged_ms >= 60000;
+    if (!q->full_logged)
+        return;
+    q->full_logged_ms = now;
+    bool disk = strcmp(reason, "disk_full") == 0;
+    log_msg(LOG_WARN,
+            "queue=full reason=%s path=%s map_size=%" PRIu64 " map_used=%" PRIu64
+            " action=refusing_new_mail hint=\"deliveries free room; %s\"",
+            reason, q->cfg.path, (uint64_t)q->map_pages * q->psize,
+            (uint64_t)(q->last_pgno + 1) * q->psize,
+            disk ? "so does freeing disk space" : "raise map_size and restart to grow");
+}
+
+/* Keep the enqueues that fit in front of enq; refuse the others, with
+ * QUEUE_EMAPFULL when the map is short of room and -ENOSPC when the disk
+ * is (the blocks reserved ahead of the data, see queue_disk_reserve, are not
+ * enough and could not be extended). Either way a reserve is left for
+ * the updates that free room. */
+static size_t
+admit(struct queue *q, struct queue_req **enq, size_t ne)
+{
+    size_t need_all = 0;
+    for (size_t i = 0; i < ne; i++)
+        need_all += enqueue_pages(q, enq[i]);
+    queue_disk_reserve(q, need_all);
+    size_t end = q->last_pgno + 1;
+    size_t map_avail = q->map_pages > end ? q->map_pages - end : 0;
+    size_t disk_avail = !q->prealloc ? SIZE_MAX : q->alloc_pages > end ? q->alloc_pages - end : 0;
+    size_t low = map_avail < disk_avail ? map_avail : disk_avail;
+    size_t free_pages = 0;
+    if (low < q->reserve_pages + need_all + 256)
+        free_pages = freelist_pages(q);
+    size_t used = 0, na = 0, refused_map = 0, refused_disk = 0;
+    for (size_t i = 0; i < ne; i++) {
+        size_t want = q->reserve_pages + used + enqueue_pages(q, enq[i]);
+        if (map_avail + free_pages < want) {
+            enq[i]->rc = QUEUE_EMAPFULL;
+            refused_map++;
+        } else if (disk_avail != SIZE_MAX && disk_avail + free_pages < want) {
+            enq[i]->rc = -ENOSPC;
+            refused_disk++;
+        } else {
+            used = want - q->reserve_pages;
+            enq[na++] = enq[i];
+        }
+    }
+    if (refused_map + refused_disk > 0)
+        full_note(q, refused_map ? "map_full" : "disk_full", refused_map + refused_disk);
+    return na;
+}
+
+/* Updates that carry a message (a DSN) use the reserve, but only its
+ * first half: the rest stays for the updates that only delete, so that
+ * the DSNs of a mass bounce can never take the last pages and leave the
+ * deliveries that would free room unable to commit. One that does not
+ * fit fails with QUEUE_EMAPFULL (its outcomes with it: both or neither),
+ * and its caller tries again once deliveries have made room. Returns
+ * how many of upd[0..n) are left, in order. */
+static size_t
+admit_msgs(struct queue *q, struct queue_req **upd, size_t n)
+{
+    size_t need_all = 0;
+    for (size_t i = 0; i < n; i++)
+        if (upd[i]->has_msg)
+            need_all += enqueue_pages(q, upd[i]);
+    if (need_all == 0)
+        return n;
+    size_t end = q->last_pgno + 1;
+    size_t map_avail = q->map_pages > end ? q->map_pages - end : 0;
+    size_t disk_avail = !q->prealloc ? SIZE_MAX : q->alloc_pages > end ? q->alloc_pages - end : 0;
+    size_t avail = map_avail < disk_avail ? map_avail : disk_avail;
+    size_t keep = q->reserve_pages / 2;
+    if (avail >= keep + need_all + 256)
+        return n;
+    avail += freelist_pages(q);
+    size_t used = 0, na = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (upd[i]->has_msg) {
+            size_t want = keep + used + enqueue_pages(q, upd[i]);
+            if (avail < want) {
+                upd[i]->rc = map_avail <= disk_avail ? QUEUE_EMAPFULL : -ENOSPC;
+                continue;
+            }
+            used = want - keep;
+        }
+        upd[na++] = upd[i];
+    }
+    return na;
+}
+
+static void
+note_failure(struct queue *q, int rc)
+{
+    if (rc == QUEUE_EPANIC && !q->panic_logged) {
+        q->panic_logged = true;
+        log_msg(LOG_CRIT, "queue=panic path=%s error=\"%s\" action=restart_needed", q->cfg.path,
+                queue_strerror(rc));
+    }
+}
+
+/* A commit that changes nothing but the txn id. */
+static int
+commit_tick(struct queue *q)
+{
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc != 0)
+        return rc;
+    MDB_val k = {7, "last_id"}, v = {sizeof(q->high_id), &q->high_id};
+    rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return rc;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc == 0) {
+        q->stored_id = q->high_id;
+        q->since_free++;
+        q->batch_commits++;
+    }
+    return rc;
+}
+
+/* Enqueues failed for space. Pages freed by commit N are reusable from
+ * commit N+2 on (LMDB keeps the previous snapshot intact until the next
+ * meta page is durable), and a failed transaction does not advance the
+ * txn id: right after deletions, commit once more and try again, or a
+ * spool whose free pages are not reusable yet would refuse mail until
+ * some unrelated commit came. Returns 0 or the LMDB code of the failure. */
+static int
+retry_enqueues(struct queue *q, struct queue_req **enq, size_t n, int rc)
+{
+    if (q->since_free >= 2)
+        return rc;
+    if (q->since_free == 0 && (rc = commit_tick(q)) != 0)
+        return rc;
+    for (size_t i = 0; i < n; i++)
+        enq[i]->rc = 0;
+    return commit_set(q, NULL, 0, enq, n);
+}
+
+static void
+run_batch(struct queue *q, struct queue_req *batch)
+{
+    size_t nu = 0, ne = 0;
+    for (struct queue_req *r = batch; r != NULL; r = r->next) {
+        r->rc = 0;
+        if (r->kind != REQ_ENQUEUE)
+            q->vec_upd[nu++] = r;
+        else
+            q->vec_enq[ne++] = r;
+    }
+    nu = admit_msgs(q, q->vec_upd, nu);
+    size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
+    int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
+    if (rc == 0) {
+        if (q->full && na > 0) {
+            q->full = false;
+            if (q->full_logged)
+                log_msg(LOG_NOTICE, "queue=room_again path=%s map_used=%" PRIu64, q->cfg.path,
+                        (uint64_t)(q->last_pgno + 1) * q->psize);
+        }
+    } else if (lmdb_space_err(rc)) {
+        if (nu > 0)
+            commit_updates(q, q->vec_upd, nu);
+        if (na > 0 && (rc = retry_enqueues(q, q->vec_enq, na, rc)) != 0) {
+            for (size_t i = 0; i < na; i++)
+                q->vec_enq[i]->rc = queue_lmdb_err(rc);
+            full_note(q, rc == MDB_MAP_FULL ? "map_full" : "disk_full", na);
+        }
+    } else {
+        int err = queue_lmdb_err(rc);
+        note_failure(q, err);
+        for (size_t i = 0; i < nu; i++)
+            q->vec_upd[i]->rc = err;
+        for (size_t i = 0; i < na; i++)
+            q->vec_enq[i]->rc = err;
+    }
+}
+
+/* Notifier: hand a chain of completed requests to their port. The
+ * eventfd is written under the lock: once the lock is released the owner
+ * may drain, see pending reach 0 and free the port. */
+static void
+port_push(struct queue_port *p, struct queue_req *head, struct queue_req *tail)
+{
+    pthread_mutex_lock(&p->mu);
+    bool was_empty = p->head == NULL;
+    if (was_empty)
+        p->head = head;
+    else
+        p->tail->next = head;
+    p->tail = tail;
+    if (was_empty) {
+        uint64_t one = 1;
+        ssize_t wr = write(p->efd, &one, sizeof(one));
+        (void)wr; /* only fails when the counter is saturated: still readable */
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Push every request of the list to its port, one push per port and
+ * round (ports: room for max_batch). A port sees its completions in the
+ * order they were committed. Rounds are numbered across both threads that
+ * deliver, so a port's mark never matches another thread's round. */
+static void
+deliver(struct queue *q, struct queue_req *list, struct queue_port **ports)
+{
+    struct queue_req *next;
+    size_t np = 0;
+    uint64_t mark = atomic_fetch_add(&q->round, 1) + 1;
+    for (struct queue_req *r = list; r != NULL; r = next) {
+        next = r->next;
+        r->next = NULL;
+        struct queue_port *p = r->port;
+        if (p->mark != mark) {
+            if (np == q->cfg.max_batch) {
+                for (size_t i = 0; i < np; i++)
+                    port_push(ports[i], ports[i]->chain_head, ports[i]->chain_tail);
+                np = 0;
+                mark = atomic_fetch_add(&q->round, 1) + 1;
+            }
+            p->mark = mark;
+            p->chain_head = NULL;
+            ports[np++] = p;
+        }
+        if (p->chain_head == NULL)
+            p->chain_head = r;
+        else
+            p->chain_tail->next = r;
+        p->chain_tail = r;
+    }
+    for (size_t i = 0; i < np; i++)
+        port_push(ports[i], ports[i]->chain_head, ports[i]->chain_tail);
+}
+
+void *
+queue_notifier_main(void *arg)
+{
+    struct queue *q = arg;
+    log_set_thread_name("queue-notify");
+    pthread_mutex_lock(&q->nmu);
+    for (;;) {
+        while (q->n_head == NULL && !q->n_stopping) {
+            q->n_idle = true;
+            pthread_cond_wait(&q->ncond, &q->nmu);
+            q->n_idle = false;
+        }
+        struct queue_req *list = q->n_head;
+        if (list == NULL)
+            break;
+        q->n_head = q->n_tail = NULL;
+        pthread_mutex_unlock(&q->nmu);
+        deliver(q, list, q->ports);
+        pthread_mutex_lock(&q->nmu);
+    }
+    pthread_mutex_unlock(&q->nmu);
+    return NULL;
+}
+
+/* Committer: hand committed requests to the notifier. When the committer
+ * has nothing else to do (idle is true) and the notifier has nothing
+ * queued, they share the work: the notifier takes the ports of one half,
+ * the committer pushes to the other half itself before returning, so
+ * each port still gets its completions in order. */
+static void
+notify(struct queue *q, struct queue_req *batch, struct queue_req *last, bool idle)
+{
+    struct queue_req *mine = NULL, **mine_tail = &mine;
+    pthread_mutex_lock(&q->nmu);
+    if (idle && q->n_head == NULL && q->n_idle) {
+        struct queue_req *theirs = NULL, **theirs_tail = &theirs, *theirs_last = NULL, *next;
+        for (struct queue_req *r = batch; r != NULL; r = next) {
+            next = r->next;
+            r->next = NULL;
+            uintptr_t h = (uintptr_t)r->port;
+            if (((h >> 6) ^ (h >> 11)) & 1) {
+                *mine_tail = r;
+                mine_tail = &r->next;
+            } else {
+                *theirs_tail = r;
+                theirs_tail = &r->next;
+                theirs_last = r;
+            }
+        }
+        batch = theirs;
+        last = theirs_last;
+    }
+    if (batch != NULL) {
+        if (q->n_tail != NULL)
+            q->n_tail->next = batch;
+        else
+            q->n_head = batch;
+        q->n_tail = last;
+        if (q->n_idle)
+            pthread_cond_signal(&q->ncond);
+    }
+    pthread_mutex_unlock(&q->nmu);
+    if (mine != NULL)
+        deliver(q, mine, q->cports);
+}
+
+/* Send durable completions to the notifier. The callers they complete
+ * tend to come straight back (a worker answering 250 reads the next
+ * DATA): expect them, so that gather() lets them share the next commit.
+ * The target is set before they can come back, so none is counted twice. */
+static void
+release(struct queue *q, struct queue_req *head, struct queue_req *tail)
+{
+    size_t n = 0;
+    for (struct queue_req *r = head; r != NULL; r = r->next)
+        n++;
+    pthread_mutex_lock(&q->mu);
+    size_t base = q->gather_target > 0 ? q->gather_target : q->in_count;
+    q->gather_target = base + n < q->cfg.max_batch ? base + n : q->cfg.max_batch;
+    bool idle = q->in_head == NULL;
+    pthread_mutex_unlock(&q->mu);
+    notify(q, head, tail, idle);
+}
+
+/* Committer: lines below seq are durable; wake the hook. */
+static void
+events_publish(struct queue *q, uint64_t seq)
+{
+    if (seq <= atomic_load(&q->ev_durable))
+        return;
+    atomic_store(&q->ev_durable, seq);
+    pthread_mutex_lock(&q->ev_mu);
+    if (q->ev_hook != NULL)
+        q->ev_hook(q->ev_hook_arg);
+    pthread_mutex_unlock(&q->ev_mu);
+}
+
+/* Completions wait in q->pend until the commit that holds them is
+ * durable. With MDB_NOMETASYNC a commit syncs its data pages and writes
+ * its meta page without syncing it; the next commit's data sync (or
+ * mdb_env_sync) makes that meta page durable. So when a commit succeeds,
+ * everything pending before it is durable and goes to the notifier; when
+ * the committer runs out of work, it syncs and sends what is pending. */
+static void
+flush_pending(struct queue *q)
+{
+    if (q->pend_head == NULL)
+        return;
+    uint64_t ev = q->ev_pend;
+    if (q->pend_unsynced) {
+        int rc = mdb_env_sync(q->env, 1);
+        q->pend_unsynced = false;
+        if (rc != 0) {
+            /* The data may well be on disk, but it was not confirmed:
+             * the client retries, a duplicate is better than a loss. Not
+             * a take: what it took left the index and is ready in the
+             * spool this process reads, so only its caller can own it
+             * (failed, nobody would until a restart); should a crash
+             * lose the commit, the recipients are deferred as before.
+             * Nor event lines put alone: nobody puts them again, and
+             * they are published below all the same, so the pump moves
+             * them to the journal; failed, they were reported lost. */
+            int err = queue_lmdb_err(rc);
+            note_failure(q, err);
+            for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
+                if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
+                    r->rc = err;
+        }
+    }
+    events_publish(q, ev);
+    release(q, q->pend_head, q->pend_tail);
+    q->pend_head = q->pend_tail = NULL;
+}
+
+static void
+pend_append(struct queue *q, struct queue_req *batch, struct queue_req *last)
+{
+    if (q->pend_tail != NULL)
+        q->pend_tail->next = batch;
+    else
+        q->pend_head = batch;
+    q->pend_tail = last;
+}
+
+/* Wait, under q->mu, for the inbound list to reach gather_target, as long
+ * as it keeps growing: checked every GATHER_GAP_US (submitters wake us
+ * only when the target is reached, not for each arrival). A commit costs
+ * one or two syncs whatever its size, so a fraction of a millisecond spent
+ * here buys a batch twice as large, instead of splitting the callers into
+ * groups that each pay for their own syncs. When nothing more comes, the
+ * wait ends after one gap: the price at low load. */
+static void
+gather(struct queue *q)
+{
+    /* Never longer than a commit takes (within bounds): past that, a
+     * second commit would have served the late ones as fast. */
+    uint64_t cap = q->last_commit_us < 200    ? 200
+                   : q->last_commit_us > 2000 ? 2000
+                                              : q->last_commit_us;
+    uint64_t end = mono_us() + cap;
+    q->gathering = true;
+    while (q->in_count < q->gather_target && !q->stopping && mono_us() < end) {
+        size_t before = q->in_count;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += GATHER_GAP_US * 1000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        q->idle = true;
+        pthread_cond_timedwait(&q->cond, &q->mu, &ts);
+        q->idle = false;
+        if (q->in_count == before)
+            break;
+    }
+    q->gathering = false;
+    q->gather_target = 0;
+}
+
+void *
+queue_committer_main(void *arg)
+{
+    struct queue *q = arg;
+    log_set_thread_name("queue");
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        if (q->in_head == NULL) {
+            if (q->pend_head != NULL) {
+                pthread_mutex_unlock(&q->mu);
+                flush_pending(q);
+                pthread_mutex_lock(&q->mu);
+                continue;
+            }
+            if (q->stopping)
+                break; /* everything submitted is committed and sent */
+            q->idle = true;
+            pthread_cond_wait(&q->cond, &q->mu);
+            q->idle = false;
+            continue;
+        }
+        gather(q);
+        /* Everything that arrived during the last commit, up to the bounds. */
+        struct queue_req *batch = q->in_head, *last = batch;
+        size_t n = 1;
+        uint64_t bytes = batch->cost;
+        while (last->next != NULL && n < q->cfg.max_batch &&
+               bytes + last->next->cost <= q->cfg.max_batch_bytes) {
+            last = last->next;
+            bytes += last->cost;
+            n++;
+        }
+        q->in_head = last->next;
+        if (q->in_head == NULL)
+            q->in_tail = NULL;
+        last->next = NULL;
+        q->in_count -= n;
+        atomic_store_explicit(&q->st.backlog, q->in_count, memory_order_relaxed);
+        pthread_mutex_unlock(&q->mu);
+
+        q->batch_commits = 0;
+        run_batch(q, batch);
+        if (q->cfg.unsafe_no_sync) {
+            events_publish(q, q->ev_next);
+            release(q, batch, last);
+        } else if (q->batch_commits > 0) {
+            /* that commit synced the data after the pending meta page */
+            q->pend_unsynced = false;
+            flush_pending(q);
+            pend_append(q, batch, last);
+            q->ev_pend = q->ev_next;
+            q->pend_unsynced = true;
+        } else {
+            /* nothing committed (all refused or failed): wait behind the
+             * pending ones so that each port keeps its order */
+            pend_append(q, batch, last);
+        }
+
+        pthread_mutex_lock(&q->mu);
+    }
+    pthread_mutex_unlock(&q->mu);
+    return NULL;
+}
