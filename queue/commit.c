@@ -31,7 +31,9 @@
  * mdb_env_sync when there is no next commit yet) makes that meta page
  * durable. Integrity is the same (data is on disk before any meta page
  * that points at it), and a completion still leaves only once its commit
- * is durable: completions wait in q->pend for that next sync. Under load
+ * is durable: completions wait in q->pend for that next sync (should it
+ * fail, in a commit or alone, they fail: Linux reports a failed
+ * write-back once, so no later sync can confirm them). Under load
  * every commit thus costs one sync and carries the previous one's
  * durability; when idle, a commit costs two, as by default. With
  * unsafe_no_sync the commits are not synced at all (MDB_NOSYNC) and
@@ -757,6 +759,8 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     rc = mdb_txn_commit(txn);
     if (rc != 0) {
         counter_add(&q->st.commit_failures, 1);
+        if (rc > 0)
+            q->io_err = rc; /* see queue_committer_main */
         return rc;
     }
     q->batch_commits++;
@@ -969,6 +973,8 @@ commit_tick(struct queue *q)
         q->stored_id = q->high_id;
         q->since_free++;
         q->batch_commits++;
+    } else if (rc > 0) {
+        q->io_err = rc; /* see queue_committer_main */
     }
     return rc;
 }
@@ -1183,6 +1189,21 @@ events_publish(struct queue *q, uint64_t seq)
     pthread_mutex_unlock(&q->ev_mu);
 }
 
+/* A sync that was to confirm the commits holding list's requests failed:
+ * they fail with err. Not a take: what it took left the index and is
+ * ready in the spool this process reads, so only its caller can own it
+ * (failed, nobody would until a restart); should a crash lose the commit,
+ * the recipients are deferred as before. Nor event lines put alone:
+ * nobody puts them again, and they are published all the same, so the
+ * pump moves them to the journal; failed, they were reported lost. */
+static void
+fail_unconfirmed(struct queue_req *list, int err)
+{
+    for (struct queue_req *r = list; r != NULL; r = r->next)
+        if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
+            r->rc = err;
+}
+
 /* Completions wait in q->pend until the commit that holds them is
  * durable. With MDB_NOMETASYNC a commit syncs its data pages and writes
  * its meta page without syncing it; the next commit's data sync (or
@@ -1200,19 +1221,10 @@ flush_pending(struct queue *q)
         q->pend_unsynced = false;
         if (rc != 0) {
             /* The data may well be on disk, but it was not confirmed:
-             * the client retries, a duplicate is better than a loss. Not
-             * a take: what it took left the index and is ready in the
-             * spool this process reads, so only its caller can own it
-             * (failed, nobody would until a restart); should a crash
-             * lose the commit, the recipients are deferred as before.
-             * Nor event lines put alone: nobody puts them again, and
-             * they are published below all the same, so the pump moves
-             * them to the journal; failed, they were reported lost. */
+             * the client retries, a duplicate is better than a loss. */
             int err = queue_lmdb_err(rc);
             note_failure(q, err);
-            for (struct queue_req *r = q->pend_head; r != NULL; r = r->next)
-                if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
-                    r->rc = err;
+            fail_unconfirmed(q->pend_head, err);
         }
     }
     events_publish(q, ev);
@@ -1307,7 +1319,21 @@ queue_committer_main(void *arg)
         pthread_mutex_unlock(&q->mu);
 
         q->batch_commits = 0;
+        q->io_err = 0;
         run_batch(q, batch);
+        if (q->io_err != 0 && !q->cfg.unsafe_no_sync) {
+            /* A commit failed writing or syncing. Its sync may have been
+             * the one that was to make the meta pages written since the
+             * last confirmed sync durable (the pending commit's, or one
+             * of this batch's), and Linux reports a failed write-back
+             * once: the next sync succeeds without those pages. What
+             * they hold is not confirmed (this batch's later commits
+             * too: a retry is harmless, a loss is not). */
+            int err = queue_lmdb_err(q->io_err);
+            if (q->pend_unsynced)
+                fail_unconfirmed(q->pend_head, err);
+            fail_unconfirmed(batch, err);
+        }
         if (q->cfg.unsafe_no_sync) {
             events_publish(q, q->ev_next);
             release(q, batch, last);

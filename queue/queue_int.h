@@ -376,6 +376,7 @@ struct queue {
     uint64_t stored_id;      /* "last_id" as stored in meta */
     unsigned since_free;     /* commits since the last one that removed messages, up to 2 */
     unsigned batch_commits;  /* successful commits while running this batch */
+    int io_err;              /* a commit of this batch failed writing or syncing: its errno */
     uint64_t last_commit_us; /* duration of the last successful commit */
     struct queue_req *pend_head, *pend_tail; /* committed, not yet durable (see flush_pending) */
     bool pend_unsynced;                      /* the last commit's meta page is not synced */

@@ -2,7 +2,8 @@
  * The queue when a sync fails after a commit landed: fdatasync and fsync
  * are replaced in this binary (LMDB calls them through the PLT), so that
  * a chosen call fails with EIO while the data is in the file all the
- * same. Each test gets a fresh spool in a temp dir that it removes.
+ * same, and a chosen call waits until the test lets it go. Each test gets
+ * a fresh spool in a temp dir that it removes.
  *
  * Threading: one test at a time; the hook is read by the committer.
  */
@@ -15,6 +16,7 @@
 
 #include <errno.h>
 #include <ftw.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,19 +30,71 @@
 /* 0: every sync succeeds; n: the n-th sync from the arming fails. */
 static atomic_int sync_fail_at;
 static atomic_int sync_calls;
+/* n: the n-th sync from the arming waits in the hook until sync_release()
+ * (0: none), so that a test can line requests up behind a commit. */
+static pthread_mutex_t hold_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t hold_cond = PTHREAD_COND_INITIALIZER;
+static int sync_hold_at;   /* guarded by hold_mu */
+static bool sync_holding;  /* guarded by hold_mu: the committer waits in the hook */
+static bool sync_released; /* guarded by hold_mu */
+
+static void
+sync_release(void)
+{
+    pthread_mutex_lock(&hold_mu);
+    sync_released = true;
+    pthread_cond_broadcast(&hold_cond);
+    pthread_mutex_unlock(&hold_mu);
+}
+
+static void
+sync_arm(int hold, int fail)
+{
+    sync_release(); /* a hold from before goes on */
+    pthread_mutex_lock(&hold_mu);
+    atomic_store(&sync_calls, 0);
+    atomic_store(&sync_fail_at, fail);
+    sync_hold_at = hold;
+    sync_holding = sync_released = false;
+    pthread_mutex_unlock(&hold_mu);
+}
 
 static void
 sync_fail_arm(int n)
 {
-    atomic_store(&sync_calls, 0);
-    atomic_store(&sync_fail_at, n);
+    sync_arm(0, n);
+}
+
+/* Wait until the held sync is reached. */
+static void
+sync_wait_held(void)
+{
+    pthread_mutex_lock(&hold_mu);
+    while (!sync_holding)
+        pthread_cond_wait(&hold_cond, &hold_mu);
+    pthread_mutex_unlock(&hold_mu);
 }
 
 static int
 sync_hook(void)
 {
     int at = atomic_load(&sync_fail_at);
-    if (at == 0 || atomic_fetch_add(&sync_calls, 1) + 1 != at)
+    pthread_mutex_lock(&hold_mu);
+    int hold = sync_hold_at;
+    pthread_mutex_unlock(&hold_mu);
+    if (at == 0 && hold == 0)
+        return 0;
+    int n = atomic_fetch_add(&sync_calls, 1) + 1;
+    if (n == hold) {
+        pthread_mutex_lock(&hold_mu);
+        sync_holding = true;
+        pthread_cond_broadcast(&hold_cond);
+        while (!sync_released)
+            pthread_cond_wait(&hold_cond, &hold_mu);
+        sync_hold_at = 0;
+        pthread_mutex_unlock(&hold_mu);
+    }
+    if (at == 0 || n != at)
         return 0;
     atomic_store(&sync_fail_at, 0);
     errno = EIO;
@@ -219,12 +273,64 @@ test_events_put_survives_a_failed_sync(void **state)
     queue_port_free(port);
 }
 
+static int
+enqueue_one(struct queue *q, struct queue_port *port, struct put_wait *w)
+{
+    struct queue_rcpt rc = {.addr = "a@x.example"};
+    struct queue_envelope env = {
+        .id = queue_id_next(q), .sender = "s@y.example", .nrcpt = 1, .rcpt = &rc};
+    struct iovec iov = {(void *)"body\r\n", 6};
+    return queue_enqueue(q, port, &env, &iov, 1, put_done, w);
+}
+
+/* An enqueue whose commit landed, its meta page waiting for the next
+ * sync, when the next commit fails in its data sync: that failed sync was
+ * the one that would have made the meta page durable (and Linux reports a
+ * write-back error once, so the idle sync after it succeeds without the
+ * page). The enqueue is not confirmed and must not be reported stored:
+ * its caller would answer 250 for a message a crash can lose. */
+static void
+test_pending_fails_with_a_failed_commit_sync(void **state)
+{
+    struct fixture *f = *state;
+    char err[512];
+    queue_close(f->q);
+    f->cfg.max_batch = 1; /* one request per commit */
+    int rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
+    if (rc != 0)
+        fail_msg("queue_open: %s (%s)", err, queue_strerror(rc));
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+
+    /* x's commit syncs its data (1st, held while a and b line up); a's
+     * commit syncs its data (2nd), which makes x's meta page durable; b's
+     * commit syncs its data (3rd) and would make a's durable: it fails */
+    sync_arm(1, 3);
+    struct put_wait x = {0}, a = {0}, b = {0};
+    assert_int_equal(enqueue_one(q, port, &x), 0);
+    sync_wait_held();
+    assert_int_equal(enqueue_one(q, port, &a), 0);
+    assert_int_equal(enqueue_one(q, port, &b), 0);
+    sync_release();
+    for (int i = 0; i < 100 && !(x.done && a.done && b.done); i++)
+        queue_port_wait(port, 100);
+    assert_true(x.done && a.done && b.done);
+    assert_int_equal(atomic_load(&sync_fail_at), 0); /* the failure did happen */
+    assert_int_equal(x.rc, 0);
+    assert_int_equal(b.rc, -EIO);
+    assert_int_equal(a.rc, -EIO);
+    queue_port_free(port);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_take_survives_a_failed_sync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_events_put_survives_a_failed_sync, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pending_fails_with_a_failed_commit_sync, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
