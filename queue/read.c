@@ -690,7 +690,8 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         if (mdb_cursor_open(txn, q->dbi_rcpt, &rc2) == 0) {
             rcpt_key(key, id, 0);
             MDB_val rk = {RCPT_KEY_LEN, key}, rv;
-            if (mdb_cursor_get(rc2, &rk, &rv, MDB_SET_RANGE) != 0 || key_u64(rk.mv_data) != id)
+            if (mdb_cursor_get(rc2, &rk, &rv, MDB_SET_RANGE) != 0 || rk.mv_size < 8 ||
+                key_u64(rk.mv_data) != id)
                 check_note(rep, &rep->empty_messages, "msg", "empty_message", &k);
             mdb_cursor_close(rc2);
         }
@@ -717,9 +718,11 @@ queue_check(struct queue *q, struct queue_check_report *rep)
         rep->body_chunks++;
         MDB_val mv;
         struct msg_head h;
-        uint32_t ch;
-        memcpy(&ch, (const unsigned char *)k.mv_data + 8, 4);
-        ch = be32toh(ch);
+        uint32_t ch = 0;
+        if (k.mv_size == BODY_KEY_LEN) { /* a short key is not read past its end */
+            memcpy(&ch, (const unsigned char *)k.mv_data + 8, 4);
+            ch = be32toh(ch);
+        }
         if (k.mv_size != BODY_KEY_LEN ||
             !key_exists(txn, q->dbi_msg, k.mv_data, MSG_KEY_LEN, &mv) || !msg_decode(&mv, &h) ||
             ch >= h.body_chunks)
