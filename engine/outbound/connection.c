@@ -791,6 +791,19 @@ conn_on_readable(struct stream *st)
             conn_tlsrpt(c, rc == TLS_EVERIFY ? tlsrpt_result_of_verify(c->tls_verify)
                                              : TLSRPT_VALIDATION_FAILURE);
             conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
+        } else if (stream_tls(&c->st) && rc <= TLS_EPROTO && rc >= TLS_EINTERNAL) {
+            /* The session broke in TLS after the handshake (an alert, a
+             * record that did not decrypt, a key update flood): its
+             * outcomes say so, not "lost connection". */
+            const char *why = stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st)
+                                                          : tls_strerror(rc);
+            if (smtp_client_state(&c->cli) != SMTP_CLIENT_S_CLOSED) /* else: after our QUIT */
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s addr=%s state=%s err=\"%s\" "
+                        "detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+                        smtp_client_state_str(smtp_client_state(&c->cli)), tls_strerror(rc), why);
+            conn_handle(c, smtp_client_tls_error(conn_cli(c), why));
         } else {
             conn_handle(c, smtp_client_eof(conn_cli(c)));
         }
