@@ -865,8 +865,8 @@ smtp_client_sent(struct smtp_client *c, size_t n)
     return client_events(c);
 }
 
-int
-smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
+static int
+client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res, const char *why)
 {
     struct smtp_outcome o;
 
@@ -880,8 +880,9 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
     c->ev = 0;
     if (res == SMTP_CLIENT_TLS_FAILED) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED,
-                      c->state, 0, 4, 7, 5, "%s%sTLS handshake failed",
-                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "");
+                      c->state, 0, 4, 7, 5, "%s%sTLS handshake failed%s%s",
+                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "",
+                      why != NULL && why[0] != '\0' ? ": " : "", why != NULL ? why : "");
         client_close(c, &o, false);
     } else if (res == SMTP_CLIENT_TLS_UNVERIFIED && c->opts.tls == SMTP_CLIENT_TLS_VERIFY) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED,
@@ -899,6 +900,18 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
         client_send(c, SMTP_CLIENT_S_EHLO);
     }
     return client_events(c);
+}
+
+int
+smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
+{
+    return client_tls_done(c, res, NULL);
+}
+
+int
+smtp_client_tls_failed(struct smtp_client *c, const char *why)
+{
+    return client_tls_done(c, SMTP_CLIENT_TLS_FAILED, why);
 }
 
 static bool

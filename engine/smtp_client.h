@@ -350,6 +350,10 @@ int smtp_client_sent(struct smtp_client *c, size_t n);
 /* The handshake asked by EV_STARTTLS is over. Returns the events or
  * SMTP_CLIENT_E_STATE outside SMTP_CLIENT_S_TLS. */
 int smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res);
+/* As smtp_client_tls_done(SMTP_CLIENT_TLS_FAILED), with why (the TLS
+ * layer's words, copied; NULL or "": none) after "TLS handshake failed"
+ * in the outcome's text, so that the deferral and a DSN say what failed. */
+int smtp_client_tls_failed(struct smtp_client *c, const char *why);
 
 /*
  * Start a transaction (EV_READY seen, state IDLE). t stays the caller's

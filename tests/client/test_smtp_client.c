@@ -820,7 +820,19 @@ sc_tls_required_fails(void)
         want_ev(smtp_client_tls_done(&R.c, SMTP_CLIENT_TLS_FAILED), EV_CLOSE, "tls_done");
         nothing_out();
         want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED, 0, "4.7.5");
+        assert_string_equal(smtp_client_session(&R.c)->text, "TLS handshake failed");
         no_reuse();
+        /* with the TLS layer's words, which the text carries */
+        tls_offered(p);
+        IN("220 go\r\n", EV_TLS);
+        want_ev(smtp_client_tls_failed(&R.c, "tlsv1 alert unknown ca"), EV_CLOSE, "tls_failed");
+        nothing_out();
+        want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION,
+                 SMTP_REASON_TLS_FAILED, 0, "4.7.5");
+        assert_string_equal(smtp_client_session(&R.c)->text,
+                            "TLS handshake failed: tlsv1 alert unknown ca");
+        no_reuse();
+        assert_int_equal(smtp_client_tls_failed(&R.c, "again"), SMTP_CLIENT_E_STATE);
     }
     /* not verified under VERIFY */
     tls_offered(SMTP_CLIENT_TLS_VERIFY);
