@@ -865,8 +865,8 @@ smtp_client_sent(struct smtp_client *c, size_t n)
     return client_events(c);
 }
 
-int
-smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
+static int
+client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res, const char *why)
 {
     struct smtp_outcome o;
 
@@ -880,8 +880,9 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
     c->ev = 0;
     if (res == SMTP_CLIENT_TLS_FAILED) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED,
-                      c->state, 0, 4, 7, 5, "%s%sTLS handshake failed",
-                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "");
+                      c->state, 0, 4, 7, 5, "%s%sTLS handshake failed%s%s",
+                      c->opts.tls_label ? c->opts.tls_label : "", c->opts.tls_label ? ": " : "",
+                      why != NULL && why[0] != '\0' ? ": " : "", why != NULL ? why : "");
         client_close(c, &o, false);
     } else if (res == SMTP_CLIENT_TLS_UNVERIFIED && c->opts.tls == SMTP_CLIENT_TLS_VERIFY) {
         outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_UNVERIFIED,
@@ -899,6 +900,18 @@ smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
         client_send(c, SMTP_CLIENT_S_EHLO);
     }
     return client_events(c);
+}
+
+int
+smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res)
+{
+    return client_tls_done(c, res, NULL);
+}
+
+int
+smtp_client_tls_failed(struct smtp_client *c, const char *why)
+{
+    return client_tls_done(c, SMTP_CLIENT_TLS_FAILED, why);
 }
 
 static bool
@@ -1066,6 +1079,26 @@ smtp_client_eof(struct smtp_client *c)
     return client_events(c);
 }
 
+int
+smtp_client_tls_error(struct smtp_client *c, const char *why)
+{
+    struct smtp_outcome o;
+
+    if (c->buf == NULL)
+        return SMTP_CLIENT_E_STATE;
+
+    c->ev = 0;
+    if (c->state == SMTP_CLIENT_S_CLOSED)
+        return 0;
+    /* 4.4.2 as for a lost connection: the session broke, not a check of
+     * the certificate (those are the handshake's, 4.7.5). */
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS, c->state, 0, 4, 4,
+                  2, "TLS failed in state %s%s%s", smtp_client_state_str(c->state),
+                  why != NULL && why[0] != '\0' ? ": " : "", why != NULL ? why : "");
+    client_close(c, &o, false);
+    return client_events(c);
+}
+
 uint32_t
 smtp_client_deadline_ms(const struct smtp_client *c)
 {
@@ -1139,8 +1172,9 @@ smtp_reason_str(enum smtp_reason r)
         "protocol",       "tls_unavailable", "tls_refused",   "tls_failed",
         "tls_unverified", "need_8bitmime",   "need_smtputf8", "size",
         "address",        "rcpt_limit",      "no_rcpt",       "quit",
-        "connect_refused", "connect_timeout", "connect_failed",
+        "connect_refused", "connect_timeout", "connect_failed", "tls",
     };
+    _Static_assert(sizeof names / sizeof names[0] == SMTP_REASON_TLS + 1, "a name per reason");
 
     return (unsigned)r < sizeof names / sizeof names[0] ? names[r] : "?";
 }

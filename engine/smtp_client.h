@@ -11,6 +11,7 @@
  *   a send completed (n)      -> smtp_client_sent(n)
  *   the deadline fired        -> smtp_client_timeout()
  *   the peer closed / error   -> smtp_client_eof()
+ *   TLS failed after the handshake -> smtp_client_tls_error()
  * After each of those calls, and after smtp_client_txn(), _body(),
  * _tls_done() and _quit(), act on the events returned (a bitmask, in this
  * order), then send whatever smtp_client_output() holds:
@@ -52,12 +53,13 @@
  * If no RCPT was accepted, the DATA refusal is expected; a 354 anyway gets
  * an empty message (".") whose reply is ignored.
  *
- * A 421 at any point, a timeout, the connection lost, or a protocol error
- * (malformed reply, a reply nobody asked for, a code that makes no sense
- * for the command): everything not yet decided gets a temporary outcome
- * of session scope, EV_TXN_DONE if a transaction was open, EV_CLOSE, and
- * the connection is never reused. Nothing counts as delivered without a
- * 2xx to RCPT, a 354 to DATA and a 2xx to the final dot.
+ * A 421 at any point, a timeout, the connection lost (or broken by the TLS
+ * layer after the handshake), or a protocol error (malformed reply, a
+ * reply nobody asked for, a code that makes no sense for the command):
+ * everything not yet decided gets a temporary outcome of session scope,
+ * EV_TXN_DONE if a transaction was open, EV_CLOSE, and the connection is
+ * never reused. Nothing counts as delivered without a 2xx to RCPT, a 354
+ * to DATA and a 2xx to the final dot.
  *
  * Threading: pure functions over caller memory; a session belongs to one
  * thread at a time. The trace callback runs inside the calls.
@@ -176,6 +178,8 @@ enum smtp_reason {
     SMTP_REASON_CONNECT_REFUSED, /* the address refused the connection (RST): 4.4.1 */
     SMTP_REASON_CONNECT_TIMEOUT, /* the connect was not answered in time: 4.4.1 */
     SMTP_REASON_CONNECT_FAILED,  /* unreachable, or another connect error: 4.4.1 */
+    /* The machine's again, last so that the values above keep theirs. */
+    SMTP_REASON_TLS, /* smtp_client_tls_error(): the TLS layer broke the session: 4.4.2 */
 };
 
 struct smtp_outcome {
@@ -346,6 +350,10 @@ int smtp_client_sent(struct smtp_client *c, size_t n);
 /* The handshake asked by EV_STARTTLS is over. Returns the events or
  * SMTP_CLIENT_E_STATE outside SMTP_CLIENT_S_TLS. */
 int smtp_client_tls_done(struct smtp_client *c, enum smtp_client_tls_result res);
+/* As smtp_client_tls_done(SMTP_CLIENT_TLS_FAILED), with why (the TLS
+ * layer's words, copied; NULL or "": none) after "TLS handshake failed"
+ * in the outcome's text, so that the deferral and a DSN say what failed. */
+int smtp_client_tls_failed(struct smtp_client *c, const char *why);
 
 /*
  * Start a transaction (EV_READY seen, state IDLE). t stays the caller's
@@ -381,6 +389,12 @@ int smtp_client_quit(struct smtp_client *c);
  * temporarily. No-ops (0) once closed. A timeout while idle is a quit. */
 int smtp_client_timeout(struct smtp_client *c);
 int smtp_client_eof(struct smtp_client *c);
+/* The TLS layer failed the session after its handshake (a fatal alert
+ * from the server, a record that did not decrypt, a flood of key updates):
+ * as smtp_client_eof(), with reason TLS and why (the TLS layer's words,
+ * copied; NULL or "": none) in the text, so that the recipients' outcomes
+ * say what broke the connection. */
+int smtp_client_tls_error(struct smtp_client *c, const char *why);
 
 /* The deadline for the current state, in ms; 0: none. */
 uint32_t smtp_client_deadline_ms(const struct smtp_client *c);

@@ -247,9 +247,9 @@ tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
 }
 
 void
-tls_cache_remove(struct tls_cache *cache, const char *key)
+tls_cache_remove(struct tls_cache *cache, const char *key, const SSL_SESSION *sess)
 {
     struct tls_cache_entry **slot = cache_slot(cache, key, cache_hash(key));
-    if (*slot != NULL)
+    if (*slot != NULL && (*slot)->sess == sess)
         cache_drop(cache, slot);
 }

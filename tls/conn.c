@@ -65,7 +65,8 @@ struct tls_conn {
     char *host;              /* owned; the name checked, lowercase; NULL for servers */
     enum conn_state state;
     int error;             /* what failed the conn, returned from then on */
-    bool offered_session;  /* a cached session went into the ClientHello */
+    SSL_SESSION *offered;  /* owned: a reference to the cached session that went into the
+                            * ClientHello, until the handshake ends; NULL: none */
     bool offered_verified; /* and its certificate had verified for host */
     bool dane;             /* authenticated by TLSA records (tls_conn_new_client_dane) */
     uint64_t trust_gen;    /* the ctx's: see struct tls_ctx */
@@ -365,6 +366,7 @@ tls_conn_free(struct tls_conn *c)
     if (c == NULL)
         return NULL;
     SSL_free(c->ssl);
+    SSL_SESSION_free(c->offered);
     ERR_clear_error();
     free(c->cache_key);
     free(c->host);
@@ -439,7 +441,10 @@ conn_offer_session(struct tls_conn *c, struct tls_cache *cache, const char *key,
     bool verified;
     SSL_SESSION *sess = tls_cache_get(cache, key, c->host, c->trust_gen, verify, &verified);
     if (sess != NULL && SSL_set_session(c->ssl, sess) == 1) {
-        c->offered_session = true;
+        /* Our own reference: the cache may replace its entry meanwhile,
+         * and only this session is to be dropped if it fails. */
+        SSL_SESSION_up_ref(sess);
+        c->offered = sess;
         c->offered_verified = verified;
     }
     return 0;
@@ -632,10 +637,15 @@ tls_conn_handshake(struct tls_conn *c)
     c->wants_room = rc == TLS_WANT_IO && SSL_want_write(c->ssl);
     if (rc == 0)
         c->state = CONN_OPEN;
-    else if (rc < 0 && c->offered_session)
+    else if (rc < 0 && c->offered != NULL)
         /* The session may be what the server choked on; the next attempt
-         * starts afresh. */
-        tls_cache_remove(c->cache, c->cache_key);
+         * starts afresh, unless another connection stored a newer session
+         * under the key meanwhile: that one stays. */
+        tls_cache_remove(c->cache, c->cache_key, c->offered);
+    if (rc <= 0 && c->offered != NULL) {
+        SSL_SESSION_free(c->offered); /* the SSL holds what it still needs */
+        c->offered = NULL;
+    }
     ERR_clear_error();
     return rc;
 }

@@ -40,8 +40,10 @@ SSL_SESSION *tls_cache_get(struct tls_cache *cache, const char *key, const char 
  * not. */
 int tls_cache_put(struct tls_cache *cache, const char *key, SSL_SESSION *sess,
                   const char *verified_host, uint64_t trust_gen);
-/* Forget key (a resumption with it failed). */
-void tls_cache_remove(struct tls_cache *cache, const char *key);
+/* Forget key if it still holds sess (a resumption with sess failed; a
+ * session stored under key since is kept). sess is only compared: the
+ * caller holds a reference to it, so no other session has its address. */
+void tls_cache_remove(struct tls_cache *cache, const char *key, const SSL_SESSION *sess);
 
 /* SSL_CTX_sess_set_new_cb for client contexts: finds the conn through its
  * BIO and stores the session in the conn's cache. Returns 1 when the cache

@@ -777,6 +777,8 @@ conn_on_readable(struct stream *st)
     struct conn *c = CONN_OF(st, st);
     int rc = stream_read(&c->st);
     if (rc < 0 && !c->closed) {
+        /* OpenSSL's words (tls/conn.c's, for a key update flood) */
+        const char *why = stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st) : tls_strerror(rc);
         if (stream_tls(&c->st) && !stream_tls_ready(&c->st)) {
             bool fallback = conn_tls_fallback_mark(c);
             log_msg(LOG_NOTICE,
@@ -785,12 +787,24 @@ conn_on_readable(struct stream *st)
                     (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
                     conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
                     tls_strerror(rc), stream_tls_error(&c->st), fallback ? "plaintext" : "tls");
-            snprintf(c->tls_verify, sizeof(c->tls_verify), "%s",
-                     stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st) : tls_strerror(rc));
+            snprintf(c->tls_verify, sizeof(c->tls_verify), "%s", why);
             snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
             conn_tlsrpt(c, rc == TLS_EVERIFY ? tlsrpt_result_of_verify(c->tls_verify)
                                              : TLSRPT_VALIDATION_FAILURE);
-            conn_handle(c, smtp_client_tls_done(conn_cli(c), SMTP_CLIENT_TLS_FAILED));
+            /* Why, in the outcome's text too (a DSN has no tls_verify),
+             * whole (tls_verify may cut it). */
+            conn_handle(c, smtp_client_tls_failed(conn_cli(c), why));
+        } else if (stream_tls(&c->st) && rc <= TLS_EPROTO && rc >= TLS_EINTERNAL) {
+            /* The session broke in TLS after the handshake (an alert, a
+             * record that did not decrypt, a key update flood): its
+             * outcomes say so, not "lost connection". */
+            if (smtp_client_state(&c->cli) != SMTP_CLIENT_S_CLOSED) /* else: after our QUIT */
+                log_msg(LOG_NOTICE,
+                        "conn=%llx event=tls_failed domain=%s mx=%s addr=%s state=%s err=\"%s\" "
+                        "detail=\"%s\"",
+                        (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+                        smtp_client_state_str(smtp_client_state(&c->cli)), tls_strerror(rc), why);
+            conn_handle(c, smtp_client_tls_error(conn_cli(c), why));
         } else {
             conn_handle(c, smtp_client_eof(conn_cli(c)));
         }

@@ -843,9 +843,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         bool failed = false;
         /* The decision is the failure policy's (outbound/policy.h). */
         /* A TLS failure under an MTA-STS enforce policy is the policy's
-         * refusal (class tls_policy), not a passing TLS problem. */
+         * refusal (class tls_policy), not a passing TLS problem; a session
+         * that broke after a handshake the policy accepted is not. */
         enum classify_source osrc = policy_source(o, where->src);
-        if (osrc == CLASSIFY_TLS && dest_sts_enforce(t))
+        if (osrc == CLASSIFY_TLS && o->reason != SMTP_REASON_TLS && dest_sts_enforce(t))
             osrc = CLASSIFY_TLS_POLICY;
         enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
                                    ? BOUNCE_OTHER

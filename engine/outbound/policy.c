@@ -32,6 +32,7 @@ policy_source(const struct smtp_outcome *o, enum classify_source fallback)
     case SMTP_REASON_TLS_REFUSED:
     case SMTP_REASON_TLS_FAILED:
     case SMTP_REASON_TLS_UNVERIFIED:
+    case SMTP_REASON_TLS:
         return CLASSIFY_TLS;
     default:
         return o->code != 0 && fallback == CLASSIFY_REPLY ? CLASSIFY_REPLY : fallback;
@@ -114,7 +115,7 @@ policy_reuse_lost(const struct policy_txn *t)
     /* A 421 only after the connection sat idle: one right after another
      * transaction is the receiver pushing back ("421 ... [TSS04]"). */
     bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421 && t->idled) ||
-                m->reason == SMTP_REASON_EOF;
+                m->reason == SMTP_REASON_EOF || m->reason == SMTP_REASON_TLS;
     bool first = m->stage == SMTP_CLIENT_S_RSET || m->stage == SMTP_CLIENT_S_MAIL;
     bool reused = t->txns_on_conn > 1 || t->idled;
     return m->scope == SMTP_SCOPE_SESSION && m->status == SMTP_STATUS_TEMPFAIL && lost && first &&
@@ -235,7 +236,8 @@ bool
 policy_txn_congested(const struct smtp_outcome *o)
 {
     return o->scope == SMTP_SCOPE_SESSION &&
-           (o->reason == SMTP_REASON_EOF || o->reason == SMTP_REASON_TIMEOUT || o->code == 421);
+           (o->reason == SMTP_REASON_EOF || o->reason == SMTP_REASON_TLS ||
+            o->reason == SMTP_REASON_TIMEOUT || o->code == 421);
 }
 
 void

@@ -99,7 +99,7 @@ bool policy_failover(const struct policy_txn *t);
  * report its outcome or fail over: its transaction was lost on a reused
  * connection (one that finished transactions before, or sat idle) at its
  * first command, RSET or MAIL, with the connection lost (EOF, reset, a
- * failed send), or with a 421 after the connection sat idle since its
+ * failed send, TLS broken after the handshake), or with a 421 after the connection sat idle since its
  * last transaction. That is the receiver closing a connection it thought
  * idle (its own idle timeout, "421 4.4.2 ... timeout", crossing our
  * command), not a verdict on the message or a sign of load: no
@@ -156,7 +156,8 @@ struct policy_conn_decision {
 void policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *out);
 
 /* A transaction ended with the message outcome o: does the site's window
- * come down (a reset, a timeout or a 421 in the session)? Else it grows. */
+ * come down (a reset, TLS broken after the handshake, a timeout or a 421
+ * in the session)? Else it grows. */
 bool policy_txn_congested(const struct smtp_outcome *o);
 
 /* Events of a connection that are not the end of its session. */

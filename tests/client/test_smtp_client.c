@@ -820,7 +820,19 @@ sc_tls_required_fails(void)
         want_ev(smtp_client_tls_done(&R.c, SMTP_CLIENT_TLS_FAILED), EV_CLOSE, "tls_done");
         nothing_out();
         want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS_FAILED, 0, "4.7.5");
+        assert_string_equal(smtp_client_session(&R.c)->text, "TLS handshake failed");
         no_reuse();
+        /* with the TLS layer's words, which the text carries */
+        tls_offered(p);
+        IN("220 go\r\n", EV_TLS);
+        want_ev(smtp_client_tls_failed(&R.c, "tlsv1 alert unknown ca"), EV_CLOSE, "tls_failed");
+        nothing_out();
+        want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION,
+                 SMTP_REASON_TLS_FAILED, 0, "4.7.5");
+        assert_string_equal(smtp_client_session(&R.c)->text,
+                            "TLS handshake failed: tlsv1 alert unknown ca");
+        no_reuse();
+        assert_int_equal(smtp_client_tls_failed(&R.c, "again"), SMTP_CLIENT_E_STATE);
     }
     /* not verified under VERIFY */
     tls_offered(SMTP_CLIENT_TLS_VERIFY);
@@ -1025,6 +1037,34 @@ sc_eof(void)
     IN("250 2.0.0 O", 0);
     want_ev(smtp_client_eof(&R.c), EV_DONE | EV_CLOSE, "eof");
     all_temp(SMTP_REASON_EOF, 0);
+}
+
+/* The TLS layer broke the session after its handshake: the outcomes are
+ * a TLS failure with its words, not a lost connection. */
+static void
+sc_tls_error(void)
+{
+    /* after the final dot, before its reply: retried, never delivered */
+    to_dot();
+    want_ev(smtp_client_tls_error(&R.c, "tlsv1 alert decrypt error"), EV_DONE | EV_CLOSE,
+            "tls_error");
+    all_temp(SMTP_REASON_TLS, 0);
+    want_out(&R.rc[0].out, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS, 0, "4.4.2");
+    assert_int_equal(R.rc[0].out.stage, SMTP_CLIENT_S_DOT);
+    assert_string_equal(R.rc[0].out.text, "TLS failed in state dot: tlsv1 alert decrypt error");
+    assert_string_equal(R.t.msg.text, R.rc[0].out.text);
+    assert_string_equal(smtp_reason_str(SMTP_REASON_TLS), "tls");
+    no_reuse();
+    assert_int_equal(smtp_client_tls_error(&R.c, "again"), 0);
+    assert_int_equal(smtp_client_eof(&R.c), 0);
+    /* idle, no words from the TLS layer */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_FULL);
+    want_ev(smtp_client_tls_error(&R.c, NULL), EV_CLOSE, "tls_error");
+    want_out(smtp_client_session(&R.c), SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS,
+             0, "4.4.2");
+    assert_string_equal(smtp_client_session(&R.c)->text, "TLS failed in state idle");
+    no_reuse();
 }
 
 static void
@@ -1567,6 +1607,7 @@ SCRIPT(tls_injection, false)
 SCRIPT(421, true)
 SCRIPT(greeting_refused, true)
 SCRIPT(eof, true)
+SCRIPT(tls_error, true)
 SCRIPT(timeouts, true)
 SCRIPT(unsolicited, true)
 SCRIPT(senseless, true)
@@ -1608,6 +1649,7 @@ main(void)
         cmocka_unit_test(test_421),
         cmocka_unit_test(test_greeting_refused),
         cmocka_unit_test(test_eof),
+        cmocka_unit_test(test_tls_error),
         cmocka_unit_test(test_timeouts),
         cmocka_unit_test(test_unsolicited),
         cmocka_unit_test(test_senseless),

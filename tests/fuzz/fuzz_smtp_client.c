@@ -1,10 +1,10 @@
 /*
  * libFuzzer target: the outbound session machine. Three header octets
  * choose the options (TLS policy, pipelining, recipients, how the TLS
- * handshake ends, EOF or timeout at the end), the server's capabilities,
- * and the read size; the rest is what the server sends. Unless the
- * "raw" bit is set, a greeting and an EHLO reply come first so that a
- * transaction is in flight when the fuzzed bytes arrive. The harness acts
+ * handshake ends, EOF, a TLS failure or a timeout at the end), the
+ * server's capabilities, and the read size; the rest is what the server
+ * sends. Unless the "raw" bit is set, a greeting and an EHLO reply come
+ * first so that a transaction is in flight when the fuzzed bytes arrive. The harness acts
  * like the I/O layer: it sends all output, streams a body on SEND_BODY,
  * finishes TLS on STARTTLS, starts the next transaction on READY.
  *
@@ -387,7 +387,9 @@ run(struct run *r, const uint8_t *data, size_t size, size_t step, bool react)
     if (!r->closed) {
         size_t n;
 
-        on_events(r, (h1 & 0x40) ? smtp_client_eof(&r->c) : smtp_client_timeout(&r->c));
+        on_events(r, !(h1 & 0x40)  ? smtp_client_timeout(&r->c)
+                     : (h1 & 0x20) ? smtp_client_tls_error(&r->c, "tlsv1 alert decrypt error")
+                                   : smtp_client_eof(&r->c));
         /* a timeout while idle is a QUIT */
         check(r->closed);
         (void)smtp_client_output(&r->c, &n);
@@ -399,6 +401,7 @@ run(struct run *r, const uint8_t *data, size_t size, size_t step, bool react)
 
         check(smtp_client_input(&r->c, "250 ok\r\n", 8, &used) == 0);
         check(smtp_client_eof(&r->c) == 0 && smtp_client_timeout(&r->c) == 0);
+        check(smtp_client_tls_error(&r->c, NULL) == 0);
         check(smtp_client_quit(&r->c) == 0);
         check(smtp_client_txn(&r->c, &r->t) == SMTP_CLIENT_E_STATE);
     }

@@ -579,6 +579,10 @@ def test_tlsa_mismatch_defers():
                           tlsrpt="validation-failure")
     assert any("event=tls_failed" in ln and "tls_policy=dane" in ln and "TLSA" in ln
                for ln in lines), "\n".join(lines[-20:])
+    # The deferral's text (a DSN's diagnostic) says why, not only that.
+    deferred = [ln for ln in lines if "event=deferred" in ln]
+    assert deferred and all("TLS handshake failed: certificate verify failed" in ln and "TLSA" in ln
+                            for ln in deferred), deferred
 
 
 def test_stripped_starttls_defers_for_a_dane_host():

@@ -9,8 +9,11 @@ which OpenSSL writes at once) sent in one write with something after them.
   the message is delivered within seconds (the reply deadline is 5 min).
 - A flood (FLOOD, whose answers are more than the connection's output
   buffer holds): past the budget the connection fails at once, not at the
-  next deadline: inbound, the session is closed within seconds; outbound,
-  the recipient is deferred within seconds with the TLS failure.
+  next deadline: inbound, the session is closed within seconds and logged
+  as a TLS failure (event=tls_failed, the flood in its detail); outbound,
+  the recipient is deferred within seconds with the TLS failure as its
+  reason (reason=tls, class tls_failure, the flood in the reply text, in
+  the log line and the delivery log alike; not "lost connection").
 
 Python's ssl cannot send a KeyUpdate on demand: the peers are ssl.SSLObject
 over memory BIOs, and ctypes calls SSL_key_update on the SSL of the object
@@ -18,13 +21,14 @@ over memory BIOs, and ctypes calls SSL_key_update on the SSL of the object
 done safely."""
 import ctypes
 import ctypes.util
+import json
 import os
 import socket
 import ssl
 import sys
 import threading
 
-from harness import main, run, skip
+from harness import main, run, skip, wait_until
 
 SLUICE = sys.argv[1]
 FLOOD = 800  # 800 answers of 27 octets: 21 KB, over the output buffer
@@ -159,6 +163,7 @@ def test_inbound_flood():
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        nflood = 0
         for mode in ("starttls", "implicit"):
             sock = socket.create_connection(("127.0.0.1", srv.port_for(mode)), timeout=30)
             if mode == "starttls":
@@ -186,6 +191,10 @@ def test_inbound_flood():
             except (AssertionError, ssl.SSLError, ConnectionError) as e:
                 assert "answered after a flood" not in str(e), e
             sock.close()
+            # Logged as what it was: a TLS failure, the flood named.
+            failed = srv.d.wait_log_count("event=tls_failed", nflood + 1, timeout=10)
+            nflood += 1
+            assert "a flood" in failed[-1] and "state=command" in failed[-1], failed[-1]
         srv.wait_no_sessions()
     finally:
         srv.close()
@@ -248,7 +257,8 @@ def outbound_case(n, flood):
     from test_delivery import Relay, records_for
     test_delivery.SLUICE = SLUICE
     r = Relay(records_for(["ku.test"]), with_sink=False,
-              domain_conf=f"[domain ku.test]\ntls = required\n[tls]\n{BUFFER}\n")
+              domain_conf=f"[domain ku.test]\ntls = required\n[tls]\n{BUFFER}\n"
+                          "[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
     lsock = None
     t = None
     try:
@@ -272,6 +282,25 @@ def outbound_case(n, flood):
             line = r.d.wait_log("event=deferred", timeout=30)
             assert "ku.test" in line or "x@ku.test" in line, line
             assert r.d.count_log("event=delivered") == 0
+            # The TLS failure is the reason, in OpenSSL's (here tls/conn.c's)
+            # words: not "eof", "lost connection in state ehlo".
+            assert " reason=tls " in line and "class=tls_failure" in line, line
+            assert "key updates" in line and "a flood" in line, line
+            assert "lost connection" not in line, line
+            conn = r.d.wait_log("event=tls_failed", timeout=10)
+            assert "state=ehlo" in conn and "a flood" in conn, conn
+
+            def deferrals():
+                if not os.path.exists(r.dlog):
+                    return []
+                with open(r.dlog) as f:
+                    evs = [json.loads(ln) for ln in f if ln.strip()]
+                return [e for e in evs if e["event"] == "transient_failure"]
+            wait_until(lambda: deferrals(), 10, "the deferral in the delivery log")
+            ev = deferrals()[0]
+            assert ev["rcpt"] == "x@ku.test", ev
+            assert ev["reason"] == "tls" and ev["class"] == "tls_failure", ev
+            assert "key updates" in ev["reply"] and "a flood" in ev["reply"], ev
             t.join(30)
             assert not t.is_alive(), "the MX session did not end"
             return

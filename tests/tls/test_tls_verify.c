@@ -6,9 +6,10 @@
  * record why they did not verify. The client cache resumes a second
  * connection to the same key (TLS 1.3 tickets arrive after the handshake),
  * never resumes an unverified session for a verify connection, keeps
- * keys apart, drops the least recently used, survives a server reload, and
- * does not let a session verified under one CA store pass for verified
- * under another (a reload's new client ctx).
+ * keys apart, drops a session whose resumption failed (and not a newer
+ * one stored under its key meanwhile), drops the least recently used,
+ * survives a server reload, and does not let a session verified under one
+ * CA store pass for verified under another (a reload's new client ctx).
  *
  * Threading: tests run one at a time on one thread.
  */
@@ -304,6 +305,57 @@ test_resume_unverified(void **state)
     tls_ctx_unref(srv);
 }
 
+/* A resumed handshake that fails drops the session it offered from the
+ * cache, and only that one: another connection to the same host may have
+ * stored a fresh session under the key meanwhile, and the next connection
+ * resumes that. */
+static void
+test_resume_failure_keeps_newer(void **state)
+{
+    struct fixture *f = *state;
+    struct tls_ctx *srv = server_ctx(f, &f->good);
+    struct tls_cache_stats st;
+    struct result r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    /* b offers the cached session and waits for its server's answer. */
+    struct tls_conn *b;
+    assert_int_equal(tls_conn_new_client(f->cli_ctx, "mx.example.test", true, f->cache, NULL, &b),
+                     0);
+    assert_int_equal(tls_conn_handshake(b), TLS_WANT_IO);
+    /* Meanwhile another connection to the host stores its new session. */
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    assert_true(r.info.resumed);
+    tls_cache_stats(f->cache, &st);
+    assert_int_equal(st.entries, 1);
+    /* b's server answers with what is not TLS: b's resumption fails. */
+    static const char junk[] = "HTTP/1.1 400 Bad Request\r\n\r\n";
+    assert_int_equal(tls_conn_feed(b, junk, sizeof(junk) - 1), (ssize_t)(sizeof(junk) - 1));
+    assert_true(tls_conn_handshake(b) < 0);
+    b = tls_conn_free(b);
+    /* The fresh session is still there, and resumes. */
+    tls_cache_stats(f->cache, &st);
+    assert_int_equal(st.entries, 1);
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    assert_true(r.info.resumed);
+
+    /* The session offered is still the one cached: dropped, so the next
+     * connection starts afresh. */
+    assert_int_equal(tls_conn_new_client(f->cli_ctx, "mx.example.test", true, f->cache, NULL, &b),
+                     0);
+    assert_int_equal(tls_conn_handshake(b), TLS_WANT_IO);
+    assert_int_equal(tls_conn_feed(b, junk, sizeof(junk) - 1), (ssize_t)(sizeof(junk) - 1));
+    assert_true(tls_conn_handshake(b) < 0);
+    b = tls_conn_free(b);
+    tls_cache_stats(f->cache, &st);
+    assert_int_equal(st.entries, 0);
+    r = connect_to(f, srv, "mx.example.test", true, f->cache, NULL);
+    expect_ok(&r);
+    assert_false(r.info.resumed);
+    tls_ctx_unref(srv);
+}
+
 static void
 test_cache_lru(void **state)
 {
@@ -433,6 +485,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_verify_failures, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume_unverified, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_resume_failure_keeps_newer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cache_lru, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume_tls12, setup, teardown),
         cmocka_unit_test_setup_teardown(test_resume_after_trust_change, setup, teardown),

@@ -102,6 +102,8 @@ recipients(void **state)
     assert_int_equal(policy_source(&o, CLASSIFY_REPLY), CLASSIFY_CONNECT);
     o.reason = SMTP_REASON_TLS_FAILED;
     assert_int_equal(policy_source(&o, CLASSIFY_CONNECT), CLASSIFY_TLS);
+    o.reason = SMTP_REASON_TLS; /* broken after the handshake */
+    assert_int_equal(policy_source(&o, CLASSIFY_CONNECT), CLASSIFY_TLS);
     o.reason = SMTP_REASON_NONE;
     assert_int_equal(policy_source(&o, CLASSIFY_DNS), CLASSIFY_DNS);
 }
@@ -184,6 +186,10 @@ reuse_lost(void **state)
     assert_false(policy_reuse_lost(&t));
     m.reason = SMTP_REASON_PROTOCOL;
     assert_false(policy_reuse_lost(&t));
+    /* TLS broken after the handshake is a connection lost, as before it
+     * had a reason of its own. */
+    m.reason = SMTP_REASON_TLS;
+    assert_true(policy_reuse_lost(&t));
     m.reason = SMTP_REASON_EOF;
     /* A refused MAIL (451, 550) is the message's. */
     struct smtp_outcome r = refused(451, 4, 3, 0, "try later");
@@ -362,6 +368,8 @@ dns_and_schedule(void **state)
     memset(&m, 0, sizeof(m));
     m.scope = SMTP_SCOPE_SESSION;
     m.reason = SMTP_REASON_EOF;
+    assert_true(policy_txn_congested(&m));
+    m.reason = SMTP_REASON_TLS;
     assert_true(policy_txn_congested(&m));
     m.reason = SMTP_REASON_REPLY;
     m.code = 421;
