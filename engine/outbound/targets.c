@@ -311,9 +311,10 @@ dest_tls_policy_str(const struct dest *t, int tls_pol)
         return "mta-sts";
     if (t != NULL && t->tls_relaxed && tls_pol != DOMAIN_TLS_OFF)
         return "relaxed";
-    return tls_pol == DOMAIN_TLS_OFF      ? "none"
-           : tls_pol == DOMAIN_TLS_VERIFY ? "verify"
-                                          : "opportunistic";
+    return tls_pol == DOMAIN_TLS_OFF        ? "none"
+           : tls_pol == DOMAIN_TLS_VERIFY   ? "verify"
+           : tls_pol == DOMAIN_TLS_REQUIRED ? "required"
+                                            : "opportunistic";
 }
 
 /* The addresses of t's answer that may be delivered to, counted once per

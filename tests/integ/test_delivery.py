@@ -1146,6 +1146,8 @@ def test_required_tls_defers_when_not_offered():
         r.inject([("s@example.com", ["a@plain.test"], b"Subject: p\r\n\r\nno TLS\r\n")])
         line = r.d.wait_log("event=deferred", timeout=30)
         assert "tls_unavailable" in line or "4.7." in line, line
+        # the policy named as it is ("opportunistic" before)
+        assert "tls_policy=required" in line, line
         assert r.d.count_log("event=delivered") == 0
         assert r.sink.files() == []
     finally:
