@@ -659,6 +659,15 @@ conn_dane(const struct conn *c)
     return NULL;
 }
 
+void
+conn_fail_tls(const struct conn *c, struct dest_fail *f)
+{
+    f->tls_policy = conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol);
+    f->tls_proto = stream_tls_ready(&c->st) ? c->tls_proto : NULL;
+    f->tls_cipher = stream_tls_ready(&c->st) ? c->tls_cipher : NULL;
+    snprintf(f->tls_verify, sizeof(f->tls_verify), "%s", c->tls_verify);
+}
+
 /* The host's usable TLSA records in TLS's terms; returns the count. */
 static unsigned
 conn_tlsa(const struct dns_mx_host *h, struct tls_tlsa out[DNS_TLSA_MAX])

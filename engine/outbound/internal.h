@@ -225,11 +225,16 @@ struct mxkey {
 
 /* Why a destination's last address failed, kept for the deferral of
  * what waits once every address failed: the outcome, and the MX host and
- * address it came from (empty when there was none: a refused target). */
+ * address it came from (empty when there was none: a refused target),
+ * and the TLS its connection had (conn_fail_tls; NULL and "" without
+ * one). */
 struct dest_fail {
     struct smtp_outcome o;
     char mx[DNS_NAME_MAX + 1];
     char addr[64];
+    const char *tls_policy;             /* static ("dane", ...); NULL: the domain's */
+    const char *tls_proto, *tls_cipher; /* OpenSSL's constants, once a handshake completed */
+    char tls_verify[96];                /* as struct conn's */
 };
 
 struct dest {
@@ -754,6 +759,9 @@ struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const uni
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);
+/* Keep in f (t's last failure, from c) the TLS c had: its policy, the
+ * protocol and cipher of a completed handshake, the certificate check. */
+void conn_fail_tls(const struct conn *c, struct dest_fail *f);
 /* Say goodbye (QUIT) after what is in flight. */
 void conn_quit(struct conn *c);
 /* After the loop ended: free c whatever is in flight. */
@@ -780,7 +788,7 @@ void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_
 /* Every recipient of j (owned: freed) fails with o, without a session
  * (an outbound_ops fail); none that is no longer in the spool (done
  * meanwhile: told once already). When o is t's last failure
- * (&t->last_fail->o), its MX host and address are the outcome's. */
+ * (&t->last_fail->o), its MX host, address and TLS are the outcome's. */
 bool job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
               enum classify_source src);
 /* An outcome for a whole job from a policy verdict, text the reply. */

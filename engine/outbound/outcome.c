@@ -1044,9 +1044,15 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
     }
     struct outcome_where where = {.src = src};
     if (t->last_fail != NULL && o == &t->last_fail->o) {
-        /* every address failed: the last one tried is where */
-        where.mx = t->last_fail->mx[0] ? t->last_fail->mx : NULL;
-        where.mx_addr = t->last_fail->addr[0] ? t->last_fail->addr : NULL;
+        /* every address failed: the last one tried is where, with the
+         * TLS its connection had */
+        const struct dest_fail *f = t->last_fail;
+        where.mx = f->mx[0] ? f->mx : NULL;
+        where.mx_addr = f->addr[0] ? f->addr : NULL;
+        where.tls_policy = f->tls_policy;
+        where.tls_proto = f->tls_proto;
+        where.tls_cipher = f->tls_cipher;
+        where.tls_verify = f->tls_verify[0] ? f->tls_verify : NULL;
     }
     job_finish(d, t, j, env, NULL, o, &where);
     queue_envelope_free(env);

@@ -738,6 +738,15 @@ dest_run_once(struct dest *t)
 
 /* ---- connections, as the scheduler sees them ---- */
 
+/* o is t's last failure, at c's MX host and address, under c's TLS. */
+static void
+conn_fail_keep(const struct conn *c, struct dest *t, const struct smtp_outcome *o)
+{
+    dest_last_fail_set(t, o, c->mx, c->addr_str);
+    if (t->last_fail != NULL)
+        conn_fail_tls(c, t->last_fail);
+}
+
 /* The smaller of two caps, 0 meaning none. */
 static unsigned
 lower(unsigned a, unsigned b)
@@ -1001,7 +1010,7 @@ sched_txn_done(struct conn *c, struct job *j)
      * (policy_failover() says when). */
     if (policy_failover(&pt)) {
         j->failovers++;
-        dest_last_fail_set(t, &c->txn.msg, c->mx, c->addr_str);
+        conn_fail_keep(c, t, &c->txn.msg);
         t->failed_addrs++;
         t->next_addr++;
         dest_push(t, j, true);
@@ -1018,7 +1027,7 @@ sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_ou
     struct policy_event_decision pd;
     policy_conn_event(ev, &pd);
     if (why != NULL)
-        dest_last_fail_set(t, why, c->mx, c->addr_str);
+        conn_fail_keep(c, t, why);
     if (pd.next_addr) {
         t->failed_addrs++;
         t->next_addr++;
@@ -1104,7 +1113,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (pd.remember) {
         struct smtp_outcome o = *so;
         o.status = SMTP_STATUS_TEMPFAIL;
-        dest_last_fail_set(t, &o, c->mx, c->addr_str);
+        conn_fail_keep(c, t, &o);
     }
     if (pd.next_addr) {
         t->failed_addrs++;

@@ -583,6 +583,10 @@ def test_tlsa_mismatch_defers():
     deferred = [ln for ln in lines if "event=deferred" in ln]
     assert deferred and all("TLS handshake failed: certificate verify failed" in ln and "TLSA" in ln
                             for ln in deferred), deferred
+    # ... under the policy the connection had (the domain's own,
+    # opportunistic, before: the deferral of every address failed knew
+    # nothing of DANE).
+    assert all("tls_policy=dane" in ln for ln in deferred), deferred
 
 
 def test_stripped_starttls_defers_for_a_dane_host():
