@@ -152,21 +152,137 @@ test_limit_sections_key_twice(void **state)
     free(errs);
 }
 
+/* "[dns]\nservers = " and a servers list of exactly len characters
+ * (127.0.0.N:53 entries, padded with spaces after the first comma). */
+static char *
+servers_text(size_t len)
+{
+    char *v = malloc(len + 1);
+    assert_non_null(v);
+    size_t n = (size_t)snprintf(v, len + 1, "127.0.0.1:53,");
+    for (unsigned i = 2; n + 16 < len; i = i % 250 + 1)
+        n += (size_t)snprintf(v + n, len + 1 - n, " 127.0.0.%u:53", i);
+    size_t pad = len - n - 12; /* room for the last " 127.0.0.9:5" */
+    memmove(v + 13 + pad, v + 13, n - 13);
+    memset(v + 13, ' ', pad);
+    n += pad;
+    n += (size_t)snprintf(v + n, len + 1 - n, " 127.0.0.9:5");
+    assert_int_equal(n, len);
+    char *text = malloc(len + 32);
+    assert_non_null(text);
+    snprintf(text, len + 32, "[dns]\nservers = %s\n", v);
+    free(v);
+    return text;
+}
+
+/* Lines far longer than inih's own 200-octet buffer: each key's own
+ * limit applies ([dns] servers: 1,024 characters; [mta_sts] ca_file:
+ * 4,096), and a line past CONFIG_LINE_MAX (64 KiB) is an error on its
+ * own line, the lines after it keeping their numbers. */
 static void
-test_long_line_and_bad_domain(void **state)
+test_long_lines(void **state)
 {
     (void)state;
-    char text[1024];
-    char longval[400];
-    memset(longval, 'a', sizeof(longval) - 1);
-    longval[sizeof(longval) - 1] = '\0';
-    snprintf(text, sizeof(text), "[log]\nfile = /tmp/%s\n[domain bad_-.]\nmax_age = 1d\n",
-             longval);
     struct config *cfg;
     int rc;
+    char *text = servers_text(1000);
     char *errs = load(text, &cfg, &rc);
+    free(text);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(strlen(cfg->dns.servers), 1000);
+    assert_string_equal(cfg->dns.servers + 1000 - 12, " 127.0.0.9:5");
+    config_free(cfg);
+
+    text = servers_text(1025);
+    errs = load(text, &cfg, &rc);
+    free(text);
     assert_int_equal(rc, -EINVAL);
-    expect_error(errs, 2, "line longer than");
+    expect_error(errs, 2, "servers: longer than 1024 characters");
+    free(errs);
+
+    /* a 4,000-character path, CRLF line ends */
+    char *path4k = malloc(4001);
+    assert_non_null(path4k);
+    for (size_t i = 0; i < 4000; i++)
+        path4k[i] = i % 200 == 0 ? '/' : 'd';
+    path4k[4000] = '\0';
+    text = malloc(4100);
+    assert_non_null(text);
+    snprintf(text, 4100, "[mta_sts]\r\nca_file = %s  \r\n", path4k);
+    errs = load(text, &cfg, &rc);
+    free(text);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_string_equal(cfg->mta_sts.ca_file, path4k);
+    config_free(cfg);
+    free(path4k);
+
+    /* 64 KiB is the most a line holds: a comment that long is fine, one
+     * character more is an error; the lines after either keep their
+     * numbers, for our errors and for inih's. */
+    size_t big = 65536 + 200;
+    text = malloc(2 * big);
+    assert_non_null(text);
+    size_t n = (size_t)snprintf(text, big, "[server]\n;"); /* 1, 2 */
+    memset(text + n, 'c', 65535);
+    n += 65535;
+    n += (size_t)snprintf(text + n, big, "\nworkers = 2\n"); /* 3 */
+    n += (size_t)snprintf(text + n, big, "[log]\nfile = /"); /* 4, 5 */
+    memset(text + n, 'f', 65536 - 7);
+    n += 65536 - 7;
+    n += (size_t)snprintf(text + n, big,
+                          "\nwokers = 3\n"  /* 6 */
+                          "not ini\n"       /* 7 */
+                          "[server]\n"      /* 8 */
+                          "workers = 4\n"); /* 9 */
+    errs = load(text, &cfg, &rc);
+    free(text);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    assert_null(strstr(errs, ":2:"));
+    assert_null(strstr(errs, ":3:"));
+    expect_error(errs, 5, "line longer than 65536 characters\n");
+    expect_error(errs, 6, "wokers: unknown key in [log]");
+    expect_error(errs, 7, "not a [section] header");
+    expect_error(errs, 9, "workers: set twice in [server] (first at line 3)");
+    free(errs);
+}
+
+/* The reader checks what inih cannot see: a NUL inside a line. */
+static void
+test_nul_in_line(void **state)
+{
+    (void)state;
+    static const char text[] = "[server]\nworkers = 2\0 and more\nwokers = 3\n";
+    snprintf(path, sizeof(path), "/tmp/sluice-conf-XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, sizeof(text) - 1), (ssize_t)sizeof(text) - 1);
+    close(fd);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    struct config *cfg;
+    int rc = config_load(path, &cfg, errs);
+    fclose(errs);
+    unlink(path);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(buf, 2, "a NUL character");
+    expect_error(buf, 3, "wokers: unknown key in [server]");
+    free(buf);
+}
+
+static void
+test_bad_domain(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[log]\nfile = /tmp/x\n[domain bad_-.]\nmax_age = 1d\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
     expect_error(errs, 3, "[domain bad_-.]: not a domain name");
     free(errs);
 }
@@ -334,7 +450,9 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_unknown_names_suggest),
-        cmocka_unit_test(test_long_line_and_bad_domain),
+        cmocka_unit_test(test_long_lines),
+        cmocka_unit_test(test_nul_in_line),
+        cmocka_unit_test(test_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
         cmocka_unit_test(test_limit_sections_key_twice),
