@@ -3,8 +3,9 @@
  * tables of engine/config_keys.c.
  *
  * inih parses the lines; the reader callback hands it one whole line at a
- * time from a buffer of ours, and counts the lines (Debian's inih does not
- * pass line numbers to the handler). A line may hold CONFIG_LINE_MAX
+ * time from a buffer of ours, counts the lines (Debian's inih does not
+ * pass line numbers to the handler) and enters the sections (inih cuts
+ * their names to 49 characters). A line may hold CONFIG_LINE_MAX
  * characters, room for the longest value of any key (each key has its
  * own limit, checked by conf_set) and for long lists on one line. inih's
  * own buffer is 200 octets unless told otherwise: Debian builds it with
@@ -49,6 +50,9 @@
 
 /* The most characters a line may hold, its line end not counted. */
 #define CONFIG_LINE_MAX 65536
+/* The most characters between the brackets of a section header: more than
+ * the longest valid one, [dkim DOMAIN SELECTOR] of 253 + 127. */
+#define SECTION_NAME_MAX 511
 
 /* ---- parsing ---- */
 
@@ -85,7 +89,6 @@ struct parse {
     unsigned header_line;    /* of the last [section] header */
     struct config *cfg;
 
-    char section[300];       /* the section of the previous call */
     int sec;                 /* index into config_sections, -1 none, -2 domain, -3 unknown */
     struct domain_build *dom;
     unsigned set_line[NSECTIONS][MAX_KEYS];
@@ -210,21 +213,31 @@ next_line(struct parse *p)
     p->buf_len = n;
     p->buf_off = 0;
 
+    /* Sections are entered here, not from the name inih passes to on_key:
+     * inih cuts that to 49 characters (its MAX_SECTION), and [dkim
+     * DOMAIN SELECTOR] or [domain NAME] are often longer. A section
+     * without keys, such as a [source] that keeps every default, exists
+     * all the same. What makes a header is inih's test: '[' first after
+     * a byte order mark and white space, and a ']' (without one, inih
+     * reports the line and the section goes on). */
     const char *s = p->buf;
     if (p->line == 1 && strncmp(s, "\xEF\xBB\xBF", 3) == 0)
-        s += 3; /* a UTF-8 byte order mark, which inih skips */
-    while (*s == ' ' || *s == '\t')
+        s += 3;
+    while (isspace((unsigned char)*s))
         s++;
-    if (*s == '[') {
+    const char *close = *s == '[' ? strchr(s + 1, ']') : NULL;
+    if (close != NULL) {
         p->header_line = p->line;
-        /* Enter it now, as inih will name it (what lies between the
-         * brackets): a section without keys, such as a [source] that
-         * keeps every default, exists all the same. */
-        const char *close = strchr(s + 1, ']');
-        if (close != NULL && (size_t)(close - s - 1) < sizeof(p->section)) {
-            char name[sizeof(p->section)];
-            memcpy(name, s + 1, (size_t)(close - s - 1));
-            name[close - s - 1] = '\0';
+        size_t nlen = (size_t)(close - s - 1);
+        if (nlen > SECTION_NAME_MAX) {
+            perr(p, p->line, "[%.40s...]: section header longer than %d characters", s + 1,
+                 SECTION_NAME_MAX);
+            p->dom = NULL;
+            p->sec = -3;
+        } else {
+            char name[SECTION_NAME_MAX + 1];
+            memcpy(name, s + 1, nlen);
+            name[nlen] = '\0';
             enter_section(p, name);
         }
     }
@@ -588,7 +601,6 @@ named_section(struct parse *p, const char *kind, const char *arg)
 static void
 enter_section(struct parse *p, const char *section)
 {
-    snprintf(p->section, sizeof(p->section), "%s", section);
     p->dom = NULL;
     if (strncmp(section, "domain", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
         const char *arg = section + 7;
@@ -648,8 +660,9 @@ static int
 on_key(void *user, const char *section, const char *name, const char *value)
 {
     struct parse *p = user;
-    if (p->sec == -1 || strcmp(section, p->section) != 0)
-        enter_section(p, section);
+    (void)section; /* cut to 49 characters: next_line() entered the section */
+    if (p->sec == -1)
+        enter_section(p, "");
     if (p->sec == -3)
         return 1; /* already reported */
 

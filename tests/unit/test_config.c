@@ -13,7 +13,10 @@
 #include <string.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 
+#include "dkim/dkim.h"
 #include "engine/config.h"
 
 static char path[64];
@@ -275,6 +278,64 @@ test_nul_in_line(void **state)
     free(buf);
 }
 
+/* Section names longer than inih's 49 characters: the keys go to the
+ * section named in full (inih passes the name cut short). */
+static void
+test_long_section_names(void **state)
+{
+    (void)state;
+    char key[] = "/tmp/sluice-dkim-key-XXXXXX";
+    int fd = mkstemp(key);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    assert_non_null(f);
+    EVP_PKEY *pk = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+    assert_non_null(pk);
+    assert_int_equal(PEM_write_PrivateKey(f, pk, NULL, NULL, 0, NULL, NULL), 1);
+    EVP_PKEY_free(pk);
+    fclose(f);
+    char text[1024];
+    snprintf(text, sizeof(text),
+             "[domain mail-relay.newsletters.example-company-group.com]\n" /* 1 */
+             "max_connections = 3\n"                                       /* 2 */
+             "[dkim newsletters.example-company.co.uk s2024-01-ed25519]\n" /* 3 */
+             "key_file = %s\n"                                             /* 4 */
+             "[mx mx-cluster-07.inbound.mail-provider.example.net]\n"      /* 5 */
+             "max_connections = 7\n",                                      /* 6 */
+             key);
+    struct config *cfg;
+    int rc;
+    char *errs = load(text, &cfg, &rc);
+    unlink(key);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->ndomains, 1);
+    assert_int_equal(dkim_keyring_count(cfg->dkim_keys), 1);
+    const struct domain_policy *d =
+        config_domain(cfg, "mail-relay.newsletters.example-company-group.com");
+    assert_string_equal(d->name, "mail-relay.newsletters.example-company-group.com");
+    assert_int_equal(d->max_connections, 3);
+    assert_int_equal(cfg->nmxs, 1);
+    assert_string_equal(cfg->mxs[0].pattern, "mx-cluster-07.inbound.mail-provider.example.net");
+    assert_int_equal(cfg->mxs[0].max_connections, 7);
+    config_free(cfg);
+
+    /* a header past SECTION_NAME_MAX: an error on its line, its keys
+     * not taken for the section before */
+    char name[600];
+    memset(name, 'x', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    snprintf(text, sizeof(text), "[server]\nworkers = 2\n[%s]\nworkers = 3\n", name);
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3,
+                 "[xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...]: section header longer than "
+                 "511 characters");
+    assert_null(strstr(errs, ":4:"));
+    free(errs);
+}
+
 static void
 test_bad_domain(void **state)
 {
@@ -452,6 +513,7 @@ main(void)
         cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_lines),
         cmocka_unit_test(test_nul_in_line),
+        cmocka_unit_test(test_long_section_names),
         cmocka_unit_test(test_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
