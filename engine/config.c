@@ -84,6 +84,7 @@ struct parse {
     FILE *in;
     char *buf;               /* owned: the line being handed to inih, with its line end */
     size_t buf_len, buf_off; /* its length; how much of it inih has taken */
+    int read_err;            /* errno of a failed read, 0 none */
     unsigned nerrors;
     unsigned line;           /* of the line inih is handling */
     unsigned header_line;    /* of the last [section] header */
@@ -171,10 +172,11 @@ section_hint(char *buf, size_t len, const char *section)
 static void enter_section(struct parse *p, const char *section);
 
 /* Read the next line of the file into p->buf, line end included. Returns
- * 0, or -1 at the end of the file. A line longer than CONFIG_LINE_MAX
- * characters, or one holding a NUL, is reported and becomes an empty
- * line: inih would cut it (or stop at the NUL) and read the rest as lines
- * of their own. */
+ * 0, or -1 at the end of the file or at a read error (in p->read_err,
+ * which config_load reports: a directory opens, then fails to read). A
+ * line longer than CONFIG_LINE_MAX characters, or one holding a NUL, is
+ * reported and becomes an empty line: inih would cut it (or stop at the
+ * NUL) and read the rest as lines of their own. */
 static int
 next_line(struct parse *p)
 {
@@ -190,6 +192,10 @@ next_line(struct parse *p)
             nul = true;
         if (c == '\n')
             break;
+    }
+    if (c == EOF && ferror(p->in)) {
+        p->read_err = errno;
+        return -1;
     }
     if (n == 0)
         return -1;
@@ -1568,6 +1574,8 @@ config_load(const char *path, struct config **out, FILE *errs)
         perr(&p, 0, "out of memory");
     else if (rc < 0)
         perr(&p, 0, "cannot parse (error %d)", rc);
+    if (p.read_err != 0)
+        perr(&p, 0, "cannot read: %s", strerror(p.read_err));
     fclose(p.in);
     free(p.buf);
 

@@ -505,6 +505,30 @@ test_missing_file(void **state)
     free(buf);
 }
 
+/* A file that opens but cannot be read (a directory) is an error, not an
+ * empty config of defaults. */
+static void
+test_unreadable_file(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-conf-dir-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct config *cfg = NULL;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load(dir, &cfg, errs);
+    fclose(errs);
+    rmdir(dir);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    char want[128];
+    snprintf(want, sizeof(want), "%s: cannot read: %s", dir, strerror(EISDIR));
+    if (strstr(buf, want) == NULL)
+        fail_msg("expected '%s' in:\n%s", want, buf);
+    free(buf);
+}
+
 int
 main(void)
 {
@@ -521,6 +545,7 @@ main(void)
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_unreadable_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
