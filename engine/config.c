@@ -109,6 +109,7 @@ struct parse {
     unsigned ndkims;
     struct dkim_build *dkim;  /* the one being read */
     unsigned ev_i; /* the [events] section being read: cfg->events[ev_i] */
+    unsigned ev_set_line[EVENTS_SINKS_MAX][MAX_KEYS]; /* where each key of each was set */
     unsigned named_i; /* the [pool] or [tenant] section being read */
     unsigned warmup_i; /* the [warmup] section being read: cfg->warmups[warmup_i] */
 };
@@ -759,11 +760,21 @@ on_key(void *user, const char *section, const char *name, const char *value)
     }
     if (p->sec == -8) {
         struct events_sink_config *c = &p->cfg->events[p->ev_i];
-        int src = conf_set(events_sink_keys, c, name, value, why, sizeof(why));
-        if (src == -ENOENT)
+        const struct conf_key *k = conf_find(events_sink_keys, name);
+        if (k == NULL) {
             perr(p, p->line, "%s: unknown key in [events %s]%s", name, c->name,
                  key_hint(hint, sizeof(hint), events_sink_keys, name));
-        else if (src < 0)
+            return 1;
+        }
+        unsigned idx = (unsigned)(k - events_sink_keys);
+        unsigned *first = &p->ev_set_line[p->ev_i][idx < MAX_KEYS ? idx : MAX_KEYS - 1];
+        if (*first != 0) {
+            perr(p, p->line, "%s: set twice in [events %s] (first at line %u)", name, c->name,
+                 *first);
+            return 1;
+        }
+        *first = p->line;
+        if (conf_set(events_sink_keys, c, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }

@@ -155,6 +155,33 @@ test_limit_sections_key_twice(void **state)
     free(errs);
 }
 
+/* [events NAME] too: a key set twice (or continued on an indented line,
+ * inih's multi-line value) is an error, not the last value silently. */
+static void
+test_events_key_twice(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[events hook]\n"             /* 1 */
+                      "url = https://a.example/x\n" /* 2 */
+                      "url = https://b.example/y\n" /* 3: twice */
+                      "[events other]\n"            /* 4 */
+                      "url = https://c.example/z\n" /* 5: another section */
+                      "  https://d.example/w\n"     /* 6: continued: twice */
+                      "[events hook]\n"             /* 7: continued */
+                      "batch_max = 5\n"             /* 8 */
+                      "batch_max = 6\n",            /* 9: twice */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "url: set twice in [events hook] (first at line 2)");
+    expect_error(errs, 6, "url: set twice in [events other] (first at line 5)");
+    expect_error(errs, 9, "batch_max: set twice in [events hook] (first at line 8)");
+    assert_null(strstr(errs, ":5:"));
+    assert_null(strstr(errs, ":8:"));
+    free(errs);
+}
+
 /* "[dns]\nservers = " and a servers list of exactly len characters
  * (127.0.0.N:53 entries, padded with spaces after the first comma). */
 static char *
@@ -542,6 +569,7 @@ main(void)
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
         cmocka_unit_test(test_limit_sections_key_twice),
+        cmocka_unit_test(test_events_key_twice),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
