@@ -281,6 +281,41 @@ test_long_lines(void **state)
     free(errs);
 }
 
+/* Address lists take NETADDR_MAX_LIST (32) entries; one more is said to
+ * be one too many, not "cannot parse" a good address. */
+static void
+test_address_list_limit(void **state)
+{
+    (void)state;
+    char text[2048];
+    size_t n = (size_t)snprintf(text, sizeof(text), "[server]\ntrusted_networks = 10.0.0.0/24");
+    for (int i = 1; i < 32; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, ", 10.0.%d.0/24", i);
+    snprintf(text + n, sizeof(text) - n, "\n");
+    struct config *cfg;
+    int rc;
+    char *errs = load(text, &cfg, &rc);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->server.ntrusted, 32);
+    config_free(cfg);
+    snprintf(text + n, sizeof(text) - n, ", 10.0.32.0/24\n[delivery]\nallow_networks = ");
+    n = strlen(text);
+    for (int i = 0; i < 33; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, "%s127.0.0.%d", i ? ", " : "", i + 1);
+    snprintf(text + n, sizeof(text) - n, "\n");
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 2,
+                 "trusted_networks: more than 32 entries, the most it takes ('10.0.32.0/24' is "
+                 "one too many)");
+    expect_error(errs, 4,
+                 "allow_networks: more than 32 entries, the most it takes ('127.0.0.33' is one "
+                 "too many)");
+    free(errs);
+}
+
 /* The reader checks what inih cannot see: a NUL inside a line. */
 static void
 test_nul_in_line(void **state)
@@ -563,6 +598,7 @@ main(void)
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_lines),
+        cmocka_unit_test(test_address_list_limit),
         cmocka_unit_test(test_nul_in_line),
         cmocka_unit_test(test_long_section_names),
         cmocka_unit_test(test_bad_domain),
