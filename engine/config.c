@@ -11,7 +11,8 @@
  * own buffer is 200 octets unless told otherwise: Debian builds it with
  * runtime options (ini_use_stack, ini_allow_realloc, ini_max_line; a patch
  * of Debian's, not upstream inih's), which are set once, before the first
- * parse, for a heap buffer that grows to CONFIG_LINE_MAX. The reader
+ * parse, for a heap buffer that grows to CONFIG_LINE_MAX (and for lines
+ * that stand alone: ini_allow_multiline off, inih_options()). The reader
  * never hands inih a longer line: it reports one as an error and hands
  * an empty line instead, so inih's count of lines stays ours.
  * Values are checked as they are read, so each error carries its line;
@@ -271,10 +272,16 @@ reader(char *str, int num, void *stream)
     return str;
 }
 
-/* Debian's inih reads these options at every parse; they are process-wide. */
+/* Debian's inih reads these options at every parse; they are process-wide.
+ * Multi-line values (Python configparser's: an indented line after a key
+ * continues its value) are off: the reference has every line stand alone,
+ * lists are comma-separated on one line, and with them the second of two
+ * indented keys was taken for the first one's value ("workers: set twice"
+ * on a line that sets hostname). An indented key is a key. */
 static void
 inih_options(void)
 {
+    ini_allow_multiline = false;
     ini_use_stack = false;
     ini_allow_realloc = true;
     ini_max_line = CONFIG_LINE_MAX + 3; /* "\r\n" and the NUL */

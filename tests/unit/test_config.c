@@ -155,8 +155,8 @@ test_limit_sections_key_twice(void **state)
     free(errs);
 }
 
-/* [events NAME] too: a key set twice (or continued on an indented line,
- * inih's multi-line value) is an error, not the last value silently. */
+/* [events NAME] too: a key set twice is an error, not the last value
+ * silently. */
 static void
 test_events_key_twice(void **state)
 {
@@ -168,7 +168,7 @@ test_events_key_twice(void **state)
                       "url = https://b.example/y\n" /* 3: twice */
                       "[events other]\n"            /* 4 */
                       "url = https://c.example/z\n" /* 5: another section */
-                      "  https://d.example/w\n"     /* 6: continued: twice */
+                      "url = https://d.example/w\n" /* 6: twice */
                       "[events hook]\n"             /* 7: continued */
                       "batch_max = 5\n"             /* 8 */
                       "batch_max = 6\n",            /* 9: twice */
@@ -179,6 +179,47 @@ test_events_key_twice(void **state)
     expect_error(errs, 9, "batch_max: set twice in [events hook] (first at line 8)");
     assert_null(strstr(errs, ":5:"));
     assert_null(strstr(errs, ":8:"));
+    free(errs);
+}
+
+/* Each line stands alone (no multi-line values): indented keys are keys,
+ * and an indented line without '=' is not taken for the value before. */
+static void
+test_indented_lines(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"                      /* 1 */
+                      "    workers = 2\n"               /* 2 */
+                      "    hostname = mx.example.com\n" /* 3 */
+                      "  [events hook]\n"               /* 4 */
+                      "\turl = https://a.example/x\n"   /* 5 */
+                      "\tbatch_max = 5\n",              /* 6 */
+                      &cfg, &rc);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->server.workers, 2);
+    assert_string_equal(cfg->server.hostname, "mx.example.com");
+    assert_int_equal(cfg->nevents, 1);
+    assert_string_equal(cfg->events[0].url, "https://a.example/x");
+    assert_int_equal(cfg->events[0].batch_max, 5);
+    config_free(cfg);
+
+    errs = load("[events hook]\n"             /* 1 */
+                "url = https://a.example/x\n" /* 2 */
+                "  https://b.example/y\n",    /* 3: no key */
+                &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "https: unknown key in [events hook]"); /* inih's name: value */
+    free(errs);
+    errs = load("[delivery]\n"                   /* 1 */
+                "allow_networks = 127.0.0.0/8\n" /* 2 */
+                "    10.0.0.0/8\n",              /* 3: no key */
+                &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "not a [section] header");
     free(errs);
 }
 
@@ -606,6 +647,7 @@ main(void)
         cmocka_unit_test(test_bounce_listener_and_verp),
         cmocka_unit_test(test_limit_sections_key_twice),
         cmocka_unit_test(test_events_key_twice),
+        cmocka_unit_test(test_indented_lines),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
