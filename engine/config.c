@@ -1510,11 +1510,17 @@ finish(struct parse *p)
             cfg->delivery.nallow = 0;
         }
     }
-    if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
+    const char *dns_bad;
+    if (dns_config_check(&cfg->dns, &dns_bad, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
         while (strcmp(config_sections[dns_sec].name, "dns") != 0)
             dns_sec++;
-        perr(p, key_line(p, dns_sec, "servers"), "[dns] %s", why);
+        /* the line of the key at fault, or of the other key it is checked
+         * against when that one keeps its default */
+        unsigned line = key_line(p, dns_sec, dns_bad);
+        if (line == 0)
+            line = key_line(p, dns_sec, strcmp(dns_bad, "min_ttl") == 0 ? "max_ttl" : "servers");
+        perr(p, line, "[dns] %s", why);
     }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));

@@ -357,6 +357,36 @@ test_address_list_limit(void **state)
     free(errs);
 }
 
+/* What [dns] checks across keys is reported on the line of the key at
+ * fault, not on servers' (or on no line when servers is unset). */
+static void
+test_dns_check_lines(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        unsigned line;
+        const char *what;
+    } cases[] = {
+        {"[dns]\nservers = 127.0.0.1\nmin_ttl = 2h\nmax_ttl = 1h\n", 3,
+         "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\nmin_ttl = 2d\n", 2, "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\n\nmax_ttl = 10s\n", 3, "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\nservers = 192.0.2.1\ndnssec = trust_ad\n", 3,
+         "[dns] dnssec = trust_ad needs servers on loopback"},
+        {"[dns]\ntimeout = 1s\nservers = 127.0.0.1, localhost\n", 3,
+         "[dns] 'localhost' is not an address"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct config *cfg;
+        int rc;
+        char *errs = load(cases[i].text, &cfg, &rc);
+        assert_int_equal(rc, -EINVAL);
+        expect_error(errs, cases[i].line, cases[i].what);
+        free(errs);
+    }
+}
+
 /* The reader checks what inih cannot see: a NUL inside a line. */
 static void
 test_nul_in_line(void **state)
@@ -640,6 +670,7 @@ main(void)
         cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_lines),
         cmocka_unit_test(test_address_list_limit),
+        cmocka_unit_test(test_dns_check_lines),
         cmocka_unit_test(test_nul_in_line),
         cmocka_unit_test(test_long_section_names),
         cmocka_unit_test(test_bad_domain),
