@@ -4,17 +4,19 @@
  *
  * inih parses the lines; the reader callback hands it one whole line at a
  * time from a buffer of ours, counts the lines (Debian's inih does not
- * pass line numbers to the handler) and enters the sections (inih cuts
- * their names to 49 characters). A line may hold CONFIG_LINE_MAX
- * characters, room for the longest value of any key (each key has its
- * own limit, checked by conf_set) and for long lists on one line. inih's
- * own buffer is 200 octets unless told otherwise: Debian builds it with
- * runtime options (ini_use_stack, ini_allow_realloc, ini_max_line; a patch
- * of Debian's, not upstream inih's), which are set once, before the first
- * parse, for a heap buffer that grows to CONFIG_LINE_MAX (and for lines
- * that stand alone: ini_allow_multiline off, inih_options()). The reader
- * never hands inih a longer line: it reports one as an error and hands
- * an empty line instead, so inih's count of lines stays ours.
+ * pass line numbers to the handler), enters the sections (inih cuts their
+ * names to 49 characters) and reports every line that is not a header, a
+ * key or a comment (inih returns the first). A line may hold
+ * CONFIG_LINE_MAX characters, room for the longest value of any key (each
+ * key has its own limit, checked by conf_set) and for long lists on one
+ * line. inih's own buffer is 200 octets unless told otherwise: Debian
+ * builds it with runtime options (ini_use_stack, ini_allow_realloc,
+ * ini_max_line; a patch of Debian's, not upstream inih's), which are set
+ * once, before the first parse, for a heap buffer that grows to
+ * CONFIG_LINE_MAX (and for lines that stand alone: ini_allow_multiline
+ * off, inih_options()). The reader never hands inih a longer line: it
+ * reports one as an error and hands an empty line instead, so inih's count
+ * of lines stays ours.
  * Values are checked as they are read, so each error carries its line;
  * per-domain config_sections keep their raw values and are applied after the
  * whole file is read, so that [domain *] may come after the domains that
@@ -86,6 +88,7 @@ struct parse {
     char *buf;               /* owned: the line being handed to inih, with its line end */
     size_t buf_len, buf_off; /* its length; how much of it inih has taken */
     int read_err;            /* errno of a failed read, 0 none */
+    unsigned nsyntax;        /* lines that inih cannot parse, reported */
     unsigned nerrors;
     unsigned line;           /* of the line inih is handling */
     unsigned header_line;    /* of the last [section] header */
@@ -173,6 +176,19 @@ section_hint(char *buf, size_t len, const char *section)
 
 static void enter_section(struct parse *p, const char *section);
 
+/* inih's find_chars_or_comment(): the first of chars in s, or the ';' of
+ * an inline comment (one after white space), or the end of s. */
+static const char *
+line_find(const char *s, const char *chars)
+{
+    bool was_space = false;
+    while (*s != '\0' && strchr(chars, *s) == NULL && !(was_space && *s == ';')) {
+        was_space = isspace((unsigned char)*s);
+        s++;
+    }
+    return s;
+}
+
 /* Read the next line of the file into p->buf, line end included. Returns
  * 0, or -1 at the end of the file or at a read error (in p->read_err,
  * which config_load reports: a directory opens, then fails to read). A
@@ -221,20 +237,31 @@ next_line(struct parse *p)
     p->buf_len = n;
     p->buf_off = 0;
 
-    /* Sections are entered here, not from the name inih passes to on_key:
-     * inih cuts that to 49 characters (its MAX_SECTION), and [dkim
-     * DOMAIN SELECTOR] or [domain NAME] are often longer. A section
+    /* The line as inih will see it, by inih's tests: after a byte order
+     * mark and white space, nothing or a comment; a header, '[' then a
+     * ']' before any inline comment; or a key, with '=' or ':' before
+     * any inline comment. inih returns the first line that is none of
+     * these; each is reported here, as --check-config promises every
+     * error. Sections are entered here, not from the name inih passes to
+     * on_key: inih cuts that to 49 characters (its MAX_SECTION), and
+     * [dkim DOMAIN SELECTOR] or [domain NAME] are often longer. A section
      * without keys, such as a [source] that keeps every default, exists
-     * all the same. What makes a header is inih's test: '[' first after
-     * a byte order mark and white space, and a ']' (without one, inih
-     * reports the line and the section goes on). */
+     * all the same. */
     const char *s = p->buf;
     if (p->line == 1 && strncmp(s, "\xEF\xBB\xBF", 3) == 0)
         s += 3;
     while (isspace((unsigned char)*s))
         s++;
-    const char *close = *s == '[' ? strchr(s + 1, ']') : NULL;
-    if (close != NULL) {
+    if (*s == '\0' || *s == ';' || *s == '#')
+        return 0;
+    const char *end = *s == '[' ? line_find(s + 1, "]") : line_find(s, "=:");
+    if (*end == '\0' || *end == ';') {
+        perr(p, p->line, "not a [section] header, a key = value line, or a comment");
+        p->nsyntax++;
+        return 0;
+    }
+    if (*s == '[') {
+        const char *close = end;
         p->header_line = p->line;
         size_t nlen = (size_t)(close - s - 1);
         if (nlen > SECTION_NAME_MAX) {
@@ -1592,7 +1619,7 @@ config_load(const char *path, struct config **out, FILE *errs)
     pthread_once(&inih_once, inih_options);
     p.buf = malloc(CONFIG_LINE_MAX + 3);
     int rc = p.buf != NULL ? ini_parse_stream(reader, &p, on_key, &p) : -2;
-    if (rc > 0)
+    if (rc > 0 && p.nsyntax == 0) /* next_line() reports every such line */
         perr(&p, (unsigned)rc, "not a [section] header, a key = value line, or a comment");
     else if (rc == -2)
         perr(&p, 0, "out of memory");

@@ -182,6 +182,42 @@ test_events_key_twice(void **state)
     free(errs);
 }
 
+/* Every line that is not a header, a key or a comment is reported (inih
+ * returns the first only), each on its line. */
+static void
+test_every_syntax_error(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"            /* 1 */
+                      "this is not ini\n"     /* 2 */
+                      "workers = 2\n"         /* 3 */
+                      "neither is this\n"     /* 4 */
+                      "[queue\n"              /* 5: no ']' */
+                      "[queue ; x]\n"         /* 6: ']' inside a comment */
+                      "max_batch ; = 8\n"     /* 7: '=' inside a comment */
+                      "; [a comment]\n"       /* 8 */
+                      "# key = value\n"       /* 9 */
+                      "hostname:mx.example\n" /* 10: name: value */
+                      "a;b = c\n",            /* 11: a key (unknown) */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    static const unsigned bad[] = {2, 4, 5, 6, 7};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        expect_error(errs, bad[i], "not a [section] header, a key = value line, or a comment");
+    expect_error(errs, 11, "a;b: unknown key in [server]");
+    assert_null(strstr(errs, ":3:"));
+    assert_null(strstr(errs, ":8:"));
+    assert_null(strstr(errs, ":9:"));
+    assert_null(strstr(errs, ":10:"));
+    /* once each */
+    const char *first = strstr(errs, ":2: not a");
+    assert_non_null(first);
+    assert_null(strstr(first + 1, ":2: not a"));
+    free(errs);
+}
+
 /* Each line stands alone (no multi-line values): indented keys are keys,
  * and an indented line without '=' is not taken for the value before. */
 static void
@@ -679,6 +715,7 @@ main(void)
         cmocka_unit_test(test_limit_sections_key_twice),
         cmocka_unit_test(test_events_key_twice),
         cmocka_unit_test(test_indented_lines),
+        cmocka_unit_test(test_every_syntax_error),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
