@@ -358,6 +358,49 @@ test_long_lines(void **state)
     free(errs);
 }
 
+/* inih's buffer starts at 200 octets and doubles up to 64 KiB + 3; the
+ * reader hands it a line in as many pieces as it asks for. A value whose
+ * line ends just before, at or just after each size (LF or CRLF) arrives
+ * whole, and the key after it keeps its line. */
+static void
+test_line_length_boundaries(void **state)
+{
+    (void)state;
+    static const size_t sizes[] = {200, 400, 800, 1600, 3200, 4106};
+    char *val = malloc(4097);
+    char *text = malloc(4200);
+    assert_non_null(val);
+    assert_non_null(text);
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        for (size_t line = sizes[i] - 6; line <= sizes[i] + 2 && line - 10 <= 4096; line++) {
+            for (int crlf = 0; crlf < 2; crlf++) {
+                size_t vlen = line - 10; /* "ca_file = " */
+                val[0] = '/';
+                memset(val + 1, 'p', vlen - 1);
+                val[vlen] = '\0';
+                const char *eol = crlf ? "\r\n" : "\n";
+                snprintf(text, 4200, "[mta_sts]%sca_file = %s%swokers = 1%s", eol, val, eol, eol);
+                struct config *cfg;
+                int rc;
+                char *errs = load(text, &cfg, &rc);
+                assert_int_equal(rc, -EINVAL);
+                expect_error(errs, 3, "wokers: unknown key in [mta_sts]");
+                assert_null(strstr(errs, ":2:"));
+                free(errs);
+                snprintf(text, 4200, "[mta_sts]%sca_file = %s%s", eol, val, eol);
+                errs = load(text, &cfg, &rc);
+                assert_string_equal(errs, "");
+                free(errs);
+                assert_int_equal(rc, 0);
+                assert_string_equal(cfg->mta_sts.ca_file, val);
+                config_free(cfg);
+            }
+        }
+    }
+    free(val);
+    free(text);
+}
+
 /* Address lists take NETADDR_MAX_LIST (32) entries; one more is said to
  * be one too many, not "cannot parse" a good address. */
 static void
@@ -705,6 +748,7 @@ main(void)
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_lines),
+        cmocka_unit_test(test_line_length_boundaries),
         cmocka_unit_test(test_address_list_limit),
         cmocka_unit_test(test_dns_check_lines),
         cmocka_unit_test(test_nul_in_line),
