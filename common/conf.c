@@ -419,6 +419,9 @@ conf_format_range(const struct conf_key *k, char *out, size_t outlen)
         if (k->max != 0)
             fmt_bound(k->type, k->max, hi, sizeof(hi));
         snprintf(out, outlen, "%s..%s", lo, hi);
+    } else if (k->type == CONF_STRING) {
+        snprintf(out, outlen, "up to %llu characters",
+                 (unsigned long long)(k->max ? k->max : 4096));
     } else if (k->type == CONF_ENUM) {
         size_t off = 0;
         for (int i = 0; k->choices[i] != NULL && off < outlen; i++)

@@ -69,8 +69,8 @@ const char *conf_suggest_name(const char *name, const char *const *cand, size_t 
 const char *conf_suggest(const struct conf_key *keys, const char *name);
 /* Format the value of a key (for --config-reference and stats). */
 void conf_format(const struct conf_key *key, const void *obj, char *out, size_t outlen);
-/* "1..65535", "1M..", "off, optional, required" or "" (for the reference
- * and for out-of-range messages). */
+/* "1..65535", "1M..", "off, optional, required", "up to 253 characters"
+ * or "" (for the reference and for out-of-range messages). */
 void conf_format_range(const struct conf_key *key, char *out, size_t outlen);
 const char *conf_type_str(enum conf_type type);
 

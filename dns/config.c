@@ -230,12 +230,14 @@ servers_parse(const char *s, struct ares_addr_port_node **out, char *err, size_t
 }
 
 int
-dns_config_check(const struct dns_config *cfg, char *err, size_t errlen)
+dns_config_check(const struct dns_config *cfg, const char **bad, char *err, size_t errlen)
 {
     struct ares_addr_port_node *nodes;
+    *bad = "servers";
     int rc = servers_parse(cfg->servers, &nodes, err, errlen);
     free(nodes);
     if (rc == 0 && cfg->min_ttl > cfg->max_ttl) {
+        *bad = "min_ttl";
         snprintf(err, errlen, "min_ttl is longer than max_ttl");
         return -EINVAL;
     }
@@ -255,6 +257,7 @@ dns_config_check(const struct dns_config *cfg, char *err, size_t errlen)
         }
         free(nodes);
         if (!local) {
+            *bad = "dnssec";
             snprintf(err, errlen,
                      "dnssec = trust_ad needs servers on loopback: a validating resolver "
                      "(unbound) on this host, e.g. servers = 127.0.0.1");

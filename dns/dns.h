@@ -94,8 +94,9 @@ extern const struct conf_key dns_conf_keys[];
 /* Check what the key table cannot: the servers list, min_ttl <= max_ttl,
  * and with dnssec = trust_ad servers that are all on loopback (an AD bit
  * that crossed a network proves nothing). Returns 0, DNS_ESERVERS or
- * -EINVAL, with one line in err for the operator. */
-int dns_config_check(const struct dns_config *cfg, char *err, size_t errlen);
+ * -EINVAL, with the key at fault in *bad ("servers", "min_ttl" or
+ * "dnssec"; a static string) and one line in err for the operator. */
+int dns_config_check(const struct dns_config *cfg, const char **bad, char *err, size_t errlen);
 
 /* ---- errors ---- */
 

@@ -2,13 +2,29 @@
  * config: INI file -> struct config (see config.h), against the key
  * tables of engine/config_keys.c.
  *
- * inih reads the file; it does not pass line numbers to the handler in
- * Debian's build, so the reader callback counts lines itself (and refuses
- * lines longer than inih's buffer, which inih would silently cut).
+ * inih parses the lines; the reader callback hands it one whole line at a
+ * time from a buffer of ours, counts the lines (Debian's inih does not
+ * pass line numbers to the handler), enters the sections (inih cuts their
+ * names to 49 characters) and reports every line that is not a header, a
+ * key or a comment (inih returns the first). A line may hold
+ * CONFIG_LINE_MAX characters, room for the longest value of any key (each
+ * key has its own limit, checked by conf_set) and for long lists on one
+ * line. inih's own buffer is 200 octets unless told otherwise: Debian
+ * builds it with runtime options (ini_use_stack, ini_allow_realloc,
+ * ini_max_line; a patch of Debian's, not upstream inih's), which are set
+ * once, before the first parse, for a heap buffer that grows to
+ * CONFIG_LINE_MAX (and for lines that stand alone: ini_allow_multiline
+ * off, inih_options()). The reader never hands inih a longer line: it
+ * reports one as an error and hands an empty line instead, so inih's count
+ * of lines stays ours.
  * Values are checked as they are read, so each error carries its line;
  * per-domain config_sections keep their raw values and are applied after the
  * whole file is read, so that [domain *] may come after the domains that
  * inherit from it.
+ *
+ * Threading: config_load() on any thread, several at once included (each
+ * parse has its own state; inih's options are set once, under
+ * pthread_once, and only read after).
  */
 #include "engine/config.h"
 #include "engine/config_int.h"
@@ -24,6 +40,7 @@
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +50,12 @@
 #include "engine/classify.h"
 
 #define MAX_KEYS 64
+
+/* The most characters a line may hold, its line end not counted. */
+#define CONFIG_LINE_MAX 65536
+/* The most characters between the brackets of a section header: more than
+ * the longest valid one, [dkim DOMAIN SELECTOR] of 253 + 127. */
+#define SECTION_NAME_MAX 511
 
 /* ---- parsing ---- */
 
@@ -62,13 +85,15 @@ struct parse {
     const char *path;
     FILE *errs;
     FILE *in;
+    char *buf;               /* owned: the line being handed to inih, with its line end */
+    size_t buf_len, buf_off; /* its length; how much of it inih has taken */
+    int read_err;            /* errno of a failed read, 0 none */
+    unsigned nsyntax;        /* lines that inih cannot parse, reported */
     unsigned nerrors;
     unsigned line;           /* of the line inih is handling */
     unsigned header_line;    /* of the last [section] header */
-    bool at_line_start;
     struct config *cfg;
 
-    char section[300];       /* the section of the previous call */
     int sec;                 /* index into config_sections, -1 none, -2 domain, -3 unknown */
     struct domain_build *dom;
     unsigned set_line[NSECTIONS][MAX_KEYS];
@@ -88,6 +113,7 @@ struct parse {
     unsigned ndkims;
     struct dkim_build *dkim;  /* the one being read */
     unsigned ev_i; /* the [events] section being read: cfg->events[ev_i] */
+    unsigned ev_set_line[EVENTS_SINKS_MAX][MAX_KEYS]; /* where each key of each was set */
     unsigned named_i; /* the [pool] or [tenant] section being read */
     unsigned warmup_i; /* the [warmup] section being read: cfg->warmups[warmup_i] */
 };
@@ -148,51 +174,144 @@ section_hint(char *buf, size_t len, const char *section)
     return buf;
 }
 
-/* inih calls this once per line (or per chunk of a line longer than its
- * buffer): count lines, and refuse the over-long ones. */
 static void enter_section(struct parse *p, const char *section);
 
+/* inih's find_chars_or_comment(): the first of chars in s, or the ';' of
+ * an inline comment (one after white space), or the end of s. */
+static const char *
+line_find(const char *s, const char *chars)
+{
+    bool was_space = false;
+    while (*s != '\0' && strchr(chars, *s) == NULL && !(was_space && *s == ';')) {
+        was_space = isspace((unsigned char)*s);
+        s++;
+    }
+    return s;
+}
+
+/* Read the next line of the file into p->buf, line end included. Returns
+ * 0, or -1 at the end of the file or at a read error (in p->read_err,
+ * which config_load reports: a directory opens, then fails to read). A
+ * line longer than CONFIG_LINE_MAX characters, or one holding a NUL, is
+ * reported and becomes an empty line: inih would cut it (or stop at the
+ * NUL) and read the rest as lines of their own. */
+static int
+next_line(struct parse *p)
+{
+    const size_t cap = CONFIG_LINE_MAX + 2; /* room for "\r\n" */
+    size_t n = 0;
+    bool nul = false;
+    int c;
+    while ((c = getc(p->in)) != EOF) {
+        if (n < cap)
+            p->buf[n] = (char)c;
+        n++;
+        if (c == '\0')
+            nul = true;
+        if (c == '\n')
+            break;
+    }
+    if (c == EOF && ferror(p->in)) {
+        p->read_err = errno;
+        return -1;
+    }
+    if (n == 0)
+        return -1;
+    p->line++;
+    size_t len = n; /* the characters, line end not counted */
+    if (n <= cap) {
+        if (len > 0 && p->buf[len - 1] == '\n')
+            len--;
+        if (len > 0 && p->buf[len - 1] == '\r')
+            len--;
+    }
+    if (len > CONFIG_LINE_MAX || nul) {
+        if (nul)
+            perr(p, p->line, "a NUL character: not a text line");
+        else
+            perr(p, p->line, "line longer than %d characters", CONFIG_LINE_MAX);
+        n = 0;
+        p->buf[n++] = '\n';
+    }
+    p->buf[n] = '\0';
+    p->buf_len = n;
+    p->buf_off = 0;
+
+    /* The line as inih will see it, by inih's tests: after a byte order
+     * mark and white space, nothing or a comment; a header, '[' then a
+     * ']' before any inline comment; or a key, with '=' or ':' before
+     * any inline comment. inih returns the first line that is none of
+     * these; each is reported here, as --check-config promises every
+     * error. Sections are entered here, not from the name inih passes to
+     * on_key: inih cuts that to 49 characters (its MAX_SECTION), and
+     * [dkim DOMAIN SELECTOR] or [domain NAME] are often longer. A section
+     * without keys, such as a [source] that keeps every default, exists
+     * all the same. */
+    const char *s = p->buf;
+    if (p->line == 1 && strncmp(s, "\xEF\xBB\xBF", 3) == 0)
+        s += 3;
+    while (isspace((unsigned char)*s))
+        s++;
+    if (*s == '\0' || *s == ';' || *s == '#')
+        return 0;
+    const char *end = *s == '[' ? line_find(s + 1, "]") : line_find(s, "=:");
+    if (*end == '\0' || *end == ';') {
+        perr(p, p->line, "not a [section] header, a key = value line, or a comment");
+        p->nsyntax++;
+        return 0;
+    }
+    if (*s == '[') {
+        const char *close = end;
+        p->header_line = p->line;
+        size_t nlen = (size_t)(close - s - 1);
+        if (nlen > SECTION_NAME_MAX) {
+            perr(p, p->line, "[%.40s...]: section header longer than %d characters", s + 1,
+                 SECTION_NAME_MAX);
+            p->dom = NULL;
+            p->sec = -3;
+        } else {
+            char name[SECTION_NAME_MAX + 1];
+            memcpy(name, s + 1, nlen);
+            name[nlen] = '\0';
+            enter_section(p, name);
+        }
+    }
+    return 0;
+}
+
+/* inih's fgets: the next line, or as much of it as fits in num - 1
+ * octets; inih (its buffer growing to CONFIG_LINE_MAX + 3) asks again
+ * for the rest, so a line is always taken whole. */
 static char *
 reader(char *str, int num, void *stream)
 {
     struct parse *p = stream;
-    char *s = fgets(str, num, p->in);
-    if (s == NULL)
+    if (num < 2)
         return NULL;
-    if (p->at_line_start)
-        p->line++;
-    size_t len = strlen(s);
-    bool complete = len > 0 && s[len - 1] == '\n';
-    if (!complete && !feof(p->in)) {
-        if (p->at_line_start)
-            perr(p, p->line, "line longer than %d characters", num - 2);
-        /* Hand inih an empty line for every chunk of it. */
-        s[0] = '\n';
-        s[1] = '\0';
-    } else if (!p->at_line_start) {
-        s[0] = '\n'; /* the tail of an over-long line */
-        s[1] = '\0';
-    }
-    if (p->at_line_start) {
-        const char *c = s;
-        while (*c == ' ' || *c == '\t')
-            c++;
-        if (*c == '[') {
-            p->header_line = p->line;
-            /* Enter it now, as inih will name it (what lies between the
-             * brackets): a section without keys, such as a [source] that
-             * keeps every default, exists all the same. */
-            const char *close = strchr(c + 1, ']');
-            if (close != NULL && (size_t)(close - c - 1) < sizeof(p->section)) {
-                char name[sizeof(p->section)];
-                memcpy(name, c + 1, (size_t)(close - c - 1));
-                name[close - c - 1] = '\0';
-                enter_section(p, name);
-            }
-        }
-    }
-    p->at_line_start = complete || feof(p->in);
-    return s;
+    if (p->buf_off == p->buf_len && next_line(p) < 0)
+        return NULL;
+    size_t n = p->buf_len - p->buf_off;
+    if (n > (size_t)num - 1)
+        n = (size_t)num - 1;
+    memcpy(str, p->buf + p->buf_off, n);
+    str[n] = '\0';
+    p->buf_off += n;
+    return str;
+}
+
+/* Debian's inih reads these options at every parse; they are process-wide.
+ * Multi-line values (Python configparser's: an indented line after a key
+ * continues its value) are off: the reference has every line stand alone,
+ * lists are comma-separated on one line, and with them the second of two
+ * indented keys was taken for the first one's value ("workers: set twice"
+ * on a line that sets hostname). An indented key is a key. */
+static void
+inih_options(void)
+{
+    ini_allow_multiline = false;
+    ini_use_stack = false;
+    ini_allow_realloc = true;
+    ini_max_line = CONFIG_LINE_MAX + 3; /* "\r\n" and the NUL */
 }
 
 static bool
@@ -523,7 +642,6 @@ named_section(struct parse *p, const char *kind, const char *arg)
 static void
 enter_section(struct parse *p, const char *section)
 {
-    snprintf(p->section, sizeof(p->section), "%s", section);
     p->dom = NULL;
     if (strncmp(section, "domain", 6) == 0 && (section[6] == ' ' || section[6] == '\t')) {
         const char *arg = section + 7;
@@ -583,8 +701,9 @@ static int
 on_key(void *user, const char *section, const char *name, const char *value)
 {
     struct parse *p = user;
-    if (p->sec == -1 || strcmp(section, p->section) != 0)
-        enter_section(p, section);
+    (void)section; /* cut to 49 characters: next_line() entered the section */
+    if (p->sec == -1)
+        enter_section(p, "");
     if (p->sec == -3)
         return 1; /* already reported */
 
@@ -675,11 +794,21 @@ on_key(void *user, const char *section, const char *name, const char *value)
     }
     if (p->sec == -8) {
         struct events_sink_config *c = &p->cfg->events[p->ev_i];
-        int src = conf_set(events_sink_keys, c, name, value, why, sizeof(why));
-        if (src == -ENOENT)
+        const struct conf_key *k = conf_find(events_sink_keys, name);
+        if (k == NULL) {
             perr(p, p->line, "%s: unknown key in [events %s]%s", name, c->name,
                  key_hint(hint, sizeof(hint), events_sink_keys, name));
-        else if (src < 0)
+            return 1;
+        }
+        unsigned idx = (unsigned)(k - events_sink_keys);
+        unsigned *first = &p->ev_set_line[p->ev_i][idx < MAX_KEYS ? idx : MAX_KEYS - 1];
+        if (*first != 0) {
+            perr(p, p->line, "%s: set twice in [events %s] (first at line %u)", name, c->name,
+                 *first);
+            return 1;
+        }
+        *first = p->line;
+        if (conf_set(events_sink_keys, c, name, value, why, sizeof(why)) < 0)
             perr(p, p->line, "%s: %s", name, why);
         return 1;
     }
@@ -1408,11 +1537,17 @@ finish(struct parse *p)
             cfg->delivery.nallow = 0;
         }
     }
-    if (dns_config_check(&cfg->dns, why, sizeof(why)) < 0) {
+    const char *dns_bad;
+    if (dns_config_check(&cfg->dns, &dns_bad, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
         while (strcmp(config_sections[dns_sec].name, "dns") != 0)
             dns_sec++;
-        perr(p, key_line(p, dns_sec, "servers"), "[dns] %s", why);
+        /* the line of the key at fault, or of the other key it is checked
+         * against when that one keeps its default */
+        unsigned line = key_line(p, dns_sec, dns_bad);
+        if (line == 0)
+            line = key_line(p, dns_sec, strcmp(dns_bad, "min_ttl") == 0 ? "max_ttl" : "servers");
+        perr(p, line, "[dns] %s", why);
     }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));
@@ -1457,7 +1592,6 @@ config_load(const char *path, struct config **out, FILE *errs)
     p.path = path;
     p.errs = errs;
     p.sec = -1;
-    p.at_line_start = true;
 
     p.in = fopen(path, "r");
     if (p.in == NULL) {
@@ -1481,12 +1615,20 @@ config_load(const char *path, struct config **out, FILE *errs)
             0)
             perr(&p, 0, "[%s] %s", config_sections[i].name, why);
 
-    int rc = ini_parse_stream(reader, &p, on_key, &p);
-    if (rc > 0)
+    static pthread_once_t inih_once = PTHREAD_ONCE_INIT;
+    pthread_once(&inih_once, inih_options);
+    p.buf = malloc(CONFIG_LINE_MAX + 3);
+    int rc = p.buf != NULL ? ini_parse_stream(reader, &p, on_key, &p) : -2;
+    if (rc > 0 && p.nsyntax == 0) /* next_line() reports every such line */
         perr(&p, (unsigned)rc, "not a [section] header, a key = value line, or a comment");
+    else if (rc == -2)
+        perr(&p, 0, "out of memory");
     else if (rc < 0)
         perr(&p, 0, "cannot parse (error %d)", rc);
+    if (p.read_err != 0)
+        perr(&p, 0, "cannot read: %s", strerror(p.read_err));
     fclose(p.in);
+    free(p.buf);
 
     if (p.nerrors == 0 && finish(&p) < 0 && p.nerrors == 0)
         perr(&p, 0, "out of memory");
@@ -1672,14 +1814,18 @@ reference_table(FILE *out, const struct conf_key *keys, size_t objsize)
 void
 config_reference(FILE *out)
 {
-    fprintf(out, "# sluice configuration reference\n\n"
-                 "Generated by `sluice --config-reference`; a test checks that this file "
-                 "matches the binary.\n"
-                 "Sizes: 512, 64K, 10M, 2G. Durations: 250ms, 30s (a bare number is "
-                 "seconds), 5m, 2h, 3d. Rates: 50/s, 3000/min, 100/h, unlimited. "
-                 "Unknown sections and keys, and values out of range, are errors. "
-                 "Keys marked [not yet in effect] are parsed and checked but nothing uses "
-                 "them yet.\n\n");
+    fprintf(out,
+            "# sluice configuration reference\n\n"
+            "Generated by `sluice --config-reference`; a test checks that this file "
+            "matches the binary.\n"
+            "Sizes: 512, 64K, 10M, 2G. Durations: 250ms, 30s (a bare number is "
+            "seconds), 5m, 2h, 3d. Rates: 50/s, 3000/min, 100/h, unlimited. "
+            "A line holds at most %d characters, and a string value as many as "
+            "its range says. "
+            "Unknown sections and keys, and values out of range, are errors. "
+            "Keys marked [not yet in effect] are parsed and checked but nothing uses "
+            "them yet.\n\n",
+            CONFIG_LINE_MAX);
     for (unsigned i = 0; i < NSECTIONS; i++) {
         fprintf(out, "## [%s]: %s\n\n", config_sections[i].name, config_sections[i].help);
         reference_table(out, config_sections[i].keys, config_sections[i].size);

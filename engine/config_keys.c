@@ -11,7 +11,12 @@
 
 #include "engine/config_int.h"
 #include "engine/events.h"
+#include "engine/netaddr.h"
 #include "engine/shaping.h"
+
+/* The help of listen, listen_tls, trusted_networks, [delivery]
+ * allow_networks and [bounce] listen says how many they take. */
+_Static_assert(NETADDR_MAX_LIST == 32, "update the help texts that say \"at most 32\"");
 
 /* ---- the engine's own key tables ---- */
 
@@ -25,12 +30,13 @@ static const struct conf_key server_keys[] = {
      "submission queue entries per worker ring (the completion queue gets four times as many)",
      NULL},
     {"listen", CONF_STRING, SRV(listen), 1, 2048, "0.0.0.0:587",
-     "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (one SO_REUSEPORT socket "
-     "per worker each; an address another process listens on, another sluice too, is a "
-     "start-up error)",
+     "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (at most 32; one "
+     "SO_REUSEPORT socket per worker each; an address another process listens on, another "
+     "sluice too, is a start-up error)",
      NULL},
     {"listen_tls", CONF_STRING, SRV(listen_tls), 1, 2048, NULL,
-     "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465; needs [tls] cert_file",
+     "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465 (at most 32); needs [tls] "
+     "cert_file",
      NULL},
     {"max_clients", CONF_UINT, SRV(max_clients), 1, 1000000, "10000",
      "concurrent submission connections; over it a client gets 421 4.7.0 (on listen_tls "
@@ -68,7 +74,9 @@ static const struct conf_key server_keys[] = {
     {"greet_pause", CONF_DURATION, SRV(greet_pause), 0, 60000, "0",
      "wait this long before the greeting; a client that talks first is refused (554)", NULL},
     {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
-     "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1", NULL},
+     "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1 (at most 32 "
+     "networks)",
+     NULL},
     {"auth_users_file", CONF_STRING, SRV(auth_users_file), 1, 4096, NULL,
      "user:crypt-hash[:domain,...] per line (mkpasswd -m yescrypt); \"<>\" in the domain list "
      "allows the null sender; tenant=NAME and pool=NAME in the list set the tenant and pool "
@@ -154,7 +162,8 @@ static const struct conf_key bounce_keys[] = {
     {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
      "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
     {"listen", CONF_STRING, BNC(listen), 1, 2048, NULL,
-     "the bounce listener (host:port, comma separated; port 25 in production): out-of-band "
+     "the bounce listener (host:port, comma separated, at most 32; port 25 in production): "
+     "out-of-band "
      "bounces and complaints for the bounce domains, parsed and logged (oob_bounce, "
      "complaint), never queued; every other recipient is refused (never a relay); no AUTH; "
      "the [server] limits apply but for max_clients (below); unset: none",
@@ -251,7 +260,8 @@ static const struct conf_key delivery_keys[] = {
      "the worker their name hashes to",
      NULL},
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
-     "networks (CIDR, comma-separated) that may be delivered to although they are loopback, "
+     "networks (CIDR, comma-separated, at most 32) that may be delivered to although they are "
+     "loopback, "
      "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
      "addresses are all refused bounces, class refused_target); this node's own listeners "
      "are refused whatever this says. The same rule holds for MTA-STS policy fetches and "

@@ -82,6 +82,11 @@ each_item(const char *s, int (*fn)(const char *item, void *arg), void *arg, char
         memcpy(item, p, len);
         item[len] = '\0';
         int rc = fn(item, arg);
+        if (rc == -E2BIG) {
+            snprintf(err, errlen, "more than %d entries, the most it takes ('%s' is one too many)",
+                     n, item);
+            return rc;
+        }
         if (rc < 0) {
             snprintf(err, errlen, "cannot parse '%s'", item);
             return rc;

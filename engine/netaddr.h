@@ -26,8 +26,8 @@ struct cidr {
 
 /* "127.0.0.1:2525", "[::1]:2525", "0.0.0.0:587". Returns 0 or -EINVAL. */
 int netaddr_parse(const char *s, struct netaddr *out);
-/* A comma-separated list of the above. Returns the count or -EINVAL (err
- * says which item). */
+/* A comma-separated list of the above, at most max of them. Returns the
+ * count, -EINVAL or -E2BIG (err says which item). */
 int netaddr_parse_list(const char *s, struct netaddr *out, int max, char *err, size_t errlen);
 /* "1.2.3.4" or "::1" (no port) into out (INET6_ADDRSTRLEN at least). */
 void netaddr_ip_str(const struct sockaddr *sa, char *out, size_t outlen);
@@ -44,8 +44,9 @@ bool netaddr_v4mapped(const struct sockaddr *sa, struct sockaddr_in *out);
  * what no mail should be delivered to unless allowed. */
 const char *netaddr_special(const struct sockaddr *sa);
 
-/* "10.0.0.0/8, ::1, 192.168.1.7": a bare address is a /32 or /128.
- * Returns the count or -EINVAL (err says which item). */
+/* "10.0.0.0/8, ::1, 192.168.1.7": a bare address is a /32 or /128; at
+ * most max of them. Returns the count, -EINVAL or -E2BIG (err says which
+ * item). */
 int cidr_parse_list(const char *s, struct cidr *out, int max, char *err, size_t errlen);
 /* True when sa is inside one of the n networks. A v4-mapped v6 address
  * (::ffff:1.2.3.4) matches v4 networks. */

@@ -891,18 +891,20 @@ test_config(void **state)
     (void)state;
     struct dns_config c;
     char err[256];
+    const char *what;
     harness_config(&c, 53);
     static const char *const good[] = {"127.0.0.1", "127.0.0.1:5353, [::1]:53", "::1 192.0.2.1",
                                        "[2001:db8::1]"};
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
         assert_int_equal(conf_set(dns_conf_keys, &c, "servers", good[i], err, sizeof(err)), 0);
-        assert_int_equal(dns_config_check(&c, err, sizeof(err)), 0);
+        assert_int_equal(dns_config_check(&c, &what, err, sizeof(err)), 0);
     }
     static const char *const bad[] = {"localhost", "127.0.0.1:0",   "127.0.0.1:99999",
                                       "[::1",      "1.2.3.4:53:53", ","};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         assert_int_equal(conf_set(dns_conf_keys, &c, "servers", bad[i], err, sizeof(err)), 0);
-        assert_int_equal(dns_config_check(&c, err, sizeof(err)), DNS_ESERVERS);
+        assert_int_equal(dns_config_check(&c, &what, err, sizeof(err)), DNS_ESERVERS);
+        assert_string_equal(what, "servers");
         struct dns *d;
         assert_int_equal(dns_new(&c, ploop_sock, NULL, &d, err, sizeof(err)), DNS_ESERVERS);
         assert_null(d);

@@ -232,17 +232,18 @@ socket = {self.sock}
 
 
 def hook_conf(port, extra="", name="hook", secret=SECRET):
+    """An [events NAME] section; extra's "key = value" lines replace the
+    defaults here (a key set twice is an error) or add to them."""
+    keys = {"url": f"http://127.0.0.1:{port}/events", "secret": secret, "batch_max": "500",
+            "batch_wait": "100ms", "timeout": "5s", "retry_min": "100ms", "retry_max": "500ms"}
+    for line in extra.splitlines():
+        if line.strip():
+            k, v = line.split("=", 1)
+            keys[k.strip()] = v.strip()
+    body = "".join(f"{k} = {v}\n" for k, v in keys.items())
     return f"""
 [events {name}]
-url = http://127.0.0.1:{port}/events
-secret = {secret}
-batch_max = 500
-batch_wait = 100ms
-timeout = 5s
-retry_min = 100ms
-retry_max = 500ms
-{extra}
-"""
+{body}"""
 
 
 def key(ev):

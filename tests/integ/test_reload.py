@@ -103,19 +103,25 @@ def test_sighup_reloads_domain_limits():
         with open(conf) as f:
             text = f.read()
         with open(conf, "w") as f:
+            # with a comment far past inih's 200-octet default (a line
+            # holds 64 KiB)
             f.write(text.replace("max_message_rate = 1/h", "max_message_rate = unlimited")
-                    .replace("workers = 2", "workers = 3"))
+                    .replace("workers = 2", "workers = 3") + "; " + "x" * 5000 + "\n")
         r.d.signal(signal.SIGHUP)
         r.d.wait_log("event=config_reloaded")
         assert r.d.wait_log("event=reload_kept key=server.workers")
         wait_sink(r, 5, timeout=30)
         assert early.cmd("NOOP").code == 250  # the session lived through it
         early.close()
+        with open(conf) as f:
+            n = f.read().count("\n")
         with open(conf, "a") as f:
-            f.write("[domain *]\nmax_connections = lots\n")
+            f.write("[domain *]\nmax_connections = lots\n; " + "y" * 70000 + "\n")
         r.d.signal(signal.SIGHUP)
         r.d.wait_log("event=reload_failed what=config")
-        assert r.d.count_log("event=reload_refused") >= 1
+        assert r.d.count_log("event=reload_refused") >= 2
+        assert r.d.count_log(f"sluice.conf:{n + 2}: max_connections:") == 1
+        assert r.d.count_log(f"sluice.conf:{n + 3}: line longer than 65536 characters") == 1
     finally:
         r.close()
 

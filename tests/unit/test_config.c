@@ -13,7 +13,10 @@
 #include <string.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 
+#include "dkim/dkim.h"
 #include "engine/config.h"
 
 static char path[64];
@@ -152,21 +155,407 @@ test_limit_sections_key_twice(void **state)
     free(errs);
 }
 
+/* [events NAME] too: a key set twice is an error, not the last value
+ * silently. */
 static void
-test_long_line_and_bad_domain(void **state)
+test_events_key_twice(void **state)
 {
     (void)state;
-    char text[1024];
-    char longval[400];
-    memset(longval, 'a', sizeof(longval) - 1);
-    longval[sizeof(longval) - 1] = '\0';
-    snprintf(text, sizeof(text), "[log]\nfile = /tmp/%s\n[domain bad_-.]\nmax_age = 1d\n",
-             longval);
+    struct config *cfg;
+    int rc;
+    char *errs = load("[events hook]\n"             /* 1 */
+                      "url = https://a.example/x\n" /* 2 */
+                      "url = https://b.example/y\n" /* 3: twice */
+                      "[events other]\n"            /* 4 */
+                      "url = https://c.example/z\n" /* 5: another section */
+                      "url = https://d.example/w\n" /* 6: twice */
+                      "[events hook]\n"             /* 7: continued */
+                      "batch_max = 5\n"             /* 8 */
+                      "batch_max = 6\n",            /* 9: twice */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "url: set twice in [events hook] (first at line 2)");
+    expect_error(errs, 6, "url: set twice in [events other] (first at line 5)");
+    expect_error(errs, 9, "batch_max: set twice in [events hook] (first at line 8)");
+    assert_null(strstr(errs, ":5:"));
+    assert_null(strstr(errs, ":8:"));
+    free(errs);
+}
+
+/* Every line that is not a header, a key or a comment is reported (inih
+ * returns the first only), each on its line. */
+static void
+test_every_syntax_error(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"            /* 1 */
+                      "this is not ini\n"     /* 2 */
+                      "workers = 2\n"         /* 3 */
+                      "neither is this\n"     /* 4 */
+                      "[queue\n"              /* 5: no ']' */
+                      "[queue ; x]\n"         /* 6: ']' inside a comment */
+                      "max_batch ; = 8\n"     /* 7: '=' inside a comment */
+                      "; [a comment]\n"       /* 8 */
+                      "# key = value\n"       /* 9 */
+                      "hostname:mx.example\n" /* 10: name: value */
+                      "a;b = c\n",            /* 11: a key (unknown) */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    static const unsigned bad[] = {2, 4, 5, 6, 7};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        expect_error(errs, bad[i], "not a [section] header, a key = value line, or a comment");
+    expect_error(errs, 11, "a;b: unknown key in [server]");
+    assert_null(strstr(errs, ":3:"));
+    assert_null(strstr(errs, ":8:"));
+    assert_null(strstr(errs, ":9:"));
+    assert_null(strstr(errs, ":10:"));
+    /* once each */
+    const char *first = strstr(errs, ":2: not a");
+    assert_non_null(first);
+    assert_null(strstr(first + 1, ":2: not a"));
+    free(errs);
+}
+
+/* Each line stands alone (no multi-line values): indented keys are keys,
+ * and an indented line without '=' is not taken for the value before. */
+static void
+test_indented_lines(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"                      /* 1 */
+                      "    workers = 2\n"               /* 2 */
+                      "    hostname = mx.example.com\n" /* 3 */
+                      "  [events hook]\n"               /* 4 */
+                      "\turl = https://a.example/x\n"   /* 5 */
+                      "\tbatch_max = 5\n",              /* 6 */
+                      &cfg, &rc);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->server.workers, 2);
+    assert_string_equal(cfg->server.hostname, "mx.example.com");
+    assert_int_equal(cfg->nevents, 1);
+    assert_string_equal(cfg->events[0].url, "https://a.example/x");
+    assert_int_equal(cfg->events[0].batch_max, 5);
+    config_free(cfg);
+
+    errs = load("[events hook]\n"             /* 1 */
+                "url = https://a.example/x\n" /* 2 */
+                "  https://b.example/y\n",    /* 3: no key */
+                &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "https: unknown key in [events hook]"); /* inih's name: value */
+    free(errs);
+    errs = load("[delivery]\n"                   /* 1 */
+                "allow_networks = 127.0.0.0/8\n" /* 2 */
+                "    10.0.0.0/8\n",              /* 3: no key */
+                &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3, "not a [section] header");
+    free(errs);
+}
+
+/* "[dns]\nservers = " and a servers list of exactly len characters
+ * (127.0.0.N:53 entries, padded with spaces after the first comma). */
+static char *
+servers_text(size_t len)
+{
+    char *v = malloc(len + 1);
+    assert_non_null(v);
+    size_t n = (size_t)snprintf(v, len + 1, "127.0.0.1:53,");
+    for (unsigned i = 2; n + 16 < len; i = i % 250 + 1)
+        n += (size_t)snprintf(v + n, len + 1 - n, " 127.0.0.%u:53", i);
+    size_t pad = len - n - 12; /* room for the last " 127.0.0.9:5" */
+    memmove(v + 13 + pad, v + 13, n - 13);
+    memset(v + 13, ' ', pad);
+    n += pad;
+    n += (size_t)snprintf(v + n, len + 1 - n, " 127.0.0.9:5");
+    assert_int_equal(n, len);
+    char *text = malloc(len + 32);
+    assert_non_null(text);
+    snprintf(text, len + 32, "[dns]\nservers = %s\n", v);
+    free(v);
+    return text;
+}
+
+/* Lines far longer than inih's own 200-octet buffer: each key's own
+ * limit applies ([dns] servers: 1,024 characters; [mta_sts] ca_file:
+ * 4,096), and a line past CONFIG_LINE_MAX (64 KiB) is an error on its
+ * own line, the lines after it keeping their numbers. */
+static void
+test_long_lines(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *text = servers_text(1000);
+    char *errs = load(text, &cfg, &rc);
+    free(text);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(strlen(cfg->dns.servers), 1000);
+    assert_string_equal(cfg->dns.servers + 1000 - 12, " 127.0.0.9:5");
+    config_free(cfg);
+
+    text = servers_text(1025);
+    errs = load(text, &cfg, &rc);
+    free(text);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 2, "servers: longer than 1024 characters");
+    free(errs);
+
+    /* a 4,000-character path, CRLF line ends */
+    char *path4k = malloc(4001);
+    assert_non_null(path4k);
+    for (size_t i = 0; i < 4000; i++)
+        path4k[i] = i % 200 == 0 ? '/' : 'd';
+    path4k[4000] = '\0';
+    text = malloc(4100);
+    assert_non_null(text);
+    snprintf(text, 4100, "[mta_sts]\r\nca_file = %s  \r\n", path4k);
+    errs = load(text, &cfg, &rc);
+    free(text);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_string_equal(cfg->mta_sts.ca_file, path4k);
+    config_free(cfg);
+    free(path4k);
+
+    /* 64 KiB is the most a line holds: a comment that long is fine, one
+     * character more is an error; the lines after either keep their
+     * numbers, for our errors and for inih's. */
+    size_t big = 65536 + 200;
+    text = malloc(2 * big);
+    assert_non_null(text);
+    size_t n = (size_t)snprintf(text, big, "[server]\n;"); /* 1, 2 */
+    memset(text + n, 'c', 65535);
+    n += 65535;
+    n += (size_t)snprintf(text + n, big, "\nworkers = 2\n"); /* 3 */
+    n += (size_t)snprintf(text + n, big, "[log]\nfile = /"); /* 4, 5 */
+    memset(text + n, 'f', 65536 - 7);
+    n += 65536 - 7;
+    n += (size_t)snprintf(text + n, big,
+                          "\nwokers = 3\n"  /* 6 */
+                          "not ini\n"       /* 7 */
+                          "[server]\n"      /* 8 */
+                          "workers = 4\n"); /* 9 */
+    errs = load(text, &cfg, &rc);
+    free(text);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    assert_null(strstr(errs, ":2:"));
+    assert_null(strstr(errs, ":3:"));
+    expect_error(errs, 5, "line longer than 65536 characters\n");
+    expect_error(errs, 6, "wokers: unknown key in [log]");
+    expect_error(errs, 7, "not a [section] header");
+    expect_error(errs, 9, "workers: set twice in [server] (first at line 3)");
+    free(errs);
+}
+
+/* inih's buffer starts at 200 octets and doubles up to 64 KiB + 3; the
+ * reader hands it a line in as many pieces as it asks for. A value whose
+ * line ends just before, at or just after each size (LF or CRLF) arrives
+ * whole, and the key after it keeps its line. */
+static void
+test_line_length_boundaries(void **state)
+{
+    (void)state;
+    static const size_t sizes[] = {200, 400, 800, 1600, 3200, 4106};
+    char *val = malloc(4097);
+    char *text = malloc(4200);
+    assert_non_null(val);
+    assert_non_null(text);
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        for (size_t line = sizes[i] - 6; line <= sizes[i] + 2 && line - 10 <= 4096; line++) {
+            for (int crlf = 0; crlf < 2; crlf++) {
+                size_t vlen = line - 10; /* "ca_file = " */
+                val[0] = '/';
+                memset(val + 1, 'p', vlen - 1);
+                val[vlen] = '\0';
+                const char *eol = crlf ? "\r\n" : "\n";
+                snprintf(text, 4200, "[mta_sts]%sca_file = %s%swokers = 1%s", eol, val, eol, eol);
+                struct config *cfg;
+                int rc;
+                char *errs = load(text, &cfg, &rc);
+                assert_int_equal(rc, -EINVAL);
+                expect_error(errs, 3, "wokers: unknown key in [mta_sts]");
+                assert_null(strstr(errs, ":2:"));
+                free(errs);
+                snprintf(text, 4200, "[mta_sts]%sca_file = %s%s", eol, val, eol);
+                errs = load(text, &cfg, &rc);
+                assert_string_equal(errs, "");
+                free(errs);
+                assert_int_equal(rc, 0);
+                assert_string_equal(cfg->mta_sts.ca_file, val);
+                config_free(cfg);
+            }
+        }
+    }
+    free(val);
+    free(text);
+}
+
+/* Address lists take NETADDR_MAX_LIST (32) entries; one more is said to
+ * be one too many, not "cannot parse" a good address. */
+static void
+test_address_list_limit(void **state)
+{
+    (void)state;
+    char text[2048];
+    size_t n = (size_t)snprintf(text, sizeof(text), "[server]\ntrusted_networks = 10.0.0.0/24");
+    for (int i = 1; i < 32; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, ", 10.0.%d.0/24", i);
+    snprintf(text + n, sizeof(text) - n, "\n");
     struct config *cfg;
     int rc;
     char *errs = load(text, &cfg, &rc);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->server.ntrusted, 32);
+    config_free(cfg);
+    snprintf(text + n, sizeof(text) - n, ", 10.0.32.0/24\n[delivery]\nallow_networks = ");
+    n = strlen(text);
+    for (int i = 0; i < 33; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, "%s127.0.0.%d", i ? ", " : "", i + 1);
+    snprintf(text + n, sizeof(text) - n, "\n");
+    errs = load(text, &cfg, &rc);
     assert_int_equal(rc, -EINVAL);
-    expect_error(errs, 2, "line longer than");
+    expect_error(errs, 2,
+                 "trusted_networks: more than 32 entries, the most it takes ('10.0.32.0/24' is "
+                 "one too many)");
+    expect_error(errs, 4,
+                 "allow_networks: more than 32 entries, the most it takes ('127.0.0.33' is one "
+                 "too many)");
+    free(errs);
+}
+
+/* What [dns] checks across keys is reported on the line of the key at
+ * fault, not on servers' (or on no line when servers is unset). */
+static void
+test_dns_check_lines(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        unsigned line;
+        const char *what;
+    } cases[] = {
+        {"[dns]\nservers = 127.0.0.1\nmin_ttl = 2h\nmax_ttl = 1h\n", 3,
+         "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\nmin_ttl = 2d\n", 2, "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\n\nmax_ttl = 10s\n", 3, "[dns] min_ttl is longer than max_ttl"},
+        {"[dns]\nservers = 192.0.2.1\ndnssec = trust_ad\n", 3,
+         "[dns] dnssec = trust_ad needs servers on loopback"},
+        {"[dns]\ntimeout = 1s\nservers = 127.0.0.1, localhost\n", 3,
+         "[dns] 'localhost' is not an address"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct config *cfg;
+        int rc;
+        char *errs = load(cases[i].text, &cfg, &rc);
+        assert_int_equal(rc, -EINVAL);
+        expect_error(errs, cases[i].line, cases[i].what);
+        free(errs);
+    }
+}
+
+/* The reader checks what inih cannot see: a NUL inside a line. */
+static void
+test_nul_in_line(void **state)
+{
+    (void)state;
+    static const char text[] = "[server]\nworkers = 2\0 and more\nwokers = 3\n";
+    snprintf(path, sizeof(path), "/tmp/sluice-conf-XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, sizeof(text) - 1), (ssize_t)sizeof(text) - 1);
+    close(fd);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    struct config *cfg;
+    int rc = config_load(path, &cfg, errs);
+    fclose(errs);
+    unlink(path);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(buf, 2, "a NUL character");
+    expect_error(buf, 3, "wokers: unknown key in [server]");
+    free(buf);
+}
+
+/* Section names longer than inih's 49 characters: the keys go to the
+ * section named in full (inih passes the name cut short). */
+static void
+test_long_section_names(void **state)
+{
+    (void)state;
+    char key[] = "/tmp/sluice-dkim-key-XXXXXX";
+    int fd = mkstemp(key);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    assert_non_null(f);
+    EVP_PKEY *pk = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+    assert_non_null(pk);
+    assert_int_equal(PEM_write_PrivateKey(f, pk, NULL, NULL, 0, NULL, NULL), 1);
+    EVP_PKEY_free(pk);
+    fclose(f);
+    char text[1024];
+    snprintf(text, sizeof(text),
+             "[domain mail-relay.newsletters.example-company-group.com]\n" /* 1 */
+             "max_connections = 3\n"                                       /* 2 */
+             "[dkim newsletters.example-company.co.uk s2024-01-ed25519]\n" /* 3 */
+             "key_file = %s\n"                                             /* 4 */
+             "[mx mx-cluster-07.inbound.mail-provider.example.net]\n"      /* 5 */
+             "max_connections = 7\n",                                      /* 6 */
+             key);
+    struct config *cfg;
+    int rc;
+    char *errs = load(text, &cfg, &rc);
+    unlink(key);
+    assert_string_equal(errs, "");
+    free(errs);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->ndomains, 1);
+    assert_int_equal(dkim_keyring_count(cfg->dkim_keys), 1);
+    const struct domain_policy *d =
+        config_domain(cfg, "mail-relay.newsletters.example-company-group.com");
+    assert_string_equal(d->name, "mail-relay.newsletters.example-company-group.com");
+    assert_int_equal(d->max_connections, 3);
+    assert_int_equal(cfg->nmxs, 1);
+    assert_string_equal(cfg->mxs[0].pattern, "mx-cluster-07.inbound.mail-provider.example.net");
+    assert_int_equal(cfg->mxs[0].max_connections, 7);
+    config_free(cfg);
+
+    /* a header past SECTION_NAME_MAX: an error on its line, its keys
+     * not taken for the section before */
+    char name[600];
+    memset(name, 'x', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    snprintf(text, sizeof(text), "[server]\nworkers = 2\n[%s]\nworkers = 3\n", name);
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 3,
+                 "[xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...]: section header longer than "
+                 "511 characters");
+    assert_null(strstr(errs, ":4:"));
+    free(errs);
+}
+
+static void
+test_bad_domain(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[log]\nfile = /tmp/x\n[domain bad_-.]\nmax_age = 1d\n", &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
     expect_error(errs, 3, "[domain bad_-.]: not a domain name");
     free(errs);
 }
@@ -328,19 +717,53 @@ test_missing_file(void **state)
     free(buf);
 }
 
+/* A file that opens but cannot be read (a directory) is an error, not an
+ * empty config of defaults. */
+static void
+test_unreadable_file(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/sluice-conf-dir-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct config *cfg = NULL;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load(dir, &cfg, errs);
+    fclose(errs);
+    rmdir(dir);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    char want[128];
+    snprintf(want, sizeof(want), "%s: cannot read: %s", dir, strerror(EISDIR));
+    if (strstr(buf, want) == NULL)
+        fail_msg("expected '%s' in:\n%s", want, buf);
+    free(buf);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors_with_lines),
         cmocka_unit_test(test_unknown_names_suggest),
-        cmocka_unit_test(test_long_line_and_bad_domain),
+        cmocka_unit_test(test_long_lines),
+        cmocka_unit_test(test_line_length_boundaries),
+        cmocka_unit_test(test_address_list_limit),
+        cmocka_unit_test(test_dns_check_lines),
+        cmocka_unit_test(test_nul_in_line),
+        cmocka_unit_test(test_long_section_names),
+        cmocka_unit_test(test_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
         cmocka_unit_test(test_limit_sections_key_twice),
+        cmocka_unit_test(test_events_key_twice),
+        cmocka_unit_test(test_indented_lines),
+        cmocka_unit_test(test_every_syntax_error),
         cmocka_unit_test(test_domain_inheritance),
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_unreadable_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
