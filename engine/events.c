@@ -537,10 +537,9 @@ struct xadd_settled {
 static int
 sink_redis_settle(struct sink *s, struct xadd_settled *out)
 {
-    unsigned in = 0, refused = 0, retry = 0;
+    unsigned in = 0, retry = 0;
     for (unsigned i = 0; i < s->nlines; i++) {
         in += s->fates[i] == XADD_IN;
-        refused += s->fates[i] == XADD_REFUSED;
         retry += s->fates[i] == XADD_RETRY;
     }
     out->in = in;
