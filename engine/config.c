@@ -1549,6 +1549,16 @@ finish(struct parse *p)
             line = key_line(p, dns_sec, strcmp(dns_bad, "min_ttl") == 0 ? "max_ttl" : "servers");
         perr(p, line, "[dns] %s", why);
     }
+    if (cfg->tls.min_protocol > cfg->tls.max_protocol) {
+        /* refused by the TLS context at start; said here, with its line */
+        unsigned tls_sec = 0;
+        while (strcmp(config_sections[tls_sec].name, "tls") != 0)
+            tls_sec++;
+        unsigned line = key_line(p, tls_sec, "min_protocol");
+        if (line == 0)
+            line = key_line(p, tls_sec, "max_protocol");
+        perr(p, line, "[tls] min_protocol is newer than max_protocol");
+    }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));
     if (srv->ntrusted < 0)

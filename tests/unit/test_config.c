@@ -466,6 +466,36 @@ test_dns_check_lines(void **state)
     }
 }
 
+/* [tls] min_protocol newer than max_protocol is refused by the check, on
+ * the line of min_protocol (of max_protocol when min keeps its default):
+ * before, --check-config said ok and the start refused it. */
+static void
+test_tls_protocol_order(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        unsigned line;
+    } cases[] = {
+        {"[tls]\nmin_protocol = TLSv1.3\nmax_protocol = TLSv1.2\n", 2},
+        {"[tls]\n\nmax_protocol = TLSv1.2\nmin_protocol = TLSv1.3\n", 4},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct config *cfg;
+        int rc;
+        char *errs = load(cases[i].text, &cfg, &rc);
+        assert_int_equal(rc, -EINVAL);
+        expect_error(errs, cases[i].line, "[tls] min_protocol is newer than max_protocol");
+        free(errs);
+    }
+    struct config *cfg;
+    int rc;
+    char *errs = load("[tls]\nmin_protocol = TLSv1.3\nmax_protocol = TLSv1.3\n", &cfg, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    config_free(cfg);
+}
+
 /* The reader checks what inih cannot see: a NUL inside a line. */
 static void
 test_nul_in_line(void **state)
@@ -751,6 +781,7 @@ main(void)
         cmocka_unit_test(test_line_length_boundaries),
         cmocka_unit_test(test_address_list_limit),
         cmocka_unit_test(test_dns_check_lines),
+        cmocka_unit_test(test_tls_protocol_order),
         cmocka_unit_test(test_nul_in_line),
         cmocka_unit_test(test_long_section_names),
         cmocka_unit_test(test_bad_domain),
