@@ -669,7 +669,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     if (rc != 0)
         return rc;
     struct tally t = {0};
-    uint64_t now = now_ms();
+    uint64_t now = clock_unix_ms();
     q->touched_n = 0;
     for (size_t i = 0; i < nu && rc == 0; i++) {
         struct queue_req *r = upd[i];
@@ -852,7 +852,7 @@ full_note(struct queue *q, const char *reason, size_t refused)
     if (q->full)
         return;
     q->full = true;
-    uint64_t now = now_ms();
+    uint64_t now = clock_unix_ms();
     /* once per episode, and episodes at most once a minute */
     q->full_logged = q->full_logged_ms == 0 || now - q->full_logged_ms >= 60000;
     if (!q->full_logged)

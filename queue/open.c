@@ -69,7 +69,7 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
             return open_fail(err, errlen, QUEUE_ECORRUPT,
                              "%s holds an LMDB environment that is not a sluice spool", path);
         uint32_t version = SCHEMA_VERSION;
-        uint64_t created = now_ms();
+        uint64_t created = clock_unix_ms();
         MDB_val k1 = {6, "schema"}, v1 = {sizeof(version), &version};
         MDB_val k2 = {7, "created"}, v2 = {sizeof(created), &created};
         if ((rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &q->dbi_meta)) != 0 ||

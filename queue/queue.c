@@ -314,7 +314,7 @@ enq_build(struct queue_req *req, unsigned char *data, const struct queue_envelop
         .campaign_len = (uint8_t)sz->campaign,
         .pool_len = (uint8_t)sz->pool,
         .priority = (uint8_t)env->priority,
-        .arrival_ms = env->arrival_ms ? env->arrival_ms : now_ms(),
+        .arrival_ms = env->arrival_ms ? env->arrival_ms : clock_unix_ms(),
         .expire_ms = env->expire_ms,
         .body_len = sz->body_len,
     };
@@ -757,7 +757,7 @@ queue_due_take_wait(struct queue *q, uint64_t now_ms_, unsigned limit, queue_rcp
 uint64_t
 queue_id_next(struct queue *q)
 {
-    uint64_t now = now_ms();
+    uint64_t now = clock_unix_ms();
     uint64_t last = atomic_load_explicit(&q->last_id, memory_order_relaxed);
     uint64_t id;
     do {

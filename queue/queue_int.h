@@ -95,6 +95,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "queue/queue.h"
 
 #define MSG_MAGIC       0x314d5153u /* "SQM1" */
@@ -399,14 +400,6 @@ struct queue {
 };
 
 /* ---- helpers ---- */
-
-static inline uint64_t
-now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static inline size_t
 align4(size_t n)
