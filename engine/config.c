@@ -1088,7 +1088,10 @@ parse_headers(struct parse *p)
     struct stats_config *sc = &p->cfg->stats;
     char *end = NULL;
     unsigned long mode = sc->socket_mode_text ? strtoul(sc->socket_mode_text, &end, 8) : 0660;
-    if (sc->socket_mode_text != NULL && (*end != '\0' || mode > 0777)) {
+    /* octal digits only: strtoul takes a sign and leading blanks */
+    if (sc->socket_mode_text != NULL &&
+        (*end != '\0' || mode > 0777 ||
+         strspn(sc->socket_mode_text, "01234567") != strlen(sc->socket_mode_text))) {
         unsigned ss = 0;
         while (strcmp(config_sections[ss].name, "stats") != 0)
             ss++;

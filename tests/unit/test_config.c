@@ -466,6 +466,32 @@ test_dns_check_lines(void **state)
     }
 }
 
+/* [stats] socket_mode is octal digits: a sign or a blank is refused (strtoul
+ * took "-0" and "+660"). */
+static void
+test_socket_mode_digits(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {"-0", "+660", "0x1", "0999", "1000"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char text[64];
+        snprintf(text, sizeof(text), "[stats]\nsocket_mode = %s\n", bad[i]);
+        struct config *cfg;
+        int rc;
+        char *errs = load(text, &cfg, &rc);
+        assert_int_equal(rc, -EINVAL);
+        expect_error(errs, 2, "socket_mode: octal permissions, e.g. 0660");
+        free(errs);
+    }
+    struct config *cfg;
+    int rc;
+    char *errs = load("[stats]\nsocket_mode = 0600\n", &cfg, &rc);
+    assert_int_equal(rc, 0);
+    assert_int_equal(cfg->stats.socket_mode, 0600);
+    free(errs);
+    config_free(cfg);
+}
+
 /* [tls] min_protocol newer than max_protocol is refused by the check, on
  * the line of min_protocol (of max_protocol when min keeps its default):
  * before, --check-config said ok and the start refused it. */
@@ -782,6 +808,7 @@ main(void)
         cmocka_unit_test(test_address_list_limit),
         cmocka_unit_test(test_dns_check_lines),
         cmocka_unit_test(test_tls_protocol_order),
+        cmocka_unit_test(test_socket_mode_digits),
         cmocka_unit_test(test_nul_in_line),
         cmocka_unit_test(test_long_section_names),
         cmocka_unit_test(test_bad_domain),
