@@ -368,6 +368,8 @@ struct sts_entry {
     struct dns_req *req;
     CURL *easy;                   /* owned while fetching */
     struct curl_slist *resolve;   /* owned while fetching */
+    CURLSH *share;                /* owned while fetching: easy's DNS cache, which holds
+                                   * the resolve entry (see fetch_start) */
     char *body;                   /* owned: the answer so far, MTA_STS_MAX_BYTES + 1 */
     size_t blen;
     bool too_big;
@@ -814,6 +816,8 @@ on_body(char *data, size_t size, size_t nmemb, void *arg)
     return n;
 }
 
+static void fetch_free(struct mta_sts *m, struct sts_entry *e);
+
 /* Fetch e's policy from the policy host at addrs (n >= 1, each one
  * allowed as a target): curl connects to them in turn (and both
  * families at once, RFC 8305), so one address that is down does not fail
@@ -841,16 +845,18 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const 
     e->body = malloc(MTA_STS_MAX_BYTES + 1);
     e->resolve = curl_slist_append(NULL, rs);
     e->easy = curl_easy_init();
+    /* CURLOPT_RESOLVE puts its entry in the DNS cache the handle uses,
+     * for good (an entry without "+" never expires): in the multi
+     * handle's, that is one entry per domain ever fetched, for the life
+     * of the process. A cache of the fetch's own (a share of DNS alone)
+     * holds it instead, and goes with the fetch (fetch_free). */
+    e->share = curl_share_init();
     e->blen = 0;
     e->too_big = false;
-    if (e->body == NULL || e->resolve == NULL || e->easy == NULL) {
-        free(e->body);
-        e->body = NULL;
-        curl_slist_free_all(e->resolve);
-        e->resolve = NULL;
-        if (e->easy != NULL)
-            curl_easy_cleanup(e->easy);
-        e->easy = NULL;
+    if (e->body == NULL || e->resolve == NULL || e->easy == NULL || e->share == NULL ||
+        curl_share_setopt(e->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
+        curl_easy_setopt(e->easy, CURLOPT_SHARE, e->share) != CURLE_OK) {
+        fetch_free(m, e);
         check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
         return;
     }
@@ -881,6 +887,9 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const 
     curl_multi_add_handle(m->multi, c);
 }
 
+/* Frees what fetch_start made (any part of it): the handle first, then
+ * its DNS cache (a share in use by a handle is not freed) with the
+ * resolve entry in it. */
 static void
 fetch_free(struct mta_sts *m, struct sts_entry *e)
 {
@@ -888,6 +897,10 @@ fetch_free(struct mta_sts *m, struct sts_entry *e)
         curl_multi_remove_handle(m->multi, e->easy);
         curl_easy_cleanup(e->easy);
         e->easy = NULL;
+    }
+    if (e->share != NULL) {
+        curl_share_cleanup(e->share);
+        e->share = NULL;
     }
     curl_slist_free_all(e->resolve);
     e->resolve = NULL;

@@ -10,7 +10,9 @@
  * fetches https://mta-sts.DOMAIN/.well-known/mta-sts.txt with libcurl's
  * multi interface (pinned with CURLOPT_RESOLVE to the addresses left, up
  * to 16, which curl tries in turn, so that one that is down fails
- * nothing; the certificate checked against [mta_sts] ca_file or the
+ * nothing; the entry is held in a DNS cache of the fetch's own, freed
+ * with it, never in the multi handle's, where it would stay for good;
+ * the certificate checked against [mta_sts] ca_file or the
  * system store, redirects refused, at most 64 KB, text/plain, within
  * fetch_timeout).
  * No worker ever waits on DNS or HTTP: a worker asks (mta_sts_get) and

@@ -14,8 +14,10 @@
  * and its cache file read back, corrupt lines and all; its sweep, which
  * forgets the domains mail no longer goes to and keeps those it does;
  * a policy that ended is checked once, not at every mail; a check that
- * failed on DNS is asked again after [dns] error_ttl, not recheck; and
- * the thread reads the answers of every resolver socket, past 16.
+ * failed on DNS is asked again after [dns] error_ttl, not recheck; the
+ * thread reads the answers of every resolver socket, past 16; and a
+ * policy fetch leaves nothing in libcurl once it ended (its
+ * CURLOPT_RESOLVE entry), counted through curl_global_init_mem.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,6 +32,9 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <curl/curl.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
@@ -252,10 +257,11 @@ struct store {
 
 /* As store_new, with the resolver's timeout (one try) given: queries to
  * the mute socket fail after it; dns_extra: more [dns] lines ("" none);
- * servers: [dns] servers (NULL: the mute socket). */
+ * servers: [dns] servers (NULL: the mute socket); tail: more [mta_sts]
+ * lines, and sections after it ("" none). */
 static void
-store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
-              const char *dns_extra, const char *servers)
+store_new_conf(struct store *s, const char *cache_text, const char *dns_timeout,
+               const char *dns_extra, const char *servers, const char *tail)
 {
     s->mute = socket(AF_INET, SOCK_DGRAM, 0);
     assert_true(s->mute >= 0);
@@ -272,8 +278,8 @@ store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
     int n = snprintf(text, sizeof(text),
                      "[server]\nhostname = relay.test\n"
                      "[dns]\nservers = %s\ntimeout = %s\ntries = 1\n%s"
-                     "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n",
-                     servers != NULL ? servers : mute, dns_timeout, dns_extra);
+                     "[mta_sts]\ntlsrpt = no\nfetch_timeout = 60s\n%s",
+                     servers != NULL ? servers : mute, dns_timeout, dns_extra, tail);
     assert_true(n > 0 && (size_t)n < sizeof(text));
     FILE *f = fopen(s->conf, "w");
     assert_non_null(f);
@@ -290,6 +296,13 @@ store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
     s->m = NULL;
     if (mta_sts_new(s->cfg, s->cache, &s->m, err, sizeof(err)) != 0)
         fail_msg("mta_sts_new: %s", err);
+}
+
+static void
+store_new_dns(struct store *s, const char *cache_text, const char *dns_timeout,
+              const char *dns_extra, const char *servers)
+{
+    store_new_conf(s, cache_text, dns_timeout, dns_extra, servers, "");
 }
 
 static void
@@ -641,6 +654,162 @@ test_many_dns_sockets_watched(void **state)
         fail_msg("%u answers; the check: %s", answered, result);
 }
 
+/* libcurl's allocations alive now: libcurl allocates through these
+ * (curl_global_init_mem in main, before anything starts libcurl), so the
+ * test sees what the thread's handles hold. */
+static atomic_long curl_blocks;
+
+static void *
+cm_malloc(size_t n)
+{
+    void *p = malloc(n);
+    if (p != NULL)
+        atomic_fetch_add(&curl_blocks, 1);
+    return p;
+}
+
+static void
+cm_free(void *p)
+{
+    if (p != NULL)
+        atomic_fetch_sub(&curl_blocks, 1);
+    free(p);
+}
+
+static void *
+cm_realloc(void *p, size_t n)
+{
+    void *q = realloc(p, n);
+    if (p == NULL && q != NULL)
+        atomic_fetch_add(&curl_blocks, 1);
+    else if (p != NULL && n == 0 && q == NULL)
+        atomic_fetch_sub(&curl_blocks, 1);
+    return q;
+}
+
+static char *
+cm_strdup(const char *s)
+{
+    char *p = strdup(s);
+    if (p != NULL)
+        atomic_fetch_add(&curl_blocks, 1);
+    return p;
+}
+
+static void *
+cm_calloc(size_t n, size_t size)
+{
+    void *p = calloc(n, size);
+    if (p != NULL)
+        atomic_fetch_add(&curl_blocks, 1);
+    return p;
+}
+
+/* Answer one query on fd, if one came within wait_ms: A with
+ * 127.0.0.1, any other type with no data. Returns true when one came. */
+static bool
+answer_a_loopback(int fd, int wait_ms)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    if (poll(&pfd, 1, wait_ms) != 1)
+        return false;
+    uint8_t q[512 + 16];
+    struct sockaddr_in from;
+    socklen_t fl = sizeof(from);
+    ssize_t n = recvfrom(fd, q, 512, 0, (struct sockaddr *)&from, &fl);
+    size_t end = 12;
+    while (n > 12 && end < (size_t)n && q[end] != 0)
+        end += 1 + q[end];
+    end += 5; /* the root label, type and class */
+    if (n < 12 || end > (size_t)n)
+        return true;
+    bool a = q[end - 4] == 0 && q[end - 3] == 1;
+    q[2] = (uint8_t)(0x80 | (q[2] & 0x79)); /* a response, RD kept */
+    q[3] = 0x80;                             /* RA, NOERROR */
+    memset(q + 6, 0, 6);                     /* the question, and ... */
+    if (a) {
+        static const uint8_t rr[] = {0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1};
+        q[7] = 1; /* ... one answer */
+        memcpy(q + end, rr, sizeof(rr));
+        end += sizeof(rr);
+    }
+    assert_int_equal(sendto(fd, q, end, 0, (struct sockaddr *)&from, fl), (ssize_t)end);
+    return true;
+}
+
+/* Fetch the policies of domain i..i+n-1 (dN.test), each found by a
+ * worker's TXT answer, until every fetch ended (it fails: nothing
+ * listens on the policy port), answering the thread's address queries
+ * meanwhile. */
+static void
+fetch_many(struct store *s, int dns, unsigned i, unsigned n)
+{
+    struct mta_sts_stats st;
+    mta_sts_stats(s->m, &st);
+    uint64_t failed = st.fetch_failed + n;
+    const char *rec[] = {"v=STSv1; id=1"};
+    for (unsigned k = i; k < i + n; k++) {
+        char name[32];
+        struct mta_sts_policy *p = NULL;
+        snprintf(name, sizeof(name), "d%u.test", k);
+        assert_int_equal(mta_sts_get(s->m, name, true, &p), MTA_STS_ASK);
+        mta_sts_txt_answer(s->m, name, DNS_OK, "ok", rec, 1);
+    }
+    uint64_t deadline = mono_ms() + 30000;
+    do {
+        assert_true(mono_ms() < deadline);
+        if (answer_a_loopback(dns, 20))
+            while (answer_a_loopback(dns, 0)) /* every query waiting */
+                ;
+        mta_sts_stats(s->m, &st);
+    } while (st.fetch_failed < failed || st.inflight > 0 || st.queued > 0);
+    assert_int_equal(st.fetch_failed, failed);
+    assert_int_equal(st.fetches, failed);
+}
+
+/* What a policy fetch gives libcurl (its CURLOPT_RESOLVE entry,
+ * "mta-sts.DOMAIN:PORT:ADDR") is gone when the fetch ends: after 10
+ * fetches, 100 more for other domains leave libcurl holding no more than
+ * before. In the multi handle's DNS cache, such an entry stayed for
+ * good (it never expires), one per domain ever fetched: memory that
+ * grew with every new domain. Nothing listens on the policy port, so
+ * each fetch fails at connect, after curl took the entry. */
+static void
+test_fetch_leaves_nothing_in_curl(void **state)
+{
+    (void)state;
+    int dns = socket(AF_INET, SOCK_DGRAM, 0);
+    int closed = socket(AF_INET, SOCK_STREAM, 0); /* bound, never listening: refused */
+    assert_true(dns >= 0 && closed >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(dns, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(dns, (struct sockaddr *)&sin, &sl), 0);
+    char servers[32], tail[160];
+    snprintf(servers, sizeof(servers), "127.0.0.1:%u", ntohs(sin.sin_port));
+    sin.sin_port = 0;
+    sl = sizeof(sin);
+    assert_int_equal(bind(closed, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(closed, (struct sockaddr *)&sin, &sl), 0);
+    snprintf(tail, sizeof(tail), "fetch_port = %u\n[delivery]\nallow_networks = 127.0.0.0/8\n",
+             ntohs(sin.sin_port));
+    struct store s;
+    store_new_conf(&s, NULL, "30s", "", servers, tail); /* a busy machine: no query times out */
+
+    fetch_many(&s, dns, 0, 10);
+    long before = atomic_load(&curl_blocks);
+    fetch_many(&s, dns, 10, 100);
+    long after = atomic_load(&curl_blocks);
+    /* A few blocks of slack (libcurl's tables grow in steps), not one
+     * per domain. */
+    if (after - before > 10)
+        fail_msg("libcurl holds %ld more blocks after 100 more fetches (%ld before)",
+                 after - before, before);
+    store_free(&s);
+    close(dns);
+    close(closed);
+}
+
 /* The cache file is read back as the fetch left it: a corrupt line (a
  * max_age past a year, a fetch in the future, an unknown mode, enforce
  * without mx, a number with a sign) is skipped, not kept as a policy for
@@ -859,8 +1028,15 @@ main(void)
         cmocka_unit_test(test_ended_policy_checked_once),
         cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
         cmocka_unit_test(test_many_dns_sockets_watched),
+        cmocka_unit_test(test_fetch_leaves_nothing_in_curl),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    /* Before anything starts libcurl: its allocations are counted. */
+    if (curl_global_init_mem(CURL_GLOBAL_DEFAULT, cm_malloc, cm_free, cm_realloc, cm_strdup,
+                             cm_calloc) != CURLE_OK)
+        return 1;
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    curl_global_cleanup();
+    return rc;
 }
