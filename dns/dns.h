@@ -255,11 +255,12 @@ uint64_t dns_timeout(struct dns *d, uint64_t now);
 /* ---- TXT records (dns/txt.c): MTA-STS and TLS reporting policies ---- */
 
 /* A TXT lookup finished: status DNS_OK with n >= 1 records (each one's
- * character-strings joined, at most 16 records; a record over 4096
- * octets or with a NUL octet is left out whole, never cut; borrowed:
- * valid during the call only), DNS_NOT_FOUND (NXDOMAIN or no TXT record
- * of 4096 octets or less without a NUL) or DNS_RETRY; why is static
- * text. */
+ * character-strings joined; every record of the answer, whatever their
+ * number and length, but for those with a NUL octet, which are left out
+ * whole, never cut; borrowed: valid during the call only), DNS_NOT_FOUND
+ * (NXDOMAIN or no TXT record without a NUL), DNS_FAIL (more than 512
+ * records: the answer is not judged on a part of it) or DNS_RETRY; why
+ * is static text. */
 typedef void dns_txt_fn(void *arg, enum dns_status status, const char *why,
                         const char *const *txt, unsigned n);
 /* Ask for name's TXT records; not cached. The callback runs exactly once,

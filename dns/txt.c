@@ -3,11 +3,15 @@
  * policy records of MTA-STS (_mta-sts.DOMAIN) and TLS reporting
  * (_smtp._tls.DOMAIN). Not cached here: their callers keep what they
  * learn for as long as the policy says. Each record's character-strings
- * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them;
- * a record over TXT_MAX_LEN octets, or with a NUL octet, is left out
- * whole, never cut (a cut TLS-RPT rua list could end in a truncated URI
- * that still parses; a NUL would cut "v=STSv1; id=1\0junk" to a policy
- * record).
+ * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them.
+ * Every record of the answer is handed over, however many and however
+ * long (the room is sized from the answer, which bounds both): "exactly
+ * one v=STSv1 record" (RFC 8461 3.1) and "exactly one v=TLSRPTv1 record"
+ * (RFC 8460 3) are judged on the whole answer, never on its first few
+ * records; an answer of more records than wire.h reads (WIRE_MAX_RR) is
+ * DNS_FAIL, not judged on the part read. A record with a NUL octet is
+ * left out whole, never cut (a NUL would cut "v=STSv1; id=1\0junk" to a
+ * policy record).
  * Answers are read by wire.h, as MX answers are: the CNAME chain from the
  * name asked, and the TXT records (class IN) where it ends, no others
  * (c-ares's TXT parser took every TXT record of the answer section,
@@ -21,9 +25,6 @@
 #include <string.h>
 
 #include "dns/internal.h"
-
-#define TXT_MAX_RECORDS 16
-#define TXT_MAX_LEN     4096
 
 struct txt_query {
     struct dns *d; /* borrowed */
@@ -43,8 +44,8 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         free(q); /* dropped without a call, as dns_free() says */
         return;
     }
-    const char *txt[TXT_MAX_RECORDS];
-    char *buf = NULL; /* owned: the records' text */
+    const char **txt = NULL; /* owned: the records, pointing into buf */
+    char *buf = NULL;        /* owned: the records' text */
     unsigned n = 0;
     enum dns_status st = DNS_RETRY;
     const char *why = "resolver error";
@@ -58,25 +59,32 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         why = "timeout";
     } else if (status == ARES_SUCCESS && abuf != NULL && alen > 0) {
         struct wire_answer *a = malloc(sizeof(*a)); /* big: the MX targets */
-        buf = malloc((size_t)TXT_MAX_RECORDS * (TXT_MAX_LEN + 1));
-        int rc = a == NULL || buf == NULL ? -ENOMEM
-                                          : wire_answer(abuf, (size_t)alen, q->name, WIRE_T_TXT, a);
+        /* Room for every record: the answer's size bounds their text
+         * and their count (wire_txt), 64 KB and 5958 at most. */
+        size_t len = (size_t)alen;
+        unsigned max = (unsigned)WIRE_TXT_MAX(len);
+        buf = malloc(len);
+        txt = malloc(max * sizeof(*txt));
+        int rc = a == NULL || buf == NULL || txt == NULL
+                     ? -ENOMEM
+                     : wire_answer(abuf, len, q->name, WIRE_T_TXT, a);
         if (rc == 0 && a->chain_bad)
             rc = -ELOOP;
         if (rc == 0 && a->rcode == WIRE_NXDOMAIN)
             rc = -ENOENT;
         if (rc == 0)
-            rc = wire_txt(abuf, (size_t)alen, a->final, buf, TXT_MAX_LEN, TXT_MAX_RECORDS);
+            rc = wire_txt(abuf, len, a->final, buf, len, txt, max);
         free(a);
         if (rc > 0) {
             st = DNS_OK;
             why = "ok";
             n = (unsigned)rc;
-            for (unsigned i = 0; i < n; i++)
-                txt[i] = buf + (size_t)i * (TXT_MAX_LEN + 1);
         } else if (rc == 0 || rc == -ENOENT) {
             st = DNS_NOT_FOUND;
             why = rc == 0 ? "no TXT record" : "NXDOMAIN";
+        } else if (rc == -E2BIG) {
+            st = DNS_FAIL; /* what the records say cannot be known: no answer */
+            why = "more records than are read (512)";
         } else {
             why = rc == -ENOMEM  ? "out of memory"
                   : rc == -ELOOP ? "CNAME chain too long or to a bad name"
@@ -88,6 +96,7 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         n = 0;
     }
     q->cb(q->arg, st, why, txt, n);
+    free(txt);
     free(buf);
     free(q);
 }

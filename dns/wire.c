@@ -370,7 +370,8 @@ wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *ou
 }
 
 int
-wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap, unsigned max)
+wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap,
+         const char **txt, unsigned max)
 {
     struct wire_msg m;
     struct wire_rr rr;
@@ -378,35 +379,40 @@ wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap
     if (rc < 0)
         return rc;
     unsigned n = 0;
+    size_t used = 0; /* octets of out taken by the records kept */
     while ((rc = wire_next(&m, &rr)) > 0) {
         if (rr.section != WIRE_SEC_ANSWER)
             break;
         if (rr.type != WIRE_T_TXT || rr.cls != 1 || !rr.owner_ok || strcmp(rr.owner, name) != 0)
             continue;
-        char *t = n < max ? out + (size_t)n * (cap + 1) : NULL;
+        char *t = n < max ? out + used : NULL;
+        size_t room = t != NULL ? cap - used : 0; /* for the text and its NUL */
         size_t o = 0, pos = rr.rdoff, end = rr.rdoff + rr.rdlen;
         bool nul = false;
         while (pos < end) {
             size_t l = buf[pos];
             if (pos + 1 + l > end)
                 return -EBADMSG;
-            /* Past cap the record is dropped, not cut: a cut policy
-             * (a TLS-RPT rua list) could end in a truncated URI that
-             * still parses. Its strings are still checked. A NUL
+            /* Past the room left the record is dropped, not cut: a cut
+             * policy (a TLS-RPT rua list) could end in a truncated URI
+             * that still parses. Its strings are still checked. A NUL
              * octet would cut it as well (callers read a C string:
              * "v=STSv1; id=1\0junk" as "v=STSv1; id=1"): dropped too. */
             if (memchr(buf + pos + 1, '\0', l) != NULL)
                 nul = true;
-            if (t != NULL && o <= cap && l <= cap - o)
+            if (t != NULL && o + l < room)
                 memcpy(t + o, buf + pos + 1, l);
             o += l;
             pos += 1 + l;
         }
-        if (t != NULL && o <= cap && !nul) {
+        if (t != NULL && o < room && !nul) {
             t[o] = '\0';
-            n++;
+            txt[n++] = t;
+            used += o + 1;
         }
     }
+    if (rc == 0 && m.sec == 0 && m.idx < m.count[0])
+        return -E2BIG; /* the walk stopped at WIRE_MAX_RR: records unread */
     return rc < 0 ? rc : (int)n;
 }
 

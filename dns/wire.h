@@ -128,14 +128,22 @@ int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa
 
 /* The TXT records (RFC 1035 3.3.14) at name (the end of wire_answer's
  * chain) in the answer section, of class IN: each one's
- * character-strings joined into out + i * (cap + 1), NUL-terminated; a
- * record longer than cap octets, or with a NUL octet in it, is dropped
- * whole (never cut: a cut one could still parse, as a shorter policy;
- * read as a C string, a NUL cuts it); at most max records (the rest
- * skipped). Records of other owners or classes are no answer to the
- * question. Returns the count or -EBADMSG (a string running past its
- * record). */
-int wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap, unsigned max);
+ * character-strings joined and NUL-terminated, one after the other in
+ * out (cap octets), txt[i] pointing at the i-th; at most max records. A
+ * record with a NUL octet in it, or that does not fit in what is left of
+ * out or of txt, is dropped whole (never cut: a cut one could still
+ * parse, as a shorter policy; read as a C string, a NUL cuts it). With
+ * cap >= len and max >= WIRE_TXT_MAX(len) none is dropped for room: a
+ * record's text and its NUL take fewer octets than the record itself.
+ * Records of other owners or classes are no answer to the question.
+ * Returns the count, -EBADMSG (a string running past its record) or
+ * -E2BIG (more answer records than WIRE_MAX_RR: the answer cannot be
+ * read whole, and a caller that counts records must not judge a part). */
+int wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap,
+             const char **txt, unsigned max);
+/* The most TXT records a message of len octets can hold: each takes at
+ * least 11 (a 1-octet owner, type, class, TTL, rdlength). */
+#define WIRE_TXT_MAX(len) ((len) / 11 + 1)
 
 /* Addresses of name (A or AAAA) in the additional section. Returns how
  * many were copied (at most max) and lowers *ttl to theirs; 0 when none

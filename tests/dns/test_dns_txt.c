@@ -9,6 +9,11 @@
  *                    in three strings; a record at the alias itself
  *                    (which a CNAME cannot have) is not the target's
  *   _mta-sts.d.test  only another owner's record: none
+ *
+ * And against dnsmasq: every record of an answer comes back, however
+ * many (RFC 8461 3.1's "exactly one STSv1 record" is judged on all of
+ * them): 30 records at _mta-sts.many.test, two of them STSv1, one near
+ * each end of the answer.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,6 +21,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,6 +142,89 @@ test_only_other_owner_is_none(void **state)
     assert_int_equal(g.n, 0);
 }
 
+static struct dnsmasq dm;
+static bool dm_skipped;
+
+/* 30 records at _mta-sts.many.test: two STSv1 ones (the 2nd and the
+ * 29th), the others not. */
+static int
+dm_setup(void **state)
+{
+    (void)state;
+    char conf[30 * 80];
+    size_t o = 0;
+    for (int i = 1; i <= 30; i++)
+        o += (size_t)snprintf(conf + o, sizeof(conf) - o,
+                              "txt-record=_mta-sts.many.test,\"%s%d\"\n",
+                              i == 2 || i == 29 ? "v=STSv1; id=" : "other record ", i);
+    int rc = dnsmasq_start(&dm, conf, 300);
+    dm_skipped = rc == HARNESS_SKIP;
+    return rc < 0 ? -1 : 0;
+}
+
+static int
+dm_teardown(void **state)
+{
+    (void)state;
+    if (!dm_skipped)
+        dnsmasq_stop(&dm);
+    return 0;
+}
+
+struct all {
+    unsigned done;
+    enum dns_status status;
+    unsigned n, sts;
+};
+
+static void
+on_all(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+{
+    (void)why;
+    struct all *g = arg;
+    g->status = status;
+    g->n = n;
+    for (unsigned i = 0; i < n; i++)
+        g->sts += strncmp(txt[i], "v=STSv1;", 8) == 0;
+    g->done++;
+}
+
+static void
+dm_lookup(const char *name, struct all *g)
+{
+    if (dm_skipped)
+        skip();
+    struct dns_config cfg;
+    struct ploop loop;
+    struct dns *d;
+    char err[256];
+    harness_config(&cfg, dm.port);
+    ploop_init(&loop);
+    if (dns_new(&cfg, ploop_sock, &loop, &d, err, sizeof(err)) < 0)
+        fail_msg("dns_new: %s", err);
+    loop.d = d;
+    memset(g, 0, sizeof(*g));
+    assert_int_equal(dns_txt_lookup(d, name, on_all, g), 0);
+    assert_int_equal(ploop_run(&loop, &g->done, 1, 10000), 0);
+    assert_int_equal(g->done, 1);
+    dns_free(d);
+    conf_free(dns_conf_keys, &cfg);
+}
+
+/* All 30 records come back, both STSv1 ones among them: the domain has
+ * two, hence no policy (RFC 8461 3.1), whichever came first. Cut to the
+ * first 16 (as before) the answer could hold just one, a policy. */
+static void
+test_every_record(void **state)
+{
+    (void)state;
+    struct all g;
+    dm_lookup("_mta-sts.many.test", &g);
+    assert_int_equal(g.status, DNS_OK);
+    assert_int_equal(g.n, 30);
+    assert_int_equal(g.sts, 2);
+}
+
 int
 main(void)
 {
@@ -144,5 +233,9 @@ main(void)
         cmocka_unit_test(test_chain_followed_strings_joined),
         cmocka_unit_test(test_only_other_owner_is_none),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    const struct CMUnitTest dm_tests[] = {
+        cmocka_unit_test(test_every_record),
+    };
+    int rc = cmocka_run_group_tests(tests, setup, teardown);
+    return rc | cmocka_run_group_tests(dm_tests, dm_setup, dm_teardown);
 }

@@ -435,15 +435,18 @@ test_pointer_chain(void **state)
     }
 }
 
-/* TXT records: the strings of each record joined, a record longer than
- * cap dropped whole (not cut), only the records of the name asked and of
- * class IN; a string running past its record is malformed. */
+/* TXT records: the strings of each record joined, one after the other
+ * in out; a record that does not fit in the room left dropped whole (not
+ * cut) while later ones that fit are kept; at most max; only the records
+ * of the name asked and of class IN; a string running past its record is
+ * malformed. */
 static void
 test_txt(void **state)
 {
     (void)state;
     struct mb m;
-    char out[3][9];
+    char out[64];
+    const char *txt[8];
     header(&m, 0, 6, 0, 0);
     question(&m, "_mta-sts.x.test", WIRE_T_TXT);
     size_t at = rr(&m, "@12", WIRE_T_TXT, 60);
@@ -463,7 +466,7 @@ test_txt(void **state)
     u8(&m, 1);
     u8(&m, 'c');
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 9 octets in two strings: dropped */
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 9 octets in two strings */
     u8(&m, 5);
     memcpy(m.b + m.n, "ABCDE", 5);
     m.n += 5;
@@ -471,23 +474,34 @@ test_txt(void **state)
     memcpy(m.b + m.n, "FGHI", 4);
     m.n += 4;
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 8 octets: kept whole */
+    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 8 octets */
     u8(&m, 8);
     memcpy(m.b + m.n, "abcdefgh", 8);
     m.n += 8;
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60); /* beyond max */
+    at = rr(&m, "@12", WIRE_T_TXT, 60);
     u8(&m, 1);
     u8(&m, 'z');
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 8, 2), 2);
-    assert_string_equal(out[0], "v=STSv1");
-    assert_string_equal(out[1], "abcdefgh");
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 8, 3), 3);
-    assert_string_equal(out[2], "z");
-    assert_int_equal(wire_txt(m.b, m.n, "other.test", &out[0][0], 8, 3), 1);
-    assert_string_equal(out[0], "o");
-    /* Only the over-long record: none left. */
+    /* Room for all (as dns/txt.c gives it: the message's size): all. */
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)), 4);
+    assert_string_equal(txt[0], "v=STSv1");
+    assert_string_equal(txt[1], "ABCDEFGHI");
+    assert_string_equal(txt[2], "abcdefgh");
+    assert_string_equal(txt[3], "z");
+    assert_ptr_equal(txt[1], txt[0] + 8); /* one after the other */
+    /* At most max. */
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 2), 2);
+    assert_string_equal(txt[0], "v=STSv1");
+    assert_string_equal(txt[1], "ABCDEFGHI");
+    /* Room for 17 octets: "v=STSv1" (8 with its NUL), then ABCDEFGHI (10)
+     * does not fit and is dropped whole, abcdefgh (9) fits; z has none. */
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, 17, txt, 8), 2);
+    assert_string_equal(txt[0], "v=STSv1");
+    assert_string_equal(txt[1], "abcdefgh");
+    assert_int_equal(wire_txt(m.b, m.n, "other.test", out, sizeof(out), txt, 8), 1);
+    assert_string_equal(txt[0], "o");
+    /* Only a record longer than the room: none left. */
     header(&m, 0, 1, 0, 0);
     question(&m, "x.test", WIRE_T_TXT);
     at = rr(&m, "@12", WIRE_T_TXT, 60);
@@ -495,7 +509,9 @@ test_txt(void **state)
     memcpy(m.b + m.n, "abcdefghi", 9);
     m.n += 9;
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "x.test", &out[0][0], 8, 3), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 9, txt, 8), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 10, txt, 8), 1);
+    assert_string_equal(txt[0], "abcdefghi");
     /* No data, no SOA, an additional section (an OPT record, say):
      * wire_answer says 0, as it promises, not 1 (the walk that stopped at
      * the additional section), which a caller would take for a count. */
@@ -514,7 +530,7 @@ test_txt(void **state)
     m.n += 5;
     rr_end(&m, at);
     m.b[at + 2] = 6;
-    assert_int_equal(wire_txt(m.b, m.n, "x.test", &out[0][0], 8, 3), -EBADMSG);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, sizeof(out), txt, 8), -EBADMSG);
 }
 
 /* A string of s's text at the end of m (at most 255 octets). */
@@ -549,30 +565,78 @@ tlsrpt_record(struct mb *m, size_t total)
     rr_end(m, at);
 }
 
-/* With dns/txt.c's cap of 4096 octets: a TLS-RPT record of 4096 octets
- * comes back whole; one of 4097 is left out, not cut to 4096 (which
- * would end its rua list in a truncated URI that still parses as one). */
+/* A record is never cut: with room for a TLS-RPT record of 4096 octets
+ * and its NUL, one of 4097 is left out, not cut to 4096 (which would end
+ * its rua list in a truncated URI that still parses as one), and the
+ * 4096 one comes back whole. With the room dns/txt.c gives (the
+ * message's size), both come back whole: no length is too long. */
 static void
-test_txt_over_cap_dropped(void **state)
+test_txt_over_room_dropped(void **state)
 {
     (void)state;
     enum { CAP = 4096 };
     struct mb m;
-    static char out[2][CAP + 1];
+    static char out[sizeof(m.b)];
+    const char *txt[2];
     header(&m, 0, 2, 0, 0);
     question(&m, "_smtp._tls.x.test", WIRE_T_TXT);
     tlsrpt_record(&m, CAP + 1);
     tlsrpt_record(&m, CAP);
     assert_true(m.n <= sizeof(m.b));
-    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", &out[0][0], CAP, 2), 1);
-    assert_int_equal(strlen(out[0]), CAP);
-    assert_memory_equal(out[0], "v=TLSRPTv1; rua=mailto:", 23);
-    assert_string_equal(out[0] + CAP - 15, "@reports.x.test");
-    /* The longer one alone: no record at all. */
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2), 1);
+    assert_int_equal(strlen(txt[0]), CAP);
+    assert_memory_equal(txt[0], "v=TLSRPTv1; rua=mailto:", 23);
+    assert_string_equal(txt[0] + CAP - 15, "@reports.x.test");
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, m.n, txt, 2), 2);
+    assert_int_equal(strlen(txt[0]), CAP + 1);
+    assert_string_equal(txt[0] + CAP + 1 - 15, "@reports.x.test");
+    assert_int_equal(strlen(txt[1]), CAP);
+    /* The longer one alone, with room for 4096: no record at all. */
     header(&m, 0, 1, 0, 0);
     question(&m, "_smtp._tls.x.test", WIRE_T_TXT);
     tlsrpt_record(&m, CAP + 1);
-    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", &out[0][0], CAP, 2), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2), 0);
+}
+
+/* n records at _mta-sts.x.test, each as small as a record gets (a
+ * compressed owner, one empty string) but the first and the last, which
+ * are STSv1 records. */
+static void
+txt_many(struct mb *m, unsigned n)
+{
+    header(m, 0, n, 0, 0);
+    question(m, "_mta-sts.x.test", WIRE_T_TXT);
+    for (unsigned i = 0; i < n; i++) {
+        size_t at = rr(m, "@12", WIRE_T_TXT, 60);
+        if (i == 0 || i == n - 1)
+            txt_string(m, "v=STSv1; id=1", 13);
+        else
+            u8(m, 0);
+        rr_end(m, at);
+    }
+    assert_true(m->n <= sizeof(m->b));
+}
+
+/* Every record of the answer, up to the WIRE_MAX_RR the walk reads:
+ * WIRE_TXT_MAX(len) and len make room for them all. One more and the
+ * answer is too big to judge (-E2BIG), not cut to its first 512 records,
+ * whose one STSv1 record would pass for the only one. */
+static void
+test_txt_every_record(void **state)
+{
+    (void)state;
+    struct mb m;
+    static char out[sizeof(m.b)];
+    static const char *txt[WIRE_TXT_MAX(sizeof(m.b))];
+    txt_many(&m, WIRE_MAX_RR);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)),
+                     WIRE_MAX_RR);
+    assert_string_equal(txt[0], "v=STSv1; id=1");
+    assert_string_equal(txt[1], "");
+    assert_string_equal(txt[WIRE_MAX_RR - 1], "v=STSv1; id=1");
+    txt_many(&m, WIRE_MAX_RR + 1);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)),
+                     -E2BIG);
 }
 
 /* A TXT record with a NUL octet in it is dropped whole, not read as the
@@ -585,7 +649,8 @@ test_txt_nul_dropped(void **state)
 {
     (void)state;
     struct mb m;
-    char out[3][33];
+    char out[99];
+    const char *txt[3];
     header(&m, 0, 4, 0, 0);
     question(&m, "_mta-sts.x.test", WIRE_T_TXT);
     size_t at = rr(&m, "@12", WIRE_T_TXT, 60);
@@ -601,15 +666,15 @@ test_txt_nul_dropped(void **state)
     at = rr(&m, "@12", WIRE_T_TXT, 60); /* a NUL alone */
     txt_string(&m, "\0", 1);
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 32, 3), 1);
-    assert_string_equal(out[0], "v=STSv1; id=2");
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3), 1);
+    assert_string_equal(txt[0], "v=STSv1; id=2");
     /* The record with a NUL alone: no record at all. */
     header(&m, 0, 1, 0, 0);
     question(&m, "_mta-sts.x.test", WIRE_T_TXT);
     at = rr(&m, "@12", WIRE_T_TXT, 60);
     txt_string(&m, "v=STSv1; id=1\0junk", 18);
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", &out[0][0], 32, 3), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3), 0);
 }
 
 static void
@@ -764,7 +829,8 @@ main(void)
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_pointer_chain),
         cmocka_unit_test(test_txt),
-        cmocka_unit_test(test_txt_over_cap_dropped),
+        cmocka_unit_test(test_txt_over_room_dropped),
+        cmocka_unit_test(test_txt_every_record),
         cmocka_unit_test(test_txt_nul_dropped),
         cmocka_unit_test(test_every_truncation),
         cmocka_unit_test(test_tlsa_records_and_ad),

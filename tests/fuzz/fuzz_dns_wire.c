@@ -67,11 +67,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint8_t addr[4][16];
         uint32_t ttl = UINT32_MAX;
         check(wire_additional(buf, size, names[i], WIRE_T_A, addr, 4, &ttl) <= 4);
-        static char txt[3][17];
-        int n = wire_txt(buf, size, names[i], &txt[0][0], 16, 3);
+        static char out[64];
+        const char *txt[3];
+        int n = wire_txt(buf, size, names[i], out, sizeof(out), txt, 3);
         check(n <= 3);
         for (int k = 0; k < n; k++)
-            check(strlen(txt[k]) <= 16);
+            check(txt[k] >= out && txt[k] + strlen(txt[k]) < out + sizeof(out));
     }
     free(buf);
     return 0;
