@@ -158,9 +158,13 @@ mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out, 
         return -ENOMEM;
     }
     atomic_init(&p->refs, 1);
+    /* RFC 8461 3.2: the fields come in any order (sts-policy-record is
+     * any sts-policy-field after another); version, mode and max_age are
+     * each required once, and "If any non-repeated field--i.e., all
+     * fields excepting mx--is duplicated, all entries except for the
+     * first SHALL be ignored". */
     bool have_version = false, have_mode = false, have_age = false;
     const char *end = text + len;
-    unsigned lineno = 0;
     for (const char *l = text; l < end;) {
         const char *nl = memchr(l, '\n', (size_t)(end - l));
         const char *le = nl != NULL ? nl : end;
@@ -178,9 +182,10 @@ mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out, 
         }
         const char *vs = colon + 1, *ve = le;
         trim(&vs, &ve);
-        if (lineno++ == 0 && !span_is(ks, ke, "version")) {
-            *why = "the first line is not version";
-            goto bad;
+        if ((span_is(ks, ke, "version") && have_version) || (span_is(ks, ke, "mode") && have_mode) ||
+            (span_is(ks, ke, "max_age") && have_age)) {
+            l = next; /* a repeated field: the first stands */
+            continue;
         }
         if (span_is(ks, ke, "version")) {
             if (!span_is(vs, ve, "STSv1")) {

@@ -94,7 +94,8 @@ struct mta_sts_policy *mta_sts_policy_ref(struct mta_sts_policy *p);
 struct mta_sts_policy *mta_sts_policy_unref(struct mta_sts_policy *p);
 
 /* Parse a policy body (RFC 8461 3.2): version STSv1, mode, max_age, mx
- * lines; CRLF or LF; unknown keys ignored. Returns 0 with *out (one
+ * lines, in any order; CRLF or LF; unknown keys ignored; of a repeated
+ * version, mode or max_age the first stands. Returns 0 with *out (one
  * reference, id and times unset), or -EINVAL with *why (static text). */
 int mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out,
                          const char **why);

@@ -66,7 +66,19 @@ test_policy_table(void **state)
         {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n", 1,
          MTA_STS_ENFORCE, 1, MTA_STS_MAX_AGE},
         {"version: STSv1\nmode: enforce\nmax_age: 86400\n", 0, 0, 0, 0}, /* no mx */
-        {"mode: enforce\nversion: STSv1\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
+        /* RFC 8461 3.2: any order; version need not come first */
+        {"mode: enforce\nversion: STSv1\nmx: a.example\nmax_age: 1\n", 1, MTA_STS_ENFORCE, 1, 1},
+        {"mx: a.example\nmax_age: 7\nmode: testing\nversion: STSv1\n", 1, MTA_STS_TESTING, 1, 7},
+        {"future: x\r\nversion: STSv1\r\nmode: none\r\nmax_age: 5\r\n", 1, MTA_STS_NONE, 0, 5},
+        /* ... and of a repeated non-mx field the first stands, the others
+         * are ignored, whatever they hold */
+        {"version: STSv1\nmode: enforce\nmode: none\nmx: a.example\nmax_age: 9\nmax_age: 1\n", 1,
+         MTA_STS_ENFORCE, 1, 9},
+        {"version: STSv1\nversion: STSv2\nmode: testing\nmode: bogus\nmx: a.example\n"
+         "max_age: 3\nmax_age: -1\n",
+         1, MTA_STS_TESTING, 1, 3},
+        {"version: STSv2\nversion: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
+        {"mode: strict\nmode: enforce\nversion: STSv1\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
         {"version: STSv2\nmode: enforce\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
         {"version: STSv1\nmode: strict\nmx: a.example\nmax_age: 1\n", 0, 0, 0, 0},
         {"version: STSv1\nmode: enforce\nmx: a.example\n", 0, 0, 0, 0},
