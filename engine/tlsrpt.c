@@ -1138,12 +1138,16 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
      * MAX_RUA of them; mailto: ones are in the spool when the mailer
      * returns, https: ones posted. */
     const char *p = strstr(rec, "rua=");
-    char uris[1024];
-    snprintf(uris, sizeof(uris), "%s", p != NULL ? p + 4 : "");
-    uris[strcspn(uris, ";")] = '\0';
+    const char *list = p != NULL ? p + 4 : "";
+    /* The list whole, however long (dns_txt_lookup gives every record
+     * whole): one cut to a buffer can end in a truncated URI that still
+     * parses, and the report goes there (mailto:x@example.co of
+     * mailto:x@example.com). NULL (no memory): as no address. */
+    char *uris = strndup(list, strcspn(list, ";"));
     char *save = NULL;
     unsigned tried = 0;
-    for (char *u = strtok_r(uris, ", \t", &save); u != NULL; u = strtok_r(NULL, ", \t", &save)) {
+    for (char *u = uris != NULL ? strtok_r(uris, ", \t", &save) : NULL; u != NULL;
+         u = strtok_r(NULL, ", \t", &save)) {
         bool https = strncasecmp(u, "https://", 8) == 0, mail = strncasecmp(u, "mailto:", 7) == 0;
         if ((https || mail) && tried++ >= MAX_RUA) {
             log_msg(LOG_NOTICE, "event=tlsrpt_rua_skipped domain=%s rua=%s reason=\"%s\"",
@@ -1157,6 +1161,7 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
                     d->domain, u, "not an https: or mailto: URI");
         }
     }
+    free(uris);
     if (d->posts == 0)
         day_sent(r, d);
 }

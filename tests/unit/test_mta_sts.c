@@ -17,7 +17,9 @@
  * failed on DNS is asked again after [dns] error_ttl, not recheck; the
  * thread reads the answers of every resolver socket, past 16; and a
  * policy fetch leaves nothing in libcurl once it ended (its
- * CURLOPT_RESOLVE entry), counted through curl_global_init_mem.
+ * CURLOPT_RESOLVE entry), counted through curl_global_init_mem. And a
+ * TLS-RPT record's rua list over 1 KB, answered by a UDP socket of the
+ * test, is read whole: its last address gets the report by mail.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -822,6 +824,136 @@ test_fetch_leaves_nothing_in_curl(void **state)
     close(closed);
 }
 
+/* The TXT record one query asks for: answer it on fd (which got it
+ * within 20 ms, or nothing is done) with one TXT record of text, in
+ * strings of 255 octets at most. Returns true when it answered. */
+static bool
+answer_txt(int fd, const char *text)
+{
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    if (poll(&pfd, 1, 20) != 1)
+        return false;
+    uint8_t q[4096];
+    struct sockaddr_in from;
+    socklen_t fl = sizeof(from);
+    ssize_t n = recvfrom(fd, q, 512, 0, (struct sockaddr *)&from, &fl);
+    size_t end = 12;
+    while (n > 12 && end < (size_t)n && q[end] != 0)
+        end += 1 + q[end];
+    end += 5; /* the root label, type and class */
+    if (n < 12 || end > (size_t)n)
+        return false;
+    q[2] = (uint8_t)(0x80 | (q[2] & 0x79)); /* a response, RD kept */
+    q[3] = 0x80;                             /* RA, NOERROR */
+    memset(q + 6, 0, 6);
+    q[7] = 1; /* one answer */
+    size_t len = strlen(text), rdlen = len + (len + 254) / 255;
+    uint8_t rr[] = {0xc0, 12, 0, 16, 0, 1, 0, 0, 0, 60, (uint8_t)(rdlen >> 8), (uint8_t)rdlen};
+    assert_true(end + sizeof(rr) + rdlen <= sizeof(q));
+    memcpy(q + end, rr, sizeof(rr));
+    end += sizeof(rr);
+    for (size_t o = 0; o < len; o += 255) {
+        size_t l = len - o < 255 ? len - o : 255;
+        q[end++] = (uint8_t)l;
+        memcpy(q + end, text + o, l);
+        end += l;
+    }
+    assert_int_equal(sendto(fd, q, end, 0, (struct sockaddr *)&from, fl), (ssize_t)end);
+    return true;
+}
+
+struct rua_fx {
+    int dns_fd; /* the resolver's socket (one server: one socket) */
+    char rcpt[512];
+    unsigned mailed;
+};
+
+static void
+rua_sock(void *arg, int fd, bool readable, bool writable)
+{
+    struct rua_fx *f = arg;
+    f->dns_fd = readable || writable ? fd : -1;
+}
+
+static int
+rua_mail(void *arg, const char *from, const char *rcpt, const char *text, size_t len)
+{
+    (void)from;
+    (void)text;
+    (void)len;
+    struct rua_fx *f = arg;
+    snprintf(f->rcpt, sizeof(f->rcpt), "%s", rcpt);
+    f->mailed++;
+    return 0;
+}
+
+/* A TLS-RPT record whose rua list is over 1 KB: its last address gets
+ * the report as written. The list was copied into 1024 octets, and this
+ * one, cut there, ended in mailto:tlsrpt@reports.example.co: a
+ * truncated URI that still parses, so the report went to another
+ * domain. The first address (not https: nor mailto:) is skipped. */
+static void
+test_tlsrpt_long_rua_whole(void **state)
+{
+    (void)state;
+    struct store s;
+    store_new(&s, NULL); /* for its config and directory */
+    int srv = socket(AF_INET, SOCK_DGRAM, 0);
+    assert_true(srv >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(srv, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(srv, (struct sockaddr *)&sin, &sl), 0);
+    struct dns_config dc = s.cfg->dns;
+    char server[32];
+    snprintf(server, sizeof(server), "127.0.0.1:%u", ntohs(sin.sin_port));
+    dc.servers = server;
+
+    static const char last[] = "mailto:tlsrpt@reports.example.com";
+    char rec[1200];
+    int n = snprintf(rec, sizeof(rec), "v=TLSRPTv1; rua=ftp://pad/");
+    /* the list (after "rua=") 1024 octets long: cut to 1023, it loses
+     * the last "m" */
+    while ((size_t)n < 16 + 1024 - (sizeof(last) - 1) - 1)
+        rec[n++] = 'x';
+    snprintf(rec + n, sizeof(rec) - (size_t)n, ",%s", last);
+    assert_int_equal(strlen(rec), 16 + 1024);
+
+    struct rua_fx f = {.dns_fd = -1};
+    char err[256];
+    struct dns *d = NULL;
+    if (dns_new(&dc, rua_sock, &f, &d, err, sizeof(err)) < 0)
+        fail_msg("dns_new: %s", err);
+    struct tlsrpt *r = NULL;
+    assert_int_equal(tlsrpt_new(s.cfg, s.dir, &r, err, sizeof(err)), 0);
+    tlsrpt_set_mailer(r, rua_mail, &f);
+    tlsrpt_record(r, "long.example", NULL, TLSRPT_STS_POLICY_FETCH_ERROR, NULL, NULL);
+    tlsrpt_tick(r, d, NULL, true); /* asks _smtp._tls.long.example */
+    uint64_t deadline = mono_ms() + 10000;
+    unsigned answered = 0;
+    while (f.mailed == 0 && mono_ms() < deadline) {
+        answered += answer_txt(srv, rec);
+        if (f.dns_fd >= 0) {
+            struct pollfd pfd = {.fd = f.dns_fd, .events = POLLIN};
+            if (poll(&pfd, 1, 0) == 1)
+                dns_process_fd(d, f.dns_fd, true, false);
+        }
+        uint64_t now = mono_ms() * 1000000ULL;
+        if (dns_timeout(d, now) <= now)
+            dns_process_timeouts(d);
+    }
+    tlsrpt_set_mailer(r, NULL, NULL);
+    r = tlsrpt_free(r, NULL);
+    d = dns_free(d);
+    close(srv);
+    char path[sizeof(s.dir) + 32];
+    snprintf(path, sizeof(path), "%s/tlsrpt.state", s.dir);
+    unlink(path);
+    store_free(&s);
+    if (f.mailed != 1 || strcmp(f.rcpt, "tlsrpt@reports.example.com") != 0)
+        fail_msg("%u queries answered, %u mailed, to <%s>", answered, f.mailed, f.rcpt);
+}
+
 /* The cache file is read back as the fetch left it: a corrupt line (a
  * max_age past a year, a fetch in the future, an unknown mode, enforce
  * without mx, a number with a sign) is skipped, not kept as a policy for
@@ -1043,6 +1175,7 @@ main(void)
         cmocka_unit_test(test_fetch_leaves_nothing_in_curl),
         cmocka_unit_test(test_tlsrpt_results), cmocka_unit_test(test_tlsrpt_mail),
         cmocka_unit_test(test_tlsrpt_json_dane),
+        cmocka_unit_test(test_tlsrpt_long_rua_whole),
     };
     /* Before anything starts libcurl: its allocations are counted. */
     if (curl_global_init_mem(CURL_GLOBAL_DEFAULT, cm_malloc, cm_free, cm_realloc, cm_strdup,
