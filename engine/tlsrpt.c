@@ -1137,8 +1137,19 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
     /* rua=uri,uri (RFC 8460 3): each address gets the report, up to
      * MAX_RUA of them; mailto: ones are in the spool when the mailer
      * returns, https: ones posted. */
-    const char *p = strstr(rec, "rua=");
-    const char *list = p != NULL ? p + 4 : "";
+    /* RFC 8460 3: tlsrpt-record = tlsrpt-version 1*(field-delim
+     * tlsrpt-field), field-delim = *WSP ";" *WSP: the rua field is one
+     * that begins with "rua=", not a "rua=" inside another field (the
+     * extension "xrua=..." is ignored, as unknown fields are). */
+    const char *list = "";
+    for (const char *f = strchr(rec, ';'); f != NULL; f = strchr(f, ';')) {
+        f++;
+        f += strspn(f, " \t");
+        if (strncmp(f, "rua=", 4) == 0) {
+            list = f + 4;
+            break;
+        }
+    }
     /* The list whole, however long (dns_txt_lookup gives every record
      * whole): one cut to a buffer can end in a truncated URI that still
      * parses, and the report goes there (mailto:x@example.co of
