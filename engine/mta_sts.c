@@ -111,6 +111,33 @@ mta_sts_policy_unref(struct mta_sts_policy *p)
     return NULL;
 }
 
+struct mta_sts_policy *
+mta_sts_policy_seal(const struct mta_sts_policy_draft *d)
+{
+    size_t room = 0;
+    unsigned n = d->nmx < MTA_STS_MAX_MX ? d->nmx : MTA_STS_MAX_MX;
+    for (unsigned i = 0; i < n; i++)
+        room += strlen(d->mx[i]) + 1;
+    struct mta_sts_policy *p = calloc(1, sizeof(*p) + room);
+    if (p == NULL)
+        return NULL;
+    atomic_init(&p->refs, 1);
+    p->mode = d->mode;
+    p->max_age = d->max_age;
+    p->fetched_ms = d->fetched_ms;
+    p->expires_ms = d->expires_ms;
+    memcpy(p->id, d->id, sizeof(p->id));
+    p->nmx = n;
+    char *at = p->pats;
+    for (unsigned i = 0; i < n; i++) {
+        size_t l = strlen(d->mx[i]) + 1;
+        memcpy(at, d->mx[i], l);
+        p->mx[i] = at;
+        at += l;
+    }
+    return p;
+}
+
 static void
 trim(const char **s, const char **e)
 {
@@ -152,12 +179,8 @@ int
 mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out, const char **why)
 {
     *out = NULL;
-    struct mta_sts_policy *p = calloc(1, sizeof(*p));
-    if (p == NULL) {
-        *why = "out of memory";
-        return -ENOMEM;
-    }
-    atomic_init(&p->refs, 1);
+    struct mta_sts_policy_draft draft, *p = &draft;
+    memset(p, 0, sizeof(*p));
     /* RFC 8461 3.2: the fields come in any order (sts-policy-record is
      * any sts-policy-field after another); version, mode and max_age are
      * each required once, and "If any non-repeated field--i.e., all
@@ -241,11 +264,13 @@ mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **out, 
         *why = "no mx line";
         goto bad;
     }
-    *out = p;
+    if ((*out = mta_sts_policy_seal(p)) == NULL) {
+        *why = "out of memory";
+        return -ENOMEM;
+    }
     *why = "ok";
     return 0;
 bad:
-    free(p);
     return -EINVAL;
 }
 
@@ -691,41 +716,39 @@ cache_load(struct mta_sts *m)
         char *name = strtok_r(line, " ", &save), *id = strtok_r(NULL, " ", &save),
              *mode = strtok_r(NULL, " ", &save), *age = strtok_r(NULL, " ", &save),
              *fetched = strtok_r(NULL, " ", &save);
-        struct mta_sts_policy *p = calloc(1, sizeof(*p));
+        struct mta_sts_policy_draft draft, *d = &draft;
+        memset(d, 0, sizeof(*d));
         char norm[DNS_NAME_MAX + 1];
-        bool ok = p != NULL && fetched != NULL && dns_name_normalize(name, norm) > 0 &&
-                  strlen(id) < sizeof(p->id);
+        bool ok = fetched != NULL && dns_name_normalize(name, norm) > 0 &&
+                  strlen(id) < sizeof(d->id);
         if (ok) {
             /* As the fetch would have left it: a line that no fetch could
              * have written (a mode that is not one, a max_age past the
              * RFC's year, a fetch in the future, an enforce policy without
              * mx) is corruption, not a policy to keep for years. */
-            atomic_init(&p->refs, 1);
-            snprintf(p->id, sizeof(p->id), "%s", id);
-            p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
+            snprintf(d->id, sizeof(d->id), "%s", id);
+            d->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
                       : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
                                                      : MTA_STS_NONE;
-            ok = p->mode != MTA_STS_NONE || strcmp(mode, "none") == 0;
-            ok = ok && cache_number(age, &p->max_age) && p->max_age <= MTA_STS_MAX_AGE;
-            ok = ok && cache_number(fetched, &p->fetched_ms) && p->fetched_ms <= now + SAVE_MS;
-            p->expires_ms = p->fetched_ms + p->max_age * 1000;
+            ok = d->mode != MTA_STS_NONE || strcmp(mode, "none") == 0;
+            ok = ok && cache_number(age, &d->max_age) && d->max_age <= MTA_STS_MAX_AGE;
+            ok = ok && cache_number(fetched, &d->fetched_ms) && d->fetched_ms <= now + SAVE_MS;
+            d->expires_ms = d->fetched_ms + d->max_age * 1000;
             for (char *x;
-                 ok && p->nmx < MTA_STS_MAX_MX && (x = strtok_r(NULL, " ", &save)) != NULL;)
-                ok = mx_pattern_ok(x, x + strlen(x), p->mx[p->nmx++], sizeof(p->mx[0]));
-            ok = ok && (p->nmx > 0 || p->mode == MTA_STS_NONE);
+                 ok && d->nmx < MTA_STS_MAX_MX && (x = strtok_r(NULL, " ", &save)) != NULL;)
+                ok = mx_pattern_ok(x, x + strlen(x), d->mx[d->nmx++], sizeof(d->mx[0]));
+            ok = ok && (d->nmx > 0 || d->mode == MTA_STS_NONE);
         }
         if (!ok) {
-            free(p);
             log_msg(LOG_WARN, "event=mta_sts_cache_line_skipped path=%s line=%u", path, lineno);
             continue;
         }
-        if (p->expires_ms <= now) {
-            free(p);
+        if (d->expires_ms <= now)
             continue;
-        }
-        struct sts_entry *e = entry_get(m, norm, true);
+        struct mta_sts_policy *p = mta_sts_policy_seal(d);
+        struct sts_entry *e = p != NULL ? entry_get(m, norm, true) : NULL;
         if (e == NULL) {
-            free(p);
+            mta_sts_policy_unref(p);
             continue;
         }
         if (e->pol != NULL) { /* a second line for the domain: the last stands */

@@ -77,7 +77,11 @@ extern const struct conf_key mta_sts_conf_keys[];
 enum mta_sts_mode { MTA_STS_NONE, MTA_STS_TESTING, MTA_STS_ENFORCE };
 const char *mta_sts_mode_str(enum mta_sts_mode m);
 
-/* A policy as fetched. Immutable; shared by reference. */
+/* A policy as fetched. Immutable once shared; shared by reference. Its
+ * mx patterns are in the same allocation, each in the octets it needs: a
+ * policy is kept for its max_age (up to a year) whether used or not, so a
+ * node that met tens of thousands of policy domains holds that many (about
+ * 400 octets each with two patterns, where room for 32 of 255 took 8 KB). */
 struct mta_sts_policy {
     _Atomic unsigned refs;
     enum mta_sts_mode mode;
@@ -86,8 +90,24 @@ struct mta_sts_policy {
     uint64_t expires_ms; /* Unix ms: fetched_ms + max_age */
     char id[33];         /* the TXT record's id when it was fetched */
     unsigned nmx;
-    char mx[MTA_STS_MAX_MX][DNS_NAME_MAX + 3]; /* lowercase: "mx.example.com", "*.example.net" */
+    const char *mx[MTA_STS_MAX_MX]; /* lowercase: "mx.example.com", "*.example.net"; into pats */
+    char pats[];                    /* the nmx patterns, each NUL-terminated */
 };
+
+/* A policy being read (a fetched body, the cache file, TLS-RPT's saved
+ * state): struct mta_sts_policy's fields with room for any pattern;
+ * mta_sts_policy_seal() makes the policy of it. */
+struct mta_sts_policy_draft {
+    enum mta_sts_mode mode;
+    uint64_t max_age, fetched_ms, expires_ms;
+    char id[33];
+    unsigned nmx;
+    char mx[MTA_STS_MAX_MX][DNS_NAME_MAX + 3];
+};
+
+/* The policy of d (one reference), in the octets its patterns need; NULL
+ * without memory. */
+struct mta_sts_policy *mta_sts_policy_seal(const struct mta_sts_policy_draft *d);
 
 struct mta_sts_policy *mta_sts_policy_ref(struct mta_sts_policy *p);
 /* Drop one reference (NULL is fine). Returns NULL. */

@@ -424,10 +424,8 @@ state_save(struct tlsrpt *r)
 static struct mta_sts_policy *
 sts_load(const char *mode, const char *age, const char *id, char *mxs)
 {
-    struct mta_sts_policy *p = calloc(1, sizeof(*p));
-    if (p == NULL)
-        return NULL;
-    atomic_init(&p->refs, 1);
+    struct mta_sts_policy_draft draft, *p = &draft;
+    memset(p, 0, sizeof(*p));
     p->mode = strcmp(mode, "enforce") == 0   ? MTA_STS_ENFORCE
               : strcmp(mode, "testing") == 0 ? MTA_STS_TESTING
                                              : MTA_STS_NONE;
@@ -438,7 +436,7 @@ sts_load(const char *mode, const char *age, const char *id, char *mxs)
          x = strtok_r(NULL, ",", &s2))
         if (strcmp(x, "-") != 0)
             snprintf(p->mx[p->nmx++], sizeof(p->mx[0]), "%s", x);
-    return p;
+    return mta_sts_policy_seal(p);
 }
 
 static void

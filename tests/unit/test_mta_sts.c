@@ -24,6 +24,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -171,6 +172,44 @@ test_match(void **state)
     assert_false(mta_sts_match(p, "mx.example.com.evil.test"));
     assert_false(mta_sts_match(p, "xmx.example.com"));
     assert_false(mta_sts_match(NULL, "mx.example.com"));
+    mta_sts_policy_unref(p);
+}
+
+/* A policy takes the octets its patterns need: policies are kept for
+ * their max_age whether used or not, one per policy domain ever met.
+ * Room for 32 patterns of 255 octets each made every one 8 KB. */
+static void
+test_policy_size(void **state)
+{
+    (void)state;
+    struct mta_sts_policy *p = NULL;
+    const char *why;
+    const char *text = "version: STSv1\nmode: enforce\nmx: mx1.example.com\nmx: *.example.net\n"
+                       "max_age: 86400\n";
+    assert_int_equal(mta_sts_policy_parse(text, strlen(text), &p, &why), 0);
+    size_t got = malloc_usable_size(p);
+    assert_int_equal(p->nmx, 2);
+    assert_string_equal(p->mx[0], "mx1.example.com");
+    assert_string_equal(p->mx[1], "*.example.net");
+    mta_sts_policy_unref(p);
+    if (got > 1024)
+        fail_msg("a policy of two mx patterns takes %zu octets", got);
+    /* the most it holds still fits, each pattern whole */
+    char big[MTA_STS_MAX_MX * 300 + 128];
+    size_t n = (size_t)snprintf(big, sizeof(big), "version: STSv1\nmode: testing\nmax_age: 60\n");
+    char label[64];
+    memset(label, 'a', 63);
+    label[63] = '\0';
+    for (unsigned i = 0; i < MTA_STS_MAX_MX + 2; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "mx: m%02u.%s.%s.%s.example\n", i, label,
+                              label, label);
+    assert_int_equal(mta_sts_policy_parse(big, n, &p, &why), 0);
+    assert_int_equal(p->nmx, MTA_STS_MAX_MX);
+    for (unsigned i = 0; i < MTA_STS_MAX_MX; i++) {
+        char want[300];
+        snprintf(want, sizeof(want), "m%02u.%s.%s.%s.example", i, label, label, label);
+        assert_string_equal(p->mx[i], want);
+    }
     mta_sts_policy_unref(p);
 }
 
@@ -1194,7 +1233,9 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_policy_table), cmocka_unit_test(test_policy_every_split),
         cmocka_unit_test(test_policy_many_mx),
-        cmocka_unit_test(test_match),        cmocka_unit_test(test_match_trailing_dot),
+        cmocka_unit_test(test_match),
+        cmocka_unit_test(test_policy_size),
+        cmocka_unit_test(test_match_trailing_dot),
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
         cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
