@@ -908,11 +908,17 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const 
     curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)MTA_STS_MAX_BYTES);
     if (m->sc->ca_file != NULL)
         curl_easy_setopt(c, CURLOPT_CAINFO, m->sc->ca_file);
+    /* Refused (out of memory), the entry would wait in CHECK_FETCH for
+     * good, holding a max_fetches slot: it fails now, as a fetch. */
+    if (curl_multi_add_handle(m->multi, c) != CURLM_OK) {
+        fetch_free(m, e);
+        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
+        return;
+    }
     e->st = CHECK_FETCH;
     pthread_mutex_lock(&m->lock);
     m->st.fetches++;
     pthread_mutex_unlock(&m->lock);
-    curl_multi_add_handle(m->multi, c);
 }
 
 /* Frees what fetch_start made (any part of it): the handle first, then
