@@ -1190,7 +1190,9 @@ events_publish(struct queue *q, uint64_t seq)
 }
 
 /* A sync that was to confirm the commits holding list's requests failed:
- * they fail with err. Not a take: what it took left the index and is
+ * they fail with err, or with -EIO for a space error, which says "not
+ * applied" (queue.h: the caller's retry of an update then tells nothing
+ * of what this one did), while these may well have been. Not a take: what it took left the index and is
  * ready in the spool this process reads, so only its caller can own it
  * (failed, nobody would until a restart); should a crash lose the commit,
  * the recipients are deferred as before. Nor event lines put alone:
@@ -1199,6 +1201,8 @@ events_publish(struct queue *q, uint64_t seq)
 static void
 fail_unconfirmed(struct queue_req *list, int err)
 {
+    if (queue_error_is_space(err))
+        err = -EIO;
     for (struct queue_req *r = list; r != NULL; r = r->next)
         if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
             r->rc = err;
