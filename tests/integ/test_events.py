@@ -30,7 +30,14 @@ import time
 from harness import Redis, Sluice, Workdir, free_port, main, skip, wait_until
 import test_delivery
 from test_delivery import Dns, Sink, records_for
-from test_outcomes import events as dlog_events
+from test_outcomes import events
+
+
+def dlog_events(path):
+    """The delivery log's events while sluice runs (a line being written
+    is left for the next read)."""
+    return events(path, settled=False)
+
 
 SLUICE = sys.argv[1]
 test_delivery.SLUICE = SLUICE
