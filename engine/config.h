@@ -1,7 +1,7 @@
 /*
  * config: the daemon's configuration, read from one INI file into a typed,
  * validated, immutable struct. Each module owns the keys of its section
- * (queue_conf_keys in queue/, the engine's tables in config.c); this file
+ * (queue_conf_keys in queue/, the engine's tables in config_keys.c); this file
  * maps sections onto tables, reports every error as "file:line: key: what
  * is wrong", and resolves per-domain policies against [domain *].
  *

@@ -1,6 +1,6 @@
 /*
  * libFuzzer target: the config reader (engine/config.c through inih, the
- * key tables, the checks that follow the whole file). The input is the
+ * key tables, the checks that follow the whole file: config_check.c). The input is the
  * file, handed to config_load() through a memfd. Inputs that name keys
  * which make the loader open other files (key_file, key_dir,
  * verp_key_file, [shaping] rules) are skipped: a path such as /dev/zero
