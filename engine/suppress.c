@@ -1,6 +1,6 @@
 /*
  * suppress: the suppression list in an LMDB environment of its own (see
- * suppress.h).
+ * suppress.h); its CSV import and export are engine/suppress_csv.c's.
  *
  * Why not a sub-database of the spool: the list has another life. Its
  * size follows the provider's customers (tens of millions of addresses),
@@ -32,6 +32,7 @@
  * Threading: see suppress.h.
  */
 #include "engine/suppress.h"
+#include "engine/suppress_int.h"
 
 #include <ctype.h>
 #include <endian.h>
@@ -48,14 +49,6 @@
 #include "common/clock.h"
 #include "common/fs.h"
 #include "common/log.h"
-
-#define KEY_MAX       (SUPPRESS_SCOPE_MAX + 1 + SUPPRESS_ADDR_MAX)
-#define VAL_HDR       20
-#define VAL_MAX       (VAL_HDR + SUPPRESS_NOTE_MAX)
-#define IMPORT_BATCH  250000   /* entries per write transaction of an import */
-#define PURGE_BATCH   10000    /* expired entries deleted per write transaction */
-#define PURGE_EVERY_MS (3600ULL * 1000)
-#define MOVE_BATCH     10000 /* entries moved per write transaction (suppress_move_scope) */
 
 static const char *const reason_names[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
 
@@ -89,34 +82,6 @@ const struct conf_key suppress_conf_keys[] = {
      "forever, or a duration",
      NULL},
     CONF_END,
-};
-
-struct feed {
-    struct feed *next;
-    uint16_t klen, vlen;
-    uint8_t kv[]; /* key, then value */
-};
-
-struct suppress {
-    struct suppress_config cfg; /* a copy: strings owned */
-    MDB_env *env;               /* owned */
-    MDB_dbi dbi;
-    pthread_mutex_t wlock;      /* one writer at a time */
-
-    /* feeds for the writer thread */
-    pthread_mutex_t flock;
-    pthread_cond_t fcv;         /* work for the thread */
-    pthread_cond_t dcv;         /* a batch committed */
-    struct feed *fhead, **ftail; /* owned list */
-    unsigned nfeed;
-    uint64_t fseq_in, fseq_done; /* feeds queued, feeds committed (or given up) */
-    bool stop;
-    bool warm;                  /* walk the list again (after an import) */
-    atomic_bool closing;        /* cuts a walk short */
-    pthread_t thread;
-    bool thread_started;
-
-    _Atomic uint64_t checks, hits, added, removed, feed_dropped;
 };
 
 /* ---- names, normalisation, encoding ---- */
@@ -236,8 +201,8 @@ unquote_local(const char *local, size_t ll, char *buf, const char **out)
 }
 
 /* addr into out as stored: see suppress.h. cfg NULL: no local-part rules. */
-static int
-normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t outlen)
+int
+sup_normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t outlen)
 {
     if (addr == NULL)
         return -EINVAL;
@@ -295,7 +260,7 @@ normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t
 int
 suppress_normalize(const struct suppress *s, const char *addr, char *out, size_t outlen)
 {
-    return normalize(s ? &s->cfg : NULL, addr, out, outlen);
+    return sup_normalize(s ? &s->cfg : NULL, addr, out, outlen);
 }
 
 static int
@@ -316,8 +281,8 @@ check_scope(const char *scope)
  * config's spelling at RCPT, the one a VERP token carried, an operator's,
  * an imported file's). scope (NULL: global) into out (SUPPRESS_SCOPE_MAX
  * + 1). Returns 0, or -EINVAL for a name no scope can have. */
-static int
-scope_fold(const char *scope, char *out)
+int
+sup_scope_fold(const char *scope, char *out)
 {
     if (scope == NULL)
         scope = SUPPRESS_SCOPE_GLOBAL;
@@ -334,14 +299,14 @@ int
 suppress_normalize_scope(const char *scope, char *out, size_t outlen)
 {
     char f[SUPPRESS_SCOPE_MAX + 1];
-    if (scope_fold(scope, f) != 0 || strlen(f) >= outlen)
+    if (sup_scope_fold(scope, f) != 0 || strlen(f) >= outlen)
         return -EINVAL;
     memcpy(out, f, strlen(f) + 1);
     return 0;
 }
 
-static size_t
-key_make(uint8_t *k, const char *scope, const char *norm)
+size_t
+sup_key_make(uint8_t *k, const char *scope, const char *norm)
 {
     size_t sl = strlen(scope), al = strlen(norm);
     memcpy(k, scope, sl);
@@ -350,8 +315,8 @@ key_make(uint8_t *k, const char *scope, const char *norm)
     return sl + 1 + al;
 }
 
-static size_t
-val_make(uint8_t *v, enum suppress_reason reason, int64_t added, int64_t expires, const char *note)
+size_t
+sup_val_make(uint8_t *v, enum suppress_reason reason, int64_t added, int64_t expires, const char *note)
 {
     size_t nl = note ? strnlen(note, SUPPRESS_NOTE_MAX) : 0;
     v[0] = 1;
@@ -412,8 +377,8 @@ val_expires(const MDB_val *v)
     return (int64_t)le64toh(x);
 }
 
-static int
-mdb_to_errno(int rc)
+int
+sup_mdb_errno(int rc)
 {
     switch (rc) {
     case 0:
@@ -440,19 +405,19 @@ write_pairs(struct suppress *s, struct feed *list)
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     uint64_t n = 0;
     for (struct feed *f = list; f != NULL; f = f->next) {
         MDB_val k = {f->klen, f->kv}, v = {f->vlen, f->kv + f->klen};
         if ((rc = mdb_put(txn, s->dbi, &k, &v, 0)) != 0) {
             mdb_txn_abort(txn);
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         }
         n++;
     }
     rc = mdb_txn_commit(txn);
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     atomic_fetch_add(&s->added, n);
     return 0;
 }
@@ -462,8 +427,8 @@ feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress
           int64_t expires_at, const char *note, int *err)
 {
     char norm[SUPPRESS_ADDR_MAX + 2], sc[SUPPRESS_SCOPE_MAX + 1];
-    if ((unsigned)reason >= SUPPRESS_REASON_COUNT || scope_fold(scope, sc) != 0 ||
-        normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX ||
+    if ((unsigned)reason >= SUPPRESS_REASON_COUNT || sup_scope_fold(scope, sc) != 0 ||
+        sup_normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX ||
         expires_at < 0) {
         *err = -EINVAL;
         return NULL;
@@ -474,8 +439,8 @@ feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress
         return NULL;
     }
     f->next = NULL;
-    f->klen = (uint16_t)key_make(f->kv, sc, norm);
-    f->vlen = (uint16_t)val_make(f->kv + f->klen, reason, (int64_t)clock_unix_ms(), expires_at,
+    f->klen = (uint16_t)sup_key_make(f->kv, sc, norm);
+    f->vlen = (uint16_t)sup_val_make(f->kv + f->klen, reason, (int64_t)clock_unix_ms(), expires_at,
                                  note);
     return f;
 }
@@ -549,10 +514,10 @@ suppress_remove(struct suppress *s, const char *scope, const char *addr)
 {
     char norm[SUPPRESS_ADDR_MAX + 2], sc[SUPPRESS_SCOPE_MAX + 1];
     uint8_t kb[KEY_MAX];
-    if (scope_fold(scope, sc) != 0 || normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
+    if (sup_scope_fold(scope, sc) != 0 || sup_normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
         strlen(norm) > SUPPRESS_ADDR_MAX)
         return -EINVAL;
-    MDB_val k = {key_make(kb, sc, norm), kb};
+    MDB_val k = {sup_key_make(kb, sc, norm), kb};
     pthread_mutex_lock(&s->wlock);
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
@@ -566,7 +531,7 @@ suppress_remove(struct suppress *s, const char *scope, const char *addr)
     pthread_mutex_unlock(&s->wlock);
     if (rc == 0)
         atomic_fetch_add(&s->removed, 1);
-    return mdb_to_errno(rc);
+    return sup_mdb_errno(rc);
 }
 
 long
@@ -587,7 +552,7 @@ suppress_purge(struct suppress *s, int64_t now_ms)
             mdb_txn_abort(txn);
         if (rc != 0) {
             pthread_mutex_unlock(&s->wlock);
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         }
         MDB_val k = {.mv_size = from_len, .mv_data = from}, v;
         long n = 0;
@@ -612,12 +577,12 @@ suppress_purge(struct suppress *s, int64_t now_ms)
         if (rc != 0 && rc != MDB_NOTFOUND) {
             mdb_txn_abort(txn);
             pthread_mutex_unlock(&s->wlock);
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         }
         rc = mdb_txn_commit(txn);
         pthread_mutex_unlock(&s->wlock);
         if (rc != 0)
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         total += n;
         atomic_fetch_add(&s->removed, (uint64_t)n);
         if (!more)
@@ -635,10 +600,10 @@ move_batch(struct suppress *s, const uint8_t *pfx, size_t pl, const char *to)
     MDB_cursor *cur;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
         mdb_txn_abort(txn);
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     }
     /* Copied out first, then written: no put while a cursor walks the
      * same database (the values point into pages a put may move). */
@@ -693,10 +658,10 @@ move_batch(struct suppress *s, const uint8_t *pfx, size_t pl, const char *to)
     }
     if (rc != 0) {
         mdb_txn_abort(txn);
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     }
     if ((rc = mdb_txn_commit(txn)) != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     return n;
 }
 
@@ -706,7 +671,7 @@ static long
 move_scope(struct suppress *s, const char *from, const char *to)
 {
     uint8_t pfx[SUPPRESS_SCOPE_MAX + 1];
-    size_t pl = key_make(pfx, from, "");
+    size_t pl = sup_key_make(pfx, from, "");
     long total = 0;
     for (;;) {
         pthread_mutex_lock(&s->wlock);
@@ -724,7 +689,7 @@ long
 suppress_move_scope(struct suppress *s, const char *from, const char *to)
 {
     char f[SUPPRESS_SCOPE_MAX + 1], t[SUPPRESS_SCOPE_MAX + 1];
-    if (from == NULL || to == NULL || scope_fold(from, f) != 0 || scope_fold(to, t) != 0 ||
+    if (from == NULL || to == NULL || sup_scope_fold(from, f) != 0 || sup_scope_fold(to, t) != 0 ||
         strcmp(f, t) == 0)
         return -EINVAL;
     return move_scope(s, f, t);
@@ -748,10 +713,10 @@ fold_stored_scopes(struct suppress *s)
         MDB_cursor *cur;
         int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
         if (rc != 0)
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
             mdb_txn_abort(txn);
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         }
         MDB_val k = {fl, from}, v;
         rc = mdb_cursor_get(cur, &k, &v, fl > 0 ? MDB_SET_RANGE : MDB_FIRST);
@@ -780,7 +745,7 @@ fold_stored_scopes(struct suppress *s)
         mdb_cursor_close(cur);
         mdb_txn_abort(txn);
         if (rc != 0 && rc != MDB_NOTFOUND)
-            return mdb_to_errno(rc);
+            return sup_mdb_errno(rc);
         if (found[0] == '\0')
             return total;
         char low[SUPPRESS_SCOPE_MAX + 1];
@@ -945,7 +910,7 @@ suppress_open(const struct suppress_config *cfg, struct suppress **out, char *er
         snprintf(err, errlen, "suppress: cannot open the list at %s: %s", cfg->path,
                  mdb_strerror(rc));
         suppress_close(s);
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     }
     long folded = fold_stored_scopes(s);
     if (folded < 0) {
@@ -1000,12 +965,12 @@ lookup(MDB_txn *txn, MDB_dbi dbi, const char *scope, const char *norm, int64_t n
        struct suppress_entry *out)
 {
     uint8_t kb[KEY_MAX];
-    MDB_val k = {key_make(kb, scope, norm), kb}, v;
+    MDB_val k = {sup_key_make(kb, scope, norm), kb}, v;
     int rc = mdb_get(txn, dbi, &k, &v);
     if (rc == MDB_NOTFOUND)
         return 0;
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     int64_t x = val_expires(&v);
     if (x != 0 && x <= now)
         return 0;
@@ -1019,24 +984,24 @@ suppress_check(struct suppress *s, const char *scope, const char *addr, struct s
 {
     char norm[SUPPRESS_ADDR_MAX + 2];
     atomic_fetch_add_explicit(&s->checks, 1, memory_order_relaxed);
-    if (normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
+    if (sup_normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
         /* No entry can hold this address (an over-long local part...),
          * but its domain's entry still holds. */
         const char *at = addr != NULL ? strrchr(addr, '@') : NULL;
-        if (at == NULL || normalize(NULL, at, norm, sizeof(norm)) != 0)
+        if (at == NULL || sup_normalize(NULL, at, norm, sizeof(norm)) != 0)
             return 0;
     }
     char sc[SUPPRESS_SCOPE_MAX + 1];
     bool scoped =
-        scope != NULL && scope_fold(scope, sc) == 0 && strcmp(sc, SUPPRESS_SCOPE_GLOBAL) != 0;
+        scope != NULL && sup_scope_fold(scope, sc) == 0 && strcmp(sc, SUPPRESS_SCOPE_GLOBAL) != 0;
     scope = sc;
-    /* "@domain": after the last '@', as normalize() split it (a quoted
+    /* "@domain": after the last '@', as sup_normalize() split it (a quoted
      * local part may hold one) */
     const char *dom = strrchr(norm, '@');
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     int64_t now = (int64_t)clock_unix_ms();
     rc = 0;
     if (dom != norm) { /* an address: it first, then its domain */
@@ -1063,7 +1028,7 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
     size_t sl = 0;
     char sc[SUPPRESS_SCOPE_MAX + 1], asc[SUPPRESS_SCOPE_MAX + 1];
     if (scope != NULL) {
-        if (scope_fold(scope, sc) != 0)
+        if (sup_scope_fold(scope, sc) != 0)
             return -EINVAL;
         scope = sc;
         sl = strlen(scope) + 1; /* with its NUL: the range's prefix */
@@ -1080,10 +1045,10 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
     MDB_cursor *cur;
     int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
     if (rc != 0)
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
         mdb_txn_abort(txn);
-        return mdb_to_errno(rc);
+        return sup_mdb_errno(rc);
     }
     MDB_val k, v;
     bool skip_equal = false;
@@ -1094,12 +1059,12 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
             mdb_txn_abort(txn);
             return -EINVAL;
         }
-        k.mv_size = key_make(kb, as, after_addr);
+        k.mv_size = sup_key_make(kb, as, after_addr);
         k.mv_data = kb;
         skip_equal = true;
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     } else if (scope != NULL) {
-        k.mv_size = key_make(kb, scope, "");
+        k.mv_size = sup_key_make(kb, scope, "");
         k.mv_data = kb;
         rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
     } else {
@@ -1108,7 +1073,7 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
     uint8_t after[KEY_MAX];
     size_t afterlen = 0;
     if (skip_equal) {
-        afterlen = key_make(after, after_scope ? after_scope : (scope ? scope : SUPPRESS_SCOPE_GLOBAL),
+        afterlen = sup_key_make(after, after_scope ? after_scope : (scope ? scope : SUPPRESS_SCOPE_GLOBAL),
                             after_addr);
     }
     long n = 0;
@@ -1129,7 +1094,7 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
     }
     mdb_cursor_close(cur);
     mdb_txn_abort(txn);
-    return rc == 0 || rc == MDB_NOTFOUND ? n : mdb_to_errno(rc);
+    return rc == 0 || rc == MDB_NOTFOUND ? n : sup_mdb_errno(rc);
 }
 
 void
@@ -1183,382 +1148,4 @@ suppress_reply(const struct suppress *s, const char *addr, const struct suppress
         }
     }
     out[o] = '\0';
-}
-
-/* ---- CSV ---- */
-
-/* Split line (NUL-terminated, no newline) into up to max fields in place,
- * RFC 4180 quoting. Returns the number of fields, or -1 (bad quoting). */
-static int
-csv_split(char *line, char **f, int max)
-{
-    int n = 0;
-    char *p = line;
-    for (;;) {
-        if (n == max)
-            return n; /* more fields than wanted: the rest is ignored */
-        if (*p == '"') {
-            char *w = ++p;
-            f[n++] = w;
-            for (;;) {
-                if (*p == '\0')
-                    return -1;
-                if (*p == '"') {
-                    if (p[1] == '"') {
-                        *w++ = '"';
-                        p += 2;
-                        continue;
-                    }
-                    p++;
-                    break;
-                }
-                *w++ = *p++;
-            }
-            *w = '\0';
-            if (*p == '\0')
-                return n;
-            if (*p != ',')
-                return -1;
-            p++;
-        } else {
-            f[n++] = p;
-            char *c = strchr(p, ',');
-            if (c == NULL)
-                return n;
-            *c = '\0';
-            p = c + 1;
-        }
-    }
-}
-
-/* "" -> dflt; digits: Unix seconds; else ISO 8601 UTC. Unix ms out. */
-static int
-parse_time(const char *t, int64_t dflt, int64_t *out)
-{
-    if (*t == '\0') {
-        *out = dflt;
-        return 0;
-    }
-    bool digits = true;
-    for (const char *p = t; *p != '\0'; p++)
-        digits = digits && isdigit((unsigned char)*p);
-    if (digits) {
-        char *end;
-        errno = 0;
-        unsigned long long v = strtoull(t, &end, 10);
-        if (errno != 0 || v > 100000000000ULL)
-            return -EINVAL;
-        *out = (int64_t)v * 1000;
-        return 0;
-    }
-    struct tm tm = {0};
-    int used = 0;
-    if (sscanf(t, "%4d-%2d-%2dT%2d:%2d:%2dZ%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
-               &tm.tm_min, &tm.tm_sec, &used) != 6 ||
-        used != (int)strlen(t) || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 ||
-        tm.tm_mday > 31 || tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60)
-        return -EINVAL;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    time_t x = timegm(&tm);
-    if (x < 0)
-        return -EINVAL;
-    *out = (int64_t)x * 1000;
-    return 0;
-}
-
-/* Records of an import: an arena of [u16 klen][u16 vlen][key][value]. */
-struct arena {
-    uint8_t *buf; /* owned */
-    size_t len, cap;
-    size_t *off;  /* owned: one per record */
-    size_t n, ncap;
-};
-
-static int
-arena_push(struct arena *a, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
-{
-    size_t need = 4 + kl + vl;
-    if (a->len + need > a->cap) {
-        size_t nc = a->cap ? a->cap * 2 : 1 << 20;
-        while (nc < a->len + need)
-            nc *= 2;
-        uint8_t *b = realloc(a->buf, nc);
-        if (b == NULL)
-            return -ENOMEM;
-        a->buf = b;
-        a->cap = nc;
-    }
-    if (a->n == a->ncap) {
-        size_t nc = a->ncap ? a->ncap * 2 : 65536;
-        size_t *o = realloc(a->off, nc * sizeof(*o));
-        if (o == NULL)
-            return -ENOMEM;
-        a->off = o;
-        a->ncap = nc;
-    }
-    uint16_t k16 = (uint16_t)kl, v16 = (uint16_t)vl;
-    uint8_t *p = a->buf + a->len;
-    memcpy(p, &k16, 2);
-    memcpy(p + 2, &v16, 2);
-    memcpy(p + 4, k, kl);
-    memcpy(p + 4 + kl, v, vl);
-    a->off[a->n++] = a->len;
-    a->len += need;
-    return 0;
-}
-
-static void
-arena_rec(const struct arena *a, size_t i, MDB_val *k, MDB_val *v)
-{
-    const uint8_t *p = a->buf + a->off[i];
-    uint16_t k16, v16;
-    memcpy(&k16, p, 2);
-    memcpy(&v16, p + 2, 2);
-    k->mv_size = k16;
-    k->mv_data = (void *)(p + 4);
-    v->mv_size = v16;
-    v->mv_data = (void *)(p + 4 + k16);
-}
-
-/* LMDB's default order: memcmp, then the shorter first. */
-static int
-key_cmp(const MDB_val *a, const MDB_val *b)
-{
-    size_t n = a->mv_size < b->mv_size ? a->mv_size : b->mv_size;
-    int c = memcmp(a->mv_data, b->mv_data, n);
-    if (c != 0)
-        return c;
-    return a->mv_size < b->mv_size ? -1 : a->mv_size > b->mv_size ? 1 : 0;
-}
-
-static int
-off_cmp(const void *x, const void *y, void *arg)
-{
-    const size_t *a = x, *b = y;
-    MDB_val ka, kb;
-    const uint8_t *base = ((const struct arena *)arg)->buf;
-    uint16_t l;
-    memcpy(&l, base + *a, 2);
-    ka.mv_size = l;
-    ka.mv_data = (void *)(base + *a + 4);
-    memcpy(&l, base + *b, 2);
-    kb.mv_size = l;
-    kb.mv_data = (void *)(base + *b + 4);
-    int c = key_cmp(&ka, &kb);
-    if (c != 0)
-        return c;
-    return *a < *b ? -1 : *a > *b ? 1 : 0; /* stable: the later line wins below */
-}
-
-static int
-import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
-{
-    char *f[6] = {0};
-    int nf = csv_split(line, f, 6);
-    if (nf < 1 || f[0][0] == '\0') {
-        snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
-        return -EINVAL;
-    }
-    char scope[SUPPRESS_SCOPE_MAX + 1];
-    enum suppress_reason reason = SUPPRESS_MANUAL;
-    if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
-        snprintf(why, wl, "unknown reason");
-        return -EINVAL;
-    }
-    int64_t added, expires;
-    if (parse_time(nf > 3 ? f[3] : "", now, &added) != 0 ||
-        parse_time(nf > 4 ? f[4] : "", 0, &expires) != 0) {
-        snprintf(why, wl, "bad time (ISO 8601 UTC or Unix seconds)");
-        return -EINVAL;
-    }
-    char norm[SUPPRESS_ADDR_MAX + 2];
-    if (scope_fold(nf > 1 && f[1][0] != '\0' ? f[1] : NULL, scope) != 0) {
-        snprintf(why, wl, "bad scope");
-        return -EINVAL;
-    }
-    if (normalize(&s->cfg, f[0], norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
-        snprintf(why, wl, "bad address");
-        return -EINVAL;
-    }
-    uint8_t kb[KEY_MAX], vb[VAL_MAX];
-    size_t kl = key_make(kb, scope, norm);
-    size_t vl = val_make(vb, reason, added, expires, nf > 5 ? f[5] : NULL);
-    return arena_push(a, kb, kl, vb, vl);
-}
-
-/* Write records [from, to) of the sorted arena in one transaction. */
-static int
-import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
-{
-    MDB_txn *txn;
-    MDB_cursor *cur;
-    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
-    if (rc != 0)
-        return mdb_to_errno(rc);
-    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
-        mdb_txn_abort(txn);
-        return mdb_to_errno(rc);
-    }
-    /* MDB_APPEND when the batch's first key comes after the last stored. */
-    MDB_val lk, lv, k, v;
-    arena_rec(a, from, &k, &v);
-    rc = mdb_cursor_get(cur, &lk, &lv, MDB_LAST);
-    bool append = rc == MDB_NOTFOUND || (rc == 0 && key_cmp(&lk, &k) < 0);
-    rc = 0;
-    size_t n = 0;
-    for (size_t i = from; i < to && rc == 0; i++) {
-        arena_rec(a, i, &k, &v);
-        if (i + 1 < to) { /* duplicates: the later line wins */
-            MDB_val k2, v2;
-            arena_rec(a, i + 1, &k2, &v2);
-            if (key_cmp(&k, &k2) == 0)
-                continue;
-        }
-        rc = mdb_cursor_put(cur, &k, &v, append ? MDB_APPEND : 0);
-        n++;
-    }
-    mdb_cursor_close(cur);
-    if (rc != 0) {
-        mdb_txn_abort(txn);
-        return mdb_to_errno(rc);
-    }
-    if ((rc = mdb_txn_commit(txn)) != 0)
-        return mdb_to_errno(rc);
-    atomic_fetch_add(&s->added, n);
-    return 0;
-}
-
-int
-suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
-{
-    memset(res, 0, sizeof(*res));
-    struct arena a = {0};
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t len;
-    int64_t now = (int64_t)clock_unix_ms();
-    int rc = 0;
-    while ((len = getline(&line, &cap, in)) >= 0) {
-        res->lines++;
-        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-            line[--len] = '\0';
-        if (len == 0 || line[0] == '#')
-            continue;
-        if (res->lines == 1 && strncasecmp(line, "address,", 8) == 0)
-            continue;
-        char why[100];
-        if (memchr(line, '\0', (size_t)len) != NULL) {
-            snprintf(why, sizeof(why), "NUL octet");
-            rc = -EINVAL;
-        } else {
-            rc = import_line(s, line, now, &a, why, sizeof(why));
-        }
-        if (rc == -ENOMEM)
-            break;
-        if (rc != 0) {
-            res->skipped++;
-            if (res->first_bad_line == 0) {
-                res->first_bad_line = res->lines;
-                snprintf(res->first_error, sizeof(res->first_error), "line %llu: %s",
-                         (unsigned long long)res->lines, why);
-            }
-            rc = 0;
-        }
-    }
-    free(line);
-    if (rc == 0 && ferror(in))
-        rc = -EIO;
-    if (rc == 0 && a.n > 0) {
-        qsort_r(a.off, a.n, sizeof(*a.off), off_cmp, &a);
-        for (size_t from = 0; from < a.n && rc == 0;) {
-            size_t to = from + IMPORT_BATCH < a.n ? from + IMPORT_BATCH : a.n;
-            /* keep equal keys in one batch, so that the later line wins */
-            while (to < a.n) {
-                MDB_val k1, v1, k2, v2;
-                arena_rec(&a, to - 1, &k1, &v1);
-                arena_rec(&a, to, &k2, &v2);
-                if (key_cmp(&k1, &k2) != 0)
-                    break;
-                to++;
-            }
-            pthread_mutex_lock(&s->wlock);
-            rc = import_batch(s, &a, from, to);
-            pthread_mutex_unlock(&s->wlock);
-            if (rc == 0) {
-                for (size_t i = from; i < to; i++) {
-                    if (i + 1 < to) {
-                        MDB_val k1, v1, k2, v2;
-                        arena_rec(&a, i, &k1, &v1);
-                        arena_rec(&a, i + 1, &k2, &v2);
-                        if (key_cmp(&k1, &k2) == 0)
-                            continue;
-                    }
-                    res->imported++;
-                }
-            }
-            from = to;
-        }
-    }
-    free(a.buf);
-    free(a.off);
-    if (res->imported > 0) {
-        pthread_mutex_lock(&s->flock);
-        s->warm = true;
-        pthread_cond_signal(&s->fcv);
-        pthread_mutex_unlock(&s->flock);
-    }
-    return rc;
-}
-
-static void
-csv_field(FILE *out, const char *s)
-{
-    if (strpbrk(s, ",\"\r\n") == NULL) {
-        fputs(s, out);
-        return;
-    }
-    fputc('"', out);
-    for (; *s != '\0'; s++) {
-        if (*s == '"')
-            fputc('"', out);
-        fputc(*s, out);
-    }
-    fputc('"', out);
-}
-
-static void
-iso_time(int64_t ms, char *out, size_t outlen)
-{
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    strftime(out, outlen, "%Y-%m-%dT%H:%M:%SZ", &tm);
-}
-
-static int
-export_one(void *arg, const struct suppress_entry *e)
-{
-    FILE *out = arg;
-    char added[32], expires[32] = "";
-    iso_time(e->added_ms, added, sizeof(added));
-    if (e->expires_ms != 0)
-        iso_time(e->expires_ms, expires, sizeof(expires));
-    csv_field(out, e->addr);
-    fputc(',', out);
-    csv_field(out, e->scope);
-    fprintf(out, ",%s,%s,%s,", suppress_reason_str(e->reason), added, expires);
-    csv_field(out, e->note);
-    fputc('\n', out);
-    return ferror(out) ? -1 : 0;
-}
-
-long
-suppress_export_csv(struct suppress *s, FILE *out, const char *scope)
-{
-    fputs("address,scope,reason,added,expires,note\n", out);
-    long n = suppress_list(s, scope, NULL, NULL, 0, export_one, out);
-    if (n >= 0 && (fflush(out) != 0 || ferror(out)))
-        return -EIO;
-    return n;
 }

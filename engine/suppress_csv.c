@@ -1,0 +1,402 @@
+/*
+ * suppress_csv: the suppression list's CSV import and export (see
+ * suppress.h: suppress_import_csv, suppress_export_csv). An import is
+ * parsed whole into a sorted arena, then written in transactions of
+ * IMPORT_BATCH entries (appended when they come after the last key
+ * stored); an export is a walk of the list (suppress_list).
+ *
+ * Threading: any thread at once (suppress.h); an import's writes take the
+ * list's writer mutex, one transaction at a time.
+ */
+#include "engine/suppress.h"
+#include "engine/suppress_int.h"
+
+#include <ctype.h>
+#include <endian.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+
+/* ---- CSV ---- */
+
+/* Split line (NUL-terminated, no newline) into up to max fields in place,
+ * RFC 4180 quoting. Returns the number of fields, or -1 (bad quoting). */
+static int
+csv_split(char *line, char **f, int max)
+{
+    int n = 0;
+    char *p = line;
+    for (;;) {
+        if (n == max)
+            return n; /* more fields than wanted: the rest is ignored */
+        if (*p == '"') {
+            char *w = ++p;
+            f[n++] = w;
+            for (;;) {
+                if (*p == '\0')
+                    return -1;
+                if (*p == '"') {
+                    if (p[1] == '"') {
+                        *w++ = '"';
+                        p += 2;
+                        continue;
+                    }
+                    p++;
+                    break;
+                }
+                *w++ = *p++;
+            }
+            *w = '\0';
+            if (*p == '\0')
+                return n;
+            if (*p != ',')
+                return -1;
+            p++;
+        } else {
+            f[n++] = p;
+            char *c = strchr(p, ',');
+            if (c == NULL)
+                return n;
+            *c = '\0';
+            p = c + 1;
+        }
+    }
+}
+
+/* "" -> dflt; digits: Unix seconds; else ISO 8601 UTC. Unix ms out. */
+static int
+parse_time(const char *t, int64_t dflt, int64_t *out)
+{
+    if (*t == '\0') {
+        *out = dflt;
+        return 0;
+    }
+    bool digits = true;
+    for (const char *p = t; *p != '\0'; p++)
+        digits = digits && isdigit((unsigned char)*p);
+    if (digits) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(t, &end, 10);
+        if (errno != 0 || v > 100000000000ULL)
+            return -EINVAL;
+        *out = (int64_t)v * 1000;
+        return 0;
+    }
+    struct tm tm = {0};
+    int used = 0;
+    if (sscanf(t, "%4d-%2d-%2dT%2d:%2d:%2dZ%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
+               &tm.tm_min, &tm.tm_sec, &used) != 6 ||
+        used != (int)strlen(t) || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 ||
+        tm.tm_mday > 31 || tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60)
+        return -EINVAL;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    time_t x = timegm(&tm);
+    if (x < 0)
+        return -EINVAL;
+    *out = (int64_t)x * 1000;
+    return 0;
+}
+
+/* Records of an import: an arena of [u16 klen][u16 vlen][key][value]. */
+struct arena {
+    uint8_t *buf; /* owned */
+    size_t len, cap;
+    size_t *off;  /* owned: one per record */
+    size_t n, ncap;
+};
+
+static int
+arena_push(struct arena *a, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl)
+{
+    size_t need = 4 + kl + vl;
+    if (a->len + need > a->cap) {
+        size_t nc = a->cap ? a->cap * 2 : 1 << 20;
+        while (nc < a->len + need)
+            nc *= 2;
+        uint8_t *b = realloc(a->buf, nc);
+        if (b == NULL)
+            return -ENOMEM;
+        a->buf = b;
+        a->cap = nc;
+    }
+    if (a->n == a->ncap) {
+        size_t nc = a->ncap ? a->ncap * 2 : 65536;
+        size_t *o = realloc(a->off, nc * sizeof(*o));
+        if (o == NULL)
+            return -ENOMEM;
+        a->off = o;
+        a->ncap = nc;
+    }
+    uint16_t k16 = (uint16_t)kl, v16 = (uint16_t)vl;
+    uint8_t *p = a->buf + a->len;
+    memcpy(p, &k16, 2);
+    memcpy(p + 2, &v16, 2);
+    memcpy(p + 4, k, kl);
+    memcpy(p + 4 + kl, v, vl);
+    a->off[a->n++] = a->len;
+    a->len += need;
+    return 0;
+}
+
+static void
+arena_rec(const struct arena *a, size_t i, MDB_val *k, MDB_val *v)
+{
+    const uint8_t *p = a->buf + a->off[i];
+    uint16_t k16, v16;
+    memcpy(&k16, p, 2);
+    memcpy(&v16, p + 2, 2);
+    k->mv_size = k16;
+    k->mv_data = (void *)(p + 4);
+    v->mv_size = v16;
+    v->mv_data = (void *)(p + 4 + k16);
+}
+
+/* LMDB's default order: memcmp, then the shorter first. */
+static int
+key_cmp(const MDB_val *a, const MDB_val *b)
+{
+    size_t n = a->mv_size < b->mv_size ? a->mv_size : b->mv_size;
+    int c = memcmp(a->mv_data, b->mv_data, n);
+    if (c != 0)
+        return c;
+    return a->mv_size < b->mv_size ? -1 : a->mv_size > b->mv_size ? 1 : 0;
+}
+
+static int
+off_cmp(const void *x, const void *y, void *arg)
+{
+    const size_t *a = x, *b = y;
+    MDB_val ka, kb;
+    const uint8_t *base = ((const struct arena *)arg)->buf;
+    uint16_t l;
+    memcpy(&l, base + *a, 2);
+    ka.mv_size = l;
+    ka.mv_data = (void *)(base + *a + 4);
+    memcpy(&l, base + *b, 2);
+    kb.mv_size = l;
+    kb.mv_data = (void *)(base + *b + 4);
+    int c = key_cmp(&ka, &kb);
+    if (c != 0)
+        return c;
+    return *a < *b ? -1 : *a > *b ? 1 : 0; /* stable: the later line wins below */
+}
+
+static int
+import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
+{
+    char *f[6] = {0};
+    int nf = csv_split(line, f, 6);
+    if (nf < 1 || f[0][0] == '\0') {
+        snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
+        return -EINVAL;
+    }
+    char scope[SUPPRESS_SCOPE_MAX + 1];
+    enum suppress_reason reason = SUPPRESS_MANUAL;
+    if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
+        snprintf(why, wl, "unknown reason");
+        return -EINVAL;
+    }
+    int64_t added, expires;
+    if (parse_time(nf > 3 ? f[3] : "", now, &added) != 0 ||
+        parse_time(nf > 4 ? f[4] : "", 0, &expires) != 0) {
+        snprintf(why, wl, "bad time (ISO 8601 UTC or Unix seconds)");
+        return -EINVAL;
+    }
+    char norm[SUPPRESS_ADDR_MAX + 2];
+    if (sup_scope_fold(nf > 1 && f[1][0] != '\0' ? f[1] : NULL, scope) != 0) {
+        snprintf(why, wl, "bad scope");
+        return -EINVAL;
+    }
+    if (sup_normalize(&s->cfg, f[0], norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
+        snprintf(why, wl, "bad address");
+        return -EINVAL;
+    }
+    uint8_t kb[KEY_MAX], vb[VAL_MAX];
+    size_t kl = sup_key_make(kb, scope, norm);
+    size_t vl = sup_val_make(vb, reason, added, expires, nf > 5 ? f[5] : NULL);
+    return arena_push(a, kb, kl, vb, vl);
+}
+
+/* Write records [from, to) of the sorted arena in one transaction. */
+static int
+import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
+{
+    MDB_txn *txn;
+    MDB_cursor *cur;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc != 0)
+        return sup_mdb_errno(rc);
+    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
+        mdb_txn_abort(txn);
+        return sup_mdb_errno(rc);
+    }
+    /* MDB_APPEND when the batch's first key comes after the last stored. */
+    MDB_val lk, lv, k, v;
+    arena_rec(a, from, &k, &v);
+    rc = mdb_cursor_get(cur, &lk, &lv, MDB_LAST);
+    bool append = rc == MDB_NOTFOUND || (rc == 0 && key_cmp(&lk, &k) < 0);
+    rc = 0;
+    size_t n = 0;
+    for (size_t i = from; i < to && rc == 0; i++) {
+        arena_rec(a, i, &k, &v);
+        if (i + 1 < to) { /* duplicates: the later line wins */
+            MDB_val k2, v2;
+            arena_rec(a, i + 1, &k2, &v2);
+            if (key_cmp(&k, &k2) == 0)
+                continue;
+        }
+        rc = mdb_cursor_put(cur, &k, &v, append ? MDB_APPEND : 0);
+        n++;
+    }
+    mdb_cursor_close(cur);
+    if (rc != 0) {
+        mdb_txn_abort(txn);
+        return sup_mdb_errno(rc);
+    }
+    if ((rc = mdb_txn_commit(txn)) != 0)
+        return sup_mdb_errno(rc);
+    atomic_fetch_add(&s->added, n);
+    return 0;
+}
+
+int
+suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result *res)
+{
+    memset(res, 0, sizeof(*res));
+    struct arena a = {0};
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    int64_t now = (int64_t)clock_unix_ms();
+    int rc = 0;
+    while ((len = getline(&line, &cap, in)) >= 0) {
+        res->lines++;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        if (len == 0 || line[0] == '#')
+            continue;
+        if (res->lines == 1 && strncasecmp(line, "address,", 8) == 0)
+            continue;
+        char why[100];
+        if (memchr(line, '\0', (size_t)len) != NULL) {
+            snprintf(why, sizeof(why), "NUL octet");
+            rc = -EINVAL;
+        } else {
+            rc = import_line(s, line, now, &a, why, sizeof(why));
+        }
+        if (rc == -ENOMEM)
+            break;
+        if (rc != 0) {
+            res->skipped++;
+            if (res->first_bad_line == 0) {
+                res->first_bad_line = res->lines;
+                snprintf(res->first_error, sizeof(res->first_error), "line %llu: %s",
+                         (unsigned long long)res->lines, why);
+            }
+            rc = 0;
+        }
+    }
+    free(line);
+    if (rc == 0 && ferror(in))
+        rc = -EIO;
+    if (rc == 0 && a.n > 0) {
+        qsort_r(a.off, a.n, sizeof(*a.off), off_cmp, &a);
+        for (size_t from = 0; from < a.n && rc == 0;) {
+            size_t to = from + IMPORT_BATCH < a.n ? from + IMPORT_BATCH : a.n;
+            /* keep equal keys in one batch, so that the later line wins */
+            while (to < a.n) {
+                MDB_val k1, v1, k2, v2;
+                arena_rec(&a, to - 1, &k1, &v1);
+                arena_rec(&a, to, &k2, &v2);
+                if (key_cmp(&k1, &k2) != 0)
+                    break;
+                to++;
+            }
+            pthread_mutex_lock(&s->wlock);
+            rc = import_batch(s, &a, from, to);
+            pthread_mutex_unlock(&s->wlock);
+            if (rc == 0) {
+                for (size_t i = from; i < to; i++) {
+                    if (i + 1 < to) {
+                        MDB_val k1, v1, k2, v2;
+                        arena_rec(&a, i, &k1, &v1);
+                        arena_rec(&a, i + 1, &k2, &v2);
+                        if (key_cmp(&k1, &k2) == 0)
+                            continue;
+                    }
+                    res->imported++;
+                }
+            }
+            from = to;
+        }
+    }
+    free(a.buf);
+    free(a.off);
+    if (res->imported > 0) {
+        pthread_mutex_lock(&s->flock);
+        s->warm = true;
+        pthread_cond_signal(&s->fcv);
+        pthread_mutex_unlock(&s->flock);
+    }
+    return rc;
+}
+
+static void
+csv_field(FILE *out, const char *s)
+{
+    if (strpbrk(s, ",\"\r\n") == NULL) {
+        fputs(s, out);
+        return;
+    }
+    fputc('"', out);
+    for (; *s != '\0'; s++) {
+        if (*s == '"')
+            fputc('"', out);
+        fputc(*s, out);
+    }
+    fputc('"', out);
+}
+
+static void
+iso_time(int64_t ms, char *out, size_t outlen)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, outlen, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static int
+export_one(void *arg, const struct suppress_entry *e)
+{
+    FILE *out = arg;
+    char added[32], expires[32] = "";
+    iso_time(e->added_ms, added, sizeof(added));
+    if (e->expires_ms != 0)
+        iso_time(e->expires_ms, expires, sizeof(expires));
+    csv_field(out, e->addr);
+    fputc(',', out);
+    csv_field(out, e->scope);
+    fprintf(out, ",%s,%s,%s,", suppress_reason_str(e->reason), added, expires);
+    csv_field(out, e->note);
+    fputc('\n', out);
+    return ferror(out) ? -1 : 0;
+}
+
+long
+suppress_export_csv(struct suppress *s, FILE *out, const char *scope)
+{
+    fputs("address,scope,reason,added,expires,note\n", out);
+    long n = suppress_list(s, scope, NULL, NULL, 0, export_one, out);
+    if (n >= 0 && (fflush(out) != 0 || ferror(out)))
+        return -EIO;
+    return n;
+}
