@@ -125,6 +125,10 @@ int mta_sts_policy_parse(const char *text, size_t len, struct mta_sts_policy **o
  * record (it does not begin with "v=STSv1" and ";"), -EINVAL when it is
  * one but broken. */
 int mta_sts_txt_parse(const char *txt, char id[33]);
+/* An mx pattern [s, e): a host name, or "*." and one; normalised into out
+ * (cap octets) as mta_sts_match() normalises the MX host. False when it is
+ * neither (or does not fit). */
+bool mta_sts_mx_pattern(const char *s, const char *e, char *out, size_t cap);
 /* Does MX host name mx match one of p's patterns (RFC 8461 4.1: exact, or
  * "*.suffix" for exactly one more leftmost label)? */
 bool mta_sts_match(const struct mta_sts_policy *p, const char *mx);
