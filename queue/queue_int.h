@@ -11,6 +11,10 @@
  *                   transaction, admission against the map and the disk,
  *                   the disk reserve, group commit and durability) and
  *                   the notifier thread;
+ *   queue/apply.c   what a write transaction writes: an enqueue, an
+ *                   outcome (unless stale), event lines and their trim,
+ *                   the due recipients taken, the finished messages
+ *                   removed;
  *   queue/open.c    opening a spool (lock, environment, schema, the id
  *                   and event numbers, the threads) and closing it;
  *   queue/read.c    every read of the spool (envelopes, bodies, walks,
@@ -444,5 +448,35 @@ void queue_owner_read(struct queue *q, MDB_txn *txn, uint64_t id, struct owner_b
 /* Fill r from a decoded rcpt record, its strings copied to *strs. */
 void queue_rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *v,
                      unsigned index, char **strs);
+
+/* ---- apply.c: what a write transaction writes (committer thread) ---- */
+
+/* Counts of one write transaction, folded into the stats after commit. */
+struct tally {
+    uint64_t enq, enq_rcpts, enq_bytes, outcomes, stale, removed, taken, fixed, max_id;
+    uint64_t ev_records, ev_lines, ev_trimmed; /* event records written, their lines, deleted */
+};
+
+/* r's message, body and recipients; 0 or an LMDB code. */
+int apply_enqueue(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t);
+/* Whether it, applied in txn now, would be ignored as stale (struct
+ * queue_outcome): sets *stale, and *v and *h to the recipient's record
+ * when there is one. Changes nothing. 0 or an LMDB code. */
+int apply_outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MDB_val *v,
+                        struct rcpt_head *h, bool *stale);
+/* Outcome it on its recipient (nothing when stale); 0 or an LMDB code. */
+int apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t now,
+                  struct tally *t);
+/* The event records wholly below r->ev_seq deleted, next kept in meta. */
+int apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t next,
+               struct tally *t);
+/* r's event lines as the record numbered *seq (of an update, only those
+ * of the outcomes that applied and its own). */
+int apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *seq,
+                 struct tally *t);
+/* The deferred recipients due by r's time made ready, up to its limit. */
+int apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t);
+/* The message and body of every touched id left without recipients. */
+int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);
 
 #endif
