@@ -532,7 +532,9 @@ run_batch(struct queue *q, struct queue_req *batch)
     size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
     int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
     if (rc == 0) {
-        if (q->full && na > 0) {
+        /* room again once a batch's enqueues all went in (one that
+         * refused some of them is still full: admit() said so) */
+        if (q->full && na > 0 && na == ne) {
             q->full = false;
             if (q->full_logged)
                 log_msg(LOG_NOTICE, "queue=room_again path=%s map_used=%" PRIu64, q->cfg.path,
