@@ -1062,8 +1062,10 @@ smtp_client_timeout(struct smtp_client *c)
     return client_events(c);
 }
 
-int
-smtp_client_eof(struct smtp_client *c)
+/* The session broke under c (the peer went, or TLS failed after its
+ * handshake): 4.4.2 with reason, "<what> in state S[: why]". */
+static int
+client_broken(struct smtp_client *c, enum smtp_reason reason, const char *what, const char *why)
 {
     struct smtp_outcome o;
 
@@ -1073,30 +1075,25 @@ smtp_client_eof(struct smtp_client *c)
     c->ev = 0;
     if (c->state == SMTP_CLIENT_S_CLOSED)
         return 0;
-    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_EOF, c->state, 0, 4, 4,
-                  2, "lost connection in state %s", smtp_client_state_str(c->state));
+    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, reason, c->state, 0, 4, 4, 2,
+                  "%s in state %s%s%s", what, smtp_client_state_str(c->state),
+                  why != NULL && why[0] != '\0' ? ": " : "", why != NULL ? why : "");
     client_close(c, &o, false);
     return client_events(c);
 }
 
 int
+smtp_client_eof(struct smtp_client *c)
+{
+    return client_broken(c, SMTP_REASON_EOF, "lost connection", NULL);
+}
+
+int
 smtp_client_tls_error(struct smtp_client *c, const char *why)
 {
-    struct smtp_outcome o;
-
-    if (c->buf == NULL)
-        return SMTP_CLIENT_E_STATE;
-
-    c->ev = 0;
-    if (c->state == SMTP_CLIENT_S_CLOSED)
-        return 0;
     /* 4.4.2 as for a lost connection: the session broke, not a check of
      * the certificate (those are the handshake's, 4.7.5). */
-    outcome_local(&o, SMTP_STATUS_TEMPFAIL, SMTP_SCOPE_SESSION, SMTP_REASON_TLS, c->state, 0, 4, 4,
-                  2, "TLS failed in state %s%s%s", smtp_client_state_str(c->state),
-                  why != NULL && why[0] != '\0' ? ": " : "", why != NULL ? why : "");
-    client_close(c, &o, false);
-    return client_events(c);
+    return client_broken(c, SMTP_REASON_TLS, "TLS failed", why);
 }
 
 uint32_t
