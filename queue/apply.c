@@ -4,9 +4,10 @@
  * body chunks and recipients (apply_enqueue), an outcome on a recipient
  * unless it is stale (apply_outcome, apply_outcome_stale), event lines
  * and their trimming (apply_events, apply_trim), the due recipients taken
- * out of the time index (apply_take), and the messages left without
- * recipients removed (apply_remove_finished). commit.c opens the
- * transaction, calls these, and commits.
+ * out of the time index (apply_take), the messages left without
+ * recipients removed (apply_remove_finished), and a message dropped
+ * whole (apply_drop: an enqueue reported failed whose commit may have
+ * landed). commit.c opens the transaction, calls these, and commits.
  *
  * Threading: the committer thread, inside its write transaction.
  */
@@ -439,6 +440,34 @@ cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The record and body chunks of message id deleted (counted in
+ * t->removed); nothing when it is not stored. Returns 0 or an LMDB code. */
+static int
+msg_remove(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t)
+{
+    unsigned char key[BODY_KEY_LEN];
+    msg_key(key, id);
+    MDB_val mk = {MSG_KEY_LEN, key}, mv;
+    int rc = mdb_get(txn, q->dbi_msg, &mk, &mv);
+    if (rc == MDB_NOTFOUND)
+        return 0;
+    if (rc != 0)
+        return rc;
+    struct msg_head h;
+    uint32_t chunks = msg_decode(&mv, &h) ? h.body_chunks : 0;
+    rc = mdb_del(txn, q->dbi_msg, &mk, NULL);
+    for (uint32_t ch = 0; ch < chunks && rc == 0; ch++) {
+        body_key(key, id, ch);
+        MDB_val bk = {BODY_KEY_LEN, key};
+        rc = mdb_del(txn, q->dbi_body, &bk, NULL);
+        if (rc == MDB_NOTFOUND)
+            rc = 0;
+    }
+    if (rc == 0)
+        t->removed++;
+    return rc;
+}
+
 /* Remove the message and body of every touched id left without recipients. */
 int
 apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
@@ -456,7 +485,7 @@ apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
         if (i > 0 && id == prev)
             continue;
         prev = id;
-        unsigned char key[BODY_KEY_LEN];
+        unsigned char key[RCPT_KEY_LEN];
         rcpt_key(key, id, 0);
         MDB_val k = {RCPT_KEY_LEN, key}, v;
         rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
@@ -464,28 +493,46 @@ apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
             continue; /* recipients left */
         if (rc != 0 && rc != MDB_NOTFOUND)
             break;
-        msg_key(key, id);
-        MDB_val mk = {MSG_KEY_LEN, key}, mv;
-        rc = mdb_get(txn, q->dbi_msg, &mk, &mv);
-        if (rc == MDB_NOTFOUND) {
-            rc = 0;
-            continue;
-        }
-        if (rc != 0)
-            break;
-        struct msg_head h;
-        uint32_t chunks = msg_decode(&mv, &h) ? h.body_chunks : 0;
-        rc = mdb_del(txn, q->dbi_msg, &mk, NULL);
-        for (uint32_t ch = 0; ch < chunks && rc == 0; ch++) {
-            body_key(key, id, ch);
-            MDB_val bk = {BODY_KEY_LEN, key};
-            rc = mdb_del(txn, q->dbi_body, &bk, NULL);
-            if (rc == MDB_NOTFOUND)
-                rc = 0;
-        }
-        if (rc == 0)
-            t->removed++;
+        rc = msg_remove(q, txn, id, t);
     }
     mdb_cursor_close(c);
     return rc;
+}
+
+/* Delete message id whole: its recipients (and the time index entries of
+ * the deferred ones), its record and its body chunks. For an enqueue whose
+ * caller was told it failed while its commit may have landed (commit.c,
+ * drop_unconfirmed): its recipients are ready and nobody owns them, so
+ * left alone they would be delivered by the next start's walk. Nothing
+ * when it is not stored. Returns 0 or an LMDB code. */
+int
+apply_drop(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t)
+{
+    unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);
+    if (rc != 0)
+        return rc;
+    for (;;) {
+        /* from the first recipient left each time: a delete moves the cursor */
+        rcpt_key(key, id, 0);
+        MDB_val k = {RCPT_KEY_LEN, key}, v;
+        rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        if (rc != 0 || k.mv_size != RCPT_KEY_LEN || key_u64(k.mv_data) != id)
+            break;
+        struct rcpt_head h;
+        if (rcpt_decode(&v, &h) && h.state == QUEUE_RCPT_DEFERRED) {
+            due_key(dkey, h.due_ms, id, key_u16((const unsigned char *)k.mv_data + 8));
+            MDB_val dk = {DUE_KEY_LEN, dkey};
+            rc = mdb_del(txn, q->dbi_due, &dk, NULL);
+            if (rc != 0 && rc != MDB_NOTFOUND)
+                break;
+        }
+        if ((rc = mdb_cursor_del(c, 0)) != 0)
+            break;
+    }
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    return msg_remove(q, txn, id, t);
 }

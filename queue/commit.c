@@ -33,9 +33,10 @@
  * that points at it), and a completion still leaves only once its commit
  * is durable: completions wait in q->pend for that next sync (should it
  * fail, in a commit or alone, they fail: Linux reports a failed
- * write-back once, so no later sync can confirm them). Under load
- * every commit thus costs one sync and carries the previous one's
- * durability; when idle, a commit costs two, as by default. With
+ * write-back once, so no later sync can confirm them; the enqueues among
+ * them are then removed, durably, before they fail: drop_unconfirmed).
+ * Under load every commit thus costs one sync and carries the previous
+ * one's durability; when idle, a commit costs two, as by default. With
  * unsafe_no_sync the commits are not synced at all (MDB_NOSYNC) and
  * completions leave at once; the file is synced once at close.
  *
@@ -474,6 +475,152 @@ note_failure(struct queue *q, int rc)
     }
 }
 
+/* Remember an enqueue failed as not confirmed, for drop_unconfirmed. Its
+ * id is new (the caller sends the message again under another), so
+ * removing it can only remove what this request wrote. Without memory
+ * for the id, say which message a restart may deliver. */
+static void
+drop_note(struct queue *q, uint64_t id)
+{
+    if (q->drop_n == q->drop_cap) {
+        size_t cap = q->drop_cap ? q->drop_cap * 2 : 64;
+        uint64_t *d = realloc(q->drop, cap * sizeof(*d));
+        if (d == NULL) {
+            char qid[QUEUE_ID_STRLEN + 1];
+            queue_id_str(id, qid);
+            log_msg(LOG_CRIT,
+                    "queue=unconfirmed_kept path=%s id=%s error=\"out of memory\" "
+                    "note=\"answered 451: if the spool holds it, the next start delivers it\"",
+                    q->cfg.path, qid);
+            return;
+        }
+        q->drop = d;
+        q->drop_cap = cap;
+    }
+    q->drop[q->drop_n++] = id;
+    q->drop_fresh = true;
+}
+
+/* A sync that was to confirm the commits holding list's requests failed:
+ * they fail with err, or with -EIO for a space error, which says "not
+ * applied" (queue.h: the caller's retry of an update then tells nothing
+ * of what this one did), while these may well have been. Not a take:
+ * what it took left the index and is ready in the spool this process
+ * reads, so only its caller can own it (failed, nobody would until a
+ * restart); should a crash lose the commit, the recipients are deferred
+ * as before. Nor event lines put alone: nobody puts them again, and they
+ * are published all the same, so the pump moves them to the journal;
+ * failed, they were reported lost.
+ * An enqueue failed here is removed before its failure leaves (see
+ * drop_unconfirmed): its caller sends the message again. Not the message
+ * an update carries (a DSN): the update's retry finds its outcomes
+ * applied and leaves its message out (queue.h), so that one is the only
+ * copy. */
+static void
+fail_unconfirmed(struct queue *q, struct queue_req *list, int err)
+{
+    if (queue_error_is_space(err))
+        err = -EIO;
+    for (struct queue_req *r = list; r != NULL; r = r->next) {
+        if (r->rc != 0 || r->kind == REQ_TAKE || r->kind == REQ_EVENTS)
+            continue;
+        r->rc = err;
+        if (r->kind == REQ_ENQUEUE)
+            drop_note(q, r->enq.id);
+    }
+}
+
+/* Remove the enqueues failed as not confirmed (q->drop), in a commit of
+ * their own followed by a sync, before their failures leave (release):
+ * their callers answer 451 and the client sends the message again, so a
+ * record left behind, ready and unknown to the engine, would be delivered
+ * by the next start's walk, a duplicate hours later. Their commit may
+ * not have landed at all (the failed sync was theirs): the removal finds
+ * nothing, but still commits and syncs, since the view this process reads
+ * may be newer than what a restart finds on disk.
+ *
+ * If that fails as well, the spool cannot make anything durable: the
+ * ids stay, the removal is tried again before each later batch, and
+ * meanwhile the batches' enqueues are refused (run_batch). Nothing can
+ * tell a restart about them in the meantime: a mark on disk would need
+ * the very sync that fails. So the log says so once, and the committer
+ * names each id still there when it stops (queue_committer_main): a
+ * restart before a removal worked delivers them.
+ * Failure paths only: the hot path never comes here. */
+static void
+drop_unconfirmed(struct queue *q)
+{
+    q->drop_fresh = false;
+    struct tally t = {0};
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
+    if (rc == 0) {
+        for (size_t i = 0; i < q->drop_n && rc == 0; i++)
+            rc = apply_drop(q, txn, q->drop[i], &t);
+        /* a dirty page, so that the commit syncs even when nothing was found */
+        MDB_val k = {7, "last_id"}, v = {sizeof(q->high_id), &q->high_id};
+        if (rc == 0)
+            rc = mdb_put(txn, q->dbi_meta, &k, &v, 0);
+        if (rc == 0) {
+            rc = mdb_txn_commit(txn);
+            if (rc == 0) {
+                q->stored_id = q->high_id;
+                counter_add(&q->st.commits, 1);
+                counter_add(&q->st.removed, t.removed);
+                if (t.removed > 0)
+                    q->since_free = 0;
+                else if (q->since_free < 2)
+                    q->since_free++;
+                queue_refresh_map_use(q);
+                rc = mdb_env_sync(q->env, 1);
+            }
+        } else {
+            mdb_txn_abort(txn);
+        }
+    }
+    if (rc == 0) {
+        /* everything committed before is durable too */
+        q->pend_unsynced = false;
+        if (t.removed > 0 || q->drop_logged)
+            log_msg(LOG_NOTICE, "queue=unconfirmed_removed path=%s messages=%" PRIu64, q->cfg.path,
+                    t.removed);
+        q->drop_n = 0;
+        q->drop_logged = false;
+        return;
+    }
+    counter_add(&q->st.commit_failures, 1);
+    int err = queue_lmdb_err(rc);
+    note_failure(q, err);
+    /* the sync that was to confirm the pending commit's meta page */
+    if (rc > 0 && q->pend_unsynced)
+        fail_unconfirmed(q, q->pend_head, err);
+    if (!q->drop_logged) {
+        q->drop_logged = true;
+        log_msg(LOG_CRIT,
+                "queue=sync_failing path=%s unconfirmed=%zu error=\"%s\" "
+                "action=refusing_new_mail note=\"messages answered 451 may be in the spool "
+                "until a sync works: a restart before that may deliver them\"",
+                q->cfg.path, q->drop_n, queue_strerror(err));
+    }
+}
+
+/* At stop, with removals still failing: a last try, then each message
+ * still there named, since the next start will deliver what of it is on
+ * disk and nothing on disk can say otherwise (drop_unconfirmed). */
+static void
+drop_kept(struct queue *q)
+{
+    drop_unconfirmed(q);
+    for (size_t i = 0; i < q->drop_n; i++) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(q->drop[i], qid);
+        log_msg(LOG_CRIT,
+                "queue=unconfirmed_kept path=%s id=%s note=\"answered 451, its removal not "
+                "durable: if the spool holds it, the next start delivers it\"",
+                q->cfg.path, qid);
+    }
+}
+
 /* A commit that changes nothing but the txn id. */
 static int
 commit_tick(struct queue *q)
@@ -520,11 +667,18 @@ retry_enqueues(struct queue *q, struct queue_req **enq, size_t n, int rc)
 static void
 run_batch(struct queue *q, struct queue_req *batch)
 {
+    /* Messages answered 451 whose removal did not become durable: try
+     * again, and take no new mail while it fails (drop_unconfirmed). */
+    if (q->drop_n > 0)
+        drop_unconfirmed(q);
+    bool refuse = q->drop_n > 0;
     size_t nu = 0, ne = 0;
     for (struct queue_req *r = batch; r != NULL; r = r->next) {
         r->rc = 0;
         if (r->kind != REQ_ENQUEUE)
             q->vec_upd[nu++] = r;
+        else if (refuse)
+            r->rc = -EIO;
         else
             q->vec_enq[ne++] = r;
     }
@@ -687,6 +841,8 @@ notify(struct queue *q, struct queue_req *batch, struct queue_req *last, bool id
 static void
 release(struct queue *q, struct queue_req *head, struct queue_req *tail)
 {
+    if (q->drop_fresh)
+        drop_unconfirmed(q); /* before the failures it is for leave */
     size_t n = 0;
     for (struct queue_req *r = head; r != NULL; r = r->next)
         n++;
@@ -711,25 +867,6 @@ events_publish(struct queue *q, uint64_t seq)
     pthread_mutex_unlock(&q->ev_mu);
 }
 
-/* A sync that was to confirm the commits holding list's requests failed:
- * they fail with err, or with -EIO for a space error, which says "not
- * applied" (queue.h: the caller's retry of an update then tells nothing
- * of what this one did), while these may well have been. Not a take: what it took left the index and is
- * ready in the spool this process reads, so only its caller can own it
- * (failed, nobody would until a restart); should a crash lose the commit,
- * the recipients are deferred as before. Nor event lines put alone:
- * nobody puts them again, and they are published all the same, so the
- * pump moves them to the journal; failed, they were reported lost. */
-static void
-fail_unconfirmed(struct queue_req *list, int err)
-{
-    if (queue_error_is_space(err))
-        err = -EIO;
-    for (struct queue_req *r = list; r != NULL; r = r->next)
-        if (r->rc == 0 && r->kind != REQ_TAKE && r->kind != REQ_EVENTS)
-            r->rc = err;
-}
-
 /* Completions wait in q->pend until the commit that holds them is
  * durable. With MDB_NOMETASYNC a commit syncs its data pages and writes
  * its meta page without syncing it; the next commit's data sync (or
@@ -750,7 +887,7 @@ flush_pending(struct queue *q)
              * the client retries, a duplicate is better than a loss. */
             int err = queue_lmdb_err(rc);
             note_failure(q, err);
-            fail_unconfirmed(q->pend_head, err);
+            fail_unconfirmed(q, q->pend_head, err);
         }
     }
     events_publish(q, ev);
@@ -818,8 +955,14 @@ queue_committer_main(void *arg)
                 pthread_mutex_lock(&q->mu);
                 continue;
             }
-            if (q->stopping)
+            if (q->stopping) {
+                if (q->drop_n > 0) {
+                    pthread_mutex_unlock(&q->mu);
+                    drop_kept(q);
+                    pthread_mutex_lock(&q->mu);
+                }
                 break; /* everything submitted is committed and sent */
+            }
             q->idle = true;
             pthread_cond_wait(&q->cond, &q->mu);
             q->idle = false;
@@ -857,8 +1000,8 @@ queue_committer_main(void *arg)
              * too: a retry is harmless, a loss is not). */
             int err = queue_lmdb_err(q->io_err);
             if (q->pend_unsynced)
-                fail_unconfirmed(q->pend_head, err);
-            fail_unconfirmed(batch, err);
+                fail_unconfirmed(q, q->pend_head, err);
+            fail_unconfirmed(q, batch, err);
         }
         if (q->cfg.unsafe_no_sync) {
             events_publish(q, q->ev_next);

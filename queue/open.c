@@ -231,6 +231,7 @@ queue_destroy(struct queue *q)
     free(q->ports);
     free(q->cports);
     free(q->touched);
+    free(q->drop);
     pthread_mutex_destroy(&q->mu);
     pthread_cond_destroy(&q->cond);
     pthread_mutex_destroy(&q->nmu);

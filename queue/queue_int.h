@@ -14,7 +14,7 @@
  *   queue/apply.c   what a write transaction writes: an enqueue, an
  *                   outcome (unless stale), event lines and their trim,
  *                   the due recipients taken, the finished messages
- *                   removed;
+ *                   removed, a message dropped whole;
  *   queue/open.c    opening a spool (lock, environment, schema, the id
  *                   and event numbers, the threads) and closing it;
  *   queue/read.c    every read of the spool (envelopes, bodies, walks,
@@ -389,6 +389,13 @@ struct queue {
     bool full_logged;                        /* and that was logged */
     uint64_t full_logged_ms;
     bool panic_logged;
+    /* Enqueues failed as not confirmed whose commit may have landed: their
+     * ids until a durable commit has removed them (commit.c,
+     * drop_unconfirmed). */
+    uint64_t *drop;          /* owned */
+    size_t drop_n, drop_cap;
+    bool drop_fresh;         /* ids added since the last removal tried */
+    bool drop_logged;        /* a removal that failed was logged */
 
     /* events (queue.h) */
     uint64_t ev_next;             /* committer only: the number of the next line */
@@ -478,5 +485,8 @@ int apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *s
 int apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t);
 /* The message and body of every touched id left without recipients. */
 int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);
+/* Message id with its body, recipients and their time index entries,
+ * whatever their state; nothing when it is not stored. */
+int apply_drop(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t);
 
 #endif

@@ -28,8 +28,10 @@
 #include "queue/queue.h"
 
 /* 0: every sync succeeds; n: the n-th sync from the arming fails, with
- * sync_errno. */
+ * sync_errno (and, with sync_fail_on, every one after it too, until the
+ * next arming: a disk that keeps failing). */
 static atomic_int sync_fail_at;
+static atomic_bool sync_fail_on;
 static atomic_int sync_errno = EIO;
 static atomic_int sync_calls;
 /* n: the n-th sync from the arming waits in the hook until sync_release()
@@ -56,6 +58,7 @@ sync_arm(int hold, int fail)
     pthread_mutex_lock(&hold_mu);
     atomic_store(&sync_calls, 0);
     atomic_store(&sync_fail_at, fail);
+    atomic_store(&sync_fail_on, false);
     sync_hold_at = hold;
     sync_holding = sync_released = false;
     pthread_mutex_unlock(&hold_mu);
@@ -96,9 +99,10 @@ sync_hook(void)
         sync_hold_at = 0;
         pthread_mutex_unlock(&hold_mu);
     }
-    if (at == 0 || n != at)
+    if (at == 0 || n < at || (n > at && !atomic_load(&sync_fail_on)))
         return 0;
-    atomic_store(&sync_fail_at, 0);
+    if (!atomic_load(&sync_fail_on))
+        atomic_store(&sync_fail_at, 0);
     errno = atomic_load(&sync_errno);
     return -1;
 }
@@ -275,13 +279,16 @@ test_events_put_survives_a_failed_sync(void **state)
     queue_port_free(port);
 }
 
+/* Submit a message of one recipient; *id (when not NULL) gets its id. */
 static int
-enqueue_one(struct queue *q, struct queue_port *port, struct put_wait *w)
+enqueue_one(struct queue *q, struct queue_port *port, struct put_wait *w, uint64_t *id)
 {
     struct queue_rcpt rc = {.addr = "a@x.example"};
     struct queue_envelope env = {
         .id = queue_id_next(q), .sender = "s@y.example", .nrcpt = 1, .rcpt = &rc};
     struct iovec iov = {(void *)"body\r\n", 6};
+    if (id != NULL)
+        *id = env.id;
     return queue_enqueue(q, port, &env, &iov, 1, put_done, w);
 }
 
@@ -310,10 +317,10 @@ test_pending_fails_with_a_failed_commit_sync(void **state)
      * commit syncs its data (3rd) and would make a's durable: it fails */
     sync_arm(1, 3);
     struct put_wait x = {0}, a = {0}, b = {0};
-    assert_int_equal(enqueue_one(q, port, &x), 0);
+    assert_int_equal(enqueue_one(q, port, &x, NULL), 0);
     sync_wait_held();
-    assert_int_equal(enqueue_one(q, port, &a), 0);
-    assert_int_equal(enqueue_one(q, port, &b), 0);
+    assert_int_equal(enqueue_one(q, port, &a, NULL), 0);
+    assert_int_equal(enqueue_one(q, port, &b, NULL), 0);
     sync_release();
     for (int i = 0; i < 100 && !(x.done && a.done && b.done); i++)
         queue_port_wait(port, 100);
@@ -323,6 +330,155 @@ test_pending_fails_with_a_failed_commit_sync(void **state)
     assert_int_equal(b.rc, -EIO);
     assert_int_equal(a.rc, -EIO);
     queue_port_free(port);
+}
+
+/* Reopen f's spool with max_batch 1: one request per commit. */
+static struct queue *
+reopen_batch_one(struct fixture *f)
+{
+    char err[512];
+    queue_close(f->q);
+    f->cfg.max_batch = 1;
+    int rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
+    if (rc != 0)
+        fail_msg("queue_open: %s (%s)", err, queue_strerror(rc));
+    return f->q;
+}
+
+struct find {
+    uint64_t id;
+    bool found;
+};
+
+static int
+find_id(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    (void)r;
+    struct find *fd = arg;
+    fd->found |= id == fd->id;
+    return 0;
+}
+
+/* Whether the walk the engine makes at start (requeue_spool) meets id. */
+static bool
+walk_has(struct queue *q, uint64_t id)
+{
+    struct find fd = {id, false};
+    assert_int_equal(queue_walk(q, find_id, &fd), 0);
+    return fd.found;
+}
+
+/* As in test_pending_fails_with_a_failed_commit_sync: x stored, a's
+ * commit landed but the sync that was to confirm it (b's data sync, the
+ * 3rd) failed, b's commit did not land. With keep_failing, every sync
+ * from that one on fails. ids: x, a, b. */
+static void
+unconfirmed_run(struct queue *q, struct queue_port *port, bool keep_failing, uint64_t ids[3])
+{
+    sync_arm(1, 3);
+    atomic_store(&sync_fail_on, keep_failing);
+    struct put_wait x = {0}, a = {0}, b = {0};
+    assert_int_equal(enqueue_one(q, port, &x, &ids[0]), 0);
+    sync_wait_held();
+    assert_int_equal(enqueue_one(q, port, &a, &ids[1]), 0);
+    assert_int_equal(enqueue_one(q, port, &b, &ids[2]), 0);
+    sync_release();
+    for (int i = 0; i < 100 && !(x.done && a.done && b.done); i++)
+        queue_port_wait(port, 100);
+    assert_true(x.done && a.done && b.done);
+    assert_int_equal(x.rc, 0);
+    assert_int_equal(a.rc, -EIO);
+    assert_int_equal(b.rc, -EIO);
+}
+
+/* An enqueue failed as not confirmed ("maybe applied": its client is
+ * answered 451 and sends the message again) whose commit did land: its
+ * record sat ready in the spool, unknown to the engine, and the walk of
+ * the next start delivered it, a duplicate hours later. The spool removes
+ * it, durably, before the failure is reported. */
+static void
+test_unconfirmed_enqueue_is_removed(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = reopen_batch_one(f);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t ids[3];
+    unconfirmed_run(q, port, false, ids);
+    queue_port_free(port);
+    assert_true(walk_has(q, ids[0]));
+    struct queue_envelope *got = NULL;
+    assert_int_equal(queue_envelope_get(q, ids[1], &got), QUEUE_ENOTFOUND);
+    queue_envelope_free(got);
+    assert_false(walk_has(q, ids[1]));
+    assert_false(walk_has(q, ids[2]));
+    /* and a restart does not find it either */
+    q = reopen_batch_one(f);
+    assert_true(walk_has(q, ids[0]));
+    assert_false(walk_has(q, ids[1]));
+}
+
+/* The same when the removal cannot be made durable either (every sync
+ * fails): the spool is failing. The record stays (nothing could remove
+ * it; a restart now would deliver it, which the log says), new mail is
+ * refused, and the first commit that works again removes it before it
+ * takes mail. */
+static void
+test_unconfirmed_removal_is_retried(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = reopen_batch_one(f);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t ids[3];
+    unconfirmed_run(q, port, true, ids);
+    assert_true(walk_has(q, ids[1])); /* the removal failed */
+
+    struct put_wait c = {0}, d = {0};
+    uint64_t idc, idd;
+    assert_int_equal(enqueue_one(q, port, &c, &idc), 0);
+    for (int i = 0; i < 100 && !c.done; i++)
+        queue_port_wait(port, 100);
+    assert_true(c.done);
+    assert_int_equal(c.rc, -EIO);
+    assert_false(walk_has(q, idc));
+    assert_true(walk_has(q, ids[1]));
+
+    sync_fail_arm(0); /* the disk is back */
+    assert_int_equal(enqueue_one(q, port, &d, &idd), 0);
+    for (int i = 0; i < 100 && !d.done; i++)
+        queue_port_wait(port, 100);
+    assert_true(d.done);
+    assert_int_equal(d.rc, 0);
+    assert_true(walk_has(q, idd));
+    assert_false(walk_has(q, ids[1]));
+    queue_port_free(port);
+    q = reopen_batch_one(f);
+    assert_true(walk_has(q, ids[0]));
+    assert_true(walk_has(q, idd));
+    assert_false(walk_has(q, ids[1]));
+}
+
+/* The spool stops while the removal still fails: each message is named
+ * in the log, and it is still there at the next start. That is the limit
+ * the spool documents (commit.c, drop_unconfirmed): nothing on disk can
+ * mark it when no write can be made durable. */
+static void
+test_unconfirmed_kept_at_stop(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = reopen_batch_one(f);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t ids[3];
+    unconfirmed_run(q, port, true, ids);
+    queue_port_free(port);
+    queue_close(f->q); /* logs queue=unconfirmed_kept for ids[1] */
+    f->q = NULL;
+    sync_fail_arm(0);
+    q = reopen_batch_one(f);
+    assert_true(walk_has(q, ids[0]));
+    assert_true(walk_has(q, ids[1]));
 }
 
 /* The same with a sync that fails for want of space (ENOSPC: a quota, a
@@ -350,7 +506,7 @@ test_unconfirmed_fails_without_a_space_error(void **state)
     atomic_store(&sync_errno, ENOSPC);
     sync_arm(1, 2); /* x's data sync held while the updates line up; the next fails */
     struct put_wait x = {0}, u1 = {0}, u2 = {0};
-    assert_int_equal(enqueue_one(q, port, &x), 0);
+    assert_int_equal(enqueue_one(q, port, &x, NULL), 0);
     sync_wait_held();
     struct queue_outcome o1 = {ids[0], 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
     struct queue_outcome o2 = {ids[1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
@@ -387,6 +543,9 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_unconfirmed_fails_without_a_space_error, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_unconfirmed_enqueue_is_removed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unconfirmed_removal_is_retried, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unconfirmed_kept_at_stop, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
