@@ -1019,6 +1019,12 @@ sweep(struct mta_sts *m)
         m->st.domains--;
         free(e);
     }
+    /* The buckets follow too: after a burst of new domains, halved
+     * while a quarter full or less, down to what is left. */
+    for (size_t nb = 0; nb != m->domains.nb;) {
+        nb = m->domains.nb;
+        hash_compact(&m->domains);
+    }
     pthread_mutex_unlock(&m->lock);
 }
 
