@@ -1,17 +1,18 @@
 /*
  * mta_sts: the policy store and the thread that learns policies (see
  * mta_sts.h for what it does). Each domain is one struct sts_entry in a
- * hash under m->lock; a check walks it through TXT -> ADDR -> FETCH ->
- * idle on the thread, whose loop is curl_multi_poll() watching curl's
- * sockets and the resolver's (given as extra fds), woken by
- * curl_multi_wakeup() when a worker queues a check.
+ * hash under m->lock, holding only what mta_sts_get answers from (about
+ * 60 octets with its name); a check of it is a struct sts_check of its
+ * own, made when the check is queued and freed when it ends, that walks
+ * TXT -> ADDR -> FETCH on the thread, whose loop is curl_multi_poll()
+ * watching curl's sockets and the resolver's (given as extra fds), woken
+ * by curl_multi_wakeup() when a worker queues a check.
  *
  * The policies themselves (parse, match, the TXT record) are
  * engine/mta_sts_policy.c's.
  *
- * Threading: the entries' shared fields (pol, checked_ms, busy, queued)
- * under m->lock; the check's own fields (st, easy, body) on the thread
- * only.
+ * Threading: the entries, and the queue of checks, under m->lock; a
+ * started check's own fields (st, easy, body) on the thread only.
  */
 #include "engine/mta_sts.h"
 
@@ -92,26 +93,46 @@ const struct conf_key mta_sts_conf_keys[] = {
 
 /* ---- the store ---- */
 
+/* CHECK_IDLE: queued, not started. */
 enum check_state { CHECK_IDLE, CHECK_TXT, CHECK_ADDR, CHECK_FETCH };
 
+/* A domain asked: what mta_sts_get needs to answer, and no more. Most
+ * domains a bulk sender meets have no policy and are kept so for an hour
+ * after their last mail (recheck; see sweep()), a million an hour on a
+ * busy node: what only a check uses lives in its struct sts_check, made
+ * for the check and freed when it ends. Allocated in
+ * offsetof(struct sts_entry, name) + the name's octets (no tail padding):
+ * 41 octets and the name, a 64-octet malloc chunk for "example.com".
+ * Under m->lock, all of it (name: immutable). */
 struct sts_entry {
     struct hash_node hn;          /* in m->domains (first) */
-    struct mta_sts *m;            /* borrowed: the store it is in */
-    /* Under m->lock. */
     struct mta_sts_policy *pol;   /* owned reference, or NULL */
     uint64_t checked_ms;          /* Unix ms of the last finished check; 0: never */
-    bool busy;                    /* a check is queued or in flight */
-    bool refresh;                 /* ... to fetch the policy again (RFC 8461 3.3) */
-    bool txt_known;               /* ... from new_id: a worker asked the TXT record */
-    bool dns_failed;              /* the last check ended on a temporary DNS failure
+    uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
+    bool busy : 1;                /* a check is asked (MTA_STS_ASK), queued or in flight;
+                                   * the sweep keeps the entry while it is */
+    bool dns_failed : 1;          /* the last check ended on a temporary DNS failure
                                    * (its TXT record's or its policy host's): with no
                                    * policy in force, due again after retry_after(),
                                    * not recheck */
-    uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
-    struct sts_entry *qnext;      /* on m->queue */
-    char new_id[33];              /* the id to fetch, while busy: by the thread, or by
+    char name[];
+};
+
+/* One check of a domain, queued (on m->qhead, under m->lock) and then
+ * running on the thread (on m->running, the thread's), until check_done
+ * frees it. A first check asked of a worker (MTA_STS_ASK) makes one only
+ * when its TXT answer names an id to fetch: a domain without a record,
+ * most of them, never has one. */
+struct sts_check {
+    struct sts_check *qnext;      /* on m->qhead, under m->lock */
+    struct sts_check *prev, *next; /* on m->running, the thread's */
+    struct sts_entry *e;          /* borrowed: busy, so kept, while the check lives */
+    struct mta_sts *m;            /* borrowed: the store */
+    bool refresh;                 /* to fetch the policy again (RFC 8461 3.3) */
+    bool txt_known;               /* new_id is set: a worker asked the TXT record */
+    char new_id[33];              /* the id to fetch: by the thread, or by
                                    * mta_sts_txt_answer (under m->lock) before it
-                                   * queues the entry */
+                                   * queues the check */
     /* The thread's only. */
     uint8_t st;                   /* enum check_state */
     struct dns_req *req;
@@ -122,7 +143,6 @@ struct sts_entry {
     char *body;                   /* owned: the answer so far, MTA_STS_MAX_BYTES + 1 */
     size_t blen;
     bool too_big;
-    char name[];
 };
 
 struct mta_sts {
@@ -131,7 +151,7 @@ struct mta_sts {
     char dir[PATH_MAX], file[128]; /* the cache */
     pthread_mutex_t lock;
     struct hash domains;          /* owned struct sts_entry, by name */
-    struct sts_entry *qhead, *qtail; /* checks waiting for the thread */
+    struct sts_check *qhead, *qtail; /* owned: checks waiting for the thread */
     bool stop;
     bool dirty;                   /* the cache file is behind */
     bool flush_reports;           /* the operator asked */
@@ -149,6 +169,7 @@ struct mta_sts {
                                    * while the last poll's are read) */
     unsigned wcap;
     unsigned inflight;
+    struct sts_check *running;    /* owned: the checks started (m->inflight of them) */
     uint64_t saved_ms;
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
     uint64_t sweep_every_ms;      /* SWEEP_MS, or a test hook's */
@@ -172,11 +193,10 @@ entry_get(struct mta_sts *m, const char *name, bool make)
     if (n != NULL || !make)
         return (struct sts_entry *)n;
     size_t len = strlen(name);
-    struct sts_entry *e = calloc(1, sizeof(*e) + len + 1);
+    struct sts_entry *e = calloc(1, offsetof(struct sts_entry, name) + len + 1);
     if (e == NULL)
         return NULL;
     memcpy(e->name, name, len + 1);
-    e->m = m;
     e->hn.hash = h;
     if (hash_insert(&m->domains, &e->hn) < 0) {
         free(e);
@@ -216,18 +236,25 @@ retry_after(const struct mta_sts *m)
     return ms < m->sc->recheck ? ms : m->sc->recheck;
 }
 
-/* Under m->lock: e joins the checks to run. */
-static void
+/* Under m->lock: a check of e joins the checks to run (e is busy until
+ * it ends). Returns it, or NULL without memory (e is then left as it
+ * was: not busy, due as before). */
+static struct sts_check *
 entry_queue(struct mta_sts *m, struct sts_entry *e)
 {
+    struct sts_check *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->e = e;
+    c->m = m;
     e->busy = true;
-    e->qnext = NULL;
     if (m->qtail != NULL)
-        m->qtail->qnext = e;
+        m->qtail->qnext = c;
     else
-        m->qhead = e;
-    m->qtail = e;
+        m->qhead = c;
+    m->qtail = c;
     m->st.queued++;
+    return c;
 }
 
 enum mta_sts_answer
@@ -262,10 +289,8 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
     uint64_t again = e->dns_failed && !in_force ? retry_after(m) : m->sc->recheck;
     if (!e->busy &&
         (e->checked_ms == 0 || now - e->checked_ms >= again ||
-         (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms))) {
-        entry_queue(m, e);
-        wake = true;
-    }
+         (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms)))
+        wake = entry_queue(m, e) != NULL; /* without memory: again at the next mail */
     if (e->checked_ms == 0)
         a = MTA_STS_WAIT;
     else if (e->pol != NULL && now < e->pol->expires_ms)
@@ -291,18 +316,24 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
         return;
     }
     m->st.inflight--;
-    if (has) {
+    e->busy = false;
+    struct sts_check *c = has ? entry_queue(m, e) : NULL;
+    if (c != NULL) {
         /* A policy to fetch: the thread goes on from the id. */
-        memcpy(e->new_id, id, sizeof(e->new_id));
-        e->txt_known = true;
-        entry_queue(m, e);
+        memcpy(c->new_id, id, sizeof(c->new_id));
+        c->txt_known = true;
         pthread_mutex_unlock(&m->lock);
         curl_multi_wakeup(m->multi);
         return;
     }
+    if (has) {
+        /* No memory for the check: as a fetch that failed, the cached
+         * policy (if any) stays, and the domain is due again soon. */
+        result = "fetch_failed";
+        reason = "out of memory";
+    }
     e->checked_ms = clock_unix_ms();
-    e->busy = false;
-    e->dns_failed = status == DNS_RETRY;
+    e->dns_failed = status == DNS_RETRY || has;
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
             "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
@@ -490,15 +521,46 @@ cache_load(struct mta_sts *m)
 
 static void check_next(struct mta_sts *m);
 
-/* The check of e ended: pol (a reference moved in, or NULL) replaces the
- * cached policy when replace; otherwise the cached one stays. dns_temp:
- * it ended on a temporary DNS failure (see retry_after). */
+static void fetch_free(struct mta_sts *m, struct sts_check *c);
+
+/* On the thread: c starts, on m->running. */
 static void
-check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_policy *pol,
+check_run(struct mta_sts *m, struct sts_check *c)
+{
+    m->inflight++;
+    c->prev = NULL;
+    c->next = m->running;
+    if (m->running != NULL)
+        m->running->prev = c;
+    m->running = c;
+}
+
+/* Frees c and what it holds, off m->running. Returns NULL. */
+static struct sts_check *
+check_free(struct mta_sts *m, struct sts_check *c)
+{
+    fetch_free(m, c);
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        m->running = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    m->inflight--;
+    free(c);
+    return NULL;
+}
+
+/* Check c ended, and is freed: pol (a reference moved in, or NULL)
+ * replaces the cached policy when replace; otherwise the cached one
+ * stays. dns_temp: it ended on a temporary DNS failure (see
+ * retry_after). */
+static void
+check_done(struct mta_sts *m, struct sts_check *c, bool replace, struct mta_sts_policy *pol,
            bool dns_temp, const char *result, const char *why)
 {
-    e->st = CHECK_IDLE;
-    m->inflight--;
+    struct sts_entry *e = c->e;
+    check_free(m, c);
     uint64_t now = clock_unix_ms();
     pthread_mutex_lock(&m->lock);
     m->st.inflight--;
@@ -519,7 +581,6 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
     }
     e->checked_ms = now;
     e->busy = false;
-    e->refresh = false;
     e->dns_failed = dns_temp;
     const struct mta_sts_policy *p = e->pol;
     /* Most domains publish nothing: their checks are debug lines, not one
@@ -536,48 +597,46 @@ check_done(struct mta_sts *m, struct sts_entry *e, bool replace, struct mta_sts_
  * the failure is reported under the domain's policy (RFC 8460 4.3.1).
  * dns_temp: the policy host's address lookup failed for now. */
 static void
-check_failed(struct mta_sts *m, struct sts_entry *e, enum tlsrpt_result r, bool dns_temp,
+check_failed(struct mta_sts *m, struct sts_check *c, enum tlsrpt_result r, bool dns_temp,
              const char *why)
 {
     pthread_mutex_lock(&m->lock);
     m->st.fetch_failed++;
-    struct mta_sts_policy *p = mta_sts_policy_ref(e->pol);
+    struct mta_sts_policy *p = mta_sts_policy_ref(c->e->pol);
     pthread_mutex_unlock(&m->lock);
     if (m->rpt != NULL)
-        tlsrpt_record(m->rpt, e->name, p, r, NULL, NULL);
+        tlsrpt_record(m->rpt, c->e->name, p, r, NULL, NULL);
     mta_sts_policy_unref(p);
-    check_done(m, e, false, NULL, dns_temp, "fetch_failed", why);
+    check_done(m, c, false, NULL, dns_temp, "fetch_failed", why);
 }
 
 static size_t
 on_body(char *data, size_t size, size_t nmemb, void *arg)
 {
-    struct sts_entry *e = arg;
+    struct sts_check *c = arg;
     size_t n = size * nmemb;
-    if (e->blen + n > MTA_STS_MAX_BYTES) {
-        e->too_big = true;
+    if (c->blen + n > MTA_STS_MAX_BYTES) {
+        c->too_big = true;
         return 0; /* curl stops: CURLE_WRITE_ERROR */
     }
-    memcpy(e->body + e->blen, data, n);
-    e->blen += n;
+    memcpy(c->body + c->blen, data, n);
+    c->blen += n;
     return n;
 }
 
-static void fetch_free(struct mta_sts *m, struct sts_entry *e);
-
-/* Fetch e's policy from the policy host at addrs (n >= 1, each one
+/* Fetch the policy of c's domain from the policy host at addrs (n >= 1, each one
  * allowed as a target): curl connects to them in turn (and both
  * families at once, RFC 8305), so one address that is down does not fail
  * the fetch while another answers. */
 static void
-fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const *addrs,
+fetch_start(struct mta_sts *m, struct sts_check *c, const union dns_addr *const *addrs,
             unsigned n)
 {
     /* host:port:addr[,addr]... (libcurl 7.59 and later: several), each
      * address less than 64 octets and 3 more ("," "[" "]") */
     char rs[DNS_NAME_MAX + 32 + FETCH_ADDRS * (64 + 3)], url[DNS_NAME_MAX + 100];
     unsigned port = m->sc->fetch_port;
-    size_t o = (size_t)snprintf(rs, sizeof(rs), "mta-sts.%s:%u:", e->name, port);
+    size_t o = (size_t)snprintf(rs, sizeof(rs), "mta-sts.%s:%u:", c->e->name, port);
     for (unsigned i = 0; i < n && i < FETCH_ADDRS; i++) {
         char ip[64];
         bool v6 = addrs[i]->sa.sa_family == AF_INET6;
@@ -586,55 +645,56 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const 
                               v6 ? "[" : "", ip, v6 ? "]" : "");
     }
     if (port == 443)
-        snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", e->name);
+        snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", c->e->name);
     else
-        snprintf(url, sizeof(url), "https://mta-sts.%s:%u/.well-known/mta-sts.txt", e->name, port);
-    e->body = malloc(MTA_STS_MAX_BYTES + 1);
-    e->resolve = curl_slist_append(NULL, rs);
-    e->easy = curl_easy_init();
+        snprintf(url, sizeof(url), "https://mta-sts.%s:%u/.well-known/mta-sts.txt", c->e->name,
+                 port);
+    c->body = malloc(MTA_STS_MAX_BYTES + 1);
+    c->resolve = curl_slist_append(NULL, rs);
+    c->easy = curl_easy_init();
     /* CURLOPT_RESOLVE puts its entry in the DNS cache the handle uses,
      * for good (an entry without "+" never expires): in the multi
      * handle's, that is one entry per domain ever fetched, for the life
      * of the process. A cache of the fetch's own (a share of DNS alone)
      * holds it instead, and goes with the fetch (fetch_free). */
-    e->share = curl_share_init();
-    e->blen = 0;
-    e->too_big = false;
-    if (e->body == NULL || e->resolve == NULL || e->easy == NULL || e->share == NULL ||
-        curl_share_setopt(e->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
-        curl_easy_setopt(e->easy, CURLOPT_SHARE, e->share) != CURLE_OK) {
-        fetch_free(m, e);
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
+    c->share = curl_share_init();
+    c->blen = 0;
+    c->too_big = false;
+    if (c->body == NULL || c->resolve == NULL || c->easy == NULL || c->share == NULL ||
+        curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
+        curl_easy_setopt(c->easy, CURLOPT_SHARE, c->share) != CURLE_OK) {
+        fetch_free(m, c);
+        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
         return;
     }
-    CURL *c = e->easy;
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_RESOLVE, e->resolve);
+    CURL *h = c->easy;
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_RESOLVE, c->resolve);
     /* No proxy from the environment (https_proxy, all_proxy): the policy
      * host's addresses are the ones resolved and checked here. */
-    curl_easy_setopt(c, CURLOPT_PROXY, "");
-    curl_easy_setopt(c, CURLOPT_PRIVATE, e);
-    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)m->sc->fetch_timeout);
-    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)m->sc->fetch_timeout);
-    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(c, CURLOPT_WRITEDATA, e);
-    curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L); /* RFC 8461 3.3: no redirects */
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(c, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
-    curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)MTA_STS_MAX_BYTES);
+    curl_easy_setopt(h, CURLOPT_PROXY, "");
+    curl_easy_setopt(h, CURLOPT_PRIVATE, c);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)m->sc->fetch_timeout);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)m->sc->fetch_timeout);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, c);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L); /* RFC 8461 3.3: no redirects */
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(h, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
+    curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)MTA_STS_MAX_BYTES);
     if (m->sc->ca_file != NULL)
-        curl_easy_setopt(c, CURLOPT_CAINFO, m->sc->ca_file);
+        curl_easy_setopt(h, CURLOPT_CAINFO, m->sc->ca_file);
     /* Refused (out of memory), the entry would wait in CHECK_FETCH for
      * good, holding a max_fetches slot: it fails now, as a fetch. */
-    if (curl_multi_add_handle(m->multi, c) != CURLM_OK) {
-        fetch_free(m, e);
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
+    if (curl_multi_add_handle(m->multi, h) != CURLM_OK) {
+        fetch_free(m, c);
+        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
         return;
     }
-    e->st = CHECK_FETCH;
+    c->st = CHECK_FETCH;
     pthread_mutex_lock(&m->lock);
     m->st.fetches++;
     pthread_mutex_unlock(&m->lock);
@@ -644,34 +704,34 @@ fetch_start(struct mta_sts *m, struct sts_entry *e, const union dns_addr *const 
  * its DNS cache (a share in use by a handle is not freed) with the
  * resolve entry in it. */
 static void
-fetch_free(struct mta_sts *m, struct sts_entry *e)
+fetch_free(struct mta_sts *m, struct sts_check *c)
 {
-    if (e->easy != NULL) {
-        curl_multi_remove_handle(m->multi, e->easy);
-        curl_easy_cleanup(e->easy);
-        e->easy = NULL;
+    if (c->easy != NULL) {
+        curl_multi_remove_handle(m->multi, c->easy);
+        curl_easy_cleanup(c->easy);
+        c->easy = NULL;
     }
-    if (e->share != NULL) {
-        curl_share_cleanup(e->share);
-        e->share = NULL;
+    if (c->share != NULL) {
+        curl_share_cleanup(c->share);
+        c->share = NULL;
     }
-    curl_slist_free_all(e->resolve);
-    e->resolve = NULL;
-    free(e->body);
-    e->body = NULL;
+    curl_slist_free_all(c->resolve);
+    c->resolve = NULL;
+    free(c->body);
+    c->body = NULL;
 }
 
 static void
-fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
+fetch_done(struct mta_sts *m, struct sts_check *c, CURLcode res)
 {
     long code = 0;
     char *ctype = NULL;
-    curl_easy_getinfo(e->easy, CURLINFO_RESPONSE_CODE, &code);
-    curl_easy_getinfo(e->easy, CURLINFO_CONTENT_TYPE, &ctype);
+    curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_getinfo(c->easy, CURLINFO_CONTENT_TYPE, &ctype);
     char why[160];
     enum tlsrpt_result r = TLSRPT_STS_POLICY_FETCH_ERROR;
     bool ok = false;
-    if (e->too_big || res == CURLE_FILESIZE_EXCEEDED) {
+    if (c->too_big || res == CURLE_FILESIZE_EXCEEDED) {
         snprintf(why, sizeof(why), "policy larger than %u octets", MTA_STS_MAX_BYTES);
     } else if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE) {
         r = TLSRPT_STS_WEBPKI_INVALID;
@@ -689,36 +749,36 @@ fetch_done(struct mta_sts *m, struct sts_entry *e, CURLcode res)
         ok = true;
     }
     if (!ok) {
-        fetch_free(m, e);
-        check_failed(m, e, r, false, why);
+        fetch_free(m, c);
+        check_failed(m, c, r, false, why);
         return;
     }
     struct mta_sts_policy *p = NULL;
     const char *pwhy = NULL;
-    int rc = mta_sts_policy_parse(e->body, e->blen, &p, &pwhy);
-    fetch_free(m, e);
+    int rc = mta_sts_policy_parse(c->body, c->blen, &p, &pwhy);
+    fetch_free(m, c);
     if (rc < 0) {
         snprintf(why, sizeof(why), "policy does not parse: %s", pwhy);
-        check_failed(m, e, TLSRPT_STS_POLICY_INVALID, false, why);
+        check_failed(m, c, TLSRPT_STS_POLICY_INVALID, false, why);
         return;
     }
-    snprintf(p->id, sizeof(p->id), "%s", e->new_id);
+    snprintf(p->id, sizeof(p->id), "%s", c->new_id);
     p->fetched_ms = clock_unix_ms();
     p->expires_ms = p->fetched_ms + p->max_age * 1000;
     pthread_mutex_lock(&m->lock);
     m->st.fetched++;
-    bool refreshed = e->refresh;
+    bool refreshed = c->refresh;
     m->st.refreshed += refreshed;
     pthread_mutex_unlock(&m->lock);
-    check_done(m, e, true, p, false, refreshed ? "refreshed" : "fetched", NULL);
+    check_done(m, c, true, p, false, refreshed ? "refreshed" : "fetched", NULL);
 }
 
 static void
 on_addr(void *arg, struct dns_mx_result *res)
 {
-    struct sts_entry *e = arg;
-    struct mta_sts *m = e->m;
-    e->req = NULL;
+    struct sts_check *c = arg;
+    struct mta_sts *m = c->m;
+    c->req = NULL;
     /* Every address a delivery could use, in the resolver's order (the
      * preferred family first); the others are never connected to. */
     const union dns_addr *pick[FETCH_ADDRS];
@@ -735,28 +795,28 @@ on_addr(void *arg, struct dns_mx_result *res)
             why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
     }
     if (npick > 0)
-        fetch_start(m, e, pick, npick);
+        fetch_start(m, c, pick, npick);
     else
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
+        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
     dns_mx_result_unref(res);
 }
 
 static void
-check_addr(struct mta_sts *m, struct sts_entry *e)
+check_addr(struct mta_sts *m, struct sts_check *c)
 {
     char host[DNS_NAME_MAX + 16];
-    snprintf(host, sizeof(host), "mta-sts.%s", e->name);
-    e->st = CHECK_ADDR;
+    snprintf(host, sizeof(host), "mta-sts.%s", c->e->name);
+    c->st = CHECK_ADDR;
     struct dns_mx_result *res = NULL;
     /* Its A/AAAA records (RFC 8461 3.3: an HTTPS GET to the host), not
      * its MX: a name under a wildcard MX has both. */
-    int rc = dns_addr_resolve(m->dns, host, on_addr, e, &res, &e->req);
+    int rc = dns_addr_resolve(m->dns, host, on_addr, c, &res, &c->req);
     if (rc == 1) {
-        e->req = NULL;
-        on_addr(e, res);
+        c->req = NULL;
+        on_addr(c, res);
     } else if (rc < 0) {
-        e->req = NULL;
-        check_failed(m, e, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
+        c->req = NULL;
+        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
     }
 }
 
@@ -803,57 +863,57 @@ txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt, un
 /* The TXT record named policy id: fetch it, unless the cached policy has
  * that id and is neither ended nor in its last tenth. */
 static void
-check_id(struct mta_sts *m, struct sts_entry *e, const char id[33])
+check_id(struct mta_sts *m, struct sts_check *c, const char id[33])
 {
+    const struct sts_entry *e = c->e;
     pthread_mutex_lock(&m->lock);
     uint64_t now = clock_unix_ms();
     bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 && now < e->pol->expires_ms &&
                 !refresh_due(e->pol, now);
-    e->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
+    c->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
     pthread_mutex_unlock(&m->lock);
     if (same) {
-        check_done(m, e, false, NULL, false, "unchanged", NULL);
+        check_done(m, c, false, NULL, false, "unchanged", NULL);
         return;
     }
-    memcpy(e->new_id, id, sizeof(e->new_id));
-    check_addr(m, e);
+    memcpy(c->new_id, id, sizeof(c->new_id));
+    check_addr(m, c);
 }
 
 static void
 on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
 {
-    struct sts_entry *e = arg;
+    struct sts_check *c = arg;
     char id[33];
     const char *result, *reason;
     if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0)
-        check_done(e->m, e, false, NULL, status == DNS_RETRY, result, reason);
+        check_done(c->m, c, false, NULL, status == DNS_RETRY, result, reason);
     else
-        check_id(e->m, e, id);
+        check_id(c->m, c, id);
 }
 
 static void
-check_start(struct mta_sts *m, struct sts_entry *e)
+check_start(struct mta_sts *m, struct sts_check *c)
 {
     char id[33];
-    m->inflight++;
+    check_run(m, c);
     pthread_mutex_lock(&m->lock);
     m->st.inflight++;
-    bool known = e->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
-    e->txt_known = false;
-    memcpy(id, e->new_id, sizeof(id));
+    bool known = c->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
+    memcpy(id, c->new_id, sizeof(id));
     if (!known)
         m->st.checks++;
     pthread_mutex_unlock(&m->lock);
     if (known) {
-        check_id(m, e, id);
+        check_id(m, c, id);
         return;
     }
     char name[DNS_NAME_MAX + 16];
-    snprintf(name, sizeof(name), "_mta-sts.%s", e->name);
-    e->st = CHECK_TXT;
-    int rc = dns_txt_lookup(m->dns, name, on_txt, e);
+    snprintf(name, sizeof(name), "_mta-sts.%s", c->e->name);
+    c->st = CHECK_TXT;
+    int rc = dns_txt_lookup(m->dns, name, on_txt, c);
     if (rc < 0) {
-        check_done(m, e, false, NULL, rc != -EINVAL, "dns_failed",
+        check_done(m, c, false, NULL, rc != -EINVAL, "dns_failed",
                    rc == -EINVAL ? "bad name" : "out of memory");
     }
 }
@@ -864,17 +924,17 @@ check_next(struct mta_sts *m)
 {
     while (m->inflight < m->sc->max_fetches) {
         pthread_mutex_lock(&m->lock);
-        struct sts_entry *e = m->qhead;
-        if (e != NULL) {
-            m->qhead = e->qnext;
+        struct sts_check *c = m->qhead;
+        if (c != NULL) {
+            m->qhead = c->qnext;
             if (m->qhead == NULL)
                 m->qtail = NULL;
             m->st.queued--;
         }
         pthread_mutex_unlock(&m->lock);
-        if (e == NULL)
+        if (c == NULL)
             return;
-        check_start(m, e);
+        check_start(m, c);
     }
 }
 
@@ -920,7 +980,17 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
  * domain ever seen. A policy in force stays (it is in the cache file
  * too). Use counts, not only the last check: a domain checked an hour
  * ago and used a second ago is known, and forgetting it would hold its
- * next mail for a first check. */
+ * next mail for a first check.
+ * Why not sooner (after FORGET_MS alone, or the TXT answer's TTL)? RFC
+ * 8461 would allow it: it says nothing of how long a sender remembers
+ * that a domain published no record (section 5 finds a policy by one
+ * TXT lookup, and asking again only finds a new one sooner). But a
+ * forgotten domain's next mail waits for its TXT answer (MTA_STS_ASK),
+ * and TXT lookups are not cached (dns_txt_lookup): a domain mailed every
+ * 20 minutes would wait on DNS at every mail instead of once an hour, a
+ * whole [dns] timeout where its servers ignore _mta-sts names; and the
+ * TTL is not known here (dns_txt_fn does not give it). An idle entry is
+ * about 60 octets now (struct sts_entry), so the hour costs little. */
 static void
 sweep(struct mta_sts *m)
 {
@@ -928,23 +998,17 @@ sweep(struct mta_sts *m)
     uint64_t idle = m->sc->recheck > FORGET_MS ? m->sc->recheck : FORGET_MS;
     if (m->forget_ms != 0)
         idle = m->forget_ms;
-    struct sts_entry *gone = NULL;
     pthread_mutex_lock(&m->lock);
     size_t b = 0;
     struct hash_node *cur = NULL;
+    /* hash_next() has the next entry in hand: the one returned may go. */
     for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
         struct sts_entry *e = (struct sts_entry *)n;
         uint64_t last = e->used_ms > e->checked_ms ? e->used_ms : e->checked_ms;
         /* now < last: the wall clock stepped back; kept until it passes */
-        if (!e->busy && e->st == CHECK_IDLE && now > last && now - last > idle &&
-            (e->pol == NULL || e->pol->expires_ms <= now)) {
-            e->qnext = gone;
-            gone = e;
-        }
-    }
-    while (gone != NULL) {
-        struct sts_entry *e = gone;
-        gone = e->qnext;
+        if (e->busy || now <= last || now - last <= idle ||
+            (e->pol != NULL && e->pol->expires_ms > now))
+            continue;
         hash_remove(&m->domains, &e->hn);
         if (e->pol != NULL) {
             m->st.policies--;
@@ -954,6 +1018,12 @@ sweep(struct mta_sts *m)
         mta_sts_policy_unref(e->pol);
         m->st.domains--;
         free(e);
+    }
+    /* The buckets follow too: after a burst of new domains, halved
+     * while a quarter full or less, down to what is left. */
+    for (size_t nb = 0; nb != m->domains.nb;) {
+        nb = m->domains.nb;
+        hash_compact(&m->domains);
     }
     pthread_mutex_unlock(&m->lock);
 }
@@ -978,8 +1048,10 @@ refresh_scan(struct mta_sts *m)
         if (e->busy || p == NULL || now >= p->expires_ms || e->used_ms < p->fetched_ms ||
             !refresh_due(p, now) || now - e->checked_ms < m->sc->recheck)
             continue;
-        e->refresh = true;
-        entry_queue(m, e);
+        struct sts_check *c = entry_queue(m, e);
+        if (c == NULL)
+            break; /* no memory: the next scan */
+        c->refresh = true;
         started++;
     }
     pthread_mutex_unlock(&m->lock);
@@ -1164,38 +1236,28 @@ mta_sts_free(struct mta_sts *m)
         pthread_join(m->thread, NULL);
     }
     /* Checks in flight are abandoned: their DNS lookups go with the
-     * resolver, their transfers with their handles. */
-    size_t b = 0;
-    struct hash_node *cur = NULL;
-    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
-        struct sts_entry *e = (struct sts_entry *)n;
-        if (e->st == CHECK_FETCH)
-            fetch_free(m, e);
+     * resolver, their transfers with their handles; queued ones were
+     * never started. */
+    while (m->running != NULL)
+        check_free(m, m->running);
+    while (m->qhead != NULL) {
+        struct sts_check *c = m->qhead;
+        m->qhead = c->qnext;
+        free(c);
     }
+    m->qtail = NULL;
     if (m->rpt != NULL)
         m->rpt = tlsrpt_free(m->rpt, m->multi);
     m->dns = dns_free(m->dns);
     if (m->started && m->dirty)
         cache_save(m);
-    b = 0;
-    cur = NULL;
+    /* hash_next() has the next entry in hand: the one returned may go. */
+    size_t b = 0;
+    struct hash_node *cur = NULL;
     for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
         struct sts_entry *e = (struct sts_entry *)n;
         mta_sts_policy_unref(e->pol);
-    }
-    /* Entries are freed after the walk: the table is not changed under it. */
-    b = 0;
-    cur = NULL;
-    struct sts_entry *all = NULL;
-    for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
-        struct sts_entry *e = (struct sts_entry *)n;
-        e->qnext = all;
-        all = e;
-    }
-    while (all != NULL) {
-        struct sts_entry *next = all->qnext;
-        free(all);
-        all = next;
+        free(e);
     }
     hash_fini(&m->domains);
     if (m->multi != NULL)

@@ -13,6 +13,9 @@
  * (a record without "v=STSv1;" is discarded, and hides no valid one);
  * and its cache file read back, corrupt lines and all; its sweep, which
  * forgets the domains mail no longer goes to and keeps those it does;
+ * what a domain without a policy costs (10,000 of them, in the heap in
+ * use: at most 96 octets each), and that the table shrinks
+ * back once the sweep forgot them;
  * a policy that ended is checked once, not at every mail; a check that
  * failed on DNS is asked again after [dns] error_ttl, not recheck; the
  * thread reads the answers of every resolver socket, past 16; and a
@@ -487,6 +490,110 @@ test_sweep_keeps_domains_in_use(void **state)
     assert_int_equal(mta_sts_get(m, "used.test", true, &p), MTA_STS_READY);
     assert_int_equal(mta_sts_get(m, "idle.test", true, &p), MTA_STS_ASK);
     mta_sts_txt_answer(m, "idle.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    store_free(&s);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+/* ASan's, from <sanitizer/allocator_interface.h> (not installed with
+ * every compiler): the octets its malloc handed out and not freed. */
+size_t __sanitizer_get_current_allocated_bytes(void);
+#endif
+
+/* The heap in use now, in octets: glibc's (mallinfo2: the arenas' chunks
+ * in use and the mmapped ones), or ASan's when it replaces malloc. */
+static size_t
+heap_in_use(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    return __sanitizer_get_current_allocated_bytes();
+#else
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+#endif
+}
+
+/* A domain without a policy is remembered for an hour after its last
+ * use (recheck), so a bulk sender's store holds every new domain of the
+ * last hour: each must cost what answering mta_sts_get needs (its name,
+ * its place in the table, its last check and verdict), not a check's
+ * state (curl handle, body, addresses, the id to fetch) that only a
+ * domain being checked uses. 10,000 first contacts answered "no record"
+ * by the worker (the common case) hold at most 96 octets each, the
+ * table's buckets and malloc's own header included; with the check's
+ * fields in every entry they held about 220. */
+static void
+test_no_policy_domain_is_small(void **state)
+{
+    (void)state;
+    struct store s;
+    store_new(&s, NULL);
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    enum { N = 10000 };
+    char name[64];
+    size_t before = heap_in_use();
+    for (unsigned i = 0; i < N; i++) {
+        snprintf(name, sizeof(name), "d%05u.example", i); /* 13 octets, as "example.com" */
+        assert_int_equal(mta_sts_get(m, name, true, &p), MTA_STS_ASK);
+        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    }
+    size_t after = heap_in_use();
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.domains, N);
+    assert_int_equal(st.inflight, 0);
+    /* Known, without a policy, and not asked again. */
+    for (unsigned i = 0; i < N; i += 997) {
+        snprintf(name, sizeof(name), "d%05u.example", i);
+        assert_int_equal(mta_sts_get(m, name, true, &p), MTA_STS_READY);
+        assert_null(p);
+    }
+    size_t per = after > before ? (after - before) / N : 0;
+    print_message("no-policy domain: %zu octets each (%zu for %u)\n", per, after - before,
+                  (unsigned)N);
+    if (per > 96)
+        fail_msg("a domain without a policy costs %zu octets", per);
+    store_free(&s);
+}
+
+/* Once the sweep forgot a burst of new domains, the table they were in
+ * shrinks too: 10,000 domains grew it to 16,384 buckets (128 KB), which
+ * stayed for good when only the entries went. With the sweep shortened
+ * to 300 ms (SLUICE_TEST_MTA_STS_FORGET), the heap in use comes back to
+ * within 32 KB of where it was before the burst. */
+static void
+test_sweep_shrinks_table(void **state)
+{
+    (void)state;
+    assert_int_equal(setenv("SLUICE_TEST_MTA_STS_FORGET", "300", 1), 0);
+    struct store s;
+    store_new(&s, NULL);
+    unsetenv("SLUICE_TEST_MTA_STS_FORGET");
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    char name[64];
+    size_t before = heap_in_use();
+    for (unsigned i = 0; i < 10000; i++) {
+        snprintf(name, sizeof(name), "d%05u.example", i);
+        assert_int_equal(mta_sts_get(m, name, true, &p), MTA_STS_ASK);
+        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    }
+    size_t full = heap_in_use();
+    /* The sweep removes and compacts under the lock the count is read
+     * under: at 0 domains, the table has shrunk if it ever will. */
+    struct mta_sts_stats st;
+    uint64_t deadline = mono_ms() + 10000;
+    do {
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+        mta_sts_stats(m, &st);
+    } while (st.domains != 0 && mono_ms() < deadline);
+    assert_int_equal(st.domains, 0);
+    size_t after = heap_in_use();
+    print_message("heap: %zu before, %zu with 10,000 domains, %zu once forgotten\n", before,
+                  full, after);
+    if (after > before + 32 * 1024)
+        fail_msg("%zu octets more in use after the domains were forgotten", after - before);
     store_free(&s);
 }
 
@@ -1239,6 +1346,8 @@ main(void)
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
         cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
+        cmocka_unit_test(test_no_policy_domain_is_small),
+        cmocka_unit_test(test_sweep_shrinks_table),
         cmocka_unit_test(test_ended_policy_checked_once),
         cmocka_unit_test(test_dns_failure_retried_after_error_ttl),
         cmocka_unit_test(test_many_dns_sockets_watched),
