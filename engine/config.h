@@ -301,6 +301,11 @@ struct config *config_free(struct config *cfg);
  * config (the engine keeps its own while in force): a reload then frees
  * the keys it replaced instead of keeping every generation until exit. */
 void config_drop_dkim_keys(struct config *cfg);
+/* Before ncfg replaces cur (a reload): where ncfg built the same as cur,
+ * take cur's instead (a reference) and free ncfg's own copy, so that
+ * the configs a reload keeps (engine.h) share it. Today: the shaping
+ * rules (same files, same contents). Main thread, before engine_reload. */
+void config_share_unchanged(struct config *ncfg, const struct config *cur);
 
 /* The policy for a destination domain (exact match, else [domain *]).
  * Borrowed: lives as long as cfg. */

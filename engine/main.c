@@ -253,6 +253,7 @@ main(int argc, char **argv)
             } else {
                 fclose(errs);
                 cfgs[ncfgs++] = ncfg;
+                config_share_unchanged(ncfg, engine.cfg);
                 if (ncfg->delivery.enabled != engine.cfg->delivery.enabled) {
                     /* The due poll and the spool walk are set up at start. */
                     log_msg(LOG_WARN, "event=reload_kept key=delivery.enabled "
