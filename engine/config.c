@@ -891,6 +891,9 @@ config_free(struct config *cfg)
     free(cfg->domains);
     free(cfg->default_domain.name);
     free(cfg->default_domain.route);
+    free(cfg->server.listen_addrs);
+    free(cfg->server.listen_tls_addrs);
+    free(cfg->bounce.listen_addrs);
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
     for (unsigned i = 0; i < cfg->nmxs; i++) {
