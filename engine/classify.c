@@ -9,11 +9,19 @@
  * Outlook.com) and Yahoo document or send. The order matters and is the
  * documentation: specific enhanced codes, then text, then fallbacks.
  *
- * Threading: built on one thread, then read-only (see classify.h).
+ * The built-in rules are compiled once per process into one table that
+ * every struct classify points at and nothing frees: they are the same
+ * for every config, and compiled they take some 160 KB (their regexes),
+ * which each config a reload replaced used to keep until exit. A table
+ * owns only its operator rules.
+ *
+ * Threading: built on one thread, then read-only (see classify.h); the
+ * shared built-ins are made under pthread_once.
  */
 #include "engine/classify.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <regex.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -35,12 +43,17 @@ struct rule {
     const char *note; /* borrowed: static text of a built-in; NULL for operator rules */
 };
 
+/* The built-in rules and sender_text, compiled: one per process. */
+struct classify_builtin {
+    struct rule *rules; /* owned, n: never freed (see the top of the file) */
+    size_t n;
+    regex_t sender;     /* sender_text, compiled */
+};
+
 struct classify {
-    struct rule *rules; /* owned: n rules, operator ones first */
+    struct rule *rules; /* owned: n operator rules, tried in order before the built-ins */
     size_t n, cap;
-    size_t nadded; /* operator rules at the front */
-    regex_t sender; /* sender_text, compiled */
-    bool sender_ok; /* ... and to be freed */
+    const struct classify_builtin *builtin; /* borrowed: the process's, lives for ever */
 };
 
 /*
@@ -320,7 +333,7 @@ grow(struct classify *c)
 {
     if (c->n < c->cap)
         return 0;
-    size_t cap = c->cap ? c->cap * 2 : 64;
+    size_t cap = c->cap ? c->cap * 2 : 8;
     struct rule *p = realloc(c->rules, cap * sizeof(*p));
     if (p == NULL)
         return -ENOMEM;
@@ -329,32 +342,55 @@ grow(struct classify *c)
     return 0;
 }
 
-struct classify *
-classify_new(void)
+static struct classify_builtin builtin_table;
+static bool builtin_ok;
+
+/* Compile the built-ins; a failure other than memory is a bug in this
+ * file. Out of memory leaves builtin_ok false: classify_new() then fails,
+ * as it did when each table compiled its own (and a later call does not
+ * try again: pthread_once). */
+static void
+builtin_compile(void)
 {
-    struct classify *c = calloc(1, sizeof(*c));
-    if (c == NULL)
-        return NULL;
-    for (size_t i = 0; i < sizeof(builtins) / sizeof(builtins[0]); i++) {
+    size_t nb = sizeof(builtins) / sizeof(builtins[0]);
+    struct rule *rules = calloc(nb, sizeof(*rules));
+    if (rules == NULL)
+        return;
+    for (size_t i = 0; i < nb; i++) {
         char err[256];
-        if (grow(c) < 0)
-            return classify_free(c);
-        int rc = rule_init(&c->rules[c->n], builtins[i].cls, builtins[i].matcher, builtins[i].note,
-                           err, sizeof(err));
-        if (rc == -ENOMEM)
-            return classify_free(c);
+        int rc = rule_init(&rules[i], builtins[i].cls, builtins[i].matcher, builtins[i].note, err,
+                           sizeof(err));
+        if (rc == -ENOMEM) {
+            while (i-- > 0)
+                rule_fini(&rules[i]);
+            free(rules);
+            return;
+        }
         if (rc < 0) {
-            /* a built-in the parser refuses is a bug in this file */
             fprintf(stderr, "classify: built-in rule %zu: %s\n", i, err);
             abort();
         }
-        c->n++;
     }
-    if (regcomp(&c->sender, sender_text, REG_EXTENDED | REG_ICASE | REG_NOSUB) != 0) {
+    if (regcomp(&builtin_table.sender, sender_text, REG_EXTENDED | REG_ICASE | REG_NOSUB) != 0) {
         fprintf(stderr, "classify: sender_text refused\n"); /* a bug in this file */
         abort();
     }
-    c->sender_ok = true;
+    builtin_table.rules = rules;
+    builtin_table.n = nb;
+    builtin_ok = true;
+}
+
+struct classify *
+classify_new(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, builtin_compile);
+    if (!builtin_ok)
+        return NULL;
+    struct classify *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->builtin = &builtin_table;
     return c;
 }
 
@@ -365,8 +401,6 @@ classify_free(struct classify *c)
         return NULL;
     for (size_t i = 0; i < c->n; i++)
         rule_fini(&c->rules[i]);
-    if (c->sender_ok)
-        regfree(&c->sender);
     free(c->rules);
     free(c);
     return NULL;
@@ -396,11 +430,7 @@ classify_add_rule(struct classify *c, const char *category, const char *matcher,
         rule_fini(&r);
         return -ENOMEM;
     }
-    memmove(&c->rules[c->nadded + 1], &c->rules[c->nadded],
-            (c->n - c->nadded) * sizeof(c->rules[0]));
-    c->rules[c->nadded] = r;
-    c->nadded++;
-    c->n++;
+    c->rules[c->n++] = r;
     return 0;
 }
 
@@ -449,8 +479,8 @@ classify(const struct classify *c, enum classify_source src, unsigned code,
         memcpy(buf, text, n);
     buf[n] = '\0';
 
-    for (size_t i = 0; i < c->n; i++) {
-        const struct rule *r = &c->rules[i];
+    for (size_t i = 0; i < c->n + c->builtin->n; i++) {
+        const struct rule *r = i < c->n ? &c->rules[i] : &c->builtin->rules[i - c->n];
         bool m = false;
         switch (r->kind) {
         case MATCH_ENH:
@@ -475,13 +505,13 @@ classify_sender_refused(const struct classify *c, const struct smtp_enh *enh, co
     /* RFC 3463 X.1.7, X.1.8: bad sender's mailbox, bad sender's system */
     if (enh != NULL && enh->cls != 0 && enh->subject == 1 && (enh->detail == 7 || enh->detail == 8))
         return true;
-    if (c == NULL || !c->sender_ok || text == NULL || text[0] == '\0')
+    if (c == NULL || text == NULL || text[0] == '\0')
         return false;
     char buf[CLASSIFY_TEXT_MAX + 1];
     size_t n = strnlen(text, CLASSIFY_TEXT_MAX);
     memcpy(buf, text, n);
     buf[n] = '\0';
-    return regexec(&c->sender, buf, 0, NULL, 0) == 0;
+    return regexec(&c->builtin->sender, buf, 0, NULL, 0) == 0;
 }
 
 /* A table cell: "|" would end the cell, so it is escaped (GFM allows \|
@@ -502,8 +532,8 @@ classify_print_rules(const struct classify *c, FILE *out)
     if (c == NULL)
         return;
     fputs("| # | matcher | class | why |\n| --- | --- | --- | --- |\n", out);
-    for (size_t i = 0; i < c->n; i++) {
-        const struct rule *r = &c->rules[i];
+    for (size_t i = 0; i < c->n + c->builtin->n; i++) {
+        const struct rule *r = i < c->n ? &c->rules[i] : &c->builtin->rules[i - c->n];
         fprintf(out, "| %zu | `", i + 1);
         put_cell(out, r->spec);
         fprintf(out, "` | %s | ", bounce_class_str(r->cls));

@@ -79,8 +79,11 @@ const char *bounce_class_str(enum bounce_class c);
 /* Name (case-insensitive) to class. Returns 0 or -EINVAL. */
 int bounce_class_parse(const char *s, enum bounce_class *out);
 
-/* A table holding the built-in rules. Returns NULL when out of memory.
- * Free with classify_free(). */
+/* A table with no operator rules yet, on the built-in ones. Those are
+ * compiled at the first call and shared by every table of the process
+ * (never freed: a table costs its operator rules only, so a config kept
+ * after a reload stays small). Returns NULL when out of memory. Free
+ * with classify_free(). */
 struct classify *classify_new(void);
 /* Returns NULL. NULL is fine. */
 struct classify *classify_free(struct classify *c);

@@ -891,6 +891,9 @@ config_free(struct config *cfg)
     free(cfg->domains);
     free(cfg->default_domain.name);
     free(cfg->default_domain.route);
+    free(cfg->server.listen_addrs);
+    free(cfg->server.listen_tls_addrs);
+    free(cfg->bounce.listen_addrs);
     for (unsigned i = 0; i < cfg->log.nheaders; i++)
         free(cfg->log.headers[i]);
     for (unsigned i = 0; i < cfg->nmxs; i++) {
@@ -924,7 +927,7 @@ config_free(struct config *cfg)
     }
     free(cfg->events);
     classify_free(cfg->classify);
-    shaping_rules_free(cfg->shaping_rules);
+    shaping_rules_unref(cfg->shaping_rules);
     dkim_keyring_unref(cfg->dkim_keys);
     free(cfg->path);
     free(cfg);
@@ -935,6 +938,15 @@ void
 config_drop_dkim_keys(struct config *cfg)
 {
     cfg->dkim_keys = dkim_keyring_unref(cfg->dkim_keys);
+}
+
+void
+config_share_unchanged(struct config *ncfg, const struct config *cur)
+{
+    if (shaping_rules_same(ncfg->shaping_rules, cur->shaping_rules)) {
+        shaping_rules_unref(ncfg->shaping_rules);
+        ncfg->shaping_rules = shaping_rules_ref(cur->shaping_rules);
+    }
 }
 
 const struct domain_policy *

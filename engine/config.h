@@ -60,10 +60,11 @@ struct server_config {
     unsigned auth_failure_table;        /* keys remembered */
     char *expire_header;     /* owned; NULL: no per-message expiry header */
     uint64_t drain_timeout;  /* ms: SIGTERM waits this long for transactions in flight */
-    /* derived at load */
-    struct netaddr listen_addrs[NETADDR_MAX_LIST];
+    /* derived at load; allocated at their length, not NETADDR_MAX_LIST
+     * (136 octets each): every config a reload replaced is kept (engine.h) */
+    struct netaddr *listen_addrs; /* owned, nlisten */
     int nlisten;
-    struct netaddr listen_tls_addrs[NETADDR_MAX_LIST];
+    struct netaddr *listen_tls_addrs; /* owned, nlisten_tls; NULL: none */
     int nlisten_tls;
     struct cidr trusted[NETADDR_MAX_LIST];
     int ntrusted;
@@ -99,7 +100,7 @@ struct bounce_config {
     uint64_t verp_max_age;   /* ms: a token for an older message is dropped */
     unsigned max_clients;    /* the bounce listener's connections at once, all workers */
     /* derived at load */
-    struct netaddr listen_addrs[NETADDR_MAX_LIST];
+    struct netaddr *listen_addrs; /* owned, nlisten (allocated as the server's) */
     int nlisten;
     uint8_t verp_key[VERP_KEY_MAX];
     size_t verp_key_len;     /* 0: no key (VERP off, tokens refused) */
@@ -301,6 +302,11 @@ struct config *config_free(struct config *cfg);
  * config (the engine keeps its own while in force): a reload then frees
  * the keys it replaced instead of keeping every generation until exit. */
 void config_drop_dkim_keys(struct config *cfg);
+/* Before ncfg replaces cur (a reload): where ncfg built the same as cur,
+ * take cur's instead (a reference) and free ncfg's own copy, so that
+ * the configs a reload keeps (engine.h) share it. Today: the shaping
+ * rules (same files, same contents). Main thread, before engine_reload. */
+void config_share_unchanged(struct config *ncfg, const struct config *cur);
 
 /* The policy for a destination domain (exact match, else [domain *]).
  * Borrowed: lives as long as cfg. */

@@ -327,6 +327,24 @@ build_dkim(struct parse *p)
     return 0;
 }
 
+/* netaddr_parse_list into *out, allocated at the count parsed (NULL when
+ * none); returns the count, -1 with why, or -ENOMEM. */
+static int
+parse_addrs(const char *text, struct netaddr **out, char *why, size_t whylen)
+{
+    struct netaddr tmp[NETADDR_MAX_LIST];
+    int n = netaddr_parse_list(text, tmp, NETADDR_MAX_LIST, why, whylen);
+    *out = NULL;
+    if (n <= 0)
+        return n;
+    if ((*out = malloc((size_t)n * sizeof(tmp[0]))) == NULL) {
+        snprintf(why, whylen, "out of memory");
+        return -ENOMEM;
+    }
+    memcpy(*out, tmp, (size_t)n * sizeof(tmp[0]));
+    return n;
+}
+
 /* [bounce]: the listener's addresses, the VERP key, the prefix. */
 static void
 check_bounce(struct parse *p)
@@ -337,8 +355,7 @@ check_bounce(struct parse *p)
         sec++;
     char why[256];
     if (b->listen != NULL) {
-        b->nlisten = netaddr_parse_list(b->listen, b->listen_addrs, NETADDR_MAX_LIST, why,
-                                        sizeof(why));
+        b->nlisten = parse_addrs(b->listen, &b->listen_addrs, why, sizeof(why));
         if (b->nlisten <= 0)
             config_err(p, key_line(p, sec, "listen"), "[bounce] listen: %s",
                  b->nlisten == 0 ? "no address given" : why);
@@ -636,14 +653,12 @@ config_finish(struct parse *p)
             config_err(p, key_line(p, i, k), "%s", why);
         }
     struct server_config *srv = &cfg->server;
-    srv->nlisten = netaddr_parse_list(srv->listen, srv->listen_addrs, NETADDR_MAX_LIST, why,
-                                      sizeof(why));
+    srv->nlisten = parse_addrs(srv->listen, &srv->listen_addrs, why, sizeof(why));
     if (srv->nlisten <= 0)
         config_err(p, key_line(p, 0, "listen"), "listen: %s",
              srv->nlisten == 0 ? "no address given" : why);
     if (srv->listen_tls != NULL) {
-        srv->nlisten_tls = netaddr_parse_list(srv->listen_tls, srv->listen_tls_addrs,
-                                              NETADDR_MAX_LIST, why, sizeof(why));
+        srv->nlisten_tls = parse_addrs(srv->listen_tls, &srv->listen_tls_addrs, why, sizeof(why));
         if (srv->nlisten_tls < 0)
             config_err(p, key_line(p, 0, "listen_tls"), "listen_tls: %s", why);
         else if (!tls_config_has_server(&cfg->tls))

@@ -1154,9 +1154,29 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
         ev->sinks[ev->nsinks++] = s;
         pthread_mutex_unlock(&ev->mu);
         if (sink_start(s, err, sizeof(err)) < 0) {
-            log_msg(LOG_ERR, "event=events_sink_reload_failed sink=%s err=\"%s\"", sinks[k].name,
-                    err);
+            /* Not left listed without a thread: its cursor would never
+             * move and would hold back every trim until a restart. Out
+             * of the list it is as a removed sink (its cursor stored, the
+             * journal trimmed behind it, what it missed counted when it
+             * comes back); the next reload naming it starts it again. */
+            pthread_mutex_lock(&ev->mu);
+            for (unsigned i = 0; i < ev->nsinks; i++)
+                if (ev->sinks[i] == s) {
+                    memmove(&ev->sinks[i], &ev->sinks[i + 1],
+                            (ev->nsinks - i - 1) * sizeof(ev->sinks[0]));
+                    ev->nsinks--;
+                    break;
+                }
+            pthread_mutex_unlock(&ev->mu);
+            sink_store_cursor(s, &s->cursor);
+            log_msg(LOG_ERR,
+                    "event=events_sink_reload_failed sink=%s err=\"%s\" "
+                    "note=dropped_until_the_next_reload cursor=kept",
+                    sinks[k].name, err);
+            sink_fini(s);
+            free(s);
             failed = -EINVAL;
+            continue;
         }
         log_msg(LOG_NOTICE, "event=events_sink_%s sink=%s", prev >= 0 ? "changed" : "added",
                 sinks[k].name);

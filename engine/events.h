@@ -153,7 +153,8 @@ void events_put(void *arg, const char *line, size_t len);
  * are deleted (with no sink left, all but the one being appended to): a
  * removed sink's cursor holds nothing on disk. The module must exist (a
  * node started without any sink needs a restart for its first). Returns
- * 0 or -errno (a sink that could not start is logged and left out).
+ * 0 or -errno (a sink that could not start, its thread included, is
+ * logged and left out, as if removed, until a reload names it again).
  */
 int events_reconfigure(struct events *ev, const struct events_sink_config *sinks, unsigned n);
 

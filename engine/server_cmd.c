@@ -216,7 +216,10 @@ suppress_one(struct session *s, const char *addr, const char *tenant, char *text
  * suppress.c folds them). A tenant the config does not name is checked
  * as written (the message is refused after DATA anyway). A tenant named
  * by control header fields is known only after DATA
- * (suppress_after_data). */
+ * (suppress_after_data). e->cfg is read once (an atomic pointer): a
+ * worker that did not park within a reload's 2 s may read it as it is
+ * replaced, old or new, and the name returned stays valid either way
+ * (main.c frees no replaced config before exit). */
 static const char *
 rcpt_tenant(const struct session *s)
 {

@@ -92,8 +92,17 @@ struct shaping_rule_info {
     const char *origin; /* "FILE:LINE" */
 };
 
+/* A rule set with one reference. A config holds one; a reload whose rules
+ * are the same as the running config's shares that set instead of keeping
+ * a copy of its own (config_share_unchanged), so the set lives as long as
+ * its last config. */
 struct shaping_rules *shaping_rules_new(void);
-struct shaping_rules *shaping_rules_free(struct shaping_rules *r);
+struct shaping_rules *shaping_rules_ref(struct shaping_rules *r);
+/* Drop a reference; the last frees. Returns NULL; NULL is fine. */
+struct shaping_rules *shaping_rules_unref(struct shaping_rules *r);
+/* Were a and b built from the same texts under the same names, in the
+ * same order (so they hold the same rules)? Both finished. */
+bool shaping_rules_same(const struct shaping_rules *a, const struct shaping_rules *b);
 /* Add the groups and rules of text (a rules file's contents; origin names
  * it in messages). The first definition of a group wins, so an
  * operator's file loaded first redefines a shipped group. Returns 0, or
@@ -116,7 +125,9 @@ int shaping_rules_group_of(const struct shaping_rules *r, const char *host);
 /* Does host belong to group name (false when no such group)? */
 bool shaping_rules_in_group(const struct shaping_rules *r, const char *group, const char *host);
 const char *shaping_rules_group_name(const struct shaping_rules *r, unsigned g);
-/* Hits of rule i since the rule set was loaded (atomic: any thread). */
+/* Hits of rule i since the rule set was loaded (atomic: any thread); a
+ * reload that leaves the rules as they were shares the set, and its
+ * counts go on. */
 uint64_t shaping_rule_hit_count(const struct shaping_rules *r, unsigned i);
 void shaping_rule_hit(const struct shaping_rules *r, unsigned i);
 

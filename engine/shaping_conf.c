@@ -33,7 +33,8 @@
  * regexec(). So 1,000 rules cost the few that concern the reply's code
  * and group, and a regexec only where the literal is present.
  *
- * Threading: built on one thread, then immutable (hit counters atomic).
+ * Threading: built on one thread, then immutable (hit counters and the
+ * reference count atomic).
  */
 
 #include <ctype.h>
@@ -92,6 +93,13 @@ struct shaping_rules {
     uint32_t *idx;       /* owned */
     _Atomic uint64_t *hits; /* owned, nrules */
     bool finished;
+    _Atomic unsigned refs;
+    /* What it was built from ("ORIGIN\0TEXT\0" for each text added, in
+     * order), for shaping_rules_same(): a reload that changed nothing in
+     * the rules shares the running set rather than keep one more (some
+     * 60 KB for the shipped rules, mostly their regexes). */
+    char *src;           /* owned */
+    size_t srclen;
 };
 
 static const char *const kind_names[SHAPING_KIND_COUNT] = {"suspend", "backoff", "cap",
@@ -163,13 +171,30 @@ shaping_rate_str(unsigned value, unsigned per_ms, char *buf, size_t cap)
 struct shaping_rules *
 shaping_rules_new(void)
 {
-    return calloc(1, sizeof(struct shaping_rules));
+    struct shaping_rules *r = calloc(1, sizeof(struct shaping_rules));
+    if (r != NULL)
+        atomic_init(&r->refs, 1);
+    return r;
 }
 
 struct shaping_rules *
-shaping_rules_free(struct shaping_rules *r)
+shaping_rules_ref(struct shaping_rules *r)
 {
-    if (r == NULL)
+    atomic_fetch_add(&r->refs, 1);
+    return r;
+}
+
+bool
+shaping_rules_same(const struct shaping_rules *a, const struct shaping_rules *b)
+{
+    return a != NULL && b != NULL && a->finished && b->finished && a->srclen == b->srclen &&
+           (a->srclen == 0 || memcmp(a->src, b->src, a->srclen) == 0);
+}
+
+struct shaping_rules *
+shaping_rules_unref(struct shaping_rules *r)
+{
+    if (r == NULL || atomic_fetch_sub(&r->refs, 1) != 1)
         return NULL;
     for (unsigned i = 0; i < r->nrules; i++) {
         free(r->rules[i].mx);
@@ -185,6 +210,7 @@ shaping_rules_free(struct shaping_rules *r)
     free(r->off);
     free(r->idx);
     free(r->hits);
+    free(r->src);
     free(r);
     return NULL;
 }
@@ -650,6 +676,16 @@ shaping_rules_add_text(struct shaping_rules *r, const char *text, const char *or
 {
     if (r->finished)
         return -EINVAL;
+    size_t ol = strlen(origin) + 1, tl = strlen(text) + 1;
+    char *src = realloc(r->src, r->srclen + ol + tl);
+    if (src == NULL) {
+        snprintf(err, errlen, "%s: out of memory", origin);
+        return -ENOMEM;
+    }
+    memcpy(src + r->srclen, origin, ol);
+    memcpy(src + r->srclen + ol, text, tl);
+    r->src = src;
+    r->srclen += ol + tl;
     unsigned ln = 0;
     const char *s = text;
     char line[4096];

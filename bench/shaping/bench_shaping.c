@@ -145,8 +145,8 @@ bench_match(void)
         regfree(&re[i]);
     free(re);
     printf("(sink %lu)\n", sink % 7);
-    shaping_rules_free(small);
-    shaping_rules_free(big);
+    shaping_rules_unref(small);
+    shaping_rules_unref(big);
 }
 
 static int
@@ -231,7 +231,7 @@ bench_spread(void)
                lat[got - 1] * 1e3);
     shaping_close(b);
     shaping_close(a);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     redis_server_kill(pid);
     char cmd[600];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);

@@ -65,7 +65,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else if (rc < 0) {
         check(err[0] != '\0' || rc == -12 /* ENOMEM */);
     }
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
 
     struct shaping_action a, b;
     if (shaping_action_parse(reply, &a) == 0) {

@@ -2,7 +2,11 @@
 new one can, sessions already open keep the table they began with, and a
 broken file is refused with the old table kept. It also reloads the
 config: a domain's new rate limit takes effect with no connection dropped,
-what needs a restart is reported as kept, and a broken config is refused."""
+what needs a restart is reported as kept, and a broken config is refused.
+A reload keeps little memory: 50 of them, with mail coming in between,
+grow sluice's resident memory by a few MB at most (each kept about 280 KB
+before: the built-in bounce rules and the shaping rules, compiled again
+for every config and kept with it until exit)."""
 import base64
 import os
 import signal
@@ -126,5 +130,79 @@ def test_sighup_reloads_domain_limits():
         r.close()
 
 
+def asan_build(pid):
+    """Is the daemon built with AddressSanitizer? Its quarantine holds
+    freed memory back, so that RSS says nothing of what a reload keeps."""
+    with open(f"/proc/{pid}/maps") as f:
+        if "libasan" in f.read():
+            return True
+    with open(SLUICE, "rb") as f:
+        return b"__asan_init" in f.read()
+
+
+def test_reloads_keep_little_memory():
+    wd = Workdir("sluice-reload-mem-")
+    try:
+        port = free_port()
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+[delivery]
+enabled = no
+[domain *]
+max_connections = 20
+[domain gmail.com]
+max_connections = 10
+[domain yahoo.com]
+max_connections = 5
+[mx *.google.com]
+max_connections = 30
+""")
+        d = Sluice(SLUICE, conf)
+        d.wait_log("event=ready")
+        n = 0
+
+        def reload():
+            nonlocal n
+            n += 1
+            d.signal(signal.SIGHUP)
+            d.wait_log_count("event=config_reloaded", n)
+
+        def mail(i):
+            c = Smtp(port)
+            c.expect("EHLO client", 250)
+            c.expect("MAIL FROM:<s@example.com>", 250)
+            c.expect(f"RCPT TO:<u{i}@gmail.com>", 250)
+            c.expect("DATA", 354)
+            c.send(f"Subject: {i}\r\n\r\nx\r\n.\r\n".encode())
+            assert c.reply().code == 250
+            c.close()
+
+        # The first reloads and messages grow what any run grows (arenas,
+        # caches); what is measured is the 50 after.
+        for i in range(5):
+            reload()
+            mail(i)
+        before = d.rss_kb()
+        for i in range(50):
+            reload()
+            if i % 5 == 0:
+                mail(100 + i)
+        grown = d.rss_kb() - before
+        print(f"50 reloads: VmRSS grew {grown} KB")
+        # Before: about 280 KB a reload, 14 MB. Now: a few KB each.
+        if not asan_build(d.pid):
+            assert grown < 4096, f"50 reloads grew VmRSS by {grown} KB"
+        d.stop_clean()
+    finally:
+        wd.cleanup()
+
+
 if __name__ == "__main__":
-    main([test_sighup_reloads_users, test_sighup_reloads_domain_limits])
+    main([test_sighup_reloads_users, test_sighup_reloads_domain_limits,
+          test_reloads_keep_little_memory])

@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -437,6 +438,54 @@ test_sink_added_back_counts_what_it_missed(void **state)
     if (st.dropped == 0 || st.pending + st.dropped != 200)
         fail_msg("added back: %llu pending, %llu dropped, of the 200 it had not sent",
                  (unsigned long long)st.pending, (unsigned long long)st.dropped);
+    events_free(ev);
+    sink_cfg_fini(&c[0]);
+    sink_cfg_fini(&c[1]);
+}
+
+/* While set, pthread_create fails with EAGAIN (a thread limit reached):
+ * every call of the binary comes here (it defines the symbol). */
+static atomic_bool thread_create_fails;
+
+int
+pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+    static int (*real)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+    if (atomic_load(&thread_create_fails))
+        return EAGAIN;
+    if (real == NULL)
+        *(void **)&real = dlsym(RTLD_NEXT, "pthread_create");
+    return real(t, attr, fn, arg);
+}
+
+/* A reload whose new sink cannot start its thread leaves it out (logged,
+ * reported): listed without a thread, its cursor never moved and held
+ * back every trim of the journal until a restart. The next reload that
+ * names it starts it. */
+static void
+test_sink_whose_thread_fails_is_left_out(void **state)
+{
+    (void)state;
+    struct events_sink_config c[2] = {sink_cfg("a", "http://127.0.0.1:9/events", true),
+                                      sink_cfg("b", "http://127.0.0.1:9/events", true)};
+    c[0].max_backlog = 1; /* "a" moves on as events come: a trim follows */
+    struct events *ev = start(c, 1);
+    put_rounds(0, 5, 20);
+    atomic_store(&thread_create_fails, true);
+    int rc = events_reconfigure(ev, c, 2);
+    atomic_store(&thread_create_fails, false);
+    assert_int_equal(rc, -EINVAL);
+    struct events_sink_stats st[EVENTS_SINKS_MAX];
+    assert_int_equal(events_stats(ev, st, EVENTS_SINKS_MAX), 1);
+    assert_string_equal(st[0].name, "a");
+    put_rounds(100, 5, 20);
+    for (int i = 0; i < 10000 && journal_first() <= 100; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    if (journal_first() <= 100)
+        fail_msg("the journal still begins at %llu: \"b\" holds its trims back",
+                 (unsigned long long)journal_first());
+    assert_int_equal(events_reconfigure(ev, c, 2), 0); /* named again: it starts */
+    assert_int_equal(events_stats(ev, st, EVENTS_SINKS_MAX), 2);
     events_free(ev);
     sink_cfg_fini(&c[0]);
     sink_cfg_fini(&c[1]);
@@ -1546,6 +1595,8 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_reports_its_oldest_pending, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_sink_whose_thread_fails_is_left_out, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_sink_added_back_counts_what_it_missed, setup,
                                         teardown),

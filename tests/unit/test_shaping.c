@@ -67,9 +67,51 @@ load(const char *text, char *err, size_t errlen, bool builtin)
     if (rc == 0 && builtin)
         rc = shaping_rules_add_text(r, shaping_builtin_rules, "builtin", err, errlen);
     if (rc < 0)
-        return shaping_rules_free(r);
+        return shaping_rules_unref(r);
     assert_int_equal(shaping_rules_finish(r), 0);
     return r;
+}
+
+/* What a reload shares (config_share_unchanged): sets built from the same
+ * texts under the same names are the same; another text, name or order
+ * is not; a shared set lives until its last reference. */
+static void
+test_rules_same_and_shared(void **state)
+{
+    (void)state;
+    char err[256] = "";
+    const char *t = "rule r1 code=421 action=suspend for=1m\n";
+    struct shaping_rules *a = load(t, err, sizeof(err), true);
+    struct shaping_rules *b = load(t, err, sizeof(err), true);
+    struct shaping_rules *c = load("rule r1 code=421 action=suspend for=2m\n", err, sizeof(err),
+                                   true);
+    struct shaping_rules *d = load(t, err, sizeof(err), false);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(c);
+    assert_non_null(d);
+    assert_true(shaping_rules_same(a, b));
+    assert_false(shaping_rules_same(a, c));
+    assert_false(shaping_rules_same(a, d));
+    assert_false(shaping_rules_same(a, NULL));
+    struct shaping_rules *e = shaping_rules_new(); /* the same text under another name */
+    assert_int_equal(shaping_rules_add_text(e, t, "other.rules", err, sizeof(err)), 0);
+    assert_int_equal(shaping_rules_add_text(e, shaping_builtin_rules, "builtin", err, sizeof(err)),
+                     0);
+    assert_int_equal(shaping_rules_finish(e), 0);
+    assert_false(shaping_rules_same(a, e));
+    /* a second reference: the set outlives the first unref (ASan would
+     * see the use after free) */
+    struct shaping_rules *a2 = shaping_rules_ref(a);
+    shaping_rule_hit(a, 0);
+    assert_null(shaping_rules_unref(a));
+    assert_int_equal(shaping_rule_hit_count(a2, 0), 1);
+    assert_int_equal(shaping_rules_count(a2), shaping_rules_count(b));
+    shaping_rules_unref(a2);
+    shaping_rules_unref(b);
+    shaping_rules_unref(c);
+    shaping_rules_unref(d);
+    shaping_rules_unref(e);
 }
 
 static const char *
@@ -157,7 +199,7 @@ test_builtin_replies(void **state)
     assert_null(match(r, 250, "2.0.0", "ok", y));
     assert_null(match(r, 421, "4.7.0", "too many connections", g));
     assert_true(shaping_rules_count(r) >= 20);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
 }
 
 static void
@@ -178,7 +220,7 @@ test_operator_first_and_errors(void **state)
     assert_int_equal(ri->value, 2);
     assert_int_equal(ri->scope, SHAPING_SCOPE_GROUP);
     assert_int_equal(ri->for_ms, 600000);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
 
     static const struct {
         const char *text, *want;
@@ -235,7 +277,7 @@ test_prefilter(void **state)
     assert_null(match(r, 421, NULL, "list S3150.", NULL));
     assert_string_equal(match(r, 451, "4.3.0", "zzz top", NULL), "any");
     assert_null(match(r, 451, NULL, "zzz top", NULL)); /* no enhanced code */
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     /* bracket expressions holding a class, an equivalence class or a
      * collating element: their inner ']' does not end them */
     r = load("rule cc code=421 match=\"[[:digit:]]xyz\" action=count\n"
@@ -249,7 +291,7 @@ test_prefilter(void **state)
     assert_string_equal(match(r, 421, NULL, "klmn", NULL), "eq");
     assert_string_equal(match(r, 421, NULL, "-pqr", NULL), "coll");
     assert_null(match(r, 421, NULL, "code xyz", NULL));
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
 }
 
 /* 1,000 rules: the right one still wins, and the first of equals. */
@@ -275,7 +317,7 @@ test_many_rules(void **state)
     assert_null(match(r, 421, NULL, "deferred code-777 now", "mx.g8.test"));
     assert_null(match(r, 550, NULL, "deferred code-777 now", "mx.g9.test"));
     assert_string_equal(match(r, 550, NULL, "code-998", "a.b.g6.test"), "r998");
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
 }
 
 static void
@@ -426,7 +468,7 @@ test_state_file_and_check(void **state)
     s = open_node(dir, "a", 0);
     assert_int_equal(count(s), 0); /* the clear was written too */
     shaping_close(s);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
     assert_int_equal(system(cmdline), 0);
@@ -493,7 +535,7 @@ test_rate_action(void **state)
     assert_non_null(b);
     assert_int_equal(shaping_rule(b, 0)->scope, SHAPING_SCOPE_TENANT);
     assert_int_equal(shaping_rule(b, 1)->kind, SHAPING_BOUNCE);
-    shaping_rules_free(b);
+    shaping_rules_unref(b);
     assert_null(load("rule t3 code=554 action=cap:2 scope=tenant for=1h\n", err, sizeof(err),
                      false));
     assert_non_null(strstr(err, "scope=tenant"));
@@ -574,7 +616,7 @@ test_rate_action(void **state)
     limits_free(l);
 
     shaping_close(s);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
     assert_int_equal(system(cmdline), 0);
@@ -709,7 +751,7 @@ test_unknown_kind_from_redis(void **state)
                                              "scope=campaign"), 2);
     redisFree(rc);
     redis_server_kill(pid);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     char cmdline[700];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
     assert_int_equal(system(cmdline), 0);
@@ -763,7 +805,7 @@ test_two_nodes_through_redis(void **state)
     shaping_close(c);
     shaping_close(b);
     shaping_close(a);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     redis_server_kill(pid);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
@@ -905,7 +947,7 @@ test_operator_changes_value(void **state)
     shaping_close(a);
     if (pid > 0)
         redis_server_kill(pid);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
     assert_int_equal(system(cmdline), 0);
@@ -976,7 +1018,7 @@ test_long_mx_host(void **state)
                                    clock_unix_ms(), &v));
     }
     shaping_close(s);
-    shaping_rules_free(r);
+    shaping_rules_unref(r);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
     assert_int_equal(system(cmdline), 0);
@@ -1088,6 +1130,7 @@ main(void)
         cmocka_unit_test(test_keeper_wall_clock_step),
         cmocka_unit_test(test_long_mx_host),
         cmocka_unit_test(test_ended_actions_leave_the_hash),
+        cmocka_unit_test(test_rules_same_and_shared),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
