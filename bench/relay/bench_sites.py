@@ -29,7 +29,11 @@ ratio to one domain on one MX in the same run, connections opened per
 1,000 messages (sluice's event=connected lines), the most connections
 open at once to one MX address (the sinks' accepted sockets as the
 kernel's sock_diag lists them, sampled every 50 ms), the injection rate
-alone, sluice's CPU seconds per 1,000 messages, and the CPU seconds that
+alone, sluice's CPU seconds per 1,000 messages, its minor page faults per
+message during the line (pages it touched for the first time: a fresh
+VM's host backs a guest page on its first touch, 5 to 10 us each, four
+to seven times a fault on memory the guest has used before; see
+bench/README.md), and the CPU seconds that
 the injector (inject_synth's own count; with the Python injector, this
 whole process during the injection), the DNS responder (during the
 line), the smtp-sinks (all M of them) and this process (reading sluice's
@@ -254,6 +258,14 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minflt(pid):
+    """Minor page faults of pid so far (each a page the kernel had to
+    find and zero: on a freshly booted VM, whose host backs a guest page
+    on its first touch, several microseconds each)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def knows(binary, key):
     r = subprocess.run([binary, "--config-reference"], capture_output=True, text=True)
     return key in r.stdout
@@ -308,6 +320,7 @@ file = {work}/sluice.log
         me0, dns0 = os.times(), cpu_s(dns.proc.pid)
         # sluice's and the sinks' CPU before the line (start-up; with --warm, the warm-up)
         sluice0, sink0 = cpu_s(d.proc.pid), sum(cpu_s(p.pid) for p in procs)
+        flt0 = minflt(d.proc.pid)
         perf = None
         if a.perf:
             perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("BENCH_CALLGRAPH", "fp"), "-F", os.environ.get("BENCH_PERF_FREQ", "997"), "-p",
@@ -350,6 +363,7 @@ file = {work}/sluice.log
             perf.send_signal(2)  # SIGINT: perf writes its file and exits
             perf.wait(60)
         sluice_cpu = cpu_s(d.proc.pid) - sluice0
+        faults = minflt(d.proc.pid) - flt0
         dns_cpu = cpu_s(dns.proc.pid) - dns0
         sink_cpu = sum(cpu_s(p.pid) for p in procs) - sink0
         # The share of the machine these processes took during the line:
@@ -358,6 +372,7 @@ file = {work}/sluice.log
             ((os.cpu_count() or 1) * max(1e-3, t_last - t0))
         res = dict(msgs=delivered / (t_last - t0), inject=a.messages / t_inject,
                    cpu=1000 * sluice_cpu / max(1, delivered), busy=busy,
+                   faults=faults / max(1, delivered),
                    host=1 - (host1[1] - host0[1]) / max(1, host1[0] - host0[0]),
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
@@ -436,7 +451,7 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}",
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "
-          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} "
+          f"{'max/addr':>9} {'delivered':>10} {'secs':>7} {'inject/s':>9} {'cpu-s/1k':>8} {'flt/msg':>7} "
           f"{'load':>5} {'inj-cpu':>7} {'dns-cpu':>7} {'sink-cpu':>8} {'bench-cpu':>9} {'busy':>5} {'host':>5}",
           flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
@@ -463,7 +478,7 @@ def main():
             b = ref["msgs"] if ref else base[label]
             print(f"{ndom:>8} {nmx:>4} {r['msgs']:>8.0f} {100 * r['msgs'] / b:>5.0f}% "
                   f"{1000 * r['conns'] / max(1, r['delivered']):>9.1f} {r['most']:>9} "
-                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.3f} "
+                  f"{r['delivered']:>10} {r['secs']:>7.1f} {r['inject']:>9.0f} {r['cpu']:>8.3f} {r['faults']:>7.2f} "
                   f"{r['load']:>5.1f} {r['inj_cpu']:>7.1f} {r['dns_cpu']:>7.1f} {r['sink_cpu']:>8.1f} "
                   f"{r['bench_cpu']:>9.1f} {100 * r['busy']:>4.0f}% {100 * r['host']:>4.0f}% {label}"
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
