@@ -648,6 +648,12 @@ on_key(void *user, const char *section, const char *name, const char *value)
         return 1; /* already reported */
 
     char why[256], hint[160];
+    if (name[0] == '\0') {
+        /* "= value": inih hands an empty name; every section's "unknown
+         * key" would then begin with ": ". */
+        config_err(p, p->line, "a line with no key name before its '='");
+        return 1;
+    }
     if (p->sec == -11) {
         if (warmup_conf_key(&p->cfg->warmups[p->warmup_i], name, value, p->line, why,
                             sizeof(why)) < 0)

@@ -200,13 +200,20 @@ test_every_syntax_error(void **state)
                       "; [a comment]\n"       /* 8 */
                       "# key = value\n"       /* 9 */
                       "hostname:mx.example\n" /* 10: name: value */
-                      "a;b = c\n",            /* 11: a key (unknown) */
+                      "a;b = c\n"             /* 11: a key (unknown) */
+                      "= c\n"                 /* 12: no key name */
+                      "[domain example.com]\n" /* 13 */
+                      " = 5\n",               /* 14: no key name */
                       &cfg, &rc);
     assert_int_equal(rc, -EINVAL);
     static const unsigned bad[] = {2, 4, 5, 6, 7};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         expect_error(errs, bad[i], "not a [section] header, a key = value line, or a comment");
     expect_error(errs, 11, "a;b: unknown key in [server]");
+    expect_error(errs, 12, "a line with no key name before its '='");
+    expect_error(errs, 14, "a line with no key name before its '='");
+    assert_null(strstr(errs, ":12: : ")); /* not "unknown key" of an empty name */
+    assert_null(strstr(errs, ":14: : "));
     assert_null(strstr(errs, ":3:"));
     assert_null(strstr(errs, ":8:"));
     assert_null(strstr(errs, ":9:"));
