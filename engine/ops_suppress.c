@@ -38,6 +38,9 @@
 #include "engine/warmup.h"
 #include "queue/queue.h"
 
+#define SUPPRESS_TTL_MAX_MS    (36500ULL * 86400 * 1000) /* a hundred years */
+#define SUPPRESS_EXPIRES_MAX_S 253402300799ULL          /* 9999-12-31T23:59:59Z */
+
 /* ---- the suppression list ---- */
 
 static void
@@ -204,13 +207,19 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
                 snprintf(err, errlen, "suppress: ttl is a duration like 30d");
                 return -1;
             }
+            if (ms > SUPPRESS_TTL_MAX_MS) {
+                /* the sum below would wrap, and the entry be refused as
+                 * "not an address" */
+                snprintf(err, errlen, "suppress: ttl is at most 36500d (none: for ever)");
+                return -1;
+            }
             expires = (int64_t)(clock_unix_ms() + ms);
         } else if (o.expires[0] != '\0') {
             char *end;
             errno = 0;
             unsigned long long v = strtoull(o.expires, &end, 10);
-            if (errno != 0 || *end != '\0' || v == 0) {
-                snprintf(err, errlen, "suppress: expires is Unix seconds");
+            if (errno != 0 || *end != '\0' || v == 0 || v > SUPPRESS_EXPIRES_MAX_S) {
+                snprintf(err, errlen, "suppress: expires is Unix seconds, before the year 10000");
                 return -1;
             }
             expires = (int64_t)v * 1000;

@@ -229,6 +229,16 @@ def test_manual_entry_refused_at_rcpt():
         assert ctl(r, "suppress", "add", "not an address").returncode == 2
         assert ctl(r, "suppress", "add", "a@b.test", "--reason", "spite").returncode == 1
         assert ctl(r, "suppress", "frobnicate").returncode == 2
+        # a time past what the list can hold is said to be so, not "not an address"
+        p = ctl(r, "suppress", "add", "a@b.test", "--ttl", "99999999999d")
+        assert p.returncode == 1 and "ttl is at most 36500d" in p.stderr, p
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(r.dlog + SOCK_SUFFIX)  # expires= is the socket's own (sluicectl: --ttl)
+            s.sendall(b"suppress add a@b.test expires=18446744073709551\n")
+            reply = s.makefile("rb").readline()
+        assert b"before the year 10000" in reply, reply
+        assert ctl_ok(r, "suppress", "check", "a@b.test")["suppressed"] is False
         assert r.d.stop_clean() == 0
     finally:
         r.close()
