@@ -499,15 +499,37 @@ apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t)
     return rc;
 }
 
-/* Delete message id whole: its recipients (and the time index entries of
- * the deferred ones), its record and its body chunks. For an enqueue whose
+/* Delete message d->id whole: its recipients (and the time index entries
+ * of the deferred ones), its record, its body chunks and its event record. For an enqueue whose
  * caller was told it failed while its commit may have landed (commit.c,
  * drop_unconfirmed): its recipients are ready and nobody owns them, so
  * left alone they would be delivered by the next start's walk. Nothing
  * when it is not stored. Returns 0 or an LMDB code. */
 int
-apply_drop(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t)
+apply_drop(struct queue *q, MDB_txn *txn, const struct drop_ent *d, struct tally *t)
 {
+    uint64_t id = d->id;
+    if (d->ev) {
+        /* Its reception line: not published yet (flush_pending drops
+         * before it publishes), so no sink hears of a message that is
+         * never delivered; the journal skips the number. */
+        unsigned char ek[8];
+        msg_key(ek, d->ev_seq);
+        MDB_val k = {8, ek}, v;
+        int rc = mdb_get(txn, q->dbi_events, &k, &v);
+        if (rc != 0 && rc != MDB_NOTFOUND)
+            return rc;
+        /* Only if it is this message's: a number whose commit did not
+         * land is written again by a later one (defence in depth: a
+         * request failed here had committed). */
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(id, qid);
+        if (rc == 0 && memmem(v.mv_data, v.mv_size, qid, strlen(qid)) != NULL) {
+            if ((rc = mdb_del(txn, q->dbi_events, &k, NULL)) != 0)
+                return rc;
+            t->ev_trimmed++;
+        }
+    }
     unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
     MDB_cursor *c;
     int rc = mdb_cursor_open(txn, q->dbi_rcpt, &c);

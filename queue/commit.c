@@ -480,11 +480,12 @@ note_failure(struct queue *q, int rc)
  * removing it can only remove what this request wrote. Without memory
  * for the id, say which message a restart may deliver. */
 static void
-drop_note(struct queue *q, uint64_t id)
+drop_note(struct queue *q, const struct queue_req *r)
 {
+    uint64_t id = r->enq.id;
     if (q->drop_n == q->drop_cap) {
         size_t cap = q->drop_cap ? q->drop_cap * 2 : 64;
-        uint64_t *d = realloc(q->drop, cap * sizeof(*d));
+        struct drop_ent *d = realloc(q->drop, cap * sizeof(*d));
         if (d == NULL) {
             char qid[QUEUE_ID_STRLEN + 1];
             queue_id_str(id, qid);
@@ -497,7 +498,7 @@ drop_note(struct queue *q, uint64_t id)
         q->drop = d;
         q->drop_cap = cap;
     }
-    q->drop[q->drop_n++] = id;
+    q->drop[q->drop_n++] = (struct drop_ent){id, r->ev_seq, r->ev_len > 0};
     q->drop_fresh = true;
 }
 
@@ -526,7 +527,7 @@ fail_unconfirmed(struct queue *q, struct queue_req *list, int err)
             continue;
         r->rc = err;
         if (r->kind == REQ_ENQUEUE)
-            drop_note(q, r->enq.id);
+            drop_note(q, r);
     }
 }
 
@@ -556,7 +557,7 @@ drop_unconfirmed(struct queue *q)
     int rc = mdb_txn_begin(q->env, NULL, 0, &txn);
     if (rc == 0) {
         for (size_t i = 0; i < q->drop_n && rc == 0; i++)
-            rc = apply_drop(q, txn, q->drop[i], &t);
+            rc = apply_drop(q, txn, &q->drop[i], &t);
         /* a dirty page, so that the commit syncs even when nothing was found */
         MDB_val k = {7, "last_id"}, v = {sizeof(q->high_id), &q->high_id};
         if (rc == 0)
@@ -567,6 +568,8 @@ drop_unconfirmed(struct queue *q)
                 q->stored_id = q->high_id;
                 counter_add(&q->st.commits, 1);
                 counter_add(&q->st.removed, t.removed);
+                if (t.ev_trimmed > 0)
+                    atomic_fetch_sub(&q->st.events_kept, t.ev_trimmed);
                 if (t.removed > 0)
                     q->since_free = 0;
                 else if (q->since_free < 2)
@@ -613,7 +616,7 @@ drop_kept(struct queue *q)
     drop_unconfirmed(q);
     for (size_t i = 0; i < q->drop_n; i++) {
         char qid[QUEUE_ID_STRLEN + 1];
-        queue_id_str(q->drop[i], qid);
+        queue_id_str(q->drop[i].id, qid);
         log_msg(LOG_CRIT,
                 "queue=unconfirmed_kept path=%s id=%s note=\"answered 451, its removal not "
                 "durable: if the spool holds it, the next start delivers it\"",
@@ -890,6 +893,8 @@ flush_pending(struct queue *q)
             fail_unconfirmed(q, q->pend_head, err);
         }
     }
+    if (q->drop_fresh)
+        drop_unconfirmed(q); /* before their reception lines are published */
     events_publish(q, ev);
     release(q, q->pend_head, q->pend_tail);
     q->pend_head = q->pend_tail = NULL;

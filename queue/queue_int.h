@@ -392,7 +392,11 @@ struct queue {
     /* Enqueues failed as not confirmed whose commit may have landed: their
      * ids until a durable commit has removed them (commit.c,
      * drop_unconfirmed). */
-    uint64_t *drop;          /* owned */
+    struct drop_ent {
+        uint64_t id;
+        uint64_t ev_seq;     /* its event record's number, when ev */
+        bool ev;             /* it wrote one (its reception) */
+    } *drop;                 /* owned */
     size_t drop_n, drop_cap;
     bool drop_fresh;         /* ids added since the last removal tried */
     bool drop_logged;        /* a removal that failed was logged */
@@ -487,6 +491,6 @@ int apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally 
 int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);
 /* Message id with its body, recipients and their time index entries,
  * whatever their state; nothing when it is not stored. */
-int apply_drop(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t);
+int apply_drop(struct queue *q, MDB_txn *txn, const struct drop_ent *d, struct tally *t);
 
 #endif

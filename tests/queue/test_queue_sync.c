@@ -289,7 +289,34 @@ enqueue_one(struct queue *q, struct queue_port *port, struct put_wait *w, uint64
     struct iovec iov = {(void *)"body\r\n", 6};
     if (id != NULL)
         *id = env.id;
-    return queue_enqueue(q, port, &env, &iov, 1, put_done, w);
+    /* its reception line, as the server commits one with the message */
+    char qid[QUEUE_ID_STRLEN + 1], line[64];
+    queue_id_str(env.id, qid);
+    int n = snprintf(line, sizeof(line), "{\"event\":\"reception\",\"id\":\"%s\"}\n", qid);
+    return queue_enqueue_events(q, port, &env, &iov, 1, line, (size_t)n, put_done, w);
+}
+
+/* The published event lines so far, concatenated into buf. */
+static int
+events_collect(void *arg, uint64_t seq, const char *text, size_t len)
+{
+    (void)seq;
+    char *buf = arg;
+    size_t have = strlen(buf);
+    if (have + len < 4096) {
+        memcpy(buf + have, text, len);
+        buf[have + len] = '\0';
+    }
+    return 0;
+}
+
+static bool
+events_name(struct queue *q, uint64_t id)
+{
+    char buf[4096] = "", qid[QUEUE_ID_STRLEN + 1];
+    assert_true(queue_events_read(q, 0, sizeof(buf), events_collect, buf) >= 0);
+    queue_id_str(id, qid);
+    return strstr(buf, qid) != NULL;
 }
 
 /* An enqueue whose commit landed, its meta page waiting for the next
@@ -412,10 +439,15 @@ test_unconfirmed_enqueue_is_removed(void **state)
     queue_envelope_free(got);
     assert_false(walk_has(q, ids[1]));
     assert_false(walk_has(q, ids[2]));
+    /* nor its reception line: no event sink hears of a message that is
+     * never delivered (the client's retry makes one of its own) */
+    assert_true(events_name(q, ids[0]));
+    assert_false(events_name(q, ids[1]));
     /* and a restart does not find it either */
     q = reopen_batch_one(f);
     assert_true(walk_has(q, ids[0]));
     assert_false(walk_has(q, ids[1]));
+    assert_false(events_name(q, ids[1]));
 }
 
 /* The same when the removal cannot be made durable either (every sync
