@@ -299,7 +299,7 @@ req_new(struct limits *l, struct limit_key *k, enum req_kind kind)
     q->l = l;
     q->k = k;
     q->kind = kind;
-    memcpy(q->name, k->name, sizeof(q->name));
+    snprintf(q->name, sizeof(q->name), "%s", k->name);
     return q;
 }
 
@@ -605,7 +605,7 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
         if (k == NULL) {
             if (v[0] > 0) {
                 struct limit_key tmp;
-                memcpy(tmp.name, q->name, sizeof(tmp.name));
+                tmp.name = q->name;
                 send_release(l, &tmp, q->lease);
             }
             break;
@@ -891,8 +891,12 @@ limits_key_init(struct limits *l, struct limit_key *k, const char *name,
     size_t n = strlen(name);
     if (n == 0 || n >= LIMIT_KEY_MAX || strpbrk(name, "{}") != NULL)
         return -EINVAL;
+    char *own = NULL;
+    if (n >= sizeof(k->name_in) && (own = strdup(name)) == NULL)
+        return -ENOMEM;
     memset(k, 0, sizeof(*k));
-    memcpy(k->name, name, n + 1);
+    snprintf(k->name_in, sizeof(k->name_in), "%s", name);
+    k->name = own != NULL ? own : k->name_in;
     k->conf = *c;
     k->wake = wake;
     k->wake_arg = wake_arg;
@@ -939,6 +943,9 @@ limits_key_fini(struct limits *l, struct limit_key *k)
     free(k->leases);
     k->leases = NULL;
     k->nleases = k->leases_cap = 0;
+    if (k->name != NULL && k->name != k->name_in)
+        free((char *)k->name);
+    k->name = k->name_in;
     k->ready_lease = 0;
     k->msg_req = k->conn_req = NULL;
     k->prev = k->next = NULL;

@@ -109,8 +109,12 @@ typedef void limit_wake_fn(void *arg);
 
 /* Owned by the caller; set up with limits_key_init(). Fields are private
  * to limits.c except where noted. */
+#define LIMIT_KEY_INLINE 48
 struct limit_key {
-    char name[LIMIT_KEY_MAX];  /* readable */
+    /* Readable: name_in when it fits (most domains), else an owned copy.
+     * A destination holds one key: 48 octets, not LIMIT_KEY_MAX. */
+    const char *name;
+    char name_in[LIMIT_KEY_INLINE]; /* the name, cut to fit after limits_key_fini */
     struct limit_conf conf;    /* readable; change with limits_key_set() */
     limit_wake_fn *wake;       /* NULL: no wake-ups */
     void *wake_arg;            /* borrowed: the caller's */
@@ -147,8 +151,9 @@ int limits_new(struct worker *w, const struct limits_opts *o, struct limits **ou
  * inside a wake callback. Returns NULL. */
 struct limits *limits_free(struct limits *l);
 
-/* Attach k (name copied; no '{' or '}', < LIMIT_KEY_MAX bytes). Returns 0
- * or -EINVAL. */
+/* Attach k (name copied; no '{' or '}', < LIMIT_KEY_MAX bytes). Returns 0,
+ * -EINVAL or -ENOMEM. k must not be moved while attached (k->name may
+ * point into it). */
 int limits_key_init(struct limits *l, struct limit_key *k, const char *name,
                     const struct limit_conf *c, limit_wake_fn *wake, void *wake_arg);
 /* New limits for k (a config reload); state is kept. */

@@ -140,6 +140,37 @@ test_gcra_window_and_rate(void **state)
     limits_free(l);
 }
 
+/* A key holds its name in 48 octets when it fits, an owned copy when it
+ * does not (a destination embeds its key: LIMIT_KEY_MAX octets in each,
+ * for names that are almost always short, was a fifth of struct dest). */
+static void
+test_key_name_short_and_long(void **state)
+{
+    (void)state;
+    struct limits *l = local_new(NULL);
+    struct limit_key a, b;
+    struct limit_conf c = conf_msgs(50, 1000, 5);
+    char longname[LIMIT_KEY_MAX];
+    memset(longname, 'x', sizeof(longname) - 1);
+    longname[sizeof(longname) - 1] = '\0';
+    /* the longest name a key takes (LIMIT_KEY_MAX - 1 octets) */
+    assert_int_equal(limits_key_init(l, &a, "gmail.com", &c, NULL, NULL), 0);
+    assert_int_equal(limits_key_init(l, &b, longname, &c, NULL, NULL), 0);
+    assert_string_equal(a.name, "gmail.com");
+    assert_ptr_equal(a.name, a.name_in);
+    assert_string_equal(b.name, longname);
+    assert_ptr_not_equal(b.name, b.name_in);
+    uint64_t retry;
+    assert_int_equal(limits_take_msgs(l, &b, 1, BASE, &retry), 1);
+    limits_key_fini(l, &b); /* frees the copy (ASan: no leak) */
+    assert_ptr_equal(b.name, b.name_in);
+    assert_int_equal(strlen(b.name), LIMIT_KEY_INLINE - 1);
+    limits_key_fini(l, &b); /* twice: nothing freed twice */
+    limits_key_fini(l, &a);
+    assert_true(sizeof(struct limit_key) <= 300);
+    limits_free(l);
+}
+
 /* The answered retry time is exact: a token is there then, not 1 ns before. */
 static void
 test_gcra_retry_at(void **state)
@@ -1570,6 +1601,7 @@ main(void)
     signal(SIGPIPE, SIG_IGN); /* hiredis writes to a killed redis-server */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gcra_window_and_rate),
+        cmocka_unit_test(test_key_name_short_and_long),
         cmocka_unit_test(test_gcra_retry_at),
         cmocka_unit_test(test_gcra_late_wakeups_keep_the_rate),
         cmocka_unit_test(test_unlimited),
