@@ -385,6 +385,10 @@ def test_bounce_parked_by_scope():
         recs = n.rx.wait(10)
         assert len(recs) == 10, recs
         assert all(r["from"].startswith("<marker@sender.example>") for r in recs), recs
+        # counted when told, after the outcomes' commit: a little after the
+        # receiver has them (under load, a commit's sync later still)
+        wait_until(lambda: n.ask("stats")["tenants"]["globex"]["delivered"] == 10 or None, 30,
+                   "the 10 deliveries counted")
         st = n.ask("stats")
         assert st["tenants"]["globex"]["bounced"] == 10, st["tenants"]["globex"]
         assert st["tenants"]["globex"]["delivered"] == 10, st["tenants"]["globex"]
