@@ -25,6 +25,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "common/log.h"
 #include "queue/queue.h"
 
 /* 0: every sync succeeds; n: the n-th sync from the arming fails, with
@@ -505,8 +506,22 @@ test_unconfirmed_kept_at_stop(void **state)
     uint64_t ids[3];
     unconfirmed_run(q, port, true, ids);
     queue_port_free(port);
-    queue_close(f->q); /* logs queue=unconfirmed_kept for ids[1] */
+    char logp[300], qid[QUEUE_ID_STRLEN + 1], want[64], text[8192];
+    snprintf(logp, sizeof(logp), "%s/stop.log", f->dir);
+    assert_int_equal(log_open(logp, LOG_INFO), 0);
+    queue_close(f->q); /* names ids[1]: the next start delivers what is on disk */
+    log_close();
     f->q = NULL;
+    FILE *lf = fopen(logp, "r");
+    assert_non_null(lf);
+    size_t got = fread(text, 1, sizeof(text) - 1, lf);
+    text[got] = '\0';
+    fclose(lf);
+    queue_id_str(ids[1], qid);
+    snprintf(want, sizeof(want), "queue=unconfirmed_kept path=");
+    assert_non_null(strstr(text, want));
+    snprintf(want, sizeof(want), "id=%s ", qid);
+    assert_non_null(strstr(text, want));
     sync_fail_arm(0);
     q = reopen_batch_one(f);
     assert_true(walk_has(q, ids[0]));
