@@ -46,6 +46,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <openssl/evp.h>
+
 #include "common/conf.h"
 #include "common/re_cost.h"
 #include "engine/config.h"
@@ -94,11 +96,13 @@ struct shaping_rules {
     _Atomic uint64_t *hits; /* owned, nrules */
     bool finished;
     _Atomic unsigned refs;
-    /* What it was built from ("ORIGIN\0TEXT\0" for each text added, in
-     * order), for shaping_rules_same(): a reload that changed nothing in
-     * the rules shares the running set rather than keep one more (some
-     * 60 KB for the shipped rules, mostly their regexes). */
-    char *src;           /* owned */
+    /* What it was built from, for shaping_rules_same(): a reload that
+     * changed nothing in the rules shares the running set rather than
+     * keep one more (some 60 KB for the shipped rules, mostly their
+     * regexes). A SHA-256 chain over "ORIGIN\0TEXT\0" of each text
+     * added, in order, and their length: the texts themselves (12 KB
+     * and more) need not stay in every config a reload kept. */
+    unsigned char src_digest[32];
     size_t srclen;
 };
 
@@ -188,7 +192,7 @@ bool
 shaping_rules_same(const struct shaping_rules *a, const struct shaping_rules *b)
 {
     return a != NULL && b != NULL && a->finished && b->finished && a->srclen == b->srclen &&
-           (a->srclen == 0 || memcmp(a->src, b->src, a->srclen) == 0);
+           memcmp(a->src_digest, b->src_digest, sizeof(a->src_digest)) == 0;
 }
 
 struct shaping_rules *
@@ -210,7 +214,6 @@ shaping_rules_unref(struct shaping_rules *r)
     free(r->off);
     free(r->idx);
     free(r->hits);
-    free(r->src);
     free(r);
     return NULL;
 }
@@ -677,14 +680,16 @@ shaping_rules_add_text(struct shaping_rules *r, const char *text, const char *or
     if (r->finished)
         return -EINVAL;
     size_t ol = strlen(origin) + 1, tl = strlen(text) + 1;
-    char *src = realloc(r->src, r->srclen + ol + tl);
-    if (src == NULL) {
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) &&
+              EVP_DigestUpdate(md, r->src_digest, sizeof(r->src_digest)) &&
+              EVP_DigestUpdate(md, origin, ol) && EVP_DigestUpdate(md, text, tl) &&
+              EVP_DigestFinal_ex(md, r->src_digest, NULL);
+    EVP_MD_CTX_free(md);
+    if (!ok) {
         snprintf(err, errlen, "%s: out of memory", origin);
         return -ENOMEM;
     }
-    memcpy(src + r->srclen, origin, ol);
-    memcpy(src + r->srclen + ol, text, tl);
-    r->src = src;
     r->srclen += ol + tl;
     unsigned ln = 0;
     const char *s = text;
