@@ -879,6 +879,11 @@ limits_free(struct limits *l)
         k->prev = k->next = NULL;
         k->msg_req = k->conn_req = NULL;
         k->l = NULL;
+        if (k->name != k->name_in) {
+            /* its owner may free k without limits_key_fini() now */
+            free((char *)k->name);
+            k->name = k->name_in;
+        }
     }
     free(l);
     return NULL;

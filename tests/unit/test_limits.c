@@ -168,7 +168,12 @@ test_key_name_short_and_long(void **state)
     limits_key_fini(l, &b); /* twice: nothing freed twice */
     limits_key_fini(l, &a);
     assert_true(sizeof(struct limit_key) <= 300);
+    /* a key still attached when its limiter goes: detached, its copy
+     * freed there (its owner may then free it without a fini) */
+    assert_int_equal(limits_key_init(l, &b, longname, &c, NULL, NULL), 0);
     limits_free(l);
+    assert_null(b.l);
+    assert_ptr_equal(b.name, b.name_in);
 }
 
 /* The answered retry time is exact: a token is there then, not 1 ns before. */
