@@ -1,8 +1,8 @@
 /*
  * lru: one intrusive least-recently-used list for the whole tree. The
  * caller embeds a struct lru_node in its object; lru_touch() moves it to
- * the recent end (inserting it if new), lru_oldest() gives the other end,
- * where eviction starts. No allocation.
+ * the recent end (inserting it if new), lru_age() to the other end,
+ * lru_oldest() gives that end, where eviction starts. No allocation.
  *
  * Threading: none; one list belongs to one thread.
  */
@@ -61,6 +61,24 @@ lru_touch(struct lru *l, struct lru_node *x)
     else
         l->oldest = x;
     l->newest = x;
+    x->on = true;
+    l->n++;
+}
+
+/* x becomes the oldest: the next to be looked at for eviction. */
+static inline void
+lru_age(struct lru *l, struct lru_node *x)
+{
+    if (x->on && l->oldest == x)
+        return;
+    lru_remove(l, x);
+    x->prev = NULL;
+    x->next = l->oldest;
+    if (l->oldest)
+        l->oldest->prev = x;
+    else
+        l->newest = x;
+    l->oldest = x;
     x->on = true;
     l->n++;
 }

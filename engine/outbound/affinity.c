@@ -112,6 +112,7 @@ dest_elsewhere(struct dest *t)
     if (w == d->w->id)
         return false;
     d->ops->hand_over(t, w);
+    dest_moved(t);
     return true;
 }
 
@@ -145,6 +146,7 @@ dest_affinity(struct dest *t)
         return dest_elsewhere(t); /* a busy site, full slots, or another worker's
                                    * claim of the domain: its hash's worker */
     d->ops->hand_over(t, w);
+    dest_moved(t);
     return true;
 }
 

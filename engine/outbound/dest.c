@@ -7,7 +7,8 @@
  * last failure, and their life: held ones have their waiting jobs swept
  * for expiry (dest_hold, dest_on_sweep), and ones idle for [delivery]
  * destination_idle_ttl are evicted, oldest first (dest_on_evict), so the
- * table holds the active domains only.
+ * table holds the active domains only; one whose domain moved to another
+ * worker (affinity.c) goes at the next sweep.
  *
  * What a destination does next (resolve, open, hand a job to a
  * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
@@ -216,8 +217,10 @@ dest_evictable(const struct dest *t, uint64_t now)
 }
 
 /* Every EVICT_SWEEP_MS: drop the destinations idle for
- * [delivery] destination_idle_ttl, oldest first; busy ones met on the
- * way go to the recent end. Their sites go with their last reference. */
+ * [delivery] destination_idle_ttl, oldest first, and before them the
+ * husks of domains that moved to another worker (dest_moved: the oldest
+ * end); busy ones met on the way go to the recent end. Their sites go
+ * with their last reference. */
 static void
 dest_on_evict(struct timer *tm, void *ctx)
 {
@@ -230,7 +233,7 @@ dest_on_evict(struct timer *tm, void *ctx)
     struct lru_node *x;
     while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
         struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
-        if (now - t->touched < ttl)
+        if (!t->moved && now - t->touched < ttl)
             break;
         if (!dest_evictable(t, now)) {
             t->touched = now;
@@ -252,7 +255,17 @@ void
 dest_touch(struct dest *t)
 {
     t->touched = t->d->w->now;
+    t->moved = false;
     lru_touch(&t->d->dest_lru, &t->lru);
+}
+
+void
+dest_moved(struct dest *t)
+{
+    if (t->conns > 0)
+        return; /* its connections finish here first: idle eviction */
+    t->moved = true;
+    lru_age(&t->d->dest_lru, &t->lru);
 }
 
 unsigned

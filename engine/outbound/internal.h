@@ -291,6 +291,9 @@ struct dest {
     struct timer sweep_timer; /* while held: expire what waits */
     bool suspended;          /* by the operator: no new transaction */
     bool running, rerun;     /* in dest_run; asked again meanwhile */
+    bool moved;              /* its jobs went to another worker and nothing ran here
+                              * since: evicted at the next sweep, not after the idle
+                              * time (dest_moved) */
     struct mxkey *mxk;       /* borrowed: its MX host's [mx] limits, or NULL */
     const struct dns_mx_result *mxk_for; /* the answer mxk was chosen from */
     struct dest *next_mxwait; /* on mxk->waiters */
@@ -501,6 +504,10 @@ void dests_start(struct delivery *d);
 void sched_free_dests(struct delivery *d);
 /* t is active now (the LRU of eviction). */
 void dest_touch(struct dest *t);
+/* t's jobs were handed to another worker: with no connection of its own
+ * left, it is a husk here, evicted at the next sweep (the moved domain's
+ * answer stays in this worker's resolver cache if it comes back). */
+void dest_moved(struct dest *t);
 /* The destination of domain name and pool (a name id, 0: none), made on
  * first use; NULL without memory. dest_get: pool 0. */
 struct dest *dest_get_pool(struct delivery *d, const char *name, uint32_t pool);

@@ -2090,6 +2090,39 @@ affinity_moves_a_domain_to_its_sites_worker(void **state)
     fx_free(f);
 }
 
+/* The destination a domain leaves behind when it moves holds nothing
+ * but its answer: it goes at the next sweep, not after the idle time
+ * (10 minutes by default), and the claim it made stays. Mail that still
+ * comes here for the domain is passed on by a destination made for it,
+ * which goes the same way. */
+static void
+affinity_husk_goes_at_the_next_sweep(void **state)
+{
+    (void)state;
+    unsigned site_w = worker_of_host(MX1[0]);
+    struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n", 1 - site_w);
+    sched_start(f->d);
+    submit("stays.test", 1); /* its answer never comes: busy, and older */
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->handed, 1);
+    assert_int_equal(hash_count(&f->d->dests), 2);
+    f->w.now += MS_TO_NS(5100); /* one sweep, far from the idle time */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->d->evicted, 1);
+    assert_int_equal(hash_count(&f->d->dests), 1); /* stays.test */
+    assert_int_equal(f->nclaimed, 1); /* the site's worker's claim */
+    assert_int_equal(f->claimed_by[0], site_w);
+    submit("a.test", 1); /* late mail: passed on unresolved */
+    assert_int_equal(f->handed, 2);
+    assert_int_equal(f->resolves, 2); /* a.test once, stays.test once */
+    f->w.now += MS_TO_NS(5100);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->d->evicted, 2);
+    assert_int_equal(hash_count(&f->d->dests), 1);
+    fx_free(f);
+}
+
 /* The site's worker is that of its first MX host by name among those of
  * the best preference, whatever order the answer lists them in. */
 static void
@@ -2293,6 +2326,7 @@ main(void)
         cmocka_unit_test(affinity_site_worker_ignores_order),
         cmocka_unit_test(affinity_not_where_limits_are_shared),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
+        cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
