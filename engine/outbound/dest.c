@@ -430,7 +430,13 @@ dest_on_sweep(struct timer *tm, void *ctx)
         o.status = SMTP_STATUS_TEMPFAIL;
         o.scope = SMTP_SCOPE_MESSAGE;
         o.enh = (struct smtp_enh){4, 4, 7};
-        snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
+        /* The reply that held it is why (Postfix's "delivery temporarily
+         * suspended: ..."): what the sender's DSN and the log should say. */
+        if (t->last_reply[0] != '\0')
+            snprintf(o.text, sizeof(o.text), "message expired while %s was held: %s", t->name,
+                     t->last_reply);
+        else
+            snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
         struct outcome_where where = {.src = CLASSIFY_EXPIRED};
         job_finish(d, t, j, env, NULL, &o, &where);
         queue_envelope_free(env);

@@ -899,9 +899,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->rcpt_named = o->reason == SMTP_REASON_REPLY && o->stage >= SMTP_CLIENT_S_RCPT &&
                          o->stage <= SMTP_CLIENT_S_DOT &&
                          !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
+        /* An expiry is no news of the destination: its last reply stays
+         * (the held destination's expiries name it, dest_on_sweep). */
         if (kind != DLOG_DELIVERY && o->code != 0)
             snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
-        else if (kind != DLOG_DELIVERY)
+        else if (kind != DLOG_DELIVERY && where->src != CLASSIFY_EXPIRED)
             snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
         t->last_ms = now;
         char enh[16] = "";

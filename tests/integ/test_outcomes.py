@@ -235,6 +235,9 @@ def test_held_destination_still_expires():
         ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 3, timeout=60)
         assert sorted(e["rcpt"] for e in ex) == ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
         assert all(e["queue_time_ms"] < 20000 for e in ex), ex
+        # each says why it was held: the receiver's reply, once
+        assert all(e["reply"] == "message expired while busy.test was held: "
+                   "421 4.0.0 Server closing connection" for e in ex), ex
         assert r.d.stop_clean() == 0
         assert mdb_entries(r.spool, "msg") == 0
     finally:
