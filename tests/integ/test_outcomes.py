@@ -271,8 +271,13 @@ def test_expiry_in_every_state():
         assert sorted(e["rcpt"] for e in ex) == ["a@hang.test", "b@hang.test", "c@soft.test",
                                                  "d@own.test"], ex
         assert all(e["class"] == "expired" for e in ex), ex
-        assert [e for e in events(r.dlog) if e["event"] == "transient_failure"
-                and e["rcpt"] == "c@soft.test"], "c was never deferred"
+        soft = [e for e in events(r.dlog) if e["event"] == "transient_failure"
+                and e["rcpt"] == "c@soft.test"]
+        assert soft, "c was never deferred"
+        # the deferred one's expiry says what it was deferred with
+        (c,) = [e for e in ex if e["rcpt"] == "c@soft.test"]
+        assert c["reply"] == (f"message expired in the queue; last attempt: {soft[-1]['code']} "
+                              f"{soft[-1]['reply']}"), (c, soft)
         # Expired on time: well before the sinks' 60 s DATA delay.
         assert all(e["queue_time_ms"] < 30000 for e in ex), ex
         assert r.d.stop_clean() == 0
