@@ -260,9 +260,15 @@ uint64_t dns_timeout(struct dns *d, uint64_t now);
  * whole, never cut; borrowed: valid during the call only), DNS_NOT_FOUND
  * (NXDOMAIN or no TXT record without a NUL), DNS_FAIL (more than 512
  * records: the answer is not judged on a part of it) or DNS_RETRY; why
- * is static text. */
+ * is static text. ttl: seconds the answer holds, as its records say (the
+ * smallest TTL of the CNAME chain and the TXT records; for a not-found
+ * answer, RFC 2308 5's negative TTL, min(the SOA's TTL, its MINIMUM)),
+ * unclamped ([dns] min_ttl and max_ttl are for the cache, which TXT
+ * answers skip); DNS_TTL_UNKNOWN when the answer does not say (a
+ * not-found without an SOA, DNS_FAIL, DNS_RETRY). */
+#define DNS_TTL_UNKNOWN UINT32_MAX
 typedef void dns_txt_fn(void *arg, enum dns_status status, const char *why,
-                        const char *const *txt, unsigned n);
+                        const char *const *txt, unsigned n, uint32_t ttl);
 /* Ask for name's TXT records; not cached. The callback runs exactly once,
  * from dns_process_fd() or dns_process_timeouts(), or from inside this
  * call when c-ares fails at once; dns_free() drops pending lookups

@@ -2,8 +2,9 @@
  * txt: TXT lookups (RFC 1035 3.3.14) on the resolver's channel, for the
  * policy records of MTA-STS (_mta-sts.DOMAIN) and TLS reporting
  * (_smtp._tls.DOMAIN). Not cached here: their callers keep what they
- * learn for as long as the policy says. Each record's character-strings
- * are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them.
+ * learn for as long as the policy says, or the answer's TTL (handed over
+ * with it: the records', or a not-found answer's SOA's, RFC 2308 5).
+ * Each record's character-strings are joined into one string, as RFC 7208 3.3 and RFC 8461 3.1 read them.
  * Every record of the answer is handed over, however many and however
  * long (the room is sized from the answer, which bounds both): "exactly
  * one v=STSv1 record" (RFC 8461 3.1) and "exactly one v=TLSRPTv1 record"
@@ -33,6 +34,32 @@ struct txt_query {
     char name[DNS_NAME_MAX + 1]; /* normalised: what the answer must be about */
 };
 
+/* How long a not-found answer (read by wire_answer into a) holds, in s:
+ * the negative TTL of its SOA (RFC 2308 5), no longer than the CNAME
+ * chain to the name without records; without an SOA, not known (RFC
+ * 2308 5: such an answer should not be kept at all; the caller keeps its
+ * own rule). */
+static uint32_t
+negative_ttl(const struct wire_answer *a)
+{
+    if (!a->soa)
+        return DNS_TTL_UNKNOWN;
+    return a->neg_ttl < a->ttl ? a->neg_ttl : a->ttl;
+}
+
+/* The same for a not-found answer c-ares judged itself (NXDOMAIN, or
+ * NOERROR without answer records), read here for its SOA. */
+static uint32_t
+negative_ttl_of(const unsigned char *abuf, size_t len, const char *name)
+{
+    struct wire_answer *a = malloc(sizeof(*a)); /* big: the MX targets */
+    uint32_t ttl = DNS_TTL_UNKNOWN;
+    if (a != NULL && wire_answer(abuf, len, name, WIRE_T_TXT, a) == 0 && !a->chain_bad)
+        ttl = negative_ttl(a);
+    free(a);
+    return ttl;
+}
+
 static void
 on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
 {
@@ -47,14 +74,16 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     const char **txt = NULL; /* owned: the records, pointing into buf */
     char *buf = NULL;        /* owned: the records' text */
     unsigned n = 0;
+    uint32_t ttl = DNS_TTL_UNKNOWN;
     enum dns_status st = DNS_RETRY;
     const char *why = "resolver error";
-    if (status == ARES_ENOTFOUND) {
+    if (status == ARES_ENOTFOUND || status == ARES_ENODATA) {
         st = DNS_NOT_FOUND;
-        why = "NXDOMAIN";
-    } else if (status == ARES_ENODATA) {
-        st = DNS_NOT_FOUND;
-        why = "no TXT record";
+        why = status == ARES_ENOTFOUND ? "NXDOMAIN" : "no TXT record";
+        /* c-ares hands over the answer with these: its SOA, if any, says
+         * how long the "no" holds (RFC 2308 5). */
+        if (abuf != NULL && alen > 0)
+            ttl = negative_ttl_of(abuf, (size_t)alen, q->name);
     } else if (status == ARES_ETIMEOUT) {
         why = "timeout";
     } else if (status == ARES_SUCCESS && abuf != NULL && alen > 0) {
@@ -72,8 +101,13 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
             rc = -ELOOP;
         if (rc == 0 && a->rcode == WIRE_NXDOMAIN)
             rc = -ENOENT;
+        uint32_t rec_ttl = UINT32_MAX;
         if (rc == 0)
-            rc = wire_txt(abuf, len, a->final, buf, len, txt, max);
+            rc = wire_txt(abuf, len, a->final, buf, len, txt, max, &rec_ttl);
+        if (rc > 0)
+            ttl = a->ttl < rec_ttl ? a->ttl : rec_ttl; /* the chain's and the records' */
+        else if (rc == 0 || rc == -ENOENT)
+            ttl = negative_ttl(a);
         free(a);
         if (rc > 0) {
             st = DNS_OK;
@@ -94,8 +128,10 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     if (st != DNS_OK) {
         d->stats.failures += st == DNS_RETRY;
         n = 0;
+        if (st != DNS_NOT_FOUND)
+            ttl = DNS_TTL_UNKNOWN;
     }
-    q->cb(q->arg, st, why, txt, n);
+    q->cb(q->arg, st, why, txt, n, ttl);
     free(txt);
     free(buf);
     free(q);

@@ -371,7 +371,7 @@ wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *ou
 
 int
 wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap,
-         const char **txt, unsigned max)
+         const char **txt, unsigned max, uint32_t *ttl)
 {
     struct wire_msg m;
     struct wire_rr rr;
@@ -409,6 +409,8 @@ wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap
             t[o] = '\0';
             txt[n++] = t;
             used += o + 1;
+            if (ttl != NULL)
+                *ttl = min32(*ttl, rr.ttl);
         }
     }
     if (rc == 0 && m.sec == 0 && m.idx < m.count[0])

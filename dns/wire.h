@@ -138,9 +138,10 @@ int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa
  * Records of other owners or classes are no answer to the question.
  * Returns the count, -EBADMSG (a string running past its record) or
  * -E2BIG (more answer records than WIRE_MAX_RR: the answer cannot be
- * read whole, and a caller that counts records must not judge a part). */
+ * read whole, and a caller that counts records must not judge a part).
+ * *ttl (unless ttl is NULL) is lowered to the TTLs of the records kept. */
 int wire_txt(const uint8_t *buf, size_t len, const char *name, char *out, size_t cap,
-             const char **txt, unsigned max);
+             const char **txt, unsigned max, uint32_t *ttl);
 /* The most TXT records a message of len octets can hold: each takes at
  * least 11 (a 1-octet owner, type, class, TTL, rdlength). */
 #define WIRE_TXT_MAX(len) ((len) / 11 + 1)

@@ -45,6 +45,8 @@
 #define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
 #define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
 #define RETRY_MIN_MS    1000 /* a DNS failure's retry_after() is at least this (error_ttl: 0) */
+#define NO_POLICY_UNIT_MS 60000 /* a no-policy answer's TTL counts in these, at least one */
+#define NO_POLICY_UNITS   63    /* ... and at most this many (sts_entry's again: 6 bits) */
 #define FETCH_ADDRS     16   /* the policy host's addresses a fetch tries, at most */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
@@ -61,7 +63,9 @@ const struct conf_key mta_sts_conf_keys[] = {
      "a known domain's _mta-sts TXT record is asked again this often; a new id fetches its "
      "policy again; after a check that failed on DNS (a timeout or SERVFAIL of the TXT record "
      "or of mta-sts.DOMAIN's addresses) while the domain has no policy in force, after [dns] "
-     "error_ttl (at least 1s) instead",
+     "error_ttl (at least 1s) instead; after one that found no policy (while none is in "
+     "force), once that TXT answer's TTL passed when it is shorter (the records' TTL, or the "
+     "negative TTL of a not-found answer's SOA; in whole minutes, at least 1, at most 63)",
      NULL},
     {"max_fetches", CONF_UINT, STS(max_fetches), 1, 10000, "64",
      "policy checks (DNS and HTTPS) in flight at once; more wait in order", NULL},
@@ -115,8 +119,11 @@ struct sts_entry {
                                    * (its TXT record's or its policy host's): with no
                                    * policy in force, due again after retry_after(),
                                    * not recheck */
+    uint8_t again : 6;            /* the last check found no policy: due again this many
+                                   * minutes after it (no_policy_again); 0: after recheck */
     char name[];
 };
+_Static_assert(offsetof(struct sts_entry, name) == 41, "sts_entry grew: see its comment");
 
 /* One check of a domain, queued (on m->qhead, under m->lock) and then
  * running on the thread (on m->running, the thread's), until check_done
@@ -130,6 +137,8 @@ struct sts_check {
     struct mta_sts *m;            /* borrowed: the store */
     bool refresh;                 /* to fetch the policy again (RFC 8461 3.3) */
     bool txt_known;               /* new_id is set: a worker asked the TXT record */
+    uint8_t again;                /* its TXT answer said no policy: for the entry's
+                                   * again (check_done); 0 otherwise */
     char new_id[33];              /* the id to fetch: by the thread, or by
                                    * mta_sts_txt_answer (under m->lock) before it
                                    * queues the check */
@@ -174,6 +183,7 @@ struct mta_sts {
     uint64_t swept_ms;            /* monotonic ms of the last sweep */
     uint64_t sweep_every_ms;      /* SWEEP_MS, or a test hook's */
     uint64_t forget_ms;           /* 0: FORGET_MS and at least recheck; else a test hook's */
+    uint64_t ttl_unit_ms;         /* 0: NO_POLICY_UNIT_MS; else a test hook's */
     uint64_t refresh_ms;          /* monotonic ms of the last refresh scan */
     struct tlsrpt *rpt;           /* owned, or NULL */
 };
@@ -236,6 +246,42 @@ retry_after(const struct mta_sts *m)
     return ms < m->sc->recheck ? ms : m->sc->recheck;
 }
 
+static uint64_t
+no_policy_unit(const struct mta_sts *m)
+{
+    return m->ttl_unit_ms != 0 ? m->ttl_unit_ms : NO_POLICY_UNIT_MS;
+}
+
+/* How long after a check that found no policy (no record, or none
+ * valid) the domain is due again, as sts_entry's again: the TTL of the
+ * TXT answer that said so (ttl, s; DNS_TTL_UNKNOWN: not known), when
+ * that is shorter than recheck, so that a domain that publishes a policy
+ * is seen once its "no" ran out rather than up to recheck later (its
+ * mail does not wait for the check: it runs on the thread). 0 (recheck,
+ * as before) when the TTL is not known or not shorter.
+ * In whole minutes (NO_POLICY_UNIT_MS), rounded up, at least one: TTLs
+ * of 0 or a few seconds are common (RFC 2308's negative TTL is the SOA's
+ * MINIMUM, which some zones set to 0), and a domain mailed all the time
+ * would then be asked again after every check, one TXT query after
+ * another, for a record policies are meant to change rarely (RFC 8461
+ * 3.1: a new id with each change). A minute costs a busy domain one
+ * query a minute at most, and finds a new policy a minute late at most.
+ * Up to NO_POLICY_UNITS (63) minutes, so that it fits in the six bits
+ * the entry has spare (a million entries an hour: see struct
+ * sts_entry); a longer TTL counts as recheck (an hour by default: the
+ * same), which asks later than the TTL only under a recheck set longer. */
+static uint8_t
+no_policy_again(const struct mta_sts *m, uint32_t ttl)
+{
+    if (ttl == DNS_TTL_UNKNOWN)
+        return 0;
+    uint64_t unit = no_policy_unit(m);
+    uint64_t n = ((uint64_t)ttl * 1000 + unit - 1) / unit;
+    if (n == 0)
+        n = 1;
+    return n > NO_POLICY_UNITS || n * unit >= m->sc->recheck ? 0 : (uint8_t)n;
+}
+
 /* Under m->lock: a check of e joins the checks to run (e is busy until
  * it ends). Returns it, or NULL without memory (e is then left as it
  * was: not busy, due as before). */
@@ -284,9 +330,12 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
      * last check. Not again and again once it ended: a policy server
      * that is down, or a policy of max_age 0, is asked every recheck,
      * not at every mail. Sooner after a DNS failure while no policy is
-     * in force (retry_after). */
+     * in force (retry_after), or once the TTL of a no-policy answer ran
+     * out (no_policy_again). */
     bool in_force = e->pol != NULL && now < e->pol->expires_ms;
-    uint64_t again = e->dns_failed && !in_force ? retry_after(m) : m->sc->recheck;
+    uint64_t again = e->dns_failed && !in_force   ? retry_after(m)
+                     : e->again != 0 && !in_force ? e->again * no_policy_unit(m)
+                                                  : m->sc->recheck;
     if (!e->busy &&
         (e->checked_ms == 0 || now - e->checked_ms >= again ||
          (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms)))
@@ -303,7 +352,7 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
 
 void
 mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status, const char *why,
-                   const char *const *txt, unsigned n)
+                   const char *const *txt, unsigned n, uint32_t ttl)
 {
     char id[33];
     const char *result, *reason;
@@ -334,6 +383,7 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
     }
     e->checked_ms = clock_unix_ms();
     e->dns_failed = status == DNS_RETRY || has;
+    e->again = has || status == DNS_RETRY || status == DNS_FAIL ? 0 : no_policy_again(m, ttl);
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
             "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
@@ -560,6 +610,7 @@ check_done(struct mta_sts *m, struct sts_check *c, bool replace, struct mta_sts_
            bool dns_temp, const char *result, const char *why)
 {
     struct sts_entry *e = c->e;
+    uint8_t again = c->again;
     check_free(m, c);
     uint64_t now = clock_unix_ms();
     pthread_mutex_lock(&m->lock);
@@ -582,6 +633,7 @@ check_done(struct mta_sts *m, struct sts_check *c, bool replace, struct mta_sts_
     e->checked_ms = now;
     e->busy = false;
     e->dns_failed = dns_temp;
+    e->again = again;
     const struct mta_sts_policy *p = e->pol;
     /* Most domains publish nothing: their checks are debug lines, not one
      * info line per new domain of a campaign. */
@@ -881,13 +933,17 @@ check_id(struct mta_sts *m, struct sts_check *c, const char id[33])
 }
 
 static void
-on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+       uint32_t ttl)
 {
     struct sts_check *c = arg;
     char id[33];
     const char *result, *reason;
-    if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0)
+    if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0) {
+        if (status == DNS_OK || status == DNS_NOT_FOUND)
+            c->again = no_policy_again(c->m, ttl);
         check_done(c->m, c, false, NULL, status == DNS_RETRY, result, reason);
+    }
     else
         check_id(c->m, c, id);
 }
@@ -988,9 +1044,12 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
  * forgotten domain's next mail waits for its TXT answer (MTA_STS_ASK),
  * and TXT lookups are not cached (dns_txt_lookup): a domain mailed every
  * 20 minutes would wait on DNS at every mail instead of once an hour, a
- * whole [dns] timeout where its servers ignore _mta-sts names; and the
- * TTL is not known here (dns_txt_fn does not give it). An idle entry is
- * about 60 octets now (struct sts_entry), so the hour costs little. */
+ * whole [dns] timeout where its servers ignore _mta-sts names. The
+ * answer's TTL is used otherwise: a kept entry whose "no policy" ran out
+ * is asked again on the thread while its mail goes on (mta_sts_get,
+ * no_policy_again), which finds a new policy as soon as forgetting would,
+ * without the wait. An idle entry is about 60 octets (struct sts_entry),
+ * so the hour costs little. */
 static void
 sweep(struct mta_sts *m)
 {
@@ -1144,6 +1203,25 @@ thread_main(void *arg)
     return NULL;
 }
 
+/* SLUICE_TEST_MTA_STS_TTL_UNIT=MS: a no-policy answer's TTL counts in
+ * units of MS ms instead of minutes (NO_POLICY_UNIT_MS; tests of it
+ * without waiting minutes). Test-hook builds only, as below. */
+static void
+test_hook_ttl_unit(struct mta_sts *m)
+{
+#ifdef SLUICE_TEST_HOOKS
+    const char *v = getenv("SLUICE_TEST_MTA_STS_TTL_UNIT");
+    char *end;
+    unsigned long long ms = v != NULL && *v != '\0' ? strtoull(v, &end, 10) : 0;
+    if (ms >= 1 && ms <= 86400000 && *end == '\0') {
+        m->ttl_unit_ms = ms;
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_MTA_STS_TTL_UNIT ms=%llu", ms);
+    }
+#else
+    (void)m;
+#endif
+}
+
 /* SLUICE_TEST_MTA_STS_FORGET=MS: domains are forgotten after MS ms
  * without use or check (whatever recheck says), looked for every MS/2
  * (tests of the sweep without waiting ten minutes). Only in builds with
@@ -1191,6 +1269,7 @@ mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **o
     hash_init(&m->domains, entry_eq, 64);
     m->sweep_every_ms = SWEEP_MS;
     test_hook_forget(m);
+    test_hook_ttl_unit(m);
     int rc = dns_new(&cfg->dns, on_dns_sock, m, &m->dns, err, errlen);
     if (rc < 0)
         goto fail;

@@ -152,20 +152,23 @@ enum mta_sts_answer {
 /* The policy of domain (normalised, lowercase) now; starts a check when
  * there is none yet or the last one is older than recheck (than [dns]
  * error_ttl, at least 1 s, when it failed on DNS and no policy is in
- * force; the check runs on the thread, the mail goes on). With can_ask,
+ * force; than the TTL of its TXT answer, in whole minutes, at least one
+ * and at most 63, when that found no policy and none is in force; the
+ * check runs on the thread, the mail goes on). With can_ask,
  * a domain never seen is answered ASK rather than queued for the thread:
  * a worker asks the TXT record beside the domain's MX lookup, and a
  * domain without a record (most of a campaign's) never costs the thread
  * a wake-up nor its mail a wait for one. */
 enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask,
                                 struct mta_sts_policy **out);
-/* The answer to the TXT lookup an ASK asked for (status, why and the
- * records as dns_txt_fn gives them). No record, a broken one or a DNS
+/* The answer to the TXT lookup an ASK asked for (status, why, the
+ * records and ttl as dns_txt_fn gives them). No record, a broken one or a DNS
  * failure end the check (no policy; after DNS_RETRY the domain is due
- * again after error_ttl, see mta_sts_get); a record with an id hands the check
+ * again after error_ttl, after no record or a broken one once ttl ran
+ * out, when that is sooner than recheck: see mta_sts_get); a record with an id hands the check
  * to the thread, which fetches the policy (WAIT until then). Any thread. */
 void mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status,
-                        const char *why, const char *const *txt, unsigned n);
+                        const char *why, const char *const *txt, unsigned n, uint32_t ttl);
 
 /* The config m started with (its [mta_sts] settings hold to the end). */
 const struct config *mta_sts_config(const struct mta_sts *m);

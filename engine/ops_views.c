@@ -398,6 +398,8 @@ ops_counters(void *arg, struct stats_counters *out)
     out->map_used = qs.map_used;
     out->spool_bytes = qs.map_used;
     out->spool_corrupt = qs.corrupt;
+    out->spool_unconfirmed_removed = qs.unconfirmed_removed;
+    out->spool_sync_failing_refused = qs.sync_failing_refused;
     if (e->dlog != NULL) {
         struct dlog_stats ds;
         dlog_stats(e->dlog, &ds);

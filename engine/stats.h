@@ -145,6 +145,9 @@ struct stats_counters {
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */
+    /* after a failed sync: messages answered 451 then removed, and mail
+     * refused while that removal could not be made durable */
+    uint64_t spool_unconfirmed_removed, spool_sync_failing_refused;
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
     uint64_t dns_tlsa_queries, dns_tlsa_secure, dns_tlsa_failed; /* DANE's TLSA lookups */
     uint64_t dns_edns_off; /* times c-ares turned EDNS off on a worker's channel */

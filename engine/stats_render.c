@@ -328,6 +328,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "map_used", c->map_used);
     kdouble(j, "map_used_share", share(c->map_used, c->map_size));
     json_ku64(j, "corrupt_records", c->spool_corrupt);
+    json_ku64(j, "unconfirmed_removed", c->spool_unconfirmed_removed);
+    json_ku64(j, "sync_failing_refused", c->spool_sync_failing_refused);
     json_obj_end(j);
 
     json_key(j, "dns");
@@ -649,6 +651,14 @@ static const struct metric metrics[] = {
     {"sluice_spool_corrupt_records_total", "counter",
      "Spool records skipped because they fail their checks (each logged with its key).",
      CTR(spool_corrupt)},
+    {"sluice_spool_unconfirmed_removed_total", "counter",
+     "Messages answered 451 because the sync that was to confirm them failed, then removed "
+     "from the spool (their commit had landed).",
+     CTR(spool_unconfirmed_removed)},
+    {"sluice_spool_sync_failing_refused_total", "counter",
+     "Messages refused with 451 while the spool could make nothing durable "
+     "(queue=sync_failing).",
+     CTR(spool_sync_failing_refused)},
     {"sluice_dns_lookups_total", "counter", "DNS lookups asked.", CTR(dns_lookups)},
     {"sluice_dns_cache_hits_total", "counter", "DNS lookups answered from the cache.",
      CTR(dns_cache_hits)},

@@ -1041,6 +1041,20 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
             asc[i] = (char)tolower((unsigned char)after_scope[i]);
         after_scope = asc;
     }
+    if (after_addr != NULL && after_scope != NULL && scope != NULL) {
+        /* A position in another scope than the one listed (the stats
+         * socket's command takes any; sluicectl only sends back the next
+         * page's). Keys sort by scope first (scope NUL address, and a
+         * scope holds no NUL, so strcmp orders them as the keys): one
+         * before the scope is before all of it, from its start; one after
+         * it is past all of it, nothing. Positioned there, the listing
+         * met another scope's key first and stopped, empty, either way. */
+        int c = strcmp(after_scope, scope);
+        if (c > 0)
+            return 0;
+        if (c < 0)
+            after_addr = after_scope = NULL;
+    }
     MDB_txn *txn;
     MDB_cursor *cur;
     int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);

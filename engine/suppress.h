@@ -162,7 +162,9 @@ int suppress_check(struct suppress *s, const char *scope, const char *addr,
 
 /* Call fn for up to limit entries (0: all) of scope (NULL: every scope),
  * in key order, starting after (after_scope, after_addr) when after_addr
- * is given. fn returns 0 to go on, non-zero to stop. Returns the number
+ * is given (after_scope NULL: scope's, or the global list's). Keys sort
+ * by scope first: an after_scope that sorts before scope starts at
+ * scope's first entry, one after it lists nothing. fn returns 0 to go on, non-zero to stop. Returns the number
  * of entries passed to fn, or -errno. */
 long suppress_list(struct suppress *s, const char *scope, const char *after_scope,
                    const char *after_addr, size_t limit,

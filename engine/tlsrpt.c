@@ -1080,8 +1080,10 @@ tlsrpt_on_done(struct tlsrpt *r, CURL *easy, CURLcode res)
 }
 
 static void
-on_rua(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_rua(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+       uint32_t ttl)
 {
+    (void)ttl; /* the report goes out once a day: asked afresh each time */
     struct day *d = arg;
     struct tlsrpt *r = d->r;
     const char *rec = NULL;
@@ -1205,7 +1207,7 @@ tlsrpt_tick(struct tlsrpt *r, struct dns *dns, CURLM *multi, bool flush)
         d->st = DAY_RUA;
         d->posted = 0;
         if (dns_txt_lookup(dns, name, on_rua, d) < 0)
-            on_rua(d, DNS_RETRY, "out of memory", NULL, 0);
+            on_rua(d, DNS_RETRY, "out of memory", NULL, 0, DNS_TTL_UNKNOWN);
         d = next;
     }
 }

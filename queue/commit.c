@@ -68,6 +68,12 @@
 #include "queue/queue_int.h"
 
 #define GATHER_GAP_US   100
+/* How soon the committer tries again to remove the enqueues it failed
+ * after a failed sync (drop_unconfirmed) while that keeps failing: soon,
+ * since new mail is refused meanwhile, and then less often, since each
+ * try is a commit and a sync on a disk that is failing. */
+#define DROP_RETRY_MIN_US 100000
+#define DROP_RETRY_MAX_US 5000000
 
 /* ---- the committer ---- */
 
@@ -541,8 +547,10 @@ fail_unconfirmed(struct queue *q, struct queue_req *list, int err)
  * may be newer than what a restart finds on disk.
  *
  * If that fails as well, the spool cannot make anything durable: the
- * ids stay, the removal is tried again before each later batch, and
- * meanwhile the batches' enqueues are refused (run_batch). Nothing can
+ * ids stay, the removal is tried again before each later batch and, when
+ * no batch comes, on the committer's own timer (100 ms after a failure,
+ * doubling to 5 s: queue_committer_main), and meanwhile the batches'
+ * enqueues are refused and counted (run_batch). Nothing can
  * tell a restart about them in the meantime: a mark on disk would need
  * the very sync that fails. So the log says so once, and the committer
  * names each id still there when it stops (queue_committer_main): a
@@ -568,6 +576,7 @@ drop_unconfirmed(struct queue *q)
                 q->stored_id = q->high_id;
                 counter_add(&q->st.commits, 1);
                 counter_add(&q->st.removed, t.removed);
+                counter_add(&q->st.unconfirmed_removed, t.removed);
                 if (t.ev_trimmed > 0)
                     atomic_fetch_sub(&q->st.events_kept, t.ev_trimmed);
                 if (t.removed > 0)
@@ -589,9 +598,15 @@ drop_unconfirmed(struct queue *q)
                     t.removed);
         q->drop_n = 0;
         q->drop_logged = false;
+        q->drop_backoff_us = 0;
         return;
     }
     counter_add(&q->st.commit_failures, 1);
+    uint64_t backoff = q->drop_backoff_us * 2;
+    q->drop_backoff_us = backoff == 0                   ? DROP_RETRY_MIN_US
+                         : backoff > DROP_RETRY_MAX_US ? DROP_RETRY_MAX_US
+                                                       : backoff;
+    q->drop_retry_us = mono_us() + q->drop_backoff_us;
     int err = queue_lmdb_err(rc);
     note_failure(q, err);
     /* the sync that was to confirm the pending commit's meta page */
@@ -675,16 +690,19 @@ run_batch(struct queue *q, struct queue_req *batch)
     if (q->drop_n > 0)
         drop_unconfirmed(q);
     bool refuse = q->drop_n > 0;
-    size_t nu = 0, ne = 0;
+    size_t nu = 0, ne = 0, refused = 0;
     for (struct queue_req *r = batch; r != NULL; r = r->next) {
         r->rc = 0;
         if (r->kind != REQ_ENQUEUE)
             q->vec_upd[nu++] = r;
-        else if (refuse)
+        else if (refuse) {
             r->rc = -EIO;
-        else
+            refused++;
+        } else
             q->vec_enq[ne++] = r;
     }
+    if (refused > 0)
+        counter_add(&q->st.sync_failing_refused, refused);
     nu = admit_msgs(q, q->vec_upd, nu);
     size_t na = ne > 0 ? admit(q, q->vec_enq, ne) : 0;
     int rc = (nu + na) > 0 ? commit_set(q, q->vec_upd, nu, q->vec_enq, na) : 0;
@@ -946,6 +964,25 @@ gather(struct queue *q)
     q->gather_target = 0;
 }
 
+/* Under q->mu, idle with removals failing: wait until the next try is
+ * due or a request comes. Returns whether the try is due. */
+static bool
+drop_wait(struct queue *q)
+{
+    uint64_t now = mono_us();
+    if (now >= q->drop_retry_us)
+        return true;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + (q->drop_retry_us - now) * 1000;
+    ts.tv_sec += (time_t)(ns / 1000000000);
+    ts.tv_nsec = (long)(ns % 1000000000);
+    q->idle = true;
+    pthread_cond_timedwait(&q->cond, &q->mu, &ts);
+    q->idle = false;
+    return false; /* the loop looks again: a request first, then the time */
+}
+
 void *
 queue_committer_main(void *arg)
 {
@@ -967,6 +1004,17 @@ queue_committer_main(void *arg)
                     pthread_mutex_lock(&q->mu);
                 }
                 break; /* everything submitted is committed and sent */
+            }
+            if (q->drop_n > 0) {
+                /* Removals failing (drop_unconfirmed): they are tried
+                 * again on a timer of our own, not only when a batch
+                 * comes, since until one works new mail is refused. */
+                if (drop_wait(q)) {
+                    pthread_mutex_unlock(&q->mu);
+                    drop_unconfirmed(q);
+                    pthread_mutex_lock(&q->mu);
+                }
+                continue;
             }
             q->idle = true;
             pthread_cond_wait(&q->cond, &q->mu);

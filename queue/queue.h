@@ -561,6 +561,11 @@ struct queue_stats {
     uint64_t map_used; /* bytes up to the highest page in use (free pages inside count) */
     uint64_t event_lines;  /* event lines committed with their requests */
     uint64_t events_kept;  /* event records in the spool, not yet trimmed */
+    /* After a sync failed: messages answered 451 whose records were then
+     * removed (their commit had landed), and enqueues refused while that
+     * removal could not be made durable (the spool was failing). */
+    uint64_t unconfirmed_removed;
+    uint64_t sync_failing_refused;
 };
 
 /* Copy the counters (each read atomically; any thread, no lock). */

@@ -319,7 +319,8 @@ struct owner_buf {
 struct queue_counters {
     _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
         enqueue_refused, outcomes, outcomes_stale, removed, taken, corrupt, batch_max,
-        commit_us_total, commit_us_max, backlog, map_size, map_used, event_lines, events_kept;
+        commit_us_total, commit_us_max, backlog, map_size, map_used, event_lines, events_kept,
+        unconfirmed_removed, sync_failing_refused;
 };
 
 /* Keys of records found corrupt, so that each is counted and logged once
@@ -400,6 +401,8 @@ struct queue {
     size_t drop_n, drop_cap;
     bool drop_fresh;         /* ids added since the last removal tried */
     bool drop_logged;        /* a removal that failed was logged */
+    uint64_t drop_backoff_us; /* the wait after the last removal that failed; 0: none failed */
+    uint64_t drop_retry_us;   /* monotonic time of the committer's next try (drop_unconfirmed) */
 
     /* events (queue.h) */
     uint64_t ev_next;             /* committer only: the number of the next line */

@@ -811,5 +811,7 @@ queue_stats(struct queue *q, struct queue_stats *out)
     LOAD(map_used);
     LOAD(event_lines);
     LOAD(events_kept);
+    LOAD(unconfirmed_removed);
+    LOAD(sync_failing_refused);
 #undef LOAD
 }

@@ -610,6 +610,8 @@ render_stats(const cJSON *st)
     table_row(&t, "  map size", fmt_bytes(st, "spool.map_size"), "");
     table_row(&t, "  map used", fmt_bytes(st, "spool.map_used"),
               fmt_share(st, "spool.map_used_share"));
+    table_row(&t, "  removed after a failed sync", fmt_count(st, "spool.unconfirmed_removed"), "");
+    table_row(&t, "  refused while sync failing", fmt_count(st, "spool.sync_failing_refused"), "");
     table_heading(&t, "DNS");
     table_row(&t, "  lookups", fmt_count(st, "dns.lookups"), "");
     table_row(&t, "  cache hits", fmt_count(st, "dns.cache_hits"),

@@ -177,13 +177,14 @@ sts_ask_unlink(struct sts_ask *a)
 }
 
 static void
-on_sts_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_sts_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+           uint32_t ttl)
 {
     struct sts_ask *a = arg;
     struct delivery *d = a->d;
     struct dest *t = a->t;
     if (d->e->mta_sts != NULL)
-        mta_sts_txt_answer(d->e->mta_sts, a->domain, status, why, txt, n);
+        mta_sts_txt_answer(d->e->mta_sts, a->domain, status, why, txt, n, ttl);
     bool at_once = a->starting;
     sts_ask_unlink(a);
     free(a);
@@ -291,7 +292,8 @@ dest_sts_ready(struct dest *t)
          * inside the call: the store's verdict, now. */
         if (rc < 0)
             mta_sts_txt_answer(m, t->name, rc == -EINVAL ? DNS_FAIL : DNS_RETRY,
-                               rc == -EINVAL ? "bad name" : "no resolver", NULL, 0);
+                               rc == -EINVAL ? "bad name" : "no resolver", NULL, 0,
+                               DNS_TTL_UNKNOWN);
         a = mta_sts_get(m, t->name, false, &p);
     }
     if (a == MTA_STS_WAIT)

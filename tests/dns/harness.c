@@ -559,6 +559,25 @@ put_rdata(uint8_t *out, size_t cap, const struct script_rr *rr)
         out[1] = (uint8_t)pref;
         return put_name(out, 2, cap, host);
     }
+    case 6: { /* "MNAME RNAME SERIAL REFRESH RETRY EXPIRE MINIMUM" */
+        char mname[128], rname[128];
+        unsigned v[5];
+        if (sscanf(rr->data, "%127s %127s %u %u %u %u %u", mname, rname, &v[0], &v[1], &v[2],
+                   &v[3], &v[4]) != 7)
+            return 0;
+        size_t n = put_name(out, 0, cap, mname);
+        if (n != 0)
+            n = put_name(out, n, cap, rname);
+        if (n == 0 || n + 20 > cap)
+            return 0;
+        for (int i = 0; i < 5; i++, n += 4) {
+            out[n] = (uint8_t)(v[i] >> 24);
+            out[n + 1] = (uint8_t)(v[i] >> 16);
+            out[n + 2] = (uint8_t)(v[i] >> 8);
+            out[n + 3] = (uint8_t)v[i];
+        }
+        return n;
+    }
     case 52: {
         if (sscanf(rr->data, "%u %u %u %n", &u, &sel, &mt, &off) != 3)
             return 0;
@@ -624,9 +643,15 @@ script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *ou
     out[3] = (uint8_t)(0x80 | (a != NULL && a->ad ? 0x20 : 0) | (a != NULL ? a->rcode : 5));
     memset(out + 6, 0, 6); /* AN, NS, AR */
     size_t len = qend;
-    unsigned an = 0;
+    unsigned an = 0, ns = 0;
     for (unsigned i = 0; a != NULL && i < SCRIPT_RR_MAX && a->rr[i].owner != NULL; i++) {
         const struct script_rr *rr = &a->rr[i];
+        if (rr->type == 6 && qtype != 6)
+            ns++; /* the authority section's: the table lists them last */
+        else if (ns > 0)
+            return 0; /* an answer record after one: the table is wrong */
+        else
+            an++;
         len = put_name(out, len, cap, rr->owner);
         if (len == 0 || len + 10 >= cap)
             return 0;
@@ -642,9 +667,9 @@ script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *ou
         h[8] = (uint8_t)(rd >> 8);
         h[9] = (uint8_t)rd;
         len += 10 + rd;
-        an++;
     }
     out[7] = (uint8_t)an;
+    out[9] = (uint8_t)ns;
     return len;
 }
 

@@ -63,7 +63,9 @@ int raw_query(int port, const char *name, uint16_t type, int timeout_ms);
 
 /* One record of an answer section, data in presentation form: A
  * "192.0.2.1", AAAA "2001:db8::1", CNAME "target.test", MX "10 mx.test",
- * TXT "one string|another", TLSA "3 1 1 <hex>". */
+ * TXT "one string|another", TLSA "3 1 1 <hex>"; or of the authority
+ * section, listed after them: SOA "mname rname serial refresh retry
+ * expire minimum" (a negative answer's, RFC 2308). Every TTL is 300. */
 struct script_rr {
     const char *owner;
     uint16_t type;

@@ -34,10 +34,12 @@ struct got {
 };
 
 static void
-on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+       uint32_t ttl)
 {
     (void)why;
     (void)txt;
+    (void)ttl;
     struct got *g = arg;
     g->status = status;
     g->n = n;

@@ -9,6 +9,13 @@
  *                    in three strings; a record at the alias itself
  *                    (which a CNAME cannot have) is not the target's
  *   _mta-sts.d.test  only another owner's record: none
+ *   _mta-sts.e.test  NXDOMAIN with an SOA of MINIMUM 45, f.test the
+ *                    same without records (NODATA), g.test NXDOMAIN
+ *                    without an SOA
+ *
+ * Each answer comes with its TTL (300 for every record here): the
+ * records', or a not-found answer's negative TTL, min(the SOA's TTL,
+ * its MINIMUM) (RFC 2308 5); not known without an SOA.
  *
  * And against dnsmasq: every record of an answer comes back, however
  * many (RFC 8461 3.1's "exactly one STSv1 record" is judged on all of
@@ -28,6 +35,7 @@
 
 #include "tests/dns/harness.h"
 
+#define T_SOA   6
 #define T_CNAME 5
 #define T_TXT   16
 
@@ -45,6 +53,17 @@ static const struct script_answer table[] = {
       {"_mta-sts.b.test", T_TXT, "v=STSv1; id=8"},
       {"_mta-sts.c.test", T_TXT, "v=STSv1;| id=|2"}}},
     {"_mta-sts.d.test", T_TXT, 0, false, {{"_mta-sts.x.test", T_TXT, "v=STSv1; id=9"}}},
+    {"_mta-sts.e.test",
+     T_TXT,
+     3, /* NXDOMAIN */
+     false,
+     {{"e.test", T_SOA, "ns.e.test host.e.test 1 3600 600 86400 45"}}},
+    {"_mta-sts.f.test",
+     T_TXT,
+     0,
+     false,
+     {{"f.test", T_SOA, "ns.f.test host.f.test 1 3600 600 86400 45"}}},
+    {"_mta-sts.g.test", T_TXT, 3, false, {{NULL, 0, NULL}}},
 };
 #define NTABLE (sizeof(table) / sizeof(table[0]))
 
@@ -59,16 +78,19 @@ struct got {
     unsigned done;
     enum dns_status status;
     unsigned n;
+    uint32_t ttl;
     char txt[4][64];
 };
 
 static void
-on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+       uint32_t ttl)
 {
     (void)why;
     struct got *g = arg;
     g->status = status;
     g->n = n;
+    g->ttl = ttl;
     for (unsigned i = 0; i < n && i < 4; i++)
         snprintf(g->txt[i], sizeof(g->txt[i]), "%s", txt[i]);
     g->done++;
@@ -121,6 +143,7 @@ test_other_owner_ignored(void **state)
     assert_int_equal(g.status, DNS_OK);
     assert_int_equal(g.n, 1);
     assert_string_equal(g.txt[0], "v=STSv1; id=1");
+    assert_int_equal(g.ttl, 300);
 }
 
 static void
@@ -131,6 +154,7 @@ test_chain_followed_strings_joined(void **state)
     assert_int_equal(g.status, DNS_OK);
     assert_int_equal(g.n, 1);
     assert_string_equal(g.txt[0], "v=STSv1; id=2");
+    assert_int_equal(g.ttl, 300);
 }
 
 static void
@@ -140,6 +164,26 @@ test_only_other_owner_is_none(void **state)
     lookup(*state, "_mta-sts.d.test", &g);
     assert_int_equal(g.status, DNS_NOT_FOUND);
     assert_int_equal(g.n, 0);
+    /* no SOA: how long the "no" holds is not said */
+    assert_true(g.ttl == DNS_TTL_UNKNOWN);
+}
+
+/* A not-found answer's TTL is its negative TTL (RFC 2308 5): min(the
+ * SOA's TTL, 300, and its MINIMUM, 45), for NXDOMAIN and NODATA alike;
+ * without an SOA, not known. */
+static void
+test_negative_ttl(void **state)
+{
+    struct got g;
+    lookup(*state, "_mta-sts.e.test", &g);
+    assert_int_equal(g.status, DNS_NOT_FOUND);
+    assert_int_equal(g.ttl, 45);
+    lookup(*state, "_mta-sts.f.test", &g);
+    assert_int_equal(g.status, DNS_NOT_FOUND);
+    assert_int_equal(g.ttl, 45);
+    lookup(*state, "_mta-sts.g.test", &g);
+    assert_int_equal(g.status, DNS_NOT_FOUND);
+    assert_true(g.ttl == DNS_TTL_UNKNOWN);
 }
 
 static struct dnsmasq dm;
@@ -178,9 +222,11 @@ struct all {
 };
 
 static void
-on_all(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n)
+on_all(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
+       uint32_t ttl)
 {
     (void)why;
+    (void)ttl;
     struct all *g = arg;
     g->status = status;
     g->n = n;
@@ -232,6 +278,7 @@ main(void)
         cmocka_unit_test(test_other_owner_ignored),
         cmocka_unit_test(test_chain_followed_strings_joined),
         cmocka_unit_test(test_only_other_owner_is_none),
+        cmocka_unit_test(test_negative_ttl),
     };
     const struct CMUnitTest dm_tests[] = {
         cmocka_unit_test(test_every_record),

@@ -474,32 +474,38 @@ test_txt(void **state)
     memcpy(m.b + m.n, "FGHI", 4);
     m.n += 4;
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60); /* 8 octets */
+    at = rr(&m, "@12", WIRE_T_TXT, 40); /* 8 octets */
     u8(&m, 8);
     memcpy(m.b + m.n, "abcdefgh", 8);
     m.n += 8;
     rr_end(&m, at);
-    at = rr(&m, "@12", WIRE_T_TXT, 60);
+    at = rr(&m, "@12", WIRE_T_TXT, 30);
     u8(&m, 1);
     u8(&m, 'z');
     rr_end(&m, at);
-    /* Room for all (as dns/txt.c gives it: the message's size): all. */
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)), 4);
+    /* Room for all (as dns/txt.c gives it: the message's size): all, and
+     * the smallest TTL of them. */
+    uint32_t ttl = 3600;
+    assert_int_equal(
+        wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n), &ttl), 4);
+    assert_int_equal(ttl, 30);
     assert_string_equal(txt[0], "v=STSv1");
     assert_string_equal(txt[1], "ABCDEFGHI");
     assert_string_equal(txt[2], "abcdefgh");
     assert_string_equal(txt[3], "z");
     assert_ptr_equal(txt[1], txt[0] + 8); /* one after the other */
     /* At most max. */
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 2), 2);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 2, NULL), 2);
     assert_string_equal(txt[0], "v=STSv1");
     assert_string_equal(txt[1], "ABCDEFGHI");
     /* Room for 17 octets: "v=STSv1" (8 with its NUL), then ABCDEFGHI (10)
      * does not fit and is dropped whole, abcdefgh (9) fits; z has none. */
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, 17, txt, 8), 2);
+    ttl = 3600;
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, 17, txt, 8, &ttl), 2);
     assert_string_equal(txt[0], "v=STSv1");
     assert_string_equal(txt[1], "abcdefgh");
-    assert_int_equal(wire_txt(m.b, m.n, "other.test", out, sizeof(out), txt, 8), 1);
+    assert_int_equal(ttl, 40); /* of the records kept only */
+    assert_int_equal(wire_txt(m.b, m.n, "other.test", out, sizeof(out), txt, 8, NULL), 1);
     assert_string_equal(txt[0], "o");
     /* Only a record longer than the room: none left. */
     header(&m, 0, 1, 0, 0);
@@ -509,8 +515,8 @@ test_txt(void **state)
     memcpy(m.b + m.n, "abcdefghi", 9);
     m.n += 9;
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 9, txt, 8), 0);
-    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 10, txt, 8), 1);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 9, txt, 8, NULL), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, 10, txt, 8, NULL), 1);
     assert_string_equal(txt[0], "abcdefghi");
     /* No data, no SOA, an additional section (an OPT record, say):
      * wire_answer says 0, as it promises, not 1 (the walk that stopped at
@@ -530,7 +536,7 @@ test_txt(void **state)
     m.n += 5;
     rr_end(&m, at);
     m.b[at + 2] = 6;
-    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, sizeof(out), txt, 8), -EBADMSG);
+    assert_int_equal(wire_txt(m.b, m.n, "x.test", out, sizeof(out), txt, 8, NULL), -EBADMSG);
 }
 
 /* A string of s's text at the end of m (at most 255 octets). */
@@ -583,11 +589,11 @@ test_txt_over_room_dropped(void **state)
     tlsrpt_record(&m, CAP + 1);
     tlsrpt_record(&m, CAP);
     assert_true(m.n <= sizeof(m.b));
-    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2), 1);
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2, NULL), 1);
     assert_int_equal(strlen(txt[0]), CAP);
     assert_memory_equal(txt[0], "v=TLSRPTv1; rua=mailto:", 23);
     assert_string_equal(txt[0] + CAP - 15, "@reports.x.test");
-    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, m.n, txt, 2), 2);
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, m.n, txt, 2, NULL), 2);
     assert_int_equal(strlen(txt[0]), CAP + 1);
     assert_string_equal(txt[0] + CAP + 1 - 15, "@reports.x.test");
     assert_int_equal(strlen(txt[1]), CAP);
@@ -595,7 +601,7 @@ test_txt_over_room_dropped(void **state)
     header(&m, 0, 1, 0, 0);
     question(&m, "_smtp._tls.x.test", WIRE_T_TXT);
     tlsrpt_record(&m, CAP + 1);
-    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "_smtp._tls.x.test", out, CAP + 1, txt, 2, NULL), 0);
 }
 
 /* n records at _mta-sts.x.test, each as small as a record gets (a
@@ -629,13 +635,13 @@ test_txt_every_record(void **state)
     static char out[sizeof(m.b)];
     static const char *txt[WIRE_TXT_MAX(sizeof(m.b))];
     txt_many(&m, WIRE_MAX_RR);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)),
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n), NULL),
                      WIRE_MAX_RR);
     assert_string_equal(txt[0], "v=STSv1; id=1");
     assert_string_equal(txt[1], "");
     assert_string_equal(txt[WIRE_MAX_RR - 1], "v=STSv1; id=1");
     txt_many(&m, WIRE_MAX_RR + 1);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n)),
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, m.n, txt, WIRE_TXT_MAX(m.n), NULL),
                      -E2BIG);
 }
 
@@ -666,7 +672,7 @@ test_txt_nul_dropped(void **state)
     at = rr(&m, "@12", WIRE_T_TXT, 60); /* a NUL alone */
     txt_string(&m, "\0", 1);
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3), 1);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3, NULL), 1);
     assert_string_equal(txt[0], "v=STSv1; id=2");
     /* The record with a NUL alone: no record at all. */
     header(&m, 0, 1, 0, 0);
@@ -674,7 +680,7 @@ test_txt_nul_dropped(void **state)
     at = rr(&m, "@12", WIRE_T_TXT, 60);
     txt_string(&m, "v=STSv1; id=1\0junk", 18);
     rr_end(&m, at);
-    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3), 0);
+    assert_int_equal(wire_txt(m.b, m.n, "_mta-sts.x.test", out, sizeof(out), txt, 3, NULL), 0);
 }
 
 static void

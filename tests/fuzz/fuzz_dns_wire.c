@@ -69,7 +69,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check(wire_additional(buf, size, names[i], WIRE_T_A, addr, 4, &ttl) <= 4);
         static char out[64];
         const char *txt[3];
-        int n = wire_txt(buf, size, names[i], out, sizeof(out), txt, 3);
+        int n = wire_txt(buf, size, names[i], out, sizeof(out), txt, 3, NULL);
         check(n <= 3);
         for (int k = 0; k < n; k++)
             check(txt[k] >= out && txt[k] + strlen(txt[k]) < out + sizeof(out));

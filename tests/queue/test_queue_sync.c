@@ -486,9 +486,53 @@ test_unconfirmed_removal_is_retried(void **state)
     assert_true(walk_has(q, idd));
     assert_false(walk_has(q, ids[1]));
     queue_port_free(port);
+    /* counted: a's record removed (b's commit never landed: nothing to
+     * remove), c refused while the spool was failing */
+    struct queue_stats st;
+    queue_stats(q, &st);
+    assert_int_equal(st.unconfirmed_removed, 1);
+    assert_int_equal(st.sync_failing_refused, 1);
     q = reopen_batch_one(f);
     assert_true(walk_has(q, ids[0]));
     assert_true(walk_has(q, idd));
+    assert_false(walk_has(q, ids[1]));
+}
+
+/* The same, but no request comes once the disk is back: the committer
+ * tries the removal again on its own timer. It used to try only before a
+ * batch, so that the spool's taking mail again (and the record's going)
+ * waited for whoever submitted next: the engine's due poll, every
+ * second, but nothing in the spool promised it. */
+static void
+test_unconfirmed_removal_retried_without_a_batch(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = reopen_batch_one(f);
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    uint64_t ids[3];
+    unconfirmed_run(q, port, true, ids);
+    queue_port_free(port);
+    assert_true(walk_has(q, ids[1])); /* the removal failed */
+    /* the timer keeps trying while the disk fails */
+    int calls = atomic_load(&sync_calls);
+    for (int i = 0; i < 200 && atomic_load(&sync_calls) == calls; i++)
+        usleep(10000);
+    assert_true(atomic_load(&sync_calls) > calls);
+    assert_true(walk_has(q, ids[1]));
+
+    sync_fail_arm(0); /* the disk is back; nobody submits anything */
+    /* at most the longest backoff (5 s) away; readers do not wake it */
+    for (int i = 0; i < 700 && walk_has(q, ids[1]); i++)
+        usleep(10000);
+    assert_false(walk_has(q, ids[1]));
+    struct queue_stats st;
+    queue_stats(q, &st);
+    assert_int_equal(st.unconfirmed_removed, 1);
+    assert_int_equal(st.sync_failing_refused, 0);
+    /* and durably: a restart does not find it */
+    q = reopen_batch_one(f);
+    assert_true(walk_has(q, ids[0]));
     assert_false(walk_has(q, ids[1]));
 }
 
@@ -592,6 +636,8 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_unconfirmed_enqueue_is_removed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unconfirmed_removal_is_retried, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unconfirmed_removal_retried_without_a_batch, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_unconfirmed_kept_at_stop, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -17,7 +17,8 @@
  * use: at most 96 octets each), and that the table shrinks
  * back once the sweep forgot them;
  * a policy that ended is checked once, not at every mail; a check that
- * failed on DNS is asked again after [dns] error_ttl, not recheck; the
+ * failed on DNS is asked again after [dns] error_ttl, not recheck; one
+ * that found no policy, after its answer's TTL (at least a floor); the
  * thread reads the answers of every resolver socket, past 16; and a
  * policy fetch leaves nothing in libcurl once it ended (its
  * CURLOPT_RESOLVE entry), counted through curl_global_init_mem. And a
@@ -402,33 +403,33 @@ test_txt_answer_broken_second_record(void **state)
     struct mta_sts_policy *p = NULL;
     const char *one_bad[] = {"v=STSv1; id=20261202", "v=STSv1; id=not-an-id"};
     assert_int_equal(mta_sts_get(m, "mixed.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "mixed.test", DNS_OK, "ok", one_bad, 2);
+    mta_sts_txt_answer(m, "mixed.test", DNS_OK, "ok", one_bad, 2, 3600);
     assert_int_equal(mta_sts_get(m, "mixed.test", true, &p), MTA_STS_READY);
     assert_null(p);
 
     const char *two[] = {"v=STSv1; id=1", "v=STSv1; id=2"};
     assert_int_equal(mta_sts_get(m, "two.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "two.test", DNS_OK, "ok", two, 2);
+    mta_sts_txt_answer(m, "two.test", DNS_OK, "ok", two, 2, 3600);
     assert_int_equal(mta_sts_get(m, "two.test", true, &p), MTA_STS_READY);
     assert_null(p);
 
     /* One valid record among others that are not STSv1: fetched. */
     const char *other[] = {"v=spf1 -all", "v=STSv1; id=1"};
     assert_int_equal(mta_sts_get(m, "one.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "one.test", DNS_OK, "ok", other, 2);
+    mta_sts_txt_answer(m, "one.test", DNS_OK, "ok", other, 2, 3600);
     assert_int_equal(mta_sts_get(m, "one.test", true, &p), MTA_STS_WAIT);
 
     /* RFC 8461 3.1: records that do not begin with "v=STSv1;" are
      * discarded; such a one beside the real record does not hide it. */
     const char *decoy[] = {"v=STSv1 is not a policy", "v=STSv1; id=1"};
     assert_int_equal(mta_sts_get(m, "decoy.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "decoy.test", DNS_OK, "ok", decoy, 2);
+    mta_sts_txt_answer(m, "decoy.test", DNS_OK, "ok", decoy, 2, 3600);
     assert_int_equal(mta_sts_get(m, "decoy.test", true, &p), MTA_STS_WAIT);
 
     /* And alone, a record without the ";" is no policy. */
     const char *nodelim[] = {"v=STSv1 id=1"};
     assert_int_equal(mta_sts_get(m, "nodelim.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "nodelim.test", DNS_OK, "ok", nodelim, 1);
+    mta_sts_txt_answer(m, "nodelim.test", DNS_OK, "ok", nodelim, 1, 3600);
     assert_int_equal(mta_sts_get(m, "nodelim.test", true, &p), MTA_STS_READY);
     assert_null(p);
 
@@ -465,7 +466,7 @@ test_sweep_keeps_domains_in_use(void **state)
     const char *names[] = {"used.test", "idle.test"};
     for (int i = 0; i < 2; i++) {
         assert_int_equal(mta_sts_get(m, names[i], true, &p), MTA_STS_ASK);
-        mta_sts_txt_answer(m, names[i], DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+        mta_sts_txt_answer(m, names[i], DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 3600);
     }
     struct mta_sts_stats st;
     mta_sts_stats(m, &st);
@@ -489,7 +490,7 @@ test_sweep_keeps_domains_in_use(void **state)
     /* used.test is the one left: known, no first check; idle.test is new. */
     assert_int_equal(mta_sts_get(m, "used.test", true, &p), MTA_STS_READY);
     assert_int_equal(mta_sts_get(m, "idle.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "idle.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    mta_sts_txt_answer(m, "idle.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 3600);
     store_free(&s);
 }
 
@@ -535,7 +536,7 @@ test_no_policy_domain_is_small(void **state)
     for (unsigned i = 0; i < N; i++) {
         snprintf(name, sizeof(name), "d%05u.example", i); /* 13 octets, as "example.com" */
         assert_int_equal(mta_sts_get(m, name, true, &p), MTA_STS_ASK);
-        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 3600);
     }
     size_t after = heap_in_use();
     struct mta_sts_stats st;
@@ -576,7 +577,7 @@ test_sweep_shrinks_table(void **state)
     for (unsigned i = 0; i < 10000; i++) {
         snprintf(name, sizeof(name), "d%05u.example", i);
         assert_int_equal(mta_sts_get(m, name, true, &p), MTA_STS_ASK);
-        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+        mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 3600);
     }
     size_t full = heap_in_use();
     /* The sweep removes and compacts under the lock the count is read
@@ -689,7 +690,7 @@ test_dns_failure_retried_after_error_ttl(void **state)
 
     /* fail.test: its first check (a worker's TXT lookup) times out. */
     assert_int_equal(mta_sts_get(m, "fail.test", true, &p), MTA_STS_ASK);
-    mta_sts_txt_answer(m, "fail.test", DNS_RETRY, "timeout", NULL, 0);
+    mta_sts_txt_answer(m, "fail.test", DNS_RETRY, "timeout", NULL, 0, DNS_TTL_UNKNOWN);
     uint64_t start = mono_ms();
     mta_sts_stats(m, &st);
     assert_int_equal(st.checks, 2);
@@ -710,6 +711,61 @@ test_dns_failure_retried_after_error_ttl(void **state)
     if (st.checks < 3 || st.checks > 2 + elapsed / 300)
         fail_msg("%llu checks in %llu ms", (unsigned long long)st.checks,
                  (unsigned long long)elapsed);
+    store_free(&s);
+}
+
+/* A domain whose TXT answer said "no policy" for a short time (its TTL,
+ * or its SOA's negative TTL) is asked again once that ran out, not only
+ * after recheck (an hour): one that starts publishing a policy is seen
+ * then. Its mail does not wait: the check runs on the thread (against
+ * the mute socket here: it times out after 100 ms). TTLs count in whole
+ * minutes (2 s here, SLUICE_TEST_MTA_STS_TTL_UNIT), at least one: a TTL
+ * of 0 does not ask at every mail (every 20 ms here); a TTL longer than
+ * recheck, or none known, leaves recheck. */
+static void
+test_no_policy_asked_again_after_ttl(void **state)
+{
+    (void)state;
+    assert_int_equal(setenv("SLUICE_TEST_MTA_STS_TTL_UNIT", "2000", 1), 0);
+    struct store s;
+    store_new_timeout(&s, NULL, "100ms");
+    unsetenv("SLUICE_TEST_MTA_STS_TTL_UNIT");
+    struct mta_sts *m = s.m;
+    struct mta_sts_policy *p = NULL;
+    struct mta_sts_stats st;
+    assert_int_equal(mta_sts_get(m, "short.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "short.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 0);
+    uint64_t start = mono_ms();
+    assert_int_equal(mta_sts_get(m, "long.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "long.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 7200);
+    assert_int_equal(mta_sts_get(m, "unknown.test", true, &p), MTA_STS_ASK);
+    mta_sts_txt_answer(m, "unknown.test", DNS_NOT_FOUND, "no TXT record", NULL, 0,
+                       DNS_TTL_UNKNOWN);
+    mta_sts_stats(m, &st);
+    assert_int_equal(st.checks, 3);
+    /* Mail for all three every 20 ms for 2.6 s: short.test's "no" ends
+     * at 2 s, its check (queued then) times out at 2.1 s, and the next
+     * is due 1 s after that ([dns] error_ttl's floor): one check. */
+    uint64_t first = 0;
+    while (mono_ms() - start < 2600) {
+        const char *names[] = {"short.test", "long.test", "unknown.test"};
+        for (int i = 0; i < 3; i++) {
+            assert_int_equal(mta_sts_get(m, names[i], true, &p), MTA_STS_READY);
+            assert_null(p);
+        }
+        mta_sts_stats(m, &st);
+        if (st.checks > 3 && first == 0)
+            first = mono_ms() - start;
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    mta_sts_stats(m, &st);
+    if (st.checks != 4)
+        fail_msg("%llu checks (3 first ones): short.test asked again %s",
+                 (unsigned long long)st.checks, st.checks < 4 ? "never" : "more than once");
+    if (first < 1900)
+        fail_msg("short.test asked again after %llu ms, before its TTL's floor (a unit, 2 s)",
+                 (unsigned long long)first);
     store_free(&s);
 }
 
@@ -914,7 +970,7 @@ fetch_many(struct store *s, int dns, unsigned i, unsigned n)
         struct mta_sts_policy *p = NULL;
         snprintf(name, sizeof(name), "d%u.test", k);
         assert_int_equal(mta_sts_get(s->m, name, true, &p), MTA_STS_ASK);
-        mta_sts_txt_answer(s->m, name, DNS_OK, "ok", rec, 1);
+        mta_sts_txt_answer(s->m, name, DNS_OK, "ok", rec, 1, 3600);
     }
     uint64_t deadline = mono_ms() + 30000;
     do {
@@ -1344,6 +1400,7 @@ main(void)
         cmocka_unit_test(test_policy_size),
         cmocka_unit_test(test_match_trailing_dot),
         cmocka_unit_test(test_txt), cmocka_unit_test(test_txt_answer_broken_second_record),
+        cmocka_unit_test(test_no_policy_asked_again_after_ttl),
         cmocka_unit_test(test_cache_corrupt_lines),
         cmocka_unit_test(test_sweep_keeps_domains_in_use),
         cmocka_unit_test(test_no_policy_domain_is_small),

@@ -184,7 +184,7 @@ t_txt_now(struct delivery *d, const char *name, dns_txt_fn *cb, void *arg)
     (void)d;
     F->txts++;
     snprintf(F->txt_name, sizeof(F->txt_name), "%s", name);
-    cb(arg, DNS_RETRY, "resolver error", NULL, 0);
+    cb(arg, DNS_RETRY, "resolver error", NULL, 0, DNS_TTL_UNKNOWN);
     return 0;
 }
 
@@ -1552,7 +1552,7 @@ first_mta_sts_check_on_the_worker(void **state)
     struct dest *t = dest_get(f->d, "a.test");
     assert_non_null(t->sts_ask);
     assert_int_equal(f->d->nsts_asks, 1);
-    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0, 300);
     assert_int_equal(f->d->nsts_asks, 0);
     assert_null(t->sts_ask);
     assert_int_equal(f->opened, 1); /* no policy: on its way */
@@ -1566,7 +1566,7 @@ first_mta_sts_check_on_the_worker(void **state)
     assert_int_equal(f->txts, 2);
     answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     const char *rec[] = {"v=STSv1; id=20261202"};
-    f->txt_cb(f->txt_arg, DNS_OK, "ok", rec, 1);
+    f->txt_cb(f->txt_arg, DNS_OK, "ok", rec, 1, 300);
     /* A record: the thread fetches the policy; the mail waits for it
      * (the connection open for a.test does not take it). */
     struct mta_sts_policy *p = NULL;
@@ -1583,7 +1583,7 @@ first_mta_sts_check_on_the_worker(void **state)
 
     /* An answer for a domain nobody asked is dropped; one asked but never
      * answered is freed with the destinations. */
-    mta_sts_txt_answer(m, "c.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0);
+    mta_sts_txt_answer(m, "c.test", DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 300);
     assert_int_equal(mta_sts_get(m, "c.test", true, &p), MTA_STS_ASK);
     submit("d.test", 1);
     assert_int_equal(f->txts, 3);
@@ -1853,7 +1853,7 @@ first_mta_sts_check_holds_an_open_connection(void **state)
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->txts, 1);
-    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0, 300);
     assert_int_equal(f->opened, 1);
     struct dest *t = dest_get(f->d, "a.test");
 
@@ -1877,7 +1877,7 @@ first_mta_sts_check_holds_an_open_connection(void **state)
     assert_int_equal(dest_queued(t), 1);
     assert_int_equal(f->opened, 1);
 
-    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0);
+    f->txt_cb(f->txt_arg, DNS_NOT_FOUND, "no TXT record", NULL, 0, 300);
     assert_int_equal(f->resumed, 1); /* the idle connection takes it */
     assert_non_null(c->job);
     assert_int_equal(dest_queued(t), 0);

@@ -477,6 +477,8 @@ setup(void **state)
     c->spool_bytes = 3 << 20;
     c->map_size = 1ULL << 30;
     c->map_used = 1ULL << 28;
+    c->spool_unconfirmed_removed = 2;
+    c->spool_sync_failing_refused = 7;
     c->dns_cache_entries = 33;
     c->dlog_dropped = 1;
     c->destinations = 3;
@@ -624,6 +626,8 @@ test_stats_fields(void **state)
     assert_true(jnum(v, "queue.recipients") == 12);
     assert_true(jnum(v, "spool.bytes") == 3 << 20);
     assert_true(near(jnum(v, "spool.map_used_share"), 0.25));
+    assert_true(jnum(v, "spool.unconfirmed_removed") == 2);
+    assert_true(jnum(v, "spool.sync_failing_refused") == 7);
     assert_true(jnum(v, "dns.cache_entries") == 33);
     assert_true(jnull(v, "dns.cache_hit_share")); /* no lookups: no share */
     assert_string_equal(jstr(v, "redis.state"), "connected");
@@ -942,6 +946,8 @@ test_http(void **state)
     assert_non_null(strstr(body, "\nsluice_recipients_delivered_total 8\n"));
     assert_non_null(strstr(body, "\nsluice_connections_outbound_open 5\n"));
     assert_non_null(strstr(body, "\nsluice_spool_bytes 3145728\n"));
+    assert_non_null(strstr(body, "\nsluice_spool_unconfirmed_removed_total 2\n"));
+    assert_non_null(strstr(body, "\nsluice_spool_sync_failing_refused_total 7\n"));
     assert_non_null(
         strstr(body, "sluice_domain_queue_recipients{domain=\"gmail.com\",state=\"ready\"} 100\n"));
     /* label values escaped per the format */

@@ -411,6 +411,24 @@ test_list_pages(void **state)
     assert_int_equal(suppress_list(f->s, NULL, "aa", "u2@l.example", 3, collect_fn, &c), 3);
     assert_string_equal(c.addrs[0], "aa/u3@l.example");
     assert_string_equal(c.addrs[2], "zz/u5@l.example");
+    /* A page of one scope after a position in another (the stats socket
+     * takes any: sluicectl never sends it). One that sorts before the
+     * scope asked ("aa" before "zz", and "z" before "zz": a prefix) is
+     * before all of it: from its start. It listed nothing. */
+    memset(&c, 0, sizeof(c));
+    assert_int_equal(suppress_list(f->s, "zz", "aa", "u2@l.example", 2, collect_fn, &c), 2);
+    assert_string_equal(c.addrs[0], "zz/u5@l.example");
+    assert_string_equal(c.addrs[1], "zz/u6@l.example");
+    memset(&c, 0, sizeof(c));
+    assert_int_equal(suppress_list(f->s, "zz", "z", "zzz@l.example", 0, collect_fn, &c), 5);
+    assert_string_equal(c.addrs[0], "zz/u5@l.example");
+    /* One that sorts after it is past all of it: nothing. */
+    memset(&c, 0, sizeof(c));
+    assert_int_equal(suppress_list(f->s, "aa", "zz", "u0@l.example", 0, collect_fn, &c), 0);
+    assert_int_equal(suppress_list(f->s, "aa", "aaa", "a@l.example", 0, collect_fn, &c), 0);
+    /* the same scope, as before: after the address */
+    assert_int_equal(suppress_list(f->s, "aa", "AA", "u3@l.example", 0, collect_fn, &c), 1);
+    assert_string_equal(c.addrs[0], "aa/u4@l.example");
 }
 
 static void
