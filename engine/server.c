@@ -241,10 +241,47 @@ session_on_writable(struct stream *st)
     session_run(s);
 }
 
+/* Whether the client left a transaction unfinished: its envelope given,
+ * its content not yet ended. After the end of the content (SS_SIGN,
+ * SS_COMMIT) the message is stored whatever the client does, and its
+ * event=queued says client_gone=1. */
+static bool
+txn_unfinished(const struct session *s)
+{
+    switch (s->state) {
+    case SS_DATA:
+    case SS_BDAT:
+        return true;
+    case SS_COMMAND:
+    case SS_AUTH:
+    case SS_AUTH_HASH:
+    case SS_AUTH_WAIT:
+        return s->in_txn;
+    default:
+        return false;
+    }
+}
+
+/* The connection ended under the session: the client closed it or reset
+ * it, or a send failed. A transaction it left unfinished is dropped, and
+ * the log says so with how far it got, as tls_on_eof() does for a TLS
+ * close_notify (Postfix: "lost connection after DATA (N bytes)"): without
+ * it the only trace of a message a client believes it sent would be a
+ * "data=1" on the disconnect line. */
 static void
 session_on_eof(struct stream *st, int err, bool send)
 {
     struct session *s = SESSION_OF(st, st);
+    if (txn_unfinished(s))
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=connection_lost client=%s state=%s how=%s octets=%llu "
+                "note=transaction_dropped",
+                (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
+                send ? "send_failed"
+                : err == 0 ? "closed"
+                : err == -ECONNRESET ? "reset"
+                : "recv_error",
+                (unsigned long long)s->body_seen);
     session_close(s, send ? (err == -EPIPE ? "send_zero" : "send_error")
                           : (err == 0 ? "client_closed" : "recv_error"));
     session_maybe_free(s);
