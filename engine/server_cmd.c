@@ -302,6 +302,13 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Need MAIL command");
         return;
     }
+    if (s->bdat) {
+        /* RFC 3030 2: the chunks follow all of MAIL and RCPT. A recipient
+         * added between two chunks would change the envelope of a message
+         * half received, and no client that means well sends one. */
+        reply(s, "503 5.5.1 RCPT after BDAT in one transaction");
+        return;
+    }
     if ((c->path.flags & SMTP_PATH_POSTMASTER) && !s->bounce) {
         reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
         return;

@@ -4,8 +4,9 @@ middle of a transaction (a FIN, a reset, a TCP close under TLS without
 close_notify, a half-close) is logged as having dropped it, with where
 and how far it got; a client cut at every point of a DATA or a BDAT
 transaction gets exactly one stored message if and only if it sent the
-whole of it. Each test starts its own sluice (plain and implicit-TLS
-listeners, own spool, own ports) and stops it."""
+whole of it; a RCPT between two BDAT chunks is refused. Each test
+starts its own sluice (plain and implicit-TLS listeners, own spool, own
+ports) and stops it."""
 import contextlib
 import socket
 import ssl
@@ -263,8 +264,41 @@ def test_cut_at_every_point_stores_only_whole_messages():
         assert d.count_log("event=queued") == whole
 
 
+def test_rcpt_between_bdat_chunks_refused():
+    """RFC 3030 2: the BDAT chunks come after all of MAIL and RCPT. A RCPT
+    between two chunks is refused (503) as DATA after BDAT is, and the
+    message goes to the recipients it had when its first chunk came; it
+    used to be accepted, the envelope changing half-way through the
+    message."""
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<first@example.org>", 250)
+        first = b"Subject: chunks\r\n\r\n"
+        c.send(b"BDAT %d\r\n" % len(first) + first)
+        assert c.reply().code == 250
+        rep = c.cmd("RCPT TO:<late@example.org>")
+        assert rep.raw == "503 5.5.1 RCPT after BDAT in one transaction", rep
+        last = b"the rest\r\n"
+        c.send(b"BDAT %d LAST\r\n" % len(last) + last)
+        assert "queued as" in c.reply().text
+        # the next transaction takes recipients again
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<next@example.org>", 250)
+        c.send(b"BDAT 5 LAST\r\nnext\n")
+        assert c.reply().code >= 500  # a bare LF: refused, the transaction over
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 1)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["rcpts"] == [b"first@example.org"] and m["body"].endswith(first + last), m
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
         test_cut_at_every_point_stores_only_whole_messages,
+        test_rcpt_between_bdat_chunks_refused,
     ])
