@@ -771,8 +771,16 @@ session_free(struct session *s)
                                          : snprintf(sum + o, sizeof(sum) - o, " %s=%u", name,
                                                     good));
     }
-    log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
-            (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
+    if (s->first_refused[0] == '\0')
+        log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok,
+                all);
+    else /* the key in the format: log_msg() escapes what an argument writes */
+        log_msg(LOG_INFO,
+                "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
+                "first_refused=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok,
+                all, s->first_refused);
     session_hash_unlink(s);
     if (s->tls_refuse)
         sw->tls_refusing--;

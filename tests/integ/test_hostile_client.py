@@ -21,7 +21,7 @@ LOST = "event=connection_lost"
 
 
 @contextlib.contextmanager
-def sluice(extra=""):
+def sluice(extra="", trusted="127.0.0.0/8"):
     """sluice on a plaintext port and an implicit-TLS port (d.port,
     d.tls_port); stopped on the way out, failing on a sanitizer report."""
     wd = Workdir("sluice-hcl-")
@@ -38,7 +38,7 @@ workers = 2
 hostname = mx.sluice.test
 listen = 127.0.0.1:{port}
 listen_tls = 127.0.0.1:{tls_port}
-trusted_networks = 127.0.0.0/8
+trusted_networks = {trusted}
 max_clients_per_ip = 10000
 {extra}
 [queue]
@@ -296,9 +296,35 @@ def test_rcpt_between_bdat_chunks_refused():
         assert m["rcpts"] == [b"first@example.org"] and m["body"].endswith(first + last), m
 
 
+def test_disconnect_line_says_why_a_client_got_nowhere():
+    """A careless client (no AUTH where relaying needs it) that tries
+    again and again gets one line that says why: the disconnect line
+    names the first refused command and its reply. Before, it said only
+    mail=0/3, and no line said what the refusals were."""
+    with sluice(trusted="10.9.9.0/24") as d:
+        c = Smtp(d.port)
+        c.expect("EHLO careless.example", 250)
+        for _ in range(3):
+            c.expect("MAIL FROM:<app@example.com>", 530)
+        c.expect("QUIT", 221)
+        c.close()
+        line = d.wait_log("event=disconnect")
+        assert line.endswith(' mail=0/3 quit=1 commands=2/5'
+                             ' first_refused="MAIL 530 5.7.0 Authentication required"'), line
+        c = Smtp(d.port)
+        c.expect("EHLO fine.example", 250)
+        c.expect("NOOP", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 2)
+        line = d.log_lines("event=disconnect")[1]
+        assert line.endswith(" commands=3/3"), line
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
         test_cut_at_every_point_stores_only_whole_messages,
         test_rcpt_between_bdat_chunks_refused,
+        test_disconnect_line_says_why_a_client_got_nowhere,
     ])
