@@ -1133,6 +1133,12 @@ server_worker_free(struct server_worker *sw)
     worker_mbox_cancel(sw->w, session_on_hash);
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
+        if (txn_unfinished(s)) /* the client sees a close: say what it cost */
+            log_msg(LOG_NOTICE,
+                    "session=%016llx event=connection_lost client=%s state=%s how=stopping "
+                    "octets=%llu note=transaction_dropped",
+                    (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
+                    (unsigned long long)s->body_seen);
         s->state = SS_CLOSED;
         s->inflight = 0;
         session_free(s);

@@ -321,10 +321,50 @@ def test_disconnect_line_says_why_a_client_got_nowhere():
         assert line.endswith(" commands=3/3"), line
 
 
+def test_stop_with_transactions_open_says_what_it_dropped():
+    """sluice stopped (SIGTERM) while clients are in DATA, in a BDAT
+    chunk, and idle: it exits 0, stores nothing of the open
+    transactions, and logs each one it dropped (how=stopping, with its
+    state and the octets it had); the idle session logs no such line.
+    Before, all three logged the same disconnect line."""
+    with sluice() as d:
+        in_data = Smtp(d.port)
+        in_data.expect("EHLO a.example", 250)
+        in_data.expect("MAIL FROM:<a@example.com>", 250)
+        in_data.expect("RCPT TO:<b@example.org>", 250)
+        in_data.expect("DATA", 354)
+        text = b"Subject: stop\r\n\r\npartial\r\n"
+        in_data.send(text)
+        in_chunk = Smtp(d.port)
+        in_chunk.expect("EHLO a.example", 250)
+        in_chunk.expect("MAIL FROM:<a@example.com>", 250)
+        in_chunk.expect("RCPT TO:<b@example.org>", 250)
+        in_chunk.send(b"BDAT 10 LAST\r\n12345")
+        idle = Smtp(d.port)
+        idle.expect("EHLO a.example", 250)
+        d.stop_clean()
+        for c in (in_data, in_chunk, idle):
+            assert c.is_closed(5)
+            c.close()
+        lines = d.log_lines(LOST)
+        # The BDAT session is in its chunk once it has read "BDAT 10 LAST"
+        # (state=bdat), else between commands with its envelope (command);
+        # the octets are those read when it stopped (all, unless the stop
+        # came first).
+        got = sorted(fields(ln)["state"] for ln in lines)
+        assert got in (["bdat", "data"], ["command", "data"]), lines
+        for ln in lines:
+            most = len(text) if fields(ln)["state"] == "data" else 5
+            assert fields(ln)["how"] == "stopping", ln
+            assert 0 <= int(fields(ln)["octets"]) <= most, ln
+        assert spool_messages(d.spool) == []
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
         test_cut_at_every_point_stores_only_whole_messages,
         test_rcpt_between_bdat_chunks_refused,
         test_disconnect_line_says_why_a_client_got_nowhere,
+        test_stop_with_transactions_open_says_what_it_dropped,
     ])
