@@ -41,6 +41,13 @@
  * the last completion frees (the stream's reads and sends count in
  * stream_busy(), the others in inflight).
  *
+ * What a session ends with is logged once: a client that closes or
+ * resets the connection with a transaction open (its envelope given, its
+ * content not ended), or a stop that finds one, logs event=connection_lost
+ * note=transaction_dropped (a TLS close_notify there: event=tls_closed);
+ * the disconnect line sums the commands per verb and names the first one
+ * refused, with its reply.
+ *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
  * and no trusted networks, any sender, recipients only at the bounce
