@@ -1,12 +1,15 @@
 """Submission clients that go away, or break the order of a transaction,
 where the other hostile tests do not look: a client that leaves in the
 middle of a transaction (a FIN, a reset, a TCP close under TLS without
-close_notify, a half-close) is logged as having dropped it, with where
-and how far it got; a client cut at every point of a DATA or a BDAT
-transaction gets exactly one stored message if and only if it sent the
-whole of it; a RCPT between two BDAT chunks is refused. Each test
-starts its own sluice (plain and implicit-TLS listeners, own spool, own
-ports) and stops it."""
+close_notify, a half-close), or a stop that finds one, is logged as
+having dropped it, with where and how far it got; a client cut at every
+point of a DATA or a BDAT transaction gets exactly one stored message if
+and only if it sent the whole of it; a RCPT between two BDAT chunks is
+refused; the disconnect line says why a client got nowhere; commands
+pipelined behind an AUTH wait for its answer; an AUTH before STARTTLS is
+forgotten after it. Each test starts its own sluice (plain and
+implicit-TLS listeners, own spool, own ports) and stops it."""
+import base64
 import contextlib
 import socket
 import ssl
@@ -18,6 +21,7 @@ from harness import Sluice, Smtp, Workdir, free_port, main, run, spool_messages,
 SLUICE = sys.argv[1]
 
 LOST = "event=connection_lost"
+PASSWORD = "s3cret-Pw"
 
 
 @contextlib.contextmanager
@@ -31,6 +35,9 @@ def sluice(extra="", trusted="127.0.0.0/8"):
         r = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                  "-subj", "/CN=localhost", "-keyout", f"{p}/key.pem", "-out", f"{p}/cert.pem"])
         assert r.returncode == 0, r.stderr
+        h = run(["openssl", "passwd", "-6", PASSWORD])
+        assert h.returncode == 0, h.stderr
+        wd.file("users", f"alice:{h.stdout.strip()}\n")
         port, tls_port = free_port(), free_port()
         conf = wd.file("sluice.conf", f"""
 [server]
@@ -40,6 +47,9 @@ listen = 127.0.0.1:{port}
 listen_tls = 127.0.0.1:{tls_port}
 trusted_networks = {trusted}
 max_clients_per_ip = 10000
+auth_users_file = {p}/users
+plaintext_auth = loopback
+auth_fail_delay = 100ms
 {extra}
 [queue]
 path = {p}/spool
@@ -360,6 +370,57 @@ def test_stop_with_transactions_open_says_what_it_dropped():
         assert spool_messages(d.spool) == []
 
 
+def plain(user, password):
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_pipelined_auth_decides_the_commands_behind_it():
+    """AUTH, MAIL and RCPT in one write where relaying needs AUTH: the
+    password is hashed off the loop, and the commands behind the AUTH wait
+    for its answer. A wrong password: 535, and MAIL is refused (530), not
+    taken as authenticated; the right one: 235, and MAIL and RCPT pass.
+    Over AUTH LOGIN too, its two answers pipelined."""
+    login = (base64.b64encode(b"alice").decode() + "\r\n"
+             + base64.b64encode(PASSWORD.encode()).decode())
+    wrong_login = (base64.b64encode(b"alice").decode() + "\r\n"
+                   + base64.b64encode(b"wrong").decode())
+    cases = [
+        (f"AUTH PLAIN {plain('alice', 'wrong')}", ["535", "530", "503"]),
+        (f"AUTH PLAIN {plain('alice', PASSWORD)}", ["235", "250", "250"]),
+        (f"AUTH LOGIN\r\n{wrong_login}", ["334", "334", "535", "530", "503"]),
+        (f"AUTH LOGIN\r\n{login}", ["334", "334", "235", "250", "250"]),
+    ]
+    with sluice(trusted="10.9.9.0/24") as d:
+        for auth, want in cases:
+            c = Smtp(d.port)
+            c.expect("EHLO client.example", 250)
+            c.send(f"{auth}\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            got = [x.raw[:3] for x in c.replies(len(want))]
+            assert got == want, (auth[:10], got)
+            c.expect("QUIT", 221)
+            c.close()
+
+
+def test_auth_before_starttls_is_forgotten_after_it():
+    """RFC 3207 4.2: after STARTTLS the server forgets what the client
+    said before, AUTH included: a client that authenticated in plaintext
+    (plaintext_auth = loopback) and then started TLS must authenticate
+    again before relaying; its EHLO offers AUTH again."""
+    with sluice(trusted="10.9.9.0/24") as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        ehlo = c.cmd("EHLO client.example")
+        assert ehlo.code == 250 and "AUTH PLAIN LOGIN" in ehlo.raw, ehlo
+        c.expect("MAIL FROM:<a@example.com>", 530)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("QUIT", 221)
+        c.close()
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -367,4 +428,6 @@ if __name__ == "__main__":
         test_rcpt_between_bdat_chunks_refused,
         test_disconnect_line_says_why_a_client_got_nowhere,
         test_stop_with_transactions_open_says_what_it_dropped,
+        test_pipelined_auth_decides_the_commands_behind_it,
+        test_auth_before_starttls_is_forgotten_after_it,
     ])
