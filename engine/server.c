@@ -279,16 +279,20 @@ static void
 session_on_eof(struct stream *st, int err, bool send)
 {
     struct session *s = SESSION_OF(st, st);
-    if (txn_unfinished(s))
+    if (txn_unfinished(s)) {
+        const char *how = "recv_error";
+        if (send)
+            how = "send_failed";
+        else if (err == 0)
+            how = "closed";
+        else if (err == -ECONNRESET)
+            how = "reset";
         log_msg(LOG_NOTICE,
                 "session=%016llx event=connection_lost client=%s state=%s how=%s octets=%llu "
                 "note=transaction_dropped",
-                (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
-                send ? "send_failed"
-                : err == 0 ? "closed"
-                : err == -ECONNRESET ? "reset"
-                : "recv_error",
+                (unsigned long long)s->id, s->peer_ip, session_state_str(s->state), how,
                 (unsigned long long)s->body_seen);
+    }
     session_close(s, send ? (err == -EPIPE ? "send_zero" : "send_error")
                           : (err == 0 ? "client_closed" : "recv_error"));
     session_maybe_free(s);
@@ -780,14 +784,13 @@ session_free(struct session *s)
     }
     if (s->first_refused[0] == '\0')
         log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
-                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok,
-                all);
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
     else /* the key in the format: log_msg() escapes what an argument writes */
         log_msg(LOG_INFO,
                 "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
                 "first_refused=\"%s\"",
-                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok,
-                all, s->first_refused);
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
+                s->first_refused);
     session_hash_unlink(s);
     if (s->tls_refuse)
         sw->tls_refusing--;
