@@ -41,6 +41,13 @@
  * the last completion frees (the stream's reads and sends count in
  * stream_busy(), the others in inflight).
  *
+ * What a session ends with is logged once: a client that closes or
+ * resets the connection with a transaction open (its envelope given, its
+ * content not ended), or a stop that finds one, logs event=connection_lost
+ * note=transaction_dropped (a TLS close_notify there: event=tls_closed);
+ * the disconnect line sums the commands per verb and names the first one
+ * refused, with its reply.
+ *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
  * and no trusted networks, any sender, recipients only at the bounce
@@ -241,10 +248,51 @@ session_on_writable(struct stream *st)
     session_run(s);
 }
 
+/* Whether the client left a transaction unfinished: its envelope given,
+ * its content not yet ended. After the end of the content (SS_SIGN,
+ * SS_COMMIT) the message is stored whatever the client does, and its
+ * event=queued says client_gone=1. */
+static bool
+txn_unfinished(const struct session *s)
+{
+    switch (s->state) {
+    case SS_DATA:
+    case SS_BDAT:
+        return true;
+    case SS_COMMAND:
+    case SS_AUTH:
+    case SS_AUTH_HASH:
+    case SS_AUTH_WAIT:
+        return s->in_txn;
+    default:
+        return false;
+    }
+}
+
+/* The connection ended under the session: the client closed it or reset
+ * it, or a send failed. A transaction it left unfinished is dropped, and
+ * the log says so with how far it got, as tls_on_eof() does for a TLS
+ * close_notify (Postfix: "lost connection after DATA (N bytes)"): without
+ * it the only trace of a message a client believes it sent would be a
+ * "data=1" on the disconnect line. */
 static void
 session_on_eof(struct stream *st, int err, bool send)
 {
     struct session *s = SESSION_OF(st, st);
+    if (txn_unfinished(s)) {
+        const char *how = "recv_error";
+        if (send)
+            how = "send_failed";
+        else if (err == 0)
+            how = "closed";
+        else if (err == -ECONNRESET)
+            how = "reset";
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=connection_lost client=%s state=%s how=%s octets=%llu "
+                "note=transaction_dropped",
+                (unsigned long long)s->id, s->peer_ip, session_state_str(s->state), how,
+                (unsigned long long)s->body_seen);
+    }
     session_close(s, send ? (err == -EPIPE ? "send_zero" : "send_error")
                           : (err == 0 ? "client_closed" : "recv_error"));
     session_maybe_free(s);
@@ -734,8 +782,15 @@ session_free(struct session *s)
                                          : snprintf(sum + o, sizeof(sum) - o, " %s=%u", name,
                                                     good));
     }
-    log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
-            (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
+    if (s->first_refused[0] == '\0')
+        log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
+    else /* the key in the format: log_msg() escapes what an argument writes */
+        log_msg(LOG_INFO,
+                "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
+                "first_refused=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
+                s->first_refused);
     session_hash_unlink(s);
     if (s->tls_refuse)
         sw->tls_refusing--;
@@ -1088,6 +1143,12 @@ server_worker_free(struct server_worker *sw)
     worker_mbox_cancel(sw->w, session_on_hash);
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
+        if (txn_unfinished(s)) /* the client sees a close: say what it cost */
+            log_msg(LOG_NOTICE,
+                    "session=%016llx event=connection_lost client=%s state=%s how=stopping "
+                    "octets=%llu note=transaction_dropped",
+                    (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
+                    (unsigned long long)s->body_seen);
         s->state = SS_CLOSED;
         s->inflight = 0;
         session_free(s);

@@ -302,6 +302,13 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Need MAIL command");
         return;
     }
+    if (s->bdat) {
+        /* RFC 3030 2: the chunks follow all of MAIL and RCPT. A recipient
+         * added between two chunks would change the envelope of a message
+         * half received, and no client that means well sends one. */
+        reply(s, "503 5.5.1 RCPT after BDAT in one transaction");
+        return;
+    }
     if ((c->path.flags & SMTP_PATH_POSTMASTER) && !s->bounce) {
         reply(s, "550 5.1.1 No local mailboxes here: give Postmaster a domain");
         return;
@@ -848,6 +855,21 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
 
 static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
 
+/* A command (verb v) was refused with the reply that starts at s->out[at]:
+ * count it, and keep the first one for the disconnect line. */
+static void
+note_refused(struct session *s, unsigned v, size_t at)
+{
+    s->cmds_refused[v]++;
+    if (s->first_refused[0] != '\0' || s->out_len <= at)
+        return;
+    const char *r = s->out + at;
+    const char *end = memchr(r, '\r', s->out_len - at);
+    size_t n = end != NULL ? (size_t)(end - r) : s->out_len - at;
+    snprintf(s->first_refused, sizeof(s->first_refused), "%s %.*s",
+             v == SMTP_VERB_NONE ? "unknown" : smtp_verb_str(v), (int)n, r);
+}
+
 /* A BDAT command whose size could not be read: its chunk follows, and
  * where it ends is unknown. Reading on would take the client's octets
  * for commands (an RCPT or a MAIL hidden in a chunk would be acted on);
@@ -883,17 +905,16 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     s->cmds[v]++;
     if (rc < 0) {
         s->errors++;
-        s->cmds_refused[v]++;
-        if (c.verb == SMTP_VERB_BDAT) {
+        if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
-            return;
-        }
-        reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
+        else
+            reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
+        note_refused(s, v, at);
         return;
     }
     handle_verb(s, &c, rest);
     if (s->out_len > at && (s->out[at] == '4' || s->out[at] == '5'))
-        s->cmds_refused[v]++;
+        note_refused(s, v, at);
 }
 
 static void

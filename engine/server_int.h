@@ -111,6 +111,10 @@ struct session {
     /* Commands by verb (SMTP_VERB_NONE: unrecognized), and those answered
      * 4xx or 5xx: the disconnect line's summary, as Postfix's. */
     uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];
+    /* The first command refused, as "VERB reply" (cut): the disconnect
+     * line says why a client got nowhere (no AUTH, a sender it may not
+     * use) in one line however often it tried; "" while none was. */
+    char first_refused[112];
 
     /* AUTH */
     struct auth_db *users;         /* owned reference, from session start */

@@ -331,7 +331,7 @@ def test_max_errors_closes_session():
 
 def test_disconnect_line_sums_commands():
     """The disconnect line counts what the session said, per verb (ok/all
-    where some were refused), and nothing else: a client that leaves
+    where some were refused), and the first refusal; nothing else: a client that leaves
     without a command gets "commands=0/0" right after its user, never
     bytes left on the stack."""
     with sluice() as r:
@@ -344,7 +344,8 @@ def test_disconnect_line_sums_commands():
         c.expect("QUIT", 221)
         c.close()
         line = r.d.wait_log("event=disconnect")
-        assert line.endswith(" user=- ehlo=1 mail=1 rcpt=1/2 quit=1 unknown=0/1 commands=4/6"), line
+        assert line.endswith(" user=- ehlo=1 mail=1 rcpt=1/2 quit=1 unknown=0/1 commands=4/6"
+                             ' first_refused="RCPT 553 5.1.3 Bad recipient address syntax"'), line
         for _ in range(3):
             c = r.connect()
             c.close()

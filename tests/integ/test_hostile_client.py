@@ -1,0 +1,433 @@
+"""Submission clients that go away, or break the order of a transaction,
+where the other hostile tests do not look: a client that leaves in the
+middle of a transaction (a FIN, a reset, a TCP close under TLS without
+close_notify, a half-close), or a stop that finds one, is logged as
+having dropped it, with where and how far it got; a client cut at every
+point of a DATA or a BDAT transaction gets exactly one stored message if
+and only if it sent the whole of it; a RCPT between two BDAT chunks is
+refused; the disconnect line says why a client got nowhere; commands
+pipelined behind an AUTH wait for its answer; an AUTH before STARTTLS is
+forgotten after it. Each test starts its own sluice (plain and
+implicit-TLS listeners, own spool, own ports) and stops it."""
+import base64
+import contextlib
+import socket
+import ssl
+import struct
+import sys
+
+from harness import Sluice, Smtp, Workdir, free_port, main, run, spool_messages, wait_until
+
+SLUICE = sys.argv[1]
+
+LOST = "event=connection_lost"
+PASSWORD = "s3cret-Pw"
+
+
+@contextlib.contextmanager
+def sluice(extra="", trusted="127.0.0.0/8"):
+    """sluice on a plaintext port and an implicit-TLS port (d.port,
+    d.tls_port); stopped on the way out, failing on a sanitizer report."""
+    wd = Workdir("sluice-hcl-")
+    d = None
+    try:
+        p = wd.path
+        r = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=localhost", "-keyout", f"{p}/key.pem", "-out", f"{p}/cert.pem"])
+        assert r.returncode == 0, r.stderr
+        h = run(["openssl", "passwd", "-6", PASSWORD])
+        assert h.returncode == 0, h.stderr
+        wd.file("users", f"alice:{h.stdout.strip()}\n")
+        port, tls_port = free_port(), free_port()
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+hostname = mx.sluice.test
+listen = 127.0.0.1:{port}
+listen_tls = 127.0.0.1:{tls_port}
+trusted_networks = {trusted}
+max_clients_per_ip = 10000
+auth_users_file = {p}/users
+plaintext_auth = loopback
+auth_fail_delay = 100ms
+{extra}
+[queue]
+path = {p}/spool
+map_size = 64M
+[delivery]
+# these tests look at what was queued: nothing leaves
+enabled = no
+[tls]
+cert_file = {p}/cert.pem
+key_file = {p}/key.pem
+[log]
+level = info
+""")
+        d = Sluice(SLUICE, conf)
+        d.port, d.tls_port, d.spool = port, tls_port, f"{p}/spool"
+        d.wait_log("event=ready")
+        yield d
+        d.stop_clean()
+    finally:
+        if d is not None:
+            if d.proc.poll() is None:
+                try:
+                    d.stop()
+                except AssertionError:
+                    pass
+            d.check_sanitizers()
+        wd.cleanup()
+
+
+def tls_context():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def connect(d, tls):
+    """A socket past the greeting (TLS: the handshake done on the
+    implicit-TLS port)."""
+    s = socket.create_connection(("127.0.0.1", d.tls_port if tls else d.port), timeout=10)
+    if tls:
+        s = tls_context().wrap_socket(s, server_hostname="localhost")
+    read_until(s, b"220 ")
+    return s
+
+
+def read_until(s, needle):
+    buf = b""
+    while needle not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed before {needle!r}; got {buf!r}")
+        buf += chunk
+    return buf
+
+
+def read_to_end(s):
+    buf = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return buf
+            buf += chunk
+    except (ConnectionError, ssl.SSLError):
+        return buf
+
+
+def leave(s, how):
+    """End the connection the way a client that gives up does: close
+    (FIN; under TLS without close_notify, as ssl's close() does), reset
+    (SO_LINGER 0: RST), or half-close (shutdown of the sending side, then
+    read until sluice closes; returns what it said meanwhile)."""
+    if how == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        return b""
+    if how == "half":
+        # socket's own shutdown: SSLSocket's drops TLS from the reads after
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        got = read_to_end(s)
+        s.close()
+        return got
+    s.close()
+    return b""
+
+
+def fields(line):
+    return dict(f.split("=", 1) for f in line.split() if "=" in f)
+
+
+def test_client_gone_mid_transaction_is_logged():
+    """A client that leaves with a transaction open (its envelope given,
+    its content not ended) is logged at once as having dropped it:
+    event=connection_lost with the state it left in, how it left and the
+    content octets received, whether it closed, reset, or closed TCP under
+    TLS without close_notify. Before, such a session logged only its
+    disconnect line ("data=1"), though a close_notify in the same place
+    said note=transaction_dropped. A client that leaves between
+    transactions, or after the end of its message, logs no such line, and
+    that message is queued."""
+    content = b"Subject: gone\r\n\r\n" + b"a" * 100 + b"\r\n"
+    chunk = b"b" * 500
+    envelope = b"EHLO gone.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+
+    def in_data(s):
+        s.sendall(envelope + b"DATA\r\n")
+        read_until(s, b"354 ")
+        s.sendall(content)
+
+    def between_chunks(s):
+        s.sendall(envelope + b"BDAT %d\r\n" % len(chunk) + chunk)
+        read_until(s, b"octets received")
+
+    def in_chunk(s):
+        # the replies read first: a close with unread data is a reset
+        s.sendall(envelope)
+        read_until(s, b"2.1.5")
+        s.sendall(b"BDAT 100000 LAST\r\n" + chunk)
+
+    def envelope_only(s):
+        s.sendall(envelope)
+        read_until(s, b"2.1.5")
+
+    def no_transaction(s):
+        s.sendall(b"EHLO gone.example\r\nMAIL FROM:<a@example.com>\r\nRSET\r\n")
+        read_until(s, b"2.0.0 Ok")
+
+    def after_the_dot(s):
+        s.sendall(envelope + b"DATA\r\n")
+        read_until(s, b"354 ")
+        s.sendall(content + b".\r\n")
+
+    # (what the client does, its transport, how it leaves, the line
+    # expected: state, how, octets; None: no connection_lost line)
+    cases = [
+        (in_data, False, "close", ("data", "closed", len(content))),
+        (in_data, False, "reset", ("data", "reset", len(content))),
+        (in_data, True, "close", ("data", "closed", len(content))),
+        (between_chunks, False, "close", ("command", "closed", len(chunk))),
+        (between_chunks, True, "reset", ("command", "reset", len(chunk))),
+        (in_chunk, False, "close", ("bdat", "closed", len(chunk))),
+        (envelope_only, False, "half", ("command", "closed", 0)),
+        (no_transaction, False, "close", None),
+        (no_transaction, True, "close", None),
+        (after_the_dot, False, "close", None),
+    ]
+    with sluice() as d:
+        problems = []
+        lost = 0
+        for i, (act, tls, how, want) in enumerate(cases, 1):
+            s = connect(d, tls)
+            act(s)
+            leave(s, how)
+            d.wait_log_count("event=disconnect", i)
+            what = f"{act.__name__} over {'TLS' if tls else 'TCP'}, {how}"
+            lines = d.log_lines(LOST)
+            if want is None:
+                if len(lines) != lost:
+                    problems.append(f"{what}: unexpected {lines[-1]}")
+                    lost = len(lines)
+                continue
+            if len(lines) != lost + 1:
+                problems.append(f"{what}: no {LOST} line")
+                lost = len(lines)
+                continue
+            lost += 1
+            f = fields(lines[-1])
+            got = (f.get("state"), f.get("how"), int(f.get("octets", -1)))
+            if got != want or f.get("note") != "transaction_dropped":
+                problems.append(f"{what}: expected state, how, octets {want}: {lines[-1]}")
+        wait_until(lambda: d.count_log("event=queued") == 1, 30, "the message sent whole")
+        assert not problems, "\n".join(problems)
+
+
+def test_cut_at_every_point_stores_only_whole_messages():
+    """A client cut at every few octets of a transaction (DATA after its
+    354; MAIL, RCPT and two BDAT chunks pipelined), leaving by a close, a
+    reset or a half-close, over TCP and TLS: the sessions that sent their
+    whole message have it stored once (a half-closed one also reads its
+    250), no other has anything stored, every other logs that it dropped
+    its transaction, and every session ends."""
+    content = b"Subject: cut\r\n\r\n" + b"line of text\r\n" * 8
+    data_cmds = b"EHLO cut.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+    data_text = content + b".\r\n"
+    half = len(content) // 2
+    bdat_all = (b"EHLO cut.example\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+                + b"BDAT %d\r\n" % half + content[:half]
+                + b"BDAT %d LAST\r\n" % (len(content) - half) + content[half:])
+    # BDAT cuts start after the EHLO, MAIL and RCPT lines are whole: a cut
+    # before them leaves no transaction open.
+    bdat_from = bdat_all.index(b"BDAT")
+    with sluice() as d:
+        n = whole = 0
+        problems = []
+        for tls in (False, True):
+            for verb, text, start in (("data", data_text, 0), ("bdat", bdat_all, bdat_from)):
+                cuts = list(range(start, len(text), 4)) + [len(text) - 1, len(text)]
+                for cut in sorted(set(cuts)):
+                    for how in ("close", "reset", "half"):
+                        s = connect(d, tls)
+                        if verb == "data":
+                            s.sendall(data_cmds)
+                            read_until(s, b"354 ")
+                        s.sendall(text[:cut])
+                        got = leave(s, how)
+                        n += 1
+                        if cut == len(text):
+                            whole += 1
+                            if how == "half" and b"250 2.0.0 Ok: queued as" not in got:
+                                problems.append(f"{verb} over {'TLS' if tls else 'TCP'}, "
+                                                f"half-closed after the end: {got!r}")
+        d.wait_log_count("event=disconnect", n, timeout=120)
+        wait_until(lambda: d.count_log("event=queued") >= whole, 30, f"{whole} messages queued")
+        assert not problems, "\n".join(problems)
+        lost = d.count_log(LOST)
+        assert lost == n - whole, f"{lost} {LOST} lines for {n - whole} cut transactions"
+        d.stop_clean()
+        msgs = spool_messages(d.spool)
+        assert len(msgs) == whole, f"{len(msgs)} stored for {whole} whole messages"
+        assert all(m["body"].endswith(content) for m in msgs)
+        assert d.count_log("event=queued") == whole
+
+
+def test_rcpt_between_bdat_chunks_refused():
+    """RFC 3030 2: the BDAT chunks come after all of MAIL and RCPT. A RCPT
+    between two chunks is refused (503) as DATA after BDAT is, and the
+    message goes to the recipients it had when its first chunk came; it
+    used to be accepted, the envelope changing half-way through the
+    message."""
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<first@example.org>", 250)
+        first = b"Subject: chunks\r\n\r\n"
+        c.send(b"BDAT %d\r\n" % len(first) + first)
+        assert c.reply().code == 250
+        rep = c.cmd("RCPT TO:<late@example.org>")
+        assert rep.raw == "503 5.5.1 RCPT after BDAT in one transaction", rep
+        last = b"the rest\r\n"
+        c.send(b"BDAT %d LAST\r\n" % len(last) + last)
+        assert "queued as" in c.reply().text
+        # the next transaction takes recipients again
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<next@example.org>", 250)
+        c.send(b"BDAT 5 LAST\r\nnext\n")
+        assert c.reply().code >= 500  # a bare LF: refused, the transaction over
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 1)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["rcpts"] == [b"first@example.org"] and m["body"].endswith(first + last), m
+
+
+def test_disconnect_line_says_why_a_client_got_nowhere():
+    """A careless client (no AUTH where relaying needs it) that tries
+    again and again gets one line that says why: the disconnect line
+    names the first refused command and its reply. Before, it said only
+    mail=0/3, and no line said what the refusals were."""
+    with sluice(trusted="10.9.9.0/24") as d:
+        c = Smtp(d.port)
+        c.expect("EHLO careless.example", 250)
+        for _ in range(3):
+            c.expect("MAIL FROM:<app@example.com>", 530)
+        c.expect("QUIT", 221)
+        c.close()
+        line = d.wait_log("event=disconnect")
+        assert line.endswith(' mail=0/3 quit=1 commands=2/5'
+                             ' first_refused="MAIL 530 5.7.0 Authentication required"'), line
+        c = Smtp(d.port)
+        c.expect("EHLO fine.example", 250)
+        c.expect("NOOP", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 2)
+        line = d.log_lines("event=disconnect")[1]
+        assert line.endswith(" commands=3/3"), line
+
+
+def test_stop_with_transactions_open_says_what_it_dropped():
+    """sluice stopped (SIGTERM) while clients are in DATA, in a BDAT
+    chunk, and idle: it exits 0, stores nothing of the open
+    transactions, and logs each one it dropped (how=stopping, with its
+    state and the octets it had); the idle session logs no such line.
+    Before, all three logged the same disconnect line."""
+    with sluice() as d:
+        in_data = Smtp(d.port)
+        in_data.expect("EHLO a.example", 250)
+        in_data.expect("MAIL FROM:<a@example.com>", 250)
+        in_data.expect("RCPT TO:<b@example.org>", 250)
+        in_data.expect("DATA", 354)
+        text = b"Subject: stop\r\n\r\npartial\r\n"
+        in_data.send(text)
+        in_chunk = Smtp(d.port)
+        in_chunk.expect("EHLO a.example", 250)
+        in_chunk.expect("MAIL FROM:<a@example.com>", 250)
+        in_chunk.expect("RCPT TO:<b@example.org>", 250)
+        in_chunk.send(b"BDAT 10 LAST\r\n12345")
+        idle = Smtp(d.port)
+        idle.expect("EHLO a.example", 250)
+        d.stop_clean()
+        for c in (in_data, in_chunk, idle):
+            assert c.is_closed(5)
+            c.close()
+        lines = d.log_lines(LOST)
+        # The BDAT session is in its chunk once it has read "BDAT 10 LAST"
+        # (state=bdat), else between commands with its envelope (command);
+        # the octets are those read when it stopped (all, unless the stop
+        # came first).
+        got = sorted(fields(ln)["state"] for ln in lines)
+        assert got in (["bdat", "data"], ["command", "data"]), lines
+        for ln in lines:
+            most = len(text) if fields(ln)["state"] == "data" else 5
+            assert fields(ln)["how"] == "stopping", ln
+            assert 0 <= int(fields(ln)["octets"]) <= most, ln
+        assert spool_messages(d.spool) == []
+
+
+def plain(user, password):
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_pipelined_auth_decides_the_commands_behind_it():
+    """AUTH, MAIL and RCPT in one write where relaying needs AUTH: the
+    password is hashed off the loop, and the commands behind the AUTH wait
+    for its answer. A wrong password: 535, and MAIL is refused (530), not
+    taken as authenticated; the right one: 235, and MAIL and RCPT pass.
+    Over AUTH LOGIN too, its two answers pipelined."""
+    login = (base64.b64encode(b"alice").decode() + "\r\n"
+             + base64.b64encode(PASSWORD.encode()).decode())
+    wrong_login = (base64.b64encode(b"alice").decode() + "\r\n"
+                   + base64.b64encode(b"wrong").decode())
+    cases = [
+        (f"AUTH PLAIN {plain('alice', 'wrong')}", ["535", "530", "503"]),
+        (f"AUTH PLAIN {plain('alice', PASSWORD)}", ["235", "250", "250"]),
+        (f"AUTH LOGIN\r\n{wrong_login}", ["334", "334", "535", "530", "503"]),
+        (f"AUTH LOGIN\r\n{login}", ["334", "334", "235", "250", "250"]),
+    ]
+    with sluice(trusted="10.9.9.0/24") as d:
+        for auth, want in cases:
+            c = Smtp(d.port)
+            c.expect("EHLO client.example", 250)
+            c.send(f"{auth}\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n")
+            got = [x.raw[:3] for x in c.replies(len(want))]
+            assert got == want, (auth[:10], got)
+            c.expect("QUIT", 221)
+            c.close()
+
+
+def test_auth_before_starttls_is_forgotten_after_it():
+    """RFC 3207 4.2: after STARTTLS the server forgets what the client
+    said before, AUTH included: a client that authenticated in plaintext
+    (plaintext_auth = loopback) and then started TLS must authenticate
+    again before relaying; its EHLO offers AUTH again."""
+    with sluice(trusted="10.9.9.0/24") as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        ehlo = c.cmd("EHLO client.example")
+        assert ehlo.code == 250 and "AUTH PLAIN LOGIN" in ehlo.raw, ehlo
+        c.expect("MAIL FROM:<a@example.com>", 530)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("QUIT", 221)
+        c.close()
+
+
+if __name__ == "__main__":
+    main([
+        test_client_gone_mid_transaction_is_logged,
+        test_cut_at_every_point_stores_only_whole_messages,
+        test_rcpt_between_bdat_chunks_refused,
+        test_disconnect_line_says_why_a_client_got_nowhere,
+        test_stop_with_transactions_open_says_what_it_dropped,
+        test_pipelined_auth_decides_the_commands_behind_it,
+        test_auth_before_starttls_is_forgotten_after_it,
+    ])
