@@ -44,6 +44,7 @@ struct server_config {
     uint64_t body_memory_limit; /* bytes of message bodies held in memory, all sessions */
     unsigned max_recipients;
     unsigned max_errors;
+    unsigned max_junk_commands;
     uint64_t timeout_command; /* ms */
     uint64_t timeout_data;    /* ms */
     uint64_t greet_pause;     /* ms */

@@ -67,6 +67,12 @@ static const struct conf_key server_keys[] = {
      "recipients per message; more get 452 4.5.3", NULL},
     {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
      "protocol errors in one session before it is closed with 421", NULL},
+    {"max_junk_commands", CONF_UINT, SRV(max_junk_commands), 1, 1000000000, "100",
+     "commands that move no mail (NOOP, RSET, VRFY, EXPN, HELP, and a MAIL that is refused) "
+     "a session may send since its last accepted message; each one past this counts as a "
+     "protocol error (max_errors), so a client that sends nothing else cannot hold a "
+     "connection slot for ever (Postfix's smtpd_junk_command_limit)",
+     NULL},
     {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
      "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},
     {"timeout_data", CONF_DURATION, SRV(timeout_data), 1000, 7200000, "10m",

@@ -412,8 +412,8 @@ run_commands(struct session *s)
     if (s->state == SS_COMMAND || s->state == SS_AUTH)
         session_deadline(s, s->sw->cfg->timeout_command);
     if (s->errors >= s->sw->cfg->max_errors && s->state != SS_CLOSING) {
-        log_msg(LOG_NOTICE, "session=%016llx event=too_many_errors client=%s errors=%u",
-                (unsigned long long)s->id, s->peer_ip, s->errors);
+        log_msg(LOG_NOTICE, "session=%016llx event=too_many_errors client=%s errors=%u junk=%u",
+                (unsigned long long)s->id, s->peer_ip, s->errors, s->junk);
         reply_close(s, "421 4.7.0 Too many errors: closing");
     }
     return true;

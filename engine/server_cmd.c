@@ -913,8 +913,17 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
         return;
     }
     handle_verb(s, &c, rest);
-    if (s->out_len > at && (s->out[at] == '4' || s->out[at] == '5'))
+    bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
+    if (refused)
         note_refused(s, v, at);
+    /* Commands that move no mail: past the limit each is an error, so a
+     * client that only sends these is closed by max_errors (as Postfix's
+     * smtpd_junk_command_limit). A refused RCPT is not one: a bulk
+     * sender's suppressed recipients are refused by the thousand. */
+    bool no_mail = v == SMTP_VERB_NOOP || v == SMTP_VERB_RSET || v == SMTP_VERB_VRFY ||
+                v == SMTP_VERB_EXPN || v == SMTP_VERB_HELP || (v == SMTP_VERB_MAIL && refused);
+    if (no_mail && ++s->junk > s->sw->cfg->max_junk_commands)
+        s->errors++;
 }
 
 static void

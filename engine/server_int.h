@@ -108,6 +108,8 @@ struct session {
     bool greeted;  /* HELO or EHLO seen */
     bool esmtp;
     unsigned errors;
+    unsigned junk; /* commands that moved no mail since the last accepted message
+                    * ([server] max_junk_commands) */
     /* Commands by verb (SMTP_VERB_NONE: unrecognized), and those answered
      * 4xx or 5xx: the disconnect line's summary, as Postfix's. */
     uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];

@@ -272,6 +272,7 @@ session_on_commit(void *cookie, int rc)
                 s->owner.tenant ? s->owner.tenant->name : "-",
                 s->owner.pool ? s->owner.pool->name : "-", s->owner.campaign, s->owner.priority,
                 gone ? " client_gone=1" : "");
+        s->junk = 0; /* it moves mail: its NOOPs and RSETs are its business */
         if (!gone)
             reply(s, "250 2.0.0 Ok: queued as %s", qid);
     } else if (gone) {

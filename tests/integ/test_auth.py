@@ -559,7 +559,8 @@ def test_closing_after_failed_auth_has_a_deadline():
     read); the fine ones around the boundary are the cases."""
     server = ("workers = 1\ntimeout_command = 2s\nauth_fail_delay = 100ms\n"
               "auth_max_failures = 1\nauth_failures_per_address = 0\n"
-              "auth_failures_per_user = 0\nmax_clients_per_ip = 10000\n")
+              "auth_failures_per_user = 0\nmax_clients_per_ip = 10000\n"
+              "max_junk_commands = 1000000000\n")  # its NOOPs fill buffers
     with sluice([("alice", crypt("right", FAST), None)], server=server) as r:
         bad = f"AUTH PLAIN {plain('alice', 'wrong')}\r\n".encode()
         socks = []

@@ -7,7 +7,8 @@ point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
 refused; the disconnect line says why a client got nowhere; commands
 pipelined behind an AUTH wait for its answer; an AUTH before STARTTLS is
-forgotten after it. Each test starts its own sluice (plain and
+forgotten after it; a client that sends only commands that move no mail
+is closed. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
@@ -421,6 +422,45 @@ def test_auth_before_starttls_is_forgotten_after_it():
         c.close()
 
 
+def test_junk_commands_end_a_session_that_moves_no_mail():
+    """A client that sends only commands that move no mail (NOOP, RSET,
+    VRFY, HELP, a refused MAIL) is closed with 421 once it has sent
+    max_junk_commands of them and then max_errors more, instead of holding
+    its connection slot for ever; one that sends mail between them is
+    never closed for them, however many it sends in all."""
+    with sluice("max_junk_commands = 5\nmax_errors = 3\n", trusted="10.9.9.0/24") as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        for verb, code in [("NOOP", 250), ("RSET", 250), ("VRFY x", 252), ("HELP", 214),
+                           ("MAIL FROM:<a@example.com>", 530), ("NOOP", 250), ("NOOP", 250)]:
+            c.expect(verb, code)
+        # the eighth is the third past the limit: answered, then 421
+        r = c.cmd("NOOP")
+        assert r.code == 250, r
+        rest = c.rest_until_closed()
+        assert [x.code for x in rest] == [421] and "Too many errors" in rest[0].raw, rest
+        c.close()
+        line = d.wait_log("event=too_many_errors")
+        assert "errors=3 junk=8" in line, line
+
+        # mail between them: the count starts again at each message
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        for i in range(4):
+            for _ in range(4):
+                c.expect("NOOP", 250)
+            c.expect("RSET", 250)
+            c.expect("MAIL FROM:<a@example.com>", 250)
+            c.expect("RCPT TO:<b@example.net>", 250)
+            c.expect("DATA", 354)
+            c.expect(f"Subject: {i}\r\n\r\nbody\r\n.", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=queued", 4)
+        assert d.count_log("event=too_many_errors") == 1
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -430,4 +470,5 @@ if __name__ == "__main__":
         test_stop_with_transactions_open_says_what_it_dropped,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
+        test_junk_commands_end_a_session_that_moves_no_mail,
     ])

@@ -44,6 +44,8 @@ listen_tls = 127.0.0.1:{self.tls_port}
 trusted_networks = 127.0.0.0/8
 timeout_command = 60s
 timeout_data = 60s
+# test_pipelined_burst_over_tls sends 5,000 NOOPs
+max_junk_commands = 100000
 {extra}
 [queue]
 path = {self.spool}
