@@ -180,7 +180,7 @@ class HostileRelay:
     """sluice whose [dns] servers is a ScriptDns, every MX on mx_port,
     with a delivery log."""
 
-    def __init__(self, dns_answer, delivery_conf="", extra_conf="", dsn=False):
+    def __init__(self, dns_answer, delivery_conf="", extra_conf="", dsn=False, workers=2):
         self.wd = Workdir("sluice-hmx-")
         self.dns = self.d = None
         try:
@@ -191,7 +191,7 @@ class HostileRelay:
             self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
             conf = self.wd.file("sluice.conf", f"""
 [server]
-workers = 2
+workers = {workers}
 listen = 127.0.0.1:{self.port}
 trusted_networks = 127.0.0.0/8
 [queue]
@@ -480,8 +480,9 @@ def test_a_receiver_that_never_reads_stalls_no_other_domain():
     """The MX of stall.test (127.0.0.1) answers 354 and then reads
     nothing, so sluice's send of a large body blocks; the MX of the other
     domains (127.0.0.2) is honest. Mail to the others is delivered at
-    once while the stalled session waits out its data_timeout; then the
-    stalled recipient is deferred (timeout in state body)."""
+    once while the stalled session waits out its data_timeout, on the
+    same worker; then the stalled recipient is deferred (timeout in state
+    body)."""
     release = threading.Event()
 
     def stall(c, rfile):
@@ -508,7 +509,8 @@ def test_a_receiver_that_never_reads_stalls_no_other_domain():
             except OSError:
                 pass
 
-    r = HostileRelay(dns, delivery_conf="data_timeout = 3s\ncommand_timeout = 1s\n")
+    # one worker: the stalled session and the others share its loop
+    r = HostileRelay(dns, delivery_conf="data_timeout = 3s\ncommand_timeout = 1s\n", workers=1)
     mx = HostileMx(r.mx_port, stall)
     socketserver.ThreadingTCPServer.allow_reuse_address = True
     good = socketserver.ThreadingTCPServer(("127.0.0.2", r.mx_port), Honest)
