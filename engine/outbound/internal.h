@@ -760,8 +760,9 @@ struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const uni
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);
-/* Keep in f (t's last failure, from c) the TLS c had: its policy, the
- * protocol and cipher of a completed handshake, the certificate check. */
+/* Keep in f (t's last failure, from c) the source address c left from
+ * ("" before it connected) and the TLS c had: its policy, the protocol
+ * and cipher of a completed handshake, the certificate check. */
 void conn_fail_note(const struct conn *c, struct dest_fail *f);
 /* Say goodbye (QUIT) after what is in flight. */
 void conn_quit(struct conn *c);
