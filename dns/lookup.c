@@ -42,6 +42,7 @@
  */
 #include "dns/internal.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -718,7 +719,10 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     const char *temp_why = ares_why(status);
     if (abuf != NULL && alen > 0 &&
         (status == ARES_SUCCESS || status == ARES_ENODATA || status == ARES_ENOTFOUND)) {
-        if (wire_answer(abuf, (size_t)alen, qname, q->type, &a) < 0) {
+        int wrc = wire_answer(abuf, (size_t)alen, qname, q->type, &a);
+        if (wrc == -E2BIG) {
+            temp_why = "more MX records than are read (512)";
+        } else if (wrc < 0) {
             temp_why = "malformed answer";
         } else if (a.rcode == WIRE_NXDOMAIN) {
             kind = ANS_NXDOMAIN;

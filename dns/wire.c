@@ -333,6 +333,12 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
         a->ttl = min32(a->ttl, cname_ttl);
         memcpy(a->final, cname, sizeof(cname));
     }
+    /* MX records past the walk's bound could be the most preferred: the
+     * best of a part is no answer (RFC 5321 5.1), as a part of the TXT
+     * records is none (wire_txt). Addresses need no such care: any is
+     * one to use. */
+    if (qtype == WIRE_T_MX && m.sec == 0 && m.idx < m.count[0])
+        return -E2BIG;
     if (a->n == 0)
         return authority_soa(&m, a);
     return 0;

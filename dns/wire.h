@@ -107,8 +107,9 @@ struct wire_answer {
 
 /* Read the answer to (qname, qtype): follow CNAMEs in the answer section
  * from qname, collect the records of qtype there, and the negative TTL
- * from the authority section. qname must be normalised. Returns 0 or
- * -EBADMSG. */
+ * from the authority section. qname must be normalised. Returns 0,
+ * -EBADMSG or, for qtype MX, -E2BIG (more answer records than
+ * WIRE_MAX_RR: the most preferred hosts may be among those unread). */
 int wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
                 struct wire_answer *a);
 

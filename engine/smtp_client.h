@@ -59,7 +59,8 @@
  * everything not yet decided gets a temporary outcome of session scope,
  * EV_TXN_DONE if a transaction was open, EV_CLOSE, and the connection is
  * never reused. Nothing counts as delivered without a 2xx to RCPT, a 354
- * to DATA and a 2xx to the final dot.
+ * to DATA and a 2xx to the final dot. A protocol error caused by a reply
+ * quotes it in the outcome's text (code and first 120 octets).
  *
  * Threading: pure functions over caller memory; a session belongs to one
  * thread at a time. The trace callback runs inside the calls.

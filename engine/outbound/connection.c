@@ -683,9 +683,13 @@ conn_dane(const struct conn *c)
     return NULL;
 }
 
+/* Where c's failure happened beyond its MX host and address: the
+ * source address it left from (the delivery log's source, as for an
+ * outcome reported with its transaction) and the TLS it had. */
 void
-conn_fail_tls(const struct conn *c, struct dest_fail *f)
+conn_fail_note(const struct conn *c, struct dest_fail *f)
 {
+    snprintf(f->source, sizeof(f->source), "%s", c->src_str);
     f->tls_policy = conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol);
     f->tls_proto = stream_tls_ready(&c->st) ? c->tls_proto : NULL;
     f->tls_cipher = stream_tls_ready(&c->st) ? c->tls_cipher : NULL;

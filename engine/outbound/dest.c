@@ -157,6 +157,7 @@ dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
     t->last_fail->o = *o;
     snprintf(t->last_fail->mx, sizeof(t->last_fail->mx), "%s", mx ? mx : "");
     snprintf(t->last_fail->addr, sizeof(t->last_fail->addr), "%s", addr ? addr : "");
+    t->last_fail->source[0] = '\0';
     t->last_fail->tls_policy = t->last_fail->tls_proto = t->last_fail->tls_cipher = NULL;
     t->last_fail->tls_verify[0] = '\0';
 }

@@ -226,12 +226,13 @@ struct mxkey {
 /* Why a destination's last address failed, kept for the deferral of
  * what waits once every address failed: the outcome, and the MX host and
  * address it came from (empty when there was none: a refused target),
- * and the TLS its connection had (conn_fail_tls; NULL and "" without
- * one). */
+ * and the source address and TLS its connection had (conn_fail_note; ""
+ * and NULL without a connection). */
 struct dest_fail {
     struct smtp_outcome o;
     char mx[DNS_NAME_MAX + 1];
     char addr[64];
+    char source[64]; /* the local address it left from: "" when it never connected */
     const char *tls_policy;             /* static ("dane", ...); NULL: the domain's */
     const char *tls_proto, *tls_cipher; /* OpenSSL's constants, once a handshake completed */
     char tls_verify[96];                /* as struct conn's */
@@ -766,9 +767,10 @@ struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const uni
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);
-/* Keep in f (t's last failure, from c) the TLS c had: its policy, the
- * protocol and cipher of a completed handshake, the certificate check. */
-void conn_fail_tls(const struct conn *c, struct dest_fail *f);
+/* Keep in f (t's last failure, from c) the source address c left from
+ * ("" before it connected) and the TLS c had: its policy, the protocol
+ * and cipher of a completed handshake, the certificate check. */
+void conn_fail_note(const struct conn *c, struct dest_fail *f);
 /* Say goodbye (QUIT) after what is in flight. */
 void conn_quit(struct conn *c);
 /* After the loop ended: free c whatever is in flight. */

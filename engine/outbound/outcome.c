@@ -1047,10 +1047,11 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
     struct outcome_where where = {.src = src};
     if (t->last_fail != NULL && o == &t->last_fail->o) {
         /* every address failed: the last one tried is where, with the
-         * TLS its connection had */
+         * source and TLS its connection had */
         const struct dest_fail *f = t->last_fail;
         where.mx = f->mx[0] ? f->mx : NULL;
         where.mx_addr = f->addr[0] ? f->addr : NULL;
+        where.source = f->source[0] ? f->source : NULL;
         where.tls_policy = f->tls_policy;
         where.tls_proto = f->tls_proto;
         where.tls_cipher = f->tls_cipher;

@@ -744,7 +744,7 @@ conn_fail_keep(const struct conn *c, struct dest *t, const struct smtp_outcome *
 {
     dest_last_fail_set(t, o, c->mx, c->addr_str);
     if (t->last_fail != NULL)
-        conn_fail_tls(c, t->last_fail);
+        conn_fail_note(c, t->last_fail);
 }
 
 /* The smaller of two caps, 0 meaning none. */

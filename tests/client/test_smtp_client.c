@@ -1227,6 +1227,53 @@ sc_senseless(void)
     IN("220 mx\r\n", EV_CLOSE);
 }
 
+/* A senseless reply is quoted in the protocol error it causes (code and
+ * first words, lines joined, long text cut with "..."): the log shows
+ * what the server said. */
+static void
+want_said(const char *said)
+{
+    const struct smtp_outcome *o = smtp_client_session(&R.c);
+
+    if (strstr(o->text, said) == NULL)
+        fail_msg("outcome \"%s\" does not quote \"%s\" (mode %d split %zu)", o->text, said,
+                 R.mode, R.split);
+}
+
+static void
+sc_quoted(void)
+{
+    static char long_reply[400];
+    size_t n;
+
+    /* a second greeting after the EHLO */
+    start(SMTP_CLIENT_TLS_OFF);
+    IN("220 mx\r\n", 0);
+    OUT("EHLO " NAME "\r\n");
+    IN("220 mx again\r\n", EV_CLOSE);
+    want_said("EHLO reply not 250 (server said: 220 mx again)");
+    /* a reply to nothing, on an idle session */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_FULL);
+    IN("250-2.1.0 one\r\n250 2.1.0 two\r\n", EV_CLOSE);
+    want_said("unsolicited reply (server said: 250 2.1.0 one 2.1.0 two)");
+    /* 250 to DATA, then a long text cut short */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_FULL);
+    TXN("b@y.example");
+    go(0);
+    OUT("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
+    memcpy(long_reply, "250 ok\r\n250 ok\r\n250 ", 20);
+    memset(long_reply + 20, 'w', 300);
+    memcpy(long_reply + 320, "\r\n", 2);
+    n = 322;
+    in_(long_reply, n, EV_DONE | EV_CLOSE);
+    no_delivery(SMTP_REASON_PROTOCOL);
+    want_said("DATA reply not 354, 4xx or 5xx (server said: 250 wwww");
+    want_said("www...)");
+    assert_true(strlen(smtp_client_session(&R.c)->text) < 250);
+}
+
 static void
 sc_malformed(void)
 {
@@ -1611,6 +1658,7 @@ SCRIPT(tls_error, true)
 SCRIPT(timeouts, true)
 SCRIPT(unsolicited, true)
 SCRIPT(senseless, true)
+SCRIPT(quoted, true)
 SCRIPT(malformed, true)
 SCRIPT(huge, false)
 SCRIPT(many_rcpts, false)
@@ -1653,6 +1701,7 @@ main(void)
         cmocka_unit_test(test_timeouts),
         cmocka_unit_test(test_unsolicited),
         cmocka_unit_test(test_senseless),
+        cmocka_unit_test(test_quoted),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_huge),
         cmocka_unit_test(test_many_rcpts),

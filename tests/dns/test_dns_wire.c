@@ -200,6 +200,43 @@ test_many_mx_keeps_the_most_preferred(void **state)
     }
 }
 
+/* More MX records than the walk reads (WIRE_MAX_RR), the most preferred
+ * last: no answer (-E2BIG), not the best of the records read. Exactly
+ * WIRE_MAX_RR records are read whole. */
+static void
+test_mx_past_the_walk_bound(void **state)
+{
+    (void)state;
+    static struct mb m;
+    for (unsigned total = WIRE_MAX_RR; total <= WIRE_MAX_RR + 1; total++) {
+        header(&m, 0, total, 0, 0);
+        question(&m, "many.test", WIRE_T_MX);
+        for (unsigned i = 0; i < total; i++) {
+            char host[32];
+            snprintf(host, sizeof(host), "h%u.@12", i);
+            mx(&m, "@12", 300, i + 1 == total ? 1 : 100 + i, host);
+        }
+        assert_true(m.n <= sizeof(m.b));
+        int rc = wire_answer(m.b, m.n, "many.test", WIRE_T_MX, &ans);
+        if (total > WIRE_MAX_RR) {
+            assert_int_equal(rc, -E2BIG);
+            continue;
+        }
+        assert_int_equal(rc, 0);
+        bool best = false;
+        for (unsigned i = 0; i < ans.n; i++)
+            best |= ans.mx[i].preference == 1;
+        assert_true(best);
+    }
+    /* addresses: any will do, the first ones read are kept */
+    header(&m, 0, WIRE_MAX_RR + 8, 0, 0);
+    question(&m, "many.test", WIRE_T_A);
+    for (unsigned i = 0; i < WIRE_MAX_RR + 8; i++)
+        a_rr(&m, "@12", 300, 192, 0, 2, i & 255);
+    assert_int_equal(wire_answer(m.b, m.n, "many.test", WIRE_T_A, &ans), 0);
+    assert_int_equal(ans.n, WIRE_MAX_ADDR);
+}
+
 static void
 test_cname_chain(void **state)
 {
@@ -829,6 +866,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mx_with_compression),
         cmocka_unit_test(test_many_mx_keeps_the_most_preferred),
+        cmocka_unit_test(test_mx_past_the_walk_bound),
         cmocka_unit_test(test_cname_chain),
         cmocka_unit_test(test_negative_answers),
         cmocka_unit_test(test_odd_targets),

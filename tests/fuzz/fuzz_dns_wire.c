@@ -48,7 +48,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (unsigned i = 0; i < 3; i++) {
         for (unsigned t = 0; t < 4; t++) {
             int rc = wire_answer(buf, size, names[i], types[t], &a);
-            check(rc == 0 || rc == -EBADMSG);
+            check(rc == 0 || rc == -EBADMSG || (rc == -E2BIG && types[t] == WIRE_T_MX));
             if (rc < 0)
                 continue;
             check(a.n <= (types[t] == WIRE_T_MX ? WIRE_MAX_MX : WIRE_MAX_ADDR));

@@ -1,0 +1,683 @@
+"""Outbound delivery against broken and hostile peers on loopback: a
+scripted receiving MX (test_delivery.HostileMx) and a scripted DNS server
+(ScriptDns below: UDP and TCP on one port, each answer a Python function
+of the query). What test_delivery, test_outcomes and the unit tests of
+smtp_client and dns/wire assert already is not repeated here; these check
+what only the whole relay shows:
+
+- a session that fails (a reply dribbled an octet at a time past its
+  deadline) is deferred in bounded time, and its delivery-log event says
+  where: MX host, address and the source address it left from;
+- replies that make no sense (ahead of their command, a second greeting,
+  354 to MAIL) defer the mail, and the log quotes what the server said;
+- a close right after the final dot is deferred at every attempt, never
+  delivered;
+- each recipient of one transaction gets its own outcome (delivered,
+  deferred, bounced) in the delivery log, and the DSN names only the
+  bounced ones;
+- a receiver that never reads the body stalls no other domain;
+- hostile DNS answers: CNAME loops, a truncated UDP answer whose TCP one
+  differs, answers with the wrong ID or question, 500 and 1,000 MX records, MX
+  hosts at addresses that are no place to deliver to (0.0.0.0,
+  multicast, broadcast, link-local, v4-mapped): each ends in the outcome
+  and log line it should, and mail goes only where the real answer says."""
+import json
+import os
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+
+from harness import Sluice, Workdir, free_port, main, mdb_entries, wait_until
+import test_delivery
+from test_delivery import HostileMx, Relay, _read_until
+
+SLUICE = test_delivery.SLUICE = sys.argv[1]
+
+T_A, T_CNAME, T_MX, T_AAAA = 1, 5, 15, 28
+
+
+# ---- a scripted DNS server
+
+
+def name_wire(name):
+    out = b""
+    for label in name.rstrip(".").split("."):
+        if label:
+            out += bytes([len(label)]) + label.encode()
+    return out + b"\0"
+
+
+def rr(name, rtype, ttl, rdata):
+    return name_wire(name) + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def mx_rr(name, pref, host, ttl=300):
+    return rr(name, T_MX, ttl, struct.pack("!H", pref) + name_wire(host))
+
+
+def a_rr(name, addr, ttl=300):
+    return rr(name, T_A, ttl, socket.inet_aton(addr))
+
+
+def aaaa_rr(name, addr, ttl=300):
+    return rr(name, T_AAAA, ttl, socket.inet_pton(socket.AF_INET6, addr))
+
+
+def cname_rr(name, target, ttl=300):
+    return rr(name, T_CNAME, ttl, name_wire(target))
+
+
+class Query:
+    def __init__(self, raw):
+        self.id, self.flags = struct.unpack("!HH", raw[:4])
+        i, labels = 12, []
+        while raw[i]:
+            labels.append(raw[i + 1:i + 1 + raw[i]])
+            i += 1 + raw[i]
+        self.qname = b".".join(labels).decode("latin-1").lower()
+        self.qtype = struct.unpack("!H", raw[i + 1:i + 3])[0]
+        self.question = raw[12:i + 5]
+
+    def reply(self, answers=(), rcode=0, tc=False, qid=None, question=None):
+        """A response to this query: answers are rr() bytes."""
+        flags = 0x8400 | (self.flags & 0x0100) | rcode | (0x0200 if tc else 0)
+        head = struct.pack("!HHHHHH", self.id if qid is None else qid, flags, 1, len(answers),
+                           0, 0)
+        return head + (self.question if question is None else question) + b"".join(answers)
+
+
+class ScriptDns:
+    """answer(query, tcp) gives the response bytes, a list of them (sent
+    in order) or None (no answer)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.lock = threading.Lock()
+        self.asked = []  # (qname, qtype, tcp)
+        for _ in range(20):  # a port free for both UDP and TCP
+            self.port = free_port(kind=socket.SOCK_DGRAM)
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.udp.bind(("127.0.0.1", self.port))
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+        else:
+            raise AssertionError("no port free for both UDP and TCP")
+        self.tcp.listen(16)
+        self.stopping = False
+        for f in (self._udp, self._tcp):
+            threading.Thread(target=f, daemon=True).start()
+
+    def _respond(self, data, tcp):
+        q = Query(data)
+        with self.lock:
+            self.asked.append((q.qname, q.qtype, tcp))
+        out = self.answer(q, tcp)
+        return [o for o in (out if isinstance(out, list) else [out]) if o is not None]
+
+    def _udp(self):
+        while not self.stopping:
+            try:
+                data, peer = self.udp.recvfrom(4096)
+            except OSError:
+                return
+            if len(data) >= 12:
+                for o in self._respond(data, False):
+                    self.udp.sendto(o, peer)
+
+    def _tcp(self):
+        while not self.stopping:
+            try:
+                c, _ = self.tcp.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tcp_conn, args=(c,), daemon=True).start()
+
+    def _tcp_conn(self, c):
+        with c:
+            f = c.makefile("rb")
+            while True:
+                h = f.read(2)
+                if len(h) < 2:
+                    return
+                for o in self._respond(f.read(struct.unpack("!H", h)[0]), True):
+                    c.sendall(struct.pack("!H", len(o)) + o)
+
+    def count(self, qname, tcp=None):
+        with self.lock:
+            return len([a for a in self.asked if a[0] == qname and (tcp is None or a[2] == tcp)])
+
+    def stop(self):
+        self.stopping = True
+        for s in (self.udp, self.tcp):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def plain_dns(mx="mx.test", addr="127.0.0.1"):
+    """Every domain has MX 10 mx, and mx has the address addr."""
+    def answer(q, tcp):
+        if q.qtype == T_MX and q.qname != mx:
+            return q.reply([mx_rr(q.qname, 10, mx)])
+        if q.qname == mx and q.qtype == T_A:
+            return q.reply([a_rr(mx, addr)])
+        return q.reply([])
+    return answer
+
+
+class HostileRelay:
+    """sluice whose [dns] servers is a ScriptDns, every MX on mx_port,
+    with a delivery log."""
+
+    def __init__(self, dns_answer, delivery_conf="", extra_conf="", dsn=False, workers=2):
+        self.wd = Workdir("sluice-hmx-")
+        self.dns = self.d = None
+        try:
+            self.dns = ScriptDns(dns_answer)
+            self.mx_port = free_port()
+            self.port = free_port()
+            self.spool = os.path.join(self.wd.path, "spool")
+            self.dlog = os.path.join(self.wd.path, "delivery.jsonl")
+            conf = self.wd.file("sluice.conf", f"""
+[server]
+workers = {workers}
+listen = 127.0.0.1:{self.port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {self.spool}
+map_size = 256M
+[delivery]
+remote_port = {self.mx_port}
+allow_networks = 127.0.0.0/8
+connect_timeout = 2s
+idle_timeout = 1s
+{delivery_conf}
+[dns]
+servers = 127.0.0.1:{self.dns.port}
+[log]
+delivery_log = {self.dlog}
+delivery_log_flush = 20ms
+{"" if dsn else "[bounce]"}
+{"" if dsn else "dsn = no"}
+{extra_conf}
+""")
+            self.d = Sluice(SLUICE, conf)
+            self.d.wait_log("event=ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def inject(self, messages, sessions=1):
+        Relay.inject(self, messages, sessions)
+
+    def events(self, kind=None):
+        """The delivery log's whole lines, as dicts."""
+        if not os.path.exists(self.dlog):
+            return []
+        with open(self.dlog, "rb") as f:
+            data = f.read()
+        data = data[:data.rfind(b"\n") + 1]
+        evs = [json.loads(x) for x in data.splitlines()]
+        return [e for e in evs if kind is None or e["event"] == kind]
+
+    def wait_events(self, kind, n, timeout=30):
+        wait_until(lambda: len(self.events(kind)) >= n, timeout, f"{n} {kind} events")
+        return self.events(kind)
+
+    def close(self):
+        try:
+            if self.d is not None and self.d.proc.poll() is None:
+                assert self.d.stop_clean() == 0
+        finally:
+            if self.dns is not None:
+                self.dns.stop()
+            self.wd.cleanup()
+
+
+MSG = ("s@example.com", ["a@h.test"], b"Subject: h\r\n\r\nhostile\r\n")
+
+
+def serve(c, rfile, ehlo=b"250-mx\r\n250 PIPELINING\r\n", got=None):
+    """An honest receiver from the greeting on; got collects each body."""
+    c.sendall(b"220 mx ESMTP\r\n")
+    for _ in range(1000):  # bounded
+        line = rfile.readline()
+        if not line:
+            return
+        verb = line[:4].upper()
+        if verb in (b"EHLO", b"HELO"):
+            c.sendall(ehlo)
+        elif verb == b"DATA":
+            c.sendall(b"354 go\r\n")
+            body = b""
+            while True:
+                ln = rfile.readline()
+                if not ln or ln == b".\r\n":
+                    break
+                body += ln
+            if not ln:
+                return
+            if got is not None:
+                got.append(body)
+            c.sendall(b"250 2.0.0 taken\r\n")
+        elif verb == b"QUIT":
+            c.sendall(b"221 bye\r\n")
+            return
+        else:
+            c.sendall(b"250 ok\r\n")
+
+
+# ---- sessions
+
+
+def test_dribbled_reply_is_cut_at_its_deadline_and_logged_with_its_source():
+    """A reply to MAIL sent one octet every 200 ms (an octet is never late,
+    the reply always is): the session ends at command_timeout, not when
+    the trickle does (a minute later); the recipient is deferred with
+    reason timeout, and its delivery-log event names the MX host, its
+    address and the source address the session left from (before, an
+    outcome reported for the whole destination, as after every address
+    failed, lost the source: only outcomes reported with a transaction
+    had it)."""
+    done = threading.Event()
+
+    def script(c, rfile):
+        c.sendall(b"220 mx ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
+        _read_until(rfile, b"DATA")
+        for ch in b"250 2.1.0 sender ok" + b"." * 300 + b"\r\n":
+            if done.wait(0.2):
+                return
+            c.sendall(bytes([ch]))
+
+    r = HostileRelay(plain_dns(), delivery_conf="command_timeout = 1s\n")
+    mx = HostileMx(r.mx_port, script)
+    try:
+        t0 = time.monotonic()
+        r.inject([MSG])
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert time.monotonic() - t0 < 10, line
+        assert "reason=timeout" in line and "in state mail" in line and " mx=mx.test " in line, line
+        ev = r.wait_events("transient_failure", 1)[0]
+        assert ev["mx"] == "mx.test" and ev["mx_addr"] == f"127.0.0.1:{r.mx_port}", ev
+        assert ev.get("source") == "127.0.0.1", ev
+        assert ev["class"] == "connection_failure" and ev["reason"] == "timeout", ev
+        assert r.events("delivery") == []
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 1
+    finally:
+        done.set()
+        mx.stop()
+        r.close()
+
+
+def _early_replies(c, rfile):
+    # MAIL, RCPT and DATA answered before any was sent: a desync
+    c.sendall(b"220 mx ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250-mx\r\n250 PIPELINING\r\n250 2.1.0 early bird\r\n250 2.1.5 ok\r\n354 go\r\n")
+    rfile.readline()
+
+
+def _second_greeting(c, rfile):
+    c.sendall(b"220 mx ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"220 mx ESMTP once more\r\n")
+    rfile.readline()
+
+
+def _354_to_mail(c, rfile):
+    c.sendall(b"220 mx ESMTP\r\n")
+    rfile.readline()
+    c.sendall(b"250 mx\r\n")  # no PIPELINING: MAIL alone
+    rfile.readline()
+    c.sendall(b"354 send the data\r\n")
+    rfile.readline()
+
+
+def test_senseless_replies_defer_and_are_quoted():
+    """Replies that fit no command (ahead of the commands they answer, a
+    second greeting to EHLO, 354 to MAIL): the mail is deferred as a
+    protocol error, nothing is delivered, and the log line quotes what
+    the server said (before: only "unsolicited reply", "EHLO reply not
+    250", which no operator could take to the receiver's admin)."""
+    for script, state, said in ((_early_replies, "idle", "250 2.1.0 early bird"),
+                                (_second_greeting, "ehlo", "220 mx ESMTP once more"),
+                                (_354_to_mail, "mail", "354 send the data")):
+        what = script.__name__
+        r = HostileRelay(plain_dns())
+        mx = HostileMx(r.mx_port, script)
+        try:
+            r.inject([MSG])
+            line = r.d.wait_log("event=deferred", timeout=30)
+            assert "reason=protocol" in line and f"in state {state}" in line, (what, line)
+            assert f"server said: {said}" in line, (what, line)
+            ev = r.wait_events("transient_failure", 1)[0]
+            assert f"server said: {said}" in ev["reply"] and ev["mx"] == "mx.test", (what, ev)
+            assert r.d.count_log("event=delivered") == 0, what
+            assert r.d.stop_clean() == 0, what
+            assert mdb_entries(r.spool, "msg") == 1, what
+        finally:
+            mx.stop()
+            r.close()
+
+
+def test_close_after_the_dot_is_deferred_at_every_attempt():
+    """A receiver that reads the whole message and closes before replying
+    to the final dot, every time: each attempt is a deferral (attempt 1,
+    then 2 on the retry a second later), never a delivery, and the
+    message stays queued."""
+    conns = []
+
+    def script(c, rfile):
+        conns.append(1)
+        c.sendall(b"220 mx ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
+        _read_until(rfile, b"DATA")
+        c.sendall(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        _read_until(rfile, b".\r\n")  # and goes without a word
+
+    r = HostileRelay(plain_dns(), extra_conf="[domain *]\nretry_schedule = 1s\n")
+    mx = HostileMx(r.mx_port, script)
+    try:
+        r.inject([MSG])
+        evs = r.wait_events("transient_failure", 2)
+        assert [e["attempt"] for e in evs[:2]] == [1, 2], evs
+        for e in evs:
+            assert e["reason"] == "eof" and "in state dot" in e["reply"], e
+            assert e["mx"] == "mx.test" and e["class"] == "connection_failure", e
+        assert len(conns) >= 2
+        assert r.events("delivery") == []
+        assert r.d.count_log("event=delivered") == 0
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 1
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_each_recipient_of_a_transaction_gets_its_own_outcome():
+    """One message to four recipients of one domain, answered 250, 550,
+    450 and 550 at RCPT: one delivery, one deferral and two bounces in the
+    delivery log, each with its own code and reply; the DSN to the sender
+    names the two bounced recipients and no other."""
+    got = []
+
+    def script(c, rfile):
+        c.sendall(b"220 mx ESMTP\r\n")
+        for _ in range(1000):
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"RCPT" and b"bad" in line:
+                c.sendall(b"550 5.1.1 <%s> no such user\r\n" % line[9:].strip(b"\r\n<>"))
+            elif verb == b"RCPT" and b"soft" in line:
+                c.sendall(b"450 4.2.1 try later\r\n")
+            elif verb == b"RCPT":
+                c.sendall(b"250 ok\r\n")
+            elif verb == b"EHLO":
+                c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go\r\n")
+                got.append(_body(rfile))
+                c.sendall(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    r = HostileRelay(plain_dns(), dsn=True)
+    mx = HostileMx(r.mx_port, script)
+    try:
+        r.inject([("s@sender.test", ["ok@h.test", "bad1@h.test", "soft@h.test", "bad2@h.test"],
+                   b"Subject: m\r\n\r\nmulti\r\n")])
+        r.wait_events("dsn", 1)
+        r.wait_events("delivery", 2)  # the message to ok@, then the DSN to s@
+        by = {e["rcpt"]: e for e in r.events() if "rcpt" in e and e["id"] == r.events("dsn")[0]["id"]}
+        assert by["ok@h.test"]["event"] == "delivery" and by["ok@h.test"]["code"] == 250, by
+        assert by["soft@h.test"]["event"] == "transient_failure", by
+        assert by["soft@h.test"]["code"] == 450 and by["soft@h.test"]["enhanced"] == "4.2.1", by
+        for a in ("bad1@h.test", "bad2@h.test"):
+            assert by[a]["event"] == "bounce" and by[a]["code"] == 550, by
+            assert by[a]["class"] == "invalid_recipient" and a in by[a]["reply"], by
+        wait_until(lambda: len(got) >= 2, 30, "the DSN at the sender's MX")
+        dsn = got[1].decode(errors="replace")
+        assert "Final-Recipient: rfc822; bad1@h.test" in dsn, dsn
+        assert "Final-Recipient: rfc822; bad2@h.test" in dsn, dsn
+        assert "rfc822; ok@h.test" not in dsn and "rfc822; soft@h.test" not in dsn, dsn
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def _body(rfile):
+    out = b""
+    for _ in range(100000):
+        ln = rfile.readline()
+        if not ln or ln == b".\r\n":
+            break
+        out += ln
+    return out
+
+
+def test_a_receiver_that_never_reads_stalls_no_other_domain():
+    """The MX of stall.test (127.0.0.1) answers 354 and then reads
+    nothing, so sluice's send of a large body blocks; the MX of the other
+    domains (127.0.0.2) is honest. Mail to the others is delivered at
+    once while the stalled session waits out its data_timeout, on the
+    same worker; then the stalled recipient is deferred (timeout in state
+    body)."""
+    release = threading.Event()
+
+    def stall(c, rfile):
+        c.sendall(b"220 stall ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-stall\r\n250 PIPELINING\r\n")
+        _read_until(rfile, b"DATA")
+        c.sendall(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        release.wait(60)
+
+    def dns(q, tcp):
+        if q.qtype == T_MX:
+            return q.reply([mx_rr(q.qname, 10, "mxa.test" if q.qname == "stall.test"
+                                  else "mxb.test")])
+        if q.qtype == T_A and q.qname in ("mxa.test", "mxb.test"):
+            return q.reply([a_rr(q.qname, "127.0.0.1" if q.qname == "mxa.test"
+                                 else "127.0.0.2")])
+        return q.reply([])
+
+    class Honest(socketserver.StreamRequestHandler):
+        def handle(self):
+            try:
+                serve(self.connection, self.rfile)
+            except OSError:
+                pass
+
+    # one worker: the stalled session and the others share its loop
+    r = HostileRelay(dns, delivery_conf="data_timeout = 3s\ncommand_timeout = 1s\n", workers=1)
+    mx = HostileMx(r.mx_port, stall)
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    good = socketserver.ThreadingTCPServer(("127.0.0.2", r.mx_port), Honest)
+    good.daemon_threads = True
+    threading.Thread(target=good.serve_forever, daemon=True).start()
+    try:
+        big = b"Subject: s\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20000  # past the socket buffers
+        r.inject([("s@example.com", ["a@stall.test"], big)])
+        wait_until(lambda: r.d.count_log("event=connected domain=stall.test") >= 1, 30,
+                   "the stalled session to start")
+        r.inject([("s@example.com", [f"b@ok{i}.test"], b"Subject: k\r\n\r\nok\r\n")
+                  for i in range(6)])
+        r.d.wait_log_count("event=delivered", 6, timeout=20)
+        assert r.d.count_log("event=deferred") == 0, "the others waited for the stall"
+        line = r.d.wait_log("event=deferred", timeout=30)
+        assert "rcpt=<a@stall.test>" in line and "reason=timeout" in line, line
+        assert "in state body" in line, line
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 1
+    finally:
+        release.set()
+        mx.stop()
+        good.shutdown()
+        good.server_close()
+        r.close()
+
+
+# ---- hostile DNS
+
+
+def _mx_then(answer_rest):
+    """h.test's MX is mx.test; other queries go to answer_rest."""
+    def answer(q, tcp):
+        if q.qtype == T_MX and q.qname == "h.test":
+            return q.reply([mx_rr("h.test", 10, "mx.test")])
+        return answer_rest(q, tcp)
+    return answer
+
+
+def _cname_self(q, tcp):
+    # mx.test is an alias of itself
+    if q.qname == "mx.test":
+        return q.reply([cname_rr("mx.test", "mx.test")])
+    return q.reply([])
+
+
+def _domain_cname_self(q, tcp):
+    # the domain itself is an alias of itself
+    if q.qname == "h.test":
+        return q.reply([cname_rr("h.test", "h.test")])
+    return q.reply([])
+
+
+def _cname_pair(q, tcp):
+    if q.qname == "mx.test":
+        return q.reply([cname_rr("mx.test", "mx2.test"), cname_rr("mx2.test", "mx.test")])
+    return q.reply([])
+
+
+def _tc_differs(q, tcp):
+    # over UDP, truncated and naming evil.test; over TCP, mx.test
+    if q.qtype == T_MX and q.qname == "h.test":
+        if not tcp:
+            return q.reply([mx_rr("h.test", 10, "evil.test")], tc=True)
+        return q.reply([mx_rr("h.test", 10, "mx.test")])
+    if q.qtype == T_A and q.qname in ("mx.test", "evil.test"):
+        return q.reply([a_rr(q.qname, "127.0.0.1")])
+    return q.reply([])
+
+
+def _spoofs_first(q, tcp):
+    # a wrong ID, then the wrong question, then the real answer
+    if q.qtype == T_MX and q.qname == "h.test":
+        other = name_wire("other.test") + struct.pack("!HH", T_MX, 1)
+        return [q.reply([mx_rr("h.test", 10, "evil.test")], qid=(q.id + 1) & 0xffff),
+                q.reply([mx_rr("h.test", 10, "evil.test")], question=other),
+                q.reply([mx_rr("h.test", 10, "mx.test")])]
+    if q.qtype == T_A and q.qname in ("mx.test", "evil.test"):
+        return q.reply([a_rr(q.qname, "127.0.0.1")])
+    return q.reply([])
+
+
+def _spoofs_only(q, tcp):
+    if q.qtype == T_MX:
+        return q.reply([mx_rr("h.test", 10, "mx.test")], qid=(q.id + 1) & 0xffff)
+    return q.reply([])
+
+
+def _many_mx(n):
+    """n MX records (over TCP; over UDP a truncated part), every host at
+    the receiver; the most preferred last in the answer."""
+    def answer(q, tcp):
+        if q.qtype == T_MX and q.qname == "h.test":
+            ans = [mx_rr("h.test", 100 + i, f"mx{i}.test") for i in range(n - 1)]
+            ans.append(mx_rr("h.test", 5, "best.test"))
+            return q.reply(ans) if tcp else q.reply(ans[:10], tc=True)
+        if q.qtype == T_A and q.qname.endswith(".test"):
+            return q.reply([a_rr(q.qname, "127.0.0.1")])
+        return q.reply([])
+    return answer
+
+
+def _address(addr):
+    def answer(q, tcp):
+        if q.qname == "mx.test" and q.qtype == (T_AAAA if ":" in addr else T_A):
+            return q.reply([(aaaa_rr if ":" in addr else a_rr)("mx.test", addr)])
+        return q.reply([])
+    return _mx_then(answer)
+
+
+def test_hostile_dns_answers():
+    """Each answer ends as it should, with a log line that says so:
+    a CNAME loop (at the MX host, at the domain, a pair) is a DNS failure,
+    deferred; a truncated UDP answer is asked again over TCP and the TCP
+    one counts; answers with the wrong ID or question are dropped for the
+    real one (mail never goes to the MX they name), or, when no real one
+    comes, the lookup times out (deferred); of 500 MX records the most
+    preferred is used, wherever it is in the answer; 1,000, more than are
+    read, are deferred as such (before, the best of the first 512 was
+    taken: the most preferred, last, was never tried); an MX host at 0.0.0.0, a multicast, broadcast or
+    link-local address (v4-mapped or not) is refused as a target whatever
+    the answer, the refusal saying which address and why."""
+    cases = [
+        ("cname loop at the mx", _mx_then(_cname_self), "deferred", "CNAME chain", None),
+        ("cname loop at the domain", _domain_cname_self, "deferred", "CNAME chain", None),
+        ("cname pair", _mx_then(_cname_pair), "deferred", "CNAME chain", None),
+        ("tc answer differs", _tc_differs, "delivered", None, "mx.test"),
+        ("spoofed answers first", _spoofs_first, "delivered", None, "mx.test"),
+        ("only spoofed answers", _spoofs_only, "deferred", "timeout", None),
+        ("500 mx records", _many_mx(500), "delivered", None, "best.test"),
+        ("1000 mx records", _many_mx(1000), "deferred", "more MX records than are read", None),
+    ]
+    for addr, why in (("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
+                      ("255.255.255.255", "broadcast"), ("169.254.169.254", "link-local"),
+                      ("::ffff:224.0.0.1", "multicast"), ("::ffff:0.0.0.0", "unspecified")):
+        cases.append((f"address {addr}", _address(addr), "bounced", f"({why})", None))
+    for what, answer, want, reply, mx_host in cases:
+        r = HostileRelay(answer, extra_conf="[dns]\ntimeout = 200ms\ntries = 1\nfamily = both\n")
+        got = []
+        mx = HostileMx(r.mx_port, lambda c, rfile: serve(c, rfile, got=got))
+        try:
+            r.inject([MSG])
+            line = r.d.wait_log(f"event={want}", timeout=30)
+            assert "rcpt=<a@h.test>" in line, (what, line)
+            if reply is not None:
+                assert reply in line, (what, line)
+            if want == "delivered":
+                assert f" mx={mx_host} " in line and len(got) == 1, (what, line)
+                assert r.d.count_log("evil.test") == 0, (what, r.d.log_lines("evil.test"))
+            elif want == "deferred":
+                assert "class=dns_failure" in line and " mx=- " in line, (what, line)
+            else:
+                assert "class=refused_target" in line and "5.4.4" in line, (what, line)
+                assert r.d.count_log("event=target_refused") >= 1, what
+            if what == "tc answer differs":
+                assert r.dns.count("h.test", tcp=True) >= 1, what
+            assert len(got) == (1 if want == "delivered" else 0), (what, got)
+            assert r.d.stop_clean() == 0, what
+        finally:
+            mx.stop()
+            r.close()
+
+
+if __name__ == "__main__":
+    main([test_dribbled_reply_is_cut_at_its_deadline_and_logged_with_its_source,
+          test_senseless_replies_defer_and_are_quoted,
+          test_close_after_the_dot_is_deferred_at_every_attempt,
+          test_each_recipient_of_a_transaction_gets_its_own_outcome,
+          test_a_receiver_that_never_reads_stalls_no_other_domain,
+          test_hostile_dns_answers])
