@@ -268,7 +268,8 @@ static const struct conf_key delivery_keys[] = {
     {"allow_networks", CONF_STRING, DLV(allow_networks), 1, 1024, NULL,
      "networks (CIDR, comma-separated, at most 32) that may be delivered to although they are "
      "loopback, "
-     "unspecified, link-local or multicast, which are refused by default (a domain whose MX "
+     "unspecified, link-local, multicast, broadcast or reserved (240.0.0.0/4), which are "
+     "refused by default (a domain whose MX "
      "addresses are all refused bounces, class refused_target); this node's own listeners "
      "are refused whatever this says. The same rule holds for MTA-STS policy fetches and "
      "TLS report POSTs, which never go through a proxy (https_proxy and all_proxy in the "

@@ -270,6 +270,9 @@ netaddr_special(const struct sockaddr *sa)
         {{AF_INET, 4, {224}}, "multicast"},
         {{AF_INET6, 8, {0xff}}, "multicast"},
         {{AF_INET, 32, {255, 255, 255, 255}}, "broadcast"},
+        /* after broadcast, which it holds: the old class E, reserved and
+         * routed nowhere (RFC 1112 4, RFC 6890) */
+        {{AF_INET, 4, {240}}, "reserved"},
     };
     for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
         if (cidr_match(&special[i].net, 1, sa))

@@ -39,7 +39,8 @@ bool netaddr_is_loopback(const struct sockaddr *sa);
  * one, that address and sa's port into *out and true; else false, out
  * untouched. What counts or keys by address uses the IPv4 form. */
 bool netaddr_v4mapped(const struct sockaddr *sa, struct sockaddr_in *out);
-/* "loopback", "unspecified", "link-local", "multicast" or "broadcast"
+/* "loopback", "unspecified", "link-local", "multicast", "broadcast" or
+ * "reserved" (240.0.0.0/4)
  * (a v4-mapped v6 address as its v4), or NULL for any other address:
  * what no mail should be delivered to unless allowed. */
 const char *netaddr_special(const struct sockaddr *sa);

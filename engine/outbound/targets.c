@@ -1,7 +1,7 @@
 /*
  * targets: where mail must not go. An MX address (or an address literal,
- * or a route's address) on loopback, unspecified, link-local, multicast
- * or broadcast networks is refused as a delivery target unless
+ * or a route's address) on loopback, unspecified, link-local, multicast,
+ * broadcast or reserved (240.0.0.0/4) networks is refused as a delivery target unless
  * [delivery] allow_networks lists it; this node's own SMTP listeners
  * (their addresses, or every interface address for a wildcard listener;
  * an IPv4 one also as a v4-mapped IPv6 address) are refused whatever it

@@ -630,8 +630,8 @@ def test_hostile_dns_answers():
     comes, the lookup times out (deferred); of 500 MX records the most
     preferred is used, wherever it is in the answer; 1,000, more than are
     read, are deferred as such (before, the best of the first 512 was
-    taken: the most preferred, last, was never tried); an MX host at 0.0.0.0, a multicast, broadcast or
-    link-local address (v4-mapped or not) is refused as a target whatever
+    taken: the most preferred, last, was never tried); an MX host at 0.0.0.0, a multicast, broadcast,
+    reserved (240/4) or link-local address (v4-mapped or not) is refused as a target whatever
     the answer, the refusal saying which address and why."""
     cases = [
         ("cname loop at the mx", _mx_then(_cname_self), "deferred", "CNAME chain", None),
@@ -645,7 +645,8 @@ def test_hostile_dns_answers():
     ]
     for addr, why in (("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
                       ("255.255.255.255", "broadcast"), ("169.254.169.254", "link-local"),
-                      ("::ffff:224.0.0.1", "multicast"), ("::ffff:0.0.0.0", "unspecified")):
+                      ("::ffff:224.0.0.1", "multicast"), ("::ffff:0.0.0.0", "unspecified"),
+                      ("240.1.2.3", "reserved")):
         cases.append((f"address {addr}", _address(addr), "bounced", f"({why})", None))
     for what, answer, want, reply, mx_host in cases:
         r = HostileRelay(answer, extra_conf="[dns]\ntimeout = 200ms\ntries = 1\nfamily = both\n")
