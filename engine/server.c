@@ -117,6 +117,8 @@ session_state_str(enum session_state s)
 static void session_close(struct session *s, const char *why);
 static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_timer(struct timer *t, void *ctx);
+static bool drain_close(struct session *s);
+static void server_on_drain(struct worker *w, struct worker_msg *m);
 
 /* ---- state ---- */
 
@@ -361,6 +363,9 @@ run_commands(struct session *s)
         reply_close(s, "500 5.5.2 TLS handshake on a plaintext port: use STARTTLS");
         return true;
     }
+    if (s->state == SS_COMMAND && atomic_load_explicit(&s->sw->draining, memory_order_relaxed) &&
+        s->in_len > 0 && drain_close(s))
+        return true; /* a stop: nothing new begins */
     size_t off;
     long n = smtp_cmd_line_find(s->in, s->in_len, SMTP_CMD_LINE_MAX_AUTH, &off);
     if (n == 0)
@@ -1073,10 +1078,10 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
 {
     *out = NULL;
     struct server_worker *sw = calloc(1, sizeof(*sw));
-    if (sw != NULL)
-        atomic_init(&sw->draining, false);
     if (sw == NULL)
         return -ENOMEM;
+    atomic_init(&sw->draining, false);
+    atomic_init(&sw->drain_posted, false);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;
@@ -1141,6 +1146,7 @@ server_worker_free(struct server_worker *sw)
     /* The hashing pool has stopped (engine_stop): hashes finished after
      * the loop ended wait in the mailbox, pointing into sessions. */
     worker_mbox_cancel(sw->w, session_on_hash);
+    worker_mbox_cancel(sw->w, server_on_drain); /* embedded in sw */
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
         if (txn_unfinished(s)) /* the client sees a close: say what it cost */
@@ -1173,12 +1179,46 @@ server_worker_reconfigure(struct server_worker *sw)
     sw->tls = engine_tls_server(sw->e);
 }
 
+/* A stop is under way: s, waiting for a command outside a transaction,
+ * is told so and closed (RFC 5321 3.8: a server shut down SHOULD send
+ * 421). True when it was. One in a transaction finishes it first, within
+ * the stop's drain: its next command gets the 421 (run_commands). */
+static bool
+drain_close(struct session *s)
+{
+    if (s->state != SS_COMMAND || s->in_txn)
+        return false;
+    log_msg(LOG_INFO, "session=%016llx event=shutting_down client=%s", (unsigned long long)s->id,
+            s->peer_ip);
+    reply_close(s, "421 4.3.2 Service shutting down: try again later");
+    return true;
+}
+
+/* On the worker, once its listeners are shut for the stop: every idle
+ * session is told 421 now, not cut without a word when the loop ends. */
+static void
+server_on_drain(struct worker *w, struct worker_msg *m)
+{
+    (void)w;
+    struct server_worker *sw =
+        (struct server_worker *)((char *)m - offsetof(struct server_worker, drain_msg));
+    for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
+        next = s->next;
+        if (drain_close(s))
+            session_run(s);
+    }
+}
+
 void
 server_worker_drain(struct server_worker *sw)
 {
     atomic_store(&sw->draining, true);
     for (int i = 0; i < sw->nls; i++)
         shutdown(sw->ls[i].fd, SHUT_RDWR); /* ends the accepts; new clients are refused */
+    if (!sw->detached && !atomic_exchange(&sw->drain_posted, true)) {
+        sw->drain_msg.fn = server_on_drain;
+        worker_post(sw->w, &sw->drain_msg);
+    }
 }
 
 void
@@ -1196,6 +1236,7 @@ server_worker_new_detached(struct engine *e, struct worker *w)
     if (sw == NULL)
         return NULL;
     atomic_init(&sw->draining, false);
+    atomic_init(&sw->drain_posted, false);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;

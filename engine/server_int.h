@@ -216,6 +216,8 @@ struct server_worker {
     bool port_armed;
     bool stopping;
     atomic_bool draining;    /* listeners shut: accept nothing more */
+    atomic_bool drain_posted; /* drain_msg went to the worker (once) */
+    struct worker_msg drain_msg; /* server_on_drain: the idle sessions told 421 */
     struct session *sessions; /* list of owned sessions */
     struct session *hashing;  /* borrowed: sessions whose own hash is with the pool */
     struct auth_cache auth;
