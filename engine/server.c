@@ -622,10 +622,20 @@ greet(struct session *s)
 static void
 tls_begin(struct session *s)
 {
+    /* Its ClientHello sent with STARTTLS, before the 220: dropped with
+     * the rest, and no second one comes (the client waits for our
+     * ServerHello): the handshake would only wait out its deadline. */
+    bool hello = s->in_len >= 2 && s->in[0] == 0x16 && s->in[1] == 0x03;
     if (s->in_len > 0) /* Postfix: "improper command pipelining after STARTTLS" */
-        log_msg(LOG_NOTICE, "session=%016llx event=pipelined_after_starttls client=%s dropped=%zu",
-                (unsigned long long)s->id, s->peer_ip, s->in_len);
+        log_msg(LOG_NOTICE,
+                "session=%016llx event=pipelined_after_starttls client=%s dropped=%zu%s",
+                (unsigned long long)s->id, s->peer_ip, s->in_len,
+                hello ? " note=tls_hello_dropped_closing" : "");
     s->in_len = 0;
+    if (hello) {
+        session_close(s, "tls_hello_pipelined");
+        return;
+    }
     s->skip_line = false;
     struct tls_conn *tls = NULL;
     int rc = tls_conn_new_server(s->sw->tls, &tls);

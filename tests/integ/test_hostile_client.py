@@ -465,6 +465,32 @@ def test_junk_commands_end_a_session_that_moves_no_mail():
         assert d.count_log("event=too_many_errors") == 1
 
 
+def test_client_hello_pipelined_with_starttls_is_closed_at_once():
+    """A client that sends its TLS ClientHello in the same write as
+    STARTTLS, before the 220: the hello is dropped with the rest of that
+    plaintext (CVE-2011-0411), and no second one comes, so the session is
+    closed at once, with the log saying why, instead of waiting out the
+    whole handshake deadline (30 s)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inb, outb, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outb.read()
+    assert hello[:2] == b"\x16\x03", hello[:8]
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.send(b"STARTTLS\r\n" + hello)
+        assert c.reply().code == 220
+        assert c.is_closed(5), "still open: waiting for a ClientHello that came too early"
+        c.close()
+        line = d.wait_log("event=pipelined_after_starttls")
+        assert f"dropped={len(hello)} note=tls_hello_dropped_closing" in line, line
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -475,4 +501,5 @@ if __name__ == "__main__":
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
+        test_client_hello_pipelined_with_starttls_is_closed_at_once,
     ])
