@@ -410,14 +410,17 @@ hand_to_delivery(struct session *s)
     free(done);
 }
 
+/* The Received field's "with": RFC 3848's, and RFC 6531 3.7.3's for a
+ * transaction that used SMTPUTF8. */
 static const char *
 protocol_name(const struct session *s)
 {
     if (!s->esmtp)
         return "SMTP";
+    bool u = s->smtputf8;
     if (stream_tls_ready(&s->st))
-        return s->user ? "ESMTPSA" : "ESMTPS";
-    return s->user ? "ESMTPA" : "ESMTP";
+        return s->user ? (u ? "UTF8SMTPSA" : "ESMTPSA") : (u ? "UTF8SMTPS" : "ESMTPS");
+    return s->user ? (u ? "UTF8SMTPA" : "ESMTPA") : (u ? "UTF8SMTP" : "ESMTP");
 }
 
 static void message_commit(struct session *s);

@@ -242,6 +242,9 @@ def test_smtplib_many_recipients_and_smtputf8():
         assert sorted(u["rcpts"]) == sorted(["zoë@example.org".encode(), "山田@例え.jp".encode()])
         assert "Schöne Grüße".encode() in u["body"], u["body"]
         assert by_sender["renée@exämple.com"]["rcpts"] == ["ünïcode@example.org".encode()]
+        # RFC 6531 3.7.3: the Received field says SMTPUTF8 was used
+        assert b"(sluice) with UTF8SMTP id " in u["body"], u["body"][:400]
+        assert b"(sluice) with ESMTP id " in big["body"], big["body"][:400]
 
 
 def swaks(r, *args):
