@@ -1079,6 +1079,10 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     timer_init(&c->timer, conn_on_timer);
     /* Counted from here on: the id, the site, the caps. */
     sched_conn_attach(c, t, host, addr, srcpol, src_id);
+    /* The source it is bound to, known before the connect: a failure to
+     * connect names it too (after it, getsockname() says the same). */
+    if (src->ss_family != AF_UNSPEC)
+        netaddr_ip_str((const struct sockaddr *)src, c->src_str, sizeof(c->src_str));
     stream_connect(&c->st, &c->addr.sa, dns_addr_len(&c->addr));
     conn_deadline(c, d->e->cfg->delivery.connect_timeout);
     return c;

@@ -675,10 +675,26 @@ def test_hostile_dns_answers():
             r.close()
 
 
+def test_connect_refused_names_the_bound_source():
+    """With [delivery] source_address, a connection that never connects
+    (nothing listens: refused) still left from that address: its
+    deferral's delivery-log event names it (before, the source was read
+    only once connected, so a connect failure had none)."""
+    r = HostileRelay(plain_dns(), delivery_conf="source_address = 127.0.0.2\n")
+    try:
+        r.inject([MSG])  # no MX server: the connect is refused
+        ev = r.wait_events("transient_failure", 1)[0]
+        assert ev["class"] == "connection_failure", ev
+        assert ev.get("source") == "127.0.0.2", ev
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
     main([test_dribbled_reply_is_cut_at_its_deadline_and_logged_with_its_source,
           test_senseless_replies_defer_and_are_quoted,
           test_close_after_the_dot_is_deferred_at_every_attempt,
           test_each_recipient_of_a_transaction_gets_its_own_outcome,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
-          test_hostile_dns_answers])
+          test_hostile_dns_answers, test_connect_refused_names_the_bound_source])
