@@ -3,7 +3,8 @@
 that appends one JSON line per event to a file, written before the reply
 it records is sent (so a message it answered 250 to is on file):
   {"ev": "conn", "open": N}            a connection accepted (N open now)
-  {"ev": "msg", "id": X-Test-Id, "rcpts": [...], "size": octets}
+  {"ev": "msg", "id": X-Test-Id, "rcpts": [...], "size": octets,
+   "t": Unix time its final dot came}
                                        a message accepted (250 to the dot)
   {"ev": "rcpt_refused", "rcpt": addr, "code": 550}
   {"ev": "mail_refused", "code": 421}  (then the connection is closed)
@@ -111,6 +112,7 @@ def main():
                         if not body:
                             return  # dropped mid-message: nothing accepted
                         if body == b".\r\n":
+                            t_dot = time.time()
                             break
                         size += len(body)
                         if body == b"\r\n":
@@ -119,7 +121,7 @@ def main():
                             tid = body.split(b":", 1)[1].strip().decode()
                     if a.mode == "slow":
                         await asyncio.sleep(a.delay)
-                    record(ev="msg", id=tid, rcpts=rcpts, size=size)
+                    record(ev="msg", id=tid, rcpts=rcpts, size=size, t=t_dot)
                     rcpts = []
                     txns += 1
                     writer.write(b"250 2.0.0 queued\r\n")
