@@ -4,7 +4,7 @@ that appends one JSON line per event to a file, written before the reply
 it records is sent (so a message it answered 250 to is on file):
   {"ev": "conn", "open": N}            a connection accepted (N open now)
   {"ev": "msg", "id": X-Test-Id, "rcpts": [...], "size": octets,
-   "t": Unix time its final dot came}
+   "t": Unix time its final dot came, "body": SHA-256 of the body}
                                        a message accepted (250 to the dot)
   {"ev": "rcpt_refused", "rcpt": addr, "code": 550}
   {"ev": "mail_refused", "code": 421}  (then the connection is closed)
@@ -28,6 +28,7 @@ by PID). PIPELINING is offered, so commands are answered in order.
 """
 import argparse
 import asyncio
+import hashlib
 import json
 import time
 
@@ -107,6 +108,7 @@ def main():
                     writer.write(b"354 go on\r\n")
                     await writer.drain()
                     size, tid, in_header = 0, None, True
+                    digest = hashlib.sha256()
                     while True:
                         body = await reader.readline()
                         if not body:
@@ -114,14 +116,19 @@ def main():
                         if body == b".\r\n":
                             t_dot = time.time()
                             break
+                        if body.startswith(b"."):
+                            body = body[1:]  # RFC 5321 4.5.2
                         size += len(body)
-                        if body == b"\r\n":
+                        if not in_header:
+                            digest.update(body)
+                        elif body == b"\r\n":
                             in_header = False
-                        elif in_header and body.lower().startswith(b"x-test-id:"):
+                        elif body.lower().startswith(b"x-test-id:"):
                             tid = body.split(b":", 1)[1].strip().decode()
                     if a.mode == "slow":
                         await asyncio.sleep(a.delay)
-                    record(ev="msg", id=tid, rcpts=rcpts, size=size, t=t_dot)
+                    record(ev="msg", id=tid, rcpts=rcpts, size=size, t=t_dot,
+                           body=digest.hexdigest())
                     rcpts = []
                     txns += 1
                     writer.write(b"250 2.0.0 queued\r\n")

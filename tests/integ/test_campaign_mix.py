@@ -42,6 +42,7 @@ crash), where a receiver may have a message twice only if its final dot
 came before the kill, and no more such messages than connections open
 then. About 17 s each here (the dead host's max_age and the slow host
 set it)."""
+import hashlib
 import json
 import os
 import random
@@ -566,6 +567,14 @@ def run_campaign(mode):
         refused = [rec for rec in rx["picky"].records() if rec["ev"] == "rcpt_refused"]
         assert refused and all(rec["rcpt"].startswith(("bad", "soft")) for rec in refused), \
             refused[:3]
+        # Intact: the body each Python receiver got is the one injected
+        # (the big ones among them).
+        body_of = {tid: hashlib.sha256(body.split(b"\r\n\r\n", 1)[1]).hexdigest()
+                   for tid, _, body in msgs}
+        bad_body = [rec["id"] for role in ("slow", "flaky", "picky")
+                    for rec in rx[role].records()
+                    if rec["ev"] == "msg" and rec["body"] != body_of[rec["id"]]]
+        assert not bad_body, problems("bodies changed on the way", bad_body)
         soft = [k for k in want if k[1].startswith("soft")]
         assert soft and all(finals[k][0][1]["attempt"] >= 2 for k in soft), \
             [finals[k][0][1] for k in soft if finals[k][0][1]["attempt"] < 2][:3]
