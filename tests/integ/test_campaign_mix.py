@@ -592,9 +592,16 @@ def run_campaign(mode):
             by_mid[mid.group(1)] = dump
             tid = re.search(rb"^X-Test-Id: (\S+)", dump, re.M)
             assert tid, dump[:800]
-            for r in re.findall(rb"^Final-Recipient: rfc822; ?(\S+)", dump, re.M):
+            blocks = re.findall(rb"^Final-Recipient: rfc822; ?(\S+)\n(.*?)(?=\n\n|\nFinal-)",
+                                dump, re.M | re.S)
+            for r, rest in blocks:
                 key = (tid.group(1).decode(), r.decode())
                 named[key] = named.get(key, 0) + 1
+                # failed; expired: 4.4.7 (RFC 3463), else the 5.x.y refusal
+                status = re.search(rb"^Status: (\S+)", rest, re.M)
+                want_status = b"4.4.7" if want.get(key, ("",))[0] == "expiration" else b"5."
+                assert b"Action: failed" in rest and status and \
+                    status.group(1).startswith(want_status), (key, rest)
             assert b"X-Mail-Args: <> " in dump, dump[:300]
         assert len(by_mid) == len(dsn_ids), \
             f"{len(by_mid)} DSNs at the sender's MX, {len(dsn_ids)} logged"
