@@ -265,6 +265,12 @@ policy_all_failed_hold(uint64_t site_hold_ms)
     return site_hold_ms > POLICY_HOLD_MIN_MS ? site_hold_ms : POLICY_HOLD_MIN_MS;
 }
 
+bool
+policy_site_failure(const struct smtp_outcome *o)
+{
+    return o == NULL || policy_source(o, CLASSIFY_CONNECT) != CLASSIFY_TLS;
+}
+
 uint64_t
 policy_source_hold(uint64_t site_hold_ms, unsigned holds)
 {

@@ -207,6 +207,14 @@ void policy_job(enum policy_job_event ev, struct policy_fail *out);
 /* Every address of the answer failed in a row: how long the destination
  * rests (its waiting jobs are deferred with the last failure). */
 uint64_t policy_all_failed_hold(uint64_t site_hold_ms);
+/* ... and whether its site rests with it, when the last failure was o
+ * (NULL: none said why): every domain of the site would meet the same
+ * hosts refusing, timing out or closing (KumoMTA's and PowerMTA's queues
+ * per site back off together), so that a host that is down for a
+ * provider's thousands of domains is not tried by each of them in turn.
+ * Not for a TLS failure, which may be the domain's own policy (MTA-STS,
+ * DANE, required) and not the host's. */
+bool policy_site_failure(const struct smtp_outcome *o);
 
 /* A source of a pool that a receiver throttled or refused (a 421, a
  * rate-limited reply, a refused or reset connection) rests at that site

@@ -133,6 +133,23 @@ want_pop(struct site *s)
     return (struct dest *)((char *)x - offsetof(struct dest, want));
 }
 
+/* No new connection of site for ms (its domains' site_hold): every
+ * address of it failed for one of its domains, or a receiver pushed back
+ * with a 421. Each of the site's domains then rests until it ends (in
+ * dest_run_once) instead of trying the same hosts in turn: over a host
+ * that is down for a thousand domains, a thousand connects every
+ * site_hold, where one now. */
+static void
+site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why)
+{
+    uint64_t until = d->w->now + MS_TO_NS(ms);
+    if (site == NULL || until <= site->hold_until)
+        return;
+    site->hold_until = until;
+    log_msg(LOG_NOTICE, "event=site_held site=%s for_ms=%llu reason=%s", site->key,
+            (unsigned long long)ms, why);
+}
+
 /* Connections t may have through its site now: the window, and the
  * domain's own max_connections. */
 static unsigned
@@ -593,6 +610,23 @@ dest_run_once(struct dest *t)
     }
     if (fairq_empty(&t->q) || d->w->now < t->hold_until)
         return;
+    if (d->w->now < site->hold_until) {
+        /* Its site rests (site_hold_set): no new connection. With none
+         * of the site open, t rests as if its own had failed (what waits
+         * is checked for expiry meanwhile); else it waits for one of them
+         * to go idle, or for the end of the rest. */
+        uint64_t ms = (site->hold_until - d->w->now + 999999) / 1000000;
+        if (site->conns == 0 && t->conns == 0) {
+            log_msg(LOG_INFO,
+                    "event=destination_held domain=%s site=%s for_ms=%llu reason=site_held",
+                    t->name, site->key, (unsigned long long)ms);
+            dest_hold(t, ms);
+        } else {
+            want_push(t);
+            dest_lim_wait(t, site->hold_until);
+        }
+        return;
+    }
     /* New connections: one per job waiting beyond those being opened,
      * within the domain's max_connections and the site's window. */
     while (dest_queued(t) > t->opening && t->conns < t->pol->max_connections) {
@@ -617,8 +651,12 @@ dest_run_once(struct dest *t)
         if (dest_address(t, &h, &a))
             a = dest_addr_unmapped(a, &unmapped);
         else {
-            /* Every address failed in a row: defer what waits, and hold. */
+            /* Every address failed in a row: defer what waits, and hold;
+             * the site too, when nothing of it is open and the failure
+             * was the hosts' (policy_site_failure). */
             if (t->conns == 0) {
+                bool site_down = site->conns == 0 &&
+                                 policy_site_failure(t->last_fail ? &t->last_fail->o : NULL);
                 if (t->last_fail != NULL && t->last_fail->o.text[0] != '\0') {
                     /* deferred with why the last address failed */
                     dest_fail_each(t, &t->last_fail->o, CLASSIFY_CONNECT);
@@ -629,6 +667,9 @@ dest_run_once(struct dest *t)
                 }
                 dest_last_fail_clear(t);
                 dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
+                if (site_down)
+                    site_hold_set(d, site, policy_all_failed_hold(t->pol->site_hold),
+                                  "every_address_failed");
             }
             return;
         }
@@ -1105,6 +1146,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
                 (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
                 so->text);
         dest_hold(t, t->pol->site_hold);
+        site_hold_set(d, site, t->pol->site_hold, "421");
     }
     if (pd.backoff)
         limits_backoff(d->lim, &t->lim, d->w->now);

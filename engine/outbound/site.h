@@ -139,6 +139,9 @@ struct site {
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
     struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
     uint64_t opened, failures, shrinks; /* since it was made */
+    uint64_t hold_until;     /* monotonic ns: no new connection of the site before: its
+                              * hosts all failed, or one pushed back with a 421
+                              * (scheduler.c, site_hold_set); its idle ones still serve */
     struct site_source *src; /* owned: nsrc entries, made on first use */
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */

@@ -381,6 +381,23 @@ dns_and_schedule(void **state)
     assert_false(policy_txn_congested(&m));
     assert_int_equal(policy_all_failed_hold(0), POLICY_HOLD_MIN_MS);
     assert_int_equal(policy_all_failed_hold(60000), 60000);
+    /* the site rests with it for the hosts' failures, not for TLS */
+    struct smtp_outcome sf;
+    memset(&sf, 0, sizeof(sf));
+    sf.status = SMTP_STATUS_TEMPFAIL;
+    assert_true(policy_site_failure(NULL));
+    sf.reason = SMTP_REASON_CONNECT_REFUSED;
+    assert_true(policy_site_failure(&sf));
+    sf.reason = SMTP_REASON_TIMEOUT;
+    assert_true(policy_site_failure(&sf));
+    sf.reason = SMTP_REASON_REPLY;
+    sf.code = 421;
+    assert_true(policy_site_failure(&sf));
+    sf.code = 0;
+    sf.reason = SMTP_REASON_TLS_FAILED;
+    assert_false(policy_site_failure(&sf));
+    sf.reason = SMTP_REASON_TLS_UNAVAILABLE; /* DANE, or STARTTLS required and missing */
+    assert_false(policy_site_failure(&sf));
 
     uint64_t ms[] = {1000, 2000, 4000};
     struct conf_durations s = {.n = 3};

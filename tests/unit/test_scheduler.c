@@ -750,6 +750,87 @@ failures_shrink_and_fail_over(void **state)
     fx_free(f);
 }
 
+/* A site rests with the domain whose every address failed (the hosts'
+ * failure, nothing of the site open): another domain of the same hosts
+ * opens nothing until the rest ends, then tries again; a 421 rests the
+ * site too. Before, each domain of a host that was down connected and
+ * failed in turn, every site_hold. A TLS failure rests only its domain. */
+static void
+site_rests_with_a_failed_domain(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    struct smtp_outcome refused;
+    memset(&refused, 0, sizeof(refused));
+    refused.status = SMTP_STATUS_TEMPFAIL;
+    refused.reason = SMTP_REASON_CONNECT_REFUSED;
+    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    for (unsigned i = 0; i < 2; i++) { /* mx1, then mx2 */
+        struct conn *c = f->open[0];
+        sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+        conn_gone(c, NULL);
+    }
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(f->failed, 1); /* a.test's job deferred */
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_true(site->hold_until > f->w.now);
+    /* Same hosts, another domain: its site rests, nothing is opened. */
+    submit("b.test", 2);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_ptr_equal(b->site, site);
+    assert_int_equal(f->opened, 2);
+    assert_true(b->hold_until > f->w.now);
+    assert_int_equal(dest_queued(b), 1); /* waits, not deferred */
+    assert_int_equal(f->failed, 1);
+    /* The rest ends: b.test tries again. */
+    f->w.now += MS_TO_NS(31000);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->opened, 3);
+    /* It is met with a 421: the site rests again. */
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    struct smtp_outcome bye;
+    memset(&bye, 0, sizeof(bye));
+    bye.code = 421;
+    bye.status = SMTP_STATUS_TEMPFAIL;
+    bye.reason = SMTP_REASON_REPLY;
+    snprintf(bye.text, sizeof(bye.text), "4.7.0 try later");
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(site->hold_until > f->w.now);
+    unsigned before = f->opened;
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, before);
+    fx_free(f);
+
+    /* A TLS failure on every address: the domain rests, its site not. */
+    f = fx_new("[delivery]\ninitial_connections = 1\n"
+               "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    struct smtp_outcome tls = refused;
+    tls.reason = SMTP_REASON_TLS_FAILED;
+    snprintf(tls.text, sizeof(tls.text), "TLS handshake failed");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    for (unsigned i = 0; i < 2; i++) {
+        struct conn *x = f->open[0];
+        sched_conn_event(x, POLICY_CONNECT_FAILED, &tls);
+        conn_gone(x, NULL);
+    }
+    assert_int_equal(f->failed, 1);
+    assert_true(dest_get(f->d, "a.test")->site->hold_until <= f->w.now);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 3);
+    fx_free(f);
+}
+
 /* A STARTTLS handshake that failed under opportunistic TLS (its address
  * goes in plaintext now: connection.c): the jobs that wait get a new
  * connection to the same address at once, not a failover and not a
@@ -2327,6 +2408,7 @@ main(void)
         cmocka_unit_test(affinity_not_where_limits_are_shared),
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
         cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
+        cmocka_unit_test(site_rests_with_a_failed_domain),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
