@@ -68,10 +68,11 @@ static const struct conf_key server_keys[] = {
     {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
      "protocol errors in one session before it is closed with 421", NULL},
     {"max_junk_commands", CONF_UINT, SRV(max_junk_commands), 1, 1000000000, "100",
-     "commands that move no mail (NOOP, RSET, VRFY, EXPN, HELP, and a MAIL that is refused) "
-     "a session may send since its last accepted message; each one past this counts as a "
-     "protocol error (max_errors), so a client that sends nothing else cannot hold a "
-     "connection slot for ever (Postfix's smtpd_junk_command_limit)",
+     "commands that move no mail (NOOP, VRFY, EXPN, HELP, an RSET outside a transaction, a "
+     "MAIL refused with 5xx) a session may send since its last MAIL accepted; one more closes "
+     "it with 421, so that a client that sends only these cannot hold a connection slot for "
+     "ever (Postfix's smtpd_junk_command_limit). An RSET that ends a transaction, a refused "
+     "RCPT (suppressed recipients) and a MAIL refused for now (4xx) do not count",
      NULL},
     {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
      "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},

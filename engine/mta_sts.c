@@ -333,9 +333,11 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
      * in force (retry_after), or once the TTL of a no-policy answer ran
      * out (no_policy_again). */
     bool in_force = e->pol != NULL && now < e->pol->expires_ms;
-    uint64_t again = e->dns_failed && !in_force   ? retry_after(m)
-                     : e->again != 0 && !in_force ? e->again * no_policy_unit(m)
-                                                  : m->sc->recheck;
+    uint64_t again = m->sc->recheck;
+    if (e->dns_failed && !in_force)
+        again = retry_after(m);
+    else if (e->again != 0 && !in_force && e->again * no_policy_unit(m) < again)
+        again = e->again * no_policy_unit(m); /* never past recheck: a reload may shorten it */
     if (!e->busy &&
         (e->checked_ms == 0 || now - e->checked_ms >= again ||
          (e->pol != NULL && now >= e->pol->expires_ms && e->checked_ms < e->pol->expires_ms)))

@@ -417,9 +417,13 @@ run_commands(struct session *s)
     if (s->state == SS_COMMAND || s->state == SS_AUTH)
         session_deadline(s, s->sw->cfg->timeout_command);
     if (s->errors >= s->sw->cfg->max_errors && s->state != SS_CLOSING) {
-        log_msg(LOG_NOTICE, "session=%016llx event=too_many_errors client=%s errors=%u junk=%u",
-                (unsigned long long)s->id, s->peer_ip, s->errors, s->junk);
+        log_msg(LOG_NOTICE, "session=%016llx event=too_many_errors client=%s errors=%u",
+                (unsigned long long)s->id, s->peer_ip, s->errors);
         reply_close(s, "421 4.7.0 Too many errors: closing");
+    } else if (s->junk > s->sw->cfg->max_junk_commands && s->state != SS_CLOSING) {
+        log_msg(LOG_NOTICE, "session=%016llx event=too_many_junk_commands client=%s junk=%u",
+                (unsigned long long)s->id, s->peer_ip, s->junk);
+        reply_close(s, "421 4.7.0 Too many commands without mail: closing");
     }
     return true;
 }
@@ -672,6 +676,7 @@ tls_established(struct stream *st)
     }
     if (s->tls_implicit) {
         greet(s); /* queues the 220: the stream sends it */
+        session_drain_check(s);
         return;
     }
     /* RFC 3207 4.2: forget what the client said before TLS. */
@@ -681,6 +686,7 @@ tls_established(struct stream *st)
     txn_reset(s);
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
+    session_drain_check(s);
 }
 
 /* After greet_pause: anything already sent is a client that did not wait
@@ -1202,6 +1208,13 @@ drain_close(struct session *s)
             s->peer_ip);
     reply_close(s, "421 4.3.2 Service shutting down: try again later");
     return true;
+}
+
+void
+session_drain_check(struct session *s)
+{
+    if (atomic_load_explicit(&s->sw->draining, memory_order_relaxed))
+        drain_close(s);
 }
 
 /* On the worker, once its listeners are shut for the stop: every idle

@@ -912,18 +912,23 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
         note_refused(s, v, at);
         return;
     }
+    bool in_txn = s->in_txn;
     handle_verb(s, &c, rest);
     bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
     if (refused)
         note_refused(s, v, at);
-    /* Commands that move no mail: past the limit each is an error, so a
-     * client that only sends these is closed by max_errors (as Postfix's
-     * smtpd_junk_command_limit). A refused RCPT is not one: a bulk
-     * sender's suppressed recipients are refused by the thousand. */
-    bool no_mail = v == SMTP_VERB_NOOP || v == SMTP_VERB_RSET || v == SMTP_VERB_VRFY ||
-                v == SMTP_VERB_EXPN || v == SMTP_VERB_HELP || (v == SMTP_VERB_MAIL && refused);
-    if (no_mail && ++s->junk > s->sw->cfg->max_junk_commands)
-        s->errors++;
+    /* Commands that move no mail, counted since the last MAIL accepted;
+     * past [server] max_junk_commands the session is closed (run_commands;
+     * Postfix's smtpd_junk_command_limit). Not one: an RSET that ends a
+     * transaction (smtplib's after every recipient was refused), a refused
+     * RCPT (a bulk sender's suppressed recipients are refused by the
+     * thousand), a MAIL refused for now (4xx: our own back-pressure). */
+    if (v == SMTP_VERB_MAIL && !refused)
+        s->junk = 0;
+    else if (v == SMTP_VERB_NOOP || v == SMTP_VERB_VRFY || v == SMTP_VERB_EXPN ||
+             v == SMTP_VERB_HELP || (v == SMTP_VERB_RSET && !in_txn) ||
+             (v == SMTP_VERB_MAIL && s->out[at] == '5'))
+        s->junk++;
 }
 
 static void

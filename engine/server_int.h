@@ -108,7 +108,7 @@ struct session {
     bool greeted;  /* HELO or EHLO seen */
     bool esmtp;
     unsigned errors;
-    unsigned junk; /* commands that moved no mail since the last accepted message
+    unsigned junk; /* commands that moved no mail since the last MAIL accepted
                     * ([server] max_junk_commands) */
     /* Commands by verb (SMTP_VERB_NONE: unrecognized), and those answered
      * 4xx or 5xx: the disconnect line's summary, as Postfix's. */
@@ -255,6 +255,10 @@ void session_enter(struct session *s, enum session_state next);
 void session_maybe_free(struct session *s);
 /* Act on what has arrived: lines, body octets, or wait. */
 void session_run(struct session *s);
+/* s has just come back to waiting for a command (its message stored, its
+ * TLS handshake done): if a stop is under way, it is told 421 and closed
+ * (server_on_drain ran before it got there). */
+void session_drain_check(struct session *s);
 
 /* server_cmd.c: the commands */
 /* A failed AUTH: 535 after the delay, or the close past the limit. */

@@ -272,7 +272,6 @@ session_on_commit(void *cookie, int rc)
                 s->owner.tenant ? s->owner.tenant->name : "-",
                 s->owner.pool ? s->owner.pool->name : "-", s->owner.campaign, s->owner.priority,
                 gone ? " client_gone=1" : "");
-        s->junk = 0; /* it moves mail: its NOOPs and RSETs are its business */
         if (!gone)
             reply(s, "250 2.0.0 Ok: queued as %s", qid);
     } else if (gone) {
@@ -295,6 +294,7 @@ session_on_commit(void *cookie, int rc)
     txn_reset(s);
     session_enter(s, SS_COMMAND);
     session_deadline(s, s->sw->cfg->timeout_command);
+    session_drain_check(s);
     session_run(s);
 }
 

@@ -232,12 +232,22 @@ dest_on_evict(struct timer *tm, void *ctx)
     uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
     size_t budget = d->dest_lru.n;
     struct lru_node *x;
+    /* Husks not evictable yet (a TXT lookup still out): looked at again
+     * at the next sweep, not after the idle time. */
+    struct dest *again[64];
+    unsigned nagain = 0;
     while (budget-- > 0 && (x = lru_oldest(&d->dest_lru)) != NULL) {
         struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, lru));
         if (!t->moved && now - t->touched < ttl)
             break;
         if (!dest_evictable(t, now)) {
+            if (t->moved && nagain < sizeof(again) / sizeof(again[0])) {
+                lru_remove(&d->dest_lru, &t->lru);
+                again[nagain++] = t;
+                continue;
+            }
             t->touched = now;
+            t->moved = false;
             lru_touch(&d->dest_lru, &t->lru);
             continue;
         }
@@ -246,6 +256,8 @@ dest_on_evict(struct timer *tm, void *ctx)
         dest_free(t, true);
         d->evicted++;
     }
+    while (nagain > 0)
+        lru_age(&d->dest_lru, &again[--nagain]->lru);
     hash_compact(&d->dests);
     if (!d->stopping)
         worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));

@@ -232,7 +232,8 @@ struct dest_fail {
     struct smtp_outcome o;
     char mx[DNS_NAME_MAX + 1];
     char addr[64];
-    char source[64]; /* the local address it left from: "" when it never connected */
+    char source[64]; /* the local address it left from (bound, or read once connected):
+                      * "" when none was bound and it never connected */
     const char *tls_policy;             /* static ("dane", ...); NULL: the domain's */
     const char *tls_proto, *tls_cipher; /* OpenSSL's constants, once a handshake completed */
     char tls_verify[96];                /* as struct conn's */
@@ -768,7 +769,7 @@ struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const uni
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);
 /* Keep in f (t's last failure, from c) the source address c left from
- * ("" before it connected) and the TLS c had: its policy, the protocol
+ * ("" when none was bound and it never connected) and the TLS c had: its policy, the protocol
  * and cipher of a completed handshake, the certificate check. */
 void conn_fail_note(const struct conn *c, struct dest_fail *f);
 /* Say goodbye (QUIT) after what is in flight. */

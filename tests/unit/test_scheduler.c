@@ -2188,7 +2188,16 @@ affinity_husk_goes_at_the_next_sweep(void **state)
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->handed, 1);
     assert_int_equal(hash_count(&f->d->dests), 2);
+    /* still busy at its first sweep (as with its TXT lookup out): kept,
+     * and looked at again at the next one */
+    struct dest *husk = dest_get(f->d, "a.test");
+    assert_true(husk->moved);
+    husk->running = true;
     f->w.now += MS_TO_NS(5100); /* one sweep, far from the idle time */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->d->evicted, 0);
+    husk->running = false;
+    f->w.now += MS_TO_NS(5100);
     timer_run(&f->w.timers, f->w.now, NULL);
     assert_int_equal(f->d->evicted, 1);
     assert_int_equal(hash_count(&f->d->dests), 1); /* stays.test */
