@@ -430,6 +430,8 @@ def run_campaign(mode):
         assert d.stop_clean() == 0
         with open(os.path.join(wd.path, "sluice.log"), "w") as f:
             f.write("\n".join(d.lines) + "\n")
+        dead_connects = sum("event=connect_failed" in ln and f" addr={host_of(9)}:" in ln
+                            for ln in d.lines)
         d = None
         evs = all_events()
         if mode == "reload":
@@ -525,6 +527,12 @@ def run_campaign(mode):
                    and ROLES[int(e["domain"][1:].split(".")[0]) % 10] == "dead"
                    if e["domain"].startswith("d")]
         assert dead_tf, "the dead host's recipients were never deferred"
+        # ... and its site rested after each round of failures: about one
+        # connect per worker every site_hold (2 s) until they expired, not
+        # one per domain (30) each time (232 connects before).
+        print(f"  connects to the dead host: {dead_connects}")
+        if mode == "reload":
+            assert 0 < dead_connects <= 2 * 2 * (DEAD_MAX_AGE // 2 + 2), dead_connects
 
         # -- the receivers: each delivered recipient received once, where it
         # was meant to go; nothing received that the log does not call
