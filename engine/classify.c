@@ -139,6 +139,10 @@ static const struct builtin builtins[] = {
      "security or policy status: spam, blocklist, auth, DMARC (wins over any text)"},
 
     /* 2. text */
+    {BOUNCE_OTHER, "text:gr[ae]y-?list",
+     "greylisting: a first attempt deferred on purpose, retried as scheduled; not throttling "
+     "and not an unknown user, whatever else it says (postgrey: \"Recipient address rejected: "
+     "Greylisted\")"},
     {BOUNCE_INVALID_RECIPIENT,
      "text:user unknown|unknown user|no such (user|mailbox|recipient)|does not exist|doesn'?t exist"
      "|invalid (recipient|mailbox)|unknown (recipient|mailbox)|recipient (address )?rejected"

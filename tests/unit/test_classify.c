@@ -144,6 +144,13 @@ static const struct reply_case cases[] = {
     {554, "5.6.0", "5.6.0 Corrupt message content", BOUNCE_OTHER},
     {550, NULL, "", BOUNCE_OTHER},
     {451, "4.4.7", "4.4.7 Message delayed", BOUNCE_EXPIRED},
+    /* greylisting: neither an unknown user nor throttling */
+    {450, "4.2.0",
+     "4.2.0 <u@example.org>: Recipient address rejected: Greylisted, see "
+     "http://postgrey.schweikert.ch/help/example.org.html",
+     BOUNCE_OTHER},
+    {451, "4.7.1", "4.7.1 Greylisting in action, please come back later", BOUNCE_OTHER},
+    {451, NULL, "Temporary failure: greylisted, try again later", BOUNCE_OTHER},
 };
 
 static struct smtp_enh
