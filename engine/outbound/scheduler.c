@@ -299,14 +299,12 @@ sched_conn_congested(struct conn *c, const char *why)
             (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
 }
 
-/* Pick the next address of the answer, in MX order, failover cursor
- * included. Returns false when every address has failed in a row. */
+/* The address of t's answer at its failover cursor (of total), in MX
+ * order; false when there is none. */
 static bool
-dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+dest_address_nth(struct dest *t, unsigned total, const struct dns_mx_host **host,
+                 const union dns_addr **addr)
 {
-    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
-    if (total == 0 || t->failed_addrs >= total)
-        return false;
     unsigned k = t->next_addr % total;
     for (unsigned h = 0; h < t->mx->nhosts; h++)
         for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++) {
@@ -320,6 +318,26 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
             }
         }
     return false;
+}
+
+/* Pick the next address of the answer, in MX order, failover cursor
+ * included. Returns false when every address has failed in a row. */
+static bool
+dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
+{
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
+    for (;;) {
+        if (total == 0 || t->failed_addrs >= total || !dest_address_nth(t, total, host, addr))
+            return false;
+        /* An address that refused another domain of the site lately
+         * (site_addr_down) is passed over as if it had failed here too,
+         * unless it is the last one left to try. */
+        if (t->site == NULL || t->failed_addrs + 1 >= total ||
+            !site_addr_is_down(t->site, *addr, t->d->w->now))
+            return true;
+        t->next_addr++;
+        t->failed_addrs++;
+    }
 }
 
 /* Where a connection to a goes: a itself, or for a v4-mapped address
@@ -868,8 +886,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         c->ready_once = true;
         t->opening--;
         t->failed_addrs = 0; /* this address works */
-        if (c->site != NULL)
+        if (c->site != NULL) {
             site_window_on_ready(&c->site->win, d->w->now - c->opened_ns);
+            site_addr_up(c->site, &c->addr);
+        }
     }
     if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
         !source_may_send(c) || !shaping_may_send(c)) {
@@ -1072,6 +1092,9 @@ sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_ou
     if (pd.next_addr) {
         t->failed_addrs++;
         t->next_addr++;
+        if (c->site != NULL && (ev == POLICY_CONNECT_FAILED || ev == POLICY_CONNECT_TIMEOUT))
+            site_addr_down(c->site, &c->addr,
+                           c->d->w->now + MS_TO_NS(policy_all_failed_hold(t->pol->site_hold)));
     }
     if (pd.rest_ms != 0)
         dest_hold(t, pd.rest_ms);

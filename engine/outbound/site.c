@@ -162,6 +162,49 @@ addr_hash(const struct addr_ref *r)
     return hash_bytes(k, n + 4);
 }
 
+/* a and b are one host's address, whatever their ports. */
+static bool
+addr_same_host(const union dns_addr *a, const union dns_addr *b)
+{
+    unsigned char k1[18], k2[18];
+    size_t l1 = addr_key(a, k1), l2 = addr_key(b, k2);
+    return l1 == l2 && memcmp(k1, k2, l1 - 2) == 0;
+}
+
+void
+site_addr_down(struct site *site, const union dns_addr *a, uint64_t until)
+{
+    struct site_down *slot = &site->down[0];
+    for (unsigned i = 0; i < SITE_DOWN_MAX; i++) {
+        struct site_down *x = &site->down[i];
+        if (x->until != 0 && addr_same_host(&x->a, a)) {
+            slot = x;
+            break;
+        }
+        if (x->until < slot->until)
+            slot = x; /* a free slot (0), else the one that ends first */
+    }
+    slot->a = *a;
+    slot->until = until;
+}
+
+void
+site_addr_up(struct site *site, const union dns_addr *a)
+{
+    for (unsigned i = 0; i < SITE_DOWN_MAX; i++)
+        if (site->down[i].until != 0 && addr_same_host(&site->down[i].a, a))
+            site->down[i].until = 0;
+}
+
+bool
+site_addr_is_down(const struct site *site, const union dns_addr *a, uint64_t now)
+{
+    for (unsigned i = 0; i < SITE_DOWN_MAX; i++)
+        if (site->down[i].until > now && addr_same_host(&site->down[i].a, a))
+            return true;
+    return false;
+}
+
 void
 sites_init(struct sites *s)
 {

@@ -130,6 +130,14 @@ struct site_source {
     unsigned conns;      /* open or opening from it */
 };
 
+/* An address of a site that refused or timed out a connect: passed over
+ * by the site's other domains until `until` (site_addr_down). */
+#define SITE_DOWN_MAX 4
+struct site_down {
+    union dns_addr a; /* its port ignored */
+    uint64_t until;   /* monotonic ns; 0: a free slot */
+};
+
 struct site {
     struct hash_node node;
     unsigned refs;           /* destinations and connections pointing here */
@@ -139,6 +147,7 @@ struct site {
     struct conn *idle;       /* borrowed: idle connections of the site, any domain */
     struct lru want;         /* FIFO of domains (struct dest) waiting for a connection */
     uint64_t opened, failures, shrinks; /* since it was made */
+    struct site_down down[SITE_DOWN_MAX]; /* addresses that refused a connect lately */
     uint64_t hold_until;     /* monotonic ns: no new connection of the site before: its
                               * hosts all failed, or one pushed back with a 421
                               * (scheduler.c, site_hold_set); its idle ones still serve */
@@ -194,6 +203,16 @@ bool site_addr_wanted(const struct sites *s, uint32_t src, const union dns_addr 
 /* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
 int site_addr_add(struct sites *s, uint32_t src, const union dns_addr *a);
 void site_addr_del(struct sites *s, uint32_t src, const union dns_addr *a);
+
+/* Address a of site refused or timed out a connect: the site's domains
+ * pass it over until `until` (monotonic ns) while they have another to
+ * try, instead of each meeting the same failure on its first connection
+ * (a primary MX that is down costs every new domain a connect_timeout).
+ * The oldest entry gives way when all SITE_DOWN_MAX are in use. */
+void site_addr_down(struct site *site, const union dns_addr *a, uint64_t until);
+/* A connection to a got to its greeting and EHLO: it is up. */
+void site_addr_up(struct site *site, const union dns_addr *a);
+bool site_addr_is_down(const struct site *site, const union dns_addr *a, uint64_t now);
 
 /* The entry of source id at site, made on first use; NULL without
  * memory or past SITE_SOURCES_MAX. */

@@ -831,6 +831,47 @@ site_rests_with_a_failed_domain(void **state)
     fx_free(f);
 }
 
+/* An address that refused a connect is passed over by the site's other
+ * domains while it is fresh news: a new domain of the same hosts goes to
+ * the backup MX at once instead of meeting the same refusal (or a whole
+ * connect_timeout) first; once a connection to it works again, it is
+ * tried in its turn. */
+static void deliver_one_and_close(struct conn *c);
+
+static void
+site_passes_over_an_address_that_refused(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    struct smtp_outcome refused;
+    memset(&refused, 0, sizeof(refused));
+    refused.status = SMTP_STATUS_TEMPFAIL;
+    refused.reason = SMTP_REASON_CONNECT_REFUSED;
+    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct conn *c = f->open[0];
+    assert_string_equal(f->opened_to[0], "mx1.hoster.test 192.0.2.1:25");
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    assert_string_equal(f->opened_to[1], "mx2.hoster.test 192.0.2.2:25");
+    deliver_one_and_close(f->open[0]);
+    /* another domain of the same hosts: the backup first */
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 3);
+    assert_string_equal(f->opened_to[2], "mx2.hoster.test 192.0.2.2:25");
+    deliver_one_and_close(f->open[0]);
+    /* the news gets old: mx1 is tried in its turn again */
+    f->w.now += MS_TO_NS(31000);
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 4);
+    assert_string_equal(f->opened_to[3], "mx1.hoster.test 192.0.2.1:25");
+    fx_free(f);
+}
+
 /* A STARTTLS handshake that failed under opportunistic TLS (its address
  * goes in plaintext now: connection.c): the jobs that wait get a new
  * connection to the same address at once, not a failover and not a
@@ -2418,6 +2459,7 @@ main(void)
         cmocka_unit_test(affinity_claim_goes_with_the_idle_domain),
         cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
         cmocka_unit_test(site_rests_with_a_failed_domain),
+        cmocka_unit_test(site_passes_over_an_address_that_refused),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
