@@ -1198,7 +1198,8 @@ server_worker_reconfigure(struct server_worker *sw)
 /* A stop is under way: s, waiting for a command outside a transaction,
  * is told so and closed (RFC 5321 3.8: a server shut down SHOULD send
  * 421). True when it was. One in a transaction finishes it first, within
- * the stop's drain: its next command gets the 421 (run_commands). */
+ * the stop's drain, and is told when it is back to waiting for a command
+ * (session_drain_check), or at its next command (run_commands). */
 static bool
 drain_close(struct session *s)
 {
