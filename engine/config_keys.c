@@ -256,12 +256,12 @@ static const struct conf_key delivery_keys[] = {
      "40",
      "connections open at once to one MX address (and port) from this node, whatever the "
      "domains behind it (an AAAA record of a v4-mapped address, ::ffff:a.b.c.d, is the IPv4 "
-     "address a.b.c.d: connected over IPv4 and counted with it); each worker holds an equal share, rounded down but at least one (so a "
-     "cap below [server] workers lets each worker hold one) (0: no cap). Each [pool] has it "
+     "address a.b.c.d: connected over IPv4 and counted with it); one count for the node, "
+     "whichever workers the connections are on (0: no cap). Each [pool] has it "
      "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
      "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
-     "affinity), so the site's addresses get that worker's share; not the domains of a site "
-     "that filled that share or has 20 connections there (busy: for 10 minutes, its new "
+     "affinity), which may hold the whole cap; not the domains of a site "
+     "that has 20 connections there (busy: for 10 minutes, its new "
      "domains are sent from every worker), of an [mx] or [source] section's limits (without "
      "[redis], those are split between the workers too), nor mail through a pool: they stay on "
      "the worker their name hashes to",

@@ -938,7 +938,10 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
     d->ops = &delivery_ops;
-    sched_init(d);
+    if (sched_init(d) < 0) {
+        free(d);
+        return -ENOMEM;
+    }
     scope_init(d);
     targets_local_load(d);
     d->stop_msg.fn = delivery_on_stop;
@@ -1059,6 +1062,5 @@ delivery_stats(const struct delivery *d, struct delivery_stats *out)
     out->recv_nobufs = d->bufs.nobufs;
     out->bufs_out = d->cli_pool.out;
     out->sites = d->sites.live;
-    out->mx_addresses = hash_count(&d->sites.addrs);
     out->dests_evicted = d->evicted;
 }

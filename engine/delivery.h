@@ -44,7 +44,6 @@ struct delivery_stats {
     uint64_t recv_nobufs;                  /* reads retried: provided buffers all taken */
     uint64_t bufs_out;                     /* session buffers lent now */
     uint64_t sites;                        /* sites now (MX host sets in use) */
-    uint64_t mx_addresses;                 /* MX addresses connected now */
     uint64_t dests_evicted;                /* idle destinations forgotten */
     uint64_t handed_over;                  /* jobs handed to another worker with their
                                             * domain (site affinity) */

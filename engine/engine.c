@@ -28,6 +28,7 @@
 #include "engine/auth_pool.h"
 #include "engine/delivery.h"
 #include "engine/route.h"
+#include "engine/outbound/site.h"
 #include "dkim/dkim.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
@@ -619,8 +620,9 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->dlogw = calloc(cfg->server.workers, sizeof(*e->dlogw));
     if (cfg->server.workers > 1)
         e->route = route_new();
+    e->site_addrs = site_addrs_new();
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
-        (cfg->server.workers > 1 && e->route == NULL)) {
+        (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
         goto fail;
@@ -778,6 +780,8 @@ engine_stop(struct engine *e)
     free(e->dlv);
     route_free(e->route);
     e->route = NULL;
+    site_addrs_free(e->site_addrs); /* after every worker's connections */
+    e->site_addrs = NULL;
     e->workers = NULL;
     e->srv = NULL;
     e->dlv = NULL;

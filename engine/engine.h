@@ -46,6 +46,7 @@ struct conn_table {
 };
 
 struct route;
+struct site_addrs;
 
 struct engine {
     /* Borrowed: outlives the engine. Replaced whole by a reload while the
@@ -107,6 +108,9 @@ struct engine {
     /* owned: site affinity's route table (route.h: which worker the mail
      * of a domain without a pool goes to); NULL with one worker */
     struct route *route;
+    /* owned: connections per MX address, every worker's (outbound/site.h:
+     * max_connections_per_address holds for the node) */
+    struct site_addrs *site_addrs;
     _Atomic unsigned clients;  /* submission connections open, all workers */
     _Atomic unsigned bounce_clients; /* the bounce listener's, counted apart: a flood of
                                       * remote MXs there never takes submission's */

@@ -32,6 +32,7 @@
 #include "engine/events.h"
 #include "engine/mta_sts.h"
 #include "engine/ops_int.h"
+#include "engine/outbound/site.h"
 #include "engine/resolver.h"
 #include "engine/server.h"
 #include "engine/shaping.h"
@@ -348,7 +349,6 @@ ops_counters(void *arg, struct stats_counters *out)
             waiting += ((struct wstats *)c->res)[i].waiting;
             bufs += ((struct wstats *)c->res)[i].dlv.bufs_out;
             sites += ((struct wstats *)c->res)[i].dlv.sites;
-            addrs += ((struct wstats *)c->res)[i].dlv.mx_addresses;
         }
         struct stats_object *o = out->objects;
         snprintf(o[0].name, sizeof(o[0].name), "jobs_waiting");
@@ -369,6 +369,9 @@ ops_counters(void *arg, struct stats_counters *out)
         o[5].live = ds.queued;
         snprintf(o[6].name, sizeof(o[6].name), "sites");
         o[6].live = sites;
+        /* one table for the node (outbound/site.h) */
+        if (e->site_addrs != NULL)
+            addrs = site_addrs_count(e->site_addrs);
         snprintf(o[7].name, sizeof(o[7].name), "mx_addresses");
         o[7].live = addrs;
         out->nobjects = 8;

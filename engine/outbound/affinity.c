@@ -21,8 +21,7 @@
  * empties its claim.
  *
  * Only for sites that one worker carries: a site whose connections on a
- * worker fill that worker's share of an MX address's cap
- * (max_connections_per_address), or reach SITE_BUSY_CONNS, is marked
+ * worker reach SITE_BUSY_CONNS is marked
  * busy in the route table, and the domains met after are left on the
  * worker their name hashes to, so that a site as big as a large mail
  * provider's is sent from every worker, as before affinity (gathered on
@@ -36,8 +35,9 @@
  * [source] limits), to MX hosts no [mx] section names, from a default
  * source no [source] section names; with [redis] url the limits are
  * Redis's, whole for every worker, so only the pool rule holds. The cap
- * per MX address stays a share per worker (site.h), which holds whatever
- * the routing.
+ * per MX address is the node's, one count for every worker (site.h):
+ * a site gathered on one worker may use all of it, and one whose cap is
+ * full is not busy for that (another worker would find it full too).
  *
  * Threading: the worker's thread.
  */

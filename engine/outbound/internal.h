@@ -137,7 +137,8 @@ struct conn {
     int tls_pol;          /* enum domain_tls it was opened with, or -1 for DANE
                            * (scheduler.c dest_tls_key): a domain it moves to
                            * must have the same */
-    bool addr_counted;    /* counted in the worker's per-address table */
+    struct site_addr *slot; /* its slot in the node's per-address table (site.h);
+                             * NULL: not counted (no memory for the entry) */
     uint64_t id;          /* for the logs: conn=ID on each line */
     bool closed, connected, want_close;
     struct stream st;     /* the socket, plain or TLS (lend mode: the worker's
@@ -348,6 +349,8 @@ struct delivery {
     struct mxkey *mxkeys;    /* owned: [mx] limits met so far, [source] ones ("src:") and
                               * shaping's per source and group ("shape:") */
     struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
+    struct site_addr *slot_taken; /* taken for the connection being opened: its
+                                   * sched_conn_attach() keeps it */
     uint64_t dsn_seq;        /* makes DSN Message-IDs unique */
     uint64_t conn_seq;       /* connection ids: worker id in the top byte */
     char (*local)[64];       /* owned: this host's interface addresses, as text */
@@ -570,7 +573,9 @@ unsigned dest_port(const struct dest *t);
 
 /* ---- outbound/scheduler.c ---- */
 
-void sched_init(struct delivery *d);
+/* The worker's sites (counting per address in the node's table,
+ * e->site_addrs, or their own without one) and destinations; -ENOMEM. */
+int sched_init(struct delivery *d);
 /* On the worker's thread: the eviction sweep starts. */
 void sched_start(struct delivery *d);
 /* The worker stops: timers and lookups of the destinations go now. */

@@ -378,26 +378,30 @@ dest_addr_owner(const struct dest *t)
     return t->pool;
 }
 
-/* The address a new connection of t goes to: the failover cursor's,
- * unless this worker has its (pool's) share of max_connections_per_address there;
- * then the least busy address of an MX host of the same preference with
- * room (never a backup MX for want of room). False when none has room. */
+/* The address a new connection of t goes to, and its slot there: the
+ * failover cursor's, unless max_connections_per_address (its pool's) are
+ * open there from this node (any worker's, site.h); then the least busy
+ * address of an MX host of the same preference with room (never a backup
+ * MX for want of room). The slot taken is d->slot_taken, for the
+ * connection's sched_conn_attach(), or to give back (slot_give_back)
+ * when none opens (NULL: no memory for the entry; it opens uncounted).
+ * False when no address has room. */
 static bool
 dest_address_room(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr)
 {
     struct delivery *d = t->d;
     uint32_t owner = dest_addr_owner(t);
-    unsigned cap = site_addr_share(d->e->cfg->delivery.max_connections_per_address,
-                                   d->e->nworkers);
+    unsigned cap = d->e->cfg->delivery.max_connections_per_address;
     union dns_addr k;
     dest_addr_port(t, *addr, &k);
     if (t->site != NULL && t->site->conns + 1 >= SITE_BUSY_CONNS)
         site_mark_busy(t); /* this one would be its SITE_BUSY_CONNS-th here */
-    if (cap == 0 || site_addr_conns(&d->sites, owner, &k) < cap)
+    if ((d->slot_taken = site_addr_take(&d->sites, owner, &k, cap)) != NULL || errno != EBUSY)
         return true;
-    site_mark_busy(t);
-    /* Full here: a connection that goes idle at this address gives its
-     * slot back instead (sched_conn_next), until t tries again. */
+    /* Full: not a sign that the site needs another worker (affinity.c):
+     * the cap is the node's, another worker would find it full too. A
+     * connection that goes idle at this address gives its slot
+     * back instead (sched_conn_next), until t tries again. */
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
     site_addr_want(&d->sites, owner, &k, until, t->site);
     unsigned pref = (*host)->preference, best = cap;
@@ -419,7 +423,19 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
             }
         }
     }
-    return best < cap;
+    if (best >= cap)
+        return false;
+    /* Another worker may have taken the last slot meanwhile. */
+    dest_addr_port(t, *addr, &k);
+    return (d->slot_taken = site_addr_take(&d->sites, owner, &k, cap)) != NULL || errno != EBUSY;
+}
+
+/* The slot dest_address_room() took, when no connection opens. */
+static void
+slot_give_back(struct delivery *d)
+{
+    site_addr_give(&d->sites, d->slot_taken);
+    d->slot_taken = NULL;
 }
 
 /* ---- the scheduler ---- */
@@ -739,9 +755,9 @@ dest_run_once(struct dest *t)
         const struct dns_mx_host *picked_h = h;
         int picked_family = a->sa.sa_family;
         if (!dest_address_room(t, &h, &a)) {
-            /* This worker's share of the address is taken: a connection of
-             * the site that closes wakes t; one of another site sharing the
-             * address does not, hence the timer. */
+            /* The address's slots are taken: a connection of the site
+             * that closes wakes t; one of another site, or of another
+             * worker, sharing the address does not, hence the timer. */
             want_push(t);
             dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             return;
@@ -753,23 +769,27 @@ dest_run_once(struct dest *t)
              * family: the source was picked for the first (a pool's IPv6
              * source cannot connect to an IPv4 address), so it is picked
              * again; none may go there now: as when no address has room. */
+            slot_give_back(d);
             want_push(t);
             dest_lim_wait(t, pk.until);
             return;
         }
         uint64_t retry_at;
         if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
+            slot_give_back(d);
             dest_lim_wait(t, retry_at);
             return;
         }
         struct mxkey *mk = dest_mxkey(t);
         if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
+            slot_give_back(d);
             limits_conn_release(d->lim, &t->lim);
             mx_wait(mk, t, retry_at);
             return;
         }
         struct mxkey *sk = src_key(d, pk.src, a->sa.sa_family); /* a: the address it takes */
         if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
+            slot_give_back(d);
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
                 limits_conn_release(d->lim, &mk->lim);
@@ -778,6 +798,7 @@ dest_run_once(struct dest *t)
         }
         struct conn *c = d->ops->open(t, h, a, pk.src, pk.id);
         if (c == NULL) {
+            slot_give_back(d); /* none if it was attached before it failed */
             limits_conn_release(d->lim, &t->lim);
             if (mk != NULL)
                 limits_conn_release(d->lim, &mk->lim);
@@ -855,7 +876,8 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
      * of the site, and t may be resolved again meanwhile). */
     c->answer = dns_mx_result_ref(t->mx);
     c->mx = host->name;
-    c->addr_counted = site_addr_add(&d->sites, dest_addr_owner(t), &c->addr) == 0;
+    c->slot = d->slot_taken; /* taken by dest_address_room() */
+    d->slot_taken = NULL;
     c->site = t->site;
     c->site->refs++;
     struct site_source *ss = src != NULL ? site_source(c->site, src_id) : NULL;
@@ -971,11 +993,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
-            if (fairq_empty(&t->q) && c->addr_counted &&
-                site_addr_wanted(&d->sites, dest_addr_owner(c->dest), &c->addr, d->w->now,
-                                 c->site)) {
-                /* A domain of another site waits for this address's
-                 * slot: give it back rather than hold it idle. */
+            if (fairq_empty(&t->q) && site_addr_wanted(&d->sites, c->slot, d->w->now, c->site)) {
+                /* A domain of another site, or on another worker, waits
+                 * for this address's slot: give it back rather than hold
+                 * it idle. */
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
@@ -1194,8 +1215,8 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     d->stats.open--;
     if (site != NULL)
         site->conns--;
-    if (c->addr_counted)
-        site_addr_del(&d->sites, dest_addr_owner(t), &c->addr);
+    site_addr_give(&d->sites, c->slot);
+    c->slot = NULL;
     if (c->src != NULL && site != NULL) {
         struct site_source *ss = site_source(site, c->src_id);
         if (ss != NULL && ss->conns > 0)
@@ -1226,11 +1247,13 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
 
 /* ---- the worker's scheduler ---- */
 
-void
+int
 sched_init(struct delivery *d)
 {
-    sites_init(&d->sites);
+    if (sites_init(&d->sites, d->e->site_addrs, d->w->id) < 0)
+        return -ENOMEM;
     dests_init(d);
+    return 0;
 }
 
 void

@@ -1,12 +1,11 @@
 /*
  * site: see site.h. The window arithmetic is pure and unit-tested
- * (tests/unit/test_site.c); the tables are two struct hash of common/.
+ * (tests/unit/test_site.c); the worker's sites are a struct hash of
+ * common/; the per-address table is site_addrs.c.
  */
 #include "engine/outbound/site.h"
-#include "engine/netaddr.h"
 
 #include <errno.h>
-#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,68 +105,12 @@ site_eq(const struct hash_node *n, const void *key)
     return strcmp(((const struct site *)n)->key, key) == 0;
 }
 
-struct site_addr {
-    struct hash_node node;
-    uint32_t src;          /* the owner: a pool's name id (0: no pool) */
-    union dns_addr a;      /* port included */
-    unsigned conns;
-    uint64_t wanted_until; /* ns: a domain found no room here ... */
-    const void *wanted_by; /* ... of this site (compared, never followed) */
-};
-
-/* Address and port only: the rest of a sockaddr (flow info) is noise. A
- * v4-mapped address (::ffff:a.b.c.d) is its IPv4 one: the same host,
- * reached by the same connects, so under the same cap. */
-static size_t
-addr_key(const union dns_addr *a, unsigned char *out)
-{
-    struct sockaddr_in v4;
-    if (netaddr_v4mapped(&a->sa, &v4)) {
-        memcpy(out, &v4.sin_addr, 4);
-        memcpy(out + 4, &v4.sin_port, 2);
-        return 6;
-    }
-    if (a->sa.sa_family == AF_INET6) {
-        memcpy(out, &a->sin6.sin6_addr, 16);
-        memcpy(out + 16, &a->sin6.sin6_port, 2);
-        return 18;
-    }
-    memcpy(out, &a->sin.sin_addr, 4);
-    memcpy(out + 4, &a->sin.sin_port, 2);
-    return 6;
-}
-
-/* What the table is looked up by: an owner (a pool) and an MX address. */
-struct addr_ref {
-    uint32_t src;
-    const union dns_addr *a;
-};
-
-static bool
-addr_eq(const struct hash_node *n, const void *key)
-{
-    const struct site_addr *x = (const struct site_addr *)n;
-    const struct addr_ref *r = key;
-    unsigned char k1[18], k2[18];
-    size_t l1 = addr_key(&x->a, k1), l2 = addr_key(r->a, k2);
-    return x->src == r->src && l1 == l2 && memcmp(k1, k2, l1) == 0;
-}
-
-static uint64_t
-addr_hash(const struct addr_ref *r)
-{
-    unsigned char k[22];
-    size_t n = addr_key(r->a, k);
-    memcpy(k + n, &r->src, 4);
-    return hash_bytes(k, n + 4);
-}
-
 /* a and b are one host's address, whatever their ports. */
 static bool
 addr_same_host(const union dns_addr *a, const union dns_addr *b)
 {
     unsigned char k1[18], k2[18];
-    size_t l1 = addr_key(a, k1), l2 = addr_key(b, k2);
+    size_t l1 = site_addr_key(a, k1), l2 = site_addr_key(b, k2);
     return l1 == l2 && memcmp(k1, k2, l1 - 2) == 0;
 }
 
@@ -205,12 +148,12 @@ site_addr_is_down(const struct site *site, const union dns_addr *a, uint64_t now
     return false;
 }
 
-void
-sites_init(struct sites *s)
+int
+sites_init(struct sites *s, struct site_addrs *shared, unsigned worker)
 {
     hash_init(&s->by_key, site_eq, 64);
-    hash_init(&s->addrs, addr_eq, 64);
     s->live = 0;
+    return sites_addrs_init(s, shared, worker);
 }
 
 void
@@ -218,15 +161,11 @@ sites_fini(struct sites *s)
 {
     size_t b = 0;
     struct hash_node *cur = NULL, *n;
-    while ((n = hash_next(&s->addrs, &b, &cur)) != NULL)
-        free(n);
-    b = 0;
-    cur = NULL;
     while ((n = hash_next(&s->by_key, &b, &cur)) != NULL) {
         free(((struct site *)n)->src);
         free(n);
     }
-    hash_fini(&s->addrs);
+    sites_addrs_fini(s);
     hash_fini(&s->by_key);
     s->live = 0;
 }
@@ -308,68 +247,6 @@ site_unref(struct sites *s, struct site *site)
     return NULL;
 }
 
-unsigned
-site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a)
-{
-    struct addr_ref r = {src, a};
-    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
-    return x ? x->conns : 0;
-}
-
-void
-site_addr_want(struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
-               const struct site *by)
-{
-    struct addr_ref r = {src, a};
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
-    if (x == NULL)
-        return; /* no entry: no connection, so room */
-    x->wanted_until = until;
-    x->wanted_by = by;
-}
-
-bool
-site_addr_wanted(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t now,
-                 const struct site *mine)
-{
-    struct addr_ref r = {src, a};
-    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
-    return x != NULL && x->wanted_until > now && x->wanted_by != (const void *)mine;
-}
-
-int
-site_addr_add(struct sites *s, uint32_t src, const union dns_addr *a)
-{
-    struct addr_ref r = {src, a};
-    uint64_t h = addr_hash(&r);
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, h, &r);
-    if (x == NULL) {
-        if ((x = calloc(1, sizeof(*x))) == NULL)
-            return -ENOMEM;
-        x->src = src;
-        x->a = *a;
-        x->node.hash = h;
-        if (hash_insert(&s->addrs, &x->node) < 0) {
-            free(x);
-            return -ENOMEM;
-        }
-    }
-    x->conns++;
-    return 0;
-}
-
-void
-site_addr_del(struct sites *s, uint32_t src, const union dns_addr *a)
-{
-    struct addr_ref r = {src, a};
-    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs, addr_hash(&r), &r);
-    if (x == NULL || --x->conns > 0)
-        return;
-    hash_remove(&s->addrs, &x->node);
-    hash_compact(&s->addrs);
-    free(x);
-}
-
 struct site_source *
 site_source(struct site *site, uint32_t id)
 {
@@ -400,13 +277,4 @@ site_source_sent(struct site *site, struct site_source *ss)
         site->src[i].sent /= 2;
         site->src_sent += site->src[i].sent;
     }
-}
-
-unsigned
-site_addr_share(unsigned cap, unsigned workers)
-{
-    if (cap == 0)
-        return 0;
-    unsigned share = workers > 1 ? cap / workers : cap;
-    return share ? share : 1;
 }

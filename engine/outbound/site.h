@@ -37,19 +37,20 @@
  * connections opened before the last decrease do not count again. The
  * configured max_connections is the ceiling.
  *
- * Connections per MX address: a worker table of the addresses connected
- * now (entries live while connections do; a v4-mapped IPv6 address,
- * ::ffff:a.b.c.d, is counted as the IPv4 address it reaches). Each worker holds an equal
- * share of max_connections_per_address (at least one): a bound that holds
- * without any exchange between the workers, wherever domains are. Most
- * sites are on one worker (site affinity, scheduler.c: a domain moves to
- * its site's worker once its answer names the site), so their addresses
- * see that worker's share; a domain that cannot move (its [mx] or
- * [source] limits are split between the workers too, or it goes through
- * a pool) stays on the worker its name hashes to, and the other workers'
- * shares are there for it.
+ * Connections per MX address: one table for the node, shared by the
+ * workers (site_addrs.c; entries live while connections do; a v4-mapped
+ * IPv6 address, ::ffff:a.b.c.d, is counted as the IPv4 address it
+ * reaches). A connection takes its slot there before it is opened, so
+ * max_connections_per_address holds for the node whichever workers the
+ * domains are on, and one worker may use all of it: a site's domains
+ * are gathered on one worker (site affinity, scheduler.c: a domain moves
+ * to its site's worker once its answer names the site), and a domain
+ * never leaves its worker. (Each worker used to hold an equal share: two
+ * workers gave a slow receiver capped at 6 connections 3, sixteen gave a
+ * large provider's domain 2 of the default 40.)
  *
- * Threading: one worker's thread; pure but for the tables' memory.
+ * Threading: one worker's thread, but for the per-address table
+ * (site_addrs.c: any worker's, under its locks); the window is pure.
  */
 #ifndef SLUICE_ENGINE_OUTBOUND_SITE_H
 #define SLUICE_ENGINE_OUTBOUND_SITE_H
@@ -157,15 +158,32 @@ struct site {
     size_t view_row;         /* scratch of delivery_sites(): its row in the view */
 };
 
+struct site_addrs;
+struct site_addr;
+
 struct sites {
-    struct hash by_key;      /* struct site */
-    struct hash addrs;       /* struct site_addr */
-    uint64_t live;           /* sites now */
+    struct hash by_key;        /* struct site */
+    struct site_addrs *addrs;  /* the node's per-address table (own_addrs: this one's) */
+    bool own_addrs;
+    unsigned worker;           /* the worker's id: wants are told apart by it */
+    uint64_t live;             /* sites now */
 };
 
-void sites_init(struct sites *s);
+/* The worker's sites, counting its connections per address in shared
+ * (the node's table, site_addrs_new()), or in a table of their own when
+ * shared is NULL (one worker, the unit tests). -ENOMEM without memory. */
+int sites_init(struct sites *s, struct site_addrs *shared, unsigned worker);
 /* Every site must be released. */
 void sites_fini(struct sites *s);
+/* The node's per-address table, for every worker's sites_init(); freed
+ * once no worker uses it. */
+struct site_addrs *site_addrs_new(void);
+void site_addrs_free(struct site_addrs *t);
+/* Entries (addresses with a connection of some owner) now. */
+size_t site_addrs_count(struct site_addrs *t);
+/* (site_addrs.c, for sites_init/fini) */
+int sites_addrs_init(struct sites *s, struct site_addrs *shared, unsigned worker);
+void sites_addrs_fini(struct sites *s);
 
 /* The site key of an answer: its MX host names sorted and joined, and the
  * port. Same hosts, same key, whatever the order or preferences. Names
@@ -186,23 +204,34 @@ struct site *site_unref(struct sites *s, struct site *site);
  * host sees no more connections from a pool of eight addresses than from
  * one (its capacity does not grow with our addresses; each source's own
  * limits are its [source] section's). */
-/* Connections of src (an owner) to one address (and port) now. */
+/* Connections of src (an owner) to one address (and port) now, from
+ * every worker. */
 unsigned site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a);
-/* A destination of site `by` found a's share of the cap taken: until
- * `until` (ns), site_addr_wanted() says so to the connections of other
- * sites, and one that has nothing left for its own site quits instead of
- * idling on the slot. Sites share addresses (an MX host in two answers);
- * without this, an idle connection of one kept the slot for idle_timeout
- * while another waited. A site's own want does not count: its idle
- * connections go to its waiting domains anyway, and quitting would only
- * cost reuse. The latest want wins. */
-void site_addr_want(struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
+/* A slot at a for a connection of src about to open: fewer than cap (0:
+ * no cap) were open there from every worker, and now one more is. The
+ * entry, kept by the connection until site_addr_give; NULL with errno
+ * EBUSY when cap are open, ENOMEM without memory. */
+struct site_addr *site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a,
+                                 unsigned cap);
+/* The slot given back (x NULL: nothing). */
+void site_addr_give(const struct sites *s, struct site_addr *x);
+/* A destination of site `by` (on s's worker) found a taken: until `until`
+ * (ns), site_addr_wanted() says so to the connections holding a slot
+ * there, and one that has nothing left for its own site quits instead of
+ * idling on the slot. Sites share addresses (an MX host in two answers),
+ * and workers do; without this, an idle connection of one kept the slot
+ * for idle_timeout while another waited. A site's own want on the same
+ * worker does not count: its idle connections go to its waiting domains
+ * anyway, and quitting would only cost reuse. The latest want wins. */
+void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
-bool site_addr_wanted(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t now,
+/* Whether a connection of site `mine` (on s's worker) holding slot x
+ * should give it back when it has nothing to send (no lock: x is its). */
+bool site_addr_wanted(const struct sites *s, const struct site_addr *x, uint64_t now,
                       const struct site *mine);
-/* Count one more (0) or one less; -ENOMEM when the entry cannot be made. */
-int site_addr_add(struct sites *s, uint32_t src, const union dns_addr *a);
-void site_addr_del(struct sites *s, uint32_t src, const union dns_addr *a);
+/* a's key as counted: address and port (a v4-mapped address as its
+ * IPv4 one); out holds 18 octets. Its length. */
+size_t site_addr_key(const union dns_addr *a, unsigned char *out);
 
 /* Address a of site refused or timed out a connect: the site's domains
  * pass it over until `until` (monotonic ns) while they have another to
@@ -219,7 +248,5 @@ bool site_addr_is_down(const struct site *site, const union dns_addr *a, uint64_
 struct site_source *site_source(struct site *site, uint32_t id);
 /* Count one transaction of ss (an entry of site). */
 void site_source_sent(struct site *site, struct site_source *ss);
-/* The per-worker share of a node-wide per-address cap. */
-unsigned site_addr_share(unsigned cap, unsigned workers);
 
 #endif

@@ -120,27 +120,49 @@ def test_a_site_is_sent_from_one_worker():
 
 
 def test_a_busy_site_is_sent_from_every_worker():
-    """A site that fills one worker's share of its address's cap (2 of 4
-    here: 8 messages of one domain, 8 connections to start, a receiver
-    that takes a second over each) is busy (logged): the domains met after
+    """A site with 20 connections on its worker (SITE_BUSY_CONNS: 20
+    messages of one domain, 20 connections to start, a receiver that
+    takes a second over each) is busy (logged): the domains met after
     stay on the worker their name hashes to, so both workers send to it,
     as a large provider's MX hosts need, and the address still never has
-    more than its cap."""
+    more than its cap (the node's, 30)."""
     doms = [f"d{i}.test" for i in range(20)]
     r = Relay(records_for(doms), sink_flags=["-w", "1"],
-              domain_conf="[delivery]\nmax_connections_per_address = 4\n"
-              "initial_connections = 8\n")
+              domain_conf="[delivery]\nmax_connections_per_address = 30\n"
+              "initial_connections = 20\n")
     try:
         s = Sampler(r.mx_port, r.d.proc.pid)
         body = b"Subject: t\r\n\r\nbusy\r\n"
-        r.inject([("s@example.com", [f"u{k}@{doms[0]}"], body) for k in range(8)])
+        r.inject([("s@example.com", [f"u{k}@{doms[0]}"], body) for k in range(20)])
         r.d.wait_log("event=site_busy", timeout=30)
         r.inject([("s@example.com", [f"v{k}@{d}"], body) for k in range(2) for d in doms])
-        r.d.wait_log_count("event=delivered", 8 + 2 * len(doms), timeout=120)
+        r.d.wait_log_count("event=delivered", 20 + 2 * len(doms), timeout=120)
         most = s.stop()
-        assert most <= 4, f"{most} connections at once to one address (cap 4)"
+        assert most <= 30, f"{most} connections at once to one address (cap 30)"
         threads = connected_threads(r)
         assert len(threads) == 2, f"the busy site's connections came from {sorted(threads)}"
+    finally:
+        r.close()
+
+
+def test_one_domain_has_the_whole_address_cap():
+    """max_connections_per_address is the node's, not a share per worker:
+    one domain (which lives on one worker) at a slow receiver (a second
+    over each DATA) with a cap of 6 holds 6 connections at once, never
+    more; before, each of the two workers held half the cap and the
+    domain got 3. The cap full is no sign of a busy site."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "1"],
+              domain_conf="[delivery]\nmax_connections_per_address = 6\n"
+              "initial_connections = 8\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        body = b"Subject: t\r\n\r\ncap\r\n"
+        r.inject([("s@example.com", [f"u{k}@slow.test"], body) for k in range(18)])
+        r.d.wait_log_count("event=delivered", 18, timeout=60)
+        most = s.stop()
+        assert most == 6, f"{most} connections at once to the address (cap 6, one domain)"
+        assert len(connected_threads(r)) == 1
+        assert r.d.count_log("event=site_busy") == 0
     finally:
         r.close()
 
@@ -493,6 +515,7 @@ if __name__ == "__main__":
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_domains_behind_one_mx_share_its_connections,
           test_a_site_is_sent_from_one_worker, test_a_busy_site_is_sent_from_every_worker,
+          test_one_domain_has_the_whole_address_cap,
           test_a_suspended_domain_never_rides_a_shared_connection,
           test_a_refusing_address_shrinks_the_window, test_bundled_config_refuses_loopback,
           test_allowed_network_delivers_but_never_to_itself, test_allow_networks_follows_a_reload,

@@ -132,7 +132,7 @@ fx_new(void)
     char lerr[128];
     struct limits_opts lo = {0};
     assert_int_equal(limits_new(&f->w, &lo, &d->lim, lerr, sizeof(lerr)), 0);
-    sched_init(d);
+    assert_int_equal(sched_init(d), 0);
     scope_init(d);
     f->d = d;
     f->dlv[0] = d;

@@ -319,7 +319,7 @@ fx_new(const char *extra)
     char err[128];
     struct limits_opts lo = {0};
     assert_int_equal(limits_new(&f->w, &lo, &d->lim, err, sizeof(err)), 0);
-    sched_init(d);
+    assert_int_equal(sched_init(d), 0);
     scope_init(d);
     f->e.names = intern_new();
     assert_non_null(f->e.names);
@@ -1242,6 +1242,66 @@ shared_address_slot_given_back(void **state)
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_IDLE);
     fx_free(f);
+}
+
+/* f counts its connections per address in shared, as worker id. */
+static void
+fx_share(struct fx *f, struct site_addrs *shared, unsigned id)
+{
+    f->w.id = id;
+    sites_addrs_fini(&f->d->sites);
+    assert_int_equal(sites_addrs_init(&f->d->sites, shared, id), 0);
+}
+
+/* The per-address cap is the node's: one worker may hold all of it
+ * (before, each of two held half: a site gathered on one got 1 of 2),
+ * a domain on another worker finds no room there, and the first
+ * worker's connection with nothing left gives its slot back instead of
+ * idling on it; the other worker opens once it tries again. */
+static void
+per_address_cap_across_workers(void **state)
+{
+    (void)state;
+    struct site_addrs *shared = site_addrs_new();
+    assert_non_null(shared);
+    const char *conf = "[delivery]\ninitial_connections = 8\nmax_connections_per_address = 2\n"
+                       "[domain *]\nmax_connections = 20\n";
+    struct fx *b = fx_new(conf);
+    fx_share(b, shared, 1);
+    struct fx *a = fx_new(conf); /* F: worker 0 */
+    fx_share(a, shared, 0);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(a->opened, 2); /* the whole cap */
+    F = b;
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(b->opened, 0); /* no room: worker 0 holds it */
+    struct dest *tb = dest_get(b->d, "b.test");
+    assert_true(timer_armed(&tb->lim_timer));
+    F = a;
+    enum sched_next what;
+    struct conn *c = a->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(a->open[1], &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* worker 1 wants the slot */
+    conn_gone(c, NULL);
+    F = b;
+    b->w.now += MS_TO_NS(HOLD_MIN_MS);
+    timer_run(&b->w.timers, b->w.now, NULL);
+    assert_int_equal(b->opened, 1);
+    assert_string_equal(b->opened_to[0], "mx1.hoster.test 192.0.2.1:25");
+    assert_int_equal(site_addrs_count(shared), 1);
+    fx_free(b);
+    F = a;
+    fx_free(a);
+    assert_int_equal(site_addrs_count(shared), 0); /* every slot given back */
+    site_addrs_free(shared);
 }
 
 /* DNS answers and targets decide as the policy says: NXDOMAIN and null
@@ -2348,23 +2408,25 @@ affinity_follows_a_changed_answer(void **state)
     fx_free(f);
 }
 
-/* A site that fills this worker's share of its address is marked busy:
- * the domains met after it stay on their hash's worker (a large
+/* A site with SITE_BUSY_CONNS connections on this worker is marked
+ * busy: the domains met after it stay on their hash's worker (a large
  * provider's MX hosts are sent to from every worker); those gathered
- * before it stay gathered. */
+ * before it stay gathered. One that fills its address's cap is not: the
+ * cap is the node's, and it has all of it on this worker (before, each
+ * of two workers had half, and a site gathered on one got 2 of 4). */
 static void
 affinity_not_for_a_busy_site(void **state)
 {
     (void)state;
     unsigned site_w = worker_of_host(MX1[0]);
     struct fx *f = fx_two_workers("[delivery]\nallow_networks = 127.0.0.0/8\n"
-                                  "max_connections_per_address = 4\ninitial_connections = 4\n",
+                                  "max_connections_per_address = 4\ninitial_connections = 8\n",
                                   site_w);
     for (int i = 0; i < 6; i++)
         submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->opened, 2); /* this worker's share of 4 */
-    assert_string_equal(f->busy_host, MX1[0]);
+    assert_int_equal(f->opened, 4); /* the whole cap, on one worker */
+    assert_string_equal(f->busy_host, "");
     fx_free(f);
 
     /* no cap per address: its SITE_BUSY_CONNS-th connection here */
@@ -2438,6 +2500,7 @@ main(void)
         cmocka_unit_test(ending_idle_connection_is_not_handed_a_job),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(per_address_cap),
+        cmocka_unit_test(per_address_cap_across_workers),
         cmocka_unit_test(shared_address_slot_given_back),
         cmocka_unit_test(answers_that_fail),
         cmocka_unit_test(session_failures),

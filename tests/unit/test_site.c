@@ -2,9 +2,9 @@
  * Sites without a network: the concurrency window from scripted events
  * (transactions that complete, failures of connections opened in a given
  * epoch) to the connections it allows; site keys from MX answers; the
- * per-address table (a v4-mapped address counted as its IPv4 one) and
- * the per-worker share of its cap; the hash table
- * of common/ under inserts and removals.
+ * per-address table (a v4-mapped address counted as its IPv4 one; its
+ * cap held for the node across workers, and under threads taking slots
+ * at once); the hash table of common/ under inserts and removals.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,6 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <cmocka.h>
 
 #include "common/hash.h"
@@ -187,7 +190,7 @@ sites_and_addresses(void **state)
 {
     (void)state;
     struct sites s;
-    sites_init(&s);
+    assert_int_equal(sites_init(&s, NULL, 0), 0);
     struct site *p = site_get(&s, "mx.test:25", 4, 20);
     struct site *q = site_get(&s, "mx.test:25", 4, 20);
     assert_ptr_equal(p, q);
@@ -204,26 +207,34 @@ sites_and_addresses(void **state)
     inet_pton(AF_INET, "192.0.2.1", &a1.sin.sin_addr);
     a2 = a1;
     a2.sin.sin_port = htons(26);
+    struct site_addr *x1[3], *x2, *x7;
     for (unsigned i = 0; i < 3; i++)
-        assert_int_equal(site_addr_add(&s, 0, &a1), 0);
-    assert_int_equal(site_addr_add(&s, 0, &a2), 0);
+        assert_non_null(x1[i] = site_addr_take(&s, 0, &a1, 3));
+    /* the cap: the fourth is refused, and counted nowhere */
+    errno = 0;
+    assert_null(site_addr_take(&s, 0, &a1, 3));
+    assert_int_equal(errno, EBUSY);
+    assert_non_null(x2 = site_addr_take(&s, 0, &a2, 3));
     assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
     assert_int_equal(site_addr_conns(&s, 0, &a2), 1);
     /* per (source, address): another source's count is its own */
     assert_int_equal(site_addr_conns(&s, 7, &a1), 0);
-    assert_int_equal(site_addr_add(&s, 7, &a1), 0);
+    assert_non_null(x7 = site_addr_take(&s, 7, &a1, 3));
     assert_int_equal(site_addr_conns(&s, 7, &a1), 1);
     assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
-    site_addr_del(&s, 7, &a1);
-    site_addr_del(&s, 0, &a2);
+    site_addr_give(&s, x7);
+    site_addr_give(&s, x2);
     assert_int_equal(site_addr_conns(&s, 0, &a2), 0);
-    assert_int_equal(hash_count(&s.addrs), 1);
+    assert_int_equal(site_addrs_count(s.addrs), 1);
+    /* no cap (0): always a slot */
+    struct site_addr *x0 = site_addr_take(&s, 0, &a1, 0);
+    assert_non_null(x0);
+    assert_int_equal(site_addr_conns(&s, 0, &a1), 4);
+    site_addr_give(&s, x0);
     for (unsigned i = 0; i < 3; i++)
-        site_addr_del(&s, 0, &a1);
-    assert_int_equal(hash_count(&s.addrs), 0);
-    assert_int_equal(site_addr_share(40, 2), 20);
-    assert_int_equal(site_addr_share(3, 8), 1);
-    assert_int_equal(site_addr_share(0, 2), 0);
+        site_addr_give(&s, x1[i]);
+    assert_int_equal(site_addrs_count(s.addrs), 0);
+    site_addr_give(&s, NULL); /* nothing */
     sites_fini(&s);
 }
 
@@ -234,7 +245,7 @@ v4_mapped_counts_as_its_ipv4_address(void **state)
 {
     (void)state;
     struct sites s;
-    sites_init(&s);
+    assert_int_equal(sites_init(&s, NULL, 0), 0);
     struct site *mine = site_get(&s, "mx.test:25", 1, 20);
     union dns_addr v4, mapped, other6;
     memset(&v4, 0, sizeof(v4));
@@ -249,27 +260,139 @@ v4_mapped_counts_as_its_ipv4_address(void **state)
     other6 = mapped;
     inet_pton(AF_INET6, "2001:db8::c000:201", &other6.sin6.sin6_addr); /* same low bits */
 
-    assert_int_equal(site_addr_add(&s, 0, &v4), 0);
-    assert_int_equal(site_addr_add(&s, 0, &mapped), 0);
+    struct site_addr *xv4 = site_addr_take(&s, 0, &v4, 2);
+    struct site_addr *xm = site_addr_take(&s, 0, &mapped, 2);
+    assert_ptr_equal(xv4, xm);
+    assert_null(site_addr_take(&s, 0, &mapped, 2)); /* one cap for both forms */
     assert_int_equal(site_addr_conns(&s, 0, &v4), 2);
     assert_int_equal(site_addr_conns(&s, 0, &mapped), 2);
-    assert_int_equal(hash_count(&s.addrs), 1);
+    assert_int_equal(site_addrs_count(s.addrs), 1);
     /* a real IPv6 address is another host; another port another slot */
     assert_int_equal(site_addr_conns(&s, 0, &other6), 0);
     union dns_addr mapped26 = mapped;
     mapped26.sin6.sin6_port = htons(26);
     assert_int_equal(site_addr_conns(&s, 0, &mapped26), 0);
-    /* a want made through one form is seen through the other */
+    /* a want made through one form is seen through the other's slot; a
+     * site's own want on its worker is not */
     site_addr_want(&s, 0, &mapped, 100, mine);
-    assert_true(site_addr_wanted(&s, 0, &v4, 50, NULL));
-    assert_false(site_addr_wanted(&s, 0, &v4, 50, mine));
-    /* either form gives the slot back */
-    site_addr_del(&s, 0, &v4);
+    assert_true(site_addr_wanted(&s, xv4, 50, NULL));
+    assert_false(site_addr_wanted(&s, xv4, 50, mine));
+    assert_false(site_addr_wanted(&s, xv4, 100, NULL)); /* over */
+    site_addr_give(&s, xv4);
     assert_int_equal(site_addr_conns(&s, 0, &mapped), 1);
-    site_addr_del(&s, 0, &mapped);
-    assert_int_equal(hash_count(&s.addrs), 0);
+    site_addr_give(&s, xm);
+    assert_int_equal(site_addrs_count(s.addrs), 0);
     site_unref(&s, mine);
     sites_fini(&s);
+}
+
+/* Two workers' sites over one table: the cap is the node's, not a share
+ * each (a site gathered on one worker may use all of it), and a want of
+ * the other worker counts even for the same site key: its domains cannot
+ * ride this worker's connections. */
+static void
+cap_is_the_nodes_across_workers(void **state)
+{
+    (void)state;
+    struct site_addrs *t = site_addrs_new();
+    assert_non_null(t);
+    struct sites w0, w1;
+    assert_int_equal(sites_init(&w0, t, 0), 0);
+    assert_int_equal(sites_init(&w1, t, 1), 0);
+    struct site *s0 = site_get(&w0, "mx.test:25", 1, 20);
+    struct site *s1 = site_get(&w1, "mx.test:25", 1, 20);
+    union dns_addr a;
+    memset(&a, 0, sizeof(a));
+    a.sin.sin_family = AF_INET;
+    a.sin.sin_port = htons(25);
+    inet_pton(AF_INET, "192.0.2.1", &a.sin.sin_addr);
+    struct site_addr *x[4];
+    for (unsigned i = 0; i < 4; i++)
+        assert_non_null(x[i] = site_addr_take(&w0, 0, &a, 4)); /* all four on one worker */
+    assert_null(site_addr_take(&w1, 0, &a, 4));
+    assert_int_equal(site_addr_conns(&w1, 0, &a), 4);
+    /* worker 1 wants it: worker 0's connection, of the same site key, quits */
+    site_addr_want(&w1, 0, &a, 100, s1);
+    assert_true(site_addr_wanted(&w0, x[0], 50, s0));
+    site_addr_give(&w0, x[0]);
+    struct site_addr *y = site_addr_take(&w1, 0, &a, 4);
+    assert_non_null(y);
+    assert_ptr_equal(y, x[1]); /* one entry for the node */
+    /* worker 0's own want of that site does not make its own quit */
+    site_addr_want(&w0, 0, &a, 200, s0);
+    assert_false(site_addr_wanted(&w0, x[1], 150, s0));
+    assert_true(site_addr_wanted(&w1, y, 150, s1));
+    site_addr_give(&w1, y);
+    for (unsigned i = 1; i < 4; i++)
+        site_addr_give(&w0, x[i]);
+    assert_int_equal(site_addrs_count(t), 0);
+    site_unref(&w0, s0);
+    site_unref(&w1, s1);
+    sites_fini(&w0);
+    sites_fini(&w1);
+    site_addrs_free(t);
+}
+
+/* Threads taking and giving slots at once never hold more than the cap
+ * between them, and every count comes back to zero. */
+#define RACE_THREADS 4
+#define RACE_ROUNDS  20000
+#define RACE_CAP     3
+
+struct race {
+    struct sites s;
+    const union dns_addr *a;
+    atomic_int *held;
+    atomic_int *most;
+};
+
+static void *
+race_run(void *arg)
+{
+    struct race *r = arg;
+    for (unsigned i = 0; i < RACE_ROUNDS; i++) {
+        struct site_addr *x = site_addr_take(&r->s, 0, r->a, RACE_CAP);
+        if (x == NULL)
+            continue;
+        int n = atomic_fetch_add(r->held, 1) + 1;
+        int m = atomic_load(r->most);
+        while (n > m && !atomic_compare_exchange_weak(r->most, &m, n))
+            ;
+        atomic_fetch_sub(r->held, 1);
+        site_addr_give(&r->s, x);
+    }
+    return NULL;
+}
+
+static void
+cap_holds_under_threads(void **state)
+{
+    (void)state;
+    struct site_addrs *t = site_addrs_new();
+    assert_non_null(t);
+    union dns_addr a;
+    memset(&a, 0, sizeof(a));
+    a.sin.sin_family = AF_INET;
+    a.sin.sin_port = htons(25);
+    inet_pton(AF_INET, "192.0.2.1", &a.sin.sin_addr);
+    atomic_int held = 0, most = 0;
+    struct race r[RACE_THREADS];
+    pthread_t th[RACE_THREADS];
+    for (unsigned i = 0; i < RACE_THREADS; i++) {
+        assert_int_equal(sites_init(&r[i].s, t, i), 0);
+        r[i].a = &a;
+        r[i].held = &held;
+        r[i].most = &most;
+        assert_int_equal(pthread_create(&th[i], NULL, race_run, &r[i]), 0);
+    }
+    for (unsigned i = 0; i < RACE_THREADS; i++)
+        assert_int_equal(pthread_join(th[i], NULL), 0);
+    assert_true(atomic_load(&most) >= 1);
+    assert_true(atomic_load(&most) <= RACE_CAP);
+    assert_int_equal(site_addrs_count(t), 0);
+    for (unsigned i = 0; i < RACE_THREADS; i++)
+        sites_fini(&r[i].s);
+    site_addrs_free(t);
 }
 
 struct item {
@@ -336,6 +459,8 @@ main(void)
         cmocka_unit_test(keys_name_the_hosts),
         cmocka_unit_test(sites_and_addresses),
         cmocka_unit_test(v4_mapped_counts_as_its_ipv4_address),
+        cmocka_unit_test(cap_is_the_nodes_across_workers),
+        cmocka_unit_test(cap_holds_under_threads),
         cmocka_unit_test(hash_grows_and_shrinks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

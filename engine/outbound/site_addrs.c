@@ -1,0 +1,253 @@
+/*
+ * site_addrs: the connections open per (owner, MX address) on this node,
+ * one table for every worker (site.h says what it is for).
+ *
+ * Each worker used to count its own connections against an equal share
+ * of max_connections_per_address, so that the cap held without any
+ * exchange between them. But a site's domains are gathered on one
+ * worker (site affinity), and a domain never leaves its worker: with two
+ * workers a slow receiver capped at 6 got 3 connections, with sixteen a
+ * large provider's one domain got 2 of the default 40. The count is now
+ * the node's: a connection takes a slot (site_addr_take) before it is
+ * opened, under the lock of the table's stripe its key hashes to, and
+ * gives it back when it ends. Takes and gives are per connection, not
+ * per message, and are spread over SITE_ADDR_STRIPES locks: the workers
+ * hardly ever meet there.
+ *
+ * Wants cross the workers through the entry: a domain that found no room
+ * marks it (site_addr_want), and a connection that holds a slot there
+ * reads the mark through its own entry, with no lock (atomics: a mark
+ * read a little late costs one idle connection a little longer, or one
+ * quit for nothing).
+ *
+ * Threading: any worker's thread; the stripes' locks.
+ */
+#include "engine/outbound/site.h"
+#include "engine/netaddr.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SITE_ADDR_STRIPES 16
+
+struct site_addr {
+    struct hash_node node;
+    uint32_t src;                    /* the owner: a pool's name id (0: no pool) */
+    union dns_addr a;                /* port included */
+    unsigned conns;                  /* under the stripe's lock */
+    _Atomic uint64_t wanted_until;   /* ns: a domain found no room here ... */
+    _Atomic(const void *) wanted_by; /* ... of this site (compared, never followed) ... */
+    _Atomic unsigned wanted_worker;  /* ... on this worker */
+};
+
+struct site_addrs {
+    struct {
+        pthread_mutex_t lock;
+        struct hash h; /* struct site_addr */
+    } stripe[SITE_ADDR_STRIPES];
+};
+
+size_t
+site_addr_key(const union dns_addr *a, unsigned char *out)
+{
+    struct sockaddr_in v4;
+    if (netaddr_v4mapped(&a->sa, &v4)) {
+        memcpy(out, &v4.sin_addr, 4);
+        memcpy(out + 4, &v4.sin_port, 2);
+        return 6;
+    }
+    if (a->sa.sa_family == AF_INET6) {
+        memcpy(out, &a->sin6.sin6_addr, 16);
+        memcpy(out + 16, &a->sin6.sin6_port, 2);
+        return 18;
+    }
+    memcpy(out, &a->sin.sin_addr, 4);
+    memcpy(out + 4, &a->sin.sin_port, 2);
+    return 6;
+}
+
+/* What the table is looked up by: an owner (a pool) and an MX address. */
+struct addr_ref {
+    uint32_t src;
+    const union dns_addr *a;
+};
+
+static bool
+addr_eq(const struct hash_node *n, const void *key)
+{
+    const struct site_addr *x = (const struct site_addr *)n;
+    const struct addr_ref *r = key;
+    unsigned char k1[18], k2[18];
+    size_t l1 = site_addr_key(&x->a, k1), l2 = site_addr_key(r->a, k2);
+    return x->src == r->src && l1 == l2 && memcmp(k1, k2, l1) == 0;
+}
+
+static uint64_t
+addr_hash(const struct addr_ref *r)
+{
+    unsigned char k[22];
+    size_t n = site_addr_key(r->a, k);
+    memcpy(k + n, &r->src, 4);
+    return hash_bytes(k, n + 4);
+}
+
+/* The table uses the hash's low bits for its buckets: the stripe takes
+ * the high ones. */
+static unsigned
+stripe_of(uint64_t h)
+{
+    return (unsigned)(h >> 60) % SITE_ADDR_STRIPES;
+}
+
+struct site_addrs *
+site_addrs_new(void)
+{
+    struct site_addrs *t = calloc(1, sizeof(*t));
+    if (t == NULL)
+        return NULL;
+    for (unsigned i = 0; i < SITE_ADDR_STRIPES; i++) {
+        pthread_mutex_init(&t->stripe[i].lock, NULL);
+        hash_init(&t->stripe[i].h, addr_eq, 8);
+    }
+    return t;
+}
+
+void
+site_addrs_free(struct site_addrs *t)
+{
+    if (t == NULL)
+        return;
+    for (unsigned i = 0; i < SITE_ADDR_STRIPES; i++) {
+        size_t b = 0;
+        struct hash_node *cur = NULL, *n;
+        while ((n = hash_next(&t->stripe[i].h, &b, &cur)) != NULL)
+            free(n);
+        hash_fini(&t->stripe[i].h);
+        pthread_mutex_destroy(&t->stripe[i].lock);
+    }
+    free(t);
+}
+
+size_t
+site_addrs_count(struct site_addrs *t)
+{
+    size_t n = 0;
+    for (unsigned i = 0; i < SITE_ADDR_STRIPES; i++) {
+        pthread_mutex_lock(&t->stripe[i].lock);
+        n += hash_count(&t->stripe[i].h);
+        pthread_mutex_unlock(&t->stripe[i].lock);
+    }
+    return n;
+}
+
+unsigned
+site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a)
+{
+    struct addr_ref r = {src, a};
+    uint64_t h = addr_hash(&r);
+    unsigned k = stripe_of(h);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    const struct site_addr *x = (const struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
+    unsigned n = x ? x->conns : 0;
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+    return n;
+}
+
+void
+site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
+               const struct site *by)
+{
+    struct addr_ref r = {src, a};
+    uint64_t h = addr_hash(&r);
+    unsigned k = stripe_of(h);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
+    if (x != NULL) { /* none: no connection, so room */
+        atomic_store_explicit(&x->wanted_by, (const void *)by, memory_order_relaxed);
+        atomic_store_explicit(&x->wanted_worker, s->worker, memory_order_relaxed);
+        atomic_store_explicit(&x->wanted_until, until, memory_order_relaxed);
+    }
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+}
+
+bool
+site_addr_wanted(const struct sites *s, const struct site_addr *x, uint64_t now,
+                 const struct site *mine)
+{
+    if (x == NULL || atomic_load_explicit(&x->wanted_until, memory_order_relaxed) <= now)
+        return false;
+    /* A site's own want on this worker does not count (site.h); on
+     * another worker it does: its domains cannot ride this connection. */
+    return atomic_load_explicit(&x->wanted_worker, memory_order_relaxed) != s->worker ||
+           atomic_load_explicit(&x->wanted_by, memory_order_relaxed) != (const void *)mine;
+}
+
+struct site_addr *
+site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap)
+{
+    struct addr_ref r = {src, a};
+    uint64_t h = addr_hash(&r);
+    unsigned k = stripe_of(h);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    struct site_addr *x = (struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
+    if (x != NULL && cap != 0 && x->conns >= cap) {
+        pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+        errno = EBUSY;
+        return NULL;
+    }
+    if (x == NULL) {
+        if ((x = calloc(1, sizeof(*x))) == NULL) {
+            pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+            errno = ENOMEM;
+            return NULL;
+        }
+        x->src = src;
+        x->a = *a;
+        x->node.hash = h;
+        if (hash_insert(&s->addrs->stripe[k].h, &x->node) < 0) {
+            pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+            free(x);
+            errno = ENOMEM;
+            return NULL;
+        }
+    }
+    x->conns++;
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+    return x;
+}
+
+void
+site_addr_give(const struct sites *s, struct site_addr *x)
+{
+    if (x == NULL)
+        return;
+    unsigned k = stripe_of(x->node.hash);
+    pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    if (--x->conns == 0) {
+        hash_remove(&s->addrs->stripe[k].h, &x->node);
+        hash_compact(&s->addrs->stripe[k].h);
+        free(x);
+    }
+    pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+}
+
+int
+sites_addrs_init(struct sites *s, struct site_addrs *shared, unsigned worker)
+{
+    s->worker = worker;
+    s->own_addrs = shared == NULL;
+    s->addrs = shared != NULL ? shared : site_addrs_new();
+    return s->addrs != NULL ? 0 : -ENOMEM;
+}
+
+void
+sites_addrs_fini(struct sites *s)
+{
+    if (s->own_addrs)
+        site_addrs_free(s->addrs);
+    s->addrs = NULL;
+}
