@@ -496,6 +496,71 @@ def test_client_hello_pipelined_with_starttls_is_closed_at_once():
         assert f"dropped={len(hello)} note=tls_hello_dropped_closing" in line, line
 
 
+def test_esmtp_after_helo_refused():
+    """A client that greeted with HELO saw no extension, and may use none
+    (RFC 5321 2.2.1 and 4.1.1.11, RFC 1869 4, RFC 6531 3.4 for
+    SMTPUTF8): every ESMTP parameter of MAIL (SIZE, BODY, SMTPUTF8, RET,
+    ENVID, AUTH) and of RCPT (NOTIFY, ORCPT) is refused with 555 5.5.4
+    naming it, and moves nothing: no transaction opens, no recipient is
+    added, the session goes on, and the plain transaction after them is
+    stored once, with its one sender and recipient. Before, every one of
+    them was accepted as after EHLO. BDAT (CHUNKING) after HELO is refused
+    with 503 and its chunk read and dropped (as Exim does), not taken for
+    commands; AUTH after HELO is refused as before (503: send EHLO);
+    STARTTLS after HELO is accepted (as Postfix does: it only protects),
+    and the session begins again after it (RFC 3207 4.2)."""
+    mail = [("SIZE=1000", "SIZE"), ("BODY=8BITMIME", "BODY"), ("BODY=7BIT", "BODY"),
+            ("BODY=BINARYMIME", "BODY"), ("SMTPUTF8", "SMTPUTF8"), ("RET=HDRS", "RET"),
+            ("ENVID=env+2B1", "ENVID"), ("AUTH=<>", "AUTH"), ("size=10 ret=full", "SIZE RET")]
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        problems = []
+        for param, named in mail:
+            r = c.cmd(f"MAIL FROM:<a@example.com> {param}")
+            if not (r.code == 555 and r.raw.startswith("555 5.5.4 ") and f": {named} " in r.raw):
+                problems.append(f"MAIL {param}: {r.raw}")
+        r = c.cmd("MAIL FROM:<j\u00f6rg@example.com> SMTPUTF8".encode())
+        if r.code != 555:
+            problems.append(f"MAIL <j\u00f6rg@...> SMTPUTF8: {r.raw}")
+        # none of them opened a transaction: a plain MAIL is no nested one
+        c.expect("MAIL FROM:<sender@example.com>", 250)
+        for param, named in [("NOTIFY=SUCCESS,FAILURE", "NOTIFY"),
+                             ("ORCPT=rfc822;orig@example.org", "ORCPT")]:
+            r = c.cmd(f"RCPT TO:<extra@example.org> {param}")
+            if not (r.code == 555 and r.raw.startswith("555 5.5.4 ") and f": {named} " in r.raw):
+                problems.append(f"RCPT {param}: {r.raw}")
+        assert not problems, "\n".join(problems)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: helo\r\n\r\nplain\r\n.", 250)
+        # BDAT after HELO: refused, its chunk dropped unread
+        c.expect("MAIL FROM:<sender@example.com>", 250)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.send(b"BDAT 12 LAST\r\nQUIT\r\nNOOP\r\n")
+        r = c.reply()
+        assert r.code == 503 and "EHLO" in r.raw, r
+        c.expect("RSET", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 503)
+        c.expect("QUIT", 221)
+        c.close()
+        # STARTTLS after HELO: TLS, and a session that must greet again
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        c.expect("MAIL FROM:<a@example.com>", 503)
+        c.expect("EHLO new.example", 250)
+        c.expect("MAIL FROM:<a@example.com> SIZE=100", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 2)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["sender"] == b"sender@example.com" and m["rcpts"] == [b"rcpt@example.org"], m
+        assert m["envid"] == b"" and m["body"].endswith(b"plain\r\n"), m
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -507,4 +572,5 @@ if __name__ == "__main__":
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
+        test_esmtp_after_helo_refused,
     ])
