@@ -894,21 +894,6 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
 
 static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
 
-/* A command (verb v) was refused with the reply that starts at s->out[at]:
- * count it, and keep the first one for the disconnect line. */
-static void
-note_refused(struct session *s, unsigned v, size_t at)
-{
-    s->cmds_refused[v]++;
-    if (s->first_refused[0] != '\0' || s->out_len <= at)
-        return;
-    const char *r = s->out + at;
-    const char *end = memchr(r, '\r', s->out_len - at);
-    size_t n = end != NULL ? (size_t)(end - r) : s->out_len - at;
-    snprintf(s->first_refused, sizeof(s->first_refused), "%s %.*s",
-             v == SMTP_VERB_NONE ? "unknown" : smtp_verb_str(v), (int)n, r);
-}
-
 /* A BDAT command whose size could not be read: its chunk follows, and
  * where it ends is unknown. Reading on would take the client's octets
  * for commands (an RCPT or a MAIL hidden in a chunk would be acted on);
@@ -941,21 +926,18 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
     unsigned v = (unsigned)c.verb <= SMTP_VERB_AUTH ? (unsigned)c.verb : SMTP_VERB_NONE;
     size_t at = s->out_len; /* where this command's reply starts */
-    s->cmds[v]++;
+    command_begin(s, v); /* its reply is counted by reply(), whenever it comes */
     if (rc < 0) {
         s->errors++;
         if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
         else
             reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
-        note_refused(s, v, at);
         return;
     }
     bool in_txn = s->in_txn;
     handle_verb(s, &c, rest);
     bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
-    if (refused)
-        note_refused(s, v, at);
     /* Commands that move no mail, counted since the last MAIL accepted;
      * past [server] max_junk_commands the session is closed (run_commands;
      * Postfix's smtpd_junk_command_limit). Not one: an RSET that ends a

@@ -561,6 +561,106 @@ def test_esmtp_after_helo_refused():
         assert m["envid"] == b"" and m["body"].endswith(b"plain\r\n"), m
 
 
+def test_disconnect_line_names_refusals_outside_commands():
+    """Every 4xx or 5xx reply to what a client sent counts once, in the
+    disconnect line's sums and as its first_refused, wherever it is made:
+    a line too long (for a command, a BDAT, an AUTH exchange), a bare LF
+    in a command line, a TLS ClientHello on the plaintext port, AUTH's
+    501 (bad base64, cancelled) and its 535 after the hash and the delay,
+    a message refused after its dot or after its last BDAT chunk. Before,
+    these passed the one place that kept the first refusal: their lines
+    said no first_refused, and auth=1, data=1, bdat=1 for an AUTH or a
+    message that was refused."""
+    long_line = "NOOP " + "x" * 13000
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32
+    content_lf = b"Subject: lf\r\n\r\nbare\nLF\r\n.\r\n"
+    envelope = ["EHLO client.example", "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.org>"]
+
+    def say(c, lines, codes):
+        for line, code in zip(lines, codes):
+            c.expect(line, code)
+
+    def too_long(c):
+        say(c, ["EHLO client.example", long_line, "QUIT"], [250, 500, 221])
+
+    def bdat_too_long(c):
+        c.expect("EHLO client.example", 250)
+        c.send("BDAT " + "1" * 13000 + "\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [501]
+
+    def auth_too_long(c):
+        say(c, ["EHLO client.example", "AUTH LOGIN", long_line, "QUIT"], [250, 334, 500, 221])
+
+    def bare_lf(c):
+        c.expect("EHLO client.example", 250)
+        c.send(b"NOOP\n")
+        assert [r.code for r in c.rest_until_closed()] == [500]
+
+    def tls_hello(c):
+        c.send(hello)
+        assert [r.code for r in c.rest_until_closed()] == [500]
+
+    def bad_base64(c):
+        say(c, ["EHLO client.example", "AUTH PLAIN", "!!not base64!!", "QUIT"],
+            [250, 334, 501, 221])
+
+    def cancelled(c):
+        say(c, ["EHLO client.example", "AUTH LOGIN", "*", "QUIT"], [250, 334, 501, 221])
+
+    def wrong_password(c):
+        say(c, ["EHLO client.example", f"AUTH PLAIN {plain('alice', 'wrong')}", "QUIT"],
+            [250, 535, 221])
+
+    def data_refused(c):
+        say(c, envelope + ["DATA"], [250, 250, 250, 354])
+        c.send(content_lf)
+        assert c.reply().code == 550
+        c.expect("QUIT", 221)
+
+    def bdat_refused(c):
+        say(c, envelope, [250, 250, 250])
+        c.send(b"BDAT 7 LAST\r\nbare\nLF")
+        assert c.reply().code == 550
+        c.expect("QUIT", 221)
+
+    # what the client does, the end of its disconnect line
+    cases = [
+        (too_long, ' ehlo=1 quit=1 unknown=0/1 commands=2/3'
+                   ' first_refused="unknown 500 5.5.2 Line too long"'),
+        (bdat_too_long, ' ehlo=1 bdat=0/1 commands=1/2'
+                        ' first_refused="BDAT 501 5.5.4 Syntax error in BDAT size; closing"'),
+        (auth_too_long, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                        ' first_refused="AUTH 500 5.5.6 Authentication Exchange line is too long"'),
+        (bare_lf, ' ehlo=1 unknown=0/1 commands=1/2'
+                  ' first_refused="unknown 500 5.5.2 Bare CR or LF in a command line: closing"'),
+        (tls_hello, ' unknown=0/1 commands=0/1 first_refused="unknown 500 5.5.2'
+                    ' TLS handshake on a plaintext port: use STARTTLS"'),
+        (bad_base64, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                     ' first_refused="AUTH 501 5.5.2 Invalid base64 data"'),
+        (cancelled, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                    ' first_refused="AUTH 501 5.0.0 Authentication cancelled"'),
+        (wrong_password, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                         ' first_refused="AUTH 535 5.7.8 Authentication credentials invalid"'),
+        (data_refused, ' ehlo=1 mail=1 rcpt=1 data=0/1 quit=1 commands=4/5'
+                       ' first_refused="DATA 550 5.6.0 Message refused: bare CR or LF in the'
+                       ' content (lines must end with CRLF)"'),
+        (bdat_refused, ' ehlo=1 mail=1 rcpt=1 bdat=0/1 quit=1 commands=4/5'
+                       ' first_refused="BDAT 550 5.6.0 Message refused: bare CR or LF in the'
+                       ' content (lines must end with CRLF)"'),
+    ]
+    with sluice() as d:
+        problems = []
+        for i, (act, want) in enumerate(cases, 1):
+            c = Smtp(d.port)
+            act(c)
+            c.close()
+            d.wait_log_count("event=disconnect", i)
+            line = d.log_lines("event=disconnect")[-1]
+            if not line.endswith(want):
+                problems.append(f"{act.__name__}: {line}")
+        assert not problems, "\n".join(problems)
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -573,4 +673,5 @@ if __name__ == "__main__":
         test_junk_commands_end_a_session_that_moves_no_mail,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
+        test_disconnect_line_names_refusals_outside_commands,
     ])
