@@ -5,10 +5,11 @@ close_notify, a half-close), or a stop that finds one, is logged as
 having dropped it, with where and how far it got; a client cut at every
 point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
-refused; the disconnect line says why a client got nowhere; commands
-pipelined behind an AUTH wait for its answer; an AUTH before STARTTLS is
-forgotten after it; a client that sends only commands that move no mail
-is closed. Each test starts its own sluice (plain and
+refused; the disconnect line says why a client got nowhere, whichever
+reply refused it; commands pipelined behind an AUTH wait for its answer;
+an AUTH before STARTTLS is forgotten after it; a client that sends only
+commands that move no mail is closed; a client that greeted with HELO
+uses no ESMTP parameter and no BDAT. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
