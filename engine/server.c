@@ -46,7 +46,10 @@
  * content not ended), or a stop that finds one, logs event=connection_lost
  * note=transaction_dropped (a TLS close_notify there: event=tls_closed);
  * the disconnect line sums the commands per verb and names the first one
- * refused, with its reply.
+ * refused, with its reply. Every reply goes through reply(), which
+ * closes the command read last (command_begin) with the first reply to
+ * it that is not 3xx, wherever that is made: an AUTH's 535 after its
+ * hash, a DATA's after the dot, a line refused before it was read.
  *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
@@ -149,6 +152,36 @@ session_enter(struct session *s, enum session_state next)
 
 /* ---- output ---- */
 
+void
+command_begin(struct session *s, unsigned v)
+{
+    s->cmds[v]++;
+    s->answering = true;
+    s->answer_verb = v;
+}
+
+/* The reply r[0..n) was queued: if it answers the command read last, that
+ * command is done, refused when the reply is 4xx or 5xx. Replies that
+ * answer no command (the greeting, 421 for a stop, too many errors or junk
+ * commands, a timeout between commands, the second line of a multiline
+ * reply) pass unseen. A deadline that runs out inside a command (waiting
+ * for a SASL response, in DATA) refuses that command, as Postfix counts
+ * it. */
+static void
+reply_seen(struct session *s, const char *r, size_t n)
+{
+    if (!s->answering || n == 0 || r[0] == '3')
+        return;
+    s->answering = false;
+    if (r[0] != '4' && r[0] != '5')
+        return;
+    unsigned v = s->answer_verb;
+    s->cmds_refused[v]++;
+    if (s->first_refused[0] == '\0')
+        snprintf(s->first_refused, sizeof(s->first_refused), "%s %.*s",
+                 v == SMTP_VERB_NONE ? "unknown" : smtp_verb_str(v), (int)n, r);
+}
+
 void __attribute__((format(printf, 2, 3)))
 reply(struct session *s, const char *fmt, ...)
 {
@@ -164,6 +197,7 @@ reply(struct session *s, const char *fmt, ...)
         session_close(s, "reply_overflow");
         return;
     }
+    reply_seen(s, s->out + s->out_len, (size_t)n);
     s->out_len += (size_t)n;
     s->out[s->out_len++] = '\r';
     s->out[s->out_len++] = '\n';
@@ -355,6 +389,10 @@ run_commands(struct session *s)
      * command starts with a control octet; answered at once, not after a
      * line end that its ClientHello may never hold. */
     if (s->in_len >= 2 && s->in[0] == 0x16 && s->in[1] == 0x03) {
+        /* Refused before it is read as a line: an unknown command (in an
+         * AUTH exchange, the AUTH's refusal). */
+        if (!s->answering)
+            command_begin(s, SMTP_VERB_NONE);
         log_msg(LOG_NOTICE,
                 "session=%016llx event=tls_on_plaintext_port client=%s "
                 "hint=\"the client starts with TLS: here it must say STARTTLS; implicit TLS is "
@@ -370,17 +408,17 @@ run_commands(struct session *s)
     long n = smtp_cmd_line_find(s->in, s->in_len, SMTP_CMD_LINE_MAX_AUTH, &off);
     if (n == 0)
         return false;
+    if (n < 0 && !s->answering) /* as above */
+        command_begin(s, n == SMTP_CMD_E_LINE_TOO_LONG && is_bdat_line(s->in, s->in_len)
+                             ? SMTP_VERB_BDAT
+                             : SMTP_VERB_NONE);
     if (n == SMTP_CMD_E_LINE_TOO_LONG) {
         if (is_bdat_line(s->in, s->in_len)) {
             s->errors++;
-            s->cmds[SMTP_VERB_BDAT]++;
-            s->cmds_refused[SMTP_VERB_BDAT]++;
             bdat_unframed(s, "line_too_long");
             return true;
         }
         s->errors++;
-        s->cmds[SMTP_VERB_NONE]++;
-        s->cmds_refused[SMTP_VERB_NONE]++;
         log_msg(LOG_INFO, "session=%016llx event=line_too_long client=%s",
                 (unsigned long long)s->id, s->peer_ip);
         if (s->state == SS_AUTH) {

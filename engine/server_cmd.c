@@ -2,9 +2,10 @@
  * server_cmd: the commands of a submission session (see server_int.h for
  * the other files of the server): HELO and EHLO (the extensions offered),
  * STARTTLS, AUTH (PLAIN, LOGIN; the hashing pool and the failure limits),
- * MAIL and RCPT (with their parameters: SIZE, BODY, SMTPUTF8, DSN, AUTH;
- * relay rules, suppression, the bounce role's rules), DATA and BDAT
- * (chunks read into the body), RSET, NOOP, VRFY, HELP and QUIT. Each
+ * MAIL and RCPT (with their parameters: SIZE, BODY, SMTPUTF8, DSN, AUTH,
+ * none of them after HELO; relay rules, suppression, the bounce role's
+ * rules), DATA and BDAT (chunks read into the body; BDAT only after
+ * EHLO), RSET, NOOP, VRFY, HELP and QUIT. Each
  * handler answers through reply() and moves the session with
  * session_enter(); server.c reads the lines and calls them.
  *
@@ -78,6 +79,30 @@ cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
     reply(s, "250 CHUNKING");
 }
 
+/* A session greeted with HELO was shown no extension, and a client may
+ * use only those the EHLO reply showed (RFC 5321 2.2.1, RFC 1869 4; RFC
+ * 6531 3.4 for SMTPUTF8): MAIL and RCPT with parameters are refused, 555
+ * as for parameters not known (RFC 5321 4.1.1.11), naming them, and move
+ * nothing. Postfix takes them after HELO as after EHLO; a parameter that
+ * changes how the transaction is read (SMTPUTF8, BODY) must not come
+ * from a client that never learned it was offered. True when refused
+ * (said). */
+static bool
+params_after_helo(struct session *s, const struct smtp_cmd *c)
+{
+    uint32_t seen = c->params.seen;
+    if (s->esmtp || seen == 0)
+        return false;
+    char names[64];
+    size_t o = 0;
+    for (uint32_t bit = 1; bit != 0 && bit <= seen; bit <<= 1)
+        if (seen & bit)
+            o += (size_t)snprintf(names + o, sizeof(names) - o, "%s%s", o ? " " : "",
+                                  smtp_param_str(bit));
+    reply(s, "555 5.5.4 Unsupported option after HELO: %s (ESMTP parameters need EHLO)", names);
+    return true;
+}
+
 static void
 cmd_mail(struct session *s, const struct smtp_cmd *c)
 {
@@ -86,6 +111,8 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Send HELO or EHLO first");
         return;
     }
+    if (params_after_helo(s, c))
+        return;
     if (s->in_txn) {
         reply(s, "503 5.5.1 Nested MAIL command");
         return;
@@ -302,6 +329,8 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Need MAIL command");
         return;
     }
+    if (params_after_helo(s, c))
+        return;
     if (s->bdat) {
         /* RFC 3030 2: the chunks follow all of MAIL and RCPT. A recipient
          * added between two chunks would change the envelope of a message
@@ -433,7 +462,13 @@ cmd_bdat(struct session *s, const struct smtp_cmd *c)
     s->bdat_last = c->bdat_last;
     s->bdat_discard = false;
     const char *refuse = NULL;
-    if (!s->in_txn)
+    /* BDAT is CHUNKING's, shown only to EHLO (RFC 3030 2, RFC 1869 4):
+     * refused after HELO as Exim does ("BDAT command used when CHUNKING
+     * not advertised"; Postfix takes it), its chunk read and dropped like
+     * any refused one's, so that its octets are never taken for commands. */
+    if (!s->esmtp)
+        refuse = "503 5.5.1 BDAT needs EHLO: CHUNKING is not offered after HELO";
+    else if (!s->in_txn)
         refuse = "503 5.5.1 Need MAIL command";
     else if (s->nrcpt == 0)
         refuse = "554 5.5.1 No valid recipients";
@@ -819,6 +854,10 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 AUTH is not offered here");
         return;
     }
+    /* AUTH is shown only to EHLO (RFC 4954 3, RFC 1869 4). Postfix takes
+     * it after HELO; here, as the parameters and BDAT, it is not: the
+     * reply says what to do, and the Received field's "with" (ESMTPA,
+     * RFC 3848) stays true of every authenticated session. */
     if (!s->greeted || !s->esmtp) {
         reply(s, "503 5.5.1 Send EHLO first");
         return;
@@ -855,21 +894,6 @@ cmd_auth(struct session *s, const struct smtp_cmd *c)
 
 static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
 
-/* A command (verb v) was refused with the reply that starts at s->out[at]:
- * count it, and keep the first one for the disconnect line. */
-static void
-note_refused(struct session *s, unsigned v, size_t at)
-{
-    s->cmds_refused[v]++;
-    if (s->first_refused[0] != '\0' || s->out_len <= at)
-        return;
-    const char *r = s->out + at;
-    const char *end = memchr(r, '\r', s->out_len - at);
-    size_t n = end != NULL ? (size_t)(end - r) : s->out_len - at;
-    snprintf(s->first_refused, sizeof(s->first_refused), "%s %.*s",
-             v == SMTP_VERB_NONE ? "unknown" : smtp_verb_str(v), (int)n, r);
-}
-
 /* A BDAT command whose size could not be read: its chunk follows, and
  * where it ends is unknown. Reading on would take the client's octets
  * for commands (an RCPT or a MAIL hidden in a chunk would be acted on);
@@ -902,21 +926,18 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
     unsigned v = (unsigned)c.verb <= SMTP_VERB_AUTH ? (unsigned)c.verb : SMTP_VERB_NONE;
     size_t at = s->out_len; /* where this command's reply starts */
-    s->cmds[v]++;
+    command_begin(s, v); /* its reply is counted by reply(), whenever it comes */
     if (rc < 0) {
         s->errors++;
         if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
         else
             reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
-        note_refused(s, v, at);
         return;
     }
     bool in_txn = s->in_txn;
     handle_verb(s, &c, rest);
     bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
-    if (refused)
-        note_refused(s, v, at);
     /* Commands that move no mail, counted since the last MAIL accepted;
      * past [server] max_junk_commands the session is closed (run_commands;
      * Postfix's smtpd_junk_command_limit). Not one: an RSET that ends a
@@ -975,6 +996,9 @@ handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest)
                  "HELP AUTH; see RFC 5321");
         break;
     case SMTP_VERB_STARTTLS:
+        /* After HELO too, as Postfix: refusing would only keep the client
+         * in plaintext, and after the handshake it greets again (RFC 3207
+         * 4.2), where EHLO shows it the extensions. */
         if (s->sw->tls == NULL) {
             reply(s, "502 5.5.1 STARTTLS is not offered here");
         } else if (stream_tls(&s->st)) {

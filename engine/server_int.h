@@ -110,13 +110,20 @@ struct session {
     unsigned errors;
     unsigned junk; /* commands that moved no mail since the last MAIL accepted
                     * ([server] max_junk_commands) */
-    /* Commands by verb (SMTP_VERB_NONE: unrecognized), and those answered
-     * 4xx or 5xx: the disconnect line's summary, as Postfix's. */
+    /* Commands by verb (SMTP_VERB_NONE: unrecognized, or a line refused
+     * before it was read as one), and those answered 4xx or 5xx: the
+     * disconnect line's summary, as Postfix's. */
     uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];
     /* The first command refused, as "VERB reply" (cut): the disconnect
      * line says why a client got nowhere (no AUTH, a sender it may not
      * use) in one line however often it tried; "" while none was. */
     char first_refused[112];
+    /* A command is read (command_begin) and its last reply not yet said:
+     * reply() counts that reply, the one place that does, wherever it is
+     * made (an AUTH's 535 after its hash, a DATA's after the dot, a BDAT's
+     * after its chunk). A 3xx (334, 354) leaves it open. */
+    bool answering;
+    unsigned answer_verb; /* its verb, an index of cmds */
 
     /* AUTH */
     struct auth_db *users;         /* owned reference, from session start */
@@ -243,7 +250,12 @@ struct server_worker {
 const char *session_state_str(enum session_state s);
 
 /* server.c: the session */
-/* Queue a reply line (CRLF added) in the output buffer. */
+/* A command of verb v (enum smtp_verb; SMTP_VERB_NONE for an unknown one
+ * or a line refused unread) is read: counted, its reply awaited. */
+void command_begin(struct session *s, unsigned v);
+/* Queue a reply line (CRLF added) in the output buffer. The first line of
+ * the reply to the command read last closes it: 4xx and 5xx count as
+ * refused, and the first of those is kept for the disconnect line. */
 void reply(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Say text and hang up. */
 void reply_close(struct session *s, const char *text);

@@ -1073,6 +1073,21 @@ smtp_verb_str(enum smtp_verb verb)
 }
 
 const char *
+smtp_param_str(uint32_t param)
+{
+    static const char *const names[] = {
+        "SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH", "NOTIFY", "ORCPT",
+    };
+    _Static_assert(SMTP_PARAM_ORCPT == 1u << 7, "a name for every enum smtp_param bit");
+
+    for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (param == 1u << i)
+            return names[i];
+    }
+    return "?";
+}
+
+const char *
 smtp_cmd_err_str(int err)
 {
     switch (err) {

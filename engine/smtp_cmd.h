@@ -233,6 +233,9 @@ const char *smtp_cmd_err_str(int err);
 const char *smtp_cmd_err_reply(int err, enum smtp_verb verb);
 /* "MAIL", "RCPT", ...; "?" for SMTP_VERB_NONE. */
 const char *smtp_verb_str(enum smtp_verb verb);
+/* "SIZE", "NOTIFY", ...: the keyword of one enum smtp_param bit; "?" for
+ * anything else. */
+const char *smtp_param_str(uint32_t param);
 
 /* The enum smtp_auth_mech bit of a mechanism name (case-insensitive),
  * 0 when not one of ours. */

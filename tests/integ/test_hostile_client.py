@@ -5,10 +5,11 @@ close_notify, a half-close), or a stop that finds one, is logged as
 having dropped it, with where and how far it got; a client cut at every
 point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
-refused; the disconnect line says why a client got nowhere; commands
-pipelined behind an AUTH wait for its answer; an AUTH before STARTTLS is
-forgotten after it; a client that sends only commands that move no mail
-is closed. Each test starts its own sluice (plain and
+refused; the disconnect line says why a client got nowhere, whichever
+reply refused it; commands pipelined behind an AUTH wait for its answer;
+an AUTH before STARTTLS is forgotten after it; a client that sends only
+commands that move no mail is closed; a client that greeted with HELO
+uses no ESMTP parameter and no BDAT. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
@@ -496,6 +497,171 @@ def test_client_hello_pipelined_with_starttls_is_closed_at_once():
         assert f"dropped={len(hello)} note=tls_hello_dropped_closing" in line, line
 
 
+def test_esmtp_after_helo_refused():
+    """A client that greeted with HELO saw no extension, and may use none
+    (RFC 5321 2.2.1 and 4.1.1.11, RFC 1869 4, RFC 6531 3.4 for
+    SMTPUTF8): every ESMTP parameter of MAIL (SIZE, BODY, SMTPUTF8, RET,
+    ENVID, AUTH) and of RCPT (NOTIFY, ORCPT) is refused with 555 5.5.4
+    naming it, and moves nothing: no transaction opens, no recipient is
+    added, the session goes on, and the plain transaction after them is
+    stored once, with its one sender and recipient. Before, every one of
+    them was accepted as after EHLO. BDAT (CHUNKING) after HELO is refused
+    with 503 and its chunk read and dropped (as Exim does), not taken for
+    commands; AUTH after HELO is refused as before (503: send EHLO);
+    STARTTLS after HELO is accepted (as Postfix does: it only protects),
+    and the session begins again after it (RFC 3207 4.2)."""
+    mail = [("SIZE=1000", "SIZE"), ("BODY=8BITMIME", "BODY"), ("BODY=7BIT", "BODY"),
+            ("BODY=BINARYMIME", "BODY"), ("SMTPUTF8", "SMTPUTF8"), ("RET=HDRS", "RET"),
+            ("ENVID=env+2B1", "ENVID"), ("AUTH=<>", "AUTH"), ("size=10 ret=full", "SIZE RET")]
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        problems = []
+        for param, named in mail:
+            r = c.cmd(f"MAIL FROM:<a@example.com> {param}")
+            if not (r.code == 555 and r.raw.startswith("555 5.5.4 ") and f": {named} " in r.raw):
+                problems.append(f"MAIL {param}: {r.raw}")
+        r = c.cmd("MAIL FROM:<j\u00f6rg@example.com> SMTPUTF8".encode())
+        if r.code != 555:
+            problems.append(f"MAIL <j\u00f6rg@...> SMTPUTF8: {r.raw}")
+        # none of them opened a transaction: a plain MAIL is no nested one
+        c.expect("MAIL FROM:<sender@example.com>", 250)
+        for param, named in [("NOTIFY=SUCCESS,FAILURE", "NOTIFY"),
+                             ("ORCPT=rfc822;orig@example.org", "ORCPT")]:
+            r = c.cmd(f"RCPT TO:<extra@example.org> {param}")
+            if not (r.code == 555 and r.raw.startswith("555 5.5.4 ") and f": {named} " in r.raw):
+                problems.append(f"RCPT {param}: {r.raw}")
+        assert not problems, "\n".join(problems)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: helo\r\n\r\nplain\r\n.", 250)
+        # BDAT after HELO: refused, its chunk dropped unread
+        c.expect("MAIL FROM:<sender@example.com>", 250)
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.send(b"BDAT 12 LAST\r\nQUIT\r\nNOOP\r\n")
+        r = c.reply()
+        assert r.code == 503 and "EHLO" in r.raw, r
+        c.expect("RSET", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 503)
+        c.expect("QUIT", 221)
+        c.close()
+        # STARTTLS after HELO: TLS, and a session that must greet again
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        c.expect("MAIL FROM:<a@example.com>", 503)
+        c.expect("EHLO new.example", 250)
+        c.expect("MAIL FROM:<a@example.com> SIZE=100", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 2)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["sender"] == b"sender@example.com" and m["rcpts"] == [b"rcpt@example.org"], m
+        assert m["envid"] == b"" and m["body"].endswith(b"plain\r\n"), m
+
+
+def test_disconnect_line_names_refusals_outside_commands():
+    """Every 4xx or 5xx reply to what a client sent counts once, in the
+    disconnect line's sums and as its first_refused, wherever it is made:
+    a line too long (for a command, a BDAT, an AUTH exchange), a bare LF
+    in a command line, a TLS ClientHello on the plaintext port, AUTH's
+    501 (bad base64, cancelled) and its 535 after the hash and the delay,
+    a message refused after its dot or after its last BDAT chunk. Before,
+    these passed the one place that kept the first refusal: their lines
+    said no first_refused, and auth=1, data=1, bdat=1 for an AUTH or a
+    message that was refused."""
+    long_line = "NOOP " + "x" * 13000
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 32
+    content_lf = b"Subject: lf\r\n\r\nbare\nLF\r\n.\r\n"
+    envelope = ["EHLO client.example", "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.org>"]
+
+    def say(c, lines, codes):
+        for line, code in zip(lines, codes):
+            c.expect(line, code)
+
+    def too_long(c):
+        say(c, ["EHLO client.example", long_line, "QUIT"], [250, 500, 221])
+
+    def bdat_too_long(c):
+        c.expect("EHLO client.example", 250)
+        c.send("BDAT " + "1" * 13000 + "\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [501]
+
+    def auth_too_long(c):
+        say(c, ["EHLO client.example", "AUTH LOGIN", long_line, "QUIT"], [250, 334, 500, 221])
+
+    def bare_lf(c):
+        c.expect("EHLO client.example", 250)
+        c.send(b"NOOP\n")
+        assert [r.code for r in c.rest_until_closed()] == [500]
+
+    def tls_hello(c):
+        c.send(hello)
+        assert [r.code for r in c.rest_until_closed()] == [500]
+
+    def bad_base64(c):
+        say(c, ["EHLO client.example", "AUTH PLAIN", "!!not base64!!", "QUIT"],
+            [250, 334, 501, 221])
+
+    def cancelled(c):
+        say(c, ["EHLO client.example", "AUTH LOGIN", "*", "QUIT"], [250, 334, 501, 221])
+
+    def wrong_password(c):
+        say(c, ["EHLO client.example", f"AUTH PLAIN {plain('alice', 'wrong')}", "QUIT"],
+            [250, 535, 221])
+
+    def data_refused(c):
+        say(c, envelope + ["DATA"], [250, 250, 250, 354])
+        c.send(content_lf)
+        assert c.reply().code == 550
+        c.expect("QUIT", 221)
+
+    def bdat_refused(c):
+        say(c, envelope, [250, 250, 250])
+        c.send(b"BDAT 7 LAST\r\nbare\nLF")
+        assert c.reply().code == 550
+        c.expect("QUIT", 221)
+
+    # what the client does, the end of its disconnect line
+    cases = [
+        (too_long, ' ehlo=1 quit=1 unknown=0/1 commands=2/3'
+                   ' first_refused="unknown 500 5.5.2 Line too long"'),
+        (bdat_too_long, ' ehlo=1 bdat=0/1 commands=1/2'
+                        ' first_refused="BDAT 501 5.5.4 Syntax error in BDAT size; closing"'),
+        (auth_too_long, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                        ' first_refused="AUTH 500 5.5.6 Authentication Exchange line is too long"'),
+        (bare_lf, ' ehlo=1 unknown=0/1 commands=1/2'
+                  ' first_refused="unknown 500 5.5.2 Bare CR or LF in a command line: closing"'),
+        (tls_hello, ' unknown=0/1 commands=0/1 first_refused="unknown 500 5.5.2'
+                    ' TLS handshake on a plaintext port: use STARTTLS"'),
+        (bad_base64, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                     ' first_refused="AUTH 501 5.5.2 Invalid base64 data"'),
+        (cancelled, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                    ' first_refused="AUTH 501 5.0.0 Authentication cancelled"'),
+        (wrong_password, ' ehlo=1 quit=1 auth=0/1 commands=2/3'
+                         ' first_refused="AUTH 535 5.7.8 Authentication credentials invalid"'),
+        (data_refused, ' ehlo=1 mail=1 rcpt=1 data=0/1 quit=1 commands=4/5'
+                       ' first_refused="DATA 550 5.6.0 Message refused: bare CR or LF in the'
+                       ' content (lines must end with CRLF)"'),
+        (bdat_refused, ' ehlo=1 mail=1 rcpt=1 bdat=0/1 quit=1 commands=4/5'
+                       ' first_refused="BDAT 550 5.6.0 Message refused: bare CR or LF in the'
+                       ' content (lines must end with CRLF)"'),
+    ]
+    with sluice() as d:
+        problems = []
+        for i, (act, want) in enumerate(cases, 1):
+            c = Smtp(d.port)
+            act(c)
+            c.close()
+            d.wait_log_count("event=disconnect", i)
+            line = d.log_lines("event=disconnect")[-1]
+            if not line.endswith(want):
+                problems.append(f"{act.__name__}: {line}")
+        assert not problems, "\n".join(problems)
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -507,4 +673,6 @@ if __name__ == "__main__":
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
+        test_esmtp_after_helo_refused,
+        test_disconnect_line_names_refusals_outside_commands,
     ])

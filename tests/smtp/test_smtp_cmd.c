@@ -855,6 +855,11 @@ test_names(void **state)
     assert_string_equal(smtp_verb_str(SMTP_VERB_STARTTLS), "STARTTLS");
     assert_string_equal(smtp_verb_str(SMTP_VERB_NONE), "?");
     assert_string_equal(smtp_verb_str((enum smtp_verb)99), "?");
+    assert_string_equal(smtp_param_str(SMTP_PARAM_SIZE), "SIZE");
+    assert_string_equal(smtp_param_str(SMTP_PARAM_SMTPUTF8), "SMTPUTF8");
+    assert_string_equal(smtp_param_str(SMTP_PARAM_ORCPT), "ORCPT");
+    assert_string_equal(smtp_param_str(SMTP_PARAM_SIZE | SMTP_PARAM_BODY), "?");
+    assert_string_equal(smtp_param_str(0), "?");
     assert_int_equal(smtp_auth_mech_parse(L("cram-md5")), SMTP_AUTH_CRAM_MD5);
     assert_int_equal(smtp_auth_mech_parse(L("CRAM-MD")), 0);
     assert_int_equal(smtp_auth_mech_parse(L("CRAM-MD55")), 0);
