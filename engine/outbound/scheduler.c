@@ -143,8 +143,8 @@ static void
 site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why)
 {
     uint64_t until = d->w->now + MS_TO_NS(ms);
-    if (site == NULL || until <= site->hold_until)
-        return;
+    if (site == NULL || ms == 0 || until <= site->hold_until)
+        return; /* (site_hold = 0: no rest, and no line saying one) */
     site->hold_until = until;
     log_msg(LOG_NOTICE, "event=site_held site=%s for_ms=%llu reason=%s", site->key,
             (unsigned long long)ms, why);

@@ -829,6 +829,20 @@ site_rests_with_a_failed_domain(void **state)
     answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     assert_int_equal(f->opened, 3);
     fx_free(f);
+
+    /* site_hold = 0: a 421 rests nothing (before, it still set a rest of
+     * 0 ms and logged event=site_held for_ms=0). */
+    f = fx_new("[delivery]\ninitial_connections = 1\n"
+               "[domain *]\nmax_connections = 10\nsite_hold = 0\n");
+    submit("z.test", 2);
+    answer("z.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    c = f->open[0];
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_int_equal(dest_get(f->d, "z.test")->site->hold_until, 0);
+    fx_free(f);
 }
 
 /* An address that refused a connect is passed over by the site's other
