@@ -379,7 +379,7 @@ def run_campaign(mode):
             return len([e for e in all_events(False) if e["event"] == "delivery"])
 
         mark = 0  # the delivery log's events before the restart
-        killed_at, open_at_kill = None, 0
+        killed_at, open_at_kill, at_kill = None, 0, {}
         if mode == "reload":
             # logrotate's way with a quarter of the campaign out: rename,
             # then SIGHUP, which rereads the config too (each domain's
@@ -399,7 +399,8 @@ def run_campaign(mode):
             if mode == "restart":
                 assert d.stop_clean() == 0
             else:
-                open_at_kill = sum(established(d.pid, mx_port).values())
+                at_kill = established(d.pid, mx_port)
+                open_at_kill = sum(at_kill.values())
                 d.kill9()
                 killed_at = time.time()
             log1 = d.lines
@@ -642,10 +643,15 @@ def run_campaign(mode):
         print(f"  most connections at once per address: {dict(sorted(most.items()))}")
         over = {a: n for a, n in most.items() if n > CAP}
         assert not over, f"connections above the cap of {CAP}: {over}"
-        for role in ("slow", "flaky", "picky"):
+        for role, k in (("slow", 6), ("flaky", 7), ("picky", 8)):
             opened = max((rec["open"] for rec in rx[role].records() if rec["ev"] == "conn"),
                          default=0)
-            assert opened <= CAP, f"the {role} receiver saw {opened} connections at once"
+            # After a kill -9 a receiver still counts the killed process's
+            # connections until it reads their end (a slow one, late): the
+            # new process's, within the cap (the sampler above), come on top.
+            allow = CAP + at_kill.get(host_of(k), 0)
+            assert opened <= allow, \
+                f"the {role} receiver saw {opened} connections at once (allowed {allow})"
 
         # -- the spool is empty.
         n = mdb_entries(os.path.join(wd.path, "spool"), "msg")
