@@ -134,18 +134,26 @@ want_pop(struct site *s)
 }
 
 /* No new connection of site for ms (its domains' site_hold): every
- * address of it failed for one of its domains, or a receiver pushed back
- * with a 421. Each of the site's domains then rests until it ends (in
- * dest_run_once) instead of trying the same hosts in turn: over a host
- * that is down for a thousand domains, a thousand connects every
- * site_hold, where one now. */
+ * address of it failed for one of its domains (failed: how the last one
+ * did), or a receiver pushed back with a 421 (failed NULL). Each of the
+ * site's domains then rests until it ends (in dest_run_once) instead of
+ * trying the same hosts in turn: over a host that is down for a thousand
+ * domains, a thousand connects every site_hold, where one now. */
 static void
-site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why)
+site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why,
+              const struct dest_fail *failed)
 {
     uint64_t until = d->w->now + MS_TO_NS(ms);
     if (site == NULL || ms == 0 || until <= site->hold_until)
         return; /* (site_hold = 0: no rest, and no line saying one) */
     site->hold_until = until;
+    if (failed == NULL) {
+        free(site->rest_fail);
+        site->rest_fail = NULL;
+    } else if (site->rest_fail != NULL ||
+               (site->rest_fail = malloc(sizeof(*site->rest_fail))) != NULL) {
+        *site->rest_fail = *failed;
+    }
     log_msg(LOG_NOTICE, "event=site_held site=%s for_ms=%llu reason=%s", site->key,
             (unsigned long long)ms, why);
 }
@@ -474,6 +482,27 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
     dest_fail_each(t, &o, f->src);
 }
 
+/* t's site rests because every address failed for another of its
+ * domains (f, how the last one did): t's waiting mail is deferred with
+ * that failure, as the failing domain's was (a transient_failure event
+ * for each recipient, the retry schedule), rather than wait in memory
+ * through rest after rest, unseen by the sender, while one domain at a
+ * time meets the dead host (Postfix defers mail for a destination it
+ * marked dead the same way). A 421's rest keeps it waiting: the receiver
+ * pushed back for a while. */
+static void
+dest_fail_as_site(struct dest *t, const struct dest_fail *f)
+{
+    struct dest_fail *own = t->last_fail, *copy = malloc(sizeof(*copy));
+    if (copy == NULL)
+        return; /* it waits, checked for expiry, as before */
+    *copy = *f;
+    t->last_fail = copy; /* where the outcome says it failed (job_fail) */
+    dest_fail_each(t, &copy->o, CLASSIFY_CONNECT);
+    free(t->last_fail);
+    t->last_fail = own;
+}
+
 /* The scheduler's one decision point, never re-entered for the same
  * destination: a limiter's wake-up or a connection's events inside a run
  * ask for another pass, made when this one ends. */
@@ -654,6 +683,8 @@ dest_run_once(struct dest *t)
             log_msg(LOG_INFO,
                     "event=destination_held domain=%s site=%s for_ms=%llu reason=site_held",
                     t->name, site->key, (unsigned long long)ms);
+            if (site->rest_fail != NULL)
+                dest_fail_as_site(t, site->rest_fail);
             dest_hold(t, ms);
         } else {
             want_push(t);
@@ -691,7 +722,11 @@ dest_run_once(struct dest *t)
             if (t->conns == 0) {
                 bool site_down = site->conns == 0 &&
                                  policy_site_failure(t->last_fail ? &t->last_fail->o : NULL);
-                if (t->last_fail != NULL && t->last_fail->o.text[0] != '\0') {
+                bool why = t->last_fail != NULL && t->last_fail->o.text[0] != '\0';
+                if (site_down)
+                    site_hold_set(d, site, policy_all_failed_hold(t->pol->site_hold),
+                                  "every_address_failed", why ? t->last_fail : NULL);
+                if (why) {
                     /* deferred with why the last address failed */
                     dest_fail_each(t, &t->last_fail->o, CLASSIFY_CONNECT);
                 } else {
@@ -701,9 +736,6 @@ dest_run_once(struct dest *t)
                 }
                 dest_last_fail_clear(t);
                 dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
-                if (site_down)
-                    site_hold_set(d, site, policy_all_failed_hold(t->pol->site_hold),
-                                  "every_address_failed");
             }
             return;
         }
@@ -1190,7 +1222,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
                 (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
                 so->text);
         dest_hold(t, t->pol->site_hold);
-        site_hold_set(d, site, t->pol->site_hold, "421");
+        site_hold_set(d, site, t->pol->site_hold, "421", NULL);
     }
     if (pd.backoff)
         limits_backoff(d->lim, &t->lim, d->w->now);

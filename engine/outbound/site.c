@@ -162,6 +162,7 @@ sites_fini(struct sites *s)
     size_t b = 0;
     struct hash_node *cur = NULL, *n;
     while ((n = hash_next(&s->by_key, &b, &cur)) != NULL) {
+        free(((struct site *)n)->rest_fail);
         free(((struct site *)n)->src);
         free(n);
     }
@@ -242,6 +243,7 @@ site_unref(struct sites *s, struct site *site)
     hash_remove(&s->by_key, &site->node);
     hash_compact(&s->by_key);
     s->live--;
+    free(site->rest_fail);
     free(site->src);
     free(site);
     return NULL;

@@ -115,6 +115,7 @@ bool site_window_on_failure(struct site_window *w, unsigned epoch);
 
 struct conn;
 struct dest;
+struct dest_fail;
 
 #define SITE_SOURCES_MAX   64   /* sources of one pool a site keeps state for */
 #define SITE_SHARE_WINDOW  2048 /* transactions after which the sources' counts halve */
@@ -152,6 +153,10 @@ struct site {
     uint64_t hold_until;     /* monotonic ns: no new connection of the site before: its
                               * hosts all failed, or one pushed back with a 421
                               * (scheduler.c, site_hold_set); its idle ones still serve */
+    struct dest_fail *rest_fail; /* owned: while it rests because every address failed
+                                  * for one of its domains, that failure (scheduler.c:
+                                  * its other domains' mail is deferred with it); NULL
+                                  * for a 421's rest, or none */
     struct site_source *src; /* owned: nsrc entries, made on first use */
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */

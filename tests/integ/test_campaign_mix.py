@@ -514,6 +514,15 @@ def run_campaign(mode):
             if not ok:
                 why.append(e)
         assert not why, problems("failures that do not say why as expected", why, 3)
+        # Every recipient at the dead host was told deferred before it
+        # expired: the site rests as a unit, and the mail of its other
+        # domains is deferred with the failure that rested it (before, only
+        # the domain that met the dead host in each rest was; the others'
+        # mail waited in memory, untold, until it expired).
+        told = {(tid_of.get(e["id"]), e["rcpt"]) for e in evs
+                if e["event"] == "transient_failure" and e["id"] not in dsn_ids}
+        untold = [k for k in want if want[k][0] == "expiration" and k not in told]
+        assert not untold, problems("recipients that expired never told deferred", untold)
         # The flaky host: deferred (451 to RCPT; its 421 greetings charge
         # no attempt), then delivered on a later attempt.
         flaky = [k for k in want if want[k][1] == host_of(7)]

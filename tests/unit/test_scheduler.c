@@ -777,18 +777,25 @@ site_rests_with_a_failed_domain(void **state)
     assert_int_equal(f->failed, 1); /* a.test's job deferred */
     struct site *site = dest_get(f->d, "a.test")->site;
     assert_true(site->hold_until > f->w.now);
-    /* Same hosts, another domain: its site rests, nothing is opened. */
+    /* Same hosts, another domain: its site rests, nothing is opened, and
+     * its mail is deferred with the site's failure, as a.test's was
+     * (before, it waited in memory, told nothing, through each rest). */
     submit("b.test", 2);
     answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     struct dest *b = dest_get(f->d, "b.test");
     assert_ptr_equal(b->site, site);
     assert_int_equal(f->opened, 2);
     assert_true(b->hold_until > f->w.now);
-    assert_int_equal(dest_queued(b), 1); /* waits, not deferred */
-    assert_int_equal(f->failed, 1);
-    /* The rest ends: b.test tries again. */
+    assert_int_equal(dest_queued(b), 0);
+    assert_int_equal(f->failed, 3); /* and b.test's two recipients */
+    assert_int_equal(f->last_fail.reason, SMTP_REASON_CONNECT_REFUSED);
+    assert_string_equal(f->last_fail.text, "Connection refused");
+    assert_null(b->last_fail);
+    /* The rest ends: b.test's mail, due again, tries again. */
     f->w.now += MS_TO_NS(31000);
     timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->opened, 2);
+    submit("b.test", 1);
     assert_int_equal(f->opened, 3);
     /* It is met with a 421: the site rests again. */
     struct conn *c = f->open[0];
@@ -804,10 +811,14 @@ site_rests_with_a_failed_domain(void **state)
     c->connected = true;
     conn_gone(c, &bye);
     assert_true(site->hold_until > f->w.now);
-    unsigned before = f->opened;
+    assert_null(site->rest_fail);
+    unsigned before = f->opened, failed = f->failed;
     submit("c.test", 1);
     answer("c.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     assert_int_equal(f->opened, before);
+    /* a 421's rest: the receiver pushed back for a while, the mail waits */
+    assert_int_equal(dest_queued(dest_get(f->d, "c.test")), 1);
+    assert_int_equal(f->failed, failed);
     fx_free(f);
 
     /* A TLS failure on every address: the domain rests, its site not. */
