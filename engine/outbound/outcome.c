@@ -61,6 +61,9 @@
 
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
+/* An expiry's enhanced code, in its event, its log line and its DSN
+ * alike (RFC 3463: delivery time expired), whatever the last attempt's. */
+#define EXPIRED_STATUS "4.4.7"
 
 /* The outcomes of one job, kept (replies copied) until their commit is
  * durable: a commit that fails (I/O, or a spool so full that even the
@@ -907,7 +910,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
         t->last_ms = now;
         char enh[16] = "";
-        if (o->enh.cls != 0)
+        if (kind == DLOG_EXPIRATION)
+            /* The DSN's Status (below): the backend gets one answer per
+             * recipient. The last attempt's code and reply stay its own. */
+            snprintf(enh, sizeof(enh), "%s", EXPIRED_STATUS);
+        else if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
         const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
         const char *reason = smtp_reason_str(o->reason);
@@ -967,7 +974,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             if (warn && tl->status[0] == '5')
                 tl->status[0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             if (kind == DLOG_EXPIRATION)
-                snprintf(tl->status, sizeof(tl->status), "%s", "4.4.7");
+                snprintf(tl->status, sizeof(tl->status), "%s", EXPIRED_STATUS);
             tl->dsn = true;
             tl->delayed = warn;
             tl->orcpt = r->orcpt;

@@ -76,6 +76,25 @@ def wait_events(path, pred, n, timeout=30):
     return [e for e in events(path, False) if pred(e)]
 
 
+STATUS_RE = re.compile(r"Final-Recipient: rfc822;\s*(\S+)\n(?:[^\n]+\n)*?Status: (\d\.\d+\.\d+)")
+
+
+def dsn_statuses(sink):
+    """Recipient -> the Status of its entry, over the DSNs at sink (whole
+    ones: a DSN is one line of delivery-status per field)."""
+    out = {}
+    for m in sink.messages():
+        for rcpt, status in STATUS_RE.findall(m.decode("utf-8", "replace").replace("\r\n", "\n")):
+            out[rcpt] = status
+    return out
+
+
+def wait_dsn_statuses(sink, rcpts, timeout=30):
+    wait_until(lambda: set(rcpts) <= set(dsn_statuses(sink)), timeout,
+               f"the DSNs of {sorted(rcpts)} at the sender's MX")
+    return dsn_statuses(sink)
+
+
 def log_conf_text(extra):
     return "[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n" + (extra or "")
 
@@ -252,25 +271,31 @@ def test_expiry_in_every_state():
     an hour."""
     recs = ["host-record=hang.test,127.0.0.3", "mx-host=hang.test,hang.test,10",
             "host-record=soft.test,127.0.0.4", "mx-host=soft.test,soft.test,10",
-            "host-record=own.test,127.0.0.5", "mx-host=own.test,own.test,10"]
-    r = Relay(recs, with_sink=False, domain_conf=log_conf_text(
+            "host-record=own.test,127.0.0.5", "mx-host=own.test,own.test,10",
+            "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, with_sink=False, dsn=True, domain_conf=log_conf_text(
         "[domain *]\nmax_age = 2s\nretry_schedule = 1h\nmax_connections = 1\n"
-        "[domain own.test]\nmax_age = 1h\n"))
+        "[domain own.test]\nmax_age = 1h\n[domain sender.test]\nmax_age = 1h\n"))
     sinks = []
     try:
         sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="hang", host="127.0.0.3"))
         sinks.append(Sink(r.wd, r.mx_port, ["-r", "RCPT"], name="soft", host="127.0.0.4"))
         sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="own", host="127.0.0.5"))
-        r.inject([("s@example.com", ["a@hang.test"], b"Subject: 1\r\n\r\nin flight\r\n"),
-                  ("s@example.com", ["b@hang.test"], b"Subject: 2\r\n\r\nready\r\n"),
-                  ("s@example.com", ["c@soft.test"], b"Subject: 3\r\n\r\ndeferred\r\n"),
-                  ("s@example.com", ["d@own.test"],
+        sinks.append(Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2"))
+        r.inject([("s@sender.test", ["a@hang.test"], b"Subject: 1\r\n\r\nin flight\r\n"),
+                  ("s@sender.test", ["b@hang.test"], b"Subject: 2\r\n\r\nready\r\n"),
+                  ("s@sender.test", ["c@soft.test"], b"Subject: 3\r\n\r\ndeferred\r\n"),
+                  ("s@sender.test", ["d@own.test"],
                    b"Subject: 4\r\nX-Sluice-Expire: 1s\r\n\r\nits own expiry\r\n")],
                  sessions=1)
         ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 4, timeout=60)
-        assert sorted(e["rcpt"] for e in ex) == ["a@hang.test", "b@hang.test", "c@soft.test",
-                                                 "d@own.test"], ex
+        rcpts = ["a@hang.test", "b@hang.test", "c@soft.test", "d@own.test"]
+        assert sorted(e["rcpt"] for e in ex) == rcpts, ex
         assert all(e["class"] == "expired" for e in ex), ex
+        # one answer to the backend, in every state: the event's enhanced
+        # code is the DSN's Status (the last attempt's code and reply stay)
+        st = wait_dsn_statuses(sinks[-1], rcpts)
+        assert all(e.get("enhanced") == st[e["rcpt"]] == "4.4.7" for e in ex), (ex, st)
         soft = [e for e in events(r.dlog) if e["event"] == "transient_failure"
                 and e["rcpt"] == "c@soft.test"]
         assert soft, "c was never deferred"
