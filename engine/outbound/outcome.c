@@ -736,6 +736,16 @@ outcome_again(struct outcome_batch *b)
     return rc;
 }
 
+/* Did an MTA's session give o (an answer, a timeout, a lost connection),
+ * not a connect that failed? Only then is its MX host the DSN's
+ * Remote-MTA, and the one a hold's expiries name. */
+static bool
+mta_answered(const struct smtp_outcome *o)
+{
+    return o->reason != SMTP_REASON_CONNECT_REFUSED && o->reason != SMTP_REASON_CONNECT_TIMEOUT &&
+           o->reason != SMTP_REASON_CONNECT_FAILED;
+}
+
 /* A receiver's reply that was not a delivery goes past the shaping rules
  * (shaping.h): one that fires starts an action for the source, the
  * destination group or the domain, on every node. */
@@ -902,12 +912,17 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->rcpt_named = o->reason == SMTP_REASON_REPLY && o->stage >= SMTP_CLIENT_S_RCPT &&
                          o->stage <= SMTP_CLIENT_S_DOT &&
                          !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
-        /* An expiry is no news of the destination: its last reply stays
-         * (the held destination's expiries name it, dest_on_sweep). */
-        if (kind != DLOG_DELIVERY && o->code != 0)
-            snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
-        else if (kind != DLOG_DELIVERY && where->src != CLASSIFY_EXPIRED)
-            snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+        /* An expiry is no news of the destination: its last reply stays,
+         * with the MX host whose session gave it (the held destination's
+         * expiries name both, dest_on_sweep). */
+        bool answered = mta_answered(o);
+        if (kind != DLOG_DELIVERY && (o->code != 0 || where->src != CLASSIFY_EXPIRED)) {
+            if (o->code != 0)
+                snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
+            else
+                snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+            dest_last_reply_at(t, answered ? where->mx : NULL, where->mx_addr);
+        }
         t->last_ms = now;
         char enh[16] = "";
         if (kind == DLOG_EXPIRATION)
@@ -979,9 +994,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             tl->delayed = warn;
             tl->orcpt = r->orcpt;
             tl->dsn_code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
-            tl->session = o->reason != SMTP_REASON_CONNECT_REFUSED &&
-                          o->reason != SMTP_REASON_CONNECT_TIMEOUT &&
-                          o->reason != SMTP_REASON_CONNECT_FAILED;
+            tl->session = answered;
             dsn_rcpt_of(&dr[ndsn++], tl, o->text, &info);
         }
         for (size_t k = ev_from; capture && k < evbuf.len; k++)

@@ -244,22 +244,41 @@ def test_421_at_data_holds_the_destination():
 
 def test_held_destination_still_expires():
     """After a 421 the destination is held for an hour; its recipients,
-    waiting in memory or deferred, still expire at max_age."""
-    r = Relay(records_for(["busy.test"]), sink_flags=["-Q", "DATA"],
+    waiting in memory or deferred, still expire at max_age. Each expiry
+    names the reply that held the destination and the MX host (and
+    address) that sent it, and its enhanced code is its DSN's Status."""
+    recs = records_for(["busy.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, sink_flags=["-Q", "DATA"], dsn=True,
               domain_conf=log_conf_text("[domain *]\nsite_hold = 1h\nmax_age = 3s\n"
-                                        "max_connections = 1\n"))
+                                        "max_connections = 1\n[domain sender.test]\n"
+                                        "max_age = 1h\n"))
+    s2 = None
     try:
-        r.inject([("s@example.com", [f"u{i}@busy.test"], b"Subject: b\r\n\r\nx\r\n")
-                  for i in range(3)], sessions=1)
+        s2 = Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+        rcpts = ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
+        r.inject([("s@sender.test", [u], b"Subject: b\r\n\r\nx\r\n") for u in rcpts],
+                 sessions=1)
         ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 3, timeout=60)
-        assert sorted(e["rcpt"] for e in ex) == ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
+        assert sorted(e["rcpt"] for e in ex) == rcpts, ex
         assert all(e["queue_time_ms"] < 20000 for e in ex), ex
         # each says why it was held: the receiver's reply, once
         assert all(e["reply"] == "message expired while busy.test was held: "
                    "421 4.0.0 Server closing connection" for e in ex), ex
+        # ... and who said it, although the held ones never had a connection
+        assert all(e.get("mx") == "mx.test" and e.get("mx_addr") == f"127.0.0.1:{r.mx_port}"
+                   for e in ex), ex
+        assert r.d.count_log("event=expired") == 3
+        assert r.d.count_log("mx=-") == 0, "an expiry logged without the MX that held it"
+        # one answer to the backend: the event's enhanced code is the DSN's Status
+        st = wait_dsn_statuses(s2, rcpts)
+        assert all(e.get("enhanced") == st[e["rcpt"]] == "4.4.7" for e in ex), (ex, st)
+        # the DSN names the MTA whose reply it quotes
+        assert all(b"Remote-MTA: dns; mx.test" in m for m in s2.messages()), s2.messages()
         assert r.d.stop_clean() == 0
-        assert mdb_entries(r.spool, "msg") == 0
     finally:
+        if s2 is not None:
+            s2.stop()
         r.close()
 
 
