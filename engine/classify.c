@@ -102,7 +102,13 @@ struct builtin {
  *  2. text, for replies with no code, the generic X.0.0, or a code not
  *     listed above; within it the strong signals come before the weak
  *     ones ("rate limit" before "blocked" before "try again later");
- *  3. fallbacks by basic code and by enhanced-code family.
+ *  3. fallbacks by basic code and by enhanced-code family, and the
+ *     enhanced codes that name no single cause, so that the text above
+ *     decides first: X.3.2, "system not accepting network messages", is
+ *     a receiver going down or in maintenance as often as one under load
+ *     (RFC 3463 names all three; Microsoft sends it for its connection
+ *     limit, sluice's own server when it stops): rate_limited only when
+ *     the text speaks of load.
  */
 static const struct builtin builtins[] = {
     /* 1. enhanced codes */
@@ -157,10 +163,18 @@ static const struct builtin builtins[] = {
      "text:too (large|big)|size limit|message size|exceeds? [a-z ]{0,20}size|message length",
      "message too large"},
     {BOUNCE_RATE_LIMITED,
-     "text:rate.?limit|throttl|slow down|unusual rate|(server|system) busy"
+     "text:rate.?limit|throttl|slow down|unusual rate|(server|system) busy|overload"
      "|too many (connections|concurrent|simultaneous|sessions|messages|mails|emails|recipients"
-     "|requests)",
-     "explicit throttling: before the policy words that often come with it"},
+     "|requests)|concurrent (smtp |server )?connections|ports are busy",
+     "explicit throttling: before the policy words that often come with it (Microsoft: "
+     "\"4.3.2 The maximum number of concurrent server connections has exceeded a limit\"; "
+     "postscreen: \"4.3.2 All server ports are busy\")"},
+    {BOUNCE_OTHER,
+     "text:shutting down|shut ?down|going down|restarting|maintenance"
+     "|not accepting network messages",
+     "the receiver stops or restarts (sluice: \"421 4.3.2 Service shutting down: try again "
+     "later\"): not load, so never rate_limited; before the weak throttling signs it often "
+     "ends with"},
     {BOUNCE_POLICY,
      "text:spam|blocked|black ?list|block ?list|deny ?list|spamhaus|spamcop|barracuda"
      "|reputation|unsolicited|suspicious|dmarc|spf|dkim|policy|unauthenticated|not authori[sz]ed"
@@ -175,6 +189,9 @@ static const struct builtin builtins[] = {
      "the remote side could not resolve a name"},
 
     /* 3. fallbacks */
+    {BOUNCE_OTHER, "enh:*.3.2",
+     "system not accepting messages (RFC 3463: shutdown, maintenance or load) whose text named "
+     "no load: most often a receiver going down"},
     {BOUNCE_RATE_LIMITED, "code:421", "service closing the channel: mostly load or throttling"},
     {BOUNCE_POLICY, "enh:4.7.*", "temporary policy code whose text named no cause"},
     {BOUNCE_CONNECTION_FAILURE, "enh:*.4.*", "network or routing problem"},

@@ -21,7 +21,9 @@
  * not rate_limited, unless an operator rule (say text:rate.?limit) says
  * otherwise. Text rules decide when no code rule matched: no enhanced
  * code, the generic X.0.0, or a code the table does not list. Last come
- * a few fallbacks: code:421 (rate_limited), enh:4.7.* (policy: temporary
+ * a few fallbacks: enh:*.3.2 (other: "not accepting messages", mostly a
+ * receiver going down; load says so in its text, which decides first),
+ * code:421 (rate_limited), enh:4.7.* (policy: temporary
  * policy codes are so often throttling that their text decides first)
  * and enh:*.4.* (connection_failure). Nothing matched: other.
  * classify_print_rules() writes the table for the README.

@@ -169,6 +169,27 @@ dest_last_fail_clear(struct dest *t)
     t->last_fail = NULL;
 }
 
+void
+dest_last_reply_at(struct dest *t, const char *mx, const char *addr)
+{
+    if (addr == NULL)
+        addr = "";
+    char *at = t->last_reply_at;
+    if (mx != NULL && mx[0] != '\0' && at != NULL && strcmp(at, mx) == 0 &&
+        strcmp(at + strlen(at) + 1, addr) == 0)
+        return; /* the same host again: the common case, no allocation */
+    free(at);
+    t->last_reply_at = NULL;
+    if (mx == NULL || mx[0] == '\0')
+        return;
+    size_t lm = strlen(mx) + 1, la = strlen(addr) + 1;
+    if ((at = malloc(lm + la)) == NULL)
+        return;
+    memcpy(at, mx, lm);
+    memcpy(at + lm, addr, la);
+    t->last_reply_at = at;
+}
+
 /* Forget t and what waits in it (the spool keeps the recipients). live:
  * the loop turns, so timers, the lookup and the limiter are let go of
  * too; else they went with the loop. */
@@ -195,6 +216,7 @@ dest_free(struct dest *t, bool live)
     dns_mx_result_unref(t->mx);
     free(t->src_ids);
     dest_last_fail_clear(t);
+    dest_last_reply_at(t, NULL, NULL);
     mta_sts_policy_unref(t->sts);
     dest_sts_forget(t);
     dest_want_remove(t);
@@ -451,6 +473,13 @@ dest_on_sweep(struct timer *tm, void *ctx)
         else
             snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
         struct outcome_where where = {.src = CLASSIFY_EXPIRED};
+        if (t->last_reply_at != NULL) {
+            /* ... and the MX host that sent it (an expiry keeps both:
+             * job_finish) */
+            where.mx = t->last_reply_at;
+            const char *addr = t->last_reply_at + strlen(t->last_reply_at) + 1;
+            where.mx_addr = addr[0] != '\0' ? addr : NULL;
+        }
         job_finish(d, t, j, env, NULL, &o, &where);
         queue_envelope_free(env);
         free(j);

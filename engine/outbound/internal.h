@@ -304,11 +304,17 @@ struct dest {
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
-    uint64_t delivered, failed; /* recipients, since start: counted when told (outcome.c) */
     unsigned untold;         /* outcome batches of its jobs not told yet: it stays
                               * (outcome.c counts them on it) */
+    uint64_t delivered, failed; /* recipients, since start: counted when told (outcome.c) */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
+    char *last_reply_at;     /* owned: "host\0address\0", the MX host whose session gave
+                              * last_reply (address "" unknown), kept for the expiries
+                              * of a hold it caused (dest_on_sweep); NULL: none, or no
+                              * MTA's (a refused connect, DNS). Its own allocation, made
+                              * again only when the host changes: the pointer fills a
+                              * hole, struct dest stays 1,112 octets */
     /* For the operators' views (delivery_domains): recipient deferrals
      * since the destination was made, by enum bounce_class (counted when
      * told, as delivered and failed), and the wall
@@ -562,6 +568,10 @@ void dest_hold(struct dest *t, uint64_t ms);
 void dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
                         const char *addr);
 void dest_last_fail_clear(struct dest *t);
+/* t's last_reply came from MX host mx at address addr (mx NULL: from no
+ * MTA's session; addr NULL: unknown): kept in t->last_reply_at, or
+ * forgotten (as when there is no memory for it). */
+void dest_last_reply_at(struct dest *t, const char *mx, const char *addr);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
 /* t's answer is res now (a reference moved in; NULL: none, ask again);

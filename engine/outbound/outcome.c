@@ -61,6 +61,9 @@
 
 #define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
+/* An expiry's enhanced code, in its event, its log line and its DSN
+ * alike (RFC 3463: delivery time expired), whatever the last attempt's. */
+#define EXPIRED_STATUS "4.4.7"
 
 /* The outcomes of one job, kept (replies copied) until their commit is
  * durable: a commit that fails (I/O, or a spool so full that even the
@@ -733,6 +736,16 @@ outcome_again(struct outcome_batch *b)
     return rc;
 }
 
+/* Did an MTA's session give o (an answer, a timeout, a lost connection),
+ * not a connect that failed? Only then is its MX host the DSN's
+ * Remote-MTA, and the one a hold's expiries name. */
+static bool
+mta_answered(const struct smtp_outcome *o)
+{
+    return o->reason != SMTP_REASON_CONNECT_REFUSED && o->reason != SMTP_REASON_CONNECT_TIMEOUT &&
+           o->reason != SMTP_REASON_CONNECT_FAILED;
+}
+
 /* A receiver's reply that was not a delivery goes past the shaping rules
  * (shaping.h): one that fires starts an action for the source, the
  * destination group or the domain, on every node. */
@@ -899,15 +912,24 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         tl->rcpt_named = o->reason == SMTP_REASON_REPLY && o->stage >= SMTP_CLIENT_S_RCPT &&
                          o->stage <= SMTP_CLIENT_S_DOT &&
                          !(failed && classify_sender_refused(cfg->classify, &o->enh, o->text));
-        /* An expiry is no news of the destination: its last reply stays
-         * (the held destination's expiries name it, dest_on_sweep). */
-        if (kind != DLOG_DELIVERY && o->code != 0)
-            snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
-        else if (kind != DLOG_DELIVERY && where->src != CLASSIFY_EXPIRED)
-            snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+        /* An expiry is no news of the destination: its last reply stays,
+         * with the MX host whose session gave it (the held destination's
+         * expiries name both, dest_on_sweep). */
+        bool answered = mta_answered(o);
+        if (kind != DLOG_DELIVERY && (o->code != 0 || where->src != CLASSIFY_EXPIRED)) {
+            if (o->code != 0)
+                snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);
+            else
+                snprintf(t->last_reply, sizeof(t->last_reply), "%.150s", o->text);
+            dest_last_reply_at(t, answered ? where->mx : NULL, where->mx_addr);
+        }
         t->last_ms = now;
         char enh[16] = "";
-        if (o->enh.cls != 0)
+        if (kind == DLOG_EXPIRATION)
+            /* The DSN's Status (below): the backend gets one answer per
+             * recipient. The last attempt's code and reply stay its own. */
+            snprintf(enh, sizeof(enh), "%s", EXPIRED_STATUS);
+        else if (o->enh.cls != 0)
             snprintf(enh, sizeof(enh), "%u.%u.%u", o->enh.cls, o->enh.subject, o->enh.detail);
         const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str(cls);
         const char *reason = smtp_reason_str(o->reason);
@@ -967,14 +989,12 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             if (warn && tl->status[0] == '5')
                 tl->status[0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             if (kind == DLOG_EXPIRATION)
-                snprintf(tl->status, sizeof(tl->status), "%s", "4.4.7");
+                snprintf(tl->status, sizeof(tl->status), "%s", EXPIRED_STATUS);
             tl->dsn = true;
             tl->delayed = warn;
             tl->orcpt = r->orcpt;
             tl->dsn_code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
-            tl->session = o->reason != SMTP_REASON_CONNECT_REFUSED &&
-                          o->reason != SMTP_REASON_CONNECT_TIMEOUT &&
-                          o->reason != SMTP_REASON_CONNECT_FAILED;
+            tl->session = answered;
             dsn_rcpt_of(&dr[ndsn++], tl, o->text, &info);
         }
         for (size_t k = ev_from; capture && k < evbuf.len; k++)

@@ -76,6 +76,25 @@ def wait_events(path, pred, n, timeout=30):
     return [e for e in events(path, False) if pred(e)]
 
 
+STATUS_RE = re.compile(r"Final-Recipient: rfc822;\s*(\S+)\n(?:[^\n]+\n)*?Status: (\d\.\d+\.\d+)")
+
+
+def dsn_statuses(sink):
+    """Recipient -> the Status of its entry, over the DSNs at sink (whole
+    ones: a DSN is one line of delivery-status per field)."""
+    out = {}
+    for m in sink.messages():
+        for rcpt, status in STATUS_RE.findall(m.decode("utf-8", "replace").replace("\r\n", "\n")):
+            out[rcpt] = status
+    return out
+
+
+def wait_dsn_statuses(sink, rcpts, timeout=30):
+    wait_until(lambda: set(rcpts) <= set(dsn_statuses(sink)), timeout,
+               f"the DSNs of {sorted(rcpts)} at the sender's MX")
+    return dsn_statuses(sink)
+
+
 def log_conf_text(extra):
     return "[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n" + (extra or "")
 
@@ -225,22 +244,41 @@ def test_421_at_data_holds_the_destination():
 
 def test_held_destination_still_expires():
     """After a 421 the destination is held for an hour; its recipients,
-    waiting in memory or deferred, still expire at max_age."""
-    r = Relay(records_for(["busy.test"]), sink_flags=["-Q", "DATA"],
+    waiting in memory or deferred, still expire at max_age. Each expiry
+    names the reply that held the destination and the MX host (and
+    address) that sent it, and its enhanced code is its DSN's Status."""
+    recs = records_for(["busy.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, sink_flags=["-Q", "DATA"], dsn=True,
               domain_conf=log_conf_text("[domain *]\nsite_hold = 1h\nmax_age = 3s\n"
-                                        "max_connections = 1\n"))
+                                        "max_connections = 1\n[domain sender.test]\n"
+                                        "max_age = 1h\n"))
+    s2 = None
     try:
-        r.inject([("s@example.com", [f"u{i}@busy.test"], b"Subject: b\r\n\r\nx\r\n")
-                  for i in range(3)], sessions=1)
+        s2 = Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+        rcpts = ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
+        r.inject([("s@sender.test", [u], b"Subject: b\r\n\r\nx\r\n") for u in rcpts],
+                 sessions=1)
         ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 3, timeout=60)
-        assert sorted(e["rcpt"] for e in ex) == ["u0@busy.test", "u1@busy.test", "u2@busy.test"]
+        assert sorted(e["rcpt"] for e in ex) == rcpts, ex
         assert all(e["queue_time_ms"] < 20000 for e in ex), ex
         # each says why it was held: the receiver's reply, once
         assert all(e["reply"] == "message expired while busy.test was held: "
                    "421 4.0.0 Server closing connection" for e in ex), ex
+        # ... and who said it, although the held ones never had a connection
+        assert all(e.get("mx") == "mx.test" and e.get("mx_addr") == f"127.0.0.1:{r.mx_port}"
+                   for e in ex), ex
+        assert r.d.count_log("event=expired") == 3
+        assert r.d.count_log("mx=-") == 0, "an expiry logged without the MX that held it"
+        # one answer to the backend: the event's enhanced code is the DSN's Status
+        st = wait_dsn_statuses(s2, rcpts)
+        assert all(e.get("enhanced") == st[e["rcpt"]] == "4.4.7" for e in ex), (ex, st)
+        # the DSN names the MTA whose reply it quotes
+        assert all(b"Remote-MTA: dns; mx.test" in m for m in s2.messages()), s2.messages()
         assert r.d.stop_clean() == 0
-        assert mdb_entries(r.spool, "msg") == 0
     finally:
+        if s2 is not None:
+            s2.stop()
         r.close()
 
 
@@ -252,25 +290,31 @@ def test_expiry_in_every_state():
     an hour."""
     recs = ["host-record=hang.test,127.0.0.3", "mx-host=hang.test,hang.test,10",
             "host-record=soft.test,127.0.0.4", "mx-host=soft.test,soft.test,10",
-            "host-record=own.test,127.0.0.5", "mx-host=own.test,own.test,10"]
-    r = Relay(recs, with_sink=False, domain_conf=log_conf_text(
+            "host-record=own.test,127.0.0.5", "mx-host=own.test,own.test,10",
+            "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, with_sink=False, dsn=True, domain_conf=log_conf_text(
         "[domain *]\nmax_age = 2s\nretry_schedule = 1h\nmax_connections = 1\n"
-        "[domain own.test]\nmax_age = 1h\n"))
+        "[domain own.test]\nmax_age = 1h\n[domain sender.test]\nmax_age = 1h\n"))
     sinks = []
     try:
         sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="hang", host="127.0.0.3"))
         sinks.append(Sink(r.wd, r.mx_port, ["-r", "RCPT"], name="soft", host="127.0.0.4"))
         sinks.append(Sink(r.wd, r.mx_port, ["-w", "60"], name="own", host="127.0.0.5"))
-        r.inject([("s@example.com", ["a@hang.test"], b"Subject: 1\r\n\r\nin flight\r\n"),
-                  ("s@example.com", ["b@hang.test"], b"Subject: 2\r\n\r\nready\r\n"),
-                  ("s@example.com", ["c@soft.test"], b"Subject: 3\r\n\r\ndeferred\r\n"),
-                  ("s@example.com", ["d@own.test"],
+        sinks.append(Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2"))
+        r.inject([("s@sender.test", ["a@hang.test"], b"Subject: 1\r\n\r\nin flight\r\n"),
+                  ("s@sender.test", ["b@hang.test"], b"Subject: 2\r\n\r\nready\r\n"),
+                  ("s@sender.test", ["c@soft.test"], b"Subject: 3\r\n\r\ndeferred\r\n"),
+                  ("s@sender.test", ["d@own.test"],
                    b"Subject: 4\r\nX-Sluice-Expire: 1s\r\n\r\nits own expiry\r\n")],
                  sessions=1)
         ex = wait_events(r.dlog, lambda e: e["event"] == "expiration", 4, timeout=60)
-        assert sorted(e["rcpt"] for e in ex) == ["a@hang.test", "b@hang.test", "c@soft.test",
-                                                 "d@own.test"], ex
+        rcpts = ["a@hang.test", "b@hang.test", "c@soft.test", "d@own.test"]
+        assert sorted(e["rcpt"] for e in ex) == rcpts, ex
         assert all(e["class"] == "expired" for e in ex), ex
+        # one answer to the backend, in every state: the event's enhanced
+        # code is the DSN's Status (the last attempt's code and reply stay)
+        st = wait_dsn_statuses(sinks[-1], rcpts)
+        assert all(e.get("enhanced") == st[e["rcpt"]] == "4.4.7" for e in ex), (ex, st)
         soft = [e for e in events(r.dlog) if e["event"] == "transient_failure"
                 and e["rcpt"] == "c@soft.test"]
         assert soft, "c was never deferred"

@@ -151,6 +151,22 @@ static const struct reply_case cases[] = {
      BOUNCE_OTHER},
     {451, "4.7.1", "4.7.1 Greylisting in action, please come back later", BOUNCE_OTHER},
     {451, NULL, "Temporary failure: greylisted, try again later", BOUNCE_OTHER},
+    /* a receiver going down or in maintenance: not load, not rate_limited
+     * (which would count it as throttling and, but for a 421, halve the
+     * destination's rates); load in a 4.3.2's text still is */
+    {421, "4.3.2", "4.3.2 Service shutting down: try again later", BOUNCE_OTHER}, /* sluice */
+    {421, "4.3.2", "4.3.2 System not accepting network messages", BOUNCE_OTHER},
+    {421, "4.3.2", "4.3.2 Service not available", BOUNCE_OTHER},
+    {421, "4.3.2", "4.3.2 System under maintenance, closing transmission channel", BOUNCE_OTHER},
+    {421, "4.3.0", "4.3.0 mx.example.com Server shutting down, please try again later",
+     BOUNCE_OTHER},
+    {421, NULL, "mx.example.com Service is restarting, try again later", BOUNCE_OTHER},
+    {451, NULL, "Server going down for maintenance, try again later", BOUNCE_OTHER},
+    {421, "4.3.2", "4.3.2 All server ports are busy", BOUNCE_RATE_LIMITED}, /* postscreen */
+    {421, "4.3.2", "4.3.2 Connection rate limit exceeded.", BOUNCE_RATE_LIMITED},
+    {421, "4.3.2", "4.3.2 Too many open connections.", BOUNCE_RATE_LIMITED},
+    {421, "4.3.2", "4.3.2 System overloaded, try again later", BOUNCE_RATE_LIMITED},
+    {421, "4.3.0", "4.3.0 Server closing connection", BOUNCE_RATE_LIMITED},
 };
 
 static struct smtp_enh
