@@ -139,7 +139,7 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
          * So is one that crossed the first command of a transaction on
          * a reused connection (policy_reuse_lost): the job went back. */
         out->hold = true;
-        out->backoff = true;
+        out->backoff = !e->going_down; /* a shutdown is no sign of load */
         out->congested = true;
         out->source_hold = true;
     }

@@ -131,6 +131,9 @@ struct policy_conn_end {
                            * outstanding (its outcome's stage SMTP_CLIENT_S_IDLE) */
     bool reuse_lost;      /* its last transaction was lost on reuse and its job
                            * requeued (policy_reuse_lost): the end is no pushback */
+    bool going_down;      /* its 421 says the receiver is going down or in
+                           * maintenance (classified `other`, not `rate_limited`):
+                           * a hold, not a reason to halve the domain's rates */
 };
 
 struct policy_conn_decision {

@@ -1192,6 +1192,9 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
         .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
         .reuse_lost = c->reuse_lost,
+        .going_down = so != NULL && so->code == 421 &&
+                      classify(d->e->cfg->classify, CLASSIFY_REPLY, so->code, &so->enh, so->text) ==
+                          BOUNCE_OTHER,
     };
     struct policy_conn_decision pd;
     policy_conn_end(&pe, &pd);
@@ -1216,7 +1219,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         source_hold(c, so != NULL && so->code == 421 ? "421" : "refused");
         pd.hold = pd.backoff = pd.next_addr = false;
     }
-    if (pd.hold) {
+    if (pd.hold && t->pol->site_hold > 0) {
         log_msg(LOG_NOTICE,
                 "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
                 (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,

@@ -245,6 +245,12 @@ connections(void **state)
     policy_conn_end(&e, &d);
     assert_true(d.hold && d.backoff && d.congested);
     assert_false(d.next_addr);
+    /* The same 421 saying the receiver goes down: held, rates whole. */
+    e.going_down = true;
+    policy_conn_end(&e, &d);
+    assert_true(d.hold && d.congested);
+    assert_false(d.backoff);
+    e.going_down = false;
     /* A clean QUIT: nothing. */
     struct smtp_outcome ok = outcome(SMTP_STATUS_DELIVERED, 221, SMTP_REASON_QUIT);
     e.session = &ok;

@@ -1650,6 +1650,28 @@ reuse_421_without_idle_is_pushback(void **state)
     c->connected = true;
     conn_gone(c, &bye);
     assert_true(t->hold_until > f->w.now);
+    assert_true(t->lim.bo_factor < 1024); /* throttled: its rates halve */
+    fx_free(f);
+
+    /* A 421 that says the receiver is going down (class other): held the
+     * same, its rates left whole (before, halved as for throttling). */
+    f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n");
+    submit("rd.test", 1);
+    submit("rd.test", 1);
+    answer("rd.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    c = f->open[0];
+    t = c->dest;
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_false(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION,
+                             SMTP_CLIENT_S_MAIL));
+    bye.enh = (struct smtp_enh){4, 3, 2};
+    snprintf(bye.text, sizeof(bye.text), "4.3.2 Service shutting down, closing channel");
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(t->hold_until > f->w.now);
+    assert_int_equal(t->lim.bo_factor, 1024);
     fx_free(f);
 }
 
