@@ -590,8 +590,13 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
         got = 0;
     char from[300], msgid[400];
     snprintf(from, sizeof(from), "%s@%s", cfg->bounce.dsn_from, cfg->server.hostname);
-    snprintf(msgid, sizeof(msgid), "%s.dsn%llu.w%u@%s", qid, (unsigned long long)++d->dsn_seq,
-             d->w->id, cfg->server.hostname);
+    /* Unique across restarts too: the counter starts again with each
+     * process, and a message can have DSNs from two (a bounce before a
+     * restart, an expiry after); the start's time tells them apart. Two
+     * DSNs with one Message-ID are one to a receiver that drops
+     * duplicates. */
+    snprintf(msgid, sizeof(msgid), "%s.dsn%llu.%llx.w%u@%s", qid, (unsigned long long)++d->dsn_seq,
+             (unsigned long long)d->e->started_ms, d->w->id, cfg->server.hostname);
     struct dsn_input in = {
         .reporting_mta = cfg->server.hostname,
         .from_addr = from,

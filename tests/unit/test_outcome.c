@@ -637,6 +637,67 @@ stale_outcome_in_no_dsn_and_no_counter(void **state)
     fx_free(f);
 }
 
+/* Two DSNs for one message, made by two processes (a bounce before a
+ * restart, another after it): each process counts its DSNs from 1, and
+ * the Message-IDs were the same (a receiver that drops duplicates kept
+ * one). The start's time tells them apart. */
+static void
+dsns_of_two_processes_have_their_own_message_ids(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct smtp_outcome fail;
+    memset(&fail, 0, sizeof(fail));
+    fail.status = SMTP_STATUS_PERMFAIL;
+    fail.code = 550;
+    fail.reason = SMTP_REASON_REPLY;
+    fail.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(fail.text, sizeof(fail.text), "5.1.1 no such user");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    f->e.started_ms = 1700000000000ULL;
+    for (unsigned i = 0; i < 2; i++) {
+        struct queue_envelope *env = NULL;
+        assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+        struct job *j = job_new(id, "example.test", &i, 1);
+        job_finish(f->d, t, j, env, NULL, &fail, &where);
+        free(j);
+        queue_envelope_free(env);
+        settle(f);
+        /* a restart: a new process, its DSNs counted from 1 again */
+        f->d->dsn_seq = 0;
+        f->e.started_ms += 30000;
+    }
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 2);
+    char mid[2][256];
+    static char body[65536];
+    for (unsigned i = 0; i < 2; i++) {
+        size_t len = 0;
+        assert_int_equal(queue_body_read(f->e.queue, s.ids[i], 0, body, sizeof(body) - 1, &len),
+                         0);
+        body[len] = '\0';
+        const char *m = strstr(body, "\r\nMessage-ID: <");
+        assert_non_null(m);
+        m += strlen("\r\nMessage-ID: <");
+        size_t n = strcspn(m, ">");
+        assert_true(n < sizeof(mid[i]));
+        memcpy(mid[i], m, n);
+        mid[i][n] = '\0';
+    }
+    assert_string_not_equal(mid[0], mid[1]);
+    for (struct worker_msg *m = f->w.mbox_head, *next; m != NULL; m = next) {
+        next = m->next;
+        assert_true(delivery_msg_free(m));
+    }
+    f->w.mbox_head = NULL;
+    f->w.mbox_tail = &f->w.mbox_head;
+    fx_free(f);
+}
+
 /* The same with a DSN that names only recipients whose outcome applies:
  * recipient 0 bounced by an operator (its DSN), then a transaction from
  * the envelope read before: 250 for recipient 0 (stale), 550 for
@@ -912,6 +973,7 @@ main(void)
         cmocka_unit_test(dsn_committed_while_stopping_waits_for_the_next_start),
         cmocka_unit_test(stale_outcome_tells_the_backend_nothing),
         cmocka_unit_test(stale_outcome_in_no_dsn_and_no_counter),
+        cmocka_unit_test(dsns_of_two_processes_have_their_own_message_ids),
         cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
         cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
         cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
