@@ -242,7 +242,8 @@ static const struct conf_key delivery_keys[] = {
      NULL},
     {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
      "after a 421 (at the greeting or in a transaction; not one to an idle connection, nor "
-     "one to the first RSET or MAIL on a reused connection) or a reply classified "
+     "one to the first RSET or MAIL on a reused connection, nor one classified other: the "
+     "receiver going down) or a reply classified "
      "rate_limited, the destination's message and connection rates are "
      "halved (again on each further one) for this long",
      NULL},
@@ -257,7 +258,10 @@ static const struct conf_key delivery_keys[] = {
      "connections open at once to one MX address (and port) from this node, whatever the "
      "domains behind it (an AAAA record of a v4-mapped address, ::ffff:a.b.c.d, is the IPv4 "
      "address a.b.c.d: connected over IPv4 and counted with it); one count for the node, "
-     "whichever workers the connections are on (0: no cap). Each [pool] has it "
+     "whichever workers the connections are on; a worker may hold all of it, but when "
+     "another worker's domain finds it full, each worker's share (cap / workers, at least "
+     "one) is kept for it and connections of a worker past its share give theirs back after "
+     "their transaction (0: no cap). Each [pool] has it "
      "whole, shared by the pool's sources; mail without a pool has it too. The domains of one "
      "site (one set of MX hosts) are sent from one worker once their MX answer is known (site "
      "affinity), which may hold the whole cap; not the domains of a site "
@@ -408,10 +412,15 @@ const struct conf_key config_domain_keys[] = {
      NULL},
     {"site_hold", CONF_DURATION, DOM(site_hold), 0, 3600000, "1m",
      "after a 421 at the greeting or in a transaction, or when every MX address failed, no "
-     "new connection to the domain for this long; its waiting recipients keep their place (a "
+     "new connection to the domain for this long (at least 1s after every address failed), "
+     "nor to the other domains of its site (the same MX hosts) when the hosts were at fault "
+     "(refused, timed out, closed, a 4xx or 5xx greeting, a 421; not the domain's own TLS or "
+     "DANE policy); after a 421 the waiting recipients keep their place, after every address "
+     "failed they are deferred with that failure, the site's other domains' too (a "
      "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
      "connection only; so does one to the first RSET or MAIL of a transaction on a reused "
-     "connection, whose job goes on another connection at once)",
+     "connection, whose job goes on another connection at once); 0: no rest, for the domain "
+     "nor from its site",
      NULL},
     {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
      "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "

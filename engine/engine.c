@@ -620,7 +620,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     e->dlogw = calloc(cfg->server.workers, sizeof(*e->dlogw));
     if (cfg->server.workers > 1)
         e->route = route_new();
-    e->site_addrs = site_addrs_new();
+    e->site_addrs = site_addrs_new(cfg->server.workers);
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
         (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);

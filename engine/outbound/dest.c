@@ -387,6 +387,7 @@ dest_set_mx(struct dest *t, struct dns_mx_result *res)
     t->usable_ns = 0;
     t->next_addr = 0;
     t->failed_addrs = 0;
+    t->own_failed = false;
     /* What was worked out from the old answer is asked again: a pointer
      * compared alone could match a new answer that took the freed one's
      * memory. */
@@ -407,6 +408,7 @@ dest_on_hold(struct timer *tm, void *ctx)
 {
     struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, hold_timer));
     t->failed_addrs = 0;
+    t->own_failed = false;
     t->next_addr = 0;
     dest_run(t);
 }

@@ -280,6 +280,9 @@ struct dest {
     struct dest_fail *last_fail; /* owned: why the last address failed, for the
                               * deferral; NULL: none (some 850 octets only once one failed) */
     bool refused_self;       /* no target: because one is this node's own listener */
+    bool own_failed;         /* one of the failed_addrs failed the domain's own policy
+                              * or source (TLS, DANE, no source of the family), not
+                              * the host: its site does not rest for that round */
     bool refused_sts;        /* no target: no MX host matches its MTA-STS enforce policy */
     /* MTA-STS (engine/mta_sts.h): the policy when last asked, asked again
      * at most every STS_ASK_MS; while the first check of the domain runs

@@ -404,7 +404,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
     dest_addr_port(t, *addr, &k);
     if (t->site != NULL && t->site->conns + 1 >= SITE_BUSY_CONNS)
         site_mark_busy(t); /* this one would be its SITE_BUSY_CONNS-th here */
-    if ((d->slot_taken = site_addr_take(&d->sites, owner, &k, cap)) != NULL || errno != EBUSY)
+    if (site_addr_take(&d->sites, owner, &k, cap, d->w->now, &d->slot_taken) != -EBUSY)
         return true;
     /* Full: not a sign that the site needs another worker (affinity.c):
      * the cap is the node's, another worker would find it full too. A
@@ -435,7 +435,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
         return false;
     /* Another worker may have taken the last slot meanwhile. */
     dest_addr_port(t, *addr, &k);
-    return (d->slot_taken = site_addr_take(&d->sites, owner, &k, cap)) != NULL || errno != EBUSY;
+    return site_addr_take(&d->sites, owner, &k, cap, d->w->now, &d->slot_taken) != -EBUSY;
 }
 
 /* The slot dest_address_room() took, when no connection opens. */
@@ -497,7 +497,10 @@ dest_fail_as_site(struct dest *t, const struct dest_fail *f)
     if (copy == NULL)
         return; /* it waits, checked for expiry, as before */
     *copy = *f;
-    t->last_fail = copy; /* where the outcome says it failed (job_fail) */
+    /* job_fail tells where from t->last_fail (o == &t->last_fail->o):
+     * the copy stands there while the jobs fail, t->running keeping any
+     * other run of t out, and t's own comes back after. */
+    t->last_fail = copy;
     dest_fail_each(t, &copy->o, CLASSIFY_CONNECT);
     free(t->last_fail);
     t->last_fail = own;
@@ -673,7 +676,7 @@ dest_run_once(struct dest *t)
     }
     if (fairq_empty(&t->q) || d->w->now < t->hold_until)
         return;
-    if (d->w->now < site->hold_until) {
+    if (d->w->now < site->hold_until && t->pol->site_hold > 0) {
         /* Its site rests (site_hold_set): no new connection. With none
          * of the site open, t rests as if its own had failed (what waits
          * is checked for expiry meanwhile); else it waits for one of them
@@ -720,7 +723,11 @@ dest_run_once(struct dest *t)
              * the site too, when nothing of it is open and the failure
              * was the hosts' (policy_site_failure). */
             if (t->conns == 0) {
-                bool site_down = site->conns == 0 &&
+                /* The site rests only when every address failed for the
+                 * hosts' reasons: one that failed the domain's own policy
+                 * (its TLS, DANE) may serve the site's other domains. */
+                bool site_down = site->conns == 0 && !t->own_failed &&
+                                 t->pol->site_hold > 0 &&
                                  policy_site_failure(t->last_fail ? &t->last_fail->o : NULL);
                 bool why = t->last_fail != NULL && t->last_fail->o.text[0] != '\0';
                 if (site_down)
@@ -765,6 +772,7 @@ dest_run_once(struct dest *t)
             dest_last_fail_set(t, &why, h->name, NULL);
             t->next_addr++;
             t->failed_addrs++;
+            t->own_failed = true;
             continue;
         }
         struct source_pick pk;
@@ -774,6 +782,7 @@ dest_run_once(struct dest *t)
                  * an address that failed, the next one. */
                 t->next_addr++;
                 t->failed_addrs++;
+                t->own_failed = true;
                 continue;
             }
             /* No source of the pool may send now: held at this site, out
@@ -854,6 +863,8 @@ dest_run_once(struct dest *t)
 static void
 conn_fail_keep(const struct conn *c, struct dest *t, const struct smtp_outcome *o)
 {
+    if (!policy_site_failure(o))
+        t->own_failed = true; /* the domain's own TLS policy, not the host */
     dest_last_fail_set(t, o, c->mx, c->addr_str);
     if (t->last_fail != NULL)
         conn_fail_note(c, t->last_fail);
@@ -940,6 +951,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         c->ready_once = true;
         t->opening--;
         t->failed_addrs = 0; /* this address works */
+        t->own_failed = false;
         if (c->site != NULL) {
             site_window_on_ready(&c->site->win, d->w->now - c->opened_ns);
             site_addr_up(c->site, &c->addr);
@@ -947,6 +959,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     }
     if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
         !source_may_send(c) || !shaping_may_send(c)) {
+        *what = SCHED_NEXT_QUIT;
+        return NULL;
+    }
+    if (site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
+                        d->w->now)) {
+        /* Another worker waits for a slot at this address, and this one
+         * holds more than its share of the cap there: this connection
+         * gives its slot back after its transaction (site_addr_take
+         * keeps it for the waiting worker). */
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
@@ -1131,6 +1152,7 @@ sched_txn_done(struct conn *c, struct job *j)
         return true;
     }
     t->failed_addrs = 0;
+    t->own_failed = false;
     return false;
 }
 

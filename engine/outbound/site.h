@@ -182,7 +182,7 @@ int sites_init(struct sites *s, struct site_addrs *shared, unsigned worker);
 void sites_fini(struct sites *s);
 /* The node's per-address table, for every worker's sites_init(); freed
  * once no worker uses it. */
-struct site_addrs *site_addrs_new(void);
+struct site_addrs *site_addrs_new(unsigned workers);
 void site_addrs_free(struct site_addrs *t);
 /* Entries (addresses with a connection of some owner) now. */
 size_t site_addrs_count(struct site_addrs *t);
@@ -212,22 +212,33 @@ struct site *site_unref(struct sites *s, struct site *site);
 /* Connections of src (an owner) to one address (and port) now, from
  * every worker. */
 unsigned site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a);
-/* A slot at a for a connection of src about to open: fewer than cap (0:
- * no cap) were open there from every worker, and now one more is. The
- * entry, kept by the connection until site_addr_give; NULL with errno
- * EBUSY when cap are open, ENOMEM without memory. */
-struct site_addr *site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a,
-                                 unsigned cap);
+/* A slot at a for a connection of src about to open (now: monotonic ns):
+ * fewer than cap (0: no cap) are open there from every worker, and, once
+ * s's worker holds its floor there (site_addr_floor), more are left than
+ * other workers that want one are owed up to theirs. *out, kept by the
+ * connection until site_addr_give. 0, -EBUSY when there is no slot for
+ * s's worker, -ENOMEM without memory. */
+int site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap,
+                   uint64_t now, struct site_addr **out);
+/* A worker's floor at an address: its share of cap (cap / workers, at
+ * least one), what it holds whatever the others want. */
+unsigned site_addr_floor(const struct sites *s, unsigned cap);
+/* A connection holding slot x should give it back now rather than take
+ * another transaction: s's worker holds more than its floor there and
+ * another worker below its floor wants one. */
+bool site_addr_yield(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now);
 /* The slot given back (x NULL: nothing). */
 void site_addr_give(const struct sites *s, struct site_addr *x);
-/* A destination of site `by` (on s's worker) found a taken: until `until`
- * (ns), site_addr_wanted() says so to the connections holding a slot
- * there, and one that has nothing left for its own site quits instead of
- * idling on the slot. Sites share addresses (an MX host in two answers),
+/* A destination of site `by` (on s's worker) found a taken: until
+ * `until` (ns), site_addr_wanted() says so to the connections holding a
+ * slot there, and one that has nothing left for its own site quits
+ * instead of idling on the slot; another worker past its floor yields
+ * (site_addr_yield). Sites share addresses (an MX host in two answers),
  * and workers do; without this, an idle connection of one kept the slot
  * for idle_timeout while another waited. A site's own want on the same
  * worker does not count: its idle connections go to its waiting domains
- * anyway, and quitting would only cost reuse. The latest want wins. */
+ * anyway, and quitting would only cost reuse. Each worker has its want;
+ * on a worker the latest wins. */
 void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
 /* Whether a connection of site `mine` (on s's worker) holding slot x

@@ -14,11 +14,18 @@
  * per message, and are spread over SITE_ADDR_STRIPES locks: the workers
  * hardly ever meet there.
  *
- * Wants cross the workers through the entry: a domain that found no room
- * marks it (site_addr_want), and a connection that holds a slot there
- * reads the mark through its own entry, with no lock (atomics: a mark
- * read a little late costs one idle connection a little longer, or one
- * quit for nothing).
+ * The share each worker used to hold (cap / workers, at least one) is
+ * its floor: with no other worker wanting, one worker may hold the whole
+ * cap; when another wants a slot (site_addr_want: a domain of it found
+ * none) and holds fewer than its floor, the slots left are kept for it
+ * (site_addr_take refuses them to a worker past its floor), and a
+ * connection of a worker past its floor there gives its slot back after
+ * its transaction (site_addr_yield, scheduler.c), so a worker's domain
+ * waits for no more than a transaction of the others, not their backlog.
+ * Each entry keeps every worker's count and want; the holders read them
+ * through their own entry with no lock (atomics: read a little late,
+ * they cost one idle connection a little longer, or one quit for
+ * nothing).
  *
  * Threading: any worker's thread; the stripes' locks.
  */
@@ -34,17 +41,23 @@
 
 #define SITE_ADDR_STRIPES 16
 
+/* One worker's part of an address: its connections there and its want. */
+struct site_addr_worker {
+    _Atomic unsigned conns;            /* changed under the stripe's lock */
+    _Atomic uint64_t wanted_until;     /* ns: a domain of it found no room here ... */
+    _Atomic(const void *) wanted_by;   /* ... of this site (compared, never followed) */
+};
+
 struct site_addr {
     struct hash_node node;
-    uint32_t src;                    /* the owner: a pool's name id (0: no pool) */
-    union dns_addr a;                /* port included */
-    unsigned conns;                  /* under the stripe's lock */
-    _Atomic uint64_t wanted_until;   /* ns: a domain found no room here ... */
-    _Atomic(const void *) wanted_by; /* ... of this site (compared, never followed) ... */
-    _Atomic unsigned wanted_worker;  /* ... on this worker */
+    uint32_t src;                      /* the owner: a pool's name id (0: no pool) */
+    union dns_addr a;                  /* port included */
+    unsigned conns;                    /* every worker's; under the stripe's lock */
+    struct site_addr_worker w[];       /* the table's workers */
 };
 
 struct site_addrs {
+    unsigned workers;
     struct {
         pthread_mutex_t lock;
         struct hash h; /* struct site_addr */
@@ -104,11 +117,12 @@ stripe_of(uint64_t h)
 }
 
 struct site_addrs *
-site_addrs_new(void)
+site_addrs_new(unsigned workers)
 {
     struct site_addrs *t = calloc(1, sizeof(*t));
     if (t == NULL)
         return NULL;
+    t->workers = workers ? workers : 1;
     for (unsigned i = 0; i < SITE_ADDR_STRIPES; i++) {
         pthread_mutex_init(&t->stripe[i].lock, NULL);
         hash_init(&t->stripe[i].h, addr_eq, 8);
@@ -157,6 +171,35 @@ site_addr_conns(const struct sites *s, uint32_t src, const union dns_addr *a)
     return n;
 }
 
+/* s's worker's part of x. */
+static unsigned
+me(const struct sites *s)
+{
+    return s->worker % s->addrs->workers;
+}
+
+unsigned
+site_addr_floor(const struct sites *s, unsigned cap)
+{
+    unsigned f = cap / s->addrs->workers;
+    return f ? f : 1;
+}
+
+/* Slots owed at x, under its lock: to each other worker that wants one
+ * now and holds fewer than its floor, the difference. */
+static unsigned
+owed(const struct sites *s, const struct site_addr *x, unsigned floor, uint64_t now)
+{
+    unsigned n = 0;
+    for (unsigned v = 0; v < s->addrs->workers; v++) {
+        unsigned has = atomic_load_explicit(&x->w[v].conns, memory_order_relaxed);
+        if (v != me(s) && has < floor &&
+            atomic_load_explicit(&x->w[v].wanted_until, memory_order_relaxed) > now)
+            n += floor - has;
+    }
+    return n;
+}
+
 void
 site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                const struct site *by)
@@ -167,9 +210,9 @@ site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uin
     pthread_mutex_lock(&s->addrs->stripe[k].lock);
     struct site_addr *x = (struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
     if (x != NULL) { /* none: no connection, so room */
-        atomic_store_explicit(&x->wanted_by, (const void *)by, memory_order_relaxed);
-        atomic_store_explicit(&x->wanted_worker, s->worker, memory_order_relaxed);
-        atomic_store_explicit(&x->wanted_until, until, memory_order_relaxed);
+        struct site_addr_worker *w = &x->w[me(s)];
+        atomic_store_explicit(&w->wanted_by, (const void *)by, memory_order_relaxed);
+        atomic_store_explicit(&w->wanted_until, until, memory_order_relaxed);
     }
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
 }
@@ -178,32 +221,59 @@ bool
 site_addr_wanted(const struct sites *s, const struct site_addr *x, uint64_t now,
                  const struct site *mine)
 {
-    if (x == NULL || atomic_load_explicit(&x->wanted_until, memory_order_relaxed) <= now)
+    if (x == NULL)
         return false;
-    /* A site's own want on this worker does not count (site.h); on
-     * another worker it does: its domains cannot ride this connection. */
-    return atomic_load_explicit(&x->wanted_worker, memory_order_relaxed) != s->worker ||
-           atomic_load_explicit(&x->wanted_by, memory_order_relaxed) != (const void *)mine;
+    for (unsigned v = 0; v < s->addrs->workers; v++) {
+        const struct site_addr_worker *w = &x->w[v];
+        if (atomic_load_explicit(&w->wanted_until, memory_order_relaxed) <= now)
+            continue;
+        /* A site's own want on this worker does not count (site.h); on
+         * another worker it does: its domains cannot ride this one's. */
+        if (v != me(s) || atomic_load_explicit(&w->wanted_by, memory_order_relaxed) !=
+                              (const void *)mine)
+            return true;
+    }
+    return false;
 }
 
-struct site_addr *
-site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap)
+bool
+site_addr_yield(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now)
+{
+    if (x == NULL || cap == 0 || s->addrs->workers < 2)
+        return false;
+    unsigned floor = site_addr_floor(s, cap);
+    /* read without the lock: a count a little stale costs one
+     * transaction's delay, or one yield for nothing */
+    return atomic_load_explicit(&x->w[me(s)].conns, memory_order_relaxed) > floor &&
+           owed(s, x, floor, now) > 0;
+}
+
+int
+site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap,
+               uint64_t now, struct site_addr **out)
 {
     struct addr_ref r = {src, a};
     uint64_t h = addr_hash(&r);
     unsigned k = stripe_of(h);
+    *out = NULL;
     pthread_mutex_lock(&s->addrs->stripe[k].lock);
     struct site_addr *x = (struct site_addr *)hash_find(&s->addrs->stripe[k].h, h, &r);
-    if (x != NULL && cap != 0 && x->conns >= cap) {
-        pthread_mutex_unlock(&s->addrs->stripe[k].lock);
-        errno = EBUSY;
-        return NULL;
+    if (x != NULL && cap != 0) {
+        unsigned floor = site_addr_floor(s, cap);
+        /* Full; or past this worker's floor, with the slots left owed
+         * to other workers that want theirs. */
+        if (x->conns >= cap ||
+            (atomic_load_explicit(&x->w[me(s)].conns, memory_order_relaxed) >= floor &&
+             cap - x->conns <= owed(s, x, floor, now))) {
+            pthread_mutex_unlock(&s->addrs->stripe[k].lock);
+            return -EBUSY;
+        }
     }
     if (x == NULL) {
-        if ((x = calloc(1, sizeof(*x))) == NULL) {
+        size_t n = sizeof(*x) + s->addrs->workers * sizeof(x->w[0]);
+        if ((x = calloc(1, n)) == NULL) {
             pthread_mutex_unlock(&s->addrs->stripe[k].lock);
-            errno = ENOMEM;
-            return NULL;
+            return -ENOMEM;
         }
         x->src = src;
         x->a = *a;
@@ -211,13 +281,15 @@ site_addr_take(const struct sites *s, uint32_t src, const union dns_addr *a, uns
         if (hash_insert(&s->addrs->stripe[k].h, &x->node) < 0) {
             pthread_mutex_unlock(&s->addrs->stripe[k].lock);
             free(x);
-            errno = ENOMEM;
-            return NULL;
+            return -ENOMEM;
         }
     }
     x->conns++;
+    atomic_fetch_add_explicit(&x->w[me(s)].conns, 1, memory_order_relaxed);
+    atomic_store_explicit(&x->w[me(s)].wanted_until, 0, memory_order_relaxed); /* had one */
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
-    return x;
+    *out = x;
+    return 0;
 }
 
 void
@@ -227,9 +299,13 @@ site_addr_give(const struct sites *s, struct site_addr *x)
         return;
     unsigned k = stripe_of(x->node.hash);
     pthread_mutex_lock(&s->addrs->stripe[k].lock);
+    atomic_fetch_sub_explicit(&x->w[me(s)].conns, 1, memory_order_relaxed);
     if (--x->conns == 0) {
         hash_remove(&s->addrs->stripe[k].h, &x->node);
-        hash_compact(&s->addrs->stripe[k].h);
+        /* shrunk after a burst, but its last buckets kept: a connection
+         * that opens and closes alone costs no allocation under the lock */
+        if (hash_count(&s->addrs->stripe[k].h) > 0)
+            hash_compact(&s->addrs->stripe[k].h);
         free(x);
     }
     pthread_mutex_unlock(&s->addrs->stripe[k].lock);
@@ -240,7 +316,7 @@ sites_addrs_init(struct sites *s, struct site_addrs *shared, unsigned worker)
 {
     s->worker = worker;
     s->own_addrs = shared == NULL;
-    s->addrs = shared != NULL ? shared : site_addrs_new();
+    s->addrs = shared != NULL ? shared : site_addrs_new(worker + 1);
     return s->addrs != NULL ? 0 : -ENOMEM;
 }
 

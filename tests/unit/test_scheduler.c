@@ -841,6 +841,46 @@ site_rests_with_a_failed_domain(void **state)
     assert_int_equal(f->opened, 3);
     fx_free(f);
 
+    /* The first address failed a.test's own TLS, the second refused: not
+     * every failure was the hosts', the site does not rest, and b.test
+     * tries (before, it was deferred untried with "Connection refused"). */
+    f = fx_new("[delivery]\ninitial_connections = 1\n"
+               "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct conn *x = f->open[0];
+    sched_conn_event(x, POLICY_CONNECT_FAILED, &tls);
+    conn_gone(x, NULL);
+    x = f->open[0];
+    sched_conn_event(x, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(x, NULL);
+    assert_int_equal(f->failed, 1);
+    assert_true(dest_get(f->d, "a.test")->site->hold_until <= f->w.now);
+    submit("b.test", 2);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 3);
+    assert_int_equal(f->failed, 1);
+    fx_free(f);
+
+    /* site_hold = 0: every address failed rests no site (the domain's own
+     * hold keeps its 1 s floor), and the others try. */
+    f = fx_new("[delivery]\ninitial_connections = 1\n"
+               "[domain *]\nmax_connections = 10\nsite_hold = 0\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    for (unsigned i = 0; i < 2; i++) {
+        x = f->open[0];
+        sched_conn_event(x, POLICY_CONNECT_FAILED, &refused);
+        conn_gone(x, NULL);
+    }
+    assert_int_equal(f->failed, 1);
+    assert_int_equal(dest_get(f->d, "a.test")->site->hold_until, 0);
+    submit("b.test", 2);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    assert_int_equal(f->opened, 3);
+    assert_int_equal(f->failed, 1);
+    fx_free(f);
+
     /* site_hold = 0: a 421 rests nothing (before, it still set a rest of
      * 0 ms and logged event=site_held for_ms=0). */
     f = fx_new("[delivery]\ninitial_connections = 1\n"
@@ -1279,15 +1319,16 @@ fx_share(struct fx *f, struct site_addrs *shared, unsigned id)
 }
 
 /* The per-address cap is the node's: one worker may hold all of it
- * (before, each of two held half: a site gathered on one got 1 of 2),
- * a domain on another worker finds no room there, and the first
- * worker's connection with nothing left gives its slot back instead of
- * idling on it; the other worker opens once it tries again. */
+ * (before, each of two held half: a site gathered on one got 1 of 2).
+ * When a domain on another worker finds no room there, the first
+ * worker's connections past its floor (its old share, 1 of 2) give
+ * their slots back instead of taking another transaction, the slot is
+ * kept for the other worker, which opens once it tries again. */
 static void
 per_address_cap_across_workers(void **state)
 {
     (void)state;
-    struct site_addrs *shared = site_addrs_new();
+    struct site_addrs *shared = site_addrs_new(2); /* two workers: a floor of 1 each */
     assert_non_null(shared);
     const char *conf = "[delivery]\ninitial_connections = 8\nmax_connections_per_address = 2\n"
                        "[domain *]\nmax_connections = 20\n";
@@ -1309,13 +1350,12 @@ per_address_cap_across_workers(void **state)
     enum sched_next what;
     struct conn *c = a->open[0];
     conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
-    conn_ready(a->open[1], &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
-    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_QUIT); /* worker 1 wants the slot */
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* 2 here, its floor 1, worker 1 wants */
     conn_gone(c, NULL);
+    assert_int_equal(a->opened, 2); /* the slot is kept for worker 1 */
+    c = a->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB); /* at its floor: carries on */
     F = b;
     b->w.now += MS_TO_NS(HOLD_MIN_MS);
     timer_run(&b->w.timers, b->w.now, NULL);
@@ -1326,6 +1366,48 @@ per_address_cap_across_workers(void **state)
     F = a;
     fx_free(a);
     assert_int_equal(site_addrs_count(shared), 0); /* every slot given back */
+
+    /* Busy, not idle: worker 0 has a backlog on both its connections.
+     * Worker 1's want makes the one past worker 0's share (1 of 2) give
+     * its slot back after its transaction, and that slot is not taken
+     * again by worker 0's own domain: it goes to worker 1 (before, worker
+     * 1 waited for worker 0's whole backlog). */
+    b = fx_new(conf); /* (one worker as far as its affinity knows: b.test stays) */
+    fx_share(b, shared, 1);
+    a = fx_new(conf);
+    fx_share(a, shared, 0);
+    for (unsigned i = 0; i < 40; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(a->opened, 2);
+    conn_ready(a->open[0], &what);
+    conn_ready(a->open[1], &what);
+    F = b;
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(b->opened, 0);
+    F = a;
+    c = a->open[0];
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* 2 here, its floor 1: it yields */
+    conn_gone(c, NULL);
+    assert_int_equal(a->opened, 2); /* the freed slot is kept for worker 1 */
+    F = b;
+    b->w.now += MS_TO_NS(HOLD_MIN_MS);
+    timer_run(&b->w.timers, b->w.now, NULL);
+    assert_int_equal(b->opened, 1);
+    /* worker 0's other connection, at its share, carries on */
+    F = a;
+    c = a->open[0];
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    F = b;
+    fx_free(b);
+    F = a;
+    fx_free(a);
+    assert_int_equal(site_addrs_count(shared), 0);
     site_addrs_free(shared);
 }
 

@@ -185,6 +185,16 @@ keys_name_the_hosts(void **state)
     assert_true(a[0] == '#' && strcmp(a + strlen(a) - 3, ":25") == 0);
 }
 
+/* site_addr_take's slot, NULL when refused (errno: why). */
+static struct site_addr *
+take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap, uint64_t now)
+{
+    struct site_addr *x;
+    int rc = site_addr_take(s, src, a, cap, now, &x);
+    errno = rc < 0 ? -rc : 0;
+    return x;
+}
+
 static void
 sites_and_addresses(void **state)
 {
@@ -209,17 +219,17 @@ sites_and_addresses(void **state)
     a2.sin.sin_port = htons(26);
     struct site_addr *x1[3], *x2, *x7;
     for (unsigned i = 0; i < 3; i++)
-        assert_non_null(x1[i] = site_addr_take(&s, 0, &a1, 3));
+        assert_non_null(x1[i] = take(&s, 0, &a1, 3, 0));
     /* the cap: the fourth is refused, and counted nowhere */
     errno = 0;
-    assert_null(site_addr_take(&s, 0, &a1, 3));
+    assert_null(take(&s, 0, &a1, 3, 0));
     assert_int_equal(errno, EBUSY);
-    assert_non_null(x2 = site_addr_take(&s, 0, &a2, 3));
+    assert_non_null(x2 = take(&s, 0, &a2, 3, 0));
     assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
     assert_int_equal(site_addr_conns(&s, 0, &a2), 1);
     /* per (source, address): another source's count is its own */
     assert_int_equal(site_addr_conns(&s, 7, &a1), 0);
-    assert_non_null(x7 = site_addr_take(&s, 7, &a1, 3));
+    assert_non_null(x7 = take(&s, 7, &a1, 3, 0));
     assert_int_equal(site_addr_conns(&s, 7, &a1), 1);
     assert_int_equal(site_addr_conns(&s, 0, &a1), 3);
     site_addr_give(&s, x7);
@@ -227,7 +237,7 @@ sites_and_addresses(void **state)
     assert_int_equal(site_addr_conns(&s, 0, &a2), 0);
     assert_int_equal(site_addrs_count(s.addrs), 1);
     /* no cap (0): always a slot */
-    struct site_addr *x0 = site_addr_take(&s, 0, &a1, 0);
+    struct site_addr *x0 = take(&s, 0, &a1, 0, 0);
     assert_non_null(x0);
     assert_int_equal(site_addr_conns(&s, 0, &a1), 4);
     site_addr_give(&s, x0);
@@ -260,10 +270,10 @@ v4_mapped_counts_as_its_ipv4_address(void **state)
     other6 = mapped;
     inet_pton(AF_INET6, "2001:db8::c000:201", &other6.sin6.sin6_addr); /* same low bits */
 
-    struct site_addr *xv4 = site_addr_take(&s, 0, &v4, 2);
-    struct site_addr *xm = site_addr_take(&s, 0, &mapped, 2);
+    struct site_addr *xv4 = take(&s, 0, &v4, 2, 0);
+    struct site_addr *xm = take(&s, 0, &mapped, 2, 0);
     assert_ptr_equal(xv4, xm);
-    assert_null(site_addr_take(&s, 0, &mapped, 2)); /* one cap for both forms */
+    assert_null(take(&s, 0, &mapped, 2, 0)); /* one cap for both forms */
     assert_int_equal(site_addr_conns(&s, 0, &v4), 2);
     assert_int_equal(site_addr_conns(&s, 0, &mapped), 2);
     assert_int_equal(site_addrs_count(s.addrs), 1);
@@ -294,7 +304,7 @@ static void
 cap_is_the_nodes_across_workers(void **state)
 {
     (void)state;
-    struct site_addrs *t = site_addrs_new();
+    struct site_addrs *t = site_addrs_new(2); /* a floor of 2 of 4 each */
     assert_non_null(t);
     struct sites w0, w1;
     assert_int_equal(sites_init(&w0, t, 0), 0);
@@ -308,16 +318,25 @@ cap_is_the_nodes_across_workers(void **state)
     inet_pton(AF_INET, "192.0.2.1", &a.sin.sin_addr);
     struct site_addr *x[4];
     for (unsigned i = 0; i < 4; i++)
-        assert_non_null(x[i] = site_addr_take(&w0, 0, &a, 4)); /* all four on one worker */
-    assert_null(site_addr_take(&w1, 0, &a, 4));
+        assert_non_null(x[i] = take(&w0, 0, &a, 4, 0)); /* all four on one worker */
+    assert_null(take(&w1, 0, &a, 4, 0));
     assert_int_equal(site_addr_conns(&w1, 0, &a), 4);
     /* worker 1 wants it: worker 0's connection, of the same site key, quits */
     site_addr_want(&w1, 0, &a, 100, s1);
     assert_true(site_addr_wanted(&w0, x[0], 50, s0));
     site_addr_give(&w0, x[0]);
-    struct site_addr *y = site_addr_take(&w1, 0, &a, 4);
+    /* the slot freed is kept for worker 1 (below its floor, and wanting):
+     * worker 0, past its floor, does not take it back, and its busy
+     * connections give theirs back down to its floor */
+    assert_null(take(&w0, 0, &a, 4, 50));
+    assert_int_equal(errno, EBUSY);
+    assert_true(site_addr_yield(&w0, x[1], 4, 50));
+    assert_false(site_addr_yield(&w1, x[1], 4, 50));
+    assert_false(site_addr_yield(&w0, x[1], 4, 100)); /* the want is over */
+    struct site_addr *y = take(&w1, 0, &a, 4, 50);
     assert_non_null(y);
     assert_ptr_equal(y, x[1]); /* one entry for the node */
+    assert_false(site_addr_yield(&w0, x[1], 4, 50)); /* worker 1's want ended with its take */
     /* worker 0's own want of that site does not make its own quit */
     site_addr_want(&w0, 0, &a, 200, s0);
     assert_false(site_addr_wanted(&w0, x[1], 150, s0));
@@ -351,8 +370,8 @@ race_run(void *arg)
 {
     struct race *r = arg;
     for (unsigned i = 0; i < RACE_ROUNDS; i++) {
-        struct site_addr *x = site_addr_take(&r->s, 0, r->a, RACE_CAP);
-        if (x == NULL)
+        struct site_addr *x;
+        if (site_addr_take(&r->s, 0, r->a, RACE_CAP, 0, &x) < 0)
             continue;
         int n = atomic_fetch_add(r->held, 1) + 1;
         int m = atomic_load(r->most);
@@ -368,7 +387,7 @@ static void
 cap_holds_under_threads(void **state)
 {
     (void)state;
-    struct site_addrs *t = site_addrs_new();
+    struct site_addrs *t = site_addrs_new(RACE_THREADS);
     assert_non_null(t);
     union dns_addr a;
     memset(&a, 0, sizeof(a));
