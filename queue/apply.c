@@ -210,7 +210,7 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     if (it->reply_len > 0)
         memcpy(rec + sizeof(h) + fixed, it->reply, it->reply_len);
     h.state = QUEUE_RCPT_DEFERRED;
-    if (h.attempts < UINT16_MAX)
+    if (h.attempts < UINT16_MAX && !it->untried)
         h.attempts++;
     h.code = it->code;
     h.tag = it->tag;

@@ -459,6 +459,7 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tai
             .reply_len = (uint16_t)len,
             .tag = o->tag < QUEUE_TAGS ? (uint8_t)o->tag : 0,
             .kind = (uint8_t)o->kind,
+            .untried = o->untried,
         };
         if (len > 0)
             memcpy(t, o->reply, len);

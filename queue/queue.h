@@ -289,6 +289,8 @@ struct queue_outcome {
                         * (0: none), kept with the recipient until its next outcome
                         * and counted per domain by queue_counts() (sluice's: its
                         * failure class + 1); opaque to the spool */
+    bool untried;      /* QUEUE_DEFERRED: deferred without being tried (its destination
+                        * rests); its attempts stay as they are */
 };
 
 /* Submit n outcomes, committed together. outcomes is copied. Same

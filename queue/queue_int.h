@@ -237,6 +237,7 @@ struct upd_item {
     uint16_t reply_len;
     uint8_t kind;
     uint8_t tag;
+    bool untried; /* QUEUE_DEFERRED: no attempt counted */
     bool applied; /* committer: not stale in the last transaction tried (QUEUE_ESTALE:
                    * would not have been); read by the owner once the request is back */
 };

@@ -160,6 +160,7 @@ dest_last_fail_set(struct dest *t, const struct smtp_outcome *o, const char *mx,
     t->last_fail->source[0] = '\0';
     t->last_fail->tls_policy = t->last_fail->tls_proto = t->last_fail->tls_cipher = NULL;
     t->last_fail->tls_verify[0] = '\0';
+    t->last_fail->untried = false;
 }
 
 void

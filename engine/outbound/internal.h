@@ -238,6 +238,9 @@ struct dest_fail {
     const char *tls_policy;             /* static ("dane", ...); NULL: the domain's */
     const char *tls_proto, *tls_cipher; /* OpenSSL's constants, once a handshake completed */
     char tls_verify[96];                /* as struct conn's */
+    bool untried; /* told to a domain that did not try (its site rests after every
+                   * address failed for another: dest_fail_as_site); its recipients'
+                   * attempt counts stay as they are */
 };
 
 struct dest {
@@ -405,6 +408,7 @@ struct outcome_where {
                                * fallback: ..." (policy_tls_fallback); NULL: no TLS */
     const char *tls_policy;   /* the connection's ("dane", ...); NULL: the domain's */
     enum classify_source src; /* for outcomes that are not a server's reply */
+    bool untried;             /* a deferral of mail not tried (struct dest_fail): no attempt */
 };
 
 /* What the scheduler calls out to. engine/delivery.c wires the worker's

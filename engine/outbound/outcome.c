@@ -856,6 +856,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         q->rcpt = j->idx[i];
         q->code = o->code;
         q->reply = o->text;
+        q->untried = false;
         enum dlog_kind kind;
         enum bounce_class cls = BOUNCE_OTHER;
         bool failed = false;
@@ -896,6 +897,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         } else {
             q->kind = QUEUE_DEFERRED;
             q->due_ms = pr.due_ms;
+            q->untried = where->untried;
             kind = DLOG_TRANSIENT_FAILURE;
             cls = oc;
             /* kept with the recipient: the domains view counts the waiting
@@ -961,7 +963,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .code = o->code,
             .enhanced = enh[0] ? enh : NULL,
             .reply = o->text[0] ? o->text : NULL,
-            .attempt = (r ? r->attempts : 0) + 1,
+            /* the tries so far and this one; a deferral of mail not tried
+             * (where->untried) is none */
+            .attempt = (r ? r->attempts : 0) + (where->untried ? 0 : 1),
             .classification = cls_str,
             .reason = reason,
             .tls_protocol = where->tls_proto,
@@ -1081,6 +1085,7 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
         where.tls_proto = f->tls_proto;
         where.tls_cipher = f->tls_cipher;
         where.tls_verify = f->tls_verify[0] ? f->tls_verify : NULL;
+        where.untried = f->untried;
     }
     job_finish(d, t, j, env, NULL, o, &where);
     queue_envelope_free(env);

@@ -497,6 +497,7 @@ dest_fail_as_site(struct dest *t, const struct dest_fail *f)
     if (copy == NULL)
         return; /* it waits, checked for expiry, as before */
     *copy = *f;
+    copy->untried = true; /* t's mail was not tried: its attempts stay */
     /* job_fail tells where from t->last_fail (o == &t->last_fail->o):
      * the copy stands there while the jobs fail, t->running keeping any
      * other run of t out, and t's own comes back after. */

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, wait_until
+from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, spool_tool, wait_until
 from test_delivery import Dns, Relay, Sink, records_for
 from test_ops import ctl, ctl_json, stats_conf
 
@@ -511,6 +511,46 @@ def test_a_refusing_route_is_held_not_stormed():
         r.close()
 
 
+def test_a_resting_sites_other_domain_is_deferred_untried():
+    """Two domains behind one MX host where nothing listens: the first
+    one's mail meets the refusal (attempt 1) and the site rests; the
+    second one's, coming during the rest, is deferred at once with that
+    failure and no connection of its own. Its recipients were not tried,
+    so their attempt count stays 0 (the delivery log's `attempt`, the
+    spool's attempts): their retry schedule starts where it would have.
+    Before, it counted one attempt per rest. Both domains hash to the same
+    worker, whose site rests."""
+    doms = ["first.test", "second.test"]
+    r = Relay(records_for(doms), with_sink=False,
+              domain_conf="[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
+    try:
+        def events(dom):
+            if not os.path.exists(r.dlog):
+                return []
+            with open(r.dlog) as f:
+                return [e for e in map(json.loads, f)
+                        if e.get("event") == "transient_failure" and e.get("domain") == dom]
+        r.inject([("s@example.com", ["a@first.test"], b"Subject: 1\r\n\r\nx\r\n")])
+        wait_until(lambda: events("first.test"), 30, "first.test deferred")
+        r.d.wait_log("event=site_held", timeout=30)
+        tried = r.d.count_log("event=connect_failed")
+        r.inject([("s@example.com", ["b@second.test"], b"Subject: 2\r\n\r\nx\r\n")])
+        wait_until(lambda: events("second.test"), 30, "second.test deferred")
+        first, second = events("first.test")[0], events("second.test")[0]
+        assert first["attempt"] == 1, first
+        assert "attempt" not in second, second  # left out: none made
+        assert second["class"] == "connection_failure" and second["mx"] == "mx.test", second
+        assert r.d.count_log("event=connect_failed") == tried, "second.test connected"
+        assert r.d.stop_clean() == 0
+        by_addr = {x["addr"]: x for m in map(json.loads, spool_tool("dump", r.spool).stdout.splitlines())
+                   for x in m["rcpts"]}
+        assert by_addr["a@first.test"]["attempts"] == 1, by_addr
+        assert by_addr["b@second.test"]["state"] == "deferred", by_addr
+        assert by_addr["b@second.test"]["attempts"] == 0, by_addr
+    finally:
+        r.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
@@ -522,4 +562,5 @@ if __name__ == "__main__":
           test_allowed_network_delivers_but_never_to_itself, test_allow_networks_follows_a_reload,
           test_idle_destinations_and_sites_are_forgotten,
           test_sites_view_shows_domains_sharing_a_site,
-          test_routes_send_a_domain_to_its_smarthost, test_a_refusing_route_is_held_not_stormed])
+          test_routes_send_a_domain_to_its_smarthost, test_a_refusing_route_is_held_not_stormed,
+          test_a_resting_sites_other_domain_is_deferred_untried])

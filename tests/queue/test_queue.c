@@ -138,7 +138,7 @@ static void
 outcome(struct queue *q, uint64_t id, unsigned rcpt, enum queue_outcome_kind kind, uint64_t due,
         unsigned code, const char *reply)
 {
-    struct queue_outcome o = {id, rcpt, kind, due, code, reply, 0};
+    struct queue_outcome o = {id, rcpt, kind, due, code, reply, 0, false};
     assert_int_equal(queue_update_wait(q, &o, 1), 0);
 }
 
@@ -602,7 +602,7 @@ test_open_readonly(void **state)
         .id = queue_id_next(r1), .sender = "s@example.com", .nrcpt = 1, .rcpt = &rc};
     struct iovec iov = {"y\r\n", 3};
     assert_int_equal(queue_enqueue_wait(r1, &e, &iov, 1), -EROFS);
-    struct queue_outcome o = {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
+    struct queue_outcome o = {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
     assert_int_equal(queue_update_wait(r2, &o, 1), -EROFS);
     queue_close(r1);
     queue_close(r2);
@@ -882,8 +882,8 @@ test_delete_with_last_rcpt(void **state)
 
     /* the last two in one update: the message goes */
     struct queue_outcome last[2] = {
-        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0},
-        {id, 3, QUEUE_BOUNCED, 0, 550, "no", 0},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
+        {id, 3, QUEUE_BOUNCED, 0, 550, "no", 0, false},
     };
     assert_int_equal(queue_update_wait(f->q, last, 2), 0);
     assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
@@ -937,10 +937,10 @@ test_deferred_index(void **state)
     uint64_t b = put_msg(f->q, 2, "example.org", "b", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x", 0},
-        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x", 0},
-        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x", 0},
-        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x", 0},
+        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x", 0, false},
+        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x", 0, false},
+        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x", 0, false},
+        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x", 0, false},
     };
     assert_int_equal(queue_update_wait(f->q, o, 4), 0);
 
@@ -998,6 +998,19 @@ test_retime(void **state)
     struct queue_envelope *env = NULL;
     assert_int_equal(queue_envelope_get(f->q, a, &env), 0);
     assert_int_equal(env->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    queue_envelope_free(env);
+    /* Nor a deferral of mail that was not tried (its destination rests):
+     * the time, code and reply move, the attempts stay. */
+    struct queue_outcome u = {a, 0, QUEUE_DEFERRED, base + 20000, 0, "refused", 0, true};
+    assert_int_equal(queue_update_wait(f->q, &u, 1), 0);
+    assert_int_equal(queue_envelope_get(f->q, a, &env), 0);
+    assert_int_equal(env->rcpt[0].attempts, 1);
+    assert_true(env->rcpt[0].state == QUEUE_RCPT_DEFERRED && env->rcpt[0].due_ms == base + 20000);
+    queue_envelope_free(env);
+    env = NULL;
+    outcome(f->q, a, 0, QUEUE_DEFERRED, base + 30000, 451, "busy");
+    assert_int_equal(queue_envelope_get(f->q, a, &env), 0);
+    assert_int_equal(env->rcpt[0].attempts, 2); /* a tried one counts */
     assert_int_equal(env->rcpt[0].last_code, 451);
     assert_string_equal(env->rcpt[0].last_reply, "busy");
     assert_int_equal(env->rcpt[1].state, QUEUE_RCPT_READY);
@@ -1020,7 +1033,7 @@ test_due_many_renews(void **state)
         struct queue_outcome o[100];
         for (unsigned i = 0; i < 100; i++)
             o[i] = (struct queue_outcome){id,  i,  QUEUE_DEFERRED, base + 100000 - m * 100 - i,
-                                          451, "z", 0};
+                                          451, "z", 0, false};
         assert_int_equal(queue_update_wait(f->q, o, 100), 0);
     }
     struct seen s = {0};
@@ -1145,8 +1158,8 @@ test_large_body(void **state)
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 41);
-    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL, 0},
-                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL, 0}};
+    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false},
+                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL, 0, false}};
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 0 && rep.messages == 0);
@@ -1209,7 +1222,7 @@ test_port_async(void **state)
     /* an update through the same port */
     struct queue_outcome o[32];
     for (int i = 0; i < 32; i++)
-        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0};
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false};
     struct done_cookie uc = {&log, 100};
     assert_int_equal(queue_update(f->q, p, o, 32, on_done, &uc), 0);
     while (log.n < 33)
@@ -1271,7 +1284,7 @@ test_update_enqueue(void **state)
     struct queue_rcpt dr = {.addr = "bounce@sender.example"};
     struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
     struct iovec diov = {(void *)"the dsn", 7};
-    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0};
+    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false};
     struct queue_stats s0, s1;
     queue_stats(f->q, &s0);
     assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
@@ -1322,9 +1335,9 @@ test_due_take_clock_steps(void **state)
     uint64_t a = put_msg(f->q, 3, "example.com", "t", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy", 0},
-        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy", 0},
-        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy", 0},
+        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy", 0, false},
+        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy", 0, false},
+        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy", 0, false},
     };
     assert_int_equal(queue_update_wait(f->q, o, 3), 0);
     struct seen s = {0};
@@ -1431,8 +1444,8 @@ test_owner_walk_and_due_take(void **state)
     uint64_t plain = put_msg(f->q, 1, "example.com", "x\r\n", 3);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later", 0},
-        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later", 0},
+        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later", 0, false},
+        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later", 0, false},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     reopen(f);
@@ -1517,8 +1530,8 @@ test_corrupt_skipped(void **state)
     uint64_t c = put_msg(f->q, 1, "c.example", "c", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {b, 0, QUEUE_DEFERRED, base, 451, "x", 0},
-        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x", 0},
+        {b, 0, QUEUE_DEFERRED, base, 451, "x", 0, false},
+        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x", 0, false},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     queue_close(f->q);
@@ -1615,15 +1628,15 @@ test_update_enqueue_stale_refused(void **state)
     struct queue_port *port = queue_port_new();
     assert_non_null(port);
     uint64_t a = put_msg(q, 2, "example.com", "original", 8);
-    struct queue_outcome op = {a, 0, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0};
+    struct queue_outcome op = {a, 0, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0, false};
     assert_int_equal(queue_update_wait(q, &op, 1), 0);
 
     struct queue_rcpt dr = {.addr = "bounce@sender.example"};
     struct queue_envelope denv = {.id = queue_id_next(q), .sender = "", .nrcpt = 1, .rcpt = &dr};
     struct iovec diov = {(void *)"the dsn", 7};
     struct queue_outcome o[2] = {
-        {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0},
-        {a, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0},
+        {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false},
+        {a, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false},
     };
     unsigned lines[2] = {1, 1};
     bool applied[2] = {true, false};
@@ -1712,7 +1725,7 @@ test_events_committed_and_numbered(void **state)
                                                               ev_done, &w)),
                      0);
     /* two outcome lines with their outcome */
-    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
+    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
     w = (struct ev_wait){0};
     assert_int_equal(ev_finish(port, &w,
                                queue_update_enqueue_events(q, port, &o, 1, NULL, NULL, 0,
@@ -1800,7 +1813,7 @@ test_events_stale_outcome_untold(void **state)
     uint64_t id = put_msg(q, 3, "x.example", "body\r\n", 6);
 
     /* the operator's bounce of recipient 1, with its line */
-    struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0};
+    struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0, false};
     unsigned one = 1;
     struct ev_wait w = {0};
     assert_int_equal(ev_finish(port, &w,
@@ -1810,9 +1823,9 @@ test_events_stale_outcome_untold(void **state)
     /* a transaction that started before it ends: all three delivered, a
      * line each, and a line of the update's own after them */
     struct queue_outcome o[3] = {
-        {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0},
-        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0},
-        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0},
+        {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
     };
     unsigned lines[3] = {1, 1, 1};
     w = (struct ev_wait){0};
@@ -1859,8 +1872,8 @@ test_deferral_retried_counts_once(void **state)
     uint64_t id = put_msg(q, 2, "x.example", "body\r\n", 6);
     uint64_t due = queue_id_time_ms(id) + 600000;
     struct queue_outcome o[2] = {
-        {id, 0, QUEUE_DEFERRED, due, 451, "4.7.1 try later", 3},
-        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0},
+        {id, 0, QUEUE_DEFERRED, due, 451, "4.7.1 try later", 3, false},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
     };
     unsigned lines[2] = {1, 1};
     for (int i = 0; i < 2; i++) { /* the commit, then the caller's retry */

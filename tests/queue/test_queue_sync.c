@@ -201,7 +201,7 @@ test_take_survives_a_failed_sync(void **state)
     struct iovec iov = {(void *)"body\r\n", 6};
     assert_int_equal(queue_enqueue_wait(q, &env, &iov, 1), 0);
     uint64_t due = queue_id_time_ms(env.id) + 1000;
-    struct queue_outcome o = {env.id, 0, QUEUE_DEFERRED, due, 451, "later", 0};
+    struct queue_outcome o = {env.id, 0, QUEUE_DEFERRED, due, 451, "later", 0, false};
     assert_int_equal(queue_update_wait(q, &o, 1), 0);
 
     /* the take's commit syncs its data (1st), the idle committer then
@@ -599,8 +599,8 @@ test_unconfirmed_fails_without_a_space_error(void **state)
     struct put_wait x = {0}, u1 = {0}, u2 = {0};
     assert_int_equal(enqueue_one(q, port, &x, NULL), 0);
     sync_wait_held();
-    struct queue_outcome o1 = {ids[0], 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
-    struct queue_outcome o2 = {ids[1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0};
+    struct queue_outcome o1 = {ids[0], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
+    struct queue_outcome o2 = {ids[1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
     assert_int_equal(queue_update(q, port, &o1, 1, put_done, &u1), 0);
     assert_int_equal(queue_update(q, port, &o2, 1, put_done, &u2), 0);
     sync_release();
