@@ -139,9 +139,14 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
          * So is one that crossed the first command of a transaction on
          * a reused connection (policy_reuse_lost): the job went back. */
         out->hold = true;
-        out->backoff = !e->going_down; /* a shutdown is no sign of load */
-        out->congested = true;
-        out->source_hold = true;
+        /* A shutdown or maintenance is no sign of load, nor of what the
+         * receiver thinks of the source: rates and the site's window stay
+         * whole, and the hold rests the destination and its site for
+         * every source of a pool alike (one source resting would send
+         * the pool's others to the same host going down). */
+        out->backoff = !e->going_down;
+        out->congested = !e->going_down;
+        out->source_hold = !e->going_down;
     }
     if (!e->ready_once && e->connected && e->tls_fallback && e->tls_retry_left) {
         /* Opportunistic TLS whose handshake failed: the address answered,

@@ -133,7 +133,9 @@ struct policy_conn_end {
                            * requeued (policy_reuse_lost): the end is no pushback */
     bool going_down;      /* its 421 says the receiver is going down or in
                            * maintenance (classified `other`, not `rate_limited`):
-                           * a hold, not a reason to halve the domain's rates */
+                           * a hold of the destination and its site, not a reason
+                           * to halve the domain's rates or the site's window, nor
+                           * to rest a pool's source alone */
 };
 
 struct policy_conn_decision {

@@ -245,11 +245,13 @@ connections(void **state)
     policy_conn_end(&e, &d);
     assert_true(d.hold && d.backoff && d.congested);
     assert_false(d.next_addr);
-    /* The same 421 saying the receiver goes down: held, rates whole. */
+    assert_true(d.source_hold);
+    /* The same 421 saying the receiver goes down: held, rates and the
+     * site's window whole, and no source rests alone. */
     e.going_down = true;
     policy_conn_end(&e, &d);
-    assert_true(d.hold && d.congested);
-    assert_false(d.backoff);
+    assert_true(d.hold);
+    assert_false(d.backoff || d.congested || d.source_hold);
     e.going_down = false;
     /* A clean QUIT: nothing. */
     struct smtp_outcome ok = outcome(SMTP_STATUS_DELIVERED, 221, SMTP_REASON_QUIT);
