@@ -229,7 +229,10 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "enhanced", ev->enhanced);
     put_str(j, "reply", ev->reply);
     put_str(j, "dsn_id", ev->dsn_id);
-    put_u64(j, "attempt", ev->attempt);
+    if (ev->kind >= DLOG_DELIVERY && ev->kind <= DLOG_EXPIRATION)
+        json_ku64(j, "attempt", ev->attempt); /* 0 too: a recipient never tried */
+    else
+        put_u64(j, "attempt", ev->attempt);
     put_str(j, "class", ev->classification);
     put_str(j, "reason", ev->reason);
     put_str(j, "scope", ev->scope);

@@ -84,7 +84,9 @@ struct dlog_event {
     const char *enhanced;       /* "5.1.1" */
     const char *reply;          /* reply text */
     const char *dsn_id;         /* dsn: the DSN's own queue id (reply holds it too) */
-    unsigned attempt;           /* delivery attempt number, from 1 */
+    unsigned attempt;           /* the tries of the recipient so far, this one included;
+                                 * in every per-recipient outcome event, 0 too (one
+                                 * deferred without a try, its site resting) */
     const char *classification; /* printed as "class" */
     const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual;
                                  * per recipient, why when no reply tells it: connect_refused,

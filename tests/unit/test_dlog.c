@@ -456,7 +456,8 @@ test_format_full(void **state)
                                "\"auth_user\":\"app1\",\"headers\":{\"X-Tenant-ID\":\"t42\"}}\n");
 
     /* Nothing set but the kind; no header object when no pair is left;
-     * an arrival after the event time gives 0, not a wrapped number. */
+     * an arrival after the event time gives 0, not a wrapped number; a
+     * per-recipient outcome has its attempt count, 0 too. */
     const char *hv3[] = {NULL, NULL};
     struct dlog_event bare = {.kind = DLOG_EXPIRATION,
                               .arrival_ms = 5000,
@@ -465,7 +466,7 @@ test_format_full(void **state)
                               .nhdr = 2};
     assert_int_equal(dlog_format(&j, &bare, 4000), 0);
     assert_string_equal(j.buf, "{\"time\":\"1970-01-01T00:00:04.000Z\",\"event\":\"expiration\","
-                               "\"queue_time_ms\":0}\n");
+                               "\"attempt\":0,\"queue_time_ms\":0}\n");
     json_fini(&j);
 
     assert_string_equal(dlog_kind_str(DLOG_TRANSIENT_FAILURE), "transient_failure");
