@@ -49,7 +49,9 @@
  * refused, with its reply. Every reply goes through reply(), which
  * closes the command read last (command_begin) with the first reply to
  * it that is not 3xx, wherever that is made: an AUTH's 535 after its
- * hash, a DATA's after the dot, a line refused before it was read.
+ * hash, a DATA's after the dot, a line refused before it was read; a
+ * refusal that answers no command (a timeout between commands, a stop,
+ * too many errors) is named on that line too.
  *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
@@ -161,17 +163,30 @@ command_begin(struct session *s, unsigned v)
 }
 
 /* The reply r[0..n) was queued: if it answers the command read last, that
- * command is done, refused when the reply is 4xx or 5xx. Replies that
- * answer no command (the greeting, 421 for a stop, too many errors or junk
- * commands, a timeout between commands, the second line of a multiline
- * reply) pass unseen. A deadline that runs out inside a command (waiting
- * for a SASL response, in DATA) refuses that command, as Postfix counts
- * it. */
+ * command is done, refused when the reply is 4xx or 5xx. A deadline that
+ * runs out inside a command (waiting for a SASL response, in DATA)
+ * refuses that command, as Postfix counts it. A refusal that answers no
+ * command (554 to an early talker, 421 over a connection limit, for a
+ * timeout between commands, a stop, too many errors or junk commands, or
+ * after a failed AUTH's 535) is the session's: counted under no verb, it
+ * is the disconnect line's first_refused, as "- 421 ...", when nothing was
+ * refused before it, else its closed_by (each of them closes the
+ * session): why the session ended is on that line either way. The
+ * greeting and the second line of a multiline reply pass unseen. */
 static void
 reply_seen(struct session *s, const char *r, size_t n)
 {
-    if (!s->answering || n == 0 || r[0] == '3')
+    if (n == 0 || r[0] == '3')
         return;
+    if (!s->answering) {
+        if ((r[0] != '4' && r[0] != '5') || (n > 3 && r[3] == '-'))
+            return;
+        if (s->first_refused[0] == '\0')
+            snprintf(s->first_refused, sizeof(s->first_refused), "- %.*s", (int)n, r);
+        else
+            snprintf(s->closed_by, sizeof(s->closed_by), "%.*s", (int)n, r);
+        return;
+    }
     s->answering = false;
     if (r[0] != '4' && r[0] != '5')
         return;
@@ -841,15 +856,22 @@ session_free(struct session *s)
                                          : snprintf(sum + o, sizeof(sum) - o, " %s=%u", name,
                                                     good));
     }
+    /* the keys in the format: log_msg() escapes what an argument writes */
     if (s->first_refused[0] == '\0')
         log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
                 (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
-    else /* the key in the format: log_msg() escapes what an argument writes */
+    else if (s->closed_by[0] == '\0')
         log_msg(LOG_INFO,
                 "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
                 "first_refused=\"%s\"",
                 (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
                 s->first_refused);
+    else
+        log_msg(LOG_INFO,
+                "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
+                "first_refused=\"%s\" closed_by=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
+                s->first_refused, s->closed_by);
     session_hash_unlink(s);
     if (s->tls_refuse)
         sw->tls_refusing--;

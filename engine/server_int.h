@@ -114,10 +114,15 @@ struct session {
      * before it was read as one), and those answered 4xx or 5xx: the
      * disconnect line's summary, as Postfix's. */
     uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];
-    /* The first command refused, as "VERB reply" (cut): the disconnect
+    /* The first command refused, as "VERB reply" (cut; "- reply" for a
+     * refusal that answered no command, reply_seen()): the disconnect
      * line says why a client got nowhere (no AUTH, a sender it may not
      * use) in one line however often it tried; "" while none was. */
     char first_refused[112];
+    /* A refusal that answered no command (a timeout between commands, a
+     * stop, too many errors: each closes the session) after first_refused
+     * was taken, cut: the disconnect line's closed_by; "" while none was. */
+    char closed_by[112];
     /* A command is read (command_begin) and its last reply not yet said:
      * reply() counts that reply, the one place that does, wherever it is
      * made (an AUTH's 535 after its hash, a DATA's after the dot, a BDAT's

@@ -662,6 +662,100 @@ def test_disconnect_line_names_refusals_outside_commands():
         assert not problems, "\n".join(problems)
 
 
+def test_disconnect_line_names_refusals_that_answer_no_command():
+    """A refusal that answers no command is named on the disconnect line,
+    as first_refused="- CODE ..." when nothing was refused before it, else
+    as closed_by="CODE ...": 554 to a client that talks before the
+    greeting, 421 over a connection limit, for a timeout between
+    commands, for too many errors, for too many junk commands, for a stop.
+    Before, none of them reached the line: a session that ended on one
+    said nothing of why (or only why an earlier command was refused)."""
+    conf = ("greet_pause = 300ms\nmax_clients = 3\nmax_errors = 2\nmax_junk_commands = 2\n"
+            "timeout_command = 1s\n")
+    with sluice(conf) as d:
+        problems = []
+
+        def check(what, line, want):
+            if not line.endswith(want):
+                problems.append(f"{what}: {line}")
+
+        n = 0
+        # talks before the greeting
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        s.sendall(b"EHLO early.example\r\n")
+        got = read_to_end(s)
+        s.close()
+        assert got.startswith(b"554 5.5.1 "), got
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("pregreet", d.log_lines("event=disconnect")[-1],
+              ' commands=0/0 first_refused="- 554 5.5.1 Protocol error: client sent data'
+              ' before the greeting"')
+
+        # over max_clients: the fourth connection
+        held = [Smtp(d.port) for _ in range(3)]
+        c = Smtp(d.port)
+        assert c.greeting.code == 421 and c.is_closed(5), c.greeting
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("connection limit", d.log_lines("event=disconnect")[-1],
+              ' commands=0/0 first_refused="- 421 4.7.0 Too many connections: try again later"')
+        for h in held:
+            h.close()
+        n += 3
+        d.wait_log_count("event=disconnect", n)
+
+        # silent after EHLO: the command deadline
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        rest = c.rest_until_closed(10)
+        assert [r.code for r in rest] == [421], rest
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("timeout", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 commands=1/1 first_refused="- 421 4.4.2 Timeout: closing connection"')
+
+        # too many errors: the first error is first_refused, the 421 closed_by
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("FOO", 500)
+        c.send("BAR\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [500, 421]
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("errors", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 unknown=0/2 commands=1/3 first_refused="unknown 500 5.5.2 Command'
+              ' unrecognized" closed_by="421 4.7.0 Too many errors: closing"')
+
+        # too many junk commands
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("NOOP", 250)
+        c.expect("NOOP", 250)
+        c.send("NOOP\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [250, 421]
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("junk", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 noop=3 commands=4/4 first_refused="- 421 4.7.0 Too many commands'
+              ' without mail: closing"')
+
+        # a stop
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        d.stop_clean()
+        assert [r.code for r in c.rest_until_closed()] == [421]
+        c.close()
+        check("stop", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 commands=1/1 first_refused="- 421 4.3.2 Service shutting down: try'
+              ' again later"')
+        assert not problems, "\n".join(problems)
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -675,4 +769,5 @@ if __name__ == "__main__":
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
         test_disconnect_line_names_refusals_outside_commands,
+        test_disconnect_line_names_refusals_that_answer_no_command,
     ])
