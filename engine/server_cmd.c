@@ -935,7 +935,7 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
             reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
         return;
     }
-    bool in_txn = s->in_txn;
+    bool in_txn = s->in_txn, greeted = s->greeted;
     handle_verb(s, &c, rest);
     bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
     /* Commands that move no mail, counted since the last MAIL accepted;
@@ -943,11 +943,17 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
      * Postfix's smtpd_junk_command_limit). Not one: an RSET that ends a
      * transaction (smtplib's after every recipient was refused), a refused
      * RCPT (a bulk sender's suppressed recipients are refused by the
-     * thousand), a MAIL refused for now (4xx: our own back-pressure). */
+     * thousand), a MAIL refused for now (4xx: our own back-pressure). An
+     * EHLO or HELO counts when the session was greeted already: the first
+     * one, and the one after STARTTLS (tls_established forgets the
+     * greeting), are the protocol's; one that resets between transactions
+     * is followed by a MAIL that clears the count; a client that only
+     * greets, for ever, is closed like one that only says NOOP. */
     if (v == SMTP_VERB_MAIL && !refused)
         s->junk = 0;
     else if (v == SMTP_VERB_NOOP || v == SMTP_VERB_VRFY || v == SMTP_VERB_EXPN ||
              v == SMTP_VERB_HELP || (v == SMTP_VERB_RSET && !in_txn) ||
+             ((v == SMTP_VERB_EHLO || v == SMTP_VERB_HELO) && greeted) ||
              (v == SMTP_VERB_MAIL && s->out[at] == '5'))
         s->junk++;
 }

@@ -471,6 +471,45 @@ def test_junk_commands_end_a_session_that_moves_no_mail():
         assert d.count_log("event=too_many_errors") == 0
 
 
+def test_ehlo_loop_counts_as_junk():
+    """A client that greets again and again (EHLO or HELO, nothing else)
+    moves no mail: every greeting after the session's first counts toward
+    max_junk_commands, and one past it gets 421. Before, an EHLO loop was
+    answered for ever. A bulk client is never closed for its greetings:
+    EHLO, STARTTLS, EHLO (the protocol's own), AUTH, then a thousand
+    transactions ended by RSET, some with an EHLO or HELO between them to
+    reset (each followed by a MAIL accepted, which clears the count)."""
+    with sluice("max_junk_commands = 5\n", trusted="10.9.9.0/24") as d:
+        for verb in ("EHLO", "HELO"):
+            c = Smtp(d.port)
+            for _ in range(6):  # the first, then five counted
+                c.expect(f"{verb} client.example", 250)
+            c.send(f"{verb} client.example\r\n")
+            rest = c.rest_until_closed()
+            assert [x.code for x in rest] == [250, 421] and "without mail" in rest[1].raw, rest
+            c.close()
+        lines = d.wait_log_count("event=too_many_junk_commands", 2)
+        assert all("junk=6" in ln for ln in lines), lines
+
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        for i in range(1000):
+            greet = ["EHLO client.example", "HELO client.example"][i % 2] if i % 7 == 0 else None
+            lines = ([greet] if greet else []) + [
+                "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.net>", "RSET"]
+            c.send("".join(x + "\r\n" for x in lines))
+            got = [x.code for x in c.replies(len(lines))]
+            assert got == [250] * len(lines), (i, got)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 3)
+        assert d.count_log("event=too_many_junk_commands") == 2
+
+
 def test_client_hello_pipelined_with_starttls_is_closed_at_once():
     """A client that sends its TLS ClientHello in the same write as
     STARTTLS, before the 220: the hello is dropped with the rest of that
@@ -766,6 +805,7 @@ if __name__ == "__main__":
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
+        test_ehlo_loop_counts_as_junk,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
         test_disconnect_line_names_refusals_outside_commands,
