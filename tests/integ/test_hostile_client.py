@@ -601,6 +601,52 @@ def test_esmtp_after_helo_refused():
         assert m["envid"] == b"" and m["body"].endswith(b"plain\r\n"), m
 
 
+def test_bad_parameter_values_after_helo_refused_as_parameters():
+    """After HELO a parameter is refused for being there, before its value
+    is read: a bad value (SIZE=abc, BODY=9BIT, RET=x, NOTIFY=bogus, ORCPT
+    without its type), a duplicate, a keyword nobody knows get the same
+    555 5.5.4 "Unsupported option after HELO" naming them as a good value
+    does, and move nothing. Before, each got the parser's wording (501
+    5.5.4 Invalid parameter value, 501 Duplicate parameter, 555
+    Unsupported parameter). A broken list (two spaces) stays a syntax
+    error, and after EHLO a bad value is the parser's 501 as before."""
+    mail = [("SIZE=abc", "SIZE"), ("BODY=9BIT", "BODY"), ("RET=x", "RET"),
+            ("ENVID=a+zz", "ENVID"), ("SIZE=1 SIZE=2", "SIZE"), ("X-PRIO=5", "X-PRIO"),
+            ("SIZE=abc X-PRIO=5", "SIZE X-PRIO")]
+    rcpt = [("NOTIFY=bogus", "NOTIFY"), ("ORCPT=nosemicolon", "ORCPT"),
+            ("NOTIFY=NEVER,SUCCESS", "NOTIFY")]
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        problems = []
+        for param, named in mail:
+            r = c.cmd(f"MAIL FROM:<a@example.com> {param}")
+            if not r.raw.startswith(f"555 5.5.4 Unsupported option after HELO: {named} ("):
+                problems.append(f"MAIL {param}: {r.raw}")
+        c.expect("MAIL FROM:<sender@example.com>", 250)  # none opened a transaction
+        for param, named in rcpt:
+            r = c.cmd(f"RCPT TO:<extra@example.org> {param}")
+            if not r.raw.startswith(f"555 5.5.4 Unsupported option after HELO: {named} ("):
+                problems.append(f"RCPT {param}: {r.raw}")
+        r = c.cmd("MAIL FROM:<a@example.com>  SIZE=1")
+        if r.code != 501:
+            problems.append(f"two spaces: {r.raw}")
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: helo\r\n\r\nplain\r\n.", 250)
+        c.expect("EHLO new.example", 250)
+        r = c.cmd("MAIL FROM:<a@example.com> SIZE=abc")
+        if not r.raw.startswith("501 5.5.4 "):
+            problems.append(f"after EHLO: {r.raw}")
+        c.expect("QUIT", 221)
+        c.close()
+        assert not problems, "\n".join(problems)
+        d.wait_log_count("event=disconnect", 1)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["sender"] == b"sender@example.com" and m["rcpts"] == [b"rcpt@example.org"], m
+
+
 def test_disconnect_line_names_refusals_outside_commands():
     """Every 4xx or 5xx reply to what a client sent counts once, in the
     disconnect line's sums and as its first_refused, wherever it is made:
@@ -808,6 +854,7 @@ if __name__ == "__main__":
         test_ehlo_loop_counts_as_junk,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
+        test_bad_parameter_values_after_helo_refused_as_parameters,
         test_disconnect_line_names_refusals_outside_commands,
         test_disconnect_line_names_refusals_that_answer_no_command,
     ])
