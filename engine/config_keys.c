@@ -126,7 +126,8 @@ static const struct conf_key server_keys[] = {
      NULL},
     {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
      "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
-     "to finish before exiting; what is left stays queued for the next start",
+     "to finish, and for messages whose content has ended to be stored and answered, before "
+     "exiting; what is left stays queued for the next start",
      NULL},
     {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
      "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "

@@ -13,6 +13,8 @@ uses no ESMTP parameter and no BDAT. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
+import os
+import signal
 import socket
 import ssl
 import struct
@@ -27,9 +29,10 @@ PASSWORD = "s3cret-Pw"
 
 
 @contextlib.contextmanager
-def sluice(extra="", trusted="127.0.0.0/8"):
+def sluice(extra="", trusted="127.0.0.0/8", env=None):
     """sluice on a plaintext port and an implicit-TLS port (d.port,
-    d.tls_port); stopped on the way out, failing on a sanitizer report."""
+    d.tls_port), with env added to its environment; stopped on the way
+    out, failing on a sanitizer report."""
     wd = Workdir("sluice-hcl-")
     d = None
     try:
@@ -65,7 +68,16 @@ key_file = {p}/key.pem
 [log]
 level = info
 """)
-        d = Sluice(SLUICE, conf)
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            d = Sluice(SLUICE, conf)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         d.port, d.tls_port, d.spool = port, tls_port, f"{p}/spool"
         d.wait_log("event=ready")
         yield d
@@ -374,6 +386,52 @@ def test_stop_with_transactions_open_says_what_it_dropped():
             assert fields(ln)["how"] == "stopping", ln
             assert 0 <= int(fields(ln)["octets"]) <= most, ln
         assert spool_messages(d.spool) == []
+
+
+def test_stop_answers_a_message_whose_commit_is_pending():
+    """SIGTERM while a message's content has ended and its commit is
+    pending (a spool slow to answer: the test hook SLUICE_TEST_COMMIT_DELAY
+    holds each commit's answer 2 s): the drain waits for it, and the
+    client gets its 250 once the message is stored, then 421 for the stop;
+    the message is stored and logged queued once. A client in DATA at the
+    stop whose dot comes just after it gets 250 and 421 when its message
+    is stored, else a 4xx (its worker's drain was done: nothing new is
+    stored), or nothing when the stop came first: never a 250 for a
+    message not stored, never a stored message without its 250. Before,
+    the drain waited only for outbound deliveries: the loop ended with the
+    commit pending, the message stayed in the spool unanswered (the client
+    sends it again: twice delivered) and unlogged."""
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 2000
+
+    def envelope(c):
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        c.expect("DATA", 354)
+
+    with sluice(env={"SLUICE_TEST_COMMIT_DELAY": "2000"}) as d:
+        d.wait_log("event=test_hook name=SLUICE_TEST_COMMIT_DELAY")
+        pending = Smtp(d.port, timeout=30)
+        envelope(pending)
+        pending.send(body + b".\r\n")
+        d.wait_log("event=commit_held")  # stored, its answer not yet back
+        late = Smtp(d.port, timeout=30)
+        envelope(late)
+        late.send(body)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=stopping")
+        late.send(b".\r\n")
+        got = [r.code for r in pending.rest_until_closed(30)]
+        got_late = [r.code for r in late.rest_until_closed(30)]
+        pending.close()
+        late.close()
+        assert d.proc.wait(30) == 0
+        assert got == [250, 421], got
+        assert got_late in ([250, 421], [421], []), got_late
+        stored = spool_messages(d.spool)
+        assert len(stored) == 1 + (got_late[:1] == [250]), (got_late, len(stored))
+        assert d.count_log("event=queued") == len(stored), d.log_lines("event=queued")
+        assert d.count_log("event=drain_done") == 1
 
 
 def plain(user, password):
@@ -848,6 +906,7 @@ if __name__ == "__main__":
         test_rcpt_between_bdat_chunks_refused,
         test_disconnect_line_says_why_a_client_got_nowhere,
         test_stop_with_transactions_open_says_what_it_dropped,
+        test_stop_answers_a_message_whose_commit_is_pending,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
