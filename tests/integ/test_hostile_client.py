@@ -6,10 +6,12 @@ having dropped it, with where and how far it got; a client cut at every
 point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
 refused; the disconnect line says why a client got nowhere, whichever
-reply refused it; commands pipelined behind an AUTH wait for its answer;
-an AUTH before STARTTLS is forgotten after it; a client that sends only
-commands that move no mail is closed; a client that greeted with HELO
-uses no ESMTP parameter and no BDAT. Each test starts its own sluice (plain and
+reply refused it, a command's or the session's (a timeout, a limit, a
+stop); a stop answers a message whose commit is pending before it ends;
+commands pipelined behind an AUTH wait for its answer; an AUTH before
+STARTTLS is forgotten after it; a client that sends only commands that
+move no mail (an EHLO loop too) is closed; a client that greeted with HELO
+uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
