@@ -69,10 +69,12 @@ static const struct conf_key server_keys[] = {
      "protocol errors in one session before it is closed with 421", NULL},
     {"max_junk_commands", CONF_UINT, SRV(max_junk_commands), 1, 1000000000, "100",
      "commands that move no mail (NOOP, VRFY, EXPN, HELP, an RSET outside a transaction, a "
-     "MAIL refused with 5xx) a session may send since its last MAIL accepted; one more closes "
-     "it with 421, so that a client that sends only these cannot hold a connection slot for "
-     "ever (Postfix's smtpd_junk_command_limit). An RSET that ends a transaction, a refused "
-     "RCPT (suppressed recipients) and a MAIL refused for now (4xx) do not count",
+     "MAIL refused with 5xx, an EHLO or HELO after the session's greeting) a session may send "
+     "since its last MAIL accepted; one more closes it with 421, so that a client that sends "
+     "only these cannot hold a connection slot for ever (Postfix's "
+     "smtpd_junk_command_limit). An RSET that ends a transaction, a refused RCPT (suppressed "
+     "recipients), a MAIL refused for now (4xx) and the first EHLO or HELO, and the first "
+     "after STARTTLS, do not count",
      NULL},
     {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
      "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},
@@ -124,7 +126,8 @@ static const struct conf_key server_keys[] = {
      NULL},
     {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
      "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
-     "to finish before exiting; what is left stays queued for the next start",
+     "to finish, and for messages whose content has ended to be stored and answered, before "
+     "exiting; what is left stays queued for the next start",
      NULL},
     {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
      "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "

@@ -33,6 +33,7 @@
 #include "engine/outbound/internal.h"
 #include "engine/resolver.h"
 #include "engine/route.h"
+#include "engine/server.h"
 #include "engine/shaping.h"
 #include "engine/stats.h"
 #include "queue/queue.h"
@@ -656,15 +657,27 @@ delivery_idle(const struct delivery *d)
     return d->all == NULL;
 }
 
-/* Draining and no connection left: tell the engine, once. */
+/* Draining, no connection left and nothing held by the worker's
+ * submission server (a message being stored, its answer leaving): tell
+ * the engine, once. The server calls delivery_drain_recheck() when it
+ * lets go. */
 void
 drain_check(struct delivery *d)
 {
     if (d == NULL || !d->draining || d->drained || d->all != NULL)
         return;
+    struct server_worker *sw = d->e->srv != NULL ? d->e->srv[d->w->id] : NULL;
+    if (sw != NULL && !server_worker_drain_seal(sw))
+        return;
     d->drained = true;
     log_msg(LOG_NOTICE, "event=drained");
     atomic_fetch_add(&d->e->drained, 1);
+}
+
+void
+delivery_drain_recheck(struct delivery *d)
+{
+    drain_check(d);
 }
 
 /* The most queued tenants of a destination, kept sorted (most first). */

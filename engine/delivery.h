@@ -164,6 +164,10 @@ void delivery_objects(const struct delivery *d, uint64_t *dests, uint64_t *waiti
  * left. */
 void delivery_drain(struct delivery *d);
 bool delivery_idle(const struct delivery *d);
+/* The worker's submission server let go of the last session that held
+ * its drain (server_worker_drain_seal): the drain is done now if no
+ * connection is left either. Worker thread. */
+void delivery_drain_recheck(struct delivery *d);
 
 /* Who a job's message belongs to, as small ids of the engine's name
  * table (e->names, common/intern.h): stable for the process lifetime, 0

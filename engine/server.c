@@ -13,7 +13,11 @@
  * then is 250 sent. A message body is held whole until then, within one
  * budget shared by every worker ([server] body_memory_limit, see "message
  * bodies" below). A commit that returns after the client left still hands
- * the message to delivery.
+ * the message to delivery. A stop's drain waits for the sessions whose
+ * message is being signed or stored and for last replies leaving
+ * (server_worker_drain_seal): a message stored gets its 250 before the
+ * loop ends; one whose content ends after the worker's drain is done is
+ * refused 421, not stored.
  *
  * A session can also run detached (server_session_feed(), for the fuzzer):
  * the same code, with the ring's reads and sends and the spool's commit
@@ -49,7 +53,9 @@
  * refused, with its reply. Every reply goes through reply(), which
  * closes the command read last (command_begin) with the first reply to
  * it that is not 3xx, wherever that is made: an AUTH's 535 after its
- * hash, a DATA's after the dot, a line refused before it was read.
+ * hash, a DATA's after the dot, a line refused before it was read; a
+ * refusal that answers no command (a timeout between commands, a stop,
+ * too many errors) is named on that line too.
  *
  * The bounce role: sessions accepted on [bounce] listen run the same
  * machine with other rules at MAIL, RCPT and the end of the data: no AUTH
@@ -122,8 +128,21 @@ static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t f
 static void session_on_timer(struct timer *t, void *ctx);
 static bool drain_close(struct session *s);
 static void server_on_drain(struct worker *w, struct worker_msg *m);
+static void server_on_drain_recheck(struct worker *w, struct worker_msg *m);
 
 /* ---- state ---- */
+
+/* States that hold a stop's drain open: a message whose content ended is
+ * being signed or stored (its client waits for the 250 it is owed), or a
+ * last reply is leaving (that 250, a 421 for the stop). Each ends on its
+ * own in bounded time (the pools, the spool, the closing deadline);
+ * drain_timeout bounds them all. A client still sending its message holds
+ * nothing: the stop does not wait for it. */
+static bool
+state_holds_drain(enum session_state st)
+{
+    return st == SS_SIGN || st == SS_COMMIT || st == SS_CLOSING;
+}
 
 void
 session_deadline(struct session *s, uint64_t ms)
@@ -139,7 +158,17 @@ session_enter(struct session *s, enum session_state next)
     if (log_enabled(LOG_DEBUG))
         log_msg(LOG_DEBUG, "session=%016llx state=%s->%s", (unsigned long long)s->id,
                 session_state_str(s->state), session_state_str(next));
+    enum session_state prev = s->state;
     s->state = next;
+    /* A drain waiting for this session looks again, once the handler that
+     * moved it has returned (it may be about to tell the client 421). */
+    struct server_worker *sw = s->sw;
+    if (state_holds_drain(prev) && !state_holds_drain(next) && !sw->detached &&
+        !sw->recheck_posted && atomic_load_explicit(&sw->draining, memory_order_relaxed)) {
+        sw->recheck_posted = true;
+        sw->recheck_msg.fn = server_on_drain_recheck;
+        worker_post(sw->w, &sw->recheck_msg);
+    }
     if (next == SS_CLOSING) {
         stream_end(&s->st); /* over TLS, close_notify after the last reply */
         /* The last reply has one command's time to leave, however the
@@ -161,17 +190,30 @@ command_begin(struct session *s, unsigned v)
 }
 
 /* The reply r[0..n) was queued: if it answers the command read last, that
- * command is done, refused when the reply is 4xx or 5xx. Replies that
- * answer no command (the greeting, 421 for a stop, too many errors or junk
- * commands, a timeout between commands, the second line of a multiline
- * reply) pass unseen. A deadline that runs out inside a command (waiting
- * for a SASL response, in DATA) refuses that command, as Postfix counts
- * it. */
+ * command is done, refused when the reply is 4xx or 5xx. A deadline that
+ * runs out inside a command (waiting for a SASL response, in DATA)
+ * refuses that command, as Postfix counts it. A refusal that answers no
+ * command (554 to an early talker, 421 over a connection limit, for a
+ * timeout between commands, a stop, too many errors or junk commands, or
+ * after a failed AUTH's 535) is the session's: counted under no verb, it
+ * is the disconnect line's first_refused, as "- 421 ...", when nothing was
+ * refused before it, else its closed_by (each of them closes the
+ * session): why the session ended is on that line either way. The
+ * greeting and the second line of a multiline reply pass unseen. */
 static void
 reply_seen(struct session *s, const char *r, size_t n)
 {
-    if (!s->answering || n == 0 || r[0] == '3')
+    if (n == 0 || r[0] == '3')
         return;
+    if (!s->answering) {
+        if ((r[0] != '4' && r[0] != '5') || (n > 3 && r[3] == '-'))
+            return;
+        if (s->first_refused[0] == '\0')
+            snprintf(s->first_refused, sizeof(s->first_refused), "- %.*s", (int)n, r);
+        else
+            snprintf(s->closed_by, sizeof(s->closed_by), "%.*s", (int)n, r);
+        return;
+    }
     s->answering = false;
     if (r[0] != '4' && r[0] != '5')
         return;
@@ -841,15 +883,22 @@ session_free(struct session *s)
                                          : snprintf(sum + o, sizeof(sum) - o, " %s=%u", name,
                                                     good));
     }
+    /* the keys in the format: log_msg() escapes what an argument writes */
     if (s->first_refused[0] == '\0')
         log_msg(LOG_INFO, "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u",
                 (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all);
-    else /* the key in the format: log_msg() escapes what an argument writes */
+    else if (s->closed_by[0] == '\0')
         log_msg(LOG_INFO,
                 "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
                 "first_refused=\"%s\"",
                 (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
                 s->first_refused);
+    else
+        log_msg(LOG_INFO,
+                "session=%016llx event=disconnect client=%s user=%s%s commands=%u/%u "
+                "first_refused=\"%s\" closed_by=\"%s\"",
+                (unsigned long long)s->id, s->peer_ip, s->user ? s->user->name : "-", sum, ok, all,
+                s->first_refused, s->closed_by);
     session_hash_unlink(s);
     if (s->tls_refuse)
         sw->tls_refusing--;
@@ -858,6 +907,7 @@ session_free(struct session *s)
         conn_table_remove(&sw->e->per_ip, s->conn_key);
     }
     worker_timer_cancel(sw->w, &s->timer);
+    worker_timer_cancel(sw->w, &s->commit_timer);
     stream_fini(&s->st);
     txn_reset(s);
     dkim_body_free(s->dkim_body);
@@ -887,6 +937,7 @@ session_alloc(struct server_worker *sw, int fd)
     s->state = SS_PREGREET;
     s->peek_op = (struct op){OP_CALLBACK, session_on_peek};
     timer_init(&s->timer, session_on_timer);
+    timer_init(&s->commit_timer, session_on_commit_timer);
     s->next = sw->sessions;
     if (s->next)
         s->next->prev = s;
@@ -1141,6 +1192,16 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
     sw->cfg = &e->cfg->server;
     sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
     auth_cache_init(&sw->auth);
+#ifdef SLUICE_TEST_HOOKS
+    /* SLUICE_TEST_COMMIT_DELAY=MS: a slow spool (session_on_commit). */
+    const char *delay = getenv("SLUICE_TEST_COMMIT_DELAY");
+    if (delay != NULL && *delay != '\0') {
+        sw->test_commit_delay = strtoull(delay, NULL, 10);
+        if (w->id == 0)
+            log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_COMMIT_DELAY ms=%llu",
+                    (unsigned long long)sw->test_commit_delay);
+    }
+#endif
     int rc;
     sw->port = queue_port_new();
     if (sw->port == NULL) {
@@ -1201,6 +1262,7 @@ server_worker_free(struct server_worker *sw)
      * the loop ended wait in the mailbox, pointing into sessions. */
     worker_mbox_cancel(sw->w, session_on_hash);
     worker_mbox_cancel(sw->w, server_on_drain); /* embedded in sw */
+    worker_mbox_cancel(sw->w, server_on_drain_recheck);
     while (sw->sessions != NULL) {
         struct session *s = sw->sessions;
         if (txn_unfinished(s)) /* the client sees a close: say what it cost */
@@ -1269,6 +1331,37 @@ server_on_drain(struct worker *w, struct worker_msg *m)
         if (drain_close(s))
             session_run(s);
     }
+}
+
+bool
+server_worker_drain_seal(struct server_worker *sw)
+{
+    for (const struct session *s = sw->sessions; s != NULL; s = s->next)
+        if (state_holds_drain(s->state))
+            return false;
+    sw->sealed = true;
+    return true;
+}
+
+/* A session that held the drain let go: the idle ones are told 421 (one
+ * whose message was refused meanwhile is idle now), and when nothing
+ * holds the drain any more, delivery reports it done (or does once its
+ * own connections are gone). */
+static void
+server_on_drain_recheck(struct worker *w, struct worker_msg *m)
+{
+    struct server_worker *sw =
+        (struct server_worker *)((char *)m - offsetof(struct server_worker, recheck_msg));
+    sw->recheck_posted = false;
+    for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
+        next = s->next;
+        if (drain_close(s))
+            session_run(s);
+    }
+    for (const struct session *s = sw->sessions; s != NULL; s = s->next)
+        if (state_holds_drain(s->state))
+            return; /* its own move away posts the next look */
+    delivery_drain_recheck(sw->e->dlv[w->id]);
 }
 
 void

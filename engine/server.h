@@ -69,8 +69,8 @@ int server_worker_new(struct engine *e, struct worker *w, struct server_worker *
 /* Start accepting; on the worker's thread. */
 void server_worker_start(struct server_worker *sw);
 /* After the worker's loop ended: close sessions and listeners, drain the
- * spool port (commits still complete: their clients simply get no reply,
- * and retry), free. Returns NULL. */
+ * spool port (commits still complete: after a drain that timed out their
+ * clients get no reply, and retry), free. Returns NULL. */
 struct server_worker *server_worker_free(struct server_worker *sw);
 /* After a reload: the new [server] settings (limits, timeouts, AUTH
  * policy) and the new TLS context (certificate, protocols) for sessions
@@ -79,6 +79,16 @@ void server_worker_reconfigure(struct server_worker *sw);
 /* SIGTERM: stop accepting (the listeners are shut down); sessions open
  * go on until the engine stops. Any thread. */
 void server_worker_drain(struct server_worker *sw);
+/* Draining: may the worker's drain be done as far as its sessions go?
+ * Not while a message whose content ended is being signed or committed,
+ * nor while a last reply (a 250 for such a message, a 421 for the stop)
+ * is leaving: their clients are answered first, within drain_timeout.
+ * True when none is; from then on the server is sealed, and a message
+ * whose content ends is refused (421: nothing is stored that the loop's
+ * end could leave unanswered). When it says false, the server calls
+ * delivery_drain_recheck() once the last of them is done. Worker
+ * thread. */
+bool server_worker_drain_seal(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
 
 /*

@@ -83,24 +83,27 @@ cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
  * use only those the EHLO reply showed (RFC 5321 2.2.1, RFC 1869 4; RFC
  * 6531 3.4 for SMTPUTF8): MAIL and RCPT with parameters are refused, 555
  * as for parameters not known (RFC 5321 4.1.1.11), naming them, and move
- * nothing. Postfix takes them after HELO as after EHLO; a parameter that
- * changes how the transaction is read (SMTPUTF8, BODY) must not come
- * from a client that never learned it was offered. True when refused
- * (said). */
-static bool
+ * nothing. The parser says so (SMTP_CMD_F_NO_PARAMS) before it reads a
+ * value: one it would find bad gets this same answer, not its 501.
+ * Postfix takes them after HELO as after EHLO; a parameter that changes
+ * how the transaction is read (SMTPUTF8, BODY) must not come from a
+ * client that never learned it was offered. */
+static void
 params_after_helo(struct session *s, const struct smtp_cmd *c)
 {
     uint32_t seen = c->params.seen;
-    if (s->esmtp || seen == 0)
-        return false;
-    char names[64];
+    char names[96];
     size_t o = 0;
     for (uint32_t bit = 1; bit != 0 && bit <= seen; bit <<= 1)
         if (seen & bit)
             o += (size_t)snprintf(names + o, sizeof(names) - o, "%s%s", o ? " " : "",
                                   smtp_param_str(bit));
+    /* The first keyword the parser does not know, as written (letters,
+     * digits and hyphens only), cut to what the reply has room for. */
+    if (c->err_param.len > 0 && o < sizeof(names))
+        snprintf(names + o, sizeof(names) - o, "%s%.*s", o ? " " : "",
+                 (int)(c->err_param.len < 32 ? c->err_param.len : 32), c->err_param.ptr);
     reply(s, "555 5.5.4 Unsupported option after HELO: %s (ESMTP parameters need EHLO)", names);
-    return true;
 }
 
 static void
@@ -111,8 +114,6 @@ cmd_mail(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Send HELO or EHLO first");
         return;
     }
-    if (params_after_helo(s, c))
-        return;
     if (s->in_txn) {
         reply(s, "503 5.5.1 Nested MAIL command");
         return;
@@ -329,8 +330,6 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         reply(s, "503 5.5.1 Need MAIL command");
         return;
     }
-    if (params_after_helo(s, c))
-        return;
     if (s->bdat) {
         /* RFC 3030 2: the chunks follow all of MAIL and RCPT. A recipient
          * added between two chunks would change the envelope of a message
@@ -923,11 +922,13 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
         return;
     }
     struct smtp_cmd c;
-    int rc = smtp_cmd_parse(line, len, s->smtputf8 ? SMTP_CMD_F_UTF8 : 0, &c);
+    uint32_t flags = (s->smtputf8 ? SMTP_CMD_F_UTF8 : 0) |
+                     (s->greeted && !s->esmtp ? SMTP_CMD_F_NO_PARAMS : 0);
+    int rc = smtp_cmd_parse(line, len, flags, &c);
     unsigned v = (unsigned)c.verb <= SMTP_VERB_AUTH ? (unsigned)c.verb : SMTP_VERB_NONE;
     size_t at = s->out_len; /* where this command's reply starts */
     command_begin(s, v); /* its reply is counted by reply(), whenever it comes */
-    if (rc < 0) {
+    if (rc < 0 && rc != SMTP_CMD_E_PARAM_UNOFFERED) {
         s->errors++;
         if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
@@ -935,19 +936,28 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
             reply(s, "%s", smtp_cmd_err_reply(rc, c.verb));
         return;
     }
-    bool in_txn = s->in_txn;
-    handle_verb(s, &c, rest);
+    bool in_txn = s->in_txn, greeted = s->greeted;
+    if (rc == SMTP_CMD_E_PARAM_UNOFFERED)
+        params_after_helo(s, &c); /* no protocol error (max_errors): an old client's habit */
+    else
+        handle_verb(s, &c, rest);
     bool refused = s->out_len > at && (s->out[at] == '4' || s->out[at] == '5');
     /* Commands that move no mail, counted since the last MAIL accepted;
      * past [server] max_junk_commands the session is closed (run_commands;
      * Postfix's smtpd_junk_command_limit). Not one: an RSET that ends a
      * transaction (smtplib's after every recipient was refused), a refused
      * RCPT (a bulk sender's suppressed recipients are refused by the
-     * thousand), a MAIL refused for now (4xx: our own back-pressure). */
+     * thousand), a MAIL refused for now (4xx: our own back-pressure). An
+     * EHLO or HELO counts when the session was greeted already: the first
+     * one, and the one after STARTTLS (tls_established forgets the
+     * greeting), are the protocol's; one that resets between transactions
+     * is followed by a MAIL that clears the count; a client that only
+     * greets, for ever, is closed like one that only says NOOP. */
     if (v == SMTP_VERB_MAIL && !refused)
         s->junk = 0;
     else if (v == SMTP_VERB_NOOP || v == SMTP_VERB_VRFY || v == SMTP_VERB_EXPN ||
              v == SMTP_VERB_HELP || (v == SMTP_VERB_RSET && !in_txn) ||
+             ((v == SMTP_VERB_EHLO || v == SMTP_VERB_HELO) && greeted) ||
              (v == SMTP_VERB_MAIL && s->out[at] == '5'))
         s->junk++;
 }

@@ -114,10 +114,15 @@ struct session {
      * before it was read as one), and those answered 4xx or 5xx: the
      * disconnect line's summary, as Postfix's. */
     uint32_t cmds[SMTP_VERB_AUTH + 1], cmds_refused[SMTP_VERB_AUTH + 1];
-    /* The first command refused, as "VERB reply" (cut): the disconnect
+    /* The first command refused, as "VERB reply" (cut; "- reply" for a
+     * refusal that answered no command, reply_seen()): the disconnect
      * line says why a client got nowhere (no AUTH, a sender it may not
      * use) in one line however often it tried; "" while none was. */
     char first_refused[112];
+    /* A refusal that answered no command (a timeout between commands, a
+     * stop, too many errors: each closes the session) after first_refused
+     * was taken, cut: the disconnect line's closed_by; "" while none was. */
+    char closed_by[112];
     /* A command is read (command_begin) and its last reply not yet said:
      * reply() counts that reply, the one place that does, wherever it is
      * made (an AUTH's 535 after its hash, a DATA's after the dot, a BDAT's
@@ -174,6 +179,8 @@ struct session {
     bool bdat_last;
     uint64_t bdat_left;
     uint64_t msg_id;
+    struct timer commit_timer; /* the commit's answer, held (SLUICE_TEST_COMMIT_DELAY) */
+    int commit_rc;             /* what it was */
     char *ev_line; /* owned: the reception event committed with the message, or NULL */
     size_t ev_len;
     char hdrs[MSA_HEADERS_MAX];
@@ -225,6 +232,12 @@ struct server_worker {
     atomic_bool draining;    /* listeners shut: accept nothing more */
     atomic_bool drain_posted; /* drain_msg went to the worker (once) */
     struct worker_msg drain_msg; /* server_on_drain: the idle sessions told 421 */
+    /* Draining: sessions that hold the worker's drain open (a message being
+     * signed or committed, a last reply leaving) are waited for; when one
+     * lets go, recheck_msg looks again (server_worker_drain_seal). */
+    struct worker_msg recheck_msg;
+    bool recheck_posted; /* recheck_msg is in the mailbox */
+    bool sealed;         /* the drain is done here: nothing new is stored */
     struct session *sessions; /* list of owned sessions */
     struct session *hashing;  /* borrowed: sessions whose own hash is with the pool */
     struct auth_cache auth;
@@ -233,6 +246,9 @@ struct server_worker {
     struct server_stats stats;
     struct stats_tenant_table tenants; /* counts per tenant */
     bool detached; /* a harness's: no listener, no ring I/O, no spool (see server.h) */
+    /* Tests (SLUICE_TEST_COMMIT_DELAY, builds with test hooks): each
+     * commit's answer reaches its session this many ms late; 0: at once. */
+    uint64_t test_commit_delay;
 };
 
 /* Implicit-TLS clients over a connection limit that are told so inside
@@ -305,6 +321,8 @@ void dkim_body_start(struct session *s);
 void message_finish(struct session *s, uint32_t data_flags);
 /* The spool's commit of the message returned (rc 0: stored). */
 void session_on_commit(void *cookie, int rc);
+/* The commit's answer, held by the test hook, reaches the session. */
+void session_on_commit_timer(struct timer *t, void *ctx);
 /* A malloc'ed, NUL-terminated copy of sp; NULL without memory. */
 char *session_span_dup(struct smtp_span sp);
 /* The transaction ends: what it held is freed and given back. */

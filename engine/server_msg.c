@@ -233,10 +233,9 @@ session_span_dup(struct smtp_span sp)
 
 /* ---- the spool ---- */
 
-void
-session_on_commit(void *cookie, int rc)
+static void
+commit_done(struct session *s, int rc)
 {
-    struct session *s = cookie;
     s->inflight--;
     if (s->sw->stopping) {
         /* The loop has ended (server_worker_free): the message is in the
@@ -296,6 +295,32 @@ session_on_commit(void *cookie, int rc)
     session_deadline(s, s->sw->cfg->timeout_command);
     session_drain_check(s);
     session_run(s);
+}
+
+/* The commit's answer reaches the session, at once or (a test hook,
+ * SLUICE_TEST_COMMIT_DELAY: a spool slow to answer, as a loaded disk
+ * makes it) test_commit_delay ms later, the message stored and the
+ * session still waiting in COMMIT, its commit still counted in flight. */
+void
+session_on_commit(void *cookie, int rc)
+{
+    struct session *s = cookie;
+    if (s->sw->test_commit_delay > 0 && !s->sw->stopping) {
+        s->commit_rc = rc;
+        log_msg(LOG_WARN, "session=%016llx event=commit_held ms=%llu note=test_hook",
+                (unsigned long long)s->id, (unsigned long long)s->sw->test_commit_delay);
+        worker_timer_arm(s->sw->w, &s->commit_timer,
+                         s->sw->w->now + MS_TO_NS(s->sw->test_commit_delay));
+        return;
+    }
+    commit_done(s, rc);
+}
+
+void
+session_on_commit_timer(struct timer *t, void *ctx)
+{
+    (void)ctx;
+    commit_done(SESSION_OF(t, commit_timer), SESSION_OF(t, commit_timer)->commit_rc);
 }
 
 /* Count a message of tenant name. */
@@ -577,6 +602,18 @@ message_finish(struct session *s, uint32_t data_flags)
         s->body_type = SMTP_BODY_8BITMIME;
     if (s->bounce) {
         bounce_finish(s);
+        return;
+    }
+    if (sw->sealed) {
+        /* A stop's drain is done on this worker: the loop may end before a
+         * commit could be answered, and a message stored without its 250
+         * is sent again (twice delivered). Not stored: the client retries
+         * elsewhere or after the restart. */
+        sw->stats.rejected++;
+        log_msg(LOG_NOTICE, "session=%016llx event=message_refused client=%s reason=shutting_down",
+                (unsigned long long)s->id, s->peer_ip);
+        txn_reset(s);
+        reply_close(s, "421 4.3.2 Service shutting down: message not stored, try again later");
         return;
     }
     rcpts_dedup(s);

@@ -701,12 +701,15 @@ param_value(uint32_t kind, const char *v, const char *end, bool has_value, bool 
     }
 }
 
-/* [SP esmtp-param *(SP esmtp-param)] from p to end. */
+/* [SP esmtp-param *(SP esmtp-param)] from p to end. none: no parameter is
+ * offered (SMTP_CMD_F_NO_PARAMS): the keywords are noted, the values not
+ * read, and any parameter is SMTP_CMD_E_PARAM_UNOFFERED. */
 static int
-parse_params(const char *line, const char *p, const char *end, bool rcpt, bool utf8,
+parse_params(const char *line, const char *p, const char *end, bool rcpt, bool utf8, bool none,
              struct smtp_cmd *cmd)
 {
     struct smtp_params *params = &cmd->params;
+    struct smtp_span unknown = span(NULL, NULL);
 
     while (p < end) {
         const char *k, *ke, *v = NULL, *ve;
@@ -737,6 +740,12 @@ parse_params(const char *line, const char *p, const char *end, bool rcpt, bool u
         cmd->err_param = span(k, ke);
         cmd->err_off = (size_t)(k - line);
         kind = param_kind(k, (size_t)(ke - k), rcpt);
+        if (none) {
+            if (kind == 0 && unknown.ptr == NULL)
+                unknown = span(k, ke);
+            params->seen |= kind;
+            continue;
+        }
         if (kind == 0)
             return SMTP_CMD_E_PARAM_UNKNOWN;
         if (params->seen & kind)
@@ -747,6 +756,11 @@ parse_params(const char *line, const char *p, const char *end, bool rcpt, bool u
             return SMTP_CMD_E_PARAM_VALUE;
         }
         params->seen |= kind;
+    }
+    if (none && (params->seen != 0 || unknown.ptr != NULL)) {
+        cmd->err_param = unknown;
+        cmd->err_off = (size_t)(end - line);
+        return SMTP_CMD_E_PARAM_UNOFFERED;
     }
     cmd->err_param = span(NULL, NULL);
     cmd->err_off = 0;
@@ -786,7 +800,7 @@ parse_mail_rcpt(const char *line, const char *p, const char *end, bool rcpt, uin
     if (rc < 0)
         return fail(cmd, line, p, rc);
     utf8 = rcpt && (flags & SMTP_CMD_F_UTF8);
-    rc = parse_params(line, p, end, rcpt, utf8, cmd);
+    rc = parse_params(line, p, end, rcpt, utf8, (flags & SMTP_CMD_F_NO_PARAMS) != 0, cmd);
     if (rc < 0)
         return rc;
     if (!rcpt)
@@ -1151,6 +1165,8 @@ smtp_cmd_err_str(int err)
         return "output buffer too small";
     case SMTP_CMD_E_FMT_VALUE:
         return "value refused for formatting";
+    case SMTP_CMD_E_PARAM_UNOFFERED:
+        return "parameter where none is offered";
     default:
         return "unknown error";
     }
@@ -1214,6 +1230,8 @@ smtp_cmd_err_reply(int err, enum smtp_verb verb)
         return "501 5.5.4 Duplicate parameter";
     case SMTP_CMD_E_PARAM_VALUE:
         return "501 5.5.4 Invalid parameter value";
+    case SMTP_CMD_E_PARAM_UNOFFERED:
+        return "555 5.5.4 Unsupported option after HELO";
     default:
         return "451 4.3.0 Internal error";
     }

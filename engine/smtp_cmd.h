@@ -77,8 +77,10 @@ enum smtp_cmd_err {
     SMTP_CMD_E_PARAM_VALUE = -5126,   /* 501 5.5.4 Bad parameter value */
     SMTP_CMD_E_NOSPACE = -5127,       /* (formatting only) output buffer too small */
     SMTP_CMD_E_FMT_VALUE = -5128,     /* (formatting only) address or value refused */
+    SMTP_CMD_E_PARAM_UNOFFERED = -5129, /* 555 5.5.4 Unsupported option after HELO
+                                         * (SMTP_CMD_F_NO_PARAMS) */
 };
-#define SMTP_CMD_E_FIRST SMTP_CMD_E_FMT_VALUE
+#define SMTP_CMD_E_FIRST SMTP_CMD_E_PARAM_UNOFFERED
 #define SMTP_CMD_E_LAST  SMTP_CMD_E_LINE_TOO_LONG
 
 enum smtp_verb {
@@ -203,6 +205,13 @@ enum smtp_cmd_flag {
     /* The transaction is SMTPUTF8 (its MAIL carried SMTPUTF8): RCPT may
      * then use UTF-8 addresses. MAIL decides from its own parameters. */
     SMTP_CMD_F_UTF8 = 1u << 0,
+    /* No ESMTP extension was offered (the session greeted with HELO): a
+     * MAIL or RCPT with parameters is SMTP_CMD_E_PARAM_UNOFFERED, their
+     * values left unread (a bad value is no reason to say otherwise);
+     * params.seen names the known keywords given, err_param the first
+     * unknown one (empty when none). The list's syntax is checked as
+     * always. */
+    SMTP_CMD_F_NO_PARAMS = 1u << 1,
 };
 
 /*

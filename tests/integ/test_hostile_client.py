@@ -6,13 +6,17 @@ having dropped it, with where and how far it got; a client cut at every
 point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
 refused; the disconnect line says why a client got nowhere, whichever
-reply refused it; commands pipelined behind an AUTH wait for its answer;
-an AUTH before STARTTLS is forgotten after it; a client that sends only
-commands that move no mail is closed; a client that greeted with HELO
-uses no ESMTP parameter and no BDAT. Each test starts its own sluice (plain and
+reply refused it, a command's or the session's (a timeout, a limit, a
+stop); a stop answers a message whose commit is pending before it ends;
+commands pipelined behind an AUTH wait for its answer; an AUTH before
+STARTTLS is forgotten after it; a client that sends only commands that
+move no mail (an EHLO loop too) is closed; a client that greeted with HELO
+uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its own sluice (plain and
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
+import os
+import signal
 import socket
 import ssl
 import struct
@@ -27,9 +31,10 @@ PASSWORD = "s3cret-Pw"
 
 
 @contextlib.contextmanager
-def sluice(extra="", trusted="127.0.0.0/8"):
+def sluice(extra="", trusted="127.0.0.0/8", env=None):
     """sluice on a plaintext port and an implicit-TLS port (d.port,
-    d.tls_port); stopped on the way out, failing on a sanitizer report."""
+    d.tls_port), with env added to its environment; stopped on the way
+    out, failing on a sanitizer report."""
     wd = Workdir("sluice-hcl-")
     d = None
     try:
@@ -65,7 +70,16 @@ key_file = {p}/key.pem
 [log]
 level = info
 """)
-        d = Sluice(SLUICE, conf)
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            d = Sluice(SLUICE, conf)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         d.port, d.tls_port, d.spool = port, tls_port, f"{p}/spool"
         d.wait_log("event=ready")
         yield d
@@ -376,6 +390,52 @@ def test_stop_with_transactions_open_says_what_it_dropped():
         assert spool_messages(d.spool) == []
 
 
+def test_stop_answers_a_message_whose_commit_is_pending():
+    """SIGTERM while a message's content has ended and its commit is
+    pending (a spool slow to answer: the test hook SLUICE_TEST_COMMIT_DELAY
+    holds each commit's answer 2 s): the drain waits for it, and the
+    client gets its 250 once the message is stored, then 421 for the stop;
+    the message is stored and logged queued once. A client in DATA at the
+    stop whose dot comes just after it gets 250 and 421 when its message
+    is stored, else a 4xx (its worker's drain was done: nothing new is
+    stored), or nothing when the stop came first: never a 250 for a
+    message not stored, never a stored message without its 250. Before,
+    the drain waited only for outbound deliveries: the loop ended with the
+    commit pending, the message stayed in the spool unanswered (the client
+    sends it again: twice delivered) and unlogged."""
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 2000
+
+    def envelope(c):
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.org>", 250)
+        c.expect("DATA", 354)
+
+    with sluice(env={"SLUICE_TEST_COMMIT_DELAY": "2000"}) as d:
+        d.wait_log("event=test_hook name=SLUICE_TEST_COMMIT_DELAY")
+        pending = Smtp(d.port, timeout=30)
+        envelope(pending)
+        pending.send(body + b".\r\n")
+        d.wait_log("event=commit_held")  # stored, its answer not yet back
+        late = Smtp(d.port, timeout=30)
+        envelope(late)
+        late.send(body)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=stopping")
+        late.send(b".\r\n")
+        got = [r.code for r in pending.rest_until_closed(30)]
+        got_late = [r.code for r in late.rest_until_closed(30)]
+        pending.close()
+        late.close()
+        assert d.proc.wait(30) == 0
+        assert got == [250, 421], got
+        assert got_late in ([250, 421], [421], []), got_late
+        stored = spool_messages(d.spool)
+        assert len(stored) == 1 + (got_late[:1] == [250]), (got_late, len(stored))
+        assert d.count_log("event=queued") == len(stored), d.log_lines("event=queued")
+        assert d.count_log("event=drain_done") == 1
+
+
 def plain(user, password):
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
@@ -471,6 +531,45 @@ def test_junk_commands_end_a_session_that_moves_no_mail():
         assert d.count_log("event=too_many_errors") == 0
 
 
+def test_ehlo_loop_counts_as_junk():
+    """A client that greets again and again (EHLO or HELO, nothing else)
+    moves no mail: every greeting after the session's first counts toward
+    max_junk_commands, and one past it gets 421. Before, an EHLO loop was
+    answered for ever. A bulk client is never closed for its greetings:
+    EHLO, STARTTLS, EHLO (the protocol's own), AUTH, then a thousand
+    transactions ended by RSET, some with an EHLO or HELO between them to
+    reset (each followed by a MAIL accepted, which clears the count)."""
+    with sluice("max_junk_commands = 5\n", trusted="10.9.9.0/24") as d:
+        for verb in ("EHLO", "HELO"):
+            c = Smtp(d.port)
+            for _ in range(6):  # the first, then five counted
+                c.expect(f"{verb} client.example", 250)
+            c.send(f"{verb} client.example\r\n")
+            rest = c.rest_until_closed()
+            assert [x.code for x in rest] == [250, 421] and "without mail" in rest[1].raw, rest
+            c.close()
+        lines = d.wait_log_count("event=too_many_junk_commands", 2)
+        assert all("junk=6" in ln for ln in lines), lines
+
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("STARTTLS", 220)
+        c.sock = tls_context().wrap_socket(c.sock, server_hostname="localhost")
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        for i in range(1000):
+            greet = ["EHLO client.example", "HELO client.example"][i % 2] if i % 7 == 0 else None
+            lines = ([greet] if greet else []) + [
+                "MAIL FROM:<a@example.com>", "RCPT TO:<b@example.net>", "RSET"]
+            c.send("".join(x + "\r\n" for x in lines))
+            got = [x.code for x in c.replies(len(lines))]
+            assert got == [250] * len(lines), (i, got)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=disconnect", 3)
+        assert d.count_log("event=too_many_junk_commands") == 2
+
+
 def test_client_hello_pipelined_with_starttls_is_closed_at_once():
     """A client that sends its TLS ClientHello in the same write as
     STARTTLS, before the 220: the hello is dropped with the rest of that
@@ -560,6 +659,52 @@ def test_esmtp_after_helo_refused():
         (m,) = spool_messages(d.spool)
         assert m["sender"] == b"sender@example.com" and m["rcpts"] == [b"rcpt@example.org"], m
         assert m["envid"] == b"" and m["body"].endswith(b"plain\r\n"), m
+
+
+def test_bad_parameter_values_after_helo_refused_as_parameters():
+    """After HELO a parameter is refused for being there, before its value
+    is read: a bad value (SIZE=abc, BODY=9BIT, RET=x, NOTIFY=bogus, ORCPT
+    without its type), a duplicate, a keyword nobody knows get the same
+    555 5.5.4 "Unsupported option after HELO" naming them as a good value
+    does, and move nothing. Before, each got the parser's wording (501
+    5.5.4 Invalid parameter value, 501 Duplicate parameter, 555
+    Unsupported parameter). A broken list (two spaces) stays a syntax
+    error, and after EHLO a bad value is the parser's 501 as before."""
+    mail = [("SIZE=abc", "SIZE"), ("BODY=9BIT", "BODY"), ("RET=x", "RET"),
+            ("ENVID=a+zz", "ENVID"), ("SIZE=1 SIZE=2", "SIZE"), ("X-PRIO=5", "X-PRIO"),
+            ("SIZE=abc X-PRIO=5", "SIZE X-PRIO")]
+    rcpt = [("NOTIFY=bogus", "NOTIFY"), ("ORCPT=nosemicolon", "ORCPT"),
+            ("NOTIFY=NEVER,SUCCESS", "NOTIFY")]
+    with sluice() as d:
+        c = Smtp(d.port)
+        c.expect("HELO old.example", 250)
+        problems = []
+        for param, named in mail:
+            r = c.cmd(f"MAIL FROM:<a@example.com> {param}")
+            if not r.raw.startswith(f"555 5.5.4 Unsupported option after HELO: {named} ("):
+                problems.append(f"MAIL {param}: {r.raw}")
+        c.expect("MAIL FROM:<sender@example.com>", 250)  # none opened a transaction
+        for param, named in rcpt:
+            r = c.cmd(f"RCPT TO:<extra@example.org> {param}")
+            if not r.raw.startswith(f"555 5.5.4 Unsupported option after HELO: {named} ("):
+                problems.append(f"RCPT {param}: {r.raw}")
+        r = c.cmd("MAIL FROM:<a@example.com>  SIZE=1")
+        if r.code != 501:
+            problems.append(f"two spaces: {r.raw}")
+        c.expect("RCPT TO:<rcpt@example.org>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: helo\r\n\r\nplain\r\n.", 250)
+        c.expect("EHLO new.example", 250)
+        r = c.cmd("MAIL FROM:<a@example.com> SIZE=abc")
+        if not r.raw.startswith("501 5.5.4 "):
+            problems.append(f"after EHLO: {r.raw}")
+        c.expect("QUIT", 221)
+        c.close()
+        assert not problems, "\n".join(problems)
+        d.wait_log_count("event=disconnect", 1)
+        d.stop_clean()
+        (m,) = spool_messages(d.spool)
+        assert m["sender"] == b"sender@example.com" and m["rcpts"] == [b"rcpt@example.org"], m
 
 
 def test_disconnect_line_names_refusals_outside_commands():
@@ -662,6 +807,100 @@ def test_disconnect_line_names_refusals_outside_commands():
         assert not problems, "\n".join(problems)
 
 
+def test_disconnect_line_names_refusals_that_answer_no_command():
+    """A refusal that answers no command is named on the disconnect line,
+    as first_refused="- CODE ..." when nothing was refused before it, else
+    as closed_by="CODE ...": 554 to a client that talks before the
+    greeting, 421 over a connection limit, for a timeout between
+    commands, for too many errors, for too many junk commands, for a stop.
+    Before, none of them reached the line: a session that ended on one
+    said nothing of why (or only why an earlier command was refused)."""
+    conf = ("greet_pause = 300ms\nmax_clients = 3\nmax_errors = 2\nmax_junk_commands = 2\n"
+            "timeout_command = 1s\n")
+    with sluice(conf) as d:
+        problems = []
+
+        def check(what, line, want):
+            if not line.endswith(want):
+                problems.append(f"{what}: {line}")
+
+        n = 0
+        # talks before the greeting
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        s.sendall(b"EHLO early.example\r\n")
+        got = read_to_end(s)
+        s.close()
+        assert got.startswith(b"554 5.5.1 "), got
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("pregreet", d.log_lines("event=disconnect")[-1],
+              ' commands=0/0 first_refused="- 554 5.5.1 Protocol error: client sent data'
+              ' before the greeting"')
+
+        # over max_clients: the fourth connection
+        held = [Smtp(d.port) for _ in range(3)]
+        c = Smtp(d.port)
+        assert c.greeting.code == 421 and c.is_closed(5), c.greeting
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("connection limit", d.log_lines("event=disconnect")[-1],
+              ' commands=0/0 first_refused="- 421 4.7.0 Too many connections: try again later"')
+        for h in held:
+            h.close()
+        n += 3
+        d.wait_log_count("event=disconnect", n)
+
+        # silent after EHLO: the command deadline
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        rest = c.rest_until_closed(10)
+        assert [r.code for r in rest] == [421], rest
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("timeout", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 commands=1/1 first_refused="- 421 4.4.2 Timeout: closing connection"')
+
+        # too many errors: the first error is first_refused, the 421 closed_by
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("FOO", 500)
+        c.send("BAR\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [500, 421]
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("errors", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 unknown=0/2 commands=1/3 first_refused="unknown 500 5.5.2 Command'
+              ' unrecognized" closed_by="421 4.7.0 Too many errors: closing"')
+
+        # too many junk commands
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect("NOOP", 250)
+        c.expect("NOOP", 250)
+        c.send("NOOP\r\n")
+        assert [r.code for r in c.rest_until_closed()] == [250, 421]
+        c.close()
+        n += 1
+        d.wait_log_count("event=disconnect", n)
+        check("junk", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 noop=3 commands=4/4 first_refused="- 421 4.7.0 Too many commands'
+              ' without mail: closing"')
+
+        # a stop
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        d.stop_clean()
+        assert [r.code for r in c.rest_until_closed()] == [421]
+        c.close()
+        check("stop", d.log_lines("event=disconnect")[-1],
+              ' ehlo=1 commands=1/1 first_refused="- 421 4.3.2 Service shutting down: try'
+              ' again later"')
+        assert not problems, "\n".join(problems)
+
+
 if __name__ == "__main__":
     main([
         test_client_gone_mid_transaction_is_logged,
@@ -669,10 +908,14 @@ if __name__ == "__main__":
         test_rcpt_between_bdat_chunks_refused,
         test_disconnect_line_says_why_a_client_got_nowhere,
         test_stop_with_transactions_open_says_what_it_dropped,
+        test_stop_answers_a_message_whose_commit_is_pending,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
+        test_ehlo_loop_counts_as_junk,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
+        test_bad_parameter_values_after_helo_refused_as_parameters,
         test_disconnect_line_names_refusals_outside_commands,
+        test_disconnect_line_names_refusals_that_answer_no_command,
     ])

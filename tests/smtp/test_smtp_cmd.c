@@ -532,6 +532,38 @@ test_error_details(void **state)
     assert_int_equal(smtp_cmd_parse(L("FOO"), 0, &c), SMTP_CMD_E_UNKNOWN);
     assert_int_equal(c.verb, SMTP_VERB_NONE);
 
+    /* after HELO (SMTP_CMD_F_NO_PARAMS): any parameter is refused as such,
+     * its value unread: a bad value, a duplicate, an unknown keyword */
+    const uint32_t np = SMTP_CMD_F_NO_PARAMS;
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c>"), np, &c), 0);
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c> SIZE=abc"), np, &c),
+                     SMTP_CMD_E_PARAM_UNOFFERED);
+    assert_int_equal(c.verb, SMTP_VERB_MAIL);
+    assert_int_equal(c.params.seen, SMTP_PARAM_SIZE);
+    assert_int_equal(c.params.size, 0);
+    assert_int_equal(c.err_param.len, 0);
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c> BODY=9BIT body=7BIT"), np, &c),
+                     SMTP_CMD_E_PARAM_UNOFFERED);
+    assert_int_equal(c.params.seen, SMTP_PARAM_BODY);
+    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<a@b.c> NOTIFY=bogus X-FOO=1 ORCPT=x Y"), np, &c),
+                     SMTP_CMD_E_PARAM_UNOFFERED);
+    assert_int_equal(c.verb, SMTP_VERB_RCPT);
+    assert_int_equal(c.params.seen, SMTP_PARAM_NOTIFY | SMTP_PARAM_ORCPT);
+    assert_span(c.err_param, "X-FOO");
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<j\xc3\xb6rg@b.c> SMTPUTF8=x"), np, &c),
+                     SMTP_CMD_E_PARAM_UNOFFERED);
+    /* the list's syntax and the path as always */
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c>  SIZE=1"), np, &c),
+                     SMTP_CMD_E_PARAM_SYNTAX);
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c> SIZE=1\x01"), np, &c),
+                     SMTP_CMD_E_BAD_CHAR);
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@exa_mple.com> SIZE=1"), np, &c),
+                     SMTP_CMD_E_DOMAIN_SYNTAX);
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<j\xc3\xb6rg@b.c>"), np, &c),
+                     SMTP_CMD_E_UTF8_NOT_ALLOWED);
+    assert_string_equal(smtp_cmd_err_reply(SMTP_CMD_E_PARAM_UNOFFERED, SMTP_VERB_MAIL),
+                        "555 5.5.4 Unsupported option after HELO");
+
     /* replies: by error and by verb */
     assert_string_equal(smtp_cmd_err_reply(SMTP_CMD_E_DOMAIN_SYNTAX, SMTP_VERB_RCPT),
                         "553 5.1.3 Bad recipient address syntax");
