@@ -332,8 +332,10 @@ static const struct conf_key shaping_keys[] = {
 #define RDS(f) offsetof(struct redis_config, f)
 static const struct conf_key redis_keys[] = {
     {"url", CONF_STRING, RDS(url), 1, 1024, NULL,
-     "redis://[:password@]host[:port] of the Redis shared by all nodes (message and "
-     "connection rates, connection leases); unset: limits hold per node, in memory",
+     "redis://[[user]:password@]host[:port][/0] of the Redis shared by all nodes (message "
+     "and connection rates, connection leases; user: a Redis 6 ACL user; user and password "
+     "may be percent-escaped, %40 for '@', %25 for '%'); unset: limits hold per node, in "
+     "memory",
      NULL},
     {"password", CONF_STRING, RDS(password), 1, 512, NULL, "AUTH password (or in the URL)",
      NULL},
