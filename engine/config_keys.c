@@ -126,6 +126,14 @@ static const struct conf_key server_keys[] = {
      "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
      "to finish before exiting; what is left stays queued for the next start",
      NULL},
+    {"campaign_names", CONF_UINT, SRV(campaign_names), 0, 4000000, "100000",
+     "distinct X-Sluice-Campaign names this node keeps, since it started (about 200 bytes "
+     "each, held until a restart: a name stays valid while any message of its campaign "
+     "may be queued); past it a message with a new campaign name is accepted, and keeps "
+     "its campaign in the spool, the logs and its DSNs, but sluicectl suspend campaign= "
+     "does not hold it (suspending its tenant does; flush and bounce by campaign, which "
+     "read the spool, do); logged as event=campaign_names_full",
+     NULL},
     {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
      "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "
      "an RFC 3339 time (2026-11-23T18:00:00Z); removed before delivery; a bad value is "
