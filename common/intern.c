@@ -30,8 +30,8 @@ struct intern {
     uint32_t next;          /* the next id to give, under mu */
     _Atomic uint64_t refused;
     _Atomic uint32_t count;
-    _Atomic uint32_t bounded;          /* names made by intern_id_bounded (written under mu) */
-    _Atomic uint64_t bounded_refused;  /* names it did not make: past its max */
+    _Atomic uint32_t bounded;         /* names made by intern_id_bounded (written under mu) */
+    _Atomic uint64_t bounded_refused; /* names it did not make: past its max */
     /* owned: chunk i holds ids i * INTERN_CHUNK .. + INTERN_CHUNK - 1 */
     struct intern_entry *_Atomic *_Atomic chunks[INTERN_MAX / INTERN_CHUNK];
 };
@@ -77,8 +77,7 @@ intern_free(struct intern *t)
  * names were made so (*over: the refusals past max so far, this one
  * included; 0 when this call was not one). */
 static uint32_t
-lookup(struct intern *t, const char *name, bool make, bool bounded, uint32_t max,
-       uint64_t *over)
+lookup(struct intern *t, const char *name, bool make, bool bounded, uint32_t max, uint64_t *over)
 {
     if (name == NULL || name[0] == '\0')
         return 0;

@@ -60,8 +60,8 @@ decode(const char *s, size_t n, char *out, const char *what, char *err, size_t e
 static bool
 host_char(char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '.' || c == '_';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '.' || c == '_';
 }
 
 /* HOST[:PORT][/PATH] at s (to the end of the string) into out. */
@@ -146,8 +146,7 @@ split_userinfo(const char *s, size_t n, struct redis_url *out, char *err, size_t
         return decode(s, n, out->password, "password", err, errlen);
     int rc = decode(s, (size_t)(colon - s), out->user, "user", err, errlen);
     if (rc == 0)
-        rc = decode(colon + 1, n - (size_t)(colon + 1 - s), out->password, "password", err,
-                    errlen);
+        rc = decode(colon + 1, n - (size_t)(colon + 1 - s), out->password, "password", err, errlen);
     return rc;
 }
 

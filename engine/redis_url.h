@@ -36,7 +36,7 @@ struct redis_url {
     char password[REDIS_URL_PART_MAX + 1]; /* decoded; "": none */
     char host[REDIS_URL_PART_MAX + 1];     /* without the brackets of an IPv6 address */
     int port;
-    char path[REDIS_URL_PART_MAX + 1];     /* after the '/', as written; "": none */
+    char path[REDIS_URL_PART_MAX + 1]; /* after the '/', as written; "": none */
 };
 
 /* Take url apart into *out. Returns 0, or -EINVAL with one line in err

@@ -163,9 +163,8 @@ test_endpoint(void **state)
     (void)state;
     struct redis_endpoint ep;
     char err[256];
-    assert_int_equal(redis_url_parse("redis://us%40er:p/a@ss%25@127.0.0.1:6380/0", &ep, err,
-                                     sizeof(err)),
-                     0);
+    assert_int_equal(
+        redis_url_parse("redis://us%40er:p/a@ss%25@127.0.0.1:6380/0", &ep, err, sizeof(err)), 0);
     assert_string_equal(ep.user, "us@er");
     assert_string_equal(ep.password, "p/a@ss%");
     assert_string_equal(ep.ip, "127.0.0.1");
@@ -180,8 +179,7 @@ test_endpoint(void **state)
     assert_int_equal(redis_url_parse("redis://:@127.0.0.1", &ep, err, sizeof(err)), 0);
     assert_null(ep.user);
     assert_null(ep.password);
-    assert_int_equal(redis_url_parse("redis://user:pa/ss@127.0.0.1:6379/2", &ep, err,
-                                     sizeof(err)),
+    assert_int_equal(redis_url_parse("redis://user:pa/ss@127.0.0.1:6379/2", &ep, err, sizeof(err)),
                      -EINVAL);
     assert_non_null(strstr(err, "database numbers other than 0"));
     assert_null(ep.user);
