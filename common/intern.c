@@ -2,7 +2,9 @@
  * intern: see intern.h. A name lives in one allocation that holds its
  * hash node and its text; the name → id direction is common/hash.h under
  * a mutex, the id → name direction an array of chunk pointers that are
- * written once (release) and read without a lock (acquire).
+ * written once (release) and read without a lock (acquire). Names made
+ * through intern_id_bounded are counted apart, under the same mutex, so
+ * that its bound holds exactly.
  *
  * Threading: as intern.h says.
  */
@@ -28,6 +30,8 @@ struct intern {
     uint32_t next;          /* the next id to give, under mu */
     _Atomic uint64_t refused;
     _Atomic uint32_t count;
+    _Atomic uint32_t bounded;         /* names made by intern_id_bounded (written under mu) */
+    _Atomic uint64_t bounded_refused; /* names it did not make: past its max */
     /* owned: chunk i holds ids i * INTERN_CHUNK .. + INTERN_CHUNK - 1 */
     struct intern_entry *_Atomic *_Atomic chunks[INTERN_MAX / INTERN_CHUNK];
 };
@@ -69,8 +73,11 @@ intern_free(struct intern *t)
     return NULL;
 }
 
+/* make: a name not in t is made; bounded: only while fewer than max
+ * names were made so (*over: the refusals past max so far, this one
+ * included; 0 when this call was not one). */
 static uint32_t
-lookup(struct intern *t, const char *name, bool make)
+lookup(struct intern *t, const char *name, bool make, bool bounded, uint32_t max, uint64_t *over)
 {
     if (name == NULL || name[0] == '\0')
         return 0;
@@ -85,6 +92,10 @@ lookup(struct intern *t, const char *name, bool make)
     struct intern_entry *e = (struct intern_entry *)hash_find(&t->by_name, h, name);
     if (e != NULL || !make) {
         id = e ? e->id : 0;
+        goto out;
+    }
+    if (bounded && atomic_load_explicit(&t->bounded, memory_order_relaxed) >= max) {
+        *over = atomic_fetch_add(&t->bounded_refused, 1) + 1;
         goto out;
     }
     if (t->next >= INTERN_MAX)
@@ -110,6 +121,8 @@ lookup(struct intern *t, const char *name, bool make)
     atomic_store_explicit(&ch[t->next % INTERN_CHUNK], e, memory_order_release);
     id = t->next++;
     atomic_fetch_add(&t->count, 1);
+    if (bounded)
+        atomic_fetch_add(&t->bounded, 1);
     goto out;
 refused:
     atomic_fetch_add(&t->refused, 1);
@@ -121,13 +134,20 @@ out:
 uint32_t
 intern_id(struct intern *t, const char *name)
 {
-    return lookup(t, name, true);
+    return lookup(t, name, true, false, 0, NULL);
+}
+
+uint32_t
+intern_id_bounded(struct intern *t, const char *name, uint32_t max, uint64_t *over)
+{
+    *over = 0;
+    return lookup(t, name, true, true, max, over);
 }
 
 uint32_t
 intern_find(struct intern *t, const char *name)
 {
-    return lookup(t, name, false);
+    return lookup(t, name, false, false, 0, NULL);
 }
 
 const char *
@@ -148,4 +168,11 @@ intern_counts(const struct intern *t, uint64_t *names, uint64_t *refused)
 {
     *names = atomic_load(&((struct intern *)t)->count);
     *refused = atomic_load(&((struct intern *)t)->refused);
+}
+
+void
+intern_bounded_counts(const struct intern *t, uint64_t *made, uint64_t *refused)
+{
+    *made = atomic_load(&((struct intern *)t)->bounded);
+    *refused = atomic_load(&((struct intern *)t)->bounded_refused);
 }

@@ -6,7 +6,10 @@
  * until the table is freed; nothing is ever removed, so the table grows
  * with the distinct names met. It stops at INTERN_MAX names: past that,
  * intern_id() returns 0 (the name is then treated as none by whoever
- * asked) and counts the refusal.
+ * asked) and counts the refusal. Since nothing is removed (intern_name()
+ * is read without a lock, and a queued job may hold any id), names that
+ * clients choose (campaigns) go through intern_id_bounded(), whose own
+ * bound keeps them from growing the table, and the memory, to INTERN_MAX.
  *
  * Threading: intern_id() from any thread (a mutex around the name
  * lookup); intern_name() from any thread without a lock (ids map to
@@ -32,6 +35,12 @@ struct intern *intern_free(struct intern *t);
  * than INTERN_NAME_MAX, without memory, or past INTERN_MAX. Names compare
  * exactly (case matters). */
 uint32_t intern_id(struct intern *t, const char *name);
+/* As intern_id(), for names chosen by clients: a name not yet in t is
+ * made only while fewer than max names were made by this function (those
+ * of intern_id() do not count; a name in t gets its id whoever made it).
+ * Past max it returns 0 and sets *over to the refusals past a max so far,
+ * this one included (else *over is 0), for the caller to log. */
+uint32_t intern_id_bounded(struct intern *t, const char *name, uint32_t max, uint64_t *over);
 /* The id of name if it has one, else 0; makes nothing. */
 uint32_t intern_find(struct intern *t, const char *name);
 /* The name of id (borrowed: lives as long as t), or NULL for 0 or an id
@@ -39,5 +48,7 @@ uint32_t intern_find(struct intern *t, const char *name);
 const char *intern_name(const struct intern *t, uint32_t id);
 /* Names held, and names refused for the cap or memory. */
 void intern_counts(const struct intern *t, uint64_t *names, uint64_t *refused);
+/* Names made by intern_id_bounded(), and names it refused past its max. */
+void intern_bounded_counts(const struct intern *t, uint64_t *made, uint64_t *refused);
 
 #endif

@@ -60,6 +60,7 @@ struct server_config {
     uint64_t auth_failure_window;       /* ms */
     unsigned auth_failure_table;        /* keys remembered */
     char *expire_header;     /* owned; NULL: no per-message expiry header */
+    unsigned campaign_names; /* distinct campaign names given ids since the start */
     uint64_t drain_timeout;  /* ms: SIGTERM waits this long for transactions in flight */
     /* derived at load; allocated at their length, not NETADDR_MAX_LIST
      * (136 octets each): every config a reload replaced is kept (engine.h) */

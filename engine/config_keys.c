@@ -129,6 +129,14 @@ static const struct conf_key server_keys[] = {
      "to finish, and for messages whose content has ended to be stored and answered, before "
      "exiting; what is left stays queued for the next start",
      NULL},
+    {"campaign_names", CONF_UINT, SRV(campaign_names), 0, 4000000, "100000",
+     "distinct X-Sluice-Campaign names this node keeps, since it started (about 200 bytes "
+     "each, held until a restart: a name stays valid while any message of its campaign "
+     "may be queued); past it a message with a new campaign name is accepted, and keeps "
+     "its campaign in the spool, the logs and its DSNs, but sluicectl suspend campaign= "
+     "does not hold it (suspending its tenant does; flush and bounce by campaign, which "
+     "read the spool, do); logged as event=campaign_names_full",
+     NULL},
     {"expire_header", CONF_STRING, SRV(expire_header), 1, 100, "X-Sluice-Expire",
      "header field that sets a message's own expiry: a duration from arrival (90m, 2h) or "
      "an RFC 3339 time (2026-11-23T18:00:00Z); removed before delivery; a bad value is "
@@ -335,8 +343,10 @@ static const struct conf_key shaping_keys[] = {
 #define RDS(f) offsetof(struct redis_config, f)
 static const struct conf_key redis_keys[] = {
     {"url", CONF_STRING, RDS(url), 1, 1024, NULL,
-     "redis://[:password@]host[:port] of the Redis shared by all nodes (message and "
-     "connection rates, connection leases); unset: limits hold per node, in memory",
+     "redis://[[user]:password@]host[:port][/0] of the Redis shared by all nodes (message "
+     "and connection rates, connection leases; user: a Redis 6 ACL user; user and password "
+     "may be percent-escaped, %40 for '@', %25 for '%'); unset: limits hold per node, in "
+     "memory",
      NULL},
     {"password", CONF_STRING, RDS(password), 1, 512, NULL, "AUTH password (or in the URL)",
      NULL},

@@ -213,13 +213,36 @@ static const struct outbound_ops delivery_ops = {
 
 /* ---- jobs between workers ---- */
 
+/* A campaign's id. Campaign names come from clients (X-Sluice-Campaign)
+ * and ids are never freed (common/intern.h: a queued job may hold one,
+ * and names are read without a lock), so the names a node makes are
+ * bounded by [server] campaign_names: past it a new name gets no id. The
+ * message keeps its campaign (the spool, logs and DSNs carry the name);
+ * only suspend campaign=, which matches ids, does not hold it. Logged
+ * at the first refusal and at every power of two after it. */
+static uint32_t
+owner_campaign_id(struct engine *e, const char *campaign)
+{
+    if (campaign == NULL || campaign[0] == '\0')
+        return 0;
+    const struct config *cfg = atomic_load(&e->cfg);
+    uint64_t over = 0;
+    uint32_t id = intern_id_bounded(e->names, campaign, cfg->server.campaign_names, &over);
+    if (over != 0 && (over & (over - 1)) == 0)
+        log_msg(LOG_WARN,
+                "event=campaign_names_full campaign=\"%s\" limit=%u refused=%llu "
+                "note=no_campaign_id_suspend_by_campaign_does_not_hold_it",
+                campaign, cfg->server.campaign_names, (unsigned long long)over);
+    return id;
+}
+
 void
 delivery_owner(struct engine *e, const char *tenant, const char *pool, const char *campaign,
                unsigned priority, struct job_owner *out)
 {
     out->tenant = intern_id(e->names, tenant);
     out->pool = intern_id(e->names, pool);
-    out->campaign = intern_id(e->names, campaign);
+    out->campaign = owner_campaign_id(e, campaign);
     out->priority = (uint8_t)(priority <= QUEUE_MAX_PRIORITY ? priority : QUEUE_MAX_PRIORITY);
     out->tls_relaxed = false;
 }

@@ -180,8 +180,9 @@ struct job_owner {
                        * a destination of its own, opportunistic TLS only */
 };
 
-/* The owner of names (each NULL or "" for none), interned in e->names.
- * Any thread. */
+/* The owner of names (each NULL or "" for none), interned in e->names;
+ * a campaign name new past [server] campaign_names gets no id (logged:
+ * event=campaign_names_full). Any thread. */
 void delivery_owner(struct engine *e, const char *tenant, const char *pool, const char *campaign,
                     unsigned priority, struct job_owner *out);
 /* The owner of a recipient read from the spool (queue_rcpt.owner: a due

@@ -72,6 +72,7 @@
 #include "common/log.h"
 #include "engine/events_int.h"
 #include "engine/events_journal.h"
+#include "engine/redis_url.h"
 #include "queue/queue.h"
 
 _Static_assert(EVENTS_NAME_MAX == JOURNAL_NAME_MAX, "a sink's name is its cursor's");
@@ -81,7 +82,8 @@ const struct conf_key events_sink_keys[] = {
     {"url", CONF_STRING, EVK(url), 1, 2048, NULL,
      "where events go: http://HOST[:PORT]/PATH or https://... (a webhook: batched JSON POSTs), "
      "or redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM (XADD to STREAM; AUTH with USER, a "
-     "Redis 6 ACL user, when given)",
+     "Redis 6 ACL user, when given; USER and PASSWORD may be percent-escaped, %40 for '@', "
+     "%25 for '%')",
      NULL},
     {"secret", CONF_STRING, EVK(secret), 1, 1024, NULL,
      "key of the " EVENTS_SIG_HEADER " header: sha256= hex HMAC-SHA256 of the " EVENTS_TS_HEADER
@@ -116,67 +118,6 @@ const struct conf_key events_sink_keys[] = {
 
 /* ---- config ---- */
 
-/* redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM (a userinfo without ':' is
- * a password alone). The userinfo ends at the last '@' with a '/' after
- * it, so that a password may hold '/' and '@', and a stream name '@'. user
- * and password: "" when not given. */
-static int
-parse_redis_url(const char *url, char *host, size_t hostlen, int *port, char *stream,
-                size_t streamlen, char *user, size_t userlen, char *password, size_t passlen)
-{
-    if (strncmp(url, "redis://", 8) != 0)
-        return -EINVAL;
-    const char *p = url + 8;
-    user[0] = password[0] = '\0';
-    const char *at = NULL;
-    for (const char *x = strchr(p, '@'); x != NULL; x = strchr(x + 1, '@'))
-        if (strchr(x + 1, '/') != NULL)
-            at = x;
-    if (at != NULL) {
-        const char *colon = memchr(p, ':', (size_t)(at - p));
-        const char *pw = colon != NULL ? colon + 1 : p;
-        size_t un = colon != NULL ? (size_t)(colon - p) : 0, n = (size_t)(at - pw);
-        if (n >= passlen || un >= userlen)
-            return -EINVAL;
-        memcpy(user, p, un);
-        user[un] = '\0';
-        memcpy(password, pw, n);
-        password[n] = '\0';
-        p = at + 1;
-    }
-    const char *slash = strchr(p, '/');
-    if (slash == NULL || slash[1] == '\0')
-        return -EINVAL;
-    const char *colon = memchr(p, ':', (size_t)(slash - p));
-    const char *hend = colon != NULL ? colon : slash;
-    if (*p == '[') { /* [::1]:6379 */
-        const char *rb = memchr(p, ']', (size_t)(slash - p));
-        if (rb == NULL)
-            return -EINVAL;
-        p++;
-        hend = rb;
-        colon = rb[1] == ':' ? rb + 1 : NULL;
-    }
-    size_t hn = (size_t)(hend - p);
-    if (hn == 0 || hn >= hostlen)
-        return -EINVAL;
-    memcpy(host, p, hn);
-    host[hn] = '\0';
-    *port = 6379;
-    if (colon != NULL) {
-        char *end;
-        long v = strtol(colon + 1, &end, 10);
-        if (end != slash || v < 1 || v > 65535)
-            return -EINVAL;
-        *port = (int)v;
-    }
-    size_t sn = strlen(slash + 1);
-    if (sn >= streamlen)
-        return -EINVAL;
-    memcpy(stream, slash + 1, sn + 1);
-    return 0;
-}
-
 int
 events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
 {
@@ -190,11 +131,10 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
         return -EINVAL;
     }
     if (strncmp(c->url, "redis://", 8) == 0) {
-        char host[256], stream[256], user[256], pw[256];
-        int port;
-        if (parse_redis_url(c->url, host, sizeof(host), &port, stream, sizeof(stream), user,
-                            sizeof(user), pw, sizeof(pw)) < 0) {
-            snprintf(err, errlen, "url: expected redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM");
+        struct redis_url u;
+        char e[200];
+        if (redis_url_split(c->url, REDIS_URL_STREAM, &u, e, sizeof(e)) < 0) {
+            snprintf(err, errlen, "url: %s (redis://[[USER]:PASSWORD@]HOST[:PORT]/STREAM)", e);
             return -EINVAL;
         }
     } else if (strncmp(c->url, "http://", 7) != 0 && strncmp(c->url, "https://", 8) != 0) {
@@ -840,12 +780,21 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
     if (strncmp(c->url, "redis://", 8) == 0) {
         s->kind = SINK_REDIS;
         snprintf(s->st.kind, sizeof(s->st.kind), "redis");
-        if (parse_redis_url(c->url, s->host, sizeof(s->host), &s->port, s->stream,
-                            sizeof(s->stream), s->user, sizeof(s->user), s->password,
-                            sizeof(s->password)) < 0) {
-            snprintf(err, errlen, "[events %s]: url: not a redis:// URL", c->name);
+        struct redis_url u;
+        char e[200];
+        if (redis_url_split(c->url, REDIS_URL_STREAM, &u, e, sizeof(e)) < 0) {
+            snprintf(err, errlen, "[events %s]: url: %s", c->name, e);
             return -EINVAL;
         }
+        _Static_assert(sizeof(s->host) == sizeof(u.host) && sizeof(s->stream) == sizeof(u.path) &&
+                           sizeof(s->user) == sizeof(u.user) &&
+                           sizeof(s->password) == sizeof(u.password),
+                       "a sink holds a redis_url's parts");
+        memcpy(s->host, u.host, sizeof(s->host));
+        memcpy(s->stream, u.path, sizeof(s->stream));
+        memcpy(s->user, u.user, sizeof(s->user));
+        memcpy(s->password, u.password, sizeof(s->password));
+        s->port = u.port;
     } else {
         s->kind = SINK_HTTP;
         snprintf(s->st.kind, sizeof(s->st.kind), "http");

@@ -27,6 +27,7 @@
  * Threading: the worker's thread only.
  */
 #include "engine/redis.h"
+#include "engine/redis_url.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -538,67 +539,27 @@ redis_on_reconnect_timer(struct timer *t, void *ctx)
 static int
 url_parse(const char *url, struct redis_endpoint *r, char *err, size_t errlen)
 {
-    const char *s = url;
-    if (strncmp(s, "redis://", 8) == 0)
-        s += 8;
-    else if (strstr(s, "://") != NULL) {
-        snprintf(err, errlen, "redis url '%s': only redis:// is supported", url);
+    struct redis_url u;
+    char e[200];
+    if (redis_url_split(url, REDIS_URL_DB, &u, e, sizeof(e)) < 0) {
+        snprintf(err, errlen, "redis url: %s", e);
         return -EINVAL;
     }
-    const char *at = strrchr(s, '@');
-    if (at != NULL) {
-        const char *colon = memchr(s, ':', (size_t)(at - s));
-        if (colon == NULL) {
-            snprintf(err, errlen, "redis url: expected [user]:password@ before the host");
-            return -EINVAL;
-        }
-        if (colon > s)
-            r->user = strndup(s, (size_t)(colon - s));
-        r->password = strndup(colon + 1, (size_t)(at - colon - 1));
-        if ((colon > s && r->user == NULL) || r->password == NULL)
-            return -ENOMEM;
-        s = at + 1;
-    }
-    char host[256];
-    const char *end;
-    if (*s == '[') {
-        end = strchr(s, ']');
-        if (end == NULL || (size_t)(end - s - 1) >= sizeof(host)) {
-            snprintf(err, errlen, "redis url '%s': bad [address]", url);
-            return -EINVAL;
-        }
-        memcpy(host, s + 1, (size_t)(end - s - 1));
-        host[end - s - 1] = '\0';
-        end++;
-    } else {
-        end = s + strcspn(s, ":/");
-        if ((size_t)(end - s) >= sizeof(host) || end == s) {
-            snprintf(err, errlen, "redis url '%s': bad host", url);
-            return -EINVAL;
-        }
-        memcpy(host, s, (size_t)(end - s));
-        host[end - s] = '\0';
-    }
-    r->port = 6379;
-    if (*end == ':') {
-        char *e;
-        long p = strtol(end + 1, &e, 10);
-        if (e == end + 1 || p < 1 || p > 65535) {
-            snprintf(err, errlen, "redis url '%s': bad port", url);
-            return -EINVAL;
-        }
-        r->port = (int)p;
-        end = e;
-    }
-    if (*end == '/' && (end[1] == '\0' || strcmp(end + 1, "0") == 0))
-        end += strlen(end);
-    if (*end != '\0') {
+    if (u.path[0] != '\0' && strcmp(u.path, "0") != 0) {
         snprintf(err, errlen,
-                 "redis url '%s': unexpected '%s' (database numbers other than 0 are not "
+                 "redis url: unexpected path '/%s' (database numbers other than 0 are not "
                  "supported: keys carry hash tags so that a Cluster can hold them)",
-                 url, end);
+                 u.path);
         return -EINVAL;
     }
+    /* A user goes with a password, even an empty one (AUTH user "" for a
+     * nopass ACL user); an empty password alone is none. */
+    if (u.user[0] != '\0' && (r->user = strdup(u.user)) == NULL)
+        return -ENOMEM;
+    if ((u.user[0] != '\0' || u.password[0] != '\0') && (r->password = strdup(u.password)) == NULL)
+        return -ENOMEM;
+    const char *host = u.host;
+    r->port = u.port;
     /* Resolved once, now, so that no connect on the worker waits on DNS. */
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof(hints));
@@ -606,8 +567,7 @@ url_parse(const char *url, struct redis_endpoint *r, char *err, size_t errlen)
     hints.ai_socktype = SOCK_STREAM;
     int rc = getaddrinfo(host, NULL, &hints, &res);
     if (rc != 0 || res == NULL) {
-        snprintf(err, errlen, "redis url '%s': cannot resolve '%s': %s", url, host,
-                 gai_strerror(rc));
+        snprintf(err, errlen, "redis url: cannot resolve '%s': %s", host, gai_strerror(rc));
         return -EINVAL;
     }
     const void *a = res->ai_family == AF_INET6

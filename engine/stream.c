@@ -14,7 +14,10 @@
  * may have sent all it will send until it hears back. And a handshake
  * step or a read that stopped at a full output (key update answers) is
  * retried once a send made room: stream_on_send posts a no-op whose
- * completion is announced as readable (stream.h).
+ * completion is announced as readable (stream.h). A TLS write that fails
+ * posts the same no-op, whose completion then ends the stream with that
+ * error (on_eof, as a failed send), rather than leave it to a read that
+ * may never complete.
  *
  * Threading: the worker's thread.
  */
@@ -383,6 +386,19 @@ stream_read(struct stream *st)
 
 /* ---- out ---- */
 
+/* Post the no-op whose completion is stream_on_kick (unless one is in
+ * flight: it will do), so that a completion callback says what happened
+ * outside the call that found it. */
+static void
+stream_kick(struct stream *st)
+{
+    if (st->kick_busy)
+        return;
+    struct io_uring_sqe *sqe = worker_sqe(st->w, &st->kick_op);
+    io_uring_prep_nop(sqe);
+    st->kick_busy = true;
+}
+
 void
 stream_send(struct stream *st)
 {
@@ -391,13 +407,23 @@ stream_send(struct stream *st)
     size_t len;
     const char *p;
     if (st->tls != NULL) {
-        if (st->tls_ready && !st->tls_shut) {
+        if (st->tls_ready && !st->tls_shut && st->send_err == 0) {
             /* Plaintext into TLS; what TLS took counts as sent. */
             p = st->ops->output(st, &len);
             while (len > 0) {
                 ssize_t n = tls_conn_write(st->tls, p, len);
-                if (n <= 0)
-                    break; /* no room: after the next send; an error shows on the next read */
+                if (n < 0) {
+                    /* The conn failed (OpenSSL could not encrypt): a
+                     * read would say so only once the peer spoke, and a
+                     * peer waiting for what we send never would. The
+                     * kick's completion ends the stream as a failed send
+                     * does; what the conn still holds (an alert) goes. */
+                    st->send_err = (int)n;
+                    stream_kick(st);
+                    break;
+                }
+                if (n == 0)
+                    break; /* no room: after the next send */
                 st->ops->on_sent(st, (size_t)n);
                 p = st->ops->output(st, &len);
             }
@@ -451,15 +477,12 @@ stream_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
     } else {
         if (st->tls != NULL) {
             tls_conn_consume(st->tls, (size_t)res);
-            if (tls_conn_wants_room(st->tls) && !st->kick_busy) {
+            if (tls_conn_wants_room(st->tls))
                 /* Input waits behind the output that just made room, and
                  * no read completion will come for it: a no-op's
                  * completion announces it (stream_on_kick), since this
                  * one ends in on_writable. */
-                struct io_uring_sqe *sqe = worker_sqe(st->w, &st->kick_op);
-                io_uring_prep_nop(sqe);
-                st->kick_busy = true;
-            }
+                stream_kick(st);
         } else {
             st->ops->on_sent(st, (size_t)res);
         }
@@ -477,6 +500,8 @@ stream_on_kick(struct worker *w, struct op *op, int res, uint32_t flags)
     st->kick_busy = false;
     if (st->closed)
         st->ops->on_release(st);
+    else if (st->send_err != 0)
+        st->ops->on_eof(st, st->send_err, true);
     else
         st->ops->on_readable(st);
 }

@@ -45,7 +45,10 @@
  * with input so stuck, the stream posts a no-op on the ring whose
  * completion calls on_readable() as a read's would: the owner's
  * stream_read() takes the input on, whether or not it reads in
- * on_writable().
+ * on_writable(). A TLS write that fails (OpenSSL could not encrypt) posts
+ * the same no-op, whose completion calls on_eof() with that error and
+ * send set, as a failed send on a plain socket does: the owner hears of
+ * it at once, not when the peer next sends something.
  *
  * Lifetime (STYLE rule 7): the stream counts its reads, sends and no-ops
  * in flight (stream_busy()); stream_close() shuts the socket down (and
@@ -102,8 +105,10 @@ struct stream_ops {
     /* A send completed (after on_sent): room for more. */
     void (*on_writable)(struct stream *st);
     /* The connection ended: the peer closed (err 0) or a read or send
-     * failed (-errno; -EPIPE for a send that sent nothing). send: it
-     * was a send. */
+     * failed (-errno; -EPIPE for a send that sent nothing; over TLS, the
+     * tls error of a write that failed, stream_tls_error() saying why:
+     * reported at once, from a completion of its own). send: it was a
+     * send. */
     void (*on_eof)(struct stream *st, int err, bool send);
     /* stream_connect() completed: 0 or -errno. NULL: never connects. */
     void (*on_connect)(struct stream *st, int res);
@@ -161,6 +166,8 @@ struct stream {
     bool ending : 1;             /* close_notify after the output */
     bool tls_shut : 1;           /* close_notify queued */
     bool eof : 1;                /* the peer's close_notify came: nothing more is read */
+    int send_err;                /* a TLS write's error, for the kick's completion to
+                                  * report (on_eof); 0: none */
 };
 
 /* Take fd (connected, or about to be with stream_connect()). w and ops

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
-from harness import (Smtp, Sluice, Workdir, _spool_tool, free_port, main, mdb_entries, skip,
-                     wait_until)
+from harness import (Redis, Smtp, Sluice, Workdir, _spool_tool, free_port, main, mdb_entries,
+                     skip, wait_until)
 import test_delivery
 from test_delivery import Relay, Sink, connectable, records_for, wait_sink
 from test_outcomes import events, log_conf_text, wait_events
@@ -639,6 +639,34 @@ def test_shaping_outbox_while_redis_away():
         r.close()
 
 
+def test_redis_password_with_slash_and_at():
+    """[redis] url against a real redis-server whose requirepass holds '/',
+    '@', ':' and '%': the URL with the password as it is (the '%' escaped
+    as %25) and the same all percent-escaped both connect (shaping's Redis
+    in `stats` is connected), and nothing of the password is logged."""
+    if not any(os.access(os.path.join(d, "redis-server"), os.X_OK)
+               for d in os.environ.get("PATH", "").split(":")):
+        print("skip: no redis-server (tools/install-deps --test)")
+        return
+    redis = Redis()
+    try:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as c:
+            c.sendall(b"CONFIG SET requirepass p/a@ss:w%rd\r\n")
+            assert c.recv(64).startswith(b"+OK")
+        for url in (f"redis://:p/a@ss:w%25rd@127.0.0.1:{redis.port}",
+                    f"redis://:p%2Fa%40ss%3Aw%25rd@127.0.0.1:{redis.port}/0"):
+            r = Relay(records_for(["r.test"]), domain_conf=stats_conf(f"[redis]\nurl = {url}\n"))
+            try:
+                wait_until(lambda: ctl_json(r, "stats")["shaping"]["redis"] == "connected", 10,
+                           f"shaping's Redis to connect with {url}")
+                assert r.d.count_log("redis_auth_failed") == 0
+                assert r.d.count_log("a@ss") == 0 and r.d.count_log("%40ss") == 0
+            finally:
+                r.close()
+    finally:
+        redis.stop()
+
+
 def test_reload_refused_says_why():
     """sluicectl reload answers once the reload is over: a config with an
     unknown key is refused with the file, line and key in the error and a
@@ -809,7 +837,7 @@ if __name__ == "__main__":
           test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
-          test_shaping_outbox_while_redis_away,
+          test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
           test_sigterm_drains_and_restart_loses_nothing,
           test_spool_dump_is_json_whatever_the_reply])

@@ -1,7 +1,8 @@
 /*
  * test_intern: the engine's name table (common/intern.h): ids start at
  * 1, one id per name for the table's life, ids back to names, "none" for
- * empty and over-long names, and concurrent interning from threads.
+ * empty and over-long names, concurrent interning from threads, and the
+ * bound on names that clients choose (intern_id_bounded).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -102,12 +103,96 @@ test_threads(void **state)
     intern_free(t);
 }
 
+/* Names of clients (intern_id_bounded): at most max of them are made;
+ * past it a new one gets 0 and the refusals are counted; a name already
+ * in the table, whoever made it, keeps its id; those of intern_id() do
+ * not count against the bound. */
+static void
+test_bounded(void **state)
+{
+    (void)state;
+    struct intern *t = intern_new();
+    uint64_t over = 99;
+    assert_int_equal(intern_id(t, "acme"), 1); /* a tenant, from the config */
+    assert_int_equal(intern_id_bounded(t, "c1", 2, &over), 2);
+    assert_int_equal(over, 0);
+    assert_int_equal(intern_id_bounded(t, "acme", 2, &over), 1); /* not made: not counted */
+    assert_int_equal(intern_id_bounded(t, "c2", 2, &over), 3);
+    assert_int_equal(intern_id_bounded(t, "c3", 2, &over), 0);
+    assert_int_equal(over, 1);
+    assert_int_equal(intern_id_bounded(t, "c4", 2, &over), 0);
+    assert_int_equal(over, 2);
+    assert_int_equal(intern_id_bounded(t, "c1", 2, &over), 2); /* known names still resolve */
+    assert_int_equal(over, 0);
+    assert_int_equal(intern_id_bounded(t, "", 2, &over), 0);
+    assert_int_equal(over, 0); /* "none" is not a refusal */
+    assert_int_equal(intern_find(t, "c3"), 0);
+    assert_int_equal(intern_id(t, "c3"), 4); /* an operator's pause may still name it */
+    assert_int_equal(intern_id_bounded(t, "c3", 2, &over), 4);
+    assert_int_equal(intern_id_bounded(t, "c5", 3, &over), 5); /* a larger bound (a reload) */
+    uint64_t made, refused, names, nrefused;
+    intern_bounded_counts(t, &made, &refused);
+    assert_int_equal(made, 3);
+    assert_int_equal(refused, 2);
+    intern_counts(t, &names, &nrefused);
+    assert_int_equal(names, 5);
+    assert_int_equal(nrefused, 0); /* the table's own cap was not reached */
+    intern_free(t);
+}
+
+struct bounded_racer {
+    struct intern *t;
+    unsigned base;
+    unsigned got;
+};
+
+static void *
+race_bounded(void *arg)
+{
+    struct bounded_racer *r = arg;
+    char name[32];
+    for (unsigned i = 0; i < 1000; i++) {
+        uint64_t over;
+        snprintf(name, sizeof(name), "c-%u-%u", r->base, i);
+        r->got += intern_id_bounded(r->t, name, 1500, &over) != 0;
+    }
+    return NULL;
+}
+
+/* Four threads each offering 1000 new names against a bound of 1500:
+ * exactly 1500 are made. */
+static void
+test_bounded_threads(void **state)
+{
+    (void)state;
+    struct intern *t = intern_new();
+    struct bounded_racer r[4];
+    pthread_t th[4];
+    for (unsigned i = 0; i < 4; i++) {
+        r[i] = (struct bounded_racer){.t = t, .base = i};
+        assert_int_equal(pthread_create(&th[i], NULL, race_bounded, &r[i]), 0);
+    }
+    unsigned got = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        got += r[i].got;
+    }
+    assert_int_equal(got, 1500);
+    uint64_t made, refused;
+    intern_bounded_counts(t, &made, &refused);
+    assert_int_equal(made, 1500);
+    assert_int_equal(refused, 2500);
+    intern_free(t);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ids_and_names),
         cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_bounded),
+        cmocka_unit_test(test_bounded_threads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -3,7 +3,8 @@
  * before the colon, duplicates, over-long and malformed values, cuts that
  * leave the rest of the header section intact), the owner decisions
  * against a config and a user (engine/owner.h), and the expiry field's
- * value (msa_parse_expiry).
+ * value (msa_parse_expiry), and the bound on the campaign names a node
+ * keeps ids for (delivery_owner, [server] campaign_names).
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -16,7 +17,11 @@
 #include <unistd.h>
 #include <cmocka.h>
 
+#include "common/intern.h"
+#include "common/log.h"
 #include "engine/config.h"
+#include "engine/delivery.h"
+#include "engine/engine.h"
 #include "engine/msa.h"
 #include "engine/owner.h"
 
@@ -287,6 +292,65 @@ test_expiry(void **state)
     }
 }
 
+/* Campaign names come from clients: past [server] campaign_names a new
+ * one gets no id (the job's campaign is "none"), logged at the first
+ * refusal and at each power of two; names known before keep their ids,
+ * and tenants and pools are not bounded by it. Before, every new name got
+ * an id for the process's life, up to the table's 4 Mi names. */
+static void
+test_campaign_names_bounded(void **state)
+{
+    (void)state;
+    char text[1024];
+    snprintf(text, sizeof(text), "[server]\ncampaign_names = 2\n%s",
+             CONF + strlen("[server]\n"));
+    struct config *cfg = load(text);
+    assert_int_equal(cfg->server.campaign_names, 2);
+    struct engine e;
+    memset(&e, 0, sizeof(e));
+    e.cfg = cfg;
+    e.names = intern_new();
+    assert_non_null(e.names);
+    char logpath[] = "/tmp/test_owner_log_XXXXXX";
+    int lfd = mkstemp(logpath);
+    assert_true(lfd >= 0);
+    close(lfd);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    struct job_owner a, b, c, d, x;
+    delivery_owner(&e, "acme", "tx", "spring", 1, &a);
+    delivery_owner(&e, "acme", "tx", "summer", 1, &b);
+    delivery_owner(&e, "acme", "bulk", "autumn", 1, &c); /* the third: no id */
+    delivery_owner(&e, "solo", "other", "spring", 1, &d);
+    for (int i = 0; i < 5; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "unique-%d", i);
+        delivery_owner(&e, "acme", "tx", name, 1, &x);
+        assert_int_equal(x.campaign, 0);
+    }
+    log_open(NULL, LOG_INFO);
+    assert_true(a.campaign != 0 && b.campaign != 0 && a.campaign != b.campaign);
+    assert_int_equal(c.campaign, 0);
+    assert_true(c.tenant != 0 && c.pool != 0); /* its owner otherwise whole */
+    assert_int_equal(d.campaign, a.campaign);
+    assert_true(d.tenant != 0 && d.pool != 0 && d.pool != a.pool);
+    FILE *fp = fopen(logpath, "r");
+    assert_non_null(fp);
+    char line[1024];
+    unsigned full = 0;
+    bool first = false;
+    while (fgets(line, sizeof(line), fp) != NULL)
+        if (strstr(line, "event=campaign_names_full") != NULL) {
+            full++;
+            first |= strstr(line, "campaign=\"autumn\" limit=2 refused=1 ") != NULL;
+        }
+    fclose(fp);
+    unlink(logpath);
+    assert_true(first);
+    assert_int_equal(full, 3); /* refusals 1, 2 and 4 of 6 */
+    intern_free(e.names);
+    config_free(cfg);
+}
+
 int
 main(void)
 {
@@ -295,6 +359,7 @@ main(void)
         cmocka_unit_test(test_scan_long),
         cmocka_unit_test(test_resolve),
         cmocka_unit_test(test_expiry),
+        cmocka_unit_test(test_campaign_names_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

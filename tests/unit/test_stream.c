@@ -4,7 +4,8 @@
  * into the worker's provided buffers and into a stream's own buffer; TLS
  * both ways at once (a lend-mode client against a room-mode server with
  * a tiny room), ended with close_notify; a TLS client waiting without a
- * ciphertext buffer; a TLS server fed plaintext; a TLS 1.3 KeyUpdate
+ * ciphertext buffer; a TLS server fed plaintext; a TLS write that fails
+ * (OpenSSL out of memory) reported at once; a TLS 1.3 KeyUpdate
  * flood from a hostile peer (plain OpenSSL on a thread of its own) on
  * either side; a stream closed with a read in flight. Each test runs the
  * loop until every end has been released, bounded by a deadline.
@@ -56,6 +57,9 @@ struct end {
     unsigned idle_checks;      /* times that was checked */
     unsigned handshakes, eofs;
     int eof_err, read_err;
+    bool eof_send;             /* the EOF reported was a send's */
+    size_t fail_write_len;     /* once the handshake is done, output this much with
+                                * OpenSSL's allocations failing (0: never) */
     bool peer_eof, ending, closed, released;
 };
 
@@ -74,6 +78,9 @@ struct fixture {
 };
 
 static struct fixture *F;
+
+/* OpenSSL's allocations fail while set (see crypto_malloc). */
+static bool crypto_fail;
 
 #define END_OF(st) ((struct end *)((char *)(st) - offsetof(struct end, st)))
 
@@ -199,6 +206,14 @@ t_on_readable(struct stream *st)
     }
     if (stream_eof(st))
         e->peer_eof = true;
+    if (e->fail_write_len != 0 && stream_tls_ready(st) && !e->closed) {
+        /* The owner's own send, outside any read: the write fails there. */
+        e->out_len = e->fail_write_len;
+        e->fail_write_len = 0;
+        crypto_fail = true;
+        stream_send(st);
+        crypto_fail = false;
+    }
     stream_send(st);
     stream_recv(st);
     if (e->check_idle_buf && stream_busy(st) && st->recv_busy && st->cin_len == 0) {
@@ -219,10 +234,10 @@ t_on_writable(struct stream *st)
 static void
 t_on_eof(struct stream *st, int err, bool send)
 {
-    (void)send;
     struct end *e = END_OF(st);
     e->eofs++;
     e->eof_err = err;
+    e->eof_send = send;
     end_close(e);
 }
 
@@ -724,7 +739,6 @@ test_tls_key_update_burst_from_client(void **state)
 
 /* OpenSSL's allocations, failed on demand (set in main(), before
  * OpenSSL allocates anything). */
-static bool crypto_fail;
 
 static void *
 crypto_malloc(size_t n, const char *file, int line)
@@ -770,6 +784,39 @@ test_tls_start_fails_at_once(void **state)
     assert_false(stream_busy(&f->a.st)); /* nothing was sent */
 }
 
+/* A TLS write that fails (OpenSSL cannot encrypt: no memory) while the
+ * peer waits for what it would have said: the writer hears of it at once,
+ * as on_eof of a send with the tls error, and closes; the peer sees the
+ * socket end. Before, the failure was left for the writer's next read,
+ * which saw it as a read error (eofs 0, read_err set) and only because
+ * the server's TLS 1.3 session ticket happened to arrive; a peer that
+ * says nothing more leaves both waiting for a deadline. */
+static void
+test_tls_write_error_ends_at_once(void **state)
+{
+    struct fixture *f = *state;
+    size_t len = 100 * 1000;
+    char *da = pattern(len, 5);
+    ends_init(f, false, 0);
+    f->a.out = da;
+    f->a.fail_write_len = len; /* nothing to say before the handshake is done */
+    f->a.expect = SIZE_MAX;
+    f->b.expect = SIZE_MAX; /* until the client hangs up */
+    f->start = start_tls;
+    run(f);
+    assert_int_equal(f->a.handshakes, 1);
+    assert_int_equal(f->a.eofs, 1);
+    assert_true(f->a.eof_send);
+    assert_true(f->a.eof_err < 0);
+    assert_int_equal(f->a.read_err, 0);
+    assert_int_equal(f->a.out_off, 0); /* nothing was taken */
+    /* The socket ended: b's read saw it, or its session tickets' send */
+    assert_int_equal(f->b.eofs, 1);
+    assert_true(f->b.eof_err == 0 || f->b.eof_err == -EPIPE || f->b.eof_err == -ECONNRESET);
+    assert_int_equal(f->b.got_len, 0);
+    free(da);
+}
+
 /* Closed with a read in flight: the read comes back, then release. */
 static void
 start_close_inflight(struct fixture *f)
@@ -810,6 +857,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_tls_idle_holds_no_buffer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_plaintext_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_start_fails_at_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tls_write_error_ends_at_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_server, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_flood_from_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_burst_from_server, setup, teardown),
