@@ -295,8 +295,10 @@ def test_reloads_free_replaced_configs():
         assert early.cmd("NOOP").code == 250  # the session lived through them all
         early.close()
         print(f"200 reloads, {sent[0]} messages: at most {most} configs alive")
-        # Before: one more per reload (201 here).
-        assert most <= 8, f"{most} configs alive during the reloads"
+        # Before: one more per reload (201 here). Now the first, the one
+        # in force, the one just replaced, and one per connection (it keeps
+        # the config it opened under) or message in flight: a few.
+        assert most <= 20, f"{most} configs alive during the reloads"
         wait_until(lambda: alive() <= 2, 15, "the replaced configs to be freed")
         assert alive() == 2
     finally:
