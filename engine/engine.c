@@ -792,11 +792,6 @@ engine_stop(struct engine *e)
     e->route = NULL;
     site_addrs_free(e->site_addrs); /* after every worker's connections */
     e->site_addrs = NULL;
-    /* After every worker and the stats and MTA-STS threads: nobody reads
-     * a config any more. The first is the caller's. */
-    e->gens = config_gens_free(e->gens);
-    free(e->gens_msgs);
-    e->gens_msgs = NULL;
     e->workers = NULL;
     e->srv = NULL;
     e->dlv = NULL;
@@ -821,6 +816,11 @@ engine_stop(struct engine *e)
     free(e->per_ip.slots);
     e->per_ip.slots = NULL;
     pthread_mutex_destroy(&e->per_ip.lock);
+    /* Last: nobody reads a config any more (warm-up's flush above reads
+     * its plans). The first is the caller's. */
+    e->gens = config_gens_free(e->gens);
+    free(e->gens_msgs);
+    e->gens_msgs = NULL;
 }
 
 /* ---- reload ---- */
