@@ -890,6 +890,9 @@ delivery_reconfigure(struct delivery *d)
         t->pol = config_domain(d->e->cfg, t->name);
         const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
         t->poolc = pname ? config_pool(d->e->cfg, pname, strlen(pname)) : NULL;
+        /* Compared only, but the old pool may be freed and its address
+         * given to another (config_gen.h): its ids are asked again. */
+        t->src_ids_for = NULL;
         if (strcmp(old->route_host, t->pol->route_host) != 0 ||
             old->route_port != t->pol->route_port) {
             /* Another route: the next connection asks for its answer. */

@@ -26,6 +26,7 @@
 #include "common/log.h"
 #include "engine/auth_limit.h"
 #include "engine/auth_pool.h"
+#include "engine/config_gen.h"
 #include "engine/delivery.h"
 #include "engine/route.h"
 #include "engine/outbound/site.h"
@@ -400,7 +401,10 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
             dlog_event(lw, &ev);
         log_msg(LOG_INFO, "id=%s event=tlsrpt_queued from=<%s> to=<%s> size=%zu dkim=%d", qid,
                 from, rcpt, sig_len + len, nsig > 0 ? nsig : 0);
+        /* The MTA-STS thread: submit reads e->cfg. */
+        uint64_t cg = engine_config_enter(e);
         delivery_submit_local(e, id, rcpt, NULL, NULL, NULL, true);
+        engine_config_leave(e, cg);
     } else {
         log_msg(LOG_ERR, "event=tlsrpt_enqueue_failed to=<%s> err=\"%s\"", rcpt,
                 queue_strerror(rc));
@@ -489,6 +493,8 @@ mta_sts_reload(struct engine *e, const struct config *n)
             return;
         }
         tlsrpt_set_mailer(mta_sts_tlsrpt(m), engine_tlsrpt_mail, e);
+        /* Its thread (and its TLS reports') keeps n to the end. */
+        config_gens_pin(e->gens, n);
         e->mta_sts = m;
         log_msg(LOG_NOTICE, "event=mta_sts_started reason=reload");
         return;
@@ -621,8 +627,12 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     if (cfg->server.workers > 1)
         e->route = route_new();
     e->site_addrs = site_addrs_new(cfg->server.workers);
+    e->gens = config_gens_new(cfg, cfg->server.workers);
+    e->gens_msgs = calloc(cfg->server.workers, sizeof(*e->gens_msgs));
+    e->warmup_cfg = cfg;
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
-        (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL) {
+        (cfg->server.workers > 1 && e->route == NULL) || e->site_addrs == NULL ||
+        e->gens == NULL || e->gens_msgs == NULL) {
         snprintf(err, errlen, "out of memory for %u workers", cfg->server.workers);
         rc = -ENOMEM;
         goto fail;
@@ -806,6 +816,11 @@ engine_stop(struct engine *e)
     free(e->per_ip.slots);
     e->per_ip.slots = NULL;
     pthread_mutex_destroy(&e->per_ip.lock);
+    /* Last: nobody reads a config any more (warm-up's flush above reads
+     * its plans). The first is the caller's. */
+    e->gens = config_gens_free(e->gens);
+    free(e->gens_msgs);
+    e->gens_msgs = NULL;
 }
 
 /* ---- reload ---- */
@@ -849,9 +864,72 @@ park_on_worker(struct worker *w, struct worker_msg *m)
     while (!p->go)
         pthread_cond_wait(&p->cv, &p->lock);
     pthread_mutex_unlock(&p->lock);
+    /* Read before the holders are re-pointed at e->cfg, which is this
+     * generation or newer (config_gen.h); a worker late for this park
+     * comes here with a newer config already, which is as good. */
+    uint64_t view = config_gens_current(e->gens);
     server_worker_reconfigure(e->srv[w->id]);
     delivery_reconfigure(e->dlv[w->id]);
+    config_gens_set_view(e->gens, w->id, view);
+    config_holders_publish(e, w->id);
     park_unref(p);
+}
+
+/* On each worker, asked by engine_config_collect: publish how old a
+ * config its state still points into (its sessions' messages and its
+ * connections finish by and by). */
+static void
+gens_on_worker(struct worker *w, struct worker_msg *m)
+{
+    struct engine *e = w->ctx;
+    config_holders_publish(e, w->id);
+    atomic_store(&((struct gens_msg *)m)->posted, false);
+}
+
+unsigned
+engine_config_generations(struct engine *e)
+{
+    return config_gens_alive(e->gens);
+}
+
+bool
+engine_config_pending(struct engine *e)
+{
+    return e->gens != NULL && config_gens_pending(e->gens);
+}
+
+void
+engine_config_collect(struct engine *e)
+{
+    if (e->gens == NULL)
+        return;
+    /* What the workers said last time frees now; what they say now frees
+     * at the next call (the main thread does not wait for them). */
+    unsigned n = config_gens_collect(e->gens);
+    if (n > 0)
+        log_msg(LOG_DEBUG, "event=configs_freed count=%u alive=%u", n,
+                config_gens_alive(e->gens));
+    if (!config_gens_pending(e->gens))
+        return;
+    for (unsigned i = 0; i < e->nworkers; i++) {
+        struct gens_msg *g = &e->gens_msgs[i];
+        if (atomic_exchange(&g->posted, true))
+            continue; /* still in its mailbox */
+        g->m.fn = gens_on_worker;
+        worker_post(&e->workers[i], &g->m);
+    }
+}
+
+uint64_t
+engine_config_enter(struct engine *e)
+{
+    return config_gens_enter(e->gens);
+}
+
+void
+engine_config_leave(struct engine *e, uint64_t token)
+{
+    config_gens_leave(e->gens, token);
 }
 
 /* Tell what the new config changes that only a restart applies. */
@@ -921,7 +999,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
     }
     if (ncfg != NULL && e->nworkers > 0) {
         report_kept(e->cfg, ncfg);
-        struct park *p = calloc(1, sizeof(*p));
+        struct park *p = config_gens_reserve(e->gens) == 0 ? calloc(1, sizeof(*p)) : NULL;
         if (p != NULL && (p->msgs = calloc(e->nworkers, sizeof(*p->msgs))) == NULL) {
             free(p);
             p = NULL;
@@ -947,6 +1025,11 @@ engine_reload(struct engine *e, const struct config *ncfg)
                     break;
             unsigned parked = p->arrived;
             e->cfg = ncfg;
+            /* After the store: a reader that sees the new generation sees
+             * ncfg (config_gen.h). The old one is freed by a later
+             * engine_config_collect, once every worker, parked now or late,
+             * and every reader outside them moved past it. */
+            config_gens_swap(e->gens, ncfg);
             pthread_mutex_lock(&e->dkim_lock);
             struct dkim_keyring *old_keys = e->dkim_keys;
             e->dkim_keys = ncfg->dkim_keys ? dkim_keyring_ref(ncfg->dkim_keys) : NULL;
@@ -964,9 +1047,14 @@ engine_reload(struct engine *e, const struct config *ncfg)
             pthread_mutex_unlock(&p->lock);
             park_unref(p);
             /* Plans follow the new config; today's counts stay. */
-            if (warmup_reload(e->warmup, ncfg) < 0)
+            if (warmup_reload(e->warmup, ncfg) < 0) {
                 log_msg(LOG_ERR, "event=reload_failed what=warmup reason=out_of_memory "
                                  "note=previous_plans_kept");
+                /* Its plans still point into that one: kept to the end. */
+                config_gens_pin(e->gens, e->warmup_cfg);
+            } else {
+                e->warmup_cfg = ncfg; /* it no longer reads the one before */
+            }
             mta_sts_reload(e, ncfg);
             suppress_fold_tags(e, ncfg);
             log_set_level((enum log_level)ncfg->log.level);

@@ -49,10 +49,20 @@ struct route;
 struct site_addrs;
 
 struct engine {
-    /* Borrowed: outlives the engine. Replaced whole by a reload while the
-     * workers are parked (engine_reload); replaced configs stay alive
-     * until the end, so a pointer read a moment earlier stays valid. */
+    /* Replaced whole by a reload while the workers are parked
+     * (engine_reload). The first is borrowed (the caller's, kept to the
+     * end); each one a reload brings is owned by gens, which frees it
+     * once replaced and no thread can reach it any more (config_gen.h:
+     * a pointer read a moment earlier stays valid until its reader
+     * published that it moved on). */
     const struct config *_Atomic cfg;
+    struct config_gens *gens;  /* owned: the configs alive (config_gen.h) */
+    struct gens_msg {          /* owned array of nworkers: "say your hold", per worker */
+        struct worker_msg m;
+        atomic_bool posted;    /* in the worker's mailbox: not posted again */
+    } *gens_msgs;
+    const struct config *warmup_cfg; /* borrowed: the config warmup's plans point into
+                                      * (main thread) */
     struct queue *queue;       /* owned */
     struct suppress *suppress; /* owned: the suppression list; NULL when [suppress] is off */
     struct warmup *warmup;     /* owned: the sources' warm-up plans (warmup.h) */
@@ -148,6 +158,20 @@ void engine_stop(struct engine *e);
 unsigned engine_failed_workers(struct engine *e);
 #define ENGINE_EXIT_FAILED 70 /* EX_SOFTWARE */
 
+/* The configs alive now (config_gens_alive): the current one, the
+ * pinned ones, and replaced ones some thread may still read. Any
+ * thread. */
+unsigned engine_config_generations(struct engine *e);
+/* Main thread, after a reload and then now and then while
+ * engine_config_pending(): ask each worker for its hold (config_gen.h),
+ * and free the configs nobody can reach. */
+void engine_config_collect(struct engine *e);
+bool engine_config_pending(struct engine *e);
+/* A thread outside the workers reads e->cfg only between these
+ * (config_gens_enter/_leave). */
+uint64_t engine_config_enter(struct engine *e);
+void engine_config_leave(struct engine *e, uint64_t token);
+
 /* SIGHUP: reopen the delivery log, reload the users file, and, when ncfg
  * is given (a config read again and valid), run on it from now on: domain
  * policies and limits, TLS policies, [tls] (the server certificate and
@@ -157,8 +181,9 @@ unsigned engine_failed_workers(struct engine *e);
  * (listeners, workers, spool, [suppress], DNS, stats socket, Redis URL, log paths,
  * the session cache size) is logged as kept. A certificate, key or CA
  * that does not load refuses the whole config (logged; the running one
- * stays). ncfg must outlive the engine (the caller frees it after
- * engine_stop). Main thread. Returns 0, or a negative code when the
+ * stays). When e->cfg is ncfg afterwards, the engine owns it (freed once
+ * replaced and unreachable: engine_config_collect); else it is still the
+ * caller's. Main thread. Returns 0, or a negative code when the
  * config or the users file was refused (the old one stays; the errors are
  * logged). */
 int engine_reload(struct engine *e, const struct config *ncfg);

@@ -219,23 +219,21 @@ main(int argc, char **argv)
         log_msg(LOG_WARN, "event=delivery_disabled key=delivery.enabled "
                           "note=mail_is_accepted_and_queued_but_nothing_is_sent");
 
-    /* Every config the engine ran on, freed after it stopped. A replaced
-     * one is not freed at the swap: pointers read from it stay in use
-     * with no reference counted (destinations' domain policies, a
-     * session's tenant name, the stats thread, a worker that did not park
-     * within engine_reload's 2 s), and proving every one gone is not done.
-     * What is kept is made small instead (a few KB, not 280): the
-     * built-in bounce rules are compiled once per process (classify.c),
-     * unchanged shaping rules are shared (config_share_unchanged), DKIM
-     * keys dropped below, listener addresses allocated at their count.
-     * Nothing here frees what a late reader of the old config can reach:
-     * a shared rule set lives as long as its last config. */
-    struct config **cfgs = NULL;
-    size_t ncfgs = 0;
+    /* The config started on is kept to the end (what the start made
+     * borrows from it); each one a reload brings is the engine's, freed
+     * once replaced and no thread can reach it any more (config_gen.h,
+     * engine_config_collect). While replaced ones wait for a thread to
+     * move on, the loop wakes each second to ask again. */
     for (;;) {
         siginfo_t si;
-        int sig = sigwaitinfo(&sigs, &si);
+        struct timespec tick = {1, 0};
+        bool pending = engine_config_pending(&engine);
+        int sig = pending ? sigtimedwait(&sigs, &si, &tick) : sigwaitinfo(&sigs, &si);
         if (sig < 0) {
+            if (errno == EAGAIN) {
+                engine_config_collect(&engine);
+                continue;
+            }
             if (errno == EINTR)
                 continue;
             log_msg(LOG_CRIT, "event=sigwait_failed err=%s", strerror(errno));
@@ -249,10 +247,7 @@ main(int argc, char **argv)
             size_t blen = 0;
             FILE *errs = open_memstream(&buf, &blen);
             struct config *ncfg = NULL;
-            struct config **grown = realloc(cfgs, (ncfgs + 1) * sizeof(*cfgs));
-            if (grown != NULL)
-                cfgs = grown;
-            if (errs == NULL || grown == NULL || config_load(path, &ncfg, errs) < 0) {
+            if (errs == NULL || config_load(path, &ncfg, errs) < 0) {
                 if (errs != NULL)
                     fclose(errs);
                 for (char *save = NULL, *l = buf ? strtok_r(buf, "\n", &save) : NULL; l;
@@ -262,7 +257,6 @@ main(int argc, char **argv)
                 ncfg = NULL;
             } else {
                 fclose(errs);
-                cfgs[ncfgs++] = ncfg;
                 config_share_unchanged(ncfg, engine.cfg);
                 if (ncfg->delivery.enabled != engine.cfg->delivery.enabled) {
                     /* The due poll and the spool walk are set up at start. */
@@ -281,14 +275,18 @@ main(int argc, char **argv)
             engine_reload(&engine, ncfg);
             engine_reload_done(&engine, ncfg != NULL && engine.cfg == ncfg,
                                ncfg == NULL ? first : NULL);
-            /* The config replaced stays allocated until exit (a pointer
-             * read from it just before the swap stays valid), but its
-             * DKIM keys need not: the engine holds those in force. */
-            for (size_t i = 0; engine.cfg != before && i < ncfgs; i++)
-                if (cfgs[i] == before)
-                    config_drop_dkim_keys(cfgs[i]);
-            if (engine.cfg != before && before == cfg)
-                config_drop_dkim_keys(cfg);
+            /* Refused (a certificate that does not load, no memory): no
+             * thread saw it. */
+            if (ncfg != NULL && engine.cfg != ncfg)
+                config_free(ncfg);
+            /* The config replaced may stay allocated a while (a pointer
+             * read from it just before the swap stays valid; the first
+             * one to the end), but its DKIM keys need not: the engine
+             * holds those in force. Before the collect below: until then
+             * before is alive. */
+            if (engine.cfg != before)
+                config_drop_dkim_keys((struct config *)(uintptr_t)before);
+            engine_config_collect(&engine);
             continue;
         }
         uint64_t drain_ms = engine.cfg->server.drain_timeout;
@@ -307,8 +305,5 @@ main(int argc, char **argv)
     log_msg(status == 0 ? LOG_NOTICE : LOG_CRIT, "event=stopped exit=%d", status);
     log_close();
     config_free(cfg);
-    for (size_t i = 0; i < ncfgs; i++)
-        config_free(cfgs[i]);
-    free(cfgs);
     return status;
 }

@@ -134,8 +134,8 @@ bool mta_sts_mx_pattern(const char *s, const char *e, char *out, size_t cap);
 bool mta_sts_match(const struct mta_sts_policy *p, const char *mx);
 
 /* Start the thread and load the cache (cache_path: the file; its
- * directory must exist). cfg is borrowed and must outlive m (configs are
- * kept to the end). Returns 0, or a negative code with one line in err. */
+ * directory must exist). cfg is borrowed and must outlive m (the engine
+ * pins it: config_gen.h). Returns 0, or a negative code with one line in err. */
 int mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **out, char *err,
                 size_t errlen);
 /* Stop the thread (checks in flight are abandoned), write the cache,

@@ -1259,6 +1259,38 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
     return -1;
 }
 
+/* The stats thread's ways in: each reads e->cfg (directly, or through
+ * delivery_submit_bounce, shaping's rules, ...) only inside a read
+ * section, so that a config replaced meanwhile is not freed under it
+ * (config_gen.h). A command waiting for a reload holds back the freeing
+ * of what it may still read, nothing more. */
+static void
+ops_counters_in(void *arg, struct stats_counters *out)
+{
+    uint64_t g = engine_config_enter(arg);
+    ops_counters(arg, out);
+    engine_config_leave(arg, g);
+}
+
+static size_t
+ops_domains_in(void *arg, struct stats_domain *out, size_t cap)
+{
+    uint64_t g = engine_config_enter(arg);
+    size_t n = ops_domains(arg, out, cap);
+    engine_config_leave(arg, g);
+    return n;
+}
+
+static int
+ops_command_in(void *arg, const char *verb, const char *args, struct json *out, char *err,
+               size_t errlen)
+{
+    uint64_t g = engine_config_enter(arg);
+    int rc = ops_command(arg, verb, args, out, err, errlen);
+    engine_config_leave(arg, g);
+    return rc;
+}
+
 int
 ops_start(struct engine *e, char *err, size_t errlen)
 {
@@ -1266,8 +1298,8 @@ ops_start(struct engine *e, char *err, size_t errlen)
     if (sc->socket == NULL)
         return 0;
     static struct stats_ops ops;
-    ops = (struct stats_ops){.arg = e, .counters = ops_counters, .domains = ops_domains,
-                             .command = ops_command};
+    ops = (struct stats_ops){.arg = e, .counters = ops_counters_in, .domains = ops_domains_in,
+                             .command = ops_command_in};
     if (e->dlog != NULL && (e->dlogw_ops = dlog_writer_new(e->dlog)) == NULL) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;

@@ -282,6 +282,7 @@ void
 ops_counters(void *arg, struct stats_counters *out)
 {
     struct engine *e = arg;
+    out->config_generations = engine_config_generations(e);
     struct wcall *c = wcall_new(e, counters_on_worker);
     if (c == NULL)
         return;

@@ -74,7 +74,8 @@ int owner_scan(const char *msg, size_t hdr_len, const char *expire_name, struct 
 
 /* Who the message belongs to. */
 struct owner {
-    const struct tenant_config *tenant; /* borrowed: lives as long as the config; NULL: none */
+    const struct tenant_config *tenant; /* borrowed: lives as long as the config (a session's
+                                         * keeps it: config_holders.c); NULL: none */
     const struct pool_config *pool;     /* borrowed, likewise; NULL: none */
     char campaign[OWNER_CAMPAIGN_MAX + 1]; /* "": none */
     unsigned priority;                  /* 0..9 */

@@ -195,7 +195,8 @@ struct smtp_outcome {
 
 struct smtp_client_opts {
     const char *name; /* borrowed: lives as long as the session (sluice's
-                       * comes from the config, kept until exit): our EHLO/HELO name */
+                       * comes from the connection's config, kept while it lives):
+                       * our EHLO/HELO name */
     enum smtp_client_tls_policy tls;
     const char *tls_label;      /* borrowed (static): the policy that asked for TLS, put in
                                    front of the TLS failures' texts ("DANE"); NULL: none */

@@ -349,6 +349,11 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_kstr(j, "state", c->redis_state != NULL ? c->redis_state : "off");
     json_obj_end(j);
 
+    json_key(j, "config");
+    json_obj_begin(j);
+    json_ku64(j, "generations_alive", c->config_generations);
+    json_obj_end(j);
+
     json_key(j, "suppress");
     json_obj_begin(j);
     json_kbool(j, "enabled", c->suppress_on);
@@ -671,6 +676,10 @@ static const struct metric metrics[] = {
     {"sluice_dns_tlsa_failed_total", "counter",
      "TLSA lookups that failed (SERVFAIL, bogus, timeout): the host is not used.",
      CTR(dns_tlsa_failed)},
+    {"sluice_config_generations_alive", "gauge",
+     "Configs allocated: the one in force, those kept to the end, and those replaced by a "
+     "reload that a thread may still read.",
+     CTR(config_generations)},
     {"sluice_dns_edns_off_total", "counter",
      "Times c-ares turned EDNS off on a worker's resolver (a FORMERR answer without OPT).",
      CTR(dns_edns_off)},

@@ -54,7 +54,8 @@ struct wcount {
 struct wsrc {
     struct hash_node node;
     char addr[46];
-    const struct warmup_plan_conf *plan; /* borrowed: lives as long as the config */
+    const struct warmup_plan_conf *plan; /* borrowed: lives as long as the config (the
+                                          * engine keeps the one warmup_reload last took) */
     int64_t start_day;
     struct wcount counts[WARMUP_GROUPS_MAX]; /* per group of plan, same order */
 };

@@ -39,6 +39,7 @@
 #include "common/clock.h"
 #include "common/intern.h"
 #include "common/log.h"
+#include "engine/config_gen.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/oob.h"
@@ -970,13 +971,18 @@ conn_on_connect(struct stream *st, int res)
     setsockopt(stream_fd(&c->st), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* The EHLO name: the source's (its PTR), else the [source] section of
      * the default address's, else [server] hostname. The machine borrows
-     * it for the session: every config loaded stays until exit (main.c),
-     * so a reload does not pull it away. */
+     * it for the session: c->cfg_gen keeps its config (config_gen.h), so a
+     * reload does not pull it away. */
     const char *ehlo = c->src && c->src->ehlo ? c->src->ehlo : NULL;
-    if (ehlo == NULL && c->src == NULL && c->srck != NULL && c->srck->pol != NULL)
-        ehlo = c->srck->pol->ehlo;
+    if (ehlo == NULL && c->src == NULL && c->srck != NULL && c->srck->pol != NULL) {
+        /* The section as c's config has it (srck's may be newer). */
+        const char *pat = c->srck->pattern + 4; /* "src:" */
+        for (unsigned i = 0; i < c->cfg->nsources && ehlo == NULL; i++)
+            if (strcmp(c->cfg->sources[i].pattern, pat) == 0)
+                ehlo = c->cfg->sources[i].ehlo;
+    }
     struct smtp_client_opts o = {
-        .name = ehlo ? ehlo : c->d->e->cfg->server.hostname,
+        .name = ehlo ? ehlo : c->cfg->server.hostname,
         .trace = log_enabled(LOG_DEBUG) ? conn_on_trace : NULL,
         .trace_arg = c,
         .tls = c->d->e->tls_client == NULL ? SMTP_CLIENT_TLS_OFF
@@ -985,8 +991,8 @@ conn_on_connect(struct stream *st, int res)
                : c->tls_pol == DOMAIN_TLS_OPTIONAL ? SMTP_CLIENT_TLS_OPTIONAL
                                                    : SMTP_CLIENT_TLS_OFF,
         .max_rcpt = sched_conn_max_rcpt(c),
-        /* every config loaded stays until exit: the table outlives c */
-        .timeout_ms = c->d->e->cfg->delivery.client_timeouts,
+        /* c->cfg_gen keeps the config: the table outlives c */
+        .timeout_ms = c->cfg->delivery.client_timeouts,
     };
     if (dane != NULL) {
         /* DANE comes before the domain's policy (and MTA-STS): TLS or
@@ -1077,6 +1083,12 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
     }
     stream_init(&c->st, d->w, fd, &conn_stream_ops, &d->bufs);
     timer_init(&c->timer, conn_on_timer);
+    /* What c borrows from a config is of one: srcpol's (of t's pool as
+     * this worker sees the config), else the one in force. Harnesses
+     * without generations: e->cfg, which they never replace. */
+    c->cfg_gen = config_gens_of_source(d->e->gens, srcpol, &c->cfg);
+    if (c->cfg == NULL)
+        c->cfg = d->e->cfg;
     /* Counted from here on: the id, the site, the caps. */
     sched_conn_attach(c, t, host, addr, srcpol, src_id);
     /* The source it is bound to, known before the connect: a failure to

@@ -164,9 +164,13 @@ struct conn {
     struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
     struct mxkey *shk;    /* borrowed: the rate a shaping action gives its source at
                            * its MX host's group ("shape:"), or NULL; no lease */
-    const struct mx_policy *src; /* borrowed (configs live to the end): the [source] it
-                                  * binds, from its destination's pool; NULL: the node's
-                                  * default source ([delivery] source_address) */
+    const struct mx_policy *src; /* borrowed: the [source] it binds, from its destination's
+                                  * pool; NULL: the node's default source ([delivery]
+                                  * source_address). Of cfg (below) */
+    const struct config *cfg; /* borrowed: kept while c lives (cfg_gen, config_gen.h): the
+                               * config of src, or the one in force when c opened without
+                               * one; its client's EHLO name and timeout table are of it */
+    uint64_t cfg_gen;     /* cfg's generation */
     uint32_t src_id;      /* the source's name id (e->names), 0: the default source */
     struct conn *prev_all, *next_all; /* every connection of the worker */
 

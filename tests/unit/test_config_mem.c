@@ -1,8 +1,9 @@
 /*
- * What a config costs once a reload replaced it (main.c keeps each until
- * exit, engine.h says why): a few KB, its shaping rules shared with the
- * config that replaced it when they did not change. Measured with glibc's
- * mallinfo2; skipped under a sanitizer's allocator, which it does not see.
+ * What a config costs once a reload replaced it while something still
+ * reads it (config_gen.h: freed once nothing does): a few KB, its
+ * shaping rules shared with the config that replaced it when they did
+ * not change. Measured with glibc's mallinfo2; skipped under a
+ * sanitizer's allocator, which it does not see.
  */
 #include <fcntl.h>
 #include <malloc.h>
@@ -55,7 +56,7 @@ load_path(const char *p)
     return cfg;
 }
 
-/* What a reload keeps until exit (main.c keeps every config it replaced):
+/* What a reload keeps while the replaced config is still read:
  * a config loaded as main.c does it on SIGHUP (shared with the running
  * one, its DKIM keys dropped) holds a few KB, with [domain], [mx],
  * [source], [pool] and [tenant] sections. It was about 280 KB: the
