@@ -63,7 +63,8 @@ struct server_config {
     unsigned campaign_names; /* distinct campaign names given ids since the start */
     uint64_t drain_timeout;  /* ms: SIGTERM waits this long for transactions in flight */
     /* derived at load; allocated at their length, not NETADDR_MAX_LIST
-     * (136 octets each): every config a reload replaced is kept (engine.h) */
+     * (136 octets each): a replaced config lives until no thread can
+     * reach it (config_gen.h), which may be a while */
     struct netaddr *listen_addrs; /* owned, nlisten */
     int nlisten;
     struct netaddr *listen_tls_addrs; /* owned, nlisten_tls; NULL: none */

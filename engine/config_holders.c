@@ -27,6 +27,10 @@
  *   - the stats thread: every stats-socket command, "stats" and
  *     /metrics, the domains view (ops.c);
  *   - the MTA-STS thread, handing a TLS report to delivery (engine.c).
+ * Read by no thread outside the workers, outside a read section:
+ *   - delivery_owner() (any thread: the shaping keeper's bounces too)
+ *     reads [server] campaign_names from e->campaign_names, a copy kept
+ *     by the swap, never from e->cfg.
  * Kept to the end (pinned): the config the engine started on (the caller
  * frees it after engine_stop): what start made from it borrows it for
  * good (listeners, the spool, DNS, resolvers, the Redis settings of
@@ -40,7 +44,7 @@
  * caller's thread), TLS contexts and DKIM keyrings (their own
  * references), the users table (its own file).
  *
- * Threading: config_holders_oldest runs on the worker it scans, between
+ * Threading: config_holders_publish runs on the worker it scans, between
  * two events of its loop.
  */
 #include "engine/config_gen.h"

@@ -225,14 +225,16 @@ owner_campaign_id(struct engine *e, const char *campaign)
 {
     if (campaign == NULL || campaign[0] == '\0')
         return 0;
-    const struct config *cfg = atomic_load(&e->cfg);
+    /* not e->cfg: any thread calls this, outside the config's read
+     * sections (engine.h campaign_names) */
+    unsigned limit = atomic_load(&e->campaign_names);
     uint64_t over = 0;
-    uint32_t id = intern_id_bounded(e->names, campaign, cfg->server.campaign_names, &over);
+    uint32_t id = intern_id_bounded(e->names, campaign, limit, &over);
     if (over != 0 && (over & (over - 1)) == 0)
         log_msg(LOG_WARN,
                 "event=campaign_names_full campaign=\"%s\" limit=%u refused=%llu "
                 "note=no_campaign_id_suspend_by_campaign_does_not_hold_it",
-                campaign, cfg->server.campaign_names, (unsigned long long)over);
+                campaign, limit, (unsigned long long)over);
     return id;
 }
 

@@ -524,6 +524,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     memset(e, 0, sizeof(*e));
     e->oob = oob;
     e->cfg = cfg;
+    atomic_store(&e->campaign_names, cfg->server.campaign_names);
     atomic_init(&e->clients, 0);
     atomic_init(&e->bounce_clients, 0);
     atomic_init(&e->drained, 0);
@@ -1025,6 +1026,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
                     break;
             unsigned parked = p->arrived;
             e->cfg = ncfg;
+            atomic_store(&e->campaign_names, ncfg->server.campaign_names);
             /* After the store: a reader that sees the new generation sees
              * ncfg (config_gen.h). The old one is freed by a later
              * engine_config_collect, once every worker, parked now or late,

@@ -56,6 +56,10 @@ struct engine {
      * a pointer read a moment earlier stays valid until its reader
      * published that it moved on). */
     const struct config *_Atomic cfg;
+    /* [server] campaign_names of e->cfg, kept beside it: read by
+     * delivery_owner() on any thread (the shaping keeper's bounces too),
+     * which must not read a config a reload may free meanwhile. */
+    _Atomic unsigned campaign_names;
     struct config_gens *gens;  /* owned: the configs alive (config_gen.h) */
     struct gens_msg {          /* owned array of nworkers: "say your hold", per worker */
         struct worker_msg m;

@@ -111,6 +111,7 @@ fx_new(void)
     assert_int_equal(timer_heap_init(&f->w.timers, 64), 0);
     f->w.now = clock_now_ns();
     f->e.cfg = f->cfg;
+    f->e.campaign_names = f->cfg->server.campaign_names;
     f->e.nworkers = 1;
     /* Its mailbox, which the test empties (mbox_run): operators' bounces
      * arrive there. */

@@ -309,6 +309,7 @@ test_campaign_names_bounded(void **state)
     struct engine e;
     memset(&e, 0, sizeof(e));
     e.cfg = cfg;
+    e.campaign_names = cfg->server.campaign_names; /* as engine_start sets it */
     e.names = intern_new();
     assert_non_null(e.names);
     char logpath[] = "/tmp/test_owner_log_XXXXXX";

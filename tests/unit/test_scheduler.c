@@ -309,6 +309,7 @@ fx_new(const char *extra)
     assert_int_equal(timer_heap_init(&f->w.timers, 64), 0);
     f->w.now = clock_now_ns();
     f->e.cfg = f->cfg;
+    f->e.campaign_names = f->cfg->server.campaign_names;
     f->e.nworkers = 1;
     struct delivery *d = calloc(1, sizeof(*d));
     assert_non_null(d);
