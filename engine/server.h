@@ -83,11 +83,12 @@ void server_worker_drain(struct server_worker *sw);
  * Not while a message whose content ended is being signed or committed,
  * nor while a last reply (a 250 for such a message, a 421 for the stop)
  * is leaving: their clients are answered first, within drain_timeout.
- * True when none is; from then on the server is sealed, and a message
- * whose content ends is refused (421: nothing is stored that the loop's
- * end could leave unanswered). When it says false, the server calls
- * delivery_drain_recheck() once the last of them is done. Worker
- * thread. */
+ * True when none is. The server is sealed as soon as no message is
+ * being signed or committed (last replies may still be leaving): from
+ * then on a message whose content ends is refused (421: nothing is
+ * stored that the loop's end could leave unanswered). When it says
+ * false, the server calls delivery_drain_recheck() once the last of
+ * them is done. Worker thread. */
 bool server_worker_drain_seal(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
 
