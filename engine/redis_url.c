@@ -90,8 +90,9 @@ split_hostpart(const char *s, enum redis_url_kind kind, struct redis_url *out, c
             hend++;
         s = hend;
         if (*s != '\0' && *s != ':' && *s != '/') {
-            snprintf(err, errlen, "bad host: '%c' where a host name's characters, ':' or '/' go",
-                     *s);
+            /* no character quoted: after an '@' it may be the password's */
+            snprintf(err, errlen, "bad host: a character where a host name's characters, ':' "
+                                  "or '/' go");
             return -EINVAL;
         }
     }
@@ -118,7 +119,7 @@ split_hostpart(const char *s, enum redis_url_kind kind, struct redis_url *out, c
         }
         out->port = (int)v;
     } else if (*s != '\0' && *s != '/') {
-        snprintf(err, errlen, "unexpected '%c' after the host", *s);
+        snprintf(err, errlen, "unexpected character after the host");
         return -EINVAL;
     }
     out->path[0] = '\0';
