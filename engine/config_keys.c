@@ -433,7 +433,8 @@ const struct conf_key config_domain_keys[] = {
      "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
      "connection only; so does one to the first RSET or MAIL of a transaction on a reused "
      "connection, whose job goes on another connection at once); 0: no rest, for the domain "
-     "nor from its site",
+     "nor from its site (nor for a pool's source after a 421 saying the receiver goes "
+     "down, which rests no source alone)",
      NULL},
     {"mta_sts", CONF_BOOL, DOM(mta_sts), 0, 0, "yes",
      "apply the domain's MTA-STS policy (with [delivery] mta_sts); never for a domain with a "
