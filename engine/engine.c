@@ -3,6 +3,11 @@
  * Start: spool, users, per worker its server (listening sockets are bound
  * here, so a port in use fails the start), then the threads. Stop: the
  * threads, then each server (its pending commits drain), then the spool.
+ * The drain before a stop (engine_drain) waits, up to drain_timeout, for
+ * deliveries in flight and for messages being signed or stored and their
+ * replies (server_worker_drain_seal). A reload swaps the config while the
+ * workers are parked; a replaced one is freed once no thread can reach
+ * it (config_gen.h).
  * A worker whose ring fails shuts its listeners and signals main, which
  * drains the others and exits ENGINE_EXIT_FAILED (engine.h); the test
  * seam SLUICE_TEST_FAIL_RING injects that failure.
