@@ -607,10 +607,15 @@ static void
 test_ended_policy_checked_once(void **state)
 {
     (void)state;
-    unsigned long long now = (unsigned long long)time(NULL) * 1000;
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    unsigned long long now =
+        (unsigned long long)rt.tv_sec * 1000 + (unsigned long long)rt.tv_nsec / 1000000;
     char text[256];
-    /* a policy that ends a second or two from now */
-    snprintf(text, sizeof(text), "sluice-mta-sts 1\nend.test 1 enforce 1 %llu mx.end.test\n", now);
+    /* a policy that ends two seconds from now (to the ms: one fetched at
+     * the start of the current second with a max_age of 1 could end
+     * before a busy machine loaded it) */
+    snprintf(text, sizeof(text), "sluice-mta-sts 1\nend.test 1 enforce 2 %llu mx.end.test\n", now);
     struct store s;
     store_new_timeout(&s, text, "100ms");
     struct mta_sts *m = s.m;
