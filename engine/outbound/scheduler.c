@@ -279,9 +279,13 @@ site_wake(struct delivery *d, struct site *s)
     if (s == NULL || d->stopping)
         return;
     s->refs++; /* dest_run may drop the last other reference */
-    unsigned n = 0;
+    /* Every waiting domain that finds room, with no cap on how many: one
+     * left waiting has nothing else to wake it when no connection of the
+     * site is left to end (a resting site whose only one failed: with a
+     * cap of 64, the 65th domain on waited forever, its mail untold).
+     * Each domain leaves the list or stops the loop, so it ends. */
     struct dest *t;
-    while (n++ < 64 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+    while (s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
         dest_run(t);
         if (t->want.on)
             break; /* it could not open one: the others would not either */
