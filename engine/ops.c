@@ -436,12 +436,109 @@ parse_scope(const char *args, char *buf, size_t cap, const char **tenant, const 
     return 1;
 }
 
+/* The domains whose rests a flush ends: every one (all), or n names,
+ * lower case, sorted and unique (delivery_lift_holds). */
+struct lift_list {
+    bool all;
+    size_t n;
+    char **v; /* owned, each owned */
+};
+
+static void
+lift_list_free(void *res, unsigned n)
+{
+    (void)n;
+    struct lift_list *l = res;
+    if (l == NULL)
+        return;
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    free(l);
+}
+
+static int
+cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The distinct domains of the n selected recipients, or of one domain;
+ * NULL without memory. */
+static struct lift_list *
+lift_list_of(const char *domain, const struct sel_item *v, size_t n)
+{
+    struct lift_list *l = calloc(1, sizeof(*l));
+    if (l == NULL)
+        return NULL;
+    size_t want = domain != NULL ? 1 : n;
+    if (want > 0 && (l->v = calloc(want, sizeof(*l->v))) == NULL) {
+        free(l);
+        return NULL;
+    }
+    for (size_t i = 0; i < want; i++) {
+        char *x = strdup(domain != NULL ? domain : v[i].domain);
+        if (x == NULL) {
+            lift_list_free(l, 0);
+            return NULL;
+        }
+        for (char *p = x; *p != '\0'; p++)
+            *p = (char)tolower((unsigned char)*p);
+        l->v[l->n++] = x;
+    }
+    qsort(l->v, l->n, sizeof(*l->v), cmp_str);
+    size_t k = 0;
+    for (size_t i = 0; i < l->n; i++) {
+        if (k > 0 && strcmp(l->v[k - 1], l->v[i]) == 0)
+            free(l->v[i]);
+        else
+            l->v[k++] = l->v[i];
+    }
+    l->n = k;
+    return l;
+}
+
+static void
+lift_on_worker(struct engine *e, unsigned w, struct wcall *c)
+{
+    const struct lift_list *l = c->res;
+    unsigned k = delivery_lift_holds(e->dlv[w], l->all ? NULL : (const char *const *)l->v,
+                                     l->all ? 0 : l->n);
+    pthread_mutex_lock(&c->lock);
+    c->total += k;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Every worker ends the rests of l's domains (owned by the call from
+ * here). Returns the destinations that were resting, or -1 when a worker
+ * did not answer in time (its rests end all the same) or without memory. */
+static long long
+lift_holds(struct engine *e, struct lift_list *l)
+{
+    struct wcall *c = l != NULL ? wcall_new(e, lift_on_worker) : NULL;
+    if (c == NULL) {
+        lift_list_free(l, 0);
+        return -1;
+    }
+    c->res = l;
+    c->res_free = lift_list_free;
+    int rc = wcall_run(c, -1);
+    pthread_mutex_lock(&c->lock);
+    long long total = (long long)c->total;
+    pthread_mutex_unlock(&c->lock);
+    wcall_unref(c);
+    return rc < 0 ? -1 : total;
+}
+
 /* flush [DOMAIN]: deferred recipients are due now. Their time in the
  * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
  * poll takes them within a second, as it takes any: nothing is submitted
  * from here, so nothing can be in flight twice (the poll takes from the
  * spool's time index only what is still in it). Those due within two
- * seconds are left as they are. */
+ * seconds are left as they are. Then the rests their destinations wait
+ * on end (delivery_lift_holds): of every destination for a flush of all,
+ * of the domain's, or of the flushed recipients' domains for a tenant,
+ * campaign or pool (their domains' other mail goes too). */
 static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {
@@ -479,11 +576,20 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
             done += k;
     }
     free(qo);
+    struct lift_list *l = NULL;
+    if (rc == 0) {
+        bool all = !by_owner && domain[0] == '\0';
+        l = all ? calloc(1, sizeof(*l)) : lift_list_of(domain[0] ? domain : NULL, w.v, w.n);
+        if (all && l != NULL)
+            l->all = true;
+    }
     free(w.v);
+    long long lifted = rc == 0 ? lift_holds(e, l) : 0;
     log_msg(LOG_NOTICE,
-            "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu",
+            "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu "
+            "rests_ended=%lld",
             domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*",
-            pool ? pool : "*", done);
+            pool ? pool : "*", done, lifted);
     if (rc != 0) {
         snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
         return -1;
@@ -497,6 +603,8 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     if (pool != NULL)
         json_kstr(out, "pool", pool);
     json_ku64(out, "recipients", done);
+    if (lifted >= 0)
+        json_ku64(out, "rests_ended", (uint64_t)lifted);
     json_obj_end(out);
     return 0;
 }

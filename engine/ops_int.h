@@ -60,6 +60,7 @@ struct wcall {
     bool flag;
     int kind;         /* enum delivery_scope, for suspend */
     uint64_t for_ms;  /* suspend: 0 until resumed */
+    uint64_t total;   /* summed by the workers' calls, under lock */
     struct wcall_msg msgs[];
 };
 

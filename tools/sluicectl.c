@@ -1652,7 +1652,8 @@ static const struct cmd cmds[] = {
     {"flush", "[DOMAIN | --tenant T [--campaign C] | --pool P]",
      "retry deferred recipients now (of DOMAIN, a tenant, a campaign, a pool, or all)",
      "--tenant, --campaign and --pool select the messages of that tenant, campaign\n"
-     "or pool (as stored with each message at submission).",
+     "or pool (as stored with each message at submission). The rests their\n"
+     "destinations wait on (after a 421, or a host that was down) end too.",
      0, 4, run_scoped},
     {"bounce", "ID|DOMAIN | --tenant T [--campaign C] | --pool P",
      "bounce a message, or every message queued for DOMAIN, a tenant, a campaign or a pool",

@@ -5,7 +5,8 @@
  * their queue of jobs (dest_enqueue, dest_push, dest_pop: a fairq shared
  * by tenants by weight), what they learnt of their MX answer and of their
  * last failure, and their life: held ones have their waiting jobs swept
- * for expiry (dest_hold, dest_on_sweep), and ones idle for [delivery]
+ * for expiry (dest_hold, dest_on_sweep; the operator's flush ends the
+ * holds and their sites' rests: delivery_lift_holds), and ones idle for [delivery]
  * destination_idle_ttl are evicted, oldest first (dest_on_evict), so the
  * table holds the active domains only; one whose domain moved to another
  * worker (affinity.c) goes at the next sweep.
@@ -427,6 +428,76 @@ dest_hold(struct dest *t, uint64_t ms)
     t->hold_until_ms = clock_unix_ms() + ms;
     worker_timer_arm(d->w, &t->hold_timer, until);
     worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* Is name among the n sorted names of v (NULL: every name is)? */
+static bool
+lift_named(const char *name, const char *const *v, size_t n)
+{
+    if (v == NULL)
+        return true;
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(name, v[mid]);
+        if (c == 0)
+            return true;
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return false;
+}
+
+/* The operator's flush: "retry now" means now, also where a rest would
+ * have kept the mail waiting (up to site_hold after the last failure: an
+ * outage's flush otherwise waited out the rest its own first retry
+ * began). Every rest the named domains' mail waits on ends: the
+ * destination's hold, its site's rest, the site's addresses passed over
+ * and its sources' holds. A receiver still down fails the next try, and
+ * the rests begin again. */
+unsigned
+delivery_lift_holds(struct delivery *d, const char *const *domains, size_t n)
+{
+    unsigned resting = 0;
+    uint64_t now = d->w->now;
+    struct dest_iter it = {0};
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
+        if (lift_named(t->name, domains, n) &&
+            (t->hold_until > now || (t->site != NULL && t->site->hold_until > now)))
+            resting++;
+    if (resting == 0)
+        return 0;
+    struct dest_iter it2 = {0};
+    for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
+        if (!lift_named(t->name, domains, n))
+            continue;
+        if (t->hold_until > now) {
+            t->hold_until = 0;
+            t->hold_until_ms = 0;
+            worker_timer_cancel(d->w, &t->hold_timer);
+            t->failed_addrs = 0;
+            t->own_failed = false;
+            t->next_addr = 0;
+        }
+        struct site *s = t->site;
+        if (s != NULL && s->hold_until > now) {
+            s->hold_until = 0;
+            free(s->rest_fail);
+            s->rest_fail = NULL;
+            memset(s->down, 0, sizeof(s->down));
+            for (unsigned i = 0; i < s->nsrc; i++)
+                s->src[i].hold_until = 0;
+        }
+    }
+    /* Run them once every rest is off: a site's first domain run would
+     * otherwise see its site's rest still on for the others. */
+    struct dest_iter it3 = {0};
+    for (struct dest *t; (t = dest_next(d, &it3)) != NULL;)
+        if (lift_named(t->name, domains, n) && !fairq_empty(&t->q))
+            dest_run(t);
+    return resting;
 }
 
 /* While held: bounce the waiting jobs whose time is up (each job's

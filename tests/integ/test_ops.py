@@ -398,6 +398,47 @@ def test_flush_retries_deferred_now():
         r.close()
 
 
+def test_flush_ends_the_rest_of_a_site_that_was_down():
+    """An outage's flush: the MX host that three domains share refused
+    connections, so their site rests (site_hold = 10m here) and their
+    recipients wait, deferred for an hour or held in memory. Once the
+    receiver is back, `flush` delivers now: it ends the rests too
+    (rests_ended counts the destinations that rested). Before, the flush
+    only retimed the spool and the mail waited out the ten minutes. A
+    flush of one domain ends only the rests its own mail waits on."""
+    doms = ["a.test", "b.test", "c.test"]
+    r = Relay(records_for(doms), with_sink=False,
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\nsite_hold = 10m\n"))
+    try:
+        r.inject([msg(i, [f"u{i}@{d}"]) for i, d in enumerate(doms)], sessions=1)
+        r.d.wait_log("event=site_held")
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1)
+        r.sink = Sink(r.wd, r.mx_port)
+        doc = ctl_json(r, "flush")
+        assert doc["rests_ended"] >= 1, doc
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", 3, timeout=10)
+        assert sorted(e["rcpt"] for e in dl) == ["u0@a.test", "u1@b.test", "u2@c.test"], dl
+        assert ctl_json(r, "flush")["rests_ended"] == 0
+
+        # Down again: a.test's flush ends the rest a.test's mail waits on.
+        r.sink.stop()
+        r.sink = None
+        held = r.d.count_log("event=site_held")
+        r.inject([msg(10, ["v@a.test"])], sessions=1)
+        r.d.wait_log_count("event=site_held", held + 1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure" and
+                    e["rcpt"] == "v@a.test", 1)
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        doc = ctl_json(r, "flush", "a.test")
+        assert doc["recipients"] == 1 and doc["rests_ended"] == 1, doc
+        wait_events(r.dlog, lambda e: e["event"] == "delivery" and e["rcpt"] == "v@a.test", 1,
+                    timeout=10)
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
 def test_domains_of_deferred_mail_across_a_restart():
     """A domain whose every recipient waits deferred: `domains` gives the
     age of the oldest one (not '-': none is ready) and its deferral class
@@ -834,7 +875,8 @@ if __name__ == "__main__":
           test_spool_tool_refuses_a_directory_without_a_spool,
           test_top_gives_the_terminal_back_when_sluice_goes,
           test_suspend_and_resume,
-          test_flush_retries_deferred_now, test_domains_of_deferred_mail_across_a_restart,
+          test_flush_retries_deferred_now, test_flush_ends_the_rest_of_a_site_that_was_down,
+          test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
