@@ -2,10 +2,12 @@
  * engine: start and stop the daemon's parts in order (see engine.h).
  * Start: spool, users, per worker its server (listening sockets are bound
  * here, so a port in use fails the start), then the threads. Stop: the
- * threads, then each server (its pending commits drain), then the spool.
- * The drain before a stop (engine_drain) waits, up to drain_timeout, for
- * deliveries in flight and for messages being signed or stored and their
- * replies (server_worker_drain_seal). A reload swaps the config while the
+ * threads, then each server (the commits the spool still has land and
+ * are logged queued, though their clients get no reply: a bounded wait,
+ * server_worker_free), then the spool. The drain before a stop
+ * (engine_drain) waits, up to drain_timeout, for deliveries in flight
+ * and for messages being signed or stored and their replies
+ * (server_worker_drain_seal). A reload swaps the config while the
  * workers are parked; a replaced one is freed once no thread can reach
  * it (config_gen.h).
  * A worker whose ring fails shuts its listeners and signals main, which

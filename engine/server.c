@@ -17,7 +17,9 @@
  * message is being signed or stored and for last replies leaving
  * (server_worker_drain_seal): a message stored gets its 250 before the
  * loop ends; one whose content ends after the worker's drain is done is
- * refused 421, not stored.
+ * refused 421, not stored. When drain_timeout runs out first, the
+ * commits the spool still has are waited for after the loop
+ * (server_worker_free, bounded): each lands logged queued, unanswered.
  *
  * A session can also run detached (server_session_feed(), for the fuzzer):
  * the same code, with the ring's reads and sends and the spool's commit
@@ -1247,17 +1249,94 @@ server_worker_start(struct server_worker *sw)
         listener_arm(&sw->ls[i]);
 }
 
+/* How long a stop waits, once the loop has ended, for the answers to
+ * commits the spool already has. Each comes within a sync: one that has
+ * not come in this long is a disk that no longer answers, and the stop
+ * goes on without it. */
+#define STOP_COMMIT_WAIT_MS 30000
+
+/* Answers held by the test hook (SLUICE_TEST_COMMIT_DELAY) due by now,
+ * or all of them, reach their sessions. Returns when the next one is due
+ * (CLOCK_MONOTONIC ns), UINT64_MAX when none is held. */
+static uint64_t
+held_commits_release(struct server_worker *sw, uint64_t now, bool all)
+{
+    uint64_t next = UINT64_MAX;
+    for (struct session *s = sw->sessions, *n; s != NULL; s = n) {
+        n = s->next; /* the answer may free s */
+        if (!timer_armed(&s->commit_timer))
+            continue;
+        if (all || s->commit_timer.deadline <= now) {
+            worker_timer_cancel(sw->w, &s->commit_timer);
+            session_on_commit_timer(&s->commit_timer, NULL);
+        } else if (s->commit_timer.deadline < next) {
+            next = s->commit_timer.deadline;
+        }
+    }
+    return next;
+}
+
+/* Stopping: wait, up to STOP_COMMIT_WAIT_MS, for every commit the spool
+ * has (and every answer the test hook holds: a slow commit, waited for
+ * as one). True when all came back; false when the wait was cut: each
+ * message still with the spool is logged by id (stored or not, the spool
+ * says: sluice-spool), and its session and the port stay allocated (the
+ * spool borrows the body; its answer would come to the port) until the
+ * process exits. */
+static bool
+stop_commits_wait(struct server_worker *sw)
+{
+    uint64_t start = clock_now_ns(), end = start + MS_TO_NS(STOP_COMMIT_WAIT_MS);
+    for (;;) {
+        uint64_t now = clock_now_ns();
+        uint64_t next = held_commits_release(sw, now, false);
+        unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
+        if (pending == 0 && next == UINT64_MAX)
+            return true;
+        if (now >= end)
+            break;
+        uint64_t until = next < end ? next : end;
+        uint64_t ms = (until - now + 999999) / 1000000;
+        ms = ms > 1000 ? 1000 : ms;
+        if (pending > 0) {
+            queue_port_wait(sw->port, (int)ms);
+        } else {
+            struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    held_commits_release(sw, 0, true); /* stored already: the hook held only the answer */
+    unsigned n = 0;
+    for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
+        if (!s->committing)
+            continue;
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(s->msg_id, qid);
+        log_msg(LOG_CRIT,
+                "session=%016llx event=commit_unanswered id=%s client=%s "
+                "note=stored_or_not_the_spool_says",
+                (unsigned long long)s->id, qid, s->peer_ip);
+        n++;
+    }
+    log_msg(LOG_CRIT, "event=stop_commit_wait_cut pending=%u waited_ms=%d note=spool_not_answering",
+            n, STOP_COMMIT_WAIT_MS);
+    return false;
+}
+
 struct server_worker *
 server_worker_free(struct server_worker *sw)
 {
     if (sw == NULL)
         return NULL;
     sw->stopping = true;
-    /* The loop has ended: no completion will come back through the ring.
-     * Pending commits still finish (queue_close commits them); their
-     * callbacks see `stopping` and only drop their count. */
-    while (sw->port != NULL && queue_port_pending(sw->port) > 0)
-        queue_port_wait(sw->port, 1000);
+    /* The loop has ended: no completion comes back through the ring, and
+     * no reply can leave. Commits the spool already has still land (a
+     * drain that timed out leaves them): each is waited for here and
+     * logged queued (unanswered=stopping), its message delivered after
+     * the restart, so that nothing is stored that the log does not
+     * tell. */
+    if (!stop_commits_wait(sw))
+        return NULL; /* the spool does not answer: left to the exit */
     /* The hashing pool has stopped (engine_stop): hashes finished after
      * the loop ended wait in the mailbox, pointing into sessions. */
     worker_mbox_cancel(sw->w, session_on_hash);

@@ -68,9 +68,12 @@ int server_worker_new(struct engine *e, struct worker *w, struct server_worker *
                       size_t errlen);
 /* Start accepting; on the worker's thread. */
 void server_worker_start(struct server_worker *sw);
-/* After the worker's loop ended: close sessions and listeners, drain the
- * spool port (commits still complete: after a drain that timed out their
- * clients get no reply, and retry), free. Returns NULL. */
+/* After the worker's loop ended: wait for the commits the spool still
+ * has (after a drain that timed out: each is logged queued with
+ * unanswered=stopping, its client got no reply and may retry; the wait
+ * is bounded, and cut it logs each message left with the spool and
+ * leaves the server to the exit), close sessions and listeners, free.
+ * Returns NULL. */
 struct server_worker *server_worker_free(struct server_worker *sw);
 /* After a reload: the new [server] settings (limits, timeouts, AUTH
  * policy) and the new TLS context (certificate, protocols) for sessions

@@ -179,6 +179,7 @@ struct session {
     bool bdat_last;
     uint64_t bdat_left;
     uint64_t msg_id;
+    bool committing;           /* the spool has the message; its answer has not come */
     struct timer commit_timer; /* the commit's answer, held (SLUICE_TEST_COMMIT_DELAY) */
     int commit_rc;             /* what it was */
     char *ev_line; /* owned: the reception event committed with the message, or NULL */
