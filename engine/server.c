@@ -1415,19 +1415,22 @@ server_on_drain(struct worker *w, struct worker_msg *m)
 bool
 server_worker_drain_seal(struct server_worker *sw)
 {
-    bool closing = false;
+    unsigned closing = 0;
     for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
         if (s->state == SS_SIGN || s->state == SS_COMMIT)
             return false;
-        closing |= s->state == SS_CLOSING;
+        closing += s->state == SS_CLOSING;
     }
     /* Sealed once no message is being signed or stored, whatever last
      * replies are still leaving: a client that stopped reading its 421
      * must not keep the worker storing messages that end from now on
      * (the loop may stop before their 250 leaves). The drain itself is
      * done when those replies left too, or at drain_timeout. */
+    if (!sw->sealed)
+        log_msg(LOG_INFO, "event=drain_sealed closing=%u note=messages_ending_now_refused",
+                closing);
     sw->sealed = true;
-    return !closing;
+    return closing == 0;
 }
 
 /* A session that held the drain let go: the idle ones are told 421 (one

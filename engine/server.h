@@ -89,9 +89,10 @@ void server_worker_drain(struct server_worker *sw);
  * True when none is. The server is sealed as soon as no message is
  * being signed or committed (last replies may still be leaving): from
  * then on a message whose content ends is refused (421: nothing is
- * stored that the loop's end could leave unanswered). When it says
- * false, the server calls delivery_drain_recheck() once the last of
- * them is done. Worker thread. */
+ * stored that the loop's end could leave unanswered; logged once,
+ * event=drain_sealed). When it says false, the server calls
+ * delivery_drain_recheck() once the last of them is done. Worker
+ * thread. */
 bool server_worker_drain_seal(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
 

@@ -9,7 +9,8 @@ refused; the disconnect line says why a client got nowhere, whichever
 reply refused it, a command's or the session's (a timeout, a limit, a
 stop); a stop answers a message whose commit is pending before it ends,
 and logs one whose commit lands after drain_timeout ran out queued,
-unanswered; commands pipelined behind an AUTH wait for its answer; an AUTH before
+unanswered; a client that stops reading does not keep its worker
+storing during a drain; commands pipelined behind an AUTH wait for its answer; an AUTH before
 STARTTLS is forgotten after it; a client that sends only commands that
 move no mail (an EHLO loop too) is closed; a client that greeted with HELO
 uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its own sluice (plain and
@@ -473,6 +474,87 @@ def test_drain_timeout_with_a_commit_pending_logs_it_queued():
             receptions = [ln for ln in f if '"reception"' in ln]
         assert len(receptions) == 1 and qid in receptions[0], receptions
         assert d.count_log("event=stop_commit_wait_cut") == 0
+
+
+def deaf_client(d):
+    """A client that greets, then pipelines NOOPs and never reads their
+    replies, until sluice has stopped reading it: its replies fill its
+    socket's send buffer (the kernel grows it to a few megabytes) and the
+    session's own, so the next reply, a 421, cannot leave."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", d.port))
+    read_until(s, b"220 ")
+    s.sendall(b"EHLO deaf.example\r\n")
+    read_until(s, b"250 ")
+    me = s.getsockname()[1]
+
+    def server_queues():
+        """sluice's socket to us: (octets not yet acknowledged by us,
+        octets we sent that it has not read), from /proc/net/tcp."""
+        with open("/proc/net/tcp") as f:
+            for ln in f.readlines()[1:]:
+                x = ln.split()
+                if int(x[1].split(":")[1], 16) == d.port and int(x[2].split(":")[1], 16) == me:
+                    tx, rx = x[4].split(":")
+                    return int(tx, 16), int(rx, 16)
+        return 0, 0
+
+    s.setblocking(False)
+    noops = b"NOOP\r\n" * 10000
+    last = [None]
+
+    def stuck():
+        """Our send would block, sluice holds more replies than we could
+        ever take in (our receive buffer is 4 KB), and what we sent
+        waits unread, the same octets as at the last look."""
+        try:
+            while True:
+                s.send(noops)
+        except BlockingIOError:
+            pass
+        tx, rx = server_queues()
+        held = tx > 65536 and rx > 0 and rx == last[0]
+        last[0] = rx
+        return held
+
+    wait_until(stuck, 60, "sluice no longer reading a client that does not read")
+    return s
+
+
+def test_a_client_that_does_not_read_leaves_the_drain_sealed():
+    """A client that stopped reading (its buffers full of replies, the
+    421 of the stop behind them) does not keep its worker storing: the
+    worker seals as soon as no message is being signed or stored, and a
+    second session whose DATA ends after that is refused 421, nothing
+    stored. Before (968d671's parent), the non-reading client's 421
+    leaving held the seal open: the late message was stored and got 250
+    while the loop could end before such a 250 left."""
+    with sluice("drain_timeout = 20s\nmax_junk_commands = 1000000000\n", workers=1) as d:
+        late = Smtp(d.port, timeout=30)
+        late.expect("EHLO client.example", 250)
+        late.expect("MAIL FROM:<a@example.com>", 250)
+        late.expect("RCPT TO:<b@example.org>", 250)
+        late.expect("DATA", 354)
+        late.send(b"Subject: late\r\n\r\nafter the seal\r\n")
+        deaf = deaf_client(d)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=shutting_down")  # the deaf one: the other is in DATA
+        try:
+            sealed = d.wait_log("event=drain_sealed", timeout=5)
+        except AssertionError:
+            sealed = None  # never sealed: the late message shows what that costs
+        late.send(b".\r\n")
+        got = [r.code for r in late.rest_until_closed(30)]
+        late.close()
+        deaf.close()  # unread replies: a reset, the session ends
+        assert d.proc.wait(30) == 0
+        assert got == [421], got
+        assert sealed is not None and "closing=1" in sealed, sealed
+        assert spool_messages(d.spool) == []
+        assert d.count_log("event=queued") == 0
+        assert d.count_log("reason=shutting_down") == 1, d.log_lines("event=message_refused")
 
 
 def plain(user, password):
@@ -949,6 +1031,7 @@ if __name__ == "__main__":
         test_stop_with_transactions_open_says_what_it_dropped,
         test_stop_answers_a_message_whose_commit_is_pending,
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
+        test_a_client_that_does_not_read_leaves_the_drain_sealed,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
