@@ -7,7 +7,8 @@
  * server_worker_free), then the spool. The drain before a stop
  * (engine_drain) waits, up to drain_timeout, for deliveries in flight
  * and for messages being signed or stored and their replies
- * (server_worker_drain_seal). A reload swaps the config while the
+ * (server_worker_drain_seal); a last reply to a client that does not
+ * read has no longer than the drain. A reload swaps the config while the
  * workers are parked; a replaced one is freed once no thread can reach
  * it (config_gen.h).
  * A worker whose ring fails shuts its listeners and signals main, which
@@ -171,7 +172,7 @@ engine_on_worker_failed(struct worker *w, int err)
             "note=listeners_closed_spool_kept_restart_expected",
             w->name, strerror(-err), ENGINE_EXIT_FAILED);
     if (e->srv != NULL && e->srv[w->id] != NULL)
-        server_worker_drain(e->srv[w->id]);
+        server_worker_drain(e->srv[w->id], UINT64_MAX); /* main's drain bounds it */
     atomic_fetch_add(&e->failed, 1);
     kill(getpid(), SIGTERM); /* main's sigwaitinfo takes it */
 }
@@ -714,7 +715,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
 {
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (e->srv[i] != NULL)
-            server_worker_drain(e->srv[i]);
+            server_worker_drain(e->srv[i], timeout_ms);
         if (e->dlv[i] != NULL)
             delivery_drain(e->dlv[i]);
     }

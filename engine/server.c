@@ -17,8 +17,9 @@
  * message is being signed or stored and for last replies leaving
  * (server_worker_drain_seal): a message stored gets its 250 before the
  * loop ends; one whose content ends after the worker's drain is done is
- * refused 421, not stored. When drain_timeout runs out first, the
- * commits the spool still has are waited for after the loop
+ * refused 421, not stored. A last reply to a client that does not read
+ * has what is left of the drain, at most. When drain_timeout runs out
+ * first, the commits the spool still has are waited for after the loop
  * (server_worker_free, bounded): each lands logged queued, unanswered.
  *
  * A session can also run detached (server_session_feed(), for the fuzzer):
@@ -152,6 +153,30 @@ session_deadline(struct session *s, uint64_t ms)
     worker_timer_arm(s->sw->w, &s->timer, s->sw->w->now + MS_TO_NS(ms));
 }
 
+/* A session whose last reply does not leave is closed this long before
+ * a stop's drain ends: its worker then reports the drain done in time
+ * (engine_drain polls every 20 ms), and the stop is not logged as timed
+ * out for a client that merely stopped reading. */
+#define DRAIN_CLOSE_EARLY_MS 100
+
+/* A last reply has one command's time to leave, and during a stop's
+ * drain no more than what is left of it: a client that stopped reading
+ * must not hold its session, and the drain, for timeout_command
+ * (minutes). */
+static void
+closing_deadline(struct session *s)
+{
+    struct server_worker *sw = s->sw;
+    uint64_t ms = sw->cfg->timeout_command;
+    uint64_t until = atomic_load_explicit(&sw->drain_until, memory_order_relaxed);
+    if (atomic_load_explicit(&sw->draining, memory_order_relaxed) && until != UINT64_MAX) {
+        uint64_t now = sw->w->now + MS_TO_NS(DRAIN_CLOSE_EARLY_MS);
+        uint64_t left = until > now ? (until - now) / 1000000 : 0;
+        ms = left < ms ? left : ms;
+    }
+    session_deadline(s, ms);
+}
+
 void
 session_enter(struct session *s, enum session_state next)
 {
@@ -173,11 +198,11 @@ session_enter(struct session *s, enum session_state next)
     }
     if (next == SS_CLOSING) {
         stream_end(&s->st); /* over TLS, close_notify after the last reply */
-        /* The last reply has one command's time to leave, however the
-         * session got here: some ways in (a failed AUTH's delay or hash)
-         * have no deadline running, and a client that stopped reading
-         * would hold the session, and its connection slots, for good. */
-        session_deadline(s, s->sw->cfg->timeout_command);
+        /* The last reply has a deadline, however the session got here:
+         * some ways in (a failed AUTH's delay or hash) have no deadline
+         * running, and a client that stopped reading would hold the
+         * session, and its connection slots, for good. */
+        closing_deadline(s);
     }
 }
 
@@ -1189,6 +1214,7 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
         return -ENOMEM;
     atomic_init(&sw->draining, false);
     atomic_init(&sw->drain_posted, false);
+    atomic_init(&sw->drain_until, UINT64_MAX);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;
@@ -1407,7 +1433,9 @@ server_on_drain(struct worker *w, struct worker_msg *m)
         (struct server_worker *)((char *)m - offsetof(struct server_worker, drain_msg));
     for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
         next = s->next;
-        if (drain_close(s))
+        if (s->state == SS_CLOSING) /* its last reply: within the drain too */
+            closing_deadline(s);
+        else if (drain_close(s))
             session_run(s);
     }
 }
@@ -1455,8 +1483,10 @@ server_on_drain_recheck(struct worker *w, struct worker_msg *m)
 }
 
 void
-server_worker_drain(struct server_worker *sw)
+server_worker_drain(struct server_worker *sw, uint64_t within_ms)
 {
+    uint64_t until = within_ms == UINT64_MAX ? UINT64_MAX : clock_now_ns() + MS_TO_NS(within_ms);
+    atomic_store(&sw->drain_until, until);
     atomic_store(&sw->draining, true);
     for (int i = 0; i < sw->nls; i++)
         shutdown(sw->ls[i].fd, SHUT_RDWR); /* ends the accepts; new clients are refused */
@@ -1482,6 +1512,7 @@ server_worker_new_detached(struct engine *e, struct worker *w)
         return NULL;
     atomic_init(&sw->draining, false);
     atomic_init(&sw->drain_posted, false);
+    atomic_init(&sw->drain_until, UINT64_MAX);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;

@@ -80,8 +80,10 @@ struct server_worker *server_worker_free(struct server_worker *sw);
  * from now on. Worker thread. */
 void server_worker_reconfigure(struct server_worker *sw);
 /* SIGTERM: stop accepting (the listeners are shut down); sessions open
- * go on until the engine stops. Any thread. */
-void server_worker_drain(struct server_worker *sw);
+ * go on until the engine stops. within_ms: what the drain has
+ * (UINT64_MAX: not bounded); a last reply leaving (a session closing)
+ * has no longer. Any thread. */
+void server_worker_drain(struct server_worker *sw, uint64_t within_ms);
 /* Draining: may the worker's drain be done as far as its sessions go?
  * Not while a message whose content ended is being signed or committed,
  * nor while a last reply (a 250 for such a message, a 421 for the stop)

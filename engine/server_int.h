@@ -232,6 +232,9 @@ struct server_worker {
     bool stopping;
     atomic_bool draining;    /* listeners shut: accept nothing more */
     atomic_bool drain_posted; /* drain_msg went to the worker (once) */
+    /* When the stop's drain ends (CLOCK_MONOTONIC ns; UINT64_MAX: not
+     * bounded): a last reply has until then to leave (session_enter). */
+    _Atomic uint64_t drain_until;
     struct worker_msg drain_msg; /* server_on_drain: the idle sessions told 421 */
     /* Draining: sessions that hold the worker's drain open (a message being
      * signed or committed, a last reply leaving) are waited for; when one

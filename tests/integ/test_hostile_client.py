@@ -9,8 +9,8 @@ refused; the disconnect line says why a client got nowhere, whichever
 reply refused it, a command's or the session's (a timeout, a limit, a
 stop); a stop answers a message whose commit is pending before it ends,
 and logs one whose commit lands after drain_timeout ran out queued,
-unanswered; a client that stops reading does not keep its worker
-storing during a drain; commands pipelined behind an AUTH wait for its answer; an AUTH before
+unanswered; a client that stops reading neither keeps its worker storing
+during a drain nor holds the drain past its time; commands pipelined behind an AUTH wait for its answer; an AUTH before
 STARTTLS is forgotten after it; a client that sends only commands that
 move no mail (an EHLO loop too) is closed; a client that greeted with HELO
 uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its own sluice (plain and
@@ -557,6 +557,22 @@ def test_a_client_that_does_not_read_leaves_the_drain_sealed():
         assert d.count_log("reason=shutting_down") == 1, d.log_lines("event=message_refused")
 
 
+def test_a_client_that_does_not_read_is_closed_within_the_drain():
+    """The stop's 421 to a client that stopped reading cannot leave: its
+    session is closed when the drain's time is up (drain_timeout, 2 s,
+    not timeout_command, 5 minutes), and the drain ends done, not timed
+    out: nothing was in flight. Before, that session held the drain to
+    its end, logged as timed out with what was in flight left queued."""
+    with sluice("drain_timeout = 2s\nmax_junk_commands = 1000000000\n", workers=1) as d:
+        deaf = deaf_client(d)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=shutting_down")
+        assert d.proc.wait(30) == 0
+        deaf.close()
+        assert d.count_log("event=drain_done") == 1, d.log_lines("event=drain_")
+        assert d.count_log("event=disconnect") == 1
+
+
 def plain(user, password):
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
 
@@ -1032,6 +1048,7 @@ if __name__ == "__main__":
         test_stop_answers_a_message_whose_commit_is_pending,
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
         test_a_client_that_does_not_read_leaves_the_drain_sealed,
+        test_a_client_that_does_not_read_is_closed_within_the_drain,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
