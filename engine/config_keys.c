@@ -127,7 +127,8 @@ static const struct conf_key server_keys[] = {
     {"drain_timeout", CONF_DURATION, SRV(drain_timeout), 0, 600000, "30s",
      "on SIGTERM: stop accepting, then wait this long for outbound transactions in flight "
      "to finish, and for messages whose content has ended to be stored and answered, before "
-     "exiting; what is left stays queued for the next start",
+     "exiting (a commit still under way then is waited for, up to 30s more, and logged "
+     "queued); what is left stays queued for the next start",
      NULL},
     {"campaign_names", CONF_UINT, SRV(campaign_names), 0, 4000000, "100000",
      "distinct X-Sluice-Campaign names this node keeps, since it started (about 200 bytes "

@@ -2,10 +2,13 @@
  * engine: start and stop the daemon's parts in order (see engine.h).
  * Start: spool, users, per worker its server (listening sockets are bound
  * here, so a port in use fails the start), then the threads. Stop: the
- * threads, then each server (its pending commits drain), then the spool.
- * The drain before a stop (engine_drain) waits, up to drain_timeout, for
- * deliveries in flight and for messages being signed or stored and their
- * replies (server_worker_drain_seal). A reload swaps the config while the
+ * threads, then each server (the commits the spool still has land and
+ * are logged queued, though their clients get no reply: a bounded wait,
+ * server_worker_free), then the spool. The drain before a stop
+ * (engine_drain) waits, up to drain_timeout, for deliveries in flight
+ * and for messages being signed or stored and their replies
+ * (server_worker_drain_seal); a last reply to a client that does not
+ * read has no longer than the drain. A reload swaps the config while the
  * workers are parked; a replaced one is freed once no thread can reach
  * it (config_gen.h).
  * A worker whose ring fails shuts its listeners and signals main, which
@@ -169,7 +172,7 @@ engine_on_worker_failed(struct worker *w, int err)
             "note=listeners_closed_spool_kept_restart_expected",
             w->name, strerror(-err), ENGINE_EXIT_FAILED);
     if (e->srv != NULL && e->srv[w->id] != NULL)
-        server_worker_drain(e->srv[w->id]);
+        server_worker_drain(e->srv[w->id], UINT64_MAX); /* main's drain bounds it */
     atomic_fetch_add(&e->failed, 1);
     kill(getpid(), SIGTERM); /* main's sigwaitinfo takes it */
 }
@@ -712,7 +715,7 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
 {
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (e->srv[i] != NULL)
-            server_worker_drain(e->srv[i]);
+            server_worker_drain(e->srv[i], timeout_ms);
         if (e->dlv[i] != NULL)
             delivery_drain(e->dlv[i]);
     }

@@ -17,7 +17,10 @@
  * message is being signed or stored and for last replies leaving
  * (server_worker_drain_seal): a message stored gets its 250 before the
  * loop ends; one whose content ends after the worker's drain is done is
- * refused 421, not stored.
+ * refused 421, not stored. A last reply to a client that does not read
+ * has what is left of the drain, at most. When drain_timeout runs out
+ * first, the commits the spool still has are waited for after the loop
+ * (server_worker_free, bounded): each lands logged queued, unanswered.
  *
  * A session can also run detached (server_session_feed(), for the fuzzer):
  * the same code, with the ring's reads and sends and the spool's commit
@@ -150,6 +153,30 @@ session_deadline(struct session *s, uint64_t ms)
     worker_timer_arm(s->sw->w, &s->timer, s->sw->w->now + MS_TO_NS(ms));
 }
 
+/* A session whose last reply does not leave is closed this long before
+ * a stop's drain ends: its worker then reports the drain done in time
+ * (engine_drain polls every 20 ms), and the stop is not logged as timed
+ * out for a client that merely stopped reading. */
+#define DRAIN_CLOSE_EARLY_MS 100
+
+/* A last reply has one command's time to leave, and during a stop's
+ * drain no more than what is left of it: a client that stopped reading
+ * must not hold its session, and the drain, for timeout_command
+ * (minutes). */
+static void
+closing_deadline(struct session *s)
+{
+    struct server_worker *sw = s->sw;
+    uint64_t ms = sw->cfg->timeout_command;
+    uint64_t until = atomic_load_explicit(&sw->drain_until, memory_order_relaxed);
+    if (atomic_load_explicit(&sw->draining, memory_order_relaxed) && until != UINT64_MAX) {
+        uint64_t now = sw->w->now + MS_TO_NS(DRAIN_CLOSE_EARLY_MS);
+        uint64_t left = until > now ? (until - now) / 1000000 : 0;
+        ms = left < ms ? left : ms;
+    }
+    session_deadline(s, ms);
+}
+
 void
 session_enter(struct session *s, enum session_state next)
 {
@@ -171,11 +198,11 @@ session_enter(struct session *s, enum session_state next)
     }
     if (next == SS_CLOSING) {
         stream_end(&s->st); /* over TLS, close_notify after the last reply */
-        /* The last reply has one command's time to leave, however the
-         * session got here: some ways in (a failed AUTH's delay or hash)
-         * have no deadline running, and a client that stopped reading
-         * would hold the session, and its connection slots, for good. */
-        session_deadline(s, s->sw->cfg->timeout_command);
+        /* The last reply has a deadline, however the session got here:
+         * some ways in (a failed AUTH's delay or hash) have no deadline
+         * running, and a client that stopped reading would hold the
+         * session, and its connection slots, for good. */
+        closing_deadline(s);
     }
 }
 
@@ -1187,6 +1214,7 @@ server_worker_new(struct engine *e, struct worker *w, struct server_worker **out
         return -ENOMEM;
     atomic_init(&sw->draining, false);
     atomic_init(&sw->drain_posted, false);
+    atomic_init(&sw->drain_until, UINT64_MAX);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;
@@ -1247,17 +1275,94 @@ server_worker_start(struct server_worker *sw)
         listener_arm(&sw->ls[i]);
 }
 
+/* How long a stop waits, once the loop has ended, for the answers to
+ * commits the spool already has. Each comes within a sync: one that has
+ * not come in this long is a disk that no longer answers, and the stop
+ * goes on without it. */
+#define STOP_COMMIT_WAIT_MS 30000
+
+/* Answers held by the test hook (SLUICE_TEST_COMMIT_DELAY) due by now,
+ * or all of them, reach their sessions. Returns when the next one is due
+ * (CLOCK_MONOTONIC ns), UINT64_MAX when none is held. */
+static uint64_t
+held_commits_release(struct server_worker *sw, uint64_t now, bool all)
+{
+    uint64_t next = UINT64_MAX;
+    for (struct session *s = sw->sessions, *n; s != NULL; s = n) {
+        n = s->next; /* the answer may free s */
+        if (!timer_armed(&s->commit_timer))
+            continue;
+        if (all || s->commit_timer.deadline <= now) {
+            worker_timer_cancel(sw->w, &s->commit_timer);
+            session_on_commit_timer(&s->commit_timer, NULL);
+        } else if (s->commit_timer.deadline < next) {
+            next = s->commit_timer.deadline;
+        }
+    }
+    return next;
+}
+
+/* Stopping: wait, up to STOP_COMMIT_WAIT_MS, for every commit the spool
+ * has (and every answer the test hook holds: a slow commit, waited for
+ * as one). True when all came back; false when the wait was cut: each
+ * message still with the spool is logged by id (stored or not, the spool
+ * says: sluice-spool), and its session and the port stay allocated (the
+ * spool borrows the body; its answer would come to the port) until the
+ * process exits. */
+static bool
+stop_commits_wait(struct server_worker *sw)
+{
+    uint64_t start = clock_now_ns(), end = start + MS_TO_NS(STOP_COMMIT_WAIT_MS);
+    for (;;) {
+        uint64_t now = clock_now_ns();
+        uint64_t next = held_commits_release(sw, now, false);
+        unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
+        if (pending == 0 && next == UINT64_MAX)
+            return true;
+        if (now >= end)
+            break;
+        uint64_t until = next < end ? next : end;
+        uint64_t ms = (until - now + 999999) / 1000000;
+        ms = ms > 1000 ? 1000 : ms;
+        if (pending > 0) {
+            queue_port_wait(sw->port, (int)ms);
+        } else {
+            struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    held_commits_release(sw, 0, true); /* stored already: the hook held only the answer */
+    unsigned n = 0;
+    for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
+        if (!s->committing)
+            continue;
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(s->msg_id, qid);
+        log_msg(LOG_CRIT,
+                "session=%016llx event=commit_unanswered id=%s client=%s "
+                "note=stored_or_not_the_spool_says",
+                (unsigned long long)s->id, qid, s->peer_ip);
+        n++;
+    }
+    log_msg(LOG_CRIT, "event=stop_commit_wait_cut pending=%u waited_ms=%d note=spool_not_answering",
+            n, STOP_COMMIT_WAIT_MS);
+    return false;
+}
+
 struct server_worker *
 server_worker_free(struct server_worker *sw)
 {
     if (sw == NULL)
         return NULL;
     sw->stopping = true;
-    /* The loop has ended: no completion will come back through the ring.
-     * Pending commits still finish (queue_close commits them); their
-     * callbacks see `stopping` and only drop their count. */
-    while (sw->port != NULL && queue_port_pending(sw->port) > 0)
-        queue_port_wait(sw->port, 1000);
+    /* The loop has ended: no completion comes back through the ring, and
+     * no reply can leave. Commits the spool already has still land (a
+     * drain that timed out leaves them): each is waited for here and
+     * logged queued (unanswered=stopping), its message delivered after
+     * the restart, so that nothing is stored that the log does not
+     * tell. */
+    if (!stop_commits_wait(sw))
+        return NULL; /* the spool does not answer: left to the exit */
     /* The hashing pool has stopped (engine_stop): hashes finished after
      * the loop ended wait in the mailbox, pointing into sessions. */
     worker_mbox_cancel(sw->w, session_on_hash);
@@ -1328,7 +1433,9 @@ server_on_drain(struct worker *w, struct worker_msg *m)
         (struct server_worker *)((char *)m - offsetof(struct server_worker, drain_msg));
     for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
         next = s->next;
-        if (drain_close(s))
+        if (s->state == SS_CLOSING) /* its last reply: within the drain too */
+            closing_deadline(s);
+        else if (drain_close(s))
             session_run(s);
     }
 }
@@ -1336,19 +1443,22 @@ server_on_drain(struct worker *w, struct worker_msg *m)
 bool
 server_worker_drain_seal(struct server_worker *sw)
 {
-    bool closing = false;
+    unsigned closing = 0;
     for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
         if (s->state == SS_SIGN || s->state == SS_COMMIT)
             return false;
-        closing |= s->state == SS_CLOSING;
+        closing += s->state == SS_CLOSING;
     }
     /* Sealed once no message is being signed or stored, whatever last
      * replies are still leaving: a client that stopped reading its 421
      * must not keep the worker storing messages that end from now on
      * (the loop may stop before their 250 leaves). The drain itself is
      * done when those replies left too, or at drain_timeout. */
+    if (!sw->sealed)
+        log_msg(LOG_INFO, "event=drain_sealed closing=%u note=messages_ending_now_refused",
+                closing);
     sw->sealed = true;
-    return !closing;
+    return closing == 0;
 }
 
 /* A session that held the drain let go: the idle ones are told 421 (one
@@ -1373,8 +1483,10 @@ server_on_drain_recheck(struct worker *w, struct worker_msg *m)
 }
 
 void
-server_worker_drain(struct server_worker *sw)
+server_worker_drain(struct server_worker *sw, uint64_t within_ms)
 {
+    uint64_t until = within_ms == UINT64_MAX ? UINT64_MAX : clock_now_ns() + MS_TO_NS(within_ms);
+    atomic_store(&sw->drain_until, until);
     atomic_store(&sw->draining, true);
     for (int i = 0; i < sw->nls; i++)
         shutdown(sw->ls[i].fd, SHUT_RDWR); /* ends the accepts; new clients are refused */
@@ -1400,6 +1512,7 @@ server_worker_new_detached(struct engine *e, struct worker *w)
         return NULL;
     atomic_init(&sw->draining, false);
     atomic_init(&sw->drain_posted, false);
+    atomic_init(&sw->drain_until, UINT64_MAX);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;

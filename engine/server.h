@@ -68,17 +68,22 @@ int server_worker_new(struct engine *e, struct worker *w, struct server_worker *
                       size_t errlen);
 /* Start accepting; on the worker's thread. */
 void server_worker_start(struct server_worker *sw);
-/* After the worker's loop ended: close sessions and listeners, drain the
- * spool port (commits still complete: after a drain that timed out their
- * clients get no reply, and retry), free. Returns NULL. */
+/* After the worker's loop ended: wait for the commits the spool still
+ * has (after a drain that timed out: each is logged queued with
+ * unanswered=stopping, its client got no reply and may retry; the wait
+ * is bounded, and cut it logs each message left with the spool and
+ * leaves the server to the exit), close sessions and listeners, free.
+ * Returns NULL. */
 struct server_worker *server_worker_free(struct server_worker *sw);
 /* After a reload: the new [server] settings (limits, timeouts, AUTH
  * policy) and the new TLS context (certificate, protocols) for sessions
  * from now on. Worker thread. */
 void server_worker_reconfigure(struct server_worker *sw);
 /* SIGTERM: stop accepting (the listeners are shut down); sessions open
- * go on until the engine stops. Any thread. */
-void server_worker_drain(struct server_worker *sw);
+ * go on until the engine stops. within_ms: what the drain has
+ * (UINT64_MAX: not bounded); a last reply leaving (a session closing)
+ * has no longer. Any thread. */
+void server_worker_drain(struct server_worker *sw, uint64_t within_ms);
 /* Draining: may the worker's drain be done as far as its sessions go?
  * Not while a message whose content ended is being signed or committed,
  * nor while a last reply (a 250 for such a message, a 421 for the stop)
@@ -86,9 +91,10 @@ void server_worker_drain(struct server_worker *sw);
  * True when none is. The server is sealed as soon as no message is
  * being signed or committed (last replies may still be leaving): from
  * then on a message whose content ends is refused (421: nothing is
- * stored that the loop's end could leave unanswered). When it says
- * false, the server calls delivery_drain_recheck() once the last of
- * them is done. Worker thread. */
+ * stored that the loop's end could leave unanswered; logged once,
+ * event=drain_sealed). When it says false, the server calls
+ * delivery_drain_recheck() once the last of them is done. Worker
+ * thread. */
 bool server_worker_drain_seal(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
 

@@ -179,6 +179,7 @@ struct session {
     bool bdat_last;
     uint64_t bdat_left;
     uint64_t msg_id;
+    bool committing;           /* the spool has the message; its answer has not come */
     struct timer commit_timer; /* the commit's answer, held (SLUICE_TEST_COMMIT_DELAY) */
     int commit_rc;             /* what it was */
     char *ev_line; /* owned: the reception event committed with the message, or NULL */
@@ -231,6 +232,9 @@ struct server_worker {
     bool stopping;
     atomic_bool draining;    /* listeners shut: accept nothing more */
     atomic_bool drain_posted; /* drain_msg went to the worker (once) */
+    /* When the stop's drain ends (CLOCK_MONOTONIC ns; UINT64_MAX: not
+     * bounded): a last reply has until then to leave (session_enter). */
+    _Atomic uint64_t drain_until;
     struct worker_msg drain_msg; /* server_on_drain: the idle sessions told 421 */
     /* Draining: sessions that hold the worker's drain open (a message being
      * signed or committed, a last reply leaving) are waited for; when one

@@ -5,9 +5,13 @@
  * every session of every worker), the transaction's state, the DKIM body
  * hash and the signing pool's hand-off, the spool commit that must
  * return before 250 is said, the reception event committed with the
- * message, the delivery log line and the hand-off to delivery.
+ * message, the delivery log line and the hand-off to delivery. A commit
+ * that lands is logged queued (and its reception event written) whether
+ * or not its client can still be answered: gone, or the stop's loop
+ * ended first (unanswered=stopping).
  *
- * Threading: the worker's thread.
+ * Threading: the worker's thread; once its loop has ended, the thread
+ * that frees the server (server_worker_free: the last commits' answers).
  */
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -237,26 +241,25 @@ static void
 commit_done(struct session *s, int rc)
 {
     s->inflight--;
-    if (s->sw->stopping) {
-        /* The loop has ended (server_worker_free): the message is in the
-         * spool and the next start delivers it. */
-        session_maybe_free(s);
-        return;
-    }
+    s->committing = false;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(s->msg_id, qid);
     /* Closing (a TLS failure while the spool had the message): the last
      * reply is on its way and no 250 can follow it; the session stays
-     * closing, as a closed one stays closed. */
+     * closing, as a closed one stays closed. Stopping: the loop has ended
+     * (a drain that timed out, server_worker_free), no reply can leave. */
     bool gone = s->state == SS_CLOSED || s->state == SS_CLOSING;
+    bool stopping = s->sw->stopping;
+    const char *unanswered = gone ? " client_gone=1" : stopping ? " unanswered=stopping" : "";
     if (rc == 0) {
         /* Stored: it is delivered and logged even when the client left
-         * before its 250 (it may send it again: at least once). */
+         * before its 250 or the stop came first (it may send it again: at
+         * least once); the backend learns of it before any outcome. */
         s->sw->stats.messages++;
         s->sw->stats.recipients += s->nrcpt;
         if (s->owner.tenant != NULL)
             tenant_count(s->sw, s->owner.tenant->name, s->nrcpt);
-        if (!s->sw->detached)
+        if (!s->sw->detached && !stopping) /* stopping: the next start's requeue */
             hand_to_delivery(s);
         if (s->ev_line != NULL) /* committed with the message: now the file */
             dlog_line(s->sw->e->dlogw[s->sw->w->id], s->ev_line, s->ev_len);
@@ -270,12 +273,12 @@ commit_done(struct session *s, int rc)
                 s->user ? s->user->name : "-", s->peer_ip,
                 s->owner.tenant ? s->owner.tenant->name : "-",
                 s->owner.pool ? s->owner.pool->name : "-", s->owner.campaign, s->owner.priority,
-                gone ? " client_gone=1" : "");
-        if (!gone)
+                unanswered);
+        if (*unanswered == '\0')
             reply(s, "250 2.0.0 Ok: queued as %s", qid);
-    } else if (gone) {
-        log_msg(LOG_NOTICE, "session=%016llx event=commit_failed id=%s err=\"%s\" client_gone=1",
-                (unsigned long long)s->id, qid, queue_strerror(rc));
+    } else if (*unanswered != '\0') {
+        log_msg(LOG_NOTICE, "session=%016llx event=commit_failed id=%s err=\"%s\"%s",
+                (unsigned long long)s->id, qid, queue_strerror(rc), unanswered);
     } else if (queue_error_is_space(rc)) {
         log_msg(LOG_CRIT, "session=%016llx event=spool_full id=%s err=\"%s\"",
                 (unsigned long long)s->id, qid, queue_strerror(rc));
@@ -285,7 +288,7 @@ commit_done(struct session *s, int rc)
                 (unsigned long long)s->id, qid, queue_strerror(rc));
         reply(s, "451 4.3.0 Local error in processing");
     }
-    if (gone) {
+    if (*unanswered != '\0') {
         txn_reset(s); /* the body's memory goes back now, not at the close */
         session_maybe_free(s);
         return;
@@ -300,18 +303,24 @@ commit_done(struct session *s, int rc)
 /* The commit's answer reaches the session, at once or (a test hook,
  * SLUICE_TEST_COMMIT_DELAY: a spool slow to answer, as a loaded disk
  * makes it) test_commit_delay ms later, the message stored and the
- * session still waiting in COMMIT, its commit still counted in flight. */
+ * session still waiting in COMMIT, its commit still counted in flight.
+ * A held answer is a commit the spool still has: a stop waits for it as
+ * for one (server_worker_free), it is never dropped. */
 void
 session_on_commit(void *cookie, int rc)
 {
     struct session *s = cookie;
-    if (s->sw->test_commit_delay > 0 && !s->sw->stopping) {
+    struct server_worker *sw = s->sw;
+    if (sw->test_commit_delay > 0) {
+        /* after the loop ended the worker's clock no longer moves */
+        uint64_t now = sw->stopping ? clock_now_ns() : sw->w->now;
         s->commit_rc = rc;
-        log_msg(LOG_WARN, "session=%016llx event=commit_held ms=%llu note=test_hook",
-                (unsigned long long)s->id, (unsigned long long)s->sw->test_commit_delay);
-        worker_timer_arm(s->sw->w, &s->commit_timer,
-                         s->sw->w->now + MS_TO_NS(s->sw->test_commit_delay));
-        return;
+        uint64_t at = now + MS_TO_NS(sw->test_commit_delay);
+        if (worker_timer_arm(sw->w, &s->commit_timer, at) == 0) {
+            log_msg(LOG_WARN, "session=%016llx event=commit_held ms=%llu note=test_hook",
+                    (unsigned long long)s->id, (unsigned long long)sw->test_commit_delay);
+            return;
+        }
     }
     commit_done(s, rc);
 }
@@ -781,6 +790,7 @@ message_commit(struct session *s)
         return;
     }
     s->inflight++;
+    s->committing = true;
     worker_timer_cancel(sw->w, &s->timer); /* the spool's time is not the client's */
     session_enter(s, SS_COMMIT);
 }

@@ -7,8 +7,10 @@ point of a DATA or a BDAT transaction gets exactly one stored message if
 and only if it sent the whole of it; a RCPT between two BDAT chunks is
 refused; the disconnect line says why a client got nowhere, whichever
 reply refused it, a command's or the session's (a timeout, a limit, a
-stop); a stop answers a message whose commit is pending before it ends;
-commands pipelined behind an AUTH wait for its answer; an AUTH before
+stop); a stop answers a message whose commit is pending before it ends,
+and logs one whose commit lands after drain_timeout ran out queued,
+unanswered; a client that stops reading neither keeps its worker storing
+during a drain nor holds the drain past its time; commands pipelined behind an AUTH wait for its answer; an AUTH before
 STARTTLS is forgotten after it; a client that sends only commands that
 move no mail (an EHLO loop too) is closed; a client that greeted with HELO
 uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its own sluice (plain and
@@ -31,10 +33,11 @@ PASSWORD = "s3cret-Pw"
 
 
 @contextlib.contextmanager
-def sluice(extra="", trusted="127.0.0.0/8", env=None):
+def sluice(extra="", trusted="127.0.0.0/8", env=None, workers=2, log=""):
     """sluice on a plaintext port and an implicit-TLS port (d.port,
-    d.tls_port), with env added to its environment; stopped on the way
-    out, failing on a sanitizer report."""
+    d.tls_port), with env added to its environment, extra in [server]
+    and log in [log] (d.dir: its directory, {dir} in log); stopped on the way out,
+    failing on a sanitizer report."""
     wd = Workdir("sluice-hcl-")
     d = None
     try:
@@ -48,7 +51,7 @@ def sluice(extra="", trusted="127.0.0.0/8", env=None):
         port, tls_port = free_port(), free_port()
         conf = wd.file("sluice.conf", f"""
 [server]
-workers = 2
+workers = {workers}
 hostname = mx.sluice.test
 listen = 127.0.0.1:{port}
 listen_tls = 127.0.0.1:{tls_port}
@@ -69,6 +72,7 @@ cert_file = {p}/cert.pem
 key_file = {p}/key.pem
 [log]
 level = info
+{log.replace("{dir}", p)}
 """)
         saved = {k: os.environ.get(k) for k in env or {}}
         os.environ.update(env or {})
@@ -80,7 +84,7 @@ level = info
                     del os.environ[k]
                 else:
                     os.environ[k] = v
-        d.port, d.tls_port, d.spool = port, tls_port, f"{p}/spool"
+        d.port, d.tls_port, d.spool, d.dir = port, tls_port, f"{p}/spool", p
         d.wait_log("event=ready")
         yield d
         d.stop_clean()
@@ -434,6 +438,140 @@ def test_stop_answers_a_message_whose_commit_is_pending():
         assert len(stored) == 1 + (got_late[:1] == [250]), (got_late, len(stored))
         assert d.count_log("event=queued") == len(stored), d.log_lines("event=queued")
         assert d.count_log("event=drain_done") == 1
+
+
+def test_drain_timeout_with_a_commit_pending_logs_it_queued():
+    """SIGTERM while a message's commit is pending, and drain_timeout
+    (1 s) runs out before the spool answers (the test hook
+    SLUICE_TEST_COMMIT_DELAY holds each commit's answer 3 s, as a slow
+    disk would): the stop waits for that commit after the drain, the
+    message is stored, and it is logged queued (unanswered=stopping) with
+    its reception line in the delivery log; its client got no 250 (it
+    may send it again: at least once, never lost). Before, the hook's
+    held answer was dropped at the stop, and a real commit landing after
+    the loop ended was stored unlogged: the backend saw outcomes of a
+    message it was never told was queued."""
+    with sluice("drain_timeout = 1s\n", env={"SLUICE_TEST_COMMIT_DELAY": "3000"},
+                log="delivery_log = {dir}/delivery.log") as d:
+        pending = Smtp(d.port, timeout=30)
+        pending.expect("EHLO client.example", 250)
+        pending.expect("MAIL FROM:<a@example.com>", 250)
+        pending.expect("RCPT TO:<b@example.org>", 250)
+        pending.expect("DATA", 354)
+        pending.send(b"Subject: slow\r\n\r\nstored late\r\n.\r\n")
+        d.wait_log("event=commit_held")  # stored, its answer not yet back
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=drain_timed_out")
+        got = [r.code for r in pending.rest_until_closed(30)]
+        pending.close()
+        assert d.proc.wait(30) == 0
+        assert 250 not in got, got
+        (m,) = spool_messages(d.spool)
+        lines = d.log_lines("event=queued")
+        assert len(lines) == 1 and "unanswered=stopping" in lines[0], lines
+        qid = fields(lines[0])["id"]
+        with open(f"{d.dir}/delivery.log") as f:
+            receptions = [ln for ln in f if '"reception"' in ln]
+        assert len(receptions) == 1 and qid in receptions[0], receptions
+        assert d.count_log("event=stop_commit_wait_cut") == 0
+
+
+def deaf_client(d):
+    """A client that greets, then pipelines NOOPs and never reads their
+    replies, until sluice has stopped reading it: its replies fill its
+    socket's send buffer (the kernel grows it to a few megabytes) and the
+    session's own, so the next reply, a 421, cannot leave."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", d.port))
+    read_until(s, b"220 ")
+    s.sendall(b"EHLO deaf.example\r\n")
+    read_until(s, b"250 ")
+    me = s.getsockname()[1]
+
+    def server_queues():
+        """sluice's socket to us: (octets not yet acknowledged by us,
+        octets we sent that it has not read), from /proc/net/tcp."""
+        with open("/proc/net/tcp") as f:
+            for ln in f.readlines()[1:]:
+                x = ln.split()
+                if int(x[1].split(":")[1], 16) == d.port and int(x[2].split(":")[1], 16) == me:
+                    tx, rx = x[4].split(":")
+                    return int(tx, 16), int(rx, 16)
+        return 0, 0
+
+    s.setblocking(False)
+    noops = b"NOOP\r\n" * 10000
+    seen = {"queues": None, "same": 0}
+
+    def stuck():
+        """Our send would block, sluice holds more replies than we could
+        ever take in (our receive buffer is 4 KB), and neither what it
+        holds for us nor what it left unread of ours has moved in five
+        looks (a slow loop, under a sanitizer, moves between them)."""
+        try:
+            while True:
+                s.send(noops)
+        except BlockingIOError:
+            pass
+        q = server_queues()
+        seen["same"] = seen["same"] + 1 if q == seen["queues"] else 0
+        seen["queues"] = q
+        return q[0] > 65536 and q[1] > 0 and seen["same"] >= 5
+
+    wait_until(stuck, 60, "sluice no longer reading a client that does not read")
+    return s
+
+
+def test_a_client_that_does_not_read_leaves_the_drain_sealed():
+    """A client that stopped reading (its buffers full of replies, the
+    421 of the stop behind them) does not keep its worker storing: the
+    worker seals as soon as no message is being signed or stored, and a
+    second session whose DATA ends after that is refused 421, nothing
+    stored. Before (968d671's parent), the non-reading client's 421
+    leaving held the seal open: the late message was stored and got 250
+    while the loop could end before such a 250 left."""
+    with sluice("drain_timeout = 20s\nmax_junk_commands = 1000000000\n", workers=1) as d:
+        late = Smtp(d.port, timeout=30)
+        late.expect("EHLO client.example", 250)
+        late.expect("MAIL FROM:<a@example.com>", 250)
+        late.expect("RCPT TO:<b@example.org>", 250)
+        late.expect("DATA", 354)
+        late.send(b"Subject: late\r\n\r\nafter the seal\r\n")
+        deaf = deaf_client(d)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=shutting_down")  # the deaf one: the other is in DATA
+        try:
+            sealed = d.wait_log("event=drain_sealed", timeout=5)
+        except AssertionError:
+            sealed = None  # never sealed: the late message shows what that costs
+        late.send(b".\r\n")
+        got = [r.code for r in late.rest_until_closed(30)]
+        late.close()
+        deaf.close()  # unread replies: a reset, the session ends
+        assert d.proc.wait(30) == 0
+        assert got == [421], got
+        assert sealed is not None and "closing=1" in sealed, sealed
+        assert spool_messages(d.spool) == []
+        assert d.count_log("event=queued") == 0
+        assert d.count_log("reason=shutting_down") == 1, d.log_lines("event=message_refused")
+
+
+def test_a_client_that_does_not_read_is_closed_within_the_drain():
+    """The stop's 421 to a client that stopped reading cannot leave: its
+    session is closed when the drain's time is up (drain_timeout, 2 s,
+    not timeout_command, 5 minutes), and the drain ends done, not timed
+    out: nothing was in flight. Before, that session held the drain to
+    its end, logged as timed out with what was in flight left queued."""
+    with sluice("drain_timeout = 2s\nmax_junk_commands = 1000000000\n", workers=1) as d:
+        deaf = deaf_client(d)
+        d.signal(signal.SIGTERM)
+        d.wait_log("event=shutting_down")
+        assert d.proc.wait(30) == 0
+        deaf.close()
+        assert d.count_log("event=drain_done") == 1, d.log_lines("event=drain_")
+        assert d.count_log("event=disconnect") == 1
 
 
 def plain(user, password):
@@ -909,6 +1047,9 @@ if __name__ == "__main__":
         test_disconnect_line_says_why_a_client_got_nowhere,
         test_stop_with_transactions_open_says_what_it_dropped,
         test_stop_answers_a_message_whose_commit_is_pending,
+        test_drain_timeout_with_a_commit_pending_logs_it_queued,
+        test_a_client_that_does_not_read_leaves_the_drain_sealed,
+        test_a_client_that_does_not_read_is_closed_within_the_drain,
         test_pipelined_auth_decides_the_commands_behind_it,
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
