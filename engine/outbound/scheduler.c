@@ -679,8 +679,20 @@ dest_run_once(struct dest *t)
         if (site->idle == c)
             return;
     }
-    if (fairq_empty(&t->q) || d->w->now < t->hold_until)
+    if (fairq_empty(&t->q))
         return;
+    if (d->w->now < t->hold_until) {
+        /* Held, its site resting because its hosts failed, nothing of it
+         * open: mail that came meanwhile is deferred with that failure at
+         * once, as the mail waiting when the rest began was (Postfix's
+         * dead destination), not kept in memory, untold, to the end of
+         * the hold (an outage's campaign: 19,000 of 20,000 recipients
+         * waited a minute before the sender heard of them). */
+        if (site->rest_fail != NULL && d->w->now < site->hold_until && site->conns == 0 &&
+            t->conns == 0)
+            dest_fail_as_site(t, site->rest_fail);
+        return;
+    }
     if (d->w->now < site->hold_until && t->pol->site_hold > 0) {
         /* Its site rests (site_hold_set): no new connection. With none
          * of the site open, t rests as if its own had failed (what waits

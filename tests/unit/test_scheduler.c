@@ -792,6 +792,16 @@ site_rests_with_a_failed_domain(void **state)
     assert_int_equal(f->last_fail.reason, SMTP_REASON_CONNECT_REFUSED);
     assert_string_equal(f->last_fail.text, "Connection refused");
     assert_null(b->last_fail);
+    /* Mail that comes for either while they are held is deferred at once
+     * with the same failure (before, it waited in memory, untold, to the
+     * end of the hold). */
+    submit("a.test", 2);
+    submit("b.test", 1);
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(dest_queued(dest_get(f->d, "a.test")), 0);
+    assert_int_equal(dest_queued(b), 0);
+    assert_int_equal(f->failed, 6);
+    assert_string_equal(f->last_fail.text, "Connection refused");
     /* The rest ends: b.test's mail, due again, tries again. */
     f->w.now += MS_TO_NS(31000);
     timer_run(&f->w.timers, f->w.now, NULL);
