@@ -472,7 +472,9 @@ lift_list_of(const char *domain, const struct sel_item *v, size_t n)
     if (l == NULL)
         return NULL;
     size_t want = domain != NULL ? 1 : n;
-    if (want > 0 && (l->v = calloc(want, sizeof(*l->v))) == NULL) {
+    if (want == 0)
+        return l;
+    if ((l->v = calloc(want, sizeof(*l->v))) == NULL) {
         free(l);
         return NULL;
     }
@@ -502,8 +504,7 @@ static void
 lift_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
     const struct lift_list *l = c->res;
-    unsigned k = delivery_lift_holds(e->dlv[w], l->all ? NULL : (const char *const *)l->v,
-                                     l->all ? 0 : l->n);
+    unsigned k = delivery_lift_holds(e->dlv[w], l->all, (const char *const *)l->v, l->n);
     pthread_mutex_lock(&c->lock);
     c->total += k;
     pthread_mutex_unlock(&c->lock);
@@ -564,6 +565,21 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
         snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
         return -1;
     }
+    /* The rests end first, then the recipients come due: one the due
+     * poll took while its destination still rested would be deferred
+     * again at once, with the failure the rest keeps (scheduler.c), for
+     * the next step of its schedule (two thirds of an outage's queue
+     * were, and waited five more minutes). A scope that selects nobody
+     * ends no rest. */
+    bool all = !by_owner && domain[0] == '\0';
+    long long lifted = 0;
+    if (all || w.n > 0 || domain[0] != '\0') {
+        struct lift_list *l =
+            all ? calloc(1, sizeof(*l)) : lift_list_of(domain[0] ? domain : NULL, w.v, w.n);
+        if (all && l != NULL)
+            l->all = true;
+        lifted = lift_holds(e, l);
+    }
     struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
     size_t done = 0;
     for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += FLUSH_BATCH) {
@@ -576,15 +592,7 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
             done += k;
     }
     free(qo);
-    struct lift_list *l = NULL;
-    if (rc == 0) {
-        bool all = !by_owner && domain[0] == '\0';
-        l = all ? calloc(1, sizeof(*l)) : lift_list_of(domain[0] ? domain : NULL, w.v, w.n);
-        if (all && l != NULL)
-            l->all = true;
-    }
     free(w.v);
-    long long lifted = rc == 0 ? lift_holds(e, l) : 0;
     log_msg(LOG_NOTICE,
             "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu "
             "rests_ended=%lld",

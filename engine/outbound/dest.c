@@ -430,11 +430,11 @@ dest_hold(struct dest *t, uint64_t ms)
     worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }
 
-/* Is name among the n sorted names of v (NULL: every name is)? */
+/* Is name among the n sorted names of v (or are all)? */
 static bool
-lift_named(const char *name, const char *const *v, size_t n)
+lift_named(const char *name, bool all, const char *const *v, size_t n)
 {
-    if (v == NULL)
+    if (all)
         return true;
     size_t lo = 0, hi = n;
     while (lo < hi) {
@@ -458,20 +458,20 @@ lift_named(const char *name, const char *const *v, size_t n)
  * and its sources' holds. A receiver still down fails the next try, and
  * the rests begin again. */
 unsigned
-delivery_lift_holds(struct delivery *d, const char *const *domains, size_t n)
+delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, size_t n)
 {
     unsigned resting = 0;
     uint64_t now = d->w->now;
     struct dest_iter it = {0};
     for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
-        if (lift_named(t->name, domains, n) &&
+        if (lift_named(t->name, all, domains, n) &&
             (t->hold_until > now || (t->site != NULL && t->site->hold_until > now)))
             resting++;
     if (resting == 0)
         return 0;
     struct dest_iter it2 = {0};
     for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
-        if (!lift_named(t->name, domains, n))
+        if (!lift_named(t->name, all, domains, n))
             continue;
         if (t->hold_until > now) {
             t->hold_until = 0;
@@ -491,12 +491,17 @@ delivery_lift_holds(struct delivery *d, const char *const *domains, size_t n)
                 s->src[i].hold_until = 0;
         }
     }
-    /* Run them once every rest is off: a site's first domain run would
-     * otherwise see its site's rest still on for the others. */
+    /* Run them once every rest is off (a site's first domain run would
+     * otherwise see its site's rest still on for the others), then the
+     * other domains waiting for their sites. */
     struct dest_iter it3 = {0};
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;)
-        if (lift_named(t->name, domains, n) && !fairq_empty(&t->q))
+        if (lift_named(t->name, all, domains, n) && !fairq_empty(&t->q))
             dest_run(t);
+    struct dest_iter it4 = {0};
+    for (struct dest *t; (t = dest_next(d, &it4)) != NULL;)
+        if (lift_named(t->name, all, domains, n) && t->site != NULL && t->site->want.n > 0)
+            site_wake(d, t->site);
     return resting;
 }
 

@@ -610,6 +610,8 @@ void sched_fini(struct delivery *d);
 void dest_run(struct dest *t);
 /* t leaves its site's list of destinations waiting for a connection. */
 void dest_want_remove(struct dest *t);
+/* Room at site s, or its rest ended: the domains waiting for it run. */
+void site_wake(struct delivery *d, struct site *s);
 
 /* ---- site affinity (outbound/affinity.c) ---- */
 

@@ -405,7 +405,8 @@ def test_flush_ends_the_rest_of_a_site_that_was_down():
     receiver is back, `flush` delivers now: it ends the rests too
     (rests_ended counts the destinations that rested). Before, the flush
     only retimed the spool and the mail waited out the ten minutes. A
-    flush of one domain ends only the rests its own mail waits on."""
+    flush of one domain ends only the rests its own mail waits on, one of
+    a tenant with nothing deferred none."""
     doms = ["a.test", "b.test", "c.test"]
     r = Relay(records_for(doms), with_sink=False,
               domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\nsite_hold = 10m\n"))
@@ -414,6 +415,9 @@ def test_flush_ends_the_rest_of_a_site_that_was_down():
         r.d.wait_log("event=site_held")
         wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1)
         r.sink = Sink(r.wd, r.mx_port)
+        # A scope that selects nobody ends no rest (it ended every one).
+        doc = ctl_json(r, "flush", "--tenant", "nobody")
+        assert doc["recipients"] == 0 and doc["rests_ended"] == 0, doc
         doc = ctl_json(r, "flush")
         assert doc["rests_ended"] >= 1, doc
         dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", 3, timeout=10)
