@@ -261,9 +261,15 @@ conn_take_waiting(struct conn *c)
     struct delivery *d = c->d;
     struct dest *t;
     while (s != NULL && (t = want_pop(s)) != NULL) {
-        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until ||
-            !shaping_may_move(c, t) || !conn_move(c, t))
+        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until)
+            continue; /* nothing to send, or its resume or hold runs it */
+        if (!shaping_may_move(c, t) || !conn_move(c, t)) {
+            /* c may not carry it (another TLS policy, an MX host its
+             * MTA-STS policy does not name, its limits): off the list, it
+             * would wait for a wake no end of a connection gives it */
+            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             continue;
+        }
         if (dest_queued(t) > 1)
             want_push(t); /* more for other idle connections */
         return t;
@@ -271,9 +277,9 @@ conn_take_waiting(struct conn *c)
     return NULL;
 }
 
-/* Room at site s (a connection closed, the window grew): let the domains
- * waiting for it run, as many as it has room for. */
-static void
+/* Room at site s (a connection closed, the window grew, its rest ended):
+ * let the domains waiting for it run, as many as it has room for. */
+void
 site_wake(struct delivery *d, struct site *s)
 {
     if (s == NULL || d->stopping)
@@ -289,6 +295,15 @@ site_wake(struct delivery *d, struct site *s)
         dest_run(t);
         if (t->want.on)
             break; /* it could not open one: the others would not either */
+    }
+    if (s->conns == 0 && s->want.n > 0) {
+        /* It could not for a reason of its own (its max_connections, the
+         * address slots other workers hold, its source): with nothing of
+         * the site open here, no end of a connection will wake the
+         * others, so each runs again soon by itself. */
+        for (struct lru_node *x = s->want.oldest; x != NULL; x = x->next)
+            dest_lim_wait((struct dest *)((char *)x - offsetof(struct dest, want)),
+                          d->w->now + MS_TO_NS(HOLD_MIN_MS));
     }
     site_unref(&d->sites, s);
 }
@@ -689,7 +704,7 @@ dest_run_once(struct dest *t)
          * the hold (an outage's campaign: 19,000 of 20,000 recipients
          * waited a minute before the sender heard of them). */
         if (site->rest_fail != NULL && d->w->now < site->hold_until && site->conns == 0 &&
-            t->conns == 0)
+            t->conns == 0 && t->pol->site_hold > 0)
             dest_fail_as_site(t, site->rest_fail);
         return;
     }

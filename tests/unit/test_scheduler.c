@@ -1283,6 +1283,44 @@ idle_connection_of_another_policy_yields(void **state)
     fx_free(f);
 }
 
+/* A domain waits for its site's only connection, which turns out to be
+ * one it may not ride (opened under another TLS policy): when that one
+ * is free, the domain leaves the list and still runs again by itself (it
+ * has the connection said goodbye and opens its own). Before, it was
+ * dropped from the list with nothing left to wake it: its mail waited
+ * in memory until more came for it. */
+static void
+waiting_domain_refused_by_a_connection_runs_again(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n"
+                          "[domain strict.test]\ntls = verify\n");
+    submit("plain.test", 1);
+    answer("plain.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    submit("strict.test", 1);
+    answer("strict.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *strict = dest_get(f->d, "strict.test");
+    assert_true(strict->want.on);
+    assert_int_equal(f->opened, 1);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_false(strict->want.on);
+    assert_int_equal(dest_queued(strict), 1);
+    f->w.now += MS_TO_NS(1100);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->quits, 1); /* the one it may not ride says goodbye */
+    assert_ptr_equal(f->quit, c);
+    conn_gone(c, NULL);
+    assert_int_equal(f->opened, 2);
+    assert_ptr_equal(f->open[0]->dest, strict);
+    fx_free(f);
+}
+
 /* The per-address cap holds whatever the window: new connections go to
  * the least busy address of the same preference, never to a backup MX
  * for want of room. */
@@ -2684,6 +2722,7 @@ main(void)
         cmocka_unit_test(idle_connection_takes_other_domain),
         cmocka_unit_test(ending_idle_connection_is_not_handed_a_job),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
+        cmocka_unit_test(waiting_domain_refused_by_a_connection_runs_again),
         cmocka_unit_test(per_address_cap),
         cmocka_unit_test(per_address_cap_across_workers),
         cmocka_unit_test(shared_address_slot_given_back),
