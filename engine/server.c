@@ -1302,7 +1302,8 @@ held_commits_release(struct server_worker *sw, uint64_t now, bool all)
     return next;
 }
 
-/* Stopping: wait, up to STOP_COMMIT_WAIT_MS, for every commit the spool
+/* Stopping: wait, up to STOP_COMMIT_WAIT_MS after the first worker began
+ * to (one bound for the whole stop), for every commit the spool
  * has (and every answer the test hook holds: a slow commit, waited for
  * as one). True when all came back; false when the wait was cut: each
  * message still with the spool is logged by id (stored or not, the spool
@@ -1312,7 +1313,14 @@ held_commits_release(struct server_worker *sw, uint64_t now, bool all)
 static bool
 stop_commits_wait(struct server_worker *sw)
 {
-    uint64_t start = clock_now_ns(), end = start + MS_TO_NS(STOP_COMMIT_WAIT_MS);
+    /* One deadline for the whole stop, set by the first worker to wait:
+     * the workers are freed one after another, and a spool that no longer
+     * answers would otherwise cost the wait once per worker (eight of
+     * them, four minutes: past a service manager's stop timeout). */
+    static _Atomic uint64_t stop_end;
+    uint64_t start = clock_now_ns(), end = start + MS_TO_NS(STOP_COMMIT_WAIT_MS), none = 0;
+    if (!atomic_compare_exchange_strong(&stop_end, &none, end))
+        end = none;
     for (;;) {
         uint64_t now = clock_now_ns();
         uint64_t next = held_commits_release(sw, now, false);
@@ -1344,8 +1352,9 @@ stop_commits_wait(struct server_worker *sw)
                 (unsigned long long)s->id, qid, s->peer_ip);
         n++;
     }
-    log_msg(LOG_CRIT, "event=stop_commit_wait_cut pending=%u waited_ms=%d note=spool_not_answering",
-            n, STOP_COMMIT_WAIT_MS);
+    log_msg(LOG_CRIT,
+            "event=stop_commit_wait_cut pending=%u waited_ms=%llu note=spool_not_answering", n,
+            (unsigned long long)((clock_now_ns() - start) / 1000000));
     return false;
 }
 
@@ -1433,8 +1442,14 @@ server_on_drain(struct worker *w, struct worker_msg *m)
         (struct server_worker *)((char *)m - offsetof(struct server_worker, drain_msg));
     for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
         next = s->next;
-        if (s->state == SS_CLOSING) /* its last reply: within the drain too */
+        if (s->state == SS_CLOSING) { /* its last reply: within the drain too */
+            /* never later than the deadline it has (a long drain_timeout
+             * must not lengthen a closing session's time) */
+            uint64_t had = timer_armed(&s->timer) ? s->timer.deadline : UINT64_MAX;
             closing_deadline(s);
+            if (had < s->timer.deadline)
+                worker_timer_arm(sw->w, &s->timer, had);
+        }
         else if (drain_close(s))
             session_run(s);
     }
