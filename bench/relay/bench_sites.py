@@ -258,6 +258,21 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid):
+    """{tid: (name, CPU seconds)} of pid's threads so far."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+            fields = rest.split()
+            out[int(tid)] = (head.split("(", 1)[1],
+                             (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        except OSError:
+            pass
+    return out
+
+
 def minflt(pid):
     """Minor page faults of pid so far (each a page the kernel had to
     find and zero: on a freshly booted VM, whose host backs a guest page
@@ -321,6 +336,7 @@ file = {work}/sluice.log
         # sluice's and the sinks' CPU before the line (start-up; with --warm, the warm-up)
         sluice0, sink0 = cpu_s(d.proc.pid), sum(cpu_s(p.pid) for p in procs)
         flt0 = minflt(d.proc.pid)
+        thr0 = thread_cpu(d.proc.pid)
         perf = None
         if a.perf:
             perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("BENCH_CALLGRAPH", "fp"), "-F", os.environ.get("BENCH_PERF_FREQ", "997"), "-p",
@@ -363,6 +379,9 @@ file = {work}/sluice.log
             perf.send_signal(2)  # SIGINT: perf writes its file and exits
             perf.wait(60)
         sluice_cpu = cpu_s(d.proc.pid) - sluice0
+        thr1 = thread_cpu(d.proc.pid)
+        threads = sorted(((v[1] - thr0.get(k, (None, 0))[1], v[0]) for k, v in thr1.items()),
+                         reverse=True)
         faults = minflt(d.proc.pid) - flt0
         dns_cpu = cpu_s(dns.proc.pid) - dns0
         sink_cpu = sum(cpu_s(p.pid) for p in procs) - sink0
@@ -376,7 +395,8 @@ file = {work}/sluice.log
                    host=1 - (host1[1] - host0[1]) / max(1, host1[0] - host0[0]),
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
-                   dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu)
+                   dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu,
+                   threads=threads)
         d.stop(60)
     finally:
         if d.proc.poll() is None:
@@ -484,6 +504,9 @@ def main():
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
                   + (f"  (one domain just before: {ref['msgs']:.0f} msg/s)" if ref else ""),
                   flush=True)
+            if os.environ.get("BENCH_THREADS"):
+                print("    threads (CPU s): " + ", ".join(f"{n} {c:.2f}" for c, n in r["threads"][:6]
+                                                        if c > 0), flush=True)
 
 
 if __name__ == "__main__":
