@@ -61,24 +61,11 @@ import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from bench_sites import LogTail, inject_c, log_time, sinks  # noqa: E402
+from bench_sites import LogTail, inject_c, knows, log_time, sinks  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
 from dns_synth import DnsSynth  # noqa: E402
-
-
-def knows(binary, key):
-    r = subprocess.run([binary, "--config-reference"], capture_output=True, text=True, timeout=30)
-    return key in r.stdout
-
-
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def queue_counts(ctl, sock):
@@ -163,7 +150,7 @@ file = {work}/sluice.log
             res["defer_s"] = time.monotonic() - t0
         except AssertionError:
             res["defer_s"] = None  # some never told deferred: flushed all the same
-        res["rss_mb"] = rss_kb(d.proc.pid) / 1024
+        res["rss_mb"] = d.rss_kb() / 1024
         procs = sinks(sink_port, 1, one=True)
         for ln in log.lines():
             if b"event=delivered" in ln:

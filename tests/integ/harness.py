@@ -169,6 +169,13 @@ class Daemon:
         self.reader.join(5)
         return rc
 
+    def rss_kb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS for sluice")
+
 
 def run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
@@ -375,13 +382,6 @@ class Sluice(Daemon):
         self.proc.wait(10)
         self.reader.join(5)
         self.check_sanitizers()
-
-    def rss_kb(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS for sluice")
 
 
 class Reply:
