@@ -773,6 +773,8 @@ engine_stop(struct engine *e)
             m = next;
         }
         e->workers[i].mbox_head = NULL;
+        if (e->stop_commit_until == 0)
+            e->stop_commit_until = clock_now_ns() + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
         e->srv[i] = server_worker_free(e->srv[i]);
         e->dlv[i] = delivery_free(e->dlv[i]);
         worker_fini(&e->workers[i]);

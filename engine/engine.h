@@ -133,6 +133,10 @@ struct engine {
                                   * sessions of every worker; bounded by [server]
                                   * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
+    uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
+                                 * spool's last commits, one bound for every worker
+                                 * (engine_stop sets it, server_worker_free waits); 0:
+                                 * not stopping */
     struct conn_table per_ip;
     /* The bounce listener's seam to the suppression list (oob.h): set
      * before engine_start, read by the workers; zero: events only. */

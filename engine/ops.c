@@ -531,15 +531,17 @@ lift_holds(struct engine *e, struct lift_list *l)
     return rc < 0 ? -1 : total;
 }
 
-/* flush [DOMAIN]: deferred recipients are due now. Their time in the
- * spool moves (QUEUE_RETIME: attempts and last reply kept) and the due
- * poll takes them within a second, as it takes any: nothing is submitted
- * from here, so nothing can be in flight twice (the poll takes from the
- * spool's time index only what is still in it). Those due within two
- * seconds are left as they are. Then the rests their destinations wait
+/* flush [DOMAIN]: first the rests the selected mail's destinations wait
  * on end (delivery_lift_holds): of every destination for a flush of all,
- * of the domain's, or of the flushed recipients' domains for a tenant,
- * campaign or pool (their domains' other mail goes too). */
+ * of the domain's, or of the selected recipients' domains for a tenant,
+ * campaign or pool (their domains' other mail goes too, and a rest is a
+ * site's: its other domains' as well); they end even when the spool then
+ * refuses the retime. Then the deferred recipients are due now: their
+ * time in the spool moves (QUEUE_RETIME: attempts and last reply kept)
+ * and the due poll takes them within a second, as it takes any: nothing
+ * is submitted from here, so nothing can be in flight twice (the poll
+ * takes from the spool's time index only what is still in it). Those due
+ * within two seconds are left as they are. */
 static int
 cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, size_t errlen)
 {

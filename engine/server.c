@@ -1275,12 +1275,6 @@ server_worker_start(struct server_worker *sw)
         listener_arm(&sw->ls[i]);
 }
 
-/* How long a stop waits, once the loop has ended, for the answers to
- * commits the spool already has. Each comes within a sync: one that has
- * not come in this long is a disk that no longer answers, and the stop
- * goes on without it. */
-#define STOP_COMMIT_WAIT_MS 30000
-
 /* Answers held by the test hook (SLUICE_TEST_COMMIT_DELAY) due by now,
  * or all of them, reach their sessions. Returns when the next one is due
  * (CLOCK_MONOTONIC ns), UINT64_MAX when none is held. */
@@ -1302,8 +1296,8 @@ held_commits_release(struct server_worker *sw, uint64_t now, bool all)
     return next;
 }
 
-/* Stopping: wait, up to STOP_COMMIT_WAIT_MS after the first worker began
- * to (one bound for the whole stop), for every commit the spool
+/* Stopping: wait, up to SERVER_STOP_COMMIT_WAIT_MS after the stop began
+ * to free the servers (one bound for all of them), for every commit the spool
  * has (and every answer the test hook holds: a slow commit, waited for
  * as one). True when all came back; false when the wait was cut: each
  * message still with the spool is logged by id (stored or not, the spool
@@ -1313,14 +1307,16 @@ held_commits_release(struct server_worker *sw, uint64_t now, bool all)
 static bool
 stop_commits_wait(struct server_worker *sw)
 {
-    /* One deadline for the whole stop, set by the first worker to wait:
-     * the workers are freed one after another, and a spool that no longer
-     * answers would otherwise cost the wait once per worker (eight of
-     * them, four minutes: past a service manager's stop timeout). */
-    static _Atomic uint64_t stop_end;
-    uint64_t start = clock_now_ns(), end = start + MS_TO_NS(STOP_COMMIT_WAIT_MS), none = 0;
-    if (!atomic_compare_exchange_strong(&stop_end, &none, end))
-        end = none;
+    /* The stop's one bound (engine_stop): the workers are freed one after
+     * another, and a spool that no longer answers must not cost the wait
+     * once per worker (eight of them, four minutes: past a service
+     * manager's stop timeout). A server freed outside a stop (a failed
+     * start) has its own. */
+    uint64_t start = clock_now_ns();
+    uint64_t end = sw->e != NULL && sw->e->stop_commit_until != 0
+                       ? sw->e->stop_commit_until
+                       : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
+    uint64_t began = end - MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
     for (;;) {
         uint64_t now = clock_now_ns();
         uint64_t next = held_commits_release(sw, now, false);
@@ -1354,7 +1350,7 @@ stop_commits_wait(struct server_worker *sw)
     }
     log_msg(LOG_CRIT,
             "event=stop_commit_wait_cut pending=%u waited_ms=%llu note=spool_not_answering", n,
-            (unsigned long long)((clock_now_ns() - start) / 1000000));
+            (unsigned long long)((clock_now_ns() - began) / 1000000));
     return false;
 }
 

@@ -68,6 +68,13 @@ int server_worker_new(struct engine *e, struct worker *w, struct server_worker *
                       size_t errlen);
 /* Start accepting; on the worker's thread. */
 void server_worker_start(struct server_worker *sw);
+/* How long a stop waits, once the loops have ended, for the answers to
+ * commits the spool already has (every server of the stop within one such
+ * bound: engine.h stop_commit_until). Each comes within a sync: one that
+ * has not come in this long is a disk that no longer answers, and the
+ * stop goes on without it. */
+#define SERVER_STOP_COMMIT_WAIT_MS 30000
+
 /* After the worker's loop ended: wait for the commits the spool still
  * has (after a drain that timed out: each is logged queued with
  * unanswered=stopping, its client got no reply and may retry; the wait

@@ -165,13 +165,18 @@ file = {work}/sluice.log
         res["start_s"] = first - w1 if n else None
         return res
     finally:
-        d.stop(120)
-        for p in procs:
-            p.kill()
-            p.wait()
-        dns.stop()
-        wd.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            d.stop(120)
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            for p in procs:
+                p.kill()
+                p.wait()
+            dns.stop()
+            wd.cleanup()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main():
@@ -211,7 +216,8 @@ def main():
             for _ in range(a.rounds):
                 f = one(a_run, ndom, False)
                 o = one(a_run, ndom, True)
-                if best is None or o["rate"] / f["rate"] > best[1]["rate"] / best[0]["rate"]:
+                if best is None or o["rate"] / max(1e-9, f["rate"]) > \
+                        best[1]["rate"] / max(1e-9, best[0]["rate"]):
                     best = (f, o)
             f, o = best
             note = ""
@@ -223,7 +229,7 @@ def main():
             start = f"{o['start_s']:>11.1f}s" if o["start_s"] is not None else f"{'-':>12}"
             print(f"{ndom:>8} {f['rate']:>12.0f} {o['inject']:>13.0f} {defer} "
                   f"{o['rss_mb']:>7.0f} {start} {o['rate']:>12.0f} "
-                  f"{100 * o['rate'] / f['rate']:>11.0f}% {label}" + note, flush=True)
+                  f"{100 * o['rate'] / max(1e-9, f['rate']):>11.0f}% {label}" + note, flush=True)
 
 
 if __name__ == "__main__":

@@ -498,10 +498,16 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;)
         if (lift_named(t->name, all, domains, n) && !fairq_empty(&t->q))
             dest_run(t);
+    d->lift_gen++;
     struct dest_iter it4 = {0};
-    for (struct dest *t; (t = dest_next(d, &it4)) != NULL;)
-        if (lift_named(t->name, all, domains, n) && t->site != NULL && t->site->want.n > 0)
-            site_wake(d, t->site);
+    for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
+        struct site *s = t->site;
+        if (!lift_named(t->name, all, domains, n) || s == NULL || s->want.n == 0 ||
+            s->lift_gen == d->lift_gen)
+            continue;
+        s->lift_gen = d->lift_gen; /* once per site: a site of N domains, N wakes */
+        site_wake(d, s);
+    }
     return resting;
 }
 

@@ -161,6 +161,7 @@ struct site {
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */
     size_t view_row;         /* scratch of delivery_sites(): its row in the view */
+    unsigned lift_gen;       /* scratch of delivery_lift_holds(): woken in that call */
 };
 
 struct site_addrs;
