@@ -907,6 +907,47 @@ site_rests_with_a_failed_domain(void **state)
     fx_free(f);
 }
 
+/* A domain with site_hold = 0 shares hosts with one whose failure rests
+ * the site: held after its own failure (the one-second floor), the mail
+ * that comes for it waits for that hold, as site_hold = 0 asks, and is not
+ * deferred with the other domain's failure. */
+static void
+site_hold_zero_keeps_its_mail_while_held(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n"
+                          "[domain b.test]\nsite_hold = 0\n");
+    struct smtp_outcome refused;
+    memset(&refused, 0, sizeof(refused));
+    refused.status = SMTP_STATUS_TEMPFAIL;
+    refused.reason = SMTP_REASON_CONNECT_REFUSED;
+    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_true(site->hold_until > f->w.now);
+    assert_non_null(site->rest_fail);
+    /* b.test ignores the site's rest (site_hold 0), tries, fails: held
+     * for the floor, its mail deferred with its own failure */
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    c = f->open[0];
+    sched_conn_event(c, POLICY_CONNECT_FAILED, &refused);
+    conn_gone(c, NULL);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_true(b->hold_until > f->w.now);
+    unsigned failed = f->failed;
+    submit("b.test", 1);
+    assert_int_equal(dest_queued(b), 1);
+    assert_int_equal(f->failed, failed);
+    fx_free(f);
+}
+
 /* Many domains wait for a connection of their site (its window of one
  * is taken by the first domain's), and that connection fails on the only
  * address: the site rests, and every waiting domain's mail is deferred
@@ -2747,6 +2788,7 @@ main(void)
         cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
         cmocka_unit_test(site_rests_with_a_failed_domain),
         cmocka_unit_test(site_wake_runs_every_waiting_domain),
+        cmocka_unit_test(site_hold_zero_keeps_its_mail_while_held),
         cmocka_unit_test(site_passes_over_an_address_that_refused),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
