@@ -114,9 +114,9 @@ int delivery_suspend(struct delivery *d, const char *domain, bool on);
 /* The operator's flush, on this worker: end every rest (the hold of a
  * destination, its site's rest, the site's addresses passed over and its
  * sources' holds) that the destinations of the n domains (sorted by
- * strcmp, lower case), or of every domain when all, wait on, and run
- * those that have mail and the other domains waiting for those sites.
- * Returns how many destinations were resting. */
+ * strcmp, lower case), or of every domain when all, wait on, with the
+ * holds of the other domains of a site whose rest ends, and run those
+ * that have mail. Returns how many of the named destinations rested. */
 unsigned delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, size_t n);
 
 /* What an operator suspends, resumes or looks at by. */

@@ -455,23 +455,38 @@ lift_named(const char *name, bool all, const char *const *v, size_t n)
  * outage's flush otherwise waited out the rest its own first retry
  * began). Every rest the named domains' mail waits on ends: the
  * destination's hold, its site's rest, the site's addresses passed over
- * and its sources' holds. A receiver still down fails the next try, and
- * the rests begin again. */
+ * and its sources' holds; and, a site's rest being its domains' (each
+ * that came during it was held for it: scheduler.c), the holds of the
+ * site's other domains too. A receiver still down fails the next try,
+ * and the rests begin again. */
 unsigned
 delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, size_t n)
 {
     unsigned resting = 0;
     uint64_t now = d->w->now;
+    unsigned gen = ++d->lift_gen;
+    if (gen == 0)
+        gen = ++d->lift_gen; /* 0 is "not marked" */
+    /* The named destinations that rest, and the sites that rest under
+     * them (marked). */
     struct dest_iter it = {0};
-    for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
-        if (lift_named(t->name, all, domains, n) &&
-            (t->hold_until > now || (t->site != NULL && t->site->hold_until > now)))
-            resting++;
+    for (struct dest *t; (t = dest_next(d, &it)) != NULL;) {
+        if (!lift_named(t->name, all, domains, n))
+            continue;
+        bool rests = t->hold_until > now;
+        if (t->site != NULL && t->site->hold_until > now) {
+            t->site->lift_gen = gen;
+            rests = true;
+        }
+        resting += rests;
+    }
     if (resting == 0)
         return 0;
     struct dest_iter it2 = {0};
     for (struct dest *t; (t = dest_next(d, &it2)) != NULL;) {
-        if (!lift_named(t->name, all, domains, n))
+        struct site *s = t->site;
+        bool on_lifted = s != NULL && s->lift_gen == gen;
+        if (!on_lifted && !lift_named(t->name, all, domains, n))
             continue;
         if (t->hold_until > now) {
             t->hold_until = 0;
@@ -481,8 +496,7 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
             t->own_failed = false;
             t->next_addr = 0;
         }
-        struct site *s = t->site;
-        if (s != NULL && s->hold_until > now) {
+        if (on_lifted && s->hold_until > now) {
             s->hold_until = 0;
             free(s->rest_fail);
             s->rest_fail = NULL;
@@ -492,21 +506,23 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
         }
     }
     /* Run them once every rest is off (a site's first domain run would
-     * otherwise see its site's rest still on for the others), then the
-     * other domains waiting for their sites. */
+     * otherwise see its site's rest still on for the others), then wake
+     * each site once for the domains waiting on its list (a site of N
+     * domains woken N times was N squared steps). */
     struct dest_iter it3 = {0};
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;)
-        if (lift_named(t->name, all, domains, n) && !fairq_empty(&t->q))
+        if (((t->site != NULL && t->site->lift_gen == gen) ||
+             lift_named(t->name, all, domains, n)) &&
+            !fairq_empty(&t->q))
             dest_run(t);
-    d->lift_gen++;
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         struct site *s = t->site;
-        if (!lift_named(t->name, all, domains, n) || s == NULL || s->want.n == 0 ||
-            s->lift_gen == d->lift_gen)
+        if (s == NULL || s->lift_gen != gen)
             continue;
-        s->lift_gen = d->lift_gen; /* once per site: a site of N domains, N wakes */
-        site_wake(d, s);
+        s->lift_gen = 0; /* woken once */
+        if (s->want.n > 0)
+            site_wake(d, s);
     }
     return resting;
 }

@@ -338,7 +338,7 @@ struct dest {
 
 struct delivery {
     struct engine *e;  /* borrowed */
-    unsigned lift_gen; /* delivery_lift_holds' calls, to wake each site once per call */
+    unsigned lift_gen; /* delivery_lift_holds' calls, to mark the sites of one (site.h) */
     struct worker *w;  /* borrowed */
     struct tls_cache *tls_cache; /* owned: client sessions of this worker, per MX */
     struct resolver *res; /* owned */

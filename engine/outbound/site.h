@@ -161,7 +161,8 @@ struct site {
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */
     size_t view_row;         /* scratch of delivery_sites(): its row in the view */
-    unsigned lift_gen;       /* scratch of delivery_lift_holds(): woken in that call */
+    unsigned lift_gen;       /* scratch of delivery_lift_holds(): its rest ends in that
+                              * call, and it is not yet woken; 0: neither */
 };
 
 struct site_addrs;

@@ -948,6 +948,50 @@ site_hold_zero_keeps_its_mail_while_held(void **state)
     fx_free(f);
 }
 
+/* A flush of one domain ends its site's rest, and with it the holds of
+ * the site's other domains that came during the rest (after a 421 their
+ * mail waits in memory): they open at once too, not when the rest would
+ * have ended. */
+static void
+lift_of_one_domain_frees_its_sites_other_domains(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    struct smtp_outcome bye;
+    memset(&bye, 0, sizeof(bye));
+    bye.code = 421;
+    bye.status = SMTP_STATUS_TEMPFAIL;
+    bye.reason = SMTP_REASON_REPLY;
+    snprintf(bye.text, sizeof(bye.text), "4.7.0 try later");
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
+    c->connected = true;
+    conn_gone(c, &bye);
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_true(site->hold_until > f->w.now);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_true(b->hold_until > f->w.now); /* held for the site's rest */
+    assert_int_equal(dest_queued(b), 1);   /* a 421's rest: its mail waits */
+    unsigned opened = f->opened;
+    const char *names[] = {"a.test"};
+    assert_int_equal(delivery_lift_holds(f->d, false, names, 1), 1);
+    assert_true(site->hold_until <= f->w.now);
+    assert_true(b->hold_until <= f->w.now);
+    assert_true(f->opened > opened);
+    bool b_opened = false;
+    for (unsigned i = 0; i < f->nopen; i++)
+        b_opened |= f->open[i]->dest == b;
+    assert_true(b_opened || b->want.on); /* opened, or waits for the window */
+    fx_free(f);
+}
+
 /* Many domains wait for a connection of their site (its window of one
  * is taken by the first domain's), and that connection fails on the only
  * address: the site rests, and every waiting domain's mail is deferred
@@ -2789,6 +2833,7 @@ main(void)
         cmocka_unit_test(site_rests_with_a_failed_domain),
         cmocka_unit_test(site_wake_runs_every_waiting_domain),
         cmocka_unit_test(site_hold_zero_keeps_its_mail_while_held),
+        cmocka_unit_test(lift_of_one_domain_frees_its_sites_other_domains),
         cmocka_unit_test(site_passes_over_an_address_that_refused),
         cmocka_unit_test(affinity_follows_a_changed_answer),
         cmocka_unit_test(affinity_not_for_a_busy_site),
