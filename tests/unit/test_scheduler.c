@@ -387,6 +387,31 @@ submit_pool(const char *domain, unsigned n, const char *pool)
     dest_enqueue(t, j);
 }
 
+/* A connect refused, as the transport reports it. */
+static struct smtp_outcome
+refused_outcome(void)
+{
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.status = SMTP_STATUS_TEMPFAIL;
+    o.reason = SMTP_REASON_CONNECT_REFUSED;
+    snprintf(o.text, sizeof(o.text), "Connection refused");
+    return o;
+}
+
+/* A receiver's 421: it pushes back. */
+static struct smtp_outcome
+bye_421(void)
+{
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.code = 421;
+    o.status = SMTP_STATUS_TEMPFAIL;
+    o.reason = SMTP_REASON_REPLY;
+    snprintf(o.text, sizeof(o.text), "4.7.0 try later");
+    return o;
+}
+
 static void
 submit(const char *domain, unsigned n)
 {
@@ -762,11 +787,7 @@ site_rests_with_a_failed_domain(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
                           "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
-    struct smtp_outcome refused;
-    memset(&refused, 0, sizeof(refused));
-    refused.status = SMTP_STATUS_TEMPFAIL;
-    refused.reason = SMTP_REASON_CONNECT_REFUSED;
-    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    struct smtp_outcome refused = refused_outcome();
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     for (unsigned i = 0; i < 2; i++) { /* mx1, then mx2 */
@@ -812,12 +833,7 @@ site_rests_with_a_failed_domain(void **state)
     struct conn *c = f->open[0];
     enum sched_next what;
     conn_ready(c, &what);
-    struct smtp_outcome bye;
-    memset(&bye, 0, sizeof(bye));
-    bye.code = 421;
-    bye.status = SMTP_STATUS_TEMPFAIL;
-    bye.reason = SMTP_REASON_REPLY;
-    snprintf(bye.text, sizeof(bye.text), "4.7.0 try later");
+    struct smtp_outcome bye = bye_421();
     assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
     c->connected = true;
     conn_gone(c, &bye);
@@ -918,11 +934,7 @@ site_hold_zero_keeps_its_mail_while_held(void **state)
     struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
                           "[domain *]\nmax_connections = 10\nsite_hold = 30s\n"
                           "[domain b.test]\nsite_hold = 0\n");
-    struct smtp_outcome refused;
-    memset(&refused, 0, sizeof(refused));
-    refused.status = SMTP_STATUS_TEMPFAIL;
-    refused.reason = SMTP_REASON_CONNECT_REFUSED;
-    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    struct smtp_outcome refused = refused_outcome();
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     struct conn *c = f->open[0];
@@ -963,12 +975,7 @@ lift_of_one_domain_frees_its_sites_other_domains(void **state)
     struct conn *c = f->open[0];
     enum sched_next what;
     conn_ready(c, &what);
-    struct smtp_outcome bye;
-    memset(&bye, 0, sizeof(bye));
-    bye.code = 421;
-    bye.status = SMTP_STATUS_TEMPFAIL;
-    bye.reason = SMTP_REASON_REPLY;
-    snprintf(bye.text, sizeof(bye.text), "4.7.0 try later");
+    struct smtp_outcome bye = bye_421();
     assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 421, SMTP_REASON_REPLY, SMTP_SCOPE_SESSION));
     c->connected = true;
     conn_gone(c, &bye);
@@ -1006,11 +1013,7 @@ site_wake_runs_every_waiting_domain(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
                           "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
-    struct smtp_outcome refused;
-    memset(&refused, 0, sizeof(refused));
-    refused.status = SMTP_STATUS_TEMPFAIL;
-    refused.reason = SMTP_REASON_CONNECT_REFUSED;
-    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    struct smtp_outcome refused = refused_outcome();
     enum { N = 200 };
     char name[32];
     for (unsigned i = 0; i < N; i++) {
@@ -1050,11 +1053,7 @@ site_passes_over_an_address_that_refused(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
                           "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
-    struct smtp_outcome refused;
-    memset(&refused, 0, sizeof(refused));
-    refused.status = SMTP_STATUS_TEMPFAIL;
-    refused.reason = SMTP_REASON_CONNECT_REFUSED;
-    snprintf(refused.text, sizeof(refused.text), "Connection refused");
+    struct smtp_outcome refused = refused_outcome();
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
     struct conn *c = f->open[0];
