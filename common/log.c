@@ -35,6 +35,22 @@ static char *log_path; /* owned; NULL for stderr. Changed only by log_open/close
 static pthread_mutex_t log_path_lock = PTHREAD_MUTEX_INITIALIZER;
 static _Thread_local const char *log_thread;
 
+/* A thread's batch (log_batch_begin): lines kept to be written together.
+ * 16 KB is about a hundred lines, one write where there were a hundred. */
+#define LOG_BATCH_CAP 16384
+struct log_batch {
+    size_t len;
+    char buf[LOG_BATCH_CAP];
+};
+static _Thread_local struct log_batch *log_batch; /* owned; NULL: not batching */
+/* The thread's timestamp up to the second, made again when the second
+ * changes (gmtime_r and snprintf once a second, not once a line). */
+static _Thread_local struct {
+    time_t sec;
+    size_t len; /* 0: not made yet */
+    char text[32];
+} log_stamp;
+
 static const char *const level_names[] = {"debug", "info", "notice", "warn", "error", "crit"};
 
 const char *
@@ -139,6 +155,48 @@ void
 log_set_thread_name(const char *name)
 {
     log_thread = name;
+}
+
+/* Write len octets whole (a short write goes on; EINTR is retried). */
+static void
+write_all(const char *p, size_t len)
+{
+    int fd = atomic_load_explicit(&log_fd, memory_order_relaxed);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, p + off, len - off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return; /* nowhere left to report it */
+        }
+        off += (size_t)w;
+    }
+}
+
+void
+log_batch_begin(void)
+{
+    if (log_batch == NULL)
+        log_batch = calloc(1, sizeof(*log_batch)); /* NULL: lines go out one by one */
+}
+
+void
+log_flush(void)
+{
+    struct log_batch *b = log_batch;
+    if (b != NULL && b->len > 0) {
+        write_all(b->buf, b->len);
+        b->len = 0;
+    }
+}
+
+void
+log_batch_end(void)
+{
+    log_flush();
+    free(log_batch);
+    log_batch = NULL;
 }
 
 /* ---- escaping ---- */
@@ -522,15 +580,24 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
     /* room for the mark and the newline (sizeof counts its NUL) */
     struct line o = {.buf = buf, .len = 0, .cap = sizeof(buf) - sizeof(mark), .cut = false};
     struct timespec ts;
-    struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    char head[96];
-    int n = snprintf(head, sizeof(head), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, log_level_str(level));
-    if (n > 0)
-        line_put(&o, head, (size_t)n < sizeof(head) ? (size_t)n : sizeof(head) - 1);
+    if (ts.tv_sec != log_stamp.sec || log_stamp.len == 0) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        int n = snprintf(log_stamp.text, sizeof(log_stamp.text), "%04d-%02d-%02dT%02d:%02d:%02d.",
+                         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+                         tm.tm_sec);
+        log_stamp.len = n > 0 && (size_t)n < sizeof(log_stamp.text) ? (size_t)n : 0;
+        log_stamp.sec = ts.tv_sec;
+    }
+    line_put(&o, log_stamp.text, log_stamp.len);
+    long ms = ts.tv_nsec / 1000000;
+    char frac[4] = {(char)('0' + ms / 100), (char)('0' + ms / 10 % 10), (char)('0' + ms % 10), 'Z'};
+    line_put(&o, frac, sizeof(frac));
+    line_put(&o, " level=", 7);
+    const char *lv = log_level_str(level);
+    line_put(&o, lv, strlen(lv));
+    line_put(&o, " ", 1);
     if (log_thread != NULL) {
         line_put(&o, "thread=", 7);
         line_value(&o, log_thread, strlen(log_thread), 0, false);
@@ -544,17 +611,17 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
         len += sizeof(mark) - 1;
     }
     buf[len++] = '\n';
-    int fd = atomic_load_explicit(&log_fd, memory_order_relaxed);
-    size_t off = 0;
-    while (off < len) {
-        ssize_t w = write(fd, buf + off, len - off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return; /* nowhere left to report it */
-        }
-        off += (size_t)w;
+    struct log_batch *b = log_batch;
+    if (b != NULL && level < LOG_ERR) {
+        if (b->len + len > sizeof(b->buf))
+            log_flush();
+        memcpy(b->buf + b->len, buf, len); /* len <= sizeof(buf) < sizeof(b->buf) */
+        b->len += len;
+        return;
     }
+    /* An error goes out at once, after what the thread kept (in order). */
+    log_flush();
+    write_all(buf, len);
 }
 
 void

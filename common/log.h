@@ -20,6 +20,17 @@
  * formatted into a stack buffer and written with one write(2), so lines
  * from different threads never interleave. log_reopen() swaps the file
  * descriptor atomically (SIGHUP, logrotate).
+ *
+ * Batching: a thread that calls log_batch_begin() (the worker loops) keeps
+ * its lines below LOG_ERR in a buffer of its own, written whole by
+ * log_flush(), when the buffer is full, or before a line at LOG_ERR or
+ * above; a batch's lines stay in the order they were logged. The worker
+ * flushes before each io_uring submit and before it posts to another
+ * worker, so a line is in the file before anything that followed it (a
+ * reply sent, a job handed over) can be seen; a kill -9 loses at most the
+ * lines of the turn it cuts, which nothing outside saw act yet. One write
+ * per turn, not one per line: with two workers busy, their writes to the
+ * one file also contended for its position lock.
  */
 #ifndef SLUICE_COMMON_LOG_H
 #define SLUICE_COMMON_LOG_H
@@ -62,6 +73,14 @@ enum log_esc {
  * Returns the length of the whole escaped text (as snprintf: a result >=
  * cap means out holds a prefix that ends on a whole escape). */
 size_t log_escape(char *out, size_t cap, const char *s, size_t n, enum log_esc mode);
+
+/* Start batching this thread's lines (see above); a failed allocation
+ * leaves the thread writing line by line. */
+void log_batch_begin(void);
+/* Write what this thread kept. */
+void log_flush(void);
+/* Flush and stop batching (at the thread's end). */
+void log_batch_end(void);
 
 void log_msg(enum log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

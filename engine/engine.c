@@ -869,6 +869,7 @@ park_on_worker(struct worker *w, struct worker_msg *m)
 {
     struct park *p = ((struct park_msg *)m)->p;
     struct engine *e = p->e;
+    log_flush(); /* the worker's lines before the reload's (log.h) */
     pthread_mutex_lock(&p->lock);
     p->arrived++;
     pthread_cond_broadcast(&p->cv);

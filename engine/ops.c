@@ -73,6 +73,7 @@ wcall_on_worker(struct worker *w, struct worker_msg *m)
     struct wcall *c = x->c;
     (void)w;
     c->fn(c->e, x->w, c);
+    log_flush(); /* what it logged, before its caller answers (log.h) */
     pthread_mutex_lock(&c->lock);
     if (--c->pending == 0)
         pthread_cond_signal(&c->cv);

@@ -5,6 +5,9 @@
  * has them (6.1+): completions are then processed only when this thread
  * enters the kernel to wait, which is exactly once per turn. Older kernels
  * fall back to COOP_TASKRUN, then to no flags.
+ *
+ * The loop's log lines are batched (log.h): written in one write before
+ * each submit, and before a post to another worker.
  */
 #include "engine/worker.h"
 
@@ -107,6 +110,7 @@ worker_sqe(struct worker *w, struct op *op)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&w->ring);
     if (sqe == NULL) {
+        log_flush(); /* the lines before what this submit starts */
         int rc = io_uring_submit(&w->ring);
         sqe = io_uring_get_sqe(&w->ring);
         if (sqe == NULL) {
@@ -137,6 +141,9 @@ void
 worker_post_chain(struct worker *w, struct worker_msg *first, struct worker_msg *last)
 {
     last->next = NULL;
+    /* The poster's lines before what the message makes the other worker
+     * do (and log). */
+    log_flush();
     pthread_mutex_lock(&w->mbox_lock);
     bool was_empty = w->mbox_head == NULL;
     *w->mbox_tail = first;
@@ -255,10 +262,21 @@ deadline_arm(struct worker *w, uint64_t next)
     w->deadline_armed = next;
 }
 
+static int worker_loop(struct worker *w);
+
 int
 worker_run(struct worker *w)
 {
     log_set_thread_name(w->name);
+    log_batch_begin();
+    int rc = worker_loop(w);
+    log_batch_end();
+    return rc;
+}
+
+static int
+worker_loop(struct worker *w)
+{
     if (w->ring.flags & IORING_SETUP_R_DISABLED) {
         /* liburing 2.3 declares io_uring_enable_rings() but its shared
          * library does not export it: register directly. */
@@ -278,6 +296,7 @@ worker_run(struct worker *w)
         if (w->stopping)
             break;
         deadline_arm(w, timer_next(&w->timers));
+        log_flush(); /* the turn's lines, before its sends and before the wait */
         int rc = io_uring_submit_and_wait(&w->ring, 1);
         bool injected = w->fail_after != 0 && w->stats.loops >= w->fail_after;
         if (injected)

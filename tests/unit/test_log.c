@@ -5,7 +5,8 @@
  * one line, cannot end its quoted value or forge a key, and reads back to
  * the very octets that were logged. The printf conversions the code uses
  * still format as printf does, and an overlong line is cut on a whole
- * escape and marked.
+ * escape and marked. A batching thread's lines are written together, in
+ * order, an error's at once.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,7 +18,9 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <regex.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -439,6 +442,105 @@ test_escape_function(void **state)
     assert_string_equal(out, "ab");
 }
 
+/* Every line starts with its UTC time to the millisecond and its level;
+ * the part up to the second is made once a second and must not go stale
+ * (two lines a second apart differ in it). */
+static void
+test_header(void **state)
+{
+    struct fixture *fx = *state;
+    regex_t re;
+    assert_int_equal(regcomp(&re,
+                             "^[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-6][0-9]"
+                             "\\.[0-9]{3}Z level=(info|warn) event=x$",
+                             REG_EXTENDED | REG_NOSUB),
+                     0);
+    log_msg(LOG_INFO, "event=x");
+    char *a = one_line(fx);
+    assert_int_equal(regexec(&re, a, 0, NULL, 0), 0);
+    struct timespec pause = {1, 100000000};
+    nanosleep(&pause, NULL); /* the clock itself is what is tested */
+    log_msg(LOG_WARN, "event=x");
+    char *b = one_line(fx);
+    assert_int_equal(regexec(&re, b, 0, NULL, 0), 0);
+    assert_memory_not_equal(a, b, 19); /* up to the seconds */
+    regfree(&re);
+    free(a);
+    free(b);
+}
+
+/* The size of the log file now, without emptying it. */
+static size_t
+file_size(struct fixture *fx)
+{
+    FILE *f = fopen(fx->path, "rb");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 0, SEEK_END), 0);
+    long n = ftell(f);
+    fclose(f);
+    return (size_t)n;
+}
+
+/* A batching thread's lines wait for log_flush() and keep their order; a
+ * line at LOG_ERR goes out at once, after the lines kept before it; a
+ * full batch is written before the line that would not fit; the batch's
+ * end writes what is left. */
+static void
+test_batch(void **state)
+{
+    struct fixture *fx = *state;
+    log_batch_begin();
+    log_msg(LOG_INFO, "event=one");
+    log_msg(LOG_WARN, "event=two");
+    assert_int_equal(file_size(fx), 0);
+    log_flush();
+    size_t n;
+    char *buf = slurp(fx, &n);
+    char *one = strstr(buf, "event=one\n"), *two = strstr(buf, "event=two\n");
+    assert_non_null(one);
+    assert_non_null(two);
+    assert_true(one < two);
+    assert_int_equal(buf[n - 1], '\n');
+    free(buf);
+
+    log_msg(LOG_INFO, "event=kept");
+    log_msg(LOG_ERR, "event=failed");
+    buf = slurp(fx, &n);
+    char *kept = strstr(buf, "event=kept\n"), *failed = strstr(buf, "event=failed\n");
+    assert_non_null(kept);
+    assert_non_null(failed);
+    assert_true(kept < failed);
+    free(buf);
+
+    /* 300 lines of about 150 octets: the batch (16 KB) fills several
+     * times; each fill writes whole lines, and none is lost or split */
+    char pad[80];
+    memset(pad, 'x', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    for (int i = 0; i < 300; i++)
+        log_msg(LOG_INFO, "event=fill n=%d pad=%s", i, pad);
+    size_t written = file_size(fx);
+    assert_true(written > 0);
+    log_batch_end();
+    buf = slurp(fx, &n);
+    assert_true(n > written);
+    int seen = 0;
+    for (char *p = buf; (p = strstr(p, "event=fill n=")) != NULL; p++) {
+        assert_int_equal(atoi(p + 13), seen);
+        char *nl = strchr(p, '\n');
+        assert_non_null(nl);
+        assert_int_equal(nl - p, (long)strlen("event=fill n=") + snprintf(NULL, 0, "%d", seen) +
+                                     (long)strlen(" pad=") + (long)strlen(pad));
+        seen++;
+    }
+    assert_int_equal(seen, 300);
+    free(buf);
+
+    /* after the end, lines go out one by one again */
+    log_msg(LOG_INFO, "event=after");
+    assert_true(file_size(fx) > 0);
+}
+
 int
 main(void)
 {
@@ -451,6 +553,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_long_line_is_cut_on_a_whole_escape, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_plain_value_fills_the_line, setup, teardown),
         cmocka_unit_test(test_escape_function),
+        cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_header, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
