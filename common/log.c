@@ -15,10 +15,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,11 @@
 #include "common/json.h"
 
 static _Atomic int log_fd = 2;
+/* The log is not a regular file (stderr to a pipe, a terminal, a socket):
+ * a write there is whole only up to PIPE_BUF, so a batch goes out before
+ * it passes that (a longer write to a full pipe is taken page by page,
+ * and another thread's line may land inside it, cut mid-line). */
+static _Atomic bool log_small_writes = true;
 static _Atomic int log_min = LOG_INFO;
 static char *log_path; /* owned; NULL for stderr. Changed only by log_open/close. */
 static pthread_mutex_t log_path_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -90,6 +97,14 @@ open_path(const char *path)
     return fd < 0 ? -errno : fd;
 }
 
+/* Whether writes to fd must stay within PIPE_BUF (see log_small_writes). */
+static bool
+small_writes(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) != 0 || !S_ISREG(st.st_mode);
+}
+
 int
 log_open(const char *path, enum log_level min_level)
 {
@@ -100,6 +115,7 @@ log_open(const char *path, enum log_level min_level)
     char *copy = is_stderr_path(path) ? NULL : strdup(path);
     free(log_path);
     log_path = copy;
+    atomic_store(&log_small_writes, small_writes(fd));
     int old = atomic_exchange(&log_fd, fd);
     if (old > 2 && old != fd)
         close(old);
@@ -118,6 +134,7 @@ log_reopen(void)
         if (fd < 0) {
             rc = fd;
         } else {
+            atomic_store(&log_small_writes, small_writes(fd));
             int old = atomic_exchange(&log_fd, fd);
             if (old > 2)
                 close(old);
@@ -131,6 +148,7 @@ void
 log_close(void)
 {
     pthread_mutex_lock(&log_path_lock);
+    atomic_store(&log_small_writes, small_writes(2));
     int old = atomic_exchange(&log_fd, 2);
     if (old > 2)
         close(old);
@@ -613,7 +631,9 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
     buf[len++] = '\n';
     struct log_batch *b = log_batch;
     if (b != NULL && level < LOG_ERR) {
-        if (b->len + len > sizeof(b->buf))
+        size_t cap = atomic_load_explicit(&log_small_writes, memory_order_relaxed) ? PIPE_BUF
+                                                                                     : sizeof(b->buf);
+        if (b->len + len > cap)
             log_flush();
         memcpy(b->buf + b->len, buf, len); /* len <= sizeof(buf) < sizeof(b->buf) */
         b->len += len;

@@ -23,14 +23,19 @@
  *
  * Batching: a thread that calls log_batch_begin() (the worker loops) keeps
  * its lines below LOG_ERR in a buffer of its own, written whole by
- * log_flush(), when the buffer is full, or before a line at LOG_ERR or
+ * log_flush(), when the buffer is full (16 KB; PIPE_BUF when the log is
+ * not a regular file, so that a pipe never takes a batch in pieces with
+ * another thread's line between them), or before a line at LOG_ERR or
  * above; a batch's lines stay in the order they were logged. The worker
- * flushes before each io_uring submit and before it posts to another
- * worker, so a line is in the file before anything that followed it (a
- * reply sent, a job handed over) can be seen; a kill -9 loses at most the
- * lines of the turn it cuts, which nothing outside saw act yet. One write
- * per turn, not one per line: with two workers busy, their writes to the
- * one file also contended for its position lock.
+ * flushes before each io_uring submit (its replies, its sends), before it
+ * posts to another worker, before a wcall answers its caller, before a
+ * reload's park, and before main counts its drain or failure, so a line is
+ * in the file before what followed it can be seen there. Not before what
+ * c-ares and hiredis send on their own sockets (a DNS query, a Redis
+ * command may reach its server before the line of the turn that made it).
+ * A crash (an abort, a fault) or a kill -9 loses the lines of the turn it
+ * cuts. One write per turn, not one per line: with two workers busy,
+ * their writes to the one file also contended for its position lock.
  */
 #ifndef SLUICE_COMMON_LOG_H
 #define SLUICE_COMMON_LOG_H

@@ -696,6 +696,7 @@ drain_check(struct delivery *d)
         return;
     d->drained = true;
     log_msg(LOG_NOTICE, "event=drained");
+    log_flush(); /* before main, which counts it, logs the stop's next lines */
     atomic_fetch_add(&d->e->drained, 1);
 }
 

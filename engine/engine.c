@@ -173,6 +173,7 @@ engine_on_worker_failed(struct worker *w, int err)
             w->name, strerror(-err), ENGINE_EXIT_FAILED);
     if (e->srv != NULL && e->srv[w->id] != NULL)
         server_worker_drain(e->srv[w->id], UINT64_MAX); /* main's drain bounds it */
+    log_flush(); /* the drain's lines before main's */
     atomic_fetch_add(&e->failed, 1);
     kill(getpid(), SIGTERM); /* main's sigwaitinfo takes it */
 }

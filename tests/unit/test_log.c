@@ -18,7 +18,10 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <regex.h>
+#include <sys/ioctl.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +49,7 @@ static int
 teardown(void **state)
 {
     struct fixture *fx = *state;
+    log_batch_end(); /* a test that failed while batching leaves none on */
     log_close();
     unlink(fx->path);
     rmdir(fx->dir);
@@ -537,8 +541,55 @@ test_batch(void **state)
     free(buf);
 
     /* after the end, lines go out one by one again */
+    size_t before = file_size(fx);
     log_msg(LOG_INFO, "event=after");
-    assert_true(file_size(fx) > 0);
+    assert_true(file_size(fx) > before);
+}
+
+/* A log that is not a regular file (stderr to a pipe): a batch is written
+ * before it passes PIPE_BUF, so that the pipe takes each write whole, never
+ * in pieces with another thread's line between them. */
+static void
+test_batch_to_a_pipe(void **state)
+{
+    (void)state;
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    assert_int_equal(fcntl(p[0], F_SETFL, O_NONBLOCK), 0);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    assert_int_equal(dup2(p[1], 2), 2);
+    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    log_batch_begin();
+    char pad[100];
+    memset(pad, 'y', sizeof(pad) - 1);
+    pad[sizeof(pad) - 1] = '\0';
+    int queued = 0, n = 0;
+    size_t longest = 0;
+    char buf[65536];
+    for (int i = 0; i < 200; i++) {
+        log_msg(LOG_INFO, "event=pipe n=%d pad=%s", i, pad);
+        assert_int_equal(ioctl(p[0], FIONREAD, &queued), 0);
+        if (queued > 0) {
+            /* what the flush wrote: whole lines, no more than PIPE_BUF */
+            ssize_t got = read(p[0], buf, sizeof(buf));
+            assert_true(got > 0);
+            assert_true((size_t)got <= PIPE_BUF);
+            assert_int_equal(buf[got - 1], '\n');
+            longest = (size_t)got > longest ? (size_t)got : longest;
+            n++;
+        }
+    }
+    log_batch_end();
+    assert_true(n >= 5);                 /* 200 lines of ~150 octets: several writes */
+    assert_true(longest > PIPE_BUF / 2); /* each about as much as a write may hold */
+    while (read(p[0], buf, sizeof(buf)) > 0)
+        ;
+    assert_int_equal(dup2(saved, 2), 2);
+    close(saved);
+    close(p[0]);
+    close(p[1]);
+    log_close();
 }
 
 int
@@ -555,6 +606,7 @@ main(void)
         cmocka_unit_test(test_escape_function),
         cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header, setup, teardown),
+        cmocka_unit_test(test_batch_to_a_pipe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
