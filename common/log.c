@@ -1,8 +1,9 @@
 /*
  * log: see log.h. The destination fd and level live in atomics so that
- * logging takes no lock; reopen replaces the fd and closes the old one
- * after the swap (a writer racing the swap may write to the old file,
- * which is what logrotate's rename expects).
+ * logging takes no lock; reopen puts the new file behind the same fd
+ * number (dup3), so a writer racing it writes to the old file or the new
+ * one (the old is what logrotate's rename expects), never to a number
+ * closed and taken since by a socket.
  *
  * Lines are formatted here, not by vsnprintf: every %s and %c goes
  * through log_escape() on its way into the line (the mode from its place
@@ -135,9 +136,20 @@ log_reopen(void)
             rc = fd;
         } else {
             atomic_store(&log_small_writes, small_writes(fd));
-            int old = atomic_exchange(&log_fd, fd);
-            if (old > 2)
-                close(old);
+            int cur = atomic_load(&log_fd);
+            if (cur > 2) {
+                /* The new file goes behind the number the writers hold
+                 * (dup3 swaps it at once): a writer that loaded it just
+                 * before writes to the old file or the new one. Closing
+                 * the number instead let another thread's next socket
+                 * take it, and a writer late with it send log lines down
+                 * that connection. */
+                if (dup3(fd, cur, O_CLOEXEC) < 0)
+                    rc = -errno;
+                close(fd);
+            } else {
+                atomic_store(&log_fd, fd); /* from stderr, which stays open */
+            }
         }
     }
     pthread_mutex_unlock(&log_path_lock);

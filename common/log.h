@@ -18,8 +18,9 @@
  *
  * Threading: every function may be called from any thread. Each line is
  * formatted into a stack buffer and written with one write(2), so lines
- * from different threads never interleave. log_reopen() swaps the file
- * descriptor atomically (SIGHUP, logrotate).
+ * from different threads never interleave. log_reopen() (SIGHUP,
+ * logrotate) puts the new file behind the same descriptor number at once
+ * (dup3), so no thread can write through a number closed and reused.
  *
  * Batching: a thread that calls log_batch_begin() (the worker loops) keeps
  * its lines below LOG_ERR in a buffer of its own, written whole by

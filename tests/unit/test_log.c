@@ -18,6 +18,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <regex.h>
@@ -473,6 +474,79 @@ test_header(void **state)
     free(b);
 }
 
+/* The descriptors open in this process, as a sorted list in buf. */
+static size_t
+open_fds(int *fds, size_t cap)
+{
+    DIR *d = opendir("/proc/self/fd");
+    assert_non_null(d);
+    size_t n = 0;
+    int skip = dirfd(d);
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] == '.' || atoi(e->d_name) == skip)
+            continue;
+        assert_true(n < cap);
+        fds[n++] = atoi(e->d_name);
+    }
+    closedir(d);
+    for (size_t i = 1; i < n; i++)
+        for (size_t j = i; j > 0 && fds[j - 1] > fds[j]; j--) {
+            int t = fds[j];
+            fds[j] = fds[j - 1];
+            fds[j - 1] = t;
+        }
+    return n;
+}
+
+/* A reopen (SIGHUP, after logrotate's rename) writes on to the new file
+ * through the same descriptor number: no number is closed, so none can be
+ * taken by a socket meanwhile and receive a line a thread was writing
+ * through it (before, the old number was closed after the swap). */
+static void
+test_reopen_keeps_the_descriptor(void **state)
+{
+    struct fixture *fx = *state;
+    log_msg(LOG_INFO, "event=before_rotate");
+    char rotated[128];
+    snprintf(rotated, sizeof(rotated), "%s.1", fx->path);
+    assert_int_equal(rename(fx->path, rotated), 0);
+    int before[256], after[256];
+    size_t nb = open_fds(before, 256);
+    assert_int_equal(log_reopen(), 0);
+    size_t na = open_fds(after, 256);
+    assert_int_equal(na, nb);
+    assert_memory_equal(before, after, nb * sizeof(int));
+    log_msg(LOG_INFO, "event=after_rotate");
+    char *line = one_line(fx);
+    assert_non_null(strstr(line, "event=after_rotate"));
+    free(line);
+    FILE *f = fopen(rotated, "rb");
+    assert_non_null(f);
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    assert_non_null(strstr(buf, "event=before_rotate"));
+    assert_null(strstr(buf, "event=after_rotate"));
+    /* the descriptor now on the new file is not inherited by a child */
+    int fds[256], found = 0;
+    size_t k = open_fds(fds, 256);
+    for (size_t i = 0; i < k; i++) {
+        char link[64], target[256];
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", fds[i]);
+        ssize_t tl = readlink(link, target, sizeof(target) - 1);
+        if (tl <= 0)
+            continue;
+        target[tl] = '\0';
+        if (strcmp(target, fx->path) == 0) {
+            assert_true((fcntl(fds[i], F_GETFD) & FD_CLOEXEC) != 0);
+            found++;
+        }
+    }
+    assert_int_equal(found, 1);
+    unlink(rotated);
+}
+
 /* The size of the log file now, without emptying it. */
 static size_t
 file_size(struct fixture *fx)
@@ -607,6 +681,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header, setup, teardown),
         cmocka_unit_test(test_batch_to_a_pipe),
+        cmocka_unit_test_setup_teardown(test_reopen_keeps_the_descriptor, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
