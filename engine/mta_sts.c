@@ -1,8 +1,9 @@
 /*
  * mta_sts: the policy store and the thread that learns policies (see
  * mta_sts.h for what it does). Each domain is one struct sts_entry in a
- * hash under m->lock, holding only what mta_sts_get answers from (about
- * 60 octets with its name); a check of it is a struct sts_check of its
+ * hash under m->lock, in a slab of the store's own (common/slab.h),
+ * holding only what mta_sts_get answers from (about 60 octets with its
+ * name); a check of it is a struct sts_check of its
  * own, made when the check is queued and freed when it ends, that walks
  * TXT -> ADDR -> FETCH on the thread, whose loop is curl_multi_poll()
  * watching curl's sockets and the resolver's (given as extra fds), woken
@@ -32,6 +33,7 @@
 #include "common/fs.h"
 #include "common/hash.h"
 #include "common/log.h"
+#include "common/slab.h"
 #include "engine/config.h"
 #include "engine/netaddr.h"
 #include "engine/tlsrpt.h"
@@ -105,8 +107,9 @@ enum check_state { CHECK_IDLE, CHECK_TXT, CHECK_ADDR, CHECK_FETCH };
  * after their last mail (recheck; see sweep()), a million an hour on a
  * busy node: what only a check uses lives in its struct sts_check, made
  * for the check and freed when it ends. Allocated in
- * offsetof(struct sts_entry, name) + the name's octets (no tail padding):
- * 41 octets and the name, a 64-octet malloc chunk for "example.com".
+ * offsetof(struct sts_entry, name) + the name's octets (no tail padding)
+ * from m->entries (common/slab.h): 41 octets and the name, a 64-octet
+ * object for "example.com".
  * Under m->lock, all of it (name: immutable). */
 struct sts_entry {
     struct hash_node hn;          /* in m->domains (first) */
@@ -160,6 +163,8 @@ struct mta_sts {
     char dir[PATH_MAX], file[128]; /* the cache */
     pthread_mutex_t lock;
     struct hash domains;          /* owned struct sts_entry, by name */
+    struct slab entries;          /* where they live: apart from the workers' heaps, which
+                                   * an hour's entries would pin page by page */
     struct sts_check *qhead, *qtail; /* owned: checks waiting for the thread */
     bool stop;
     bool dirty;                   /* the cache file is behind */
@@ -203,13 +208,15 @@ entry_get(struct mta_sts *m, const char *name, bool make)
     if (n != NULL || !make)
         return (struct sts_entry *)n;
     size_t len = strlen(name);
-    struct sts_entry *e = calloc(1, offsetof(struct sts_entry, name) + len + 1);
+    size_t size = offsetof(struct sts_entry, name) + len + 1;
+    struct sts_entry *e = slab_alloc(&m->entries, size);
     if (e == NULL)
         return NULL;
+    memset(e, 0, size);
     memcpy(e->name, name, len + 1);
     e->hn.hash = h;
     if (hash_insert(&m->domains, &e->hn) < 0) {
-        free(e);
+        slab_free(&m->entries, e);
         return NULL;
     }
     m->st.domains++;
@@ -398,6 +405,7 @@ mta_sts_stats(struct mta_sts *m, struct mta_sts_stats *out)
 {
     pthread_mutex_lock(&m->lock);
     *out = m->st;
+    out->entry_bytes = slab_bytes(&m->entries);
     pthread_mutex_unlock(&m->lock);
     if (m->rpt != NULL) {
         out->reports_sent = tlsrpt_sent(m->rpt);
@@ -1078,7 +1086,7 @@ sweep(struct mta_sts *m)
         }
         mta_sts_policy_unref(e->pol);
         m->st.domains--;
-        free(e);
+        slab_free(&m->entries, e);
     }
     /* The buckets follow too: after a burst of new domains, halved
      * while a quarter full or less, down to what is left. */
@@ -1269,6 +1277,7 @@ mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **o
     snprintf(m->file, sizeof(m->file), "%s", slash + 1);
     pthread_mutex_init(&m->lock, NULL);
     hash_init(&m->domains, entry_eq, 64);
+    slab_init(&m->entries);
     m->sweep_every_ms = SWEEP_MS;
     test_hook_forget(m);
     test_hook_ttl_unit(m);
@@ -1338,9 +1347,10 @@ mta_sts_free(struct mta_sts *m)
     for (struct hash_node *n; (n = hash_next(&m->domains, &b, &cur)) != NULL;) {
         struct sts_entry *e = (struct sts_entry *)n;
         mta_sts_policy_unref(e->pol);
-        free(e);
+        slab_free(&m->entries, e);
     }
     hash_fini(&m->domains);
+    slab_fini(&m->entries);
     if (m->multi != NULL)
         curl_multi_cleanup(m->multi);
     free(m->dfds);

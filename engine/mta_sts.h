@@ -182,6 +182,7 @@ void mta_sts_tlsrpt_flush(struct mta_sts *m);
 
 struct mta_sts_stats {
     uint64_t domains;     /* domains known now */
+    uint64_t entry_bytes; /* the memory they take (mapped for them), table aside */
     uint64_t policies;    /* of them with a policy */
     uint64_t enforce;     /* of them in enforce mode */
     uint64_t checks;      /* TXT checks started */

@@ -915,6 +915,7 @@ cmd_tlsrpt(struct engine *e, const char *args, struct json *out, char *err, size
     if (flush)
         json_kstr(out, "flush", "requested");
     json_ku64(out, "domains", st.domains);
+    json_ku64(out, "entry_bytes", st.entry_bytes);
     json_ku64(out, "policies", st.policies);
     json_ku64(out, "enforce", st.enforce);
     json_ku64(out, "checks", st.checks);
