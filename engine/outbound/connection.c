@@ -20,7 +20,8 @@
  * Memory only while it is used: the machine's buffer is lent from a pool
  * for each call, received octets come from the ring's provided buffers
  * (the stream's lend mode), a body chunk is held only while a body is
- * sent. Lifetime (STYLE rule 7): the stream counts its ops in flight,
+ * sent; a pool keeps up to POOL_KEEP freed buffers for the next burst and
+ * gives back those a sweep found untaken (conn_pool_decay). Lifetime (STYLE rule 7): the stream counts its ops in flight,
  * conn_close() closes it, and the last completion after that frees.
  *
  * Threading: the worker's thread.
@@ -68,7 +69,8 @@ conn_pool_get(struct pool *p)
     void *b = p->free;
     if (b != NULL) {
         memcpy(&p->free, b, sizeof(void *));
-        p->nfree--;
+        if (--p->nfree < p->low)
+            p->low = p->nfree;
     } else if ((b = malloc(p->size)) == NULL) {
         return NULL;
     }
@@ -89,6 +91,20 @@ conn_pool_put(struct pool *p, void *b)
     memcpy(b, &p->free, sizeof(void *));
     p->free = b;
     p->nfree++;
+}
+
+unsigned
+conn_pool_decay(struct pool *p)
+{
+    unsigned n = p->low;
+    for (unsigned i = 0; i < n && p->free != NULL; i++) {
+        void *b = p->free;
+        memcpy(&p->free, b, sizeof(void *));
+        free(b);
+        p->nfree--;
+    }
+    p->low = p->nfree;
+    return n;
 }
 
 void

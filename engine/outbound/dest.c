@@ -9,13 +9,20 @@
  * holds and their sites' rests: delivery_lift_holds), and ones idle for [delivery]
  * destination_idle_ttl are evicted, oldest first (dest_on_evict), so the
  * table holds the active domains only; one whose domain moved to another
- * worker (affinity.c) goes at the next sweep.
+ * worker (affinity.c) goes at the next sweep. The same sweep frees the
+ * body and reply buffers the worker kept and nobody took since the last
+ * one (conn_pool_decay), and once a megabyte or more was freed so, on any
+ * worker, since the process last did, hands the free pages of the heap
+ * back to the system (malloc_trim: glibc keeps a freed page that is not
+ * at the top of its heap, so without it RSS stays at the busiest hour's).
  *
  * What a destination does next (resolve, open, hand a job to a
  * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
  *
- * Threading: the worker's thread.
+ * Threading: the worker's thread; freed_untrimmed is the process's, atomic.
  */
+#include <malloc.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +36,11 @@
 #include "engine/outbound/internal.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
+#define TRIM_MIN_BYTES (1u << 20) /* freed since the last malloc_trim, for another */
+
+/* Octets the sweeps of all workers freed since the last malloc_trim (a
+ * trim hands back every arena's free pages, whichever thread freed them). */
+static _Atomic size_t freed_untrimmed;
 
 static void dest_on_hold(struct timer *t, void *ctx);
 static void dest_on_sweep(struct timer *t, void *ctx);
@@ -254,7 +266,7 @@ dest_on_evict(struct timer *tm, void *ctx)
     if (d->stopping)
         return;
     uint64_t now = d->w->now, ttl = MS_TO_NS(d->e->cfg->delivery.destination_idle_ttl);
-    size_t budget = d->dest_lru.n;
+    size_t budget = d->dest_lru.n, freed = 0;
     struct lru_node *x;
     /* Husks not evictable yet (a TXT lookup still out): looked at again
      * at the next sweep, not after the idle time. */
@@ -279,10 +291,22 @@ dest_on_evict(struct timer *tm, void *ctx)
             d->ops->unclaim(d, t->name); /* its next mail starts over */
         dest_free(t, true);
         d->evicted++;
+        freed++;
     }
     while (nagain > 0)
         lru_age(&d->dest_lru, &again[--nagain]->lru);
     hash_compact(&d->dests);
+    size_t bytes = freed * sizeof(struct dest) +
+                   conn_pool_decay(&d->chunk_pool) * d->chunk_pool.size +
+                   conn_pool_decay(&d->cli_pool) * d->cli_pool.size;
+    size_t pending = atomic_fetch_add(&freed_untrimmed, bytes) + bytes;
+    if (pending >= TRIM_MIN_BYTES && atomic_compare_exchange_strong(&freed_untrimmed, &pending, 0)) {
+        uint64_t t0 = clock_now_ns();
+        int gave = malloc_trim(0);
+        log_msg(LOG_INFO, "event=memory_trimmed evicted=%zu freed_kb=%zu returned=%d us=%llu",
+                freed, pending / 1024, gave,
+                (unsigned long long)((clock_now_ns() - t0) / 1000));
+    }
     if (!d->stopping)
         worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
 }

@@ -213,6 +213,7 @@ struct conn {
 struct pool {
     void *free;           /* owned: a list through each buffer's first word */
     unsigned nfree;
+    unsigned low;         /* fewest free since the last conn_pool_decay() */
     size_t size;
     uint64_t out;         /* borrowed now */
 };
@@ -811,6 +812,10 @@ void conn_bufs_fini(struct delivery *d);
 /* A free list of equal buffers (struct pool). */
 void *conn_pool_get(struct pool *p);
 void conn_pool_put(struct pool *p, void *b);
+/* Free the buffers p kept that nobody took since the last call (the
+ * fewest it held free in between): kept for a burst while bursts come,
+ * given back within two calls once they stop. Returns how many. */
+unsigned conn_pool_decay(struct pool *p);
 void conn_pool_fini(struct pool *p);
 
 /* ---- outbound/outcome.c ---- */

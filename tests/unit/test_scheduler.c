@@ -1970,6 +1970,40 @@ reuse_lost_after_idle(void **state)
     fx_free(f);
 }
 
+/* The body buffers a worker keeps for the next burst of connections:
+ * a sweep gives back those nobody took since the one before (the fewest
+ * the pool held free in between), so a burst's buffers stay while bursts
+ * come and are gone two sweeps after they stop. */
+static void
+idle_buffers_given_back(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ndestination_idle_ttl = 1s\n");
+    sched_start(f->d);
+    struct pool *p = &f->d->chunk_pool;
+    void *b[8];
+    for (unsigned i = 0; i < 8; i++)
+        assert_non_null(b[i] = conn_pool_get(p));
+    for (unsigned i = 0; i < 8; i++)
+        conn_pool_put(p, b[i]);
+    assert_int_equal(p->nfree, 8);
+    f->w.now += MS_TO_NS(5001); /* a sweep: all 8 were out since the start */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(p->nfree, 8);
+    for (unsigned i = 0; i < 3; i++) /* a burst of 3 */
+        b[i] = conn_pool_get(p);
+    for (unsigned i = 0; i < 3; i++)
+        conn_pool_put(p, b[i]);
+    f->w.now += MS_TO_NS(5001);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(p->nfree, 3);
+    f->w.now += MS_TO_NS(5001); /* nobody since */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(p->nfree, 0);
+    assert_int_equal(p->out, 0);
+    fx_free(f);
+}
+
 /* Memory follows the destinations in use: one idle for
  * destination_idle_ttl goes (with its site, at its last reference); one
  * with mail waiting stays. */
@@ -2814,6 +2848,7 @@ main(void)
         cmocka_unit_test(session_failures),
         cmocka_unit_test(interface_addresses_read_again),
         cmocka_unit_test(idle_destinations_evicted),
+        cmocka_unit_test(idle_buffers_given_back),
         cmocka_unit_test(first_mta_sts_check_on_the_worker),
         cmocka_unit_test(mta_sts_answer_at_once),
         cmocka_unit_test(first_mta_sts_check_holds_an_open_connection),
