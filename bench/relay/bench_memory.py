@@ -9,7 +9,8 @@ synthesises them (dnsmasq with 200,000 records answered about 10 a
 second). Prints sluice's RSS at start, after each wave, at its peak, and
 after every domain has gone idle and destination_idle_ttl has passed,
 beside the stats socket's live counts (destinations, sites and the other
-live objects, DNS cache entries).
+live objects, DNS cache entries); the last split into heap and stacks
+(RssAnon) and mapped files, the spool's pages (RssFile).
 
   bench/relay/bench_memory.py [--sluice build-rel/engine/sluice] [--domains 200000]
                               [--wave 20000] [--idle-ttl 5s]
@@ -158,6 +159,8 @@ level = info
         print(f"  RSS after all went idle:     {end / 1024:8.1f} MB "
               f"({time.monotonic() - t0 - t_done:.0f} s after the last delivery: {objs}; "
               f"DNS cache entries {o['dns']['cache_entries']})")
+        print(f"    of which heap and stacks:  {rss_kb(pid, 'RssAnon') / 1024:8.1f} MB, "
+              f"mapped files (the spool): {rss_kb(pid, 'RssFile') / 1024:.1f} MB")
         if os.environ.get("BENCH_DUMP"):
             with open(os.environ["BENCH_DUMP"], "w") as f:
                 f.write("\n".join(d.lines) + "\n")
