@@ -4,7 +4,8 @@
  * header first, then cap objects of its class's size: those never used
  * after bump, the freed ones on a list through their first word. A block
  * with room is on its class's partial list, one without on the full
- * list. Under AddressSanitizer, the octets no object holds are poisoned.
+ * list. Under AddressSanitizer, the octets no object holds are poisoned
+ * (an object's own octets past the size asked for too).
  *
  * Threading: none (slab.h).
  */
@@ -17,7 +18,14 @@
 
 #define SLAB_HDR 64 /* the header's room: the first object's offset */
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) /* gcc */
+#define SLAB_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) /* clang */
+#define SLAB_ASAN 1
+#endif
+#endif
+#ifdef SLAB_ASAN
 #include <sanitizer/asan_interface.h>
 #define POISON(p, n)   ASAN_POISON_MEMORY_REGION((p), (n))
 #define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
@@ -27,9 +35,9 @@
 #endif
 
 struct slab_block {
-    struct slab_block *prev, *next; /* on s->partial[cls] or s->full */
-    void *free;                     /* freed objects */
-    char *bump;                     /* the first never used */
+    struct slab_block *prev, *next; /* borrowed: neighbours on s->partial[cls] or s->full */
+    void *free;                     /* borrowed: freed objects of this block */
+    char *bump;                     /* borrowed: the first never used, in this block */
     unsigned used, cap;
     unsigned cls;
     bool full; /* on s->full */
@@ -85,6 +93,10 @@ block_new(unsigned cls)
         munmap(m, (size_t)(start - m));
     if (start + SLAB_BLOCK < m + 2 * SLAB_BLOCK)
         munmap(start + SLAB_BLOCK, (size_t)(m + 2 * SLAB_BLOCK - (start + SLAB_BLOCK)));
+    /* Untouched slots stay unbacked: no huge page for a block that may
+     * hold a few objects (with THP "always", neighbouring blocks would
+     * merge into one). */
+    madvise(start, SLAB_BLOCK, MADV_NOHUGEPAGE);
     struct slab_block *b = (struct slab_block *)start;
     memset(b, 0, sizeof(*b));
     b->cls = cls;
@@ -138,13 +150,14 @@ slab_alloc(struct slab *s, size_t size)
     void *p;
     if (b->free != NULL) {
         p = b->free;
-        UNPOISON(p, osz);
+        UNPOISON(p, sizeof(void *));
         memcpy(&b->free, p, sizeof(void *));
+        POISON(p, osz);
     } else {
         p = b->bump;
         b->bump += osz;
-        UNPOISON(p, osz);
     }
+    UNPOISON(p, size);
     s->objects++;
     if (++b->used == b->cap) {
         unlink_block(s, b);
@@ -165,6 +178,7 @@ slab_free(struct slab *s, void *p)
         b->full = false;
         push_block(s, b);
     }
+    UNPOISON(p, sizeof(void *)); /* an object asked smaller than a pointer */
     memcpy(p, &b->free, sizeof(void *));
     b->free = p;
     POISON(p, class_size(b->cls));

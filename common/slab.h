@@ -10,8 +10,14 @@
  * mapped from the system (mmap) in size classes of 32 octets, and
  * unmaps a block when its last object is freed (one empty block per
  * class is kept, so that one object made and freed over and over at a
- * block's edge does not map and unmap each time). Objects are 16-octet
+ * block's edge does not map and unmap each time). Objects are 32-octet
  * aligned; a freed one is found its block by its address.
+ *
+ * What it does not do: move objects. A block goes back only once every
+ * object in it is freed; freed slots are taken again first (by the
+ * block most recently given room), so a slab holds about as many
+ * objects' worth as it ever held at once, even if a few long-lived ones
+ * keep each block.
  *
  * Threading: none; the owner serializes (the MTA-STS store: under its
  * lock).
@@ -22,7 +28,7 @@
 #include <stddef.h>
 
 #define SLAB_BLOCK   ((size_t)64 * 1024) /* what is mapped at a time */
-#define SLAB_MAX     512                 /* largest object; larger ones are malloc's */
+#define SLAB_MAX     512                 /* largest object; slab_alloc refuses larger */
 #define SLAB_CLASSES (SLAB_MAX / 32)
 
 struct slab_block;

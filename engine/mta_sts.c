@@ -127,6 +127,11 @@ struct sts_entry {
     char name[];
 };
 _Static_assert(offsetof(struct sts_entry, name) == 41, "sts_entry grew: see its comment");
+/* The names asked are destinations' (cut at 255 octets, dest.c) and the
+ * cache file's (at most DNS_NAME_MAX): every one fits a slab object. A
+ * longer one from elsewhere is refused by slab_alloc and answered as a
+ * domain without a policy (no _mta-sts name could be asked for it). */
+_Static_assert(offsetof(struct sts_entry, name) + 256 <= SLAB_MAX, "a name of 255 octets fits");
 
 /* One check of a domain, queued (on m->qhead, under m->lock) and then
  * running on the thread (on m->running, the thread's), until check_done

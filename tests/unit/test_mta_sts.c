@@ -545,6 +545,9 @@ test_no_policy_domain_is_small(void **state)
     mta_sts_stats(m, &st);
     assert_int_equal(st.domains, N);
     assert_int_equal(st.inflight, 0);
+    /* The entries are in the slab: 64-octet objects, blocks filled in turn. */
+    assert_true(st.entry_bytes >= (uint64_t)N * 64);
+    assert_true(st.entry_bytes <= ((uint64_t)N * 64 / (SLAB_BLOCK - 64) + 2) * SLAB_BLOCK);
     /* Known, without a policy, and not asked again. */
     for (unsigned i = 0; i < N; i += 997) {
         snprintf(name, sizeof(name), "d%05u.example", i);
@@ -583,9 +586,12 @@ test_sweep_shrinks_table(void **state)
         mta_sts_txt_answer(m, name, DNS_NOT_FOUND, "NXDOMAIN", NULL, 0, 3600);
     }
     size_t full = heap_in_use();
+    struct mta_sts_stats st;
+    mta_sts_stats(m, &st); /* (the sweep may have begun forgetting) */
+    assert_true(st.domains > 0);
+    assert_true(st.entry_bytes >= st.domains * 64); /* in the slab */
     /* The sweep removes and compacts under the lock the count is read
      * under: at 0 domains, the table has shrunk if it ever will. */
-    struct mta_sts_stats st;
     uint64_t deadline = mono_ms() + 10000;
     do {
         struct timespec ts = {0, 20 * 1000000L};
