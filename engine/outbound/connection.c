@@ -20,8 +20,9 @@
  * Memory only while it is used: the machine's buffer is lent from a pool
  * for each call, received octets come from the ring's provided buffers
  * (the stream's lend mode), a body chunk is held only while a body is
- * sent; a pool keeps up to POOL_KEEP freed buffers for the next burst and
- * gives back those a sweep found untaken (conn_pool_decay). Lifetime (STYLE rule 7): the stream counts its ops in flight,
+ * sent; a pool keeps up to POOL_KEEP freed buffers for the next burst
+ * and gives back those a sweep found untaken (conn_pool_decay).
+ * Lifetime (STYLE rule 7): the stream counts its ops in flight,
  * conn_close() closes it, and the last completion after that frees.
  *
  * Threading: the worker's thread.
@@ -96,8 +97,8 @@ conn_pool_put(struct pool *p, void *b)
 unsigned
 conn_pool_decay(struct pool *p)
 {
-    unsigned n = p->low;
-    for (unsigned i = 0; i < n && p->free != NULL; i++) {
+    unsigned n = 0;
+    for (; n < p->low && p->free != NULL; n++) {
         void *b = p->free;
         memcpy(&p->free, b, sizeof(void *));
         free(b);
@@ -115,7 +116,7 @@ conn_pool_fini(struct pool *p)
         memcpy(&p->free, b, sizeof(void *));
         free(b);
     }
-    p->nfree = 0;
+    p->nfree = p->low = 0;
 }
 
 /* ---- the connection ---- */

@@ -11,21 +11,28 @@
  * table holds the active domains only; one whose domain moved to another
  * worker (affinity.c) goes at the next sweep. The same sweep frees the
  * body and reply buffers the worker kept and nobody took since the last
- * one (conn_pool_decay), and once a megabyte or more was freed so, on any
- * worker, since the process last did, hands the free pages of the heap
- * back to the system (malloc_trim: glibc keeps a freed page that is not
- * at the top of its heap, so without it RSS stays at the busiest hour's).
+ * one (conn_pool_decay), and hands the free pages of the heap back to the
+ * system (malloc_trim: glibc keeps a freed page that is not at the top of
+ * its heap, so without it RSS stays at the busiest hour's) once the
+ * workers' sweeps freed a megabyte or more since the last trim: at a
+ * sweep that freed nothing (what churned has stopped), or at most once a
+ * minute while they go on freeing. A trim walks every arena's free
+ * chunks, 3 to 15 ms after a wave of tens of thousands of destinations,
+ * while this worker's loop waits.
  *
  * What a destination does next (resolve, open, hand a job to a
  * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
  *
- * Threading: the worker's thread; freed_untrimmed is the process's, atomic.
+ * Threading: the worker's thread; the trim's state (e->freed_untrimmed,
+ * e->trimmed_at) every worker's, atomic.
  */
-#include <malloc.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __GLIBC__ /* (defined by the headers above) */
+#include <malloc.h>
+#endif
 
 #include "common/clock.h"
 #include "common/hash.h"
@@ -36,11 +43,8 @@
 #include "engine/outbound/internal.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
-#define TRIM_MIN_BYTES (1u << 20) /* freed since the last malloc_trim, for another */
-
-/* Octets the sweeps of all workers freed since the last malloc_trim (a
- * trim hands back every arena's free pages, whichever thread freed them). */
-static _Atomic size_t freed_untrimmed;
+#define TRIM_MIN_BYTES ((size_t)1 << 20) /* freed since the last malloc_trim, for another */
+#define TRIM_EVERY_MS  60000             /* ... at most this often while sweeps free */
 
 static void dest_on_hold(struct timer *t, void *ctx);
 static void dest_on_sweep(struct timer *t, void *ctx);
@@ -253,6 +257,34 @@ dest_evictable(const struct dest *t, uint64_t now)
            t->lim.nleases == 0 && t->untold == 0;
 }
 
+/* A sweep freed about bytes (its destinations' structs and its pooled
+ * buffers; their names, answers and sites are not counted): the heap's
+ * free pages go back to the system when the workers freed enough since
+ * the last trim, and this sweep freed nothing or the last trim is a
+ * minute old. The counter is taken whole (compare-exchange) by the one
+ * sweep that trims; another's bytes added meanwhile wait for the next. */
+static void
+dest_trim(struct engine *e, size_t bytes, uint64_t now)
+{
+#ifdef __GLIBC__
+    size_t pending = atomic_fetch_add(&e->freed_untrimmed, bytes) + bytes;
+    if (pending < TRIM_MIN_BYTES)
+        return;
+    uint64_t last = atomic_load(&e->trimmed_at);
+    if (bytes != 0 && last != 0 && now - last < MS_TO_NS(TRIM_EVERY_MS))
+        return;
+    if (!atomic_compare_exchange_strong(&e->freed_untrimmed, &pending, 0))
+        return;
+    atomic_store(&e->trimmed_at, now);
+    uint64_t t0 = clock_now_ns();
+    malloc_trim(0);
+    log_msg(LOG_INFO, "event=memory_trimmed freed_kb=%zu us=%llu", pending / 1024,
+            (unsigned long long)((clock_now_ns() - t0) / 1000));
+#else
+    (void)e, (void)bytes, (void)now;
+#endif
+}
+
 /* Every EVICT_SWEEP_MS: drop the destinations idle for
  * [delivery] destination_idle_ttl, oldest first, and before them the
  * husks of domains that moved to another worker (dest_moved: the oldest
@@ -299,14 +331,7 @@ dest_on_evict(struct timer *tm, void *ctx)
     size_t bytes = freed * sizeof(struct dest) +
                    conn_pool_decay(&d->chunk_pool) * d->chunk_pool.size +
                    conn_pool_decay(&d->cli_pool) * d->cli_pool.size;
-    size_t pending = atomic_fetch_add(&freed_untrimmed, bytes) + bytes;
-    if (pending >= TRIM_MIN_BYTES && atomic_compare_exchange_strong(&freed_untrimmed, &pending, 0)) {
-        uint64_t t0 = clock_now_ns();
-        int gave = malloc_trim(0);
-        log_msg(LOG_INFO, "event=memory_trimmed evicted=%zu freed_kb=%zu returned=%d us=%llu",
-                freed, pending / 1024, gave,
-                (unsigned long long)((clock_now_ns() - t0) / 1000));
-    }
+    dest_trim(d->e, bytes, now);
     if (!d->stopping)
         worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
 }

@@ -1981,6 +1981,7 @@ idle_buffers_given_back(void **state)
     struct fx *f = fx_new("[delivery]\ndestination_idle_ttl = 1s\n");
     sched_start(f->d);
     struct pool *p = &f->d->chunk_pool;
+    p->size = 4096; /* (delivery_new's; the fixture makes its own) */
     void *b[8];
     for (unsigned i = 0; i < 8; i++)
         assert_non_null(b[i] = conn_pool_get(p));
