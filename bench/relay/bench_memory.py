@@ -9,8 +9,9 @@ synthesises them (dnsmasq with 200,000 records answered about 10 a
 second). Prints sluice's RSS at start, after each wave, at its peak, and
 after every domain has gone idle and destination_idle_ttl has passed,
 beside the stats socket's live counts (destinations, sites and the other
-live objects, DNS cache entries); the last split into heap and stacks
-(RssAnon) and mapped files, the spool's pages (RssFile).
+live objects, DNS cache entries); the last, once the daemon has given
+the heap's free pages back (event=memory_trimmed), split into heap and
+stacks (RssAnon) and mapped files, the spool's pages (RssFile).
 
   bench/relay/bench_memory.py [--sluice build-rel/engine/sluice] [--domains 200000]
                               [--wave 20000] [--idle-ttl 5s]
@@ -35,7 +36,7 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 sys.path.insert(0, here)
-from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
+from harness import Sluice, Workdir, free_port, wait_until  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
 from dns_synth import DnsSynth  # noqa: E402
 from bench_sites import inject, sinks  # noqa: E402
@@ -103,7 +104,7 @@ dsn = no
 [log]
 level = info
 """)
-    d = Daemon(a.sluice, conf)
+    d = Sluice(a.sluice, conf)
     try:
         d.wait_log("event=ready")
         pid = d.proc.pid
@@ -143,8 +144,16 @@ level = info
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
         t_done = time.monotonic() - t0
         busy = stats(sock)
+        trims = d.count_log("event=memory_trimmed")
         wait_until(lambda: stats(sock)["objects"]["destinations"] == 0
                    and stats(sock)["dns"]["cache_entries"] == 0, 600, "eviction")
+        # The sweep after the last eviction finds nothing more to free and
+        # gives the heap's free pages back (engine/outbound/dest.c): within
+        # two sweeps (5 s each), unless the eviction's own sweep did.
+        try:
+            d.wait_log_count("event=memory_trimmed", trims + 1, timeout=12)
+        except AssertionError:
+            pass
         time.sleep(1)  # a sample after the last frees
         stop.set()
         end = rss_kb(pid)
