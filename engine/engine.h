@@ -61,9 +61,10 @@ struct engine {
      * which must not read a config a reload may free meanwhile. */
     _Atomic unsigned campaign_names;
     /* The workers' destination sweeps (outbound/dest.c): octets they
-     * freed since the last malloc_trim (an estimate), and when that was
-     * (monotonic ns). */
+     * freed since the last malloc_trim (an estimate), that count as the
+     * last sweep saw it, and when the trim was (monotonic ns). */
     _Atomic size_t freed_untrimmed;
+    _Atomic size_t freed_seen;
     _Atomic uint64_t trimmed_at;
     struct config_gens *gens;  /* owned: the configs alive (config_gen.h) */
     struct gens_msg {          /* owned array of nworkers: "say your hold", per worker */

@@ -14,9 +14,9 @@
  * one (conn_pool_decay), and hands the free pages of the heap back to the
  * system (malloc_trim: glibc keeps a freed page that is not at the top of
  * its heap, so without it RSS stays at the busiest hour's) once the
- * workers' sweeps freed a megabyte or more since the last trim: at a
- * sweep that freed nothing (what churned has stopped), or at most once a
- * minute while they go on freeing. A trim walks every arena's free
+ * workers' sweeps freed a megabyte or more since the last trim: at the
+ * first sweep after which no worker's sweep freed anything (what churned
+ * has stopped), or at most once a minute while they go on freeing. A trim walks every arena's free
  * chunks, 3 to 15 ms after a wave of tens of thousands of destinations,
  * while this worker's loop waits.
  *
@@ -260,18 +260,22 @@ dest_evictable(const struct dest *t, uint64_t now)
 /* A sweep freed about bytes (its destinations' structs and its pooled
  * buffers; their names, answers and sites are not counted): the heap's
  * free pages go back to the system when the workers freed enough since
- * the last trim, and this sweep freed nothing or the last trim is a
- * minute old. The counter is taken whole (compare-exchange) by the one
- * sweep that trims; another's bytes added meanwhile wait for the next. */
+ * the last trim, and no sweep of any worker freed anything since the
+ * last one looked (what churned has stopped: the count is as that sweep
+ * left it), or the last trim is a minute old. The counter is taken whole
+ * (compare-exchange) by the one sweep that trims; another's bytes added
+ * meanwhile wait for the next. */
 static void
 dest_trim(struct engine *e, size_t bytes, uint64_t now)
 {
 #ifdef __GLIBC__
     size_t pending = atomic_fetch_add(&e->freed_untrimmed, bytes) + bytes;
+    size_t seen = atomic_exchange(&e->freed_seen, pending);
     if (pending < TRIM_MIN_BYTES)
         return;
+    bool quiet = bytes == 0 && seen == pending;
     uint64_t last = atomic_load(&e->trimmed_at);
-    if (bytes != 0 && last != 0 && now - last < MS_TO_NS(TRIM_EVERY_MS))
+    if (!quiet && last != 0 && now - last < MS_TO_NS(TRIM_EVERY_MS))
         return;
     if (!atomic_compare_exchange_strong(&e->freed_untrimmed, &pending, 0))
         return;
