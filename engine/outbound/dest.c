@@ -16,9 +16,9 @@
  * its heap, so without it RSS stays at the busiest hour's) once the
  * workers' sweeps freed a megabyte or more since the last trim: at the
  * first sweep after which no worker's sweep freed anything (what churned
- * has stopped), or at most once a minute while they go on freeing. A trim walks every arena's free
- * chunks, 3 to 15 ms after a wave of tens of thousands of destinations,
- * while this worker's loop waits.
+ * has stopped), or at most once a minute while they go on freeing. A
+ * trim walks every arena's free chunks, 3 to 15 ms after a wave of tens
+ * of thousands of destinations, while this worker's loop waits.
  *
  * What a destination does next (resolve, open, hand a job to a
  * connection, fail its jobs) is outbound/scheduler.c's: dest_run.
