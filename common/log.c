@@ -10,6 +10,9 @@
  * in the format), the other conversions through snprintf one at a time
  * (integers without it). A line cut at the buffer's end is cut between
  * characters and escapes, and marked truncated=1.
+ *
+ * A fatal signal (log_catch_fatal) writes every thread's batch, found in
+ * a fixed table of them, and a line made without printf.
  */
 #include "common/log.h"
 
@@ -29,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <signal.h>
 
 #include "common/json.h"
 
@@ -47,10 +51,14 @@ static _Thread_local const char *log_thread;
  * 16 KB is about a hundred lines, one write where there were a hundred. */
 #define LOG_BATCH_CAP 16384
 struct log_batch {
-    size_t len;
+    _Atomic size_t len; /* relaxed: also read by log_fatal_signal, from any thread */
     char buf[LOG_BATCH_CAP];
 };
 static _Thread_local struct log_batch *log_batch; /* owned; NULL: not batching */
+/* Every thread's batch, for log_fatal_signal (a thread past the 64th
+ * batches unseen by it). */
+#define LOG_BATCHES_MAX 64
+static struct log_batch *_Atomic log_batches[LOG_BATCHES_MAX];
 /* The thread's timestamp up to the second, made again when the second
  * changes (gmtime_r and snprintf once a second, not once a line). */
 static _Thread_local struct {
@@ -207,17 +215,24 @@ write_all(const char *p, size_t len)
 void
 log_batch_begin(void)
 {
-    if (log_batch == NULL)
-        log_batch = calloc(1, sizeof(*log_batch)); /* NULL: lines go out one by one */
+    if (log_batch != NULL)
+        return;
+    log_batch = calloc(1, sizeof(*log_batch)); /* NULL: lines go out one by one */
+    for (size_t i = 0; log_batch != NULL && i < LOG_BATCHES_MAX; i++) {
+        struct log_batch *none = NULL;
+        if (atomic_compare_exchange_strong(&log_batches[i], &none, log_batch))
+            break;
+    }
 }
 
 void
 log_flush(void)
 {
     struct log_batch *b = log_batch;
-    if (b != NULL && b->len > 0) {
-        write_all(b->buf, b->len);
-        b->len = 0;
+    size_t len = b != NULL ? atomic_load_explicit(&b->len, memory_order_relaxed) : 0;
+    if (len > 0) {
+        write_all(b->buf, len);
+        atomic_store_explicit(&b->len, 0, memory_order_relaxed);
     }
 }
 
@@ -225,8 +240,158 @@ void
 log_batch_end(void)
 {
     log_flush();
+    for (size_t i = 0; log_batch != NULL && i < LOG_BATCHES_MAX; i++) {
+        struct log_batch *mine = log_batch;
+        if (atomic_compare_exchange_strong(&log_batches[i], &mine, NULL))
+            break;
+    }
     free(log_batch);
     log_batch = NULL;
+}
+
+/* ---- a fatal signal ---- */
+
+/* From here to log_catch_fatal, only what a signal handler may call
+ * (write, clock_gettime, getpid, strlen, sigaction, raise) and
+ * arithmetic: no snprintf, no gmtime_r, no lock, no allocation. */
+
+/* The decimal digits of v, right-aligned in width (zero-padded). */
+static size_t
+put_uint(char *p, unsigned long long v, unsigned width)
+{
+    char t[24];
+    unsigned n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0 && n < sizeof(t));
+    while (n < width && n < sizeof(t))
+        t[n++] = '0';
+    for (unsigned i = 0; i < n; i++)
+        p[i] = t[n - 1 - i];
+    return n;
+}
+
+static size_t
+put_str(char *p, const char *s)
+{
+    size_t n = 0;
+    for (; s[n] != '\0'; n++)
+        p[n] = s[n];
+    return n;
+}
+
+static const char *
+fatal_name(int sig)
+{
+    switch (sig) {
+    case SIGSEGV:
+        return "SEGV";
+    case SIGBUS:
+        return "BUS";
+    case SIGILL:
+        return "ILL";
+    case SIGFPE:
+        return "FPE";
+    case SIGABRT:
+        return "ABRT";
+    default:
+        return "other";
+    }
+}
+
+void
+log_fatal_signal(int sig)
+{
+    int saved = errno;
+    /* The older lines first: each batch up to its last whole line (one
+     * its thread was adding just then may be cut or lost). */
+    for (size_t i = 0; i < LOG_BATCHES_MAX; i++) {
+        struct log_batch *b = atomic_load(&log_batches[i]);
+        if (b == NULL)
+            continue;
+        size_t len = atomic_load_explicit(&b->len, memory_order_relaxed);
+        if (len > sizeof(b->buf))
+            len = sizeof(b->buf);
+        while (len > 0 && b->buf[len - 1] != '\n')
+            len--;
+        write_all(b->buf, len);
+        atomic_store_explicit(&b->len, 0, memory_order_relaxed);
+    }
+    /* The time as log_vmsg writes it, from the days since 1970 (the civil
+     * calendar's arithmetic, March-based years). */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long days = ts.tv_sec / 86400, secs = ts.tv_sec % 86400;
+    long long z = days + 719468, era = z / 146097;
+    long long doe = z - era * 146097;
+    long long yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    long long doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    long long mp = (5 * doy + 2) / 153;
+    long long day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    long long year = yoe + era * 400 + (month <= 2);
+    char line[256];
+    size_t n = 0;
+    n += put_uint(line + n, (unsigned long long)year, 4);
+    line[n++] = '-';
+    n += put_uint(line + n, (unsigned long long)month, 2);
+    line[n++] = '-';
+    n += put_uint(line + n, (unsigned long long)day, 2);
+    line[n++] = 'T';
+    n += put_uint(line + n, (unsigned long long)(secs / 3600), 2);
+    line[n++] = ':';
+    n += put_uint(line + n, (unsigned long long)(secs / 60 % 60), 2);
+    line[n++] = ':';
+    n += put_uint(line + n, (unsigned long long)(secs % 60), 2);
+    line[n++] = '.';
+    n += put_uint(line + n, (unsigned long long)(ts.tv_nsec / 1000000), 3);
+    n += put_str(line + n, "Z level=crit ");
+    const char *th = log_thread;
+    if (th != NULL && strlen(th) < 64) { /* a literal of ours: no escaping to do */
+        n += put_str(line + n, "thread=");
+        n += put_str(line + n, th);
+        line[n++] = ' ';
+    }
+    n += put_str(line + n, "event=fatal_signal signal=");
+    n += put_str(line + n, fatal_name(sig));
+    n += put_str(line + n, " pid=");
+    n += put_uint(line + n, (unsigned long long)getpid(), 1);
+    line[n++] = '\n';
+    write_all(line, n);
+    errno = saved;
+}
+
+static const int fatal_sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+static struct sigaction fatal_old[sizeof(fatal_sigs) / sizeof(fatal_sigs[0])];
+
+static void
+on_fatal(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    log_fatal_signal(sig);
+    /* Then as if this handler had not been there: the action before it
+     * (the default's core dump, or a sanitizer's report). A fault returns
+     * to the instruction, which faults again; a signal sent (kill, raise,
+     * abort) is sent again, and taken once this handler returns. */
+    for (size_t i = 0; i < sizeof(fatal_sigs) / sizeof(fatal_sigs[0]); i++)
+        if (fatal_sigs[i] == sig)
+            sigaction(sig, &fatal_old[i], NULL);
+    if (si == NULL || si->si_code <= 0)
+        raise(sig);
+}
+
+int
+log_catch_fatal(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_fatal;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < sizeof(fatal_sigs) / sizeof(fatal_sigs[0]); i++)
+        if (sigaction(fatal_sigs[i], &sa, &fatal_old[i]) < 0)
+            return -errno;
+    return 0;
 }
 
 /* ---- escaping ---- */
@@ -645,10 +810,11 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
     if (b != NULL && level < LOG_ERR) {
         size_t cap = atomic_load_explicit(&log_small_writes, memory_order_relaxed) ? PIPE_BUF
                                                                                      : sizeof(b->buf);
-        if (b->len + len > cap)
+        if (atomic_load_explicit(&b->len, memory_order_relaxed) + len > cap)
             log_flush();
-        memcpy(b->buf + b->len, buf, len); /* len <= sizeof(buf) < sizeof(b->buf) */
-        b->len += len;
+        size_t at = atomic_load_explicit(&b->len, memory_order_relaxed);
+        memcpy(b->buf + at, buf, len); /* len <= sizeof(buf) < sizeof(b->buf) */
+        atomic_store_explicit(&b->len, at + len, memory_order_relaxed);
         return;
     }
     /* An error goes out at once, after what the thread kept (in order). */

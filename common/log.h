@@ -34,9 +34,12 @@
  * in the file before what followed it can be seen there. Not before what
  * c-ares and hiredis send on their own sockets (a DNS query, a Redis
  * command may reach its server before the line of the turn that made it).
- * A crash (an abort, a fault) or a kill -9 loses the lines of the turn it
- * cuts. One write per turn, not one per line: with two workers busy,
- * their writes to the one file also contended for its position lock.
+ * A crash (an abort, a fault) writes every thread's kept lines and then
+ * its own line when log_catch_fatal() is on (sluice's main turns it on);
+ * a kill -9, or a stack overflowed (no alternate stack), loses the lines
+ * of the turn it cuts. One write per turn, not one per line: with two
+ * workers busy, their writes to the one file also contended for its
+ * position lock.
  */
 #ifndef SLUICE_COMMON_LOG_H
 #define SLUICE_COMMON_LOG_H
@@ -87,6 +90,17 @@ void log_batch_begin(void);
 void log_flush(void);
 /* Flush and stop batching (at the thread's end). */
 void log_batch_end(void);
+
+/* Catch SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT: the handler calls
+ * log_fatal_signal(), then puts back the action it replaced (the default,
+ * a core dump; or a sanitizer's report) and lets it run. Returns 0 or
+ * -errno. */
+int log_catch_fatal(void);
+/* For a fatal signal's handler (async-signal-safe: write(2), no lock, no
+ * allocation): writes the whole lines every batching thread keeps (one
+ * that a thread was adding at that moment may be lost), then
+ * "level=crit event=fatal_signal signal=SEGV|BUS|ILL|FPE|ABRT pid=N". */
+void log_fatal_signal(int sig);
 
 void log_msg(enum log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

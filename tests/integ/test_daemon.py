@@ -212,6 +212,33 @@ def test_sighup_reopens_log():
         wd.cleanup()
 
 
+def test_a_crash_leaves_its_line():
+    """A fatal signal (here SIGABRT and SIGSEGV sent from outside, as a
+    fault or an abort in the code would raise them) writes a line of its
+    own to the log, after what the workers kept, and then kills sluice as
+    before: by that signal (a core dump where the system keeps them; none
+    here: RLIMIT_CORE 0), not an exit of its own."""
+    import resource
+    for sig, name in ((signal.SIGABRT, "ABRT"), (signal.SIGSEGV, "SEGV")):
+        wd = Workdir("sluice-crash-")
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+        try:
+            d = Daemon(SLUICE, config(wd))
+        finally:
+            resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+        try:
+            d.wait_log("event=ready")
+            d.signal(sig)
+            rc = d.proc.wait(10)
+            assert rc == -sig, f"exit {rc}, not killed by SIG{name}"
+            line = d.wait_log("event=fatal_signal")
+            assert "level=crit" in line and f"signal={name} pid={d.proc.pid}" in line, line
+        finally:
+            stop_if_running(d)
+            wd.cleanup()
+
+
 def test_a_second_instance_on_the_same_port_is_refused():
     """The workers listen with SO_REUSEPORT, which a second process of the
     same user could share unnoticed (half the clients would go to it).
@@ -290,6 +317,7 @@ if __name__ == "__main__":
           test_check_config_refuses_a_route_to_a_refused_literal,
           test_bundled_config_checks, test_bundled_config_try_lines_check,
           test_ready_line_says_where_to_find_it, test_sigterm_stops_when_idle,
-          test_sigint_stops_too, test_sighup_reopens_log, test_config_reference_is_current,
+          test_sigint_stops_too, test_sighup_reopens_log, test_a_crash_leaves_its_line,
+          test_config_reference_is_current,
           test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,
           test_a_second_instance_on_the_same_spool_is_refused])

@@ -6,7 +6,8 @@
  * the very octets that were logged. The printf conversions the code uses
  * still format as printf does, and an overlong line is cut on a whole
  * escape and marked. A batching thread's lines are written together, in
- * order, an error's at once.
+ * order, an error's at once; a crash writes what every thread kept, and
+ * a line of its own.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,8 +22,12 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <regex.h>
+#include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -666,6 +671,138 @@ test_batch_to_a_pipe(void **state)
     log_close();
 }
 
+/* ---- a fatal signal (log_catch_fatal) ---- */
+
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+
+enum crash { CRASH_RAISE, CRASH_ABORT, CRASH_FAULT };
+
+static int crash_ready[2]; /* the other thread's "kept my line" */
+static volatile int *volatile crash_at = (volatile int *)(uintptr_t)8;
+
+static void *
+other_thread(void *arg)
+{
+    (void)arg;
+    log_set_thread_name("other");
+    log_batch_begin();
+    log_msg(LOG_INFO, "event=other_kept");
+    char c = 1;
+    assert_int_equal(write(crash_ready[1], &c, 1), 1);
+    for (;;)
+        pause(); /* until the process dies */
+    return NULL;
+}
+
+/* In a child: two threads keep a line each in their batches, then the
+ * child crashes as asked. */
+static void
+crash_child(enum crash how)
+{
+    struct rlimit none = {0, 0};
+    setrlimit(RLIMIT_CORE, &none); /* no core file from the test */
+    /* cmocka's handlers (they would carry on with the tests in here) off:
+     * the actions log_catch_fatal finds are the defaults a daemon has */
+    static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+        signal(sigs[i], SIG_DFL);
+    if (log_catch_fatal() < 0)
+        _exit(3);
+    if (pipe(crash_ready) < 0)
+        _exit(4);
+    pthread_t t;
+    if (pthread_create(&t, NULL, other_thread, NULL) != 0)
+        _exit(5);
+    char c;
+    if (read(crash_ready[0], &c, 1) != 1)
+        _exit(6);
+    log_set_thread_name("crasher");
+    log_batch_begin();
+    log_msg(LOG_INFO, "event=crasher_kept");
+    switch (how) {
+    case CRASH_RAISE:
+        raise(SIGSEGV);
+        break;
+    case CRASH_ABORT:
+        abort();
+    case CRASH_FAULT:
+        *crash_at = 1; /* an address never mapped */
+        break;
+    }
+    _exit(7); /* not reached: the handler let the signal kill */
+}
+
+static void
+check_crash(struct fixture *fx, enum crash how, int sig, const char *name)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        crash_child(how);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+#ifdef UNDER_ASAN
+    /* ASan's own handler (put back by ours) reports a SEGV and exits 1 */
+    if (sig == SIGSEGV)
+        assert_true(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) != 0));
+    else
+#endif
+    {
+        assert_true(WIFSIGNALED(status));
+        assert_int_equal(WTERMSIG(status), sig);
+    }
+    size_t n;
+    char *buf = slurp(fx, &n);
+    char *other = strstr(buf, "thread=other event=other_kept\n");
+    char *mine = strstr(buf, "thread=crasher event=crasher_kept\n");
+    char want[96];
+    snprintf(want, sizeof(want), "level=crit thread=crasher event=fatal_signal signal=%s pid=%ld\n",
+             name, (long)pid);
+    char *fatal = strstr(buf, want);
+    assert_non_null(other);
+    assert_non_null(mine);
+    assert_non_null(fatal);
+    assert_true(other < fatal);
+    assert_true(mine < fatal);
+    /* the fatal line's stamp is log_vmsg's: 2026-12-04T12:34:56.789Z */
+    regex_t re;
+    assert_int_equal(regcomp(&re, "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\\.[0-9]{3}Z "
+                                  "level=crit thread=crasher event=fatal_signal",
+                             REG_EXTENDED | REG_NEWLINE),
+                     0);
+    regmatch_t m;
+    assert_int_equal(regexec(&re, buf, 1, &m, 0), 0);
+    regfree(&re);
+    /* and it is the time now (the civil date computed right) */
+    struct tm tm = {0};
+    assert_int_equal(sscanf(buf + m.rm_so, "%4d-%2d-%2dT%2d:%2d:%2d", &tm.tm_year, &tm.tm_mon,
+                            &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec),
+                     6);
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    time_t at = timegm(&tm), now = time(NULL);
+    assert_true(at <= now && now - at < 60);
+    free(buf);
+}
+
+/* A crash writes the lines every batching thread kept, then its own line
+ * (with the time, the thread and the signal), and then dies of the
+ * signal as it would have: a SEGV sent, an abort, a real fault. */
+static void
+test_fatal_signal(void **state)
+{
+    struct fixture *fx = *state;
+    check_crash(fx, CRASH_RAISE, SIGSEGV, "SEGV");
+    check_crash(fx, CRASH_ABORT, SIGABRT, "ABRT");
+    check_crash(fx, CRASH_FAULT, SIGSEGV, "SEGV");
+}
+
 int
 main(void)
 {
@@ -681,6 +818,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header, setup, teardown),
         cmocka_unit_test(test_batch_to_a_pipe),
+        cmocka_unit_test_setup_teardown(test_fatal_signal, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_keeps_the_descriptor, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
