@@ -339,7 +339,9 @@ file = {work}/sluice.log
         thr0 = thread_cpu(d.proc.pid)
         perf = None
         if a.perf:
-            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("BENCH_CALLGRAPH", "fp"), "-F", os.environ.get("BENCH_PERF_FREQ", "997"), "-p",
+            perf = subprocess.Popen(["perf", "record", "-q", "--call-graph", os.environ.get("BENCH_CALLGRAPH", "fp")] +
+                                    (os.environ.get("BENCH_PERF_EVENTS", "").split() or
+                                     ["-F", os.environ.get("BENCH_PERF_FREQ", "997")]) + ["-p",
                                      str(d.proc.pid), "-o", f"{a.perf}-{ndom}-{nmx}.data"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0, w0 = time.monotonic(), time.time()
@@ -423,7 +425,9 @@ def main():
     ap.add_argument("--relay-conf", default="", help="config lines appended to sluice's (\\n "
                     "between lines), e.g. '[dns]\\nfamily = v4'")
     ap.add_argument("--perf", default="", help="record each line's sluice with perf into "
-                    "PREFIX-D-M.data (perf report -i ...)")
+                    "PREFIX-D-M.data (perf report -i ...); BENCH_CALLGRAPH (fp), "
+                    "BENCH_PERF_FREQ (997) or BENCH_PERF_EVENTS instead (e.g. "
+                    "'-e raw_syscalls:sys_enter -c 1': every system call)")
     ap.add_argument("--before", default="",
                     help="another sluice binary (e.g. main's) run on each line just before, "
                          "for figures side by side")
