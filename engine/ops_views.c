@@ -22,6 +22,7 @@
 
 #include "common/clock.h"
 #include "common/conf.h"
+#include "common/intern.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "engine/auth_limit.h"
@@ -375,7 +376,13 @@ ops_counters(void *arg, struct stats_counters *out)
             addrs = site_addrs_count(e->site_addrs);
         snprintf(o[7].name, sizeof(o[7].name), "mx_addresses");
         o[7].live = addrs;
-        out->nobjects = 8;
+        /* ids given to names: never freed (common/intern.h) */
+        uint64_t names = 0, made = 0;
+        intern_counts(e->names, &names, &out->names_refused);
+        intern_bounded_counts(e->names, &made, &out->campaign_names_refused);
+        snprintf(o[8].name, sizeof(o[8].name), "names");
+        o[8].live = names;
+        out->nobjects = 9;
     }
     out->redis_state = "off";
     if (answered && e->cfg->redis.url != NULL) {

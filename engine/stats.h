@@ -130,6 +130,9 @@ struct stats_counters {
     uint64_t delivered, deferred, bounced, expired; /* recipient outcomes */
     uint64_t dsn_queued;
     uint64_t rcpt_suppressed; /* recipients refused at RCPT: on the suppression list */
+    /* names (tenants, pools, campaigns, sources) given no id (common/intern.h):
+     * the table's cap or memory; and campaign names past [server] campaign_names */
+    uint64_t names_refused, campaign_names_refused;
     /* the suppression list (engine/suppress.h); suppress_on false: off */
     bool suppress_on;
     uint64_t suppress_entries, suppress_checks, suppress_hits, suppress_added,

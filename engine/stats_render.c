@@ -278,6 +278,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "expired", c->expired);
     json_ku64(j, "dsn_queued", c->dsn_queued);
     json_ku64(j, "rcpt_suppressed", c->rcpt_suppressed);
+    json_ku64(j, "names_refused", c->names_refused);
+    json_ku64(j, "campaign_names_refused", c->campaign_names_refused);
     json_ku64(j, "delivered_tls", c->delivered_tls);
     json_ku64(j, "dkim_signed", c->dkim_signed);
     json_ku64(j, "dkim_unsigned", c->dkim_unsigned);
@@ -594,6 +596,11 @@ static const struct metric metrics[] = {
      CTR(dsn_queued)},
     {"sluice_rcpt_suppressed_total", "counter",
      "Recipients refused at RCPT: on the suppression list.", CTR(rcpt_suppressed)},
+    {"sluice_names_refused_total", "counter",
+     "Tenant, pool, campaign or source names given no id (the name table's cap or memory).",
+     CTR(names_refused)},
+    {"sluice_campaign_names_refused_total", "counter",
+     "Campaign names given no id: past [server] campaign_names.", CTR(campaign_names_refused)},
     {"sluice_suppress_entries", "gauge", "Entries in the suppression list.",
      CTR(suppress_entries)},
     {"sluice_suppress_added_total", "counter",

@@ -46,7 +46,8 @@ class Node:
     """dnsmasq + smtp-sink + a sluice with tenants; stop() keeps the spool
     for sluice-spool, start() runs sluice again on it."""
 
-    def __init__(self, delivery=True):
+    def __init__(self, delivery=True, server_extra=""):
+        self.server_extra = server_extra
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -76,6 +77,7 @@ listen = 127.0.0.1:{self.port}
 trusted_networks = 127.0.0.1/32
 auth_users_file = {self.users}
 plaintext_auth = loopback
+{self.server_extra}
 [queue]
 path = {self.spool}
 map_size = 64M
@@ -357,6 +359,31 @@ def test_bounce_and_flush_by_tenant_and_campaign():
         n.close()
 
 
+def test_campaign_names_past_the_cap_are_counted():
+    """Campaign names come from clients and their ids are never freed:
+    past [server] campaign_names a new one gets none. The stats say how
+    many were refused, on the socket and in /metrics, and how many names
+    hold an id."""
+    n = Node(delivery=False, server_extra="campaign_names = 2")
+    try:
+        with n.client("127.0.0.2", "app1") as c:
+            for camp in (b"c1", b"c2", b"c3", b"c4", b"c1"):
+                code, msg = send(c, b"Subject: x\r\nX-Sluice-Campaign: " + camp + b"\r\n\r\nb\r\n")
+                assert code == 250, (code, msg)  # the message keeps its campaign's name
+        n.wait_events(lambda e: e["event"] == "reception", 5)
+        st = n.ask("stats")
+        assert st["counters"]["campaign_names_refused"] == 2, st["counters"]
+        assert st["counters"]["names_refused"] == 0, st["counters"]
+        # acme, its pools transactional and bulk, the sources, c1 and c2
+        assert st["objects"]["names"] >= 4, st["objects"]
+        text = n.ask("metrics")["text"]
+        assert "\nsluice_campaign_names_refused_total 2\n" in text, text
+        assert "\nsluice_names_refused_total 0\n" in text, text
+        assert 'sluice_objects{type="names"} ' in text, text
+    finally:
+        n.close()
+
+
 def check_config(wd, text, wants):
     import subprocess
     conf = wd.file("bad.conf", "[server]\nlisten = 127.0.0.1:2525\n[queue]\npath = /nonexistent\n"
@@ -414,4 +441,5 @@ pool = b
 
 if __name__ == "__main__":
     main([test_owner_stored_logged_and_survives_restart, test_trusted_headers_and_refusals,
-          test_bounce_and_flush_by_tenant_and_campaign, test_bad_config_is_refused])
+          test_bounce_and_flush_by_tenant_and_campaign,
+          test_campaign_names_past_the_cap_are_counted, test_bad_config_is_refused])

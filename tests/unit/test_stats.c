@@ -1061,8 +1061,12 @@ test_metrics_render(void **state)
     c.deferred_by_class[1].live = 7;
     c.bounced_by_class[0].live = 2;
     c.nclasses = 2;
+    c.names_refused = 5;
+    c.campaign_names_refused = 3;
     t = stats_render_metrics(&c, NULL, 0, 0);
     assert_non_null(t);
+    assert_non_null(strstr(t, "\nsluice_names_refused_total 5\n"));
+    assert_non_null(strstr(t, "\nsluice_campaign_names_refused_total 3\n"));
     assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"rate_limited\"} 7\n"));
     assert_non_null(strstr(t, "\nsluice_recipients_deferred_by_class_total{class=\"other\"} 0\n"));
     assert_non_null(strstr(t, "\nsluice_recipients_bounced_by_class_total{class=\"other\"} 2\n"));
@@ -1075,6 +1079,7 @@ test_metrics_render(void **state)
     assert_false(json_failed(&j));
     assert_non_null(strstr(j.buf, "\"deferred_by_class\":{\"other\":0,\"rate_limited\":7}"));
     assert_non_null(strstr(j.buf, "\"bounced_by_class\":{\"other\":2,\"rate_limited\":0}"));
+    assert_non_null(strstr(j.buf, "\"names_refused\":5,\"campaign_names_refused\":3"));
     json_fini(&j);
 
     /* a held destination and its deferral classes: in JSON, and as
