@@ -51,20 +51,29 @@ static _Thread_local const char *log_thread;
  * 16 KB is about a hundred lines, one write where there were a hundred. */
 #define LOG_BATCH_CAP 16384
 struct log_batch {
-    _Atomic size_t len; /* relaxed: also read by log_fatal_signal, from any thread */
+    /* written by its thread with release, read by log_fatal_signal (any
+     * thread) with acquire: the octets below len are whole lines */
+    _Atomic size_t len;
     char buf[LOG_BATCH_CAP];
 };
-static _Thread_local struct log_batch *log_batch; /* owned; NULL: not batching */
-/* Every thread's batch, for log_fatal_signal (a thread past the 64th
- * batches unseen by it). */
-#define LOG_BATCHES_MAX 64
-static struct log_batch *_Atomic log_batches[LOG_BATCHES_MAX];
+static _Thread_local struct log_batch *log_batch; /* borrowed from the table below; NULL:
+                                                   * not batching */
+/* Every batch ever made, for log_fatal_signal (a handler gets no argument:
+ * it finds them here). A slot's batch is made by the first thread that
+ * takes the slot and never freed, so a handler never reads a freed one;
+ * a thread that ends gives the slot (flushed, empty) to the next. 256:
+ * [server] workers' maximum; a thread that finds no slot writes its lines
+ * one by one, so none is kept from the handler. */
+#define LOG_BATCHES_MAX 256
+static struct log_batch *_Atomic log_batches[LOG_BATCHES_MAX]; /* owned, for the process */
+static atomic_bool log_batch_taken[LOG_BATCHES_MAX];
+static _Thread_local size_t log_batch_slot;
 /* The thread's timestamp up to the second, made again when the second
- * changes (gmtime_r and snprintf once a second, not once a line). */
+ * changes (log_stamp_format). */
 static _Thread_local struct {
     time_t sec;
     size_t len; /* 0: not made yet */
-    char text[32];
+    char text[LOG_STAMP_LEN + 1];
 } log_stamp;
 
 static const char *const level_names[] = {"debug", "info", "notice", "warn", "error", "crit"};
@@ -217,11 +226,19 @@ log_batch_begin(void)
 {
     if (log_batch != NULL)
         return;
-    log_batch = calloc(1, sizeof(*log_batch)); /* NULL: lines go out one by one */
-    for (size_t i = 0; log_batch != NULL && i < LOG_BATCHES_MAX; i++) {
-        struct log_batch *none = NULL;
-        if (atomic_compare_exchange_strong(&log_batches[i], &none, log_batch))
-            break;
+    for (size_t i = 0; i < LOG_BATCHES_MAX; i++) {
+        if (atomic_exchange(&log_batch_taken[i], true))
+            continue;
+        struct log_batch *bt = atomic_load(&log_batches[i]);
+        if (bt == NULL && (bt = calloc(1, sizeof(*bt))) != NULL)
+            atomic_store(&log_batches[i], bt);
+        if (bt == NULL) {
+            atomic_store(&log_batch_taken[i], false);
+            return; /* no memory: lines go out one by one */
+        }
+        log_batch = bt;
+        log_batch_slot = i;
+        return;
     }
 }
 
@@ -232,30 +249,27 @@ log_flush(void)
     size_t len = b != NULL ? atomic_load_explicit(&b->len, memory_order_relaxed) : 0;
     if (len > 0) {
         write_all(b->buf, len);
-        atomic_store_explicit(&b->len, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->len, 0, memory_order_release);
     }
 }
 
 void
 log_batch_end(void)
 {
+    if (log_batch == NULL)
+        return;
     log_flush();
-    for (size_t i = 0; log_batch != NULL && i < LOG_BATCHES_MAX; i++) {
-        struct log_batch *mine = log_batch;
-        if (atomic_compare_exchange_strong(&log_batches[i], &mine, NULL))
-            break;
-    }
-    free(log_batch);
     log_batch = NULL;
+    atomic_store(&log_batch_taken[log_batch_slot], false); /* kept for the next thread */
 }
 
-/* ---- a fatal signal ---- */
+/* ---- the time stamp, and a fatal signal ---- */
 
 /* From here to log_catch_fatal, only what a signal handler may call
- * (write, clock_gettime, getpid, strlen, sigaction, raise) and
- * arithmetic: no snprintf, no gmtime_r, no lock, no allocation. */
+ * (write, clock_gettime, getpid, sigaction, raise) and arithmetic: no
+ * snprintf, no gmtime_r, no lock, no allocation. */
 
-/* The decimal digits of v, right-aligned in width (zero-padded). */
+/* The decimal digits of v, at least width of them (zero-padded). */
 static size_t
 put_uint(char *p, unsigned long long v, unsigned width)
 {
@@ -281,8 +295,59 @@ put_str(char *p, const char *s)
     return n;
 }
 
+size_t
+log_stamp_format(char out[LOG_STAMP_LEN + 1], int64_t sec, unsigned ms)
+{
+    if (sec < 0)
+        sec = 0; /* a clock before 1970: shown as its start */
+    /* The civil calendar from the days since 1970, in years that begin
+     * in March (the leap day last): eras of 400 years, 146,097 days. */
+    int64_t days = sec / 86400, secs = sec % 86400;
+    int64_t z = days + 719468, era = z / 146097;
+    int64_t doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    int64_t mp = (5 * doy + 2) / 153;
+    int64_t day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    int64_t year = yoe + era * 400 + (month <= 2);
+    if (year > 9999)
+        year = 9999; /* four digits, as the stamp's width says */
+    size_t n = 0;
+    n += put_uint(out + n, (unsigned long long)year, 4);
+    out[n++] = '-';
+    n += put_uint(out + n, (unsigned long long)month, 2);
+    out[n++] = '-';
+    n += put_uint(out + n, (unsigned long long)day, 2);
+    out[n++] = 'T';
+    n += put_uint(out + n, (unsigned long long)(secs / 3600), 2);
+    out[n++] = ':';
+    n += put_uint(out + n, (unsigned long long)(secs / 60 % 60), 2);
+    out[n++] = ':';
+    n += put_uint(out + n, (unsigned long long)(secs % 60), 2);
+    out[n++] = '.';
+    n += put_uint(out + n, ms % 1000, 3);
+    out[n++] = 'Z';
+    out[n] = '\0';
+    return n;
+}
+
+/* Does the thread's name need no escaping (names of ours are literals;
+ * an event sink's thread is named after its config section)? */
+static bool
+name_plain(const char *s)
+{
+    size_t n = 0;
+    for (; s[n] != '\0' && n < 64; n++) {
+        char c = s[n];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return n > 0 && n < 64;
+}
+
 static const char *
-fatal_name(int sig)
+fatal_str(int sig)
 {
     switch (sig) {
     case SIGSEGV:
@@ -304,13 +369,14 @@ void
 log_fatal_signal(int sig)
 {
     int saved = errno;
-    /* The older lines first: each batch up to its last whole line (one
-     * its thread was adding just then may be cut or lost). */
+    /* The older lines first: each batch up to its last whole line. A
+     * thread adding a line just then may lose it; one flushing its batch
+     * just then may have it written twice. */
     for (size_t i = 0; i < LOG_BATCHES_MAX; i++) {
         struct log_batch *b = atomic_load(&log_batches[i]);
         if (b == NULL)
             continue;
-        size_t len = atomic_load_explicit(&b->len, memory_order_relaxed);
+        size_t len = atomic_load_explicit(&b->len, memory_order_acquire);
         if (len > sizeof(b->buf))
             len = sizeof(b->buf);
         while (len > 0 && b->buf[len - 1] != '\n')
@@ -318,42 +384,19 @@ log_fatal_signal(int sig)
         write_all(b->buf, len);
         atomic_store_explicit(&b->len, 0, memory_order_relaxed);
     }
-    /* The time as log_vmsg writes it, from the days since 1970 (the civil
-     * calendar's arithmetic, March-based years). */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    long long days = ts.tv_sec / 86400, secs = ts.tv_sec % 86400;
-    long long z = days + 719468, era = z / 146097;
-    long long doe = z - era * 146097;
-    long long yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    long long doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    long long mp = (5 * doy + 2) / 153;
-    long long day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
-    long long year = yoe + era * 400 + (month <= 2);
     char line[256];
-    size_t n = 0;
-    n += put_uint(line + n, (unsigned long long)year, 4);
-    line[n++] = '-';
-    n += put_uint(line + n, (unsigned long long)month, 2);
-    line[n++] = '-';
-    n += put_uint(line + n, (unsigned long long)day, 2);
-    line[n++] = 'T';
-    n += put_uint(line + n, (unsigned long long)(secs / 3600), 2);
-    line[n++] = ':';
-    n += put_uint(line + n, (unsigned long long)(secs / 60 % 60), 2);
-    line[n++] = ':';
-    n += put_uint(line + n, (unsigned long long)(secs % 60), 2);
-    line[n++] = '.';
-    n += put_uint(line + n, (unsigned long long)(ts.tv_nsec / 1000000), 3);
-    n += put_str(line + n, "Z level=crit ");
+    size_t n = log_stamp_format(line, (int64_t)ts.tv_sec, (unsigned)(ts.tv_nsec / 1000000));
+    n += put_str(line + n, " level=crit ");
     const char *th = log_thread;
-    if (th != NULL && strlen(th) < 64) { /* a literal of ours: no escaping to do */
+    if (th != NULL && name_plain(th)) {
         n += put_str(line + n, "thread=");
         n += put_str(line + n, th);
         line[n++] = ' ';
     }
     n += put_str(line + n, "event=fatal_signal signal=");
-    n += put_str(line + n, fatal_name(sig));
+    n += put_str(line + n, fatal_str(sig));
     n += put_str(line + n, " pid=");
     n += put_uint(line + n, (unsigned long long)getpid(), 1);
     line[n++] = '\n';
@@ -362,18 +405,23 @@ log_fatal_signal(int sig)
 }
 
 static const int fatal_sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
-static struct sigaction fatal_old[sizeof(fatal_sigs) / sizeof(fatal_sigs[0])];
+#define NFATAL (sizeof(fatal_sigs) / sizeof(fatal_sigs[0]))
+static struct sigaction fatal_old[NFATAL]; /* the actions log_catch_fatal replaced */
+static atomic_flag fatal_once = ATOMIC_FLAG_INIT; /* the first fatal signal writes */
 
 static void
-on_fatal(int sig, siginfo_t *si, void *uc)
+log_on_fatal(int sig, siginfo_t *si, void *uc)
 {
     (void)uc;
-    log_fatal_signal(sig);
+    /* Once: a second fault (another thread's, or a sanitizer's abort
+     * after its report) writes nothing more. */
+    if (!atomic_flag_test_and_set(&fatal_once))
+        log_fatal_signal(sig);
     /* Then as if this handler had not been there: the action before it
      * (the default's core dump, or a sanitizer's report). A fault returns
      * to the instruction, which faults again; a signal sent (kill, raise,
      * abort) is sent again, and taken once this handler returns. */
-    for (size_t i = 0; i < sizeof(fatal_sigs) / sizeof(fatal_sigs[0]); i++)
+    for (size_t i = 0; i < NFATAL; i++)
         if (fatal_sigs[i] == sig)
             sigaction(sig, &fatal_old[i], NULL);
     if (si == NULL || si->si_code <= 0)
@@ -383,15 +431,31 @@ on_fatal(int sig, siginfo_t *si, void *uc)
 int
 log_catch_fatal(void)
 {
+    static bool done; /* main's thread, once: a second call would save log_on_fatal as
+                       * the action to put back, and loop */
+    if (done)
+        return 0;
+    done = true;
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
-    sa.sa_sigaction = on_fatal;
+    sa.sa_sigaction = log_on_fatal;
     sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
-    for (size_t i = 0; i < sizeof(fatal_sigs) / sizeof(fatal_sigs[0]); i++)
-        if (sigaction(fatal_sigs[i], &sa, &fatal_old[i]) < 0)
-            return -errno;
-    return 0;
+    int rc = 0;
+    for (size_t i = 0; i < NFATAL; i++) {
+        struct sigaction old;
+        if (sigaction(fatal_sigs[i], NULL, &old) < 0) {
+            rc = -errno;
+            continue;
+        }
+        /* Ignored (a supervisor's SIGABRT, inherited): it stays ignored. */
+        if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == SIG_IGN)
+            continue;
+        fatal_old[i] = old;
+        if (sigaction(fatal_sigs[i], &sa, NULL) < 0)
+            rc = -errno; /* the others are caught still */
+    }
+    return rc;
 }
 
 /* ---- escaping ---- */
@@ -777,12 +841,8 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     if (ts.tv_sec != log_stamp.sec || log_stamp.len == 0) {
-        struct tm tm;
-        gmtime_r(&ts.tv_sec, &tm);
-        int n = snprintf(log_stamp.text, sizeof(log_stamp.text), "%04d-%02d-%02dT%02d:%02d:%02d.",
-                         tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                         tm.tm_sec);
-        log_stamp.len = n > 0 && (size_t)n < sizeof(log_stamp.text) ? (size_t)n : 0;
+        /* up to the '.' before the milliseconds */
+        log_stamp.len = log_stamp_format(log_stamp.text, (int64_t)ts.tv_sec, 0) - 4;
         log_stamp.sec = ts.tv_sec;
     }
     line_put(&o, log_stamp.text, log_stamp.len);
@@ -814,7 +874,7 @@ log_vmsg(enum log_level level, const char *fmt, va_list ap)
             log_flush();
         size_t at = atomic_load_explicit(&b->len, memory_order_relaxed);
         memcpy(b->buf + at, buf, len); /* len <= sizeof(buf) < sizeof(b->buf) */
-        atomic_store_explicit(&b->len, at + len, memory_order_relaxed);
+        atomic_store_explicit(&b->len, at + len, memory_order_release);
         return;
     }
     /* An error goes out at once, after what the thread kept (in order). */

@@ -34,8 +34,9 @@
  * in the file before what followed it can be seen there. Not before what
  * c-ares and hiredis send on their own sockets (a DNS query, a Redis
  * command may reach its server before the line of the turn that made it).
- * A crash (an abort, a fault) writes every thread's kept lines and then
- * its own line when log_catch_fatal() is on (sluice's main turns it on);
+ * A crash (an abort, a fault) writes every batching thread's kept lines
+ * (up to 256 threads) and then its own line when log_catch_fatal() is on
+ * (sluice's main turns it on);
  * a kill -9, or a stack overflowed (no alternate stack), loses the lines
  * of the turn it cuts. One write per turn, not one per line: with two
  * workers busy, their writes to the one file also contended for its
@@ -46,6 +47,7 @@
 
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdint.h>
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARN, LOG_ERR, LOG_CRIT };
 
@@ -91,16 +93,27 @@ void log_flush(void);
 /* Flush and stop batching (at the thread's end). */
 void log_batch_end(void);
 
-/* Catch SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT: the handler calls
- * log_fatal_signal(), then puts back the action it replaced (the default,
- * a core dump; or a sanitizer's report) and lets it run. Returns 0 or
- * -errno. */
+/* Catch SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT (not one that is
+ * ignored: it stays so): the handler calls log_fatal_signal() at the
+ * first of them, then puts back the action it replaced (the default, a
+ * core dump; or a sanitizer's report) and lets it run. Once per process;
+ * from main before its threads start. Returns 0 or -errno (the signals
+ * that could be caught are). */
 int log_catch_fatal(void);
-/* For a fatal signal's handler (async-signal-safe: write(2), no lock, no
- * allocation): writes the whole lines every batching thread keeps (one
- * that a thread was adding at that moment may be lost), then
- * "level=crit event=fatal_signal signal=SEGV|BUS|ILL|FPE|ABRT pid=N". */
+/* Only on the way to dying, from a fatal signal's handler (it calls only
+ * what a handler may: write(2), no lock, no allocation; and it empties
+ * every thread's batch under it): writes the whole lines every batching
+ * thread keeps (a line a thread was adding just then may be lost, one a
+ * thread was flushing just then written twice), then
+ * "level=crit [thread=NAME ]event=fatal_signal
+ * signal=SEGV|BUS|ILL|FPE|ABRT pid=N". */
 void log_fatal_signal(int sig);
+
+/* The log's time stamp, "2026-12-04T12:34:56.789Z" (UTC; sec the Unix
+ * time, clamped to 1970..9999; ms below 1000), into out, NUL-terminated.
+ * Returns its length, LOG_STAMP_LEN. Async-signal-safe. */
+#define LOG_STAMP_LEN 24
+size_t log_stamp_format(char out[LOG_STAMP_LEN + 1], int64_t sec, unsigned ms);
 
 void log_msg(enum log_level level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
