@@ -1,0 +1,420 @@
+/*
+ * The operator's flush (engine/ops.c cmd_flush): the rests its mail waits
+ * on end on the workers (delivery_lift_holds) before any of its deferred
+ * recipients comes due in the spool (QUEUE_RETIME). A recipient the due
+ * poll took while its destination still rested would be deferred again
+ * at once with the failure the rest keeps (scheduler.c), for the next
+ * step of its schedule.
+ *
+ * Why here and not end to end: the wrong order shows only when a due
+ * poll (once a second, on worker 0: engine/delivery.c) falls between the
+ * retime's commit and the lift's message reaching the worker: a few
+ * microseconds for one batch, the commits of FLUSH_BATCH recipients
+ * each for more. Against a real spool such a test passes whichever the
+ * order, nearly always. So the seams are the ones cmd_flush talks
+ * through, the link's --wrap: the spool (queue_walk, queue_update_wait)
+ * and the workers' end of the rests (delivery_lift_holds, reached
+ * through a real worker's mailbox, as the stats thread reaches it).
+ * The spool's stand-in is the worst case of the race: every recipient it
+ * is asked to retime counts as taken by the due poll at that instant, and
+ * must find its domain's rest already ended.
+ *
+ * The command is reached as the stats thread reaches it: ops_start hands
+ * the stats server its table (stats_server_new, wrapped to keep it).
+ */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "common/json.h"
+#include "engine/config.h"
+#include "engine/delivery.h"
+#include "engine/engine.h"
+#include "engine/ops.h"
+#include "engine/stats.h"
+#include "engine/worker.h"
+#include "queue/queue.h"
+
+/* ---- the stand-ins (the link's --wrap, tests/unit/CMakeLists.txt) ---- */
+
+/* One recipient of the fake spool. */
+struct frcpt {
+    uint64_t id;
+    unsigned idx;
+    const char *domain;
+    const char *tenant;
+    bool deferred;
+    uint64_t due_ms;
+};
+
+#define MAXR 4096
+#define MAXSTEP 64
+
+/* What the flush did, in order. */
+struct step {
+    char kind;       /* 'L': rests ended on a worker; 'R': recipients retimed */
+    bool all;        /* L: every destination */
+    char names[8][64]; /* L: the domains named (at most 8 kept) */
+    size_t n;        /* L: names; R: outcomes */
+};
+
+static struct {
+    pthread_mutex_t lock; /* the lift runs on the worker's thread */
+    struct frcpt r[MAXR];
+    size_t nr;
+    struct step steps[MAXSTEP];
+    size_t nsteps;
+    unsigned due_while_resting; /* recipients made due before their rest ended */
+    unsigned retimed;
+    struct stats_ops ops; /* ops_start's table */
+} S = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+int __wrap_stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
+                            unsigned top_n, const struct stats_ops *ops,
+                            struct stats_server **out, char *err, size_t errlen);
+int __wrap_queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg);
+int __wrap_queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n);
+unsigned __wrap_delivery_lift_holds(struct delivery *d, bool all, const char *const *domains,
+                                    size_t n);
+
+int
+__wrap_stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
+                        unsigned top_n, const struct stats_ops *ops, struct stats_server **out,
+                        char *err, size_t errlen)
+{
+    (void)socket_path;
+    (void)socket_mode;
+    (void)http_listen;
+    (void)top_n;
+    (void)err;
+    (void)errlen;
+    S.ops = *ops;
+    *out = NULL;
+    return 0;
+}
+
+int
+__wrap_queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
+{
+    (void)q;
+    for (size_t i = 0; i < S.nr; i++) {
+        const struct frcpt *f = &S.r[i];
+        char addr[128];
+        snprintf(addr, sizeof(addr), "u%zu@%s", i, f->domain);
+        struct queue_rcpt r = {
+            .addr = addr,
+            .domain = f->domain,
+            .index = f->idx,
+            .state = f->deferred ? QUEUE_RCPT_DEFERRED : QUEUE_RCPT_READY,
+            .attempts = f->deferred ? 1 : 0,
+            .due_ms = f->deferred ? f->due_ms : 0,
+            .last_reply = "",
+            .owner = {.tenant = f->tenant, .campaign = "", .pool = ""},
+        };
+        int rc = cb(arg, f->id, &r);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Has a lift recorded so far ended the rest of domain? (Under S.lock.) */
+static bool
+rest_ended(const char *domain)
+{
+    for (size_t i = 0; i < S.nsteps; i++) {
+        const struct step *s = &S.steps[i];
+        if (s->kind != 'L')
+            continue;
+        if (s->all)
+            return true;
+        for (size_t k = 0; k < s->n && k < 8; k++)
+            if (strcasecmp(s->names[k], domain) == 0)
+                return true;
+    }
+    return false;
+}
+
+int
+__wrap_queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n)
+{
+    (void)q;
+    pthread_mutex_lock(&S.lock);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(outcomes[i].kind, QUEUE_RETIME);
+        const struct frcpt *f = NULL;
+        for (size_t k = 0; k < S.nr && f == NULL; k++)
+            if (S.r[k].id == outcomes[i].id && S.r[k].idx == outcomes[i].rcpt)
+                f = &S.r[k];
+        assert_non_null(f);
+        /* Due from now: the due poll may take it this instant. */
+        if (!rest_ended(f->domain))
+            S.due_while_resting++;
+        S.retimed++;
+    }
+    if (S.nsteps < MAXSTEP)
+        S.steps[S.nsteps++] = (struct step){.kind = 'R', .n = n};
+    pthread_mutex_unlock(&S.lock);
+    return 0;
+}
+
+unsigned
+__wrap_delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, size_t n)
+{
+    (void)d;
+    pthread_mutex_lock(&S.lock);
+    if (S.nsteps < MAXSTEP) {
+        struct step *s = &S.steps[S.nsteps++];
+        memset(s, 0, sizeof(*s));
+        s->kind = 'L';
+        s->all = all;
+        s->n = n;
+        for (size_t i = 0; i < n && i < 8; i++)
+            snprintf(s->names[i], sizeof(s->names[i]), "%s", domains[i]);
+    }
+    pthread_mutex_unlock(&S.lock);
+    return 1; /* one destination rested */
+}
+
+/* ---- the engine around it: one real worker, the rest absent ---- */
+
+struct fx {
+    struct engine e;
+    struct config *cfg;
+    struct worker w;
+    struct delivery *dlv[1];
+    char conf[64];
+    char sock[80];
+};
+
+static int
+setup(void **state)
+{
+    struct fx *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    snprintf(f->conf, sizeof(f->conf), "/tmp/sluice-flush-XXXXXX");
+    int fd = mkstemp(f->conf);
+    assert_true(fd >= 0);
+    /* The socket is never made (stats_server_new is the test's). */
+    snprintf(f->sock, sizeof(f->sock), "%s.sock", f->conf);
+    char text[512];
+    int n = snprintf(text, sizeof(text),
+                     "[server]\nhostname = relay.test\nlisten = 127.0.0.1:2587\n"
+                     "[stats]\nsocket = %s\n",
+                     f->sock);
+    assert_int_equal(write(fd, text, (size_t)n), n);
+    close(fd);
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *errs = open_memstream(&buf, &len);
+    int rc = config_load(f->conf, &f->cfg, errs);
+    fclose(errs);
+    if (rc != 0)
+        fprintf(stderr, "%s", buf);
+    free(buf);
+    unlink(f->conf);
+    assert_int_equal(rc, 0);
+    if (worker_init(&f->w, 0, 64, NULL) < 0) {
+        config_free(f->cfg);
+        free(f);
+        fprintf(stderr, "no io_uring here: skipped\n");
+        skip();
+    }
+    assert_int_equal(worker_start(&f->w), 0);
+    f->e.cfg = f->cfg;
+    f->e.nworkers = 1;
+    f->e.workers = &f->w;
+    f->e.dlv = f->dlv; /* read only by the wrapped delivery_lift_holds */
+    f->e.queue = (struct queue *)f; /* a token: every spool call is the test's */
+    char err[256];
+    assert_int_equal(ops_start(&f->e, err, sizeof(err)), 0);
+    assert_non_null(S.ops.command);
+    pthread_mutex_lock(&S.lock);
+    S.nr = S.nsteps = 0;
+    S.due_while_resting = S.retimed = 0;
+    pthread_mutex_unlock(&S.lock);
+    *state = f;
+    return 0;
+}
+
+static int
+teardown(void **state)
+{
+    struct fx *f = *state;
+    ops_stop(&f->e);
+    worker_stop(&f->w);
+    assert_int_equal(worker_join(&f->w), 0);
+    worker_fini(&f->w);
+    config_free(f->cfg);
+    free(f);
+    return 0;
+}
+
+static uint64_t
+unix_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* n deferred recipients of domain (tenant: NULL for none), due in an
+ * hour, one message each. */
+static void
+spool_add(const char *domain, const char *tenant, size_t n)
+{
+    static uint64_t next_id = 1;
+    for (size_t i = 0; i < n; i++) {
+        assert_true(S.nr < MAXR);
+        S.r[S.nr++] = (struct frcpt){.id = next_id++, .idx = 0, .domain = domain,
+                                     .tenant = tenant ? tenant : "", .deferred = true,
+                                     .due_ms = unix_ms() + 3600 * 1000};
+    }
+}
+
+/* Run "flush ARGS" as the stats thread does; the answer's JSON. */
+static void
+flush(const char *args, char *answer, size_t cap)
+{
+    struct json out;
+    json_init(&out);
+    char err[256] = "";
+    int rc = S.ops.command(S.ops.arg, "flush", args, &out, err, sizeof(err));
+    if (rc != 0)
+        fprintf(stderr, "flush %s: %s\n", args, err);
+    assert_int_equal(rc, 0);
+    assert_false(json_failed(&out));
+    snprintf(answer, cap, "%.*s", (int)out.len, out.buf);
+    json_fini(&out);
+}
+
+/* The steps as text: "L*" for a lift of every rest, "L:a.test,b.test"
+ * for named ones, "R1000" for a retime of 1000 recipients. */
+static void
+steps_str(char *buf, size_t cap)
+{
+    size_t off = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < S.nsteps && off < cap; i++) {
+        const struct step *s = &S.steps[i];
+        int n;
+        if (s->kind == 'R') {
+            n = snprintf(buf + off, cap - off, "%sR%zu", i ? " " : "", s->n);
+        } else if (s->all) {
+            n = snprintf(buf + off, cap - off, "%sL*", i ? " " : "");
+        } else {
+            n = snprintf(buf + off, cap - off, "%sL:", i ? " " : "");
+            for (size_t k = 0; k < s->n && k < 8 && n > 0 && off + (size_t)n < cap; k++)
+                n += snprintf(buf + off + n, cap - off - n, "%s%s", k ? "," : "", s->names[k]);
+        }
+        if (n < 0)
+            break;
+        off += (size_t)n;
+    }
+}
+
+/* ---- the cases ---- */
+
+/* flush (every domain): the rests of every destination end, then the
+ * deferred come due. */
+static void
+flush_all_ends_the_rests_before_the_recipients_come_due(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 2);
+    spool_add("b.test", NULL, 1);
+    char answer[512], steps[512];
+    flush("", answer, sizeof(answer));
+    assert_int_equal(S.retimed, 3);
+    assert_int_equal(S.due_while_resting, 0);
+    steps_str(steps, sizeof(steps));
+    assert_string_equal(steps, "L* R3");
+    assert_non_null(strstr(answer, "\"rests_ended\":1"));
+}
+
+/* flush DOMAIN: that domain's rests, then its recipients; the other
+ * domain's mail stays as it was. */
+static void
+flush_domain_ends_its_rest_first(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 2);
+    spool_add("b.test", NULL, 1);
+    char answer[512], steps[512];
+    flush("A.test", answer, sizeof(answer));
+    assert_int_equal(S.due_while_resting, 0);
+    steps_str(steps, sizeof(steps));
+    assert_string_equal(steps, "L:a.test R2");
+}
+
+/* flush tenant=T: the rests of the domains of T's deferred mail, then
+ * T's recipients. */
+static void
+flush_tenant_ends_its_domains_rests_first(void **state)
+{
+    (void)state;
+    spool_add("c.test", "acme", 1);
+    spool_add("b.test", "other", 1);
+    spool_add("a.test", "acme", 2);
+    char answer[512], steps[512];
+    flush("tenant=acme", answer, sizeof(answer));
+    assert_int_equal(S.due_while_resting, 0);
+    steps_str(steps, sizeof(steps));
+    assert_string_equal(steps, "L:a.test,c.test R3");
+}
+
+/* An outage's queue: more than one spool commit of recipients. Every
+ * batch comes due after the rests ended, the first as the last (the
+ * window a wrong order opens grows with each commit). */
+static void
+flush_of_many_batches_ends_the_rest_before_the_first(void **state)
+{
+    (void)state;
+    spool_add("down.test", NULL, 2500);
+    char answer[512], steps[512];
+    flush("", answer, sizeof(answer));
+    assert_int_equal(S.retimed, 2500);
+    assert_int_equal(S.due_while_resting, 0);
+    steps_str(steps, sizeof(steps));
+    assert_string_equal(steps, "L* R1000 R1000 R500");
+    assert_non_null(strstr(answer, "\"recipients\":2500"));
+}
+
+/* A scope that selects nobody ends no rest and retimes nothing. */
+static void
+flush_of_nobody_ends_nothing(void **state)
+{
+    (void)state;
+    spool_add("a.test", "acme", 1);
+    char answer[512], steps[512];
+    flush("tenant=nobody", answer, sizeof(answer));
+    steps_str(steps, sizeof(steps));
+    assert_string_equal(steps, "");
+    assert_non_null(strstr(answer, "\"rests_ended\":0"));
+}
+
+int
+main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(flush_all_ends_the_rests_before_the_recipients_come_due,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_domain_ends_its_rest_first, setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_tenant_ends_its_domains_rests_first, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(flush_of_many_batches_ends_the_rest_before_the_first,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_of_nobody_ends_nothing, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
