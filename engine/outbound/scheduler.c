@@ -289,12 +289,19 @@ site_wake(struct delivery *d, struct site *s)
      * left waiting has nothing else to wake it when no connection of the
      * site is left to end (a resting site whose only one failed: with a
      * cap of 64, the 65th domain on waited forever, its mail untold).
-     * Each domain leaves the list or stops the loop, so it ends. */
+     * Each domain waiting now is run once at most (one that goes back on
+     * the list goes to its end), so it ends. */
     struct dest *t;
-    while (s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+    size_t n = s->want.n;
+    while (n-- > 0 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
         dest_run(t);
-        if (t->want.on)
-            break; /* it could not open one: the others would not either */
+        /* Back on the list: the site could not open one (an address's
+         * slots, a source), nor would it for the others; unless its own
+         * max_connections stopped it below the window: the next may have
+         * room under a cap of its own (before, they waited for the site's
+         * last connection to end). */
+        if (t->want.on && s->conns < t->pol->max_connections)
+            break;
     }
     if (s->conns == 0 && s->want.n > 0) {
         /* It could not for a reason of its own (its max_connections, the

@@ -1040,6 +1040,123 @@ site_wake_runs_every_waiting_domain(void **state)
     fx_free(f);
 }
 
+/* A site's wake (site_wake: a connection of the site ended, its window
+ * grew, its rest ended) that meets, first on the site's list of domains
+ * waiting for a connection, one blocked for a reason of its own: it
+ * opens nothing for that one, and goes on to the site's next waiting
+ * domain, which takes the room. Before the wake: a.test holds the site's
+ * two connections, b.test and then c.test wait for one, and b.test is
+ * blocked (how: enum wake_block). One of a.test's connections ends. */
+enum wake_block {
+    WAKE_HELD,      /* its own hold (dest_hold: its addresses failed) */
+    WAKE_SUSPENDED, /* the operator's suspend of the domain */
+    WAKE_RATE,      /* its max_connection_rate: no token for an hour */
+    WAKE_CAP,       /* its max_connections (1), the site's connections at it: the site's
+                     * window (2) has room for a domain with more */
+};
+
+static void
+wake_past_a_blocked_domain(enum wake_block how)
+{
+    char conf[256];
+    snprintf(conf, sizeof(conf),
+             "[delivery]\ninitial_connections = 2\n"
+             "[domain *]\nmax_connections = 10\nsite_hold = 30s\n[domain b.test]\n%s\n",
+             how == WAKE_RATE  ? "max_connection_rate = 1/h"
+             : how == WAKE_CAP ? "max_connections = 1"
+                               : "");
+    struct fx *f = fx_new(conf);
+    submit("a.test", 1);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_non_null(site);
+    assert_int_equal(site_window_allowed(&site->win), 2);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *b = dest_get(f->d, "b.test"), *c = dest_get(f->d, "c.test");
+    assert_ptr_equal(b->site, site);
+    assert_ptr_equal(c->site, site);
+    assert_int_equal(f->opened, 2); /* the site is full: both wait */
+    assert_int_equal(site->want.n, 2);
+    assert_ptr_equal(site->want.oldest, &b->want); /* b.test is woken first */
+
+    uint64_t retry;
+    switch (how) {
+    case WAKE_HELD:
+        dest_hold(b, 60000);
+        break;
+    case WAKE_SUSPENDED:
+        assert_int_equal(delivery_suspend(f->d, "b.test", true), 0);
+        break;
+    case WAKE_CAP:
+        break; /* one of the site's two left: at b.test's cap */
+    case WAKE_RATE:
+        /* its one connection of the hour: taken (and its lease given back) */
+        assert_true(limits_conn_acquire(f->d->lim, &b->lim, f->w.now, &retry));
+        limits_conn_release(f->d->lim, &b->lim);
+        assert_false(limits_conn_acquire(f->d->lim, &b->lim, f->w.now, &retry));
+        break;
+    }
+
+    /* One of a.test's connections ends after its transaction: room for one. */
+    struct conn *x = f->open[0];
+    enum sched_next what;
+    conn_ready(x, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(x->dest, dest_get(f->d, "a.test"));
+    assert_false(txn_done(x, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_gone(x, NULL);
+
+    /* Nothing opened for b.test ... */
+    assert_int_equal(b->conns, 0);
+    assert_int_equal(b->opening, 0);
+    for (unsigned i = 0; i < f->nopen; i++)
+        assert_ptr_not_equal(f->open[i]->dest, b);
+    assert_int_equal(dest_queued(b), 1); /* its mail waits, untold */
+    assert_int_equal(f->failed, 0);
+    /* ... and c.test, behind it, took the room at once. */
+    assert_int_equal(c->conns, 1);
+    assert_int_equal(f->opened, 3);
+    assert_string_equal(f->opened_to[2], "mx1.hoster.test 192.0.2.1:25");
+    assert_int_equal(site->conns, 2);
+    assert_false(c->want.on);
+    fx_free(f);
+}
+
+static void
+site_wake_goes_past_a_held_domain(void **state)
+{
+    (void)state;
+    wake_past_a_blocked_domain(WAKE_HELD);
+}
+
+static void
+site_wake_goes_past_a_suspended_domain(void **state)
+{
+    (void)state;
+    wake_past_a_blocked_domain(WAKE_SUSPENDED);
+}
+
+static void
+site_wake_goes_past_a_domain_out_of_connection_tokens(void **state)
+{
+    (void)state;
+    wake_past_a_blocked_domain(WAKE_RATE);
+}
+
+/* Before the wake went on past a domain stopped by its own cap, c.test
+ * waited until a.test's last connection ended. */
+static void
+site_wake_goes_past_a_domain_at_its_own_cap(void **state)
+{
+    (void)state;
+    wake_past_a_blocked_domain(WAKE_CAP);
+}
+
 /* An address that refused a connect is passed over by the site's other
  * domains while it is fresh news: a new domain of the same hosts goes to
  * the backup MX at once instead of meeting the same refusal (or a whole
@@ -2867,6 +2984,10 @@ main(void)
         cmocka_unit_test(affinity_husk_goes_at_the_next_sweep),
         cmocka_unit_test(site_rests_with_a_failed_domain),
         cmocka_unit_test(site_wake_runs_every_waiting_domain),
+        cmocka_unit_test(site_wake_goes_past_a_held_domain),
+        cmocka_unit_test(site_wake_goes_past_a_suspended_domain),
+        cmocka_unit_test(site_wake_goes_past_a_domain_out_of_connection_tokens),
+        cmocka_unit_test(site_wake_goes_past_a_domain_at_its_own_cap),
         cmocka_unit_test(site_hold_zero_keeps_its_mail_while_held),
         cmocka_unit_test(lift_of_one_domain_frees_its_sites_other_domains),
         cmocka_unit_test(site_passes_over_an_address_that_refused),
