@@ -13,7 +13,9 @@
  * it (config_gen.h).
  * A worker whose ring fails shuts its listeners and signals main, which
  * drains the others and exits ENGINE_EXIT_FAILED (engine.h); the test
- * seam SLUICE_TEST_FAIL_RING injects that failure.
+ * seam SLUICE_TEST_FAIL_RING injects that failure. The stop has one last
+ * bound, a thread of its own (stop_watch): a spool that answers nothing
+ * would otherwise hold it forever.
  */
 #include "engine/engine.h"
 #include "engine/mta_sts.h"
@@ -22,6 +24,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -732,9 +735,103 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
     return atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers;
 }
 
+/* The stop's last bound (engine_stop): past it, the process exits. */
+#define STOP_BOUND_MS (SERVER_STOP_COMMIT_WAIT_MS + 30000)
+
+struct stop_watch {
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* on CLOCK_MONOTONIC */
+    bool done;         /* engine_stop came to its end */
+    uint64_t bound_ms;
+    pthread_t th;
+};
+
+/* The watch's thread: waits for the stop's end; past the bound, the stop
+ * waits on something that will not answer (a dead disk under the spool's
+ * committer: queue_close joins it, delivery_free waits for its answers,
+ * and neither has a bound of its own). Exiting then loses nothing: what
+ * the spool did not confirm was never acknowledged to a client, and what
+ * it did is on disk (as after a kill -9). */
+static void *
+stop_watch_main(void *arg)
+{
+    struct stop_watch *sw = arg;
+    struct timespec at;
+    clock_gettime(CLOCK_MONOTONIC, &at);
+    at.tv_sec += (time_t)(sw->bound_ms / 1000);
+    at.tv_nsec += (long)(sw->bound_ms % 1000) * 1000000L;
+    if (at.tv_nsec >= 1000000000L) {
+        at.tv_sec++;
+        at.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&sw->mu);
+    int rc = 0;
+    while (!sw->done && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&sw->cv, &sw->mu, &at);
+    bool done = sw->done;
+    pthread_mutex_unlock(&sw->mu);
+    if (!done) {
+        log_msg(LOG_CRIT,
+                "event=stop_stuck waited_ms=%llu exit=%d "
+                "note=the_spool_does_not_answer_what_it_did_not_confirm_was_never_acknowledged",
+                (unsigned long long)sw->bound_ms, ENGINE_EXIT_FAILED);
+        _exit(ENGINE_EXIT_FAILED);
+    }
+    return NULL;
+}
+
+/* Start the watch; false when it could not start (the stop then has no
+ * bound, as before). */
+static bool
+stop_watch_start(struct stop_watch *sw)
+{
+    memset(sw, 0, sizeof(*sw));
+    sw->bound_ms = STOP_BOUND_MS;
+#ifdef SLUICE_TEST_HOOKS
+    /* SLUICE_TEST_STOP_BOUND_MS=MS: the bound, shorter than the stop's own
+     * waits, for a test. */
+    const char *b = getenv("SLUICE_TEST_STOP_BOUND_MS");
+    if (b != NULL && *b != '\0') {
+        sw->bound_ms = strtoull(b, NULL, 10);
+        log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_STOP_BOUND_MS ms=%llu",
+                (unsigned long long)sw->bound_ms);
+    }
+#endif
+    pthread_condattr_t ca;
+    if (pthread_condattr_init(&ca) != 0)
+        return false;
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(&sw->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc != 0)
+        return false;
+    pthread_mutex_init(&sw->mu, NULL);
+    if (pthread_create(&sw->th, NULL, stop_watch_main, sw) != 0) {
+        pthread_cond_destroy(&sw->cv);
+        pthread_mutex_destroy(&sw->mu);
+        log_msg(LOG_WARN, "event=stop_unbounded reason=no_thread");
+        return false;
+    }
+    return true;
+}
+
+static void
+stop_watch_end(struct stop_watch *sw)
+{
+    pthread_mutex_lock(&sw->mu);
+    sw->done = true;
+    pthread_cond_signal(&sw->cv);
+    pthread_mutex_unlock(&sw->mu);
+    pthread_join(sw->th, NULL);
+    pthread_cond_destroy(&sw->cv);
+    pthread_mutex_destroy(&sw->mu);
+}
+
 void
 engine_stop(struct engine *e)
 {
+    struct stop_watch watch;
+    bool watched = e->nworkers > 0 && stop_watch_start(&watch);
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     /* No report is mailed once the workers stop (it waits for the next
      * start); a send in progress ends first. */
@@ -833,6 +930,8 @@ engine_stop(struct engine *e)
     e->gens = config_gens_free(e->gens);
     free(e->gens_msgs);
     e->gens_msgs = NULL;
+    if (watched)
+        stop_watch_end(&watch);
 }
 
 /* ---- reload ---- */

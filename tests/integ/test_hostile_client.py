@@ -23,6 +23,7 @@ import socket
 import ssl
 import struct
 import sys
+import time
 
 from harness import Sluice, Smtp, Workdir, free_port, main, run, spool_messages, wait_until
 
@@ -33,11 +34,12 @@ PASSWORD = "s3cret-Pw"
 
 
 @contextlib.contextmanager
-def sluice(extra="", trusted="127.0.0.0/8", env=None, workers=2, log=""):
+def sluice(extra="", trusted="127.0.0.0/8", env=None, workers=2, log="", exits=0):
     """sluice on a plaintext port and an implicit-TLS port (d.port,
     d.tls_port), with env added to its environment, extra in [server]
     and log in [log] (d.dir: its directory, {dir} in log); stopped on the way out,
-    failing on a sanitizer report."""
+    failing on a sanitizer report, or on an exit code other than exits (a
+    test that stops it itself)."""
     wd = Workdir("sluice-hcl-")
     d = None
     try:
@@ -87,7 +89,10 @@ level = info
         d.port, d.tls_port, d.spool, d.dir = port, tls_port, f"{p}/spool", p
         d.wait_log("event=ready")
         yield d
-        d.stop_clean()
+        if exits == 0:
+            d.stop_clean()
+        else:
+            assert d.proc.wait(30) == exits, d.lines[-20:]
     finally:
         if d is not None:
             if d.proc.poll() is None:
@@ -474,6 +479,41 @@ def test_drain_timeout_with_a_commit_pending_logs_it_queued():
             receptions = [ln for ln in f if '"reception"' in ln]
         assert len(receptions) == 1 and qid in receptions[0], receptions
         assert d.count_log("event=stop_commit_wait_cut") == 0
+
+
+def test_a_spool_that_never_answers_cannot_hold_the_stop():
+    """The stop has one last bound: a spool that answers nothing (a dead
+    disk under the committer: the stop's own waits for it, one of them
+    unbounded, would hold it forever) is given up, with event=stop_stuck
+    and exit 70, for a supervisor to restart it. The test hook
+    SLUICE_TEST_COMMIT_DELAY holds a commit's answer ten minutes, and
+    SLUICE_TEST_STOP_BOUND_MS makes the bound 3 s instead of 60 s. What
+    the spool stored is there after it; its client got no 250."""
+    with sluice("drain_timeout = 1s\n", exits=70,
+                env={"SLUICE_TEST_COMMIT_DELAY": "600000", "SLUICE_TEST_STOP_BOUND_MS": "3000"}
+                ) as d:
+        pending = Smtp(d.port, timeout=30)
+        pending.expect("EHLO client.example", 250)
+        pending.expect("MAIL FROM:<a@example.com>", 250)
+        pending.expect("RCPT TO:<b@example.org>", 250)
+        pending.expect("DATA", 354)
+        pending.send(b"Subject: stuck\r\n\r\nstored, never answered\r\n.\r\n")
+        d.wait_log("event=commit_held")
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 70, d.lines[-20:]
+        took = time.monotonic() - t0
+        got = [r.code for r in pending.rest_until_closed(10)]
+        pending.close()
+        d.reader.join(5)
+        stuck = d.log_lines("event=stop_stuck")
+        assert len(stuck) == 1 and "waited_ms=3000 exit=70" in stuck[0], d.lines[-20:]
+        # the drain (1 s), then the bound (3 s) from the stop's start: not
+        # the 30 s the stop waits for a held commit
+        assert took < 20, took
+        assert 250 not in got, got
+        (m,) = spool_messages(d.spool)
+        assert b"stored, never answered" in m["body"]
 
 
 def deaf_client(d):
@@ -1048,6 +1088,7 @@ if __name__ == "__main__":
         test_stop_with_transactions_open_says_what_it_dropped,
         test_stop_answers_a_message_whose_commit_is_pending,
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
+        test_a_spool_that_never_answers_cannot_hold_the_stop,
         test_a_client_that_does_not_read_leaves_the_drain_sealed,
         test_a_client_that_does_not_read_is_closed_within_the_drain,
         test_pipelined_auth_decides_the_commands_behind_it,
