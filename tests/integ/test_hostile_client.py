@@ -399,6 +399,24 @@ def test_stop_with_transactions_open_says_what_it_dropped():
         assert spool_messages(d.spool) == []
 
 
+def envelope(c):
+    """A transaction up to DATA's 354 on the Smtp client c."""
+    c.expect("EHLO client.example", 250)
+    c.expect("MAIL FROM:<a@example.com>", 250)
+    c.expect("RCPT TO:<b@example.org>", 250)
+    c.expect("DATA", 354)
+
+
+def held_message(d, body):
+    """A client whose message (body, dot included) is stored, its commit's
+    answer held (SLUICE_TEST_COMMIT_DELAY): returned before any reply."""
+    pending = Smtp(d.port, timeout=30)
+    envelope(pending)
+    pending.send(body)
+    d.wait_log("event=commit_held")  # stored, its answer not yet back
+    return pending
+
+
 def test_stop_answers_a_message_whose_commit_is_pending():
     """SIGTERM while a message's content has ended and its commit is
     pending (a spool slow to answer: the test hook SLUICE_TEST_COMMIT_DELAY
@@ -413,19 +431,9 @@ def test_stop_answers_a_message_whose_commit_is_pending():
     commit pending, the message stayed in the spool unanswered (the client
     sends it again: twice delivered) and unlogged."""
     body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 2000
-
-    def envelope(c):
-        c.expect("EHLO client.example", 250)
-        c.expect("MAIL FROM:<a@example.com>", 250)
-        c.expect("RCPT TO:<b@example.org>", 250)
-        c.expect("DATA", 354)
-
     with sluice(env={"SLUICE_TEST_COMMIT_DELAY": "2000"}) as d:
         d.wait_log("event=test_hook name=SLUICE_TEST_COMMIT_DELAY")
-        pending = Smtp(d.port, timeout=30)
-        envelope(pending)
-        pending.send(body + b".\r\n")
-        d.wait_log("event=commit_held")  # stored, its answer not yet back
+        pending = held_message(d, body + b".\r\n")
         late = Smtp(d.port, timeout=30)
         envelope(late)
         late.send(body)
@@ -458,13 +466,7 @@ def test_drain_timeout_with_a_commit_pending_logs_it_queued():
     message it was never told was queued."""
     with sluice("drain_timeout = 1s\n", env={"SLUICE_TEST_COMMIT_DELAY": "3000"},
                 log="delivery_log = {dir}/delivery.log") as d:
-        pending = Smtp(d.port, timeout=30)
-        pending.expect("EHLO client.example", 250)
-        pending.expect("MAIL FROM:<a@example.com>", 250)
-        pending.expect("RCPT TO:<b@example.org>", 250)
-        pending.expect("DATA", 354)
-        pending.send(b"Subject: slow\r\n\r\nstored late\r\n.\r\n")
-        d.wait_log("event=commit_held")  # stored, its answer not yet back
+        pending = held_message(d, b"Subject: slow\r\n\r\nstored late\r\n.\r\n")
         d.signal(signal.SIGTERM)
         d.wait_log("event=drain_timed_out")
         got = [r.code for r in pending.rest_until_closed(30)]
@@ -492,13 +494,7 @@ def test_a_spool_that_never_answers_cannot_hold_the_stop():
     with sluice("drain_timeout = 1s\n", exits=70,
                 env={"SLUICE_TEST_COMMIT_DELAY": "600000", "SLUICE_TEST_STOP_BOUND_MS": "3000"}
                 ) as d:
-        pending = Smtp(d.port, timeout=30)
-        pending.expect("EHLO client.example", 250)
-        pending.expect("MAIL FROM:<a@example.com>", 250)
-        pending.expect("RCPT TO:<b@example.org>", 250)
-        pending.expect("DATA", 354)
-        pending.send(b"Subject: stuck\r\n\r\nstored, never answered\r\n.\r\n")
-        d.wait_log("event=commit_held")
+        pending = held_message(d, b"Subject: stuck\r\n\r\nstored, never answered\r\n.\r\n")
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert d.proc.wait(30) == 70, d.lines[-20:]
