@@ -289,27 +289,35 @@ site_wake(struct delivery *d, struct site *s)
      * left waiting has nothing else to wake it when no connection of the
      * site is left to end (a resting site whose only one failed: with a
      * cap of 64, the 65th domain on waited forever, its mail untold).
-     * Each domain waiting now is run once at most (one that goes back on
-     * the list goes to its end), so it ends. */
-    struct dest *t;
-    size_t n = s->want.n;
-    while (n-- > 0 && s->conns < site_window_allowed(&s->win) && (t = want_pop(s)) != NULL) {
+     * A domain at its own max_connections (the site's connections are
+     * counted against it: site_allowed) is passed over where it waits,
+     * not run: the next may have room under a cap of its own (before,
+     * they waited for the site's last connection to end). The runs are
+     * bounded by the domains waiting now, so it ends. */
+    size_t runs = s->want.n;
+    struct lru_node *x = s->want.oldest;
+    while (runs > 0 && x != NULL && s->conns < site_window_allowed(&s->win)) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, want));
+        if (s->conns >= t->pol->max_connections) {
+            x = x->next;
+            continue;
+        }
+        lru_remove(&s->want, x);
+        runs--;
         dest_run(t);
         /* Back on the list: the site could not open one (an address's
-         * slots, a source), nor would it for the others; unless its own
-         * max_connections stopped it below the window: the next may have
-         * room under a cap of its own (before, they waited for the site's
-         * last connection to end). */
-        if (t->want.on && s->conns < t->pol->max_connections)
+         * slots, a source), nor would it for the others. */
+        if (t->site == s && t->want.on)
             break;
+        x = s->want.oldest; /* the run may have changed the list */
     }
     if (s->conns == 0 && s->want.n > 0) {
         /* It could not for a reason of its own (its max_connections, the
          * address slots other workers hold, its source): with nothing of
          * the site open here, no end of a connection will wake the
          * others, so each runs again soon by itself. */
-        for (struct lru_node *x = s->want.oldest; x != NULL; x = x->next)
-            dest_lim_wait((struct dest *)((char *)x - offsetof(struct dest, want)),
+        for (struct lru_node *y = s->want.oldest; y != NULL; y = y->next)
+            dest_lim_wait((struct dest *)((char *)y - offsetof(struct dest, want)),
                           d->w->now + MS_TO_NS(HOLD_MIN_MS));
     }
     site_unref(&d->sites, s);

@@ -1124,6 +1124,8 @@ wake_past_a_blocked_domain(enum wake_block how)
     assert_string_equal(f->opened_to[2], "mx1.hoster.test 192.0.2.1:25");
     assert_int_equal(site->conns, 2);
     assert_false(c->want.on);
+    if (how == WAKE_CAP) /* passed over where it waits, not run: first in line still */
+        assert_ptr_equal(site->want.oldest, &b->want);
     fx_free(f);
 }
 
