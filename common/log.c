@@ -366,12 +366,9 @@ fatal_str(int sig)
 }
 
 void
-log_fatal_signal(int sig)
+log_flush_all(void)
 {
     int saved = errno;
-    /* The older lines first: each batch up to its last whole line. A
-     * thread adding a line just then may lose it; one flushing its batch
-     * just then may have it written twice. */
     for (size_t i = 0; i < LOG_BATCHES_MAX; i++) {
         struct log_batch *b = atomic_load(&log_batches[i]);
         if (b == NULL)
@@ -384,6 +381,14 @@ log_fatal_signal(int sig)
         write_all(b->buf, len);
         atomic_store_explicit(&b->len, 0, memory_order_relaxed);
     }
+    errno = saved;
+}
+
+void
+log_fatal_signal(int sig)
+{
+    int saved = errno;
+    log_flush_all(); /* the older lines first */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     char line[256];

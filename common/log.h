@@ -100,6 +100,12 @@ void log_batch_end(void);
  * from main before its threads start. Returns 0 or -errno (the signals
  * that could be caught are). */
 int log_catch_fatal(void);
+/* Only on the way to dying (a fatal signal, a stop given up): writes
+ * each batching thread's kept lines up to its last whole line and empties
+ * its batch, from any thread, with no lock: a line a thread was adding
+ * just then may be lost, one a thread was flushing just then written
+ * twice. Async-signal-safe. */
+void log_flush_all(void);
 /* Only on the way to dying, from a fatal signal's handler (it calls only
  * what a handler may: write(2), no lock, no allocation; and it empties
  * every thread's batch under it): writes the whole lines every batching

@@ -744,26 +744,22 @@ struct stop_watch {
     bool done;         /* engine_stop came to its end */
     uint64_t bound_ms;
     pthread_t th;
+    _Atomic(const char *) stage; /* static: what engine_stop waits for now */
 };
 
 /* The watch's thread: waits for the stop's end; past the bound, the stop
- * waits on something that will not answer (a dead disk under the spool's
- * committer: queue_close joins it, delivery_free waits for its answers,
- * and neither has a bound of its own). Exiting then loses nothing: what
- * the spool did not confirm was never acknowledged to a client, and what
- * it did is on disk (as after a kill -9). */
+ * waits on something that will not answer, most likely a dead disk under
+ * the spool's committer (queue_close joins it, delivery_free waits for
+ * its answers, and neither has a bound of its own); stage says which
+ * step. Exiting then loses no mail: what the spool did not confirm was
+ * never acknowledged to a client, and what it did is on disk (as after a
+ * kill -9); the warm-up counts and shaping state taken since their last
+ * save are lost when the stop hung before their close. */
 static void *
 stop_watch_main(void *arg)
 {
     struct stop_watch *sw = arg;
-    struct timespec at;
-    clock_gettime(CLOCK_MONOTONIC, &at);
-    at.tv_sec += (time_t)(sw->bound_ms / 1000);
-    at.tv_nsec += (long)(sw->bound_ms % 1000) * 1000000L;
-    if (at.tv_nsec >= 1000000000L) {
-        at.tv_sec++;
-        at.tv_nsec -= 1000000000L;
-    }
+    struct timespec at = clock_mono_deadline(sw->bound_ms);
     pthread_mutex_lock(&sw->mu);
     int rc = 0;
     while (!sw->done && rc != ETIMEDOUT)
@@ -771,10 +767,11 @@ stop_watch_main(void *arg)
     bool done = sw->done;
     pthread_mutex_unlock(&sw->mu);
     if (!done) {
+        log_flush_all(); /* what a worker stuck in its stop kept */
         log_msg(LOG_CRIT,
-                "event=stop_stuck waited_ms=%llu exit=%d "
-                "note=the_spool_does_not_answer_what_it_did_not_confirm_was_never_acknowledged",
-                (unsigned long long)sw->bound_ms, ENGINE_EXIT_FAILED);
+                "event=stop_stuck waited_ms=%llu stage=%s exit=%d "
+                "note=what_the_spool_did_not_confirm_was_never_acknowledged",
+                (unsigned long long)sw->bound_ms, atomic_load(&sw->stage), ENGINE_EXIT_FAILED);
         _exit(ENGINE_EXIT_FAILED);
     }
     return NULL;
@@ -797,13 +794,8 @@ stop_watch_start(struct stop_watch *sw)
                 (unsigned long long)sw->bound_ms);
     }
 #endif
-    pthread_condattr_t ca;
-    if (pthread_condattr_init(&ca) != 0)
-        return false;
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    int rc = pthread_cond_init(&sw->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    if (rc != 0)
+    atomic_init(&sw->stage, "workers");
+    if (clock_cond_init_mono(&sw->cv) != 0)
         return false;
     pthread_mutex_init(&sw->mu, NULL);
     if (pthread_create(&sw->th, NULL, stop_watch_main, sw) != 0) {
@@ -832,11 +824,17 @@ engine_stop(struct engine *e)
 {
     struct stop_watch watch;
     bool watched = e->nworkers > 0 && stop_watch_start(&watch);
+#define STOP_STAGE(name)                                                                           \
+    do {                                                                                           \
+        if (watched)                                                                               \
+            atomic_store(&watch.stage, name);                                                      \
+    } while (0)
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     /* No report is mailed once the workers stop (it waits for the next
      * start); a send in progress ends first. */
     if (e->mta_sts != NULL)
         tlsrpt_set_mailer(mta_sts_tlsrpt(e->mta_sts), NULL, NULL);
+    STOP_STAGE("stats");
     ops_stop(e);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (!e->workers[i].started)
@@ -846,6 +844,7 @@ engine_stop(struct engine *e)
         else
             worker_stop(&e->workers[i]);
     }
+    STOP_STAGE("workers");
     for (unsigned i = 0; i < e->nworkers; i++) {
         int rc = worker_join(&e->workers[i]);
         if (rc < 0 && !e->workers[i].failed)
@@ -858,6 +857,7 @@ engine_stop(struct engine *e)
      * for one (those done wait in the mailboxes; each server takes its own
      * out). */
     e->auth_pool = auth_pool_free(e->auth_pool);
+    STOP_STAGE("servers_and_spool_answers");
     for (unsigned i = 0; i < e->nworkers; i++) {
         /* Messages never delivered (a failed start, or a worker whose ring
          * failed), before their owners go: some are embedded in them. */
@@ -881,6 +881,7 @@ engine_stop(struct engine *e)
     }
     /* After the workers and the stats thread (nobody asks), before the
      * delivery log (its events are written out). */
+    STOP_STAGE("shaping");
     e->shaping = shaping_close(e->shaping); /* after the workers: nobody asks */
     pthread_mutex_lock(&e->shaping_dlog_lock);
     e->dlogw_shaping = dlog_writer_free(e->dlogw_shaping);
@@ -890,6 +891,7 @@ engine_stop(struct engine *e)
     e->mta_sts = mta_sts_free(e->mta_sts);
     e->dlogw_tlsrpt = dlog_writer_free(e->dlogw_tlsrpt);
     /* After every worker: what they logged is written out. */
+    STOP_STAGE("delivery_log");
     e->dlog = dlog_free(e->dlog);
     e->events = events_free(e->events); /* after every writer, before the spool */
     free(e->dlogw);
@@ -905,11 +907,13 @@ engine_stop(struct engine *e)
     e->srv = NULL;
     e->dlv = NULL;
     e->nworkers = 0;
+    STOP_STAGE("spool");
     if (e->queue != NULL)
         queue_close(e->queue);
     e->queue = NULL;
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;
+    STOP_STAGE("warmup");
     e->warmup = warmup_close(e->warmup);
     e->names = intern_free(e->names); /* after every worker: jobs hold ids */
     e->users = auth_db_unref(e->users);
@@ -932,6 +936,7 @@ engine_stop(struct engine *e)
     e->gens_msgs = NULL;
     if (watched)
         stop_watch_end(&watch);
+#undef STOP_STAGE
 }
 
 /* ---- reload ---- */
