@@ -31,12 +31,12 @@ def stamp(line):
 def test_drain_keeps_a_closing_sessions_earlier_deadline():
     """A client pipelines NOOPs and never reads: sluice stops reading it,
     its command times out (event=timeout) and the session closes with a
-    421 that cannot leave: it has timeout_command (6 s) for that. The
+    421 that cannot leave: it has timeout_command (10 s) for that. The
     stop comes 4 s later, with a drain_timeout of 60 s: the session must
-    still end 6 s after its timeout, not 6 s after the stop (10 s after
+    still end 10 s after its timeout, not 10 s after the stop (14 s after
     its timeout), and the drain then ends done (the session was all it
     waited for) and sluice exits 0."""
-    command_s, aged_s = 6, 4
+    command_s, aged_s = 10, 4
     with sluice(f"timeout_command = {command_s}s\ndrain_timeout = 60s\n"
                 "max_junk_commands = 1000000000\n", workers=1) as d:
         deaf = deaf_client(d)
@@ -67,6 +67,9 @@ def test_drain_keeps_a_closing_sessions_earlier_deadline():
             f"the closing session ended {held:.2f}s after its timeout, not {command_s}s: " \
             "the drain moved its deadline"
         assert d.count_log("event=drain_done") == 1, d.log_lines("event=drain_")
+        # the stop came while it was closing (not after it had gone)
+        (stopping,) = d.log_lines("event=stopping")
+        assert stamp(stopping) < stamp(closed[0]), (stopping, closed[0])
 
 
 if __name__ == "__main__":

@@ -224,12 +224,7 @@ setup(void **state)
     free(buf);
     unlink(f->conf);
     assert_int_equal(rc, 0);
-    if (worker_init(&f->w, 0, 64, NULL) < 0) {
-        config_free(f->cfg);
-        free(f);
-        fprintf(stderr, "no io_uring here: skipped\n");
-        skip();
-    }
+    assert_int_equal(worker_init(&f->w, 0, 64, NULL), 0); /* (main skips without io_uring) */
     assert_int_equal(worker_start(&f->w), 0);
     f->e.cfg = f->cfg;
     f->e.nworkers = 1;
@@ -406,6 +401,15 @@ flush_of_nobody_ends_nothing(void **state)
 int
 main(void)
 {
+    /* A worker's ring, or skip (77: ctest's SKIP_RETURN_CODE): a skip()
+     * in a setup is reported as a failed setup. */
+    struct worker probe;
+    memset(&probe, 0, sizeof(probe));
+    if (worker_init(&probe, 0, 64, NULL) < 0) {
+        fprintf(stderr, "no io_uring here: skipped\n");
+        return 77;
+    }
+    worker_fini(&probe);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(flush_all_ends_the_rests_before_the_recipients_come_due,
                                         setup, teardown),
