@@ -130,8 +130,10 @@ struct stats_counters {
     uint64_t delivered, deferred, bounced, expired; /* recipient outcomes */
     uint64_t dsn_queued;
     uint64_t rcpt_suppressed; /* recipients refused at RCPT: on the suppression list */
-    /* names (tenants, pools, campaigns, sources) given no id (common/intern.h):
-     * the table's cap or memory; and campaign names past [server] campaign_names */
+    /* lookups of a name (tenant, pool, campaign, source) that got no id
+     * (common/intern.h): the table's cap, memory or a name too long; and of a
+     * campaign past [server] campaign_names (a message's, at its reception and
+     * each time its recipients are queued again) */
     uint64_t names_refused, campaign_names_refused;
     /* the suppression list (engine/suppress.h); suppress_on false: off */
     bool suppress_on;

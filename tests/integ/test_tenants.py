@@ -362,8 +362,9 @@ def test_bounce_and_flush_by_tenant_and_campaign():
 def test_campaign_names_past_the_cap_are_counted():
     """Campaign names come from clients and their ids are never freed:
     past [server] campaign_names a new one gets none. The stats say how
-    many were refused, on the socket and in /metrics, and how many names
-    hold an id."""
+    many lookups were refused (each message's at its reception, here: no
+    delivery), on the socket and in /metrics, and how many names hold an
+    id."""
     n = Node(delivery=False, server_extra="campaign_names = 2")
     try:
         with n.client("127.0.0.2", "app1") as c:
@@ -376,6 +377,7 @@ def test_campaign_names_past_the_cap_are_counted():
         assert st["counters"]["names_refused"] == 0, st["counters"]
         # acme, its pools transactional and bulk, the sources, c1 and c2
         assert st["objects"]["names"] >= 4, st["objects"]
+        assert st["objects"]["campaign_names"] == 2, st["objects"]
         text = n.ask("metrics")["text"]
         assert "\nsluice_campaign_names_refused_total 2\n" in text, text
         assert "\nsluice_names_refused_total 0\n" in text, text
