@@ -32,7 +32,11 @@ clock_mono_ms(void)
 
 /* A condition variable whose timed waits take monotonic deadlines
  * (clock_mono_deadline()): against CLOCK_REALTIME, pthread's default, a
- * wall clock stepped back an hour stretches a 2 s wait by that hour. */
+ * wall clock stepped back an hour stretches a 2 s wait by that hour.
+ * Returns 0, or the error of pthread_condattr_setclock() or
+ * pthread_cond_init() (cv is then not made). With glibc neither fails for
+ * CLOCK_MONOTONIC; the callers that ignore the return (as they ignore
+ * pthread_mutex_init's) rely on that, the stop watch checks it. */
 static inline int
 clock_cond_init_mono(pthread_cond_t *cv)
 {
@@ -40,8 +44,12 @@ clock_cond_init_mono(pthread_cond_t *cv)
     int rc = pthread_condattr_init(&ca);
     if (rc != 0)
         return rc;
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    rc = pthread_cond_init(cv, &ca);
+    /* Failed, the variable would wait on the wall clock while its
+     * deadlines are monotonic ones (days since boot: past at once), so
+     * it is not made: the caller hears why. */
+    rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    if (rc == 0)
+        rc = pthread_cond_init(cv, &ca);
     pthread_condattr_destroy(&ca);
     return rc;
 }
