@@ -262,10 +262,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
 {
     if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
-    size_t dl = strlen(domain);
-    if (dl >= 256)
-        dl = 255;
-    struct job *j = malloc(sizeof(*j) + n * sizeof(unsigned));
+    struct job *j = job_make(domain, n);
     if (j == NULL) {
         /* Still in the spool: a restart delivers it. Say so. */
         char qid[QUEUE_ID_STRLEN + 1];
@@ -275,22 +272,11 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
         return;
     }
     j->m.fn = delivery_on_job;
-    j->fq.next = NULL;
     j->id = id;
-    j->expire_ms = 0;
     j->bounce = bounce;
     j->shaped_bounce = shaped;
-    j->shaped = false;
-    j->shaped_until = 0;
-    j->failovers = 0;
-    j->reuse_lost = 0;
-    j->tls_retried = false;
-    j->queued_ns = 0;
     j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;
-    for (size_t i = 0; i < dl; i++)
-        j->domain[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
-    j->domain[dl] = '\0';
     memcpy(j->idx, idx, n * sizeof(unsigned));
     /* A bounce goes by way of the worker the domain's name hashes to,
      * which passes it on (delivery_on_job) behind whatever it still holds

@@ -395,14 +395,13 @@ conn_next(struct conn *c)
         if (j->n > maxr) {
             /* Split with a larger max_rcpt_per_txn before a reload, or
              * past the server's RCPTMAX. */
-            struct job *rest = malloc(sizeof(*rest) + (j->n - maxr) * sizeof(unsigned));
+            struct job *rest = job_copy(j, j->n - maxr);
             if (rest == NULL) {
                 queue_envelope_free(env);
                 dest_push(t, j, true);
                 conn_handle(c, smtp_client_quit(conn_cli(c)));
                 return;
             }
-            *rest = *j;
             rest->n = j->n - maxr;
             memcpy(rest->idx, j->idx + maxr, rest->n * sizeof(unsigned));
             j->n = maxr;
@@ -522,10 +521,9 @@ conn_rcpt_overflow(struct conn *c, struct job *j)
         over += policy_rcpt_next_txn(&c->rc[i].out, c->txn.delivered);
     if (over == 0)
         return;
-    struct job *next = malloc(sizeof(*next) + over * sizeof(unsigned));
+    struct job *next = job_copy(j, over);
     if (next == NULL)
         return; /* reported as they are: deferred along the schedule */
-    *next = *j;
     next->n = 0;
     unsigned keep = 0;
     for (unsigned i = 0; i < j->n; i++) {

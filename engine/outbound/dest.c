@@ -387,6 +387,37 @@ dest_push(struct dest *t, struct job *j, bool front)
     job_lost(j);
 }
 
+struct job *
+job_make(const char *domain, unsigned cap)
+{
+    size_t dl = strlen(domain);
+    if (dl > 255)
+        dl = 255;
+    struct job *j = calloc(1, sizeof(*j) + cap * sizeof(unsigned) + dl + 1);
+    if (j == NULL)
+        return NULL;
+    char *name = (char *)(j->idx + cap);
+    for (size_t i = 0; i < dl; i++)
+        name[i] = (char)((domain[i] >= 'A' && domain[i] <= 'Z') ? domain[i] + 32 : domain[i]);
+    name[dl] = '\0';
+    j->domain = name;
+    return j;
+}
+
+struct job *
+job_copy(const struct job *j, unsigned cap)
+{
+    size_t dl = strlen(j->domain);
+    struct job *x = malloc(sizeof(*x) + cap * sizeof(unsigned) + dl + 1);
+    if (x == NULL)
+        return NULL;
+    *x = *j;
+    char *name = (char *)(x->idx + cap);
+    memcpy(name, j->domain, dl + 1);
+    x->domain = name;
+    return x;
+}
+
 void
 job_lost(struct job *j)
 {
@@ -411,10 +442,9 @@ dest_enqueue(struct dest *t, struct job *j)
     struct delivery *d = t->d;
     unsigned max = t->pol->max_rcpt_per_txn;
     while (j->n > max) {
-        struct job *rest = malloc(sizeof(*rest) + (j->n - max) * sizeof(unsigned));
+        struct job *rest = job_copy(j, j->n - max);
         if (rest == NULL)
             break;
-        *rest = *j;
         rest->n = j->n - max;
         memcpy(rest->idx, j->idx + max, rest->n * sizeof(unsigned));
         j->n = max;

@@ -82,31 +82,45 @@ struct dest;
 struct delivery;
 struct outcome_batch;
 
-/* A job: recipients of one message at one domain, one transaction. */
+/* A job: recipients of one message at one domain, one transaction. It
+ * is what a recipient due for delivery costs while it waits in memory:
+ * 128 octets for one recipient at a name of 15 (the domain in the job's
+ * own allocation, not in a fixed array of 256: 384 before). Made by
+ * job_make() and job_copy() only, freed with free(). */
 struct job {
     struct worker_msg m; /* while it travels to the owner */
     struct fairq_node fq; /* on its destination's queue */
     struct job *next_parked; /* on d->parked while its tenant or campaign is suspended (scope.c) */
     uint64_t id;
     uint64_t expire_ms;  /* Unix ms, once known (a held destination asks); 0: not yet */
-    bool bounce;         /* the operator bounces these recipients */
-    bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
-    bool shaped_bounce;  /* with bounce: a shaping bounce's, only where it applies */
     uint64_t shaped_until; /* monotonic ns: parked by its tenant's shaping rate until
                             * then; 0: by a suspension */
+    uint64_t queued_ns;  /* monotonic ns it was queued at its destination (put back
+                          * first after a failure: kept) */
+    const char *domain;  /* lowercased, at most 255 octets: in the job's allocation, after
+                          * idx[cap] (job_make, job_copy) */
+    struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned failovers;  /* times a session failure moved it to the next address */
     unsigned reuse_lost; /* times it was lost on a reused connection and requeued at
                           * once (policy_reuse_lost) */
+    unsigned n;          /* recipients in idx (at most the cap it was made with) */
+    bool bounce;         /* the operator bounces these recipients */
+    bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
+    bool shaped_bounce;  /* with bounce: a shaping bounce's, only where it applies */
     bool tls_retried;    /* it waited while a STARTTLS handshake failed under opportunistic
                           * TLS and had its plaintext retry (policy_conn_end): not again
                           * in this attempt */
-    uint64_t queued_ns;  /* monotonic ns it was queued at its destination (put back
-                          * first after a failure: kept) */
-    struct job_owner owner; /* its message's tenant, pool, campaign, priority */
-    unsigned n;
-    char domain[256];
     unsigned idx[];
 };
+
+/* A job for domain (lowercased here, cut to 255 octets) with room for
+ * cap recipients, every other field zero (n too); NULL without memory. */
+struct job *job_make(const char *domain, unsigned cap);
+
+/* A copy of j's fields (n included: the caller sets it) with room for
+ * cap recipients and a domain of its own: j may be freed first. NULL
+ * without memory. */
+struct job *job_copy(const struct job *j, unsigned cap);
 
 static inline struct job *
 job_of(struct fairq_node *x)

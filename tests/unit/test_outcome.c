@@ -204,11 +204,10 @@ store(struct fx *f, const char *domain, unsigned n)
 static struct job *
 job_new(uint64_t id, const char *domain, const unsigned *idx, unsigned n)
 {
-    struct job *j = calloc(1, sizeof(*j) + n * sizeof(unsigned));
+    struct job *j = job_make(domain, n);
     assert_non_null(j);
     j->id = id;
     j->n = n;
-    snprintf(j->domain, sizeof(j->domain), "%s", domain);
     memcpy(j->idx, idx, n * sizeof(unsigned));
     return j;
 }

@@ -374,12 +374,11 @@ static uint64_t next_id = 1;
 static void
 submit_pool(const char *domain, unsigned n, const char *pool)
 {
-    struct job *j = calloc(1, sizeof(*j) + n * sizeof(unsigned));
+    struct job *j = job_make(domain, n);
     assert_non_null(j);
     j->id = next_id++;
     j->n = n;
     j->owner.pool = intern_id(F->e.names, pool);
-    snprintf(j->domain, sizeof(j->domain), "%s", domain);
     for (unsigned i = 0; i < n; i++)
         j->idx[i] = i;
     struct dest *t = dest_get_pool(F->d, domain, j->owner.pool);
@@ -1247,12 +1246,11 @@ tls_failure_retried_in_plaintext_at_once(void **state)
 static struct dest *
 relaxed_job(const char *domain, bool relaxed, enum dns_dane dane)
 {
-    struct job *j = calloc(1, sizeof(*j) + sizeof(unsigned));
+    struct job *j = job_make(domain, 1);
     assert_non_null(j);
     j->id = next_id++;
     j->n = 1;
     j->owner.tls_relaxed = relaxed;
-    snprintf(j->domain, sizeof(j->domain), "%s", domain);
     struct dest *t = dest_of_job(F->d, j);
     assert_non_null(t);
     dest_enqueue(t, j);
@@ -1311,9 +1309,8 @@ spool_owner_keeps_tls_relaxed(void **state)
     struct fx *f = fx_new("");
     struct dest *x = relaxed_job("r.test", true, DNS_DANE_NONE);
     struct queue_owner qo = {"", "", "", 0, true};
-    struct job *j = calloc(1, sizeof(*j) + sizeof(unsigned));
+    struct job *j = job_make("r.test", 1);
     assert_non_null(j);
-    snprintf(j->domain, sizeof(j->domain), "%s", "r.test");
     delivery_owner_of(&f->e, &qo, &j->owner);
     assert_true(j->owner.tls_relaxed);
     assert_ptr_equal(dest_of_job(f->d, j), x);
@@ -2943,10 +2940,47 @@ affinity_claim_goes_with_the_idle_domain(void **state)
     fx_free(f);
 }
 
+/* A job's domain lives in its own allocation (outbound/internal.h):
+ * lowercased and cut to 255 octets when made, and a copy's survives
+ * the original (its memory overwritten and freed first). */
+static void
+job_copy_has_a_domain_of_its_own(void **state)
+{
+    (void)state;
+    struct job *j = job_make("Mixed.Case.TEST", 4);
+    assert_non_null(j);
+    assert_string_equal(j->domain, "mixed.case.test");
+    assert_int_equal(j->n, 0);
+    j->id = 7;
+    j->n = 4;
+    for (unsigned i = 0; i < 4; i++)
+        j->idx[i] = 10 + i;
+    struct job *c = job_copy(j, 1);
+    assert_non_null(c);
+    assert_ptr_not_equal(c->domain, j->domain);
+    memset(j, 0xA5, sizeof(*j) + 4 * sizeof(unsigned) + strlen("mixed.case.test") + 1);
+    free(j);
+    assert_string_equal(c->domain, "mixed.case.test");
+    assert_int_equal(c->id, 7);
+    assert_int_equal(c->n, 4); /* the caller's to set */
+    c->idx[0] = 13;
+    assert_string_equal(c->domain, "mixed.case.test"); /* idx[cap] ends before it */
+    free(c);
+
+    char longname[400];
+    memset(longname, 'a', sizeof(longname) - 1);
+    longname[sizeof(longname) - 1] = '\0';
+    struct job *l = job_make(longname, 1);
+    assert_non_null(l);
+    assert_int_equal(strlen(l->domain), 255);
+    free(l);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(job_copy_has_a_domain_of_its_own),
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(failed_open_tries_again),
         cmocka_unit_test(failure_of_an_unreadable_message_waits),
