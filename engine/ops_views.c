@@ -50,6 +50,7 @@ struct wstats {
     bool has_dns;
     const char *redis; /* static */
     uint64_t dests, waiting, inflight;
+    struct worker_stats loop; /* the worker's loop: turns, the slow ones */
     struct stats_tenant tenants[SERVER_TENANTS_MAX];  /* received, per tenant */
     unsigned ntenants;
     struct stats_tenant dtenants[DELIVERY_TENANTS_MAX]; /* outcomes, per tenant */
@@ -64,6 +65,7 @@ counters_on_worker(struct engine *e, unsigned w, struct wcall *c)
 {
     struct wstats *s = &((struct wstats *)c->res)[w];
     server_worker_stats(e->srv[w], &s->srv);
+    s->loop = e->workers[w].stats;
     s->ntenants = server_worker_tenants(e->srv[w], s->tenants, SERVER_TENANTS_MAX);
     s->ndtenants = delivery_tenants(e->dlv[w], s->dtenants, DELIVERY_TENANTS_MAX);
     delivery_stats(e->dlv[w], &s->dlv);
@@ -336,6 +338,10 @@ ops_counters(void *arg, struct stats_counters *out)
             out->handed_over += s->dlv.handed_over;
             out->destinations += s->dests;
             out->jobs_inflight += s->inflight;
+            out->turns += s->loop.loops;
+            out->slow_turns += s->loop.slow_turns;
+            if (s->loop.longest_turn_ns / 1000u > out->longest_turn_us)
+                out->longest_turn_us = s->loop.longest_turn_ns / 1000u;
             if (s->has_dns) {
                 out->dns_lookups += s->dns.dns.lookups;
                 out->dns_cache_hits += s->dns.dns.hits;

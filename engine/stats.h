@@ -183,6 +183,9 @@ struct stats_counters {
     struct stats_object objects[STATS_OBJECTS_MAX]; /* more live counts */
     unsigned nobjects;
     unsigned workers;
+    /* the workers' loops (engine/worker.h): turns, the turns busy at
+     * least WORKER_SLOW_TURN_MS, the busiest turn of any since start */
+    uint64_t turns, slow_turns, longest_turn_us;
     struct stats_event_sink event_sinks[STATS_EVENT_SINKS_MAX];
     unsigned nevent_sinks;
     struct stats_tenant tenants[STATS_TENANTS_MAX]; /* the busiest, by messages received */

@@ -267,6 +267,12 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_kstr(j, "version", SLUICE_VERSION);
     json_ku64(j, "uptime_ms", c->uptime_ms);
     json_ku64(j, "workers", c->workers);
+    json_key(j, "loop");
+    json_obj_begin(j);
+    json_ku64(j, "turns", c->turns);
+    json_ku64(j, "slow_turns", c->slow_turns);
+    kdouble(j, "longest_turn_ms", (double)c->longest_turn_us / 1000.0);
+    json_obj_end(j);
 
     json_key(j, "counters");
     json_obj_begin(j);
@@ -712,6 +718,10 @@ static const struct metric metrics[] = {
     {"sluice_destinations", "gauge", "Destination domains known to the scheduler.",
      CTR(destinations)},
     {"sluice_jobs_inflight", "gauge", "Delivery jobs in flight.", CTR(jobs_inflight)},
+    {"sluice_worker_turns_total", "counter", "Turns of the workers' loops.", CTR(turns)},
+    {"sluice_worker_slow_turns_total", "counter",
+     "Turns of a worker's loop busy 100 ms or more (nothing else of that worker ran meanwhile).",
+     CTR(slow_turns)},
 };
 
 /* Per-domain gauges and counters that take one value each. */
@@ -1073,6 +1083,11 @@ stats_render_metrics(const struct stats_counters *c, const struct stats_domain *
     text_printf(&t, "sluice_uptime_seconds %.3f\n", (double)c->uptime_ms / 1000.0);
     text_family(&t, "sluice_workers", "gauge", "Worker threads.");
     text_printf(&t, "sluice_workers %u\n", c->workers);
+    text_family(&t, "sluice_worker_longest_turn_seconds", "gauge",
+                "The busiest turn of any worker's loop since start (nothing else of that "
+                "worker ran meanwhile).");
+    text_printf(&t, "sluice_worker_longest_turn_seconds %.6f\n",
+                (double)c->longest_turn_us / 1000000.0);
 
     for (size_t i = 0; i < sizeof(metrics) / sizeof(metrics[0]); i++) {
         const struct metric *m = &metrics[i];

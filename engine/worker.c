@@ -8,6 +8,12 @@
  *
  * The loop's log lines are batched (log.h): written in one write before
  * each submit, and before a post to another worker.
+ *
+ * Each turn's busy time (the end of one wait to the start of the next) is
+ * measured with one more clock read a turn: the slow ones are counted and
+ * the slowest logged (worker.h, WORKER_SLOW_TURN_MS), so that a handler
+ * that holds its worker for a second (a site's ten thousand deferrals, a
+ * spool read that waits on the disk) is seen, not guessed at.
  */
 #include "engine/worker.h"
 
@@ -264,6 +270,44 @@ deadline_arm(struct worker *w, uint64_t next)
 
 static int worker_loop(struct worker *w);
 
+/* What a turn did, from its start: for the line of a slow one. */
+struct turn_mark {
+    uint64_t at; /* monotonic ns the turn began (its wait ended) */
+    uint64_t cqes, timers, msgs;
+};
+
+static void
+turn_begin(const struct worker *w, struct turn_mark *m, uint64_t now)
+{
+    *m = (struct turn_mark){.at = now, .cqes = w->stats.cqes, .timers = w->stats.timers,
+                            .msgs = w->stats.msgs};
+}
+
+/* The turn that began at m ends at now (its wait begins). */
+static void
+turn_end(struct worker *w, const struct turn_mark *m, uint64_t now)
+{
+    uint64_t busy = now > m->at ? now - m->at : 0;
+    if (busy > w->stats.longest_turn_ns)
+        w->stats.longest_turn_ns = busy;
+    if (busy < (uint64_t)WORKER_SLOW_TURN_MS * 1000000u)
+        return;
+    w->stats.slow_turns++;
+    if (busy < (uint64_t)WORKER_SLOW_LOG_MS * 1000000u ||
+        (w->slow_logged != 0 && now - w->slow_logged < (uint64_t)WORKER_SLOW_LOG_EVERY_MS * 1000000u))
+        return;
+    log_msg(LOG_NOTICE,
+            "worker=%s event=slow_turn busy_ms=%llu cqes=%llu timers=%llu msgs=%llu "
+            "slow_turns_since=%llu",
+            w->name, (unsigned long long)(busy / 1000000u),
+            (unsigned long long)(w->stats.cqes - m->cqes),
+            (unsigned long long)(w->stats.timers - m->timers),
+            (unsigned long long)(w->stats.msgs - m->msgs),
+            (unsigned long long)(w->stats.slow_turns - w->slow_logged_at));
+    w->slow_logged = now;
+    w->slow_logged_at = w->stats.slow_turns;
+}
+
 int
 worker_run(struct worker *w)
 {
@@ -289,6 +333,8 @@ worker_loop(struct worker *w)
     wake_arm(w);
     /* A message posted before the loop started wrote the eventfd, so the
      * read armed above completes at once: nothing is missed. */
+    struct turn_mark mark;
+    turn_begin(w, &mark, clock_now_ns());
     while (!w->stopping) {
         w->stats.loops++;
         w->now = clock_now_ns();
@@ -296,6 +342,7 @@ worker_loop(struct worker *w)
         if (w->stopping)
             break;
         deadline_arm(w, timer_next(&w->timers));
+        turn_end(w, &mark, clock_now_ns()); /* its line goes out with the turn's */
         log_flush(); /* the turn's lines, before its sends and before the wait */
         int rc = io_uring_submit_and_wait(&w->ring, 1);
         bool injected = w->fail_after != 0 && w->stats.loops >= w->fail_after;
@@ -312,6 +359,7 @@ worker_loop(struct worker *w)
         /* The wait may have lasted minutes on an idle worker: a deadline
          * armed by a handler below counts from now, not from before it. */
         w->now = clock_now_ns();
+        turn_begin(w, &mark, w->now);
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
         /* Once stopping, nothing more is dispatched, not even the rest of
@@ -328,6 +376,8 @@ worker_loop(struct worker *w)
         w->stats.cqes += n;
         w->now = clock_now_ns();
     }
+    turn_end(w, &mark, clock_now_ns()); /* the last turn, the one that stopped it */
+    log_flush();
     return 0;
 }
 

@@ -50,11 +50,23 @@ struct worker_msg {
     void (*fn)(struct worker *w, struct worker_msg *m);
 };
 
+/* A turn is busy from the end of its wait to the start of the next
+ * (timers, completions, mailbox messages, the log's write): while it
+ * lasts, nothing else of the worker runs, not its submission sessions'
+ * replies either. One this long is slow (counted), and one longer than
+ * WORKER_SLOW_LOG_MS is logged (event=slow_turn, at most once every
+ * WORKER_SLOW_LOG_EVERY_MS a worker, with the slow turns since). */
+#define WORKER_SLOW_TURN_MS      100u
+#define WORKER_SLOW_LOG_MS       500u
+#define WORKER_SLOW_LOG_EVERY_MS 10000u
+
 struct worker_stats {
     uint64_t loops;      /* loop turns */
     uint64_t cqes;       /* completions dispatched */
     uint64_t timers;     /* timers fired */
     uint64_t msgs;       /* mailbox messages handled */
+    uint64_t slow_turns; /* turns busy at least WORKER_SLOW_TURN_MS */
+    uint64_t longest_turn_ns; /* the busiest turn since start */
 };
 
 struct worker {
@@ -71,6 +83,8 @@ struct worker {
     struct __kernel_timespec deadline_ts;
     uint64_t deadline_armed; /* deadline of the timeout op on the ring; UINT64_MAX: none */
     struct worker_stats stats;
+    uint64_t slow_logged;    /* monotonic ns of the last slow_turn line; 0: none yet */
+    uint64_t slow_logged_at; /* stats.slow_turns then */
 
     int wake_fd;            /* owned eventfd */
     uint64_t wake_buf;

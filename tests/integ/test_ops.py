@@ -604,6 +604,11 @@ def test_prometheus_endpoint():
         assert metric(text, "sluice_messages_received_total") == n
         assert re.search(r'^sluice_domain_recipients_delivered_total\{domain="p\.test"\} 7$',
                          text, re.M), text
+        # the workers' loops: turned, and the busiest turn in seconds (not
+        # ms or us: nothing here holds a worker for 10 s, even under ASan)
+        assert metric(text, "sluice_worker_turns_total") > 0, text
+        assert 0 < metric(text, "sluice_worker_longest_turn_seconds") < 10, text
+        assert metric(text, "sluice_worker_slow_turns_total") >= 0, text
         if os.path.exists("/usr/bin/promtool"):
             p = subprocess.run(["/usr/bin/promtool", "check", "metrics"], input=text,
                                capture_output=True, text=True, timeout=30)

@@ -1,16 +1,22 @@
 /*
  * Cross-thread messages: several threads post to one worker; every message
  * arrives exactly once, in posting order per sender, and worker_stop from
- * another thread ends the loop.
+ * another thread ends the loop. A turn that holds the worker is counted
+ * and logged (event=slow_turn).
  */
 #include <pthread.h>
 #include <setjmp.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <cmocka.h>
 
+#include "common/log.h"
 #include "engine/worker.h"
 
 #define SENDERS 4
@@ -96,12 +102,65 @@ test_stop_from_other_thread(void **state)
     worker_fini(&w);
 }
 
+/* Holds its worker 600 ms (a handler that blocks: the workload here,
+ * not a wait for anything), then ends the loop. */
+static void
+on_slow(struct worker *w, struct worker_msg *m)
+{
+    (void)m;
+    struct timespec ts = {0, 600 * 1000000L};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+    w->stopping = true;
+}
+
+static void
+test_a_slow_turn_is_counted_and_logged(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/sluice-test-worker-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(log_open(path, LOG_INFO), 0);
+    struct worker w;
+    if (worker_init(&w, 2, 64, NULL) < 0) {
+        unlink(path);
+        skip();
+    }
+    struct worker_msg m = {.fn = on_slow};
+    assert_int_equal(worker_start(&w), 0);
+    worker_post(&w, &m);
+    assert_int_equal(worker_join(&w), 0);
+    assert_int_equal(w.stats.slow_turns, 1);
+    assert_true(w.stats.longest_turn_ns >= 600u * 1000000u);
+    worker_fini(&w);
+    log_open("-", LOG_INFO);
+
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    char line[512];
+    unsigned seen = 0, busy = 0, msgs = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        const char *x = strstr(line, "worker=w2 event=slow_turn busy_ms=");
+        if (x != NULL && sscanf(x, "worker=w2 event=slow_turn busy_ms=%u cqes=%*u timers=%*u "
+                                   "msgs=%u", &busy, &msgs) == 2)
+            seen++;
+    }
+    fclose(f);
+    unlink(path);
+    assert_int_equal(seen, 1);
+    assert_true(busy >= 600);
+    assert_int_equal(msgs, 1);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_messages_all_arrive),
         cmocka_unit_test(test_stop_from_other_thread),
+        cmocka_unit_test(test_a_slow_turn_is_counted_and_logged),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
