@@ -26,6 +26,11 @@ answers for them, as in bench_sites.py):
            flush to the first delivery (the spool's due poll runs every
            second), then messages/s from the first delivery to the last,
            and its ratio to the fresh line.
+  turns    the busiest turn of a worker's loop in ms / the turns of 100 ms
+           or more (stats: loop), since start: once every recipient was
+           deferred (outage), and once the drain ended (start-up, outage
+           and drain). While a turn lasts its worker serves nothing else,
+           its submission sessions included.
 
 The fresh line's rate includes the injection that competes with delivery
 for the two cores; the drain has only delivery to do, and the spool's
@@ -68,14 +73,27 @@ sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
 from dns_synth import DnsSynth  # noqa: E402
 
 
-def queue_counts(ctl, sock):
-    """(recipients, deferred) in sluice's queue now, from its stats socket."""
+def stats(ctl, sock):
+    """sluice's stats now, from its stats socket (None: no answer)."""
     r = subprocess.run([ctl, "-s", sock, "--json", "stats"], capture_output=True, text=True,
                        timeout=30)
     if r.returncode != 0:
         return None
-    q = json.loads(r.stdout.splitlines()[0])["queue"]
-    return q["recipients"], q["deferred"]
+    return json.loads(r.stdout.splitlines()[0])
+
+
+def queue_counts(ctl, sock):
+    """(recipients, deferred) in sluice's queue now, from its stats socket."""
+    st = stats(ctl, sock)
+    return None if st is None else (st["queue"]["recipients"], st["queue"]["deferred"])
+
+
+def longest_turn(ctl, sock):
+    """(the busiest turn of a worker since start in ms, turns of 100 ms or
+    more), or None from a sluice without these figures."""
+    st = stats(ctl, sock)
+    loop = st.get("loop") if st else None
+    return None if loop is None else (loop["longest_turn_ms"], loop["slow_turns"])
 
 
 def count_delivered(log, want, timeout):
@@ -151,6 +169,7 @@ file = {work}/sluice.log
         except AssertionError:
             res["defer_s"] = None  # some never told deferred: flushed all the same
         res["rss_mb"] = d.rss_kb() / 1024
+        res["turn"] = longest_turn(a.ctl, sock)  # the outage's, start-up's included
         procs = sinks(sink_port, 1, one=True)
         for ln in log.lines():
             if b"event=delivered" in ln:
@@ -163,6 +182,7 @@ file = {work}/sluice.log
         n, first, last = count_delivered(log, want, a.timeout)
         res["delivered"], res["rate"] = n, n / max(1e-3, last - first) if n else 0.0
         res["start_s"] = first - w1 if n else None
+        res["turn_all"] = longest_turn(a.ctl, sock)  # and the drain's
         return res
     finally:
         try:
@@ -206,7 +226,8 @@ def main():
           f"sessions, one MX host (smtp-sink), {a.sluice}, built-in defaults; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'domains':>8} {'fresh msg/s':>12} {'outage inj/s':>13} {'deferred in':>12} "
-          f"{'RSS MB':>7} {'first after':>12} {'drain msg/s':>12} {'drain/fresh':>12}", flush=True)
+          f"{'RSS MB':>7} {'first after':>12} {'drain msg/s':>12} {'drain/fresh':>12} "
+          f"{'turn outage':>11} {'turn drain':>11}", flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     for ndom in (int(x) for x in a.domains.split(",")):
         for label, binary in binaries:
@@ -227,9 +248,12 @@ def main():
                 note += f"  ({f['errors'] + o['errors']} injection errors)"
             defer = f"{o['defer_s']:>11.1f}s" if o["defer_s"] is not None else f"{'never':>12}"
             start = f"{o['start_s']:>11.1f}s" if o["start_s"] is not None else f"{'-':>12}"
+            def turn(t):
+                return f"{t[0]:>6.0f}/{t[1]:<4}" if t is not None else f"{'-':>11}"
             print(f"{ndom:>8} {f['rate']:>12.0f} {o['inject']:>13.0f} {defer} "
                   f"{o['rss_mb']:>7.0f} {start} {o['rate']:>12.0f} "
-                  f"{100 * o['rate'] / max(1e-9, f['rate']):>11.0f}% {label}" + note, flush=True)
+                  f"{100 * o['rate'] / max(1e-9, f['rate']):>11.0f}% "
+                  f"{turn(o['turn'])} {turn(o['turn_all'])} {label}" + note, flush=True)
 
 
 if __name__ == "__main__":
