@@ -185,18 +185,24 @@ file = {work}/sluice.log
         res["turn_all"] = longest_turn(a.ctl, sock)  # and the drain's
         return res
     finally:
-        try:
-            d.stop(120)
-        finally:
-            if d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            for p in procs:
-                p.kill()
-                p.wait()
-            dns.stop()
-            wd.cleanup()
-            shutil.rmtree(work, ignore_errors=True)
+        teardown(d, procs, dns, wd, work)
+
+
+def teardown(d, procs, dns, wd, work):
+    """Stop sluice (a drain, then a kill if it is still there), the
+    receivers and the resolver; remove the line's files."""
+    try:
+        d.stop(120)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
+        dns.stop()
+        wd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main():

@@ -13,10 +13,12 @@ and reads sluice's RSS.
 Each line: N messages (one recipient each, --size octets) over D
 domains that share one MX host, under `[domain *] max_message_rate =
 1/h`: each domain's first message leaves, the others wait. Columns:
-sluice's RSS when ready, RSS once the injection ended and the RSS held
-still (two readings 0.5 s apart within 1%), the recipients waiting then
-(N less those delivered, from the stats socket), and the octets of RSS
-per waiting recipient. With many domains the figure also carries what a
+sluice's anonymous RSS (RssAnon: its heap, not the spool's mapped pages,
+which its trims drop every second) when ready, the same once the
+injection ended and it held still (two readings 0.5 s apart within 1%),
+the recipients waiting then (N less those delivered, from the stats
+socket), and the octets of that RSS growth per waiting recipient (what
+the injection left behind, its sessions' buffers, counts in it too). With many domains the figure also carries what a
 domain costs (its destination, DNS answer, MTA-STS entry), shared by
 N/D recipients.
 
@@ -31,16 +33,14 @@ and resolver are bench/relay/inject_synth and dns_synth, built beside
 sluicectl). Never fails on a number.
 """
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
+from bench_backlog import stats, teardown  # noqa: E402
 from bench_sites import LogTail, inject_c, knows, sinks  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
@@ -48,13 +48,14 @@ sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
 from dns_synth import DnsSynth  # noqa: E402
 
 
-def delivered(ctl, sock):
-    """Recipients delivered so far, from sluice's stats socket (None: no answer)."""
-    r = subprocess.run([ctl, "-s", sock, "--json", "stats"], capture_output=True, text=True,
-                       timeout=30)
-    if r.returncode != 0:
-        return None
-    return json.loads(r.stdout.splitlines()[0])["counters"]["delivered"]
+def rss_anon_kb(pid):
+    """The anonymous part of the process's RSS (its heap: the jobs), in KB;
+    the spool's mapped pages, which come and go with its trims, left out."""
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("RssAnon:"):
+                return int(ln.split()[1])
+    return 0
 
 
 def one(a, binary, ndom):
@@ -89,30 +90,19 @@ max_message_rate = 1/h
     try:
         log = LogTail(f"{work}/sluice.log")
         wait_until(lambda: any(b"event=ready" in ln for ln in log.lines()), 30, "sluice ready")
-        rss0 = d.rss_kb()
+        rss0 = rss_anon_kb(d.proc.pid)
         errors, _ = inject_c(a.injector, port, a.messages, a.sessions, a.size, ndom)
-        rss1, deadline = d.rss_kb(), time.monotonic() + 60
+        rss1, deadline = rss_anon_kb(d.proc.pid), time.monotonic() + 60
         while time.monotonic() < deadline:  # bounded: a minute at most
             time.sleep(0.5)
-            was, rss1 = rss1, d.rss_kb()
+            was, rss1 = rss1, rss_anon_kb(d.proc.pid)
             if abs(rss1 - was) <= was / 100:
                 break
-        n = delivered(a.ctl, sock)
-        waiting = a.messages - len(errors) - (n or 0)
+        st = stats(a.ctl, sock)
+        waiting = a.messages - len(errors) - (st["counters"]["delivered"] if st else 0)
         return rss0, rss1, waiting, len(errors)
     finally:
-        try:
-            d.stop(120)
-        finally:
-            if d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            for p in procs:
-                p.kill()
-                p.wait()
-            dns.stop()
-            wd.cleanup()
-            shutil.rmtree(work, ignore_errors=True)
+        teardown(d, procs, dns, wd, work)
 
 
 def main():
@@ -137,7 +127,7 @@ def main():
     print(f"waiting: {a.messages} messages of {a.size} B, 1 recipient each, {a.sessions} "
           f"sessions, one MX host (smtp-sink), max_message_rate = 1/h; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"{'domains':>8} {'RSS ready MB':>13} {'RSS after MB':>13} {'waiting':>8} "
+    print(f"{'domains':>8} {'anon ready MB':>13} {'anon after MB':>13} {'waiting':>8} "
           f"{'B/waiting':>10}", flush=True)
     binaries = [("", a.sluice)] if not a.before else [("before", a.before), ("after", a.sluice)]
     for ndom in (int(x) for x in a.domains.split(",")):
