@@ -12,13 +12,16 @@
  * characters and escapes, and marked truncated=1.
  *
  * A fatal signal (log_catch_fatal) writes every thread's batch, found in
- * a fixed table of them, and a line made without printf.
+ * a fixed table of them, and a line made without printf. Its handler
+ * runs on the thread's alternate signal stack (log_altstack_init), so
+ * that a stack overflowed still leaves its line.
  */
 #include "common/log.h"
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -444,7 +447,10 @@ log_catch_fatal(void)
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = log_on_fatal;
-    sa.sa_flags = SA_SIGINFO;
+    /* On the alternate stack where the thread has one (log_altstack_init):
+     * a fault of a stack overflowed has no stack left to run it on, and
+     * the kernel would kill without the line. */
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     int rc = 0;
     for (size_t i = 0; i < NFATAL; i++) {
@@ -461,6 +467,89 @@ log_catch_fatal(void)
             rc = -errno; /* the others are caught still */
     }
     return rc;
+}
+
+/* ---- an alternate signal stack per thread ---- */
+
+static pthread_once_t altstack_once = PTHREAD_ONCE_INIT;
+static pthread_key_t altstack_key; /* a thread's mapping (guard page first), unmapped at its end */
+static bool altstack_key_ok;
+static size_t altstack_page, altstack_size; /* set once, by altstack_setup */
+static atomic_bool altstack_warned;
+
+/* The key's destructor, at the thread's end: the stack off first (the
+ * kernel would otherwise deliver to memory unmapped), then unmapped. */
+static void
+altstack_release(void *base)
+{
+    stack_t off;
+    memset(&off, 0, sizeof(off));
+    off.ss_flags = SS_DISABLE;
+    sigaltstack(&off, NULL);
+    munmap(base, altstack_page + altstack_size);
+}
+
+static void
+altstack_setup(void)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    altstack_page = page > 0 ? (size_t)page : 4096;
+    /* 64 KB: the handler needs a few (a 256-octet line, write(2)); what
+     * it puts back may be a sanitizer's. SIGSTKSZ is sysconf's since
+     * glibc 2.34, and grows with the CPU's vector state. */
+    size_t want = 64 * 1024, min = (size_t)SIGSTKSZ;
+    if (min > want)
+        want = min;
+    altstack_size = (want + altstack_page - 1) / altstack_page * altstack_page;
+    altstack_key_ok = pthread_key_create(&altstack_key, altstack_release) == 0;
+}
+
+/* Said once per process: the thread goes on without (a stack overflow
+ * there dies without its line, as before). */
+static int
+altstack_failed(int rc)
+{
+    if (!atomic_exchange(&altstack_warned, true))
+        log_msg(LOG_WARN, "event=altstack_failed err=\"%s\" note=a_stack_overflow_leaves_no_line",
+                strerror(-rc));
+    return rc;
+}
+
+int
+log_altstack_init(void)
+{
+    pthread_once(&altstack_once, altstack_setup);
+    stack_t old;
+    if (sigaltstack(NULL, &old) < 0)
+        return -errno;
+    /* One is there already: ours (a second call), or a sanitizer's (ASan
+     * gives each thread one for its own handlers, and frees it itself). */
+    if (!(old.ss_flags & SS_DISABLE))
+        return 0;
+    if (!altstack_key_ok)
+        return altstack_failed(-EAGAIN); /* no key: it could not be unmapped at the thread's end */
+    void *base = mmap(NULL, altstack_page + altstack_size, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (base == MAP_FAILED)
+        return altstack_failed(-errno);
+    /* The guard page below it (stacks grow down): a handler that
+     * overflows the alternate stack faults there too, rather than
+     * writing over whatever is mapped below. */
+    stack_t ss;
+    memset(&ss, 0, sizeof(ss));
+    ss.ss_sp = (char *)base + altstack_page;
+    ss.ss_size = altstack_size;
+    if (mprotect(base, altstack_page, PROT_NONE) < 0 || sigaltstack(&ss, NULL) < 0) {
+        int rc = -errno;
+        munmap(base, altstack_page + altstack_size);
+        return altstack_failed(rc);
+    }
+    int rc = pthread_setspecific(altstack_key, base);
+    if (rc != 0) {
+        altstack_release(base);
+        return altstack_failed(-rc);
+    }
+    return 0;
 }
 
 /* ---- escaping ---- */

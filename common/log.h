@@ -36,11 +36,11 @@
  * command may reach its server before the line of the turn that made it).
  * A crash (an abort, a fault) writes every batching thread's kept lines
  * (up to 256 threads) and then its own line when log_catch_fatal() is on
- * (sluice's main turns it on);
- * a kill -9, or a stack overflowed (no alternate stack), loses the lines
- * of the turn it cuts. One write per turn, not one per line: with two
- * workers busy, their writes to the one file also contended for its
- * position lock.
+ * (sluice's main turns it on); a stack overflowed does too, on a thread
+ * that called log_altstack_init() (every thread sluice starts, and main);
+ * a kill -9 loses the lines of the turn it cuts. One write per turn, not
+ * one per line: with two workers busy, their writes to the one file also
+ * contended for its position lock.
  */
 #ifndef SLUICE_COMMON_LOG_H
 #define SLUICE_COMMON_LOG_H
@@ -96,10 +96,21 @@ void log_batch_end(void);
 /* Catch SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT (not one that is
  * ignored: it stays so): the handler calls log_fatal_signal() at the
  * first of them, then puts back the action it replaced (the default, a
- * core dump; or a sanitizer's report) and lets it run. Once per process;
- * from main before its threads start. Returns 0 or -errno (the signals
- * that could be caught are). */
+ * core dump; or a sanitizer's report) and lets it run. It runs on the
+ * thread's alternate stack when it has one (SA_ONSTACK; see
+ * log_altstack_init). Once per process; from main before its threads
+ * start. Returns 0 or -errno (the signals that could be caught are). */
 int log_catch_fatal(void);
+/* Give the calling thread an alternate signal stack (sigaltstack is per
+ * thread), so that log_catch_fatal's handler runs, and writes its line,
+ * when the thread's own stack is exhausted (deep recursion, a large
+ * alloca). Call it first thing in each thread. 64 KB (SIGSTKSZ when
+ * larger) and a guard page, mapped here and unmapped at the thread's
+ * end (a pthread key's destructor; main's stays to the process's end).
+ * A thread that has one already (a second call; a sanitizer's, which
+ * ASan gives every thread) keeps it. Returns 0 or -errno (then logged
+ * once per process, and the thread goes on without). */
+int log_altstack_init(void);
 /* Only on the way to dying (a fatal signal, a stop given up): writes
  * each batching thread's kept lines up to its last whole line and empties
  * its batch, from any thread, with no lock: a line a thread was adding

@@ -31,6 +31,7 @@ static void *
 workq_thread(void *arg)
 {
     struct workq *q = arg;
+    log_altstack_init();
     log_set_thread_name(q->ops->thread_name);
     /* Linux applies nice to the calling thread alone. */
     if (q->ops->nice != 0 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), q->ops->nice) < 0)

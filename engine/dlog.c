@@ -711,6 +711,7 @@ static void *
 dlog_main(void *arg)
 {
     struct dlog *d = arg;
+    log_altstack_init();
     log_set_thread_name("dlog");
     const uint64_t interval = (uint64_t)d->flush_ms * 1000000u;
     uint64_t deadline = mono_ns() + interval;

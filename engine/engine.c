@@ -759,6 +759,7 @@ static void *
 stop_watch_main(void *arg)
 {
     struct stop_watch *sw = arg;
+    log_altstack_init();
     struct timespec at = clock_mono_deadline(sw->bound_ms);
     pthread_mutex_lock(&sw->mu);
     int rc = 0;

@@ -532,6 +532,7 @@ sink_main(void *arg)
 {
     struct sink *s = arg;
     struct events *ev = s->ev;
+    log_altstack_init();
     char name[16];
     snprintf(name, sizeof(name), "ev-%.12s", s->cfg.name);
     log_set_thread_name(name);

@@ -168,6 +168,7 @@ void *
 events_pump_main(void *arg)
 {
     struct events *ev = arg;
+    log_altstack_init();
     log_set_thread_name("ev-pump");
     uint64_t seen = 0;
     bool stop = false;

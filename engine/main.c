@@ -3,8 +3,10 @@
  * and then only waits for signals (they are blocked in every thread, so
  * sigwaitinfo() here receives them all): SIGTERM and SIGINT drain and
  * stop, SIGHUP reopens the logs and reloads what may change at run time.
- * A fault or an abort in any thread is caught only to write the log's
- * kept lines and one of its own (log_catch_fatal), then dies as before.
+ * A fault or an abort in any thread (a stack overflow too: main and every
+ * thread sluice starts have an alternate signal stack, log_altstack_init)
+ * is caught only to write the log's kept lines and one of its own
+ * (log_catch_fatal), then dies as before.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -201,6 +203,7 @@ main(int argc, char **argv)
     /* A crash leaves the workers' kept lines and its own in the log. */
     if ((rc = log_catch_fatal()) < 0)
         log_msg(LOG_WARN, "event=fatal_signals_not_caught err=\"%s\"", strerror(-rc));
+    log_altstack_init(); /* and each thread it starts calls it too */
 
     struct engine engine;
     memset(&engine, 0, sizeof(engine));

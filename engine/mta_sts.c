@@ -1143,6 +1143,7 @@ static void *
 thread_main(void *arg)
 {
     struct mta_sts *m = arg;
+    log_altstack_init();
     log_set_thread_name("mta-sts");
     for (;;) {
         pthread_mutex_lock(&m->lock);

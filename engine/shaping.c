@@ -1295,6 +1295,7 @@ static void *
 keeper_main(void *arg)
 {
     struct shaping *s = arg;
+    log_altstack_init();
     uint64_t saved = 0;
     for (;;) {
         pthread_mutex_lock(&s->lock);

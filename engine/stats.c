@@ -882,6 +882,7 @@ stats_thread(void *arg)
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the main thread's */
+    log_altstack_init();
     log_set_thread_name("stats");
 
     uint64_t now = clock_mono_ms();

@@ -797,6 +797,7 @@ static void *
 writer_main(void *arg)
 {
     struct suppress *s = arg;
+    log_altstack_init();
     log_set_thread_name("suppress");
     /* a minute after start (not in the way of the start itself), then every hour */
     uint64_t next_purge = clock_mono_ms() + 60000;

@@ -689,6 +689,7 @@ static void *
 keeper(void *arg)
 {
     struct warmup *w = arg;
+    log_altstack_init();
     pthread_mutex_lock(&w->lock);
     while (!w->stop) {
         struct timespec until;

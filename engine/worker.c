@@ -385,6 +385,7 @@ static void *
 worker_thread(void *arg)
 {
     struct worker *w = arg;
+    log_altstack_init();
     intptr_t rc = worker_run(w);
     return (void *)rc;
 }

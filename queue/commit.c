@@ -793,6 +793,7 @@ void *
 queue_notifier_main(void *arg)
 {
     struct queue *q = arg;
+    log_altstack_init();
     log_set_thread_name("queue-notify");
     pthread_mutex_lock(&q->nmu);
     for (;;) {
@@ -987,6 +988,7 @@ void *
 queue_committer_main(void *arg)
 {
     struct queue *q = arg;
+    log_altstack_init();
     log_set_thread_name("queue");
     pthread_mutex_lock(&q->mu);
     for (;;) {

@@ -7,7 +7,7 @@
  * still format as printf does, and an overlong line is cut on a whole
  * escape and marked. A batching thread's lines are written together, in
  * order, an error's at once; a crash writes what every thread kept, and
- * a line of its own.
+ * a line of its own, a stack overflowed too (on the alternate stack).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -812,6 +812,103 @@ test_fatal_signal(void **state)
     free(buf);
 }
 
+/* ---- a stack overflowed (log_altstack_init) ---- */
+
+/* Each call keeps a frame of a kilobyte, written (volatile) and read
+ * after the call returns: no tail call, no loop, no frame left out. The
+ * bound is never reached (a 256 KB stack ends near 250 deep); it keeps
+ * -Winfinite-recursion quiet. */
+__attribute__((noinline)) static unsigned
+overflow(unsigned n)
+{
+    volatile char pad[1024];
+    pad[0] = (char)n;
+    pad[sizeof(pad) - 1] = (char)n;
+    if (n == UINT_MAX)
+        return 0;
+    return overflow(n + 1) + (unsigned char)pad[0] + (unsigned char)pad[sizeof(pad) - 1];
+}
+
+static void *
+deep_thread(void *arg)
+{
+    if (*(const bool *)arg && log_altstack_init() != 0)
+        _exit(9);
+    if (*(const bool *)arg && log_altstack_init() != 0) /* a second call keeps the first */
+        _exit(10);
+    log_set_thread_name("deep");
+    _exit((int)overflow(0) & 1); /* not reached: the overflow kills */
+}
+
+/* In a child: a thread of 256 KB (with an alternate stack or not)
+ * recurses until its stack is exhausted. */
+static int
+overflow_child(bool altstack)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct rlimit none = {0, 0};
+        setrlimit(RLIMIT_CORE, &none);
+        alarm(10);
+        signal(SIGSEGV, SIG_DFL); /* cmocka's off: a daemon's defaults */
+        signal(SIGBUS, SIG_DFL);
+        if (log_catch_fatal() < 0)
+            _exit(3);
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        pthread_t t;
+        if (pthread_create(&t, &a, deep_thread, &altstack) != 0)
+            _exit(5);
+        pthread_join(t, NULL);
+        _exit(7); /* not reached */
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    return status;
+}
+
+/* A stack overflowed leaves the fatal line when the thread has an
+ * alternate signal stack, and still dies of its SIGSEGV: without one (or
+ * without SA_ONSTACK), the kernel finds no room for the handler's frame
+ * and kills at once, with no line. */
+static void
+test_stack_overflow(void **state)
+{
+    struct fixture *fx = *state;
+#if defined(__SANITIZE_ADDRESS__)
+    /* ASan gives every thread an alternate stack of its own, and its
+     * handler, put back after ours, reports the overflow and ends the
+     * process its way (exit 1, or an abort): neither the control below
+     * (no line without ours) nor the SIGSEGV holds. That ours is kept
+     * off (log_altstack_init leaves one alone) and the line written is
+     * checked still. */
+    bool asan = true;
+#else
+    bool asan = false;
+#endif
+    int status = overflow_child(true);
+    if (asan)
+        assert_true(WIFSIGNALED(status) || (WIFEXITED(status) && WEXITSTATUS(status) == 1));
+    else
+        assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
+    size_t n;
+    char *buf = slurp(fx, &n);
+    assert_non_null(strstr(buf, "level=crit thread=deep event=fatal_signal signal=SEGV pid="));
+    free(buf);
+    if (asan)
+        return;
+
+    /* the control: the same overflow, no alternate stack, no line
+     * (slurp emptied the file) */
+    status = overflow_child(false);
+    assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
+    buf = slurp(fx, &n);
+    assert_null(strstr(buf, "event=fatal_signal"));
+    free(buf);
+}
+
 /* The stamp made without gmtime_r (a signal handler may not call it) is
  * gmtime_r's: at the days around leap days, centuries and the 32-bit
  * end, and at times spread over the years 1970 to 9999. */
@@ -873,6 +970,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_header, setup, teardown),
         cmocka_unit_test(test_batch_to_a_pipe),
         cmocka_unit_test_setup_teardown(test_fatal_signal, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stack_overflow, setup, teardown),
         cmocka_unit_test(test_stamp_format),
         cmocka_unit_test_setup_teardown(test_reopen_keeps_the_descriptor, setup, teardown),
     };
