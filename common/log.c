@@ -12,9 +12,10 @@
  * characters and escapes, and marked truncated=1.
  *
  * A fatal signal (log_catch_fatal) writes every thread's batch, found in
- * a fixed table of them, and a line made without printf. Its handler
- * runs on the thread's alternate signal stack (log_altstack_init), so
- * that a stack overflowed still leaves its line.
+ * a fixed table of them, and a line made without printf, then runs the
+ * hooks of log_fatal_hook_add (a fixed table too). Its handler runs on
+ * the thread's alternate signal stack (log_altstack_init), so that a
+ * stack overflowed still leaves its line.
  */
 #include "common/log.h"
 
@@ -368,10 +369,70 @@ fatal_str(int sig)
     }
 }
 
-void
-log_flush_all(void)
+/* ---- hooks on the way to dying ---- */
+
+/* A slot's state: FREE; TAKING while log_fatal_hook_add fills it; SET;
+ * RUNNING while the hook runs (log_fatal_hook_remove waits for it, so
+ * that the hook's arg outlives it); RAN: once per process, so that a
+ * crash after a stop given up does not write the same lines again. */
+enum { HOOK_FREE, HOOK_TAKING, HOOK_SET, HOOK_RUNNING, HOOK_RAN };
+#define LOG_FATAL_HOOKS 4
+static struct {
+    _Atomic int state;
+    void (*fn)(void *arg);
+    void *arg; /* borrowed: until log_fatal_hook_remove */
+} fatal_hooks[LOG_FATAL_HOOKS];
+
+int
+log_fatal_hook_add(void (*fn)(void *arg), void *arg)
 {
-    int saved = errno;
+    for (int i = 0; i < LOG_FATAL_HOOKS; i++) {
+        int want = HOOK_FREE;
+        if (!atomic_compare_exchange_strong(&fatal_hooks[i].state, &want, HOOK_TAKING))
+            continue;
+        fatal_hooks[i].fn = fn;
+        fatal_hooks[i].arg = arg;
+        atomic_store(&fatal_hooks[i].state, HOOK_SET); /* fn and arg visible before it */
+        return i;
+    }
+    return -ENOSPC;
+}
+
+void
+log_fatal_hook_remove(int slot)
+{
+    if (slot < 0 || slot >= LOG_FATAL_HOOKS)
+        return;
+    for (;;) {
+        int s = atomic_load(&fatal_hooks[slot].state);
+        if (s == HOOK_RUNNING) {
+            /* on the way to dying: the hook is using arg; let it end */
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+            continue;
+        }
+        if ((s != HOOK_SET && s != HOOK_RAN) ||
+            atomic_compare_exchange_strong(&fatal_hooks[slot].state, &s, HOOK_FREE))
+            return;
+    }
+}
+
+static void
+run_fatal_hooks(void)
+{
+    for (int i = 0; i < LOG_FATAL_HOOKS; i++) {
+        int want = HOOK_SET;
+        if (!atomic_compare_exchange_strong(&fatal_hooks[i].state, &want, HOOK_RUNNING))
+            continue;
+        fatal_hooks[i].fn(fatal_hooks[i].arg);
+        atomic_store(&fatal_hooks[i].state, HOOK_RAN);
+    }
+}
+
+/* Every batching thread's kept lines (log_flush_all, without the hooks). */
+static void
+flush_batches(void)
+{
     for (size_t i = 0; i < LOG_BATCHES_MAX; i++) {
         struct log_batch *b = atomic_load(&log_batches[i]);
         if (b == NULL)
@@ -384,6 +445,14 @@ log_flush_all(void)
         write_all(b->buf, len);
         atomic_store_explicit(&b->len, 0, memory_order_relaxed);
     }
+}
+
+void
+log_flush_all(void)
+{
+    int saved = errno;
+    flush_batches();
+    run_fatal_hooks();
     errno = saved;
 }
 
@@ -391,7 +460,7 @@ void
 log_fatal_signal(int sig)
 {
     int saved = errno;
-    log_flush_all(); /* the older lines first */
+    flush_batches(); /* the older lines first */
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     char line[256];
@@ -409,6 +478,11 @@ log_fatal_signal(int sig)
     n += put_uint(line + n, (unsigned long long)getpid(), 1);
     line[n++] = '\n';
     write_all(line, n);
+    /* The hooks (the delivery log's lines) after the line: a hook that
+     * faults on a structure torn by the crash (the kernel kills at once
+     * when the signal is the one being handled; else this handler, entered
+     * again, writes nothing more) cannot cost the line. */
+    run_fatal_hooks();
     errno = saved;
 }
 

@@ -35,12 +35,13 @@
  * c-ares and hiredis send on their own sockets (a DNS query, a Redis
  * command may reach its server before the line of the turn that made it).
  * A crash (an abort, a fault) writes every batching thread's kept lines
- * (up to 256 threads) and then its own line when log_catch_fatal() is on
- * (sluice's main turns it on); a stack overflowed does too, on a thread
- * that called log_altstack_init() (every thread sluice starts, and main);
- * a kill -9 loses the lines of the turn it cuts. One write per turn, not
- * one per line: with two workers busy, their writes to the one file also
- * contended for its position lock.
+ * (up to 256 threads), then its own line, then what the hooks of
+ * log_fatal_hook_add() write (the delivery log's lines) when
+ * log_catch_fatal() is on (sluice's main turns it on). A stack overflowed
+ * does too, on a thread that called log_altstack_init() (every thread
+ * sluice starts, and main); a kill -9 loses the lines of the turn it
+ * cuts. One write per turn, not one per line: with two workers busy,
+ * their writes to the one file also contended for its position lock.
  */
 #ifndef SLUICE_COMMON_LOG_H
 #define SLUICE_COMMON_LOG_H
@@ -115,7 +116,7 @@ int log_altstack_init(void);
  * each batching thread's kept lines up to its last whole line and empties
  * its batch, from any thread, with no lock: a line a thread was adding
  * just then may be lost, one a thread was flushing just then written
- * twice. Async-signal-safe. */
+ * twice. Then runs the hooks (log_fatal_hook_add). Async-signal-safe. */
 void log_flush_all(void);
 /* Only on the way to dying, from a fatal signal's handler (it calls only
  * what a handler may: write(2), no lock, no allocation; and it empties
@@ -123,8 +124,21 @@ void log_flush_all(void);
  * thread keeps (a line a thread was adding just then may be lost, one a
  * thread was flushing just then written twice), then
  * "level=crit [thread=NAME ]event=fatal_signal
- * signal=SEGV|BUS|ILL|FPE|ABRT pid=N". */
+ * signal=SEGV|BUS|ILL|FPE|ABRT pid=N", then runs the hooks (after the
+ * line: a hook that faults on a structure the crash tore cannot cost it). */
 void log_fatal_signal(int sig);
+/* Have fn(arg) called on the way to dying: by log_fatal_signal and by
+ * log_flush_all (a stop given up), once per process whichever comes
+ * first, on the thread that dies or gives up. fn must be
+ * async-signal-safe (write(2), atomics, nanosleep; no lock, no
+ * allocation) and must not block for long. For a module that keeps
+ * lines of its own (engine/dlog.c), without common/ knowing of it. arg
+ * is borrowed until log_fatal_hook_remove. Up to 4 hooks; returns the
+ * slot (>= 0) or -ENOSPC. Any thread. */
+int log_fatal_hook_add(void (*fn)(void *arg), void *arg);
+/* Take the hook of slot off (a slot < 0: nothing); if it is running just
+ * then, wait for it to end, so that arg may be freed after. Any thread. */
+void log_fatal_hook_remove(int slot);
 
 /* The log's time stamp, "2026-12-04T12:34:56.789Z" (UTC; sec the Unix
  * time, clamped to 1970..9999; ms below 1000), into out, NUL-terminated.

@@ -11,6 +11,11 @@
  * w->mu only to copy it in; the writer thread holds w->mu only to unlink
  * buffers, never across I/O, and holds d->mu only while collecting.
  *
+ * The way to dying (dlog_on_fatal): the crash path sets d->seized, waits
+ * for the writer thread's turn to end (d->phase), and reads the lists
+ * with no lock, pending and got included; the writer thread, seeing the
+ * flag, touches no buffer again. How each race ends is said there.
+ *
  * Memory. d->buffered counts the capacity of every buffer handed out and
  * not yet written (cur, sealed, orphans, pending); a worker that needs a
  * new buffer past d->max_buffered drops the event. Short buffers taken
@@ -97,14 +102,30 @@ struct dlog {
     _Atomic bool reopen;
     _Atomic uint64_t bytes, write_errors, reopens, reopen_errors;
 
-    /* Writer thread only (and dlog_new/dlog_free around it). */
+    /* The way to dying (dlog_on_fatal): */
+    int fatal_slot;      /* log_fatal_hook_add's, or -1 */
+    _Atomic bool seized; /* the crash path writes what is left; the writer thread no more */
+    _Atomic int phase;   /* the writer thread's: enum phase */
+
+    /* Writer thread only (and dlog_new/dlog_free around it; the crash
+     * path reads them once the writer thread is idle, see dlog_on_fatal). */
     int fd;
+    struct buf_list got;     /* owned: collected, not yet in pending */
     struct buf_list pending; /* owned: collected, not yet written */
     bool failing;            /* in a burst of write errors */
     uint64_t burst_errors;
     bool dropping; /* in a burst of dropped events */
     uint64_t dropped_seen;
 };
+
+/* Where the writer thread is, for the crash path: waiting (it touches no
+ * buffer until it has seen d->seized), moving buffers between lists, or
+ * in a write(2). */
+enum phase { PHASE_IDLE, PHASE_LISTS, PHASE_WRITING };
+
+/* The dlog whose writer thread this is (NULL elsewhere): its crash path
+ * does not wait for itself. */
+static _Thread_local const struct dlog *dlog_self;
 
 static const char *const kind_names[] = {
     [DLOG_RECEPTION] = "reception",
@@ -471,7 +492,9 @@ writer_append(struct dlog_writer *w, const char *p, size_t n)
     struct dlog_buf *b = w->cur;
     if (b != NULL && b->cap - b->len >= n) {
         memcpy(b->data + b->len, p, n);
-        b->len += n;
+        /* release: the crash path reads len with no lock, and writes
+         * the octets below it (whole lines) */
+        __atomic_store_n(&b->len, b->len + n, __ATOMIC_RELEASE);
         w->events++;
         pthread_mutex_unlock(&w->mu);
         return;
@@ -497,7 +520,7 @@ writer_append(struct dlog_writer *w, const char *p, size_t n)
         /* cur is still NULL: only this thread installs a buffer. */
         memcpy(b->data, p, n);
         b->len = n;
-        w->cur = b;
+        __atomic_store_n(&w->cur, b, __ATOMIC_RELEASE); /* its lines before it (crash path) */
         w->events++;
     }
     pthread_mutex_unlock(&w->mu);
@@ -641,7 +664,15 @@ pending_write(struct dlog *d, struct buf_list *done)
     }
     while ((b = d->pending.head) != NULL) {
         while (b->off < b->len) {
+            /* The crash path has taken over (it waits for this thread
+             * to be idle): what is left is its to write, once. */
+            if (atomic_load(&d->seized))
+                return;
+            atomic_store(&d->phase, PHASE_WRITING);
             ssize_t n = write(d->fd, b->data + b->off, b->len - b->off);
+            if (n > 0)
+                b->off += (size_t)n; /* before the phase says so */
+            atomic_store(&d->phase, PHASE_LISTS);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0) {
@@ -656,7 +687,6 @@ pending_write(struct dlog *d, struct buf_list *done)
                 d->failing = true;
                 return;
             }
-            b->off += (size_t)n;
             atomic_fetch_add_explicit(&d->bytes, (uint64_t)n, memory_order_relaxed);
         }
         list_push(done, list_pop(&d->pending));
@@ -713,6 +743,7 @@ dlog_main(void *arg)
     struct dlog *d = arg;
     log_altstack_init();
     log_set_thread_name("dlog");
+    dlog_self = d;
     const uint64_t interval = (uint64_t)d->flush_ms * 1000000u;
     uint64_t deadline = mono_ns() + interval;
     struct buf_list done;
@@ -729,14 +760,20 @@ dlog_main(void *arg)
             pthread_cond_timedwait(&d->cond, &d->mu, &ts);
             now = mono_ns();
         }
+        /* The phase first, then the flag (both seq_cst), as the crash
+         * path sets the flag, then reads the phase: either it waits for
+         * this turn, or this turn sees the flag and touches nothing. */
+        atomic_store(&d->phase, PHASE_LISTS);
+        if (atomic_load(&d->seized)) {
+            atomic_store(&d->phase, PHASE_IDLE);
+            break;
+        }
         bool stop = d->stop, interval_due = stop || now >= deadline;
         d->kick = false;
-        struct buf_list got;
-        list_init(&got);
-        uint64_t dropped = collect_locked(d, &got, interval_due);
+        uint64_t dropped = collect_locked(d, &d->got, interval_due);
         pthread_mutex_unlock(&d->mu);
 
-        pending_add(d, &got, &done);
+        pending_add(d, &d->got, &done);
         if (atomic_exchange(&d->reopen, false))
             dlog_do_reopen(d);
         /* While failing, retry only on the interval, not on every kick. */
@@ -745,6 +782,8 @@ dlog_main(void *arg)
         report_drops(d, dropped, interval_due);
         if (interval_due)
             deadline = now + interval;
+        /* done holds written buffers only: nothing the crash path reads */
+        atomic_store(&d->phase, PHASE_IDLE);
 
         pthread_mutex_lock(&d->mu);
         buf_release_locked(d, done.head);
@@ -752,7 +791,17 @@ dlog_main(void *arg)
         if (stop)
             break;
     }
-    /* What one last attempt could not write is lost: say how much. */
+    if (atomic_load(&d->seized)) {
+        /* The crash path wrote what was left (or is writing it): the
+         * process is dying. Only dlog_free, in a test, would end this
+         * wait; it frees the buffers. */
+        while (!d->stop)
+            pthread_cond_wait(&d->cond, &d->mu);
+        pthread_mutex_unlock(&d->mu);
+        return NULL;
+    }
+    /* What one last attempt could not write is lost: say how much.
+     * (No crash path can be reading: dlog_free took its hook off first.) */
     if (d->pending.head != NULL) {
         log_msg(LOG_ERR, "event=dlog_lost_at_close path=%s bytes=%zu", d->path, pending_bytes(d));
         buf_release_locked(d, d->pending.head);
@@ -760,6 +809,95 @@ dlog_main(void *arg)
     }
     pthread_mutex_unlock(&d->mu);
     return NULL;
+}
+
+/* ---- on the way to dying ---- */
+
+/* Write the whole lines of b from off on (an EINTR retried; an error
+ * ends it: nowhere to report it). Async-signal-safe. */
+static void
+fatal_write_buf(int fd, const struct dlog_buf *b, size_t off)
+{
+    size_t len = __atomic_load_n(&b->len, __ATOMIC_ACQUIRE);
+    if (len > b->cap)
+        len = b->cap; /* torn: a buffer freed under us */
+    while (len > off && b->data[len - 1] != '\n')
+        len--; /* whole lines only (len always ends on one; in case) */
+    while (off < len) {
+        ssize_t n = write(fd, b->data + off, len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        off += (size_t)n;
+    }
+}
+
+static void
+fatal_write_list(int fd, const struct dlog_buf *b, bool from_off)
+{
+    for (; b != NULL; b = __atomic_load_n(&b->next, __ATOMIC_ACQUIRE))
+        fatal_write_buf(fd, b, from_off ? b->off : 0);
+}
+
+/*
+ * The hook of log_fatal_hook_add: at a fatal signal (in its handler) and
+ * at a stop given up (engine.c's stop watch, before its _exit), write
+ * every line not yet written, in the order the writer thread would have:
+ * pending (from what it wrote of it), collected, orphans, then each
+ * writer's sealed buffers and cur. Async-signal-safe: write(2),
+ * nanosleep, atomics; no lock (a thread that died or hangs may hold any
+ * of them: a lock-free read, at the stop given up too, where a mutex
+ * could be held forever).
+ *
+ * No line twice: the writer thread checks d->seized before each turn and
+ * each write(2), and this waits (up to 200 ms) for its turn to end, so
+ * it never writes again what this writes; this reads pending's off once
+ * it has stopped. Still waiting then: in a write(2) (a disk that does not
+ * take it), this writes nothing (it would hang the same way, and the
+ * write in flight could land twice); elsewhere (blocked on a writer's
+ * mutex that a crashed worker holds, in collect_locked), it writes, got
+ * holding what was collected so far.
+ *
+ * Best effort: the workers run on while this reads their buffers. A line
+ * being appended just then is left out (len is stored, release, after the
+ * line is whole, so only whole lines are written); a buffer sealed just
+ * then may be missed or, if seen both sealed and cur, is written once; a
+ * writer freed just then (a thread's end) is read after its free. Lines
+ * logged after this ran are lost: the process is dying.
+ */
+static void
+dlog_on_fatal(void *arg)
+{
+    struct dlog *d = arg;
+    int saved = errno;
+    atomic_store(&d->seized, true);
+    if (dlog_self != d) {
+        struct timespec ms = {0, 1000000};
+        for (int i = 0; i < 200 && atomic_load(&d->phase) != PHASE_IDLE; i++)
+            nanosleep(&ms, NULL);
+        if (atomic_load(&d->phase) == PHASE_WRITING) {
+            errno = saved;
+            return;
+        }
+    }
+    int fd = d->fd;
+    fatal_write_list(fd, d->pending.head, true);
+    fatal_write_list(fd, d->got.head, false);
+    fatal_write_list(fd, __atomic_load_n(&d->orphans.head, __ATOMIC_ACQUIRE), false);
+    for (const struct dlog_writer *w = __atomic_load_n(&d->writers, __ATOMIC_ACQUIRE); w != NULL;
+         w = __atomic_load_n(&w->next, __ATOMIC_ACQUIRE)) {
+        const struct dlog_buf *cur = __atomic_load_n(&w->cur, __ATOMIC_ACQUIRE);
+        for (const struct dlog_buf *b = __atomic_load_n(&w->sealed.head, __ATOMIC_ACQUIRE);
+             b != NULL; b = __atomic_load_n(&b->next, __ATOMIC_ACQUIRE)) {
+            fatal_write_buf(fd, b, 0);
+            if (b == cur)
+                cur = NULL; /* sealed since it was read: written once */
+        }
+        if (cur != NULL)
+            fatal_write_buf(fd, cur, 0);
+    }
+    errno = saved;
 }
 
 /* ---- the log ---- */
@@ -786,6 +924,7 @@ dlog_destroy(struct dlog *d)
         close(d->fd);
     chain_free(d->pool);
     chain_free(d->orphans.head);
+    chain_free(d->got.head);
     chain_free(d->pending.head);
     pthread_mutex_destroy(&d->mu);
     pthread_cond_destroy(&d->cond);
@@ -812,7 +951,11 @@ dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *
     atomic_init(&d->write_errors, 0);
     atomic_init(&d->reopens, 0);
     atomic_init(&d->reopen_errors, 0);
+    d->fatal_slot = -1;
+    atomic_init(&d->seized, false);
+    atomic_init(&d->phase, PHASE_IDLE);
     list_init(&d->orphans);
+    list_init(&d->got);
     list_init(&d->pending);
     pthread_mutex_init(&d->mu, NULL);
     pthread_condattr_t ca;
@@ -842,6 +985,10 @@ dlog_new(const char *path, unsigned flush_interval_ms, struct dlog **out, char *
         return -rc;
     }
     d->started = true;
+    /* Its lines at a crash or a stop given up (dlog_on_fatal). Past the
+     * hooks' few slots (tests that open many), it goes without. */
+    if (!d->nofile)
+        d->fatal_slot = log_fatal_hook_add(dlog_on_fatal, d);
     *out = d;
     return 0;
 }
@@ -851,6 +998,9 @@ dlog_free(struct dlog *d)
 {
     if (d == NULL)
         return NULL;
+    /* First: past it no crash path reads d (it waits for one running). */
+    log_fatal_hook_remove(d->fatal_slot);
+    d->fatal_slot = -1;
     pthread_mutex_lock(&d->mu);
     if (d->writers != NULL) {
         /* A writer would be left pointing at freed memory. */

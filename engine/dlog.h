@@ -20,6 +20,14 @@
  * logged once per burst, and the unwritten batch is retried on the next
  * interval; delivery never waits for the log.
  *
+ * On the way to dying (a fatal signal under log_catch_fatal, a stop given
+ * up: log_flush_all), a dlog with a file writes every whole line not yet
+ * written, each once (the writer thread writes nothing after), from the
+ * dying thread with no lock (common/log.h's log_fatal_hook_add, taken at
+ * dlog_new, given back at dlog_free). Best effort: a line being logged
+ * just then may be missing, and nothing is written if the writer thread
+ * is stuck in a write(2) (the disk that holds it would hold this too).
+ *
  * A NULL struct dlog or struct dlog_writer means "log off": every event
  * call is then a cheap no-op, so the engine calls unconditionally.
  */

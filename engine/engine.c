@@ -768,7 +768,10 @@ stop_watch_main(void *arg)
     bool done = sw->done;
     pthread_mutex_unlock(&sw->mu);
     if (!done) {
-        log_flush_all(); /* what a worker stuck in its stop kept */
+        /* what a worker stuck in its stop kept, and the delivery log's
+         * lines not yet written (its hook: no lock taken, one may be
+         * held forever here) */
+        log_flush_all();
         log_msg(LOG_CRIT,
                 "event=stop_stuck waited_ms=%llu stage=%s exit=%d "
                 "note=what_the_spool_did_not_confirm_was_never_acknowledged",

@@ -160,8 +160,9 @@ int engine_start(struct engine *e, const struct config *cfg, char *err, size_t e
 bool engine_drain(struct engine *e, uint64_t timeout_ms);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers
- * nothing: a dead disk) it logs event=stop_stuck and exits the process
- * with ENGINE_EXIT_FAILED. */
+ * nothing: a dead disk) it writes what the log's threads kept and the
+ * delivery log's lines not yet written (log_flush_all), logs
+ * event=stop_stuck and exits the process with ENGINE_EXIT_FAILED. */
 void engine_stop(struct engine *e);
 
 /* A worker whose ring fails at run time cannot serve its sessions or its

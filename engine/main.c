@@ -5,8 +5,9 @@
  * stop, SIGHUP reopens the logs and reloads what may change at run time.
  * A fault or an abort in any thread (a stack overflow too: main and every
  * thread sluice starts have an alternate signal stack, log_altstack_init)
- * is caught only to write the log's kept lines and one of its own
- * (log_catch_fatal), then dies as before.
+ * is caught only to write the log's kept lines, one of its own and the
+ * delivery log's lines not yet written (log_catch_fatal), then dies as
+ * before.
  */
 #include <ctype.h>
 #include <errno.h>

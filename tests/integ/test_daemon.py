@@ -6,17 +6,18 @@ import os
 import signal
 import sys
 
-from harness import Daemon, Workdir, free_port, main, run, wait_until
+from harness import Daemon, Smtp, Workdir, free_port, main, run, wait_until
 
 SLUICE = sys.argv[1]
 SOURCE = sys.argv[2]
 
 
-def config(wd, extra=""):
+def config(wd, extra="", server="", port=None):
     return wd.file("sluice.conf", f"""
 [server]
 workers = 2
-listen = 127.0.0.1:{free_port()}
+listen = 127.0.0.1:{port or free_port()}
+{server}
 [delivery]
 enabled = no
 [queue]
@@ -218,19 +219,33 @@ def test_a_crash_leaves_its_line():
     its own to the log (test_log checks that the workers' kept lines come
     before it), and then kills sluice as before: by that signal (a core
     dump where the system keeps them; none here: RLIMIT_CORE 0), not an
-    exit of its own."""
+    exit of its own. The delivery log's lines not yet written go out too:
+    the reception of a message queued just before, its flush interval
+    (10 s) far from due."""
     import resource
     for sig, name in ((signal.SIGABRT, "ABRT"), (signal.SIGSEGV, "SEGV")):
         wd = Workdir("sluice-crash-")
         d = None
+        port = free_port()
+        dlog = os.path.join(wd.path, "delivery.jsonl")
         soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
         resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
         try:
-            d = Daemon(SLUICE, config(wd))
+            d = Daemon(SLUICE, config(wd, f"[log]\ndelivery_log = {dlog}\n"
+                                          "delivery_log_flush = 10s\n",
+                                      server="trusted_networks = 127.0.0.0/8", port=port))
         finally:
             resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
         try:
             d.wait_log("event=ready")
+            c = Smtp(port)
+            c.expect("EHLO client.example", 250)
+            c.expect("MAIL FROM:<a@example.com>", 250)
+            c.expect("RCPT TO:<b@example.org>", 250)
+            c.expect("DATA", 354)
+            r = c.expect("Subject: last\r\n\r\nqueued before the crash\r\n.", 250)
+            qid = r.raw.split()[-1]
+            c.sock.close()
             d.signal(sig)
             rc = d.proc.wait(10)
             d.reader.join(5)  # every line it wrote, a sanitizer's report too
@@ -243,6 +258,9 @@ def test_a_crash_leaves_its_line():
             else:
                 assert rc == -sig, f"exit {rc}, not killed by SIG{name}"
             assert "level=crit" in line and f"signal={name} pid={d.proc.pid}" in line, line
+            with open(dlog) as f:
+                receptions = [ln for ln in f if '"event":"reception"' in ln]
+            assert len(receptions) == 1 and f'"id":"{qid}"' in receptions[0], (qid, receptions)
         finally:
             if d is not None:
                 stop_if_running(d)

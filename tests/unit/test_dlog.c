@@ -2,8 +2,9 @@
  * test_dlog: the delivery log writes every event as exactly one line of
  * valid JSON, whatever bytes it is given, from several threads at once;
  * keeps each line whole across a rename + reopen; flushes on its
- * interval and at close; counts write errors and drops instead of
- * growing when the disk fails.
+ * interval and at close, and at a crash or a stop given up (each line
+ * once); counts write errors and drops instead of growing when the disk
+ * fails.
  *
  * Lines are checked with a small strict JSON validator written here
  * (RFC 8259: structure, string escapes, no raw controls, valid UTF-8).
@@ -19,14 +20,18 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "common/json.h"
+#include "common/log.h"
 #include "engine/dlog.h"
 
 /* ---- a strict JSON validator ---- */
@@ -1064,6 +1069,118 @@ test_off_and_errors(void **state)
     assert_true(strlen(err) > 0);
 }
 
+/* ---- on the way to dying (log_catch_fatal, log_flush_all) ---- */
+
+enum dying { DIE_SEGV, DIE_ABORT, DIE_STOP_STUCK };
+
+/* T0: some 300 KB of lines on one writer: its full buffers go to the
+ * writer thread at once (and race the end), its last is kept. T1: a
+ * writer freed, its lines handed over as orphans. */
+#define DYING_LINES   1500
+#define DYING_ORPHANS 50
+
+static void
+dying_events(struct dlog_writer *w, int t, unsigned count)
+{
+    char id[32], rcpt[64], camp[32];
+    const char *hv[] = {camp, "tenant-7"};
+    struct dlog_event ev;
+    for (unsigned i = 0; i < count; i++) {
+        snprintf(id, sizeof(id), "T%d-%07u", t, i);
+        snprintf(rcpt, sizeof(rcpt), "user%u@example.com", i);
+        snprintf(camp, sizeof(camp), "c%u", i % 17);
+        fill_delivery(&ev, id, rcpt, hv);
+        dlog_event(w, &ev);
+    }
+}
+
+/* In a child: lines logged with an interval of an hour, then the end. */
+static void
+dying_child(const char *path, const char *logpath, enum dying how)
+{
+    struct rlimit none = {0, 0};
+    setrlimit(RLIMIT_CORE, &none); /* no core file from the test */
+    alarm(20);
+    signal(SIGSEGV, SIG_DFL); /* cmocka's off: a daemon's defaults */
+    signal(SIGABRT, SIG_DFL);
+    char err[256];
+    struct dlog *d;
+    if (log_open(logpath, LOG_INFO) < 0 || log_catch_fatal() < 0 ||
+        dlog_new(path, 3600 * 1000, &d, err, sizeof(err)) < 0)
+        _exit(3);
+    struct dlog_writer *w0 = dlog_writer_new(d), *w1 = dlog_writer_new(d);
+    if (w0 == NULL || w1 == NULL)
+        _exit(4);
+    dying_events(w1, 1, DYING_ORPHANS);
+    dlog_writer_free(w1);
+    dying_events(w0, 0, DYING_LINES);
+    switch (how) {
+    case DIE_SEGV:
+        raise(SIGSEGV);
+        break;
+    case DIE_ABORT:
+        abort();
+    case DIE_STOP_STUCK:
+        log_flush_all(); /* as engine.c's stop watch, before its _exit */
+        /* The writer thread, woken (w0's buffer handed over), writes
+         * nothing again: the file would hold w0's last lines twice. */
+        dlog_writer_free(w0);
+        nap_ms(200);
+        _exit(70);
+    }
+    _exit(7); /* not reached */
+}
+
+static void
+check_dying(enum dying how)
+{
+    char path[300], logpath[300];
+    tmp_path(path, sizeof(path), "dying.jsonl");
+    tmp_path(logpath, sizeof(logpath), "dying.log");
+    unlink(path);
+    unlink(logpath);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        dying_child(path, logpath, how);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (how == DIE_STOP_STUCK) {
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 70);
+    } else {
+        assert_true(WIFSIGNALED(status));
+        assert_int_equal(WTERMSIG(status), how == DIE_SEGV ? SIGSEGV : SIGABRT);
+        size_t n;
+        char *log = slurp(logpath, &n);
+        assert_non_null(log);
+        assert_non_null(strstr(log, "event=fatal_signal"));
+        free(log);
+    }
+    /* Every line once, whole, each writer's in order (check_line). */
+    struct seen s;
+    seen_init(&s, DYING_LINES);
+    check_file(path, &s);
+    for (unsigned i = 0; i < DYING_LINES; i++)
+        assert_int_equal(s.bits[0][i], 1);
+    for (unsigned i = 0; i < DYING_ORPHANS; i++)
+        assert_int_equal(s.bits[1][i], 1);
+    assert_int_equal(s.lines, DYING_LINES + DYING_ORPHANS);
+    seen_fini(&s);
+}
+
+/* A crash (a SEGV, an abort) and a stop given up write the lines not yet
+ * written, with the interval an hour away: those the writer thread had
+ * not taken (a writer's last buffer), and none of those it wrote. */
+static void
+test_dying_writes_what_is_kept(void **state)
+{
+    (void)state;
+    check_dying(DIE_SEGV);
+    check_dying(DIE_ABORT);
+    check_dying(DIE_STOP_STUCK);
+}
+
 int
 main(void)
 {
@@ -1080,6 +1197,7 @@ main(void)
         cmocka_unit_test(test_write_error_recovers),
         cmocka_unit_test(test_reopen_fails_keeps_old),
         cmocka_unit_test(test_off_and_errors),
+        cmocka_unit_test(test_dying_writes_what_is_kept),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }
