@@ -60,6 +60,7 @@ struct buf_list {
 struct dlog_writer {
     struct dlog *log;                /* borrowed: outlives the writer */
     struct dlog_writer *prev, *next; /* d->writers, under d->mu */
+    struct dlog_writer *retired_next; /* d->retired once freed, under d->mu */
 
     pthread_mutex_t mu;     /* guards the fields down to dropped */
     struct dlog_buf *cur;   /* owned: being filled, or NULL */
@@ -91,6 +92,8 @@ struct dlog {
     pthread_cond_t cond; /* CLOCK_MONOTONIC; wakes the writer thread */
     bool stop, kick;
     struct dlog_writer *writers; /* borrowed: each unlinks itself when freed */
+    struct dlog_writer *retired; /* owned: writers freed, kept to dlog_free (the crash
+                                  * hook may be reading one as it is unlinked) */
     struct buf_list orphans;     /* owned: buffers of freed writers */
     struct dlog_buf *pool;       /* owned: spare buffers */
     unsigned npool;
@@ -479,7 +482,15 @@ dlog_writer_free(struct dlog_writer *w)
 
     pthread_mutex_destroy(&w->mu);
     json_fini(&w->line);
-    free(w);
+    /* Not freed: the crash hook (dlog_on_fatal), which walks the writers
+     * with no lock, may be at w right now (at a stop given up, the main
+     * thread frees the writers while the stop watch runs it). Kept to
+     * dlog_free, which takes the hook off first: a few hundred octets for
+     * each writer of the process's life (one per worker and a few). */
+    pthread_mutex_lock(&d->mu);
+    w->retired_next = d->retired;
+    d->retired = w;
+    pthread_mutex_unlock(&d->mu);
     return NULL;
 }
 
@@ -863,8 +874,13 @@ fatal_write_list(int fd, const struct dlog_buf *b, bool from_off)
  * being appended just then is left out (len is stored, release, after the
  * line is whole, so only whole lines are written); a buffer sealed just
  * then may be missed or, if seen both sealed and cur, is written once; a
- * writer freed just then (a thread's end) is read after its free. Lines
- * logged after this ran are lost: the process is dying.
+ * writer freed just then stays readable (dlog_writer_free keeps it to
+ * dlog_free), and its buffers, moved to the orphans, may be missed or
+ * written twice. Lines logged after this ran are lost: the process is
+ * dying. "No line twice" above holds while the writer thread's turn ends
+ * within the 200 ms: one held longer mid-turn (preempted while it
+ * collects, or in a reopen's open(2)) may see lists change under this,
+ * and a line missed or written twice.
  */
 static void
 dlog_on_fatal(void *arg)
@@ -926,6 +942,10 @@ dlog_destroy(struct dlog *d)
     chain_free(d->orphans.head);
     chain_free(d->got.head);
     chain_free(d->pending.head);
+    for (struct dlog_writer *w = d->retired, *next; w != NULL; w = next) {
+        next = w->retired_next;
+        free(w);
+    }
     pthread_mutex_destroy(&d->mu);
     pthread_cond_destroy(&d->cond);
     free(d->path);

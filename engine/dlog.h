@@ -25,8 +25,11 @@
  * written, each once (the writer thread writes nothing after), from the
  * dying thread with no lock (common/log.h's log_fatal_hook_add, taken at
  * dlog_new, given back at dlog_free). Best effort: a line being logged
- * just then may be missing, and nothing is written if the writer thread
- * is stuck in a write(2) (the disk that holds it would hold this too).
+ * just then may be missing, nothing is written if the writer thread is
+ * stuck in a write(2) (the disk that holds it would hold this too), and
+ * one held more than 200 ms elsewhere mid-turn may see a line missed or
+ * written twice. Writers freed stay allocated to dlog_free, so that the
+ * hook never reads freed memory.
  *
  * A NULL struct dlog or struct dlog_writer means "log off": every event
  * call is then a cheap no-op, so the engine calls unconditionally.
