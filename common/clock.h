@@ -33,7 +33,7 @@ clock_mono_ms(void)
 /* A condition variable whose timed waits take monotonic deadlines
  * (clock_mono_deadline()): against CLOCK_REALTIME, pthread's default, a
  * wall clock stepped back an hour stretches a 2 s wait by that hour.
- * Returns 0, or the error of pthread_condattr_setclock() or
+ * Returns 0, or -errno of pthread_condattr_setclock() or
  * pthread_cond_init() (cv is then not made). With glibc neither fails for
  * CLOCK_MONOTONIC; the callers that ignore the return (as they ignore
  * pthread_mutex_init's) rely on that, the stop watch checks it. */
@@ -43,7 +43,7 @@ clock_cond_init_mono(pthread_cond_t *cv)
     pthread_condattr_t ca;
     int rc = pthread_condattr_init(&ca);
     if (rc != 0)
-        return rc;
+        return -rc;
     /* Failed, the variable would wait on the wall clock while its
      * deadlines are monotonic ones (days since boot: past at once), so
      * it is not made: the caller hears why. */
@@ -51,7 +51,7 @@ clock_cond_init_mono(pthread_cond_t *cv)
     if (rc == 0)
         rc = pthread_cond_init(cv, &ca);
     pthread_condattr_destroy(&ca);
-    return rc;
+    return -rc;
 }
 
 /* The CLOCK_MONOTONIC time ms from now, for pthread_cond_timedwait() on a

@@ -745,7 +745,12 @@ struct stop_watch {
     uint64_t bound_ms;
     pthread_t th;
     _Atomic(const char *) stage; /* static: what engine_stop waits for now */
+    atomic_bool said;  /* the last lines of a stop given up are written */
 };
+
+/* A stop given up waits this long at most for its last lines (the logs
+ * may be on the disk that hung it). */
+#define STOP_LAST_WORDS_MS 1000u
 
 /* The watch's thread: waits for the stop's end; past the bound, the stop
  * waits on something that will not answer, most likely a dead disk under
@@ -755,6 +760,23 @@ struct stop_watch {
  * never acknowledged to a client, and what it did is on disk (as after a
  * kill -9); the warm-up counts and shaping state taken since their last
  * save are lost when the stop hung before their close. */
+/* A stop given up: what a worker stuck in its stop kept, the delivery
+ * log's lines not yet written (its hook: no lock taken, one may be held
+ * forever there), then why the process exits. */
+static void *
+stop_last_words(void *arg)
+{
+    struct stop_watch *sw = arg;
+    log_altstack_init();
+    log_flush_all();
+    log_msg(LOG_CRIT,
+            "event=stop_stuck waited_ms=%llu stage=%s exit=%d "
+            "note=what_the_spool_did_not_confirm_was_never_acknowledged",
+            (unsigned long long)sw->bound_ms, atomic_load(&sw->stage), ENGINE_EXIT_FAILED);
+    atomic_store(&sw->said, true);
+    return NULL;
+}
+
 static void *
 stop_watch_main(void *arg)
 {
@@ -768,14 +790,18 @@ stop_watch_main(void *arg)
     bool done = sw->done;
     pthread_mutex_unlock(&sw->mu);
     if (!done) {
-        /* what a worker stuck in its stop kept, and the delivery log's
-         * lines not yet written (its hook: no lock taken, one may be
-         * held forever here) */
-        log_flush_all();
-        log_msg(LOG_CRIT,
-                "event=stop_stuck waited_ms=%llu stage=%s exit=%d "
-                "note=what_the_spool_did_not_confirm_was_never_acknowledged",
-                (unsigned long long)sw->bound_ms, atomic_load(&sw->stage), ENGINE_EXIT_FAILED);
+        /* The last lines are written by a thread of their own: the disk
+         * that hangs the stop may hold the logs too, and a write(2) to it
+         * would hang this one past its own bound. The exit comes after
+         * STOP_LAST_WORDS_MS whatever they managed. */
+        pthread_t th;
+        atomic_store(&sw->said, false);
+        bool wrote = pthread_create(&th, NULL, stop_last_words, sw) == 0;
+        if (wrote)
+            pthread_detach(th);
+        struct timespec tick = {0, 10 * 1000000L};
+        for (unsigned i = 0; wrote && i < STOP_LAST_WORDS_MS / 10 && !atomic_load(&sw->said); i++)
+            nanosleep(&tick, NULL);
         _exit(ENGINE_EXIT_FAILED);
     }
     return NULL;
@@ -799,8 +825,12 @@ stop_watch_start(struct stop_watch *sw)
     }
 #endif
     atomic_init(&sw->stage, "workers");
-    if (clock_cond_init_mono(&sw->cv) != 0)
+    atomic_init(&sw->said, false);
+    int rc = clock_cond_init_mono(&sw->cv);
+    if (rc != 0) {
+        log_msg(LOG_WARN, "event=stop_unbounded reason=no_clock err=\"%s\"", strerror(-rc));
         return false;
+    }
     pthread_mutex_init(&sw->mu, NULL);
     if (pthread_create(&sw->th, NULL, stop_watch_main, sw) != 0) {
         pthread_cond_destroy(&sw->cv);
