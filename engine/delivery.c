@@ -262,7 +262,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
 {
     if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
-    struct job *j = job_make(domain, n);
+    struct job *j = job_new(domain, n);
     if (j == NULL) {
         /* Still in the spool: a restart delivers it. Say so. */
         char qid[QUEUE_ID_STRLEN + 1];

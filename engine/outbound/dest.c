@@ -388,7 +388,7 @@ dest_push(struct dest *t, struct job *j, bool front)
 }
 
 struct job *
-job_make(const char *domain, unsigned cap)
+job_new(const char *domain, unsigned cap)
 {
     size_t dl = strlen(domain);
     if (dl > 255)

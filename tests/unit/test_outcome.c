@@ -202,9 +202,9 @@ store(struct fx *f, const char *domain, unsigned n)
 
 /* A job of recipients idx[0..n) of message id at domain. */
 static struct job *
-job_new(uint64_t id, const char *domain, const unsigned *idx, unsigned n)
+test_job(uint64_t id, const char *domain, const unsigned *idx, unsigned n)
 {
-    struct job *j = job_make(domain, n);
+    struct job *j = job_new(domain, n);
     assert_non_null(j);
     j->id = id;
     j->n = n;
@@ -394,7 +394,7 @@ bounce_after_a_250_not_yet_durable(void **state)
     struct hold h;
     hold_start(f, &h);
 
-    struct job *j = job_new(id, "example.test", idx, 1);
+    struct job *j = test_job(id, "example.test", idx, 1);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     queue_envelope_free(env);
@@ -501,7 +501,7 @@ stale_outcome_tells_the_backend_nothing(void **state)
         snprintf(rc[i].out.text, sizeof(rc[i].out.text), "2.0.0 ok");
     }
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 2);
+    struct job *j = test_job(id, "example.test", idx, 2);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     queue_envelope_free(env);
@@ -588,7 +588,7 @@ stale_outcome_in_no_dsn_and_no_counter(void **state)
     rc[0].out.reason = SMTP_REASON_REPLY;
     snprintf(rc[0].out.text, sizeof(rc[0].out.text), "2.0.0 ok");
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 1);
+    struct job *j = test_job(id, "example.test", idx, 1);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     settle(f);
@@ -604,7 +604,7 @@ stale_outcome_in_no_dsn_and_no_counter(void **state)
     fail.reason = SMTP_REASON_REPLY;
     fail.enh = (struct smtp_enh){5, 1, 1};
     snprintf(fail.text, sizeof(fail.text), "5.1.1 no such user");
-    j = job_new(id, "example.test", idx, 2);
+    j = test_job(id, "example.test", idx, 2);
     job_finish(f->d, t, j, env, NULL, &fail, &where);
     free(j);
     queue_envelope_free(env);
@@ -661,7 +661,7 @@ dsns_of_two_processes_have_their_own_message_ids(void **state)
     for (unsigned i = 0; i < 2; i++) {
         struct queue_envelope *env = NULL;
         assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
-        struct job *j = job_new(id, "example.test", &i, 1);
+        struct job *j = test_job(id, "example.test", &i, 1);
         job_finish(f->d, t, j, env, NULL, &fail, &where);
         free(j);
         queue_envelope_free(env);
@@ -731,7 +731,7 @@ stale_outcome_beside_a_dsn_keeps_the_dsn(void **state)
     rc[1].out.enh = (struct smtp_enh){5, 1, 1};
     snprintf(rc[1].out.text, sizeof(rc[1].out.text), "5.1.1 no such user");
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 2);
+    struct job *j = test_job(id, "example.test", idx, 2);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     queue_envelope_free(env);
@@ -809,7 +809,7 @@ stale_outcome_not_in_the_domains_view_nor_the_log(void **state)
         snprintf(rc[i].out.text, sizeof(rc[i].out.text), "2.0.0 ok");
     }
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 2);
+    struct job *j = test_job(id, "example.test", idx, 2);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     settle(f);
@@ -822,7 +822,7 @@ stale_outcome_not_in_the_domains_view_nor_the_log(void **state)
     tmp.reason = SMTP_REASON_REPLY;
     tmp.enh = (struct smtp_enh){4, 3, 0};
     snprintf(tmp.text, sizeof(tmp.text), "4.3.0 try later");
-    j = job_new(id2, "example.test", idx, 2);
+    j = test_job(id2, "example.test", idx, 2);
     job_finish(f->d, t, j, env2, NULL, &tmp, &where);
     free(j);
     settle(f);
@@ -909,7 +909,7 @@ sender_refused_at_rcpt_suppresses_nothing(void **state)
              "5.1.1 <user1@example.test>: Recipient address rejected: User unknown in local "
              "recipient table");
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 2);
+    struct job *j = test_job(id, "example.test", idx, 2);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     queue_envelope_free(env);
@@ -951,7 +951,7 @@ local_rcpt_error_suppresses_nothing(void **state)
     snprintf(rc[0].out.text, sizeof(rc[0].out.text),
              "recipient address or RCPT parameter cannot be sent: line too long");
     struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
-    struct job *j = job_new(id, "example.test", idx, 1);
+    struct job *j = test_job(id, "example.test", idx, 1);
     job_finish(f->d, t, j, env, rc, NULL, &where);
     free(j);
     queue_envelope_free(env);

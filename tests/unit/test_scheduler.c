@@ -374,7 +374,7 @@ static uint64_t next_id = 1;
 static void
 submit_pool(const char *domain, unsigned n, const char *pool)
 {
-    struct job *j = job_make(domain, n);
+    struct job *j = job_new(domain, n);
     assert_non_null(j);
     j->id = next_id++;
     j->n = n;
@@ -1246,7 +1246,7 @@ tls_failure_retried_in_plaintext_at_once(void **state)
 static struct dest *
 relaxed_job(const char *domain, bool relaxed, enum dns_dane dane)
 {
-    struct job *j = job_make(domain, 1);
+    struct job *j = job_new(domain, 1);
     assert_non_null(j);
     j->id = next_id++;
     j->n = 1;
@@ -1309,7 +1309,7 @@ spool_owner_keeps_tls_relaxed(void **state)
     struct fx *f = fx_new("");
     struct dest *x = relaxed_job("r.test", true, DNS_DANE_NONE);
     struct queue_owner qo = {"", "", "", 0, true};
-    struct job *j = job_make("r.test", 1);
+    struct job *j = job_new("r.test", 1);
     assert_non_null(j);
     delivery_owner_of(&f->e, &qo, &j->owner);
     assert_true(j->owner.tls_relaxed);
@@ -2947,7 +2947,7 @@ static void
 job_copy_has_a_domain_of_its_own(void **state)
 {
     (void)state;
-    struct job *j = job_make("Mixed.Case.TEST", 4);
+    struct job *j = job_new("Mixed.Case.TEST", 4);
     assert_non_null(j);
     assert_string_equal(j->domain, "mixed.case.test");
     assert_int_equal(j->n, 0);
@@ -2970,7 +2970,7 @@ job_copy_has_a_domain_of_its_own(void **state)
     char longname[400];
     memset(longname, 'a', sizeof(longname) - 1);
     longname[sizeof(longname) - 1] = '\0';
-    struct job *l = job_make(longname, 1);
+    struct job *l = job_new(longname, 1);
     assert_non_null(l);
     assert_int_equal(strlen(l->domain), 255);
     free(l);
