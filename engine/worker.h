@@ -50,10 +50,11 @@ struct worker_msg {
     void (*fn)(struct worker *w, struct worker_msg *m);
 };
 
-/* A turn is busy from the end of its wait to the start of the next
- * (timers, completions, mailbox messages, the log's write): while it
- * lasts, nothing else of the worker runs, not its submission sessions'
- * replies either. One this long is slow (counted), and one longer than
+/* A turn is busy from the end of its wait to just before the next
+ * (completions, mailbox messages, timers; not the write of its log lines
+ * nor the submit, which come after, so that a slow turn's own line goes
+ * out with it): while it lasts, nothing else of the worker runs, not its
+ * submission sessions' replies either. One this long is slow (counted), and one longer than
  * WORKER_SLOW_LOG_MS is logged (event=slow_turn, at most once every
  * WORKER_SLOW_LOG_EVERY_MS a worker, with the slow turns since). */
 #define WORKER_SLOW_TURN_MS      100u

@@ -608,7 +608,7 @@ def test_prometheus_endpoint():
         # ms or us: nothing here holds a worker for 10 s, even under ASan)
         assert metric(text, "sluice_worker_turns_total") > 0, text
         assert 0 < metric(text, "sluice_worker_longest_turn_seconds") < 10, text
-        assert metric(text, "sluice_worker_slow_turns_total") >= 0, text
+        metric(text, "sluice_worker_slow_turns_total")  # exported (any count)
         if os.path.exists("/usr/bin/promtool"):
             p = subprocess.run(["/usr/bin/promtool", "check", "metrics"], input=text,
                                capture_output=True, text=True, timeout=30)

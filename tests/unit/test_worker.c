@@ -132,7 +132,9 @@ test_a_slow_turn_is_counted_and_logged(void **state)
     assert_int_equal(worker_start(&w), 0);
     worker_post(&w, &m);
     assert_int_equal(worker_join(&w), 0);
-    assert_int_equal(w.stats.slow_turns, 1);
+    /* at least that one (a preempted turn on a loaded machine may be
+     * slow too); the line below pins it */
+    assert_true(w.stats.slow_turns >= 1);
     assert_true(w.stats.longest_turn_ns >= 600u * 1000000u);
     worker_fini(&w);
     log_open("-", LOG_INFO);
