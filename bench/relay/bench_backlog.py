@@ -190,17 +190,20 @@ file = {work}/sluice.log
 
 def teardown(d, procs, dns, wd, work):
     """Stop sluice (a drain, then a kill if it is still there), the
-    receivers and the resolver; remove the line's files."""
+    receivers and the resolver (d and dns None: not started); remove the
+    line's files."""
     try:
-        d.stop(120)
+        if d is not None:
+            d.stop(120)
     finally:
-        if d.proc.poll() is None:
+        if d is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
         for p in procs:
             p.kill()
             p.wait()
-        dns.stop()
+        if dns is not None:
+            dns.stop()
         wd.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 

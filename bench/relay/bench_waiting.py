@@ -61,11 +61,14 @@ def rss_anon_kb(pid):
 def one(a, binary, ndom):
     work = tempfile.mkdtemp(prefix="sluice-waiting-", dir=a.spool)
     wd = Workdir("sluice-waiting-")
-    sink_port, port = free_port(), free_port()
-    sock = f"{work}/stats.sock"
-    dns = DnsSynth(mx_hosts=1, binary=a.dns_synth)
-    allow = "allow_networks = 127.0.0.0/8\n" if knows(binary, "allow_networks") else ""
-    conf = wd.file("sluice.conf", f"""
+    dns = d = None
+    procs = []
+    try:
+        sink_port, port = free_port(), free_port()
+        sock = f"{work}/stats.sock"
+        dns = DnsSynth(mx_hosts=1, binary=a.dns_synth)
+        allow = "allow_networks = 127.0.0.0/8\n" if knows(binary, "allow_networks") else ""
+        conf = wd.file("sluice.conf", f"""
 [server]
 workers = 2
 listen = 127.0.0.1:{port}
@@ -85,9 +88,8 @@ file = {work}/sluice.log
 [domain *]
 max_message_rate = 1/h
 """)
-    d = Daemon(binary, conf)
-    procs = sinks(sink_port, 1, one=True)
-    try:
+        d = Daemon(binary, conf)
+        procs = sinks(sink_port, 1, one=True)
         log = LogTail(f"{work}/sluice.log")
         wait_until(lambda: any(b"event=ready" in ln for ln in log.lines()), 30, "sluice ready")
         rss0 = rss_anon_kb(d.proc.pid)
