@@ -853,6 +853,27 @@ stop_watch_end(struct stop_watch *sw)
     pthread_mutex_destroy(&sw->mu);
 }
 
+#ifdef SLUICE_TEST_HOOKS
+/* SLUICE_TEST_STOP_STALL=STAGE: the stop hangs when it comes to that
+ * stage of engine_stop (up to ten minutes), as it would on a dead disk in
+ * one of its waits that have no bound of their own (queue_close's join of
+ * a committer that never returns: stage spool), for the stop watch's
+ * test. Test-hook builds only. */
+static void
+test_hook_stop_stall(const char *stage)
+{
+    const char *want = getenv("SLUICE_TEST_STOP_STALL");
+    if (want == NULL || strcmp(want, stage) != 0)
+        return;
+    log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_STOP_STALL stage=%s", stage);
+    struct timespec tick = {0, 100 * 1000000L};
+    for (unsigned i = 0; i < 6000; i++)
+        nanosleep(&tick, NULL);
+}
+#else
+#define test_hook_stop_stall(stage) ((void)0)
+#endif
+
 void
 engine_stop(struct engine *e)
 {
@@ -862,6 +883,7 @@ engine_stop(struct engine *e)
     do {                                                                                           \
         if (watched)                                                                               \
             atomic_store(&watch.stage, name);                                                      \
+        test_hook_stop_stall(name);                                                                \
     } while (0)
     shaping_set_bounce_hook(e->shaping, NULL, NULL); /* before the workers go */
     /* No report is mailed once the workers stop (it waits for the next

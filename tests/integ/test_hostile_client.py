@@ -17,6 +17,7 @@ uses no ESMTP parameter, whatever its value, and no BDAT. Each test starts its o
 implicit-TLS listeners, own spool, own ports) and stops it."""
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -512,6 +513,40 @@ def test_a_spool_that_never_answers_cannot_hold_the_stop():
         assert 250 not in got, got
         (m,) = spool_messages(d.spool)
         assert b"stored, never answered" in m["body"]
+
+
+def test_a_stop_stuck_after_the_delivery_log_is_given_up_too():
+    """The stop's last bound holds in its waits that have no bound of their
+    own, past the servers: the test hook SLUICE_TEST_STOP_STALL=spool
+    hangs the stop where it closes the spool (queue_close joins a
+    committer that a dead disk would hold forever), after the delivery log
+    was closed. The watch gives it up at its bound (3 s here), names that
+    stage, exits 70; the message accepted before is in the spool and its
+    reception line in the delivery log, once."""
+    with sluice(exits=70, env={"SLUICE_TEST_STOP_STALL": "spool",
+                               "SLUICE_TEST_STOP_BOUND_MS": "3000"},
+                log="delivery_log = {dir}/delivery.jsonl\ndelivery_log_flush = 10s") as d:
+        c = Smtp(d.port, timeout=30)
+        envelope(c)
+        c.expect(b"Subject: last\r\n\r\nstored before the stop\r\n.", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 70, d.lines[-20:]
+        took = time.monotonic() - t0
+        d.reader.join(5)
+        assert d.log_lines("event=test_hook name=SLUICE_TEST_STOP_STALL stage=spool"), \
+            d.lines[-20:]
+        stuck = d.log_lines("event=stop_stuck")
+        assert len(stuck) == 1, d.lines[-20:]
+        assert "waited_ms=3000 stage=spool exit=70" in stuck[0], stuck
+        assert took < 20, took
+        (m,) = spool_messages(d.spool)
+        assert b"stored before the stop" in m["body"]
+        with open(f"{d.dir}/delivery.jsonl") as f:
+            receptions = [json.loads(ln) for ln in f if '"reception"' in ln]
+        assert len(receptions) == 1, receptions
 
 
 def deaf_client(d):
@@ -1087,6 +1122,7 @@ if __name__ == "__main__":
         test_stop_answers_a_message_whose_commit_is_pending,
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
         test_a_spool_that_never_answers_cannot_hold_the_stop,
+        test_a_stop_stuck_after_the_delivery_log_is_given_up_too,
         test_a_client_that_does_not_read_leaves_the_drain_sealed,
         test_a_client_that_does_not_read_is_closed_within_the_drain,
         test_pipelined_auth_decides_the_commands_behind_it,
