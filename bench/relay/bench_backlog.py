@@ -114,15 +114,13 @@ def count_delivered(log, want, timeout):
     return seen, first or 0.0, last
 
 
-def one(a, ndom, outage):
-    work = tempfile.mkdtemp(prefix="sluice-backlog-", dir=a.spool)
-    wd = Workdir("sluice-backlog-")
-    sink_port = free_port()
-    port = free_port()
-    sock = f"{work}/stats.sock"
-    dns = DnsSynth(mx_hosts=1, binary=a.dns_synth or None)
-    allow = "allow_networks = 127.0.0.0/8\n" if knows(a.sluice, "allow_networks") else ""
-    conf = wd.file("sluice.conf", f"""
+def relay_conf(wd, binary, work, port, sink_port, dns_port, extra=""):
+    """The line's sluice.conf (in wd): the built-in defaults but for what
+    the bench must set (listen, spool, resolver, the receiver's port, the
+    stats socket at WORK/stats.sock, loopback allowed where binary knows
+    allow_networks), then extra. Returns its path."""
+    allow = "allow_networks = 127.0.0.0/8\n" if knows(binary, "allow_networks") else ""
+    return wd.file("sluice.conf", f"""
 [server]
 workers = 2
 listen = 127.0.0.1:{port}
@@ -134,12 +132,23 @@ map_size = 16G
 remote_port = {sink_port}
 {allow}
 [dns]
-servers = 127.0.0.1:{dns.port}
+servers = 127.0.0.1:{dns_port}
 [stats]
-socket = {sock}
+socket = {work}/stats.sock
 [log]
 file = {work}/sluice.log
-""" + a.relay_conf.replace("\\n", "\n") + "\n")
+""" + extra + "\n")
+
+
+def one(a, ndom, outage):
+    work = tempfile.mkdtemp(prefix="sluice-backlog-", dir=a.spool)
+    wd = Workdir("sluice-backlog-")
+    sink_port = free_port()
+    port = free_port()
+    sock = f"{work}/stats.sock"
+    dns = DnsSynth(mx_hosts=1, binary=a.dns_synth or None)
+    conf = relay_conf(wd, a.sluice, work, port, sink_port, dns.port,
+                      a.relay_conf.replace("\\n", "\n"))
     d = Daemon(a.sluice, conf)
     procs = []
     res = {}

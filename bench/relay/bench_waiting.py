@@ -40,8 +40,8 @@ import time
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from bench_backlog import stats, teardown  # noqa: E402
-from bench_sites import LogTail, inject_c, knows, sinks  # noqa: E402
+from bench_backlog import relay_conf, stats, teardown  # noqa: E402
+from bench_sites import LogTail, inject_c, sinks  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "integ"))
 from harness import Daemon, Workdir, free_port, wait_until  # noqa: E402
 sys.path.insert(0, os.path.join(here, "..", "..", "tests", "support"))
@@ -67,27 +67,8 @@ def one(a, binary, ndom):
         sink_port, port = free_port(), free_port()
         sock = f"{work}/stats.sock"
         dns = DnsSynth(mx_hosts=1, binary=a.dns_synth)
-        allow = "allow_networks = 127.0.0.0/8\n" if knows(binary, "allow_networks") else ""
-        conf = wd.file("sluice.conf", f"""
-[server]
-workers = 2
-listen = 127.0.0.1:{port}
-trusted_networks = 127.0.0.0/8
-[queue]
-path = {work}/spool
-map_size = 16G
-[delivery]
-remote_port = {sink_port}
-{allow}
-[dns]
-servers = 127.0.0.1:{dns.port}
-[stats]
-socket = {sock}
-[log]
-file = {work}/sluice.log
-[domain *]
-max_message_rate = 1/h
-""")
+        conf = relay_conf(wd, binary, work, port, sink_port, dns.port,
+                          "[domain *]\nmax_message_rate = 1/h")
         d = Daemon(binary, conf)
         procs = sinks(sink_port, 1, one=True)
         log = LogTail(f"{work}/sluice.log")
