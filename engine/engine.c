@@ -752,14 +752,6 @@ struct stop_watch {
  * may be on the disk that hung it). */
 #define STOP_LAST_WORDS_MS 1000u
 
-/* The watch's thread: waits for the stop's end; past the bound, the stop
- * waits on something that will not answer, most likely a dead disk under
- * the spool's committer (queue_close joins it, delivery_free waits for
- * its answers, and neither has a bound of its own); stage says which
- * step. Exiting then loses no mail: what the spool did not confirm was
- * never acknowledged to a client, and what it did is on disk (as after a
- * kill -9); the warm-up counts and shaping state taken since their last
- * save are lost when the stop hung before their close. */
 /* A stop given up: what a worker stuck in its stop kept, the delivery
  * log's lines not yet written (its hook: no lock taken, one may be held
  * forever there), then why the process exits. */
@@ -777,6 +769,14 @@ stop_last_words(void *arg)
     return NULL;
 }
 
+/* The watch's thread: waits for the stop's end; past the bound, the stop
+ * waits on something that will not answer, most likely a dead disk under
+ * the spool's committer (queue_close joins it, delivery_free waits for
+ * its answers, and neither has a bound of its own); stage says which
+ * step. Exiting then loses no mail: what the spool did not confirm was
+ * never acknowledged to a client, and what it did is on disk (as after a
+ * kill -9); the warm-up counts and shaping state taken since their last
+ * save are lost when the stop hung before their close. */
 static void *
 stop_watch_main(void *arg)
 {
