@@ -51,10 +51,7 @@
 
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
-/* The server's private header, read only: the walk of a worker's
- * sessions belongs in server.c, which others were changing when this
- * was written; it moves there with the next change to it. */
-#include "engine/server_int.h"
+#include "engine/server.h"
 
 static void
 add(uint64_t *v, unsigned *n, unsigned cap, uint64_t *floor, uint64_t gen)
@@ -77,17 +74,28 @@ add(uint64_t *v, unsigned *n, unsigned cap, uint64_t *floor, uint64_t gen)
     *n = 0;
 }
 
+struct held {
+    struct config_gens *gens;
+    uint64_t v[CONFIG_GENS_HELD_MAX];
+    unsigned n;
+    uint64_t floor;
+};
+
+static void
+add_owner(const struct owner *o, void *arg)
+{
+    struct held *h = arg;
+    add(h->v, &h->n, CONFIG_GENS_HELD_MAX, &h->floor, config_gens_of_owner(h->gens, o));
+}
+
 void
 config_holders_publish(struct engine *e, unsigned w)
 {
-    uint64_t floor = config_gens_view(e->gens, w);
-    uint64_t held[CONFIG_GENS_HELD_MAX];
-    unsigned n = 0;
+    struct held h = {.gens = e->gens, .floor = config_gens_view(e->gens, w)};
     if (e->srv != NULL && e->srv[w] != NULL)
-        for (const struct session *s = e->srv[w]->sessions; s != NULL; s = s->next)
-            add(held, &n, CONFIG_GENS_HELD_MAX, &floor, config_gens_of_owner(e->gens, &s->owner));
+        server_worker_each_owner(e->srv[w], add_owner, &h);
     if (e->dlv != NULL && e->dlv[w] != NULL)
         for (const struct conn *c = e->dlv[w]->all; c != NULL; c = c->next_all)
-            add(held, &n, CONFIG_GENS_HELD_MAX, &floor, c->cfg_gen);
-    config_gens_hold(e->gens, w, floor, held, n);
+            add(h.v, &h.n, CONFIG_GENS_HELD_MAX, &h.floor, c->cfg_gen);
+    config_gens_hold(e->gens, w, h.floor, h.v, h.n);
 }

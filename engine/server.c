@@ -1513,6 +1513,14 @@ server_worker_stats(const struct server_worker *sw, struct server_stats *out)
     *out = sw->stats;
 }
 
+void
+server_worker_each_owner(const struct server_worker *sw,
+                         void (*fn)(const struct owner *o, void *arg), void *arg)
+{
+    for (const struct session *s = sw->sessions; s != NULL; s = s->next)
+        fn(&s->owner, arg);
+}
+
 /* ---- sessions without a socket (server.h: for harnesses) ---- */
 
 struct server_worker *

@@ -104,6 +104,12 @@ void server_worker_drain(struct server_worker *sw, uint64_t within_ms);
  * thread. */
 bool server_worker_drain_seal(struct server_worker *sw);
 void server_worker_stats(const struct server_worker *sw, struct server_stats *out);
+struct owner;
+/* Call fn with each session's message owner (owner.h; zeroed between
+ * messages), for the configs they point into (config_holders.c). Worker
+ * thread. */
+void server_worker_each_owner(const struct server_worker *sw,
+                              void (*fn)(const struct owner *o, void *arg), void *arg);
 
 /*
  * Sessions without a socket, for harnesses (tests/fuzz/fuzz_session.c):
