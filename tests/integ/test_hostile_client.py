@@ -549,6 +549,25 @@ def test_a_stop_stuck_after_the_delivery_log_is_given_up_too():
         assert len(receptions) == 1, receptions
 
 
+def test_a_stop_stuck_is_given_up_at_its_real_bound():
+    """The bound the other stop tests shorten (SLUICE_TEST_STOP_BOUND_MS),
+    as it stands: with no hook but the stall (SLUICE_TEST_STOP_STALL=spool,
+    the stop hung where it closes the spool), the stop is given up 60 s
+    after it began (the drain's 30 s wait for a held commit, then 30 s
+    more: sluice(8)), not sooner and not much later, with the stage named
+    and exit 70."""
+    with sluice("drain_timeout = 1s\n", exits=70, env={"SLUICE_TEST_STOP_STALL": "spool"}) as d:
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(120) == 70, d.lines[-20:]
+        took = time.monotonic() - t0
+        d.reader.join(5)
+        stuck = d.log_lines("event=stop_stuck")
+        assert len(stuck) == 1, d.lines[-20:]
+        assert "waited_ms=60000 stage=spool exit=70" in stuck[0], stuck
+        assert 60 <= took < 90, took
+
+
 def deaf_client(d):
     """A client that greets, then pipelines NOOPs and never reads their
     replies, until sluice has stopped reading it: its replies fill its
@@ -1123,6 +1142,7 @@ if __name__ == "__main__":
         test_drain_timeout_with_a_commit_pending_logs_it_queued,
         test_a_spool_that_never_answers_cannot_hold_the_stop,
         test_a_stop_stuck_after_the_delivery_log_is_given_up_too,
+        test_a_stop_stuck_is_given_up_at_its_real_bound,
         test_a_client_that_does_not_read_leaves_the_drain_sealed,
         test_a_client_that_does_not_read_is_closed_within_the_drain,
         test_pipelined_auth_decides_the_commands_behind_it,
