@@ -1093,7 +1093,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
-            if (fairq_empty(&t->q) && site_addr_wanted(&d->sites, c->slot, d->w->now, c->site)) {
+            unsigned cap = d->e->cfg->delivery.max_connections_per_address;
+            if (fairq_empty(&t->q) &&
+                site_addr_wanted(&d->sites, c->slot, cap, d->w->now, c->site)) {
                 /* A domain of another site, or on another worker, waits
                  * for this address's slot: give it back rather than hold
                  * it idle. */

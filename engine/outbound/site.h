@@ -239,14 +239,16 @@ void site_addr_give(const struct sites *s, struct site_addr *x);
  * and workers do; without this, an idle connection of one kept the slot
  * for idle_timeout while another waited. A site's own want on the same
  * worker does not count: its idle connections go to its waiting domains
- * anyway, and quitting would only cost reuse. Each worker has its want;
- * on a worker the latest wins. */
+ * anyway, and quitting would only cost reuse. Nor does another worker's
+ * while it holds its floor or more: it has its share. Each worker has
+ * its want; on a worker the latest wins. */
 void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
 /* Whether a connection of site `mine` (on s's worker) holding slot x
- * should give it back when it has nothing to send (no lock: x is its). */
-bool site_addr_wanted(const struct sites *s, const struct site_addr *x, uint64_t now,
-                      const struct site *mine);
+ * should give it back when it has nothing to send (no lock: x is its);
+ * cap: max_connections_per_address, whose share is each worker's floor. */
+bool site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap,
+                      uint64_t now, const struct site *mine);
 /* a's key as counted: address and port (a v4-mapped address as its
  * IPv4 one); out holds 18 octets. Its length. */
 size_t site_addr_key(const union dns_addr *a, unsigned char *out);

@@ -33,6 +33,7 @@
 #include "engine/netaddr.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -218,20 +219,28 @@ site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uin
 }
 
 bool
-site_addr_wanted(const struct sites *s, const struct site_addr *x, uint64_t now,
+site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap, uint64_t now,
                  const struct site *mine)
 {
     if (x == NULL)
         return false;
+    unsigned floor = cap != 0 ? site_addr_floor(s, cap) : UINT_MAX;
     for (unsigned v = 0; v < s->addrs->workers; v++) {
         const struct site_addr_worker *w = &x->w[v];
         if (atomic_load_explicit(&w->wanted_until, memory_order_relaxed) <= now)
             continue;
-        /* A site's own want on this worker does not count (site.h); on
-         * another worker it does: its domains cannot ride this one's. */
-        if (v != me(s) || atomic_load_explicit(&w->wanted_by, memory_order_relaxed) !=
-                              (const void *)mine)
+        if (v == me(s)) {
+            /* A site's own want on this worker does not count (site.h). */
+            if (atomic_load_explicit(&w->wanted_by, memory_order_relaxed) != (const void *)mine)
+                return true;
+        } else if (atomic_load_explicit(&w->conns, memory_order_relaxed) < floor) {
+            /* Another worker's counts while it holds less than its floor
+             * (its domains cannot ride this one's connections); past it,
+             * it has its share, and a slot given to it would be wanted
+             * back at once: the workers would take turns closing and
+             * opening connections to the address. */
             return true;
+        }
     }
     return false;
 }

@@ -285,9 +285,9 @@ v4_mapped_counts_as_its_ipv4_address(void **state)
     /* a want made through one form is seen through the other's slot; a
      * site's own want on its worker is not */
     site_addr_want(&s, 0, &mapped, 100, mine);
-    assert_true(site_addr_wanted(&s, xv4, 50, NULL));
-    assert_false(site_addr_wanted(&s, xv4, 50, mine));
-    assert_false(site_addr_wanted(&s, xv4, 100, NULL)); /* over */
+    assert_true(site_addr_wanted(&s, xv4, 2, 50, NULL));
+    assert_false(site_addr_wanted(&s, xv4, 2, 50, mine));
+    assert_false(site_addr_wanted(&s, xv4, 2, 100, NULL)); /* over */
     site_addr_give(&s, xv4);
     assert_int_equal(site_addr_conns(&s, 0, &mapped), 1);
     site_addr_give(&s, xm);
@@ -323,7 +323,7 @@ cap_is_the_nodes_across_workers(void **state)
     assert_int_equal(site_addr_conns(&w1, 0, &a), 4);
     /* worker 1 wants it: worker 0's connection, of the same site key, quits */
     site_addr_want(&w1, 0, &a, 100, s1);
-    assert_true(site_addr_wanted(&w0, x[0], 50, s0));
+    assert_true(site_addr_wanted(&w0, x[0], 4, 50, s0));
     site_addr_give(&w0, x[0]);
     /* the slot freed is kept for worker 1 (below its floor, and wanting):
      * worker 0, past its floor, does not take it back, and its busy
@@ -337,13 +337,18 @@ cap_is_the_nodes_across_workers(void **state)
     assert_non_null(y);
     assert_ptr_equal(y, x[1]); /* one entry for the node */
     assert_false(site_addr_yield(&w0, x[1], 4, 50)); /* worker 1's want ended with its take */
-    /* worker 0's own want of that site does not make its own quit */
+    /* worker 0's own want of that site does not make its own quit; nor
+     * does it make worker 1's, while worker 0 holds its floor (3 of 4,
+     * floor 2): given, the slot would be wanted back at once */
     site_addr_want(&w0, 0, &a, 200, s0);
-    assert_false(site_addr_wanted(&w0, x[1], 150, s0));
-    assert_true(site_addr_wanted(&w1, y, 150, s1));
+    assert_false(site_addr_wanted(&w0, x[1], 4, 150, s0));
+    assert_false(site_addr_wanted(&w1, y, 4, 150, s1));
+    /* below its floor, worker 0's want counts */
+    site_addr_give(&w0, x[1]);
+    site_addr_give(&w0, x[2]);
+    assert_true(site_addr_wanted(&w1, y, 4, 150, s1));
     site_addr_give(&w1, y);
-    for (unsigned i = 1; i < 4; i++)
-        site_addr_give(&w0, x[i]);
+    site_addr_give(&w0, x[3]);
     assert_int_equal(site_addrs_count(t), 0);
     site_unref(&w0, s0);
     site_unref(&w1, s1);
