@@ -304,7 +304,7 @@ conn_flush(struct conn *c)
     if (c->closed || !stream_drained(&c->st))
         return;
     if (c->want_close)
-        conn_close(c, "done");
+        conn_close(c, c->quit_why != NULL ? c->quit_why : "done");
     else if (c->tls_wanted && !stream_tls(&c->st))
         tls_start(c);
 }

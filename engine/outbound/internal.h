@@ -155,6 +155,8 @@ struct conn {
     struct site_addr *slot; /* its slot in the node's per-address table (site.h);
                              * NULL: not counted (no memory for the entry) */
     uint64_t id;          /* for the logs: conn=ID on each line */
+    const char *quit_why; /* static: why the scheduler said goodbye (sched_conn_next),
+                           * the reason of its conn_close line; NULL: "done" */
     bool closed, connected, want_close;
     struct stream st;     /* the socket, plain or TLS (lend mode: the worker's
                            * provided buffers); its ops count for the lifetime */

@@ -1004,8 +1004,13 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             site_addr_up(c->site, &c->addr);
         }
     }
-    if (c->nmsgs >= sched_conn_max_msgs(c) || d->stopping || d->draining ||
-        !source_may_send(c) || !shaping_may_send(c)) {
+    const char *quit = c->nmsgs >= sched_conn_max_msgs(c) ? "max_messages"
+                       : d->stopping || d->draining       ? "stopping"
+                       : !source_may_send(c)              ? "source_held"
+                       : !shaping_may_send(c)             ? "shaping"
+                                                          : NULL;
+    if (quit != NULL) {
+        c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
@@ -1015,6 +1020,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
          * holds more than its share of the cap there: this connection
          * gives its slot back after its transaction (site_addr_take
          * keeps it for the waiting worker). */
+        c->quit_why = "address_share";
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
@@ -1031,6 +1037,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MIN_MS)); /* the store's thread
                                                                   * checks: t asks again */
     if (c->tls_pol != dest_tls_key(t, c->mx) || !dest_mx_allowed(t, c->mx)) {
+        c->quit_why = "tls_policy";
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
@@ -1069,6 +1076,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
                 /* the day's allowance went meanwhile: another source, or later */
                 dest_push(t, j, true);
+                c->quit_why = "warmup";
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
@@ -1090,6 +1098,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                                     (c->srck != NULL && c->srck->waiters != NULL))) {
                 /* Nothing more here while other domains wait for a slot at
                  * this MX: give it back now rather than after idling. */
+                c->quit_why = "limit_wanted";
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
@@ -1099,6 +1108,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 /* A domain of another site, or on another worker, waits
                  * for this address's slot: give it back rather than hold
                  * it idle. */
+                c->quit_why = "address_wanted";
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
