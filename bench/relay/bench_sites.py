@@ -19,7 +19,7 @@ it, [delivery] allow_networks for loopback.
                              [--sessions 50] [--size 2048] [--only D:M,...]
                              [--before OTHER-SLUICE] [--dns-synth BINARY]
                              [--relay-conf 'LINES'] [--perf PREFIX] [--rounds N] [--paired]
-                             [--one-sink] [--injector BINARY|python]
+                             [--one-sink] [--injector BINARY|python] [--keep]
 
 With --before, each line runs with the other binary first, then with
 --sluice: the ratio of each is to its own one-domain line.
@@ -409,7 +409,10 @@ file = {work}/sluice.log
             p.wait()
         dns.stop()
         wd.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep:
+            print(f"kept: {work} (sluice.log, spool)", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return res
 
 
@@ -435,6 +438,10 @@ def main():
                     help="deliver the line's messages once before timing it: DNS answers, "
                          "MTA-STS answers and destinations are then held (a repeat campaign)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each run's directory (sluice.log, the spool) under --spool and "
+                         "print its path; with --relay-conf '[log]\\nlevel = debug' the log "
+                         "says why each connection ended (event=conn_close reason=)")
     ap.add_argument("--one-sink", action="store_true",
                     help="one smtp-sink on 0.0.0.0 answers for every MX address (M of them cost "
                          "M times the CPU of one on these two cores)")
