@@ -945,6 +945,9 @@ conn_on_timer(struct timer *tm, void *ctx)
         conn_maybe_free(c);
         return;
     }
+    /* idle_timeout: its goodbye, after idling; else the machine's
+     * command timeout, which it says goodbye after too */
+    c->quit_why = smtp_client_state(conn_cli(c)) == SMTP_CLIENT_S_IDLE ? "idle_timeout" : "timeout";
     conn_handle(c, smtp_client_timeout(conn_cli(c)));
 }
 
