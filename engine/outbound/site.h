@@ -239,9 +239,10 @@ void site_addr_give(const struct sites *s, struct site_addr *x);
  * and workers do; without this, an idle connection of one kept the slot
  * for idle_timeout while another waited. A site's own want on the same
  * worker does not count: its idle connections go to its waiting domains
- * anyway, and quitting would only cost reuse. Nor does another worker's
- * while it holds its floor or more: it has its share. Each worker has
- * its want; on a worker the latest wins. */
+ * anyway, and quitting would only cost reuse. Another worker's counts as
+ * for site_addr_yield: while it holds less than its floor and s's worker
+ * more than its own. Each worker has its want; on a worker the latest
+ * wins. */
 void site_addr_want(const struct sites *s, uint32_t src, const union dns_addr *a, uint64_t until,
                     const struct site *by);
 /* Whether a connection of site `mine` (on s's worker) holding slot x

@@ -33,7 +33,6 @@
 #include "engine/netaddr.h"
 
 #include <errno.h>
-#include <limits.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -224,25 +223,19 @@ site_addr_wanted(const struct sites *s, const struct site_addr *x, unsigned cap,
 {
     if (x == NULL)
         return false;
-    unsigned floor = cap != 0 ? site_addr_floor(s, cap) : UINT_MAX;
-    for (unsigned v = 0; v < s->addrs->workers; v++) {
-        const struct site_addr_worker *w = &x->w[v];
-        if (atomic_load_explicit(&w->wanted_until, memory_order_relaxed) <= now)
-            continue;
-        if (v == me(s)) {
-            /* A site's own want on this worker does not count (site.h). */
-            if (atomic_load_explicit(&w->wanted_by, memory_order_relaxed) != (const void *)mine)
-                return true;
-        } else if (atomic_load_explicit(&w->conns, memory_order_relaxed) < floor) {
-            /* Another worker's counts while it holds less than its floor
-             * (its domains cannot ride this one's connections); past it,
-             * it has its share, and a slot given to it would be wanted
-             * back at once: the workers would take turns closing and
-             * opening connections to the address. */
-            return true;
-        }
-    }
-    return false;
+    /* Another site's want on this worker (a site's own does not count:
+     * site.h). */
+    const struct site_addr_worker *w = &x->w[me(s)];
+    if (atomic_load_explicit(&w->wanted_until, memory_order_relaxed) > now &&
+        atomic_load_explicit(&w->wanted_by, memory_order_relaxed) != (const void *)mine)
+        return true;
+    /* Another worker's, as for a busy connection: while this worker
+     * holds more than its floor and that one less (its domains cannot
+     * ride this one's connections). Given at or below this worker's
+     * floor, or to a worker that has its floor, the slot would be wanted
+     * back at once: the workers would take turns closing and opening
+     * connections to the address. */
+    return site_addr_yield(s, x, cap, now);
 }
 
 bool

@@ -178,12 +178,14 @@ def test_one_domain_has_the_whole_address_cap():
 def test_workers_sharing_a_full_address_keep_their_connections():
     """A site sent from both workers (an [mx] section names its host: no
     site affinity), its address cap full (4, a share of 2 each) with mail
-    waiting on both: each worker keeps its share, and a connection with
-    nothing left for its own worker idles on its slot rather than give it
-    to the other worker, which holds its share already. Before, it gave
-    it, the other worker then held more than its share and gave one back
-    after its next transaction, and so on: 1,000 messages opened 217 to
-    423 connections to the address (4 runs) instead of 4 or 5."""
+    coming for both: a connection with nothing left for its own worker
+    idles on its slot rather than give it to the other worker, unless its
+    worker holds more than its share and the other less. Before, it gave
+    it whenever the other wanted one; the other then held more than its
+    share and gave one back after its next transaction, or gave its own
+    idle one back, and so on: 1,000 messages opened 217 to 423
+    connections to the address (4 runs) instead of 4 or 5 (up to 10 under
+    ASan with two busy loops beside it)."""
     doms = [f"d{i}.test" for i in range(40)]
     r = Relay(records_for(doms),
               domain_conf="[delivery]\nmax_connections_per_address = 4\n"
@@ -198,9 +200,10 @@ def test_workers_sharing_a_full_address_keep_their_connections():
         opened = r.d.count_log("event=connected")
         assert most <= 4, f"{most} connections at once to one address (cap 4)"
         assert len(connected_threads(r)) == 2, "the site was not sent from both workers"
-        assert opened <= 20, f"{opened} connections opened for {len(msgs)} messages (cap 4)"
+        assert opened <= 30, f"{opened} connections opened for {len(msgs)} messages (cap 4)"
     finally:
         r.close()
+
 
 def test_a_suspended_domain_never_rides_a_shared_connection():
     """a.test and held.test share one MX host, so one site of one worker

@@ -343,11 +343,22 @@ cap_is_the_nodes_across_workers(void **state)
     site_addr_want(&w0, 0, &a, 200, s0);
     assert_false(site_addr_wanted(&w0, x[1], 4, 150, s0));
     assert_false(site_addr_wanted(&w1, y, 4, 150, s1));
-    /* below its floor, worker 0's want counts */
+    /* nor while worker 1 holds no more than its floor, worker 0 below its
+     * own (1 each: two slots are free for worker 0 to take) */
     site_addr_give(&w0, x[1]);
     site_addr_give(&w0, x[2]);
-    assert_true(site_addr_wanted(&w1, y, 4, 150, s1));
+    assert_false(site_addr_wanted(&w1, y, 4, 150, s1));
+    /* worker 1 past its floor (3 of 4, taken once worker 0's want ended),
+     * worker 0 below its own and wanting: worker 1's idle one quits */
+    struct site_addr *y2 = take(&w1, 0, &a, 4, 250), *y3 = take(&w1, 0, &a, 4, 250);
+    assert_non_null(y2);
+    assert_non_null(y3);
+    site_addr_want(&w0, 0, &a, 400, s0);
+    assert_true(site_addr_wanted(&w1, y, 4, 300, s1));
+    assert_false(site_addr_wanted(&w1, y, 4, 400, s1)); /* the want is over */
     site_addr_give(&w1, y);
+    site_addr_give(&w1, y2);
+    site_addr_give(&w1, y3);
     site_addr_give(&w0, x[3]);
     assert_int_equal(site_addrs_count(t), 0);
     site_unref(&w0, s0);
