@@ -6,8 +6,9 @@
  * answer read up to HTTP_ANSWER_MAX and classified (2xx acknowledges; a
  * 413 and a 4xx that refuses the events are told apart from the rest);
  * and the Redis stream, the batch's events XADDed pipelined on one
- * hiredis context per sink. Both run on the sink's thread and give up a
- * request in flight when the sink stops.
+ * hiredis context per sink (a new connection answers an AUTH or a PING
+ * first). Both run on the sink's thread and give up a request in flight
+ * when the sink stops.
  *
  * Threading: the sink's thread.
  */
@@ -230,19 +231,27 @@ redis_connect(struct sink *s, char *err, size_t errlen)
     if (s->ev->stop || s->stop) /* the stop came during the connect */
         sink_abort_locked(s);
     pthread_mutex_unlock(&s->ev->mu);
-    if (s->password[0] != '\0') {
-        redisReply *r = s->user[0] != '\0'
-                            ? redisCommand(s->redis, "AUTH %s %s", s->user, s->password)
-                            : redisCommand(s->redis, "AUTH %s", s->password);
-        bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
-        if (!ok)
-            snprintf(err, errlen, "AUTH: %s", r ? r->str : s->redis->errstr);
-        if (r != NULL)
-            freeReplyObject(r);
-        if (!ok) {
-            sink_redis_drop(s);
-            return -1;
-        }
+    /* A first command answered before any XADD: a Redis at maxclients
+     * writes "-ERR max number of clients reached" on a connection it
+     * takes, before it reads a command, and closes it; read as an XADD's
+     * answer, that error would drop the event as refused. AUTH when
+     * there is a password, else a PING. */
+    const char *what = s->password[0] != '\0' ? "AUTH" : "PING";
+    redisReply *r;
+    if (s->password[0] == '\0')
+        r = redisCommand(s->redis, "PING");
+    else if (s->user[0] != '\0')
+        r = redisCommand(s->redis, "AUTH %s %s", s->user, s->password);
+    else
+        r = redisCommand(s->redis, "AUTH %s", s->password);
+    bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
+    if (!ok)
+        snprintf(err, errlen, "%s: %s", what, r ? r->str : s->redis->errstr);
+    if (r != NULL)
+        freeReplyObject(r);
+    if (!ok) {
+        sink_redis_drop(s);
+        return -1;
     }
     return 0;
 }

@@ -669,7 +669,7 @@ test_stop_abandons_a_redis_request(void **state)
     wait_readable(lfd);
     int conn = accept(lfd, NULL, NULL);
     assert_true(conn >= 0);
-    wait_readable(conn); /* its XADDs: it waits for the answers */
+    wait_readable(conn); /* its PING: it waits for the answer */
     uint64_t t0 = mono_ms();
     events_free(ev);
     uint64_t took = mono_ms() - t0;
@@ -1281,9 +1281,14 @@ fake_redis_main(void *arg)
             size_t last_len = 0;
             while ((len = resp_command(buf + used, have - used, &last, &last_len)) > 0) {
                 used += len;
-                atomic_fetch_add(&f->xadds, 1);
                 char out[64];
                 int on;
+                if (last_len == 4 && memcmp(last, "PING", 4) == 0) { /* the connection's check */
+                    if (write(fd, "+PONG\r\n", 7) != 7)
+                        break;
+                    continue;
+                }
+                atomic_fetch_add(&f->xadds, 1);
                 bool poisoned =
                     f->poison == NULL || memmem(last, last_len, f->poison, strlen(f->poison));
                 if (poisoned && (f->refusals == 0 || refused < f->refusals)) {
@@ -1518,6 +1523,74 @@ test_redis_err_to_everything_drops_one_a_backoff(void **state)
     sink_cfg_fini(&c);
 }
 
+/* A Redis at maxclients answers a new connection with "-ERR max number
+ * of clients reached" before it reads a command, and closes it. That
+ * error tells nothing of the event whose XADD it was read for: the sink
+ * fails and tries again after the backoff, and the event is in the
+ * stream once Redis takes connections again. Before, a batch of one
+ * event read the error as that XADD's refusal and dropped the event (one
+ * lost on each reconnect while Redis was full). */
+static void
+test_redis_at_maxclients_drops_nothing(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL) {
+        print_message("redis-server is not installed: skipping\n");
+        skip();
+    }
+    int rport = redis_server_free_port();
+    assert_true(rport > 0);
+    char err[256];
+    pid_t pid = redis_server_start(rport, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("%s", err);
+    /* the test's connection is the one client Redis takes */
+    struct timeval tv = {5, 0};
+    redisContext *held = redisConnectWithTimeout("127.0.0.1", rport, tv);
+    assert_non_null(held);
+    assert_int_equal(held->err, 0);
+    redisReply *r = redisCommand(held, "CONFIG SET maxclients 1");
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", rport);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 20;
+    struct events *ev = start(&c, 1);
+    put_lines(0, 1); /* a batch of one event */
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if (st.failed >= 5 || st.rejected > 0 || st.sent > 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    struct events_sink_stats full = st;
+    r = redisCommand(held, "CONFIG SET maxclients 10000"); /* room again */
+    assert_non_null(r);
+    freeReplyObject(r);
+    redisFree(held);
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if (st.pending == 0)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    unsigned counts[1];
+    stream_counts(rport, "evs", counts, 1);
+    redis_server_kill(pid);
+    sink_cfg_fini(&c);
+    if (full.rejected != 0 || full.failed < 5 || st.sent != 1 || counts[0] != 1)
+        fail_msg("Redis at maxclients: %llu rejected, %llu failed attempts (%s); once it took "
+                 "clients again: %llu sent, %u in the stream",
+                 (unsigned long long)full.rejected, (unsigned long long)full.failed,
+                 full.last_error, (unsigned long long)st.sent, counts[0]);
+}
+
 /* A journal segment damaged on disk: cut short inside a line, so that
  * octets without a newline end it. The sink skips them (the event
  * counted as dropped) and sends the events of the next segments. Before,
@@ -1620,6 +1693,7 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_redis_err_to_everything_drops_one_a_backoff, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_redis_at_maxclients_drops_nothing, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
