@@ -42,9 +42,10 @@
  * send the events not in again after the backoff.
  *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
- * and the journal's trims (a trim reads every listed sink's cursor and
- * deletes under it, so a reload that takes a sink out to restart it
- * holds the trims until it is back); ev->cond wakes the sink threads
+ * and the journal's trims (a trim reads every listed sink's stored
+ * cursor, where a restart after a crash resumes, and deletes under it,
+ * so a reload that takes a sink out to restart it holds the trims until
+ * it is back); ev->cond wakes the sink threads
  * (appends, pause, stop). A sink's
  * clients and buffers belong to its thread alone.
  */
@@ -341,9 +342,12 @@ events_wait_until(struct events *ev, uint64_t deadline_ms)
 
 static void sink_store_cursor(struct sink *s, const struct journal_pos *pos);
 
-/* Delete the segments every sink passed. Not while a reload restarts
- * sinks: one it took out of the list to stop it would not count, and it
- * resumes from its cursor. */
+/* Delete the segments every sink passed. By the cursors on disk, not
+ * those in memory, which a busy sink stores once a CURSOR_SYNC_MS: a
+ * crash restarts each sink from its stored cursor, and the events after
+ * it must still be there. Not while a reload restarts sinks: one it took
+ * out of the list to stop it would not count, and it resumes from its
+ * cursor. */
 void
 events_trim(struct events *ev)
 {
@@ -351,8 +355,8 @@ events_trim(struct events *ev)
     pthread_mutex_lock(&ev->mu);
     if (!ev->trim_held) {
         for (unsigned i = 0; i < ev->nsinks; i++)
-            if (ev->sinks[i]->cursor.off < keep.off)
-                keep = ev->sinks[i]->cursor;
+            if (ev->sinks[i]->stored.off < keep.off)
+                keep = ev->sinks[i]->stored;
         /* under mu: the list cannot change between the two */
         journal_trim(ev->journal, &keep);
     }
@@ -393,13 +397,19 @@ sink_after_cap(struct sink *s)
     pthread_mutex_lock(&s->ev->mu);
 }
 
+/* Store the cursor pos on disk; mu not held. */
 static void
 sink_store_cursor(struct sink *s, const struct journal_pos *pos)
 {
     int rc = journal_cursor_store(s->ev->journal, s->cfg.name, pos);
-    if (rc < 0)
+    if (rc < 0) {
         log_msg(LOG_ERR, "event=events_cursor_store_failed sink=%s err=\"%s\"", s->cfg.name,
                 strerror(-rc));
+        return;
+    }
+    pthread_mutex_lock(&s->ev->mu);
+    s->stored = *pos;
+    pthread_mutex_unlock(&s->ev->mu);
 }
 
 /* The time of the first event after the cursor, for the stats of a sink
@@ -810,6 +820,7 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
         snprintf(err, errlen, "[events %s]: cannot read its cursor: %s", c->name, strerror(-rc));
         return rc;
     }
+    s->stored = s->cursor;
     if (lost > 0) {
         /* Removed (by a reload, or from the config across a restart)
          * while the other sinks moved on: the journal was trimmed

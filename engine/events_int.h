@@ -64,7 +64,10 @@ struct sink {
     _Atomic bool quit;  /* stop, read without mu: a request in flight gives up */
 
     /* Under ev->mu. */
-    struct journal_pos cursor; /* durable: acknowledged up to here */
+    struct journal_pos cursor; /* acknowledged up to here */
+    struct journal_pos stored; /* the cursor on disk, where a restart resumes (a busy
+                                * sink's lags by up to CURSOR_SYNC_MS): trims keep what
+                                * follows it */
     struct events_sink_stats st;
     uint64_t oldest_ms; /* Unix ms of the first pending event, 0: unknown */
 
@@ -134,8 +137,8 @@ struct events {
 /* ---- calls between the files ---- */
 
 /* events.c */
-/* Delete the journal segments every sink passed (not while a reload
- * restarts sinks). */
+/* Delete the journal segments every sink's stored cursor passed (not
+ * while a reload restarts sinks). */
 void events_trim(struct events *ev);
 /* CLOCK_MONOTONIC in ms. */
 uint64_t events_mono_ms(void);

@@ -683,14 +683,15 @@ test_stop_abandons_a_redis_request(void **state)
 
 /* ---- a webhook endpoint on loopback, answering 200 in odd ways ---- */
 
-enum answer { ANSWER_CUT, ANSWER_ENDLESS, ANSWER_413_OVER_4K, ANSWER_REFUSE };
+enum answer { ANSWER_CUT, ANSWER_ENDLESS, ANSWER_413_OVER_4K, ANSWER_REFUSE, ANSWER_HANG };
 
 #define ENDPOINT_IDS 1000 /* put_lines's numbers the endpoint keeps track of */
 
 struct endpoint {
     int lfd, port;
     enum answer answer;
-    int status;         /* ANSWER_REFUSE: the status of a refusal */
+    int status;         /* ANSWER_REFUSE: the status of a refusal; ANSWER_HANG: the
+                         * requests answered 200 before the next is never answered */
     const char *poison; /* ANSWER_REFUSE: refused when the body holds it; NULL: always */
     _Atomic bool stop;
     _Atomic unsigned requests;
@@ -771,6 +772,17 @@ endpoint_main(void *arg)
                 if (write(fd, refused ? no : ok, refused ? (size_t)nn : sizeof(ok) - 1) < 0)
                     break;
                 continue;
+            }
+            if (e->answer == ANSWER_HANG) {
+                static const char ok[] = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                if (atomic_load(&e->requests) <= (unsigned)e->status) {
+                    if (write(fd, ok, sizeof(ok) - 1) < 0)
+                        break;
+                    continue;
+                }
+                while (!atomic_load(&e->stop)) /* an endpoint that hung */
+                    nanosleep(&(struct timespec){0, 1000000}, NULL);
+                break;
             }
             if (e->answer == ANSWER_413_OVER_4K) {
                 /* nginx's client_max_body_size, scaled down */
@@ -1523,6 +1535,54 @@ test_redis_err_to_everything_drops_one_a_backoff(void **state)
     sink_cfg_fini(&c);
 }
 
+/* What a kill -9 leaves: the cursor on disk, which a busy sink stores
+ * once a CURSOR_SYNC_MS, and the journal's segments. The trims of a sink
+ * that sends batch after batch must keep every segment after that
+ * cursor: a restart resumes there. Before, they went by the cursor in
+ * memory, and a node killed within the second after a trim started with
+ * its cursor before the journal's first segment: the events in between,
+ * all acknowledged, were counted as dropped and logged as
+ * events_backlog_dropped (note=trimmed_while_the_sink_was_away). */
+static void
+test_trim_keeps_what_a_restart_resumes_from(void **state)
+{
+    (void)state;
+    struct endpoint e = {.status = 12}; /* 60 events acknowledged, then no answer */
+    endpoint_start(&e, ANSWER_HANG);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/events", e.port);
+    struct events_sink_config c = sink_cfg("h", url, true);
+    c.batch_wait = 0;
+    c.batch_max = 5;
+    c.timeout = 30000;
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 10, 20); /* a segment a round: the sink paused meanwhile */
+    uint64_t first = journal_first();
+    assert_int_equal(events_pause(ev, "h", false), 0);
+    for (int i = 0; i < 10000 && atomic_load(&e.requests) <= 12; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_int_equal(atomic_load(&e.requests), 13); /* the 13th waits for its answer */
+    struct events_sink_stats st = stats_of(ev, "h");
+    assert_int_equal(st.sent, 60);
+    /* the journal a restart opens now, and the sink's cursor there */
+    struct journal *j = NULL;
+    char err[256];
+    assert_int_equal(journal_open(evdir, SEGMENT, &j, err, sizeof(err)), 0);
+    struct journal_pos pos, begin;
+    uint64_t lost = 0;
+    assert_int_equal(journal_cursor_load(j, "h", &pos, &lost), 0);
+    journal_begin(j, &begin);
+    journal_close(j);
+    events_free(ev);
+    endpoint_stop(&e);
+    sink_cfg_fini(&c);
+    if (lost != 0 || pos.seq > 60)
+        fail_msg("a restart now: the sink's cursor at %llu, %llu events lost to it, the "
+                 "journal beginning at %llu (at %llu before the sink sent)",
+                 (unsigned long long)pos.seq, (unsigned long long)lost,
+                 (unsigned long long)begin.seq, (unsigned long long)first);
+}
+
 /* A Redis at maxclients answers a new connection with "-ERR max number
  * of clients reached" before it reads a command, and closes it. That
  * error tells nothing of the event whose XADD it was read for: the sink
@@ -1694,6 +1754,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_redis_err_to_everything_drops_one_a_backoff, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_redis_at_maxclients_drops_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_trim_keeps_what_a_restart_resumes_from, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
