@@ -824,12 +824,14 @@ sink_init(struct events *ev, struct sink *s, const struct events_sink_config *c,
     if (lost > 0) {
         /* Removed (by a reload, or from the config across a restart)
          * while the other sinks moved on: the journal was trimmed
-         * behind them, not kept for it. */
+         * behind them, not kept for it. The cursor it resumes from is
+         * stored at once: the next start does not count them again. */
         s->st.dropped = lost;
         log_msg(LOG_ERR,
                 "event=events_backlog_dropped sink=%s events=%" PRIu64
                 " note=trimmed_while_the_sink_was_away",
                 c->name, lost);
+        sink_store_cursor(s, &s->cursor);
     }
     return 0;
 }

@@ -450,6 +450,41 @@ test_sink_added_back_counts_what_it_missed(void **state)
     sink_cfg_fini(&c[1]);
 }
 
+/* The events a sink missed while it was away (test above) are counted
+ * and logged once: the restart that finds them gone stores the cursor
+ * it resumes from. Before, the cursor on disk stayed before the journal
+ * until the sink acknowledged something, and every restart meanwhile (a
+ * sink paused, or its endpoint down) counted and logged the same events
+ * as dropped again. */
+static void
+test_missed_events_are_counted_once(void **state)
+{
+    (void)state;
+    struct events_sink_config c[2] = {sink_cfg("a", "http://127.0.0.1:9/events", true),
+                                      sink_cfg("b", "http://127.0.0.1:9/events", true)};
+    c[0].max_backlog = 1; /* "a" moves on as events come: a trim follows */
+    struct events *ev = start(c, 2);
+    put_rounds(0, 5, 20);
+    assert_int_equal(events_reconfigure(ev, c, 1), 0); /* "b" away */
+    put_rounds(100, 5, 20);
+    for (int i = 0; i < 10000 && journal_first() == 0; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_true(journal_first() > 0);
+    events_free(ev);
+    ev = start(c, 2); /* "b" back: what it missed is counted */
+    uint64_t first = stats_of(ev, "b").dropped;
+    assert_true(first > 0);
+    events_free(ev);
+    ev = start(c, 2); /* and a restart does not count it again */
+    uint64_t second = stats_of(ev, "b").dropped;
+    events_free(ev);
+    sink_cfg_fini(&c[0]);
+    sink_cfg_fini(&c[1]);
+    if (second != 0)
+        fail_msg("the %llu events \"b\" missed counted as dropped again at the next start (%llu)",
+                 (unsigned long long)first, (unsigned long long)second);
+}
+
 /* While set, pthread_create fails with EAGAIN (a thread limit reached):
  * every call of the binary comes here (it defines the symbol). */
 static atomic_bool thread_create_fails;
@@ -1756,6 +1791,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_redis_at_maxclients_drops_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_trim_keeps_what_a_restart_resumes_from, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
