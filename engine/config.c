@@ -1166,7 +1166,7 @@ config_reference(FILE *out)
                  "(a batch refused whole goes again one event at a time); any other error "
                  "(-OOM, -WRONGTYPE, -READONLY, -LOADING, ...: the server or the key takes "
                  "nothing now) or a lost connection retries the events not in, alone, after "
-                 "the backoff.\n\n");
+                 "the backoff, on a new connection (after a failover, the new master).\n\n");
     reference_table(out, events_sink_keys, sizeof(struct events_sink_config));
     fprintf(out, "## [classify]: bounce classification rules\n\n"
                  "Each line is `CLASS = MATCHER`, and a class may be named on as many lines as "

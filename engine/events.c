@@ -39,7 +39,7 @@
  * batch refused whole is sent again one event at a time, under the
  * same guard. Any other error (-OOM, -WRONGTYPE, -READONLY, -LOADING,
  * ...: the server or the key takes nothing now) and a lost connection
- * send the events not in again after the backoff.
+ * send the events not in again after the backoff, on a new connection.
  *
  * Locks: ev->mu guards every sink's stats, paused flag and stop flag,
  * and the journal's trims (a trim reads every listed sink's stored

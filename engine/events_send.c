@@ -273,7 +273,8 @@ xadd_error_refuses_event(const redisReply *r)
  * refused XADD says nothing of the others; an event answered with an id
  * is in the stream whatever happens to the rest. Returns 0 when every
  * one is in, else -1 with the first failure in err (a lost connection:
- * the events not answered are XADD_RETRY). */
+ * the events not answered are XADD_RETRY). After an XADD_RETRY the
+ * connection is dropped: the next send connects again. */
 int
 sink_redis_send(struct sink *s, char *err, size_t errlen)
 {
@@ -310,6 +311,7 @@ sink_redis_send(struct sink *s, char *err, size_t errlen)
         }
     }
     int rc = 0;
+    bool again = false; /* an answer that says the server or the key takes nothing now */
     for (unsigned i = 0; i < s->nlines; i++) {
         void *rp = NULL;
         if (redisGetReply(s->redis, &rp) != REDIS_OK) {
@@ -321,6 +323,7 @@ sink_redis_send(struct sink *s, char *err, size_t errlen)
         redisReply *r = rp;
         if (r->type == REDIS_REPLY_ERROR) {
             s->fates[i] = xadd_error_refuses_event(r) ? XADD_REFUSED : XADD_RETRY;
+            again |= s->fates[i] == XADD_RETRY;
             if (s->fates[i] == XADD_REFUSED && s->refusal[0] == '\0')
                 snprintf(s->refusal, sizeof(s->refusal), "%s", r->str);
             if (rc == 0)
@@ -331,5 +334,11 @@ sink_redis_send(struct sink *s, char *err, size_t errlen)
         }
         freeReplyObject(r);
     }
+    /* The next try connects again: it may reach another server (after a
+     * failover this one is a replica, -READONLY for ever, while the
+     * name or the proxy in front leads to the new master) or be allowed
+     * what this connection was not (-NOAUTH, -NOPERM). */
+    if (again)
+        sink_redis_drop(s);
     return rc;
 }

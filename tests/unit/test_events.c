@@ -1262,6 +1262,7 @@ struct fake_redis {
     const char *poison;  /* an XADD whose data holds it is refused; NULL: every one */
     const char *refusal; /* the refusal: NULL, "-ERR this entry is refused" */
     unsigned refusals;   /* refused this often, then taken; 0: always refused */
+    bool first_conn;     /* refused on the first connection only */
     _Atomic bool stop;
     _Atomic unsigned xadds;
     _Atomic unsigned taken[ENDPOINT_IDS]; /* entries made per put_lines id */
@@ -1306,7 +1307,7 @@ fake_redis_main(void *arg)
     char *buf = malloc(cap);
     assert_non_null(buf);
     unsigned long long next_id = 1;
-    unsigned refused = 0;
+    unsigned refused = 0, conns = 0;
     while (!atomic_load(&f->stop)) {
         struct pollfd p = {.fd = f->lfd, .events = POLLIN};
         if (poll(&p, 1, 50) != 1)
@@ -1314,6 +1315,7 @@ fake_redis_main(void *arg)
         int fd = accept(f->lfd, NULL, NULL);
         if (fd < 0)
             continue;
+        bool refusing = !f->first_conn || ++conns == 1;
         size_t have = 0;
         while (!atomic_load(&f->stop)) {
             struct pollfd pc = {.fd = fd, .events = POLLIN};
@@ -1338,7 +1340,7 @@ fake_redis_main(void *arg)
                 atomic_fetch_add(&f->xadds, 1);
                 bool poisoned =
                     f->poison == NULL || memmem(last, last_len, f->poison, strlen(f->poison));
-                if (poisoned && (f->refusals == 0 || refused < f->refusals)) {
+                if (refusing && poisoned && (f->refusals == 0 || refused < f->refusals)) {
                     refused++;
                     on = snprintf(out, sizeof(out), "%s\r\n",
                                   f->refusal ? f->refusal : "-ERR this entry is refused");
@@ -1618,6 +1620,47 @@ test_trim_keeps_what_a_restart_resumes_from(void **state)
                  (unsigned long long)begin.seq, (unsigned long long)first);
 }
 
+/* A Redis failover: the node the sink is connected to became a replica
+ * and answers every XADD with -READONLY, while a new connection (through
+ * the name or the proxy in front of them) reaches the new master. The
+ * sink connects again after such an error, and the events go in. Before,
+ * it sent them again and again on the same connection, refused for ever,
+ * until a restart. */
+static void
+test_redis_readonly_connects_again(void **state)
+{
+    (void)state;
+    struct fake_redis f = {.poison = NULL,
+                           .refusal = "-READONLY You can't write against a read only replica.",
+                           .first_conn = true};
+    fake_redis_start(&f);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", f.port);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 10;
+    put_lines(0, 20);
+    struct events *ev = start(&c, 1);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 20000; i++) {
+        st = stats_of(ev, "r");
+        if ((st.sent >= 20 && st.pending == 0) || st.failed >= 20)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    fake_redis_stop(&f);
+    sink_cfg_fini(&c);
+    if (st.sent != 20 || st.rejected != 0 || st.pending != 0)
+        fail_msg("-READONLY on the first connection: %llu sent, %llu rejected, %llu pending, "
+                 "%llu failed attempts (%s)",
+                 (unsigned long long)st.sent, (unsigned long long)st.rejected,
+                 (unsigned long long)st.pending, (unsigned long long)st.failed, st.last_error);
+    for (unsigned i = 0; i < 20; i++)
+        if (atomic_load(&f.taken[i]) != 1)
+            fail_msg("event t%06u is in the stream %u times", i, atomic_load(&f.taken[i]));
+}
+
 /* A Redis at maxclients answers a new connection with "-ERR max number
  * of clients reached" before it reads a command, and closes it. That
  * error tells nothing of the event whose XADD it was read for: the sink
@@ -1792,6 +1835,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_trim_keeps_what_a_restart_resumes_from, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
