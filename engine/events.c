@@ -402,11 +402,11 @@ static void
 sink_store_cursor(struct sink *s, const struct journal_pos *pos)
 {
     int rc = journal_cursor_store(s->ev->journal, s->cfg.name, pos);
-    if (rc < 0) {
+    if (rc < 0)
         log_msg(LOG_ERR, "event=events_cursor_store_failed sink=%s err=\"%s\"", s->cfg.name,
                 strerror(-rc));
-        return;
-    }
+    /* Failed too: a cursor that cannot be stored (a full disk) does not
+     * hold back the trims, which free the space the disk needs. */
     pthread_mutex_lock(&s->ev->mu);
     s->stored = *pos;
     pthread_mutex_unlock(&s->ev->mu);

@@ -66,8 +66,8 @@ struct sink {
     /* Under ev->mu. */
     struct journal_pos cursor; /* acknowledged up to here */
     struct journal_pos stored; /* the cursor on disk, where a restart resumes (a busy
-                                * sink's lags by up to CURSOR_SYNC_MS): trims keep what
-                                * follows it */
+                                * sink's lags by up to CURSOR_SYNC_MS; or the one a store
+                                * failed to write): trims keep what follows it */
     struct events_sink_stats st;
     uint64_t oldest_ms; /* Unix ms of the first pending event, 0: unknown */
 
