@@ -235,16 +235,19 @@ redis_connect(struct sink *s, char *err, size_t errlen)
      * writes "-ERR max number of clients reached" on a connection it
      * takes, before it reads a command, and closes it; read as an XADD's
      * answer, that error would drop the event as refused. AUTH when
-     * there is a password, else a PING. */
-    const char *what = s->password[0] != '\0' ? "AUTH" : "PING";
+     * there is a password, else a PING, which a user allowed XADD alone
+     * may see refused with -NOPERM: answered all the same. */
+    bool ping = s->password[0] == '\0';
     redisReply *r;
-    if (s->password[0] == '\0')
+    if (ping)
         r = redisCommand(s->redis, "PING");
     else if (s->user[0] != '\0')
         r = redisCommand(s->redis, "AUTH %s %s", s->user, s->password);
     else
         r = redisCommand(s->redis, "AUTH %s", s->password);
-    bool ok = r != NULL && r->type != REDIS_REPLY_ERROR;
+    bool ok = r != NULL && (r->type != REDIS_REPLY_ERROR ||
+                            (ping && r->len >= 6 && memcmp(r->str, "NOPERM", 6) == 0));
+    const char *what = ping ? "PING" : "AUTH";
     if (!ok)
         snprintf(err, errlen, "%s: %s", what, r ? r->str : s->redis->errstr);
     if (r != NULL)

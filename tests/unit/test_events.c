@@ -1620,6 +1620,53 @@ test_trim_keeps_what_a_restart_resumes_from(void **state)
                  (unsigned long long)begin.seq, (unsigned long long)first);
 }
 
+/* The sink's user may run XADD alone (ACL ... -@all +xadd: a producer's
+ * least privilege; XRANGE here for the count): the PING that checks a
+ * new connection is answered -NOPERM, and the events go in all the
+ * same. */
+static void
+test_redis_user_with_xadd_alone(void **state)
+{
+    (void)state;
+    if (redis_server_path() == NULL) {
+        print_message("redis-server is not installed: skipping\n");
+        skip();
+    }
+    int rport = redis_server_free_port();
+    assert_true(rport > 0);
+    char err[256];
+    pid_t pid = redis_server_start(rport, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("%s", err);
+    char url[128];
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", rport);
+    struct events_sink_config c = sink_cfg("r", url, false);
+    c.batch_wait = 0;
+    c.retry_min = c.retry_max = 20;
+    struct events *ev = start(&c, 1);
+    redisReply *r = redis_do(rport, "ACL SETUSER default on nopass ~* -@all +xadd +xrange");
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    put_lines(0, 10);
+    struct events_sink_stats st = {0};
+    for (int i = 0; i < 10000; i++) {
+        st = stats_of(ev, "r");
+        if ((st.sent >= 10 && st.pending == 0) || st.failed >= 5)
+            break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    events_free(ev);
+    unsigned counts[10];
+    stream_counts(rport, "evs", counts, 10);
+    redis_server_kill(pid);
+    sink_cfg_fini(&c);
+    if (st.sent != 10 || st.failed != 0)
+        fail_msg("a user with XADD alone: %llu sent, %llu failed attempts (%s)",
+                 (unsigned long long)st.sent, (unsigned long long)st.failed, st.last_error);
+    for (unsigned i = 0; i < 10; i++)
+        assert_int_equal(counts[i], 1);
+}
+
 /* A Redis failover: the node the sink is connected to became a replica
  * and answers every XADD with -READONLY, while a new connection (through
  * the name or the proxy in front of them) reaches the new master. The
@@ -1836,6 +1883,7 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
