@@ -171,22 +171,51 @@ list_has(const char *list, const char *v, size_t n)
     return false;
 }
 
-/* The string value of "key" in one delivery log line (no escapes are
- * expected in the values filtered on), or NULL. */
+/* The end of the JSON string that starts after its opening quote at p
+ * (its closing quote), or NULL. */
 static const char *
-line_field(const char *line, size_t len, const char *key, size_t *vlen)
+string_end(const char *p, const char *end)
 {
-    char pat[40];
-    int pn = snprintf(pat, sizeof(pat), "\"%s\":\"", key);
-    const char *p = memmem(line, len, pat, (size_t)pn);
-    if (p == NULL)
-        return NULL;
-    p += pn;
-    const char *e = memchr(p, '"', len - (size_t)(p - line));
-    if (e == NULL)
-        return NULL;
-    *vlen = (size_t)(e - p);
-    return p;
+    while (p < end && *p != '"')
+        p += *p == '\\' ? 2 : 1;
+    return p < end ? p : NULL;
+}
+
+const char *
+events_line_field(const char *line, size_t len, const char *key, size_t *vlen)
+{
+    size_t klen = strlen(key);
+    const char *end = line + len;
+    int depth = 0;
+    bool at_key = false; /* the next string at depth 1 is a member's name */
+    for (const char *p = line; p < end; p++) {
+        if (*p == '"') {
+            const char *s = p + 1, *e = string_end(s, end);
+            if (e == NULL)
+                return NULL;
+            p = e;
+            if (depth != 1 || !at_key)
+                continue;
+            at_key = false;
+            if ((size_t)(e - s) != klen || memcmp(s, key, klen) != 0 || e + 2 >= end ||
+                e[1] != ':' || e[2] != '"')
+                continue;
+            const char *ve = string_end(e + 3, end);
+            if (ve == NULL)
+                return NULL;
+            *vlen = (size_t)(ve - (e + 3));
+            return e + 3;
+        }
+        if (*p == '{' || *p == '[') {
+            depth++;
+            at_key = *p == '{';
+        } else if (*p == '}' || *p == ']') {
+            depth--;
+        } else if (*p == ',' && depth == 1) {
+            at_key = true;
+        }
+    }
+    return NULL;
 }
 
 static bool
@@ -195,12 +224,12 @@ sink_wants(const struct sink *s, const char *line, size_t len)
     size_t n = 0;
     const char *v;
     if (s->cfg.events != NULL && s->cfg.events[0] != '\0') {
-        v = line_field(line, len, "event", &n);
+        v = events_line_field(line, len, "event", &n);
         if (v == NULL || !list_has(s->cfg.events, v, n))
             return false;
     }
     if (s->cfg.tenants != NULL && s->cfg.tenants[0] != '\0') {
-        v = line_field(line, len, "tenant", &n);
+        v = events_line_field(line, len, "tenant", &n);
         if (v == NULL || !list_has(s->cfg.tenants, v, n))
             return false;
     }
@@ -212,7 +241,7 @@ static uint64_t
 line_time_ms(const char *line, size_t len)
 {
     size_t n;
-    const char *v = line_field(line, len, "time", &n);
+    const char *v = events_line_field(line, len, "time", &n);
     struct tm tm = {0};
     int ms = 0;
     if (v == NULL || n < 20 ||
@@ -445,7 +474,7 @@ sink_log_rejected(const struct sink *s, unsigned i, long status)
     } f[] = {{"event", type, sizeof(type)}, {"id", id, sizeof(id)}, {"rcpt", rcpt, sizeof(rcpt)}};
     for (size_t k = 0; k < sizeof(f) / sizeof(f[0]); k++) {
         size_t n = 0;
-        const char *v = line_field(ev, len, f[k].key, &n);
+        const char *v = events_line_field(ev, len, f[k].key, &n);
         if (v != NULL)
             snprintf(f[k].out, f[k].cap, "%.*s", (int)(n < f[k].cap ? n : f[k].cap - 1), v);
     }

@@ -137,6 +137,12 @@ struct events {
 /* ---- calls between the files ---- */
 
 /* events.c */
+/* The value of the top-level string member "key" of one delivery log line
+ * (a JSON object as dlog writes it), escapes left as they are, or NULL.
+ * A member of a nested object is not taken for it: the logged headers
+ * are named by [log] delivery_log_headers, and one named "tenant" must
+ * not steer a sink's tenants filter (its value is the sender's). */
+const char *events_line_field(const char *line, size_t len, const char *key, size_t *vlen);
 /* Delete the journal segments every sink's stored cursor passed (not
  * while a reload restarts sinks). */
 void events_trim(struct events *ev);

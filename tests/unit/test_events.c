@@ -36,6 +36,7 @@
 
 #include "common/conf.h"
 #include "engine/events.h"
+#include "engine/events_int.h"
 #include "engine/events_journal.h"
 #include "queue/queue.h"
 #include "tests/support/redis_server.h"
@@ -248,6 +249,38 @@ journal_end_now(struct journal_pos *begin)
 /* A reload that leaves no sink: the pump still copies every event to
  * the journal (the spool must be trimmed), and the segments nobody needs
  * go, instead of piling up on disk until the next restart. */
+/* A line's fields as the filters read them: top-level members only. A
+ * logged header named "tenant" (its name the operator's, its value the
+ * sender's) comes before the event's own tenant, or stands alone when
+ * the event has none: neither may be taken for the tenant. */
+static void
+test_line_field_reads_top_level_members_only(void **state)
+{
+    (void)state;
+    const char *line =
+        "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+        "\"reply\":\"250 \\\"tenant\\\":\\\"x\\\" ok\",\"list\":[\"tenant\",{\"tenant\":\"y\"}],"
+        "\"headers\":{\"tenant\":\"victim\",\"event\":\"bounce\"},\"tenant\":\"acme\"}\n";
+    size_t n = 0;
+    const char *v = events_line_field(line, strlen(line), "tenant", &n);
+    assert_non_null(v);
+    assert_int_equal(n, 4);
+    assert_memory_equal(v, "acme", 4);
+    v = events_line_field(line, strlen(line), "event", &n);
+    assert_non_null(v);
+    assert_int_equal(n, 8);
+    assert_memory_equal(v, "delivery", 8);
+    /* an escaped quote inside a value is part of it */
+    v = events_line_field(line, strlen(line), "reply", &n);
+    assert_non_null(v);
+    assert_int_equal(n, strlen("250 \\\"tenant\\\":\\\"x\\\" ok"));
+    const char *alone = "{\"event\":\"delivery\",\"headers\":{\"tenant\":\"victim\"}}\n";
+    assert_null(events_line_field(alone, strlen(alone), "tenant", &n));
+    const char *cut = "{\"event\":\"deliv";
+    assert_null(events_line_field(cut, strlen(cut), "event", &n));
+    assert_null(events_line_field(line, strlen(line), "missing", &n));
+}
+
 static void
 test_no_sink_left_journal_is_trimmed(void **state)
 {
@@ -1843,6 +1876,7 @@ main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as sluice's main: hiredis writes without MSG_NOSIGNAL */
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_line_field_reads_top_level_members_only),
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_makes_batches_smaller, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_to_one_event_drops_that_event_alone, setup,
