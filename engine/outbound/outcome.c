@@ -877,8 +877,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
         struct policy_rcpt pr;
         policy_rcpt(o, oc, where->src, now, expire,
-                    o->status == SMTP_STATUS_TEMPFAIL ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
-                                                      : 0,
+                    o->status != SMTP_STATUS_DELIVERED
+                        ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
+                        : 0,
                     &pr);
         if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;

@@ -39,6 +39,20 @@ policy_source(const struct smtp_outcome *o, enum classify_source fallback)
     }
 }
 
+/* A refusal for the server's limit of recipients per transaction: 452,
+ * or RFC 821's 552, with X.5.3, or without an enhanced code saying "too
+ * many recipients". */
+static bool
+rcpt_limit(const struct smtp_outcome *o)
+{
+    if (o->code != 452 && o->code != 552)
+        return false;
+    if (o->enh.subject == 5 && o->enh.detail == 3)
+        return true;
+    return o->enh.subject == 0 && o->enh.detail == 0 &&
+           strcasestr(o->text, "too many recipients") != NULL;
+}
+
 void
 policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_source src,
             uint64_t now_ms, uint64_t expire_ms, uint64_t delay_ms, struct policy_rcpt *out)
@@ -47,7 +61,9 @@ policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_s
     out->src = policy_source(o, src);
     if (o->status == SMTP_STATUS_DELIVERED) {
         out->kind = POLICY_DELIVERED;
-    } else if (o->status == SMTP_STATUS_PERMFAIL) {
+    } else if (o->status == SMTP_STATUS_PERMFAIL && !rcpt_limit(o)) {
+        /* (RFC 821's 552 for too many recipients is temporary: RFC 5321
+         * 4.5.3.1.10) */
         out->kind = POLICY_BOUNCE;
     } else if (now_ms + POLICY_EXPIRY_SLACK_MS >= expire_ms) {
         out->kind = POLICY_EXPIRE;
@@ -90,12 +106,7 @@ policy_expired(uint64_t now_ms, uint64_t expire_ms)
 bool
 policy_rcpt_next_txn(const struct smtp_outcome *o, unsigned delivered)
 {
-    if (delivered == 0 || (o->code != 452 && o->code != 552))
-        return false;
-    if (o->enh.subject == 5 && o->enh.detail == 3)
-        return true;
-    return o->enh.subject == 0 && o->enh.detail == 0 &&
-           strcasestr(o->text, "too many recipients") != NULL;
+    return delivered != 0 && rcpt_limit(o);
 }
 
 bool

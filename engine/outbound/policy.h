@@ -46,7 +46,9 @@ struct policy_rcpt {
  * expire_ms and waits delay_ms (policy_retry_delay()) when deferred. cls
  * is the class the caller got from classify() for o (BOUNCE_OTHER when
  * not classified); src the source to classify with when o is not a
- * server's reply. */
+ * server's reply. A permanent refusal for the server's limit of
+ * recipients per transaction (RFC 821's 552, as policy_rcpt_next_txn()
+ * knows it) is temporary (RFC 5321 4.5.3.1.10): deferred, or expired. */
 void policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_source src,
                  uint64_t now_ms, uint64_t expire_ms, uint64_t delay_ms, struct policy_rcpt *out);
 

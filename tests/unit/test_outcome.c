@@ -963,6 +963,63 @@ local_rcpt_error_suppresses_nothing(void **state)
     fx_free(f);
 }
 
+/* RFC 821's code for the server's limit of recipients, "552 5.5.3 Too
+ * many recipients", is temporary (RFC 5321 4.5.3.1.10: "clients SHOULD
+ * treat a 552 code in this case as a temporary ... failure"), also in a
+ * transaction that delivered nothing (a receiver that counts recipients
+ * per session refuses every RCPT of a reused connection's transaction so;
+ * or the dot failed for the others): the recipient is deferred along the
+ * retry schedule, as after a 452 4.5.3, never bounced. Before the fix it
+ * was bounced (a bounce event, a DSN to the sender). */
+static void
+rcpt_limit_552_is_deferred(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0, 1};
+    uint64_t id = store(f, "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    /* the first accepted, then the dot answered 451 */
+    rc[0].out.status = SMTP_STATUS_TEMPFAIL;
+    rc[0].out.scope = SMTP_SCOPE_MESSAGE;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    rc[0].out.stage = SMTP_CLIENT_S_DOT;
+    rc[0].out.code = 451;
+    rc[0].out.enh = (struct smtp_enh){4, 3, 0};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "4.3.0 local error, try again");
+    /* the second refused for the server's limit, RFC 821's way */
+    rc[1].out.status = SMTP_STATUS_PERMFAIL;
+    rc[1].out.scope = SMTP_SCOPE_RCPT;
+    rc[1].out.reason = SMTP_REASON_REPLY;
+    rc[1].out.stage = SMTP_CLIENT_S_RCPT;
+    rc[1].out.code = 552;
+    rc[1].out.enh = (struct smtp_enh){5, 5, 3};
+    snprintf(rc[1].out.text, sizeof(rc[1].out.text), "5.5.3 Too many recipients");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = test_job(id, "example.test", idx, 2);
+    uint64_t before = clock_unix_ms();
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.bounced, 0);
+    assert_int_equal(f->bounces, 0);
+    assert_int_equal(f->d->stats.deferred, 2);
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(env->nrcpt, 2);
+    for (unsigned k = 0; k < env->nrcpt; k++) {
+        assert_int_equal(env->rcpt[k].state, QUEUE_RCPT_DEFERRED);
+        assert_true(env->rcpt[k].due_ms > before); /* along the schedule, not at once */
+    }
+    queue_envelope_free(env);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -978,6 +1035,7 @@ main(void)
         cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
         cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
         cmocka_unit_test(local_rcpt_error_suppresses_nothing),
+        cmocka_unit_test(rcpt_limit_552_is_deferred),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
