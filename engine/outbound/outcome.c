@@ -838,6 +838,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         snprintf(info.tls, sizeof(info.tls), "%s", where->tls_proto);
     snprintf(info.tls_policy, sizeof(info.tls_policy), "%s", tls_policy ? tls_policy : "-");
     bool shaped = false;
+    bool backed_off = false; /* the rates halved (or the source held) for this job */
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -905,10 +906,16 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
              * recipients by class from the spool, across restarts */
             _Static_assert(BOUNCE_CLASS_COUNT < QUEUE_TAGS, "a class is a spool tag");
             q->tag = (unsigned)cls < BOUNCE_CLASS_COUNT ? (unsigned)cls + 1 : 0;
-            if (pr.backoff && where->src_id != 0 && t->poolc != NULL)
-                sched_source_throttled(t, where->src_id, where->mx, "rate_limited");
-            else if (pr.backoff)
-                limits_backoff(d->lim, &t->lim, d->w->now);
+            /* once per job: its recipients share the reply, or nearly, and
+             * one reply is one sign of load (each halving the rates again,
+             * a job of five took them to 1/32) */
+            if (pr.backoff && !backed_off) {
+                backed_off = true;
+                if (where->src_id != 0 && t->poolc != NULL)
+                    sched_source_throttled(t, where->src_id, where->mx, "rate_limited");
+                else
+                    limits_backoff(d->lim, &t->lim, d->w->now);
+            }
         }
         tl->kind = (uint8_t)kind;
         tl->cls = (uint8_t)cls;

@@ -1020,6 +1020,46 @@ rcpt_limit_552_is_deferred(void **state)
     fx_free(f);
 }
 
+/* A rate-limited deferral of a transaction of several recipients (a
+ * "451 4.7.650 ... temporarily rate limited" to the dot, every recipient
+ * sharing it) is one sign of load: the destination's rates are halved
+ * once, as for a transaction of one. Before the fix each recipient
+ * halved them again: four recipients took them to 6%. */
+static void
+rate_limited_job_backs_off_once(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0, 1, 2, 3};
+    uint64_t id = store(f, "example.test", 4);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    assert_int_equal(limits_key_rate_pct(&t->lim, f->w.now), 100);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[4];
+    memset(rc, 0, sizeof(rc));
+    for (int i = 0; i < 4; i++) {
+        rc[i].out.status = SMTP_STATUS_TEMPFAIL;
+        rc[i].out.scope = SMTP_SCOPE_MESSAGE;
+        rc[i].out.reason = SMTP_REASON_REPLY;
+        rc[i].out.stage = SMTP_CLIENT_S_DOT;
+        rc[i].out.code = 451;
+        rc[i].out.enh = (struct smtp_enh){4, 7, 650};
+        snprintf(rc[i].out.text, sizeof(rc[i].out.text),
+                 "4.7.650 The mail server [192.0.2.1] has been temporarily rate limited");
+    }
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = test_job(id, "example.test", idx, 4);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+    assert_int_equal(f->d->stats.deferred, 4);
+    assert_int_equal(limits_key_rate_pct(&t->lim, f->w.now), 50);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -1036,6 +1076,7 @@ main(void)
         cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
         cmocka_unit_test(local_rcpt_error_suppresses_nothing),
         cmocka_unit_test(rcpt_limit_552_is_deferred),
+        cmocka_unit_test(rate_limited_job_backs_off_once),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
