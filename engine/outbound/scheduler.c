@@ -167,7 +167,9 @@ site_allowed(const struct dest *t)
     return a < t->pol->max_connections ? a : t->pol->max_connections;
 }
 
-/* The site of t's answer, joined when the answer is new. */
+/* The site of t's answer, joined when the answer is new; its window's
+ * ceiling raised to t's max_connections then, and after a reload
+ * (delivery_reconfigure asks again). */
 static void
 dest_site(struct dest *t)
 {
@@ -199,11 +201,12 @@ dest_site(struct dest *t)
     t->site_for = t->mx;
     if (s == t->site) {
         site_unref(&d->sites, s);
-        return;
+    } else {
+        dest_want_remove(t);
+        site_unref(&d->sites, t->site);
+        t->site = s;
     }
-    dest_want_remove(t);
-    site_unref(&d->sites, t->site);
-    t->site = s;
+    /* the highest max_connections of the site's domains */
     if (s->win.ceiling < t->pol->max_connections)
         site_window_set_ceiling(&s->win, t->pol->max_connections);
 }

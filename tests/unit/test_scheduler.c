@@ -625,6 +625,54 @@ window_opens_and_grows(void **state)
     fx_free(f);
 }
 
+/* A reload that raises a domain's max_connections raises its site's
+ * ceiling: the window grows past the old cap as transactions complete
+ * while mail waits. Before the fix the ceiling was set only when a domain
+ * joined a site, so a live site kept the old cap (a domain with a
+ * backlog stayed at its old max_connections until its site was evicted
+ * or the node restarted). */
+static void
+reload_raises_the_sites_ceiling(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 2\n"
+                          "[domain *]\nmax_connections = 2\n");
+    for (int i = 0; i < 8; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(dest_get(f->d, "a.test")->site->win.ceiling, 2);
+
+    struct config *old = f->cfg;
+    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 2\n"
+                  "[domain *]\nmax_connections = 10\n");
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+
+    enum sched_next what;
+    struct conn *c0 = f->open[0];
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(f->open[1], &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    /* Jobs that waited 31 ms each: the completed transactions earn a
+     * third connection (additive increase past the old ceiling, where
+     * slow start ended), a few rounds at most. */
+    for (int round = 0; round < 5 && allowed("a.test") < 3; round++) {
+        f->w.now += MS_TO_NS(30);
+        conn_ready(c0, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_false(
+            txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    }
+    assert_int_equal(allowed("a.test"), 3);
+    assert_int_equal(f->opened, 3);
+    fx_free(f);
+}
+
 /* Over 100 MX hosts and many domains, each host's mail comes a few jobs
  * at a time: jobs a busy connection takes within twice the time a new one
  * takes to open earn no connection, however many transactions complete. */
@@ -2982,6 +3030,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(job_copy_has_a_domain_of_its_own),
         cmocka_unit_test(window_opens_and_grows),
+        cmocka_unit_test(reload_raises_the_sites_ceiling),
         cmocka_unit_test(failed_open_tries_again),
         cmocka_unit_test(failure_of_an_unreadable_message_waits),
         cmocka_unit_test(window_holds_while_mail_is_served),
