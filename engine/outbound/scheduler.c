@@ -1195,8 +1195,10 @@ sched_txn_done(struct conn *c, struct job *j)
             source_hold(c, mo->code == 421 ? "421" : "reset");
     } else if (c->site != NULL) {
         struct site_source *ss = c->src != NULL ? site_source(c->site, c->src_id) : NULL;
-        if (ss != NULL)
-            ss->holds = 0; /* it delivers again: the next hold starts short */
+        if (ss != NULL && c->txn.delivered > 0)
+            ss->holds = 0; /* it delivers again: the next hold starts short (a
+                            * rate-limited deferral is no delivery: its throttle,
+                            * outcome.c, makes the next hold longer) */
         unsigned before = site_window_allowed(&c->site->win);
         site_window_on_success(&c->site->win, c->site->conns);
         if (site_window_allowed(&c->site->win) > before)

@@ -2623,6 +2623,46 @@ source_held_alone(void **state)
     fx_free(f);
 }
 
+/* A receiver that throttles a pool's source with a rate-limited reply
+ * (a "451 4.7.650 ... rate limited" to the dot, not a 421) transaction
+ * after transaction: each hold of the source is twice the last
+ * (policy_source_hold), as after 421s. Before the fix the end of each
+ * such transaction (sched_txn_done) counted as one that delivered and
+ * started the holds over, so the throttle its deferral reports
+ * (outcome.c's job_finish: sched_source_throttled) held the source for
+ * site_hold every time, never longer. */
+static void
+source_throttled_again_holds_longer(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    for (int i = 0; i < 8; i++)
+        submit_pool("r.test", 1, "bulk");
+    answer_pool("r.test", "bulk", MX1, A1, 1);
+    struct dest *t = dest_get_pool(f->d, "r.test", intern_id(f->e.names, "bulk"));
+    struct conn *c = NULL;
+    for (unsigned i = 0; i < f->nopen; i++)
+        if (strcmp(f->open[i]->src->pattern, "198.51.100.2") == 0)
+            c = f->open[i];
+    assert_non_null(c);
+    uint64_t base = MS_TO_NS(policy_source_hold(t->pol->site_hold, 1));
+    for (unsigned round = 1; round <= 3; round++) {
+        enum sched_next what;
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_false(txn_done_at(c, SMTP_STATUS_TEMPFAIL, 451, SMTP_REASON_REPLY,
+                                 SMTP_SCOPE_MESSAGE, SMTP_CLIENT_S_DOT));
+        /* its recipients deferred as rate_limited (job_finish) */
+        sched_source_throttled(t, c->src_id, c->mx, "rate_limited");
+        struct site_source *ss = site_source(c->site, c->src_id);
+        assert_non_null(ss);
+        assert_int_equal(ss->holds, round);
+        assert_true(ss->hold_until - f->w.now == base << (round - 1));
+        f->w.now = ss->hold_until; /* the hold is over: the connection goes on */
+    }
+    fx_free(f);
+}
+
 /* The pick itself: the least (transactions + connections + 1) per weight. */
 /* max_connections_per_address counts per pool: the sources of a pool
  * share the pool's cap at an MX address (the receiving host sees no more
@@ -3058,6 +3098,7 @@ main(void)
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
+        cmocka_unit_test(source_throttled_again_holds_longer),
         cmocka_unit_test(source_pick_order),
         cmocka_unit_test(pool_shares_address_cap),
         cmocka_unit_test(pool_source_follows_the_address_with_room),
