@@ -650,17 +650,19 @@ dest_run_once(struct dest *t)
         dest_fail_all(t, &nf,
                       nf.forget_answer ? NULL
                       : t->last_fail != NULL ? t->last_fail->o.text
-                                             : "");
+                                             : NULL);
         dest_last_fail_clear(t);
+        /* The targets are counted again at the next run, which works out
+         * why again for the mail that comes then (the reason went with
+         * this failure); under MTA-STS, the policy and the MX are asked
+         * again after the hold. */
+        t->targets_for = NULL;
         if (nf.forget_answer) {
             dest_set_mx(t, NULL); /* ask again next time */
             return;
         }
-        if (t->refused_sts) {
-            /* Deferred: ask again (policy and MX) after the hold. */
-            t->targets_for = NULL;
-            dest_hold(t, policy_all_failed_hold(t->pol->site_hold));
-        }
+        if (t->refused_sts)
+            dest_hold(t, policy_all_failed_hold(t->pol->site_hold)); /* deferred */
         return;
     }
     if (dest_affinity(t))

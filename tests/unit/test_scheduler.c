@@ -1791,6 +1791,15 @@ answers_that_fail(void **state)
     assert_int_equal(f->last_fail.enh.detail, 4);
     assert_int_equal(f->last_src, CLASSIFY_TARGET);
     assert_non_null(strstr(f->last_fail.text, "allow_networks"));
+    /* The next mail to it, the answer still good, says why too (before
+     * the fix its bounce had an empty reply: the reason was worked out
+     * once per answer and forgotten with the first bounce). */
+    memset(&f->last_fail, 0, sizeof(f->last_fail));
+    unsigned looked = f->resolves;
+    submit("loop.test", 1);
+    assert_int_equal(f->resolves, looked); /* the same answer */
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_PERMFAIL);
+    assert_non_null(strstr(f->last_fail.text, "allow_networks"));
 
     /* The same loopback host in an answer that misses the other MX hosts
      * (their address lookups failed for now: partial): those may be
