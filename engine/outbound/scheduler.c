@@ -24,8 +24,9 @@
  * outbound/affinity.c).
  *
  * A connection ready for a transaction asks sched_conn_next() for its job:
- * one of its domain, or else one of another domain of its site that waits
- * (MX rollup), the connection moving there with its lease; else it goes
+ * one of its domain, or else (none, or none its domain's message rate lets
+ * go now) one of another domain of its site that waits (MX rollup), the
+ * connection moving there with its lease; else it goes
  * idle on its site or says goodbye. When a transaction or a connection
  * ends, the site's window and the destination's failover cursor learn of
  * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
@@ -1049,11 +1050,13 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
+        bool rate_held = false; /* t's own message rate gives no token now */
         if (sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
                 dest_lim_wait(t, retry_at);
+                rate_held = true;
             } else if (mk != NULL &&
                        limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
@@ -1086,10 +1089,14 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
         }
-        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t) || !sts_ready) && *moves < 8) {
-            /* Nothing here: the next transaction of another domain of
-             * the site (MX rollup; one that waits for a connection has
-             * its policy). */
+        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t) || !sts_ready || rate_held) &&
+            *moves < 8) {
+            /* Nothing here, or nothing t's rate lets go now (its timer
+             * runs it again: it takes an idle connection, or waits for
+             * one): the next transaction of another domain of the site
+             * (MX rollup; one that waits for a connection has its
+             * policy). The [mx], source and shaping keys are c's: a
+             * domain c moved to would meet them alike. */
             struct dest *w = conn_take_waiting(c);
             if (w != NULL) {
                 t = w;

@@ -1370,6 +1370,44 @@ spool_owner_keeps_tls_relaxed(void **state)
     fx_free(f);
 }
 
+/* MX rollup under a message rate: a domain whose rate gives its
+ * connection no token now lends it to another domain of the site that
+ * waits for one, as a domain with nothing queued does. Before the fix the
+ * connection went idle and the other domain, on the site's want list with
+ * the window full, heard of it from nobody: it waited for as long as the
+ * first domain's rate-bound backlog lasted (hours for a campaign to one
+ * large provider, its Workspace domains behind it), however idle the
+ * connection sat between tokens. */
+static void
+rate_bound_domain_lends_its_connection(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 1\n"
+                          "[domain one.test]\nmax_message_rate = 1/h\n");
+    for (int i = 0; i < 3; i++)
+        submit("one.test", 1);
+    answer("one.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *one = dest_get(f->d, "one.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB); /* one's token of the hour */
+    submit("two.test", 1);
+    answer("two.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *two = dest_get(f->d, "two.test");
+    assert_ptr_equal(one->site, two->site);
+    assert_true(two->want.on); /* the window (1) is full: two waits */
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    /* one has mail but no token for an hour: c carries two's meanwhile */
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, two);
+    assert_int_equal(dest_queued(one), 2);
+    fx_free(f);
+}
+
 /* MX rollup: two domains on the same MX hosts share one site; an idle
  * connection of the site takes the next transaction of the other domain. */
 static void
@@ -3090,6 +3128,7 @@ main(void)
         cmocka_unit_test(tls_relaxed_destination),
         cmocka_unit_test(spool_owner_keeps_tls_relaxed),
         cmocka_unit_test(idle_connection_takes_other_domain),
+        cmocka_unit_test(rate_bound_domain_lends_its_connection),
         cmocka_unit_test(ending_idle_connection_is_not_handed_a_job),
         cmocka_unit_test(idle_connection_of_another_policy_yields),
         cmocka_unit_test(waiting_domain_refused_by_a_connection_runs_again),
