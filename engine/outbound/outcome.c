@@ -876,12 +876,12 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             shaped = true; /* one reply per job: its recipients share it, or nearly */
             outcome_shaping(d, t, where->mx, where->src_id, j->owner.tenant, o);
         }
+        /* the schedule's delay for whatever the policy defers (a 552 for
+         * too many recipients too, policy_rcpt) */
+        uint64_t delay =
+            o->status != SMTP_STATUS_DELIVERED ? retry_delay_ms(d, t->pol, r ? r->attempts : 0) : 0;
         struct policy_rcpt pr;
-        policy_rcpt(o, oc, where->src, now, expire,
-                    o->status != SMTP_STATUS_DELIVERED
-                        ? retry_delay_ms(d, t->pol, r ? r->attempts : 0)
-                        : 0,
-                    &pr);
+        policy_rcpt(o, oc, where->src, now, expire, delay, &pr);
         if (pr.kind == POLICY_DELIVERED) {
             q->kind = QUEUE_DELIVERED;
             kind = DLOG_DELIVERY;

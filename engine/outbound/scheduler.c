@@ -649,7 +649,7 @@ dest_run_once(struct dest *t)
                                      : POLICY_NO_TARGET,
                    &nf);
         dest_fail_all(t, &nf,
-                      nf.forget_answer ? NULL
+                      nf.forget_answer       ? NULL
                       : t->last_fail != NULL ? t->last_fail->o.text
                                              : NULL);
         dest_last_fail_clear(t);
