@@ -20,8 +20,11 @@
  * none) and holds fewer than its floor, the slots left are kept for it
  * (site_addr_take refuses them to a worker past its floor), and a
  * connection of a worker past its floor there gives its slot back after
- * its transaction (site_addr_yield, scheduler.c), so a worker's domain
- * waits for no more than a transaction of the others, not their backlog.
+ * its transaction (site_addr_yield, scheduler.c), or at once when it has
+ * nothing to send (site_addr_wanted), so a worker's domain waits for no
+ * more than a transaction of the others, not their backlog. A worker at
+ * or below its floor keeps its slots: given to a worker past its own,
+ * they would be wanted back at once.
  * Each entry keeps every worker's count and want; the holders read them
  * through their own entry with no lock (atomics: read a little late,
  * they cost one idle connection a little longer, or one quit for
