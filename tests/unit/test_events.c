@@ -1214,6 +1214,24 @@ stream_counts(int rport, const char *stream, unsigned *counts, unsigned n)
     freeReplyObject(r);
 }
 
+/* A real redis-server on a port of its own (stopped by the test, by its
+ * pid), or the test skipped where none is installed. */
+static pid_t
+redis_or_skip(int *rport)
+{
+    if (redis_server_path() == NULL) {
+        print_message("redis-server is not installed: skipping\n");
+        skip();
+    }
+    *rport = redis_server_free_port();
+    assert_true(*rport > 0);
+    char err[256];
+    pid_t pid = redis_server_start(*rport, err, sizeof(err));
+    if (pid < 0)
+        fail_msg("%s", err);
+    return pid;
+}
+
 /* A pipelined batch of XADDs that Redis takes in part: past maxmemory
  * (noeviction), the first few go in and the rest are refused with
  * -OOM. The sink retries what was refused, and only that: every event
@@ -1224,16 +1242,8 @@ static void
 test_redis_batch_taken_in_part_is_not_sent_twice(void **state)
 {
     (void)state;
-    if (redis_server_path() == NULL) {
-        print_message("redis-server is not installed: skipping\n");
-        skip();
-    }
-    int rport = redis_server_free_port();
-    assert_true(rport > 0);
-    char err[256];
-    pid_t pid = redis_server_start(rport, err, sizeof(err));
-    if (pid < 0)
-        fail_msg("%s", err);
+    int rport;
+    pid_t pid = redis_or_skip(&rport);
     redisReply *r = redis_do(rport, "CONFIG SET maxmemory-policy noeviction");
     freeReplyObject(r);
     r = redis_do(rport, "INFO memory");
@@ -1426,16 +1436,8 @@ static void
 test_redis_acl_user(void **state)
 {
     (void)state;
-    if (redis_server_path() == NULL) {
-        print_message("redis-server is not installed: skipping\n");
-        skip();
-    }
-    int rport = redis_server_free_port();
-    assert_true(rport > 0);
-    char err[256];
-    pid_t pid = redis_server_start(rport, err, sizeof(err));
-    if (pid < 0)
-        fail_msg("%s", err);
+    int rport;
+    pid_t pid = redis_or_skip(&rport);
     redisReply *r = redis_do(rport, "ACL SETUSER ev on >p/a@ss ~* +@all");
     assert_int_equal(r->type, REDIS_REPLY_STATUS);
     freeReplyObject(r);
@@ -1445,6 +1447,7 @@ test_redis_acl_user(void **state)
     char url[160];
     snprintf(url, sizeof(url), "redis://ev:p/a@ss@127.0.0.1:%d/ev@s", rport);
     struct events_sink_config c = sink_cfg("r", url, false);
+    char err[256];
     assert_int_equal(events_sink_check(&c, err, sizeof(err)), 0);
     c.batch_wait = 0;
     struct events *ev = start(&c, 1);
@@ -1661,16 +1664,8 @@ static void
 test_redis_user_with_xadd_alone(void **state)
 {
     (void)state;
-    if (redis_server_path() == NULL) {
-        print_message("redis-server is not installed: skipping\n");
-        skip();
-    }
-    int rport = redis_server_free_port();
-    assert_true(rport > 0);
-    char err[256];
-    pid_t pid = redis_server_start(rport, err, sizeof(err));
-    if (pid < 0)
-        fail_msg("%s", err);
+    int rport;
+    pid_t pid = redis_or_skip(&rport);
     char url[128];
     snprintf(url, sizeof(url), "redis://127.0.0.1:%d/evs", rport);
     struct events_sink_config c = sink_cfg("r", url, false);
@@ -1752,16 +1747,8 @@ static void
 test_redis_at_maxclients_drops_nothing(void **state)
 {
     (void)state;
-    if (redis_server_path() == NULL) {
-        print_message("redis-server is not installed: skipping\n");
-        skip();
-    }
-    int rport = redis_server_free_port();
-    assert_true(rport > 0);
-    char err[256];
-    pid_t pid = redis_server_start(rport, err, sizeof(err));
-    if (pid < 0)
-        fail_msg("%s", err);
+    int rport;
+    pid_t pid = redis_or_skip(&rport);
     /* the test's connection is the one client Redis takes */
     struct timeval tv = {5, 0};
     redisContext *held = redisConnectWithTimeout("127.0.0.1", rport, tv);
