@@ -260,16 +260,17 @@ dest_shaping(struct dest *t, uint32_t src_id, const char *mx, struct shaping_ver
 static void
 shaping_bounce(struct dest *t, const char *mx)
 {
-    struct delivery *d = t->d;
     struct policy_fail f;
     policy_job(POLICY_OPERATOR_BOUNCE, &f);
     struct smtp_outcome o;
     char text[160];
     snprintf(text, sizeof(text), "bounced by a shaping action for %.100s", mx ? mx : t->name);
     job_outcome(&o, &f, text);
-    unsigned n = 0;
-    for (struct job *j; (j = dest_pop(t)) != NULL; n++)
-        job_fail(d, t, j, &o, f.src);
+    /* A job whose message cannot be read just then stays, and is
+     * bounced at t's next run (before, it was dropped from memory and
+     * waited for a restart). */
+    unsigned n = dest_queued(t);
+    dest_fail_each(t, &o, f.src);
     if (n > 0)
         log_msg(LOG_NOTICE, "event=shaping_bounced domain=%s mx=%s jobs=%u", t->name,
                 mx ? mx : "-", n);

@@ -575,6 +575,10 @@ void dest_enqueue(struct dest *t, struct job *j);
  * sub-queue j is dropped (logged; it stays in the spool for the next
  * start). */
 void dest_push(struct dest *t, struct job *j, bool front);
+/* Every job waiting at t fails with o (ops->fail); one whose message could
+ * not be read just then (ops->fail kept it) waits at t again, in its
+ * place, and t runs again after HOLD_MIN_MS. (scheduler.c) */
+void dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src);
 /* Free j, dropped for want of memory (a destination or a queue entry
  * could not be made), with the log line that says so: its recipients
  * stay in the spool, and the next start delivers them. */

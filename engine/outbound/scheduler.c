@@ -487,10 +487,7 @@ slot_give_back(struct delivery *d)
 /* ---- the scheduler ---- */
 
 
-/* Every job waiting at t fails with o; one whose message could not be
- * read just then (ops->fail kept it) waits at t again, in its place, and
- * t runs again after HOLD_MIN_MS. */
-static void
+void
 dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src)
 {
     struct job *kept = NULL, *j;

@@ -219,6 +219,9 @@ scope_shaped_timer(struct delivery *d)
 
 /* A tenant's bounce action: j fails now, as an operator's bounce (spool,
  * delivery log, DSN). */
+static void shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until,
+                        const char *why);
+
 static void
 shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
 {
@@ -229,7 +232,13 @@ shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
     snprintf(text, sizeof(text), "bounced by a shaping action for tenant %.64s at %.100s",
              intern_name(d->e->names, j->owner.tenant), mx ? mx : t->name);
     job_outcome(&o, &f, text);
-    job_fail(d, t, j, &o, f.src);
+    if (!job_fail(d, t, j, &o, f.src))
+        /* Its message could not be read just then: parked, bounced when
+         * the parked jobs are looked at again (before, it was dropped
+         * from memory and waited for a restart). Not back in t's queue:
+         * the transaction that met the action would take it again at
+         * once. */
+        shaped_park(d, j, mx, d->w->now + MS_TO_NS(HOLD_MIN_MS), "bounce");
 }
 
 /* May j go under its tenant's rate at mx (a token of the tenant's key at
