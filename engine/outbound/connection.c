@@ -1061,15 +1061,19 @@ source_sockaddr(const struct mx_policy *src, int family, struct sockaddr_storage
 
 struct conn *
 conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr,
-          const struct mx_policy *srcpol, uint32_t src_id)
+          const struct mx_policy *srcpol, uint32_t src_id, struct open_fail *why)
 {
     struct delivery *d = t->d;
+    memset(why, 0, sizeof(*why));
     struct conn *c = calloc(1, sizeof(*c));
-    if (c == NULL)
+    if (c == NULL) {
+        why->err = -ENOMEM;
         return NULL;
+    }
     int fd = socket(addr->sa.sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        log_msg(LOG_ERR, "event=socket_failed err=%s", strerror(errno));
+        why->err = -errno;
+        log_msg(LOG_ERR, "event=socket_failed domain=%s err=%s", t->name, strerror(errno));
         free(c);
         return NULL;
     }
@@ -1082,6 +1086,8 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
         if (!source_sockaddr(srcpol, addr->sa.sa_family, &pool_src)) {
             log_msg(LOG_ERR, "event=source_family_mismatch source=%s domain=%s",
                     srcpol->pattern, t->name);
+            why->err = -EAFNOSUPPORT;
+            snprintf(why->source, sizeof(why->source), "%s", srcpol->pattern);
             close(fd);
             free(c);
             return NULL;
@@ -1092,9 +1098,10 @@ conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *
         bind(fd, (const struct sockaddr *)src,
              src->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
                                         : sizeof(struct sockaddr_in)) < 0) {
-        char text[64];
-        netaddr_ip_str((const struct sockaddr *)src, text, sizeof(text));
-        log_msg(LOG_ERR, "event=source_bind_failed source=%s err=%s", text, strerror(errno));
+        why->err = -errno;
+        netaddr_ip_str((const struct sockaddr *)src, why->source, sizeof(why->source));
+        log_msg(LOG_ERR, "event=source_bind_failed source=%s domain=%s err=%s", why->source,
+                t->name, strerror(-why->err));
         close(fd);
         free(c);
         return NULL;

@@ -434,6 +434,16 @@ struct outcome_where {
     bool untried;             /* a deferral of mail not tried (struct dest_fail): no attempt */
 };
 
+/* Why an outbound_ops open made no connection. */
+struct open_fail {
+    int err;         /* -errno: -ENOMEM (no memory for it), -EMFILE or another of
+                      * socket(), bind()'s (-EADDRNOTAVAIL: the source address is
+                      * not on this host), -EAFNOSUPPORT (a pool's source is not
+                      * of the address's family) */
+    char source[64]; /* the source address that could not be bound or used, as
+                      * text; "" when the failure is not the source's */
+};
+
 /* What the scheduler calls out to. engine/delivery.c wires the worker's
  * resolver, outbound/connection.c and outbound/outcome.c; the scheduler's
  * unit test wires scripts. */
@@ -451,9 +461,10 @@ struct outbound_ops {
     void (*cancel)(struct delivery *d, struct dns_req *req);
     /* A new connection of t to a (of MX host h) from source src (NULL:
      * the default source; src_id its name id), attached with
-     * sched_conn_attach(); NULL when none could be made now. */
+     * sched_conn_attach(); NULL when none could be made now, and *why
+     * says why (policy_open_failed() decides what follows). */
     struct conn *(*open)(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
-                         const struct mx_policy *src, uint32_t src_id);
+                         const struct mx_policy *src, uint32_t src_id, struct open_fail *why);
     /* An idle connection was handed to a domain with work: start its next
      * transaction (sched_conn_next() says which). */
     void (*resume)(struct conn *c);
@@ -815,7 +826,7 @@ unsigned dest_targets(struct dest *t);
 
 /* Open a connection (an outbound_ops open). */
 struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const union dns_addr *addr,
-                       const struct mx_policy *src, uint32_t src_id);
+                       const struct mx_policy *src, uint32_t src_id, struct open_fail *why);
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);

@@ -3,6 +3,7 @@
  */
 #include "engine/outbound/policy.h"
 
+#include <errno.h>
 #include <string.h>
 
 #include "engine/config.h"
@@ -240,6 +241,12 @@ policy_job(enum policy_job_event ev, struct policy_fail *out)
         *out = (struct policy_fail){true, false, 451, {4, 7, 5}, CLASSIFY_TLS_POLICY, false,
                                     "no MX host matches the domain's MTA-STS policy"};
         return;
+    case POLICY_OPEN_FAILED:
+        /* This node's, not the receiver's: temporary, a network status
+         * (Postfix defers a failed bind() with 4.4.0 too). */
+        *out = (struct policy_fail){true, false, 451, {4, 4, 0}, CLASSIFY_CONNECT, false,
+                                    "cannot open a connection"};
+        return;
     case POLICY_OPERATOR_BOUNCE:
     default:
         *out = (struct policy_fail){true, true, 550, {5, 0, 0}, CLASSIFY_REPLY, false,
@@ -273,6 +280,12 @@ policy_conn_event(enum policy_conn_event ev, struct policy_event_decision *out)
         out->rest_ms = POLICY_HOLD_MIN_MS;
         return;
     }
+}
+
+bool
+policy_open_failed(int err)
+{
+    return err < 0 && err != -ENOMEM;
 }
 
 uint64_t

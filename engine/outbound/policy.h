@@ -207,9 +207,29 @@ enum policy_job_event {
     POLICY_NO_MX_ANSWERED,    /* every address failed in a row, and none said why */
     POLICY_OPERATOR_BOUNCE,   /* sluicectl bounce */
     POLICY_TLS_POLICY_NO_MX,  /* MTA-STS enforce: no MX host matches the policy */
+    POLICY_OPEN_FAILED,       /* no connection could be opened, for a reason of this
+                               * node (policy_open_failed); the caller's text says which */
 };
 
 void policy_job(enum policy_job_event ev, struct policy_fail *out);
+
+/* No connection could be opened (before any connect) for err, a -errno
+ * of this node's (struct open_fail): true for a failure that lasts: no
+ * socket (EMFILE), a source address that cannot be bound (not on this
+ * host: EADDRNOTAVAIL), a pool's source of the other family. As when
+ * every address failed: the jobs that wait are deferred
+ * (POLICY_OPEN_FAILED, connection_failure, the retry schedule: max_age
+ * bounces them in the end) and the destination rests
+ * policy_all_failed_hold(); its other addresses are not tried, each
+ * would fail alike from this node and source, nor does its site rest,
+ * its hosts did nothing. It was tried again every second before, its
+ * mail never deferred nor expired, an error logged each time. False for
+ * no memory (-ENOMEM, or 0: none said): tried again after
+ * POLICY_HOLD_MIN_MS, as every
+ * "no memory now" of the scheduler; a moment's shortage says nothing of
+ * the destination or the source, and a deferral would cost its mail
+ * the retry schedule's first delay for nothing. */
+bool policy_open_failed(int err);
 
 /* Every address of the answer failed in a row: how long the destination
  * rests (its waiting jobs are deferred with the last failure). */

@@ -517,6 +517,27 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
     dest_fail_each(t, &o, f->src);
 }
 
+/* Every waiting job of t fails with f's outcome, told where f says
+ * (MX host, address, source, TLS), untried or not; t's own last failure
+ * stays. False: no memory for it, nothing failed. */
+static bool
+dest_fail_where(struct dest *t, const struct dest_fail *f, bool untried)
+{
+    struct dest_fail *own = t->last_fail, *copy = malloc(sizeof(*copy));
+    if (copy == NULL)
+        return false;
+    *copy = *f;
+    copy->untried = untried;
+    /* job_fail tells where from t->last_fail (o == &t->last_fail->o):
+     * the copy stands there while the jobs fail, t->running keeping any
+     * other run of t out, and t's own comes back after. */
+    t->last_fail = copy;
+    dest_fail_each(t, &copy->o, CLASSIFY_CONNECT);
+    free(t->last_fail);
+    t->last_fail = own;
+    return true;
+}
+
 /* t's site rests because every address failed for another of its
  * domains (f, how the last one did): t's waiting mail is deferred with
  * that failure, as the failing domain's was (a transient_failure event
@@ -528,18 +549,43 @@ dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
 static void
 dest_fail_as_site(struct dest *t, const struct dest_fail *f)
 {
-    struct dest_fail *own = t->last_fail, *copy = malloc(sizeof(*copy));
-    if (copy == NULL)
-        return; /* it waits, checked for expiry, as before */
-    *copy = *f;
-    copy->untried = true; /* t's mail was not tried: its attempts stay */
-    /* job_fail tells where from t->last_fail (o == &t->last_fail->o):
-     * the copy stands there while the jobs fail, t->running keeping any
-     * other run of t out, and t's own comes back after. */
-    t->last_fail = copy;
-    dest_fail_each(t, &copy->o, CLASSIFY_CONNECT);
-    free(t->last_fail);
-    t->last_fail = own;
+    /* t's mail was not tried: its attempts stay. Without memory for the
+     * copy it waits, checked for expiry, as before. */
+    (void)dest_fail_where(t, f, true);
+}
+
+/* t could not open a connection for a reason of this node (why; what
+ * follows is policy_open_failed's): with none of t open, its waiting
+ * jobs are deferred with the cause, named with the source address (a
+ * transient_failure for each recipient, the retry schedule); with some
+ * open, they wait for those. Either way t opens nothing more until its
+ * hold ends, which also keeps conn_open's error line to one per hold
+ * (it was every second, per destination). */
+static void
+dest_open_failed(struct dest *t, const struct open_fail *why)
+{
+    uint64_t ms = policy_all_failed_hold(t->pol->site_hold);
+    if (t->conns == 0) {
+        struct policy_fail pf;
+        policy_job(POLICY_OPEN_FAILED, &pf);
+        /* Where: the source it would have left from, no MX host (none
+         * was reached, none is to blame). */
+        struct dest_fail f;
+        memset(&f, 0, sizeof(f));
+        snprintf(f.source, sizeof(f.source), "%s", why->source);
+        char text[sizeof(f.o.text)];
+        if (why->source[0] != '\0')
+            snprintf(text, sizeof(text), "%s from %s: %s", pf.text, why->source,
+                     strerror(-why->err));
+        else
+            snprintf(text, sizeof(text), "%s: %s", pf.text, strerror(-why->err));
+        job_outcome(&f.o, &pf, text);
+        if (!dest_fail_where(t, &f, false))
+            dest_fail_all(t, &pf, text);
+    }
+    log_msg(LOG_NOTICE, "event=destination_held domain=%s for_ms=%llu reason=open_failed", t->name,
+            (unsigned long long)ms);
+    dest_hold(t, ms);
 }
 
 /* The scheduler's one decision point, never re-entered for the same
@@ -887,7 +933,8 @@ dest_run_once(struct dest *t)
             mx_wait(sk, t, retry_at);
             return;
         }
-        struct conn *c = d->ops->open(t, h, a, pk.src, pk.id);
+        struct open_fail why;
+        struct conn *c = d->ops->open(t, h, a, pk.src, pk.id, &why);
         if (c == NULL) {
             slot_give_back(d); /* none if it was attached before it failed */
             limits_conn_release(d->lim, &t->lim);
@@ -895,10 +942,11 @@ dest_run_once(struct dest *t)
                 limits_conn_release(d->lim, &mk->lim);
             if (sk != NULL)
                 limits_conn_release(d->lim, &sk->lim);
-            /* Could not open one now (no socket, memory or source
-             * address): try again shortly, or nothing would run t again
-             * but another job for it. */
-            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+            if (policy_open_failed(why.err))
+                dest_open_failed(t, &why); /* no socket, no source address */
+            else /* no memory now: try again shortly, or nothing would run t
+                  * again but another job for it */
+                dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
             return;
         }
         c->leased = true;

@@ -8,6 +8,7 @@
  * statuses, the retry schedule with jitter, and expiry; recipients
  * refused for the server's limit per transaction, sent next. No network.
  */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -358,6 +359,16 @@ dns_and_schedule(void **state)
     assert_true(!f.permanent && f.src == CLASSIFY_DNS);
     policy_job(POLICY_OPERATOR_BOUNCE, &f);
     assert_true(f.permanent && f.enh.cls == 5 && f.enh.subject == 0);
+    /* No connection opened, for a reason of this node: deferred as a
+     * connection failure; no memory, or none said, is tried again. */
+    policy_job(POLICY_OPEN_FAILED, &f);
+    assert_true(f.fail && !f.permanent && f.code == 451 && f.src == CLASSIFY_CONNECT);
+    assert_true(f.enh.cls == 4 && f.enh.subject == 4 && f.enh.detail == 0);
+    assert_true(policy_open_failed(-EADDRNOTAVAIL));
+    assert_true(policy_open_failed(-EMFILE));
+    assert_true(policy_open_failed(-EAFNOSUPPORT));
+    assert_false(policy_open_failed(-ENOMEM));
+    assert_false(policy_open_failed(0));
     /* Connection events: a failed connect moves on, a fault of ours rests. */
     struct policy_event_decision ed;
     policy_conn_event(POLICY_CONNECT_FAILED, &ed);

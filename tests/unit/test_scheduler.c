@@ -47,7 +47,10 @@ struct fx {
     struct conn *open[MAXC];   /* connections opened and not gone */
     unsigned nopen;
     unsigned opened;           /* connections opened in all */
-    unsigned open_fails;       /* opens to fail (as on EMFILE) before any succeeds */
+    unsigned open_calls;       /* opens asked for, made or not */
+    unsigned open_fails;       /* opens to fail before any succeeds ... */
+    int open_err;              /* ... with this -errno (0: -ENOMEM) ... */
+    char open_source[64];      /* ... and this source address ("" none) */
     char opened_to[MAXC][384]; /* "mx name addr" of each, in order */
     unsigned resumed;          /* idle connections handed a domain */
     unsigned quits;            /* idle connections told to say goodbye */
@@ -56,6 +59,8 @@ struct fx {
     unsigned fail_keeps;       /* fails to refuse (a message unreadable just then) first */
     struct smtp_outcome last_fail;
     enum classify_source last_src;
+    char last_fail_source[64]; /* where it was told from: the source ("" none) */
+    char last_fail_mx[256];    /* ... and the MX host */
     unsigned finished;         /* jobs reported after a transaction */
     unsigned txts;             /* TXT lookups asked for (MTA-STS first checks) */
     char txt_name[128];        /* the last one's name */
@@ -93,11 +98,14 @@ t_cancel(struct delivery *d, struct dns_req *req)
 
 static struct conn *
 t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
-       const struct mx_policy *src, uint32_t src_id)
+       const struct mx_policy *src, uint32_t src_id, struct open_fail *why)
 {
     assert_true(F->nopen < MAXC);
+    F->open_calls++;
     if (F->open_fails > 0) {
         F->open_fails--;
+        why->err = F->open_err != 0 ? F->open_err : -ENOMEM;
+        snprintf(why->source, sizeof(why->source), "%s", F->open_source);
         return NULL;
     }
     struct conn *c = calloc(1, sizeof(*c));
@@ -133,7 +141,6 @@ t_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outc
        enum classify_source src)
 {
     (void)d;
-    (void)t;
     if (F->fail_keeps > 0) {
         F->fail_keeps--;
         return false;
@@ -141,6 +148,11 @@ t_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outc
     F->failed += j->n;
     F->last_fail = *o;
     F->last_src = src;
+    /* as job_fail tells where */
+    bool at = t->last_fail != NULL && o == &t->last_fail->o;
+    snprintf(F->last_fail_source, sizeof(F->last_fail_source), "%s",
+             at ? t->last_fail->source : "");
+    snprintf(F->last_fail_mx, sizeof(F->last_fail_mx), "%s", at ? t->last_fail->mx : "");
     free(j);
     return true;
 }
@@ -529,24 +541,94 @@ allowed(const char *domain)
 /* A new site opens initial_connections, then one more per transaction
  * that completes while the window is in use (slow start), and no more
  * than the jobs need. */
-/* A connection that cannot be opened (no socket, memory or source
- * address) leaves t's job queued with a timer to try again: before, t
- * waited for another job of its domain, or a restart. */
+/* A connection that cannot be opened for want of memory just then
+ * leaves t's job queued with a timer to try again: before, t waited for
+ * another job of its domain, or a restart. */
 static void
 failed_open_tries_again(void **state)
 {
     (void)state;
     struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
-    f->open_fails = 1;
+    f->open_fails = 1; /* -ENOMEM */
     submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     struct dest *t = dest_get(f->d, "a.test");
     assert_int_equal(f->opened, 0);
+    assert_int_equal(f->failed, 0);
     assert_false(fairq_empty(&t->q));
     assert_true(timer_armed(&t->lim_timer));
     f->w.now += MS_TO_NS(HOLD_MIN_MS);
     timer_run(&f->w.timers, f->w.now, NULL);
     assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* A connection that cannot be opened for a reason of this node (its
+ * source address is not on this host: bind() says EADDRNOTAVAIL; no
+ * socket: EMFILE) is a connection that failed: what waits is deferred
+ * at once with the cause and the source named, as connection_failure,
+ * and the destination rests, opening nothing (nor logging the failure
+ * again) until the rest ends; its other addresses are not tried, each
+ * would fail alike. Before, it tried again every second, for ever, its
+ * mail never deferred, expired or bounced. */
+static void
+failed_open_of_this_node_defers_and_holds(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
+    f->open_fails = 100;
+    f->open_err = -EADDRNOTAVAIL;
+    snprintf(f->open_source, sizeof(f->open_source), "192.0.2.9");
+    submit("a.test", 1);
+    submit("a.test", 2);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10, 20}, A1, 2);
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_int_equal(f->open_calls, 1); /* not again at the second address */
+    assert_int_equal(f->opened, 0);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(dest_queued(t), 0);
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_TEMPFAIL);
+    assert_int_equal(f->last_fail.code, 451);
+    assert_int_equal(f->last_fail.enh.cls, 4);
+    assert_int_equal(f->last_fail.enh.subject, 4);
+    assert_string_equal(f->last_fail.text,
+                        "cannot open a connection from 192.0.2.9: Cannot assign requested address");
+    assert_int_equal(f->last_src, CLASSIFY_CONNECT);
+    assert_int_equal(classify(NULL, policy_source(&f->last_fail, f->last_src), f->last_fail.code,
+                              &f->last_fail.enh, f->last_fail.text),
+                     BOUNCE_CONNECTION_FAILURE);
+    assert_string_equal(f->last_fail_source, "192.0.2.9");
+    assert_string_equal(f->last_fail_mx, ""); /* no MX host is to blame */
+    uint64_t hold_ms = policy_all_failed_hold(t->pol->site_hold);
+    assert_true(t->hold_until >= f->w.now + MS_TO_NS(hold_ms));
+    /* Mail that comes during the rest waits for its end: no open before
+     * (its expiry known, the sweeps of the rest need no spool). */
+    submit("a.test", 1);
+    struct fairq_iter it;
+    fairq_iter_init(&t->q, &it);
+    job_of(fairq_iter_next(&it))->expire_ms = UINT64_MAX;
+    for (uint64_t ms = 0; ms + HOLD_MIN_MS < hold_ms; ms += HOLD_MIN_MS) {
+        f->w.now += MS_TO_NS(HOLD_MIN_MS);
+        timer_run(&f->w.timers, f->w.now, NULL);
+    }
+    assert_true(f->w.now < t->hold_until);
+    assert_int_equal(f->open_calls, 1);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(dest_queued(t), 1);
+    f->w.now = t->hold_until;
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->open_calls, 2); /* tried again, failed again: deferred */
+    assert_int_equal(f->failed, 4);
+    assert_true(t->hold_until > f->w.now);
+    /* No socket (EMFILE), no source bound: the text says the cause alone. */
+    submit("b.test", 1);
+    f->open_err = -EMFILE;
+    f->open_source[0] = '\0';
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->open_calls, 3);
+    assert_int_equal(f->failed, 5);
+    assert_string_equal(f->last_fail.text, "cannot open a connection: Too many open files");
+    assert_true(dest_get(f->d, "b.test")->hold_until > f->w.now);
     fx_free(f);
 }
 
@@ -3119,6 +3201,7 @@ main(void)
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(reload_raises_the_sites_ceiling),
         cmocka_unit_test(failed_open_tries_again),
+        cmocka_unit_test(failed_open_of_this_node_defers_and_holds),
         cmocka_unit_test(failure_of_an_unreadable_message_waits),
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
