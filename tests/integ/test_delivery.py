@@ -462,6 +462,53 @@ def test_source_address_binding():
         r.close()
 
 
+def test_source_address_not_on_this_host_defers():
+    """[delivery] source_address names an address this host does not have
+    (TEST-NET-1): bind() fails before any connect. The mail is deferred at
+    once, as after a failed connection (a transient_failure naming the
+    source address and the cause, class connection_failure), and each
+    destination rests: the failure is logged once, not every second (it
+    was tried again each second for ever, its mail never deferred)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("192.0.2.9", 0))
+            skip("192.0.2.9 is an address of this host (or non-local binds are allowed)")
+        except OSError:
+            pass
+    r = Relay(records_for(["nobind.test", "nobind2.test"]), with_sink=False,
+              delivery_conf="source_address = 192.0.2.9",
+              domain_conf="[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
+    try:
+        r.inject([("s@example.com", ["a@nobind.test"], b"Subject: b\r\n\r\nx\r\n"),
+                  ("s@example.com", ["b@nobind2.test"], b"Subject: b\r\n\r\nx\r\n")])
+
+        def events():
+            if not os.path.exists(r.dlog):
+                return {}
+            with open(r.dlog) as f:
+                evs = [json.loads(ln) for ln in f if ln.strip()]
+            return {e["rcpt"]: e for e in evs if e["event"] == "transient_failure"}
+        wait_until(lambda: len(events()) == 2, 10, "both recipients deferred")
+        for rcpt, ev in events().items():
+            assert ev["reply"] == ("cannot open a connection from 192.0.2.9: "
+                                   "Cannot assign requested address"), ev
+            assert ev["class"] == "connection_failure" and ev["enhanced"] == "4.4.0", ev
+            assert ev["source"] == "192.0.2.9" and "mx" not in ev, ev
+            line = [x for x in r.d.log_lines("event=deferred") if f"rcpt=<{rcpt}>" in x][0]
+            assert "192.0.2.9" in line, line
+        # One line per destination, and no more while it rests: watched for
+        # a few seconds (the defect logged one a second per destination).
+        assert r.d.count_log("event=source_bind_failed") == 2, r.d.log_lines("source_bind")
+        time.sleep(3)
+        assert r.d.count_log("event=source_bind_failed") == 2, r.d.log_lines("source_bind")
+        assert r.d.count_log("event=delivered") == 0
+        assert r.d.stop_clean() == 0
+        c = json.loads(spool_tool("count", r.spool).stdout)
+        assert c["messages"] == 2 and c["deferred"] == 2, c
+    finally:
+        r.close()
+
+
 class HostileMx:
     """A scripted SMTP server on the MX port: the hostile replies no real
     server gives on demand. script(conn, rfile) runs per connection."""
@@ -1183,6 +1230,7 @@ if __name__ == "__main__":
           test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake,
           test_required_tls_defers_when_not_offered,
           test_verify_policy_refuses_an_untrusted_certificate, test_source_address_binding,
+          test_source_address_not_on_this_host_defers,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
           test_receiver_that_stops_reading_the_body_is_given_up_on,
           test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
