@@ -14,8 +14,9 @@
  * job (reuse: a job of any domain of its site) or goes idle. Transaction
  * outcomes go to outcome.c (but recipients refused for the server's
  * limit per transaction, which go first in line for the next one); what a
- * failed connect, a timeout or the end of the session means is the
- * scheduler's and the policy's.
+ * connection that could not be opened (conn_open says why: struct
+ * open_fail), a failed connect, a timeout or the end of the session means
+ * is the scheduler's and the policy's.
  *
  * Memory only while it is used: the machine's buffer is lent from a pool
  * for each call, received octets come from the ring's provided buffers

@@ -933,7 +933,7 @@ dest_run_once(struct dest *t)
             mx_wait(sk, t, retry_at);
             return;
         }
-        struct open_fail why;
+        struct open_fail why = {0}; /* err 0 if open says nothing: tried again */
         struct conn *c = d->ops->open(t, h, a, pk.src, pk.id, &why);
         if (c == NULL) {
             slot_give_back(d); /* none if it was attached before it failed */
