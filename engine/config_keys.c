@@ -226,7 +226,8 @@ static const struct conf_key delivery_keys[] = {
      "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
     {"source_address", CONF_STRING, DLV(source_address), 1, 200, NULL,
      "local addresses outbound connections come from: one IPv4 and/or one IPv6, "
-     "comma-separated; unset: the kernel chooses",
+     "comma-separated; unset: the kernel chooses. One this host does not have defers "
+     "the mail (connection_failure) and rests its domains for site_hold",
      NULL},
     {"connect_timeout", CONF_DURATION, DLV(connect_timeout), 1000, 600000, "30s",
      "how long a connection to an MX address may take before the next address is tried", NULL},
