@@ -201,6 +201,13 @@ struct dns_mx_result {
 struct dns_mx_result *dns_mx_result_ref(struct dns_mx_result *res);
 /* Drop one reference; frees on the last. Returns NULL. */
 struct dns_mx_result *dns_mx_result_unref(struct dns_mx_result *res);
+/* Do a and b say the same of their domain: status, flags, and the same
+ * MX hosts (name, preference, DANE status) with the same addresses, in
+ * whatever order (hosts of equal preference are shuffled per lookup)?
+ * TLSA records, TTLs and why are not compared. For a caller that asks
+ * again once an answer expires and keeps what it worked out from the old
+ * one when nothing changed. */
+bool dns_mx_result_same(const struct dns_mx_result *a, const struct dns_mx_result *b);
 
 /* ---- the resolver ---- */
 

@@ -11,6 +11,7 @@
 #include <stdalign.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 struct result_box {
     atomic_uint refs;
@@ -41,6 +42,59 @@ dns_mx_result_unref(struct dns_mx_result *res)
     if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
         free(b);
     return NULL;
+}
+
+static bool
+addr_eq(const union dns_addr *x, const union dns_addr *y)
+{
+    if (x->sa.sa_family != y->sa.sa_family)
+        return false;
+    if (x->sa.sa_family == AF_INET6)
+        return memcmp(&x->sin6.sin6_addr, &y->sin6.sin6_addr, 16) == 0;
+    return x->sin.sin_addr.s_addr == y->sin.sin_addr.s_addr;
+}
+
+/* Is every address of x one of y's? */
+static bool
+addrs_within(const struct dns_mx_host *x, const struct dns_mx_host *y)
+{
+    for (unsigned i = 0; i < x->naddrs; i++) {
+        unsigned k = 0;
+        while (k < y->naddrs && !addr_eq(&x->addrs[i], &y->addrs[k]))
+            k++;
+        if (k == y->naddrs)
+            return false;
+    }
+    return true;
+}
+
+/* Has every host of a a host in b of the same name, preference, DANE
+ * status and addresses? */
+static bool
+hosts_within(const struct dns_mx_result *a, const struct dns_mx_result *b)
+{
+    for (unsigned i = 0; i < a->nhosts; i++) {
+        const struct dns_mx_host *x = &a->hosts[i];
+        unsigned k = 0;
+        for (; k < b->nhosts; k++) {
+            const struct dns_mx_host *y = &b->hosts[k];
+            if (strcasecmp(x->name, y->name) == 0 && x->preference == y->preference &&
+                x->dane == y->dane && addrs_within(x, y) && addrs_within(y, x))
+                break;
+        }
+        if (k == b->nhosts)
+            return false;
+    }
+    return true;
+}
+
+bool
+dns_mx_result_same(const struct dns_mx_result *a, const struct dns_mx_result *b)
+{
+    /* A few hosts (max_mx_hosts), once per TTL: pairs are fine. */
+    return a->status == b->status && a->nhosts == b->nhosts && a->implicit_mx == b->implicit_mx &&
+           a->literal == b->literal && a->partial == b->partial && hosts_within(a, b) &&
+           hosts_within(b, a);
 }
 
 static size_t
