@@ -207,6 +207,14 @@ policy_dns(enum dns_status st, struct policy_fail *out)
     }
 }
 
+bool
+policy_mx_refresh_keeps(enum dns_status st, uint64_t stale_ms)
+{
+    struct policy_fail pf;
+    policy_dns(st, &pf);
+    return pf.fail && !pf.permanent && stale_ms < POLICY_MX_STALE_MAX_MS;
+}
+
 void
 policy_job(enum policy_job_event ev, struct policy_fail *out)
 {

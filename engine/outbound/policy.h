@@ -197,6 +197,21 @@ struct policy_fail {
 /* What a DNS status means for the jobs of a destination. */
 void policy_dns(enum dns_status st, struct policy_fail *out);
 
+/* A destination's MX answer expired while its connections are open: it
+ * is asked again in the background (scheduler.c dest_mx_refresh), its
+ * mail going on over the old answer meanwhile. A refresh that comes back
+ * as what policy_dns() defers (SERVFAIL, timeout: a lookup that failed,
+ * not an answer) keeps the old answer, RFC 8767's serve-stale, and asks
+ * again after POLICY_MX_REFRESH_RETRY_MS, not at every run of a busy
+ * destination; for at most POLICY_MX_STALE_MAX_MS past the old answer's
+ * expiry (RFC 8767 4 suggests 1 to 3 days), after which the failure is
+ * taken as a fresh lookup's (deferral). Any other status (a new list of
+ * hosts, NXDOMAIN, null MX) is the domain's answer now, as a fresh
+ * lookup's. stale_ms: how long ago the old answer expired. */
+#define POLICY_MX_REFRESH_RETRY_MS 60000
+#define POLICY_MX_STALE_MAX_MS     (86400ULL * 1000)
+bool policy_mx_refresh_keeps(enum dns_status st, uint64_t stale_ms);
+
 /* Jobs that fail as a whole, without a session. */
 enum policy_job_event {
     POLICY_NO_RESOLVER,       /* this worker has no resolver */
