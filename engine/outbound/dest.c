@@ -480,11 +480,48 @@ dest_set_mx(struct dest *t, struct dns_mx_result *res)
 }
 
 void
+dest_mx_answer(struct dest *t, struct dns_mx_result *res)
+{
+    struct dns_mx_result *old = t->mx;
+    uint64_t now = t->d->w->now;
+    if (old == NULL) {
+        dest_set_mx(t, res);
+        return;
+    }
+    /* A refresh (scheduler.c dest_mx_refresh): t's connections use old. */
+    uint64_t stale_ms = now > old->expires ? (now - old->expires) / 1000000 : 0;
+    if (policy_mx_refresh_keeps(res->status, stale_ms)) {
+        t->refresh_at = now + MS_TO_NS(POLICY_MX_REFRESH_RETRY_MS);
+        log_msg(LOG_NOTICE, "event=mx_refresh_failed domain=%s status=%s why=\"%s\" retry_ms=%u",
+                t->name, dns_status_str(res->status), res->why ? res->why : "",
+                POLICY_MX_REFRESH_RETRY_MS);
+        dns_mx_result_unref(res);
+        return;
+    }
+    t->refresh_at = 0;
+    if (dns_mx_result_same(old, res)) {
+        /* Only its expiry changed: the site, the targets counted, the
+         * claim and the failover cursor stand (the [mx] key is asked
+         * again: it follows the first host, which a shuffle may change). */
+        t->site_for = t->site_for == old ? res : NULL;
+        t->affinity_for = t->affinity_for == old ? res : NULL;
+        t->targets_for = t->targets_for == old ? res : NULL;
+        t->mxk_for = NULL;
+        t->mx = res;
+        dns_mx_result_unref(old);
+        return;
+    }
+    log_msg(LOG_INFO, "event=mx_changed domain=%s status=%s connections=%u", t->name,
+            dns_status_str(res->status), t->conns);
+    dest_set_mx(t, res);
+}
+
+void
 dest_on_mx(void *arg, struct dns_mx_result *res)
 {
     struct dest *t = arg;
     t->req = NULL;
-    dest_set_mx(t, res);
+    dest_mx_answer(t, res);
     dest_run(t);
 }
 

@@ -293,7 +293,10 @@ struct dest {
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
-    struct dns_req *req;     /* lookup in flight */
+    struct dns_req *req;      /* lookup in flight: of an answer, or a refresh of mx
+                               * (expired, its connections open: dest_mx_answer) */
+    uint64_t refresh_at;      /* monotonic ns: a refresh of mx that failed is not asked
+                               * again before (policy_mx_refresh_keeps); 0: none */
     unsigned next_addr;      /* failover cursor over the answer's addresses */
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
@@ -342,7 +345,7 @@ struct dest {
                               * of a hold it caused (dest_on_sweep); NULL: none, or no
                               * MTA's (a refused connect, DNS). Its own allocation, made
                               * again only when the host changes: the pointer fills a
-                              * hole, struct dest stays 1,112 octets */
+                              * hole, struct dest stays 1,120 octets */
     /* For the operators' views (delivery_domains): recipient deferrals
      * since the destination was made, by enum bounce_class (counted when
      * told, as delivered and failed), and the wall
@@ -619,6 +622,13 @@ void dest_last_fail_clear(struct dest *t);
 void dest_last_reply_at(struct dest *t, const char *mx, const char *addr);
 /* A lookup started by ops->resolve finished (res: a reference moved in). */
 void dest_on_mx(void *arg, struct dns_mx_result *res);
+/* res (a reference moved in) answers t's lookup: with no answer, it is
+ * t's (dest_set_mx); as a refresh of the one in use, the old one stays
+ * when the refresh failed (policy_mx_refresh_keeps), res takes its place
+ * keeping what was worked out from it when it names the same hosts
+ * (dns_mx_result_same: no churn of site, targets or claim), else it is
+ * t's answer as a new one would be. */
+void dest_mx_answer(struct dest *t, struct dns_mx_result *res);
 /* t's answer is res now (a reference moved in; NULL: none, ask again);
  * the old one is let go, and what was worked out from it. */
 void dest_set_mx(struct dest *t, struct dns_mx_result *res);

@@ -50,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "common/clock.h"
@@ -228,6 +229,25 @@ dest_tls_key(const struct dest *t, const char *mx)
     return dest_tls(t);
 }
 
+/* Does t's answer name MX host mx? Not when a refresh of it (dest_mx_refresh)
+ * moved the domain to other hosts: a connection open to one of the old
+ * finishes its transaction and takes no more of t's mail. By name, as
+ * sites are: an address that changed under the same name is the new
+ * connections' (a large provider's MX host answers one of many addresses
+ * per query: one compared by address would retire every connection of
+ * the domain at each refresh). Without an answer (being asked again),
+ * as before: yes. */
+static bool
+dest_names_mx(const struct dest *t, const struct conn *c)
+{
+    if (t->mx == NULL || c->answer == t->mx)
+        return true;
+    for (unsigned i = 0; i < t->mx->nhosts; i++)
+        if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)
+            return true;
+    return false;
+}
+
 /* Hand an idle (or finishing) connection c to domain t of its site: the
  * domain's connection lease moves with it. False when t's own limits
  * refuse or its TLS policy differs from the one c was opened with. */
@@ -238,7 +258,8 @@ conn_move(struct conn *c, struct dest *t)
     struct dest *old = c->dest;
     if (old == t)
         return true;
-    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol || !dest_mx_allowed(t, c->mx))
+    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol || !dest_mx_allowed(t, c->mx) ||
+        !dest_names_mx(t, c))
         return false;
     uint64_t retry_at;
     if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
@@ -588,6 +609,47 @@ dest_open_failed(struct dest *t, const struct open_fail *why)
     dest_hold(t, ms);
 }
 
+/* The name whose MX answer is t's: a route's host stands for the
+ * domain (a site like any other). */
+static const char *
+dest_mx_name(const struct dest *t)
+{
+    return t->pol->route_host[0] ? t->pol->route_host : t->name;
+}
+
+/* t's answer expired while connections of t are open (busy all day, as
+ * a large provider's domain is on a bulk relay): it is asked again
+ * without waiting for them to close, which a busy destination never
+ * does, so that it follows its TTL as every MTA does (it kept an
+ * answer past it for as long as it stayed busy, its mail going to old
+ * hosts after an MX move). Nothing waits for the refresh: its mail goes
+ * on over the old answer, and the open connections finish what they
+ * do; the answer is taken by dest_mx_answer() (dest.c), now or from
+ * dest_on_mx(). One refresh at a time per destination (t->req), and
+ * none before refresh_at after one failed: their number is the expired
+ * busy destinations', queued by the resolver beyond [dns] max_inflight
+ * and joined per domain, as their first lookups were. (A destination
+ * with nothing open drops its expired answer and waits for the new
+ * one, as before: it has no connection its mail could go on over.) */
+static void
+dest_mx_refresh(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->req != NULL || d->w->now < t->refresh_at)
+        return;
+    struct dns_mx_result *res = NULL;
+    int rc = d->ops->resolve(d, t, dest_mx_name(t), &res, &t->req);
+    if (rc == 1) {
+        t->req = NULL;
+        dest_mx_answer(t, res);
+    } else if (rc < 0) {
+        /* Not asked (no resolver here, no memory): the old answer
+         * serves, asked again later. */
+        t->req = NULL;
+        t->refresh_at = d->w->now + MS_TO_NS(POLICY_MX_REFRESH_RETRY_MS);
+    }
+}
+
 /* The scheduler's one decision point, never re-entered for the same
  * destination: a limiter's wake-up or a connection's events inside a run
  * ask for another pass, made when this one ends. */
@@ -622,16 +684,17 @@ dest_run_once(struct dest *t)
     /* Asked first, so that a new domain's MTA-STS check (its TXT lookup,
      * maybe a policy fetch) runs beside its MX lookup, not after it. */
     bool sts_ready = dest_sts_ready(t);
-    if (t->mx != NULL && t->mx->expires <= d->w->now && t->conns == 0)
-        dest_set_mx(t, NULL);
+    if (t->mx != NULL && t->mx->expires <= d->w->now) {
+        if (t->conns == 0)
+            dest_set_mx(t, NULL); /* nothing uses it: asked again below, as at first */
+        else
+            dest_mx_refresh(t); /* asked in the background; its mail goes on */
+    }
     if (t->mx == NULL) {
         if (t->req != NULL)
             return;
         struct dns_mx_result *res = NULL;
-        /* A route: its host's answer stands for the domain's (a site like
-         * any other). */
-        const char *name = t->pol->route_host[0] ? t->pol->route_host : t->name;
-        int rc = d->ops->resolve(d, t, name, &res, &t->req);
+        int rc = d->ops->resolve(d, t, dest_mx_name(t), &res, &t->req);
         if (rc == -ENXIO) {
             t->req = NULL;
             struct policy_fail nf;
@@ -738,7 +801,8 @@ dest_run_once(struct dest *t)
                 x->next_idle = NULL;
                 continue;
             }
-            if (x->tls_pol == dest_tls_key(t, x->mx) && dest_mx_allowed(t, x->mx))
+            if (x->tls_pol == dest_tls_key(t, x->mx) && dest_mx_allowed(t, x->mx) &&
+                dest_names_mx(t, x))
                 break;
             pc = &x->next_idle;
         }
@@ -1092,11 +1156,23 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         *what = SCHED_NEXT_QUIT;
         return NULL;
     }
+    if (t->mx != NULL && t->mx->expires <= d->w->now && !fairq_empty(&t->q)) {
+        /* Asked here too: a busy destination's connections may carry its
+         * queue for long without a run of it (dest_mx_refresh). One
+         * answered at once changes t here: t runs for it next. */
+        const struct dns_mx_result *was = t->mx;
+        dest_mx_refresh(t);
+        if (t->mx != was)
+            dest_lim_wait(t, d->w->now);
+    }
+    /* c's MX host is no longer t's (a refresh moved it): none of t's
+     * mail, but another domain of the site that waits, or goodbye. */
+    bool gone = !dest_names_mx(t, c);
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;
         bool rate_held = false; /* t's own message rate gives no token now */
-        if (sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
+        if (!gone && sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
             struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
             if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
@@ -1134,7 +1210,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
         }
-        if (j == NULL && (fairq_empty(&t->q) || dest_paused(t) || !sts_ready || rate_held) &&
+        if (j == NULL &&
+            (gone || fairq_empty(&t->q) || dest_paused(t) || !sts_ready || rate_held) &&
             *moves < 8) {
             /* Nothing here, or nothing t's rate lets go now (its timer
              * runs it again: it takes an idle connection, or waits for
@@ -1146,9 +1223,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             if (w != NULL) {
                 t = w;
                 sts_ready = true;
+                gone = false; /* conn_move asked */
                 (*moves)++;
                 continue;
             }
+        }
+        if (j == NULL && gone) {
+            c->quit_why = "mx_changed";
+            *what = SCHED_NEXT_QUIT;
+            return NULL;
         }
         if (j == NULL) {
             if (fairq_empty(&t->q) && ((c->mxk != NULL && c->mxk->waiters != NULL) ||

@@ -3193,10 +3193,145 @@ job_copy_has_a_domain_of_its_own(void **state)
     free(l);
 }
 
+/* ---- an answer that expires while its connections are open ---- */
+
+/* a.test answered mx1 (192.0.2.1), its one connection in a transaction,
+ * then its answer's TTL runs out and another job comes: returns the
+ * connection. */
+static struct conn *
+busy_then_expired(struct fx *f)
+{
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c0 = f->open[0];
+    enum sched_next what;
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    dest_get(f->d, "a.test")->mx->expires = f->w.now; /* its TTL ran out */
+    submit("a.test", 1);
+    return c0;
+}
+
+/* A busy destination (a connection always open: a large provider's
+ * domain on a bulk relay) whose answer expires asks again at once, the
+ * connection staying, and its mail waits for nothing meanwhile. A new
+ * answer naming another host takes the next new connection there; the
+ * old connection ends its transaction normally and gets no more of the
+ * domain's mail. Before, the answer was asked again only once no
+ * connection was open: a busy domain kept it past its TTL for good, its
+ * mail going to the old host after an MX move. */
+static void
+mx_refresh_while_busy_follows_new_hosts(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n");
+    struct conn *c0 = busy_then_expired(f);
+    struct dest *t = dest_get(f->d, "a.test");
+    struct site *old_site = t->site;
+    assert_int_equal(f->resolves, 2); /* asked again, c0 open */
+    assert_string_equal(f->resolved[1], "a.test");
+    assert_non_null(t->req);
+    assert_int_equal(f->nopen, 1);
+    assert_int_equal(f->quits, 0);
+    assert_string_equal(t->mx->hosts[0].name, MX1[0]); /* the old one serves meanwhile */
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 2); /* one refresh at a time */
+    static const uint8_t A9[][16] = {{192, 0, 2, 9}};
+    answer("a.test", DNS_OK, (const char *[]){"mx9.new.test"}, (unsigned[]){10}, A9, 1);
+    assert_ptr_not_equal(t->site, old_site);
+    assert_int_equal(f->opened, 2);
+    assert_string_equal(f->opened_to[1], "mx9.new.test 192.0.2.9:25");
+    assert_int_equal(dest_queued(t), 2);
+    /* c0's transaction ends as it would have; then it says goodbye */
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    enum sched_next what;
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    assert_string_equal(c0->quit_why, "mx_changed");
+    assert_null(c0->job);
+    assert_int_equal(dest_queued(t), 2);
+    conn_ready(f->open[1], &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_int_equal(dest_queued(t), 1);
+    conn_gone(c0, NULL);
+    assert_int_equal(t->conns, 1);
+    assert_int_equal(f->failed, 0);
+    fx_free(f);
+}
+
+/* A refresh that names the same hosts changes nothing but the expiry:
+ * the same site, no new connection, the open one carries on. */
+static void
+mx_refresh_same_hosts_changes_nothing(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n");
+    struct conn *c0 = busy_then_expired(f);
+    struct dest *t = dest_get(f->d, "a.test");
+    struct site *site = t->site;
+    const struct dns_mx_result *old = t->mx;
+    assert_int_equal(f->resolves, 2);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_ptr_not_equal(t->mx, old);
+    assert_true(t->mx->expires > f->w.now);
+    assert_ptr_equal(t->site, site);
+    assert_ptr_equal(t->site_for, t->mx);
+    assert_ptr_equal(t->targets_for, t->mx);
+    assert_int_equal(f->opened, 1);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    enum sched_next what;
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 2); /* not expired now */
+    fx_free(f);
+}
+
+/* A refresh that fails (SERVFAIL, timeout) keeps the old answer: the
+ * mail goes on to the old host, nothing is deferred, and it is asked
+ * again after POLICY_MX_REFRESH_RETRY_MS, not at every run. An NXDOMAIN
+ * then is an answer: the waiting mail fails as a fresh lookup's would,
+ * and the connection gets none of it. */
+static void
+mx_refresh_failure_keeps_the_old_answer(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n");
+    struct conn *c0 = busy_then_expired(f);
+    struct dest *t = dest_get(f->d, "a.test");
+    const struct dns_mx_result *old = t->mx;
+    assert_int_equal(f->resolves, 2);
+    answer("a.test", DNS_RETRY, NULL, NULL, NULL, 0);
+    assert_ptr_equal(t->mx, old);
+    assert_int_equal(f->failed, 0);
+    assert_int_equal(dest_queued(t), 1);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    enum sched_next what;
+    conn_ready(c0, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB); /* to the old host still */
+    assert_int_equal(dest_queued(t), 0);
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 2); /* not before the retry interval */
+    f->w.now += MS_TO_NS(POLICY_MX_REFRESH_RETRY_MS);
+    submit("a.test", 1);
+    assert_int_equal(f->resolves, 3);
+    answer("a.test", DNS_NOT_FOUND, NULL, NULL, NULL, 0);
+    assert_int_equal(f->failed, 2); /* the two waiting: bounced */
+    assert_int_equal(f->last_fail.status, SMTP_STATUS_PERMFAIL);
+    assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c0, &what);
+    assert_int_not_equal(what, SCHED_NEXT_JOB);
+    fx_free(f);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(mx_refresh_while_busy_follows_new_hosts),
+        cmocka_unit_test(mx_refresh_same_hosts_changes_nothing),
+        cmocka_unit_test(mx_refresh_failure_keeps_the_old_answer),
         cmocka_unit_test(job_copy_has_a_domain_of_its_own),
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(reload_raises_the_sites_ceiling),
