@@ -39,22 +39,35 @@ class Dns:
     """dnsmasq on its own port with the records given as config lines."""
 
     def __init__(self, wd, records):
-        # Authoritative for .test: unknown names get NXDOMAIN, not REFUSED.
-        conf = wd.file("dnsmasq.conf", "\n".join(["local=/test/", *records]) + "\n")
+        self.wd = wd
         # dnsmasq binds UDP and TCP on its port: a port free for one may be
         # taken for the other (tests run in parallel), so try a few.
         for _ in range(5):
             self.port = udp_free_port()
-            self.proc = subprocess.Popen(
-                ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
-                 f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
-                 "--bind-interfaces", "--log-facility=/dev/null"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_until(lambda: self.ready() or self.proc.poll() is not None, 10,
-                       "dnsmasq to answer")
-            if self.proc.poll() is None:
+            if self.start(records):
                 return
         raise AssertionError("dnsmasq would not start on any port tried")
+
+    def start(self, records):
+        # Authoritative for .test: unknown names get NXDOMAIN, not REFUSED.
+        conf = self.wd.file("dnsmasq.conf", "\n".join(["local=/test/", *records]) + "\n")
+        self.proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "-u", "root",
+             f"--conf-file={conf}", f"--port={self.port}", "--listen-address=127.0.0.1",
+             "--bind-interfaces", "--log-facility=/dev/null"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: self.ready() or self.proc.poll() is not None, 10, "dnsmasq to answer")
+        return self.proc.poll() is None
+
+    def restart(self, records):
+        """Other records, on the same port (dnsmasq reads its MX records
+        from its config, which SIGHUP does not read again)."""
+        self.stop()
+        for _ in range(20):
+            if self.start(records):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"dnsmasq would not start again on port {self.port}")
 
     def ready(self):
         # A query for a name it knows nothing about: any answer means up.
@@ -113,7 +126,7 @@ class Relay:
     """dnsmasq + smtp-sink + sluice, all on ports of their own."""
 
     def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False,
-                 delivery_conf="", idle_timeout="1s"):
+                 delivery_conf="", idle_timeout="1s", dns_conf=""):
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -146,6 +159,7 @@ idle_timeout = {idle_timeout}
 {delivery_conf}
 [dns]
 servers = 127.0.0.1:{self.dns.port}
+{dns_conf}
 {"" if dsn else "[bounce]"}
 {"" if dsn else "dsn = no"}
 {domain_conf}
@@ -304,6 +318,58 @@ def test_mx_failover_when_first_mx_is_down():
         r.d.wait_log("event=delivered")
         assert r.d.count_log("event=connect_failed") >= 1
     finally:
+        r.close()
+
+
+def test_busy_domain_follows_an_mx_move_at_its_ttl():
+    """A domain whose connection never closes (busy; here idle between
+    messages for less than idle_timeout) has its MX answer asked again
+    once its TTL ran out, without waiting for the connection to close:
+    after its MX moved from mx1 (the sink on 127.0.0.1) to mx2 (a sink on
+    127.0.0.2), its mail goes to mx2 within a moment of the TTL, and the
+    connection to mx1 takes none of it from then on. Before, the answer
+    was asked again only with no connection open: every message went to
+    mx1 over the connection it kept open."""
+    hosts = ["host-record=mx1.test,127.0.0.1", "host-record=mx2.test,127.0.0.2"]
+    r = Relay([*hosts, "mx-host=busy.test,mx1.test,10"], idle_timeout="60s",
+              dns_conf="min_ttl = 3s\nmax_ttl = 3s")
+    sink2 = None
+    try:
+        sink2 = Sink(r.wd, r.mx_port, name="sink2", host="127.0.0.2")
+
+        def send(i):
+            r.inject([("s@example.com", [f"u{i}@busy.test"], b"Subject: m%d\r\n\r\nm\r\n" % i)],
+                     sessions=1)
+            r.d.wait_log_count("event=delivered", i + 1, timeout=30)
+
+        send(0)
+        asked = time.monotonic()  # its answer is good for 3 s from about now
+        assert len(r.sink.files()) == 1
+        r.dns.restart([*hosts, "mx-host=busy.test,mx2.test,10"])
+        assert time.monotonic() < asked + 2.5, "dnsmasq took too long to restart"
+        send(1)  # within the TTL: the open connection, to mx1
+        assert len(r.sink.files()) == 2 and sink2.files() == []
+        time.sleep(max(0.0, asked + 3.5 - time.monotonic()))
+        # Past the TTL: the first message may still go over the old answer
+        # while the new one is asked; within a few it goes to mx2.
+        i = 2
+        deadline = time.monotonic() + 20
+        while not sink2.files():
+            assert time.monotonic() < deadline, "mail never went to the new MX host"
+            send(i)
+            i += 1
+            time.sleep(0.2)
+        assert i <= 4, f"{i - 2} messages past the TTL before one went to the new MX host"
+        at_mx1 = len(r.sink.files())
+        for k in range(3):
+            send(i + k)
+        assert len(r.sink.files()) == at_mx1, "the old MX host still got mail"
+        assert len(sink2.files()) == 4
+        assert r.d.count_log("event=mx_changed domain=busy.test") >= 1
+        assert r.d.count_log("event=deferred") == 0
+    finally:
+        if sink2 is not None:
+            sink2.stop()
         r.close()
 
 
@@ -1221,7 +1287,7 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
-          test_mx_failover_when_first_mx_is_down,
+          test_mx_failover_when_first_mx_is_down, test_busy_domain_follows_an_mx_move_at_its_ttl,
           test_connect_failures_are_deferred_with_where_and_why,
           test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
