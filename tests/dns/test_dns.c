@@ -217,10 +217,17 @@ test_mx_order_and_shuffle(void **state)
     fx_open(&f, dm.port, v4_nocache);
     int before = dnsmasq_count(&dm, "MX", "a.test");
     unsigned first_mx1 = 0, first_mx3 = 0;
+    struct dns_mx_result *first = NULL;
     enum { N = 64 };
     for (int i = 0; i < N; i++) {
         bool sync;
         struct dns_mx_result *r = resolve(&f, "a.test", &sync);
+        /* The same answer whatever the shuffle (for a refresh that
+         * changes nothing: outbound/dest.c dest_mx_answer) */
+        if (first == NULL)
+            first = dns_mx_result_ref(r);
+        assert_true(dns_mx_result_same(first, r));
+        assert_true(dns_mx_result_same(r, first));
         assert_false(sync); /* max_ttl 0: nothing is kept */
         assert_int_equal(r->status, DNS_OK);
         assert_false(r->implicit_mx);
@@ -250,6 +257,17 @@ test_mx_order_and_shuffle(void **state)
     /* The additional section gave every address: one query per lookup. */
     assert_int_equal(st.queries, N);
     assert_int_equal(dnsmasq_count(&dm, "MX", "a.test") - before, N);
+    /* Another answer is not the same: fewer hosts, or other hosts. */
+    struct dns_mx_result *other = resolve(&f, "hit.test", NULL);
+    assert_false(dns_mx_result_same(first, other));
+    assert_false(dns_mx_result_same(other, first));
+    struct dns_mx_result *ghost = resolve(&f, "ghost.test", NULL); /* mx3 alone: ghost has none */
+    assert_int_equal(ghost->nhosts, 1);
+    assert_false(dns_mx_result_same(ghost, other));
+    assert_true(dns_mx_result_same(other, other));
+    dns_mx_result_unref(ghost);
+    dns_mx_result_unref(other);
+    dns_mx_result_unref(first);
     fx_close(&f);
 }
 
