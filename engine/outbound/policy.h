@@ -201,7 +201,8 @@ void policy_dns(enum dns_status st, struct policy_fail *out);
  * is asked again in the background (scheduler.c dest_mx_refresh), its
  * mail going on over the old answer meanwhile. A refresh that comes back
  * as what policy_dns() defers (SERVFAIL, timeout: a lookup that failed,
- * not an answer) keeps the old answer, RFC 8767's serve-stale, and asks
+ * not an answer; and DNS_FAIL, no MX host with an address, which it
+ * defers alike) keeps the old answer, RFC 8767's serve-stale, and asks
  * again after POLICY_MX_REFRESH_RETRY_MS, not at every run of a busy
  * destination; for at most POLICY_MX_STALE_MAX_MS past the old answer's
  * expiry (RFC 8767 4 suggests 1 to 3 days), after which the failure is
