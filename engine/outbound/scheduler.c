@@ -11,7 +11,9 @@
  * destination takes its next job from it, so the domain's connections
  * and message rate are shared by weight, and a job put back after a
  * failure goes first of its tenant. dest_run() is the
- * one decision point: resolve when there is no answer, fail the jobs when
+ * one decision point: resolve when there is no answer (or, when it
+ * expired with connections open, in the background: dest_mx_refresh),
+ * fail the jobs when
  * the answer says so (outbound/policy.c decides how), else hand jobs to
  * idle connections of the site and open new ones within the domain's
  * max_connections, the site's window (outbound/site.c) and this worker's
