@@ -234,6 +234,15 @@ def records_for(domains, mx_host="mx.test", addr="127.0.0.1"):
     return recs
 
 
+def deferrals(r):
+    """The delivery log's transient_failure events so far, by recipient."""
+    if not os.path.exists(r.dlog):
+        return {}
+    with open(r.dlog) as f:
+        evs = [json.loads(ln) for ln in f if ln.strip()]
+    return {e["rcpt"]: e for e in evs if e["event"] == "transient_failure"}
+
+
 def wait_sink(r, n, timeout=120):
     """n files at the sink, whole: smtp-sink writes a file as the message
     comes in, and has written all of it once it answered the final dot,
@@ -399,14 +408,8 @@ def test_connect_failures_are_deferred_with_where_and_why():
         r.inject([("s@example.com", ["a@refused.test"], b"Subject: r\r\n\r\nx\r\n"),
                   ("s@example.com", ["b@silent.test"], b"Subject: s\r\n\r\nx\r\n")])
 
-        def events():
-            if not os.path.exists(r.dlog):
-                return {}
-            with open(r.dlog) as f:
-                evs = [json.loads(ln) for ln in f if ln.strip()]
-            return {e["rcpt"]: e for e in evs if e["event"] == "transient_failure"}
-        wait_until(lambda: len(events()) == 2, 30, "both recipients deferred")
-        ev = events()
+        wait_until(lambda: len(deferrals(r)) == 2, 30, "both recipients deferred")
+        ev = deferrals(r)
         a, b = ev["a@refused.test"], ev["b@silent.test"]
         assert a["mx"] == "mx.test" and a["mx_addr"] == f"127.0.0.1:{r.mx_port}", a
         assert a["reason"] == "connect_refused" and "code" not in a, a
@@ -549,14 +552,8 @@ def test_source_address_not_on_this_host_defers():
         r.inject([("s@example.com", ["a@nobind.test"], b"Subject: b\r\n\r\nx\r\n"),
                   ("s@example.com", ["b@nobind2.test"], b"Subject: b\r\n\r\nx\r\n")])
 
-        def events():
-            if not os.path.exists(r.dlog):
-                return {}
-            with open(r.dlog) as f:
-                evs = [json.loads(ln) for ln in f if ln.strip()]
-            return {e["rcpt"]: e for e in evs if e["event"] == "transient_failure"}
-        wait_until(lambda: len(events()) == 2, 10, "both recipients deferred")
-        for rcpt, ev in events().items():
+        wait_until(lambda: len(deferrals(r)) == 2, 10, "both recipients deferred")
+        for rcpt, ev in deferrals(r).items():
             assert ev["reply"] == ("cannot open a connection from 192.0.2.9: "
                                    "Cannot assign requested address"), ev
             assert ev["class"] == "connection_failure" and ev["enhanced"] == "4.4.0", ev
