@@ -47,6 +47,9 @@ struct delivery_stats {
     uint64_t dests_evicted;                /* idle destinations forgotten */
     uint64_t handed_over;                  /* jobs handed to another worker with their
                                             * domain (site affinity) */
+    uint64_t site_turns;                   /* connections given by a domain with mail left to
+                                            * another domain of its site, its turn
+                                            * (outbound/scheduler.c conn_give_turn) */
     uint64_t source_holds;                 /* a pool's source held at a site (throttled) */
     uint64_t shaping_quits;                /* connections that said goodbye as shaping said */
     uint64_t parked;                       /* jobs set aside now: their tenant or

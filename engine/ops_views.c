@@ -336,6 +336,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->reused_transactions += s->dlv.reused;
             out->reuse_lost += s->dlv.reuse_lost;
             out->handed_over += s->dlv.handed_over;
+            out->site_turns += s->dlv.site_turns;
             out->destinations += s->dests;
             out->jobs_inflight += s->inflight;
             out->turns += s->loop.loops;

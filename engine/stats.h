@@ -147,6 +147,7 @@ struct stats_counters {
     uint64_t transactions, reused_transactions;
     uint64_t reuse_lost; /* reused transactions lost at their first command, job requeued */
     uint64_t handed_over; /* jobs handed to another worker with their domain (site affinity) */
+    uint64_t site_turns;  /* connections a domain with mail left gave another of its site */
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */

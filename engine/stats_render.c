@@ -318,6 +318,7 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     kdouble(j, "reuse_share", share(c->reused_transactions, c->transactions));
     json_ku64(j, "reuse_lost", c->reuse_lost);
     json_ku64(j, "handed_over", c->handed_over);
+    json_ku64(j, "site_turns", c->site_turns);
     json_obj_end(j);
 
     kdouble(j, "tls_share", share(c->delivered_tls, c->delivered));
@@ -660,6 +661,10 @@ static const struct metric metrics[] = {
      CTR(reuse_lost)},
     {"sluice_jobs_handed_over_total", "counter",
      "Delivery jobs handed to another worker with their domain (site affinity).", CTR(handed_over)},
+    {"sluice_site_turns_total", "counter",
+     "Outbound connections a domain with mail left gave to another domain of its site waiting "
+     "for one (fair turns among the domains behind the same MX hosts).",
+     CTR(site_turns)},
     {"sluice_queue_messages", "gauge", "Messages in the spool.", CTR(queue_msgs)},
     {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
     {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",

@@ -77,6 +77,12 @@
 #define STS_WAIT_MS    50   /* ... and at least this often while its first check runs */
 #define STS_WAIT_MIN_MS 2   /* ... at most this often (after half the time it has run) */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
+/* Turns among the domains of a site (sched_conn_next): a connection whose
+ * domain holds one connection more than a waiting domain of its site gives
+ * it a turn once that one has waited this long; one more than that, at
+ * once. Those looked at per transaction, oldest first. */
+#define SITE_TURN_MS   100
+#define SITE_TURN_LOOK 8
 
 struct dest;
 struct delivery;
@@ -290,6 +296,7 @@ struct dest {
     const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
     const struct dns_mx_result *affinity_for; /* compared only: the answer dest_affinity saw */
     struct lru_node want;    /* on site->want: waits for a connection */
+    uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_due) */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */

@@ -29,7 +29,11 @@
  * one of its domain, or else (none, or none its domain's message rate lets
  * go now) one of another domain of its site that waits (MX rollup), the
  * connection moving there with its lease; else it goes
- * idle on its site or says goodbye. When a transaction or a connection
+ * idle on its site or says goodbye. A domain with mail left gives the
+ * connection to a domain of the site waiting behind it when it holds more
+ * of the site's connections (conn_give_turn: at once when two more, after
+ * SITE_TURN_MS when one more), so one domain's backlog does not keep the
+ * site's connections from the others. When a transaction or a connection
  * ends, the site's window and the destination's failover cursor learn of
  * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
  * waits for a slot runs. A transaction lost at its first command on a
@@ -123,8 +127,10 @@ dest_want_remove(struct dest *t)
 static void
 want_push(struct dest *t)
 {
-    if (t->site != NULL && !t->want.on)
+    if (t->site != NULL && !t->want.on) {
+        t->want_since = t->d->w->now;
         lru_touch(&t->site->want, &t->want);
+    }
 }
 
 static struct dest *
@@ -279,27 +285,84 @@ conn_move(struct conn *c, struct dest *t)
     return true;
 }
 
+/* c moved to t, a domain of its site just taken off the site's list of
+ * those waiting; false when c cannot carry it now. */
+static bool
+conn_take(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until)
+        return false; /* nothing to send, or its resume or hold runs it */
+    if (!shaping_may_move(c, t) || !conn_move(c, t)) {
+        /* c may not carry it (another TLS policy, an MX host its MTA-STS
+         * policy does not name, its limits): off the list, it would wait
+         * for a wake no end of a connection gives it */
+        dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+        return false;
+    }
+    if (dest_queued(t) > 1)
+        want_push(t); /* more for other idle connections */
+    return true;
+}
+
 /* A domain of c's site that waits for a connection, c moved to it; NULL
  * when none can take it. */
 static struct dest *
 conn_take_waiting(struct conn *c)
 {
     struct site *s = c->site;
-    struct delivery *d = c->d;
     struct dest *t;
-    while (s != NULL && (t = want_pop(s)) != NULL) {
-        if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until)
-            continue; /* nothing to send, or its resume or hold runs it */
-        if (!shaping_may_move(c, t) || !conn_move(c, t)) {
-            /* c may not carry it (another TLS policy, an MX host its
-             * MTA-STS policy does not name, its limits): off the list, it
-             * would wait for a wake no end of a connection gives it */
-            dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+    while (s != NULL && (t = want_pop(s)) != NULL)
+        if (conn_take(c, t))
+            return t;
+    return NULL;
+}
+
+/* Whether t, whose connection c just finished a transaction and which has
+ * more to send, owes w (waiting for a connection of the site) a turn:
+ * w holds at least two connections fewer than t, or one fewer and has
+ * waited SITE_TURN_MS. Connections are shared out evenly among the
+ * domains that have mail (max-min), and where there are fewer than
+ * domains (a per-address cap of 1, a small window) they take turns. */
+static bool
+site_turn_owed(const struct dest *t, const struct dest *w, uint64_t now)
+{
+    return w != t && w->conns + 1 <= t->conns &&
+           (w->conns + 1 < t->conns || now - w->want_since >= MS_TO_NS(SITE_TURN_MS));
+}
+
+/* Fair turns inside a site (MX rollup): a backlog of one domain must not
+ * keep the site's connections while another domain of the site waits
+ * behind it (a newsletter to one big mailbox provider's domain ahead of
+ * a password reset to a small domain it hosts: before, the reset waited
+ * for the whole newsletter when the site was at its window or its
+ * address cap). After each transaction, c's domain t gives c to the
+ * first of the oldest SITE_TURN_LOOK waiting domains it owes a turn
+ * (site_turn_owed), and waits in line itself; returns that domain, c
+ * moved to it, or NULL (c stays with t). */
+static struct dest *
+conn_give_turn(struct conn *c, struct dest *t)
+{
+    struct site *s = c->site;
+    struct delivery *d = c->d;
+    if (s == NULL || s->want.n == 0 || t->conns < 1)
+        return NULL;
+    unsigned looked = 0;
+    struct lru_node *x = s->want.oldest;
+    while (x != NULL && looked++ < SITE_TURN_LOOK) {
+        struct dest *w = (struct dest *)((char *)x - offsetof(struct dest, want));
+        x = x->next;
+        if (!site_turn_owed(t, w, d->w->now))
             continue;
-        }
-        if (dest_queued(t) > 1)
-            want_push(t); /* more for other idle connections */
-        return t;
+        lru_remove(&s->want, &w->want);
+        if (!conn_take(c, w))
+            continue;
+        want_push(t); /* its backlog waits in line */
+        if (log_enabled(LOG_DEBUG))
+            log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s",
+                    (unsigned long long)c->id, s->key, t->name, w->name);
+        d->stats.site_turns++;
+        return w;
     }
     return NULL;
 }
@@ -1170,6 +1233,14 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     /* c's MX host is no longer t's (a refresh moved it): none of t's
      * mail, but another domain of the site that waits, or goodbye. */
     bool gone = !dest_names_mx(t, c);
+    if (!gone && c->nmsgs != 0 && !fairq_empty(&t->q)) {
+        struct dest *w = conn_give_turn(c, t);
+        if (w != NULL) {
+            t = w;
+            sts_ready = true; /* as for conn_take_waiting's below */
+            (*moves)++;
+        }
+    }
     for (;;) {
         struct job *j = NULL;
         uint64_t retry_at;

@@ -239,6 +239,32 @@ def test_a_suspended_domain_never_rides_a_shared_connection():
         r.close()
 
 
+def test_a_small_domain_is_not_kept_behind_a_backlog_at_its_site():
+    """big.test and small.test share one MX host, whose address takes one
+    connection (max_connections_per_address = 1), and the receiver takes a
+    second over each DATA. big.test's 20 messages hold the connection;
+    small.test's one message comes behind them. It must go after at most
+    a few of big.test's, on the same connection (its turn: it waited
+    100 ms), not after all 20 (before: the connection kept its domain
+    while that domain had mail, and small.test waited 20 s)."""
+    r = Relay(records_for(["big.test", "small.test"]), sink_flags=["-w", "1"],
+              domain_conf="[delivery]\nmax_connections_per_address = 1\n"
+              "[domain *]\nmax_connections = 4\n")
+    try:
+        body = b"Subject: t\r\n\r\nbacklog\r\n"
+        r.inject([("s@example.com", [f"b{k}@big.test"], body) for k in range(20)])
+        r.d.wait_log("event=connected", timeout=30)
+        r.inject([("s@example.com", ["reset@small.test"], body)])
+        r.d.wait_log("rcpt=<reset@small.test>", timeout=15)
+        delivered = [ln for ln in r.d.lines if "event=delivered" in ln]
+        at = next(i for i, ln in enumerate(delivered) if "small.test" in ln)
+        assert at <= 3, f"small.test went after {at} of big.test's messages"
+        assert r.d.count_log("event=connected") == 1, \
+            [ln for ln in r.d.lines if "event=connected" in ln]
+    finally:
+        r.close()
+
+
 def test_a_refusing_address_shrinks_the_window():
     """An MX host that refuses connections: the site's window halves (a
     logged event) and the recipients are deferred, not bounced. The sites

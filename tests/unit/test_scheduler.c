@@ -3325,6 +3325,120 @@ mx_refresh_failure_keeps_the_old_answer(void **state)
     fx_free(f);
 }
 
+/* One site whose address takes one connection (max_connections_per_address
+ * = 1): big.test's backlog holds it, and small.test's one message comes
+ * behind it. small.test gets the connection after big.test's transaction
+ * once it has waited SITE_TURN_MS, and big.test gets it back after
+ * small.test's (before, small.test waited for big.test's whole queue). */
+static void
+site_turns_share_one_connection(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < 20; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *big = dest_get(f->d, "big.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    submit("small.test", 1);
+    answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *small = dest_get(f->d, "small.test");
+    assert_ptr_equal(small->site, big->site);
+    assert_int_equal(f->opened, 1); /* the address is full: small.test waits */
+    assert_true(small->want.on);
+
+    /* Before SITE_TURN_MS: big.test keeps its connection. */
+    f->w.now += MS_TO_NS(SITE_TURN_MS / 2);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, big);
+    /* small.test has waited SITE_TURN_MS: its turn, and big.test waits in line. */
+    f->w.now += MS_TO_NS(SITE_TURN_MS / 2);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, small);
+    assert_int_equal(big->conns, 0);
+    assert_int_equal(small->conns, 1);
+    assert_true(big->want.on);
+    assert_int_equal(f->d->stats.site_turns, 1);
+    /* small.test's one message sent: back to big.test's backlog. */
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, big);
+    assert_int_equal(dest_queued(big), 17);
+    /* Alone with mail: no turn to give, however long. */
+    f->w.now += MS_TO_NS(10 * SITE_TURN_MS);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_ptr_equal(c->dest, big);
+    assert_int_equal(f->d->stats.site_turns, 1);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* big.test holds the site's four connections (the address's cap) with a
+ * backlog; b.test, also with a backlog, comes behind it. The connections
+ * are shared out at once, two each, as they finish their transactions,
+ * and then stay where they are (no back and forth while neither waited
+ * SITE_TURN_MS); a domain that waits with none gets one at once. */
+static void
+site_turns_even_out_connections(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 4\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < 40; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 4);
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    for (unsigned i = 0; i < 4; i++)
+        conn_ready(f->open[i], &what);
+    for (unsigned i = 0; i < 40; i++)
+        submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *big = dest_get(f->d, "big.test"), *b = dest_get(f->d, "b.test");
+    assert_int_equal(f->opened, 4);
+    assert_int_equal(big->conns, 4);
+    assert_true(b->want.on);
+    /* Three rounds of transactions, no time passing. */
+    for (unsigned round = 0; round < 3; round++)
+        for (unsigned i = 0; i < 4; i++) {
+            struct conn *c = f->open[i];
+            assert_false(
+                txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+            conn_ready(c, &what);
+            assert_int_equal(what, SCHED_NEXT_JOB);
+        }
+    assert_int_equal(big->conns, 2);
+    assert_int_equal(b->conns, 2);
+    assert_int_equal(f->d->stats.site_turns, 2);
+    /* A third domain with one message: none of the four, two fewer than
+     * either: the next transaction to end gives it its turn at once. */
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *c3 = dest_get(f->d, "c.test");
+    assert_true(c3->want.on);
+    struct conn *c = f->open[0];
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, c3);
+    assert_int_equal(f->d->stats.site_turns, 3);
+    assert_int_equal(f->opened, 4);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -3388,6 +3502,8 @@ main(void)
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
         cmocka_unit_test(reuse_lost_after_idle),
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
+        cmocka_unit_test(site_turns_share_one_connection),
+        cmocka_unit_test(site_turns_even_out_connections),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
