@@ -531,10 +531,11 @@ shaping_may_move(struct conn *c, struct dest *t)
 
 /* Source src_id rests at site (policy_source_hold) while the pool's
  * other sources carry on; when every source of t's pool is held there,
- * t holds as a destination without a pool would. conn: for the log. */
+ * t holds as a destination without a pool would (unless hold_dest is
+ * false: the caller decides). conn: for the log. */
 static void
 source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *mx,
-               unsigned long long conn, const char *why)
+               unsigned long long conn, const char *why, bool hold_dest)
 {
     struct delivery *d = t->d;
     struct site_source *ss = site ? site_source(site, src_id) : NULL;
@@ -556,7 +557,7 @@ source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *m
             conn, intern_name(d->e->names, src_id), t->name, site->key, (unsigned long long)ms,
             ss->holds, why);
     struct source_pick pk;
-    if (t->site == site && dest_source(t, mx, AF_UNSPEC, &pk) == 0 && pk.all_held &&
+    if (hold_dest && t->site == site && dest_source(t, mx, AF_UNSPEC, &pk) == 0 && pk.all_held &&
         pk.until > d->w->now) {
         uint64_t rest = (pk.until - d->w->now + 999999) / 1000000;
         log_msg(LOG_NOTICE,
@@ -570,11 +571,21 @@ source_hold_at(struct dest *t, struct site *site, uint32_t src_id, const char *m
 void
 source_hold(struct conn *c, const char *why)
 {
-    source_hold_at(c->dest, c->site, c->src_id, c->mx, (unsigned long long)c->id, why);
+    source_hold_at(c->dest, c->site, c->src_id, c->mx, (unsigned long long)c->id, why, true);
 }
 
 void
 sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why)
 {
-    source_hold_at(t, t->site, src_id, mx ? mx : "", 0, why);
+    source_hold_at(t, t->site, src_id, mx ? mx : "", 0, why, true);
+}
+
+bool
+source_open_failed(struct dest *t, uint32_t src_id, const char *mx, int family)
+{
+    if (t->site == NULL || src_id == 0 || site_source(t->site, src_id) == NULL)
+        return false;
+    source_hold_at(t, t->site, src_id, mx, 0, "open_failed", false);
+    struct source_pick pk;
+    return dest_source(t, mx, family, &pk) != 0;
 }

@@ -759,6 +759,14 @@ int dest_source(struct dest *t, const char *mx, int family, struct source_pick *
 /* A receiver throttled source src_id (a rate-limited reply) at t's site:
  * it rests there while the pool's others carry on (as a 421 would). */
 void sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why);
+/* A connection from source src_id of t's pool to MX host mx, at an
+ * address of family, could not be opened (policy_open_failed: the
+ * source's address not on this host, no socket): the source rests at
+ * t's site as after a 421, and the pool's others carry on. True when one
+ * of them may send there now; false when none may (every source held,
+ * or src_id not one of t's site): the caller defers what waits and
+ * holds t, as without a pool. */
+bool source_open_failed(struct dest *t, uint32_t src_id, const char *mx, int family);
 /* Is a (weight wa) a better pick than b (weight wb)? */
 bool source_better(const struct site_source *a, unsigned wa, const struct site_source *b,
                    unsigned wb);

@@ -1071,11 +1071,18 @@ dest_run_once(struct dest *t)
                 limits_conn_release(d->lim, &mk->lim);
             if (sk != NULL)
                 limits_conn_release(d->lim, &sk->lim);
-            if (policy_open_failed(why.err))
-                dest_open_failed(t, &why); /* no socket, no source address */
-            else /* no memory now: try again shortly, or nothing would run t
-                  * again but another job for it */
+            if (!policy_open_failed(why.err)) {
+                /* no memory now: try again shortly, or nothing would run t
+                 * again but another job for it */
                 dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+                return;
+            }
+            /* No socket, no source address. A pool's source rests alone
+             * while another of the pool may go: the next one now (one
+             * more source held each time round, so this ends). */
+            if (pk.src != NULL && source_open_failed(t, pk.id, h->name, a->sa.sa_family))
+                continue;
+            dest_open_failed(t, &why);
             return;
         }
         c->leased = true;

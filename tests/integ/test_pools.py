@@ -256,6 +256,30 @@ def test_throttled_source_backs_off():
         n.close()
 
 
+def test_source_not_on_this_host_is_held_alone():
+    """Pool odd has a source whose address is not on this host (192.0.2.9:
+    its bind fails with EADDRNOTAVAIL) beside 127.0.0.2. That source
+    rests at the site (event=source_held reason=open_failed) while
+    127.0.0.2 carries every message; nothing is deferred and no
+    destination is held. Before, the first failed open deferred what
+    waited and held the whole destination for the pool."""
+    n = Node(extra="[source 192.0.2.9]\nehlo = x.bulk.example.net\n"
+             "[pool odd]\nsources = 127.0.0.2, 192.0.2.9\n"
+             "[tenant initech]\npool = odd\n")
+    try:
+        n.inject(2, "initech")
+        recs = n.rx.wait(2 * len(DOMAINS))
+        assert {r["peer"] for r in recs} == {"127.0.0.2"}, {r["peer"] for r in recs}
+        assert n.d.count_log("event=source_held source=192.0.2.9") >= 1
+        assert n.d.count_log("reason=open_failed") >= 1
+        assert n.d.count_log("event=destination_held") == 0, \
+            [ln for ln in n.d.lines if "event=destination_held" in ln][:3]
+        assert n.d.count_log("event=deferred") == 0, \
+            [ln for ln in n.d.lines if "event=deferred" in ln][:3]
+    finally:
+        n.close()
+
+
 def test_suspend_tenant_and_resume():
     """suspend tenant=globex stops exactly globex's mail: acme's, injected
     after it, is delivered while globex's waits; resume releases it. A

@@ -51,6 +51,7 @@ struct fx {
     unsigned open_fails;       /* opens to fail before any succeeds ... */
     int open_err;              /* ... with this -errno (0: -ENOMEM) ... */
     char open_source[64];      /* ... and this source address ("" none) */
+    char fail_from[64];        /* opens from this source fail with open_err ("" none) */
     char opened_to[MAXC][384]; /* "mx name addr" of each, in order */
     unsigned resumed;          /* idle connections handed a domain */
     unsigned quits;            /* idle connections told to say goodbye */
@@ -102,6 +103,11 @@ t_open(struct dest *t, const struct dns_mx_host *h, const union dns_addr *a,
 {
     assert_true(F->nopen < MAXC);
     F->open_calls++;
+    if (F->fail_from[0] != '\0' && src != NULL && strcmp(src->pattern, F->fail_from) == 0) {
+        why->err = F->open_err;
+        snprintf(why->source, sizeof(why->source), "%s", src->pattern);
+        return NULL;
+    }
     if (F->open_fails > 0) {
         F->open_fails--;
         why->err = F->open_err != 0 ? F->open_err : -ENOMEM;
@@ -2752,6 +2758,47 @@ source_held_alone(void **state)
     fx_free(f);
 }
 
+/* A pool's source whose address is not on this host (EADDRNOTAVAIL at
+ * its bind): it rests at the site, alone, and the pool's other source
+ * carries the mail, nothing deferred; when that one cannot open either,
+ * every source is held: what waits is deferred with the cause and the
+ * destination holds, as without a pool. Before, the first failure
+ * deferred everything and held the whole destination. */
+static void
+source_open_failure_holds_the_source(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    f->open_err = -EADDRNOTAVAIL;
+    snprintf(f->fail_from, sizeof(f->fail_from), "198.51.100.2");
+    for (int i = 0; i < 4; i++)
+        submit_pool("s.test", 1, "bulk");
+    answer_pool("s.test", "bulk", MX1, A1, 1);
+    struct dest *t = dest_get_pool(f->d, "s.test", intern_id(f->e.names, "bulk"));
+    assert_int_equal(f->failed, 0);
+    assert_true(f->opened >= 1);
+    for (unsigned i = 0; i < f->opened; i++)
+        assert_non_null(strstr(f->opened_to[i], "from 198.51.100.3"));
+    assert_true(f->d->stats.source_holds >= 1);
+    assert_true(f->w.now >= t->hold_until); /* the destination is not held */
+    /* Another domain of the site, where .3 cannot open either (.2 rests
+     * there already): every source held, what waits is deferred with
+     * the cause, and the domain holds. */
+    f->fail_from[0] = '\0';
+    f->open_fails = 100;
+    snprintf(f->open_source, sizeof(f->open_source), "198.51.100.3");
+    submit_pool("z.test", 2, "bulk");
+    answer_pool("z.test", "bulk", MX1, A1, 1);
+    struct dest *z = dest_get_pool(f->d, "z.test", intern_id(f->e.names, "bulk"));
+    assert_ptr_equal(z->site, t->site);
+    assert_int_equal(f->failed, 2);
+    assert_int_equal(f->last_fail.code, 451);
+    assert_string_equal(f->last_fail.text,
+                        "cannot open a connection from 198.51.100.3: Cannot assign requested address");
+    assert_true(f->w.now < z->hold_until);
+    fx_free(f);
+}
+
 /* A receiver that throttles a pool's source with a rate-limited reply
  * (a "451 4.7.650 ... rate limited" to the dot, not a 421) transaction
  * after transaction: each hold of the source is twice the last
@@ -3478,6 +3525,7 @@ main(void)
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(source_held_alone),
+        cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
         cmocka_unit_test(source_pick_order),
         cmocka_unit_test(pool_shares_address_cap),
