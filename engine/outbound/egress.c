@@ -13,7 +13,9 @@
  *   source before a second from any, not a held, suspended or warmed-up
  *   one), whether a pool's connection may take another transaction
  *   (source_may_send: its source's weighted share per message), and the
- *   holds of one source at a site (source_hold_at).
+ *   holds of one source at a site (source_hold_at: after a 421, a
+ *   rate-limited reply, or a connection it could not open,
+ *   source_open_failed).
  * - What the active shaping actions say (engine/shaping.h): a cap, a
  *   suspension, a rate or a bounce, for a new connection
  *   (shaping_may_open) and before each transaction (shaping_may_send).
