@@ -207,6 +207,7 @@ struct mx_policy {
     unsigned connection_burst;
     unsigned max_messages_per_connection; /* 0: the domain's own only */
     unsigned max_rcpt_per_txn;            /* 0: the domain's own only */
+    bool rollup;             /* [mx] only: the matching hosts are one site's (site key) */
     char *ehlo;              /* owned: [source] only: the name said in EHLO from this
                               * address (its PTR); NULL: [server] hostname */
     /* [source] only: its warm-up plan ([warmup NAME]) */

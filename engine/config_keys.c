@@ -467,6 +467,14 @@ const struct conf_key config_domain_keys[] = {
          "recipients per transaction, when lower than the domain's (0: the domain's)", NULL}
 const struct conf_key config_mx_keys[] = {
     MX_LIMIT_KEYS,
+    {"rollup", CONF_BOOL, MXP(rollup), 0, 0, "no",
+     "domains whose MX hosts match this pattern share one site, its connections and its "
+     "window, whatever the hosts' names (the pattern stands for them in the site's key): "
+     "for a provider that gives each domain an MX host name of its own on shared servers "
+     "(Microsoft 365's *.mail.protection.outlook.com). A connection to one domain's host "
+     "then carries the others' mail, which only such a provider accepts; never across DANE "
+     "or MTA-STS policies that would refuse the host",
+     NULL},
     CONF_END,
 };
 /* [source ADDRESS]: the same limits, and the name it greets with. */

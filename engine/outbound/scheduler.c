@@ -114,6 +114,18 @@ dest_paused(const struct dest *t)
 
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
 
+/* The pattern of the [mx] section with rollup = yes that matches MX host
+ * name, standing for it in site keys (site_key's alias); NULL: none. */
+static const char *
+rollup_alias(const void *arg, const char *name)
+{
+    const struct config *cfg = arg;
+    if (cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(cfg, name);
+    return m != NULL && m->rollup ? m->pattern : NULL;
+}
+
 void
 dest_want_remove(struct dest *t)
 {
@@ -199,7 +211,7 @@ dest_site(struct dest *t)
         memcpy(key, pname, pl);
         key[pl++] = '@';
     }
-    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl);
+    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl, rollup_alias, d->e->cfg);
     /* A pool's site starts with a connection per source at least: each
      * carries its share (and its warm-up allowance) from the start. */
     unsigned initial = dc->initial_connections;
@@ -244,7 +256,8 @@ dest_tls_key(const struct dest *t, const char *mx)
  * connections' (a large provider's MX host answers one of many addresses
  * per query: one compared by address would retire every connection of
  * the domain at each refresh). Without an answer (being asked again),
- * as before: yes. */
+ * as before: yes. Under an [mx] rollup, any host the pattern rolls up
+ * into c's site names c's. */
 static bool
 dest_names_mx(const struct dest *t, const struct conn *c)
 {
@@ -252,6 +265,13 @@ dest_names_mx(const struct dest *t, const struct conn *c)
         return true;
     for (unsigned i = 0; i < t->mx->nhosts; i++)
         if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)
+            return true;
+    /* An [mx] rollup: a host of t's answer that the same pattern rolls
+     * up into c's site stands for c's. */
+    const struct config *cfg = t->d->e->cfg;
+    const char *ra = c->site == t->site ? rollup_alias(cfg, c->mx) : NULL;
+    for (unsigned i = 0; ra != NULL && i < t->mx->nhosts; i++)
+        if (rollup_alias(cfg, t->mx->hosts[i].name) == ra)
             return true;
     return false;
 }

@@ -178,12 +178,15 @@ name_cmp(const void *a, const void *b)
 }
 
 void
-site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen)
+site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen,
+         const char *(*alias)(const void *arg, const char *name), const void *arg)
 {
     const char *names[64];
     unsigned n = 0;
-    for (unsigned i = 0; i < mx->nhosts && n < 64; i++)
-        names[n++] = mx->hosts[i].name;
+    for (unsigned i = 0; i < mx->nhosts && n < 64; i++) {
+        const char *a = alias != NULL ? alias(arg, mx->hosts[i].name) : NULL;
+        names[n++] = a != NULL ? a : mx->hosts[i].name;
+    }
     qsort(names, n, sizeof(names[0]), name_cmp);
     /* The port's room is kept: two keys differ by port whatever the names. */
     char suffix[16];

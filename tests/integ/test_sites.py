@@ -265,6 +265,31 @@ def test_a_small_domain_is_not_kept_behind_a_backlog_at_its_site():
         r.close()
 
 
+def test_mx_rollup_shares_connections_across_host_names():
+    """20 domains, each with an MX host name of its own under prot.test
+    (as Microsoft 365 gives each domain one under
+    mail.protection.outlook.com), all on one server. Without rollup each
+    domain is a site of its own and opens its own connections (20 at
+    least); with [mx *.prot.test] rollup = yes they are one site and share
+    them (the delivery log then names the host each connection went to)."""
+    doms = [f"d{i}.test" for i in range(20)]
+    recs = [f"host-record={d.replace('.', '-')}.prot.test,127.0.0.1" for d in doms]
+    recs += [f"mx-host={d},{d.replace('.', '-')}.prot.test,10" for d in doms]
+    msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\nrollup\r\n")
+            for k in range(5) for d in doms]
+    opened = {}
+    for rollup in ("no", "yes"):
+        r = Relay(recs, domain_conf=f"[mx *.prot.test]\nrollup = {rollup}\n")
+        try:
+            r.inject(msgs, sessions=4)
+            r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+            opened[rollup] = r.d.count_log("event=connected")
+        finally:
+            r.close()
+    assert opened["no"] >= len(doms), opened
+    assert opened["yes"] < len(doms) // 2, opened
+
+
 def test_a_refusing_address_shrinks_the_window():
     """An MX host that refuses connections: the site's window halves (a
     logged event) and the recipients are deferred, not bounced. The sites

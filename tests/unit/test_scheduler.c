@@ -3486,6 +3486,48 @@ site_turns_even_out_connections(void **state)
     fx_free(f);
 }
 
+/* An [mx] section with rollup = yes: a.test and b.test each have an MX
+ * host name of their own under *.prot.test (as Microsoft 365 gives each
+ * domain), on the same server. They share one site, keyed by the
+ * pattern, and a connection opened for a.test carries b.test's mail;
+ * c.test, under *.other.test (no rollup), has a site of its own. */
+static void
+rollup_shares_a_site_across_host_names(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n[domain *]\nmax_connections = 10\n"
+                          "[mx *.prot.test]\nrollup = yes\n");
+    static const char *HA[] = {"a-test.prot.test"}, *HB[] = {"b-test.prot.test"},
+                      *HC[] = {"c-test.other.test"};
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, HA, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *a = dest_get(f->d, "a.test");
+    assert_string_equal(a->site->key, "*.prot.test:25");
+    submit("b.test", 1);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, HB, (unsigned[]){10}, A1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_ptr_equal(a->site, b->site);
+    assert_int_equal(f->opened, 1); /* the site's window is full: b waits */
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_ptr_equal(c->dest, b); /* to a-test.prot.test, with b.test's mail */
+    assert_string_equal(c->mx, "a-test.prot.test");
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, HC, (unsigned[]){10}, A1, 1);
+    struct dest *cd = dest_get(f->d, "c.test");
+    assert_ptr_not_equal(cd->site, a->site);
+    assert_string_equal(cd->site->key, "c-test.other.test:25");
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -3552,6 +3594,7 @@ main(void)
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turns_even_out_connections),
+        cmocka_unit_test(rollup_shares_a_site_across_host_names),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

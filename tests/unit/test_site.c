@@ -147,11 +147,11 @@ keys_name_the_hosts(void **state)
     char a[SITE_KEY_MAX], b[SITE_KEY_MAX];
     const char *x[] = {"MX2.example.net", "mx1.example.net"};
     const char *y[] = {"mx1.example.net", "mx2.example.net", "mx1.example.net"};
-    site_key(answer(x, 2), 25, a, sizeof(a));
-    site_key(answer(y, 3), 25, b, sizeof(b));
+    site_key(answer(x, 2), 25, a, sizeof(a), NULL, NULL);
+    site_key(answer(y, 3), 25, b, sizeof(b), NULL, NULL);
     assert_string_equal(a, "mx1.example.net,mx2.example.net:25");
     assert_string_equal(a, b);
-    site_key(answer(y, 3), 2525, b, sizeof(b));
+    site_key(answer(y, 3), 2525, b, sizeof(b), NULL, NULL);
     assert_string_not_equal(a, b);
     /* Too many long names: a hash, still stable. */
     char big[8][200];
@@ -161,8 +161,8 @@ keys_name_the_hosts(void **state)
         big[i][199] = '\0';
         z[i] = big[i];
     }
-    site_key(answer(z, 8), 25, a, sizeof(a));
-    site_key(answer(z, 8), 25, b, sizeof(b));
+    site_key(answer(z, 8), 25, a, sizeof(a), NULL, NULL);
+    site_key(answer(z, 8), 25, b, sizeof(b), NULL, NULL);
     assert_true(a[0] == '#');
     assert_string_equal(a, b);
     /* Names that fill the key but for the port: the port is not cut, so
@@ -172,8 +172,8 @@ keys_name_the_hosts(void **state)
     for (size_t cut = SITE_KEY_MAX - 8; cut < SITE_KEY_MAX; cut++) {
         fill[cut] = '\0';
         const char *one[] = {fill};
-        site_key(answer(one, 1), 25, a, sizeof(a));
-        site_key(answer(one, 1), 2525, b, sizeof(b));
+        site_key(answer(one, 1), 25, a, sizeof(a), NULL, NULL);
+        site_key(answer(one, 1), 2525, b, sizeof(b), NULL, NULL);
         assert_string_not_equal(a, b);
         size_t la = strlen(a), lb = strlen(b);
         assert_true(la >= 3 && strcmp(a + la - 3, ":25") == 0);
@@ -181,7 +181,7 @@ keys_name_the_hosts(void **state)
         fill[cut] = 'm';
     }
     /* In a smaller buffer (a pool's key: "POOL@" before it) likewise. */
-    site_key(answer(x, 2), 25, a, 20);
+    site_key(answer(x, 2), 25, a, 20, NULL, NULL);
     assert_true(a[0] == '#' && strcmp(a + strlen(a) - 3, ":25") == 0);
 }
 
