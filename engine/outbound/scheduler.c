@@ -267,11 +267,13 @@ dest_names_mx(const struct dest *t, const struct conn *c)
         if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)
             return true;
     /* An [mx] rollup: a host of t's answer that the same pattern rolls
-     * up into c's site stands for c's. */
+     * up into c's site stands for c's, unless the host has validated
+     * TLSA records (DANE): its mail goes only to that host, verified so. */
     const struct config *cfg = t->d->e->cfg;
     const char *ra = c->site == t->site ? rollup_alias(cfg, c->mx) : NULL;
     for (unsigned i = 0; ra != NULL && i < t->mx->nhosts; i++)
-        if (rollup_alias(cfg, t->mx->hosts[i].name) == ra)
+        if (t->mx->hosts[i].dane != DNS_DANE_SECURE &&
+            rollup_alias(cfg, t->mx->hosts[i].name) == ra)
             return true;
     return false;
 }

@@ -3525,6 +3525,26 @@ rollup_shares_a_site_across_host_names(void **state)
     struct dest *cd = dest_get(f->d, "c.test");
     assert_ptr_not_equal(cd->site, a->site);
     assert_string_equal(cd->site->key, "c-test.other.test:25");
+    /* d.test's host under the pattern has validated TLSA records: its
+     * mail never rides a connection to another host (it would go
+     * without DANE). */
+    submit("d.test", 1);
+    struct result_host rh = {.name = "d-test.prot.test", .preference = 10, .n4 = 1, .a4 = &A1[0],
+                             .dane = DNS_DANE_SECURE};
+    struct dns_mx_result *r = result_new(DNS_OK, NULL, "d.test", &rh, 1, false);
+    assert_non_null(r);
+    r->expires = UINT64_MAX;
+    struct dest *dd = dest_get(f->d, "d.test");
+    dest_on_mx(dd, r);
+    assert_ptr_equal(dd->site, a->site);
+    for (int i = 0; i < 2; i++) { /* b.test's two */
+        assert_ptr_equal(c->dest, b);
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+    }
+    assert_ptr_not_equal(c->dest, dd);
+    assert_int_equal(dest_queued(dd), 1);
     fx_free(f);
 }
 
