@@ -238,6 +238,7 @@ dest_free(struct dest *t, bool live)
     mta_sts_policy_unref(t->sts);
     dest_sts_forget(t);
     dest_want_remove(t);
+    lru_remove(&d->addr_wait, &t->addr_want);
     site_unref(&d->sites, t->site);
     hash_remove(&d->dests, &t->node);
     lru_remove(&d->dest_lru, &t->lru);
@@ -717,6 +718,7 @@ dests_init(struct delivery *d)
 {
     hash_init(&d->dests, dest_eq, 256);
     lru_init(&d->dest_lru);
+    lru_init(&d->addr_wait);
     timer_init(&d->evict_timer, dest_on_evict);
 }
 

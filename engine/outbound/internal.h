@@ -296,7 +296,8 @@ struct dest {
     const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */
     const struct dns_mx_result *affinity_for; /* compared only: the answer dest_affinity saw */
     struct lru_node want;    /* on site->want: waits for a connection */
-    uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_due) */
+    uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_owed) */
+    struct lru_node addr_want; /* on d->addr_wait: an MX address's slots were taken */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
@@ -378,6 +379,12 @@ struct delivery {
     bool drained;            /* ... and it is done: told the engine */
     struct hash dests;       /* struct dest by name */
     struct lru dest_lru;     /* least recently active first */
+    struct lru addr_wait;    /* destinations that found an MX address's slots taken
+                              * (max_connections_per_address), oldest first: a
+                              * connection of this worker that closes runs them
+                              * (addr_wake) */
+    uint64_t addr_idle_none_at; /* the loop turn (w->now) whose walk found no idle
+                                 * connection to quit (addr_idle_quit) */
     struct timer evict_timer;
     uint64_t evicted;        /* destinations dropped when idle */
     struct timer due_timer; /* worker 0: take due recipients from the spool */

@@ -3548,6 +3548,74 @@ rollup_shares_a_site_across_host_names(void **state)
     fx_free(f);
 }
 
+/* Two domains with an MX host name each on one address (two sites, as
+ * Microsoft 365 names a host per domain), its cap one connection:
+ * b.test finds the address full and waits. When a.test's connection
+ * closes, b.test opens at once (addr_wake); before, only the closing
+ * connection's own site was woken, and b.test waited for its timer
+ * (HOLD_MIN_MS) with the slot empty. */
+static void
+address_slot_freed_wakes_another_site(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    static const char *HA[] = {"a-test.prot.test"}, *HB[] = {"b-test.prot.test"};
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, HA, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, HB, (unsigned[]){10}, A1, 1);
+    struct dest *a = dest_get(f->d, "a.test"), *b = dest_get(f->d, "b.test");
+    assert_ptr_not_equal(a->site, b->site);
+    assert_int_equal(f->opened, 1); /* the address is full: b.test waits */
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* another site wants the slot */
+    conn_gone(c, NULL);
+    assert_int_equal(f->opened, 2); /* b.test's, with no timer run */
+    assert_ptr_equal(f->open[0]->dest, b);
+    fx_free(f);
+}
+
+/* The same two sites, but a.test's connection went idle before b.test
+ * came: b.test finding the address full tells it to say goodbye then
+ * (addr_idle_quit), rather than wait for its idle_timeout. */
+static void
+address_full_quits_another_sites_idle_connection(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    static const char *HA[] = {"a-test.prot.test"}, *HB[] = {"b-test.prot.test"};
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, HA, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_ptr_equal(c->site->idle, c);
+    f->w.now += MS_TO_NS(1);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, HB, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->quits, 1); /* a.test's idle one, for b.test */
+    assert_ptr_equal(f->quit, c);
+    assert_null(c->site->idle);
+    assert_int_equal(f->opened, 1);
+    conn_gone(c, NULL);
+    assert_int_equal(f->opened, 2);
+    assert_ptr_equal(f->open[0]->dest, dest_get(f->d, "b.test"));
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -3615,6 +3683,8 @@ main(void)
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turns_even_out_connections),
         cmocka_unit_test(rollup_shares_a_site_across_host_names),
+        cmocka_unit_test(address_slot_freed_wakes_another_site),
+        cmocka_unit_test(address_full_quits_another_sites_idle_connection),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
