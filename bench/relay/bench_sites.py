@@ -20,6 +20,13 @@ it, [delivery] allow_networks for loopback.
                              [--before OTHER-SLUICE] [--dns-synth BINARY]
                              [--relay-conf 'LINES'] [--perf PREFIX] [--rounds N] [--paired]
                              [--one-sink] [--injector BINARY|python] [--keep]
+                             [--own-names]
+
+--own-names (with the C responder): each domain's MX host has a name of
+its own, mx<i mod M>-<i>.test on host i mod M's address, as Microsoft
+365 names one per domain on shared servers: without an [mx] rollup
+(--relay-conf '[mx *.test]\nrollup = yes') each domain is a site of its
+own.
 
 With --before, each line runs with the other binary first, then with
 --sluice: the ratio of each is to its own one-domain line.
@@ -289,7 +296,7 @@ def knows(binary, key):
 def one(a, ndom, nmx, sink_port):
     wd = Workdir("sluice-sites-")
     work = tempfile.mkdtemp(prefix="sluice-sites-", dir=a.spool)
-    dns = DnsSynth(mx_hosts=nmx, zone="test", binary=a.dns_synth or None)
+    dns = DnsSynth(mx_hosts=nmx, zone="test", binary=a.dns_synth or None, own_names=a.own_names)
     procs = sinks(sink_port, nmx, one=a.one_sink)
     port = free_port()
     allow = "allow_networks = 127.0.0.0/8\n" if knows(a.sluice, "allow_networks") else ""
@@ -453,6 +460,9 @@ def main():
     ap.add_argument("--injector", default=None, help="the C injector (bench/relay/"
                     "inject_synth.c), or 'python' for the Python one; default: beside "
                     "--sluice's build, else the Python one")
+    ap.add_argument("--own-names", action="store_true",
+                    help="an MX host name of its own per domain on the shared hosts (the C "
+                         "responder only)")
     a = ap.parse_args()
     if a.injector is None:
         c = os.path.join(os.path.dirname(os.path.abspath(a.sluice)), "..", "bench", "relay",
@@ -467,6 +477,8 @@ def main():
         c = os.path.join(os.path.dirname(os.path.abspath(a.sluice)), "..", "bench", "relay",
                          "dns_synth")
         a.dns_synth = c if os.access(c, os.X_OK) else ""
+    if a.own_names and not a.dns_synth:
+        ap.error("--own-names needs the C responder (--dns-synth)")
     grid = [(1, 1), (100, 1), (100, 10), (100, 100), (1000, 1), (1000, 10), (1000, 100),
             (10000, 1), (10000, 10), (10000, 100)]
     if a.only:
@@ -478,7 +490,8 @@ def main():
           f"{a.sluice}, built-in defaults (max_connections_per_address where known), "
           f"receivers: smtp-sink{' (one for all)' if a.one_sink else ''}, backlog 256"
           f"{' per MX host' if a.one_sink else ''}; "
-          f"DNS: {a.dns_synth or 'dns_synth.py'}; injector: {a.injector or 'Python'}; "
+          f"DNS: {a.dns_synth or 'dns_synth.py'}{' (an MX name per domain)' if a.own_names else ''}; "
+          f"injector: {a.injector or 'Python'}; "
           f"load average {os.getloadavg()[0]:.1f}",
           flush=True)
     print(f"{'domains':>8} {'MX':>4} {'msg/s':>8} {'ratio':>6} {'conns/1k':>9} "

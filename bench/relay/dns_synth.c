@@ -10,7 +10,12 @@
  * one socket, one blocking loop.
  *
  *   dns_synth [--zone test] [--mx-hosts 1] [--mx-addrs N] [--mx-addr A]
- *             [--ttl 300] [--port 0] [--listen 127.0.0.1]
+ *             [--ttl 300] [--port 0] [--listen 127.0.0.1] [--own-names 1]
+ *
+ * --own-names 1 (this responder only): each domain's MX host has a name
+ * of its own, "mx<k>-<n>.<zone>" for the domain whose first label ends
+ * with n, on host k's address, as Microsoft 365 names one per domain
+ * (contoso-com.mail.protection.outlook.com) on shared servers.
  *
  * Prints "ready PORT" once bound, then serves until killed.
  */
@@ -28,7 +33,7 @@
 #define T_MX 15
 
 static const char *zone = "test";
-static unsigned mx_hosts = 1, mx_addrs = 0, ttl = 300;
+static unsigned mx_hosts = 1, mx_addrs = 0, ttl = 300, own_names = 0;
 static struct in_addr mx_addr;
 static int have_mx_addr;
 
@@ -68,12 +73,14 @@ put_rr_head(uint8_t *p, unsigned type, unsigned rdlen)
     return n;
 }
 
-/* "mx<k>.<zone>" in wire form into p; its length. */
+/* "mx<k>.<zone>" ("mx<k>-<num>.<zone>" with --own-names) in wire form
+ * into p; its length. */
 static size_t
-put_host(uint8_t *p, unsigned k)
+put_host(uint8_t *p, unsigned k, unsigned long long num)
 {
-    char label[24];
-    int ll = snprintf(label, sizeof(label), "mx%u", k);
+    char label[48];
+    int ll = own_names ? snprintf(label, sizeof(label), "mx%u-%llu", k, num)
+                       : snprintf(label, sizeof(label), "mx%u", k);
     size_t n = 0;
     p[n++] = (uint8_t)ll;
     memcpy(p + n, label, (size_t)ll);
@@ -150,7 +157,13 @@ answer(const uint8_t *q, size_t qlen, uint8_t *out)
             size_t d = 2;
             while (d < firstl && isdigit((unsigned char)first[d]))
                 d++;
-            if (d == firstl) {
+            size_t e = d; /* with --own-names, "-<num>" may follow */
+            if (own_names && e < firstl && first[e] == '-' && e + 1 < firstl) {
+                e++;
+                while (e < firstl && isdigit((unsigned char)first[e]))
+                    e++;
+            }
+            if (e == firstl && d > 2) {
                 unsigned long v = strtoul(first + 2, NULL, 10);
                 if (v < mx_hosts)
                     k = (long)v;
@@ -172,7 +185,7 @@ answer(const uint8_t *q, size_t qlen, uint8_t *out)
             unsigned long long num = d < firstl ? strtoull(first + d, NULL, 10) : 0;
             unsigned hk = (unsigned)(num % mx_hosts);
             uint8_t host[300];
-            size_t hl = put_host(host, hk);
+            size_t hl = put_host(host, hk, num);
             bl += put16(body + bl, 0xC00C);
             bl += put_rr_head(body + bl, T_MX, (unsigned)(2 + hl));
             bl += put16(body + bl, 10);
@@ -219,6 +232,8 @@ main(int argc, char **argv)
             port = (unsigned)strtoul(v, NULL, 10);
         else if (strcmp(k, "--listen") == 0)
             listen_addr = v;
+        else if (strcmp(k, "--own-names") == 0)
+            own_names = (unsigned)strtoul(v, NULL, 10);
         else if (strcmp(k, "--mx-addr") == 0) {
             if (*v && inet_pton(AF_INET, v, &mx_addr) == 1)
                 have_mx_addr = 1;

@@ -290,6 +290,38 @@ def test_mx_rollup_shares_connections_across_host_names():
     assert opened["yes"] < len(doms) // 2, opened
 
 
+def test_sites_sharing_a_full_address_pass_its_slots_on():
+    """40 domains with an MX host name each on one server (40 sites, as
+    Microsoft 365 names a host per domain, no [mx] rollup), the address's
+    cap 4: a connection whose domain has nothing left says goodbye for
+    the sites waiting (reason=address_wanted), whenever they come, and
+    its end lets one of them open at once. Before, a connection that went
+    idle before a site wanted its slot held it for its idle_timeout
+    (5 s here): the cap full of idle connections while mail waited
+    (1,000 such domains: 76 messages a second)."""
+    doms = [f"d{i}.test" for i in range(40)]
+    recs = [f"host-record={d.replace('.', '-')}.prot.test,127.0.0.1" for d in doms]
+    recs += [f"mx-host={d},{d.replace('.', '-')}.prot.test,10" for d in doms]
+    r = Relay(recs, idle_timeout="5s",
+              domain_conf="[delivery]\nmax_connections_per_address = 4\n"
+              "[log]\nlevel = debug\n")
+    try:
+        s = Sampler(r.mx_port, r.d.proc.pid)
+        msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\npass\r\n")
+                for k in range(5) for d in doms]
+        r.inject(msgs, sessions=8)
+        r.d.wait_log_count("event=delivered", len(msgs), timeout=120)
+        most = s.stop()
+        lines = list(r.d.lines)
+        last = max(i for i, ln in enumerate(lines) if "event=delivered" in ln)
+        held = [ln for ln in lines[:last] if "event=conn_close" in ln and "reason=idle_timeout" in ln]
+        assert not held, f"{len(held)} connections held their slot idle while mail waited: {held[:2]}"
+        assert most <= 4, f"{most} connections at once to one address (cap 4)"
+        assert r.d.count_log("reason=address_wanted") > 0
+    finally:
+        r.close()
+
+
 def test_a_refusing_address_shrinks_the_window():
     """An MX host that refuses connections: the site's window halves (a
     logged event) and the recipients are deferred, not bounced. The sites

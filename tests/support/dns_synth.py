@@ -176,14 +176,20 @@ class DnsSynth:
     """The responder as a child process: .port, .stop(). The same shape as
     the tests' dnsmasq wrapper (test_delivery.Dns)."""
 
-    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300, mx_addrs=0, binary=None):
+    def __init__(self, mx_hosts=1, zone="test", mx_addr="", ttl=300, mx_addrs=0, binary=None,
+                 own_names=False):
         """binary: bench/relay/dns_synth.c built (UDP only, the same
-        answers in microseconds, for benchmarks); None: this script."""
+        answers in microseconds, for benchmarks); None: this script.
+        own_names: an MX host name of its own per domain (the C binary
+        only: see there)."""
         cmd = [binary] if binary else [sys.executable, os.path.abspath(__file__)]
         args = cmd + ["--zone", zone,
                       "--mx-hosts", str(mx_hosts), "--ttl", str(ttl), "--mx-addrs", str(mx_addrs)]
         if mx_addr:
             args += ["--mx-addr", mx_addr]
+        if own_names:
+            assert binary, "own_names: bench/relay/dns_synth.c only"
+            args += ["--own-names", "1"]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # bounded: it prints or exits
         if not line.startswith("ready "):
