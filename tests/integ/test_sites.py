@@ -265,6 +265,14 @@ def test_a_small_domain_is_not_kept_behind_a_backlog_at_its_site():
         r.close()
 
 
+def own_name_records(doms):
+    """dnsmasq records giving each domain an MX host name of its own,
+    d0-test.prot.test for d0.test, all on 127.0.0.1 (Microsoft 365's
+    shape: contoso-com.mail.protection.outlook.com)."""
+    recs = [f"host-record={d.replace('.', '-')}.prot.test,127.0.0.1" for d in doms]
+    return recs + [f"mx-host={d},{d.replace('.', '-')}.prot.test,10" for d in doms]
+
+
 def test_mx_rollup_shares_connections_across_host_names():
     """20 domains, each with an MX host name of its own under prot.test
     (as Microsoft 365 gives each domain one under
@@ -273,8 +281,7 @@ def test_mx_rollup_shares_connections_across_host_names():
     least); with [mx *.prot.test] rollup = yes they are one site and share
     them (the delivery log then names the host each connection went to)."""
     doms = [f"d{i}.test" for i in range(20)]
-    recs = [f"host-record={d.replace('.', '-')}.prot.test,127.0.0.1" for d in doms]
-    recs += [f"mx-host={d},{d.replace('.', '-')}.prot.test,10" for d in doms]
+    recs = own_name_records(doms)
     msgs = [("s@example.com", [f"u{k}@{d}"], b"Subject: t\r\n\r\nrollup\r\n")
             for k in range(5) for d in doms]
     opened = {}
@@ -300,8 +307,7 @@ def test_sites_sharing_a_full_address_pass_its_slots_on():
     (5 s here): the cap full of idle connections while mail waited
     (1,000 such domains: 76 messages a second)."""
     doms = [f"d{i}.test" for i in range(40)]
-    recs = [f"host-record={d.replace('.', '-')}.prot.test,127.0.0.1" for d in doms]
-    recs += [f"mx-host={d},{d.replace('.', '-')}.prot.test,10" for d in doms]
+    recs = own_name_records(doms)
     r = Relay(recs, idle_timeout="5s",
               domain_conf="[delivery]\nmax_connections_per_address = 4\n"
               "[log]\nlevel = debug\n")
