@@ -472,8 +472,10 @@ const struct conf_key config_mx_keys[] = {
      "window, whatever the hosts' names (the pattern stands for them in the site's key): "
      "for a provider that gives each domain an MX host name of its own on shared servers "
      "(Microsoft 365's *.mail.protection.outlook.com). A connection to one domain's host "
-     "then carries the others' mail, which only such a provider accepts; never across DANE "
-     "or MTA-STS policies that would refuse the host",
+     "then carries the others' mail, which only such a provider accepts; never a host with "
+     "TLSA records (or whose TLSA lookup failed), nor across TLS or MTA-STS policies that "
+     "would refuse the host. The first [mx] section matching a host decides; a site under "
+     "an [mx] section is sent from every worker, one site on each",
      NULL},
     CONF_END,
 };

@@ -961,7 +961,8 @@ render_owner_metrics(struct json *t, const struct stats_counters *c)
         }
     }
     text_family(t, "sluice_source_holds_total", "counter",
-                "Times a pool's source was held at a site after a receiver pushed back.");
+                "Times a pool's source was held at a site after a receiver pushed back, or "
+                "because a connection from it could not be opened.");
     text_printf(t, "sluice_source_holds_total %llu\n", (unsigned long long)c->source_holds);
     render_shaping_metrics(t, c);
 }

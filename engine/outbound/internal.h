@@ -384,7 +384,10 @@ struct delivery {
                               * connection of this worker that closes runs them
                               * (addr_wake) */
     uint64_t addr_idle_none_at; /* the loop turn (w->now) whose walk found no idle
-                                 * connection to quit (addr_idle_quit) */
+                                 * connection to quit (addr_idle_quit) ... */
+    uint32_t addr_idle_none_owner;         /* ... for this owner ... */
+    unsigned char addr_idle_none_key[18];  /* ... and address (site_addr_key) */
+    size_t addr_idle_none_len;
     struct timer evict_timer;
     uint64_t evicted;        /* destinations dropped when idle */
     struct timer due_timer; /* worker 0: take due recipients from the spool */

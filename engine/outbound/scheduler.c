@@ -115,15 +115,31 @@ dest_paused(const struct dest *t)
 /* ---- sites (outbound/site.h): connections shared by domains ---- */
 
 /* The pattern of the [mx] section with rollup = yes that matches MX host
- * name, standing for it in site keys (site_key's alias); NULL: none. */
+ * name (the first [mx] section that matches it decides); NULL: none. */
 static const char *
-rollup_alias(const void *arg, const char *name)
+rollup_pattern(const struct config *cfg, const char *name)
 {
-    const struct config *cfg = arg;
     if (cfg->nmxs == 0)
         return NULL;
     const struct mx_policy *m = config_mx(cfg, name);
     return m != NULL && m->rollup ? m->pattern : NULL;
+}
+
+/* Whether host h of an answer may be rolled up: not when it has
+ * validated TLSA records (its mail goes to it alone, verified so), nor
+ * when their lookup failed (RFC 7672 2.2: the host is not used, and its
+ * mail must not go elsewhere without DANE instead). */
+static bool
+rollup_may(const struct dns_mx_host *h)
+{
+    return h->dane != DNS_DANE_SECURE && h->dane != DNS_DANE_TEMPFAIL;
+}
+
+/* site_key's alias: the rollup pattern standing for host h in the key. */
+static const char *
+rollup_alias(const void *arg, const struct dns_mx_host *h)
+{
+    return rollup_may(h) ? rollup_pattern(arg, h->name) : NULL;
 }
 
 void
@@ -267,15 +283,24 @@ dest_names_mx(const struct dest *t, const struct conn *c)
         if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)
             return true;
     /* An [mx] rollup: a host of t's answer that the same pattern rolls
-     * up into c's site stands for c's, unless the host has validated
-     * TLSA records (DANE): its mail goes only to that host, verified so. */
+     * up into c's site stands for c's, unless DANE keeps it apart
+     * (rollup_may). */
     const struct config *cfg = t->d->e->cfg;
-    const char *ra = c->site == t->site ? rollup_alias(cfg, c->mx) : NULL;
+    const char *ra = c->site == t->site ? rollup_pattern(cfg, c->mx) : NULL;
     for (unsigned i = 0; ra != NULL && i < t->mx->nhosts; i++)
-        if (t->mx->hosts[i].dane != DNS_DANE_SECURE &&
-            rollup_alias(cfg, t->mx->hosts[i].name) == ra)
+        if (rollup_may(&t->mx->hosts[i]) && rollup_pattern(cfg, t->mx->hosts[i].name) == ra)
             return true;
     return false;
+}
+
+/* May c carry t's mail as it was opened: t's site, the TLS c was opened
+ * under, an MX host t's MTA-STS policy names and t's answer names (or
+ * rolls up: dest_names_mx)? */
+static bool
+conn_may_carry(const struct conn *c, const struct dest *t)
+{
+    return t->site == c->site && dest_tls_key(t, c->mx) == c->tls_pol &&
+           dest_mx_allowed(t, c->mx) && dest_names_mx(t, c);
 }
 
 /* Hand an idle (or finishing) connection c to domain t of its site: the
@@ -288,8 +313,7 @@ conn_move(struct conn *c, struct dest *t)
     struct dest *old = c->dest;
     if (old == t)
         return true;
-    if (t->site != c->site || dest_tls_key(t, c->mx) != c->tls_pol || !dest_mx_allowed(t, c->mx) ||
-        !dest_names_mx(t, c))
+    if (!conn_may_carry(c, t))
         return false;
     uint64_t retry_at;
     if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
@@ -374,12 +398,19 @@ conn_give_turn(struct conn *c, struct dest *t)
     while (x != NULL && looked++ < SITE_TURN_LOOK) {
         struct dest *w = (struct dest *)((char *)x - offsetof(struct dest, want));
         x = x->next;
-        if (!site_turn_owed(t, w, d->w->now))
+        /* One c may not carry (another TLS policy, an MX host its
+         * MTA-STS policy does not name, a DANE host) keeps its place. */
+        if (!site_turn_owed(t, w, d->w->now) || !conn_may_carry(c, w))
             continue;
         lru_remove(&s->want, &w->want);
         if (!conn_take(c, w))
             continue;
-        want_push(t); /* its backlog waits in line */
+        /* Its backlog waits in line, from now: t may have been on the
+         * list since it took a connection (conn_take pushes a domain
+         * with more), and that older time would give c back to it
+         * after one transaction of w's. */
+        dest_want_remove(t);
+        want_push(t);
         if (log_enabled(LOG_DEBUG))
             log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s",
                     (unsigned long long)c->id, s->key, t->name, w->name);
@@ -540,17 +571,20 @@ dest_addr_owner(const struct dest *t)
  * provider with an MX host name per domain makes) waited for its
  * idle_timeout, the address's cap full of idle connections, 76 messages
  * a second where one domain makes 8,700. True when one was told. A walk
- * of the worker's connections that found none is not made again in the
- * same turn of the loop (every waiting domain run in it would walk them
- * all for nothing). */
+ * of the worker's connections that found none for this owner and
+ * address is not made again in the same turn of the loop (every waiting
+ * domain run in it would walk them all for nothing). Only this worker's:
+ * one idle on another worker gives its slot back as it goes idle, or at
+ * its idle_timeout. */
 static bool
 addr_idle_quit(struct delivery *d, const struct site *mine, uint32_t owner,
                const union dns_addr *k)
 {
-    if (d->addr_idle_none_at == d->w->now)
-        return false;
     unsigned char kk[18], ck[18];
     size_t kl = site_addr_key(k, kk);
+    if (d->addr_idle_none_at == d->w->now && d->addr_idle_none_owner == owner &&
+        d->addr_idle_none_len == kl && memcmp(d->addr_idle_none_key, kk, kl) == 0)
+        return false;
     for (struct conn *c = d->all; c != NULL; c = c->next_all) {
         if (!c->idled || c->site == NULL || c->site == mine || c->want_close || c->closed ||
             c->dest == NULL || dest_addr_owner(c->dest) != owner ||
@@ -566,6 +600,9 @@ addr_idle_quit(struct delivery *d, const struct site *mine, uint32_t owner,
             }
     }
     d->addr_idle_none_at = d->w->now;
+    d->addr_idle_none_owner = owner;
+    d->addr_idle_none_len = kl;
+    memcpy(d->addr_idle_none_key, kk, kl);
     return false;
 }
 
@@ -593,10 +630,11 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
      * the cap is the node's, another worker would find it full too. A
      * connection that goes idle at this address gives its slot
      * back instead (sched_conn_next), until t tries again; one of
-     * another site of this worker idle there already does now. */
+     * another site of this worker idle there already does now, when no
+     * other address has room either (addr_idle_quit, below). */
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
     site_addr_want(&d->sites, owner, &k, until, t->site);
-    addr_idle_quit(d, t->site, owner, &k);
+    union dns_addr first = k;
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];
@@ -616,8 +654,10 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
             }
         }
     }
-    if (best >= cap)
+    if (best >= cap) {
+        addr_idle_quit(d, t->site, owner, &first);
         return false;
+    }
     /* Another worker may have taken the last slot meanwhile. */
     dest_addr_port(t, *addr, &k);
     return site_addr_take(&d->sites, owner, &k, cap, d->w->now, &d->slot_taken) != -EBUSY;
@@ -1141,10 +1181,13 @@ dest_run_once(struct dest *t)
                 dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
                 return;
             }
-            /* No socket, no source address. A pool's source rests alone
-             * while another of the pool may go: the next one now (one
-             * more source held each time round, so this ends). */
-            if (pk.src != NULL && source_open_failed(t, pk.id, h->name, a->sa.sa_family))
+            /* No socket, no source address. A pool's source whose own
+             * failure it was (its address, why.source) rests alone while
+             * another of the pool may go: the next one now (one more
+             * source held each time round, so this ends). No socket at
+             * all is the node's, not a source's: as without a pool. */
+            if (pk.src != NULL && why.source[0] != '\0' &&
+                source_open_failed(t, pk.id, h->name, a->sa.sa_family))
                 continue;
             dest_open_failed(t, &why);
             return;
@@ -1327,7 +1370,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     /* c's MX host is no longer t's (a refresh moved it): none of t's
      * mail, but another domain of the site that waits, or goodbye. */
     bool gone = !dest_names_mx(t, c);
-    if (!gone && c->nmsgs != 0 && !fairq_empty(&t->q)) {
+    if (!gone && c->nmsgs != 0 && !c->idled && !fairq_empty(&t->q)) {
+        /* (Not one just handed from the site's idle list to t: t's
+         * run, site_wake's, asked for it.) */
         struct dest *w = conn_give_turn(c, t);
         if (w != NULL) {
             t = w;

@@ -179,12 +179,12 @@ name_cmp(const void *a, const void *b)
 
 void
 site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen,
-         const char *(*alias)(const void *arg, const char *name), const void *arg)
+         const char *(*alias)(const void *arg, const struct dns_mx_host *h), const void *arg)
 {
     const char *names[64];
     unsigned n = 0;
     for (unsigned i = 0; i < mx->nhosts && n < 64; i++) {
-        const char *a = alias != NULL ? alias(arg, mx->hosts[i].name) : NULL;
+        const char *a = alias != NULL ? alias(arg, &mx->hosts[i]) : NULL;
         names[n++] = a != NULL ? a : mx->hosts[i].name;
     }
     qsort(names, n, sizeof(names[0]), name_cmp);

@@ -195,10 +195,12 @@ void sites_addrs_fini(struct sites *s);
 /* The site key of an answer: its MX host names sorted and joined, and the
  * port. Same hosts, same key, whatever the order or preferences. Names
  * that do not fit before the port are hashed ("#HEX:PORT"): the port is
- * never cut. With alias, each name is alias(arg, name) instead (an
- * [mx] rollup pattern for the hosts it rolls up), NULL meaning the name. */
+ * never cut. With alias, each host's name is alias(arg, host) instead
+ * (an [mx] rollup pattern for the hosts it rolls up), NULL meaning the
+ * name. */
 void site_key(const struct dns_mx_result *mx, unsigned port, char *out, size_t outlen,
-              const char *(*alias)(const void *arg, const char *name), const void *arg);
+              const char *(*alias)(const void *arg, const struct dns_mx_host *h),
+              const void *arg);
 /* The site of key, made on first use with the window given; one more
  * reference. NULL without memory. */
 struct site *site_get(struct sites *s, const char *key, unsigned initial, unsigned ceiling);

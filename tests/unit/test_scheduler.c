@@ -2796,6 +2796,17 @@ source_open_failure_holds_the_source(void **state)
     assert_string_equal(f->last_fail.text,
                         "cannot open a connection from 198.51.100.3: Cannot assign requested address");
     assert_true(f->w.now < z->hold_until);
+    /* No socket at all (EMFILE) is the node's, no source's: pool tx's
+     * source is not held for it; the mail is deferred, the domain held. */
+    uint64_t holds = f->d->stats.source_holds;
+    f->open_err = -EMFILE;
+    f->open_source[0] = '\0';
+    submit_pool("y.test", 1, "tx");
+    answer_pool("y.test", "tx", MX1, A1, 1);
+    assert_int_equal(f->d->stats.source_holds, holds);
+    assert_int_equal(f->failed, 3);
+    assert_string_equal(f->last_fail.text, "cannot open a connection: Too many open files");
+    assert_true(f->w.now < dest_get_pool(f->d, "y.test", intern_id(f->e.names, "tx"))->hold_until);
     fx_free(f);
 }
 
@@ -3432,6 +3443,76 @@ site_turns_share_one_connection(void **state)
     fx_free(f);
 }
 
+/* Two backlogs at a site of one connection, transactions of 10 ms: the
+ * connection goes back and forth every SITE_TURN_MS or so, and each
+ * domain gets about half the transactions. Before, the domain given a
+ * turn was handed back after one transaction (the other's place in line
+ * dated from when it had taken the connection): 1 in 10. */
+static void
+site_turns_between_two_backlogs_are_even(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    for (unsigned i = 0; i < 200; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    for (unsigned i = 0; i < 200; i++)
+        submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *a = dest_get(f->d, "a.test"), *b = dest_get(f->d, "b.test");
+    unsigned na = 0, nb = 0;
+    for (unsigned i = 0; i < 100; i++) {
+        f->w.now += MS_TO_NS(10);
+        na += c->dest == a;
+        nb += c->dest == b;
+        assert_false(
+            txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    assert_int_equal(na + nb, 100);
+    assert_true(na >= 35 && nb >= 35);
+    assert_int_equal(f->opened, 1);
+    fx_free(f);
+}
+
+/* A waiting domain the connection may not carry (tls = required: the
+ * connection was opened under big.test's optional TLS) is passed over
+ * where it waits: it keeps its place on the site's list, for a
+ * connection that may carry it (before, it was taken off the list and
+ * set aside for a second after every transaction). */
+static void
+site_turn_passes_over_a_domain_it_may_not_carry(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n[domain strict.test]\ntls = required\n");
+    for (unsigned i = 0; i < 20; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    submit("strict.test", 1);
+    answer("strict.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *big = dest_get(f->d, "big.test"), *strict = dest_get(f->d, "strict.test");
+    assert_ptr_equal(strict->site, big->site);
+    assert_true(strict->want.on);
+    f->w.now += MS_TO_NS(2 * SITE_TURN_MS);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_ptr_equal(c->dest, big);
+    assert_true(strict->want.on); /* still in line */
+    assert_int_equal(f->d->stats.site_turns, 0);
+    fx_free(f);
+}
+
 /* big.test holds the site's four connections (the address's cap) with a
  * backlog; b.test, also with a backlog, comes behind it. The connections
  * are shared out at once, two each, as they finish their transactions,
@@ -3525,18 +3606,31 @@ rollup_shares_a_site_across_host_names(void **state)
     struct dest *cd = dest_get(f->d, "c.test");
     assert_ptr_not_equal(cd->site, a->site);
     assert_string_equal(cd->site->key, "c-test.other.test:25");
-    /* d.test's host under the pattern has validated TLSA records: its
-     * mail never rides a connection to another host (it would go
+    /* d.test's host under the pattern has validated TLSA records, e.test's
+     * TLSA lookup failed: neither is rolled up (a site of its own), so
+     * their mail never rides a connection to another host (it would go
      * without DANE). */
-    submit("d.test", 1);
-    struct result_host rh = {.name = "d-test.prot.test", .preference = 10, .n4 = 1, .a4 = &A1[0],
-                             .dane = DNS_DANE_SECURE};
-    struct dns_mx_result *r = result_new(DNS_OK, NULL, "d.test", &rh, 1, false);
-    assert_non_null(r);
-    r->expires = UINT64_MAX;
-    struct dest *dd = dest_get(f->d, "d.test");
-    dest_on_mx(dd, r);
-    assert_ptr_equal(dd->site, a->site);
+    static const struct {
+        const char *domain, *host;
+        enum dns_dane dane;
+    } kept[] = {{"d.test", "d-test.prot.test", DNS_DANE_SECURE},
+                {"e.test", "e-test.prot.test", DNS_DANE_TEMPFAIL}};
+    struct dest *dd = NULL;
+    for (unsigned i = 0; i < 2; i++) {
+        submit(kept[i].domain, 1);
+        struct result_host rh = {.name = kept[i].host, .preference = 10, .n4 = 1, .a4 = &A1[0],
+                                 .dane = kept[i].dane};
+        struct dns_mx_result *r = result_new(DNS_OK, NULL, kept[i].domain, &rh, 1, false);
+        assert_non_null(r);
+        r->expires = UINT64_MAX;
+        dd = dest_get(f->d, kept[i].domain);
+        dest_on_mx(dd, r);
+        assert_ptr_not_equal(dd->site, a->site);
+        char key[64];
+        snprintf(key, sizeof(key), "%s:25", kept[i].host);
+        assert_string_equal(dd->site->key, key);
+    }
+    dd = dest_get(f->d, "d.test");
     for (int i = 0; i < 2; i++) { /* b.test's two */
         assert_ptr_equal(c->dest, b);
         assert_false(
@@ -3682,6 +3776,8 @@ main(void)
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turns_even_out_connections),
+        cmocka_unit_test(site_turns_between_two_backlogs_are_even),
+        cmocka_unit_test(site_turn_passes_over_a_domain_it_may_not_carry),
         cmocka_unit_test(rollup_shares_a_site_across_host_names),
         cmocka_unit_test(address_slot_freed_wakes_another_site),
         cmocka_unit_test(address_full_quits_another_sites_idle_connection),

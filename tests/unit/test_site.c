@@ -185,6 +185,32 @@ keys_name_the_hosts(void **state)
     assert_true(a[0] == '#' && strcmp(a + strlen(a) - 3, ":25") == 0);
 }
 
+/* site_key's alias: hosts it names a pattern for are keyed by the
+ * pattern (an [mx] rollup), the others by name; duplicates fold. */
+static const char *
+alias_prot(const void *arg, const struct dns_mx_host *h)
+{
+    size_t n = strlen(h->name), sl = strlen(".prot.test");
+    return n > sl && strcmp(h->name + n - sl, ".prot.test") == 0 ? (const char *)arg : NULL;
+}
+
+static void
+keys_with_an_alias(void **state)
+{
+    (void)state;
+    char a[SITE_KEY_MAX], b[SITE_KEY_MAX];
+    const char *x[] = {"contoso-com.prot.test"}, *y[] = {"fabrikam-com.prot.test"};
+    const char *z[] = {"a-test.prot.test", "backup.example.net", "b-test.prot.test"};
+    site_key(answer(x, 1), 25, a, sizeof(a), alias_prot, "*.prot.test");
+    site_key(answer(y, 1), 25, b, sizeof(b), alias_prot, "*.prot.test");
+    assert_string_equal(a, "*.prot.test:25");
+    assert_string_equal(a, b);
+    site_key(answer(z, 3), 25, a, sizeof(a), alias_prot, "*.prot.test");
+    assert_string_equal(a, "*.prot.test,backup.example.net:25");
+    site_key(answer(x, 1), 25, a, sizeof(a), NULL, NULL);
+    assert_string_equal(a, "contoso-com.prot.test:25");
+}
+
 /* site_addr_take's slot, NULL when refused (errno: why). */
 static struct site_addr *
 take(const struct sites *s, uint32_t src, const union dns_addr *a, unsigned cap, uint64_t now)
@@ -492,6 +518,7 @@ main(void)
         cmocka_unit_test(window_slow_start_then_additive),
         cmocka_unit_test(window_grows_only_when_mail_waits),
         cmocka_unit_test(keys_name_the_hosts),
+        cmocka_unit_test(keys_with_an_alias),
         cmocka_unit_test(sites_and_addresses),
         cmocka_unit_test(v4_mapped_counts_as_its_ipv4_address),
         cmocka_unit_test(cap_is_the_nodes_across_workers),
