@@ -399,7 +399,9 @@ const struct conf_key config_domain_keys[] = {
     {"message_burst", CONF_UINT, DOM(message_burst), 0, 1000000, "0",
      "messages that may go at once beyond the steady rate", NULL},
     {"max_connection_rate", CONF_RATE, DOM(max_connection_rate), 0, 0, "unlimited",
-     "new connections per second, minute or hour; across all nodes with [redis] url", NULL},
+     "new connections per second, minute or hour (an open connection of the site taking up "
+     "the domain's mail opens none); across all nodes with [redis] url",
+     NULL},
     {"connection_burst", CONF_UINT, DOM(connection_burst), 0, 100000, "0",
      "connections that may open at once beyond the steady rate", NULL},
     {"max_messages_per_connection", CONF_UINT, DOM(max_messages_per_connection), 1, 1000000,

@@ -111,6 +111,7 @@ struct limit_req {
     struct limit_key *k;           /* borrowed; NULL once the key was finished */
     enum req_kind kind;
     bool retried;                  /* resent once after NOSCRIPT */
+    bool rated;                    /* CONN: a connection-rate token asked with the lease */
     unsigned want, max;
     uint64_t horizon_us;            /* TAKE: book no slot further ahead */
     uint64_t T_ns;                  /* TAKE: the interval the slots are spaced by */
@@ -613,6 +614,7 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
         k->conn_req = NULL;
         if (v[0] > 0) {
             k->ready_lease = q->lease;
+            k->ready_rated = q->rated;
             k->ready_at = now;
             k->conn_retry_at = 0;
         } else {
@@ -651,13 +653,16 @@ msg_request(struct limits *l, struct limit_key *k, uint64_t now)
     return rc;
 }
 
+/* Ask Redis for a lease of k, with a connection-rate token when rated
+ * (T = 0 tells the script to take none). */
 static int
-conn_request(struct limits *l, struct limit_key *k, uint64_t now)
+conn_request(struct limits *l, struct limit_key *k, uint64_t now, bool rated)
 {
-    uint64_t T = rate_interval(&k->conf.conn_rate);
+    uint64_t T = rated ? rate_interval(&k->conf.conn_rate) : 0;
     struct limit_req *q = req_new(l, k, REQ_CONN);
     if (q == NULL)
         return -ENOMEM;
+    q->rated = rated;
     if (T != 0) {
         T = eff_interval(T, bo_factor(l, k, now), 1);
         q->T_us = (T + 999) / 1000;
@@ -1061,8 +1066,10 @@ lease_push(struct limits *l, struct limit_key *k, uint64_t id)
     return true;
 }
 
-bool
-limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
+/* A lease of k, and a connection-rate token when rated: both or neither. */
+static bool
+conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns,
+             bool rated)
 {
     *retry_at_ns = now_ns;
     if (k->suspended) {
@@ -1071,8 +1078,15 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         l->st.conns_refused++;
         return false;
     }
+    if (k->ready_lease != 0 && rated && !k->ready_rated) {
+        /* Granted for a move (limits_lease_acquire), without the token a
+         * new connection takes: given back, and one with it asked for. */
+        send_release(l, k, k->ready_lease);
+        k->ready_lease = 0;
+    }
     if (k->ready_lease != 0) {
-        /* Granted by Redis for this key: a lease and a rate token. */
+        /* Granted by Redis for this key: a lease (and a rate token, which
+         * a move that takes it wastes). */
         if (!lease_push(l, k, k->ready_lease)) {
             l->st.conns_refused++;
             return false;
@@ -1098,7 +1112,7 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
     if (shared) {
         bool asking = k->conn_req != NULL;
         if (!asking && now_ns >= k->conn_retry_at)
-            asking = conn_request(l, k, now_ns) == 0;
+            asking = conn_request(l, k, now_ns, rated) == 0;
         if (asking || now_ns < k->conn_retry_at) {
             k->want_wake = true;
             *retry_at_ns = asking ? now_ns + l->timeout_ns : k->conn_retry_at;
@@ -1119,7 +1133,7 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         }
     }
     l->st.local_decisions++;
-    uint64_t T0 = rate_interval(&k->conf.conn_rate);
+    uint64_t T0 = rated ? rate_interval(&k->conf.conn_rate) : 0;
     if (T0 != 0) {
         uint64_t T = eff_interval(T0, bo_factor(l, k, now_ns), share);
         uint64_t tau = sat_mul(T, k->conf.conn_burst / share);
@@ -1140,6 +1154,18 @@ limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint
         return false;
     }
     return true;
+}
+
+bool
+limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
+{
+    return conn_acquire(l, k, now_ns, retry_at_ns, true);
+}
+
+bool
+limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
+{
+    return conn_acquire(l, k, now_ns, retry_at_ns, false);
 }
 
 void

@@ -137,6 +137,7 @@ struct limit_key {
     uint64_t shape_T;          /* a shaping action's least message interval, ns; 0: none */
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */
+    bool ready_rated;          /* ready_lease came with a connection-rate token */
 };
 
 /* A limiter on w (borrowed: outlives it). With a redis_url the host is
@@ -171,6 +172,12 @@ unsigned limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uin
  * Every true is matched by one limits_conn_release(). */
 bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
                          uint64_t *retry_at_ns);
+/* An open connection coming to k from another key (a site's connection
+ * moving to another of its domains): a lease only. The receiver sees no
+ * new connection, so no connection-rate token is taken. Released with
+ * limits_conn_release() like the others. */
+bool limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
+                          uint64_t *retry_at_ns);
 void limits_conn_release(struct limits *l, struct limit_key *k);
 /* A 421 or a "rate limited" reply: see above. */
 void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);

@@ -315,8 +315,10 @@ conn_move(struct conn *c, struct dest *t)
         return true;
     if (!conn_may_carry(c, t))
         return false;
+    /* A lease of t's max_connections, but no token of its connection
+     * rate: the receiver sees no new connection. */
     uint64_t retry_at;
-    if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at))
+    if (!limits_lease_acquire(d->lim, &t->lim, d->w->now, &retry_at))
         return false; /* t has its max_connections: those serve it */
     if (c->leased)
         limits_conn_release(d->lim, &old->lim);

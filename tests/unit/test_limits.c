@@ -381,6 +381,44 @@ test_conn_leases_local(void **state)
     limits_free(l);
 }
 
+/* A connection moving to k from another key (limits_lease_acquire) takes
+ * a lease but no connection-rate token: the receiver sees no new
+ * connection. Before, a move spent the token, and the domain's own next
+ * connection waited out its rate. */
+static void
+test_lease_without_rate_token_local(void **state)
+{
+    (void)state;
+    struct limits *l = local_new(NULL);
+    struct limit_key k;
+    struct limit_conf c = {0};
+    c.max_connections = 3;
+    c.conn_rate.count = 1;
+    c.conn_rate.per_ms = 1000;
+    assert_int_equal(limits_key_init(l, &k, "leases.moved", &c, NULL, NULL), 0);
+    uint64_t r, now = BASE;
+    assert_true(limits_lease_acquire(l, &k, now, &r));
+    assert_true(limits_lease_acquire(l, &k, now, &r));
+    /* the token is still there for a new connection */
+    assert_true(limits_conn_acquire(l, &k, now, &r));
+    /* max_connections holds for moves as for new connections */
+    assert_false(limits_lease_acquire(l, &k, now, &r));
+    assert_int_equal(r, UINT64_MAX);
+    limits_conn_release(l, &k);
+    limits_conn_release(l, &k);
+    /* the rate holds for new connections: one a second */
+    assert_false(limits_conn_acquire(l, &k, now + 10 * MSEC, &r));
+    assert_int_equal(r, now + 1000 * MSEC);
+    assert_true(limits_lease_acquire(l, &k, now + 10 * MSEC, &r));
+    struct limits_stats st;
+    limits_stats(l, &st);
+    assert_int_equal(st.leases, 2);
+    limits_conn_release(l, &k);
+    limits_conn_release(l, &k);
+    limits_key_fini(l, &k);
+    limits_free(l);
+}
+
 static void
 test_backoff_and_recovery(void **state)
 {
@@ -780,6 +818,34 @@ until_acquired(struct node *n, void *arg)
     return n->acquired >= target;
 }
 
+/* As until_acquired, with leases for moved connections (no rate token). */
+static bool
+until_leased(struct node *n, void *arg)
+{
+    unsigned target = *(unsigned *)arg;
+    uint64_t r;
+    while (n->acquired < target && limits_lease_acquire(n->l, &n->k, clock_now_ns(), &r))
+        n->acquired++;
+    return n->acquired >= target;
+}
+
+/* Ask for one lease for a move, not waiting for Redis's answer. */
+static void
+lease_ask(struct node *n, void *arg)
+{
+    (void)arg;
+    uint64_t r;
+    if (limits_lease_acquire(n->l, &n->k, clock_now_ns(), &r))
+        n->acquired++;
+}
+
+static bool
+lease_ready(struct node *n, void *arg)
+{
+    (void)arg;
+    return n->k.ready_lease != 0;
+}
+
 static void
 release_one(struct node *n, void *arg)
 {
@@ -963,6 +1029,42 @@ test_shared_leases(void **state)
     assert_true(st.conns_refused > 0);
     node_stop(&a, true);
     node_stop(&b, true);
+}
+
+/* In shared mode a move's lease is asked of Redis without a
+ * connection-rate token; a lease granted so is not taken by a new
+ * connection (which would then skip the rate): it is given back and one
+ * with a token asked for. */
+static void
+test_shared_lease_without_rate_token(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(1);
+    struct limit_conf c = {0};
+    c.max_connections = 5;
+    c.conn_rate.count = 1;
+    c.conn_rate.per_ms = 60000;
+    static struct node a;
+    node_start(&a, 0, "moved.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    unsigned one = 1, two = 2, three = 3;
+    assert_true(node_until(&a, until_acquired, &one, 3000));
+    /* the minute's one token is spent: no second new connection */
+    assert_false(node_until(&a, until_acquired, &two, 500));
+    /* but a connection moving in gets its lease */
+    assert_true(node_until(&a, until_leased, &two, 3000));
+    assert_int_equal(redis_zcard("sluice:{moved.test}:l"), 2);
+    /* a move's lease granted and not yet taken */
+    node_call(&a, lease_ask, NULL);
+    assert_true(node_until(&a, lease_ready, NULL, 3000));
+    assert_int_equal(redis_zcard("sluice:{moved.test}:l"), 3);
+    /* a new connection does not take it: the rate still refuses */
+    assert_false(node_until(&a, until_acquired, &three, 500));
+    assert_int_equal(a.acquired, 2);
+    assert_int_equal(redis_zcard("sluice:{moved.test}:l"), 2);
+    node_stop(&a, true);
 }
 
 static void
@@ -1612,11 +1714,13 @@ main(void)
         cmocka_unit_test(test_unlimited),
         cmocka_unit_test(test_local_share_of_a_spread_key),
         cmocka_unit_test(test_conn_leases_local),
+        cmocka_unit_test(test_lease_without_rate_token_local),
         cmocka_unit_test(test_backoff_and_recovery),
         cmocka_unit_test(test_backoff_conn_rate),
         cmocka_unit_test(test_suspend),
         cmocka_unit_test_teardown(test_shared_msg_rate, redis_teardown),
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),

@@ -3443,6 +3443,54 @@ site_turns_share_one_connection(void **state)
     fx_free(f);
 }
 
+/* A turn moves the connection to small.test, whose max_connection_rate
+ * is one an hour: the move opens no connection at the receiver, so it
+ * takes no token of that rate. Before, the first turn took the hour's
+ * token and the second could not move the connection (small.test's mail
+ * waited behind big.test's backlog for the hour). */
+static void
+site_turn_takes_no_connection_rate_token(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 4\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n"
+                          "[domain small.test]\nmax_connection_rate = 1/h\n");
+    for (unsigned i = 0; i < 20; i++)
+        submit("big.test", 1);
+    answer("big.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    struct dest *big = dest_get(f->d, "big.test");
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    for (unsigned round = 0; round < 3; round++) {
+        submit("small.test", 1);
+        if (round == 0)
+            answer("small.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+        struct dest *small = dest_get(f->d, "small.test");
+        assert_true(small->want.on); /* the address is full */
+        f->w.now += MS_TO_NS(SITE_TURN_MS);
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_ptr_equal(c->dest, small); /* its turn, every time */
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_ptr_equal(c->dest, big);
+    }
+    assert_int_equal(f->d->stats.site_turns, 3);
+    assert_int_equal(f->opened, 1);
+    /* Its token of the hour is still there for a connection of its own. */
+    struct dest *small = dest_get(f->d, "small.test");
+    uint64_t retry;
+    assert_true(limits_conn_acquire(f->d->lim, &small->lim, f->w.now, &retry));
+    limits_conn_release(f->d->lim, &small->lim);
+    fx_free(f);
+}
+
 /* Two backlogs at a site of one connection, transactions of 10 ms: the
  * connection goes back and forth every SITE_TURN_MS or so, and each
  * domain gets about half the transactions. Before, the domain given a
@@ -3775,6 +3823,7 @@ main(void)
         cmocka_unit_test(reuse_lost_after_idle),
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(site_turns_share_one_connection),
+        cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(site_turns_even_out_connections),
         cmocka_unit_test(site_turns_between_two_backlogs_are_even),
         cmocka_unit_test(site_turn_passes_over_a_domain_it_may_not_carry),
