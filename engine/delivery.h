@@ -49,7 +49,7 @@ struct delivery_stats {
                                             * domain (site affinity) */
     uint64_t site_turns;                   /* connections given by a domain with mail left to
                                             * another domain of its site, its turn
-                                            * (outbound/scheduler.c conn_give_turn) */
+                                            * (outbound/site_share.c conn_give_turn) */
     uint64_t source_holds;                 /* a pool's source held at a site (throttled, or
                                             * a connection from it could not be opened) */
     uint64_t shaping_quits;                /* connections that said goodbye as shaping said */

@@ -691,7 +691,7 @@ static const struct dns_mx_host *
 conn_dane(const struct conn *c)
 {
     if (c->tls_pol != -1)
-        return NULL; /* not opened under DANE (scheduler.c dest_tls_key): tls_relaxed mail */
+        return NULL; /* not opened under DANE (site_share.c dest_tls_key): tls_relaxed mail */
     for (unsigned i = 0; c->answer != NULL && i < c->answer->nhosts; i++) {
         const struct dns_mx_host *h = &c->answer->hosts[i];
         if (h->name == c->mx)

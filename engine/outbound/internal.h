@@ -15,7 +15,13 @@
  *                          eviction of idle ones;
  *   outbound/scheduler.c   what a destination does next: resolving,
  *                          which connection a job takes, opening
- *                          connections within the caps, MX rollup;
+ *                          connections within the caps;
+ *   outbound/site_share.c  a site's connections shared by its domains:
+ *                          which site an answer names (MX rollup), the
+ *                          line of domains waiting, moves and turns;
+ *   outbound/mx_address.c  which MX address a new connection goes to,
+ *                          its slot under the per-address cap, freed
+ *                          slots handed on to any site's waiting domains;
  *   outbound/egress.c      the [mx] and [source] limit keys, which source
  *                          of a pool a connection goes from, and what the
  *                          shaping actions allow;
@@ -156,7 +162,7 @@ struct conn {
     struct site *site;    /* owned reference: the site it was opened for */
     unsigned epoch;       /* its site's window epoch when it opened */
     int tls_pol;          /* enum domain_tls it was opened with, or -1 for DANE
-                           * (scheduler.c dest_tls_key): a domain it moves to
+                           * (site_share.c dest_tls_key): a domain it moves to
                            * must have the same */
     struct site_addr *slot; /* its slot in the node's per-address table (site.h);
                              * NULL: not counted (no memory for the entry) */
@@ -669,10 +675,51 @@ void sched_fini(struct delivery *d);
 
 /* The scheduler's one decision point (see scheduler.c). */
 void dest_run(struct dest *t);
+/* Is t suspended, by the operator or with its pool? */
+bool dest_paused(const struct dest *t);
+
+/* ---- outbound/site_share.c: a site's connections shared by its domains ---- */
+
+/* t joins the site its answer names (once per answer; MX rollup). */
+void dest_site(struct dest *t);
+/* The TLS a connection to MX host mx must be opened under to carry t's
+ * mail: t's policy, or TLS_KEY_DANE for a host with validated TLSA. */
+#define TLS_KEY_DANE (-1)
+int dest_tls_key(const struct dest *t, const char *mx);
+/* Does t's answer name c's MX host (or roll it up)? Not after a refresh
+ * moved t to other hosts. */
+bool dest_names_mx(const struct dest *t, const struct conn *c);
+/* t waits for a connection of its site, in arrival order. */
+void want_push(struct dest *t);
 /* t leaves its site's list of destinations waiting for a connection. */
 void dest_want_remove(struct dest *t);
+/* Hand connection c to t, a domain of its site: false when c may not
+ * carry t's mail or t's max_connections refuse the lease. */
+bool conn_move(struct conn *c, struct dest *t);
+/* A waiting domain of c's site, c moved to it; NULL: none can take it. */
+struct dest *conn_take_waiting(struct conn *c);
+/* After a transaction of t with more to send: the waiting domain of the
+ * site t owes a turn, c moved to it; NULL: c stays with t. */
+struct dest *conn_give_turn(struct conn *c, struct dest *t);
 /* Room at site s, or its rest ended: the domains waiting for it run. */
 void site_wake(struct delivery *d, struct site *s);
+
+/* ---- outbound/mx_address.c: the address a new connection goes to ---- */
+
+/* The next address of t's answer at its failover cursor; false when
+ * every address has failed in a row. */
+bool dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr);
+/* a, or for a v4-mapped address its IPv4 one written in *tmp. */
+const union dns_addr *dest_addr_unmapped(const union dns_addr *a, union dns_addr *tmp);
+/* The address's slot (d->slot_taken), or another address of the same
+ * preference with room (*host, *addr changed); false when none has. */
+bool dest_address_room(struct dest *t, const struct dns_mx_host **host,
+                       const union dns_addr **addr);
+/* The slot dest_address_room() took, when no connection opens. */
+void slot_give_back(struct delivery *d);
+/* A slot of this worker's freed: the destinations that found an address
+ * full run, oldest first, until one opens. */
+void addr_wake(struct delivery *d);
 
 /* ---- site affinity (outbound/affinity.c) ---- */
 

@@ -1,0 +1,347 @@
+/*
+ * site_share: a site's connections shared by its domains, on one worker.
+ *
+ * Which site a domain's answer names (dest_site: its MX hosts and port,
+ * its pool, and the pattern of an [mx PATTERN] section with rollup = yes
+ * standing for the hosts it matches); which of a site's connections may
+ * carry a domain's mail (conn_may_carry: the TLS the connection was
+ * opened under, an MX host the domain's MTA-STS policy and answer name);
+ * the line of the site's domains waiting for a connection (want_push, in
+ * arrival order); a connection moving to another domain of its site
+ * (conn_move: the domain's connection lease moves with it, but no token
+ * of its connection rate), taken up by a waiting domain when its own has
+ * nothing to send (conn_take_waiting) or given to one it owes a turn
+ * after a transaction (conn_give_turn: site_turn_owed's rule shares the
+ * connections out evenly); and room at the site waking the domains in
+ * line (site_wake). The scheduler (scheduler.c) calls these from
+ * dest_run and sched_conn_next.
+ *
+ * Threading: the worker's thread.
+ */
+#include <stddef.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/intern.h"
+#include "common/log.h"
+#include "engine/engine.h"
+#include "engine/outbound/internal.h"
+
+/* The pattern of the [mx] section with rollup = yes that matches MX host
+ * name (the first [mx] section that matches it decides); NULL: none. */
+static const char *
+rollup_pattern(const struct config *cfg, const char *name)
+{
+    if (cfg->nmxs == 0)
+        return NULL;
+    const struct mx_policy *m = config_mx(cfg, name);
+    return m != NULL && m->rollup ? m->pattern : NULL;
+}
+
+/* Whether host h of an answer may be rolled up: not when it has
+ * validated TLSA records (its mail goes to it alone, verified so), nor
+ * when their lookup failed (RFC 7672 2.2: the host is not used, and its
+ * mail must not go elsewhere without DANE instead). */
+static bool
+rollup_may(const struct dns_mx_host *h)
+{
+    return h->dane != DNS_DANE_SECURE && h->dane != DNS_DANE_TEMPFAIL;
+}
+
+/* site_key's alias: the rollup pattern standing for host h in the key. */
+static const char *
+rollup_alias(const void *arg, const struct dns_mx_host *h)
+{
+    return rollup_may(h) ? rollup_pattern(arg, h->name) : NULL;
+}
+
+void
+dest_want_remove(struct dest *t)
+{
+    if (t->site != NULL)
+        lru_remove(&t->site->want, &t->want);
+}
+
+/* t waits for a connection of its site: a slot when one closes or the
+ * window grows, or an idle one of another domain. In arrival order: a
+ * domain already waiting keeps its place. */
+void
+want_push(struct dest *t)
+{
+    if (t->site != NULL && !t->want.on) {
+        t->want_since = t->d->w->now;
+        lru_touch(&t->site->want, &t->want);
+    }
+}
+
+static struct dest *
+want_pop(struct site *s)
+{
+    struct lru_node *x = lru_oldest(&s->want);
+    if (x == NULL)
+        return NULL;
+    lru_remove(&s->want, x);
+    return (struct dest *)((char *)x - offsetof(struct dest, want));
+}
+
+/* The site of t's answer, joined when the answer is new; its window's
+ * ceiling raised to t's max_connections then, and after a reload
+ * (delivery_reconfigure asks again). */
+void
+dest_site(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (t->mx == NULL || t->mx->status != DNS_OK || t->site_for == t->mx)
+        return;
+    const struct delivery_config *dc = &d->e->cfg->delivery;
+    char key[SITE_KEY_MAX];
+    const char *pname = t->pool ? intern_name(d->e->names, t->pool) : NULL;
+    size_t pl = 0;
+    if (pname != NULL) {
+        /* A pool's connections are its sources': sites of their own,
+         * "POOL@" before the hosts (spelt, or hashed, in the room left). */
+        pl = strlen(pname);
+        if (pl > 64)
+            pl = 64; /* pool names are at most CONFIG_NAME_MAX */
+        memcpy(key, pname, pl);
+        key[pl++] = '@';
+    }
+    site_key(t->mx, dest_port(t), key + pl, sizeof(key) - pl, rollup_alias, d->e->cfg);
+    /* A pool's site starts with a connection per source at least: each
+     * carries its share (and its warm-up allowance) from the start. */
+    unsigned initial = dc->initial_connections;
+    if (t->poolc != NULL && t->poolc->nsources > initial)
+        initial = t->poolc->nsources;
+    struct site *s = site_get(&d->sites, key, initial, t->pol->max_connections);
+    if (s == NULL)
+        return; /* no memory: keep the old one, ask again with the next answer */
+    t->site_for = t->mx;
+    if (s == t->site) {
+        site_unref(&d->sites, s);
+    } else {
+        dest_want_remove(t);
+        site_unref(&d->sites, t->site);
+        t->site = s;
+    }
+    /* the highest max_connections of the site's domains */
+    if (s->win.ceiling < t->pol->max_connections)
+        site_window_set_ceiling(&s->win, t->pol->max_connections);
+}
+
+/* The TLS a connection to MX host mx must have to carry t's mail: t's
+ * policy, or DANE when t's own answer holds validated TLSA records for the
+ * host (RFC 7672). Domains of one site may differ there: a signed domain
+ * and an unsigned one naming the same MX host (DANE applies only through
+ * a validated MX answer), so an opportunistic connection opened for the
+ * one must not carry the other's mail. */
+int
+dest_tls_key(const struct dest *t, const char *mx)
+{
+    for (unsigned i = 0; t->mx != NULL && !t->tls_relaxed && i < t->mx->nhosts; i++)
+        if (strcmp(t->mx->hosts[i].name, mx) == 0)
+            return t->mx->hosts[i].dane == DNS_DANE_SECURE ? TLS_KEY_DANE : dest_tls(t);
+    return dest_tls(t);
+}
+
+/* Does t's answer name MX host mx? Not when a refresh of it (dest_mx_refresh)
+ * moved the domain to other hosts: a connection open to one of the old
+ * finishes its transaction and takes no more of t's mail. By name, as
+ * sites are: an address that changed under the same name is the new
+ * connections' (a large provider's MX host answers one of many addresses
+ * per query: one compared by address would retire every connection of
+ * the domain at each refresh). Without an answer (being asked again),
+ * as before: yes. Under an [mx] rollup, any host the pattern rolls up
+ * into c's site names c's. */
+bool
+dest_names_mx(const struct dest *t, const struct conn *c)
+{
+    if (t->mx == NULL || c->answer == t->mx)
+        return true;
+    for (unsigned i = 0; i < t->mx->nhosts; i++)
+        if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)
+            return true;
+    /* An [mx] rollup: a host of t's answer that the same pattern rolls
+     * up into c's site stands for c's, unless DANE keeps it apart
+     * (rollup_may). */
+    const struct config *cfg = t->d->e->cfg;
+    const char *ra = c->site == t->site ? rollup_pattern(cfg, c->mx) : NULL;
+    for (unsigned i = 0; ra != NULL && i < t->mx->nhosts; i++)
+        if (rollup_may(&t->mx->hosts[i]) && rollup_pattern(cfg, t->mx->hosts[i].name) == ra)
+            return true;
+    return false;
+}
+
+/* May c carry t's mail as it was opened: t's site, the TLS c was opened
+ * under, an MX host t's MTA-STS policy names and t's answer names (or
+ * rolls up: dest_names_mx)? */
+static bool
+conn_may_carry(const struct conn *c, const struct dest *t)
+{
+    return t->site == c->site && dest_tls_key(t, c->mx) == c->tls_pol &&
+           dest_mx_allowed(t, c->mx) && dest_names_mx(t, c);
+}
+
+/* Hand an idle (or finishing) connection c to domain t of its site: the
+ * domain's connection lease moves with it. False when t's own limits
+ * refuse or its TLS policy differs from the one c was opened with. */
+bool
+conn_move(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    struct dest *old = c->dest;
+    if (old == t)
+        return true;
+    if (!conn_may_carry(c, t))
+        return false;
+    /* A lease of t's max_connections, but no token of its connection
+     * rate: the receiver sees no new connection. */
+    uint64_t retry_at;
+    if (!limits_lease_acquire(d->lim, &t->lim, d->w->now, &retry_at))
+        return false; /* t has its max_connections: those serve it */
+    if (c->leased)
+        limits_conn_release(d->lim, &old->lim);
+    c->leased = true;
+    old->conns--;
+    t->conns++;
+    c->dest = t;
+    if (log_enabled(LOG_DEBUG))
+        log_msg(LOG_DEBUG, "conn=%llx event=conn_moved site=%s from=%s to=%s",
+                (unsigned long long)c->id, c->site->key, old->name,
+                t->name);
+    return true;
+}
+
+/* c moved to t, a domain of its site just taken off the site's list of
+ * those waiting; false when c cannot carry it now. */
+static bool
+conn_take(struct conn *c, struct dest *t)
+{
+    struct delivery *d = c->d;
+    if (fairq_empty(&t->q) || dest_paused(t) || d->w->now < t->hold_until)
+        return false; /* nothing to send, or its resume or hold runs it */
+    if (!shaping_may_move(c, t) || !conn_move(c, t)) {
+        /* c may not carry it (another TLS policy, an MX host its MTA-STS
+         * policy does not name, its limits): off the list, it would wait
+         * for a wake no end of a connection gives it */
+        dest_lim_wait(t, d->w->now + MS_TO_NS(HOLD_MIN_MS));
+        return false;
+    }
+    if (dest_queued(t) > 1)
+        want_push(t); /* more for other idle connections */
+    return true;
+}
+
+/* A domain of c's site that waits for a connection, c moved to it; NULL
+ * when none can take it. */
+struct dest *
+conn_take_waiting(struct conn *c)
+{
+    struct site *s = c->site;
+    struct dest *t;
+    while (s != NULL && (t = want_pop(s)) != NULL)
+        if (conn_take(c, t))
+            return t;
+    return NULL;
+}
+
+/* Whether t, whose connection c just finished a transaction and which has
+ * more to send, owes w (waiting for a connection of the site) a turn:
+ * w holds at least two connections fewer than t, or one fewer and has
+ * waited SITE_TURN_MS. Connections are shared out evenly among the
+ * domains that have mail (max-min), and where there are fewer than
+ * domains (a per-address cap of 1, a small window) they take turns. */
+static bool
+site_turn_owed(const struct dest *t, const struct dest *w, uint64_t now)
+{
+    return w != t && w->conns + 1 <= t->conns &&
+           (w->conns + 1 < t->conns || now - w->want_since >= MS_TO_NS(SITE_TURN_MS));
+}
+
+/* Fair turns inside a site (MX rollup): a backlog of one domain must not
+ * keep the site's connections while another domain of the site waits
+ * behind it (a newsletter to one big mailbox provider's domain ahead of
+ * a password reset to a small domain it hosts: before, the reset waited
+ * for the whole newsletter when the site was at its window or its
+ * address cap). After each transaction, c's domain t gives c to the
+ * first of the oldest SITE_TURN_LOOK waiting domains it owes a turn
+ * (site_turn_owed), and waits in line itself; returns that domain, c
+ * moved to it, or NULL (c stays with t). */
+struct dest *
+conn_give_turn(struct conn *c, struct dest *t)
+{
+    struct site *s = c->site;
+    struct delivery *d = c->d;
+    if (s == NULL || s->want.n == 0 || t->conns < 1)
+        return NULL;
+    unsigned looked = 0;
+    struct lru_node *x = s->want.oldest;
+    while (x != NULL && looked++ < SITE_TURN_LOOK) {
+        struct dest *w = (struct dest *)((char *)x - offsetof(struct dest, want));
+        x = x->next;
+        /* One c may not carry (another TLS policy, an MX host its
+         * MTA-STS policy does not name, a DANE host) keeps its place. */
+        if (!site_turn_owed(t, w, d->w->now) || !conn_may_carry(c, w))
+            continue;
+        lru_remove(&s->want, &w->want);
+        if (!conn_take(c, w))
+            continue;
+        /* Its backlog waits in line, from now: t may have been on the
+         * list since it took a connection (conn_take pushes a domain
+         * with more), and that older time would give c back to it
+         * after one transaction of w's. */
+        dest_want_remove(t);
+        want_push(t);
+        if (log_enabled(LOG_DEBUG))
+            log_msg(LOG_DEBUG, "conn=%llx event=site_turn site=%s from=%s to=%s",
+                    (unsigned long long)c->id, s->key, t->name, w->name);
+        d->stats.site_turns++;
+        return w;
+    }
+    return NULL;
+}
+
+/* Room at site s (a connection closed, the window grew, its rest ended):
+ * let the domains waiting for it run, as many as it has room for. */
+void
+site_wake(struct delivery *d, struct site *s)
+{
+    if (s == NULL || d->stopping)
+        return;
+    s->refs++; /* dest_run may drop the last other reference */
+    /* Every waiting domain that finds room, with no cap on how many: one
+     * left waiting has nothing else to wake it when no connection of the
+     * site is left to end (a resting site whose only one failed: with a
+     * cap of 64, the 65th domain on waited forever, its mail untold).
+     * A domain at its own max_connections (the site's connections are
+     * counted against it: site_allowed) is passed over where it waits,
+     * not run: the next may have room under a cap of its own (before,
+     * they waited for the site's last connection to end). The runs are
+     * bounded by the domains waiting now, so it ends. */
+    size_t runs = s->want.n;
+    struct lru_node *x = s->want.oldest;
+    while (runs > 0 && x != NULL && s->conns < site_window_allowed(&s->win)) {
+        struct dest *t = (struct dest *)((char *)x - offsetof(struct dest, want));
+        if (s->conns >= t->pol->max_connections) {
+            x = x->next;
+            continue;
+        }
+        lru_remove(&s->want, x);
+        runs--;
+        dest_run(t);
+        /* Back on the list: the site could not open one (an address's
+         * slots, a source), nor would it for the others. */
+        if (t->site == s && t->want.on)
+            break;
+        x = s->want.oldest; /* the run may have changed the list */
+    }
+    if (s->conns == 0 && s->want.n > 0) {
+        /* It could not for a reason of its own (its max_connections, the
+         * address slots other workers hold, its source): with nothing of
+         * the site open here, no end of a connection will wake the
+         * others, so each runs again soon by itself. */
+        for (struct lru_node *y = s->want.oldest; y != NULL; y = y->next)
+            dest_lim_wait((struct dest *)((char *)y - offsetof(struct dest, want)),
+                          d->w->now + MS_TO_NS(HOLD_MIN_MS));
+    }
+    site_unref(&d->sites, s);
+}
