@@ -330,6 +330,7 @@ dest_targets(struct dest *t)
     t->targets_for = t->mx;
     t->ntargets = 0;
     t->refused_sts = false;
+    t->refused_self = false;
     const char *why = NULL;
     const struct dns_mx_host *wh = NULL;
     const union dns_addr *wa = NULL;
