@@ -1066,6 +1066,31 @@ lease_push(struct limits *l, struct limit_key *k, uint64_t id)
     return true;
 }
 
+/* k's max_connections for this node at share (at least one); 0: none. */
+static unsigned
+lease_cap(const struct limit_key *k, unsigned share)
+{
+    unsigned max = k->conf.max_connections;
+    if (max == 0)
+        return 0;
+    max /= share;
+    return max ? max : 1;
+}
+
+bool
+limits_conn_full(struct limits *l, struct limit_key *k, uint64_t now_ns)
+{
+    if (k->ready_lease != 0 || k->suspended)
+        return false; /* granted already; a suspension is acquire's to say */
+    bool shared = l->shared && now_ns >= k->local_until;
+    unsigned max = lease_cap(k, shared ? 1 : local_share(l, k));
+    if (max == 0 || k->nleases < max)
+        return false;
+    k->want_wake = true; /* a release wakes the waiters, as after a refusal */
+    l->st.conns_refused++;
+    return true;
+}
+
 /* A lease of k, and a connection-rate token when rated: both or neither. */
 static bool
 conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns,
@@ -1097,17 +1122,12 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
     }
     bool shared = l->shared && now_ns >= k->local_until;
     unsigned share = shared ? 1 : local_share(l, k);
-    unsigned max = k->conf.max_connections;
-    if (max != 0) {
-        max /= share;
-        if (max == 0)
-            max = 1;
-        if (k->nleases >= max) {
-            k->want_wake = true;
-            *retry_at_ns = UINT64_MAX;
-            l->st.conns_refused++;
-            return false;
-        }
+    unsigned max = lease_cap(k, share);
+    if (max != 0 && k->nleases >= max) {
+        k->want_wake = true;
+        *retry_at_ns = UINT64_MAX;
+        l->st.conns_refused++;
+        return false;
     }
     if (shared) {
         bool asking = k->conn_req != NULL;
@@ -1122,14 +1142,12 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         /* Redis would not take the request: decide locally this time,
          * the cap included (above it was checked with the shared one). */
         share = local_share(l, k);
-        if (max != 0) {
-            unsigned m = k->conf.max_connections / share;
-            if (k->nleases >= (m ? m : 1)) {
-                k->want_wake = true;
-                *retry_at_ns = UINT64_MAX;
-                l->st.conns_refused++;
-                return false;
-            }
+        max = lease_cap(k, share);
+        if (max != 0 && k->nleases >= max) {
+            k->want_wake = true;
+            *retry_at_ns = UINT64_MAX;
+            l->st.conns_refused++;
+            return false;
         }
     }
     l->st.local_decisions++;

@@ -172,6 +172,13 @@ unsigned limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uin
  * Every true is matched by one limits_conn_release(). */
 bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
                          uint64_t *retry_at_ns);
+/* Would a new connection of k be refused for its max_connections (this
+ * node's leases; Redis may still refuse one it allows)? Takes nothing;
+ * when true, k's waker runs once a lease is released, as after a
+ * refusal. Asked of every key of a new connection before any takes its
+ * tokens, so that one key's full cap does not spend another's
+ * connection-rate token (they are "both or neither" per key only). */
+bool limits_conn_full(struct limits *l, struct limit_key *k, uint64_t now_ns);
 /* An open connection coming to k from another key (a site's connection
  * moving to another of its domains): a lease only. The receiver sees no
  * new connection, so no connection-rate token is taken. Released with

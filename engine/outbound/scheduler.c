@@ -641,20 +641,33 @@ dest_run_once(struct dest *t)
             dest_lim_wait(t, pk.until);
             return;
         }
+        struct mxkey *mk = dest_mxkey(t);
+        struct mxkey *sk = src_key(d, pk.src, a->sa.sa_family); /* a: the address it takes */
+        /* An [mx] or [source] cap that is full: wait for its slot before
+         * any key takes a token (t's connection rate spent on a
+         * connection that did not open would hold t back after the slot
+         * came free). */
+        struct mxkey *full = mk != NULL && limits_conn_full(d->lim, &mk->lim, d->w->now) ? mk
+                             : sk != NULL && limits_conn_full(d->lim, &sk->lim, d->w->now)
+                                 ? sk
+                                 : NULL;
+        if (full != NULL) {
+            slot_give_back(d);
+            mx_wait(full, t, UINT64_MAX);
+            return;
+        }
         uint64_t retry_at;
         if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
             dest_lim_wait(t, retry_at);
             return;
         }
-        struct mxkey *mk = dest_mxkey(t);
         if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
             limits_conn_release(d->lim, &t->lim);
             mx_wait(mk, t, retry_at);
             return;
         }
-        struct mxkey *sk = src_key(d, pk.src, a->sa.sa_family); /* a: the address it takes */
         if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
             limits_conn_release(d->lim, &t->lim);

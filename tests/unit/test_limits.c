@@ -404,7 +404,10 @@ test_lease_without_rate_token_local(void **state)
     /* max_connections holds for moves as for new connections */
     assert_false(limits_lease_acquire(l, &k, now, &r));
     assert_int_equal(r, UINT64_MAX);
+    /* and is told without taking anything */
+    assert_true(limits_conn_full(l, &k, now));
     limits_conn_release(l, &k);
+    assert_false(limits_conn_full(l, &k, now));
     limits_conn_release(l, &k);
     /* the rate holds for new connections: one a second */
     assert_false(limits_conn_acquire(l, &k, now + 10 * MSEC, &r));

@@ -3491,6 +3491,40 @@ site_turn_takes_no_connection_rate_token(void **state)
     fx_free(f);
 }
 
+/* An [mx] cap that is full refuses a domain's new connection before the
+ * domain's own connection-rate token is taken. Before, b.test (one
+ * connection an hour) spent its token when it found the cap full, and
+ * when a.test's connection ended it waited out the hour. */
+static void
+full_mx_cap_takes_no_connection_rate_token(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[domain *]\nmax_connections = 10\n"
+                          "[domain b.test]\nmax_connection_rate = 1/h\n"
+                          "[mx *.hoster.test]\nmax_connections = 1\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_ptr_not_equal(b->site, dest_get(f->d, "a.test")->site);
+    assert_int_equal(f->opened, 1); /* the [mx] cap is full: b.test waits */
+    /* a.test's connection delivers, and gives the cap's slot back */
+    struct conn *x = f->open[0];
+    enum sched_next what;
+    conn_ready(x, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(x, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(x, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    conn_gone(x, NULL);
+    /* b.test opens at once, its token of the hour still there */
+    assert_int_equal(f->opened, 2);
+    assert_int_equal(b->conns, 1);
+    fx_free(f);
+}
+
 /* Two backlogs at a site of one connection, transactions of 10 ms: the
  * connection goes back and forth every SITE_TURN_MS or so, and each
  * domain gets about half the transactions. Before, the domain given a
@@ -3824,6 +3858,7 @@ main(void)
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
+        cmocka_unit_test(full_mx_cap_takes_no_connection_rate_token),
         cmocka_unit_test(site_turns_even_out_connections),
         cmocka_unit_test(site_turns_between_two_backlogs_are_even),
         cmocka_unit_test(site_turn_passes_over_a_domain_it_may_not_carry),
