@@ -18,6 +18,7 @@
  *
  * Threading: the worker's thread.
  */
+#include <arpa/inet.h>
 #include <stddef.h>
 #include <string.h>
 #include <strings.h>
@@ -143,8 +144,9 @@ dest_tls_key(const struct dest *t, const char *mx)
     return dest_tls(t);
 }
 
-/* Does t's answer name MX host mx? Not when a refresh of it (dest_mx_refresh)
- * moved the domain to other hosts: a connection open to one of the old
+/* Does t's answer name c's MX host, at c's port? Not when a refresh of it
+ * (dest_mx_refresh) moved the domain to other hosts, nor after a reload
+ * moved its route to another port: a connection open to one of the old
  * finishes its transaction and takes no more of t's mail. By name, as
  * sites are: an address that changed under the same name is the new
  * connections' (a large provider's MX host answers one of many addresses
@@ -155,7 +157,13 @@ dest_tls_key(const struct dest *t, const char *mx)
 bool
 dest_names_mx(const struct dest *t, const struct conn *c)
 {
-    if (t->mx == NULL || c->answer == t->mx)
+    if (t->mx == NULL)
+        return true;
+    /* A reload moved t's route to another port of the same host. */
+    if (ntohs(c->addr.sa.sa_family == AF_INET6 ? c->addr.sin6.sin6_port : c->addr.sin.sin_port) !=
+        dest_port(t))
+        return false;
+    if (c->answer == t->mx)
         return true;
     for (unsigned i = 0; i < t->mx->nhosts; i++)
         if (strcasecmp(t->mx->hosts[i].name, c->mx) == 0)

@@ -713,6 +713,47 @@ window_opens_and_grows(void **state)
     fx_free(f);
 }
 
+/* A reload that moves a domain's route to another port of the same host
+ * retires its connections to the old port after their transaction; its
+ * next connection goes to the new one. Before, only the host names were
+ * compared: the connections to the old port carried its mail on until
+ * they ended (max_messages_per_connection, or their idle timeout). */
+static void
+route_port_change_retires_old_connections(void **state)
+{
+    (void)state;
+    static const char *relay[] = {"relay.test"};
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain r.test]\nroute = relay.test:2525\n");
+    for (int i = 0; i < 10; i++)
+        submit("r.test", 1);
+    answer("r.test", DNS_OK, relay, (unsigned[]){0}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    assert_string_equal(f->opened_to[0], "relay.test 192.0.2.1:2525");
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+
+    struct config *old = f->cfg;
+    setup_conf(f, "[delivery]\ninitial_connections = 1\n"
+                  "[domain r.test]\nroute = relay.test:587\n");
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+    answer("r.test", DNS_OK, relay, (unsigned[]){0}, A1, 1); /* asked again */
+
+    /* The transaction on the old port ends: the connection goes. */
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    assert_string_equal(c->quit_why, "mx_changed");
+    conn_gone(c, NULL);
+    assert_true(f->opened >= 2);
+    assert_string_equal(f->opened_to[f->opened - 1], "relay.test 192.0.2.1:587");
+    fx_free(f);
+}
+
 /* A reload that raises a domain's max_connections raises its site's
  * ceiling: the window grows past the old cap as transactions complete
  * while mail waits. Before the fix the ceiling was set only when a domain
@@ -3858,6 +3899,7 @@ main(void)
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
+        cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(full_mx_cap_takes_no_connection_rate_token),
         cmocka_unit_test(site_turns_even_out_connections),
         cmocka_unit_test(site_turns_between_two_backlogs_are_even),
