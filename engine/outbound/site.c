@@ -29,11 +29,12 @@ site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
 void
 site_window_set_ceiling(struct site_window *w, unsigned ceiling)
 {
+    unsigned old = w->ceiling;
     w->ceiling = ceiling ? ceiling : 1;
     if (w->cwnd > w->ceiling)
         w->cwnd = w->ceiling;
-    if (w->ssthresh > w->ceiling)
-        w->ssthresh = w->ceiling;
+    if (w->ssthresh > w->ceiling || (w->ceiling > old && w->ssthresh >= old))
+        w->ssthresh = w->ceiling; /* no failure set it: slow start up to the new one */
 }
 
 unsigned

@@ -69,6 +69,40 @@ window_slow_start_then_additive(void **state)
     assert_int_equal(site_window_allowed(&w), 3);
 }
 
+/* A higher ceiling (a reload raising max_connections, or a domain with a
+ * higher one joining the site) keeps a window that never failed in slow
+ * start up to it; one that failed stays additive. Before, the threshold
+ * stayed at the old ceiling: 20 connections more took some 500
+ * transactions where they take 20. */
+static void
+window_raised_ceiling_keeps_slow_start(void **state)
+{
+    (void)state;
+    struct site_window w;
+    site_window_init(&w, 4, 20);
+    site_window_on_ready(&w, 20000000);
+    for (unsigned i = 0; i < 30; i++) {
+        site_window_on_wait(&w, 50000000);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 20);
+    site_window_set_ceiling(&w, 40);
+    for (unsigned i = 0; i < 20; i++) {
+        site_window_on_wait(&w, 50000000);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 40);
+    /* After a failure the threshold is the failure's, whatever the ceiling. */
+    assert_true(site_window_on_failure(&w, w.epoch));
+    assert_int_equal(site_window_allowed(&w), 20);
+    site_window_set_ceiling(&w, 80);
+    for (unsigned i = 0; i < 20; i++) {
+        site_window_on_wait(&w, 50000000);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 20);
+}
+
 /* The window grows only for mail that waited longer than twice the
  * time a connection of the site takes to open: the connections there are
  * served the rest as soon. */
@@ -516,6 +550,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(window_slow_start_then_additive),
+        cmocka_unit_test(window_raised_ceiling_keeps_slow_start),
         cmocka_unit_test(window_grows_only_when_mail_waits),
         cmocka_unit_test(keys_name_the_hosts),
         cmocka_unit_test(keys_with_an_alias),
