@@ -794,6 +794,7 @@ limits_on_refresh(struct timer *t, void *ctx)
             /* Granted but nobody came for it: give the slot back. */
             send_release(l, k, k->ready_lease);
             k->ready_lease = 0;
+            k->ready_rated = false;
         }
         send_refresh(l, k);
     }
@@ -1077,26 +1078,13 @@ lease_cap(const struct limit_key *k, unsigned share)
     return max ? max : 1;
 }
 
-bool
-limits_conn_full(struct limits *l, struct limit_key *k, uint64_t now_ns)
-{
-    if (k->ready_lease != 0 || k->suspended)
-        return false; /* granted already; a suspension is acquire's to say */
-    bool shared = l->shared && now_ns >= k->local_until;
-    unsigned max = lease_cap(k, shared ? 1 : local_share(l, k));
-    if (max == 0 || k->nleases < max)
-        return false;
-    k->want_wake = true; /* a release wakes the waiters, as after a refusal */
-    l->st.conns_refused++;
-    return true;
-}
-
 /* A lease of k, and a connection-rate token when rated: both or neither. */
 static bool
 conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns,
              bool rated)
 {
     *retry_at_ns = now_ns;
+    k->undo = LIMIT_UNDO_NONE;
     if (k->suspended) {
         k->want_wake = true;
         *retry_at_ns = UINT64_MAX;
@@ -1116,7 +1104,8 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
             l->st.conns_refused++;
             return false;
         }
-        k->ready_lease = 0;
+        k->ready_lease = 0; /* (ready_rated stays: limits_conn_unacquire's) */
+        k->undo = LIMIT_UNDO_READY;
         l->st.batch_decisions++;
         return true;
     }
@@ -1164,6 +1153,8 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
             l->st.conns_refused++;
             return false;
         }
+        k->undo_tat = k->conn_tat;
+        k->undo = LIMIT_UNDO_TAT;
         k->conn_tat = tat; /* both or neither */
         return true;
     }
@@ -1171,6 +1162,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         l->st.conns_refused++;
         return false;
     }
+    k->undo = LIMIT_UNDO_LEASE;
     return true;
 }
 
@@ -1184,6 +1176,28 @@ bool
 limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
 {
     return conn_acquire(l, k, now_ns, retry_at_ns, false);
+}
+
+void
+limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns)
+{
+    if (k->undo == LIMIT_UNDO_NONE || k->nleases == 0) {
+        log_msg(LOG_ERR, "event=limits_bug key=%s reason=unacquire_without_acquire", k->name);
+        return;
+    }
+    uint64_t id = k->leases[--k->nleases];
+    l->leases--;
+    l->st.conns_granted--;
+    if (k->undo == LIMIT_UNDO_READY && k->ready_lease == 0) {
+        /* Redis's grant, its token taken there: kept for the next. */
+        k->ready_lease = id;
+        k->ready_at = now_ns;
+    } else {
+        send_release(l, k, id);
+        if (k->undo == LIMIT_UNDO_TAT)
+            k->conn_tat = k->undo_tat;
+    }
+    k->undo = LIMIT_UNDO_NONE;
 }
 
 void

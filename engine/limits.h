@@ -107,6 +107,14 @@ struct limit_conf {
 
 typedef void limit_wake_fn(void *arg);
 
+/* What limits_conn_unacquire() gives back. */
+enum limit_undo {
+    LIMIT_UNDO_NONE,  /* no acquire to undo */
+    LIMIT_UNDO_LEASE, /* a lease alone (no rate, or a move's) */
+    LIMIT_UNDO_TAT,   /* a lease and a local connection-rate token */
+    LIMIT_UNDO_READY, /* the lease Redis granted (with its token, when ready_rated) */
+};
+
 /* Owned by the caller; set up with limits_key_init(). Fields are private
  * to limits.c except where noted. */
 #define LIMIT_KEY_INLINE 48
@@ -121,6 +129,7 @@ struct limit_key {
     struct limits *l;          /* borrowed; NULL once finished */
     struct limit_key *prev, *next; /* on l's list */
     uint64_t msg_tat, conn_tat; /* local GCRA: theoretical arrival times */
+    uint64_t undo_tat;         /* conn_tat before the last acquire (LIMIT_UNDO_TAT) */
     unsigned held;             /* shared: message tokens booked in Redis, unused */
     uint64_t held_slot;        /* ...the next one is due then */
     uint64_t held_T;           /* ...and each further one held_T later */
@@ -138,6 +147,7 @@ struct limit_key {
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */
     bool ready_rated;          /* ready_lease came with a connection-rate token */
+    uint8_t undo;              /* what the last successful acquire took (enum limit_undo) */
 };
 
 /* A limiter on w (borrowed: outlives it). With a redis_url the host is
@@ -172,19 +182,19 @@ unsigned limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uin
  * Every true is matched by one limits_conn_release(). */
 bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
                          uint64_t *retry_at_ns);
-/* Would a new connection of k be refused for its max_connections (this
- * node's leases; Redis may still refuse one it allows)? Takes nothing;
- * when true, k's waker runs once a lease is released, as after a
- * refusal. Asked of every key of a new connection before any takes its
- * tokens, so that one key's full cap does not spend another's
- * connection-rate token (they are "both or neither" per key only). */
-bool limits_conn_full(struct limits *l, struct limit_key *k, uint64_t now_ns);
 /* An open connection coming to k from another key (a site's connection
  * moving to another of its domains): a lease only. The receiver sees no
  * new connection, so no connection-rate token is taken. Released with
  * limits_conn_release() like the others. */
 bool limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
                           uint64_t *retry_at_ns);
+/* The lease and token k's last successful acquire just took, given back:
+ * the connection did not open after all (another of its keys refused, or
+ * the open failed). Local: the token is returned to the rate. Shared: a
+ * lease Redis granted with its token stays ready for k's next acquire
+ * (the refresh timer gives it back after ttl/3 unused). Only right after
+ * that acquire, before any other call on k. */
+void limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns);
 void limits_conn_release(struct limits *l, struct limit_key *k);
 /* A 421 or a "rate limited" reply: see above. */
 void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);

@@ -473,9 +473,9 @@ struct open_fail {
 /* What the scheduler calls out to. engine/delivery.c wires the worker's
  * resolver, outbound/connection.c and outbound/outcome.c; the scheduler's
  * unit test wires scripts. */
-/* Site affinity (outbound/scheduler.c): a site with this many connections
- * on one worker, or that filled the worker's share of an MX address, is
- * busy, and stays so this long after the last time it was found so. */
+/* Site affinity (outbound/affinity.c; marked from mx_address.c): a site
+ * with this many connections on one worker is busy, and stays so this
+ * long after the last time it was found so. */
 #define SITE_BUSY_CONNS 20
 #define SITE_BUSY_MS    600000
 
@@ -709,6 +709,8 @@ void site_wake(struct delivery *d, struct site *s);
 /* The next address of t's answer at its failover cursor; false when
  * every address has failed in a row. */
 bool dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr);
+/* a with t's port. */
+void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out);
 /* a, or for a v4-mapped address its IPv4 one written in *tmp. */
 const union dns_addr *dest_addr_unmapped(const union dns_addr *a, union dns_addr *tmp);
 /* The address's slot (d->slot_taken), or another address of the same
@@ -735,9 +737,6 @@ void site_mark_busy(const struct dest *t);
  * the limiter's waker will run it). */
 void dest_lim_wait(struct dest *t, uint64_t retry_at);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
-/* a with t's port. */
-void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out);
-
 /* Connections, as the scheduler sees them. */
 /* Count c (zeroed but for what its transport set) as t's new connection
  * to a of host h, on t's site: ids, site, epoch, counters, the worker's

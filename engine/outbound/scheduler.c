@@ -34,8 +34,8 @@
  * connection to a domain of the site waiting behind it when it holds more
  * of the site's connections (site_share.c conn_give_turn: at once when
  * two more, after SITE_TURN_MS when one more), so one domain's backlog
- * does not keep the site's connections from the others. When a transaction or a connection
- * ends, the site's window and the destination's failover cursor learn of
+ * does not keep the site's connections from the others. When a
+ * transaction or a connection ends, the site's window and the destination's failover cursor learn of
  * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
  * waits for a slot runs. A transaction lost at its first command on a
  * reused connection (the receiver's idle close crossing it:
@@ -113,7 +113,7 @@ dest_paused(const struct dest *t)
            (t->pool != 0 && t->d->nsusp != 0 && scope_suspended(t->d, SCOPE_POOL, t->pool, t->d->w->now));
 }
 
-/* ---- sites (outbound/site.h): connections shared by domains ---- */
+/* ---- a site's rest, and the connections it allows a domain (outbound/site.h) ---- */
 
 /* No new connection of site for ms (its domains' site_hold): every
  * address of it failed for one of its domains (failed: how the last one
@@ -643,19 +643,11 @@ dest_run_once(struct dest *t)
         }
         struct mxkey *mk = dest_mxkey(t);
         struct mxkey *sk = src_key(d, pk.src, a->sa.sa_family); /* a: the address it takes */
-        /* An [mx] or [source] cap that is full: wait for its slot before
-         * any key takes a token (t's connection rate spent on a
-         * connection that did not open would hold t back after the slot
-         * came free). */
-        struct mxkey *full = mk != NULL && limits_conn_full(d->lim, &mk->lim, d->w->now) ? mk
-                             : sk != NULL && limits_conn_full(d->lim, &sk->lim, d->w->now)
-                                 ? sk
-                                 : NULL;
-        if (full != NULL) {
-            slot_give_back(d);
-            mx_wait(full, t, UINT64_MAX);
-            return;
-        }
+        /* Each key's lease and connection-rate token, or none: one that
+         * refuses gives back what the keys before it took
+         * (limits_conn_unacquire), tokens included (t's connection rate
+         * spent on a connection an [mx] cap then refused held t back
+         * after the slot came free: an hour, at 1/h). */
         uint64_t retry_at;
         if (!limits_conn_acquire(d->lim, &t->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
@@ -664,15 +656,15 @@ dest_run_once(struct dest *t)
         }
         if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
-            limits_conn_release(d->lim, &t->lim);
+            limits_conn_unacquire(d->lim, &t->lim, d->w->now);
             mx_wait(mk, t, retry_at);
             return;
         }
         if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
-            limits_conn_release(d->lim, &t->lim);
+            limits_conn_unacquire(d->lim, &t->lim, d->w->now);
             if (mk != NULL)
-                limits_conn_release(d->lim, &mk->lim);
+                limits_conn_unacquire(d->lim, &mk->lim, d->w->now);
             mx_wait(sk, t, retry_at);
             return;
         }
@@ -680,11 +672,11 @@ dest_run_once(struct dest *t)
         struct conn *c = d->ops->open(t, h, a, pk.src, pk.id, &why);
         if (c == NULL) {
             slot_give_back(d); /* none if it was attached before it failed */
-            limits_conn_release(d->lim, &t->lim);
-            if (mk != NULL)
-                limits_conn_release(d->lim, &mk->lim);
+            limits_conn_unacquire(d->lim, &t->lim, d->w->now); /* no connection: */
+            if (mk != NULL)                                     /* tokens back too */
+                limits_conn_unacquire(d->lim, &mk->lim, d->w->now);
             if (sk != NULL)
-                limits_conn_release(d->lim, &sk->lim);
+                limits_conn_unacquire(d->lim, &sk->lim, d->w->now);
             if (!policy_open_failed(why.err)) {
                 /* no memory now: try again shortly, or nothing would run t
                  * again but another job for it */

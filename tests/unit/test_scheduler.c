@@ -3566,6 +3566,39 @@ full_mx_cap_takes_no_connection_rate_token(void **state)
     fx_free(f);
 }
 
+/* The reverse: b.test's own connection rate refuses it (its token of the
+ * hour spent) while the [mx] cap is full. It waits on its own timer, not
+ * for the cap's slot, so a.test's connection with nothing more to send
+ * goes idle rather than quitting (limit_wanted) for a domain that could
+ * not take the slot. */
+static void
+rate_refused_domain_does_not_take_the_mx_caps_slot(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[domain *]\nmax_connections = 10\n"
+                          "[domain b.test]\nmax_connection_rate = 1/h\n"
+                          "[mx *.hoster.test]\nmax_connections = 1\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    submit("b.test", 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    uint64_t retry;
+    assert_true(limits_conn_acquire(f->d->lim, &b->lim, f->w.now, &retry));
+    limits_conn_release(f->d->lim, &b->lim); /* its token of the hour: spent */
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    assert_int_equal(f->opened, 1);
+    assert_false(b->mx_waiting);
+    struct conn *x = f->open[0];
+    enum sched_next what;
+    conn_ready(x, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(x, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(x, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    fx_free(f);
+}
+
 /* Two backlogs at a site of one connection, transactions of 10 ms: the
  * connection goes back and forth every SITE_TURN_MS or so, and each
  * domain gets about half the transactions. Before, the domain given a
@@ -3901,6 +3934,7 @@ main(void)
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
         cmocka_unit_test(full_mx_cap_takes_no_connection_rate_token),
+        cmocka_unit_test(rate_refused_domain_does_not_take_the_mx_caps_slot),
         cmocka_unit_test(site_turns_even_out_connections),
         cmocka_unit_test(site_turns_between_two_backlogs_are_even),
         cmocka_unit_test(site_turn_passes_over_a_domain_it_may_not_carry),
