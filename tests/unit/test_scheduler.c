@@ -788,8 +788,8 @@ reload_raises_the_sites_ceiling(void **state)
     assert_int_equal(what, SCHED_NEXT_JOB);
     assert_false(txn_done(c0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
     /* Jobs that waited 31 ms each: the completed transactions earn a
-     * third connection (additive increase past the old ceiling, where
-     * slow start ended), a few rounds at most. */
+     * third connection (slow start goes on past the old ceiling: no
+     * failure ended it), a few rounds at most. */
     for (int round = 0; round < 5 && allowed("a.test") < 3; round++) {
         f->w.now += MS_TO_NS(30);
         conn_ready(c0, &what);
