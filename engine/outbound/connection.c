@@ -364,8 +364,12 @@ conn_next(struct conn *c)
             return;
         }
         if (what == SCHED_NEXT_IDLE) {
-            /* on its site's idle list up to the idle time */
-            conn_deadline(c, c->d->e->cfg->delivery.idle_timeout);
+            /* on its site's idle list up to the idle time; a moment when
+             * another site waits for its [mx] or [source] slot */
+            uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
+            if (c->idle_short && ms > KEY_IDLE_GRACE_MS)
+                ms = KEY_IDLE_GRACE_MS;
+            conn_deadline(c, ms);
             return;
         }
         struct dest *t = c->dest;
@@ -948,7 +952,9 @@ conn_on_timer(struct timer *tm, void *ctx)
     }
     /* idle_timeout: its goodbye, after idling; else the machine's
      * command timeout, which it says goodbye after too */
-    c->quit_why = smtp_client_state(conn_cli(c)) == SMTP_CLIENT_S_IDLE ? "idle_timeout" : "timeout";
+    c->quit_why = smtp_client_state(conn_cli(c)) != SMTP_CLIENT_S_IDLE ? "timeout"
+                  : c->idle_short                                        ? "limit_wanted"
+                                                                         : "idle_timeout";
     conn_handle(c, smtp_client_timeout(conn_cli(c)));
 }
 

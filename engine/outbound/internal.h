@@ -89,6 +89,10 @@
  * once. Those looked at per transaction, oldest first. */
 #define SITE_TURN_MS   100
 #define SITE_TURN_LOOK 8
+/* An idle connection whose [mx] or [source] slot another site waits for
+ * (not owed it: key_slot_owed) keeps it this long for its own site's next
+ * message, then gives it (sched_conn_next). */
+#define KEY_IDLE_GRACE_MS 100
 
 struct dest;
 struct delivery;
@@ -187,6 +191,8 @@ struct conn {
                            * (policy_reuse_lost): its end holds nothing back */
     bool congested;       /* its site learned of a failure of it (sched_conn_congested):
                            * once per connection (a 421 in a transaction, then its end) */
+    bool idle_short;      /* idle while another site waits for its [mx] or [source]
+                           * slot: for KEY_IDLE_GRACE_MS, then goodbye (limit_wanted) */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */

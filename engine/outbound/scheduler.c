@@ -654,10 +654,15 @@ dest_run_once(struct dest *t)
             dest_lim_wait(t, retry_at);
             return;
         }
+        /* Refused by an [mx] or [source] limit: t waits for its slot, and
+         * in its site's line, for a connection of the site with nothing
+         * more to send (conn_take_waiting: one idle does not quit for a
+         * domain of its own site). */
         if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
             limits_conn_unacquire(d->lim, &t->lim, d->w->now);
             mx_wait(mk, t, retry_at);
+            want_push(t);
             return;
         }
         if (sk != NULL && !limits_conn_acquire(d->lim, &sk->lim, d->w->now, &retry_at)) {
@@ -666,6 +671,7 @@ dest_run_once(struct dest *t)
             if (mk != NULL)
                 limits_conn_unacquire(d->lim, &mk->lim, d->w->now);
             mx_wait(sk, t, retry_at);
+            want_push(t);
             return;
         }
         struct open_fail why = {0}; /* err 0 if open says nothing: tried again */
@@ -783,6 +789,33 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     if (d->all)
         d->all->prev_all = c;
     d->all = c;
+}
+
+/* Does a destination of another site wait for a slot of [mx] or [source]
+ * key k (mx_wait), of the oldest KEY_OWED_LOOK waiting? 2: one whose site
+ * holds fewer connections here than c's does, owed c's slot now (the
+ * key's slots are shared out evenly between the sites that want them,
+ * and where there are fewer than sites they take turns); 1: only others,
+ * which c's slot goes to after KEY_IDLE_GRACE_MS idle (c's domain may
+ * have more in a moment); 0: none (its own site's domains ride c:
+ * conn_take_waiting). Before, c gave its slot as it went idle whenever
+ * one waited: two busy sites under one [mx] cap handed connections back
+ * and forth at every moment a queue ran empty. */
+#define KEY_OWED_LOOK 16
+static int
+key_slot_wanted(const struct conn *c, const struct mxkey *k)
+{
+    unsigned looked = 0;
+    int wanted = 0;
+    for (const struct dest *w = k != NULL ? k->waiters : NULL; w != NULL && looked++ < KEY_OWED_LOOK;
+         w = w->next_mxwait) {
+        if (w->site == c->site)
+            continue;
+        if (w->site == NULL || w->site->conns < c->site->conns)
+            return 2;
+        wanted = 1;
+    }
+    return wanted;
 }
 
 struct job *
@@ -925,10 +958,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             return NULL;
         }
         if (j == NULL) {
-            if (fairq_empty(&t->q) && ((c->mxk != NULL && c->mxk->waiters != NULL) ||
-                                    (c->srck != NULL && c->srck->waiters != NULL))) {
-                /* Nothing more here while other domains wait for a slot at
-                 * this MX: give it back now rather than after idling. */
+            int kw = 0;
+            if (fairq_empty(&t->q)) {
+                int m = key_slot_wanted(c, c->mxk), s = key_slot_wanted(c, c->srck);
+                kw = m > s ? m : s;
+            }
+            if (kw == 2) {
+                /* Nothing more here while a site with fewer waits for a
+                 * slot of this MX's or source's limit: give it back now
+                 * rather than after idling. */
                 c->quit_why = "limit_wanted";
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
@@ -943,7 +981,9 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 *what = SCHED_NEXT_QUIT;
                 return NULL;
             }
-            /* Idle: wait for work of any domain of the site. */
+            /* Idle: wait for work of any domain of the site (for a
+             * moment only when another site waits for its key's slot). */
+            c->idle_short = kw == 1;
             c->idled = true;
             c->next_idle = c->site->idle;
             c->site->idle = c;

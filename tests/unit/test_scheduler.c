@@ -3917,6 +3917,72 @@ address_wanted_until_every_waiting_domain_has_a_slot(void **state)
     fx_free(f);
 }
 
+/* Two sites under one [mx] cap of 4 (mx1 and mx2 match *.hoster.test).
+ * a.test's site holds 2, b.test's 2 and b.test waits for a third. a's
+ * connection with nothing more to send keeps its slot for a moment
+ * (idle, idle_short: KEY_IDLE_GRACE_MS) rather than giving it at once: a
+ * new message of a.test rides it. When b's site holds 3 and a's 1, b's
+ * connection with nothing more gives its slot at once. Before, every
+ * connection gave its slot as it went idle whenever a site waited: two
+ * busy sites handed connections back and forth. */
+static void
+mx_cap_slots_shared_evenly_between_sites(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 3\n"
+                          "[domain *]\nmax_connections = 10\n"
+                          "[mx *.hoster.test]\nmax_connections = 4\n");
+    submit("a.test", 1);
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    for (int i = 0; i < 3; i++)
+        submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    struct dest *a = dest_get(f->d, "a.test"), *b = dest_get(f->d, "b.test");
+    assert_int_equal(f->opened, 4); /* the cap: b.test's third waits */
+    assert_true(b->mx_waiting);
+    struct conn *a0 = f->open[0], *a1 = f->open[1];
+    assert_ptr_equal(a0->dest, a);
+    enum sched_next what;
+    for (unsigned i = 0; i < f->nopen; i++) {
+        conn_ready(f->open[i], &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    /* a's connection, done, even shares (2 and 2): idle, for a moment */
+    assert_false(txn_done(a0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(a0, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    assert_true(a0->idle_short);
+    /* a new message of a.test rides it */
+    submit("a.test", 1);
+    assert_int_equal(a->inflight, 2);
+    assert_int_equal(f->opened, 4);
+    /* a's other connection ends: b's site takes the slot (3 and 1) */
+    assert_false(txn_done(a1, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(a1, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE);
+    conn_gone(a1, NULL);
+    assert_int_equal(f->opened, 5);
+    assert_int_equal(b->conns, 3);
+    conn_ready(f->open[f->nopen - 1], &what); /* b's third takes b's third message */
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_int_equal(dest_queued(b), 0);
+    /* a.test wants a second again; b's connection done gives its slot */
+    submit("a.test", 1);
+    assert_true(a->mx_waiting);
+    struct conn *b0 = NULL;
+    for (unsigned i = 0; i < f->nopen && b0 == NULL; i++)
+        if (f->open[i]->dest == b && f->open[i]->job != NULL)
+            b0 = f->open[i];
+    assert_non_null(b0);
+    assert_false(txn_done(b0, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(b0, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    assert_string_equal(b0->quit_why, "limit_wanted");
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -3993,6 +4059,7 @@ main(void)
         cmocka_unit_test(address_slot_freed_wakes_another_site),
         cmocka_unit_test(address_full_quits_another_sites_idle_connection),
         cmocka_unit_test(address_wanted_until_every_waiting_domain_has_a_slot),
+        cmocka_unit_test(mx_cap_slots_shared_evenly_between_sites),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
