@@ -950,6 +950,15 @@ conn_on_timer(struct timer *tm, void *ctx)
         conn_maybe_free(c);
         return;
     }
+    if (c->idle_short && smtp_client_state(conn_cli(c)) == SMTP_CLIENT_S_IDLE &&
+        !sched_conn_key_wanted(c)) {
+        /* the site that waited for its [mx] or [source] slot has one now:
+         * it idles on for the rest of idle_timeout */
+        c->idle_short = false;
+        uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
+        conn_deadline(c, ms > KEY_IDLE_GRACE_MS ? ms - KEY_IDLE_GRACE_MS : 1);
+        return;
+    }
     /* idle_timeout: its goodbye, after idling; else the machine's
      * command timeout, which it says goodbye after too */
     c->quit_why = smtp_client_state(conn_cli(c)) != SMTP_CLIENT_S_IDLE ? "timeout"

@@ -310,6 +310,7 @@ struct dest {
     struct lru_node want;    /* on site->want: waits for a connection */
     uint64_t want_since;     /* monotonic ns it joined site->want (site_turn_owed) */
     struct lru_node addr_want; /* on d->addr_wait: an MX address's slots were taken */
+    uint64_t addr_want_h;    /* ... which: a hash of its owner and address (addr_taken) */
     const struct dns_mx_result *targets_for; /* borrowed, compared only: what ntargets counts */
     unsigned ntargets;       /* its addresses that may be delivered to */
     struct dns_mx_result *mx; /* owned reference */
@@ -775,6 +776,9 @@ void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
 unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
+/* Does a domain of another site still wait for a slot of c's [mx] or
+ * [source] limit? (c idle_short: else it idles on for idle_timeout.) */
+bool sched_conn_key_wanted(const struct conn *c);
 
 /* ---- outbound/egress.c: [mx] and [source] limits, sources, shaping ---- */
 

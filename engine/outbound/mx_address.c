@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "common/hash.h"
 #include "engine/engine.h"
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
@@ -148,16 +149,26 @@ addr_idle_quit(struct delivery *d, const struct site *mine, uint32_t owner,
     return false;
 }
 
-/* t took a slot at address k (port included): it waits for an address
- * no more. The take cleared this worker's want there (site_addr_take);
- * when other destinations of the worker still wait for an address, it
- * stands again for the oldest of them. Before, the first domain served
- * cleared it for all: 1,000 domains with an MX host name each on one
- * server waited for their one-second timers while the connections there
- * went idle, not asked for their slots (1,000 domains ran at 17-21% of
- * one domain's rate, the machine a third busy). One waiting for another
- * address keeps this one wanted until the want ends (2 * HOLD_MIN_MS):
- * an idle connection there may give its slot back for nothing. */
+/* The owner and address (port included) t waits for, as a hash. */
+static uint64_t
+addr_want_hash(uint32_t owner, const union dns_addr *k)
+{
+    unsigned char kk[24];
+    memcpy(kk, &owner, sizeof(owner));
+    size_t kl = site_addr_key(k, kk + sizeof(owner));
+    return hash_bytes(kk, sizeof(owner) + kl);
+}
+
+/* t took a slot at address k (port included) of owner: it waits for an
+ * address no more. The take cleared this worker's want there
+ * (site_addr_take); when another destination of the worker still waits
+ * for that address (of the oldest ADDR_WAIT_LOOK on d->addr_wait, one
+ * with mail), the want stands again, for its site. Before, the first
+ * domain served cleared it for all: 1,000 domains with an MX host name
+ * each on one server waited for their one-second timers while the
+ * connections there went idle, not asked for their slots (the machine a
+ * third busy, 24% of one domain's rate). */
+#define ADDR_WAIT_LOOK 16
 static void
 addr_taken(struct dest *t, uint32_t owner, const union dns_addr *k)
 {
@@ -165,9 +176,17 @@ addr_taken(struct dest *t, uint32_t owner, const union dns_addr *k)
     lru_remove(&d->addr_wait, &t->addr_want);
     if (d->addr_wait.oldest == NULL)
         return;
-    const struct dest *w =
-        (const struct dest *)((const char *)d->addr_wait.oldest - offsetof(struct dest, addr_want));
-    site_addr_want(&d->sites, owner, k, d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS), w->site);
+    uint64_t h = addr_want_hash(owner, k);
+    unsigned looked = 0;
+    for (struct lru_node *x = d->addr_wait.oldest; x != NULL && looked++ < ADDR_WAIT_LOOK;
+         x = x->next) {
+        const struct dest *w =
+            (const struct dest *)((const char *)x - offsetof(struct dest, addr_want));
+        if (w->addr_want_h == h && !fairq_empty(&w->q) && !dest_paused(w)) {
+            site_addr_want(&d->sites, owner, k, d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS), w->site);
+            return;
+        }
+    }
 }
 
 /* The address a new connection of t goes to, and its slot there: the
@@ -202,6 +221,7 @@ dest_address_room(struct dest *t, const struct dns_mx_host **host, const union d
     uint64_t until = d->w->now + 2 * MS_TO_NS(HOLD_MIN_MS);
     site_addr_want(&d->sites, owner, &k, until, t->site);
     union dns_addr first = k;
+    t->addr_want_h = addr_want_hash(owner, &first); /* for addr_taken, if it waits */
     unsigned pref = (*host)->preference, best = cap;
     for (unsigned h = 0; h < t->mx->nhosts; h++) {
         const struct dns_mx_host *x = &t->mx->hosts[h];

@@ -3983,6 +3983,98 @@ mx_cap_slots_shared_evenly_between_sites(void **state)
     fx_free(f);
 }
 
+/* The want that stays after a take is for the address taken, and only
+ * while a domain waits for that address: z.test waits for 192.0.2.2, w.test
+ * takes the slot of 192.0.2.1, and w's connection, done, idles on it (no
+ * one waits there). A want for z's site at 192.0.2.1 would have made it
+ * quit for nothing, and, with two workers, kept slots for this worker
+ * that no domain of it wanted. */
+static void
+address_want_stays_for_its_own_address_only(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\nmax_connections_per_address = 1\n"
+                          "[domain *]\nmax_connections = 10\n");
+    static const char *HX[] = {"x-test.prot.test"}, *HY[] = {"y-test.prot.test"},
+                      *HZ[] = {"z-test.prot.test"}, *HW[] = {"w-test.prot.test"};
+    submit("x.test", 1);
+    answer("x.test", DNS_OK, HX, (unsigned[]){10}, A1, 1);
+    submit("y.test", 1);
+    answer("y.test", DNS_OK, HY, (unsigned[]){10}, A1 + 1, 1);
+    submit("z.test", 1);
+    answer("z.test", DNS_OK, HZ, (unsigned[]){10}, A1 + 1, 1);
+    assert_int_equal(f->opened, 2); /* z.test waits for 192.0.2.2 */
+    struct conn *cx = f->open[0];
+    enum sched_next what;
+    f->w.now += MS_TO_NS(1);
+    conn_ready(cx, &what);
+    assert_false(txn_done(cx, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(cx, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* nobody waits for 192.0.2.1 */
+    submit("w.test", 1);
+    answer("w.test", DNS_OK, HW, (unsigned[]){10}, A1, 1);
+    assert_ptr_equal(f->quit, cx); /* x's idle one goes for w.test */
+    conn_gone(cx, NULL);
+    assert_int_equal(f->opened, 3);
+    struct conn *cw = f->open[f->nopen - 1];
+    assert_ptr_equal(cw->dest, dest_get(f->d, "w.test"));
+    conn_ready(cw, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(cw, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(cw, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* z.test waits for the other address */
+    fx_free(f);
+}
+
+/* A domain of another site waiting for an [mx] cap's slot is seen behind
+ * many of the holding site's own domains (mx_wait puts the newest first;
+ * the site's own ride its connections): b.test waits behind a3..a20.
+ * When a's site has no more, its connection gives its slot to b.test,
+ * which holds none, at once. Counted among the waiters looked at, a's
+ * own domains hid b.test: the connection idled and b.test waited. */
+static void
+mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 20\n"
+                          "[domain *]\nmax_connections = 20\n"
+                          "[mx *.hoster.test]\nmax_connections = 2\n");
+    char name[32];
+    for (int i = 1; i <= 2; i++) {
+        snprintf(name, sizeof(name), "a%d.test", i);
+        submit(name, 1);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    }
+    assert_int_equal(f->opened, 2);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    for (int i = 3; i <= 20; i++) {
+        snprintf(name, sizeof(name), "a%d.test", i);
+        submit(name, 1);
+        answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    }
+    assert_int_equal(f->opened, 2);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_true(b->mx_waiting);
+    /* a's two connections carry a1..a20 (its own waiting domains ride them) */
+    struct conn *c0 = f->open[0], *c1 = f->open[1];
+    enum sched_next what = SCHED_NEXT_JOB;
+    unsigned sent = 0;
+    for (int round = 0; round < 40 && what == SCHED_NEXT_JOB; round++) {
+        struct conn *c = round % 2 ? c1 : c0;
+        if (c->job == NULL) {
+            conn_ready(c, &what);
+            continue;
+        }
+        assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        sent++;
+        conn_ready(c, &what);
+    }
+    assert_true(sent >= 19);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* for b.test, at once */
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -4060,6 +4152,8 @@ main(void)
         cmocka_unit_test(address_full_quits_another_sites_idle_connection),
         cmocka_unit_test(address_wanted_until_every_waiting_domain_has_a_slot),
         cmocka_unit_test(mx_cap_slots_shared_evenly_between_sites),
+        cmocka_unit_test(address_want_stays_for_its_own_address_only),
+        cmocka_unit_test(mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
