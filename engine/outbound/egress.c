@@ -7,7 +7,10 @@
  *   destination behind it (dest_mxkey, src_key), and the keys of shaping
  *   rates ("shape:SRC@GROUP", "shape:tenant:T@GROUP": sched_shape_key).
  *   A destination refused a token waits on the key (mx_wait) and runs
- *   again when the limiter has news.
+ *   again when the limiter has news. A connection with nothing more to
+ *   send gives its slot to a site waiting for one that holds fewer of the
+ *   key's connections, or after a moment idle to one holding as many
+ *   (key_slot_wanted: the slots shared evenly between the sites).
  * - Sources: which egress address of a destination's pool the next
  *   connection goes from (dest_source: per weight, one connection per
  *   source before a second from any, not a held, suspended or warmed-up
@@ -176,6 +179,60 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
         t->next_mxwait = k->waiters;
         k->waiters = t;
     }
+}
+
+/* Connections of site s holding a slot of c's key k: those of c's source
+ * at s for its [source] key, else (the [mx] key of the site's preferred
+ * host) all of s's. This worker's: without [redis] each worker has its
+ * own share of the key. */
+static unsigned
+key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
+{
+    if (s == NULL)
+        return 0;
+    if (k == c->srck && c->src != NULL) {
+        struct site_source *ss = site_source((struct site *)s, c->src_id);
+        return ss != NULL ? ss->conns : 0;
+    }
+    return s->conns;
+}
+
+/* Does a destination of another site, with mail, wait for a slot of
+ * [mx] or [source] key k (mx_wait)? Of KEY_OWED_LOOK such waiters at
+ * most (the list also holds c's own site's domains, which ride c:
+ * conn_take_waiting, and domains served since, not counted; at most
+ * KEY_WAIT_WALK entries walked). 2: one whose site holds fewer of the
+ * key's connections than c's does, owed c's slot now (the slots are
+ * shared out evenly between the sites that want them, and where there
+ * are fewer than sites they take turns); 1: only others, which c's slot
+ * goes to after KEY_IDLE_GRACE_MS idle (c's domain may have more in a
+ * moment); 0: none. Before, c gave its slot as it went idle whenever one
+ * waited: two busy sites under one [mx] cap handed connections back and
+ * forth at every moment a queue ran empty. */
+#define KEY_OWED_LOOK 16
+#define KEY_WAIT_WALK 64
+int
+key_slot_wanted(const struct conn *c, const struct mxkey *k)
+{
+    unsigned looked = 0, walked = 0;
+    int wanted = 0;
+    unsigned mine = key_conns(c->site, c, k);
+    for (const struct dest *w = k != NULL ? k->waiters : NULL;
+         w != NULL && looked < KEY_OWED_LOOK && walked++ < KEY_WAIT_WALK; w = w->next_mxwait) {
+        if (w->site == c->site || fairq_empty(&w->q) || dest_paused(w))
+            continue;
+        looked++;
+        if (key_conns(w->site, c, k) < mine)
+            return 2;
+        wanted = 1;
+    }
+    return wanted;
+}
+
+bool
+sched_conn_key_wanted(const struct conn *c)
+{
+    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0;
 }
 
 /* ---- sources: the egress addresses of a destination's pool ---- */

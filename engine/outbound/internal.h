@@ -793,6 +793,10 @@ struct mxkey *src_key(struct delivery *d, const struct mx_policy *src, int fam);
 void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at);
 /* k has news (a slot, a refill): the destinations waiting on it run. */
 void mx_on_wake(void *arg);
+/* Does a domain of another site, with mail, wait for a slot of c's key k?
+ * 2: one whose site holds fewer of k's connections than c's (c's slot is
+ * owed now); 1: only others (after KEY_IDLE_GRACE_MS idle); 0: none. */
+int key_slot_wanted(const struct conn *c, const struct mxkey *k);
 /* May c (of a pool's source) take another transaction at its site? Not
  * while its source is held or suspended, nor while it is ahead of its
  * weighted share of the transactions of the sources that may send. */

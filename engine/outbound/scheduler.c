@@ -791,60 +791,6 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     d->all = c;
 }
 
-/* Connections of site s holding a slot of c's key k: those of c's source
- * at s for its [source] key, else (the [mx] key of the site's preferred
- * host) all of s's. This worker's: without [redis] each worker has its
- * own share of the key. */
-static unsigned
-key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
-{
-    if (s == NULL)
-        return 0;
-    if (k == c->srck && c->src != NULL) {
-        struct site_source *ss = site_source((struct site *)s, c->src_id);
-        return ss != NULL ? ss->conns : 0;
-    }
-    return s->conns;
-}
-
-/* Does a destination of another site, with mail, wait for a slot of
- * [mx] or [source] key k (mx_wait)? Of KEY_OWED_LOOK such waiters at
- * most (the list also holds c's own site's domains, which ride c:
- * conn_take_waiting, and domains served since, not counted; at most
- * KEY_WAIT_WALK entries walked). 2: one whose site holds fewer of the
- * key's connections than c's does, owed c's slot now (the slots are
- * shared out evenly between the sites that want them, and where there
- * are fewer than sites they take turns); 1: only others, which c's slot
- * goes to after KEY_IDLE_GRACE_MS idle (c's domain may have more in a
- * moment); 0: none. Before, c gave its slot as it went idle whenever one
- * waited: two busy sites under one [mx] cap handed connections back and
- * forth at every moment a queue ran empty. */
-#define KEY_OWED_LOOK 16
-#define KEY_WAIT_WALK 64
-static int
-key_slot_wanted(const struct conn *c, const struct mxkey *k)
-{
-    unsigned looked = 0, walked = 0;
-    int wanted = 0;
-    unsigned mine = key_conns(c->site, c, k);
-    for (const struct dest *w = k != NULL ? k->waiters : NULL;
-         w != NULL && looked < KEY_OWED_LOOK && walked++ < KEY_WAIT_WALK; w = w->next_mxwait) {
-        if (w->site == c->site || fairq_empty(&w->q) || dest_paused(w))
-            continue;
-        looked++;
-        if (key_conns(w->site, c, k) < mine)
-            return 2;
-        wanted = 1;
-    }
-    return wanted;
-}
-
-bool
-sched_conn_key_wanted(const struct conn *c)
-{
-    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0;
-}
-
 struct job *
 sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
 {

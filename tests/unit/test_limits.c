@@ -1077,6 +1077,20 @@ test_shared_leases(void **state)
     node_stop(&b, true);
 }
 
+/* One node on key, shared through Redis: 5 connections, one new one a
+ * minute. */
+static void
+start_rated_node(struct node *n, const char *key)
+{
+    struct limits_opts o = shared_opts(1);
+    struct limit_conf c = {0};
+    c.max_connections = 5;
+    c.conn_rate.count = 1;
+    c.conn_rate.per_ms = 60000;
+    node_start(n, 0, key, &o, &c);
+    assert_true(node_until(n, state_is, "connected", 5000));
+}
+
 /* In shared mode a move's lease is asked of Redis without a
  * connection-rate token; a lease granted so is not taken by a new
  * connection (which would then skip the rate): it is given back and one
@@ -1087,14 +1101,8 @@ test_shared_lease_without_rate_token(void **state)
     (void)state;
     if (!redis_setup_or_skip())
         skip();
-    struct limits_opts o = shared_opts(1);
-    struct limit_conf c = {0};
-    c.max_connections = 5;
-    c.conn_rate.count = 1;
-    c.conn_rate.per_ms = 60000;
     static struct node a;
-    node_start(&a, 0, "moved.test", &o, &c);
-    assert_true(node_until(&a, state_is, "connected", 5000));
+    start_rated_node(&a, "moved.test");
     unsigned one = 1, two = 2, three = 3;
     assert_true(node_until(&a, until_acquired, &one, 3000));
     /* the minute's one token is spent: no second new connection */
@@ -1122,14 +1130,8 @@ test_shared_unacquire_keeps_the_grant(void **state)
     (void)state;
     if (!redis_setup_or_skip())
         skip();
-    struct limits_opts o = shared_opts(1);
-    struct limit_conf c = {0};
-    c.max_connections = 5;
-    c.conn_rate.count = 1;
-    c.conn_rate.per_ms = 60000;
     static struct node a;
-    node_start(&a, 0, "undone.test", &o, &c);
-    assert_true(node_until(&a, state_is, "connected", 5000));
+    start_rated_node(&a, "undone.test");
     unsigned one = 1;
     assert_true(node_until(&a, until_acquired, &one, 3000));
     node_call(&a, unacquire_one, NULL);
