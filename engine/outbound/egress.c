@@ -168,6 +168,58 @@ sched_shape_key(struct delivery *d, const char *who, const char *group)
 }
 
 void
+conn_idle_push(struct conn *c)
+{
+    c->next_idle = c->site->idle;
+    c->site->idle = c;
+    c->on_idle = true;
+    if (c->mxk != NULL)
+        c->mxk->idle++;
+    if (c->srck != NULL && c->srck != c->mxk)
+        c->srck->idle++;
+}
+
+void
+conn_idle_unlink(struct conn **pc)
+{
+    struct conn *c = *pc;
+    *pc = c->next_idle;
+    c->next_idle = NULL;
+    c->on_idle = false;
+    if (c->mxk != NULL && c->mxk->idle > 0)
+        c->mxk->idle--;
+    if (c->srck != NULL && c->srck != c->mxk && c->srck->idle > 0)
+        c->srck->idle--;
+}
+
+/* t of site s just began to wait for a slot of k: an idle connection of
+ * this worker that holds one for another site, owed to s now
+ * (key_slot_wanted 2: its site holds more of k's connections than s),
+ * says goodbye, as it would have had t waited when it went idle. Before,
+ * one that went idle while nobody waited kept its slot to the end of
+ * idle_timeout: 10,000 domains on 10 hosts under a cap of 4 delivered
+ * all but the last few in 2 s, and those 5 s later. A waiting site that
+ * holds as many has connections of its own, which carry t (its line). */
+static void
+key_idle_kick(struct delivery *d, struct mxkey *k)
+{
+    if (k->idle == 0)
+        return;
+    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
+        if (!c->on_idle || (c->mxk != k && c->srck != k) || c->want_close || c->closed ||
+            key_slot_wanted(c, k) != 2)
+            continue;
+        for (struct conn **pc = &c->site->idle; *pc != NULL; pc = &(*pc)->next_idle)
+            if (*pc == c) {
+                conn_idle_unlink(pc);
+                c->quit_why = "limit_wanted";
+                d->ops->quit(c);
+                return;
+            }
+    }
+}
+
+void
 mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 {
     if (retry_at != UINT64_MAX) {
@@ -178,6 +230,8 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
         t->mx_waiting = true;
         t->next_mxwait = k->waiters;
         k->waiters = t;
+        if (!fairq_empty(&t->q))
+            key_idle_kick(t->d, k);
     }
 }
 

@@ -193,6 +193,7 @@ struct conn {
                            * once per connection (a 421 in a transaction, then its end) */
     bool idle_short;      /* idle while another site waits for its [mx] or [source]
                            * slot: for KEY_IDLE_GRACE_MS, then goodbye (limit_wanted) */
+    bool on_idle;         /* on its site's idle list (conn_idle_push, conn_idle_unlink) */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
@@ -262,6 +263,8 @@ struct mxkey {
     char pattern[LIMIT_KEY_MAX]; /* "mx:" or "src:" and the section's name */
     struct limit_key lim;
     struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
+    unsigned idle;            /* connections of this worker holding it that are on their
+                               * site's idle list (conn_idle_push, conn_idle_unlink) */
 };
 
 /* Why a destination's last address failed, kept for the deferral of
@@ -793,6 +796,11 @@ struct mxkey *src_key(struct delivery *d, const struct mx_policy *src, int fam);
 void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at);
 /* k has news (a slot, a refill): the destinations waiting on it run. */
 void mx_on_wake(void *arg);
+/* c goes on its site's idle list; *pc (== c) leaves it: the only places
+ * the list changes, so each key c holds counts its idle holders
+ * (struct mxkey idle) for mx_wait. */
+void conn_idle_push(struct conn *c);
+void conn_idle_unlink(struct conn **pc);
 /* Does a domain of another site, with mail, wait for a slot of c's key k?
  * 2: one whose site holds fewer of k's connections than c's (c's slot is
  * owed now); 1: only others (after KEY_IDLE_GRACE_MS idle); 0: none. */

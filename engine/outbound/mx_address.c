@@ -135,8 +135,7 @@ addr_idle_quit(struct delivery *d, const struct site *mine, uint32_t owner,
             continue;
         for (struct conn **pc = &c->site->idle; *pc != NULL; pc = &(*pc)->next_idle)
             if (*pc == c) {
-                *pc = c->next_idle;
-                c->next_idle = NULL;
+                conn_idle_unlink(pc);
                 c->quit_why = "address_wanted";
                 d->ops->quit(c);
                 return true;

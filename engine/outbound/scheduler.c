@@ -460,8 +460,7 @@ dest_run_once(struct dest *t)
                  * machine would refuse it (a client_misuse and a rest of
                  * the destination). Its end (sched_conn_detach) wakes the
                  * site. */
-                *pc = x->next_idle;
-                x->next_idle = NULL;
+                conn_idle_unlink(pc);
                 continue;
             }
             if (x->tls_pol == dest_tls_key(t, x->mx) && dest_mx_allowed(t, x->mx) &&
@@ -474,11 +473,9 @@ dest_run_once(struct dest *t)
             idle_other = true;
             break;
         }
-        *pc = c->next_idle;
-        c->next_idle = NULL;
+        conn_idle_unlink(pc);
         if (!shaping_may_move(c, t) || !conn_move(c, t)) {
-            c->next_idle = site->idle;
-            site->idle = c;
+            conn_idle_push(c);
             break; /* t has its own max_connections already */
         }
         d->ops->resume(c);
@@ -532,8 +529,7 @@ dest_run_once(struct dest *t)
                  * than hold the slot t waits for until its idle time
                  * ends. Its end wakes the site. */
                 struct conn *c = site->idle;
-                site->idle = c->next_idle;
-                c->next_idle = NULL;
+                conn_idle_unlink(&site->idle);
                 d->ops->quit(c);
             }
             want_push(t); /* a slot, or an idle connection, will come */
@@ -958,8 +954,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
              * moment only when another site waits for its key's slot). */
             c->idle_short = kw == 1;
             c->idled = true;
-            c->next_idle = c->site->idle;
-            c->site->idle = c;
+            conn_idle_push(c);
             *what = SCHED_NEXT_IDLE;
             return NULL;
         }
@@ -1105,7 +1100,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     struct site *site = c->site;
     for (struct conn **p = site ? &site->idle : NULL; p != NULL && *p != NULL; p = &(*p)->next_idle)
         if (*p == c) {
-            *p = c->next_idle;
+            conn_idle_unlink(p);
             break;
         }
     /* What the end of this connection means: the failure policy's call

@@ -367,6 +367,13 @@ static void
 fx_free(struct fx *f)
 {
     struct delivery *d = f->d;
+    /* each [mx] or [source] key counts its idle holders right (mx_wait) */
+    for (struct mxkey *k = d->mxkeys; k != NULL; k = k->next) {
+        unsigned idle = 0;
+        for (struct conn *c = d->all; c != NULL; c = c->next_all)
+            idle += c->on_idle && (c->mxk == k || c->srck == k);
+        assert_int_equal(k->idle, idle);
+    }
     d->stopping = true;
     sched_stop(d);
     while (f->nopen > 0)
@@ -4075,6 +4082,53 @@ mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
     fx_free(f);
 }
 
+/* A waiter that comes after the [mx] cap's holder went idle: a.test's
+ * connection, done while nobody waited, idles on the cap's one slot;
+ * b.test, of another site, then has mail and is refused by the cap. a's
+ * idle connection says goodbye at once (its site holds one of the cap's
+ * connections, b's none) and b.test's opens when it has gone. Before,
+ * it held the slot to the end of idle_timeout: the last domains of a
+ * campaign under a shared cap waited 5 s for nothing. */
+static void
+mx_cap_waiter_after_the_holder_went_idle_gets_the_slot(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\nidle_timeout = 5s\n"
+                          "[domain *]\nmax_connections = 10\n"
+                          "[mx *.hoster.test]\nmax_connections = 1\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *ca = f->open[0];
+    enum sched_next what;
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(ca, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_IDLE); /* nobody waits: idle for idle_timeout */
+    assert_false(ca->idle_short);
+    assert_int_equal(f->quits, 0);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_true(b->mx_waiting);
+    assert_int_equal(f->quits, 1); /* a's idle one goes for b.test */
+    assert_ptr_equal(f->quit, ca);
+    assert_string_equal(ca->quit_why, "limit_wanted");
+    conn_gone(ca, NULL);
+    assert_int_equal(f->opened, 2);
+    struct conn *cb = f->open[f->nopen - 1];
+    assert_ptr_equal(cb->dest, b);
+    conn_ready(cb, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* a.test has mail again: b's connection, busy, keeps the slot, and
+     * nothing idle is told to go */
+    submit("a.test", 1);
+    assert_int_equal(f->quits, 1);
+    assert_true(dest_get(f->d, "a.test")->mx_waiting);
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -4154,6 +4208,7 @@ main(void)
         cmocka_unit_test(mx_cap_slots_shared_evenly_between_sites),
         cmocka_unit_test(address_want_stays_for_its_own_address_only),
         cmocka_unit_test(mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own),
+        cmocka_unit_test(mx_cap_waiter_after_the_holder_went_idle_gets_the_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
