@@ -612,6 +612,11 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
             break;
         }
         k->conn_req = NULL;
+        /* the third element: 1 when every lease of the cap is held, 2
+         * when the connection rate refused (absent from older scripts) */
+        k->cap_full = v[0] == 0 && reply->elements >= 3 && reply->element[2] != NULL &&
+                      reply->element[2]->type == REDIS_REPLY_INTEGER &&
+                      reply->element[2]->integer == 1;
         if (v[0] > 0) {
             k->ready_lease = q->lease;
             k->ready_rated = q->rated;
@@ -1210,6 +1215,17 @@ limits_conn_release(struct limits *l, struct limit_key *k)
     uint64_t id = k->leases[--k->nleases];
     l->leases--;
     send_release(l, k, id);
+    /* Shared: the next acquire asks Redis at once, not at the end of a
+     * refusal's poll wait (up to CONN_POLL_MAX_NS): the release goes
+     * ahead of it on the one connection, so a domain of this worker
+     * waiting for the cap gets the lease this connection held. */
+    k->conn_retry_at = 0;
+}
+
+bool
+limits_key_full(const struct limit_key *k)
+{
+    return k->cap_full;
 }
 
 void

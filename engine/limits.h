@@ -147,6 +147,8 @@ struct limit_key {
     bool suspended;
     bool want_wake;            /* a call was refused: wake on news */
     bool ready_rated;          /* ready_lease came with a connection-rate token */
+    bool cap_full;             /* shared: Redis refused the last lease for the cap (every
+                                * lease held), not for the rate */
     uint8_t undo;              /* what the last successful acquire took (enum limit_undo) */
 };
 
@@ -196,6 +198,12 @@ bool limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns
  * that acquire, before any other call on k. */
 void limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns);
 void limits_conn_release(struct limits *l, struct limit_key *k);
+/* Shared mode: was k's last lease refused because every lease of its cap
+ * is held (anywhere), as opposed to its connection rate? Such a refusal
+ * comes with a poll time (*retry_at_ns), not UINT64_MAX; the caller may
+ * also wait for a local release. False in local mode (a full cap there
+ * answers UINT64_MAX). */
+bool limits_key_full(const struct limit_key *k);
 /* A 421 or a "rate limited" reply: see above. */
 void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);
 /* A shaping action (engine/shaping.h, action=rate) lowers k's message

@@ -224,7 +224,11 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 {
     if (retry_at != UINT64_MAX) {
         dest_lim_wait(t, retry_at);
-        return;
+        /* With [redis] a full cap comes with a poll time: t waits on the
+         * key too, so that this worker's idle holders see it and a
+         * release here runs it (limits_key_full). */
+        if (!limits_key_full(&k->lim))
+            return;
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;

@@ -1143,6 +1143,75 @@ test_shared_unacquire_keeps_the_grant(void **state)
     node_stop(&a, true);
 }
 
+/* Asks for one more lease; true once Redis has answered that every
+ * lease of the cap is held (limits_key_full), not the rate. */
+static bool
+until_refused_full(struct node *n, void *arg)
+{
+    (void)arg;
+    uint64_t r;
+    if (limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r)) {
+        n->acquired++;
+        return false;
+    }
+    return n->k.conn_req == NULL && limits_key_full(&n->k);
+}
+
+/* Gives one lease back and asks for one at once: *arg true when the ask
+ * went to Redis (or was granted) rather than waiting out the poll. */
+static void
+release_then_ask(struct node *n, void *arg)
+{
+    limits_conn_release(n->l, &n->k);
+    n->acquired--;
+    uint64_t r;
+    bool got = limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r);
+    n->acquired += got;
+    *(bool *)arg = got || n->k.conn_req != NULL;
+}
+
+/* In shared mode Redis says why it refused a lease: a full cap
+ * (limits_key_full), which the scheduler also waits for on the key, or
+ * the rate. A lease given back here lets the next acquire ask Redis at
+ * once: before, it waited out the refusal's poll time (up to a second),
+ * and a domain of this worker waiting for the cap with it. */
+static void
+test_shared_full_cap_asks_again_after_a_release(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(2);
+    struct limit_conf c = {0};
+    c.max_connections = 2;
+    static struct node a, b;
+    node_start(&a, 0, "fullcap.test", &o, &c);
+    node_start(&b, 1, "fullcap.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    assert_true(node_until(&b, state_is, "connected", 5000));
+    unsigned one = 1;
+    assert_true(node_until(&b, until_acquired, &one, 3000));
+    /* a takes the other lease, then is refused a third: the cap is full */
+    assert_true(node_until(&a, until_refused_full, NULL, 3000));
+    assert_int_equal(a.acquired, 1);
+    assert_true(a.k.conn_retry_at > clock_now_ns()); /* a poll time, not a wake */
+    bool asked = false;
+    node_call(&a, release_then_ask, &asked);
+    assert_true(asked);
+    assert_true(node_until(&a, until_acquired, &one, 3000));
+    assert_int_equal(redis_zcard("sluice:{fullcap.test}:l"), 2);
+    node_stop(&a, true);
+    node_stop(&b, true);
+
+    /* a refusal by the rate is not a full cap */
+    static struct node r;
+    start_rated_node(&r, "ratecap.test");
+    assert_true(node_until(&r, until_acquired, &one, 3000));
+    assert_false(node_until(&r, until_refused_full, NULL, 500));
+    assert_false(limits_key_full(&r.k));
+    node_stop(&r, true);
+}
+
 static void
 test_vanished_node_leases_expire(void **state)
 {
@@ -1799,6 +1868,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
         cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_full_cap_asks_again_after_a_release, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),
