@@ -741,14 +741,14 @@ if __name__ == "__main__":
     # "crash" (the kill -9 rounds and the reload) and "reject" (an
     # endpoint that refuses one event).
     group = sys.argv[3] if len(sys.argv) > 3 else "push"
-    if group == "reject":
-        main([test_400_to_one_event_drops_it_alone])
-    elif group == "crash":
-        main([test_kill9_right_after_delivery_loses_no_event,
-              test_reload_adds_changes_and_removes_sinks,
-              test_suppressed_event_committed_alone_arrives])
-    else:
-        main([test_every_event_of_10000_messages_arrives_signed,
-              test_503_for_a_while_then_accepted, test_receiver_down_across_restart_and_kill9,
-              test_hanging_receiver_does_not_hold_delivery, test_pause_resume_filter_and_metrics,
-              test_redis_stream_and_redis_killed_and_back])
+    groups = {
+        "reject": [test_400_to_one_event_drops_it_alone],
+        "crash": [test_kill9_right_after_delivery_loses_no_event,
+                  test_reload_adds_changes_and_removes_sinks,
+                  test_suppressed_event_committed_alone_arrives],
+        "push": [test_every_event_of_10000_messages_arrives_signed,
+                 test_503_for_a_while_then_accepted, test_receiver_down_across_restart_and_kill9,
+                 test_hanging_receiver_does_not_hold_delivery, test_pause_resume_filter_and_metrics,
+                 test_redis_stream_and_redis_killed_and_back],
+    }
+    main(groups.get(group, groups["push"]), every=[t for g in groups.values() for t in g])

@@ -424,4 +424,5 @@ def test_bounce_parked_by_scope():
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
           test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
-          test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row])
+          test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row,
+          test_source_not_on_this_host_is_held_alone])

@@ -354,4 +354,4 @@ if __name__ == "__main__":
     if GROUP not in tests:
         print(f"unknown group {GROUP}; one of {', '.join(tests)}")
         sys.exit(2)
-    main(tests[GROUP])
+    main(tests[GROUP], every=[t for g in tests.values() for t in g])
