@@ -186,12 +186,12 @@ def main(tests, every=None):
     Every test_ function of the calling file must be in tests, or in
     every when tests is one group of them (a ctest entry per group): one
     left out never runs under ctest (six were, unseen, until 2026-12-05).
-    SLUICE_TESTS=name,... runs those of the file alone, in that order."""
+    SLUICE_INTEG_ONLY=name,... runs those of the file alone, in that order."""
     mod = tests[0].__module__ if tests else None
     g = tests[0].__globals__ if tests else {}
     mine = {n: f for n, f in g.items()
             if n.startswith("test_") and callable(f) and getattr(f, "__module__", None) == mod}
-    only = os.environ.get("SLUICE_TESTS")
+    only = os.environ.get("SLUICE_INTEG_ONLY")
     if only:
         names = [n for n in only.split(",") if n]
         unknown = [n for n in names if n not in mine]
