@@ -44,7 +44,11 @@
 #define FACTOR_MIN 32u    /* 1/32 of it at most */
 #define FACTOR_STEP 256u  /* a quarter of it back per step */
 #define HELD_MIN_NS MS_TO_NS(100)
-#define CONN_POLL_MAX_NS MS_TO_NS(1000) /* leases all taken: ask again within */
+#define CONN_POLL_MAX_NS MS_TO_NS(100) /* leases all taken: ask again within */
+/* How long a refusal for a full cap marks the key wanted ("...:w", the
+ * refused limiter's node id): longer than a waiter's poll, so that the
+ * mark stands while one waits (limits_key_wanted). */
+#define WANT_TTL_MS "1500"
 #define WAIT_MAX_NS MS_TO_NS(60000)     /* a refusal's wait: at least this cap */
 #define BAD_REPLY_LOCAL_NS MS_TO_NS(1000) /* a key decides locally after a bad reply */
 #define SCRIPT_RETRY_NS MS_TO_NS(1000)    /* SCRIPT LOAD refused: ask again after */
@@ -82,6 +86,7 @@ static const char script_text[] =
     "  local T, max, ttl = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[6])\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))\n"
     "  if max > 0 and redis.call('ZCARD', KEYS[3]) >= max then\n"
+    "    redis.call('SET', KEYS[4], ARGV[7], 'PX', " WANT_TTL_MS ")\n"
     "    local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')\n"
     "    return {0, tonumber(first[2]) - now, 1}\n"
     "  end\n"
@@ -91,6 +96,7 @@ static const char script_text[] =
     "  end\n"
     "  redis.call('ZADD', KEYS[3], fmt(now + ttl), ARGV[5])\n"
     "  redis.call('PEXPIRE', KEYS[3], fmt(math.ceil(ttl / 1000) + 1000))\n"
+    "  if redis.call('GET', KEYS[4]) == ARGV[7] then redis.call('DEL', KEYS[4]) end\n"
     "  return {1, 0, 0}\n"
     "elseif op == 'refresh' then\n"
     "  local ttl = tonumber(ARGV[2])\n"
@@ -100,10 +106,14 @@ static const char script_text[] =
     "  return #ARGV - 2\n"
     "elseif op == 'release' then\n"
     "  return redis.call('ZREM', KEYS[3], ARGV[2])\n"
+    "elseif op == 'wanted' then\n"
+    "  local v = redis.call('GET', KEYS[4])\n"
+    "  if v and v ~= ARGV[2] then return {1, 0} end\n"
+    "  return {0, 0}\n"
     "end\n"
     "return redis.error_reply('ERR sluice limits: unknown op')\n";
 
-enum req_kind { REQ_TAKE, REQ_CONN, REQ_REFRESH, REQ_RELEASE };
+enum req_kind { REQ_TAKE, REQ_CONN, REQ_REFRESH, REQ_RELEASE, REQ_WANTED };
 
 struct limit_req {
     struct limit_req *prev, *next; /* on l->reqs */
@@ -315,10 +325,10 @@ fmt_u64(char *buf, size_t len, uint64_t v)
 static int
 req_send(struct limits *l, struct limit_req *q)
 {
-    enum { FIXED = 12 };
-    char keys[3][NAME_MAX_PREFIX + LIMIT_KEY_MAX + 8];
-    static const char suffix[3] = {'m', 'c', 'l'};
-    for (int i = 0; i < 3; i++)
+    enum { FIXED = 16 }; /* EVALSHA sha 4 keys[4] and the most an op sends: conn, 7 */
+    char keys[4][NAME_MAX_PREFIX + LIMIT_KEY_MAX + 8];
+    static const char suffix[4] = {'m', 'c', 'l', 'w'};
+    for (int i = 0; i < 4; i++)
         snprintf(keys[i], sizeof(keys[i]), "%s{%s}:%c", l->prefix, q->name, suffix[i]);
     char num[5][24];
     char member[sizeof(l->node) + 24];
@@ -357,8 +367,8 @@ req_send(struct limits *l, struct limit_req *q)
         ARG("EVAL", 4);
         ARG(script_text, sizeof(script_text) - 1);
     }
-    ARG("3", 1);
-    for (int i = 0; i < 3; i++)
+    ARG("4", 1);
+    for (int i = 0; i < 4; i++)
         ARGS(keys[i]);
     switch (q->kind) {
     case REQ_TAKE:
@@ -382,6 +392,11 @@ req_send(struct limits *l, struct limit_req *q)
         ARGS(num[2]);
         ARGS(member);
         ARGS(num[3]);
+        ARGS(l->node); /* the wanted mark's value (op wanted) */
+        break;
+    case REQ_WANTED:
+        ARG("wanted", 6);
+        ARGS(l->node);
         break;
     case REQ_RELEASE:
         ARG("release", 7);
@@ -526,7 +541,8 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
         refused = true;
     }
     long long v[2] = {0, 0}; /* v[1] may be negative: slots in the past */
-    if (reply != NULL && q->kind <= REQ_CONN && (!reply_ints(reply, 2, v) || v[0] < 0)) {
+    bool ints = q->kind == REQ_TAKE || q->kind == REQ_CONN || q->kind == REQ_WANTED;
+    if (reply != NULL && ints && (!reply_ints(reply, 2, v) || v[0] < 0)) {
         bad_reply(l, q, reply->type != REDIS_REPLY_ARRAY ? "reply_type" : "reply_shape",
                   reply->type == REDIS_REPLY_ARRAY ? (long long)reply->elements : reply->type,
                   2);
@@ -543,6 +559,8 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
                 k->msg_req = NULL;
             else if (q->kind == REQ_CONN)
                 k->conn_req = NULL;
+            else if (q->kind == REQ_WANTED && k->want != NULL)
+                k->want->req = NULL;
             if (refused)
                 k->local_until = now + BAD_REPLY_LOCAL_NS;
             key_wake(k);
@@ -629,6 +647,12 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
             k->conn_retry_at = now + (uint64_t)us * 1000u;
         }
         key_wake(k);
+        break;
+    case REQ_WANTED:
+        if (k != NULL && k->want != NULL) {
+            k->want->req = NULL;
+            k->want->wanted = v[0] > 0;
+        }
         break;
     case REQ_REFRESH:
     case REQ_RELEASE:
@@ -948,6 +972,10 @@ limits_key_fini(struct limits *l, struct limit_key *k)
             k->msg_req->k = NULL;
         if (k->conn_req != NULL)
             k->conn_req->k = NULL;
+        if (k->want != NULL && k->want->req != NULL) {
+            k->want->req->k = NULL;
+            k->want->req = NULL;
+        }
         if (k->prev != NULL)
             k->prev->next = k->next;
         else
@@ -964,6 +992,7 @@ limits_key_fini(struct limits *l, struct limit_key *k)
     k->name = k->name_in;
     k->ready_lease = 0;
     k->msg_req = k->conn_req = NULL;
+    k->want = NULL;
     k->prev = k->next = NULL;
     k->l = NULL;
 }
@@ -1226,6 +1255,25 @@ bool
 limits_key_full(const struct limit_key *k)
 {
     return k->cap_full;
+}
+
+bool
+limits_key_wanted(struct limits *l, struct limit_key *k, struct limit_want *w, uint64_t now_ns)
+{
+    if (!l->shared || k->conf.max_connections == 0 || now_ns < k->local_until)
+        return false;
+    k->want = w;
+    uint64_t poll = MS_TO_NS(LIMIT_WANT_POLL_MS);
+    if (w->at != 0 && now_ns - w->at >= 2 * poll && w->req == NULL)
+        w->wanted = false; /* not asked for a while: what it said is stale */
+    if (w->req == NULL && (w->at == 0 || now_ns - w->at >= poll)) {
+        struct limit_req *q = req_new(l, k, REQ_WANTED);
+        if (q != NULL && req_submit(l, q) == 0) {
+            w->req = q;
+            w->at = now_ns;
+        }
+    }
+    return w->wanted;
 }
 
 void

@@ -30,8 +30,11 @@
  * score = expiry); the script drops expired members and grants a lease and
  * a connection-rate token together or neither; held leases are refreshed
  * every ttl/3 and removed on release, so a node killed with SIGKILL loses
- * its leases after ttl. Redis keys: "<prefix>{<key>}:m|c|l" (one hash tag,
- * so a Redis Cluster keeps a key's three in one slot).
+ * its leases after ttl. A lease refused because every one is held marks
+ * the key wanted for a moment (limits_key_wanted): holders elsewhere with
+ * nothing to send learn of it and give theirs back. Redis keys:
+ * "<prefix>{<key>}:m|c|l|w" (one hash tag, so a Redis Cluster keeps a
+ * key's four in one slot).
  *
  * Redis unreachable or slow (a command timeout): decisions stay local at a
  * conservative share: rates and max connections divided by the expected
@@ -115,6 +118,15 @@ enum limit_undo {
     LIMIT_UNDO_READY, /* the lease Redis granted (with its token, when ready_rated) */
 };
 
+/* What limits_key_wanted() knows of a key's wanted mark: the caller's,
+ * beside the key, for the keys it asks of (an [mx] or [source] key; a
+ * domain's key does not carry it). Zeroed before the first call. */
+struct limit_want {
+    struct limit_req *req; /* in flight */
+    uint64_t at;           /* asked then; 0: never */
+    bool wanted;           /* the last answer */
+};
+
 /* Owned by the caller; set up with limits_key_init(). Fields are private
  * to limits.c except where noted. */
 #define LIMIT_KEY_INLINE 48
@@ -131,16 +143,17 @@ struct limit_key {
     uint64_t msg_tat, conn_tat; /* local GCRA: theoretical arrival times */
     uint64_t undo_tat;         /* conn_tat before the last acquire (LIMIT_UNDO_TAT) */
     unsigned held;             /* shared: message tokens booked in Redis, unused */
+    uint32_t bo_factor;        /* rate scale in 1/1024; 1024: no backoff */
     uint64_t held_slot;        /* ...the next one is due then */
     uint64_t held_T;           /* ...and each further one held_T later */
     uint64_t msg_retry_at, conn_retry_at; /* shared: Redis said not before */
     uint64_t local_until;      /* shared: a bad reply; decide locally until then */
     struct limit_req *msg_req, *conn_req; /* shared: in flight */
+    struct limit_want *want;   /* borrowed: the caller's, once it asked limits_key_wanted */
     uint64_t *leases;          /* owned: ids of the leases held (connections open) */
     unsigned nleases, leases_cap;
     uint64_t ready_lease;      /* shared: granted, not yet handed out; 0: none */
     uint64_t ready_at;
-    uint32_t bo_factor;        /* rate scale in 1/1024; 1024: no backoff */
     uint64_t bo_hold_until;
     uint32_t shape_factor;     /* a shaping action's scale in 1/1024; 0: none */
     uint64_t shape_T;          /* a shaping action's least message interval, ns; 0: none */
@@ -204,6 +217,17 @@ void limits_conn_release(struct limits *l, struct limit_key *k);
  * also wait for a local release. False in local mode (a full cap there
  * answers UINT64_MAX). */
 bool limits_key_full(const struct limit_key *k);
+/* Shared mode, k with max_connections: did another limiter (another
+ * worker, another node) find every lease of k held within the last 1.5 s
+ * and wait for one (a mark in Redis, "<prefix>{<key>}:w", set by the
+ * refusal and cleared by its grant)? What the last answer said; asks
+ * again, in the background, when that is LIMIT_WANT_POLL_MS old, so a
+ * caller that asks every LIMIT_WANT_POLL_MS knows within two of them.
+ * The holder of an idle connection asks, and gives its lease back. False
+ * in local mode and while Redis is away. */
+#define LIMIT_WANT_POLL_MS 250
+bool limits_key_wanted(struct limits *l, struct limit_key *k, struct limit_want *w,
+                       uint64_t now_ns);
 /* A 421 or a "rate limited" reply: see above. */
 void limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns);
 /* A shaping action (engine/shaping.h, action=rate) lowers k's message

@@ -350,6 +350,20 @@ conn_body(struct conn *c)
     }
 }
 
+/* c idles up to ms: at once, or in steps of LIMIT_WANT_POLL_MS while it
+ * holds a slot of a cap shared through [redis] (idle_poll: each step
+ * asks whether a worker or node elsewhere waits for one). */
+static void
+conn_idle_wait(struct conn *c, uint64_t ms)
+{
+    c->idle_left_ms = 0;
+    if (c->idle_poll && ms > LIMIT_WANT_POLL_MS) {
+        c->idle_left_ms = ms - LIMIT_WANT_POLL_MS;
+        ms = LIMIT_WANT_POLL_MS;
+    }
+    conn_deadline(c, ms);
+}
+
 /* Start the next transaction, go idle, or say goodbye. */
 static void
 conn_next(struct conn *c)
@@ -369,7 +383,7 @@ conn_next(struct conn *c)
             uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
             if (c->idle_short && ms > KEY_IDLE_GRACE_MS)
                 ms = KEY_IDLE_GRACE_MS;
-            conn_deadline(c, ms);
+            conn_idle_wait(c, ms);
             return;
         }
         struct dest *t = c->dest;
@@ -950,14 +964,25 @@ conn_on_timer(struct timer *tm, void *ctx)
         conn_maybe_free(c);
         return;
     }
-    if (c->idle_short && smtp_client_state(conn_cli(c)) == SMTP_CLIENT_S_IDLE &&
-        !sched_conn_key_wanted(c)) {
+    bool idle = smtp_client_state(conn_cli(c)) == SMTP_CLIENT_S_IDLE;
+    if (c->idle_short && idle && !sched_conn_key_wanted(c)) {
         /* the site that waited for its [mx] or [source] slot has one now:
          * it idles on for the rest of idle_timeout */
         c->idle_short = false;
+        c->idle_poll = sched_conn_key_polled(c);
         uint64_t ms = c->d->e->cfg->delivery.idle_timeout;
-        conn_deadline(c, ms > KEY_IDLE_GRACE_MS ? ms - KEY_IDLE_GRACE_MS : 1);
+        conn_idle_wait(c, ms > KEY_IDLE_GRACE_MS ? ms - KEY_IDLE_GRACE_MS : 1);
         return;
+    }
+    if (c->idle_poll && idle && !c->idle_short) {
+        /* a step of its idle time: a worker or node elsewhere waiting
+         * for its shared cap's slot gets it now, else it idles on */
+        if (sched_conn_key_wanted(c))
+            c->idle_short = true; /* goodbye, limit_wanted */
+        else if (c->idle_left_ms > 0) {
+            conn_idle_wait(c, c->idle_left_ms);
+            return;
+        }
     }
     /* idle_timeout: its goodbye, after idling; else the machine's
      * command timeout, which it says goodbye after too */

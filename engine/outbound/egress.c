@@ -222,19 +222,24 @@ key_idle_kick(struct delivery *d, struct mxkey *k)
 void
 mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
 {
+    bool full = retry_at == UINT64_MAX;
     if (retry_at != UINT64_MAX) {
         dest_lim_wait(t, retry_at);
-        /* With [redis] a full cap comes with a poll time: t waits on the
-         * key too, so that this worker's idle holders see it and a
-         * release here runs it (limits_key_full). */
-        if (!limits_key_full(&k->lim))
+        /* Without [redis] a time is a rate's: t's timer runs it. With
+         * it t waits on the key too: Redis's answer to the question t's
+         * acquire sent runs it (the key's wake), not t's timer a
+         * timeout later; and a full cap comes with a poll time
+         * (limits_key_full), so this worker's idle holders see t and a
+         * release here runs it. */
+        if (t->d->e->cfg->redis.url == NULL)
             return;
+        full = limits_key_full(&k->lim);
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;
         t->next_mxwait = k->waiters;
         k->waiters = t;
-        if (!fairq_empty(&t->q))
+        if (full && !fairq_empty(&t->q))
             key_idle_kick(t->d, k);
     }
 }
@@ -287,10 +292,36 @@ key_slot_wanted(const struct conn *c, const struct mxkey *k)
     return wanted;
 }
 
+static bool
+key_shared_cap(const struct delivery *d, const struct mxkey *k)
+{
+    return k != NULL && k->lim.conf.max_connections != 0 && d->e->cfg->redis.url != NULL;
+}
+
+bool
+sched_conn_key_polled(const struct conn *c)
+{
+    return key_shared_cap(c->d, c->mxk) || key_shared_cap(c->d, c->srck);
+}
+
+bool
+key_wanted_elsewhere(const struct conn *c)
+{
+    struct delivery *d = c->d;
+    bool wanted = false;
+    struct mxkey *keys[2] = {c->mxk, c->srck != c->mxk ? c->srck : NULL};
+    for (int i = 0; i < 2; i++)
+        if (key_shared_cap(d, keys[i]) &&
+            limits_key_wanted(d->lim, &keys[i]->lim, &keys[i]->want, d->w->now))
+            wanted = true;
+    return wanted;
+}
+
 bool
 sched_conn_key_wanted(const struct conn *c)
 {
-    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0;
+    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0 ||
+           key_wanted_elsewhere(c);
 }
 
 /* ---- sources: the egress addresses of a destination's pool ---- */

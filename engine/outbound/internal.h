@@ -194,6 +194,10 @@ struct conn {
     bool idle_short;      /* idle while another site waits for its [mx] or [source]
                            * slot: for KEY_IDLE_GRACE_MS, then goodbye (limit_wanted) */
     bool on_idle;         /* on its site's idle list (conn_idle_push, conn_idle_unlink) */
+    bool idle_poll;       /* idle holding a slot of an [mx] or [source] cap shared
+                           * through [redis]: asks every LIMIT_WANT_POLL_MS whether a
+                           * worker or node elsewhere waits for one (limit_wanted) */
+    uint64_t idle_left_ms; /* ...and idles that much longer after this step */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
@@ -265,6 +269,8 @@ struct mxkey {
     struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
     unsigned idle;            /* connections of this worker holding it that are on their
                                * site's idle list (conn_idle_push, conn_idle_unlink) */
+    struct limit_want want;   /* with [redis]: whether a limiter elsewhere waits for it
+                               * (key_wanted_elsewhere) */
 };
 
 /* Why a destination's last address failed, kept for the deferral of
@@ -782,6 +788,12 @@ unsigned sched_conn_max_rcpt(const struct conn *c);
 /* Does a domain of another site still wait for a slot of c's [mx] or
  * [source] limit? (c idle_short: else it idles on for idle_timeout.) */
 bool sched_conn_key_wanted(const struct conn *c);
+/* Does c hold a slot of an [mx] or [source] cap shared through [redis]
+ * (idle_poll)? And does a limiter elsewhere, another worker or node,
+ * wait for one now (limits_key_wanted: it asks Redis at most every
+ * LIMIT_WANT_POLL_MS)? */
+bool sched_conn_key_polled(const struct conn *c);
+bool key_wanted_elsewhere(const struct conn *c);
 
 /* ---- outbound/egress.c: [mx] and [source] limits, sources, shaping ---- */
 

@@ -951,8 +951,11 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
                 return NULL;
             }
             /* Idle: wait for work of any domain of the site (for a
-             * moment only when another site waits for its key's slot). */
-            c->idle_short = kw == 1;
+             * moment only when another site waits for its key's slot,
+             * here or, with [redis], on another worker or node; a slot
+             * of a cap shared through Redis asks again while it idles). */
+            c->idle_short = kw == 1 || key_wanted_elsewhere(c);
+            c->idle_poll = !c->idle_short && sched_conn_key_polled(c);
             c->idled = true;
             conn_idle_push(c);
             *what = SCHED_NEXT_IDLE;

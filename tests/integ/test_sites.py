@@ -7,12 +7,14 @@ import json
 import os
 import re
 import socket
+import shutil
 import signal
 import sys
 import threading
 import time
 
-from harness import Sluice, Smtp, Workdir, free_port, main, run, skip, spool_tool, wait_until
+from harness import (Redis, Sluice, Smtp, Workdir, free_port, main, run, skip, spool_tool,
+                     wait_until)
 from test_delivery import Dns, Relay, Sink, records_for
 from test_ops import ctl, ctl_json, stats_conf
 
@@ -255,6 +257,40 @@ def test_a_domain_waiting_for_an_mx_cap_takes_an_idle_holders_slot():
         r.d.wait_log_count("event=delivered", 11, timeout=20)
     finally:
         r.close()
+
+
+def test_with_redis_a_waiting_domain_takes_an_idle_holders_slot():
+    """With [redis], an [mx *.test] cap of 1, whole on each worker and
+    counted in Redis: a.test's connection idles on its slot (idle_timeout
+    60 s); then six domains, each a site of its own (c0..c5 on mxc0..mxc5),
+    have mail, on whichever worker their sites are sent from. Redis
+    refuses them because the cap is full, and each refusal marks the key
+    wanted; the idle holder, whichever worker it is on, asks every 250 ms
+    while it idles and gives its slot back, and the waiters ask again
+    within 100 ms, one site after the other. Before, a refusal with a time
+    was waited out on a timer, unseen by any holder: each waited for the
+    holder's 60 s idle timeout."""
+    if shutil.which("redis-server") is None:
+        skip("redis-server not installed (tools/install-deps --test)")
+    redis = Redis()
+    dc = [f"c{i}.test" for i in range(6)]
+    recs = records_for(["a.test"], "mxa.test")
+    for i, d in enumerate(dc):
+        recs += records_for([d], f"mxc{i}.test")
+    r = None
+    try:
+        r = Relay(recs, idle_timeout="60s",
+                  domain_conf=f"[redis]\nurl = redis://127.0.0.1:{redis.port}\n"
+                  "[mx *.test]\nmax_connections = 1\n")
+        body = b"Subject: t\r\n\r\nidle holder\r\n"
+        r.inject([("s@example.com", ["u@a.test"], body)])
+        r.d.wait_log_count("event=delivered", 1, timeout=30)
+        r.inject([("s@example.com", [f"u@{d}"], body) for d in dc])
+        r.d.wait_log_count("event=delivered", 1 + len(dc), timeout=20)
+    finally:
+        if r is not None:
+            r.close()
+        redis.stop()
 
 
 def test_a_suspended_domain_never_rides_a_shared_connection():
@@ -752,6 +788,7 @@ if __name__ == "__main__":
           test_a_resting_sites_other_domain_is_deferred_untried,
           test_two_sites_under_one_mx_cap_keep_their_connections,
           test_a_domain_waiting_for_an_mx_cap_takes_an_idle_holders_slot,
+          test_with_redis_a_waiting_domain_takes_an_idle_holders_slot,
           test_a_small_domain_is_not_kept_behind_a_backlog_at_its_site,
           test_mx_rollup_shares_connections_across_host_names,
           test_sites_sharing_a_full_address_pass_its_slots_on])

@@ -664,6 +664,7 @@ struct node {
     struct worker w;
     struct limits *l;
     struct limit_key k;
+    struct limit_want want; /* limits_key_wanted's, for k */
     bool running;
     /* demand */
     bool pumping;
@@ -1212,6 +1213,47 @@ test_shared_full_cap_asks_again_after_a_release(void **state)
     node_stop(&r, true);
 }
 
+/* True once limits_key_wanted has an answer and it is *arg. */
+static bool
+until_wanted(struct node *n, void *arg)
+{
+    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_now_ns());
+    return n->want.req == NULL && n->want.at != 0 && w == *(bool *)arg;
+}
+
+/* A lease refused because the cap is full marks the key wanted in Redis:
+ * the holder on the other limiter (another worker or node) hears of it
+ * (and gives its idle connection's lease back: the scheduler's part),
+ * the refused one does not take its own mark for a want, and the
+ * waiter's grant clears it. */
+static void
+test_shared_full_cap_marks_the_key_wanted(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(2);
+    struct limit_conf c = {0};
+    c.max_connections = 1;
+    static struct node a, b;
+    node_start(&a, 0, "wanted.test", &o, &c);
+    node_start(&b, 1, "wanted.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    assert_true(node_until(&b, state_is, "connected", 5000));
+    unsigned one = 1;
+    bool no = false, yes = true;
+    assert_true(node_until(&a, until_acquired, &one, 3000));
+    assert_true(node_until(&a, until_wanted, &no, 3000)); /* nobody waits */
+    assert_true(node_until(&b, until_refused_full, NULL, 3000));
+    assert_true(node_until(&a, until_wanted, &yes, 3000));
+    assert_true(node_until(&b, until_wanted, &no, 3000)); /* its own mark */
+    node_call(&a, release_one, NULL);
+    assert_true(node_until(&b, until_acquired, &one, 3000));
+    assert_true(node_until(&a, until_wanted, &no, 3000)); /* the grant cleared it */
+    node_stop(&a, true);
+    node_stop(&b, true);
+}
+
 static void
 test_vanished_node_leases_expire(void **state)
 {
@@ -1437,13 +1479,13 @@ fake_answer(struct fake_redis *f, struct fake_conn *c, int argc, const size_t *o
             snprintf(sha, sizeof(sha), "$40\r\n%040x\r\n", 0xabcu);
             reply = sha;
         }
-    } else if (argc >= 7 && (len[0] == 7 || len[0] == 4)) { /* EVALSHA | EVAL sha 3 k k k op */
-        const char *op = c->buf + off[6];
-        if (len[6] == 4 && memcmp(op, "take", 4) == 0) {
+    } else if (argc >= 8 && (len[0] == 7 || len[0] == 4)) { /* EVALSHA | EVAL sha 4 k k k k op */
+        const char *op = c->buf + off[7];
+        if (len[7] == 4 && memcmp(op, "take", 4) == 0) {
             reply = f->take_reply;
             f->takes++;
             c->mute = f->mute_after_take;
-        } else if (len[6] == 4 && memcmp(op, "conn", 4) == 0) {
+        } else if (len[7] == 4 && memcmp(op, "conn", 4) == 0) {
             reply = f->conn_reply;
             f->conns++;
         }
@@ -1869,6 +1911,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_asks_again_after_a_release, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_full_cap_marks_the_key_wanted, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
         cmocka_unit_test(test_hostile_redis),
