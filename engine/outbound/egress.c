@@ -179,6 +179,21 @@ conn_idle_push(struct conn *c)
         c->srck->idle++;
 }
 
+bool
+conn_idle_quit(struct conn *c, const char *why)
+{
+    if (!c->on_idle)
+        return false;
+    for (struct conn **pc = &c->site->idle; *pc != NULL; pc = &(*pc)->next_idle)
+        if (*pc == c) {
+            conn_idle_unlink(pc);
+            c->quit_why = why;
+            c->d->ops->quit(c);
+            return true;
+        }
+    return false;
+}
+
 void
 conn_idle_unlink(struct conn **pc)
 {
@@ -209,13 +224,8 @@ key_idle_kick(struct delivery *d, struct mxkey *k)
         if (!c->on_idle || (c->mxk != k && c->srck != k) || c->want_close || c->closed ||
             key_slot_wanted(c, k) != 2)
             continue;
-        for (struct conn **pc = &c->site->idle; *pc != NULL; pc = &(*pc)->next_idle)
-            if (*pc == c) {
-                conn_idle_unlink(pc);
-                c->quit_why = "limit_wanted";
-                d->ops->quit(c);
-                return;
-            }
+        if (conn_idle_quit(c, "limit_wanted"))
+            return;
     }
 }
 

@@ -813,6 +813,9 @@ void mx_on_wake(void *arg);
  * (struct mxkey idle) for mx_wait. */
 void conn_idle_push(struct conn *c);
 void conn_idle_unlink(struct conn **pc);
+/* c, on its site's idle list, leaves it and says goodbye (quit_why why):
+ * true; false when it is not on the list. */
+bool conn_idle_quit(struct conn *c, const char *why);
 /* Does a domain of another site, with mail, wait for a slot of c's key k?
  * 2: one whose site holds fewer of k's connections than c's (c's slot is
  * owed now); 1: only others (after KEY_IDLE_GRACE_MS idle); 0: none. */

@@ -129,17 +129,12 @@ addr_idle_quit(struct delivery *d, const struct site *mine, uint32_t owner,
         d->addr_idle_none_len == kl && memcmp(d->addr_idle_none_key, kk, kl) == 0)
         return false;
     for (struct conn *c = d->all; c != NULL; c = c->next_all) {
-        if (!c->idled || c->site == NULL || c->site == mine || c->want_close || c->closed ||
+        if (!c->on_idle || c->site == NULL || c->site == mine || c->want_close || c->closed ||
             c->dest == NULL || dest_addr_owner(c->dest) != owner ||
             site_addr_key(&c->addr, ck) != kl || memcmp(ck, kk, kl) != 0)
             continue;
-        for (struct conn **pc = &c->site->idle; *pc != NULL; pc = &(*pc)->next_idle)
-            if (*pc == c) {
-                conn_idle_unlink(pc);
-                c->quit_why = "address_wanted";
-                d->ops->quit(c);
-                return true;
-            }
+        if (conn_idle_quit(c, "address_wanted"))
+            return true;
     }
     d->addr_idle_none_at = d->w->now;
     d->addr_idle_none_owner = owner;
