@@ -629,8 +629,7 @@ delivery_on_drain(struct worker *w, struct worker_msg *m)
         struct site *s = (struct site *)n;
         while (s->idle != NULL) {
             struct conn *c = s->idle;
-            s->idle = c->next_idle;
-            c->next_idle = NULL;
+            conn_idle_unlink(&s->idle);
             conn_quit(c);
         }
     }

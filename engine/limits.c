@@ -55,7 +55,9 @@
 #define NAME_MAX_PREFIX 64
 
 /*
- * KEYS: message GCRA, connection GCRA, lease set. Times in microseconds of
+ * KEYS: message GCRA, connection GCRA, lease set, wanted mark (the node id
+ * of a limiter refused a lease because every one was held; op wanted
+ * claims it for one holder of another node). Times in microseconds of
  * Redis's clock; numbers go back to Redis through %.0f because Lua's own
  * number-to-string keeps 14 digits and a time has 16.
  */
@@ -108,7 +110,7 @@ static const char script_text[] =
     "  return redis.call('ZREM', KEYS[3], ARGV[2])\n"
     "elseif op == 'wanted' then\n"
     "  local v = redis.call('GET', KEYS[4])\n"
-    "  if v and v ~= ARGV[2] then return {1, 0} end\n"
+    "  if v and v ~= ARGV[2] then redis.call('DEL', KEYS[4]) return {1, 0} end\n"
     "  return {0, 0}\n"
     "end\n"
     "return redis.error_reply('ERR sluice limits: unknown op')\n";
@@ -801,6 +803,8 @@ on_redis_state(struct redis *r, enum redis_state st, void *arg)
     l->shared = false;
     l->sha_ok = false;
     l->loading = false;
+    for (struct limit_key *k = l->keys; k != NULL; k = k->next)
+        k->cap_full = false; /* Redis's word, of a time it was there */
     if (!l->down_logged) {
         l->down_logged = true;
         l->st.redis_downs++;
@@ -913,6 +917,9 @@ limits_free(struct limits *l)
         l->keys = k->next;
         k->prev = k->next = NULL;
         k->msg_req = k->conn_req = NULL;
+        if (k->want != NULL)
+            k->want->req = NULL; /* freed above */
+        k->want = NULL;
         k->l = NULL;
         if (k->name != k->name_in) {
             /* its owner may free k without limits_key_fini() now */
@@ -1254,7 +1261,7 @@ limits_conn_release(struct limits *l, struct limit_key *k)
 bool
 limits_key_full(const struct limit_key *k)
 {
-    return k->cap_full;
+    return k->l != NULL && k->l->shared && k->cap_full;
 }
 
 bool

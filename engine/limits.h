@@ -122,7 +122,8 @@ enum limit_undo {
  * beside the key, for the keys it asks of (an [mx] or [source] key; a
  * domain's key does not carry it). Zeroed before the first call. */
 struct limit_want {
-    struct limit_req *req; /* in flight */
+    struct limit_req *req; /* borrowed: the limiter's request in flight, NULL once
+                            * answered, failed, or its key finished */
     uint64_t at;           /* asked then; 0: never */
     bool wanted;           /* the last answer */
 };
@@ -220,11 +221,14 @@ bool limits_key_full(const struct limit_key *k);
 /* Shared mode, k with max_connections: did another limiter (another
  * worker, another node) find every lease of k held within the last 1.5 s
  * and wait for one (a mark in Redis, "<prefix>{<key>}:w", set by the
- * refusal and cleared by its grant)? What the last answer said; asks
- * again, in the background, when that is LIMIT_WANT_POLL_MS old, so a
- * caller that asks every LIMIT_WANT_POLL_MS knows within two of them.
- * The holder of an idle connection asks, and gives its lease back. False
- * in local mode and while Redis is away. */
+ * refusal and cleared by its grant)? What the last answer said (w, the
+ * caller's: clear w->wanted once acted on); asks again, in the
+ * background, when that is LIMIT_WANT_POLL_MS old, so a caller that asks
+ * every LIMIT_WANT_POLL_MS knows within two of them. An answer of yes
+ * takes the mark: one holder answers each refusal (the waiter marks
+ * again at its next refusal). The holder of an idle connection asks,
+ * and gives its lease back. False in local mode and while Redis is
+ * away. */
 #define LIMIT_WANT_POLL_MS 250
 bool limits_key_wanted(struct limits *l, struct limit_key *k, struct limit_want *w,
                        uint64_t now_ns);

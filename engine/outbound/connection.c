@@ -977,7 +977,7 @@ conn_on_timer(struct timer *tm, void *ctx)
     if (c->idle_poll && idle && !c->idle_short) {
         /* a step of its idle time: a worker or node elsewhere waiting
          * for its shared cap's slot gets it now, else it idles on */
-        if (sched_conn_key_wanted(c))
+        if (sched_conn_wanted_elsewhere(c))
             c->idle_short = true; /* goodbye, limit_wanted */
         else if (c->idle_left_ms > 0) {
             conn_idle_wait(c, c->idle_left_ms);

@@ -10,7 +10,12 @@
  *   again when the limiter has news. A connection with nothing more to
  *   send gives its slot to a site waiting for one that holds fewer of the
  *   key's connections, or after a moment idle to one holding as many
- *   (key_slot_wanted: the slots shared evenly between the sites).
+ *   (key_slot_wanted: the slots shared evenly between the sites); an
+ *   idle one gives it when such a site starts waiting (key_idle_kick:
+ *   each key counts its idle holders, conn_idle_push and _unlink). With
+ *   [redis] one idle on a slot of a capped key asks every 250 ms whether
+ *   a worker or node elsewhere waits for one (sched_conn_wanted_elsewhere,
+ *   limits_key_wanted) and gives it if so.
  * - Sources: which egress address of a destination's pool the next
  *   connection goes from (dest_source: per weight, one connection per
  *   source before a second from any, not a held, suspended or warmed-up
@@ -201,24 +206,32 @@ conn_idle_unlink(struct conn **pc)
     *pc = c->next_idle;
     c->next_idle = NULL;
     c->on_idle = false;
-    if (c->mxk != NULL && c->mxk->idle > 0)
+    if ((c->mxk != NULL && c->mxk->idle == 0) ||
+        (c->srck != NULL && c->srck != c->mxk && c->srck->idle == 0)) {
+        log_msg(LOG_CRIT, "conn=%llx event=panic reason=key_idle_count_underflow",
+                (unsigned long long)c->id);
+        abort();
+    }
+    if (c->mxk != NULL)
         c->mxk->idle--;
-    if (c->srck != NULL && c->srck != c->mxk && c->srck->idle > 0)
+    if (c->srck != NULL && c->srck != c->mxk)
         c->srck->idle--;
 }
 
-/* t of site s just began to wait for a slot of k: an idle connection of
- * this worker that holds one for another site, owed to s now
- * (key_slot_wanted 2: its site holds more of k's connections than s),
- * says goodbye, as it would have had t waited when it went idle. Before,
- * one that went idle while nobody waited kept its slot to the end of
- * idle_timeout: 10,000 domains on 10 hosts under a cap of 4 delivered
- * all but the last few in 2 s, and those 5 s later. A waiting site that
- * holds as many has connections of its own, which carry t (its line). */
+/* A domain of a site began to wait for a slot of k: an idle connection
+ * of this worker that holds one for another site, owed to the waiting
+ * one now (key_slot_wanted 2: its site holds more of k's connections),
+ * says goodbye, as it would have had the domain waited when it went idle;
+ * else it would keep the slot to the end of idle_timeout while the
+ * domain waits. A waiting site that holds as many has connections of its
+ * own, which carry the domain (its line). */
 static void
 key_idle_kick(struct delivery *d, struct mxkey *k)
 {
-    if (k->idle == 0)
+    /* A walk that found none owed is not made again in the same loop
+     * turn: with [redis] every answer for the key runs all its waiters
+     * (mx_on_wake), and each comes back here. */
+    if (k->idle == 0 || k->kick_none_at == d->w->now)
         return;
     for (struct conn *c = d->all; c != NULL; c = c->next_all) {
         if (!c->on_idle || (c->mxk != k && c->srck != k) || c->want_close || c->closed ||
@@ -227,21 +240,23 @@ key_idle_kick(struct delivery *d, struct mxkey *k)
         if (conn_idle_quit(c, "limit_wanted"))
             return;
     }
+    k->kick_none_at = d->w->now;
 }
 
 void
-mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
+mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
 {
     bool full = retry_at == UINT64_MAX;
     if (retry_at != UINT64_MAX) {
         dest_lim_wait(t, retry_at);
-        /* Without [redis] a time is a rate's: t's timer runs it. With
-         * it t waits on the key too: Redis's answer to the question t's
-         * acquire sent runs it (the key's wake), not t's timer a
-         * timeout later; and a full cap comes with a poll time
-         * (limits_key_full), so this worker's idle holders see t and a
-         * release here runs it. */
-        if (t->d->e->cfg->redis.url == NULL)
+        /* A time is a rate's (t's timer runs it), except, with [redis],
+         * for a lease: then t waits on the key too. Redis's answer to
+         * the question t's acquire sent runs it (the key's wake), not
+         * t's timer a timeout later; and a full cap comes with a poll
+         * time (limits_key_full), so this worker's idle holders see t
+         * and a release here runs it. A message token's refusal never
+         * puts t among the key's waiters: t has its connection. */
+        if (!lease || t->d->e->cfg->redis.url == NULL)
             return;
         full = limits_key_full(&k->lim);
     }
@@ -249,7 +264,7 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at)
         t->mx_waiting = true;
         t->next_mxwait = k->waiters;
         k->waiters = t;
-        if (full && !fairq_empty(&t->q))
+        if (full && lease && !fairq_empty(&t->q))
             key_idle_kick(t->d, k);
     }
 }
@@ -314,24 +329,34 @@ sched_conn_key_polled(const struct conn *c)
     return key_shared_cap(c->d, c->mxk) || key_shared_cap(c->d, c->srck);
 }
 
-bool
-key_wanted_elsewhere(const struct conn *c)
+void
+sched_conn_want_ask(struct conn *c)
 {
     struct delivery *d = c->d;
-    bool wanted = false;
+    struct mxkey *keys[2] = {c->mxk, c->srck != c->mxk ? c->srck : NULL};
+    for (int i = 0; i < 2; i++)
+        if (key_shared_cap(d, keys[i]))
+            (void)limits_key_wanted(d->lim, &keys[i]->lim, &keys[i]->want, d->w->now);
+}
+
+bool
+sched_conn_wanted_elsewhere(struct conn *c)
+{
+    struct delivery *d = c->d;
     struct mxkey *keys[2] = {c->mxk, c->srck != c->mxk ? c->srck : NULL};
     for (int i = 0; i < 2; i++)
         if (key_shared_cap(d, keys[i]) &&
-            limits_key_wanted(d->lim, &keys[i]->lim, &keys[i]->want, d->w->now))
-            wanted = true;
-    return wanted;
+            limits_key_wanted(d->lim, &keys[i]->lim, &keys[i]->want, d->w->now)) {
+            keys[i]->want.wanted = false; /* answered: one slot for one mark */
+            return true;
+        }
+    return false;
 }
 
 bool
 sched_conn_key_wanted(const struct conn *c)
 {
-    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0 ||
-           key_wanted_elsewhere(c);
+    return key_slot_wanted(c, c->mxk) != 0 || key_slot_wanted(c, c->srck) != 0;
 }
 
 /* ---- sources: the egress addresses of a destination's pool ---- */

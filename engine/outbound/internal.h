@@ -266,9 +266,12 @@ struct mxkey {
     const struct mx_policy *pol; /* borrowed from the config; NULL: gone after a reload */
     char pattern[LIMIT_KEY_MAX]; /* "mx:" or "src:" and the section's name */
     struct limit_key lim;
-    struct dest *waiters;     /* refused a lease with no time to wait: woken on a release */
+    struct dest *waiters;     /* borrowed: refused a lease (or a token) with no time to
+                               * wait, or, with [redis], a lease at all (mx_wait): run on
+                               * the key's news (mx_on_wake) */
     unsigned idle;            /* connections of this worker holding it that are on their
                                * site's idle list (conn_idle_push, conn_idle_unlink) */
+    uint64_t kick_none_at;    /* the loop turn whose key_idle_kick walk found none owed */
     struct limit_want want;   /* with [redis]: whether a limiter elsewhere waits for it
                                * (key_wanted_elsewhere) */
 };
@@ -785,15 +788,20 @@ void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
 unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
-/* Does a domain of another site still wait for a slot of c's [mx] or
- * [source] limit? (c idle_short: else it idles on for idle_timeout.) */
+/* Does a domain of another site of this worker still wait for a slot of
+ * c's [mx] or [source] limit? (c idle_short: else it idles on for
+ * idle_timeout.) */
 bool sched_conn_key_wanted(const struct conn *c);
 /* Does c hold a slot of an [mx] or [source] cap shared through [redis]
- * (idle_poll)? And does a limiter elsewhere, another worker or node,
- * wait for one now (limits_key_wanted: it asks Redis at most every
- * LIMIT_WANT_POLL_MS)? */
+ * (idle_poll: it asks every LIMIT_WANT_POLL_MS while idle)? */
 bool sched_conn_key_polled(const struct conn *c);
-bool key_wanted_elsewhere(const struct conn *c);
+/* With [redis]: did a limiter elsewhere, another worker or node, wait
+ * for a slot of c's shared cap, unanswered (limits_key_wanted: asks
+ * Redis at most every LIMIT_WANT_POLL_MS)? True once per such waiter:
+ * the caller gives c's slot. */
+bool sched_conn_wanted_elsewhere(struct conn *c);
+/* Ask it now (an answer ready at c's first idle step), acting on none. */
+void sched_conn_want_ask(struct conn *c);
 
 /* ---- outbound/egress.c: [mx] and [source] limits, sources, shaping ---- */
 
@@ -803,9 +811,13 @@ struct mxkey *dest_mxkey(struct dest *t);
 /* The [source] limits of a connection from src (a pool's source), or,
  * src NULL, in family fam from [delivery] source_address; NULL: none. */
 struct mxkey *src_key(struct delivery *d, const struct mx_policy *src, int fam);
-/* t was refused a token or lease of k: run again at retry_at, or, at
- * UINT64_MAX, when k has a slot free (mx_on_wake). */
-void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at);
+/* t was refused a token or (lease) a connection's lease of k: run again
+ * at retry_at, or, at UINT64_MAX, when k has a slot free (mx_on_wake);
+ * with [redis] a lease refused with a time waits on k too (Redis's
+ * answer runs t). A lease refused because the cap is full makes an idle
+ * connection of this worker owed to t's site give its slot
+ * (key_idle_kick). */
+void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease);
 /* k has news (a slot, a refill): the destinations waiting on it run. */
 void mx_on_wake(void *arg);
 /* c goes on its site's idle list; *pc (== c) leaves it: the only places

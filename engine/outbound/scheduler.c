@@ -657,7 +657,7 @@ dest_run_once(struct dest *t)
         if (mk != NULL && !limits_conn_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
             slot_give_back(d);
             limits_conn_unacquire(d->lim, &t->lim, d->w->now);
-            mx_wait(mk, t, retry_at);
+            mx_wait(mk, t, retry_at, true);
             want_push(t);
             return;
         }
@@ -666,7 +666,7 @@ dest_run_once(struct dest *t)
             limits_conn_unacquire(d->lim, &t->lim, d->w->now);
             if (mk != NULL)
                 limits_conn_unacquire(d->lim, &mk->lim, d->w->now);
-            mx_wait(sk, t, retry_at);
+            mx_wait(sk, t, retry_at, true);
             want_push(t);
             return;
         }
@@ -874,15 +874,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             } else if (mk != NULL &&
                        limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
-                mx_wait(mk, t, retry_at); /* the domain's token is spent: a small loss */
+                mx_wait(mk, t, retry_at, false); /* the domain's token is spent: a small loss */
             } else if (sk != NULL &&
                        limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
-                mx_wait(sk, t, retry_at); /* likewise */
+                mx_wait(sk, t, retry_at, false); /* likewise */
             } else if (hk != NULL &&
                        limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1) {
                 dest_rate_wait(t, retry_at);
-                mx_wait(hk, t, retry_at); /* likewise: its source's shaping rate */
+                mx_wait(hk, t, retry_at, false); /* likewise: its source's shaping rate */
             } else {
                 j = dest_pop(t);
             }
@@ -954,8 +954,10 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
              * moment only when another site waits for its key's slot,
              * here or, with [redis], on another worker or node; a slot
              * of a cap shared through Redis asks again while it idles). */
-            c->idle_short = kw == 1 || key_wanted_elsewhere(c);
-            c->idle_poll = !c->idle_short && sched_conn_key_polled(c);
+            c->idle_short = kw == 1;
+            c->idle_poll = sched_conn_key_polled(c);
+            if (c->idle_poll)
+                sched_conn_want_ask(c);
             c->idled = true;
             conn_idle_push(c);
             *what = SCHED_NEXT_IDLE;

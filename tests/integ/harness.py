@@ -185,7 +185,7 @@ def main(tests, every=None):
     """Run test functions in order; print a summary; exit 1 on failure.
     Every test_ function of the calling file must be in tests, or in
     every when tests is one group of them (a ctest entry per group): one
-    left out never runs under ctest (six were, unseen, until 2026-12-05).
+    left out would never run under ctest, unseen.
     SLUICE_INTEG_ONLY=name,... runs those of the file alone, in that order."""
     mod = tests[0].__module__ if tests else None
     g = tests[0].__globals__ if tests else {}
