@@ -1220,37 +1220,75 @@ until_wanted(struct node *n, void *arg)
     return n->want.req == NULL && n->want.at != 0 && w == *(bool *)arg;
 }
 
+/* The first answer to a question asked now (limits_key_wanted):
+ * into answered (its wanted), true once it came. */
+struct answer {
+    bool asked, wanted;
+};
+
+static bool
+until_answered(struct node *n, void *arg)
+{
+    struct answer *a = arg;
+    if (!a->asked) {
+        a->asked = true;
+        n->want.at = 0; /* ask now, whatever was asked before */
+    }
+    bool w = limits_key_wanted(n->l, &n->k, &n->want, clock_now_ns());
+    if (n->want.req != NULL || n->want.at == 0)
+        return false;
+    a->wanted = w;
+    return true;
+}
+
 /* A lease refused because the cap is full marks the key wanted in Redis:
- * the holder on the other limiter (another worker or node) hears of it
- * (and gives its idle connection's lease back: the scheduler's part),
- * the refused one does not take its own mark for a want, and the
- * waiter's grant clears it. */
+ * a holder on another limiter (another worker or node) hears of it and
+ * takes the mark (and gives its idle connection's lease back: the
+ * scheduler's part), so a second holder does not; the refused one does
+ * not take its own mark for a want, and the waiter's grant clears it. */
 static void
 test_shared_full_cap_marks_the_key_wanted(void **state)
 {
     (void)state;
     if (!redis_setup_or_skip())
         skip();
-    struct limits_opts o = shared_opts(2);
+    struct limits_opts o = shared_opts(3);
     struct limit_conf c = {0};
-    c.max_connections = 1;
-    static struct node a, b;
+    c.max_connections = 2;
+    static struct node a, b, h;
     node_start(&a, 0, "wanted.test", &o, &c);
     node_start(&b, 1, "wanted.test", &o, &c);
+    node_start(&h, 2, "wanted.test", &o, &c);
     assert_true(node_until(&a, state_is, "connected", 5000));
     assert_true(node_until(&b, state_is, "connected", 5000));
+    assert_true(node_until(&h, state_is, "connected", 5000));
     unsigned one = 1;
     bool no = false, yes = true;
     assert_true(node_until(&a, until_acquired, &one, 3000));
+    assert_true(node_until(&h, until_acquired, &one, 3000));
     assert_true(node_until(&a, until_wanted, &no, 3000)); /* nobody waits */
     assert_true(node_until(&b, until_refused_full, NULL, 3000));
     assert_true(node_until(&a, until_wanted, &yes, 3000));
-    assert_true(node_until(&b, until_wanted, &no, 3000)); /* its own mark */
+    /* a took the mark: h, the other holder, is not asked for its lease
+     * too (one slot for one refusal) */
+    struct answer ah = {0};
+    assert_true(node_until(&h, until_answered, &ah, 3000));
+    assert_false(ah.wanted);
+    /* b, refused again, marks again, and does not take its own mark */
+    assert_true(node_until(&b, until_refused_full, NULL, 3000));
+    struct answer ab = {0};
+    assert_true(node_until(&b, until_answered, &ab, 3000));
+    assert_false(ab.wanted);
+    /* a gives its lease back: b's grant clears the mark (else h would
+     * take it for up to 1.5 s) */
     node_call(&a, release_one, NULL);
     assert_true(node_until(&b, until_acquired, &one, 3000));
-    assert_true(node_until(&a, until_wanted, &no, 3000)); /* the grant cleared it */
+    struct answer ah2 = {0};
+    assert_true(node_until(&h, until_answered, &ah2, 3000));
+    assert_false(ah2.wanted);
     node_stop(&a, true);
     node_stop(&b, true);
+    node_stop(&h, true);
 }
 
 static void
