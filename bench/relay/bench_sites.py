@@ -444,7 +444,8 @@ def main():
     ap.add_argument("--warm", action="store_true",
                     help="deliver the line's messages once before timing it: DNS answers, "
                          "MTA-STS answers and destinations are then held (a repeat campaign)")
-    ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown, "
+                    "every run's rate after it (the worst hides nothing)")
     ap.add_argument("--keep", action="store_true",
                     help="keep each run's directory (sluice.log, the spool) under --spool and "
                          "print its path; with --relay-conf '[log]\\nlevel = debug' the log "
@@ -510,10 +511,15 @@ def main():
             # --paired: each run of the line right after a one-domain run
             # of its own, the ratio to that one (the load of a shared
             # machine moves within minutes; neighbours in time see the same).
+            # Every run's figure is printed after the best one's line
+            # (--rounds 2 or more): a stall in one run of N (a domain left
+            # waiting until idle_timeout) shows there, where the best hides it.
             r, ref = None, None
+            runs = []
             for _ in range(a.rounds):
                 y = one(a_run, 1, 1, sink_port) if a.paired and (ndom, nmx) != (1, 1) else None
                 x = one(a_run, ndom, nmx, sink_port)
+                runs.append((x, y))
                 if r is None or (x["msgs"] / y["msgs"] if y else x["msgs"]) > \
                         (r["msgs"] / ref["msgs"] if ref else r["msgs"]):
                     r, ref = x, y
@@ -528,6 +534,12 @@ def main():
                   + (f"  ({r['errors']} injection errors)" if r["errors"] else "")
                   + (f"  (one domain just before: {ref['msgs']:.0f} msg/s)" if ref else ""),
                   flush=True)
+            if len(runs) > 1:
+                b0 = base.get(label, r["msgs"])
+                every = ", ".join(
+                    f"{x['msgs']:.0f} ({100 * x['msgs'] / (y['msgs'] if y else b0):.0f}%, "
+                    f"{x['secs']:.1f} s, {x['delivered']} delivered)" for x, y in runs)
+                print(f"    every run, msg/s: {every}", flush=True)
             if os.environ.get("BENCH_THREADS"):
                 print("    threads (CPU s): " + ", ".join(f"{n} {c:.2f}" for c, n in r["threads"][:6]
                                                         if c > 0), flush=True)
