@@ -129,7 +129,7 @@ struct limit_want {
 };
 
 /* Owned by the caller; set up with limits_key_init(). Fields are private
- * to limits.c except where noted. */
+ * to limits.c and limits_redis.c except where noted. */
 #define LIMIT_KEY_INLINE 48
 struct limit_key {
     /* Readable: name_in when it fits (most domains), else an owned copy.
