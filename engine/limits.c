@@ -350,9 +350,11 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         l->st.conns_refused++;
         return false;
     }
-    if (k->ready_lease != 0 && rated && !k->ready_rated) {
+    if (k->ready_lease != 0 && rated && !k->ready_rated &&
+        rate_interval(&k->conf.conn_rate) != 0) {
         /* Granted for a move (limits_lease_acquire), without the token a
-         * new connection takes: given back, and one with it asked for. */
+         * new connection takes: given back, and one with it asked for.
+         * (Without a connection rate there is no token: it serves.) */
         limits_redis_release(l, k, k->ready_lease);
         k->ready_lease = 0;
     }
@@ -435,6 +437,18 @@ bool
 limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
 {
     return conn_acquire(l, k, now_ns, retry_at_ns, false);
+}
+
+void
+limits_lease_prefetch(struct limits *l, struct limit_key *k, uint64_t now_ns)
+{
+    if (!l->shared || now_ns < k->local_until || k->suspended || k->ready_lease != 0 ||
+        k->conn_req != NULL || now_ns < k->conn_retry_at)
+        return;
+    unsigned max = lease_cap(k, 1);
+    if (max != 0 && k->nleases >= max)
+        return;
+    (void)limits_redis_conn(l, k, now_ns, false);
 }
 
 void

@@ -886,6 +886,16 @@ lease_ask(struct node *n, void *arg)
         n->acquired++;
 }
 
+/* Ask for one lease for a new connection, not waiting for an answer. */
+static void
+lease_ask_new(struct node *n, void *arg)
+{
+    (void)arg;
+    uint64_t r;
+    if (limits_conn_acquire(n->l, &n->k, clock_now_ns(), &r))
+        n->acquired++;
+}
+
 static bool
 lease_ready(struct node *n, void *arg)
 {
@@ -1141,6 +1151,52 @@ test_shared_unacquire_keeps_the_grant(void **state)
     /* the minute's one token came with it: the next takes it */
     assert_true(node_until(&a, until_acquired, &one, 500));
     assert_int_equal(redis_zcard("sluice:{undone.test}:l"), 1);
+    node_stop(&a, true);
+}
+
+static void
+prefetch(struct node *n, void *arg)
+{
+    (void)arg;
+    limits_lease_prefetch(n->l, &n->k, clock_now_ns());
+}
+
+/* A lease asked ahead (limits_lease_prefetch: a domain that starts
+ * waiting in its site's line) is granted without waking anyone; the move
+ * that comes for it then takes it at once, and so does a new connection
+ * of a key without a connection rate (no token to skip). At the cap
+ * nothing is asked. */
+static void
+test_shared_lease_prefetch(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(1);
+    struct limit_conf c = {0};
+    c.max_connections = 2;
+    static struct node a;
+    node_start(&a, 0, "ahead.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    node_call(&a, prefetch, NULL);
+    assert_true(node_until(&a, lease_ready, NULL, 3000));
+    assert_int_equal(redis_zcard("sluice:{ahead.test}:l"), 1);
+    assert_int_equal(a.wakes, 0);
+    /* the move takes the grant in the same call: nothing was asked */
+    node_call(&a, lease_ask, NULL);
+    assert_int_equal(a.acquired, 1);
+    assert_int_equal(redis_zcard("sluice:{ahead.test}:l"), 1);
+    /* a new connection takes a grant asked for a move: no rate here */
+    node_call(&a, prefetch, NULL);
+    assert_true(node_until(&a, lease_ready, NULL, 3000));
+    node_call(&a, lease_ask_new, NULL);
+    assert_int_equal(a.acquired, 2);
+    assert_int_equal(redis_zcard("sluice:{ahead.test}:l"), 2);
+    /* at the cap: nothing asked, nothing granted */
+    node_call(&a, prefetch, NULL);
+    assert_null(a.k.conn_req);
+    assert_false(node_until(&a, lease_ready, NULL, 300));
+    assert_int_equal(redis_zcard("sluice:{ahead.test}:l"), 2);
     node_stop(&a, true);
 }
 
@@ -1947,6 +2003,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
         cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_lease_prefetch, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_asks_again_after_a_release, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_marks_the_key_wanted, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
