@@ -13,6 +13,9 @@
  *   outbound/dest.c        destinations (struct dest): their table,
  *                          queues, MX answer, holds and expiry sweeps,
  *                          eviction of idle ones;
+ *   outbound/dest_fail.c   a destination's waiting jobs failed
+ *                          together (an answer, a rested site, a
+ *                          connection this node could not open);
  *   outbound/scheduler.c   what a destination does next: resolving,
  *                          which connection a job takes, opening
  *                          connections within the caps;
@@ -631,10 +634,27 @@ void dest_enqueue(struct dest *t, struct job *j);
  * sub-queue j is dropped (logged; it stays in the spool for the next
  * start). */
 void dest_push(struct dest *t, struct job *j, bool front);
+/* ---- dest_fail.c: a destination's waiting jobs failed together ---- */
+
 /* Every job waiting at t fails with o (ops->fail); one whose message could
  * not be read just then (ops->fail kept it) waits at t again, in its
- * place, and t runs again after HOLD_MIN_MS. (scheduler.c) */
+ * place, and t runs again after HOLD_MIN_MS. */
 void dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src);
+/* Every waiting job of t fails as f says, with text as the reply (f's own
+ * when NULL). */
+void dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text);
+/* Every waiting job of t fails with f's outcome, told where f says (MX
+ * host, address, source, TLS), untried (its attempts stay) or not; t's
+ * own last failure stays. False: no memory for it, nothing failed. */
+bool dest_fail_where(struct dest *t, const struct dest_fail *f, bool untried);
+/* t's site rests because every address failed for another of its
+ * domains (f): t's waiting mail is deferred with that failure, untried. */
+void dest_fail_as_site(struct dest *t, const struct dest_fail *f);
+/* t could not open a connection for a reason of this node (why): with
+ * none of t open its waiting jobs are deferred with the cause; either way
+ * t is held (policy_all_failed_hold). */
+void dest_open_failed(struct dest *t, const struct open_fail *why);
+/* ---- */
 /* Free j, dropped for want of memory (a destination or a queue entry
  * could not be made), with the log line that says so: its recipients
  * stay in the spool, and the next start delivers them. */

@@ -14,7 +14,8 @@
  * one decision point: resolve when there is no answer (or, when it
  * expired with connections open, in the background: dest_mx_refresh),
  * fail the jobs when
- * the answer says so (outbound/policy.c decides how), else hand jobs to
+ * the answer says so (outbound/policy.c decides how, outbound/dest_fail.c
+ * fails them), else hand jobs to
  * idle connections of the site (which it joins: outbound/site_share.c)
  * and open new ones within the domain's max_connections, the site's
  * window (outbound/site.c) and the node's cap per MX address (which
@@ -169,108 +170,6 @@ sched_conn_congested(struct conn *c, const char *why)
 }
 
 /* ---- the scheduler ---- */
-
-
-void
-dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src)
-{
-    struct job *kept = NULL, *j;
-    while ((j = dest_pop(t)) != NULL) {
-        if (!t->d->ops->fail(t->d, t, j, o, src)) {
-            j->next_parked = kept; /* a link while it is on no list */
-            kept = j;
-        }
-    }
-    if (kept == NULL)
-        return;
-    while ((j = kept) != NULL) {
-        kept = j->next_parked;
-        j->next_parked = NULL;
-        dest_push(t, j, true); /* the last kept first: back in order */
-    }
-    dest_lim_wait(t, t->d->w->now + MS_TO_NS(HOLD_MIN_MS));
-}
-
-/* Every waiting job of t fails as f says, with text as the reply (f's
- * own when NULL). */
-static void
-dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text)
-{
-    struct smtp_outcome o;
-    job_outcome(&o, f, text);
-    dest_fail_each(t, &o, f->src);
-}
-
-/* Every waiting job of t fails with f's outcome, told where f says
- * (MX host, address, source, TLS), untried or not; t's own last failure
- * stays. False: no memory for it, nothing failed. */
-static bool
-dest_fail_where(struct dest *t, const struct dest_fail *f, bool untried)
-{
-    struct dest_fail *own = t->last_fail, *copy = malloc(sizeof(*copy));
-    if (copy == NULL)
-        return false;
-    *copy = *f;
-    copy->untried = untried;
-    /* job_fail tells where from t->last_fail (o == &t->last_fail->o):
-     * the copy stands there while the jobs fail, t->running keeping any
-     * other run of t out, and t's own comes back after. */
-    t->last_fail = copy;
-    dest_fail_each(t, &copy->o, CLASSIFY_CONNECT);
-    free(t->last_fail);
-    t->last_fail = own;
-    return true;
-}
-
-/* t's site rests because every address failed for another of its
- * domains (f, how the last one did): t's waiting mail is deferred with
- * that failure, as the failing domain's was (a transient_failure event
- * for each recipient, the retry schedule), rather than wait in memory
- * through rest after rest, unseen by the sender, while one domain at a
- * time meets the dead host (Postfix defers mail for a destination it
- * marked dead the same way). A 421's rest keeps it waiting: the receiver
- * pushed back for a while. */
-static void
-dest_fail_as_site(struct dest *t, const struct dest_fail *f)
-{
-    /* t's mail was not tried: its attempts stay. Without memory for the
-     * copy it waits, checked for expiry, as before. */
-    (void)dest_fail_where(t, f, true);
-}
-
-/* t could not open a connection for a reason of this node (why; what
- * follows is policy_open_failed's): with none of t open, its waiting
- * jobs are deferred with the cause, named with the source address (a
- * transient_failure for each recipient, the retry schedule); with some
- * open, they wait for those. Either way t opens nothing more until its
- * hold ends, which also keeps conn_open's error line to one per hold
- * (it was every second, per destination). */
-static void
-dest_open_failed(struct dest *t, const struct open_fail *why)
-{
-    uint64_t ms = policy_all_failed_hold(t->pol->site_hold);
-    if (t->conns == 0) {
-        struct policy_fail pf;
-        policy_job(POLICY_OPEN_FAILED, &pf);
-        /* Where: the source it would have left from, no MX host (none
-         * was reached, none is to blame). */
-        struct dest_fail f;
-        memset(&f, 0, sizeof(f));
-        snprintf(f.source, sizeof(f.source), "%s", why->source);
-        char text[sizeof(f.o.text)];
-        if (why->source[0] != '\0')
-            snprintf(text, sizeof(text), "%s from %s: %s", pf.text, why->source,
-                     strerror(-why->err));
-        else
-            snprintf(text, sizeof(text), "%s: %s", pf.text, strerror(-why->err));
-        job_outcome(&f.o, &pf, text);
-        if (!dest_fail_where(t, &f, false))
-            dest_fail_all(t, &pf, text);
-    }
-    log_msg(LOG_NOTICE, "event=destination_held domain=%s for_ms=%llu reason=open_failed", t->name,
-            (unsigned long long)ms);
-    dest_hold(t, ms);
-}
 
 /* The name whose MX answer is t's: a route's host stands for the
  * domain (a site like any other). */
