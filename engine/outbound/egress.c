@@ -12,7 +12,7 @@
  *   key's connections, or after a moment idle to one holding as many
  *   (key_slot_wanted: the slots shared evenly between the sites); an
  *   idle one gives it when such a site starts waiting (key_idle_kick:
- *   each key counts its idle holders, conn_idle_push and _unlink). With
+ *   each key lists its idle holders, conn_idle_push and _unlink). With
  *   [redis] one idle on a slot of a capped key asks every 250 ms whether
  *   a worker or node elsewhere waits for one (sched_conn_wanted_elsewhere,
  *   limits_key_wanted) and gives it if so.
@@ -172,6 +172,38 @@ sched_shape_key(struct delivery *d, const char *who, const char *group)
     return mxkey_named(d, name, NULL);
 }
 
+/* Which of c's links holds it on k's list of idle holders: 0 for its
+ * [mx] key, 1 for its [source] key (the same key is linked once, as 0). */
+static int
+key_idle_slot(const struct conn *c, const struct mxkey *k)
+{
+    return c->mxk == k ? 0 : 1;
+}
+
+static void
+key_idle_link(struct mxkey *k, struct conn *c, int i)
+{
+    k->idle++;
+    c->key_idle_next[i] = k->idle_holders;
+    c->key_idle_pprev[i] = &k->idle_holders;
+    if (k->idle_holders != NULL)
+        k->idle_holders->key_idle_pprev[key_idle_slot(k->idle_holders, k)] =
+            &c->key_idle_next[i];
+    k->idle_holders = c;
+}
+
+static void
+key_idle_unlink(struct mxkey *k, struct conn *c, int i)
+{
+    k->idle--;
+    struct conn *next = c->key_idle_next[i];
+    *c->key_idle_pprev[i] = next;
+    if (next != NULL)
+        next->key_idle_pprev[key_idle_slot(next, k)] = c->key_idle_pprev[i];
+    c->key_idle_next[i] = NULL;
+    c->key_idle_pprev[i] = NULL;
+}
+
 void
 conn_idle_push(struct conn *c)
 {
@@ -179,9 +211,9 @@ conn_idle_push(struct conn *c)
     c->site->idle = c;
     c->on_idle = true;
     if (c->mxk != NULL)
-        c->mxk->idle++;
+        key_idle_link(c->mxk, c, 0);
     if (c->srck != NULL && c->srck != c->mxk)
-        c->srck->idle++;
+        key_idle_link(c->srck, c, 1);
 }
 
 bool
@@ -213,9 +245,9 @@ conn_idle_unlink(struct conn **pc)
         abort();
     }
     if (c->mxk != NULL)
-        c->mxk->idle--;
+        key_idle_unlink(c->mxk, c, 0);
     if (c->srck != NULL && c->srck != c->mxk)
-        c->srck->idle--;
+        key_idle_unlink(c->srck, c, 1);
 }
 
 /* A domain of a site began to wait for a slot of k: an idle connection
@@ -233,9 +265,10 @@ key_idle_kick(struct delivery *d, struct mxkey *k)
      * (mx_on_wake), and each comes back here. */
     if (k->idle == 0 || k->kick_none_at == d->w->now)
         return;
-    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
-        if (!c->on_idle || (c->mxk != k && c->srck != k) || c->want_close || c->closed ||
-            key_slot_wanted(c, k) != 2)
+    /* k's idle holders only (before: every connection of the worker, each
+     * time a domain began to wait) */
+    for (struct conn *c = k->idle_holders; c != NULL; c = c->key_idle_next[key_idle_slot(c, k)]) {
+        if (c->want_close || c->closed || key_slot_wanted(c, k) != 2)
             continue;
         if (conn_idle_quit(c, "limit_wanted"))
             return;

@@ -166,6 +166,11 @@ struct conn {
     struct delivery *d;   /* borrowed: outlives its connections */
     struct dest *dest;    /* borrowed: a dest lives while it has connections */
     struct conn *next_idle;
+    /* While on its site's idle list: on the list of idle holders of its
+     * [mx] key (0) and of its [source] key (1, when another), mxkey's
+     * idle_holders (conn_idle_push, conn_idle_unlink). */
+    struct conn *key_idle_next[2];
+    struct conn **key_idle_pprev[2];
     struct site *site;    /* owned reference: the site it was opened for */
     unsigned epoch;       /* its site's window epoch when it opened */
     int tls_pol;          /* enum domain_tls it was opened with, or -1 for DANE
@@ -274,6 +279,8 @@ struct mxkey {
                                * the key's news (mx_on_wake) */
     unsigned idle;            /* connections of this worker holding it that are on their
                                * site's idle list (conn_idle_push, conn_idle_unlink) */
+    struct conn *idle_holders; /* borrowed: those connections (conn.key_idle_next),
+                                * walked by key_idle_kick */
     uint64_t kick_none_at;    /* the loop turn whose key_idle_kick walk found none owed */
     struct limit_want want;   /* with [redis]: whether a limiter elsewhere waits for it
                                * (key_wanted_elsewhere) */

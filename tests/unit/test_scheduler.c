@@ -373,6 +373,14 @@ fx_free(struct fx *f)
         for (struct conn *c = d->all; c != NULL; c = c->next_all)
             idle += c->on_idle && (c->mxk == k || c->srck == k);
         assert_int_equal(k->idle, idle);
+        /* and lists them, each once, idle ones holding it */
+        unsigned listed = 0;
+        for (struct conn *c = k->idle_holders; c != NULL && listed <= idle;
+             c = c->key_idle_next[c->mxk == k ? 0 : 1]) {
+            assert_true(c->on_idle && (c->mxk == k || c->srck == k));
+            listed++;
+        }
+        assert_int_equal(listed, idle);
     }
     d->stopping = true;
     sched_stop(d);
