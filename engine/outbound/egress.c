@@ -75,8 +75,12 @@ void
 mx_on_wake(void *arg)
 {
     struct mxkey *k = arg;
+    /* Oldest first: the first to run takes what the news freed (before,
+     * the newest waiter did, and under a steady stream of new ones the
+     * oldest could wait on). */
     struct dest *w = k->waiters;
     k->waiters = NULL;
+    k->waiters_tail = &k->waiters;
     while (w != NULL) {
         struct dest *next = w->next_mxwait;
         w->next_mxwait = NULL;
@@ -295,8 +299,11 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;
-        t->next_mxwait = k->waiters;
-        k->waiters = t;
+        t->next_mxwait = NULL;
+        if (k->waiters_tail == NULL)
+            k->waiters_tail = &k->waiters;
+        *k->waiters_tail = t;
+        k->waiters_tail = &t->next_mxwait;
         if (full && lease && !fairq_empty(&t->q))
             key_idle_kick(t->d, k);
     }

@@ -276,7 +276,8 @@ struct mxkey {
     struct limit_key lim;
     struct dest *waiters;     /* borrowed: refused a lease (or a token) with no time to
                                * wait, or, with [redis], a lease at all (mx_wait): run on
-                               * the key's news (mx_on_wake) */
+                               * the key's news (mx_on_wake), oldest first */
+    struct dest **waiters_tail; /* where the next waiter goes; NULL: &waiters */
     unsigned idle;            /* connections of this worker holding it that are on their
                                * site's idle list (conn_idle_push, conn_idle_unlink) */
     struct conn *idle_holders; /* borrowed: those connections (conn.key_idle_next),

@@ -4088,8 +4088,9 @@ address_want_stays_for_its_own_address_only(void **state)
 }
 
 /* A domain of another site waiting for an [mx] cap's slot is seen behind
- * many of the holding site's own domains (mx_wait puts the newest first;
- * the site's own ride its connections): b.test waits behind a3..a20.
+ * many of the holding site's own domains (mx_wait puts them in the order
+ * they came; the site's own ride its connections): b.test waits behind
+ * a3..a20.
  * When a's site has no more, its connection gives its slot to b.test,
  * which holds none, at once. Counted among the waiters looked at, a's
  * own domains hid b.test: the connection idled and b.test waited. */
@@ -4107,13 +4108,13 @@ mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
     assert_int_equal(f->opened, 2);
-    submit("b.test", 1);
-    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
     for (int i = 3; i <= 20; i++) {
         snprintf(name, sizeof(name), "a%d.test", i);
         submit(name, 1);
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
     assert_int_equal(f->opened, 2);
     struct dest *b = dest_get(f->d, "b.test");
     assert_true(b->mx_waiting);
@@ -4180,6 +4181,43 @@ mx_cap_waiter_after_the_holder_went_idle_gets_the_slot(void **state)
     submit("a.test", 1);
     assert_int_equal(f->quits, 1);
     assert_true(dest_get(f->d, "a.test")->mx_waiting);
+    fx_free(f);
+}
+
+/* The [mx] cap's one slot freed goes to the domain that waited first:
+ * b.test (site mx2) waits, then c.test (site mx3); a.test's connection,
+ * done, gives its slot up for them, and the connection that opens next
+ * is b.test's. Before, mx_wait put the newest waiter first and the key's
+ * news ran it first: c.test took the slot, and under a steady stream of
+ * new domains the first could wait on. */
+static void
+mx_cap_slot_goes_to_the_oldest_waiter(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\n"
+                          "[domain *]\nmax_connections = 10\n"
+                          "[mx *.hoster.test]\nmax_connections = 1\n");
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *ca = f->open[0];
+    enum sched_next what;
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    submit("b.test", 1);
+    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    f->w.now += MS_TO_NS(1);
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1 + 2, (unsigned[]){10}, A1 + 2, 1);
+    assert_true(dest_get(f->d, "b.test")->mx_waiting);
+    assert_true(dest_get(f->d, "c.test")->mx_waiting);
+    assert_false(txn_done(ca, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    conn_ready(ca, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT); /* its site holds the slot, theirs none */
+    conn_gone(ca, NULL);
+    assert_int_equal(f->opened, 2);
+    assert_string_equal(f->opened_to[1], "mx2.hoster.test 192.0.2.2:25");
+    assert_ptr_equal(f->open[f->nopen - 1]->dest, dest_get(f->d, "b.test"));
     fx_free(f);
 }
 
@@ -4264,6 +4302,7 @@ main(void)
         cmocka_unit_test(address_want_stays_for_its_own_address_only),
         cmocka_unit_test(mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own),
         cmocka_unit_test(mx_cap_waiter_after_the_holder_went_idle_gets_the_slot),
+        cmocka_unit_test(mx_cap_slot_goes_to_the_oldest_waiter),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
