@@ -113,7 +113,7 @@ limits_new(struct worker *w, const struct limits_opts *o, struct limits **out, c
                  w->id, (unsigned long long)(salt & 0xffffffffu));
     }
     if (o->redis_url != NULL) {
-        int rc = limits_redis_open(l, o, err, errlen);
+        int rc = limits_redis_start(l, o, err, errlen);
         if (rc < 0) {
             free(l);
             return rc;
@@ -129,7 +129,7 @@ limits_free(struct limits *l)
     if (l == NULL)
         return NULL;
     if (l->r != NULL)
-        limits_redis_close(l);
+        limits_redis_stop(l);
     while (l->keys != NULL) {
         struct limit_key *k = l->keys;
         l->keys = k->next;
@@ -359,6 +359,20 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         k->ready_lease = 0;
     }
     if (k->ready_lease != 0) {
+        /* Under the cap as it stands now: a reload may have lowered it,
+         * or the key decides locally at its share since the grant. */
+        bool shared_now = l->shared && now_ns >= k->local_until;
+        unsigned cap_now = lease_cap(k, shared_now ? 1 : local_share(l, k));
+        if (cap_now != 0 && k->nleases >= cap_now) {
+            limits_redis_release(l, k, k->ready_lease);
+            k->ready_lease = 0;
+            k->want_wake = true;
+            *retry_at_ns = UINT64_MAX;
+            l->st.conns_refused++;
+            return false;
+        }
+    }
+    if (k->ready_lease != 0) {
         /* Granted by Redis for this key: a lease (and a rate token, which
          * a move that takes it wastes). */
         if (!lease_push(l, k, k->ready_lease)) {
@@ -382,7 +396,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
     if (shared) {
         bool asking = k->conn_req != NULL;
         if (!asking && now_ns >= k->conn_retry_at)
-            asking = limits_redis_conn(l, k, now_ns, rated) == 0;
+            asking = limits_redis_lease(l, k, now_ns, rated) == 0;
         if (asking || now_ns < k->conn_retry_at) {
             k->want_wake = true;
             *retry_at_ns = asking ? now_ns + l->timeout_ns : k->conn_retry_at;
@@ -437,18 +451,6 @@ bool
 limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns)
 {
     return conn_acquire(l, k, now_ns, retry_at_ns, false);
-}
-
-void
-limits_lease_prefetch(struct limits *l, struct limit_key *k, uint64_t now_ns)
-{
-    if (!l->shared || now_ns < k->local_until || k->suspended || k->ready_lease != 0 ||
-        k->conn_req != NULL || now_ns < k->conn_retry_at)
-        return;
-    unsigned max = lease_cap(k, 1);
-    if (max != 0 && k->nleases >= max)
-        return;
-    (void)limits_redis_conn(l, k, now_ns, false);
 }
 
 void

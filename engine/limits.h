@@ -204,14 +204,6 @@ bool limits_conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
  * limits_conn_release() like the others. */
 bool limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns,
                           uint64_t *retry_at_ns);
-/* Shared: ask Redis now for the lease a later limits_lease_acquire() (or,
- * for a key without a connection rate, limits_conn_acquire()) will want,
- * so that it finds it granted (a domain that starts waiting in its site's
- * line, before a connection of the site comes free for it): unless one is
- * granted or asked already, k is at its cap here, Redis refused within
- * its poll time, or k decides locally. Nothing wakes for the answer; a
- * grant nobody takes goes back after ttl/3. */
-void limits_lease_prefetch(struct limits *l, struct limit_key *k, uint64_t now_ns);
 /* The lease and token k's last successful acquire just took, given back:
  * the connection did not open after all (another of its keys refused, or
  * the open failed). Local: the token is returned to the rate. Shared: a

@@ -154,11 +154,11 @@ key_wake(struct limit_key *k)
 
 /* Connect to o->redis_url (the script is loaded once it is up) and start
  * the lease refresh; 0, or -errno with err filled. */
-int limits_redis_open(struct limits *l, const struct limits_opts *o, char *err, size_t errlen);
+int limits_redis_start(struct limits *l, const struct limits_opts *o, char *err, size_t errlen);
 
 /* Stop the timers, close the connection (no callback runs) and free the
  * requests in flight, cutting their keys' links to them. */
-void limits_redis_close(struct limits *l);
+void limits_redis_stop(struct limits *l);
 
 /* Book the rest of k's message batch (k->msg_req while in flight);
  * 0, or -errno when Redis will not take the request. */
@@ -166,7 +166,7 @@ int limits_redis_take(struct limits *l, struct limit_key *k, uint64_t now);
 
 /* Ask for a lease of k, with a connection-rate token when rated
  * (k->conn_req while in flight); 0, or -errno. */
-int limits_redis_conn(struct limits *l, struct limit_key *k, uint64_t now, bool rated);
+int limits_redis_lease(struct limits *l, struct limit_key *k, uint64_t now, bool rated);
 
 /* Give lease back to Redis (nothing while not shared: it expires after
  * the ttl). k is read for its name only. */

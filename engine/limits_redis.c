@@ -20,7 +20,7 @@
  * and again: round trips stay at about one per half batch even when every
  * node pushes at the limit.
  *
- * Leases are asked for one at a time (limits_redis_conn) and kept alive by
+ * Leases are asked for one at a time (limits_redis_lease) and kept alive by
  * a refresh every ttl/3 (limits_on_refresh); a refusal because every lease
  * is held marks the key wanted, and limits_key_wanted() asks whether a
  * limiter elsewhere waits. Redis's state (up: load the script, then
@@ -519,7 +519,7 @@ limits_redis_take(struct limits *l, struct limit_key *k, uint64_t now)
 /* Ask Redis for a lease of k, with a connection-rate token when rated
  * (T = 0 tells the script to take none). */
 int
-limits_redis_conn(struct limits *l, struct limit_key *k, uint64_t now, bool rated)
+limits_redis_lease(struct limits *l, struct limit_key *k, uint64_t now, bool rated)
 {
     uint64_t T = rated ? rate_interval(&k->conf.conn_rate) : 0;
     struct limit_req *q = req_new(l, k, REQ_CONN);
@@ -669,7 +669,7 @@ limits_on_refresh(struct timer *t, void *ctx)
 /* --- opening and closing ---------------------------------------------- */
 
 int
-limits_redis_open(struct limits *l, const struct limits_opts *o, char *err, size_t errlen)
+limits_redis_start(struct limits *l, const struct limits_opts *o, char *err, size_t errlen)
 {
     timer_init(&l->refresh_timer, limits_on_refresh);
     timer_init(&l->script_timer, limits_on_script_timer);
@@ -688,7 +688,7 @@ limits_redis_open(struct limits *l, const struct limits_opts *o, char *err, size
 }
 
 void
-limits_redis_close(struct limits *l)
+limits_redis_stop(struct limits *l)
 {
     worker_timer_cancel(l->w, &l->refresh_timer);
     worker_timer_cancel(l->w, &l->script_timer);

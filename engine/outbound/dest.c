@@ -60,17 +60,11 @@ dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc)
     lc->max_connections = pol->max_connections;
 }
 
-/* The limiter has news for t (a refill, a lease, a resume). What its
- * mail waited for until now (Redis's answer: a lease, a token) is no
- * wait more connections would have shortened: the site's window counts
- * its wait from now (usable_ns), as after a message rate's. */
+/* The limiter has news for t (a refill, a lease, a resume). */
 static void
 dest_on_wake(void *arg)
 {
-    struct dest *t = arg;
-    if (t->usable_ns != 0 && t->usable_ns < t->d->w->now)
-        t->usable_ns = t->d->w->now;
-    dest_run(t);
+    dest_run(arg);
 }
 
 static void

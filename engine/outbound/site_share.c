@@ -7,8 +7,7 @@
  * carry a domain's mail (conn_may_carry: the TLS the connection was
  * opened under, an MX host the domain's MTA-STS policy and answer name);
  * the line of the site's domains waiting for a connection (want_push, in
- * arrival order; with [redis] a domain asks for its lease as it joins
- * it, limits_lease_prefetch); a connection moving to another domain of its site
+ * arrival order); a connection moving to another domain of its site
  * (conn_move: the domain's connection lease moves with it, but no token
  * of its connection rate), taken up by a waiting domain when its own has
  * nothing to send (conn_take_waiting) or given to one it owes a turn
@@ -73,11 +72,6 @@ want_push(struct dest *t)
     if (t->site != NULL && !t->want.on) {
         t->want_since = t->d->w->now;
         lru_touch(&t->site->want, &t->want);
-        /* With [redis]: its lease asked for now, so that the connection
-         * that comes free for it finds it granted rather than wait for
-         * the round trip (that one went on to the next domain in line,
-         * which did the same, and the site opened more connections). */
-        limits_lease_prefetch(t->d->lim, &t->lim, t->d->w->now);
     }
 }
 

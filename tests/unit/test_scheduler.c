@@ -769,52 +769,6 @@ route_port_change_retires_old_connections(void **state)
     fx_free(f);
 }
 
-/* a.test's three jobs on one connection (opened in 1 ms): the second
- * taken 100 ms after they came, and done; with wake, the domain's
- * limiter woke it just before (limits_key_shape lifting a slower rate:
- * the local path to what a Redis answer does). The site's window after
- * it. */
-static unsigned
-window_after_a_wait(bool wake)
-{
-    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
-    for (int i = 0; i < 3; i++)
-        submit("a.test", 1);
-    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->opened, 1);
-    struct dest *t = dest_get(f->d, "a.test");
-    enum sched_next what;
-    struct conn *c = f->open[0];
-    f->w.now += MS_TO_NS(1);
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
-    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    f->w.now += MS_TO_NS(100);
-    if (wake) {
-        limits_key_shape(f->d->lim, &t->lim, 500, 0);
-        limits_key_shape(f->d->lim, &t->lim, 0, 0);
-    }
-    conn_ready(c, &what);
-    assert_int_equal(what, SCHED_NEXT_JOB);
-    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-    unsigned n = allowed("a.test");
-    fx_free(f);
-    return n;
-}
-
-/* Mail that waited for its limiter's news did not wait for a connection:
- * the window counts the wait from the wake (usable_ns) and earns nothing
- * for the time before. With [redis] each domain's first move waited for
- * its lease's round trip, and sites grew to 40 connections an address
- * where one or two served (bench_sites, 1,000 domains on 10 hosts). */
-static void
-limiter_wake_restarts_the_windows_wait(void **state)
-{
-    (void)state;
-    assert_int_equal(window_after_a_wait(false), 2); /* waited: earned one */
-    assert_int_equal(window_after_a_wait(true), 1);
-}
-
 /* A reload that raises a domain's max_connections raises its site's
  * ceiling: the window grows past the old cap as transactions complete
  * while mail waits. Before the fix the ceiling was set only when a domain
@@ -4231,7 +4185,6 @@ main(void)
         cmocka_unit_test(job_copy_has_a_domain_of_its_own),
         cmocka_unit_test(window_opens_and_grows),
         cmocka_unit_test(reload_raises_the_sites_ceiling),
-        cmocka_unit_test(limiter_wake_restarts_the_windows_wait),
         cmocka_unit_test(failed_open_tries_again),
         cmocka_unit_test(failed_open_of_this_node_defers_and_holds),
         cmocka_unit_test(failure_of_an_unreadable_message_waits),
