@@ -75,12 +75,17 @@ void
 mx_on_wake(void *arg)
 {
     struct mxkey *k = arg;
-    /* Oldest first: the first to run takes what the news freed (before,
-     * the newest waiter did, and under a steady stream of new ones the
-     * oldest could wait on). */
-    struct dest *w = k->waiters;
+    /* The list is newest first (key_slot_wanted looks at the latest
+     * waiters); they run oldest first, so the first to have waited takes
+     * what the news freed. */
+    struct dest *w = NULL, *x = k->waiters;
     k->waiters = NULL;
-    k->waiters_tail = &k->waiters;
+    while (x != NULL) {
+        struct dest *next = x->next_mxwait;
+        x->next_mxwait = w;
+        w = x;
+        x = next;
+    }
     while (w != NULL) {
         struct dest *next = w->next_mxwait;
         w->next_mxwait = NULL;
@@ -269,8 +274,6 @@ key_idle_kick(struct delivery *d, struct mxkey *k)
      * (mx_on_wake), and each comes back here. */
     if (k->idle == 0 || k->kick_none_at == d->w->now)
         return;
-    /* k's idle holders only (before: every connection of the worker, each
-     * time a domain began to wait) */
     for (struct conn *c = k->idle_holders; c != NULL; c = c->key_idle_next[key_idle_slot(c, k)]) {
         if (c->want_close || c->closed || key_slot_wanted(c, k) != 2)
             continue;
@@ -299,11 +302,8 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;
-        t->next_mxwait = NULL;
-        if (k->waiters_tail == NULL)
-            k->waiters_tail = &k->waiters;
-        *k->waiters_tail = t;
-        k->waiters_tail = &t->next_mxwait;
+        t->next_mxwait = k->waiters;
+        k->waiters = t;
         if (full && lease && !fairq_empty(&t->q))
             key_idle_kick(t->d, k);
     }
@@ -328,8 +328,8 @@ key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
 /* Does a destination of another site, with mail, wait for a slot of
  * [mx] or [source] key k (mx_wait)? Of KEY_OWED_LOOK such waiters at
  * most (the list also holds c's own site's domains, which ride c:
- * conn_take_waiting, and domains served since, not counted; at most
- * KEY_WAIT_WALK entries walked). 2: one whose site holds fewer of the
+ * conn_take_waiting, not counted; at most KEY_WAIT_WALK of those with
+ * mail walked; domains served since leave the list as the walk passes). 2: one whose site holds fewer of the
  * key's connections than c's does, owed c's slot now (the slots are
  * shared out evenly between the sites that want them, and where there
  * are fewer than sites they take turns); 1: only others, which c's slot
@@ -340,14 +340,28 @@ key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
 #define KEY_OWED_LOOK 16
 #define KEY_WAIT_WALK 64
 int
-key_slot_wanted(const struct conn *c, const struct mxkey *k)
+key_slot_wanted(const struct conn *c, struct mxkey *k)
 {
     unsigned looked = 0, walked = 0;
     int wanted = 0;
     unsigned mine = key_conns(c->site, c, k);
-    for (const struct dest *w = k != NULL ? k->waiters : NULL;
-         w != NULL && looked < KEY_OWED_LOOK && walked++ < KEY_WAIT_WALK; w = w->next_mxwait) {
-        if (w->site == c->site || fairq_empty(&w->q) || dest_paused(w))
+    struct dest **pw = k != NULL ? &k->waiters : NULL;
+    while (pw != NULL && *pw != NULL && looked < KEY_OWED_LOOK && walked < KEY_WAIT_WALK) {
+        struct dest *w = *pw;
+        if (fairq_empty(&w->q)) {
+            /* Served since (a domain of the site rode its connections):
+             * off the list, which the walk would otherwise stop in before
+             * an older waiter of another site. Mail that comes for it
+             * runs it, and a refusal puts it back. Not counted: each
+             * leaves once. */
+            *pw = w->next_mxwait;
+            w->next_mxwait = NULL;
+            w->mx_waiting = false;
+            continue;
+        }
+        walked++;
+        pw = &w->next_mxwait;
+        if (w->site == c->site || dest_paused(w))
             continue;
         looked++;
         if (key_conns(w->site, c, k) < mine)

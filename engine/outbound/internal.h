@@ -168,7 +168,8 @@ struct conn {
     struct conn *next_idle;
     /* While on its site's idle list: on the list of idle holders of its
      * [mx] key (0) and of its [source] key (1, when another), mxkey's
-     * idle_holders (conn_idle_push, conn_idle_unlink). */
+     * idle_holders (conn_idle_push, conn_idle_unlink). Borrowed: a
+     * connection leaves the lists before it is freed. */
     struct conn *key_idle_next[2];
     struct conn **key_idle_pprev[2];
     struct site *site;    /* owned reference: the site it was opened for */
@@ -276,8 +277,8 @@ struct mxkey {
     struct limit_key lim;
     struct dest *waiters;     /* borrowed: refused a lease (or a token) with no time to
                                * wait, or, with [redis], a lease at all (mx_wait): run on
-                               * the key's news (mx_on_wake), oldest first */
-    struct dest **waiters_tail; /* where the next waiter goes; NULL: &waiters */
+                               * the key's news (mx_on_wake), oldest first; newest
+                               * first on the list */
     unsigned idle;            /* connections of this worker holding it that are on their
                                * site's idle list (conn_idle_push, conn_idle_unlink) */
     struct conn *idle_holders; /* borrowed: those connections (conn.key_idle_next),
@@ -642,27 +643,6 @@ void dest_enqueue(struct dest *t, struct job *j);
  * sub-queue j is dropped (logged; it stays in the spool for the next
  * start). */
 void dest_push(struct dest *t, struct job *j, bool front);
-/* ---- dest_fail.c: a destination's waiting jobs failed together ---- */
-
-/* Every job waiting at t fails with o (ops->fail); one whose message could
- * not be read just then (ops->fail kept it) waits at t again, in its
- * place, and t runs again after HOLD_MIN_MS. */
-void dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src);
-/* Every waiting job of t fails as f says, with text as the reply (f's own
- * when NULL). */
-void dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text);
-/* Every waiting job of t fails with f's outcome, told where f says (MX
- * host, address, source, TLS), untried (its attempts stay) or not; t's
- * own last failure stays. False: no memory for it, nothing failed. */
-bool dest_fail_where(struct dest *t, const struct dest_fail *f, bool untried);
-/* t's site rests because every address failed for another of its
- * domains (f): t's waiting mail is deferred with that failure, untried. */
-void dest_fail_as_site(struct dest *t, const struct dest_fail *f);
-/* t could not open a connection for a reason of this node (why): with
- * none of t open its waiting jobs are deferred with the cause; either way
- * t is held (policy_all_failed_hold). */
-void dest_open_failed(struct dest *t, const struct open_fail *why);
-/* ---- */
 /* Free j, dropped for want of memory (a destination or a queue entry
  * could not be made), with the log line that says so: its recipients
  * stay in the spool, and the next start delivers them. */
@@ -705,6 +685,27 @@ void dest_set_mx(struct dest *t, struct dns_mx_result *res);
 void dest_limit_conf(const struct domain_policy *pol, struct limit_conf *lc);
 /* The port t delivers to: its route's, or [delivery] remote_port. */
 unsigned dest_port(const struct dest *t);
+
+/* ---- outbound/dest_fail.c: a destination's waiting jobs failed together ---- */
+
+/* Every job waiting at t fails with o (ops->fail); one whose message could
+ * not be read just then (ops->fail kept it) waits at t again, in its
+ * place, and t runs again after HOLD_MIN_MS. */
+void dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src);
+/* Every waiting job of t fails as f says, with text as the reply (f's own
+ * when NULL). */
+void dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text);
+/* Every waiting job of t fails with f's outcome, told where f says (MX
+ * host, address, source, TLS), untried (its attempts stay) or not; t's
+ * own last failure stays. False: no memory for it, nothing failed. */
+bool dest_fail_where(struct dest *t, const struct dest_fail *f, bool untried);
+/* t's site rests because every address failed for another of its
+ * domains (f): t's waiting mail is deferred with that failure, untried. */
+void dest_fail_as_site(struct dest *t, const struct dest_fail *f);
+/* t could not open a connection for a reason of this node (why): with
+ * none of t open its waiting jobs are deferred with the cause; either way
+ * t is held (policy_all_failed_hold). */
+void dest_open_failed(struct dest *t, const struct open_fail *why);
 
 /* ---- outbound/scheduler.c ---- */
 
@@ -858,8 +859,9 @@ void conn_idle_unlink(struct conn **pc);
 bool conn_idle_quit(struct conn *c, const char *why);
 /* Does a domain of another site, with mail, wait for a slot of c's key k?
  * 2: one whose site holds fewer of k's connections than c's (c's slot is
- * owed now); 1: only others (after KEY_IDLE_GRACE_MS idle); 0: none. */
-int key_slot_wanted(const struct conn *c, const struct mxkey *k);
+ * owed now); 1: only others (after KEY_IDLE_GRACE_MS idle); 0: none.
+ * Waiters with no mail left that it passes leave k's list. */
+int key_slot_wanted(const struct conn *c, struct mxkey *k);
 /* May c (of a pool's source) take another transaction at its site? Not
  * while its source is held or suspended, nor while it is ahead of its
  * weighted share of the transactions of the sources that may send. */

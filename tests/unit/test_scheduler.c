@@ -4041,17 +4041,13 @@ address_want_stays_for_its_own_address_only(void **state)
     fx_free(f);
 }
 
-/* A domain of another site waiting for an [mx] cap's slot is seen behind
- * many of the holding site's own domains (mx_wait puts them in the order
- * they came; the site's own ride its connections): b.test waits behind
- * a3..a20.
- * When a's site has no more, its connection gives its slot to b.test,
- * which holds none, at once. Counted among the waiters looked at, a's
- * own domains hid b.test: the connection idled and b.test waited. */
+/* b.test (site mx2) and a1..a<n> (site mx1, under the [mx] cap of 2
+ * with it) have mail, b.test after the a's when b_last, else before
+ * them; a's two connections carry the a's, then give their slot to
+ * b.test at once. */
 static void
-mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
+waiter_behind_the_sites_own(bool b_last, int n)
 {
-    (void)state;
     struct fx *f = fx_new("[delivery]\ninitial_connections = 20\n"
                           "[domain *]\nmax_connections = 20\n"
                           "[mx *.hoster.test]\nmax_connections = 2\n");
@@ -4062,21 +4058,27 @@ mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
     assert_int_equal(f->opened, 2);
-    for (int i = 3; i <= 20; i++) {
+    if (!b_last) {
+        submit("b.test", 1);
+        answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    }
+    for (int i = 3; i <= n; i++) {
         snprintf(name, sizeof(name), "a%d.test", i);
         submit(name, 1);
         answer(name, DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     }
-    submit("b.test", 1);
-    answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    if (b_last) {
+        submit("b.test", 1);
+        answer("b.test", DNS_OK, MX1 + 1, (unsigned[]){10}, A1 + 1, 1);
+    }
     assert_int_equal(f->opened, 2);
     struct dest *b = dest_get(f->d, "b.test");
     assert_true(b->mx_waiting);
-    /* a's two connections carry a1..a20 (its own waiting domains ride them) */
+    /* a's two connections carry a1..a<n> (its own waiting domains ride them) */
     struct conn *c0 = f->open[0], *c1 = f->open[1];
     enum sched_next what = SCHED_NEXT_JOB;
-    unsigned sent = 0;
-    for (int round = 0; round < 40 && what == SCHED_NEXT_JOB; round++) {
+    int sent = 0;
+    for (int round = 0; round < 2 * n && what == SCHED_NEXT_JOB; round++) {
         struct conn *c = round % 2 ? c1 : c0;
         if (c->job == NULL) {
             conn_ready(c, &what);
@@ -4086,9 +4088,27 @@ mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
         sent++;
         conn_ready(c, &what);
     }
-    assert_true(sent >= 19);
+    assert_true(sent >= n - 1);
     assert_int_equal(what, SCHED_NEXT_QUIT); /* for b.test, at once */
     fx_free(f);
+}
+
+/* A domain of another site waiting for an [mx] cap's slot is seen behind
+ * many of the holding site's own domains (the site's own ride its
+ * connections): b.test waits behind a3..a20 on the list, whichever came
+ * first (tried both ways).
+ * When a's site has no more, its connection gives its slot to b.test,
+ * which holds none, at once. Counted among the waiters looked at, a's
+ * own domains hid b.test: the connection idled and b.test waited. */
+static void
+mx_cap_waiter_of_another_site_is_seen_behind_the_sites_own(void **state)
+{
+    (void)state;
+    for (int b_last = 0; b_last < 2; b_last++)
+        waiter_behind_the_sites_own(b_last, 20);
+    /* more of the site's own than the waiters walked (KEY_WAIT_WALK) */
+    waiter_behind_the_sites_own(true, 80);
+    waiter_behind_the_sites_own(false, 80);
 }
 
 /* A waiter that comes after the [mx] cap's holder went idle: a.test's
