@@ -329,14 +329,14 @@ key_conns(const struct site *s, const struct conn *c, const struct mxkey *k)
  * [mx] or [source] key k (mx_wait)? Of KEY_OWED_LOOK such waiters at
  * most (the list also holds c's own site's domains, which ride c:
  * conn_take_waiting, not counted; at most KEY_WAIT_WALK of those with
- * mail walked; domains served since leave the list as the walk passes). 2: one whose site holds fewer of the
- * key's connections than c's does, owed c's slot now (the slots are
- * shared out evenly between the sites that want them, and where there
- * are fewer than sites they take turns); 1: only others, which c's slot
- * goes to after KEY_IDLE_GRACE_MS idle (c's domain may have more in a
- * moment); 0: none. Before, c gave its slot as it went idle whenever one
- * waited: two busy sites under one [mx] cap handed connections back and
- * forth at every moment a queue ran empty. */
+ * mail walked; domains served since leave the list as the walk passes).
+ * 2: one whose site holds fewer of the key's connections than c's
+ * does, owed c's slot now (the slots are shared out evenly between the
+ * sites that want them, and where there are fewer than sites they take
+ * turns); 1: only others, which c's slot goes to after KEY_IDLE_GRACE_MS
+ * idle (c's domain may have more in a moment); 0: none. (Giving the slot
+ * as it went idle whenever one waited, two busy sites under one [mx] cap
+ * handed connections back and forth at every moment a queue ran empty.) */
 #define KEY_OWED_LOOK 16
 #define KEY_WAIT_WALK 64
 int
