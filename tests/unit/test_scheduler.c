@@ -378,6 +378,7 @@ fx_free(struct fx *f)
         for (struct conn *c = k->idle_holders; c != NULL && listed <= idle;
              c = c->key_idle_next[c->mxk == k ? 0 : 1]) {
             assert_true(c->on_idle && (c->mxk == k || c->srck == k));
+            assert_ptr_equal(*c->key_idle_pprev[c->mxk == k ? 0 : 1], c);
             listed++;
         }
         assert_int_equal(listed, idle);
