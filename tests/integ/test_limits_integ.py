@@ -4,7 +4,8 @@ and one or two sluice nodes relay what Python injects. Checks, from the
 delivery log's event times and the sockets open to the sink: a message
 rate with its burst holds in every 1-second window and is reached on
 average, on one node and across two sharing a Redis; max_connections holds
-across nodes; a Redis killed mid-run leaves delivery going on local shares
+across nodes, for one domain and for an [mx] cap over 300 domains whose
+connections move from domain to domain; a Redis killed mid-run leaves delivery going on local shares
 and is picked up again once back; a node killed while holding connection
 leases gives them up after lease_ttl; suspend and resume through the stats
 socket stop and restart a domain within a second."""
@@ -159,7 +160,8 @@ class StampMx:
     of 55 with two busy loops running, the limiter being right); kernel
     arrival times do not move."""
 
-    def __init__(self, port):
+    def __init__(self, port, data_delay=0.0):
+        self.data_delay = data_delay  # s before the reply to each final dot
         self.mails = []       # kernel arrival time (s, wall clock) of each MAIL
         self.dots = 0         # transactions accepted
         self.lock = threading.Lock()
@@ -204,6 +206,8 @@ class StampMx:
                         if end < 0:
                             break
                         buf, in_data = buf[end + 5:], False
+                        if self.data_delay:
+                            time.sleep(self.data_delay)
                         with self.lock:
                             self.dots += 1
                         out.append(b"250 2.0.0 Ok\r\n")
@@ -512,6 +516,88 @@ def test_two_nodes_share_rate_and_connections():
         c.close()
 
 
+def deliveries(nd, settled=True):
+    """The delivery events of node nd's delivery log so far."""
+    return [e for e in events(nd.dlog, settled) if e["event"] == "delivery"]
+
+
+def test_two_nodes_share_an_mx_cap_over_many_domains():
+    """The shape of bulk mail behind one provider, from two nodes: 600
+    messages over 300 domains (two each, as the relay grid) whose MX
+    records all name one host, [mx] max_connections = 4 held across both
+    nodes through Redis, a receiver that takes 50 ms over each message.
+    Every message arrives once, within a bounded time; never more than
+    the cap open at the receiver (plus the local shares of workers cut
+    off from Redis, if one was: test_connections_hold_through_a_redis_stall);
+    both nodes deliver; and the connections carry many domains
+    each (their leases move from domain to domain): far fewer connections
+    than domains."""
+    wd = Workdir("sluice-mxcap-")
+    dns = mx = redis = None
+    nodes = []
+    try:
+        doms = [f"p{i}.test" for i in range(300)]
+        mx_port = free_port()
+        dns = Dns(wd, records_for(doms, mx_host="mx.shared.test"))
+        mx = StampMx(mx_port, data_delay=0.05)
+        redis = Redis()
+        extra = (f"[mx mx.shared.test]\nmax_connections = 4\n"
+                 f"[redis]\nurl = redis://127.0.0.1:{redis.port}\nnodes = 2\ntimeout = 2s\n")
+        for name in ("a", "b"):
+            nodes.append(Node(wd, name, dns.port, mx_port, extra))
+        for nd in nodes:
+            wait_until(lambda: nd.redis_state() == "connected", 10,
+                       f"node {nd.name} connected to Redis")
+        sampler = ConnSampler(mx_port, lambda: [nd.d.proc.pid for nd in nodes])
+        try:
+            batches = {}
+            for k, nd in enumerate(nodes):
+                batches[nd.name] = [("s@example.com", [f"{nd.name}{i}@{doms[i % 300]}"],
+                                     f"Subject: {i}\r\nX-Seq: {nd.name}{i}\r\n\r\nb\r\n"
+                                     .encode()) for i in range(300)]
+            t0 = time.monotonic()
+            ta = threading.Thread(target=nodes[0].inject, args=(batches["a"],))
+            ta.start()
+            nodes[1].inject(batches["b"])
+            ta.join(60)
+
+            def delivered():
+                return sum(len(deliveries(nd, settled=False)) for nd in nodes)
+            wait_until(lambda: delivered() >= 600, 90,
+                       f"600 deliveries (have {delivered()}; Redis: {redis_events(nodes)})")
+            took = time.monotonic() - t0
+        finally:
+            peak = sampler.stop()
+        conns = sum(nd.ctl("stats")["connections"]["outbound_total"] for nd in nodes)
+        per_node = {nd.name: len(deliveries(nd, settled=False)) for nd in nodes}
+        print(f"     600 messages over 300 domains behind one MX, cap 4 over two nodes: "
+              f"{took:.1f} s (the receiver's floor {600 * 0.05 / 4:.1f} s), at most {peak} "
+              f"open at once, {conns} connections opened, per node {per_node}")
+        assert mx.dots == 600, f"{mx.dots} transactions at the receiver for 600 messages"
+        rcpts = [e["rcpt"] for nd in nodes for e in deliveries(nd, settled=False)]
+        assert len(set(rcpts)) == 600, f"{len(set(rcpts))} distinct recipients delivered"
+        # A worker cut off from Redis (event=redis_down) falls back to a
+        # local share; without one, the cap holds exactly (a bound of cap
+        # plus those shares would not see each node take the whole cap).
+        down = sum(nd.d.count_log("event=redis_down") for nd in nodes)
+        assert peak <= 4 + (4 if down else 0), \
+            f"{peak} connections open at the receiver, cap 4; Redis events: {redis_events(nodes)}"
+        assert peak >= 2, f"only {peak} connection at a time: the cap was never tested"
+        assert min(per_node.values()) > 0, per_node
+        assert conns < 100, f"{conns} connections for 300 domains: the domains did not " \
+                            f"share the site's connections"
+    finally:
+        errors = []
+        for nd in nodes:
+            if nd.alive() and nd.d.stop_clean() != 0:
+                errors.append(nd.name)
+        for p in (mx, dns, redis):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+        assert not errors, f"nodes {errors} did not stop cleanly"
+
+
 def test_redis_killed_then_back():
     """SIGKILL the Redis mid-run: deliveries keep coming (local share),
     sluice does not crash, the stats socket says Redis is not connected;
@@ -759,6 +845,7 @@ if __name__ == "__main__":
     if shutil.which("redis-server") is None:
         skip("redis-server not installed (tools/install-deps --test)")
     main([test_local_rate_and_burst, test_two_nodes_share_rate_and_connections,
+          test_two_nodes_share_an_mx_cap_over_many_domains,
           test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts,
