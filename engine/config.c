@@ -1110,9 +1110,12 @@ config_reference(FILE *out)
                  "pools). Names: 1 to 64 of A-Z a-z 0-9 . _ -, case-insensitive. A "
                  "destination is a (domain, pool) pair: a pool's mail leaves only from its "
                  "sources, each connection from one source picked by weight among those "
-                 "not held, not suspended and with warm-up allowance left; a source a "
-                 "receiver answers with 421 or a rate-limited reply is held at that site "
-                 "alone. Mail without a pool leaves from [delivery] source_address.\n\n");
+                 "not held, not suspended and with warm-up allowance left (the weights "
+                 "hold per site, and across sites where a site has no say: each new "
+                 "site's first connection goes by the pool's weighted round robin); a "
+                 "source a receiver answers with 421 or a rate-limited reply is held at "
+                 "that site alone. Mail without a pool leaves from [delivery] "
+                 "source_address.\n\n");
     reference_table(out, config_pool_keys, sizeof(struct pool_config));
     fprintf(out, "## [tenant NAME]: who a message belongs to\n\n"
                  "A customer whose mail is kept apart. A message's tenant is its AUTH user's "

@@ -19,11 +19,12 @@
  * - Sources: which egress address of a destination's pool the next
  *   connection goes from (dest_source: per weight, one connection per
  *   source before a second from any, not a held, suspended or warmed-up
- *   one), whether a pool's connection may take another transaction
- *   (source_may_send: its source's weighted share per message), and the
- *   holds of one source at a site (source_hold_at: after a 421, a
- *   rate-limited reply, or a connection it could not open,
- *   source_open_failed).
+ *   one; where the site's counts cannot choose, the pool's smooth
+ *   weighted round robin on the worker, source_rr_pick), whether a
+ *   pool's connection may take another transaction (source_may_send:
+ *   its source's weighted share per message), and the holds of one
+ *   source at a site (source_hold_at: after a 421, a rate-limited reply,
+ *   or a connection it could not open, source_open_failed).
  * - What the active shaping actions say (engine/shaping.h): a cap, a
  *   suspension, a rate or a bounce, for a new connection
  *   (shaping_may_open) and before each transaction (shaping_may_send).
@@ -552,6 +553,35 @@ shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait
     return false;
 }
 
+/* Of the sources of t's pool at indexes idx (n > 1), the next by the
+ * pool's smooth weighted round robin on this worker (nginx's: each adds
+ * its weight to its count, the highest count goes and gives back the sum
+ * of the weights; over any run of picks each source goes in proportion
+ * to its weight, spread out, and a count never strays beyond the sum of
+ * the weights, so a source away for a while is owed nothing). Sets
+ * out->src and out->id; leaves them as they are without memory. */
+static void
+source_rr_pick(struct dest *t, const unsigned *idx, unsigned n, const uint32_t *ids,
+               struct source_pick *out)
+{
+    int64_t *rr = pool_rr(t->d, t);
+    if (rr == NULL)
+        return;
+    int64_t sum = 0;
+    unsigned pick = idx[0];
+    for (unsigned k = 0; k < n; k++) {
+        unsigned i = idx[k];
+        rr[i] += t->poolc->sources[i].weight;
+        sum += t->poolc->sources[i].weight;
+        if (rr[i] > rr[pick])
+            pick = i;
+    }
+    rr[pick] -= sum;
+    const struct mx_policy *src = t->poolc->sources[pick].source;
+    out->src = src;
+    out->id = ids != NULL ? ids[pick] : intern_id(t->d->e->names, src->pattern);
+}
+
 int
 dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
 {
@@ -569,6 +599,11 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
     uint64_t now = d->w->now, now_ms = clock_unix_ms(), wait = UINT64_MAX;
     long best = -1; /* an index: site_source() may move the entries */
     unsigned bw = 0, held = 0, usable = 0;
+    /* The sources that may go (cand) and those of them the site's counts
+     * cannot tell from best (tied), by their index in the pool; fresh:
+     * none of the candidates has sent or connected at this site yet. */
+    unsigned cand[SITE_SOURCES_MAX], tied[SITE_SOURCES_MAX], ncand = 0, ntied = 0;
+    bool fresh = true;
     for (unsigned i = 0; i < t->poolc->nsources; i++) {
         const struct pool_source *ps = &t->poolc->sources[i];
         if (ps->weight == 0 || ps->source == NULL)
@@ -600,15 +635,33 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             wait = at < wait ? at : wait;
             continue;
         }
+        if (ncand == SITE_SOURCES_MAX)
+            continue; /* (a site keeps no more: site_source gave NULL above) */
+        cand[ncand++] = i;
+        fresh = fresh && ss->sent == 0 && ss->conns == 0;
         if (best < 0 || source_better(ss, ps->weight, &t->site->src[best], bw)) {
             best = ss - t->site->src;
             bw = ps->weight;
             out->src = ps->source;
             out->id = id;
+            tied[0] = i;
+            ntied = 1;
+        } else if (!source_better(&t->site->src[best], bw, ss, ps->weight)) {
+            tied[ntied++] = i;
         }
     }
-    if (best >= 0)
+    if (best >= 0) {
+        /* Where the site cannot choose, the pool's weights do, over all
+         * its sites: at a site none has used yet (the long tail of a
+         * newsletter, a site for each small domain: before, every one of
+         * them opened from the pool's first source), or between sources
+         * the site's counts find even. */
+        if (fresh && ncand > 1)
+            source_rr_pick(t, cand, ncand, ids, out);
+        else if (ntied > 1)
+            source_rr_pick(t, tied, ntied, ids, out);
         return 1;
+    }
     out->src = NULL;
     out->id = 0;
     out->until = wait == UINT64_MAX ? now + MS_TO_NS(HOLD_MIN_MS) : wait;

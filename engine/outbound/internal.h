@@ -885,10 +885,12 @@ struct source_pick {
 };
 /* Choose the source of t's next connection to MX host mx, at an address
  * of family (AF_UNSPEC: any): among its pool's sources of that family
- * with a weight, not suspended, not held at t's site,
- * with warm-up allowance (warmup_left), the one with the fewest
- * transactions and connections for its weight. Returns 1 with *out
- * (src NULL without a pool), or 0 when none may go now (out->until,
+ * with a weight, not suspended, not held at t's site, with warm-up
+ * allowance (warmup_left), the one with the fewest transactions and
+ * connections for its weight at t's site; where the site cannot tell
+ * them apart (none has used it yet, or even counts), the next by the
+ * pool's weighted round robin on this worker. Returns 1 with *out (src
+ * NULL without a pool), or 0 when none may go now (out->until,
  * out->all_held). */
 int dest_source(struct dest *t, const char *mx, int family, struct source_pick *out);
 /* A receiver throttled source src_id (a rate-limited reply) at t's site:
@@ -929,6 +931,11 @@ struct owner_count {
     struct hash_node node;    /* first */
     uint32_t id;
     uint64_t delivered, deferred, bounced, connections;
+    /* A pool's only (SCOPE_POOL): the smooth weighted round robin that
+     * picks between its sources where a site's own counts cannot tell
+     * them apart (dest_source, source_rr_pick). */
+    int64_t *rr;                      /* owned: one per source of rr_for; NULL: none yet */
+    const struct pool_config *rr_for; /* compared only: the [pool] rr is of */
 };
 
 void scope_init(struct delivery *d);
@@ -962,6 +969,9 @@ void sched_shape_rate(struct delivery *d, struct mxkey *k, const struct dest *t,
 struct owner_count *owner_count(struct delivery *d, enum scope_kind kind, uint32_t id);
 /* The counters of source id (0: a dummy). */
 struct owner_count *source_count(struct delivery *d, uint32_t id);
+/* The round robin state of t's pool on this worker (owner_count.rr): one
+ * per source of t->poolc, in its order; NULL without a pool or memory. */
+int64_t *pool_rr(struct delivery *d, const struct dest *t);
 
 /* ---- outbound/targets.c ---- */
 

@@ -79,8 +79,10 @@ scope_fini(struct delivery *d)
     for (unsigned k = 0; k < DELIVERY_SCOPE_COUNT; k++) {
         size_t b = 0;
         struct hash_node *cur = NULL, *n;
-        while ((n = hash_next(&d->counts[k], &b, &cur)) != NULL)
+        while ((n = hash_next(&d->counts[k], &b, &cur)) != NULL) {
+            free(((struct owner_count *)n)->rr);
             free(n);
+        }
         hash_fini(&d->counts[k]);
     }
     free(d->susp);
@@ -88,23 +90,45 @@ scope_fini(struct delivery *d)
     d->nsusp = 0;
 }
 
+/* What owner_count gives when it cannot make an entry: counts into it
+ * are lost, nothing hangs from it. */
+static _Thread_local struct owner_count count_dummy;
+
 struct owner_count *
 owner_count(struct delivery *d, enum scope_kind kind, uint32_t id)
 {
-    static _Thread_local struct owner_count dummy;
+    struct owner_count *const dummy = &count_dummy;
     uint64_t h = (uint64_t)id * 0x9e3779b97f4a7c15ULL;
     struct owner_count *c = (struct owner_count *)hash_find(&d->counts[kind], h, &id);
     if (c != NULL)
         return c;
     if ((c = calloc(1, sizeof(*c))) == NULL)
-        return &dummy;
+        return dummy;
     c->id = id;
     c->node.hash = h;
     if (hash_insert(&d->counts[kind], &c->node) < 0) {
         free(c);
-        return &dummy;
+        return dummy;
     }
     return c;
+}
+
+int64_t *
+pool_rr(struct delivery *d, const struct dest *t)
+{
+    if (t->pool == 0 || t->poolc == NULL || t->poolc->nsources == 0)
+        return NULL;
+    struct owner_count *c = owner_count(d, SCOPE_POOL, t->pool);
+    if (c == &count_dummy)
+        return NULL;
+    if (c->rr != NULL && c->rr_for == t->poolc)
+        return c->rr;
+    /* first use, or the [pool] was reloaded: every source starts even */
+    free(c->rr);
+    c->rr_for = NULL;
+    if ((c->rr = calloc(t->poolc->nsources, sizeof(*c->rr))) != NULL)
+        c->rr_for = t->poolc;
+    return c->rr;
 }
 
 struct owner_count *

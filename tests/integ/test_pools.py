@@ -61,7 +61,7 @@ class Receiver:
 
 
 class Node:
-    def __init__(self, refuse=(), extra="", src_extra=None):
+    def __init__(self, refuse=(), extra="", src_extra=None, records=None):
         src_extra = src_extra or {}
         if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
             skip("dnsmasq not installed (tools/install-deps --test)")
@@ -69,7 +69,7 @@ class Node:
         self.dns = self.rx = self.d = None
         try:
             self.mx_port = free_port()
-            self.dns = Dns(self.wd, records_for(DOMAINS))
+            self.dns = Dns(self.wd, records if records is not None else records_for(DOMAINS))
             self.rx = Receiver(self.wd, self.mx_port, refuse)
             self.port = free_port()
             self.sock = os.path.join(self.wd.path, "stats.sock")
@@ -235,6 +235,35 @@ def test_weights_pools_ehlo_and_stats():
         doms = n.ask("domains 200")["domains"]
         assert {x["pool"] for x in doms if x["name"] == "d0.test"} == {"bulk", "tx"}, \
             [x for x in doms if x["name"] == "d0.test"]
+    finally:
+        n.close()
+
+
+def test_weights_hold_over_many_small_sites():
+    """The long tail of a newsletter: 400 domains, each with an MX host of
+    its own (a site each), one message each in pool tx (two sources of
+    equal weight) and one in pool bulk (3:1). Each site opens one
+    connection and sends one message, so the sites' own counts never tell
+    the sources apart: the pools' weights must hold across their sites
+    (before, every site's first connection went from the pool's first
+    source, or its heaviest: 400 to 0)."""
+    doms = [f"t{i}.test" for i in range(400)]
+    recs = []
+    for i, d in enumerate(doms):
+        recs += [f"host-record=mx.{d},127.0.0.1", f"mx-host={d},mx.{d},10"]
+    n = Node(records=recs)
+    try:
+        n.inject(1, "globex", domains=doms)
+        n.inject(1, "acme", domains=doms)
+        got = n.rx.wait(800)
+        assert len(got) == 800, len(got)
+        peers = {p: len(rs) for p, rs in by_peer(got).items()}
+        print(f"400 sites, one message each, pool tx 1:1 and bulk 3:1: {peers}")
+        assert set(peers) <= {"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"}, peers
+        tx = peers.get("127.0.0.4", 0) / 400
+        bulk = peers.get("127.0.0.2", 0) / 400
+        assert 0.45 <= tx <= 0.55, peers
+        assert 0.70 <= bulk <= 0.80, peers
     finally:
         n.close()
 
@@ -422,7 +451,8 @@ def test_bounce_parked_by_scope():
 
 
 if __name__ == "__main__":
-    main([test_weights_pools_ehlo_and_stats, test_throttled_source_backs_off,
+    main([test_weights_pools_ehlo_and_stats, test_weights_hold_over_many_small_sites,
+          test_throttled_source_backs_off,
           test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
           test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row,
           test_source_not_on_this_host_is_held_alone])

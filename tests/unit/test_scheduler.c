@@ -2614,6 +2614,40 @@ weights_per_transaction(void **state)
     fx_free(f);
 }
 
+/* The long tail: 40 domains, each an MX host and address of its own (a
+ * site each), one message each in pool bulk (3:1). No site's counts can
+ * tell the sources apart, so the pool's round robin picks: 30 and 10,
+ * where each site took the pool's first (heaviest) source before. */
+static void
+weights_hold_across_new_sites(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    for (unsigned i = 0; i < 40; i++) {
+        char dom[32], host[40];
+        snprintf(dom, sizeof(dom), "lt%u.test", i);
+        snprintf(host, sizeof(host), "mx.%s", dom);
+        submit_pool(dom, 1, "bulk");
+        const char *hosts[] = {host};
+        const uint8_t addr[][16] = {{192, 0, 2, (uint8_t)(i + 1)}};
+        answer_pool(dom, "bulk", hosts, addr, 1);
+    }
+    unsigned a, b, c;
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(f->opened, 40);
+    assert_int_equal(a, 30);
+    assert_int_equal(b, 10);
+    /* spread out, not in runs: in any 4 opened one after the other, one
+     * from the lighter source */
+    for (unsigned i = 0; i + 4 <= 40; i++) {
+        unsigned lb = 0;
+        for (unsigned k = i; k < i + 4; k++)
+            lb += strstr(f->opened_to[k], "from 198.51.100.3") != NULL;
+        assert_int_equal(lb, 1);
+    }
+    fx_free(f);
+}
+
 /* A first MTA-STS check asked by a connection's next transaction
  * (sched_conn_next checks the policy per transaction, and a domain the
  * store forgot is a first contact again) and answered inside the call
@@ -4234,6 +4268,7 @@ main(void)
         cmocka_unit_test(first_mta_sts_check_holds_an_open_connection),
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
+        cmocka_unit_test(weights_hold_across_new_sites),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
