@@ -872,6 +872,7 @@ delivery_reconfigure(struct delivery *d)
     /* An interface address added since (a loop if delivered to) is known
      * from now on; the targets are counted again below. */
     targets_local_load(d);
+    pool_rr_forget(d);
     struct dest_iter it4 = {0};
     for (struct dest *t; (t = dest_next(d, &it4)) != NULL;) {
         const struct domain_policy *old = t->pol;

@@ -935,7 +935,8 @@ struct owner_count {
      * picks between its sources where a site's own counts cannot tell
      * them apart (dest_source, source_rr_pick). */
     int64_t *rr;                      /* owned: one per source of rr_for; NULL: none yet */
-    const struct pool_config *rr_for; /* compared only: the [pool] rr is of */
+    const struct pool_config *rr_for; /* compared only: the [pool] rr is of; NULL
+                                       * after a reload (pool_rr_forget) */
 };
 
 void scope_init(struct delivery *d);
@@ -972,6 +973,10 @@ struct owner_count *source_count(struct delivery *d, uint32_t id);
 /* The round robin state of t's pool on this worker (owner_count.rr): one
  * per source of t->poolc, in its order; NULL without a pool or memory. */
 int64_t *pool_rr(struct delivery *d, const struct dest *t);
+/* After a reload: every pool's round robin starts again at its next use
+ * (rr_for is compared only, and a freed [pool]'s address may be given to
+ * another, with more sources). */
+void pool_rr_forget(struct delivery *d);
 
 /* ---- outbound/targets.c ---- */
 

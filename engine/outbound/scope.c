@@ -113,6 +113,15 @@ owner_count(struct delivery *d, enum scope_kind kind, uint32_t id)
     return c;
 }
 
+void
+pool_rr_forget(struct delivery *d)
+{
+    size_t b = 0;
+    struct hash_node *cur = NULL, *x;
+    while ((x = hash_next(&d->counts[SCOPE_POOL], &b, &cur)) != NULL)
+        ((struct owner_count *)x)->rr_for = NULL;
+}
+
 int64_t *
 pool_rr(struct delivery *d, const struct dest *t)
 {

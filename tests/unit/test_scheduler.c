@@ -2614,6 +2614,22 @@ weights_per_transaction(void **state)
     fx_free(f);
 }
 
+/* n new sites of pool bulk (the long tail), each a domain with an MX host
+ * and address of its own (192.0.2.first+1..): one connection each. */
+static void
+open_new_sites(unsigned first, unsigned n)
+{
+    for (unsigned i = first; i < first + n; i++) {
+        char dom[32], host[40];
+        snprintf(dom, sizeof(dom), "lt%u.test", i);
+        snprintf(host, sizeof(host), "mx.%s", dom);
+        submit_pool(dom, 1, "bulk");
+        const char *hosts[] = {host};
+        const uint8_t addr[][16] = {{192, 0, 2, (uint8_t)(i + 1)}};
+        answer_pool(dom, "bulk", hosts, addr, 1);
+    }
+}
+
 /* The long tail: 40 domains, each an MX host and address of its own (a
  * site each), one message each in pool bulk (3:1). No site's counts can
  * tell the sources apart, so the pool's round robin picks: 30 and 10,
@@ -2623,15 +2639,7 @@ weights_hold_across_new_sites(void **state)
 {
     (void)state;
     struct fx *f = fx_new(POOLS);
-    for (unsigned i = 0; i < 40; i++) {
-        char dom[32], host[40];
-        snprintf(dom, sizeof(dom), "lt%u.test", i);
-        snprintf(host, sizeof(host), "mx.%s", dom);
-        submit_pool(dom, 1, "bulk");
-        const char *hosts[] = {host};
-        const uint8_t addr[][16] = {{192, 0, 2, (uint8_t)(i + 1)}};
-        answer_pool(dom, "bulk", hosts, addr, 1);
-    }
+    open_new_sites(0, 40);
     unsigned a, b, c;
     count_sources(f->opened, &a, &b, &c);
     assert_int_equal(f->opened, 40);
@@ -2645,6 +2653,48 @@ weights_hold_across_new_sites(void **state)
             lb += strstr(f->opened_to[k], "from 198.51.100.3") != NULL;
         assert_int_equal(lb, 1);
     }
+    fx_free(f);
+}
+
+/* A reload that gives the pool a third source: the round robin starts
+ * again over the new pool (its state is per [pool] as loaded, forgotten
+ * at each reload: a freed pool's address may be given to the new one),
+ * and new sites share out by the new weights. */
+static void
+reload_gives_the_round_robin_a_new_source(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new(POOLS);
+    open_new_sites(0, 8);
+    unsigned a, b, c;
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(a, 6);
+    assert_int_equal(b, 2);
+
+    struct config *old = f->cfg;
+    char conf[sizeof(POOLS) + 64];
+    snprintf(conf, sizeof(conf), "%s", POOLS);
+    char *at = strstr(conf, "198.51.100.2:3, 198.51.100.3:1");
+    assert_non_null(at);
+    snprintf(at, sizeof(conf) - (size_t)(at - conf),
+             "198.51.100.2, 198.51.100.3, 198.51.100.4\n[pool tx]\nsources = 198.51.100.4\n");
+    setup_conf(f, conf);
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+
+    unsigned before = f->opened;
+    open_new_sites(8, 30);
+    assert_int_equal(f->opened, before + 30);
+    unsigned na = 0, nb = 0, nc = 0;
+    for (unsigned i = before; i < f->opened; i++) {
+        na += strstr(f->opened_to[i], "from 198.51.100.2") != NULL;
+        nb += strstr(f->opened_to[i], "from 198.51.100.3") != NULL;
+        nc += strstr(f->opened_to[i], "from 198.51.100.4") != NULL;
+    }
+    assert_int_equal(na, 10);
+    assert_int_equal(nb, 10);
+    assert_int_equal(nc, 10);
     fx_free(f);
 }
 
@@ -4269,6 +4319,7 @@ main(void)
         cmocka_unit_test(pools_keep_apart),
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(weights_hold_across_new_sites),
+        cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
