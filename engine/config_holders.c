@@ -11,6 +11,8 @@
  *     dest.src_ids_for, compared only, is cleared there too (a freed
  *     pool's address may be a new one's).
  *   - mxkey.pol ([mx] and [source] sections): delivery_reconfigure.
+ *   - owner_count.rr_for (a pool's round robin, outbound/scope.c),
+ *     compared only: cleared by delivery_reconfigure (pool_rr_forget).
  *   - delivery's tenant weights: cleared by delivery_reconfigure.
  * Made between two parks from e->cfg as it is then: newer than the view.
  * Kept past the park, scanned here on the worker, each in one config

@@ -20,7 +20,8 @@
  *   connection goes from (dest_source: per weight, one connection per
  *   source before a second from any, not a held, suspended or warmed-up
  *   one; where the site's counts cannot choose, the pool's smooth
- *   weighted round robin on the worker, source_rr_pick), whether a
+ *   weighted round robin on the worker, source_rr_peek, its turn taken
+ *   when the connection opens, source_pick_opened), whether a
  *   pool's connection may take another transaction (source_may_send:
  *   its source's weighted share per message), and the holds of one
  *   source at a site (source_hold_at: after a 421, a rate-limited reply,
@@ -553,33 +554,49 @@ shaping_may_open(struct dest *t, uint32_t src_id, const char *mx, uint64_t *wait
     return false;
 }
 
-/* Of the sources of t's pool at indexes idx (n > 1), the next by the
- * pool's smooth weighted round robin on this worker (nginx's: each adds
- * its weight to its count, the highest count goes and gives back the sum
- * of the weights; over any run of picks each source goes in proportion
- * to its weight, spread out, and a count never strays beyond the sum of
- * the weights, so a source away for a while is owed nothing). Sets
- * out->src and out->id; leaves them as they are without memory. */
+/* Of the sources of t's pool at indexes idx (n > 1), the one the pool's
+ * smooth weighted round robin on this worker gives next (nginx's: each
+ * adds its weight to its count, the highest count goes and gives back
+ * the sum of the weights; over a run of picks among the same sources
+ * each goes in proportion to its weight, spread out, and the counts stay
+ * within the sum of the weights, so a source away for a while is owed
+ * little). Only looks: sets out->src, out->id and the turn
+ * (out->rr_set, rr_n, rr_pick) that source_pick_opened takes. Leaves out
+ * as it is without memory. */
 static void
-source_rr_pick(struct dest *t, const unsigned *idx, unsigned n, const uint32_t *ids,
+source_rr_peek(struct dest *t, const unsigned *idx, unsigned n, const uint32_t *ids,
                struct source_pick *out)
 {
-    int64_t *rr = pool_rr(t->d, t);
+    const int64_t *rr = pool_rr(t->d, t);
     if (rr == NULL)
         return;
-    int64_t sum = 0;
     unsigned pick = idx[0];
     for (unsigned k = 0; k < n; k++) {
         unsigned i = idx[k];
-        rr[i] += t->poolc->sources[i].weight;
-        sum += t->poolc->sources[i].weight;
-        if (rr[i] > rr[pick])
+        out->rr_set[k] = (unsigned short)i;
+        if (rr[i] + t->poolc->sources[i].weight > rr[pick] + t->poolc->sources[pick].weight)
             pick = i;
     }
-    rr[pick] -= sum;
+    out->rr_n = n;
+    out->rr_pick = pick;
     const struct mx_policy *src = t->poolc->sources[pick].source;
     out->src = src;
     out->id = ids != NULL ? ids[pick] : intern_id(t->d->e->names, src->pattern);
+}
+
+void
+source_pick_opened(struct dest *t, const struct source_pick *pk)
+{
+    int64_t *rr = pk->rr_n > 1 ? pool_rr(t->d, t) : NULL;
+    if (rr == NULL)
+        return;
+    int64_t sum = 0;
+    for (unsigned k = 0; k < pk->rr_n; k++) {
+        unsigned i = pk->rr_set[k];
+        rr[i] += t->poolc->sources[i].weight;
+        sum += t->poolc->sources[i].weight;
+    }
+    rr[pk->rr_pick] -= sum;
 }
 
 int
@@ -653,13 +670,12 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
     if (best >= 0) {
         /* Where the site cannot choose, the pool's weights do, over all
          * its sites: at a site none has used yet (the long tail of a
-         * newsletter, a site for each small domain: before, every one of
-         * them opened from the pool's first source), or between sources
-         * the site's counts find even. */
+         * newsletter: a site for each small domain, one connection each),
+         * or between sources the site's counts find even. */
         if (fresh && ncand > 1)
-            source_rr_pick(t, cand, ncand, ids, out);
+            source_rr_peek(t, cand, ncand, ids, out);
         else if (ntied > 1)
-            source_rr_pick(t, tied, ntied, ids, out);
+            source_rr_peek(t, tied, ntied, ids, out);
         return 1;
     }
     out->src = NULL;

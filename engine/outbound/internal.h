@@ -882,6 +882,11 @@ struct source_pick {
     uint64_t until;              /* none may go: monotonic ns at which to look again */
     bool all_held;               /* ... because every source is held at the site */
     bool other_family;           /* ... because none is of the target's address family */
+    /* When the pool's round robin chose (rr_n > 0): the sources it chose
+     * among, by index in the pool, and the one it chose; its turn is
+     * taken only once a connection opens from it (source_pick_opened). */
+    unsigned short rr_set[SITE_SOURCES_MAX];
+    unsigned rr_n, rr_pick;
 };
 /* Choose the source of t's next connection to MX host mx, at an address
  * of family (AF_UNSPEC: any): among its pool's sources of that family
@@ -893,6 +898,12 @@ struct source_pick {
  * NULL without a pool), or 0 when none may go now (out->until,
  * out->all_held). */
 int dest_source(struct dest *t, const char *mx, int family, struct source_pick *out);
+/* A connection of t opened from pk's source: the pool's round robin
+ * takes the turn dest_source only looked at (none when it did not
+ * choose). Only once per connection: every other call of dest_source
+ * (a pick refused by a limit, a second pick for another address, a
+ * probe) leaves the round robin as it was. */
+void source_pick_opened(struct dest *t, const struct source_pick *pk);
 /* A receiver throttled source src_id (a rate-limited reply) at t's site:
  * it rests there while the pool's others carry on (as a 421 would). */
 void sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why);
@@ -933,7 +944,7 @@ struct owner_count {
     uint64_t delivered, deferred, bounced, connections;
     /* A pool's only (SCOPE_POOL): the smooth weighted round robin that
      * picks between its sources where a site's own counts cannot tell
-     * them apart (dest_source, source_rr_pick). */
+     * them apart (dest_source, source_rr_peek, source_pick_opened). */
     int64_t *rr;                      /* owned: one per source of rr_for; NULL: none yet */
     const struct pool_config *rr_for; /* compared only: the [pool] rr is of; NULL
                                        * after a reload (pool_rr_forget) */
@@ -971,7 +982,9 @@ struct owner_count *owner_count(struct delivery *d, enum scope_kind kind, uint32
 /* The counters of source id (0: a dummy). */
 struct owner_count *source_count(struct delivery *d, uint32_t id);
 /* The round robin state of t's pool on this worker (owner_count.rr): one
- * per source of t->poolc, in its order; NULL without a pool or memory. */
+ * count per source of t->poolc, in its order; NULL without a pool or
+ * memory. Owned by the pool's owner_count: valid until the next pool_rr
+ * for another [pool] of that name (a reload), which frees it. */
 int64_t *pool_rr(struct delivery *d, const struct dest *t);
 /* After a reload: every pool's round robin starts again at its next use
  * (rr_for is compared only, and a freed [pool]'s address may be given to

@@ -595,6 +595,7 @@ dest_run_once(struct dest *t)
             dest_open_failed(t, &why);
             return;
         }
+        source_pick_opened(t, &pk);
         c->leased = true;
         c->mxk = mk;
         c->srck = sk;

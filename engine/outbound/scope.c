@@ -1,6 +1,7 @@
 /*
  * scope: operators' suspensions by scope on one worker, and the counters
- * per tenant, pool and source.
+ * per tenant, pool and source (with each pool's round robin between its
+ * sources, pool_rr: egress.c's dest_source reads it).
  *
  * A suspension names a domain (every pool's destination of it), a
  * tenant, a campaign, a pool or a source, until resumed or for a while
@@ -90,27 +91,31 @@ scope_fini(struct delivery *d)
     d->nsusp = 0;
 }
 
-/* What owner_count gives when it cannot make an entry: counts into it
- * are lost, nothing hangs from it. */
-static _Thread_local struct owner_count count_dummy;
-
-struct owner_count *
-owner_count(struct delivery *d, enum scope_kind kind, uint32_t id)
+/* The counters of (kind, id), made on first use; NULL without memory. */
+static struct owner_count *
+count_get(struct delivery *d, enum scope_kind kind, uint32_t id)
 {
-    struct owner_count *const dummy = &count_dummy;
     uint64_t h = (uint64_t)id * 0x9e3779b97f4a7c15ULL;
     struct owner_count *c = (struct owner_count *)hash_find(&d->counts[kind], h, &id);
     if (c != NULL)
         return c;
     if ((c = calloc(1, sizeof(*c))) == NULL)
-        return dummy;
+        return NULL;
     c->id = id;
     c->node.hash = h;
     if (hash_insert(&d->counts[kind], &c->node) < 0) {
         free(c);
-        return dummy;
+        return NULL;
     }
     return c;
+}
+
+struct owner_count *
+owner_count(struct delivery *d, enum scope_kind kind, uint32_t id)
+{
+    static _Thread_local struct owner_count dummy;
+    struct owner_count *c = count_get(d, kind, id);
+    return c != NULL ? c : &dummy;
 }
 
 void
@@ -127,8 +132,8 @@ pool_rr(struct delivery *d, const struct dest *t)
 {
     if (t->pool == 0 || t->poolc == NULL || t->poolc->nsources == 0)
         return NULL;
-    struct owner_count *c = owner_count(d, SCOPE_POOL, t->pool);
-    if (c == &count_dummy)
+    struct owner_count *c = count_get(d, SCOPE_POOL, t->pool);
+    if (c == NULL)
         return NULL;
     if (c->rr != NULL && c->rr_for == t->poolc)
         return c->rr;

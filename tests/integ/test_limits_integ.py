@@ -556,10 +556,19 @@ def test_two_nodes_share_an_mx_cap_over_many_domains():
                                      f"Subject: {i}\r\nX-Seq: {nd.name}{i}\r\n\r\nb\r\n"
                                      .encode()) for i in range(300)]
             t0 = time.monotonic()
-            ta = threading.Thread(target=nodes[0].inject, args=(batches["a"],))
+            failed = []
+
+            def inject_a():
+                try:
+                    nodes[0].inject(batches["a"])
+                except BaseException as e:  # told below, not lost with the thread
+                    failed.append(e)
+            ta = threading.Thread(target=inject_a)
             ta.start()
             nodes[1].inject(batches["b"])
             ta.join(60)
+            assert not ta.is_alive(), "node a's injection did not end within 60 s"
+            assert not failed, f"node a's injection failed: {failed[0]!r}"
 
             def delivered():
                 return sum(len(deliveries(nd, settled=False)) for nd in nodes)

@@ -244,9 +244,8 @@ def test_weights_hold_over_many_small_sites():
     its own (a site each), one message each in pool tx (two sources of
     equal weight) and one in pool bulk (3:1). Each site opens one
     connection and sends one message, so the sites' own counts never tell
-    the sources apart: the pools' weights must hold across their sites
-    (before, every site's first connection went from the pool's first
-    source, or its heaviest: 400 to 0)."""
+    the sources apart: the pools' weights must hold across their sites,
+    not every site open from the pool's first or heaviest source."""
     doms = [f"t{i}.test" for i in range(400)]
     recs = []
     for i, d in enumerate(doms):

@@ -222,15 +222,12 @@ def delivered_by(recs, ehlo_suffix):
 
 
 def test_reply_suspends_source_on_every_node():
-    # The receiver defers 127.0.0.2 from its first MAIL. With a few
-    # messages accepted first (after=5) the rule fired only when 127.0.0.2
-    # carried more than 5 of a's 30: the pool's per-message share allows a
-    # source 32 messages ahead (share_slack) and, mail trickling in, the
-    # connection used last takes the next one, so now and then 127.0.0.3
-    # carried 26 and the test timed out. Each worker's first connection
-    # goes from 127.0.0.2 (at a site none has used, the pool's weighted
-    # round robin picks, and it starts with the pool's first source), so
-    # it always meets the reply.
+    # The receiver defers 127.0.0.2 from its first MAIL: any transaction
+    # from it fires the rule. (With some accepted first, the rule needed
+    # 127.0.0.2 to carry more than that many of a's 30, which the pool's
+    # per-message share does not promise: it lets a source run 32 ahead.)
+    # Each worker's first connection goes from 127.0.0.2, the first turn
+    # of the pool's round robin at a site none has used.
     c = Cluster(after=0)
     a, b = c.nodes
     try:

@@ -2633,16 +2633,16 @@ open_new_sites(unsigned first, unsigned n)
 /* The long tail: 40 domains, each an MX host and address of its own (a
  * site each), one message each in pool bulk (3:1). No site's counts can
  * tell the sources apart, so the pool's round robin picks: 30 and 10,
- * where each site took the pool's first (heaviest) source before. */
+ * spread out. */
 static void
 weights_hold_across_new_sites(void **state)
 {
     (void)state;
     struct fx *f = fx_new(POOLS);
     open_new_sites(0, 40);
+    assert_int_equal(f->opened, 40);
     unsigned a, b, c;
     count_sources(f->opened, &a, &b, &c);
-    assert_int_equal(f->opened, 40);
     assert_int_equal(a, 30);
     assert_int_equal(b, 10);
     /* spread out, not in runs: in any 4 opened one after the other, one
@@ -2653,6 +2653,38 @@ weights_hold_across_new_sites(void **state)
             lb += strstr(f->opened_to[k], "from 198.51.100.3") != NULL;
         assert_int_equal(lb, 1);
     }
+    fx_free(f);
+}
+
+/* The round robin takes a turn only for a connection that opens: here
+ * each domain's first pick is for the first MX host, whose one address is
+ * full (max_connections_per_address = 1), and its connection goes to its
+ * second host's address with a second pick. Had each pick turned the
+ * round robin, every domain would take the same source from its second
+ * (seen: 30 to 0 at 1:1). */
+static void
+round_robin_turns_per_connection_opened(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                          "max_connections_per_address = 1\n"
+                          "[source 198.51.100.2]\n[source 198.51.100.3]\n"
+                          "[pool bulk]\nsources = 198.51.100.2, 198.51.100.3\n");
+    for (unsigned i = 0; i < 30; i++) {
+        char dom[32], h1[48], h2[48];
+        snprintf(dom, sizeof(dom), "two%u.test", i);
+        snprintf(h1, sizeof(h1), "mxa.%s", dom);
+        snprintf(h2, sizeof(h2), "mxb.%s", dom);
+        submit_pool(dom, 1, "bulk");
+        const char *hosts[] = {h1, h2};
+        const uint8_t addr[][16] = {{192, 0, 2, 1}, {192, 0, 2, (uint8_t)(i + 2)}};
+        answer_pool(dom, "bulk", hosts, addr, 2);
+    }
+    assert_int_equal(f->opened, 30);
+    unsigned a, b, c;
+    count_sources(f->opened, &a, &b, &c);
+    assert_int_equal(a, 15);
+    assert_int_equal(b, 15);
     fx_free(f);
 }
 
@@ -4320,6 +4352,7 @@ main(void)
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(weights_hold_across_new_sites),
         cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
+        cmocka_unit_test(round_robin_turns_per_connection_opened),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
