@@ -583,6 +583,9 @@ conn_txn_done(struct conn *c)
         };
         if (!stream_tls(&c->st))
             conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */
+        source_note_reply(c, &c->txn.msg);
+        for (unsigned i = 0; c->rc != NULL && i < j->n; i++)
+            source_note_reply(c, &c->rc[i].out);
         conn_rcpt_overflow(c, j);
         job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
         free(j);

@@ -21,7 +21,9 @@
  *   source before a second from any, not a held, suspended or warmed-up
  *   one; where the site's counts cannot choose, the pool's smooth
  *   weighted round robin on the worker, source_rr_peek, its turn taken
- *   when the connection opens, source_pick_opened), whether a
+ *   when the connection opens, source_pick_opened; for an hour after a
+ *   receiver greylisted the destination's mail, the source that met it,
+ *   source_note_reply), whether a
  *   pool's connection may take another transaction (source_may_send:
  *   its source's weighted share per message), and the holds of one
  *   source at a site (source_hold_at: after a 421, a rate-limited reply,
@@ -599,6 +601,20 @@ source_pick_opened(struct dest *t, const struct source_pick *pk)
     rr[pk->rr_pick] -= sum;
 }
 
+void
+source_note_reply(struct conn *c, const struct smtp_outcome *o)
+{
+    struct dest *t = c->dest;
+    if (c->src == NULL || t == NULL || t->poolc == NULL || !policy_greylisted(o))
+        return;
+    if (t->grey_src != c->src_id || t->grey_until <= c->d->w->now)
+        log_msg(LOG_INFO, "conn=%llx event=greylisted domain=%s mx=%s source=%s for_ms=%u "
+                "reply=\"%u %s\"", (unsigned long long)c->id, t->name, c->mx,
+                c->src->pattern, (unsigned)POLICY_GREYLIST_STICK_MS, o->code, o->text);
+    t->grey_src = c->src_id;
+    t->grey_until = c->d->w->now + MS_TO_NS(POLICY_GREYLIST_STICK_MS);
+}
+
 int
 dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
 {
@@ -665,6 +681,19 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
             ntied = 1;
         } else if (!source_better(&t->site->src[best], bw, ss, ps->weight)) {
             tied[ntied++] = i;
+        }
+    }
+    if (best >= 0 && t->grey_until > now) {
+        /* A receiver greylisted mail from grey_src: its retry goes from
+         * there while that source may go (else it is greylisted again). */
+        for (unsigned k = 0; k < ncand; k++) {
+            const struct pool_source *ps = &t->poolc->sources[cand[k]];
+            uint32_t id = ids != NULL ? ids[cand[k]] : intern_id(d->e->names, ps->source->pattern);
+            if (id == t->grey_src) {
+                out->src = ps->source;
+                out->id = id;
+                return 1;
+            }
         }
     }
     if (best >= 0) {

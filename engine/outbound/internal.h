@@ -324,6 +324,8 @@ struct dest {
     uint32_t *src_ids;       /* owned: the name ids of poolc's sources, in its order
                               * (asked per transaction: the name table takes a lock) */
     const struct pool_config *src_ids_for; /* compared only: the poolc src_ids are of */
+    uint32_t grey_src;       /* the source that met greylisting here (policy_greylisted) */
+    uint64_t grey_until;     /* monotonic ns: till then its connections go from grey_src */
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */
@@ -904,6 +906,11 @@ int dest_source(struct dest *t, const char *mx, int family, struct source_pick *
  * (a pick refused by a limit, a second pick for another address, a
  * probe) leaves the round robin as it was. */
 void source_pick_opened(struct dest *t, const struct source_pick *pk);
+/* Connection c met reply o (a recipient's, or its message's): greylisting
+ * (policy_greylisted) makes c's source the one c's destination goes from
+ * for a while, so that the retry comes from the address the receiver
+ * saw. */
+void source_note_reply(struct conn *c, const struct smtp_outcome *o);
 /* A receiver throttled source src_id (a rate-limited reply) at t's site:
  * it rests there while the pool's others carry on (as a 421 would). */
 void sched_source_throttled(struct dest *t, uint32_t src_id, const char *mx, const char *why);

@@ -308,6 +308,19 @@ policy_site_failure(const struct smtp_outcome *o)
     return o == NULL || policy_source(o, CLASSIFY_CONNECT) != CLASSIFY_TLS;
 }
 
+bool
+policy_greylisted(const struct smtp_outcome *o)
+{
+    if (o->code < 400 || o->code > 499 || o->code == 421)
+        return false;
+    static const char *const words[] = {"greylist", "graylist", "grey-list", "gray-list",
+                                        "grey list", "gray list"};
+    for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
+        if (strcasestr(o->text, words[i]) != NULL)
+            return true;
+    return false;
+}
+
 uint64_t
 policy_source_hold(uint64_t site_hold_ms, unsigned holds)
 {

@@ -266,6 +266,16 @@ bool policy_site_failure(const struct smtp_outcome *o);
  * site_hold, never under POLICY_HOLD_MIN_MS. holds: this one included. */
 uint64_t policy_source_hold(uint64_t site_hold_ms, unsigned holds);
 
+/* Greylisting (Postgrey's "Greylisted", milter-greylist's "Greylisting
+ * in action", ...): a 4xx reply other than 421 whose text says grey- or
+ * graylist. The receiver accepts the retry of the same sender and
+ * recipient only from the address (or network) it saw first, so the
+ * retry should leave from the same source: for POLICY_GREYLIST_STICK_MS
+ * after such a reply, the destination's next connections go from the
+ * source that met it (dest_source) while that source may go. */
+bool policy_greylisted(const struct smtp_outcome *o);
+#define POLICY_GREYLIST_STICK_MS (60 * 60 * 1000)
+
 /* How long an MX address whose STARTTLS handshake failed is delivered to
  * in plaintext when the TLS policy is opportunistic. */
 #define POLICY_TLS_FALLBACK_MS (60 * 60 * 1000)

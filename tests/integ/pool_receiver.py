@@ -3,9 +3,13 @@ address and port that appends one JSON line per message it accepts to a
 file: the peer address the connection came from, the EHLO name it said,
 the recipients and whether a control header field (X-Sluice-...) reached
 it. It greets peers listed in --refuse with 421 and closes (a receiver
-that throttles a sending address).
+that throttles a sending address). With --greylist it greylists as
+Postgrey does, by exact address: a recipient's first RCPT from a peer
+gets "450 4.2.0 ... Greylisted" (a line {"peer", "rcpt", "greylisted":
+true} in RECORDS), the next one from that peer is accepted; a DATA with
+no recipient accepted gets 554.
 
-    python3 pool_receiver.py HOST PORT RECORDS [--refuse ADDR,...]
+    python3 pool_receiver.py HOST PORT RECORDS [--refuse ADDR,...] [--greylist]
 
 It runs until killed (the test stops it by PID). PIPELINING is offered,
 so commands are answered in the order they come, as RFC 2920 wants.
@@ -20,6 +24,8 @@ def main():
     refuse = set()
     if len(sys.argv) > 5 and sys.argv[4] == "--refuse":
         refuse = set(sys.argv[5].split(","))
+    greylist = "--greylist" in sys.argv[4:]
+    seen = set()  # (peer, recipient) greylisted once already
     out = open(path, "a", buffering=1)
 
     async def session(reader, writer):
@@ -46,8 +52,19 @@ def main():
                     sender, rcpts = cmd[10:].strip(), []
                     writer.write(b"250 2.1.0 ok\r\n")
                 elif verb == "RCPT":
-                    rcpts.append(cmd[8:].strip())
-                    writer.write(b"250 2.1.5 ok\r\n")
+                    rcpt = cmd[8:].strip()
+                    if greylist and (peer, rcpt) not in seen:
+                        seen.add((peer, rcpt))
+                        out.write(json.dumps({"peer": peer, "rcpt": rcpt,
+                                              "greylisted": True}) + "\n")
+                        writer.write(b"450 4.2.0 %s: Recipient address rejected: Greylisted, "
+                                     b"see http://postgrey.schweikert.ch/help/rx.test.html\r\n"
+                                     % rcpt.encode("latin-1"))
+                    else:
+                        rcpts.append(rcpt)
+                        writer.write(b"250 2.1.5 ok\r\n")
+                elif verb == "DATA" and greylist and not rcpts:
+                    writer.write(b"554 5.5.1 no valid recipients\r\n")
                 elif verb == "DATA":
                     writer.write(b"354 go on\r\n")
                     await writer.drain()

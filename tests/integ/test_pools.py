@@ -33,23 +33,27 @@ DOMAINS = [f"d{i}.test" for i in range(100)]
 class Receiver:
     """pool_receiver.py on its own port, stopped by PID."""
 
-    def __init__(self, wd, port, refuse=()):
+    def __init__(self, wd, port, refuse=(), greylist=False):
         self.path = os.path.join(wd.path, "received.jsonl")
         args = [sys.executable, os.path.join(HERE, "pool_receiver.py"), "127.0.0.1", str(port),
                 self.path]
         if refuse:
             args += ["--refuse", ",".join(refuse)]
+        if greylist:
+            args += ["--greylist"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(wd.path, "receiver.err"), "wb"))
         wait_until(lambda: self.proc.poll() is not None or connectable(port, "127.0.0.1"), 30,
                    "the receiver listening")
         assert self.proc.poll() is None, "the receiver did not start"
 
-    def records(self):
+    def records(self, greylisted=False):
+        """The messages accepted; greylisted: the RCPTs greylisted instead."""
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(ln) for ln in f if ln.endswith("\n")]
+            recs = [json.loads(ln) for ln in f if ln.endswith("\n")]
+        return [r for r in recs if r.get("greylisted", False) == greylisted]
 
     def wait(self, n, timeout=240):
         return wait_until(lambda: self.records() if len(self.records()) >= n else None,
@@ -61,7 +65,8 @@ class Receiver:
 
 
 class Node:
-    def __init__(self, refuse=(), extra="", src_extra=None, records=None):
+    def __init__(self, refuse=(), extra="", src_extra=None, records=None, greylist=False,
+                 domain_extra=""):
         src_extra = src_extra or {}
         if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
             skip("dnsmasq not installed (tools/install-deps --test)")
@@ -70,7 +75,7 @@ class Node:
         try:
             self.mx_port = free_port()
             self.dns = Dns(self.wd, records if records is not None else records_for(DOMAINS))
-            self.rx = Receiver(self.wd, self.mx_port, refuse)
+            self.rx = Receiver(self.wd, self.mx_port, refuse, greylist)
             self.port = free_port()
             self.sock = os.path.join(self.wd.path, "stats.sock")
             conf = self.wd.file("sluice.conf", f"""
@@ -88,6 +93,7 @@ connect_timeout = 5s
 idle_timeout = 2s
 [domain *]
 max_connections = 20
+{domain_extra}
 [dns]
 servers = 127.0.0.1:{self.dns.port}
 [bounce]
@@ -263,6 +269,40 @@ def test_weights_hold_over_many_small_sites():
         bulk = peers.get("127.0.0.2", 0) / 400
         assert 0.45 <= tx <= 0.55, peers
         assert 0.70 <= bulk <= 0.80, peers
+    finally:
+        n.close()
+
+
+def test_greylisted_retry_leaves_from_the_same_source():
+    """A receiver that greylists by exact address (Postgrey without its
+    subnet lookup), 40 small domains (a site each) in pool tx (1:1), one
+    message each, retried after 3 s, once the first connection has gone
+    (idle_timeout 2 s): each recipient is greylisted once, and its retry
+    leaves from the source the receiver saw first, and is accepted.
+    (Chosen by the site's counts or the pool's round robin, about half
+    the retries went from the other source: greylisted again.)"""
+    doms = [f"g{i}.test" for i in range(40)]
+    recs = []
+    for d in doms:
+        recs += [f"host-record=mx.{d},127.0.0.1", f"mx-host={d},mx.{d},10"]
+    n = Node(records=recs, greylist=True, domain_extra="retry_schedule = 3s")
+    try:
+        n.inject(1, "globex", domains=doms)
+        got = n.rx.wait(40, timeout=120)
+        assert len(got) == 40, len(got)
+        grey = n.rx.records(greylisted=True)
+        first = {}
+        for g in grey:
+            first.setdefault(g["rcpt"], []).append(g["peer"])
+        print(f"40 greylisted recipients: {len(grey)} greylistings, "
+              f"{sum(len(v) > 1 for v in first.values())} greylisted more than once")
+        assert len(first) == 40, sorted(first)
+        twice = {r: p for r, p in first.items() if len(p) > 1}
+        assert not twice, f"greylisted again from another source: {twice}"
+        for m in got:
+            assert m["peer"] == first[m["rcpts"][0]][0], (m, first[m["rcpts"][0]])
+        # both sources carried some: the round robin still spreads new sites
+        assert {m["peer"] for m in got} == {"127.0.0.4", "127.0.0.5"}, got
     finally:
         n.close()
 
@@ -451,6 +491,7 @@ def test_bounce_parked_by_scope():
 
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_weights_hold_over_many_small_sites,
+          test_greylisted_retry_leaves_from_the_same_source,
           test_throttled_source_backs_off,
           test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
           test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row,

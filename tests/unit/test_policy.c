@@ -63,6 +63,29 @@ recipient_limit_goes_next(void **state)
     assert_false(policy_rcpt_next_txn(&o, 1));
 }
 
+/* Greylisting is told by its text (no code of its own): 4xx, not 421. */
+static void
+greylisting(void **state)
+{
+    (void)state;
+    struct smtp_outcome o = refused(450, 4, 2, 0,
+                                    "4.2.0 <u@g.test>: Recipient address rejected: Greylisted, "
+                                    "see http://postgrey.schweikert.ch/help/g.test.html");
+    assert_true(policy_greylisted(&o)); /* Postgrey */
+    o = refused(451, 4, 7, 1, "4.7.1 Greylisting in action, please come back in 00:05:00");
+    assert_true(policy_greylisted(&o)); /* milter-greylist */
+    o = refused(451, 0, 0, 0, "Gray-listed, try again in a few minutes");
+    assert_true(policy_greylisted(&o));
+    o = refused(421, 4, 7, 0, "4.7.0 greylisted: closing");
+    assert_false(policy_greylisted(&o)); /* the connection's end: a 421 holds the site */
+    o = refused(550, 5, 7, 1, "5.7.1 greylist: you never came back");
+    assert_false(policy_greylisted(&o));
+    o = refused(452, 4, 2, 2, "4.2.2 mailbox full");
+    assert_false(policy_greylisted(&o));
+    o = refused(451, 4, 3, 0, "4.3.0 Temporary lookup failure, try again later");
+    assert_false(policy_greylisted(&o));
+}
+
 static void
 recipients(void **state)
 {
@@ -437,6 +460,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(recipients),
+        cmocka_unit_test(greylisting),
         cmocka_unit_test(recipient_limit_goes_next),
         cmocka_unit_test(failover),
         cmocka_unit_test(reuse_lost),

@@ -2688,6 +2688,52 @@ round_robin_turns_per_connection_opened(void **state)
     fx_free(f);
 }
 
+/* A receiver greylists a recipient sent from 198.51.100.2: the retry's
+ * connection goes from 198.51.100.2 again (its counts at the site say
+ * 198.51.100.3, which the receiver has not seen: greylisted again), for
+ * an hour; then the site's counts choose again. */
+static void
+greylisted_retry_goes_from_the_same_source(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                          "[source 198.51.100.2]\n[source 198.51.100.3]\n"
+                          "[pool bulk]\nsources = 198.51.100.2, 198.51.100.3\n");
+    submit_pool("g.test", 1, "bulk");
+    answer_pool("g.test", "bulk", MX1, A1, 1);
+    assert_int_equal(f->opened, 1);
+    assert_non_null(strstr(f->opened_to[0], "from 198.51.100.2"));
+    struct conn *c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.status = SMTP_STATUS_TEMPFAIL;
+    o.code = 450;
+    o.scope = SMTP_SCOPE_RCPT;
+    snprintf(o.text, sizeof(o.text), "4.2.0 <u@g.test>: Recipient address rejected: Greylisted");
+    source_note_reply(c, &o);
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 450, SMTP_REASON_REPLY, SMTP_SCOPE_RCPT));
+    conn_gone(c, NULL);
+
+    f->w.now += MS_TO_NS(5 * 60 * 1000); /* the retry */
+    submit_pool("g.test", 1, "bulk");
+    assert_int_equal(f->opened, 2);
+    assert_non_null(strstr(f->opened_to[1], "from 198.51.100.2"));
+    c = f->open[0];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
+    conn_gone(c, NULL);
+
+    f->w.now += MS_TO_NS(POLICY_GREYLIST_STICK_MS); /* past the hour */
+    submit_pool("g.test", 1, "bulk");
+    assert_int_equal(f->opened, 3);
+    assert_non_null(strstr(f->opened_to[2], "from 198.51.100.3"));
+    fx_free(f);
+}
+
 /* A reload that gives the pool a third source: the round robin starts
  * again over the new pool (its state is per [pool] as loaded, forgotten
  * at each reload: a freed pool's address may be given to the new one),
@@ -4353,6 +4399,7 @@ main(void)
         cmocka_unit_test(weights_hold_across_new_sites),
         cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
         cmocka_unit_test(round_robin_turns_per_connection_opened),
+        cmocka_unit_test(greylisted_retry_goes_from_the_same_source),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
