@@ -567,6 +567,11 @@ conn_txn_done(struct conn *c)
     struct job *j = c->job;
     c->job = NULL;
     c->nmsgs++;
+    /* a greylisting reply: the retry leaves from this source (also when
+     * the job goes on to the next MX address) */
+    source_note_reply(c, &c->txn.msg);
+    for (unsigned i = 0; c->rc != NULL && i < j->n; i++)
+        source_note_reply(c, &c->rc[i].out);
     /* The window learns; the job may go to the next MX address instead
      * of being reported (the scheduler asks the policy). */
     if (!sched_txn_done(c, j)) {
@@ -583,9 +588,6 @@ conn_txn_done(struct conn *c)
         };
         if (!stream_tls(&c->st))
             conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */
-        source_note_reply(c, &c->txn.msg);
-        for (unsigned i = 0; c->rc != NULL && i < j->n; i++)
-            source_note_reply(c, &c->rc[i].out);
         conn_rcpt_overflow(c, j);
         job_finish(c->d, c->dest, j, c->env, c->rc, NULL, &where);
         free(j);

@@ -245,16 +245,12 @@ dest_free(struct dest *t, bool live)
     free(t);
 }
 
-/* Nothing of t is going on, nor has been for the idle time: it may go
- * (what it knows, the MX answer, is in the resolver's cache). A held or
- * suspended destination stays: that is state an operator or a receiver
- * set. */
-static bool
+bool
 dest_evictable(const struct dest *t, uint64_t now)
 {
     return fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
            t->req == NULL && t->sts_ask == NULL && !t->mx_waiting && !t->running &&
-           now >= t->hold_until &&
+           now >= t->hold_until && now >= t->grey_until &&
            t->lim.nleases == 0 && t->untold == 0;
 }
 

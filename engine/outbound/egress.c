@@ -22,8 +22,8 @@
  *   one; where the site's counts cannot choose, the pool's smooth
  *   weighted round robin on the worker, source_rr_peek, its turn taken
  *   when the connection opens, source_pick_opened; for an hour after a
- *   receiver greylisted the destination's mail, the source that met it,
- *   source_note_reply), whether a
+ *   receiver last greylisted the destination's mail, the source that met
+ *   it, source_note_reply), whether a
  *   pool's connection may take another transaction (source_may_send:
  *   its source's weighted share per message), and the holds of one
  *   source at a site (source_hold_at: after a 421, a rate-limited reply,
@@ -716,7 +716,9 @@ dest_source(struct dest *t, const char *mx, int family, struct source_pick *out)
 }
 
 /* May c (of a pool's source) take another transaction at its site? Not
- * while its source is held, nor while it is ahead of its weighted share
+ * while its source is held, nor while its destination sticks to another
+ * source that may go (greylisting: t->grey_src), nor while it is ahead of
+ * its weighted share
  * of the transactions of the sources that may send now: then it says
  * goodbye, and the next connection goes from a source behind its share
  * (dest_source). So the weights hold per message, not only per
@@ -736,6 +738,19 @@ source_may_send(struct conn *c)
         return true;
     if (mine->hold_until > now)
         return false;
+    if (t->grey_until > now) {
+        /* A receiver greylists here: the source that met it carries the
+         * destination's mail, whatever its share, while it may go (the
+         * retries come from the address the receiver saw); the others'
+         * connections end after their transaction. */
+        if (c->src_id == t->grey_src)
+            return true;
+        struct source_pick pk;
+        if (dest_source(t, c->mx, c->addr.sa.sa_family, &pk) == 1 && pk.id == t->grey_src)
+            return false;
+        if ((mine = site_source(c->site, c->src_id)) == NULL)
+            return true; /* (dest_source's site_source calls may move the entries) */
+    }
     uint64_t total = 0, wsum = 0, mine_sent = mine->sent;
     unsigned mine_w = 0, others = 0;
     const uint32_t *ids = dest_src_ids(t);

@@ -324,8 +324,9 @@ struct dest {
     uint32_t *src_ids;       /* owned: the name ids of poolc's sources, in its order
                               * (asked per transaction: the name table takes a lock) */
     const struct pool_config *src_ids_for; /* compared only: the poolc src_ids are of */
-    uint32_t grey_src;       /* the source that met greylisting here (policy_greylisted) */
-    uint64_t grey_until;     /* monotonic ns: till then its connections go from grey_src */
+    uint32_t grey_src;       /* the source that last met greylisting here (policy_greylisted) */
+    uint64_t grey_until;     /* monotonic ns: till then its new connections go from grey_src,
+                              * and it stays in memory (dest_evictable) */
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */
@@ -651,6 +652,12 @@ void dest_push(struct dest *t, struct job *j, bool front);
 void job_lost(struct job *j);
 /* The next job of t: the tenants' turns by weight, then priority. */
 struct job *dest_pop(struct dest *t);
+/* Nothing of t is going on at now (monotonic ns): the idle sweep may
+ * forget it (what it knows, the MX answer, is in the resolver's cache).
+ * A held or suspended destination stays, and one a receiver greylists
+ * (t->grey_until): that is state an operator or a receiver set. */
+bool dest_evictable(const struct dest *t, uint64_t now);
+
 /* Jobs waiting at t. */
 static inline unsigned
 dest_queued(const struct dest *t)
@@ -908,8 +915,9 @@ int dest_source(struct dest *t, const char *mx, int family, struct source_pick *
 void source_pick_opened(struct dest *t, const struct source_pick *pk);
 /* Connection c met reply o (a recipient's, or its message's): greylisting
  * (policy_greylisted) makes c's source the one c's destination goes from
- * for a while, so that the retry comes from the address the receiver
- * saw. */
+ * for POLICY_GREYLIST_STICK_MS (dest_source, source_may_send), so that
+ * the retry comes from the address the receiver saw. One source per
+ * destination: the last one greylisted. */
 void source_note_reply(struct conn *c, const struct smtp_outcome *o);
 /* A receiver throttled source src_id (a rate-limited reply) at t's site:
  * it rests there while the pool's others carry on (as a 421 would). */

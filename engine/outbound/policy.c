@@ -311,10 +311,10 @@ policy_site_failure(const struct smtp_outcome *o)
 bool
 policy_greylisted(const struct smtp_outcome *o)
 {
-    if (o->code < 400 || o->code > 499 || o->code == 421)
+    if (o->reason != SMTP_REASON_REPLY || o->code < 400 || o->code > 499 || o->code == 421)
         return false;
-    static const char *const words[] = {"greylist", "graylist", "grey-list", "gray-list",
-                                        "grey list", "gray list"};
+    /* what the classifier's built-in rule text:gr[ae]y-?list matches */
+    static const char *const words[] = {"greylist", "graylist", "grey-list", "gray-list"};
     for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++)
         if (strcasestr(o->text, words[i]) != NULL)
             return true;

@@ -267,12 +267,15 @@ bool policy_site_failure(const struct smtp_outcome *o);
 uint64_t policy_source_hold(uint64_t site_hold_ms, unsigned holds);
 
 /* Greylisting (Postgrey's "Greylisted", milter-greylist's "Greylisting
- * in action", ...): a 4xx reply other than 421 whose text says grey- or
- * graylist. The receiver accepts the retry of the same sender and
- * recipient only from the address (or network) it saw first, so the
- * retry should leave from the same source: for POLICY_GREYLIST_STICK_MS
- * after such a reply, the destination's next connections go from the
- * source that met it (dest_source) while that source may go. */
+ * in action", ...): a 4xx reply other than 421 whose text says greylist
+ * or graylist (with or without a hyphen: the classifier's built-in rule,
+ * engine/classify.c, which counts it as class other). The receiver
+ * accepts the retry of the same sender and recipient only from the
+ * address (or network) it saw first, so the retry should leave from the
+ * same source: for POLICY_GREYLIST_STICK_MS after the last such reply,
+ * the destination's new connections go from the source that met it, and
+ * its connections from other sources end after their transaction, while
+ * that source may go (dest_source, source_may_send). */
 bool policy_greylisted(const struct smtp_outcome *o);
 #define POLICY_GREYLIST_STICK_MS (60 * 60 * 1000)
 

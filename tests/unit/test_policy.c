@@ -84,6 +84,9 @@ greylisting(void **state)
     assert_false(policy_greylisted(&o));
     o = refused(451, 4, 3, 0, "4.3.0 Temporary lookup failure, try again later");
     assert_false(policy_greylisted(&o));
+    o = refused(450, 4, 2, 0, "4.2.0 Greylisted");
+    o.reason = SMTP_REASON_TLS; /* not the server's reply (words of our own) */
+    assert_false(policy_greylisted(&o));
 }
 
 static void

@@ -2711,6 +2711,7 @@ greylisted_retry_goes_from_the_same_source(void **state)
     memset(&o, 0, sizeof(o));
     o.status = SMTP_STATUS_TEMPFAIL;
     o.code = 450;
+    o.reason = SMTP_REASON_REPLY;
     o.scope = SMTP_SCOPE_RCPT;
     snprintf(o.text, sizeof(o.text), "4.2.0 <u@g.test>: Recipient address rejected: Greylisted");
     source_note_reply(c, &o);
@@ -2731,6 +2732,85 @@ greylisted_retry_goes_from_the_same_source(void **state)
     submit_pool("g.test", 1, "bulk");
     assert_int_equal(f->opened, 3);
     assert_non_null(strstr(f->opened_to[2], "from 198.51.100.3"));
+    fx_free(f);
+}
+
+/* While a receiver greylists b.test's mail from 198.51.100.2, b.test's
+ * connection from 198.51.100.3 ends after its transaction (the retries
+ * must come from the address the receiver saw), the one from
+ * 198.51.100.2 goes on, and the destination is not forgotten meanwhile
+ * (its mail back in the spool, it would be evicted with its stickiness);
+ * with 198.51.100.2 held at the site, 198.51.100.3 sends. */
+static void
+greylisting_keeps_the_destination_on_its_source(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 2\n"
+                          "[source 198.51.100.2]\n[source 198.51.100.3]\n"
+                          "[pool bulk]\nsources = 198.51.100.2, 198.51.100.3\n");
+    for (int i = 0; i < 6; i++)
+        submit_pool("b.test", 1, "bulk");
+    answer_pool("b.test", "bulk", MX1, A1, 1);
+    assert_int_equal(f->opened, 2);
+    struct conn *c2 = NULL, *c3 = NULL;
+    for (unsigned i = 0; i < f->nopen; i++) {
+        if (strcmp(f->open[i]->src->pattern, "198.51.100.2") == 0)
+            c2 = f->open[i];
+        else
+            c3 = f->open[i];
+    }
+    assert_non_null(c2);
+    assert_non_null(c3);
+    enum sched_next what;
+    conn_ready(c2, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    conn_ready(c3, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.status = SMTP_STATUS_TEMPFAIL;
+    o.code = 451;
+    o.reason = SMTP_REASON_REPLY;
+    o.scope = SMTP_SCOPE_RCPT;
+    snprintf(o.text, sizeof(o.text), "4.7.1 Greylisting in action, please come back later");
+    source_note_reply(c2, &o);
+    assert_false(txn_done(c2, SMTP_STATUS_TEMPFAIL, 451, SMTP_REASON_REPLY, SMTP_SCOPE_RCPT));
+    assert_false(txn_done(c3, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
+    conn_ready(c3, &what);
+    assert_int_equal(what, SCHED_NEXT_QUIT);
+    assert_string_equal(c3->quit_why, "source_held");
+    conn_ready(c2, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c2, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
+    conn_gone(c3, NULL);
+
+    /* 198.51.100.2 held at the site (a 421 there): 198.51.100.3 may send */
+    struct dest *t = dest_get_pool(f->d, "b.test", intern_id(f->e.names, "bulk"));
+    struct site_source *ss = site_source(t->site, c2->src_id);
+    assert_non_null(ss);
+    ss->hold_until = f->w.now + MS_TO_NS(60 * 1000);
+    conn_gone(c2, NULL);
+    assert_true(f->opened >= 3);
+    assert_non_null(strstr(f->opened_to[f->opened - 1], "from 198.51.100.3"));
+    struct conn *c = f->open[f->nopen - 1];
+    conn_ready(c, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
+
+    /* with nothing left, b.test stays in memory until the hour ends */
+    while (f->nopen > 0) {
+        c = f->open[0];
+        conn_ready(c, &what);
+        if (what == SCHED_NEXT_JOB) {
+            assert_false(txn_done(c, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE,
+                                  SMTP_SCOPE_MESSAGE));
+            continue;
+        }
+        conn_gone(c, NULL);
+    }
+    assert_true(fairq_empty(&t->q));
+    assert_false(dest_evictable(t, f->w.now + MS_TO_NS(30 * 60 * 1000)));
+    assert_true(dest_evictable(t, f->w.now + MS_TO_NS(POLICY_GREYLIST_STICK_MS + 1000)));
     fx_free(f);
 }
 
@@ -4400,6 +4480,7 @@ main(void)
         cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
         cmocka_unit_test(round_robin_turns_per_connection_opened),
         cmocka_unit_test(greylisted_retry_goes_from_the_same_source),
+        cmocka_unit_test(greylisting_keeps_the_destination_on_its_source),
         cmocka_unit_test(source_held_alone),
         cmocka_unit_test(source_open_failure_holds_the_source),
         cmocka_unit_test(source_throttled_again_holds_longer),
