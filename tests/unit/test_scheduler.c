@@ -2688,6 +2688,21 @@ round_robin_turns_per_connection_opened(void **state)
     fx_free(f);
 }
 
+/* c's transaction ends with its recipient greylisted: code, text. */
+static void
+greylisted(struct conn *c, unsigned code, const char *text)
+{
+    struct smtp_outcome o;
+    memset(&o, 0, sizeof(o));
+    o.status = SMTP_STATUS_TEMPFAIL;
+    o.code = (uint16_t)code;
+    o.reason = SMTP_REASON_REPLY;
+    o.scope = SMTP_SCOPE_RCPT;
+    snprintf(o.text, sizeof(o.text), "%s", text);
+    source_note_reply(c, &o); /* as conn_txn_done does */
+    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, code, SMTP_REASON_REPLY, SMTP_SCOPE_RCPT));
+}
+
 /* A receiver greylists a recipient sent from 198.51.100.2: the retry's
  * connection goes from 198.51.100.2 again (its counts at the site say
  * 198.51.100.3, which the receiver has not seen: greylisted again), for
@@ -2707,15 +2722,7 @@ greylisted_retry_goes_from_the_same_source(void **state)
     enum sched_next what;
     conn_ready(c, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
-    struct smtp_outcome o;
-    memset(&o, 0, sizeof(o));
-    o.status = SMTP_STATUS_TEMPFAIL;
-    o.code = 450;
-    o.reason = SMTP_REASON_REPLY;
-    o.scope = SMTP_SCOPE_RCPT;
-    snprintf(o.text, sizeof(o.text), "4.2.0 <u@g.test>: Recipient address rejected: Greylisted");
-    source_note_reply(c, &o);
-    assert_false(txn_done(c, SMTP_STATUS_TEMPFAIL, 450, SMTP_REASON_REPLY, SMTP_SCOPE_RCPT));
+    greylisted(c, 450, "4.2.0 <u@g.test>: Recipient address rejected: Greylisted");
     conn_gone(c, NULL);
 
     f->w.now += MS_TO_NS(5 * 60 * 1000); /* the retry */
@@ -2766,15 +2773,7 @@ greylisting_keeps_the_destination_on_its_source(void **state)
     assert_int_equal(what, SCHED_NEXT_JOB);
     conn_ready(c3, &what);
     assert_int_equal(what, SCHED_NEXT_JOB);
-    struct smtp_outcome o;
-    memset(&o, 0, sizeof(o));
-    o.status = SMTP_STATUS_TEMPFAIL;
-    o.code = 451;
-    o.reason = SMTP_REASON_REPLY;
-    o.scope = SMTP_SCOPE_RCPT;
-    snprintf(o.text, sizeof(o.text), "4.7.1 Greylisting in action, please come back later");
-    source_note_reply(c2, &o);
-    assert_false(txn_done(c2, SMTP_STATUS_TEMPFAIL, 451, SMTP_REASON_REPLY, SMTP_SCOPE_RCPT));
+    greylisted(c2, 451, "4.7.1 Greylisting in action, please come back later");
     assert_false(txn_done(c3, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_NONE, SMTP_SCOPE_MESSAGE));
     conn_ready(c3, &what);
     assert_int_equal(what, SCHED_NEXT_QUIT);
