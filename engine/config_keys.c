@@ -263,8 +263,10 @@ static const struct conf_key delivery_keys[] = {
     {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
      "then they come back by a quarter of the configured rate at each step", NULL},
     {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
-     "percent: each retry delay is moved at random by up to this much, so that recipients "
-     "deferred together do not come back together",
+     "percent: each retry delay is lengthened at random by up to this much, so that "
+     "recipients deferred together do not come back together; never shortened (a receiver "
+     "that greylists for the schedule's first delay, Postgrey's 300 s, sees no retry "
+     "before it)",
      NULL},
     {"max_connections_per_address", CONF_UINT, DLV(max_connections_per_address), 0, 100000,
      "40",
@@ -414,8 +416,8 @@ const struct conf_key config_domain_keys[] = {
      "(chain and MX name)",
      tls_policies},
     {"retry_schedule", CONF_DURATIONS, DOM(retry_schedule), 0, 0, "5m, 10m, 20m, 40m, 1h, 2h, 4h",
-     "delays between attempts after a temporary failure; the last repeats ([delivery] "
-     "retry_jitter moves each)",
+     "delays between attempts after a temporary failure, each the least wait; the last "
+     "repeats ([delivery] retry_jitter lengthens each)",
      NULL},
     {"max_age", CONF_DURATION, DOM(max_age), 1000, 30ULL * 86400 * 1000, "3d",
      "how long a recipient may stay queued before it expires and bounces, whether ready, "

@@ -88,7 +88,7 @@ policy_retry_delay(const struct conf_durations *s, unsigned attempts, unsigned p
     if (pct == 0 || ms == 0)
         return ms;
     uint64_t span = ms * pct / 100; /* at most half the delay */
-    return ms - span + rnd % (2 * span + 1);
+    return ms + rnd % (span + 1);
 }
 
 uint64_t

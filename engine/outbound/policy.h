@@ -55,8 +55,11 @@ void policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum class
 /* Where a failure's class comes from: a reply, or the kind of event. */
 enum classify_source policy_source(const struct smtp_outcome *o, enum classify_source fallback);
 
-/* The schedule's delay after attempts deferrals, moved by up to jitter_pct
- * percent either way; rnd is a random number. */
+/* The schedule's delay after attempts deferrals, lengthened by up to
+ * jitter_pct percent, never shortened: the schedule is the least wait (as
+ * Postfix's minimal_backoff_time), so a receiver that greylists for the
+ * first delay (Postgrey: 300 s, the default schedule's 5m) does not
+ * refuse the retry for coming early. rnd is a random number. */
 uint64_t policy_retry_delay(const struct conf_durations *schedule, unsigned attempts,
                             unsigned jitter_pct, uint64_t rnd);
 

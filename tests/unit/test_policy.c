@@ -449,10 +449,14 @@ dns_and_schedule(void **state)
     memcpy(s.ms, ms, sizeof(ms));
     assert_int_equal(policy_retry_delay(&s, 0, 0, 12345), 1000);
     assert_int_equal(policy_retry_delay(&s, 7, 0, 12345), 4000); /* the last repeats */
+    uint64_t lo = UINT64_MAX, hi = 0;
     for (uint64_t r = 0; r < 1000; r++) {
         uint64_t v = policy_retry_delay(&s, 1, 10, r * 7919);
-        assert_true(v >= 1800 && v <= 2200);
+        assert_true(v >= 2000 && v <= 2200); /* never earlier than the schedule */
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
     }
+    assert_true(lo < 2020 && hi > 2180); /* spread over the whole span */
     assert_int_equal(policy_expiry(1000, 500, 0), 1500);
     assert_int_equal(policy_expiry(1000, 500, 1200), 1200);
     assert_int_equal(policy_expiry(1000, 500, 9000), 1500);
