@@ -4,12 +4,16 @@ A sluice whose [pool] sections spread mail over [source] addresses on
 loopback (127.0.0.2..127.0.0.5 work on Linux without setup), dnsmasq
 for MX records, and pool_receiver.py as the MX: it records, per message,
 the address the connection came from and the EHLO name it said, and can
-greet chosen addresses with 421. Mail is injected with Python's smtplib
-from 127.0.0.1 (trusted: X-Sluice-Tenant, X-Sluice-Pool and
-X-Sluice-Campaign are honoured), one message with a recipient at each of
-many domains that share the MX (MX rollup): each domain is a transaction.
-Warm-up plans ([warmup], engine/warmup.h) on some sources: a source
-carries its day's allowance, the pool's others the rest, or it waits.
+greet chosen addresses with 421, or greylist as Postgrey does. Mail is
+injected with Python's smtplib from 127.0.0.1 (trusted: X-Sluice-Tenant,
+X-Sluice-Pool and X-Sluice-Campaign are honoured), one message with a
+recipient at each of many domains that share the MX (MX rollup): each
+domain is a transaction; or, for the long tail, at domains with an MX
+host of their own (a site each), where the pool's weights must hold
+across the sites, and a greylisted recipient's retry must leave from the
+source the receiver saw. Warm-up plans ([warmup], engine/warmup.h) on
+some sources: a source carries its day's allowance, the pool's others
+the rest, or it waits.
 """
 import json
 import os
