@@ -1,6 +1,7 @@
 /*
  * sluice-spool: read a spool that no sluice has open (the queue takes an
- * exclusive lock): count, check, or dump every message as JSON lines.
+ * exclusive lock): count, check, or list or dump every message as JSON
+ * lines.
  * A directory without a spool is refused, not given a new one. Every
  * command only reads: the spool is opened read-only (queue_open_readonly),
  * so that it is left exactly as it was: an older sluice's spool keeps its
@@ -15,13 +16,15 @@
  *   sluice-spool count DIR    {"messages":N,"ready":N,"deferred":N}
  *   sluice-spool check DIR    exit 0 when consistent, 1 with a report (counts on
  *                             stdout, each problem found with its key on stderr)
- *   sluice-spool dump DIR     one JSON object per message: envelope, each
+ *   sluice-spool list DIR     one JSON object per message: envelope, each
  *                             recipient's state, attempts, next and last
- *                             attempt and last reply, body in base64; a
+ *                             attempt and last reply, the body's length; a
  *                             message that cannot be read is named on
  *                             stderr and makes the exit status 1
+ *   sluice-spool dump DIR     the same with the body in base64
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,8 +110,9 @@ collect(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
+/* list (with_body false) and dump (true). */
 static int
-dump(struct queue *q)
+dump(struct queue *q, bool with_body)
 {
     struct ids ids = {0};
     int rc = queue_walk(q, collect, &ids);
@@ -128,9 +132,10 @@ dump(struct queue *q)
             bad++;
             continue;
         }
-        unsigned char *body = malloc(env->body_len + 1);
+        unsigned char *body = with_body ? malloc(env->body_len + 1) : NULL;
         size_t got = 0;
-        if (body == NULL || queue_body_read(q, env->id, 0, body, env->body_len, &got) != 0) {
+        if (with_body &&
+            (body == NULL || queue_body_read(q, env->id, 0, body, env->body_len, &got) != 0)) {
             fprintf(stderr, "sluice-spool: message %s: body unreadable\n", qid);
             bad++;
             free(body);
@@ -178,15 +183,20 @@ dump(struct queue *q)
             put_str(x->orcpt);
             printf("}");
         }
-        printf("],\"body_len\":%" PRIu64 ",\"body\":\"", env->body_len);
-        b64(body, got);
-        printf("\"}\n");
+        printf("],\"body_len\":%" PRIu64, env->body_len);
+        if (with_body) {
+            printf(",\"body\":\"");
+            b64(body, got);
+            printf("\"");
+        }
+        printf("}\n");
         free(body);
         queue_envelope_free(env);
     }
     free(ids.v);
     if (bad > 0) {
-        fprintf(stderr, "sluice-spool: %zu of %zu messages left out of the dump\n", bad, ids.n);
+        fprintf(stderr, "sluice-spool: %zu of %zu messages left out of the %s\n", bad, ids.n,
+                with_body ? "dump" : "list");
         return 1;
     }
     return 0;
@@ -196,18 +206,19 @@ int
 main(int argc, char **argv)
 {
     if (argc == 2 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-        printf("usage: sluice-spool count|check|dump SPOOL_DIR\n\n"
+        printf("usage: sluice-spool count|check|list|dump SPOOL_DIR\n\n"
                "Reads a spool no sluice has open (stop sluice first; while it runs,\n"
                "sluicectl asks it).\n\n"
                "  count  {\"messages\":N,\"ready\":N,\"deferred\":N}\n"
                "  check  exit 0 when consistent, 1 with each problem on stderr\n"
-               "  dump   one JSON object per message: envelope, each recipient's state,\n"
-               "         attempts, next and last attempt and last reply, body in base64\n");
+               "  list   one JSON object per message: envelope, each recipient's state,\n"
+               "         attempts, next and last attempt and last reply, body length\n"
+               "  dump   the same with the body in base64\n");
         return 0;
     }
     if (argc != 3 || (strcmp(argv[1], "count") && strcmp(argv[1], "check") &&
-                      strcmp(argv[1], "dump"))) {
-        fprintf(stderr, "usage: sluice-spool count|check|dump SPOOL_DIR\n");
+                      strcmp(argv[1], "list") && strcmp(argv[1], "dump"))) {
+        fprintf(stderr, "usage: sluice-spool count|check|list|dump SPOOL_DIR\n");
         return 2;
     }
     /* Said here, for the operator, before the queue's own refusal:
@@ -271,7 +282,7 @@ main(int argc, char **argv)
             fprintf(stderr, "sluice-spool: check: %s\n", queue_strerror(rc));
         status = rc == 0 ? 0 : 1;
     } else {
-        status = dump(q);
+        status = dump(q, strcmp(argv[1], "dump") == 0);
     }
     queue_close(q);
     return status;

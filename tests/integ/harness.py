@@ -528,7 +528,7 @@ def _spool_tool():
 
 
 def spool_tool(cmd, env_dir):
-    """Run sluice-spool count|check|dump on a spool no sluice has open."""
+    """Run sluice-spool count|check|list|dump on a spool no sluice has open."""
     r = subprocess.run([_spool_tool(), cmd, env_dir], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 and cmd != "check":
         raise AssertionError(f"sluice-spool {cmd} {env_dir}: {r.stderr.strip()}")

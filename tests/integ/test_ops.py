@@ -6,6 +6,7 @@ what they say (the sink, the spool and the delivery log as witnesses);
 sluicectl's exit codes; the Prometheus listener (promtool as judge of the
 text); reload keeps sessions open; and SIGTERM drains in-flight deliveries
 and loses nothing across a restart on the same spool."""
+import base64
 import http.client
 import json
 import os
@@ -244,7 +245,7 @@ def test_spool_tool_refuses_a_directory_without_a_spool():
         typo = os.path.join(wd.path, "spoool")
         empty = os.path.join(wd.path, "empty")
         os.mkdir(empty)
-        for cmd in ("count", "check", "dump"):
+        for cmd in ("count", "check", "list", "dump"):
             for d in (typo, empty):
                 p = subprocess.run([_spool_tool(), cmd, d], capture_output=True, text=True,
                                    timeout=60)
@@ -840,7 +841,8 @@ def test_spool_dump_is_json_whatever_the_reply():
     """sluice-spool dump prints JSON (UTF-8) even when a receiver's reply,
     kept as the recipient's last reply, is not UTF-8 (here Latin-1, as
     some receivers still answer). The octets that are not UTF-8 become
-    U+FFFD, as in sluicectl message."""
+    U+FFFD, as in sluicectl message. sluice-spool list prints the same
+    without the body."""
     r = Relay(records_for(["odd.test"]), with_sink=False,
               domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
     rx = None
@@ -862,9 +864,18 @@ def test_spool_dump_is_json_whatever_the_reply():
         assert p.returncode == 0, p.stderr
         lines = p.stdout.decode("utf-8").splitlines()  # strict: not UTF-8 fails here
         assert len(lines) == 1, lines
-        x = json.loads(lines[0])["rcpts"][0]
+        m = json.loads(lines[0])
+        x = m["rcpts"][0]
         assert x["state"] == "deferred" and x["last_code"] == 450, x
         assert "M\ufffdller: mailbox busy" in x["last_reply"], x
+        assert base64.b64decode(m["body"]).endswith(b"\r\n") and \
+            len(base64.b64decode(m["body"])) == m["body_len"], m
+        # list: the same, without the body
+        p = subprocess.run([_spool_tool(), "list", r.spool], capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        listed = [json.loads(ln) for ln in p.stdout.decode("utf-8").splitlines()]
+        assert len(listed) == 1 and "body" not in listed[0], listed
+        assert listed[0] == {k: v for k, v in m.items() if k != "body"}, (listed[0], m)
     finally:
         if rx is not None:
             rx.terminate()
