@@ -1,9 +1,10 @@
 /*
  * smtp_reply: incremental reply parser and EHLO capabilities (see
  * smtp_reply.h). A line is found with memchr, checked for NUL and stray CR
- * a word at a time, and its text copied straight into the reply; the same
- * path serves a line that arrives whole and one split across reads, so
- * every read boundary gives the same result.
+ * a word at a time, and its text copied straight into the reply as far as
+ * the reply's bounds keep it (the rest is read, checked and dropped); the
+ * same path serves a line that arrives whole and one split across reads,
+ * so every read boundary gives the same result.
  *
  * Threading: pure functions; a parser belongs to one session at a time.
  */
@@ -18,11 +19,14 @@ smtp_reply_parser_init(struct smtp_reply_parser *p)
     p->done = false;
     p->cr = false;
     p->lpos = 0;
+    p->raw = 0;
+    p->lkept = 0;
     p->ls = 0;
     p->reply.code = 0;
     p->reply.nlines = 0;
     p->reply.text_len = 0;
     p->reply.enh_len = 0;
+    p->reply.truncated = false;
     p->reply.enh.cls = 0;
     p->reply.enh.subject = 0;
     p->reply.enh.detail = 0;
@@ -60,6 +64,26 @@ find_nul_cr(const char *s, size_t n)
     return n;
 }
 
+/* Is the current line one the reply keeps? Not past the last line kept,
+ * nor once the text is full. */
+static bool
+line_kept(const struct smtp_reply_parser *p)
+{
+    return p->reply.nlines < SMTP_REPLY_LINES_MAX && p->ls <= SMTP_REPLY_TEXT_MAX;
+}
+
+/* Octets of the current line's text that may still be stored. */
+static size_t
+text_room(const struct smtp_reply_parser *p)
+{
+    size_t line = SMTP_REPLY_LINE_MAX - 6u, used = (size_t)p->ls + p->lkept;
+
+    if (!line_kept(p) || p->lkept >= line || used >= SMTP_REPLY_TEXT_MAX)
+        return 0;
+    line -= p->lkept;
+    return line < SMTP_REPLY_TEXT_MAX - used ? line : SMTP_REPLY_TEXT_MAX - used;
+}
+
 /* Octets of the current line that hold no LF. */
 static int
 feed(struct smtp_reply_parser *p, const char *s, size_t n)
@@ -81,13 +105,12 @@ feed(struct smtp_reply_parser *p, const char *s, size_t n)
     while (p->lpos < 4 && t < n)
         p->head[p->lpos++] = s[t++];
     if (t < n) {
-        size_t off = p->ls + (p->lpos - 4u);
+        size_t room = text_room(p), c = n - t < room ? n - t : room;
 
-        /* +1: the CR lands in text until its LF shows the line's end. */
-        if (off + (n - t) > SMTP_REPLY_TEXT_MAX + 1)
-            return SMTP_REPLY_E_TEXT_TOO_LONG;
-        memcpy(p->reply.text + off, s + t, n - t);
-        p->lpos = (uint16_t)(p->lpos + (n - t));
+        /* A CR may land in text: end_line() counts the text without it. */
+        memcpy(p->reply.text + p->ls + p->lkept, s + t, c);
+        p->lkept = (uint16_t)(p->lkept + c);
+        p->lpos += (uint32_t)(n - t);
     }
     return 0;
 }
@@ -137,7 +160,7 @@ end_line(struct smtp_reply_parser *p)
 {
     struct smtp_reply *r = &p->reply;
     const char *h = p->head;
-    size_t len, tl, end;
+    size_t len, tl, end, kept = p->lkept;
     unsigned code;
     bool last;
 
@@ -159,26 +182,36 @@ end_line(struct smtp_reply_parser *p)
         r->code = (uint16_t)code;
     else if (code != r->code)
         return SMTP_REPLY_E_CODE_CHANGED;
-    if (r->nlines == SMTP_REPLY_LINES_MAX)
-        return SMTP_REPLY_E_TOO_MANY_LINES;
-    tl = len > 4 ? len - 4 : 0;
-    end = p->ls + tl;
-    if (end > SMTP_REPLY_TEXT_MAX)
-        return SMTP_REPLY_E_TEXT_TOO_LONG;
-    r->line_off[r->nlines++] = p->ls;
-    if (r->nlines == 1)
-        parse_enh(r, r->text, tl, h[0]);
     p->lpos = 0;
+    p->lkept = 0;
     p->cr = false;
-    if (last) {
-        r->text_len = (uint16_t)end;
-        r->text[end] = '\0';
-        p->done = true;
-        return SMTP_REPLY_DONE;
+    if (!line_kept(p)) {
+        /* a line left out (never the first): the text ends with the
+         * last line kept, whose '\n' is at ls - 1 */
+        r->truncated = true;
+        if (!last)
+            return 0;
+        end = p->ls - 1u;
+    } else {
+        tl = len > 4 ? len - 4 : 0;
+        if (tl > kept) {
+            tl = kept;
+            r->truncated = true;
+        }
+        end = p->ls + tl;
+        r->line_off[r->nlines++] = p->ls;
+        if (r->nlines == 1)
+            parse_enh(r, r->text, tl, h[0]);
+        if (!last) {
+            r->text[end] = '\n';
+            p->ls = (uint16_t)(end + 1);
+            return 0;
+        }
     }
-    r->text[end] = '\n';
-    p->ls = (uint16_t)(end + 1);
-    return 0;
+    r->text_len = (uint16_t)end;
+    r->text[end] = '\0';
+    p->done = true;
+    return SMTP_REPLY_DONE;
 }
 
 int
@@ -197,13 +230,15 @@ smtp_reply_parse(struct smtp_reply_parser *p, const char *buf, size_t len, size_
         r->nlines = 0;
         r->text_len = 0;
         r->enh_len = 0;
+        r->truncated = false;
         r->enh.cls = 0;
         r->enh.subject = r->enh.detail = 0;
         p->ls = 0;
+        p->raw = 0;
         p->done = false;
     }
     while (i < len) {
-        size_t room = SMTP_REPLY_LINE_MAX - p->lpos;
+        size_t room = SMTP_REPLY_RAW_MAX - p->raw;
         size_t lim = len - i < room ? len - i : room;
         const char *lf = memchr(buf + i, '\n', lim);
         size_t n = lf ? (size_t)(lf - (buf + i)) : lim;
@@ -212,14 +247,16 @@ smtp_reply_parse(struct smtp_reply_parser *p, const char *buf, size_t len, size_
         if (rc < 0)
             break;
         i += n;
+        p->raw += (uint32_t)n;
         if (lf == NULL) {
             if (lim == room) {
-                rc = SMTP_REPLY_E_LINE_TOO_LONG;
+                rc = SMTP_REPLY_E_TOO_LONG;
                 break;
             }
             continue;
         }
         i++;
+        p->raw++;
         rc = end_line(p);
         if (rc != 0)
             break;
@@ -256,12 +293,8 @@ smtp_reply_err_str(int err)
         return "reply code not followed by '-' or ' '";
     case SMTP_REPLY_E_CODE_CHANGED:
         return "reply code changed inside a multiline reply";
-    case SMTP_REPLY_E_LINE_TOO_LONG:
-        return "reply line too long";
-    case SMTP_REPLY_E_TOO_MANY_LINES:
-        return "too many reply lines";
-    case SMTP_REPLY_E_TEXT_TOO_LONG:
-        return "reply text too long";
+    case SMTP_REPLY_E_TOO_LONG:
+        return "reply over 64 KB";
     case SMTP_REPLY_E_BARE_LF:
         return "bare LF in reply";
     case SMTP_REPLY_E_BARE_CR:

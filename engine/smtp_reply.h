@@ -4,9 +4,16 @@
  * state in a fixed-size struct), RFC 3463 enhanced status codes, and the
  * EHLO capabilities of a 250 reply.
  *
- * Strict by design: a reply that breaks RFC 5321 4.2 (code, separator,
- * CRLF, limits) is an error, never a guess, and the parser stays in error
- * until smtp_reply_parser_init(): the session closes the connection.
+ * Strict on the grammar, lenient on length: a reply that breaks RFC 5321
+ * 4.2 (code, separator, CRLF, NUL) is an error, never a guess, and the
+ * parser stays in error until smtp_reply_parser_init(): the session
+ * closes the connection. A reply longer than what is kept (a line over
+ * SMTP_REPLY_LINE_MAX, more than SMTP_REPLY_LINES_MAX lines, more than
+ * SMTP_REPLY_TEXT_MAX octets of text) is returned with its code and its
+ * text cut (truncated set), as Postfix's smtp client reads one: the code
+ * is the server's word, and a 250 to the final dot that says too much is
+ * still a delivery (an error there sent the message again at every
+ * retry). Only a reply over SMTP_REPLY_RAW_MAX octets in all is an error.
  *
  * Threading: pure functions; a parser belongs to one session at a time.
  */
@@ -19,21 +26,20 @@
 
 #include "engine/smtp_cmd.h"
 
-#define SMTP_REPLY_LINE_MAX  512  /* octets with CRLF (RFC 5321 4.5.3.1.5) */
-#define SMTP_REPLY_LINES_MAX 100  /* lines in one reply */
-#define SMTP_REPLY_TEXT_MAX  4096 /* octets of text kept, separators included */
+#define SMTP_REPLY_LINE_MAX  512   /* octets with CRLF kept of a line (RFC 5321 4.5.3.1.5) */
+#define SMTP_REPLY_LINES_MAX 100   /* lines kept of one reply */
+#define SMTP_REPLY_TEXT_MAX  4096  /* octets of text kept, separators included */
+#define SMTP_REPLY_RAW_MAX   65536 /* octets of one reply, CRLFs included, read at most */
 
 enum smtp_reply_err {
-    SMTP_REPLY_E_CODE = -5200,           /* not three digits [2-5][0-5][0-9] */
-    SMTP_REPLY_E_SEPARATOR = -5201,      /* fourth octet neither '-' nor ' ' */
-    SMTP_REPLY_E_CODE_CHANGED = -5202,   /* a line of a multiline reply changed the code */
-    SMTP_REPLY_E_LINE_TOO_LONG = -5203,  /* line over SMTP_REPLY_LINE_MAX */
-    SMTP_REPLY_E_TOO_MANY_LINES = -5204, /* over SMTP_REPLY_LINES_MAX */
-    SMTP_REPLY_E_TEXT_TOO_LONG = -5205,  /* text over SMTP_REPLY_TEXT_MAX */
-    SMTP_REPLY_E_BARE_LF = -5206,        /* LF without CR */
-    SMTP_REPLY_E_BARE_CR = -5207,        /* CR not followed by LF */
-    SMTP_REPLY_E_NUL = -5208,            /* NUL octet */
-    SMTP_REPLY_E_NOT_EHLO = -5209,       /* smtp_reply_ehlo() on a reply other than 250 */
+    SMTP_REPLY_E_CODE = -5200,         /* not three digits [2-5][0-5][0-9] */
+    SMTP_REPLY_E_SEPARATOR = -5201,    /* fourth octet neither '-' nor ' ' */
+    SMTP_REPLY_E_CODE_CHANGED = -5202, /* a line of a multiline reply changed the code */
+    SMTP_REPLY_E_TOO_LONG = -5203,     /* reply over SMTP_REPLY_RAW_MAX octets */
+    SMTP_REPLY_E_BARE_LF = -5204,      /* LF without CR */
+    SMTP_REPLY_E_BARE_CR = -5205,      /* CR not followed by LF */
+    SMTP_REPLY_E_NUL = -5206,          /* NUL octet */
+    SMTP_REPLY_E_NOT_EHLO = -5207,     /* smtp_reply_ehlo() on a reply other than 250 */
 };
 
 /* smtp_reply_parse() results besides errors. */
@@ -49,24 +55,30 @@ struct smtp_enh {
 /* One complete reply. The text of each line (after "250-" / "250 ") is
  * kept as sent, the enhanced code included, lines joined by '\n' and the
  * whole NUL-terminated. Line i starts at text + line_off[i] and runs to the
- * next '\n' (or the end). */
+ * next '\n' (or the end). Truncated: a line's text cut at
+ * SMTP_REPLY_LINE_MAX - 6 octets, lines after the SMTP_REPLY_LINES_MAX-th
+ * or after the text filled SMTP_REPLY_TEXT_MAX left out (their codes were
+ * checked all the same). */
 struct smtp_reply {
     uint16_t code;
     uint16_t nlines;
     uint16_t text_len;
     uint8_t enh_len; /* octets of "X.Y.Z " opening line 0's text when enh.cls != 0 */
+    bool truncated;  /* the server said more than is kept */
     struct smtp_enh enh;
     uint16_t line_off[SMTP_REPLY_LINES_MAX];
-    char text[SMTP_REPLY_TEXT_MAX + 2]; /* room for a CR not yet followed by its LF */
+    char text[SMTP_REPLY_TEXT_MAX + 1]; /* and the '\n' or NUL after what is kept */
 };
 
 struct smtp_reply_parser {
-    int err;       /* sticky: 0 or the first error */
-    bool done;     /* reply holds a complete reply; the next call starts anew */
-    bool cr;       /* the last octet of the current line was CR */
-    uint16_t lpos; /* octets of the current line so far, LF excluded */
-    uint16_t ls;   /* where the current line's text starts in reply.text */
-    char head[4];  /* code and separator of the current line */
+    int err;        /* sticky: 0 or the first error */
+    bool done;      /* reply holds a complete reply; the next call starts anew */
+    bool cr;        /* the last octet of the current line was CR */
+    uint32_t lpos;  /* octets of the current line so far, LF excluded */
+    uint32_t raw;   /* octets of the current reply so far, its LFs included */
+    uint16_t lkept; /* octets of the current line's text stored (its CR, if room) */
+    uint16_t ls;    /* where the current line's text starts in reply.text */
+    char head[4];   /* code and separator of the current line */
     struct smtp_reply reply;
 };
 

@@ -11,7 +11,8 @@ what only the whole relay shows:
 - replies that make no sense (ahead of their command, a second greeting,
   354 to MAIL) defer the mail, and the log quotes what the server said;
 - a close right after the final dot is deferred at every attempt, never
-  delivered;
+  delivered; replies longer than sluice keeps keep their code (a 250 to
+  the dot delivers once, a 550 at RCPT bounces);
 - each recipient of one transaction gets its own outcome (delivered,
   deferred, bounced) in the delivery log, and the DSN names only the
   bounced ones;
@@ -466,6 +467,92 @@ def test_each_recipient_of_a_transaction_gets_its_own_outcome():
         r.close()
 
 
+def test_replies_longer_than_kept_keep_their_code():
+    """Replies with more text than sluice keeps (a 600-octet line, 150
+    lines, 12 lines of 400 octets) keep their code, their text cut: a 250
+    to the final dot is a delivery, once (before: a protocol error, and
+    the message sent again at every retry, five copies in nine seconds
+    at a one-second schedule); a 550 5.1.1 at RCPT a bounce, not a
+    deferral; an EHLO reply of 150 lines a session that delivers."""
+    long_line = b"250 2.0.0 Ok: queued as " + b"Q" * 600 + b"\r\n"
+    many_lines = b"250-ok\r\n" * 150 + b"250 queued\r\n"
+    long_text = (b"250-" + b"x" * 400 + b"\r\n") * 12 + b"250 queued\r\n"
+    for dot_reply, said in ((long_line, "queued as QQQQ"), (many_lines, "ok ok ok"),
+                            (long_text, "xxxx")):
+        got = []
+
+        def script(c, rfile):
+            c.sendall(b"220 mx ESMTP\r\n")
+            for _ in range(1000):
+                line = rfile.readline()
+                if not line:
+                    return
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
+                elif verb == b"DATA":
+                    c.sendall(b"354 go\r\n")
+                    got.append(_body(rfile))
+                    c.sendall(dot_reply)
+                elif verb == b"QUIT":
+                    c.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    c.sendall(b"250 ok\r\n")
+
+        r = HostileRelay(plain_dns(), extra_conf="[domain *]\nretry_schedule = 1s\n")
+        mx = HostileMx(r.mx_port, script)
+        try:
+            r.inject([MSG])
+            ev = r.wait_events("delivery", 1)[0]
+            assert ev["code"] == 250 and said in ev["reply"], ev
+            assert r.d.stop_clean() == 0
+            assert r.events("transient_failure") == [], r.events("transient_failure")
+            assert len(got) == 1, len(got)
+            assert mdb_entries(r.spool, "msg") == 0
+        finally:
+            mx.stop()
+            r.close()
+
+    def refuses(c, rfile):
+        c.sendall(b"220 mx ESMTP\r\n")
+        for _ in range(1000):
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                c.sendall(b"250-mx\r\n" + b"".join(b"250-X-EXT%d\r\n" % i for i in range(148)) +
+                          b"250 PIPELINING\r\n")
+            elif verb == b"RCPT" and b"gone" in line:
+                c.sendall((b"550-5.1.1 " + b"y" * 400 + b"\r\n") * 12 + b"550 5.1.1 no such user\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go\r\n")
+                _body(rfile)
+                c.sendall(b"250 2.0.0 taken\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    r = HostileRelay(plain_dns())
+    mx = HostileMx(r.mx_port, refuses)
+    try:
+        r.inject([("s@example.com", ["gone@h.test", "here@h.test"], b"Subject: h\r\n\r\nlong\r\n")])
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "gone@h.test" and bounce["code"] == 550, bounce
+        assert bounce["enhanced"] == "5.1.1" and bounce["class"] == "invalid_recipient", bounce
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "here@h.test", ev
+        assert r.events("transient_failure") == []
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def _body(rfile):
     out = b""
     for _ in range(100000):
@@ -696,5 +783,6 @@ if __name__ == "__main__":
           test_senseless_replies_defer_and_are_quoted,
           test_close_after_the_dot_is_deferred_at_every_attempt,
           test_each_recipient_of_a_transaction_gets_its_own_outcome,
+          test_replies_longer_than_kept_keep_their_code,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
           test_hostile_dns_answers, test_connect_refused_names_the_bound_source])

@@ -8,6 +8,7 @@
  */
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -27,6 +28,7 @@ struct got {
     int err;
     struct {
         unsigned code, nlines, cls, subject, detail, enh_len;
+        bool truncated;
         size_t text_len;
         char text[SMTP_REPLY_TEXT_MAX + 1];
     } r[MAXR];
@@ -44,6 +46,7 @@ record(struct got *g, const struct smtp_reply *r)
     g->r[g->n].subject = r->enh.subject;
     g->r[g->n].detail = r->enh.detail;
     g->r[g->n].enh_len = r->enh_len;
+    g->r[g->n].truncated = r->truncated;
     g->r[g->n].text_len = r->text_len;
     assert_true(r->text_len <= SMTP_REPLY_TEXT_MAX);
     assert_int_equal(r->text[r->text_len], '\0');
@@ -84,7 +87,7 @@ same(const struct got *a, const struct got *b, const char *how, size_t at)
         if (a->r[i].code != b->r[i].code || a->r[i].nlines != b->r[i].nlines ||
             a->r[i].cls != b->r[i].cls || a->r[i].subject != b->r[i].subject ||
             a->r[i].detail != b->r[i].detail || a->r[i].enh_len != b->r[i].enh_len ||
-            a->r[i].text_len != b->r[i].text_len ||
+            a->r[i].text_len != b->r[i].text_len || a->r[i].truncated != b->r[i].truncated ||
             memcmp(a->r[i].text, b->r[i].text, a->r[i].text_len) != 0)
             fail_msg("%s %zu: reply %d differs", how, at, i);
     }
@@ -252,49 +255,108 @@ build(char *buf, const char *code, int lines, size_t text_len)
     return n;
 }
 
+/* Over the bounds kept, a reply keeps its code and loses text, never the
+ * reply: a 250 to the final dot that said too much was a protocol error,
+ * and the message went again at every retry. */
 static void
 test_limits(void **state)
 {
-    static char buf[64 * 1024];
+    static char buf[96 * 1024];
     size_t n;
 
-    /* 512 octets with CRLF */
+    /* 512 octets with CRLF: kept whole */
     n = build(buf, "250", 1, 506);
     assert_int_equal(n, 512);
     check_splits(buf, n);
     assert_int_equal(whole.err, 0);
     assert_int_equal(whole.r[0].text_len, 506);
+    assert_false(whole.r[0].truncated);
+    /* one octet over: the line is cut, the reply stands */
     n = build(buf, "250", 1, 507);
     check_splits(buf, n);
-    assert_int_equal(whole.err, SMTP_REPLY_E_LINE_TOO_LONG);
-    /* a long line without any CRLF is refused at the limit, not later */
+    assert_int_equal(whole.err, 0);
+    assert_int_equal(whole.n, 1);
+    assert_int_equal(whole.r[0].code, 250);
+    assert_int_equal(whole.r[0].text_len, 506);
+    assert_true(whole.r[0].truncated);
+    /* a 550 whose only line runs to 600 octets keeps its code and
+     * enhanced code (a bounce, not a protocol error) */
+    memcpy(buf, "550 5.1.1 ", 10);
+    memset(buf + 10, 'u', 600);
+    memcpy(buf + 610, "\r\n", 2);
+    check_splits(buf, 612);
+    assert_int_equal(whole.err, 0);
+    assert_int_equal(whole.r[0].code, 550);
+    assert_int_equal(whole.r[0].cls, 5);
+    assert_int_equal(whole.r[0].detail, 1);
+    assert_true(whole.r[0].truncated);
+    /* a line of 2000 octets with its CRLF late, then the next reply: both
+     * come out, the first cut */
     memset(buf, 'x', 2000);
+    memcpy(buf, "250-", 4);
+    memcpy(buf + 2000, "\r\n250 end\r\n221 bye\r\n", 20);
+    check_splits(buf, 2020);
+    assert_int_equal(whole.err, 0);
+    assert_int_equal(whole.n, 2);
+    assert_int_equal(whole.r[0].nlines, 2);
+    assert_string_equal(whole.r[0].text + 506, "\nend");
+    assert_true(whole.r[0].truncated);
+    assert_int_equal(whole.r[1].code, 221);
+    assert_false(whole.r[1].truncated);
+    /* a reply without an end is refused at SMTP_REPLY_RAW_MAX, not later */
+    memset(buf, 'x', sizeof buf);
     memcpy(buf, "250 ", 4);
     smtp_reply_parser_init(&parser);
     {
         size_t used;
 
-        assert_int_equal(smtp_reply_parse(&parser, buf, 2000, &used), SMTP_REPLY_E_LINE_TOO_LONG);
-        assert_true(used <= 512);
+        assert_int_equal(smtp_reply_parse(&parser, buf, sizeof buf, &used), SMTP_REPLY_E_TOO_LONG);
+        assert_true(used <= SMTP_REPLY_RAW_MAX);
+    }
+    smtp_reply_parser_init(&parser);
+    {
+        size_t used, off = 0;
+        int rc = 0;
+
+        /* endless continuation lines: the same bound */
+        for (n = 0; n + 6 <= sizeof buf; n += 6)
+            memcpy(buf + n, "250-\r\n", 6);
+        while (off < n && (rc = smtp_reply_parse(&parser, buf + off, n - off, &used)) >= 0)
+            off += used;
+        assert_int_equal(rc, SMTP_REPLY_E_TOO_LONG);
+        assert_true(off <= SMTP_REPLY_RAW_MAX);
     }
 
-    /* lines: 100 */
+    /* lines: 100 kept; the 101st read, its code checked, left out */
     n = build(buf, "250", SMTP_REPLY_LINES_MAX, 3);
     check_splits(buf, n);
     assert_int_equal(whole.err, 0);
     assert_int_equal(whole.r[0].nlines, SMTP_REPLY_LINES_MAX);
-    n = build(buf, "250", SMTP_REPLY_LINES_MAX + 1, 3);
+    assert_false(whole.r[0].truncated);
+    n = build(buf, "250", SMTP_REPLY_LINES_MAX + 50, 3);
     check_splits(buf, n);
-    assert_int_equal(whole.err, SMTP_REPLY_E_TOO_MANY_LINES);
+    assert_int_equal(whole.err, 0);
+    assert_int_equal(whole.r[0].nlines, SMTP_REPLY_LINES_MAX);
+    assert_int_equal(whole.r[0].text_len, SMTP_REPLY_LINES_MAX * 4 - 1);
+    assert_int_equal(whole.r[0].text[whole.r[0].text_len - 1],
+                     'a' + (SMTP_REPLY_LINES_MAX - 1) % 26);
+    assert_true(whole.r[0].truncated);
+    memcpy(buf + n - 9, "251", 3); /* a line left out still may not change the code */
+    check_splits(buf, n);
+    assert_int_equal(whole.err, SMTP_REPLY_E_CODE_CHANGED);
+    assert_int_equal(whole.n, 0);
 
     /* text: 4096 octets, separators included; a full line holds 506 */
     n = build(buf, "250", 8, 506);
     check_splits(buf, n);
     assert_int_equal(whole.err, 0);
     assert_int_equal(whole.r[0].text_len, 8 * 506 + 7);
-    n = build(buf, "250", 9, 506);
+    n = build(buf, "250", 12, 506);
     check_splits(buf, n);
-    assert_int_equal(whole.err, SMTP_REPLY_E_TEXT_TOO_LONG);
+    assert_int_equal(whole.err, 0);
+    assert_int_equal(whole.r[0].nlines, 9);
+    assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX);
+    assert_true(whole.r[0].truncated);
     {
         /* exactly at the bound, then one over */
         size_t fill = SMTP_REPLY_TEXT_MAX - (8 * 506 + 8);
@@ -305,11 +367,26 @@ test_limits(void **state)
         check_splits(buf, n);
         assert_int_equal(whole.err, 0);
         assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX);
+        assert_false(whole.r[0].truncated);
         n = build(buf, "250", 8, 506);
         buf[n - 2 - 506 - 1] = '-';
         n += build(buf + n, "250", 1, fill + 1);
         check_splits(buf, n);
-        assert_int_equal(whole.err, SMTP_REPLY_E_TEXT_TOO_LONG);
+        assert_int_equal(whole.err, 0);
+        assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX);
+        assert_true(whole.r[0].truncated);
+        /* the text full, one more line: left out, after a '\n' taken back */
+        n = build(buf, "250", 8, 506);
+        buf[n - 2 - 506 - 1] = '-';
+        n += build(buf + n, "250", 1, fill);
+        buf[n - 2 - fill - 1] = '-';
+        n += build(buf + n, "250", 1, 5);
+        check_splits(buf, n);
+        assert_int_equal(whole.err, 0);
+        assert_int_equal(whole.r[0].nlines, 9);
+        assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX);
+        assert_int_equal(whole.r[0].text[SMTP_REPLY_TEXT_MAX - 1], 'a');
+        assert_true(whole.r[0].truncated);
     }
 }
 
