@@ -4,7 +4,7 @@
  * own and stops it; queries are counted in dnsmasq's log.
  *
  * Groups: records (ordering, shuffle, implicit MX and how long it is
- * kept, null MX, NXDOMAIN,
+ * kept, null MX (also twice over), NXDOMAIN,
  * CNAME'd and IPv6-only hosts, address lookups of a name with MX
  * records, skipped targets, names, cache hits,
  * in-flight deduplication, MX host answers shared between domains,
@@ -165,6 +165,8 @@ static const char records[] = "mx-host=a.test,mx1.a.test,10\n"
                               "mx-host=lit.test,192.0.2.77,10\n"
                               "mx-host=lit2.test,192.0.2.77,5\n"
                               "mx-host=lit2.test,mx1.a.test,10\n"
+                              "dns-rr=null2.test,15,000000\n"
+                              "dns-rr=null2.test,15,000000\n"
                               "dns-rr=nullmix.test,15,000000\n"
                               "mx-host=nullmix.test,mx2.a.test,10\n"
                               "mx-host=noaddr.test,ghost.noaddr.test,10\n"
@@ -413,6 +415,11 @@ test_null_mx(void **state)
     assert_int_equal(r->status, DNS_NULL_MX);
     assert_int_equal(r->nhosts, 0);
     assert_string_equal(dns_status_str(r->status), "null_mx");
+    dns_mx_result_unref(r);
+    /* The null MX record twice: still a null MX (it was a temporary
+     * failure, "no MX target is a host name", until the mail expired). */
+    r = resolve(&f, "null2.test", NULL);
+    assert_int_equal(r->status, DNS_NULL_MX);
     dns_mx_result_unref(r);
     /* A "." among real MX records is no host: skipped, not a null MX. */
     r = resolve(&f, "nullmix.test", NULL);
