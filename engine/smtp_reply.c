@@ -27,6 +27,7 @@ smtp_reply_parser_init(struct smtp_reply_parser *p)
     p->reply.text_len = 0;
     p->reply.enh_len = 0;
     p->reply.truncated = false;
+    memset(p->reply.cut, 0, sizeof p->reply.cut);
     p->reply.enh.cls = 0;
     p->reply.enh.subject = 0;
     p->reply.enh.detail = 0;
@@ -69,7 +70,7 @@ find_nul_cr(const char *s, size_t n)
 static bool
 line_kept(const struct smtp_reply_parser *p)
 {
-    return p->reply.nlines < SMTP_REPLY_LINES_MAX && p->ls <= SMTP_REPLY_TEXT_MAX;
+    return p->reply.nlines < SMTP_REPLY_LINES_MAX && p->ls < SMTP_REPLY_TEXT_MAX;
 }
 
 /* Octets of the current line's text that may still be stored. */
@@ -197,6 +198,7 @@ end_line(struct smtp_reply_parser *p)
         if (tl > kept) {
             tl = kept;
             r->truncated = true;
+            r->cut[r->nlines / 8] |= (uint8_t)(1u << (r->nlines % 8));
         }
         end = p->ls + tl;
         r->line_off[r->nlines++] = p->ls;
@@ -231,6 +233,7 @@ smtp_reply_parse(struct smtp_reply_parser *p, const char *buf, size_t len, size_
         r->text_len = 0;
         r->enh_len = 0;
         r->truncated = false;
+        memset(r->cut, 0, sizeof r->cut);
         r->enh.cls = 0;
         r->enh.subject = r->enh.detail = 0;
         p->ls = 0;
@@ -279,6 +282,12 @@ smtp_reply_line(const struct smtp_reply *r, unsigned i, struct smtp_span *text)
     text->ptr = r->text + start;
     text->len = end - start;
     return 0;
+}
+
+bool
+smtp_reply_line_cut(const struct smtp_reply *r, unsigned i)
+{
+    return i < r->nlines && (r->cut[i / 8] & (1u << (i % 8))) != 0;
 }
 
 const char *
@@ -436,6 +445,8 @@ smtp_reply_ehlo(const struct smtp_reply *r, struct smtp_ehlo *caps)
     for (unsigned i = 1; i < r->nlines; i++) {
         struct smtp_span t;
 
+        if (smtp_reply_line_cut(r, i))
+            continue;
         smtp_reply_line(r, i, &t);
         ehlo_line(t.ptr, t.ptr + t.len, caps);
     }

@@ -65,6 +65,7 @@ struct smtp_reply {
     uint16_t text_len;
     uint8_t enh_len; /* octets of "X.Y.Z " opening line 0's text when enh.cls != 0 */
     bool truncated;  /* the server said more than is kept */
+    uint8_t cut[(SMTP_REPLY_LINES_MAX + 7) / 8]; /* bit i: line i's text was cut */
     struct smtp_enh enh;
     uint16_t line_off[SMTP_REPLY_LINES_MAX];
     char text[SMTP_REPLY_TEXT_MAX + 1]; /* and the '\n' or NUL after what is kept */
@@ -100,6 +101,9 @@ int smtp_reply_parse(struct smtp_reply_parser *p, const char *buf, size_t len, s
 /* Text of line i (without CRLF, with any enhanced code). Returns 0 or
  * -1 when i >= nlines. */
 int smtp_reply_line(const struct smtp_reply *r, unsigned i, struct smtp_span *text);
+/* Was line i's text cut (longer than a line keeps, or where the reply's
+ * text filled)? */
+bool smtp_reply_line_cut(const struct smtp_reply *r, unsigned i);
 
 /* Text for an error code of this module. */
 const char *smtp_reply_err_str(int err);
@@ -132,8 +136,10 @@ struct smtp_ehlo {
  * Capabilities of an EHLO reply (code 250; line 0 is the greeting).
  * Keywords are case-insensitive; unknown ones are skipped, and so is a
  * known one whose parameter does not parse (a SIZE with a non-number is
- * taken as no SIZE at all, never as a guess). Returns 0 or
- * SMTP_REPLY_E_NOT_EHLO.
+ * taken as no SIZE at all, never as a guess), and a line whose text was
+ * cut (a SIZE cut short would be a smaller limit than the server's).
+ * Lines the reply did not keep (past SMTP_REPLY_LINES_MAX, or once its
+ * text filled) are not seen. Returns 0 or SMTP_REPLY_E_NOT_EHLO.
  */
 int smtp_reply_ehlo(const struct smtp_reply *r, struct smtp_ehlo *caps);
 

@@ -2,7 +2,10 @@
  * libFuzzer target: the reply parser. The first two octets choose read
  * sizes; the stream is parsed whole and in those reads, which must give
  * the same replies and the same error. Invariants: bounds, codes, the
- * enhanced class, and EHLO parsing of every 250 reply.
+ * enhanced class, the cut lines of a truncated reply, and EHLO parsing
+ * of every 250 reply. Seeds over the text kept (long, cut_ehlo) and past
+ * SMTP_REPLY_RAW_MAX (endless) lift libFuzzer's length bound (the
+ * longest seed's) to reach those paths.
  *
  * Threading: single-threaded fuzz target.
  */
@@ -54,11 +57,16 @@ on_reply(struct trace *t, const struct smtp_reply *r)
         check(smtp_reply_line(r, i, &line) == 0);
         check(line.ptr >= r->text && line.ptr + line.len <= r->text + r->text_len);
         check(line.len <= SMTP_REPLY_LINE_MAX - 6);
+        check(!smtp_reply_line_cut(r, i) || r->truncated);
+        mix(t, &r->line_off[i], sizeof r->line_off[i]);
     }
+    check(!smtp_reply_line_cut(r, r->nlines));
     check(smtp_reply_ehlo(r, &caps) == (r->code == 250 ? 0 : SMTP_REPLY_E_NOT_EHLO));
     mix(t, &r->code, sizeof r->code);
     mix(t, &r->nlines, sizeof r->nlines);
     mix(t, &r->enh, sizeof r->enh);
+    mix(t, &r->truncated, sizeof r->truncated);
+    mix(t, r->cut, sizeof r->cut);
     mix(t, r->text, r->text_len);
     t->replies++;
 }

@@ -522,8 +522,9 @@ def test_replies_longer_than_kept_keep_their_code():
                 return
             verb = line[:4].upper()
             if verb == b"EHLO":
-                c.sendall(b"250-mx\r\n" + b"".join(b"250-X-EXT%d\r\n" % i for i in range(148)) +
-                          b"250 PIPELINING\r\n")
+                # 150 lines: those past the 100th are not kept (nor seen)
+                c.sendall(b"250-mx\r\n250-PIPELINING\r\n" +
+                          b"".join(b"250-X-EXT%d\r\n" % i for i in range(147)) + b"250 X-LAST\r\n")
             elif verb == b"RCPT" and b"gone" in line:
                 c.sendall((b"550-5.1.1 " + b"y" * 400 + b"\r\n") * 12 + b"550 5.1.1 no such user\r\n")
             elif verb == b"DATA":

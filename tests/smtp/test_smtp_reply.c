@@ -279,6 +279,8 @@ test_limits(void **state)
     assert_int_equal(whole.r[0].code, 250);
     assert_int_equal(whole.r[0].text_len, 506);
     assert_true(whole.r[0].truncated);
+    assert_true(smtp_reply_line_cut(&parser.reply, 0));
+    assert_false(smtp_reply_line_cut(&parser.reply, 1));
     /* a 550 whose only line runs to 600 octets keeps its code and
      * enhanced code (a bounce, not a protocol error) */
     memcpy(buf, "550 5.1.1 ", 10);
@@ -387,6 +389,21 @@ test_limits(void **state)
         assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX);
         assert_int_equal(whole.r[0].text[SMTP_REPLY_TEXT_MAX - 1], 'a');
         assert_true(whole.r[0].truncated);
+        assert_true(!smtp_reply_line_cut(&parser.reply, 8));
+        /* the text ends one short of full: the next line is left out
+         * all the same, no empty line kept at the very end */
+        n = build(buf, "250", 8, 506);
+        buf[n - 2 - 506 - 1] = '-';
+        n += build(buf + n, "250", 1, fill - 1);
+        buf[n - 2 - (fill - 1) - 1] = '-';
+        n += build(buf + n, "250", 1, 5);
+        check_splits(buf, n);
+        assert_int_equal(whole.err, 0);
+        assert_int_equal(whole.r[0].nlines, 9);
+        assert_int_equal(whole.r[0].text_len, SMTP_REPLY_TEXT_MAX - 1);
+        assert_true(whole.r[0].truncated);
+        for (unsigned i = 0; i < 9; i++)
+            assert_false(smtp_reply_line_cut(&parser.reply, i));
     }
 }
 
@@ -446,6 +463,27 @@ static void
 test_ehlo(void **state)
 {
     struct smtp_ehlo c;
+    static char big[8192];
+    size_t n = 0;
+
+    /* a SIZE line cut where the text filled (52428800 would read as
+     * 5242880, and a 6 MB message bounce as too large): not read; the
+     * PIPELINING after it was not kept */
+    n += (size_t)snprintf(big + n, sizeof big - n, "250-mx.example greets you\r\n");
+    for (int i = 0; i < 8; i++)
+        n += (size_t)snprintf(big + n, sizeof big - n, "250-X-PAD %0494d\r\n", 0);
+    n += (size_t)snprintf(big + n, sizeof big - n,
+                          "250-X-PAD %047d\r\n250-SIZE 52428800\r\n250 PIPELINING\r\n", 0);
+    assert_int_equal(ehlo(big, n, &c), 0);
+    assert_true(parser.reply.truncated);
+    assert_true(smtp_reply_line_cut(&parser.reply, 10));
+    assert_int_equal(c.ext & (SMTP_EXT_SIZE | SMTP_EXT_PIPELINING), 0);
+    assert_int_equal(c.size_max, 0);
+    /* a line cut at its own bound: not read either; the next ones are */
+    n = (size_t)snprintf(big, sizeof big, "250-mx\r\n250-SIZE 1000 %0600d\r\n250 PIPELINING\r\n",
+                         0);
+    assert_int_equal(ehlo(big, n, &c), 0);
+    assert_int_equal(c.ext, SMTP_EXT_PIPELINING);
 
     assert_int_equal(ehlo(L("250-mx.example.com Hello client [192.0.2.1]\r\n"
                             "250-PIPELINING\r\n"
