@@ -533,13 +533,13 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
         break;
     }
     lk->ttl = min32(lk->ttl, a->ttl);
-    /* A null MX: the root as the one target (RFC 7505 3: no other MX
-     * beside it; the same record twice, as a careless server sends it,
+    /* A null MX: the root as the only target (RFC 7505 3: no other MX
+     * beside it; the record twice over, as a careless server sends it,
      * says no more than once). Beside real targets it is ignored. */
     unsigned roots = 0;
     for (unsigned i = 0; i < a->n; i++)
         roots += a->mx[i].host[0] == '\0';
-    if (roots == a->n) {
+    if (a->n > 0 && roots == a->n) {
         decide(lk, DNS_NULL_MX, "null MX (RFC 7505)");
         return;
     }
