@@ -249,8 +249,10 @@ delivery_log_flush = 20ms
 MSG = ("s@example.com", ["a@h.test"], b"Subject: h\r\n\r\nhostile\r\n")
 
 
-def serve(c, rfile, ehlo=b"250-mx\r\n250 PIPELINING\r\n", got=None):
-    """An honest receiver from the greeting on; got collects each body."""
+def serve(c, rfile, ehlo=b"250-mx\r\n250 PIPELINING\r\n", got=None,
+          dot_reply=b"250 2.0.0 taken\r\n", rcpt_reply=None):
+    """An honest receiver from the greeting on; got collects each body;
+    rcpt_reply(line) may give the reply to a RCPT (None: 250 ok)."""
     c.sendall(b"220 mx ESMTP\r\n")
     for _ in range(1000):  # bounded
         line = rfile.readline()
@@ -271,10 +273,12 @@ def serve(c, rfile, ehlo=b"250-mx\r\n250 PIPELINING\r\n", got=None):
                 return
             if got is not None:
                 got.append(body)
-            c.sendall(b"250 2.0.0 taken\r\n")
+            c.sendall(dot_reply)
         elif verb == b"QUIT":
             c.sendall(b"221 bye\r\n")
             return
+        elif verb == b"RCPT" and rcpt_reply is not None and rcpt_reply(line) is not None:
+            c.sendall(rcpt_reply(line))
         else:
             c.sendall(b"250 ok\r\n")
 
@@ -480,28 +484,9 @@ def test_replies_longer_than_kept_keep_their_code():
     for dot_reply, said in ((long_line, "queued as QQQQ"), (many_lines, "ok ok ok"),
                             (long_text, "xxxx")):
         got = []
-
-        def script(c, rfile):
-            c.sendall(b"220 mx ESMTP\r\n")
-            for _ in range(1000):
-                line = rfile.readline()
-                if not line:
-                    return
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
-                elif verb == b"DATA":
-                    c.sendall(b"354 go\r\n")
-                    got.append(_body(rfile))
-                    c.sendall(dot_reply)
-                elif verb == b"QUIT":
-                    c.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    c.sendall(b"250 ok\r\n")
-
         r = HostileRelay(plain_dns(), extra_conf="[domain *]\nretry_schedule = 1s\n")
-        mx = HostileMx(r.mx_port, script)
+        mx = HostileMx(r.mx_port,
+                       lambda c, rfile, g=got, dot=dot_reply: serve(c, rfile, got=g, dot_reply=dot))
         try:
             r.inject([MSG])
             ev = r.wait_events("delivery", 1)[0]
@@ -514,28 +499,13 @@ def test_replies_longer_than_kept_keep_their_code():
             mx.stop()
             r.close()
 
+    # 150 EHLO lines: those past the 100th are not kept (nor seen)
+    ehlo = (b"250-mx\r\n250-PIPELINING\r\n" +
+            b"".join(b"250-X-EXT%d\r\n" % i for i in range(147)) + b"250 X-LAST\r\n")
+    gone = (b"550-5.1.1 " + b"y" * 400 + b"\r\n") * 12 + b"550 5.1.1 no such user\r\n"
+
     def refuses(c, rfile):
-        c.sendall(b"220 mx ESMTP\r\n")
-        for _ in range(1000):
-            line = rfile.readline()
-            if not line:
-                return
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                # 150 lines: those past the 100th are not kept (nor seen)
-                c.sendall(b"250-mx\r\n250-PIPELINING\r\n" +
-                          b"".join(b"250-X-EXT%d\r\n" % i for i in range(147)) + b"250 X-LAST\r\n")
-            elif verb == b"RCPT" and b"gone" in line:
-                c.sendall((b"550-5.1.1 " + b"y" * 400 + b"\r\n") * 12 + b"550 5.1.1 no such user\r\n")
-            elif verb == b"DATA":
-                c.sendall(b"354 go\r\n")
-                _body(rfile)
-                c.sendall(b"250 2.0.0 taken\r\n")
-            elif verb == b"QUIT":
-                c.sendall(b"221 bye\r\n")
-                return
-            else:
-                c.sendall(b"250 ok\r\n")
+        serve(c, rfile, ehlo=ehlo, rcpt_reply=lambda line: gone if b"gone" in line else None)
 
     r = HostileRelay(plain_dns())
     mx = HostileMx(r.mx_port, refuses)
