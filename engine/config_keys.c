@@ -81,7 +81,9 @@ static const struct conf_key server_keys[] = {
     {"timeout_data", CONF_DURATION, SRV(timeout_data), 1000, 7200000, "10m",
      "how long a client may take to send a whole message after 354, or a BDAT chunk", NULL},
     {"greet_pause", CONF_DURATION, SRV(greet_pause), 0, 60000, "0",
-     "wait this long before the greeting; a client that talks first is refused (554)", NULL},
+     "wait this long before the greeting (on listen_tls, from the end of the handshake); a "
+     "client that talks first is refused (554)",
+     NULL},
     {"trusted_networks", CONF_STRING, SRV(trusted_networks), 0, 4096, "",
      "clients that may relay without AUTH, comma-separated CIDR: 127.0.0.0/8, ::1 (at most 32 "
      "networks)",

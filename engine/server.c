@@ -782,6 +782,13 @@ tls_established(struct stream *st)
         return;
     }
     if (s->tls_implicit) {
+        if (s->sw->cfg->greet_pause > 0) {
+            /* the pause starts once TLS is up: a client on this port
+             * that talks first is as early as one on a plaintext port */
+            session_enter(s, SS_PREGREET);
+            session_deadline(s, s->sw->cfg->greet_pause);
+            return;
+        }
         greet(s); /* queues the 220: the stream sends it */
         session_drain_check(s);
         return;
@@ -796,8 +803,19 @@ tls_established(struct stream *st)
     session_drain_check(s);
 }
 
+/* A client that did not wait for the greeting (RFC 5321 3.1). */
+static void
+pregreet(struct session *s)
+{
+    log_msg(LOG_NOTICE, "session=%016llx event=pregreet client=%s", (unsigned long long)s->id,
+            s->peer_ip);
+    reply_close(s, "554 5.5.1 Protocol error: client sent data before the greeting");
+    flush(s);
+}
+
 /* After greet_pause: anything already sent is a client that did not wait
- * for the greeting (RFC 5321 3.1). */
+ * for the greeting. Over implicit TLS, the bytes on the socket are what
+ * came after the handshake (a client sends nothing there unasked). */
 static void
 session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
 {
@@ -809,10 +827,7 @@ session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
         return;
     }
     if (res > 0) {
-        log_msg(LOG_NOTICE, "session=%016llx event=pregreet client=%s",
-                (unsigned long long)s->id, s->peer_ip);
-        reply_close(s, "554 5.5.1 Protocol error: client sent data before the greeting");
-        flush(s);
+        pregreet(s);
         return;
     }
     if (res == 0) {
@@ -830,6 +845,10 @@ session_on_timer(struct timer *t, void *ctx)
     struct session *s = (struct session *)((char *)t - offsetof(struct session, timer));
     switch (s->state) {
     case SS_PREGREET: {
+        if (s->in_len > 0) { /* implicit TLS: read with the handshake's end */
+            pregreet(s);
+            return;
+        }
         struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->peek_op);
         io_uring_prep_recv(sqe, stream_fd(&s->st), s->in, 1, MSG_PEEK | MSG_DONTWAIT);
         s->peek_busy = true;

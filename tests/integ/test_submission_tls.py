@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 from harness import Daemon, Workdir, free_port, main, run, skip, wait_until
 
@@ -280,6 +281,40 @@ def test_implicit_tls_over_connection_limits():
         srv.close()
 
 
+def test_greet_pause_on_the_implicit_tls_port():
+    """greet_pause holds on the implicit-TLS port too, from the end of the
+    handshake: a client that sends EHLO at once gets 554 inside TLS and
+    the close (before, the 220 came at once, with no pause, and the early
+    talker was served); one that waits gets its 220 after the pause, and
+    swaks delivers."""
+    srv = Server("greet_pause = 500ms\n")
+    try:
+        early = Conn.__new__(Conn)
+        early.s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+        early.buf = b""
+        early.starttls()
+        early.send(b"EHLO early.example\r\n")
+        assert early.reply() == ["554 5.5.1 Protocol error: client sent data before the greeting"]
+        assert early.closed()
+        polite = Conn.__new__(Conn)
+        polite.s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+        polite.buf = b""
+        polite.starttls()
+        t0 = time.monotonic()
+        rep = polite.reply()
+        waited = time.monotonic() - t0
+        assert rep[0].startswith("220 ") and waited >= 0.4, (rep, waited)
+        polite.s.close()
+        r = swaks("--server", f"127.0.0.1:{srv.tls_port}", "--tlsc", "--auth", "PLAIN",
+                  "--auth-user", "alice", "--auth-password", PASSWORD)
+        assert r.returncode == 0, r.stdout + r.stderr
+        srv.d.wait_log("event=queued")
+        assert len(srv.queued()) == 1
+        assert len([ln for ln in srv.d.lines if "event=pregreet" in ln]) == 1
+    finally:
+        srv.close()
+
+
 if __name__ == "__main__":
     for tool in ("swaks", "openssl"):
         if run(["which", tool]).returncode != 0:
@@ -287,4 +322,5 @@ if __name__ == "__main__":
     main([test_swaks_starttls_auth_plain_pipelined, test_swaks_implicit_tls_auth_login,
           test_auth_only_after_tls, test_plaintext_pipelined_after_starttls_is_dropped,
           test_plaintext_injected_into_tls_stream_ends_session, test_garbage_instead_of_handshake,
-          test_wrong_password_over_tls, test_implicit_tls_over_connection_limits])
+          test_wrong_password_over_tls, test_implicit_tls_over_connection_limits,
+          test_greet_pause_on_the_implicit_tls_port])
