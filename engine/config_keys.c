@@ -257,7 +257,8 @@ static const struct conf_key delivery_keys[] = {
      NULL},
     {"backoff", CONF_DURATION, DLV(backoff), 1000, 86400000, "1m",
      "after a 421 (at the greeting or in a transaction; not one to an idle connection, nor "
-     "one to the first RSET or MAIL on a reused connection, nor one classified other: the "
+     "one to the first RSET or MAIL on a reused connection after it sat idle or naming a "
+     "limit of messages per connection or session, nor one classified other: the "
      "receiver going down) or a reply classified "
      "rate_limited, the destination's message and connection rates are "
      "halved (again on each further one) for this long",
@@ -308,8 +309,10 @@ static const struct conf_key delivery_keys[] = {
      "per completed transaction while its mail waits for a connection longer than twice the "
      "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
      "connection (waits for a message rate's tokens do not count), up to max_connections, and "
-     "halves on connect failures, greeting failures, 421 and resets (not a 421 or reset at "
-     "the first RSET or MAIL on a reused connection: the receiver's idle timeout)",
+     "halves on connect failures, greeting failures, 421 and resets (not a reset at the "
+     "first RSET or MAIL on a reused connection, nor a 421 there after it sat idle or naming "
+     "a limit of messages per connection or session: the receiver's idle timeout or "
+     "connection limit)",
      NULL},
     {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
      "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
@@ -441,7 +444,8 @@ const struct conf_key config_domain_keys[] = {
      "failed they are deferred with that failure, the site's other domains' too (a "
      "421 to an idle connection, the receiver's idle timeout or shutdown, ends that "
      "connection only; so does one to the first RSET or MAIL of a transaction on a reused "
-     "connection, whose job goes on another connection at once); 0: no rest, for the domain "
+     "connection after it sat idle, or one there naming a limit of messages per connection "
+     "or session, whose job goes on another connection at once); 0: no rest, for the domain "
      "nor from its site (nor for a pool's source after a 421 saying the receiver goes "
      "down, which rests no source alone)",
      NULL},

@@ -4,6 +4,7 @@
 #include "engine/outbound/policy.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "engine/config.h"
@@ -120,13 +121,44 @@ policy_failover(const struct policy_txn *t)
            t->now_ms + POLICY_EXPIRY_SLACK_MS < t->expire_ms;
 }
 
+/* Does a reply's text name a limit of messages per connection or
+ * session ("Too many messages on this connection", Exim's "too many
+ * messages in one connection")? Both a limit word and the connection or
+ * session as its scope: "too many connections", "maximum number of
+ * concurrent connections" (a cap on connections at once, load) and
+ * "closing this connection" (no limit) are not. */
+static bool
+per_connection_limit(const char *text)
+{
+    static const char *const limit[] = {"too many", "maximum", "max ", "limit", "exceed"};
+    static const char *const scope[] = {"this", "per", "one", "each", "same", "single"};
+    bool said = false;
+    for (size_t i = 0; i < sizeof(limit) / sizeof(limit[0]) && !said; i++)
+        said = strcasestr(text, limit[i]) != NULL;
+    if (!said)
+        return false;
+    char w[32];
+    for (size_t i = 0; i < sizeof(scope) / sizeof(scope[0]); i++) {
+        snprintf(w, sizeof(w), "%s connection", scope[i]);
+        if (strcasestr(text, w) != NULL)
+            return true;
+        snprintf(w, sizeof(w), "%s session", scope[i]);
+        if (strcasestr(text, w) != NULL)
+            return true;
+    }
+    return false;
+}
+
 bool
 policy_reuse_lost(const struct policy_txn *t)
 {
     const struct smtp_outcome *m = t->msg;
-    /* A 421 only after the connection sat idle: one right after another
-     * transaction is the receiver pushing back ("421 ... [TSS04]"). */
-    bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421 && t->idled) ||
+    /* A 421 after the connection sat idle (the receiver's idle close), or
+     * one naming its limit of messages per connection; not any other
+     * right after a transaction: that is the receiver pushing back
+     * ("421 ... [TSS04]"). */
+    bool lost = (m->reason == SMTP_REASON_REPLY && m->code == 421 &&
+                 (t->idled || per_connection_limit(m->text))) ||
                 m->reason == SMTP_REASON_EOF || m->reason == SMTP_REASON_TLS;
     bool first = m->stage == SMTP_CLIENT_S_RSET || m->stage == SMTP_CLIENT_S_MAIL;
     bool reused = t->txns_on_conn > 1 || t->idled;

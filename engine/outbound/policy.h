@@ -104,21 +104,24 @@ bool policy_failover(const struct policy_txn *t);
  * report its outcome or fail over: its transaction was lost on a reused
  * connection (one that finished transactions before, or sat idle) at its
  * first command, RSET or MAIL, with the connection lost (EOF, reset, a
- * failed send, TLS broken after the handshake), or with a 421 after the connection sat idle since its
- * last transaction. That is the receiver closing a connection it thought
- * idle (its own idle timeout, "421 4.4.2 ... timeout", crossing our
- * command), not a verdict on the message or a sign of load: no
+ * failed send, TLS broken after the handshake), or with a 421 after the
+ * connection sat idle since its last transaction, or a 421 whose text
+ * names a limit of messages per connection or session ("Too many
+ * messages on this connection"). That is the receiver closing a
+ * connection it thought idle (its own idle timeout, "421 4.4.2 ...
+ * timeout", crossing our command) or full, not a verdict on the
+ * message or a sign of load: no
  * deferral, and policy_conn_end(reuse_lost) neither holds nor backs off
  * nor shrinks the window (Postfix retries a cached connection that fails
  * so on a new one). Bounded: a fresh connection never qualifies, and a
  * job is requeued so at most POLICY_REUSE_LOST_MAX times (each costs the
  * connection that failed); then its failure is a normal one. A 250 to a
  * pipelined RSET followed by a 421 to MAIL counts too (the machine
- * reports the stage, not the replies heard): bounded all the same. A
- * 421 to a connection reused straight after a transaction is no idle
- * close but the receiver's pushback ("421 ... [TSS04]" under load): a
- * normal failure, which holds the destination. The reply goes past the
- * shaping rules either way. */
+ * reports the stage, not the replies heard): bounded all the same. Any
+ * other 421 to a connection reused straight after a transaction is no
+ * idle close but the receiver's pushback ("421 ... [TSS04]" under load):
+ * a normal failure, which holds the destination. The reply goes past
+ * the shaping rules either way. */
 bool policy_reuse_lost(const struct policy_txn *t);
 
 /* ---- a connection that ended ---- */

@@ -875,6 +875,79 @@ def test_connection_lost_on_reuse_goes_to_a_new_one():
             r.close()
 
 
+def _per_connection_limit(got, limit):
+    """A receiver that takes limit messages on a connection and answers
+    the next MAIL with a 421 naming its limit, then closes (Exim's
+    smtp_accept_max_per_connection, which says "too many messages in one
+    connection"). got collects each accepted transaction's recipients."""
+    def script(c, rfile):
+        c.sendall(b"220 limit ESMTP\r\n")
+        rcpts, taken = [], 0
+        for _ in range(10000):  # bounded
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                c.sendall(b"250-limit\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                if taken == limit:
+                    c.sendall(b"421 4.7.0 Too many messages on this connection\r\n")
+                    return
+                rcpts = []
+                c.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line[8:].strip().decode())
+                c.sendall(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go ahead\r\n")
+                if _read_until(rfile, b".\r\n") != b".\r\n":
+                    return
+                got.append(list(rcpts))
+                taken += 1
+                c.sendall(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+    return script
+
+
+def test_a_receivers_limit_per_connection_holds_nothing():
+    """A receiver that takes 3 messages a connection and says "421 4.7.0
+    Too many messages on this connection" to the 4th MAIL, on a
+    connection reused straight after a transaction: the job goes on a new
+    connection at once, as after an idle close, with no deferral, no hold
+    and no backoff; all 24 messages are delivered once each. Before, each
+    such 421 was taken as the receiver pushing back: the destination and
+    its site were held for a minute (site_hold) and their rates halved,
+    three times over for 40 messages."""
+    r = Relay(records_for(["limit.test"]), with_sink=False,
+              domain_conf="[domain limit.test]\nmax_connections = 2\n")
+    got = []
+    mx = HostileMx(r.mx_port, _per_connection_limit(got, 3))
+    try:
+        start = time.monotonic()
+        r.inject([("s@example.com", [f"u{i}@limit.test"], b"Subject: l\r\n\r\nlimit\r\n")
+                  for i in range(24)], sessions=4)
+        wait_until(lambda: r.d.count_log("event=delivered") + r.d.count_log("event=deferred")
+                   >= 24, 50, "an outcome for each recipient")
+        assert time.monotonic() - start < 40, "held: the 421 was taken for pushback"
+        assert r.d.count_log("event=deferred") == 0, r.d.log_lines("event=deferred")
+        assert r.d.count_log("event=delivered") == 24
+        assert sorted(a for txn in got for a in txn) == sorted(f"<u{i}@limit.test>"
+                                                              for i in range(24)), got
+        lost = r.d.log_lines("event=reuse_lost")
+        assert lost and all("idled=no" in ln and "on this connection" in ln for ln in lost), lost
+        assert r.d.count_log("event=destination_held") == 0, r.d.log_lines("destination_held")
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_hostile_mx_replies_deliver_nothing():
     """1 MB reply lines, endless continuations, a bad code, more replies
     than commands, plaintext after STARTTLS: the session is dropped, the
@@ -1300,4 +1373,5 @@ if __name__ == "__main__":
           test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
           test_unannounced_recipient_limit_sends_the_rest_next,
           test_421_to_an_idle_connection_holds_nothing,
-          test_connection_lost_on_reuse_goes_to_a_new_one])
+          test_connection_lost_on_reuse_goes_to_a_new_one,
+          test_a_receivers_limit_per_connection_holds_nothing])

@@ -168,7 +168,8 @@ failover(void **state)
 }
 
 /* A transaction lost at its first command on a reused connection (a
- * 421, or the connection lost, crossing RSET or MAIL): the job goes to
+ * 421 after it idled or naming a limit per connection, or the
+ * connection lost, crossing RSET or MAIL): the job goes to
  * another connection at once, a bounded number of times; anything else
  * is a normal failure. The connection's end holds nothing back. */
 static void
@@ -189,6 +190,31 @@ reuse_lost(void **state)
      * idling: the receiver pushing back, a normal failure. */
     t.idled = false;
     assert_false(policy_reuse_lost(&t));
+    static const char *const pushback[] = {
+        "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume",
+        "4.3.2 The maximum number of concurrent connections has exceeded a limit",
+        "4.7.0 Too many connections from your IP",
+        "4.4.2 Timeout, closing this connection",
+    };
+    for (size_t i = 0; i < sizeof(pushback) / sizeof(pushback[0]); i++) {
+        snprintf(m.text, sizeof(m.text), "%s", pushback[i]);
+        assert_false(policy_reuse_lost(&t));
+    }
+    /* ... unless it names the receiver's limit of messages on one
+     * connection: that connection is full, the next one is not. */
+    static const char *const full[] = {
+        "4.7.0 Too many messages on this connection",
+        "too many messages in one connection",
+        "4.5.3 Maximum number of messages per session exceeded",
+        "Message limit for this session reached",
+    };
+    for (size_t i = 0; i < sizeof(full) / sizeof(full[0]); i++) {
+        snprintf(m.text, sizeof(m.text), "%s", full[i]);
+        assert_true(policy_reuse_lost(&t));
+    }
+    m.stage = SMTP_CLIENT_S_RCPT; /* only at the transaction's first command */
+    assert_false(policy_reuse_lost(&t));
+    m.stage = SMTP_CLIENT_S_RSET;
     m = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_EOF); /* EOF, reset, failed send */
     m.scope = SMTP_SCOPE_SESSION;
     m.stage = SMTP_CLIENT_S_MAIL;
