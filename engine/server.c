@@ -324,6 +324,7 @@ session_on_sent(struct stream *st, size_t n)
 }
 
 static void tls_established(struct stream *st);
+static void session_pregreet(struct session *s);
 
 static void
 session_on_readable(struct stream *st)
@@ -619,6 +620,8 @@ want_input(const struct session *s)
     case SS_BDAT:
     case SS_TLS:
         return true;
+    case SS_PREGREET: /* over TLS, read on: what the client says is early */
+        return s->tls_implicit;
     default:
         return false;
     }
@@ -697,6 +700,10 @@ session_run(struct session *s)
                 break;
             case SS_BDAT:
                 progress = run_bdat(s);
+                break;
+            case SS_PREGREET:
+                if (s->in_len > 0)
+                    session_pregreet(s);
                 break;
             default:
                 break;
@@ -784,9 +791,13 @@ tls_established(struct stream *st)
     if (s->tls_implicit) {
         if (s->sw->cfg->greet_pause > 0) {
             /* the pause starts once TLS is up: a client on this port
-             * that talks first is as early as one on a plaintext port */
+             * that talks first is as early as one on a plaintext port.
+             * The reads go on meanwhile (want_input): a whole record is
+             * refused as it comes, part of one when the pause ends, and
+             * close_notify or a close is the client leaving. */
             session_enter(s, SS_PREGREET);
             session_deadline(s, s->sw->cfg->greet_pause);
+            session_drain_check(s);
             return;
         }
         greet(s); /* queues the 220: the stream sends it */
@@ -805,7 +816,7 @@ tls_established(struct stream *st)
 
 /* A client that did not wait for the greeting (RFC 5321 3.1). */
 static void
-pregreet(struct session *s)
+session_pregreet(struct session *s)
 {
     log_msg(LOG_NOTICE, "session=%016llx event=pregreet client=%s", (unsigned long long)s->id,
             s->peer_ip);
@@ -813,9 +824,8 @@ pregreet(struct session *s)
     flush(s);
 }
 
-/* After greet_pause: anything already sent is a client that did not wait
- * for the greeting. Over implicit TLS, the bytes on the socket are what
- * came after the handshake (a client sends nothing there unasked). */
+/* After greet_pause (plaintext): anything already sent is a client that
+ * did not wait for the greeting. */
 static void
 session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
 {
@@ -826,8 +836,10 @@ session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
         session_maybe_free(s);
         return;
     }
+    if (s->state != SS_PREGREET) /* a stop's 421 came first (drain_close) */
+        return;
     if (res > 0) {
-        pregreet(s);
+        session_pregreet(s);
         return;
     }
     if (res == 0) {
@@ -845,8 +857,15 @@ session_on_timer(struct timer *t, void *ctx)
     struct session *s = (struct session *)((char *)t - offsetof(struct session, timer));
     switch (s->state) {
     case SS_PREGREET: {
-        if (s->in_len > 0) { /* implicit TLS: read with the handshake's end */
-            pregreet(s);
+        if (s->tls_implicit) {
+            /* a whole record is refused as it comes (session_run): part
+             * of one here is a client that began to talk all the same */
+            if (s->in_len > 0 || stream_input_waiting(&s->st)) {
+                session_pregreet(s);
+                return;
+            }
+            greet(s);
+            session_run(s);
             return;
         }
         struct io_uring_sqe *sqe = worker_sqe(s->sw->w, &s->peek_op);
@@ -1424,15 +1443,15 @@ server_worker_reconfigure(struct server_worker *sw)
     sw->tls = engine_tls_server(sw->e);
 }
 
-/* A stop is under way: s, waiting for a command outside a transaction,
- * is told so and closed (RFC 5321 3.8: a server shut down SHOULD send
- * 421). True when it was. One in a transaction finishes it first, within
+/* A stop is under way: s, waiting for a command outside a transaction
+ * or for its greeting (greet_pause), is told so and closed (RFC 5321
+ * 3.8: a server shut down SHOULD send 421). True when it was. One in a transaction finishes it first, within
  * the stop's drain, and is told when it is back to waiting for a command
  * (session_drain_check), or at its next command (run_commands). */
 static bool
 drain_close(struct session *s)
 {
-    if (s->state != SS_COMMAND || s->in_txn)
+    if ((s->state != SS_COMMAND && s->state != SS_PREGREET) || s->in_txn)
         return false;
     log_msg(LOG_INFO, "session=%016llx event=shutting_down client=%s", (unsigned long long)s->id,
             s->peer_ip);

@@ -446,6 +446,13 @@ stream_send(struct stream *st)
 }
 
 bool
+stream_input_waiting(const struct stream *st)
+{
+    return st->held > 0 || st->cin_len > st->cin_off ||
+           (st->tls != NULL && tls_conn_input_waiting(st->tls));
+}
+
+bool
 stream_drained(const struct stream *st)
 {
     if (st->send_busy)

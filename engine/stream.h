@@ -199,6 +199,9 @@ int stream_read(struct stream *st);
 void stream_send(struct stream *st);
 /* Nothing left to send: the output, the ciphertext, no send in flight. */
 bool stream_drained(const struct stream *st);
+/* Received bytes not yet handed to on_data: a plain read held back, or
+ * ciphertext short of a whole record. */
+bool stream_input_waiting(const struct stream *st);
 /* No more output after what output() holds: over TLS, close_notify
  * follows it. The owner closes once stream_drained(). */
 void stream_end(struct stream *st);

@@ -800,6 +800,12 @@ tls_conn_pending(const struct tls_conn *c)
 }
 
 bool
+tls_conn_input_waiting(const struct tls_conn *c)
+{
+    return buf_len(&c->in) > 0 || SSL_has_pending(c->ssl) == 1;
+}
+
+bool
 tls_conn_wants_room(const struct tls_conn *c)
 {
     return c->wants_room && c->state != CONN_FAILED;

@@ -256,6 +256,9 @@ const void *tls_conn_peek(struct tls_conn *c, size_t *len);
 int tls_conn_consume(struct tls_conn *c, size_t n);
 /* Ciphertext bytes waiting to be sent. */
 size_t tls_conn_pending(const struct tls_conn *c);
+/* Received bytes not yet read out as plaintext: ciphertext fed but not
+ * decrypted (part of a record), or a record OpenSSL holds. */
+bool tls_conn_input_waiting(const struct tls_conn *c);
 /* The last tls_conn_handshake or tls_conn_read stopped because the output
  * buffer was full (OpenSSL holds a key update answer or a handshake
  * message it could not write): after tls_conn_consume, call it again,

@@ -281,13 +281,61 @@ def test_implicit_tls_over_connection_limits():
         srv.close()
 
 
+def _tls_over_bios(port):
+    """A TLS 1.3 handshake over memory BIOs: (socket, SSLObject, incoming,
+    outgoing), the client's Finished still in outgoing, so that the test
+    decides which octets go in which segment."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    o = ctx.wrap_bio(inc, out, server_hostname="localhost")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for _ in range(100):  # bounded
+        try:
+            o.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if out.pending:
+                s.sendall(out.read())
+            inc.write(s.recv(65536))
+    return s, o, inc, out
+
+
+def _bio_reply(s, o, inc):
+    buf = b""
+    for _ in range(100):  # bounded
+        if b"\r\n" in buf:
+            return buf
+        try:
+            buf += o.read(4096)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            return buf + b"<close_notify>"
+        d = s.recv(65536)
+        if not d:
+            return buf + b"<eof>"
+        inc.write(d)
+    return buf
+
+
 def test_greet_pause_on_the_implicit_tls_port():
     """greet_pause holds on the implicit-TLS port too, from the end of the
-    handshake: a client that sends EHLO at once gets 554 inside TLS and
-    the close (before, the 220 came at once, with no pause, and the early
-    talker was served); one that waits gets its 220 after the pause, and
-    swaks delivers."""
-    srv = Server("greet_pause = 500ms\n")
+    handshake (before, the 220 came at once, with no pause, and the early
+    talker was served):
+    - a client that sends EHLO at once gets 554 inside TLS and the close;
+      so does one whose EHLO record came in part with its Finished (and
+      the rest after the pause: no whole record to read, ciphertext
+      waiting all the same);
+    - one that waits gets its 220 after the pause, and swaks delivers;
+    - one that ends TLS during the pause (close_notify and its FIN) has
+      left: not logged as an early talker;
+    - a stop during the pause tells a waiting client 421, plaintext port
+      and TLS port alike (before: the connection cut without a word)."""
+    srv = Server("greet_pause = 1s\n")
     try:
         early = Conn.__new__(Conn)
         early.s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
@@ -296,6 +344,18 @@ def test_greet_pause_on_the_implicit_tls_port():
         early.send(b"EHLO early.example\r\n")
         assert early.reply() == ["554 5.5.1 Protocol error: client sent data before the greeting"]
         assert early.closed()
+
+        s, o, inc, out = _tls_over_bios(srv.tls_port)
+        fin = out.read()
+        o.write(b"EHLO split.example\r\n")
+        rec = out.read()
+        s.sendall(fin + rec[:10])
+        time.sleep(1.3)  # past the pause: what is tested is a client that waits that long
+        s.sendall(rec[10:])
+        got = _bio_reply(s, o, inc)
+        assert got.startswith(b"554 5.5.1"), got
+        s.close()
+
         polite = Conn.__new__(Conn)
         polite.s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
         polite.buf = b""
@@ -303,14 +363,40 @@ def test_greet_pause_on_the_implicit_tls_port():
         t0 = time.monotonic()
         rep = polite.reply()
         waited = time.monotonic() - t0
-        assert rep[0].startswith("220 ") and waited >= 0.4, (rep, waited)
+        assert rep[0].startswith("220 ") and waited >= 0.9, (rep, waited)
         polite.s.close()
         r = swaks("--server", f"127.0.0.1:{srv.tls_port}", "--tlsc", "--auth", "PLAIN",
                   "--auth-user", "alice", "--auth-password", PASSWORD)
         assert r.returncode == 0, r.stdout + r.stderr
         srv.d.wait_log("event=queued")
         assert len(srv.queued()) == 1
-        assert len([ln for ln in srv.d.lines if "event=pregreet" in ln]) == 1
+
+        s, o, inc, out = _tls_over_bios(srv.tls_port)
+        s.sendall(out.read())
+        try:
+            o.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        s.sendall(out.read())
+        s.shutdown(socket.SHUT_WR)
+        srv.d.wait_log("state=pregreet")  # event=tls_closed state=pregreet
+        s.close()
+        assert len([ln for ln in srv.d.lines if "event=pregreet" in ln]) == 2, \
+            [ln for ln in srv.d.lines if "event=pregreet" in ln]
+
+        def connects():
+            return len([ln for ln in srv.d.lines if "event=connect " in ln])
+        before = connects()
+        waiting = []
+        for port, tls in ((srv.port, False), (srv.tls_port, True)):
+            c = Conn(port)
+            if tls:
+                c.starttls()
+            waiting.append(c)
+        wait_until(lambda: connects() == before + 2, 10, "both clients taken in")
+        assert srv.d.stop() == 0
+        for c in waiting:
+            assert c.reply() == ["421 4.3.2 Service shutting down: try again later"]
     finally:
         srv.close()
 
