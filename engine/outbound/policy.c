@@ -122,29 +122,39 @@ policy_failover(const struct policy_txn *t)
 }
 
 /* Does a reply's text name a limit of messages per connection or
- * session ("Too many messages on this connection", Exim's "too many
- * messages in one connection")? Both a limit word and the connection or
- * session as its scope: "too many connections", "maximum number of
- * concurrent connections" (a cap on connections at once, load) and
- * "closing this connection" (no limit) are not. */
+ * session ("Too many messages on this connection", Exim's
+ * smtp_accept_max_per_connection, "Per-connection message limit
+ * reached")? A limit word, messages (or transactions), and the
+ * connection or session as the scope, all three: "too many
+ * connections", "maximum number of concurrent connections" (a cap on
+ * connections at once: load), "too many errors on this connection" and
+ * "closing this connection" (no limit of messages) are not. */
 static bool
 per_connection_limit(const char *text)
 {
     static const char *const limit[] = {"too many", "maximum", "max ", "limit", "exceed"};
-    static const char *const scope[] = {"this", "per", "one", "each", "same", "single"};
-    bool said = false;
+    static const char *const noun[] = {"messag", "transaction"};
+    static const char *const scope[] = {"this", "per", "one", "each", "same", "single", "current"};
+    static const char *const join[] = {" ", "-", " smtp "};
+    bool said = false, msgs = false;
     for (size_t i = 0; i < sizeof(limit) / sizeof(limit[0]) && !said; i++)
         said = strcasestr(text, limit[i]) != NULL;
-    if (!said)
+    for (size_t i = 0; i < sizeof(noun) / sizeof(noun[0]) && !msgs; i++)
+        msgs = strcasestr(text, noun[i]) != NULL;
+    if (!said || !msgs)
         return false;
-    char w[32];
+    if (strcasestr(text, "connection messag") != NULL || strcasestr(text, "session messag") != NULL)
+        return true;
+    char w[40];
     for (size_t i = 0; i < sizeof(scope) / sizeof(scope[0]); i++) {
-        snprintf(w, sizeof(w), "%s connection", scope[i]);
-        if (strcasestr(text, w) != NULL)
-            return true;
-        snprintf(w, sizeof(w), "%s session", scope[i]);
-        if (strcasestr(text, w) != NULL)
-            return true;
+        for (size_t k = 0; k < sizeof(join) / sizeof(join[0]); k++) {
+            snprintf(w, sizeof(w), "%s%sconnection", scope[i], join[k]);
+            if (strcasestr(text, w) != NULL)
+                return true;
+            snprintf(w, sizeof(w), "%s%ssession", scope[i], join[k]);
+            if (strcasestr(text, w) != NULL)
+                return true;
+        }
     }
     return false;
 }

@@ -877,9 +877,9 @@ def test_connection_lost_on_reuse_goes_to_a_new_one():
 
 def _per_connection_limit(got, limit):
     """A receiver that takes limit messages on a connection and answers
-    the next MAIL with a 421 naming its limit, then closes (Exim's
-    smtp_accept_max_per_connection, which says "too many messages in one
-    connection"). got collects each accepted transaction's recipients."""
+    the next MAIL with a 421 naming its limit, then closes (as Exim's
+    smtp_accept_max_per_connection does). got collects each accepted
+    transaction's recipients."""
     def script(c, rfile):
         c.sendall(b"220 limit ESMTP\r\n")
         rcpts, taken = [], 0

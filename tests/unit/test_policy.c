@@ -195,6 +195,10 @@ reuse_lost(void **state)
         "4.3.2 The maximum number of concurrent connections has exceeded a limit",
         "4.7.0 Too many connections from your IP",
         "4.4.2 Timeout, closing this connection",
+        "4.7.0 Too many errors on this connection",
+        "Too many concurrent connections from this IP; closing this connection",
+        "Rate limit exceeded, closing this session",
+        "mx1.mail.example Error: too many connections; only one connection per IP",
     };
     for (size_t i = 0; i < sizeof(pushback) / sizeof(pushback[0]); i++) {
         snprintf(m.text, sizeof(m.text), "%s", pushback[i]);
@@ -207,6 +211,10 @@ reuse_lost(void **state)
         "too many messages in one connection",
         "4.5.3 Maximum number of messages per session exceeded",
         "Message limit for this session reached",
+        "Per-connection message limit reached; reconnect to continue",
+        "Max messages per SMTP session exceeded",
+        "Too many messages in the current session",
+        "Connection message limit reached",
     };
     for (size_t i = 0; i < sizeof(full) / sizeof(full[0]); i++) {
         snprintf(m.text, sizeof(m.text), "%s", full[i]);
