@@ -309,8 +309,9 @@ static const struct conf_key delivery_keys[] = {
      "per completed transaction while its mail waits for a connection longer than twice the "
      "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
      "connection (waits for a message rate's tokens do not count), up to max_connections, and "
-     "halves on connect failures, greeting failures, 421 and resets (not a reset at the "
-     "first RSET or MAIL on a reused connection, nor a 421 there after it sat idle or naming "
+     "halves on connect failures, greeting failures, 421 and resets (not the connection "
+     "lost (closed, reset, a failed send, TLS broken) at the first RSET or MAIL on a reused "
+     "connection, nor a 421 there after it sat idle or naming "
      "a limit of messages per connection or session: the receiver's idle timeout or "
      "connection limit)",
      NULL},
