@@ -648,11 +648,16 @@ conn_handle(struct conn *c, int ev)
             c->pending_ev = 0;
             stream_end(&c->st); /* over TLS, close_notify after the last octets */
             /* The machine arms nothing once closed, and a receiver that
-             * stopped reading (a body block timed out) never takes what is
-             * left: give up on the goodbye after one more period, as the
-             * submission server does, or the connection and its slot
-             * would stay forever. conn_flush() closes sooner once drained. */
-            conn_deadline(c, c->d->e->cfg->delivery.command_timeout);
+             * stopped reading never takes what is left: give up on the
+             * goodbye after one more period, as the submission server
+             * does, or the connection and its slot would stay forever.
+             * After a timeout (a body block not taken in data_timeout, a
+             * reply not come) at once: the receiver has had its time, and
+             * its slot is the site's (it held the site's only one for
+             * another command_timeout, the job waiting for it).
+             * conn_flush() closes sooner once drained. */
+            bool timed_out = so != NULL && so->reason == SMTP_REASON_TIMEOUT;
+            conn_deadline(c, timed_out ? 1 : c->d->e->cfg->delivery.command_timeout);
             break;
         }
         if (ev & SMTP_CLIENT_EV_STARTTLS)

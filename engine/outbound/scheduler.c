@@ -931,9 +931,13 @@ sched_txn_done(struct conn *c, struct job *j)
         return true;
     }
     if (policy_txn_congested(mo)) {
-        sched_conn_congested(c, mo->code == 421 ? "421" : "reset");
+        const char *why = mo->code == 421                      ? "421"
+                          : mo->reason == SMTP_REASON_TIMEOUT ? "timeout"
+                          : mo->reason == SMTP_REASON_TLS     ? "tls"
+                                                              : "reset";
+        sched_conn_congested(c, why);
         if (c->src != NULL && t->poolc != NULL)
-            source_hold(c, mo->code == 421 ? "421" : "reset");
+            source_hold(c, why);
     } else if (c->site != NULL) {
         struct site_source *ss = c->src != NULL ? site_source(c->site, c->src_id) : NULL;
         if (ss != NULL && c->txn.delivered > 0)

@@ -1032,11 +1032,12 @@ def test_stalled_receivers_time_out_as_configured():
 def test_receiver_that_stops_reading_the_body_is_given_up_on():
     """A receiver that answers 354 and then never reads again: the send
     of the body stalls, data_timeout ends the session, and the connection
-    whose last octets can never leave is closed one command_timeout later
-    (before, it stayed open for good, holding the site's only connection
-    slot, so the recipient was neither retried nor deferred). The
-    recipient is deferred with reason timeout in state body, nothing is
-    delivered, and the message stays queued."""
+    whose last octets can never leave is closed at once (before, one
+    command_timeout later, the site's only connection slot held and the
+    recipient waiting for it meanwhile; earlier still, for good). The
+    recipient is deferred with reason timeout in state body within a few
+    seconds of the data timeout, not after command_timeout (30 s here),
+    nothing is delivered, and the message stays queued."""
     release = threading.Event()
 
     def script(c, rfile):
@@ -1050,11 +1051,13 @@ def test_receiver_that_stops_reading_the_body_is_given_up_on():
     # More than the loopback socket buffers take, so the send blocks.
     body = b"Subject: s\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20000
     r = Relay(records_for(["stall.test"]), with_sink=False,
-              delivery_conf="data_timeout = 1s\ncommand_timeout = 1s\n")
+              delivery_conf="data_timeout = 1s\ncommand_timeout = 30s\n")
     mx = HostileMx(r.mx_port, script)
     try:
+        t0 = time.monotonic()
         r.inject([("s@example.com", ["a@stall.test"], body)])
-        line = r.d.wait_log("event=deferred", timeout=30)
+        line = r.d.wait_log("event=deferred", timeout=60)
+        assert time.monotonic() - t0 < 15, "the stalled connection held its slot"
         assert "reason=timeout" in line and "in state body" in line, line
         assert r.d.count_log("event=delivered") == 0, line
         assert r.d.stop_clean() == 0
