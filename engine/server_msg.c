@@ -606,9 +606,14 @@ message_finish(struct session *s, uint32_t data_flags)
      * none) is the client's error, and relaying it as 7BIT would hand 8-bit
      * octets to a server that never agreed to take them. As 8BITMIME it
      * goes out with BODY=8BITMIME, or bounces (5.6.3) where the next hop
-     * has no 8BITMIME (smtp_client.c). */
+     * has no 8BITMIME (smtp_client.c). One declared BODY=8BITMIME with no
+     * octet over 127 (clients that declare it for everything) is 7BIT:
+     * it goes to a next hop without 8BITMIME too (RFC 6152 forbids only
+     * the 8-bit data; it bounced there). */
     if (data_flags & SMTP_DATA_F_8BIT)
         s->body_type = SMTP_BODY_8BITMIME;
+    else if (s->body_type == SMTP_BODY_8BITMIME)
+        s->body_type = SMTP_BODY_7BIT;
     if (s->bounce) {
         bounce_finish(s);
         return;

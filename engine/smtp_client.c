@@ -969,19 +969,30 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
     c->ev = 0;
     outcome_clear(&t->msg);
     t->delivered = t->tempfail = t->permfail = 0;
-    utf8 = (mp->seen & SMTP_PARAM_SMTPUTF8) || !ascii(t->from);
+    /* SMTPUTF8 is needed by a UTF-8 envelope, and by a message declared
+     * SMTPUTF8 with 8-bit content (its header fields may be UTF-8, RFC
+     * 6532). One declared so but all ASCII goes without it where the
+     * server has none (RFC 6531 3.4 forbids only what would need it; it
+     * bounced there), as Postfix sends it. */
+    bool declared = (mp->seen & SMTP_PARAM_SMTPUTF8) != 0;
+    bool env_utf8 = !ascii(t->from);
     for (unsigned i = 0; i < t->nrcpt; i++) {
         outcome_clear(&t->rcpt[i].out);
-        utf8 = utf8 || !ascii(t->rcpt[i].addr);
+        env_utf8 = env_utf8 || !ascii(t->rcpt[i].addr);
     }
+    bool eight = !(mp->seen & SMTP_PARAM_BODY) || mp->body != SMTP_BODY_7BIT; /* unknown: 8-bit */
     memset(x, 0, sizeof *x);
     c->txn = t;
 
-    if (utf8 && !(c->caps.ext & SMTP_EXT_SMTPUTF8)) {
+    if ((env_utf8 || (declared && eight)) && !(c->caps.ext & SMTP_EXT_SMTPUTF8)) {
         txn_refuse(c, SMTP_REASON_NEED_SMTPUTF8, 553, 6, 7,
-                   "UTF-8 envelope and the server has no SMTPUTF8", NULL);
+                   env_utf8 ? "UTF-8 envelope and the server has no SMTPUTF8"
+                            : "SMTPUTF8 message with 8-bit content and the server has no "
+                              "SMTPUTF8",
+                   NULL);
         return client_events(c);
     }
+    utf8 = env_utf8 || (declared && (c->caps.ext & SMTP_EXT_SMTPUTF8));
     if ((mp->seen & SMTP_PARAM_BODY) && mp->body == SMTP_BODY_8BITMIME &&
         !(c->caps.ext & SMTP_EXT_8BITMIME)) {
         txn_refuse(c, SMTP_REASON_NEED_8BITMIME, 554, 6, 3,

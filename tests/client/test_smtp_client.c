@@ -605,6 +605,34 @@ sc_smtputf8(void)
     go(0);
     OUT("MAIL FROM:<a@x.example> SMTPUTF8\r\nRCPT TO:<b@y.example>\r\n"
         "RCPT TO:<j\xc3\xb6rg@y.example>\r\nDATA\r\n");
+    /* declared SMTPUTF8, all ASCII (envelope and a 7-bit body): without
+     * SMTPUTF8 where the server has none (it bounced, 5.6.7) ... */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("b@y.example");
+    R.t.params.seen = SMTP_PARAM_SMTPUTF8 | SMTP_PARAM_BODY;
+    R.t.params.body = SMTP_BODY_7BIT;
+    go(0);
+    OUT("MAIL FROM:<a@x.example> BODY=7BIT\r\n");
+    /* ... and with it where the server has it */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_FULL);
+    TXN("b@y.example");
+    R.t.params.seen = SMTP_PARAM_SMTPUTF8 | SMTP_PARAM_BODY;
+    R.t.params.body = SMTP_BODY_7BIT;
+    go(0);
+    OUT("MAIL FROM:<a@x.example> BODY=7BIT SMTPUTF8\r\nRCPT TO:<b@y.example>\r\nDATA\r\n");
+    /* declared SMTPUTF8 with 8-bit content (UTF-8 headers, maybe): still
+     * refused where the server has no SMTPUTF8 */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("b@y.example");
+    R.t.params.seen = SMTP_PARAM_SMTPUTF8 | SMTP_PARAM_BODY;
+    R.t.params.body = SMTP_BODY_8BITMIME;
+    go(EV_DONE | EV_READY);
+    nothing_out();
+    want_out(&R.rc[0].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, SMTP_REASON_NEED_SMTPUTF8, 553,
+             "5.6.7");
 }
 
 static void

@@ -524,6 +524,47 @@ def test_replies_longer_than_kept_keep_their_code():
         r.close()
 
 
+def test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver():
+    """A client that declares BODY=8BITMIME and SMTPUTF8 for everything
+    (many do), for an all-ASCII message, to a receiver that offers
+    neither: delivered, without BODY=8BITMIME or SMTPUTF8 on its MAIL
+    (before: bounced 5.6.3, and 5.6.7 with SMTPUTF8; RFC 6152 and 6531
+    forbid only sending what needs them). The same declared message with
+    8-bit octets in it still bounces 5.6.3 there."""
+    import smtplib
+    got, mails = [], []
+
+    def script(c, rfile):
+        class Spy:
+            def readline(self):
+                line = rfile.readline()
+                if line[:4].upper() == b"MAIL":
+                    mails.append(line)
+                return line
+        serve(c, Spy(), got=got)
+
+    r = HostileRelay(plain_dns())
+    mx = HostileMx(r.mx_port, script)
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            cl.sendmail("s@example.com", ["a@h.test"], b"Subject: ascii\r\n\r\nplain\r\n",
+                        mail_options=["BODY=8BITMIME", "SMTPUTF8"])
+            cl.sendmail("s@example.com", ["b@h.test"],
+                        "Subject: eight\r\n\r\ncaf\u00e9\r\n".encode(),
+                        mail_options=["BODY=8BITMIME"])
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "a@h.test", ev
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "b@h.test" and bounce["enhanced"] == "5.6.3", bounce
+        assert len(got) == 1 and b"plain" in got[0], got
+        assert len(mails) == 1 and b"BODY=" not in mails[0] and b"SMTPUTF8" not in mails[0], mails
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def _body(rfile):
     out = b""
     for _ in range(100000):
@@ -755,5 +796,6 @@ if __name__ == "__main__":
           test_close_after_the_dot_is_deferred_at_every_attempt,
           test_each_recipient_of_a_transaction_gets_its_own_outcome,
           test_replies_longer_than_kept_keep_their_code,
+          test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
           test_hostile_dns_answers, test_connect_refused_names_the_bound_source])
