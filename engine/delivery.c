@@ -525,6 +525,7 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 struct due_take {
     struct delivery *d; /* borrowed: waits for its port's requests */
     unsigned taken;
+    unsigned batch; /* asked for */
     struct delivery_batch b;
 };
 
@@ -543,10 +544,22 @@ due_on_done(void *cookie, int rc)
 {
     struct due_take *dt = cookie;
     struct delivery *d = dt->d;
-    if (rc != 0)
-        log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(rc));
+    bool space = queue_error_is_space(rc);
+    if (rc != 0 && (!space || dt->batch == 1)) /* the smaller tries at once: not each said */
+        log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\" batch=%u", queue_strerror(rc),
+                dt->batch);
+    /* A take that did not fit the spool (full: deferrals took its last
+     * pages) is tried smaller, down to one recipient, at once: the
+     * deliveries it makes possible are what frees room. The same size
+     * every second never fitted, and nothing was delivered again, even
+     * after a restart. Back up to DUE_BATCH as takes succeed. */
+    if (space)
+        d->due_batch = d->due_batch > 4 ? d->due_batch / 4 : 1;
+    else if (rc == 0 && d->due_batch < DUE_BATCH)
+        d->due_batch = d->due_batch * 2 < DUE_BATCH ? d->due_batch * 2 : DUE_BATCH;
     /* a full batch: more are due, ask again at once */
-    uint64_t next = rc == 0 && dt->taken >= DUE_BATCH ? 0 : DUE_POLL_MS;
+    uint64_t next = (rc == 0 && dt->taken >= dt->batch) || (space && dt->batch > 1) ? 0
+                                                                                   : DUE_POLL_MS;
     if (!d->stopping) {
         delivery_batch_flush(&dt->b);
         worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(next));
@@ -566,7 +579,10 @@ due_on_timer(struct timer *tm, void *ctx)
     if (dt != NULL) {
         dt->d = d;
         dt->b.e = d->e;
-        rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), DUE_BATCH, due_on_taken, dt,
+        if (d->due_batch == 0 || d->due_batch > DUE_BATCH)
+            d->due_batch = DUE_BATCH;
+        dt->batch = d->due_batch;
+        rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), dt->batch, due_on_taken, dt,
                             due_on_done, dt);
     }
     if (rc == 0)

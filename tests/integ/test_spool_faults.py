@@ -4,6 +4,9 @@ smtp-sink, smtplib, sluicectl, LMDB's own mdb_dump/mdb_load):
 - a bounce on a spool so full that injection gets 452 still sends its
   DSN to the sender's MX: the DSN is committed with the bounce, through
   the reserve kept for updates;
+- a spool filled while every MX is down (the deferrals take its last
+  pages) delivers every accepted recipient once the MX is back, and
+  takes mail again;
 - a corrupt recipient record in a copy of a spool is skipped at start:
   the recipients behind it are delivered, the stats socket counts it, the
   log names its key, and sluice-spool check reports it (exit 1)."""
@@ -153,6 +156,67 @@ def test_dsn_on_full_spool():
         wd.cleanup()
 
 
+def test_full_spool_with_deferrals_recovers():
+    """An 8 MB spool fills while every MX is down: injection gets 452 and
+    the recipients it took are deferred again and again (each deferral
+    writes its reply and its retry time). Then the MX comes back: every
+    accepted recipient is delivered once, and injection is taken again.
+    (The wedge this guards against, a take of due recipients too big for
+    the last pages tried at that size every second, came with a longer
+    outage and more mail than this test's: a probe of 1,500 messages over
+    three hosts, not in the tree; see delivery.c due_on_done.)"""
+    need("dnsmasq", "smtp-sink")
+    wd = Workdir("sluice-full-defer-")
+    dns = node = sink = None
+    try:
+        mx_port = free_port()
+        doms = [f"d{i}.test" for i in range(30)]
+        dns = Dns(wd, ["host-record=mx1.test,127.0.0.1"] +
+                  [f"mx-host={d},mx1.test,10" for d in doms])
+        port = free_port()
+        conf = node_conf(wd, port, mx_port, dns.port, os.path.join(wd.path, "spool"), "8M",
+                         "[domain *]\nretry_schedule = 1s\nsite_hold = 1s\n")
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        accepted, refused = [], 0
+        body = b"Subject: fill\r\n\r\n" + (b"z" * 76 + b"\r\n") * 256
+        for i in range(2000):  # bounded: the spool is full long before
+            rcpt = f"u{i}@{doms[i % len(doms)]}"
+            if send(port, "s@sender.example", [rcpt], body):
+                accepted.append(rcpt)
+            else:
+                refused += 1
+                if refused >= 200:
+                    break
+        assert refused >= 200 and len(accepted) >= 50, (len(accepted), refused)
+        # the deferrals go on while the MX is down (each writes its reply
+        # and its retry time)
+        wait_until(lambda: node.count_log("event=deferred") >= 5 * len(accepted), 120,
+                   "five deferrals a recipient")
+        sink = Sink(wd, mx_port)
+        try:
+            wait_until(lambda: node.count_log("event=delivered") >= len(accepted), 120,
+                       f"{len(accepted)} recipients delivered once the MX is back")
+        except AssertionError:
+            print("  due polls failed:", node.count_log("event=due_poll_failed"),
+                  "delivered:", node.count_log("event=delivered"))
+            raise
+        got = sorted(ln.split("rcpt=<")[1].split(">")[0]
+                     for ln in node.lines if "event=delivered" in ln)
+        assert got == sorted(accepted), "each accepted recipient delivered once"
+        wait_until(lambda: send(port, "s@sender.example", ["again@d0.test"], body), 60,
+                   "injection taken again")
+        assert node.stop_clean() == 0
+        node = None
+    finally:
+        if node is not None:
+            node.stop_clean()
+        for p in (sink, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
 def mdb_rcpt_corrupt(spool, nth):
     """Overwrite the value of the nth record of the rcpt database with
     bytes that fail its checks, with lmdb-utils (mdb_dump, mdb_load)."""
@@ -226,4 +290,5 @@ def test_corrupt_record_skipped():
 
 
 if __name__ == "__main__":
-    main([test_dsn_on_full_spool, test_corrupt_record_skipped])
+    main([test_dsn_on_full_spool, test_full_spool_with_deferrals_recovers,
+          test_corrupt_record_skipped])
