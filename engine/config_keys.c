@@ -399,7 +399,8 @@ static const char *const tls_policies[] = {"off", "optional", "required", "verif
 const struct conf_key config_domain_keys[] = {
     {"max_connections", CONF_UINT, DOM(max_connections), 1, 100000, "20",
      "concurrent connections to the domain's MX hosts: per node, and across all nodes "
-     "(leases in Redis) with [redis] url",
+     "(leases in Redis) with [redis] url; lowered by a reload, those over it end after their "
+     "transaction",
      NULL},
     {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
      "messages per second, minute or hour (50/s, 3000/h); across all nodes with [redis] url",

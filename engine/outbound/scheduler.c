@@ -702,11 +702,15 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             site_addr_up(c->site, &c->addr);
         }
     }
-    const char *quit = c->nmsgs >= sched_conn_max_msgs(c) ? "max_messages"
-                       : d->stopping || d->draining       ? "stopping"
-                       : !source_may_send(c)              ? "source_held"
-                       : !shaping_may_send(c)             ? "shaping"
-                                                          : NULL;
+    /* Over the domain's max_connections (a reload lowered it): the extra
+     * connections end after their transaction; while mail flowed none
+     * went idle, and the lowered cap held for new ones only. */
+    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)   ? "max_messages"
+                       : d->stopping || d->draining         ? "stopping"
+                       : t->conns > t->pol->max_connections ? "max_connections"
+                       : !source_may_send(c)                ? "source_held"
+                       : !shaping_may_send(c)               ? "shaping"
+                                                            : NULL;
     if (quit != NULL) {
         c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;

@@ -818,6 +818,53 @@ reload_raises_the_sites_ceiling(void **state)
     fx_free(f);
 }
 
+/* A reload that lowers a domain's max_connections retires the
+ * connections over it after their transaction, though mail waits for
+ * them. Before, only new connections met the lower cap: while mail
+ * flowed none went idle, and three stayed open under a cap of one. */
+static void
+reload_lowers_max_connections_on_open_ones(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
+                          "[domain *]\nmax_connections = 3\n");
+    for (int i = 0; i < 12; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 3);
+    enum sched_next what;
+    for (unsigned i = 0; i < 3; i++) {
+        conn_ready(f->open[i], &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    struct config *old = f->cfg;
+    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
+                  "[domain *]\nmax_connections = 1\n");
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+    struct conn *c[3] = {f->open[0], f->open[1], f->open[2]};
+    unsigned quits = 0, jobs = 0;
+    for (unsigned i = 0; i < 3; i++) {
+        assert_false(
+            txn_done(c[i], SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c[i], &what);
+        if (what == SCHED_NEXT_QUIT) {
+            assert_string_equal(c[i]->quit_why, "max_connections");
+            conn_gone(c[i], NULL);
+            quits++;
+        } else {
+            assert_int_equal(what, SCHED_NEXT_JOB);
+            jobs++;
+        }
+    }
+    assert_int_equal(quits, 2);
+    assert_int_equal(jobs, 1);
+    assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
+    assert_int_equal(f->opened, 3); /* none opened in their place */
+    fx_free(f);
+}
+
 /* Over 100 MX hosts and many domains, each host's mail comes a few jobs
  * at a time: jobs a busy connection takes within twice the time a new one
  * takes to open earn no connection, however many transactions complete. */
@@ -4477,6 +4524,7 @@ main(void)
         cmocka_unit_test(weights_per_transaction),
         cmocka_unit_test(weights_hold_across_new_sites),
         cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
+        cmocka_unit_test(reload_lowers_max_connections_on_open_ones),
         cmocka_unit_test(round_robin_turns_per_connection_opened),
         cmocka_unit_test(greylisted_retry_goes_from_the_same_source),
         cmocka_unit_test(greylisting_keeps_the_destination_on_its_source),
