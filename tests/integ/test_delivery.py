@@ -770,12 +770,14 @@ def test_unannounced_recipient_limit_sends_the_rest_next():
         r.close()
 
 
-def _reuse_closer(got, mode, pipelining):
+def _reuse_closer(got, mode, pipelining, at=2,
+                  reply=b"421 4.4.2 reuse Error: timeout exceeded\r\n"):
     """A receiver whose idle timeout strikes as sluice reuses a
-    connection: the first MAIL of the second transaction on each
-    connection gets a 421 (mode "421"), or the connection closes before
-    any reply ("eof") or is reset ("reset"). got collects the recipients
-    of each final dot it accepted, one list per transaction."""
+    connection: the first MAIL of the second (at-th) transaction on each
+    connection gets a 421 (mode "421", the reply given), or the
+    connection closes before any reply ("eof") or is reset ("reset").
+    got collects the recipients of each final dot it accepted, one list
+    per transaction."""
     import struct
 
     ehlo = b"250-reuse\r\n250 PIPELINING\r\n" if pipelining else b"250 reuse\r\n"
@@ -783,7 +785,7 @@ def _reuse_closer(got, mode, pipelining):
     def script(c, rfile):
         c.sendall(b"220 reuse ESMTP\r\n")
         rcpts, mails = [], 0
-        while True:
+        for _ in range(10000):  # bounded
             line = rfile.readline()
             if not line:
                 return
@@ -792,9 +794,9 @@ def _reuse_closer(got, mode, pipelining):
                 c.sendall(ehlo)
             elif verb == b"MAIL":
                 mails += 1
-                if mails == 2:
+                if mails == at:
                     if mode == "421":
-                        c.sendall(b"421 4.4.2 reuse Error: timeout exceeded\r\n")
+                        c.sendall(reply)
                     elif mode == "reset":
                         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         os.close(c.detach())  # an RST, whatever the handler does next
@@ -875,45 +877,6 @@ def test_connection_lost_on_reuse_goes_to_a_new_one():
             r.close()
 
 
-def _per_connection_limit(got, limit):
-    """A receiver that takes limit messages on a connection and answers
-    the next MAIL with a 421 naming its limit, then closes (as Exim's
-    smtp_accept_max_per_connection does). got collects each accepted
-    transaction's recipients."""
-    def script(c, rfile):
-        c.sendall(b"220 limit ESMTP\r\n")
-        rcpts, taken = [], 0
-        for _ in range(10000):  # bounded
-            line = rfile.readline()
-            if not line:
-                return
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                c.sendall(b"250-limit\r\n250 PIPELINING\r\n")
-            elif verb == b"MAIL":
-                if taken == limit:
-                    c.sendall(b"421 4.7.0 Too many messages on this connection\r\n")
-                    return
-                rcpts = []
-                c.sendall(b"250 2.1.0 ok\r\n")
-            elif verb == b"RCPT":
-                rcpts.append(line[8:].strip().decode())
-                c.sendall(b"250 2.1.5 ok\r\n")
-            elif verb == b"DATA":
-                c.sendall(b"354 go ahead\r\n")
-                if _read_until(rfile, b".\r\n") != b".\r\n":
-                    return
-                got.append(list(rcpts))
-                taken += 1
-                c.sendall(b"250 2.0.0 queued\r\n")
-            elif verb == b"QUIT":
-                c.sendall(b"221 bye\r\n")
-                return
-            else:
-                c.sendall(b"250 ok\r\n")
-    return script
-
-
 def test_a_receivers_limit_per_connection_holds_nothing():
     """A receiver that takes 3 messages a connection and says "421 4.7.0
     Too many messages on this connection" to the 4th MAIL, on a
@@ -926,7 +889,9 @@ def test_a_receivers_limit_per_connection_holds_nothing():
     r = Relay(records_for(["limit.test"]), with_sink=False,
               domain_conf="[domain limit.test]\nmax_connections = 2\n")
     got = []
-    mx = HostileMx(r.mx_port, _per_connection_limit(got, 3))
+    # Exim's smtp_accept_max_per_connection, at 3
+    mx = HostileMx(r.mx_port, _reuse_closer(got, "421", True, at=4,
+                                            reply=b"421 4.7.0 Too many messages on this connection\r\n"))
     try:
         start = time.monotonic()
         r.inject([("s@example.com", [f"u{i}@limit.test"], b"Subject: l\r\n\r\nlimit\r\n")
