@@ -807,7 +807,10 @@ dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint6
     snprintf(m->rcpt, sizeof(m->rcpt), "%s", orig->sender);
     const char *at = strrchr(m->rcpt, '@');
     m->domain = at != NULL ? at + 1 : "";
-    m->body_type = orig->body_type == QUEUE_BODY_7BIT ? QUEUE_BODY_7BIT : QUEUE_BODY_8BITMIME;
+    /* What the DSN holds, not what the original was: its text quotes a
+     * UTF-8 address or reply, or the original's 8-bit headers, even when
+     * the original was stored 7BIT (declared SMTPUTF8 but all ASCII). */
+    m->body_type = has_8bit(m->text, m->len) ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
     m->smtputf8 = orig->smtputf8;
     snprintf(m->tenant, sizeof(m->tenant), "%s", orig->tenant ? orig->tenant : "");
     snprintf(m->campaign, sizeof(m->campaign), "%s", orig->campaign ? orig->campaign : "");

@@ -18,9 +18,12 @@
  *
  * Transport notes for the caller: the DSN is CRLF text; it carries 8-bit
  * octets only when the original did (returned headers or message) or
- * when smtputf8 is set, so enqueue it with the original's body type and
- * SMTPUTF8 flag. Never build one for the null sender: dsn_build() refuses
- * an empty to_addr.
+ * when smtputf8 is set and a quoted address or reply is UTF-8, so
+ * enqueue it with the original's SMTPUTF8 flag and as 8BITMIME when its
+ * text has an octet over 127 (dsn_msg_new does both; the original's
+ * body type is no guide: one declared SMTPUTF8 but all ASCII is 7BIT).
+ * Never build one for the null sender: dsn_build() refuses an empty
+ * to_addr.
  *
  * Threading: pure functions (no I/O, no globals).
  */
@@ -108,7 +111,8 @@ struct dsn_msg {
 
 /*
  * Build the DSN of in (dsn_build) to orig's envelope sender, as message id
- * of the spool, with orig's body type and SMTPUTF8 flag (see the transport
+ * of the spool, with orig's SMTPUTF8 flag and the body type its own text
+ * needs (8BITMIME when it holds an octet over 127; see the transport
  * notes above). Returns 0 with *out (free with dsn_msg_free), or a code of
  * dsn_build(), or -EINVAL when orig has the null sender or one too long.
  */

@@ -909,6 +909,35 @@ test_random_text(void **state)
     }
 }
 
+/* A DSN's body type is what its own text holds: one that quotes a UTF-8
+ * address is 8BITMIME though its original was stored 7BIT (declared
+ * SMTPUTF8, all ASCII: it goes to a receiver without SMTPUTF8), else it
+ * went out as 7BIT, 8-bit octets and all; one all ASCII is 7BIT though
+ * its original was 8-bit (headers only returned, all ASCII). */
+static void
+test_msg_body_type(void **state)
+{
+    (void)state;
+    struct dsn_rcpt r = rcpt_failed();
+    r.addr = "j\xc3\xb6rg@example.com";
+    struct dsn_input in = input(&r, 1);
+    in.smtputf8 = true;
+    struct queue_envelope orig = {.id = 7, .sender = "alice@example.org",
+                                  .body_type = QUEUE_BODY_7BIT, .smtputf8 = true};
+    struct dsn_msg *m = NULL;
+    assert_int_equal(dsn_msg_new(&in, &orig, 8, &m), 0);
+    assert_int_equal(m->body_type, QUEUE_BODY_8BITMIME);
+    assert_true(m->smtputf8);
+    m = dsn_msg_free(m);
+    r = rcpt_failed();
+    in = input(&r, 1);
+    orig.body_type = QUEUE_BODY_8BITMIME;
+    orig.smtputf8 = false;
+    assert_int_equal(dsn_msg_new(&in, &orig, 9, &m), 0);
+    assert_int_equal(m->body_type, QUEUE_BODY_7BIT);
+    m = dsn_msg_free(m);
+}
+
 int
 main(void)
 {
@@ -920,6 +949,7 @@ main(void)
         cmocka_unit_test(test_long_fields),    cmocka_unit_test(test_invalid),
         cmocka_unit_test(test_wanted),         cmocka_unit_test(test_status_format),
         cmocka_unit_test(test_random_text),
+        cmocka_unit_test(test_msg_body_type),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
