@@ -196,6 +196,8 @@ struct conn {
     bool ready_once;      /* the session reached IDLE at least once */
     bool idled;           /* it waited on its site's idle list since its last transaction
                            * (or before its first): cleared as each one ends */
+    bool over_cap;        /* told to end after its transaction: over its domain's
+                           * max_connections (dest.conns_quitting counts it) */
     bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
                            * (policy_reuse_lost): its end holds nothing back */
     bool congested;       /* its site learned of a failure of it (sched_conn_congested):
@@ -330,6 +332,7 @@ struct dest {
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
     unsigned conns;          /* open or opening */
+    unsigned conns_quitting; /* of them: told to end over max_connections (conn.over_cap) */
     unsigned opening;        /* not yet ready for a transaction */
     struct site *site;       /* owned reference: the site of its answer, or NULL */
     const struct dns_mx_result *site_for; /* borrowed, compared only: the answer site is of */

@@ -704,14 +704,22 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     }
     /* Over the domain's max_connections (a reload lowered it): the extra
      * connections end after their transaction; while mail flowed none
-     * went idle, and the lowered cap held for new ones only. */
-    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)   ? "max_messages"
-                       : d->stopping || d->draining         ? "stopping"
-                       : t->conns > t->pol->max_connections ? "max_connections"
-                       : !source_may_send(c)                ? "source_held"
-                       : !shaping_may_send(c)               ? "shaping"
-                                                            : NULL;
+     * went idle, and the lowered cap held for new ones only. Those told
+     * so already count as gone, or every one would end before the first
+     * had (each sees the count until its QUIT is answered). */
+    static const char over_cap[] = "max_connections";
+    bool over = t->conns > t->conns_quitting + t->pol->max_connections;
+    const char *quit = c->nmsgs >= sched_conn_max_msgs(c) ? "max_messages"
+                       : d->stopping || d->draining       ? "stopping"
+                       : over                             ? over_cap
+                       : !source_may_send(c)              ? "source_held"
+                       : !shaping_may_send(c)             ? "shaping"
+                                                          : NULL;
     if (quit != NULL) {
+        if (quit == over_cap && !c->over_cap) {
+            c->over_cap = true;
+            t->conns_quitting++;
+        }
         c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;
         return NULL;
@@ -1082,6 +1090,8 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (c->next_all)
         c->next_all->prev_all = c->prev_all;
     t->conns--;
+    if (c->over_cap && t->conns_quitting > 0)
+        t->conns_quitting--;
     d->stats.open--;
     if (site != NULL)
         site->conns--;
