@@ -280,7 +280,10 @@ commit_done(struct session *s, int rc)
         log_msg(LOG_NOTICE, "session=%016llx event=commit_failed id=%s err=\"%s\"%s",
                 (unsigned long long)s->id, qid, queue_strerror(rc), unanswered);
     } else if (queue_error_is_space(rc)) {
-        log_msg(LOG_CRIT, "session=%016llx event=spool_full id=%s err=\"%s\"",
+        /* One line a refused message, at notice: the spool's own warning
+         * (queue=full, once, with what to do) is the alert; a full spool
+         * logged a critical line for each of its 1,108 refusals. */
+        log_msg(LOG_NOTICE, "session=%016llx event=spool_full id=%s err=\"%s\"",
                 (unsigned long long)s->id, qid, queue_strerror(rc));
         reply(s, "452 4.3.1 Insufficient system storage");
     } else {

@@ -189,6 +189,10 @@ def test_full_spool_with_deferrals_recovers():
                 if refused >= 200:
                     break
         assert refused >= 200 and len(accepted) >= 50, (len(accepted), refused)
+        # one notice a refused message; the one warning is the alert
+        full = [ln for ln in node.lines if "event=spool_full" in ln]
+        assert full and all("level=notice" in ln for ln in full), full[:3]
+        assert node.count_log("queue=full") >= 1
         # the deferrals go on while the MX is down (each writes its reply
         # and its retry time)
         wait_until(lambda: node.count_log("event=deferred") >= 5 * len(accepted), 120,
