@@ -249,7 +249,8 @@ static const struct conf_key delivery_keys[] = {
      "has ended, to take its last octets (QUIT) before the connection is closed anyway", NULL},
     {"data_timeout", CONF_DURATION, DLV(data_timeout), 1000, 3600000, "3m",
      "how long a receiver may take to answer DATA with 354, and to take each block of the "
-     "message sent (a receiver that stops reading stalls the send)",
+     "message sent (16 KB, with at most 128 KB waiting in the socket): a receiver that stops "
+     "reading is given up on, one that reads slowly but steadily is not",
      NULL},
     {"dot_timeout", CONF_DURATION, DLV(dot_timeout), 1000, 3600000, "10m",
      "how long a receiver may take to answer the final dot (RFC 5321 asks for 10 minutes: "

@@ -577,9 +577,18 @@ class HostileMx:
     """A scripted SMTP server on the MX port: the hostile replies no real
     server gives on demand. script(conn, rfile) runs per connection."""
 
-    def __init__(self, port, script):
+    def __init__(self, port, script, rcvbuf=0):
         import socketserver
         import threading
+
+        class Server(socketserver.ThreadingTCPServer):
+            def server_bind(self):
+                # Before listen, so accepted sockets have it and the
+                # window scale is chosen for it: a receiver whose kernel
+                # holds little of what the application has not read.
+                if rcvbuf:
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                super().server_bind()
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
@@ -589,7 +598,7 @@ class HostileMx:
                     pass
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -1033,6 +1042,53 @@ def test_receiver_that_stops_reading_the_body_is_given_up_on():
         r.close()
 
 
+def test_receiver_that_reads_slowly_but_steadily_gets_the_body():
+    """A receiver that reads a 6 MB body at about 800 KB/s, steadily,
+    with data_timeout = 1s: it keeps taking octets, so the send goes on
+    and the message is delivered. data_timeout is how long the receiver
+    may take nothing. Before, once the kernel's send buffer (grown to
+    4 MB) was full, a send waited for a third of it to drain, about 1.7 s
+    at this rate, and the session was ended in state body; now the
+    socket holds at most CONN_NOTSENT_LOWAT octets not yet sent."""
+    got = []
+
+    def script(c, rfile):
+        c.sendall(b"220 slow ESMTP\r\n")
+        rfile.readline()
+        c.sendall(b"250-slow\r\n250 PIPELINING\r\n")
+        _read_until(rfile, b"DATA")
+        c.sendall(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        buf = b""
+        for _ in range(2000):  # bounded: 6 MB in 32 KB reads, 40 ms apart
+            chunk = rfile.read1(32768)
+            if not chunk:
+                return
+            buf += chunk
+            if buf.endswith(b"\r\n.\r\n"):
+                got.append(len(buf))
+                c.sendall(b"250 2.0.0 taken\r\n")
+                _read_until(rfile, b"QUIT")
+                return
+            time.sleep(0.04)  # the pace of a slow reader, not a wait for sluice
+
+    body = b"Subject: s\r\n\r\n" + (b"x" * 998 + b"\r\n") * 6000
+    r = Relay(records_for(["slowread.test"]), with_sink=False,
+              delivery_conf="data_timeout = 1s\n")
+    mx = HostileMx(r.mx_port, script, rcvbuf=65536)
+    try:
+        r.inject([("s@example.com", ["a@slowread.test"], body)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                r.d.count_log("event=delivered") or r.d.count_log("event=deferred")):
+            time.sleep(0.05)  # polls the log for the outcome, bounded
+        assert r.d.count_log("event=deferred") == 0, r.d.log_lines("event=deferred")
+        assert r.d.count_log("event=delivered") == 1
+        assert got and got[0] > len(body), got
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_rcptmax_splits_the_job_into_transactions():
     """A receiver that announces LIMITS RCPTMAX=2 (RFC 9422) gets a
     message for five of its recipients in transactions of at most two
@@ -1338,6 +1394,7 @@ if __name__ == "__main__":
           test_source_address_not_on_this_host_defers,
           test_hostile_mx_replies_deliver_nothing, test_stalled_receivers_time_out_as_configured,
           test_receiver_that_stops_reading_the_body_is_given_up_on,
+          test_receiver_that_reads_slowly_but_steadily_gets_the_body,
           test_rcptmax_splits_the_job_into_transactions, test_server_mailmax_ends_the_session,
           test_unannounced_recipient_limit_sends_the_rest_next,
           test_421_to_an_idle_connection_holds_nothing,
