@@ -462,7 +462,10 @@ const struct conf_key config_domain_keys[] = {
 #define MXP(f) offsetof(struct mx_policy, f)
 #define MX_LIMIT_KEYS                                                                              \
     {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",                          \
-     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap)", NULL},    \
+     "concurrent connections to the matching MX hosts, whatever the domain (0: no cap); "         \
+     "without [redis] this and the section's rates and bursts are split between the workers, "    \
+     "the parts adding up to the whole (at least one connection each)",                         \
+     NULL},                                                                                        \
         {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
          "messages per second, minute or hour to the matching MX hosts", NULL},                    \
         {"message_burst", CONF_UINT, MXP(message_burst), 0, 1000000, "0",                          \

@@ -326,15 +326,22 @@ lease_push(struct limits *l, struct limit_key *k, uint64_t id)
     return true;
 }
 
-/* k's max_connections for this node at share (at least one); 0: none. */
+/* k's max_connections for this limiter (at least one); 0: none. Shared
+ * through Redis the whole cap; else the node's part (cap / nodes), and
+ * of that this worker's among the spread limiters holding the key, the
+ * remainder to the lowest workers: a cap of 3 over two workers is 2 and
+ * 1 (each took 1 before, 2 in all). */
 static unsigned
-lease_cap(const struct limit_key *k, unsigned share)
+lease_cap(const struct limits *l, const struct limit_key *k, bool shared)
 {
     unsigned max = k->conf.max_connections;
-    if (max == 0)
-        return 0;
-    max /= share;
-    return max ? max : 1;
+    if (max == 0 || shared || l->r == NULL)
+        return max;
+    unsigned node = max / l->nodes ? max / l->nodes : 1;
+    unsigned spread = k->conf.spread ? k->conf.spread : 1;
+    unsigned me = l->w != NULL ? l->w->id % spread : 0;
+    unsigned part = node / spread + (me < node % spread ? 1 : 0);
+    return part ? part : 1;
 }
 
 /* A lease of k, and a connection-rate token when rated: both or neither. */
@@ -362,7 +369,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         /* Under the cap as it stands now: a reload may have lowered it,
          * or the key decides locally at its share since the grant. */
         bool shared_now = l->shared && now_ns >= k->local_until;
-        unsigned cap_now = lease_cap(k, shared_now ? 1 : local_share(l, k));
+        unsigned cap_now = lease_cap(l, k, shared_now);
         if (cap_now != 0 && k->nleases >= cap_now) {
             limits_redis_release(l, k, k->ready_lease);
             k->ready_lease = 0;
@@ -386,7 +393,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
     }
     bool shared = l->shared && now_ns >= k->local_until;
     unsigned share = shared ? 1 : local_share(l, k);
-    unsigned max = lease_cap(k, share);
+    unsigned max = lease_cap(l, k, shared);
     if (max != 0 && k->nleases >= max) {
         k->want_wake = true;
         *retry_at_ns = UINT64_MAX;
@@ -406,7 +413,7 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
         /* Redis would not take the request: decide locally this time,
          * the cap included (above it was checked with the shared one). */
         share = local_share(l, k);
-        max = lease_cap(k, share);
+        max = lease_cap(l, k, false);
         if (max != 0 && k->nleases >= max) {
             k->want_wake = true;
             *retry_at_ns = UINT64_MAX;

@@ -51,25 +51,52 @@
 #include "engine/shaping.h"
 #include "engine/warmup.h"
 
+/* Worker me's part of n split over parts: the remainder goes to the
+ * lowest workers, so the parts add up to n (3 over two workers: 2 and
+ * 1, where each took 1 before). */
+static unsigned
+part_of(unsigned n, unsigned parts, unsigned me)
+{
+    if (parts <= 1)
+        return n;
+    return n / parts + (me % parts < n % parts ? 1 : 0);
+}
+
+/* A rate split over parts: the same count over a period parts times as
+ * long, so the parts add up to the rate however small it is (3/min over
+ * two workers: 3 each per 2 min, where each took 1/min before). */
+static struct conf_rate
+rate_part(struct conf_rate r, unsigned parts)
+{
+    if (parts <= 1 || r.count == 0)
+        return r;
+    uint64_t per = (uint64_t)(r.per_ms ? r.per_ms : 1000) * parts;
+    if (per <= UINT32_MAX) {
+        r.per_ms = (uint32_t)per;
+    } else {
+        r.count = r.count / parts ? r.count / parts : 1; /* a period past 49 days */
+    }
+    return r;
+}
+
 void
 mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc)
 {
     memset(lc, 0, sizeof(*lc));
     if (m == NULL)
         return; /* a pattern gone after a reload: no limit */
-    /* Without Redis each worker holds its share: the domains behind one MX
+    /* Without Redis each worker holds its part: the domains behind one MX
      * are spread over the workers. */
     unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
-    lc->msg_rate = m->max_message_rate;
-    if (share > 1 && lc->msg_rate.count != 0)
-        lc->msg_rate.count = lc->msg_rate.count / share ? lc->msg_rate.count / share : 1;
-    lc->msg_burst = m->message_burst / share;
-    lc->conn_rate = m->max_connection_rate;
-    if (share > 1 && lc->conn_rate.count != 0)
-        lc->conn_rate.count = lc->conn_rate.count / share ? lc->conn_rate.count / share : 1;
-    lc->conn_burst = m->connection_burst / share;
-    lc->max_connections = m->max_connections == 0 ? 0
-                          : m->max_connections / share ? m->max_connections / share : 1;
+    unsigned me = d->w != NULL ? d->w->id : 0;
+    lc->msg_rate = rate_part(m->max_message_rate, share);
+    lc->msg_burst = part_of(m->message_burst, share, me);
+    lc->conn_rate = rate_part(m->max_connection_rate, share);
+    lc->conn_burst = part_of(m->connection_burst, share, me);
+    /* At least one: a worker without would never connect (0: no cap). */
+    lc->max_connections = part_of(m->max_connections, share, me);
+    if (lc->max_connections == 0 && m->max_connections != 0)
+        lc->max_connections = 1;
     /* With Redis every worker holds the key whole; while Redis is away
      * each keeps its share of the node's share. */
     lc->spread = share == 1 ? d->e->nworkers : 1;

@@ -307,6 +307,25 @@ test_local_share_of_a_spread_key(void **state)
     assert_int_equal(got, 8);
     while (got-- > 0)
         limits_conn_release(l, &one);
+    /* 14 / 2 nodes = 7 for the node: 2, 2, 2 and 1 for its four workers
+     * (the remainder to the lowest), 7 in all, where each took 14 / 8 = 1
+     * before, 4 in all */
+    c.max_connections = 14;
+    c.spread = 4;
+    limits_key_set(l, &k, &c);
+    unsigned sum = 0;
+    for (unsigned id = 0; id < 4; id++) {
+        w.id = id;
+        got = 0;
+        while (got < 16 && limits_conn_acquire(l, &k, BASE + 30 * SEC, &r))
+            got++;
+        assert_int_equal(got, id < 3 ? 2 : 1);
+        sum += got;
+        while (got-- > 0)
+            limits_conn_release(l, &k);
+    }
+    assert_int_equal(sum, 7);
+    w.id = 0;
     limits_key_fini(l, &k);
     limits_key_fini(l, &one);
     l = limits_free(l);

@@ -3307,6 +3307,42 @@ worker_of_host(const char *mx)
     return (unsigned)(hash_str_nocase(mx) % 2);
 }
 
+/* Without [redis] an [mx] section's limits are split between the
+ * workers, and the parts add up to the section's: a cap of 3 is 2 on
+ * worker 0 and 1 on worker 1 (each had 1 before: 2 in all), a burst of
+ * 5 is 3 and 2, a rate of 3/min is 3 per 2 min on each (1/min each
+ * before). A cap of 1 stays 1 on each: a worker without could not send. */
+static void
+mx_limits_split_between_the_workers_add_up(void **state)
+{
+    (void)state;
+    struct mx_policy m;
+    memset(&m, 0, sizeof(m));
+    m.max_connections = 3;
+    m.message_burst = 5;
+    m.max_message_rate.count = 3;
+    m.max_message_rate.per_ms = 60000;
+    unsigned caps = 0, bursts = 0;
+    for (unsigned id = 0; id < 2; id++) {
+        struct fx *f = fx_two_workers("", id);
+        struct limit_conf lc;
+        mx_limit_conf(f->d, &m, &lc);
+        assert_int_equal(lc.max_connections, id == 0 ? 2 : 1);
+        assert_int_equal(lc.msg_burst, id == 0 ? 3 : 2);
+        assert_int_equal(lc.msg_rate.count, 3);
+        assert_int_equal(lc.msg_rate.per_ms, 120000);
+        caps += lc.max_connections;
+        bursts += lc.msg_burst;
+        m.max_connections = 1;
+        mx_limit_conf(f->d, &m, &lc);
+        assert_int_equal(lc.max_connections, 1);
+        m.max_connections = 3;
+        fx_free(f);
+    }
+    assert_int_equal(caps, 3);
+    assert_int_equal(bursts, 5);
+}
+
 /* c's one job is delivered, nothing more waits: it goes idle, then away. */
 static void
 deliver_one_and_close(struct conn *c)
@@ -4538,6 +4574,7 @@ main(void)
         cmocka_unit_test(pool_shares_address_cap),
         cmocka_unit_test(pool_source_follows_the_address_with_room),
         cmocka_unit_test(pool_sends_to_a_v4_mapped_address_over_ipv4),
+        cmocka_unit_test(mx_limits_split_between_the_workers_add_up),
         cmocka_unit_test(affinity_moves_a_domain_to_its_sites_worker),
         cmocka_unit_test(affinity_site_worker_ignores_order),
         cmocka_unit_test(affinity_not_where_limits_are_shared),
