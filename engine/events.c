@@ -64,6 +64,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -95,7 +96,7 @@ const struct conf_key events_sink_keys[] = {
      "expiration, dsn); empty: all",
      NULL},
     {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
-     "tenants sent (the event's tenant field), comma separated; empty: all", NULL},
+     "tenants sent (the event's tenant field, compared without case as tenant names are), comma separated; empty: all", NULL},
     {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)", NULL},
     {"batch_wait", CONF_DURATION, EVK(batch_wait), 0, 60000, "200ms",
      "a batch closes this long after its first event", NULL},
@@ -151,9 +152,10 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
 
 /* ---- batches ---- */
 
-/* Whether list (comma separated; "" matches all) names the n octets at v. */
+/* Whether list (comma separated; "" matches all) names the n octets at v
+ * (without case when nocase: tenant names compare so everywhere else). */
 static bool
-list_has(const char *list, const char *v, size_t n)
+list_has(const char *list, const char *v, size_t n, bool nocase)
 {
     if (list == NULL || list[0] == '\0')
         return true;
@@ -164,7 +166,8 @@ list_has(const char *list, const char *v, size_t n)
         const char *e = p;
         while (*e != '\0' && *e != ',' && *e != ' ' && *e != '\t')
             e++;
-        if ((size_t)(e - p) == n && n > 0 && memcmp(p, v, n) == 0)
+        if ((size_t)(e - p) == n && n > 0 &&
+            (nocase ? strncasecmp(p, v, n) : memcmp(p, v, n)) == 0)
             return true;
         p = e;
     }
@@ -225,12 +228,12 @@ sink_wants(const struct sink *s, const char *line, size_t len)
     const char *v;
     if (s->cfg.events != NULL && s->cfg.events[0] != '\0') {
         v = events_line_field(line, len, "event", &n);
-        if (v == NULL || !list_has(s->cfg.events, v, n))
+        if (v == NULL || !list_has(s->cfg.events, v, n, false))
             return false;
     }
     if (s->cfg.tenants != NULL && s->cfg.tenants[0] != '\0') {
         v = events_line_field(line, len, "tenant", &n);
-        if (v == NULL || !list_has(s->cfg.tenants, v, n))
+        if (v == NULL || !list_has(s->cfg.tenants, v, n, true))
             return false;
     }
     return true;

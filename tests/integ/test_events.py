@@ -735,6 +735,31 @@ def test_suppressed_event_committed_alone_arrives():
         rec.stop()
 
 
+def test_tenant_filter_compares_without_case():
+    """A sink's `tenants` names tenants in any case, as every other tenant
+    name does ([tenant Acme] is `acme` in a scope, X-Sluice-Tenant: ACME
+    is Acme): a filter in another case than the section's must not drop
+    every event of that tenant for good."""
+    rec = Receiver()
+    node = Node("[tenant Acme]\n[tenant globex]\n" +
+                hook_conf(rec.port, extra="tenants = acme, GLOBEX"))
+    try:
+        msgs = [("s@example.com", [f"t{i}@{DOMAIN}"],
+                 f"X-Sluice-Tenant: {t}\r\nSubject: t{i}\r\n\r\nbody\r\n".encode())
+                for i, t in enumerate(["ACME", "acme", "Globex"])]
+        test_delivery.Relay.inject(node, msgs)
+        node.wait_delivered(3)
+        def got():
+            with rec.lock:
+                return sorted((e["event"], e.get("tenant")) for e in rec.events.values())
+        want = sorted([("reception", "Acme")] * 2 + [("delivery", "Acme")] * 2 +
+                      [("reception", "globex"), ("delivery", "globex")])
+        wait_until(lambda: got() == want, 60, f"{want} at the receiver, have {got()}")
+    finally:
+        node.close()
+        rec.stop()
+
+
 if __name__ == "__main__":
     # Three ctest entries (tests/integ/CMakeLists.txt), so that each stays
     # well inside its timeout under the sanitizers: "push" (the default),
@@ -745,7 +770,8 @@ if __name__ == "__main__":
         "reject": [test_400_to_one_event_drops_it_alone],
         "crash": [test_kill9_right_after_delivery_loses_no_event,
                   test_reload_adds_changes_and_removes_sinks,
-                  test_suppressed_event_committed_alone_arrives],
+                  test_suppressed_event_committed_alone_arrives,
+                  test_tenant_filter_compares_without_case],
         "push": [test_every_event_of_10000_messages_arrives_signed,
                  test_503_for_a_while_then_accepted, test_receiver_down_across_restart_and_kill9,
                  test_hanging_receiver_does_not_hold_delivery, test_pause_resume_filter_and_metrics,
