@@ -72,6 +72,7 @@
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "engine/dlog.h"
 #include "engine/events_int.h"
 #include "engine/events_journal.h"
 #include "engine/redis_url.h"
@@ -93,7 +94,8 @@ const struct conf_key events_sink_keys[] = {
      NULL},
     {"events", CONF_STRING, EVK(events), 0, 1024, "",
      "event types sent, comma separated (reception, delivery, transient_failure, bounce, "
-     "expiration, dsn); empty: all",
+     "expiration, dsn, oob_bounce, complaint, suppressed, shaping_started, shaping_ended; "
+     "another name is an error); empty: all",
      NULL},
     {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
      "tenants sent (the event's tenant field, compared without case as tenant names are), comma separated; empty: all", NULL},
@@ -146,6 +148,29 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
     if (c->retry_max < c->retry_min) {
         snprintf(err, errlen, "retry_max is below retry_min");
         return -EINVAL;
+    }
+    /* A name no event has (a typo, or the daemon log's "delivered") would
+     * filter out, for good, every event it was meant to pass. */
+    for (const char *p = c->events != NULL ? c->events : ""; *p != '\0';) {
+        while (*p == ' ' || *p == ',' || *p == '\t')
+            p++;
+        const char *e = p;
+        while (*e != '\0' && *e != ',' && *e != ' ' && *e != '\t')
+            e++;
+        if (e == p)
+            break;
+        bool known = false;
+        for (int k = DLOG_RECEPTION; k <= DLOG_SHAPING_ENDED && !known; k++) {
+            const char *name = dlog_kind_str((enum dlog_kind)k);
+            known = strlen(name) == (size_t)(e - p) && memcmp(name, p, (size_t)(e - p)) == 0;
+        }
+        if (!known) {
+            snprintf(err, errlen, "events: unknown event type '%.*s' (reception, delivery, "
+                     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, "
+                     "suppressed, shaping_started, shaping_ended)", (int)(e - p > 64 ? 64 : e - p), p);
+            return -EINVAL;
+        }
+        p = e;
     }
     return 0;
 }

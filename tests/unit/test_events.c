@@ -397,6 +397,25 @@ test_idle_pump_leaves_nothing_in_the_spool(void **state)
         fail_msg("%u event records left in the spool while the pump is idle", left);
 }
 
+/* A type in `events` that no event has (the daemon log's "delivered",
+ * a typo) is a config error: it would filter out every event it was
+ * meant to pass, for good (the cursor moves past filtered events). */
+static void
+test_unknown_event_type_is_refused(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("f", "http://127.0.0.1:9/events", true);
+    char err[256];
+    free(c.events);
+    c.events = strdup("delivery, complaint,suppressed ,oob_bounce");
+    assert_int_equal(events_sink_check(&c, err, sizeof(err)), 0);
+    free(c.events);
+    c.events = strdup("delivery,delivered");
+    assert_int_equal(events_sink_check(&c, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "'delivered'"));
+    sink_cfg_fini(&c);
+}
+
 /* A sink's name may be 64 octets long (events_sink_check): the stats
  * give it whole, not its first 63, or a client that asks for the sink by
  * the name it configured finds none. */
@@ -1864,6 +1883,7 @@ main(void)
     signal(SIGPIPE, SIG_IGN); /* as sluice's main: hiredis writes without MSG_NOSIGNAL */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_line_field_reads_top_level_members_only),
+        cmocka_unit_test(test_unknown_event_type_is_refused),
         cmocka_unit_test_setup_teardown(test_no_sink_left_journal_is_trimmed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_makes_batches_smaller, setup, teardown),
         cmocka_unit_test_setup_teardown(test_413_to_one_event_drops_that_event_alone, setup,
