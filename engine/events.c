@@ -98,7 +98,9 @@ const struct conf_key events_sink_keys[] = {
      "another name is an error); empty: all",
      NULL},
     {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
-     "tenants sent (the event's tenant field, compared without case as tenant names are), comma separated; empty: all", NULL},
+     "tenants sent (the event's tenant field, compared without case as tenant names are), "
+     "comma separated; empty: all",
+     NULL},
     {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)", NULL},
     {"batch_wait", CONF_DURATION, EVK(batch_wait), 0, 60000, "200ms",
      "a batch closes this long after its first event", NULL},
@@ -165,9 +167,11 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
             known = strlen(name) == (size_t)(e - p) && memcmp(name, p, (size_t)(e - p)) == 0;
         }
         if (!known) {
-            snprintf(err, errlen, "events: unknown event type '%.*s' (reception, delivery, "
+            snprintf(err, errlen,
+                     "events: unknown event type '%.*s' (reception, delivery, "
                      "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, "
-                     "suppressed, shaping_started, shaping_ended)", (int)(e - p > 64 ? 64 : e - p), p);
+                     "suppressed, shaping_started, shaping_ended)",
+                     (int)(e - p > 64 ? 64 : e - p), p);
             return -EINVAL;
         }
         p = e;
