@@ -62,7 +62,10 @@ const struct conf_key suppress_conf_keys[] = {
      "largest size the list may reach (about 100 bytes an entry); raise it and restart to grow",
      NULL},
     {"lowercase_local", CONF_BOOL, SUP(lowercase_local), 0, 0, "no",
-     "fold local parts to lowercase before storing and checking (domains always are)", NULL},
+     "fold local parts to lowercase before storing and checking (domains always are); either "
+     "way, an entry of reason hard_bounce or complaint whose local part is in lowercase (as "
+     "bounces and feedback reports store theirs) holds for that local part in any case",
+     NULL},
     {"strip_plus", CONF_BOOL, SUP(strip_plus), 0, 0, "no",
      "drop a +tag from local parts (user+news@ is user@)", NULL},
     {"gmail_dots", CONF_BOOL, SUP(gmail_dots), 0, 0, "no",
@@ -422,9 +425,34 @@ write_pairs(struct suppress *s, struct feed *list)
     return 0;
 }
 
+/* The local part of a normalised address in lowercase (ASCII): true
+ * when that changed it. */
+static bool
+fold_local(char *norm)
+{
+    char *at = strrchr(norm, '@');
+    bool changed = false;
+    for (char *p = norm; at != NULL && p < at; p++)
+        if (*p >= 'A' && *p <= 'Z') {
+            *p = (char)(*p - 'A' + 'a');
+            changed = true;
+        }
+    return changed;
+}
+
+/* Whether an entry found under an address's lowercased local part holds
+ * for the address as given: the reasons that feedback and bounces feed,
+ * whose report proves the address only up to case (suppress_feed). */
+static bool
+holds_without_case(enum suppress_reason r)
+{
+    return r == SUPPRESS_HARD_BOUNCE || r == SUPPRESS_COMPLAINT;
+}
+
+/* fold: store the local part in lowercase (suppress_feed's entries). */
 static struct feed *
 feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress_reason reason,
-          int64_t expires_at, const char *note, int *err)
+          int64_t expires_at, const char *note, bool fold, int *err)
 {
     char norm[SUPPRESS_ADDR_MAX + 2], sc[SUPPRESS_SCOPE_MAX + 1];
     if ((unsigned)reason >= SUPPRESS_REASON_COUNT || sup_scope_fold(scope, sc) != 0 ||
@@ -433,6 +461,8 @@ feed_make(struct suppress *s, const char *scope, const char *addr, enum suppress
         *err = -EINVAL;
         return NULL;
     }
+    if (fold)
+        fold_local(norm);
     struct feed *f = malloc(sizeof(*f) + KEY_MAX + VAL_MAX);
     if (f == NULL) {
         *err = -ENOMEM;
@@ -450,7 +480,7 @@ suppress_add(struct suppress *s, const char *scope, const char *addr, enum suppr
              int64_t expires_at, const char *note)
 {
     int rc = 0;
-    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note, &rc);
+    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note, false, &rc);
     if (f == NULL)
         return rc;
     pthread_mutex_lock(&s->wlock);
@@ -465,7 +495,12 @@ suppress_feed(struct suppress *s, const char *scope, const char *addr, enum supp
               int64_t expires_at, const char *note)
 {
     int rc = 0;
-    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note, &rc);
+    /* A bounce or a report names the address in its own spelling, which
+     * a feedback report proves only up to case (its VERP tag is made
+     * from the lowercased address, feedback/verp.c): stored with the
+     * local part in lowercase, and found so by suppress_check. */
+    struct feed *f = feed_make(s, scope, addr, reason, expires_at, note,
+                               holds_without_case(reason), &rc);
     if (f == NULL)
         return rc;
     pthread_mutex_lock(&s->flock);
@@ -517,12 +552,20 @@ suppress_remove(struct suppress *s, const char *scope, const char *addr)
     if (sup_scope_fold(scope, sc) != 0 || sup_normalize(&s->cfg, addr, norm, sizeof(norm)) != 0 ||
         strlen(norm) > SUPPRESS_ADDR_MAX)
         return -EINVAL;
-    MDB_val k = {sup_key_make(kb, sc, norm), kb};
+    MDB_val k = {sup_key_make(kb, sc, norm), kb}, v;
     pthread_mutex_lock(&s->wlock);
     MDB_txn *txn;
     int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
     if (rc == 0) {
         rc = mdb_del(txn, s->dbi, &k, NULL);
+        /* None as given: the entry a bounce or complaint stored in
+         * lowercase, which suppress_check finds for this address. */
+        if (rc == MDB_NOTFOUND && fold_local(norm)) {
+            k = (MDB_val){sup_key_make(kb, sc, norm), kb};
+            if (mdb_get(txn, s->dbi, &k, &v) == 0 && v.mv_size >= 2 &&
+                holds_without_case((enum suppress_reason)((const uint8_t *)v.mv_data)[1]))
+                rc = mdb_del(txn, s->dbi, &k, NULL);
+        }
         if (rc == 0)
             rc = mdb_txn_commit(txn);
         else
@@ -1009,6 +1052,23 @@ suppress_check(struct suppress *s, const char *scope, const char *addr, struct s
         rc = lookup(txn, s->dbi, SUPPRESS_SCOPE_GLOBAL, norm, now, out);
         if (rc == 0 && scoped)
             rc = lookup(txn, s->dbi, scope, norm, now, out);
+        /* Then its local part in lowercase: a bounce's or a complaint's
+         * entry (suppress_feed) holds for the address in any case. */
+        char low[sizeof(norm)];
+        memcpy(low, norm, sizeof(low));
+        if (rc == 0 && fold_local(low)) {
+            struct suppress_entry e;
+            rc = lookup(txn, s->dbi, SUPPRESS_SCOPE_GLOBAL, low, now, &e);
+            if (rc == 1 && !holds_without_case(e.reason))
+                rc = 0;
+            if (rc == 0 && scoped) {
+                rc = lookup(txn, s->dbi, scope, low, now, &e);
+                if (rc == 1 && !holds_without_case(e.reason))
+                    rc = 0;
+            }
+            if (rc == 1 && out != NULL)
+                *out = e;
+        }
     }
     if (rc == 0)
         rc = lookup(txn, s->dbi, SUPPRESS_SCOPE_GLOBAL, dom, now, out);

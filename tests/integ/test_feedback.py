@@ -211,6 +211,36 @@ def test_verp_dsn_complaint():
         f.close()
 
 
+def test_complaint_in_another_case_suppresses_the_recipient():
+    """A complaint whose report names the recipient in another case than
+    it was sent to (Carol@D2.test for carol@d2.test: Microsoft's reports
+    without Original-Rcpt-To fall back to the To: header), verified by its
+    VERP token, which proves the address only up to case: the recipient
+    as sent is refused at RCPT from then on. Before, the entry was stored
+    as Carol@d2.test, and carol@d2.test was still mailed."""
+    f = Feedback()
+    try:
+        _, verp = f.send_mail(["carol@d2.test"])
+        arf = fixture("arf-yahoo.eml", **{FIXTURE_VERP: verp["carol@d2.test"],
+                                          "happy.reader@yahoo.com": "Carol@D2.test",
+                                          "fbl@bounces.example.com": "fbl@fbl.test"})
+        f.bounce("feedback@arf.mail.yahoo.test", ["fbl@fbl.test"], arf)
+        ev = f.wait_events("complaint", 1)[0]
+        assert ev["verified"] is True and ev["rcpt"] == "Carol@D2.test", ev
+
+        def refused():
+            # the list's writer thread commits the entry: polled, bounded
+            with smtplib.SMTP("127.0.0.1", f.r.port, timeout=10) as s:
+                s.ehlo("client.test")
+                s.mail("news@shop.test")
+                code, _ = s.rcpt("carol@d2.test")
+                s.rset()
+                return code >= 500
+        wait_until(refused, 20, "RCPT TO:<carol@d2.test> refused after the complaint")
+    finally:
+        f.close()
+
+
 def test_refusals():
     f = Feedback()
     try:
@@ -475,6 +505,7 @@ def test_client_text_cannot_forge_log_fields():
 
 
 if __name__ == "__main__":
-    main([test_verp_dsn_complaint, test_refusals, test_autoreply_and_malformed, test_limits,
+    main([test_verp_dsn_complaint, test_complaint_in_another_case_suppresses_the_recipient,
+          test_refusals, test_autoreply_and_malformed, test_limits,
           test_connection_caps_apart,
           test_tenant_from_auth_user, test_client_text_cannot_forge_log_fields])
