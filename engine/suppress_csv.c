@@ -1,7 +1,9 @@
 /*
  * suppress_csv: the suppression list's CSV import and export (see
  * suppress.h: suppress_import_csv, suppress_export_csv). An import is
- * parsed whole into a sorted arena, then written in transactions of
+ * read by records (RFC 4180: a quoted field may go on over lines; a
+ * UTF-8 byte order mark at the start is skipped), parsed whole into a
+ * sorted arena, then written in transactions of
  * IMPORT_BATCH entries (appended when they come after the last key
  * stored); an export is a walk of the list (suppress_list).
  *
@@ -67,6 +69,32 @@ csv_split(char *line, char **f, int max)
             p = c + 1;
         }
     }
+}
+
+#define CSV_RECORD_MAX 65536 /* octets of one record over several lines */
+
+/* Whether a quoted field is open at the end of the n octets at line, as
+ * csv_split reads it: a quote opens a field only at its start (a quote
+ * inside an unquoted field is text), and two in a row are one. */
+static bool
+quotes_open(const char *line, size_t n)
+{
+    bool start = true, quoted = false;
+    for (size_t i = 0; i < n; i++) {
+        char c = line[i];
+        if (quoted) {
+            if (c == '"' && i + 1 < n && line[i + 1] == '"')
+                i++;
+            else if (c == '"')
+                quoted = false;
+        } else if (start && c == '"') {
+            quoted = true;
+            start = false;
+        } else {
+            start = c == ',';
+        }
+    }
+    return quoted;
 }
 
 /* "" -> dflt; digits: Unix seconds; else ISO 8601 UTC. Unix ms out. */
@@ -277,16 +305,53 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
     ssize_t len;
     int64_t now = (int64_t)clock_unix_ms();
     int rc = 0;
+    char *more = NULL;
+    size_t more_cap = 0;
     while ((len = getline(&line, &cap, in)) >= 0) {
         res->lines++;
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';
+        /* A UTF-8 byte order mark (a spreadsheet's export) is not part of
+         * the first field: it made the header a bad line, and the first
+         * address of a file without one unknown. */
+        if (res->lines == 1 && len >= 3 && memcmp(line, "\xef\xbb\xbf", 3) == 0) {
+            memmove(line, line + 3, (size_t)len - 2);
+            len -= 3;
+        }
+        /* A quoted field may hold line breaks (RFC 4180; the export quotes
+         * a note that has one): while a quote is open, the record goes
+         * on at the next line, up to CSV_RECORD_MAX octets. */
+        bool nul = memchr(line, '\0', (size_t)len) != NULL;
+        while (!nul && quotes_open(line, (size_t)len) && (size_t)len < CSV_RECORD_MAX) {
+            ssize_t ml = getline(&more, &more_cap, in);
+            if (ml < 0)
+                break;
+            res->lines++;
+            while (ml > 0 && (more[ml - 1] == '\n' || more[ml - 1] == '\r'))
+                more[--ml] = '\0';
+            nul = memchr(more, '\0', (size_t)ml) != NULL;
+            if ((size_t)len + 1 + (size_t)ml + 1 > cap) {
+                size_t ncap = (size_t)len + 1 + (size_t)ml + 1;
+                char *p = realloc(line, ncap);
+                if (p == NULL) {
+                    rc = -ENOMEM;
+                    break;
+                }
+                line = p;
+                cap = ncap;
+            }
+            line[len++] = '\n';
+            memcpy(line + len, more, (size_t)ml + 1);
+            len += ml;
+        }
+        if (rc == -ENOMEM)
+            break;
         if (len == 0 || line[0] == '#')
             continue;
         if (res->lines == 1 && strncasecmp(line, "address,", 8) == 0)
             continue;
         char why[100];
-        if (memchr(line, '\0', (size_t)len) != NULL) {
+        if (nul) {
             snprintf(why, sizeof(why), "NUL octet");
             rc = -EINVAL;
         } else {
@@ -305,6 +370,7 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
         }
     }
     free(line);
+    free(more);
     if (rc == 0 && ferror(in))
         rc = -EIO;
     if (rc == 0 && a.n > 0) {

@@ -539,6 +539,54 @@ test_csv_round_trip(void **state)
     free(buf2);
 }
 
+/* A spreadsheet's CSV: a UTF-8 byte order mark before the header (it
+ * made the header a bad line: "line 1: unknown reason"), a note with line
+ * breaks in quotes (RFC 4180; "bad quoting" before, and the lines after
+ * it read as records of their own; a note keeps them as spaces), and the
+ * export imports again. A quote inside an unquoted field is text and opens
+ * nothing; a quote left open at the end spoils its own record only. */
+static void
+test_csv_from_a_spreadsheet(void **state)
+{
+    struct fix *f = *state;
+    const char *csv = "\xef\xbb\xbf"
+                      "address,scope,reason,added,expires,note\r\n"
+                      "one@x.example,,manual,,,\"line one\r\nline two, \"\"quoted\"\"\"\r\n"
+                      "o\"brien@x.example,,manual,,,stray\r\n"
+                      "two@x.example,,manual,,,\"\"\r\n"
+                      "three@x.example,,manual,,,\"never closed\r\n";
+    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
+    struct suppress_import_result r;
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    fclose(in);
+    assert_int_equal(r.lines, 6);
+    assert_int_equal(r.imported, 3);
+    assert_int_equal(r.skipped, 1);
+    assert_int_equal(r.first_bad_line, 6);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
+    assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
+    assert_int_equal(suppress_check(f->s, NULL, "o\"brien@x.example", &e), 1);
+    assert_string_equal(e.note, "stray");
+    assert_int_equal(suppress_check(f->s, NULL, "two@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "three@x.example", NULL), 0);
+    /* the export imports again */
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&buf, &len);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), 3);
+    fclose(out);
+    assert_int_equal(suppress_remove(f->s, NULL, "one@x.example"), 0);
+    in = fmemopen(buf, len, "r");
+    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
+    fclose(in);
+    assert_int_equal(r.skipped, 0);
+    assert_int_equal(r.imported, 3);
+    assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
+    assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
+    free(buf);
+}
+
 static void
 test_reopen(void **state)
 {
@@ -708,6 +756,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_feed_threads, setup, teardown),
         cmocka_unit_test_setup_teardown(test_list_pages, setup, teardown),
         cmocka_unit_test_setup_teardown(test_csv_round_trip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csv_from_a_spreadsheet, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_move_scope, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scope_case, setup, teardown),
