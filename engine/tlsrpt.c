@@ -986,6 +986,18 @@ post_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
     return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
 }
 
+/* The report server's answer: read and dropped. Without a write function
+ * libcurl fwrite()s it to stdout: the journal under systemd, or whatever
+ * file holds descriptor 1, filled by a server any recipient domain names
+ * in its rua, for as long as the POST's timeout lets it send. */
+static size_t
+post_discard(char *data, size_t size, size_t nmemb, void *arg)
+{
+    (void)data;
+    (void)arg;
+    return size * nmemb;
+}
+
 static void
 post_start(struct tlsrpt *r, struct day *d, const char *url)
 {
@@ -1014,6 +1026,7 @@ post_start(struct tlsrpt *r, struct day *d, const char *url)
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, d->gz);
     curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)d->gzlen);
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, post_discard);
     curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)r->cfg->mta_sts.fetch_timeout * 3);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "https");
     curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);

@@ -335,12 +335,12 @@ class Sluice(Daemon):
     bytes may reach the log), that can count log lines, and that fails a
     test on any sanitizer report."""
 
-    def __init__(self, binary, config, extra_args=()):
+    def __init__(self, binary, config, extra_args=(), stdout=subprocess.DEVNULL):
         self.lines = []
         self.cv = threading.Condition()
         self.proc = subprocess.Popen(
             [binary, "-c", config, *extra_args],
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             errors="backslashreplace",

@@ -453,14 +453,14 @@ dsn = no
             self.close()
             raise
 
-    def start(self):
+    def start(self, stdout=subprocess.DEVNULL):
         # A proxy in sluice's environment points at the trap: policy
         # fetches and report posts must not go through it (the addresses
         # allow_networks checks would be the proxy's).
         saved = {k: os.environ.get(k) for k in PROXY_VARS}
         os.environ.update({k: f"http://{TRAP}:{self.trap.getsockname()[1]}" for k in PROXY_VARS})
         try:
-            self.d = Sluice(SLUICE, self.conf)
+            self.d = Sluice(SLUICE, self.conf, stdout=stdout)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -928,9 +928,35 @@ def test_reload_turns_mta_sts_on():
         w.close()
 
 
+def test_report_answer_not_on_stdout():
+    """A report endpoint's answer is read and dropped, never written to
+    sluice's standard output (the journal under systemd, or whatever file
+    holds descriptor 1): the rua is any recipient domain's word, and its
+    server could write what it likes there, as much as it likes."""
+    w = World()
+    out = os.path.join(w.wd.path, "stdout.txt")
+    try:
+        w.d.stop_clean()
+        with open(out, "wb") as f:
+            w.start(stdout=f)
+        w.send("a@testing.test")
+        assert "event=delivered" in w.outcome("a@testing.test")
+        w.ctl("tlsrpt flush")
+        w.d.wait_log("event=tlsrpt_post domain=testing.test url=https://127.0.0.1:")
+        w.d.wait_log("event=tlsrpt_sent domain=testing.test day=")
+        assert [r for r in w.https.reports if r[0] == "/report"], w.https.reports
+        w.d.stop_clean()  # stdio buffers what goes to a file until exit
+        with open(out, "rb") as f:
+            got = f.read()
+        assert got == b"", f"the report endpoint's answer reached stdout: {got[:200]!r}"
+    finally:
+        w.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_enforce_testing_fetch_failures_cache_and_reports,
           test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
-          test_policy_host_addresses, test_reload_turns_mta_sts_on])
+          test_policy_host_addresses, test_reload_turns_mta_sts_on,
+          test_report_answer_not_on_stdout])
