@@ -483,11 +483,36 @@ fail:
 }
 
 /* DANE-TA(2) or DANE-EE(3), a selector and matching type OpenSSL knows,
- * and data: the PKIX usages are ignored (RFC 7672 3.1.3). */
+ * and data it takes (SSL_dane_tlsa_add's checks): a digest of its
+ * type's length, or a whole certificate or SubjectPublicKeyInfo in DER.
+ * The PKIX usages are ignored (RFC 7672 3.1.3); so is a malformed record
+ * (RFC 7671 4.1: a SHA-512 digest in a SHA-256 record), which is no
+ * record to authenticate with: were it counted, a host whose records are
+ * all so would have no TLS at all rather than unauthenticated TLS (RFC
+ * 7672 2.2). */
 static bool
 tlsa_usable(const struct tls_tlsa *r)
 {
-    return (r->usage == 2 || r->usage == 3) && r->selector <= 1 && r->mtype <= 2 && r->len > 0;
+    if (!(r->usage == 2 || r->usage == 3) || r->selector > 1 || r->mtype > 2 || r->len == 0 ||
+        r->data == NULL)
+        return false;
+    if (r->mtype == 1)
+        return r->len == 32;
+    if (r->mtype == 2)
+        return r->len == 64;
+    const unsigned char *p = r->data;
+    bool ok;
+    if (r->selector == 0) {
+        X509 *x = d2i_X509(NULL, &p, r->len);
+        ok = x != NULL && p == r->data + r->len && X509_get0_pubkey(x) != NULL;
+        X509_free(x);
+    } else {
+        EVP_PKEY *k = d2i_PUBKEY(NULL, &p, r->len);
+        ok = k != NULL && p == r->data + r->len;
+        EVP_PKEY_free(k);
+    }
+    ERR_clear_error();
+    return ok;
 }
 
 unsigned

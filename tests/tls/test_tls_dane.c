@@ -299,6 +299,17 @@ test_unusable(void **state)
     assert_null(c);
     /* a SHA-256 record of the wrong length: OpenSSL calls it unusable */
     struct tls_tlsa shortd = {3, 1, 1, 5, d};
+    /* and so does the count: the caller's "none usable" (unauthenticated
+     * TLS, RFC 7672 2.2), not a DANE connection that cannot start */
+    assert_int_equal(tls_tlsa_usable(&shortd, 1), 0);
+    struct tls_tlsa bad[3] = {
+        {3, 1, 2, 32, d}, /* SHA-512 of 32 octets */
+        {2, 1, 1, 20, d}, /* SHA-256 of 20 */
+        {3, 0, 0, 32, d}, /* a "certificate" that is no DER */
+    };
+    assert_int_equal(tls_tlsa_usable(bad, 3), 0);
+    struct tls_tlsa good = {3, 1, 1, 32, d};
+    assert_int_equal(tls_tlsa_usable(&good, 1), 1);
     assert_int_equal(
         tls_conn_new_client_dane(f->cli_ctx, "mx.example.test", NULL, &shortd, 1, NULL, NULL, &c),
         -ENODATA);
