@@ -558,7 +558,10 @@ const struct section config_sections[] = {
             "(at the start, or at the reload that turns [delivery] mta_sts on): a later change "
             "needs a restart (logged as event=reload_kept key=mta_sts)", mta_sts_conf_keys,
             struct mta_sts_config, mta_sts),
-    SECTION("dns", "MX resolution and its cache, per worker", dns_conf_keys,
+    SECTION("dns",
+            "MX resolution and its cache, per worker; read when the workers start: a later "
+            "change needs a restart (logged as event=reload_kept key=dns)",
+            dns_conf_keys,
             struct dns_config, dns),
     SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
     SECTION("shaping", "traffic shaping from receivers' replies, shared by every node",

@@ -1145,6 +1145,16 @@ report_kept(const struct config *o, const struct config *n)
         {"dkim.threads", o->dkim.threads == n->dkim.threads},
         {"dkim.queue_max", o->dkim.queue_max == n->dkim.queue_max},
         {"dkim.sign_on_worker", o->dkim.sign_on_worker == n->dkim.sign_on_worker},
+        /* Each worker's resolver (and the MTA-STS thread's) is made at
+         * start from the [dns] of then: the servers, dnssec (DANE on or
+         * off), timeouts and TTLs of a reload do not reach it. */
+        {"dns", SAME_STR(o->dns.servers, n->dns.servers) && o->dns.timeout == n->dns.timeout &&
+                    o->dns.tries == n->dns.tries && o->dns.family == n->dns.family &&
+                    o->dns.prefer == n->dns.prefer && o->dns.cache_size == n->dns.cache_size &&
+                    o->dns.min_ttl == n->dns.min_ttl && o->dns.max_ttl == n->dns.max_ttl &&
+                    o->dns.negative_ttl == n->dns.negative_ttl &&
+                    o->dns.error_ttl == n->dns.error_ttl &&
+                    o->dns.max_mx_hosts == n->dns.max_mx_hosts && o->dns.dnssec == n->dns.dnssec},
     };
 #undef SAME_STR
     for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)

@@ -112,10 +112,14 @@ def test_sighup_reloads_domain_limits():
             # with a comment far past inih's 200-octet default (a line
             # holds 64 KiB)
             f.write(text.replace("max_message_rate = 1/h", "max_message_rate = unlimited")
-                    .replace("workers = 2", "workers = 3") + "; " + "x" * 5000 + "\n")
+                    .replace("workers = 2", "workers = 3")
+                    .replace("[dns]\n", "[dns]\ntries = 3\n") + "; " + "x" * 5000 + "\n")
         r.d.signal(signal.SIGHUP)
         r.d.wait_log("event=config_reloaded")
         assert r.d.wait_log("event=reload_kept key=server.workers")
+        # [dns] is the resolvers' of the start (servers, dnssec: DANE):
+        # said, not applied in silence
+        assert r.d.wait_log("event=reload_kept key=dns")
         wait_sink(r, 5, timeout=30)
         assert early.cmd("NOOP").code == 250  # the session lived through it
         early.close()
