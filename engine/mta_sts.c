@@ -167,6 +167,10 @@ struct mta_sts {
     const struct mta_sts_config *sc; /* borrowed: &cfg->mta_sts */
     char dir[PATH_MAX], file[128]; /* the cache */
     pthread_mutex_t lock;
+    /* under lock: [delivery] allow_networks of the config in force (a
+     * reload's: mta_sts_set_allow), not cfg's of the start */
+    struct cidr allow[NETADDR_MAX_LIST];
+    int nallow;
     struct hash domains;          /* owned struct sts_entry, by name */
     struct slab entries;          /* where they live: apart from the workers' heaps, which
                                    * an hour's entries would pin page by page */
@@ -416,6 +420,16 @@ mta_sts_stats(struct mta_sts *m, struct mta_sts_stats *out)
         out->reports_sent = tlsrpt_sent(m->rpt);
         out->reports_failed = tlsrpt_failed(m->rpt);
     }
+}
+
+void
+mta_sts_set_allow(struct mta_sts *m, const struct cidr *allow, int n)
+{
+    pthread_mutex_lock(&m->lock);
+    memcpy(m->allow, allow, sizeof(m->allow[0]) * (size_t)n);
+    m->nallow = n;
+    pthread_mutex_unlock(&m->lock);
+    tlsrpt_set_allow(m->rpt, allow, n);
 }
 
 const struct config *
@@ -852,12 +866,13 @@ on_addr(void *arg, struct dns_mx_result *res)
     unsigned npick = 0;
     const char *why = res->why;
     if (res->status == DNS_OK) {
-        const struct delivery_config *dc = &m->cfg->delivery;
+        pthread_mutex_lock(&m->lock);
         for (unsigned i = 0; i < res->hosts[0].naddrs && npick < FETCH_ADDRS; i++) {
             const union dns_addr *a = &res->hosts[0].addrs[i];
-            if (netaddr_special(&a->sa) == NULL || cidr_match(dc->allow, dc->nallow, &a->sa))
+            if (netaddr_special(&a->sa) == NULL || cidr_match(m->allow, m->nallow, &a->sa))
                 pick[npick++] = a;
         }
+        pthread_mutex_unlock(&m->lock);
         if (npick == 0)
             why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
     }
@@ -1270,6 +1285,8 @@ mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **o
         return -ENOMEM;
     }
     m->cfg = cfg;
+    memcpy(m->allow, cfg->delivery.allow, sizeof(m->allow));
+    m->nallow = cfg->delivery.nallow;
     m->sc = &cfg->mta_sts;
     const char *slash = strrchr(cache_path, '/');
     if (slash == NULL || (size_t)(slash - cache_path) >= sizeof(m->dir) ||

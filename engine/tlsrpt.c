@@ -143,6 +143,10 @@ struct tlsrpt {
     const struct config *cfg; /* borrowed */
     char dir[PATH_MAX];
     pthread_mutex_t lock;
+    /* under lock: [delivery] allow_networks of the config in force (a
+     * reload's), not cfg's of the start */
+    struct cidr allow[NETADDR_MAX_LIST];
+    int nallow;
     struct hash days;         /* owned struct day */
     bool dirty;
     uint64_t saved_ms;
@@ -153,6 +157,17 @@ struct tlsrpt {
     tlsrpt_mail_fn *mail;     /* under mail_lock; NULL: mailto: skipped */
     void *mail_arg;
 };
+
+void
+tlsrpt_set_allow(struct tlsrpt *r, const struct cidr *allow, int n)
+{
+    if (r == NULL)
+        return;
+    pthread_mutex_lock(&r->lock);
+    memcpy(r->allow, allow, sizeof(r->allow[0]) * (size_t)n);
+    r->nallow = n;
+    pthread_mutex_unlock(&r->lock);
+}
 
 void
 tlsrpt_set_mailer(struct tlsrpt *r, tlsrpt_mail_fn *fn, void *arg)
@@ -972,9 +987,14 @@ static curl_socket_t
 post_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
 {
     struct day *d = arg;
-    const struct delivery_config *dc = &d->r->cfg->delivery;
     const char *kind = purpose == CURLSOCKTYPE_IPCXN ? netaddr_special(&a->addr) : NULL;
-    if (kind != NULL && !cidr_match(dc->allow, dc->nallow, &a->addr)) {
+    bool allowed = kind == NULL;
+    if (!allowed) {
+        pthread_mutex_lock(&d->r->lock);
+        allowed = cidr_match(d->r->allow, d->r->nallow, &a->addr);
+        pthread_mutex_unlock(&d->r->lock);
+    }
+    if (!allowed) {
         char ip[INET6_ADDRSTRLEN + 8];
         netaddr_str(&a->addr, ip, sizeof(ip));
         log_msg(LOG_WARN,
@@ -1235,6 +1255,8 @@ tlsrpt_new(const struct config *cfg, const char *dir, struct tlsrpt **out, char 
         return -ENOMEM;
     }
     r->cfg = cfg;
+    memcpy(r->allow, cfg->delivery.allow, sizeof(r->allow));
+    r->nallow = cfg->delivery.nallow;
     snprintf(r->dir, sizeof(r->dir), "%s", dir);
     pthread_mutex_init(&r->lock, NULL);
     pthread_mutex_init(&r->mail_lock, NULL);

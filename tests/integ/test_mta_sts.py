@@ -262,6 +262,7 @@ DOMAINS = {
     "badcert.test": (policy("enforce", "mx.bad.test"), "mx.bad.test", "1"),
     "nomatch.test": (policy("enforce", "*.elsewhere.test"), "mx.good.test", "1"),
     "testing.test": (policy("testing", "mx.bad.test"), "mx.bad.test", "1"),
+    "testing2.test": (policy("testing", "mx.bad.test"), "mx.bad.test", "1"),
     "big.test": ("big", "mx.bad.test", "1"),
     "slow.test": ("slow", "mx.bad.test", "1"),
     "redirect.test": ("redirect", "mx.bad.test", "1"),
@@ -953,10 +954,41 @@ def test_report_answer_not_on_stdout():
         w.close()
 
 
+def test_reload_narrows_fetch_and_report_addresses():
+    """A reload that takes the policy server's address (127.0.0.1) out of
+    [delivery] allow_networks refuses it to policy fetches and report
+    POSTs as it does to deliveries: the MTA-STS thread keeps its
+    [mta_sts] settings of the start, not the allow list of then."""
+    w = World()
+    try:
+        w.send("a@testing.test")  # fetched and counted before the reload
+        assert "event=delivered" in w.outcome("a@testing.test")
+        with open(w.conf) as f:
+            text = f.read()
+        allow = f"allow_networks = {MX_GOOD}, {MX_BAD}, {MX_REPORTS}"
+        assert allow in text
+        with open(w.conf, "w") as f:
+            f.write(text.replace(allow, f"allow_networks = {MX_BAD}, {MX_REPORTS}"))
+        w.d.signal(signal.SIGHUP)
+        w.d.wait_log("event=config_reloaded")
+        # a first check after it: the policy host is refused, not fetched
+        w.send("a@testing2.test")
+        line = w.d.wait_log("event=mta_sts_checked domain=testing2.test result=")
+        assert "result=fetch_failed" in line and "allow_networks" in line, line
+        assert w.https.gets_for("mta-sts.testing2.test") == 0
+        # the day's report to https://127.0.0.1: refused at connect
+        w.ctl("tlsrpt flush")
+        line = w.d.wait_log("event=tlsrpt_refused domain=testing.test addr=127.0.0.1:")
+        w.d.wait_log("event=tlsrpt_not_sent domain=testing.test day=")
+        assert not [r for r in w.https.reports if r[0] == "/report"], w.https.reports
+    finally:
+        w.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_enforce_testing_fetch_failures_cache_and_reports,
           test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
           test_policy_host_addresses, test_reload_turns_mta_sts_on,
-          test_report_answer_not_on_stdout])
+          test_report_answer_not_on_stdout, test_reload_narrows_fetch_and_report_addresses])
