@@ -920,6 +920,30 @@ conn_on_eof(struct stream *st, int err, bool send)
 {
     struct conn *c = CONN_OF(st, st);
     (void)err;
+    if (!c->closed && stream_tls(&c->st) && !stream_tls_ready(&c->st) &&
+        smtp_client_state(&c->cli) == SMTP_CLIENT_S_TLS) {
+        /* Closed or reset in the handshake (a receiver whose TLS stack
+         * hangs up at our ClientHello): a failed handshake, as one that
+         * answered garbage is, so opportunistic TLS goes on in plaintext
+         * (conn_on_readable's tls_failed) rather than meeting the same
+         * close at every attempt until the mail expires. */
+        const char *why = send ? "connection lost in the TLS handshake (send failed)"
+                               : "connection closed in the TLS handshake";
+        bool fallback = conn_tls_fallback_mark(c);
+        log_msg(LOG_NOTICE,
+                "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s err=\"%s\" "
+                "detail=\"%s\" next=%s",
+                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+                conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol), why,
+                "-", fallback ? "plaintext" : "tls");
+        snprintf(c->tls_verify, sizeof(c->tls_verify), "%s", why);
+        snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
+        conn_tlsrpt(c, TLSRPT_VALIDATION_FAILURE);
+        conn_handle(c, smtp_client_tls_failed(conn_cli(c), why));
+        conn_close(c, send ? "send_failed" : "eof");
+        conn_maybe_free(c);
+        return;
+    }
     conn_handle(c, smtp_client_eof(conn_cli(c)));
     conn_close(c, send ? "send_failed" : "eof");
     conn_maybe_free(c);

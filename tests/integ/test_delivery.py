@@ -1244,10 +1244,11 @@ def test_starttls_to_a_receiver_that_offers_it():
         r.close()
 
 
-def _tls_broken_receiver(got, stall):
+def _tls_broken_receiver(got, stall, hangup=False):
     """A receiver that offers STARTTLS and fails every handshake with an
     alert (an old or misconfigured receiver), or (stall) never answers the
-    ClientHello; takes mail in plaintext, each message appended to got."""
+    ClientHello, or (hangup) closes the connection at it without a word;
+    takes mail in plaintext, each message appended to got."""
 
     def script(c, rfile):
         c.sendall(b"220 broken-tls ESMTP\r\n")
@@ -1264,6 +1265,8 @@ def _tls_broken_receiver(got, stall):
                         pass
                     return
                 c.recv(65536)  # the ClientHello
+                if hangup:
+                    return  # closed: no alert, no answer
                 c.sendall(bytes([0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x28]))  # handshake_failure
                 return
             if line.startswith(b"DATA"):
@@ -1343,6 +1346,24 @@ def test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake():
         failed = r.d.log_lines("event=tls_failed")
         assert len(failed) == 1 and "handshake timed out" in failed[0], failed
         assert r.d.lines.index(failed[0]) < r.d.lines.index(line)
+    finally:
+        mx.stop()
+        r.close()
+    # So does one the receiver hangs up at our ClientHello (no alert): a
+    # failed handshake, not a lost connection met again at every attempt
+    # until the mail expires.
+    r = Relay(records_for(["hangup.test"]), with_sink=False,
+              domain_conf="[domain *]\nretry_schedule = 1h\n")
+    got = []
+    mx = HostileMx(r.mx_port, _tls_broken_receiver(got, stall=False, hangup=True))
+    try:
+        r.inject([("s@example.com", ["a@hangup.test"], b"Subject: h\r\n\r\nhung up\r\n")])
+        wait_until(lambda: got, 30, "the message at the receiver, in plaintext")
+        line = r.d.wait_log("event=delivered", timeout=10)
+        assert 'tls="none"' in line and "taken in plaintext" in line, line
+        assert r.d.log_lines("rcpt=<a@hangup.test>") == [line]
+        failed = r.d.log_lines("event=tls_failed")
+        assert len(failed) == 1 and "next=plaintext" in failed[0], failed
     finally:
         mx.stop()
         r.close()
