@@ -800,8 +800,15 @@ source_may_send(struct conn *c)
         total += ss ? ss->sent : 0;
         wsum += ps->weight;
     }
-    if (others == 0 || mine_w == 0 || wsum == 0)
-        return mine_w != 0 || others == 0;
+    /* Not (or no longer: a reload took it out or set its weight to 0) a
+     * sending source of the destination's pool: it carries none of the
+     * pool's mail, even while no other source has a connection here (a
+     * source new to the pool has none yet, and would never get one while
+     * this connection kept the mail flowing). */
+    if (mine_w == 0)
+        return false;
+    if (others == 0 || wsum == 0)
+        return true;
     /* mine_sent / total against mine_w / wsum, with some slack */
     return mine_sent * wsum <= total * mine_w + share_slack(total) * wsum;
 }

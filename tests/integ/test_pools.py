@@ -493,10 +493,46 @@ def test_bounce_parked_by_scope():
         n.close()
 
 
+def test_reload_moves_a_pools_mail_to_its_new_sources():
+    """A reload that gives pool bulk another source (127.0.0.4, which has
+    no connection at bulk's site yet) while its mail flows: within a
+    second the mail leaves from 127.0.0.4 only. The connections from the
+    sources taken out end after their transaction (source_held); before,
+    they carried the pool's mail on, message after message, while the
+    new source, with no connection there, never got a turn: a source
+    taken out of a pool (a listed IP) kept sending until the backlog was
+    gone."""
+    n = Node(domain_extra="max_message_rate = 2/s\n")
+    try:
+        doms = DOMAINS[:20]
+        n.inject(20, "acme", domains=doms)  # 400 transactions, pool bulk, 2/s per domain
+        n.rx.wait(40)
+        conf = os.path.join(n.wd.path, "sluice.conf")
+        with open(conf) as f:
+            text = f.read()
+        old = "[pool bulk]\nsources = 127.0.0.2:3, 127.0.0.3:1\n"
+        assert old in text
+        with open(conf, "w") as f:
+            f.write(text.replace(old, "[pool bulk]\nsources = 127.0.0.4\n"))
+        assert n.ask("reload")["ok"]
+        time.sleep(1.5)  # the transactions under way end; then only the new source
+        settled = len(n.rx.records())
+        recs = n.rx.wait(400)
+        assert len(recs) == 400, len(recs)
+        assert settled < 350, f"{settled} of 400 went before the reload took hold: nothing tested"
+        late = {}
+        for r in recs[settled:]:
+            late[r["peer"]] = late.get(r["peer"], 0) + 1
+        assert set(late) == {"127.0.0.4"}, f"after the reload, by source: {late}"
+    finally:
+        n.close()
+
+
 if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_weights_hold_over_many_small_sites,
           test_greylisted_retry_leaves_from_the_same_source,
           test_throttled_source_backs_off,
           test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
           test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row,
-          test_source_not_on_this_host_is_held_alone])
+          test_source_not_on_this_host_is_held_alone,
+          test_reload_moves_a_pools_mail_to_its_new_sources])
