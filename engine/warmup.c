@@ -111,7 +111,16 @@ limit_of(const struct warmup *w, const struct wcount *c, uint64_t allowance)
         return allowance;
     uint64_t lim = c->reserved;
     if (!w->redis_up && w->redis_failed) {
+        /* A share of the day, less what the others are known to hold of
+         * it already, used or reserved (one node may have taken more than
+         * its share while Redis was there). */
         uint64_t share = allowance / (w->nodes ? w->nodes : 1);
+        uint64_t theirs = c->seen > c->reserved ? c->seen - c->reserved : 0;
+        if (theirs < c->others)
+            theirs = c->others;
+        uint64_t room = allowance > theirs ? allowance - theirs : 0;
+        if (share > room)
+            share = room;
         if (share > lim)
             lim = share;
     }
@@ -371,6 +380,10 @@ struct snap {
     uint64_t used;      /* the reply: every node's use */
     uint64_t grant;     /* of want */
     uint64_t seen;      /* the cluster's reservations after it */
+    uint64_t floor;     /* what the cluster had reserved at least, as this node knows */
+    bool res;           /* "reserved" is asked (want may be 0: read it) */
+    int64_t adjust;     /* added to "reserved" after the reply: a give-back, or what a
+                         * Redis that lost the key no longer holds */
     bool ok;
 };
 
@@ -400,6 +413,14 @@ snapshot(struct warmup *w, uint64_t t, size_t *n, bool for_redis)
             e->allowance = warmup_conf_allowance(s->plan, g, c->day - s->start_day + 1);
             if (for_redis) {
                 e->delta = c->mine - c->reported;
+                /* The cluster's reservations are at least what this node
+                 * saw of them (and what it took beyond its own, on its
+                 * local share while Redis was away) and what it knows was
+                 * used: a Redis that restarted empty (or lost its last
+                 * writes) holds less. */
+                uint64_t beyond = c->mine > c->reserved ? c->mine - c->reserved : 0;
+                e->floor = c->seen + beyond > c->others + c->mine ? c->seen + beyond
+                                                                  : c->others + c->mine;
                 /* Reserve for demand only (an idle node holds nothing): half
                  * of what the cluster seems to have left, shared by the
                  * nodes, at least one. */
@@ -411,6 +432,10 @@ snapshot(struct warmup *w, uint64_t t, size_t *n, bool for_redis)
                     if (spare * 2 <= want)
                         e->want = want;
                 }
+                /* Read "reserved" too where the day has begun here: what
+                 * the others hold bounds this node's local share while
+                 * Redis is away, and a key Redis lost is put back. */
+                e->res = e->allowance != WARMUP_UNLIMITED && (e->want > 0 || e->floor > 0);
                 c->asked = false;
             }
         }
@@ -576,7 +601,7 @@ redis_pass(struct warmup *w)
         rc = append(w, 3, a1);
         if (rc == 0)
             rc = append(w, 3, a2);
-        if (rc == 0 && v[i].want > 0) {
+        if (rc == 0 && v[i].res) {
             snprintf(rkey, sizeof(rkey), "%swarmup:{%s}:%s:%s:reserved", w->prefix, v[i].addr,
                      v[i].group, date);
             snprintf(num, sizeof(num), "%llu", (unsigned long long)v[i].want);
@@ -596,28 +621,34 @@ redis_pass(struct warmup *w)
             v[i].used = (uint64_t)x;
         if (rc == 0)
             rc = reply_int(w, &ignored, &dummy); /* EXPIRE */
-        if (rc == 0 && v[i].want > 0) {
+        if (rc == 0 && v[i].res) {
             rc = reply_int(w, &x, &res_ok);
             if (rc == 0)
                 rc = reply_int(w, &ignored, &dummy); /* EXPIRE */
             if (rc == 0 && res_ok) {
+                /* The reservations before this one: what the key held, or
+                 * more when it lost some (a Redis restarted empty), put
+                 * back so that no node is granted them a second time. */
                 uint64_t total = (uint64_t)x;
-                uint64_t over = total > v[i].allowance ? total - v[i].allowance : 0;
-                v[i].grant = over >= v[i].want ? 0 : v[i].want - over;
-                v[i].seen = total - (v[i].want - v[i].grant);
-                if (v[i].grant < v[i].want) {
+                uint64_t before = total > v[i].want ? total - v[i].want : 0;
+                uint64_t lost = v[i].floor > before ? v[i].floor - before : 0;
+                uint64_t base = before + lost;
+                uint64_t room = v[i].allowance > base ? v[i].allowance - base : 0;
+                v[i].grant = v[i].want < room ? v[i].want : room;
+                v[i].seen = base + v[i].grant;
+                v[i].adjust = (int64_t)lost - (int64_t)(v[i].want - v[i].grant);
+                if (v[i].adjust != 0) {
                     warmup_conf_format_date(v[i].day, date, sizeof(date));
                     snprintf(rkey, sizeof(rkey), "%swarmup:{%s}:%s:%s:reserved", w->prefix,
                              v[i].addr, v[i].group, date);
-                    snprintf(num, sizeof(num), "%llu",
-                             (unsigned long long)(v[i].want - v[i].grant));
-                    const char *a5[] = {"DECRBY", rkey, num};
+                    snprintf(num, sizeof(num), "%lld", (long long)v[i].adjust);
+                    const char *a5[] = {"INCRBY", rkey, num};
                     if (append(w, 3, a5) == 0)
                         giveback++;
                 }
             }
         }
-        v[i].ok = rc == 0 && used_ok && (v[i].want == 0 || res_ok);
+        v[i].ok = rc == 0 && used_ok && (!v[i].res || res_ok);
     }
     /* A give-back lost (Redis gone meanwhile) only wastes that much of
      * the day's budget: nothing was granted from it. */
@@ -639,10 +670,15 @@ redis_pass(struct warmup *w)
         if (c->day != v[i].day)
             continue; /* a new day began meanwhile */
         c->reported += v[i].delta;
-        c->others = v[i].used > c->reported ? v[i].used - c->reported : 0;
-        if (v[i].want > 0) {
+        /* Both only grow within a day: a "used" or "reserved" key that
+         * reads lower was lost by Redis, not given back. */
+        uint64_t others = v[i].used > c->reported ? v[i].used - c->reported : 0;
+        if (others > c->others)
+            c->others = others;
+        if (v[i].res) {
             c->reserved += v[i].grant;
-            c->seen = v[i].seen;
+            if (v[i].seen > c->seen)
+                c->seen = v[i].seen;
         }
         w->dirty = true;
     }

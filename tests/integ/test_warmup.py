@@ -293,7 +293,57 @@ def test_two_nodes_share_the_day_through_redis():
         wd.cleanup()
 
 
+def test_a_redis_that_lost_the_day_does_not_grant_it_again():
+    """Two nodes on a day of 100; A takes 60 or more; Redis then loses
+    its keys (FLUSHALL: what a restart without persistence, or a failover
+    to an empty replica, does). The nodes together still take no more
+    than the 100: each puts back what it knows the cluster had reserved
+    and used. Before, the next reservations started from nothing and B
+    got half of the day again (150 taken of 100)."""
+    away_from_midnight()
+    if not any(os.access(os.path.join(d, "redis-server"), os.X_OK)
+               for d in os.environ.get("PATH", "").split(":")):
+        print("skip: no redis-server (tools/install-deps --test)")
+        return
+    wd = Workdir("sluice-warmup-")
+    redis = Redis()
+    extra = f"[redis]\nurl = redis://127.0.0.1:{redis.port}\nnodes = 2\n"
+    plan = PLAN.replace("schedule = 5, 10, 20", "schedule = 100, 100, 100")
+    a = b = None
+    try:
+        a = Node(wd, "a", plan, extra)
+        b = Node(wd, "b", plan, extra)
+        got_a = 0
+        for _ in range(150):  # bounded: tokens come from Redis each second
+            got_a += a.take(OTHER, 7)
+            if got_a >= 60:
+                break
+            time.sleep(0.2)
+        assert got_a >= 60, got_a
+        # B has seen A's use (a pass of its keeper, each second)
+        wait_until(lambda: b.row("other")["taken"] >= got_a, 10, "node b to see a's use")
+        time.sleep(1.5)  # and A's reservations
+        p = run(["redis-cli", "-p", str(redis.port), "FLUSHALL"])
+        assert p.returncode == 0 and "OK" in p.stdout, (p.stdout, p.stderr)
+        got_b = 0
+        for _ in range(50):  # over 10 s: many passes of both keepers
+            got_b += b.take(OTHER, 10)
+            got_a += a.take(OTHER, 10)
+            time.sleep(0.2)
+        assert got_a + got_b <= 100, f"a took {got_a}, b {got_b}: {got_a + got_b} of 100"
+        assert got_a + got_b >= 90, f"a took {got_a}, b {got_b}: the day was not used"
+        a.d.stop_clean()
+        b.d.stop_clean()
+    finally:
+        for n in (a, b):
+            if n is not None and n.d.proc.poll() is None:
+                n.d.kill9()
+        redis.kill9()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_socket_view_sluicectl_stats_metrics, test_allowance_spent_then_next_day,
           test_counts_survive_restart_kill9_and_reload, test_hooks_need_the_environment,
-          test_two_nodes_share_the_day_through_redis])
+          test_two_nodes_share_the_day_through_redis,
+          test_a_redis_that_lost_the_day_does_not_grant_it_again])
