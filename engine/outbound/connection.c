@@ -860,6 +860,29 @@ conn_on_sent(struct stream *st, size_t n)
         c->pending_ev |= ev; /* acted on by the conn_handle() under way, or below */
 }
 
+/* The STARTTLS handshake failed (err, OpenSSL's detail, why for the
+ * outcome and tls_verify; verify: a certificate that did not verify):
+ * logged, counted for TLS reporting, the address marked for plaintext
+ * where the policy allows it (conn_tls_fallback_mark), and the machine
+ * told. Why goes whole into the outcome's text (a DSN has no tls_verify,
+ * which may cut it). */
+static void
+conn_handshake_failed(struct conn *c, const char *err, const char *detail, const char *why,
+                      bool verify)
+{
+    bool fallback = conn_tls_fallback_mark(c);
+    log_msg(LOG_NOTICE,
+            "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s err=\"%s\" "
+            "detail=\"%s\" next=%s",
+            (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
+            conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol), err, detail,
+            fallback ? "plaintext" : "tls");
+    snprintf(c->tls_verify, sizeof(c->tls_verify), "%s", why);
+    snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
+    conn_tlsrpt(c, verify ? tlsrpt_result_of_verify(c->tls_verify) : TLSRPT_VALIDATION_FAILURE);
+    conn_handle(c, smtp_client_tls_failed(conn_cli(c), why));
+}
+
 /* An idle connection that hears from the server leaves the idle list
  * through conn_free or the events; the machine knows what it means. */
 static void
@@ -871,20 +894,8 @@ conn_on_readable(struct stream *st)
         /* OpenSSL's words (tls/conn.c's, for a key update flood) */
         const char *why = stream_tls_error(&c->st)[0] ? stream_tls_error(&c->st) : tls_strerror(rc);
         if (stream_tls(&c->st) && !stream_tls_ready(&c->st)) {
-            bool fallback = conn_tls_fallback_mark(c);
-            log_msg(LOG_NOTICE,
-                    "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s err=\"%s\" "
-                    "detail=\"%s\" next=%s",
-                    (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
-                    conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
-                    tls_strerror(rc), stream_tls_error(&c->st), fallback ? "plaintext" : "tls");
-            snprintf(c->tls_verify, sizeof(c->tls_verify), "%s", why);
-            snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
-            conn_tlsrpt(c, rc == TLS_EVERIFY ? tlsrpt_result_of_verify(c->tls_verify)
-                                             : TLSRPT_VALIDATION_FAILURE);
-            /* Why, in the outcome's text too (a DSN has no tls_verify),
-             * whole (tls_verify may cut it). */
-            conn_handle(c, smtp_client_tls_failed(conn_cli(c), why));
+            conn_handshake_failed(c, tls_strerror(rc), stream_tls_error(&c->st), why,
+                                  rc == TLS_EVERIFY);
         } else if (stream_tls(&c->st) && rc <= TLS_EPROTO && rc >= TLS_EINTERNAL) {
             /* The session broke in TLS after the handshake (an alert, a
              * record that did not decrypt, a key update flood): its
@@ -919,27 +930,19 @@ static void
 conn_on_eof(struct stream *st, int err, bool send)
 {
     struct conn *c = CONN_OF(st, st);
-    (void)err;
     if (!c->closed && stream_tls(&c->st) && !stream_tls_ready(&c->st) &&
-        smtp_client_state(&c->cli) == SMTP_CLIENT_S_TLS) {
-        /* Closed or reset in the handshake (a receiver whose TLS stack
-         * hangs up at our ClientHello): a failed handshake, as one that
-         * answered garbage is, so opportunistic TLS goes on in plaintext
-         * (conn_on_readable's tls_failed) rather than meeting the same
-         * close at every attempt until the mail expires. */
+        smtp_client_state(&c->cli) == SMTP_CLIENT_S_TLS &&
+        (err == 0 || err == -ECONNRESET || err == -EPIPE)) {
+        /* Closed or reset by the receiver in the handshake (one whose
+         * TLS stack hangs up at our ClientHello): a failed handshake, as
+         * one that answered garbage is, so opportunistic TLS goes on in
+         * plaintext rather than meeting the same close at every attempt
+         * until the mail expires. Not a local failure (no memory for
+         * the read): that is a lost connection, the receiver's TLS not
+         * in question. */
         const char *why = send ? "connection lost in the TLS handshake (send failed)"
                                : "connection closed in the TLS handshake";
-        bool fallback = conn_tls_fallback_mark(c);
-        log_msg(LOG_NOTICE,
-                "conn=%llx event=tls_failed domain=%s mx=%s addr=%s tls_policy=%s err=\"%s\" "
-                "detail=\"%s\" next=%s",
-                (unsigned long long)c->id, c->dest->name, c->mx, c->addr_str,
-                conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol), why,
-                "-", fallback ? "plaintext" : "tls");
-        snprintf(c->tls_verify, sizeof(c->tls_verify), "%s", why);
-        snprintf(c->dest->tls_verify, sizeof(c->dest->tls_verify), "%s", c->tls_verify);
-        conn_tlsrpt(c, TLSRPT_VALIDATION_FAILURE);
-        conn_handle(c, smtp_client_tls_failed(conn_cli(c), why));
+        conn_handshake_failed(c, why, "-", why, false);
         conn_close(c, send ? "send_failed" : "eof");
         conn_maybe_free(c);
         return;
