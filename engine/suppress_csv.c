@@ -73,17 +73,18 @@ csv_split(char *line, char **f, int max)
 
 #define CSV_RECORD_MAX 65536 /* octets of one record over several lines */
 
-/* Whether a quoted field is open at the end of the n octets at line, as
- * csv_split reads it: a quote opens a field only at its start (a quote
- * inside an unquoted field is text), and two in a row are one. */
+/* Whether a quoted field is open after the n octets at p, read as
+ * csv_split reads them, from quoted (whether one was open before p) and
+ * start (whether p starts a field): a quote opens a field only at its
+ * start (a quote inside an unquoted field is text), and two in a row
+ * inside are one. */
 static bool
-quotes_open(const char *line, size_t n)
+quotes_open(const char *p, size_t n, bool quoted, bool start)
 {
-    bool start = true, quoted = false;
     for (size_t i = 0; i < n; i++) {
-        char c = line[i];
+        char c = p[i];
         if (quoted) {
-            if (c == '"' && i + 1 < n && line[i + 1] == '"')
+            if (c == '"' && i + 1 < n && p[i + 1] == '"')
                 i++;
             else if (c == '"')
                 quoted = false;
@@ -318,11 +319,17 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             memmove(line, line + 3, (size_t)len - 2);
             len -= 3;
         }
-        /* A quoted field may hold line breaks (RFC 4180; the export quotes
-         * a note that has one): while a quote is open, the record goes
-         * on at the next line, up to CSV_RECORD_MAX octets. */
+        if (len == 0 || line[0] == '#')
+            continue;
+        /* A quoted field may hold line breaks (RFC 4180): while a quote
+         * is open, the record goes on at the next line, up to
+         * CSV_RECORD_MAX octets (tried below: one that is no record was
+         * a stray quote). */
+        uint64_t first = res->lines;
         bool nul = memchr(line, '\0', (size_t)len) != NULL;
-        while (!nul && quotes_open(line, (size_t)len) && (size_t)len < CSV_RECORD_MAX) {
+        bool open = !nul && quotes_open(line, (size_t)len, false, true);
+        off_t back = open ? ftello(in) : -1;
+        while (open && !nul && (size_t)len < CSV_RECORD_MAX) {
             ssize_t ml = getline(&more, &more_cap, in);
             if (ml < 0)
                 break;
@@ -343,12 +350,11 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             line[len++] = '\n';
             memcpy(line + len, more, (size_t)ml + 1);
             len += ml;
+            open = quotes_open(more, (size_t)ml, true, false);
         }
         if (rc == -ENOMEM)
             break;
-        if (len == 0 || line[0] == '#')
-            continue;
-        if (res->lines == 1 && strncasecmp(line, "address,", 8) == 0)
+        if (first == 1 && strncasecmp(line, "address,", 8) == 0)
             continue;
         char why[100];
         if (nul) {
@@ -357,14 +363,22 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
         } else {
             rc = import_line(s, line, now, &a, why, sizeof(why));
         }
+        if (rc == -EINVAL && res->lines > first && back >= 0 && fseeko(in, back, SEEK_SET) == 0) {
+            /* Not a record over several lines after all (a stray quote:
+             * never closed, or closed by another stray one): its first
+             * line alone is in error, and the lines after it are read
+             * again as records of their own. */
+            res->lines = first;
+            snprintf(why, sizeof(why), "bad quoting (a quote left open)");
+        }
         if (rc == -ENOMEM)
             break;
         if (rc != 0) {
             res->skipped++;
             if (res->first_bad_line == 0) {
-                res->first_bad_line = res->lines;
+                res->first_bad_line = first; /* a record's first line */
                 snprintf(res->first_error, sizeof(res->first_error), "line %llu: %s",
-                         (unsigned long long)res->lines, why);
+                         (unsigned long long)first, why);
             }
             rc = 0;
         }

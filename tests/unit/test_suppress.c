@@ -543,8 +543,9 @@ test_csv_round_trip(void **state)
  * made the header a bad line: "line 1: unknown reason"), a note with line
  * breaks in quotes (RFC 4180; "bad quoting" before, and the lines after
  * it read as records of their own; a note keeps them as spaces), and the
- * export imports again. A quote inside an unquoted field is text and opens
- * nothing; a quote left open at the end spoils its own record only. */
+ * export imports again. A quote inside an unquoted field, or a comment,
+ * is text and opens nothing; a quote left open to the end of the file
+ * spoils its own line only (the lines after it are read again). */
 static void
 test_csv_from_a_spreadsheet(void **state)
 {
@@ -553,16 +554,23 @@ test_csv_from_a_spreadsheet(void **state)
                       "address,scope,reason,added,expires,note\r\n"
                       "one@x.example,,manual,,,\"line one\r\nline two, \"\"quoted\"\"\"\r\n"
                       "o\"brien@x.example,,manual,,,stray\r\n"
+                      "# from the crm,\"Q3 list\r\n"
                       "two@x.example,,manual,,,\"\"\r\n"
+                      "four@x.example,,manual,,,\"oops\r\n"
+                      "five@x.example,,manual,,,\r\n"
                       "three@x.example,,manual,,,\"never closed\r\n";
     FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
     assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
-    assert_int_equal(r.lines, 6);
-    assert_int_equal(r.imported, 3);
-    assert_int_equal(r.skipped, 1);
-    assert_int_equal(r.first_bad_line, 6);
+    /* four's and three's open quotes spoil their own lines only: the
+     * lines after them are records (a comment's quote opens nothing) */
+    assert_int_equal(r.lines, 9);
+    assert_int_equal(r.imported, 4);
+    assert_int_equal(r.skipped, 2);
+    assert_int_equal(r.first_bad_line, 7);
+    assert_int_equal(suppress_check(f->s, NULL, "five@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "four@x.example", NULL), 0);
     struct suppress_entry e;
     assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
     assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
@@ -574,14 +582,14 @@ test_csv_from_a_spreadsheet(void **state)
     char *buf = NULL;
     size_t len = 0;
     FILE *out = open_memstream(&buf, &len);
-    assert_int_equal(suppress_export_csv(f->s, out, NULL), 3);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), 4);
     fclose(out);
     assert_int_equal(suppress_remove(f->s, NULL, "one@x.example"), 0);
     in = fmemopen(buf, len, "r");
     assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
     assert_int_equal(r.skipped, 0);
-    assert_int_equal(r.imported, 3);
+    assert_int_equal(r.imported, 4);
     assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
     assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
     free(buf);
