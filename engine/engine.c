@@ -643,6 +643,7 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         e->route = route_new();
     e->site_addrs = site_addrs_new(cfg->server.workers);
     e->gens = config_gens_new(cfg, cfg->server.workers);
+    e->cfg_start = cfg;
     e->gens_msgs = calloc(cfg->server.workers, sizeof(*e->gens_msgs));
     e->warmup_cfg = cfg;
     if (e->workers == NULL || e->srv == NULL || e->dlv == NULL || e->dlogw == NULL ||
@@ -1107,7 +1108,10 @@ engine_config_leave(struct engine *e, uint64_t token)
     config_gens_leave(e->gens, token);
 }
 
-/* Tell what the new config changes that only a restart applies. */
+/* Tell what the new config n changes that only a restart applies: where
+ * it differs from o, the config the engine started on (what still runs:
+ * a second reload of the same file says so again, and one that goes back
+ * to o's values says nothing). */
 static void
 report_kept(const struct config *o, const struct config *n)
 {
@@ -1156,7 +1160,8 @@ report_kept(const struct config *o, const struct config *n)
                     o->dns.min_ttl == n->dns.min_ttl && o->dns.max_ttl == n->dns.max_ttl &&
                     o->dns.negative_ttl == n->dns.negative_ttl &&
                     o->dns.error_ttl == n->dns.error_ttl &&
-                    o->dns.max_mx_hosts == n->dns.max_mx_hosts && o->dns.dnssec == n->dns.dnssec},
+                    o->dns.max_mx_hosts == n->dns.max_mx_hosts && o->dns.dnssec == n->dns.dnssec &&
+                    o->dns.max_inflight == n->dns.max_inflight},
     };
 #undef SAME_STR
     for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)
@@ -1183,7 +1188,7 @@ engine_reload(struct engine *e, const struct config *ncfg)
         ncfg = NULL;
     }
     if (ncfg != NULL && e->nworkers > 0) {
-        report_kept(e->cfg, ncfg);
+        report_kept(e->cfg_start, ncfg);
         struct park *p = config_gens_reserve(e->gens) == 0 ? calloc(1, sizeof(*p)) : NULL;
         if (p != NULL && (p->msgs = calloc(e->nworkers, sizeof(*p->msgs))) == NULL) {
             free(p);

@@ -56,6 +56,10 @@ struct engine {
      * a pointer read a moment earlier stays valid until its reader
      * published that it moved on). */
     const struct config *_Atomic cfg;
+    /* borrowed: the config the engine started on (pinned in gens: it
+     * lives as long as the engine); what a reload cannot change (the
+     * listeners, the workers' resolvers...) runs as it says */
+    const struct config *cfg_start;
     /* [server] campaign_names of e->cfg, kept beside it: read by
      * delivery_owner() on any thread (the shaping keeper's bounces too),
      * which must not read a config a reload may free meanwhile. */

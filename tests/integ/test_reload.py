@@ -120,6 +120,10 @@ def test_sighup_reloads_domain_limits():
         # [dns] is the resolvers' of the start (servers, dnssec: DANE):
         # said, not applied in silence
         assert r.d.wait_log("event=reload_kept key=dns")
+        # the same file again: still not applied, said again (against the
+        # config sluice started on, not the last one)
+        r.d.signal(signal.SIGHUP)
+        r.d.wait_log_count("event=reload_kept key=dns", 2)
         wait_sink(r, 5, timeout=30)
         assert early.cmd("NOOP").code == 250  # the session lived through it
         early.close()
