@@ -1092,16 +1092,17 @@ config_reference(FILE *out)
                  "Limits shared by every destination whose preferred MX host matches: "
                  "`[mx *.google.com]` (any host under google.com) or `[mx mx.example.net]` "
                  "(that host). They hold on top of each domain's own; the first matching "
-                 "section wins. With [redis] url they hold across all nodes; without, each "
-                 "worker keeps 1/workers of them (the domains behind one MX are spread over "
-                 "the workers).\n\n");
+                 "section wins. With [redis] url they hold across all nodes; without, they "
+                 "are split between the workers, the parts adding up to the whole (the "
+                 "domains behind one MX are spread over the workers).\n\n");
     reference_table(out, config_mx_keys, sizeof(struct mx_policy));
     fprintf(out, "## [source ADDRESS]: limits per source address\n\n"
                  "The same keys as [mx], for every connection that comes from ADDRESS, one of "
                  "the [delivery] source_address ones (what receivers see of this node), and "
                  "the name it greets with. With "
-                 "[redis] url they hold across all nodes; without, each worker keeps "
-                 "1/workers of them. A [pool] lists sources by their ADDRESS.\n\n");
+                 "[redis] url they hold across all nodes; without, they are split between "
+                 "the workers as [mx] ones are. A [pool] lists sources by their "
+                 "ADDRESS.\n\n");
     reference_table(out, config_source_keys, sizeof(struct mx_policy));
     fprintf(out, "## [pool NAME]: egress sources\n\n"
                  "A set of [source ADDRESS] sections that a message's mail is spread over by "

@@ -68,6 +68,16 @@ local_share(const struct limits *l, const struct limit_key *k)
     return s > 1000000u ? 1000000u : (unsigned)s;
 }
 
+/* This limiter's part of n (a cap, a burst) while Redis is away: the
+ * node's (n / nodes), and of that this worker's among the spread
+ * limiters holding the key (limits_part: the parts add up). */
+static unsigned
+local_part(const struct limits *l, const struct limit_key *k, unsigned n)
+{
+    unsigned spread = k->conf.spread ? k->conf.spread : 1;
+    return limits_part(n / l->nodes, spread, l->w != NULL ? l->w->id : 0);
+}
+
 /* --- the API ---------------------------------------------------------- */
 
 int
@@ -302,7 +312,7 @@ limits_take_msgs(struct limits *l, struct limit_key *k, unsigned n, uint64_t now
     }
     unsigned share = local_share(l, k);
     uint64_t T = sat_mul(T1, share);
-    uint64_t tau = sat_mul(T, k->conf.msg_burst / share);
+    uint64_t tau = sat_mul(T, share == 1 ? k->conf.msg_burst : local_part(l, k, k->conf.msg_burst));
     unsigned g = gcra_take(&k->msg_tat, T, tau, now_ns, n, retry_at_ns);
     l->st.local_decisions++;
     l->st.msgs_granted += g;
@@ -327,20 +337,16 @@ lease_push(struct limits *l, struct limit_key *k, uint64_t id)
 }
 
 /* k's max_connections for this limiter (at least one); 0: none. Shared
- * through Redis the whole cap; else the node's part (cap / nodes), and
- * of that this worker's among the spread limiters holding the key, the
- * remainder to the lowest workers: a cap of 3 over two workers is 2 and
- * 1 (each took 1 before, 2 in all). */
+ * through Redis, or without it, the whole cap; else local_part's (at
+ * least one for the node, and for the worker): a cap of 3 over two
+ * workers is 2 and 1 (each took 1 before, 2 in all). */
 static unsigned
 lease_cap(const struct limits *l, const struct limit_key *k, bool shared)
 {
     unsigned max = k->conf.max_connections;
     if (max == 0 || shared || l->r == NULL)
         return max;
-    unsigned node = max / l->nodes ? max / l->nodes : 1;
-    unsigned spread = k->conf.spread ? k->conf.spread : 1;
-    unsigned me = l->w != NULL ? l->w->id % spread : 0;
-    unsigned part = node / spread + (me < node % spread ? 1 : 0);
+    unsigned part = local_part(l, k, max);
     return part ? part : 1;
 }
 
@@ -425,7 +431,8 @@ conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *r
     uint64_t T0 = rated ? rate_interval(&k->conf.conn_rate) : 0;
     if (T0 != 0) {
         uint64_t T = eff_interval(T0, bo_factor(l, k, now_ns), share);
-        uint64_t tau = sat_mul(T, k->conf.conn_burst / share);
+        uint64_t tau =
+            sat_mul(T, share == 1 ? k->conf.conn_burst : local_part(l, k, k->conf.conn_burst));
         uint64_t tat = k->conn_tat;
         if (gcra_take(&tat, T, tau, now_ns, 1, retry_at_ns) == 0) {
             l->st.conns_refused++;

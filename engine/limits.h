@@ -37,10 +37,12 @@
  * key's four in one slot).
  *
  * Redis unreachable or slow (a command timeout): decisions stay local at a
- * conservative share: rates and max connections divided by the expected
- * node count (at least 1), and by a key's spread (the limiters of one
- * node that hold the same key: one per worker for an [mx] limit), so that
- * the node as a whole keeps 1/nodes. Logged once per transition (event=redis_down,
+ * conservative share: rates, bursts and max connections divided by the
+ * expected node count, and by a key's spread (the limiters of one node
+ * that hold the same key: one per worker for an [mx] limit), so that the
+ * node as a whole keeps 1/nodes; a cap's or burst's part per limiter
+ * with the remainder to the lowest workers (limits_part), a cap at least
+ * one. Logged once per transition (event=redis_down,
  * event=redis_up) and reported by limits_stats(); reconnects with backoff.
  *
  * Replies are checked where they are parsed: a granted count above the
@@ -103,7 +105,8 @@ struct limit_conf {
     unsigned conn_burst;
     unsigned max_connections;
     unsigned spread;          /* limiters on this node holding this key (0: 1): the
-                               * local share while Redis is away is 1/(nodes * spread) */
+                               * local share while Redis is away is 1/(nodes * spread)
+                               * (a cap's and burst's parts: limits_part) */
 };
 
 #define LIMIT_KEY_MAX 256
@@ -177,6 +180,18 @@ int limits_new(struct worker *w, const struct limits_opts *o, struct limits **ou
  * turns, to release them now. Keys still attached are detached. Not from
  * inside a wake callback. Returns NULL. */
 struct limits *limits_free(struct limits *l);
+
+/* Part me (0-based) of n split over parts: n / parts, and one more for
+ * the first n % parts, so that the parts add up to n (3 over two
+ * workers: 2 and 1). A cap, burst or count split between the workers or
+ * limiters that hold one key. */
+static inline unsigned
+limits_part(unsigned n, unsigned parts, unsigned me)
+{
+    if (parts <= 1)
+        return n;
+    return n / parts + (me % parts < n % parts ? 1 : 0);
+}
 
 /* Attach k (name copied; no '{' or '}', < LIMIT_KEY_MAX bytes). Returns 0,
  * -EINVAL or -ENOMEM. k must not be moved while attached (k->name may

@@ -51,17 +51,6 @@
 #include "engine/shaping.h"
 #include "engine/warmup.h"
 
-/* Worker me's part of n split over parts: the remainder goes to the
- * lowest workers, so the parts add up to n (3 over two workers: 2 and
- * 1, where each took 1 before). */
-static unsigned
-part_of(unsigned n, unsigned parts, unsigned me)
-{
-    if (parts <= 1)
-        return n;
-    return n / parts + (me % parts < n % parts ? 1 : 0);
-}
-
 /* A rate split over parts: the same count over a period parts times as
  * long, so the parts add up to the rate however small it is (3/min over
  * two workers: 3 each per 2 min, where each took 1/min before). */
@@ -90,11 +79,11 @@ mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_
     unsigned share = d->e->cfg->redis.url == NULL ? d->e->nworkers : 1;
     unsigned me = d->w != NULL ? d->w->id : 0;
     lc->msg_rate = rate_part(m->max_message_rate, share);
-    lc->msg_burst = part_of(m->message_burst, share, me);
+    lc->msg_burst = limits_part(m->message_burst, share, me);
     lc->conn_rate = rate_part(m->max_connection_rate, share);
-    lc->conn_burst = part_of(m->connection_burst, share, me);
+    lc->conn_burst = limits_part(m->connection_burst, share, me);
     /* At least one: a worker without would never connect (0: no cap). */
-    lc->max_connections = part_of(m->max_connections, share, me);
+    lc->max_connections = limits_part(m->max_connections, share, me);
     if (lc->max_connections == 0 && m->max_connections != 0)
         lc->max_connections = 1;
     /* With Redis every worker holds the key whole; while Redis is away
