@@ -249,8 +249,9 @@ static const struct conf_key delivery_keys[] = {
      "has ended, to take its last octets (QUIT) before the connection is closed anyway", NULL},
     {"data_timeout", CONF_DURATION, DLV(data_timeout), 1000, 3600000, "3m",
      "how long a receiver may take to answer DATA with 354, and to take each block of the "
-     "message sent (16 KB, with at most 128 KB waiting in the socket): a receiver that stops "
-     "reading is given up on, one that reads slowly but steadily is not",
+     "message sent (16 KB; a send waits while 64 KB or more wait unsent in the socket, which "
+     "holds at most 128 KB so): a receiver that stops reading is given up on, one that takes "
+     "some 80 KB within it is not, however slowly it reads",
      NULL},
     {"dot_timeout", CONF_DURATION, DLV(dot_timeout), 1000, 3600000, "10m",
      "how long a receiver may take to answer the final dot (RFC 5321 asks for 10 minutes: "

@@ -59,8 +59,9 @@
  * send buffer (up to tcp_wmem's 4 MB) fills, and a full one wakes a
  * sender only after a third of it has drained: a receiver reading 6 MB
  * steadily at 800 KB/s stalled a send 1.7 s, one under 8 KB/s timed out
- * at the default 3 min. With it, a send waits for at most this much to
- * leave, and a slow reader is given up on only when it stops. */
+ * at the default 3 min. With it, a send waits only while half of it or
+ * more is unsent (the kernel's wake-up, tcp_stream_memory_free), and a
+ * slow reader is given up on only when it stops. */
 #define CONN_NOTSENT_LOWAT (128 * 1024)
 
 #define CONN_OF(ptr, field) ((struct conn *)((char *)(ptr) - offsetof(struct conn, field)))
