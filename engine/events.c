@@ -161,17 +161,23 @@ events_sink_check(const struct events_sink_config *c, char *err, size_t errlen)
             e++;
         if (e == p)
             break;
+        /* The names are the delivery log's (dlog_kind_str: "unknown"
+         * past the last), listed in the error from there too. */
         bool known = false;
-        for (int k = DLOG_RECEPTION; k <= DLOG_SHAPING_ENDED && !known; k++) {
+        char names[512] = "";
+        size_t nl = 0;
+        for (int k = 0; !known; k++) {
             const char *name = dlog_kind_str((enum dlog_kind)k);
+            if (strcmp(name, "unknown") == 0)
+                break;
             known = strlen(name) == (size_t)(e - p) && memcmp(name, p, (size_t)(e - p)) == 0;
+            int w = snprintf(names + nl, sizeof(names) - nl, "%s%s", k ? ", " : "", name);
+            if (w > 0 && (size_t)w < sizeof(names) - nl)
+                nl += (size_t)w;
         }
         if (!known) {
-            snprintf(err, errlen,
-                     "events: unknown event type '%.*s' (reception, delivery, "
-                     "transient_failure, bounce, expiration, dsn, oob_bounce, complaint, "
-                     "suppressed, shaping_started, shaping_ended)",
-                     (int)(e - p > 64 ? 64 : e - p), p);
+            snprintf(err, errlen, "events: unknown event type '%.*s' (%s)",
+                     (int)(e - p > 64 ? 64 : e - p), p, names);
             return -EINVAL;
         }
         p = e;
