@@ -465,7 +465,8 @@ const struct conf_key config_domain_keys[] = {
     {"max_connections", CONF_UINT, MXP(max_connections), 0, 1000000, "0",                          \
      "concurrent connections to the matching MX hosts, whatever the domain (0: no cap); "         \
      "without [redis] this and the section's rates and bursts are split between the workers, "    \
-     "the parts adding up to the whole (at least one connection each)",                         \
+     "the parts adding up to the whole (at least one connection each); lowered by a reload, "    \
+     "those over it end after their transaction",                                               \
      NULL},                                                                                        \
         {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
          "messages per second, minute or hour to the matching MX hosts", NULL},                    \

@@ -198,6 +198,8 @@ struct conn {
                            * (or before its first): cleared as each one ends */
     bool over_cap;        /* told to end after its transaction: over its domain's
                            * max_connections (dest.conns_quitting counts it) */
+    bool over_mk, over_sk; /* ... over its [mx] or [source] key's max_connections
+                            * (mxkey.quitting counts it) */
     bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
                            * (policy_reuse_lost): its end holds nothing back */
     bool congested;       /* its site learned of a failure of it (sched_conn_congested):
@@ -286,6 +288,8 @@ struct mxkey {
     struct conn *idle_holders; /* borrowed: those connections (conn.key_idle_next),
                                 * walked by key_idle_kick */
     uint64_t kick_none_at;    /* the loop turn whose key_idle_kick walk found none owed */
+    unsigned quitting;        /* connections holding it told to end over its lowered
+                               * max_connections (conn.over_mk, over_sk) */
     struct limit_want want;   /* with [redis]: whether a limiter elsewhere waits for it
                                * (key_wanted_elsewhere) */
 };

@@ -687,6 +687,18 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     d->all = c;
 }
 
+/* Does this worker hold more connections of key k ([mx] or [source])
+ * than its max_connections lets it now (a reload lowered it), those told
+ * to end already aside? */
+static bool
+key_over_cap(struct delivery *d, const struct mxkey *k)
+{
+    if (k == NULL)
+        return false;
+    unsigned cap = limits_key_cap(d->lim, &k->lim, d->w->now);
+    return cap != 0 && k->lim.nleases > k->quitting + cap;
+}
+
 struct job *
 sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
 {
@@ -709,16 +721,27 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
      * had (each sees the count until its QUIT is answered). */
     static const char over_cap[] = "max_connections";
     bool over = t->conns > t->conns_quitting + t->pol->max_connections;
-    const char *quit = c->nmsgs >= sched_conn_max_msgs(c) ? "max_messages"
-                       : d->stopping || d->draining       ? "stopping"
-                       : over                             ? over_cap
-                       : !source_may_send(c)              ? "source_held"
-                       : !shaping_may_send(c)             ? "shaping"
-                                                          : NULL;
+    /* So too over an [mx] or [source] section's (this worker's part) */
+    bool over_mk = !c->over_mk && key_over_cap(d, c->mxk);
+    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(d, c->srck);
+    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)  ? "max_messages"
+                       : d->stopping || d->draining        ? "stopping"
+                       : over || over_mk || over_sk        ? over_cap
+                       : !source_may_send(c)               ? "source_held"
+                       : !shaping_may_send(c)              ? "shaping"
+                                                           : NULL;
     if (quit != NULL) {
-        if (quit == over_cap && !c->over_cap) {
+        if (quit == over_cap && over && !c->over_cap) {
             c->over_cap = true;
             t->conns_quitting++;
+        }
+        if (quit == over_cap && over_mk) {
+            c->over_mk = true;
+            c->mxk->quitting++;
+        }
+        if (quit == over_cap && over_sk) {
+            c->over_sk = true;
+            c->srck->quitting++;
         }
         c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;
@@ -1105,6 +1128,10 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     if (c->leased && !d->stopping)
         limits_conn_release(d->lim, &t->lim);
     struct mxkey *mk = c->mxk, *sk = c->srck;
+    if (c->over_mk && mk != NULL && mk->quitting > 0)
+        mk->quitting--;
+    if (c->over_sk && sk != NULL && sk->quitting > 0)
+        sk->quitting--;
     if (mk != NULL && !d->stopping)
         limits_conn_release(d->lim, &mk->lim);
     if (sk != NULL && !d->stopping)

@@ -868,6 +868,56 @@ reload_lowers_max_connections_on_open_ones(void **state)
     fx_free(f);
 }
 
+/* The same for an [mx] section's max_connections lowered by a reload:
+ * before, its connections carried the mail on (three open under a cap
+ * of one until the queue was empty); now two end after their
+ * transaction, and none is opened in their place. */
+static void
+reload_lowers_an_mx_sections_cap_on_open_ones(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
+                          "[domain *]\nmax_connections = 10\n"
+                          "[mx *.hoster.test]\nmax_connections = 3\n");
+    for (int i = 0; i < 12; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 3);
+    enum sched_next what;
+    for (unsigned i = 0; i < 3; i++) {
+        conn_ready(f->open[i], &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    struct config *old = f->cfg;
+    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
+                  "[domain *]\nmax_connections = 10\n"
+                  "[mx *.hoster.test]\nmax_connections = 1\n");
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+    struct conn *c[3] = {f->open[0], f->open[1], f->open[2]}, *going[3];
+    unsigned quits = 0, jobs = 0;
+    for (unsigned i = 0; i < 3; i++) {
+        assert_false(
+            txn_done(c[i], SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c[i], &what);
+        if (what == SCHED_NEXT_QUIT) {
+            assert_string_equal(c[i]->quit_why, "max_connections");
+            going[quits++] = c[i];
+        } else {
+            assert_int_equal(what, SCHED_NEXT_JOB);
+            jobs++;
+        }
+    }
+    assert_int_equal(quits, 2);
+    assert_int_equal(jobs, 1);
+    for (unsigned i = 0; i < quits; i++)
+        conn_gone(going[i], NULL);
+    assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
+    assert_int_equal(f->opened, 3); /* none opened in their place */
+    fx_free(f);
+}
+
 /* Over 100 MX hosts and many domains, each host's mail comes a few jobs
  * at a time: jobs a busy connection takes within twice the time a new one
  * takes to open earn no connection, however many transactions complete. */
@@ -4564,6 +4614,7 @@ main(void)
         cmocka_unit_test(weights_hold_across_new_sites),
         cmocka_unit_test(reload_gives_the_round_robin_a_new_source),
         cmocka_unit_test(reload_lowers_max_connections_on_open_ones),
+        cmocka_unit_test(reload_lowers_an_mx_sections_cap_on_open_ones),
         cmocka_unit_test(round_robin_turns_per_connection_opened),
         cmocka_unit_test(greylisted_retry_goes_from_the_same_source),
         cmocka_unit_test(greylisting_keeps_the_destination_on_its_source),
