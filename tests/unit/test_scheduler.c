@@ -818,6 +818,51 @@ reload_raises_the_sites_ceiling(void **state)
     fx_free(f);
 }
 
+/* Three connections of a.test carry its mail under before's config; a
+ * reload to after lowers a cap to one: after their transactions two end
+ * (quit_why max_connections), not three (each saw three open until the
+ * first's QUIT was answered), and none is opened in their place. */
+static void
+lowered_cap_ends_the_extra_ones(const char *before, const char *after)
+{
+    struct fx *f = fx_new(before);
+    for (int i = 0; i < 12; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 3);
+    enum sched_next what;
+    for (unsigned i = 0; i < 3; i++) {
+        conn_ready(f->open[i], &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+    }
+    struct config *old = f->cfg;
+    setup_conf(f, after);
+    f->e.cfg = f->cfg;
+    delivery_reconfigure(f->d);
+    config_free(old);
+    struct conn *c[3] = {f->open[0], f->open[1], f->open[2]}, *going[3];
+    unsigned quits = 0, jobs = 0;
+    for (unsigned i = 0; i < 3; i++) {
+        assert_false(
+            txn_done(c[i], SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+        conn_ready(c[i], &what);
+        if (what == SCHED_NEXT_QUIT) {
+            assert_string_equal(c[i]->quit_why, "max_connections");
+            going[quits++] = c[i];
+        } else {
+            assert_int_equal(what, SCHED_NEXT_JOB);
+            jobs++;
+        }
+    }
+    assert_int_equal(quits, 2);
+    assert_int_equal(jobs, 1);
+    for (unsigned i = 0; i < quits; i++)
+        conn_gone(going[i], NULL);
+    assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
+    assert_int_equal(f->opened, 3);
+    fx_free(f);
+}
+
 /* A reload that lowers a domain's max_connections retires the
  * connections over it after their transaction, though mail waits for
  * them. Before, only new connections met the lower cap: while mail
@@ -826,96 +871,25 @@ static void
 reload_lowers_max_connections_on_open_ones(void **state)
 {
     (void)state;
-    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
-                          "[domain *]\nmax_connections = 3\n");
-    for (int i = 0; i < 12; i++)
-        submit("a.test", 1);
-    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->opened, 3);
-    enum sched_next what;
-    for (unsigned i = 0; i < 3; i++) {
-        conn_ready(f->open[i], &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
-    struct config *old = f->cfg;
-    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
-                  "[domain *]\nmax_connections = 1\n");
-    f->e.cfg = f->cfg;
-    delivery_reconfigure(f->d);
-    config_free(old);
-    /* All three finish a transaction before the first has gone (its QUIT
-     * not yet answered): two end, not three (each saw three open). */
-    struct conn *c[3] = {f->open[0], f->open[1], f->open[2]}, *going[3];
-    unsigned quits = 0, jobs = 0;
-    for (unsigned i = 0; i < 3; i++) {
-        assert_false(
-            txn_done(c[i], SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(c[i], &what);
-        if (what == SCHED_NEXT_QUIT) {
-            assert_string_equal(c[i]->quit_why, "max_connections");
-            going[quits++] = c[i];
-        } else {
-            assert_int_equal(what, SCHED_NEXT_JOB);
-            jobs++;
-        }
-    }
-    assert_int_equal(quits, 2);
-    assert_int_equal(jobs, 1);
-    for (unsigned i = 0; i < quits; i++)
-        conn_gone(going[i], NULL);
-    assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
-    assert_int_equal(f->opened, 3); /* none opened in their place */
-    fx_free(f);
+    lowered_cap_ends_the_extra_ones("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                    "initial_connections = 3\n[domain *]\nmax_connections = 3\n",
+                                    "[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                    "initial_connections = 3\n[domain *]\nmax_connections = 1\n");
 }
 
-/* The same for an [mx] section's max_connections lowered by a reload:
- * before, its connections carried the mail on (three open under a cap
- * of one until the queue was empty); now two end after their
- * transaction, and none is opened in their place. */
+/* The same for an [mx] section's max_connections: before, its
+ * connections carried the mail on (three open under a cap of one until
+ * the queue was empty). */
 static void
 reload_lowers_an_mx_sections_cap_on_open_ones(void **state)
 {
     (void)state;
-    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
-                          "[domain *]\nmax_connections = 10\n"
-                          "[mx *.hoster.test]\nmax_connections = 3\n");
-    for (int i = 0; i < 12; i++)
-        submit("a.test", 1);
-    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
-    assert_int_equal(f->opened, 3);
-    enum sched_next what;
-    for (unsigned i = 0; i < 3; i++) {
-        conn_ready(f->open[i], &what);
-        assert_int_equal(what, SCHED_NEXT_JOB);
-    }
-    struct config *old = f->cfg;
-    setup_conf(f, "[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 3\n"
-                  "[domain *]\nmax_connections = 10\n"
-                  "[mx *.hoster.test]\nmax_connections = 1\n");
-    f->e.cfg = f->cfg;
-    delivery_reconfigure(f->d);
-    config_free(old);
-    struct conn *c[3] = {f->open[0], f->open[1], f->open[2]}, *going[3];
-    unsigned quits = 0, jobs = 0;
-    for (unsigned i = 0; i < 3; i++) {
-        assert_false(
-            txn_done(c[i], SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
-        conn_ready(c[i], &what);
-        if (what == SCHED_NEXT_QUIT) {
-            assert_string_equal(c[i]->quit_why, "max_connections");
-            going[quits++] = c[i];
-        } else {
-            assert_int_equal(what, SCHED_NEXT_JOB);
-            jobs++;
-        }
-    }
-    assert_int_equal(quits, 2);
-    assert_int_equal(jobs, 1);
-    for (unsigned i = 0; i < quits; i++)
-        conn_gone(going[i], NULL);
-    assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
-    assert_int_equal(f->opened, 3); /* none opened in their place */
-    fx_free(f);
+    lowered_cap_ends_the_extra_ones("[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                    "initial_connections = 3\n[domain *]\nmax_connections = 10\n"
+                                    "[mx *.hoster.test]\nmax_connections = 3\n",
+                                    "[delivery]\nallow_networks = 127.0.0.0/8\n"
+                                    "initial_connections = 3\n[domain *]\nmax_connections = 10\n"
+                                    "[mx *.hoster.test]\nmax_connections = 1\n");
 }
 
 /* Over 100 MX hosts and many domains, each host's mail comes a few jobs
