@@ -518,6 +518,12 @@ limits_key_full(const struct limit_key *k)
     return k->l != NULL && k->l->shared && k->cap_full;
 }
 
+bool
+limits_key_asking(const struct limit_key *k)
+{
+    return k->l != NULL && k->l->shared && k->msg_req != NULL && k->want_wake;
+}
+
 void
 limits_backoff(struct limits *l, struct limit_key *k, uint64_t now_ns)
 {

@@ -236,6 +236,13 @@ unsigned limits_key_cap(const struct limits *l, const struct limit_key *k, uint6
  * also wait for a local release. False in local mode (a full cap there
  * answers UINT64_MAX). */
 bool limits_key_full(const struct limit_key *k);
+/* Shared mode: was k's last message token refused while a request for
+ * its tokens is in flight to Redis? Its answer wakes k (the key's wake
+ * function); the refusal's *retry_at_ns is only that request's timeout,
+ * and the tokens it books lapse soon after their slots (a batch's time,
+ * at least 100 ms), so a caller that waits for the timeout instead of the
+ * wake finds them gone and asks again. False in local mode. */
+bool limits_key_asking(const struct limit_key *k);
 /* Shared mode, k with max_connections: did another limiter (another
  * worker, another node) find every lease of k held within the last 1.5 s
  * and wait for one (a mark in Redis, "<prefix>{<key>}:w", set by the

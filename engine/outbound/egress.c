@@ -314,11 +314,21 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
          * the question t's acquire sent runs it (the key's wake), not
          * t's timer a timeout later; and a full cap comes with a poll
          * time (limits_key_full), so this worker's idle holders see t
-         * and a release here runs it. A message token's refusal never
-         * puts t among the key's waiters: t has its connection. */
-        if (!lease || t->d->e->cfg->redis.url == NULL)
+         * and a release here runs it. Likewise a message token refused
+         * while the key asks Redis for more (limits_key_asking): the
+         * time is the request's timeout, and the tokens its answer
+         * books lapse long before it (a shaping rate's key, 5/s: one
+         * token, gone 200 ms after its slot). Waiting for the timeout,
+         * t found them gone and the key asked again, each second, for
+         * ever: its connection, resumed and idle again each time,
+         * never reached its idle_timeout either. A token booked but
+         * not yet due (no request in flight) is t's timer's. */
+        if (t->d->e->cfg->redis.url == NULL)
             return;
-        full = limits_key_full(&k->lim);
+        if (lease)
+            full = limits_key_full(&k->lim);
+        else if (!limits_key_asking(&k->lim))
+            return;
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;

@@ -860,7 +860,8 @@ struct mxkey *src_key(struct delivery *d, const struct mx_policy *src, int fam);
 /* t was refused a token or (lease) a connection's lease of k: run again
  * at retry_at, or, at UINT64_MAX, when k has a slot free (mx_on_wake);
  * with [redis] a lease refused with a time waits on k too (Redis's
- * answer runs t). A lease refused because the cap is full makes an idle
+ * answer runs t), and so does a token refused while k asks Redis for
+ * more (limits_key_asking). A lease refused because the cap is full makes an idle
  * connection of this worker owed to t's site give its slot
  * (key_idle_kick). */
 void mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease);

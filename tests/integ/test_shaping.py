@@ -24,8 +24,11 @@ Redis is back; a timed action ends on time on both nodes, logged.
 with its rate on both nodes while mail goes on; a bounce action made on one
 node bounces the other's mail for that domain, untried. A rate action on
 one source caps that source only (counted from the delivery log), the
-other source carrying the rest; a group's rate slows both. A tenant's
-rate caps that tenant's mail while another tenant's goes on, and a
+other source carrying the rest; a group's rate slows both; under a
+rate on every source a lone message, and one after a pause on the idle
+connection or on a new one, goes at once (the token Redis books for the
+shaping key is taken when its answer comes, not, lapsed, after the
+request's timeout). A tenant's rate caps that tenant's mail while another tenant's goes on, and a
 tenant's bounce bounces its mail untried, the other tenant's delivered.
 A group's bounce bounces recipients deferred with a long retry at once
 from the spool and those with a short one as they come due, each once,
@@ -521,6 +524,31 @@ def test_source_rate_slows_that_source_only():
         c.close()
 
 
+def test_source_rate_lone_message_not_stuck():
+    """A source's rate shared through Redis, its connection's only mail
+    one message at a time: each goes at once. The shaping key asks Redis
+    for its token as the message comes up; the domain waited for the
+    answer on the key (mx_wait), not for the request's timeout, by which
+    time the token booked had lapsed (200 ms after its slot at 5/s), the
+    key asked again and the message waited for ever, its connection
+    resumed and idle again each time, never timing out."""
+    c = Cluster(after=10 ** 6)  # the receiver never defers
+    a = c.nodes[0]
+    try:
+        for src in ("127.0.0.2", "127.0.0.3"):
+            r = a.ask(f"shaping rate:5/s source={src} group=yahoo for=10m")
+            assert r["ok"] and r["action"]["scope"] == "source", r
+        # after a pause shorter than idle_timeout (the connection idles
+        # on, its token lapsed) and one longer (a new connection)
+        for i, pause in enumerate((0, 0.6, 0.6, 1.5)):
+            time.sleep(pause)
+            a.inject(1, f"lone{i}-", domains=["y0.test"])
+            wait_until(lambda: len(delivered_in_log(a)) >= i + 1 or None, 5,
+                       f"message {i} delivered")
+    finally:
+        c.close()
+
+
 def test_tenant_rate_and_bounce():
     """rate:2/s for tenant acme at the yahoo group: acme's mail goes at
     most at 2/s (counted from the delivery log), globex's at its own pace
@@ -624,5 +652,6 @@ if __name__ == "__main__":
     main([test_reply_suspends_source_on_every_node, test_redis_away_then_back_and_expiry,
           test_tenant_block_holds_that_tenant_only,
           test_operator_suspend_rate_and_bounce_everywhere,
-          test_source_rate_slows_that_source_only, test_tenant_rate_and_bounce,
+          test_source_rate_slows_that_source_only, test_source_rate_lone_message_not_stuck,
+          test_tenant_rate_and_bounce,
           test_bounce_takes_deferred_not_due])

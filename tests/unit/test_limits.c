@@ -1074,6 +1074,67 @@ test_shared_msg_rate(void **state)
     node_stop(&b, true);
 }
 
+/* One message token taken with none booked: the key asks Redis. */
+struct ask_take {
+    unsigned got;
+    uint64_t retry_in;
+    bool asking;
+};
+
+static void
+take_one(struct node *n, void *arg)
+{
+    struct ask_take *a = arg;
+    uint64_t now = clock_now_ns(), r;
+    a->got = limits_take_msgs(n->l, &n->k, 1, now, &r);
+    a->retry_in = r > now ? r - now : 0;
+    a->asking = limits_key_asking(&n->k);
+}
+
+static bool
+woken(struct node *n, void *arg)
+{
+    (void)arg;
+    return n->wakes > 0;
+}
+
+static void
+asking_now(struct node *n, void *arg)
+{
+    *(bool *)arg = limits_key_asking(&n->k);
+}
+
+/* A token refused while the key's request is in flight says so
+ * (limits_key_asking): its time is only the request's timeout, and
+ * Redis's answer wakes the key far sooner, with a token the caller must
+ * take soon (the scheduler waits on the key for it: a shaping rate's
+ * token, waited for until the timeout, had lapsed, and the key asked
+ * again, for ever). */
+static void
+test_shared_refusal_while_asking(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(1);
+    struct limit_conf c = conf_msgs(5, 1000, 0);
+    static struct node a;
+    node_start(&a, 0, "asking.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    struct ask_take t;
+    node_call(&a, take_one, &t);
+    assert_int_equal(t.got, 0);
+    assert_true(t.asking);
+    assert_true(t.retry_in > 400 * MSEC); /* the timeout, 500 ms */
+    assert_true(node_until(&a, woken, NULL, 2000));
+    bool asking = true;
+    node_call(&a, asking_now, &asking);
+    assert_false(asking);
+    node_call(&a, take_one, &t);
+    assert_int_equal(t.got, 1); /* booked for now, taken at once */
+    node_stop(&a, true);
+}
+
 static void
 test_shared_leases(void **state)
 {
@@ -2029,6 +2090,7 @@ main(void)
         cmocka_unit_test(test_backoff_conn_rate),
         cmocka_unit_test(test_suspend),
         cmocka_unit_test_teardown(test_shared_msg_rate, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_refusal_while_asking, redis_teardown),
         cmocka_unit_test_teardown(test_shared_leases, redis_teardown),
         cmocka_unit_test_teardown(test_shared_lease_without_rate_token, redis_teardown),
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
