@@ -95,6 +95,10 @@ void
 mx_on_wake(void *arg)
 {
     struct mxkey *k = arg;
+    if (k->parked_asking) {
+        k->parked_asking = false;
+        scope_rate_answer(k->d);
+    }
     /* The list is newest first (key_slot_wanted looks at the latest
      * waiters); they run oldest first, so the first to have waited takes
      * what the news freed. */

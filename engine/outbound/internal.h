@@ -126,6 +126,8 @@ struct job {
     unsigned n;          /* recipients in idx (at most the cap it was made with) */
     bool bounce;         /* the operator bounces these recipients */
     bool shaped;         /* parked for a shaping action on its tenant (scope.c) */
+    bool shaped_asking;  /* with shaped: refused its tenant's rate token while the key
+                          * asked Redis; the answer releases it (scope_rate_answer) */
     bool shaped_bounce;  /* with bounce: a shaping bounce's, only where it applies */
     bool tls_retried;    /* it waited while a STARTTLS handshake failed under opportunistic
                           * TLS and had its plaintext retry (policy_conn_end): not again
@@ -292,6 +294,8 @@ struct mxkey {
                                * max_connections (conn.over_mk, over_sk) */
     struct limit_want want;   /* with [redis]: whether a limiter elsewhere waits for it
                                * (key_wanted_elsewhere) */
+    bool parked_asking;       /* jobs were parked for a token of it while it asked Redis
+                               * (a tenant's shaping rate): its news releases them */
 };
 
 /* Why a destination's last address failed, kept for the deferral of
@@ -989,6 +993,10 @@ bool scope_job_parked(struct delivery *d, struct job *j);
  * second) or until its tenant's rate lets it go, or bounced (true, as an
  * operator's bounce), or neither (false: it goes). */
 bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx);
+/* A tenant rate's key that jobs were parked for while it asked Redis has
+ * news: those jobs are looked at again now, not at the request's
+ * timeout, when the token its answer booked would have lapsed. */
+void scope_rate_answer(struct delivery *d);
 /* Does a shaping bounce action apply to j's recipients at t (a domain's,
  * a group's of t's preferred MX host, j's tenant's there)? */
 bool sched_shaping_bounces(struct dest *t, const struct job *j);

@@ -283,7 +283,7 @@ shaped_bounce(struct delivery *d, struct dest *t, struct job *j, const char *mx)
  * the action's group)? When not, *until: monotonic ns to ask again. */
 static bool
 shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
-                 const struct shaping_tenant_verdict *v, uint64_t *until)
+                 const struct shaping_tenant_verdict *v, uint64_t *until, bool *asking)
 {
     char who[80];
     snprintf(who, sizeof(who), "tenant:%s", intern_name(d->e->names, j->owner.tenant));
@@ -295,13 +295,33 @@ shaped_rate_take(struct delivery *d, const struct dest *t, const struct job *j,
     if (limits_take_msgs(d->lim, &k->lim, 1, d->w->now, &retry_at) == 1)
         return true;
     *until = retry_at != UINT64_MAX ? retry_at : d->w->now + MS_TO_NS(SHAPED_RATE_POLL_MS);
+    /* Asked of Redis: its answer (mx_on_wake) releases j, its time is
+     * only the request's timeout (limits_key_asking). */
+    *asking = limits_key_asking(&k->lim);
+    if (*asking)
+        k->parked_asking = true;
     return false;
+}
+
+void
+scope_rate_answer(struct delivery *d)
+{
+    bool any = false;
+    for (struct job *j = d->parked; j != NULL; j = j->next_parked)
+        if (j->shaped && j->shaped_asking) {
+            j->shaped_asking = false;
+            j->shaped_until = d->w->now;
+            any = true;
+        }
+    if (any)
+        scope_timer_at(d, d->w->now);
 }
 
 static void
 shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until, const char *why)
 {
     j->shaped = true;
+    j->shaped_asking = false;
     j->shaped_until = until;
     j->next_parked = d->parked;
     d->parked = j;
@@ -329,9 +349,11 @@ scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *
         return true;
     }
     uint64_t until = 0;
+    bool asking = false;
     if ((v.rate_permille != 0 || v.rate_interval_ns != 0) &&
-        !shaped_rate_take(d, t, j, &v, &until)) {
+        !shaped_rate_take(d, t, j, &v, &until, &asking)) {
         shaped_park(d, j, mx, until, "rate");
+        j->shaped_asking = asking;
         return true;
     }
     return false;
@@ -387,6 +409,7 @@ scope_release(struct delivery *d)
         }
         if (j->shaped) {
             j->shaped = false;
+            j->shaped_asking = false;
             j->shaped_until = 0;
             d->nshaped--;
         }

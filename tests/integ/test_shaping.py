@@ -28,7 +28,8 @@ other source carrying the rest; a group's rate slows both; under a
 rate on every source a lone message, and one after a pause on the idle
 connection or on a new one, goes at once (the token Redis books for the
 shaping key is taken when its answer comes, not, lapsed, after the
-request's timeout). A tenant's rate caps that tenant's mail while another tenant's goes on, and a
+request's timeout), and likewise under a tenant's rate. A tenant's
+rate caps that tenant's mail while another tenant's goes on, and a
 tenant's bounce bounces its mail untried, the other tenant's delivered.
 A group's bounce bounces recipients deferred with a long retry at once
 from the spool and those with a short one as they come due, each once,
@@ -538,13 +539,33 @@ def test_source_rate_lone_message_not_stuck():
         for src in ("127.0.0.2", "127.0.0.3"):
             r = a.ask(f"shaping rate:5/s source={src} group=yahoo for=10m")
             assert r["ok"] and r["action"]["scope"] == "source", r
-        # after a pause shorter than idle_timeout (the connection idles
-        # on, its token lapsed) and one longer (a new connection)
-        for i, pause in enumerate((0, 0.6, 0.6, 1.5)):
-            time.sleep(pause)
-            a.inject(1, f"lone{i}-", domains=["y0.test"])
-            wait_until(lambda: len(delivered_in_log(a)) >= i + 1 or None, 5,
-                       f"message {i} delivered")
+        lone_messages(a)
+    finally:
+        c.close()
+
+
+def lone_messages(a):
+    """One message at a time to y0.test, each delivered within 5 s: after
+    a pause shorter than idle_timeout (the connection idles on, a token
+    booked meanwhile lapsed) and one longer (a new connection)."""
+    for i, pause in enumerate((0, 0.6, 0.6, 1.5)):
+        time.sleep(pause)
+        a.inject(1, f"lone{i}-", domains=["y0.test"])
+        wait_until(lambda: len(delivered_in_log(a)) >= i + 1 or None, 5,
+                   f"message {i} delivered")
+
+
+def test_tenant_rate_lone_message_not_stuck():
+    """As test_source_rate_lone_message_not_stuck, for a tenant's rate:
+    a job refused its tenant's token while the key asked Redis was parked
+    until the request's timeout, the token booked lapsed meanwhile, and
+    it was parked again, for ever; the answer releases it now."""
+    c = Cluster(after=10 ** 6)
+    a = c.nodes[0]
+    try:
+        r = a.ask("shaping rate:5/s tenant=acme group=yahoo for=10m")
+        assert r["ok"] and r["action"]["scope"] == "tenant", r
+        lone_messages(a)
     finally:
         c.close()
 
@@ -653,5 +674,5 @@ if __name__ == "__main__":
           test_tenant_block_holds_that_tenant_only,
           test_operator_suspend_rate_and_bounce_everywhere,
           test_source_rate_slows_that_source_only, test_source_rate_lone_message_not_stuck,
-          test_tenant_rate_and_bounce,
+          test_tenant_rate_lone_message_not_stuck, test_tenant_rate_and_bounce,
           test_bounce_takes_deferred_not_due])
