@@ -466,7 +466,8 @@ const struct conf_key config_domain_keys[] = {
      "concurrent connections to the matching MX hosts, whatever the domain (0: no cap); "         \
      "without [redis] this and the section's rates and bursts are split between the workers, "    \
      "the parts adding up to the whole (at least one connection each); lowered by a reload, "    \
-     "those over it end after their transaction",                                               \
+     "those over it end after their transaction (with [redis] a worker ends those of its own "   \
+     "beyond the whole cap, the others end as they go idle)",                                     \
      NULL},                                                                                        \
         {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
          "messages per second, minute or hour to the matching MX hosts", NULL},                    \

@@ -350,12 +350,6 @@ lease_cap(const struct limits *l, const struct limit_key *k, bool shared)
     return part ? part : 1;
 }
 
-unsigned
-limits_key_cap(const struct limits *l, const struct limit_key *k, uint64_t now_ns)
-{
-    return lease_cap(l, k, l->shared && now_ns >= k->local_until);
-}
-
 /* A lease of k, and a connection-rate token when rated: both or neither. */
 static bool
 conn_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns, uint64_t *retry_at_ns,

@@ -227,9 +227,6 @@ bool limits_lease_acquire(struct limits *l, struct limit_key *k, uint64_t now_ns
  * that acquire, before any other call on k. */
 void limits_conn_unacquire(struct limits *l, struct limit_key *k, uint64_t now_ns);
 void limits_conn_release(struct limits *l, struct limit_key *k);
-/* k's max_connections for this limiter now (0: none): the whole cap, or
- * its local part while Redis is away. Compared with k->nleases. */
-unsigned limits_key_cap(const struct limits *l, const struct limit_key *k, uint64_t now_ns);
 /* Shared mode: was k's last lease refused because every lease of its cap
  * is held (anywhere), as opposed to its connection rate? Such a refusal
  * comes with a poll time (*retry_at_ns), not UINT64_MAX; the caller may

@@ -336,6 +336,7 @@ mx_wait(struct mxkey *k, struct dest *t, uint64_t retry_at, bool lease)
     }
     if (!t->mx_waiting) {
         t->mx_waiting = true;
+        t->mx_wait_token = !lease;
         t->next_mxwait = k->waiters;
         k->waiters = t;
         if (full && lease && !fairq_empty(&t->q))
@@ -395,8 +396,8 @@ key_slot_wanted(const struct conn *c, struct mxkey *k)
         }
         walked++;
         pw = &w->next_mxwait;
-        if (w->site == c->site || dest_paused(w))
-            continue;
+        if (w->site == c->site || dest_paused(w) || w->mx_wait_token)
+            continue; /* (one that waits for a token has its connection) */
         looked++;
         if (key_conns(w->site, c, k) < mine)
             return 2;

@@ -391,6 +391,8 @@ struct dest {
     const struct dns_mx_result *mxk_for; /* the answer mxk was chosen from */
     struct dest *next_mxwait; /* on mxk->waiters */
     bool mx_waiting;
+    bool mx_wait_token;      /* on the list for a message token (Redis's answer), not
+                              * for a connection slot: key_slot_wanted passes it over */
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */

@@ -688,14 +688,17 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
 }
 
 /* Does this worker hold more connections of key k ([mx] or [source])
- * than its max_connections lets it now (a reload lowered it), those told
- * to end already aside? */
+ * than its max_connections (a reload lowered it), those told to end
+ * already aside? The configured cap: without [redis] this worker's part
+ * of it (mx_limit_conf), with it the whole, against this worker's own
+ * count only (the others' are in Redis); never the smaller local share
+ * of a Redis outage, which refuses new connections but ends none. */
 static bool
-key_over_cap(struct delivery *d, const struct mxkey *k)
+key_over_cap(const struct mxkey *k)
 {
     if (k == NULL)
         return false;
-    unsigned cap = limits_key_cap(d->lim, &k->lim, d->w->now);
+    unsigned cap = k->lim.conf.max_connections;
     return cap != 0 && k->lim.nleases > k->quitting + cap;
 }
 
@@ -722,8 +725,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
     static const char over_cap[] = "max_connections";
     bool over = t->conns > t->conns_quitting + t->pol->max_connections;
     /* So too over an [mx] or [source] section's (this worker's part) */
-    bool over_mk = !c->over_mk && key_over_cap(d, c->mxk);
-    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(d, c->srck);
+    bool over_mk = !c->over_mk && key_over_cap(c->mxk);
+    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck);
     const char *quit = c->nmsgs >= sched_conn_max_msgs(c)  ? "max_messages"
                        : d->stopping || d->draining        ? "stopping"
                        : over || over_mk || over_sk        ? over_cap

@@ -860,6 +860,10 @@ lowered_cap_ends_the_extra_ones(const char *before, const char *after)
         conn_gone(going[i], NULL);
     assert_int_equal(dest_get(f->d, "a.test")->conns, 1);
     assert_int_equal(f->opened, 3);
+    /* those told to end count as gone no more once gone */
+    assert_int_equal(dest_get(f->d, "a.test")->conns_quitting, 0);
+    for (struct mxkey *k = f->d->mxkeys; k != NULL; k = k->next)
+        assert_int_equal(k->quitting, 0);
     fx_free(f);
 }
 
