@@ -72,14 +72,16 @@ csv_split(char *line, char **f, int max)
 }
 
 #define CSV_RECORD_MAX 65536 /* octets of one record over several lines */
+#define CSV_FIELDS     6     /* address,scope,reason,added,expires,note: the rest is not read */
 
 /* Whether a quoted field is open after the n octets at p, read as
  * csv_split reads them, from quoted (whether one was open before p) and
  * start (whether p starts a field): a quote opens a field only at its
  * start (a quote inside an unquoted field is text), and two in a row
- * inside are one. */
+ * inside are one. *field (when not NULL) counts the fields begun, from
+ * 0 at p: the open one's index at the end. */
 static bool
-quotes_open(const char *p, size_t n, bool quoted, bool start)
+quotes_open(const char *p, size_t n, bool quoted, bool start, unsigned *field)
 {
     for (size_t i = 0; i < n; i++) {
         char c = p[i];
@@ -93,6 +95,8 @@ quotes_open(const char *p, size_t n, bool quoted, bool start)
             start = false;
         } else {
             start = c == ',';
+            if (start && field != NULL)
+                (*field)++;
         }
     }
     return quoted;
@@ -221,11 +225,11 @@ off_cmp(const void *x, const void *y, void *arg)
 static int
 import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *why, size_t wl)
 {
-    char *f[6] = {0};
-    int nf = csv_split(line, f, 6);
+    char *f[CSV_FIELDS] = {0};
+    int nf = csv_split(line, f, CSV_FIELDS);
     if (nf < 1 || f[0][0] == '\0') {
         snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
-        return -EINVAL;
+        return nf < 0 ? -EBADMSG : -EINVAL;
     }
     char scope[SUPPRESS_SCOPE_MAX + 1];
     enum suppress_reason reason = SUPPRESS_MANUAL;
@@ -327,7 +331,10 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
          * a stray quote). */
         uint64_t first = res->lines;
         bool nul = memchr(line, '\0', (size_t)len) != NULL;
-        bool open = !nul && quotes_open(line, (size_t)len, false, true);
+        unsigned field = 0;
+        bool open = !nul && quotes_open(line, (size_t)len, false, true, &field);
+        if (field >= CSV_FIELDS)
+            open = false; /* in a column not read (csv_split stops at the 6th) */
         off_t back = open ? ftello(in) : -1;
         while (open && !nul && (size_t)len < CSV_RECORD_MAX) {
             ssize_t ml = getline(&more, &more_cap, in);
@@ -350,7 +357,7 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             line[len++] = '\n';
             memcpy(line + len, more, (size_t)ml + 1);
             len += ml;
-            open = quotes_open(more, (size_t)ml, true, false);
+            open = quotes_open(more, (size_t)ml, true, false, NULL);
         }
         if (rc == -ENOMEM)
             break;
@@ -359,15 +366,17 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
         char why[100];
         if (nul) {
             snprintf(why, sizeof(why), "NUL octet");
-            rc = -EINVAL;
+            rc = res->lines > first ? -EBADMSG : -EINVAL; /* in a later line: read again */
         } else {
             rc = import_line(s, line, now, &a, why, sizeof(why));
         }
-        if (rc == -EINVAL && res->lines > first && back >= 0 && fseeko(in, back, SEEK_SET) == 0) {
+        if (rc == -EBADMSG && res->lines > first && back >= 0 &&
+            fseeko(in, back, SEEK_SET) == 0) {
             /* Not a record over several lines after all (a stray quote:
              * never closed, or closed by another stray one): its first
              * line alone is in error, and the lines after it are read
-             * again as records of their own. */
+             * again as records of their own. A record that was one but
+             * failed otherwise (an unknown reason) is skipped whole. */
             res->lines = first;
             snprintf(why, sizeof(why), "bad quoting (a quote left open)");
         }

@@ -558,19 +558,28 @@ test_csv_from_a_spreadsheet(void **state)
                       "two@x.example,,manual,,,\"\"\r\n"
                       "four@x.example,,manual,,,\"oops\r\n"
                       "five@x.example,,manual,,,\r\n"
+                      "six@x.example,,manual,,,note,\"an extra column\r\n"
+                      "seven@x.example,,manual,,,\r\n"
+                      "eight@x.example,,unsubscribed,,,\"called in:\r\nnine@x.example\"\r\n"
                       "three@x.example,,manual,,,\"never closed\r\n";
     FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
     assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
     /* four's and three's open quotes spoil their own lines only: the
-     * lines after them are records (a comment's quote opens nothing) */
-    assert_int_equal(r.lines, 9);
-    assert_int_equal(r.imported, 4);
-    assert_int_equal(r.skipped, 2);
+     * lines after them are records (a comment's quote opens nothing, nor
+     * one in a column past the sixth, which is not read); eight's record
+     * of two lines fails whole for its reason, nine is no record */
+    assert_int_equal(r.lines, 13);
+    assert_int_equal(r.imported, 6);
+    assert_int_equal(r.skipped, 3);
     assert_int_equal(r.first_bad_line, 7);
     assert_int_equal(suppress_check(f->s, NULL, "five@x.example", NULL), 1);
     assert_int_equal(suppress_check(f->s, NULL, "four@x.example", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "six@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "seven@x.example", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "eight@x.example", NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "nine@x.example", NULL), 0);
     struct suppress_entry e;
     assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
     assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
@@ -582,14 +591,14 @@ test_csv_from_a_spreadsheet(void **state)
     char *buf = NULL;
     size_t len = 0;
     FILE *out = open_memstream(&buf, &len);
-    assert_int_equal(suppress_export_csv(f->s, out, NULL), 4);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
     fclose(out);
     assert_int_equal(suppress_remove(f->s, NULL, "one@x.example"), 0);
     in = fmemopen(buf, len, "r");
     assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
     fclose(in);
     assert_int_equal(r.skipped, 0);
-    assert_int_equal(r.imported, 4);
+    assert_int_equal(r.imported, 6);
     assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
     assert_string_equal(e.note, "line one line two, \"quoted\""); /* a note is one line */
     free(buf);
