@@ -359,7 +359,7 @@ wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *ou
             break;
         if (rr.type != WIRE_T_TLSA || rr.cls != 1 || strcmp(rr.owner, name) != 0)
             continue;
-        if (rr.rdlen < 4)
+        if (rr.rdlen < 3)
             return -EBADMSG;
         *ttl = min32(*ttl, rr.ttl);
         if (n == max)

@@ -116,14 +116,17 @@ int wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtyp
 /* One TLSA record (RFC 6698 2.1), its data pointing into the message. */
 struct wire_tlsa {
     uint8_t usage, selector, mtype;
-    uint16_t len;        /* >= 1 */
+    uint16_t len;        /* 0: no association data, a record no one can use */
     const uint8_t *data; /* borrowed: points into the message */
 };
 
 /* The TLSA records at name (the end of wire_answer's chain) in the answer
  * section: at most max copied to out, *ttl lowered to theirs. A record
- * with less than 4 octets of rdata is malformed (-EBADMSG); records past
- * max are skipped. Returns the count or -EBADMSG. */
+ * with less than 3 octets of rdata is malformed (-EBADMSG); one of 3 (no
+ * association data) is kept with len 0, an unusable record among the
+ * others (RFC 7672 2.2: it does not spoil the RRset, and an RRset of
+ * only unusable records still asks for TLS). Records past max are
+ * skipped. Returns the count or -EBADMSG. */
 int wire_tlsa(const uint8_t *buf, size_t len, const char *name, struct wire_tlsa *out,
               unsigned max, uint32_t *ttl);
 

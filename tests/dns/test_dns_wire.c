@@ -828,10 +828,23 @@ test_tlsa_records_and_ad(void **state)
     question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
     assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), 0);
 
-    /* three octets of rdata: no association data at all */
-    header(&m, 0, 1, 0, 0);
+    /* three octets of rdata, no association data: an unusable record
+     * kept beside the good one, not a malformed answer */
+    header(&m, 0, 2, 0, 0);
     question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
     tlsa_rr(&m, "@12", 300, 3, 1, 1, 0, 0);
+    tlsa_rr(&m, "@12", 300, 3, 1, 1, 32, 0xAB);
+    assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), 2);
+    assert_int_equal(t[0].len, 0);
+    assert_int_equal(t[1].len, 32);
+
+    /* two octets: malformed */
+    header(&m, 0, 1, 0, 0);
+    question(&m, "_25._tcp.mx.x.test", WIRE_T_TLSA);
+    size_t at2 = rr(&m, "@12", WIRE_T_TLSA, 300);
+    u8(&m, 3);
+    u8(&m, 1);
+    rr_end(&m, at2);
     assert_int_equal(wire_tlsa(m.b, m.n, "_25._tcp.mx.x.test", t, 4, &ttl), -EBADMSG);
 }
 
