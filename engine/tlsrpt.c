@@ -97,6 +97,7 @@ struct detail {
     char mx[DNS_NAME_MAX + 1];
     char addr[64];
     uint64_t count;
+    uint64_t reported; /* of count, in the report being sent */
 };
 
 enum day_state { DAY_IDLE, DAY_RUA, DAY_POST };
@@ -113,6 +114,7 @@ struct rpol {
     struct mta_sts_policy *sts; /* owned reference, POL_STS: the first policy of the day */
     char *tlsa;                /* owned, POL_TLSA: "usage selector mtype HEX\n" per record */
     uint64_t success, failure;
+    uint64_t rep_success, rep_failure; /* of those, in the report being sent */
     unsigned ndetails;
     struct detail *details;    /* owned: MAX_DETAILS rows, made at the first failure (most
                                 * policies see none: a day costs little per domain) */
@@ -222,6 +224,42 @@ day_free(struct day *d)
     }
     free(d);
     return NULL;
+}
+
+/* Under r->lock, as d's report is made: what it counts is what a sent
+ * report takes away (day_reported). */
+static void
+day_mark(struct day *d)
+{
+    for (unsigned i = 0; i < d->npols; i++) {
+        struct rpol *p = d->pols[i];
+        p->rep_success = p->success;
+        p->rep_failure = p->failure;
+        for (unsigned k = 0; k < p->ndetails; k++)
+            p->details[k].reported = p->details[k].count;
+    }
+}
+
+/* Under r->lock, once d's report went out: its counts less what the
+ * report held (day_mark). Sessions counted while it was being sent (a
+ * flush sends today's day, still counting) stay for the next report.
+ * Returns whether any are left. */
+static bool
+day_reported(struct day *d)
+{
+    bool left = false;
+    for (unsigned i = 0; i < d->npols; i++) {
+        struct rpol *p = d->pols[i];
+        p->success -= p->rep_success;
+        p->failure -= p->rep_failure;
+        p->rep_success = p->rep_failure = 0;
+        for (unsigned k = 0; k < p->ndetails; k++) {
+            p->details[k].count -= p->details[k].reported;
+            p->details[k].reported = 0;
+        }
+        left |= p->success + p->failure > 0;
+    }
+    return left;
 }
 
 /* Under r->lock: d's policy of type t (for POL_TLSA: of base domain mx),
@@ -396,6 +434,8 @@ pol_save(struct json *j, const struct rpol *p)
     json_raw(j, "\n", 1);
     for (unsigned i = 0; i < p->ndetails; i++) {
         const struct detail *x = &p->details[i];
+        if (x->count == 0)
+            continue;
         k = snprintf(line, sizeof(line), "F %s %llu %s %s\n", result_names[x->result],
                      (unsigned long long)x->count, x->mx[0] ? x->mx : "-",
                      x->addr[0] ? x->addr : "-");
@@ -623,6 +663,8 @@ pol_json(const struct day *d, const struct rpol *p, struct json *j)
     json_arr_begin(j);
     for (unsigned i = 0; i < p->ndetails; i++) {
         const struct detail *x = &p->details[i];
+        if (x->count == 0)
+            continue; /* all of it in a report sent before */
         json_obj_begin(j);
         json_kstr(j, "result-type", result_names[x->result]);
         if (x->addr[0])
@@ -662,7 +704,8 @@ report_json(struct tlsrpt *r, const struct day *d, const char *report_id, struct
     json_key(j, "policies");
     json_arr_begin(j);
     for (unsigned i = 0; i < d->npols; i++)
-        pol_json(d, d->pols[i], j);
+        if (d->pols[i]->success + d->pols[i]->failure > 0) /* else all in a report sent */
+            pol_json(d, d->pols[i], j);
     json_arr_end(j);
     json_obj_end(j);
 }
@@ -962,9 +1005,12 @@ day_sent(struct tlsrpt *r, struct day *d)
         r->sent++;
     else
         r->failed++;
-    bool drop = ok || today - d->day > GIVE_UP_DAYS;
+    bool drop = ok ? !day_reported(d) : today - d->day > GIVE_UP_DAYS;
     if (drop) {
         hash_remove(&r->days, &d->hn);
+        r->dirty = true;
+    } else if (ok) {
+        d->next_try_ms = 0; /* what came in meanwhile: due with the day, or the next flush */
         r->dirty = true;
     } else {
         d->next_try_ms = clock_unix_ms() + RETRY_MS;
@@ -1159,6 +1205,7 @@ on_rua(void *arg, enum dns_status status, const char *why, const char *const *tx
              r->cfg->server.hostname);
     pthread_mutex_lock(&r->lock);
     report_json(r, d, id, &j);
+    day_mark(d);
     pthread_mutex_unlock(&r->lock);
     int rc = json_failed(&j) ? -ENOMEM : gzip(j.buf, j.len, &d->gz, &d->gzlen);
     json_fini(&j);

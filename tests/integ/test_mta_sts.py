@@ -105,14 +105,16 @@ class Pki:
 class PolicyServer:
     """HTTPS on 127.0.0.1: GET /.well-known/mta-sts.txt answers by the Host
     header from `policies` (a str, or "big", "slow", "redirect", "html");
-    POST stores the report. A slow answer waits on an event that stop()
-    sets, so no thread outlives the test."""
+    POST stores the report (and its answer waits while post_gate is an
+    Event not set). A slow answer waits on an event that stop() sets, so
+    no thread outlives the test."""
 
     def __init__(self, pki, policies):
         self.policies = policies
         self.reports = []
         self.gets = []
         self.release = threading.Event()
+        self.post_gate = None
         self.cv = threading.Condition()
         server = self
 
@@ -152,6 +154,9 @@ class PolicyServer:
                 with server.cv:
                     server.reports.append((self.path, self.headers.get("Content-Type"), body))
                     server.cv.notify_all()
+                    gate = server.post_gate
+                if gate is not None:
+                    gate.wait(WAIT)
                 self.answer(200, b"thanks\n")
 
             def answer(self, code, body, ctype="text/plain; charset=utf-8"):
@@ -180,6 +185,8 @@ class PolicyServer:
 
     def stop(self):
         self.release.set()
+        if self.post_gate is not None:
+            self.post_gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)
@@ -954,6 +961,42 @@ def test_report_answer_not_on_stdout():
         w.close()
 
 
+def test_sessions_counted_while_a_report_posts_go_in_the_next():
+    """`tlsrpt flush` sends today's report while today still counts:
+    a session counted while its POST is in flight is not dropped with
+    the day once it is sent, but goes in the next report."""
+    w = World()
+    try:
+        w.send("a@testing.test")
+        assert "event=delivered" in w.outcome("a@testing.test")
+        # the session ended (idle_timeout, 1s): the next message makes a new one
+        wait_until(lambda: w.bad.d.count_log("event=disconnect") >= 1, WAIT,
+                   "the first session to end")
+        w.https.post_gate = threading.Event()
+        w.ctl("tlsrpt flush")
+        wait_until(lambda: [r for r in w.https.reports if r[0] == "/report"], WAIT,
+                   "the first report")
+        w.send("b@testing.test")
+        assert "event=delivered" in w.outcome("b@testing.test")
+        wait_until(lambda: w.bad.d.count_log("event=disconnect") >= 2, WAIT,
+                   "the second session to end")
+        w.https.post_gate.set()
+        w.d.wait_log("event=tlsrpt_sent domain=testing.test day=")
+        w.ctl("tlsrpt flush")
+        got = wait_until(lambda: [r for r in w.https.reports if r[0] == "/report"][1:], WAIT,
+                         "a second report with the session counted during the first POST")
+
+        def sessions(body):
+            rep = json.loads(gzip.decompress(body))
+            check_schema(rep, REPORT_SCHEMA)
+            return sum(p["summary"]["total-successful-session-count"] +
+                       p["summary"]["total-failure-session-count"] for p in rep["policies"])
+        first = [r for r in w.https.reports if r[0] == "/report"][0]
+        assert sessions(first[2]) == 1 and sessions(got[0][2]) == 1, w.https.reports
+    finally:
+        w.close()
+
+
 def test_reload_narrows_fetch_and_report_addresses():
     """A reload that takes the policy server's address (127.0.0.1) out of
     [delivery] allow_networks refuses it to policy fetches and report
@@ -991,4 +1034,5 @@ if __name__ == "__main__":
     main([test_enforce_testing_fetch_failures_cache_and_reports,
           test_policy_id_change_fetches_again, test_policy_refreshed_before_it_ends,
           test_policy_host_addresses, test_reload_turns_mta_sts_on,
-          test_report_answer_not_on_stdout, test_reload_narrows_fetch_and_report_addresses])
+          test_report_answer_not_on_stdout, test_sessions_counted_while_a_report_posts_go_in_the_next,
+          test_reload_narrows_fetch_and_report_addresses])
