@@ -111,7 +111,8 @@ const struct conf_key events_sink_keys[] = {
     {"retry_max", CONF_DURATION, EVK(retry_max), 10, 3600000, "1m", "ceiling of that wait", NULL},
     {"max_backlog", CONF_SIZE, EVK(max_backlog), 1024 * 1024, 0, "10G",
      "journal kept for this sink while its endpoint is away; past it the oldest events are "
-     "dropped for this sink (counted, logged)",
+     "dropped for this sink (counted, logged), a journal file at a time: the files are an "
+     "eighth of the smallest max_backlog of the sinks (64K to 64M)",
      NULL},
     {"maxlen", CONF_UINT, EVK(maxlen), 0, 4000000000u, "1000000",
      "redis: XADD MAXLEN ~ this (the stream's approximate cap); 0: no cap", NULL},
@@ -958,6 +959,26 @@ test_hook_segment_max(void)
     return 0;
 }
 
+/* The journal's segment size for these sinks: an eighth of the smallest
+ * max_backlog, 64 KB to 64 MB. A backlog is cut a whole segment at a
+ * time (the oldest ones): with segments larger than the cap, the last
+ * one alone could hold more than the cap and nothing was ever dropped.
+ * The pump moves no more than that per append (one append is in one
+ * segment); the test hook sets the segments alone. */
+static void
+size_segments(struct events *ev, const struct events_sink_config *sinks, unsigned n)
+{
+    uint64_t seg = JOURNAL_SEGMENT_DEFAULT;
+    for (unsigned i = 0; i < n; i++)
+        if (sinks[i].max_backlog / 8 < seg)
+            seg = sinks[i].max_backlog / 8;
+    if (seg < 64 * 1024)
+        seg = 64 * 1024;
+    atomic_store(&ev->pump_bytes, seg < PUMP_BYTES ? (size_t)seg : PUMP_BYTES);
+    size_t hook = test_hook_segment_max();
+    journal_set_segment_max(ev->journal, hook > 0 ? hook : (size_t)seg);
+}
+
 int
 events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, struct queue *q,
            struct events **out, char *err, size_t errlen)
@@ -985,9 +1006,10 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     pthread_mutex_init(&ev->mu, NULL);
     clock_cond_init_mono(&ev->cond);
     ev->queue = q;
-    int rc = journal_open(dir, test_hook_segment_max(), &ev->journal, err, errlen);
+    int rc = journal_open(dir, 0, &ev->journal, err, errlen);
     if (rc < 0)
         goto fail;
+    size_segments(ev, sinks, n);
     if ((ev->port = queue_port_new()) == NULL) {
         rc = -errno;
         snprintf(err, errlen, "events: cannot make a spool port: %s", strerror(errno));
@@ -1088,6 +1110,7 @@ events_reconfigure(struct events *ev, const struct events_sink_config *sinks, un
         return n == 0 ? 0 : -ENOENT;
     if (n > EVENTS_SINKS_MAX)
         return -EINVAL;
+    size_segments(ev, sinks, n);
     char err[256];
     int failed = 0;
     /* Removed, or changed: stop the old one (it stores its cursor). */

@@ -123,6 +123,8 @@ struct events {
     pthread_t pump;
     bool pump_started;
     _Atomic uint64_t put_failed; /* lines put alone that the spool refused */
+    _Atomic size_t pump_bytes;   /* spool records moved per append: PUMP_BYTES, or less when
+                                  * a sink's max_backlog wants smaller segments */
 
     /* Pump thread only. */
     char *pbuf; /* owned: PUMP_BYTES + one record */

@@ -36,10 +36,10 @@ struct seg {
 
 struct journal {
     char *dir; /* owned */
-    size_t segment_max;
     char id[17];
 
-    pthread_mutex_t mu; /* guards segs, nsegs, cap, end_seq */
+    pthread_mutex_t mu; /* guards segs, nsegs, cap, end_seq, segment_max */
+    size_t segment_max;
     struct seg *segs;   /* owned: oldest first, never empty */
     unsigned nsegs, cap;
     uint64_t end_seq; /* the seq after the last durable line */
@@ -245,6 +245,14 @@ drop_replaced(struct journal *j, char *err, size_t errlen)
     return dropped > 0 ? fs_fsync_dir(j->dir) : 0;
 }
 
+void
+journal_set_segment_max(struct journal *j, size_t segment_max)
+{
+    pthread_mutex_lock(&j->mu);
+    j->segment_max = segment_max ? segment_max : JOURNAL_SEGMENT_DEFAULT;
+    pthread_mutex_unlock(&j->mu);
+}
+
 int
 journal_open(const char *dir, size_t segment_max, struct journal **out, char *err, size_t errlen)
 {
@@ -365,8 +373,9 @@ journal_append(struct journal *j, const struct iovec *iov, unsigned n)
         return 0;
     pthread_mutex_lock(&j->mu);
     struct seg cur = *last_seg(j);
+    size_t segment_max = j->segment_max;
     pthread_mutex_unlock(&j->mu);
-    if (cur.len >= j->segment_max) {
+    if (cur.len >= segment_max) {
         struct journal_pos end;
         journal_end(j, &end);
         int rc = seg_create(j, &end);

@@ -58,6 +58,10 @@ struct journal_pos {
  * (free with journal_close) or -errno with a message in err. */
 int journal_open(const char *dir, size_t segment_max, struct journal **out, char *err,
                  size_t errlen);
+
+/* The size past which the next append starts a new segment (0:
+ * JOURNAL_SEGMENT_DEFAULT): the grain of what a trim can drop. */
+void journal_set_segment_max(struct journal *j, size_t segment_max);
 struct journal *journal_close(struct journal *j);
 
 /* Append n buffers of whole lines and fsync. Returns 0 or -errno (then

@@ -131,7 +131,7 @@ pump_move(struct events *ev)
     ev->plen = 0;
     ev->pskip = 0;
     ev->pfrom = ev->pseq = end.seq;
-    int n = queue_events_read(ev->queue, end.seq, PUMP_BYTES, pump_record, ev);
+    int n = queue_events_read(ev->queue, end.seq, atomic_load(&ev->pump_bytes), pump_record, ev);
     if (n < 0) {
         log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
         return n;

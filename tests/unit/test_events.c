@@ -468,6 +468,46 @@ stats_of(struct events *ev, const char *name)
     return st[0];
 }
 
+/* A paused sink's backlog is held to its max_backlog: the journal's
+ * segments are cut to an eighth of it. Before, they were 64 MB whatever
+ * the cap, and a backlog smaller than one segment was never cut: a sink
+ * with max_backlog = 1M kept up to 64 MB. */
+static void
+test_small_max_backlog_is_held(void **state)
+{
+    (void)state;
+    setenv("SLUICE_TEST_EVENTS_SEGMENT", "0", 1); /* the sizes sluice picks */
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    c.max_backlog = 1024 * 1024;
+    struct events *ev = start(&c, 1);
+    static char line[1200];
+    for (unsigned i = 0; i < 3000; i++) { /* 3.2 MB */
+        int len = snprintf(line, sizeof(line),
+                           "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                           "\"id\":\"t%06u\",\"pad\":\"%01000u\"}\n",
+                           i, i);
+        assert_int_equal(queue_events_put(q, port, line, (size_t)len, put_done, NULL), 0);
+    }
+    while (queue_port_pending(port) > 0)
+        assert_true(queue_port_wait(port, 10000) >= 0);
+    wait_written(3000);
+    struct events_sink_stats st = stats_of(ev, "a");
+    for (int i = 0; i < 10000 && st.pending + st.dropped < 3000; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        st = stats_of(ev, "a");
+    }
+    /* the cap is checked once a second while paused */
+    for (int i = 0; i < 3000 && st.pending * 1060 > c.max_backlog; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        st = stats_of(ev, "a");
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    if (st.pending * 1060 > 1024 * 1024 || st.pending + st.dropped != 3000)
+        fail_msg("max_backlog 1M: %llu events (of about 1,060 octets) pending, %llu dropped",
+                 (unsigned long long)st.pending, (unsigned long long)st.dropped);
+}
+
 /* A sink removed by a reload keeps its cursor, but not the journal
  * after it: the other sinks' trims delete what they passed. Added back,
  * it resumes at the first event still on disk, and the events it missed
@@ -1897,6 +1937,7 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_paused_sink_keeps_its_backlog, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats_give_a_64_octet_name_whole, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_small_max_backlog_is_held, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_pump_leaves_nothing_in_the_spool, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_changed_sink_keeps_its_backlog, setup, teardown),
