@@ -69,12 +69,15 @@ static const struct conf_key server_keys[] = {
      "protocol errors in one session before it is closed with 421", NULL},
     {"max_junk_commands", CONF_UINT, SRV(max_junk_commands), 1, 1000000000, "100",
      "commands that move no mail (NOOP, VRFY, EXPN, HELP, an RSET outside a transaction, a "
-     "MAIL refused with 5xx, an EHLO or HELO after the session's greeting) a session may send "
+     "MAIL refused with 5xx, an EHLO or HELO after the session's greeting, an AUTH refused "
+     "with 5xx or cancelled, a STARTTLS refused, an RCPT, DATA or BDAT with no MAIL before "
+     "it) a session may send "
      "since its last MAIL accepted; one more closes it with 421, so that a client that sends "
      "only these cannot hold a connection slot for ever (Postfix's "
      "smtpd_junk_command_limit). An RSET that ends a transaction, a refused RCPT (suppressed "
-     "recipients), a MAIL refused for now (4xx) and the first EHLO or HELO, and the first "
-     "after STARTTLS, do not count",
+     "recipients), a MAIL refused for now (4xx), the RCPTs, DATA and BDATs pipelined behind "
+     "a refused MAIL or BDAT chunk (up to max_recipients + 1), and the first EHLO or HELO, and the "
+     "first after STARTTLS, do not count",
      NULL},
     {"timeout_command", CONF_DURATION, SRV(timeout_command), 1000, 3600000, "5m",
      "how long a client may take to send one complete command (RFC 5321 4.5.3.2)", NULL},

@@ -799,6 +799,7 @@ static void
 auth_response(struct session *s, const char *line, size_t len)
 {
     if (len == 1 && line[0] == '*') {
+        s->junk++; /* an AUTH that moved nothing, as a refused one (handle_line) */
         reply(s, "501 5.0.0 Authentication cancelled");
         session_enter(s, SS_COMMAND);
         return;
@@ -952,13 +953,29 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
      * one, and the one after STARTTLS (tls_established forgets the
      * greeting), are the protocol's; one that resets between transactions
      * is followed by a MAIL that clears the count; a client that only
-     * greets, for ever, is closed like one that only says NOOP. */
+     * greets, for ever, is closed like one that only says NOOP. So is one
+     * that repeats, for ever and with no protocol error, an AUTH or a
+     * STARTTLS refused with 5xx (a mechanism or service not offered, a
+     * second one; an AUTH cancelled, auth_response) or an RCPT, DATA or
+     * BDAT outside a transaction; not the RCPTs, DATA and BDATs pipelined
+     * behind a refused MAIL or BDAT chunk (RFC 2920 3.1, RFC 3030 2), up
+     * to max_recipients + 1 of them. */
+    bool out_of_txn = (v == SMTP_VERB_RCPT || v == SMTP_VERB_DATA || v == SMTP_VERB_BDAT) &&
+                      refused && !in_txn;
+    bool pipelined_rest = out_of_txn && s->pipelined_rest > 0;
+    if (pipelined_rest)
+        s->pipelined_rest--;
+    else if (v == SMTP_VERB_MAIL || (v == SMTP_VERB_BDAT && in_txn))
+        /* a chunk's refusal comes after its octets: any may be refused */
+        s->pipelined_rest = v == SMTP_VERB_MAIL && !refused ? 0 : s->sw->cfg->max_recipients + 1;
     if (v == SMTP_VERB_MAIL && !refused)
         s->junk = 0;
     else if (v == SMTP_VERB_NOOP || v == SMTP_VERB_VRFY || v == SMTP_VERB_EXPN ||
              v == SMTP_VERB_HELP || (v == SMTP_VERB_RSET && !in_txn) ||
              ((v == SMTP_VERB_EHLO || v == SMTP_VERB_HELO) && greeted) ||
-             (v == SMTP_VERB_MAIL && s->out[at] == '5'))
+             (v == SMTP_VERB_MAIL && s->out[at] == '5') ||
+             ((v == SMTP_VERB_AUTH || v == SMTP_VERB_STARTTLS) && s->out[at] == '5') ||
+             (out_of_txn && !pipelined_rest))
         s->junk++;
 }
 

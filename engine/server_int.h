@@ -110,6 +110,9 @@ struct session {
     unsigned errors;
     unsigned junk; /* commands that moved no mail since the last MAIL accepted
                     * ([server] max_junk_commands) */
+    unsigned pipelined_rest; /* 503s to RCPT, DATA or BDAT still taken for the
+                              * pipelined rest of a refused MAIL or BDAT chunk, not
+                              * as junk */
     /* Commands by verb (SMTP_VERB_NONE: unrecognized, or a line refused
      * before it was read as one), and those answered 4xx or 5xx: the
      * disconnect line's summary, as Postfix's. */

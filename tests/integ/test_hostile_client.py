@@ -800,6 +800,72 @@ def test_ehlo_loop_counts_as_junk():
         assert d.count_log("event=too_many_junk_commands") == 2
 
 
+def test_refused_auth_starttls_and_commands_outside_a_transaction_count_as_junk():
+    """A client that repeats an AUTH it cancels ("*") or whose mechanism is
+    not offered, a STARTTLS refused (here: TLS already up), or an RCPT, DATA
+    or BDAT with no MAIL before it, moves no mail and makes no protocol
+    error: each counts toward max_junk_commands, and one past it gets 421.
+    Before, these were answered for ever, a connection slot held by a
+    client that never even authenticated. The RCPTs, DATA and BDATs
+    pipelined behind a refused MAIL or chunk (RFC 2920 3.1) are not junk,
+    up to max_recipients + 1 of them: a client whose MAIL is refused (here for its
+    declared size) with max_recipients RCPTs behind it, or whose BDAT
+    chunk is (over max_message_size) with twenty more behind it, goes on,
+    and its next message is queued."""
+    loops = [(False, [b"AUTH LOGIN\r\n", b"*\r\n"], [334, 501]),
+             (False, [b"AUTH LOGIN\r\n", base64.b64encode(b"alice") + b"\r\n", b"*\r\n"],
+              [334, 334, 501]),
+             (False, [b"AUTH CRAM-MD5\r\n"], [504]),
+             (False, [b"RCPT TO:<b@example.net>\r\n"], [503]),
+             (False, [b"DATA\r\n"], [503]),
+             (False, [b"BDAT 1\r\nx"], [503]),
+             (True, [b"STARTTLS\r\n"], [503])]
+    with sluice("max_junk_commands = 5\nmax_recipients = 20\nmax_message_size = 10K\n",
+                trusted="10.9.9.0/24") as d:
+        for tls, steps, codes in loops:
+            s = connect(d, tls)
+            f = s.makefile("rb")
+            s.sendall(b"EHLO client.example\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            got = []
+            for _ in range(6):  # five counted, the sixth one past the limit
+                for step in steps:
+                    s.sendall(step)
+                    got.append(int(f.readline()[:3]))
+            last = f.readline()
+            s.close()
+            assert got == codes * 6 and last.startswith(b"421 4.7.0") \
+                and b"without mail" in last, (steps, got, last)
+        lines = d.wait_log_count("event=too_many_junk_commands", len(loops))
+        assert all("junk=6" in ln for ln in lines), lines
+
+        c = Smtp(d.port)
+        c.expect("EHLO client.example", 250)
+        c.expect(f"AUTH PLAIN {plain('alice', PASSWORD)}", 235)
+        for _ in range(2):  # each MAIL refused and each RSET are junk: 4 of 5
+            c.send("MAIL FROM:<a@example.com> SIZE=20000\r\n" +
+                   "".join(f"RCPT TO:<b{i}@example.net>\r\n" for i in range(20)) + "DATA\r\n")
+            got = [x.code for x in c.replies(22)]
+            assert got == [552] + [503] * 21, got
+            c.expect("RSET", 250)
+        # a chunk over max_message_size, twenty more pipelined behind it
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.net>", 250)
+        big = b"x" * 998 + b"\r\n"
+        c.send(b"BDAT 12000\r\n" + big * 12 + (b"BDAT 1000\r\n" + big) * 20)
+        got = [x.code for x in c.replies(21)]
+        assert got == [552] + [503] * 20, got
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        c.expect("RCPT TO:<b@example.net>", 250)
+        c.expect("DATA", 354)
+        c.expect("Subject: after\r\n\r\nbody\r\n.", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        d.wait_log_count("event=queued", 1)
+        assert d.count_log("event=too_many_junk_commands") == len(loops)
+
+
 def test_client_hello_pipelined_with_starttls_is_closed_at_once():
     """A client that sends its TLS ClientHello in the same write as
     STARTTLS, before the 220: the hello is dropped with the rest of that
@@ -1149,6 +1215,7 @@ if __name__ == "__main__":
         test_auth_before_starttls_is_forgotten_after_it,
         test_junk_commands_end_a_session_that_moves_no_mail,
         test_ehlo_loop_counts_as_junk,
+        test_refused_auth_starttls_and_commands_outside_a_transaction_count_as_junk,
         test_client_hello_pipelined_with_starttls_is_closed_at_once,
         test_esmtp_after_helo_refused,
         test_bad_parameter_values_after_helo_refused_as_parameters,
