@@ -196,12 +196,81 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
     return false;
 }
 
+/* A suppressed event kept back (struct session's supp): its strings
+ * in data, one allocation. */
+struct supp_pending {
+    const char *addr, *text, *scope;
+    const char *reason; /* static */
+    char data[];
+};
+
+static void
+supp_event(struct session *s, const char *addr, const char *text, const char *reason,
+           const char *scope, const char *tenant)
+{
+    struct engine *e = s->sw->e;
+    struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
+    struct dlog_event ev = {
+        .kind = DLOG_SUPPRESSED,
+        .rcpt = addr,
+        .sender = s->sender,
+        .domain = strrchr(addr, '@') != NULL ? strrchr(addr, '@') + 1 : NULL,
+        .code = (unsigned)atoi(text),
+        .reply = text,
+        .reason = reason,
+        .scope = scope,
+        .client = s->peer_ip,
+        .auth_user = s->user ? s->user->name : NULL,
+        .tenant = tenant,
+    };
+    dlog_event(lw, &ev);
+}
+
+/* Keep the event back until the transaction's tenant is known; false
+ * when there is no room (max_recipients kept) or memory. */
+static bool
+supp_keep(struct session *s, const char *addr, const char *text, const char *reason,
+          const char *scope)
+{
+    unsigned max = s->sw->cfg->max_recipients;
+    if (s->nsupp >= max)
+        return false;
+    if (s->supp == NULL && (s->supp = calloc(max, sizeof(*s->supp))) == NULL)
+        return false;
+    size_t la = strlen(addr) + 1, lt = strlen(text) + 1, ls = strlen(scope) + 1;
+    struct supp_pending *p = malloc(sizeof(*p) + la + lt + ls);
+    if (p == NULL)
+        return false;
+    p->addr = memcpy(p->data, addr, la);
+    p->text = memcpy(p->data + la, text, lt);
+    p->scope = memcpy(p->data + la + lt, scope, ls);
+    p->reason = reason;
+    s->supp[s->nsupp++] = p;
+    return true;
+}
+
+void
+supp_flush(struct session *s, const char *tenant)
+{
+    for (unsigned i = 0; i < s->nsupp; i++) {
+        struct supp_pending *p = s->supp[i];
+        supp_event(s, p->addr, p->text, p->reason, p->scope, tenant);
+        free(p);
+    }
+    free(s->supp);
+    s->supp = NULL;
+    s->nsupp = 0;
+}
+
 /* Check addr against the suppression list: the global list, then
  * tenant's own (NULL: none). Returns 1 when it is suppressed (the
  * event logged and counted, the reply to give in text), 0 when not, or a
- * negative errno when the list cannot be read (logged). */
+ * negative errno when the list cannot be read (logged). With keep, the
+ * event for the delivery log and the sinks waits for the transaction's
+ * tenant (supp_flush). */
 static int
-suppress_one(struct session *s, const char *addr, const char *tenant, char *text, size_t tlen)
+suppress_one(struct session *s, const char *addr, const char *tenant, char *text, size_t tlen,
+             bool keep)
 {
     struct suppress_entry ent;
     int rc = suppress_check(s->sw->e->suppress, tenant, addr, &ent);
@@ -219,22 +288,9 @@ suppress_one(struct session *s, const char *addr, const char *tenant, char *text
             "user=%s client=%s",
             (unsigned long long)s->id, addr, s->sender, suppress_reason_str(ent.reason), ent.scope,
             ent.addr, s->user ? s->user->name : "-", s->peer_ip);
-    struct engine *e = s->sw->e;
-    struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
-    struct dlog_event ev = {
-        .kind = DLOG_SUPPRESSED,
-        .rcpt = addr,
-        .sender = s->sender,
-        .domain = strrchr(addr, '@') != NULL ? strrchr(addr, '@') + 1 : NULL,
-        .code = (unsigned)atoi(text),
-        .reply = text,
-        .reason = suppress_reason_str(ent.reason),
-        .scope = ent.scope,
-        .client = s->peer_ip,
-        .auth_user = s->user ? s->user->name : NULL,
-        .tenant = tenant,
-    };
-    dlog_event(lw, &ev);
+    const char *reason = suppress_reason_str(ent.reason);
+    if (!keep || !supp_keep(s, addr, text, reason, ent.scope))
+        supp_event(s, addr, text, reason, ent.scope, tenant);
     return 1;
 }
 
@@ -271,7 +327,11 @@ rcpt_suppressed(struct session *s, const struct smtp_cmd *c)
     memcpy(addr, c->path.mailbox.ptr, c->path.mailbox.len);
     addr[c->path.mailbox.len] = '\0';
     char text[512];
-    int rc = suppress_one(s, addr, rcpt_tenant(s), text, sizeof(text));
+    /* Without the AUTH user's tenant, the message may name one after
+     * DATA (X-Sluice-Tenant): the event waits to carry it, so that a
+     * sink filtered by tenant hears of its refused recipients. */
+    const char *tenant = rcpt_tenant(s);
+    int rc = suppress_one(s, addr, tenant, text, sizeof(text), tenant == NULL);
     if (rc == 0)
         return false;
     if (rc < 0)
@@ -293,13 +353,14 @@ suppress_after_data(struct session *s, char *text, size_t tlen)
 {
     const char *tenant = s->owner.tenant != NULL ? s->owner.tenant->name : NULL;
     const char *checked = rcpt_tenant(s);
+    supp_flush(s, tenant); /* the RCPTs refused: now with the message's tenant */
     if (s->sw->e->suppress == NULL || tenant == NULL ||
         (checked != NULL && strcasecmp(checked, tenant) == 0))
         return 0;
     unsigned kept = 0;
     char one[512];
     for (unsigned i = 0; i < s->nrcpt; i++) {
-        int rc = suppress_one(s, s->rcpts[i].addr, tenant, one, sizeof(one));
+        int rc = suppress_one(s, s->rcpts[i].addr, tenant, one, sizeof(one), false);
         if (rc < 0) {
             snprintf(text, tlen, "451 4.3.0 Local error in processing");
             /* What was dropped so far stays dropped: the message is refused. */

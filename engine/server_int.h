@@ -113,6 +113,12 @@ struct session {
     unsigned pipelined_rest; /* 503s to RCPT, DATA or BDAT still taken for the
                               * pipelined rest of a refused MAIL or BDAT chunk, not
                               * as junk */
+    /* The suppressed events of RCPTs refused in this transaction while
+     * its tenant is not known yet (X-Sluice-Tenant, after DATA): sent
+     * with it, or without one when the transaction ends first
+     * (server_cmd.c supp_flush). Owned; at most max_recipients. */
+    struct supp_pending **supp;
+    unsigned nsupp;
     /* Commands by verb (SMTP_VERB_NONE: unrecognized, or a line refused
      * before it was read as one), and those answered 4xx or 5xx: the
      * disconnect line's summary, as Postfix's. */
@@ -315,6 +321,8 @@ void session_on_hash(struct worker *w, struct worker_msg *m);
  * tenant's suppression list are dropped. 0 with at least one left, or a
  * negative value with the reply for the whole message in text. */
 int suppress_after_data(struct session *s, char *text, size_t tlen);
+/* The suppressed events RCPT kept back, sent with tenant (NULL: none). */
+void supp_flush(struct session *s, const char *tenant);
 
 /* server_msg.c: the message */
 /* The body budget shared by every worker (e->body_bytes against limit). */

@@ -180,6 +180,7 @@ body_reserve(struct session *s, size_t n)
 void
 txn_reset(struct session *s)
 {
+    supp_flush(s, NULL); /* a transaction that ended before its tenant was known */
     free(s->sender);
     s->sender = NULL;
     free(s->envid);

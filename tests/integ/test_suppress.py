@@ -288,6 +288,42 @@ def test_header_tenant_checked_after_data():
         r.close()
 
 
+def test_rcpt_refusal_carries_the_header_tenant():
+    """A recipient refused at RCPT (the global list) in a message whose
+    tenant X-Sluice-Tenant names after DATA: its suppressed event carries
+    that tenant, as the message's other events do, so that a sink
+    filtered by tenant hears of it. A transaction that ends before DATA
+    has no tenant: the event goes out then, without one."""
+    r = Relay(records_for(["ten.test"]), domain_conf=conf("[tenant acme]\n"))
+    try:
+        ctl_ok(r, "suppress", "add", "dead@ten.test")
+        c = Client(r.port)
+        assert c.cmd("MAIL FROM:<s@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<dead@ten.test>").startswith("550 5.7.1")
+        assert c.cmd("RCPT TO:<here@ten.test>").startswith("250")
+        assert c.cmd("DATA").startswith("354")
+        c.s.sendall(b"X-Sluice-Tenant: acme\r\nSubject: s\r\n\r\nhello\r\n.\r\n")
+        assert c.f.readline().startswith(b"250")
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 1)
+        assert sup[0]["rcpt"] == "dead@ten.test" and sup[0]["scope"] == "global", sup
+        assert sup[0].get("tenant") == "acme" and sup[0]["sender"] == "s@example.com", sup
+        # refused, then the transaction reset: said at the RSET, no tenant
+        assert c.cmd("MAIL FROM:<t@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<dead@ten.test>").startswith("550 5.7.1")
+        assert c.cmd("RSET").startswith("250")
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 2)
+        assert sup[1]["sender"] == "t@example.com" and sup[1].get("tenant") is None, sup
+        # and at the end of the session, for one that just goes
+        assert c.cmd("MAIL FROM:<u@example.com>").startswith("250")
+        assert c.cmd("RCPT TO:<dead@ten.test>").startswith("550 5.7.1")
+        c.close()
+        sup = wait_events(r.dlog, lambda e: e["event"] == "suppressed", 3)
+        assert sup[2]["sender"] == "u@example.com" and sup[2].get("tenant") is None, sup
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_auth_tenant_named_in_another_case():
     """Tenant names compare without case: a users file's tenant=ACME is
     the config's [tenant acme], whose name the message, its VERP token and
@@ -693,6 +729,7 @@ if __name__ == "__main__":
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
+          test_rcpt_refusal_carries_the_header_tenant,
           test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list,
           test_operator_scope_in_another_case, test_complaint_for_unconfigured_tenant_folded,
           test_scope_for_a_tenant_configured_later])
