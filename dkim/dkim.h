@@ -92,7 +92,8 @@ int dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM
 /* ---- header fields ---- */
 
 /* The domain of the address(es) in the From: fields of the header
- * section hdr[0..len): exactly one domain, lowercase, into out. Several
+ * section hdr[0..len): exactly one domain, lowercase, its U-labels (UTF-8,
+ * RFC 6532) written as A-labels ("xn--..."), into out. Several
  * From: fields or addresses sharing that domain are fine (DMARC aligns
  * with it); several domains are DKIM_EFROMS, none DKIM_ENOFROM. A From:
  * field that ends inside a comment, a quoted string or an angle-addr
@@ -102,7 +103,8 @@ int dkim_body_final(struct dkim_body *b, enum dkim_canon canon, uint8_t out[DKIM
  * picked that a receiver would align with. */
 int dkim_from_domain(const char *hdr, size_t len, char *out, size_t cap);
 /* The signing domain of one address (an envelope sender, a configured
- * From): what follows its last '@', lowercase, without trailing dots (a
+ * From): what follows its last '@', lowercase, U-labels as A-labels,
+ * without trailing dots (a
  * keyring's domains have none, and d= must not: "example.com." is not
  * example.com to a verifier's alignment check), as dkim_from_domain
  * does. Returns 0, or DKIM_ENOFROM when there is none or it does not

@@ -233,6 +233,17 @@ valid_domain(const char *s)
     return true;
 }
 
+/* What to add to "not a domain name" for s: an IDN written in U-labels
+ * has a form that is one (keys are looked up by A-labels, sign.c). */
+static const char *
+idn_hint(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s >= 0x80)
+            return " (write an IDN in A-labels: xn--...)";
+    return "";
+}
+
 int
 dkim_config_check(const struct dkim_config *c, const char **bad, char *err, size_t errlen)
 {
@@ -309,7 +320,7 @@ signer_build(struct dkim_keyring *kr, const char *domain, const char *selector,
     }
     if (!valid_domain(d)) {
         *bad = "domain";
-        snprintf(err, errlen, "\"%s\" is not a domain name", d);
+        snprintf(err, errlen, "\"%s\" is not a domain name%s", d, idn_hint(d));
         return -EINVAL;
     }
     if (key_file == NULL) {
@@ -417,8 +428,8 @@ dkim_keyring_add_dir(struct dkim_keyring *kr, const struct dkim_config *defaults
         if (stat(dpath, &st) < 0 || !S_ISDIR(st.st_mode))
             continue; /* README files and the like */
         if (!valid_domain(de->d_name)) {
-            snprintf(msg, sizeof(msg), "%s: not a domain name (KEY_DIR/DOMAIN/SELECTOR.pem)",
-                     dpath);
+            snprintf(msg, sizeof(msg), "%s: not a domain name%s (KEY_DIR/DOMAIN/SELECTOR.pem)",
+                     dpath, idn_hint(de->d_name));
             report(ctx, msg);
             errors++;
             continue;

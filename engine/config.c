@@ -409,8 +409,11 @@ dkim_section(struct parse *p, const char *arg)
     if (dl > 1 && d[dl - 1] == '.')
         d[--dl] = '\0';
     if (strcmp(d, "*") != 0 && !config_valid_domain_name(d)) {
-        config_err(p, p->header_line, "[dkim %s]: %s is not a domain name (or * for the default)", arg,
-             d);
+        bool idn = false;
+        for (const char *c = d; *c; c++)
+            idn |= (unsigned char)*c >= 0x80;
+        config_err(p, p->header_line, "[dkim %s]: %s is not a domain name (or * for the default)%s",
+                   arg, d, idn ? "; write an IDN in A-labels: xn--..." : "");
         return -1;
     }
     for (unsigned i = 0; i < p->ndkims; i++)

@@ -126,6 +126,19 @@ test_from_domain(void **state)
         /* one From: field that cannot be read beside one that can: which
          * a receiver takes cannot be told */
         {"From: a@example.com\r\nFrom: (x <b@other.org>\r\n", DKIM_EFROMSYNTAX, NULL},
+        /* an IDN written as U-labels (SMTPUTF8) is looked up as the A-labels
+         * keys are configured under (RFC 8616 4): either form, one domain */
+        {"From: a@b\xc3\xbc" "cher.example\r\n", 0, "xn--bcher-kva.example"},
+        {"From: J <a@B\xc3\xbc" "cher.Example.>\r\n", 0, "xn--bcher-kva.example"},
+        {"From: a@m\xc3\xbc" "nchen.de, b@xn--mnchen-3ya.de\r\n", 0, "xn--mnchen-3ya.de"},
+        {"From: a@m\xc3\xbc" "nchen.de, b@muenchen.de\r\n", DKIM_EFROMS, NULL},
+        {"From: a@\xe4\xbe\x8b\xe3\x81\x88.\xe3\x83\x86\xe3\x82\xb9\xe3\x83\x88\r\n", 0,
+         "xn--r8jz45g.xn--zckzah"},
+        {"From: a@a\xf0\x9f\x98\x80" "b.example\r\n", 0, "xn--ab-no82a.example"},
+        /* not UTF-8 (a lone continuation octet, an overlong '/'): kept as
+         * written, which no key matches */
+        {"From: a@b\xbc" "c.example\r\n", 0, "b\xbc" "c.example"},
+        {"From: a@\xc0\xaf.example\r\n", 0, "\xc0\xaf.example"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char dom[256] = "";
@@ -145,6 +158,7 @@ test_from_domain(void **state)
         {"user@Example.COM", 0, "example.com"},
         {"user@example.com.", 0, "example.com"},
         {"\"a@b\"@Sub.Example.com..", 0, "sub.example.com"},
+        {"user@B\xc3\xbc" "cher.example", 0, "xn--bcher-kva.example"},
         {"user@", DKIM_ENOFROM, NULL},
         {"user@.", DKIM_ENOFROM, NULL},
         {"user", DKIM_ENOFROM, NULL},

@@ -71,7 +71,7 @@ class Mx:
                     return
                 verb = line[:4].upper()
                 if verb == b"EHLO":
-                    c.sendall(b"250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                    c.sendall(b"250-mx.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
                               b"250 SIZE 100000000\r\n")
                 elif verb == b"DATA":
                     c.sendall(b"354 go\r\n")
@@ -623,6 +623,39 @@ def test_tls_report_signed_across_a_reload():
         w.close()
 
 
+def test_idn_from_domain_signs_with_its_a_label_key():
+    """An IDN From: domain written as U-labels (SMTPUTF8, RFC 6532) is
+    signed by the key configured under its A-labels, d= in A-labels (RFC
+    8616 4), and verifies with both verifiers. It went out unsigned
+    (no_key)."""
+    keys = [("idn.pem", "ed25519"), ("idnrsa.pem", "rsa2048")]
+    conf = ("[dkim xn--bcher-kva.test k]\nkey_file = @KEYS@/idn.pem\n"
+            "[dkim xn--bcher-kva.test r]\nkey_file = @KEYS@/idnrsa.pem\n")
+    t = DkimRelay(keys, conf, [("xn--bcher-kva.test", "k"), ("xn--bcher-kva.test", "r")])
+    try:
+        frm = "Jane <jane@B\u00fccher.test>".encode()
+        c = socket.create_connection(("127.0.0.1", t.r.port), timeout=30)
+        f = c.makefile("rb")
+        assert f.readline().startswith(b"220")
+        c.sendall(b"EHLO t\r\n")
+        read_until(f, b"250 ")
+        c.sendall("MAIL FROM:<jane@b\u00fccher.test> SMTPUTF8\r\n".encode() +
+                  b"RCPT TO:<x@rcpt.test>\r\nDATA\r\n")
+        assert f.readline().startswith(b"250") and f.readline().startswith(b"250")
+        assert f.readline().startswith(b"354")
+        c.sendall(msg(frm, "Gr\u00fc\u00dfe".encode()) + b".\r\n")
+        assert f.readline().startswith(b"250")
+        c.sendall(b"QUIT\r\n")
+        c.close()
+        m = t.mx.wait(1)[0]
+        check_both(m, t.dns_port, [("xn--bcher-kva.test", "k", "ed25519-sha256"),
+                                   ("xn--bcher-kva.test", "r", "rsa-sha256")])
+        ev = wait_events(t.r.dlog, lambda e: e["event"] == "reception", 1)[0]
+        assert "dkim_unsigned" not in ev and len(ev["dkim"]) == 2, ev
+    finally:
+        t.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
@@ -630,4 +663,5 @@ if __name__ == "__main__":
           test_unsigned_domains_and_the_default_key, test_key_dir_and_sighup,
           test_check_config_reports_bad_keys, test_hostile_headers_get_a_clear_outcome,
           test_bdat_and_clients_that_leave_while_signing,
-          test_tls_report_signed_across_a_reload])
+          test_tls_report_signed_across_a_reload,
+          test_idn_from_domain_signs_with_its_a_label_key])
