@@ -656,6 +656,75 @@ def test_idn_from_domain_signs_with_its_a_label_key():
         t.close()
 
 
+def test_key_rotation_by_reload():
+    """A rotation as an operator does it: a new selector's section is
+    added and the old one removed, then `sluicectl reload`. Mail queued
+    before the reload keeps the signature it got at reception (old
+    selector: it verifies while the old record stays published); mail
+    received after it is signed by the new key only. A key file then
+    replaced on disk by an EC key, or by garbage, makes the reload refused
+    with the file named, and the new key goes on signing."""
+    keys = [("old.pem", "rsa2048"), ("new.pem", "ed25519")]
+    conf1 = "[dkim a.test old]\nkey_file = @KEYS@/old.pem\n"
+    t = DkimRelay(keys, conf1 + "[dkim a.test new]\nkey_file = @KEYS@/new.pem\n",
+                  [("a.test", "old"), ("a.test", "new")])
+    try:
+        path = os.path.join(t.r.wd.path, "sluice.conf")
+        with open(path) as f:
+            text = f.read()
+        # start with the old key only
+        new_sec = "[dkim a.test new]\nkey_file = %s/new.pem\n" % t.kd.path
+        old_sec = "[dkim a.test old]\nkey_file = %s/old.pem\n" % t.kd.path
+        assert new_sec in text and old_sec in text, text
+        with open(path, "w") as f:
+            f.write(text.replace(new_sec, ""))
+
+        def ctl(cmd):
+            r = run([os.environ.get("SLUICECTL", "sluicectl"), "-s", t.r.dlog + ".sock",
+                     *cmd.split()])
+            return r
+        r = ctl("reload")
+        assert r.returncode == 0 and r.stdout.split() == ["reload", "done"], (r.stdout, r.stderr)
+        r = ctl("suspend rcpt.test")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@a.test", b"before"))])
+        with open(path, "w") as f:
+            f.write(text.replace(old_sec, ""))
+        r = ctl("reload")
+        assert r.returncode == 0 and r.stdout.split() == ["reload", "done"], (r.stdout, r.stderr)
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@a.test", b"after"))])
+        r = ctl("resume rcpt.test")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        got = t.mx.wait(2)
+        for m in got:
+            if b"before" in m:
+                check_both(m, t.dns_port, [("a.test", "old", "rsa-sha256")])
+            else:
+                check_both(m, t.dns_port, [("a.test", "new", "ed25519-sha256")])
+
+        # the key file replaced on disk by another algorithm, then by garbage
+        newpath = os.path.join(t.kd.path, "new.pem")
+        os.rename(newpath, newpath + ".good")
+        r = run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
+                 "ec_paramgen_curve:P-256", "-out", newpath])
+        assert r.returncode == 0
+        r = ctl("reload")
+        assert r.returncode != 0 and "new.pem" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        with open(newpath, "w") as f:
+            f.write("garbage\n")
+        r = ctl("reload")
+        assert r.returncode != 0 and "new.pem" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        os.unlink(newpath)
+        r = ctl("reload")
+        assert r.returncode != 0 and "new.pem" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        t.r.inject([("s@sender.test", ["x@rcpt.test"], msg(b"a@a.test", b"kept"))])
+        m = [x for x in t.mx.wait(3) if b"kept" in x][0]
+        check_both(m, t.dns_port, [("a.test", "new", "ed25519-sha256")])
+        os.rename(newpath + ".good", newpath)
+    finally:
+        t.close()
+
+
 if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
@@ -664,4 +733,4 @@ if __name__ == "__main__":
           test_check_config_reports_bad_keys, test_hostile_headers_get_a_clear_outcome,
           test_bdat_and_clients_that_leave_while_signing,
           test_tls_report_signed_across_a_reload,
-          test_idn_from_domain_signs_with_its_a_label_key])
+          test_idn_from_domain_signs_with_its_a_label_key, test_key_rotation_by_reload])
