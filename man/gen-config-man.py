@@ -73,7 +73,7 @@ This page lists every section and key with its type, default and range.
 It is made from the same tables as
 .B sluice \-\-config\-reference
 (and
-.IR /usr/share/doc/sluice/config.md ),
+.IR /usr/share/doc/sluice/config.md.gz ),
 so it describes exactly the binary it ships with.
 """
 

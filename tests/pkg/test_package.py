@@ -27,6 +27,7 @@ the packaged config (587, 9187) are taken.
 
     test_package.py SOURCE_DIR [WORK_DIR]
 """
+import gzip
 import json
 import os
 import pwd
@@ -170,6 +171,29 @@ def check_contents(deb):
         with open(os.path.join(d, "conffiles")) as f:
             cf = f.read().split()
         assert "/etc/sluice/sluice.conf" in cf, cf
+    check_doc_paths(deb, paths)
+
+
+def check_doc_paths(deb, paths):
+    """Every /usr/share/doc/sluice/ file the unit and the man pages name
+    is in the package under that name (dh_compress renames what it
+    compresses: the unit pointed at sluicectl.md, installed as .md.gz)."""
+    have = {p.rstrip("/") for p in paths}
+    named = set()
+    with tempfile.TemporaryDirectory() as d:
+        run(["dpkg-deb", "-x", deb, d])
+        texts = []
+        with open(os.path.join(d, "lib/systemd/system/sluice.service")) as f:
+            texts.append(f.read())
+        for sec in ("man1", "man5", "man8"):
+            mdir = os.path.join(d, "usr/share/man", sec)
+            for name in os.listdir(mdir):
+                with gzip.open(os.path.join(mdir, name), "rt") as f:
+                    texts.append(f.read())
+        for t in texts:
+            named.update(m.rstrip(".),") for m in re.findall(r"/usr/share/doc/sluice/[\w./-]*", t))
+    missing = sorted(n for n in named if "." + n.rstrip("/") not in have)
+    assert named and not missing, f"named but not in the package: {missing}"
 
 
 class Daemon:
