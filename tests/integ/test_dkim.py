@@ -680,7 +680,9 @@ def test_key_rotation_by_reload():
             f.write(text.replace(new_sec, ""))
 
         def ctl(cmd):
-            r = run([os.environ.get("SLUICECTL", "sluicectl"), "-s", t.r.dlog + ".sock",
+            ctl_bin = os.environ.get("SLUICECTL") or os.path.normpath(os.path.join(
+                os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
+            r = run([ctl_bin, "-s", t.r.dlog + ".sock",
                      *cmd.split()])
             return r
         r = ctl("reload")
