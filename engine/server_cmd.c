@@ -232,10 +232,13 @@ static bool
 supp_keep(struct session *s, const char *addr, const char *text, const char *reason,
           const char *scope)
 {
-    unsigned max = s->sw->cfg->max_recipients;
-    if (s->nsupp >= max)
-        return false;
-    if (s->supp == NULL && (s->supp = calloc(max, sizeof(*s->supp))) == NULL)
+    if (s->supp == NULL) {
+        unsigned max = s->sw->cfg->max_recipients;
+        if ((s->supp = calloc(max, sizeof(*s->supp))) == NULL)
+            return false;
+        s->supp_cap = max;
+    }
+    if (s->nsupp >= s->supp_cap)
         return false;
     size_t la = strlen(addr) + 1, lt = strlen(text) + 1, ls = strlen(scope) + 1;
     struct supp_pending *p = malloc(sizeof(*p) + la + lt + ls);
@@ -259,7 +262,7 @@ supp_flush(struct session *s, const char *tenant)
     }
     free(s->supp);
     s->supp = NULL;
-    s->nsupp = 0;
+    s->nsupp = s->supp_cap = 0;
 }
 
 /* Check addr against the suppression list: the global list, then

@@ -118,7 +118,8 @@ struct session {
      * with it, or without one when the transaction ends first
      * (server_cmd.c supp_flush). Owned; at most max_recipients. */
     struct supp_pending **supp;
-    unsigned nsupp;
+    unsigned nsupp, supp_cap; /* supp_cap: max_recipients when supp was made (a
+                               * reload may change it meanwhile) */
     /* Commands by verb (SMTP_VERB_NONE: unrecognized, or a line refused
      * before it was read as one), and those answered 4xx or 5xx: the
      * disconnect line's summary, as Postfix's. */
