@@ -287,6 +287,31 @@ env_open(struct queue *q, const char *path, unsigned flags)
     return rc;
 }
 
+/* A data file shorter than the pages its newest meta page says are in
+ * use (a copy cut short, a file truncated by hand or by a full disk, a
+ * file extension lost with unsafe_no_sync) is refused here: LMDB reads
+ * pages through its map, and a page past the end of the file is SIGBUS,
+ * not an error, in the first transaction that touches it. The meta pages
+ * themselves were read and checked by mdb_env_open. */
+static int
+open_check_length(struct queue *q, const char *path, char *err, size_t errlen)
+{
+    MDB_envinfo info;
+    MDB_stat st;
+    int fd;
+    struct stat fst;
+    if (mdb_env_info(q->env, &info) != 0 || mdb_env_stat(q->env, &st) != 0 ||
+        mdb_env_get_fd(q->env, &fd) != 0 || fstat(fd, &fst) != 0)
+        return 0; /* nothing to compare with: LMDB's own checks stand */
+    uint64_t need = ((uint64_t)info.me_last_pgno + 1) * st.ms_psize;
+    if (fst.st_size < 0 || (uint64_t)fst.st_size >= need)
+        return 0;
+    return open_fail(err, errlen, QUEUE_ECORRUPT,
+                     "cannot open spool %s: data.mdb is truncated: %" PRIu64
+                     " octets, its pages in use end at %" PRIu64,
+                     path, (uint64_t)fst.st_size, need);
+}
+
 /* queue_open and queue_open_readonly. */
 static int
 open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, char *err,
@@ -391,6 +416,10 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
     }
     int dead = 0;
     mdb_reader_check(q->env, &dead); /* slots of readers killed with us */
+    if ((rc = open_check_length(q, path, err, errlen)) != 0) {
+        queue_destroy(q);
+        return rc;
+    }
 
     /* Read-only, a read transaction: its commit keeps the handles of the
      * databases it opened and writes nothing. */

@@ -661,6 +661,38 @@ test_not_a_spool(void **state)
     assert_non_null(strstr(err, other));
 }
 
+/* A data file cut short (a copy that stopped, a truncate by hand) is
+ * refused at open with its reason, by a reader and a writer alike: the
+ * pages past its end are in LMDB's map, and reading one was SIGBUS. */
+static void
+test_truncated_refused(void **state)
+{
+    struct fixture *f = *state;
+    size_t len = 256 * 1024;
+    char *body = make_body(len, 7);
+    struct iovec iov = {body, len};
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    free(body);
+    queue_close(f->q);
+    f->q = NULL;
+    char path[400];
+    snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
+    /* the two meta pages stay: LMDB opens the file, the pages are gone */
+    assert_int_equal(truncate(path, 16384), 0);
+    char err[512];
+    struct queue *q;
+    assert_int_equal(queue_open_readonly(&f->cfg, &q, err, sizeof(err)), QUEUE_ECORRUPT);
+    assert_null(q);
+    assert_non_null(strstr(err, "truncated"));
+    assert_non_null(strstr(err, f->cfg.path));
+    assert_int_equal(queue_open(&f->cfg, &q, err, sizeof(err)), QUEUE_ECORRUPT);
+    assert_null(q);
+    assert_non_null(strstr(err, "truncated"));
+}
+
 /* ---- writes and reads ---- */
 
 static void
@@ -1930,6 +1962,7 @@ main(void)
         T(test_owner_fields_and_schema_1),
         T(test_open_readonly),
         T(test_not_a_spool),
+        T(test_truncated_refused),
         T(test_enqueue_read),
         T(test_enqueue_invalid),
         T(test_reopen_keeps_data),
