@@ -781,17 +781,31 @@ qlist_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 static int
 cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
 {
-    char a[2][256] = {"", ""};
-    int na = sscanf(args, "%255s %255s", a[0], a[1]);
+    /* one N and one DOMAIN at most, in either order: a second of either
+     * was taken for the first, silently (queue 5 10 listed 10 messages,
+     * queue a.example b.example those at b.example) */
+    char a[3][256] = {"", "", ""};
+    int na = sscanf(args, "%255s %255s %255s", a[0], a[1], a[2]);
     unsigned long n = 100;
     const char *domain = NULL;
-    for (int k = 0; k < na && k < 2; k++) {
+    bool have_n = false;
+    for (int k = 0; k < na; k++) {
         char *end;
         unsigned long v = strtoul(a[k], &end, 10);
-        if (*end == '\0' && a[k][0] != '\0')
+        bool num = *end == '\0' && a[k][0] >= '0' && a[k][0] <= '9';
+        if (k == 2 || (num && have_n) || (!num && domain != NULL)) {
+            snprintf(err, errlen, "usage: queue [N] [DOMAIN]");
+            return -1;
+        }
+        if (num) {
             n = v;
-        else
+            have_n = true;
+        } else if (!domain_arg_ok(a[k])) {
+            snprintf(err, errlen, "queue: not a domain name: %.100s", a[k]);
+            return -1;
+        } else {
             domain = a[k];
+        }
     }
     if (n == 0 || n > QUEUE_LIST_MAX) {
         snprintf(err, errlen, "queue: N from 1 to %u", QUEUE_LIST_MAX);
@@ -810,6 +824,8 @@ cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_
     }
     json_obj_begin(out);
     json_kbool(out, "more", rc == 1);
+    if (domain != NULL)
+        json_kstr(out, "domain", domain);
     json_key(out, "messages");
     json_arr_begin(out);
     for (size_t i = 0; i < l.n; i++) {

@@ -941,7 +941,9 @@ render_queue(const cJSON *doc)
                 printf("             (%s)\n", fmt_str(r, "last_reply"));
         }
     }
-    if (n == 0)
+    if (n == 0 && cJSON_IsString(get(doc, "domain")))
+        printf("(no queued message has a recipient at %s)\n", fmt_str(doc, "domain"));
+    else if (n == 0)
         printf("(the queue is empty)\n");
     else if (cJSON_IsTrue(get(doc, "more")))
         printf("\n%zu messages shown; the spool holds more (sluicectl queue N, N up to 10000)\n", n);

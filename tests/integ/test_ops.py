@@ -364,6 +364,19 @@ def test_queue_lists_like_mailq():
         assert "deferred a@soft.test" in " ".join(text.stdout.split()), text.stdout
         assert "3 messages" in text.stdout, text.stdout
         one_line_error(ctl(r, "queue", "0"), 1)
+        # one N and one DOMAIN: a second of either is refused, not taken
+        # for the first in silence
+        for args in (("5", "6"), ("soft.test", "other.test"), ("1", "other.test", "2")):
+            p = ctl(r, "queue", *args)
+            assert p.returncode in (1, 2) and p.stdout == "", (args, p.returncode, p.stdout)
+            assert "usage" in p.stderr, (args, p.stderr)
+        # a domain with nothing queued is not an empty queue
+        none = ctl(r, "queue", "10", "nosuch.test")
+        assert none.returncode == 0, none.stderr
+        assert "no queued message has a recipient at nosuch.test" in none.stdout, none.stdout
+        assert "the queue is empty" not in none.stdout, none.stdout
+        assert ctl_json(r, "queue", "nosuch.test") == \
+            {"ok": True, "more": False, "domain": "nosuch.test", "messages": []}
     finally:
         r.close()
 
