@@ -757,7 +757,8 @@ message_json(struct json *out, const struct queue_envelope *env)
  * first, by queue id; default 100, at most QUEUE_LIST_MAX), or the first
  * N with a recipient at DOMAIN, each with its recipients, as mailq lists
  * Postfix's queue. The walk stops at the Nth message; with a domain it
- * reads as far as it must. */
+ * reads as far as it must. The answer stops at the first message that
+ * starts past QUEUE_LIST_BYTES of them ("cut"). */
 struct qlist {
     uint64_t *ids; /* owned */
     size_t n, cap;
@@ -823,12 +824,17 @@ cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_
         return -1;
     }
     json_obj_begin(out);
-    json_kbool(out, "more", rc == 1);
     if (domain != NULL)
         json_kstr(out, "domain", domain);
     json_key(out, "messages");
     json_arr_begin(out);
+    size_t start = out->len;
+    bool cut = false;
     for (size_t i = 0; i < l.n; i++) {
+        if (out->len - start >= QUEUE_LIST_BYTES) {
+            cut = true; /* the answer's size cap: the rest stays unlisted */
+            break;
+        }
         struct queue_envelope *env = NULL;
         if (queue_envelope_get(e->queue, l.ids[i], &env) != 0)
             continue; /* delivered meanwhile */
@@ -836,6 +842,8 @@ cmd_queue(struct engine *e, const char *args, struct json *out, char *err, size_
         queue_envelope_free(env);
     }
     json_arr_end(out);
+    json_kbool(out, "more", rc == 1 || cut);
+    json_kbool(out, "cut", cut);
     json_obj_end(out);
     free(l.ids);
     return 0;

@@ -29,6 +29,10 @@
 
 #define WAIT_MS       2000    /* for the workers' answers */
 #define QUEUE_LIST_MAX 10000 /* messages "queue" lists at most */
+/* octets of messages "queue" answers at most: N caps messages, and a
+ * message may have 1,000 recipients (10,000 of them were 2.5 GB of JSON,
+ * built in the stats thread and parsed whole by sluicectl) */
+#define QUEUE_LIST_BYTES (8u << 20)
 #define RELOAD_WAIT_MS 8000   /* for a reload's outcome (sluicectl waits 10 s) */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */

@@ -945,6 +945,10 @@ render_queue(const cJSON *doc)
         printf("(no queued message has a recipient at %s)\n", fmt_str(doc, "domain"));
     else if (n == 0)
         printf("(the queue is empty)\n");
+    else if (cJSON_IsTrue(get(doc, "cut")))
+        printf("\n%zu messages shown, cut at the answer's size cap (8 MiB); the spool holds "
+               "more (a smaller N, a DOMAIN, or sluicectl message ID)\n",
+               n);
     else if (cJSON_IsTrue(get(doc, "more")))
         printf("\n%zu messages shown; the spool holds more (sluicectl queue N, N up to 10000)\n", n);
     else
@@ -1637,7 +1641,8 @@ static const struct cmd cmds[] = {
      "first N with a recipient at DOMAIN: id, age, size, sender, and each\n"
      "recipient's state, attempts, next attempt and last reply. The listing\n"
      "stops at the Nth message; with a DOMAIN it reads the spool as far as it\n"
-     "must.",
+     "must. The answer holds about 8 MiB of messages at most (whole ones) and\n"
+     "says so when it was cut there.",
      0, 2, run_plain},
     {"suspend", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--for DURATION] [--local]",
      "stop deliveries of a scope (at once; queued mail waits)",

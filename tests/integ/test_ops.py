@@ -376,7 +376,38 @@ def test_queue_lists_like_mailq():
         assert "no queued message has a recipient at nosuch.test" in none.stdout, none.stdout
         assert "the queue is empty" not in none.stdout, none.stdout
         assert ctl_json(r, "queue", "nosuch.test") == \
-            {"ok": True, "more": False, "domain": "nosuch.test", "messages": []}
+            {"ok": True, "more": False, "cut": False, "domain": "nosuch.test", "messages": []}
+    finally:
+        r.close()
+
+
+def test_queue_answer_has_a_size_cap():
+    """queue N counts messages, and a message may have 1,000 recipients:
+    the answer stops at 8 MiB of messages, says it was cut (more, cut)
+    and lists the oldest whole; 10,000 such messages were gigabytes of
+    JSON, built whole by sluice and parsed whole by sluicectl."""
+    r = Relay(records_for(["big.test"]), sink_flags=["-r", "RCPT"],
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        local = "x" * 60
+        r.inject([msg(i, [f"{local}{k}@big.test" for k in range(1000)]) for i in range(80)],
+                 sessions=2)
+        p = ctl(r, "queue", "100", json_out=True)
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout) < 9 << 20, f"answer of {len(p.stdout)} octets"
+        doc = json.loads(p.stdout)
+        ms = doc["messages"]
+        assert doc["more"] is True and doc["cut"] is True and 10 <= len(ms) < 80, \
+            (doc["more"], doc.get("cut"), len(ms))
+        assert all(len(m["recipients"]) == 1000 for m in ms)
+        assert [m["id"] for m in ms] == sorted(m["id"] for m in ms), "oldest first"
+        assert ctl_json(r, "queue", "3")["cut"] is False
+        text = ctl(r, "queue", "100")
+        assert text.returncode == 0, text.stderr
+        # recipients deferred meanwhile grow their message's JSON: the
+        # count may differ from the first answer's
+        assert re.search(r"\n\d+ messages shown, cut at the answer's size cap",
+                         text.stdout), text.stdout[-300:]
     finally:
         r.close()
 
@@ -914,5 +945,6 @@ if __name__ == "__main__":
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
+          test_queue_answer_has_a_size_cap,
           test_sigterm_drains_and_restart_loses_nothing,
           test_spool_dump_is_json_whatever_the_reply])
