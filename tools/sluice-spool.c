@@ -230,9 +230,11 @@ main(int argc, char **argv)
         return 1;
     }
     int sr = stat(data, &st);
-    if (sr != 0 || !S_ISREG(st.st_mode)) {
+    if (sr != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+        /* an empty data.mdb: LMDB would start a new one, which read-only
+         * it cannot ("Bad file descriptor") */
         fprintf(stderr, "sluice-spool: %s: no spool there (%s: %s)\n", argv[2], data,
-                sr != 0 ? strerror(errno) : "not a file");
+                sr != 0 ? strerror(errno) : !S_ISREG(st.st_mode) ? "not a file" : "empty file");
         return 1;
     }
     struct queue_config cfg;

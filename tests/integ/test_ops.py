@@ -245,8 +245,12 @@ def test_spool_tool_refuses_a_directory_without_a_spool():
         typo = os.path.join(wd.path, "spoool")
         empty = os.path.join(wd.path, "empty")
         os.mkdir(empty)
+        # a data.mdb of 0 octets (a copy that never started) holds no spool
+        zero = os.path.join(wd.path, "zero")
+        os.mkdir(zero)
+        open(os.path.join(zero, "data.mdb"), "wb").close()
         for cmd in ("count", "check", "list", "dump"):
-            for d in (typo, empty):
+            for d in (typo, empty, zero):
                 p = subprocess.run([_spool_tool(), cmd, d], capture_output=True, text=True,
                                    timeout=60)
                 err = one_line_error(p, 1)
