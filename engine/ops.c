@@ -346,7 +346,6 @@ struct walk_sel {
         unsigned idx;
         struct job_owner owner; /* when e is set: the destination (domain, pool) it waits in */
         char domain[256];
-        char addr[256];
     } *v;               /* owned */
     size_t n, cap;
 };
@@ -379,7 +378,6 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     else
         memset(&x->owner, 0, sizeof(x->owner));
     snprintf(x->domain, sizeof(x->domain), "%s", r->domain);
-    snprintf(x->addr, sizeof(x->addr), "%s", r->addr);
     return 0;
 }
 
