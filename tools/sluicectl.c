@@ -251,9 +251,12 @@ ctl_ask(struct ctl *c, const char *line, const char **raw)
         printf("%s\n", text);
     fprintf(stderr, "sluicectl: %s\n",
             cJSON_IsString(e) ? e->valuestring : "sluice refused the command (no reason given)");
+    /* Arguments sluicectl passes on as typed (shaping, tlsrpt): sluice's
+     * "usage: ..." is a usage error, as one found here is. */
+    bool usage = cJSON_IsString(e) && strncmp(e->valuestring, "usage: ", 7) == 0;
     cJSON_Delete(doc);
     ctl_close(c);
-    exit(EXIT_REFUSED);
+    exit(usage ? EXIT_USAGE : EXIT_REFUSED);
 }
 
 /* ---- formatting ---- */

@@ -372,8 +372,13 @@ def test_queue_lists_like_mailq():
         # for the first in silence
         for args in (("5", "6"), ("soft.test", "other.test"), ("1", "other.test", "2")):
             p = ctl(r, "queue", *args)
-            assert p.returncode in (1, 2) and p.stdout == "", (args, p.returncode, p.stdout)
+            assert p.returncode == 2 and p.stdout == "", (args, p.returncode, p.stdout)
             assert "usage" in p.stderr, (args, p.stderr)
+        # arguments sluicectl passes on as typed: sluice's usage answer is
+        # a usage error (2), as the man page says, not a refusal (1)
+        for args in (("tlsrpt", "x"), ("shaping", "clear")):
+            err = one_line_error(ctl(r, *args), 2)
+            assert err.startswith("sluicectl: usage: "), (args, err)
         # a domain with nothing queued is not an empty queue
         none = ctl(r, "queue", "10", "nosuch.test")
         assert none.returncode == 0, none.stderr
