@@ -17,6 +17,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/idn.h"
 #include "dkim/dkim.h"
 #include "dkim/dkim_int.h"
 
@@ -200,152 +201,17 @@ canon_field(EVP_MD_CTX *md, const char *f, size_t len, size_t name_len, enum dki
 
 /* ---- IDN: U-labels to A-labels ---- */
 
-/* The next code point of the UTF-8 text s[*i..n), advancing *i; -1 when
- * it is not well-formed UTF-8 (overlong, a surrogate, past U+10FFFF). */
-static long
-utf8_next(const unsigned char *s, size_t n, size_t *i)
-{
-    static const long least[4] = {0, 0x80, 0x800, 0x10000};
-    unsigned char c = s[(*i)++];
-    if (c < 0x80)
-        return c;
-    int more = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc0 ? 1 : 0;
-    if (more == 0 || c > 0xf4)
-        return -1;
-    long cp = c & (0x3f >> more);
-    for (int k = 0; k < more; k++) {
-        if (*i >= n || (s[*i] & 0xc0) != 0x80)
-            return -1;
-        cp = cp << 6 | (s[(*i)++] & 0x3f);
-    }
-    if (cp < least[more] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return -1;
-    return cp;
-}
-
-/* Punycode (RFC 3492 6.1) */
-static unsigned long
-puny_adapt(unsigned long delta, unsigned long points, bool first)
-{
-    delta = first ? delta / 700 : delta / 2;
-    delta += delta / points;
-    unsigned long k = 0;
-    while (delta > (36 - 1) * 26 / 2) {
-        delta /= 36 - 1;
-        k += 36;
-    }
-    return k + (36 - 1 + 1) * delta / (delta + 38);
-}
-
-/* One label of code points cp[0..n) as "xn--" and its Punycode (RFC 3492
- * 6.3) into out[0..cap). Returns the length, or -1 when it exceeds cap. */
-static int
-puny_label(const long *cp, size_t n, char *out, size_t cap)
-{
-    static const char digits[] = "abcdefghijklmnopqrstuvwxyz0123456789";
-    size_t o = 0;
-#define PUT(ch)                                                                                    \
-    do {                                                                                           \
-        if (o + 1 >= cap)                                                                          \
-            return -1;                                                                             \
-        out[o++] = (ch);                                                                           \
-    } while (0)
-    for (const char *p = "xn--"; *p; p++)
-        PUT(*p);
-    size_t basic = 0;
-    for (size_t j = 0; j < n; j++)
-        if (cp[j] < 0x80) {
-            PUT((char)cp[j]);
-            basic++;
-        }
-    if (basic > 0)
-        PUT('-');
-    unsigned long next = 0x80, delta = 0, bias = 72;
-    for (size_t h = basic; h < n; delta++, next++) {
-        unsigned long m = 0x110000;
-        for (size_t j = 0; j < n; j++)
-            if ((unsigned long)cp[j] >= next && (unsigned long)cp[j] < m)
-                m = (unsigned long)cp[j];
-        delta += (m - next) * (h + 1); /* n <= 63, m <= 0x10ffff: no overflow */
-        next = m;
-        for (size_t j = 0; j < n; j++) {
-            if ((unsigned long)cp[j] < next)
-                delta++;
-            if ((unsigned long)cp[j] != next)
-                continue;
-            unsigned long q = delta;
-            for (unsigned long k = 36;; k += 36) {
-                unsigned long t = k <= bias ? 1 : k >= bias + 26 ? 26 : k - bias;
-                if (q < t)
-                    break;
-                PUT(digits[t + (q - t) % (36 - t)]);
-                q = (q - t) / (36 - t);
-            }
-            PUT(digits[q]);
-            bias = puny_adapt(delta, h + 1, h == basic);
-            delta = 0;
-            h++;
-        }
-    }
-#undef PUT
-    out[o] = '\0';
-    return (int)o;
-}
-
-/* The domain d[0..n) as signing looks it up: lowercase ASCII, each label
- * with non-ASCII octets (a U-label, RFC 6531 allows them under SMTPUTF8)
- * written as its A-label (RFC 5890), the form the keyring's domains are
- * configured in and DNS knows (RFC 8616 4: either form names the same
- * domain). Only ASCII is lowercased: a U-label is lowercase and NFC by
- * definition (IDNA2008), one that is not has no A-label of its own and
- * is not mapped (no key will match it). Returns 0, or -1 when the text
- * is not UTF-8 or the result does not fit in out[0..cap). */
-static int
-domain_ascii(const char *d, size_t n, char *out, size_t cap)
-{
-    size_t o = 0;
-    for (size_t i = 0; i <= n;) {
-        size_t end = i;
-        bool ascii = true;
-        while (end < n && d[end] != '.')
-            ascii &= (unsigned char)d[end++] < 0x80;
-        if (ascii) {
-            if (o + (end - i) + 1 >= cap)
-                return -1;
-            for (size_t k = i; k < end; k++)
-                out[o++] = (char)tolower((unsigned char)d[k]);
-        } else {
-            long cp[64];
-            size_t ncp = 0;
-            for (size_t k = i; k < end;) {
-                long c = utf8_next((const unsigned char *)d, end, &k);
-                if (c < 0 || ncp == sizeof(cp) / sizeof(cp[0]))
-                    return -1;
-                cp[ncp++] = c < 0x80 ? tolower((int)c) : c;
-            }
-            int len = puny_label(cp, ncp, out + o, cap - o);
-            if (len < 0 || len > 63)
-                return -1;
-            o += (size_t)len;
-        }
-        if (end < n) {
-            if (o + 2 >= cap)
-                return -1;
-            out[o++] = '.';
-        }
-        i = end + 1;
-    }
-    out[o] = '\0';
-    return 0;
-}
-
-/* d[0..n) as domain_ascii writes it, or, when it is not UTF-8, lowercased
- * octet by octet (as it was before A-labels: a name no key matches).
- * Returns 0, or -1 when it does not fit in out[0..cap). */
+/* The domain d[0..n) as signing looks it up: lowercase, U-labels (RFC
+ * 6531 allows them under SMTPUTF8) written as their A-labels (RFC 5890,
+ * common/idn.h), the form the keyring's domains are configured in and DNS
+ * knows (RFC 8616 4: either form names the same domain). One that is not
+ * UTF-8 or not a valid IDNA2008 name is lowercased octet by octet (as it
+ * was before A-labels: a name no key matches). Returns 0, or -1 when it
+ * does not fit in out[0..cap). */
 static int
 domain_lower(const char *d, size_t n, char *out, size_t cap)
 {
-    if (domain_ascii(d, n, out, cap) == 0)
+    if (idn_domain_ascii(d, n, out, cap, NULL) >= 0)
         return 0;
     if (n >= cap)
         return -1;

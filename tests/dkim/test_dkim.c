@@ -134,7 +134,17 @@ test_from_domain(void **state)
         {"From: a@m\xc3\xbc" "nchen.de, b@muenchen.de\r\n", DKIM_EFROMS, NULL},
         {"From: a@\xe4\xbe\x8b\xe3\x81\x88.\xe3\x83\x86\xe3\x82\xb9\xe3\x83\x88\r\n", 0,
          "xn--r8jz45g.xn--zckzah"},
-        {"From: a@a\xf0\x9f\x98\x80" "b.example\r\n", 0, "xn--ab-no82a.example"},
+        /* IDNA2008 (libidn2): NFC first (a + combining diaeresis is
+         * \xc3\xa4), and "\xc3\x9f" is a letter of its own
+         * (nontransitional), not "ss" */
+        {"From: a@a\xcc\x88.example\r\n", 0, "xn--4ca.example"},
+        {"From: a@stra\xc3\x9f" "e.example\r\n", 0, "xn--strae-oqa.example"},
+        /* not a valid IDN (an emoji is no IDNA2008 code point, a label
+         * that starts with a hyphen): kept as written, which no key
+         * matches; a hand-written encoder gave the emoji one an A-label
+         * that no registry could have delegated */
+        {"From: a@a\xf0\x9f\x98\x80" "b.example\r\n", 0, "a\xf0\x9f\x98\x80" "b.example"},
+        {"From: a@-\xc3\xbc.example\r\n", 0, "-\xc3\xbc.example"},
         /* not UTF-8 (a lone continuation octet, an overlong '/'): kept as
          * written, which no key matches */
         {"From: a@b\xbc" "c.example\r\n", 0, "b\xbc" "c.example"},
