@@ -3,9 +3,9 @@
  * the cache is keyed by and queries are made for.
  *
  * IDN: a domain arrives as A-labels ("xn--..."), which are plain LDH
- * labels here; U-labels (UTF-8) are refused, since converting them is the
- * business of whoever accepted the address (SMTPUTF8), not of the
- * resolver.
+ * labels here; U-labels (UTF-8) are refused: a recipient's domain is
+ * converted once, where it becomes a destination (engine/outbound/dest.c
+ * job_new, common/idn.h), not by the resolver.
  *
  * Threading: pure functions.
  */

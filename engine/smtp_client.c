@@ -127,6 +127,52 @@ outcome_local(struct smtp_outcome *o, enum smtp_status status, enum smtp_scope s
     va_end(ap);
 }
 
+/* ---- addresses ---- */
+
+static bool
+ascii(struct smtp_span s)
+{
+    for (size_t i = 0; i < s.len; i++) {
+        if ((unsigned char)s.ptr[i] >= 0x80)
+            return false;
+    }
+    return true;
+}
+
+/* Whether addr may go to a server without SMTPUTF8 as its local part,
+ * '@' and dom (its domain's A-labels): addr is not ASCII only in its
+ * domain (RFC 6530 7.1: a UTF-8 local part has no ASCII form). */
+static bool
+ascii_form(struct smtp_span addr, struct smtp_span dom)
+{
+    if (dom.len == 0 || !ascii(dom) || ascii(addr))
+        return false;
+    size_t at = addr.len;
+    while (at > 0 && addr.ptr[at - 1] != '@')
+        at--;
+    return at > 0 && ascii((struct smtp_span){addr.ptr, at - 1});
+}
+
+/* addr as it goes on this transaction's MAIL or RCPT: its ASCII form
+ * (ascii_form()) written into buf[0..cap) when the server has no
+ * SMTPUTF8, else addr. One that does not fit goes as addr (and fails
+ * as an address that cannot be sent). */
+static struct smtp_span
+addr_sent(const struct smtp_client_run *x, struct smtp_span addr, struct smtp_span dom, char *buf,
+          size_t cap)
+{
+    if (!x->ascii_domains || !ascii_form(addr, dom))
+        return addr;
+    size_t at = addr.len;
+    while (addr.ptr[at - 1] != '@')
+        at--;
+    if (at + dom.len > cap)
+        return addr;
+    memcpy(buf, addr.ptr, at);
+    memcpy(buf + at, dom.ptr, dom.len);
+    return (struct smtp_span){buf, at + dom.len};
+}
+
 /* ---- plumbing: transitions, FIFO, output ---- */
 
 static void
@@ -295,7 +341,9 @@ txn_write(struct smtp_client *c)
             x->want_rset = false;
         } else if (!x->mail_written) {
             /* Checked in smtp_client_txn(): only NOSPACE can fail here. */
-            n = smtp_fmt_mail(o, room, t->from.ptr, t->from.len, &x->mail_params);
+            char path[SMTP_PATH_MAX + 1];
+            struct smtp_span from = addr_sent(x, t->from, t->from_domain_ascii, path, sizeof(path));
+            n = smtp_fmt_mail(o, room, from.ptr, from.len, &x->mail_params);
             if (n < 0)
                 return;
             c->buf->out_len += (size_t)n;
@@ -313,7 +361,9 @@ txn_write(struct smtp_client *c)
             }
             if (!(c->caps.ext & SMTP_EXT_DSN))
                 p.seen &= ~(uint32_t)(SMTP_PARAM_NOTIFY | SMTP_PARAM_ORCPT);
-            n = smtp_fmt_rcpt(o, room, r->addr.ptr, r->addr.len, &p, x->utf8);
+            char path[SMTP_PATH_MAX + 1];
+            struct smtp_span a = addr_sent(x, r->addr, r->domain_ascii, path, sizeof(path));
+            n = smtp_fmt_rcpt(o, room, a.ptr, a.len, &p, x->utf8);
             if (n == SMTP_CMD_E_NOSPACE && c->buf->out_len > 0)
                 return;
             if (n < 0) {
@@ -940,16 +990,6 @@ smtp_client_tls_failed(struct smtp_client *c, const char *why)
     return client_tls_done(c, SMTP_CLIENT_TLS_FAILED, why);
 }
 
-static bool
-ascii(struct smtp_span s)
-{
-    for (size_t i = 0; i < s.len; i++) {
-        if ((unsigned char)s.ptr[i] >= 0x80)
-            return false;
-    }
-    return true;
-}
-
 int
 smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
 {
@@ -973,18 +1013,28 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
      * SMTPUTF8 with 8-bit content (its header fields may be UTF-8, RFC
      * 6532). One declared so but all ASCII goes without it where the
      * server has none (RFC 6531 3.4 forbids only what would need it; it
-     * bounced there), as Postfix sends it. */
+     * bounced there), as Postfix sends it. So does an address whose
+     * domain alone is UTF-8: with its A-labels (ascii_form(), RFC 6530
+     * 7.1). A recipient whose local part is UTF-8 is refused alone when
+     * others can go; the sender's, or every recipient's, refuses the
+     * message. */
     bool declared = (mp->seen & SMTP_PARAM_SMTPUTF8) != 0;
-    bool env_utf8 = !ascii(t->from);
+    bool down = !(c->caps.ext & SMTP_EXT_SMTPUTF8);
+    bool from_utf8 = !ascii(t->from) && !(down && ascii_form(t->from, t->from_domain_ascii));
+    bool env_utf8 = from_utf8;
+    unsigned can_go = 0;
     for (unsigned i = 0; i < t->nrcpt; i++) {
-        outcome_clear(&t->rcpt[i].out);
-        env_utf8 = env_utf8 || !ascii(t->rcpt[i].addr);
+        struct smtp_client_rcpt *r = &t->rcpt[i];
+        outcome_clear(&r->out);
+        bool needs = !ascii(r->addr) && !(down && ascii_form(r->addr, r->domain_ascii));
+        env_utf8 = env_utf8 || needs;
+        can_go += !needs;
     }
     bool eight = !(mp->seen & SMTP_PARAM_BODY) || mp->body != SMTP_BODY_7BIT; /* unknown: 8-bit */
     memset(x, 0, sizeof *x);
     c->txn = t;
 
-    if ((env_utf8 || (declared && eight)) && !(c->caps.ext & SMTP_EXT_SMTPUTF8)) {
+    if (down && (from_utf8 || can_go == 0 || (declared && eight))) {
         txn_refuse(c, SMTP_REASON_NEED_SMTPUTF8, 553, 6, 7,
                    env_utf8 ? "UTF-8 envelope and the server has no SMTPUTF8"
                             : "SMTPUTF8 message with 8-bit content and the server has no "
@@ -992,7 +1042,14 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
                    NULL);
         return client_events(c);
     }
-    utf8 = env_utf8 || (declared && (c->caps.ext & SMTP_EXT_SMTPUTF8));
+    if (down && env_utf8) {
+        for (unsigned i = 0; i < t->nrcpt; i++)
+            if (!ascii(t->rcpt[i].addr) && !ascii_form(t->rcpt[i].addr, t->rcpt[i].domain_ascii))
+                outcome_local(&t->rcpt[i].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_RCPT,
+                              SMTP_REASON_NEED_SMTPUTF8, SMTP_CLIENT_S_RCPT, 553, 5, 6, 7,
+                              "UTF-8 address and the server has no SMTPUTF8");
+    }
+    utf8 = !down && (env_utf8 || declared);
     if ((mp->seen & SMTP_PARAM_BODY) && mp->body == SMTP_BODY_8BITMIME &&
         !(c->caps.ext & SMTP_EXT_8BITMIME)) {
         txn_refuse(c, SMTP_REASON_NEED_8BITMIME, 554, 6, 3,
@@ -1016,7 +1073,10 @@ smtp_client_txn(struct smtp_client *c, struct smtp_client_txn *t)
     x->mail_params = *mp;
     x->mail_params.seen = (mp->seen & keep) | (utf8 ? (uint32_t)SMTP_PARAM_SMTPUTF8 : 0u);
     x->utf8 = utf8;
-    n = smtp_fmt_mail(line, sizeof line, t->from.ptr, t->from.len, &x->mail_params);
+    x->ascii_domains = down;
+    char path[SMTP_PATH_MAX + 1];
+    struct smtp_span from = addr_sent(x, t->from, t->from_domain_ascii, path, sizeof(path));
+    n = smtp_fmt_mail(line, sizeof line, from.ptr, from.len, &x->mail_params);
     if (n < 0) {
         txn_refuse(c, SMTP_REASON_ADDRESS, 553, 1, 7,
                    "sender address or MAIL parameter cannot be sent", smtp_cmd_err_str(n));

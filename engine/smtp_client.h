@@ -216,6 +216,11 @@ struct smtp_client_opts {
  * the server offered DSN). out is written by the machine. */
 struct smtp_client_rcpt {
     struct smtp_span addr; /* borrowed: lives as long as the transaction */
+    /* borrowed likewise; empty: none. addr's domain in A-labels when addr
+     * writes it in U-labels: to a server without SMTPUTF8 an address whose
+     * local part is ASCII goes with it (RFC 6530 7.1), and needs no
+     * SMTPUTF8; to one with SMTPUTF8 addr goes as it is. */
+    struct smtp_span domain_ascii;
     struct smtp_params params;
     struct smtp_outcome out;
 };
@@ -224,10 +229,12 @@ struct smtp_client_rcpt {
  * message is (SIZE, BODY=7BIT|8BITMIME, SMTPUTF8, RET, ENVID); each goes
  * on MAIL only when the server offered its extension, and a message that
  * needs one the server lacks gets its outcome without a command sent.
- * SMTPUTF8 is needed when set or when an address is not ASCII.
+ * SMTPUTF8 is needed when set or when an address is not ASCII (and has
+ * no ASCII form the server may be given instead: domain_ascii).
  * Everything below rcpt/nrcpt is written by the machine. */
 struct smtp_client_txn {
     struct smtp_span from;         /* borrowed */
+    struct smtp_span from_domain_ascii; /* borrowed; as smtp_client_rcpt's domain_ascii */
     struct smtp_params params;     /* its spans borrowed likewise */
     struct smtp_client_rcpt *rcpt; /* borrowed: from smtp_client_txn() to EV_TXN_DONE */
     unsigned nrcpt;
@@ -244,6 +251,7 @@ struct smtp_client_run {
     bool want_rset;     /* RSET still to write */
     bool mail_written, mail_refused, data_written;
     bool utf8;                      /* SMTPUTF8 transaction */
+    bool ascii_domains;             /* the server has no SMTPUTF8: domain_ascii goes */
     bool dot_only;                  /* 354 with no recipient: send "." and ignore the reply */
     bool finishing;                 /* the terminator is being written */
     struct smtp_params mail_params; /* filtered by the server's extensions */

@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/idn.h"
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/config_gen.h"
@@ -244,6 +245,7 @@ conn_free(struct conn *c)
     queue_envelope_free(c->env);
     free(c->rc);
     free(c->verp);
+    free(c->from_ascii);
     conn_pool_put(&d->chunk_pool, c->chunk);
     /* Whatever the machine still held is moot: nothing is in flight. */
     conn_pool_put(&d->cli_pool, c->cli.buf);
@@ -466,6 +468,10 @@ conn_next(struct conn *c)
                     struct smtp_client_rcpt *r = &rc[n++];
                     r->addr.ptr = env->rcpt[k].addr;
                     r->addr.len = strlen(env->rcpt[k].addr);
+                    /* its domain's A-labels: the job's (job_new), for a
+                     * server without SMTPUTF8 (smtp_client.h) */
+                    if (!idn_is_ascii(r->addr.ptr, r->addr.len))
+                        r->domain_ascii = (struct smtp_span){j->domain, strlen(j->domain)};
                     if (env->rcpt[k].notify) {
                         r->params.seen |= SMTP_PARAM_NOTIFY;
                         r->params.notify = env->rcpt[k].notify;
@@ -511,6 +517,18 @@ conn_next(struct conn *c)
                              : oob_verp_sender(&c->d->e->cfg->bounce, env->sender, env->id,
                                                c->job->idx[0], c->rc[0].addr.ptr, env->tenant,
                                                c->verp, CONN_VERP_CAP);
+    }
+    /* A sender whose domain is in U-labels: its A-labels, for a server
+     * without SMTPUTF8 (smtp_client.h). */
+    const char *sat = strrchr(env->sender, '@');
+    if (vn <= 0 && sat != NULL && !idn_is_ascii(sat + 1, strlen(sat + 1))) {
+        if (c->from_ascii == NULL)
+            c->from_ascii = malloc(CONN_FROM_ASCII_CAP);
+        int an = c->from_ascii == NULL ? -ENOMEM
+                                       : idn_domain_ascii(sat + 1, strlen(sat + 1), c->from_ascii,
+                                                          CONN_FROM_ASCII_CAP, NULL);
+        if (an > 0)
+            c->txn.from_domain_ascii = (struct smtp_span){c->from_ascii, (size_t)an};
     }
     if (vn > 0)
         c->txn.from = (struct smtp_span){c->verp, (size_t)vn};

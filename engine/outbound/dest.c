@@ -36,6 +36,7 @@
 
 #include "common/clock.h"
 #include "common/hash.h"
+#include "common/idn.h"
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
@@ -387,7 +388,18 @@ dest_push(struct dest *t, struct job *j, bool front)
 struct job *
 job_new(const char *domain, unsigned cap)
 {
+    /* The one place a recipient's domain becomes a destination's name: one
+     * in U-labels (SMTPUTF8) is its A-labels, which its DNS lookups (MX,
+     * addresses, MTA-STS, TLSA), its site and the logs use; one that is
+     * no valid IDN stays as it is, and the scheduler fails it
+     * (POLICY_BAD_IDN) without a lookup. */
+    char alabels[256];
     size_t dl = strlen(domain);
+    if (!idn_is_ascii(domain, dl) &&
+        idn_domain_ascii(domain, dl, alabels, sizeof(alabels), NULL) > 0) {
+        domain = alabels;
+        dl = strlen(domain);
+    }
     if (dl > 255)
         dl = 255;
     struct job *j = calloc(1, sizeof(*j) + cap * sizeof(unsigned) + dl + 1);

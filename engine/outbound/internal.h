@@ -86,6 +86,7 @@
 #define STS_WAIT_MS    50   /* ... and at least this often while its first check runs */
 #define STS_WAIT_MIN_MS 2   /* ... at most this often (after half the time it has run) */
 #define CONN_VERP_CAP  256  /* a VERP sender: 64 + '+' + token + '@' + 180 fits */
+#define CONN_FROM_ASCII_CAP 256  /* a domain name (255) and its NUL */
 /* Turns among the domains of a site (sched_conn_next): a connection whose
  * domain holds one connection more than a waiting domain of its site gives
  * it a turn once that one has waited this long; one more than that, at
@@ -117,8 +118,8 @@ struct job {
                             * then; 0: by a suspension */
     uint64_t queued_ns;  /* monotonic ns it was queued at its destination (put back
                           * first after a failure: kept) */
-    const char *domain;  /* lowercased, at most 255 octets: in the job's allocation, after
-                          * idx[cap] (job_new, job_copy) */
+    const char *domain;  /* lowercased, U-labels as A-labels, at most 255 octets: in the
+                          * job's allocation, after idx[cap] (job_new, job_copy) */
     struct job_owner owner; /* its message's tenant, pool, campaign, priority */
     unsigned failovers;  /* times a session failure moved it to the next address */
     unsigned reuse_lost; /* times it was lost on a reused connection and requeued at
@@ -236,6 +237,8 @@ struct conn {
     char *verp;           /* owned, CONN_VERP_CAP, made at the first VERP transaction:
                            * the VERP sender (oob.h), a local part of at most 64, a
                            * verp_domain of at most 180 */
+    char *from_ascii;     /* owned, CONN_FROM_ASCII_CAP, made at the first transaction
+                           * whose sender's domain is in U-labels: its A-labels */
     uint64_t body_off;    /* octets of the body read from the spool */
     size_t chunk_len, chunk_pos;
     bool body_last;

@@ -285,6 +285,13 @@ policy_job(enum policy_job_event ev, struct policy_fail *out)
         *out = (struct policy_fail){true, false, 451, {4, 4, 1}, CLASSIFY_CONNECT, false,
                                     "no MX host answered"};
         return;
+    case POLICY_BAD_IDN:
+        /* It never becomes one: bounced now, not retried for days (a
+         * lookup of the UTF-8 name failed "invalid domain name" and was
+         * deferred as a DNS failure); a DNS failure as NXDOMAIN is. */
+        *out = (struct policy_fail){true, true, 553, {5, 1, 2}, CLASSIFY_DNS, false,
+                                    "recipient domain is not a valid IDN"};
+        return;
     case POLICY_TLS_POLICY_NO_MX:
         /* The policy or the MX records may be mid-change (RFC 8461 8.3):
          * wait for either, never deliver elsewhere. */

@@ -231,6 +231,8 @@ enum policy_job_event {
     POLICY_TLS_POLICY_NO_MX,  /* MTA-STS enforce: no MX host matches the policy */
     POLICY_OPEN_FAILED,       /* no connection could be opened, for a reason of this
                                * node (policy_open_failed); the caller's text says which */
+    POLICY_BAD_IDN,           /* the domain is UTF-8 but no valid IDN: it has no A-labels
+                               * to look up (job_new kept it as received) */
 };
 
 void policy_job(enum policy_job_event ev, struct policy_fail *out);

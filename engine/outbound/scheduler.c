@@ -63,6 +63,7 @@
 
 #include "common/clock.h"
 #include "common/hash.h"
+#include "common/idn.h"
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/engine.h"
@@ -243,6 +244,13 @@ dest_run_once(struct dest *t)
         return;
     if (dest_elsewhere(t))
         return;
+    if (!idn_is_ascii(t->name, strlen(t->name))) {
+        /* No A-labels (job_new): nothing to look up, ever. */
+        struct policy_fail nf;
+        policy_job(POLICY_BAD_IDN, &nf);
+        dest_fail_all(t, &nf, NULL);
+        return;
+    }
     /* Asked first, so that a new domain's MTA-STS check (its TXT lookup,
      * maybe a policy fetch) runs beside its MX lookup, not after it. */
     bool sts_ready = dest_sts_ready(t);

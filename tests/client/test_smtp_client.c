@@ -591,13 +591,61 @@ sc_smtputf8(void)
 {
     start(SMTP_CLIENT_TLS_OFF);
     HELLO(EHLO_PLAIN);
-    TXN("b@y.example", "j\xc3\xb6rg@y.example");
+    TXN("j\xc3\xb6rg@y.example", "b\xc3\xa4r@y.example");
     go(EV_DONE | EV_READY);
     nothing_out();
     for (int i = 0; i < 2; i++)
         want_out(&R.rc[i].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, SMTP_REASON_NEED_SMTPUTF8,
                  553, "5.6.7");
     counts(0, 0, 2);
+    /* a UTF-8 local part beside an ASCII recipient: refused alone, the
+     * other goes (both were refused) */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("b@y.example", "j\xc3\xb6rg@y.example");
+    go(0);
+    OUT("MAIL FROM:<a@x.example>\r\n");
+    IN("250 ok\r\n", 0);
+    OUT("RCPT TO:<b@y.example>\r\n");
+    want_out(&R.rc[1].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_RCPT, SMTP_REASON_NEED_SMTPUTF8, 553,
+             "5.6.7");
+    /* a domain in U-labels with its A-labels given: to a server without
+     * SMTPUTF8 the address goes with them when its local part is ASCII
+     * (RFC 6530 7.1), the sender's too; a UTF-8 local part is refused */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("x@b\xc3\xbc" "cher.example", "j\xc3\xb6rg@b\xc3\xbc" "cher.example");
+    static const char ace[] = "xn--bcher-kva.example";
+    R.t.from = (struct smtp_span){"s@B\xc3\xbc" "cher.example", 17};
+    R.t.from_domain_ascii = (struct smtp_span){ace, sizeof(ace) - 1};
+    for (int i = 0; i < 2; i++)
+        R.rc[i].domain_ascii = (struct smtp_span){ace, sizeof(ace) - 1};
+    go(0);
+    OUT("MAIL FROM:<s@xn--bcher-kva.example>\r\n");
+    IN("250 ok\r\n", 0);
+    OUT("RCPT TO:<x@xn--bcher-kva.example>\r\n");
+    want_out(&R.rc[1].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_RCPT, SMTP_REASON_NEED_SMTPUTF8, 553,
+             "5.6.7");
+    /* ... and as received to a server with SMTPUTF8 */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_FULL);
+    TXN("x@b\xc3\xbc" "cher.example");
+    R.t.from = (struct smtp_span){"s@B\xc3\xbc" "cher.example", 17};
+    R.t.from_domain_ascii = (struct smtp_span){ace, sizeof(ace) - 1};
+    R.rc[0].domain_ascii = (struct smtp_span){ace, sizeof(ace) - 1};
+    go(0);
+    OUT("MAIL FROM:<s@B\xc3\xbc" "cher.example> SMTPUTF8\r\n"
+        "RCPT TO:<x@b\xc3\xbc" "cher.example>\r\nDATA\r\n");
+    /* a sender with a UTF-8 local part refuses the message */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("x@b\xc3\xbc" "cher.example");
+    R.t.from = (struct smtp_span){"j\xc3\xb6rg@x.example", 15};
+    R.rc[0].domain_ascii = (struct smtp_span){ace, sizeof(ace) - 1};
+    go(EV_DONE | EV_READY);
+    nothing_out();
+    want_out(&R.rc[0].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, SMTP_REASON_NEED_SMTPUTF8, 553,
+             "5.6.7");
     /* offered: SMTPUTF8 on MAIL, UTF-8 allowed on RCPT */
     start(SMTP_CLIENT_TLS_OFF);
     HELLO(EHLO_FULL);

@@ -1,0 +1,135 @@
+"""Recipients whose domain is written in U-labels (RCPT TO:<x@bücher.test>
+under SMTPUTF8, RFC 6531), delivered as Postfix with smtputf8_enable
+delivers them: the destination is the domain's A-labels
+(xn--bcher-kva.test): its MX, address, MTA-STS and TLSA lookups ask for
+them, never for the UTF-8 name. The next hop gets the envelope as
+received when it offers SMTPUTF8; when it does not, an address with an
+ASCII local part goes with its domain in A-labels (RFC 6530 7.1, 6531
+3.2), and one with a UTF-8 local part is refused need_smtputf8 as before.
+The delivery log names each recipient as received, and its domain in
+A-labels (the destination's name). A domain that is no valid IDN is a
+permanent failure at once.
+
+The DNS server is test_hostile_mx's ScriptDns (every query it is asked
+is recorded: the test checks that none named the UTF-8 form), the
+receiver test_delivery's HostileMx with an honest script that records
+its commands."""
+import sys
+
+import test_hostile_mx
+from harness import main
+from test_delivery import HostileMx
+from test_hostile_mx import T_A, T_MX, HostileRelay, a_rr, mx_rr, serve
+
+SLUICE = test_hostile_mx.SLUICE
+
+ALABEL = "xn--bcher-kva.test"
+
+
+def idn_dns(q, tcp):
+    """MX for the A-label domain only; everything else (the UTF-8 form
+    too, should it be asked) does not exist."""
+    if q.qname == ALABEL and q.qtype == T_MX:
+        return q.reply([mx_rr(ALABEL, 10, "mx.test")])
+    if q.qname == "mx.test":
+        return q.reply([a_rr("mx.test", "127.0.0.1")] if q.qtype == T_A else [])
+    return q.reply(rcode=0 if q.qname == ALABEL else 3)
+
+
+def receiver(port, utf8):
+    """An honest MX offering SMTPUTF8 or not; returns (mx, commands)."""
+    cmds = []
+
+    def script(c, rfile):
+        class Spy:
+            def readline(self):
+                line = rfile.readline()
+                if line[:4].upper() in (b"MAIL", b"RCPT"):
+                    cmds.append(line.rstrip(b"\r\n"))
+                return line
+        ehlo = b"250-mx\r\n250-8BITMIME\r\n" + (b"250-SMTPUTF8\r\n" if utf8 else b"") + \
+            b"250 PIPELINING\r\n"
+        serve(c, Spy(), ehlo=ehlo)
+    return HostileMx(port, script), cmds
+
+
+def send(r, sender, rcpts, body=b"Subject: idn\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"):
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+        cl.ehlo("tester")
+        assert cl.has_extn("smtputf8")
+        assert cl.sendmail(sender, rcpts, body, mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+
+
+def no_utf8_query(r):
+    asked = [q for q, _, _ in r.dns.asked]
+    assert any(q == ALABEL for q, t, _ in r.dns.asked if t == T_MX), asked
+    assert all(q.isascii() for q in asked), asked
+
+
+def test_utf8_domain_goes_as_received_to_a_receiver_with_smtputf8():
+    r = HostileRelay(idn_dns)
+    mx, cmds = receiver(r.mx_port, utf8=True)
+    try:
+        send(r, "s@b\u00fccher.test", ["x@B\u00fccher.test", "j\u00f6rg@b\u00fccher.test"])
+        evs = r.wait_events("delivery", 2)
+        assert sorted(e["rcpt"] for e in evs) == ["j\u00f6rg@b\u00fccher.test",
+                                                   "x@B\u00fccher.test"], evs
+        assert all(e["domain"] == ALABEL for e in evs), evs
+        assert not r.events("transient_failure") and not r.events("bounce"), r.events()
+        assert cmds[0].startswith("MAIL FROM:<s@b\u00fccher.test> ".encode()), cmds
+        assert b" SMTPUTF8" in cmds[0], cmds
+        assert sorted(cmds[1:]) == sorted(["RCPT TO:<x@B\u00fccher.test>".encode(),
+                                           "RCPT TO:<j\u00f6rg@b\u00fccher.test>".encode()]), cmds
+        no_utf8_query(r)
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8():
+    r = HostileRelay(idn_dns)
+    mx, cmds = receiver(r.mx_port, utf8=False)
+    try:
+        send(r, "s@b\u00fccher.test", ["x@b\u00fccher.test", "j\u00f6rg@b\u00fccher.test"],
+             body=b"Subject: idn\r\n\r\nplain\r\n")
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "x@b\u00fccher.test" and ev["domain"] == ALABEL, ev
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "j\u00f6rg@b\u00fccher.test", bounce
+        assert bounce["enhanced"] == "5.6.7" and bounce["domain"] == ALABEL, bounce
+        # the sender's domain too: its local part is ASCII
+        assert cmds == [b"MAIL FROM:<s@xn--bcher-kva.test> BODY=7BIT",
+                        b"RCPT TO:<x@xn--bcher-kva.test>"], cmds
+        assert b"SMTPUTF8" not in cmds[0], cmds
+        no_utf8_query(r)
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_a_domain_that_is_no_idn_fails_at_once():
+    r = HostileRelay(idn_dns)
+    mx, cmds = receiver(r.mx_port, utf8=True)
+    try:
+        send(r, "s@example.com", ["x@a\U0001f600b.test", "y@b\u00fccher.test"])
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "y@b\u00fccher.test", ev
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "x@a\U0001f600b.test", bounce
+        assert bounce["code"] == 553 and bounce["enhanced"] == "5.1.2", bounce
+        assert "IDN" in bounce["reply"], bounce
+        assert not r.events("transient_failure"), r.events()
+        assert all(q.isascii() for q, _, _ in r.dns.asked), r.dns.asked
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+if __name__ == "__main__":
+    main([test_utf8_domain_goes_as_received_to_a_receiver_with_smtputf8,
+          test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8,
+          test_a_domain_that_is_no_idn_fails_at_once])
