@@ -47,6 +47,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/idn.h"
 #include "common/log.h"
 #include "engine/classify.h"
 
@@ -278,6 +279,24 @@ config_valid_domain_name(const char *s)
     return label != 0 && s[len - 1] != '-';
 }
 
+/* What to add to "not a domain name" for d: for an IDN written in U-labels
+ * (sections are named in A-labels, the form destinations and keys have:
+ * common/idn.h), its A-labels, or why it is no IDN; "" for anything else. */
+static const char *
+idn_hint(const char *d, char *buf, size_t cap)
+{
+    size_t len = strlen(d);
+    if (idn_is_ascii(d, len))
+        return "";
+    char a[256];
+    const char *why = NULL;
+    if (idn_domain_ascii(d, len, a, sizeof(a), &why) > 0)
+        snprintf(buf, cap, "; write an IDN in A-labels: %s", a);
+    else
+        snprintf(buf, cap, "; not a valid IDN: %s", why != NULL ? why : "too long");
+    return buf;
+}
+
 static struct domain_build *
 domain_section(struct parse *p, const char *arg)
 {
@@ -292,7 +311,9 @@ domain_section(struct parse *p, const char *arg)
     if (len > 1 && name[len - 1] == '.')
         name[--len] = '\0';
     if (strcmp(name, "*") != 0 && !config_valid_domain_name(name)) {
-        config_err(p, p->header_line, "[domain %s]: not a domain name (or * for the default)", arg);
+        char hint[320];
+        config_err(p, p->header_line, "[domain %s]: not a domain name (or * for the default)%s",
+                   arg, idn_hint(name, hint, sizeof(hint)));
         return NULL;
     }
     for (unsigned i = 0; i < p->ndoms; i++)
@@ -409,11 +430,9 @@ dkim_section(struct parse *p, const char *arg)
     if (dl > 1 && d[dl - 1] == '.')
         d[--dl] = '\0';
     if (strcmp(d, "*") != 0 && !config_valid_domain_name(d)) {
-        bool idn = false;
-        for (const char *c = d; *c; c++)
-            idn |= (unsigned char)*c >= 0x80;
+        char hint[320];
         config_err(p, p->header_line, "[dkim %s]: %s is not a domain name (or * for the default)%s",
-                   arg, d, idn ? "; write an IDN in A-labels: xn--..." : "");
+                   arg, d, idn_hint(d, hint, sizeof(hint)));
         return -1;
     }
     for (unsigned i = 0; i < p->ndkims; i++)

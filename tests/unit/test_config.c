@@ -621,6 +621,18 @@ test_bad_domain(void **state)
     assert_int_equal(rc, -EINVAL);
     expect_error(errs, 3, "[domain bad_-.]: not a domain name");
     free(errs);
+    /* an IDN in U-labels: the A-labels to write, or why it is no IDN */
+    errs = load("[domain B\xc3\xbc" "cher.example]\nmax_age = 1d\n"
+                "[domain a\xf0\x9f\x98\x80" "b.example]\nmax_age = 1d\n",
+                &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 1,
+                 "[domain B\xc3\xbc" "cher.example]: not a domain name (or * for the default); "
+                 "write an IDN in A-labels: xn--bcher-kva.example");
+    expect_error(errs, 3,
+                 "[domain a\xf0\x9f\x98\x80" "b.example]: not a domain name (or * for the "
+                 "default); not a valid IDN: ");
+    free(errs);
 }
 
 /* A body memory smaller than the largest message could never take it:
