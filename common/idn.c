@@ -10,6 +10,7 @@
 #include <idn2.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 bool
 idn_is_ascii(const char *s, size_t len)
@@ -18,6 +19,17 @@ idn_is_ascii(const char *s, size_t len)
         if ((unsigned char)s[i] >= 0x80)
             return false;
     return true;
+}
+
+bool
+idn_domain_is(const char *name, const char *d)
+{
+    if (strcasecmp(name, d) == 0)
+        return true;
+    size_t n = strlen(d);
+    char a[256];
+    return !idn_is_ascii(d, n) && idn_domain_ascii(d, n, a, sizeof(a), NULL) > 0 &&
+           strcasecmp(name, a) == 0;
 }
 
 int

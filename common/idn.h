@@ -25,4 +25,9 @@ bool idn_is_ascii(const char *s, size_t len);
  * -ENAMETOOLONG when the result does not fit in cap. */
 int idn_domain_ascii(const char *d, size_t len, char *out, size_t cap, const char **why);
 
+/* Whether the domain d as written (the spool keeps a recipient's domain
+ * as received: U-labels stay) is name, an ASCII domain (A-labels, the
+ * form of destinations and the delivery log), case aside. */
+bool idn_domain_is(const char *name, const char *d);
+
 #endif

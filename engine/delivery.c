@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "common/clock.h"
+#include "common/idn.h"
 #include "common/hash.h"
 #include "common/intern.h"
 #include "common/log.h"
@@ -339,7 +340,7 @@ shaped_walk_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     const struct shaping_action *a = w->a;
     if (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due)
         return 0;
-    if (a->scope == SHAPING_SCOPE_DOMAIN && strcasecmp(a->domain, r->domain) != 0)
+    if (a->scope == SHAPING_SCOPE_DOMAIN && !idn_domain_is(a->domain, r->domain))
         return 0;
     if (a->scope == SHAPING_SCOPE_TENANT &&
         strcasecmp(a->tenant, r->owner.tenant != NULL ? r->owner.tenant : "") != 0)

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/idn.h"
 #include "common/conf.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -354,7 +355,7 @@ static int
 walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
     struct walk_sel *w = arg;
-    if (w->domain != NULL && strcasecmp(w->domain, r->domain) != 0)
+    if (w->domain != NULL && !idn_domain_is(w->domain, r->domain))
         return 0;
     if (w->deferred_only && (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due))
         return 0;
@@ -377,7 +378,11 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
         delivery_owner_of(w->e, &r->owner, &x->owner); /* tls_relaxed: bounce_now's dest */
     else
         memset(&x->owner, 0, sizeof(x->owner));
-    snprintf(x->domain, sizeof(x->domain), "%s", r->domain);
+    /* the destination's name: a domain in U-labels is its A-labels */
+    size_t dl = strlen(r->domain);
+    if (idn_is_ascii(r->domain, dl) ||
+        idn_domain_ascii(r->domain, dl, x->domain, sizeof(x->domain), NULL) < 0)
+        snprintf(x->domain, sizeof(x->domain), "%s", r->domain);
     return 0;
 }
 
@@ -769,7 +774,7 @@ qlist_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     struct qlist *l = arg;
     if (l->n > 0 && l->ids[l->n - 1] == id)
         return 0;
-    if (l->domain != NULL && strcasecmp(r->domain, l->domain) != 0)
+    if (l->domain != NULL && !idn_domain_is(l->domain, r->domain))
         return 0;
     if (l->n == l->cap)
         return 1; /* enough */

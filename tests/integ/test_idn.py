@@ -14,7 +14,12 @@ The DNS server is test_hostile_mx's ScriptDns (every query it is asked
 is recorded: the test checks that none named the UTF-8 form), the
 receiver test_delivery's HostileMx with an honest script that records
 its commands."""
+import json
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import test_hostile_mx
 from harness import main
@@ -129,7 +134,44 @@ def test_a_domain_that_is_no_idn_fails_at_once():
         r.close()
 
 
+def test_operators_name_the_domain_in_a_labels():
+    """The spool keeps the domain as received (U-labels); the delivery log
+    and destinations name it in A-labels, and so may an operator:
+    sluicectl queue and bounce by xn--bcher-kva.test find the mail to
+    x@bücher.test (before, they matched nothing)."""
+    sockdir = tempfile.mkdtemp(prefix="sluice-idn-")
+    sock = os.path.join(sockdir, "stats.sock")
+    r = HostileRelay(idn_dns, extra_conf=f"[stats]\nsocket = {sock}\n")
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(
+        c, rfile, ehlo=b"250-mx\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n",
+        rcpt_reply=lambda line: b"451 4.2.1 later\r\n"))
+    ctl = os.environ.get("SLUICECTL") or os.path.normpath(os.path.join(
+        os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
+
+    def run_ctl(*args):
+        p = subprocess.run([ctl, "-s", sock, "--json", *args], capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 0, (args, p.returncode, p.stderr)
+        return json.loads(p.stdout)
+    try:
+        send(r, "s@example.com", ["x@b\u00fccher.test"], body=b"Subject: idn\r\n\r\nplain\r\n")
+        ev = r.wait_events("transient_failure", 1)[0]
+        assert ev["domain"] == ALABEL, ev
+        q = run_ctl("queue", ALABEL)
+        assert [[x["rcpt"] for x in m["recipients"]] for m in q["messages"]] == \
+            [["x@b\u00fccher.test"]], q
+        run_ctl("bounce", ALABEL)
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "x@b\u00fccher.test" and bounce["domain"] == ALABEL, bounce
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
 if __name__ == "__main__":
     main([test_utf8_domain_goes_as_received_to_a_receiver_with_smtputf8,
           test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8,
-          test_a_domain_that_is_no_idn_fails_at_once])
+          test_a_domain_that_is_no_idn_fails_at_once,
+          test_operators_name_the_domain_in_a_labels])
