@@ -48,6 +48,7 @@
 
 #include "common/clock.h"
 #include "common/fs.h"
+#include "common/idn.h"
 #include "common/log.h"
 
 static const char *const reason_names[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
@@ -238,8 +239,19 @@ sup_normalize(const struct suppress_config *cfg, const char *addr, char *out, si
     size_t o = 0;
     bool gm = false;
     char dbuf[256];
-    for (size_t i = 0; i < dl; i++)
-        dbuf[i] = (char)tolower((unsigned char)dom[i]);
+    /* A domain in U-labels is its A-labels, as delivery has it (job_new):
+     * x@BÜCHER.test, x@bücher.test and x@xn--bcher-kva.test are one
+     * mailbox, and one entry holds for all. One that is no valid IDN is
+     * kept as written (delivery bounces it). */
+    int an = idn_is_ascii(dom, dl) ? -EINVAL : idn_domain_ascii(dom, dl, dbuf, sizeof(dbuf), NULL);
+    if (an > 0) {
+        dl = (size_t)an;
+        if (ll + dl + 2 > outlen)
+            return -EINVAL;
+    } else {
+        for (size_t i = 0; i < dl; i++)
+            dbuf[i] = (char)tolower((unsigned char)dom[i]);
+    }
     gm = cfg != NULL && cfg->gmail_dots && is_gmail(dbuf, dl);
     for (size_t i = 0; i < ll; i++) {
         char c = local[i];

@@ -114,8 +114,10 @@ int suppress_open(const struct suppress_config *cfg, struct suppress **out, char
 /* Commit what feeds are waiting, stop the writer thread, close. NULL is fine. */
 void suppress_close(struct suppress *s);
 
-/* Normalise addr as the list stores it. Returns 0, or -EINVAL (no
- * domain, empty or over-long parts, space or control characters). */
+/* Normalise addr as the list stores it: the domain in lowercase, in
+ * A-labels when written in U-labels (as delivery has it). Returns 0, or
+ * -EINVAL (no domain, empty or over-long parts, space or control
+ * characters). */
 int suppress_normalize(const struct suppress *s, const char *addr, char *out, size_t outlen);
 /* The scope (NULL: global) as the list stores it: in lowercase (see
  * above). Returns 0, or -EINVAL (empty, too long, a space, a control

@@ -289,6 +289,17 @@ test_normalisation(void **state)
     assert_int_equal(suppress_add(f->s, NULL, "John.Doe@gmail.com", SUPPRESS_MANUAL, 0, NULL), 0);
     assert_int_equal(suppress_check(f->s, NULL, "johndoe+promo@googlemail.com", NULL), 0);
     assert_int_equal(suppress_check(f->s, NULL, "j.o.h.n.d.o.e+promo@GMAIL.COM", NULL), 1);
+    /* A domain in U-labels is its A-labels, as delivery sends to them:
+     * every spelling of one IDN is one mailbox on the list. */
+    assert_int_equal(suppress_normalize(f->s, "x@B\xc3\x9c" "CHER.test", out, sizeof(out)), 0);
+    assert_string_equal(out, "x@xn--bcher-kva.test");
+    assert_int_equal(suppress_add(f->s, NULL, "x@b\xc3\xbc" "cher.test", SUPPRESS_MANUAL, 0, NULL),
+                     0);
+    assert_int_equal(suppress_check(f->s, NULL, "x@xn--bcher-kva.test", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "x@B\xc3\x9c" "CHER.test", NULL), 1);
+    assert_int_equal(suppress_check(f->s, NULL, "x@bu\xcc\x88" "cher.test", NULL), 1); /* NFD */
+    assert_int_equal(suppress_add(f->s, NULL, "@xn--mnchen-3ya.test", SUPPRESS_MANUAL, 0, NULL), 0);
+    assert_int_equal(suppress_check(f->s, NULL, "y@m\xc3\xbc" "nchen.test", NULL), 1);
 }
 
 static void
