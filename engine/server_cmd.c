@@ -1037,8 +1037,8 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     else if (v == SMTP_VERB_NOOP || v == SMTP_VERB_VRFY || v == SMTP_VERB_EXPN ||
              v == SMTP_VERB_HELP || (v == SMTP_VERB_RSET && !in_txn) ||
              ((v == SMTP_VERB_EHLO || v == SMTP_VERB_HELO) && greeted) ||
-             (v == SMTP_VERB_MAIL && s->out[at] == '5') ||
-             ((v == SMTP_VERB_AUTH || v == SMTP_VERB_STARTTLS) && s->out[at] == '5') ||
+             (v == SMTP_VERB_MAIL && refused && s->out[at] == '5') ||
+             ((v == SMTP_VERB_AUTH || v == SMTP_VERB_STARTTLS) && refused && s->out[at] == '5') ||
              (out_of_txn && !pipelined_rest))
         s->junk++;
 }
