@@ -500,16 +500,20 @@ bounce_finish(struct session *s)
 }
 
 /* Two recipients are one when their addresses are: the local part as it
- * is (only the receiving host may fold it, RFC 5321 2.4), the domain
+ * is (only the receiving host may fold it, RFC 5321 2.4) but for quotes
+ * that are not needed ("john" is john, RFC 5321 4.1.2), the domain
  * without case. */
 static int
 rcpt_addr_cmp(const char *a, const char *b)
 {
     const char *da = strrchr(a, '@'), *db = strrchr(b, '@');
-    size_t la = da ? (size_t)(da - a) : strlen(a), lb = db ? (size_t)(db - b) : strlen(b);
+    char ba[SMTP_LOCAL_MAX], bb[SMTP_LOCAL_MAX];
+    const char *ua, *ub;
+    size_t la = smtp_local_unquote(a, da ? (size_t)(da - a) : strlen(a), ba, &ua);
+    size_t lb = smtp_local_unquote(b, db ? (size_t)(db - b) : strlen(b), bb, &ub);
     if (la != lb)
         return la < lb ? -1 : 1;
-    int c = memcmp(a, b, la);
+    int c = memcmp(ua, ub, la);
     return c != 0 ? c : strcasecmp(da ? da : "", db ? db : "");
 }
 

@@ -417,6 +417,32 @@ parse_mailbox(const char *p, const char *end, bool postmaster, struct mbox *m, c
     return rc;
 }
 
+size_t
+smtp_local_unquote(const char *local, size_t len, char *buf, const char **out)
+{
+    *out = local;
+    if (len < 3 || local[0] != '"' || local[len - 1] != '"')
+        return len;
+    size_t o = 0;
+    for (size_t i = 1; i + 1 < len; i++) {
+        const char *c = local + i;
+        if (*c == '\\') {
+            if (i + 2 >= len)
+                return len; /* the closing quote escaped: not a quoted string */
+            c = local + ++i;
+        }
+        bool dot = *c == '.';
+        if (o == SMTP_LOCAL_MAX || !((cc(c) & C_ATEXT) || is8(c) || dot) ||
+            (dot && (o == 0 || buf[o - 1] == '.')))
+            return len;
+        buf[o++] = *c;
+    }
+    if (o == 0 || buf[o - 1] == '.')
+        return len;
+    *out = buf;
+    return o;
+}
+
 int
 smtp_mailbox_check(const char *addr, size_t len, bool utf8)
 {

@@ -253,6 +253,15 @@ uint32_t smtp_auth_mech_parse(const char *name, size_t len);
 const char *smtp_auth_mech_str(uint32_t mech);
 
 /*
+ * A quoted local part that needs no quoting ("john", "jo\hn") is the same
+ * mailbox as its dot-string (RFC 5321 4.1.2, 4.1.4: john): that
+ * dot-string is written to buf (SMTP_LOCAL_MAX octets, no NUL) and *out
+ * points at it; any other local part is left as it is (*out = local).
+ * Returns the length of *out.
+ */
+size_t smtp_local_unquote(const char *local, size_t len, char *buf, const char **out);
+
+/*
  * Check a mailbox (local@domain, or empty for the null path) the way
  * smtp_cmd_parse() checks a path's content. utf8: non-ASCII is allowed.
  * Returns 0 or an address error code (SMTP_CMD_E_LOCAL_SYNTAX ...).

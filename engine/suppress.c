@@ -50,6 +50,7 @@
 #include "common/fs.h"
 #include "common/idn.h"
 #include "common/log.h"
+#include "engine/smtp_cmd.h"
 
 static const char *const reason_names[] = {"hard_bounce", "complaint", "unsubscribe", "manual"};
 
@@ -168,42 +169,6 @@ is_gmail(const char *d, size_t n)
            (n == 14 && memcmp(d, "googlemail.com", 14) == 0);
 }
 
-static bool
-is_atext(unsigned char c)
-{
-    return isalnum(c) || c >= 0x80 || (c != 0 && strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL);
-}
-
-/* A quoted local part that needs no quoting ("john", "jo\hn") is the
- * same mailbox as its dot-atom (RFC 5321 4.1.2, 4.1.4: john): the
- * dot-atom, in buf (64 octets), into *out. Any other local part is left
- * as it is. Returns the local part's length. */
-static size_t
-unquote_local(const char *local, size_t ll, char *buf, const char **out)
-{
-    *out = local;
-    if (ll < 3 || local[0] != '"' || local[ll - 1] != '"')
-        return ll;
-    size_t o = 0;
-    for (size_t i = 1; i + 1 < ll; i++) {
-        char c = local[i];
-        if (c == '\\') {
-            if (i + 2 >= ll)
-                return ll; /* the closing quote escaped: not a quoted string */
-            c = local[++i];
-        }
-        bool dot = c == '.';
-        if (o == 64 || !(is_atext((unsigned char)c) || dot) ||
-            (dot && (o == 0 || buf[o - 1] == '.')))
-            return ll;
-        buf[o++] = c;
-    }
-    if (o == 0 || buf[o - 1] == '.')
-        return ll;
-    *out = buf;
-    return o;
-}
-
 /* addr into out as stored: see suppress.h. cfg NULL: no local-part rules. */
 int
 sup_normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t outlen)
@@ -232,8 +197,8 @@ sup_normalize(const struct suppress_config *cfg, const char *addr, char *out, si
     }
     if (dl > 0 && dom[dl - 1] == '.')
         dl--; /* example.com. is example.com */
-    char ubuf[64];
-    ll = unquote_local(local, ll, ubuf, &local);
+    char ubuf[SMTP_LOCAL_MAX];
+    ll = smtp_local_unquote(local, ll, ubuf, &local);
     if (dl == 0 || dl > 255 || ll > 64 || ll + dl + 2 > outlen || memchr(dom, '@', dl) != NULL)
         return -EINVAL;
     size_t o = 0;

@@ -398,6 +398,32 @@ def test_duplicate_recipients_stored_once():
         assert m["rcpts"] == [b"a@example.org", b"b@example.org", b"A@example.org"], m["rcpts"]
 
 
+def test_quoted_duplicate_recipients_stored_once():
+    """A quoted local part that needs no quotes is the same mailbox as
+    without them (RFC 5321 4.1.2: "john" is john, "jo\\hn" too): given
+    both ways in one transaction, the recipient is stored once, as its
+    first RCPT wrote it, so one copy goes out and one outcome is logged
+    (two did, and the backend heard twice about one mailbox). A quoted
+    local part that needs its quotes ("j n", "x@y") stays its own."""
+    with sluice() as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<a@example.com>", 250)
+        for rcpt in ('"john"@example.org', "john@example.org", '"jo\\hn"@EXAMPLE.org',
+                     "j.n@example.org", '"j.n"@example.org', '"j n"@example.org',
+                     '"x@y"@example.org'):
+            c.expect(f"RCPT TO:<{rcpt}>", 250)
+        c.expect("DATA", 354)
+        c.send(b"Subject: quoted\r\n\r\nquoted\r\n.\r\n")
+        assert c.reply().code == 250
+        line = r.d.wait_log(QUEUED)
+        assert "nrcpt=4 " in line, line
+        r.stop()
+        (m,) = r.messages()
+        assert m["rcpts"] == [b'"john"@example.org', b"j.n@example.org", b'"j n"@example.org',
+                              b'"x@y"@example.org'], m["rcpts"]
+
+
 def test_message_size_limit():
     limit = 4096
     with sluice(server=f"max_message_size = {limit}\n") as r:
@@ -1297,6 +1323,7 @@ if __name__ == "__main__":
         test_disconnect_line_sums_commands,
         test_too_many_recipients,
         test_duplicate_recipients_stored_once,
+        test_quoted_duplicate_recipients_stored_once,
         test_message_size_limit,
         test_relay_refused_without_auth,
         test_relay_refused_with_users_but_no_auth,

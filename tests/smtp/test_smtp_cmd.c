@@ -906,6 +906,45 @@ test_names(void **state)
     }
 }
 
+/* A quoted local part is its dot-string when it needs no quotes; any
+ * other local part is left as it is. */
+static void
+test_local_unquote(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in, *out; /* out NULL: left as it is */
+    } cases[] = {
+        {"\"john\"", "john"},
+        {"\"jo\\hn\"", "john"},
+        {"\"j.o+n\"", "j.o+n"},
+        {"\"\xc3\xa9t\xc3\xa9\"", "\xc3\xa9t\xc3\xa9"},
+        {"john", NULL},
+        {"\"j n\"", NULL},
+        {"\"x@y\"", NULL},
+        {"\".john\"", NULL},
+        {"\"john.\"", NULL},
+        {"\"jo..hn\"", NULL},
+        {"\"\"", NULL},
+        {"\"", NULL},
+        {"\"john\\\"", NULL},
+        {"\"a\\\"b\"", NULL},
+        {"\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"",
+         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+        {"\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char buf[SMTP_LOCAL_MAX];
+        const char *in = cases[i].in, *out = NULL;
+        size_t n = smtp_local_unquote(in, strlen(in), buf, &out);
+        const char *want = cases[i].out ? cases[i].out : in;
+        if (cases[i].out == NULL)
+            assert_ptr_equal(out, in);
+        assert_int_equal(n, strlen(want));
+        assert_memory_equal(out, want, n);
+    }
+}
+
 int
 main(void)
 {
@@ -915,7 +954,7 @@ main(void)
         cmocka_unit_test(test_other_fields), cmocka_unit_test(test_error_details),
         cmocka_unit_test(test_limits),       cmocka_unit_test(test_char_classes),
         cmocka_unit_test(test_fmt),          cmocka_unit_test(test_xtext),
-        cmocka_unit_test(test_names),
+        cmocka_unit_test(test_names),        cmocka_unit_test(test_local_unquote),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
