@@ -272,7 +272,8 @@ static const struct conf_key delivery_keys[] = {
      "then they come back by a quarter of the configured rate at each step", NULL},
     {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
      "percent: each retry delay is lengthened at random by up to this much, so that "
-     "recipients deferred together do not come back together; never shortened (a receiver "
+     "messages deferred together do not come back together (one draw per transaction: its "
+     "recipients come back together, in one transaction); never shortened (a receiver "
      "that greylists for the schedule's first delay, Postgrey's 300 s, sees no retry "
      "before it)",
      NULL},

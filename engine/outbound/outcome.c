@@ -486,12 +486,15 @@ rng_next(struct delivery *d)
 }
 
 /* The schedule's delay for a recipient deferred attempts times already,
- * moved at random by up to retry_jitter percent either way. */
+ * lengthened by up to retry_jitter percent, by rnd: one draw per job, so
+ * that the recipients of one transaction deferred together come due
+ * together and go again in one transaction (a draw each scattered them
+ * over many: the message sent once per recipient, a DSN each). */
 static uint64_t
-retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts)
+retry_delay_ms(struct delivery *d, const struct domain_policy *pol, unsigned attempts, uint64_t rnd)
 {
     return policy_retry_delay(&pol->retry_schedule, attempts, d->e->cfg->delivery.retry_jitter,
-                              rng_next(d));
+                              rnd);
 }
 
 /* When the recipients of id give up: max_age after arrival, or earlier
@@ -839,6 +842,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     snprintf(info.tls_policy, sizeof(info.tls_policy), "%s", tls_policy ? tls_policy : "-");
     bool shaped = false;
     bool backed_off = false; /* the rates halved (or the source held) for this job */
+    uint64_t jitter = rng_next(d); /* the job's recipients' retry jitter (retry_delay_ms) */
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = NULL;
@@ -878,8 +882,9 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
         /* the schedule's delay for whatever the policy defers (a 552 for
          * too many recipients too, policy_rcpt) */
-        uint64_t delay =
-            o->status != SMTP_STATUS_DELIVERED ? retry_delay_ms(d, t->pol, r ? r->attempts : 0) : 0;
+        uint64_t delay = o->status != SMTP_STATUS_DELIVERED
+                             ? retry_delay_ms(d, t->pol, r ? r->attempts : 0, jitter)
+                             : 0;
         struct policy_rcpt pr;
         policy_rcpt(o, oc, where->src, now, expire, delay, &pr);
         if (pr.kind == POLICY_DELIVERED) {

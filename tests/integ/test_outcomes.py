@@ -387,6 +387,74 @@ def test_dsn_parameters_go_to_the_next_hop():
         r.close()
 
 
+def _data_451_once(txns):
+    """An MX that answers its first message's final dot with 451 and every
+    later one's with 250; txns collects (recipients, reply) of each."""
+    import threading
+    lock = threading.Lock()
+
+    def script(c, rfile):
+        c.sendall(b"220 mx ESMTP\r\n")
+        rcpts = []
+        for _ in range(10000):  # bounded
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                c.sendall(b"250-mx\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                rcpts = []
+                c.sendall(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line[8:].strip().decode())
+                c.sendall(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                c.sendall(b"354 go ahead\r\n")
+                while True:
+                    body = rfile.readline()
+                    if not body:
+                        return
+                    if body == b".\r\n":
+                        break
+                with lock:
+                    reply = b"451 4.3.0 try again" if not txns else b"250 2.0.0 queued"
+                    txns.append((sorted(rcpts), reply))
+                c.sendall(reply + b"\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+    return script
+
+
+def test_recipients_deferred_together_come_back_together():
+    """A message's recipients at one domain deferred together (451 to the
+    final dot) come due together and go again in one transaction, however
+    large retry_jitter: the jitter is drawn per job, not per recipient
+    (which scattered them over the jitter's span: the message sent again
+    once per recipient, and a DSN each)."""
+    r = Relay(records_for(["together.test"]), with_sink=False,
+              delivery_conf="retry_jitter = 50",
+              domain_conf=log_conf_text("[domain *]\nretry_schedule = 4s\n"))
+    txns = []
+    mx = test_delivery.HostileMx(r.mx_port, _data_451_once(txns))
+    try:
+        rcpts = sorted(f"u{i:02d}@together.test" for i in range(12))
+        r.inject([("s@example.com", rcpts, b"Subject: t\r\n\r\ntogether\r\n")], sessions=1)
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", len(rcpts), timeout=60)
+        assert sorted(e["rcpt"] for e in dl) == rcpts, dl
+        assert all(e["attempt"] == 2 for e in dl), dl
+        want = [f"<{a}>" for a in rcpts]
+        assert txns == [(want, b"451 4.3.0 try again"), (want, b"250 2.0.0 queued")], txns
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_rotation_loses_nothing():
     """rename + SIGHUP while mail flows: the old and the new file together
     hold every event exactly once, and each line is whole."""
@@ -422,4 +490,5 @@ if __name__ == "__main__":
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
-          test_dsn_parameters_go_to_the_next_hop, test_rotation_loses_nothing])
+          test_dsn_parameters_go_to_the_next_hop, test_rotation_loses_nothing,
+          test_recipients_deferred_together_come_back_together])
