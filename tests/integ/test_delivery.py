@@ -582,6 +582,11 @@ class HostileMx:
         import threading
 
         class Server(socketserver.ThreadingTCPServer):
+            # socketserver's default backlog is 5: a test whose sluice
+            # opens more connections at once would see the rest wait out
+            # the greeting timeout, half-open (a real MX's is hundreds)
+            request_queue_size = 256
+
             def server_bind(self):
                 # Before listen, so accepted sockets have it and the
                 # window scale is chosen for it: a receiver whose kernel
