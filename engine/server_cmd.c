@@ -26,6 +26,7 @@
 
 #include "common/clock.h"
 #include "common/json.h"
+#include "common/idn.h"
 #include "common/log.h"
 #include "engine/delivery.h"
 #include "engine/dlog.h"
@@ -415,6 +416,18 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
     if (s->nrcpt >= s->sw->cfg->max_recipients) {
         reply(s, "452 4.5.3 Too many recipients");
         return;
+    }
+    if (!idn_is_ascii(c->path.domain.ptr, c->path.domain.len)) {
+        /* U-labels (SMTPUTF8): delivered to their A-labels (job_new); a
+         * name that has none could only bounce later, so it is refused
+         * now, with libidn2's reason */
+        char a[256];
+        const char *why = NULL;
+        if (idn_domain_ascii(c->path.domain.ptr, c->path.domain.len, a, sizeof(a), &why) < 0) {
+            reply(s, "553 5.1.2 Recipient domain is not a valid IDN: %s",
+                  why != NULL ? why : "too long");
+            return;
+        }
     }
     if (!s->bounce && s->sw->e->suppress != NULL && rcpt_suppressed(s, c))
         return;

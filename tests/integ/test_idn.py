@@ -7,8 +7,8 @@ received when it offers SMTPUTF8; when it does not, an address with an
 ASCII local part goes with its domain in A-labels (RFC 6530 7.1, 6531
 3.2), and one with a UTF-8 local part is refused need_smtputf8 as before.
 The delivery log names each recipient as received, and its domain in
-A-labels (the destination's name). A domain that is no valid IDN is a
-permanent failure at once.
+A-labels (the destination's name). A domain that is no valid IDN is
+refused at RCPT.
 
 The DNS server is test_hostile_mx's ScriptDns (every query it is asked
 is recorded: the test checks that none named the UTF-8 form), the
@@ -115,17 +115,48 @@ def test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8():
         r.close()
 
 
-def test_a_domain_that_is_no_idn_fails_at_once():
+def test_a_domain_that_is_no_idn_is_refused_at_rcpt():
+    """A recipient domain in UTF-8 that is no valid IDNA2008 name (an
+    emoji label) has no A-labels to deliver to: refused at RCPT with 553
+    5.1.2 and libidn2's reason (it was taken and deferred until it
+    expired); the other recipients of the message go."""
+    import smtplib
     r = HostileRelay(idn_dns)
     mx, cmds = receiver(r.mx_port, utf8=True)
     try:
-        send(r, "s@example.com", ["x@a\U0001f600b.test", "y@b\u00fccher.test"])
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            refused = cl.sendmail("s@example.com", ["x@a\U0001f600b.test", "y@b\u00fccher.test"],
+                                  b"Subject: idn\r\n\r\nhi\r\n", mail_options=["SMTPUTF8"])
+        assert list(refused) == ["x@a\U0001f600b.test"], refused
+        code, text = refused["x@a\U0001f600b.test"]
+        assert code == 553 and text.startswith(b"5.1.2 Recipient domain is not a valid IDN: "), \
+            refused
         ev = r.wait_events("delivery", 1)[0]
         assert ev["rcpt"] == "y@b\u00fccher.test", ev
-        bounce = r.wait_events("bounce", 1)[0]
-        assert bounce["rcpt"] == "x@a\U0001f600b.test", bounce
-        assert bounce["code"] == 553 and bounce["enhanced"] == "5.1.2", bounce
-        assert "IDN" in bounce["reply"], bounce
+        assert not r.events("transient_failure") and not r.events("bounce"), r.events()
+        assert all(q.isascii() for q, _, _ in r.dns.asked), r.dns.asked
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_a_dsn_to_a_sender_domain_that_is_no_idn_fails_at_once():
+    """MAIL FROM is not refused for its domain (a sender may be
+    anything), so a DSN can be for a domain in UTF-8 that is no valid
+    IDN: it bounces at once, 553 5.1.2, without a lookup (it was
+    deferred as a DNS failure until it expired)."""
+    r = HostileRelay(idn_dns, dsn=True)
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(
+        c, rfile, ehlo=b"250-mx\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n",
+        rcpt_reply=lambda line: b"550 5.1.1 no such user\r\n"))
+    try:
+        send(r, "s@a\U0001f600b.test", ["x@b\u00fccher.test"], body=b"Subject: idn\r\n\r\nhi\r\n")
+        evs = r.wait_events("bounce", 2)
+        dsn = [e for e in evs if e["rcpt"] == "s@a\U0001f600b.test"]
+        assert len(dsn) == 1 and dsn[0]["code"] == 553 and dsn[0]["enhanced"] == "5.1.2", evs
+        assert "IDN" in dsn[0]["reply"], dsn
         assert not r.events("transient_failure"), r.events()
         assert all(q.isascii() for q, _, _ in r.dns.asked), r.dns.asked
         assert r.d.stop_clean() == 0
@@ -173,5 +204,6 @@ def test_operators_name_the_domain_in_a_labels():
 if __name__ == "__main__":
     main([test_utf8_domain_goes_as_received_to_a_receiver_with_smtputf8,
           test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8,
-          test_a_domain_that_is_no_idn_fails_at_once,
+          test_a_domain_that_is_no_idn_is_refused_at_rcpt,
+          test_a_dsn_to_a_sender_domain_that_is_no_idn_fails_at_once,
           test_operators_name_the_domain_in_a_labels])
