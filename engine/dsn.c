@@ -462,13 +462,28 @@ enum attach_why {
     WHY_NONE,      /* no original */
     WHY_FULL,      /* the whole message is attached */
     WHY_HDRS,      /* RET=HDRS or no RET */
-    WHY_DELAY,     /* a delay warning: headers only */
+    WHY_NO_FAIL,   /* a delay warning or a success report: headers only (RFC 3461 4.3) */
     WHY_TOO_BIG,   /* over full_max */
     WHY_NOT_CLEAN, /* could not go back unchanged */
 };
 
+/* What the report as a whole is: failed when any recipient failed, else
+ * delayed when any is, else a success report. */
+static enum dsn_action
+report_kind(const struct dsn_input *in)
+{
+    enum dsn_action k = DSN_ACTION_RELAYED;
+    for (unsigned i = 0; i < in->nrcpt; i++) {
+        if (in->rcpt[i].action == DSN_ACTION_FAILED)
+            return DSN_ACTION_FAILED;
+        if (in->rcpt[i].action == DSN_ACTION_DELAYED)
+            k = DSN_ACTION_DELAYED;
+    }
+    return k;
+}
+
 static void
-human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum attach_why why,
+human_part(struct out *o, const struct dsn_input *in, enum dsn_action kind, enum attach_why why,
            bool hdrs_cut)
 {
     bool u8 = in->smtputf8;
@@ -479,13 +494,17 @@ human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum atta
     out_put(o, t.p, t.len);
     out_str(o, ".\r\n\r\n");
     out_free(&t);
-    if (any_failed) {
+    if (kind == DSN_ACTION_FAILED) {
         out_str(o, "Your message could not be delivered to one or more recipients.\r\n"
                    "The details are below.\r\n");
-    } else {
+    } else if (kind == DSN_ACTION_DELAYED) {
         out_str(o, "Your message has not been delivered yet to one or more recipients.\r\n"
                    "Delivery is still being retried: you do not need to send it again.\r\n"
                    "You will be told if it finally fails.\r\n");
+    } else {
+        out_str(o, "Your message was delivered to the mail servers of the recipients below,\r\n"
+                   "as you asked to be told. Those servers do not send delivery\r\n"
+                   "notifications, so this is the last one you will get for them.\r\n");
     }
     if (why != WHY_NONE || !empty(in->queue_id))
         out_str(o, "\r\n");
@@ -496,7 +515,7 @@ human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum atta
         out_str(o, "The original message is attached.\r\n");
         break;
     case WHY_HDRS:
-    case WHY_DELAY:
+    case WHY_NO_FAIL:
         out_str(o, "The headers of the original message are attached.\r\n");
         break;
     case WHY_TOO_BIG:
@@ -527,7 +546,10 @@ human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum atta
         out_str(o, "\r\n");
         out_str(&t, "<");
         clean_str(&t, r->addr, u8, QUEUE_MAX_ADDR);
-        out_str(&t, r->delayed ? ">: delivery delayed" : ">: delivery failed");
+        out_str(&t, r->action == DSN_ACTION_DELAYED   ? ">: delivery delayed"
+                    : r->action == DSN_ACTION_RELAYED ? ">: delivered to a server that sends "
+                                                        "no notifications (relayed)"
+                                                      : ">: delivery failed");
         if (!empty(r->class_str)) {
             out_str(&t, " (");
             clean_str(&t, r->class_str, false, 64);
@@ -552,7 +574,7 @@ human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum atta
             put_wrapped(o, "    ", t.p, t.len);
             t.len = 0;
         }
-        if (r->delayed && r->retry_until_ms != 0) {
+        if (r->action == DSN_ACTION_DELAYED && r->retry_until_ms != 0) {
             format_date(date, sizeof(date), r->retry_until_ms);
             out_str(&t, "Still trying until ");
             out_str(&t, date);
@@ -564,6 +586,20 @@ human_part(struct out *o, const struct dsn_input *in, bool any_failed, enum atta
     if (t.oom)
         o->oom = true;
     out_free(&t);
+}
+
+static const char *
+action_str(enum dsn_action a)
+{
+    switch (a) {
+    case DSN_ACTION_DELAYED:
+        return "delayed";
+    case DSN_ACTION_RELAYED:
+        return "relayed";
+    case DSN_ACTION_FAILED:
+        break;
+    }
+    return "failed";
 }
 
 /* "rfc822;a+2Bb@c" -> "rfc822;a+b@c" made safe; nothing when malformed. */
@@ -619,7 +655,7 @@ status_part(struct out *o, const struct dsn_input *in)
         bool ascii = !has_8bit(r->addr, strlen(r->addr));
         put_field(o, "Final-Recipient", u8 && !ascii ? "utf-8; " : "rfc822; ", r->addr,
                   strlen(r->addr), u8, QUEUE_MAX_ADDR);
-        put_safe(o, "Action", r->delayed ? "delayed" : "failed");
+        put_safe(o, "Action", action_str(r->action));
         put_safe(o, "Status", r->status);
         if (!empty(r->remote_mta))
             put_field(o, "Remote-MTA", "dns; ", r->remote_mta, strlen(r->remote_mta), u8, 255);
@@ -634,7 +670,7 @@ status_part(struct out *o, const struct dsn_input *in)
         }
         if (r->last_attempt_ms != 0)
             put_date(o, "Last-Attempt-Date", r->last_attempt_ms);
-        if (r->delayed && r->retry_until_ms != 0)
+        if (r->action == DSN_ACTION_DELAYED && r->retry_until_ms != 0)
             put_date(o, "Will-Retry-Until", r->retry_until_ms);
         if (!empty(r->class_str))
             put_field(o, "X-Sluice-Class", "", r->class_str, strlen(r->class_str), false, 64);
@@ -665,17 +701,15 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     if (!input_valid(in))
         return -EINVAL;
 
-    bool any_failed = false;
-    for (unsigned i = 0; i < in->nrcpt; i++)
-        any_failed |= !in->rcpt[i].delayed;
+    enum dsn_action kind = report_kind(in);
 
     /* part 3 first: what the human part says depends on it */
     struct out human = {0}, status = {0}, orig = {0}, msg = {0};
     enum attach_why why = WHY_NONE;
     bool hdrs_cut = false;
     if (in->orig != NULL && in->orig_len > 0) {
-        if (!any_failed)
-            why = WHY_DELAY;
+        if (kind != DSN_ACTION_FAILED)
+            why = WHY_NO_FAIL;
         else if (!in->ret_full)
             why = WHY_HDRS;
         else if (in->full_max != 0 && in->orig_len > in->full_max)
@@ -698,7 +732,7 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
             copy_lines(&orig, in->orig, n);
         }
     }
-    human_part(&human, in, any_failed, why, hdrs_cut);
+    human_part(&human, in, kind, why, hdrs_cut);
     status_part(&status, in);
 
     int rc = -ENOMEM;
@@ -724,8 +758,9 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
                   u8, QUEUE_MAX_ADDR);
     put_field_sfx(&msg, "To", "<", in->to_addr, strlen(in->to_addr), ">", u8, QUEUE_MAX_ADDR);
     put_safe(&msg, "Subject",
-             any_failed ? "Undelivered Mail Returned to Sender"
-                        : "Delayed Mail (still being retried)");
+             kind == DSN_ACTION_FAILED    ? "Undelivered Mail Returned to Sender"
+             : kind == DSN_ACTION_DELAYED ? "Delayed Mail (still being retried)"
+                                          : "Successful Mail Delivery Report");
     format_date(date, sizeof(date), in->now_ms);
     put_safe(&msg, "Date", date);
     out_str(&msg, "Message-ID: <");
@@ -763,7 +798,9 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
             put_safe(&msg, "Content-Description", "Undelivered Message");
             put_safe(&msg, "Content-Type", u8 ? "message/global" : "message/rfc822");
         } else {
-            put_safe(&msg, "Content-Description", "Undelivered Message Headers");
+            put_safe(&msg, "Content-Description", kind == DSN_ACTION_RELAYED
+                                                      ? "Message Headers"
+                                                      : "Undelivered Message Headers");
             put_safe(&msg, "Content-Type", u8 ? "message/global-headers" : "text/rfc822-headers");
         }
         if (orig8)
@@ -849,28 +886,39 @@ dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struct que
 }
 
 bool
-dsn_wanted(unsigned notify_bits, bool failure)
+dsn_wanted(unsigned notify_bits, enum dsn_action a)
 {
     if (notify_bits & QUEUE_NOTIFY_NEVER)
         return false;
-    if (failure)
+    switch (a) {
+    case DSN_ACTION_FAILED:
         return notify_bits == 0 || (notify_bits & QUEUE_NOTIFY_FAILURE) != 0;
-    return (notify_bits & QUEUE_NOTIFY_DELAY) != 0;
+    case DSN_ACTION_DELAYED:
+        return (notify_bits & QUEUE_NOTIFY_DELAY) != 0;
+    case DSN_ACTION_RELAYED:
+        return (notify_bits & QUEUE_NOTIFY_SUCCESS) != 0;
+    }
+    return false;
 }
 
 int
-dsn_status_format(char *buf, size_t cap, const struct smtp_enh *enh, unsigned code, bool delayed)
+dsn_status_format(char *buf, size_t cap, const struct smtp_enh *enh, unsigned code,
+                  enum dsn_action a)
 {
     int n;
 
     if (buf == NULL || cap < DSN_STATUS_MAX)
         return -EINVAL;
-    if (enh != NULL && (enh->cls == 2 || enh->cls == 4 || enh->cls == 5) && enh->subject < 1000 &&
-        enh->detail < 1000)
+    bool ok = enh != NULL && enh->subject < 1000 && enh->detail < 1000;
+    if (a == DSN_ACTION_RELAYED)
+        /* the reply was a 2xx: a success is nothing but 2.X.X */
+        n = ok && enh->cls == 2 ? snprintf(buf, cap, "2.%u.%u", enh->subject, enh->detail)
+                                : snprintf(buf, cap, "2.0.0");
+    else if (ok && (enh->cls == 2 || enh->cls == 4 || enh->cls == 5))
         n = snprintf(buf, cap, "%u.%u.%u", enh->cls, enh->subject, enh->detail);
     else if (code >= 400 && code < 600)
         n = snprintf(buf, cap, "%u.0.0", code / 100);
     else
-        n = snprintf(buf, cap, "%s", delayed ? "4.0.0" : "5.0.0");
+        n = snprintf(buf, cap, "%s", a == DSN_ACTION_DELAYED ? "4.0.0" : "5.0.0");
     return n > 0 ? 0 : -EINVAL;
 }

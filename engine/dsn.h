@@ -42,18 +42,28 @@
 #define DSN_STATUS_MAX  16            /* "5.123.456" and NUL fit */
 #define DSN_MSGID_MAX   900           /* octets of message_id: its line stays under 998 */
 
+/* What became of a recipient: its Action field (RFC 3464 2.3.3). */
+enum dsn_action {
+    DSN_ACTION_FAILED,  /* bounced or expired */
+    DSN_ACTION_DELAYED, /* a warning: still being retried */
+    /* Accepted (NOTIFY=SUCCESS) by a next hop that did not offer DSN: it
+     * got no NOTIFY and will send no report of its own (RFC 3461 5.2.2). */
+    DSN_ACTION_RELAYED,
+};
+
 /* One recipient of the report. All pointers borrowed for the call. */
 struct dsn_rcpt {
     const char *addr;         /* final recipient, as in the envelope */
     const char *orcpt;        /* ORCPT as given ("rfc822;a+2Bb@c", xtext), NULL or "" if none */
-    bool delayed;             /* Action: delayed (a warning) instead of failed */
+    enum dsn_action action;
     const char *status;       /* RFC 3463 code to report, "5.1.1": see dsn_status_format() */
     unsigned code;            /* remote reply code, 0 if none */
     const char *text;         /* remote reply text (code 0: our own reason), NULL if none */
     const char *remote_mta;   /* MX host name, NULL if none */
     uint64_t last_attempt_ms; /* Unix ms, 0: none */
     uint64_t retry_until_ms;  /* delayed only: Will-Retry-Until, 0: none */
-    const char *class_str;    /* bounce_class_str(), for people and X-Sluice-Class; may be NULL */
+    const char *class_str;    /* bounce_class_str(), for people and X-Sluice-Class; NULL: none
+                               * (a success has no class) */
 };
 
 /* One DSN. All pointers borrowed for the call. */
@@ -78,9 +88,11 @@ struct dsn_input {
 
 /*
  * Build the DSN. Subject "Undelivered Mail Returned to Sender" when any
- * recipient failed, "Delayed Mail (still being retried)" when all are
- * delayed. The original goes back whole only when RET=FULL, some
- * recipient failed (a delay warning carries headers only), it is no
+ * recipient failed, else "Delayed Mail (still being retried)" when any is
+ * delayed, else (all relayed) "Successful Mail Delivery Report". The
+ * original goes back whole only when RET=FULL, some recipient failed
+ * (RFC 3461 4.3: RET is for failures; a delay warning or a success report
+ * carries headers only), it is no
  * bigger than full_max, and it is clean CRLF text with lines of at most
  * 998 octets (otherwise it could not travel unchanged); else its headers
  * (everything up to the first empty line, all of it if there is none) go
@@ -127,20 +139,22 @@ void dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struc
 
 /*
  * Whether a recipient's NOTIFY bits (enum queue_notify of queue/queue.h)
- * ask for a DSN on failure (failure true) or on delay (false). NEVER:
- * none. NOTIFY absent (0): failures yes, delays no; RFC 3461 4.1 leaves
- * delays to the MTA, and like Postfix's default we send no warnings
- * nobody asked for.
+ * ask for a DSN of action a (failed, delayed, relayed). NEVER: none.
+ * NOTIFY absent (0): failures yes, delays and successes no; RFC 3461 4.1
+ * leaves delays to the MTA, and like Postfix's default we send no warnings
+ * nobody asked for. A success only with SUCCESS.
  */
-bool dsn_wanted(unsigned notify_bits, bool failure);
+bool dsn_wanted(unsigned notify_bits, enum dsn_action a);
 
 /*
- * The Status to report: the reply's enhanced code when it had one, else
- * X.0.0 from the reply code's class, else (no reply) 4.0.0 for a delay
- * and 5.0.0 for a failure. Writes NUL-terminated text into buf (at least
- * DSN_STATUS_MAX octets). Returns 0 or -EINVAL when buf is too small.
+ * The Status to report for action a. A failure or a delay: the reply's
+ * enhanced code when it had one, else X.0.0 from the reply code's class
+ * (4xx, 5xx), else (no reply) 4.0.0 for a delay and 5.0.0 for a failure.
+ * A success: the reply's enhanced code when it is 2.X.X, else 2.0.0.
+ * Writes NUL-terminated text into buf (at least DSN_STATUS_MAX octets).
+ * Returns 0 or -EINVAL when buf is too small.
  */
 int dsn_status_format(char *buf, size_t cap, const struct smtp_enh *enh, unsigned code,
-                      bool delayed);
+                      enum dsn_action a);
 
 #endif

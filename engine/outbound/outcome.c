@@ -78,8 +78,8 @@ struct outcome_tell {
     uint8_t kind;      /* enum dlog_kind */
     uint8_t cls;       /* enum bounce_class */
     bool tls;          /* delivered over TLS */
-    bool dsn;          /* named in the DSN: as failed, or delayed (below) */
-    bool delayed;
+    bool dsn;          /* named in the DSN, with action (below) */
+    uint8_t action;    /* enum dsn_action */
     bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
     bool rcpt_named; /* a server's reply after RCPT named the recipient: it may speak of it */
     uint8_t reason;  /* enum smtp_reason: the log line's */
@@ -634,7 +634,7 @@ dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply
     memset(x, 0, sizeof(*x));
     x->addr = tl->addr;
     x->orcpt = tl->orcpt;
-    x->delayed = tl->delayed;
+    x->action = (enum dsn_action)tl->action;
     x->status = tl->status;
     x->code = tl->dsn_code;
     x->text = reply != NULL && reply[0] != '\0' ? reply : NULL;
@@ -642,8 +642,9 @@ dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply
      * Remote-MTA out then too) */
     x->remote_mta = tl->session && info->mx[0] != '\0' ? info->mx : NULL;
     x->last_attempt_ms = info->now_ms;
-    x->retry_until_ms = tl->delayed ? info->expire_ms : 0;
-    x->class_str = bounce_class_str((enum bounce_class)tl->cls);
+    x->retry_until_ms = x->action == DSN_ACTION_DELAYED ? info->expire_ms : 0;
+    x->class_str = x->action == DSN_ACTION_RELAYED ? NULL
+                                                   : bounce_class_str((enum bounce_class)tl->cls);
 }
 
 /* b's commit was refused whole (QUEUE_ESTALE): its DSN names a recipient
@@ -1003,17 +1004,18 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cfg->bounce.delay_warning != 0) {
             uint64_t at = env->arrival_ms + cfg->bounce.delay_warning;
             uint64_t prev = r->last_ms != 0 ? r->last_ms : env->arrival_ms;
-            warn = prev < at && at <= now && dsn_wanted(r->notify, false);
+            warn = prev < at && at <= now && dsn_wanted(r->notify, DSN_ACTION_DELAYED);
         }
+        enum dsn_action act = failed ? DSN_ACTION_FAILED : DSN_ACTION_DELAYED;
         if ((failed || warn) && r != NULL && env != NULL && env->sender[0] != '\0' &&
-            cfg->bounce.dsn && dsn_wanted(r->notify, failed)) {
-            dsn_status_format(tl->status, sizeof(tl->status), &o->enh, o->code, warn);
+            cfg->bounce.dsn && dsn_wanted(r->notify, act)) {
+            dsn_status_format(tl->status, sizeof(tl->status), &o->enh, o->code, act);
             if (warn && tl->status[0] == '5')
                 tl->status[0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             if (kind == DLOG_EXPIRATION)
                 snprintf(tl->status, sizeof(tl->status), "%s", EXPIRED_STATUS);
             tl->dsn = true;
-            tl->delayed = warn;
+            tl->action = (uint8_t)act;
             tl->orcpt = r->orcpt;
             tl->dsn_code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
             tl->session = answered;

@@ -3,7 +3,7 @@
  * The input is split at 0xFF octets into the fields a DSN is built from:
  * envelope fields (sender, ENVID, ORCPT, queue id), each recipient's
  * address, status, reply text and MX name, and the original message;
- * the first octet holds flags (RET=FULL, SMTPUTF8, delayed, a small
+ * the first octet holds flags (RET=FULL, SMTPUTF8, actions, a small
  * full_max). Whatever the bytes, dsn_build() returns 0 or -EINVAL, and a
  * built DSN is a message that cannot be turned into another: CRLF lines
  * only, none over 998 octets, no NUL, only our own header fields, the
@@ -160,22 +160,28 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned nrcpt = 1 + (flags >> 6);
     char status[RCPT_MAX][DSN_STATUS_MAX];
     bool any_8bit = false;
+    enum dsn_action act[RCPT_MAX];
     for (unsigned i = 0; i < nrcpt; i++) {
         unsigned base = 8 + 4 * i;
+        /* with flag 4: the first delayed, the others relayed or failed by
+         * their address's length (all relayed: a success report) */
+        act[i] = !(flags & 4) ? DSN_ACTION_FAILED
+                 : i == 0 && (flags & 0x10) ? DSN_ACTION_DELAYED
+                 : strlen(field(f, nf, base, "rcpt@example.com")) % 2 ? DSN_ACTION_FAILED
+                                                                     : DSN_ACTION_RELAYED;
         const char *st = field(f, nf, base + 1, "5.1.1");
         /* half the time a status from dsn_status_format, as the engine does */
         if (flags & 0x08) {
             unsigned char c = (unsigned char)st[0];
             struct smtp_enh enh = {.cls = (uint8_t)(c % 8), .subject = (uint16_t)(c * 5),
                                    .detail = (uint16_t)(c * 7)};
-            check(dsn_status_format(status[i], sizeof(status[i]), &enh, c * 3u,
-                                    (flags & 4) != 0) == 0);
+            check(dsn_status_format(status[i], sizeof(status[i]), &enh, c * 3u, act[i]) == 0);
             st = status[i];
         }
         r[i] = (struct dsn_rcpt){
             .addr = field(f, nf, base, "rcpt@example.com"),
             .orcpt = field(f, nf, 7, NULL),
-            .delayed = (flags & 4) && i == 0,
+            .action = act[i],
             .status = st,
             .code = (unsigned)(flags * 7 % 600),
             .text = field(f, nf, base + 2, NULL),

@@ -4,7 +4,8 @@
  * decoding of ORCPT and ENVID; hostile reply text cannot add a header or
  * a part; RET=FULL vs HDRS vs over full_max vs an original that cannot go
  * back unchanged; originals without a header/body separator; several
- * recipients; the delay warning; SMTPUTF8; refused inputs.
+ * recipients; the delay warning; the success report (relayed); SMTPUTF8;
+ * refused inputs.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -586,7 +587,7 @@ test_multi_rcpt(void **state)
     r[1].remote_mta = NULL;
     r[1].class_str = "expired";
     r[2].addr = "dave@example.com";
-    r[2].delayed = true;
+    r[2].action = DSN_ACTION_DELAYED;
     r[2].status = "4.2.2";
     r[2].code = 452;
     r[2].text = "4.2.2 The email account that you tried to reach is over quota.";
@@ -626,12 +627,93 @@ test_multi_rcpt(void **state)
     free(s);
 }
 
+/* A success report (RFC 3461 5.2.2): the next hop offered no DSN. */
+static struct dsn_rcpt
+rcpt_relayed(void)
+{
+    struct dsn_rcpt r = {
+        .addr = "bob@example.com",
+        .orcpt = "rfc822;Bob+2BSales@Example.com",
+        .action = DSN_ACTION_RELAYED,
+        .status = "2.0.0",
+        .code = 250,
+        .text = "2.0.0 Ok: queued as 4XyZ",
+        .remote_mta = "mx1.example.com",
+        .last_attempt_ms = NOW - 1000,
+    };
+    return r;
+}
+
+static void
+test_relayed(void **state)
+{
+    (void)state;
+    struct dsn_rcpt r = rcpt_relayed();
+    struct dsn_input in = input(&r, 1);
+    in.envid = "QQ+2B314";
+    in.ret_full = true; /* RFC 3461 4.3: RET is for failures; a success gets headers */
+    size_t n;
+    char *s = build(&in, &n);
+    struct parsed m;
+    parse(s, n, false, &m);
+    expect_field(m.top, m.top_len, "Subject", "Successful Mail Delivery Report");
+    expect_field(m.top, m.top_len, "To", "<alice@example.org>");
+    assert_int_equal(m.nparts, 3);
+    struct part g[4];
+    assert_int_equal(groups(&m.parts[1], g, 4), 2);
+    expect_field(g[0].hdr, g[0].hdr_len, "Original-Envelope-Id", "QQ+314");
+    expect_field(g[1].hdr, g[1].hdr_len, "Original-Recipient", "rfc822;Bob+Sales@Example.com");
+    expect_field(g[1].hdr, g[1].hdr_len, "Final-Recipient", "rfc822; bob@example.com");
+    expect_field(g[1].hdr, g[1].hdr_len, "Action", "relayed");
+    expect_field(g[1].hdr, g[1].hdr_len, "Status", "2.0.0");
+    expect_field(g[1].hdr, g[1].hdr_len, "Remote-MTA", "dns; mx1.example.com");
+    expect_field(g[1].hdr, g[1].hdr_len, "Diagnostic-Code", "smtp; 250 2.0.0 Ok: queued as 4XyZ");
+    assert_null(hget(g[1].hdr, g[1].hdr_len, "Will-Retry-Until"));
+    assert_null(hget(g[1].hdr, g[1].hdr_len, "X-Sluice-Class"));
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "text/rfc822-headers");
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Description", "Message Headers");
+    assert_int_equal(m.parts[2].body_len, ORIG_HDR_LEN);
+    const struct part *h = &m.parts[0];
+    assert_non_null(memmem(h->body, h->body_len, "<bob@example.com>: delivered to a server", 40));
+    assert_non_null(memmem(h->body, h->body_len, "mx1.example.com said: 250 2.0.0 Ok", 34));
+    assert_null(memmem(h->body, h->body_len, "could not be delivered", 22));
+    assert_null(memmem(h->body, h->body_len, "still being retried", 19));
+    free(s);
+
+    /* one failed among them: a bounce (its subject, RET=FULL applies), the
+     * success still reported as relayed */
+    struct dsn_rcpt two[2] = {rcpt_relayed(), rcpt_failed()};
+    two[1].addr = "carol@example.com";
+    in = input(two, 2);
+    in.ret_full = true;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.top, m.top_len, "Subject", "Undelivered Mail Returned to Sender");
+    assert_int_equal(groups(&m.parts[1], g, 4), 3);
+    expect_field(g[1].hdr, g[1].hdr_len, "Action", "relayed");
+    expect_field(g[2].hdr, g[2].hdr_len, "Action", "failed");
+    expect_field(g[2].hdr, g[2].hdr_len, "X-Sluice-Class", "invalid_recipient");
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "message/rfc822");
+    free(s);
+
+    /* with a delay: a delay warning's subject, headers only */
+    two[1].action = DSN_ACTION_DELAYED;
+    two[1].status = "4.2.2";
+    in = input(two, 2);
+    in.ret_full = true;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.top, m.top_len, "Subject", "Delayed Mail (still being retried)");
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "text/rfc822-headers");
+    free(s);
+}
+
 static void
 test_delayed(void **state)
 {
     (void)state;
     struct dsn_rcpt r = rcpt_failed();
-    r.delayed = true;
+    r.action = DSN_ACTION_DELAYED;
     r.status = "4.7.0";
     r.code = 421;
     r.text = "4.7.0 Try again later, closing connection.";
@@ -820,17 +902,23 @@ static void
 test_wanted(void **state)
 {
     (void)state;
-    assert_true(dsn_wanted(0, true));
-    assert_false(dsn_wanted(0, false));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_NEVER, true));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_NEVER, false));
-    assert_true(dsn_wanted(QUEUE_NOTIFY_FAILURE, true));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_FAILURE, false));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_DELAY, true));
-    assert_true(dsn_wanted(QUEUE_NOTIFY_DELAY, false));
-    assert_true(dsn_wanted(QUEUE_NOTIFY_FAILURE | QUEUE_NOTIFY_DELAY, false));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_SUCCESS, true));
-    assert_false(dsn_wanted(QUEUE_NOTIFY_SUCCESS, false));
+    assert_true(dsn_wanted(0, DSN_ACTION_FAILED));
+    assert_false(dsn_wanted(0, DSN_ACTION_DELAYED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_NEVER, DSN_ACTION_FAILED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_NEVER, DSN_ACTION_DELAYED));
+    assert_true(dsn_wanted(QUEUE_NOTIFY_FAILURE, DSN_ACTION_FAILED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_FAILURE, DSN_ACTION_DELAYED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_DELAY, DSN_ACTION_FAILED));
+    assert_true(dsn_wanted(QUEUE_NOTIFY_DELAY, DSN_ACTION_DELAYED));
+    assert_true(dsn_wanted(QUEUE_NOTIFY_FAILURE | QUEUE_NOTIFY_DELAY, DSN_ACTION_DELAYED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_SUCCESS, DSN_ACTION_FAILED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_SUCCESS, DSN_ACTION_DELAYED));
+    /* a success report only for SUCCESS, never with NEVER */
+    assert_true(dsn_wanted(QUEUE_NOTIFY_SUCCESS, DSN_ACTION_RELAYED));
+    assert_true(dsn_wanted(QUEUE_NOTIFY_SUCCESS | QUEUE_NOTIFY_FAILURE, DSN_ACTION_RELAYED));
+    assert_false(dsn_wanted(0, DSN_ACTION_RELAYED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_FAILURE | QUEUE_NOTIFY_DELAY, DSN_ACTION_RELAYED));
+    assert_false(dsn_wanted(QUEUE_NOTIFY_NEVER | QUEUE_NOTIFY_SUCCESS, DSN_ACTION_RELAYED));
 }
 
 static void
@@ -839,20 +927,30 @@ test_status_format(void **state)
     (void)state;
     char b[DSN_STATUS_MAX];
     struct smtp_enh e = {5, 1, 10}, none = {0, 0, 0};
-    assert_int_equal(dsn_status_format(b, sizeof(b), &e, 550, false), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), &e, 550, DSN_ACTION_FAILED), 0);
     assert_string_equal(b, "5.1.10");
-    assert_int_equal(dsn_status_format(b, sizeof(b), &none, 452, true), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), &none, 452, DSN_ACTION_DELAYED), 0);
     assert_string_equal(b, "4.0.0");
-    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 554, false), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 554, DSN_ACTION_FAILED), 0);
     assert_string_equal(b, "5.0.0");
-    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 0, true), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 0, DSN_ACTION_DELAYED), 0);
     assert_string_equal(b, "4.0.0");
-    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 0, false), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 0, DSN_ACTION_FAILED), 0);
     assert_string_equal(b, "5.0.0");
     struct smtp_enh big = {5, 999, 999};
-    assert_int_equal(dsn_status_format(b, sizeof(b), &big, 550, false), 0);
+    assert_int_equal(dsn_status_format(b, sizeof(b), &big, 550, DSN_ACTION_FAILED), 0);
     assert_string_equal(b, "5.999.999");
-    assert_int_equal(dsn_status_format(b, 4, &e, 550, false), -EINVAL);
+    assert_int_equal(dsn_status_format(b, 4, &e, 550, DSN_ACTION_FAILED), -EINVAL);
+    /* a success: its reply's 2.X.X, else 2.0.0, whatever else it had */
+    struct smtp_enh ok = {2, 6, 0};
+    assert_int_equal(dsn_status_format(b, sizeof(b), &ok, 250, DSN_ACTION_RELAYED), 0);
+    assert_string_equal(b, "2.6.0");
+    assert_int_equal(dsn_status_format(b, sizeof(b), &none, 250, DSN_ACTION_RELAYED), 0);
+    assert_string_equal(b, "2.0.0");
+    assert_int_equal(dsn_status_format(b, sizeof(b), &e, 250, DSN_ACTION_RELAYED), 0);
+    assert_string_equal(b, "2.0.0");
+    assert_int_equal(dsn_status_format(b, sizeof(b), NULL, 0, DSN_ACTION_RELAYED), 0);
+    assert_string_equal(b, "2.0.0");
 }
 
 static uint64_t
@@ -945,8 +1043,9 @@ main(void)
         cmocka_unit_test(test_failed_headers), cmocka_unit_test(test_xtext),
         cmocka_unit_test(test_hostile_text),   cmocka_unit_test(test_ret_modes),
         cmocka_unit_test(test_orig_shapes),    cmocka_unit_test(test_multi_rcpt),
-        cmocka_unit_test(test_delayed),        cmocka_unit_test(test_smtputf8),
-        cmocka_unit_test(test_long_fields),    cmocka_unit_test(test_invalid),
+        cmocka_unit_test(test_delayed),        cmocka_unit_test(test_relayed),
+        cmocka_unit_test(test_smtputf8),       cmocka_unit_test(test_long_fields),
+        cmocka_unit_test(test_invalid),
         cmocka_unit_test(test_wanted),         cmocka_unit_test(test_status_format),
         cmocka_unit_test(test_random_text),
         cmocka_unit_test(test_msg_body_type),
