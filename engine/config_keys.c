@@ -175,7 +175,9 @@ static const struct conf_key log_keys[] = {
 static const struct conf_key bounce_keys[] = {
     {"dsn", CONF_BOOL, BNC(dsn), 0, 0, "yes",
      "send a delivery status notification (RFC 3464) to the envelope sender of a message "
-     "that bounces or expires; never to the null sender, never when NOTIFY=NEVER",
+     "that bounces or expires, and a success one (Action: relayed) for a recipient that "
+     "asked (NOTIFY=SUCCESS) delivered to a server that does not offer DSN; never to the "
+     "null sender, never when NOTIFY=NEVER",
      NULL},
     {"dsn_from", CONF_STRING, BNC(dsn_from), 1, 64, "MAILER-DAEMON",
      "local part of the From of DSNs (the domain is [server] hostname)", NULL},
@@ -184,7 +186,9 @@ static const struct conf_key bounce_keys[] = {
      "asked for one at injection (NOTIFY=DELAY); 0: never",
      NULL},
     {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
-     "with RET=FULL a DSN returns the whole message up to this size, else its headers", NULL},
+     "with RET=FULL a DSN that reports a failure returns the whole message up to this "
+     "size, else its headers (a delay warning or a success report: headers only)",
+     NULL},
     {"listen", CONF_STRING, BNC(listen), 1, 2048, NULL,
      "the bounce listener (host:port, comma separated, at most 32; port 25 in production): "
      "out-of-band "

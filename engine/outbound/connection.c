@@ -613,6 +613,7 @@ conn_txn_done(struct conn *c)
             .tls_verify = c->tls_verify[0] ? c->tls_verify : NULL,
             .tls_policy = conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
             .src = CLASSIFY_CONNECT,
+            .dsn_passed = (smtp_client_caps(&c->cli)->ext & SMTP_EXT_DSN) != 0,
         };
         if (!stream_tls(&c->st))
             conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */

@@ -509,6 +509,8 @@ struct outcome_where {
     const char *tls_policy;   /* the connection's ("dane", ...); NULL: the domain's */
     enum classify_source src; /* for outcomes that are not a server's reply */
     bool untried;             /* a deferral of mail not tried (struct dest_fail): no attempt */
+    bool dsn_passed;          /* the server offered DSN (RFC 3461): it got NOTIFY and ORCPT,
+                               * and a success is its to report, not ours */
 };
 
 /* Why an outbound_ops open made no connection. */

@@ -4,8 +4,9 @@
  * deferred (and when); this file writes that to the spool in one batch
  * per job, logs it (the log line and the delivery log's record, with the
  * configured message headers), counts it, and hands the DSN it causes
- * (RFC 3464: a bounce, an expiry, or a delay warning for those who asked)
- * to the spool in the same commit. A commit that fails is tried again,
+ * (RFC 3464: a bounce, an expiry, or for those who asked a delay warning,
+ * or a success report when the server that took it offered no DSN) to
+ * the spool in the same commit. A commit that fails is tried again,
  * backing off, for as long as the worker runs (one that happened though
  * its sync was reported failed is found stale when tried again: the
  * spool applies no outcome, event or DSN twice, queue.h); once durable,
@@ -1006,8 +1007,15 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             uint64_t prev = r->last_ms != 0 ? r->last_ms : env->arrival_ms;
             warn = prev < at && at <= now && dsn_wanted(r->notify, DSN_ACTION_DELAYED);
         }
-        enum dsn_action act = failed ? DSN_ACTION_FAILED : DSN_ACTION_DELAYED;
-        if ((failed || warn) && r != NULL && env != NULL && env->sender[0] != '\0' &&
+        /* A success report (RFC 3461 5.2.2), for recipients that asked for
+         * one (NOTIFY=SUCCESS), when the server that took the message did
+         * not offer DSN: it got no NOTIFY, and will report nothing. One
+         * that offered DSN got NOTIFY and ORCPT and reports itself. */
+        bool relayed = kind == DLOG_DELIVERY && !where->dsn_passed;
+        enum dsn_action act = failed ? DSN_ACTION_FAILED
+                              : warn ? DSN_ACTION_DELAYED
+                                     : DSN_ACTION_RELAYED;
+        if ((failed || warn || relayed) && r != NULL && env != NULL && env->sender[0] != '\0' &&
             cfg->bounce.dsn && dsn_wanted(r->notify, act)) {
             dsn_status_format(tl->status, sizeof(tl->status), &o->enh, o->code, act);
             if (warn && tl->status[0] == '5')

@@ -2,7 +2,8 @@
 retries that succeed once the receiver accepts, bounces with their class
 and a DSN to the sender (parsed with Python's email package), 421 holding
 a destination, expiry in every state (ready, deferred, in flight on a
-hanging connection, and a message's own expiry header), no DSN to <>, and
+hanging connection, and a message's own expiry header), no DSN to <>, a
+success DSN (Action: relayed) only when the next hop offered no DSN, and
 the JSON Lines delivery log: every line parses and carries its fields, and
 a logrotate-style rename plus SIGHUP loses nothing."""
 import email
@@ -387,6 +388,112 @@ def test_dsn_parameters_go_to_the_next_hop():
         r.close()
 
 
+def _success_relay(sink_flags, dsn=True):
+    """A relay to nodsn.test whose MX takes everything (smtp-sink: sink_flags
+    -N hides its DSN extension), and the sender's MX (sender.test) on
+    127.0.0.2. Returns (relay, sender's sink)."""
+    recs = records_for(["nodsn.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, sink_flags=sink_flags, dsn=dsn, domain_conf=log_conf_text(None))
+    try:
+        return r, Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+    except BaseException:
+        r.close()
+        raise
+
+
+def _inject_success(r):
+    """alice@sender.test to four recipients (two asked for a success DSN,
+    one with ORCPT), RET=FULL and ENVID; then <> to one that asked."""
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as c:
+        c.ehlo("t")
+        assert c.mail("alice@sender.test", ["RET=FULL", "ENVID=env+2B7"])[0] == 250
+        assert c.rcpt("a@nodsn.test", ["NOTIFY=SUCCESS",
+                                       "ORCPT=rfc822;A+2Bx@example.org"])[0] == 250
+        assert c.rcpt("b@nodsn.test", ["NOTIFY=SUCCESS,FAILURE"])[0] == 250
+        assert c.rcpt("c@nodsn.test")[0] == 250
+        assert c.rcpt("d@nodsn.test", ["NOTIFY=FAILURE,DELAY"])[0] == 250
+        assert c.data(b"Subject: tell me\r\nX-Campaign-ID: c9\r\n\r\nsecret body\r\n")[0] == 250
+        assert c.mail("", [])[0] == 250
+        assert c.rcpt("e@nodsn.test", ["NOTIFY=SUCCESS"])[0] == 250
+        assert c.data(b"Subject: from nobody\r\n\r\nx\r\n")[0] == 250
+
+
+def test_success_dsn_when_the_next_hop_has_no_dsn():
+    """RFC 3461 5.2.2: a recipient that asked for NOTIFY=SUCCESS, delivered
+    to a server that did not offer DSN (it got no NOTIFY and reports
+    nothing), gets sluice's success DSN, Action: relayed, with ENVID,
+    ORCPT, Remote-MTA, the 250 as Diagnostic-Code and only the headers
+    (RFC 3461 4.3, despite RET=FULL); one DSN for the message, naming
+    only those that asked; none to <>; a dsn event in the delivery log."""
+    r, s2 = _success_relay(["-N"])
+    try:
+        _inject_success(r)
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery" and e["sender"], 4)
+        dsn = wait_events(r.dlog, lambda e: e["event"] == "dsn", 1)[0]
+        assert dsn["id"] == dl[0]["id"], (dsn, dl)
+        wait_until(lambda: any(m.rstrip(b"\n").endswith(b"--") for m in s2.messages()), 30,
+                   "the success DSN whole at the sender's MX")
+        # to the next hop: no NOTIFY (it did not offer DSN)
+        assert not any(b"NOTIFY=" in m for m in r.sink.messages()), r.sink.messages()
+        raw = s2.messages()[0]
+        assert b"X-Mail-Args: <> " in raw, raw[:300]  # from the null sender
+        dump = raw.replace(b"\n", b"\r\n")
+        msg = email.message_from_bytes(dump, policy=email.policy.default)
+        assert msg["Subject"] == "Successful Mail Delivery Report", msg["Subject"]
+        assert b"\r\nTo: <alice@sender.test>\r\n" in dump, dump[:600]
+        assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+        parts = list(msg.iter_parts())
+        types = [p.get_content_type() for p in parts]
+        assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"], types
+        text = dump.decode("utf-8", "replace").replace("\r\n", "\n")
+        assert "Original-Envelope-Id: env+7\n" in text, text
+        assert text.count("Action: relayed\n") == 2 and "Action: failed" not in text, text
+        assert "Final-Recipient: rfc822; a@nodsn.test\n" in text, text
+        assert "Original-Recipient: rfc822;A+x@example.org\n" in text, text
+        assert "Final-Recipient: rfc822; b@nodsn.test\n" in text, text
+        assert "c@nodsn.test" not in text and "d@nodsn.test" not in text, text
+        assert "Remote-MTA: dns; mx.test\n" in text, text
+        assert re.search(r"Diagnostic-Code: smtp; 250 2\.0\.0 ", text), text
+        assert re.search(r"Status: 2\.0\.0\n", text), text
+        assert "X-Campaign-ID: c9" in text and "secret body" not in text, text
+        assert r.d.stop_clean() == 0
+        # one DSN: none for <>'s message, and the DSN itself asks for none
+        assert len([e for e in events(r.dlog) if e["event"] == "dsn"]) == 1
+        assert r.d.count_log("event=dsn_queued") == 1
+        assert len(s2.files()) == 1
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        s2.stop()
+        r.close()
+
+
+def test_no_success_dsn_when_the_next_hop_reports():
+    """A next hop that offered DSN gets NOTIFY=SUCCESS on the RCPT line and
+    reports the success itself: sluice sends nothing. Nor does it with
+    [bounce] dsn = no, whatever the next hop."""
+    for flags, dsn in ((), True), (["-N"], False):
+        r, s2 = _success_relay(flags, dsn)
+        try:
+            _inject_success(r)
+            wait_events(r.dlog, lambda e: e["event"] == "delivery", 5)
+            wait_until(lambda: sum(m.rstrip(b"\n").endswith(b"\nx") or
+                                   m.rstrip(b"\n").endswith(b"\nsecret body")
+                                   for m in r.sink.messages()) == 2, 30,
+                       "both messages whole at the sink")
+            args = b"".join(r.sink.messages())
+            if not flags:
+                assert b"NOTIFY=SUCCESS\n" in args and b"NOTIFY=SUCCESS,FAILURE" in args, args
+                assert b"ORCPT=rfc822;A+2Bx@example.org" in args, args
+            assert r.d.stop_clean() == 0
+            assert not [e for e in events(r.dlog) if e["event"] == "dsn"]
+            assert r.d.count_log("event=dsn_queued") == 0
+            assert s2.files() == []
+        finally:
+            s2.stop()
+            r.close()
+
+
 def _data_451_once(txns):
     """An MX that answers its first message's final dot with 451 and every
     later one's with 250; txns collects (recipients, reply) of each."""
@@ -490,5 +597,6 @@ if __name__ == "__main__":
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
-          test_dsn_parameters_go_to_the_next_hop, test_rotation_loses_nothing,
+          test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
+          test_no_success_dsn_when_the_next_hop_reports, test_rotation_loses_nothing,
           test_recipients_deferred_together_come_back_together])
