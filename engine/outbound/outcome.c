@@ -577,7 +577,7 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
     delivery_submit_local(d->e, m->id, m->rcpt, m->tenant, m->pool, m->campaign, false);
 }
 
-/* The DSN for the failed recipients r[0..n) of env to its sender, to be
+/* The DSN for the recipients r[0..n) of env to its sender, to be
  * committed with their outcomes; NULL (logged) when it cannot be built. */
 static struct dsn_msg *
 dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
@@ -586,7 +586,12 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
     const struct config *cfg = d->e->cfg;
     char qid[QUEUE_ID_STRLEN + 1];
     queue_id_str(env->id, qid);
-    bool full = env->ret == QUEUE_RET_FULL && env->body_len <= cfg->bounce.return_max;
+    /* RET=FULL is for a failure (dsn_build): a delay warning or a success
+     * report reads no more than the headers need */
+    bool failure = false;
+    for (unsigned i = 0; i < n; i++)
+        failure |= r[i].action == DSN_ACTION_FAILED;
+    bool full = failure && env->ret == QUEUE_RET_FULL && env->body_len <= cfg->bounce.return_max;
     size_t want = full ? env->body_len : (env->body_len < DSN_ORIG_MAX ? env->body_len : DSN_ORIG_MAX);
     char *orig = malloc(want ? want : 1);
     size_t got = 0;
