@@ -89,6 +89,70 @@ out_free(struct out *o)
     o->len = o->cap = 0;
 }
 
+/* Quoted-printable (RFC 2045 6.7) of s[0..n), CRLF line breaks kept as
+ * hard breaks, soft breaks before 76 columns: 7-bit text for a part of
+ * a DSN that quotes UTF-8. */
+static void
+out_qp(struct out *o, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const unsigned char *u = (const unsigned char *)s;
+    size_t col = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned c = u[i];
+        if (c == '\r' && i + 1 < n && u[i + 1] == '\n') {
+            out_put(o, "\r\n", 2);
+            col = 0;
+            i++;
+            continue;
+        }
+        bool eol = i + 1 == n || (u[i + 1] == '\r' && i + 2 < n && u[i + 2] == '\n');
+        bool lit = (c >= 33 && c <= 126 && c != '=') || ((c == ' ' || c == '\t') && !eol);
+        size_t w = lit ? 1 : 3;
+        if (col + w > 75) {
+            out_put(o, "=\r\n", 3);
+            col = 0;
+        }
+        if (lit) {
+            char ch = (char)c;
+            out_put(o, &ch, 1);
+        } else {
+            char e[3] = {'=', hex[c >> 4], hex[c & 15]};
+            out_put(o, e, 3);
+        }
+        col += w;
+    }
+}
+
+/* Base64 (RFC 2045 6.8) of s[0..n) in lines of 76: the returned message
+ * of a DSN that quotes UTF-8, as message/global may be (RFC 6532 3.7). */
+static void
+out_base64(struct out *o, const char *s, size_t n)
+{
+    static const char b64[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n; i += 57) {
+        size_t k = n - i < 57 ? n - i : 57;
+        char line[80];
+        size_t m = 0;
+        for (size_t j = 0; j < k; j += 3) {
+            unsigned v = (unsigned)u[i + j] << 16;
+            if (j + 1 < k)
+                v |= (unsigned)u[i + j + 1] << 8;
+            if (j + 2 < k)
+                v |= u[i + j + 2];
+            line[m++] = b64[v >> 18];
+            line[m++] = b64[(v >> 12) & 63];
+            line[m++] = j + 1 < k ? b64[(v >> 6) & 63] : '=';
+            line[m++] = j + 2 < k ? b64[v & 63] : '=';
+        }
+        line[m++] = '\r';
+        line[m++] = '\n';
+        out_put(o, line, m);
+    }
+}
+
 /*
  * Append s[0..n) as one line of safe text: CR, LF, TAB and spaces become
  * one space between words and none at the ends, other controls '?',
@@ -752,6 +816,12 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     bool human8 = human.len && has_8bit(human.p, human.len);
     bool status8 = status.len && has_8bit(status.p, status.len);
     bool orig8 = orig.len && has_8bit(orig.p, orig.len);
+    /* A DSN of an SMTPUTF8 message quotes UTF-8 (addresses, replies, the
+     * original's header fields): its parts are encoded (RFC 6532 3.5 and
+     * 3.7, RFC 6533 allow it for the global types), so that the DSN is
+     * 7-bit and reaches a sender whose MX has no SMTPUTF8 (it bounced
+     * there, and a DSN's bounce is dropped: the sender heard nothing). */
+    bool enc = u8;
     char date[64], ct[160];
 
     put_field_sfx(&msg, "From", "Mail Delivery System <", in->from_addr, strlen(in->from_addr), ">",
@@ -770,7 +840,7 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     put_safe(&msg, "MIME-Version", "1.0");
     snprintf(ct, sizeof(ct), "multipart/report; report-type=delivery-status; boundary=\"%s\"", b);
     put_safe(&msg, "Content-Type", ct);
-    if (human8 || status8 || orig8)
+    if (!enc && (human8 || status8 || orig8))
         put_safe(&msg, "Content-Transfer-Encoding", "8bit");
     out_str(&msg, "\r\nThis is a MIME-encapsulated message.\r\n");
 
@@ -779,18 +849,24 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     put_safe(&msg, "Content-Type",
              u8 ? "text/plain; charset=utf-8" : "text/plain; charset=us-ascii");
     if (human8)
-        put_safe(&msg, "Content-Transfer-Encoding", "8bit");
+        put_safe(&msg, "Content-Transfer-Encoding", enc ? "quoted-printable" : "8bit");
     out_str(&msg, "\r\n");
-    out_put(&msg, human.p, human.len);
+    if (human8 && enc)
+        out_qp(&msg, human.p, human.len);
+    else
+        out_put(&msg, human.p, human.len);
 
     out_fmt(&msg, "\r\n--%s\r\n", b);
     put_safe(&msg, "Content-Description", "Delivery report");
     put_safe(&msg, "Content-Type",
              u8 ? "message/global-delivery-status" : "message/delivery-status");
     if (status8)
-        put_safe(&msg, "Content-Transfer-Encoding", "8bit");
+        put_safe(&msg, "Content-Transfer-Encoding", enc ? "quoted-printable" : "8bit");
     out_str(&msg, "\r\n");
-    out_put(&msg, status.p, status.len);
+    if (status8 && enc)
+        out_qp(&msg, status.p, status.len);
+    else
+        out_put(&msg, status.p, status.len);
 
     if (why != WHY_NONE) {
         out_fmt(&msg, "\r\n--%s\r\n", b);
@@ -804,9 +880,15 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
             put_safe(&msg, "Content-Type", u8 ? "message/global-headers" : "text/rfc822-headers");
         }
         if (orig8)
-            put_safe(&msg, "Content-Transfer-Encoding", "8bit");
+            put_safe(&msg, "Content-Transfer-Encoding",
+                     !enc ? "8bit" : why == WHY_FULL ? "base64" : "quoted-printable");
         out_str(&msg, "\r\n");
-        out_put(&msg, orig.p, orig.len);
+        if (orig8 && enc && why == WHY_FULL)
+            out_base64(&msg, orig.p, orig.len);
+        else if (orig8 && enc)
+            out_qp(&msg, orig.p, orig.len);
+        else
+            out_put(&msg, orig.p, orig.len);
     }
     out_fmt(&msg, "\r\n--%s--\r\n", b);
 

@@ -7,7 +7,10 @@
  * the machine-readable report (message/delivery-status), and the original
  * message (message/rfc822) or its headers (text/rfc822-headers). For an
  * SMTPUTF8 original the RFC 6533 types are used: message/global-delivery-
- * status, message/global, message/global-headers.
+ * status, message/global, message/global-headers; a part of it that
+ * quotes UTF-8 is encoded (quoted-printable; base64 for a whole
+ * message/global: RFC 6532 3.5 and 3.7 allow it), so that the DSN is
+ * 7-bit and reaches a sender whose MX has no SMTPUTF8.
  *
  * Remote text is hostile. Every string that goes into a header or a
  * report field is made one line: CR, LF and TAB become spaces, runs of
@@ -17,11 +20,12 @@
  * exceeds 998 octets. The MIME boundary appears nowhere in any part.
  *
  * Transport notes for the caller: the DSN is CRLF text; it carries 8-bit
- * octets only when the original did (returned headers or message) or
- * when smtputf8 is set and a quoted address or reply is UTF-8, so
+ * octets only when a non-SMTPUTF8 original did (returned headers or
+ * message), or an SMTPUTF8 one's sender (its To: field) is UTF-8, so
  * enqueue it with the original's SMTPUTF8 flag and as 8BITMIME when its
  * text has an octet over 127 (dsn_msg_new does both; the original's
- * body type is no guide: one declared SMTPUTF8 but all ASCII is 7BIT).
+ * body type is no guide: one declared SMTPUTF8 but all ASCII is 7BIT,
+ * and goes to a server without SMTPUTF8 as such).
  * Never build one for the null sender: dsn_build() refuses an empty
  * to_addr.
  *

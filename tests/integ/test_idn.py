@@ -165,6 +165,38 @@ def test_a_dsn_to_a_sender_domain_that_is_no_idn_fails_at_once():
         r.close()
 
 
+def test_a_dsn_quoting_utf8_reaches_a_sender_mx_without_smtputf8():
+    """A recipient with a UTF-8 local part bounces (need_smtputf8) at an MX
+    without SMTPUTF8; its DSN quotes that address, and goes to a sender
+    whose MX has no SMTPUTF8 either: its parts are encoded (RFC 6532,
+    6533), so it is 7-bit and delivered. It was 8-bit, bounced there, and
+    a DSN's bounce is dropped: the sender heard of no failure at all."""
+    def dns(q, tcp):
+        if q.qname in (ALABEL, "sender.test") and q.qtype == T_MX:
+            return q.reply([mx_rr(q.qname, 10, "mx.test")])
+        return idn_dns(q, tcp)
+    r = HostileRelay(dns, dsn=True)
+    got = []
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(
+        c, rfile, ehlo=b"250-mx\r\n250-8BITMIME\r\n250 PIPELINING\r\n", got=got))
+    try:
+        send(r, "s@sender.test", ["j\u00f6rg@b\u00fccher.test"], body=b"Subject: x\r\n\r\nhi\r\n")
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["enhanced"] == "5.6.7", bounce
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "s@sender.test", ev
+        assert len(got) == 1, got
+        dsn = got[0]
+        assert all(b < 128 for b in dsn), dsn[:600]
+        assert b"message/global-delivery-status" in dsn, dsn[:1500]
+        assert b"Content-Transfer-Encoding: quoted-printable" in dsn, dsn[:1500]
+        assert b"utf-8; j=C3=B6rg@b=C3=BCcher.test" in dsn, dsn
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_operators_name_the_domain_in_a_labels():
     """The spool keeps the domain as received (U-labels); the delivery log
     and destinations name it in A-labels, and so may an operator:
@@ -206,4 +238,5 @@ if __name__ == "__main__":
           test_ascii_local_part_goes_in_a_labels_to_a_receiver_without_smtputf8,
           test_a_domain_that_is_no_idn_is_refused_at_rcpt,
           test_a_dsn_to_a_sender_domain_that_is_no_idn_fails_at_once,
+          test_a_dsn_quoting_utf8_reaches_a_sender_mx_without_smtputf8,
           test_operators_name_the_domain_in_a_labels])

@@ -741,6 +741,59 @@ test_delayed(void **state)
     free(s);
 }
 
+/* The body of a quoted-printable part, decoded (malloc'd, *n its length). */
+static char *
+qp_decode(const char *s, size_t len, size_t *n)
+{
+    char *out = malloc(len + 1);
+    assert_non_null(out);
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '=' && i + 2 < len && s[i + 1] == '\r' && s[i + 2] == '\n') {
+            i += 2; /* a soft break */
+        } else if (s[i] == '=' && i + 2 < len) {
+            unsigned v;
+            assert_int_equal(sscanf(s + i + 1, "%2X", &v), 1);
+            out[o++] = (char)v;
+            i += 2;
+        } else {
+            out[o++] = s[i];
+        }
+    }
+    out[o] = '\0';
+    *n = o;
+    return out;
+}
+
+/* The body of a base64 part, decoded (malloc'd, *n its length). */
+static char *
+b64_decode(const char *s, size_t len, size_t *n)
+{
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    char *out = malloc(len + 1);
+    assert_non_null(out);
+    size_t o = 0;
+    unsigned acc = 0, bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        const char *c = s[i] != '\0' ? strchr(b64, s[i]) : NULL;
+        if (c == NULL)
+            continue; /* CRLF, padding */
+        acc = acc << 6 | (unsigned)(c - b64);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (char)(acc >> bits);
+        }
+    }
+    out[o] = '\0';
+    *n = o;
+    return out;
+}
+
+/* A DSN of an SMTPUTF8 message: the global types of RFC 6533, UTF-8
+ * addresses and replies kept, each part that quotes UTF-8 encoded
+ * (quoted-printable; base64 for a whole message/global) so that the DSN
+ * is 7-bit and reaches a sender whose MX has no SMTPUTF8. */
 static void
 test_smtputf8(void **state)
 {
@@ -755,22 +808,60 @@ test_smtputf8(void **state)
     size_t n;
     char *s = build(&in, &n);
     struct parsed m;
-    parse(s, n, true, &m);
+    parse(s, n, false, &m); /* 7-bit throughout */
     expect_field(m.parts[0].hdr, m.parts[0].hdr_len, "Content-Type", "text/plain; charset=utf-8");
+    expect_field(m.parts[0].hdr, m.parts[0].hdr_len, "Content-Transfer-Encoding",
+                 "quoted-printable");
     expect_field(m.parts[1].hdr, m.parts[1].hdr_len, "Content-Type",
                  "message/global-delivery-status");
+    expect_field(m.parts[1].hdr, m.parts[1].hdr_len, "Content-Transfer-Encoding",
+                 "quoted-printable");
     expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "message/global");
+    assert_null(hget(m.top, m.top_len, "Content-Transfer-Encoding"));
+    size_t dn;
+    char *dec = qp_decode(m.parts[1].body, m.parts[1].body_len, &dn);
+    struct part st = {m.parts[1].hdr, m.parts[1].hdr_len, dec, dn};
     struct part g[4];
-    assert_int_equal(groups(&m.parts[1], g, 4), 2);
+    assert_int_equal(groups(&st, g, 4), 2);
     expect_field(g[1].hdr, g[1].hdr_len, "Final-Recipient",
                  "utf-8; j\xc3\xb6rg@b\xc3\xbc"
                  "cher.example");
     /* valid UTF-8 kept, an invalid octet replaced */
     expect_field(g[1].hdr, g[1].hdr_len, "Diagnostic-Code",
                  "smtp; 550 5.1.1 Benutzer unbekannt: j\xc3\xb6rg ?");
-    expect_field(m.parts[1].hdr, m.parts[1].hdr_len, "Content-Transfer-Encoding", "8bit");
-    expect_field(m.top, m.top_len, "Content-Transfer-Encoding", "8bit");
+    free(dec);
+    dec = qp_decode(m.parts[0].body, m.parts[0].body_len, &dn);
+    assert_non_null(memmem(dec, dn, "j\xc3\xb6rg@b\xc3\xbc", 8));
+    free(dec);
     free(s);
+
+    /* an original with UTF-8 in it, returned whole: base64 */
+    static const char u8msg[] = "From: J\xc3\xb6rg <j@example.org>\r\nSubject: Gr\xc3\xbc\xc3\x9f"
+                                "e\r\n\r\nb\xc3\xb6" "dy =\r\n";
+    in.orig = u8msg;
+    in.orig_len = sizeof(u8msg) - 1;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Transfer-Encoding", "base64");
+    dec = b64_decode(m.parts[2].body, m.parts[2].body_len, &dn);
+    assert_true(dn >= sizeof(u8msg) - 1);
+    assert_memory_equal(dec, u8msg, sizeof(u8msg) - 1);
+    free(dec);
+    free(s);
+    /* ... or its headers: quoted-printable */
+    in.ret_full = false;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "message/global-headers");
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Transfer-Encoding",
+                 "quoted-printable");
+    dec = qp_decode(m.parts[2].body, m.parts[2].body_len, &dn);
+    assert_non_null(memmem(dec, dn, "Subject: Gr\xc3\xbc\xc3\x9f" "e", 14));
+    free(dec);
+    free(s);
+    in.orig = orig_msg;
+    in.orig_len = sizeof(orig_msg) - 1;
+    in.ret_full = true;
 
     /* not SMTPUTF8: the same text goes out 7-bit, types of RFC 3464 */
     in.smtputf8 = false;
@@ -1008,10 +1099,11 @@ test_random_text(void **state)
 }
 
 /* A DSN's body type is what its own text holds: one that quotes a UTF-8
- * address is 8BITMIME though its original was stored 7BIT (declared
- * SMTPUTF8, all ASCII: it goes to a receiver without SMTPUTF8), else it
- * went out as 7BIT, 8-bit octets and all; one all ASCII is 7BIT though
- * its original was 8-bit (headers only returned, all ASCII). */
+ * address in its parts is 7BIT (they are encoded), one whose own header
+ * names a UTF-8 sender is 8BITMIME though its original was stored 7BIT
+ * (declared SMTPUTF8, all ASCII), else it went out as 7BIT, 8-bit octets
+ * and all; one all ASCII is 7BIT though its original was 8-bit (headers
+ * only returned, all ASCII). */
 static void
 test_msg_body_type(void **state)
 {
@@ -1024,8 +1116,12 @@ test_msg_body_type(void **state)
                                   .body_type = QUEUE_BODY_7BIT, .smtputf8 = true};
     struct dsn_msg *m = NULL;
     assert_int_equal(dsn_msg_new(&in, &orig, 8, &m), 0);
-    assert_int_equal(m->body_type, QUEUE_BODY_8BITMIME);
+    assert_int_equal(m->body_type, QUEUE_BODY_7BIT);
     assert_true(m->smtputf8);
+    m = dsn_msg_free(m);
+    in.to_addr = "j\xc3\xb6rg@example.org"; /* its To: field cannot be encoded */
+    assert_int_equal(dsn_msg_new(&in, &orig, 8, &m), 0);
+    assert_int_equal(m->body_type, QUEUE_BODY_8BITMIME);
     m = dsn_msg_free(m);
     r = rcpt_failed();
     in = input(&r, 1);
