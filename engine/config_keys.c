@@ -269,8 +269,10 @@ static const struct conf_key delivery_keys[] = {
      "one to the first RSET or MAIL on a reused connection after it sat idle or naming a "
      "limit of messages per connection or session, nor one classified other: the "
      "receiver going down) or a reply classified "
-     "rate_limited, the destination's message and connection rates are "
-     "halved (again on each further one) for this long",
+     "rate_limited (not one of a mailbox's status, X.2.X: Gmail's 450 4.2.1 for a user who "
+     "receives too fast, nor a limit of recipients per transaction, 452 X.5.3), the "
+     "destination's message and connection rates are halved (again on each further one) for "
+     "this long",
      NULL},
     {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
      "then they come back by a quarter of the configured rate at each step", NULL},

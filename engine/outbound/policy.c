@@ -74,8 +74,14 @@ policy_rcpt(const struct smtp_outcome *o, enum bounce_class cls, enum classify_s
         uint64_t due = now_ms + delay_ms;
         out->kind = POLICY_DEFER;
         out->due_ms = due < expire_ms ? due : expire_ms;
-        /* A 421 holds the whole destination already (policy_conn_end). */
-        out->backoff = cls == BOUNCE_RATE_LIMITED && o->code != 421;
+        /* A 421 holds the whole destination already (policy_conn_end).
+         * Limits of one mailbox (X.2.X, RFC 3463's mailbox status: Gmail's
+         * "450 4.2.1 the user is receiving mail at a rate...") or of the
+         * recipients of one transaction (452 X.5.3, whose rest goes in the
+         * next) say nothing of the domain's load: its rates stay (one busy
+         * mailbox halved a whole domain's, gmail.com's, again and again). */
+        out->backoff = cls == BOUNCE_RATE_LIMITED && o->code != 421 && !rcpt_limit(o) &&
+                       o->enh.subject != 2;
     }
 }
 

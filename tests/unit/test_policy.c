@@ -123,6 +123,20 @@ recipients(void **state)
     o.code = 421;
     policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
     assert_false(p.backoff);
+    /* ... nor a limit of one mailbox (X.2.X) or of one transaction's
+     * recipients (452 X.5.3): deferred, the domain's rates untouched */
+    o = refused(450, 4, 2, 1, "4.2.1 The user you are trying to contact is receiving mail at a "
+                              "rate that prevents additional messages from being delivered");
+    policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_DEFER);
+    assert_false(p.backoff);
+    o = refused(452, 4, 5, 3, "4.5.3 Too many recipients");
+    policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_int_equal(p.kind, POLICY_DEFER);
+    assert_false(p.backoff);
+    o = refused(451, 4, 7, 28, "4.7.28 unusual rate of unsolicited mail from your IP");
+    policy_rcpt(&o, BOUNCE_RATE_LIMITED, CLASSIFY_CONNECT, 1000, 5000, 60, &p);
+    assert_true(p.backoff);
 
     /* Sources: a timeout is a connection matter, TLS a TLS one. */
     o = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_TIMEOUT);
