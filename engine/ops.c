@@ -341,6 +341,8 @@ struct walk_sel {
     const char *tenant, *campaign, *pool;
     bool deferred_only;
     uint64_t min_due;   /* deferred_only: those due after this */
+    size_t due_soon;    /* deferred_only: those of the scope left out, due before min_due
+                         * (the due poll takes them: nothing to flush) */
     struct engine *e;   /* borrowed: set to carry each recipient's owner (bounce) */
     struct sel_item {
         uint64_t id;
@@ -357,12 +359,16 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     struct walk_sel *w = arg;
     if (w->domain != NULL && !idn_domain_is(w->domain, r->domain))
         return 0;
-    if (w->deferred_only && (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due))
+    if (w->deferred_only && r->state != QUEUE_RCPT_DEFERRED)
         return 0;
     if ((w->tenant != NULL && strcasecmp(w->tenant, r->owner.tenant) != 0) ||
         (w->campaign != NULL && strcmp(w->campaign, r->owner.campaign) != 0) ||
         (w->pool != NULL && strcasecmp(w->pool, r->owner.pool) != 0))
         return 0;
+    if (w->deferred_only && r->due_ms <= w->min_due) {
+        w->due_soon++;
+        return 0;
+    }
     if (w->n == w->cap) {
         size_t nc = w->cap ? w->cap * 2 : 256;
         struct sel_item *v = realloc(w->v, nc * sizeof(*v));
@@ -601,9 +607,9 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     free(w.v);
     log_msg(LOG_NOTICE,
             "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu "
-            "rests_ended=%lld",
+            "already_due=%zu rests_ended=%lld",
             domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*",
-            pool ? pool : "*", done, lifted);
+            pool ? pool : "*", done, w.due_soon, lifted);
     if (rc != 0) {
         snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
         return -1;
@@ -617,6 +623,7 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     if (pool != NULL)
         json_kstr(out, "pool", pool);
     json_ku64(out, "recipients", done);
+    json_ku64(out, "already_due", w.due_soon);
     if (lifted >= 0)
         json_ku64(out, "rests_ended", (uint64_t)lifted);
     json_obj_end(out);

@@ -398,6 +398,26 @@ flush_of_nobody_ends_nothing(void **state)
     assert_non_null(strstr(answer, "\"rests_ended\":0"));
 }
 
+/* Recipients of the scope already due (a retry within the next two
+ * seconds, or overdue) are left to the due poll, and the answer says
+ * how many: "recipients":0 alone read as nothing deferred. */
+static void
+flush_counts_the_recipients_already_due(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 2);
+    spool_add("a.test", NULL, 3);
+    for (size_t i = S.nr - 3; i < S.nr; i++)
+        S.r[i].due_ms = unix_ms() - 1000; /* overdue */
+    spool_add("b.test", NULL, 1);
+    S.r[S.nr - 1].due_ms = unix_ms() - 1000; /* another domain's */
+    char answer[512];
+    flush("a.test", answer, sizeof(answer));
+    assert_int_equal(S.retimed, 2);
+    assert_non_null(strstr(answer, "\"recipients\":2"));
+    assert_non_null(strstr(answer, "\"already_due\":3"));
+}
+
 int
 main(void)
 {
@@ -419,6 +439,7 @@ main(void)
         cmocka_unit_test_setup_teardown(flush_of_many_batches_ends_the_rest_before_the_first,
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(flush_of_nobody_ends_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_counts_the_recipients_already_due, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
