@@ -530,6 +530,19 @@ conn_next(struct conn *c)
         if (an > 0)
             c->txn.from_domain_ascii = (struct smtp_span){c->from_ascii, (size_t)an};
     }
+    /* Under VERP the next hop's DSNs come back to the bounce listener,
+     * which reads failures only: a success it would report is one this
+     * node reports (relayed, job_finish), so SUCCESS is not asked of it
+     * (SUCCESS alone: NEVER). */
+    c->txn_verp = vn > 0;
+    for (unsigned i = 0; vn > 0 && i < c->job->n; i++) {
+        struct smtp_params *p = &c->rc[i].params;
+        if ((p->seen & SMTP_PARAM_NOTIFY) && (p->notify & SMTP_NOTIFY_SUCCESS)) {
+            p->notify &= ~(unsigned)SMTP_NOTIFY_SUCCESS;
+            if (p->notify == 0)
+                p->notify = SMTP_NOTIFY_NEVER;
+        }
+    }
     if (vn > 0)
         c->txn.from = (struct smtp_span){c->verp, (size_t)vn};
     else if (vn < 0) /* no memory, or beyond the config's bounds: said, then sent as injected */
@@ -613,7 +626,7 @@ conn_txn_done(struct conn *c)
             .tls_verify = c->tls_verify[0] ? c->tls_verify : NULL,
             .tls_policy = conn_dane(c) != NULL ? "dane" : dest_tls_policy_str(c->dest, c->tls_pol),
             .src = CLASSIFY_CONNECT,
-            .dsn_passed = (smtp_client_caps(&c->cli)->ext & SMTP_EXT_DSN) != 0,
+            .dsn_passed = (smtp_client_caps(&c->cli)->ext & SMTP_EXT_DSN) != 0 && !c->txn_verp,
         };
         if (!stream_tls(&c->st))
             conn_tlsrpt(c, TLSRPT_STARTTLS_NOT_SUPPORTED); /* testing mode: it went plain */

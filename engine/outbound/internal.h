@@ -196,6 +196,8 @@ struct conn {
     unsigned nmsgs;       /* transactions finished on this connection */
     unsigned max_rcpt;    /* recipients per transaction, as the machine was told */
     bool txn_done_seen;
+    bool txn_verp;         /* this transaction's sender is a VERP one: the next hop's DSNs
+                            * come back to the bounce listener, which reads failures only */
     bool ready_once;      /* the session reached IDLE at least once */
     bool idled;           /* it waited on its site's idle list since its last transaction
                            * (or before its first): cleared as each one ends */

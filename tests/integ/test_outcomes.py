@@ -494,6 +494,52 @@ def test_no_success_dsn_when_the_next_hop_reports():
             r.close()
 
 
+def test_success_under_verp_is_reported_here():
+    """Under VERP the next hop's DSNs come back to the bounce listener,
+    which reads failures only: a success it reported was dropped there
+    (oob_dropped not_failed) and the sender never heard of it. So SUCCESS
+    is not asked of a next hop under VERP (SUCCESS alone: NEVER), and
+    sluice reports the success itself, Action: relayed, as to a next hop
+    without DSN."""
+    import shutil
+    import tempfile
+    from test_delivery import free_port
+    keydir = tempfile.mkdtemp(prefix="sluice-verp-key-")
+    keyfile = os.path.join(keydir, "verp.key")
+    with open(keyfile, "wb") as f:
+        f.write(b"0123456789abcdef0123456789abcdef-verp-test\n")
+    recs = records_for(["nodsn.test"]) + [
+        "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"]
+    r = Relay(recs, dsn=True, domain_conf=log_conf_text(
+        f"[bounce]\nlisten = 127.0.0.1:{free_port()}\nverp_domain = bounces.test\n"
+        f"verp_key_file = {keyfile}\n"))
+    s2 = None
+    try:
+        s2 = Sink(r.wd, r.mx_port, name="senders", host="127.0.0.2")
+        _inject_success(r)
+        wait_events(r.dlog, lambda e: e["event"] == "delivery" and e["sender"], 4)
+        # one transaction per recipient under VERP: a DSN each
+        wait_until(lambda: sum(m.rstrip(b"\n").endswith(b"--") for m in s2.messages()) == 2, 30,
+                   "the two success DSNs whole at the sender's MX")
+        args = b"".join(r.sink.messages())
+        # the next hop offers DSN: under VERP asked for failures only,
+        # never SUCCESS (the null sender's message has no VERP: as asked)
+        assert b"X-Rcpt-Args: <a@nodsn.test> NOTIFY=NEVER ORCPT=" in args, args
+        assert b"X-Rcpt-Args: <b@nodsn.test> NOTIFY=FAILURE\n" in args, args
+        assert b"X-Rcpt-Args: <e@nodsn.test> NOTIFY=SUCCESS\n" in args, args
+        assert args.count(b"NOTIFY=SUCCESS") == 1, args
+        text = b"".join(s2.messages()).decode("utf-8", "replace")
+        assert text.count("Action: relayed\n") == 2, text
+        assert "Final-Recipient: rfc822; a@nodsn.test\n" in text, text
+        assert "Final-Recipient: rfc822; b@nodsn.test\n" in text, text
+        assert r.d.stop_clean() == 0
+    finally:
+        if s2 is not None:
+            s2.stop()
+        r.close()
+        shutil.rmtree(keydir, ignore_errors=True)
+
+
 def _data_451_once(txns):
     """An MX that answers its first message's final dot with 451 and every
     later one's with 250; txns collects (recipients, reply) of each."""
@@ -598,5 +644,6 @@ if __name__ == "__main__":
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
           test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
-          test_no_success_dsn_when_the_next_hop_reports, test_rotation_loses_nothing,
+          test_no_success_dsn_when_the_next_hop_reports,
+          test_success_under_verp_is_reported_here, test_rotation_loses_nothing,
           test_recipients_deferred_together_come_back_together])
