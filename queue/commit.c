@@ -43,9 +43,7 @@
  * A full map. LMDB needs free pages even to delete (copy-on-write), so a
  * spool filled to the last page could never be emptied. The committer
  * therefore admits an enqueue only if the pages it needs leave a reserve
- * (2% of the map, 32 pages at least, 32 MB at most) for outcome updates;
- * of those, the ones that add (a DSN, deferrals) may use only its first
- * half (admit_msgs), the rest stays for the ones that remove.
+ * (2% of the map, 32 pages at least, 32 MB at most) for outcome updates.
  * If a commit still fails for space, the enqueues of that batch get the
  * error and its updates are committed alone (split in halves on failure).
  * The map cannot grow while the server runs: raise map_size and restart.
@@ -434,40 +432,20 @@ admit(struct queue *q, struct queue_req **enq, size_t ne)
     return na;
 }
 
-/* The pages an update that removes nothing may add: each outcome
- * rewrites its recipient's record with its reply (at half-full leaves),
- * and a few branch pages. 0 for an update that removes a recipient (a
- * delivery or a bounce): those free room. */
-static size_t
-growth_pages(const struct queue *q, const struct queue_req *r)
-{
-    uint64_t bytes = 0;
-    if (r->kind != REQ_UPDATE)
-        return 0;
-    for (size_t i = 0; i < r->u.upd.n; i++) {
-        const struct upd_item *it = &r->u.upd.items[i];
-        if (it->kind != QUEUE_DEFERRED)
-            return 0;
-        bytes += 64 + it->reply_len;
-    }
-    return (size_t)(2 * bytes / q->psize) + 3;
-}
-
-/* Updates that carry a message (a DSN), and updates that remove nothing
- * (deferrals: each keeps its last reply, so records grow), use the
- * reserve, but only its first half: the rest stays for the updates that
- * remove recipients, so that the DSNs of a mass bounce, or the deferrals
- * of a long outage, can never take the last pages and leave the
+/* Updates that carry a message (a DSN) use the reserve, but only its
+ * first half: the rest stays for the updates that only delete, so that
+ * the DSNs of a mass bounce can never take the last pages and leave the
  * deliveries that would free room unable to commit. One that does not
- * fit fails with QUEUE_EMAPFULL (a DSN's outcomes with it: both or
- * neither), and its caller tries again once deliveries have made room.
- * Returns how many of upd[0..n) are left, in order. */
+ * fit fails with QUEUE_EMAPFULL (its outcomes with it: both or neither),
+ * and its caller tries again once deliveries have made room. Returns
+ * how many of upd[0..n) are left, in order. */
 static size_t
 admit_msgs(struct queue *q, struct queue_req **upd, size_t n)
 {
     size_t need_all = 0;
     for (size_t i = 0; i < n; i++)
-        need_all += upd[i]->has_msg ? enqueue_pages(q, upd[i]) : growth_pages(q, upd[i]);
+        if (upd[i]->has_msg)
+            need_all += enqueue_pages(q, upd[i]);
     if (need_all == 0)
         return n;
     size_t end = q->last_pgno + 1;
@@ -480,9 +458,8 @@ admit_msgs(struct queue *q, struct queue_req **upd, size_t n)
     avail += freelist_pages(q);
     size_t used = 0, na = 0;
     for (size_t i = 0; i < n; i++) {
-        size_t need = upd[i]->has_msg ? enqueue_pages(q, upd[i]) : growth_pages(q, upd[i]);
-        if (need > 0) {
-            size_t want = keep + used + need;
+        if (upd[i]->has_msg) {
+            size_t want = keep + used + enqueue_pages(q, upd[i]);
             if (avail < want) {
                 upd[i]->rc = map_avail <= disk_avail ? QUEUE_EMAPFULL : -ENOSPC;
                 continue;

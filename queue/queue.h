@@ -297,8 +297,7 @@ struct queue_outcome {
  * contract as queue_enqueue(). When the spool is full, updates are still
  * committed (they free room) ahead of the enqueues of the same batch; an
  * update fails with a space error only when even the reserve kept for
- * them is gone (for one of deferrals alone, which remove nothing: its
- * first half), and the caller retries it later. */
+ * them is gone, and the caller retries it later. */
 int queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
                  size_t n, queue_done_fn *done, void *cookie);
 

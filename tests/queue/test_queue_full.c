@@ -467,40 +467,6 @@ test_dsn_through_reserve(void **state)
     assert_int_equal(queue_check(f->q, &rep), 0);
 }
 
-/* Deferrals grow records (each keeps its last reply) and delete
- * nothing: on a full spool they may use the first half of the reserve,
- * as DSNs may, never the rest. Before, a stream of them took the last
- * pages, and then not even the deliveries that free room could commit:
- * a spool no outcome could ever empty. One refused comes back with a
- * space error, and its caller retries it later. */
-static void
-test_deferrals_leave_room_for_deliveries(void **state)
-{
-    struct fixture *f = *state;
-    uint64_t ids[2000];
-    size_t n = fill(f->q, ids, 2000);
-    assert_true(n > 10);
-    static char reply[QUEUE_MAX_REPLY + 1];
-    memset(reply, 'r', QUEUE_MAX_REPLY);
-    size_t deferred = 0;
-    int rc = 0;
-    /* every recipient deferred, with a long reply, a few rounds */
-    for (unsigned round = 0; round < 4 && rc == 0; round++)
-        for (size_t i = 0; i < n && rc == 0; i++) {
-            reply[0] = (char)('a' + round); /* a new text each time */
-            struct queue_outcome o = {ids[i], 0,   QUEUE_DEFERRED, 4102444800000ULL + i,
-                                      451,    reply, 1,              false};
-            rc = queue_update_wait(f->q, &o, 1);
-            deferred += rc == 0;
-        }
-    assert_true(deferred > 0);
-    assert_true(rc == 0 || queue_error_is_space(rc));
-    /* whatever the deferrals took, every delivery still commits */
-    deliver(f->q, ids, n);
-    struct queue_check_report rep;
-    assert_int_equal(queue_check(f->q, &rep), 0);
-}
-
 int
 main(void)
 {
@@ -509,8 +475,6 @@ main(void)
         cmocka_unit_test_setup_teardown(test_mixed_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_large, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dsn_through_reserve, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_deferrals_leave_room_for_deliveries, setup,
-                                        teardown),
         cmocka_unit_test_setup_teardown(test_disk_full, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
