@@ -931,6 +931,8 @@ dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint6
      * the original was stored 7BIT (declared SMTPUTF8 but all ASCII). */
     m->body_type = has_8bit(m->text, m->len) ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
     m->smtputf8 = orig->smtputf8;
+    for (unsigned i = 0; i < in->nrcpt; i++)
+        m->failure |= in->rcpt[i].action == DSN_ACTION_FAILED;
     snprintf(m->tenant, sizeof(m->tenant), "%s", orig->tenant ? orig->tenant : "");
     snprintf(m->campaign, sizeof(m->campaign), "%s", orig->campaign ? orig->campaign : "");
     snprintf(m->pool, sizeof(m->pool), "%s", orig->pool ? orig->pool : "");

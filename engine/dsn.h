@@ -121,6 +121,7 @@ struct dsn_msg {
     const char *domain;            /* borrowed: points into rcpt, after its last '@' */
     enum queue_body_type body_type;
     bool smtputf8;
+    bool failure; /* it reports a failure; else only delays or successes (advisory) */
     /* the original's owner: a DSN is its tenant's mail, through its pool */
     char tenant[QUEUE_MAX_TAG + 1], campaign[QUEUE_MAX_TAG + 1], pool[QUEUE_MAX_TAG + 1];
 };

@@ -373,12 +373,29 @@ outcome_done(void *cookie, int rc)
 }
 
 /* A try of b failed with rc: tried again later, backing off, or (the
- * worker stopping) left to the next start. */
+ * worker stopping) left to the next start. On a full spool a DSN that
+ * reports no failure (a delay warning, a success report) is dropped, so
+ * that b commits within the half of the reserve kept for updates that
+ * remove (queue/commit.c admit_msgs): a delivery that carried a success
+ * report waited for room only deliveries would make, and held its
+ * recipients meanwhile (the next hop has the message: a restart would
+ * send it again). */
 static void
 outcome_failed(struct outcome_batch *b, int rc)
 {
     struct delivery *d = b->d;
     b->tries++;
+    if (queue_error_is_space(rc) && b->dsn != NULL && !b->dsn->failure) {
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(b->dsn->orig, qid);
+        log_msg(LOG_WARN, "id=%s event=dsn_dropped reason=spool_full recipients=%zu", qid, b->n);
+        b->dsn = dsn_msg_free(b->dsn);
+        /* its delivery log lines (the dsn event) follow the outcomes' */
+        size_t off = 0;
+        for (size_t i = 0; i < b->n; i++)
+            off += lines_len(b->events, b->events_len, off, b->ev_lines[i]);
+        b->events_len = off;
+    }
     if (d->stopping) {
         /* neither the outcomes nor their DSN are stored: the recipients
          * are tried again after the restart, and fail (and tell) again */
