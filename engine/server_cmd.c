@@ -423,9 +423,14 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
          * now, with libidn2's reason */
         char a[256];
         const char *why = NULL;
-        if (idn_domain_ascii(c->path.domain.ptr, c->path.domain.len, a, sizeof(a), &why) < 0) {
+        int rc = idn_domain_ascii(c->path.domain.ptr, c->path.domain.len, a, sizeof(a), &why);
+        if (rc == -ENOMEM) {
+            reply(s, "451 4.3.0 Local error in processing");
+            return;
+        }
+        if (rc < 0) {
             reply(s, "553 5.1.2 Recipient domain is not a valid IDN: %s",
-                  why != NULL ? why : "too long");
+                  rc == -ENAMETOOLONG ? "too long" : why != NULL ? why : "not UTF-8");
             return;
         }
     }
