@@ -567,8 +567,8 @@ human_part(struct out *o, const struct dsn_input *in, enum dsn_action kind, enum
                    "You will be told if it finally fails.\r\n");
     } else {
         out_str(o, "Your message was delivered to the mail servers of the recipients below,\r\n"
-                   "as you asked to be told. Those servers do not send delivery\r\n"
-                   "notifications, so this is the last one you will get for them.\r\n");
+                   "as you asked to be told. This is the last notification you will get\r\n"
+                   "for them.\r\n");
     }
     if (why != WHY_NONE || !empty(in->queue_id))
         out_str(o, "\r\n");
