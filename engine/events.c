@@ -45,7 +45,7 @@
  * and the journal's trims (a trim reads every listed sink's stored
  * cursor, where a restart after a crash resumes, and deletes under it,
  * so a reload that takes a sink out to restart it holds the trims until
- * it is back); ev->cond wakes the sink threads
+ * it is back, and a start until its sinks are listed); ev->cond wakes the sink threads
  * (appends, pause, stop). A sink's
  * clients and buffers belong to its thread alone.
  */
@@ -1022,6 +1022,10 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
     journal_end(ev->journal, &jend);
     queue_events_floor(q, jend.seq);
     queue_events_set_hook(q, events_pump_wake, ev);
+    /* No trim until the sinks are listed: the pump copies what the spool
+     * holds (a crash's backlog) at once, and its trim would take no
+     * sink's cursor into account, deleting every segment but the last. */
+    ev->trim_held = true;
     if ((rc = pthread_create(&ev->pump, NULL, events_pump_main, ev)) != 0) {
         snprintf(err, errlen, "events: cannot start the pump thread: %s", strerror(rc));
         rc = -rc;
@@ -1040,6 +1044,10 @@ events_new(const struct events_sink_config *sinks, unsigned n, const char *dir, 
         if ((rc = sink_start(s, err, errlen)) < 0)
             goto fail;
     }
+    pthread_mutex_lock(&ev->mu);
+    ev->trim_held = false;
+    pthread_mutex_unlock(&ev->mu);
+    events_trim(ev);
     *out = ev;
     return 0;
 fail:

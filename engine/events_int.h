@@ -119,7 +119,8 @@ struct events {
     uint64_t committed;    /* bumped by the spool's hook: the pump waits for a change */
     struct sink *sinks[EVENTS_SINKS_MAX]; /* owned; the array under mu */
     unsigned nsinks;
-    bool trim_held; /* under mu: a reload restarts sinks, no trim meanwhile */
+    bool trim_held; /* under mu: a start lists its sinks, or a reload restarts
+                     * them: no trim meanwhile */
     pthread_t pump;
     bool pump_started;
     _Atomic uint64_t put_failed; /* lines put alone that the spool refused */
