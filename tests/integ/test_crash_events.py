@@ -40,6 +40,7 @@ class Injector(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.name, self.stop = port, name, stop
         self.rng = random.Random(seed)
+        self.n = 0
         self.acked = {}  # queue id -> recipients
 
     def session(self):
@@ -50,10 +51,9 @@ class Injector(threading.Thread):
             s.sendall(b"EHLO inj\r\n")
             while f.readline()[3:4] == b"-":
                 pass
-            n = 0
             while not self.stop.is_set():
-                tag = f"{self.name}x{n}x"
-                n += 1
+                tag = f"{self.name}x{self.n}x"  # one a message, across sessions
+                self.n += 1
                 rcpts = [f"{tag}{k}@{DOMAIN}" for k in range(self.rng.choice([1, 1, 2]))]
                 s.sendall(b"MAIL FROM:<s@example.com>\r\n" +
                           b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) +
