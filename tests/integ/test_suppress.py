@@ -570,6 +570,66 @@ def test_survives_restart_and_kill9():
         r.close()
 
 
+def test_import_killed_midway_keeps_whole_transactions():
+    """doc/sluicectl.md: an import cut short by a crash keeps the
+    transactions it committed (250,000 entries each, in address order)
+    and nothing of the rest, and sluice starts as usual; the same import
+    again completes it. A million lines, kill -9 at random moments within
+    the time a whole import of as many lines took (in another scope,
+    whose keys sort after the global list's), a bounded number of
+    rounds, then the whole import."""
+    import random
+    import time
+    n, batch = 1_000_000, 250_000
+    r = Relay(records_for(["imp.test"]), domain_conf=conf())
+    cfg = os.path.join(r.wd.path, "sluice.conf")
+    src = os.path.join(r.wd.path, "big.csv")
+    timing = os.path.join(r.wd.path, "timing.csv")
+    seed = random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+
+    def import_cmd(path):
+        return subprocess.Popen([SLUICECTL, "-s", r.dlog + SOCK_SUFFIX, "--json", "suppress",
+                                 "import", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        for path, scope in ((src, ""), (timing, "zz")):
+            with open(path, "w") as f:
+                f.write("address,scope,reason,added,expires,note\n")
+                f.writelines(f"u{i:07d}@imp.test,{scope},hard_bounce,,,n{i}\n"
+                             for i in range(n))
+        t0 = time.monotonic()
+        p = import_cmd(timing)
+        out, _ = p.communicate(timeout=120)
+        took = time.monotonic() - t0
+        assert p.returncode == 0 and json.loads(out)["imported"] == n, out
+        seen = []
+        for _ in range(5):
+            p = import_cmd(src)
+            time.sleep(rng.uniform(0.2, 0.95) * took)  # the random moment the test varies
+            r.d.kill9()
+            out, _ = p.communicate(timeout=60)
+            r.d = Sluice(SLUICE, cfg)
+            r.d.wait_log("event=ready")
+            entries = ctl_ok(r, "stats")["suppress"]["entries"] - n
+            seen.append(entries)
+            assert entries % batch == 0, f"seed {seed}: {entries} entries: a transaction in part"
+            if p.returncode == 0:
+                assert json.loads(out)["imported"] == n and entries == n, (out, entries)
+            # whole transactions in address order: the first ones stored
+            assert suppressed(r, "u0000000@imp.test") == (entries > 0)
+            if 0 < entries < n:
+                assert suppressed(r, f"u{entries - 1:07d}@imp.test")
+                assert not suppressed(r, f"u{entries:07d}@imp.test")
+        print(f"     seed={seed}: a whole import {took:.2f}s; entries after each kill {seen}")
+        got = ctl_ok(r, "suppress", "import", src)
+        assert got["imported"] == n and got["skipped"] == 0, got
+        assert ctl_ok(r, "stats")["suppress"]["entries"] == 2 * n
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_out_of_band_complaint_and_bounce():
     from test_feedback import FIXTURE_VERP, Feedback, fixture
     f = Feedback(server_extra=f"[suppress]\nreply = {REPLY}\non_invalid_recipient = 30d\n")
@@ -728,6 +788,7 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_manual_entry_refused_at_rcpt, test_hard_bounce_feeds_the_list,
           test_import_export_round_trip_100k, test_survives_restart_and_kill9,
+          test_import_killed_midway_keeps_whole_transactions,
           test_out_of_band_complaint_and_bounce, test_header_tenant_checked_after_data,
           test_rcpt_refusal_carries_the_header_tenant,
           test_auth_tenant_named_in_another_case, test_sender_refused_does_not_feed_the_list,
