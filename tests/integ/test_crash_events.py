@@ -154,6 +154,14 @@ def test_kill9_under_load_loses_no_event():
         # (or lost silently without a stored cursor).
         dropped = [x for x in logs + node.d.lines if "events_backlog_dropped" in x]
         assert not dropped, f"events dropped: {dropped[0]}"
+        if no_rx or no_dl:
+            with rec.lock:
+                seqs = sorted(int(e.split("-")[1]) for e in rec.events)
+            gaps = [(a, b) for a, b in zip(seqs, seqs[1:]) if b != a + 1]
+            print(f"     event numbers 0..{seqs[-1]}: {len(seqs)} received, gaps {gaps[:10]}")
+            for x in logs + node.d.lines:
+                if "events_journal" in x or "events_lost" in x or "skip" in x:
+                    print(f"     log: {x}")
         assert not no_rx, f"{len(no_rx)} acknowledged messages without reception, e.g. {no_rx[:5]}"
         assert not no_dl, f"{len(no_dl)} recipients without delivery event, e.g. {no_dl[:5]}"
         with rec.lock:
