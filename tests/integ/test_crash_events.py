@@ -1,9 +1,10 @@
 """Crash safety of the event sinks: sluice relays mail (several
 submission clients, each message a queue id of its own) to smtp-sink
-while a webhook on loopback takes its events, with a small max_backlog
-so that the journal rolls over to a new segment every few hundred events
-and trims the old ones all along; it is killed with SIGKILL at random
-moments (some of them just after a SIGHUP), many times, and started
+while a webhook on loopback takes its events, with small journal
+segments (a test hook) so that the journal rolls over to a new one every
+few hundred events and trims the old ones all along; it is killed with SIGKILL at random
+moments (some of them just after a SIGHUP that changes the sink, which
+the reload restarts from its cursor), many times, and started
 again each time; then it runs until its spool is empty and its sink has
 caught up. Checks: every message that got a 250 has its reception event
 and its delivery event at the webhook, each event always under one
@@ -108,9 +109,13 @@ def test_kill9_under_load_loses_no_event():
     print(f"     seed={seed} rounds={rounds}")
     rng = random.Random(seed)
     rec = TimedReceiver()
-    # segments of 512 KB (an eighth of max_backlog): a thousand events
-    # or so each, so rollovers and trims race the kills
-    node = Node(hook_conf(rec.port, "max_backlog = 4M\nbatch_wait = 20ms"))
+    # segments of 128 KB (a test hook: builds with the tests), some 300
+    # events each, so rollovers and trims race the kills and a start
+    # finds its sink's cursor in a segment before the last; max_backlog
+    # far above what the sink may lag behind on a loaded machine, its
+    # progress set back by each kill (the last second sent again)
+    os.environ["SLUICE_TEST_EVENTS_SEGMENT"] = str(128 * 1024)
+    node = Node(hook_conf(rec.port, "max_backlog = 256M\nbatch_wait = 20ms"))
     stop = threading.Event()
     injectors = [Injector(node.port, f"c{i}", rng.randrange(1 << 30), stop) for i in range(3)]
     kills = []
@@ -123,6 +128,13 @@ def test_kill9_under_load_loses_no_event():
         for r in range(rounds):
             time.sleep(rng.uniform(0.1, 1.5))  # the random moment: what the test varies
             if rng.random() < 0.3:
+                # a changed batch_wait: the reload stops the sink (it
+                # stores its cursor) and starts it again from there
+                with open(node.conf) as f:
+                    text = f.read()
+                a, b = ("20ms", "30ms") if "batch_wait = 20ms" in text else ("30ms", "20ms")
+                with open(node.conf, "w") as f:
+                    f.write(text.replace(f"batch_wait = {a}", f"batch_wait = {b}"))
                 node.d.signal(signal.SIGHUP)
                 hup_at.append(time.monotonic())
                 hups += 1
@@ -196,6 +208,7 @@ def test_kill9_under_load_loses_no_event():
         assert not late, f"{len(late)} events sent again long after they were acknowledged: " \
                          f"{late[:5]}"
     finally:
+        os.environ.pop("SLUICE_TEST_EVENTS_SEGMENT", None)
         stop.set()
         node.close()
         rec.stop()
