@@ -316,6 +316,9 @@ def test_failures_per_address_across_connections():
         assert rep.code == 235, rep
         st = r.auth_stats()
         assert st["refused_address"] == 2 and st["failed"] == 3, st
+        # the harness reads the log from a thread of its own: the lines may
+        # come a moment after the stats answer
+        r.d.wait_log_count("event=auth_refused reason=address_failures", 2)
         assert r.d.count_log("event=auth_refused reason=address_failures") == 2
 
         # It drains: one failure every window / 3.
