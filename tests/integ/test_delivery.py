@@ -98,7 +98,7 @@ class Sink:
         with open(err, "wb") as errf:
             self.proc = subprocess.Popen(
                 ["smtp-sink", *user, *flags, "-d", os.path.join(self.dir, "%M."),
-                 f"{host}:{port}", "1000"],
+                 f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "1000"],
                 stdout=subprocess.DEVNULL, stderr=errf)
         wait_until(lambda: self.proc.poll() is not None or connectable(port, host), WAIT,
                    "smtp-sink to listen")
@@ -126,7 +126,7 @@ class Relay:
     """dnsmasq + smtp-sink + sluice, all on ports of their own."""
 
     def __init__(self, records, sink_flags=(), domain_conf="", with_sink=True, dsn=False,
-                 delivery_conf="", idle_timeout="1s", dns_conf=""):
+                 delivery_conf="", idle_timeout="1s", dns_conf="", allow="127.0.0.0/8"):
         for tool in ("dnsmasq", "smtp-sink"):
             if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
                 skip(f"{tool} not installed (tools/install-deps --test)")
@@ -153,7 +153,7 @@ map_size = 512M
 [delivery]
 remote_port = {self.mx_port}
 # the receivers are on loopback, refused as targets unless allowed
-allow_networks = 127.0.0.0/8
+allow_networks = {allow}
 connect_timeout = 2s
 idle_timeout = {idle_timeout}
 {delivery_conf}
@@ -429,6 +429,51 @@ def test_connect_failures_are_deferred_with_where_and_why():
         for c in fillers:
             c.close()
         silent.close()
+
+
+def test_ipv6_mx_is_delivered_to_over_ipv6():
+    """An MX host with only an AAAA record (::1) is delivered to over IPv6
+    ([dns] family = both, the default); one whose A address refuses the
+    connection and whose AAAA address answers is delivered to over IPv6
+    after the IPv4 try (prefer = v4, the default, tries A first); with
+    family = v4 the v6-only host has no address to try and its mail is
+    kept (deferred), not lost. The connection's log line names the
+    address, in brackets."""
+    recs = ["host-record=mx6.test,::1", "mx-host=six.test,mx6.test,10",
+            "host-record=mx46.test,127.0.0.1,::1", "mx-host=both.test,mx46.test,10"]
+    r = None
+    sink6 = None
+    try:
+        r = Relay(recs, with_sink=False,
+                  allow="127.0.0.0/8, ::1/128")
+        sink6 = Sink(r.wd, r.mx_port, host="::1", name="sink6")
+        r.inject([("s@example.com", ["a@six.test"], b"Subject: v6\r\n\r\nover v6\r\n"),
+                  ("s@example.com", ["b@both.test"], b"Subject: v46\r\n\r\nv4 refused\r\n")])
+        r.d.wait_log_count("event=delivered", 2, timeout=30)
+        wait_until(lambda: len(sink6.files()) == 2, 10, "both messages at the IPv6 sink")
+        for dom in ("six.test", "both.test"):
+            lines = [x for x in r.d.log_lines("event=connected") if f"domain={dom} " in x]
+            assert len(lines) == 1 and f" addr=[::1]:{r.mx_port} " in lines[0], lines
+        # both.test tried its A address first: refused, then ::1.
+        refused = [x for x in r.d.log_lines("event=connect_failed") if "127.0.0.1" in x]
+        assert refused, r.d.log_lines("connect")
+        bodies = b"".join(sink6.messages())
+        assert b"over v6" in bodies and b"v4 refused" in bodies, bodies[-300:]
+        assert r.d.stop_clean() == 0
+        r.close()
+        r = None
+        r = Relay(recs, with_sink=False, allow="127.0.0.0/8, ::1/128", dns_conf="family = v4")
+        r.inject([("s@example.com", ["c@six.test"], b"Subject: v4 only\r\n\r\nx\r\n")])
+        line = r.d.wait_log("rcpt=<c@six.test>", timeout=30)
+        assert "event=deferred" in line and "class=dns_failure" in line, line
+        assert 'reply="no MX host has an address"' in line and "enhanced=4.4.3" in line, line
+        assert r.d.count_log("event=connected") == 0
+        assert r.d.stop_clean() == 0
+    finally:
+        if sink6 is not None:
+            sink6.stop()
+        if r is not None:
+            r.close()
 
 
 def test_5xx_rcpt_bounces_and_is_removed():
@@ -1408,7 +1453,8 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
-          test_mx_failover_when_first_mx_is_down, test_busy_domain_follows_an_mx_move_at_its_ttl,
+          test_mx_failover_when_first_mx_is_down,
+          test_ipv6_mx_is_delivered_to_over_ipv6, test_busy_domain_follows_an_mx_move_at_its_ttl,
           test_connect_failures_are_deferred_with_where_and_why,
           test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
