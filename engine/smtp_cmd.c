@@ -816,6 +816,11 @@ parse_mail_rcpt(const char *line, const char *p, const char *end, bool rcpt, uin
     if ((size_t)(end - p) < kwlen || !eq_nocase(p, kwlen, kw))
         return fail(cmd, line, p, SMTP_CMD_E_FROM_TO);
     p += kwlen;
+    /* "MAIL FROM:<a@b> ": white space before the CRLF is sent by clients
+     * in the field and taken by Postfix; it ends nothing, so it is dropped
+     * (white space anywhere else stays refused). */
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
     /* "MAIL FROM: <a@b>": one space is a quirk common enough to allow. */
     if (p < end && *p == ' ')
         p++;

@@ -398,6 +398,38 @@ def test_duplicate_recipients_stored_once():
         assert m["rcpts"] == [b"a@example.org", b"b@example.org", b"A@example.org"], m["rcpts"]
 
 
+def test_trailing_white_space_after_path_accepted():
+    """White space before the CRLF of MAIL and RCPT (after the path or the
+    last parameter), which some clients send and Postfix takes, is
+    accepted; white space or junk anywhere else after the path is not."""
+    with sluice() as r:
+        s = smtplib.SMTP("127.0.0.1", r.port, timeout=10)
+        try:
+            s.ehlo("client.example")
+            code, msg = s.docmd("MAIL", "FROM:<a@example.com> ")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:<b@example.org> \t")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:<c@example.org> NOTIFY=NEVER  ")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:<d@example.org>\tNOTIFY=NEVER")
+            assert code == 501, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:<d@example.org> =x ")
+            assert code == 501, (code, msg)
+            code, msg = s.data(b"Subject: trailing\r\n\r\nbody\r\n")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("MAIL", "FROM:<e@example.com> SIZE=10\t")
+            assert code == 250, (code, msg)
+            s.rset()
+        finally:
+            s.close()
+        r.d.wait_log(QUEUED)
+        r.stop()
+        (m,) = r.messages()
+        assert m["sender"] == b"a@example.com", m
+        assert m["rcpts"] == [b"b@example.org", b"c@example.org"], m["rcpts"]
+
+
 def test_quoted_duplicate_recipients_stored_once():
     """A quoted local part that needs no quotes is the same mailbox as
     without them (RFC 5321 4.1.2: "john" is john, "jo\\hn" too): given
@@ -1324,6 +1356,7 @@ if __name__ == "__main__":
         test_too_many_recipients,
         test_duplicate_recipients_stored_once,
         test_quoted_duplicate_recipients_stored_once,
+        test_trailing_white_space_after_path_accepted,
         test_message_size_limit,
         test_relay_refused_without_auth,
         test_relay_refused_with_users_but_no_auth,
