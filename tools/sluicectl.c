@@ -958,6 +958,19 @@ render_queue(const cJSON *doc)
         printf("\n%zu message%s\n", n, n == 1 ? "" : "s");
 }
 
+/* "reload done" as one sentence, the words the man page quotes (as a
+ * table of one row it came out "reload  done"); a reload not over within
+ * the wait says so and where to look. */
+static void
+render_reload(const cJSON *doc)
+{
+    const cJSON *st = get(doc, "reload"), *note = get(doc, "note");
+    printf("reload %s", cJSON_IsString(st) ? st->valuestring : "?");
+    if (cJSON_IsString(note))
+        printf(" (%s)", note->valuestring);
+    printf("\n");
+}
+
 static int
 run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
@@ -977,6 +990,8 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         render_queue(doc);
     else if (strcmp(cmd->name, "metrics") == 0)
         fputs(cJSON_IsString(get(doc, "text")) ? get(doc, "text")->valuestring : "", stdout);
+    else if (strcmp(cmd->name, "reload") == 0)
+        render_reload(doc);
     else
         render_generic(doc);
     cJSON_Delete(doc);
@@ -1673,7 +1688,8 @@ static const struct cmd cmds[] = {
     {"reload", "", "reread the configuration file (as SIGHUP does)",
      "Waits (up to 8 s) for the outcome: \"reload done\", or the first error\n"
      "(file:line: key) and exit 1 when the new configuration is refused and\n"
-     "the running one kept.",
+     "the running one kept; a reload not over by then prints \"reload\n"
+     "requested (not finished yet: see the log)\" and exits 0.",
      0, 0, run_plain},
     {"tlsrpt", "[flush]", "MTA-STS policies and TLS reports (RFC 8461, RFC 8460)",
      "Counters of the MTA-STS store: domains known, policies cached (and in\n"

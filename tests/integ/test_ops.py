@@ -791,8 +791,10 @@ def test_reload_refused_says_why():
         assert r.d.count_log("event=config_reloaded") == 0
         with open(path, "w") as f:
             f.write(good)
-        assert ctl_json(r, "reload").get("reload") == "done"
+        p = ctl(r, "reload")  # the words the man page quotes, one space apart
+        assert p.returncode == 0 and p.stdout == "reload done\n", (p.stdout, p.stderr)
         assert r.d.count_log("event=config_reloaded") == 1
+        assert ctl_json(r, "reload").get("reload") == "done"
         assert r.d.proc.poll() is None
     finally:
         r.close()
