@@ -7,8 +7,9 @@
  * The stats thread calls these. What a worker owns (its destinations, its
  * counters) is read or changed on that worker: ops_on_workers() posts a
  * message to each and waits for every answer, a short while at most. The
- * spool is read directly (its API is thread-safe), and operator bounces
- * are committed with the blocking queue calls, on the stats thread.
+ * spool is read directly (its API is thread-safe); operator bounces are
+ * posted to the workers that own their destinations, which commit them
+ * as any outcome, and their answer waits until the spool shows them done.
  *
  * Threading: the stats thread; the *_on_worker functions on each worker.
  */
@@ -347,6 +348,7 @@ struct walk_sel {
     struct sel_item {
         uint64_t id;
         unsigned idx;
+        uint64_t last_ms; /* its last outcome when selected (0: none) */
         struct job_owner owner; /* when e is set: the destination (domain, pool) it waits in */
         char domain[256];
     } *v;               /* owned */
@@ -380,6 +382,7 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     struct sel_item *x = &w->v[w->n++];
     x->id = id;
     x->idx = r->index;
+    x->last_ms = r->last_ms;
     if (w->e != NULL)
         delivery_owner_of(w->e, &r->owner, &x->owner); /* tls_relaxed: bounce_now's dest */
     else
@@ -630,11 +633,55 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     return 0;
 }
 
-/* bounce ID|DOMAIN: the recipients fail now, with an event each. */
+/* Wait until the bounced recipients of w (kept in w->v) have left the
+ * spool, or deadline_ms (Unix ms) passes. One still there with another
+ * last outcome than when selected was decided by a transaction under way
+ * (bounce_now leaves those alone: deferred, it waits on) and is not
+ * waited for. The workers commit a bounce as any outcome, in their group
+ * commits, and tell no one: the spool is what says it is done. Returns
+ * how many of w's recipients are still in the spool; w->v is reused. */
+static size_t
+bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
+{
+    size_t left = w->n, decided = 0;
+    for (;;) {
+        size_t m = 0;
+        for (size_t i = 0; i < left;) {
+            size_t k = i;
+            while (k < left && w->v[k].id == w->v[i].id)
+                k++;
+            struct queue_envelope *env = NULL;
+            int rc = queue_envelope_get(e->queue, w->v[i].id, &env);
+            for (size_t x = i; x < k; x++) {
+                /* a read that failed: not known to be done */
+                bool there = rc != QUEUE_ENOTFOUND, same = rc != 0;
+                for (unsigned r = 0; rc == 0 && r < env->nrcpt && !same; r++)
+                    if (env->rcpt[r].index == w->v[x].idx) {
+                        same = env->rcpt[r].last_ms == w->v[x].last_ms;
+                        decided += !same;
+                    }
+                there &= rc != 0 || same;
+                if (there)
+                    w->v[m++] = w->v[x];
+            }
+            queue_envelope_free(env);
+            i = k;
+        }
+        left = m;
+        if (left == 0 || clock_unix_ms() >= deadline_ms)
+            return left + decided;
+        struct timespec ts = {0, BOUNCE_POLL_MS * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* bounce ID|DOMAIN: the recipients fail now, with an event each; the
+ * answer waits for their commits (bounce_wait). */
 static int
 cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size_t errlen)
 {
     uint64_t id = 0;
+    uint64_t deadline = clock_unix_ms() + BOUNCE_WAIT_MS;
     /* each recipient with its owner: the bounce must reach the queue of
      * its pool's destination, where it may wait */
     struct walk_sel w = {.e = e};
@@ -695,10 +742,13 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
         done += n;
         i = k;
     }
-    log_msg(LOG_NOTICE, "event=operator_bounce what=%s recipients=%zu", what, done);
+    size_t still = bounce_wait(e, &w, deadline);
+    log_msg(LOG_NOTICE, "event=operator_bounce what=%s recipients=%zu still_queued=%zu", what,
+            done, still);
     free(w.v);
     json_obj_begin(out);
     json_ku64(out, "recipients", done);
+    json_ku64(out, "still_queued", still);
     json_obj_end(out);
     return 0;
 }

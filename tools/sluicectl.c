@@ -1683,7 +1683,9 @@ static const struct cmd cmds[] = {
     {"bounce", "ID|DOMAIN | --tenant T [--campaign C] | --pool P",
      "bounce a message, or every message queued for DOMAIN, a tenant, a campaign or a pool",
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
-     "event in the delivery log. This cannot be undone.",
+     "event in the delivery log. The answer waits (up to 8 s) for the bounce's\n"
+     "commit: still_queued counts the selected recipients still in the spool then\n"
+     "(deferred by a transaction under way: bounce again). This cannot be undone.",
      0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)",
      "Waits (up to 8 s) for the outcome: \"reload done\", or the first error\n"

@@ -622,6 +622,47 @@ def test_bounce_by_id_and_domain():
         r.close()
 
 
+def test_bounce_answers_once_done():
+    """sluicectl bounce DOMAIN answers once the bounce is committed: the
+    next command sees the spool without the bounced mail (it answered as
+    soon as the bounces were posted to the workers, so a queue listing or
+    a stop just after still found them: a stop then lost the bounce, and
+    the mail went out at the next start), and still_queued says none was
+    left behind."""
+    recs = records_for(["other.test"]) + [
+        "host-record=mx3.test,127.0.0.3", "mx-host=held.test,mx3.test,10"]
+    r = Relay(recs, domain_conf=stats_conf())
+    st = None
+    try:
+        ctl_json(r, "suspend", "held.test")
+        r.inject([msg(i, [f"h{i}@held.test", f"k{i}@held.test"]) for i in range(40)],
+                 sessions=2)
+        wait_until(lambda: (domain_row(r, "held.test") or {}).get("ready") == 40, 30,
+                   "held.test with 40 messages ready")
+        # one connection, both commands in one write: the second runs the
+        # moment the first is answered
+        st = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        st.settimeout(20)
+        st.connect(sock_of(r))
+        sf = st.makefile("rb")
+        st.sendall(b"bounce held.test\nstats\n")
+        doc = json.loads(sf.readline())
+        assert doc["ok"] is True and doc["recipients"] == 80 and doc["still_queued"] == 0, doc
+        stats = json.loads(sf.readline())
+        assert stats["queue"]["messages"] == 0 and stats["queue"]["recipients"] == 0, \
+            stats["queue"]
+        p = ctl(r, "bounce", "held.test")  # nothing left to bounce
+        assert p.returncode == 0 and p.stdout.split() == ["recipients", "0", "still_queued",
+                                                          "0"], (p.stdout, p.stderr)
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+        assert len([e for e in raw_events(r.dlog) if e["event"] == "bounce"]) == 80
+    finally:
+        if st is not None:
+            st.close()
+        r.close()
+
+
 def http_get(port, path, method="GET"):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -953,6 +994,7 @@ if __name__ == "__main__":
           test_flush_retries_deferred_now, test_flush_ends_the_rest_of_a_site_that_was_down,
           test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
+        test_bounce_answers_once_done,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
