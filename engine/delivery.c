@@ -440,7 +440,15 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
     struct policy_fail f;
     policy_job(POLICY_OPERATOR_BOUNCE, &f);
     struct smtp_outcome o;
-    job_outcome(&o, &f, j->shaped_bounce ? "bounced by a shaping action" : NULL);
+    job_outcome(&o, &f, NULL);
+    /* with the last reply its recipients were deferred with, as an
+     * expiry says it: the sender learns why the mail was stuck (read
+     * again by job_fail: a bounce by hand is rare) */
+    struct queue_envelope *env = NULL;
+    if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
+        env = NULL;
+    job_last_attempt_text(&o, j->shaped_bounce ? "bounced by a shaping action" : f.text, env, j);
+    queue_envelope_free(env);
     job_fail(d, t, j, &o, f.src);
 }
 

@@ -133,30 +133,6 @@ conn_pool_fini(struct pool *p)
 
 /* ---- the connection ---- */
 
-/* The text of j's expiry in the queue: with the last reply its recipients
- * were deferred with, if one was (the first that has one: a job's
- * recipients share a domain and mostly a reply), so that the DSN and the
- * log say why it never went. */
-static void
-conn_expired_text(struct smtp_outcome *o, const struct queue_envelope *env, const struct job *j)
-{
-    for (unsigned i = 0; i < j->n; i++)
-        for (unsigned k = 0; k < env->nrcpt; k++) {
-            const struct queue_rcpt *r = &env->rcpt[k];
-            if (r->index != j->idx[i] || r->last_reply == NULL || r->last_reply[0] == '\0')
-                continue;
-            if (r->last_code != 0)
-                snprintf(o->text, sizeof(o->text),
-                         "message expired in the queue; last attempt: %u %.300s", r->last_code,
-                         r->last_reply);
-            else
-                snprintf(o->text, sizeof(o->text),
-                         "message expired in the queue; last attempt: %.300s", r->last_reply);
-            return;
-        }
-    snprintf(o->text, sizeof(o->text), "message expired in the queue");
-}
-
 /* The state's deadline, or the expiry of the job in flight when sooner:
  * a recipient expires even on a connection that hangs. */
 static void
@@ -446,7 +422,7 @@ conn_next(struct conn *c)
             o.status = SMTP_STATUS_TEMPFAIL;
             o.scope = SMTP_SCOPE_MESSAGE;
             o.enh = (struct smtp_enh){4, 4, 7};
-            conn_expired_text(&o, env, j);
+            job_last_attempt_text(&o, "message expired in the queue", env, j);
             struct outcome_where where = {.src = CLASSIFY_EXPIRED};
             job_finish(c->d, t, j, env, NULL, &o, &where);
             queue_envelope_free(env);

@@ -1098,6 +1098,13 @@ bool job_fail(struct delivery *d, struct dest *t, struct job *j, const struct sm
               enum classify_source src);
 /* An outcome for a whole job from a policy verdict, text the reply. */
 void job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *text);
+/* o->text: what (why j ends without a try now: an expiry, an operator's
+ * bounce), then the last reply its recipients were deferred with, if one
+ * was (the first that has one in env, which may be NULL: a job's
+ * recipients share a domain and mostly a reply), so that the DSN and the
+ * log say why it never went. */
+void job_last_attempt_text(struct smtp_outcome *o, const char *what,
+                           const struct queue_envelope *env, const struct job *j);
 /* When the recipients of id give up. */
 uint64_t job_expire_ms(const struct domain_policy *pol, const struct queue_envelope *env,
                        uint64_t id);

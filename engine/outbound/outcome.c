@@ -1094,6 +1094,26 @@ job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *tex
     snprintf(o->text, sizeof(o->text), "%s", text != NULL ? text : f->text);
 }
 
+void
+job_last_attempt_text(struct smtp_outcome *o, const char *what, const struct queue_envelope *env,
+                      const struct job *j)
+{
+    for (unsigned i = 0; env != NULL && i < j->n; i++)
+        for (unsigned k = 0; k < env->nrcpt; k++) {
+            const struct queue_rcpt *r = &env->rcpt[k];
+            if (r->index != j->idx[i] || r->last_reply == NULL || r->last_reply[0] == '\0')
+                continue;
+            if (r->last_code != 0)
+                snprintf(o->text, sizeof(o->text), "%.150s; last attempt: %u %.300s", what,
+                         r->last_code, r->last_reply);
+            else
+                snprintf(o->text, sizeof(o->text), "%.150s; last attempt: %.300s", what,
+                         r->last_reply);
+            return;
+        }
+    snprintf(o->text, sizeof(o->text), "%s", what);
+}
+
 /* A failure for a whole job without a session: DNS, no address, an
  * operator's bounce. */
 bool

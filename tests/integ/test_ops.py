@@ -574,6 +574,10 @@ def test_bounce_by_id_and_domain():
         b = wait_until(lambda: bounces() if len(bounces()) >= 2 else None, 10, "2 bounce events")
         assert sorted(e["rcpt"] for e in b) == ["a@soft.test", "b@soft.test"], b
         assert all(e["id"] == qid and e["code"] == 550 and e["class"] for e in b), b
+        # with the reply they were deferred with, as an expiry says it: why
+        # the mail was stuck (the DSN quotes the same)
+        assert all(e["reply"].startswith("bounced by the operator; last attempt: 4")
+                   for e in b), b
         one_line_error(ctl(r, "message", qid), 1)  # gone from the spool
         one_line_error(ctl(r, "bounce", qid), 1)   # and cannot be bounced twice
         wait_until(lambda: domain_row(r, "held.test") and domain_row(r, "held.test")["ready"] == 3,
@@ -581,6 +585,8 @@ def test_bounce_by_id_and_domain():
         doc = ctl_json(r, "bounce", "held.test")
         assert doc["recipients"] == 3, doc
         wait_until(lambda: len(bounces()) >= 5, 10, "5 bounce events")
+        held = [e for e in bounces() if e["rcpt"].endswith("@held.test")]
+        assert [e["reply"] for e in held] == ["bounced by the operator"] * 3, held  # never tried
         ctl_json(r, "resume", "held.test")
         # (with shaping on, the suspension is a cluster-wide shaping action:
         # the socket's line, not a worker's, says it ended)
@@ -601,6 +607,10 @@ def test_bounce_by_id_and_domain():
             wait_until(lambda: len(s2.files()) >= 4, 10, "4 DSNs at the sender's MX")
         except AssertionError:
             dsn_arrived = False
+        dsns = [re.sub(rb"\r?\n[ \t]+", b" ", m) for m in s2.messages()]
+        soft = [m for m in dsns if b"a@soft.test" in m]
+        assert len(soft) == 1 and b"Diagnostic-Code: X-Sluice; bounced by the operator; " \
+            b"last attempt: 4" in soft[0], soft
         assert r.d.stop_clean() == 0
         delivered = [ln for ln in r.d.log_lines("event=delivered") if "held.test" in ln]
         assert not delivered, f"bounced by the operator, then delivered: {delivered}"
