@@ -186,6 +186,11 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
     if (r == OOB_RCPT_VERP || r == OOB_RCPT_LOCAL)
         return true;
     s->sw->stats.oob_refused++;
+    /* An error toward max_errors, as Postfix's hard error limit counts a
+     * refused RCPT: the listener is open to anyone, and a client trying
+     * addresses or tokens one after another (each an HMAC and a log line)
+     * is closed; a reporting MTA sends one VERP address per bounce. */
+    s->errors++;
     log_msg(LOG_NOTICE, "session=%016llx event=oob_rcpt_refused client=%s rcpt=<%.*s> reason=%s",
             (unsigned long long)s->id, s->peer_ip, (int)(n < 200 ? n : 200), addr,
             r == OOB_RCPT_FORGED ? "forged_token" : "not_a_bounce_address");

@@ -371,6 +371,43 @@ def test_limits():
         f.close()
 
 
+def test_refused_recipients_count_as_errors():
+    """Each recipient the listener refuses (a forged token, an address
+    that is not a bounce address) counts toward [server] max_errors, as
+    Postfix's hard error limit counts refused RCPTs: a client trying
+    tokens or addresses one after another is closed with 421, and each
+    try no longer costs an HMAC and a log line without end."""
+    f = Feedback(server_extra="[server]\nmax_errors = 5\n")
+    try:
+        d = f.r.d
+        s = socket.create_connection(("127.0.0.1", f.bport), timeout=10)
+        s.settimeout(10)
+        assert s.recv(512).startswith(b"220")
+        tries = b"".join(b"RCPT TO:<bounce-%052d@bounces.test>\r\n" % i if i % 2 else
+                         b"RCPT TO:<user%d@elsewhere.test>\r\n" % i for i in range(40))
+        s.sendall(b"EHLO prober.test\r\nMAIL FROM:<>\r\n" + tries + b"QUIT\r\n")
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        codes = [ln[:3] for ln in got.split(b"\r\n") if ln[:3].isdigit() and ln[3:4] == b" "]
+        assert codes == [b"250", b"250"] + [b"550"] * 5 + [b"421"], got[-300:]
+        d.wait_log("event=too_many_errors")
+        assert d.count_log("event=oob_rcpt_refused") == 5
+        # a reporting MTA's bounce in a session of its own is served
+        c = Smtp(f.bport)
+        c.expect("EHLO mx.reporter.test", 250)
+        c.expect("MAIL FROM:<>", 250)
+        c.expect("RCPT TO:<postmaster@bounces.test>", 250)
+        c.expect("QUIT", 221)
+        c.close()
+    finally:
+        f.close()
+
+
 def test_connection_caps_apart():
     """The bounce listener's connections count against [bounce]
     max_clients, not [server] max_clients: remote MXs holding every slot
@@ -507,5 +544,5 @@ def test_client_text_cannot_forge_log_fields():
 if __name__ == "__main__":
     main([test_verp_dsn_complaint, test_complaint_in_another_case_suppresses_the_recipient,
           test_refusals, test_autoreply_and_malformed, test_limits,
-          test_connection_caps_apart,
+          test_refused_recipients_count_as_errors, test_connection_caps_apart,
           test_tenant_from_auth_user, test_client_text_cannot_forge_log_fields])
