@@ -487,6 +487,7 @@ classify(const struct classify *c, enum classify_source src, unsigned code,
     case CLASSIFY_TLS_POLICY:
         return BOUNCE_TLS_POLICY;
     case CLASSIFY_PROTOCOL:
+    case CLASSIFY_OPERATOR:
     default:
         return BOUNCE_OTHER;
     }

@@ -72,6 +72,8 @@ enum classify_source {
     CLASSIFY_EXPIRED,  /* -> expired */
     CLASSIFY_TARGET,   /* an address refused as a delivery target -> refused_target */
     CLASSIFY_TLS_POLICY, /* MTA-STS enforce: no MX matches, or TLS did not verify -> tls_policy */
+    CLASSIFY_OPERATOR,   /* an operator's or a shaping action's bounce -> other: no server's
+                          * reply, whatever the last one quoted in its text says */
 };
 
 struct classify;

@@ -312,7 +312,11 @@ policy_job(enum policy_job_event ev, struct policy_fail *out)
         return;
     case POLICY_OPERATOR_BOUNCE:
     default:
-        *out = (struct policy_fail){true, true, 550, {5, 0, 0}, CLASSIFY_REPLY, false,
+        /* No server said it: not a reply to classify by its text (which
+         * quotes the last reply, outbound/outcome.c) nor to pass by the
+         * shaping rules (outcome_shaping: a bounce of a domain's stuck
+         * mail must not start an action for it). */
+        *out = (struct policy_fail){true, true, 550, {5, 0, 0}, CLASSIFY_OPERATOR, false,
                                     "bounced by the operator"};
         return;
     }

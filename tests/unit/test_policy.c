@@ -17,6 +17,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "engine/classify.h"
 #include "engine/config.h"
 #include "engine/outbound/policy.h"
 
@@ -433,6 +434,21 @@ dns_and_schedule(void **state)
     assert_true(!f.permanent && f.src == CLASSIFY_DNS);
     policy_job(POLICY_OPERATOR_BOUNCE, &f);
     assert_true(f.permanent && f.enh.cls == 5 && f.enh.subject == 0);
+    /* No server's reply: its class is other whatever the last reply its
+     * text quotes, and the shaping rules never see it (outcome.c passes
+     * them what policy_source() calls a reply). */
+    struct classify *cls = classify_new();
+    assert_non_null(cls);
+    struct smtp_outcome bo = {.code = (uint16_t)f.code, .status = SMTP_STATUS_PERMFAIL,
+                              .scope = SMTP_SCOPE_SESSION, .enh = f.enh};
+    snprintf(bo.text, sizeof(bo.text), "%s; last attempt: 452 4.2.2 Mailbox full", f.text);
+    assert_int_equal(classify(cls, policy_source(&bo, f.src), bo.code, &bo.enh, bo.text),
+                     BOUNCE_OTHER);
+    snprintf(bo.text, sizeof(bo.text), "%s; last attempt: 450 4.1.1 User unknown", f.text);
+    assert_int_equal(classify(cls, policy_source(&bo, f.src), bo.code, &bo.enh, bo.text),
+                     BOUNCE_OTHER);
+    assert_int_not_equal(policy_source(&bo, f.src), CLASSIFY_REPLY);
+    classify_free(cls);
     /* No connection opened, for a reason of this node: deferred as a
      * connection failure; no memory, or none said, is tried again. */
     policy_job(POLICY_OPEN_FAILED, &f);
