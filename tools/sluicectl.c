@@ -1635,7 +1635,8 @@ static const struct cmd cmds[] = {
      0, 0, run_plain},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)",
      "One row per destination, busiest first (ready + deferred + in flight):\n"
-     "queued recipients by state, connections and the limit in force, the\n"
+     "what is queued by state (READY and INFLIGHT: jobs, a message's recipients\n"
+     "at the destination; DEFERRED: recipients), connections and the limit, the\n"
      "message rate allowed, totals, the age of the oldest waiting recipient\n"
      "(deferred ones too), whether it is suspended, the deferral class of most\n"
      "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"

@@ -647,6 +647,7 @@ def test_bounce_answers_once_done():
         ctl_json(r, "suspend", "held.test")
         r.inject([msg(i, [f"h{i}@held.test", f"k{i}@held.test"]) for i in range(40)],
                  sessions=2)
+        # ready counts jobs, one per message here (doc/sluicectl.md), not its 80 recipients
         wait_until(lambda: (domain_row(r, "held.test") or {}).get("ready") == 40, 30,
                    "held.test with 40 messages ready")
         # one connection, both commands in one write: the second runs the
