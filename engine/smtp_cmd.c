@@ -816,11 +816,6 @@ parse_mail_rcpt(const char *line, const char *p, const char *end, bool rcpt, uin
     if ((size_t)(end - p) < kwlen || !eq_nocase(p, kwlen, kw))
         return fail(cmd, line, p, SMTP_CMD_E_FROM_TO);
     p += kwlen;
-    /* "MAIL FROM:<a@b> ": white space before the CRLF is sent by clients
-     * in the field and taken by Postfix; it ends nothing, so it is dropped
-     * (white space anywhere else stays refused). */
-    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
-        end--;
     /* "MAIL FROM: <a@b>": one space is a quirk common enough to allow. */
     if (p < end && *p == ' ')
         p++;
@@ -1024,6 +1019,12 @@ smtp_cmd_parse(const char *line, size_t len, uint32_t flags, struct smtp_cmd *cm
     if (verb == SMTP_VERB_NONE)
         return SMTP_CMD_E_UNKNOWN;
     cmd->verb = verb;
+    /* "MAIL FROM:<a@b> ", "DATA ": white space before the CRLF is sent by
+     * clients in the field and taken by Postfix (its arguments are the
+     * words of the line); it ends nothing, so it is dropped (white space
+     * anywhere else is as the grammar says). */
+    while (end > line + vlen && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
     p = line + vlen;
     if (p < end)
         cmd->arg = span(p + 1, end);

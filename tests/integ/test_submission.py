@@ -399,9 +399,10 @@ def test_duplicate_recipients_stored_once():
 
 
 def test_trailing_white_space_after_path_accepted():
-    """White space before the CRLF of MAIL and RCPT (after the path or the
-    last parameter), which some clients send and Postfix takes, is
-    accepted; white space or junk anywhere else after the path is not."""
+    """White space before the CRLF of a command (MAIL and RCPT after the
+    path or the last parameter, DATA), which some clients send and
+    Postfix takes, is accepted; white space or junk anywhere else after
+    the path is not, nor an argument to DATA."""
     with sluice() as r:
         s = smtplib.SMTP("127.0.0.1", r.port, timeout=10)
         try:
@@ -416,11 +417,19 @@ def test_trailing_white_space_after_path_accepted():
             assert code == 501, (code, msg)
             code, msg = s.docmd("RCPT", "TO:<d@example.org> =x ")
             assert code == 501, (code, msg)
-            code, msg = s.data(b"Subject: trailing\r\n\r\nbody\r\n")
+            code, msg = s.docmd("DATA", " ")  # "DATA  "
+            assert code == 354, (code, msg)
+            s.send(b"Subject: trailing\r\n\r\nbody\r\n.\r\n")
+            code, msg = s.getreply()
             assert code == 250, (code, msg)
             code, msg = s.docmd("MAIL", "FROM:<e@example.com> SIZE=10\t")
             assert code == 250, (code, msg)
-            s.rset()
+            code, msg = s.docmd("RSET \t", "")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:<f@example.org> ")  # the RSET ended it
+            assert code == 503, (code, msg)
+            code, msg = s.docmd("DATA", "x")
+            assert code == 501, (code, msg)
         finally:
             s.close()
         r.d.wait_log(QUEUED)
