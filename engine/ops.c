@@ -645,6 +645,7 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
 {
     size_t left = w->n, decided = 0;
     for (;;) {
+        uint64_t round = clock_mono_ms();
         size_t m = 0;
         for (size_t i = 0; i < left;) {
             size_t k = i;
@@ -670,7 +671,11 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
         left = m;
         if (left == 0 || clock_unix_ms() >= deadline_ms)
             return left + decided;
-        struct timespec ts = {0, BOUNCE_POLL_MS * 1000000L};
+        /* as long as the look took, at least: a mass bounce's many
+         * envelopes are read at most half the time, the commits go on */
+        round = clock_mono_ms() - round;
+        uint64_t ms = round > BOUNCE_POLL_MS ? round : BOUNCE_POLL_MS;
+        struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
         nanosleep(&ts, NULL);
     }
 }
