@@ -651,6 +651,12 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
             size_t k = i;
             while (k < left && w->v[k].id == w->v[i].id)
                 k++;
+            if (clock_unix_ms() >= deadline_ms) {
+                /* not looked at in time: not known to be done */
+                memmove(&w->v[m], &w->v[i], (left - i) * sizeof(w->v[0]));
+                m += left - i;
+                break;
+            }
             struct queue_envelope *env = NULL;
             int rc = queue_envelope_get(e->queue, w->v[i].id, &env);
             for (size_t x = i; x < k; x++) {
@@ -669,12 +675,15 @@ bounce_wait(struct engine *e, struct walk_sel *w, uint64_t deadline_ms)
             i = k;
         }
         left = m;
-        if (left == 0 || clock_unix_ms() >= deadline_ms)
+        uint64_t now = clock_unix_ms();
+        if (left == 0 || now >= deadline_ms)
             return left + decided;
         /* as long as the look took, at least: a mass bounce's many
          * envelopes are read at most half the time, the commits go on */
         round = clock_mono_ms() - round;
         uint64_t ms = round > BOUNCE_POLL_MS ? round : BOUNCE_POLL_MS;
+        if (ms > deadline_ms - now)
+            ms = deadline_ms - now;
         struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
         nanosleep(&ts, NULL);
     }

@@ -674,6 +674,32 @@ def test_bounce_answers_once_done():
         r.close()
 
 
+def test_bounce_of_mail_on_a_connection_says_it_stayed():
+    """A recipient on a connection when its bounce comes is left to its
+    transaction (bounce_now), so it does not leave the spool while the
+    answer waits: the answer comes at the wait's end (8 s), not at
+    sluicectl's timeout, and still_queued counts it; the transaction then
+    delivers it."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
+              domain_conf=stats_conf())
+    try:
+        r.inject([msg(0, ["a@slow.test"])], sessions=1)
+        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
+                   "the message on a connection")
+        qid = ctl_json(r, "queue")["messages"][0]["id"]
+        t0 = time.monotonic()
+        doc = ctl_json(r, "bounce", qid)
+        took = time.monotonic() - t0
+        assert doc["recipients"] == 1 and doc["still_queued"] == 1, doc
+        assert 7 <= took < 10, took  # the wait's 8 s, within sluicectl's 10
+        r.d.wait_log("event=operator_bounce_skipped")
+        wait_until(lambda: any(e["event"] == "delivery" for e in raw_events(r.dlog)), 30,
+                   "the delivery its transaction made")
+        assert not any(e["event"] == "bounce" for e in raw_events(r.dlog))
+    finally:
+        r.close()
+
+
 def http_get(port, path, method="GET"):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -1006,6 +1032,7 @@ if __name__ == "__main__":
           test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
         test_bounce_answers_once_done,
+        test_bounce_of_mail_on_a_connection_says_it_stayed,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
           test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
