@@ -102,6 +102,7 @@ struct bounce_config {
     char *accept_local_parts; /* owned: comma separated, accepted at the bounce domains */
     uint64_t verp_max_age;   /* ms: a token for an older message is dropped */
     unsigned max_clients;    /* the bounce listener's connections at once, all workers */
+    unsigned max_clients_per_ip; /* ... from one address (with its submission ones) */
     /* derived at load */
     struct netaddr *listen_addrs; /* owned, nlisten (allocated as the server's) */
     int nlisten;

@@ -202,6 +202,13 @@ static const struct conf_key bounce_keys[] = {
      "[server] max_clients, so that remote MXs flooding it never take the submission "
      "port's (a client of both still counts once per connection in max_clients_per_ip)",
      NULL},
+    {"max_clients_per_ip", CONF_UINT, BNC(max_clients_per_ip), 1, 1000000, "50",
+     "connections open at once to the bounce listener from one client address (counted as "
+     "[server] max_clients_per_ip counts, the submission connections of that address "
+     "included; the lower of the two holds), as Postfix's "
+     "smtpd_client_connection_count_limit: the listener is open to anyone, and one address "
+     "trickling bytes would otherwise hold every slot for its timeouts; over it 421 4.7.0",
+     NULL},
     {"domains", CONF_STRING, BNC(domains), 1, 2048, NULL,
      "the domains the bounce listener accepts mail for, comma separated; unset: verp_domain",
      NULL},

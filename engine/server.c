@@ -1045,7 +1045,10 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
         ok = false;
     } else if (ok) {
         conn_table_key((struct sockaddr *)&s->peer, cfg->max_clients_per_ip_v6_prefix, s->conn_key);
-        s->counted = conn_table_add(&sw->e->per_ip, s->conn_key, cfg->max_clients_per_ip);
+        unsigned per_ip = cfg->max_clients_per_ip;
+        if (bounce && sw->e->cfg->bounce.max_clients_per_ip < per_ip)
+            per_ip = sw->e->cfg->bounce.max_clients_per_ip;
+        s->counted = conn_table_add(&sw->e->per_ip, s->conn_key, per_ip);
         ok = s->counted;
     }
     if (!s->counted)

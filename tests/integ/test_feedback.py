@@ -16,7 +16,8 @@ AUTH are refused at the listener (never a relay); a token for a message
 too old is logged and dropped; an auto-reply is ignored; malformed MIME
 gets a clean reply; oversize messages and silent clients meet the same
 limits as on the submission port; the listener's connections are capped
-by [bounce] max_clients, apart from the submission port's."""
+by [bounce] max_clients, apart from the submission port's, and per
+address by [bounce] max_clients_per_ip."""
 import base64
 import hashlib
 import hmac
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from harness import Smtp, free_port, log_fields, main, wait_until
+from harness import WAIT, Smtp, free_port, log_fields, main, wait_until
 from test_delivery import Relay, records_for
 
 KEY = b"0123456789abcdef0123456789abcdef-oob-test"
@@ -433,6 +434,40 @@ def test_connection_caps_apart():
         f.close()
 
 
+def test_per_address_cap_at_the_listener():
+    """[bounce] max_clients_per_ip caps the listener's connections from one
+    address (Postfix's smtpd_client_connection_count_limit): one address
+    trickling bytes cannot hold every slot of a listener open to anyone.
+    Past it 421 4.7.0; a slot given back is taken again; the submission
+    port, under [server] max_clients_per_ip, still takes that address."""
+    f = Feedback(server_extra="max_clients_per_ip = 2\n")
+    held = []
+    try:
+        def greeting(port):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(s)
+            return s.makefile("rb").readline()
+        for _ in range(2):
+            assert greeting(f.bport).startswith(b"220"), "bounce listener"
+        assert greeting(f.bport).startswith(b"421 4.7.0"), "3rd from one address"
+        held.pop().close()
+        held.pop(0).close()  # one of the two: sluice sees it close a moment later
+
+        def retaken():
+            if greeting(f.bport).startswith(b"220"):
+                return True
+            held.pop().close()
+            return False
+        wait_until(retaken, WAIT, "a slot given back to be taken again")
+        line = greeting(f.r.port)
+        assert line.startswith(b"220"), f"submission from the same address: {line!r}"
+        assert f.r.d.count_log("role=bounce refused=limit") >= 1
+    finally:
+        for s in held:
+            s.close()
+        f.close()
+
+
 def test_tenant_from_auth_user():
     """The tenant of the message (here the AUTH user's tenant=, as stored
     in the spool) is carried in the token and given back in the event (a
@@ -545,4 +580,5 @@ if __name__ == "__main__":
     main([test_verp_dsn_complaint, test_complaint_in_another_case_suppresses_the_recipient,
           test_refusals, test_autoreply_and_malformed, test_limits,
           test_refused_recipients_count_as_errors, test_connection_caps_apart,
+          test_per_address_cap_at_the_listener,
           test_tenant_from_auth_user, test_client_text_cannot_forge_log_fields])
