@@ -2,7 +2,9 @@
  * smtp_cmd: command line framing, the command parser, and MAIL/RCPT
  * formatting (see smtp_cmd.h). The grammar is RFC 5321 4.1 with the
  * SMTPUTF8 extensions of RFC 6531 3.3, the parameters of RFC 1870, 6152,
- * 3030, 3461 and 4954.
+ * 3030, 3461 and 4954, and the leniencies of Postfix's smtpd that clients
+ * count on: one space after FROM:/TO:, white space before the CRLF, a
+ * path without its angle brackets.
  *
  * Threading: pure functions, no global state beyond constant tables.
  */
@@ -544,6 +546,38 @@ parse_path(const char *p, const char *end, bool rcpt, struct smtp_path *path, co
     return 0;
 }
 
+/*
+ * A mailbox without its angle brackets, "MAIL FROM:a@b" (RFC 5321 wants
+ * them; Postfix takes it, strict_rfc821_envelopes = no, and so do the
+ * applications' libraries that were only ever tried against it). It ends
+ * at the end of the line or at a space (the parameters). No null path
+ * (there is nothing to tell "MAIL FROM:" from a mistake) and no source
+ * route. On return *next is after the mailbox or at the fault.
+ */
+static int
+parse_bare_path(const char *p, const char *end, bool rcpt, struct smtp_path *path,
+                const char **next)
+{
+    struct mbox m;
+    const char *q;
+    int rc = parse_mailbox(p, end, rcpt, &m, &q);
+    *next = q;
+    if (rc < 0)
+        return rc;
+    if (q != end && *q != ' ')
+        return q >= m.dom && m.dom != m.dom_end ? SMTP_CMD_E_DOMAIN_SYNTAX
+                                                : SMTP_CMD_E_LOCAL_SYNTAX;
+    if (q + 2 - p > SMTP_PATH_MAX) {
+        *next = p;
+        return SMTP_CMD_E_PATH_TOO_LONG;
+    }
+    path->flags |= m.flags;
+    path->local = span(p, m.local_end);
+    path->domain = span(m.dom, m.dom_end);
+    path->mailbox = span(p, q);
+    return 0;
+}
+
 /* ---- ESMTP parameters ---- */
 
 static bool
@@ -819,10 +853,13 @@ parse_mail_rcpt(const char *line, const char *p, const char *end, bool rcpt, uin
     /* "MAIL FROM: <a@b>": one space is a quirk common enough to allow. */
     if (p < end && *p == ' ')
         p++;
-    if (p == end || *p != '<')
+    if (p == end || (*p != '<' && *p != '"' && !(cc(p) & C_ATEXT) && !is8(p)))
         return fail(cmd, line, p, SMTP_CMD_E_PATH_SYNTAX);
     path_at = p;
-    rc = parse_path(p, end, rcpt, &cmd->path, &p);
+    if (*p != '<')
+        rc = parse_bare_path(p, end, rcpt, &cmd->path, &p);
+    else
+        rc = parse_path(p, end, rcpt, &cmd->path, &p);
     if (rc < 0)
         return fail(cmd, line, p, rc);
     utf8 = rcpt && (flags & SMTP_CMD_F_UTF8);

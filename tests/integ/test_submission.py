@@ -439,6 +439,40 @@ def test_trailing_white_space_after_path_accepted():
         assert m["rcpts"] == [b"b@example.org", b"c@example.org"], m["rcpts"]
 
 
+def test_addresses_without_brackets_accepted():
+    """MAIL FROM:a@b and RCPT TO:c@d without angle brackets, which RFC 5321
+    wants but Postfix takes (strict_rfc821_envelopes = no) and some
+    applications' mail libraries send: accepted and stored as with them,
+    parameters after them too; a bare address with junk after it, or a
+    null sender without brackets, is still refused."""
+    with sluice() as r:
+        s = smtplib.SMTP("127.0.0.1", r.port, timeout=10)
+        try:
+            s.ehlo("client.example")
+            code, msg = s.docmd("MAIL", "FROM: a@example.com SIZE=100")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:b@example.org")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:c@example.org NOTIFY=NEVER")
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("RCPT", "TO:d@example.org>")
+            assert code == 553 and b"5.1.3" in msg, (code, msg)
+            code, msg = s.docmd("DATA")
+            assert code == 354, (code, msg)
+            s.send(b"Subject: bare\r\n\r\nbody\r\n.\r\n")
+            code, msg = s.getreply()
+            assert code == 250, (code, msg)
+            code, msg = s.docmd("MAIL", "FROM:")
+            assert code == 501, (code, msg)
+        finally:
+            s.close()
+        r.d.wait_log(QUEUED)
+        r.stop()
+        (m,) = r.messages()
+        assert m["sender"] == b"a@example.com", m
+        assert m["rcpts"] == [b"b@example.org", b"c@example.org"], m["rcpts"]
+
+
 def test_quoted_duplicate_recipients_stored_once():
     """A quoted local part that needs no quotes is the same mailbox as
     without them (RFC 5321 4.1.2: "john" is john, "jo\\hn" too): given
@@ -1366,6 +1400,7 @@ if __name__ == "__main__":
         test_duplicate_recipients_stored_once,
         test_quoted_duplicate_recipients_stored_once,
         test_trailing_white_space_after_path_accepted,
+          test_addresses_without_brackets_accepted,
         test_message_size_limit,
         test_relay_refused_without_auth,
         test_relay_refused_with_users_but_no_auth,
