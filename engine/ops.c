@@ -738,6 +738,14 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
             snprintf(err, errlen, "cannot read the spool: %s", queue_strerror(rc));
             return -1;
         }
+        if (w.n == 0 && strchr(what, '.') == NULL) {
+            /* a mistyped queue id reads as a dotless domain: "0 bounced"
+             * would tell the operator it was done */
+            free(w.v);
+            snprintf(err, errlen, "no queue id %.100s, and no mail queued for it as a domain",
+                     what);
+            return -1;
+        }
     } else {
         snprintf(err, errlen, "neither a queue id, a domain nor tenant=/campaign=/pool=: %.100s",
                  what);

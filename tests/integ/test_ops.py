@@ -580,6 +580,9 @@ def test_bounce_by_id_and_domain():
                    for e in b), b
         one_line_error(ctl(r, "message", qid), 1)  # gone from the spool
         one_line_error(ctl(r, "bounce", qid), 1)   # and cannot be bounced twice
+        # a mistyped queue id reads as a dotless domain: an error, not "0 bounced"
+        err = one_line_error(ctl(r, "bounce", "ZZZZZZZZZZZZZ"), 1)
+        assert "no queue id ZZZZZZZZZZZZZ" in err, err
         wait_until(lambda: domain_row(r, "held.test") and domain_row(r, "held.test")["ready"] == 3,
                    10, "held.test with 3 ready")
         doc = ctl_json(r, "bounce", "held.test")
