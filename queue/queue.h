@@ -443,12 +443,18 @@ int queue_due_take_wait(struct queue *q, uint64_t now_ms, unsigned limit, queue_
 
 /* ---- reads ---- */
 
-/* The envelope and live recipients of message id. *out is one allocation
- * owned by the caller (free with queue_envelope_free); it does not change
- * when the spool does. Returns 0 or QUEUE_ENOTFOUND or another code. */
+/* The envelope and live recipients of message id, in index order. *out
+ * is one allocation owned by the caller (free with queue_envelope_free);
+ * it does not change when the spool does. Returns 0 or QUEUE_ENOTFOUND or
+ * another code. */
 int queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out);
 /* Free an envelope from queue_envelope_get (NULL is fine). Returns NULL. */
 struct queue_envelope *queue_envelope_free(struct queue_envelope *env);
+/* The live recipient of env (from queue_envelope_get) at position index
+ * of the original RCPT list, or NULL (done, or never there): a binary
+ * search, so that a job of many recipients does not scan the envelope
+ * once for each. Borrowed from env. */
+const struct queue_rcpt *queue_envelope_rcpt(const struct queue_envelope *env, unsigned index);
 
 /* Copy up to cap bytes of the body of id, from offset off, into buf;
  * *len gets the count (0 at or past the end). The copy is the only way to

@@ -316,6 +316,23 @@ queue_envelope_free(struct queue_envelope *env)
     return NULL;
 }
 
+const struct queue_rcpt *
+queue_envelope_rcpt(const struct queue_envelope *env, unsigned index)
+{
+    /* the records' keys end in the index, big-endian (rcpt_key) */
+    size_t lo = 0, hi = env->nrcpt;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (env->rcpt[mid].index == index)
+            return &env->rcpt[mid];
+        if (env->rcpt[mid].index < index)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
 int
 queue_body_read(struct queue *q, uint64_t id, uint64_t off, void *buf, size_t cap, size_t *len)
 {

@@ -437,31 +437,32 @@ conn_next(struct conn *c)
             return;
         }
         unsigned n = 0;
-        for (unsigned i = 0; i < j->n; i++)
-            for (unsigned k = 0; k < env->nrcpt; k++)
-                if (env->rcpt[k].index == j->idx[i]) {
-                    j->idx[n] = j->idx[i];
-                    struct smtp_client_rcpt *r = &rc[n++];
-                    r->addr.ptr = env->rcpt[k].addr;
-                    r->addr.len = strlen(env->rcpt[k].addr);
-                    /* its domain's A-labels: the job's (job_new), for a
-                     * server without SMTPUTF8 (smtp_client.h) */
-                    if (!idn_is_ascii(r->addr.ptr, r->addr.len))
-                        r->domain_ascii = (struct smtp_span){j->domain, strlen(j->domain)};
-                    if (env->rcpt[k].notify) {
-                        r->params.seen |= SMTP_PARAM_NOTIFY;
-                        r->params.notify = env->rcpt[k].notify;
-                    }
-                    /* RFC 3461 5.2: DSN parameters go on to the next hop
-                     * (the machine drops them when it does not offer DSN). */
-                    const char *oc = env->rcpt[k].orcpt;
-                    const char *semi = oc ? strchr(oc, ';') : NULL;
-                    if (semi != NULL && semi > oc && semi[1] != '\0') {
-                        r->params.seen |= SMTP_PARAM_ORCPT;
-                        r->params.orcpt_type = (struct smtp_span){oc, (size_t)(semi - oc)};
-                        r->params.orcpt_addr = (struct smtp_span){semi + 1, strlen(semi + 1)};
-                    }
-                }
+        for (unsigned i = 0; i < j->n; i++) {
+            const struct queue_rcpt *er = queue_envelope_rcpt(env, j->idx[i]);
+            if (er == NULL)
+                continue;
+            j->idx[n] = j->idx[i];
+            struct smtp_client_rcpt *r = &rc[n++];
+            r->addr.ptr = er->addr;
+            r->addr.len = strlen(er->addr);
+            /* its domain's A-labels: the job's (job_new), for a server
+             * without SMTPUTF8 (smtp_client.h) */
+            if (!idn_is_ascii(r->addr.ptr, r->addr.len))
+                r->domain_ascii = (struct smtp_span){j->domain, strlen(j->domain)};
+            if (er->notify) {
+                r->params.seen |= SMTP_PARAM_NOTIFY;
+                r->params.notify = er->notify;
+            }
+            /* RFC 3461 5.2: DSN parameters go on to the next hop (the
+             * machine drops them when it does not offer DSN). */
+            const char *oc = er->orcpt;
+            const char *semi = oc ? strchr(oc, ';') : NULL;
+            if (semi != NULL && semi > oc && semi[1] != '\0') {
+                r->params.seen |= SMTP_PARAM_ORCPT;
+                r->params.orcpt_type = (struct smtp_span){oc, (size_t)(semi - oc)};
+                r->params.orcpt_addr = (struct smtp_span){semi + 1, strlen(semi + 1)};
+            }
+        }
         j->n = n; /* recipients already done (before a restart) drop out */
         if (n == 0) {
             free(rc);

@@ -235,6 +235,7 @@ dest_free(struct dest *t, bool live)
     dns_mx_result_unref(t->mx);
     free(t->src_ids);
     dest_last_fail_clear(t);
+    free(t->fail_more);
     dest_last_reply_at(t, NULL, NULL);
     mta_sts_policy_unref(t->sts);
     dest_sts_forget(t);
@@ -617,6 +618,10 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
         bool on_lifted = s != NULL && s->lift_gen == gen;
         if (!on_lifted && !lift_named(t->name, all, domains, n))
             continue;
+        /* what a failure left to defer on the next turns (dest_fail_each's
+         * budget) is tried now instead, as if deferred and flushed */
+        free(t->fail_more);
+        t->fail_more = NULL;
         if (t->hold_until > now) {
             t->hold_until = 0;
             t->hold_until_ms = 0;

@@ -371,6 +371,10 @@ struct dest {
                               * (or ends) then; 0: none */
     struct dest_fail *last_fail; /* owned: why the last address failed, for the
                               * deferral; NULL: none (some 850 octets only once one failed) */
+    struct dest_fail *fail_more; /* owned: the failure the jobs still waiting fail with on
+                              * the next turn (dest_fail_each's budget); NULL: none */
+    bool fail_more_where;    /* fail_more says where (MX host, address, source, TLS) */
+    uint8_t fail_more_src;   /* enum classify_source of fail_more */
     bool refused_self;       /* no target: because one is this node's own listener */
     bool own_failed;         /* one of the failed_addrs failed the domain's own policy
                               * or source (TLS, DANE, no source of the family), not
@@ -460,6 +464,14 @@ struct delivery {
     struct outcome_batch *pending;  /* borrowed (each owned by its spool request or by
                                      * retrying): every outcome batch not durable yet, so
                                      * that a recipient is not told twice (outcome.c) */
+    struct queue_envelope *fail_env; /* owned: the envelope job_fail read last, kept
+                                      * while fail_env_keep, NULL: none */
+    bool fail_env_keep; /* a pass of dest_fail_each: the jobs a message was split into
+                         * (max_rcpt_per_txn) share one read of its envelope */
+    uint64_t fail_turn;   /* w->now of the turn fail_in_turn counts */
+    unsigned fail_in_turn; /* recipients dest_fail_each failed in that turn (its budget is
+                            * the turn's, over every destination: a mailbox of a hundred
+                            * jobs for a resting site is a hundred calls in one turn) */
     struct mxkey *mxkeys;    /* owned: [mx] limits met so far, [source] ones ("src:") and
                               * shaping's per source and group ("shape:") */
     struct sites sites;      /* sites and connections per MX address (outbound/site.h) */
@@ -720,8 +732,13 @@ unsigned dest_port(const struct dest *t);
 
 /* Every job waiting at t fails with o (ops->fail); one whose message could
  * not be read just then (ops->fail kept it) waits at t again, in its
- * place, and t runs again after HOLD_MIN_MS. */
+ * place, and t runs again after HOLD_MIN_MS. At most FAIL_TURN_RCPTS
+ * recipients fail in one turn of the worker: the jobs left fail with a
+ * copy of o (and where, when o is t->last_fail's) on the next turn
+ * (dest_fail_more). */
 void dest_fail_each(struct dest *t, const struct smtp_outcome *o, enum classify_source src);
+/* The jobs dest_fail_each left for this turn fail (t->fail_more). */
+void dest_fail_more(struct dest *t);
 /* Every waiting job of t fails as f says, with text as the reply (f's own
  * when NULL). */
 void dest_fail_all(struct dest *t, const struct policy_fail *f, const char *text);
@@ -1096,6 +1113,8 @@ void outcome_shaping(struct delivery *d, struct dest *t, const char *mx, uint32_
  * (&t->last_fail->o), its MX host, address and TLS are the outcome's. */
 bool job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_outcome *o,
               enum classify_source src);
+/* The end of a pass of dest_fail_each: the envelope it kept is freed. */
+void job_fail_pass_end(struct delivery *d);
 /* An outcome for a whole job from a policy verdict, text the reply. */
 void job_outcome(struct smtp_outcome *o, const struct policy_fail *f, const char *text);
 /* o->text: what (why j ends without a try now: an expiry, an operator's

@@ -869,10 +869,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     uint64_t jitter = rng_next(d); /* the job's recipients' retry jitter (retry_delay_ms) */
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
-        const struct queue_rcpt *r = NULL;
-        for (unsigned k = 0; env != NULL && k < env->nrcpt; k++)
-            if (env->rcpt[k].index == j->idx[i])
-                r = &env->rcpt[k];
+        const struct queue_rcpt *r = env != NULL ? queue_envelope_rcpt(env, j->idx[i]) : NULL;
         if (env != NULL && r == NULL)
             continue; /* no longer stored (done meanwhile): nothing to tell */
         /* its event lines are told only if its outcome applies (it can
@@ -1121,7 +1118,14 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
          enum classify_source src)
 {
     struct queue_envelope *env = NULL;
-    int erc = queue_envelope_get(d->e->queue, j->id, &env);
+    int erc = 0;
+    if (d->fail_env != NULL && d->fail_env->id == j->id)
+        env = d->fail_env; /* read for another job of the message in this pass */
+    else {
+        queue_envelope_free(d->fail_env);
+        erc = queue_envelope_get(d->e->queue, j->id, &env);
+    }
+    d->fail_env = NULL; /* env is this call's until it is kept again (below) */
     if (erc == QUEUE_ENOTFOUND) {
         /* Every recipient of the message is done (a bounce that crossed
          * another, an outcome committed meanwhile): each was told once
@@ -1153,9 +1157,19 @@ job_fail(struct delivery *d, struct dest *t, struct job *j, const struct smtp_ou
         where.untried = f->untried;
     }
     job_finish(d, t, j, env, NULL, o, &where);
-    queue_envelope_free(env);
+    if (d->fail_env_keep && d->fail_env == NULL)
+        d->fail_env = env; /* for the message's next job, if it follows */
+    else
+        queue_envelope_free(env);
     free(j);
     return true;
+}
+
+void
+job_fail_pass_end(struct delivery *d)
+{
+    d->fail_env_keep = false;
+    d->fail_env = queue_envelope_free(d->fail_env);
 }
 
 void

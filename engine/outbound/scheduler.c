@@ -240,6 +240,13 @@ static void
 dest_run_once(struct dest *t)
 {
     struct delivery *d = t->d;
+    if (t->fail_more != NULL && !d->stopping && !d->draining) {
+        /* What a failure left for this turn fails with it first (at once
+         * but for dest_fail_each's budget), not tried again */
+        dest_fail_more(t);
+        if (t->fail_more != NULL)
+            return;
+    }
     if (fairq_empty(&t->q) || d->stopping || d->draining || dest_paused(t))
         return;
     if (dest_elsewhere(t))

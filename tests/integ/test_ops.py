@@ -497,6 +497,58 @@ def test_flush_ends_the_rest_of_a_site_that_was_down():
         r.close()
 
 
+def test_failing_a_dead_hosts_mail_does_not_stall_the_worker():
+    """300 messages of 1,000 recipients wait at one domain while its only
+    MX host holds the connection without a greeting; then it closes, and
+    every waiting recipient is deferred. That was one worker turn for all
+    300,000 (each a log line, a delivery-log record and its part of a
+    commit; each envelope read and scanned once for every one of its
+    recipients' jobs): nearly two seconds, the worker answering none of
+    its submission sessions meanwhile. Now they are deferred some
+    thousands a turn: the longest turn is a small part of the time the
+    deferrals took (whatever the machine's speed, ASan or not), and each
+    recipient is deferred exactly once."""
+    import threading
+    from test_delivery import HostileMx
+    gone = threading.Event()
+
+    def mute(c, rfile):
+        gone.wait(120)  # then closes without a greeting
+
+    r = Relay(records_for(["big.test"]), with_sink=False,
+              delivery_conf="greeting_timeout = 5m",
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\nsite_hold = 1m\n"))
+    mx = HostileMx(r.mx_port, mute)
+    try:
+        n_msg, n_rcpt = 300, 1000
+        r.inject([msg(i, [f"{'x' * 30}{k}@big.test" for k in range(n_rcpt)])
+                  for i in range(n_msg)], sessions=4)
+        assert counters(r)["deferred"] == 0
+        before = ctl_json(r, "stats")["loop"]["longest_turn_ms"]
+        gone.set()
+        wait_until(lambda: counters(r)["deferred"] >= n_msg * n_rcpt, 300,
+                   "every recipient deferred")
+        doc = ctl_json(r, "stats")
+        longest = doc["loop"]["longest_turn_ms"]
+        assert doc["counters"]["deferred"] == n_msg * n_rcpt, doc["counters"]
+        tf = [e for e in raw_events(r.dlog) if e["event"] == "transient_failure"]
+        assert len(tf) == n_msg * n_rcpt, len(tf)
+        assert len({(e["id"], e["rcpt"]) for e in tf}) == n_msg * n_rcpt
+        assert all(e["attempt"] == 1 for e in tf)
+        span = (max(e["time"] for e in tf), min(e["time"] for e in tf))
+        ms = [time.mktime(time.strptime(x[:19], "%Y-%m-%dT%H:%M:%S")) * 1000 + int(x[20:23])
+              for x in span]
+        took = ms[0] - ms[1]
+        print(f"     deferrals over {took:.0f} ms, longest worker turn {longest:.0f} ms "
+              f"({before:.0f} ms before the host closed)")
+        assert longest < took / 3, f"a worker turn of {longest:.0f} ms of {took:.0f} ms"
+        assert r.d.stop_clean() == 0
+    finally:
+        gone.set()
+        mx.stop()
+        r.close()
+
+
 def test_domains_of_deferred_mail_across_a_restart():
     """A domain whose every recipient waits deferred: `domains` gives the
     age of the oldest one (not '-': none is ready) and its deferral class
@@ -1032,6 +1084,7 @@ if __name__ == "__main__":
           test_top_gives_the_terminal_back_when_sluice_goes,
           test_suspend_and_resume,
           test_flush_retries_deferred_now, test_flush_ends_the_rest_of_a_site_that_was_down,
+          test_failing_a_dead_hosts_mail_does_not_stall_the_worker,
           test_domains_of_deferred_mail_across_a_restart,
           test_bounce_by_id_and_domain,
         test_bounce_answers_once_done,

@@ -585,6 +585,72 @@ failed_open_tries_again(void **state)
     fx_free(f);
 }
 
+/* A failure of a destination with a great deal waiting fails it some
+ * thousands of recipients a turn (dest_fail_each's budget), each exactly
+ * once, the rest on the next turns with the same outcome and where
+ * (source, MX host): all of it in one turn stalled the worker for
+ * seconds (300 messages of 1,000 recipients against a dead host). */
+static void
+failing_much_is_spread_over_turns(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
+    f->open_fails = 100;
+    f->open_err = -EADDRNOTAVAIL;
+    snprintf(f->open_source, sizeof(f->open_source), "192.0.2.9");
+    for (unsigned i = 0; i < 25; i++)
+        submit("a.test", 1000); /* 100 jobs of 100 each (max_rcpt_per_txn) */
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+    assert_int_equal(f->open_calls, 1);
+    assert_true(f->failed > 0 && f->failed <= 10000);
+    assert_int_equal(f->failed + dest_queued(t) * 100, 25000);
+    assert_non_null(t->fail_more);
+    assert_true(timer_armed(&t->lim_timer));
+    for (unsigned turn = 0; turn < 10 && dest_queued(t) > 0; turn++) {
+        unsigned before = f->failed;
+        f->w.now += MS_TO_NS(1);
+        timer_run(&f->w.timers, f->w.now, NULL);
+        assert_true(f->failed > before && f->failed - before <= 10000);
+        assert_string_equal(f->last_fail_source, "192.0.2.9");
+        assert_string_equal(f->last_fail.text,
+                            "cannot open a connection from 192.0.2.9: Cannot assign requested "
+                            "address");
+    }
+    assert_int_equal(f->failed, 25000);
+    assert_int_equal(dest_queued(t), 0);
+    assert_null(t->fail_more);
+    assert_int_equal(f->open_calls, 1); /* none tried again meanwhile */
+    fx_free(f);
+}
+
+/* A flush (delivery_lift_holds) meanwhile: what the failure left for
+ * the next turns is tried now instead of deferred (it would have missed
+ * the flush, deferred just after it). */
+static void
+failing_much_then_a_flush_tries_the_rest(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 1\n");
+    f->open_fails = 1;
+    f->open_err = -EADDRNOTAVAIL;
+    snprintf(f->open_source, sizeof(f->open_source), "192.0.2.9");
+    for (unsigned i = 0; i < 25; i++)
+        submit("a.test", 1000);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *t = dest_get(f->d, "a.test");
+    unsigned failed = f->failed;
+    assert_true(failed > 0 && failed < 25000);
+    assert_non_null(t->fail_more);
+    assert_int_equal(delivery_lift_holds(f->d, true, NULL, 0), 1);
+    assert_null(t->fail_more);
+    assert_int_equal(f->opened, 1); /* the host is back: tried */
+    f->w.now += MS_TO_NS(1);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->failed, failed);
+    fx_free(f);
+}
+
 /* A connection that cannot be opened for a reason of this node (its
  * source address is not on this host: bind() says EADDRNOTAVAIL; no
  * socket: EMFILE) is a connection that failed: what waits is deferred
@@ -4566,6 +4632,8 @@ main(void)
         cmocka_unit_test(reload_raises_the_sites_ceiling),
         cmocka_unit_test(failed_open_tries_again),
         cmocka_unit_test(failed_open_of_this_node_defers_and_holds),
+        cmocka_unit_test(failing_much_is_spread_over_turns),
+        cmocka_unit_test(failing_much_then_a_flush_tries_the_rest),
         cmocka_unit_test(failure_of_an_unreadable_message_waits),
         cmocka_unit_test(window_holds_while_mail_is_served),
         cmocka_unit_test(window_grows_for_a_backlog),
