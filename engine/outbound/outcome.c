@@ -903,9 +903,11 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         }
         /* the schedule's delay for whatever the policy defers (a 552 for
          * too many recipients too, policy_rcpt) */
-        uint64_t delay = o->status != SMTP_STATUS_DELIVERED
-                             ? retry_delay_ms(d, t->pol, r ? r->attempts : 0, jitter)
-                             : 0;
+        unsigned step = r ? r->attempts : 0;
+        if (where->untried && r != NULL && r->last_ms != 0 && now > r->last_ms)
+            step = policy_retry_step_untried(&t->pol->retry_schedule, step, now - r->last_ms);
+        uint64_t delay =
+            o->status != SMTP_STATUS_DELIVERED ? retry_delay_ms(d, t->pol, step, jitter) : 0;
         struct policy_rcpt pr;
         policy_rcpt(o, oc, where->src, now, expire, delay, &pr);
         if (pr.kind == POLICY_DELIVERED) {

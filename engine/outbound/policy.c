@@ -98,6 +98,16 @@ policy_retry_delay(const struct conf_durations *s, unsigned attempts, unsigned p
     return ms + rnd % (span + 1);
 }
 
+unsigned
+policy_retry_step_untried(const struct conf_durations *s, unsigned attempts, uint64_t waited_ms)
+{
+    unsigned step = attempts;
+    for (unsigned k = 0; k < s->n; k++)
+        if (s->ms[k] <= waited_ms && k + 1 > step)
+            step = k + 1; /* policy_retry_delay keeps to the last */
+    return step;
+}
+
 uint64_t
 policy_expiry(uint64_t arrival_ms, uint64_t max_age_ms, uint64_t own_expire_ms)
 {

@@ -62,6 +62,18 @@ enum classify_source policy_source(const struct smtp_outcome *o, enum classify_s
  * refuse the retry for coming early. rnd is a random number. */
 uint64_t policy_retry_delay(const struct conf_durations *schedule, unsigned attempts,
                             unsigned jitter_pct, uint64_t rnd);
+/* The step of schedule (policy_retry_delay's attempts) for a recipient
+ * deferred without a try (its site resting: dest_fail_as_site) after
+ * attempts tries, waited_ms after its last outcome: the step after the
+ * longest delay it has waited, and never before attempts'. Such a
+ * deferral is no attempt, yet the schedule goes on with the time waited,
+ * as Postfix's backoff does: at attempts' step it came due at the same
+ * delay again and again (an outage rests the site nearly all the time,
+ * so nearly every retry was one of these), a transient_failure record
+ * each time, for as long as the outage lasted. A wait shorter than
+ * its delay (a flush) moves nothing. */
+unsigned policy_retry_step_untried(const struct conf_durations *schedule, unsigned attempts,
+                                   uint64_t waited_ms);
 
 /* When a message's recipients give up: max_age after arrival, or the
  * message's own expiry when sooner (0: none). */

@@ -582,6 +582,36 @@ def _data_451_once(txns):
     return script
 
 
+def test_deferrals_while_the_site_rests_back_off():
+    """Deferrals of mail not tried (its site resting after every address
+    failed) count no attempt, yet the retry schedule goes on with the time
+    waited: a recipient that comes due during a long rest again and again
+    waits 1 s, 2 s, 4 s as the schedule says, where it came back every 2 s
+    (its attempts' step), a transient_failure record each time, for as
+    long as the host was down (under the defaults: every 5 minutes for the
+    whole outage, the site resting nearly all the time)."""
+    import time
+    r = Relay(records_for(["rest.test"]), with_sink=False, delivery_conf="retry_jitter = 0",
+              domain_conf=log_conf_text("[domain *]\nretry_schedule = 1s, 2s, 4s, 8s\n"
+                                        "site_hold = 1m\n"))
+    try:
+        r.inject([("s@example.com", ["a@rest.test"], b"Subject: r\r\n\r\nrest\r\n")],
+                 sessions=1)
+        tf = wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 4, timeout=30)
+        # the first was tried (the connect refused), the others not: the
+        # site rests for a minute
+        assert [e["attempt"] for e in tf[:4]] == [1, 1, 1, 1], tf
+        assert r.d.count_log("event=connect_failed") == 1
+        at = [time.mktime(time.strptime(e["time"][:19], "%Y-%m-%dT%H:%M:%S")) +
+              float("0" + e["time"][19:23]) for e in tf[:4]]
+        gaps = [b - a for a, b in zip(at, at[1:])]
+        print(f"     gaps between deferrals: {', '.join(f'{g:.1f}' for g in gaps)} s")
+        assert gaps[2] >= 3.5, gaps  # 2 s for ever before
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_recipients_deferred_together_come_back_together():
     """A message's recipients at one domain deferred together (451 to the
     final dot) come due together and go again in one transaction, however
@@ -646,4 +676,5 @@ if __name__ == "__main__":
           test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
           test_no_success_dsn_when_the_next_hop_reports,
           test_success_under_verp_is_reported_here, test_rotation_loses_nothing,
-          test_recipients_deferred_together_come_back_together])
+          test_recipients_deferred_together_come_back_together,
+          test_deferrals_while_the_site_rests_back_off])

@@ -521,6 +521,15 @@ dns_and_schedule(void **state)
         hi = v > hi ? v : hi;
     }
     assert_true(lo < 2020 && hi > 2180); /* spread over the whole span */
+    /* Deferred without a try: the step after the longest delay waited,
+     * never before the attempts' (a flush's short wait moves nothing). */
+    assert_int_equal(policy_retry_step_untried(&s, 0, 0), 0);
+    assert_int_equal(policy_retry_step_untried(&s, 1, 500), 1);
+    assert_int_equal(policy_retry_step_untried(&s, 0, 1000), 1);
+    assert_int_equal(policy_retry_step_untried(&s, 1, 2100), 2);
+    assert_int_equal(policy_retry_step_untried(&s, 2, 4400), 3);
+    assert_int_equal(policy_retry_delay(&s, policy_retry_step_untried(&s, 2, 4400), 0, 1), 4000);
+    assert_int_equal(policy_retry_step_untried(&s, 3, 1000), 3);
     assert_int_equal(policy_expiry(1000, 500, 0), 1500);
     assert_int_equal(policy_expiry(1000, 500, 1200), 1200);
     assert_int_equal(policy_expiry(1000, 500, 9000), 1500);
