@@ -304,7 +304,7 @@ def test_sequence_syntax_and_simple_commands():
         c.expect("MAIL FROM:<a@example.com>", "250 2.1.0")
         assert_code(c.cmd("DATA"), 503, 554, what="DATA before RCPT")
         c.expect("MAIL FROM:<again@example.com>", "503 5.5.1")  # nested MAIL
-        c.expect("RCPT TO:b@example.org", 501)        # no angle brackets
+        c.expect("RCPT TO:b@example.org>", 553)       # a bracket unopened
         c.expect("RCPT TO:<b@example.org", 501)       # unclosed
         c.expect("RCPT", 501)
         c.expect("HELO", 501)
