@@ -257,6 +257,8 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
         json_ku64(j, "attempt", ev->attempt); /* 0 too: a recipient never tried */
     else
         put_u64(j, "attempt", ev->attempt);
+    if (ev->untried)
+        json_kbool(j, "tried", false);
     put_str(j, "class", ev->classification);
     put_str(j, "reason", ev->reason);
     put_str(j, "scope", ev->scope);

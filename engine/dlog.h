@@ -98,6 +98,8 @@ struct dlog_event {
     unsigned attempt;           /* the tries of the recipient so far, this one included;
                                  * in every per-recipient outcome event, 0 too (one
                                  * deferred without a try, its site resting) */
+    bool untried;               /* transient_failure: deferred without a try (its site
+                                 * resting): printed "tried": false; else left out */
     const char *classification; /* printed as "class" */
     const char *reason;         /* suppressed: hard_bounce, complaint, unsubscribe, manual;
                                  * per recipient, why when no reply tells it: connect_refused,

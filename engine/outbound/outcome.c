@@ -263,13 +263,14 @@ outcome_log(const struct outcome_batch *b, size_t i)
     const char *cls_str = kind == DLOG_DELIVERY ? NULL : bounce_class_str((enum bounce_class)tl->cls);
     log_msg(LOG_INFO,
             "id=%s event=%s rcpt=<%s> domain=%s mx=%s tls=\"%s\" tls_policy=%s "
-            "tls_verify=\"%s\" code=%s enhanced=%s reason=%s class=%s reply=\"%s\"",
+            "tls_verify=\"%s\" code=%s enhanced=%s reason=%s class=%s reply=\"%s\"%s",
             qid, kind == DLOG_DELIVERY ? "delivered" : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
                  : kind == DLOG_EXPIRATION ? "expired" : "bounced",
             tl->addr ? tl->addr : "?", b->t->name, b->info.mx[0] ? b->info.mx : "-",
             b->info.tls[0] ? b->info.tls : "none", b->info.tls_policy,
             tl->tls_verify[0] ? tl->tls_verify : "-", code, tl->enh[0] ? tl->enh : "-",
-            smtp_reason_str(tl->reason), cls_str ? cls_str : "-", q->reply ? q->reply : "");
+            smtp_reason_str(tl->reason), cls_str ? cls_str : "-", q->reply ? q->reply : "",
+            q->untried ? " tried=no" : "");
 }
 
 /* b's commit is durable: tell the outcomes it applied (the file's lines,
@@ -896,8 +897,10 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         enum bounce_class oc = o->status == SMTP_STATUS_DELIVERED
                                    ? BOUNCE_OTHER
                                    : classify(cfg->classify, osrc, o->code, &o->enh, o->text);
+        /* Only a reply this job met: a deferral without a try (its site
+         * resting) carries another domain's, which the rules already saw */
         if (o->status != SMTP_STATUS_DELIVERED && o->code >= 400 && !shaped &&
-            policy_source(o, where->src) == CLASSIFY_REPLY) {
+            !where->untried && policy_source(o, where->src) == CLASSIFY_REPLY) {
             shaped = true; /* one reply per job: its recipients share it, or nearly */
             outcome_shaping(d, t, where->mx, where->src_id, j->owner.tenant, o);
         }
@@ -1002,6 +1005,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             /* the tries so far and this one; a deferral of mail not tried
              * (where->untried) is none */
             .attempt = (r ? r->attempts : 0) + (where->untried ? 0 : 1),
+            .untried = where->untried && kind == DLOG_TRANSIENT_FAILURE,
             .classification = cls_str,
             .reason = reason,
             .tls_protocol = where->tls_proto,

@@ -589,7 +589,8 @@ def test_deferrals_while_the_site_rests_back_off():
     waits 1 s, 2 s, 4 s as the schedule says, where it came back every 2 s
     (its attempts' step), a transient_failure record each time, for as
     long as the host was down (under the defaults: every 5 minutes for the
-    whole outage, the site resting nearly all the time)."""
+    whole outage, the site resting nearly all the time). Such records say
+    they were no try ("tried": false)."""
     import time
     r = Relay(records_for(["rest.test"]), with_sink=False, delivery_conf="retry_jitter = 0",
               domain_conf=log_conf_text("[domain *]\nretry_schedule = 1s, 2s, 4s, 8s\n"
@@ -602,6 +603,11 @@ def test_deferrals_while_the_site_rests_back_off():
         # site rests for a minute
         assert [e["attempt"] for e in tf[:4]] == [1, 1, 1, 1], tf
         assert r.d.count_log("event=connect_failed") == 1
+        # and they say so: "tried": false, tried=no in the log line; the
+        # first, a real try, carries neither
+        assert "tried" not in tf[0] and [e.get("tried") for e in tf[1:4]] == [False] * 3, tf
+        lines = r.d.log_lines("event=deferred")
+        assert not lines[0].endswith(" tried=no") and lines[1].endswith(" tried=no"), lines
         at = [time.mktime(time.strptime(e["time"][:19], "%Y-%m-%dT%H:%M:%S")) +
               float("0" + e["time"][19:23]) for e in tf[:4]]
         gaps = [b - a for a, b in zip(at, at[1:])]
