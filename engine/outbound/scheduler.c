@@ -728,6 +728,7 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         t->failed_addrs = 0; /* this address works */
         t->own_failed = false;
         if (c->site != NULL) {
+            c->site->greeting_421s = 0;
             site_window_on_ready(&c->site->win, d->w->now - c->opened_ns);
             site_addr_up(c->site, &c->addr);
         }
@@ -1103,23 +1104,38 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         source_hold(c, so != NULL && so->code == 421 ? "421" : "refused");
         pd.hold = pd.backoff = pd.next_addr = false;
     }
+    if (pd.remember) {
+        struct smtp_outcome o = *so;
+        o.status = SMTP_STATUS_TEMPFAIL;
+        conn_fail_keep(c, t, &o);
+    }
     if (pd.hold && t->pol->site_hold > 0) {
         log_msg(LOG_NOTICE,
                 "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
                 (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
                 so->text);
         dest_hold(t, t->pol->site_hold);
-        site_hold_set(d, site, t->pol->site_hold, "421", NULL);
+        /* A 421's rest keeps the site's mail waiting in memory: the
+         * receiver pushed back for a while. A 421 greeting again at the
+         * next try, no connection of the site ready since, is a host
+         * that will not talk (Postfix defers at the first): this rest's
+         * mail is deferred with it, as after every address failed (the
+         * retry schedule, a transient_failure for each recipient).
+         * Before, an outage answered 421 kept the whole queue in
+         * memory, told nothing, retried each site_hold until max_age. */
+        const struct dest_fail *down = NULL;
+        if (site != NULL && !c->ready_once) {
+            if (site->hold_until <= d->w->now)
+                site->greeting_421s++; /* a rest begins (not another connection's in it) */
+            if (site->greeting_421s > 1 && t->last_fail != NULL)
+                down = t->last_fail;
+        }
+        site_hold_set(d, site, t->pol->site_hold, down != NULL ? "421_again" : "421", down);
     }
     if (pd.backoff)
         limits_backoff(d->lim, &t->lim, d->w->now);
     if (!c->ready_once)
         t->opening--;
-    if (pd.remember) {
-        struct smtp_outcome o = *so;
-        o.status = SMTP_STATUS_TEMPFAIL;
-        conn_fail_keep(c, t, &o);
-    }
     if (pd.next_addr) {
         t->failed_addrs++;
         t->next_addr++;

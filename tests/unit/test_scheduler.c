@@ -3156,6 +3156,74 @@ first_mta_sts_check_holds_an_open_connection(void **state)
     rmdir(dir);
 }
 
+/* A receiver that answers every connection with a 421 greeting, rest
+ * after rest: the first rest keeps the site's mail waiting (pushback for
+ * a while); the next 421 greeting, no connection of the site ready in
+ * between, defers what waits with that reply, as after every address
+ * failed, and the mail that comes during the rest too. Before, an outage
+ * answered 421 kept the whole queue in memory, never deferred, never told,
+ * retried once per site_hold until max_age. A connection that gets ready
+ * starts the count again. */
+static void
+greeting_421_again_defers(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 1\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    struct smtp_outcome bye = bye_421();
+    submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 1);
+    struct conn *c = f->open[0];
+    c->connected = true;
+    conn_gone(c, &bye); /* the greeting */
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_true(site->hold_until > f->w.now);
+    assert_null(site->rest_fail);
+    /* the first rest: the mail waits, another domain's too */
+    submit("b.test", 2);
+    answer("b.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    struct dest *b = dest_get(f->d, "b.test");
+    assert_ptr_equal(b->site, site);
+    assert_int_equal(dest_queued(dest_get(f->d, "a.test")), 1);
+    assert_int_equal(dest_queued(b), 1); /* one job of two */
+    assert_int_equal(f->failed, 0);
+    /* The rest ends; the next try meets a 421 greeting again. */
+    f->w.now += MS_TO_NS(31000);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->opened, 2);
+    c = f->open[0];
+    c->connected = true;
+    conn_gone(c, &bye);
+    assert_true(site->hold_until > f->w.now);
+    assert_non_null(site->rest_fail);
+    /* what waited is deferred with the 421, both domains' */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(dest_queued(dest_get(f->d, "a.test")), 0);
+    assert_int_equal(dest_queued(b), 0);
+    assert_int_equal(f->failed, 3);
+    assert_int_equal(f->last_fail.code, 421);
+    assert_string_equal(f->last_fail.text, "4.7.0 try later");
+    /* and what comes during this rest */
+    unsigned opened = f->opened;
+    submit("c.test", 1);
+    answer("c.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, opened);
+    assert_int_equal(dest_queued(dest_get(f->d, "c.test")), 0);
+    assert_int_equal(f->failed, 4);
+    /* The receiver is back: a connection gets ready, the count starts
+     * again; a later 421 greeting rests with the mail waiting. */
+    f->w.now += MS_TO_NS(31000);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    submit("a.test", 1);
+    assert_int_equal(f->opened, opened + 1);
+    c = f->open[0];
+    enum sched_next what;
+    conn_ready(c, &what);
+    assert_int_equal(site->greeting_421s, 0);
+    fx_free(f);
+}
+
 /* A source a receiver answers 421 rests at that site on its own: new
  * connections go from the pool's other source; when both are held, the
  * destination holds. */
@@ -4694,6 +4762,7 @@ main(void)
         cmocka_unit_test(reuse_lost_goes_to_a_new_connection),
         cmocka_unit_test(reuse_lost_after_idle),
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
+        cmocka_unit_test(greeting_421_again_defers),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
