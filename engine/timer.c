@@ -123,7 +123,8 @@ timer_next(const struct timer_heap *h)
 }
 
 unsigned
-timer_run(struct timer_heap *h, uint64_t now, void *ctx)
+timer_run_until(struct timer_heap *h, uint64_t now, void *ctx, uint64_t (*clock)(void),
+                uint64_t stop)
 {
     /* A callback that re-arms for a deadline already past waits for the
      * next turn, so that one run always ends. */
@@ -134,6 +135,14 @@ timer_run(struct timer_heap *h, uint64_t now, void *ctx)
         remove_at(h, 0);
         fired++;
         t->fire(t, ctx);
+        if (clock != NULL && clock() >= stop)
+            break;
     }
     return fired;
+}
+
+unsigned
+timer_run(struct timer_heap *h, uint64_t now, void *ctx)
+{
+    return timer_run_until(h, now, ctx, NULL, 0);
 }

@@ -60,6 +60,8 @@ struct worker_msg {
 #define WORKER_SLOW_TURN_MS      100u
 #define WORKER_SLOW_LOG_MS       500u
 #define WORKER_SLOW_LOG_EVERY_MS 10000u
+/* Timers a turn fires for at most this long (and one more callback). */
+#define WORKER_TIMER_SLICE_MS    20u
 
 struct worker_stats {
     uint64_t loops;      /* loop turns */
