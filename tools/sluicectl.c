@@ -42,6 +42,7 @@
 #define TIMEOUT_MS      10000
 #define LINE_MAX_OCTETS 4096 /* the server's STATS_LINE_MAX */
 #define DOMAINS_MAX     1000
+#define SCOPED_BULK_TIMEOUT_MS (30u * 60 * 1000) /* flush, bounce: a spool of millions */
 
 enum { EXIT_OK = 0, EXIT_REFUSED = 1, EXIT_USAGE = 2, EXIT_UNREACHABLE = 3 };
 
@@ -1075,6 +1076,12 @@ run_scoped(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         check_word(cmd->name, "--for", dur);
         n += snprintf(line + n, sizeof(line) - (size_t)n, " for=%s", dur);
     }
+    /* A flush or bounce answers once every recipient it selected was
+     * updated in the spool: about 10 s for a million (a flush of a
+     * 1,000,000-recipient queue). Within TIMEOUT_MS this said "timed
+     * out" and exited 3, sluice unreachable, while the flush went on. */
+    if (!susp)
+        c->timeout_ms = SCOPED_BULK_TIMEOUT_MS;
     const char *raw;
     cJSON *doc = ctl_ask(c, line, &raw);
     if (c->json)

@@ -212,6 +212,41 @@ def test_sluicectl_without_sluice_says_so():
         wd.cleanup()
 
 
+def test_flush_waits_for_a_slow_answer():
+    """sluice answers a flush (or a bounce) once every recipient it
+    selected was updated in the spool: 10 s for a queue of a million.
+    sluicectl waits for that answer; it gave up after 10 s, exiting 3 with
+    "timed out" as if sluice were unreachable, while the flush went on. A
+    stats socket of our own answers after 11 s."""
+    import threading
+    wd = Workdir("sluice-ctl-")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path = os.path.join(wd.path, "slow.sock")
+        srv.bind(path)
+        srv.listen(1)
+        got = []
+
+        def answer():
+            c, _ = srv.accept()
+            with c:
+                f = c.makefile("rb")
+                got.append(f.readline())
+                time.sleep(11)  # what is under test: an answer later than 10 s
+                c.sendall(b'{"ok":true,"domain":null,"recipients":1000000,"already_due":0,'
+                          b'"rests_ended":0}\n')
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        p = ctl(path, "flush", json_out=True)
+        t.join(30)
+        assert got == [b"flush\n"], got
+        assert p.returncode == 0, (p.returncode, p.stderr)
+        assert json.loads(p.stdout.splitlines()[0])["recipients"] == 1000000, p.stdout
+    finally:
+        srv.close()
+        wd.cleanup()
+
+
 def test_sluicectl_suppress_too_long_says_so():
     """A suppress command longer than the socket's line (an export FILE
     whose absolute path is near PATH_MAX, then --scope) is refused with
@@ -1079,6 +1114,7 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
+          test_flush_waits_for_a_slow_answer,
           test_sluicectl_suppress_too_long_says_so,
           test_spool_tool_refuses_a_directory_without_a_spool,
           test_top_gives_the_terminal_back_when_sluice_goes,
