@@ -618,6 +618,72 @@ def test_deferrals_while_the_site_rests_back_off():
         r.close()
 
 
+def test_deferrals_not_tried_are_not_shaping_replies():
+    """A receiver that answers every connection with a 421 greeting, for
+    three domains of one site: the first 421 rests the site, the one at
+    the next try defers the mail of all three (421_again), untried,
+    carrying the reply the connection met. The shaping rules count the
+    replies met, one per connection, not those deferrals too (each
+    counted the reply again, as if met: a rule counting to an action
+    acted on a multiple)."""
+    import shutil
+    import socket as _socket
+    import tempfile
+    conns = []
+
+    def greet_421(c, rfile):
+        conns.append(1)
+        c.sendall(b"421 4.7.0 busy, try later (test)\r\n")
+
+    tmp = tempfile.mkdtemp(prefix="sluice-shp-")
+    rules = os.path.join(tmp, "rules")
+    with open(rules, "w") as f:
+        f.write("rule t421 mx=mx.test code=421 action=count\n")
+    doms = ["g1.test", "g2.test", "g3.test"]
+    stats = os.path.join(tmp, "stats.sock")
+    try:
+        r = Relay(records_for(doms), with_sink=False,
+                  domain_conf=log_conf_text(f"[stats]\nsocket = {stats}\n"
+                                            f"[shaping]\nrules = {rules}\nbuiltin_rules = no\n"
+                                            "[domain *]\nsite_hold = 1s\nretry_schedule = 1h\n"))
+    except BaseException:
+        shutil.rmtree(tmp)
+        raise
+    mx = test_delivery.HostileMx(r.mx_port, greet_421)
+    try:
+        r.inject([("s@example.com", [f"a@{d}"], b"Subject: g\r\n\r\nx\r\n") for d in doms],
+                 sessions=1)
+        tf = wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 3, timeout=30)
+        untried = [e for e in tf if e.get("tried") is False]
+        assert untried and all(e.get("code") == 421 for e in untried), tf
+        assert r.d.count_log("reason=421_again") >= 1
+
+        def hits():
+            with _socket.socket(_socket.AF_UNIX) as s:
+                s.connect(stats)
+                s.sendall(b"stats\n")
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+            return json.loads(buf)["shaping"]["by_rule"].get("t421", 0)
+        # each 421 met once: as many hits as greetings read (the count
+        # settles: a greeting sent may be read a moment later)
+        met = lambda: len([ln for ln in r.d.log_lines("event=destination_held")  # noqa: E731
+                           if " conn=" in ln])  # a connection's, not its site's others
+        wait_until(lambda: hits() == met() and met() >= 2, 10,
+                   "the rule's hits to match the 421 greetings met")
+        print(f"     {len(conns)} connections, {hits()} hits, {len(untried)} deferred untried")
+        assert hits() <= len(conns) and len(untried) == 3, (hits(), len(conns), tf)
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+        shutil.rmtree(tmp)
+
+
 def test_recipients_deferred_together_come_back_together():
     """A message's recipients at one domain deferred together (451 to the
     final dot) come due together and go again in one transaction, however
@@ -683,4 +749,5 @@ if __name__ == "__main__":
           test_no_success_dsn_when_the_next_hop_reports,
           test_success_under_verp_is_reported_here, test_rotation_loses_nothing,
           test_recipients_deferred_together_come_back_together,
-          test_deferrals_while_the_site_rests_back_off])
+          test_deferrals_while_the_site_rests_back_off,
+          test_deferrals_not_tried_are_not_shaping_replies])
