@@ -5,6 +5,7 @@ with readiness checks (a log line, a connectable port), and stops them by
 PID. Nothing here sleeps as synchronisation: waits poll a condition with
 a deadline and fail loudly when it passes.
 """
+import json
 import os
 import shutil
 import signal
@@ -301,6 +302,21 @@ def dkimpy_verify(msg, port):
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
                    "UndefinedBehaviorSanitizer", "ThreadSanitizer")
+
+
+def stats_ask(path, line="stats", timeout=10):
+    """One request on sluice's stats socket at path: its JSON answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(line.encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
 
 
 def log_fields(line):

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from harness import WAIT, Smtp, free_port, log_fields, main, wait_until
+from harness import WAIT, Smtp, free_port, log_fields, main, stats_ask, wait_until
 from test_delivery import Relay, records_for
 
 KEY = b"0123456789abcdef0123456789abcdef-oob-test"
@@ -98,17 +98,7 @@ verp_key_file = {keyfile}
             shutil.rmtree(self.keydir, ignore_errors=True)
 
     def stats(self):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(os.path.join(self.keydir, "stats.sock"))
-            s.sendall(b"stats\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)["counters"]
+        return stats_ask(os.path.join(self.keydir, "stats.sock"))["counters"]
 
     def events(self, kind=None):
         out = []

@@ -15,7 +15,7 @@ import signal
 import smtplib
 import sys
 
-from harness import main, mdb_entries, skip, spool_tool, wait_until
+from harness import main, mdb_entries, skip, spool_tool, stats_ask, wait_until
 import test_delivery
 from test_delivery import Relay, Sink, records_for, wait_sink
 
@@ -627,7 +627,6 @@ def test_deferrals_not_tried_are_not_shaping_replies():
     counted the reply again, as if met: a rule counting to an action
     acted on a multiple)."""
     import shutil
-    import socket as _socket
     import tempfile
     conns = []
 
@@ -659,16 +658,7 @@ def test_deferrals_not_tried_are_not_shaping_replies():
         assert r.d.count_log("reason=421_again") >= 1
 
         def hits():
-            with _socket.socket(_socket.AF_UNIX) as s:
-                s.connect(stats)
-                s.sendall(b"stats\n")
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-            return json.loads(buf)["shaping"]["by_rule"].get("t421", 0)
+            return stats_ask(stats)["shaping"]["by_rule"].get("t421", 0)
         # each 421 met once: as many hits as greetings read (the count
         # settles: a greeting sent may be read a moment later)
         met = lambda: len([ln for ln in r.d.log_lines("event=destination_held")  # noqa: E731
