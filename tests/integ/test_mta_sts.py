@@ -43,7 +43,7 @@ import threading
 import time
 
 from harness import (WAIT, Sluice, Workdir, dkimpy_verify, free_port, log_fields, main, run,
-                     skip, wait_until)
+                     skip, stats_ask, wait_until)
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 try:
@@ -508,17 +508,7 @@ dsn = no
         return wait_until(got, WAIT, f"an outcome for {rcpt}")
 
     def ctl(self, line):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(WAIT)
-            s.connect(self.sock)
-            s.sendall(line.encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        return stats_ask(self.sock, line, WAIT)
 
     def close(self):
         try:

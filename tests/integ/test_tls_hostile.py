@@ -17,7 +17,8 @@ import struct
 import sys
 import time
 
-from harness import Sluice, Workdir, free_port, main, run, skip, spool_messages, wait_until
+from harness import (Sluice, Workdir, free_port, main, run, skip, spool_messages, stats_ask,
+                     wait_until)
 
 SLUICE = sys.argv[1]
 
@@ -67,17 +68,7 @@ handshake_timeout = 2s
         return self.tls_port if mode == "implicit" else self.port
 
     def stats(self):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(self.sock)
-            s.sendall(b"stats\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        return stats_ask(self.sock)
 
     def inbound_open(self):
         return self.stats()["connections"]["inbound_open"]
