@@ -466,6 +466,25 @@ smtp_mailbox_check(const char *addr, size_t len, bool utf8)
     return 0;
 }
 
+/* A stray octet at q, right after the mailbox m: inside its domain or
+ * local part, theirs is the error. */
+static int
+mailbox_stray(const char *q, const struct mbox *m)
+{
+    return q >= m->dom && m->dom != m->dom_end ? SMTP_CMD_E_DOMAIN_SYNTAX
+                                               : SMTP_CMD_E_LOCAL_SYNTAX;
+}
+
+/* path's spans: the mailbox m, parsed from p to q. */
+static void
+path_fill(struct smtp_path *path, const char *p, const char *q, const struct mbox *m)
+{
+    path->flags |= m->flags;
+    path->local = span(p, m->local_end);
+    path->domain = span(m->dom, m->dom_end);
+    path->mailbox = span(p, q);
+}
+
 /*
  * Path at p (which is "<"): "<>" (when allowed), or "<" [A-d-l ":"] Mailbox
  * ">". On return *next is after ">" or at the fault.
@@ -530,18 +549,14 @@ parse_path(const char *p, const char *end, bool rcpt, struct smtp_path *path, co
         *next = q;
         /* A stray octet inside the domain or local part is theirs. */
         if (q < end && *q != ' ')
-            return q >= m.dom && m.dom != m.dom_end ? SMTP_CMD_E_DOMAIN_SYNTAX
-                                                    : SMTP_CMD_E_LOCAL_SYNTAX;
+            return mailbox_stray(q, &m);
         return SMTP_CMD_E_PATH_SYNTAX;
     }
     if (q + 1 - open > SMTP_PATH_MAX) {
         *next = open;
         return SMTP_CMD_E_PATH_TOO_LONG;
     }
-    path->flags |= m.flags;
-    path->local = span(p, m.local_end);
-    path->domain = span(m.dom, m.dom_end);
-    path->mailbox = span(p, q);
+    path_fill(path, p, q, &m);
     *next = q + 1;
     return 0;
 }
@@ -565,16 +580,12 @@ parse_bare_path(const char *p, const char *end, bool rcpt, struct smtp_path *pat
     if (rc < 0)
         return rc;
     if (q != end && *q != ' ')
-        return q >= m.dom && m.dom != m.dom_end ? SMTP_CMD_E_DOMAIN_SYNTAX
-                                                : SMTP_CMD_E_LOCAL_SYNTAX;
-    if (q + 2 - p > SMTP_PATH_MAX) {
+        return mailbox_stray(q, &m);
+    if (q + 2 - p > SMTP_PATH_MAX) { /* counted with the brackets it lacks */
         *next = p;
         return SMTP_CMD_E_PATH_TOO_LONG;
     }
-    path->flags |= m.flags;
-    path->local = span(p, m.local_end);
-    path->domain = span(m.dom, m.dom_end);
-    path->mailbox = span(p, q);
+    path_fill(path, p, q, &m);
     return 0;
 }
 
