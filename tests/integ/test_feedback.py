@@ -451,7 +451,7 @@ def test_per_address_cap_at_the_listener():
         wait_until(retaken, WAIT, "a slot given back to be taken again")
         line = greeting(f.r.port)
         assert line.startswith(b"220"), f"submission from the same address: {line!r}"
-        assert f.r.d.count_log("role=bounce refused=limit") >= 1
+        f.r.d.wait_log("role=bounce refused=limit")  # the reader thread may lag the socket
     finally:
         for s in held:
             s.close()
