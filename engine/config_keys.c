@@ -420,7 +420,9 @@ const struct conf_key config_domain_keys[] = {
     {"max_connections", CONF_UINT, DOM(max_connections), 1, 100000, "20",
      "concurrent connections to the domain's MX hosts: per node, and across all nodes "
      "(leases in Redis) with [redis] url; lowered by a reload, those over it end after their "
-     "transaction",
+     "transaction; with [redis], those the nodes hold beyond it (opened on local shares while "
+     "Redis was away) end after their transaction once a lease refresh counts them (the one "
+     "when Redis is back, or a later one: every lease_ttl/3)",
      NULL},
     {"max_message_rate", CONF_RATE, DOM(max_message_rate), 0, 0, "unlimited",
      "messages per second, minute or hour (50/s, 3000/h); across all nodes with [redis] url",
@@ -487,7 +489,9 @@ const struct conf_key config_domain_keys[] = {
      "without [redis] this and the section's rates and bursts are split between the workers, "    \
      "the parts adding up to the whole (at least one connection each); lowered by a reload, "    \
      "those over it end after their transaction (with [redis] a worker ends those of its own "   \
-     "beyond the whole cap, the others end as they go idle)",                                     \
+     "beyond the whole cap, and those the nodes hold beyond it once a lease refresh counts "     \
+     "them, every lease_ttl/3; so too those opened on local shares while Redis was away, from "  \
+     "the refresh when it is back)",                                                              \
      NULL},                                                                                        \
         {"max_message_rate", CONF_RATE, MXP(max_message_rate), 0, 0, "unlimited",                  \
          "messages per second, minute or hour to the matching MX hosts", NULL},                    \

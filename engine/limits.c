@@ -144,7 +144,7 @@ limits_free(struct limits *l)
         struct limit_key *k = l->keys;
         l->keys = k->next;
         k->prev = k->next = NULL;
-        k->msg_req = k->conn_req = NULL;
+        k->msg_req = k->conn_req = k->refresh_req = NULL;
         if (k->want != NULL)
             k->want->req = NULL; /* freed above */
         k->want = NULL;
@@ -207,6 +207,8 @@ limits_key_fini(struct limits *l, struct limit_key *k)
             k->msg_req->k = NULL;
         if (k->conn_req != NULL)
             k->conn_req->k = NULL;
+        if (k->refresh_req != NULL)
+            k->refresh_req->k = NULL;
         if (k->want != NULL && k->want->req != NULL) {
             k->want->req->k = NULL;
             k->want->req = NULL;
@@ -226,7 +228,8 @@ limits_key_fini(struct limits *l, struct limit_key *k)
         free((char *)k->name);
     k->name = k->name_in;
     k->ready_lease = 0;
-    k->msg_req = k->conn_req = NULL;
+    k->msg_req = k->conn_req = k->refresh_req = NULL;
+    k->excess = 0;
     k->want = NULL;
     k->prev = k->next = NULL;
     k->l = NULL;
@@ -510,6 +513,19 @@ bool
 limits_key_full(const struct limit_key *k)
 {
     return k->l != NULL && k->l->shared && k->cap_full;
+}
+
+unsigned
+limits_key_excess(const struct limit_key *k)
+{
+    return k->l != NULL && k->l->shared ? k->excess : 0;
+}
+
+void
+limits_key_excess_taken(struct limit_key *k)
+{
+    if (k->excess > 0)
+        k->excess--;
 }
 
 bool

@@ -153,6 +153,7 @@ struct limit_key {
     uint64_t msg_retry_at, conn_retry_at; /* shared: Redis said not before */
     uint64_t local_until;      /* shared: a bad reply; decide locally until then */
     struct limit_req *msg_req, *conn_req; /* shared: in flight */
+    struct limit_req *refresh_req; /* shared: the lease refresh in flight (one at a time) */
     struct limit_want *want;   /* borrowed: the caller's, once it asked limits_key_wanted */
     uint64_t *leases;          /* owned: ids of the leases held (connections open) */
     unsigned nleases, leases_cap;
@@ -167,6 +168,8 @@ struct limit_key {
     bool cap_full;             /* shared: Redis refused the last lease for the cap (every
                                 * lease held), not for the rate */
     uint8_t undo;              /* what the last successful acquire took (enum limit_undo) */
+    uint16_t excess;           /* shared: leases of this limiter beyond the cap by Redis's
+                                * last refresh (limits_key_excess; in the padding) */
 };
 
 /* A limiter on w (borrowed: outlives it). With a redis_url the host is
@@ -233,6 +236,15 @@ void limits_conn_release(struct limits *l, struct limit_key *k);
  * also wait for a local release. False in local mode (a full cap there
  * answers UINT64_MAX). */
 bool limits_key_full(const struct limit_key *k);
+/* Shared mode: how many of the leases k holds here should end: Redis's
+ * last refresh of them found more leases of k across the nodes than its
+ * max_connections (after an outage, whose local shares add up to more
+ * than the cap, or a cap lowered by a reload), at most those held here.
+ * The caller ends that many connections after their transaction, telling
+ * each to limits_key_excess_taken(); a later refresh says it again if the
+ * set is still over. 0 in local mode. */
+unsigned limits_key_excess(const struct limit_key *k);
+void limits_key_excess_taken(struct limit_key *k);
 /* Shared mode: was k's last message token refused while a request for
  * its tokens is in flight to Redis? Its answer wakes k (the key's wake
  * function); the refusal's *retry_at_ns is only that request's timeout,

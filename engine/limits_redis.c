@@ -49,6 +49,12 @@
 #define SCRIPT_RETRY_NS MS_TO_NS(1000)    /* SCRIPT LOAD refused: ask again after */
 
 /*
+ * A refresh of leases over the cap (after an outage, whose local shares
+ * add up to more, or a cap lowered by a reload) answers how many of the
+ * caller's members are beyond it in the set's order by name: the same
+ * order for every caller, so the holders end as many as are over in all,
+ * not each of them the whole excess.
+ *
  * KEYS: message GCRA, connection GCRA, lease set, wanted mark (the node id
  * of a limiter refused a lease because every one was held; op wanted
  * claims it for one holder of another node). Times in microseconds of
@@ -95,11 +101,19 @@ static const char script_text[] =
     "  if redis.call('GET', KEYS[4]) == ARGV[7] then redis.call('DEL', KEYS[4]) end\n"
     "  return {1, 0, 0}\n"
     "elseif op == 'refresh' then\n"
-    "  local ttl = tonumber(ARGV[2])\n"
+    "  local ttl, max = tonumber(ARGV[2]), tonumber(ARGV[3])\n"
     "  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))\n"
-    "  for i = 3, #ARGV do redis.call('ZADD', KEYS[3], fmt(now + ttl), ARGV[i]) end\n"
+    "  for i = 4, #ARGV do redis.call('ZADD', KEYS[3], fmt(now + ttl), ARGV[i]) end\n"
     "  redis.call('PEXPIRE', KEYS[3], fmt(math.ceil(ttl / 1000) + 1000))\n"
-    "  return #ARGV - 2\n"
+    "  local beyond = 0\n"
+    "  if max > 0 and redis.call('ZCARD', KEYS[3]) > max then\n"
+    "    local all = redis.call('ZRANGE', KEYS[3], 0, -1)\n"
+    "    table.sort(all)\n"
+    "    local late = {}\n"
+    "    for i = max + 1, #all do late[all[i]] = true end\n"
+    "    for i = 4, #ARGV do if late[ARGV[i]] then beyond = beyond + 1 end end\n"
+    "  end\n"
+    "  return {#ARGV - 3, beyond}\n"
     "elseif op == 'release' then\n"
     "  return redis.call('ZREM', KEYS[3], ARGV[2])\n"
     "elseif op == 'wanted' then\n"
@@ -241,6 +255,8 @@ req_send(struct limits *l, struct limit_req *q)
         ARG("refresh", 7);
         fmt_u64(num[0], sizeof(num[0]), l->ttl_ns / 1000);
         ARGS(num[0]);
+        fmt_u64(num[1], sizeof(num[1]), k->conf.max_connections);
+        ARGS(num[1]);
         for (unsigned i = 0; i < extra; i++) {
             char *m = members + (size_t)i * sizeof(member);
             uint64_t id = i < k->nleases ? k->leases[i] : k->ready_lease;
@@ -285,10 +301,13 @@ limits_redis_release(struct limits *l, struct limit_key *k, uint64_t lease)
     req_submit(l, q);
 }
 
+/* The answer says how many leases of k the nodes hold together (one
+ * refresh of a key in flight at a time: a later one would carry the
+ * same members, and k links to one). */
 static void
 send_refresh(struct limits *l, struct limit_key *k)
 {
-    if (!l->shared || (k->nleases == 0 && k->ready_lease == 0))
+    if (!l->shared || (k->nleases == 0 && k->ready_lease == 0) || k->refresh_req != NULL)
         return;
     struct limit_req *q = req_new(l, k, REQ_REFRESH);
     if (q == NULL)
@@ -297,7 +316,7 @@ send_refresh(struct limits *l, struct limit_key *k)
         free(q);
         return;
     }
-    q->k = NULL; /* the members are on the wire; the answer needs no key */
+    k->refresh_req = q;
 }
 
 static void script_load(struct limits *l);
@@ -393,6 +412,8 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
                 k->msg_req = NULL;
             else if (q->kind == REQ_CONN)
                 k->conn_req = NULL;
+            else if (q->kind == REQ_REFRESH)
+                k->refresh_req = NULL;
             else if (q->kind == REQ_WANTED && k->want != NULL)
                 k->want->req = NULL;
             if (refused)
@@ -489,6 +510,19 @@ on_req_reply(struct redis *r, const struct redisReply *reply, void *arg)
         }
         break;
     case REQ_REFRESH:
+        if (k == NULL)
+            break;
+        k->refresh_req = NULL;
+        /* This limiter's leases beyond the cap in Redis's count: taken
+         * on local shares while Redis was away (or under a cap a reload
+         * lowered since). Nothing else ends them: a connection carries
+         * mail for as long as it flows, and Redis refuses new leases
+         * only. */
+        if (reply_ints(reply, 2, v) && v[1] >= 0) {
+            long long over = v[1] > (long long)k->nleases ? (long long)k->nleases : v[1];
+            k->excess = (uint16_t)(over > UINT16_MAX ? UINT16_MAX : over);
+        }
+        break;
     case REQ_RELEASE:
         break;
     }
@@ -635,8 +669,10 @@ on_redis_state(struct redis *r, enum redis_state st, void *arg)
     l->shared = false;
     l->sha_ok = false;
     l->loading = false;
-    for (struct limit_key *k = l->keys; k != NULL; k = k->next)
+    for (struct limit_key *k = l->keys; k != NULL; k = k->next) {
         k->cap_full = false; /* Redis's word, of a time it was there */
+        k->excess = 0;
+    }
     if (!l->down_logged) {
         l->down_logged = true;
         l->st.redis_downs++;

@@ -706,15 +706,17 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
  * than its max_connections (a reload lowered it), those told to end
  * already aside? The configured cap: without [redis] this worker's part
  * of it (mx_limit_conf), with it the whole, against this worker's own
- * count only (the others' are in Redis); never the smaller local share
- * of a Redis outage, which refuses new connections but ends none. */
+ * count only, or those Redis counts beyond it across the nodes
+ * (limits_key_excess: opened on local shares during an outage); never
+ * the smaller local share of a Redis outage, which refuses new
+ * connections but ends none. */
 static bool
 key_over_cap(const struct mxkey *k)
 {
     if (k == NULL)
         return false;
     unsigned cap = k->lim.conf.max_connections;
-    return cap != 0 && k->lim.nleases > k->quitting + cap;
+    return cap != 0 && (k->lim.nleases > k->quitting + cap || limits_key_excess(&k->lim) > 0);
 }
 
 struct job *
@@ -739,7 +741,8 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
      * so already count as gone, or every one would end before the first
      * had (each sees the count until its QUIT is answered). */
     static const char over_cap[] = "max_connections";
-    bool over = t->conns > t->conns_quitting + t->pol->max_connections;
+    bool over = t->conns > t->conns_quitting + t->pol->max_connections ||
+                (!c->over_cap && limits_key_excess(&t->lim) > 0);
     /* So too over an [mx] or [source] section's (this worker's part) */
     bool over_mk = !c->over_mk && key_over_cap(c->mxk);
     bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck);
@@ -753,14 +756,17 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
         if (quit == over_cap && over && !c->over_cap) {
             c->over_cap = true;
             t->conns_quitting++;
+            limits_key_excess_taken(&t->lim);
         }
         if (quit == over_cap && over_mk) {
             c->over_mk = true;
             c->mxk->quitting++;
+            limits_key_excess_taken(&c->mxk->lim);
         }
         if (quit == over_cap && over_sk) {
             c->over_sk = true;
             c->srck->quitting++;
+            limits_key_excess_taken(&c->srck->lim);
         }
         c->quit_why = quit;
         *what = SCHED_NEXT_QUIT;

@@ -6,7 +6,9 @@ rate with its burst holds in every 1-second window and is reached on
 average, on one node and across two sharing a Redis; max_connections holds
 across nodes, for one domain and for an [mx] cap over 300 domains whose
 connections move from domain to domain; a Redis killed mid-run leaves delivery going on local shares
-and is picked up again once back; a node killed while holding connection
+and is picked up again once back, the connection caps holding again
+(those opened on local shares beyond them end), and an [mx] cap lowered
+by a reload holds across nodes within a lease refresh; a node killed while holding connection
 leases gives them up after lease_ttl; suspend and resume through the stats
 socket stop and restart a domain within a second."""
 import datetime
@@ -644,6 +646,111 @@ def test_redis_killed_then_back():
         c.close()
 
 
+def test_caps_come_back_with_redis():
+    """max_connections = 3 across two nodes, in [mx] and then in the
+    domain's section, a receiver that takes 0.1 s per message, both
+    nodes injecting, lease_ttl = 3s: Redis killed (by PID) mid-run and
+    started again.
+    While it is away the nodes keep delivering on local shares (one
+    connection per worker at least: four); once both are connected
+    again the cap holds across them: the connections opened meanwhile
+    beyond it end after their transaction (they went on carrying mail,
+    four or five at the receiver for as long as it flowed)."""
+    for section in ("[mx mx.test]\n", ""):
+        caps_come_back_with_redis(section)
+
+
+def caps_come_back_with_redis(section):
+    what = section.strip() or f"[domain {DOMAIN}]"
+    c = Cluster(2, f"{section}max_connections = 3\n",
+                redis="nodes = 2\ntimeout = 200ms\nlease_ttl = 3s\n", stamp=True)
+    c.mx.data_delay = 0.1
+    try:
+        n = 300
+        ta = threading.Thread(target=c.nodes[0].inject, args=(msgs(n, "a"),))
+        ta.start()
+        c.nodes[1].inject(msgs(n, "b"))
+        ta.join(60)
+        wait_delivered(c.nodes, 40, timeout=30)
+        c.redis.kill9()
+        wait_until(lambda: all(nd.redis_state() != "connected" for nd in c.nodes), 5,
+                   "both nodes to see Redis down")
+        at_kill = len(all_times(c.nodes))
+        wait_until(lambda: len(all_times(c.nodes)) >= at_kill + 20, 10,
+                   "20 more deliveries with Redis down")
+        c.redis.start()
+        wait_until(lambda: all(nd.redis_state() == "connected" for nd in c.nodes), 15,
+                   "both nodes connected to Redis again")
+        for nd in c.nodes:
+            wait_until(lambda: nd.d.count_log("event=redis_up") >= 4, 5,
+                       f"node {nd.name}'s workers back on shared limits")
+        # The refresh at the return counts the leases over the cap, or,
+        # when a worker still cut off opened one after it, the next (every
+        # lease_ttl/3: 1 s); a transaction takes 0.1 s. Then three seconds
+        # of mail under the cap.
+        time.sleep(2.0)
+        sampler = ConnSampler(c.mx_port, c.pids)
+        try:
+            time.sleep(3.0)
+        finally:
+            peak = sampler.stop()
+        left = 2 * n - len(all_times(c.nodes))
+        print(f"     {what}: Redis back, at most {peak} connections open in 3 s, "
+              f"{left} messages left")
+        assert left > 0, "all delivered before the check: nothing tested"
+        assert peak <= 3, f"{what}: {peak} connections at the receiver with Redis back, " \
+                          f"cap 3; Redis events: {redis_events(c.nodes)}"
+        times = wait_delivered(c.nodes, 2 * n, timeout=60)
+        assert len(times) == 2 * n, f"{len(times)} deliveries for {2 * n} messages"
+        assert len(c.mx.times()) == 2 * n, f"{len(c.mx.times())} MAIL commands at the receiver"
+    finally:
+        c.close()
+
+def test_mx_cap_lowered_by_reload_holds_across_nodes():
+    """[mx] max_connections = 6 over two nodes sharing a Redis, lowered
+    to 2 by a reload of both while mail flows (0.1 s per message at the
+    receiver), lease_ttl = 3s: the connections beyond the new cap across
+    the nodes end after their transaction once a lease refresh (every
+    lease_ttl/3) counts them, so that within 1.5 s of the reload no more
+    than 2 are open. Before, a worker ended only those of its own beyond
+    the whole cap, and four stayed open for as long as the mail flowed."""
+    c = Cluster(2, "[mx mx.test]\nmax_connections = 6\n",
+                redis="nodes = 2\nlease_ttl = 3s\n", stamp=True)
+    c.mx.data_delay = 0.1
+    try:
+        n = 400
+        ta = threading.Thread(target=c.nodes[0].inject, args=(msgs(n, "a"),))
+        ta.start()
+        c.nodes[1].inject(msgs(n, "b"))
+        ta.join(60)
+        wait_until(lambda: sink_conns(c.mx_port, c.pids) >= 4, 10,
+                   "four connections or more at the receiver under the cap of 6")
+        for nd in c.nodes:
+            path = os.path.join(c.wd.path, f"{nd.name}.conf")
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(text.replace("max_connections = 6", "max_connections = 2"))
+            nd.d.signal(signal.SIGHUP)
+        for nd in c.nodes:
+            nd.d.wait_log("event=config_reloaded")
+        time.sleep(1.5)  # a refresh (1 s) and a transaction (0.1 s), with room
+        sampler = ConnSampler(c.mx_port, c.pids)
+        try:
+            time.sleep(3.0)
+        finally:
+            peak = sampler.stop()
+        left = 2 * n - len(all_times(c.nodes))
+        print(f"     cap 6 -> 2 by a reload: at most {peak} connections open from 1.5 s after, "
+              f"{left} messages left")
+        assert left > 0, "all delivered before the check: nothing tested"
+        assert peak <= 2, f"{peak} connections at the receiver after the reload to a cap of 2"
+        times = wait_delivered(c.nodes, 2 * n, timeout=90)
+        assert len(times) == 2 * n, f"{len(times)} deliveries for {2 * n} messages"
+    finally:
+        c.close()
+
+
 def test_connections_hold_through_a_redis_stall():
     """max_connections = 3 across two nodes while Redis stalls (SIGSTOP by
     PID, 0.5 s, three times) past [redis] timeout = 200ms: a node that
@@ -855,7 +962,9 @@ if __name__ == "__main__":
         skip("redis-server not installed (tools/install-deps --test)")
     main([test_local_rate_and_burst, test_two_nodes_share_rate_and_connections,
           test_two_nodes_share_an_mx_cap_over_many_domains,
-          test_redis_killed_then_back, test_connections_hold_through_a_redis_stall,
+          test_redis_killed_then_back, test_caps_come_back_with_redis,
+          test_mx_cap_lowered_by_reload_holds_across_nodes,
+          test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts,
           test_mx_pattern_limits_across_domains, test_mx_section_caps_recipients_and_messages,

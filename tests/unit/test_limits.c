@@ -1168,6 +1168,83 @@ test_shared_leases(void **state)
     node_stop(&b, true);
 }
 
+static void
+set_cap(struct node *n, void *arg)
+{
+    struct limit_conf c = n->k.conf;
+    c.max_connections = *(unsigned *)arg;
+    limits_key_set(n->l, &n->k, &c);
+}
+
+static void
+get_excess(struct node *n, void *arg)
+{
+    *(unsigned *)arg = limits_key_excess(&n->k);
+}
+
+/* Each connection told to end for the excess gives its lease back. */
+static void
+end_excess(struct node *n, void *arg)
+{
+    (void)arg;
+    while (limits_key_excess(&n->k) > 0) {
+        limits_key_excess_taken(&n->k);
+        limits_conn_release(n->l, &n->k);
+        n->acquired--;
+    }
+}
+
+static unsigned
+excess_of(struct node *a, struct node *b)
+{
+    unsigned ea = 0, eb = 0;
+    node_call(a, get_excess, &ea);
+    node_call(b, get_excess, &eb);
+    return ea + eb;
+}
+
+/* Leases held beyond a cap (a reload lowered it; or an outage, whose
+ * local shares add up to more): nothing refuses them, Redis refuses new
+ * ones only. The lease refresh (every ttl/3: 1 s here) tells each
+ * holder how many of its own are beyond the cap, as many in all as are
+ * over (not the whole excess to each node), and again at each refresh
+ * until they end; then none. */
+static void
+test_shared_leases_beyond_a_lowered_cap(void **state)
+{
+    (void)state;
+    if (!redis_setup_or_skip())
+        skip();
+    struct limits_opts o = shared_opts(2);
+    struct limit_conf c = {0};
+    c.max_connections = 3;
+    static struct node a, b;
+    node_start(&a, 0, "beyond.test", &o, &c);
+    node_start(&b, 1, "beyond.test", &o, &c);
+    assert_true(node_until(&a, state_is, "connected", 5000));
+    assert_true(node_until(&b, state_is, "connected", 5000));
+    unsigned one = 1, two = 2;
+    assert_true(node_until(&a, until_acquired, &two, 3000));
+    assert_true(node_until(&b, until_acquired, &one, 3000));
+    assert_int_equal(excess_of(&a, &b), 0);
+    node_call(&a, set_cap, &one);
+    node_call(&b, set_cap, &one);
+    uint64_t deadline = clock_now_ns() + 5000 * MSEC;
+    while (excess_of(&a, &b) < 2 && clock_now_ns() < deadline)
+        usleep(20000);
+    assert_int_equal(excess_of(&a, &b), 2);
+    usleep(1300000); /* another refresh of each: the same two, not more */
+    assert_int_equal(excess_of(&a, &b), 2);
+    node_call(&a, end_excess, NULL);
+    node_call(&b, end_excess, NULL);
+    assert_int_equal(a.acquired + b.acquired, 1);
+    assert_int_equal(redis_zcard("sluice:{beyond.test}:l"), 1);
+    usleep(1300000);
+    assert_int_equal(excess_of(&a, &b), 0);
+    node_stop(&a, true);
+    node_stop(&b, true);
+}
+
 /* One node on key, shared through Redis: 5 connections, one new one a
  * minute. */
 static void
@@ -2096,6 +2173,7 @@ main(void)
         cmocka_unit_test_teardown(test_shared_unacquire_keeps_the_grant, redis_teardown),
         cmocka_unit_test_teardown(test_shared_ready_lease, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_asks_again_after_a_release, redis_teardown),
+        cmocka_unit_test_teardown(test_shared_leases_beyond_a_lowered_cap, redis_teardown),
         cmocka_unit_test_teardown(test_shared_full_cap_marks_the_key_wanted, redis_teardown),
         cmocka_unit_test_teardown(test_vanished_node_leases_expire, redis_teardown),
         cmocka_unit_test_teardown(test_redis_outage, redis_teardown),
