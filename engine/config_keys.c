@@ -280,10 +280,12 @@ static const struct conf_key delivery_keys[] = {
      "rate_limited (not one of a mailbox's status, X.2.X: Gmail's 450 4.2.1 for a user who "
      "receives too fast, nor a limit of recipients per transaction, 452 X.5.3), the "
      "destination's message and connection rates are halved (again on each further one) for "
-     "this long",
+     "this long; read when the workers start: a later change needs a restart (logged as "
+     "event=reload_kept key=delivery.backoff)",
      NULL},
     {"backoff_step", CONF_DURATION, DLV(backoff_step), 1000, 86400000, "30s",
-     "then they come back by a quarter of the configured rate at each step", NULL},
+     "then they come back by a quarter of the configured rate at each step; read when the "
+     "workers start, as backoff", NULL},
     {"retry_jitter", CONF_UINT, DLV(retry_jitter), 0, 50, "10",
      "percent: each retry delay is lengthened at random by up to this much, so that "
      "messages deferred together do not come back together (one draw per transaction: its "
@@ -590,7 +592,10 @@ const struct section config_sections[] = {
             "change needs a restart (logged as event=reload_kept key=dns)",
             dns_conf_keys,
             struct dns_config, dns),
-    SECTION("redis", "limits shared by several nodes", redis_keys, struct redis_config, redis),
+    SECTION("redis",
+            "limits shared by several nodes; read when the workers start: a later change needs "
+            "a restart (logged as event=reload_kept key=redis)",
+            redis_keys, struct redis_config, redis),
     SECTION("shaping", "traffic shaping from receivers' replies, shared by every node",
             shaping_keys, struct shaping_config, shaping),
     SECTION("stats", "the stats socket", stats_keys, struct stats_config, stats),

@@ -1134,7 +1134,18 @@ report_kept(const struct config *o, const struct config *n)
         {"tls.session_cache_size", o->tls.session_cache_size == n->tls.session_cache_size},
         {"stats", SAME_STR(o->stats.socket, n->stats.socket) &&
                       SAME_STR(o->stats.http_listen, n->stats.http_listen)},
-        {"redis", SAME_STR(o->redis.url, n->redis.url)},
+        /* Each worker's limiter is made at start from the [redis] of
+         * then (its connection, its outage share, its leases and
+         * batches), and its backoff from [delivery]'s. */
+        {"redis", SAME_STR(o->redis.url, n->redis.url) &&
+                      SAME_STR(o->redis.password, n->redis.password) &&
+                      SAME_STR(o->redis.key_prefix, n->redis.key_prefix) &&
+                      o->redis.nodes == n->redis.nodes &&
+                      o->redis.lease_ttl == n->redis.lease_ttl &&
+                      o->redis.token_batch == n->redis.token_batch &&
+                      o->redis.timeout == n->redis.timeout},
+        {"delivery.backoff", o->delivery.backoff == n->delivery.backoff &&
+                                 o->delivery.backoff_step == n->delivery.backoff_step},
         {"log.file", SAME_STR(o->log.file, n->log.file)},
         {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
         /* The list holds its own copy of [suppress] from the start. */

@@ -313,6 +313,68 @@ def test_reloads_free_replaced_configs():
         r.close()
 
 
+def test_reload_says_what_redis_and_backoff_keep():
+    """[redis] nodes, timeout, lease_ttl, token_batch, key_prefix and
+    password, and [delivery] backoff and backoff_step are read when the
+    workers' limiters start: a reload that changes them says so
+    (event=reload_kept), as it does for the url; it said nothing, and
+    a node added to the cluster (nodes = 3) kept its outage share of
+    1/2 in silence."""
+    from harness import Redis
+    wd = Workdir("sluice-reload-redis-")
+    redis = d = None
+    try:
+        redis = Redis()
+        port = free_port()
+        head = f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+[queue]
+path = {wd.path}/spool
+map_size = 64M
+[redis]
+url = redis://127.0.0.1:{redis.port}
+"""
+        conf = wd.file("sluice.conf", head + "nodes = 2\n[delivery]\nbackoff = 1m\n")
+        d = Sluice(SLUICE, conf)
+        d.wait_log("event=ready")
+        n = 0
+        for redis_keys, delivery_keys, kept in [
+                ("nodes = 3\n", "backoff = 1m\n", ["redis"]),
+                ("nodes = 2\ntimeout = 300ms\n", "backoff = 1m\n", ["redis"]),
+                ("nodes = 2\nlease_ttl = 10s\ntoken_batch = 5\n", "", ["redis"]),
+                ("nodes = 2\nkey_prefix = other:\n", "", ["redis"]),
+                ("nodes = 2\npassword = sesame\n", "", ["redis"]),
+                ("nodes = 2\n", "backoff = 5m\n", ["delivery.backoff"]),
+                ("nodes = 2\n", "backoff_step = 10s\n", ["delivery.backoff"]),
+                ("nodes = 2\n", "backoff = 1m\n", [])]:
+            before = {k: d.count_log(f"event=reload_kept key={k} ")
+                      for k in ("redis", "delivery.backoff")}
+            with open(conf, "w") as f:
+                f.write(head + redis_keys + "[delivery]\n" + delivery_keys)
+            n += 1
+            d.signal(signal.SIGHUP)
+            d.wait_log_count("event=config_reloaded", n)
+            for k, was in before.items():
+                now = d.count_log(f"event=reload_kept key={k} ")
+                if k in kept:
+                    assert now == was + 1, f"{redis_keys!r} {delivery_keys!r}: no " \
+                                           f"event=reload_kept key={k}"
+                else:
+                    assert now == was, f"{redis_keys!r} {delivery_keys!r}: reload_kept key={k}"
+        d.stop_clean()
+    finally:
+        if d is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        if redis is not None:
+            redis.stop()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_sighup_reloads_users, test_sighup_reloads_domain_limits,
-          test_reloads_keep_little_memory, test_reloads_free_replaced_configs])
+          test_reloads_keep_little_memory, test_reloads_free_replaced_configs,
+          test_reload_says_what_redis_and_backoff_keep])
