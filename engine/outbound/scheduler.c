@@ -735,6 +735,22 @@ sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
             site_addr_up(c->site, &c->addr);
         }
     }
+    /* An [mx] section that a reload added after c opened: c holds no
+     * lease of its key, so neither its cap nor its rates saw c, which
+     * carried mail past them for as long as it flowed. c takes a lease
+     * now (no connection-rate token: it is open), or ends; with [redis]
+     * the lease is asked for and c ends meanwhile (once). Not on a
+     * idle list here: conn_idle_push links c to the key it has then. */
+    if (c->mxk == NULL) {
+        struct mxkey *mk = dest_mxkey(t);
+        uint64_t retry_at;
+        if (mk != NULL && !limits_lease_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
+            c->quit_why = "max_connections";
+            *what = SCHED_NEXT_QUIT;
+            return NULL;
+        }
+        c->mxk = mk;
+    }
     /* Over the domain's max_connections (a reload lowered it): the extra
      * connections end after their transaction; while mail flowed none
      * went idle, and the lowered cap held for new ones only. Those told

@@ -751,6 +751,45 @@ def test_mx_cap_lowered_by_reload_holds_across_nodes():
         c.close()
 
 
+def test_mx_section_added_by_reload_caps_open_connections():
+    """One node, no [mx] section, a receiver taking 0.1 s per message:
+    several connections carry the mail; a reload adds [mx mx.test]
+    max_connections = 2. The connections opened before it held no lease
+    of the new section's key, so neither its cap nor its rates saw them,
+    and they went on for as long as the mail flowed (five or more at the
+    receiver); now each takes a lease at its next transaction or ends
+    after the one it is in: within a second, no more than 2 are open."""
+    c = Cluster(1, "", stamp=True)
+    c.mx.data_delay = 0.1
+    nd = c.nodes[0]
+    try:
+        n = 600
+        nd.inject(msgs(n, "x"))
+        wait_until(lambda: sink_conns(c.mx_port, c.pids) >= 5, 15,
+                   "five connections or more at the receiver")
+        path = os.path.join(c.wd.path, f"{nd.name}.conf")
+        with open(path, "a") as f:
+            f.write("[mx mx.test]\nmax_connections = 2\n")
+        nd.d.signal(signal.SIGHUP)
+        nd.d.wait_log("event=config_reloaded")
+        time.sleep(1.0)  # the transactions under way end (0.1 s each)
+        sampler = ConnSampler(c.mx_port, c.pids)
+        try:
+            time.sleep(2.0)
+        finally:
+            peak = sampler.stop()
+        left = n - len(all_times(c.nodes))
+        print(f"     [mx] added by a reload, cap 2: at most {peak} connections open from 1 s "
+              f"after, {left} messages left")
+        assert left > 0, "all delivered before the check: nothing tested"
+        assert peak <= 2, f"{peak} connections at the receiver after a reload added a cap of 2"
+        times = wait_delivered(c.nodes, n, timeout=120)  # 10/s once capped
+        assert len(times) == n, f"{len(times)} deliveries for {n} messages"
+        assert len(c.mx.times()) == n, f"{len(c.mx.times())} MAIL commands at the receiver"
+    finally:
+        c.close()
+
+
 def test_connections_hold_through_a_redis_stall():
     """max_connections = 3 across two nodes while Redis stalls (SIGSTOP by
     PID, 0.5 s, three times) past [redis] timeout = 200ms: a node that
@@ -964,6 +1003,7 @@ if __name__ == "__main__":
           test_two_nodes_share_an_mx_cap_over_many_domains,
           test_redis_killed_then_back, test_caps_come_back_with_redis,
           test_mx_cap_lowered_by_reload_holds_across_nodes,
+          test_mx_section_added_by_reload_caps_open_connections,
           test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
           test_suspend_stops_within_a_second_and_resume_restarts,
