@@ -140,6 +140,8 @@ struct delivery_config {
     int nallow;
     bool mta_sts;             /* MTA-STS (RFC 8461) for every domain; [domain] mta_sts can
                                * turn it off for one */
+    unsigned active_limit;    /* ready recipients above which due ones stay in the spool;
+                               * 0: no limit */
 };
 
 struct redis_config {

@@ -337,6 +337,15 @@ static const struct conf_key delivery_keys[] = {
      "a limit of messages per connection or session: the receiver's idle timeout or "
      "connection limit)",
      NULL},
+    {"active_limit", CONF_UINT, DLV(active_limit), 0, 100000000, "1000000",
+     "recipients ready for delivery (held in memory, about 350 octets each) above which "
+     "deferred recipients that come due wait in the spool: each take of due mail is cut to "
+     "what fits under the limit, and none is taken while the spool holds this many ready "
+     "(logged once as event=due_paused, then event=due_resumed), so an outage's backlog "
+     "coming due at once does not take its weight in memory; new mail is accepted and "
+     "queued whatever the count, and the ready mail found at start is all taken; 0: no "
+     "limit (Postfix's qmgr_message_active_limit, in recipients)",
+     NULL},
     {"mta_sts", CONF_BOOL, DLV(mta_sts), 0, 0, "yes",
      "MTA-STS (RFC 8461): look up each recipient domain's policy (see [mta_sts]); in "
      "enforce mode deliver only to the MX hosts it names, over TLS with a certificate that "

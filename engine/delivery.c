@@ -576,6 +576,31 @@ due_on_done(void *cookie, int rc)
     free(dt);
 }
 
+/* [delivery] active_limit: how many of batch the next take may make
+ * ready, 0 while the spool holds the limit's count of ready recipients
+ * (those the workers hold: new mail, the start's, taken ones). The count
+ * is the spool's (its recipients less its deferred ones, one read), so
+ * nothing here has to follow each job to its end. A take paused or
+ * resumed is logged once each way. */
+static unsigned
+due_room(struct delivery *d, unsigned batch)
+{
+    uint64_t limit = d->e->cfg->delivery.active_limit;
+    struct queue_counts c;
+    if (limit == 0 || queue_counts(d->e->queue, &c, NULL, NULL) != 0) {
+        d->stats.due_paused = 0; /* no limit, or no count: take as without one */
+        return batch;
+    }
+    uint64_t room = c.ready < limit ? limit - c.ready : 0;
+    if ((room == 0) != (d->stats.due_paused != 0)) {
+        d->stats.due_paused = room == 0;
+        log_msg(LOG_NOTICE, "event=%s ready=%llu deferred=%llu active_limit=%llu",
+                room == 0 ? "due_paused" : "due_resumed", (unsigned long long)c.ready,
+                (unsigned long long)c.deferred, (unsigned long long)limit);
+    }
+    return room < batch ? (unsigned)room : batch;
+}
+
 static void
 due_on_timer(struct timer *tm, void *ctx)
 {
@@ -590,7 +615,12 @@ due_on_timer(struct timer *tm, void *ctx)
         dt->b.e = d->e;
         if (d->due_batch == 0 || d->due_batch > DUE_BATCH)
             d->due_batch = DUE_BATCH;
-        dt->batch = d->due_batch;
+        dt->batch = due_room(d, d->due_batch);
+        if (dt->batch == 0) { /* the limit's count is ready: look again in a while */
+            free(dt);
+            worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+            return;
+        }
         rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), dt->batch, due_on_taken, dt,
                             due_on_done, dt);
     }

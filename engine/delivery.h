@@ -53,6 +53,8 @@ struct delivery_stats {
     uint64_t source_holds;                 /* a pool's source held at a site (throttled, or
                                             * a connection from it could not be opened) */
     uint64_t shaping_quits;                /* connections that said goodbye as shaping said */
+    uint64_t due_paused;                   /* 1 while due recipients wait in the spool:
+                                            * [delivery] active_limit reached (worker 0) */
     uint64_t parked;                       /* jobs set aside now: their tenant or
                                             * campaign is suspended */
 };

@@ -322,6 +322,7 @@ ops_counters(void *arg, struct stats_counters *out)
             out->source_holds += s->dlv.source_holds;
             out->shaping_quits += s->dlv.shaping_quits;
             out->parked += s->dlv.parked;
+            out->due_paused += s->dlv.due_paused;
             out->deferred += s->dlv.deferred;
             out->bounced += s->dlv.bounced;
             out->expired += s->dlv.expired;

@@ -220,6 +220,7 @@ struct stats_counters {
     } shaping_rule_hits[STATS_OWNERS_MAX]; /* rules that fired, the most first */
     unsigned nshaping_rule_hits;
     uint64_t parked;        /* jobs set aside now: tenant or campaign suspended */
+    uint64_t due_paused;    /* 1 while due recipients wait: [delivery] active_limit reached */
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;

@@ -328,6 +328,8 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "messages", c->queue_msgs);
     json_ku64(j, "recipients", c->queue_rcpts);
     json_ku64(j, "deferred", c->queue_deferred);
+    json_key(j, "due_paused");
+    json_bool(j, c->due_paused != 0);
     json_obj_end(j);
 
     json_key(j, "spool");
@@ -669,6 +671,10 @@ static const struct metric metrics[] = {
     {"sluice_queue_recipients", "gauge", "Recipients in the spool.", CTR(queue_rcpts)},
     {"sluice_queue_recipients_deferred", "gauge", "Recipients in the spool waiting for a retry.",
      CTR(queue_deferred)},
+    {"sluice_queue_due_paused", "gauge",
+     "1 while deferred recipients that came due wait in the spool: [delivery] active_limit "
+     "recipients are ready.",
+     CTR(due_paused)},
     {"sluice_spool_bytes", "gauge", "Bytes of messages in the spool.", CTR(spool_bytes)},
     {"sluice_spool_map_size_bytes", "gauge", "Size of the spool's LMDB map.", CTR(map_size)},
     {"sluice_spool_map_used_bytes", "gauge", "Bytes of the spool's LMDB map in use.",

@@ -487,6 +487,50 @@ def test_flush_retries_deferred_now():
         r.close()
 
 
+def test_active_limit_keeps_due_mail_in_the_spool():
+    """[delivery] active_limit: 100 deferred recipients come due at once
+    (a flush after an outage) while the receiver takes 50 a second; with a
+    limit of 20 the take hands out at most what fits under it, and the rest
+    waits in the spool (deferred) until ready ones are done. Before, one
+    take made all 100 ready at once, each with its memory: a million after
+    a long outage. Every recipient is delivered, once."""
+    n, limit = 100, 20
+    r = Relay(records_for(["soft.test"]), sink_flags=["-r", "RCPT"],
+              delivery_conf=f"active_limit = {limit}\n",
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"
+                                     "max_message_rate = 50/s\n"))
+    try:
+        r.inject([msg(i, [f"u{i}@soft.test"]) for i in range(n)])
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", n, timeout=30)
+        r.sink.stop()
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        assert ctl_json(r, "flush")["recipients"] == n
+        most, paused_seen, waiting_seen = 0, False, False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            q = ctl_json(r, "stats")["queue"]
+            ready = q["recipients"] - q["deferred"]
+            most = max(most, ready)
+            paused_seen |= q["due_paused"]
+            waiting_seen |= ready > 0 and q["deferred"] > 0
+            if q["recipients"] == 0:
+                break
+            time.sleep(0.03)
+        else:
+            raise AssertionError(f"still queued after 60 s: {q}")
+        print(f"     most ready at once: {most} (limit {limit})")
+        assert most <= limit, f"{most} ready at once, over the limit of {limit}"
+        assert waiting_seen and paused_seen, "the take never paused: no limit applied"
+        r.d.wait_log("event=due_paused")
+        r.d.wait_log("event=due_resumed")
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", n, timeout=10)
+        assert sorted(e["rcpt"] for e in dl) == sorted(f"u{i}@soft.test" for i in range(n))
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
 def test_flush_ends_the_rest_of_a_site_that_was_down():
     """An outage's flush: the MX host that three domains share refused
     connections, so their site rests (site_hold = 10m here) and their
@@ -1114,7 +1158,7 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
-          test_flush_waits_for_a_slow_answer,
+          test_flush_waits_for_a_slow_answer, test_active_limit_keeps_due_mail_in_the_spool,
           test_sluicectl_suppress_too_long_says_so,
           test_spool_tool_refuses_a_directory_without_a_spool,
           test_top_gives_the_terminal_back_when_sluice_goes,
