@@ -42,6 +42,8 @@
 
 #define DUE_POLL_MS    1000
 #define DUE_BATCH      10000
+#define DUE_PAUSED_MS  100 /* the next look while active_limit holds takes back: the ready
+                            * mail of a fast drain goes in well under the second of a poll */
 
 /* ---- what the scheduler calls out to, on a running worker ---- */
 
@@ -606,8 +608,12 @@ due_on_timer(struct timer *tm, void *ctx)
 {
     struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
     /* Once a second: the spool's pages read since (envelopes, bodies of
-     * transactions now waiting for replies) leave the RSS. */
-    queue_map_trim(d->e->queue);
+     * transactions now waiting for replies) leave the RSS. Not at each
+     * take: takes come at once while full, or every DUE_PAUSED_MS. */
+    if (d->w->now - d->due_trimmed >= MS_TO_NS(DUE_POLL_MS)) {
+        queue_map_trim(d->e->queue);
+        d->due_trimmed = d->w->now;
+    }
     struct due_take *dt = calloc(1, sizeof(*dt));
     int rc = -ENOMEM;
     if (dt != NULL) {
@@ -616,9 +622,9 @@ due_on_timer(struct timer *tm, void *ctx)
         if (d->due_batch == 0 || d->due_batch > DUE_BATCH)
             d->due_batch = DUE_BATCH;
         dt->batch = due_room(d, d->due_batch);
-        if (dt->batch == 0) { /* the limit's count is ready: look again in a while */
+        if (dt->batch == 0) { /* the limit's count is ready: look again soon */
             free(dt);
-            worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+            worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_PAUSED_MS));
             return;
         }
         rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), dt->batch, due_on_taken, dt,

@@ -454,6 +454,7 @@ struct delivery {
     uint64_t evicted;        /* destinations dropped when idle */
     struct timer due_timer; /* worker 0: take due recipients from the spool */
     unsigned due_batch;     /* ... at most this many a take (DUE_BATCH, less while full) */
+    uint64_t due_trimmed;   /* worker ns of the last queue_map_trim (once a second) */
     struct delivery_stats stats;
     struct pool cli_pool;    /* struct smtp_client_buf */
     struct pool chunk_pool;  /* BODY_CHUNK */
