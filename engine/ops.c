@@ -11,7 +11,10 @@
  * posted to the workers that own their destinations, which commit them
  * as any outcome, and their answer waits until the spool shows them done.
  *
- * Threading: the stats thread; the *_on_worker functions on each worker.
+ * Threading: the stats thread (counters, domains) and its command thread
+ * (ops_command, one command at a time), concurrently: what both reach is
+ * locked (the config's read sections, wcalls, the deferred cache); the
+ * *_on_worker functions on each worker.
  */
 #include "engine/ops.h"
 

@@ -6,7 +6,11 @@
  * are rendered by engine/stats_render.c.
  *
  * One poll(2) loop on a thread of its own, never a worker: it may block
- * in an engine callback for a moment, so it is kept off the rings. Every
+ * in an engine callback for a moment, so it is kept off the rings. The
+ * engine's commands (ops->command: flush, bounce, reload, ...; seconds
+ * to minutes for a big queue) go to a second thread, the command thread,
+ * one at a time; their client waits, unpolled but for a hang-up, while
+ * this loop goes on answering stats, domains, metrics and HTTP. Every
  * client has fixed buffers for its input (STATS_HTTP_REQUEST_MAX) and
  * one answer at a time for its output: the next command of a connection
  * is read only once the previous answer went out, so a client that
@@ -103,6 +107,8 @@ struct client {
     bool closing;  /* close once out is sent */
     bool draining; /* write side shut: drop input until EOF or the deadline */
     bool eof;      /* the peer shut its write side */
+    bool waiting;  /* its command is with the command thread: not polled until answered */
+    uint64_t gen;  /* which client of the slot: a late answer finds its own or none */
     size_t inlen, drained;
     uint64_t deadline;  /* monotonic ms: dropped then (client_rearm) */
     uint64_t req_start; /* the request under way began (accept or its first
@@ -128,7 +134,19 @@ struct stats_server {
     struct rate_sample ring[RATE_SAMPLES];
     unsigned ring_n, ring_head;
     uint64_t next_sample;
-    struct json scratch;       /* for ops->command */
+    /* The command thread (cmd_thread): the engine's commands, one at a
+     * time, off this thread, which goes on answering stats, domains,
+     * metrics and HTTP meanwhile. Jobs go in at todo, come back at done
+     * (done_fd tells); cmd_lock guards both lists and cmd_stop. */
+    pthread_t cmd_thread;
+    bool cmd_started;
+    pthread_mutex_t cmd_lock;
+    pthread_cond_t cmd_cv;
+    struct cmd_job *todo, **todo_tail, *done;
+    bool cmd_stop;
+    int done_fd;               /* owned eventfd; -1: none */
+    uint64_t next_gen;
+    struct json scratch;       /* for ops->command, on the command thread */
     struct stats_domain *doms; /* owned, ndoms_cap entries */
     size_t ndoms_cap;
     uint64_t evict_logged; /* monotonic ms of the last event=stats_client_evicted */
@@ -368,6 +386,127 @@ do_engine(struct stats_server *s, const struct command *cmd, const char *args, s
     }
 }
 
+/* ---- the command thread ---- */
+
+/* An engine command on its way to the command thread, and its answer on
+ * the way back. */
+struct cmd_job {
+    struct cmd_job *next;
+    const struct command *cmd;
+    size_t slot;     /* its client's index in s->clients */
+    uint64_t gen;    /* that client's gen then */
+    struct json out; /* the answer line, newline included */
+    char args[STATS_LINE_MAX + 1];
+};
+
+/* Run the engine's commands one at a time, in the order they came, as
+ * this thread alone did before (ops.c expects one caller of commands).
+ * A flush or bounce of a million recipients takes seconds to minutes;
+ * on the stats thread it held every other client, /metrics and the
+ * status page for as long. */
+static void *
+cmd_thread(void *arg)
+{
+    struct stats_server *s = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    log_altstack_init();
+    log_set_thread_name("stats-cmd");
+    pthread_mutex_lock(&s->cmd_lock);
+    for (;;) {
+        while (s->todo == NULL && !s->cmd_stop)
+            pthread_cond_wait(&s->cmd_cv, &s->cmd_lock);
+        if (s->cmd_stop)
+            break; /* what is left is freed with the server: nobody reads it */
+        struct cmd_job *j = s->todo;
+        s->todo = j->next;
+        if (s->todo == NULL)
+            s->todo_tail = &s->todo;
+        pthread_mutex_unlock(&s->cmd_lock);
+        do_engine(s, j->cmd, j->args, &j->out);
+        if (json_failed(&j->out)) {
+            json_reset(&j->out);
+            answer_error(&j->out, "out of memory");
+        }
+        json_raw(&j->out, "\n", 1);
+        pthread_mutex_lock(&s->cmd_lock);
+        j->next = s->done;
+        s->done = j;
+        uint64_t one = 1;
+        (void)!write(s->done_fd, &one, sizeof(one));
+    }
+    pthread_mutex_unlock(&s->cmd_lock);
+    return NULL;
+}
+
+/* Hand c's command to the command thread: c waits, unpolled for input,
+ * until cmd_answers() gives it the answer. False without memory. */
+static bool
+cmd_submit(struct stats_server *s, struct client *c, const struct command *cmd, const char *args)
+{
+    struct cmd_job *j = calloc(1, sizeof(*j));
+    if (j == NULL)
+        return false;
+    j->cmd = cmd;
+    j->slot = (size_t)(c - s->clients);
+    j->gen = c->gen;
+    snprintf(j->args, sizeof(j->args), "%s", args);
+    json_init(&j->out);
+    pthread_mutex_lock(&s->cmd_lock);
+    *s->todo_tail = j;
+    s->todo_tail = &j->next;
+    pthread_cond_signal(&s->cmd_cv);
+    pthread_mutex_unlock(&s->cmd_lock);
+    c->waiting = true;
+    return true;
+}
+
+static void
+free_jobs(struct cmd_job *j)
+{
+    while (j != NULL) {
+        struct cmd_job *next = j->next;
+        json_fini(&j->out);
+        free(j);
+        j = next;
+    }
+}
+
+static int client_flush(struct stats_server *s, struct client *c, uint64_t now);
+static int client_process(struct stats_server *s, struct client *c, uint64_t now);
+static void client_rearm(const struct stats_server *s, struct client *c);
+
+/* The stats thread: the answers the command thread made go to their
+ * clients, those still there (a client that left meanwhile lost its
+ * slot, perhaps to another: gen tells). */
+static void
+cmd_answers(struct stats_server *s, uint64_t now)
+{
+    uint64_t v;
+    (void)!read(s->done_fd, &v, sizeof(v));
+    pthread_mutex_lock(&s->cmd_lock);
+    struct cmd_job *list = s->done;
+    s->done = NULL;
+    pthread_mutex_unlock(&s->cmd_lock);
+    for (struct cmd_job *j = list; j != NULL; j = j->next) {
+        struct client *c = &s->clients[j->slot];
+        if (c->fd < 0 || c->gen != j->gen || !c->waiting)
+            continue;
+        c->waiting = false;
+        struct json t = c->out; /* empty: the answer is swapped in */
+        c->out = j->out;
+        j->out = t;
+        c->outoff = 0;
+        c->answer_at = now;
+        c->req_start = c->inlen > 0 ? now : 0;
+        client_rearm(s, c);
+        if (client_flush(s, c, now) == 0)
+            client_process(s, c, now);
+    }
+    free_jobs(list);
+}
+
 static void
 do_metrics(struct stats_server *s, struct json *out)
 {
@@ -386,14 +525,17 @@ do_metrics(struct stats_server *s, struct json *out)
     free(text);
 }
 
-/* Answer one command line (no newline) into out, newline included. */
-static void
-stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
+/* Answer one command line (no newline) of c into out, newline included;
+ * or, for a command of the engine's, hand it to the command thread and
+ * return true: the answer comes later (cmd_answers). */
+static bool
+stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
+              struct json *out)
 {
     if (memchr(line, '\0', len) != NULL) {
         answer_error(out, "NUL octet in the command line");
         json_raw(out, "\n", 1);
-        return;
+        return false;
     }
     line[len] = '\0';
     while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
@@ -423,19 +565,21 @@ stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
     } else if (count_words(args) < cmd->min_args || count_words(args) > cmd->max_args) {
         answer_errorf(out, "usage: %s%s%s", cmd->verb, cmd->args[0] ? " " : "", cmd->args);
     } else if (cmd->engine) {
-        do_engine(s, cmd, args, out);
+        if (cmd_submit(s, c, cmd, args))
+            return true;
+        answer_error(out, "out of memory");
     } else if (strcmp(cmd->verb, "stats") == 0) {
-        struct stats_counters c;
+        struct stats_counters k;
         struct stats_rates r1s, r1m;
-        gather_counters(s, &c);
+        gather_counters(s, &k);
         rates_get(s, &r1s, &r1m);
-        stats_render_stats(out, &c, &r1s, &r1m);
+        stats_render_stats(out, &k, &r1s, &r1m);
     } else if (strcmp(cmd->verb, "domains") == 0) {
         unsigned long want;
         if (stats_parse_top(args, &want) < 0) {
             answer_errorf(out, "domains: N must be a number from 1 to %d", STATS_DOMAINS_MAX);
             json_raw(out, "\n", 1);
-            return;
+            return false;
         }
         size_t n = gather_domains(s, want);
         json_obj_begin(out);
@@ -452,6 +596,7 @@ stats_on_line(struct stats_server *s, char *line, size_t len, struct json *out)
         answer_error(out, "out of memory");
     }
     json_raw(out, "\n", 1);
+    return false;
 }
 
 /* ---- HTTP ---- */
@@ -645,6 +790,10 @@ client_rearm(const struct stats_server *s, struct client *c)
 {
     if (c->draining)
         return; /* set once, when the draining began */
+    if (c->waiting) { /* as long as its command takes (a bounce waits up to 30 minutes) */
+        c->deadline = UINT64_MAX;
+        return;
+    }
     if (c->outoff < c->out.len) {
         c->deadline = c->answer_at + STATS_ANSWER_MS;
         return;
@@ -693,7 +842,7 @@ client_flush(struct stats_server *s, struct client *c, uint64_t now)
 static int
 client_process(struct stats_server *s, struct client *c, uint64_t now)
 {
-    while (!c->closing && c->out.len == 0) {
+    while (!c->closing && c->out.len == 0 && !c->waiting) {
         if (c->kind == CLIENT_HTTP) {
             size_t end = http_request_end(c->in, c->inlen);
             if (end == 0 && c->inlen >= sizeof(c->in))
@@ -719,7 +868,7 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                 size_t len = c->inlen;
                 memcpy(line, c->in, len);
                 c->inlen = 0;
-                stats_on_line(s, line, len, &c->out);
+                stats_on_line(s, c, line, len, &c->out);
                 c->closing = true;
             } else if (nl == NULL) {
                 if (c->eof)
@@ -738,9 +887,13 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                     memcpy(line, c->in, len);
                     c->inlen -= len + 1;
                     memmove(c->in, nl + 1, c->inlen);
-                    stats_on_line(s, line, len, &c->out);
+                    stats_on_line(s, c, line, len, &c->out);
                 }
             }
+        }
+        if (c->waiting) { /* the command thread answers: cmd_answers */
+            client_rearm(s, c);
+            return 0;
         }
         /* An answer was made: the next request, if any octet of it is
          * here already, starts now. */
@@ -750,7 +903,7 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
         if (client_flush(s, c, now) < 0)
             return -1;
     }
-    if (c->closing && c->out.len == 0 && !c->draining)
+    if (c->closing && c->out.len == 0 && !c->draining && !c->waiting)
         return client_flush(s, c, now);
     return 0;
 }
@@ -784,7 +937,8 @@ client_on_readable(struct stats_server *s, struct client *c, uint64_t now)
     c->inlen += (size_t)n;
     c->last_io = now;
     client_rearm(s, c);
-    if (client_process(s, c, now) == 0 && c->eof && !c->closing && c->out.len == 0)
+    if (client_process(s, c, now) == 0 && c->eof && !c->closing && c->out.len == 0 &&
+        !c->waiting)
         client_close(c);
 }
 
@@ -803,8 +957,8 @@ pool_victim(struct client *pool, size_t n)
         uint64_t t;
         if (c->draining) {
             rank = 3, t = 0;
-        } else if (c->out.len > 0) {
-            continue; /* its answer is being sent */
+        } else if (c->out.len > 0 || c->waiting) {
+            continue; /* its answer is being sent, or made */
         } else if (c->req_start != 0) {
             rank = 2, t = c->req_start;
         } else {
@@ -864,7 +1018,8 @@ stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t
         }
         c->fd = fd;
         c->kind = kind;
-        c->closing = c->draining = c->eof = false;
+        c->closing = c->draining = c->eof = c->waiting = false;
+        c->gen = ++s->next_gen;
         c->inlen = c->drained = c->outoff = 0;
         json_init(&c->out);
         c->req_start = c->last_io = now; /* a request is owed from the start */
@@ -888,8 +1043,8 @@ stats_thread(void *arg)
     uint64_t now = clock_mono_ms();
     rates_sample(s, now);
     s->next_sample = now + SAMPLE_MS;
-    struct pollfd pfd[3 + STATS_CLIENTS_MAX];
-    struct client *owner[3 + STATS_CLIENTS_MAX];
+    struct pollfd pfd[4 + STATS_CLIENTS_MAX];
+    struct client *owner[4 + STATS_CLIENTS_MAX];
     for (;;) {
         now = clock_mono_ms();
         if (now >= s->next_sample) {
@@ -903,6 +1058,8 @@ stats_thread(void *arg)
         pfd[n] = (struct pollfd){.fd = s->wake_fd, .events = POLLIN};
         owner[n++] = NULL;
         pfd[n] = (struct pollfd){.fd = s->ctl_fd, .events = POLLIN};
+        owner[n++] = NULL;
+        pfd[n] = (struct pollfd){.fd = s->done_fd, .events = POLLIN};
         owner[n++] = NULL;
         if (s->http_fd >= 0) {
             pfd[n] = (struct pollfd){.fd = s->http_fd, .events = POLLIN};
@@ -918,6 +1075,11 @@ stats_thread(void *arg)
             }
             if (c->deadline < wake)
                 wake = c->deadline;
+            if (c->waiting) { /* only a hang-up is heard (no events asked) */
+                pfd[n] = (struct pollfd){.fd = c->fd, .events = 0};
+                owner[n++] = c;
+                continue;
+            }
             short ev = c->out.len > c->outoff ? POLLOUT : 0;
             if (c->draining || (ev == 0 && !c->eof && c->inlen < sizeof(c->in)))
                 ev |= POLLIN;
@@ -938,6 +1100,10 @@ stats_thread(void *arg)
             if (pfd[i].revents == 0)
                 continue;
             struct client *c = owner[i];
+            if (c == NULL && pfd[i].fd == s->done_fd) {
+                cmd_answers(s, now);
+                continue;
+            }
             if (c == NULL) {
                 stats_on_accept(s, pfd[i].fd, pfd[i].fd == s->ctl_fd ? CLIENT_CTL : CLIENT_HTTP,
                                 now);
@@ -945,6 +1111,10 @@ stats_thread(void *arg)
             }
             if (c->fd < 0)
                 continue;
+            if (c->waiting) { /* it left before its answer: dropped when that comes */
+                client_close(c);
+                continue;
+            }
             if (pfd[i].revents & POLLOUT) {
                 if (client_flush(s, c, now) < 0 || client_process(s, c, now) < 0)
                     continue;
@@ -1115,8 +1285,11 @@ stats_server_new(const char *socket_path, unsigned socket_mode, const char *http
     }
     s->ops = *ops;
     s->top_n = top_n;
-    s->wake_fd = s->ctl_fd = s->http_fd = -1;
+    s->wake_fd = s->ctl_fd = s->http_fd = s->done_fd = -1;
     json_init(&s->scratch);
+    pthread_mutex_init(&s->cmd_lock, NULL);
+    pthread_cond_init(&s->cmd_cv, NULL);
+    s->todo_tail = &s->todo;
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
         s->clients[i].fd = -1;
     int rc;
@@ -1132,10 +1305,22 @@ stats_server_new(const char *socket_path, unsigned socket_mode, const char *http
         errf(err, errlen, "eventfd: %s", strerror(-rc));
         goto fail;
     }
+    s->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->done_fd < 0) {
+        rc = -errno;
+        errf(err, errlen, "eventfd: %s", strerror(-rc));
+        goto fail;
+    }
     if ((rc = ctl_listen(s, socket_path, socket_mode, err, errlen)) != 0)
         goto fail;
     if (http_listen != NULL && (rc = http_listen_open(s, http_listen, err, errlen)) != 0)
         goto fail;
+    if ((rc = pthread_create(&s->cmd_thread, NULL, cmd_thread, s)) != 0) {
+        errf(err, errlen, "stats command thread: %s", strerror(rc));
+        rc = -rc;
+        goto fail;
+    }
+    s->cmd_started = true;
     if ((rc = pthread_create(&s->thread, NULL, stats_thread, s)) != 0) {
         errf(err, errlen, "stats thread: %s", strerror(rc));
         rc = -rc;
@@ -1159,6 +1344,19 @@ stats_server_free(struct stats_server *s)
         (void)!write(s->wake_fd, &one, sizeof(one));
         pthread_join(s->thread, NULL);
     }
+    if (s->cmd_started) { /* after the command under way, if any: it may wait a while */
+        pthread_mutex_lock(&s->cmd_lock);
+        s->cmd_stop = true;
+        pthread_cond_signal(&s->cmd_cv);
+        pthread_mutex_unlock(&s->cmd_lock);
+        pthread_join(s->cmd_thread, NULL);
+    }
+    free_jobs(s->todo);
+    free_jobs(s->done);
+    pthread_mutex_destroy(&s->cmd_lock);
+    pthread_cond_destroy(&s->cmd_cv);
+    if (s->done_fd >= 0)
+        close(s->done_fd);
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
         if (s->clients[i].fd >= 0)
             client_close(&s->clients[i]);

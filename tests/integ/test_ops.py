@@ -834,6 +834,42 @@ def test_bounce_of_mail_on_a_connection_says_it_stayed():
         r.close()
 
 
+def test_stats_answer_while_a_command_waits():
+    """The engine's commands run on a thread of their own: while a bounce
+    waits for a transaction under way (8 s), another client's stats, its
+    /metrics and the status page's JSON are answered at once. They ran on
+    the stats thread, which held every other client until the bounce
+    answered (a flush or bounce of a million recipients: seconds to
+    minutes without /metrics)."""
+    hport = free_port()
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"],
+              domain_conf=stats_conf(http=hport))
+    bounce = None
+    try:
+        r.inject([msg(0, ["a@slow.test"])], sessions=1)
+        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
+                   "the message on a connection")
+        qid = ctl_json(r, "queue")["messages"][0]["id"]
+        bounce = subprocess.Popen([SLUICECTL, "-s", sock_of(r), "--json", "bounce", qid],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r.d.wait_log("event=operator_bounce_skipped")
+        assert bounce.poll() is None, "the bounce answered before its wait"
+        st = ctl_json(r, "stats")
+        assert st["queue"]["messages"] == 1, st["queue"]
+        assert http_get(hport, "/metrics")[0] == 200
+        assert http_get(hport, "/status.json")[0] == 200
+        assert bounce.poll() is None, "the bounce's wait ended before the others were answered"
+        out, err = bounce.communicate(timeout=30)
+        assert bounce.returncode == 0, (bounce.returncode, err)
+        doc = json.loads(out.splitlines()[0])
+        assert doc["recipients"] == 1 and doc["still_queued"] == 1, doc
+    finally:
+        if bounce is not None and bounce.poll() is None:
+            bounce.kill()
+            bounce.wait()
+        r.close()
+
+
 def http_get(port, path, method="GET"):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -1159,6 +1195,7 @@ if __name__ == "__main__":
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
           test_flush_waits_for_a_slow_answer, test_active_limit_keeps_due_mail_in_the_spool,
+          test_stats_answer_while_a_command_waits,
           test_sluicectl_suppress_too_long_says_so,
           test_spool_tool_refuses_a_directory_without_a_spool,
           test_top_gives_the_terminal_back_when_sluice_goes,
