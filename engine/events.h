@@ -8,9 +8,10 @@
  * its message, before the 250 (server_msg.c); delivery, transient_failure,
  * bounce, expiration and dsn with the outcomes and the DSN they belong
  * to (outbound/outcome.c passes the lines with its outcome batch).
- * Events that change nothing in the spool (suppressed, oob_bounce,
- * complaint) come through the delivery log's hook (events_put) and are
- * committed alone. The spool numbers the lines in commit order; the
+ * Events that change nothing in the spool come through the delivery
+ * log's hook (events_put) and are committed alone (suppressed); the
+ * bounce listener's (oob_bounce, complaint) are committed alone too, but
+ * before the report's 250 (server_msg.c bounce_finish). The spool numbers the lines in commit order; the
  * pump thread copies the durable ones to the event journal
  * (events_journal.h) under those numbers, fsyncs, wakes the sinks and
  * asks the spool to trim what the journal holds. A crash between the

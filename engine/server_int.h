@@ -192,8 +192,11 @@ struct session {
     bool committing;           /* the spool has the message; its answer has not come */
     struct timer commit_timer; /* the commit's answer, held (SLUICE_TEST_COMMIT_DELAY) */
     int commit_rc;             /* what it was */
-    char *ev_line; /* owned: the reception event committed with the message, or NULL */
+    char *ev_line; /* owned: the reception event committed with the message (or a bounce
+                    * listener's events, committed alone), or NULL */
     size_t ev_len;
+    const char *oob_kind; /* static: the bounce listener's report whose events the spool
+                           * has (committing); NULL: a message's commit */
     char hdrs[MSA_HEADERS_MAX];
     size_t hdrs_len;
     uint64_t expire_ms;            /* the message's own expiry; 0: none */

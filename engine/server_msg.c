@@ -238,9 +238,15 @@ session_span_dup(struct smtp_span sp)
 
 /* ---- the spool ---- */
 
+static void oob_commit_done(struct session *s, int rc);
+
 static void
 commit_done(struct session *s, int rc)
 {
+    if (s->oob_kind != NULL) {
+        oob_commit_done(s, rc);
+        return;
+    }
     s->inflight--;
     s->committing = false;
     char qid[QUEUE_ID_STRLEN + 1];
@@ -464,11 +470,50 @@ protocol_name(const struct session *s)
 static void message_commit(struct session *s);
 static bool dkim_sign_start(struct session *s, size_t header_len);
 
+/* The bounce listener's events are in the spool (or not: rc): the
+ * delivery log gets them now, the reporter its answer. A 451 has the
+ * reporting MTA send the report again: nothing of it was stored. */
+static void
+oob_commit_done(struct session *s, int rc)
+{
+    s->inflight--;
+    s->committing = false;
+    const char *kind = s->oob_kind;
+    s->oob_kind = NULL;
+    bool gone = s->state == SS_CLOSED || s->state == SS_CLOSING;
+    bool stopping = s->sw->stopping;
+    struct dlog_writer *lw = s->sw->e->dlogw ? s->sw->e->dlogw[s->sw->w->id] : NULL;
+    if (rc == 0 && lw != NULL)
+        dlog_line(lw, s->ev_line, s->ev_len);
+    if (rc != 0)
+        log_msg(LOG_ERR, "session=%016llx event=oob_commit_failed err=\"%s\"%s",
+                (unsigned long long)s->id, queue_strerror(rc),
+                gone ? " client_gone=1" : stopping ? " unanswered=stopping" : "");
+    if (gone || stopping) {
+        txn_reset(s);
+        session_maybe_free(s);
+        return;
+    }
+    if (rc == 0)
+        reply(s, "250 2.0.0 Ok: %s recorded", kind);
+    else
+        reply(s, queue_error_is_space(rc) ? "452 4.3.1 Insufficient system storage"
+                                          : "451 4.3.0 Local error in processing");
+    txn_reset(s);
+    session_enter(s, SS_COMMAND);
+    session_deadline(s, s->sw->cfg->timeout_command);
+    session_drain_check(s);
+    session_run(s);
+}
+
 /* The bounce role: the message is whole and clean; parse it and log what
- * it says (oob.h). Nothing is stored: once the events are in the delivery
- * log's buffer the 250 goes out (a crash before the log's next write
- * loses them; the reporting MTA does not send again: at most once, as
- * bounces by mail always were). */
+ * it says (oob.h). With event sinks the events are committed to the
+ * spool (queue_events_put) before the 250, as a message is: a crash
+ * after the 250 loses none of them, one before it has the reporting MTA
+ * send the report again (at least once; the backend drops a repeat by
+ * what it says). Without sinks the delivery log is their only reader and
+ * the 250 goes out once they are in its buffer (a crash before its next
+ * write loses them: at most once, as bounces by mail always were). */
 static void
 bounce_finish(struct session *s)
 {
@@ -480,8 +525,30 @@ bounce_finish(struct session *s)
         rcpts[i] = s->rcpts[i].addr;
     struct oob_outcome o;
     struct dlog_writer *lw = e->dlogw ? e->dlogw[sw->w->id] : NULL;
+    bool durable = e->events != NULL && lw != NULL && !sw->detached;
+    struct json line;
+    json_init(&line);
+    if (durable)
+        dlog_capture(lw, &line, false);
     int rc = oob_message(&e->cfg->bounce, e->cfg->classify, &e->oob, lw, s->id, s->peer_ip,
                          rcpts, n, s->body, s->body_len, &o);
+    if (durable)
+        dlog_capture(lw, NULL, false);
+    bool stored = false; /* its events are with the spool: it answers */
+    if (rc >= 0 && durable && line.len > 0) {
+        free(s->ev_line);
+        s->ev_line = json_failed(&line) ? NULL : malloc(line.len);
+        if (s->ev_line != NULL) {
+            memcpy(s->ev_line, line.buf, line.len);
+            s->ev_len = line.len;
+            rc = queue_events_put(e->queue, sw->port, s->ev_line, s->ev_len,
+                                  session_on_commit, s);
+            stored = rc == 0;
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    json_fini(&line);
     if (rc < 0) {
         reply(s, "451 4.3.0 Local error in processing");
     } else {
@@ -493,6 +560,14 @@ bounce_finish(struct session *s)
                 "size=%zu kind=%s events=%u suppressed=%u%s%s",
                 (unsigned long long)s->id, s->peer_ip, s->sender, s->nrcpt, s->body_len, o.kind,
                 o.events, o.suppressed, o.dropped ? " dropped=" : "", o.dropped ? o.dropped : "");
+        if (stored) { /* the spool's answer replies: oob_commit_done */
+            s->oob_kind = o.kind;
+            s->inflight++;
+            s->committing = true;
+            worker_timer_cancel(sw->w, &s->timer);
+            session_enter(s, SS_COMMIT);
+            return;
+        }
         reply(s, "250 2.0.0 Ok: %s %s", o.kind, o.dropped ? "dropped" : "recorded");
     }
     txn_reset(s);

@@ -202,6 +202,47 @@ def test_verp_dsn_complaint():
         f.close()
 
 
+def test_bounce_events_stored_before_the_250():
+    """With an event sink the bounce listener's events are committed to
+    the spool before its 250, as a message is: a kill -9 the moment the
+    250 arrives, then a restart, and every report's event still reaches
+    the sink. Before, the 250 went out once the events were in memory,
+    and a kill -9 then lost them: the reporting MTA, answered 250, never
+    sends again, and the backend never learnt of the bounce."""
+    import test_delivery
+    from harness import Sluice
+    from test_events import Receiver, hook_conf
+    rec = Receiver()
+    f = Feedback(server_extra=hook_conf(rec.port))
+    try:
+        qid, verp = f.send_mail(["alice@d1.test"])
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                           "nobody@example.net": "alice@d1.test"})
+        conf = os.path.join(f.r.wd.path, "sluice.conf")
+        rounds = 5
+        for _ in range(rounds):
+            s = smtplib.SMTP("127.0.0.1", f.bport, timeout=20)
+            s.ehlo("mx.reporter.test")
+            assert s.sendmail("", [verp["alice@d1.test"]], crlf(dsn)) == {}
+            f.r.d.kill9()  # at once: not even the QUIT
+            s.close()
+            f.r.d = Sluice(test_delivery.SLUICE, conf)
+            f.r.d.wait_log("event=ready")
+
+        def bounces():
+            with rec.lock:
+                return [e for e in rec.events.values() if e["event"] == "oob_bounce"]
+        try:
+            wait_until(lambda: len(bounces()) >= rounds, 60,
+                       f"{rounds} oob_bounce events at the sink")
+        finally:
+            print(f"     {len(bounces())} of {rounds} reports' events at the sink")
+        assert all(e["id"] == qid and e["rcpt"] == "alice@d1.test" for e in bounces())
+    finally:
+        f.close()
+        rec.stop()
+
+
 def test_complaint_in_another_case_suppresses_the_recipient():
     """A complaint whose report names the recipient in another case than
     it was sent to (Carol@D2.test for carol@d2.test: Microsoft's reports
@@ -567,7 +608,8 @@ def test_client_text_cannot_forge_log_fields():
 
 
 if __name__ == "__main__":
-    main([test_verp_dsn_complaint, test_complaint_in_another_case_suppresses_the_recipient,
+    main([test_verp_dsn_complaint, test_bounce_events_stored_before_the_250,
+          test_complaint_in_another_case_suppresses_the_recipient,
           test_refusals, test_autoreply_and_malformed, test_limits,
           test_refused_recipients_count_as_errors, test_connection_caps_apart,
           test_per_address_cap_at_the_listener,
