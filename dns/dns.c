@@ -324,8 +324,10 @@ literal_result(const char *domain)
     return res;
 bad:
     res = result_new(DNS_FAIL, "bad address literal", domain, NULL, 0, false);
-    if (res != NULL)
+    if (res != NULL) {
+        res->bad_name = true;
         res->expires = dns_now();
+    }
     return res;
 }
 
@@ -335,8 +337,10 @@ bad_name_result(const char *domain)
     char shown[DNS_NAME_MAX + 1];
     snprintf(shown, sizeof(shown), "%s", domain);
     struct dns_mx_result *res = result_new(DNS_FAIL, "invalid domain name", shown, NULL, 0, false);
-    if (res != NULL)
+    if (res != NULL) {
+        res->bad_name = true;
         res->expires = dns_now();
+    }
     return res;
 }
 

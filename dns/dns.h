@@ -116,7 +116,7 @@ enum dns_status {
     DNS_NOT_FOUND, /* NXDOMAIN, or neither MX nor address records: bounce */
     DNS_NULL_MX,   /* RFC 7505 null MX: bounce at once with 5.1.10 */
     DNS_RETRY,     /* SERVFAIL, timeout, refused, local shortage: defer */
-    DNS_FAIL,      /* permanent: bad domain name, no MX host with an address */
+    DNS_FAIL,      /* a bad domain name (bad_name), no MX host with an address or name */
 };
 const char *dns_status_str(enum dns_status status);
 
@@ -191,6 +191,10 @@ struct dns_mx_result {
     const char *domain; /* borrowed: lives as long as the result; normalised */
     bool implicit_mx;   /* no MX records: hosts[0] is the domain itself */
     bool literal;       /* the domain was [IPv4] or [IPv6:...]: no DNS asked */
+    /* DNS_FAIL for a name that can exist nowhere (bad syntax, an
+     * all-numeric last label such as 192.0.2.1, a bad address literal):
+     * no DNS asked, and asking again later cannot change the answer. */
+    bool bad_name;
     bool partial;       /* some MX hosts failed temporarily and are missing */
     uint32_t ttl;       /* seconds the cache keeps it (after clamping) */
     uint64_t expires;   /* CLOCK_MONOTONIC ns when the cache drops it */

@@ -556,6 +556,7 @@ test_ipv6_only(void **state)
     r = resolve(&f, "v6.test", NULL);
     assert_int_equal(r->status, DNS_FAIL);
     assert_string_equal(r->why, "no MX host has an address");
+    assert_false(r->bad_name); /* deferred, not bounced: the name is good */
     dns_mx_result_unref(r);
     fx_close(&f);
 }
@@ -634,6 +635,7 @@ test_names(void **state)
         r = resolve(&f, bad[i], &sync);
         assert_true(sync);
         assert_int_equal(r->status, DNS_FAIL);
+        assert_true(r->bad_name); /* never asked again: it can exist nowhere */
         dns_mx_result_unref(r);
     }
     r = resolve(&f, "[192.0.2.5]", &sync);

@@ -774,6 +774,36 @@ def test_hostile_dns_answers():
             r.close()
 
 
+def test_a_domain_that_can_exist_nowhere_bounces_at_once():
+    """A recipient domain that RFC 5321's grammar takes but no DNS name
+    can be (192.0.2.1 without brackets, 123: an all-numeric last label,
+    which no top-level domain is) is bounced at its first attempt, 5.1.2
+    as the NXDOMAIN DNS would answer, and no DNS server is asked (before,
+    the resolver's "invalid domain name" was deferred 4.4.3 at every
+    attempt until the message expired, days later); a domain whose MX
+    host has no address is still deferred."""
+    def answer(q, tcp):
+        if q.qtype == T_MX and q.qname == "h.test":
+            return q.reply([mx_rr("h.test", 10, "mx.test")])
+        return q.reply([])
+    r = HostileRelay(answer, extra_conf="[dns]\ntimeout = 200ms\ntries = 1\n")
+    try:
+        r.inject([("s@example.com", ["a@192.0.2.1", "b@123", "c@h.test"],
+                   b"Subject: n\r\n\r\nnowhere\r\n")])
+        r.wait_events("bounce", 2)
+        r.wait_events("transient_failure", 1)
+        for rcpt in ("a@192.0.2.1", "b@123"):
+            line = r.d.wait_log(f"rcpt=<{rcpt}>", timeout=10)
+            assert "event=bounced" in line and "enhanced=5.1.2" in line, line
+            assert 'reply="invalid domain name"' in line and "class=dns_failure" in line, line
+        line = r.d.wait_log("rcpt=<c@h.test>", timeout=10)
+        assert "event=deferred" in line and "enhanced=4.4.3" in line, line
+        assert r.dns.count("192.0.2.1") == 0 and r.dns.count("123") == 0, r.dns.asked
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_connect_refused_names_the_bound_source():
     """With [delivery] source_address, a connection that never connects
     (nothing listens: refused) still left from that address: its
@@ -798,4 +828,5 @@ if __name__ == "__main__":
           test_replies_longer_than_kept_keep_their_code,
           test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
-          test_hostile_dns_answers, test_connect_refused_names_the_bound_source])
+          test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once,
+          test_connect_refused_names_the_bound_source])

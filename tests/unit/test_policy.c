@@ -411,17 +411,23 @@ dns_and_schedule(void **state)
 {
     (void)state;
     struct policy_fail f;
-    policy_dns(DNS_OK, &f);
+    policy_dns(DNS_OK, false, &f);
     assert_false(f.fail);
-    policy_dns(DNS_NOT_FOUND, &f);
+    policy_dns(DNS_NOT_FOUND, false, &f);
     assert_true(f.fail && f.permanent);
     assert_int_equal(f.enh.cls, 5);
     assert_int_equal(f.enh.subject, 1);
     assert_int_equal(f.enh.detail, 2);
-    policy_dns(DNS_NULL_MX, &f);
+    policy_dns(DNS_NULL_MX, false, &f);
     assert_int_equal(f.code, 556);
-    policy_dns(DNS_RETRY, &f);
+    policy_dns(DNS_RETRY, false, &f);
     assert_true(f.fail && !f.permanent && f.forget_answer);
+    /* No MX host with an address: deferred; a name that can exist
+     * nowhere: bounced as NXDOMAIN is. */
+    policy_dns(DNS_FAIL, false, &f);
+    assert_true(f.fail && !f.permanent);
+    policy_dns(DNS_FAIL, true, &f);
+    assert_true(f.fail && f.permanent && f.code == 550 && f.enh.detail == 2);
     /* Jobs that fail without a session: the status is data, never text. */
     policy_job(POLICY_NO_TARGET, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.src == CLASSIFY_TARGET);
