@@ -352,6 +352,10 @@ ops_counters(void *arg, struct stats_counters *out)
                 out->dns_tlsa_secure += s->dns.dns.tlsa_secure;
                 out->dns_tlsa_failed += s->dns.dns.tlsa_failed;
                 out->dns_edns_off += s->dns.dns.edns_off;
+                out->dns_inflight += s->dns.dns.inflight;
+                out->dns_queued += s->dns.dns.queued;
+                out->dns_timeouts += s->dns.dns.timeouts;
+                out->dns_failures += s->dns.dns.failures;
             }
         }
         uint64_t waiting = 0, bufs = 0, sites = 0, addrs = 0;

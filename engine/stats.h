@@ -157,6 +157,10 @@ struct stats_counters {
     uint64_t dns_lookups, dns_cache_hits, dns_cache_entries;
     uint64_t dns_tlsa_queries, dns_tlsa_secure, dns_tlsa_failed; /* DANE's TLSA lookups */
     uint64_t dns_edns_off; /* times c-ares turned EDNS off on a worker's channel */
+    /* gauges: MX lookups running now, and waiting for [dns] max_inflight;
+     * counters: query tries that timed out, lookups that failed (retry
+     * or fail: SERVFAIL, timeout, no MX host with an address) */
+    uint64_t dns_inflight, dns_queued, dns_timeouts, dns_failures;
     uint64_t config_generations; /* gauge: configs allocated (engine/config_gen.h): the one
                                   * in force, pinned ones, replaced ones still read */
     uint64_t dlog_events, dlog_write_errors, dlog_dropped;

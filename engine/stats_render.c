@@ -353,6 +353,10 @@ stats_render_stats(struct json *j, const struct stats_counters *c, const struct 
     json_ku64(j, "tlsa_secure", c->dns_tlsa_secure);
     json_ku64(j, "tlsa_failed", c->dns_tlsa_failed);
     json_ku64(j, "edns_off", c->dns_edns_off);
+    json_ku64(j, "inflight", c->dns_inflight);
+    json_ku64(j, "queued", c->dns_queued);
+    json_ku64(j, "timeouts", c->dns_timeouts);
+    json_ku64(j, "failures", c->dns_failures);
     json_obj_end(j);
 
     json_key(j, "redis");
@@ -709,6 +713,16 @@ static const struct metric metrics[] = {
     {"sluice_dns_edns_off_total", "counter",
      "Times c-ares turned EDNS off on a worker's resolver (a FORMERR answer without OPT).",
      CTR(dns_edns_off)},
+    {"sluice_dns_lookups_inflight", "gauge", "MX lookups running on the workers' resolvers.",
+     CTR(dns_inflight)},
+    {"sluice_dns_lookups_queued", "gauge",
+     "MX lookups waiting for a slot ([dns] max_inflight per worker).", CTR(dns_queued)},
+    {"sluice_dns_timeouts_total", "counter", "DNS query tries that timed out.",
+     CTR(dns_timeouts)},
+    {"sluice_dns_failures_total", "counter",
+     "DNS lookups that failed for now or gave nowhere to deliver (SERVFAIL, timeout, no MX "
+     "host with an address).",
+     CTR(dns_failures)},
     {"sluice_dlog_events_total", "counter", "Delivery log events written.", CTR(dlog_events)},
     {"sluice_dlog_write_errors_total", "counter", "Delivery log writes that failed.",
      CTR(dlog_write_errors)},

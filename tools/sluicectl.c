@@ -625,6 +625,10 @@ render_stats(const cJSON *st)
     table_row(&t, "  MX hosts with validated TLSA", fmt_count(st, "dns.tlsa_secure"), "");
     table_row(&t, "  TLSA lookups failed", fmt_count(st, "dns.tlsa_failed"), "");
     table_row(&t, "  EDNS turned off by a FORMERR", fmt_count(st, "dns.edns_off"), "");
+    table_row(&t, "  lookups running", fmt_count(st, "dns.inflight"), "");
+    table_row(&t, "  lookups waiting (max_inflight)", fmt_count(st, "dns.queued"), "");
+    table_row(&t, "  query timeouts", fmt_count(st, "dns.timeouts"), "");
+    table_row(&t, "  lookups failed", fmt_count(st, "dns.failures"), "");
     table_heading(&t, "Delivery log");
     table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
     table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from harness import Sluice, Workdir, free_port, main, mdb_entries, wait_until
+from harness import Sluice, Workdir, free_port, main, mdb_entries, stats_ask, wait_until
 import test_delivery
 from test_delivery import HostileMx, Relay, _read_until
 
@@ -804,6 +804,45 @@ def test_a_domain_that_can_exist_nowhere_bounces_at_once():
         r.close()
 
 
+def test_lookups_waiting_for_a_slot_are_shown():
+    """A flood of domains whose DNS never answers fills [dns] max_inflight
+    and the other lookups wait their turn: the stats socket shows how many
+    run and how many wait (dns.inflight, dns.queued; before, nothing of
+    either was shown: the operator saw mail in "ready" and no reason),
+    then the query timeouts and failed lookups they end in; a domain that
+    answers is delivered once a slot is free, and nothing stays queued."""
+    def answer(q, tcp):
+        if q.qname.startswith("slow"):
+            return None
+        return plain_dns()(q, tcp)
+    sock = os.path.join("/tmp", f"sluice-hmx-{os.getpid()}-stats.sock")
+    r = HostileRelay(answer, workers=1, delivery_conf="mta_sts = no\n",
+                     extra_conf=f"[stats]\nsocket = {sock}\n"
+                                "[dns]\ntimeout = 2s\ntries = 1\nmax_inflight = 2\n")
+    got = []
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(c, rfile, got=got))
+    try:
+        r.inject([("s@example.com", [f"a@slow{i}.test"], b"Subject: s\r\n\r\nslow\r\n")
+                  for i in range(6)])
+        r.inject([("s@example.com", ["a@good.test"], b"Subject: g\r\n\r\ngood\r\n")])
+        wait_until(lambda: stats_ask(sock)["dns"]["queued"] >= 4, 10, "lookups queued")
+        dns = stats_ask(sock)["dns"]
+        assert dns["inflight"] == 2 and dns["queued"] >= 4, dns
+        line = r.d.wait_log("rcpt=<a@good.test>", timeout=30)
+        assert "event=delivered" in line and len(got) == 1, line
+        r.wait_events("transient_failure", 6)
+        wait_until(lambda: stats_ask(sock)["dns"]["inflight"] == 0, 10, "no lookup running")
+        dns = stats_ask(sock)["dns"]
+        assert dns["queued"] == 0 and dns["timeouts"] >= 6 and dns["failures"] >= 6, dns
+        text = stats_ask(sock, "metrics")["text"]
+        assert "\nsluice_dns_lookups_queued 0\n" in text, text
+        assert "\nsluice_dns_timeouts_total " in text, text
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_connect_refused_names_the_bound_source():
     """With [delivery] source_address, a connection that never connects
     (nothing listens: refused) still left from that address: its
@@ -829,4 +868,5 @@ if __name__ == "__main__":
           test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
           test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once,
+          test_lookups_waiting_for_a_slot_are_shown,
           test_connect_refused_names_the_bound_source])

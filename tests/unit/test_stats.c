@@ -480,6 +480,7 @@ setup(void **state)
     c->spool_unconfirmed_removed = 2;
     c->spool_sync_failing_refused = 7;
     c->dns_cache_entries = 33;
+    c->dns_queued = 5;
     c->dlog_dropped = 1;
     c->destinations = 3;
     c->nobjects = 1;
@@ -629,6 +630,7 @@ test_stats_fields(void **state)
     assert_true(jnum(v, "spool.unconfirmed_removed") == 2);
     assert_true(jnum(v, "spool.sync_failing_refused") == 7);
     assert_true(jnum(v, "dns.cache_entries") == 33);
+    assert_true(jnum(v, "dns.queued") == 5);
     assert_true(jnull(v, "dns.cache_hit_share")); /* no lookups: no share */
     assert_string_equal(jstr(v, "redis.state"), "connected");
     assert_true(jnum(v, "dlog.dropped") == 1);
