@@ -738,6 +738,11 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
             kind = ANS_DATA;
         } else if (a.chain_bad) {
             temp_why = "CNAME chain too long or to a bad name";
+        } else if (a.referral) {
+            /* not "no such records": a server that does not recurse (an
+             * authoritative one in [dns] servers, a broken forwarder)
+             * says where to ask; taken as no data, it bounced all mail */
+            temp_why = "referral, not an answer (the DNS server does not recurse)";
         } else {
             kind = ANS_NODATA;
         }

@@ -48,17 +48,23 @@ negative_ttl(const struct wire_answer *a)
 }
 
 /* The same for a not-found answer c-ares judged itself (NXDOMAIN, or
- * NOERROR without answer records), read here for its SOA. */
+ * NOERROR without answer records), read here for its SOA; *referral: it
+ * is a referral (wire.h), no answer. */
 static uint32_t
-negative_ttl_of(const unsigned char *abuf, size_t len, const char *name)
+negative_ttl_of(const unsigned char *abuf, size_t len, const char *name, bool *referral)
 {
     struct wire_answer *a = malloc(sizeof(*a)); /* big: the MX targets */
     uint32_t ttl = DNS_TTL_UNKNOWN;
-    if (a != NULL && wire_answer(abuf, len, name, WIRE_T_TXT, a) == 0 && !a->chain_bad)
+    *referral = false;
+    if (a != NULL && wire_answer(abuf, len, name, WIRE_T_TXT, a) == 0 && !a->chain_bad) {
         ttl = negative_ttl(a);
+        *referral = a->referral;
+    }
     free(a);
     return ttl;
 }
+
+static const char referral_why[] = "referral, not an answer (the DNS server does not recurse)";
 
 static void
 on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
@@ -82,8 +88,13 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
         why = status == ARES_ENOTFOUND ? "NXDOMAIN" : "no TXT record";
         /* c-ares hands over the answer with these: its SOA, if any, says
          * how long the "no" holds (RFC 2308 5). */
+        bool referral = false;
         if (abuf != NULL && alen > 0)
-            ttl = negative_ttl_of(abuf, (size_t)alen, q->name);
+            ttl = negative_ttl_of(abuf, (size_t)alen, q->name, &referral);
+        if (referral) {
+            st = DNS_RETRY;
+            why = referral_why;
+        }
     } else if (status == ARES_ETIMEOUT) {
         why = "timeout";
     } else if (status == ARES_SUCCESS && abuf != NULL && alen > 0) {
@@ -101,6 +112,7 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
             rc = -ELOOP;
         if (rc == 0 && a->rcode == WIRE_NXDOMAIN)
             rc = -ENOENT;
+        bool referral = rc == 0 && a->referral;
         uint32_t rec_ttl = UINT32_MAX;
         if (rc == 0)
             rc = wire_txt(abuf, len, a->final, buf, len, txt, max, &rec_ttl);
@@ -113,6 +125,8 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
             st = DNS_OK;
             why = "ok";
             n = (unsigned)rc;
+        } else if (rc == 0 && referral) {
+            why = referral_why; /* DNS_RETRY */
         } else if (rc == 0 || rc == -ENOENT) {
             st = DNS_NOT_FOUND;
             why = rc == 0 ? "no TXT record" : "NXDOMAIN";

@@ -195,14 +195,17 @@ min32(uint32_t a, uint32_t b)
 }
 
 /* One pass over the answer section for the records of qtype at name;
- * also finds the CNAME at name, if any. */
+ * also finds the CNAME at name, if any. *found: some record of qtype is
+ * at name (for the types it does not keep, TXT and TLSA, too). */
 static int
 answer_pass(struct wire_msg *m, const char *name, uint16_t qtype, struct wire_answer *a,
-            char cname[WIRE_NAME_MAX + 1], bool *cname_ok, uint32_t *cname_ttl, bool *has_cname)
+            char cname[WIRE_NAME_MAX + 1], bool *cname_ok, uint32_t *cname_ttl, bool *has_cname,
+            bool *found)
 {
     struct wire_rr rr;
     int rc;
     *has_cname = false;
+    *found = false;
     wire_rewind(m);
     uint32_t ttl = UINT32_MAX;
     while ((rc = wire_next(m, &rr)) > 0) {
@@ -222,6 +225,7 @@ answer_pass(struct wire_msg *m, const char *name, uint16_t qtype, struct wire_an
         }
         if (rr.type != qtype)
             continue;
+        *found = true;
         if (qtype == WIRE_T_MX) {
             if (rr.rdlen < 3)
                 return -EBADMSG;
@@ -266,16 +270,23 @@ answer_pass(struct wire_msg *m, const char *name, uint16_t qtype, struct wire_an
     return 0;
 }
 
+/* The SOA of the authority section (its negative TTL), or, with none,
+ * whether NS records there make the answer a referral. */
 static int
 authority_soa(struct wire_msg *m, struct wire_answer *a)
 {
     struct wire_rr rr;
     int rc;
+    bool ns = false;
     wire_rewind(m);
     while ((rc = wire_next(m, &rr)) > 0) {
         if (rr.section == WIRE_SEC_ADDITIONAL)
             break;
-        if (rr.section != WIRE_SEC_AUTHORITY || rr.type != WIRE_T_SOA || rr.cls != 1)
+        if (rr.section != WIRE_SEC_AUTHORITY || rr.cls != 1)
+            continue;
+        if (rr.type == WIRE_T_NS)
+            ns = true;
+        if (rr.type != WIRE_T_SOA)
             continue;
         char name[WIRE_NAME_MAX + 1];
         bool ok;
@@ -289,7 +300,10 @@ authority_soa(struct wire_msg *m, struct wire_answer *a)
         a->neg_ttl = min32(rr.ttl, minimum);
         return 0;
     }
-    return rc < 0 ? rc : 0; /* 1: stopped at the additional section */
+    if (rc < 0)
+        return rc;
+    a->referral = ns && a->rcode == WIRE_NOERROR;
+    return 0;
 }
 
 int
@@ -303,6 +317,7 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
     a->chain_bad = false;
     a->ttl = UINT32_MAX;
     a->soa = false;
+    a->referral = false;
     a->neg_ttl = 0;
     a->n = 0;
     size_t qlen = strlen(qname);
@@ -312,6 +327,7 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
     int rc = wire_open(&m, buf, len);
     if (rc < 0)
         return rc;
+    bool found = false;
     a->rcode = m.rcode;
     a->ad = m.ad;
     if (m.rcode != WIRE_NOERROR && m.rcode != WIRE_NXDOMAIN)
@@ -320,7 +336,7 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
         char cname[WIRE_NAME_MAX + 1];
         bool cname_ok = false, has_cname;
         uint32_t cname_ttl = 0;
-        rc = answer_pass(&m, a->final, qtype, a, cname, &cname_ok, &cname_ttl, &has_cname);
+        rc = answer_pass(&m, a->final, qtype, a, cname, &cname_ok, &cname_ttl, &has_cname, &found);
         if (rc < 0)
             return rc;
         if (a->n > 0 || !has_cname)
@@ -339,8 +355,12 @@ wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,
      * one to use. */
     if (qtype == WIRE_T_MX && m.sec == 0 && m.idx < m.count[0])
         return -E2BIG;
-    if (a->n == 0)
-        return authority_soa(&m, a);
+    if (a->n == 0) {
+        rc = authority_soa(&m, a);
+        if (found || a->chain_bad)
+            a->referral = false; /* records (TXT, TLSA: not kept here), or a bad chain */
+        return rc;
+    }
     return 0;
 }
 

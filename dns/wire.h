@@ -31,6 +31,7 @@
 
 enum wire_type {
     WIRE_T_A = 1,
+    WIRE_T_NS = 2,
     WIRE_T_CNAME = 5,
     WIRE_T_SOA = 6,
     WIRE_T_MX = 15,
@@ -100,6 +101,11 @@ struct wire_answer {
     uint32_t ttl;                    /* min TTL of the chain and the records found */
     bool soa;                        /* the authority section had an SOA */
     uint32_t neg_ttl;                /* then min(its TTL, its MINIMUM) (RFC 2308 5) */
+    /* NOERROR, no record of qtype at final, and NS records but no SOA in
+     * the authority section: a referral (RFC 2308 2.2: what a server that
+     * does not recurse answers for a zone it does not serve), no word on
+     * whether the records exist */
+    bool referral;
     unsigned n;                      /* records of qtype found at final (n <= the caps) */
     struct wire_mx mx[WIRE_MAX_MX];  /* qtype MX */
     uint8_t addr[WIRE_MAX_ADDR][16]; /* qtype A (4 bytes used) or AAAA */
@@ -107,7 +113,7 @@ struct wire_answer {
 
 /* Read the answer to (qname, qtype): follow CNAMEs in the answer section
  * from qname, collect the records of qtype there, and the negative TTL
- * from the authority section. qname must be normalised. Returns 0,
+ * (or a referral) from the authority section. qname must be normalised. Returns 0,
  * -EBADMSG or, for qtype MX, -E2BIG (more answer records than
  * WIRE_MAX_RR: the most preferred hosts may be among those unread). */
 int wire_answer(const uint8_t *buf, size_t len, const char *qname, uint16_t qtype,

@@ -535,6 +535,7 @@ put_rdata(uint8_t *out, size_t cap, const struct script_rr *rr)
         return inet_pton(AF_INET, rr->data, out) == 1 ? 4 : 0;
     case 28:
         return inet_pton(AF_INET6, rr->data, out) == 1 ? 16 : 0;
+    case 2: /* NS */
     case 5:
         return put_name(out, 0, cap, rr->data);
     case 16: { /* character-strings separated by '|' */
@@ -646,7 +647,7 @@ script_reply(struct script_server *s, const uint8_t *q, size_t qlen, uint8_t *ou
     unsigned an = 0, ns = 0;
     for (unsigned i = 0; a != NULL && i < SCRIPT_RR_MAX && a->rr[i].owner != NULL; i++) {
         const struct script_rr *rr = &a->rr[i];
-        if (rr->type == 6 && qtype != 6)
+        if ((rr->type == 6 || rr->type == 2) && qtype != rr->type)
             ns++; /* the authority section's: the table lists them last */
         else if (ns > 0)
             return 0; /* an answer record after one: the table is wrong */

@@ -65,7 +65,8 @@ int raw_query(int port, const char *name, uint16_t type, int timeout_ms);
  * "192.0.2.1", AAAA "2001:db8::1", CNAME "target.test", MX "10 mx.test",
  * TXT "one string|another", TLSA "3 1 1 <hex>"; or of the authority
  * section, listed after them: SOA "mname rname serial refresh retry
- * expire minimum" (a negative answer's, RFC 2308). Every TTL is 300. */
+ * expire minimum" (a negative answer's, RFC 2308), NS "host.test" (a
+ * referral's, without an SOA). Every TTL is 300. */
 struct script_rr {
     const char *owner;
     uint16_t type;

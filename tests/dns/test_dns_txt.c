@@ -12,6 +12,8 @@
  *   _mta-sts.e.test  NXDOMAIN with an SOA of MINIMUM 45, f.test the
  *                    same without records (NODATA), g.test NXDOMAIN
  *                    without an SOA
+ *   _mta-sts.h.test  a referral (NS, no SOA): retry; i.test NODATA with
+ *                    the zone's NS beside its SOA: not found
  *
  * Each answer comes with its TTL (300 for every record here): the
  * records', or a not-found answer's negative TTL, min(the SOA's TTL,
@@ -35,6 +37,7 @@
 
 #include "tests/dns/harness.h"
 
+#define T_NS    2
 #define T_SOA   6
 #define T_CNAME 5
 #define T_TXT   16
@@ -64,6 +67,15 @@ static const struct script_answer table[] = {
      false,
      {{"f.test", T_SOA, "ns.f.test host.f.test 1 3600 600 86400 45"}}},
     {"_mta-sts.g.test", T_TXT, 3, false, {{NULL, 0, NULL}}},
+    /* a referral: NS without an SOA, what a server that does not recurse
+     * answers; the zone's NS beside a NODATA's SOA is none */
+    {"_mta-sts.h.test", T_TXT, 0, false, {{"h.test", T_NS, "ns.elsewhere.test"}}},
+    {"_mta-sts.i.test",
+     T_TXT,
+     0,
+     false,
+     {{"i.test", T_NS, "ns.i.test"},
+      {"i.test", T_SOA, "ns.i.test host.i.test 1 3600 600 86400 45"}}},
 };
 #define NTABLE (sizeof(table) / sizeof(table[0]))
 
@@ -186,6 +198,20 @@ test_negative_ttl(void **state)
     assert_true(g.ttl == DNS_TTL_UNKNOWN);
 }
 
+/* A referral is no answer: retry, not "no record" (an MTA-STS domain
+ * whose resolver does not recurse would seem to have no policy). */
+static void
+test_referral_is_retry(void **state)
+{
+    struct got g;
+    lookup(*state, "_mta-sts.h.test", &g);
+    assert_int_equal(g.status, DNS_RETRY);
+    assert_true(g.ttl == DNS_TTL_UNKNOWN);
+    lookup(*state, "_mta-sts.i.test", &g);
+    assert_int_equal(g.status, DNS_NOT_FOUND);
+    assert_int_equal(g.ttl, 45);
+}
+
 static struct dnsmasq dm;
 static bool dm_skipped;
 
@@ -279,6 +305,7 @@ main(void)
         cmocka_unit_test(test_chain_followed_strings_joined),
         cmocka_unit_test(test_only_other_owner_is_none),
         cmocka_unit_test(test_negative_ttl),
+        cmocka_unit_test(test_referral_is_retry),
     };
     const struct CMUnitTest dm_tests[] = {
         cmocka_unit_test(test_every_record),

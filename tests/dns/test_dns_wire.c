@@ -314,6 +314,81 @@ test_negative_answers(void **state)
 }
 
 static void
+ns(struct mb *m, const char *owner, const char *host)
+{
+    size_t at = rr(m, owner, WIRE_T_NS, 86400);
+    name(m, host);
+    rr_end(m, at);
+}
+
+/* A server that does not recurse answers NOERROR with NS records but no
+ * SOA in the authority section (RFC 2308 2.2): a referral, not "no
+ * records"; with an SOA, or with records of the type asked (TLSA and
+ * TXT, which wire_answer does not keep, too), it is an answer. */
+static void
+test_referral(void **state)
+{
+    (void)state;
+    struct mb m;
+    static const uint16_t types[] = {WIRE_T_MX, WIRE_T_A, WIRE_T_TXT, WIRE_T_TLSA};
+    for (unsigned i = 0; i < 4; i++) {
+        header(&m, WIRE_NOERROR, 0, 1, 0);
+        question(&m, "x.test", types[i]);
+        ns(&m, "", "a.root-servers.net"); /* old BIND's upward referral */
+        assert_int_equal(wire_answer(m.b, m.n, "x.test", types[i], &ans), 0);
+        assert_true(ans.referral);
+        assert_false(ans.soa);
+    }
+    /* down to the zone's servers, after a CNAME */
+    header(&m, WIRE_NOERROR, 1, 1, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    size_t at = rr(&m, "x.test", WIRE_T_CNAME, 5);
+    name(&m, "y.other");
+    rr_end(&m, at);
+    ns(&m, "other", "ns.other");
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), 0);
+    assert_true(ans.referral);
+    assert_string_equal(ans.final, "y.other");
+
+    /* NODATA with the zone's NS beside its SOA */
+    header(&m, WIRE_NOERROR, 0, 2, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    ns(&m, "test", "ns.test");
+    soa(&m, "test", 60, 60);
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), 0);
+    assert_false(ans.referral);
+    assert_true(ans.soa);
+    /* NXDOMAIN is an answer whatever its authority section holds */
+    header(&m, WIRE_NXDOMAIN, 0, 1, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    ns(&m, "test", "ns.test");
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), 0);
+    assert_false(ans.referral);
+    /* records of the type asked, with the zone's NS in authority */
+    static const uint16_t kept_not[] = {WIRE_T_TXT, WIRE_T_TLSA};
+    for (unsigned i = 0; i < 2; i++) {
+        header(&m, WIRE_NOERROR, 1, 1, 0);
+        question(&m, "x.test", kept_not[i]);
+        at = rr(&m, "x.test", kept_not[i], 60);
+        u8(&m, 3);
+        u8(&m, 1);
+        u8(&m, 1);
+        u8(&m, 0xab);
+        rr_end(&m, at);
+        ns(&m, "test", "ns.test");
+        assert_int_equal(wire_answer(m.b, m.n, "x.test", kept_not[i], &ans), 0);
+        assert_false(ans.referral);
+    }
+    header(&m, WIRE_NOERROR, 1, 1, 0);
+    question(&m, "x.test", WIRE_T_MX);
+    mx(&m, "x.test", 60, 10, "mx.test");
+    ns(&m, "test", "ns.test");
+    assert_int_equal(wire_answer(m.b, m.n, "x.test", WIRE_T_MX, &ans), 0);
+    assert_false(ans.referral);
+    assert_int_equal(ans.n, 1);
+}
+
+static void
 test_odd_targets(void **state)
 {
     (void)state;
@@ -882,6 +957,7 @@ main(void)
         cmocka_unit_test(test_mx_past_the_walk_bound),
         cmocka_unit_test(test_cname_chain),
         cmocka_unit_test(test_negative_answers),
+        cmocka_unit_test(test_referral),
         cmocka_unit_test(test_odd_targets),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_pointer_chain),

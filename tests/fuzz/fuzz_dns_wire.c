@@ -54,6 +54,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             check(a.n <= (types[t] == WIRE_T_MX ? WIRE_MAX_MX : WIRE_MAX_ADDR));
             check(strlen(a.final) <= WIRE_NAME_MAX);
             check(a.chain <= WIRE_MAX_CHAIN);
+            /* a referral is an answer with nothing else to say */
+            check(!a.referral || (a.n == 0 && !a.soa && a.rcode == WIRE_NOERROR));
             if (types[t] == WIRE_T_TLSA) {
                 struct wire_tlsa rr[4];
                 uint32_t ttl = UINT32_MAX;

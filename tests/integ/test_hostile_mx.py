@@ -712,6 +712,14 @@ def _many_mx(n):
     return answer
 
 
+def _referral(q, tcp):
+    # a server that does not recurse: old BIND's upward referral to the
+    # root, no answer and no SOA, RA clear
+    ns = rr(".", 2, 518400, name_wire("a.root-servers.net"))
+    head = struct.pack("!HHHHHH", q.id, 0x8000 | (q.flags & 0x0100), 1, 0, 1, 0)
+    return head + q.question + ns
+
+
 def _address(addr):
     def answer(q, tcp):
         if q.qname == "mx.test" and q.qtype == (T_AAAA if ":" in addr else T_A):
@@ -729,7 +737,10 @@ def test_hostile_dns_answers():
     comes, the lookup times out (deferred); of 500 MX records the most
     preferred is used, wherever it is in the answer; 1,000, more than are
     read, are deferred as such (before, the best of the first 512 was
-    taken: the most preferred, last, was never tried); an MX host at 0.0.0.0, a multicast, broadcast,
+    taken: the most preferred, last, was never tried); a referral (a
+    server that does not recurse: NS records, no SOA) is deferred as no
+    answer (before, it was taken as no MX and no address records, and
+    every recipient bounced 5.1.2); an MX host at 0.0.0.0, a multicast, broadcast,
     reserved (240/4) or link-local address (v4-mapped or not) is refused as a target whatever
     the answer, the refusal saying which address and why."""
     cases = [
@@ -741,6 +752,7 @@ def test_hostile_dns_answers():
         ("only spoofed answers", _spoofs_only, "deferred", "timeout", None),
         ("500 mx records", _many_mx(500), "delivered", None, "best.test"),
         ("1000 mx records", _many_mx(1000), "deferred", "more MX records than are read", None),
+        ("referral", _referral, "deferred", "referral, not an answer", None),
     ]
     for addr, why in (("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"),
                       ("255.255.255.255", "broadcast"), ("169.254.169.254", "link-local"),
