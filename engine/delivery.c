@@ -839,6 +839,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         bool held = d->w->now < t->hold_until;
         x->held = held;
         x->held_until_ms = held ? t->hold_until_ms : 0;
+        x->resolving = t->mx == NULL && (t->req != NULL || t->sts_ask != NULL);
         dest_top_classes(t, x);
         unsigned pct = limits_key_rate_pct(&t->lim, d->w->now);
         const struct conf_rate *mr = &t->pol->max_message_rate;

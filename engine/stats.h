@@ -255,6 +255,9 @@ struct stats_domain {
      * when every MX address failed in a row ([domain] site_hold). */
     bool held;
     uint64_t held_until_ms;
+    /* No answer yet: its MX lookup (or its MTA-STS TXT lookup, asked
+     * first) is in flight or waits for [dns] max_inflight. */
+    bool resolving;
     /* Recipient deferrals since the destination was last made (it is
      * forgotten when idle), by the class of their failure: the
      * STATS_DOMAIN_CLASSES most frequent, most first; zeros left out. */

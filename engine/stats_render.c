@@ -483,6 +483,7 @@ render_domain_array(struct json *j, const char *key, const struct stats_domain *
             json_time_ms(j, x->held_until_ms);
         else
             json_null(j);
+        json_kbool(j, "resolving", x->resolving);
         render_named(j, "deferred_by_class", x->deferred_by_class, x->nclasses,
                      STATS_DOMAIN_CLASSES);
         render_named(j, "waiting_by_class", x->waiting_by_class, x->nwaiting_classes,
@@ -826,6 +827,7 @@ domain_add(struct stats_domain *x, const struct stats_domain *y)
         x->rate_limit = y->rate_limit;
     x->suspended = x->suspended || y->suspended;
     x->held = x->held || y->held;
+    x->resolving = x->resolving || y->resolving;
     if (y->oldest_ms != 0 && (x->oldest_ms == 0 || y->oldest_ms < x->oldest_ms))
         x->oldest_ms = y->oldest_ms;
     for (unsigned k = 0; k < y->nclasses && k < STATS_DOMAIN_CLASSES; k++) {

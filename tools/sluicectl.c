@@ -725,7 +725,8 @@ render_domains(const cJSON *doc, size_t limit)
         const char *state = !cJSON_IsBool(susp)  ? "-"
                             : cJSON_IsTrue(susp) ? (cJSON_IsTrue(held) ? "suspended,held" : "suspended")
                             : cJSON_IsTrue(held) ? "held"
-                                                 : "active";
+                            : cJSON_IsTrue(get(d, "resolving")) ? "resolving"
+                                                                : "active";
         /* one meaning, before a restart and after: the class of most of
          * the recipients waiting deferred now (the spool keeps each one's
          * class; the engine sorts them, most first), not the deferrals

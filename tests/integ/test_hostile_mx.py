@@ -27,6 +27,7 @@ import os
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -821,8 +822,10 @@ def test_lookups_waiting_for_a_slot_are_shown():
     and the other lookups wait their turn: the stats socket shows how many
     run and how many wait (dns.inflight, dns.queued; before, nothing of
     either was shown: the operator saw mail in "ready" and no reason),
-    then the query timeouts and failed lookups they end in; a domain that
-    answers is delivered once a slot is free, and nothing stays queued."""
+    then the query timeouts and failed lookups they end in; each waiting
+    domain is "resolving" in the domains view (before, "active" as one
+    being delivered); a domain that answers is delivered once a slot is
+    free, and nothing stays queued."""
     def answer(q, tcp):
         if q.qname.startswith("slow"):
             return None
@@ -840,12 +843,22 @@ def test_lookups_waiting_for_a_slot_are_shown():
         wait_until(lambda: stats_ask(sock)["dns"]["queued"] >= 4, 10, "lookups queued")
         dns = stats_ask(sock)["dns"]
         assert dns["inflight"] == 2 and dns["queued"] >= 4, dns
+        doms = {x["name"]: x for x in stats_ask(sock, "domains 20")["domains"]}
+        assert all(doms[f"slow{i}.test"]["resolving"] for i in range(6)), doms
+        ctl = os.environ.get("SLUICECTL") or os.path.join(
+            os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl")
+        out = subprocess.run([ctl, "-s", sock, "domains"], capture_output=True, text=True,
+                             timeout=10).stdout
+        rows = [x for x in out.splitlines() if x.startswith("slow")]
+        assert len(rows) == 6 and all(" resolving " in x for x in rows), out
         line = r.d.wait_log("rcpt=<a@good.test>", timeout=30)
         assert "event=delivered" in line and len(got) == 1, line
         r.wait_events("transient_failure", 6)
         wait_until(lambda: stats_ask(sock)["dns"]["inflight"] == 0, 10, "no lookup running")
         dns = stats_ask(sock)["dns"]
         assert dns["queued"] == 0 and dns["timeouts"] >= 6 and dns["failures"] >= 6, dns
+        doms = stats_ask(sock, "domains 20")["domains"]
+        assert not any(x["resolving"] for x in doms), doms
         text = stats_ask(sock, "metrics")["text"]
         assert "\nsluice_dns_lookups_queued 0\n" in text, text
         assert "\nsluice_dns_timeouts_total " in text, text

@@ -1098,6 +1098,7 @@ test_metrics_render(void **state)
     dm[0].deferred_by_class[1].live = 1;
     dm[0].nclasses = 2;
     snprintf(dm[1].name, sizeof(dm[1].name), "calm.test");
+    dm[1].resolving = true;
     t = stats_render_metrics(&c, dm, 2, 0);
     assert_non_null(t);
     assert_non_null(strstr(t, "\nsluice_domain_held{domain=\"busy.test\"} 1\n"));
@@ -1116,8 +1117,10 @@ test_metrics_render(void **state)
     json_obj_end(&j);
     assert_false(json_failed(&j));
     assert_non_null(strstr(j.buf, "\"held\":true,\"held_until\":\"2023-11-14T22:13:20.123Z\","
+                                  "\"resolving\":false,"
                                   "\"deferred_by_class\":{\"rate_limited\":5,\"other\":1}"));
-    assert_non_null(strstr(j.buf, "\"held\":false,\"held_until\":null,\"deferred_by_class\":{}"));
+    assert_non_null(strstr(j.buf, "\"held\":false,\"held_until\":null,\"resolving\":true,"
+                                  "\"deferred_by_class\":{}"));
     json_fini(&j);
 
     /* A domain has a destination per pool and one more for tls_relaxed
