@@ -66,8 +66,10 @@ static const struct conf_key server_keys[] = {
     {"max_recipients", CONF_UINT, SRV(max_recipients), 1, QUEUE_MAX_RCPT, "1000",
      "recipients per message; more get 452 4.5.3", NULL},
     {"max_errors", CONF_UINT, SRV(max_errors), 1, 1000, "20",
-     "protocol errors in one session before it is closed with 421 (at the bounce listener "
-     "refused recipients count too)", NULL},
+     "protocol errors in one session before it is closed with 421 (not a recipient refused "
+     "for its address's syntax in a transaction, 553 5.1.3 or 5.6.7: a bulk list's bad "
+     "addresses are refused one by one; at the bounce listener refused recipients count "
+     "too)", NULL},
     {"max_junk_commands", CONF_UINT, SRV(max_junk_commands), 1, 1000000000, "100",
      "commands that move no mail (NOOP, VRFY, EXPN, HELP, an RSET outside a transaction, a "
      "MAIL refused with 5xx, an EHLO or HELO after the session's greeting, an AUTH refused "

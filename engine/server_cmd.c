@@ -1001,6 +1001,36 @@ is_bdat_line(const char *buf, size_t len)
     return len >= 5 && strncasecmp(buf, "bdat ", 5) == 0;
 }
 
+/* Whether a command that did not parse is a recipient refused for its
+ * address (553 5.1.3, 553 5.6.7) in a transaction on the submission
+ * port: a refused recipient, as a suppressed one, not a protocol error
+ * toward max_errors. A bulk sender's list holds such addresses
+ * (user@host_name.example, a docomo-style user.@example), and twenty of
+ * them in one message's recipients closed the session and lost the
+ * message. Outside a transaction (no MAIL accepted: no AUTH, say) and
+ * at the bounce listener, which is open to anyone, they count. */
+static bool
+rcpt_address_refused(const struct session *s, const struct smtp_cmd *c, int rc)
+{
+    if (c->verb != SMTP_VERB_RCPT || !s->in_txn || s->bounce)
+        return false;
+    switch (rc) {
+    case SMTP_CMD_E_ROUTE_SYNTAX:
+    case SMTP_CMD_E_LOCAL_SYNTAX:
+    case SMTP_CMD_E_NO_DOMAIN:
+    case SMTP_CMD_E_DOMAIN_SYNTAX:
+    case SMTP_CMD_E_LITERAL_SYNTAX:
+    case SMTP_CMD_E_LOCAL_TOO_LONG:
+    case SMTP_CMD_E_DOMAIN_TOO_LONG:
+    case SMTP_CMD_E_LABEL_TOO_LONG:
+    case SMTP_CMD_E_UTF8_INVALID:
+    case SMTP_CMD_E_UTF8_NOT_ALLOWED:
+        return true;
+    default:
+        return false;
+    }
+}
+
 /* Handle one command line (without CRLF). rest: octets after it. */
 void
 handle_line(struct session *s, const char *line, size_t len, size_t rest)
@@ -1017,7 +1047,8 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     size_t at = s->out_len; /* where this command's reply starts */
     command_begin(s, v); /* its reply is counted by reply(), whenever it comes */
     if (rc < 0 && rc != SMTP_CMD_E_PARAM_UNOFFERED) {
-        s->errors++;
+        if (!rcpt_address_refused(s, &c, rc))
+            s->errors++;
         if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
         else

@@ -332,6 +332,40 @@ def test_max_errors_closes_session():
         assert [x.code for x in got] == [500, 421], got
 
 
+def test_recipients_refused_for_syntax_do_not_close_the_session():
+    """A bulk sender's list holds addresses sluice refuses for their
+    syntax (553 5.1.3: an underscore in the domain, a docomo-style
+    user.@, a local part over 64 octets; 553 5.6.7: UTF-8 without
+    SMTPUTF8): in a transaction each is a refused recipient, as a
+    suppressed one is, not a protocol error toward max_errors, so the
+    message goes to the others (it was lost with the session once
+    max_errors of them had come). Outside a transaction they still
+    count (a client with no MAIL accepted is closed)."""
+    with sluice(server="max_errors = 3\n") as r:
+        c = r.connect()
+        c.expect("EHLO client.example", 250)
+        c.expect("MAIL FROM:<news@example.com>", 250)
+        bad = ["a@host_name.example.org", "user.@example.org", "x" * 65 + "@example.org",
+               "b@-dash.example.org", "c@example..org"]
+        for i in range(30):
+            c.expect(f"RCPT TO:<ok{i}@example.org>", 250)
+            c.expect(f"RCPT TO:<{bad[i % len(bad)]}>", 553)
+        c.send("RCPT TO:<j\u00fcrg@example.org>\r\n".encode())
+        assert c.reply().raw.startswith("553 5.6.7"), "UTF-8 without SMTPUTF8"
+        c.expect("DATA", 354)
+        c.expect("Subject: dirty list\r\n\r\nbody\r\n.", 250)
+        # no transaction: the same refusals are protocol errors again
+        c.expect("RCPT TO:<a@host_name.example.org>", 553)
+        c.expect("RCPT TO:<a@host_name.example.org>", 553)
+        c.send("RCPT TO:<a@host_name.example.org>\r\n")
+        got = c.rest_until_closed(5)
+        assert [x.code for x in got] == [553, 421], got
+        r.d.wait_log(QUEUED)
+        r.stop()
+        (m,) = r.messages()
+        assert m["rcpts"] == [b"ok%d@example.org" % i for i in range(30)], m["rcpts"]
+
+
 def test_disconnect_line_sums_commands():
     """The disconnect line counts what the session said, per verb (ok/all
     where some were refused), and the first refusal; nothing else: a client that leaves
@@ -1395,6 +1429,7 @@ if __name__ == "__main__":
         test_smtp_source_load,
         test_sequence_syntax_and_simple_commands,
         test_max_errors_closes_session,
+        test_recipients_refused_for_syntax_do_not_close_the_session,
         test_disconnect_line_sums_commands,
         test_too_many_recipients,
         test_duplicate_recipients_stored_once,
