@@ -800,11 +800,30 @@ dest_top_classes(const struct dest *t, struct stats_domain *x)
     }
 }
 
+/* The jobs in flight, on d's connections: each destination's oldest
+ * one's message time in its flight_oldest_ms (set: true), or back to 0
+ * (set: false), one pass for all (a destination's own pass over the
+ * connections would be one per destination). */
+static void
+flight_oldest(struct delivery *d, bool set)
+{
+    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
+        if (c->dest == NULL || c->job == NULL)
+            continue;
+        uint64_t a = queue_id_time_ms(c->job->id);
+        if (!set)
+            c->dest->flight_oldest_ms = 0;
+        else if (c->dest->flight_oldest_ms == 0 || a < c->dest->flight_oldest_ms)
+            c->dest->flight_oldest_ms = a;
+    }
+}
+
 int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
     uint64_t now = clock_unix_ms();
     struct dest_iter it3 = {0};
+    flight_oldest(d, true);
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
         if (fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
             (t->last_ms == 0 || now - t->last_ms > 600000))
@@ -812,8 +831,10 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         if (*n == *cap) {
             size_t nc = *cap ? *cap * 2 : 64;
             struct stats_domain *a = realloc(*out, nc * sizeof(*a));
-            if (a == NULL)
+            if (a == NULL) {
+                flight_oldest(d, false);
                 return -ENOMEM;
+            }
             *out = a;
             *cap = nc;
         }
@@ -859,7 +880,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         else
             snprintf(x->limit_reason, sizeof(x->limit_reason), "%s",
                      t->pol == &d->e->cfg->default_domain ? "[domain *]" : "[domain] section");
-        uint64_t oldest = 0;
+        uint64_t oldest = t->flight_oldest_ms; /* in flight, then ready */
         struct fairq_iter it;
         fairq_iter_init(&t->q, &it);
         for (struct job *j; (j = job_of(fairq_iter_next(&it))) != NULL;) {
@@ -878,6 +899,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             x->tenants[k].ready = tt.n[k];
         }
     }
+    flight_oldest(d, false);
     return 0;
 }
 

@@ -405,6 +405,8 @@ struct dest {
     struct limit_key lim;    /* rates and connection leases (limits.h) */
     struct timer lim_timer;  /* a refused token or lease: ask again then */
     unsigned inflight;       /* jobs on connections now */
+    uint64_t flight_oldest_ms; /* delivery_domains' scratch: its oldest job in flight's
+                                * message time (0 between views) */
     unsigned untold;         /* outcome batches of its jobs not told yet: it stays
                               * (outcome.c counts them on it) */
     uint64_t delivered, failed; /* recipients, since start: counted when told (outcome.c) */

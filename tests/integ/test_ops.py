@@ -672,6 +672,60 @@ def test_domains_of_deferred_mail_across_a_restart():
         r.close()
 
 
+def test_domains_oldest_counts_mail_in_flight():
+    """A domain whose only mail is in flight (its receiver takes the
+    message and holds the final dot's reply): `domains` gives the age of
+    its oldest message, as doc/sluicectl.md says (ready, in flight or
+    deferred), not '-' and null, which it gave while only ready and
+    deferred mail counted; once delivered, none."""
+    import threading
+    from test_delivery import HostileMx
+    release = threading.Event()
+
+    def slow_dot(c, rfile):
+        c.sendall(b"220 slow ESMTP\r\n")
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                c.sendall(b"354 go\r\n")
+                while rfile.readline() not in (b".\r\n", b""):
+                    pass
+                release.wait(60)
+                c.sendall(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    r = Relay(records_for(["slow.test"]), with_sink=False,
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    mx = HostileMx(r.mx_port, slow_dot)
+    try:
+        r.inject([msg(1, ["a@slow.test"])])
+        d = wait_until(lambda: (lambda x: x if x and x["inflight"] == 1 else None)(
+            domain_row(r, "slow.test")), 30, "slow.test's message in flight")
+        assert d["ready"] == 0 and d["deferred"] == 0, d
+        assert d["oldest"] is not None and d["oldest_age_ms"] is not None, d
+        p = ctl(r, "domains")
+        assert p.returncode == 0, p.stderr
+        row = [ln for ln in p.stdout.splitlines() if ln.startswith("slow.test ")]
+        assert len(row) == 1 and row[0].split()[10] != "-", p.stdout  # OLDEST
+        release.set()
+        wait_events(r.dlog, lambda e: e["event"] == "delivery", 1)
+        d = wait_until(lambda: (lambda x: x if x and x["inflight"] == 0 else None)(
+            domain_row(r, "slow.test")), 30, "slow.test's message delivered")
+        assert d["oldest"] is None and d["oldest_age_ms"] is None, d
+        assert r.d.stop_clean() == 0
+    finally:
+        release.set()
+        mx.stop()
+        r.close()
+
+
 def test_bounce_by_id_and_domain():
     """bounce ID of a deferred message, then bounce DOMAIN of a suspended
     domain's ready mail: the recipients leave the spool with a bounce event
@@ -1203,6 +1257,7 @@ if __name__ == "__main__":
           test_flush_retries_deferred_now, test_flush_ends_the_rest_of_a_site_that_was_down,
           test_failing_a_dead_hosts_mail_does_not_stall_the_worker,
           test_domains_of_deferred_mail_across_a_restart,
+          test_domains_oldest_counts_mail_in_flight,
           test_bounce_by_id_and_domain,
         test_bounce_answers_once_done,
         test_bounce_of_mail_on_a_connection_says_it_stayed,
