@@ -169,7 +169,8 @@ static const struct conf_key log_keys[] = {
      "longest time an event waits in memory before it is written", NULL},
     {"delivery_log_headers", CONF_STRING, LOG(delivery_log_headers), 0, 1024, "",
      "header fields of the injected message copied into every event of it (up to 8, "
-     "comma-separated), e.g. X-Campaign-ID, X-Tenant-ID",
+     "comma-separated), e.g. X-Campaign-ID, X-Tenant-ID: the first field of each name, its "
+     "value unfolded and cut at 1,023 octets alike in every event",
      NULL},
     CONF_END,
 };

@@ -47,6 +47,8 @@
 #define DLOG_BUF_SIZE         (64u * 1024)        /* one writer buffer */
 #define DLOG_MAX_BUFFERED     (64u * 1024 * 1024) /* all buffers not yet written */
 #define DLOG_FIELD_MAX        4096u               /* a string field is cut to this many octets */
+#define DLOG_HEADER_MAX       1024u /* a delivery_log_headers value, unfolded, is cut to this many
+                                     * octets (NUL included), in every event of the message */
 
 struct dlog;
 struct dlog_writer;

@@ -138,6 +138,24 @@ msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *off, s
     return false;
 }
 
+size_t
+msa_unfold(const char *v, size_t n, char *out, size_t cap)
+{
+    size_t w = 0;
+    bool lead = true;
+    for (size_t r = 0; r < n && w + 1 < cap; r++) {
+        char ch = v[r];
+        if (ch == '\r' || ch == '\n' || (lead && (ch == ' ' || ch == '\t')))
+            continue;
+        lead = false;
+        out[w++] = ch;
+    }
+    while (w > 0 && (out[w - 1] == ' ' || out[w - 1] == '\t'))
+        w--;
+    out[w] = '\0';
+    return w;
+}
+
 static int
 days_from_civil(int y, unsigned m, unsigned d, int64_t *days)
 {

@@ -30,6 +30,13 @@ struct msa_scan {
 bool msa_find_field(const char *msg, size_t hdr_len, const char *name, size_t *off, size_t *len,
                     const char **val, size_t *vlen);
 
+/* A field's value unfolded (RFC 5322 2.2.3: each CRLF before a blank
+ * removed) from v[0 .. n), the value from after its colon to the end of
+ * its last continuation line, surrounding blanks trimmed, into out: at
+ * most cap - 1 octets and a NUL (cap > 0). out may equal v. Returns the
+ * length written. */
+size_t msa_unfold(const char *v, size_t n, char *out, size_t cap);
+
 /* A per-message expiry: a duration from now ("90m", "2h", "3600") or an
  * RFC 3339 UTC time ("2026-11-23T18:00:00Z"). Sets *expire_ms (Unix ms).
  * Returns 0 or -EINVAL (also for a duration whose end is past what 64-bit

@@ -369,7 +369,7 @@ log_reception(struct session *s, const char *qid)
     if (lw == NULL)
         return;
     const struct log_config *lc = &e->cfg->log;
-    char vals[DLOG_HEADERS_MAX][256];
+    char vals[DLOG_HEADERS_MAX][DLOG_HEADER_MAX];
     const char *hv[DLOG_HEADERS_MAX];
     if (lc->nheaders > 0) {
         struct msa_scan scan;
@@ -379,7 +379,8 @@ log_reception(struct session *s, const char *qid)
             const char *v;
             hv[i] = NULL;
             if (msa_find_field(s->body, scan.header_len, lc->headers[i], &off, &len, &v, &vl)) {
-                snprintf(vals[i], sizeof(vals[i]), "%.*s", (int)vl, v);
+                /* the whole value, folded or not, as the outcomes' events have it */
+                msa_unfold(v, (size_t)(s->body + off + len - v), vals[i], sizeof(vals[i]));
                 hv[i] = vals[i];
             }
         }

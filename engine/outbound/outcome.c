@@ -55,6 +55,7 @@
 #include "engine/dlog.h"
 #include "engine/dsn.h"
 #include "engine/engine.h"
+#include "engine/msa.h"
 #include "engine/shaping.h"
 #include "engine/outbound/internal.h"
 #include "engine/suppress.h"
@@ -542,19 +543,24 @@ job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf
         char *eol = strstr(line, "\r\n");
         if (eol == NULL)
             break; /* cut by the scan's size */
-        *eol = '\0';
-        char *colon = strchr(line, ':');
+        char *end = eol; /* the CRLF of the field's last line: past its continuations */
+        for (char *more; (end[2] == ' ' || end[2] == '\t') && (more = strstr(end + 2, "\r\n"));)
+            end = more;
+        char *next = end + 2;
+        char *colon = memchr(line, ':', (size_t)(eol - line));
         for (unsigned i = 0; colon != NULL && i < lc->nheaders; i++) {
             size_t n = strlen(lc->headers[i]);
             if (vals[i] == NULL && (size_t)(colon - line) == n &&
                 strncasecmp(line, lc->headers[i], n) == 0) {
-                char *v = colon + 1;
-                while (*v == ' ' || *v == '\t')
-                    v++;
-                vals[i] = v; /* a folded value keeps its first line only */
+                /* unfolded in place (never longer), cut as the reception's */
+                size_t room = (size_t)(end - colon) < DLOG_HEADER_MAX ? (size_t)(end - colon)
+                                                                      : DLOG_HEADER_MAX;
+                msa_unfold(colon + 1, (size_t)(end - colon - 1), colon + 1, room);
+                vals[i] = colon + 1;
+                break;
             }
         }
-        line = eol + 2;
+        line = next;
     }
 }
 

@@ -364,6 +364,33 @@ def test_expiry_header_removed_and_headers_logged():
         r.close()
 
 
+def test_logged_headers_unfolded_and_alike_in_every_event():
+    """delivery_log_headers values as a consumer joins them: a folded
+    field (nodemailer folds a long Subject into encoded words on several
+    lines) is logged whole, unfolded, not its first line; a long one is
+    cut at the same length in the reception and the recipients' events
+    (the reception cut it at 255 octets, the others at 4096); the first
+    of two fields of one name counts."""
+    r = Relay(records_for(["ok.test"]), domain_conf=log_conf_text(
+        "delivery_log_headers = Subject, X-Campaign-ID, List-Id\n"))
+    try:
+        long_id = "c" * 900 + " " + "d" * 900
+        r.inject([("s@example.com", ["a@ok.test", "b@ok.test"],
+                   b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n =?utf-8?q?_aus_K=C3=B6ln?=\r\n"
+                   b"\tand more  \r\n"
+                   b"X-Campaign-ID: " + long_id[:900].encode() + b"\r\n " +
+                   long_id[901:].encode() + b"\r\n"
+                   b"List-Id: News <news.example>\r\nList-Id: second\r\n\r\nbody\r\n")])
+        evs = wait_events(r.dlog, lambda e: e["event"] == "delivery", 2)
+        rec = [e for e in events(r.dlog) if e["event"] == "reception"]
+        want = {"Subject": "=?utf-8?q?Gr=C3=BC=C3=9Fe?= =?utf-8?q?_aus_K=C3=B6ln?=\tand more",
+                "X-Campaign-ID": long_id[:1023], "List-Id": "News <news.example>"}
+        for e in evs + rec:
+            assert e["headers"] == want, (e["event"], e["headers"])
+    finally:
+        r.close()
+
+
 def test_dsn_parameters_go_to_the_next_hop():
     """RFC 3461 5.2: RET, ENVID, NOTIFY and ORCPT given at injection are
     passed on to a next hop that offers DSN (smtp-sink does, and records
@@ -735,6 +762,7 @@ if __name__ == "__main__":
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
           test_expiry_header_removed_and_headers_logged,
+          test_logged_headers_unfolded_and_alike_in_every_event,
           test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
           test_no_success_dsn_when_the_next_hop_reports,
           test_success_under_verp_is_reported_here, test_rotation_loses_nothing,
