@@ -10,8 +10,9 @@
  * cursor and the sink is not paused; gather a batch (closing at
  * batch_max events, EVENTS_BATCH_BYTES, or batch_wait after the first
  * event was seen); send it; on success store the cursor, on failure
- * count, keep the error text and wait retry_min doubling to retry_max,
- * then send the same events again. Events the filter leaves out move
+ * count, keep the error text and wait retry_min doubling to retry_max
+ * (a 429's or 503's Retry-After when longer, up to retry_max), then send
+ * the same events again. Events the filter leaves out move
  * the cursor with the next batch. An HTTP 413 (the endpoint's body limit:
  * nginx's default is 1 MB, a catching-up batch up to 4 MB) halves the
  * sink's batch, in events and octets, and sends again at once: the limit
@@ -785,6 +786,9 @@ sink_main(void *arg)
         backoff = backoff == 0 ? s->cfg.retry_min : backoff * 2;
         if (backoff > s->cfg.retry_max)
             backoff = s->cfg.retry_max;
+        /* the endpoint's Retry-After, when longer, up to retry_max */
+        if (s->retry_after_ms > backoff)
+            backoff = s->retry_after_ms < s->cfg.retry_max ? s->retry_after_ms : s->cfg.retry_max;
         if (!failing)
             log_msg(LOG_WARN,
                     "event=events_sink_failing sink=%s err=\"%s\" retry_ms=%" PRIu64

@@ -92,6 +92,8 @@ struct sink {
     struct curl_slist *headers; /* owned, rebuilt per request */
     char curl_err[CURL_ERROR_SIZE];
     size_t answer_len; /* octets of the answer's body read so far */
+    uint64_t retry_after_ms; /* the last answer's Retry-After (a 429 or 503), 0: none;
+                              * the sink's thread's */
     /* redis */
     unsigned char *fates; /* owned, batch_max: every event's enum xadd_fate */
     uint64_t *done;       /* owned, batch_max: numbers past the cursor already dealt with (in

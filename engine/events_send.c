@@ -179,6 +179,13 @@ sink_http_send(struct sink *s, long *status, char *err, size_t errlen)
     long code = 0; /* this transfer's: libcurl clears it as a transfer starts */
     curl_easy_getinfo(s->curl, CURLINFO_RESPONSE_CODE, &code);
     *status = code;
+    /* A 429 or 503 may say when to come back (RFC 9110 10.2.3: seconds or
+     * a date, which libcurl turns into seconds): the backoff heeds it. */
+    curl_off_t after = 0;
+    s->retry_after_ms = 0;
+    if ((code == 429 || code == 503) &&
+        curl_easy_getinfo(s->curl, CURLINFO_RETRY_AFTER, &after) == CURLE_OK && after > 0)
+        s->retry_after_ms = after > 86400 ? 86400000u : (uint64_t)after * 1000u;
     if (code >= 200 && code <= 299)
         return 0;
     if (code != 0) /* the status says more than what became of its body */

@@ -63,6 +63,8 @@ class Receiver:
         self.bad_signatures = 0
         self.connections = set()
         self.status = 200
+        self.replies = []      # (status, Retry-After or None) for the next requests, first first
+        self.times = []        # time.monotonic() of each request
         self.secret = SECRET
         self.hold = threading.Event()  # set: requests wait
         self.released = threading.Event()
@@ -86,10 +88,14 @@ class Receiver:
                 want = "sha256=" + hmac.new(rec.secret.encode(), ts.encode() + b"." + body,
                                             hashlib.sha256).hexdigest()
                 fresh = ts.isdigit() and abs(time.time() - int(ts)) < 300
+                retry_after = None
                 with rec.lock:
                     rec.requests += 1
+                    rec.times.append(time.monotonic())
                     rec.connections.add(self.client_address)
                     status = rec.status
+                    if rec.replies:
+                        status, retry_after = rec.replies.pop(0)
                     if not (hmac.compare_digest(want, sig) and fresh):
                         rec.bad_signatures += 1
                         status = 401
@@ -111,6 +117,8 @@ class Receiver:
                 out = b"{}"
                 try:
                     self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(out)))
                     self.end_headers()
@@ -347,6 +355,35 @@ def test_503_for_a_while_then_accepted():
         rec.status = 200
         check_all_arrived(node, rec)
         wait_until(lambda: node.sink_stats("hook")["pending"] == 0, 30, "pending 0")
+    finally:
+        node.close()
+        rec.stop()
+
+
+def test_retry_after_of_429_and_503_heeded():
+    """An endpoint that answers 429 or 503 with Retry-After (seconds, or
+    an HTTP date) is asked again no sooner than it says, up to retry_max,
+    not after retry_min (100 ms here: a rate-limited endpoint got a
+    request every few hundred ms, each refused again); then everything
+    arrives."""
+    import email.utils
+    rec = Receiver()
+    when = email.utils.formatdate(time.time() + 3, usegmt=True)
+    rec.replies = [(429, "2"), (503, when), (429, "3600")]
+    node = Node(hook_conf(rec.port, "retry_max = 4s"))
+    try:
+        node.inject(5, "r")
+        node.wait_delivered(5)
+        check_all_arrived(node, rec, timeout=60)
+        with rec.lock:
+            t = list(rec.times)
+        gaps = [b - a for a, b in zip(t, t[1:])]
+        assert len(gaps) >= 3, gaps
+        # 2 s; the date's (whole seconds: 1 to 3 s after the second
+        # request); 3600 s capped at retry_max
+        assert gaps[0] >= 1.9 and gaps[1] >= 0.9 and 3.9 <= gaps[2] < 30, gaps
+        line = node.d.wait_log("event=events_sink_failing")
+        assert "retry_ms=2000" in line, line
     finally:
         node.close()
         rec.stop()
@@ -767,7 +804,7 @@ if __name__ == "__main__":
     # endpoint that refuses one event).
     group = sys.argv[3] if len(sys.argv) > 3 else "push"
     groups = {
-        "reject": [test_400_to_one_event_drops_it_alone],
+        "reject": [test_400_to_one_event_drops_it_alone, test_retry_after_of_429_and_503_heeded],
         "crash": [test_kill9_right_after_delivery_loses_no_event,
                   test_reload_adds_changes_and_removes_sinks,
                   test_suppressed_event_committed_alone_arrives,
