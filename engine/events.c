@@ -102,7 +102,11 @@ const struct conf_key events_sink_keys[] = {
      "tenants sent (the event's tenant field, compared without case as tenant names are), "
      "comma separated; empty: all",
      NULL},
-    {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500", "events per batch (per POST)", NULL},
+    {"batch_max", CONF_UINT, EVK(batch_max), 1, 10000, "500",
+     "events per batch (per POST); a sink has one batch in flight at a time, so an endpoint "
+     "that takes T to answer gets at most batch_max events per T (500 in 250ms: 2,000 a "
+     "second, the reception and delivery of 1,000 one-recipient messages a second)",
+     NULL},
     {"batch_wait", CONF_DURATION, EVK(batch_wait), 0, 60000, "200ms",
      "a batch closes this long after its first event", NULL},
     {"timeout", CONF_DURATION, EVK(timeout), 100, 600000, "10s",
