@@ -547,6 +547,86 @@ lift_holds(struct engine *e, struct lift_list *l)
     return rc < 0 ? -1 : total;
 }
 
+/* The retimes of a flush in flight: FLUSH_WINDOW requests of FLUSH_BATCH
+ * through one port, so that a commit (and its sync) carries several; one
+ * at a time, a flush of a million recipients waited for a thousand syncs
+ * (40 s on a loaded machine). */
+struct flush_run;
+struct flush_slot {
+    struct flush_run *run;
+    size_t k; /* recipients in the request; 0: the slot is free */
+};
+struct flush_run {
+    int rc;      /* the first failure */
+    size_t done; /* recipients retimed */
+    unsigned inflight;
+    struct flush_slot slot[FLUSH_WINDOW];
+};
+
+static void
+flush_batch_done(void *cookie, int rc)
+{
+    struct flush_slot *s = cookie;
+    if (rc == 0)
+        s->run->done += s->k;
+    else if (s->run->rc == 0)
+        s->run->rc = rc;
+    s->k = 0;
+    s->run->inflight--;
+}
+
+/* Move the time of w's n recipients to due_ms; returns 0 or the first
+ * failure, *done the recipients moved (those before the failure, and
+ * any other request that went in). */
+static int
+flush_retime(struct engine *e, const struct walk_sel *w, uint64_t due_ms, size_t *done)
+{
+    struct flush_run run = {0};
+    for (unsigned s = 0; s < FLUSH_WINDOW; s++)
+        run.slot[s].run = &run;
+    struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
+    struct queue_port *port = qo != NULL ? queue_port_new() : NULL;
+    if (port == NULL) {
+        free(qo);
+        *done = 0;
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < w->n && run.rc == 0;) {
+        while (run.inflight == FLUSH_WINDOW && run.rc == 0) {
+            int rc = queue_port_wait(port, -1);
+            if (rc < 0 && rc != -EINTR)
+                run.rc = rc;
+        }
+        if (run.rc != 0)
+            break;
+        struct flush_slot *slot = NULL;
+        for (unsigned s = 0; s < FLUSH_WINDOW && slot == NULL; s++)
+            if (run.slot[s].k == 0)
+                slot = &run.slot[s];
+        size_t k = w->n - i < FLUSH_BATCH ? w->n - i : FLUSH_BATCH;
+        for (size_t j = 0; j < k; j++)
+            qo[j] = (struct queue_outcome){.id = w->v[i + j].id, .rcpt = w->v[i + j].idx,
+                                           .kind = QUEUE_RETIME, .due_ms = due_ms};
+        slot->k = k;
+        run.inflight++;
+        int rc = queue_update(e->queue, port, qo, k, flush_batch_done, slot);
+        if (rc < 0) { /* not submitted: its callback never runs */
+            slot->k = 0;
+            run.inflight--;
+            run.rc = rc;
+            break;
+        }
+        i += k;
+    }
+    while (run.inflight > 0) /* every request's callback, before the port goes */
+        if (queue_port_wait(port, -1) < 0 && queue_port_pending(port) == 0)
+            break;
+    queue_port_free(port);
+    free(qo);
+    *done = run.done;
+    return run.rc;
+}
+
 /* flush [DOMAIN]: first the rests the selected mail's destinations wait
  * on end (delivery_lift_holds): of every destination for a flush of all,
  * of the domain's, or of the selected recipients' domains for a tenant,
@@ -598,18 +678,8 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
             l->all = true;
         lifted = lift_holds(e, l);
     }
-    struct queue_outcome *qo = calloc(FLUSH_BATCH, sizeof(*qo));
     size_t done = 0;
-    for (size_t i = 0; qo != NULL && i < w.n && rc == 0; i += FLUSH_BATCH) {
-        size_t k = w.n - i < FLUSH_BATCH ? w.n - i : FLUSH_BATCH;
-        for (size_t j = 0; j < k; j++)
-            qo[j] = (struct queue_outcome){.id = w.v[i + j].id, .rcpt = w.v[i + j].idx,
-                                           .kind = QUEUE_RETIME, .due_ms = now + 1};
-        rc = queue_update_wait(e->queue, qo, k);
-        if (rc == 0)
-            done += k;
-    }
-    free(qo);
+    rc = flush_retime(e, &w, now + 1, &done);
     free(w.v);
     log_msg(LOG_NOTICE,
             "event=flush domain=%s tenant=%s campaign=\"%s\" pool=%s recipients=%zu "

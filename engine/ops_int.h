@@ -38,7 +38,8 @@
 #define BOUNCE_POLL_MS 20     /* between looks at the spool meanwhile */
 #define DEFERRED_TTL  10000   /* ms: per-domain spool counts are reused this long */
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
-#define FLUSH_BATCH   1000    /* recipients per spool commit */
+#define FLUSH_BATCH   1000    /* recipients per spool request */
+#define FLUSH_WINDOW  4       /* requests in flight: the committer takes them in one commit */
 
 /* ---- running a function on every worker ---- */
 

@@ -12,7 +12,7 @@
  * microseconds for one batch, the commits of FLUSH_BATCH recipients
  * each for more. Against a real spool such a test passes whichever the
  * order, nearly always. So the seams are the ones cmd_flush talks
- * through, the link's --wrap: the spool (queue_walk, queue_update_wait)
+ * through, the link's --wrap: the spool (queue_walk, queue_update)
  * and the workers' end of the rests (delivery_lift_holds, reached
  * through a real worker's mailbox, as the stats thread reaches it).
  * The spool's stand-in is the worst case of the race: every recipient it
@@ -83,7 +83,9 @@ int __wrap_stats_server_new(const char *socket_path, unsigned socket_mode, const
                             unsigned top_n, const struct stats_ops *ops,
                             struct stats_server **out, char *err, size_t errlen);
 int __wrap_queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg);
-int __wrap_queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n);
+int __wrap_queue_update(struct queue *q, struct queue_port *port,
+                        const struct queue_outcome *outcomes, size_t n, queue_done_fn *done,
+                        void *cookie);
 unsigned __wrap_delivery_lift_holds(struct delivery *d, bool all, const char *const *domains,
                                     size_t n);
 
@@ -145,10 +147,14 @@ rest_ended(const char *domain)
     return false;
 }
 
+/* Committed at once: done runs before the call returns (the real spool
+ * runs it later, from the port; cmd_flush must take either). */
 int
-__wrap_queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t n)
+__wrap_queue_update(struct queue *q, struct queue_port *port, const struct queue_outcome *outcomes,
+                    size_t n, queue_done_fn *done, void *cookie)
 {
     (void)q;
+    (void)port;
     pthread_mutex_lock(&S.lock);
     for (size_t i = 0; i < n; i++) {
         assert_int_equal(outcomes[i].kind, QUEUE_RETIME);
@@ -165,6 +171,7 @@ __wrap_queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, 
     if (S.nsteps < MAXSTEP)
         S.steps[S.nsteps++] = (struct step){.kind = 'R', .n = n};
     pthread_mutex_unlock(&S.lock);
+    done(cookie, 0);
     return 0;
 }
 
