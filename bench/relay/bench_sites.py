@@ -20,7 +20,7 @@ it, [delivery] allow_networks for loopback.
                              [--before OTHER-SLUICE] [--dns-synth BINARY]
                              [--relay-conf 'LINES'] [--perf PREFIX] [--rounds N] [--paired]
                              [--one-sink] [--injector BINARY|python] [--keep]
-                             [--own-names]
+                             [--own-names] [--stat EVENTS]
 
 --own-names (with the C responder): each domain's MX host has a name of
 its own, mx<i mod M>-<i>.test on host i mod M's address, as Microsoft
@@ -351,6 +351,11 @@ file = {work}/sluice.log
                                      ["-F", os.environ.get("BENCH_PERF_FREQ", "997")]) + ["-p",
                                      str(d.proc.pid), "-o", f"{a.perf}-{ndom}-{nmx}.data"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stat = None
+        if a.stat:
+            stat = subprocess.Popen(["perf", "stat", "-x", ",", "-e", a.stat, "-p",
+                                     str(d.proc.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         t0, w0 = time.monotonic(), time.time()
         host0 = host_jiffies()
         host1 = host0
@@ -387,6 +392,13 @@ file = {work}/sluice.log
         if perf is not None:
             perf.send_signal(2)  # SIGINT: perf writes its file and exits
             perf.wait(60)
+        counts = {}
+        if stat is not None:
+            stat.send_signal(2)  # SIGINT: perf prints its counts and exits
+            for ln in stat.communicate(timeout=60)[1].splitlines():
+                f = ln.split(",")
+                if len(f) > 2 and f[0].replace(".", "", 1).isdigit():
+                    counts[f[2]] = float(f[0])
         sluice_cpu = cpu_s(d.proc.pid) - sluice0
         thr1 = thread_cpu(d.proc.pid)
         threads = sorted(((v[1] - thr0.get(k, (None, 0))[1], v[0]) for k, v in thr1.items()),
@@ -405,7 +417,7 @@ file = {work}/sluice.log
                    delivered=delivered, conns=connected, most=samp.most, errors=len(errors),
                    secs=t_last - t0, load=os.getloadavg()[0], inj_cpu=inj_cpu,
                    dns_cpu=dns_cpu, sink_cpu=sink_cpu, bench_cpu=bench_cpu,
-                   threads=threads)
+                   threads=threads, counts=counts)
         d.stop(60)
     finally:
         if d.proc.poll() is None:
@@ -434,6 +446,10 @@ def main():
     ap.add_argument("--only", default="", help="D:M pairs, comma-separated")
     ap.add_argument("--relay-conf", default="", help="config lines appended to sluice's (\\n "
                     "between lines), e.g. '[dns]\\nfamily = v4'")
+    ap.add_argument("--stat", default="", help="perf stat -e STAT on sluice during each "
+                    "line, counts per message delivered (of the best run with --rounds), e.g. "
+                    "'task-clock,context-switches', or a uprobe (perf probe -x LIBC -a "
+                    "malloc_consolidate, then 'probe_libc:malloc_consolidate')")
     ap.add_argument("--perf", default="", help="record each line's sluice with perf into "
                     "PREFIX-D-M.data (perf report -i ...); BENCH_CALLGRAPH (fp), "
                     "BENCH_PERF_FREQ (997) or BENCH_PERF_EVENTS instead (e.g. "
@@ -538,8 +554,13 @@ def main():
                 b0 = base.get(label, r["msgs"])
                 every = ", ".join(
                     f"{x['msgs']:.0f} ({100 * x['msgs'] / (y['msgs'] if y else b0):.0f}%, "
-                    f"{x['secs']:.1f} s, {x['delivered']} delivered)" for x, y in runs)
+                    f"{x['secs']:.1f} s, {x['delivered']} delivered, {x['cpu']:.4f} cpu-s/1k)"
+                    for x, y in runs)
                 print(f"    every run, msg/s: {every}", flush=True)
+            if a.stat:
+                print("    perf stat, per message delivered: " + ", ".join(
+                    f"{k} {v / max(1, r['delivered']):.3f}" for k, v in r["counts"].items()),
+                    flush=True)
             if os.environ.get("BENCH_THREADS"):
                 print("    threads (CPU s): " + ", ".join(f"{n} {c:.2f}" for c, n in r["threads"][:6]
                                                         if c > 0), flush=True)
