@@ -88,8 +88,15 @@ struct lk_host {
     uint8_t a6[WIRE_MAX_ADDR][16];
     struct lk_query q4, q6;
     uint8_t alias;                      /* enum alias_state */
+};
+
+/* A host's part under DANE, beside it (lookup.dane[i] is hosts[i]'s): out
+ * of line, so that without DANE one host's lk_host stays a small request
+ * for malloc (a large one, over 1,008 octets, first merges every free
+ * small chunk: malloc_consolidate, on each new domain). */
+struct lk_dane {
     char expanded[DNS_NAME_MAX + 1];    /* ALIAS_SECURE: where the chain ends */
-    /* DANE: the TLSA answers at _25._tcp.NAME ([0]) and, for a validated
+    /* the TLSA answers at _25._tcp.NAME ([0]) and, for a validated
      * alias, at _25._tcp.EXPANDED ([1]) */
     struct lk_tlsa tl[2];
 };
@@ -110,6 +117,8 @@ struct lookup {
     uint32_t neg_ttl; /* s: min negative TTL from SOAs; UINT32_MAX: none seen */
     unsigned nhosts;
     struct lk_host *hosts; /* owned array */
+    struct lk_dane *dane;  /* owned array of nhosts: when TLSA records are asked
+                            * (hosts_alloc); NULL: not */
 };
 
 enum ans_kind { ANS_DATA, ANS_NODATA, ANS_NXDOMAIN, ANS_TEMP };
@@ -125,10 +134,11 @@ lookup_free(struct lookup *lk)
 {
     if (lk->e != NULL && lk->e->lookup == lk)
         lk->e->lookup = NULL;
-    for (unsigned i = 0; lk->hosts != NULL && i < lk->nhosts; i++) {
-        free(lk->hosts[i].tl[0].data);
-        free(lk->hosts[i].tl[1].data);
+    for (unsigned i = 0; lk->dane != NULL && i < lk->nhosts; i++) {
+        free(lk->dane[i].tl[0].data);
+        free(lk->dane[i].tl[1].data);
     }
+    free(lk->dane);
     free(lk->hosts);
     free(lk);
 }
@@ -260,15 +270,17 @@ finish(struct lookup *lk)
             rh[n].a6 = (const uint8_t(*)[16])h->a6;
             rh[n].ntlsa = 0;
             rh[n].tlsa = NULL;
-            rh[n].expanded = h->alias == ALIAS_SECURE ? h->expanded : NULL;
+            static const struct lk_tlsa not_asked; /* FS_SKIP */
+            struct lk_dane *dn = lk->dane != NULL ? &lk->dane[i] : NULL;
+            rh[n].expanded = dn != NULL && h->alias == ALIAS_SECURE ? dn->expanded : NULL;
             /* RFC 7672 2.2.2: the expanded name's answer when it has
              * validated records or failed, else the MX name's. */
-            const struct lk_tlsa *t = &h->tl[0];
+            const struct lk_tlsa *t = dn != NULL ? &dn->tl[0] : &not_asked;
             rh[n].tlsa_base = h->name;
             if (rh[n].expanded != NULL &&
-                (h->tl[1].st == FS_TEMP || (h->tl[1].st == FS_OK && h->tl[1].ad))) {
-                t = &h->tl[1];
-                rh[n].tlsa_base = h->expanded;
+                (dn->tl[1].st == FS_TEMP || (dn->tl[1].st == FS_OK && dn->tl[1].ad))) {
+                t = &dn->tl[1];
+                rh[n].tlsa_base = dn->expanded;
             }
             switch (t->st) {
             case FS_OK:
@@ -408,16 +420,17 @@ static void
 note_alias(struct lookup *lk, unsigned i, const struct wire_answer *a)
 {
     struct lk_host *h = &lk->hosts[i];
-    if (lk->d->cfg.dnssec != DNS_DNSSEC_TRUST_AD || !lk->mx_ad)
+    if (lk->dane == NULL) /* no DANE (hosts_alloc) */
         return;
+    struct lk_dane *dn = &lk->dane[i];
     enum alias_state seen = a->chain == 0 ? ALIAS_NONE : a->ad ? ALIAS_SECURE : ALIAS_INSECURE;
     if (h->alias == ALIAS_UNKNOWN) {
         h->alias = (uint8_t)seen;
         if (seen != ALIAS_SECURE)
             return;
-        memcpy(h->expanded, a->final, sizeof(h->expanded));
-        ask_tlsa(lk, &h->tl[1], h->expanded);
-    } else if (h->alias != seen || (seen == ALIAS_SECURE && strcmp(h->expanded, a->final) != 0)) {
+        memcpy(dn->expanded, a->final, sizeof(dn->expanded));
+        ask_tlsa(lk, &dn->tl[1], dn->expanded);
+    } else if (h->alias != seen || (seen == ALIAS_SECURE && strcmp(dn->expanded, a->final) != 0)) {
         h->alias = ALIAS_INSECURE;
     }
 }
@@ -453,7 +466,7 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
         h->alias = ALIAS_NONE;
     /* DANE: TLSA records matter only when the MX name itself was
      * validated (RFC 7672 2.2.1); they are asked beside the addresses. */
-    bool dane = lk->d->cfg.dnssec == DNS_DNSSEC_TRUST_AD && lk->mx_ad;
+    bool dane = lk->dane != NULL; /* hosts_alloc */
     /* What another domain naming this host was answered (hosts.c); not
      * under DANE before the name is known to be no alias: only an
      * answer shows the CNAME chain (2.2.2). */
@@ -476,9 +489,10 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
             lk->neg_ttl = min32(lk->neg_ttl, ha.ttl);
         }
     }
-    h->tl[0].q.host = h->tl[1].q.host = (int)i;
-    if (dane)
-        ask_tlsa(lk, &h->tl[0], h->name);
+    if (dane) {
+        lk->dane[i].tl[0].q.host = lk->dane[i].tl[1].q.host = (int)i;
+        ask_tlsa(lk, &lk->dane[i].tl[0], h->name);
+    }
     if (h->st4 == FS_PENDING)
         send_query(lk, &h->q4, h->name, WIRE_T_A);
     if (h->st6 == FS_PENDING)
@@ -488,11 +502,24 @@ want_addresses(struct lookup *lk, unsigned i, const uint8_t *abuf, size_t alen)
 /* The one host is the name itself (an implicit MX, or an address
  * lookup); a CNAME'd name is followed by the A/AAAA queries, as for any
  * host. */
+/* n hosts for lk, and their DANE part when it asks TLSA records (the MX
+ * name itself validated, RFC 7672 2.2.1); 0, or -ENOMEM (none made). */
+static int
+hosts_alloc(struct lookup *lk, unsigned n)
+{
+    bool dane = lk->d->cfg.dnssec == DNS_DNSSEC_TRUST_AD && lk->mx_ad;
+    lk->hosts = calloc(n, sizeof(*lk->hosts));
+    if (lk->hosts != NULL && dane && (lk->dane = calloc(n, sizeof(*lk->dane))) == NULL) {
+        free(lk->hosts);
+        lk->hosts = NULL;
+    }
+    return lk->hosts != NULL ? 0 : -ENOMEM;
+}
+
 static void
 want_own_addresses(struct lookup *lk)
 {
-    lk->hosts = calloc(1, sizeof(*lk->hosts));
-    if (lk->hosts == NULL) {
+    if (hosts_alloc(lk, 1) < 0) {
         decide(lk, DNS_RETRY, "out of memory");
         return;
     }
@@ -554,8 +581,7 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
     }
     if (n > d->cfg.max_mx_hosts)
         n = d->cfg.max_mx_hosts;
-    lk->hosts = calloc(n, sizeof(*lk->hosts));
-    if (lk->hosts == NULL) {
+    if (hosts_alloc(lk, n) < 0) {
         decide(lk, DNS_RETRY, "out of memory");
         return;
     }
@@ -607,14 +633,14 @@ on_addr(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     }
 }
 
-/* A TLSA answer of a host (q->type TLSA, q is h->tl[k].q), its records
+/* A TLSA answer of a host (q->type TLSA, q is lk->dane[host].tl[k].q), its records
  * copied out of the message. */
 static void
 on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_answer *a,
         const uint8_t *abuf, size_t alen)
 {
-    struct lk_host *h = &lk->hosts[q->host];
-    struct lk_tlsa *t = q == &h->tl[1].q ? &h->tl[1] : &h->tl[0];
+    struct lk_dane *dn = &lk->dane[q->host]; /* TLSA: asked under DANE only */
+    struct lk_tlsa *t = q == &dn->tl[1].q ? &dn->tl[1] : &dn->tl[0];
     t->ad = a->ad;
     /* wire_answer keeps no TLSA records (kind is NODATA when there are
      * some): wire_tlsa reads them at the end of the CNAME chain. */
@@ -711,8 +737,8 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     const char *qname = q->host < 0 ? lk->e->name : lk->hosts[q->host].name;
     char tname[DNS_NAME_MAX + 1];
     if (q->type == WIRE_T_TLSA) {
-        if (q == &lk->hosts[q->host].tl[1].q)
-            qname = lk->hosts[q->host].expanded;
+        if (q == &lk->dane[q->host].tl[1].q)
+            qname = lk->dane[q->host].expanded;
         tlsa_name(qname, tname);
         qname = tname;
     }
