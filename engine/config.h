@@ -138,6 +138,9 @@ struct delivery_config {
     char *allow_networks;     /* owned: as written; parsed into allow */
     struct cidr allow[NETADDR_MAX_LIST];
     int nallow;
+    char *deny_networks;      /* owned: as written; parsed into deny */
+    struct cidr deny[NETADDR_MAX_LIST];
+    int ndeny;
     bool mta_sts;             /* MTA-STS (RFC 8461) for every domain; [domain] mta_sts can
                                * turn it off for one */
     unsigned active_limit;    /* ready recipients above which due ones stay in the spool;

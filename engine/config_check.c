@@ -131,9 +131,14 @@ check_route_target(struct parse *p, const struct domain_policy *pol, unsigned li
     if (netaddr_parse(spec, &a) < 0)
         return;
     const struct sockaddr *sa = (const struct sockaddr *)&a.ss;
-    const char *what = netaddr_special(sa);
     const struct delivery_config *dc = &p->cfg->delivery;
-    if (what != NULL && !cidr_match(dc->allow, dc->nallow, sa))
+    const char *what = netaddr_target_refused(sa, dc->allow, dc->nallow, dc->deny, dc->ndeny);
+    if (what != NULL && strcmp(what, NETADDR_DENIED) == 0)
+        config_err(p, line,
+             "route: %s is in [delivery] deny_networks: every message routed there would "
+             "bounce (class refused_target)",
+             pol->route);
+    else if (what != NULL)
         config_err(p, line,
              "route: %s is a %s address, which [delivery] allow_networks does not list: every "
              "message routed there would bounce (class refused_target)",
@@ -703,6 +708,18 @@ config_finish(struct parse *p)
         if (cfg->delivery.nallow < 0) {
             config_err(p, line, "allow_networks: %s", why);
             cfg->delivery.nallow = 0;
+        }
+    }
+    if (cfg->delivery.deny_networks != NULL) {
+        cfg->delivery.ndeny = cidr_parse_list(cfg->delivery.deny_networks, cfg->delivery.deny,
+                                              NETADDR_MAX_LIST, why, sizeof(why));
+        unsigned line = 0;
+        for (unsigned i = 0; i < NSECTIONS; i++)
+            if (strcmp(config_sections[i].name, "delivery") == 0)
+                line = key_line(p, i, "deny_networks");
+        if (cfg->delivery.ndeny < 0) {
+            config_err(p, line, "deny_networks: %s", why);
+            cfg->delivery.ndeny = 0;
         }
     }
     const char *dns_bad;

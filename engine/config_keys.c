@@ -324,6 +324,16 @@ static const struct conf_key delivery_keys[] = {
      "TLS report POSTs, which never go through a proxy (https_proxy and all_proxy in the "
      "environment are ignored: the address checked would be the proxy's)",
      NULL},
+    {"deny_networks", CONF_STRING, DLV(deny_networks), 1, 1024, NULL,
+     "networks (CIDR, comma-separated, at most 32) never delivered to, whatever "
+     "allow_networks says: an MX address in one is refused as a target as a loopback one is "
+     "(a domain whose MX addresses are all refused bounces, class refused_target, logged "
+     "event=target_refused), and so are MTA-STS policy hosts and TLS report POSTs there; "
+     "e.g. 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7, so that a "
+     "sender's own domain whose MX names an address of the internal network cannot have "
+     "this node deliver into it; a [domain] route to a literal address in one is an error; "
+     "unset: none",
+     NULL},
     {"destination_idle_ttl", CONF_DURATION, DLV(destination_idle_ttl), 1000, 86400000, "10m",
      "a destination domain with nothing queued, in flight or held is forgotten after this "
      "long (its counters on the stats socket restart when mail for it comes again): memory "

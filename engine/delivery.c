@@ -981,7 +981,7 @@ delivery_reconfigure(struct delivery *d)
         t->site_for = NULL;     /* ... and max_connections, its site's ceiling (dest_site) */
         t->affinity_for = NULL; /* ... and whether its domain may be gathered */
         t->mxk = NULL;
-        /* allow_networks and the listeners may have changed: the usable
+        /* allow_networks, deny_networks and the listeners may have changed: the usable
          * addresses are counted again (targets.c), so that a destination
          * left with none fails as at a start, saying why. */
         t->targets_for = NULL;

@@ -514,7 +514,7 @@ mta_sts_reload(struct engine *e, const struct config *n)
     if (m == NULL)
         return;
     /* Fetches and report POSTs refuse what deliveries do, now. */
-    mta_sts_set_allow(m, n->delivery.allow, n->delivery.nallow);
+    mta_sts_set_allow(m, &n->delivery);
     const struct config *o = mta_sts_config(m); /* the one it started with */
     const struct mta_sts_config *a = &o->mta_sts, *b = &n->mta_sts;
 #define SAME_STR(x, y) ((x) == (y) || ((x) != NULL && (y) != NULL && strcmp((x), (y)) == 0))

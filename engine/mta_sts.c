@@ -167,10 +167,11 @@ struct mta_sts {
     const struct mta_sts_config *sc; /* borrowed: &cfg->mta_sts */
     char dir[PATH_MAX], file[128]; /* the cache */
     pthread_mutex_t lock;
-    /* under lock: [delivery] allow_networks of the config in force (a
-     * reload's: mta_sts_set_allow), not cfg's of the start */
-    struct cidr allow[NETADDR_MAX_LIST];
-    int nallow;
+    /* under lock: [delivery] allow_networks and deny_networks of the
+     * config in force (a reload's: mta_sts_set_allow), not cfg's of the
+     * start */
+    struct cidr allow[NETADDR_MAX_LIST], deny[NETADDR_MAX_LIST];
+    int nallow, ndeny;
     struct hash domains;          /* owned struct sts_entry, by name */
     struct slab entries;          /* where they live: apart from the workers' heaps, which
                                    * an hour's entries would pin page by page */
@@ -423,13 +424,15 @@ mta_sts_stats(struct mta_sts *m, struct mta_sts_stats *out)
 }
 
 void
-mta_sts_set_allow(struct mta_sts *m, const struct cidr *allow, int n)
+mta_sts_set_allow(struct mta_sts *m, const struct delivery_config *dc)
 {
     pthread_mutex_lock(&m->lock);
-    memcpy(m->allow, allow, sizeof(m->allow[0]) * (size_t)n);
-    m->nallow = n;
+    memcpy(m->allow, dc->allow, sizeof(m->allow));
+    m->nallow = dc->nallow;
+    memcpy(m->deny, dc->deny, sizeof(m->deny));
+    m->ndeny = dc->ndeny;
     pthread_mutex_unlock(&m->lock);
-    tlsrpt_set_allow(m->rpt, allow, n);
+    tlsrpt_set_allow(m->rpt, dc);
 }
 
 const struct config *
@@ -869,12 +872,13 @@ on_addr(void *arg, struct dns_mx_result *res)
         pthread_mutex_lock(&m->lock);
         for (unsigned i = 0; i < res->hosts[0].naddrs && npick < FETCH_ADDRS; i++) {
             const union dns_addr *a = &res->hosts[0].addrs[i];
-            if (netaddr_special(&a->sa) == NULL || cidr_match(m->allow, m->nallow, &a->sa))
+            if (netaddr_target_refused(&a->sa, m->allow, m->nallow, m->deny, m->ndeny) == NULL)
                 pick[npick++] = a;
         }
         pthread_mutex_unlock(&m->lock);
         if (npick == 0)
-            why = "mta-sts host's addresses are refused ([delivery] allow_networks)";
+            why = "mta-sts host's addresses are refused ([delivery] allow_networks, "
+                  "deny_networks)";
     }
     if (npick > 0)
         fetch_start(m, c, pick, npick);
@@ -1287,6 +1291,8 @@ mta_sts_new(const struct config *cfg, const char *cache_path, struct mta_sts **o
     m->cfg = cfg;
     memcpy(m->allow, cfg->delivery.allow, sizeof(m->allow));
     m->nallow = cfg->delivery.nallow;
+    memcpy(m->deny, cfg->delivery.deny, sizeof(m->deny));
+    m->ndeny = cfg->delivery.ndeny;
     m->sc = &cfg->mta_sts;
     const char *slash = strrchr(cache_path, '/');
     if (slash == NULL || (size_t)(slash - cache_path) >= sizeof(m->dir) ||

@@ -170,11 +170,12 @@ enum mta_sts_answer mta_sts_get(struct mta_sts *m, const char *domain, bool can_
 void mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status,
                         const char *why, const char *const *txt, unsigned n, uint32_t ttl);
 
-/* A reload's [delivery] allow_networks: policy fetches and TLS report
- * POSTs refuse what deliveries refuse, under the config in force (its
- * [mta_sts] settings aside, which hold to the end). Any thread. */
-struct cidr;
-void mta_sts_set_allow(struct mta_sts *m, const struct cidr *allow, int n);
+/* A reload's [delivery] allow_networks and deny_networks: policy fetches
+ * and TLS report POSTs refuse what deliveries refuse, under the config in
+ * force (its [mta_sts] settings aside, which hold to the end). Any
+ * thread. */
+struct delivery_config;
+void mta_sts_set_allow(struct mta_sts *m, const struct delivery_config *dc);
 
 /* The config m started with (its [mta_sts] settings hold to the end). */
 const struct config *mta_sts_config(const struct mta_sts *m);

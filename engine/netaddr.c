@@ -279,3 +279,13 @@ netaddr_special(const struct sockaddr *sa)
             return special[i].what;
     return NULL;
 }
+
+const char *
+netaddr_target_refused(const struct sockaddr *sa, const struct cidr *allow, int nallow,
+                       const struct cidr *deny, int ndeny)
+{
+    if (cidr_match(deny, ndeny, sa))
+        return NETADDR_DENIED;
+    const char *what = netaddr_special(sa);
+    return what != NULL && !cidr_match(allow, nallow, sa) ? what : NULL;
+}

@@ -53,4 +53,12 @@ int cidr_parse_list(const char *s, struct cidr *out, int max, char *err, size_t 
  * (::ffff:1.2.3.4) matches v4 networks. */
 bool cidr_match(const struct cidr *nets, int n, const struct sockaddr *sa);
 
+#define NETADDR_DENIED "a [delivery] deny_networks address"
+/* Why a delivery target at sa (an MX address, an MTA-STS policy host, a
+ * TLS report's POST) is refused, or NULL: NETADDR_DENIED when one of the
+ * ndeny networks holds it (whatever allow says); else its kind
+ * (netaddr_special) unless one of the nallow networks holds it. */
+const char *netaddr_target_refused(const struct sockaddr *sa, const struct cidr *allow,
+                                   int nallow, const struct cidr *deny, int ndeny);
+
 #endif

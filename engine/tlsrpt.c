@@ -145,10 +145,10 @@ struct tlsrpt {
     const struct config *cfg; /* borrowed */
     char dir[PATH_MAX];
     pthread_mutex_t lock;
-    /* under lock: [delivery] allow_networks of the config in force (a
-     * reload's), not cfg's of the start */
-    struct cidr allow[NETADDR_MAX_LIST];
-    int nallow;
+    /* under lock: [delivery] allow_networks and deny_networks of the
+     * config in force (a reload's), not cfg's of the start */
+    struct cidr allow[NETADDR_MAX_LIST], deny[NETADDR_MAX_LIST];
+    int nallow, ndeny;
     struct hash days;         /* owned struct day */
     bool dirty;
     uint64_t saved_ms;
@@ -161,13 +161,15 @@ struct tlsrpt {
 };
 
 void
-tlsrpt_set_allow(struct tlsrpt *r, const struct cidr *allow, int n)
+tlsrpt_set_allow(struct tlsrpt *r, const struct delivery_config *dc)
 {
     if (r == NULL)
         return;
     pthread_mutex_lock(&r->lock);
-    memcpy(r->allow, allow, sizeof(r->allow[0]) * (size_t)n);
-    r->nallow = n;
+    memcpy(r->allow, dc->allow, sizeof(r->allow));
+    r->nallow = dc->nallow;
+    memcpy(r->deny, dc->deny, sizeof(r->deny));
+    r->ndeny = dc->ndeny;
     pthread_mutex_unlock(&r->lock);
 }
 
@@ -1024,8 +1026,8 @@ day_sent(struct tlsrpt *r, struct day *d)
 }
 
 /* libcurl's socket for a report's POST: none for an address no mail may
- * go to ([delivery] allow_networks, as for MX targets and policy
- * fetches). The rua URL is the policy domain's word, from DNS: without
+ * go to ([delivery] allow_networks and deny_networks, as for MX targets
+ * and policy fetches). The rua URL is the policy domain's word, from DNS: without
  * this, any domain could have this node POST to its own loopback or
  * link-local services. Checked at connect, on the address curl resolved
  * and is about to use, so no second lookup can answer otherwise. */
@@ -1033,20 +1035,24 @@ static curl_socket_t
 post_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *a)
 {
     struct day *d = arg;
-    const char *kind = purpose == CURLSOCKTYPE_IPCXN ? netaddr_special(&a->addr) : NULL;
-    bool allowed = kind == NULL;
-    if (!allowed) {
+    const char *kind = NULL;
+    if (purpose == CURLSOCKTYPE_IPCXN) {
         pthread_mutex_lock(&d->r->lock);
-        allowed = cidr_match(d->r->allow, d->r->nallow, &a->addr);
+        kind = netaddr_target_refused(&a->addr, d->r->allow, d->r->nallow, d->r->deny,
+                                      d->r->ndeny);
         pthread_mutex_unlock(&d->r->lock);
     }
-    if (!allowed) {
+    if (kind != NULL) {
         char ip[INET6_ADDRSTRLEN + 8];
         netaddr_str(&a->addr, ip, sizeof(ip));
-        log_msg(LOG_WARN,
-                "event=tlsrpt_refused domain=%s addr=%s reason=\"%s address, not in [delivery] "
-                "allow_networks\"",
-                d->domain, ip, kind);
+        if (strcmp(kind, NETADDR_DENIED) == 0)
+            log_msg(LOG_WARN, "event=tlsrpt_refused domain=%s addr=%s reason=\"%s\"",
+                    d->domain, ip, kind);
+        else
+            log_msg(LOG_WARN,
+                    "event=tlsrpt_refused domain=%s addr=%s reason=\"%s address, not in "
+                    "[delivery] allow_networks\"",
+                    d->domain, ip, kind);
         return CURL_SOCKET_BAD;
     }
     return socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
@@ -1304,6 +1310,8 @@ tlsrpt_new(const struct config *cfg, const char *dir, struct tlsrpt **out, char 
     r->cfg = cfg;
     memcpy(r->allow, cfg->delivery.allow, sizeof(r->allow));
     r->nallow = cfg->delivery.nallow;
+    memcpy(r->deny, cfg->delivery.deny, sizeof(r->deny));
+    r->ndeny = cfg->delivery.ndeny;
     snprintf(r->dir, sizeof(r->dir), "%s", dir);
     pthread_mutex_init(&r->lock, NULL);
     pthread_mutex_init(&r->mail_lock, NULL);

@@ -110,11 +110,11 @@ typedef int tlsrpt_mail_fn(void *arg, const char *from, const char *rcpt, const 
  * skipped (logged). Clearing waits for a send in progress to end, so
  * that after it returns fn is never called again. */
 void tlsrpt_set_mailer(struct tlsrpt *r, tlsrpt_mail_fn *fn, void *arg);
-/* [delivery] allow_networks of the config in force (a reload's): a
- * report's POST refuses what a delivery would (NULL r: nothing). Any
- * thread. */
-struct cidr;
-void tlsrpt_set_allow(struct tlsrpt *r, const struct cidr *allow, int n);
+/* [delivery] allow_networks and deny_networks of the config in force (a
+ * reload's): a report's POST refuses what a delivery would (NULL r:
+ * nothing). Any thread. */
+struct delivery_config;
+void tlsrpt_set_allow(struct tlsrpt *r, const struct delivery_config *dc);
 
 #define TLSRPT_MAIL_MAX (1024 * 1024) /* octets of a report by mail; bigger ones are not mailed */
 

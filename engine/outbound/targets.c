@@ -2,7 +2,8 @@
  * targets: where mail must not go. An MX address (or an address literal,
  * or a route's address) on loopback, unspecified, link-local, multicast,
  * broadcast or reserved (240.0.0.0/4) networks is refused as a delivery target unless
- * [delivery] allow_networks lists it; this node's own SMTP listeners
+ * [delivery] allow_networks lists it, and one in [delivery] deny_networks
+ * whatever allow_networks says; this node's own SMTP listeners
  * (their addresses, or every interface address for a wildcard listener;
  * an IPv4 one also as a v4-mapped IPv6 address) are refused whatever it
  * says: that is a loop. The scheduler skips
@@ -144,10 +145,7 @@ target_refused(struct delivery *d, const union dns_addr *a, unsigned port)
     const struct delivery_config *dc = &d->e->cfg->delivery;
     if (target_is_self(d, a, port))
         return "this node's own listener";
-    const char *what = netaddr_special(&a->sa);
-    if (what != NULL && cidr_match(dc->allow, dc->nallow, &a->sa))
-        return NULL;
-    return what;
+    return netaddr_target_refused(&a->sa, dc->allow, dc->nallow, dc->deny, dc->ndeny);
 }
 
 /* ---- MTA-STS ---- */
@@ -388,8 +386,9 @@ dest_targets(struct dest *t)
             else
                 snprintf(o->text, sizeof(o->text),
                          "MX %s of %s has address %s (%s): not a delivery target, see "
-                         "[delivery] allow_networks",
-                         wh->name, t->name, ip, why);
+                         "[delivery] %s",
+                         wh->name, t->name, ip, why,
+                         strcmp(why, NETADDR_DENIED) == 0 ? "deny_networks" : "allow_networks");
             dest_last_fail_set(t, o, NULL, NULL);
         }
     }

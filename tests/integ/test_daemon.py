@@ -104,6 +104,18 @@ def test_check_config_refuses_a_route_to_a_refused_literal():
                           "[domain b.test]\nroute = [IPv6:fe80::1]:25\n")
         r = run([SLUICE, "-c", conf, "--check-config"])
         assert r.returncode == 0, r
+        # deny_networks refuses whatever allow_networks says
+        conf = config(wd, "[delivery]\nallow_networks = 127.0.0.0/8\n"
+                          "deny_networks = 127.0.0.1, 10.0.0.0/8\n"
+                          "[domain *]\nroute = [127.0.0.1]:2526\n"
+                          "[domain b.test]\nroute = [10.1.2.3]:25\n")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 1, r
+        errs = [x for x in r.stderr.splitlines() if ": route: " in x]
+        assert len(errs) == 2 and all("deny_networks" in x for x in errs), r.stderr
+        conf = config(wd, "[delivery]\ndeny_networks = 10.0.0.0/33\n")
+        r = run([SLUICE, "-c", conf, "--check-config"])
+        assert r.returncode == 1 and "deny_networks" in r.stderr, r
     finally:
         wd.cleanup()
 

@@ -541,6 +541,36 @@ def test_nxdomain_and_null_mx_bounce_at_once():
         r.close()
 
 
+def test_deny_networks_refuses_mx_addresses_there():
+    """[delivery] deny_networks: an MX address in a listed network is
+    refused as a target whatever allow_networks says (the internal
+    network a sender's own domain could name in its MX records), so a
+    domain whose MX is there bounces (class refused_target, the reply
+    naming deny_networks) and nothing connects there; a domain whose MX
+    is elsewhere is delivered. Before, allow_networks could only allow:
+    an MX record naming a private address had mail delivered into it."""
+    recs = records_for(["good.test"]) + ["host-record=inner.test,127.0.0.2",
+                                         "mx-host=inside.test,inner.test,10"]
+    r = Relay(recs, delivery_conf="deny_networks = 127.0.0.2/32, 10.0.0.0/8\n")
+    inner = None
+    try:
+        inner = Sink(r.wd, r.mx_port, name="inner", host="127.0.0.2")
+        r.inject([("s@example.com", ["a@good.test", "b@inside.test"],
+                   b"Subject: d\r\n\r\ndeny\r\n")])
+        line = r.d.wait_log("event=bounced", timeout=30)
+        assert "rcpt=<b@inside.test>" in line and "class=refused_target" in line, line
+        assert "deny_networks" in line and "5.4.4" in line, line
+        r.d.wait_log("event=delivered", timeout=30)
+        assert "deny_networks" in r.d.log_lines("event=target_refused")[0]
+        assert inner.files() == [], "mail reached the denied address"
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        if inner is not None:
+            inner.stop()
+        r.close()
+
+
 def test_restart_delivers_what_was_queued():
     """Queued while delivery was off; after a restart with it on, the walk
     of the spool finds it and it is delivered, once."""
@@ -1453,7 +1483,7 @@ if __name__ == "__main__":
     if run(["which", "dnsmasq"]).returncode != 0 and not os.path.exists("/usr/sbin/dnsmasq"):
         skip("dnsmasq not installed (tools/install-deps --test)")
     main([test_many_messages_to_many_domains_exactly_once, test_content_intact_dots_8bit_and_10mb,
-          test_mx_failover_when_first_mx_is_down,
+          test_mx_failover_when_first_mx_is_down, test_deny_networks_refuses_mx_addresses_there,
           test_ipv6_mx_is_delivered_to_over_ipv6, test_busy_domain_follows_an_mx_move_at_its_ttl,
           test_connect_failures_are_deferred_with_where_and_why,
           test_5xx_rcpt_bounces_and_is_removed,
