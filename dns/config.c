@@ -62,7 +62,9 @@ const struct conf_key dns_conf_keys[] = {
      * dropped query costs a whole timeout. */
     {"max_inflight", CONF_UINT, DNS(max_inflight), 1, 65536, "64",
      "MX lookups each worker runs at once; more wait their turn (bounds the burst a DNS "
-     "server sees); a worker's MTA-STS first checks (TXT) are bounded by it too, apart: "
+     "server sees); a lookup still unanswered a whole try's timeout after it began (a dead "
+     "domain's silent servers) stops counting, so a flood of dead domains does not keep the "
+     "others waiting; a worker's MTA-STS first checks (TXT) are bounded by it too, apart: "
      "beyond it they go to the MTA-STS thread",
      NULL},
     {"dnssec", CONF_ENUM, DNS(dnssec), 0, 0, "off",

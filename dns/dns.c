@@ -241,9 +241,51 @@ start_queued(struct dns *d)
         d->queued--;
         e->state = ENTRY_INFLIGHT;
         d->inflight++;
+        e->slot = true;
+        e->started = dns_now();
+        e->inext = NULL;
+        e->iprev = d->slots_tail;
+        if (d->slots_tail != NULL)
+            d->slots_tail->inext = e;
+        else
+            d->slots_head = e;
+        d->slots_tail = e;
         lookup_start(d, e);
     }
     d->starting = false;
+}
+
+/* e leaves the lookups holding a slot (done, or slow). */
+static void
+slot_release(struct dns *d, struct entry *e)
+{
+    if (e->iprev != NULL)
+        e->iprev->inext = e->inext;
+    else
+        d->slots_head = e->inext;
+    if (e->inext != NULL)
+        e->inext->iprev = e->iprev;
+    else
+        d->slots_tail = e->iprev;
+    e->inext = e->iprev = NULL;
+    e->slot = false;
+    d->inflight--;
+}
+
+/* The lookups in flight a whole try's timeout give their slots up (see
+ * struct dns), and queued ones take them. */
+static void
+slots_slow(struct dns *d, uint64_t now)
+{
+    uint64_t try_ns = d->cfg.timeout * 1000000ULL;
+    bool freed = false;
+    while (d->slots_head != NULL && now - d->slots_head->started >= try_ns) {
+        slot_release(d, d->slots_head);
+        d->slow++;
+        freed = true;
+    }
+    if (freed)
+        start_queued(d);
 }
 
 void
@@ -252,7 +294,10 @@ dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res)
     e->state = ENTRY_DONE;
     e->res = res;
     e->expires = res->expires;
-    d->inflight--;
+    if (e->slot)
+        slot_release(d, e);
+    else
+        d->slow--;
     if (d->next_sweep == UINT64_MAX)
         d->next_sweep = dns_now() + sweep_interval_ns(d);
     if (res->status == DNS_RETRY || res->status == DNS_FAIL)
@@ -462,8 +507,9 @@ dns_process_timeouts(struct dns *d)
 {
     ares_process_fd(d->channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
     d->deadline_dirty = true;
-    drain(d);
     uint64_t now = dns_now();
+    slots_slow(d, now);
+    drain(d);
     if (now >= d->next_sweep)
         cache_sweep(d, now);
 }
@@ -487,7 +533,12 @@ dns_timeout(struct dns *d, uint64_t now)
                                        (uint64_t)tv->tv_usec * 1000ULL;
         d->deadline_dirty = false;
     }
-    return d->deadline < sweep ? d->deadline : sweep;
+    /* and when the oldest lookup holding a slot gives it up (slots_slow) */
+    uint64_t slow_at = d->slots_head != NULL
+                           ? d->slots_head->started + d->cfg.timeout * 1000000ULL
+                           : UINT64_MAX;
+    uint64_t t = d->deadline < sweep ? d->deadline : sweep;
+    return slow_at < t ? slow_at : t;
 }
 
 void
@@ -507,7 +558,7 @@ dns_stats(const struct dns *d, struct dns_stats *out)
     *out = d->stats;
     out->entries = hash_count(&d->cache);
     out->host_entries = hash_count(&d->hosts);
-    out->inflight = d->inflight;
+    out->inflight = d->inflight + d->slow;
     out->queued = d->queued;
     out->requests = d->nreqs;
 }

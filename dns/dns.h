@@ -84,7 +84,8 @@ struct dns_config {
     uint64_t negative_ttl; /* ms; not-found answers, implicit MX: without SOA; the cap with one */
     uint64_t error_ttl;    /* ms; retry answers (SERVFAIL, timeout); 0: not kept */
     unsigned max_mx_hosts; /* MX hosts kept per domain, best first */
-    unsigned max_inflight; /* lookups in flight; more wait in arrival order */
+    unsigned max_inflight; /* lookups in flight; more wait in arrival order (one whose
+                            * server stayed silent a whole try gives its place up) */
     int dnssec;            /* enum dns_dnssec */
 };
 

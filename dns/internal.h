@@ -51,6 +51,9 @@ struct entry {
     struct hash_node hn;         /* in dns->cache (first member: see entry_of) */
     struct lru_node ln;          /* on dns->lru while DONE */
     struct entry *qnext;         /* FIFO of QUEUED entries */
+    struct entry *inext, *iprev; /* INFLIGHT and holding a slot: d->slots, oldest first */
+    uint64_t started;            /* INFLIGHT: CLOCK_MONOTONIC ns its lookup began */
+    bool slot;                   /* INFLIGHT: counted in d->inflight (not yet slow) */
     struct req_list waiters;     /* QUEUED and INFLIGHT */
     struct lookup *lookup;       /* owned: INFLIGHT */
     struct dns_mx_result *res;   /* owned reference: DONE */
@@ -79,7 +82,14 @@ struct dns {
     uint64_t next_sweep;    /* CLOCK_MONOTONIC ns of the next expiry sweep */
     size_t sweep_bucket;    /* where the sweep in progress goes on */
     struct entry *queue_head, *queue_tail;
-    unsigned inflight, queued, nreqs;
+    /* Lookups in flight under max_inflight, oldest first. One still in
+     * flight a whole try's timeout after it began (its server silent: a
+     * dead domain's) gives its slot up (slow): max_inflight bounds the
+     * burst a DNS server sees, and a dead domain's retries are none;
+     * holding the slot for every try, a flood of dead domains kept every
+     * other lookup queued for timeout * (2^tries - 1) each. */
+    struct entry *slots_head, *slots_tail;
+    unsigned inflight, slow, queued, nreqs; /* inflight: holding a slot */
 
     struct req_list ready;    /* completed requests, callbacks not yet run */
     struct dns_req *req_free; /* owned free list (next links) */

@@ -868,6 +868,40 @@ def test_lookups_waiting_for_a_slot_are_shown():
         r.close()
 
 
+def test_dead_domains_give_their_dns_slots_up():
+    """A lookup whose DNS server stays silent a whole try's timeout gives
+    its slot of [dns] max_inflight up to a queued one: a domain that
+    answers, queued behind six dead ones on two slots, is delivered while
+    the dead ones still retry (here 1 s a try, two tries: 3 s each).
+    Before, each held its slot to the end of its last try, and the live
+    domain waited for all six (9 s)."""
+    def answer(q, tcp):
+        if q.qname.startswith("dead"):
+            return None
+        return plain_dns()(q, tcp)
+    sock = os.path.join("/tmp", f"sluice-hmx-{os.getpid()}-stats.sock")
+    r = HostileRelay(answer, workers=1, delivery_conf="mta_sts = no\n",
+                     extra_conf=f"[stats]\nsocket = {sock}\n"
+                                "[dns]\ntimeout = 1s\ntries = 2\nmax_inflight = 2\n")
+    got = []
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(c, rfile, got=got))
+    try:
+        r.inject([("s@example.com", [f"a@dead{i}.test"], b"Subject: d\r\n\r\ndead\r\n")
+                  for i in range(6)])
+        r.inject([("s@example.com", ["a@good.test"], b"Subject: g\r\n\r\ngood\r\n")])
+        line = r.d.wait_log("rcpt=<a@good.test>", timeout=30)
+        assert "event=delivered" in line and len(got) == 1, line
+        deferred = len(r.d.log_lines("event=deferred"))
+        assert deferred < 6, f"the live domain waited for all {deferred} dead ones"
+        r.wait_events("transient_failure", 6)
+        wait_until(lambda: stats_ask(sock)["dns"]["inflight"] == 0, 10, "no lookup running")
+        assert stats_ask(sock)["dns"]["queued"] == 0
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
 def test_connect_refused_names_the_bound_source():
     """With [delivery] source_address, a connection that never connects
     (nothing listens: refused) still left from that address: its
@@ -893,5 +927,5 @@ if __name__ == "__main__":
           test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
           test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once,
-          test_lookups_waiting_for_a_slot_are_shown,
+          test_lookups_waiting_for_a_slot_are_shown, test_dead_domains_give_their_dns_slots_up,
           test_connect_refused_names_the_bound_source])
