@@ -82,16 +82,31 @@ walk_ready(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
-static void
-requeue_spool(struct engine *e)
+/* Returns 0, or -EIO with err set when the walk found the spool's tree
+ * damaged (a fault inside LMDB, logged by the queue, or keys out of
+ * order): sluice must not write into it. */
+static int
+requeue_spool(struct engine *e, char *err, size_t errlen)
 {
     struct delivery_batch *b = calloc(1, sizeof(*b));
     if (b == NULL) {
         log_msg(LOG_ERR, "event=spool_requeued err=\"out of memory\" note=ready_recipients_wait_for_a_restart");
-        return;
+        return 0;
     }
     b->e = e;
     int rc = queue_walk(e->queue, walk_ready, b);
+    if (rc == QUEUE_ECORRUPT) {
+        /* LMDB's own word, or keys out of order: the tree is damaged,
+         * and writing into it would spread the damage */
+        snprintf(err, errlen,
+                 "spool %s is damaged: its recipients' tree cannot be walked (LMDB faulted, "
+                 "logged as queue=damaged, or found its keys out of order): restore the spool "
+                 "from a copy",
+                 e->cfg->queue.path);
+        delivery_batch_flush(b);
+        free(b);
+        return -EIO;
+    }
     delivery_batch_flush(b);
     /* recipients: the ready ones, queued now; deferred: those waiting for
      * their retry time, which the due poll brings back */
@@ -99,6 +114,7 @@ requeue_spool(struct engine *e)
             (unsigned long long)b->recipients, (unsigned long long)b->deferred,
             rc == 0 ? "" : " err=", rc == 0 ? "" : queue_strerror(rc));
     free(b);
+    return 0;
 }
 
 /* Both TLS contexts of a [tls] section: the client's always, the
@@ -692,7 +708,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     /* Before any listener is armed, so that no message being injected can
      * also be found by the walk (it would be delivered twice). The jobs
      * wait in the workers' mailboxes behind their start messages. */
-    requeue_spool(e);
+    if ((rc = requeue_spool(e, err, errlen)) < 0)
+        goto fail;
     rc = test_hook_fail_ring(e, err, errlen);
     if (rc < 0)
         goto fail;

@@ -156,9 +156,11 @@ open_seed_events(struct queue *q, MDB_txn *txn)
     MDB_cursor *c;
     if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0)
         return rc;
+    q->open_cur = c;
     rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
     if (rc == 0 && k.mv_size == 8 && key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size) > next)
         next = key_u64(k.mv_data) + lines_of(v.mv_data, v.mv_size);
+    q->open_cur = NULL;
     mdb_cursor_close(c);
     if (rc != 0 && rc != MDB_NOTFOUND)
         return rc;
@@ -185,9 +187,11 @@ open_seed_ids(struct queue *q, MDB_txn *txn)
     rc = mdb_cursor_open(txn, q->dbi_msg, &c);
     if (rc != 0)
         return rc;
+    q->open_cur = c;
     rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
     if (rc == 0 && k.mv_size == MSG_KEY_LEN && key_u64(k.mv_data) > high)
         high = key_u64(k.mv_data);
+    q->open_cur = NULL;
     mdb_cursor_close(c);
     if (rc != 0 && rc != MDB_NOTFOUND)
         return rc;
@@ -266,6 +270,20 @@ map_find(const struct stat *st)
     return found;
 }
 
+/* LMDB's own checks of a page (built with assertions, as Debian's is)
+ * abort the process. Logged; where a fault guard is armed (the open, a
+ * walk, sluice-spool: fault.h) it ends the reading as a fault does, else
+ * LMDB aborts. */
+static void
+on_lmdb_assert(MDB_env *env, const char *msg)
+{
+    const char *path = "-";
+    mdb_env_get_path(env, &path);
+    log_msg(LOG_CRIT, "queue=lmdb_assertion path=%s msg=\"%s\" note=the_spool_is_likely_damaged",
+            path, msg);
+    fault_guard_trip(msg);
+}
+
 /* Make q->env and open it at path with flags; on failure the
  * environment is closed (LMDB's rule: it cannot be opened again) and
  * q->env is NULL. Returns 0 or LMDB's code. */
@@ -277,6 +295,7 @@ env_open(struct queue *q, const char *path, unsigned flags)
         q->env = NULL;
         return rc;
     }
+    mdb_env_set_assert(q->env, on_lmdb_assert); /* EINVAL where LMDB has no assertions */
     if ((rc = mdb_env_set_maxdbs(q->env, 8)) != 0 ||
         (rc = mdb_env_set_maxreaders(q->env, MAX_READERS)) != 0 ||
         (rc = mdb_env_set_mapsize(q->env, (size_t)q->cfg.map_size)) != 0 ||
@@ -431,10 +450,27 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
         queue_destroy(q);
         return code;
     }
+    /* The schema record and the last keys: a page damaged inside faults
+     * in LMDB (no checksums), here as in a walk (read.c). */
+    struct fault_guard g;
+    struct fault_guard *prev = fault_guard_arm(&g);
+    if (sigsetjmp(g.jb, 1) != 0) {
+        char what[240];
+        open_fail(err, errlen, QUEUE_ECORRUPT,
+                  "spool %s is damaged: reading data.mdb failed inside LMDB (%s); LMDB keeps no "
+                  "checksums, so damage inside a page shows only so: restore it from a copy",
+                  path, fault_guard_str(&g, what, sizeof(what)));
+        if (q->open_cur != NULL)
+            mdb_cursor_close(q->open_cur); /* a read transaction's is not closed with it */
+        mdb_txn_abort(txn);
+        queue_destroy(q);
+        return QUEUE_ECORRUPT;
+    }
     int code = open_schema(q, txn, err, errlen);
     if (code == 0 && ((rc = open_seed_ids(q, txn)) != 0 || (rc = open_seed_events(q, txn)) != 0))
         code = open_fail(err, errlen, queue_lmdb_err(rc), "cannot read spool %s: %s", path,
                          mdb_strerror(rc));
+    fault_guard_restore(prev);
     if (code == 0 && (rc = mdb_txn_commit(txn)) != 0)
         code = open_fail(err, errlen, queue_lmdb_err(rc), "cannot write spool %s: %s", path,
                          mdb_strerror(rc));

@@ -100,6 +100,7 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/fault.h"
 #include "queue/queue.h"
 
 #define MSG_MAGIC       0x314d5153u /* "SQM1" */
@@ -310,6 +311,10 @@ struct take_rec {
 };
 
 /* The owner of one message, read once per message by a scan. */
+/* A read that faulted (fault.h): logged once here, counted with the
+ * corrupt records; the caller returns QUEUE_ECORRUPT. */
+void queue_fault_note(struct queue *q, const char *db, const struct fault_guard *g);
+
 struct owner_buf {
     uint64_t id; /* whose: 0 before the first read */
     uint8_t tenant_len, campaign_len, pool_len, priority;
@@ -339,6 +344,7 @@ struct queue {
     MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events;
     int lock_fd;
     bool read_only;          /* queue_open_readonly: no committer, nothing written */
+    MDB_cursor *open_cur; /* open_spool: the cursor of its reads while open, for a fault */
     bool has_events;         /* the events database exists (read-only: it may not) */
     size_t psize;
     void *map_addr;          /* the map's address (queue_map_trim) */

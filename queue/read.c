@@ -390,6 +390,7 @@ struct scan {
     size_t last_len;
     unsigned in_txn;
     bool started;
+    bool have_last; /* last holds a key returned */
 };
 
 static void
@@ -403,8 +404,21 @@ scan_end(struct scan *s)
     s->txn = NULL;
 }
 
+/* Is key k after the key of n octets at last, in LMDB's default order
+ * (memcmp, then the shorter first)? */
+static bool
+key_after(const MDB_val *k, const unsigned char *last, size_t n)
+{
+    int c = memcmp(k->mv_data, last, k->mv_size < n ? k->mv_size : n);
+    return c > 0 || (c == 0 && k->mv_size > n);
+}
+
 /* Next record at or after start (first call) or after the last one.
- * Returns 0, MDB_NOTFOUND at the end, or an LMDB code. */
+ * Returns 0, MDB_NOTFOUND at the end, or an LMDB code: MDB_CORRUPTED
+ * for a key not after the one before it, which only a damaged page
+ * gives (LMDB trusts the order it finds; a page whose header claims
+ * thousands of keys of garbage made a walk go round for ever, renewing
+ * its transaction at a key it had passed). */
 static int
 scan_next(struct scan *s, MDB_val *k, MDB_val *v)
 {
@@ -432,7 +446,10 @@ scan_next(struct scan *s, MDB_val *k, MDB_val *v)
         }
     }
     s->started = true;
+    if (rc == 0 && s->have_last && !key_after(k, s->last, s->last_len))
+        rc = MDB_CORRUPTED;
     if (rc == 0) {
+        s->have_last = true;
         s->in_txn++;
         s->last_len = k->mv_size <= sizeof(s->last) ? k->mv_size : sizeof(s->last);
         memcpy(s->last, k->mv_data, s->last_len);
@@ -440,35 +457,70 @@ scan_next(struct scan *s, MDB_val *k, MDB_val *v)
     return rc;
 }
 
+/* A read of the spool faulted inside LMDB, or in a record it handed
+ * out (fault.h): the spool is damaged where LMDB, without checksums,
+ * cannot tell. Logged here, where it is known; the caller gets
+ * QUEUE_ECORRUPT. */
+void
+queue_fault_note(struct queue *q, const char *db, const struct fault_guard *g)
+{
+    char what[240];
+    atomic_fetch_add_explicit(&q->st.corrupt, 1, memory_order_relaxed);
+    log_msg(LOG_CRIT,
+            "queue=damaged db=%s path=%s what=\"%s\" note=lmdb_keeps_no_checksums "
+            "hint=\"restore the spool from a copy\"",
+            db, q->cfg.path, fault_guard_str(g, what, sizeof(what)));
+}
+
+/* The walk's state on the heap: what a fault's jump finds as it was. */
+struct walk {
+    struct scan s;
+    struct owner_buf ob;
+    char strs[RCPT_REC_MAX + 8];
+};
+
 int
 queue_walk(struct queue *q, queue_rcpt_fn *cb, void *arg)
 {
-    struct scan s = {.q = q, .dbi = q->dbi_rcpt};
-    MDB_val k, v;
-    int rc, ret = 0;
-    char strs[RCPT_REC_MAX + 8];
-    struct owner_buf *ob = calloc(1, sizeof(*ob));
-    if (ob == NULL)
+    struct walk *w = calloc(1, sizeof(*w));
+    if (w == NULL)
         return -ENOMEM;
-    while ((rc = scan_next(&s, &k, &v)) == 0) {
+    w->s = (struct scan){.q = q, .dbi = q->dbi_rcpt};
+    MDB_val k, v;
+    int rc;
+    volatile int ret = 0; /* kept across a jump (fault.h) */
+    /* Armed for LMDB's reads and the decoding of what they return (a
+     * damaged page points anywhere), not for the callback. */
+    struct fault_guard g;
+    struct fault_guard *prev = fault_guard_arm(&g);
+    if (sigsetjmp(g.jb, 1) != 0) {
+        queue_fault_note(q, "rcpt", &g);
+        scan_end(&w->s);
+        free(w);
+        return QUEUE_ECORRUPT;
+    }
+    while ((rc = scan_next(&w->s, &k, &v)) == 0) {
         struct rcpt_head h;
         if (k.mv_size != RCPT_KEY_LEN || !rcpt_decode(&v, &h) || v.mv_size > RCPT_REC_MAX) {
             queue_corrupt_note(q, "rcpt", k.mv_data, k.mv_size);
             continue;
         }
         struct queue_rcpt r;
-        char *p = strs;
+        char *p = w->strs;
         queue_rcpt_fill(&r, &h, &v, key_u16((const unsigned char *)k.mv_data + 8), &p);
         uint64_t id = key_u64(k.mv_data);
-        queue_owner_read(q, s.txn, id, ob);
-        r.owner = (struct queue_owner){ob->tenant, ob->campaign, ob->pool, ob->priority,
-                                       ob->tls_relaxed};
+        queue_owner_read(q, w->s.txn, id, &w->ob);
+        r.owner = (struct queue_owner){w->ob.tenant, w->ob.campaign, w->ob.pool,
+                                       w->ob.priority, w->ob.tls_relaxed};
+        fault_guard_restore(prev);
         ret = cb(arg, id, &r);
+        fault_guard_restore(&g);
         if (ret != 0)
             break;
     }
-    free(ob);
-    scan_end(&s);
+    fault_guard_restore(prev);
+    scan_end(&w->s);
+    free(w);
     if (ret != 0)
         return ret;
     return rc == MDB_NOTFOUND ? 0 : queue_lmdb_err(rc);

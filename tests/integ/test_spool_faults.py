@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import smtplib
+import struct
 import subprocess
 import sys
 
@@ -293,6 +294,78 @@ def test_corrupt_record_skipped():
         wd.cleanup()
 
 
+def rcpt_leaves(data):
+    """The page numbers of the rcpt database's leaf pages in an LMDB data
+    file (the newer meta page, the main tree's root, the rcpt record in
+    it; a root that is a branch names its children)."""
+    psize = 4096
+    metas = [data[0:psize], data[psize:2 * psize]]
+    meta = max(metas, key=lambda m: struct.unpack_from("<Q", m, 144)[0])  # mm_txnid
+    main_root = struct.unpack_from("<Q", meta, 128)[0]  # mm_dbs[1].md_root
+    page = data[main_root * psize:(main_root + 1) * psize]
+    at = page.index(b"rcpt")
+    root = struct.unpack_from("<Q", page, at + 4 + 40)[0]  # its MDB_db's md_root
+    flags, lower = struct.unpack_from("<HH", data, root * psize + 10)
+    if flags & 2:
+        return [root]
+    leaves = []
+    for i in range((lower - 16) // 2):
+        off = struct.unpack_from("<H", data, root * psize + 16 + 2 * i)[0]
+        lo, hi, fl = struct.unpack_from("<HHH", data, root * psize + off)
+        leaves.append(lo | hi << 16 | fl << 32)
+    return leaves
+
+
+def test_damaged_spool_refused_at_start():
+    """A spool whose recipients' leaf pages are damaged inside (a node
+    count of garbage: LMDB keeps no checksums and follows it): sluice
+    started on it exits 1 with event=start_failed naming the damage,
+    not a crash (it died of SIGSEGV in the start walk before);
+    sluice-spool check says the same and exits 1."""
+    need("dnsmasq")
+    wd = Workdir("sluice-damaged-")
+    dns = node = None
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M",
+                         "[domain *]\nretry_schedule = 1h\n")
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        for i in range(30):
+            body = f"Subject: d{i}\r\n\r\nbody {i}\r\n".encode()
+            assert send(port, "s@example.com", [f"u{i}@c.test", f"v{i}@c.test"], body)
+        wait_until(lambda: node.count_log("event=deferred") >= 60, 60, "sixty deferrals")
+        assert node.stop_clean() == 0
+        node = None
+        path = os.path.join(spool, "data.mdb")
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        for pg in rcpt_leaves(data):
+            struct.pack_into("<H", data, pg * 4096 + 12, 0x0ff0)  # mp_lower
+        with open(path, "wb") as f:
+            f.write(data)
+        node = Sluice(SLUICE, conf)
+        rc = node.proc.wait(timeout=60)
+        node.reader.join(10)  # every line read
+        assert rc == 1, f"sluice ended with {rc}: " + "\n".join(node.lines[-5:])
+        assert node.count_log("event=start_failed") == 1
+        assert node.count_log("is damaged") >= 1, node.lines[-3:]
+        assert node.count_log("event=fatal_signal") == 0
+        node = None
+        check = spool_tool("check", spool)
+        assert check.returncode == 1, check
+        assert "the spool is damaged" in check.stderr, check.stderr
+    finally:
+        if node is not None:
+            node.stop_clean()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_dsn_on_full_spool, test_full_spool_with_deferrals_recovers,
-          test_corrupt_record_skipped])
+          test_corrupt_record_skipped, test_damaged_spool_refused_at_start])
