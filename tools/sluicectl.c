@@ -394,6 +394,12 @@ fmt_duration_d(double ms)
     else
         snprintf(b, 96, "%llud %lluh", (unsigned long long)(s / 86400),
                  (unsigned long long)(s % 86400 / 3600));
+    /* a round figure as it was typed: "10m", not "10m 0s" */
+    size_t n = strlen(b);
+    if (n > 3 && strcmp(b + n - 3, " 0s") == 0)
+        b[n - 3] = '\0';
+    else if (n > 3 && (strcmp(b + n - 3, " 0m") == 0 || strcmp(b + n - 3, " 0h") == 0))
+        b[n - 3] = '\0';
     return b;
 }
 
@@ -758,14 +764,34 @@ bytes_key(const char *k)
            (n >= 5 && strcmp(k + n - 5, "_size") == 0);
 }
 
+/* Is v under key a duration in ms (shown as one: "10m")? A time (Unix
+ * ms, past 1e11) under an _ms key is not. */
+static bool
+duration_key(const char *key, const cJSON *v)
+{
+    size_t n = key != NULL ? strlen(key) : 0;
+    return n > 3 && strcmp(key + n - 3, "_ms") == 0 && cJSON_IsNumber(v) && v->valuedouble < 1e11;
+}
+
+/* The label of key for people: a duration's key without its "_ms"
+ * (for_ms 600000 reads "for  10m", not "for_ms  10m"), into buf. */
+static const char *
+label_of(const char *key, const cJSON *v, char *buf, size_t len)
+{
+    size_t n = strlen(key);
+    if (duration_key(key, v))
+        n -= 3;
+    snprintf(buf, len, "%.*s", (int)n, key);
+    return buf;
+}
+
 static const char *
 fmt_scalar(const cJSON *v, const char *key)
 {
     if (cJSON_IsNumber(v)) {
         if (key != NULL && bytes_key(key))
             return fmt_bytes_d(v->valuedouble);
-        size_t n = key != NULL ? strlen(key) : 0;
-        if (n > 3 && strcmp(key + n - 3, "_ms") == 0 && v->valuedouble < 1e11) /* a duration */
+        if (duration_key(key, v))
             return fmt_duration_d(v->valuedouble);
         return fmt_count_d(v->valuedouble);
     }
@@ -813,7 +839,8 @@ flatten(struct table *kv, const cJSON *o, const char *prefix, const cJSON **arra
             }
             table_row(kv, key, joined[0] ? joined : "-");
         } else {
-            table_row(kv, key, fmt_scalar(v, v->string));
+            char label[128];
+            table_row(kv, label_of(key, v, label, sizeof(label)), fmt_scalar(v, v->string));
         }
     }
 }
@@ -860,7 +887,8 @@ render_generic(const cJSON *doc)
         char upper[COLS_MAX][48];
         const char *hdr[COLS_MAX];
         for (unsigned c = 0; c < ncols; c++) {
-            snprintf(upper[c], sizeof(upper[c]), "%s", cols[c]);
+            label_of(cols[c], cJSON_GetObjectItemCaseSensitive(first, cols[c]), upper[c],
+                     sizeof(upper[c]));
             for (char *p = upper[c]; *p; p++)
                 *p = *p >= 'a' && *p <= 'z' ? (char)(*p - 32) : *p == '_' ? ' ' : *p;
             hdr[c] = upper[c];

@@ -366,6 +366,13 @@ def test_suspend_and_resume():
         print(f"     resumed: delivered within {time.monotonic() - t0:.2f}s")
         row = domain_row(r, "held.test")
         assert row is None or row["suspended"] is False, row
+        # for people: the duration under its name, as typed (it read
+        # "for_ms  10m 0s", a label in ms over a value in minutes)
+        text = ctl(r, "suspend", "free.test", "--for", "10m")
+        assert text.returncode == 0, text.stderr
+        rows = [ln.split() for ln in text.stdout.splitlines()]
+        assert ["for", "10m"] in rows and "for_ms" not in text.stdout, text.stdout
+        assert ctl_json(r, "resume", "free.test")["suspended"] is False
         one_line_error(ctl(r, "suspend", "bad!domain"), 1)
     finally:
         r.close()
