@@ -1020,6 +1020,9 @@ sched_txn_done(struct conn *c, struct job *j)
             ss->holds = 0; /* it delivers again: the next hold starts short (a
                             * rate-limited deferral is no delivery: its throttle,
                             * outcome.c, makes the next hold longer) */
+        if (c->txn.delivered > 0)
+            c->site->greeting_421s = 0; /* the host talks: a later 421 greeting (one
+                                         * connection over its limit) is pushback */
         unsigned before = site_window_allowed(&c->site->win);
         site_window_on_success(&c->site->win, c->site->conns);
         if (site_window_allowed(&c->site->win) > before)

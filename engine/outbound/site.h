@@ -158,8 +158,8 @@ struct site {
                                   * its other domains' mail is deferred with it); NULL
                                   * for a 421's rest, or none */
     unsigned greeting_421s;  /* rests in a row that a 421 greeting began, no connection of
-                              * the site ready since (scheduler.c: from the second on, a
-                              * rest_fail) */
+                              * the site ready nor a delivery on one since (scheduler.c:
+                              * from the second on, a rest_fail) */
     struct site_source *src; /* owned: nsrc entries, made on first use */
     unsigned nsrc;
     uint64_t src_sent;       /* transactions counted in the entries now */

@@ -848,7 +848,7 @@ reload_raises_the_sites_ceiling(void **state)
     (void)state;
     struct fx *f = fx_new("[delivery]\nallow_networks = 127.0.0.0/8\ninitial_connections = 2\n"
                           "[domain *]\nmax_connections = 2\n");
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < 30; i++)
         submit("a.test", 1);
     answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
     assert_int_equal(f->opened, 2);
@@ -3228,6 +3228,65 @@ greeting_421_again_defers(void **state)
     fx_free(f);
 }
 
+/* A receiver that takes so many connections from us and greets one more
+ * with a 421 (a per-address limit): the connections it has go on
+ * delivering. A transaction they deliver starts the count again, so the
+ * extra connection's next 421 greeting, after the rest, is pushback
+ * again (the mail waits for the connections that deliver), not "a host
+ * that will not talk". Before, only a new connection getting ready reset
+ * the count: that second 421 deferred the domain's waiting mail, every
+ * recipient a transient_failure, while its site delivered. */
+static void
+greeting_421_count_starts_again_on_a_delivery(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new("[delivery]\ninitial_connections = 2\n"
+                          "[domain *]\nmax_connections = 10\nsite_hold = 30s\n");
+    struct smtp_outcome bye = bye_421();
+    enum sched_next what;
+    for (int i = 0; i < 8; i++)
+        submit("a.test", 1);
+    answer("a.test", DNS_OK, MX1, (unsigned[]){10}, A1, 1);
+    assert_int_equal(f->opened, 2);
+    struct conn *c1 = f->open[0];
+    c1->connected = true;
+    conn_ready(c1, &what);
+    assert_int_equal(what, SCHED_NEXT_JOB);
+    /* the second is greeted with a 421 */
+    struct conn *c2 = f->open[1];
+    c2->connected = true;
+    conn_gone(c2, &bye);
+    struct site *site = dest_get(f->d, "a.test")->site;
+    assert_int_equal(site->greeting_421s, 1);
+    assert_true(site->hold_until > f->w.now);
+    /* the first connection goes on delivering during the rest */
+    assert_false(txn_done(c1, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    assert_int_equal(site->greeting_421s, 0);
+    /* the rest ends; the extra connection meets a 421 greeting again */
+    f->w.now += MS_TO_NS(31000);
+    timer_run(&f->w.timers, f->w.now, NULL);
+    /* deliveries that waited grow the window again: one more, at last */
+    unsigned before = f->opened;
+    for (int i = 0; i < 20 && f->opened == before; i++) {
+        f->w.now += MS_TO_NS(40);
+        conn_ready(c1, &what);
+        assert_int_equal(what, SCHED_NEXT_JOB);
+        assert_false(
+            txn_done(c1, SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY, SMTP_SCOPE_MESSAGE));
+    }
+    assert_true(f->opened > before);
+    struct conn *c3 = f->open[f->nopen - 1];
+    assert_ptr_not_equal(c3, c1);
+    c3->connected = true;
+    conn_gone(c3, &bye);
+    assert_true(site->hold_until > f->w.now);
+    assert_null(site->rest_fail); /* a rest with the mail waiting */
+    timer_run(&f->w.timers, f->w.now, NULL);
+    assert_int_equal(f->failed, 0);
+    assert_true(dest_queued(dest_get(f->d, "a.test")) > 0);
+    fx_free(f);
+}
+
 /* A source a receiver answers 421 rests at that site on its own: new
  * connections go from the pool's other source; when both are held, the
  * destination holds. */
@@ -4767,6 +4826,7 @@ main(void)
         cmocka_unit_test(reuse_lost_after_idle),
         cmocka_unit_test(reuse_421_without_idle_is_pushback),
         cmocka_unit_test(greeting_421_again_defers),
+        cmocka_unit_test(greeting_421_count_starts_again_on_a_delivery),
         cmocka_unit_test(site_turns_share_one_connection),
         cmocka_unit_test(site_turn_takes_no_connection_rate_token),
         cmocka_unit_test(route_port_change_retires_old_connections),
