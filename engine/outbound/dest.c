@@ -661,14 +661,35 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
     return resting;
 }
 
-/* While held: bounce the waiting jobs whose time is up (each job's
- * expiry is read from the spool once). */
+/* Is t waiting on connection attempts alone (connecting, or waiting for
+ * the greeting or the EHLO reply: none of its connections takes a job)? */
+static bool
+dest_only_opening(const struct dest *t)
+{
+    return t->opening > 0 && t->conns == t->opening;
+}
+
+void
+dest_sweep_arm(struct dest *t)
+{
+    struct delivery *d = t->d;
+    if (!timer_armed(&t->sweep_timer) && !fairq_empty(&t->q))
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+}
+
+/* While held, or while its connections are all still opening: bounce the
+ * waiting jobs whose time is up (each job's expiry is read from the spool
+ * once). Nothing moves for t meanwhile, so the walk costs no delivery.
+ * Before, a recipient waiting on an attempt outlived max_age by as much
+ * as the attempt took: a receiver that accepts and never greets held it
+ * greeting_timeout (5m by default) past it, for each address tried. */
 static void
 dest_on_sweep(struct timer *tm, void *ctx)
 {
     struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, sweep_timer));
     struct delivery *d = t->d;
-    if (d->stopping || d->w->now >= t->hold_until)
+    bool held = d->w->now < t->hold_until;
+    if (d->stopping || (!held && !dest_only_opening(t)))
         return;
     uint64_t now = clock_unix_ms();
     struct fairq_iter it;
@@ -702,13 +723,15 @@ dest_on_sweep(struct timer *tm, void *ctx)
         o.enh = (struct smtp_enh){4, 4, 7};
         /* The reply that held it is why (Postfix's "delivery temporarily
          * suspended: ..."): what the sender's DSN and the log should say. */
-        if (t->last_reply[0] != '\0')
+        if (!held)
+            job_last_attempt_text(&o, "message expired in the queue", env, j);
+        else if (t->last_reply[0] != '\0')
             snprintf(o.text, sizeof(o.text), "message expired while %s was held: %s", t->name,
                      t->last_reply);
         else
             snprintf(o.text, sizeof(o.text), "message expired while %s was held", t->name);
         struct outcome_where where = {.src = CLASSIFY_EXPIRED};
-        if (t->last_reply_at != NULL) {
+        if (held && t->last_reply_at != NULL) {
             /* ... and the MX host that sent it (an expiry keeps both:
              * job_finish) */
             where.mx = t->last_reply_at;

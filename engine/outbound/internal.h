@@ -79,7 +79,8 @@
 
 #define BODY_CHUNK     (64 * 1024) /* body read from the spool per step */
 #define HOLD_MIN_MS    POLICY_HOLD_MIN_MS
-#define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination */
+#define SWEEP_MS       1000 /* expiry checks of the jobs waiting in a held destination,
+                               * or one whose connections are all opening */
 #define STS_ASK_MS     1000 /* a destination asks the MTA-STS store at most this often */
 #define RATE_BOUND_NS  1000000000ULL /* a backlog held back by a rate this recently
                                       * earns its site no connection */
@@ -705,6 +706,9 @@ dest_queued(const struct dest *t)
 unsigned dest_tenant_weight(void *ctx, uint32_t tenant);
 /* No new connection to t for ms. */
 void dest_hold(struct dest *t, uint64_t ms);
+/* Check t's waiting jobs for expiry every SWEEP_MS while it is held or
+ * its connections are all opening (dest.c); armed when one opens. */
+void dest_sweep_arm(struct dest *t);
 /* Keep o as why t's last address failed, from MX host mx at address addr
  * (each NULL: none; nothing kept without memory: the deferral then gives
  * the generic reason); forget it. */

@@ -694,6 +694,7 @@ sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host
     c->tls_pol = dest_tls_key(t, host->name);
     t->conns++;
     t->opening++;
+    dest_sweep_arm(t); /* its waiting jobs expire on time while it opens */
     d->stats.open++;
     d->stats.connections++;
     c->next_all = d->all;

@@ -333,6 +333,56 @@ def test_expiry_in_every_state():
         r.close()
 
 
+def test_expiry_while_the_greeting_waits():
+    """max_age 2s, a receiver that accepts the connection and never
+    greets (greeting_timeout 60s): the recipient expires at its max_age,
+    while the attempt still waits, with a DSN-worthy event. Before, it
+    waited for the attempt to end: expired at 60 s, greeting_timeout past
+    its max_age (5 minutes by default, for each address tried)."""
+    import socket
+    import threading
+    import time
+    recs = ["host-record=tar.test,127.0.0.3", "mx-host=tar.test,tar.test,10"]
+    r = Relay(recs, with_sink=False, delivery_conf="greeting_timeout = 60s\n",
+              domain_conf=log_conf_text("[domain *]\nmax_age = 2s\nretry_schedule = 1h\n"))
+    srv = socket.socket()
+    held = []
+    try:
+        srv.bind(("127.0.0.3", r.mx_port))
+        srv.listen(16)
+        srv.settimeout(0.2)
+        stop = threading.Event()
+
+        def accept():
+            while not stop.is_set():
+                try:
+                    held.append(srv.accept()[0])  # and say nothing
+                except OSError:
+                    pass
+        th = threading.Thread(target=accept, daemon=True)
+        th.start()
+        t0 = time.monotonic()
+        r.inject([("s@example.com", ["a@tar.test"], b"Subject: t\r\n\r\ntarpit\r\n")],
+                 sessions=1)
+        (ex,) = wait_events(r.dlog, lambda e: e["event"] == "expiration", 1, timeout=30)
+        assert held, "the attempt never reached the receiver"
+        assert ex["rcpt"] == "a@tar.test" and ex["class"] == "expired", ex
+        assert ex["reply"].startswith("message expired in the queue"), ex
+        assert ex["queue_time_ms"] < 10000, ex
+        print(f"     expired after {time.monotonic() - t0:.1f}s (max_age 2s)")
+        stop.set()
+        th.join(5)
+        for c in held:
+            c.close()  # the attempt ends: the stop need not wait for it
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+        r.close()
+
+
 def test_expiry_header_removed_and_headers_logged():
     """A message's own expiry field is honoured and never delivered; the
     configured X- fields appear in its events; a bad expiry is refused."""
@@ -761,6 +811,7 @@ if __name__ == "__main__":
     main([test_4xx_then_accepted_on_retry, test_5xx_bounce_class_and_dsn,
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
+          test_expiry_while_the_greeting_waits,
           test_expiry_header_removed_and_headers_logged,
           test_logged_headers_unfolded_and_alike_in_every_event,
           test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
