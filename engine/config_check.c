@@ -201,6 +201,39 @@ key_line(struct parse *p, unsigned sec, const char *name)
     return k ? p->set_line[sec][k - config_sections[sec].keys] : 0;
 }
 
+/* The files of [tls] loaded as the start and a reload load them
+ * (engine.c): a certificate, key or CA file that does not load is an
+ * error of this config, on the line of its key, so that --check-config
+ * says so (it said ok before) and a reload's refusal names the line (it
+ * did not). The contexts made are dropped. */
+static void
+check_tls_files(struct parse *p, const struct tls_config *tc, unsigned sec)
+{
+    char why[400];
+    struct tls_ctx *ctx = NULL;
+    int rc = 0;
+    /* the client's only when it names files: the system store is the
+     * machine's, and OpenSSL keeps some of what loading it takes */
+    if (tc->ca_file != NULL || tc->ca_path != NULL) {
+        rc = tls_ctx_new_client(tc, &ctx, why, sizeof(why));
+        ctx = tls_ctx_unref(ctx);
+    }
+    if (rc == 0 && tls_config_has_server(tc)) {
+        rc = tls_ctx_new_server(tc, &ctx, why, sizeof(why));
+        ctx = tls_ctx_unref(ctx);
+    }
+    if (rc == 0)
+        return;
+    /* the messages begin with the key at fault ("key_file PATH: ...") */
+    char key[32];
+    size_t n = strcspn(why, " ");
+    snprintf(key, sizeof(key), "%.*s", (int)(n < sizeof(key) ? n : sizeof(key) - 1), why);
+    unsigned line = key_line(p, sec, key);
+    if (line == 0)
+        line = key_line(p, sec, "cert_file");
+    config_err(p, line, "[tls] %s", why);
+}
+
 static bool
 valid_field_name(const char *s, size_t n)
 {
@@ -734,15 +767,17 @@ config_finish(struct parse *p)
             line = key_line(p, dns_sec, strcmp(dns_bad, "min_ttl") == 0 ? "max_ttl" : "servers");
         config_err(p, line, "[dns] %s", why);
     }
+    unsigned tls_sec = 0;
+    while (strcmp(config_sections[tls_sec].name, "tls") != 0)
+        tls_sec++;
     if (cfg->tls.min_protocol > cfg->tls.max_protocol) {
         /* refused by the TLS context at start; said here, with its line */
-        unsigned tls_sec = 0;
-        while (strcmp(config_sections[tls_sec].name, "tls") != 0)
-            tls_sec++;
         unsigned line = key_line(p, tls_sec, "min_protocol");
         if (line == 0)
             line = key_line(p, tls_sec, "max_protocol");
         config_err(p, line, "[tls] min_protocol is newer than max_protocol");
+    } else {
+        check_tls_files(p, &cfg->tls, tls_sec);
     }
     srv->ntrusted = cidr_parse_list(srv->trusted_networks, srv->trusted, NETADDR_MAX_LIST, why,
                                     sizeof(why));

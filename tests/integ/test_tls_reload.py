@@ -142,6 +142,13 @@ key_file = {p}/key.pem
         d.signal(signal.SIGHUP)
         line = d.wait_log("event=reload_refused")
         assert "key_file" in line and "does not match" in line, line
+        # on the line of the key, as any other error of the file (and
+        # --check-config finds it: it said ok before)
+        key_line = conf_text.splitlines().index(f"key_file = {p}/key.pem") + 1
+        assert f"{conf}:{key_line}: [tls] key_file" in line, line
+        chk = run([SLUICE, "-c", conf, "--check-config"])
+        assert chk.returncode == 1, chk
+        assert f"{conf}:{key_line}: [tls] key_file" in chk.stdout + chk.stderr, chk
         d.wait_log("event=reload_failed what=config")
         assert TlsLine(tls_port, False).fingerprint == fp_b, "the running certificate stays"
         # A certificate file that is not PEM: refused too.
