@@ -317,6 +317,11 @@ void config_drop_dkim_keys(struct config *cfg);
  * the configs a reload keeps (engine.h) share it. Today: the shaping
  * rules (same files, same contents). Main thread, before engine_reload. */
 void config_share_unchanged(struct config *ncfg, const struct config *cur);
+/* What b changes from a, for a reload's log (config_diff.c): "[delivery]
+ * initial_connections, [mx *.google.com] max_connections, +[domain x],
+ * -[pool y]", the first dozen and ", and N more", into out (empty when
+ * nothing). Returns the number of changes. */
+unsigned config_changes(const struct config *a, const struct config *b, char *out, size_t len);
 
 /* The policy for a destination domain (exact match, else [domain *]).
  * Borrowed: lives as long as cfg. */

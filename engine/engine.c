@@ -1215,8 +1215,10 @@ engine_reload(struct engine *e, const struct config *ncfg)
         log_msg(LOG_ERR, "event=reload_failed what=config note=previous_config_kept");
         ncfg = NULL;
     }
+    char changed[1024] = "";
     if (ncfg != NULL && e->nworkers > 0) {
         report_kept(e->cfg_start, ncfg);
+        config_changes(e->cfg, ncfg, changed, sizeof(changed));
         struct park *p = config_gens_reserve(e->gens) == 0 ? calloc(1, sizeof(*p)) : NULL;
         if (p != NULL && (p->msgs = calloc(e->nworkers, sizeof(*p->msgs))) == NULL) {
             free(p);
@@ -1277,8 +1279,8 @@ engine_reload(struct engine *e, const struct config *ncfg)
             mta_sts_reload(e, ncfg);
             suppress_fold_tags(e, ncfg);
             log_set_level((enum log_level)ncfg->log.level);
-            log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u", ncfg->path,
-                    parked, e->nworkers);
+            log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u changed=\"%s\"",
+                    ncfg->path, parked, e->nworkers, changed[0] != '\0' ? changed : "none");
         }
     }
     tls_ctx_unref(tls_server);

@@ -115,7 +115,10 @@ def test_sighup_reloads_domain_limits():
                     .replace("workers = 2", "workers = 3")
                     .replace("[dns]\n", "[dns]\ntries = 3\n") + "; " + "x" * 5000 + "\n")
         r.d.signal(signal.SIGHUP)
-        r.d.wait_log("event=config_reloaded")
+        line = r.d.wait_log("event=config_reloaded")
+        # what changed, said (it was not)
+        assert ('changed="[server] workers, [dns] tries, [domain slow.test] max_message_rate"'
+                in line), line
         assert r.d.wait_log("event=reload_kept key=server.workers")
         # [dns] is the resolvers' of the start (servers, dnssec: DANE):
         # said, not applied in silence

@@ -816,6 +816,55 @@ test_unreadable_file(void **state)
     free(buf);
 }
 
+/* What a reload changed, for its log line: the keys of the single
+ * sections, each [domain], [mx], [source], [pool] or [tenant] added,
+ * removed or with a key changed; a domain key that follows [domain *] in
+ * both is [domain *]'s change alone. Before, event=config_reloaded said
+ * nothing of what changed. */
+static void
+test_reload_changes_named(void **state)
+{
+    (void)state;
+    const char *base = "[queue]\npath = /tmp/x\n"
+                       "[delivery]\ninitial_connections = 2\n"
+                       "[domain *]\nmax_age = 3d\n"
+                       "[domain gmail.com]\nmax_connections = 10\n"
+                       "[domain yahoo.com]\nmax_connections = 5\n"
+                       "[mx *.google.com]\nmax_connections = 30\n"
+                       "[source 127.0.0.2]\nehlo = a.example.net\n";
+    char next[1024];
+    snprintf(next, sizeof(next), "%s", base);
+    char *p = strstr(next, "initial_connections = 2");
+    p[strlen("initial_connections = ")] = '4';
+    p = strstr(next, "max_age = 3d");
+    p[strlen("max_age = ")] = '5';
+    p = strstr(next, "[domain yahoo.com]");
+    *p = '\0'; /* yahoo.com and what follows go */
+    strcat(next, "[mx *.google.com]\nmax_connections = 40\n[domain new.example]\nmax_age = 1h\n");
+    struct config *a = NULL, *b = NULL;
+    int rc;
+    char *errs = load(base, &a, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    errs = load(next, &b, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    char out[512];
+    assert_int_equal(config_changes(a, a, out, sizeof(out)), 0);
+    assert_string_equal(out, "");
+    unsigned n = config_changes(a, b, out, sizeof(out));
+    assert_string_equal(out, "[delivery] initial_connections, [domain *] max_age, "
+                             "+[domain new.example], -[domain yahoo.com], "
+                             "[mx *.google.com] max_connections, -[source 127.0.0.2]");
+    assert_int_equal(n, 6);
+    /* a short buffer: cut, never past it */
+    char tiny[16];
+    config_changes(a, b, tiny, sizeof(tiny));
+    assert_true(strlen(tiny) < sizeof(tiny));
+    config_free(a);
+    config_free(b);
+}
+
 int
 main(void)
 {
@@ -841,6 +890,7 @@ main(void)
         cmocka_unit_test(test_bundled_config_is_valid),
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_unreadable_file),
+        cmocka_unit_test(test_reload_changes_named),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
