@@ -683,6 +683,16 @@ delivery_on_drain(struct worker *w, struct worker_msg *m)
     (void)w;
     d->draining = true;
     log_msg(LOG_NOTICE, "event=draining connections=%llu", (unsigned long long)d->stats.open);
+    /* Ones still opening (connecting, waiting for a greeting, EHLO or
+     * TLS) carry nothing: they end now. Before, each held the drain until
+     * it got ready or timed out (greeting_timeout: a tarpit held every
+     * stop for the whole drain_timeout, logged as drain_timed_out). */
+    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
+        if (!c->ready_once && c->job == NULL) {
+            c->drain_cut = true;
+            conn_close(c, "draining");
+        }
+    }
     /* Idle ones say goodbye now; busy ones after their transaction. */
     size_t bucket = 0;
     struct hash_node *cur = NULL, *n;

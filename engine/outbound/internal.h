@@ -200,6 +200,8 @@ struct conn {
     bool txn_verp;         /* this transaction's sender is a VERP one: the next hop's DSNs
                             * come back to the bounce listener, which reads failures only */
     bool ready_once;      /* the session reached IDLE at least once */
+    bool drain_cut;       /* closed by a drain before it was ready: an end of no
+                           * meaning for the policy (as at a stop) */
     bool idled;           /* it waited on its site's idle list since its last transaction
                            * (or before its first): cleared as each one ends */
     bool over_cap;        /* told to end after its transaction: over its domain's

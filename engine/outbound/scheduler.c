@@ -1098,7 +1098,7 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
         .connected = c->connected,
         .ready_once = c->ready_once,
         .session = so,
-        .stopping = d->stopping,
+        .stopping = d->stopping || c->drain_cut,
         .tls_fallback = c->tls_fell_back,
         .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
         .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
@@ -1119,7 +1119,8 @@ sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
     /* A refusal before any transaction (a 421 or 554 greeting, EHLO
      * refused) reaches no job: the shaping rules see it here. Replies
      * within transactions are seen with their job (outcome.c). */
-    if (so != NULL && c->connected && !c->ready_once && so->code >= 400 && !d->stopping)
+    if (so != NULL && c->connected && !c->ready_once && so->code >= 400 && !d->stopping &&
+        !c->drain_cut)
         outcome_shaping(d, t, c->mx, c->src_id, c->job ? c->job->owner.tenant : 0, so);
     if (site != NULL && pd.congested && !d->draining)
         sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");

@@ -333,53 +333,95 @@ def test_expiry_in_every_state():
         r.close()
 
 
+class Tarpit:
+    """A receiver on host:port that accepts every connection and says
+    nothing (no greeting): the connections it holds are closed by stop()."""
+
+    def __init__(self, host, port):
+        import socket
+        import threading
+        self.held = []
+        self.srv = socket.socket()
+        self.srv.bind((host, port))
+        self.srv.listen(16)
+        self.srv.settimeout(0.2)
+        self.done = threading.Event()
+        self.th = threading.Thread(target=self._accept, daemon=True)
+        self.th.start()
+
+    def _accept(self):
+        while not self.done.is_set():
+            try:
+                self.held.append(self.srv.accept()[0])
+            except OSError:
+                pass
+
+    def stop(self):
+        self.done.set()
+        self.th.join(5)
+        self.srv.close()
+        for c in self.held:
+            c.close()
+
+
 def test_expiry_while_the_greeting_waits():
     """max_age 2s, a receiver that accepts the connection and never
     greets (greeting_timeout 60s): the recipient expires at its max_age,
     while the attempt still waits, with a DSN-worthy event. Before, it
     waited for the attempt to end: expired at 60 s, greeting_timeout past
     its max_age (5 minutes by default, for each address tried)."""
-    import socket
-    import threading
     import time
     recs = ["host-record=tar.test,127.0.0.3", "mx-host=tar.test,tar.test,10"]
     r = Relay(recs, with_sink=False, delivery_conf="greeting_timeout = 60s\n",
               domain_conf=log_conf_text("[domain *]\nmax_age = 2s\nretry_schedule = 1h\n"))
-    srv = socket.socket()
-    held = []
+    tar = None
     try:
-        srv.bind(("127.0.0.3", r.mx_port))
-        srv.listen(16)
-        srv.settimeout(0.2)
-        stop = threading.Event()
-
-        def accept():
-            while not stop.is_set():
-                try:
-                    held.append(srv.accept()[0])  # and say nothing
-                except OSError:
-                    pass
-        th = threading.Thread(target=accept, daemon=True)
-        th.start()
+        tar = Tarpit("127.0.0.3", r.mx_port)
         t0 = time.monotonic()
         r.inject([("s@example.com", ["a@tar.test"], b"Subject: t\r\n\r\ntarpit\r\n")],
                  sessions=1)
         (ex,) = wait_events(r.dlog, lambda e: e["event"] == "expiration", 1, timeout=30)
-        assert held, "the attempt never reached the receiver"
+        assert tar.held, "the attempt never reached the receiver"
         assert ex["rcpt"] == "a@tar.test" and ex["class"] == "expired", ex
         assert ex["reply"].startswith("message expired in the queue"), ex
         assert ex["queue_time_ms"] < 10000, ex
         print(f"     expired after {time.monotonic() - t0:.1f}s (max_age 2s)")
-        stop.set()
-        th.join(5)
-        for c in held:
-            c.close()  # the attempt ends: the stop need not wait for it
+        tar.stop()  # the attempt ends: the stop need not wait for it
+        tar = None
         assert r.d.stop_clean() == 0
         assert mdb_entries(r.spool, "msg") == 0
     finally:
-        srv.close()
-        for c in held:
-            c.close()
+        if tar is not None:
+            tar.stop()
+        r.close()
+
+
+def test_stop_does_not_wait_for_a_greeting():
+    """A stop (SIGTERM) while a connection waits for a receiver's greeting
+    (a tarpit: greeting_timeout 60s): the drain ends that connection at
+    once, it carries nothing; the recipient stays queued, deferred by
+    nothing, and goes at the next start. Before, the connection held the
+    stop for the whole drain timeout (30 s), logged as drain_timed_out."""
+    import time
+    recs = ["host-record=tar.test,127.0.0.3", "mx-host=tar.test,tar.test,10"]
+    r = Relay(recs, with_sink=False, delivery_conf="greeting_timeout = 60s\n",
+              domain_conf=log_conf_text("[domain *]\nretry_schedule = 1h\n"))
+    tar = None
+    try:
+        tar = Tarpit("127.0.0.3", r.mx_port)
+        r.inject([("s@example.com", ["a@tar.test"], b"Subject: t\r\n\r\ntarpit\r\n")],
+                 sessions=1)
+        wait_until(lambda: tar.held, 30, "the attempt at the tarpit")
+        t0 = time.monotonic()
+        assert r.d.stop_clean() == 0
+        took = time.monotonic() - t0
+        assert took < 10, f"the stop took {took:.1f}s"
+        assert r.d.count_log("event=drain_timed_out") == 0
+        assert not [e for e in events(r.dlog) if e.get("rcpt") == "a@tar.test"], "told something"
+        assert mdb_entries(r.spool, "msg") == 1, "the message stays queued"
+    finally:
+        if tar is not None:
+            tar.stop()
         r.close()
 
 
@@ -811,7 +853,7 @@ if __name__ == "__main__":
     main([test_4xx_then_accepted_on_retry, test_5xx_bounce_class_and_dsn,
           test_delay_warning_only_when_asked, test_no_dsn_to_null_sender, test_421_at_data_holds_the_destination,
           test_held_destination_still_expires, test_expiry_in_every_state,
-          test_expiry_while_the_greeting_waits,
+          test_expiry_while_the_greeting_waits, test_stop_does_not_wait_for_a_greeting,
           test_expiry_header_removed_and_headers_logged,
           test_logged_headers_unfolded_and_alike_in_every_event,
           test_dsn_parameters_go_to_the_next_hop, test_success_dsn_when_the_next_hop_has_no_dsn,
