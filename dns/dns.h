@@ -196,6 +196,9 @@ struct dns_mx_result {
      * all-numeric last label such as 192.0.2.1, a bad address literal):
      * no DNS asked, and asking again later cannot change the answer. */
     bool bad_name;
+    /* DNS_FAIL: every MX host's name is NXDOMAIN (for each family
+     * asked): the domain's MX records name hosts that do not exist */
+    bool hosts_nx;
     bool partial;       /* some MX hosts failed temporarily and are missing */
     uint32_t ttl;       /* seconds the cache keeps it (after clamping) */
     uint64_t expires;   /* CLOCK_MONOTONIC ns when the cache drops it */

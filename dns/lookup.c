@@ -250,7 +250,7 @@ finish(struct lookup *lk)
     unsigned n = 0;
     enum dns_status status;
     const char *why;
-    bool partial = false;
+    bool partial = false, nx = false;
 
     if (lk->decided) {
         status = lk->status;
@@ -319,8 +319,20 @@ finish(struct lookup *lk)
             status = DNS_NOT_FOUND;
             why = "no MX and no address records";
         } else {
+            /* Every MX host's name NXDOMAIN for each family asked (not a
+             * host without records of the family configured, NODATA): a
+             * recipient domain's MX records name hosts that do not
+             * exist, an error of its own (RFC 5321 5.1), as Postfix's
+             * "Host not found" is. */
+            nx = lk->nhosts > 0;
+            for (unsigned i = 0; i < lk->nhosts && nx; i++) {
+                const struct lk_host *h = &lk->hosts[i];
+                nx = (h->st4 == FS_NXDOMAIN || h->st4 == FS_SKIP) &&
+                     (h->st6 == FS_NXDOMAIN || h->st6 == FS_SKIP) &&
+                     (h->st4 == FS_NXDOMAIN || h->st6 == FS_NXDOMAIN);
+            }
             status = DNS_FAIL;
-            why = "no MX host has an address";
+            why = nx ? "no MX host exists (NXDOMAIN)" : "no MX host has an address";
         }
     }
     uint64_t ttl_ms = result_ttl_ms(lk, status, partial);
@@ -333,6 +345,7 @@ finish(struct lookup *lk)
     } else {
         res->implicit_mx = lk->implicit && status == DNS_OK;
         res->partial = partial;
+        res->hosts_nx = nx;
         res->ttl = (uint32_t)(ttl_ms / 1000);
         res->expires = dns_now() + ttl_ms * 1000000ULL;
     }

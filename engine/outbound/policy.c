@@ -242,13 +242,18 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
 }
 
 void
-policy_dns(enum dns_status st, bool bad_name, struct policy_fail *out)
+policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail *out)
 {
     memset(out, 0, sizeof(*out));
     out->src = CLASSIFY_DNS;
     if (st == DNS_FAIL && bad_name) {
         *out = (struct policy_fail){true, true, 550, {5, 1, 2}, CLASSIFY_DNS, false,
                                     "invalid domain name"};
+        return;
+    }
+    if (st == DNS_FAIL && hosts_nx) {
+        *out = (struct policy_fail){true, true, 550, {5, 4, 4}, CLASSIFY_DNS, false,
+                                    "no MX host exists (NXDOMAIN)"};
         return;
     }
     switch (st) {
@@ -274,7 +279,7 @@ bool
 policy_mx_refresh_keeps(enum dns_status st, uint64_t stale_ms)
 {
     struct policy_fail pf;
-    policy_dns(st, false, &pf);
+    policy_dns(st, false, false, &pf);
     return pf.fail && !pf.permanent && stale_ms < POLICY_MX_STALE_MAX_MS;
 }
 

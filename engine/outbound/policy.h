@@ -215,9 +215,11 @@ struct policy_fail {
 /* What a DNS status means for the jobs of a destination. bad_name: the
  * answer's (dns_mx_result.bad_name): a DNS_FAIL for a name that can
  * exist nowhere (192.0.2.1 without brackets, an all-numeric last label)
- * bounces, as the NXDOMAIN that DNS would answer does; other DNS_FAILs
- * (no MX host with an address) are deferred. */
-void policy_dns(enum dns_status st, bool bad_name, struct policy_fail *out);
+ * bounces, as the NXDOMAIN that DNS would answer does; hosts_nx (the
+ * answer's): every MX host's name NXDOMAIN, bounced 5.4.4 as Postfix's
+ * "Host not found" is; other DNS_FAILs (an MX host without an address
+ * of the family configured, an MX naming an address) are deferred. */
+void policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail *out);
 
 /* A destination's MX answer expired while its connections are open: it
  * is asked again in the background (scheduler.c dest_mx_refresh), its

@@ -315,7 +315,7 @@ dest_run_once(struct dest *t)
     }
     t->sts_wait_since = 0;
     struct policy_fail pf;
-    policy_dns(t->mx->status, t->mx->bad_name, &pf);
+    policy_dns(t->mx->status, t->mx->bad_name, t->mx->hosts_nx, &pf);
     if (pf.fail) {
         dest_fail_all(t, &pf, t->mx->status == DNS_NULL_MX ? NULL : t->mx->why);
         if (pf.forget_answer)

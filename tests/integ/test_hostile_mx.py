@@ -817,6 +817,43 @@ def test_a_domain_that_can_exist_nowhere_bounces_at_once():
         r.close()
 
 
+def test_mx_hosts_that_do_not_exist_bounce():
+    """A domain whose every MX host name is NXDOMAIN names hosts that do
+    not exist (RFC 5321 5.1: an error): its mail bounces 5.4.4 "no MX host
+    exists" at the first attempt, as Postfix's "Host not found" does
+    (before, deferred 4.4.3 at every attempt until max_age, days later);
+    one whose MX host exists without an address (NODATA) is still
+    deferred, and so is one with a host that answers for now only with a
+    failure (SERVFAIL) beside a host that does not exist."""
+    def answer(q, tcp):
+        if q.qtype == T_MX and q.qname == "nx.test":
+            return q.reply([mx_rr("nx.test", 10, "gone1.test"), mx_rr("nx.test", 20, "gone2.test")])
+        if q.qtype == T_MX and q.qname == "nodata.test":
+            return q.reply([mx_rr("nodata.test", 10, "bare.test")])
+        if q.qtype == T_MX and q.qname == "mixed.test":
+            return q.reply([mx_rr("mixed.test", 10, "gone1.test"), mx_rr("mixed.test", 20, "sf.test")])
+        if q.qname.startswith("gone"):
+            return q.reply([], rcode=3)
+        if q.qname == "sf.test":
+            return q.reply([], rcode=2)
+        return q.reply([])
+    r = HostileRelay(answer, extra_conf="[dns]\ntimeout = 200ms\ntries = 1\n")
+    try:
+        r.inject([("s@example.com", ["a@nx.test", "b@nodata.test", "c@mixed.test"],
+                   b"Subject: n\r\n\r\nnowhere\r\n")])
+        r.wait_events("bounce", 1)
+        r.wait_events("transient_failure", 2)
+        line = r.d.wait_log("rcpt=<a@nx.test>", timeout=10)
+        assert "event=bounced" in line and "enhanced=5.4.4" in line, line
+        assert "no MX host exists" in line and "class=dns_failure" in line, line
+        for rcpt in ("b@nodata.test", "c@mixed.test"):
+            line = r.d.wait_log(f"rcpt=<{rcpt}>", timeout=10)
+            assert "event=deferred" in line and "enhanced=4.4.3" in line, line
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
 def test_lookups_waiting_for_a_slot_are_shown():
     """A flood of domains whose DNS never answers fills [dns] max_inflight
     and the other lookups wait their turn: the stats socket shows how many
@@ -926,6 +963,6 @@ if __name__ == "__main__":
           test_replies_longer_than_kept_keep_their_code,
           test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
-          test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once,
+          test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once, test_mx_hosts_that_do_not_exist_bounce,
           test_lookups_waiting_for_a_slot_are_shown, test_dead_domains_give_their_dns_slots_up,
           test_connect_refused_names_the_bound_source])

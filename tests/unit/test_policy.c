@@ -411,23 +411,27 @@ dns_and_schedule(void **state)
 {
     (void)state;
     struct policy_fail f;
-    policy_dns(DNS_OK, false, &f);
+    policy_dns(DNS_OK, false, false, &f);
     assert_false(f.fail);
-    policy_dns(DNS_NOT_FOUND, false, &f);
+    policy_dns(DNS_NOT_FOUND, false, false, &f);
     assert_true(f.fail && f.permanent);
     assert_int_equal(f.enh.cls, 5);
     assert_int_equal(f.enh.subject, 1);
     assert_int_equal(f.enh.detail, 2);
-    policy_dns(DNS_NULL_MX, false, &f);
+    policy_dns(DNS_NULL_MX, false, false, &f);
     assert_int_equal(f.code, 556);
-    policy_dns(DNS_RETRY, false, &f);
+    policy_dns(DNS_RETRY, false, false, &f);
     assert_true(f.fail && !f.permanent && f.forget_answer);
     /* No MX host with an address: deferred; a name that can exist
      * nowhere: bounced as NXDOMAIN is. */
-    policy_dns(DNS_FAIL, false, &f);
+    policy_dns(DNS_FAIL, false, false, &f);
     assert_true(f.fail && !f.permanent);
-    policy_dns(DNS_FAIL, true, &f);
+    policy_dns(DNS_FAIL, true, false, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.enh.detail == 2);
+    /* Every MX host's name NXDOMAIN: bounced 5.4.4 */
+    policy_dns(DNS_FAIL, false, true, &f);
+    assert_true(f.fail && f.permanent && f.code == 550 && f.enh.subject == 4 &&
+                f.enh.detail == 4);
     /* Jobs that fail without a session: the status is data, never text. */
     policy_job(POLICY_NO_TARGET, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.src == CLASSIFY_TARGET);
