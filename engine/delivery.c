@@ -550,6 +550,9 @@ due_on_taken(void *arg, uint64_t id, const struct queue_rcpt *r)
     return dt->d->stopping ? 0 : delivery_batch_add(&dt->b, id, r);
 }
 
+static void due_set_paused(struct delivery *d, bool paused, const struct queue_counts *c,
+                           uint64_t limit);
+
 static void
 due_on_done(void *cookie, int rc)
 {
@@ -568,6 +571,12 @@ due_on_done(void *cookie, int rc)
         d->due_batch = d->due_batch > 4 ? d->due_batch / 4 : 1;
     else if (rc == 0 && d->due_batch < DUE_BATCH)
         d->due_batch = d->due_batch * 2 < DUE_BATCH ? d->due_batch * 2 : DUE_BATCH;
+    /* fewer due than the limit let it take: none is held back now */
+    if (rc == 0 && dt->taken < dt->batch && d->stats.due_paused != 0) {
+        struct queue_counts c;
+        uint64_t limit = d->e->cfg->delivery.active_limit;
+        due_set_paused(d, false, queue_counts(d->e->queue, &c, NULL, NULL) == 0 ? &c : NULL, limit);
+    }
     /* a full batch: more are due, ask again at once */
     uint64_t next = (rc == 0 && dt->taken >= dt->batch) || (space && dt->batch > 1) ? 0
                                                                                    : DUE_POLL_MS;
@@ -578,28 +587,46 @@ due_on_done(void *cookie, int rc)
     free(dt);
 }
 
+/* [delivery] active_limit holds due recipients back (paused) or not. The
+ * state spans a drain at the limit: from the first take the limit cuts
+ * or stops to the take that found fewer due than it could make ready (or
+ * one the limit no longer cuts), so that it is logged once each way;
+ * flipped at each take, a drain at the limit logged a pair every 100 ms
+ * (each delivery made room for one more). */
+static void
+due_set_paused(struct delivery *d, bool paused, const struct queue_counts *c, uint64_t limit)
+{
+    if (paused == (d->stats.due_paused != 0))
+        return;
+    d->stats.due_paused = paused;
+    if (c != NULL)
+        log_msg(LOG_NOTICE, "event=%s ready=%llu deferred=%llu active_limit=%llu",
+                paused ? "due_paused" : "due_resumed", (unsigned long long)c->ready,
+                (unsigned long long)c->deferred, (unsigned long long)limit);
+    else /* no limit now (a reload), or no count */
+        log_msg(LOG_NOTICE, "event=%s active_limit=%llu", paused ? "due_paused" : "due_resumed",
+                (unsigned long long)limit);
+}
+
 /* [delivery] active_limit: how many of batch the next take may make
  * ready, 0 while the spool holds the limit's count of ready recipients
  * (those the workers hold: new mail, the start's, taken ones). The count
  * is the spool's (its recipients less its deferred ones, one read), so
- * nothing here has to follow each job to its end. A take paused or
- * resumed is logged once each way. */
+ * nothing here has to follow each job to its end. */
 static unsigned
 due_room(struct delivery *d, unsigned batch)
 {
     uint64_t limit = d->e->cfg->delivery.active_limit;
     struct queue_counts c;
     if (limit == 0 || queue_counts(d->e->queue, &c, NULL, NULL) != 0) {
-        d->stats.due_paused = 0; /* no limit, or no count: take as without one */
+        due_set_paused(d, false, NULL, limit); /* no limit, or no count: take as without one */
         return batch;
     }
     uint64_t room = c.ready < limit ? limit - c.ready : 0;
-    if ((room == 0) != (d->stats.due_paused != 0)) {
-        d->stats.due_paused = room == 0;
-        log_msg(LOG_NOTICE, "event=%s ready=%llu deferred=%llu active_limit=%llu",
-                room == 0 ? "due_paused" : "due_resumed", (unsigned long long)c.ready,
-                (unsigned long long)c.deferred, (unsigned long long)limit);
-    }
+    if (room == 0)
+        due_set_paused(d, true, &c, limit);
+    else if (room >= batch)
+        due_set_paused(d, false, &c, limit); /* the take is not cut */
     return room < batch ? (unsigned)room : batch;
 }
 

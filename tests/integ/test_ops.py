@@ -511,6 +511,7 @@ def test_active_limit_keeps_due_mail_in_the_spool():
         wait_events(r.dlog, lambda e: e["event"] == "transient_failure", n, timeout=30)
         r.sink.stop()
         r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        paused_before = len(r.d.log_lines("event=due_paused"))  # the injection's 100 ready
         assert ctl_json(r, "flush")["recipients"] == n
         most, paused_seen, waiting_seen = 0, False, False
         deadline = time.monotonic() + 60
@@ -528,8 +529,14 @@ def test_active_limit_keeps_due_mail_in_the_spool():
         print(f"     most ready at once: {most} (limit {limit})")
         assert most <= limit, f"{most} ready at once, over the limit of {limit}"
         assert waiting_seen and paused_seen, "the take never paused: no limit applied"
-        r.d.wait_log("event=due_paused")
-        r.d.wait_log("event=due_resumed")
+        count = lambda w: len(r.d.log_lines(f"event=due_{w}"))  # noqa: E731
+        wait_until(lambda: count("resumed") >= count("paused"), 10, "the take resumed")
+        # the flushed backlog paused the take once, logged once each way:
+        # flipped at each take, the drain at the limit logged a pair every
+        # 100 ms (17 pairs here)
+        paused, resumed = count("paused"), count("resumed")
+        assert paused - paused_before <= 1 and paused == resumed, \
+            f"{paused - paused_before} due_paused lines since the flush, {paused}/{resumed} in all"
         dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", n, timeout=10)
         assert sorted(e["rcpt"] for e in dl) == sorted(f"u{i}@soft.test" for i in range(n))
         assert r.d.stop_clean() == 0
