@@ -26,8 +26,9 @@
  *     (or the one in force when it opened without one), conn.cfg_gen.
  * Read by threads outside the workers, in read sections
  * (engine_config_enter/_leave):
- *   - the stats thread: every stats-socket command, "stats" and
- *     /metrics, the domains view (ops.c);
+ *   - the stats thread: "stats", /metrics, the status page, the domains
+ *     view; and the stats command thread: every other stats-socket
+ *     command (ops.c);
  *   - the MTA-STS thread, handing a TLS report to delivery (engine.c).
  * Read by no thread outside the workers, outside a read section:
  *   - delivery_owner() (any thread: the shaping keeper's bounces too)

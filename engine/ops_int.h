@@ -12,7 +12,9 @@
  *   engine/ops_suppress.c  "suppress": add, remove, check, list, import,
  *                          export, purge.
  *
- * Threading: the stats thread; the *_on_worker functions on each worker.
+ * Threading: the stats thread (counters, domains) and the stats command
+ * thread (commands, one at a time), concurrently (ops.c says what they
+ * share); the *_on_worker functions on each worker.
  */
 #ifndef SLUICE_ENGINE_OPS_INT_H
 #define SLUICE_ENGINE_OPS_INT_H

@@ -790,7 +790,7 @@ client_rearm(const struct stats_server *s, struct client *c)
 {
     if (c->draining)
         return; /* set once, when the draining began */
-    if (c->waiting) { /* as long as its command takes (a bounce waits up to 30 minutes) */
+    if (c->waiting) { /* as long as its command takes (a flush of millions: a minute) */
         c->deadline = UINT64_MAX;
         return;
     }
