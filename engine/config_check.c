@@ -201,6 +201,25 @@ key_line(struct parse *p, unsigned sec, const char *name)
     return k ? p->set_line[sec][k - config_sections[sec].keys] : 0;
 }
 
+/* [delivery] key's CIDR list text (NULL: unset) into out: the count, or
+ * 0 with the error at the key's line. */
+static int
+delivery_nets(struct parse *p, const char *key, const char *text, struct cidr *out)
+{
+    if (text == NULL)
+        return 0;
+    char why[256];
+    int n = cidr_parse_list(text, out, NETADDR_MAX_LIST, why, sizeof(why));
+    if (n >= 0)
+        return n;
+    unsigned line = 0;
+    for (unsigned i = 0; i < NSECTIONS; i++)
+        if (strcmp(config_sections[i].name, "delivery") == 0)
+            line = key_line(p, i, key);
+    config_err(p, line, "%s: %s", key, why);
+    return 0;
+}
+
 /* The files of [tls] loaded as the start and a reload load them
  * (engine.c): a certificate, key or CA file that does not load is an
  * error of this config, on the line of its key, so that --check-config
@@ -731,30 +750,10 @@ config_finish(struct parse *p)
         if (n == -EINVAL || n == -E2BIG)
             config_err(p, line, "source_address: %s", why);
     }
-    if (cfg->delivery.allow_networks != NULL) {
-        cfg->delivery.nallow = cidr_parse_list(cfg->delivery.allow_networks, cfg->delivery.allow,
-                                               NETADDR_MAX_LIST, why, sizeof(why));
-        unsigned line = 0;
-        for (unsigned i = 0; i < NSECTIONS; i++)
-            if (strcmp(config_sections[i].name, "delivery") == 0)
-                line = key_line(p, i, "allow_networks");
-        if (cfg->delivery.nallow < 0) {
-            config_err(p, line, "allow_networks: %s", why);
-            cfg->delivery.nallow = 0;
-        }
-    }
-    if (cfg->delivery.deny_networks != NULL) {
-        cfg->delivery.ndeny = cidr_parse_list(cfg->delivery.deny_networks, cfg->delivery.deny,
-                                              NETADDR_MAX_LIST, why, sizeof(why));
-        unsigned line = 0;
-        for (unsigned i = 0; i < NSECTIONS; i++)
-            if (strcmp(config_sections[i].name, "delivery") == 0)
-                line = key_line(p, i, "deny_networks");
-        if (cfg->delivery.ndeny < 0) {
-            config_err(p, line, "deny_networks: %s", why);
-            cfg->delivery.ndeny = 0;
-        }
-    }
+    cfg->delivery.nallow =
+        delivery_nets(p, "allow_networks", cfg->delivery.allow_networks, cfg->delivery.allow);
+    cfg->delivery.ndeny =
+        delivery_nets(p, "deny_networks", cfg->delivery.deny_networks, cfg->delivery.deny);
     const char *dns_bad;
     if (dns_config_check(&cfg->dns, &dns_bad, why, sizeof(why)) < 0) {
         unsigned dns_sec = 0;
