@@ -241,15 +241,8 @@ start_queued(struct dns *d)
         d->queued--;
         e->state = ENTRY_INFLIGHT;
         d->inflight++;
-        e->slot = true;
         e->started = dns_now();
-        e->inext = NULL;
-        e->iprev = d->slots_tail;
-        if (d->slots_tail != NULL)
-            d->slots_tail->inext = e;
-        else
-            d->slots_head = e;
-        d->slots_tail = e;
+        lru_touch(&d->slots, &e->ln);
         lookup_start(d, e);
     }
     d->starting = false;
@@ -259,16 +252,7 @@ start_queued(struct dns *d)
 static void
 slot_release(struct dns *d, struct entry *e)
 {
-    if (e->iprev != NULL)
-        e->iprev->inext = e->inext;
-    else
-        d->slots_head = e->inext;
-    if (e->inext != NULL)
-        e->inext->iprev = e->iprev;
-    else
-        d->slots_tail = e->iprev;
-    e->inext = e->iprev = NULL;
-    e->slot = false;
+    lru_remove(&d->slots, &e->ln);
     d->inflight--;
 }
 
@@ -279,8 +263,9 @@ slots_slow(struct dns *d, uint64_t now)
 {
     uint64_t try_ns = d->cfg.timeout * 1000000ULL;
     bool freed = false;
-    while (d->slots_head != NULL && now - d->slots_head->started >= try_ns) {
-        slot_release(d, d->slots_head);
+    struct lru_node *n;
+    while ((n = lru_oldest(&d->slots)) != NULL && now - entry_of_lru(n)->started >= try_ns) {
+        slot_release(d, entry_of_lru(n));
         d->slow++;
         freed = true;
     }
@@ -294,7 +279,7 @@ dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res)
     e->state = ENTRY_DONE;
     e->res = res;
     e->expires = res->expires;
-    if (e->slot)
+    if (e->ln.on) /* still holding its slot */
         slot_release(d, e);
     else
         d->slow--;
@@ -534,8 +519,9 @@ dns_timeout(struct dns *d, uint64_t now)
         d->deadline_dirty = false;
     }
     /* and when the oldest lookup holding a slot gives it up (slots_slow) */
-    uint64_t slow_at = d->slots_head != NULL
-                           ? d->slots_head->started + d->cfg.timeout * 1000000ULL
+    struct lru_node *first = lru_oldest(&d->slots);
+    uint64_t slow_at = first != NULL
+                           ? entry_of_lru(first)->started + d->cfg.timeout * 1000000ULL
                            : UINT64_MAX;
     uint64_t t = d->deadline < sweep ? d->deadline : sweep;
     return slow_at < t ? slow_at : t;
@@ -690,6 +676,7 @@ dns_new(const struct dns_config *cfg, dns_sock_fn *sock, void *sock_arg, struct 
     d->deadline = UINT64_MAX;
     hash_init(&d->cache, entry_eq, 1024);
     lru_init(&d->lru);
+    lru_init(&d->slots);
     hosts_init(d);
     d->next_sweep = UINT64_MAX;
     if (getrandom(&d->rng, sizeof(d->rng), GRND_NONBLOCK) != sizeof(d->rng))

@@ -49,11 +49,10 @@ struct lookup;
 
 struct entry {
     struct hash_node hn;         /* in dns->cache (first member: see entry_of) */
-    struct lru_node ln;          /* on dns->lru while DONE */
+    struct lru_node ln;          /* on dns->lru while DONE; on dns->slots while INFLIGHT
+                                  * and holding a slot (not yet slow) */
     struct entry *qnext;         /* FIFO of QUEUED entries */
-    struct entry *inext, *iprev; /* INFLIGHT and holding a slot: d->slots, oldest first */
     uint64_t started;            /* INFLIGHT: CLOCK_MONOTONIC ns its lookup began */
-    bool slot;                   /* INFLIGHT: counted in d->inflight (not yet slow) */
     struct req_list waiters;     /* QUEUED and INFLIGHT */
     struct lookup *lookup;       /* owned: INFLIGHT */
     struct dns_mx_result *res;   /* owned reference: DONE */
@@ -88,7 +87,7 @@ struct dns {
      * burst a DNS server sees, and a dead domain's retries are none;
      * holding the slot for every try, a flood of dead domains kept every
      * other lookup queued for timeout * (2^tries - 1) each. */
-    struct entry *slots_head, *slots_tail;
+    struct lru slots;       /* borrowed: those INFLIGHT entries, by when they began */
     unsigned inflight, slow, queued, nreqs; /* inflight: holding a slot */
 
     struct req_list ready;    /* completed requests, callbacks not yet run */
