@@ -1,10 +1,16 @@
 /*
  * fault: see fault.h. The handler jumps on a thread with a guard armed;
- * elsewhere it hands the signal to the action it replaced.
+ * elsewhere it hands the signal to the action it replaced. Each arm
+ * checks that the handler is still in place: code that sets its own
+ * action after the first arm (a test runner's per-test handler, a
+ * library) would else take a guarded fault; its action becomes the one
+ * passed on to.
  */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -14,8 +20,13 @@
 static const int guarded[] = {SIGSEGV, SIGBUS};
 #define NGUARDED (sizeof(guarded) / sizeof(guarded[0]))
 
-static struct sigaction saved[NGUARDED]; /* the actions replaced, once */
-static pthread_once_t install_once = PTHREAD_ONCE_INIT;
+static struct sigaction saved[NGUARDED]; /* the actions replaced, under install_mu */
+/* A fault passed on to saved[i] since it was saved: one that comes back
+ * here unguarded found this handler put back by that action (as
+ * log_catch_fatal's puts back what it replaced, this one when it came
+ * after a first arm), and passed on again would go round for ever. */
+static atomic_bool passed[NGUARDED];
+static pthread_mutex_t install_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Thread_local struct fault_guard *armed; /* borrowed: until restored */
 
 /* As the saved action would have taken it: a handler is called, the
@@ -28,6 +39,10 @@ pass_on(int sig, siginfo_t *si, void *uc)
         if (guarded[i] != sig)
             continue;
         struct sigaction old = saved[i];
+        if (atomic_exchange(&passed[i], true)) {
+            memset(&old, 0, sizeof(old)); /* round again: the default, which kills */
+            old.sa_handler = SIG_DFL;
+        }
         sigaction(sig, &old, NULL);
         if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction != NULL) {
             old.sa_sigaction(sig, si, uc);
@@ -57,6 +72,8 @@ on_fault(int sig, siginfo_t *si, void *uc)
     siglongjmp(g->jb, 1);
 }
 
+/* Put on_fault in place where another action is (at the first arm, or
+ * set since by someone else), keeping that action to pass on to. */
 static void
 install(void)
 {
@@ -65,19 +82,24 @@ install(void)
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
+    pthread_mutex_lock(&install_mu);
     for (size_t i = 0; i < NGUARDED; i++) {
         struct sigaction old;
         if (sigaction(guarded[i], NULL, &old) < 0)
             continue; /* not caught: a fault kills as before */
+        if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction == on_fault)
+            continue;
         saved[i] = old;
+        atomic_store(&passed[i], false);
         sigaction(guarded[i], &sa, NULL);
     }
+    pthread_mutex_unlock(&install_mu);
 }
 
 struct fault_guard *
 fault_guard_arm(struct fault_guard *g)
 {
-    pthread_once(&install_once, install);
+    install();
     g->sig = 0;
     g->addr = NULL;
     g->what[0] = '\0';

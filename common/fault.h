@@ -23,9 +23,11 @@
  * callback) runs between fault_guard_restore(prev) and a new arm.
  *
  * Threading: each thread has its own armed guard (thread-local); the
- * handler is installed once for the process, over the action that was
- * there (log_catch_fatal's, a sanitizer's, the default), which takes a
- * fault of a thread with no guard armed.
+ * handler is for the process, put over the action that was there
+ * (log_catch_fatal's, a sanitizer's, the default, or one set since the
+ * last arm), which takes a fault of a thread with no guard armed; where
+ * that action puts this handler back and the fault comes again, the
+ * default takes it (dies).
  */
 #ifndef SLUICE_COMMON_FAULT_H
 #define SLUICE_COMMON_FAULT_H
@@ -41,7 +43,8 @@ struct fault_guard {
     char what[200]; /* fault_guard_trip's text */
 };
 
-/* Arm g on this thread (installing the handler at the first call);
+/* Arm g on this thread (putting the handler in place if it is not: a
+ * sigaction call per signal guarded, two where it is not in place);
  * returns the guard armed before (NULL: none), for fault_guard_restore. */
 struct fault_guard *fault_guard_arm(struct fault_guard *g);
 

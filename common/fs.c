@@ -3,6 +3,8 @@
  */
 #include "common/fs.h"
 
+#include "common/hash.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -81,4 +83,28 @@ fs_write_atomic(const char *dir, const char *name, const char *text, size_t len)
         return rc;
     }
     return fs_fsync_dir(dir);
+}
+
+int
+fs_digest(const char *path, uint64_t *out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    uint64_t h = HASH_BYTES_START;
+    char buf[16384];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) != 0) {
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int rc = -errno;
+            close(fd);
+            return rc;
+        }
+        h = hash_bytes_more(h, buf, (size_t)n);
+    }
+    close(fd);
+    *out = h;
+    return 0;
 }

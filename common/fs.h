@@ -8,6 +8,7 @@
 #define SLUICE_COMMON_FS_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* Make path and its missing parents (mode 0700 for each one made), as
@@ -22,5 +23,9 @@ int fs_fsync_dir(const char *dir);
  * (dir/.name.tmp) and a rename, then fsync dir: the file holds the old
  * text or the new one, whatever a crash does. Returns 0 or -errno. */
 int fs_write_atomic(const char *dir, const char *name, const char *text, size_t len);
+/* The FNV-1a digest (hash_bytes) of the whole file at path, into *out:
+ * to tell whether a file read again holds what it held (not against an
+ * adversary). Returns 0 or -errno. */
+int fs_digest(const char *path, uint64_t *out);
 
 #endif

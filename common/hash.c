@@ -9,8 +9,13 @@
 uint64_t
 hash_bytes(const void *p, size_t len)
 {
+    return hash_bytes_more(HASH_BYTES_START, p, len);
+}
+
+uint64_t
+hash_bytes_more(uint64_t h, const void *p, size_t len)
+{
     const unsigned char *s = p;
-    uint64_t h = 14695981039346656037ULL;
     for (size_t i = 0; i < len; i++)
         h = (h ^ s[i]) * 1099511628211ULL;
     return h;

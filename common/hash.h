@@ -30,8 +30,12 @@ struct hash {
     hash_eq_fn *eq;       /* borrowed */
 };
 
-/* FNV-1a, 64 bits; hash_str() folds ASCII case. */
+/* FNV-1a, 64 bits; hash_str() folds ASCII case. hash_bytes_more() goes
+ * on from h, the value of the octets before p (for input in pieces):
+ * hash_bytes(p, n) is hash_bytes_more(HASH_BYTES_START, p, n). */
+#define HASH_BYTES_START 14695981039346656037ULL
 uint64_t hash_bytes(const void *p, size_t len);
+uint64_t hash_bytes_more(uint64_t h, const void *p, size_t len);
 uint64_t hash_str_nocase(const char *s);
 
 void hash_init(struct hash *h, hash_eq_fn *eq, size_t min_buckets);

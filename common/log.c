@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -46,6 +47,9 @@ static _Atomic int log_fd = 2;
  * it passes that (a longer write to a full pipe is taken page by page,
  * and another thread's line may land inside it, cut mid-line). */
 static _Atomic bool log_small_writes = true;
+/* The log is a regular file that appends (O_APPEND, log_mode_set): its
+ * lines go out by pwritev2(RWF_APPEND) (append_write). */
+static _Atomic bool log_appends = false;
 static _Atomic int log_min = LOG_INFO;
 static char *log_path; /* owned; NULL for stderr. Changed only by log_open/close. */
 static pthread_mutex_t log_path_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -119,12 +123,22 @@ open_path(const char *path)
     return fd < 0 ? -errno : fd;
 }
 
-/* Whether writes to fd must stay within PIPE_BUF (see log_small_writes). */
-static bool
-small_writes(int fd)
+/* How the lines go to fd (log_small_writes, log_appends). A regular file
+ * without O_APPEND (stderr sent by `2>file`) is given it: appended without
+ * the descriptor's position (append_write), the lines left that position
+ * behind, and the other writers of the same open file (assert(3), a
+ * sanitizer's report, the shell's next command once sluice exits) wrote
+ * there, over the first lines. With O_APPEND every writer appends, and
+ * the line after a copytruncate goes at the start, not after a hole. */
+static void
+log_mode_set(int fd)
 {
     struct stat st;
-    return fstat(fd, &st) != 0 || !S_ISREG(st.st_mode);
+    bool regular = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    int fl = regular ? fcntl(fd, F_GETFL) : -1;
+    bool appends = fl >= 0 && ((fl & O_APPEND) != 0 || fcntl(fd, F_SETFL, fl | O_APPEND) == 0);
+    atomic_store(&log_small_writes, !regular);
+    atomic_store(&log_appends, appends);
 }
 
 int
@@ -137,7 +151,7 @@ log_open(const char *path, enum log_level min_level)
     char *copy = is_stderr_path(path) ? NULL : strdup(path);
     free(log_path);
     log_path = copy;
-    atomic_store(&log_small_writes, small_writes(fd));
+    log_mode_set(fd);
     int old = atomic_exchange(&log_fd, fd);
     if (old > 2 && old != fd)
         close(old);
@@ -156,7 +170,7 @@ log_reopen(void)
         if (fd < 0) {
             rc = fd;
         } else {
-            atomic_store(&log_small_writes, small_writes(fd));
+            log_mode_set(fd);
             int cur = atomic_load(&log_fd);
             if (cur > 2) {
                 /* The new file goes behind the number the writers hold
@@ -181,7 +195,7 @@ void
 log_close(void)
 {
     pthread_mutex_lock(&log_path_lock);
-    atomic_store(&log_small_writes, small_writes(2));
+    log_mode_set(2);
     int old = atomic_exchange(&log_fd, 2);
     if (old > 2)
         close(old);
@@ -208,14 +222,52 @@ log_set_thread_name(const char *name)
     log_thread = name;
 }
 
+/* Cleared when the kernel, the file system or a seccomp filter refuses
+ * RWF_APPEND. */
+static atomic_bool log_rwf_append = true;
+
+/* Write len octets at the end of a regular file. write(2) takes the
+ * file's position lock (fdget_pos) when the fd table is shared, as it is
+ * between threads, so two workers flushing their batches at once queued
+ * on that mutex (2% of the CPU with two workers and many domains, whose
+ * batches go out at the same moments); pwritev2 with RWF_APPEND appends
+ * without the position, so without the lock. Only to a file that
+ * appends (log_appends): the position it leaves behind is then nobody's
+ * (log_mode_set). Returns what write(2) would, or -1 with ENOSYS where
+ * RWF_APPEND is not taken. */
+static ssize_t
+append_write(int fd, const char *p, size_t len)
+{
+    if (!atomic_load_explicit(&log_rwf_append, memory_order_relaxed)) {
+        errno = ENOSYS;
+        return -1;
+    }
+    struct iovec iov = {.iov_base = (void *)p, .iov_len = len};
+    ssize_t w = pwritev2(fd, &iov, 1, 0, RWF_APPEND);
+    /* EPERM: a seccomp filter that does not know pwritev2 (a container
+     * runtime's older default profile) refuses it so; every line was
+     * lost there, write(2) being allowed. */
+    if (w < 0 && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL ||
+                  errno == ESPIPE || errno == EPERM)) {
+        atomic_store(&log_rwf_append, false); /* an old kernel: write(2) from now on */
+        errno = ENOSYS;
+    }
+    return w;
+}
+
 /* Write len octets whole (a short write goes on; EINTR is retried). */
 static void
 write_all(const char *p, size_t len)
 {
     int fd = atomic_load_explicit(&log_fd, memory_order_relaxed);
+    bool appends = atomic_load_explicit(&log_appends, memory_order_relaxed);
     size_t off = 0;
     while (off < len) {
-        ssize_t w = write(fd, p + off, len - off);
+        ssize_t w = -1;
+        if (appends && (w = append_write(fd, p + off, len - off)) < 0 && errno == ENOSYS)
+            appends = false;
+        if (!appends)
+            w = write(fd, p + off, len - off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;

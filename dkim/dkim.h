@@ -227,6 +227,11 @@ int dkim_keyring_seal(struct dkim_keyring *kr, void (*report)(void *ctx, const c
                       void *ctx);
 
 unsigned dkim_keyring_count(const struct dkim_keyring *kr);
+/* Whether a and b (sealed; NULL: no keyring) sign alike: the same
+ * signers, by domain and selector, with the same settings and keys (a
+ * key compared by its public half: a file replaced by a new key is a
+ * change, the same key read again is not). */
+bool dkim_keyring_same(const struct dkim_keyring *a, const struct dkim_keyring *b);
 /* The mask of body canonicalizations some signer uses (for dkim_body_new). */
 unsigned dkim_keyring_body_canons(const struct dkim_keyring *kr);
 int dkim_keyring_signing_domain(const struct dkim_keyring *kr);

@@ -31,6 +31,9 @@ int dkim_fields_split(const char *hdr, size_t len, const char *const *names, uns
 int dkim_key_sign(const struct dkim_key *k, const uint8_t hash[DKIM_HASH_LEN], char **sig,
                   size_t *siglen);
 
+/* Whether a and b hold the same key (their public halves compared). */
+bool dkim_key_same(const struct dkim_key *a, const struct dkim_key *b);
+
 /* SHA-256, fetched once with the key. */
 struct evp_md_st;
 const struct evp_md_st *dkim_key_md(const struct dkim_key *k);

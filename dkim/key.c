@@ -197,6 +197,13 @@ dkim_key_md(const struct dkim_key *k)
     return k->sha256;
 }
 
+bool
+dkim_key_same(const struct dkim_key *a, const struct dkim_key *b)
+{
+    return a == b ||
+           (a != NULL && b != NULL && a->alg == b->alg && EVP_PKEY_eq(a->pkey, b->pkey) == 1);
+}
+
 enum dkim_alg
 dkim_key_alg(const struct dkim_key *k)
 {

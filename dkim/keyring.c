@@ -26,6 +26,7 @@
 #include <sys/stat.h>
 
 #include "dkim/dkim.h"
+#include "dkim/dkim_int.h"
 
 static const char *const domain_sources[] = {"from", "envelope", NULL};
 static const char *const on_worker_choices[] = {"none", "ed25519", "all", NULL};
@@ -514,6 +515,46 @@ unsigned
 dkim_keyring_count(const struct dkim_keyring *kr)
 {
     return kr ? (unsigned)(kr->n + kr->ndefaults) : 0;
+}
+
+static bool
+strs_same(char *const *a, unsigned na, char *const *b, unsigned nb)
+{
+    if (na != nb)
+        return false;
+    for (unsigned i = 0; i < na; i++)
+        if (strcmp(a[i], b[i]) != 0)
+            return false;
+    return true;
+}
+
+static bool
+signer_same(const struct dkim_signer *s, const struct dkim_signer *t)
+{
+    return t != NULL && strcmp(s->domain, t->domain) == 0 && s->hdr_canon == t->hdr_canon &&
+           s->body_canon == t->body_canon && s->expire_s == t->expire_s &&
+           strs_same(s->headers, s->nheaders, t->headers, t->nheaders) &&
+           strs_same(s->oversign, s->noversign, t->oversign, t->noversign) &&
+           dkim_key_same(s->key, t->key);
+}
+
+bool
+dkim_keyring_same(const struct dkim_keyring *a, const struct dkim_keyring *b)
+{
+    if (a == b)
+        return true;
+    if (a == NULL || b == NULL || a->n != b->n || a->ndefaults != b->ndefaults ||
+        a->signing_domain != b->signing_domain)
+        return false;
+    /* as many signers each, each of a's in b: one domain and selector
+     * has one signer in a sealed keyring, so none of b's is left over */
+    for (size_t i = 0; i < a->n; i++)
+        if (!signer_same(&a->v[i], dkim_keyring_find(b, a->v[i].domain, a->v[i].selector)))
+            return false;
+    for (size_t i = 0; i < a->ndefaults; i++)
+        if (!signer_same(&a->defaults[i], dkim_keyring_find(b, "*", a->defaults[i].selector)))
+            return false;
+    return true;
 }
 
 unsigned

@@ -199,6 +199,10 @@ struct dns_mx_result {
     /* DNS_FAIL: every MX host's name is NXDOMAIN (for each family
      * asked): the domain's MX records name hosts that do not exist */
     bool hosts_nx;
+    /* DNS_FAIL: the domain has MX records, but none names a host: each
+     * target is an address (MX 10 192.0.2.1, which RFC 5321 5.1 does not
+     * allow) or no host name at all; looking again will not change it */
+    bool mx_no_host;
     bool partial;       /* some MX hosts failed temporarily and are missing */
     uint32_t ttl;       /* seconds the cache keeps it (after clamping) */
     uint64_t expires;   /* CLOCK_MONOTONIC ns when the cache drops it */

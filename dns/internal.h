@@ -104,6 +104,9 @@ struct dns {
 /* Start e's lookup (e is INFLIGHT, counted in inflight). It may finish
  * before returning (then e is DONE). */
 void lookup_start(struct dns *d, struct entry *e);
+/* A failed query's c-ares status as the log and the reply say it
+ * ("SERVFAIL", "timeout", "REFUSED", ...). Static text. */
+const char *dns_ares_why(int status);
 /* Called by lookup.c when e's lookup ended with res (one reference moved
  * in). Defined in dns.c. */
 void dns_lookup_done(struct dns *d, struct entry *e, struct dns_mx_result *res);

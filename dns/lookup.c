@@ -113,6 +113,7 @@ struct lookup {
     bool implicit;
     bool mx_ad;       /* the MX answer (or its denial, for an implicit MX) was validated */
     bool tlsa_temp;   /* a TLSA lookup failed: keep the answer only error_ttl */
+    bool mx_no_host;  /* MX records, none of them naming a host */
     uint32_t ttl;     /* s: min TTL of the records the answer rests on */
     uint32_t neg_ttl; /* s: min negative TTL from SOAs; UINT32_MAX: none seen */
     unsigned nhosts;
@@ -346,6 +347,7 @@ finish(struct lookup *lk)
         res->implicit_mx = lk->implicit && status == DNS_OK;
         res->partial = partial;
         res->hosts_nx = nx;
+        res->mx_no_host = lk->mx_no_host;
         res->ttl = (uint32_t)(ttl_ms / 1000);
         res->expires = dns_now() + ttl_ms * 1000000ULL;
     }
@@ -589,7 +591,8 @@ on_mx(struct lookup *lk, enum ans_kind kind, struct wire_answer *a, const char *
             a->mx[n++] = a->mx[i];
     n = order_mx(d, a->mx, n);
     if (n == 0) {
-        decide(lk, DNS_FAIL, "no MX target is a host name");
+        lk->mx_no_host = true;
+        decide(lk, DNS_FAIL, "no MX target is a host name (an IP address or a malformed name)");
         return;
     }
     if (n > d->cfg.max_mx_hosts)
@@ -709,8 +712,8 @@ on_tlsa(struct lookup *lk, struct lk_query *q, enum ans_kind kind, struct wire_a
     lk->ttl = min32(lk->ttl, min32(a->ttl, ttl));
 }
 
-static const char *
-ares_why(int status)
+const char *
+dns_ares_why(int status)
 {
     switch (status) {
     case ARES_ESERVFAIL:
@@ -761,7 +764,7 @@ on_answer(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     a.soa = false;
     a.ad = false;
     enum ans_kind kind = ANS_TEMP;
-    const char *temp_why = ares_why(status);
+    const char *temp_why = dns_ares_why(status);
     if (abuf != NULL && alen > 0 &&
         (status == ARES_SUCCESS || status == ARES_ENODATA || status == ARES_ENOTFOUND)) {
         int wrc = wire_answer(abuf, (size_t)alen, qname, q->type, &a);

@@ -81,7 +81,7 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
     unsigned n = 0;
     uint32_t ttl = DNS_TTL_UNKNOWN;
     enum dns_status st = DNS_RETRY;
-    const char *why = "resolver error";
+    const char *why = dns_ares_why(status); /* SERVFAIL, timeout, REFUSED, ... */
     if (status == ARES_ENOTFOUND || status == ARES_ENODATA) {
         st = DNS_NOT_FOUND;
         why = status == ARES_ENOTFOUND ? "NXDOMAIN" : "no TXT record";
@@ -94,8 +94,6 @@ on_txt(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
             st = DNS_RETRY;
             why = referral_why;
         }
-    } else if (status == ARES_ETIMEOUT) {
-        why = "timeout";
     } else if (status == ARES_SUCCESS && abuf != NULL && alen > 0) {
         /* Big (the MX targets, some 17 KB): on the stack of this callback
          * only, as lookup.c's on_answer has it. A malloc of its size is a

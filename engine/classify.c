@@ -455,6 +455,18 @@ classify_add_rule(struct classify *c, const char *category, const char *matcher,
     return 0;
 }
 
+bool
+classify_same(const struct classify *a, const struct classify *b)
+{
+    size_t na = a != NULL ? a->n : 0, nb = b != NULL ? b->n : 0;
+    if (na != nb)
+        return false;
+    for (size_t i = 0; i < na; i++)
+        if (a->rules[i].cls != b->rules[i].cls || strcmp(a->rules[i].spec, b->rules[i].spec) != 0)
+            return false;
+    return true;
+}
+
 static bool
 enh_matches(const struct rule *r, const struct smtp_enh *e)
 {

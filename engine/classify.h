@@ -122,6 +122,10 @@ enum bounce_class classify(const struct classify *c, enum classify_source src, u
 bool classify_sender_refused(const struct classify *c, const struct smtp_enh *enh,
                              const char *text);
 
+/* Do a and b hold the same operator rules ([classify]), in the same
+ * order? (The built-in ones are the process's, the same in both.) */
+bool classify_same(const struct classify *a, const struct classify *b);
+
 /* The rules in the order they are tried, as a Markdown table (order,
  * matcher, class, why), so that the README cannot drift from the code. */
 void classify_print_rules(const struct classify *c, FILE *out);

@@ -93,6 +93,7 @@ struct bounce_config {
     char *dsn_from;          /* owned: local part of the DSN's From (at server.hostname) */
     uint64_t return_max;     /* RET=FULL returns messages up to this size, else headers */
     uint64_t delay_warning;  /* ms in the queue before a NOTIFY=DELAY warning; 0: none */
+    uint64_t dsn_wait;       /* ms a failure waits for the rest of its message's DSN; 0: none */
     /* Out-of-band feedback (engine/oob.h): VERP senders and the bounce listener. */
     char *listen;            /* owned: the bounce listener's addresses; NULL: none */
     char *domains;           /* owned: bounce domains, comma separated; NULL: verp_domain */

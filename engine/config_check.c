@@ -15,6 +15,7 @@
 #include "engine/classify.h"
 #include "engine/events.h"
 #include "engine/shaping.h"
+#include "engine/smtp_cmd.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -199,6 +200,52 @@ key_line(struct parse *p, unsigned sec, const char *name)
 {
     const struct conf_key *k = conf_find(config_sections[sec].keys, name);
     return k ? p->set_line[sec][k - config_sections[sec].keys] : 0;
+}
+
+/* Why name cannot be this host's name, or NULL. It is the EHLO name, in
+ * Received, and in each DSN its Message-ID, Reporting-MTA and From:
+ * (dsn_from@name): a name with a space failed every connection
+ * (client_init_failed), one with < or > every DSN (dsn_failed). A domain
+ * as RCPT takes one, ASCII (smtp_mailbox_check; its path limit is not
+ * this name's). */
+static const char *
+hostname_why(const char *name)
+{
+    char a[2 + 253 + 1];
+    int n = snprintf(a, sizeof(a), "x@%s", name);
+    if (n < 0 || (size_t)n >= sizeof(a))
+        return "longer than 253 octets";
+    int rc = smtp_mailbox_check(a, (size_t)n, false);
+    if (rc == SMTP_CMD_E_UTF8_NOT_ALLOWED)
+        return "not ASCII: an IDN is written as its A-labels (xn--...)";
+    return rc == 0 || rc == SMTP_CMD_E_PATH_TOO_LONG ? NULL : smtp_cmd_err_str(rc);
+}
+
+/* [server] hostname and [bounce] dsn_from: a DSN's From: is
+ * dsn_from@hostname, its Message-ID ends with hostname. */
+static void
+check_names(struct parse *p)
+{
+    struct config *cfg = p->cfg;
+    unsigned bsec = 0;
+    while (strcmp(config_sections[bsec].name, "bounce") != 0)
+        bsec++;
+    const char *why;
+    /* mx.example.com. is mx.example.com, as in DNS: the dot dropped, not
+     * refused (an EHLO name or a Message-ID has none) */
+    size_t hl = cfg->server.hostname != NULL ? strlen(cfg->server.hostname) : 0;
+    if (hl > 1 && cfg->server.hostname[hl - 1] == '.' && cfg->server.hostname[hl - 2] != '.')
+        cfg->server.hostname[hl - 1] = '\0';
+    if (cfg->server.hostname != NULL && (why = hostname_why(cfg->server.hostname)) != NULL)
+        config_err(p, key_line(p, 0, "hostname"), "hostname: \"%s\" is no domain name: %s",
+                   cfg->server.hostname, why);
+    char a[128];
+    int n = snprintf(a, sizeof(a), "%s@example.com", cfg->bounce.dsn_from);
+    int rc = n < 0 || (size_t)n >= sizeof(a) ? SMTP_CMD_E_LOCAL_TOO_LONG
+                                             : smtp_mailbox_check(a, (size_t)n, false);
+    if (rc < 0)
+        config_err(p, key_line(p, bsec, "dsn_from"), "dsn_from: \"%s\" is no local part: %s",
+                   cfg->bounce.dsn_from, smtp_cmd_err_str(rc));
 }
 
 /* [delivery] key's CIDR list text (NULL: unset) into out: the count, or
@@ -438,6 +485,48 @@ check_bounce(struct parse *p)
              "[bounce] %s: needs verp_key_file (the key of the VERP tokens)",
              b->verp_domain ? "verp_domain" : "listen");
     }
+}
+
+/* The submission, implicit-TLS and bounce listeners each bind one
+ * SO_REUSEPORT socket per worker, so two of them given the same address
+ * both bound, and the kernel spread its connections over them: a
+ * submission client met the TLS listener's silence or the bounce
+ * listener. An address may be one listener's only. */
+static void
+check_listeners_apart(struct parse *p)
+{
+    const struct server_config *srv = &p->cfg->server;
+    const struct bounce_config *b = &p->cfg->bounce;
+    unsigned bsec = 0;
+    while (strcmp(config_sections[bsec].name, "bounce") != 0)
+        bsec++;
+    const struct {
+        const struct netaddr *a;
+        int n;
+        const char *name;
+        unsigned line;
+    } l[] = {
+        {srv->listen_addrs, srv->nlisten, "listen", key_line(p, 0, "listen")},
+        {srv->listen_tls_addrs, srv->nlisten_tls, "listen_tls", key_line(p, 0, "listen_tls")},
+        {b->listen_addrs, b->nlisten, "[bounce] listen", key_line(p, bsec, "listen")},
+    };
+    for (unsigned i = 1; i < sizeof(l) / sizeof(l[0]); i++)
+        for (int j = 0; j < l[i].n; j++) {
+            char a[INET6_ADDRSTRLEN + 8], o[INET6_ADDRSTRLEN + 8];
+            netaddr_str((const struct sockaddr *)&l[i].a[j].ss, a, sizeof(a));
+            bool found = false;
+            for (unsigned k = 0; k < i && !found; k++)
+                for (int m = 0; m < l[k].n && !found; m++) {
+                    netaddr_str((const struct sockaddr *)&l[k].a[m].ss, o, sizeof(o));
+                    if (strcmp(a, o) != 0)
+                        continue;
+                    found = true;
+                    config_err(p, l[i].line,
+                               "%s: %s is also %s's: each listener needs an address of its own "
+                               "(the connections would be spread over both)",
+                               l[i].name, a, l[k].name);
+                }
+        }
 }
 
 /* One "ADDRESS[:weight]" of a pool's sources (IPv6 with a weight in
@@ -722,6 +811,7 @@ config_finish(struct parse *p)
             config_err(p, key_line(p, 0, "listen_tls"), "listen_tls: needs [tls] cert_file");
     }
     check_bounce(p);
+    check_listeners_apart(p);
     if (cfg->delivery.source_address != NULL) {
         struct cidr src[4];
         int n = cidr_parse_list(cfg->delivery.source_address, src, 4, why, sizeof(why));
@@ -794,6 +884,7 @@ config_finish(struct parse *p)
     for (unsigned i = 0; i < cfg->nevents; i++)
         if (events_sink_check(&cfg->events[i], why, sizeof(why)) < 0)
             config_err(p, cfg->events[i].line, "[events %s]: %s", cfg->events[i].name, why);
+    check_names(p);
     if (p->nerrors != 0)
         return -EINVAL;
     if (cfg->server.workers == 0) {
@@ -808,6 +899,12 @@ config_finish(struct parse *p)
         cfg->server.hostname = strdup(host);
         if (cfg->server.hostname == NULL)
             return -ENOMEM;
+        const char *bad = hostname_why(host);
+        if (bad != NULL) {
+            config_err(p, 0, "the system host name \"%s\" is no domain name (%s): set [server] "
+                       "hostname", host, bad);
+            return -EINVAL;
+        }
     }
     return resolve_domains(p);
 }

@@ -6,8 +6,12 @@
  * repeat ([domain], [mx], [source], [pool], [tenant]) each one added (+),
  * removed (-) or with a key changed. A [domain NAME] key that follows
  * [domain *] in both configs is not its own change (the [domain *] key
- * is said). Other parts ([dkim] keys, [events], [warmup], [classify],
- * the shaping rules' files) are not compared here.
+ * is said). [events NAME] sections are compared key by key, each
+ * [warmup NAME] plan and [classify] as a whole, and the shaping rules by
+ * what was read from their files (a rules file edited in place is a
+ * change). Not compared here: [dkim DOMAIN SELECTOR] sections and the
+ * keys under [dkim] key_dir (read again at every reload), the users file
+ * and the TLS files: engine_reload adds those whose contents changed.
  *
  * Threading: any thread; reads both configs only.
  */
@@ -16,8 +20,12 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "engine/classify.h"
 #include "engine/config.h"
 #include "engine/config_int.h"
+#include "engine/events.h"
+#include "engine/shaping.h"
+#include "engine/warmup_conf.h"
 
 #define DIFF_SHOWN 12 /* changes named; the rest counted */
 
@@ -136,6 +144,59 @@ diff_rep(struct diff *d, const struct rep *r)
     }
 }
 
+static bool
+schedule_same(const uint64_t *a, unsigned na, const uint64_t *b, unsigned nb)
+{
+    return na == nb && (na == 0 || memcmp(a, b, na * sizeof(*a)) == 0);
+}
+
+static bool
+warmup_same(const struct warmup_plan_conf *a, const struct warmup_plan_conf *b)
+{
+    if (!schedule_same(a->schedule, a->ndays, b->schedule, b->ndays) ||
+        a->utc_offset_min != b->utc_offset_min || a->ngroups != b->ngroups)
+        return false;
+    for (unsigned g = 0; g < a->ngroups; g++) {
+        const struct warmup_group_conf *x = &a->groups[g], *y = &b->groups[g];
+        if (strcmp(x->name, y->name) != 0 || x->npatterns != y->npatterns ||
+            x->scale != y->scale || !schedule_same(x->schedule, x->ndays, y->schedule, y->ndays))
+            return false;
+        for (unsigned i = 0; i < x->npatterns; i++)
+            if (strcmp(x->patterns[i], y->patterns[i]) != 0)
+                return false;
+    }
+    return true;
+}
+
+/* [warmup NAME] plans: each added, removed, or changed in any way. */
+static void
+diff_warmups(struct diff *d, const struct config *a, const struct config *b)
+{
+    for (unsigned j = 0; j < b->nwarmups; j++) {
+        const struct warmup_plan_conf *y = &b->warmups[j];
+        unsigned i = 0;
+        while (i < a->nwarmups && strcasecmp(a->warmups[i].name, y->name) != 0)
+            i++;
+        if (i == a->nwarmups)
+            diff_add(d, "+[warmup %s]", y->name);
+        else if (!warmup_same(&a->warmups[i], y))
+            diff_add(d, "[warmup %s]", y->name);
+    }
+    for (unsigned i = 0; i < a->nwarmups; i++) {
+        unsigned j = 0;
+        while (j < b->nwarmups && strcasecmp(b->warmups[j].name, a->warmups[i].name) != 0)
+            j++;
+        if (j == b->nwarmups)
+            diff_add(d, "-[warmup %s]", a->warmups[i].name);
+    }
+}
+
+static bool
+str_same(const char *x, const char *y)
+{
+    return x == y || (x != NULL && y != NULL && strcmp(x, y) == 0);
+}
+
 unsigned
 config_changes(const struct config *a, const struct config *b, char *out, size_t len)
 {
@@ -165,9 +226,22 @@ config_changes(const struct config *a, const struct config *b, char *out, size_t
         {"tenant", config_tenant_keys, (const char *)a->tenants, (const char *)b->tenants,
          a->ntenants, b->ntenants, sizeof(*a->tenants), offsetof(struct tenant_config, name),
          NULL, NULL},
+        {"events", events_sink_keys, (const char *)a->events, (const char *)b->events,
+         a->nevents, b->nevents, sizeof(*a->events), offsetof(struct events_sink_config, name),
+         NULL, NULL},
     };
     for (size_t i = 0; i < sizeof(reps) / sizeof(reps[0]); i++)
         diff_rep(&d, &reps[i]);
+    diff_warmups(&d, a, b);
+    if (!classify_same(a->classify, b->classify))
+        diff_add(&d, "[classify]");
+    /* The same files named (else "[shaping] rules" is said above), read
+     * into other rules: a file edited in place. */
+    if (a->shaping_rules != NULL && b->shaping_rules != NULL &&
+        str_same(a->shaping.rules, b->shaping.rules) &&
+        a->shaping.builtin_rules == b->shaping.builtin_rules &&
+        !shaping_rules_same(a->shaping_rules, b->shaping_rules))
+        diff_add(&d, "[shaping] rules (the file's contents)");
     if (d.n > DIFF_SHOWN && d.used < len)
         snprintf(out + d.used, len - d.used, ", and %u more", d.n - DIFF_SHOWN);
     return d.n;

@@ -4,7 +4,7 @@
  * lets go of a replaced config, for config_gen's rule (config_gen.h).
  * Holders added to the code must be added here.
  *
- * Re-pointed at each park, on the worker (engine.c park_on_worker, after
+ * Re-pointed at each park, on the worker (engine_reload.c park_on_worker, after
  * its view was read): they point into the view or newer from then on.
  *   - server_worker.cfg (&e->cfg->server): server_worker_reconfigure.
  *   - dest.pol, dest.poolc (domain policy, pool): delivery_reconfigure;

@@ -25,14 +25,16 @@ static const struct conf_key server_keys[] = {
     {"workers", CONF_UINT, SRV(workers), 0, 256, "0",
      "worker threads, each with its own io_uring ring; 0: one per core", NULL},
     {"hostname", CONF_STRING, SRV(hostname), 0, 253, NULL,
-     "name used in greetings and Received headers; unset: the system host name", NULL},
+     "name used in greetings, Received headers and DSNs (Message-ID, Reporting-MTA, From); a "
+     "domain name in ASCII (a trailing dot dropped); unset: the system host name", NULL},
     {"ring_entries", CONF_UINT, SRV(ring_entries), 64, 32768, "4096",
      "submission queue entries per worker ring (the completion queue gets four times as many)",
      NULL},
     {"listen", CONF_STRING, SRV(listen), 1, 2048, "0.0.0.0:587",
      "submission listeners, comma-separated: 0.0.0.0:587, [::]:587 (at most 32; one "
      "SO_REUSEPORT socket per worker each; an address another process listens on, another "
-     "sluice too, is a start-up error)",
+     "sluice too, is a start-up error, and one of listen_tls or [bounce] listen a config "
+     "error)",
      NULL},
     {"listen_tls", CONF_STRING, SRV(listen_tls), 1, 2048, NULL,
      "implicit-TLS submission listeners (RFC 8314), e.g. 0.0.0.0:465 (at most 32); needs [tls] "
@@ -184,14 +186,28 @@ static const struct conf_key bounce_keys[] = {
      "null sender, never when NOTIFY=NEVER",
      NULL},
     {"dsn_from", CONF_STRING, BNC(dsn_from), 1, 64, "MAILER-DAEMON",
-     "local part of the From of DSNs (the domain is [server] hostname)", NULL},
+     "local part of the From of DSNs (the domain is [server] hostname), as a MAIL FROM "
+     "would take it", NULL},
     {"delay_warning", CONF_DURATION, BNC(delay_warning), 0, 30ULL * 86400 * 1000, "4h",
-     "a recipient still deferred this long after arrival gets one delay DSN, when it "
-     "asked for one at injection (NOTIFY=DELAY); 0: never",
+     "a message still waiting this long after arrival gives its sender one delay DSN "
+     "(once per message, as Postfix's delay_warning_time), naming each recipient still "
+     "waiting (deferred, or queued: its domain suspended) that asked for one at injection "
+     "(NOTIFY=DELAY); it goes once none of "
+     "the others is queued or in flight, at the latest dsn_wait after this; 0: never",
+     NULL},
+    {"dsn_wait", CONF_DURATION, BNC(dsn_wait), 0, 7ULL * 86400 * 1000, "10m",
+     "one DSN per message: a recipient that fails (or is delivered, asking for a success "
+     "report) while others of its message are still queued or in flight waits, in the "
+     "spool, for them, so that the sender gets one report naming every failure (as "
+     "Postfix's bounce daemon sends); it goes once none of the others is queued or in "
+     "flight (each delivered, failed, or deferred for a later retry), and at the latest "
+     "this long after the message's first failure waiting; 0: a DSN for each delivery "
+     "batch that has failures or successes to report, at once",
      NULL},
     {"return_max", CONF_SIZE, BNC(return_max), 0, 64ULL << 20, "1M",
      "with RET=FULL a DSN that reports a failure returns the whole message up to this "
-     "size, else its headers (a delay warning or a success report: headers only)",
+     "size, else its headers (a delay warning or a success report: headers only; an "
+     "8-bit message not SMTPUTF8: headers only, so that the DSN is 7-bit)",
      NULL},
     {"listen", CONF_STRING, BNC(listen), 1, 2048, NULL,
      "the bounce listener (host:port, comma separated, at most 32; port 25 in production): "
@@ -240,7 +256,8 @@ static const struct conf_key bounce_keys[] = {
 static const struct conf_key delivery_keys[] = {
     {"enabled", CONF_BOOL, DLV(enabled), 0, 0, "yes",
      "no: accept and store mail but deliver nothing (maintenance, or testing the "
-     "submission side alone); it stays queued for when delivery is enabled again",
+     "submission side alone); it stays queued for when delivery is enabled again; needs a "
+     "restart (a reload logs event=reload_kept key=delivery.enabled)",
      NULL},
     {"remote_port", CONF_UINT, DLV(remote_port), 1, 65535, "25",
      "TCP port of the receiving MX hosts (tests use an unprivileged one)", NULL},
@@ -343,7 +360,10 @@ static const struct conf_key delivery_keys[] = {
      "connections a site (the MX hosts a set of domains share) starts with; it earns one more "
      "per completed transaction while its mail waits for a connection longer than twice the "
      "time one takes to open (and at least 25 ms) or a domain's backlog exceeds 4 jobs per "
-     "connection (waits for a message rate's tokens do not count), up to max_connections, and "
+     "connection (waits for a message rate's tokens do not count), while its connections do "
+     "not queue (the time from MAIL to the go for the body is not 10 times its least of the "
+     "last 10 to 20 s, 1 ms and 4 connections' worth over it: sluicectl sites, HEAD), up to "
+     "max_connections, and "
      "halves on connect failures, greeting failures, 421 and resets (not the connection "
      "lost (closed, reset, a failed send, TLS broken) at the first RSET or MAIL on a reused "
      "connection, nor a 421 there after it sat idle or naming "
@@ -353,7 +373,9 @@ static const struct conf_key delivery_keys[] = {
     {"active_limit", CONF_UINT, DLV(active_limit), 0, 100000000, "1000000",
      "recipients ready for delivery (held in memory, about 350 octets each) above which "
      "deferred recipients that come due wait in the spool: each take of due mail is cut to "
-     "what fits under the limit, and none is taken while the spool holds this many ready "
+     "what fits under the limit, and none is taken while the spool holds this many ready, "
+     "less those that cannot go before a resume (of a suspended tenant, campaign, domain "
+     "or pool) "
      "(logged once as event=due_paused, then event=due_resumed), so an outage's backlog "
      "coming due at once does not take its weight in memory; new mail is accepted and "
      "queued whatever the count, and the ready mail found at start is all taken; 0: no "

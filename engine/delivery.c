@@ -2,10 +2,10 @@
  * delivery: see delivery.h. The public face of the outbound side, on each
  * worker: jobs handed over from any thread (delivery_submit) arrive here
  * and go to their destination's queue (outbound/dest.c), on the
- * worker the route table of site affinity names (engine/route.h); the spool's
- * due recipients are polled (worker 0) and submitted; start, stop, drain
- * and reload; the views operators get (domains, objects, stats) and their
- * commands (suspend, bounce).
+ * worker the route table of site affinity names (engine/route.h); the
+ * spool's port; start, stop, drain and reload; the views operators get
+ * (domains, objects, stats) and their commands (suspend, bounce). The
+ * spool's due recipients are polled and submitted by delivery_due.c.
  *
  * The rest of the outbound side, one file per concern (internal.h says
  * who does what): outbound/dest.c keeps the destinations,
@@ -30,6 +30,7 @@
 #include "common/hash.h"
 #include "common/intern.h"
 #include "common/log.h"
+#include "engine/dsn.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
 #include "engine/resolver.h"
@@ -39,11 +40,6 @@
 #include "engine/stats.h"
 #include "queue/queue.h"
 #include "tls/tls.h"
-
-#define DUE_POLL_MS    1000
-#define DUE_BATCH      10000
-#define DUE_PAUSED_MS  100 /* the next look while active_limit holds takes back: the ready
-                            * mail of a fast drain goes in well under the second of a poll */
 
 /* ---- what the scheduler calls out to, on a running worker ---- */
 
@@ -260,10 +256,10 @@ delivery_owner_of(struct engine *e, const struct queue_owner *o, struct job_owne
 }
 
 static void
-submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
-       bool bounce, bool shaped, const struct job_owner *owner)
+submit_job(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
+           bool bounce, bool shaped, bool dsn_flush, const struct job_owner *owner)
 {
-    if (n == 0 || e->nworkers == 0 || (!bounce && !e->cfg->delivery.enabled))
+    if (n == 0 || e->nworkers == 0 || (!bounce && !dsn_flush && !e->cfg->delivery.enabled))
         return; /* stays in the spool */
     struct job *j = job_new(domain, n);
     if (j == NULL) {
@@ -278,6 +274,7 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     j->id = id;
     j->bounce = bounce;
     j->shaped_bounce = shaped;
+    j->dsn_flush = dsn_flush;
     j->owner = owner ? *owner : (struct job_owner){0};
     j->n = n;
     memcpy(j->idx, idx, n * sizeof(unsigned));
@@ -294,6 +291,13 @@ submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, u
     unsigned to = bounce ? delivery_domain_hash(j->domain) % e->nworkers
                          : delivery_worker_of(e, j->domain, j->owner.pool);
     worker_post(&e->workers[to], &j->m);
+}
+
+static void
+submit(struct engine *e, uint64_t id, const char *domain, const unsigned *idx, unsigned n,
+       bool bounce, bool shaped, const struct job_owner *owner)
+{
+    submit_job(e, id, domain, idx, n, bounce, shaped, false, owner);
 }
 
 void
@@ -340,8 +344,8 @@ shaped_walk_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
     struct shaped_walk *w = arg;
     const struct shaping_action *a = w->a;
-    if (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due)
-        return 0;
+    if (r->state != QUEUE_RCPT_DEFERRED || r->due_ms <= w->min_due || r->tag == DSN_HELD_TAG)
+        return 0; /* a held failure (outcome.c) is bounced already */
     if (a->scope == SHAPING_SCOPE_DOMAIN && !idn_domain_is(a->domain, r->domain))
         return 0;
     if (a->scope == SHAPING_SCOPE_TENANT &&
@@ -397,10 +401,12 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
                 for (unsigned k = 0; k < q->n; k++)
                     if (q->idx[k] != j->idx[i])
                         q->idx[m++] = q->idx[k];
+                dest_unqueued(t, q->n - m);
                 q->n = m;
             }
             if (q->n == 0) {
                 fairq_iter_remove(&it);
+                dest_refused_gone(t, q);
                 free(q);
             }
         }
@@ -415,6 +421,7 @@ bounce_now(struct delivery *d, struct dest *t, struct job *j)
                 for (unsigned k = 0; k < q->n; k++)
                     if (q->idx[k] != j->idx[i])
                         q->idx[m++] = q->idx[k];
+                scope_unpark(d, q->n - m);
                 q->n = m;
             }
             if (q->n == 0) {
@@ -474,6 +481,10 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
         job_lost(j); /* no memory for its destination */
         return;
     }
+    if (j->dsn_flush) {
+        outcome_held_due(d, t, j);
+        return;
+    }
     if (j->bounce) {
         /* a shaping bounce's deferred recipients: only where the action
          * applies to t (its group is of t's MX hosts), else they wait */
@@ -489,7 +500,7 @@ delivery_on_job(struct worker *w, struct worker_msg *m)
     dest_enqueue(t, j);
 }
 
-/* ---- the spool port and due recipients ---- */
+/* ---- the spool port, and the batches of recipients it hands out ---- */
 
 static void
 port_arm(struct delivery *d)
@@ -511,7 +522,8 @@ void
 delivery_batch_flush(struct delivery_batch *b)
 {
     if (b->n != 0)
-        submit(b->e, b->id, b->domain, b->idx, b->n, b->bounce, b->bounce, &b->owner);
+        submit_job(b->e, b->id, b->domain, b->idx, b->n, b->bounce && !b->held, b->bounce,
+                   b->held, &b->owner);
     b->recipients += b->n;
     b->n = 0;
 }
@@ -520,9 +532,14 @@ int
 delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
 {
     struct delivery_batch *b = arg;
-    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 ||
+    /* A failure held for its message's DSN (outcome.c) is sent nowhere:
+     * found ready (the due poll took it, or a restart's walk), its DSN
+     * goes (outcome_held_due) */
+    bool held = r->tag == DSN_HELD_TAG;
+    if (b->n != 0 && (b->id != id || strcmp(b->domain, r->domain) != 0 || b->held != held ||
                       b->n == sizeof(b->idx) / sizeof(b->idx[0])))
         delivery_batch_flush(b);
+    b->held = held;
     if (b->n == 0) {
         delivery_owner_of(b->e, &r->owner, &b->owner);
         b->id = id;
@@ -530,138 +547,6 @@ delivery_batch_add(void *arg, uint64_t id, const struct queue_rcpt *r)
     }
     b->idx[b->n++] = r->index;
     return 0;
-}
-
-/* One take of due recipients from the spool (queue_due_take) in flight. */
-struct due_take {
-    struct delivery *d; /* borrowed: waits for its port's requests */
-    unsigned taken;
-    unsigned batch; /* asked for */
-    struct delivery_batch b;
-};
-
-/* A recipient the spool took for us: ready now, and ours to deliver; when
- * stopping, the start-up walk of the next run finds it. */
-static int
-due_on_taken(void *arg, uint64_t id, const struct queue_rcpt *r)
-{
-    struct due_take *dt = arg;
-    dt->taken++;
-    return dt->d->stopping ? 0 : delivery_batch_add(&dt->b, id, r);
-}
-
-static void due_set_paused(struct delivery *d, bool paused, const struct queue_counts *c,
-                           uint64_t limit);
-
-static void
-due_on_done(void *cookie, int rc)
-{
-    struct due_take *dt = cookie;
-    struct delivery *d = dt->d;
-    bool space = queue_error_is_space(rc);
-    if (rc != 0 && (!space || dt->batch == 1)) /* the smaller tries at once: not each said */
-        log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\" batch=%u", queue_strerror(rc),
-                dt->batch);
-    /* A take that did not fit the spool (full: deferrals took its last
-     * pages) is tried smaller, down to one recipient, at once: the
-     * deliveries it makes possible are what frees room. The same size
-     * every second never fitted, and nothing was delivered again, even
-     * after a restart. Back up to DUE_BATCH as takes succeed. */
-    if (space)
-        d->due_batch = d->due_batch > 4 ? d->due_batch / 4 : 1;
-    else if (rc == 0 && d->due_batch < DUE_BATCH)
-        d->due_batch = d->due_batch * 2 < DUE_BATCH ? d->due_batch * 2 : DUE_BATCH;
-    /* fewer due than the limit let it take: none is held back now */
-    if (rc == 0 && dt->taken < dt->batch && d->stats.due_paused != 0) {
-        struct queue_counts c;
-        uint64_t limit = d->e->cfg->delivery.active_limit;
-        due_set_paused(d, false, queue_counts(d->e->queue, &c, NULL, NULL) == 0 ? &c : NULL, limit);
-    }
-    /* a full batch: more are due, ask again at once */
-    uint64_t next = (rc == 0 && dt->taken >= dt->batch) || (space && dt->batch > 1) ? 0
-                                                                                   : DUE_POLL_MS;
-    if (!d->stopping) {
-        delivery_batch_flush(&dt->b);
-        worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(next));
-    }
-    free(dt);
-}
-
-/* [delivery] active_limit holds due recipients back (paused) or not. The
- * state spans a drain at the limit: from the first take the limit cuts
- * or stops to the take that found fewer due than it could make ready (or
- * one the limit no longer cuts), so that it is logged once each way;
- * flipped at each take, a drain at the limit logged a pair every 100 ms
- * (each delivery made room for one more). */
-static void
-due_set_paused(struct delivery *d, bool paused, const struct queue_counts *c, uint64_t limit)
-{
-    if (paused == (d->stats.due_paused != 0))
-        return;
-    d->stats.due_paused = paused;
-    if (c != NULL)
-        log_msg(LOG_NOTICE, "event=%s ready=%llu deferred=%llu active_limit=%llu",
-                paused ? "due_paused" : "due_resumed", (unsigned long long)c->ready,
-                (unsigned long long)c->deferred, (unsigned long long)limit);
-    else /* no limit now (a reload), or no count */
-        log_msg(LOG_NOTICE, "event=%s active_limit=%llu", paused ? "due_paused" : "due_resumed",
-                (unsigned long long)limit);
-}
-
-/* [delivery] active_limit: how many of batch the next take may make
- * ready, 0 while the spool holds the limit's count of ready recipients
- * (those the workers hold: new mail, the start's, taken ones). The count
- * is the spool's (its recipients less its deferred ones, one read), so
- * nothing here has to follow each job to its end. */
-static unsigned
-due_room(struct delivery *d, unsigned batch)
-{
-    uint64_t limit = d->e->cfg->delivery.active_limit;
-    struct queue_counts c;
-    if (limit == 0 || queue_counts(d->e->queue, &c, NULL, NULL) != 0) {
-        due_set_paused(d, false, NULL, limit); /* no limit, or no count: take as without one */
-        return batch;
-    }
-    uint64_t room = c.ready < limit ? limit - c.ready : 0;
-    if (room == 0)
-        due_set_paused(d, true, &c, limit);
-    else if (room >= batch)
-        due_set_paused(d, false, &c, limit); /* the take is not cut */
-    return room < batch ? (unsigned)room : batch;
-}
-
-static void
-due_on_timer(struct timer *tm, void *ctx)
-{
-    struct delivery *d = (struct delivery *)((char *)tm - offsetof(struct delivery, due_timer));
-    /* Once a second: the spool's pages read since (envelopes, bodies of
-     * transactions now waiting for replies) leave the RSS. Not at each
-     * take: takes come at once while full, or every DUE_PAUSED_MS. */
-    if (d->w->now - d->due_trimmed >= MS_TO_NS(DUE_POLL_MS)) {
-        queue_map_trim(d->e->queue);
-        d->due_trimmed = d->w->now;
-    }
-    struct due_take *dt = calloc(1, sizeof(*dt));
-    int rc = -ENOMEM;
-    if (dt != NULL) {
-        dt->d = d;
-        dt->b.e = d->e;
-        if (d->due_batch == 0 || d->due_batch > DUE_BATCH)
-            d->due_batch = DUE_BATCH;
-        dt->batch = due_room(d, d->due_batch);
-        if (dt->batch == 0) { /* the limit's count is ready: look again soon */
-            free(dt);
-            worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_PAUSED_MS));
-            return;
-        }
-        rc = queue_due_take(d->e->queue, d->port, clock_unix_ms(), dt->batch, due_on_taken, dt,
-                            due_on_done, dt);
-    }
-    if (rc == 0)
-        return; /* due_on_done arms the timer again */
-    free(dt);
-    log_msg(LOG_ERR, "event=due_poll_failed err=\"%s\"", queue_strerror(rc));
-    worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
 }
 
 /* ---- stopping ---- */
@@ -682,6 +567,27 @@ delivery_on_resolver_closed(struct worker *w, void *arg)
     delivery_check_done(d);
 }
 
+/* The stop ends c with a job in flight (a drain that timed out, or was
+ * cut): said, with how far it got, as the drain's line says only that
+ * something stayed queued. Its recipients stay in the spool and go after
+ * the restart; a body whose end was sent, its reply never come, may have
+ * arrived (RFC 1047) and then arrives twice. */
+static void
+stop_cut_log(const struct conn *c)
+{
+    if (c->job == NULL || c->closed)
+        return;
+    enum smtp_client_state st = smtp_client_state(&c->cli);
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(c->job->id, qid);
+    log_msg(LOG_NOTICE,
+            "id=%s event=transaction_cut conn=%llx domain=%s mx=%s addr=%s state=%s "
+            "recipients=%u note=%s",
+            qid, (unsigned long long)c->id, c->dest->name, c->mx != NULL ? c->mx : "-",
+            c->addr_str[0] != '\0' ? c->addr_str : "-", smtp_client_state_str(st), c->job->n,
+            st == SMTP_CLIENT_S_DOT ? "stays_queued_sent_whole_may_arrive_twice" : "stays_queued");
+}
+
 /* On the worker: drop the connections (their jobs stay in the spool),
  * close the resolver, and end the loop once both are done. */
 static void
@@ -692,8 +598,10 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     worker_timer_cancel(w, &d->due_timer);
     worker_timer_cancel(w, &d->scope_timer);
     sched_stop(d);
-    for (struct conn *c = d->all; c != NULL; c = c->next_all)
+    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
+        stop_cut_log(c);
         conn_close(c, "stopping");
+    }
     /* Leases go back now, not after their ttl (the loop still turns). */
     sched_release_leases(d);
     if (d->res != NULL)
@@ -855,28 +763,48 @@ flight_oldest(struct delivery *d, bool set)
     }
 }
 
+/* A zeroed row at the end of *out (grown as needed); NULL without memory. */
+static struct stats_domain *
+domain_row_new(struct stats_domain **out, size_t *n, size_t *cap)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 64;
+        struct stats_domain *a = realloc(*out, nc * sizeof(*a));
+        if (a == NULL)
+            return NULL;
+        *out = a;
+        *cap = nc;
+    }
+    struct stats_domain *x = &(*out)[(*n)++];
+    memset(x, 0, sizeof(*x));
+    return x;
+}
+
 int
 delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_t *cap)
 {
     uint64_t now = clock_unix_ms();
     struct dest_iter it3 = {0};
     flight_oldest(d, true);
+    /* A suspended tenant's or campaign's jobs are parked, on no queue:
+     * shown on their destination's row, or one of their own when it went
+     * idle and was evicted (they are waiting mail all the same). */
+    struct parked_run *runs, *run;
+    size_t nruns;
+    scope_parked_runs(d, &runs, &nruns);
     for (struct dest *t; (t = dest_next(d, &it3)) != NULL;) {
-        if (fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 && !t->suspended &&
-            (t->last_ms == 0 || now - t->last_ms > 600000))
+        struct parked_run key = {.domain = t->name, .pool = t->pool,
+                                 .tls_relaxed = t->tls_relaxed};
+        run = nruns > 0 ? bsearch(&key, runs, nruns, sizeof(*runs), scope_parked_cmp) : NULL;
+        if (run == NULL && fairq_empty(&t->q) && t->inflight == 0 && t->conns == 0 &&
+            !t->suspended && (t->last_ms == 0 || now - t->last_ms > 600000))
             continue;
-        if (*n == *cap) {
-            size_t nc = *cap ? *cap * 2 : 64;
-            struct stats_domain *a = realloc(*out, nc * sizeof(*a));
-            if (a == NULL) {
-                flight_oldest(d, false);
-                return -ENOMEM;
-            }
-            *out = a;
-            *cap = nc;
+        struct stats_domain *x = domain_row_new(out, n, cap);
+        if (x == NULL) {
+            flight_oldest(d, false);
+            free(runs);
+            return -ENOMEM;
         }
-        struct stats_domain *x = &(*out)[(*n)++];
-        memset(x, 0, sizeof(*x));
         snprintf(x->name, sizeof(x->name), "%s", t->name);
         if (t->pool != 0)
             snprintf(x->pool, sizeof(x->pool), "%s", intern_name(d->e->names, t->pool));
@@ -885,6 +813,8 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         x->connections = t->conns;
         x->delivered = t->delivered;
         x->bounced = t->failed;
+        x->host_refused = t->host_refused;
+        x->host_detoured = t->host_detoured;
         x->max_connections = t->pol->max_connections;
         x->suspended = t->suspended;
         struct shaping_verdict sv;
@@ -904,7 +834,7 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         if (mr->count != 0 && mr->per_ms != 0)
             x->rate_limit = (double)mr->count * 1000.0 / mr->per_ms * pct / 100.0;
         const char *redis = delivery_redis_state(d);
-        if (t->suspended)
+        if (x->suspended) /* on this node alone (--local) or a shaping action's */
             snprintf(x->limit_reason, sizeof(x->limit_reason), "suspended by the operator");
         else if (held)
             snprintf(x->limit_reason, sizeof(x->limit_reason),
@@ -925,6 +855,12 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
             if (oldest == 0 || a < oldest)
                 oldest = a;
         }
+        if (run != NULL) {
+            run->seen = true;
+            x->parked = run->n;
+            if (oldest == 0 || run->oldest_ms < oldest)
+                oldest = run->oldest_ms;
+        }
         x->oldest_ms = oldest;
         struct top_tenants tt = {0};
         fairq_tenants_each(&t->q, top_tenants_add, &tt);
@@ -937,6 +873,23 @@ delivery_domains(struct delivery *d, struct stats_domain **out, size_t *n, size_
         }
     }
     flight_oldest(d, false);
+    for (size_t i = 0; i < nruns; i++) {
+        if (runs[i].seen)
+            continue;
+        struct stats_domain *x = domain_row_new(out, n, cap);
+        if (x == NULL) {
+            free(runs);
+            return -ENOMEM;
+        }
+        snprintf(x->name, sizeof(x->name), "%s", runs[i].domain);
+        const char *pool = runs[i].pool != 0 ? intern_name(d->e->names, runs[i].pool) : NULL;
+        snprintf(x->pool, sizeof(x->pool), "%s", pool != NULL ? pool : "");
+        x->parked = runs[i].n;
+        x->oldest_ms = runs[i].oldest_ms;
+        x->max_connections = config_domain(d->e->cfg, runs[i].domain)->max_connections;
+        snprintf(x->limit_reason, sizeof(x->limit_reason), "its tenant or campaign suspended");
+    }
+    free(runs);
     return 0;
 }
 
@@ -970,6 +923,10 @@ delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t
         x->opened = s->opened;
         x->failures = s->failures;
         x->shrinks = s->shrinks;
+        x->head_us = (uint64_t)(s->win.head_avg_ns / 1000);
+        uint64_t b0 = s->win.head_base_ns[0], b1 = s->win.head_base_ns[1];
+        x->head_base_us = (b0 != 0 && (b1 == 0 || b0 < b1) ? b0 : b1) / 1000;
+        x->queues = site_window_queues(&s->win, s->conns);
         s->view_row = *n - 1;
     }
     /* Each destination to its site's row (every site is in the table). */
@@ -1083,7 +1040,7 @@ delivery_new(struct engine *e, struct worker *w, struct delivery **out, char *er
     d->e = e;
     d->w = w;
     d->port_op = (struct op){OP_CALLBACK, port_on_ready};
-    timer_init(&d->due_timer, due_on_timer);
+    delivery_due_init(d);
     d->cli_pool.size = sizeof(struct smtp_client_buf);
     d->rng = (clock_now_ns() ^ ((uint64_t)(w->id + 1) * 0x9e3779b97f4a7c15ULL)) | 1;
     d->chunk_pool.size = BODY_CHUNK;
@@ -1141,8 +1098,47 @@ delivery_start(struct delivery *d)
     conn_bufs_init(d);
     port_arm(d);
     if (d->w->id == 0 && d->e->cfg->delivery.enabled)
-        worker_timer_arm(d->w, &d->due_timer, d->w->now + MS_TO_NS(DUE_POLL_MS));
+        delivery_due_start(d);
     sched_start(d);
+}
+
+/* Stopping: wait for the outcomes the spool has, up to the stop's bound
+ * for the spool's answers (engine.h stop_commit_until: the servers' wait
+ * has the same, one for every worker), or SERVER_STOP_COMMIT_WAIT_MS when
+ * freed outside a stop. Without it a spool that no longer answers (a
+ * dead disk) held the stop here until its last bound gave it up: the
+ * other workers' commits were never logged, nor which outcomes were cut.
+ * True when all came back; false when the wait was cut: each outcome
+ * still with the spool is logged (outcome_pending_log), and d stays
+ * allocated (the spool's answer would come to its port, into its
+ * batches) until the process exits. */
+static bool
+outcomes_wait(struct delivery *d)
+{
+    if (d->port == NULL || queue_port_pending(d->port) == 0)
+        return true;
+    uint64_t start = clock_now_ns();
+    uint64_t end = d->e->stop_commit_until != 0 ? d->e->stop_commit_until
+                                                : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
+    while (queue_port_pending(d->port) > 0) {
+        uint64_t now = clock_now_ns();
+        /* What came already is told, not cut: the bound is the stop's,
+         * and another worker's wait may have taken it all while answers
+         * to this one's waited in its port since its loop ended. */
+        if (now >= end && queue_port_drain(d->port) >= 0 && queue_port_pending(d->port) == 0)
+            return true;
+        if (now >= end) {
+            unsigned n = outcome_pending_log(d);
+            log_msg(LOG_CRIT,
+                    "event=stop_outcome_wait_cut pending=%u requests=%u waited_ms=%llu "
+                    "note=spool_not_answering",
+                    n, queue_port_pending(d->port), (unsigned long long)((now - start) / 1000000));
+            return false;
+        }
+        uint64_t ms = (end - now + 999999) / 1000000;
+        queue_port_wait(d->port, ms > 1000 ? 1000 : (int)ms);
+    }
+    return true;
 }
 
 struct delivery *
@@ -1158,6 +1154,7 @@ delivery_free(struct delivery *d)
     worker_timer_cancel(d->w, &d->evict_timer);
     worker_timer_cancel(d->w, &d->scope_timer);
     outcome_retrying_cancel(d);
+    outcome_delay_cancel(d);
     /* The loop has ended. Connections left (a start that failed half
      * way) are dropped; jobs not acknowledged stay in the spool. */
     while (d->all != NULL) {
@@ -1165,18 +1162,23 @@ delivery_free(struct delivery *d)
         c->closed = true;
         conn_free(c);
     }
+    outcome_retrying_free(d); /* not with the spool: d->pending holds only those that are */
     /* the last outcomes count per destination, pool and source
      * (outcome.c): told before those go */
-    while (d->port != NULL && queue_port_pending(d->port) > 0)
-        queue_port_wait(d->port, 1000);
-    outcome_retrying_free(d);
+    if (!outcomes_wait(d))
+        return NULL; /* the spool does not answer: left to the exit */
+    outcome_delay_free(d); /* after the wait: a check of one may be with the spool */
+    /* Before the destinations and MX keys go: limits_free walks and
+     * writes the keys it still holds, and after a failed ring
+     * delivery_on_stop, which takes them out (sched_release_leases),
+     * never ran. */
+    d->lim = limits_free(d->lim);
     sched_free_dests(d);
     scope_fini(d);
     queue_port_free(d->port);
     if (d->tls_cache != NULL)
         tls_cache_free(d->tls_cache);
     conn_bufs_fini(d);
-    d->lim = limits_free(d->lim);
     conn_pool_fini(&d->cli_pool);
     conn_pool_fini(&d->chunk_pool);
     sched_fini(d);

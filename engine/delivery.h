@@ -47,6 +47,11 @@ struct delivery_stats {
     uint64_t dests_evicted;                /* idle destinations forgotten */
     uint64_t handed_over;                  /* jobs handed to another worker with their
                                             * domain (site affinity) */
+    uint64_t host_refused;                 /* transactions an MX host refused before MAIL for a
+                                            * lack of its own: no 8BITMIME, a smaller SIZE, no
+                                            * SMTPUTF8 (policy_host_refusal) */
+    uint64_t host_detoured;                /* of those, jobs sent on to the domain's next MX
+                                            * host (event=host_refused next=yes) */
     uint64_t site_turns;                   /* connections given by a domain with mail left to
                                             * another domain of its site, its turn
                                             * (outbound/site_share.c conn_give_turn) */
@@ -68,7 +73,10 @@ void delivery_start(struct delivery *d);
  * resolver; the worker's loop ends once that is done (this replaces
  * worker_stop() for a worker with a delivery). */
 void delivery_stop(struct delivery *d);
-/* After the worker's loop ended. Returns NULL. */
+/* After the worker's loop ended. Waits for the outcomes the spool still
+ * has, up to the stop's bound (engine.h stop_commit_until); past it each
+ * is logged (event=outcome_unanswered) and d is left to the exit.
+ * Returns NULL. */
 struct delivery *delivery_free(struct delivery *d);
 void delivery_stats(const struct delivery *d, struct delivery_stats *out);
 /* After the loops ended: free m if it is a job that never arrived.
@@ -106,11 +114,16 @@ struct delivery_site {
     uint64_t opened;        /* connections opened since the site was made */
     uint64_t failures;      /* connect failures, greeting timeouts, 421s, resets */
     uint64_t shrinks;       /* times its window was halved */
+    uint64_t head_us;       /* head latency, MAIL sent to the go for the body: a moving
+                             * average (engine/outbound/site.h; 0: none yet) */
+    uint64_t head_base_us;  /* ... its least of the last 10 to 20 seconds */
+    bool queues;            /* the head latency says its connections queue: its window
+                             * does not grow */
 };
 /* Append the worker's sites to *out (*n entries of *cap, grown with
  * realloc). Returns 0 or -ENOMEM. */
 int delivery_sites(struct delivery *d, struct delivery_site **out, size_t *n, size_t *cap);
-/* After a reload (engine.c parks the workers while it swaps e->cfg):
+/* After a reload (engine_reload.c parks the workers while it swaps e->cfg):
  * take up the new domain policies and limits. Worker thread. */
 void delivery_reconfigure(struct delivery *d);
 /* Suspend or resume a destination (made if unknown, so that a suspension
@@ -248,6 +261,7 @@ struct delivery_batch {
     uint64_t recipients; /* submitted so far */
     uint64_t deferred;   /* seen waiting for their retry (the caller counts) */
     bool bounce;         /* submitted to be bounced (a shaping bounce action's) */
+    bool held;           /* what is gathered are failures held for their DSN (outcome.c) */
 };
 struct queue_rcpt;
 /* A queue_rcpt_fn: add r (of message id, with its owner) to the batch

@@ -142,6 +142,7 @@ static const char *const kind_names[] = {
     [DLOG_SUPPRESSED] = "suppressed",
     [DLOG_SHAPING_STARTED] = "shaping_started",
     [DLOG_SHAPING_ENDED] = "shaping_ended",
+    [DLOG_REJECTION] = "rejection",
 };
 
 const char *
@@ -253,6 +254,18 @@ format_line(struct json *j, const struct dlog_event *ev, uint64_t time_ms, const
     put_str(j, "enhanced", ev->enhanced);
     put_str(j, "reply", ev->reply);
     put_str(j, "dsn_id", ev->dsn_id);
+    if (ev->ndsn_rcpt > 0 && ev->dsn_rcpt != NULL) {
+        json_key(j, "recipients");
+        json_arr_begin(j);
+        for (unsigned i = 0; i < ev->ndsn_rcpt; i++) {
+            json_obj_begin(j);
+            put_str(j, "rcpt", ev->dsn_rcpt[i].rcpt);
+            put_str(j, "action", ev->dsn_rcpt[i].action);
+            put_str(j, "status", ev->dsn_rcpt[i].status);
+            json_obj_end(j);
+        }
+        json_arr_end(j);
+    }
     if (ev->kind >= DLOG_DELIVERY && ev->kind <= DLOG_EXPIRATION)
         json_ku64(j, "attempt", ev->attempt); /* 0 too: a recipient never tried */
     else

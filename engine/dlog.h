@@ -2,7 +2,8 @@
  * dlog: the delivery log, JSON Lines for the provider's backend. One line
  * per event: a message was received (reception), a recipient was
  * delivered, deferred (transient_failure), bounced or expired, a DSN was
- * queued, a recipient was refused at RCPT as suppressed (suppressed).
+ * queued, a recipient was refused at RCPT as suppressed (suppressed) or
+ * for its address (rejection).
  * Every line parses as JSON whatever bytes a remote server sent
  * (common/json.h escapes and replaces invalid UTF-8).
  *
@@ -68,6 +69,7 @@ enum dlog_kind {
     /* Traffic shaping (engine/shaping.h), not of a message: */
     DLOG_SHAPING_STARTED, /* an action starts on this node: id, action, scope, rule, reply */
     DLOG_SHAPING_ENDED,   /* ... and ends: reason expired, cleared, cleared_elsewhere */
+    DLOG_REJECTION,       /* a recipient refused at RCPT for its address (553): rcpt as written */
 };
 
 /* "reception", "delivery", ...: the value of the "event" field. */
@@ -97,6 +99,13 @@ struct dlog_event {
     const char *enhanced;       /* "5.1.1" */
     const char *reply;          /* reply text */
     const char *dsn_id;         /* dsn: the DSN's own queue id (reply holds it too) */
+    /* dsn: the recipients it reports, printed as the array "recipients"
+     * of {"rcpt", "action", "status"} (its Final-Recipient, Action and
+     * Status fields); ndsn_rcpt 0: left out */
+    const struct dlog_dsn_rcpt {
+        const char *rcpt, *action, *status;
+    } *dsn_rcpt;
+    unsigned ndsn_rcpt;
     unsigned attempt;           /* the tries of the recipient so far, this one included;
                                  * in every per-recipient outcome event, 0 too (one
                                  * deferred without a try, its site resting) */

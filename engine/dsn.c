@@ -21,11 +21,13 @@
 #include <time.h>
 
 #include "common/json.h"
+#include "engine/smtp_cmd.h"
 #include "queue/queue.h"
 
 #define LINE_SOFT   78  /* fold fields here when a space allows */
 #define LINE_HARD   990 /* cut here when none does: under RFC 5322's 998 */
 #define HUMAN_WIDTH 76
+#define ADDR_MAX    (QUEUE_MAX_ADDR + 2) /* an address with the quotes addr_form() adds */
 
 /* A growable text; allocation failure is sticky. */
 struct out {
@@ -155,12 +157,13 @@ out_base64(struct out *o, const char *s, size_t n)
 
 /*
  * Append s[0..n) as one line of safe text: CR, LF, TAB and spaces become
- * one space between words and none at the ends, other controls '?',
- * octets above 127 '?' unless utf8 and valid UTF-8. At most max octets
- * (whole characters), "..." marking a cut.
+ * one space between words and none at the ends (spaces kept as they are
+ * when keep_sp: an address's, "john  doe"@ is not "john doe"@), other
+ * controls '?', octets above 127 '?' unless utf8 and valid UTF-8. At
+ * most max octets (whole characters), "..." marking a cut.
  */
 static void
-clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
+clean_sp(struct out *o, const char *s, size_t n, bool utf8, size_t max, bool keep_sp)
 {
     const unsigned char *u = (const unsigned char *)s;
     size_t start = o->len;
@@ -168,7 +171,7 @@ clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
 
     for (size_t i = 0; i < n;) {
         unsigned c = u[i];
-        if (c == ' ' || c == '\t' || c == '\r' || c == '\n') {
+        if ((c == ' ' && !keep_sp) || c == '\t' || c == '\r' || c == '\n') {
             space = o->len > start;
             i++;
             continue;
@@ -178,6 +181,8 @@ clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
         size_t len = 1, used = 1;
         if (c >= 0x21 && c <= 0x7e) {
             piece = s + i;
+        } else if (c == ' ') {
+            piece = " "; /* keep_sp */
         } else if (c >= 0x80 && utf8 && (len = json_utf8_len(u + i, n - i)) > 0) {
             piece = s + i;
             used = len;
@@ -194,6 +199,12 @@ clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
         out_put(o, piece, len);
         i += used;
     }
+}
+
+static void
+clean(struct out *o, const char *s, size_t n, bool utf8, size_t max)
+{
+    clean_sp(o, s, n, utf8, max, false);
 }
 
 static void
@@ -234,21 +245,25 @@ xtext_decode(struct out *o, const char *s, size_t n)
     }
 }
 
-/* Write one logical line (already clean: single spaces, no controls)
- * folded at spaces near LINE_SOFT, cut at LINE_HARD where there is none. */
+/* Write one logical line (already clean: no controls; single spaces but
+ * in an address) folded at spaces near LINE_SOFT, cut at LINE_HARD where
+ * there is none. No line is spaces only (RFC 5322 3.2.2): a run of an
+ * address's spaces is folded after its first non-space. */
 static void
 fold(struct out *o, const char *s, size_t n)
 {
     while (n > LINE_SOFT) {
-        size_t cut = 0;
-        for (size_t i = LINE_SOFT; i >= 10; i--) {
+        size_t cut = 0, lead = 0;
+        while (lead < n && s[lead] == ' ')
+            lead++;
+        for (size_t i = LINE_SOFT; i >= 10 && i > lead; i--) {
             if (s[i] == ' ') {
                 cut = i;
                 break;
             }
         }
         for (size_t i = LINE_SOFT + 1; cut == 0 && i < n && i <= LINE_HARD; i++) {
-            if (s[i] == ' ')
+            if (s[i] == ' ' && i > lead)
                 cut = i;
         }
         if (cut == 0) {
@@ -294,6 +309,61 @@ put_field(struct out *o, const char *name, const char *prefix, const char *raw, 
           bool utf8, size_t max)
 {
     put_field_sfx(o, name, prefix, raw, rawlen, "", utf8, max);
+}
+
+/*
+ * addr as RFC 5322 (3.4.1) and so RFC 3464 (rfc822 address type) want
+ * it: a local part that is no dot-atom yet taken at MAIL and RCPT (a dot
+ * leading, trailing or doubled: user.@docomo.ne.jp, as Postfix takes it)
+ * in the quotes it is relayed in ("user."@docomo.ne.jp,
+ * smtp_local_canon); any other as it is. Appended to a, not yet clean.
+ */
+static void
+addr_form(struct out *a, const char *addr)
+{
+    const char *at = strrchr(addr, '@');
+    if (at == NULL || at == addr || addr[0] == '"') {
+        out_str(a, addr);
+        return;
+    }
+    char buf[SMTP_LOCAL_MAX];
+    const char *local;
+    size_t n = smtp_local_canon(addr, (size_t)(at - addr), buf, &local);
+    out_put(a, local, n);
+    out_str(a, at);
+}
+
+/* addr in addr_form(), made clean (its spaces kept), into o. */
+static void
+clean_addr(struct out *o, const char *addr, bool utf8)
+{
+    struct out a = {0};
+
+    addr_form(&a, addr);
+    if (a.oom)
+        o->oom = true;
+    else
+        clean_sp(o, a.p, a.len, utf8, ADDR_MAX, true);
+    out_free(&a);
+}
+
+/* "Name: <prefix><addr: clean_addr()><suffix>", folded. */
+static void
+put_addr(struct out *o, const char *name, const char *prefix, const char *addr,
+         const char *suffix, bool utf8)
+{
+    struct out line = {0};
+
+    out_str(&line, name);
+    out_put(&line, ": ", 2);
+    out_str(&line, prefix);
+    clean_addr(&line, addr, utf8);
+    out_str(&line, suffix);
+    if (line.oom)
+        o->oom = true;
+    else
+        fold(o, line.p, line.len);
+    out_free(&line);
 }
 
 /* Our own field whose value is already safe (a keyword, a date). */
@@ -529,6 +599,7 @@ enum attach_why {
     WHY_NO_FAIL,   /* a delay warning or a success report: headers only (RFC 3461 4.3) */
     WHY_TOO_BIG,   /* over full_max */
     WHY_NOT_CLEAN, /* could not go back unchanged */
+    WHY_8BIT,      /* 8-bit, not SMTPUTF8: the whole would make the DSN 8-bit */
 };
 
 /* What the report as a whole is: failed when any recipient failed, else
@@ -592,6 +663,10 @@ human_part(struct out *o, const struct dsn_input *in, enum dsn_action kind, enum
         out_str(o, "The original message could not be attached unchanged, so only its\r\n"
                    "headers are attached.\r\n");
         break;
+    case WHY_8BIT:
+        out_str(o, "The original message has 8-bit content, so only its headers are\r\n"
+                   "attached: this report must reach mail servers that take 7-bit only.\r\n");
+        break;
     }
     if (hdrs_cut)
         out_fmt(o, "The headers were cut after %u octets.\r\n", DSN_HEADERS_MAX);
@@ -609,7 +684,7 @@ human_part(struct out *o, const struct dsn_input *in, enum dsn_action kind, enum
 
         out_str(o, "\r\n");
         out_str(&t, "<");
-        clean_str(&t, r->addr, u8, QUEUE_MAX_ADDR);
+        clean_addr(&t, r->addr, u8);
         out_str(&t, r->action == DSN_ACTION_DELAYED   ? ">: delivery delayed"
                     : r->action == DSN_ACTION_RELAYED ? ">: delivered to a server that sends "
                                                         "no notifications (relayed)"
@@ -652,8 +727,8 @@ human_part(struct out *o, const struct dsn_input *in, enum dsn_action kind, enum
     out_free(&t);
 }
 
-static const char *
-action_str(enum dsn_action a)
+const char *
+dsn_action_str(enum dsn_action a)
 {
     switch (a) {
     case DSN_ACTION_DELAYED:
@@ -717,9 +792,8 @@ status_part(struct out *o, const struct dsn_input *in)
             put_orcpt(o, r->orcpt, u8);
         /* RFC 6533 3: an address that is not ASCII has the type utf-8 */
         bool ascii = !has_8bit(r->addr, strlen(r->addr));
-        put_field(o, "Final-Recipient", u8 && !ascii ? "utf-8; " : "rfc822; ", r->addr,
-                  strlen(r->addr), u8, QUEUE_MAX_ADDR);
-        put_safe(o, "Action", action_str(r->action));
+        put_addr(o, "Final-Recipient", u8 && !ascii ? "utf-8; " : "rfc822; ", r->addr, "", u8);
+        put_safe(o, "Action", dsn_action_str(r->action));
         put_safe(o, "Status", r->status);
         if (!empty(r->remote_mta))
             put_field(o, "Remote-MTA", "dns; ", r->remote_mta, strlen(r->remote_mta), u8, 255);
@@ -741,18 +815,32 @@ status_part(struct out *o, const struct dsn_input *in)
     }
 }
 
-static bool
-input_valid(const struct dsn_input *in)
+/* Why dsn_build() refuses in (-EINVAL), or NULL. */
+static const char *
+input_why(const struct dsn_input *in)
 {
-    if (in == NULL || empty(in->reporting_mta) || empty(in->from_addr) || empty(in->to_addr) ||
-        !msgid_valid(in->message_id) || in->rcpt == NULL || in->nrcpt == 0 ||
-        (in->orig == NULL && in->orig_len != 0))
-        return false;
+    if (in == NULL)
+        return "no input";
+    if (empty(in->reporting_mta))
+        return "no Reporting-MTA (the server hostname)";
+    if (empty(in->from_addr))
+        return "no From address";
+    if (empty(in->to_addr))
+        return "no sender to send it to";
+    if (!msgid_valid(in->message_id))
+        return "Message-ID malformed: empty, over 900 octets, or with a space, a control, "
+               "an octet over 127, < or > (it ends with the server hostname)";
+    if (in->rcpt == NULL || in->nrcpt == 0)
+        return "no recipients to report";
+    if (in->orig == NULL && in->orig_len != 0)
+        return "an original length without the original";
     for (unsigned i = 0; i < in->nrcpt; i++) {
-        if (empty(in->rcpt[i].addr) || !status_valid(in->rcpt[i].status))
-            return false;
+        if (empty(in->rcpt[i].addr))
+            return "a recipient without an address";
+        if (!status_valid(in->rcpt[i].status))
+            return "a recipient's status is no RFC 3463 code";
     }
-    return true;
+    return NULL;
 }
 
 int
@@ -762,7 +850,7 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
         return -EINVAL;
     *out = NULL;
     *out_len = 0;
-    if (!input_valid(in))
+    if (input_why(in) != NULL)
         return -EINVAL;
 
     enum dsn_action kind = report_kind(in);
@@ -776,10 +864,15 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
             why = WHY_NO_FAIL;
         else if (!in->ret_full)
             why = WHY_HDRS;
-        else if (in->full_max != 0 && in->orig_len > in->full_max)
-            why = WHY_TOO_BIG;
+        else if (in->orig_size > in->orig_len ||
+                 (in->full_max != 0 && in->orig_len > in->full_max))
+            why = WHY_TOO_BIG; /* orig its start only: read so for being over full_max */
         else if (!text_clean(in->orig, in->orig_len))
             why = WHY_NOT_CLEAN;
+        else if (!in->smtputf8 && has_8bit(in->orig, in->orig_len))
+            /* message/rfc822 may not be encoded (RFC 2046 5.2.1): 7-bit
+             * whole only by rewriting its MIME parts, so headers */
+            why = WHY_8BIT;
         else
             why = WHY_FULL;
         if (why == WHY_FULL) {
@@ -816,17 +909,19 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     bool human8 = human.len && has_8bit(human.p, human.len);
     bool status8 = status.len && has_8bit(status.p, status.len);
     bool orig8 = orig.len && has_8bit(orig.p, orig.len);
-    /* A DSN of an SMTPUTF8 message quotes UTF-8 (addresses, replies, the
-     * original's header fields): its parts are encoded (RFC 6532 3.5 and
-     * 3.7, RFC 6533 allow it for the global types), so that the DSN is
-     * 7-bit and reaches a sender whose MX has no SMTPUTF8 (it bounced
-     * there, and a DSN's bounce is dropped: the sender heard nothing). */
-    bool enc = u8;
+    /* Every part that holds 8-bit octets is encoded, so that the DSN is
+     * 7-bit and reaches a sender whose MX has no SMTPUTF8 or no 8BITMIME
+     * (it bounced there, and a DSN's bounce is dropped: the sender heard
+     * nothing). A DSN of an SMTPUTF8 message quotes UTF-8 (addresses,
+     * replies, the original): RFC 6532 3.5 and 3.7 and RFC 6533 allow
+     * encoding the global types, base64 for a whole message/global. Any
+     * other quotes 8-bit octets only in the original's headers (an 8-bit
+     * whole goes back as its headers, WHY_8BIT): text/rfc822-headers,
+     * quoted-printable (RFC 6522 4 allows it for headers that need it). */
     char date[64], ct[160];
 
-    put_field_sfx(&msg, "From", "Mail Delivery System <", in->from_addr, strlen(in->from_addr), ">",
-                  u8, QUEUE_MAX_ADDR);
-    put_field_sfx(&msg, "To", "<", in->to_addr, strlen(in->to_addr), ">", u8, QUEUE_MAX_ADDR);
+    put_addr(&msg, "From", "Mail Delivery System <", in->from_addr, ">", u8);
+    put_addr(&msg, "To", "<", in->to_addr, ">", u8);
     put_safe(&msg, "Subject",
              kind == DSN_ACTION_FAILED    ? "Undelivered Mail Returned to Sender"
              : kind == DSN_ACTION_DELAYED ? "Delayed Mail (still being retried)"
@@ -840,8 +935,6 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     put_safe(&msg, "MIME-Version", "1.0");
     snprintf(ct, sizeof(ct), "multipart/report; report-type=delivery-status; boundary=\"%s\"", b);
     put_safe(&msg, "Content-Type", ct);
-    if (!enc && (human8 || status8 || orig8))
-        put_safe(&msg, "Content-Transfer-Encoding", "8bit");
     out_str(&msg, "\r\nThis is a MIME-encapsulated message.\r\n");
 
     out_fmt(&msg, "\r\n--%s\r\n", b);
@@ -849,9 +942,9 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     put_safe(&msg, "Content-Type",
              u8 ? "text/plain; charset=utf-8" : "text/plain; charset=us-ascii");
     if (human8)
-        put_safe(&msg, "Content-Transfer-Encoding", enc ? "quoted-printable" : "8bit");
+        put_safe(&msg, "Content-Transfer-Encoding", "quoted-printable");
     out_str(&msg, "\r\n");
-    if (human8 && enc)
+    if (human8)
         out_qp(&msg, human.p, human.len);
     else
         out_put(&msg, human.p, human.len);
@@ -861,9 +954,9 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
     put_safe(&msg, "Content-Type",
              u8 ? "message/global-delivery-status" : "message/delivery-status");
     if (status8)
-        put_safe(&msg, "Content-Transfer-Encoding", enc ? "quoted-printable" : "8bit");
+        put_safe(&msg, "Content-Transfer-Encoding", "quoted-printable");
     out_str(&msg, "\r\n");
-    if (status8 && enc)
+    if (status8)
         out_qp(&msg, status.p, status.len);
     else
         out_put(&msg, status.p, status.len);
@@ -881,11 +974,11 @@ dsn_build(const struct dsn_input *in, char **out, size_t *out_len)
         }
         if (orig8)
             put_safe(&msg, "Content-Transfer-Encoding",
-                     !enc ? "8bit" : why == WHY_FULL ? "base64" : "quoted-printable");
+                     why == WHY_FULL ? "base64" : "quoted-printable");
         out_str(&msg, "\r\n");
-        if (orig8 && enc && why == WHY_FULL)
+        if (orig8 && why == WHY_FULL)
             out_base64(&msg, orig.p, orig.len);
-        else if (orig8 && enc)
+        else if (orig8)
             out_qp(&msg, orig.p, orig.len);
         else
             out_put(&msg, orig.p, orig.len);
@@ -926,9 +1019,9 @@ dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint6
     snprintf(m->rcpt, sizeof(m->rcpt), "%s", orig->sender);
     const char *at = strrchr(m->rcpt, '@');
     m->domain = at != NULL ? at + 1 : "";
-    /* What the DSN holds, not what the original was: its text quotes a
-     * UTF-8 address or reply, or the original's 8-bit headers, even when
-     * the original was stored 7BIT (declared SMTPUTF8 but all ASCII). */
+    /* What the DSN holds, not what the original was: its To: field can
+     * be a UTF-8 sender's address even when the original was stored 7BIT
+     * (declared SMTPUTF8 but all ASCII); its parts are 7-bit. */
     m->body_type = has_8bit(m->text, m->len) ? QUEUE_BODY_8BITMIME : QUEUE_BODY_7BIT;
     m->smtputf8 = orig->smtputf8;
     for (unsigned i = 0; i < in->nrcpt; i++)
@@ -938,6 +1031,21 @@ dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint6
     snprintf(m->pool, sizeof(m->pool), "%s", orig->pool ? orig->pool : "");
     *out = m;
     return 0;
+}
+
+const char *
+dsn_msg_strerror(int rc, const struct dsn_input *in, const struct queue_envelope *orig)
+{
+    if (rc == -EINVAL) {
+        if (orig == NULL || empty(orig->sender))
+            return "the original has the null sender";
+        if (strlen(orig->sender) > QUEUE_MAX_ADDR)
+            return "the original's sender is too long";
+        const char *why = input_why(in);
+        if (why != NULL)
+            return why;
+    }
+    return strerror(rc < 0 ? -rc : rc);
 }
 
 struct dsn_msg *

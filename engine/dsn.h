@@ -10,7 +10,11 @@
  * status, message/global, message/global-headers; a part of it that
  * quotes UTF-8 is encoded (quoted-printable; base64 for a whole
  * message/global: RFC 6532 3.5 and 3.7 allow it), so that the DSN is
- * 7-bit and reaches a sender whose MX has no SMTPUTF8.
+ * 7-bit and reaches a sender whose MX has no SMTPUTF8. Any other DSN
+ * returns an 8-bit original as its headers only (message/rfc822 may not
+ * be encoded, RFC 2046 5.2.1), quoted-printable when they are 8-bit
+ * themselves (RFC 6522 4), so that it reaches a sender whose MX has no
+ * 8BITMIME.
  *
  * Remote text is hostile. Every string that goes into a header or a
  * report field is made one line: CR, LF and TAB become spaces, runs of
@@ -18,10 +22,14 @@
  * DSN is SMTPUTF8 and they are valid UTF-8 (then kept). Long fields are
  * folded at spaces, and cut (CRLF SP) where there is no space, so no line
  * exceeds 998 octets. The MIME boundary appears nowhere in any part.
+ * An address (From:, To:, Final-Recipient, the text) is written as RFC
+ * 5322 and 3464 want it: a local part taken at MAIL or RCPT though no
+ * dot-atom (user.@docomo.ne.jp) in quotes, "user."@docomo.ne.jp, as it
+ * is relayed; an ORCPT goes back as given.
  *
  * Transport notes for the caller: the DSN is CRLF text; it carries 8-bit
- * octets only when a non-SMTPUTF8 original did (returned headers or
- * message), or an SMTPUTF8 one's sender (its To: field) is UTF-8, so
+ * octets only when an SMTPUTF8 original's sender (its To: field) is
+ * UTF-8, so
  * enqueue it with the original's SMTPUTF8 flag and as 8BITMIME when its
  * text has an octet over 127 (dsn_msg_new does both; the original's
  * body type is no guide: one declared SMTPUTF8 but all ASCII is 7BIT,
@@ -43,8 +51,18 @@
 
 #define DSN_TEXT_MAX    2048u         /* octets of reply text kept per recipient */
 #define DSN_HEADERS_MAX (256u * 1024) /* returned headers beyond this are cut at a line */
+/* Octets of an original to read for a DSN that returns its headers only:
+ * two past DSN_HEADERS_MAX, so that dsn_build() tells a header section of
+ * that size (its empty line seen) from a longer one, which it cuts at a
+ * line and says so. */
+#define DSN_HEADERS_READ (DSN_HEADERS_MAX + 2)
 #define DSN_STATUS_MAX  16            /* "5.123.456" and NUL fit */
 #define DSN_MSGID_MAX   900           /* octets of message_id: its line stays under 998 */
+/* The spool tag (queue_outcome) of a failed recipient whose DSN waits for
+ * the rest of its message ([bounce] dsn_wait): kept deferred in the
+ * spool, due when its DSN must go at the latest, with its report entry in
+ * its last reply (outbound/outcome.c). Above every failure class + 1. */
+#define DSN_HELD_TAG QUEUE_TAG_HELD
 
 /* What became of a recipient: its Action field (RFC 3464 2.3.3). */
 enum dsn_action {
@@ -83,6 +101,8 @@ struct dsn_input {
     uint64_t now_ms;           /* Date */
     const char *orig;          /* the original message as stored (CRLF text), NULL if none */
     size_t orig_len;
+    size_t orig_size; /* the whole original's octets when orig holds its start only (its
+                       * headers: read so when it goes back no whole), 0: orig_len */
     bool ret_full;   /* RET=FULL: return the whole message, else only its headers */
     size_t full_max; /* bigger originals: headers only even with RET=FULL; 0: no limit */
     bool smtputf8;   /* the original was SMTPUTF8: RFC 6533 types, UTF-8 kept */
@@ -97,8 +117,10 @@ struct dsn_input {
  * original goes back whole only when RET=FULL, some recipient failed
  * (RFC 3461 4.3: RET is for failures; a delay warning or a success report
  * carries headers only), it is no
- * bigger than full_max, and it is clean CRLF text with lines of at most
- * 998 octets (otherwise it could not travel unchanged); else its headers
+ * bigger than full_max, it is clean CRLF text with lines of at most
+ * 998 octets (otherwise it could not travel unchanged), and it is 7-bit
+ * or the DSN SMTPUTF8 (an 8-bit message/rfc822 would make the DSN 8-bit:
+ * refused by an MX without 8BITMIME, and a DSN's bounce is dropped); else its headers
  * (everything up to the first empty line, all of it if there is none) go
  * back, and the human part says why. No original: two parts only.
  * Returns 0 with *out (malloc'd, NUL-terminated, *out_len octets without
@@ -135,12 +157,21 @@ struct dsn_msg {
  */
 int dsn_msg_new(const struct dsn_input *in, const struct queue_envelope *orig, uint64_t id,
                 struct dsn_msg **out);
+/* What dsn_msg_new(in, orig, ...) failing with rc means, for the log: the
+ * input it refused (-EINVAL: "the original has the null sender", "Message-ID
+ * malformed: ..."), else strerror(-rc). A static string (strerror's
+ * lives until the next call in this thread). */
+const char *dsn_msg_strerror(int rc, const struct dsn_input *in, const struct queue_envelope *orig);
 /* Free m (NULL is fine). Returns NULL. */
 struct dsn_msg *dsn_msg_free(struct dsn_msg *m);
 /* The envelope to enqueue m with: from <>, to m->rcpt, no DSN of its own
  * requested. env, rcpt and body point into m, which must outlive them. */
 void dsn_msg_envelope(const struct dsn_msg *m, struct queue_envelope *env, struct queue_rcpt *rcpt,
                       struct iovec *body);
+
+/* The Action field's word for a: "failed", "delayed", "relayed"
+ * (a static string). */
+const char *dsn_action_str(enum dsn_action a);
 
 /*
  * Whether a recipient's NOTIFY bits (enum queue_notify of queue/queue.h)

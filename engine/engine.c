@@ -9,8 +9,11 @@
  * and for messages being signed or stored and their replies
  * (server_worker_drain_seal); a last reply to a client that does not
  * read has no longer than the drain. A reload swaps the config while the
- * workers are parked; a replaced one is freed once no thread can reach
- * it (config_gen.h).
+ * workers are parked (engine_reload.c); a replaced one is freed once no
+ * thread can reach it (config_gen.h). This file also loads what start
+ * and reload share (the users file, the TLS contexts: engine_int.h) and
+ * hands out references to what a reload replaces; the connections per
+ * client address are engine_conn.c's.
  * A worker whose ring fails shuts its listeners and signals main, which
  * drains the others and exits ENGINE_EXIT_FAILED (engine.h); the test
  * seam SLUICE_TEST_FAIL_RING injects that failure. The stop has one last
@@ -26,6 +29,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +37,7 @@
 #include <unistd.h>
 
 #include "common/clock.h"
+#include "common/fs.h"
 #include "common/intern.h"
 #include "common/log.h"
 #include "engine/auth_limit.h"
@@ -53,6 +58,7 @@
 #include "engine/shaping.h"
 #include "engine/tlsrpt.h"
 #include "common/json.h"
+#include "engine/engine_int.h"
 
 struct start_msg {
     struct worker_msg m;
@@ -120,9 +126,9 @@ requeue_spool(struct engine *e, char *err, size_t errlen)
 /* Both TLS contexts of a [tls] section: the client's always, the
  * server's when a certificate is named. Returns 0, or an error with a
  * message for the operator in err (nothing is left made). */
-static int
-tls_contexts_new(const struct tls_config *tc, struct tls_ctx **server, struct tls_ctx **client,
-                 char *err, size_t errlen)
+int
+engine_tls_new(const struct tls_config *tc, struct tls_ctx **server, struct tls_ctx **client,
+               char *err, size_t errlen)
 {
     *server = *client = NULL;
     char why[400];
@@ -136,12 +142,21 @@ tls_contexts_new(const struct tls_config *tc, struct tls_ctx **server, struct tl
     return rc;
 }
 
-static int
-load_users(struct engine *e, char *err, size_t errlen)
+/* The users file loaded into e->users; *changed (may be NULL) says
+ * whether it holds other contents than at the last load that took. */
+int
+engine_load_users(struct engine *e, bool *changed, char *err, size_t errlen)
 {
     const char *path = e->cfg->server.auth_users_file;
-    if (path == NULL)
+    if (changed != NULL)
+        *changed = false;
+    if (path == NULL) {
+        e->reread_digest[RR_USERS] = 0;
         return 0;
+    }
+    /* before the load: a file replaced meanwhile is only said again at
+     * the next reload */
+    uint64_t digest = engine_reread_digest(e->cfg, RR_USERS);
     char *buf = NULL;
     size_t len = 0;
     FILE *errs = open_memstream(&buf, &len);
@@ -156,13 +171,22 @@ load_users(struct engine *e, char *err, size_t errlen)
         e->users = db;
         pthread_mutex_unlock(&e->users_lock);
         auth_db_unref(old);
+        if (changed != NULL)
+            *changed = e->reread_digest[RR_USERS] != 0 && digest != e->reread_digest[RR_USERS];
+        e->reread_digest[RR_USERS] = digest;
     }
     if (rc < 0) {
-        /* the first error line is enough for the start failure; all of them
-         * go to the log */
-        for (char *save = NULL, *l = strtok_r(buf, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+        /* the first error line is enough for the start failure and
+         * sluicectl reload; all of them go to the log */
+        const char *first = NULL;
+        char *save = NULL;
+        for (char *l = strtok_r(buf, "\n", &save); l != NULL; l = strtok_r(NULL, "\n", &save)) {
             log_msg(LOG_ERR, "event=users_file_error error=\"%s\"", l);
-        snprintf(err, errlen, "auth_users_file %s: cannot load (see the errors above)", path);
+            if (first == NULL)
+                first = l;
+        }
+        snprintf(err, errlen, "auth_users_file %s: cannot load (%s; every error in the log)", path,
+                 first != NULL ? first : "no reason given");
     } else {
         log_msg(LOG_INFO, "event=users_loaded file=%s users=%u", path, auth_db_count(db));
         /* Their messages get 451 4.3.5 until the config names these. */
@@ -443,28 +467,6 @@ engine_tlsrpt_mail(void *arg, const char *from, const char *rcpt, const char *te
     return rc;
 }
 
-/* The bounce listener's seam (oob.h), on a worker: queued to the list's
- * writer thread. A hard bounce suppresses the address for everyone, as
- * [suppress] on_invalid_recipient says; a complaint suppresses it for the
- * tenant whose mail drew it (for everyone when the token named none; a
- * tenant no longer configured keeps its list, "tag:XXXXXXXX" when known
- * by its tag only, oob.c, until the config names it again:
- * suppress_fold_tags), as on_complaint says. */
-static void
-oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
-{
-    struct suppress *s = ctx;
-    if (kind == OOB_SUPPRESS_HARD_BOUNCE) {
-        suppress_on_bounce(s, NULL, addr, BOUNCE_INVALID_RECIPIENT, "out-of-band bounce");
-    } else if (kind == OOB_SUPPRESS_COMPLAINT) {
-        int64_t until = suppress_complaint_expiry(s, (int64_t)clock_unix_ms());
-        if (until >= 0 &&
-            suppress_feed(s, tenant != NULL && tenant[0] != '\0' ? tenant : NULL, addr,
-                          SUPPRESS_COMPLAINT, until, "complaint (feedback loop)") != 0)
-            log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> reason=complaint", addr);
-    }
-}
-
 /* A complaint about a tenant the config did not name (removed since, or
  * not yet on this node) went to the list "tag:XXXXXXXX" when its token
  * carried the tenant's tag, not its name (oob.c). Once cfg names the
@@ -474,8 +476,8 @@ oob_to_suppress(void *ctx, const char *tenant, const char *addr, int kind)
  * queued before are committed first. A complaint taken meanwhile by a
  * worker still on the previous config (one that did not park for the
  * swap) is folded at the next reload or start. */
-static void
-suppress_fold_tags(struct engine *e, const struct config *cfg)
+void
+engine_suppress_fold_tags(struct engine *e, const struct config *cfg)
 {
     if (e->suppress == NULL || cfg->ntenants == 0 || cfg->bounce.verp_key_len == 0)
         return;
@@ -509,8 +511,8 @@ mta_sts_start(const struct config *cfg, struct mta_sts **out, char *err, size_t 
  * see the new config before it is stored deliver as without a policy
  * meanwhile, as for a domain whose first check runs). Its [mta_sts]
  * settings are those it started with: a change is logged as kept. */
-static void
-mta_sts_reload(struct engine *e, const struct config *n)
+void
+engine_mta_sts_reload(struct engine *e, const struct config *n)
 {
     struct mta_sts *m = e->mta_sts;
     if (m == NULL && n->delivery.mta_sts && n->delivery.enabled && e->nworkers > 0) {
@@ -580,6 +582,16 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
     }
     if (cfg->suppress.enabled && (rc = suppress_open(&cfg->suppress, &e->suppress, err, errlen)) < 0)
         goto fail;
+    /* What the last run's spool committed and the list did not get yet.
+     * A list that cannot take them now (its map full, a failing disk)
+     * does not stop the start: they stay in the spool, and the writer
+     * tries them again every few seconds, as while running (logged
+     * event=suppress_write_failed). */
+    if (e->suppress != NULL && (rc = (int)suppress_attach_queue(e->suppress, e->queue)) < 0)
+        log_msg(LOG_ERR,
+                "event=suppress_notes_waiting reason=\"the spool's entries could not be copied "
+                "to the list at start; kept in the spool and tried again\" err=\"%s\"",
+                strerror(-rc));
     if ((rc = warmup_open(cfg, &e->warmup, err, errlen)) < 0 ||
         (rc = test_hook_warmup_clock(e, err, errlen)) < 0)
         goto fail;
@@ -601,10 +613,8 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
         if ((rc = shaping_open(&so, &e->shaping, err, errlen)) < 0)
             goto fail;
     }
-    if (e->suppress != NULL && e->oob.suppress == NULL)
-        e->oob = (struct oob_hooks){oob_to_suppress, e->suppress};
-    suppress_fold_tags(e, cfg);
-    rc = load_users(e, err, errlen);
+    engine_suppress_fold_tags(e, cfg);
+    rc = engine_load_users(e, NULL, err, errlen);
     if (rc < 0)
         goto fail;
     rc = auth_pool_new(cfg->server.auth_hash_threads, cfg->server.auth_hash_queue, &e->auth_pool);
@@ -642,11 +652,13 @@ engine_start(struct engine *e, const struct config *cfg, char *err, size_t errle
             goto fail;
     }
     struct tls_ctx *tls_server, *tls_client;
-    rc = tls_contexts_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
+    rc = engine_tls_new(&cfg->tls, &tls_server, &tls_client, err, errlen);
     if (rc < 0)
         goto fail;
     e->tls_server = tls_server;
     e->tls_client = tls_client;
+    for (enum reread i = RR_CERT; i < RR_USERS; i++)
+        e->reread_digest[i] = engine_reread_digest(cfg, i);
     rc = dkim_pool_new(cfg->dkim.threads, cfg->dkim.queue_max, cfg->dkim.sign_on_worker,
                        &e->dkim_pool, err, errlen);
     if (rc < 0)
@@ -734,9 +746,12 @@ fail:
     return rc;
 }
 
-bool
-engine_drain(struct engine *e, uint64_t timeout_ms)
+enum engine_drain_end
+engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
 {
+    /* From before the workers hear of it: their event=draining lines come
+     * after the deadline is set. */
+    uint64_t end = clock_now_ns() + MS_TO_NS(timeout_ms);
     for (unsigned i = 0; i < e->nworkers; i++) {
         if (e->srv[i] != NULL)
             server_worker_drain(e->srv[i], timeout_ms);
@@ -744,15 +759,37 @@ engine_drain(struct engine *e, uint64_t timeout_ms)
             delivery_drain(e->dlv[i]);
     }
     /* A bounded wait for the workers' word (no event to block on here:
-     * the main thread has nothing else to do meanwhile). */
-    struct timespec step = {0, 20 * 1000000};
+     * the main thread has nothing else to do meanwhile). The bound is the
+     * clock's: counted in steps of 20 ms, each sleep's lateness added up
+     * (a loaded machine: 32 s for a drain_timeout of 30), and a process
+     * stopped meanwhile (SIGSTOP, a VM paused) drained for that long too. */
     /* A failed worker never reports: it holds nothing that can finish. */
-    for (uint64_t waited = 0; waited < timeout_ms; waited += 20) {
+    for (;;) {
         if (atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers)
-            return true;
-        nanosleep(&step, NULL);
+            return ENGINE_DRAIN_DONE;
+        uint64_t now = clock_now_ns();
+        if (now >= end)
+            return ENGINE_DRAIN_TIMED_OUT;
+        uint64_t ns = end - now < 20 * 1000000ull ? end - now : 20 * 1000000ull;
+        struct timespec step = {0, (long)ns};
+        if (cut == NULL) {
+            nanosleep(&step, NULL);
+            continue;
+        }
+        /* An operator who will not wait (Ctrl-C again, a second kill):
+         * the stop goes on at once, what is in flight stays queued, and
+         * the stop's own waits for the spool are not shortened. */
+        siginfo_t si;
+        int sig = sigtimedwait(cut, &si, &step);
+        if (sig > 0 && si.si_pid != getpid()) {
+            uint64_t waited_ms = (clock_now_ns() - (end - MS_TO_NS(timeout_ms))) / 1000000;
+            log_msg(LOG_WARN,
+                    "event=drain_cut signal=%s sender_pid=%ld waited_ms=%llu "
+                    "note=what_was_in_flight_stays_queued",
+                    sig == SIGINT ? "INT" : "TERM", (long)si.si_pid, (unsigned long long)waited_ms);
+            return ENGINE_DRAIN_CUT;
+        }
     }
-    return atomic_load(&e->drained) + atomic_load(&e->failed) >= e->nworkers;
 }
 
 /* The stop's last bound (engine_stop): past it, the process exits. */
@@ -791,11 +828,13 @@ stop_last_words(void *arg)
 
 /* The watch's thread: waits for the stop's end; past the bound, the stop
  * waits on something that will not answer, most likely a dead disk under
- * the spool's committer (queue_close joins it, delivery_free waits for
- * its answers, and neither has a bound of its own); stage says which
+ * the spool's committer (queue_close joins it, with no bound of its own;
+ * the servers' and deliveries' waits for its answers end at
+ * stop_commit_until, their messages logged); stage says which
  * step. Exiting then loses no mail: what the spool did not confirm was
  * never acknowledged to a client, and what it did is on disk (as after a
- * kill -9); the warm-up counts and shaping state taken since their last
+ * kill -9); a delivery whose outcome it did not store is sent again after
+ * the restart (at least once); the warm-up counts and shaping state taken since their last
  * save are lost when the stop hung before their close. */
 static void *
 stop_watch_main(void *arg)
@@ -898,6 +937,7 @@ void
 engine_stop(struct engine *e)
 {
     struct stop_watch watch;
+    atomic_store(&e->stopping, true); /* before ops_stop waits for a command under way */
     bool watched = e->nworkers > 0 && stop_watch_start(&watch);
 #define STOP_STAGE(name)                                                                           \
     do {                                                                                           \
@@ -984,6 +1024,7 @@ engine_stop(struct engine *e)
     e->dlv = NULL;
     e->nworkers = 0;
     STOP_STAGE("spool");
+    suppress_detach_queue(e->suppress); /* after every worker: the last notes */
     if (e->queue != NULL)
         queue_close(e->queue);
     e->queue = NULL;
@@ -1013,333 +1054,6 @@ engine_stop(struct engine *e)
     if (watched)
         stop_watch_end(&watch);
 #undef STOP_STAGE
-}
-
-/* ---- reload ---- */
-
-struct park {
-    pthread_mutex_t lock;
-    pthread_cond_t cv;
-    unsigned arrived, left;
-    bool go;
-    struct engine *e;
-    struct park_msg {
-        struct worker_msg m;
-        struct park *p;
-    } *msgs; /* owned */
-};
-
-static void
-park_unref(struct park *p)
-{
-    pthread_mutex_lock(&p->lock);
-    bool last = --p->left == 0;
-    pthread_mutex_unlock(&p->lock);
-    if (last) {
-        pthread_mutex_destroy(&p->lock);
-        pthread_cond_destroy(&p->cv);
-        free(p->msgs);
-        free(p);
-    }
-}
-
-/* On each worker: wait while the main thread swaps the config, then take
- * up the new one. */
-static void
-park_on_worker(struct worker *w, struct worker_msg *m)
-{
-    struct park *p = ((struct park_msg *)m)->p;
-    struct engine *e = p->e;
-    log_flush(); /* the worker's lines before the reload's (log.h) */
-    pthread_mutex_lock(&p->lock);
-    p->arrived++;
-    pthread_cond_broadcast(&p->cv);
-    while (!p->go)
-        pthread_cond_wait(&p->cv, &p->lock);
-    pthread_mutex_unlock(&p->lock);
-    /* Read before the holders are re-pointed at e->cfg, which is this
-     * generation or newer (config_gen.h); a worker late for this park
-     * comes here with a newer config already, which is as good. */
-    uint64_t view = config_gens_current(e->gens);
-    server_worker_reconfigure(e->srv[w->id]);
-    delivery_reconfigure(e->dlv[w->id]);
-    config_gens_set_view(e->gens, w->id, view);
-    config_holders_publish(e, w->id);
-    park_unref(p);
-}
-
-/* On each worker, asked by engine_config_collect: publish how old a
- * config its state still points into (its sessions' messages and its
- * connections finish by and by). */
-static void
-gens_on_worker(struct worker *w, struct worker_msg *m)
-{
-    struct engine *e = w->ctx;
-    config_holders_publish(e, w->id);
-    atomic_store(&((struct gens_msg *)m)->posted, false);
-}
-
-unsigned
-engine_config_generations(struct engine *e)
-{
-    return config_gens_alive(e->gens);
-}
-
-bool
-engine_config_pending(struct engine *e)
-{
-    return e->gens != NULL && config_gens_pending(e->gens);
-}
-
-void
-engine_config_collect(struct engine *e)
-{
-    if (e->gens == NULL)
-        return;
-    /* What the workers said last time frees now; what they say now frees
-     * at the next call (the main thread does not wait for them). */
-    unsigned n = config_gens_collect(e->gens);
-    if (n > 0)
-        log_msg(LOG_DEBUG, "event=configs_freed count=%u alive=%u", n,
-                config_gens_alive(e->gens));
-    if (!config_gens_pending(e->gens))
-        return;
-    for (unsigned i = 0; i < e->nworkers; i++) {
-        struct gens_msg *g = &e->gens_msgs[i];
-        if (atomic_exchange(&g->posted, true))
-            continue; /* still in its mailbox */
-        g->m.fn = gens_on_worker;
-        worker_post(&e->workers[i], &g->m);
-    }
-}
-
-uint64_t
-engine_config_enter(struct engine *e)
-{
-    return config_gens_enter(e->gens);
-}
-
-void
-engine_config_leave(struct engine *e, uint64_t token)
-{
-    config_gens_leave(e->gens, token);
-}
-
-/* Tell what the new config n changes that only a restart applies: where
- * it differs from o, the config the engine started on (what still runs:
- * a second reload of the same file says so again, and one that goes back
- * to o's values says nothing). */
-static void
-report_kept(const struct config *o, const struct config *n)
-{
-#define SAME_STR(a, b) ((a) == (b) || ((a) != NULL && (b) != NULL && strcmp((a), (b)) == 0))
-    struct {
-        const char *key;
-        bool same;
-    } k[] = {
-        {"server.listen", SAME_STR(o->server.listen, n->server.listen)},
-        {"server.listen_tls", SAME_STR(o->server.listen_tls, n->server.listen_tls)},
-        {"bounce.listen", SAME_STR(o->bounce.listen, n->bounce.listen)},
-        {"server.workers", o->server.workers == n->server.workers},
-        {"server.ring_entries", o->server.ring_entries == n->server.ring_entries},
-        {"server.auth_hash_threads", o->server.auth_hash_threads == n->server.auth_hash_threads},
-        {"server.auth_hash_queue", o->server.auth_hash_queue == n->server.auth_hash_queue},
-        {"server.auth_failure_table",
-         o->server.auth_failure_table == n->server.auth_failure_table},
-        {"queue", SAME_STR(o->queue.path, n->queue.path) && o->queue.map_size == n->queue.map_size},
-        /* Each worker's client session cache is sized at start. */
-        {"tls.session_cache_size", o->tls.session_cache_size == n->tls.session_cache_size},
-        {"stats", SAME_STR(o->stats.socket, n->stats.socket) &&
-                      SAME_STR(o->stats.http_listen, n->stats.http_listen)},
-        /* Each worker's limiter is made at start from the [redis] of
-         * then (its connection, its outage share, its leases and
-         * batches), and its backoff from [delivery]'s. */
-        {"redis", SAME_STR(o->redis.url, n->redis.url) &&
-                      SAME_STR(o->redis.password, n->redis.password) &&
-                      SAME_STR(o->redis.key_prefix, n->redis.key_prefix) &&
-                      o->redis.nodes == n->redis.nodes &&
-                      o->redis.lease_ttl == n->redis.lease_ttl &&
-                      o->redis.token_batch == n->redis.token_batch &&
-                      o->redis.timeout == n->redis.timeout},
-        {"delivery.backoff", o->delivery.backoff == n->delivery.backoff &&
-                                 o->delivery.backoff_step == n->delivery.backoff_step},
-        {"log.file", SAME_STR(o->log.file, n->log.file)},
-        {"log.delivery_log", SAME_STR(o->log.delivery_log, n->log.delivery_log)},
-        /* The list holds its own copy of [suppress] from the start. */
-        {"suppress", o->suppress.enabled == n->suppress.enabled &&
-                         SAME_STR(o->suppress.path, n->suppress.path) &&
-                         o->suppress.map_size == n->suppress.map_size &&
-                         o->suppress.lowercase_local == n->suppress.lowercase_local &&
-                         o->suppress.strip_plus == n->suppress.strip_plus &&
-                         o->suppress.gmail_dots == n->suppress.gmail_dots &&
-                         SAME_STR(o->suppress.reply, n->suppress.reply) &&
-                         SAME_STR(o->suppress.on_invalid_recipient,
-                                  n->suppress.on_invalid_recipient) &&
-                         SAME_STR(o->suppress.on_complaint, n->suppress.on_complaint)},
-        {"dkim.threads", o->dkim.threads == n->dkim.threads},
-        {"dkim.queue_max", o->dkim.queue_max == n->dkim.queue_max},
-        {"dkim.sign_on_worker", o->dkim.sign_on_worker == n->dkim.sign_on_worker},
-        /* Each worker's resolver (and the MTA-STS thread's) is made at
-         * start from the [dns] of then: the servers, dnssec (DANE on or
-         * off), timeouts and TTLs of a reload do not reach it. */
-        {"dns", SAME_STR(o->dns.servers, n->dns.servers) && o->dns.timeout == n->dns.timeout &&
-                    o->dns.tries == n->dns.tries && o->dns.family == n->dns.family &&
-                    o->dns.prefer == n->dns.prefer && o->dns.cache_size == n->dns.cache_size &&
-                    o->dns.min_ttl == n->dns.min_ttl && o->dns.max_ttl == n->dns.max_ttl &&
-                    o->dns.negative_ttl == n->dns.negative_ttl &&
-                    o->dns.error_ttl == n->dns.error_ttl &&
-                    o->dns.max_mx_hosts == n->dns.max_mx_hosts && o->dns.dnssec == n->dns.dnssec &&
-                    o->dns.max_inflight == n->dns.max_inflight},
-    };
-#undef SAME_STR
-    for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++)
-        if (!k[i].same)
-            log_msg(LOG_WARN, "event=reload_kept key=%s note=needs_a_restart", k[i].key);
-}
-
-int
-engine_reload(struct engine *e, const struct config *ncfg)
-{
-    char err[512];
-    int refused = 0;
-    /* The certificate and key are read again even when their paths did
-     * not change: renewals replace the files in place. A file that does
-     * not load refuses the whole config, as a config error would. */
-    struct tls_ctx *tls_server = NULL, *tls_client = NULL;
-    if (ncfg != NULL && e->nworkers > 0 &&
-        (refused = tls_contexts_new(&ncfg->tls, &tls_server, &tls_client, err, sizeof(err))) < 0) {
-        log_msg(LOG_ERR, "event=reload_refused error=\"%s\"", err);
-        pthread_mutex_lock(&e->reload_lock);
-        snprintf(e->reload_why, sizeof(e->reload_why), "%s", err);
-        pthread_mutex_unlock(&e->reload_lock);
-        log_msg(LOG_ERR, "event=reload_failed what=config note=previous_config_kept");
-        ncfg = NULL;
-    }
-    char changed[1024] = "";
-    if (ncfg != NULL && e->nworkers > 0) {
-        report_kept(e->cfg_start, ncfg);
-        config_changes(e->cfg, ncfg, changed, sizeof(changed));
-        struct park *p = config_gens_reserve(e->gens) == 0 ? calloc(1, sizeof(*p)) : NULL;
-        if (p != NULL && (p->msgs = calloc(e->nworkers, sizeof(*p->msgs))) == NULL) {
-            free(p);
-            p = NULL;
-        }
-        if (p == NULL) {
-            log_msg(LOG_ERR, "event=reload_failed what=config reason=out_of_memory");
-        } else {
-            pthread_mutex_init(&p->lock, NULL);
-            clock_cond_init_mono(&p->cv);
-            p->e = e;
-            p->left = e->nworkers + 1;
-            for (unsigned i = 0; i < e->nworkers; i++) {
-                p->msgs[i].m.fn = park_on_worker;
-                p->msgs[i].p = p;
-                worker_post(&e->workers[i], &p->msgs[i].m);
-            }
-            /* Every worker parked (or 2 s passed: a late one takes the new
-             * config when it gets there), swap, let them go. */
-            struct timespec until = clock_mono_deadline(2000);
-            pthread_mutex_lock(&p->lock);
-            while (p->arrived < e->nworkers)
-                if (pthread_cond_timedwait(&p->cv, &p->lock, &until) != 0)
-                    break;
-            unsigned parked = p->arrived;
-            e->cfg = ncfg;
-            atomic_store(&e->campaign_names, ncfg->server.campaign_names);
-            /* After the store: a reader that sees the new generation sees
-             * ncfg (config_gen.h). The old one is freed by a later
-             * engine_config_collect, once every worker, parked now or late,
-             * and every reader outside them moved past it. */
-            config_gens_swap(e->gens, ncfg);
-            pthread_mutex_lock(&e->dkim_lock);
-            struct dkim_keyring *old_keys = e->dkim_keys;
-            e->dkim_keys = ncfg->dkim_keys ? dkim_keyring_ref(ncfg->dkim_keys) : NULL;
-            pthread_mutex_unlock(&e->dkim_lock);
-            dkim_keyring_unref(old_keys);
-            pthread_mutex_lock(&e->tls_lock);
-            struct tls_ctx *old_server = e->tls_server, *old_client = e->tls_client;
-            e->tls_server = tls_server;
-            e->tls_client = tls_client;
-            pthread_mutex_unlock(&e->tls_lock);
-            tls_server = old_server; /* dropped below; their connections hold their own */
-            tls_client = old_client;
-            p->go = true;
-            pthread_cond_broadcast(&p->cv);
-            pthread_mutex_unlock(&p->lock);
-            park_unref(p);
-            /* Plans follow the new config; today's counts stay. */
-            if (warmup_reload(e->warmup, ncfg) < 0) {
-                log_msg(LOG_ERR, "event=reload_failed what=warmup reason=out_of_memory "
-                                 "note=previous_plans_kept");
-                /* Its plans still point into that one: kept to the end. */
-                config_gens_pin(e->gens, e->warmup_cfg);
-            } else {
-                e->warmup_cfg = ncfg; /* it no longer reads the one before */
-            }
-            mta_sts_reload(e, ncfg);
-            suppress_fold_tags(e, ncfg);
-            log_set_level((enum log_level)ncfg->log.level);
-            log_msg(LOG_NOTICE, "event=config_reloaded path=%s workers_parked=%u/%u changed=\"%s\"",
-                    ncfg->path, parked, e->nworkers, changed[0] != '\0' ? changed : "none");
-        }
-    }
-    tls_ctx_unref(tls_server);
-    tls_ctx_unref(tls_client);
-    if (ncfg != NULL && e->nworkers > 0) {
-        /* [events NAME] sections (events.h); the module is made at start
-         * only when there is a sink (with the delivery log's writers). */
-        if (e->events != NULL)
-            events_reconfigure(e->events, ncfg->events, ncfg->nevents);
-        else if (ncfg->nevents > 0)
-            log_msg(LOG_WARN, "event=reload_kept key=events note=needs_a_restart "
-                              "reason=no_sink_at_start");
-    }
-    if (e->dlog != NULL)
-        dlog_reopen(e->dlog); /* logrotate: the writer thread reopens the path */
-    int rc = load_users(e, err, sizeof(err));
-    if (rc < 0)
-        log_msg(LOG_ERR, "event=reload_failed what=users reason=\"%s\" kept=previous", err);
-    return refused < 0 ? refused : rc;
-}
-
-void
-engine_reload_done(struct engine *e, bool ok, const char *why)
-{
-    pthread_mutex_lock(&e->reload_lock);
-    e->reload_ok = ok;
-    if (ok)
-        e->reload_why[0] = '\0';
-    else if (why != NULL)
-        snprintf(e->reload_why, sizeof(e->reload_why), "%s", why);
-    e->reload_gen++;
-    pthread_cond_broadcast(&e->reload_cv);
-    pthread_mutex_unlock(&e->reload_lock);
-}
-
-uint64_t
-engine_reload_gen(struct engine *e)
-{
-    pthread_mutex_lock(&e->reload_lock);
-    uint64_t g = e->reload_gen;
-    pthread_mutex_unlock(&e->reload_lock);
-    return g;
-}
-
-int
-engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms, char *why, size_t whylen)
-{
-    struct timespec until = clock_mono_deadline(timeout_ms);
-    int rc = -ETIMEDOUT;
-    pthread_mutex_lock(&e->reload_lock);
-    while (e->reload_gen == gen)
-        if (pthread_cond_timedwait(&e->reload_cv, &e->reload_lock, &until) != 0)
-            break;
-    if (e->reload_gen != gen) {
-        rc = e->reload_ok ? 1 : 0;
-        snprintf(why, whylen, "%s", e->reload_why);
-    }
-    pthread_mutex_unlock(&e->reload_lock);
-    return rc;
 }
 
 static struct tls_ctx *
@@ -1379,124 +1093,4 @@ engine_users(struct engine *e)
     struct auth_db *db = e->users ? auth_db_ref(e->users) : NULL;
     pthread_mutex_unlock(&e->users_lock);
     return db;
-}
-
-/* ---- connections per client address ---- */
-
-void
-conn_table_key(const struct sockaddr *sa, unsigned v6_prefix, uint8_t key[16])
-{
-    memset(key, 0, 16);
-    if (sa->sa_family == AF_INET) {
-        /* as ::ffff:a.b.c.d, the form a dual-stack socket reports */
-        key[10] = key[11] = 0xff;
-        memcpy(key + 12, &((const struct sockaddr_in *)sa)->sin_addr, 4);
-    } else if (sa->sa_family == AF_INET6) {
-        const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
-        memcpy(key, a, 16);
-        if (IN6_IS_ADDR_V4MAPPED(a))
-            return;
-        if (v6_prefix > 128)
-            v6_prefix = 128;
-        for (unsigned bit = v6_prefix; bit < 128; bit++)
-            key[bit / 8] &= (uint8_t) ~(0x80u >> (bit % 8));
-    }
-}
-
-static uint32_t
-addr_hash(const uint8_t key[16])
-{
-    uint32_t h = 2166136261u;
-    for (int i = 0; i < 16; i++)
-        h = (h ^ key[i]) * 16777619u;
-    return h;
-}
-
-enum { SLOT_EMPTY, SLOT_LIVE, SLOT_IDLE }; /* IDLE: count 0, keeps probe chains whole */
-
-static struct conn_slot *
-slot_find(struct conn_table *t, const uint8_t key[16], bool insert)
-{
-    if (t->cap == 0)
-        return NULL;
-    uint32_t mask = t->cap - 1;
-    struct conn_slot *reuse = NULL;
-    for (uint32_t i = addr_hash(key) & mask, n = 0; n < t->cap; i = (i + 1) & mask, n++) {
-        struct conn_slot *s = &t->slots[i];
-        if (s->state == SLOT_EMPTY)
-            return insert ? (reuse ? reuse : s) : NULL;
-        if (memcmp(s->addr, key, 16) == 0)
-            return s; /* live, or idle with our address: take it again */
-        if (s->state == SLOT_IDLE && reuse == NULL)
-            reuse = s;
-    }
-    return insert ? reuse : NULL;
-}
-
-/* Rebuild with room for four times the live entries (idle ones are
- * dropped), so that the table follows the clients connected now, not every
- * address ever seen. */
-static int
-table_rebuild(struct conn_table *t)
-{
-    uint32_t live = 0;
-    for (uint32_t i = 0; i < t->cap; i++)
-        live += t->slots[i].state == SLOT_LIVE;
-    uint32_t cap = 1024;
-    while (cap < 4 * (live + 1))
-        cap *= 2;
-    struct conn_slot *old = t->slots;
-    uint32_t oldcap = t->cap;
-    t->slots = calloc(cap, sizeof(*t->slots));
-    if (t->slots == NULL) {
-        t->slots = old;
-        return -ENOMEM;
-    }
-    t->cap = cap;
-    t->used = 0;
-    for (uint32_t i = 0; i < oldcap; i++)
-        if (old[i].state == SLOT_LIVE) {
-            *slot_find(t, old[i].addr, true) = old[i];
-            t->used++;
-        }
-    free(old);
-    return 0;
-}
-
-bool
-conn_table_add(struct conn_table *t, const uint8_t key[16], unsigned max)
-{
-    pthread_mutex_lock(&t->lock);
-    struct conn_slot *s = slot_find(t, key, false);
-    bool ok = true;
-    if (s != NULL && s->state == SLOT_LIVE) {
-        if (s->count >= max)
-            ok = false;
-        else
-            s->count++;
-    } else {
-        /* At most half the slots taken (live or idle): else rebuild. */
-        if ((t->used + 1) * 2 > t->cap && table_rebuild(t) < 0) {
-            ok = false;
-        } else {
-            s = slot_find(t, key, true);
-            if (s->state == SLOT_EMPTY)
-                t->used++;
-            memcpy(s->addr, key, 16);
-            s->state = SLOT_LIVE;
-            s->count = 1;
-        }
-    }
-    pthread_mutex_unlock(&t->lock);
-    return ok;
-}
-
-void
-conn_table_remove(struct conn_table *t, const uint8_t key[16])
-{
-    pthread_mutex_lock(&t->lock);
-    struct conn_slot *s = slot_find(t, key, false);
-    if (s != NULL && s->state == SLOT_LIVE && --s->count == 0)
-        s->state = SLOT_IDLE;
-    pthread_mutex_unlock(&t->lock);
 }

@@ -11,6 +11,7 @@
 #define SLUICE_ENGINE_ENGINE_H
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 
 #include "engine/auth.h"
@@ -127,6 +128,14 @@ struct engine {
     uint64_t reload_gen;       /* reloads finished, either way */
     bool reload_ok;
     char reload_why[512];      /* why the last one was refused */
+    char reload_changed[1024]; /* what the last one that took changed (config_changes) */
+    char reload_kept[512];     /* keys changed since the start that need a restart */
+    char reload_users[512];    /* why the last one did not load the users file ("": it did) */
+    /* Digests (fs_digest) of the files read again at every reload under
+     * the same names, as last loaded: [tls] cert_file, key_file, ca_file,
+     * [server] auth_users_file (engine_int.h's enum reread); 0: none. Read
+     * and written by the thread that starts and reloads only. */
+    uint64_t reread_digest[4];
     uint64_t started_ms;       /* Unix ms */
     unsigned nworkers;
     /* owned: site affinity's route table (route.h: which worker the mail
@@ -143,13 +152,17 @@ struct engine {
                                   * sessions of every worker; bounded by [server]
                                   * body_memory_limit (server_msg.c takes and gives back) */
     _Atomic unsigned failed;   /* workers whose ring failed (the daemon stops) */
+    atomic_bool stopping;      /* engine_stop began: an operator's command waiting for
+                                * the spool gives up (ops.c flush_wait) */
     uint64_t stop_commit_until; /* CLOCK_MONOTONIC ns: the end of the stop's wait for the
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:
                                  * not stopping */
     struct conn_table per_ip;
     /* The bounce listener's seam to the suppression list (oob.h): set
-     * before engine_start, read by the workers; zero: events only. */
+     * before engine_start (tests), read by the workers; zero: the list's
+     * notes, committed with the report (server_msg.c bounce_finish), or
+     * events only when [suppress] is off. */
     struct oob_hooks oob;
 };
 
@@ -157,11 +170,18 @@ struct engine {
  * listeners. Returns 0, or a negative code with a message for the operator
  * in err. On failure nothing is left running. */
 int engine_start(struct engine *e, const struct config *cfg, char *err, size_t errlen);
+/* How a drain ended. */
+enum engine_drain_end {
+    ENGINE_DRAIN_DONE,      /* everything in flight finished */
+    ENGINE_DRAIN_TIMED_OUT, /* timeout_ms ran out */
+    ENGINE_DRAIN_CUT,       /* a signal of cut came (another SIGTERM): logged */
+};
 /* SIGTERM: stop accepting, let outbound transactions in flight finish and
  * start no new ones, for up to timeout_ms; what is left stays queued.
- * Then call engine_stop(). Main thread. Returns whether everything in
- * flight finished in time. */
-bool engine_drain(struct engine *e, uint64_t timeout_ms);
+ * Then call engine_stop(). Main thread, with the signals of cut (NULL:
+ * none) blocked: one of them sent by another process ends the wait at
+ * once (one this process sends itself, a failed worker's, does not). */
+enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut);
 /* Stop every worker and wait for them; close the spool; free. Bounded:
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers
  * nothing: a dead disk) it writes what the log's threads kept and the
@@ -214,10 +234,19 @@ int engine_reload(struct engine *e, const struct config *ncfg);
 void engine_reload_done(struct engine *e, bool ok, const char *why);
 /* The reloads finished so far (a generation to wait past). */
 uint64_t engine_reload_gen(struct engine *e);
+/* A finished reload, as engine_reload_wait tells it. */
+struct engine_reload_outcome {
+    char why[512];      /* refused: why */
+    char changed[1024]; /* it took: what changed, as event=config_reloaded says ("": nothing) */
+    char kept[512];     /* it took: the keys that differ from the start's and need a restart
+                         * ("server.workers, dns"; "": none) */
+    char users[512];    /* it took but the users file did not load (the previous users are
+                         * kept): its first error; "": loaded, or none */
+};
 /* Wait up to timeout_ms for a reload to finish after generation gen.
- * Returns 1 (it took), 0 (refused: why says), or -ETIMEDOUT. */
-int engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms, char *why,
-                       size_t whylen);
+ * Returns 1 (it took), 0 (refused: out->why says), or -ETIMEDOUT. */
+int engine_reload_wait(struct engine *e, uint64_t gen, unsigned timeout_ms,
+                       struct engine_reload_outcome *out);
 /* A reference to the current users table (NULL when AUTH is off); any
  * thread. Drop it with auth_db_unref(). */
 struct auth_db *engine_users(struct engine *e);

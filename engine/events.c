@@ -95,7 +95,8 @@ const struct conf_key events_sink_keys[] = {
      NULL},
     {"events", CONF_STRING, EVK(events), 0, 1024, "",
      "event types sent, comma separated (reception, delivery, transient_failure, bounce, "
-     "expiration, dsn, oob_bounce, complaint, suppressed, shaping_started, shaping_ended; "
+     "expiration, dsn, oob_bounce, complaint, suppressed, shaping_started, shaping_ended, "
+     "rejection; "
      "another name is an error); empty: all",
      NULL},
     {"tenants", CONF_STRING, EVK(tenants), 0, 4096, "",
@@ -925,8 +926,11 @@ sink_start(struct sink *s, char *err, size_t errlen)
     s->started = true;
     struct journal_pos end;
     journal_end(s->ev->journal, &end);
+    uint64_t head = end.seq; /* as events_stats counts: the spool's on their way too */
+    if (s->ev->queue != NULL && queue_events_durable(s->ev->queue) > head)
+        head = queue_events_durable(s->ev->queue);
     log_msg(LOG_INFO, "event=events_sink_start sink=%s kind=%s pending=%" PRIu64 " paused=%s",
-            s->cfg.name, s->st.kind, end.seq > s->cursor.seq ? end.seq - s->cursor.seq : 0,
+            s->cfg.name, s->st.kind, head > s->cursor.seq ? head - s->cursor.seq : 0,
             s->st.paused ? "yes" : "no");
     return 0;
 }
@@ -1274,15 +1278,30 @@ events_stats(struct events *ev, struct events_sink_stats *out, unsigned cap)
         return 0;
     struct journal_pos end;
     journal_end(ev->journal, &end);
+    /* Pending from the spool's last durable number: the events committed
+     * and not yet copied to the journal (the pump's few milliseconds) are
+     * pending too. Counted from the journal's end alone, a sink showed 0
+     * while a message's delivery events were still in the spool, and a
+     * backend that waited for 0 to read its events missed them. */
+    uint64_t head = end.seq;
+    if (ev->queue != NULL && queue_events_durable(ev->queue) > head)
+        head = queue_events_durable(ev->queue);
     uint64_t now = clock_unix_ms();
     unsigned n = 0;
     pthread_mutex_lock(&ev->mu);
     for (; n < ev->nsinks && n < cap; n++) {
         const struct sink *s = ev->sinks[n];
         out[n] = s->st;
-        out[n].pending = end.seq > s->cursor.seq ? end.seq - s->cursor.seq : 0;
+        out[n].pending = head > s->cursor.seq ? head - s->cursor.seq : 0;
         out[n].oldest_age_ms =
             out[n].pending > 0 && s->oldest_ms != 0 && now > s->oldest_ms ? now - s->oldest_ms : 0;
+        /* Events the pump cannot append (the journal's disk full or
+         * failing) wait in the spool since its first failure: as old as
+         * that at least, so that the age's alert fires for them too (it
+         * read 0 while nothing pending was in the journal). */
+        if (out[n].pending > 0 && ev->pump_failing_ms != 0 && now > ev->pump_failing_ms &&
+            now - ev->pump_failing_ms > out[n].oldest_age_ms)
+            out[n].oldest_age_ms = now - ev->pump_failing_ms;
     }
     pthread_mutex_unlock(&ev->mu);
     return n;

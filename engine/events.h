@@ -9,8 +9,8 @@
  * bounce, expiration and dsn with the outcomes and the DSN they belong
  * to (outbound/outcome.c passes the lines with its outcome batch).
  * Events that change nothing in the spool come through the delivery
- * log's hook (events_put) and are committed alone (suppressed); the
- * bounce listener's (oob_bounce, complaint) are committed alone too, but
+ * log's hook (events_put) and are committed alone (suppressed,
+ * rejection); the bounce listener's (oob_bounce, complaint) are committed alone too, but
  * before the report's 250 (server_msg.c bounce_finish). The spool numbers the lines in commit order; the
  * pump thread copies the durable ones to the event journal
  * (events_journal.h) under those numbers, fsyncs, wakes the sinks and
@@ -109,8 +109,11 @@ struct events;
 struct events_sink_stats {
     char name[EVENTS_NAME_MAX + 1];
     char kind[8];           /* "http" | "redis" */
-    uint64_t pending;       /* events in the journal after its cursor */
-    uint64_t oldest_age_ms; /* age of the first of them; 0 when none */
+    uint64_t pending;       /* events committed after its cursor: in the journal,
+                             * or in the spool on their way to it */
+    uint64_t oldest_age_ms; /* age of the first of them in the journal, or since the
+                             * journal's appends began failing (the spool's then
+                             * wait that long); 0 when none is there */
     uint64_t sent;          /* events acknowledged */
     uint64_t batches;       /* batches acknowledged */
     uint64_t failed;        /* failed attempts (batches) */
@@ -136,7 +139,7 @@ int events_new(const struct events_sink_config *sinks, unsigned n, const char *d
 struct events *events_free(struct events *ev);
 
 /* The delivery log's hook (dlog_set_hook) for events logged outside a
- * spool transaction (suppressed, oob_bounce, complaint): the line is
+ * spool transaction (suppressed, rejection, oob_bounce, complaint): the line is
  * committed alone (queue_events_put). arg is the struct events. Any
  * thread. */
 void events_put(void *arg, const char *line, size_t len);

@@ -131,10 +131,23 @@ pump_move(struct events *ev)
     ev->plen = 0;
     ev->pskip = 0;
     ev->pfrom = ev->pseq = end.seq;
+    /* Loaded before the read: every number below it was committed before
+     * the read's transaction began. */
+    uint64_t durable = queue_events_durable(ev->queue);
     int n = queue_events_read(ev->queue, end.seq, atomic_load(&ev->pump_bytes), pump_record, ev);
     if (n < 0) {
         log_msg(LOG_ERR, "event=events_spool_read_failed err=\"%s\"", queue_strerror(n));
         return n;
+    }
+    if (n == 0 && durable > ev->pfrom) {
+        /* No record holds the numbers from pfrom to durable, and none
+         * will: a journal made anew beside a spool whose records were
+         * trimmed, or the last lines of commits removed as unconfirmed.
+         * Numbered on from there, else a sink's pending (counted to the
+         * spool's last number, events_stats) kept them until the next
+         * event came. */
+        int rc = journal_skip_to(ev->journal, durable);
+        return rc < 0 ? rc : 1;
     }
     if (ev->pskip > ev->pfrom) {
         /* the spool holds nothing from pfrom to pskip: a journal made anew
@@ -151,9 +164,14 @@ pump_move(struct events *ev)
     if (rc < 0) {
         log_msg(LOG_ERR, "event=events_journal_append_failed err=\"%s\" bytes=%zu "
                 "note=kept_in_spool_retried", strerror(-rc), ev->plen);
+        pthread_mutex_lock(&ev->mu);
+        if (ev->pump_failing_ms == 0)
+            ev->pump_failing_ms = clock_unix_ms(); /* the sinks' oldest age (events_stats) */
+        pthread_mutex_unlock(&ev->mu);
         return rc;
     }
     pthread_mutex_lock(&ev->mu);
+    ev->pump_failing_ms = 0;
     ev->appends++;
     pthread_cond_broadcast(&ev->cond);
     pthread_mutex_unlock(&ev->mu);

@@ -29,7 +29,8 @@ static void
 usage(FILE *out)
 {
     fprintf(out,
-            "usage: sluice [-c FILE] [--check-config] [--config-reference] [--help] [--version]\n"
+            "usage: sluice [-c FILE] [--check-config] [--help] [--version]\n"
+            "       sluice --config-reference | --classify-rules\n"
             "       sluice [-c FILE] --dkim-dns DOMAIN SELECTOR\n"
             "\n"
             "sluice is a bulk mail relay. It runs in the foreground and logs to the\n"
@@ -39,7 +40,9 @@ usage(FILE *out)
             "  -t, --check-config    check the configuration, print every error as\n"
             "                        file:line: key: what is wrong (with the known\n"
             "                        key or section an unknown one is a typo of),\n"
-            "                        and exit (0: valid, 1: errors)\n"
+            "                        and exit (0: valid, 1: errors); the checks\n"
+            "                        across keys and of the files named run once\n"
+            "                        the file reads without error\n"
             "      --config-reference  print every section and key with its default\n"
             "  -h, --help            this text\n"
             "  -V, --version         print the version\n"
@@ -49,18 +52,21 @@ usage(FILE *out)
             "                        that DKIM key of the configuration (zone file syntax)\n"
             "\n"
             "Signals: TERM or INT drains (stops accepting, lets outbound transactions in\n"
-            "flight finish for [server] drain_timeout, leaves the rest queued) and\n"
-            "exits 0; HUP reopens the log and the delivery log, reloads the users file\n"
-            "and the configuration: domain policies and limits, TLS policies, [tls]\n"
-            "(certificate and key read again, CAs, protocols, ciphers), retries,\n"
-            "classification and bounce settings take effect; what needs a restart\n"
-            "(listeners, workers, spool, sockets, Redis URL, log paths) is logged as\n"
-            "kept. A config with errors, or TLS files that do not load, is refused and\n"
-            "the old one kept.\n"
+            "flight finish for [server] drain_timeout, leaves the rest queued; a second\n"
+            "TERM or INT ends the drain at once) and exits 0; HUP reopens the log and\n"
+            "the delivery log, reloads the users file and the configuration: domain\n"
+            "policies and limits, TLS policies, [tls] (certificate and key read again,\n"
+            "CAs, protocols, ciphers), retries, classification and bounce settings take\n"
+            "effect; what needs a restart (listeners, workers, spool, sockets, Redis\n"
+            "URL, log paths) is logged as kept. A config with errors, or TLS files that\n"
+            "do not load, is refused and the old one kept.\n"
             "\n"
-            "Exit status: 0 after a drain, 1 when it cannot start, 70 when a worker's\n"
-            "io_uring failed at run time (logged as event=worker_failed; the others\n"
-            "were drained, nothing is lost: a supervisor should restart it).\n",
+            "Exit status: 0 after a drain (or a check or print that succeeded), 1 when\n"
+            "it cannot start or the configuration has errors, 2 on a usage error, 70\n"
+            "when a worker's io_uring failed at run time (logged as event=worker_failed;\n"
+            "the others were drained, nothing is lost) or a stop was given up on a\n"
+            "spool that answered nothing (event=stop_stuck): a supervisor should\n"
+            "restart it.\n",
             DEFAULT_CONFIG);
 }
 
@@ -157,6 +163,7 @@ main(int argc, char **argv)
     }
     if (dkim_dns) {
         if (argc - optind != 2) {
+            fprintf(stderr, "sluice: --dkim-dns needs a DOMAIN and a SELECTOR\n");
             usage(stderr);
             return 2;
         }
@@ -208,7 +215,6 @@ main(int argc, char **argv)
 
     struct engine engine;
     memset(&engine, 0, sizeof(engine));
-    /* The suppression seam (engine/oob.h) is connected here: engine.oob. */
     char err[512];
     rc = engine_start(&engine, cfg, err, sizeof(err));
     if (rc < 0) {
@@ -219,14 +225,23 @@ main(int argc, char **argv)
     /* Where to find it: the first line a new user reads. */
     log_msg(LOG_NOTICE,
             "event=ready version=%s pid=%ld workers=%u config=%s hostname=%s listen=\"%s\" "
-            "listen_tls=\"%s\" stats_socket=%s metrics=%s",
+            "listen_tls=\"%s\" stats_socket=%s metrics=%s bounce_listen=\"%s\"",
             SLUICE_VERSION, (long)getpid(), engine.nworkers, cfg->path, cfg->server.hostname,
             cfg->server.listen, cfg->server.listen_tls ? cfg->server.listen_tls : "-",
             cfg->stats.socket ? cfg->stats.socket : "-",
-            cfg->stats.http_listen ? cfg->stats.http_listen : "-");
+            cfg->stats.http_listen ? cfg->stats.http_listen : "-",
+            cfg->bounce.listen ? cfg->bounce.listen : "-");
     if (!cfg->delivery.enabled)
         log_msg(LOG_WARN, "event=delivery_disabled key=delivery.enabled "
                           "note=mail_is_accepted_and_queued_but_nothing_is_sent");
+    /* The name said in EHLO (a [source]'s ehlo aside), greetings and DSNs:
+     * one of a single label, as a short system host name is when hostname
+     * is unset ("vm"), is refused by receivers that want a fully qualified
+     * one (Postfix's reject_non_fqdn_helo_hostname). */
+    if (strchr(cfg->server.hostname, '.') == NULL)
+        log_msg(LOG_WARN, "event=hostname_not_fqdn hostname=%s key=server.hostname "
+                          "note=receivers_may_refuse_an_ehlo_name_without_a_dot",
+                cfg->server.hostname);
 
     /* The config started on is kept to the end (what the start made
      * borrows from it); each one a reload brings is the engine's, freed
@@ -256,6 +271,7 @@ main(int argc, char **argv)
             size_t blen = 0;
             FILE *errs = open_memstream(&buf, &blen);
             struct config *ncfg = NULL;
+            bool enabled_kept = false;
             if (errs == NULL || config_load(path, &ncfg, errs) < 0) {
                 if (errs != NULL)
                     fclose(errs);
@@ -272,6 +288,7 @@ main(int argc, char **argv)
                     log_msg(LOG_WARN, "event=reload_kept key=delivery.enabled "
                                       "note=needs_a_restart");
                     ncfg->delivery.enabled = engine.cfg->delivery.enabled;
+                    enabled_kept = true;
                 }
             }
             /* the first error is what `sluicectl reload` shows */
@@ -282,6 +299,16 @@ main(int argc, char **argv)
             free(buf);
             const struct config *before = engine.cfg;
             engine_reload(&engine, ncfg);
+            if (enabled_kept && engine.cfg == ncfg) {
+                /* what `sluicectl reload` prints as not in force until a
+                 * restart: the engine's list of such keys does not see
+                 * this one, put back above */
+                pthread_mutex_lock(&engine.reload_lock);
+                size_t kl = strlen(engine.reload_kept);
+                snprintf(engine.reload_kept + kl, sizeof(engine.reload_kept) - kl, "%s%s",
+                         kl > 0 ? ", " : "", "delivery.enabled");
+                pthread_mutex_unlock(&engine.reload_lock);
+            }
             engine_reload_done(&engine, ncfg != NULL && engine.cfg == ncfg,
                                ncfg == NULL ? first : NULL);
             /* Refused (a certificate that does not load, no memory): no
@@ -303,9 +330,18 @@ main(int argc, char **argv)
                 "event=stopping signal=%s sender_pid=%ld drain_timeout_ms=%llu reason=%s",
                 sig == SIGTERM ? "TERM" : "INT", (long)si.si_pid, (unsigned long long)drain_ms,
                 engine_failed_workers(&engine) > 0 ? "worker_failed" : "signal");
-        bool all = engine_drain(&engine, drain_ms);
-        log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s", all ? "done" : "timed_out",
-                all ? "nothing_in_flight" : "what_was_in_flight_stays_queued");
+        /* A second TERM or INT ends the drain (engine_drain); HUP waits. */
+        sigset_t cut;
+        sigemptyset(&cut);
+        sigaddset(&cut, SIGTERM);
+        sigaddset(&cut, SIGINT);
+        enum engine_drain_end end = engine_drain(&engine, drain_ms, &cut);
+        if (end != ENGINE_DRAIN_CUT) {
+            bool all = end == ENGINE_DRAIN_DONE;
+            log_msg(all ? LOG_NOTICE : LOG_WARN, "event=drain_%s note=%s",
+                    all ? "done" : "timed_out",
+                    all ? "nothing_in_flight" : "what_was_in_flight_stays_queued");
+        }
         break;
     }
     /* A failed worker: exit non-zero, so that the supervisor restarts us. */

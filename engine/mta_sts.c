@@ -9,7 +9,9 @@
  * watching curl's sockets and the resolver's (given as extra fds), woken
  * by curl_multi_wakeup() when a worker queues a check.
  *
- * The policies themselves (parse, match, the TXT record) are
+ * A check itself (TXT, the policy host's addresses, the fetch) is
+ * engine/mta_sts_check.c's (mta_sts_int.h: what the two share); the
+ * policies themselves (parse, match, the TXT record) are
  * engine/mta_sts_policy.c's.
  *
  * Threading: the entries, and the queue of checks, under m->lock; a
@@ -36,6 +38,7 @@
 #include "common/slab.h"
 #include "engine/config.h"
 #include "engine/netaddr.h"
+#include "engine/mta_sts_int.h"
 #include "engine/tlsrpt.h"
 
 #define CACHE_MAGIC "sluice-mta-sts 1"
@@ -46,10 +49,9 @@
 #define REFRESH_SCAN_MS 1000 /* policies near their end are looked for this often */
 #define REFRESH_MAX     10   /* ... and at most this many refreshes started per scan */
 #define REFRESH_MIN_MS  3000 /* the refresh window is the last tenth of max_age, at least this */
-#define RETRY_MIN_MS    1000 /* a DNS failure's retry_after() is at least this (error_ttl: 0) */
+#define RETRY_MIN_MS    1000 /* a DNS failure's sts_retry_after() is at least this (error_ttl: 0) */
 #define NO_POLICY_UNIT_MS 60000 /* a no-policy answer's TTL counts in these, at least one */
 #define NO_POLICY_UNITS   63    /* ... and at most this many (sts_entry's again: 6 bits) */
-#define FETCH_ADDRS     16   /* the policy host's addresses a fetch tries, at most */
 
 #define STS(f) offsetof(struct mta_sts_config, f)
 const struct conf_key mta_sts_conf_keys[] = {
@@ -99,110 +101,6 @@ const struct conf_key mta_sts_conf_keys[] = {
 
 /* ---- the store ---- */
 
-/* CHECK_IDLE: queued, not started. */
-enum check_state { CHECK_IDLE, CHECK_TXT, CHECK_ADDR, CHECK_FETCH };
-
-/* A domain asked: what mta_sts_get needs to answer, and no more. Most
- * domains a bulk sender meets have no policy and are kept so for an hour
- * after their last mail (recheck; see sweep()), a million an hour on a
- * busy node: what only a check uses lives in its struct sts_check, made
- * for the check and freed when it ends. Allocated in
- * offsetof(struct sts_entry, name) + the name's octets (no tail padding)
- * from m->entries (common/slab.h): 41 octets and the name, a 64-octet
- * object for "example.com".
- * Under m->lock, all of it (name: immutable). */
-struct sts_entry {
-    struct hash_node hn;          /* in m->domains (first) */
-    struct mta_sts_policy *pol;   /* owned reference, or NULL */
-    uint64_t checked_ms;          /* Unix ms of the last finished check; 0: never */
-    uint64_t used_ms;             /* Unix ms of the last mta_sts_get */
-    bool busy : 1;                /* a check is asked (MTA_STS_ASK), queued or in flight;
-                                   * the sweep keeps the entry while it is */
-    bool dns_failed : 1;          /* the last check ended on a temporary DNS failure
-                                   * (its TXT record's or its policy host's): with no
-                                   * policy in force, due again after retry_after(),
-                                   * not recheck */
-    uint8_t again : 6;            /* the last check found no policy: due again this many
-                                   * minutes after it (no_policy_again); 0: after recheck */
-    char name[];
-};
-_Static_assert(offsetof(struct sts_entry, name) == 41, "sts_entry grew: see its comment");
-/* The names asked are destinations' (cut at 255 octets, dest.c) and the
- * cache file's (at most DNS_NAME_MAX): every one fits a slab object. A
- * longer one from elsewhere is refused by slab_alloc and answered as a
- * domain without a policy (no _mta-sts name could be asked for it). */
-_Static_assert(offsetof(struct sts_entry, name) + 256 <= SLAB_MAX, "a name of 255 octets fits");
-
-/* One check of a domain, queued (on m->qhead, under m->lock) and then
- * running on the thread (on m->running, the thread's), until check_done
- * frees it. A first check asked of a worker (MTA_STS_ASK) makes one only
- * when its TXT answer names an id to fetch: a domain without a record,
- * most of them, never has one. */
-struct sts_check {
-    struct sts_check *qnext;      /* on m->qhead, under m->lock */
-    struct sts_check *prev, *next; /* on m->running, the thread's */
-    struct sts_entry *e;          /* borrowed: busy, so kept, while the check lives */
-    struct mta_sts *m;            /* borrowed: the store */
-    bool refresh;                 /* to fetch the policy again (RFC 8461 3.3) */
-    bool txt_known;               /* new_id is set: a worker asked the TXT record */
-    uint8_t again;                /* its TXT answer said no policy: for the entry's
-                                   * again (check_done); 0 otherwise */
-    char new_id[33];              /* the id to fetch: by the thread, or by
-                                   * mta_sts_txt_answer (under m->lock) before it
-                                   * queues the check */
-    /* The thread's only. */
-    uint8_t st;                   /* enum check_state */
-    struct dns_req *req;
-    CURL *easy;                   /* owned while fetching */
-    struct curl_slist *resolve;   /* owned while fetching */
-    CURLSH *share;                /* owned while fetching: easy's DNS cache, which holds
-                                   * the resolve entry (see fetch_start) */
-    char *body;                   /* owned: the answer so far, MTA_STS_MAX_BYTES + 1 */
-    size_t blen;
-    bool too_big;
-};
-
-struct mta_sts {
-    const struct config *cfg;     /* borrowed */
-    const struct mta_sts_config *sc; /* borrowed: &cfg->mta_sts */
-    char dir[PATH_MAX], file[128]; /* the cache */
-    pthread_mutex_t lock;
-    /* under lock: [delivery] allow_networks and deny_networks of the
-     * config in force (a reload's: mta_sts_set_allow), not cfg's of the
-     * start */
-    struct cidr allow[NETADDR_MAX_LIST], deny[NETADDR_MAX_LIST];
-    int nallow, ndeny;
-    struct hash domains;          /* owned struct sts_entry, by name */
-    struct slab entries;          /* where they live: apart from the workers' heaps, which
-                                   * an hour's entries would pin page by page */
-    struct sts_check *qhead, *qtail; /* owned: checks waiting for the thread */
-    bool stop;
-    bool dirty;                   /* the cache file is behind */
-    bool flush_reports;           /* the operator asked */
-    struct mta_sts_stats st;
-
-    /* The thread's. */
-    pthread_t thread;
-    bool started;
-    CURLM *multi;
-    struct dns *dns;
-    struct pollfd *dfds;          /* owned: the resolver's sockets, room for dcap */
-    unsigned ndfds, dcap;
-    struct curl_waitfd *wfds;     /* owned: dfds as curl_multi_poll takes them, room for
-                                   * wcap; grown only between polls (on_dns_sock runs
-                                   * while the last poll's are read) */
-    unsigned wcap;
-    unsigned inflight;
-    struct sts_check *running;    /* owned: the checks started (m->inflight of them) */
-    uint64_t saved_ms;
-    uint64_t swept_ms;            /* monotonic ms of the last sweep */
-    uint64_t sweep_every_ms;      /* SWEEP_MS, or a test hook's */
-    uint64_t forget_ms;           /* 0: FORGET_MS and at least recheck; else a test hook's */
-    uint64_t ttl_unit_ms;         /* 0: NO_POLICY_UNIT_MS; else a test hook's */
-    uint64_t refresh_ms;          /* monotonic ms of the last refresh scan */
-    struct tlsrpt *rpt;           /* owned, or NULL */
-};
-
 static bool
 entry_eq(const struct hash_node *n, const void *key)
 {
@@ -236,8 +134,8 @@ entry_get(struct mta_sts *m, const char *name, bool make)
 /* Is p in the last tenth of its max_age (at least REFRESH_MIN_MS), when
  * it is fetched again before it ends (RFC 8461 3.3: a policy in use is
  * never lost to its expiry)? */
-static bool
-refresh_due(const struct mta_sts_policy *p, uint64_t now)
+bool
+sts_refresh_due(const struct mta_sts_policy *p, uint64_t now)
 {
     uint64_t window = p->max_age * 100; /* a tenth, in ms */
     if (window < REFRESH_MIN_MS)
@@ -245,17 +143,14 @@ refresh_due(const struct mta_sts_policy *p, uint64_t now)
     return now + window >= p->expires_ms;
 }
 
-static int txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt,
-                       unsigned n, char id[33], const char **result, const char **why);
-
 /* How long after a check that failed on DNS (a timeout, SERVFAIL, or the
  * resolver out of memory) a domain without a policy in force is due
  * again: [dns] error_ttl, at least RETRY_MIN_MS, at most recheck. An
  * enforce domain whose first check met one timeout is not delivered to
  * without its policy for a whole recheck; a dead resolver costs one
  * check per domain per error_ttl (busy keeps it to one at a time). */
-static uint64_t
-retry_after(const struct mta_sts *m)
+uint64_t
+sts_retry_after(const struct mta_sts *m)
 {
     uint64_t ms = m->cfg->dns.error_ttl;
     if (ms < RETRY_MIN_MS)
@@ -287,8 +182,8 @@ no_policy_unit(const struct mta_sts *m)
  * the entry has spare (a million entries an hour: see struct
  * sts_entry); a longer TTL counts as recheck (an hour by default: the
  * same), which asks later than the TTL only under a recheck set longer. */
-static uint8_t
-no_policy_again(const struct mta_sts *m, uint32_t ttl)
+uint8_t
+sts_no_policy_again(const struct mta_sts *m, uint32_t ttl)
 {
     if (ttl == DNS_TTL_UNKNOWN)
         return 0;
@@ -347,12 +242,12 @@ mta_sts_get(struct mta_sts *m, const char *domain, bool can_ask, struct mta_sts_
      * last check. Not again and again once it ended: a policy server
      * that is down, or a policy of max_age 0, is asked every recheck,
      * not at every mail. Sooner after a DNS failure while no policy is
-     * in force (retry_after), or once the TTL of a no-policy answer ran
-     * out (no_policy_again). */
+     * in force (sts_retry_after), or once the TTL of a no-policy answer ran
+     * out (sts_no_policy_again). */
     bool in_force = e->pol != NULL && now < e->pol->expires_ms;
     uint64_t again = m->sc->recheck;
     if (e->dns_failed && !in_force)
-        again = retry_after(m);
+        again = sts_retry_after(m);
     else if (e->again != 0 && !in_force && e->again * no_policy_unit(m) < again)
         again = e->again * no_policy_unit(m); /* never past recheck: a reload may shorten it */
     if (!e->busy &&
@@ -375,7 +270,7 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
 {
     char id[33];
     const char *result, *reason;
-    int has = txt_verdict(status, why, txt, n, id, &result, &reason);
+    int has = sts_txt_verdict(status, why, txt, n, id, &result, &reason);
     pthread_mutex_lock(&m->lock);
     /* Busy since the ask: the sweep kept it. */
     struct sts_entry *e = entry_get(m, domain, false);
@@ -402,7 +297,7 @@ mta_sts_txt_answer(struct mta_sts *m, const char *domain, enum dns_status status
     }
     e->checked_ms = clock_unix_ms();
     e->dns_failed = status == DNS_RETRY || has;
-    e->again = has || status == DNS_RETRY || status == DNS_FAIL ? 0 : no_policy_again(m, ttl);
+    e->again = has || status == DNS_RETRY || status == DNS_FAIL ? 0 : sts_no_policy_again(m, ttl);
     /* As check_done: most domains publish nothing, a debug line each. */
     log_msg(strcmp(result, "no_record") == 0 ? LOG_DEBUG : LOG_INFO,
             "event=mta_sts_checked domain=%s result=%s mode=- id=-%s%s", e->name, result,
@@ -599,435 +494,6 @@ cache_load(struct mta_sts *m)
     log_msg(LOG_INFO, "event=mta_sts_cache_loaded path=%s policies=%u", path, loaded);
 }
 
-/* ---- checks, on the thread ---- */
-
-static void check_next(struct mta_sts *m);
-
-static void fetch_free(struct mta_sts *m, struct sts_check *c);
-
-/* On the thread: c starts, on m->running. */
-static void
-check_run(struct mta_sts *m, struct sts_check *c)
-{
-    m->inflight++;
-    c->prev = NULL;
-    c->next = m->running;
-    if (m->running != NULL)
-        m->running->prev = c;
-    m->running = c;
-}
-
-/* Frees c and what it holds, off m->running. Returns NULL. */
-static struct sts_check *
-check_free(struct mta_sts *m, struct sts_check *c)
-{
-    fetch_free(m, c);
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        m->running = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
-    m->inflight--;
-    free(c);
-    return NULL;
-}
-
-/* Check c ended, and is freed: pol (a reference moved in, or NULL)
- * replaces the cached policy when replace; otherwise the cached one
- * stays. dns_temp: it ended on a temporary DNS failure (see
- * retry_after). */
-static void
-check_done(struct mta_sts *m, struct sts_check *c, bool replace, struct mta_sts_policy *pol,
-           bool dns_temp, const char *result, const char *why)
-{
-    struct sts_entry *e = c->e;
-    uint8_t again = c->again;
-    check_free(m, c);
-    uint64_t now = clock_unix_ms();
-    pthread_mutex_lock(&m->lock);
-    m->st.inflight--;
-    if (replace) {
-        if (e->pol != NULL) {
-            m->st.policies--;
-            m->st.enforce -= e->pol->mode == MTA_STS_ENFORCE;
-        }
-        mta_sts_policy_unref(e->pol);
-        e->pol = pol;
-        if (pol != NULL) {
-            m->st.policies++;
-            m->st.enforce += pol->mode == MTA_STS_ENFORCE;
-        }
-        m->dirty = true;
-    } else {
-        mta_sts_policy_unref(pol);
-    }
-    e->checked_ms = now;
-    e->busy = false;
-    e->dns_failed = dns_temp;
-    e->again = again;
-    const struct mta_sts_policy *p = e->pol;
-    /* Most domains publish nothing: their checks are debug lines, not one
-     * info line per new domain of a campaign. */
-    bool nothing = strcmp(result, "no_record") == 0 && p == NULL;
-    log_msg(nothing ? LOG_DEBUG : LOG_INFO,
-            "event=mta_sts_checked domain=%s result=%s mode=%s id=%s%s%s", e->name,
-            result, p != NULL ? mta_sts_mode_str(p->mode) : "-", p != NULL ? p->id : "-",
-            why != NULL ? " reason=" : "", why != NULL ? why : "");
-    pthread_mutex_unlock(&m->lock);
-}
-
-/* A fetch or a TXT record failed: the cached policy (if any) stays, and
- * the failure is reported under the domain's policy (RFC 8460 4.3.1).
- * dns_temp: the policy host's address lookup failed for now. */
-static void
-check_failed(struct mta_sts *m, struct sts_check *c, enum tlsrpt_result r, bool dns_temp,
-             const char *why)
-{
-    pthread_mutex_lock(&m->lock);
-    m->st.fetch_failed++;
-    struct mta_sts_policy *p = mta_sts_policy_ref(c->e->pol);
-    pthread_mutex_unlock(&m->lock);
-    if (m->rpt != NULL)
-        tlsrpt_record(m->rpt, c->e->name, p, r, NULL, NULL);
-    mta_sts_policy_unref(p);
-    check_done(m, c, false, NULL, dns_temp, "fetch_failed", why);
-}
-
-static size_t
-on_body(char *data, size_t size, size_t nmemb, void *arg)
-{
-    struct sts_check *c = arg;
-    size_t n = size * nmemb;
-    if (c->blen + n > MTA_STS_MAX_BYTES) {
-        c->too_big = true;
-        return 0; /* curl stops: CURLE_WRITE_ERROR */
-    }
-    memcpy(c->body + c->blen, data, n);
-    c->blen += n;
-    return n;
-}
-
-/* Fetch the policy of c's domain from the policy host at addrs (n >= 1, each one
- * allowed as a target): curl connects to them in turn (and both
- * families at once, RFC 8305), so one address that is down does not fail
- * the fetch while another answers. */
-static void
-fetch_start(struct mta_sts *m, struct sts_check *c, const union dns_addr *const *addrs,
-            unsigned n)
-{
-    /* host:port:addr[,addr]... (libcurl 7.59 and later: several), each
-     * address less than 64 octets and 3 more ("," "[" "]") */
-    char rs[DNS_NAME_MAX + 32 + FETCH_ADDRS * (64 + 3)], url[DNS_NAME_MAX + 100];
-    unsigned port = m->sc->fetch_port;
-    size_t o = (size_t)snprintf(rs, sizeof(rs), "mta-sts.%s:%u:", c->e->name, port);
-    for (unsigned i = 0; i < n && i < FETCH_ADDRS; i++) {
-        char ip[64];
-        bool v6 = addrs[i]->sa.sa_family == AF_INET6;
-        netaddr_ip_str(&addrs[i]->sa, ip, sizeof(ip));
-        o += (size_t)snprintf(rs + o, sizeof(rs) - o, "%s%s%s%s", i > 0 ? "," : "",
-                              v6 ? "[" : "", ip, v6 ? "]" : "");
-    }
-    if (port == 443)
-        snprintf(url, sizeof(url), "https://mta-sts.%s/.well-known/mta-sts.txt", c->e->name);
-    else
-        snprintf(url, sizeof(url), "https://mta-sts.%s:%u/.well-known/mta-sts.txt", c->e->name,
-                 port);
-    c->body = malloc(MTA_STS_MAX_BYTES + 1);
-    c->resolve = curl_slist_append(NULL, rs);
-    c->easy = curl_easy_init();
-    /* CURLOPT_RESOLVE puts its entry in the DNS cache the handle uses,
-     * for good (an entry without "+" never expires): in the multi
-     * handle's, that is one entry per domain ever fetched, for the life
-     * of the process. A cache of the fetch's own (a share of DNS alone)
-     * holds it instead, and goes with the fetch (fetch_free). */
-    c->share = curl_share_init();
-    c->blen = 0;
-    c->too_big = false;
-    if (c->body == NULL || c->resolve == NULL || c->easy == NULL || c->share == NULL ||
-        curl_share_setopt(c->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
-        curl_easy_setopt(c->easy, CURLOPT_SHARE, c->share) != CURLE_OK) {
-        fetch_free(m, c);
-        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
-        return;
-    }
-    CURL *h = c->easy;
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_RESOLVE, c->resolve);
-    /* No proxy from the environment (https_proxy, all_proxy): the policy
-     * host's addresses are the ones resolved and checked here. */
-    curl_easy_setopt(h, CURLOPT_PROXY, "");
-    curl_easy_setopt(h, CURLOPT_PRIVATE, c);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)m->sc->fetch_timeout);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)m->sc->fetch_timeout);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, c);
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
-    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L); /* RFC 8461 3.3: no redirects */
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
-    curl_easy_setopt(h, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
-    curl_easy_setopt(h, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)MTA_STS_MAX_BYTES);
-    if (m->sc->ca_file != NULL)
-        curl_easy_setopt(h, CURLOPT_CAINFO, m->sc->ca_file);
-    /* Refused (out of memory), the entry would wait in CHECK_FETCH for
-     * good, holding a max_fetches slot: it fails now, as a fetch. */
-    if (curl_multi_add_handle(m->multi, h) != CURLM_OK) {
-        fetch_free(m, c);
-        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
-        return;
-    }
-    c->st = CHECK_FETCH;
-    pthread_mutex_lock(&m->lock);
-    m->st.fetches++;
-    pthread_mutex_unlock(&m->lock);
-}
-
-/* Frees what fetch_start made (any part of it): the handle first, then
- * its DNS cache (a share in use by a handle is not freed) with the
- * resolve entry in it. */
-static void
-fetch_free(struct mta_sts *m, struct sts_check *c)
-{
-    if (c->easy != NULL) {
-        curl_multi_remove_handle(m->multi, c->easy);
-        curl_easy_cleanup(c->easy);
-        c->easy = NULL;
-    }
-    if (c->share != NULL) {
-        curl_share_cleanup(c->share);
-        c->share = NULL;
-    }
-    curl_slist_free_all(c->resolve);
-    c->resolve = NULL;
-    free(c->body);
-    c->body = NULL;
-}
-
-static void
-fetch_done(struct mta_sts *m, struct sts_check *c, CURLcode res)
-{
-    long code = 0;
-    char *ctype = NULL;
-    curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &code);
-    curl_easy_getinfo(c->easy, CURLINFO_CONTENT_TYPE, &ctype);
-    char why[160];
-    enum tlsrpt_result r = TLSRPT_STS_POLICY_FETCH_ERROR;
-    bool ok = false;
-    if (c->too_big || res == CURLE_FILESIZE_EXCEEDED) {
-        snprintf(why, sizeof(why), "policy larger than %u octets", MTA_STS_MAX_BYTES);
-    } else if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE) {
-        r = TLSRPT_STS_WEBPKI_INVALID;
-        snprintf(why, sizeof(why), "policy server certificate: %s", curl_easy_strerror(res));
-    } else if (res != CURLE_OK) {
-        snprintf(why, sizeof(why), "%s", curl_easy_strerror(res));
-    } else if (code != 200) {
-        snprintf(why, sizeof(why), "HTTP status %ld%s", code,
-                 code >= 300 && code < 400 ? " (redirects are refused)" : "");
-    } else if (ctype == NULL || strncasecmp(ctype, "text/plain", 10) != 0 ||
-               (ctype[10] != '\0' && ctype[10] != ';' && ctype[10] != ' ')) {
-        r = TLSRPT_STS_POLICY_INVALID;
-        snprintf(why, sizeof(why), "media type %s, not text/plain", ctype ? ctype : "none");
-    } else {
-        ok = true;
-    }
-    if (!ok) {
-        fetch_free(m, c);
-        check_failed(m, c, r, false, why);
-        return;
-    }
-    struct mta_sts_policy *p = NULL;
-    const char *pwhy = NULL;
-    int rc = mta_sts_policy_parse(c->body, c->blen, &p, &pwhy);
-    fetch_free(m, c);
-    if (rc < 0) {
-        snprintf(why, sizeof(why), "policy does not parse: %s", pwhy);
-        check_failed(m, c, TLSRPT_STS_POLICY_INVALID, false, why);
-        return;
-    }
-    snprintf(p->id, sizeof(p->id), "%s", c->new_id);
-    p->fetched_ms = clock_unix_ms();
-    p->expires_ms = p->fetched_ms + p->max_age * 1000;
-    pthread_mutex_lock(&m->lock);
-    m->st.fetched++;
-    bool refreshed = c->refresh;
-    m->st.refreshed += refreshed;
-    pthread_mutex_unlock(&m->lock);
-    check_done(m, c, true, p, false, refreshed ? "refreshed" : "fetched", NULL);
-}
-
-static void
-on_addr(void *arg, struct dns_mx_result *res)
-{
-    struct sts_check *c = arg;
-    struct mta_sts *m = c->m;
-    c->req = NULL;
-    /* Every address a delivery could use, in the resolver's order (the
-     * preferred family first); the others are never connected to. */
-    const union dns_addr *pick[FETCH_ADDRS];
-    unsigned npick = 0;
-    const char *why = res->why;
-    if (res->status == DNS_OK) {
-        pthread_mutex_lock(&m->lock);
-        for (unsigned i = 0; i < res->hosts[0].naddrs && npick < FETCH_ADDRS; i++) {
-            const union dns_addr *a = &res->hosts[0].addrs[i];
-            if (netaddr_target_refused(&a->sa, m->allow, m->nallow, m->deny, m->ndeny) == NULL)
-                pick[npick++] = a;
-        }
-        pthread_mutex_unlock(&m->lock);
-        if (npick == 0)
-            why = "mta-sts host's addresses are refused ([delivery] allow_networks, "
-                  "deny_networks)";
-    }
-    if (npick > 0)
-        fetch_start(m, c, pick, npick);
-    else
-        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, res->status == DNS_RETRY, why);
-    dns_mx_result_unref(res);
-}
-
-static void
-check_addr(struct mta_sts *m, struct sts_check *c)
-{
-    char host[DNS_NAME_MAX + 16];
-    snprintf(host, sizeof(host), "mta-sts.%s", c->e->name);
-    c->st = CHECK_ADDR;
-    struct dns_mx_result *res = NULL;
-    /* Its A/AAAA records (RFC 8461 3.3: an HTTPS GET to the host), not
-     * its MX: a name under a wildcard MX has both. */
-    int rc = dns_addr_resolve(m->dns, host, on_addr, c, &res, &c->req);
-    if (rc == 1) {
-        c->req = NULL;
-        on_addr(c, res);
-    } else if (rc < 0) {
-        c->req = NULL;
-        check_failed(m, c, TLSRPT_STS_POLICY_FETCH_ERROR, false, "out of memory");
-    }
-}
-
-/* What a TXT answer for _mta-sts.DOMAIN says: 1 with the policy's id
- * (exactly one valid STSv1 record), or 0 with the result and reason of a
- * check that ends there (no policy, unless a valid one is cached: RFC
- * 8461 5.1, a removed record does not end a policy early). */
-static int
-txt_verdict(enum dns_status status, const char *dwhy, const char *const *txt, unsigned n,
-            char id[33], const char **result, const char **why)
-{
-    *why = NULL;
-    if (status == DNS_NOT_FOUND) {
-        *result = "no_record";
-        return 0;
-    }
-    if (status != DNS_OK) {
-        *result = "dns_failed";
-        *why = dwhy;
-        return 0;
-    }
-    unsigned found = 0, bad = 0;
-    id[0] = '\0';
-    for (unsigned i = 0; i < n; i++) {
-        char x[33];
-        int rc = mta_sts_txt_parse(txt[i], x);
-        if (rc == 0 && found++ == 0)
-            memcpy(id, x, 33);
-        else if (rc == -EINVAL)
-            bad++;
-    }
-    if (found == 1 && bad == 0)
-        return 1;
-    /* RFC 8461 3.1: unless exactly one STSv1 record remains and it is
-     * valid, there is no policy: several STSv1 records (valid or broken
-     * alike) or a broken one count as none. */
-    *result = found + bad > 0 ? "bad_record" : "no_record";
-    *why = found + bad > 1 ? "several STSv1 records"
-           : bad > 0       ? "STSv1 record without a valid id"
-                           : NULL;
-    return 0;
-}
-
-/* The TXT record named policy id: fetch it, unless the cached policy has
- * that id and is neither ended nor in its last tenth. */
-static void
-check_id(struct mta_sts *m, struct sts_check *c, const char id[33])
-{
-    const struct sts_entry *e = c->e;
-    pthread_mutex_lock(&m->lock);
-    uint64_t now = clock_unix_ms();
-    bool same = e->pol != NULL && strcmp(e->pol->id, id) == 0 && now < e->pol->expires_ms &&
-                !refresh_due(e->pol, now);
-    c->refresh = e->pol != NULL && strcmp(e->pol->id, id) == 0; /* else a new policy */
-    pthread_mutex_unlock(&m->lock);
-    if (same) {
-        check_done(m, c, false, NULL, false, "unchanged", NULL);
-        return;
-    }
-    memcpy(c->new_id, id, sizeof(c->new_id));
-    check_addr(m, c);
-}
-
-static void
-on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
-       uint32_t ttl)
-{
-    struct sts_check *c = arg;
-    char id[33];
-    const char *result, *reason;
-    if (txt_verdict(status, why, txt, n, id, &result, &reason) == 0) {
-        if (status == DNS_OK || status == DNS_NOT_FOUND)
-            c->again = no_policy_again(c->m, ttl);
-        check_done(c->m, c, false, NULL, status == DNS_RETRY, result, reason);
-    }
-    else
-        check_id(c->m, c, id);
-}
-
-static void
-check_start(struct mta_sts *m, struct sts_check *c)
-{
-    char id[33];
-    check_run(m, c);
-    pthread_mutex_lock(&m->lock);
-    m->st.inflight++;
-    bool known = c->txt_known; /* a worker asked the TXT record (mta_sts_txt_answer) */
-    memcpy(id, c->new_id, sizeof(id));
-    if (!known)
-        m->st.checks++;
-    pthread_mutex_unlock(&m->lock);
-    if (known) {
-        check_id(m, c, id);
-        return;
-    }
-    char name[DNS_NAME_MAX + 16];
-    snprintf(name, sizeof(name), "_mta-sts.%s", c->e->name);
-    c->st = CHECK_TXT;
-    int rc = dns_txt_lookup(m->dns, name, on_txt, c);
-    if (rc < 0) {
-        check_done(m, c, false, NULL, rc != -EINVAL, "dns_failed",
-                   rc == -EINVAL ? "bad name" : "out of memory");
-    }
-}
-
-/* Start queued checks while there is room. */
-static void
-check_next(struct mta_sts *m)
-{
-    while (m->inflight < m->sc->max_fetches) {
-        pthread_mutex_lock(&m->lock);
-        struct sts_check *c = m->qhead;
-        if (c != NULL) {
-            m->qhead = c->qnext;
-            if (m->qhead == NULL)
-                m->qtail = NULL;
-            m->st.queued--;
-        }
-        pthread_mutex_unlock(&m->lock);
-        if (c == NULL)
-            return;
-        check_start(m, c);
-    }
-}
-
 /* ---- the thread ---- */
 
 static void
@@ -1081,7 +547,7 @@ on_dns_sock(void *arg, int fd, bool readable, bool writable)
  * whole [dns] timeout where its servers ignore _mta-sts names. The
  * answer's TTL is used otherwise: a kept entry whose "no policy" ran out
  * is asked again on the thread while its mail goes on (mta_sts_get,
- * no_policy_again), which finds a new policy as soon as forgetting would,
+ * sts_no_policy_again), which finds a new policy as soon as forgetting would,
  * without the wait. An idle entry is about 60 octets (struct sts_entry),
  * so the hour costs little. */
 static void
@@ -1139,7 +605,7 @@ refresh_scan(struct mta_sts *m)
         struct sts_entry *e = (struct sts_entry *)n;
         const struct mta_sts_policy *p = e->pol;
         if (e->busy || p == NULL || now >= p->expires_ms || e->used_ms < p->fetched_ms ||
-            !refresh_due(p, now) || now - e->checked_ms < m->sc->recheck)
+            !sts_refresh_due(p, now) || now - e->checked_ms < m->sc->recheck)
             continue;
         struct sts_check *c = entry_queue(m, e);
         if (c == NULL)
@@ -1171,7 +637,7 @@ thread_main(void *arg)
         pthread_mutex_unlock(&m->lock);
         if (stop)
             break;
-        check_next(m);
+        sts_check_next(m);
         uint64_t now_ms = clock_mono_ms();
         if (dirty && now_ms - m->saved_ms >= SAVE_MS) {
             m->saved_ms = now_ms;
@@ -1186,7 +652,7 @@ thread_main(void *arg)
         if (now_ms - m->refresh_ms >= REFRESH_SCAN_MS) {
             m->refresh_ms = now_ms;
             refresh_scan(m);
-            check_next(m);
+            sts_check_next(m);
         }
 
         if (m->wcap < m->ndfds) {
@@ -1232,7 +698,7 @@ thread_main(void *arg)
                 tlsrpt_on_done(m->rpt, msg->easy_handle, msg->data.result);
                 continue;
             }
-            fetch_done(m, priv, msg->data.result);
+            sts_fetch_done(m, priv, msg->data.result);
         }
     }
     return NULL;
@@ -1358,7 +824,7 @@ mta_sts_free(struct mta_sts *m)
      * resolver, their transfers with their handles; queued ones were
      * never started. */
     while (m->running != NULL)
-        check_free(m, m->running);
+        sts_check_free(m, m->running);
     while (m->qhead != NULL) {
         struct sts_check *c = m->qhead;
         m->qhead = c->qnext;

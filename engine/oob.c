@@ -265,7 +265,7 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
         ev.verified = verified ? 1 : -1;
         dlog_event(lw, &ev);
         out->events++;
-        log_msg(LOG_NOTICE,
+        snprintf(out->line, sizeof(out->line),
                 "session=%016llx event=complaint id=%s rcpt_index=%u rcpt=%s tenant=%s type=%s "
                 "verified=%d client=%s",
                 (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",
@@ -327,7 +327,7 @@ oob_message(const struct bounce_config *bc, const struct classify *cls,
     ev.verified = verified ? 1 : -1;
     dlog_event(lw, &ev);
     out->events++;
-    log_msg(LOG_NOTICE,
+    snprintf(out->line, sizeof(out->line),
             "session=%016llx event=oob_bounce id=%s rcpt_index=%u rcpt=%s tenant=%s report=%s "
             "status=%s class=%s verified=%d client=%s",
             (unsigned long long)sid, qid, ref.rcpt_index, addr ? addr : "-",

@@ -12,9 +12,11 @@
  *                     and turns it into delivery log events: oob_bounce
  *                     per failed recipient of a DSN or non-standard
  *                     bounce (classified with the one table, classify.h),
- *                     complaint per ARF report. Auto-replies, delay
- *                     notices and what is not recognised are logged (the
- *                     daemon log) and dropped. Nothing is queued.
+ *                     complaint per ARF report, and the daemon log's
+ *                     line of it (for the caller to log once it answered
+ *                     250). Auto-replies, delay notices and what is not
+ *                     recognised are logged (the daemon log) and dropped.
+ *                     Nothing is queued.
  *   oob_verp_sender() the envelope sender of one recipient's transaction
  *                     when [bounce] verp_domain is set.
  *
@@ -29,8 +31,9 @@
  * "verified": false otherwise, and X-Sluice-* fields of the original,
  * which anyone can write, are logged for the backend but decide nothing.
  *
- * The suppression seam: struct oob_hooks.suppress, when set (engine.h:
- * e->oob), is called for a verified hard bounce (class invalid_recipient,
+ * The suppression seam: struct oob_hooks.suppress, when set (the bounce
+ * listener's: it makes the entry a note committed with the report,
+ * suppress.h), is called for a verified hard bounce (class invalid_recipient,
  * action failed) and a verified complaint (any feedback type but
  * not-spam and auth-failure, which say nothing of the recipient's wishes),
  * on the worker's thread, with
@@ -98,6 +101,10 @@ struct oob_outcome {
     unsigned suppressed; /* calls of the suppression seam */
     const char *dropped; /* why nothing was logged: "autoreply", "unknown", "no_token",
                           * "forged_token", "stale_token", "delayed"; NULL: events */
+    char line[1024];     /* the daemon log's line of the event (event=oob_bounce or
+                          * event=complaint), "" none: the caller logs it once the
+                          * report is answered 250, so that a report answered 451
+                          * and sent again is logged once */
 };
 
 /* Parse msg[0..len) accepted from client (a session whose id is sid) for

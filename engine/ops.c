@@ -41,6 +41,7 @@
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
+#include "engine/dsn.h"
 #include "engine/events.h"
 #include "engine/engine.h"
 #include "engine/mta_sts.h"
@@ -222,7 +223,7 @@ parse_suspend_scope(const char *args, char *buf, size_t cap, const char **name, 
  * tenant's jobs parked as they come up). */
 static int
 suspend_cluster(struct engine *e, int kind, const char *name, bool on, uint64_t for_ms,
-                struct json *out, char *err, size_t errlen)
+                const char *note, struct json *out, char *err, size_t errlen)
 {
     struct shaping_action a;
     memset(&a, 0, sizeof(a));
@@ -255,20 +256,84 @@ suspend_cluster(struct engine *e, int kind, const char *name, bool on, uint64_t 
     } else {
         n = shaping_remove(e->shaping, &a);
     }
-    log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu cluster=yes",
+    /* On every node only through Redis: without [redis] url the action
+     * is this node's shaping table alone. */
+    struct shaping_stats st;
+    shaping_stats(e->shaping, &st);
+    log_msg(LOG_NOTICE, "event=%s scope=%s name=\"%s\" for_ms=%llu cluster=%s",
             on ? "suspended" : "resumed", delivery_scope_str((enum delivery_scope)kind), name,
-            (unsigned long long)for_ms);
+            (unsigned long long)for_ms, st.redis_on ? "yes" : "no");
     json_obj_begin(out);
     json_kstr(out, delivery_scope_str((enum delivery_scope)kind),
               kind == DELIVERY_SCOPE_DOMAIN ? a.domain : name);
     json_kbool(out, "suspended", on);
-    json_kbool(out, "cluster", true);
+    json_kbool(out, "cluster", st.redis_on);
     if (for_ms != 0)
         json_ku64(out, "for_ms", for_ms);
     if (!on)
         json_ku64(out, "resumed", (uint64_t)n);
+    if (note != NULL)
+        json_kstr(out, "note", note);
     json_obj_end(out);
     return 0;
+}
+
+/* A tenant or pool that the config names, a source of one of its pools
+ * as written there (the suspension matches that spelling): a suspension
+ * of a name it does not (a typo, "acme" for "acme-tx", 2001:DB8::1 for
+ * 2001:db8::1) holds no mail back and was answered as done. Domains and
+ * campaigns are anyone's; a resume takes any name, to end a suspension
+ * of a section a reload removed. False with err naming those there are. */
+static bool
+source_name_known(const struct config *cfg, const char *name, char *err, size_t errlen)
+{
+    for (unsigned i = 0; i < cfg->npools; i++)
+        for (unsigned j = 0; j < cfg->pools[i].nsources; j++)
+            if (strcmp(cfg->pools[i].sources[j].source->pattern, name) == 0)
+                return true;
+    size_t o = 0;
+    unsigned listed = 0;
+    int w = snprintf(err, errlen, "unknown source \"%.64s\": %s", name,
+                     cfg->npools == 0 ? "the config has no [pool] section (a source is suspended "
+                                        "as one of a pool's)"
+                                      : "the pools' sources are");
+    for (unsigned i = 0; i < cfg->npools; i++)
+        for (unsigned j = 0; j < cfg->pools[i].nsources && listed < 8; j++) {
+            const char *s = cfg->pools[i].sources[j].source->pattern;
+            bool seen = false; /* a source in two pools is listed once */
+            for (unsigned k = 0; k <= i && !seen; k++)
+                for (unsigned m = 0; m < (k < i ? cfg->pools[k].nsources : j) && !seen; m++)
+                    seen = strcmp(cfg->pools[k].sources[m].source->pattern, s) == 0;
+            if (seen || w < 0 || (o += (size_t)w) >= errlen)
+                continue;
+            w = snprintf(err + o, errlen - o, "%s %s", listed++ > 0 ? "," : "", s);
+        }
+    return false;
+}
+
+static bool
+scope_name_known(const struct config *cfg, int kind, const char *name, char *err, size_t errlen)
+{
+    if (kind == DELIVERY_SCOPE_SOURCE)
+        return source_name_known(cfg, name, err, errlen);
+    if (kind != DELIVERY_SCOPE_TENANT && kind != DELIVERY_SCOPE_POOL)
+        return true;
+    bool tenant = kind == DELIVERY_SCOPE_TENANT;
+    if (tenant ? config_tenant(cfg, name, strlen(name)) != NULL
+               : config_pool(cfg, name, strlen(name)) != NULL)
+        return true;
+    unsigned n = tenant ? cfg->ntenants : cfg->npools;
+    size_t o = 0;
+    int w = snprintf(err, errlen, "unknown %s \"%.64s\": %s", tenant ? "tenant" : "pool", name,
+                     n == 0 ? (tenant ? "the config has no [tenant] section"
+                                      : "the config has no [pool] section")
+                            : "the config's are");
+    for (unsigned i = 0; i < n && i < 8 && w >= 0 && (o += (size_t)w) < errlen; i++)
+        w = snprintf(err + o, errlen - o, "%s %s", i > 0 ? "," : "",
+                     tenant ? cfg->tenants[i].name : cfg->pools[i].name);
+    if (n > 8 && w >= 0 && (o += (size_t)w) < errlen)
+        snprintf(err + o, errlen - o, ", and %u more", n - 8);
+    return false;
 }
 
 /* suspend SCOPE [for=DURATION] | resume SCOPE: with shaping on, a domain,
@@ -285,7 +350,9 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     char *last = strrchr(buf, ' ');
     if (last != NULL && strncmp(last + 1, "for=", 4) == 0) {
         if (!on || conf_parse_duration(last + 5, &for_ms) != 0 || for_ms == 0) {
-            snprintf(err, errlen, on ? "for=: not a duration: %.50s" : "resume takes no for=",
+            snprintf(err, errlen,
+                     on ? "for=%.50s (--for): not a duration above 0, such as 90s, 30m or 2h"
+                        : "resume takes no for=",
                      last + 5);
             return -1;
         }
@@ -299,10 +366,28 @@ cmd_suspend(struct engine *e, const char *args, bool on, struct json *out, char 
     int kind = parse_suspend_scope(local ? buf + 6 : buf, scope, sizeof(scope), &name, err, errlen);
     if (kind < 0)
         return -1;
-    if (!local && e->shaping != NULL &&
-        (kind == DELIVERY_SCOPE_DOMAIN || kind == DELIVERY_SCOPE_TENANT ||
-         kind == DELIVERY_SCOPE_SOURCE))
-        return suspend_cluster(e, kind, name, on, for_ms, out, err, errlen);
+    bool cluster = !local && e->shaping != NULL &&
+                   (kind == DELIVERY_SCOPE_DOMAIN || kind == DELIVERY_SCOPE_TENANT ||
+                    kind == DELIVERY_SCOPE_SOURCE);
+    const char *note = NULL;
+    if (on && !scope_name_known(e->cfg, kind, name, err, errlen)) {
+        /* A source is an address of one node: a suspension that reaches
+         * every node through Redis may be for another node's, which no
+         * pool here has. Taken, and the answer says so. */
+        bool others = false;
+        if (cluster && kind == DELIVERY_SCOPE_SOURCE) {
+            struct shaping_stats st;
+            shaping_stats(e->shaping, &st);
+            others = st.redis_on;
+        }
+        if (!others)
+            return -1;
+        note = "no pool of this node has this source: it holds back the nodes' whose pools have "
+               "it as written";
+        err[0] = '\0';
+    }
+    if (cluster)
+        return suspend_cluster(e, kind, name, on, for_ms, note, out, err, errlen);
     struct wcall *c = wcall_new(e, suspend_on_worker);
     if (c == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -344,6 +429,8 @@ struct walk_sel {
      * NULL: any */
     const char *tenant, *campaign, *pool;
     bool deferred_only;
+    bool skip_held;     /* leave out failures held for their message's DSN (bounced
+                         * already: outbound/outcome.c) */
     uint64_t min_due;   /* deferred_only: those due after this */
     size_t due_soon;    /* deferred_only: those of the scope left out, due before min_due
                          * (the due poll takes them: nothing to flush) */
@@ -365,6 +452,8 @@ walk_select(void *arg, uint64_t id, const struct queue_rcpt *r)
     if (w->domain != NULL && !idn_domain_is(w->domain, r->domain))
         return 0;
     if (w->deferred_only && r->state != QUEUE_RCPT_DEFERRED)
+        return 0;
+    if (w->skip_held && r->tag == DSN_HELD_TAG)
         return 0;
     if ((w->tenant != NULL && strcasecmp(w->tenant, r->owner.tenant) != 0) ||
         (w->campaign != NULL && strcmp(w->campaign, r->owner.campaign) != 0) ||
@@ -560,6 +649,7 @@ struct flush_run {
     int rc;      /* the first failure */
     size_t done; /* recipients retimed */
     unsigned inflight;
+    uint64_t cut_at; /* clock_mono_ms: the stop's grace for the answers in flight ends */
     struct flush_slot slot[FLUSH_WINDOW];
 };
 
@@ -575,9 +665,43 @@ flush_batch_done(void *cookie, int rc)
     s->run->inflight--;
 }
 
+/* Wait for port's next answers. Once the stop has begun (engine_stop)
+ * the requests in flight have FLUSH_STOP_GRACE_MS more, counted once
+ * from the first wait that saw it: a spool that answers does so in
+ * milliseconds; one that does not (a dead disk) held the stop here, in
+ * ops_stop (stage=stats), before any worker was told to stop, until the
+ * stop's last bound gave it up. False when that grace ran out. */
+static bool
+flush_wait(struct engine *e, struct queue_port *port, struct flush_run *run)
+{
+    for (;;) {
+        int ms = 1000;
+        if (atomic_load(&e->stopping)) {
+            uint64_t now = clock_mono_ms();
+            if (run->cut_at == 0)
+                run->cut_at = now + FLUSH_STOP_GRACE_MS;
+            if (now >= run->cut_at)
+                return false;
+            ms = run->cut_at - now < 1000 ? (int)(run->cut_at - now) : 1000;
+        }
+        int rc = queue_port_wait(port, ms);
+        if (rc > 0)
+            return true;
+        if (rc < 0 && rc != -EINTR && queue_port_pending(port) == 0) {
+            if (run->rc == 0)
+                run->rc = rc;
+            return true;
+        }
+    }
+}
+
 /* Move the time of w's n recipients to due_ms; returns 0 or the first
  * failure, *done the recipients moved (those before the failure, and
- * any other request that went in). */
+ * any other request that went in). The stop beginning submits no more:
+ * -ECANCELED once those in flight are answered; when the spool does not
+ * answer them (flush_wait), the port is left to the exit (the spool's
+ * answers would come to it; their callbacks, never run, point into this
+ * frame). */
 static int
 flush_retime(struct engine *e, const struct walk_sel *w, uint64_t due_ms, size_t *done)
 {
@@ -591,14 +715,17 @@ flush_retime(struct engine *e, const struct walk_sel *w, uint64_t due_ms, size_t
         *done = 0;
         return -ENOMEM;
     }
+    bool stopped = false;
     for (size_t i = 0; i < w->n && run.rc == 0;) {
-        while (run.inflight == FLUSH_WINDOW && run.rc == 0) {
-            int rc = queue_port_wait(port, -1);
-            if (rc < 0 && rc != -EINTR)
-                run.rc = rc;
-        }
+        while (run.inflight == FLUSH_WINDOW && run.rc == 0)
+            if (!flush_wait(e, port, &run))
+                goto cut;
         if (run.rc != 0)
             break;
+        if (atomic_load(&e->stopping)) {
+            stopped = true;
+            break;
+        }
         struct flush_slot *slot = NULL;
         for (unsigned s = 0; s < FLUSH_WINDOW && slot == NULL; s++)
             if (run.slot[s].k == 0)
@@ -618,13 +745,26 @@ flush_retime(struct engine *e, const struct walk_sel *w, uint64_t due_ms, size_t
         }
         i += k;
     }
-    while (run.inflight > 0) /* every request's callback, before the port goes */
-        if (queue_port_wait(port, -1) < 0 && queue_port_pending(port) == 0)
-            break;
+    while (run.inflight > 0 && queue_port_pending(port) > 0) /* every callback, first */
+        if (!flush_wait(e, port, &run))
+            goto cut;
     queue_port_free(port);
     free(qo);
     *done = run.done;
+    if (stopped && run.rc == 0) {
+        log_msg(LOG_WARN, "event=flush_cut recipients=%zu retimed=%zu note=stopping", w->n,
+                run.done);
+        return -ECANCELED;
+    }
     return run.rc;
+cut:
+    log_msg(LOG_WARN,
+            "event=flush_cut recipients=%zu retimed=%zu requests=%u "
+            "note=stopping_spool_not_answering",
+            w->n, run.done, queue_port_pending(port));
+    free(qo); /* copied by queue_update */
+    *done = run.done;
+    return -ECANCELED;
 }
 
 /* flush [DOMAIN]: first the rests the selected mail's destinations wait
@@ -655,6 +795,7 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
     }
     uint64_t now = clock_unix_ms();
     struct walk_sel w = {.domain = domain[0] ? domain : NULL, .deferred_only = true,
+                         .skip_held = true, /* no retry: they failed */
                          .min_due = now + 2000, .tenant = tenant, .campaign = campaign,
                          .pool = pool};
     int rc = queue_walk(e->queue, walk_select, &w);
@@ -686,6 +827,11 @@ cmd_flush(struct engine *e, const char *domain, struct json *out, char *err, siz
             "already_due=%zu rests_ended=%lld",
             domain[0] ? domain : "*", tenant ? tenant : "*", campaign ? campaign : "*",
             pool ? pool : "*", done, w.due_soon, lifted);
+    if (rc == -ECANCELED) {
+        snprintf(err, errlen, "flushed %zu of %zu, then sluice stopped: the rest stay deferred",
+                 done, w.n);
+        return -1;
+    }
     if (rc != 0) {
         snprintf(err, errlen, "flushed %zu, then the spool refused: %s", done, queue_strerror(rc));
         return -1;
@@ -771,7 +917,7 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
     uint64_t deadline = clock_unix_ms() + BOUNCE_WAIT_MS;
     /* each recipient with its owner: the bounce must reach the queue of
      * its pool's destination, where it may wait */
-    struct walk_sel w = {.e = e};
+    struct walk_sel w = {.e = e, .skip_held = true};
     char scope[512];
     const char *tenant, *campaign, *pool;
     int by_owner = parse_scope(what, scope, sizeof(scope), &tenant, &campaign, &pool, err, errlen);
@@ -848,10 +994,15 @@ cmd_bounce(struct engine *e, const char *what, struct json *out, char *err, size
     return 0;
 }
 
+/* dsn_held: failed, or delivered asking for a success report, its DSN
+ * waiting for the rest of its message (it goes at next_attempt at the
+ * latest) */
 static const char *
-state_str(enum queue_rcpt_state s)
+state_str(const struct queue_rcpt *r)
 {
-    return s == QUEUE_RCPT_DEFERRED ? "deferred" : "ready";
+    return r->tag == DSN_HELD_TAG ? "dsn_held"
+           : r->state == QUEUE_RCPT_DEFERRED ? "deferred"
+                                              : "ready";
 }
 
 /* One message of the spool and its recipients, as "message" and "queue"
@@ -886,7 +1037,7 @@ message_json(struct json *out, const struct queue_envelope *env)
         json_obj_begin(out);
         json_kstr(out, "rcpt", r->addr);
         json_kstr(out, "domain", r->domain);
-        json_kstr(out, "state", state_str(r->state));
+        json_kstr(out, "state", state_str(r));
         json_ku64(out, "attempts", r->attempts);
         if (r->due_ms != 0) {
             json_key(out, "next_attempt");
@@ -1281,8 +1432,11 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
         }
         int k = shaping_clear(e->shaping, w[1]);
         log_msg(LOG_NOTICE, "event=shaping_cleared by=operator selector=\"%s\" actions=%d", w[1], k);
+        struct shaping_stats ss;
+        shaping_stats(e->shaping, &ss);
         json_obj_begin(out);
         json_ku64(out, "cleared", (uint64_t)k);
+        json_kbool(out, "cluster", ss.redis_on); /* every node only through Redis */
         json_obj_end(out);
         return 0;
     }
@@ -1331,7 +1485,8 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
             dom = true;
         } else if (strncmp(w[i], "for=", 4) == 0) {
             if (conf_parse_duration(w[i] + 4, &for_ms) != 0 || for_ms == 0) {
-                snprintf(err, errlen, "for=: not a duration: %.50s", w[i] + 4);
+                snprintf(err, errlen, "for=%.50s: not a duration above 0, such as 90s, 30m or 2h",
+                         w[i] + 4);
                 return -1;
             }
         } else {
@@ -1390,6 +1545,9 @@ cmd_shaping(struct engine *e, const char *args, struct json *out, char *err, siz
         shaping_action_json(out, &v[at], clock_unix_ms());
     else
         json_null(out); /* ended meanwhile (a clear from another node) */
+    struct shaping_stats ss;
+    shaping_stats(e->shaping, &ss);
+    json_kbool(out, "cluster", ss.redis_on); /* every node only through Redis */
     json_obj_end(out);
     free(v);
     return 0;
@@ -1500,6 +1658,9 @@ cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_
         json_ku64(out, "opened", s->opened);
         json_ku64(out, "failures", s->failures);
         json_ku64(out, "window_halved", s->shrinks);
+        json_ku64(out, "head_us", s->head_us);
+        json_ku64(out, "head_base_us", s->head_base_us);
+        json_kbool(out, "queues", s->queues);
         json_obj_end(out);
     }
     json_arr_end(out);
@@ -1541,17 +1702,29 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
          * for this one: it read the same file). */
         uint64_t gen = engine_reload_gen(e);
         kill(getpid(), SIGHUP);
-        char why[512];
-        int rc = engine_reload_wait(e, gen, RELOAD_WAIT_MS, why, sizeof(why));
+        struct engine_reload_outcome *o = calloc(1, sizeof(*o));
+        if (o == NULL) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        int rc = engine_reload_wait(e, gen, RELOAD_WAIT_MS, o);
         if (rc == 0) {
-            snprintf(err, errlen, "reload refused, the running config is kept: %s", why);
+            snprintf(err, errlen, "reload refused, the running config is kept: %s", o->why);
+            free(o);
             return -1;
         }
         json_obj_begin(out);
         json_kstr(out, "reload", rc == 1 ? "done" : "requested");
+        if (rc == 1) {
+            json_kstr(out, "changed", o->changed);
+            json_kstr(out, "needs_restart", o->kept);
+            if (o->users[0] != '\0')
+                json_kstr(out, "users_not_loaded", o->users);
+        }
         if (rc < 0)
             json_kstr(out, "note", "not finished yet: see the log");
         json_obj_end(out);
+        free(o);
         return 0;
     }
     snprintf(err, errlen, "unknown command: %.50s", verb);

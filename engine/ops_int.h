@@ -42,6 +42,7 @@
 #define DEFERRED_SETTLE 1000  /* ms: ... unless deferrals came this recently */
 #define FLUSH_BATCH   1000    /* recipients per spool request */
 #define FLUSH_WINDOW  4       /* requests in flight: the committer takes them in one commit */
+#define FLUSH_STOP_GRACE_MS 1000 /* for the answers in flight once the stop began */
 
 /* ---- running a function on every worker ---- */
 

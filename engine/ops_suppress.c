@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,6 +76,22 @@ list_keep(void *arg, const struct suppress_entry *x)
     return 0;
 }
 
+/* The length of the word at p: up to the first blank, or, for an address
+ * whose quoted local part holds blanks ("a b"@x.test, as RCPT takes it),
+ * the first after its closing quote. */
+static size_t
+word_len(const char *p)
+{
+    size_t q = 0;
+    for (size_t i = 1; p[0] == '"' && p[i] != '\0' && q == 0; i++) {
+        if (p[i] == '\\' && p[i + 1] != '\0')
+            i++;
+        else if (p[i] == '"')
+            q = i;
+    }
+    return q + strcspn(p + q, " \t");
+}
+
 /* The options after the address: scope=, reason=, ttl=, expires=, limit=,
  * after=, after_scope=, and note= (the rest of the line). */
 struct sup_opts {
@@ -102,8 +119,9 @@ sup_opts_parse(const char *p, struct sup_opts *o, char *err, size_t errlen)
             o->note = p + 5;
             break;
         }
-        size_t n = strcspn(p, " \t");
-        const char *eq = memchr(p, '=', n);
+        size_t kn = strcspn(p, "= \t");
+        const char *eq = p[kn] == '=' ? p + kn : NULL;
+        size_t n = eq != NULL ? kn + 1 + word_len(eq + 1) : kn; /* after= may be quoted */
         if (eq == NULL) {
             snprintf(err, errlen, "suppress: expected key=value, got \"%.*s\"", (int)(n > 40 ? 40 : n), p);
             return -1;
@@ -164,7 +182,7 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
                       strcmp(sub, "export") == 0;
     word[0] = '\0';
     if (takes_word) {
-        size_t n = strcspn(rest, " \t");
+        size_t n = word_len(rest);
         if (n == 0 || n >= sizeof(word)) {
             snprintf(err, errlen, "usage: suppress %s %s", sub,
                      strcmp(sub, "import") == 0 || strcmp(sub, "export") == 0 ? "PATH"
@@ -227,7 +245,9 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
         rc = suppress_add(sup, scope, word, reason, expires, o.note ? o.note : "operator");
         if (rc < 0) {
             snprintf(err, errlen, "suppress: %s: %s", word,
-                     rc == -EINVAL ? "not an address, domain or scope" : strerror(-rc));
+                     rc == -EINVAL   ? "not an address, domain or scope"
+                     : rc == -EILSEQ ? "not UTF-8 (a recipient's address is: none would match it)"
+                                     : strerror(-rc));
             return -1;
         }
         log_msg(LOG_NOTICE, "event=suppress_added by=operator address=<%s> scope=%s reason=%s",
@@ -312,9 +332,26 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
             snprintf(err, errlen, "suppress: import needs an absolute path (read by sluice)");
             return -1;
         }
-        FILE *f = fopen(word, "re");
+        /* A regular file only: /dev/zero or /dev/stdin never ends (the
+         * stats thread held and every stop waiting for the import, which
+         * a stop does), and opening a FIFO waits for a writer. */
+        int fd = open(word, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) != 0) {
+            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            snprintf(err, errlen, "suppress: %s: not a regular file", word);
+            close(fd);
+            return -1;
+        }
+        FILE *f = fdopen(fd, "r");
         if (f == NULL) {
             snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            close(fd);
             return -1;
         }
         uint64_t t0 = clock_mono_ms();

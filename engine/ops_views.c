@@ -30,6 +30,7 @@
 #include "engine/delivery.h"
 #include "engine/dkim_pool.h"
 #include "engine/dlog.h"
+#include "engine/dsn.h"
 #include "engine/events.h"
 #include "engine/mta_sts.h"
 #include "engine/ops_int.h"
@@ -286,6 +287,7 @@ ops_counters(void *arg, struct stats_counters *out)
 {
     struct engine *e = arg;
     out->config_generations = engine_config_generations(e);
+    out->delivery_on = e->cfg_start == NULL || e->cfg_start->delivery.enabled;
     struct wcall *c = wcall_new(e, counters_on_worker);
     if (c == NULL)
         return;
@@ -338,6 +340,8 @@ ops_counters(void *arg, struct stats_counters *out)
             out->reuse_lost += s->dlv.reuse_lost;
             out->handed_over += s->dlv.handed_over;
             out->site_turns += s->dlv.site_turns;
+            out->host_refused += s->dlv.host_refused;
+            out->host_detoured += s->dlv.host_detoured;
             out->destinations += s->dests;
             out->jobs_inflight += s->inflight;
             out->turns += s->loop.loops;
@@ -496,6 +500,7 @@ ops_counters(void *arg, struct stats_counters *out)
         out->suppress_feed_dropped = ss.feed_dropped;
         out->suppress_map_size = ss.map_size;
         out->suppress_map_used = ss.map_used;
+        out->suppress_notes_pending = qs.notes_kept;
     }
     out->workers = e->nworkers;
     out->uptime_ms = clock_unix_ms() - e->started_ms;
@@ -582,7 +587,10 @@ dcache_add(void *arg, const char *domain, const struct queue_counts *c)
 static void
 dcount_apply(const struct dcount *dc, struct stats_domain *x)
 {
-    x->deferred = dc->deferred;
+    /* failures held for their message's DSN (outbound/outcome.c) wait in
+     * the spool as deferrals, yet no retry is coming for them */
+    uint64_t held = dc->by_tag[DSN_HELD_TAG];
+    x->deferred = dc->deferred > held ? dc->deferred - held : 0;
     if (dc->oldest_ms != 0 && (x->oldest_ms == 0 || dc->oldest_ms < x->oldest_ms))
         x->oldest_ms = dc->oldest_ms;
     bool taken[QUEUE_TAGS] = {false};
@@ -604,7 +612,7 @@ dcount_apply(const struct dcount *dc, struct stats_domain *x)
 static uint64_t
 busyness(const struct stats_domain *d)
 {
-    return d->ready + d->deferred + d->inflight;
+    return d->ready + d->deferred + d->inflight + d->parked;
 }
 
 static int

@@ -1,7 +1,9 @@
 /*
  * server: the submission server of one worker (see server.h). This file
- * holds the sessions; their commands are in server_cmd.c, the message
- * they receive in server_msg.c (server_int.h: what the three share).
+ * holds the sessions; their commands are in server_cmd.c (AUTH in
+ * server_auth.c), the message they receive in server_msg.c, the
+ * listeners, the worker's server and the stop's drain in server_worker.c
+ * (server_int.h: what the five share).
  *
  * A session is one state machine (enum session_state, session_enter()
  * for every transition, session_run() to act on what has arrived). Input
@@ -129,9 +131,6 @@ session_state_str(enum session_state s)
 static void session_close(struct session *s, const char *why);
 static void session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags);
 static void session_on_timer(struct timer *t, void *ctx);
-static bool drain_close(struct session *s);
-static void server_on_drain(struct worker *w, struct worker_msg *m);
-static void server_on_drain_recheck(struct worker *w, struct worker_msg *m);
 
 /* ---- state ---- */
 
@@ -141,8 +140,8 @@ static void server_on_drain_recheck(struct worker *w, struct worker_msg *m);
  * own in bounded time (the pools, the spool, the closing deadline);
  * drain_timeout bounds them all. A client still sending its message holds
  * nothing: the stop does not wait for it. */
-static bool
-state_holds_drain(enum session_state st)
+bool
+session_state_holds_drain(enum session_state st)
 {
     return st == SS_SIGN || st == SS_COMMIT || st == SS_CLOSING;
 }
@@ -163,8 +162,8 @@ session_deadline(struct session *s, uint64_t ms)
  * drain no more than what is left of it: a client that stopped reading
  * must not hold its session, and the drain, for timeout_command
  * (minutes). */
-static void
-closing_deadline(struct session *s)
+void
+session_closing_deadline(struct session *s)
 {
     struct server_worker *sw = s->sw;
     uint64_t ms = sw->cfg->timeout_command;
@@ -190,7 +189,7 @@ session_enter(struct session *s, enum session_state next)
     /* A drain waiting for this session looks again, once the handler that
      * moved it has returned (it may be about to tell the client 421). */
     struct server_worker *sw = s->sw;
-    if (state_holds_drain(prev) && !state_holds_drain(next) && !sw->detached &&
+    if (session_state_holds_drain(prev) && !session_state_holds_drain(next) && !sw->detached &&
         !sw->recheck_posted && atomic_load_explicit(&sw->draining, memory_order_relaxed)) {
         sw->recheck_posted = true;
         sw->recheck_msg.fn = server_on_drain_recheck;
@@ -202,7 +201,7 @@ session_enter(struct session *s, enum session_state next)
          * some ways in (a failed AUTH's delay or hash) have no deadline
          * running, and a client that stopped reading would hold the
          * session, and its connection slots, for good. */
-        closing_deadline(s);
+        session_closing_deadline(s);
     }
 }
 
@@ -358,7 +357,7 @@ session_on_writable(struct stream *st)
  * its content not yet ended. After the end of the content (SS_SIGN,
  * SS_COMMIT) the message is stored whatever the client does, and its
  * event=queued says client_gone=1. */
-static bool
+bool
 txn_unfinished(const struct session *s)
 {
     switch (s->state) {
@@ -472,7 +471,7 @@ run_commands(struct session *s)
         return true;
     }
     if (s->state == SS_COMMAND && atomic_load_explicit(&s->sw->draining, memory_order_relaxed) &&
-        s->in_len > 0 && drain_close(s))
+        s->in_len > 0 && session_drain_close(s))
         return true; /* a stop: nothing new begins */
     size_t off;
     long n = smtp_cmd_line_find(s->in, s->in_len, SMTP_CMD_LINE_MAX_AUTH, &off);
@@ -633,12 +632,39 @@ want_recv(const struct session *s)
     return want_input(s) && s->out_len < OUT_HIGH && !stream_eof(&s->st);
 }
 
+/* An implicit-TLS client that speaks plaintext (EHLO first: the
+ * handshake failed on its first octet) or waits in silence for a greeting
+ * (swaks without --tlsc, a mail client set to STARTTLS on this port:
+ * handshake_timeout passed with nothing from it) is told in the clear
+ * why, rather than dropped without a word, as nginx answers HTTP on its
+ * TLS port with a plaintext 400. No TLS client starts with a letter, and
+ * one silent for handshake_timeout is broken anyway. False when the
+ * stream cannot go back to plaintext: then it closes as before. */
+static bool
+tls_refuse_plaintext(struct session *s, bool silent)
+{
+    if (!s->tls_implicit || s->state != SS_TLS || stream_tls_drop(&s->st) != 0)
+        return false;
+    log_msg(LOG_NOTICE,
+            "session=%016llx event=plaintext_on_tls_port client=%s said=%s "
+            "hint=\"this port (listen_tls) is implicit TLS: the client must start TLS at once "
+            "(swaks --tlsc); a plaintext client uses listen and STARTTLS\"",
+            (unsigned long long)s->id, s->peer_ip, silent ? "nothing" : "plaintext");
+    s->out_len = s->out_sent = 0;
+    s->in_len = 0;
+    reply_close(s, "554 5.7.0 TLS required on this port");
+    flush(s);
+    return true;
+}
+
 /* A TLS error: say why in the log, send the alert OpenSSL may have queued
  * (the client learns what failed instead of seeing a reset), then close.
  * Plaintext replies not yet encrypted are dropped: nothing can carry them. */
 static void
 tls_fail(struct session *s, int rc)
 {
+    if (stream_tls_plaintext(&s->st) && tls_refuse_plaintext(s, false))
+        return;
     log_msg(LOG_NOTICE, "session=%016llx event=tls_failed client=%s state=%s err=\"%s\" "
                         "detail=\"%s\"",
             (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
@@ -759,6 +785,8 @@ tls_begin(struct session *s)
     int rc = tls_conn_new_server(s->sw->tls, &tls);
     if (rc == 0)
         rc = stream_start_tls(&s->st, tls);
+    if (rc == 0 && s->tls_implicit)
+        stream_tls_watch_plaintext(&s->st);
     if (rc < 0) {
         log_msg(LOG_ERR, "session=%016llx event=tls_setup_failed err=\"%s\"",
                 (unsigned long long)s->id, tls_strerror(rc));
@@ -836,7 +864,7 @@ session_on_peek(struct worker *w, struct op *op, int res, uint32_t flags)
         session_maybe_free(s);
         return;
     }
-    if (s->state != SS_PREGREET) /* a stop's 421 came first (drain_close) */
+    if (s->state != SS_PREGREET) /* a stop's 421 came first (session_drain_close) */
         return;
     if (res > 0) {
         session_pregreet(s);
@@ -879,6 +907,8 @@ session_on_timer(struct timer *t, void *ctx)
         session_run(s);
         return;
     case SS_TLS:
+        if (!stream_tls_heard(&s->st) && tls_refuse_plaintext(s, true))
+            return;
         log_msg(LOG_NOTICE, "session=%016llx event=tls_timeout client=%s implicit=%d "
                             "note=handshake_not_completed",
                 (unsigned long long)s->id, s->peer_ip, s->tls_implicit);
@@ -916,7 +946,7 @@ session_close(struct session *s, const char *why)
     stream_close(&s->st);
 }
 
-static void
+void
 session_free(struct session *s)
 {
     struct server_worker *sw = s->sw;
@@ -1012,7 +1042,7 @@ session_alloc(struct server_worker *sw, int fd)
     return s;
 }
 
-static void
+void
 session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
 {
     struct session *s = session_alloc(sw, fd);
@@ -1092,474 +1122,6 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
     }
     greet(s);
     session_run(s);
-}
-
-/* ---- listeners ---- */
-
-static void listener_arm(struct listener *l);
-
-static void
-listener_on_retry(struct timer *t, void *ctx)
-{
-    struct listener *l = (struct listener *)((char *)t - offsetof(struct listener, retry));
-    listener_arm(l);
-}
-
-static void
-listener_on_accept(struct worker *w, struct op *op, int res, uint32_t flags)
-{
-    struct listener *l = (struct listener *)((char *)op - offsetof(struct listener, op));
-    if (!(flags & IORING_CQE_F_MORE))
-        l->armed = false;
-    if (atomic_load(&l->sw->draining)) {
-        if (res >= 0)
-            close(res); /* accepted just before the shutdown */
-        return;
-    }
-    if (res >= 0) {
-        session_new(l->sw, res, l->implicit_tls, l->bounce);
-    } else if (res != -ECANCELED) {
-        /* EMFILE, ENFILE, ENOBUFS: back off instead of spinning. */
-        log_msg(LOG_WARN, "event=accept_failed listen=%s err=%s", l->sw->e->cfg->server.listen,
-                strerror(-res));
-        if (!l->armed)
-            worker_timer_arm(w, &l->retry, w->now + MS_TO_NS(ACCEPT_BACKOFF_MS));
-        return;
-    }
-    if (!l->armed && !l->sw->stopping)
-        listener_arm(l);
-}
-
-static void
-listener_arm(struct listener *l)
-{
-    struct io_uring_sqe *sqe = worker_sqe(l->sw->w, &l->op);
-    io_uring_prep_multishot_accept(sqe, l->fd, NULL, NULL, SOCK_CLOEXEC);
-    l->armed = true;
-}
-
-#define LISTEN_PROBE_WAIT_MS 2000u
-#define LISTEN_PROBE_STEP_MS 20u
-
-static int
-listen_probe(const struct netaddr *a, char *err, size_t errlen)
-{
-    in_port_t port = a->ss.ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)&a->ss)->sin6_port
-                                                 : ((const struct sockaddr_in *)&a->ss)->sin_port;
-    if (port == 0)
-        return 0; /* the kernel picks: nobody else's */
-    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return 0; /* listener_open says what is wrong */
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)); /* TIME_WAIT is no listener */
-    if (a->ss.ss_family == AF_INET6)
-        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    /* A sluice killed a moment ago may still hold its listeners: the
-     * kernel tears a dead process's io_uring down after the process is
-     * reaped, and the sockets its accept ops held go with it. Asked again
-     * for up to LISTEN_PROBE_WAIT_MS before another process is blamed. */
-    int rc;
-    for (unsigned waited = 0;; waited += LISTEN_PROBE_STEP_MS) {
-        rc = bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 ? -errno : 0;
-        if (rc != -EADDRINUSE || waited >= LISTEN_PROBE_WAIT_MS)
-            break;
-        struct timespec ts = {0, LISTEN_PROBE_STEP_MS * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    close(fd);
-    if (rc == -EADDRINUSE) {
-        char text[80];
-        netaddr_str((const struct sockaddr *)&a->ss, text, sizeof(text));
-        snprintf(err, errlen, "listen %s: address in use (another sluice, or another server, "
-                 "listens there)", text);
-        return rc;
-    }
-    return 0;
-}
-
-int
-server_listen_check(const struct config *cfg, char *err, size_t errlen)
-{
-    const struct server_config *sc = &cfg->server;
-    const struct bounce_config *bc = &cfg->bounce;
-    int rc = 0;
-    for (int i = 0; rc == 0 && i < sc->nlisten; i++)
-        rc = listen_probe(&sc->listen_addrs[i], err, errlen);
-    for (int i = 0; rc == 0 && i < sc->nlisten_tls; i++)
-        rc = listen_probe(&sc->listen_tls_addrs[i], err, errlen);
-    for (int i = 0; rc == 0 && i < bc->nlisten; i++)
-        rc = listen_probe(&bc->listen_addrs[i], err, errlen);
-    return rc;
-}
-
-static int
-listener_open(struct listener *l, const struct netaddr *a, char *err, size_t errlen)
-{
-    char text[80];
-    netaddr_str((const struct sockaddr *)&a->ss, text, sizeof(text));
-    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        int rc = -errno;
-        snprintf(err, errlen, "listen %s: socket: %s", text, strerror(errno));
-        return rc;
-    }
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-    if (a->ss.ss_family == AF_INET6)
-        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
-        int rc = -errno;
-        snprintf(err, errlen, "listen %s: %s", text, strerror(errno));
-        close(fd);
-        return rc;
-    }
-    l->fd = fd;
-    l->addr = *a;
-    l->op = (struct op){OP_CALLBACK, listener_on_accept};
-    timer_init(&l->retry, listener_on_retry);
-    return 0;
-}
-
-/* ---- the spool port ---- */
-
-static void
-port_arm(struct server_worker *sw)
-{
-    struct io_uring_sqe *sqe = worker_sqe(sw->w, &sw->port_op);
-    io_uring_prep_poll_add(sqe, queue_port_fd(sw->port), POLLIN);
-    sw->port_armed = true;
-}
-
-static void
-port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
-{
-    struct server_worker *sw =
-        (struct server_worker *)((char *)op - offsetof(struct server_worker, port_op));
-    sw->port_armed = false;
-    queue_port_drain(sw->port);
-    if (!sw->stopping)
-        port_arm(sw);
-}
-
-/* ---- the worker's server ---- */
-
-int
-server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,
-                  size_t errlen)
-{
-    *out = NULL;
-    struct server_worker *sw = calloc(1, sizeof(*sw));
-    if (sw == NULL)
-        return -ENOMEM;
-    atomic_init(&sw->draining, false);
-    atomic_init(&sw->drain_posted, false);
-    atomic_init(&sw->drain_until, UINT64_MAX);
-    sw->e = e;
-    sw->w = w;
-    sw->cfg = &e->cfg->server;
-    sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
-    auth_cache_init(&sw->auth);
-#ifdef SLUICE_TEST_HOOKS
-    /* SLUICE_TEST_COMMIT_DELAY=MS: a slow spool (session_on_commit). */
-    const char *delay = getenv("SLUICE_TEST_COMMIT_DELAY");
-    if (delay != NULL && *delay != '\0') {
-        sw->test_commit_delay = strtoull(delay, NULL, 10);
-        if (w->id == 0)
-            log_msg(LOG_WARN, "event=test_hook name=SLUICE_TEST_COMMIT_DELAY ms=%llu",
-                    (unsigned long long)sw->test_commit_delay);
-    }
-#endif
-    int rc;
-    sw->port = queue_port_new();
-    if (sw->port == NULL) {
-        rc = -errno;
-        snprintf(err, errlen, "spool completion port: %s", strerror(errno));
-        goto fail;
-    }
-    sw->tls = engine_tls_server(e);
-    const struct bounce_config *bc = &e->cfg->bounce;
-    int nsub = sw->cfg->nlisten + sw->cfg->nlisten_tls;
-    int total = nsub + bc->nlisten;
-    sw->ls = calloc((size_t)total, sizeof(*sw->ls));
-    if (sw->ls == NULL) {
-        rc = -ENOMEM;
-        goto fail;
-    }
-    for (int i = 0; i < total; i++) {
-        bool bounce = i >= nsub;
-        bool implicit = !bounce && i >= sw->cfg->nlisten;
-        const struct netaddr *a = bounce     ? &bc->listen_addrs[i - nsub]
-                                  : implicit ? &sw->cfg->listen_tls_addrs[i - sw->cfg->nlisten]
-                                             : &sw->cfg->listen_addrs[i];
-        sw->ls[i].sw = sw;
-        sw->ls[i].implicit_tls = implicit;
-        sw->ls[i].bounce = bounce;
-        rc = listener_open(&sw->ls[i], a, err, errlen);
-        if (rc < 0)
-            goto fail;
-        sw->nls++;
-    }
-    *out = sw;
-    return 0;
-fail:
-    server_worker_free(sw);
-    return rc;
-}
-
-void
-server_worker_start(struct server_worker *sw)
-{
-    port_arm(sw);
-    for (int i = 0; i < sw->nls; i++)
-        listener_arm(&sw->ls[i]);
-}
-
-/* Answers held by the test hook (SLUICE_TEST_COMMIT_DELAY) due by now,
- * or all of them, reach their sessions. Returns when the next one is due
- * (CLOCK_MONOTONIC ns), UINT64_MAX when none is held. */
-static uint64_t
-held_commits_release(struct server_worker *sw, uint64_t now, bool all)
-{
-    uint64_t next = UINT64_MAX;
-    for (struct session *s = sw->sessions, *n; s != NULL; s = n) {
-        n = s->next; /* the answer may free s */
-        if (!timer_armed(&s->commit_timer))
-            continue;
-        if (all || s->commit_timer.deadline <= now) {
-            worker_timer_cancel(sw->w, &s->commit_timer);
-            session_on_commit_timer(&s->commit_timer, NULL);
-        } else if (s->commit_timer.deadline < next) {
-            next = s->commit_timer.deadline;
-        }
-    }
-    return next;
-}
-
-/* Stopping: wait, up to SERVER_STOP_COMMIT_WAIT_MS after the stop began
- * to free the servers (one bound for all of them), for every commit the spool
- * has (and every answer the test hook holds: a slow commit, waited for
- * as one). True when all came back; false when the wait was cut: each
- * message still with the spool is logged by id (stored or not, the spool
- * says: sluice-spool), and its session and the port stay allocated (the
- * spool borrows the body; its answer would come to the port) until the
- * process exits. */
-static bool
-stop_commits_wait(struct server_worker *sw)
-{
-    /* The stop's one bound (engine_stop): the workers are freed one after
-     * another, and a spool that no longer answers must not cost the wait
-     * once per worker (eight of them, four minutes: past a service
-     * manager's stop timeout). A server freed outside a stop (a failed
-     * start) has its own. */
-    uint64_t start = clock_now_ns();
-    uint64_t end = sw->e != NULL && sw->e->stop_commit_until != 0
-                       ? sw->e->stop_commit_until
-                       : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
-    uint64_t began = end - MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
-    for (;;) {
-        uint64_t now = clock_now_ns();
-        uint64_t next = held_commits_release(sw, now, false);
-        unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
-        if (pending == 0 && next == UINT64_MAX)
-            return true;
-        if (now >= end)
-            break;
-        uint64_t until = next < end ? next : end;
-        uint64_t ms = (until - now + 999999) / 1000000;
-        ms = ms > 1000 ? 1000 : ms;
-        if (pending > 0) {
-            queue_port_wait(sw->port, (int)ms);
-        } else {
-            struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000};
-            nanosleep(&ts, NULL);
-        }
-    }
-    held_commits_release(sw, 0, true); /* stored already: the hook held only the answer */
-    unsigned n = 0;
-    for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
-        if (!s->committing)
-            continue;
-        char qid[QUEUE_ID_STRLEN + 1];
-        queue_id_str(s->msg_id, qid);
-        log_msg(LOG_CRIT,
-                "session=%016llx event=commit_unanswered id=%s client=%s "
-                "note=stored_or_not_the_spool_says",
-                (unsigned long long)s->id, qid, s->peer_ip);
-        n++;
-    }
-    log_msg(LOG_CRIT,
-            "event=stop_commit_wait_cut pending=%u waited_ms=%llu note=spool_not_answering", n,
-            (unsigned long long)((clock_now_ns() - began) / 1000000));
-    return false;
-}
-
-struct server_worker *
-server_worker_free(struct server_worker *sw)
-{
-    if (sw == NULL)
-        return NULL;
-    sw->stopping = true;
-    /* The loop has ended: no completion comes back through the ring, and
-     * no reply can leave. Commits the spool already has still land (a
-     * drain that timed out leaves them): each is waited for here and
-     * logged queued (unanswered=stopping), its message delivered after
-     * the restart, so that nothing is stored that the log does not
-     * tell. */
-    if (!stop_commits_wait(sw))
-        return NULL; /* the spool does not answer: left to the exit */
-    /* The hashing pool has stopped (engine_stop): hashes finished after
-     * the loop ended wait in the mailbox, pointing into sessions. */
-    worker_mbox_cancel(sw->w, session_on_hash);
-    worker_mbox_cancel(sw->w, server_on_drain); /* embedded in sw */
-    worker_mbox_cancel(sw->w, server_on_drain_recheck);
-    while (sw->sessions != NULL) {
-        struct session *s = sw->sessions;
-        if (txn_unfinished(s)) /* the client sees a close: say what it cost */
-            log_msg(LOG_NOTICE,
-                    "session=%016llx event=connection_lost client=%s state=%s how=stopping "
-                    "octets=%llu note=transaction_dropped",
-                    (unsigned long long)s->id, s->peer_ip, session_state_str(s->state),
-                    (unsigned long long)s->body_seen);
-        s->state = SS_CLOSED;
-        s->inflight = 0;
-        session_free(s);
-    }
-    for (int i = 0; i < sw->nls; i++)
-        close(sw->ls[i].fd);
-    free(sw->ls);
-    queue_port_free(sw->port);
-    tls_ctx_unref(sw->tls);
-    stats_tenant_fini(&sw->tenants);
-    free(sw);
-    return NULL;
-}
-
-void
-server_worker_reconfigure(struct server_worker *sw)
-{
-    sw->cfg = &sw->e->cfg->server;
-    /* Sessions hold their own conn (and OpenSSL's reference to the old
-     * SSL_CTX); new handshakes take the new certificate. */
-    tls_ctx_unref(sw->tls);
-    sw->tls = engine_tls_server(sw->e);
-}
-
-/* A stop is under way: s, waiting for a command outside a transaction
- * or for its greeting (greet_pause), is told so and closed (RFC 5321
- * 3.8: a server shut down SHOULD send 421). True when it was. One in a transaction finishes it first, within
- * the stop's drain, and is told when it is back to waiting for a command
- * (session_drain_check), or at its next command (run_commands). */
-static bool
-drain_close(struct session *s)
-{
-    if ((s->state != SS_COMMAND && s->state != SS_PREGREET) || s->in_txn)
-        return false;
-    log_msg(LOG_INFO, "session=%016llx event=shutting_down client=%s", (unsigned long long)s->id,
-            s->peer_ip);
-    reply_close(s, "421 4.3.2 Service shutting down: try again later");
-    return true;
-}
-
-void
-session_drain_check(struct session *s)
-{
-    if (atomic_load_explicit(&s->sw->draining, memory_order_relaxed))
-        drain_close(s);
-}
-
-/* On the worker, once its listeners are shut for the stop: every idle
- * session is told 421 now, not cut without a word when the loop ends. */
-static void
-server_on_drain(struct worker *w, struct worker_msg *m)
-{
-    (void)w;
-    struct server_worker *sw =
-        (struct server_worker *)((char *)m - offsetof(struct server_worker, drain_msg));
-    for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
-        next = s->next;
-        if (s->state == SS_CLOSING) { /* its last reply: within the drain too */
-            /* never later than the deadline it has (a long drain_timeout
-             * must not lengthen a closing session's time) */
-            uint64_t had = timer_armed(&s->timer) ? s->timer.deadline : UINT64_MAX;
-            closing_deadline(s);
-            if (had < s->timer.deadline)
-                worker_timer_arm(sw->w, &s->timer, had);
-        }
-        else if (drain_close(s))
-            session_run(s);
-    }
-}
-
-bool
-server_worker_drain_seal(struct server_worker *sw)
-{
-    unsigned closing = 0;
-    for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
-        if (s->state == SS_SIGN || s->state == SS_COMMIT)
-            return false;
-        closing += s->state == SS_CLOSING;
-    }
-    /* Sealed once no message is being signed or stored, whatever last
-     * replies are still leaving: a client that stopped reading its 421
-     * must not keep the worker storing messages that end from now on
-     * (the loop may stop before their 250 leaves). The drain itself is
-     * done when those replies left too, or at drain_timeout. */
-    if (!sw->sealed)
-        log_msg(LOG_INFO, "event=drain_sealed closing=%u note=messages_ending_now_refused",
-                closing);
-    sw->sealed = true;
-    return closing == 0;
-}
-
-/* A session that held the drain let go: the idle ones are told 421 (one
- * whose message was refused meanwhile is idle now), and when nothing
- * holds the drain any more, delivery reports it done (or does once its
- * own connections are gone). */
-static void
-server_on_drain_recheck(struct worker *w, struct worker_msg *m)
-{
-    struct server_worker *sw =
-        (struct server_worker *)((char *)m - offsetof(struct server_worker, recheck_msg));
-    sw->recheck_posted = false;
-    for (struct session *s = sw->sessions, *next; s != NULL; s = next) {
-        next = s->next;
-        if (drain_close(s))
-            session_run(s);
-    }
-    for (const struct session *s = sw->sessions; s != NULL; s = s->next)
-        if (state_holds_drain(s->state))
-            return; /* its own move away posts the next look */
-    delivery_drain_recheck(sw->e->dlv[w->id]);
-}
-
-void
-server_worker_drain(struct server_worker *sw, uint64_t within_ms)
-{
-    uint64_t until = within_ms == UINT64_MAX ? UINT64_MAX : clock_now_ns() + MS_TO_NS(within_ms);
-    atomic_store(&sw->drain_until, until);
-    atomic_store(&sw->draining, true);
-    for (int i = 0; i < sw->nls; i++)
-        shutdown(sw->ls[i].fd, SHUT_RDWR); /* ends the accepts; new clients are refused */
-    if (!sw->detached && !atomic_exchange(&sw->drain_posted, true)) {
-        sw->drain_msg.fn = server_on_drain;
-        worker_post(sw->w, &sw->drain_msg);
-    }
-}
-
-void
-server_worker_stats(const struct server_worker *sw, struct server_stats *out)
-{
-    *out = sw->stats;
-}
-
-void
-server_worker_each_owner(const struct server_worker *sw,
-                         void (*fn)(const struct owner *o, void *arg), void *arg)
-{
-    for (const struct session *s = sw->sessions; s != NULL; s = s->next)
-        fn(&s->owner, arg);
 }
 
 /* ---- sessions without a socket (server.h: for harnesses) ---- */

@@ -1,20 +1,19 @@
 /*
  * server_cmd: the commands of a submission session (see server_int.h for
  * the other files of the server): HELO and EHLO (the extensions offered),
- * STARTTLS, AUTH (PLAIN, LOGIN; the hashing pool and the failure limits),
- * MAIL and RCPT (with their parameters: SIZE, BODY, SMTPUTF8, DSN, AUTH,
- * none of them after HELO; relay rules, suppression, the bounce role's
- * rules), DATA and BDAT (chunks read into the body; BDAT only after
- * EHLO), RSET, NOOP, VRFY, HELP and QUIT. Each
- * handler answers through reply() and moves the session with
- * session_enter(); server.c reads the lines and calls them.
+ * STARTTLS, MAIL and RCPT (with their parameters: SIZE, BODY, SMTPUTF8,
+ * DSN, AUTH, none of them after HELO; relay rules, suppression, the
+ * bounce role's rules), DATA and BDAT (chunks read into the body; BDAT
+ * only after EHLO), RSET, NOOP, VRFY, HELP and QUIT; AUTH (PLAIN, LOGIN;
+ * the hashing pool and the failure limits) is engine/server_auth.c's,
+ * called from here. Each handler answers through reply() and moves the
+ * session with session_enter(); server.c reads the lines and calls them.
  *
  * Threading: the worker's thread.
  */
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
-#include <openssl/crypto.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,21 +35,6 @@
 #include "tls/tls.h"
 
 /* ---- commands ---- */
-
-static bool
-auth_allowed_here(const struct session *s)
-{
-    if (stream_tls_ready(&s->st))
-        return true;
-    switch (s->sw->cfg->plaintext_auth) {
-    case PLAINTEXT_AUTH_ALWAYS:
-        return true;
-    case PLAINTEXT_AUTH_LOOPBACK:
-        return s->loopback;
-    default:
-        return false;
-    }
-}
 
 static void
 cmd_ehlo(struct session *s, const struct smtp_cmd *c, bool ehlo)
@@ -202,29 +186,34 @@ bounce_rcpt_ok(struct session *s, const struct smtp_cmd *c)
     return false;
 }
 
-/* A suppressed event kept back (struct session's supp): its strings
- * in data, one allocation. */
+/* A suppressed or rejection event kept back (struct session's supp):
+ * its strings in data, one allocation. */
 struct supp_pending {
+    enum dlog_kind kind; /* DLOG_SUPPRESSED or DLOG_REJECTION */
     const char *addr, *text, *scope;
     const char *reason; /* static */
     char data[];
 };
 
+/* The event of a recipient refused at RCPT: kind DLOG_SUPPRESSED (scope
+ * its list) or DLOG_REJECTION (for its address: scope ""; its domain
+ * left out, the address being what did not parse). */
 static void
-supp_event(struct session *s, const char *addr, const char *text, const char *reason,
-           const char *scope, const char *tenant)
+supp_event(struct session *s, enum dlog_kind kind, const char *addr, const char *text,
+           const char *reason, const char *scope, const char *tenant)
 {
     struct engine *e = s->sw->e;
     struct dlog_writer *lw = e->dlogw ? e->dlogw[s->sw->w->id] : NULL;
+    const char *at = kind == DLOG_SUPPRESSED ? strrchr(addr, '@') : NULL;
     struct dlog_event ev = {
-        .kind = DLOG_SUPPRESSED,
+        .kind = kind,
         .rcpt = addr,
         .sender = s->sender,
-        .domain = strrchr(addr, '@') != NULL ? strrchr(addr, '@') + 1 : NULL,
+        .domain = at != NULL ? at + 1 : NULL,
         .code = (unsigned)atoi(text),
         .reply = text,
         .reason = reason,
-        .scope = scope,
+        .scope = scope[0] != '\0' ? scope : NULL,
         .client = s->peer_ip,
         .auth_user = s->user ? s->user->name : NULL,
         .tenant = tenant,
@@ -235,8 +224,8 @@ supp_event(struct session *s, const char *addr, const char *text, const char *re
 /* Keep the event back until the transaction's tenant is known; false
  * when there is no room (max_recipients kept) or memory. */
 static bool
-supp_keep(struct session *s, const char *addr, const char *text, const char *reason,
-          const char *scope)
+supp_keep(struct session *s, enum dlog_kind kind, const char *addr, const char *text,
+          const char *reason, const char *scope)
 {
     if (s->supp == NULL) {
         unsigned max = s->sw->cfg->max_recipients;
@@ -250,6 +239,7 @@ supp_keep(struct session *s, const char *addr, const char *text, const char *rea
     struct supp_pending *p = malloc(sizeof(*p) + la + lt + ls);
     if (p == NULL)
         return false;
+    p->kind = kind;
     p->addr = memcpy(p->data, addr, la);
     p->text = memcpy(p->data + la, text, lt);
     p->scope = memcpy(p->data + la + lt, scope, ls);
@@ -263,7 +253,7 @@ supp_flush(struct session *s, const char *tenant)
 {
     for (unsigned i = 0; i < s->nsupp; i++) {
         struct supp_pending *p = s->supp[i];
-        supp_event(s, p->addr, p->text, p->reason, p->scope, tenant);
+        supp_event(s, p->kind, p->addr, p->text, p->reason, p->scope, tenant);
         free(p);
     }
     free(s->supp);
@@ -298,8 +288,8 @@ suppress_one(struct session *s, const char *addr, const char *tenant, char *text
             (unsigned long long)s->id, addr, s->sender, suppress_reason_str(ent.reason), ent.scope,
             ent.addr, s->user ? s->user->name : "-", s->peer_ip);
     const char *reason = suppress_reason_str(ent.reason);
-    if (!keep || !supp_keep(s, addr, text, reason, ent.scope))
-        supp_event(s, addr, text, reason, ent.scope, tenant);
+    if (!keep || !supp_keep(s, DLOG_SUPPRESSED, addr, text, reason, ent.scope))
+        supp_event(s, DLOG_SUPPRESSED, addr, text, reason, ent.scope, tenant);
     return 1;
 }
 
@@ -321,6 +311,60 @@ rcpt_tenant(const struct session *s)
     const struct tenant_config *t =
         config_tenant(s->sw->e->cfg, s->user->tenant, strlen(s->user->tenant));
     return t != NULL ? t->name : s->user->tenant;
+}
+
+/* A recipient refused for its address (553 5.1.3, 5.1.2, 5.6.7) in a
+ * transaction on the submission port: its reply said, a line in the log
+ * and a rejection event for the delivery log and the sinks (as
+ * KumoMTA's Rejection record), as a suppressed recipient has, so that a
+ * backend that reads the events hears of every recipient it gave that
+ * will get no outcome. addr is what the client wrote (len octets, any
+ * octets: the log and the events escape them); why says what is wrong
+ * with it. The event waits for the transaction's tenant as a suppressed
+ * one does. */
+static void
+rcpt_rejected(struct session *s, const char *addr, size_t len, const char *text, const char *why)
+{
+    char a[SMTP_PATH_MAX + 1];
+    if (len > SMTP_PATH_MAX)
+        len = SMTP_PATH_MAX;
+    memcpy(a, addr, len);
+    a[len] = '\0';
+    for (size_t i = 0; i < len; i++)
+        if (a[i] == '\0')
+            a[i] = '?'; /* the line framing lets no NUL through; one would cut it short */
+    reply(s, "%s", text);
+    log_msg(LOG_INFO,
+            "session=%016llx event=rcpt_rejected rcpt=<%s> from=<%s> reason=\"%s\" reply=\"%s\" "
+            "user=%s client=%s",
+            (unsigned long long)s->id, a, s->sender, why, text, s->user ? s->user->name : "-",
+            s->peer_ip);
+    const char *tenant = rcpt_tenant(s);
+    if (tenant != NULL || !supp_keep(s, DLOG_REJECTION, a, text, why, ""))
+        supp_event(s, DLOG_REJECTION, a, text, why, "", tenant);
+}
+
+/* The address of an RCPT that did not parse, as the client wrote it: the
+ * argument after "TO:" (and the space Postfix allows), without its angle
+ * brackets and parameters. */
+static struct smtp_span
+rcpt_written(const struct smtp_cmd *c)
+{
+    const char *p = c->arg.ptr, *end = p + c->arg.len;
+    if (end - p >= 3 && strncasecmp(p, "to:", 3) == 0)
+        p += 3;
+    if (p < end && *p == ' ')
+        p++;
+    const char *q = p;
+    if (p < end && *p == '<') {
+        p++;
+        for (q = p; q < end && !(*q == '>' && (q + 1 == end || q[1] == ' ')); q++)
+            ;
+    } else {
+        while (q < end && *q != ' ')
+            q++;
+    }
+    return (struct smtp_span){p, (size_t)(q - p)};
 }
 
 /* The suppression list at RCPT: one read transaction. True when the
@@ -415,7 +459,9 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
         return;
     if (c->path.flags & SMTP_PATH_LIT_OTHER) {
         /* [tag:content]: no address sluice could connect to */
-        reply(s, "553 5.1.3 Address literals other than IPv4 and IPv6 cannot be delivered");
+        rcpt_rejected(s, c->path.mailbox.ptr, c->path.mailbox.len,
+                      "553 5.1.3 Address literals other than IPv4 and IPv6 cannot be delivered",
+                      "address literal neither IPv4 nor IPv6");
         return;
     }
     if (s->nrcpt >= s->sw->cfg->max_recipients) {
@@ -434,8 +480,13 @@ cmd_rcpt(struct session *s, const struct smtp_cmd *c)
             return;
         }
         if (rc < 0) {
-            reply(s, "553 5.1.2 Recipient domain is not a valid IDN: %s",
-                  rc == -ENAMETOOLONG ? "too long" : why != NULL ? why : "not UTF-8");
+            char text[300];
+            snprintf(text, sizeof(text), "553 5.1.2 Recipient domain is not a valid IDN: %s",
+                     rc == -ENAMETOOLONG ? "too long"
+                     : why != NULL       ? why
+                                         : "not UTF-8");
+            rcpt_rejected(s, c->path.mailbox.ptr, c->path.mailbox.len, text,
+                          "domain not a valid IDN");
             return;
         }
     }
@@ -602,383 +653,6 @@ bdat_scan(struct session *s, const char *b, size_t len)
     s->bdat_cr = cr;
 }
 
-/* The answer to a failed AUTH, once its delay has passed. */
-void
-auth_fail_reply(struct session *s)
-{
-    reply(s, "535 5.7.8 Authentication credentials invalid");
-    if (s->auth_failures >= s->sw->cfg->auth_max_failures) {
-        reply_close(s, "421 4.7.0 Too many failed authentications: closing");
-        return;
-    }
-    session_enter(s, SS_COMMAND);
-    session_deadline(s, s->sw->cfg->timeout_command);
-}
-
-/* A client-supplied name, safe in a key=value log line. */
-static const char *
-log_name(const char *name, char *buf, size_t cap)
-{
-    size_t o = 0;
-    for (const char *p = name; *p != '\0' && o + 1 < cap; p++) {
-        unsigned char c = (unsigned char)*p;
-        buf[o++] = (char)((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                                  (c >= '0' && c <= '9') || strchr("@._+-", c) != NULL
-                              ? c
-                              : '?');
-    }
-    buf[o] = '\0';
-    return buf;
-}
-
-/* A failed attempt: counted for the session and, unless counted already
- * (a hash's end counts its own), for the client's address and the name
- * (when one was given); answered after the delay. */
-static void
-auth_fail(struct session *s, bool counted, const char *name)
-{
-    struct server_worker *sw = s->sw;
-    const struct server_config *cfg = sw->cfg;
-    s->auth_failures++;
-    sw->stats.auth_failed++;
-    if (!counted) {
-        auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                        cfg->auth_failures_per_address, cfg->auth_failure_window, sw->w->now);
-        if (name != NULL && name[0] != '\0')
-            auth_limit_fail(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name),
-                            cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
-    }
-    log_msg(LOG_NOTICE, "session=%016llx event=auth_failed client=%s failures=%u",
-            (unsigned long long)s->id, s->peer_ip, s->auth_failures);
-    uint64_t delay = cfg->auth_fail_delay;
-    if (delay == 0) {
-        auth_fail_reply(s);
-        return;
-    }
-    unsigned shift = s->auth_failures - 1 < 5 ? s->auth_failures - 1 : 5;
-    session_enter(s, SS_AUTH_WAIT);
-    session_deadline(s, delay << shift);
-}
-
-/* Has the client's address failed too often lately (all sessions, all
- * workers)? Then it is told so and the session closes. */
-static bool
-auth_address_refused(struct session *s)
-{
-    struct server_worker *sw = s->sw;
-    if (!auth_limit_over(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                         sw->cfg->auth_failures_per_address, sw->w->now))
-        return false;
-    sw->stats.auth_refused_address++;
-    log_msg(LOG_NOTICE, "session=%016llx event=auth_refused reason=address_failures client=%s",
-            (unsigned long long)s->id, s->peer_ip);
-    reply_close(s, "421 4.7.0 Too many failed authentications from your address: try again "
-                   "later");
-    return true;
-}
-
-static void
-auth_ok(struct session *s, const struct auth_user *u)
-{
-    s->user = u;
-    s->sw->stats.auth_ok++;
-    log_msg(LOG_INFO, "session=%016llx event=auth_ok client=%s user=%s",
-            (unsigned long long)s->id, s->peer_ip, u->name);
-    reply(s, "235 2.7.0 Authentication successful");
-    session_enter(s, SS_COMMAND);
-    session_deadline(s, s->sw->cfg->timeout_command);
-}
-
-/* End the attempt's place in the failure limits (begun in auth_check). */
-static void
-auth_limits_end(struct session *s, bool failed)
-{
-    struct server_worker *sw = s->sw;
-    const struct server_config *cfg = sw->cfg;
-    const char *name = s->hash_job.a.name;
-    if (s->limit_address)
-        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                       failed, cfg->auth_failures_per_address, cfg->auth_failure_window,
-                       sw->w->now);
-    if (s->limit_user)
-        auth_limit_end(sw->e->auth_limit, AUTH_LIMIT_USER, name, strlen(name), failed,
-                       cfg->auth_failures_per_user, cfg->auth_failure_window, sw->w->now);
-    s->limit_address = s->limit_user = false;
-}
-
-/* A session with a hash of its own with the pool and the same users
- * table and credentials as s's attempt, or NULL. */
-static struct session *
-hash_leader_find(struct server_worker *sw, const struct session *s)
-{
-    for (struct session *l = sw->hashing; l != NULL; l = l->hash_next)
-        if (l->users == s->users && CRYPTO_memcmp(l->hash_job.a.key, s->hash_job.a.key, 32) == 0)
-            return l;
-    return NULL;
-}
-
-/* Take s out of the lists of hashes under way (its own, or its leader's). */
-void
-session_hash_unlink(struct session *s)
-{
-    struct session **pp;
-    for (pp = &s->sw->hashing; *pp != NULL && *pp != s; pp = &(*pp)->hash_next)
-        ;
-    if (*pp == s)
-        *pp = s->hash_next;
-    s->hash_next = NULL;
-    if (s->hash_leader != NULL) {
-        for (pp = &s->hash_leader->hash_followers; *pp != NULL && *pp != s;
-             pp = &(*pp)->hash_next_follower)
-            ;
-        if (*pp == s)
-            *pp = s->hash_next_follower;
-        s->hash_leader = NULL;
-        s->hash_next_follower = NULL;
-    }
-    /* Followers left only when the worker stops (else s lives until its
-     * hash ends and hands them the answer). */
-    for (struct session *f = s->hash_followers, *next; f != NULL; f = next) {
-        next = f->hash_next_follower;
-        f->hash_leader = NULL;
-        f->hash_next_follower = NULL;
-    }
-    s->hash_followers = NULL;
-}
-
-/* The hash is done: back on the worker, through its mailbox. Sessions
- * that waited for it get its answer too. */
-void
-session_on_hash(struct worker *w, struct worker_msg *m)
-{
-    struct session *s = SESSION_OF(m, hash_job.m);
-    s->inflight--;
-    const struct auth_user *u = auth_attempt_finish(&s->sw->auth, &s->hash_job.a);
-    auth_limits_end(s, u == NULL);
-    struct session *f = s->hash_followers;
-    s->hash_followers = NULL;
-    session_hash_unlink(s);
-    while (f != NULL) {
-        struct session *next = f->hash_next_follower;
-        f->hash_leader = NULL;
-        f->hash_next_follower = NULL;
-        if (f->state == SS_AUTH_HASH) { /* else closed: its own completions free it */
-            if (u != NULL)
-                auth_ok(f, u);
-            else
-                auth_fail(f, true, f->hash_job.a.name);
-            session_run(f);
-        }
-        f = next;
-    }
-    if (s->state == SS_CLOSED || s->state == SS_CLOSING) {
-        /* Gone, or going with its last reply (a TLS failure meanwhile):
-         * no 235 or 535 after it, and closing stays closing. */
-        session_maybe_free(s);
-        return;
-    }
-    if (u != NULL)
-        auth_ok(s, u);
-    else
-        auth_fail(s, true, s->hash_job.a.name);
-    session_run(s);
-}
-
-/* No hash for this attempt now: too many under way, or the queue is full.
- * Nothing was guessed; the client may try again. */
-static void
-auth_busy(struct session *s, const char *why)
-{
-    OPENSSL_cleanse(s->hash_job.a.pass, sizeof(s->hash_job.a.pass));
-    auth_limits_end(s, false);
-    s->sw->stats.auth_busy++;
-    log_msg(LOG_NOTICE, "session=%016llx event=auth_busy client=%s reason=%s",
-            (unsigned long long)s->id, s->peer_ip, why);
-    reply(s, "454 4.7.0 Temporary authentication failure");
-    session_enter(s, SS_COMMAND);
-}
-
-/* Check user and password: refused at once when the address or the name
- * failed too often; from the cache when this worker verified them lately;
- * else hashed by the pool while the session waits, reading nothing. A
- * hash takes a place among the address's and the name's attempts under
- * way (auth_limit.h), so that concurrent connections cannot guess past the
- * limits. */
-static void
-auth_check(struct session *s, const char *user, size_t ulen, const char *pass, size_t plen)
-{
-    struct server_worker *sw = s->sw;
-    const struct server_config *cfg = sw->cfg;
-    struct auth_limit *lim = sw->e->auth_limit;
-    if (auth_address_refused(s))
-        return;
-    const struct auth_user *u = NULL;
-    struct auth_attempt *a = &s->hash_job.a;
-    enum auth_start st = auth_attempt_start(s->users, &sw->auth, user, ulen, pass, plen, a, &u);
-    if (st == AUTH_START_INVALID) {
-        auth_fail(s, false, NULL);
-        return;
-    }
-    if (auth_limit_over(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
-                        cfg->auth_failures_per_user, sw->w->now)) {
-        /* Even the right password: else guessing from many addresses
-         * would go on. Not counted against the address or the name: the
-         * refusal guessed nothing, and the user's own application retrying
-         * must not get its address blocked too. */
-        OPENSSL_cleanse(a->pass, sizeof(a->pass));
-        char nb[80];
-        sw->stats.auth_refused_user++;
-        s->auth_failures++;
-        log_msg(LOG_NOTICE,
-                "session=%016llx event=auth_refused reason=user_failures client=%s user=%s",
-                (unsigned long long)s->id, s->peer_ip, log_name(a->name, nb, sizeof(nb)));
-        reply(s, "454 4.7.0 Too many failed authentications for this user: try again later");
-        if (s->auth_failures >= cfg->auth_max_failures)
-            reply_close(s, "421 4.7.0 Too many failed authentications: closing");
-        else
-            session_enter(s, SS_COMMAND);
-        return;
-    }
-    if (st == AUTH_START_CACHED) {
-        auth_ok(s, u); /* the right password: no guess to count */
-        return;
-    }
-    struct session *lead = hash_leader_find(sw, s);
-    if (lead != NULL) {
-        /* The same guess as one under way: no second hash, no second count. */
-        OPENSSL_cleanse(a->pass, sizeof(a->pass));
-        s->hash_leader = lead;
-        s->hash_next_follower = lead->hash_followers;
-        lead->hash_followers = s;
-        sw->stats.auth_coalesced++;
-        worker_timer_cancel(sw->w, &s->timer);
-        session_enter(s, SS_AUTH_HASH);
-        return;
-    }
-    int rc = auth_limit_begin(lim, AUTH_LIMIT_ADDRESS, s->addr_key, s->addr_key_len,
-                              cfg->auth_failures_per_address, sw->w->now);
-    s->limit_address = rc == 1;
-    if (rc < 0) {
-        auth_busy(s, "address_attempts_under_way");
-        return;
-    }
-    rc = auth_limit_begin(lim, AUTH_LIMIT_USER, a->name, strlen(a->name),
-                          cfg->auth_failures_per_user, sw->w->now);
-    s->limit_user = rc == 1;
-    if (rc < 0) {
-        auth_busy(s, "user_attempts_under_way");
-        return;
-    }
-    s->hash_job.m.fn = session_on_hash;
-    if (auth_pool_submit(sw->e->auth_pool, &s->hash_job, sw->w) < 0) {
-        auth_busy(s, "hash_queue_full");
-        return;
-    }
-    s->inflight++;
-    s->hash_next = sw->hashing;
-    sw->hashing = s;
-    worker_timer_cancel(sw->w, &s->timer); /* the pool's time is not the client's */
-    session_enter(s, SS_AUTH_HASH);
-}
-
-/* One SASL response (initial response or a line after 334). */
-static void
-auth_response(struct session *s, const char *line, size_t len)
-{
-    if (len == 1 && line[0] == '*') {
-        s->junk++; /* an AUTH that moved nothing, as a refused one (handle_line) */
-        reply(s, "501 5.0.0 Authentication cancelled");
-        session_enter(s, SS_COMMAND);
-        return;
-    }
-    /* PLAIN: authzid NUL name NUL password, each at its longest */
-    char buf[AUTH_NAME_MAX + 1 + AUTH_NAME_MAX + 1 + AUTH_PASS_MAX];
-    long n;
-    if (len == 1 && line[0] == '=')
-        n = 0; /* an empty initial response (RFC 4954 4) */
-    else
-        n = auth_b64_decode(line, len, buf, sizeof(buf));
-    if (n < 0) {
-        reply(s, "501 5.5.2 Invalid base64 data");
-        session_enter(s, SS_COMMAND);
-        s->errors++;
-        return;
-    }
-    if (s->auth_mech == SMTP_AUTH_PLAIN) {
-        const char *u, *p;
-        size_t ul, pl;
-        if (auth_plain_split(buf, (size_t)n, &u, &ul, &p, &pl) < 0) {
-            OPENSSL_cleanse(buf, sizeof(buf));
-            auth_fail(s, false, NULL);
-            return;
-        }
-        auth_check(s, u, ul, p, pl);
-        OPENSSL_cleanse(buf, sizeof(buf));
-        return;
-    }
-    /* LOGIN */
-    if (s->auth_step == 0) {
-        if ((size_t)n >= sizeof(s->auth_name) || memchr(buf, '\0', (size_t)n) != NULL) {
-            /* too long, or a NUL that would cut the name short */
-            auth_fail(s, false, NULL);
-            return;
-        }
-        memcpy(s->auth_name, buf, (size_t)n);
-        s->auth_name[n] = '\0';
-        s->auth_step = 1;
-        reply(s, "334 UGFzc3dvcmQ6");
-        session_enter(s, SS_AUTH);
-        return;
-    }
-    auth_check(s, s->auth_name, strlen(s->auth_name), buf, (size_t)n);
-    OPENSSL_cleanse(buf, sizeof(buf));
-}
-
-static void
-cmd_auth(struct session *s, const struct smtp_cmd *c)
-{
-    if (s->users == NULL) {
-        reply(s, "503 5.5.1 AUTH is not offered here");
-        return;
-    }
-    /* AUTH is shown only to EHLO (RFC 4954 3, RFC 1869 4). Postfix takes
-     * it after HELO; here, as the parameters and BDAT, it is not: the
-     * reply says what to do, and the Received field's "with" (ESMTPA,
-     * RFC 3848) stays true of every authenticated session. */
-    if (!s->greeted || !s->esmtp) {
-        reply(s, "503 5.5.1 Send EHLO first");
-        return;
-    }
-    if (s->user != NULL) {
-        reply(s, "503 5.5.1 Already authenticated");
-        return;
-    }
-    if (s->in_txn) {
-        reply(s, "503 5.5.1 AUTH not allowed during a mail transaction");
-        return;
-    }
-    /* RFC 4954: a mechanism we do not offer is 504 whatever the TLS state;
-     * 538 is only for one we would accept once encrypted. */
-    if (c->auth_mech != SMTP_AUTH_PLAIN && c->auth_mech != SMTP_AUTH_LOGIN) {
-        reply(s, "504 5.5.4 Unrecognized authentication type");
-        return;
-    }
-    if (!auth_allowed_here(s)) {
-        reply(s, "538 5.7.11 Encryption required for requested authentication mechanism");
-        return;
-    }
-    if (auth_address_refused(s))
-        return;
-    s->auth_mech = c->auth_mech;
-    s->auth_step = 0;
-    if (c->auth_ir.len != 0) {
-        auth_response(s, c->auth_ir.ptr, c->auth_ir.len);
-        return;
-    }
-    reply(s, s->auth_mech == SMTP_AUTH_PLAIN ? "334 " : "334 VXNlcm5hbWU6");
-    session_enter(s, SS_AUTH);
-}
-
 static void handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest);
 
 /* A BDAT command whose size could not be read: its chunk follows, and
@@ -1005,7 +679,7 @@ is_bdat_line(const char *buf, size_t len)
  * address (553 5.1.3, 553 5.6.7) in a transaction on the submission
  * port: a refused recipient, as a suppressed one, not a protocol error
  * toward max_errors. A bulk sender's list holds such addresses
- * (user@host_name.example, a docomo-style user.@example), and twenty of
+ * (user@host-.example, a local part over 64 octets), and twenty of
  * them in one message's recipients closed the session and lost the
  * message. Outside a transaction (no MAIL accepted: no AUTH, say) and
  * at the bounce listener, which is open to anyone, they count. */
@@ -1047,8 +721,12 @@ handle_line(struct session *s, const char *line, size_t len, size_t rest)
     size_t at = s->out_len; /* where this command's reply starts */
     command_begin(s, v); /* its reply is counted by reply(), whenever it comes */
     if (rc < 0 && rc != SMTP_CMD_E_PARAM_UNOFFERED) {
-        if (!rcpt_address_refused(s, &c, rc))
-            s->errors++;
+        if (rcpt_address_refused(s, &c, rc)) {
+            struct smtp_span a = rcpt_written(&c);
+            rcpt_rejected(s, a.ptr, a.len, smtp_cmd_err_reply(rc, c.verb), smtp_cmd_err_str(rc));
+            return;
+        }
+        s->errors++;
         if (c.verb == SMTP_VERB_BDAT)
             bdat_unframed(s, rc == SMTP_CMD_E_LINE_TOO_LONG ? "line_too_long" : "bad_size");
         else
@@ -1137,8 +815,12 @@ handle_verb(struct session *s, struct smtp_cmd *cp, size_t rest)
         reply(s, "502 5.5.1 EXPN is not offered here");
         break;
     case SMTP_VERB_HELP:
-        reply(s, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
-                 "HELP AUTH; see RFC 5321");
+        /* what this session may say now, as EHLO shows it */
+        reply(s,
+              "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP%s%s; "
+              "see RFC 5321",
+              s->sw->tls != NULL && !stream_tls(&s->st) ? " STARTTLS" : "",
+              s->users != NULL && auth_allowed_here(s) ? " AUTH" : "");
         break;
     case SMTP_VERB_STARTTLS:
         /* After HELO too, as Postfix: refusing would only keep the client

@@ -1,16 +1,22 @@
 /*
  * server_int.h: what the files of the submission server share (not a
- * public header: engine/server.c, engine/server_cmd.c and
- * engine/server_msg.c include it; everyone else goes through
- * engine/server.h).
+ * public header: engine/server.c, engine/server_worker.c,
+ * engine/server_cmd.c, engine/server_auth.c and engine/server_msg.c
+ * include it; everyone else goes through engine/server.h).
  *
  *   engine/server.c      sessions: the state machine, input and output on
  *                        the stream, greeting, STARTTLS and implicit TLS,
- *                        deadlines, lifetime, listeners, the worker's
- *                        server, detached sessions (for harnesses);
- *   engine/server_cmd.c  the commands: HELO/EHLO, STARTTLS, AUTH, MAIL,
- *                        RCPT, DATA, BDAT, RSET, NOOP, VRFY, QUIT, and
- *                        the bounce role's rules at MAIL and RCPT;
+ *                        deadlines, lifetime, detached sessions (for
+ *                        harnesses);
+ *   engine/server_worker.c the worker's server: listeners and accepts, the
+ *                        spool's port, start, reload, free (the wait for
+ *                        the commits left), the stop's drain, the counts;
+ *   engine/server_cmd.c  the commands: HELO/EHLO, STARTTLS, MAIL, RCPT,
+ *                        DATA, BDAT, RSET, NOOP, VRFY, QUIT, and the
+ *                        bounce role's rules at MAIL and RCPT;
+ *   engine/server_auth.c AUTH: the command, its SASL exchange, the
+ *                        credentials' check (cache, hashing pool), the
+ *                        failure limits and the delayed 535;
  *   engine/server_msg.c  the message: its body within body_memory_limit,
  *                        the transaction, the DKIM signing hand-off, the
  *                        spool commit, the reception event and the
@@ -113,10 +119,10 @@ struct session {
     unsigned pipelined_rest; /* 503s to RCPT, DATA or BDAT still taken for the
                               * pipelined rest of a refused MAIL or BDAT chunk, not
                               * as junk */
-    /* The suppressed events of RCPTs refused in this transaction while
-     * its tenant is not known yet (X-Sluice-Tenant, after DATA): sent
-     * with it, or without one when the transaction ends first
-     * (server_cmd.c supp_flush). Owned; at most max_recipients. */
+    /* The suppressed and rejection events of RCPTs refused in this
+     * transaction while its tenant is not known yet (X-Sluice-Tenant,
+     * after DATA): sent with it, or without one when the transaction ends
+     * first (server_cmd.c supp_flush). Owned; at most max_recipients. */
     struct supp_pending **supp;
     unsigned nsupp, supp_cap; /* supp_cap: max_recipients when supp was made (a
                                * reload may change it meanwhile) */
@@ -195,8 +201,8 @@ struct session {
     char *ev_line; /* owned: the reception event committed with the message (or a bounce
                     * listener's events, committed alone), or NULL */
     size_t ev_len;
-    const char *oob_kind; /* static: the bounce listener's report whose events the spool
-                           * has (committing); NULL: a message's commit */
+    struct oob_outcome *oob; /* owned: the bounce listener's report whose commit the spool
+                              * has (committing); NULL: a message's commit */
     char hdrs[MSA_HEADERS_MAX];
     size_t hdrs_len;
     uint64_t expire_ms;            /* the message's own expiry; 0: none */
@@ -304,10 +310,30 @@ void session_run(struct session *s);
  * TLS handshake done): if a stop is under way, it is told 421 and closed
  * (server_on_drain ran before it got there). */
 void session_drain_check(struct session *s);
+/* Does a session in state st hold a stop's drain open (a message being
+ * signed or stored, a last reply leaving)? */
+bool session_state_holds_drain(enum session_state st);
+/* The deadline of a last reply: one command's time, within what is left
+ * of a stop's drain. */
+void session_closing_deadline(struct session *s);
+/* Did the client leave a transaction unfinished (its envelope given, its
+ * content not ended)? */
+bool txn_unfinished(const struct session *s);
+/* Out of the worker's list, the disconnect line logged, everything freed. */
+void session_free(struct session *s);
+/* A session for the connection accepted on fd (closed when out of
+ * memory), on an implicit-TLS listener or the bounce listener. */
+void session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce);
+
+/* server_worker.c: the worker's server */
+/* Stopping: s, idle (waiting for a command outside a transaction, or for
+ * its greeting), is told 421 and closed. True when it was. */
+bool session_drain_close(struct session *s);
+/* A session that held the drain let go (posted by session_enter): the
+ * idle ones are told 421, and delivery hears when nothing holds it. */
+void server_on_drain_recheck(struct worker *w, struct worker_msg *m);
 
 /* server_cmd.c: the commands */
-/* A failed AUTH: 535 after the delay, or the close past the limit. */
-void auth_fail_reply(struct session *s);
 /* BDAT chunk octets b[0..len) into the body, checked across chunks. */
 void bdat_scan(struct session *s, const char *b, size_t len);
 /* The client broke BDAT's framing: say why and hang up. */
@@ -315,18 +341,28 @@ void bdat_unframed(struct session *s, const char *why);
 void cmd_rcpt(struct session *s, const struct smtp_cmd *c);
 /* One command line (without its CRLF); rest: octets after it in the input. */
 void handle_line(struct session *s, const char *line, size_t len, size_t rest);
-/* s leaves the password-hashing lists (as leader or follower). */
-void session_hash_unlink(struct session *s);
 /* Is buf[0..len) a BDAT command line? */
 bool is_bdat_line(const char *buf, size_t len);
-/* A password hash came back from the pool (the worker's mailbox). */
-void session_on_hash(struct worker *w, struct worker_msg *m);
 /* After DATA, once the message's tenant is known: recipients on that
  * tenant's suppression list are dropped. 0 with at least one left, or a
  * negative value with the reply for the whole message in text. */
 int suppress_after_data(struct session *s, char *text, size_t tlen);
 /* The suppressed events RCPT kept back, sent with tenant (NULL: none). */
 void supp_flush(struct session *s, const char *tenant);
+
+/* server_auth.c: AUTH */
+/* Is AUTH offered to s (over TLS, or in plaintext as plaintext_auth says)? */
+bool auth_allowed_here(const struct session *s);
+/* AUTH (c: its mechanism and initial response, if any). */
+void cmd_auth(struct session *s, const struct smtp_cmd *c);
+/* One SASL response (AUTH's initial response, or a line after 334). */
+void auth_response(struct session *s, const char *line, size_t len);
+/* A failed AUTH: 535 after the delay, or the close past the limit. */
+void auth_fail_reply(struct session *s);
+/* s leaves the password-hashing lists (as leader or follower). */
+void session_hash_unlink(struct session *s);
+/* A password hash came back from the pool (the worker's mailbox). */
+void session_on_hash(struct worker *w, struct worker_msg *m);
 
 /* server_msg.c: the message */
 /* The body budget shared by every worker (e->body_bytes against limit). */

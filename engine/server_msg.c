@@ -214,6 +214,8 @@ txn_reset(struct session *s)
     free(s->ev_line);
     s->ev_line = NULL;
     s->ev_len = 0;
+    free(s->oob);
+    s->oob = NULL;
     s->hdrs_len = 0;
     s->expire_ms = 0;
     memset(&s->owner, 0, sizeof(s->owner));
@@ -243,7 +245,7 @@ static void oob_commit_done(struct session *s, int rc);
 static void
 commit_done(struct session *s, int rc)
 {
-    if (s->oob_kind != NULL) {
+    if (s->oob != NULL) {
         oob_commit_done(s, rc);
         return;
     }
@@ -471,25 +473,52 @@ protocol_name(const struct session *s)
 static void message_commit(struct session *s);
 static bool dkim_sign_start(struct session *s, size_t header_len);
 
-/* The bounce listener's events are in the spool (or not: rc): the
- * delivery log gets them now, the reporter its answer. A 451 has the
- * reporting MTA send the report again: nothing of it was stored. */
+/* A report answered 250 (or about to be: tail says why not), told once:
+ * its stats, the daemon log's line of its event and its own. */
+static void
+oob_told(struct session *s, const struct oob_outcome *o, const char *tail)
+{
+    struct server_worker *sw = s->sw;
+    sw->stats.oob_messages++;
+    sw->stats.oob_events += o->events;
+    if (o->dropped != NULL)
+        sw->stats.oob_dropped++;
+    if (o->line[0] != '\0')
+        log_msg(LOG_NOTICE, "%s%s", o->line, tail);
+    log_msg(LOG_INFO, "session=%016llx event=oob_received client=%s from=<%s> nrcpt=%u "
+            "size=%zu kind=%s events=%u suppressed=%u%s%s%s",
+            (unsigned long long)s->id, s->peer_ip, s->sender, s->nrcpt, s->body_len, o->kind,
+            o->events, o->suppressed, o->dropped ? " dropped=" : "", o->dropped ? o->dropped : "",
+            tail);
+}
+
+/* The bounce listener's report is in the spool (or not: rc): its events
+ * (with event sinks) and its suppression entry (a note, suppress.h). The
+ * delivery log and the daemon log get its lines now, the reporter its
+ * answer. A 451 has the reporting MTA send the report again: nothing of
+ * it was stored, logged or suppressed, so the report sent again is told
+ * once. */
 static void
 oob_commit_done(struct session *s, int rc)
 {
     s->inflight--;
     s->committing = false;
-    const char *kind = s->oob_kind;
-    s->oob_kind = NULL;
+    struct oob_outcome *o = s->oob;
+    s->oob = NULL;
     bool gone = s->state == SS_CLOSED || s->state == SS_CLOSING;
     bool stopping = s->sw->stopping;
+    const char *unanswered = gone ? " client_gone=1" : stopping ? " unanswered=stopping" : "";
     struct dlog_writer *lw = s->sw->e->dlogw ? s->sw->e->dlogw[s->sw->w->id] : NULL;
-    if (rc == 0 && lw != NULL)
-        dlog_line(lw, s->ev_line, s->ev_len);
-    if (rc != 0)
-        log_msg(LOG_ERR, "session=%016llx event=oob_commit_failed err=\"%s\"%s",
-                (unsigned long long)s->id, queue_strerror(rc),
-                gone ? " client_gone=1" : stopping ? " unanswered=stopping" : "");
+    const char *kind = o->kind;
+    if (rc == 0) {
+        if (lw != NULL && s->ev_line != NULL)
+            dlog_line(lw, s->ev_line, s->ev_len);
+        oob_told(s, o, unanswered);
+    } else {
+        log_msg(LOG_ERR, "session=%016llx event=oob_commit_failed kind=%s err=\"%s\"%s",
+                (unsigned long long)s->id, kind, queue_strerror(rc), unanswered);
+    }
+    free(o);
     if (gone || stopping) {
         txn_reset(s);
         session_maybe_free(s);
@@ -507,14 +536,39 @@ oob_commit_done(struct session *s, int rc)
     session_run(s);
 }
 
+/* The bounce listener's suppression seam (oob.h): the entry a verified
+ * report asks for, made a note that the spool commits with the report
+ * (suppress.h): a kill -9 after the 250 cannot lose it, a 451 makes none. */
+struct oob_note {
+    struct suppress *sup;       /* borrowed: the engine's */
+    int len;                    /* of buf; 0: none */
+    uint8_t buf[SUPPRESS_NOTE_BYTES];
+};
+
+static void
+oob_note_take(void *ctx, const char *tenant, const char *addr, int kind)
+{
+    struct oob_note *n = ctx;
+    int len = kind == OOB_SUPPRESS_HARD_BOUNCE
+                  ? suppress_note_bounce(n->sup, NULL, addr, BOUNCE_INVALID_RECIPIENT,
+                                         "out-of-band bounce", n->buf)
+                  : suppress_note_complaint(n->sup, tenant, addr, n->buf);
+    if (len < 0)
+        log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> err=\"%s\"", addr ? addr : "",
+                strerror(-len));
+    n->len = len > 0 ? len : 0;
+}
+
 /* The bounce role: the message is whole and clean; parse it and log what
- * it says (oob.h). With event sinks the events are committed to the
- * spool (queue_events_put) before the 250, as a message is: a crash
- * after the 250 loses none of them, one before it has the reporting MTA
- * send the report again (at least once; the backend drops a repeat by
- * what it says). Without sinks the delivery log is their only reader and
- * the 250 goes out once they are in its buffer (a crash before its next
- * write loses them: at most once, as bounces by mail always were). */
+ * it says (oob.h). What it stores (its events, with event sinks; its
+ * suppression entry) is committed to the spool (queue_events_note_put)
+ * before the 250, as a message is: a crash after the 250 loses none of
+ * it, one before it has the reporting MTA send the report again (at
+ * least once; the backend drops a repeat by what it says), and the
+ * lines are logged once the commit returns. Without sinks nor an entry
+ * the delivery log is the only reader and the 250 goes out once the
+ * lines are in its buffer (a crash before its next write loses them: at
+ * most once, as bounces by mail always were). */
 static void
 bounce_finish(struct session *s)
 {
@@ -524,52 +578,70 @@ bounce_finish(struct session *s)
     unsigned n = s->nrcpt < 64 ? s->nrcpt : 64;
     for (unsigned i = 0; i < n; i++)
         rcpts[i] = s->rcpts[i].addr;
-    struct oob_outcome o;
+    struct oob_outcome *o = malloc(sizeof(*o));
+    struct oob_note *note = malloc(sizeof(*note));
+    if (o == NULL || note == NULL) {
+        free(o);
+        free(note);
+        reply(s, "451 4.3.0 Local error in processing");
+        txn_reset(s);
+        session_enter(s, SS_COMMAND);
+        return;
+    }
+    note->sup = e->suppress;
+    note->len = 0;
+    struct oob_hooks hooks = e->oob;
+    if (hooks.suppress == NULL && e->suppress != NULL)
+        hooks = (struct oob_hooks){oob_note_take, note};
     struct dlog_writer *lw = e->dlogw ? e->dlogw[sw->w->id] : NULL;
-    bool durable = e->events != NULL && lw != NULL && !sw->detached;
+    bool sinks = e->events != NULL && lw != NULL;
     struct json line;
     json_init(&line);
-    if (durable)
+    if (lw != NULL)
         dlog_capture(lw, &line, false);
-    int rc = oob_message(&e->cfg->bounce, e->cfg->classify, &e->oob, lw, s->id, s->peer_ip,
-                         rcpts, n, s->body, s->body_len, &o);
-    if (durable)
+    int rc = oob_message(&e->cfg->bounce, e->cfg->classify, &hooks, lw, s->id, s->peer_ip,
+                         rcpts, n, s->body, s->body_len, o);
+    if (lw != NULL)
         dlog_capture(lw, NULL, false);
-    bool stored = false; /* its events are with the spool: it answers */
-    if (rc >= 0 && durable && line.len > 0) {
-        free(s->ev_line);
+    free(s->ev_line);
+    s->ev_line = NULL;
+    s->ev_len = 0;
+    if (rc >= 0 && line.len > 0) {
         s->ev_line = json_failed(&line) ? NULL : malloc(line.len);
         if (s->ev_line != NULL) {
             memcpy(s->ev_line, line.buf, line.len);
             s->ev_len = line.len;
-            rc = queue_events_put(e->queue, sw->port, s->ev_line, s->ev_len,
-                                  session_on_commit, s);
-            stored = rc == 0;
         } else {
             rc = -ENOMEM;
         }
     }
     json_fini(&line);
+    bool commit = rc >= 0 && !sw->detached && ((sinks && s->ev_len > 0) || note->len > 0);
+    if (commit) {
+        rc = queue_events_note_put(e->queue, sw->port, sinks ? s->ev_line : NULL,
+                                   sinks ? s->ev_len : 0, note->len > 0 ? note->buf : NULL,
+                                   (size_t)note->len, session_on_commit, s);
+        if (rc < 0)
+            log_msg(LOG_ERR, "session=%016llx event=oob_commit_failed kind=%s err=\"%s\"",
+                    (unsigned long long)s->id, o->kind, queue_strerror(rc));
+    }
+    free(note);
     if (rc < 0) {
+        free(o);
         reply(s, "451 4.3.0 Local error in processing");
+    } else if (commit) { /* the spool's answer replies: oob_commit_done */
+        s->oob = o;
+        s->inflight++;
+        s->committing = true;
+        worker_timer_cancel(sw->w, &s->timer);
+        session_enter(s, SS_COMMIT);
+        return;
     } else {
-        sw->stats.oob_messages++;
-        sw->stats.oob_events += o.events;
-        if (o.dropped != NULL)
-            sw->stats.oob_dropped++;
-        log_msg(LOG_INFO, "session=%016llx event=oob_received client=%s from=<%s> nrcpt=%u "
-                "size=%zu kind=%s events=%u suppressed=%u%s%s",
-                (unsigned long long)s->id, s->peer_ip, s->sender, s->nrcpt, s->body_len, o.kind,
-                o.events, o.suppressed, o.dropped ? " dropped=" : "", o.dropped ? o.dropped : "");
-        if (stored) { /* the spool's answer replies: oob_commit_done */
-            s->oob_kind = o.kind;
-            s->inflight++;
-            s->committing = true;
-            worker_timer_cancel(sw->w, &s->timer);
-            session_enter(s, SS_COMMIT);
-            return;
-        }
-        reply(s, "250 2.0.0 Ok: %s %s", o.kind, o.dropped ? "dropped" : "recorded");
+        if (lw != NULL && s->ev_line != NULL)
+            dlog_line(lw, s->ev_line, s->ev_len);
+        oob_told(s, o, "");
+        reply(s, "250 2.0.0 Ok: %s %s", o->kind, o->dropped ? "dropped" : "recorded");
+        free(o);
     }
     txn_reset(s);
     session_enter(s, SS_COMMAND);
@@ -577,16 +649,16 @@ bounce_finish(struct session *s)
 
 /* Two recipients are one when their addresses are: the local part as it
  * is (only the receiving host may fold it, RFC 5321 2.4) but for quotes
- * that are not needed ("john" is john, RFC 5321 4.1.2), the domain
- * without case. */
+ * that are not needed ("john" is john, RFC 5321 4.1.2) or that it is sent
+ * in (john. is "john."), the domain without case. */
 static int
 rcpt_addr_cmp(const char *a, const char *b)
 {
     const char *da = strrchr(a, '@'), *db = strrchr(b, '@');
     char ba[SMTP_LOCAL_MAX], bb[SMTP_LOCAL_MAX];
     const char *ua, *ub;
-    size_t la = smtp_local_unquote(a, da ? (size_t)(da - a) : strlen(a), ba, &ua);
-    size_t lb = smtp_local_unquote(b, db ? (size_t)(db - b) : strlen(b), bb, &ub);
+    size_t la = smtp_local_canon(a, da ? (size_t)(da - a) : strlen(a), ba, &ua);
+    size_t lb = smtp_local_canon(b, db ? (size_t)(db - b) : strlen(b), bb, &ub);
     if (la != lb)
         return la < lb ? -1 : 1;
     int c = memcmp(ua, ub, la);
@@ -690,7 +762,7 @@ message_finish(struct session *s, uint32_t data_flags)
      * none) is the client's error, and relaying it as 7BIT would hand 8-bit
      * octets to a server that never agreed to take them. As 8BITMIME it
      * goes out with BODY=8BITMIME, or bounces (5.6.3) where the next hop
-     * has no 8BITMIME (smtp_client.c). One declared BODY=8BITMIME with no
+     * has no 8BITMIME (smtp_client_txn.c). One declared BODY=8BITMIME with no
      * octet over 127 (clients that declare it for everything) is 7BIT:
      * it goes to a next hop without 8BITMIME too (RFC 6152 forbids only
      * the 8-bit data; it bounced there). */

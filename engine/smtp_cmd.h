@@ -168,6 +168,8 @@ enum smtp_path_flag {
     SMTP_PATH_UTF8 = 1u << 5,       /* non-ASCII octets in the mailbox */
     SMTP_PATH_POSTMASTER = 1u << 6, /* RCPT TO:<Postmaster>, no domain */
     SMTP_PATH_ROUTE = 1u << 7,      /* a source route was given (and is ignored) */
+    SMTP_PATH_DOTS = 1u << 8,       /* unquoted local part with dots leading, trailing
+                                       or doubled: sent quoted, counted with the quotes */
 };
 
 /* A path as written inside <...>. Spans point into the parsed line. */
@@ -253,13 +255,15 @@ uint32_t smtp_auth_mech_parse(const char *name, size_t len);
 const char *smtp_auth_mech_str(uint32_t mech);
 
 /*
- * A quoted local part that needs no quoting ("john", "jo\hn") is the same
- * mailbox as its dot-string (RFC 5321 4.1.2, 4.1.4: john): that
- * dot-string is written to buf (SMTP_LOCAL_MAX octets, no NUL) and *out
- * points at it; any other local part is left as it is (*out = local).
- * Returns the length of *out.
+ * One local part, one form: the form it is sent in. A quoted local part
+ * that needs no quoting ("john", "jo\hn") is the same mailbox as its
+ * dot-string (RFC 5321 4.1.2, 4.1.4: john), and an unquoted one that is
+ * no dot-string (john., .john, jo..hn, taken as Postfix takes them) is
+ * the same as its quoted string ("john."). That form is written to buf
+ * (SMTP_LOCAL_MAX octets, no NUL) and *out points at it; any other local
+ * part is left as it is (*out = local). Returns the length of *out.
  */
-size_t smtp_local_unquote(const char *local, size_t len, char *buf, const char **out);
+size_t smtp_local_canon(const char *local, size_t len, char *buf, const char **out);
 
 /*
  * Check a mailbox (local@domain, or empty for the null path) the way

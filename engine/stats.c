@@ -2,15 +2,16 @@
  * stats: the stats thread of stats.h: the Unix socket's line protocol,
  * the HTTP listener (GET /metrics for Prometheus; GET / the status page,
  * engine/stats_page.html, and GET /status.json the live state it shows)
- * and the rates. HTTP is read only. The answers' JSON and Prometheus text
- * are rendered by engine/stats_render.c.
+ * and the rates. HTTP is read only. The answers' JSON is rendered by
+ * engine/stats_render.c, the Prometheus text by engine/stats_metrics.c.
  *
  * One poll(2) loop on a thread of its own, never a worker: it may block
  * in an engine callback for a moment, so it is kept off the rings. The
  * engine's commands (ops->command: flush, bounce, reload, ...; seconds
- * to minutes for a big queue) go to a second thread, the command thread,
- * one at a time; their client waits, unpolled but for a hang-up, while
- * this loop goes on answering stats, domains, metrics and HTTP. Every
+ * to minutes for a big queue) go to a second thread, the command thread
+ * of engine/stats_cmd.c, one at a time; their client waits, unpolled but
+ * for a hang-up, while this loop goes on answering stats, domains,
+ * metrics and HTTP. Every
  * client has fixed buffers for its input (STATS_HTTP_REQUEST_MAX) and
  * one answer at a time for its output: the next command of a connection
  * is read only once the previous answer went out, so a client that
@@ -37,9 +38,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -52,13 +50,13 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "common/clock.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "engine/stats_cmd.h"
 #include "engine/stats_int.h"
 #include "engine/stats_page.h"
 
@@ -67,8 +65,6 @@
 #define LINGER_MS    2000  /* how long a closing connection drains input */
 #define LINGER_BYTES 65536 /* and how much of it */
 #define STATS_PAGE_DOMAINS 25 /* destinations in the status page's table */
-
-/* ---- time ---- */
 
 /* ---- rates ---- */
 
@@ -94,6 +90,7 @@ rates_between(const struct rate_sample *a, const struct rate_sample *b, struct s
     r->deferred = out[R_DEFERRED];
     r->bounced = out[R_BOUNCED];
     r->expired = out[R_EXPIRED];
+    r->window_ms = b->t_ms - a->t_ms;
     r->known = true;
 }
 
@@ -134,19 +131,9 @@ struct stats_server {
     struct rate_sample ring[RATE_SAMPLES];
     unsigned ring_n, ring_head;
     uint64_t next_sample;
-    /* The command thread (cmd_thread): the engine's commands, one at a
-     * time, off this thread, which goes on answering stats, domains,
-     * metrics and HTTP meanwhile. Jobs go in at todo, come back at done
-     * (done_fd tells); cmd_lock guards both lists and cmd_stop. */
-    pthread_t cmd_thread;
-    bool cmd_started;
-    pthread_mutex_t cmd_lock;
-    pthread_cond_t cmd_cv;
-    struct cmd_job *todo, **todo_tail, *done;
-    bool cmd_stop;
-    int done_fd;               /* owned eventfd; -1: none */
+    struct stats_cmd *cmd; /* owned: the command thread (stats_cmd.c) */
+    unsigned cmd_queued;   /* commands handed to it and not answered yet */
     uint64_t next_gen;
-    struct json scratch;       /* for ops->command, on the command thread */
     struct stats_domain *doms; /* owned, ndoms_cap entries */
     size_t ndoms_cap;
     uint64_t evict_logged; /* monotonic ms of the last event=stats_client_evicted */
@@ -289,15 +276,6 @@ static const struct command commands[] = {
     {"help", "", "this list", 0, 0, false},
 };
 
-static void
-answer_error(struct json *out, const char *msg)
-{
-    json_obj_begin(out);
-    json_kbool(out, "ok", false);
-    json_kstr(out, "error", msg);
-    json_obj_end(out);
-}
-
 static void answer_errorf(struct json *out, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
@@ -309,7 +287,7 @@ answer_errorf(struct json *out, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(b, sizeof(b), fmt, ap);
     va_end(ap);
-    answer_error(out, b);
+    stats_answer_error(out, b);
 }
 
 static unsigned
@@ -344,152 +322,31 @@ do_help(struct json *out)
     json_obj_end(out);
 }
 
-static void
-do_engine(struct stats_server *s, const struct command *cmd, const char *args, struct json *out)
-{
-    if (s->ops.command == NULL) {
-        answer_errorf(out, "%s: not available", cmd->verb);
-        return;
-    }
-    char err[256] = "";
-    struct json *r = &s->scratch;
-    json_reset(r);
-    int rc = s->ops.command(s->ops.arg, cmd->verb, args, r, err, sizeof(err));
-    if (rc != 0) {
-        err[sizeof(err) - 1] = '\0';
-        answer_error(out, err[0] != '\0' ? err : "failed");
-        return;
-    }
-    if (json_failed(r)) {
-        answer_error(out, "out of memory");
-        return;
-    }
-    /* A raw newline can only be whitespace between tokens (the writer
-     * escapes those in strings); the protocol is one line per answer. */
-    for (size_t i = 0; i < r->len; i++)
-        if (r->buf[i] == '\n' || r->buf[i] == '\r')
-            r->buf[i] = ' ';
-    json_raw(out, "{\"ok\":true", 10);
-    if (r->len >= 2 && r->buf[0] == '{' && r->buf[r->len - 1] == '}') {
-        if (r->len > 2) {
-            json_raw(out, ",", 1);
-            json_raw(out, r->buf + 1, r->len - 1);
-        } else {
-            json_raw(out, "}", 1);
-        }
-    } else if (r->len > 0) { /* not an object: kept whole, under a key */
-        json_raw(out, ",\"result\":", 10);
-        json_raw(out, r->buf, r->len);
-        json_raw(out, "}", 1);
-    } else {
-        json_raw(out, "}", 1);
-    }
-}
-
-/* ---- the command thread ---- */
-
-/* An engine command on its way to the command thread, and its answer on
- * the way back. */
-struct cmd_job {
-    struct cmd_job *next;
-    const struct command *cmd;
-    size_t slot;     /* its client's index in s->clients */
-    uint64_t gen;    /* that client's gen then */
-    struct json out; /* the answer line, newline included */
-    char args[STATS_LINE_MAX + 1];
-};
-
-/* Run the engine's commands one at a time, in the order they came, as
- * this thread alone did before (ops.c expects one caller of commands).
- * A flush or bounce of a million recipients takes seconds to minutes;
- * on the stats thread it held every other client, /metrics and the
- * status page for as long. */
-static void *
-cmd_thread(void *arg)
-{
-    struct stats_server *s = arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);
-    log_altstack_init();
-    log_set_thread_name("stats-cmd");
-    pthread_mutex_lock(&s->cmd_lock);
-    for (;;) {
-        while (s->todo == NULL && !s->cmd_stop)
-            pthread_cond_wait(&s->cmd_cv, &s->cmd_lock);
-        if (s->cmd_stop)
-            break; /* what is left is freed with the server: nobody reads it */
-        struct cmd_job *j = s->todo;
-        s->todo = j->next;
-        if (s->todo == NULL)
-            s->todo_tail = &s->todo;
-        pthread_mutex_unlock(&s->cmd_lock);
-        do_engine(s, j->cmd, j->args, &j->out);
-        if (json_failed(&j->out)) {
-            json_reset(&j->out);
-            answer_error(&j->out, "out of memory");
-        }
-        json_raw(&j->out, "\n", 1);
-        pthread_mutex_lock(&s->cmd_lock);
-        j->next = s->done;
-        s->done = j;
-        uint64_t one = 1;
-        (void)!write(s->done_fd, &one, sizeof(one));
-    }
-    pthread_mutex_unlock(&s->cmd_lock);
-    return NULL;
-}
+static int client_flush(struct stats_server *s, struct client *c, uint64_t now);
+static int client_process(struct stats_server *s, struct client *c, uint64_t now);
+static void client_rearm(const struct stats_server *s, struct client *c);
 
 /* Hand c's command to the command thread: c waits, unpolled for input,
  * until cmd_answers() gives it the answer. False without memory. */
 static bool
 cmd_submit(struct stats_server *s, struct client *c, const struct command *cmd, const char *args)
 {
-    struct cmd_job *j = calloc(1, sizeof(*j));
-    if (j == NULL)
+    if (!stats_cmd_submit(s->cmd, cmd->verb, args, (size_t)(c - s->clients), c->gen))
         return false;
-    j->cmd = cmd;
-    j->slot = (size_t)(c - s->clients);
-    j->gen = c->gen;
-    snprintf(j->args, sizeof(j->args), "%s", args);
-    json_init(&j->out);
-    pthread_mutex_lock(&s->cmd_lock);
-    *s->todo_tail = j;
-    s->todo_tail = &j->next;
-    pthread_cond_signal(&s->cmd_cv);
-    pthread_mutex_unlock(&s->cmd_lock);
+    s->cmd_queued++;
     c->waiting = true;
     return true;
 }
 
-static void
-free_jobs(struct cmd_job *j)
-{
-    while (j != NULL) {
-        struct cmd_job *next = j->next;
-        json_fini(&j->out);
-        free(j);
-        j = next;
-    }
-}
-
-static int client_flush(struct stats_server *s, struct client *c, uint64_t now);
-static int client_process(struct stats_server *s, struct client *c, uint64_t now);
-static void client_rearm(const struct stats_server *s, struct client *c);
-
-/* The stats thread: the answers the command thread made go to their
- * clients, those still there (a client that left meanwhile lost its
- * slot, perhaps to another: gen tells). */
+/* The answers the command thread made go to their clients, those still
+ * there (a client that left meanwhile lost its slot, perhaps to another:
+ * gen tells). */
 static void
 cmd_answers(struct stats_server *s, uint64_t now)
 {
-    uint64_t v;
-    (void)!read(s->done_fd, &v, sizeof(v));
-    pthread_mutex_lock(&s->cmd_lock);
-    struct cmd_job *list = s->done;
-    s->done = NULL;
-    pthread_mutex_unlock(&s->cmd_lock);
-    for (struct cmd_job *j = list; j != NULL; j = j->next) {
+    struct stats_cmd_job *list = stats_cmd_take(s->cmd);
+    for (struct stats_cmd_job *j = list; j != NULL; j = j->next) {
+        s->cmd_queued--;
         struct client *c = &s->clients[j->slot];
         if (c->fd < 0 || c->gen != j->gen || !c->waiting)
             continue;
@@ -504,7 +361,7 @@ cmd_answers(struct stats_server *s, uint64_t now)
         if (client_flush(s, c, now) == 0)
             client_process(s, c, now);
     }
-    free_jobs(list);
+    stats_cmd_jobs_free(list);
 }
 
 static void
@@ -515,7 +372,7 @@ do_metrics(struct stats_server *s, struct json *out)
     size_t n = gather_domains(s, s->top_n);
     char *text = stats_render_metrics(&c, s->doms, n, clock_unix_ms());
     if (text == NULL) {
-        answer_error(out, "out of memory");
+        stats_answer_error(out, "out of memory");
         return;
     }
     json_obj_begin(out);
@@ -533,7 +390,7 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
               struct json *out)
 {
     if (memchr(line, '\0', len) != NULL) {
-        answer_error(out, "NUL octet in the command line");
+        stats_answer_error(out, "NUL octet in the command line");
         json_raw(out, "\n", 1);
         return false;
     }
@@ -557,17 +414,21 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
         if (strcasecmp(verb, commands[i].verb) == 0)
             cmd = &commands[i];
     if (verb[0] == '\0') {
-        answer_error(out, "empty command (try help)");
+        stats_answer_error(out, "empty command (try help)");
     } else if (cmd == NULL) {
         char shown[40];
         snprintf(shown, sizeof(shown), "%s", verb); /* bounded: the line may be 4 KB */
         answer_errorf(out, "unknown command \"%s\" (try help)", shown);
     } else if (count_words(args) < cmd->min_args || count_words(args) > cmd->max_args) {
         answer_errorf(out, "usage: %s%s%s", cmd->verb, cmd->args[0] ? " " : "", cmd->args);
+    } else if (cmd->engine && s->cmd_queued > STATS_CMD_QUEUE_MAX) {
+        answer_errorf(out, "busy: %u commands are queued behind the one under way (a flush or "
+                           "bounce of a big queue takes a while); try again once they are answered",
+                      s->cmd_queued - 1);
     } else if (cmd->engine) {
         if (cmd_submit(s, c, cmd, args))
             return true;
-        answer_error(out, "out of memory");
+        stats_answer_error(out, "out of memory");
     } else if (strcmp(cmd->verb, "stats") == 0) {
         struct stats_counters k;
         struct stats_rates r1s, r1m;
@@ -593,7 +454,7 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
     }
     if (json_failed(out)) {
         json_reset(out);
-        answer_error(out, "out of memory");
+        stats_answer_error(out, "out of memory");
     }
     json_raw(out, "\n", 1);
     return false;
@@ -976,7 +837,7 @@ pool_victim(struct client *pool, size_t n)
 static void
 client_refuse(int fd, enum client_kind kind, const char *why)
 {
-    char msg[160];
+    char msg[256];
     int n = kind == CLIENT_CTL
                 ? snprintf(msg, sizeof(msg), "{\"ok\":false,\"error\":\"%s\"}\n", why)
                 : snprintf(msg, sizeof(msg),
@@ -1012,7 +873,8 @@ stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t
             }
         }
         if (c == NULL) {
-            client_refuse(fd, kind, "too many clients");
+            client_refuse(fd, kind, "too many clients: every slot of the stats socket "
+                                    "waits for an answer; try again");
             close(fd);
             continue;
         }
@@ -1059,7 +921,7 @@ stats_thread(void *arg)
         owner[n++] = NULL;
         pfd[n] = (struct pollfd){.fd = s->ctl_fd, .events = POLLIN};
         owner[n++] = NULL;
-        pfd[n] = (struct pollfd){.fd = s->done_fd, .events = POLLIN};
+        pfd[n] = (struct pollfd){.fd = stats_cmd_fd(s->cmd), .events = POLLIN};
         owner[n++] = NULL;
         if (s->http_fd >= 0) {
             pfd[n] = (struct pollfd){.fd = s->http_fd, .events = POLLIN};
@@ -1100,7 +962,7 @@ stats_thread(void *arg)
             if (pfd[i].revents == 0)
                 continue;
             struct client *c = owner[i];
-            if (c == NULL && pfd[i].fd == s->done_fd) {
+            if (c == NULL && pfd[i].fd == stats_cmd_fd(s->cmd)) {
                 cmd_answers(s, now);
                 continue;
             }
@@ -1126,146 +988,6 @@ stats_thread(void *arg)
     return NULL;
 }
 
-/* ---- listeners ---- */
-
-static int
-ctl_listen(struct stats_server *s, const char *path, unsigned mode, char *err, size_t errlen)
-{
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        errf(err, errlen, "stats socket path too long (at most %zu octets): %s",
-             sizeof(sa.sun_path) - 1, path);
-        return -ENAMETOOLONG;
-    }
-    memcpy(sa.sun_path, path, strlen(path));
-
-    struct stat st;
-    if (lstat(path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode)) {
-            errf(err, errlen, "%s exists and is not a socket: not removing it", path);
-            return -EEXIST;
-        }
-        /* Something listening there is a running sluice: never steal its
-         * socket. A refused connection is a stale file left by a crash. */
-        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (probe < 0) {
-            int e = errno;
-            errf(err, errlen, "socket: %s", strerror(e));
-            return -e;
-        }
-        int rc = connect(probe, (struct sockaddr *)&sa, sizeof(sa));
-        int e = errno;
-        close(probe);
-        if (rc == 0 || e == EAGAIN || e == EINPROGRESS) {
-            errf(err, errlen, "%s: a running sluice answers on it", path);
-            return -EADDRINUSE;
-        }
-        if (e != ECONNREFUSED) {
-            errf(err, errlen, "%s: cannot tell whether it is stale: %s", path, strerror(e));
-            return -e;
-        }
-        if (unlink(path) != 0 && errno != ENOENT) {
-            e = errno;
-            errf(err, errlen, "%s: cannot remove the stale socket: %s", path, strerror(e));
-            return -e;
-        }
-    }
-
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        int e = errno;
-        errf(err, errlen, "socket: %s", strerror(e));
-        return -e;
-    }
-    /* No client can connect between bind and listen, so the mode is
-     * right before anyone can use the socket, whatever the umask. */
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || chmod(path, mode & 07777) != 0 ||
-        listen(fd, 64) != 0 || stat(path, &st) != 0) {
-        int e = errno;
-        errf(err, errlen, "stats socket %s: %s", path, strerror(e));
-        close(fd);
-        return -e;
-    }
-    s->ctl_fd = fd;
-    s->dev = st.st_dev;
-    s->ino = st.st_ino;
-    return 0;
-}
-
-static int
-http_listen_open(struct stats_server *s, const char *spec, char *err, size_t errlen)
-{
-    char host[256], port[16];
-    const char *colon;
-    const char *h = spec;
-    size_t hl;
-    if (spec[0] == '[') {
-        const char *close_br = strchr(spec, ']');
-        if (close_br == NULL || close_br[1] != ':') {
-            errf(err, errlen, "http listen address \"%s\": expected [ADDR]:PORT", spec);
-            return -EINVAL;
-        }
-        h = spec + 1;
-        hl = (size_t)(close_br - h);
-        colon = close_br + 1;
-    } else {
-        colon = strrchr(spec, ':');
-        if (colon == NULL) {
-            errf(err, errlen, "http listen address \"%s\": expected HOST:PORT", spec);
-            return -EINVAL;
-        }
-        hl = (size_t)(colon - spec);
-    }
-    if (hl >= sizeof(host) || strlen(colon + 1) >= sizeof(port) || colon[1] == '\0') {
-        errf(err, errlen, "http listen address \"%s\": expected HOST:PORT", spec);
-        return -EINVAL;
-    }
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    snprintf(port, sizeof(port), "%s", colon + 1);
-
-    struct addrinfo hints, *res = NULL;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    int g = getaddrinfo(hl > 0 ? host : NULL, port, &hints, &res);
-    if (g != 0) {
-        errf(err, errlen, "http listen address \"%s\": %s", spec, gai_strerror(g));
-        return -EINVAL;
-    }
-    int e = 0;
-    for (struct addrinfo *a = res; a != NULL; a = a->ai_next) {
-        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            e = errno;
-            continue;
-        }
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 64) != 0) {
-            e = errno;
-            close(fd);
-            continue;
-        }
-        struct sockaddr_storage ss;
-        socklen_t sl = sizeof(ss);
-        getsockname(fd, (struct sockaddr *)&ss, &sl);
-        s->http_port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                                : ntohs(((struct sockaddr_in *)&ss)->sin_port);
-        s->http_fd = fd;
-        break;
-    }
-    freeaddrinfo(res);
-    if (s->http_fd < 0) {
-        errf(err, errlen, "http listen address \"%s\": %s", spec, strerror(e ? e : EINVAL));
-        return -(e ? e : EINVAL);
-    }
-    return 0;
-}
-
 /* ---- life cycle ---- */
 
 int
@@ -1285,11 +1007,7 @@ stats_server_new(const char *socket_path, unsigned socket_mode, const char *http
     }
     s->ops = *ops;
     s->top_n = top_n;
-    s->wake_fd = s->ctl_fd = s->http_fd = s->done_fd = -1;
-    json_init(&s->scratch);
-    pthread_mutex_init(&s->cmd_lock, NULL);
-    pthread_cond_init(&s->cmd_cv, NULL);
-    s->todo_tail = &s->todo;
+    s->wake_fd = s->ctl_fd = s->http_fd = -1;
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
         s->clients[i].fd = -1;
     int rc;
@@ -1305,22 +1023,14 @@ stats_server_new(const char *socket_path, unsigned socket_mode, const char *http
         errf(err, errlen, "eventfd: %s", strerror(-rc));
         goto fail;
     }
-    s->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (s->done_fd < 0) {
-        rc = -errno;
-        errf(err, errlen, "eventfd: %s", strerror(-rc));
+    if ((rc = stats_listen_unix(socket_path, socket_mode, &s->ctl_fd, &s->dev, &s->ino, err,
+                                errlen)) != 0)
         goto fail;
-    }
-    if ((rc = ctl_listen(s, socket_path, socket_mode, err, errlen)) != 0)
+    if (http_listen != NULL &&
+        (rc = stats_listen_http(http_listen, &s->http_fd, &s->http_port, err, errlen)) != 0)
         goto fail;
-    if (http_listen != NULL && (rc = http_listen_open(s, http_listen, err, errlen)) != 0)
+    if ((rc = stats_cmd_new(&s->ops, &s->cmd, err, errlen)) != 0)
         goto fail;
-    if ((rc = pthread_create(&s->cmd_thread, NULL, cmd_thread, s)) != 0) {
-        errf(err, errlen, "stats command thread: %s", strerror(rc));
-        rc = -rc;
-        goto fail;
-    }
-    s->cmd_started = true;
     if ((rc = pthread_create(&s->thread, NULL, stats_thread, s)) != 0) {
         errf(err, errlen, "stats thread: %s", strerror(rc));
         rc = -rc;
@@ -1344,19 +1054,7 @@ stats_server_free(struct stats_server *s)
         (void)!write(s->wake_fd, &one, sizeof(one));
         pthread_join(s->thread, NULL);
     }
-    if (s->cmd_started) { /* after the command under way, if any: it may wait a while */
-        pthread_mutex_lock(&s->cmd_lock);
-        s->cmd_stop = true;
-        pthread_cond_signal(&s->cmd_cv);
-        pthread_mutex_unlock(&s->cmd_lock);
-        pthread_join(s->cmd_thread, NULL);
-    }
-    free_jobs(s->todo);
-    free_jobs(s->done);
-    pthread_mutex_destroy(&s->cmd_lock);
-    pthread_cond_destroy(&s->cmd_cv);
-    if (s->done_fd >= 0)
-        close(s->done_fd);
+    s->cmd = stats_cmd_free(s->cmd); /* after the command under way, if any */
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
         if (s->clients[i].fd >= 0)
             client_close(&s->clients[i]);
@@ -1372,7 +1070,6 @@ stats_server_free(struct stats_server *s)
         close(s->http_fd);
     if (s->wake_fd >= 0)
         close(s->wake_fd);
-    json_fini(&s->scratch);
     free(s->doms);
     free(s->path);
     free(s);

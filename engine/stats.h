@@ -37,6 +37,13 @@ struct json;
 #define STATS_CTL_CLIENTS_MAX  32
 #define STATS_HTTP_CLIENTS_MAX 32
 #define STATS_CLIENTS_MAX      (STATS_CTL_CLIENTS_MAX + STATS_HTTP_CLIENTS_MAX)
+/* The engine's commands run one at a time; those queued behind the one
+ * under way (their clients wait, or left) are at most this many, and a
+ * command past it is answered "busy" at once. Every waiting client holds
+ * its slot, and the slot of one gone is taken again: without a bound, a
+ * long flush let commands fill the socket's pool, so that even "stats"
+ * was refused, and a client that sends and leaves queued without end. */
+#define STATS_CMD_QUEUE_MAX    (STATS_CTL_CLIENTS_MAX - 8)
 #define STATS_REQUEST_MS       5000  /* accept (or first octet) to a whole request, however
                                         the octets trickle in */
 #define STATS_ANSWER_MS        10000 /* an answer made to its last octet sent */
@@ -139,6 +146,9 @@ struct stats_counters {
     bool suppress_on;
     uint64_t suppress_entries, suppress_checks, suppress_hits, suppress_added,
         suppress_removed, suppress_feed_dropped, suppress_map_size, suppress_map_used;
+    /* entries bounces and complaints committed to the spool (its notes),
+     * not yet copied to the list: grows while the list cannot be written */
+    uint64_t suppress_notes_pending;
     uint64_t dkim_signed, dkim_unsigned, dkim_failed; /* messages, at reception */
     uint64_t conn_in_total, conn_out_total, conn_out_failed;
     uint64_t conn_in_open, conn_out_open; /* gauges */
@@ -148,6 +158,8 @@ struct stats_counters {
     uint64_t reuse_lost; /* reused transactions lost at their first command, job requeued */
     uint64_t handed_over; /* jobs handed to another worker with their domain (site affinity) */
     uint64_t site_turns;  /* connections a domain with mail left gave another of its site */
+    uint64_t host_refused;  /* transactions an MX host refused before MAIL for a lack of its own */
+    uint64_t host_detoured; /* of those, jobs sent on to the domain's next MX host */
     uint64_t queue_msgs, queue_rcpts, queue_deferred; /* gauges: spool depth */
     uint64_t spool_bytes, map_size, map_used;         /* gauges: LMDB */
     uint64_t spool_corrupt; /* spool records skipped: they fail their checks */
@@ -225,6 +237,7 @@ struct stats_counters {
     unsigned nshaping_rule_hits;
     uint64_t parked;        /* jobs set aside now: tenant or campaign suspended */
     uint64_t due_paused;    /* 1 while due recipients wait: [delivery] active_limit reached */
+    uint64_t delivery_on;   /* 0: [delivery] enabled = no (as started: a reload keeps it) */
     const char *redis_state; /* borrowed for the call: "off" | "connected" | "unreachable"
                                 ...; NULL shows as "off" */
     uint64_t uptime_ms;
@@ -244,6 +257,9 @@ struct stats_domain {
     unsigned ntenants, tenants_waiting;
     char pool[65]; /* "" : no pool (a destination is a domain and a pool) */
     uint64_t ready, deferred, inflight, connections, delivered, bounced;
+    uint64_t host_refused, host_detoured; /* an MX host's refusals for a lack of its own, and
+                                           * of those the jobs sent on to another host */
+    uint64_t parked; /* jobs set aside: their tenant or campaign is suspended */
     double rate_limit; /* msgs/s in force, 0: none */
     unsigned max_connections;
     char limit_reason[64]; /* why the limits in force are what they are */
@@ -324,7 +340,8 @@ void stats_server_set_idle_timeout(struct stats_server *s, unsigned idle_ms);
 /* Rates per second of the five outcome counters. */
 struct stats_rates {
     double received, delivered, deferred, bounced, expired;
-    bool known; /* false until two samples were taken */
+    uint64_t window_ms; /* the span they are over: for "1m", less in sluice's first minute */
+    bool known;         /* false until two samples were taken */
 };
 
 /* Pure rendering, used by the server and its tests. Each appends to j:

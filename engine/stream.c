@@ -267,6 +267,16 @@ static ssize_t
 tls_feed(struct stream *st)
 {
     size_t moved = 0;
+    if (!st->tls_heard && st->cin_off < st->cin_len) {
+        st->tls_heard = true;
+        unsigned char c = (unsigned char)st->buf[st->cin_off];
+        if (st->plain_watch && ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z'))) {
+            st->plain_peer = true;
+            return TLS_EPROTO;
+        }
+    }
+    if (st->plain_peer)
+        return TLS_EPROTO;
     while (st->cin_off < st->cin_len) {
         ssize_t n = tls_conn_feed(st->tls, st->buf + st->cin_off, st->cin_len - st->cin_off);
         if (n < 0)
@@ -549,6 +559,7 @@ stream_start_tls(struct stream *st, struct tls_conn *tls)
     }
     st->cin_off = st->cin_len = 0;
     st->tls = tls;
+    st->tls_heard = st->plain_watch = st->plain_peer = false;
     /* A client's ClientHello goes out now (a server's conn waits for one);
      * the rest in stream_read(). */
     int rc = tls_conn_handshake(st->tls);
@@ -574,5 +585,31 @@ stream_tls_info(const struct stream *st, struct tls_info *out)
 const char *
 stream_tls_error(const struct stream *st)
 {
+    if (st->plain_peer)
+        return "plaintext where a TLS handshake belongs";
     return st->tls != NULL ? tls_conn_error_str(st->tls) : "";
+}
+
+void
+stream_tls_watch_plaintext(struct stream *st)
+{
+    st->plain_watch = true;
+}
+
+int
+stream_tls_drop(struct stream *st)
+{
+    if (st->tls == NULL)
+        return 0;
+    if (st->send_busy || tls_conn_pending(st->tls) != 0)
+        return -EBUSY;
+    st->tls = tls_conn_free(st->tls);
+    st->tls_ready = st->ending = st->tls_shut = false;
+    if (!st->recv_busy) {
+        /* a read posted into buf keeps it until it completes (stream_fini frees it) */
+        free(st->buf);
+        st->buf = NULL;
+        st->cin_off = st->cin_len = 0;
+    }
+    return 0;
 }

@@ -166,6 +166,9 @@ struct stream {
     bool ending : 1;             /* close_notify after the output */
     bool tls_shut : 1;           /* close_notify queued */
     bool eof : 1;                /* the peer's close_notify came: nothing more is read */
+    bool tls_heard : 1;          /* an octet came since TLS began */
+    bool plain_watch : 1;        /* a first octet that is a letter is plaintext */
+    bool plain_peer : 1;         /* ... and it was: the peer spoke plaintext */
     int send_err;                /* a TLS write's error, for the kick's completion to
                                   * report (on_eof); 0: none */
 };
@@ -215,6 +218,30 @@ void stream_end(struct stream *st);
  * longer has its text); tls is freed on failure and the stream stays
  * plaintext. */
 int stream_start_tls(struct stream *st, struct tls_conn *tls);
+
+/* A server's stream (after stream_start_tls()) whose peer may speak
+ * plaintext where a ClientHello belongs (an implicit-TLS port): a first
+ * octet that is a letter (EHLO, GET: no TLS record starts with one) fails
+ * the handshake with TLS_EPROTO before OpenSSL reads anything, so that no
+ * alert is sent, and stream_tls_plaintext() says so. */
+void stream_tls_watch_plaintext(struct stream *st);
+static inline bool
+stream_tls_plaintext(const struct stream *st)
+{
+    return st->plain_peer;
+}
+/* Whether any octet came from the peer since TLS began. */
+static inline bool
+stream_tls_heard(const struct stream *st)
+{
+    return st->tls_heard;
+}
+/* Back to plaintext after a handshake that sent nothing (the peer was
+ * silent, or spoke plaintext: stream_tls_plaintext()), so that the owner
+ * can say in the clear why it closes. A read in flight stays as posted
+ * (what it brings is not read). Returns 0, or -EBUSY when a send is in
+ * flight or the conn has ciphertext to send. */
+int stream_tls_drop(struct stream *st);
 
 /* Shut the socket down (and cancel a connect in progress) so that the ops
  * in flight come back; nothing more is read or sent. */

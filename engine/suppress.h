@@ -7,17 +7,19 @@
  *
  * Checked at RCPT by the submission server (suppress_check: one LMDB read
  * transaction, no syscall); fed by the delivery code when a recipient
- * bounces with a class the config names (suppress_on_bounce, queued to a
- * writer thread: a worker never waits on the disk), by the out-of-band
- * bounce and complaint listener (suppress_add / suppress_feed), and by
- * operators (sluicectl suppress ..., the stats socket's "suppress"
- * command: add, remove, check, list, import and export of CSV).
+ * bounces with a class the config names and by the out-of-band bounce
+ * and complaint listener, through notes committed with what caused them
+ * in the spool (suppress_note_*, below: a worker never waits on the
+ * list's disk, and a crash loses no entry), and by operators (sluicectl
+ * suppress ..., the stats socket's "suppress" command: add, remove,
+ * check, list, import and export of CSV).
  *
  * Keys are normalised before they are stored or looked up: the domain is
  * always lowercase; a quoted local part that needs no quotes loses them
- * ("john"@ is john@, RFC 5321 4.1.2); the rest of the local part only as
- * [suppress] says (lowercase, +tag stripped, dots of Gmail addresses
- * dropped), all off by default.
+ * ("john"@ is john@, RFC 5321 4.1.2) and one that is no dot-string gets
+ * them (user.@ is "user."@, as it is sent); the rest of the local part
+ * only as [suppress] says (lowercase, +tag stripped, dots of Gmail
+ * addresses dropped), all off by default.
  * An entry for "@example.com" (or "example.com") suppresses the domain.
  * Scopes compare without case, as tenant names do: "ACME", "Acme" and
  * "acme" are one list, stored as "acme" (a list stored under capitals
@@ -96,11 +98,14 @@ struct suppress_stats {
     uint64_t hits;      /* ... that found an entry */
     uint64_t added;     /* entries written (add, feed, import) */
     uint64_t removed;
-    uint64_t feed_dropped; /* feeds refused: writer queue full, or a write failed */
+    uint64_t feed_dropped; /* entries lost: a bounce's or complaint's that could not be made
+                            * (suppress_note_*), a damaged note skipped, a feed refused
+                            * (writer queue full) or whose write failed */
     uint64_t map_size, map_used;
 };
 
 struct suppress;
+struct queue;
 
 const char *suppress_reason_str(enum suppress_reason r);
 /* Name (case-insensitive) to reason: 0 or -EINVAL. */
@@ -116,8 +121,8 @@ void suppress_close(struct suppress *s);
 
 /* Normalise addr as the list stores it: the domain in lowercase, in
  * A-labels when written in U-labels (as delivery has it). Returns 0, or
- * -EINVAL (no domain, empty or over-long parts, space or control
- * characters). */
+ * -EINVAL (no domain, empty or over-long parts, control characters, a
+ * space outside a quoted local part: "a b"@x.test is one address). */
 int suppress_normalize(const struct suppress *s, const char *addr, char *out, size_t outlen);
 /* The scope (NULL: global) as the list stores it: in lowercase (see
  * above). Returns 0, or -EINVAL (empty, too long, a space, a control
@@ -129,24 +134,65 @@ int suppress_normalize_scope(const char *scope, char *out, size_t outlen);
  * or "example.com" for the whole domain) in scope (NULL: global);
  * expires_at is Unix ms, 0 for never; note may be NULL. Committed (synced)
  * before it returns: it blocks on the disk, so workers use suppress_feed.
- * Returns 0, -EINVAL (bad address or scope), -ENOSPC (map full), -EIO.
+ * Returns 0, -EINVAL (bad address or scope: one RCPT's syntax refuses
+ * too), -EILSEQ (an address not in UTF-8: no recipient would match it),
+ * -ENOSPC (map full), -EIO.
  */
 int suppress_add(struct suppress *s, const char *scope, const char *addr,
                  enum suppress_reason reason, int64_t expires_at, const char *note);
 /* The same, queued to the writer thread, which commits every feed waiting
- * in one transaction. Never blocks on the disk. Returns 0, -EINVAL, or
- * -EAGAIN when SUPPRESS_FEED_MAX feeds are waiting (counted as dropped). */
+ * in one transaction. Never blocks on the disk, and a crash before that
+ * commit loses it: what must not be lost is a note (below). Returns 0,
+ * -EINVAL, -EILSEQ, or -EAGAIN when SUPPRESS_FEED_MAX feeds are waiting (counted
+ * as dropped). */
 int suppress_feed(struct suppress *s, const char *scope, const char *addr,
                   enum suppress_reason reason, int64_t expires_at, const char *note);
-/* The delivery hook: a recipient bounced with class cls and reply text
- * (may be NULL). Adds a hard_bounce entry when [suppress] says so for the
- * class (on_invalid_recipient), through suppress_feed. s may be NULL (the
- * list is off). Returns 1 when an entry was queued, else 0. */
+/* A recipient bounced with class cls and reply text (may be NULL). Adds
+ * a hard_bounce entry when [suppress] says so for the class
+ * (on_invalid_recipient), through suppress_feed (the delivery code makes
+ * it a note instead: suppress_note_bounce). s may be NULL (the list is
+ * off). Returns 1 when an entry was queued, else 0. */
 int suppress_on_bounce(struct suppress *s, const char *tenant, const char *addr,
                        enum bounce_class cls, const char *text);
 /* The expiry suppress_feed/_add get for a complaint under the config
  * (Unix ms, 0 never), or -1 when complaints are not to be suppressed. */
 int64_t suppress_complaint_expiry(const struct suppress *s, int64_t now_ms);
+
+/*
+ * Notes: entries that must not be lost. A feed is committed by the writer
+ * thread some time after the outcome that caused it is in the spool, and
+ * a kill -9 between the two lost it: a hard bounce mailed again. So the
+ * delivery code and the bounce listener make the entry a note
+ * (suppress_note_*), committed with the outcome in the spool's own
+ * transaction (queue.h, "notes"); the writer thread copies the notes to
+ * the list and then trims them from the spool, and suppress_attach_queue
+ * does so at start with what a crash left there. A note is entry enough:
+ * its key and value as the list stores them.
+ */
+#define SUPPRESS_NOTE_BYTES                                                                    \
+    (4 + SUPPRESS_SCOPE_MAX + 2 + SUPPRESS_ADDR_MAX + 20 + SUPPRESS_NOTE_MAX)
+
+/* The note of a bounce of class cls (suppress_on_bounce's policy) into
+ * buf (SUPPRESS_NOTE_BYTES). Returns its length, 0 when the config keeps
+ * no entry for it (s NULL: the list is off), or -EINVAL (an address the
+ * list cannot hold) or -ENOMEM: that entry is lost, and counted in
+ * feed_dropped (the caller logs it). */
+int suppress_note_bounce(struct suppress *s, const char *tenant, const char *addr,
+                         enum bounce_class cls, const char *text, void *buf);
+/* The note of a complaint about addr for tenant (NULL or "": global),
+ * under on_complaint, into buf. Returns as suppress_note_bounce. */
+int suppress_note_complaint(struct suppress *s, const char *tenant, const char *addr,
+                            void *buf);
+/* Copy the notes the spool q holds to the list, trim them, and from now
+ * on do so on the writer thread after every commit that writes some.
+ * The main thread, once, after suppress_open, before any outcome. Returns
+ * how many notes were copied now (what the last run left), or -errno
+ * when none could be (the list's write failed: the writer tries them
+ * again, as any failed copy). */
+long suppress_attach_queue(struct suppress *s, struct queue *q);
+/* The last copy, and no more: before queue_close, after every writer of
+ * notes has stopped. NULL is fine. */
+void suppress_detach_queue(struct suppress *s);
 
 /* Remove the entry of addr in scope (NULL: global). Returns 0, -ENOENT
  * when there is none, -EINVAL, -EIO. */
@@ -207,8 +253,8 @@ long suppress_move_scope(struct suppress *s, const char *from, const char *to);
 /* Delete expired entries. Returns how many, or -errno. */
 long suppress_purge(struct suppress *s, int64_t now_ms);
 
-/* Wait until every feed queued before the call is committed (tests,
- * shutdown). */
+/* Wait until every feed queued before the call is committed, and every
+ * note the spool held then is in the list (tests, shutdown). */
 void suppress_sync(struct suppress *s);
 
 void suppress_stats(struct suppress *s, struct suppress_stats *out);

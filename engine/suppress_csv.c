@@ -2,7 +2,8 @@
  * suppress_csv: the suppression list's CSV import and export (see
  * suppress.h: suppress_import_csv, suppress_export_csv). An import is
  * read by records (RFC 4180: a quoted field may go on over lines; a
- * UTF-8 byte order mark at the start is skipped), parsed whole into a
+ * UTF-8 byte order mark at the start is skipped; a line is read up to
+ * CSV_RECORD_MAX octets, a longer one is in error), parsed whole into a
  * sorted arena, then written in transactions of
  * IMPORT_BATCH entries (appended when they come after the last key
  * stored); an export is a walk of the list (suppress_list).
@@ -23,6 +24,7 @@
 #include <time.h>
 
 #include "common/clock.h"
+#include "common/json.h"
 #include "common/log.h"
 
 /* ---- CSV ---- */
@@ -71,8 +73,54 @@ csv_split(char *line, char **f, int max)
     }
 }
 
-#define CSV_RECORD_MAX 65536 /* octets of one record over several lines */
+#define CSV_RECORD_MAX 65536 /* octets of one record over several lines, and of one line */
 #define CSV_FIELDS     6     /* address,scope,reason,added,expires,note: the rest is not read */
+
+/* One line of in into *buf (malloc'd, grown as needed, at most
+ * CSV_RECORD_MAX + 2 octets: the caller frees it), its newline kept and
+ * a NUL after it, as getline(3) does; its length, or -1 at the end. A
+ * longer line is read to its end but not kept (*cut true, its start
+ * kept): getline would hold a whole line, and a file of one line of a
+ * gigabyte (no newline at all) had sluice allocate as much. A line ends
+ * at LF, CRLF or a CR alone (Excel for Mac's "CSV (Macintosh)": read as
+ * one line, such a file was one bad address). */
+static ssize_t
+csv_getline(char **buf, size_t *cap, FILE *in, bool *cut)
+{
+    size_t n = 0;
+    int c = EOF;
+    *cut = false;
+    while ((c = getc_unlocked(in)) != EOF) {
+        if (n < CSV_RECORD_MAX) {
+            if (n + 2 > *cap) {
+                size_t nc = *cap < 256 ? 256 : *cap * 2;
+                nc = nc > CSV_RECORD_MAX + 2 ? CSV_RECORD_MAX + 2 : nc;
+                char *b = realloc(*buf, nc);
+                if (b == NULL)
+                    return -2;
+                *buf = b;
+                *cap = nc;
+            }
+            (*buf)[n++] = (char)c;
+        } else {
+            *cut = true;
+        }
+        if (c == '\r') {
+            int next = getc_unlocked(in);
+            if (next == '\n')
+                c = next; /* CRLF: the CR stands for both (stripped alike) */
+            else if (next != EOF)
+                ungetc(next, in);
+            break;
+        }
+        if (c == '\n')
+            break;
+    }
+    if (n == 0 && c == EOF)
+        return -1;
+    (*buf)[n] = '\0';
+    return (ssize_t)n;
+}
 
 /* Whether a quoted field is open after the n octets at p, read as
  * csv_split reads them, from quoted (whether one was open before p) and
@@ -231,6 +279,13 @@ import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *
         snprintf(why, wl, "%s", nf < 0 ? "bad quoting" : "no address");
         return nf < 0 ? -EBADMSG : -EINVAL;
     }
+    /* An address in another encoding (Latin-1, Windows-1252: a
+     * spreadsheet's export) was stored as its octets, which no recipient
+     * given in UTF-8 (SMTPUTF8) matches: listed, and never refused. */
+    if (!sup_utf8_text(f[0])) {
+        snprintf(why, wl, "address not UTF-8 (save the file as UTF-8)");
+        return -EINVAL;
+    }
     char scope[SUPPRESS_SCOPE_MAX + 1];
     enum suppress_reason reason = SUPPRESS_MANUAL;
     if (nf > 2 && f[2][0] != '\0' && suppress_reason_parse(f[2], &reason) != 0) {
@@ -248,7 +303,8 @@ import_line(struct suppress *s, char *line, int64_t now, struct arena *a, char *
         snprintf(why, wl, "bad scope");
         return -EINVAL;
     }
-    if (sup_normalize(&s->cfg, f[0], norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX) {
+    if (sup_normalize(&s->cfg, f[0], norm, sizeof(norm)) != 0 || strlen(norm) > SUPPRESS_ADDR_MAX ||
+        sup_storable(norm) != 0) {
         snprintf(why, wl, "bad address");
         return -EINVAL;
     }
@@ -312,7 +368,8 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
     int rc = 0;
     char *more = NULL;
     size_t more_cap = 0;
-    while ((len = getline(&line, &cap, in)) >= 0) {
+    bool cut;
+    while ((len = csv_getline(&line, &cap, in, &cut)) >= 0) {
         res->lines++;
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
             line[--len] = '\0';
@@ -330,17 +387,23 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
          * CSV_RECORD_MAX octets (tried below: one that is no record was
          * a stray quote). */
         uint64_t first = res->lines;
-        bool nul = memchr(line, '\0', (size_t)len) != NULL;
+        bool nul = memchr(line, '\0', (size_t)len) != NULL, long_line = cut;
         unsigned field = 0;
-        bool open = !nul && quotes_open(line, (size_t)len, false, true, &field);
+        bool open = !nul && !cut && quotes_open(line, (size_t)len, false, true, &field);
         if (field >= CSV_FIELDS)
             open = false; /* in a column not read (csv_split stops at the 6th) */
         off_t back = open ? ftello(in) : -1;
         while (open && !nul && (size_t)len < CSV_RECORD_MAX) {
-            ssize_t ml = getline(&more, &more_cap, in);
+            ssize_t ml = csv_getline(&more, &more_cap, in, &cut);
+            if (ml == -2)
+                rc = -ENOMEM;
             if (ml < 0)
                 break;
             res->lines++;
+            if (cut) {
+                long_line = true; /* read again alone: it is in error there */
+                break;
+            }
             while (ml > 0 && (more[ml - 1] == '\n' || more[ml - 1] == '\r'))
                 more[--ml] = '\0';
             nul = memchr(more, '\0', (size_t)ml) != NULL;
@@ -361,10 +424,18 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
         }
         if (rc == -ENOMEM)
             break;
-        if (first == 1 && strncasecmp(line, "address,", 8) == 0)
+        if (first == 1 && !long_line && strncasecmp(line, "address,", 8) == 0)
             continue;
         char why[100];
-        if (nul) {
+        if (first == 1 && len >= 2 && ((uint8_t)line[0] == 0xff || (uint8_t)line[0] == 0xfe) &&
+            (uint8_t)line[1] == ((uint8_t)line[0] ^ 1)) {
+            /* a UTF-16 byte order mark: every line would be a "NUL octet" */
+            snprintf(why, sizeof(why), "UTF-16 (save the file as UTF-8)");
+            rc = -EINVAL;
+        } else if (long_line) {
+            snprintf(why, sizeof(why), "a line over %d octets", CSV_RECORD_MAX);
+            rc = res->lines > first ? -EBADMSG : -EINVAL;
+        } else if (nul) {
             snprintf(why, sizeof(why), "NUL octet");
             rc = res->lines > first ? -EBADMSG : -EINVAL; /* in a later line: read again */
         } else {
@@ -392,6 +463,8 @@ suppress_import_csv(struct suppress *s, FILE *in, struct suppress_import_result 
             rc = 0;
         }
     }
+    if (len == -2)
+        rc = -ENOMEM;
     free(line);
     free(more);
     if (rc == 0 && ferror(in))

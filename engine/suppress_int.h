@@ -1,7 +1,8 @@
 /*
- * suppress_int.h: what engine/suppress.c (the list) and
- * engine/suppress_csv.c (its CSV import and export) share. Not a public
- * header.
+ * suppress_int.h: what engine/suppress.c (the list), engine/suppress_csv.c
+ * (its CSV import and export), engine/suppress_notes.c (the spool's
+ * notes, copied to the list) and engine/suppress_scope.c (a scope's
+ * moves) share. Not a public header.
  */
 #ifndef SLUICE_ENGINE_SUPPRESS_INT_H
 #define SLUICE_ENGINE_SUPPRESS_INT_H
@@ -22,6 +23,8 @@
 #define PURGE_BATCH   10000    /* expired entries deleted per write transaction */
 #define PURGE_EVERY_MS (3600ULL * 1000)
 #define MOVE_BATCH     10000 /* entries moved per write transaction (suppress_move_scope) */
+#define NOTES_BATCH    4096  /* spool notes written to the list per transaction */
+#define NOTES_RETRY_MS 5000  /* after a write of notes failed (the list's map full) */
 
 
 struct feed {
@@ -49,12 +52,32 @@ struct suppress {
     pthread_t thread;
     bool thread_started;
 
+    /* notes: entries committed with the spool's outcomes (suppress.h) */
+    pthread_mutex_t plock;      /* one pump at a time; guards queue and note_from */
+    struct queue *queue;        /* borrowed: attached until suppress_detach_queue */
+    uint64_t note_from;         /* the first note not yet in the list */
+    bool notes_due;             /* guarded by flock: the spool committed notes */
+    _Atomic uint64_t notes_retry_ms; /* CLOCK_MONOTONIC ms: a write of notes failed, the
+                                      * writer tries again then; 0: none failed */
+    bool test_hold;             /* SLUICE_TEST_SUPPRESS_HOLD: the writer writes nothing */
+
     _Atomic uint64_t checks, hits, added, removed, feed_dropped;
 };
 
 /* addr normalised by cfg's rules into out ("local@domain" or "@domain");
  * 0 or -EINVAL. */
 int sup_normalize(const struct suppress_config *cfg, const char *addr, char *out, size_t outlen);
+/* Whether s is UTF-8 (ASCII is): an address that is not matches no
+ * recipient (RCPT takes only UTF-8) and is not stored. */
+bool sup_utf8_text(const char *s);
+/* Whether a normalised address (or "@domain") may be stored: UTF-8, and a
+ * mailbox (with "x" before a whole domain's "@") as RCPT takes one, for
+ * an entry no recipient could match is only noise (a bare word with ':'
+ * or '$' was taken as a domain: a file that is no list, imported whole).
+ * Its path limit is not applied to a domain in A-labels: RCPT counted it
+ * as the client wrote it, perhaps in U-labels, shorter.
+ * 0, -EILSEQ (not UTF-8) or -EINVAL. */
+int sup_storable(const char *norm);
 /* scope (NULL: global) in lowercase into out (SUPPRESS_SCOPE_MAX + 1
  * octets); -EINVAL for a name that is no scope. */
 int sup_scope_fold(const char *scope, char *out);
@@ -64,5 +87,28 @@ size_t sup_val_make(uint8_t *v, enum suppress_reason reason, int64_t added, int6
                     const char *note);
 /* An LMDB code as -errno. */
 int sup_mdb_errno(int rc);
+/* A stored value's expiry (Unix ms, 0: never; 0 for a value too short). */
+int64_t sup_val_expires(const MDB_val *v);
+/* Move the entries stored under scopes with capitals to the scope in
+ * lowercase (engine/suppress_scope.c). At open, before any check and
+ * before the writer thread starts. How many moved, or -errno. */
+long sup_fold_stored_scopes(struct suppress *s);
+/* Commit the feeds of list in one write transaction, wlock held (the
+ * caller frees them): 0 or -errno. */
+int sup_write_pairs(struct suppress *s, struct feed *list);
+/* An entry as a feed (malloc'd, the caller frees it; its added time now);
+ * fold: its local part in lowercase. NULL with *err -EINVAL, -EILSEQ (not
+ * UTF-8) or -ENOMEM. */
+struct feed *sup_feed_make(const struct suppress *s, const char *scope, const char *addr,
+                           enum suppress_reason reason, int64_t expires_at, const char *note,
+                           bool fold, int *err);
+/* The entry a bounce of class cls asks for under [suppress]
+ * on_invalid_recipient, as sup_feed_make's; NULL: none (*err 0), or a bad
+ * address. s may be NULL. */
+struct feed *sup_bounce_entry(const struct suppress *s, const char *tenant, const char *addr,
+                              enum bounce_class cls, const char *text, int *err);
+/* Copy the spool's notes to the list and trim them (engine/suppress_notes.c);
+ * force: even before a failed copy's retry time. How many, or -errno. */
+long sup_notes_pump(struct suppress *s, bool force);
 
 #endif

@@ -2,7 +2,8 @@
  * apply: what one write transaction of the committer writes (see
  * queue_int.h for the other files of the spool): an enqueue's message,
  * body chunks and recipients (apply_enqueue), an outcome on a recipient
- * unless it is stale (apply_outcome, apply_outcome_stale), event lines
+ * unless it is stale (apply_outcome, apply_outcome_stale), or on a message
+ * (QUEUE_WARNED: the delay warning's mark in its record), event lines
  * and their trimming (apply_events, apply_trim), the due recipients taken
  * out of the time index (apply_take), the messages left without
  * recipients removed (apply_remove_finished), and a message dropped
@@ -14,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/hash.h"
 #include "common/log.h"
 #include "queue/queue_int.h"
 
@@ -121,9 +123,24 @@ apply_outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MD
               struct rcpt_head *h, bool *stale)
 {
     unsigned char key[RCPT_KEY_LEN];
+    *stale = true;
+    if (it->kind == QUEUE_WARNED) {
+        /* the message's mark, not a recipient's: set once */
+        msg_key(key, it->id);
+        MDB_val mk = {MSG_KEY_LEN, key}, mv;
+        struct msg_head mh;
+        int rc = mdb_get(txn, q->dbi_msg, &mk, &mv);
+        if (rc == MDB_NOTFOUND)
+            return 0;
+        if (rc != 0)
+            return rc;
+        if (!msg_decode(&mv, &mh))
+            return MDB_CORRUPTED;
+        *stale = (mh.flags & MSG_F_WARNED) != 0;
+        return 0;
+    }
     rcpt_key(key, it->id, it->rcpt);
     MDB_val k = {RCPT_KEY_LEN, key};
-    *stale = true;
     int rc = mdb_get(txn, q->dbi_rcpt, &k, v);
     if (rc == MDB_NOTFOUND)
         return 0;
@@ -136,6 +153,11 @@ apply_outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MD
         *stale = h->state != QUEUE_RCPT_DEFERRED;
         return 0;
     }
+    /* Held (QUEUE_TAG_HELD): its outcome is the caller's already; only
+     * one of that tag (the caller reporting it) changes it, any other
+     * crossed the hold. */
+    if (h->tag == QUEUE_TAG_HELD && it->tag != QUEUE_TAG_HELD)
+        return 0;
     size_t fixed = (size_t)h->addr_len + h->domain_len + h->orcpt_len;
     if (it->kind == QUEUE_DEFERRED && h->state == QUEUE_RCPT_DEFERRED && h->due_ms == it->due_ms &&
         h->code == it->code && h->tag == it->tag && h->reply_len == it->reply_len &&
@@ -152,6 +174,33 @@ apply_outcome_stale(struct queue *q, MDB_txn *txn, const struct upd_item *it, MD
     return 0;
 }
 
+/* Set the delay warning's mark in message id's record (read whole: the
+ * body may follow its strings). */
+static int
+msg_mark_warned(struct queue *q, MDB_txn *txn, uint64_t id, struct tally *t)
+{
+    unsigned char key[MSG_KEY_LEN];
+    msg_key(key, id);
+    MDB_val k = {MSG_KEY_LEN, key}, v;
+    int rc = mdb_get(txn, q->dbi_msg, &k, &v);
+    if (rc != 0)
+        return rc;
+    unsigned char *rec = malloc(v.mv_size);
+    if (rec == NULL)
+        return ENOMEM;
+    memcpy(rec, v.mv_data, v.mv_size);
+    struct msg_head h;
+    memcpy(&h, rec, sizeof(h));
+    h.flags |= MSG_F_WARNED;
+    memcpy(rec, &h, sizeof(h));
+    MDB_val nv = {v.mv_size, rec};
+    rc = mdb_put(txn, q->dbi_msg, &k, &nv, 0);
+    free(rec);
+    if (rc == 0)
+        t->outcomes++;
+    return rc;
+}
+
 int
 apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t now,
               struct tally *t)
@@ -159,7 +208,8 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
     unsigned char key[RCPT_KEY_LEN], dkey[DUE_KEY_LEN];
     rcpt_key(key, it->id, it->rcpt);
     MDB_val k = {RCPT_KEY_LEN, key}, v;
-    struct rcpt_head h;
+    struct rcpt_head h = {0}; /* not read for QUEUE_WARNED, which sets no recipient's
+                               * (gcc -O2 could not tell, -Wmaybe-uninitialized) */
     bool stale;
     int rc = apply_outcome_stale(q, txn, it, &v, &h, &stale);
     if (rc != 0)
@@ -168,6 +218,8 @@ apply_outcome(struct queue *q, MDB_txn *txn, const struct upd_item *it, uint64_t
         t->stale++;
         return 0;
     }
+    if (it->kind == QUEUE_WARNED)
+        return msg_mark_warned(q, txn, it->id, t);
     if (it->kind == QUEUE_RETIME) {
         /* The rest of its record (attempts, last reply) stays as it is. */
         unsigned char rec[RCPT_REC_MAX];
@@ -250,6 +302,60 @@ apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t ne
         return rc;
     MDB_val nk = {7, "ev_next"}, nv = {sizeof(next), &next};
     return mdb_put(txn, q->dbi_meta, &nk, &nv, 0);
+}
+
+static int
+note_put(struct queue *q, MDB_txn *txn, const void *note, size_t len, uint64_t *seq)
+{
+    unsigned char key[8];
+    msg_key(key, *seq);
+    MDB_val k = {8, key}, v = {len, (void *)note};
+    int rc = mdb_put(txn, q->dbi_notes, &k, &v, MDB_APPEND);
+    if (rc == MDB_KEYEXIST) /* not above the last key: cannot happen, but not fatal */
+        rc = mdb_put(txn, q->dbi_notes, &k, &v, 0);
+    if (rc == 0)
+        (*seq)++;
+    return rc;
+}
+
+int
+apply_notes(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t *seq,
+            unsigned *wrote)
+{
+    int rc = 0;
+    if (!q->has_notes)
+        return 0;
+    if (r->kind == REQ_EVENTS && r->note_len > 0 && (rc = note_put(q, txn, r->note,
+                                                                    r->note_len, seq)) == 0)
+        (*wrote)++;
+    for (size_t i = 0; r->kind == REQ_UPDATE && i < r->u.upd.n && rc == 0; i++) {
+        const struct upd_item *it = &r->u.upd.items[i];
+        if (it->applied && it->note_len > 0 &&
+            (rc = note_put(q, txn, it->note, it->note_len, seq)) == 0)
+            (*wrote)++;
+    }
+    return rc;
+}
+
+int
+apply_notes_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, unsigned *trimmed)
+{
+    if (!q->has_notes)
+        return 0;
+    MDB_cursor *c;
+    int rc = mdb_cursor_open(txn, q->dbi_notes, &c);
+    if (rc != 0)
+        return rc;
+    MDB_val k, v;
+    while ((rc = mdb_cursor_get(c, &k, &v, MDB_FIRST)) == 0) {
+        if (k.mv_size == 8 && key_u64(k.mv_data) >= r->note_upto)
+            break;
+        if ((rc = mdb_cursor_del(c, 0)) != 0)
+            break;
+        (*trimmed)++;
+    }
+    mdb_cursor_close(c);
+    return rc == MDB_NOTFOUND ? 0 : rc;
 }
 
 /* Committer: write r's event lines as the record numbered *seq; of an
@@ -509,6 +615,23 @@ int
 apply_drop(struct queue *q, MDB_txn *txn, const struct drop_ent *d, struct tally *t)
 {
     uint64_t id = d->id;
+    if (d->lines_only) {
+        /* A report's lines (its event at a sink), unpublished as a
+         * message's reception line is: its reporter sends it again and
+         * the copy it then commits is the one told. Only if it is this
+         * record, as below. */
+        unsigned char ek[8];
+        msg_key(ek, d->ev_seq);
+        MDB_val k = {8, ek}, v;
+        int rc = mdb_get(txn, q->dbi_events, &k, &v);
+        if (rc == MDB_NOTFOUND)
+            return 0;
+        if (rc == 0 && v.mv_size == d->ev_len && hash_bytes(v.mv_data, v.mv_size) == d->ev_hash) {
+            if ((rc = mdb_del(txn, q->dbi_events, &k, NULL)) == 0)
+                t->ev_trimmed++;
+        }
+        return rc;
+    }
     if (d->ev) {
         /* Its reception line: not published yet (flush_pending drops
          * before it publishes), so no sink hears of a message that is

@@ -64,6 +64,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/hash.h"
 #include "common/log.h"
 #include "queue/queue_int.h"
 
@@ -204,7 +205,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
             rc = apply_take(q, txn, r, &t);
             continue;
         }
-        if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM)
+        if (r->kind == REQ_EVENTS || r->kind == REQ_TRIM || r->kind == REQ_NOTES_TRIM)
             continue;
         r->rc = 0; /* a try before this one (halved for space) may have set it */
         r->applied = false;
@@ -254,6 +255,18 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     for (size_t i = 0; i < nu && rc == 0 && trims; i++)
         if (upd[i]->kind == REQ_TRIM)
             rc = apply_trim(q, txn, upd[i], seq, &t);
+    /* The notes, numbered in commit order as the lines are (queue.h). */
+    uint64_t note_seq = q->note_next;
+    unsigned notes = 0, notes_trimmed = 0;
+    bool note_trims = false;
+    for (size_t i = 0; i < nu && rc == 0; i++) {
+        struct queue_req *r = upd[i];
+        if (r->kind == REQ_EVENTS || (r->kind == REQ_UPDATE && r->applied))
+            rc = apply_notes(q, txn, r, &note_seq, &notes);
+        else if (r->kind == REQ_NOTES_TRIM &&
+                 (rc = apply_notes_trim(q, txn, r, &notes_trimmed)) == 0)
+            note_trims = true;
+    }
     if (rc == 0 && ne == 0 && t.outcomes == 0 && t.stale == 0 && t.taken == 0 && t.fixed == 0 &&
         t.enq == 0) {
         /* Only takes, and nothing was due: no commit, no sync (the due
@@ -268,7 +281,7 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     }
     uint64_t high = t.max_id > q->high_id ? t.max_id : q->high_id;
     bool clean = t.enq == 0 && t.outcomes == 0 && t.removed == 0 && t.taken == 0 &&
-                 t.ev_records == 0 && !trims;
+                 t.ev_records == 0 && !trims && notes == 0 && !note_trims;
     bool store = clean || (t.removed > 0 && high > q->stored_id);
     if (rc == 0 && store) {
         /* The highest id must outlive the messages that carried it
@@ -293,6 +306,16 @@ commit_set(struct queue *q, struct queue_req **upd, size_t nu, struct queue_req 
     q->batch_commits++;
     q->high_id = high;
     q->ev_next = seq;
+    q->note_next = note_seq;
+    counter_add(&q->st.notes_kept, notes);
+    if (notes_trimmed > 0)
+        atomic_fetch_sub(&q->st.notes_kept, notes_trimmed);
+    if (notes > 0) {
+        pthread_mutex_lock(&q->ev_mu);
+        if (q->note_hook != NULL)
+            q->note_hook(q->note_hook_arg);
+        pthread_mutex_unlock(&q->ev_mu);
+    }
     counter_add(&q->st.event_lines, t.ev_lines);
     counter_add(&q->st.events_kept, t.ev_records);
     if (t.ev_trimmed > 0)
@@ -484,27 +507,44 @@ note_failure(struct queue *q, int rc)
 /* Remember an enqueue failed as not confirmed, for drop_unconfirmed. Its
  * id is new (the caller sends the message again under another), so
  * removing it can only remove what this request wrote. Without memory
- * for the id, say which message a restart may deliver. */
+ * for the id, say which message a restart may deliver. A report's event
+ * lines (event lines with a note) likewise: its reporter sends it again,
+ * and this copy published too was an event told twice at the sinks. */
 static void
 drop_note(struct queue *q, const struct queue_req *r)
 {
-    uint64_t id = r->enq.id;
+    bool lines = r->kind == REQ_EVENTS;
+    uint64_t id = lines ? 0 : r->enq.id;
     if (q->drop_n == q->drop_cap) {
         size_t cap = q->drop_cap ? q->drop_cap * 2 : 64;
         struct drop_ent *d = realloc(q->drop, cap * sizeof(*d));
         if (d == NULL) {
             char qid[QUEUE_ID_STRLEN + 1];
             queue_id_str(id, qid);
-            log_msg(LOG_CRIT,
-                    "queue=unconfirmed_kept path=%s id=%s error=\"out of memory\" "
-                    "note=\"answered 451: if the spool holds it, the next start delivers it\"",
-                    q->cfg.path, qid);
+            if (lines)
+                log_msg(LOG_CRIT,
+                        "queue=unconfirmed_kept path=%s event_record=%" PRIu64
+                        " error=\"out of memory\" note=\"a report answered 451: its events "
+                        "are published, and again when it is sent again\"",
+                        q->cfg.path, r->ev_seq);
+            else
+                log_msg(LOG_CRIT,
+                        "queue=unconfirmed_kept path=%s id=%s error=\"out of memory\" "
+                        "note=\"answered 451: if the spool holds it, the next start delivers "
+                        "it\"",
+                        q->cfg.path, qid);
             return;
         }
         q->drop = d;
         q->drop_cap = cap;
     }
-    q->drop[q->drop_n++] = (struct drop_ent){id, r->ev_seq, r->ev_len > 0};
+    if (lines)
+        q->drop[q->drop_n++] = (struct drop_ent){.ev_seq = r->ev_seq, .ev = true,
+                                                 .lines_only = true, .ev_len = r->ev_len,
+                                                 .ev_hash = hash_bytes(r->ev_text, r->ev_len)};
+    else
+        q->drop[q->drop_n++] =
+            (struct drop_ent){.id = id, .ev_seq = r->ev_seq, .ev = r->ev_len > 0};
     q->drop_fresh = true;
 }
 
@@ -517,7 +557,13 @@ drop_note(struct queue *q, const struct queue_req *r)
  * restart); should a crash lose the commit, the recipients are deferred
  * as before. Nor event lines put alone: nobody puts them again, and they
  * are published all the same, so the pump moves them to the journal;
- * failed, they were reported lost.
+ * failed, they were reported lost. But event lines with a note (the
+ * bounce listener's report, queue_events_note_put) do fail: their caller
+ * answers 451 and the reporter sends the report again, where a 250 would
+ * promise a note a crash may still lose (a second copy of its note is
+ * harmless: the list's entry is the same; its lines are removed before
+ * they are published, as an enqueue's are, or its event would reach the
+ * sinks twice).
  * An enqueue failed here is removed before its failure leaves (see
  * drop_unconfirmed): its caller sends the message again. Not the message
  * an update carries (a DSN): the update's retry finds its outcomes
@@ -529,10 +575,10 @@ fail_unconfirmed(struct queue *q, struct queue_req *list, int err)
     if (queue_error_is_space(err))
         err = -EIO;
     for (struct queue_req *r = list; r != NULL; r = r->next) {
-        if (r->rc != 0 || r->kind == REQ_TAKE || r->kind == REQ_EVENTS)
+        if (r->rc != 0 || r->kind == REQ_TAKE || (r->kind == REQ_EVENTS && r->note_len == 0))
             continue;
         r->rc = err;
-        if (r->kind == REQ_ENQUEUE)
+        if (r->kind == REQ_ENQUEUE || (r->kind == REQ_EVENTS && r->ev_len > 0))
             drop_note(q, r);
     }
 }
@@ -632,6 +678,14 @@ drop_kept(struct queue *q)
     for (size_t i = 0; i < q->drop_n; i++) {
         char qid[QUEUE_ID_STRLEN + 1];
         queue_id_str(q->drop[i].id, qid);
+        if (q->drop[i].lines_only) {
+            log_msg(LOG_CRIT,
+                    "queue=unconfirmed_kept path=%s event_record=%" PRIu64
+                    " note=\"a report answered 451, its events' removal not durable: they may "
+                    "be published again at the next start\"",
+                    q->cfg.path, q->drop[i].ev_seq);
+            continue;
+        }
         log_msg(LOG_CRIT,
                 "queue=unconfirmed_kept path=%s id=%s note=\"answered 451, its removal not "
                 "durable: if the spool holds it, the next start delivers it\"",

@@ -78,11 +78,12 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
             (rc = mdb_dbi_open(txn, "rcpt", MDB_CREATE, &q->dbi_rcpt)) != 0 ||
             (rc = mdb_dbi_open(txn, "due", MDB_CREATE, &q->dbi_due)) != 0 ||
             (rc = mdb_dbi_open(txn, "events", MDB_CREATE, &q->dbi_events)) != 0 ||
+            (rc = mdb_dbi_open(txn, "notes", MDB_CREATE, &q->dbi_notes)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k1, &v1, 0)) != 0 ||
             (rc = mdb_put(txn, q->dbi_meta, &k2, &v2, 0)) != 0)
             return open_fail(err, errlen, queue_lmdb_err(rc), "cannot create spool %s: %s", path,
                              mdb_strerror(rc));
-        q->has_events = true;
+        q->has_events = q->has_notes = true;
         return 0;
     }
     if (rc != 0)
@@ -122,12 +123,18 @@ open_schema(struct queue *q, MDB_txn *txn, char *err, size_t errlen)
                              mdb_strerror(rc));
     }
     rc = mdb_dbi_open(txn, "events", q->read_only ? 0 : MDB_CREATE, &q->dbi_events);
-    if (rc == MDB_NOTFOUND && q->read_only)
-        return 0; /* an older sluice's spool: no events to read */
-    if (rc != 0)
+    if (rc == 0)
+        q->has_events = true;
+    else if (rc != MDB_NOTFOUND || !q->read_only) /* else an older sluice's: no events */
         return open_fail(err, errlen, queue_lmdb_err(rc),
                          "cannot open the events database of %s: %s", path, mdb_strerror(rc));
-    q->has_events = true;
+    rc = mdb_dbi_open(txn, "notes", q->read_only ? 0 : MDB_CREATE, &q->dbi_notes);
+    if (rc == MDB_NOTFOUND && q->read_only)
+        return 0; /* an older sluice's spool: no notes to read */
+    if (rc != 0)
+        return open_fail(err, errlen, queue_lmdb_err(rc),
+                         "cannot open the notes database of %s: %s", path, mdb_strerror(rc));
+    q->has_notes = true;
     return 0;
 }
 
@@ -170,6 +177,32 @@ open_seed_events(struct queue *q, MDB_txn *txn)
     q->ev_next = q->ev_pend = next;
     atomic_store(&q->ev_durable, next);
     atomic_store(&q->st.events_kept, (uint64_t)st.ms_entries);
+    return 0;
+}
+
+/* The next note number: after the last note (a trim leaves none below it). */
+static int
+open_seed_notes(struct queue *q, MDB_txn *txn)
+{
+    if (!q->has_notes)
+        return 0;
+    MDB_cursor *c;
+    MDB_val k, v;
+    int rc = mdb_cursor_open(txn, q->dbi_notes, &c);
+    if (rc != 0)
+        return rc;
+    q->open_cur = c;
+    rc = mdb_cursor_get(c, &k, &v, MDB_LAST);
+    if (rc == 0 && k.mv_size == 8)
+        q->note_next = key_u64(k.mv_data) + 1;
+    q->open_cur = NULL;
+    mdb_cursor_close(c);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return rc;
+    MDB_stat st;
+    if ((rc = mdb_stat(txn, q->dbi_notes, &st)) != 0)
+        return rc;
+    atomic_store(&q->st.notes_kept, (uint64_t)st.ms_entries);
     return 0;
 }
 
@@ -306,12 +339,74 @@ env_open(struct queue *q, const char *path, unsigned flags)
     return rc;
 }
 
+/* Whether every page in [have, end) is in LMDB's free list (FREE_DBI,
+ * database 0: per transaction, a count and the page numbers it freed).
+ * 1: all free; 0: some page there is not; -1: the list could not be read
+ * (an error, or a fault: a page of the list itself past the file's end);
+ * -2: no memory for the map of the pages past the end. */
+static int
+open_tail_is_free(struct queue *q, size_t have, size_t end)
+{
+    size_t missing = end - have;
+    unsigned char *seen = calloc((missing + 7) / 8, 1);
+    MDB_txn *txn = NULL;
+    MDB_cursor *cur = NULL;
+    if (seen == NULL)
+        return -2;
+    if (mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn) != 0 ||
+        mdb_cursor_open(txn, 0, &cur) != 0) {
+        if (txn != NULL)
+            mdb_txn_abort(txn);
+        free(seen);
+        return -1;
+    }
+    struct fault_guard g;
+    struct fault_guard *prev = fault_guard_arm(&g);
+    if (sigsetjmp(g.jb, 1) != 0) {
+        mdb_cursor_close(cur);
+        mdb_txn_abort(txn);
+        free(seen);
+        return -1;
+    }
+    size_t found = 0;
+    int rc;
+    MDB_val k, v;
+    for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+        size_t n, id; /* an MDB_IDL: its count, then the ids; copied, as the value's
+                       * alignment is LMDB's business */
+        if (v.mv_size < sizeof(n))
+            break;
+        memcpy(&n, v.mv_data, sizeof(n));
+        if (n > v.mv_size / sizeof(id) - 1)
+            break;
+        for (size_t i = 1; i <= n; i++) {
+            memcpy(&id, (const char *)v.mv_data + i * sizeof(id), sizeof(id));
+            if (id < have || id >= end || (seen[(id - have) / 8] & (1u << ((id - have) % 8))))
+                continue;
+            seen[(id - have) / 8] |= (unsigned char)(1u << ((id - have) % 8));
+            found++;
+        }
+    }
+    fault_guard_restore(prev);
+    mdb_cursor_close(cur);
+    mdb_txn_abort(txn);
+    free(seen);
+    if (rc != 0 && rc != MDB_NOTFOUND)
+        return -1;
+    return found == missing ? 1 : 0;
+}
+
 /* A data file shorter than the pages its newest meta page says are in
- * use (a copy cut short, a file truncated by hand or by a full disk, a
- * file extension lost with unsafe_no_sync) is refused here: LMDB reads
- * pages through its map, and a page past the end of the file is SIGBUS,
- * not an error, in the first transaction that touches it. The meta pages
- * themselves were read and checked by mdb_env_open. */
+ * use is LMDB's normal state when the last pages a transaction took
+ * were freed in it before its commit: they are in the free list and
+ * were never written (mdb_env_copy allows for it). It is damage when a
+ * page in use is past the end (a copy cut short, a file truncated by
+ * hand or by a full disk, a file extension lost with unsafe_no_sync):
+ * LMDB reads pages through its map, and a page past the end of the file
+ * is SIGBUS, not an error, in the first transaction that touches it.
+ * So a short file is refused unless every page past its end is free.
+ * The meta pages themselves were read and checked by mdb_env_open. */
 static int
 open_check_length(struct queue *q, const char *path, char *err, size_t errlen)
 {
@@ -320,15 +415,22 @@ open_check_length(struct queue *q, const char *path, char *err, size_t errlen)
     int fd;
     struct stat fst;
     if (mdb_env_info(q->env, &info) != 0 || mdb_env_stat(q->env, &st) != 0 ||
-        mdb_env_get_fd(q->env, &fd) != 0 || fstat(fd, &fst) != 0)
+        mdb_env_get_fd(q->env, &fd) != 0 || fstat(fd, &fst) != 0 || st.ms_psize == 0)
         return 0; /* nothing to compare with: LMDB's own checks stand */
     uint64_t need = ((uint64_t)info.me_last_pgno + 1) * st.ms_psize;
     if (fst.st_size < 0 || (uint64_t)fst.st_size >= need)
         return 0;
+    size_t have = (size_t)((uint64_t)fst.st_size / st.ms_psize); /* a partial page is missing */
+    int free_tail = open_tail_is_free(q, have, info.me_last_pgno + 1);
+    if (free_tail == 1)
+        return 0;
     return open_fail(err, errlen, QUEUE_ECORRUPT,
                      "cannot open spool %s: data.mdb is truncated: %" PRIu64
-                     " octets, its pages in use end at %" PRIu64,
-                     path, (uint64_t)fst.st_size, need);
+                     " octets, its pages in use end at %" PRIu64 "%s",
+                     path, (uint64_t)fst.st_size, need,
+                     free_tail == 0    ? ""
+                     : free_tail == -2 ? " (no memory to check that the pages past it are free)"
+                                       : " (its free list past the end is unreadable)");
 }
 
 /* queue_open and queue_open_readonly. */
@@ -467,7 +569,8 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
         return QUEUE_ECORRUPT;
     }
     int code = open_schema(q, txn, err, errlen);
-    if (code == 0 && ((rc = open_seed_ids(q, txn)) != 0 || (rc = open_seed_events(q, txn)) != 0))
+    if (code == 0 && ((rc = open_seed_ids(q, txn)) != 0 || (rc = open_seed_events(q, txn)) != 0 ||
+                      (rc = open_seed_notes(q, txn)) != 0))
         code = open_fail(err, errlen, queue_lmdb_err(rc), "cannot read spool %s: %s", path,
                          mdb_strerror(rc));
     fault_guard_restore(prev);

@@ -432,10 +432,13 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tai
     size_t text = 0;
     for (size_t i = 0; i < n; i++) {
         const struct queue_outcome *o = &outcomes[i];
-        if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_RETIME)
+        if (o->rcpt >= QUEUE_MAX_RCPT || o->code > 999 || (unsigned)o->kind > QUEUE_WARNED)
             return NULL;
         size_t len = str_len(o->reply);
         text += len > REPLY_STORE_MAX ? REPLY_STORE_MAX : len;
+        if (o->note_len > QUEUE_NOTE_MAX || (o->note_len > 0 && o->note == NULL))
+            return NULL;
+        text += o->note_len;
     }
     *rc = -ENOMEM;
     struct queue_req *req =
@@ -464,6 +467,12 @@ upd_new(const struct queue_outcome *outcomes, size_t n, size_t extra, size_t tai
         if (len > 0)
             memcpy(t, o->reply, len);
         t += len;
+        if (o->note_len > 0) {
+            memcpy(t, o->note, o->note_len);
+            items[i].note = t;
+            items[i].note_len = o->note_len;
+            t += o->note_len;
+        }
     }
     req->kind = REQ_UPDATE;
     req->u.upd.n = n;
@@ -559,11 +568,22 @@ int
 queue_events_put(struct queue *q, struct queue_port *port, const char *events, size_t events_len,
                  queue_done_fn *done, void *cookie)
 {
-    uint64_t lines;
-    if (q == NULL || port == NULL || done == NULL || events_len == 0 ||
-        !events_ok(events, events_len, &lines) || events_len > SIZE_MAX / 4)
+    if (events_len == 0)
         return -EINVAL;
-    struct queue_req *req = malloc(sizeof(*req) + events_len);
+    return queue_events_note_put(q, port, events, events_len, NULL, 0, done, cookie);
+}
+
+int
+queue_events_note_put(struct queue *q, struct queue_port *port, const char *events,
+                      size_t events_len, const void *note, size_t note_len, queue_done_fn *done,
+                      void *cookie)
+{
+    uint64_t lines = 0;
+    if (q == NULL || port == NULL || done == NULL || (events_len == 0 && note_len == 0) ||
+        (events_len > 0 && !events_ok(events, events_len, &lines)) ||
+        events_len > SIZE_MAX / 4 || note_len > QUEUE_NOTE_MAX || (note_len > 0 && note == NULL))
+        return -EINVAL;
+    struct queue_req *req = malloc(sizeof(*req) + events_len + note_len);
     if (req == NULL)
         return -ENOMEM;
     memset(req, 0, sizeof(*req));
@@ -571,7 +591,13 @@ queue_events_put(struct queue *q, struct queue_port *port, const char *events, s
     req->done = done;
     req->cookie = cookie;
     req->kind = REQ_EVENTS;
-    events_attach(req, (char *)req->data, events, events_len, lines);
+    if (events_len > 0)
+        events_attach(req, (char *)req->data, events, events_len, lines);
+    if (note_len > 0) {
+        memcpy((char *)req->data + events_len, note, note_len);
+        req->note = (char *)req->data + events_len;
+        req->note_len = note_len;
+    }
     int rc = submit(q, req);
     if (rc < 0)
         free(req);
@@ -596,6 +622,15 @@ queue_events_trim(struct queue *q, struct queue_port *port, uint64_t upto, queue
     if (rc < 0)
         free(req);
     return rc;
+}
+
+void
+queue_notes_set_hook(struct queue *q, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&q->ev_mu);
+    q->note_hook = fn;
+    q->note_hook_arg = arg;
+    pthread_mutex_unlock(&q->ev_mu);
 }
 
 uint64_t
@@ -698,6 +733,34 @@ queue_update_wait(struct queue *q, const struct queue_outcome *outcomes, size_t 
     struct waiter w = {0, false};
     int rc = queue_update(q, port, outcomes, n, waiter_done, &w);
     if (rc < 0) {
+        queue_port_free(port);
+        return rc;
+    }
+    return wait_on(port, &w);
+}
+
+int
+queue_notes_trim_wait(struct queue *q, uint64_t upto)
+{
+    if (q == NULL)
+        return -EINVAL;
+    struct queue_port *port = queue_port_new();
+    if (port == NULL)
+        return -errno;
+    struct queue_req *req = calloc(1, sizeof(*req));
+    if (req == NULL) {
+        queue_port_free(port);
+        return -ENOMEM;
+    }
+    struct waiter w = {0, false};
+    req->port = port;
+    req->done = waiter_done;
+    req->cookie = &w;
+    req->kind = REQ_NOTES_TRIM;
+    req->note_upto = upto;
+    int rc = submit(q, req);
+    if (rc < 0) {
+        free(req);
         queue_port_free(port);
         return rc;
     }

@@ -182,6 +182,8 @@ struct queue_rcpt {
     uint64_t last_ms;       /* Unix ms of the last outcome, 0 if none */
     unsigned last_code;     /* last reply code, 0 if none */
     const char *last_reply; /* last reply text, "" if none */
+    unsigned tag;           /* its last deferral's tag (queue_outcome), kept while it is
+                             * ready again (queue_due_take); 0: none */
     /* its message's owner: set by queue_walk() and queue_due_take();
      * all "" and 0 from queue_envelope_get() (the envelope has it) */
     struct queue_owner owner;
@@ -211,6 +213,9 @@ struct queue_envelope {
      * the engine gives it opportunistic TLS, no MTA-STS, DANE or required
      * TLS. A flag bit of the message record that older versions ignore. */
     bool tls_relaxed;
+    /* Output only: a QUEUE_WARNED outcome applied (its delay warning went).
+     * A flag bit of the message record that older versions ignore. */
+    bool delay_warned;
     uint64_t body_len;              /* output only */
     unsigned nrcpt;                 /* output: live recipients only, in index order */
     struct queue_rcpt *rcpt;        /* nrcpt entries */
@@ -269,6 +274,9 @@ enum queue_outcome_kind {
     QUEUE_DEFERRED,  /* keeps it, due again at due_ms, with the reply */
     QUEUE_RETIME,    /* a deferred one is due at due_ms instead; attempts and reply kept
                       * (an operator's flush); anything else is left alone */
+    QUEUE_WARNED,    /* the message (id; the rest ignored) had its delay warning: marked
+                      * so (queue_envelope.delay_warned), once: stale when it is marked
+                      * already or gone, so that of two crossing, one applies */
 };
 
 /* One recipient outcome. The message is removed with its last recipient.
@@ -288,10 +296,22 @@ struct queue_outcome {
     unsigned tag;      /* QUEUE_DEFERRED: the caller's kind of failure, 1..QUEUE_TAGS-1
                         * (0: none), kept with the recipient until its next outcome
                         * and counted per domain by queue_counts() (sluice's: its
-                        * failure class + 1); opaque to the spool */
+                        * failure class + 1); opaque to the spool but for
+                        * QUEUE_TAG_HELD (below) */
     bool untried;      /* QUEUE_DEFERRED: deferred without being tried (its destination
                         * rests); its attempts stay as they are */
+    const void *note;  /* borrowed for the call (copied), or NULL: a note committed with
+                        * this outcome when it applies (see "notes" below) */
+    size_t note_len;   /* its octets, at most QUEUE_NOTE_MAX */
 };
+
+/* A recipient deferred with this tag is held: its outcome is final for
+ * the caller, which reports it later (sluice: a failure whose DSN waits
+ * for the rest of its message). Only an outcome that carries this tag
+ * too (any kind) changes it; any other is stale, as for a recipient
+ * already removed: it crossed the hold. QUEUE_RETIME moves it as any
+ * deferred one. */
+#define QUEUE_TAG_HELD (QUEUE_TAGS - 1)
 
 /* Submit n outcomes, committed together. outcomes is copied. Same
  * contract as queue_enqueue(). When the spool is full, updates are still
@@ -417,6 +437,39 @@ void queue_events_floor(struct queue *q, uint64_t seq);
  * (it only wakes someone); NULL: none. The call and the change are under
  * one lock: once this returns, the old hook is no longer running. */
 void queue_events_set_hook(struct queue *q, void (*fn)(void *arg), void *arg);
+
+/* ---- notes: the caller's to-do, committed with what causes it ----
+ *
+ * A note is an opaque record (1..QUEUE_NOTE_MAX octets) written in the
+ * same write transaction as an outcome (struct queue_outcome note: only
+ * when that outcome applies, as its event lines) or as event lines
+ * (queue_events_note_put), to the "notes" database, numbered in commit
+ * order. It stays there until queue_notes_trim_wait(): its reader acts on
+ * it (sluice: the suppression entry of a hard bounce or a complaint,
+ * engine/suppress.h), then trims; what a crash cut between the commit and
+ * the act is still there at the next start. */
+#define QUEUE_NOTE_MAX 1024
+
+/* queue_events_put() with a note (NULL: none); events may be NULL (len 0)
+ * when a note is given. Same contract otherwise; -EINVAL for a note over
+ * QUEUE_NOTE_MAX or neither lines nor a note. */
+int queue_events_note_put(struct queue *q, struct queue_port *port, const char *events,
+                          size_t events_len, const void *note, size_t note_len,
+                          queue_done_fn *done, void *cookie);
+/* One note: seq its number, note valid during the call only (a read
+ * transaction is open: do not wait). Non-zero stops the read. */
+typedef int queue_note_fn(void *arg, uint64_t seq, const void *note, size_t len);
+/* The notes committed so far numbered at or above from, in order, at most
+ * max of them (0: all). Any thread. Returns how many were passed, or a
+ * negative code. */
+int queue_notes_read(struct queue *q, uint64_t from, unsigned max, queue_note_fn *cb, void *arg);
+/* Delete the notes numbered below upto and wait for the commit (a thread
+ * that may block: not a worker). Returns the completion code. */
+int queue_notes_trim_wait(struct queue *q, uint64_t upto);
+/* fn(arg) on the committer thread after each commit that wrote a note
+ * (it only wakes someone); NULL: none. Once this returns, the old hook is
+ * no longer running. */
+void queue_notes_set_hook(struct queue *q, void (*fn)(void *arg), void *arg);
 
 /* Take the deferred recipients due at or before now_ms (Unix ms, the
  * caller's clock), at most limit of them (0: no limit), in due order: in
@@ -569,6 +622,7 @@ struct queue_stats {
     uint64_t map_used; /* bytes up to the highest page in use (free pages inside count) */
     uint64_t event_lines;  /* event lines committed with their requests */
     uint64_t events_kept;  /* event records in the spool, not yet trimmed */
+    uint64_t notes_kept;   /* notes in the spool, not yet trimmed (queue_notes_trim_wait) */
     /* After a sync failed: messages answered 451 whose records were then
      * removed (their commit had landed), and enqueues refused while that
      * removal could not be made durable (the spool was failing). */

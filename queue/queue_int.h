@@ -49,9 +49,10 @@
  *         "last_id" -> u64 highest message id ever stored (ids stay unique
  *                      even if the clock steps back across a restart)
  *   msg   id (8 bytes big-endian, so keys sort by time) ->
- *         struct msg_head (flags: BODY=, SMTPUTF8, and tls_relaxed, a bit that
- *         older versions ignore), then sender, envid, auth user, client address,
- *         tenant, campaign, pool (no NULs, lengths in the head), then the
+ *         struct msg_head (flags: BODY=, SMTPUTF8, and tls_relaxed and the
+ *         delay warning's mark, bits that older versions ignore), then
+ *         sender, envid, auth user, client address, tenant, campaign, pool
+ *         (no NULs, lengths in the head), then the
  *         body when it is at most BODY_INLINE_MAX: one put per message on
  *         the hot path. Schema 2 added tenant, campaign, pool and priority
  *         in what schema 1 wrote as a zero "reserved" word, so a schema 1
@@ -111,7 +112,13 @@
 
 /* ---- records ---- */
 
-enum { MSG_F_8BITMIME = 1, MSG_F_BINARYMIME = 2, MSG_F_SMTPUTF8 = 4, MSG_F_TLS_RELAXED = 8 };
+enum {
+    MSG_F_8BITMIME = 1,
+    MSG_F_BINARYMIME = 2,
+    MSG_F_SMTPUTF8 = 4,
+    MSG_F_TLS_RELAXED = 8,
+    MSG_F_WARNED = 16, /* its delay warning went (QUEUE_WARNED) */
+};
 
 struct msg_head {
     uint32_t magic;
@@ -225,12 +232,14 @@ rcpt_decode(const MDB_val *v, struct rcpt_head *h)
 
 /* ---- requests and ports ---- */
 
-enum req_kind { REQ_ENQUEUE, REQ_UPDATE, REQ_TAKE, REQ_EVENTS, REQ_TRIM };
+enum req_kind { REQ_ENQUEUE, REQ_UPDATE, REQ_TAKE, REQ_EVENTS, REQ_TRIM, REQ_NOTES_TRIM };
 
 struct upd_item {
     uint64_t id;
     uint64_t due_ms;
     const char *reply; /* borrowed: points into the request's data */
+    const void *note;  /* borrowed: into the request's data, or NULL */
+    size_t note_len;
     size_t ev_len;     /* octets of the request's event lines that tell this outcome */
     unsigned ev_lines; /* ... and their count (queue_update_enqueue_events) */
     uint32_t rcpt;
@@ -260,6 +269,10 @@ struct queue_req {
     size_t ev_len;
     uint64_t ev_lines;
     uint64_t ev_seq;
+    /* REQ_EVENTS: a note (into data) or none; REQ_NOTES_TRIM: the bound */
+    const void *note;
+    size_t note_len;
+    uint64_t note_upto;
     struct {
         uint64_t id;
         uint64_t body_len;
@@ -326,7 +339,7 @@ struct queue_counters {
     _Atomic uint64_t commits, commit_failures, enqueued, enqueued_rcpts, enqueued_bytes,
         enqueue_refused, outcomes, outcomes_stale, removed, taken, corrupt, batch_max,
         commit_us_total, commit_us_max, backlog, map_size, map_used, event_lines, events_kept,
-        unconfirmed_removed, sync_failing_refused;
+        notes_kept, unconfirmed_removed, sync_failing_refused;
 };
 
 /* Keys of records found corrupt, so that each is counted and logged once
@@ -341,11 +354,12 @@ struct corrupt_seen {
 struct queue {
     struct queue_config cfg; /* owned copy */
     MDB_env *env;            /* owned */
-    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events;
+    MDB_dbi dbi_meta, dbi_msg, dbi_body, dbi_rcpt, dbi_due, dbi_events, dbi_notes;
     int lock_fd;
     bool read_only;          /* queue_open_readonly: no committer, nothing written */
     MDB_cursor *open_cur; /* open_spool: the cursor of its reads while open, for a fault */
     bool has_events;         /* the events database exists (read-only: it may not) */
+    bool has_notes;          /* the notes database exists (read-only: it may not) */
     size_t psize;
     void *map_addr;          /* the map's address (queue_map_trim) */
     size_t map_pages;
@@ -399,11 +413,15 @@ struct queue {
     bool panic_logged;
     /* Enqueues failed as not confirmed whose commit may have landed: their
      * ids until a durable commit has removed them (commit.c,
-     * drop_unconfirmed). */
+     * drop_unconfirmed); and, likewise, the event records of failed
+     * reports (event lines with a note: lines_only). */
     struct drop_ent {
-        uint64_t id;
+        uint64_t id;         /* 0 when lines_only */
         uint64_t ev_seq;     /* its event record's number, when ev */
         bool ev;             /* it wrote one (its reception) */
+        bool lines_only;     /* a report's lines, no message: ev_len and ev_hash say which */
+        size_t ev_len;
+        uint64_t ev_hash;    /* hash_bytes of its lines */
     } *drop;                 /* owned */
     size_t drop_n, drop_cap;
     bool drop_fresh;         /* ids added since the last removal tried */
@@ -419,6 +437,11 @@ struct queue {
     pthread_mutex_t ev_mu;        /* guards the hook and its calls */
     void (*ev_hook)(void *arg);   /* guarded by ev_mu */
     void *ev_hook_arg;            /* borrowed; guarded by ev_mu */
+
+    /* notes (queue.h) */
+    uint64_t note_next;           /* committer only: the number of the next note */
+    void (*note_hook)(void *arg); /* guarded by ev_mu */
+    void *note_hook_arg;          /* borrowed; guarded by ev_mu */
 
     struct queue_counters st;
     struct corrupt_seen corrupt;
@@ -496,6 +519,13 @@ int apply_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_
 int apply_events(struct queue *q, MDB_txn *txn, struct queue_req *r, uint64_t *seq,
                  struct tally *t);
 /* The deferred recipients due by r's time made ready, up to its limit. */
+/* Write the notes of r (its applied outcomes', or its own) numbered from
+ * *seq on; *wrote counts them. */
+int apply_notes(struct queue *q, MDB_txn *txn, const struct queue_req *r, uint64_t *seq,
+                unsigned *wrote);
+/* Delete the notes numbered below r->note_upto; *trimmed counts them. */
+int apply_notes_trim(struct queue *q, MDB_txn *txn, const struct queue_req *r,
+                     unsigned *trimmed);
 int apply_take(struct queue *q, MDB_txn *txn, struct queue_req *r, struct tally *t);
 /* The message and body of every touched id left without recipients. */
 int apply_remove_finished(struct queue *q, MDB_txn *txn, struct tally *t);

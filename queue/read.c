@@ -159,6 +159,40 @@ queue_events_read(struct queue *q, uint64_t from, size_t max_bytes, queue_events
     return rc == 0 || rc == MDB_NOTFOUND ? n : queue_lmdb_err(rc);
 }
 
+int
+queue_notes_read(struct queue *q, uint64_t from, unsigned max, queue_note_fn *cb, void *arg)
+{
+    if (!q->has_notes)
+        return 0;
+    MDB_txn *txn;
+    int rc = mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn);
+    if (rc != 0)
+        return queue_lmdb_err(rc);
+    MDB_cursor *c;
+    if ((rc = mdb_cursor_open(txn, q->dbi_notes, &c)) != 0) {
+        mdb_txn_abort(txn);
+        return queue_lmdb_err(rc);
+    }
+    unsigned char key[8];
+    msg_key(key, from);
+    MDB_val k = {8, key}, v;
+    int n = 0;
+    rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+    while (rc == 0 && (max == 0 || (unsigned)n < max)) {
+        if (k.mv_size != 8) {
+            queue_corrupt_note(q, "notes", k.mv_data, k.mv_size);
+        } else {
+            n++;
+            if (cb(arg, key_u64(k.mv_data), v.mv_data, v.mv_size) != 0)
+                break;
+        }
+        rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close(c);
+    mdb_txn_abort(txn);
+    return rc == 0 || rc == MDB_NOTFOUND ? n : queue_lmdb_err(rc);
+}
+
 /*
  * The map keeps every page a reader touched mapped in this process: a
  * worker that starts 10,000 transactions keeps their messages' records
@@ -214,6 +248,7 @@ queue_rcpt_fill(struct queue_rcpt *r, const struct rcpt_head *h, const MDB_val *
     r->due_ms = h->state == QUEUE_RCPT_DEFERRED ? h->due_ms : 0;
     r->last_ms = h->last_ms;
     r->last_code = h->code;
+    r->tag = h->tag;
     r->owner = (struct queue_owner){"", "", "", 0, false};
 }
 
@@ -271,6 +306,7 @@ queue_envelope_get(struct queue *q, uint64_t id, struct queue_envelope **out)
                                                       : QUEUE_BODY_7BIT;
             e->smtputf8 = (h.flags & MSG_F_SMTPUTF8) != 0;
             e->tls_relaxed = (h.flags & MSG_F_TLS_RELAXED) != 0;
+            e->delay_warned = (h.flags & MSG_F_WARNED) != 0;
             e->arrival_ms = h.arrival_ms;
             e->expire_ms = h.expire_ms;
             e->body_len = h.body_len;
@@ -880,6 +916,7 @@ queue_stats(struct queue *q, struct queue_stats *out)
     LOAD(map_used);
     LOAD(event_lines);
     LOAD(events_kept);
+    LOAD(notes_kept);
     LOAD(unconfirmed_removed);
     LOAD(sync_failing_refused);
 #undef LOAD

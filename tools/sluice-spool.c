@@ -164,6 +164,7 @@ dump(struct queue *q, bool with_body)
         printf(",\"pool\":");
         put_str(env->pool);
         printf(",\"priority\":%u", env->priority);
+        printf(",\"delay_warned\":%s", env->delay_warned ? "true" : "false");
         printf(",\"smtputf8\":%s,\"body_type\":%d,\"rcpts\":[", env->smtputf8 ? "true" : "false",
                (int)env->body_type);
         for (unsigned r = 0; r < env->nrcpt; r++) {
@@ -174,7 +175,10 @@ dump(struct queue *q, bool with_body)
             put_str(env->rcpt[r].domain);
             const struct queue_rcpt *x = &env->rcpt[r];
             printf(",\"state\":\"%s\",\"attempts\":%u,\"next_attempt\":",
-                   x->state == QUEUE_RCPT_DEFERRED ? "deferred" : "ready", x->attempts);
+                   x->tag == QUEUE_TAG_HELD ? "dsn_held" /* failed or relayed, its DSN waiting */
+                   : x->state == QUEUE_RCPT_DEFERRED ? "deferred"
+                                                      : "ready",
+                   x->attempts);
             json_time(x->state == QUEUE_RCPT_DEFERRED ? x->due_ms : 0);
             printf(",\"last_attempt\":");
             json_time(x->last_ms);
@@ -273,7 +277,11 @@ main(int argc, char **argv)
     conf_free(queue_conf_keys, &cfg);
     if (rc < 0) {
         fault_guard_restore(NULL);
-        fprintf(stderr, "sluice-spool: %s\n", err);
+        /* sluice has it open: what to do then, as the usage says */
+        fprintf(stderr, "sluice-spool: %s%s\n", err,
+                rc == QUEUE_ELOCKED ? ": stop sluice first (while it runs, sluicectl queue and "
+                                      "sluicectl message show what is queued)"
+                                    : "");
         return 1;
     }
     int status = 0;

@@ -23,8 +23,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <termios.h>
 #include <time.h>
@@ -81,6 +83,16 @@ die(int code, const char *fmt, ...)
     exit(code);
 }
 
+/* Standard output is a pipe or socket whose reader has closed it (a write
+ * to it fails with EPIPE, SIGPIPE being ignored for the stats socket): as
+ * other tools, sluicectl then stops quietly. */
+static bool
+output_reader_gone(void)
+{
+    struct pollfd p = {.fd = STDOUT_FILENO, .events = 0};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLERR | POLLHUP)) != 0;
+}
+
 /* poll one fd until deadline; 1 ready, 0 timed out or interrupted. */
 static int
 wait_fd(int fd, short events, uint64_t deadline)
@@ -111,6 +123,19 @@ wait_fd(int fd, short events, uint64_t deadline)
 static void __attribute__((noreturn))
 ctl_unreachable(const struct ctl *c, int e)
 {
+    /* A connect to a path that is no socket (the config file, the spool
+     * directory) is refused as one that nobody listens on: say what it is. */
+    struct stat st;
+    if ((e == ECONNREFUSED || e == ENOTSOCK) && stat(c->path, &st) == 0 &&
+        !S_ISSOCK(st.st_mode)) {
+        const char *kind = S_ISDIR(st.st_mode)   ? "a directory"
+                           : S_ISREG(st.st_mode) ? "a file"
+                                                 : "a special file";
+        die(EXIT_UNREACHABLE,
+            "cannot reach sluice's stats socket %s (%s): that is %s, not a socket (the "
+            "stats socket is sluice's [stats] socket)",
+            c->path, c->path_from, kind);
+    }
     const char *why = e == ENOENT       ? "no such socket: is sluice running?"
                       : e == ECONNREFUSED ? "connection refused: sluice may not be running "
                                           "(a socket left behind by one that stopped)"
@@ -173,6 +198,10 @@ ctl_request(struct ctl *c, const char *line, const char **raw)
             continue;
         if (w < 0 && errno == EAGAIN && wait_fd(c->fd, POLLOUT, deadline))
             continue;
+        /* sluice refuses a client it has no room for with one line, then
+         * closes: that line, not "Broken pipe", is what to show. */
+        if (w < 0 && (errno == EPIPE || errno == ECONNRESET) && !interrupted)
+            break;
         free(msg);
         die(EXIT_UNREACHABLE, "%s: cannot send: %s", c->path,
             interrupted                ? "interrupted"
@@ -374,31 +403,34 @@ fmt_share(const cJSON *o, const char *path)
     return b;
 }
 
-/* ms as "3d 4h", "4h 12m", "12m 5s", "5s", "120ms". */
+/* ms as "3d 4h", "4h 12m", "12m 5s", "5s", "120ms", rounded to the
+ * nearest of the last unit shown (1,500 ms is "2s", 59.6 s "1m"; it cut
+ * down: 1,999 ms read "1s"), the unit chosen after rounding. */
 static const char *
 fmt_duration_d(double ms)
 {
-    if (!isfinite(ms) || ms < 0)
+    if (!isfinite(ms) || ms < 0 || ms > 1e18)
         return "-";
     char *b = cell_buf();
-    uint64_t s = (uint64_t)(ms / 1000);
-    if (ms < 1000)
-        snprintf(b, 96, "%.0fms", ms);
-    else if (s < 60)
-        snprintf(b, 96, "%llus", (unsigned long long)s);
-    else if (s < 3600)
-        snprintf(b, 96, "%llum %llus", (unsigned long long)(s / 60), (unsigned long long)(s % 60));
-    else if (s < 86400)
-        snprintf(b, 96, "%lluh %llum", (unsigned long long)(s / 3600),
-                 (unsigned long long)(s % 3600 / 60));
-    else
-        snprintf(b, 96, "%llud %lluh", (unsigned long long)(s / 86400),
-                 (unsigned long long)(s % 86400 / 3600));
+    uint64_t r; /* a cast of x + 0.5 (x >= 0): x rounded, without libm */
+    if ((r = (uint64_t)(ms + 0.5)) < 1000) {
+        snprintf(b, 96, "%llums", (unsigned long long)r);
+    } else if ((r = (uint64_t)(ms / 1000 + 0.5)) < 3600) {
+        if (r < 60)
+            snprintf(b, 96, "%llus", (unsigned long long)r);
+        else
+            snprintf(b, 96, "%llum %llus", (unsigned long long)(r / 60),
+                     (unsigned long long)(r % 60));
+    } else if ((r = (uint64_t)(ms / 60000 + 0.5)) < 1440) {
+        snprintf(b, 96, "%lluh %llum", (unsigned long long)(r / 60), (unsigned long long)(r % 60));
+    } else {
+        r = (uint64_t)(ms / 3600000 + 0.5);
+        snprintf(b, 96, "%llud %lluh", (unsigned long long)(r / 24), (unsigned long long)(r % 24));
+    }
     /* a round figure as it was typed: "10m", not "10m 0s" */
     size_t n = strlen(b);
-    if (n > 3 && strcmp(b + n - 3, " 0s") == 0)
-        b[n - 3] = '\0';
-    else if (n > 3 && (strcmp(b + n - 3, " 0m") == 0 || strcmp(b + n - 3, " 0h") == 0))
+    if (n > 3 && (strcmp(b + n - 3, " 0s") == 0 || strcmp(b + n - 3, " 0m") == 0 ||
+                  strcmp(b + n - 3, " 0h") == 0))
         b[n - 3] = '\0';
     return b;
 }
@@ -435,6 +467,7 @@ struct table {
     size_t nrows, cap;
     char **cells;  /* owned: nrows * ncols strings */
     bool *heading; /* owned: a row printed as is, first cell only */
+    size_t w[COLS_MAX]; /* widths of the rows flushed before (table_flush) */
 };
 
 static void
@@ -500,10 +533,13 @@ width(const char *s)
     return w;
 }
 
+/* Print the rows held and let them go, keeping the table (its columns
+ * and their widths) for more: a long list printed a page at a time, each
+ * page's columns at least as wide as those before it. */
 static void
-table_print(struct table *t, FILE *f)
+table_flush(struct table *t, FILE *f)
 {
-    size_t w[COLS_MAX] = {0};
+    size_t *w = t->w;
     for (size_t r = 0; r < t->nrows; r++) {
         if (t->heading[r])
             continue;
@@ -540,6 +576,13 @@ table_print(struct table *t, FILE *f)
     }
     for (size_t i = 0; i < t->nrows * t->ncols; i++)
         free(t->cells[i]);
+    t->nrows = 0;
+}
+
+static void
+table_print(struct table *t, FILE *f)
+{
+    table_flush(t, f);
     free(t->cells);
     free(t->heading);
     memset(t, 0, sizeof(*t));
@@ -550,8 +593,12 @@ table_print(struct table *t, FILE *f)
 static void
 print_header(const cJSON *st)
 {
-    printf("sluice %s   up %s   workers %s   redis %s\n", fmt_str(st, "version"),
-           fmt_duration(st, "uptime_ms"), fmt_count(st, "workers"), fmt_str(st, "redis.state"));
+    /* mail queued and never sent: said where the operator looks first,
+     * not only in the log line at start */
+    printf("sluice %s   up %s   workers %s   redis %s%s\n", fmt_str(st, "version"),
+           fmt_duration(st, "uptime_ms"), fmt_count(st, "workers"), fmt_str(st, "redis.state"),
+           cJSON_IsFalse(get(st, "delivery_enabled")) ? "   delivery OFF ([delivery] enabled = no)"
+                                                      : "");
 }
 
 static void
@@ -562,9 +609,19 @@ print_rates(const cJSON *st)
                                        {"deferred", "deferred"},
                                        {"bounced", "bounced"},
                                        {"expired", "expired"}};
+    /* In sluice's first minute the "1m" rates are over the time since
+     * start, and after a gap in the samples (a stats thread held up) over
+     * more than a minute: the column says so ("last 12s", "last 75s")
+     * rather than "last 1m" (a sampling a few ms late each second is
+     * still a minute's). */
+    char last[32] = "last 1m";
+    double w;
+    if (num(st, "rates.1m.window_ms", &w) && w >= 0 && (w < 59500 || w >= 63000))
+        snprintf(last, sizeof(last), "last %llus",
+                 (unsigned long long)(w < 1000 ? 1 : w / 1000 + 0.5)); /* as the page rounds */
     struct table t;
     table_init(&t, 3, 0x6);
-    table_row(&t, "per second", "last 1s", "last 1m");
+    table_row(&t, "per second", "last 1s", last);
     for (size_t i = 0; i < 5; i++) {
         char a[48], b[48];
         snprintf(a, sizeof(a), "rates.1s.%s", k[i][0]);
@@ -611,10 +668,15 @@ render_stats(const cJSON *st)
     table_row(&t, "  transactions", fmt_count(st, "connections.transactions"), "");
     table_row(&t, "  on reused connections", fmt_count(st, "connections.reused_transactions"),
               fmt_share(st, "connections.reuse_share"));
+    table_row(&t, "  refused by an MX host (no 8BITMIME, SIZE, SMTPUTF8)",
+              fmt_count(st, "connections.host_refused"), "");
+    table_row(&t, "    of those, sent to the next MX host",
+              fmt_count(st, "connections.host_detoured"), "");
     table_heading(&t, "Queue");
     table_row(&t, "  messages", fmt_count(st, "queue.messages"), "");
     table_row(&t, "  recipients", fmt_count(st, "queue.recipients"), "");
     table_row(&t, "  deferred recipients", fmt_count(st, "queue.deferred"), "");
+    table_row(&t, "  jobs parked (tenant or campaign suspended)", fmt_count(st, "parked"), "");
     table_heading(&t, "Spool");
     table_row(&t, "  message data", fmt_bytes(st, "spool.bytes"), "");
     table_row(&t, "  map size", fmt_bytes(st, "spool.map_size"), "");
@@ -635,6 +697,17 @@ render_stats(const cJSON *st)
     table_row(&t, "  lookups waiting (max_inflight)", fmt_count(st, "dns.queued"), "");
     table_row(&t, "  query timeouts", fmt_count(st, "dns.timeouts"), "");
     table_row(&t, "  lookups failed", fmt_count(st, "dns.failures"), "");
+    if (cJSON_IsTrue(get(st, "suppress.enabled"))) {
+        table_heading(&t, "Suppression list");
+        table_row(&t, "  entries", fmt_count(st, "suppress.entries"), "");
+        table_row(&t, "  recipients found on it", fmt_count(st, "suppress.hits"), "");
+        table_row(&t, "  added", fmt_count(st, "suppress.added"), "");
+        table_row(&t, "  removed", fmt_count(st, "suppress.removed"), "");
+        table_row(&t, "  entries waiting in the spool (list not written)",
+                  fmt_count(st, "suppress.notes_pending"), "");
+        table_row(&t, "  entries dropped", fmt_count(st, "suppress.feed_dropped"), "");
+        table_row(&t, "  map used", fmt_bytes(st, "suppress.map_used"), "");
+    }
     table_heading(&t, "Delivery log");
     table_row(&t, "  events", fmt_count(st, "dlog.events"), "");
     table_row(&t, "  write errors", fmt_count(st, "dlog.write_errors"), "");
@@ -715,10 +788,10 @@ static void
 render_domains(const cJSON *doc, size_t limit)
 {
     struct table t;
-    /* right: READY DEFERRED INFLIGHT CONN MAX RATE DELIVERED BOUNCED OLDEST */
-    table_init(&t, 15, 0x3fe << 1);
-    table_row(&t, "DOMAIN", "POOL", "READY", "DEFERRED", "INFLIGHT", "CONN", "MAX", "RATE/s",
-              "DELIVERED", "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY",
+    /* right: READY DEFERRED INFLIGHT PARKED CONN MAX RATE DELIVERED BOUNCED OLDEST */
+    table_init(&t, 16, 0x7fe << 1);
+    table_row(&t, "DOMAIN", "POOL", "READY", "DEFERRED", "INFLIGHT", "PARKED", "CONN", "MAX",
+              "RATE/s", "DELIVERED", "BOUNCED", "OLDEST", "STATE", "TOP DEFERRAL", "LIMITED BY",
               "TENANTS WAITING");
     const cJSON *arr = get(doc, "domains");
     const cJSON *d;
@@ -743,7 +816,8 @@ render_domains(const cJSON *doc, size_t limit)
         if (c0 != NULL && c0->string != NULL && cJSON_IsNumber(c0))
             snprintf(top, sizeof(top), "%s:%.0f", c0->string, c0->valuedouble);
         table_row(&t, fmt_str(d, "name"), fmt_str(d, "pool"), fmt_count(d, "ready"),
-                  fmt_count(d, "deferred"), fmt_count(d, "inflight"), fmt_count(d, "connections"),
+                  fmt_count(d, "deferred"), fmt_count(d, "inflight"), fmt_count(d, "parked"),
+                  fmt_count(d, "connections"),
                   fmt_count(d, "max_connections"), fmt_rate(d, "rate_limit"),
                   fmt_count(d, "delivered"), fmt_count(d, "bounced"),
                   fmt_duration(d, "oldest_age_ms"), state, top, fmt_str(d, "limit_reason"),
@@ -992,17 +1066,39 @@ render_queue(const cJSON *doc)
         printf("\n%zu message%s\n", n, n == 1 ? "" : "s");
 }
 
-/* "reload done" as one sentence, the words the man page quotes (as a
- * table of one row it came out "reload  done"); a reload not over within
- * the wait says so and where to look. */
+/* "reload done" and what it changed, as one sentence (as a table of one
+ * row it came out "reload  done"): the sections and keys the engine's
+ * reload log names (changed="..."), or "no change"; then the keys that
+ * changed but wait for a restart. A reload not over within the wait says
+ * so and where to look. */
 static void
 render_reload(const cJSON *doc)
 {
     const cJSON *st = get(doc, "reload"), *note = get(doc, "note");
+    const cJSON *changed = get(doc, "changed"), *kept = get(doc, "needs_restart");
     printf("reload %s", cJSON_IsString(st) ? st->valuestring : "?");
+    if (cJSON_IsString(changed))
+        printf(": %s%s", changed->valuestring[0] != '\0' ? "changed " : "no change",
+               changed->valuestring);
     if (cJSON_IsString(note))
         printf(" (%s)", note->valuestring);
     printf("\n");
+    if (cJSON_IsString(kept) && kept->valuestring[0] != '\0')
+        printf("not in force until a restart: %s\n", kept->valuestring);
+}
+
+/* The config took but the users file did not load: said on stderr, and
+ * the exit code is a failure's (the file the operator fixed is not in
+ * force). */
+static int
+reload_users_failed(const cJSON *doc)
+{
+    const cJSON *u = get(doc, "users_not_loaded");
+    if (!cJSON_IsString(u))
+        return EXIT_OK;
+    fprintf(stderr, "sluicectl: users file not loaded, the previous users kept: %s\n",
+            u->valuestring);
+    return EXIT_REFUSED;
 }
 
 static int
@@ -1012,6 +1108,10 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     int n = snprintf(line, sizeof(line), "%s", cmd->name);
     for (int i = 0; i < argc; i++) {
         check_word(cmd->name, cmd->args, argv[i]);
+        /* queue's N, checked here as domains' and sites' are (exit 2) */
+        if (strcmp(cmd->name, "queue") == 0 && argv[i][0] >= '0' && argv[i][0] <= '9' &&
+            argv[i][strspn(argv[i], "0123456789")] == '\0')
+            parse_number("queue", argv[i], 1, 10000);
         n += snprintf(line + n, sizeof(line) - (size_t)n, " %s", argv[i]);
     }
     const char *raw;
@@ -1028,8 +1128,9 @@ run_plain(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         render_reload(doc);
     else
         render_generic(doc);
+    int rc = strcmp(cmd->name, "reload") == 0 ? reload_users_failed(doc) : EXIT_OK;
     cJSON_Delete(doc);
-    return EXIT_OK;
+    return rc;
 }
 
 /* flush and bounce: a DOMAIN or ID, or a scope by owner (--tenant T,
@@ -1143,15 +1244,28 @@ run_domains(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     return EXIT_OK;
 }
 
+/* A site's head latency in ms, one decimal, "*" after it while its
+ * connections queue ("-" before the first). */
+static const char *
+fmt_head(const cJSON *s)
+{
+    double us;
+    if (!num(s, "head_us", &us) || us <= 0)
+        return "-";
+    char *b = cell_buf();
+    snprintf(b, 96, "%.1fms%s", us / 1000, cJSON_IsTrue(get(s, "queues")) ? "*" : "");
+    return b;
+}
+
 /* "sites [N]": one row per site of a worker, busiest first. */
 static void
 render_sites(const cJSON *doc)
 {
     struct table t;
     /* right: every column but SITE */
-    table_init(&t, 13, 0x1ffeu);
+    table_init(&t, 14, 0x3ffeu);
     table_row(&t, "SITE", "WORKER", "CONN", "IDLE", "WINDOW", "MAX", "DOMAINS", "WAITING",
-              "READY", "INFLIGHT", "OPENED", "FAILURES", "HALVED");
+              "READY", "INFLIGHT", "OPENED", "FAILURES", "HALVED", "HEAD");
     const cJSON *s;
     size_t n = 0;
     cJSON_ArrayForEach(s, get(doc, "sites"))
@@ -1161,7 +1275,7 @@ render_sites(const cJSON *doc)
                   fmt_count(s, "idle"), fmt_count(s, "window"), fmt_count(s, "max_connections"),
                   fmt_count(s, "domains"), fmt_count(s, "domains_waiting"), fmt_count(s, "ready"),
                   fmt_count(s, "inflight"), fmt_count(s, "opened"), fmt_count(s, "failures"),
-                  fmt_count(s, "window_halved"));
+                  fmt_count(s, "window_halved"), fmt_head(s));
     }
     table_print(&t, stdout);
     if (n == 0)
@@ -1329,6 +1443,16 @@ render_shaping(const cJSON *doc)
     printf("redis: %s; rules loaded: %s\n", fmt_str(doc, "redis"), fmt_count(doc, "rules"));
 }
 
+/* Which nodes an operator's shaping action reaches: every node through
+ * Redis, this one alone without [redis] (cluster false); a sluice that
+ * does not say is taken at its word of then, every node. */
+static const char *
+shaping_where(const cJSON *doc)
+{
+    return cJSON_IsFalse(get(doc, "cluster")) ? "on this node (no [redis]: no other node hears)"
+                                               : "on every node";
+}
+
 static int
 run_shaping(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 {
@@ -1348,11 +1472,11 @@ run_shaping(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
     else if (argc == 0 || strcmp(argv[0], "list") == 0)
         render_shaping(doc);
     else if (strcmp(argv[0], "clear") == 0)
-        printf("cleared %s action(s) on every node\n", fmt_count(doc, "cleared"));
+        printf("cleared %s action(s) %s\n", fmt_count(doc, "cleared"), shaping_where(doc));
     else
-        printf("%s: %s %s for %s on every node\n", fmt_str(doc, "action.id"),
+        printf("%s: %s %s for %s %s\n", fmt_str(doc, "action.id"),
                fmt_str(doc, "action.action"), fmt_str(doc, "action.scope"),
-               fmt_duration(doc, "action.remaining_ms"));
+               fmt_duration(doc, "action.remaining_ms"), shaping_where(doc));
     cJSON_Delete(doc);
     return EXIT_OK;
 }
@@ -1453,7 +1577,10 @@ run_top(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         }
         cJSON_Delete(st);
         cJSON_Delete(doms);
-        fflush(stdout);
+        /* a view that could not be written ends the loop (its reader gone:
+         * sluicectl top | head); main says why when it is another error */
+        if (fflush(stdout) != 0 || ferror(stdout))
+            break;
         if (count > 0 && it + 1 >= count)
             break;
         /* Not held open across the wait: sluice drops a client silent for
@@ -1565,12 +1692,24 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
                 die(EXIT_USAGE, "suppress export: path too long");
             w = path;
             c->timeout_ms = SUPPRESS_BULK_TIMEOUT_MS;
-        } else {
-            check_word("suppress", "ADDRESS", w);
+        } else if (w[0] == '\0' || strlen(w) > 255) {
+            die(EXIT_USAGE, "suppress: ADDRESS must be 1 to 255 octets");
+        }
+        /* blanks only in a quoted local part ("a b"@x.test), as RCPT
+         * takes them */
+        const char *qend = NULL;
+        for (const char *p = w + 1; w[0] == '"' && *p != '\0' && qend == NULL; p++) {
+            if (*p == '\\' && p[1] != '\0')
+                p++;
+            else if (*p == '"')
+                qend = p;
         }
         for (const unsigned char *p = (const unsigned char *)w; *p != '\0'; p++)
-            if (*p <= ' ' || *p == 0x7f)
-                die(EXIT_USAGE, "suppress %s: no spaces or control characters, please", sub);
+            if ((*p <= ' ' || *p == 0x7f) && !(*p == ' ' && (const char *)p < qend))
+                die(EXIT_USAGE,
+                    "suppress %s: no spaces (but in a quoted local part: "
+                    "\"a b\"@example.com) or control characters, please",
+                    sub);
         line_add(line, sizeof(line), &n, " %s", w);
         i = 2;
     }
@@ -1641,10 +1780,15 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             line_add(req, sizeof(req), &m, " after=%s after_scope=%s", after, after_scope);
         const char *raw;
         cJSON *doc = ctl_ask(c, req, &raw);
-        if (c->json)
+        if (c->json) {
             printf("%s\n", raw);
-        else
+        } else {
+            /* printed as each page comes: a list of millions was held
+             * whole, and nothing shown, until its last page */
             render_entries(&t, get(doc, "entries"));
+            table_flush(&t, stdout);
+        }
+        fflush(stdout);
         shown += cJSON_GetArraySize(get(doc, "entries"));
         const cJSON *next = get(doc, "next");
         bool more = cJSON_IsObject(next) && cJSON_IsString(get(next, "after")) &&
@@ -1654,7 +1798,7 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             snprintf(after_scope, sizeof(after_scope), "%s", get(next, "after_scope")->valuestring);
         }
         cJSON_Delete(doc);
-        if (!more)
+        if (!more || ferror(stdout)) /* the reader gone: no page more (main says why) */
             break;
     }
     if (!c->json) {
@@ -1668,15 +1812,17 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
 
 static const struct cmd cmds[] = {
     {"stats", "", "counters, rates, connections, queue, spool, DNS, Redis, objects",
-     "Totals since start, rates over the last second and the last minute,\n"
+     "Totals since start, rates over the last second and the last minute (in\n"
+     "sluice's first minute over the time since start: \"last 12s\"),\n"
      "connections, queue depth, spool, DNS cache, delivery log, traffic shaping\n"
      "(with the actions ignored: of a kind or scope this node does not know)\n"
      "and live objects.",
      0, 0, run_plain},
     {"domains", "[N]", "the N busiest destinations (default 20, at most 1000)",
-     "One row per destination, busiest first (ready + deferred + in flight):\n"
-     "what is queued by state (READY and INFLIGHT: jobs, a message's recipients\n"
-     "at the destination; DEFERRED: recipients), connections and the limit, the\n"
+     "One row per destination, busiest first (ready + deferred + in flight +\n"
+     "parked): what is queued by state (READY and INFLIGHT: jobs, a message's\n"
+     "recipients at the destination; DEFERRED: recipients; PARKED: jobs set\n"
+     "aside while their tenant or campaign is suspended), connections and the limit, the\n"
      "message rate allowed, totals, the age of the oldest waiting recipient\n"
      "(deferred ones too), whether it is suspended, the deferral class of most\n"
      "of its recipients waiting deferred now, with their count (TOP DEFERRAL),\n"
@@ -1692,7 +1838,9 @@ static const struct cmd cmds[] = {
      "those waiting for a connection, READY and INFLIGHT their jobs, OPENED,\n"
      "FAILURES (connect failures, greeting timeouts, 421s, resets) and HALVED\n"
      "(window decreases) since the site was made; an idle site is forgotten\n"
-     "with its last domain.",
+     "with its last domain. HEAD the time from a transaction's MAIL to the go\n"
+     "for its body (a moving average), with * while it says the connections\n"
+     "wait in line at the receiver or at sluice: the window does not grow.",
      0, 1, run_sites},
     {"message", "ID", "a queued message and its recipients", NULL, 1, 1, run_plain},
     {"queue", "[N] [DOMAIN]", "the queued messages, oldest first, as mailq lists them",
@@ -1710,7 +1858,10 @@ static const struct cmd cmds[] = {
      "With shaping on, a domain, tenant or source is suspended on every node\n"
      "(a shaping action: shared through Redis, kept across restarts; see\n"
      "shaping list). A pool or campaign, and anything with --local, is suspended\n"
-     "on this node only, in memory: a restart forgets it.",
+     "on this node only, in memory: a restart forgets it. A tenant or pool\n"
+     "the config has no section for, or a source no pool has, is refused,\n"
+     "with the names it has (a source suspended on every node through Redis\n"
+     "may be another node's: taken, with a note).",
      1, 5, run_scoped},
     {"resume", "DOMAIN | --tenant T | --campaign C | --pool P | --source ADDR [--local]",
      "resume deliveries of a scope (on every node, or --local as suspend)", NULL, 1, 3,
@@ -1723,13 +1874,19 @@ static const struct cmd cmds[] = {
      0, 4, run_scoped},
     {"bounce", "ID|DOMAIN | --tenant T [--campaign C] | --pool P",
      "bounce a message, or every message queued for DOMAIN, a tenant, a campaign or a pool",
+     "A DOMAIN bounces the recipients at it: a message's others stay queued.\n"
      "Bounced recipients get a DSN to the sender (where enabled) and a bounce\n"
      "event in the delivery log. The answer waits (up to 8 s) for the bounce's\n"
      "commit: still_queued counts the selected recipients still in the spool then\n"
      "(deferred by a transaction under way: bounce again). This cannot be undone.",
      0, 4, run_scoped},
     {"reload", "", "reread the configuration file (as SIGHUP does)",
-     "Waits (up to 8 s) for the outcome: \"reload done\", or the first error\n"
+     "Waits (up to 8 s) for the outcome: \"reload done: changed\" and the\n"
+     "sections and keys that changed (as the log's event=config_reloaded; a\n"
+     "TLS or users file whose contents changed, \"[dkim] signing keys\"), or\n"
+     "\"reload done: no change\"; then the keys that wait for a restart, if\n"
+     "any; a users file that did not load (its first error, exit 1); or the\n"
+     "first error\n"
      "(file:line: key) and exit 1 when the new configuration is refused and\n"
      "the running one kept; a reload not over by then prints \"reload\n"
      "requested (not finished yet: see the log)\" and exits 0.",
@@ -1830,6 +1987,58 @@ cmd_help(const struct cmd *c)
         printf("\n%s\n", c->more);
 }
 
+/* Insertions, deletions and substitutions from a to b, 3 for "far". */
+static unsigned
+edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 32 || lb > 32)
+        return 3;
+    unsigned row[33];
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++) {
+        unsigned diag = row[0];
+        row[0] = (unsigned)i;
+        for (size_t j = 1; j <= lb; j++) {
+            unsigned up = row[j];
+            unsigned best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best)
+                best = up + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb] < 3 ? row[lb] : 3;
+}
+
+/* The command an unknown word is likely a slip for: one edit or two away
+ * ("status", "domain"), or what Postfix and PowerMTA call it ("mailq",
+ * "show"); NULL when none is near. */
+static const char *
+near_command(const char *w)
+{
+    static const char *const alias[][2] = {
+        {"mailq", "queue"}, {"postqueue", "queue"}, {"show", "stats"}, {"status", "stats"},
+        {"delete", "bounce"}, {"pause", "suspend"}, {"hold", "suspend"}, {"release", "resume"},
+    };
+    for (size_t k = 0; k < sizeof(alias) / sizeof(alias[0]); k++)
+        if (strcasecmp(w, alias[k][0]) == 0)
+            return alias[k][1];
+    const char *best = NULL;
+    unsigned bd = 3;
+    for (size_t k = 0; k < NCMDS; k++) {
+        unsigned d = edit_distance(w, cmds[k].name);
+        if (d < bd && d < strlen(cmds[k].name) / 2 + 1) {
+            bd = d;
+            best = cmds[k].name;
+        }
+    }
+    return best;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1876,8 +2085,13 @@ main(int argc, char **argv)
     for (size_t k = 0; k < NCMDS; k++)
         if (strcmp(argv[i], cmds[k].name) == 0)
             cmd = &cmds[k];
-    if (cmd == NULL)
+    if (cmd == NULL) {
+        const char *near = near_command(argv[i]);
+        if (near != NULL)
+            die(EXIT_USAGE, "unknown command \"%s\" (did you mean \"%s\"? try: sluicectl --help)",
+                argv[i], near);
         die(EXIT_USAGE, "unknown command \"%s\" (try: sluicectl --help)", argv[i]);
+    }
     int cargc = argc - i - 1;
     char **cargv = argv + i + 1;
     for (int k = 0; k < cargc; k++) {
@@ -1885,6 +2099,13 @@ main(int argc, char **argv)
             cmd_help(cmd);
             return EXIT_OK;
         }
+    }
+    for (int k = 0; k < cargc; k++) {
+        const char *a = cargv[k];
+        if (strcmp(a, "-s") == 0 || strcmp(a, "--socket") == 0 ||
+            strncmp(a, "--socket=", 9) == 0 || strcmp(a, "-j") == 0 || strcmp(a, "--json") == 0)
+            die(EXIT_USAGE, "%s: %s goes before the command (sluicectl %s %s ...)", cmd->name, a,
+                a[1] == 's' || a[2] == 's' ? "-s SOCKET" : "--json", cmd->name);
     }
     if (cmd->run != run_top && cmd->run != run_scoped && cmd->run != run_suppress) {
         for (int k = 0; k < cargc; k++)
@@ -1897,7 +2118,15 @@ main(int argc, char **argv)
             cmd->args[0] ? " " : "", cmd->args);
     int rc = cmd->run(&c, cmd, cargc, cargv);
     ctl_close(&c);
-    if (fflush(stdout) != 0)
-        die(EXIT_UNREACHABLE, "cannot write the output: %s", strerror(errno));
+    /* A write that failed before (stdio's buffer full) leaves only the
+     * error flag: its errno is gone, a full disk says so all the same. */
+    bool flushed = fflush(stdout) == 0;
+    int err = errno;
+    if (!flushed || ferror(stdout)) {
+        if (output_reader_gone())
+            return rc; /* sluicectl queue | head: the reader took what it wanted */
+        die(EXIT_UNREACHABLE, "cannot write the output%s%s", flushed ? " (a write failed)" : ": ",
+            flushed ? "" : strerror(err));
+    }
     return rc;
 }

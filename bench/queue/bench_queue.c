@@ -549,7 +549,8 @@ updater_main(void *arg)
                !atomic_load_explicit(&s->stop, memory_order_relaxed)) {
             unsigned n = 0;
             while (n < per && msg < u->nids) {
-                o[n++] = (struct queue_outcome){u->ids[msg], rcpt, s->kind, due, 250, "2.0.0 Ok", 0, false};
+                o[n++] = (struct queue_outcome){u->ids[msg], rcpt, s->kind, due, 250, "2.0.0 Ok",
+                                                0, false, NULL, 0};
                 if (++rcpt == s->nrcpt) {
                     rcpt = 0;
                     msg++;

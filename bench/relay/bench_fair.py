@@ -17,7 +17,7 @@ The same run in each mode (--modes), side by side:
          share): they wait behind A's backlog, first in first out;
   site   the late messages are tenant A's too, but to another domain,
          small.test, whose MX is site.test's: the two domains share the
-         site's connections, and take turns at them (scheduler.c,
+         site's connections, and take turns at them (site_share.c,
          conn_give_turn). With --before BIN the site mode runs on that
          binary first, for the figures before and after.
 

@@ -302,6 +302,9 @@ conn_flush(struct conn *c)
 static void
 conn_body(struct conn *c)
 {
+    if (c->txn_ns != 0 && c->site != NULL && c->d->w->now >= c->txn_ns)
+        site_window_on_head(&c->site->win, c->d->w->now - c->txn_ns, c->d->w->now);
+    c->txn_ns = 0;
     while (!c->closed && smtp_client_state(&c->cli) == SMTP_CLIENT_S_BODY) {
         if (c->chunk_pos == c->chunk_len && !c->body_last) {
             size_t got = 0;
@@ -543,6 +546,7 @@ conn_next(struct conn *c)
     if (c->nmsgs > 0)
         c->d->stats.reused++;
     c->d->stats.transactions++;
+    c->txn_ns = c->d->w->now;
     conn_handle(c, smtp_client_txn(conn_cli(c), &c->txn));
 }
 

@@ -26,7 +26,9 @@
  * Threading: the worker's thread; the trim's state (e->freed_untrimmed,
  * e->trimmed_at) every worker's, atomic.
  */
+#include <limits.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +46,9 @@
 #include "engine/outbound/internal.h"
 
 #define EVICT_SWEEP_MS 5000 /* idle destinations looked for */
+#define SWEEP_READS    256  /* expiries read from the spool per sweep of a destination
+                             * whose connections take its jobs (dest_on_sweep) */
+#define SWEEP_JOBS_PER_MS 10 /* ... and its waiting jobs per ms between its sweeps */
 #define TRIM_MIN_BYTES ((size_t)1 << 20) /* freed since the last malloc_trim, for another */
 #define TRIM_EVERY_MS  60000             /* ... at most this often while sweeps free */
 
@@ -335,6 +340,7 @@ dest_on_evict(struct timer *tm, void *ctx)
                    conn_pool_decay(&d->chunk_pool) * d->chunk_pool.size +
                    conn_pool_decay(&d->cli_pool) * d->cli_pool.size;
     dest_trim(d->e, bytes, now);
+    scope_count_paused(d);
     if (!d->stopping)
         worker_timer_arm(d->w, &d->evict_timer, now + MS_TO_NS(EVICT_SWEEP_MS));
 }
@@ -381,8 +387,15 @@ dest_push(struct dest *t, struct job *j, bool front)
 {
     if (!front)
         j->queued_ns = t->d->w->now;
-    if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0)
+    if (fairq_push(&t->q, &j->fq, job_tenant(j), job_priority(j), front) == 0) {
+        t->queued_rcpts += j->n;
+        if (j->nrefused != 0)
+            t->refused_queued++; /* a host refused it: passed over there (detour_pass) */
+        if (dest_paused(t))
+            atomic_fetch_add_explicit(&t->d->paused_rcpts, j->n, memory_order_relaxed);
+        dest_sweep_arm(t); /* it expires on time, whatever it waits for */
         return;
+    }
     job_lost(j);
 }
 
@@ -403,7 +416,9 @@ job_new(const char *domain, unsigned cap)
     }
     if (dl > 255)
         dl = 255;
-    struct job *j = calloc(1, sizeof(*j) + cap * sizeof(unsigned) + dl + 1);
+    /* (the fields' end, not sizeof: its tail padding would cost a larger
+     * block of malloc) */
+    struct job *j = calloc(1, offsetof(struct job, idx) + cap * sizeof(unsigned) + dl + 1);
     if (j == NULL)
         return NULL;
     char *name = (char *)(j->idx + cap);
@@ -418,10 +433,10 @@ struct job *
 job_copy(const struct job *j, unsigned cap)
 {
     size_t dl = strlen(j->domain);
-    struct job *x = malloc(sizeof(*x) + cap * sizeof(unsigned) + dl + 1);
+    struct job *x = malloc(offsetof(struct job, idx) + cap * sizeof(unsigned) + dl + 1);
     if (x == NULL)
         return NULL;
-    *x = *j;
+    memcpy(x, j, offsetof(struct job, idx));
     char *name = (char *)(x->idx + cap);
     memcpy(name, j->domain, dl + 1);
     x->domain = name;
@@ -441,7 +456,27 @@ job_lost(struct job *j)
 struct job *
 dest_pop(struct dest *t)
 {
-    return job_of(fairq_pop(&t->q, NULL));
+    struct job *j = job_of(fairq_pop(&t->q, NULL));
+    if (j != NULL) {
+        dest_unqueued(t, j->n);
+        dest_refused_gone(t, j);
+    }
+    if (fairq_empty(&t->q))
+        t->refused_queued = 0; /* (none can be left) */
+    return j;
+}
+
+void
+dest_unqueued(struct dest *t, unsigned n)
+{
+    n = t->queued_rcpts > n ? n : (unsigned)t->queued_rcpts;
+    t->queued_rcpts -= n;
+    /* scope_count_paused counts again at each suspension's start and end:
+     * between, t's jobs count where they went in */
+    if (n != 0 && dest_paused(t)) {
+        uint64_t was = atomic_load_explicit(&t->d->paused_rcpts, memory_order_relaxed);
+        atomic_store_explicit(&t->d->paused_rcpts, was > n ? was - n : 0, memory_order_relaxed);
+    }
 }
 
 /* A job arrives (delivery.c's hand-off from the submitting thread):
@@ -449,7 +484,6 @@ dest_pop(struct dest *t)
 void
 dest_enqueue(struct dest *t, struct job *j)
 {
-    struct delivery *d = t->d;
     unsigned max = t->pol->max_rcpt_per_txn;
     while (j->n > max) {
         struct job *rest = job_copy(j, j->n - max);
@@ -462,8 +496,6 @@ dest_enqueue(struct dest *t, struct job *j)
         j = rest;
     }
     dest_push(t, j, false);
-    if (d->w->now < t->hold_until && !timer_armed(&t->sweep_timer))
-        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
     dest_run(t);
 }
 
@@ -481,6 +513,7 @@ dest_set_mx(struct dest *t, struct dns_mx_result *res)
     t->mx = res;
     t->usable_ns = 0;
     t->next_addr = 0;
+    t->detour_cursor = false;
     t->failed_addrs = 0;
     t->own_failed = false;
     /* What was worked out from the old answer is asked again: a pointer
@@ -542,6 +575,7 @@ dest_on_hold(struct timer *tm, void *ctx)
     t->failed_addrs = 0;
     t->own_failed = false;
     t->next_addr = 0;
+    t->detour_cursor = false;
     dest_run(t);
 }
 
@@ -629,6 +663,7 @@ delivery_lift_holds(struct delivery *d, bool all, const char *const *domains, si
             t->failed_addrs = 0;
             t->own_failed = false;
             t->next_addr = 0;
+            t->detour_cursor = false;
         }
         if (on_lifted && s->hold_until > now) {
             s->hold_until = 0;
@@ -677,26 +712,46 @@ dest_sweep_arm(struct dest *t)
         worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
 }
 
-/* While held, or while its connections are all still opening: bounce the
- * waiting jobs whose time is up (each job's expiry is read from the spool
- * once). Nothing moves for t meanwhile, so the walk costs no delivery.
+/* While jobs wait at t: bounce those whose time is up (each job's expiry
+ * is read from the spool once). Held, or its connections all still
+ * opening, nothing moves for t meanwhile, so the walk costs no delivery.
  * Before, a recipient waiting on an attempt outlived max_age by as much
  * as the attempt took: a receiver that accepts and never greets held it
- * greeting_timeout (5m by default) past it, for each address tried. */
+ * greeting_timeout (5m by default, for each address tried) past it. So
+ * did one waiting behind busy connections at their cap, or for a rate's
+ * tokens, until a connection took it: as long as the receiver took to
+ * answer, or the backlog ahead of it to go. There, at most
+ * SWEEP_READS expiries are read per walk (the rest are bounded by their
+ * arrival and max_age), and a backlog over 10,000 jobs is walked less
+ * often than each second, so that it costs its worker little.
+ * An operator's suspension holds its jobs as they are: they expire when
+ * it ends, at their next take. */
 static void
 dest_on_sweep(struct timer *tm, void *ctx)
 {
     struct dest *t = (struct dest *)((char *)tm - offsetof(struct dest, sweep_timer));
     struct delivery *d = t->d;
     bool held = d->w->now < t->hold_until;
-    if (d->stopping || (!held && !dest_only_opening(t)))
+    bool idle = !held && !dest_only_opening(t); /* its connections (if any) take its jobs */
+    if (d->stopping || fairq_empty(&t->q))
         return;
+    if (idle && dest_paused(t)) { /* looked at again: the suspension may end */
+        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+        return;
+    }
+    unsigned reads = idle ? SWEEP_READS : UINT_MAX;
     uint64_t now = clock_unix_ms();
     struct fairq_iter it;
     fairq_iter_init(&t->q, &it);
     for (struct job *j; (j = job_of(fairq_iter_next(&it))) != NULL;) {
         struct queue_envelope *env = NULL;
         if (j->expire_ms == 0) {
+            /* past the walk's reads: its max_age from its id's time
+             * alone, read once that is up (or at a later walk) */
+            if (reads == 0 && !policy_expired(now, job_expire_ms(t->pol, NULL, j->id)))
+                continue;
+            if (reads != 0 && reads != UINT_MAX)
+                reads--;
             if (queue_envelope_get(d->e->queue, j->id, &env) != 0)
                 continue; /* gone or unreadable: conn_next drops what is gone */
             j->expire_ms = job_expire_ms(t->pol, env, j->id);
@@ -711,11 +766,15 @@ dest_on_sweep(struct timer *tm, void *ctx)
              * freeing it would leave its recipient to a restart. */
             if (erc == QUEUE_ENOTFOUND) {
                 fairq_iter_remove(&it);
+                dest_unqueued(t, j->n);
+                dest_refused_gone(t, j);
                 free(j);
             }
             continue;
         }
         fairq_iter_remove(&it);
+        dest_unqueued(t, j->n);
+        dest_refused_gone(t, j);
         struct smtp_outcome o;
         memset(&o, 0, sizeof(o));
         o.status = SMTP_STATUS_TEMPFAIL;
@@ -742,8 +801,13 @@ dest_on_sweep(struct timer *tm, void *ctx)
         queue_envelope_free(env);
         free(j);
     }
+    /* While it delivers, a backlog's walk comes less often as it grows
+     * (a million jobs took some 50 ms a walk: every 100 s, not each
+     * second), its expiries as much late at most. */
+    uint64_t every = idle ? fairq_count(&t->q) / SWEEP_JOBS_PER_MS : 0;
     if (!fairq_empty(&t->q))
-        worker_timer_arm(d->w, &t->sweep_timer, d->w->now + MS_TO_NS(SWEEP_MS));
+        worker_timer_arm(d->w, &t->sweep_timer,
+                         d->w->now + MS_TO_NS(every > SWEEP_MS ? every : SWEEP_MS));
 }
 
 

@@ -32,8 +32,8 @@
  *   suspension, a rate or a bounce, for a new connection
  *   (shaping_may_open) and before each transaction (shaping_may_send).
  *
- * The scheduler (outbound/scheduler.c) asks these before it opens a
- * connection or hands a job to one; the decisions on failures stay in
+ * The scheduler asks these before it opens a connection
+ * (outbound/scheduler.c) or hands a job to one (outbound/sched_conn.c); the decisions on failures stay in
  * outbound/policy.c.
  *
  * Threading: the worker's thread.

@@ -241,6 +241,20 @@ fairq_iter_next(struct fairq_iter *it)
 }
 
 void
+fairq_iter_next_tenant(struct fairq_iter *it)
+{
+    it->cur = NULL;
+    if (it->t == NULL)
+        return;
+    if (it->left > 0) {
+        it->left--;
+        iter_at(it, it->t->next);
+    } else {
+        iter_at(it, NULL);
+    }
+}
+
+void
 fairq_iter_remove(struct fairq_iter *it)
 {
     struct fairq_node *x = it->cur;

@@ -105,6 +105,9 @@ struct fairq_iter {
 };
 void fairq_iter_init(struct fairq *q, struct fairq_iter *it);
 struct fairq_node *fairq_iter_next(struct fairq_iter *it);
+/* The walk goes on at the next tenant's sub-queue (its next call returns
+ * that tenant's first job): what is left of this one is not walked. */
+void fairq_iter_next_tenant(struct fairq_iter *it);
 /* Take out the node fairq_iter_next() returned last (the caller owns it
  * again). */
 void fairq_iter_remove(struct fairq_iter *it);

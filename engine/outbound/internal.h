@@ -1,15 +1,17 @@
 /*
  * outbound/internal.h: the objects the files of the outbound side share,
  * and the calls between those files. Not a public header: only
- * engine/delivery.c, the files of engine/outbound/ and the scheduler's unit test
- * (tests/unit/test_scheduler.c) include it; everyone else goes through
+ * engine/delivery.c, engine/delivery_due.c, the files of engine/outbound/ and
+ * the scheduler's unit test (tests/unit/test_scheduler.c) include it; everyone else goes through
  * engine/delivery.h.
  *
  * Who does what (one file per concern, as Postfix's smtp_connect.c,
  * smtp_proto.c, smtp_trouble.c and qmgr_*.c):
  *   engine/delivery.c      the public face: submission into the owning
- *                          worker, the spool port and due recipients,
- *                          start, stop, drain, reload, operators' views;
+ *                          worker, the spool port, start, stop, drain,
+ *                          reload, operators' views;
+ *   engine/delivery_due.c  deferred recipients that come due, taken
+ *                          from the spool under [delivery] active_limit;
  *   outbound/dest.c        destinations (struct dest): their table,
  *                          queues, MX answer, holds and expiry sweeps,
  *                          eviction of idle ones;
@@ -17,8 +19,12 @@
  *                          together (an answer, a rested site, a
  *                          connection this node could not open);
  *   outbound/scheduler.c   what a destination does next: resolving,
- *                          which connection a job takes, opening
- *                          connections within the caps;
+ *                          idle connections of its site resumed for it,
+ *                          opening connections within the caps;
+ *   outbound/sched_conn.c  connections, as the scheduler sees them: the
+ *                          job a ready connection takes next, jobs an MX
+ *                          host refused sent to another, what the end of
+ *                          a transaction or a connection means;
  *   outbound/site_share.c  a site's connections shared by its domains:
  *                          which site an answer names (MX rollup), the
  *                          line of domains waiting, moves and turns;
@@ -55,6 +61,7 @@
 #ifndef SLUICE_ENGINE_OUTBOUND_INTERNAL_H
 #define SLUICE_ENGINE_OUTBOUND_INTERNAL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -105,7 +112,7 @@ struct outcome_batch;
 
 /* A job: recipients of one message at one domain, one transaction. It
  * is what a recipient due for delivery costs while it waits in memory:
- * for one recipient at a name of 15, 124 octets asked of malloc, a block
+ * for one recipient at a name of 15, 136 octets asked of malloc, a block
  * of 144 (the domain in the job's own allocation, not in a fixed array of
  * 256: 372 asked, a block of 384, before). Made by
  * job_new() and job_copy() only, freed with free(). */
@@ -131,9 +138,22 @@ struct job {
     bool shaped_asking;  /* with shaped: refused its tenant's rate token while the key
                           * asked Redis; the answer releases it (scope_rate_answer) */
     bool shaped_bounce;  /* with bounce: a shaping bounce's, only where it applies */
+    bool dsn_flush;      /* failures held for their message's DSN came due: it goes now
+                          * (outcome_held_due), naming every held one of the message */
     bool tls_retried;    /* it waited while a STARTTLS handshake failed under opportunistic
                           * TLS and had its plaintext retry (policy_conn_end): not again
                           * in this attempt */
+    /* MX hosts (hashes of their names: job_host_h) that refused it in
+     * this attempt for a lack of theirs (policy_host_refusal), nrefused
+     * of them; it goes to the others (policy_host). The last refusal
+     * policy_host allows is reported, never kept: one less. 32 bits: two
+     * MX hosts of a domain alike in 16 (mx1.test, mx17249.test) made the
+     * other one look refused too, and the job bounced; the job's block of
+     * malloc is no larger for it */
+    uint8_t nrefused;
+    uint8_t detour_skips; /* times a connection to such a host passed it over while no
+                           * connection of its domain to another could take it (detour_pass) */
+    uint32_t refused_h[POLICY_HOSTS_REFUSED_MAX - 1];
     unsigned idx[];
 };
 
@@ -208,6 +228,11 @@ struct conn {
                            * max_connections (dest.conns_quitting counts it) */
     bool over_mk, over_sk; /* ... over its [mx] or [source] key's max_connections
                             * (mxkey.quitting counts it) */
+    bool detour;          /* opened for a job another MX host refused (policy_host), the
+                           * cursor put back behind it: its failure moves it not; it
+                           * carries only such jobs of its domain (detour_take), never
+                           * moves to another, and idles for the next one */
+    bool detour_yield;    /* it ends to make room for a detour's (dest.detour_yield) */
     bool reuse_lost;      /* its last transaction was lost on reuse, its job requeued
                            * (policy_reuse_lost): its end holds nothing back */
     bool congested;       /* its site learned of a failure of it (sched_conn_congested):
@@ -220,6 +245,8 @@ struct conn {
                            * worker or node elsewhere waits for one (limit_wanted) */
     uint64_t idle_left_ms; /* ...and idles that much longer after this step */
     uint64_t opened_ns;   /* monotonic ns it was attached (its connect began) */
+    uint64_t txn_ns;      /* worker clock: its transaction began (MAIL sent), until the
+                           * body may go (0: none, or taken: site_window_on_head) */
     bool leased;          /* holds a connection lease of its destination */
     struct mxkey *mxk;    /* borrowed: holds a lease of it when not NULL */
     struct mxkey *srck;   /* borrowed: its source address's [source] lease, or NULL */
@@ -347,6 +374,7 @@ struct dest {
                               * and it stays in memory (dest_evictable) */
     const struct domain_policy *pol; /* borrowed from the config */
     struct fairq q;          /* owned: the jobs waiting, by tenant and priority */
+    uint64_t queued_rcpts;   /* their recipients (dest_push, dest_pop, dest_unqueued) */
     unsigned conns;          /* open or opening */
     unsigned conns_quitting; /* of them: told to end over max_connections (conn.over_cap) */
     unsigned opening;        /* not yet ready for a transaction */
@@ -365,6 +393,32 @@ struct dest {
     uint64_t refresh_at;      /* monotonic ns: a refresh of mx that failed is not asked
                                * again before (policy_mx_refresh_keeps); 0: none */
     unsigned next_addr;      /* failover cursor over the answer's addresses */
+    /* A job of t waits for a connection to another MX host than the one
+     * (detour_not_h: job_host_h) that refused it (policy_host) and whose
+     * connection passed it over: t's run resumes no idle connection to
+     * that host, and opens one at the cursor, moved past it. Cleared once
+     * a connection to another host takes a job of t, or t has none. */
+    bool detour_wait;
+    uint32_t detour_not_h;
+    /* dest_cursor_past moved the cursor for such a job: where it was, put
+     * back once that connection opens (one job's detour is no failure of
+     * the host it left: t's other mail stays there) */
+    bool detour_cursor;
+    unsigned detour_from;
+    /* Jobs queued that an MX host refused so (job.nrefused != 0), counted
+     * by dest_push, and by dest_refused_gone as they leave the queue:
+     * only while some wait are jobs passed over before a rate token is
+     * taken, and an idle detour connection resumed. */
+    unsigned refused_queued;
+    /* t's connections opened for such a job (conn.detour), open or
+     * opening: while one lives a job passed over is waiting for it, and
+     * no pass counts against its budget (job.detour_skips). */
+    unsigned detour_conns;
+    uint32_t detour_h; /* the MX host of the last one opened (job_host_h) */
+    /* One of t's connections to the host passed over ends (conn.detour_yield)
+     * to make room for the detour's, t at its max_connections, its
+     * site's window or its [mx] section's cap: one at a time. */
+    bool detour_yield;
     unsigned failed_addrs;   /* consecutive connection failures */
     uint64_t hold_until;     /* monotonic ns: no new connection before */
     uint64_t usable_ns;      /* monotonic ns its answer (and policy) let its jobs wait
@@ -413,6 +467,9 @@ struct dest {
     unsigned untold;         /* outcome batches of its jobs not told yet: it stays
                               * (outcome.c counts them on it) */
     uint64_t delivered, failed; /* recipients, since start: counted when told (outcome.c) */
+    uint64_t host_refused;   /* transactions an MX host refused for a lack of its own, since
+                              * t was made (policy_host_refusal) */
+    uint64_t host_detoured;  /* of those, jobs sent on to another MX host */
     uint64_t last_ms;        /* Unix ms of the last outcome */
     char last_reply[160];    /* the last reply that was not a delivery */
     char *last_reply_at;     /* owned: "host\0address\0", the MX host whose session gave
@@ -467,6 +524,9 @@ struct delivery {
     struct conn *all;        /* every connection, for shutdown */
     uint64_t rng;            /* xorshift state: retry jitter */
     struct outcome_batch *retrying; /* owned: outcomes waiting to be committed again */
+    struct delay_recheck *delay_rechecks; /* owned: delay warnings waiting for the
+                                           * others of their message (outcome_delay.c) */
+    struct hash delay_recheck_ids; /* the same by message id (eq NULL: not made yet) */
     struct outcome_batch *pending;  /* borrowed (each owned by its spool request or by
                                      * retrying): every outcome batch not durable yet, so
                                      * that a recipient is not told twice (outcome.c) */
@@ -516,6 +576,10 @@ struct delivery {
     struct timer scope_timer; /* the earliest timed suspension ends */
     struct job *parked;       /* owned: jobs of a suspended tenant or campaign */
     unsigned nshaped;         /* of them, parked for a shaping action on their tenant */
+    _Atomic uint64_t parked_rcpts; /* their recipients: ready in the spool, but they cannot
+                                    * go; worker 0's due poll reads it (due_room) */
+    _Atomic uint64_t paused_rcpts; /* likewise, those waiting at destinations whose domain
+                                    * or pool is suspended (scope_count_paused) */
     struct hash counts[DELIVERY_SCOPE_COUNT]; /* struct owner_count by id (TENANT, POOL, SOURCE) */
 };
 
@@ -691,6 +755,17 @@ void dest_push(struct dest *t, struct job *j, bool front);
 void job_lost(struct job *j);
 /* The next job of t: the tenants' turns by weight, then priority. */
 struct job *dest_pop(struct dest *t);
+/* n recipients of t's queued jobs leave it other than by dest_pop (a
+ * fairq_iter_remove, a job cut short): t->queued_rcpts follows. */
+void dest_unqueued(struct dest *t, unsigned n);
+/* j left t's queue (popped, expired, bounced): t's count of the jobs an
+ * MX host refused that wait (dest.refused_queued) too. */
+static inline void
+dest_refused_gone(struct dest *t, const struct job *j)
+{
+    if (j->nrefused != 0 && t->refused_queued != 0)
+        t->refused_queued--;
+}
 /* Nothing of t is going on at now (monotonic ns): the idle sweep may
  * forget it (what it knows, the MX answer, is in the resolver's cache).
  * A held or suspended destination stays, and one a receiver greylists
@@ -781,6 +856,22 @@ void sched_fini(struct delivery *d);
 void dest_run(struct dest *t);
 /* Is t suspended, by the operator or with its pool? */
 bool dest_paused(const struct dest *t);
+/* What sched_conn.c uses of a destination's state too: */
+/* t's mail waits for message tokens until retry_at (UINT64_MAX: now), a
+ * wait more connections would not shorten. */
+void dest_rate_wait(struct dest *t, uint64_t retry_at);
+/* Did a message rate hold t back within the last RATE_BOUND_NS? */
+bool dest_rate_bound(const struct dest *t);
+/* No new connection of site for ms: every address failed for one of its
+ * domains (failed: how the last one did), or a 421 (failed NULL). */
+void site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why,
+                   const struct dest_fail *failed);
+/* t's answer expired with connections of t open: asked again in the
+ * background, its mail going on over the old one meanwhile. */
+void dest_mx_refresh(struct dest *t);
+/* May t open no connection now: at its max_connections, its site's
+ * window full, or its [mx] section's cap? */
+bool detour_no_room(struct dest *t);
 
 /* ---- outbound/site_share.c: a site's connections shared by its domains ---- */
 
@@ -813,6 +904,21 @@ void site_wake(struct delivery *d, struct site *s);
 /* The next address of t's answer at its failover cursor; false when
  * every address has failed in a row. */
 bool dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_addr **addr);
+/* A hash of an MX host's name, as a job remembers the hosts that refused
+ * it (job.refused_h). */
+uint32_t job_host_h(const char *host);
+/* Did MX host refuse j in this attempt for a lack of its own
+ * (policy_host_refusal)? */
+bool job_refused_by(const struct job *j, const char *host);
+/* The MX hosts of t's answer with an address mail may go to. */
+unsigned dest_hosts(struct dest *t);
+/* Has t's answer an address of a host that did not refuse j, not down
+ * (site_addr_is_down: a connect to it failed lately)? Where j may go. */
+bool dest_elsewhere_up(struct dest *t, const struct job *j);
+/* t's failover cursor moved on to the next address of a host that did
+ * not refuse j (no failure counted: the host that refused j works);
+ * false, the cursor where it was, when there is none. */
+bool dest_cursor_past(struct dest *t, const struct job *j);
 /* a with t's port. */
 void dest_addr_port(const struct dest *t, const union dns_addr *a, union dns_addr *out);
 /* a, or for a v4-mapped address its IPv4 one written in *tmp. */
@@ -841,7 +947,9 @@ void site_mark_busy(const struct dest *t);
  * the limiter's waker will run it). */
 void dest_lim_wait(struct dest *t, uint64_t retry_at);
 void mx_limit_conf(const struct delivery *d, const struct mx_policy *m, struct limit_conf *lc);
-/* Connections, as the scheduler sees them. */
+
+/* ---- outbound/sched_conn.c: connections, as the scheduler sees them ---- */
+
 /* Count c (zeroed but for what its transport set) as t's new connection
  * to a of host h, on t's site: ids, site, epoch, counters, the worker's
  * list. */
@@ -873,6 +981,7 @@ void sched_conn_detach(struct conn *c, const struct smtp_outcome *session);
 unsigned sched_conn_max_msgs(const struct conn *c);
 /* Recipients per transaction on a new connection of c. */
 unsigned sched_conn_max_rcpt(const struct conn *c);
+/* (These four are egress.c's, with the [mx] and [source] keys.) */
 /* Does a domain of another site of this worker still wait for a slot of
  * c's [mx] or [source] limit? (c idle_short: else it idles on for
  * idle_timeout.) */
@@ -1028,6 +1137,30 @@ bool scope_job_parked(struct delivery *d, struct job *j);
  * second) or until its tenant's rate lets it go, or bounced (true, as an
  * operator's bounce), or neither (false: it goes). */
 bool scope_job_shaped(struct delivery *d, struct dest *t, struct job *j, const char *mx);
+/* The parked jobs by destination, for delivery_domains (their jobs are on
+ * no destination's queue): one run per (domain, pool, tls_relaxed), in
+ * scope_parked_cmp's order, with its jobs' count and oldest message. *v:
+ * malloc'ed, the caller frees; NULL and *n 0 when none or no memory. */
+struct parked_run {
+    const char *domain; /* borrowed: a parked job's, valid until the loop turns */
+    uint32_t pool;
+    bool tls_relaxed;
+    bool seen;          /* the caller's: a destination showed it */
+    unsigned n;
+    uint64_t oldest_ms; /* Unix ms of its oldest message */
+};
+void scope_parked_runs(const struct delivery *d, struct parked_run **v, size_t *n);
+/* j (owned) is set aside on d->parked, or n of a parked job's recipients
+ * leave it (its taking off the list is the caller's): the count of
+ * parked recipients follows. */
+void scope_park(struct delivery *d, struct job *j);
+void scope_unpark(struct delivery *d, unsigned n);
+/* Count again the recipients waiting at destinations an operator
+ * suspended (d->paused_rcpts; dest_push and dest_unqueued follow it
+ * between): at each suspension's start and end, and at each sweep for
+ * eviction. A walk of the destinations, only while a suspension holds. */
+void scope_count_paused(struct delivery *d);
+int scope_parked_cmp(const void *a, const void *b);
 /* A tenant rate's key that jobs were parked for while it asked Redis has
  * news: those jobs are looked at again now, not at the request's
  * timeout, when the token its answer booked would have lapsed. */
@@ -1140,10 +1273,21 @@ uint64_t job_expire_ms(const struct domain_policy *pol, const struct queue_envel
  * (delivered, bounced) is not durable yet: told already. Returns how
  * many. */
 unsigned outcome_pending_drop(const struct delivery *d, struct job *j);
+/* j (dsn_flush) came due: the DSN of its message's held failures ([bounce]
+ * dsn_wait), committed with their removal; j is freed. */
+void outcome_held_due(struct delivery *d, struct dest *t, struct job *j);
 /* Outcome commits waiting to be tried again: their timers out of the
  * worker's heap (delivery_free), then the batches freed (logged). */
 void outcome_retrying_cancel(struct delivery *d);
 void outcome_retrying_free(struct delivery *d);
+/* The stop's wait for the spool's answers was cut (delivery_free): each
+ * outcome still with the spool logged, event=outcome_unanswered, by
+ * message id and recipient. Returns how many. */
+unsigned outcome_pending_log(const struct delivery *d);
+/* Delay warnings waiting for a time (outcome_delay.c): their timers out
+ * of the worker's heap, then freed (the next start's outcomes send them). */
+void outcome_delay_cancel(struct delivery *d);
+void outcome_delay_free(struct delivery *d);
 
 /* ---- engine/delivery.c ---- */
 
@@ -1151,5 +1295,12 @@ void outcome_retrying_free(struct delivery *d);
 void drain_check(struct delivery *d);
 /* Stopping, and the resolver and every connection are gone: end the loop. */
 void delivery_check_done(struct delivery *d);
+
+/* ---- engine/delivery_due.c ---- */
+
+/* The due poll's timer, made (delivery_new), and armed for its first
+ * look (delivery_start, worker 0); delivery.c cancels it. */
+void delivery_due_init(struct delivery *d);
+void delivery_due_start(struct delivery *d);
 
 #endif

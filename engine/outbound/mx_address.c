@@ -11,8 +11,8 @@
  * has room; when none has, an idle connection of another site of this
  * worker at that address is told to say goodbye (addr_idle_quit). A slot
  * freed by a closing connection runs the destinations, of any site, that
- * found an address full, oldest first (addr_wake). The scheduler
- * (scheduler.c) calls these from dest_run and sched_conn_detach.
+ * found an address full, oldest first (addr_wake). The scheduler calls
+ * these from dest_run (scheduler.c) and sched_conn_detach (sched_conn.c).
  *
  * Threading: the worker's thread.
  */
@@ -66,6 +66,90 @@ dest_address(struct dest *t, const struct dns_mx_host **host, const union dns_ad
         t->next_addr++;
         t->failed_addrs++;
     }
+}
+
+uint32_t
+job_host_h(const char *host)
+{
+    uint64_t h = hash_str_nocase(host);
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+bool
+job_refused_by(const struct job *j, const char *host)
+{
+    if (j->nrefused == 0 || host == NULL)
+        return false;
+    uint32_t h = job_host_h(host);
+    for (unsigned i = 0; i < j->nrefused; i++)
+        if (j->refused_h[i] == h)
+            return true;
+    return false;
+}
+
+unsigned
+dest_hosts(struct dest *t)
+{
+    unsigned n = 0;
+    if (t->mx == NULL)
+        return 0;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        if (!dest_mx_allowed(t, t->mx->hosts[h].name))
+            continue;
+        for (unsigned i = 0; i < t->mx->hosts[h].naddrs; i++)
+            if (target_refused(t->d, &t->mx->hosts[h].addrs[i], dest_port(t)) == NULL) {
+                n++;
+                break;
+            }
+    }
+    return n;
+}
+
+/* Is the address at t's failover cursor one of a host that did not
+ * refuse j (where t's next connection goes)? */
+static bool
+dest_cursor_elsewhere(struct dest *t, const struct job *j)
+{
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
+    const struct dns_mx_host *h;
+    const union dns_addr *a;
+    return total != 0 && dest_address_nth(t, total, &h, &a) && !job_refused_by(j, h->name);
+}
+
+bool
+dest_elsewhere_up(struct dest *t, const struct job *j)
+{
+    if (t->mx == NULL)
+        return false;
+    for (unsigned h = 0; h < t->mx->nhosts; h++) {
+        const struct dns_mx_host *mh = &t->mx->hosts[h];
+        if (!dest_mx_allowed(t, mh->name) || job_refused_by(j, mh->name))
+            continue;
+        for (unsigned i = 0; i < mh->naddrs; i++)
+            if (target_refused(t->d, &mh->addrs[i], dest_port(t)) == NULL &&
+                (t->site == NULL || !site_addr_is_down(t->site, &mh->addrs[i], t->d->w->now)))
+                return true;
+    }
+    return false;
+}
+
+bool
+dest_cursor_past(struct dest *t, const struct job *j)
+{
+    unsigned total = t->targets_for == t->mx ? t->ntargets : 0;
+    unsigned was = t->next_addr;
+    for (unsigned k = 0; k < total; k++) {
+        if (dest_cursor_elsewhere(t, j)) {
+            if (t->next_addr != was && !t->detour_cursor) {
+                t->detour_cursor = true;
+                t->detour_from = was;
+            }
+            return true;
+        }
+        t->next_addr++;
+    }
+    t->next_addr = was;
+    return false;
 }
 
 /* Where a connection to a goes: a itself, or for a v4-mapped address

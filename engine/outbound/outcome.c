@@ -4,15 +4,19 @@
  * deferred (and when); this file writes that to the spool in one batch
  * per job, logs it (the log line and the delivery log's record, with the
  * configured message headers), counts it, and hands the DSN it causes
- * (RFC 3464: a bounce, an expiry, or for those who asked a delay warning,
- * or a success report when the server that took it offered no DSN) to
- * the spool in the same commit. A commit that fails is tried again,
- * backing off, for as long as the worker runs (one that happened though
- * its sync was reported failed is found stale when tried again: the
- * spool applies no outcome, event or DSN twice, queue.h); once durable,
- * the DSN is logged and submitted for delivery like any message. Until then the
- * spool still lists the recipients: every batch is on d->pending, and an
- * operator's bounce leaves out those whose final outcome is on its way
+ * (RFC 3464: a bounce, an expiry, or a success report when the server
+ * that took it offered no DSN) to the spool in the same commit: one DSN
+ * per message for its failures and successes to report, which wait held
+ * in the spool while others of the message are in flight ("one DSN per
+ * message" below). A delay warning is the message's too, once, after the
+ * commit of an outcome past [bounce] delay_warning (outcome_delay.c). A
+ * commit that fails is tried again, backing off, for as long as the
+ * worker runs (one that happened though its sync was reported failed is
+ * found stale when tried again: the spool applies no outcome, event or
+ * DSN twice, queue.h); once durable, the DSN is logged and submitted for
+ * delivery like any message. Until then the spool still lists the
+ * recipients: every batch is on d->pending, and an operator's bounce
+ * leaves out those whose final outcome is on its way
  * (outcome_pending_drop), so that each is told once.
  *
  * Told once, and only if applied. An outcome can be stale by the time
@@ -58,10 +62,10 @@
 #include "engine/msa.h"
 #include "engine/shaping.h"
 #include "engine/outbound/internal.h"
+#include "engine/outbound/outcome_int.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
 
-#define DSN_ORIG_MAX   (256 * 1024) /* of the original read for a headers-only DSN */
 #define HDR_SCAN_MAX   (16 * 1024)  /* of a message searched for delivery-log headers */
 /* An expiry's enhanced code, in its event, its log line and its DSN
  * alike (RFC 3463: delivery time expired), whatever the last attempt's. */
@@ -72,35 +76,6 @@
  * reserve for outcomes is gone) is tried again, backing off, for as long
  * as the worker runs. Without that the recipients would wait in the spool,
  * ready, with nobody to take them until a restart. */
-/* What telling o[i] takes once its commit says it applied. */
-struct outcome_tell {
-    const char *addr;  /* into the allocation: the recipient, or NULL (unknown) */
-    const char *orcpt; /* into the allocation: its ORCPT, or NULL */
-    unsigned dsn_code; /* the DSN's Diagnostic-Code, 0: none */
-    uint8_t kind;      /* enum dlog_kind */
-    uint8_t cls;       /* enum bounce_class */
-    bool tls;          /* delivered over TLS */
-    bool dsn;          /* named in the DSN, with action (below) */
-    uint8_t action;    /* enum dsn_action */
-    bool session; /* an MTA answered: the DSN's Remote-MTA is info.mx */
-    bool rcpt_named; /* a server's reply after RCPT named the recipient: it may speak of it */
-    uint8_t reason;  /* enum smtp_reason: the log line's */
-    char status[DSN_STATUS_MAX];
-    char enh[16];        /* the log line's enhanced code, "" none */
-    char tls_verify[96]; /* the log line's certificate check, "" none */
-};
-
-/* What a batch's outcomes share: the owners they are counted for, and
- * what a DSN made again needs. */
-struct outcome_info {
-    char tenant[QUEUE_MAX_TAG + 1]; /* "" none */
-    uint32_t pool, src;             /* name ids, 0: none */
-    char mx[256];                   /* "" none */
-    uint64_t now_ms, expire_ms;
-    char tls[24];                   /* the log line's TLS protocol, "" none */
-    char tls_policy[24];            /* the log line's TLS policy */
-};
-
 struct outcome_batch {
     struct delivery *d;
     struct dest *t; /* borrowed: kept from eviction while t->untold counts b */
@@ -109,6 +84,7 @@ struct outcome_batch {
     struct timer timer;
     unsigned tries;
     bool maybe_applied;  /* a try failed in the spool: its commit may have landed */
+    bool recheck;        /* once durable, see whether the message's held failures can go */
     struct dsn_msg *dsn; /* owned: committed with the outcomes, or NULL */
     char *events;        /* into the allocation: their delivery log lines, or NULL */
     size_t events_len;
@@ -123,6 +99,20 @@ struct outcome_batch {
 
 static void outcome_done(void *cookie, int rc);
 static void outcome_failed(struct outcome_batch *b, int rc);
+
+/* The id of b's message (a batch is one job's), for its log lines: that
+ * of the message its DSN reports on when it has no outcome, else "-". */
+static const char *
+batch_qid(const struct outcome_batch *b, char qid[QUEUE_ID_STRLEN + 1])
+{
+    if (b->n > 0)
+        queue_id_str(b->o[0].id, qid);
+    else if (b->dsn != NULL)
+        queue_id_str(b->dsn->orig, qid);
+    else
+        snprintf(qid, QUEUE_ID_STRLEN + 1, "-");
+    return qid;
+}
 static void dsn_committed(struct delivery *d, const struct dsn_msg *m);
 
 /* b is durable, or given up (the spool keeps its recipients for the
@@ -155,7 +145,8 @@ outcome_pending_drop(const struct delivery *d, struct job *j)
         if (b->n == 0 || b->o[0].id != j->id)
             continue;
         for (size_t i = 0; i < b->n; i++) {
-            if (b->o[i].kind != QUEUE_DELIVERED && b->o[i].kind != QUEUE_BOUNCED)
+            if (b->o[i].kind != QUEUE_DELIVERED && b->o[i].kind != QUEUE_BOUNCED &&
+                !b->tell[i].held)
                 continue;
             unsigned m = 0;
             for (unsigned k = 0; k < j->n; k++)
@@ -270,8 +261,8 @@ outcome_log(const struct outcome_batch *b, size_t i)
             tl->addr ? tl->addr : "?", b->t->name, b->info.mx[0] ? b->info.mx : "-",
             b->info.tls[0] ? b->info.tls : "none", b->info.tls_policy,
             tl->tls_verify[0] ? tl->tls_verify : "-", code, tl->enh[0] ? tl->enh : "-",
-            smtp_reason_str(tl->reason), cls_str ? cls_str : "-", q->reply ? q->reply : "",
-            q->untried ? " tried=no" : "");
+            smtp_reason_str(tl->reason), cls_str ? cls_str : "-",
+            q->reply ? q->reply + tl->reply_skip : "", q->untried && !tl->held ? " tried=no" : "");
 }
 
 /* b's commit is durable: tell the outcomes it applied (the file's lines,
@@ -286,7 +277,7 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
         b->info.tenant[0] != '\0' ? stats_tenant_get(&d->tenants, b->info.tenant) : NULL;
     struct owner_count *oc_p = b->info.pool ? owner_count(d, SCOPE_POOL, b->info.pool) : NULL;
     struct owner_count *oc_s = b->info.src ? source_count(d, b->info.src) : NULL;
-    size_t off = 0;
+    size_t off = 0, dropped = 0;
     for (size_t i = 0; i < b->n; i++) {
         size_t len = lines_len(b->events, b->events_len, off, b->ev_lines[i]);
         const struct outcome_tell *tl = &b->tell[i];
@@ -294,9 +285,12 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
         off += len;
         if (!b->applied[i] && !b->maybe_applied)
             continue; /* stale: another commit told this recipient */
+        if (tl->quiet)
+            continue; /* told when it was held */
         if (len > 0) /* else events may be NULL: no delivery log */
             outcome_lines(d, b->events + from, len);
         outcome_log(b, i);
+        dropped += tl->dsn_dropped;
         switch ((enum dlog_kind)tl->kind) {
         case DLOG_DELIVERY:
             b->t->delivered++;
@@ -313,17 +307,8 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
             if (ten != NULL)
                 ten->bounced++;
             owner_add(NULL, oc_p, oc_s, 0, 0, 1);
-            /* An address that is gone goes on the suppression list, as
-             * the config says for its class: the global list (gone is
-             * gone, for every tenant). A refusal of our MAIL FROM (or
-             * earlier) is about the sender or the session, whatever its
-             * code says (Postfix's reject_unlisted_sender: 550 5.1.0
-             * "Sender address rejected: User unknown"): it bounces every
-             * recipient of the transaction but says nothing of them; so
-             * does such a refusal answered to RCPT (rcpt_named false). */
-            if (tl->addr != NULL && tl->rcpt_named)
-                suppress_on_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
-                                   b->o[i].reply);
+            /* It did, as a note committed with the outcome (outcome_commit):
+             * the list's writer copies it from the spool (suppress.h). */
             break;
         case DLOG_EXPIRATION:
             b->t->failed++;
@@ -344,6 +329,15 @@ outcome_tell(struct outcome_batch *b, bool dsn_told)
     }
     if (dsn_told && off < b->events_len)
         outcome_lines(d, b->events + off, b->events_len - off);
+    if (dropped > 0) {
+        /* Mail from <> (sluice's own DSNs among it) that failed: its
+         * sender hears nothing, and the log says so once, not only by
+         * the bounced line's empty sender. */
+        char qid[QUEUE_ID_STRLEN + 1];
+        queue_id_str(b->o[0].id, qid);
+        log_msg(LOG_NOTICE, "id=%s event=dsn_dropped reason=null_sender recipients=%zu", qid,
+                dropped);
+    }
 }
 
 static int outcome_again(struct outcome_batch *b);
@@ -362,6 +356,15 @@ outcome_done(void *cookie, int rc)
         outcome_tell(b, b->dsn != NULL && any);
         if (b->dsn != NULL && any)
             dsn_committed(d, b->dsn);
+        if (b->recheck && !d->stopping && b->n > 0)
+            outcome_held_recheck(d, b->t, b->o[0].id);
+        /* stopping too (a commit of the drain's last transactions can be
+         * durable after the stop has come): the warning a deferral carries
+         * past delay_warning is committed as the deferral was (its DSN
+         * waits in the spool for the next start), not left to a later
+         * outcome that may be the message's delivery */
+        if (b->info.delay_check && b->n > 0)
+            outcome_delay_check(d, b->t, b->o[0].id, &b->info);
         outcome_batch_free(b);
         return;
     }
@@ -401,16 +404,20 @@ outcome_failed(struct outcome_batch *b, int rc)
     if (d->stopping) {
         /* neither the outcomes nor their DSN are stored: the recipients
          * are tried again after the restart, and fail (and tell) again */
-        log_msg(LOG_ERR, "event=outcome_commit_failed err=\"%s\" recipients=%zu dsn=%s "
-                         "note=retried_after_restart",
-                queue_strerror(rc), b->n, b->dsn ? "yes" : "no");
+        char qid[QUEUE_ID_STRLEN + 1];
+        log_msg(LOG_ERR,
+                "id=%s event=outcome_commit_failed err=\"%s\" recipients=%zu dsn=%s "
+                "note=retried_after_restart",
+                batch_qid(b, qid), queue_strerror(rc), b->n, b->dsn ? "yes" : "no");
         outcome_batch_free(b);
         return;
     }
     unsigned shift = b->tries < 6 ? b->tries : 6;
+    char qid[QUEUE_ID_STRLEN + 1];
     log_msg(b->tries == 1 ? LOG_ERR : LOG_WARN,
-            "event=outcome_commit_failed err=\"%s\" recipients=%zu tries=%u retry_in_ms=%u",
-            queue_strerror(rc), b->n, b->tries, 500u << shift);
+            "id=%s event=outcome_commit_failed err=\"%s\" recipients=%zu tries=%u "
+            "retry_in_ms=%u",
+            batch_qid(b, qid), queue_strerror(rc), b->n, b->tries, 500u << shift);
     b->next = d->retrying;
     if (b->next)
         b->next->prev = b;
@@ -438,24 +445,61 @@ str_put(char **t, const char *p)
     return r;
 }
 
+/* The suppression entry a bounce asks for, as a note (suppress.h) into
+ * buf: its length, 0 none. An address that is gone goes on the list, as
+ * the config says for its class: the global list (gone is gone, for
+ * every tenant). A refusal of our MAIL FROM (or earlier) is about the
+ * sender or the session, whatever its code says (Postfix's
+ * reject_unlisted_sender: 550 5.1.0 "Sender address rejected: User
+ * unknown"): it bounces every recipient of the transaction but says
+ * nothing of them; so does such a refusal answered to RCPT (rcpt_named
+ * false). Committed with the outcome, only if it applies (queue.h,
+ * notes): a kill -9 after the commit cannot lose it. */
+static bool
+outcome_note_may(const struct delivery *d, const struct outcome_tell *tl)
+{
+    return d->e->suppress != NULL && tl->kind == DLOG_BOUNCE && tl->addr != NULL &&
+           tl->rcpt_named && tl->cls == BOUNCE_INVALID_RECIPIENT;
+}
+
+static int
+outcome_note(struct delivery *d, const struct queue_outcome *qo, const struct outcome_tell *tl,
+             void *buf)
+{
+    if (!outcome_note_may(d, tl))
+        return 0;
+    /* a held failure's reply begins with its DSN entry (outcome_held_reply) */
+    const char *text = qo->reply != NULL ? qo->reply + tl->reply_skip : NULL;
+    int len = suppress_note_bounce(d->e->suppress, NULL, tl->addr, (enum bounce_class)tl->cls,
+                                   text, buf);
+    if (len < 0)
+        log_msg(LOG_WARN, "event=suppress_feed_failed rcpt=<%s> err=\"%s\"", tl->addr,
+                strerror(-len));
+    return len > 0 ? len : 0;
+}
+
 /* Copy qo[0..n), their replies, what telling them takes (tl) and their
  * delivery log lines (ev[0..evlen): the first lines[0] lines tell qo[0],
  * and so on; the DSN's follow) into one batch and submit it, with the
  * DSN they cause (owned: taken over, but left to the caller when this
  * fails) or NULL. was:
  * the batch this one is made again from (outcome_again), or NULL. */
-static int
+int
 outcome_commit(struct delivery *d, struct dest *t, const struct queue_outcome *qo,
                const struct outcome_tell *tl, const unsigned *lines, size_t n, struct dsn_msg *dsn,
                const char *ev, size_t evlen, const struct outcome_info *info,
-               const struct outcome_batch *was)
+               const struct outcome_batch *was, bool recheck)
 {
-    size_t text = 0;
-    for (size_t i = 0; i < n; i++)
-        text += str_size(qo[i].reply) + str_size(tl[i].addr) + str_size(tl[i].orcpt);
+    size_t text = 0, notes = 0;
+    for (size_t i = 0; i < n; i++) {
+        text += str_size(qo[i].reply) + str_size(tl[i].addr) + str_size(tl[i].orcpt) +
+                str_size(tl[i].mx);
+        if (outcome_note_may(d, &tl[i]))
+            notes += SUPPRESS_NOTE_BYTES; /* room for one: outcome_note */
+    }
     struct outcome_batch *b = malloc(
         sizeof(*b) + n * (sizeof(b->o[0]) + sizeof(b->tell[0]) + sizeof(unsigned) + sizeof(bool)) +
-        text + evlen);
+        text + evlen + notes);
     if (b == NULL)
         return -ENOMEM;
     memset(b, 0, sizeof(*b));
@@ -465,9 +509,13 @@ outcome_commit(struct delivery *d, struct dest *t, const struct queue_outcome *q
     b->dsn = dsn;
     b->n = n;
     b->info = *info;
+    b->recheck = recheck;
     if (was != NULL) {
         b->tries = was->tries;
         b->maybe_applied = was->maybe_applied;
+        /* what crossed was may have left held failures of its message
+         * alone (queue.h, QUEUE_TAG_HELD): see once this is durable */
+        b->recheck = true;
     }
     b->tell = (struct outcome_tell *)&b->o[n];
     b->ev_lines = (unsigned *)&b->tell[n];
@@ -481,11 +529,25 @@ outcome_commit(struct delivery *d, struct dest *t, const struct queue_outcome *q
         b->tell[i] = tl[i];
         b->tell[i].addr = str_put(&txt, tl[i].addr);
         b->tell[i].orcpt = str_put(&txt, tl[i].orcpt);
+        b->tell[i].mx = str_put(&txt, tl[i].mx);
     }
     if (evlen > 0) {
         memcpy(txt, ev, evlen);
         b->events = txt;
         b->events_len = evlen;
+        txt += evlen;
+    }
+    for (size_t i = 0; i < n; i++) {
+        b->o[i].note = NULL; /* qo may be a batch's made again: not its memory */
+        b->o[i].note_len = 0;
+        if (!outcome_note_may(d, &tl[i]))
+            continue;
+        int len = outcome_note(d, &qo[i], &tl[i], txt);
+        if (len > 0) {
+            b->o[i].note = txt;
+            b->o[i].note_len = (size_t)len;
+            txt += len;
+        }
     }
     b->pnext = d->pending;
     if (b->pnext)
@@ -565,22 +627,30 @@ job_headers(struct delivery *d, const struct config *cfg, uint64_t id, char *buf
 }
 
 /* The delivery log's dsn event, logged with the outcomes that cause the
- * DSN (so committed with them when events are on). */
-static void
-dsn_event(struct delivery *d, const struct dsn_msg *m)
+ * DSN (so committed with them when events are on), naming r[0..n), the
+ * recipients it reports (left out when no memory is left for the list). */
+void
+outcome_dsn_event(struct delivery *d, const struct dsn_msg *m, const struct dsn_rcpt *r, unsigned n)
 {
     char qid[QUEUE_ID_STRLEN + 1], oqid[QUEUE_ID_STRLEN + 1];
     queue_id_str(m->id, qid);
     queue_id_str(m->orig, oqid);
+    struct dlog_dsn_rcpt *dr = calloc(n ? n : 1, sizeof(*dr));
+    for (unsigned i = 0; dr != NULL && i < n; i++)
+        dr[i] = (struct dlog_dsn_rcpt){
+            .rcpt = r[i].addr, .action = dsn_action_str(r[i].action), .status = r[i].status};
     struct dlog_event ev = {.kind = DLOG_DSN,
                             .id = oqid,
                             .reply = qid, /* what earlier versions wrote */
                             .dsn_id = qid,
+                            .dsn_rcpt = dr,
+                            .ndsn_rcpt = dr != NULL ? n : 0,
                             .size = m->len,
                             .tenant = m->tenant[0] ? m->tenant : NULL,
                             .campaign = m->campaign[0] ? m->campaign : NULL,
                             .pool = m->pool[0] ? m->pool : NULL};
     dlog_event(d->e->dlogw ? d->e->dlogw[d->w->id] : NULL, &ev);
+    free(dr);
 }
 
 /* A DSN's commit (with its outcomes) is durable: count, log, deliver it. */
@@ -603,8 +673,8 @@ dsn_committed(struct delivery *d, const struct dsn_msg *m)
 
 /* The DSN for the recipients r[0..n) of env to its sender, to be
  * committed with their outcomes; NULL (logged) when it cannot be built. */
-static struct dsn_msg *
-dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
+struct dsn_msg *
+outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_rcpt *r,
          unsigned n)
 {
     const struct config *cfg = d->e->cfg;
@@ -616,7 +686,7 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
     for (unsigned i = 0; i < n; i++)
         failure |= r[i].action == DSN_ACTION_FAILED;
     bool full = failure && env->ret == QUEUE_RET_FULL && env->body_len <= cfg->bounce.return_max;
-    size_t want = full ? env->body_len : (env->body_len < DSN_ORIG_MAX ? env->body_len : DSN_ORIG_MAX);
+    size_t want = full || env->body_len < DSN_HEADERS_READ ? env->body_len : DSN_HEADERS_READ;
     char *orig = malloc(want ? want : 1);
     size_t got = 0;
     if (orig == NULL || queue_body_read(d->e->queue, env->id, 0, orig, want, &got) != 0)
@@ -642,7 +712,10 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
         .now_ms = clock_unix_ms(),
         .orig = got ? orig : NULL,
         .orig_len = got,
-        .ret_full = full,
+        .orig_size = env->body_len,
+        /* asked for, so that one over return_max says why it has headers
+         * only (0: never whole) */
+        .ret_full = failure && env->ret == QUEUE_RET_FULL && cfg->bounce.return_max != 0,
         .full_max = cfg->bounce.return_max,
         .smtputf8 = env->smtputf8,
         .rcpt = r,
@@ -650,15 +723,16 @@ dsn_make(struct delivery *d, const struct queue_envelope *env, const struct dsn_
     };
     struct dsn_msg *m = NULL;
     int rc = dsn_msg_new(&in, env, queue_id_next(d->e->queue), &m);
-    free(orig);
     if (rc != 0)
-        log_msg(LOG_ERR, "id=%s event=dsn_failed err=%d", qid, rc);
+        log_msg(LOG_ERR, "id=%s event=dsn_failed err=\"%s\"", qid,
+                dsn_msg_strerror(rc, &in, env));
+    free(orig);
     return m;
 }
 
 /* The DSN's entry for the outcome told by tl (reply: its reply). */
-static void
-dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply,
+void
+outcome_dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply,
             const struct outcome_info *info)
 {
     memset(x, 0, sizeof(*x));
@@ -669,9 +743,11 @@ dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply
     x->code = tl->dsn_code;
     x->text = reply != NULL && reply[0] != '\0' ? reply : NULL;
     /* no MTA reported anything when the connect failed (Postfix leaves
-     * Remote-MTA out then too) */
-    x->remote_mta = tl->session && info->mx[0] != '\0' ? info->mx : NULL;
-    x->last_attempt_ms = info->now_ms;
+     * Remote-MTA out then too); a held failure's is its own */
+    x->remote_mta = tl->quiet                               ? tl->mx
+                    : tl->session && info->mx[0] != '\0' ? info->mx
+                                                           : NULL;
+    x->last_attempt_ms = tl->quiet && tl->at_ms != 0 ? tl->at_ms : info->now_ms;
     x->retry_until_ms = x->action == DSN_ACTION_DELAYED ? info->expire_ms : 0;
     x->class_str = x->action == DSN_ACTION_RELAYED ? NULL
                                                    : bounce_class_str((enum bounce_class)tl->cls);
@@ -732,7 +808,7 @@ outcome_again(struct outcome_batch *b)
         if (len > 0)
             json_raw(&ev, b->events + from, len);
         if (tl[m].dsn && env != NULL)
-            dsn_rcpt_of(&dr[nd++], &tl[m], qo[m].reply, &b->info);
+            outcome_dsn_rcpt_of(&dr[nd++], &tl[m], qo[m].reply, &b->info);
         m++;
     }
     struct dsn_msg *dm = NULL;
@@ -742,10 +818,10 @@ outcome_again(struct outcome_batch *b)
         b->dsn = NULL;
         if (off < b->events_len)
             json_raw(&ev, b->events + off, b->events_len - off);
-    } else if (nd > 0 && (dm = dsn_make(d, env, dr, nd)) != NULL) {
+    } else if (nd > 0 && (dm = outcome_dsn_make(d, env, dr, nd)) != NULL) {
         struct dlog_writer *lw = d->e->dlogw ? d->e->dlogw[d->w->id] : NULL;
         dlog_capture(lw, &ev, false);
-        dsn_event(d, dm);
+        outcome_dsn_event(d, dm, dr, nd);
         dlog_capture(lw, NULL, false);
     }
     for (size_t k = 0; k < m; k++)
@@ -759,7 +835,7 @@ outcome_again(struct outcome_batch *b)
     bool lost = json_failed(&ev);
     int rc = m == 0 ? 0
                     : outcome_commit(d, b->t, qo, tl, lines, m, dm, lost ? NULL : ev.buf,
-                                     lost ? 0 : ev.len, &b->info, b);
+                                     lost ? 0 : ev.len, &b->info, b, false);
     json_fini(&ev);
     queue_envelope_free(env);
     free(qo);
@@ -824,16 +900,29 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     /* The TLS policy the delivery was under (the delivery log's tls_policy). */
     const char *tls_policy =
         where->tls_policy != NULL ? where->tls_policy : dest_tls_policy_str(t, dest_tls(t));
-    struct queue_outcome *qo = calloc(j->n, sizeof(*qo));
-    unsigned *qlines = calloc(j->n, sizeof(*qlines)); /* qo[k]'s event lines */
-    struct outcome_tell *qt = calloc(j->n, sizeof(*qt)); /* what telling qo[k] takes */
-    struct dsn_rcpt *dr = calloc(j->n, sizeof(*dr));
-    if (qo == NULL || qlines == NULL || qt == NULL || dr == NULL) {
+    /* One DSN per message ([bounce] dsn_wait, "held" above): while other
+     * recipients of it are ready, a failure of j (or a success to report)
+     * is held; else the held ones go in this commit's DSN, with j's. */
+    unsigned nheld = 0;
+    uint64_t held_due = 0;
+    bool hold = env != NULL && env->sender[0] != '\0' && cfg->bounce.dsn &&
+                cfg->bounce.dsn_wait > 0 && outcome_held_scan(d, env, j, &nheld, &held_due);
+    char *held_buf = hold ? calloc(j->n, QUEUE_MAX_REPLY + 1) : NULL; /* their replies */
+    hold &= held_buf != NULL;
+    unsigned extra = hold ? 0 : nheld; /* the held ones that go now */
+    struct queue_outcome *qo = calloc(j->n + extra, sizeof(*qo));
+    unsigned *qlines = calloc(j->n + extra, sizeof(*qlines)); /* qo[k]'s event lines */
+    struct outcome_tell *qt = calloc(j->n + extra, sizeof(*qt)); /* what telling qo[k] takes */
+    struct dsn_rcpt *dr = calloc(j->n + extra, sizeof(*dr));
+    struct outcome_held_ent *he = calloc(extra ? extra : 1, sizeof(*he));
+    if (qo == NULL || qlines == NULL || qt == NULL || dr == NULL || he == NULL) {
         log_msg(LOG_ERR, "event=outcome_lost_until_restart id=%016llx", (unsigned long long)j->id);
         free(qo);
         free(qlines);
         free(qt);
         free(dr);
+        free(he);
+        free(held_buf);
         return;
     }
     static const struct outcome_where nowhere = {.src = CLASSIFY_CONNECT};
@@ -873,12 +962,16 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     snprintf(info.tls_policy, sizeof(info.tls_policy), "%s", tls_policy ? tls_policy : "-");
     bool shaped = false;
     bool backed_off = false; /* the rates halved (or the source held) for this job */
+    bool delay_due = outcome_delay_due(d, env, now); /* its delay warning may go */
     uint64_t jitter = rng_next(d); /* the job's recipients' retry jitter (retry_delay_ms) */
     for (unsigned i = 0; i < j->n; i++) {
         const struct smtp_outcome *o = all ? all : &rc[i].out;
         const struct queue_rcpt *r = env != NULL ? queue_envelope_rcpt(env, j->idx[i]) : NULL;
         if (env != NULL && r == NULL)
             continue; /* no longer stored (done meanwhile): nothing to tell */
+        if (r != NULL && r->tag == DSN_HELD_TAG)
+            continue; /* failed already, its DSN held: not this job's (an operator's
+                       * bounce that crossed the hold) */
         /* its event lines are told only if its outcome applies (it can
          * still be stale: done since env was read) */
         size_t ev_from = evbuf.len;
@@ -941,7 +1034,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             cls = oc;
             /* kept with the recipient: the domains view counts the waiting
              * recipients by class from the spool, across restarts */
-            _Static_assert(BOUNCE_CLASS_COUNT < QUEUE_TAGS, "a class is a spool tag");
+            _Static_assert(BOUNCE_CLASS_COUNT < DSN_HELD_TAG, "a class + 1 is not the held tag");
             q->tag = (unsigned)cls < BOUNCE_CLASS_COUNT ? (unsigned)cls + 1 : 0;
             /* once per job: its recipients share the reply, or nearly, and
              * one reply is one sign of load (each halving the rates again,
@@ -1029,28 +1122,20 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             .nhdr = nhdr,
         };
         dlog_event(lw, &ev); /* captured: told by outcome_tell */
-        /* A delay warning, for recipients that asked for one (NOTIFY=DELAY),
-         * once: at the deferral that carries it past delay_warning. */
-        bool warn = false;
-        if (kind == DLOG_TRANSIENT_FAILURE && r != NULL && env != NULL &&
-            cfg->bounce.delay_warning != 0) {
-            uint64_t at = env->arrival_ms + cfg->bounce.delay_warning;
-            uint64_t prev = r->last_ms != 0 ? r->last_ms : env->arrival_ms;
-            warn = prev < at && at <= now && dsn_wanted(r->notify, DSN_ACTION_DELAYED);
-        }
+        /* A delay warning is the message's, once (outcome_delay.c): an
+         * outcome past delay_warning sees, once durable, whether it goes */
+        info.delay_check |= r != NULL && delay_due;
         /* A success report (RFC 3461 5.2.2), for recipients that asked for
          * one (NOTIFY=SUCCESS), when the server that took the message did
          * not offer DSN: it got no NOTIFY, and will report nothing. One
          * that offered DSN got NOTIFY and ORCPT and reports itself. */
         bool relayed = kind == DLOG_DELIVERY && !where->dsn_passed;
-        enum dsn_action act = failed ? DSN_ACTION_FAILED
-                              : warn ? DSN_ACTION_DELAYED
-                                     : DSN_ACTION_RELAYED;
-        if ((failed || warn || relayed) && r != NULL && env != NULL && env->sender[0] != '\0' &&
+        enum dsn_action act = failed ? DSN_ACTION_FAILED : DSN_ACTION_RELAYED;
+        tl->dsn_dropped = failed && r != NULL && env != NULL && env->sender[0] == '\0' &&
+                          cfg->bounce.dsn && dsn_wanted(r->notify, act);
+        if ((failed || relayed) && r != NULL && env != NULL && env->sender[0] != '\0' &&
             cfg->bounce.dsn && dsn_wanted(r->notify, act)) {
             dsn_status_format(tl->status, sizeof(tl->status), &o->enh, o->code, act);
-            if (warn && tl->status[0] == '5')
-                tl->status[0] = '4'; /* a 5xx greeting, retried elsewhere: still a delay */
             if (kind == DLOG_EXPIRATION)
                 snprintf(tl->status, sizeof(tl->status), "%s", EXPIRED_STATUS);
             tl->dsn = true;
@@ -1058,18 +1143,41 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
             tl->orcpt = r->orcpt;
             tl->dsn_code = o->reason == SMTP_REASON_REPLY ? o->code : 0;
             tl->session = answered;
-            dsn_rcpt_of(&dr[ndsn++], tl, o->text, &info);
+            if (hold) {
+                /* held for the rest of its message (a failure, or a
+                 * success report): a deferral, due when its DSN goes at
+                 * the latest, its entry with its reply; told now */
+                char *hb = held_buf + (size_t)(nq - 1) * (QUEUE_MAX_REPLY + 1);
+                tl->reply_skip = outcome_held_reply(hb, QUEUE_MAX_REPLY + 1, tl,
+                                                    answered ? where->mx : NULL, now, o->text);
+                q->reply = hb;
+                q->kind = QUEUE_DEFERRED;
+                q->due_ms = held_due;
+                q->tag = DSN_HELD_TAG;
+                q->untried = false;
+                tl->held = true;
+                tl->dsn = false;
+            } else {
+                outcome_dsn_rcpt_of(&dr[ndsn++], tl, o->text, &info);
+            }
         }
         for (size_t k = ev_from; capture && k < evbuf.len; k++)
             *q_lines += evbuf.buf[k] == '\n';
     }
+    /* The held failures of the message go now, with j's: none of its
+     * other recipients is ready */
+    if (extra > 0 && nq > 0) {
+        unsigned h = outcome_held_collect(env, &qo[nq], &qt[nq], &dr[ndsn], he, &info);
+        nq += h;
+        ndsn += h;
+    }
     /* The DSN goes in the commit of the outcomes that cause it; the
      * spool refuses it if one it names is stale (outcome_again). */
-    struct dsn_msg *dm = ndsn > 0 && nq > 0 ? dsn_make(d, env, dr, ndsn) : NULL;
+    struct dsn_msg *dm = ndsn > 0 && nq > 0 ? outcome_dsn_make(d, env, dr, ndsn) : NULL;
     for (unsigned k = 0; k < nq; k++)
         qt[k].dsn &= dm != NULL;
     if (dm != NULL)
-        dsn_event(d, dm);
+        outcome_dsn_event(d, dm, dr, ndsn);
     if (capture)
         dlog_capture(lw, NULL, false);
     bool lost = json_failed(&evbuf);
@@ -1077,7 +1185,7 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
         log_msg(LOG_ERR, "event=events_lost id=%s reason=out_of_memory", qid);
     int rc2 = nq == 0 ? 0
                       : outcome_commit(d, t, qo, qt, qlines, nq, dm, lost ? NULL : evbuf.buf,
-                                       lost ? 0 : evbuf.len, &info, NULL);
+                                       lost ? 0 : evbuf.len, &info, NULL, hold);
     json_fini(&evbuf);
     if (rc2 < 0) {
         dsn_msg_free(dm);
@@ -1089,6 +1197,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
     free(qlines);
     free(qt);
     free(dr);
+    free(he);
+    free(held_buf);
 }
 
 void
@@ -1197,9 +1307,58 @@ outcome_retrying_free(struct delivery *d)
     while (d->retrying != NULL) {
         struct outcome_batch *b = d->retrying;
         d->retrying = b->next;
-        log_msg(LOG_ERR, "event=outcome_commit_failed recipients=%zu dsn=%s "
-                         "note=retried_after_restart",
-                b->n, b->dsn ? "yes" : "no");
+        char qid[QUEUE_ID_STRLEN + 1];
+        log_msg(LOG_ERR,
+                "id=%s event=outcome_commit_failed recipients=%zu dsn=%s "
+                "note=retried_after_restart",
+                batch_qid(b, qid), b->n, b->dsn ? "yes" : "no");
         outcome_batch_free(b);
     }
+}
+
+unsigned
+outcome_pending_log(const struct delivery *d)
+{
+    unsigned n = 0;
+    for (const struct outcome_batch *b = d->pending; b != NULL; b = b->pnext) {
+        for (size_t i = 0; i < b->n; i++) {
+            const struct outcome_tell *tl = &b->tell[i];
+            enum dlog_kind kind = (enum dlog_kind)tl->kind;
+            char qid[QUEUE_ID_STRLEN + 1];
+            queue_id_str(b->o[i].id, qid);
+            if (b->o[i].kind == QUEUE_WARNED) {
+                /* no recipient's: the message's delay warning and its
+                 * mark; not stored, the message's next outcome sends it */
+                log_msg(LOG_CRIT,
+                        "id=%s event=outcome_unanswered domain=%s outcome=delay_warning "
+                        "note=stored_or_not_the_spool_says_not_stored_goes_with_a_later_outcome",
+                        qid, b->t->name);
+                n++;
+                continue;
+            }
+            if (tl->quiet) {
+                /* a held recipient (told when held): its DSN, or its hold
+                 * again; not stored, it stays held, its DSN after the restart */
+                log_msg(LOG_CRIT,
+                        "id=%s event=outcome_unanswered rcpt=<%s> domain=%s outcome=dsn_held "
+                        "note=stored_or_not_the_spool_says_not_stored_its_dsn_goes_after_restart",
+                        qid, tl->addr ? tl->addr : "?", b->t->name);
+                n++;
+                continue;
+            }
+            /* Stored or not, only the spool knows (sluice-spool): one not
+             * stored is tried again after the restart; delivered, it is
+             * then sent twice (at least once, never lost). */
+            log_msg(LOG_CRIT,
+                    "id=%s event=outcome_unanswered rcpt=<%s> domain=%s outcome=%s "
+                    "note=stored_or_not_the_spool_says_not_stored_is_tried_again",
+                    qid, tl->addr ? tl->addr : "?", b->t->name,
+                    kind == DLOG_DELIVERY            ? "delivered"
+                    : kind == DLOG_TRANSIENT_FAILURE ? "deferred"
+                    : kind == DLOG_EXPIRATION        ? "expired"
+                                                     : "bounced");
+            n++;
+        }
+    }
+    return n;
 }

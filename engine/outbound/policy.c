@@ -137,6 +137,45 @@ policy_failover(const struct policy_txn *t)
            t->now_ms + POLICY_EXPIRY_SLACK_MS < t->expire_ms;
 }
 
+bool
+policy_host_refusal(const struct smtp_outcome *o)
+{
+    return o->scope == SMTP_SCOPE_MESSAGE && o->status == SMTP_STATUS_PERMFAIL &&
+           o->stage == SMTP_CLIENT_S_MAIL &&
+           (o->reason == SMTP_REASON_NEED_8BITMIME || o->reason == SMTP_REASON_SIZE ||
+            o->reason == SMTP_REASON_NEED_SMTPUTF8);
+}
+
+enum policy_host_verdict
+policy_host(const struct policy_host *h)
+{
+    if (!policy_host_refusal(h->msg))
+        return POLICY_HOST_REPORT;
+    if (h->again)
+        return POLICY_HOST_DEFER; /* the hosts left were not heard: not theirs to bounce */
+    unsigned refused = h->refused + 1; /* this one too */
+    if (refused < h->hosts && refused < POLICY_HOSTS_REFUSED_MAX)
+        return POLICY_HOST_NEXT;
+    return POLICY_HOST_REPORT;
+}
+
+bool
+policy_host_pass(unsigned skips, bool addr_failed, bool elsewhere_up)
+{
+    return skips < POLICY_HOST_PASS_MAX && !addr_failed && elsewhere_up;
+}
+
+void
+policy_host_defer(struct smtp_outcome *o)
+{
+    if (o->status != SMTP_STATUS_PERMFAIL)
+        return;
+    o->status = SMTP_STATUS_TEMPFAIL;
+    if (o->code >= 500 && o->code <= 599)
+        o->code = (uint16_t)(o->code - 100);
+    o->enh.cls = 4;
+}
+
 /* Does a reply's text name a limit of messages per connection or
  * session ("Too many messages on this connection", Exim's
  * smtp_accept_max_per_connection, "Per-connection message limit
@@ -242,7 +281,8 @@ policy_conn_end(const struct policy_conn_end *e, struct policy_conn_decision *ou
 }
 
 void
-policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail *out)
+policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, bool mx_no_host,
+           struct policy_fail *out)
 {
     memset(out, 0, sizeof(*out));
     out->src = CLASSIFY_DNS;
@@ -254,6 +294,11 @@ policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail 
     if (st == DNS_FAIL && hosts_nx) {
         *out = (struct policy_fail){true, true, 550, {5, 4, 4}, CLASSIFY_DNS, false,
                                     "no MX host exists (NXDOMAIN)"};
+        return;
+    }
+    if (st == DNS_FAIL && mx_no_host) {
+        *out = (struct policy_fail){true, true, 550, {5, 4, 4}, CLASSIFY_DNS, false,
+                                    "no MX target is a host name"};
         return;
     }
     switch (st) {
@@ -275,11 +320,26 @@ policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail 
     }
 }
 
+const char *
+policy_dns_text(const struct dns_mx_result *mx, char *buf, size_t cap)
+{
+    if (mx->status == DNS_NULL_MX)
+        return NULL;
+    if (mx->status != DNS_NOT_FOUND)
+        return mx->why;
+    /* An MX lookup's NXDOMAIN is the only one that says "NXDOMAIN" (a
+     * host's, or a route's address lookup, is "no address records"). */
+    bool nx = strcmp(mx->why, "NXDOMAIN") == 0;
+    snprintf(buf, cap, "Host or domain name not found. Name service error for name=%s%s: %s",
+             mx->domain, nx ? " type=MX" : "", nx ? "Host not found (NXDOMAIN)" : mx->why);
+    return buf;
+}
+
 bool
 policy_mx_refresh_keeps(enum dns_status st, uint64_t stale_ms)
 {
     struct policy_fail pf;
-    policy_dns(st, false, false, &pf);
+    policy_dns(st, false, false, false, &pf);
     return pf.fail && !pf.permanent && stale_ms < POLICY_MX_STALE_MAX_MS;
 }
 

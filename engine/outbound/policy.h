@@ -3,8 +3,9 @@
  * Postfix's smtp_trouble.c). Every "defer, bounce, expire, next address,
  * hold, back off, fail over" of delivery is taken here from what happened
  * (an SMTP outcome, a DNS status, a connection event) and the few facts it
- * needs (times, counts); the scheduler (scheduler.c), the connection
- * (connection.c) and the outcome hand-off (outcome.c) act on the decision.
+ * needs (times, counts); the scheduler (scheduler.c, sched_conn.c), the
+ * connection (connection.c) and the outcome hand-off (outcome.c) act on
+ * the decision.
  * No I/O, no state, no config lookups: unit-tested by
  * tests/unit/test_policy.c.
  *
@@ -136,6 +137,80 @@ bool policy_failover(const struct policy_txn *t);
  * the shaping rules either way. */
 bool policy_reuse_lost(const struct policy_txn *t);
 
+/* ---- a refusal of one MX host's, decided before MAIL ---- */
+
+/*
+ * The rule. Some refusals are the MX host's, not the message's nor the
+ * domain's: the client machine decides them from what the host announced
+ * in its EHLO, before MAIL, with nothing sent (smtp_client_txn): an 8-bit
+ * message (BODY=8BITMIME) to a host without 8BITMIME (5.6.3), a message
+ * larger than the host's announced SIZE (5.3.4), a message that needs
+ * SMTPUTF8 at a host without it (5.6.7). Another MX host of the domain
+ * may well announce what this one lacks (a primary behind an old filter,
+ * a backup MX with a smaller SIZE): the message goes there, as Postfix,
+ * PowerMTA and KumoMTA operators expect (Postfix would even convert to
+ * 7-bit), and bounces only when no MX host of the domain could take it:
+ *   - a host refusal by a host that had not refused this job in this
+ *     attempt, with MX hosts left that have not (and fewer than
+ *     POLICY_HOSTS_REFUSED_MAX refused it): POLICY_HOST_NEXT, the job
+ *     goes to the next such host now; no deferral, no attempt counted,
+ *     the connection that refused it stays open for the rest of the
+ *     destination's mail and its site's other domains (it is no failed
+ *     address: the host works, it only lacks what this message needs);
+ *   - every MX host the destination may deliver to refused it (or
+ *     POLICY_HOSTS_REFUSED_MAX did): POLICY_HOST_REPORT, the bounce,
+ *     with the reply of the last host tried;
+ *   - the job came back to a host that refused it already, because the
+ *     hosts left could not be reached (down, refused the connection,
+ *     their slots full for long): POLICY_HOST_DEFER, deferred along the
+ *     retry schedule with the refusal made temporary (a host left may
+ *     take it later; max_age expires it in the end), never bounced for
+ *     a host that was not heard;
+ *   - any other outcome: POLICY_HOST_REPORT, as before.
+ * A server's own reply to MAIL (552 5.3.4 to MAIL SIZE=, 555 to a
+ * parameter) stays the message's: reported as it is, as Postfix does.
+ * Recipient-level refusals (a UTF-8 local part beside ASCII recipients
+ * that go) are reported as they are. Other host-level refusals before
+ * MAIL are session failures and go to the next address already
+ * (policy_conn_end: STARTTLS missing or broken under required, verify,
+ * MTA-STS or DANE, a refused greeting or EHLO); sluice sends no
+ * REQUIRETLS. How the hosts are counted: MX host names (all addresses of
+ * a host announce alike), those of the answer that may be delivered to.
+ */
+#define POLICY_HOSTS_REFUSED_MAX 3 /* hosts one job tries for a host refusal per attempt */
+
+enum policy_host_verdict {
+    POLICY_HOST_REPORT, /* report the outcome as it is */
+    POLICY_HOST_NEXT,   /* the job goes to another MX host, now */
+    POLICY_HOST_DEFER,  /* report it made temporary (policy_host_defer) */
+};
+
+struct policy_host {
+    const struct smtp_outcome *msg; /* borrowed: the transaction's message outcome */
+    unsigned hosts;    /* MX hosts of the destination mail may go to */
+    unsigned refused;  /* other hosts that refused this job so in this attempt */
+    bool again;        /* this host refused it so before, in this attempt */
+};
+
+/* Is o a refusal of the host's, decided before MAIL (the rule above)? */
+bool policy_host_refusal(const struct smtp_outcome *o);
+enum policy_host_verdict policy_host(const struct policy_host *h);
+/* o (a host refusal) made temporary: 4xx, 4.X.X, for POLICY_HOST_DEFER. */
+void policy_host_defer(struct smtp_outcome *o);
+
+/* A connection to a host that refused a job so (POLICY_HOST_NEXT) pops
+ * it again: pass it over (true), for a connection to another host, while
+ * one of those has an address that is not down (elsewhere_up), no
+ * address of the destination failed since its last connection came up
+ * (addr_failed: the detour's, most likely), and it was passed over fewer
+ * than POLICY_HOST_PASS_MAX times while no connection was on its way for
+ * it (skips: none to another host opening or open, none ending to make
+ * room for one; a connection elsewhere may not come, a [source] cap or an
+ * address's slots full). Else it is taken, refused again, and deferred
+ * (POLICY_HOST_DEFER). */
+#define POLICY_HOST_PASS_MAX 32
+bool policy_host_pass(unsigned skips, bool addr_failed, bool elsewhere_up);
+
 /* ---- a connection that ended ---- */
 
 struct policy_conn_end {
@@ -217,9 +292,20 @@ struct policy_fail {
  * exist nowhere (192.0.2.1 without brackets, an all-numeric last label)
  * bounces, as the NXDOMAIN that DNS would answer does; hosts_nx (the
  * answer's): every MX host's name NXDOMAIN, bounced 5.4.4 as Postfix's
- * "Host not found" is; other DNS_FAILs (an MX host without an address
- * of the family configured, an MX naming an address) are deferred. */
-void policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, struct policy_fail *out);
+ * "Host not found" is; mx_no_host (the answer's): no MX record names a
+ * host (MX 10 192.0.2.1), bounced 5.4.4 as Postfix bounces its
+ * "numeric domain name in resource data of MX record" (a malformed
+ * reply) and Exim without allow_mx_to_ip; other DNS_FAILs (an MX host
+ * without an address of the family configured) are deferred. */
+void policy_dns(enum dns_status st, bool bad_name, bool hosts_nx, bool mx_no_host,
+                struct policy_fail *out);
+/* The reply text of policy_dns()'s failure for the answer mx: its why,
+ * but a name not found (NXDOMAIN, no MX and no address records) in the
+ * words an operator knows from Postfix, with the name asked: "Host or
+ * domain name not found. Name service error for name=example.test
+ * type=MX: Host not found (NXDOMAIN)", written to buf (cap octets);
+ * NULL for a null MX (policy_dns's own text). */
+const char *policy_dns_text(const struct dns_mx_result *mx, char *buf, size_t cap);
 
 /* A destination's MX answer expired while its connections are open: it
  * is asked again in the background (scheduler.c dest_mx_refresh), its

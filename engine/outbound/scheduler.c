@@ -27,29 +27,21 @@
  * site's worker before its first connection (site affinity:
  * outbound/affinity.c).
  *
- * A connection ready for a transaction asks sched_conn_next() for its job:
- * one of its domain, or else (none, or none its domain's message rate lets
- * go now) one of another domain of its site that waits (MX rollup), the
- * connection moving there with its lease; else it goes
- * idle on its site or says goodbye. A domain with mail left gives the
- * connection to a domain of the site waiting behind it when it holds more
- * of the site's connections (site_share.c conn_give_turn: at once when
- * two more, after SITE_TURN_MS when one more), so one domain's backlog
- * does not keep the site's connections from the others. When a
- * transaction or a connection ends, the site's window and the destination's failover cursor learn of
- * it (sched_txn_done, sched_conn_event, sched_conn_detach) and whatever
- * waits for a slot runs. A transaction lost at its first command on a
- * reused connection (the receiver's idle close crossing it:
- * policy_reuse_lost) puts its job back first for another connection,
- * and the window and the destination learn nothing from it.
+ * A connection, once opened, is outbound/sched_conn.c's: the job it
+ * takes when ready (of its domain, or of another domain of its site that
+ * waits: MX rollup), jobs an MX host refused going to another host, and
+ * what the end of a transaction or of the connection tells the site's
+ * window and the destination. What both files use of a destination's
+ * state (dest_rate_wait, dest_rate_bound, site_hold_set, dest_mx_refresh,
+ * detour_no_room) is here.
  *
  * The destinations themselves (their table, queue, hold and eviction)
  * are outbound/dest.c's.
  *
  * DNS, connections and the failing of jobs are reached through d->ops
  * (only the expiry sweep of held destinations reads the spool itself),
- * so tests/unit/test_scheduler.c drives this file with scripted answers
- * and connection results.
+ * so tests/unit/test_scheduler.c drives this file (and sched_conn.c)
+ * with scripted answers and connection results.
  *
  * Threading: the worker's thread.
  */
@@ -61,7 +53,6 @@
 #include <strings.h>
 #include <sys/socket.h>
 
-#include "common/clock.h"
 #include "common/hash.h"
 #include "common/idn.h"
 #include "common/intern.h"
@@ -71,7 +62,6 @@
 #include "engine/netaddr.h"
 #include "engine/outbound/internal.h"
 #include "engine/tlsrpt.h"
-#include "engine/warmup.h"
 
 static void dest_run_once(struct dest *t);
 
@@ -81,7 +71,7 @@ static void dest_run_once(struct dest *t);
  * source's or shaping's) until retry_at: a wait more connections would
  * not shorten. The window's wait counts from then (usable_ns), and its
  * backlog earns nothing while the rate holds it (dest_rate_bound). */
-static void
+void
 dest_rate_wait(struct dest *t, uint64_t retry_at)
 {
     uint64_t until = retry_at != UINT64_MAX ? retry_at : t->d->w->now;
@@ -91,7 +81,7 @@ dest_rate_wait(struct dest *t, uint64_t retry_at)
 }
 
 /* Did a message rate hold t back within the last RATE_BOUND_NS? */
-static bool
+bool
 dest_rate_bound(const struct dest *t)
 {
     return t->rate_until != 0 && t->d->w->now < t->rate_until + RATE_BOUND_NS;
@@ -123,7 +113,7 @@ dest_paused(const struct dest *t)
  * site's domains then rests until it ends (in dest_run_once) instead of
  * trying the same hosts in turn: over a host that is down for a thousand
  * domains, a thousand connects every site_hold, where one now. */
-static void
+void
 site_hold_set(struct delivery *d, struct site *site, uint64_t ms, const char *why,
               const struct dest_fail *failed)
 {
@@ -151,25 +141,6 @@ site_allowed(const struct dest *t)
     return a < t->pol->max_connections ? a : t->pol->max_connections;
 }
 
-/* ---- what connections tell the scheduler ---- */
-
-/* The site's window learns of a refusal, timeout, reset or 421, once per
- * connection. */
-static void
-sched_conn_congested(struct conn *c, const char *why)
-{
-    struct site *s = c->site;
-    if (c->congested)
-        return;
-    c->congested = true;
-    s->failures++;
-    if (!site_window_on_failure(&s->win, c->epoch))
-        return;
-    s->shrinks++;
-    log_msg(LOG_NOTICE, "conn=%llx event=site_window_down site=%s addr=%s reason=%s window=%u",
-            (unsigned long long)c->id, s->key, c->addr_str, why, site_window_allowed(&s->win));
-}
-
 /* ---- the scheduler ---- */
 
 /* The name whose MX answer is t's: a route's host stands for the
@@ -194,7 +165,7 @@ dest_mx_name(const struct dest *t)
  * and joined per domain, as their first lookups were. (A destination
  * with nothing open drops its expired answer and waits for the new
  * one, as before: it has no connection its mail could go on over.) */
-static void
+void
 dest_mx_refresh(struct dest *t)
 {
     struct delivery *d = t->d;
@@ -234,6 +205,23 @@ dest_run(struct dest *t)
     t->running = false;
     if (t->rerun) /* still asked: on the next turn, not in a loop here */
         worker_timer_arm(t->d->w, &t->lim_timer, t->d->w->now + MS_TO_NS(1));
+}
+
+/* May t open no connection for a job passed over now (or for its
+ * other mail, while a detour's connection idles): at its
+ * max_connections, its site's window full, or its [mx] section's cap
+ * (the key of t's preferred host: t's connections to every one of its
+ * hosts hold a slot of it)? */
+bool
+detour_no_room(struct dest *t)
+{
+    if (t->conns >= t->pol->max_connections ||
+        (t->site != NULL && t->site->conns >= site_allowed(t)))
+        return true;
+    const struct mxkey *mk = dest_mxkey(t);
+    if (mk == NULL || mk->lim.conf.max_connections == 0)
+        return false;
+    return mk->lim.nleases >= mk->lim.conf.max_connections || limits_key_full(&mk->lim);
 }
 
 static void
@@ -315,9 +303,10 @@ dest_run_once(struct dest *t)
     }
     t->sts_wait_since = 0;
     struct policy_fail pf;
-    policy_dns(t->mx->status, t->mx->bad_name, t->mx->hosts_nx, &pf);
+    policy_dns(t->mx->status, t->mx->bad_name, t->mx->hosts_nx, t->mx->mx_no_host, &pf);
     if (pf.fail) {
-        dest_fail_all(t, &pf, t->mx->status == DNS_NULL_MX ? NULL : t->mx->why);
+        char text[SMTP_OUTCOME_TEXT_MAX];
+        dest_fail_all(t, &pf, policy_dns_text(t->mx, text, sizeof(text)));
         if (pf.forget_answer)
             dest_set_mx(t, NULL); /* ask again next time */
         return;
@@ -363,8 +352,12 @@ dest_run_once(struct dest *t)
      * last: reuse. One that goes back to the idle list found no token
      * (the message rate): the others would not either. */
     bool idle_other = false; /* idle connections are left that t may not ride */
+    bool detour_idle = false; /* a detour's went back idle: none of those again */
+    if (fairq_empty(&t->q) || t->refused_queued == 0)
+        t->detour_wait = false; /* nothing waits for another host */
     while (!fairq_empty(&t->q) && site->idle != NULL) {
         struct conn **pc = &site->idle;
+        struct conn **pdetour = NULL; /* t's idle detour's, with nothing left for it */
         while (*pc != NULL) {
             struct conn *x = *pc;
             if (x->want_close || x->closed) {
@@ -377,12 +370,31 @@ dest_run_once(struct dest *t)
                 conn_idle_unlink(pc);
                 continue;
             }
+            /* (Not one to the MX host a waiting job of t goes around,
+             * policy_host: it would pass the job over again, and go back
+             * to this list with no connection opened for it. Nor a
+             * detour's, to the host after it, but for t's jobs refused
+             * elsewhere: t's other mail is for the host it prefers.) */
             if (x->tls_pol == dest_tls_key(t, x->mx) && dest_mx_allowed(t, x->mx) &&
-                dest_names_mx(t, x))
+                dest_names_mx(t, x) && !(t->detour_wait && job_host_h(x->mx) == t->detour_not_h) &&
+                (!x->detour || (!detour_idle && x->dest == t && t->refused_queued != 0)))
                 break;
+            if (x->detour && x->dest == t && t->refused_queued == 0)
+                pdetour = pc;
             pc = &x->next_idle;
         }
         struct conn *c = *pc;
+        if (c == NULL && pdetour != NULL && detour_no_room(t)) {
+            /* None t may ride but its detour's, idle with no refused
+             * job left, holding the room a connection to the host t
+             * prefers needs (at t's max_connections, t's mail would
+             * wait for its idle_timeout): it ends, and its end runs t */
+            c = *pdetour;
+            conn_idle_unlink(pdetour);
+            c->quit_why = "detour_done";
+            d->ops->quit(c);
+            break;
+        }
         if (c == NULL) {
             idle_other = true;
             break;
@@ -393,6 +405,15 @@ dest_run_once(struct dest *t)
             break; /* t has its own max_connections already */
         }
         d->ops->resume(c);
+        if (site->idle == c && c->detour && !detour_idle) {
+            /* The refused jobs are not at t's head (behind others, of
+             * another tenant): the connections to the host they went
+             * around carry t's mail again, and pass them over when they
+             * meet them (detour_pass), which runs t for the detour's. */
+            detour_idle = true;
+            t->detour_wait = false;
+            continue;
+        }
         if (site->idle == c)
             return;
     }
@@ -610,608 +631,24 @@ dest_run_once(struct dest *t)
             dest_open_failed(t, &why);
             return;
         }
+        if (t->detour_cursor) {
+            /* the connection a job refused by another host waits for:
+             * the cursor goes back for t's other mail, unless an address
+             * failed meanwhile (the cursor is the failover's then) */
+            t->detour_cursor = false;
+            if (t->failed_addrs == 0) {
+                t->next_addr = t->detour_from;
+                c->detour = true; /* not at the cursor: its failure is counted, the
+                                   * cursor stays at the host that works */
+                t->detour_conns++;
+                t->detour_h = job_host_h(h->name);
+            }
+        }
         source_pick_opened(t, &pk);
         c->leased = true;
         c->mxk = mk;
         c->srck = sk;
     }
-}
-
-/* ---- connections, as the scheduler sees them ---- */
-
-/* o is t's last failure, at c's MX host and address, under c's TLS. */
-static void
-conn_fail_keep(const struct conn *c, struct dest *t, const struct smtp_outcome *o)
-{
-    if (!policy_site_failure(o))
-        t->own_failed = true; /* the domain's own TLS policy, not the host */
-    dest_last_fail_set(t, o, c->mx, c->addr_str);
-    if (t->last_fail != NULL)
-        conn_fail_note(c, t->last_fail);
-}
-
-/* The smaller of two caps, 0 meaning none. */
-static unsigned
-lower(unsigned a, unsigned b)
-{
-    return a == 0 ? b : b == 0 ? a : a < b ? a : b;
-}
-
-unsigned
-sched_conn_max_msgs(const struct conn *c)
-{
-    unsigned m = c->dest->pol->max_messages_per_connection;
-    if (c->mxk != NULL && c->mxk->pol != NULL)
-        m = lower(m, c->mxk->pol->max_messages_per_connection);
-    if (c->srck != NULL && c->srck->pol != NULL)
-        m = lower(m, c->srck->pol->max_messages_per_connection);
-    /* The server's LIMITS MAILMAX (RFC 9422), learnt at EHLO: a
-     * transaction past it is refused, and its recipients would be
-     * deferred along the retry schedule for nothing. */
-    const struct smtp_ehlo *caps = smtp_client_caps(&c->cli);
-    if (caps != NULL)
-        m = lower(m, caps->mail_max);
-    return m;
-}
-
-unsigned
-sched_conn_max_rcpt(const struct conn *c)
-{
-    return lower(c->dest->pol->max_rcpt_per_txn,
-                 lower(c->mxk && c->mxk->pol ? c->mxk->pol->max_rcpt_per_txn : 0,
-                       c->srck && c->srck->pol ? c->srck->pol->max_rcpt_per_txn : 0));
-}
-
-void
-sched_conn_attach(struct conn *c, struct dest *t, const struct dns_mx_host *host,
-                  const union dns_addr *addr, const struct mx_policy *src, uint32_t src_id)
-{
-    struct delivery *d = t->d;
-    c->d = d;
-    c->dest = t;
-    c->src = src;
-    c->src_id = src_id;
-    c->id = ((uint64_t)d->w->id << 56) | ++d->conn_seq;
-    dest_addr_port(t, addr, &c->addr);
-    netaddr_str(&c->addr.sa, c->addr_str, sizeof(c->addr_str));
-    /* host is of t's answer: a reference keeps its name for the logs
-     * and TLS while the connection lives (it may move to other domains
-     * of the site, and t may be resolved again meanwhile). */
-    c->answer = dns_mx_result_ref(t->mx);
-    c->mx = host->name;
-    c->slot = d->slot_taken; /* taken by dest_address_room() */
-    d->slot_taken = NULL;
-    c->site = t->site;
-    c->site->refs++;
-    struct site_source *ss = src != NULL ? site_source(c->site, src_id) : NULL;
-    if (ss != NULL)
-        ss->conns++;
-    source_count(d, src_id)->connections++;
-    c->site->conns++;
-    c->site->opened++;
-    c->epoch = c->site->win.epoch;
-    c->opened_ns = d->w->now;
-    c->tls_pol = dest_tls_key(t, host->name);
-    t->conns++;
-    t->opening++;
-    dest_sweep_arm(t); /* its waiting jobs expire on time while it opens */
-    d->stats.open++;
-    d->stats.connections++;
-    c->next_all = d->all;
-    if (d->all)
-        d->all->prev_all = c;
-    d->all = c;
-}
-
-/* Does this worker hold more connections of key k ([mx] or [source])
- * than its max_connections (a reload lowered it), those told to end
- * already aside? The configured cap: without [redis] this worker's part
- * of it (mx_limit_conf), with it the whole, against this worker's own
- * count only, or those Redis counts beyond it across the nodes
- * (limits_key_excess: opened on local shares during an outage); never
- * the smaller local share of a Redis outage, which refuses new
- * connections but ends none. */
-static bool
-key_over_cap(const struct mxkey *k)
-{
-    if (k == NULL)
-        return false;
-    unsigned cap = k->lim.conf.max_connections;
-    return cap != 0 && (k->lim.nleases > k->quitting + cap || limits_key_excess(&k->lim) > 0);
-}
-
-struct job *
-sched_conn_next(struct conn *c, unsigned *moves, enum sched_next *what)
-{
-    struct delivery *d = c->d;
-    struct dest *t = c->dest;
-    if (!c->ready_once) {
-        c->ready_once = true;
-        t->opening--;
-        t->failed_addrs = 0; /* this address works */
-        t->own_failed = false;
-        if (c->site != NULL) {
-            c->site->greeting_421s = 0;
-            site_window_on_ready(&c->site->win, d->w->now - c->opened_ns);
-            site_addr_up(c->site, &c->addr);
-        }
-    }
-    /* An [mx] section that a reload added after c opened: c holds no
-     * lease of its key, so neither its cap nor its rates saw c, which
-     * carried mail past them for as long as it flowed. c takes a lease
-     * now (no connection-rate token: it is open), or ends; with [redis]
-     * the lease is asked for and c ends meanwhile (once). Not on a
-     * idle list here: conn_idle_push links c to the key it has then. */
-    if (c->mxk == NULL) {
-        struct mxkey *mk = dest_mxkey(t);
-        uint64_t retry_at;
-        if (mk != NULL && !limits_lease_acquire(d->lim, &mk->lim, d->w->now, &retry_at)) {
-            c->quit_why = "max_connections";
-            *what = SCHED_NEXT_QUIT;
-            return NULL;
-        }
-        c->mxk = mk;
-    }
-    /* Over the domain's max_connections (a reload lowered it): the extra
-     * connections end after their transaction; while mail flowed none
-     * went idle, and the lowered cap held for new ones only. Those told
-     * so already count as gone, or every one would end before the first
-     * had (each sees the count until its QUIT is answered). */
-    static const char over_cap[] = "max_connections";
-    bool over = t->conns > t->conns_quitting + t->pol->max_connections ||
-                (!c->over_cap && limits_key_excess(&t->lim) > 0);
-    /* So too over an [mx] or [source] section's (this worker's part) */
-    bool over_mk = !c->over_mk && key_over_cap(c->mxk);
-    bool over_sk = !c->over_sk && c->srck != c->mxk && key_over_cap(c->srck);
-    const char *quit = c->nmsgs >= sched_conn_max_msgs(c)  ? "max_messages"
-                       : d->stopping || d->draining        ? "stopping"
-                       : over || over_mk || over_sk        ? over_cap
-                       : !source_may_send(c)               ? "source_held"
-                       : !shaping_may_send(c)              ? "shaping"
-                                                           : NULL;
-    if (quit != NULL) {
-        if (quit == over_cap && over && !c->over_cap) {
-            c->over_cap = true;
-            t->conns_quitting++;
-            limits_key_excess_taken(&t->lim);
-        }
-        if (quit == over_cap && over_mk) {
-            c->over_mk = true;
-            c->mxk->quitting++;
-            limits_key_excess_taken(&c->mxk->lim);
-        }
-        if (quit == over_cap && over_sk) {
-            c->over_sk = true;
-            c->srck->quitting++;
-            limits_key_excess_taken(&c->srck->lim);
-        }
-        c->quit_why = quit;
-        *what = SCHED_NEXT_QUIT;
-        return NULL;
-    }
-    if (site_addr_yield(&d->sites, c->slot, d->e->cfg->delivery.max_connections_per_address,
-                        d->w->now)) {
-        /* Another worker waits for a slot at this address, and this one
-         * holds more than its share of the cap there: this connection
-         * gives its slot back after its transaction (site_addr_take
-         * keeps it for the waiting worker). */
-        c->quit_why = "address_share";
-        *what = SCHED_NEXT_QUIT;
-        return NULL;
-    }
-    /* Checked per transaction: a policy that changed under c (a new
-     * MTA-STS policy in enforce mode, or one whose patterns no longer
-     * name c's MX host) ends it; the mail waits for a connection opened
-     * under the policy in force. A first check that runs (a domain the
-     * store forgot, or MTA-STS turned on by a reload) holds t's mail
-     * here as in dest_run_once, not sent under no policy meanwhile: c
-     * serves another domain of the site or idles, and t's run at the
-     * check's end takes its idle connections first. */
-    bool sts_ready = dest_sts_ready(t);
-    if (!sts_ready && t->sts_ask == NULL)
-        dest_lim_wait(t, d->w->now + MS_TO_NS(STS_WAIT_MIN_MS)); /* the store's thread
-                                                                  * checks: t asks again */
-    if (c->tls_pol != dest_tls_key(t, c->mx) || !dest_mx_allowed(t, c->mx)) {
-        c->quit_why = "tls_policy";
-        *what = SCHED_NEXT_QUIT;
-        return NULL;
-    }
-    if (t->mx != NULL && t->mx->expires <= d->w->now && !fairq_empty(&t->q)) {
-        /* Asked here too: a busy destination's connections may carry its
-         * queue for long without a run of it (dest_mx_refresh). One
-         * answered at once changes t here: t runs for it next. */
-        const struct dns_mx_result *was = t->mx;
-        dest_mx_refresh(t);
-        if (t->mx != was)
-            dest_lim_wait(t, d->w->now);
-    }
-    /* c's MX host is no longer t's (a refresh moved it): none of t's
-     * mail, but another domain of the site that waits, or goodbye. */
-    bool gone = !dest_names_mx(t, c);
-    if (!gone && c->nmsgs != 0 && !c->idled && !fairq_empty(&t->q)) {
-        /* (Not one just handed from the site's idle list to t: t's
-         * run, site_wake's, asked for it.) */
-        struct dest *w = conn_give_turn(c, t);
-        if (w != NULL) {
-            t = w;
-            sts_ready = true; /* as for conn_take_waiting's below */
-            (*moves)++;
-        }
-    }
-    for (;;) {
-        struct job *j = NULL;
-        uint64_t retry_at;
-        bool rate_held = false; /* t's own message rate gives no token now */
-        if (!gone && sts_ready && !dest_paused(t) && !fairq_empty(&t->q)) {
-            struct mxkey *mk = c->mxk, *sk = c->srck, *hk = c->shk;
-            if (limits_take_msgs(d->lim, &t->lim, 1, d->w->now, &retry_at) != 1) {
-                dest_rate_wait(t, retry_at);
-                dest_lim_wait(t, retry_at);
-                rate_held = true;
-            } else if (mk != NULL &&
-                       limits_take_msgs(d->lim, &mk->lim, 1, d->w->now, &retry_at) != 1) {
-                dest_rate_wait(t, retry_at);
-                mx_wait(mk, t, retry_at, false); /* the domain's token is spent: a small loss */
-            } else if (sk != NULL &&
-                       limits_take_msgs(d->lim, &sk->lim, 1, d->w->now, &retry_at) != 1) {
-                dest_rate_wait(t, retry_at);
-                mx_wait(sk, t, retry_at, false); /* likewise */
-            } else if (hk != NULL &&
-                       limits_take_msgs(d->lim, &hk->lim, 1, d->w->now, &retry_at) != 1) {
-                dest_rate_wait(t, retry_at);
-                mx_wait(hk, t, retry_at, false); /* likewise: its source's shaping rate */
-            } else {
-                j = dest_pop(t);
-            }
-            if (j != NULL && scope_job_parked(d, j)) {
-                continue; /* its tenant or campaign is suspended: parked */
-            }
-            if (j != NULL && scope_job_shaped(d, t, j, c->mx))
-                continue; /* its tenant is suspended, slowed or bounced at this MX by
-                           * shaping: parked for a while, or bounced */
-            /* (no plan in the config: nothing to count, and no lock to take
-             * on each transaction) */
-            if (j != NULL && c->src != NULL && d->e->cfg->nwarmups != 0 &&
-                !warmup_take(d->e->warmup, c->src->pattern, c->mx, clock_unix_ms())) {
-                /* the day's allowance went meanwhile: another source, or later */
-                dest_push(t, j, true);
-                c->quit_why = "warmup";
-                *what = SCHED_NEXT_QUIT;
-                return NULL;
-            }
-        }
-        if (j == NULL &&
-            (gone || fairq_empty(&t->q) || dest_paused(t) || !sts_ready || rate_held) &&
-            *moves < 8) {
-            /* Nothing here, or nothing t's rate lets go now (its timer
-             * runs it again: it takes an idle connection, or waits for
-             * one): the next transaction of another domain of the site
-             * (MX rollup; one that waits for a connection has its
-             * policy). The [mx], source and shaping keys are c's: a
-             * domain c moved to would meet them alike. */
-            struct dest *w = conn_take_waiting(c);
-            if (w != NULL) {
-                t = w;
-                sts_ready = true;
-                gone = false; /* conn_move asked */
-                (*moves)++;
-                continue;
-            }
-        }
-        if (j == NULL && gone) {
-            c->quit_why = "mx_changed";
-            *what = SCHED_NEXT_QUIT;
-            return NULL;
-        }
-        if (j == NULL) {
-            int kw = 0;
-            if (fairq_empty(&t->q)) {
-                int m = key_slot_wanted(c, c->mxk), s = key_slot_wanted(c, c->srck);
-                kw = m > s ? m : s;
-            }
-            if (kw == 2) {
-                /* Nothing more here while a site with fewer waits for a
-                 * slot of this MX's or source's limit: give it back now
-                 * rather than after idling. */
-                c->quit_why = "limit_wanted";
-                *what = SCHED_NEXT_QUIT;
-                return NULL;
-            }
-            unsigned cap = d->e->cfg->delivery.max_connections_per_address;
-            if (fairq_empty(&t->q) &&
-                site_addr_wanted(&d->sites, c->slot, cap, d->w->now, c->site)) {
-                /* A domain of another site, or on another worker, waits
-                 * for this address's slot: give it back rather than hold
-                 * it idle. */
-                c->quit_why = "address_wanted";
-                *what = SCHED_NEXT_QUIT;
-                return NULL;
-            }
-            /* Idle: wait for work of any domain of the site (for a
-             * moment only when another site waits for its key's slot,
-             * here or, with [redis], on another worker or node; a slot
-             * of a cap shared through Redis asks again while it idles). */
-            c->idle_short = kw == 1;
-            c->idle_poll = sched_conn_key_polled(c);
-            if (c->idle_poll)
-                sched_conn_want_ask(c);
-            c->idled = true;
-            conn_idle_push(c);
-            *what = SCHED_NEXT_IDLE;
-            return NULL;
-        }
-        if (c->src != NULL) {
-            struct site_source *ss = site_source(c->site, c->src_id);
-            if (ss != NULL)
-                site_source_sent(c->site, ss);
-        }
-        /* How long it waited for a connection: since it came, or since
-         * its domain's answer and policy were known (the wait for DNS or
-         * MTA-STS is not one more connections would have shortened). */
-        uint64_t since = j->queued_ns > t->usable_ns ? j->queued_ns : t->usable_ns;
-        if (c->site != NULL && since != 0 && d->w->now > since)
-            site_window_on_wait(&c->site->win, d->w->now - since);
-        /* A backlog that the site's connections will not drain soon: more
-         * jobs behind this one than SITE_BACKLOG_PER_CONN per connection.
-         * A burst of a domain's mail (a spool commit hands over tens at
-         * once) waits only milliseconds on a LAN, under the shortest wait
-         * above, yet is what more connections carry sooner. */
-        if (c->site != NULL && dest_queued(t) > SITE_BACKLOG_PER_CONN * c->site->conns &&
-            !dest_rate_bound(t))
-            site_window_on_backlog(&c->site->win);
-        *what = SCHED_NEXT_JOB;
-        return j;
-    }
-}
-
-bool
-sched_txn_done(struct conn *c, struct job *j)
-{
-    struct dest *t = c->dest;
-    t->inflight--;
-    const struct smtp_outcome *mo = &c->txn.msg;
-    struct policy_txn pt = {
-        .msg = mo,
-        .delivered = c->txn.delivered,
-        .permfail = c->txn.permfail,
-        .txns_on_conn = c->nmsgs,
-        .failovers = j->failovers,
-        .have_answer = t->mx != NULL,
-        .idled = c->idled,
-        .reuse_lost = j->reuse_lost,
-        .now_ms = clock_unix_ms(),
-        .expire_ms = c->expire_ms,
-    };
-    c->idled = false; /* the next transaction's: whether it idles before it */
-    if (policy_reuse_lost(&pt)) {
-        /* The receiver dropped a connection it thought idle as we reused
-         * it: another connection takes the job now (the one this closes
-         * makes room; dest_run() in sched_conn_detach), no deferral, and
-         * neither the window nor the destination pays for it. */
-        char qid[QUEUE_ID_STRLEN + 1];
-        queue_id_str(j->id, qid);
-        log_msg(LOG_NOTICE,
-                "id=%s conn=%llx event=reuse_lost domain=%s mx=%s addr=%s stage=%s txns=%u "
-                "idled=%s reply=\"%s\"",
-                qid, (unsigned long long)c->id, t->name, c->mx, c->addr_str,
-                smtp_client_state_str((enum smtp_client_state)mo->stage), c->nmsgs - 1,
-                pt.idled ? "yes" : "no", mo->text);
-        j->reuse_lost++;
-        c->reuse_lost = true;
-        c->d->stats.reuse_lost++;
-        uint32_t tenant = j->owner.tenant;
-        dest_push(t, j, true);
-        /* The reply is not reported with the job, yet the shaping rules
-         * see every reply (a receiver's "421 ... [TSS04]" to a reused
-         * connection's MAIL is theirs to act on, as when reported). */
-        outcome_shaping(c->d, t, c->mx, c->src_id, tenant, mo);
-        return true;
-    }
-    if (policy_txn_congested(mo)) {
-        const char *why = mo->code == 421                      ? "421"
-                          : mo->reason == SMTP_REASON_TIMEOUT ? "timeout"
-                          : mo->reason == SMTP_REASON_TLS     ? "tls"
-                                                              : "reset";
-        sched_conn_congested(c, why);
-        if (c->src != NULL && t->poolc != NULL)
-            source_hold(c, why);
-    } else if (c->site != NULL) {
-        struct site_source *ss = c->src != NULL ? site_source(c->site, c->src_id) : NULL;
-        if (ss != NULL && c->txn.delivered > 0)
-            ss->holds = 0; /* it delivers again: the next hold starts short (a
-                            * rate-limited deferral is no delivery: its throttle,
-                            * outcome.c, makes the next hold longer) */
-        if (c->txn.delivered > 0)
-            c->site->greeting_421s = 0; /* the host talks: a later 421 greeting (one
-                                         * connection over its limit) is pushback */
-        unsigned before = site_window_allowed(&c->site->win);
-        site_window_on_success(&c->site->win, c->site->conns);
-        if (site_window_allowed(&c->site->win) > before)
-            site_wake(c->d, c->site); /* grew: room for a domain that waits */
-    }
-    /* A session failure before this connection delivered anything is the
-     * server's, not the message's: the job goes to the next MX address
-     * (policy_failover() says when). */
-    if (policy_failover(&pt)) {
-        j->failovers++;
-        conn_fail_keep(c, t, &c->txn.msg);
-        t->failed_addrs++;
-        t->next_addr++;
-        dest_push(t, j, true);
-        return true;
-    }
-    t->failed_addrs = 0;
-    t->own_failed = false;
-    return false;
-}
-
-void
-sched_conn_event(struct conn *c, enum policy_conn_event ev, const struct smtp_outcome *why)
-{
-    struct dest *t = c->dest;
-    struct policy_event_decision pd;
-    policy_conn_event(ev, &pd);
-    if (why != NULL)
-        conn_fail_keep(c, t, why);
-    if (pd.next_addr) {
-        t->failed_addrs++;
-        t->next_addr++;
-        if (c->site != NULL && (ev == POLICY_CONNECT_FAILED || ev == POLICY_CONNECT_TIMEOUT))
-            site_addr_down(c->site, &c->addr,
-                           c->d->w->now + MS_TO_NS(policy_all_failed_hold(t->pol->site_hold)));
-    }
-    if (pd.rest_ms != 0)
-        dest_hold(t, pd.rest_ms);
-}
-
-/* The jobs waiting at t that have not had their plaintext retry after a
- * failed handshake in this attempt (job.tls_retried): are there any, or
- * (mark) they have had it now. */
-static bool
-dest_tls_retry(struct dest *t, bool mark)
-{
-    struct fairq_iter it;
-    fairq_iter_init(&t->q, &it);
-    for (struct fairq_node *x; (x = fairq_iter_next(&it)) != NULL;) {
-        struct job *j = job_of(x);
-        if (!mark && !j->tls_retried)
-            return true;
-        j->tls_retried = true;
-    }
-    return false;
-}
-
-void
-sched_conn_detach(struct conn *c, const struct smtp_outcome *so)
-{
-    struct delivery *d = c->d;
-    struct dest *t = c->dest;
-    struct site *site = c->site;
-    for (struct conn **p = site ? &site->idle : NULL; p != NULL && *p != NULL; p = &(*p)->next_idle)
-        if (*p == c) {
-            conn_idle_unlink(p);
-            break;
-        }
-    /* What the end of this connection means: the failure policy's call
-     * (a reset in a transaction is seen in sched_txn_done). */
-    struct policy_conn_end pe = {
-        .connected = c->connected,
-        .ready_once = c->ready_once,
-        .session = so,
-        .stopping = d->stopping || c->drain_cut,
-        .tls_fallback = c->tls_fell_back,
-        .tls_retry_left = c->tls_fell_back && dest_tls_retry(t, false),
-        .idle = so != NULL && c->ready_once && so->stage == SMTP_CLIENT_S_IDLE,
-        .reuse_lost = c->reuse_lost,
-        .going_down = so != NULL && so->code == 421 &&
-                      classify(d->e->cfg->classify, CLASSIFY_REPLY, so->code, &so->enh, so->text) ==
-                          BOUNCE_OTHER,
-    };
-    struct policy_conn_decision pd;
-    policy_conn_end(&pe, &pd);
-    if (pd.retry_plain) {
-        /* The address is in plaintext now (connection.c): dest_run()
-         * below opens there for what waits, once per job and attempt. */
-        dest_tls_retry(t, true);
-        log_msg(LOG_INFO, "conn=%llx event=tls_plaintext_retry domain=%s mx=%s addr=%s jobs=%u",
-                (unsigned long long)c->id, t->name, c->mx, c->addr_str, dest_queued(t));
-    }
-    /* A refusal before any transaction (a 421 or 554 greeting, EHLO
-     * refused) reaches no job: the shaping rules see it here. Replies
-     * within transactions are seen with their job (outcome.c). */
-    if (so != NULL && c->connected && !c->ready_once && so->code >= 400 && !d->stopping &&
-        !c->drain_cut)
-        outcome_shaping(d, t, c->mx, c->src_id, c->job ? c->job->owner.tenant : 0, so);
-    if (site != NULL && pd.congested && !d->draining)
-        sched_conn_congested(c, so != NULL && so->code == 421 ? "421" : "not_ready");
-    bool by_source = c->src != NULL && t->poolc != NULL && pd.source_hold && !d->stopping;
-    if (by_source) {
-        /* The receiver pushed back on this source: it rests, the pool's
-         * others carry on (source_hold holds t when none is left). */
-        source_hold(c, so != NULL && so->code == 421 ? "421" : "refused");
-        pd.hold = pd.backoff = pd.next_addr = false;
-    }
-    if (pd.remember) {
-        struct smtp_outcome o = *so;
-        o.status = SMTP_STATUS_TEMPFAIL;
-        conn_fail_keep(c, t, &o);
-    }
-    if (pd.hold && t->pol->site_hold > 0) {
-        log_msg(LOG_NOTICE,
-                "conn=%llx event=destination_held domain=%s mx=%s for_ms=%llu reply=\"%s\"",
-                (unsigned long long)c->id, t->name, c->mx, (unsigned long long)t->pol->site_hold,
-                so->text);
-        dest_hold(t, t->pol->site_hold);
-        /* A 421's rest keeps the site's mail waiting in memory: the
-         * receiver pushed back for a while. A 421 greeting again at the
-         * next try, no connection of the site ready since, is a host
-         * that will not talk (Postfix defers at the first): this rest's
-         * mail is deferred with it, as after every address failed (the
-         * retry schedule, a transient_failure for each recipient).
-         * Before, an outage answered 421 kept the whole queue in
-         * memory, told nothing, retried each site_hold until max_age. */
-        const struct dest_fail *down = NULL;
-        if (site != NULL && !c->ready_once) {
-            if (site->hold_until <= d->w->now)
-                site->greeting_421s++; /* a rest begins (not another connection's in it) */
-            if (site->greeting_421s > 1 && t->last_fail != NULL)
-                down = t->last_fail;
-        }
-        site_hold_set(d, site, t->pol->site_hold, down != NULL ? "421_again" : "421", down);
-    }
-    if (pd.backoff)
-        limits_backoff(d->lim, &t->lim, d->w->now);
-    if (!c->ready_once)
-        t->opening--;
-    if (pd.next_addr) {
-        t->failed_addrs++;
-        t->next_addr++;
-    }
-    if (c->prev_all)
-        c->prev_all->next_all = c->next_all;
-    else
-        d->all = c->next_all;
-    if (c->next_all)
-        c->next_all->prev_all = c->prev_all;
-    t->conns--;
-    if (c->over_cap && t->conns_quitting > 0)
-        t->conns_quitting--;
-    d->stats.open--;
-    if (site != NULL)
-        site->conns--;
-    site_addr_give(&d->sites, c->slot);
-    c->slot = NULL;
-    if (c->src != NULL && site != NULL) {
-        struct site_source *ss = site_source(site, c->src_id);
-        if (ss != NULL && ss->conns > 0)
-            ss->conns--;
-    }
-    if (c->leased && !d->stopping)
-        limits_conn_release(d->lim, &t->lim);
-    struct mxkey *mk = c->mxk, *sk = c->srck;
-    if (c->over_mk && mk != NULL && mk->quitting > 0)
-        mk->quitting--;
-    if (c->over_sk && sk != NULL && sk->quitting > 0)
-        sk->quitting--;
-    if (mk != NULL && !d->stopping)
-        limits_conn_release(d->lim, &mk->lim);
-    if (sk != NULL && !d->stopping)
-        limits_conn_release(d->lim, &sk->lim);
-    dns_mx_result_unref(c->answer);
-    free(c);
-    if (mk != NULL && !d->stopping)
-        mx_on_wake(mk); /* a slot is free: the others behind this MX may go */
-    if (sk != NULL && !d->stopping)
-        mx_on_wake(sk);
-    drain_check(d);
-    if (!d->stopping) {
-        dest_run(t);
-        site_wake(d, site); /* a slot of the site, and of an address, is free */
-        addr_wake(d);
-    } else {
-        delivery_check_done(d);
-    }
-    site_unref(&d->sites, site);
 }
 
 /* ---- the worker's scheduler ---- */

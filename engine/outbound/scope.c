@@ -75,6 +75,7 @@ scope_fini(struct delivery *d)
     while (d->parked != NULL) {
         struct job *j = d->parked;
         d->parked = j->next_parked;
+        scope_unpark(d, j->n);
         free(j);
     }
     for (unsigned k = 0; k < DELIVERY_SCOPE_COUNT; k++) {
@@ -212,10 +213,79 @@ scope_job_parked(struct delivery *d, struct job *j)
 {
     if (d->nsusp == 0 || !job_suspended(d, j, d->w->now))
         return false;
+    scope_park(d, j);
+    return true;
+}
+
+void
+scope_park(struct delivery *d, struct job *j)
+{
     j->next_parked = d->parked;
     d->parked = j;
     d->stats.parked++;
-    return true;
+    atomic_fetch_add_explicit(&d->parked_rcpts, j->n, memory_order_relaxed);
+}
+
+void
+scope_unpark(struct delivery *d, unsigned n)
+{
+    atomic_fetch_sub_explicit(&d->parked_rcpts, n, memory_order_relaxed);
+}
+
+void
+scope_count_paused(struct delivery *d)
+{
+    uint64_t n = 0;
+    if (d->nsusp != 0) {
+        struct dest_iter it = {0};
+        for (struct dest *t; (t = dest_next(d, &it)) != NULL;)
+            if (t->queued_rcpts != 0 && dest_paused(t))
+                n += t->queued_rcpts;
+    }
+    atomic_store_explicit(&d->paused_rcpts, n, memory_order_relaxed);
+}
+
+int
+scope_parked_cmp(const void *a, const void *b)
+{
+    const struct parked_run *x = a, *y = b;
+    int k = strcmp(x->domain, y->domain);
+    if (k != 0)
+        return k;
+    if (x->pool != y->pool)
+        return x->pool < y->pool ? -1 : 1;
+    return (int)x->tls_relaxed - (int)y->tls_relaxed;
+}
+
+void
+scope_parked_runs(const struct delivery *d, struct parked_run **v, size_t *n)
+{
+    *v = NULL;
+    *n = 0;
+    size_t njobs = 0;
+    for (const struct job *j = d->parked; j != NULL; j = j->next_parked)
+        njobs++;
+    struct parked_run *r = njobs > 0 ? malloc(njobs * sizeof(*r)) : NULL;
+    if (r == NULL)
+        return;
+    size_t k = 0;
+    for (const struct job *j = d->parked; j != NULL; j = j->next_parked)
+        r[k++] = (struct parked_run){.domain = j->domain, .pool = j->owner.pool,
+                                     .tls_relaxed = j->owner.tls_relaxed, .n = 1,
+                                     .oldest_ms = queue_id_time_ms(j->id)};
+    qsort(r, njobs, sizeof(*r), scope_parked_cmp);
+    size_t out = 0; /* runs folded in place */
+    for (size_t i = 0; i < njobs; i++) {
+        if (out > 0 && scope_parked_cmp(&r[out - 1], &r[i]) == 0) {
+            r[out - 1].n++;
+            if (r[i].oldest_ms < r[out - 1].oldest_ms)
+                r[out - 1].oldest_ms = r[i].oldest_ms;
+        } else {
+            r[out++] = r[i];
+        }
+    }
+    *v = r;
+    *n = out;
 }
 
 #define SHAPED_RECHECK_MS 1000
@@ -323,9 +393,7 @@ shaped_park(struct delivery *d, struct job *j, const char *mx, uint64_t until, c
     j->shaped = true;
     j->shaped_asking = false;
     j->shaped_until = until;
-    j->next_parked = d->parked;
-    d->parked = j;
-    d->stats.parked++;
+    scope_park(d, j);
     if (d->nshaped++ == 0)
         log_msg(LOG_INFO, "event=jobs_parked reason=shaping action=%s tenant=%s mx=%s", why,
                 intern_name(d->e->names, j->owner.tenant), mx ? mx : "-");
@@ -414,6 +482,7 @@ scope_release(struct delivery *d)
             d->nshaped--;
         }
         d->stats.parked--;
+        scope_unpark(d, j->n);
         struct dest *t = dest_of_job(d, j);
         if (t == NULL) {
             job_lost(j); /* no memory for its destination */
@@ -475,6 +544,7 @@ scope_on_timer(struct timer *tm, void *ctx)
     if (scope_expire(d) || d->nshaped > 0)
         scope_release(d);
     scope_shaped_timer(d); /* scope_expire may have cancelled it */
+    scope_count_paused(d);
 }
 
 int
@@ -534,5 +604,6 @@ delivery_suspend_scope(struct delivery *d, enum delivery_scope k, const char *na
     } else if (!on) {
         scope_release(d);
     }
+    scope_count_paused(d);
     return 0;
 }

@@ -24,6 +24,9 @@ site_window_init(struct site_window *w, unsigned initial, unsigned ceiling)
     w->epoch = 0;
     w->setup_ns = 0;
     w->waited = false;
+    w->head_base_ns[0] = w->head_base_ns[1] = 0;
+    w->head_period_ns = 0;
+    w->head_avg_ns = 0;
 }
 
 void
@@ -72,12 +75,51 @@ site_window_on_backlog(struct site_window *w)
 }
 
 void
+site_window_on_head(struct site_window *w, uint64_t head_ns, uint64_t now_ns)
+{
+    if (head_ns == 0)
+        head_ns = 1; /* 0 means none */
+    if (w->head_period_ns == 0 || now_ns - w->head_period_ns >= SITE_HEAD_PERIOD_NS ||
+        now_ns < w->head_period_ns) {
+        /* The period before only if it just ended: after a lull of a
+         * period or more its least is older than 20 s, no base now. */
+        bool last = w->head_period_ns != 0 && now_ns >= w->head_period_ns &&
+                    now_ns - w->head_period_ns < 2 * SITE_HEAD_PERIOD_NS;
+        w->head_base_ns[1] = last ? w->head_base_ns[0] : 0;
+        w->head_base_ns[0] = 0;
+        w->head_period_ns = now_ns;
+    }
+    if (w->head_base_ns[0] == 0 || head_ns < w->head_base_ns[0])
+        w->head_base_ns[0] = head_ns;
+    if (w->head_avg_ns == 0)
+        w->head_avg_ns = (double)head_ns;
+    else
+        w->head_avg_ns += ((double)head_ns - w->head_avg_ns) / 8;
+}
+
+bool
+site_window_queues(const struct site_window *w, unsigned in_use)
+{
+    uint64_t base = w->head_base_ns[0];
+    if (base == 0 || (w->head_base_ns[1] != 0 && w->head_base_ns[1] < base))
+        base = w->head_base_ns[1];
+    if (base == 0 || w->head_avg_ns <= (double)base)
+        return false;
+    double extra = w->head_avg_ns - (double)base;
+    return w->head_avg_ns >= SITE_HEAD_RATIO * (double)base &&
+           extra >= (double)SITE_HEAD_SLACK_NS &&
+           in_use * extra / w->head_avg_ns >= SITE_HEAD_QUEUED;
+}
+
+void
 site_window_on_success(struct site_window *w, unsigned in_use)
 {
     if (in_use + 1 < site_window_allowed(w))
         return; /* the window is not what limits: it earns nothing */
     if (!w->waited)
         return; /* the connections there are serve the mail as soon */
+    if (site_window_queues(w, in_use))
+        return; /* more would wait in line: the receiver or this worker is the limit */
     w->waited = false;
     if (w->cwnd < w->ssthresh)
         w->cwnd += 1.0;

@@ -30,7 +30,28 @@
  * extra ones took 40% of the rate (bench/relay/bench_sites.py). The
  * default start is 1: a domain with a backlog waits more than that on
  * its first transactions and slow start doubles its window each round
- * trip. A connect
+ * trip. Growth also stops while the connections queue (TCP Vegas's test
+ * applied to connections): the time from a transaction's MAIL to the go
+ * for its body (the pipelined MAIL, RCPT and DATA answered: a round trip
+ * and the receiver's and our worker's turn, whatever the message's size)
+ * is compared with the least such time of the last 10 to 20 seconds; when
+ * the average is SITE_HEAD_RATIO times that least or more, and the
+ * excess, times the connections open, over the average, comes to
+ * SITE_HEAD_QUEUED connections' worth (and to SITE_HEAD_SLACK_NS), the
+ * receiver or our own worker is the bottleneck and one more connection
+ * would only wait in line. The ratio keeps a receiver whose answers
+ * merely vary out of it: the least of many samples is far below their
+ * average when a receiver's work varies (a lognormal time with sigma 0.5
+ * has its least of a thousand at a fifth of its average), and a test on
+ * the least alone stopped sites at 6 to 10 connections with no queue in
+ * a simulation of Internet receivers; their round trip is a floor that
+ * keeps the average within about 3 times the least. A queue at a
+ * saturated worker is of another order: 50 us became 5 ms. On a machine
+ * loaded by other work the wait rule above saw every job wait: 10,000
+ * domains over 100 MX hosts held up to 22 connections per address, 30
+ * per 1,000 domains, where with this test they hold 7 and 9, at the same
+ * rate within the load's noise (bench/relay/bench_sites.py without
+ * chrt). A connect
  * failure, a greeting that times out or refuses, a 421 or a connection
  * reset before the session was ready halves the window (multiplicative
  * decrease, never below one), at most once per round: failures of
@@ -78,6 +99,16 @@
 /* ... or when more jobs of the domain wait behind the one a connection
  * takes than this many per connection of the site (a backlog). */
 #define SITE_BACKLOG_PER_CONN 4
+/* The head latency's test (above): the base is the least of this period's
+ * and the last's; the connections queue when the average is
+ * SITE_HEAD_RATIO times the base or more, open * (average - base) /
+ * average comes to SITE_HEAD_QUEUED and average - base to
+ * SITE_HEAD_SLACK_NS (the jitter of a worker's turn on a LAN is not a
+ * queue). */
+#define SITE_HEAD_PERIOD_NS 10000000000ULL
+#define SITE_HEAD_RATIO     10.0
+#define SITE_HEAD_QUEUED    4.0
+#define SITE_HEAD_SLACK_NS  1000000ULL
 
 struct site_window {
     double cwnd;       /* connections allowed now */
@@ -88,6 +119,10 @@ struct site_window {
                         * (0: none ready yet) */
     bool waited;       /* mail waited since the last growth: a job longer than twice
                         * setup_ns (and SITE_WAIT_MIN_NS), or a backlog */
+    uint64_t head_base_ns[2]; /* the least head latency of this period [0] and the
+                               * last [1] (0: none; none after a lull) */
+    uint64_t head_period_ns;  /* worker clock: this period began */
+    double head_avg_ns;       /* head latency, a moving average (1/8; 0: none yet) */
 };
 
 void site_window_init(struct site_window *w, unsigned initial, unsigned ceiling);
@@ -102,10 +137,16 @@ void site_window_on_wait(struct site_window *w, uint64_t waited_ns);
 /* A connection took a job with more than SITE_BACKLOG_PER_CONN jobs per
  * connection of the site behind it in its domain's queue. */
 void site_window_on_backlog(struct site_window *w);
+/* A transaction's MAIL, RCPT and DATA were answered (the body may go)
+ * head_ns after its MAIL went; now_ns: the worker's clock. */
+void site_window_on_head(struct site_window *w, uint64_t head_ns, uint64_t now_ns);
+/* Whether in_use connections queue by the head latency's test (above). */
+bool site_window_queues(const struct site_window *w, unsigned in_use);
 /* A transaction completed on a connection of the site while in_use
  * connections were open: grow, if the window is used (in_use + 1 >=
- * allowed; an unused window earns nothing) and mail waited (above) since
- * the last growth. */
+ * allowed; an unused window earns nothing), mail waited (above) since
+ * the last growth, and the connections do not queue (above; the wait
+ * stays noted for when they no longer do). */
 void site_window_on_success(struct site_window *w, unsigned in_use);
 /* A connection opened in epoch failed as above: halve, unless the window
  * was halved since that connection opened. Returns whether it shrank. */
@@ -158,7 +199,7 @@ struct site {
                                   * its other domains' mail is deferred with it); NULL
                                   * for a 421's rest, or none */
     unsigned greeting_421s;  /* rests in a row that a 421 greeting began, no connection of
-                              * the site ready nor a delivery on one since (scheduler.c:
+                              * the site ready nor a delivery on one since (sched_conn.c:
                               * from the second on, a rest_fail) */
     struct site_source *src; /* owned: nsrc entries, made on first use */
     unsigned nsrc;

@@ -20,7 +20,7 @@
  * none) and holds fewer than its floor, the slots left are kept for it
  * (site_addr_take refuses them to a worker past its floor), and a
  * connection of a worker past its floor there gives its slot back after
- * its transaction (site_addr_yield, scheduler.c), or at once when it has
+ * its transaction (site_addr_yield, sched_conn.c), or at once when it has
  * nothing to send (site_addr_wanted), so a worker's domain waits for no
  * more than a transaction of the others, not their backlog. A worker at
  * or below its floor keeps its slots: given to a worker past its own,

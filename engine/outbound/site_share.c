@@ -13,8 +13,8 @@
  * nothing to send (conn_take_waiting) or given to one it owes a turn
  * after a transaction (conn_give_turn: site_turn_owed's rule shares the
  * connections out evenly); and room at the site waking the domains in
- * line (site_wake). The scheduler (scheduler.c) calls these from
- * dest_run and sched_conn_next.
+ * line (site_wake). The scheduler calls these from dest_run
+ * (scheduler.c) and sched_conn_next (sched_conn.c).
  *
  * Threading: the worker's thread.
  */
@@ -199,8 +199,8 @@ conn_move(struct conn *c, struct dest *t)
     struct dest *old = c->dest;
     if (old == t)
         return true;
-    if (!conn_may_carry(c, t))
-        return false;
+    if (c->detour || !conn_may_carry(c, t))
+        return false; /* a detour's carries its domain's refused mail only */
     /* A lease of t's max_connections, but no token of its connection
      * rate: the receiver sees no new connection. */
     uint64_t retry_at;

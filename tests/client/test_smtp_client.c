@@ -1,11 +1,11 @@
 /*
- * Tests of engine/smtp_client.c: scripted sessions. A script is a C
- * function of steps: IN (reply bytes fed, the events they must raise),
- * OUT (the exact bytes the client must have written, then reported sent),
- * and the caller's calls (txn, body, tls_done, eof, timeout, quit), with
- * the outcomes checked at the end. Every script runs with each IN fed
- * whole, split in two at every offset, and byte by byte, and must pass
- * the same checks each time.
+ * Tests of engine/smtp_client.c and smtp_client_txn.c: scripted
+ * sessions. A script is a C function of steps: IN (reply bytes fed, the
+ * events they must raise), OUT (the exact bytes the client must have
+ * written, then reported sent), and the caller's calls (txn, body,
+ * tls_done, eof, timeout, quit), with the outcomes checked at the end.
+ * Every script runs with each IN fed whole, split in two at every offset,
+ * and byte by byte, and must pass the same checks each time.
  *
  * Threading: single-threaded test program.
  */
@@ -681,6 +681,22 @@ sc_smtputf8(void)
     nothing_out();
     want_out(&R.rc[0].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, SMTP_REASON_NEED_SMTPUTF8, 553,
              "5.6.7");
+    assert_non_null(strstr(R.rc[0].out.text, "8-bit content"));
+    /* ... with a UTF-8 local part beside an ASCII recipient: the content
+     * refuses both, and the ASCII one's text says so, not "UTF-8
+     * envelope" (its DSN blamed an envelope that could have gone) */
+    start(SMTP_CLIENT_TLS_OFF);
+    HELLO(EHLO_PLAIN);
+    TXN("b@y.example", "j\xc3\xb6rg@y.example");
+    R.t.params.seen = SMTP_PARAM_SMTPUTF8 | SMTP_PARAM_BODY;
+    R.t.params.body = SMTP_BODY_8BITMIME;
+    go(EV_DONE | EV_READY);
+    nothing_out();
+    for (int i = 0; i < 2; i++) {
+        want_out(&R.rc[i].out, SMTP_STATUS_PERMFAIL, SMTP_SCOPE_MESSAGE, SMTP_REASON_NEED_SMTPUTF8,
+                 553, "5.6.7");
+        assert_non_null(strstr(R.rc[i].out.text, "8-bit content"));
+    }
 }
 
 static void

@@ -557,6 +557,7 @@ test_ipv6_only(void **state)
     assert_int_equal(r->status, DNS_FAIL);
     assert_string_equal(r->why, "no MX host has an address");
     assert_false(r->bad_name); /* deferred, not bounced: the name is good */
+    assert_false(r->mx_no_host);
     dns_mx_result_unref(r);
     fx_close(&f);
 }
@@ -570,7 +571,8 @@ test_skipped_targets(void **state)
     /* An address as MX target is no host name (RFC 5321 5.1). */
     struct dns_mx_result *r = resolve(&f, "lit.test", NULL);
     assert_int_equal(r->status, DNS_FAIL);
-    assert_string_equal(r->why, "no MX target is a host name");
+    assert_string_equal(r->why, "no MX target is a host name (an IP address or a malformed name)");
+    assert_true(r->mx_no_host);
     dns_mx_result_unref(r);
     r = resolve(&f, "lit2.test", NULL);
     assert_int_equal(r->status, DNS_OK);

@@ -14,6 +14,7 @@
  *                    without an SOA
  *   _mta-sts.h.test  a referral (NS, no SOA): retry; i.test NODATA with
  *                    the zone's NS beside its SOA: not found
+ *   _mta-sts.s.test  SERVFAIL: retry, and the why says so
  *
  * Each answer comes with its TTL (300 for every record here): the
  * records', or a not-found answer's negative TTL, min(the SOA's TTL,
@@ -76,6 +77,7 @@ static const struct script_answer table[] = {
      false,
      {{"i.test", T_NS, "ns.i.test"},
       {"i.test", T_SOA, "ns.i.test host.i.test 1 3600 600 86400 45"}}},
+    {"_mta-sts.s.test", T_TXT, 2 /* SERVFAIL */, false, {{NULL, 0, NULL}}},
 };
 #define NTABLE (sizeof(table) / sizeof(table[0]))
 
@@ -92,14 +94,15 @@ struct got {
     unsigned n;
     uint32_t ttl;
     char txt[4][64];
+    char why[128];
 };
 
 static void
 on_txt(void *arg, enum dns_status status, const char *why, const char *const *txt, unsigned n,
        uint32_t ttl)
 {
-    (void)why;
     struct got *g = arg;
+    snprintf(g->why, sizeof(g->why), "%s", why);
     g->status = status;
     g->n = n;
     g->ttl = ttl;
@@ -212,6 +215,19 @@ test_referral_is_retry(void **state)
     assert_int_equal(g.ttl, 45);
 }
 
+/* A SERVFAIL is named in the why (the log's reason): it was "resolver
+ * error", which says nothing of what the server answered. */
+static void
+test_servfail_is_named(void **state)
+{
+    struct got g;
+    lookup(*state, "_mta-sts.s.test", &g);
+    assert_int_equal(g.status, DNS_RETRY);
+    assert_non_null(strstr(g.why, "SERVFAIL"));
+    lookup(*state, "_mta-sts.a.test", &g);
+    assert_string_equal(g.why, "ok");
+}
+
 static struct dnsmasq dm;
 static bool dm_skipped;
 
@@ -306,6 +322,7 @@ main(void)
         cmocka_unit_test(test_only_other_owner_is_none),
         cmocka_unit_test(test_negative_ttl),
         cmocka_unit_test(test_referral_is_retry),
+        cmocka_unit_test(test_servfail_is_named),
     };
     const struct CMUnitTest dm_tests[] = {
         cmocka_unit_test(test_every_record),

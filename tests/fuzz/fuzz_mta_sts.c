@@ -1,6 +1,6 @@
 /*
  * fuzz_mta_sts: the MTA-STS policy parser, the _mta-sts TXT record parser
- * and the mx pattern match (engine/mta_sts.c) on any bytes: no crash, no
+ * and the mx pattern match (engine/mta_sts_policy.c) on any bytes: no crash, no
  * read past the input, and a parsed policy holds what the RFC allows.
  */
 #include <stdint.h>

@@ -2,7 +2,8 @@
  * libFuzzer target: the command parser and line framing. The first octet
  * picks the flags, the rest is one line. Invariants: spans lie inside the
  * line, error offsets too; a parsed MAIL or RCPT formats back into a line
- * that parses to the same path and parameters; framing never reports a
+ * that parses to the same path and parameters (a local part that is no
+ * Dot-string, user.@, in the quotes it is sent in); framing never reports a
  * line that is not CRLF-terminated and free of CR and LF.
  *
  * Threading: single-threaded fuzz target.
@@ -63,7 +64,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     size_t len;
     char out[2048];
     int rc, n;
-    bool rcpt, bare;
+    bool rcpt, bare, dots;
 
     if (size < 1)
         return 0;
@@ -98,14 +99,26 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     else
         n = smtp_fmt_mail(out, sizeof out, c.path.mailbox.ptr, c.path.mailbox.len, &c.params);
     /* no longer than the line and its CRLF, and the brackets of a path
-     * given without them ("MAIL FROM:a@b", as Postfix takes it) */
+     * given without them ("MAIL FROM:a@b", as Postfix takes it), and the
+     * quotes of a local part that is no Dot-string */
     bare = c.path.mailbox.ptr[-1] != '<';
-    check(n > 2 && (size_t)n <= len + 2 + (bare ? 2 : 0) && out[n - 2] == '\r' &&
-          out[n - 1] == '\n');
+    dots = (c.path.flags & SMTP_PATH_DOTS) != 0;
+    check(n > 2 && (size_t)n <= len + 2 + (bare ? 2 : 0) + (dots ? 2 : 0) &&
+          out[n - 2] == '\r' && out[n - 1] == '\n');
     check(smtp_cmd_parse(out, (size_t)n - 2, flags, &again) == 0);
     check(again.verb == c.verb);
-    check(same_span(again.path.mailbox, c.path.mailbox));
-    check(again.path.flags == (c.path.flags & ~(uint32_t)SMTP_PATH_ROUTE));
+    uint32_t want = c.path.flags & ~(uint32_t)SMTP_PATH_ROUTE;
+    if (dots) {
+        const struct smtp_span *m = &c.path.mailbox, *l = &c.path.local;
+        check(again.path.mailbox.len == m->len + 2 && again.path.mailbox.ptr[0] == '"' &&
+              memcmp(again.path.mailbox.ptr + 1, l->ptr, l->len) == 0 &&
+              again.path.mailbox.ptr[l->len + 1] == '"' &&
+              memcmp(again.path.mailbox.ptr + l->len + 2, m->ptr + l->len, m->len - l->len) == 0);
+        want = (want & ~(uint32_t)SMTP_PATH_DOTS) | SMTP_PATH_QUOTED;
+    } else {
+        check(same_span(again.path.mailbox, c.path.mailbox));
+    }
+    check(again.path.flags == want);
     check(again.params.seen == c.params.seen && again.params.size == c.params.size);
     check(again.params.body == c.params.body && again.params.ret == c.params.ret);
     check(again.params.notify == c.params.notify);

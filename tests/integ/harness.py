@@ -5,14 +5,18 @@ with readiness checks (a log line, a connectable port), and stops them by
 PID. Nothing here sleeps as synchronisation: waits poll a condition with
 a deadline and fail loudly when it passes.
 """
+import contextlib
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import traceback
@@ -95,6 +99,23 @@ def wait_until(cond, timeout, what):
         delay = min(delay * 2, 0.1)
 
 
+@contextlib.contextmanager
+def extra_env(env):
+    """os.environ with env's variables set for the block (a test shim's
+    LD_PRELOAD and its settings, for the sluice started there, not for
+    the servers started after it), then each as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Workdir:
     """A temporary directory removed at exit (kept when KEEP_TMP=1)."""
 
@@ -125,16 +146,58 @@ class Daemon:
             stderr=subprocess.PIPE,
             text=True,
         )
+        self._busy = False
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self):
-        for line in self.proc.stderr:
+        """Read the log's pipe in chunks, whole lines appended to
+        self.lines; while a chunk read is not yet appended, self._busy
+        says so (sync() waits for it)."""
+        fd = self.proc.stderr.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        rest = b""
+        while True:
+            poller.poll()
             with self.cv:
-                self.lines.append(line.rstrip("\n"))
+                self._busy = True
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            rest += chunk
+            *whole, rest = rest.split(b"\n")
+            if not chunk and rest:
+                whole.append(rest)  # a last line without its end
+            with self.cv:
+                self.lines.extend(w.decode("utf-8", "backslashreplace") for w in whole)
+                self._busy = False
                 self.cv.notify_all()
-        with self.cv:
-            self.cv.notify_all()
+            if not chunk:
+                return
+
+    def sync(self, timeout=5):
+        """Wait until every log line sluice has written so far is in
+        self.lines: its pipe holds nothing unread and no chunk is between
+        the pipe and the list. A line written before a reply the test
+        got (sluice writes a turn's lines before its sends) is then
+        counted; without this, a count right after a reply raced the
+        reader thread. Bounded: a sluice writing on and on gets 5 s."""
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + timeout
+        buf = bytearray(4)
+        while time.monotonic() < deadline:
+            with self.cv:
+                if not self.reader.is_alive():
+                    return
+                try:
+                    fcntl.ioctl(fd, termios.FIONREAD, buf)
+                except OSError:
+                    return
+                if int.from_bytes(buf, sys.byteorder) == 0 and not self._busy:
+                    return
+                self.cv.wait(0.01)
 
     def wait_log(self, needle, timeout=WAIT):
         deadline = time.monotonic() + timeout
@@ -176,6 +239,17 @@ class Daemon:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise AssertionError("no VmRSS for sluice")
+
+
+def preload(binary, lib):
+    """The LD_PRELOAD that loads lib (a test's shim) into binary: a
+    sanitizer's runtime it links comes first, since ASan refuses to start
+    after another preloaded library; its interceptors then call the
+    shim's functions as the real ones (RTLD_NEXT), which call libc's."""
+    ldd = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    first = [line.split("=>")[1].split()[0] for line in ldd.splitlines()
+             if "=>" in line and line.split()[0].startswith(("libasan.", "libtsan."))]
+    return ":".join(first + [lib])
 
 
 def run(cmd, **kw):
@@ -361,6 +435,7 @@ class Sluice(Daemon):
             text=True,
             errors="backslashreplace",
         )
+        self._busy = False
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -369,6 +444,7 @@ class Sluice(Daemon):
         return self.proc.pid
 
     def log_lines(self, needle):
+        self.sync()
         with self.cv:
             return [line for line in self.lines if needle in line]
 

@@ -1,4 +1,4 @@
-"""AUTH under attack (engine/auth*.c, the AUTH states of engine/server.c and server_cmd.c),
+"""AUTH under attack (engine/auth*.c, the AUTH states of engine/server.c and server_auth.c),
 against a real sluice on loopback with raw SMTP clients:
 
 - password hashes run off the worker loop: while clients hammer AUTH with

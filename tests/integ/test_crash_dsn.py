@@ -4,7 +4,8 @@ with SIGKILL at random moments, many times, and started again each time;
 then it runs until its spool is empty. Every message that got a 250 must
 have had exactly one DSN made for it (README: a DSN is committed in the
 same transaction as the outcomes that cause it, so a crash cannot lose
-one, and an outcome is not applied twice): the DSNs at the sender's MX
+one, and an outcome is not applied twice; a message's failures on two
+domains are held for one DSN, and a hold survives the kill): the DSNs at the sender's MX
 are told apart by their Message-ID (a DSN delivered twice, at least once
 as any message, is one DSN).
 
@@ -32,7 +33,9 @@ SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
 
 class Injector(threading.Thread):
     """One submission client: message after message from alice@sender.test
-    to one or two recipients at hard.test, each with its tag in Subject;
+    to one to three recipients at hard.test and hard2.test (two domains:
+    two delivery batches, whose failures wait for each other to make one
+    DSN), each with its tag in Subject;
     reconnects whenever the daemon is gone; records the tags that got
     their 250."""
 
@@ -54,7 +57,8 @@ class Injector(threading.Thread):
             while not self.stop.is_set():
                 tag = f"{self.name}x{self.n}x"  # one a message, across sessions
                 self.n += 1
-                rcpts = [f"{tag}{k}@hard.test" for k in range(self.rng.choice([1, 1, 2]))]
+                rcpts = [f"{tag}{k}@{self.rng.choice(['hard', 'hard2'])}.test"
+                         for k in range(self.rng.choice([1, 1, 2, 3]))]
                 s.sendall(b"MAIL FROM:<alice@sender.test>\r\n" +
                           b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in rcpts) +
                           b"DATA\r\n")
@@ -101,7 +105,7 @@ def test_kill9_mass_bounce_dsn_once():
     stop = threading.Event()
     try:
         mx_port = free_port()
-        dns = Dns(wd, records_for(["hard.test"]) + [
+        dns = Dns(wd, records_for(["hard.test", "hard2.test"]) + [
             "host-record=mx2.test,127.0.0.2", "mx-host=sender.test,mx2.test,10"])
         hard = Sink(wd, mx_port, ["-f", "RCPT"])
         senders = Sink(wd, mx_port, name="senders", host="127.0.0.2")

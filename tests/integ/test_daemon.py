@@ -45,6 +45,13 @@ def test_help_and_version():
     assert r.returncode == 2, r
     r = run([SLUICE, "stray-argument"])
     assert r.returncode == 2 and "unexpected argument" in r.stderr, r
+    # the usage alone did not say what was wrong
+    r = run([SLUICE, "--dkim-dns", "example.com"])
+    assert r.returncode == 2 and r.stderr.startswith(
+        "sluice: --dkim-dns needs a DOMAIN and a SELECTOR\n"), r
+    # sluice --help says every exit status (2 and 70 were missing)
+    r = run([SLUICE, "--help"])
+    assert "2 on a usage error" in r.stdout and "stop_stuck" in r.stdout, r
 
 
 def test_check_config_reports_every_error():
@@ -170,8 +177,38 @@ def test_ready_line_says_where_to_find_it():
         d = Daemon(SLUICE, conf)
         line = d.wait_log("event=ready")
         assert (f'listen="{listen[0]}" listen_tls="-" stats_socket={wd.path}/sluice.sock '
-                f"metrics=127.0.0.1:{port}") in line, line
+                f'metrics=127.0.0.1:{port} bounce_listen="-"') in line, line
         assert d.stop() == 0
+        # the bounce listener too, when there is one (it was left out)
+        key = wd.file("verp.key", "0123456789abcdef0123456789abcdef\n")
+        bport = free_port()
+        conf = config(wd, f"[bounce]\nverp_domain = b.example\nverp_key_file = {key}\n"
+                          f"listen = 127.0.0.1:{bport}\n")
+        d = Daemon(SLUICE, conf)
+        line = d.wait_log("event=ready")
+        assert line.endswith(f' bounce_listen="127.0.0.1:{bport}"'), line
+        assert d.stop() == 0
+    finally:
+        stop_if_running(d)
+        wd.cleanup()
+
+
+def test_a_hostname_of_one_label_is_warned_of():
+    """[server] hostname unset takes the system's host name, often one
+    label ("vm"): every EHLO then says it, which receivers checking for a
+    fully qualified name refuse. The start says so; a name with a dot is
+    no warning."""
+    wd = Workdir("sluice-fqdn-")
+    d = None
+    try:
+        d = Daemon(SLUICE, config(wd, server="hostname = vm"))
+        d.wait_log("event=ready")
+        d.wait_log("event=hostname_not_fqdn hostname=vm key=server.hostname", timeout=10)
+        assert d.stop() == 0
+        d = Daemon(SLUICE, config(wd, server="hostname = mx.example.test"))
+        d.wait_log("event=ready")
+        assert d.stop() == 0
+        assert not [ln for ln in d.lines if "hostname_not_fqdn" in ln], d.lines
     finally:
         stop_if_running(d)
         wd.cleanup()
@@ -356,7 +393,8 @@ if __name__ == "__main__":
     main([test_help_and_version, test_check_config_reports_every_error,
           test_check_config_refuses_a_route_to_a_refused_literal,
           test_bundled_config_checks, test_bundled_config_try_lines_check,
-          test_ready_line_says_where_to_find_it, test_sigterm_stops_when_idle,
+          test_ready_line_says_where_to_find_it,
+          test_a_hostname_of_one_label_is_warned_of, test_sigterm_stops_when_idle,
           test_sigint_stops_too, test_sighup_reopens_log, test_a_crash_leaves_its_line,
           test_config_reference_is_current,
           test_classification_table_is_current, test_a_second_instance_on_the_same_port_is_refused,

@@ -10,6 +10,7 @@ the [delivery] timeouts."""
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -541,6 +542,78 @@ def test_nxdomain_and_null_mx_bounce_at_once():
         r.close()
 
 
+def test_addresses_postfix_takes_are_relayed_as_the_receiver_needs_them():
+    """Addresses real lists hold and Postfix takes (strict_rfc821_envelopes
+    = no) though they are no RFC 5321 Dot-string: user.@ (Japanese mobile
+    carriers issued millions), .user@ and a..b@, and an underscore in the
+    domain. Each is accepted at RCPT, logged as the client wrote it, and
+    relayed with the local part in the quoted string the receiver needs
+    ("user."@docomo.test), as Postfix's smtp_quote_rfc821_envelope does;
+    a mail of both spellings of one mailbox goes out once. A control
+    character or a local part over 64 octets with its quotes is still
+    refused."""
+    import smtplib
+    r = Relay(records_for(["docomo.test", "foo_bar.test"]))
+    try:
+        s = smtplib.SMTP("127.0.0.1", r.port, timeout=30)
+        s.ehlo("client.example")
+        code, msg = s.mail("news.@example.com")
+        assert code == 250, (code, msg)
+        rcpts = ["user.@docomo.test", ".lead@docomo.test", "a..b@docomo.test",
+                 "x@foo_bar.test"]
+        for a in rcpts:
+            code, msg = s.rcpt(a)
+            assert code == 250, (a, code, msg)
+        code, msg = s.rcpt('"user."@docomo.test')  # the same mailbox, quoted
+        assert code == 250, (code, msg)
+        for bad in ["a" * 63 + ".@docomo.test", "a.\x01@docomo.test", ".@docomo.test"]:
+            code, msg = s.docmd("RCPT", f"TO:<{bad}>")
+            assert code == 553 and msg.startswith(b"5.1.3"), (bad, code, msg)
+        code, msg = s.data(b"Subject: dots\r\n\r\nbody\r\n")
+        assert code == 250, (code, msg)
+        s.quit()
+        got = wait_sink(r, 2, timeout=30)
+        wire = sorted(x for dump in got
+                      for x in re.findall(rb"^X-Rcpt-Args: (.*)$", dump, re.M))
+        assert wire == [b'<".lead"@docomo.test>', b'<"a..b"@docomo.test>',
+                        b'<"user."@docomo.test>', b"<x@foo_bar.test>"], wire
+        for dump in got:
+            assert b'X-Mail-Args: <"news."@example.com>' in dump, dump[:400]
+        lines = r.d.wait_log_count("event=delivered", 4, timeout=10)
+        for a in rcpts:
+            assert any(f"rcpt=<{a}>" in ln for ln in lines), (a, lines)
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_mx_naming_an_address_bounces_at_once():
+    """MX records that name an address (MX 10 192.0.2.1: RFC 5321 5.1
+    wants a host name; Postfix bounces it 5.4.4 after its "numeric domain
+    name in resource data of MX record", Exim without allow_mx_to_ip):
+    the recipient bounces at the first attempt, 550 5.4.4 with a reply
+    that says why, class dns_failure; it was deferred 4.4.3 "DNS lookup
+    failed" until max_age. Beside an MX record that names a host it is
+    skipped and the mail delivered."""
+    r = Relay(["host-record=mx.test,127.0.0.1", "mx-host=iplit.test,127.0.0.1,10",
+               "mx-host=mixed.test,127.0.0.1,5", "mx-host=mixed.test,mx.test,10"])
+    try:
+        r.inject([("s@example.com", ["a@iplit.test", "b@mixed.test"],
+                   b"Subject: lit\r\n\r\nmx to an address\r\n")])
+        line = r.d.wait_log("event=bounced", timeout=30)
+        assert "rcpt=<a@iplit.test>" in line, line
+        assert "code=550" in line and "enhanced=5.4.4" in line, line
+        assert "class=dns_failure" in line, line
+        assert "no MX target is a host name" in line, line
+        assert r.d.wait_log("event=delivered", timeout=30).count("rcpt=<b@mixed.test>") == 1
+        assert r.d.count_log("event=deferred") == 0, r.d.log_lines("event=deferred")
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
 def test_deny_networks_refuses_mx_addresses_there():
     """[delivery] deny_networks: an MX address in a listed network is
     refused as a target whatever allow_networks says (the internal
@@ -652,7 +725,7 @@ class HostileMx:
     """A scripted SMTP server on the MX port: the hostile replies no real
     server gives on demand. script(conn, rfile) runs per connection."""
 
-    def __init__(self, port, script, rcvbuf=0):
+    def __init__(self, port, script, rcvbuf=0, host="127.0.0.1"):
         import socketserver
         import threading
 
@@ -678,7 +751,7 @@ class HostileMx:
                     pass
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = Server(("127.0.0.1", port), Handler)
+        self.server = Server((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -1489,6 +1562,8 @@ if __name__ == "__main__":
           test_5xx_rcpt_bounces_and_is_removed,
           test_4xx_rcpt_defers_and_keeps, test_faults_at_data_and_dot_lose_nothing,
           test_nxdomain_and_null_mx_bounce_at_once, test_restart_delivers_what_was_queued,
+          test_addresses_postfix_takes_are_relayed_as_the_receiver_needs_them,
+          test_mx_naming_an_address_bounces_at_once,
           test_starttls_to_a_receiver_that_offers_it,
           test_optional_tls_falls_back_to_plaintext_after_a_failed_handshake,
           test_required_tls_defers_when_not_offered,

@@ -1,7 +1,7 @@
 """A stop's drain and the deadlines already running: a submission session
 that was closing before the drain began (its last reply, a 421, unable to
 leave: the client stopped reading) keeps its deadline; the drain may only
-bring it nearer (engine/server.c server_on_drain: never later than the
+bring it nearer (engine/server_worker.c server_on_drain: never later than the
 deadline it has). With a drain_timeout longer than timeout_command, the
 drain's own bound for a closing session (closing_deadline: timeout_command
 from the drain, or what is left of the drain) is later than the deadline
@@ -16,11 +16,13 @@ event, tests/client/test_smtp_client.c, so nothing is armed again.)
 Each test starts its own sluice (test_hostile_client.sluice: own spool and
 ports, delivery off) and stops it."""
 import datetime
+import os
 import signal
+import subprocess
 import time
 
-from harness import log_fields, main
-from test_hostile_client import deaf_client, sluice
+from harness import Smtp, log_fields, main, spool_messages
+from test_hostile_client import deaf_client, envelope, held_message, sluice
 
 
 def stamp(line):
@@ -72,5 +74,75 @@ def test_drain_keeps_a_closing_sessions_earlier_deadline():
         assert stamp(stopping) < stamp(closed[0]), (stopping, closed[0])
 
 
+def test_drain_timeout_is_a_time_on_the_clock():
+    """drain_timeout bounds the drain in time: its wait for the workers
+    counted 20 ms per sleep, so each sleep's lateness added up (32 s for
+    the 30 s default on a loaded machine) and a process stopped
+    meanwhile (SIGSTOP here, as a paused VM or an overloaded host) went
+    on draining for all of drain_timeout after it resumed: 2 s + 3 s. A
+    commit held 8 s (SLUICE_TEST_COMMIT_DELAY) holds the drain; once the
+    process resumes 3 s after the stop, the drain has timed out."""
+    drain_s, paused_s = 2, 3
+    with sluice(f"drain_timeout = {drain_s}s\n",
+                env={"SLUICE_TEST_COMMIT_DELAY": "8000"}) as d:
+        d.wait_log("event=test_hook name=SLUICE_TEST_COMMIT_DELAY")
+        pending = held_message(d, b"Subject: held\r\n\r\nheld by the spool\r\n.\r\n")
+        try:
+            d.signal(signal.SIGTERM)
+            stopping = d.wait_log("event=stopping")
+            d.wait_log("event=draining")  # the drain's deadline is set
+            d.signal(signal.SIGSTOP)
+            # the pause under test (not a wait for anything to happen)
+            time.sleep(paused_s)
+            d.signal(signal.SIGCONT)
+            timed_out = d.wait_log("event=drain_timed_out", timeout=30)
+        finally:
+            d.signal(signal.SIGCONT)
+            pending.close()
+        took = (stamp(timed_out) - stamp(stopping)).total_seconds()
+        print(f"     drain ended {took:.2f}s after the stop (drain_timeout {drain_s}s, "
+              f"stopped for {paused_s}s)")
+        assert took < paused_s + 0.9, \
+            f"the drain ended {took:.2f}s after the stop: drain_timeout counted past the pause"
+
+
+def test_a_second_sigterm_ends_the_drain():
+    """A second SIGTERM (or Ctrl-C again) during the drain ends it at
+    once, logged event=drain_cut, as drain_timeout running out would: the
+    stop goes on and exits 0. Before, it waited, blocked, for all of
+    drain_timeout (60 s here), held by a client that does not read its
+    421. A message accepted before the stop is in the spool after it."""
+    drain_s = 60
+    with sluice(f"drain_timeout = {drain_s}s\nmax_junk_commands = 1000000000\n",
+                workers=1) as d:
+        c = Smtp(d.port, timeout=30)
+        envelope(c)
+        c.expect(b"Subject: kept\r\n\r\naccepted before the stop\r\n.", 250)
+        c.expect("QUIT", 221)
+        c.close()
+        deaf = deaf_client(d)
+        try:
+            d.signal(signal.SIGTERM)
+            d.wait_log("event=shutting_down")  # its 421 cannot leave: the drain waits
+            t0 = time.monotonic()
+            d.signal(signal.SIGTERM)
+            try:
+                rc = d.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("a second SIGTERM did not end the drain")
+            took = time.monotonic() - t0
+        finally:
+            deaf.close()
+        d.reader.join(5)
+        assert rc == 0, "\n".join(d.lines[-20:])
+        print(f"     gone {took:.2f}s after the second SIGTERM (drain_timeout {drain_s}s)")
+        (cut,) = d.log_lines("event=drain_cut")
+        assert "signal=TERM" in cut and f"sender_pid={os.getpid()}" in cut, cut
+        assert not d.log_lines("event=drain_timed_out") and not d.log_lines("event=drain_done")
+        (m,) = spool_messages(d.spool)
+        assert b"accepted before the stop" in m["body"]
+
+
 if __name__ == "__main__":
-    main([test_drain_keeps_a_closing_sessions_earlier_deadline])
+    main([test_drain_keeps_a_closing_sessions_earlier_deadline,
+          test_drain_timeout_is_a_time_on_the_clock, test_a_second_sigterm_ends_the_drain])

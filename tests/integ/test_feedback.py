@@ -27,11 +27,12 @@ import re
 import shutil
 import smtplib
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 
-from harness import WAIT, Smtp, free_port, log_fields, main, stats_ask, wait_until
+from harness import WAIT, Smtp, extra_env, free_port, log_fields, main, stats_ask, wait_until
 from test_delivery import Relay, records_for
 
 KEY = b"0123456789abcdef0123456789abcdef-oob-test"
@@ -241,6 +242,230 @@ def test_bounce_events_stored_before_the_250():
     finally:
         f.close()
         rec.stop()
+
+
+def test_report_answered_451_is_told_once():
+    """A report whose commit fails (the spool's disk fails its writes:
+    the fail-writes shim, argv[3]) is answered 451 and has logged,
+    counted and suppressed nothing; the reporter sends it again once the
+    disk is back, and it is told once: one oob_bounce and oob_received
+    line, one event at the sink and in the delivery log, the entry added
+    once. Before, the log lines and the entry were made before the
+    commit, and the report sent again made them a second time."""
+    from test_events import Receiver, hook_conf
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    from harness import Sluice, preload
+    rec = Receiver()
+    trigger = tempfile.mktemp(prefix="sluice-fail-writes-")
+    # the shim (after a sanitizer's runtime) in sluice only, not dnsmasq
+    env = {"LD_PRELOAD": preload(sluice_binary(), shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger}
+    f = Feedback(server_extra=hook_conf(rec.port) + "[suppress]\non_invalid_recipient = 30d\n")
+    sock = os.path.join(f.keydir, "stats.sock")
+    try:
+        assert f.r.d.stop_clean() == 0
+        with extra_env(env):
+            f.r.d = Sluice(sluice_binary(), os.path.join(f.r.wd.path, "sluice.conf"))
+        d = f.r.d
+        d.wait_log("event=ready")
+        _, verp = f.send_mail(["alice@d1.test"])
+        dsn = fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                           "nobody@example.net": "alice@d1.test"})
+        open(trigger, "w").close()
+        try:
+            with smtplib.SMTP("127.0.0.1", f.bport, timeout=20) as s:
+                s.ehlo("mx.reporter.test")
+                try:
+                    s.sendmail("", [verp["alice@d1.test"]], crlf(dsn))
+                    raise AssertionError("the report was taken on a failing disk")
+                except smtplib.SMTPDataError as e:
+                    assert e.smtp_code == 451, e
+        finally:
+            os.unlink(trigger)
+        # the 451 may reach the reporter before the worker's batch of
+        # log lines is written (at the end of its turn)
+        d.wait_log_count("event=oob_commit_failed", 1)
+        assert d.count_log("event=oob_commit_failed") == 1
+        assert d.count_log("event=oob_bounce ") == 0
+        assert d.count_log("event=oob_received") == 0
+        assert f.stats()["oob_messages"] == 0
+        # the reporter's retry
+        assert f.bounce("", [verp["alice@d1.test"]], dsn) == {}
+        f.wait_events("oob_bounce", 1)
+        wait_until(lambda: stats_ask(sock)["suppress"]["added"] >= 1, 15, "the entry")
+
+        def at_sink():
+            with rec.lock:
+                return [e for e in rec.events.values() if e["event"] == "oob_bounce"]
+        wait_until(lambda: len(at_sink()) >= 1, 30, "the sink's event")
+        assert stats_ask(sock)["suppress"]["added"] == 1
+        assert f.r.d.stop_clean() == 0
+        assert d.count_log("event=oob_bounce ") == 1, d.log_lines("event=oob_bounce ")
+        assert d.count_log("event=oob_received") == 1
+        assert len(f.events("oob_bounce")) == 1
+        assert len(at_sink()) == 1, at_sink()
+    finally:
+        f.close()
+        rec.stop()
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+
+
+def test_report_answered_after_the_loop_ended_is_logged_so():
+    """SIGTERM while a report's commit is pending, and drain_timeout (1 s)
+    runs out before the spool answers (SLUICE_TEST_COMMIT_DELAY holds
+    each answer 3 s): the stop waits for that commit, the report is stored
+    (its entry is on the list at the next start), and its oob_received
+    line, logged once the commit returned, says unanswered=stopping, as a
+    message's event=queued does: the reporter got no 250 and sends the
+    report again. Before, the line was logged before the commit, as if
+    the report had been answered."""
+    import signal
+    import test_delivery
+    from harness import Sluice
+    from test_body import read_reply
+    f = Feedback(server_extra="[suppress]\non_invalid_recipient = 30d\n")
+    sock = os.path.join(f.keydir, "stats.sock")
+    cfg = os.path.join(f.r.wd.path, "sluice.conf")
+    try:
+        _, verp = f.send_mail(["alice@d1.test"])
+        dsn = crlf(fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                                "nobody@example.net": "alice@d1.test"}))
+        assert f.r.d.stop_clean() == 0
+        with open(cfg) as fh:
+            text = fh.read()
+        with open(cfg, "w") as fh:
+            fh.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        os.environ["SLUICE_TEST_COMMIT_DELAY"] = "3000"
+        try:
+            f.r.d = Sluice(test_delivery.SLUICE, cfg)
+        finally:
+            os.environ.pop("SLUICE_TEST_COMMIT_DELAY", None)
+        d = f.r.d
+        d.wait_log("event=ready")
+        s = socket.create_connection(("127.0.0.1", f.bport), timeout=30)
+        r = s.makefile("rb")
+        try:
+            assert read_reply(r).startswith(b"220")
+            s.sendall(b"EHLO mx.reporter.test\r\n")
+            assert read_reply(r).startswith(b"250")
+            s.sendall(b"MAIL FROM:<>\r\nRCPT TO:<%s>\r\nDATA\r\n" %
+                      verp["alice@d1.test"].encode())
+            for want in (b"250", b"250", b"354"):
+                assert read_reply(r).startswith(want)
+            s.sendall(dsn.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+            d.wait_log("event=commit_held")  # the report is with the spool
+            d.proc.send_signal(signal.SIGTERM)
+            d.wait_log("event=drain_timed_out")
+            assert d.proc.wait(30) == 0
+        finally:
+            r.close()
+            s.close()
+        lines = d.log_lines("event=oob_received")
+        assert len(lines) == 1 and "unanswered=stopping" in lines[0], lines
+        assert d.count_log("event=oob_bounce ") == 1
+        f.r.d = Sluice(test_delivery.SLUICE, cfg)
+        f.r.d.wait_log("event=ready")
+        ctl = os.environ.get("SLUICECTL") or os.path.normpath(os.path.join(
+            os.path.dirname(os.path.abspath(test_delivery.SLUICE)), "..", "tools", "sluicectl"))
+        p = subprocess.run([ctl, "-s", sock, "--json",
+                            "suppress", "check", "alice@d1.test"],
+                           capture_output=True, text=True, timeout=30)
+        assert json.loads(p.stdout)["suppressed"], p.stdout
+        assert f.r.d.stop_clean() == 0
+    finally:
+        f.close()
+
+
+def test_report_cut_off_by_a_stop_is_logged_unanswered():
+    """A report whose commit the spool does not answer (its disk stalls:
+    the fail-writes shim in stall mode, argv[3]) when a stop comes: the
+    stop waits for it 30 s (SERVER_STOP_COMMIT_WAIT_MS), then logs
+    event=commit_unanswered report=dsn (no message id: a report has none)
+    and event=stop_commit_wait_cut pending=1, and the reporter gets no
+    250. Once the disk answers, the stop ends, and the report was stored:
+    its entry is on the list at the next start. One worker: the stop
+    frees a worker's server (this wait) before its delivery, whose own
+    wait for the spool ends at the same bound (with a second worker, that
+    worker's report would be waited for only what is left of it)."""
+    import signal
+    from harness import Sluice, preload
+    from test_body import read_reply
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    trigger = tempfile.mktemp(prefix="sluice-stall-")
+    # the session and port of a commit cut off stay allocated until the
+    # exit (server.c, stop_commits_wait): no leak report under ASan
+    asan = os.environ.get("ASAN_OPTIONS")
+    env = {"LD_PRELOAD": preload(sluice_binary(), shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
+           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    f = Feedback(server_extra="[suppress]\non_invalid_recipient = 30d\n")
+    sock = os.path.join(f.keydir, "stats.sock")
+    cfg = os.path.join(f.r.wd.path, "sluice.conf")
+    ctl = os.environ.get("SLUICECTL") or os.path.normpath(os.path.join(
+        os.path.dirname(os.path.abspath(sluice_binary())), "..", "tools", "sluicectl"))
+    s = None
+    try:
+        _, verp = f.send_mail(["alice@d1.test"])
+        dsn = crlf(fixture("postfix-dsn.eml", **{FIXTURE_VERP: verp["alice@d1.test"],
+                                                "nobody@example.net": "alice@d1.test"}))
+        assert f.r.d.stop_clean() == 0
+        with open(cfg) as fh:
+            text = fh.read()
+        text = text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1)
+        with open(cfg, "w") as fh:
+            fh.write(text.replace("\nworkers = 2\n", "\nworkers = 1\n", 1))
+        with extra_env(env):
+            f.r.d = Sluice(sluice_binary(), cfg)
+        d = f.r.d
+        d.wait_log("event=ready")
+        s = socket.create_connection(("127.0.0.1", f.bport), timeout=60)
+        r = s.makefile("rb")
+        assert read_reply(r).startswith(b"220")
+        s.sendall(b"EHLO mx.reporter.test\r\n")
+        assert read_reply(r).startswith(b"250")
+        s.sendall(b"MAIL FROM:<>\r\nRCPT TO:<%s>\r\nDATA\r\n" %
+                  verp["alice@d1.test"].encode())
+        for want in (b"250", b"250", b"354"):
+            assert read_reply(r).startswith(want)
+        open(trigger, "w").close()  # the spool's disk stops answering
+        s.sendall(dsn.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the report's commit held")
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_log("event=stop_commit_wait_cut", timeout=60)
+        cut = d.log_lines("event=commit_unanswered")
+        assert len(cut) == 1 and "report=dsn" in cut[0] and " id=" not in cut[0], cut
+        assert "pending=1" in d.log_lines("event=stop_commit_wait_cut")[0]
+        os.unlink(trigger)  # the disk answers: the stop goes on
+        rc = d.proc.wait(60)
+        assert rc == 0, (rc, d.lines[-20:])
+        r.close()
+        got = s.recv(4096)
+        assert b"250" not in got, got  # never told stored
+        f.r.d = Sluice(sluice_binary(), cfg)
+        f.r.d.wait_log("event=ready")
+        p = subprocess.run([ctl, "-s", sock, "--json", "suppress", "check", "alice@d1.test"],
+                           capture_output=True, text=True, timeout=30)
+        assert json.loads(p.stdout)["suppressed"], p.stdout
+        assert f.r.d.stop_clean() == 0
+    finally:
+        if s is not None:
+            s.close()
+        for path in (trigger, trigger + ".held"):  # first: the stop may need the disk
+            if os.path.exists(path):
+                os.unlink(path)
+        f.close()
+
+
+def sluice_binary():
+    import test_delivery
+    return test_delivery.SLUICE
 
 
 def test_complaint_in_another_case_suppresses_the_recipient():
@@ -609,6 +834,8 @@ def test_client_text_cannot_forge_log_fields():
 
 if __name__ == "__main__":
     main([test_verp_dsn_complaint, test_bounce_events_stored_before_the_250,
+          test_report_cut_off_by_a_stop_is_logged_unanswered,
+          test_report_answered_451_is_told_once, test_report_answered_after_the_loop_ended_is_logged_so,
           test_complaint_in_another_case_suppresses_the_recipient,
           test_refusals, test_autoreply_and_malformed, test_limits,
           test_refused_recipients_count_as_errors, test_connection_caps_apart,

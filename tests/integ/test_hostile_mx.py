@@ -566,6 +566,155 @@ def test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver():
         r.close()
 
 
+def test_a_dsn_of_an_8bit_message_reaches_a_sender_mx_without_8bitmime():
+    """An 8-bit message (8-bit Subject and body, BODY=8BITMIME, RET=FULL)
+    bounces 5.6.3 at an MX without 8BITMIME; its DSN goes to the sender's
+    MX, which has none either. The DSN returns the headers only
+    (text/rfc822-headers, quoted-printable: message/rfc822 may not be
+    encoded) and says why, so it is 7-bit, sent without BODY=8BITMIME, and
+    delivered. Before, it returned the whole message as 8bit, bounced
+    there 5.6.3 too, and was dropped (a DSN's bounce is told to nobody):
+    the sender never heard that the mail failed."""
+    import email
+    import email.policy
+    import smtplib
+    got, mails = [], []
+
+    def script(c, rfile):
+        class Spy:
+            def readline(self):
+                line = rfile.readline()
+                if line[:4].upper() == b"MAIL":
+                    mails.append(line)
+                return line
+        serve(c, Spy(), got=got)
+
+    r = HostileRelay(plain_dns(), dsn=True)
+    mx = HostileMx(r.mx_port, script)
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            cl.sendmail("s@sender.test", ["x@rcpt.test"],
+                        "Subject: Gr\u00fc\u00dfe\r\nX-Campaign: c8\r\n\r\nna\u00efve body\r\n"
+                        .encode(), mail_options=["BODY=8BITMIME", "RET=FULL"])
+        bounce = r.wait_events("bounce", 1)[0]
+        assert bounce["rcpt"] == "x@rcpt.test" and bounce["enhanced"] == "5.6.3", bounce
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["rcpt"] == "s@sender.test" and ev["sender"] == "", ev
+        assert len(r.events("bounce")) == 1, r.events()
+        assert len(got) == 1 and len(mails) == 1, (got, mails)
+        dsn = got[0]
+        assert all(b < 128 for b in dsn), dsn[:2000]
+        assert mails[0].startswith(b"MAIL FROM:<>") and b"BODY=" not in mails[0], mails
+        msg = email.message_from_bytes(dsn, policy=email.policy.default)
+        assert msg.get_content_type() == "multipart/report", dsn[:2000]
+        parts = list(msg.iter_parts())
+        types = [p.get_content_type() for p in parts]
+        assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"], types
+        assert "has 8-bit content" in parts[0].get_content(), parts[0]
+        assert parts[2]["Content-Transfer-Encoding"] == "quoted-printable", parts[2]
+        hdrs = parts[2].get_payload(decode=True)
+        assert "Subject: Gr\u00fc\u00dfe\r\n".encode() in hdrs, hdrs
+        assert b"X-Campaign: c8\r\n" in hdrs and b"body" not in hdrs, hdrs
+        assert r.d.stop_clean() == 0
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_a_dsn_that_bounces_is_dropped_and_logged_once():
+    """A bounce's DSN refused by the sender's MX (550 at RCPT) is not
+    bounced again (its sender is <>): sluice logs event=dsn_dropped
+    reason=null_sender once, with the DSN's id, besides its bounced line
+    (before, only that line's empty sender said that the sender would
+    hear nothing). A delivered DSN logs none."""
+    import smtplib
+    got = []
+    refuse = {"on": True}
+
+    def rcpt(line):
+        if b"@rcpt.test" in line or (refuse["on"] and b"@sender.test" in line):
+            return b"550 5.1.1 no such user\r\n"
+        return None
+
+    r = HostileRelay(plain_dns(), dsn=True)
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(c, rfile, got=got, rcpt_reply=rcpt))
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            cl.sendmail("s@sender.test", ["x@rcpt.test"], b"Subject: one\r\n\r\nx\r\n")
+        evs = r.wait_events("bounce", 2)
+        dsn = r.wait_events("dsn", 1)[0]
+        assert [e["sender"] for e in evs] == ["s@sender.test", ""], evs
+        assert evs[1]["id"] == dsn["dsn_id"] and evs[1]["rcpt"] == "s@sender.test", (evs, dsn)
+        line = r.d.wait_log("event=dsn_dropped")
+        assert f"id={dsn['dsn_id']} event=dsn_dropped reason=null_sender recipients=1" in line, \
+            line
+        refuse["on"] = False
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            cl.sendmail("s@sender.test", ["y@rcpt.test"], b"Subject: two\r\n\r\nx\r\n")
+        ev = r.wait_events("delivery", 1)[0]
+        assert ev["sender"] == "" and ev["rcpt"] == "s@sender.test", ev
+        assert r.d.stop_clean() == 0
+        assert r.d.count_log("event=dsn_dropped") == 1, r.d.lines
+        # (a refused RCPT's pipelined DATA ends at once: "." alone)
+        assert len(r.events("dsn")) == 2 and len([g for g in got if g]) == 1, (r.events(), got)
+    finally:
+        mx.stop()
+        r.close()
+
+
+def test_failed_and_relayed_recipients_of_a_transaction_share_one_dsn():
+    """One transaction to an MX without DSN: two recipients refused at
+    RCPT, two taken, all four with NOTIFY=SUCCESS,FAILURE, a fifth taken
+    that asked nothing. One DSN names the four (failed, relayed), not
+    the fifth, returns the message (RET=FULL, a failure), and its dsn
+    event lists them with their Action and Status (before, it named no
+    recipient: a consumer of the events could not tell whom it was for)."""
+    import email
+    import email.policy
+    import smtplib
+    got = []
+    r = HostileRelay(plain_dns(), dsn=True)
+    mx = HostileMx(r.mx_port, lambda c, rfile: serve(
+        c, rfile, got=got,
+        rcpt_reply=lambda line: b"550 5.1.1 no such user\r\n" if b"bad" in line else None))
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=30) as cl:
+            cl.ehlo("tester")
+            cl.mail("s@sender.test", ["RET=FULL", "ENVID=e1"])
+            for a in ("bad1@rcpt.test", "good1@rcpt.test", "bad2@rcpt.test", "good2@rcpt.test"):
+                assert cl.rcpt(a, ["NOTIFY=SUCCESS,FAILURE"])[0] == 250
+            assert cl.rcpt("quiet@rcpt.test")[0] == 250
+            assert cl.data(b"Subject: mixed\r\n\r\nthe body\r\n")[0] == 250
+        dl = r.wait_events("delivery", 4)  # three recipients, then the DSN
+        dsn_ev = r.events("dsn")
+        assert len(dsn_ev) == 1, r.events()
+        assert dsn_ev[0]["recipients"] == [
+            {"rcpt": "bad1@rcpt.test", "action": "failed", "status": "5.1.1"},
+            {"rcpt": "good1@rcpt.test", "action": "relayed", "status": "2.0.0"},
+            {"rcpt": "bad2@rcpt.test", "action": "failed", "status": "5.1.1"},
+            {"rcpt": "good2@rcpt.test", "action": "relayed", "status": "2.0.0"}], dsn_ev
+        assert [e["rcpt"] for e in dl if e["sender"] == ""] == ["s@sender.test"], dl
+        dsns = [g for g in got if b"multipart/report" in g]
+        assert len(dsns) == 1, got
+        msg = email.message_from_bytes(dsns[0], policy=email.policy.default)
+        assert msg["Subject"] == "Undelivered Mail Returned to Sender", msg["Subject"]
+        parts = list(msg.iter_parts())
+        assert [p.get_content_type() for p in parts] == [
+            "text/plain", "message/delivery-status", "message/rfc822"], parts
+        text = dsns[0].decode().replace("\r\n", "\n")
+        assert text.count("Action: failed\n") == 2 and text.count("Action: relayed\n") == 2, text
+        assert "quiet@rcpt.test" not in text and "Original-Envelope-Id: e1\n" in text, text
+        assert "the body" in text, text
+        assert r.d.stop_clean() == 0
+        assert len(r.events("dsn")) == 1, r.events()
+    finally:
+        mx.stop()
+        r.close()
+
+
 def _body(rfile):
     out = b""
     for _ in range(100000):
@@ -962,6 +1111,9 @@ if __name__ == "__main__":
           test_each_recipient_of_a_transaction_gets_its_own_outcome,
           test_replies_longer_than_kept_keep_their_code,
           test_declared_8bit_and_utf8_that_are_ascii_go_to_a_plain_receiver,
+          test_a_dsn_of_an_8bit_message_reaches_a_sender_mx_without_8bitmime,
+          test_a_dsn_that_bounces_is_dropped_and_logged_once,
+          test_failed_and_relayed_recipients_of_a_transaction_share_one_dsn,
           test_a_receiver_that_never_reads_stalls_no_other_domain,
           test_hostile_dns_answers, test_a_domain_that_can_exist_nowhere_bounces_at_once, test_mx_hosts_that_do_not_exist_bounce,
           test_lookups_waiting_for_a_slot_are_shown, test_dead_domains_give_their_dns_slots_up,

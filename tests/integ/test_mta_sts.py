@@ -42,8 +42,8 @@ import sys
 import threading
 import time
 
-from harness import (WAIT, Sluice, Workdir, dkimpy_verify, free_port, log_fields, main, run,
-                     skip, stats_ask, wait_until)
+from harness import (WAIT, Sluice, Workdir, dkimpy_verify, extra_env, free_port, log_fields, main,
+                     run, skip, stats_ask, wait_until)
 
 sys.path.append("/usr/lib/python3/dist-packages")  # Debian's python3-dkim under another python
 try:
@@ -465,16 +465,8 @@ dsn = no
         # A proxy in sluice's environment points at the trap: policy
         # fetches and report posts must not go through it (the addresses
         # allow_networks checks would be the proxy's).
-        saved = {k: os.environ.get(k) for k in PROXY_VARS}
-        os.environ.update({k: f"http://{TRAP}:{self.trap.getsockname()[1]}" for k in PROXY_VARS})
-        try:
+        with extra_env({k: f"http://{TRAP}:{self.trap.getsockname()[1]}" for k in PROXY_VARS}):
             self.d = Sluice(SLUICE, self.conf, stdout=stdout)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         self.d.wait_log("event=ready")
 
     def send(self, rcpt, sender=None):

@@ -125,6 +125,19 @@ def test_stats_domains_message_and_exit_codes():
     r = Relay(recs, domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
     try:
         assert os.path.exists(SLUICECTL), f"no sluicectl at {SLUICECTL}"
+        # In its first minute sluice's "1m" rates are over the time since
+        # start: the column says how long ("last 3s"), not "last 1m".
+        wait_until(lambda: ctl_json(r, "stats")["rates"]["1m"] is not None, 10,
+                   "the second rate sample")
+        p = ctl(r, "stats")
+        assert p.returncode == 0, p.stderr
+        up = re.search(r" up ([0-9]+)s ", p.stdout)
+        head = re.search(r"^per second +last 1s +last (\S+)$", p.stdout, re.M)
+        assert up and head, p.stdout
+        assert head.group(1) != "1m" and head.group(1).endswith("s"), p.stdout
+        assert abs(int(head.group(1)[:-1]) - int(up.group(1))) <= 2, p.stdout
+        w = ctl_json(r, "stats")["rates"]["1m"]["window_ms"]
+        assert 0 < w < 59500, w
         n = 12
         r.inject([msg(i, [f"u{i}@ok.test"]) for i in range(n)] +
                  [msg(99, ["x@dead.test", "y@dead.test"])])
@@ -179,8 +192,23 @@ def test_stats_domains_message_and_exit_codes():
         one_line_error(ctl(r, "message", "not-an-id"), 1)
         missing = "1" + qid[1:] if qid[0] != "1" else "2" + qid[1:]
         one_line_error(ctl(r, "message", missing), 1)
-        one_line_error(ctl(r, "frobnicate"), 2)
+        err = one_line_error(ctl(r, "frobnicate"), 2)
+        assert "did you mean" not in err, err
+        # a slip, or another MTA's word: the command meant is named
+        for word, meant in (("status", "stats"), ("domain", "domains"), ("mailq", "queue"),
+                            ("flsuh", "flush")):
+            err = one_line_error(ctl(r, word), 2)
+            assert f'unknown command "{word}" (did you mean "{meant}"?' in err, err
         one_line_error(ctl(r, "message"), 2)
+        # a bad N is a usage error, as domains' is: queue's was sluice's (1)
+        one_line_error(ctl(r, "domains", "0"), 2)
+        one_line_error(ctl(r, "queue", "0"), 2)
+        one_line_error(ctl(r, "queue", "10001", "ok.test"), 2)
+        # a global option after the command: said so, not "unknown option"
+        err = one_line_error(ctl(r, "stats", "-s", sock_of(r)), 2)
+        assert "-s goes before the command (sluicectl -s SOCKET stats" in err, err
+        err = one_line_error(ctl(r, "queue", "--json"), 2)
+        assert "--json goes before the command" in err, err
         one_line_error(ctl(sock_of(r) + ".nope", "stats"), 3)
         # The daemon is unharmed by all that.
         assert ctl(r, "stats").returncode == 0
@@ -208,6 +236,15 @@ def test_sluicectl_without_sluice_says_so():
             s.bind(stale)  # never listened on: refused, as after a stop
         err = one_line_error(ctl(stale, "domains"), 3)
         assert stale in err and "sluice may not be running" in err, err
+        # -s naming the config file or the spool's directory: connect says
+        # "refused" there too, which is no left-behind socket
+        conf = os.path.join(wd.path, "sluice.conf")
+        with open(conf, "w") as f:
+            f.write("[server]\n")
+        for path, kind in ((conf, "a file"), (wd.path, "a directory")):
+            err = one_line_error(ctl(path, "stats"), 3)
+            assert path in err and f"that is {kind}, not a socket" in err, err
+            assert "may not be running" not in err, err
     finally:
         wd.cleanup()
 
@@ -242,6 +279,42 @@ def test_flush_waits_for_a_slow_answer():
         assert got == [b"flush\n"], got
         assert p.returncode == 0, (p.returncode, p.stderr)
         assert json.loads(p.stdout.splitlines()[0])["recipients"] == 1000000, p.stdout
+    finally:
+        srv.close()
+        wd.cleanup()
+
+
+def test_durations_round_to_nearest():
+    """sluicectl shows durations rounded to the nearest of their last unit:
+    1,500 ms is "2s" and 59,600 ms "1m"; it cut them down ("1s", "59s",
+    and 5,399,999 ms "1h 29m"). A stats socket of our own answers
+    suspend with each for_ms in turn."""
+    import threading
+    wd = Workdir("sluice-ctl-")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cases = [(999, "999ms"), (1499, "1s"), (1500, "2s"), (59600, "1m"), (89999, "1m 30s"),
+             (3599600, "1h"), (5399999, "1h 30m"), (86399999, "1d"), (131400000, "1d 13h")]
+    try:
+        path = os.path.join(wd.path, "dur.sock")
+        srv.bind(path)
+        srv.listen(len(cases))
+
+        def answer():
+            for ms, _ in cases:
+                c, _ = srv.accept()
+                with c:
+                    c.makefile("rb").readline()
+                    c.sendall(json.dumps({"ok": True, "domain": "x.test", "suspended": True,
+                                          "cluster": False, "for_ms": ms}).encode() + b"\n")
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        for ms, want in cases:
+            p = ctl(path, "suspend", "x.test", "--for", "1h")
+            assert p.returncode == 0, p.stderr
+            rows = [ln.split(None, 1) for ln in p.stdout.splitlines()]
+            got = next(r[1] for r in rows if r[0] == "for")
+            assert got == want, (ms, got, want)
+        t.join(10)
     finally:
         srv.close()
         wd.cleanup()
@@ -297,6 +370,21 @@ def test_spool_tool_refuses_a_directory_without_a_spool():
         wd.cleanup()
 
 
+def test_spool_tool_on_a_running_sluice_says_what_to_do():
+    """sluice-spool on the spool of a running sluice is refused (the lock):
+    the refusal said only "in use by another process"; it now says to stop
+    sluice first, and what shows the queue meanwhile."""
+    r = Relay(records_for(["p.test"]), domain_conf=stats_conf())
+    try:
+        p = subprocess.run([_spool_tool(), "count", r.spool], capture_output=True, text=True,
+                           timeout=60)
+        err = one_line_error(p, 1)
+        assert "is in use by another process" in err and "stop sluice first" in err, err
+        assert "sluicectl queue" in err, err
+    finally:
+        r.close()
+
+
 def test_top_gives_the_terminal_back_when_sluice_goes():
     """sluicectl top on a terminal turns echo and line editing off while
     it waits for q; when sluice goes away under it (here a socket that
@@ -341,11 +429,222 @@ def test_top_gives_the_terminal_back_when_sluice_goes():
         wd.cleanup()
 
 
+def test_output_to_a_reader_that_left():
+    """sluicectl writing to a pipe whose reader has gone (sluicectl top |
+    head -n 2, sluicectl queue | head) stops quietly, as other tools do:
+    top went on for ever, every view's write failing unseen, and queue
+    ended with "cannot write the output: Broken pipe" and exit 3, as if
+    sluice were unreachable. A stats socket of our own answers."""
+    import threading
+    wd = Workdir("sluice-ctl-")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stop = threading.Event()
+    closed = threading.Event()  # the reader of queue's output has gone
+    msgs = [{"id": "0ARE%09d" % i, "sender": "s@example.com", "size": 100, "age_ms": 1000,
+             "recipients": [{"rcpt": "r%d@example.com" % i, "state": "deferred",
+                             "attempts": 1, "last_code": 451, "last_reply": "try later"}]}
+            for i in range(200)]  # more than stdio's buffer of output
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                f = conn.makefile("rb")
+                for line in f:
+                    if line.startswith(b"queue"):
+                        closed.wait(10)
+                        doc = {"ok": True, "messages": msgs, "more": False, "cut": False}
+                    elif line.startswith(b"suppress list"):  # pages without end
+                        doc = {"ok": True, "entries": [{"address": "a@b.test", "scope": "global",
+                                                        "reason": "manual"}] * 1000,
+                               "next": {"after": "a@b.test", "after_scope": "global"}}
+                    else:
+                        doc = {"ok": True, "domains": []}
+                    conn.sendall(json.dumps(doc).encode() + b"\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    try:
+        path = os.path.join(wd.path, "stats.sock")
+        srv.bind(path)
+        srv.listen(8)
+        t.start()
+        def leaves_after_a_line(args, what):
+            """The reader takes one line and goes: sluicectl must end, quietly."""
+            p = subprocess.Popen([SLUICECTL, "-s", path] + args,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            import select
+            if not select.select([p.stdout], [], [], 15)[0]:
+                p.kill()
+                p.communicate(timeout=10)
+                raise AssertionError(f"{what} printed nothing within 15 s")
+            assert p.stdout.readline(), f"{what} printed nothing"
+            p.stdout.close()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+                raise AssertionError(f"sluicectl {what} went on after its reader left")
+            err = p.stderr.read().decode()
+            p.stderr.close()
+            assert p.returncode == 0 and err == "", (what, p.returncode, err)
+
+        leaves_after_a_line(["top", "-d", "0.1"], "top")
+
+        p = subprocess.Popen([SLUICECTL, "-s", path, "queue"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()
+        closed.set()
+        p.wait(30)
+        err = p.stderr.read().decode()
+        p.stderr.close()
+        assert p.returncode == 0 and err == "", (p.returncode, err)
+
+        # suppress list --json pages through the list as it prints: it
+        # went on asking for pages after its reader had left
+        leaves_after_a_line(["--json", "suppress", "list"], "suppress list")
+        # and as text: it held the pages without end, printing nothing
+        leaves_after_a_line(["suppress", "list"], "suppress list (text)")
+
+        # Another failed write is still said: a full disk.
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([SLUICECTL, "-s", path, "queue"], stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=30)
+        err = one_line_error(p, 3)
+        assert "cannot write the output" in err, err
+    finally:
+        stop.set()
+        t.join(10)
+        srv.close()
+        wd.cleanup()
+
+
+def test_suppress_list_prints_as_pages_come():
+    """sluicectl suppress list (text) prints each page as it comes: it
+    held every page of the list, and printed nothing, until the last had
+    come (a list of millions: its memory, and minutes of silence). A
+    stats socket of our own holds back the second page until the first
+    page's lines have been read."""
+    import threading
+    wd = Workdir("sluice-ctl-")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    seen = threading.Event()       # the test read the first page's rows
+    answered = threading.Event()   # the second page was sent
+    asked = []
+
+    def serve():
+        srv.settimeout(10)
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            return
+        with conn:
+            f = conn.makefile("rb")
+            for line in f:
+                asked.append(line.decode().strip())
+                if "after=" not in line.decode():
+                    doc = {"ok": True, "entries": [
+                        {"address": "u%04d@b.test" % i, "scope": "global", "reason": "manual",
+                         "added": "2026-01-01T00:00:00.000Z", "expires": None, "note": "n"}
+                        for i in range(1000)],
+                        "next": {"after": "u0999@b.test", "after_scope": "global"}}
+                else:
+                    seen.wait(10)
+                    doc = {"ok": True, "entries": [
+                        {"address": "a-much-longer-address@b.test", "scope": "global",
+                         "reason": "manual", "added": "2026-01-01T00:00:00.000Z",
+                         "expires": None, "note": "n"}]}
+                    answered.set()
+                conn.sendall(json.dumps(doc).encode() + b"\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    try:
+        path = os.path.join(wd.path, "stats.sock")
+        srv.bind(path)
+        srv.listen(8)
+        t.start()
+        p = subprocess.Popen([SLUICECTL, "-s", path, "suppress", "list"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        head = p.stdout.readline()
+        rows = [p.stdout.readline() for _ in range(1000)]
+        early = not answered.is_set()
+        seen.set()
+        rest, err = p.communicate(timeout=30)
+        assert early, "the first page was printed only after the last page came"
+        assert p.returncode == 0 and err == "", (p.returncode, err)
+        assert head.split() == ["ADDRESS", "SCOPE", "REASON", "ADDED", "EXPIRES", "NOTE"], head
+        assert rows[0].split()[0] == "u0000@b.test" and rows[-1].split()[0] == "u0999@b.test"
+        # a page's rows line up under the header
+        assert rows[0].index("global") == head.index("SCOPE"), (head, rows[0])
+        assert rest.split() == ["a-much-longer-address@b.test", "global", "manual",
+                                "2026-01-01T00:00:00.000Z", "-", "n"], rest
+        assert len(asked) == 2 and "after=u0999@b.test after_scope=global" in asked[1], asked
+    finally:
+        seen.set()
+        t.join(10)
+        srv.close()
+        wd.cleanup()
+
+
+def test_stats_says_when_delivery_is_off():
+    """[delivery] enabled = no (the README's way to look without sending)
+    was said once, in the log at start: sluicectl stats and top showed
+    mail received and queued, none delivered, and no reason. The header
+    now says "delivery OFF", and the JSON delivery_enabled."""
+    wd = Workdir("sluice-ctl-")
+    d = None
+    try:
+        for enabled in ("no", "yes"):
+            sock = os.path.join(wd.path, f"{enabled}.sock")
+            conf = wd.file(f"{enabled}.conf", f"""[server]
+workers = 1
+listen = 127.0.0.1:{free_port()}
+[queue]
+path = {wd.path}/spool-{enabled}
+map_size = 64M
+[delivery]
+enabled = {enabled}
+mta_sts = no
+[stats]
+socket = {sock}
+""")
+            d = Sluice(SLUICE, conf)
+            d.wait_log("event=ready")
+            p = ctl(sock, "stats")
+            assert p.returncode == 0, p.stderr
+            head = p.stdout.splitlines()[0]
+            assert ("delivery OFF ([delivery] enabled = no)" in head) == (enabled == "no"), head
+            doc = json.loads(ctl(sock, "stats", json_out=True).stdout)
+            assert doc["delivery_enabled"] is (enabled == "yes"), doc.get("delivery_enabled")
+            assert d.stop_clean() == 0
+            d = None
+    finally:
+        if d is not None:
+            d.stop_clean()
+        wd.cleanup()
+
+
 def test_suspend_and_resume():
     r = Relay(records_for(["held.test", "free.test"]), domain_conf=stats_conf())
     try:
+        # a bad --for says what it takes ("for=: not a duration: 0" did
+        # not: 0 is one, refused for not being above 0)
+        for bad in ("0", "10x"):
+            err = one_line_error(ctl(r, "suspend", "held.test", "--for", bad), 1)
+            assert f"for={bad} (--for): not a duration above 0, such as 90s" in err, err
+        err = one_line_error(ctl(r, "shaping", "suspend", "domain=held.test", "for=0"), 1)
+        assert "for=0: not a duration above 0" in err, err
         doc = ctl_json(r, "suspend", "HELD.test")
         assert doc["domain"] == "held.test" and doc["suspended"] is True, doc
+        # no [redis]: the shaping action is this node's alone (it said
+        # "cluster yes", as if every node held the domain)
+        assert doc["cluster"] is False, doc
+        assert r.d.count_log('event=suspended scope=domain name="HELD.test" for_ms=0 '
+                             'cluster=no') == 1
         r.inject([msg(i, [f"u{i}@held.test"]) for i in range(5)] +
                  [msg(10, ["v@free.test"])])
         # The other domain flows: the suspension is per domain.
@@ -353,6 +652,9 @@ def test_suspend_and_resume():
         row = wait_until(lambda: (lambda d: d if d and d["ready"] >= 5 else None)(
             domain_row(r, "held.test")), 10, "held.test listed with 5 ready")
         assert row["suspended"] is True and row["inflight"] == 0, row
+        # why its limits are what they are: it said "[domain *]" when the
+        # suspension was a shaping action (the default, without --local)
+        assert row["limit_reason"] == "suspended by the operator", row
         # A bounded negative check: nothing for held.test within 2.5 s.
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:
@@ -374,6 +676,46 @@ def test_suspend_and_resume():
         assert ["for", "10m"] in rows and "for_ms" not in text.stdout, text.stdout
         assert ctl_json(r, "resume", "free.test")["suspended"] is False
         one_line_error(ctl(r, "suspend", "bad!domain"), 1)
+    finally:
+        r.close()
+
+
+def test_domains_show_a_suspended_campaigns_mail():
+    """A suspended campaign's jobs are parked, on no destination's queue:
+    `sluicectl domains` showed its destination with nothing waiting (or
+    not at all), and `sluicectl stats` did not show the parked count
+    either (only --json had it). The domain's row has them (PARKED), and
+    the stats text has the node's count; once the destination was
+    evicted as idle (destination_idle_ttl), a row of their own."""
+    r = Relay(records_for(["camp.test", "free.test"]), domain_conf=stats_conf(),
+              delivery_conf="destination_idle_ttl = 1s")
+    try:
+        assert ctl_json(r, "suspend", "--campaign", "spring")["suspended"] is True
+        spring = [("s@example.com", [f"u{i}@camp.test"],
+                   f"Subject: c{i}\r\nX-Sluice-Campaign: spring\r\n\r\nbody\r\n".encode())
+                  for i in range(5)]
+        r.inject(spring + [msg(9, ["v@free.test"])])
+        wait_sink(r, 1, timeout=30)
+        wait_until(lambda: ctl_json(r, "stats").get("parked") == 5, 30, "5 jobs parked")
+        row = domain_row(r, "camp.test")
+        assert row is not None and row["parked"] == 5 and row["ready"] == 0, row
+        assert row["oldest_age_ms"] is not None, row
+        text = ctl(r, "domains")
+        lines = text.stdout.splitlines()
+        head = lines[0].split()
+        assert "PARKED" in head, lines[0]
+        cells = next(ln.split() for ln in lines if ln.startswith("camp.test"))
+        assert cells[head.index("PARKED")] == "5", text.stdout
+        st = ctl(r, "stats").stdout
+        assert re.search(r"jobs parked \(tenant or campaign suspended\) +5$", st, re.M), st
+        row = wait_until(lambda: (lambda x: x if x and x["limit_reason"] ==
+                                  "its tenant or campaign suspended" else None)(
+            domain_row(r, "camp.test")), 20, "the row of the parked jobs alone")
+        assert row["parked"] == 5 and row["ready"] == 0 and row["max_connections"] > 0, row
+        assert ctl_json(r, "resume", "--campaign", "spring")["suspended"] is False
+        wait_sink(r, 6, timeout=30)
+        wait_until(lambda: (domain_row(r, "camp.test") or {"parked": 0})["parked"] == 0, 10,
+                   "nothing parked after the resume")
     finally:
         r.close()
 
@@ -409,7 +751,7 @@ def test_queue_lists_like_mailq():
         assert text.stdout.startswith("ID") and first["id"] in text.stdout, text.stdout
         assert "deferred a@soft.test" in " ".join(text.stdout.split()), text.stdout
         assert "3 messages" in text.stdout, text.stdout
-        one_line_error(ctl(r, "queue", "0"), 1)
+        one_line_error(ctl(r, "queue", "0"), 2)  # a bad number: usage, as domains 0
         # one N and one DOMAIN: a second of either is refused, not taken
         # for the first in silence
         for args in (("5", "6"), ("soft.test", "other.test"), ("1", "other.test", "2")):
@@ -511,7 +853,9 @@ def test_active_limit_keeps_due_mail_in_the_spool():
         wait_events(r.dlog, lambda e: e["event"] == "transient_failure", n, timeout=30)
         r.sink.stop()
         r.sink = Sink(r.wd, r.mx_port, name="sink2")
-        paused_before = len(r.d.log_lines("event=due_paused"))  # the injection's 100 ready
+        # the injection's 100 ready held nothing back: none was due
+        paused_before = len(r.d.log_lines("event=due_paused"))
+        assert paused_before == 0, r.d.log_lines("event=due_paused")
         assert ctl_json(r, "flush")["recipients"] == n
         most, paused_seen, waiting_seen = 0, False, False
         deadline = time.monotonic() + 60
@@ -541,6 +885,123 @@ def test_active_limit_keeps_due_mail_in_the_spool():
         assert sorted(e["rcpt"] for e in dl) == sorted(f"u{i}@soft.test" for i in range(n))
         assert r.d.stop_clean() == 0
         assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_active_limit_leaves_out_a_suspended_campaigns_mail():
+    """A suspended campaign's mail is parked: ready in the spool, but it
+    cannot go until the campaign is resumed. It counted against
+    [delivery] active_limit all the same, so with more of it parked than
+    the limit, every other domain's deferred recipients that came due
+    stayed in the spool (a paused campaign of 2 million stopped all
+    retries). Only the mail that can go counts now: the retry of
+    other.test is taken and delivered while 8 recipients of the campaign
+    (over the limit of 4) stay parked."""
+    limit, n = 4, 8
+    r = Relay(records_for(["camp.test", "other.test"]), sink_flags=["-r", "RCPT"],
+              delivery_conf=f"active_limit = {limit}\n",
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(0, ["x@other.test"])], sessions=1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1, timeout=30)
+        assert ctl_json(r, "suspend", "--campaign", "spring")["suspended"] is True
+        spring = [("s@example.com", [f"u{i}@camp.test"],
+                   f"Subject: c{i}\r\nX-Sluice-Campaign: spring\r\n\r\nbody\r\n".encode())
+                  for i in range(n)]
+        r.inject(spring)
+        wait_until(lambda: ctl_json(r, "stats").get("parked") == n, 30, f"{n} jobs parked")
+        q = ctl_json(r, "stats")["queue"]
+        assert q["recipients"] - q["deferred"] == n > limit, q
+        r.sink.stop()
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        assert ctl_json(r, "flush")["recipients"] == 1
+        wait_events(r.dlog, lambda e: e["event"] == "delivery" and e["rcpt"] == "x@other.test",
+                    1, timeout=15)
+        assert ctl_json(r, "stats")["parked"] == n
+        assert ctl_json(r, "resume", "--campaign", "spring")["suspended"] is False
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", n + 1, timeout=30)
+        assert sorted(e["rcpt"] for e in dl) == sorted(
+            ["x@other.test"] + [f"u{i}@camp.test" for i in range(n)]), dl
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_active_limit_leaves_out_a_suspended_domains_mail():
+    """As a suspended campaign's, the mail of a domain suspended on this
+    node waits (on its destination's queue) until the resume: with more
+    of it than [delivery] active_limit, the retries of every other domain
+    stayed in the spool. It does not count now: other.test's retry is
+    delivered while held.test's 8 (over the limit of 4) wait, and once
+    held.test is resumed they go too."""
+    limit, n = 4, 8
+    r = Relay(records_for(["held.test", "other.test"]), sink_flags=["-r", "RCPT"],
+              delivery_conf=f"active_limit = {limit}\n",
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(0, ["x@other.test"])], sessions=1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1, timeout=30)
+        assert ctl_json(r, "suspend", "--local", "held.test")["suspended"] is True
+        r.inject([msg(i, [f"u{i}@held.test"]) for i in range(1, n + 1)])
+        q = ctl_json(r, "stats")["queue"]
+        assert q["recipients"] - q["deferred"] == n > limit, q
+        r.sink.stop()
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        assert ctl_json(r, "flush", "other.test")["recipients"] == 1
+        wait_events(r.dlog, lambda e: e["event"] == "delivery" and e["rcpt"] == "x@other.test",
+                    1, timeout=15)
+        assert not r.d.log_lines("event=due_paused"), r.d.log_lines("event=due_paused")
+        assert not [e for e in events(r.dlog) if e["event"] == "delivery"
+                    and e["rcpt"].endswith("@held.test")]
+        assert ctl_json(r, "resume", "--local", "held.test")["suspended"] is False
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", n + 1, timeout=30)
+        assert sorted(e["rcpt"] for e in dl) == sorted(
+            ["x@other.test"] + [f"u{i}@held.test" for i in range(1, n + 1)]), dl
+        assert r.d.stop_clean() == 0
+        assert mdb_entries(r.spool, "msg") == 0
+    finally:
+        r.close()
+
+
+def test_due_paused_only_when_something_is_due():
+    """event=due_paused (and queue.due_paused) say that deferred
+    recipients that came due wait in the spool for [delivery]
+    active_limit. New mail alone over the limit set it, with nothing due:
+    the operator read that retries were held back while none was (here 8
+    ready at a suspended domain, one recipient deferred for an hour). It
+    is said once a deferred recipient is due and held back (the flush),
+    and the resume says due_resumed."""
+    limit, n = 4, 8
+    r = Relay(records_for(["held.test", "other.test"]), sink_flags=["-r", "RCPT"],
+              delivery_conf=f"active_limit = {limit}\n",
+              domain_conf=stats_conf("[domain *]\nretry_schedule = 1h\n"))
+    try:
+        r.inject([msg(0, ["x@other.test"])], sessions=1)
+        wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 1, timeout=30)
+        assert ctl_json(r, "suspend", "held.test")["suspended"] is True
+        r.inject([msg(i, [f"u{i}@held.test"]) for i in range(1, n + 1)])
+        q = ctl_json(r, "stats")["queue"]
+        assert q["recipients"] - q["deferred"] == n > limit and q["deferred"] == 1, q
+        # the due poll looks every 100 ms while the limit holds: a few
+        # seconds of them, none of which may say paused
+        time.sleep(2.5)
+        assert not r.d.log_lines("event=due_paused"), r.d.log_lines("event=due_paused")
+        assert ctl_json(r, "stats")["queue"]["due_paused"] is False
+        assert ctl_json(r, "flush", "other.test")["recipients"] == 1
+        line = r.d.wait_log("event=due_paused")
+        assert f"ready={n} " in line and "deferred=1 " in line, line
+        assert ctl_json(r, "stats")["queue"]["due_paused"] is True
+        r.sink.stop()
+        r.sink = Sink(r.wd, r.mx_port, name="sink2")
+        assert ctl_json(r, "resume", "held.test")["suspended"] is False
+        dl = wait_events(r.dlog, lambda e: e["event"] == "delivery", n + 1, timeout=30)
+        assert sorted(e["rcpt"] for e in dl) == sorted(
+            ["x@other.test"] + [f"u{i}@held.test" for i in range(1, n + 1)]), dl
+        r.d.wait_log("event=due_resumed")
+        assert len(r.d.log_lines("event=due_paused")) == 1
+        assert r.d.stop_clean() == 0
     finally:
         r.close()
 
@@ -938,6 +1399,86 @@ def test_stats_answer_while_a_command_waits():
         r.close()
 
 
+def test_commands_queued_leave_room_for_stats():
+    """While a bounce waits (8 s), more engine commands queue behind it,
+    each client holding its socket slot: 31 of them took the whole pool
+    (32), and a `sluicectl stats` then was refused and printed "cannot
+    send: Broken pipe" (exit 3, as if sluice were down). Commands past
+    STATS_CMD_QUEUE_MAX (24) behind the one under way are answered "busy"
+    at once, and stats is answered."""
+    r = Relay(records_for(["slow.test"]), sink_flags=["-w", "14"], domain_conf=stats_conf())
+    socks = []
+    try:
+        r.inject([msg(0, ["a@slow.test"])], sessions=1)
+        wait_until(lambda: (domain_row(r, "slow.test") or {}).get("inflight") == 1, 30,
+                   "the message on a connection")
+        qid = ctl_json(r, "queue")["messages"][0]["id"]
+        for i in range(31):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(sock_of(r))
+            s.sendall(f"bounce {qid}\n".encode() if i == 0 else b"queue 1\n")
+            socks.append(s)
+            if i == 0:
+                r.d.wait_log("event=operator_bounce_skipped")
+        # the 6 past the bound have their answer at once; the rest wait
+        busy = []
+        for s in socks[25:]:
+            line = s.makefile("rb").readline()
+            busy.append(json.loads(line))
+        assert all(not d["ok"] and d["error"].startswith("busy: 24 commands") for d in busy), busy
+        p = ctl(r, "stats")
+        assert p.returncode == 0 and "delivered" in p.stdout, (p.returncode, p.stdout, p.stderr)
+        # the queued ones are answered in turn once the bounce is over
+        socks[24].settimeout(30)
+        d = json.loads(socks[24].makefile("rb").readline())
+        assert d["ok"], d
+    finally:
+        for s in socks:
+            s.close()
+        r.close()
+
+
+def test_sluicectl_shows_a_refusal():
+    """sluice refuses a client it has no room for with one error line and
+    closes at once, perhaps before sluicectl sent its command: sluicectl
+    printed "cannot send: Broken pipe" (exit 3, "is sluice running?"
+    territory); it now reads and shows sluice's line (exit 1). A socket
+    of our own refuses each client before reading it."""
+    import threading
+    wd = Workdir("sluice-ctl-")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stop = []
+    t = None
+    try:
+        path = os.path.join(wd.path, "full.sock")
+        srv.bind(path)
+        srv.listen(8)
+        srv.settimeout(0.2)
+
+        def refuse():
+            while not stop:
+                try:
+                    c, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                c.sendall(b'{"ok":false,"error":"too many clients: try again"}\n')
+                c.shutdown(socket.SHUT_RDWR)  # reads nothing: a send after this fails
+                c.close()
+        t = threading.Thread(target=refuse, daemon=True)
+        t.start()
+        for _ in range(10):
+            p = ctl(path, "stats")
+            err = one_line_error(p, 1)
+            assert err == "sluicectl: too many clients: try again", err
+    finally:
+        stop.append(1)
+        if t is not None:
+            t.join(5)  # its accept times out within 0.2 s: then the socket goes
+        srv.close()
+        wd.cleanup()
+
+
 def http_get(port, path, method="GET"):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -1035,6 +1576,28 @@ def test_shaping_actions_unknown_here_are_counted():
         r.close()
 
 
+def test_shaping_by_hand_without_redis_says_this_node():
+    """Without [redis] an operator's shaping action is this node's alone:
+    sluicectl shaping suspend and clear said "on every node" all the same.
+    The answers now say whether the action reaches other nodes (cluster,
+    as suspend's does), and sluicectl which."""
+    r = Relay(records_for(["p.test"]), domain_conf=stats_conf())
+    try:
+        doc = ctl_json(r, "shaping", "suspend", "domain=p.test", "for=10m")
+        assert doc["cluster"] is False and doc["action"]["domain"] == "p.test", doc
+        p = ctl(r, "shaping", "backoff", "domain=q.test", "for=10m")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.endswith(" backoff domain for 10m on this node (no [redis]: no other "
+                                 "node hears)\n"), p.stdout
+        assert "every node" not in p.stdout, p.stdout
+        p = ctl(r, "shaping", "clear", "all")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == "cleared 2 action(s) on this node (no [redis]: no other node " \
+                           "hears)\n", p.stdout
+    finally:
+        r.close()
+
+
 def test_shaping_outbox_while_redis_away():
     """An action started while Redis is unreachable waits in the outbox to
     be published: `stats` (shaping.outbox), its sluicectl rendering and
@@ -1045,6 +1608,7 @@ def test_shaping_outbox_while_redis_away():
     try:
         p = ctl(r, "shaping", "suspend", "domain=p.test", "for=10m")
         assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.endswith(" for 10m on every node\n"), p.stdout  # once Redis is back
         sh = ctl_json(r, "stats")["shaping"]
         assert sh["redis"] == "unreachable", sh
         assert sh["outbox"] == 1 and sh["outbox_dropped"] == 0, sh
@@ -1108,12 +1672,144 @@ def test_reload_refused_says_why():
         with open(path, "w") as f:
             f.write(good)
         p = ctl(r, "reload")  # the words the man page quotes, one space apart
-        assert p.returncode == 0 and p.stdout == "reload done\n", (p.stdout, p.stderr)
+        assert p.returncode == 0 and p.stdout == "reload done: no change\n", (p.stdout, p.stderr)
         assert r.d.count_log("event=config_reloaded") == 1
         assert ctl_json(r, "reload").get("reload") == "done"
         assert r.d.proc.poll() is None
     finally:
         r.close()
+
+
+def test_reload_says_what_changed():
+    """sluicectl reload printed "reload done" whatever the reload changed,
+    while the log's event=config_reloaded named it: the operator could not
+    tell a typo'd section from a change taken. It prints the log's list,
+    or "no change", and the keys that wait for a restart."""
+    r = Relay(records_for(["r.test"]), domain_conf=stats_conf())
+    try:
+        path = os.path.join(r.wd.path, "sluice.conf")
+        with open(path) as f:
+            good = f.read()
+        p = ctl(r, "reload")
+        assert p.returncode == 0 and p.stdout == "reload done: no change\n", (p.stdout, p.stderr)
+        with open(path, "a") as f:
+            f.write("[domain new.example]\nmax_connections = 3\n"
+                    "[warmup ramp]\nschedule = 10, 20\n")
+        p = ctl(r, "reload")
+        assert p.returncode == 0 and p.stdout == \
+            "reload done: changed +[domain new.example], +[warmup ramp]\n", (p.stdout, p.stderr)
+        doc = ctl_json(r, "reload")
+        assert doc["changed"] == "" and doc["needs_restart"] == "", doc
+        with open(path, "w") as f:
+            f.write(good.replace("[server]\n", "[server]\nring_entries = 128\n", 1))
+        p = ctl(r, "reload")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        lines = p.stdout.splitlines()
+        assert lines[0].startswith("reload done: changed [server] ring_entries"), p.stdout
+        assert "-[domain new.example]" in lines[0] and "-[warmup ramp]" in lines[0], p.stdout
+        assert lines[1:] == ["not in force until a restart: server.ring_entries"], p.stdout
+        # [delivery] enabled waits for a restart too: the log said so
+        # (event=reload_kept), the reload's answer "no change", as if mail
+        # had stopped going out.
+        with open(path, "w") as f:
+            f.write(good + "[delivery]\nenabled = no\n")
+        p = ctl(r, "reload")
+        assert p.returncode == 0, (p.stdout, p.stderr)
+        lines = p.stdout.splitlines()
+        assert lines[1:] == ["not in force until a restart: delivery.enabled"], p.stdout
+        assert ctl_json(r, "reload")["needs_restart"] == "delivery.enabled"
+        # still sending: the stats say the running state, not the file's
+        assert ctl_json(r, "stats")["delivery_enabled"] is True
+        assert "enabled = no" not in ctl(r, "stats").stdout
+    finally:
+        r.close()
+
+
+def test_reload_says_which_files_changed():
+    """The TLS certificate and key, the users file and the DKIM keys are
+    read again at every reload, under the same names: sluicectl reload
+    said "no change" when one of them had changed (a certificate renewed
+    in place, a key replaced in key_dir, a user added). It now names each
+    whose contents changed since its last load, and still says "no
+    change" when they hold what they held (a file rewritten as it was).
+    A users file that does not load is said (exit 1), not "no change"."""
+    from test_tls_reload import install, make_cert
+    kd = Workdir("sluice-reread-")
+    r = None
+    try:
+        make_cert(kd.path, "a", "a.test")
+        make_cert(kd.path, "b", "b.test")
+        install(kd.path, "a")
+        keys = os.path.join(kd.path, "keys")
+        os.makedirs(os.path.join(keys, "r.test"))
+
+        def genkey(path):
+            g = subprocess.run(["openssl", "genpkey", "-algorithm", "ED25519", "-out", path],
+                               capture_output=True, text=True)
+            assert g.returncode == 0, g.stderr
+
+        def rewrite(path, data):  # in place, as an editor does
+            with open(path, "wb") as f:
+                f.write(data)
+
+        def reload_says(want):
+            p = ctl(r, "reload")
+            assert p.returncode == 0 and p.stdout == want + "\n", (p.stdout, p.stderr, want)
+
+        r = Relay(records_for(["r.test"]), domain_conf=stats_conf() +
+                  f"[tls]\ncert_file = {kd.path}/cert.pem\nkey_file = {kd.path}/key.pem\n"
+                  f"[dkim]\nkey_dir = {keys}\n")
+        reload_says("reload done: no change")
+        install(kd.path, "b")  # a renewal: both replaced by a rename
+        reload_says("reload done: changed [tls] cert_file (the file's contents), "
+                    "[tls] key_file (the file's contents)")
+        reload_says("reload done: no change")
+        with open(os.path.join(kd.path, "cert.pem"), "rb") as f:
+            rewrite(os.path.join(kd.path, "cert.pem"), f.read())  # the same octets
+        reload_says("reload done: no change")
+
+        key = os.path.join(keys, "r.test", "s1.pem")
+        genkey(key)  # a key added to key_dir
+        reload_says("reload done: changed [dkim] signing keys")
+        reload_says("reload done: no change")
+        genkey(key + ".new")  # replaced by a new key
+        os.rename(key + ".new", key)
+        reload_says("reload done: changed [dkim] signing keys")
+
+        users = os.path.join(kd.path, "users")
+        rewrite(users, b"alice:$6$x$y\n")
+        path = os.path.join(r.wd.path, "sluice.conf")
+        with open(path) as f:
+            conf = f.read()
+        with open(path, "w") as f:
+            f.write(conf.replace("[server]\n", f"[server]\nauth_users_file = {users}\n"
+                                 "plaintext_auth = loopback\n", 1))
+        p = ctl(r, "reload")  # the key's own change, not the file's
+        assert p.returncode == 0 and "auth_users_file" in p.stdout and \
+            "contents" not in p.stdout, (p.stdout, p.stderr)
+        reload_says("reload done: no change")
+        rewrite(users, b"alice:$6$x$y\nbob:$6$x$z\n")
+        reload_says("reload done: changed [server] auth_users_file (the file's contents)")
+        assert r.d.count_log("event=reload_failed") == 0
+
+        # A users file that does not load: the config took, the previous
+        # users are kept. It printed "reload done: no change" and exit 0;
+        # now stderr says so, with the file's first error, and exit 1.
+        rewrite(users, b"alice:$6$x$y\nno colon here\n")
+        p = ctl(r, "reload")
+        assert p.returncode == 1 and p.stdout == "reload done: no change\n", (p.stdout, p.stderr)
+        assert p.stderr.startswith("sluicectl: users file not loaded, the previous users kept: "
+                                   f"auth_users_file {users}: cannot load ({users}:2: "), p.stderr
+        p = ctl(r, "reload", json_out=True)
+        assert p.returncode == 1 and \
+            json.loads(p.stdout)["users_not_loaded"].startswith("auth_users_file "), p.stdout
+        rewrite(users, b"alice:$6$x$y\n")
+        p = ctl(r, "reload")  # loaded again: the contents of its last load changed
+        assert p.returncode == 0 and p.stderr == "", (p.stdout, p.stderr)
+    finally:
+        if r is not None:
+            r.close()
+        kd.cleanup()
 
 
 def test_reload_keeps_sessions():
@@ -1254,6 +1950,68 @@ def test_spool_dump_is_json_whatever_the_reply():
         r.close()
 
 
+class FakeStats:
+    """A stats socket that answers every request with the document given:
+    what sluicectl renders of answers a running sluice gives rarely (a
+    gap in the rate samples)."""
+
+    def __init__(self, doc):
+        import tempfile
+        import threading
+        self.doc = doc
+        self.dir = tempfile.mkdtemp(prefix="sluice-fakestats-")
+        self.path = os.path.join(self.dir, "stats.sock")
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(self.path)
+        self.srv.listen(4)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return  # closed
+            with c:
+                c.settimeout(10)
+                if c.makefile("rb").readline():
+                    c.sendall(json.dumps(self.doc).encode() + b"\n")
+
+    def close(self):
+        self.srv.shutdown(socket.SHUT_RDWR)
+        self.srv.close()
+        self.thread.join(5)
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_stats_text_says_the_rates_window_and_delivery_off():
+    """The "1m" column names its real window when the samples span more
+    than a minute (a stats thread held up: it said "last 1m" over 75 s),
+    keeps "last 1m" for a minute give or take a sampling a few ms late,
+    and `delivery off` shows under Queue with [delivery] enabled = no."""
+    def rendered(window_ms, enabled=True):
+        f = FakeStats({"ok": True, "version": "t", "uptime_ms": 600000, "workers": 2,
+                       "rates": {"1s": {"received": 1.0, "window_ms": 1000},
+                                 "1m": {"received": 2.0, "window_ms": window_ms}},
+                       "delivery_enabled": enabled, "queue": {"messages": 3}})
+        try:
+            p = ctl(f.path, "stats")
+        finally:
+            f.close()
+        assert p.returncode == 0, p.stderr
+        head = re.search(r"^per second +last 1s +last (\S+)$", p.stdout, re.M)
+        assert head, p.stdout
+        return head.group(1), p.stdout
+    assert rendered(75000)[0] == "75s"
+    assert rendered(60400)[0] == "1m"
+    assert rendered(12000)[0] == "12s"
+    out = rendered(60000, enabled=False)[1]
+    assert "delivery OFF ([delivery] enabled = no)" in out.splitlines()[0], out
+    assert "enabled = no" not in rendered(60000)[1]
+
+
 if __name__ == "__main__":
     for tool in ("dnsmasq", "smtp-sink"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0 and \
@@ -1262,12 +2020,19 @@ if __name__ == "__main__":
     if not os.path.exists(SLUICECTL):
         skip(f"no sluicectl at {SLUICECTL}")
     main([test_stats_domains_message_and_exit_codes, test_sluicectl_without_sluice_says_so,
+          test_stats_text_says_the_rates_window_and_delivery_off,
           test_flush_waits_for_a_slow_answer, test_active_limit_keeps_due_mail_in_the_spool,
+          test_active_limit_leaves_out_a_suspended_campaigns_mail,
+          test_due_paused_only_when_something_is_due,
+          test_active_limit_leaves_out_a_suspended_domains_mail,
           test_stats_answer_while_a_command_waits,
-          test_sluicectl_suppress_too_long_says_so,
+          test_commands_queued_leave_room_for_stats, test_sluicectl_shows_a_refusal,
+          test_sluicectl_suppress_too_long_says_so, test_durations_round_to_nearest,
           test_spool_tool_refuses_a_directory_without_a_spool,
-          test_top_gives_the_terminal_back_when_sluice_goes,
-          test_suspend_and_resume,
+          test_spool_tool_on_a_running_sluice_says_what_to_do,
+          test_top_gives_the_terminal_back_when_sluice_goes, test_output_to_a_reader_that_left,
+          test_suppress_list_prints_as_pages_come, test_stats_says_when_delivery_is_off,
+          test_suspend_and_resume, test_domains_show_a_suspended_campaigns_mail,
           test_flush_retries_deferred_now, test_flush_ends_the_rest_of_a_site_that_was_down,
           test_failing_a_dead_hosts_mail_does_not_stall_the_worker,
           test_domains_of_deferred_mail_across_a_restart,
@@ -1277,7 +2042,9 @@ if __name__ == "__main__":
         test_bounce_of_mail_on_a_connection_says_it_stayed,
           test_prometheus_endpoint, test_shaping_actions_unknown_here_are_counted,
           test_shaping_outbox_while_redis_away, test_redis_password_with_slash_and_at,
-          test_reload_keeps_sessions, test_reload_refused_says_why, test_queue_lists_like_mailq,
+          test_shaping_by_hand_without_redis_says_this_node,
+          test_reload_keeps_sessions, test_reload_refused_says_why, test_reload_says_what_changed,
+          test_reload_says_which_files_changed, test_queue_lists_like_mailq,
           test_queue_answer_has_a_size_cap,
           test_sigterm_drains_and_restart_loses_nothing,
           test_spool_dump_is_json_whatever_the_reply])

@@ -401,6 +401,49 @@ def test_suspend_tenant_and_resume():
         n.close()
 
 
+def test_suspend_of_an_unknown_name_says_so():
+    """A suspension of a tenant or pool the config does not name (a typo),
+    or of a source no pool has, is refused with the names there are: it
+    answered "suspended", held nothing back, and sluicectl exited 0. A
+    resume takes any name (the end of a suspension of a section a reload
+    removed)."""
+    n = Node()
+    try:
+        for scope, kind in (("tenant=globexx", "tenant"), ("pool=tix", "pool"),
+                            ("local tenant=acm", "tenant"), ("pool=tix for=1h", "pool")):
+            r = n.ask(f"suspend {scope}")
+            assert not r["ok"], (scope, r)
+            assert f'unknown {kind} "' in r["error"], (scope, r)
+        r = n.ask("suspend tenant=globexx")
+        assert r["error"] == 'unknown tenant "globexx": the config\'s are acme, globex', r
+        r = n.ask("suspend pool=tix")
+        assert r["error"] == 'unknown pool "tix": the config\'s are bulk, tx', r
+        assert n.d.count_log('event=suspended scope=tenant') == 0
+        assert n.d.count_log('event=suspended scope=pool') == 0
+        from harness import _spool_tool
+        ctl = os.path.join(os.path.dirname(_spool_tool()), "sluicectl")
+        p = subprocess.run([ctl, "-s", n.sock, "suspend", "--pool", "tix"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and 'unknown pool "tix"' in p.stderr, \
+            (p.returncode, p.stdout, p.stderr)
+        # names compare without case, as the config's do
+        r = n.ask("suspend tenant=GLOBEX")
+        assert r["ok"], r
+        assert n.ask("resume tenant=GLOBEX")["ok"]
+        assert n.ask("resume tenant=gone")["ok"]
+        assert n.ask("suspend pool=TX for=1h")["ok"]
+        assert n.ask("resume pool=TX")["ok"]
+        # a source is one of a pool's, as the config writes it
+        r = n.ask("suspend source=127.0.0.9")
+        assert r["error"] == ('unknown source "127.0.0.9": the pools\' sources are 127.0.0.2, '
+                              '127.0.0.3, 127.0.0.4, 127.0.0.5'), r
+        assert not n.ask("suspend local source=::ffff:127.0.0.3")["ok"]
+        assert n.ask("suspend source=127.0.0.3 for=1h")["ok"]
+        assert n.ask("resume source=127.0.0.3")["ok"]
+    finally:
+        n.close()
+
+
 def test_warmup_allowance_holds_and_overflows():
     """A source on a warm-up plan (5 messages a day to the "other" group,
     day 1 today) carries exactly its allowance; pool bulk's other source,
@@ -532,7 +575,8 @@ if __name__ == "__main__":
     main([test_weights_pools_ehlo_and_stats, test_weights_hold_over_many_small_sites,
           test_greylisted_retry_leaves_from_the_same_source,
           test_throttled_source_backs_off,
-          test_suspend_tenant_and_resume, test_warmup_allowance_holds_and_overflows,
+          test_suspend_tenant_and_resume, test_suspend_of_an_unknown_name_says_so,
+          test_warmup_allowance_holds_and_overflows,
           test_bounce_parked_by_scope, test_deferred_count_on_the_domains_own_row,
           test_source_not_on_this_host_is_held_alone,
           test_reload_moves_a_pools_mail_to_its_new_sources])

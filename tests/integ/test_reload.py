@@ -10,11 +10,13 @@ for every config and kept with it until exit). And a replaced config is
 freed once nothing reads it: 200 reloads with mail flowing leave two
 configs alive."""
 import base64
+import json
 import os
 import signal
+import subprocess
 import sys
 
-from harness import Sluice, Smtp, Workdir, free_port, main, run
+from harness import Sluice, Smtp, Workdir, free_port, main, run, stats_ask
 
 SLUICE = sys.argv[1]
 
@@ -39,6 +41,7 @@ def auth(port, user, pw):
 
 def test_sighup_reloads_users():
     wd = Workdir("sluice-reload-")
+    d = None
     try:
         users = wd.file("users", f"alice:{hashed('pw-alice')}\n")
         port = free_port()
@@ -54,9 +57,18 @@ path = {wd.path}/spool
 map_size = 64M
 [delivery]
 enabled = no
+[stats]
+socket = {wd.path}/stats.sock
 """)
+        sock = f"{wd.path}/stats.sock"
         d = Sluice(SLUICE, conf)
         d.wait_log("event=ready")
+        # delivery off, said where one looks for why mail stays queued
+        assert stats_ask(sock)["delivery_enabled"] is False
+        ctl = os.environ.get("SLUICECTL") or os.path.normpath(
+            os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
+        p = subprocess.run([ctl, "-s", sock, "stats"], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0 and "[delivery] enabled = no" in p.stdout, p
         assert auth(port, "alice", "pw-alice") == 235
         assert auth(port, "bob", "pw-bob") == 535
 
@@ -74,14 +86,38 @@ enabled = no
         assert early.cmd(f"AUTH PLAIN {plain('alice', 'pw-alice')}").code == 235
         early.close()
 
+        # A config refused is refused whole: a users file changed with
+        # it is not read (dave got in before, the reload saying
+        # "previous config kept"); once the config is mended, it is.
+        with open(users, "w") as f:
+            f.write(f"bob:{hashed('pw-bob')}\ndave:{hashed('pw-dave')}\n")
+        with open(conf) as f:
+            good = f.read()
+        with open(conf, "w") as f:
+            f.write(good + "[server]\nno_such_key = 1\n")
+        d.signal(signal.SIGHUP)
+        # the socket's reload answers once the reload is over
+        r = stats_ask(sock, "reload", timeout=30)
+        assert r.get("ok") is False and "no_such_key" in json.dumps(r), r
+        assert auth(port, "dave", "pw-dave") == 535
+        assert auth(port, "bob", "pw-bob") == 235
+        with open(conf, "w") as f:
+            f.write(good)
+        r = stats_ask(sock, "reload", timeout=30)
+        assert r.get("ok") is True, r
+        assert auth(port, "dave", "pw-dave") == 235
+
         # A broken file is refused; bob still works.
         with open(users, "w") as f:
             f.write("carol:not-a-hash\n")
         d.signal(signal.SIGHUP)
-        d.wait_log("event=reload_failed")
+        d.wait_log("event=reload_failed what=users")
         assert auth(port, "bob", "pw-bob") == 235
-        d.stop_clean()
+        assert d.stop_clean() == 0
+        d = None
     finally:
+        if d is not None:  # a failed check: stopped all the same
+            d.stop_clean()
         wd.cleanup()
 
 
@@ -155,6 +191,7 @@ def asan_build(pid):
 
 def test_reloads_keep_little_memory():
     wd = Workdir("sluice-reload-mem-")
+    d = None
     try:
         port = free_port()
         conf = wd.file("sluice.conf", f"""
@@ -212,7 +249,10 @@ max_connections = 30
         if not asan_build(d.pid):
             assert grown < 4096, f"50 reloads grew VmRSS by {grown} KB"
         d.stop_clean()
+        d = None
     finally:
+        if d is not None:
+            d.stop_clean()
         wd.cleanup()
 
 

@@ -445,6 +445,17 @@ def test_operator_suspend_rate_and_bounce_everywhere():
         assert r["ok"] and r["cluster"] is False, r
         assert a.actions() == [] and b.actions() == []
         assert a.ask("resume local domain=y4.test")["ok"]
+        # a source no pool of a has: another node's address (a node's
+        # sources are its own), suspended on every node with a note; it
+        # was refused ("unknown source"). --local, a's alone, still is.
+        r = a.ask("suspend source=127.0.0.9 for=10m")
+        assert r["ok"] and r["cluster"] is True and "no pool of this node" in r["note"], r
+        wait_until(lambda: [x for x in b.actions() if x["scope"] == "source"
+                            and x["source"] == "127.0.0.9"] or None, 5,
+                   "the suspension of another node's source on node b")
+        assert "unknown source" in a.ask("suspend local source=127.0.0.9")["error"]
+        assert a.ask("resume source=127.0.0.9")["ok"]
+        wait_until(lambda: b.actions() == [], 10, "the resume of that source on node b")
         # a rate action, listed with its rate on both nodes; mail goes on
         r = a.ask("shaping rate:5/s domain=y2.test for=10m")
         assert r["ok"] and r["action"]["rate"] == "5/s", r

@@ -451,7 +451,8 @@ def test_sites_view_shows_domains_sharing_a_site():
     """40 domains behind one MX host and 10 behind another: `sluicectl
     sites` shows two sites, their domains and the connections they opened
     (as many as the log's event=connected), never more open than the
-    window's ceiling, and the table's header and rows."""
+    window's ceiling, the head latency each measured, and the table's
+    header and rows."""
     from test_ops import sock_of
     doms = [f"s{i}.test" for i in range(50)]
     recs = [f"host-record=mx{k}.test,127.0.0.1" for k in range(2)]
@@ -466,6 +467,9 @@ def test_sites_view_shows_domains_sharing_a_site():
         for s in view["sites"]:
             assert s["connections"] <= s["max_connections"], s
             assert s["idle"] <= s["connections"] and s["ready"] == 0, s
+            # each site carried mail: its head latency was measured
+            assert 0 < s["head_base_us"] <= s["head_us"] + 1, s
+            assert s["queues"] in (True, False), s
             k = s["site"]
             row = by.setdefault(k, {"domains": 0, "opened": 0})
             row["domains"] += s["domains"]
@@ -479,6 +483,7 @@ def test_sites_view_shows_domains_sharing_a_site():
         assert p.returncode == 0, p.stderr
         lines = p.stdout.splitlines()
         assert lines[0].split()[:4] == ["SITE", "WORKER", "CONN", "IDLE"], p.stdout
+        assert lines[0].split()[-1] == "HEAD" and re.search(r"\d+\.\dms\*?$", lines[1]), p.stdout
         assert lines[1].startswith("mx0.test:") or lines[1].startswith("mx1.test:"), p.stdout
         assert re.search(r"^\(1 of \d+ sites shown\)$", p.stdout, re.M), p.stdout
         bad = ctl(sock_of(r), "sites", "0")

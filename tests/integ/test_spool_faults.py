@@ -9,18 +9,25 @@ smtp-sink, smtplib, sluicectl, LMDB's own mdb_dump/mdb_load):
   takes mail again;
 - a corrupt recipient record in a copy of a spool is skipped at start:
   the recipients behind it are delivered, the stats socket counts it, the
-  log names its key, and sluice-spool check reports it (exit 1)."""
+  log names its key, and sluice-spool check reports it (exit 1);
+- a stop while the spool's disk stalls (the fail-writes shim, argv[3])
+  is bounded, says which outcomes the spool did not answer, and loses
+  no message: it is delivered after the restart."""
 import json
 import os
 import shutil
 import smtplib
 import struct
+import signal
 import subprocess
 import sys
+import threading
+import time
 
-from harness import Sluice, Workdir, free_port, main, skip, spool_tool, wait_until
+from harness import (Sluice, Workdir, extra_env, free_port, log_fields, main, preload, skip,
+                     spool_messages, spool_tool, wait_until)
 import test_delivery
-from test_delivery import Dns, Sink
+from test_delivery import Dns, HostileMx, Sink, _read_until
 
 SLUICE = sys.argv[1]
 test_delivery.SLUICE = SLUICE
@@ -366,6 +373,272 @@ def test_damaged_spool_refused_at_start():
         wd.cleanup()
 
 
+def holding_mx(at_dot, release, got):
+    """A HostileMx script that takes a message whole (got gets a 1), sets
+    at_dot, and holds its 250 to the final dot until release is set."""
+    def script(c, rfile):
+        c.sendall(b"220 mx.test ESMTP\r\n")
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            cmd = line.upper()
+            if cmd.startswith(b"EHLO"):
+                c.sendall(b"250-mx.test\r\n250 PIPELINING\r\n")
+            elif cmd.startswith(b"DATA"):
+                c.sendall(b"354 go\r\n")
+                _read_until(rfile, b".\r\n")
+                got.append(1)
+                at_dot.set()
+                release.wait(60)
+                c.sendall(b"250 2.0.0 taken\r\n")
+            elif cmd.startswith(b"QUIT"):
+                c.sendall(b"221 bye\r\n")
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+    return script
+
+
+def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
+    """SIGTERM while the spool's disk stalls (the fail-writes shim in
+    stall mode, argv[3]) with a delivery's outcome on its way to it: the
+    MX took the message, its "delivered" is not stored. The stop waits
+    for the spool's answers 30 s (SERVER_STOP_COMMIT_WAIT_MS), then logs
+    event=outcome_unanswered with the message's id and recipient and
+    goes on (before, that wait had no bound: the stop hung in the
+    delivery's free until its last bound gave it up, with nothing said of
+    the outcome and the later workers' commits never logged); the spool
+    still answers nothing where it closes, and the stop's last bound
+    (40 s here, SLUICE_TEST_STOP_BOUND_MS) gives it up: stop_stuck at
+    stage spool, exit 70. After the restart the message, acknowledged
+    with 250, is delivered again: at least once, never lost."""
+    need("dnsmasq")
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    wd = Workdir("sluice-stall-stop-")
+    trigger = os.path.join(wd.path, "stall")
+    at_dot, release = threading.Event(), threading.Event()
+    got = []
+
+    dns = mx = node = None
+    asan = os.environ.get("ASAN_OPTIONS")
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
+           "SLUICE_TEST_STOP_BOUND_MS": "40000",
+           # what a stop cut off stays allocated until the exit
+           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        mx = HostileMx(mx_port, holding_mx(at_dot, release, got))
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        assert send(port, "s@example.com", ["a@c.test"], b"Subject: s\r\n\r\nstalled\r\n")
+        qid = dict(log_fields(node.wait_log("event=queued")))["id"]
+        assert at_dot.wait(30), "the message at the MX"
+        open(trigger, "w").close()  # the spool's disk stops answering
+        release.set()  # the MX takes it: its outcome goes to the spool
+        wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the outcome's commit held")
+        t0 = time.monotonic()
+        node.signal(signal.SIGTERM)
+        try:
+            rc = node.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop was not bounded:\n" + "\n".join(node.lines[-20:]))
+        took = time.monotonic() - t0
+        node.reader.join(10)
+        assert rc == 70, (rc, node.lines[-20:])
+        assert took < 60, took  # the drain (1 s), then the bound (40 s)
+        cut = node.log_lines("event=outcome_unanswered")
+        assert len(cut) == 1, node.lines[-20:]
+        f = dict(log_fields(cut[0]))
+        assert f["id"] == qid and f["rcpt"] == "<a@c.test>" and f["outcome"] == "delivered", cut
+        assert "pending=1 " in node.wait_log("event=stop_outcome_wait_cut")
+        stuck = node.log_lines("event=stop_stuck")
+        # past every worker's free: given up where the spool closes
+        assert len(stuck) == 1 and "stage=spool " in stuck[0], stuck
+        assert node.lines.index(cut[0]) < node.lines.index(stuck[0])
+        assert node.count_log("event=delivered") == 0  # never stored: not told
+        node = None
+        os.unlink(trigger)
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        line = node.wait_log(f"id={qid} event=delivered", timeout=60)
+        assert "rcpt=<a@c.test>" in line, line
+        assert len(got) == 2, got  # sent again: its first delivery was never stored
+        assert node.stop_clean() == 0
+        node = None
+    finally:
+        release.set()
+        for path in (trigger, trigger + ".held"):  # first: the stop may need the disk
+            if os.path.exists(path):
+                os.unlink(path)
+        if node is not None:
+            node.stop_clean()
+        for p in (mx, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
+def test_stop_ends_a_flush_waiting_for_a_stalled_spool():
+    """`sluicectl flush` while the spool's disk stalls (the fail-writes
+    shim, argv[3]): its retime waits for the spool; a SIGTERM then must
+    not wait for it. Before, the stop waited for the command in ops_stop,
+    before any worker was told to stop, until its last bound gave it up
+    (stop_stuck stage=stats); now the flush gives up at the stop
+    (event=flush_cut), the workers stop, and the stop
+    is given up past them (the bound 8 s here).
+    The deferred message is in the spool at the next start."""
+    need("dnsmasq")
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    wd = Workdir("sluice-stall-flush-")
+    trigger = os.path.join(wd.path, "stall")
+    dns = node = flush = None
+    asan = os.environ.get("ASAN_OPTIONS")
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
+           "SLUICE_TEST_STOP_BOUND_MS": "8000",
+           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    try:
+        mx_port = free_port()  # nobody listens: deferred
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M",
+                         "[domain *]\nretry_schedule = 1h\n")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        assert send(port, "s@example.com", ["a@c.test"], b"Subject: f\r\n\r\ndeferred\r\n")
+        node.wait_log("event=deferred")  # logged once its commit is durable
+        open(trigger, "w").close()  # the spool's disk stops answering
+        flush = subprocess.Popen([SLUICECTL, "-s", f"{wd.path}/stats.sock", "flush"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the flush's retime held")
+        node.signal(signal.SIGTERM)
+        try:
+            rc = node.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop was not bounded:\n" + "\n".join(node.lines[-20:]))
+        node.reader.join(10)
+        said = flush.communicate(timeout=30)[0]
+        assert rc == 70, (rc, node.lines[-20:])
+        stuck = node.log_lines("event=stop_stuck")
+        # past the workers' join: their spool answers (the due poll's take
+        # waits behind the flush: 30 s), or where the spool closes
+        assert len(stuck) == 1, node.lines[-20:]
+        stage = dict(log_fields(stuck[0]))["stage"]
+        assert stage in ("servers_and_spool_answers", "spool"), stuck
+        (cut,) = node.log_lines("event=flush_cut")
+        assert "recipients=1 retimed=0 " in cut, cut
+        assert flush.returncode != 0 and "recipients" not in said, said  # not told done
+        node = None
+        os.unlink(trigger)
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        assert node.stop_clean() == 0
+        node = None
+        (m,) = spool_messages(spool)
+        assert b"deferred" in m["body"]
+    finally:
+        for path in (trigger, trigger + ".held"):  # first: the stop may need the disk
+            if os.path.exists(path):
+                os.unlink(path)
+        if flush is not None and flush.poll() is None:
+            flush.kill()
+            flush.wait()
+        if node is not None:
+            node.stop_clean()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
+def test_outcome_commit_failure_names_its_message():
+    """A delivery's outcome the spool refuses (its disk fails writes with
+    EIO: the fail-writes shim, argv[3]) is tried again, backing off, and
+    at a stop left for the next start: each of those lines,
+    event=outcome_commit_failed, says which message (id=), as every line
+    about a message does; before, they gave a count of recipients alone,
+    and the operator could not tell which message would go again. The
+    message, taken by the MX, its "delivered" never stored, is delivered
+    again after the restart."""
+    need("dnsmasq")
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    wd = Workdir("sluice-eio-outcome-")
+    trigger = os.path.join(wd.path, "fail")
+    at_dot, release = threading.Event(), threading.Event()
+    got = []
+    dns = mx = node = None
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger}
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        mx = HostileMx(mx_port, holding_mx(at_dot, release, got))
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M")
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        assert send(port, "s@example.com", ["a@c.test"], b"Subject: e\r\n\r\nrefused\r\n")
+        qid = dict(log_fields(node.wait_log("event=queued")))["id"]
+        assert at_dot.wait(30), "the message at the MX"
+        open(trigger, "w").close()  # the spool's disk fails its writes
+        release.set()  # the MX takes it: its outcome goes to the spool
+        first = node.wait_log("event=outcome_commit_failed", timeout=30)
+        assert dict(log_fields(first)).get("id") == qid, first
+        assert node.stop_clean() == 0
+        left = node.log_lines("note=retried_after_restart")
+        assert len(left) == 1 and dict(log_fields(left[0])).get("id") == qid, left
+        assert node.count_log("event=delivered") == 0
+        node = None
+        os.unlink(trigger)
+        node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        line = node.wait_log(f"id={qid} event=delivered", timeout=60)
+        assert "rcpt=<a@c.test>" in line, line
+        assert len(got) == 2, got  # sent again: its first delivery was never stored
+        assert node.stop_clean() == 0
+        node = None
+    finally:
+        release.set()
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+        if node is not None:
+            node.stop_clean()
+        for p in (mx, dns):
+            if p is not None:
+                p.stop()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_dsn_on_full_spool, test_full_spool_with_deferrals_recovers,
-          test_corrupt_record_skipped, test_damaged_spool_refused_at_start])
+          test_corrupt_record_skipped, test_damaged_spool_refused_at_start,
+          test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing,
+          test_stop_ends_a_flush_waiting_for_a_stalled_spool,
+          test_outcome_commit_failure_names_its_message])

@@ -238,7 +238,7 @@ def test_status_page_in_a_browser():
                                    if k not in ("uptime_ms", "rates", "loop")}
                 strip_d = lambda ds: [{k: v for k, v in d.items() if "age" not in k} for d in ds]
                 idle = before["rates"]["1s"] is not None and \
-                    not any(before["rates"]["1s"].values())
+                    not any(v for k, v in before["rates"]["1s"].items() if k != "window_ms")
                 if idle and strip(before) == strip(after) and strip_d(doms_before) == strip_d(doms):
                     break
                 time.sleep(1)  # the next rate sample (every second) of an idle relay
@@ -378,5 +378,86 @@ def test_status_page_in_a_browser():
         r.close()
 
 
+# Durations as sluicectl writes them (test_ops.test_durations_round_to_nearest):
+# rounded to the nearest of the last unit shown.
+AGES = [(120, "120ms"), (999, "999ms"), (1499, "1s"), (1500, "2s"), (59600, "1m"),
+        (89999, "1m 30s"), (600000, "10m"), (3599600, "1h"), (5399999, "1h 30m"),
+        (86399999, "1d"), (131400000, "1d 13h")]
+
+
+def test_page_ages_round_as_sluicectl():
+    """The page writes ages (uptime, a destination's oldest message) as
+    sluicectl does: rounded to the nearest, 1,500 ms "2s", 59.6 s "1m",
+    5,399,999 ms "1h 30m" (it cut them down: "1s", "59s", "1h 29m"; and
+    wrote "10m 0s", "0s" for 120 ms). Its "last 1 min" rates column says
+    "last 12 s" when the rates are over 12 s (sluice's first minute). The
+    page as sluice serves it is loaded from a server of the test's own
+    whose status.json holds those ages."""
+    from browser import Browser  # skips (77) when chromium is missing
+    import http.server
+    import json
+
+    hport = free_port()
+    r = Relay(records_for(["a.test"]), domain_conf=stats_conf(http=hport))
+    srv = None
+    try:
+        wait_until(lambda: http_get(hport, "/")[0] == 200, 10, "the HTTP listener")
+        page = http_get(hport, "/")[2].encode()
+        st = json.loads(http_get(hport, "/status.json")[2])
+        st["stats"]["uptime_ms"] = 5399999
+        # as in sluice's first minute: the minute's rates are over 12 s
+        rates = {"received": 1.0, "delivered": 1.0, "deferred": 0.0, "bounced": 0.0,
+                 "expired": 0.0}
+        st["stats"]["rates"] = {"1s": dict(rates, window_ms=1000),
+                                "1m": dict(rates, window_ms=12000)}
+
+        def row(i, ms):
+            return {"name": f"d{i}.test", "pool": None, "ready": 1, "deferred": 0,
+                    "inflight": 0, "parked": 0, "connections": 0, "max_connections": 1,
+                    "rate_limit": None, "limit_reason": "config", "delivered": 0,
+                    "bounced": 0, "oldest": None, "oldest_age_ms": ms, "suspended": False,
+                    "held": False, "held_until": None, "deferred_by_class": {},
+                    "last_reply": ""}
+        st["domains"] = [row(i, ms) for i, (ms, _) in enumerate(AGES)]
+        st["suspended"] = [dict(row(0, 1500), suspended=True)]
+        body = json.dumps(st).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                out, ctype = (body, "application/json") if self.path.startswith(
+                    "/status.json") else (page, "text/html; charset=utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *a):
+                pass
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        with Browser() as b:
+            b.navigate(f"http://127.0.0.1:{srv.server_address[1]}/?refresh=60")
+            wait_until(lambda: b.evaluate(
+                "Number(document.body.getAttribute('data-generation')||0)") >= 1, 30,
+                "the page to render")
+            dom = b.evaluate(READ_DOM)
+            assert dom["error"] is None, dom["error"]
+            shown = {name: row["oldest"] for name, row in dom["domains"].items()}
+            want = {f"d{i}.test": text for i, (_, text) in enumerate(AGES)}
+            assert shown == want, [(AGES[int(k[1:-5])][0], v, want[k])
+                                   for k, v in shown.items() if v != want[k]]
+            assert dom["suspended"]["d0.test"]["oldest"] == "2s", dom["suspended"]
+            up = b.evaluate("document.getElementById('uptime').textContent")
+            assert up == "1h 30m", up
+            head = b.evaluate("document.getElementById('r1m').textContent")
+            assert head == "last 12 s", head
+    finally:
+        if srv is not None:
+            srv.shutdown()
+            srv.server_close()
+        r.close()
+
+
 if __name__ == "__main__":
-    main([test_status_page_in_a_browser])
+    main([test_status_page_in_a_browser, test_page_ages_round_as_sluicectl])

@@ -229,6 +229,30 @@ def test_garbage_instead_of_handshake():
         srv.close()
 
 
+def test_help_names_what_is_offered():
+    """HELP named AUTH where it was not offered (503 "AUTH is not offered
+    here": plaintext here, plaintext_auth = never) and never STARTTLS,
+    offered: it names them as EHLO shows them, before TLS and after."""
+    srv = Server()
+    try:
+        c = Conn(srv.port)
+        c.reply()
+        c.send(b"EHLO x\r\nHELP\r\n")
+        c.reply()
+        assert c.reply() == ["214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT "
+                             "VRFY HELP STARTTLS; see RFC 5321"]
+        c.send(b"STARTTLS\r\n")
+        assert c.reply()[0].startswith("220")
+        c.starttls()
+        c.send(b"EHLO x\r\nHELP\r\nQUIT\r\n")
+        assert "250-AUTH PLAIN LOGIN" in c.reply()
+        assert c.reply() == ["214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT "
+                             "VRFY HELP AUTH; see RFC 5321"]
+        assert c.reply()[0].startswith("221")
+    finally:
+        srv.close()
+
+
 def test_wrong_password_over_tls():
     srv = Server()
     try:
@@ -408,5 +432,6 @@ if __name__ == "__main__":
     main([test_swaks_starttls_auth_plain_pipelined, test_swaks_implicit_tls_auth_login,
           test_auth_only_after_tls, test_plaintext_pipelined_after_starttls_is_dropped,
           test_plaintext_injected_into_tls_stream_ends_session, test_garbage_instead_of_handshake,
-          test_wrong_password_over_tls, test_implicit_tls_over_connection_limits,
+          test_help_names_what_is_offered, test_wrong_password_over_tls,
+          test_implicit_tls_over_connection_limits,
           test_greet_pause_on_the_implicit_tls_port])

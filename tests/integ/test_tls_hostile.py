@@ -11,9 +11,11 @@ byte; raw sockets send the TCP reset and the garbage."""
 import json
 import os
 import random
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import time
 
@@ -385,13 +387,54 @@ def test_stalled_handshake_is_closed_at_the_deadline():
         got = raw_closed(extra)
         assert got.startswith(b"421 4.7.0"), got
         extra.close()
-        for s in socks:
+        for s, silent in zip(socks, (False, False, True)):
             got = raw_closed(s)
-            # The server's flight to a whole ClientHello, an alert, or
-            # nothing: never plaintext.
-            assert got == b"" or got[:1] in (b"\x15", b"\x16"), f"not TLS: {got[:20]!r}"
+            if silent:
+                # nothing came at all: a plaintext client waiting for a
+                # greeting, told so in the clear (plaintext_on_tls_port)
+                assert got == b"554 5.7.0 TLS required on this port\r\n", got
+            else:
+                # The server's flight to a whole ClientHello, an alert, or
+                # nothing: never plaintext.
+                assert got == b"" or got[:1] in (b"\x15", b"\x16"), f"not TLS: {got[:20]!r}"
             s.close()
-        srv.d.wait_log_count("event=tls_timeout", 3)
+        srv.d.wait_log_count("event=tls_timeout", 2)
+        srv.d.wait_log("event=plaintext_on_tls_port client=127.0.0.1 said=nothing")
+        srv.wait_no_sessions()
+        srv.healthy("implicit")
+        srv.healthy("starttls")
+    finally:
+        srv.close()
+
+
+def test_plaintext_client_on_the_implicit_tls_port():
+    """A new user's swaks without --tlsc, or a script that says EHLO
+    first, on the implicit-TLS port: the first waited for a greeting until
+    handshake_timeout and was closed without a word ("Remote host closed
+    connection unexpectedly"), the second was closed at once, and the log
+    said only tls_timeout or "wrong version number". Both now get one
+    plaintext line, 554 5.7.0 TLS required on this port, and the log
+    says plaintext_on_tls_port with a hint; TLS clients are untouched."""
+    srv = Server()
+    try:
+        for first in (b"EHLO client.example\r\n", b"ehlo x\r\n", b"QUIT\r\n"):
+            s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=30)
+            s.sendall(first)
+            t0 = time.monotonic()
+            got = raw_closed(s, timeout=10)
+            s.close()
+            assert got == b"554 5.7.0 TLS required on this port\r\n", (first, got)
+            assert time.monotonic() - t0 < 1.5, "answered at the deadline, not at once"
+        srv.d.wait_log_count("event=plaintext_on_tls_port client=127.0.0.1 said=plaintext", 3)
+        line = srv.d.log_lines("event=plaintext_on_tls_port")[0]
+        assert 'hint="this port (listen_tls) is implicit TLS' in line, line
+        assert srv.d.count_log("event=tls_failed") == 0
+        if shutil.which("swaks"):
+            r = subprocess.run(["swaks", "--server", f"127.0.0.1:{srv.tls_port}", "--from",
+                                "a@example.com", "--to", "b@example.org", "--timeout", "20"],
+                               capture_output=True, text=True, timeout=60)
+            assert "<** 554 5.7.0 TLS required on this port" in r.stdout, r.stdout
+            srv.d.wait_log("event=plaintext_on_tls_port client=127.0.0.1 said=nothing")
         srv.wait_no_sessions()
         srv.healthy("implicit")
         srv.healthy("starttls")
@@ -480,11 +523,17 @@ def test_garbage_instead_of_client_hello():
                     pass  # closed while we still sent: as good
                 got = raw_closed(s)
                 s.close()
+                if mode == "implicit" and name in ("smtp", "http"):
+                    # plaintext on the implicit-TLS port: one fixed
+                    # refusal in the clear, none of it read as a command
+                    assert got == b"554 5.7.0 TLS required on this port\r\n", (name, got)
+                    continue
                 # Nothing but a TLS alert may come back: no SMTP reply to
                 # bytes that were not inside TLS.
                 assert got == b"" or got[:1] == b"\x15", f"{name}/{mode}: got {got[:40]!r}"
         # The log is read by another thread: wait for the lines.
-        srv.d.wait_log_count("event=tls_failed", len(garbage_cases()))
+        srv.d.wait_log_count("event=tls_failed", 2 * len(garbage_cases()) - 2)
+        srv.d.wait_log_count("event=plaintext_on_tls_port", 2)
         srv.wait_no_sessions()
         srv.healthy("implicit")
         srv.healthy("starttls")
@@ -545,6 +594,6 @@ if __name__ == "__main__":
         skip("openssl not installed (tools/install-deps --test)")
     main([test_close_notify_in_data_and_bdat, test_close_notify_after_the_final_dot_still_queues,
           test_reset_in_data_and_bdat, test_stalled_handshake_is_closed_at_the_deadline,
-          test_trickled_handshake_gains_nothing,
+          test_plaintext_client_on_the_implicit_tls_port, test_trickled_handshake_gains_nothing,
           test_handshake_deadline_counts_from_the_connection, test_garbage_instead_of_client_hello,
           test_handshake_failure_sends_an_alert, test_pipelined_burst_over_tls])

@@ -7,7 +7,7 @@ SIGHUP; shared by two nodes through a real redis-server. The test hooks
 need SLUICE_TEST_WARMUP_CLOCK in the environment (and a build with tests):
 without it the daemon refuses them.
 
-The outbound side (engine/outbound/scheduler.c) calls
+The outbound side (engine/outbound/egress.c and sched_conn.c) calls
 warmup_left/take/next_day_ms on real deliveries; integ_pools
 (test_warmup_allowance_holds_and_overflows) checks that; these tests count
 through the hook."""

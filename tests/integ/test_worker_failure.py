@@ -15,6 +15,10 @@ from test_delivery import Relay, records_for
 
 SLUICE = sys.argv[1]
 FAIL_AFTER = 150  # loop turns of worker 1: some dozens of messages
+# Mail to several domains, so that the failed worker has destinations of
+# its own (their limiter keys were once written after their free, in the
+# stop's delivery_free: it had no delivery_on_stop).
+DOMAINS = 8
 
 
 def inject_one(port, seq):
@@ -32,7 +36,8 @@ def inject_one(port, seq):
                     return False
                 if line[3:4] != b"-":
                     break
-            s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u%d@w.test>\r\nDATA\r\n" % seq)
+            s.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u%d@w%d.test>\r\nDATA\r\n"
+                      % (seq, seq % DOMAINS))
             for _ in range(2):
                 if not f.readline().startswith(b"250"):
                     return False
@@ -57,7 +62,7 @@ def test_failed_ring_stops_for_a_restart_and_loses_nothing():
     asan = os.environ.get("ASAN_OPTIONS", "")
     os.environ["ASAN_OPTIONS"] = (asan + ":" if asan else "") + "detect_leaks=0"
     try:
-        r = Relay(records_for(["w.test"]))
+        r = Relay(records_for([f"w{i}.test" for i in range(DOMAINS)]))
     finally:
         os.environ.clear()
         os.environ.update(env)

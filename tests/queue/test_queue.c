@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "queue/queue.h"
 
 struct fixture {
@@ -138,7 +139,7 @@ static void
 outcome(struct queue *q, uint64_t id, unsigned rcpt, enum queue_outcome_kind kind, uint64_t due,
         unsigned code, const char *reply)
 {
-    struct queue_outcome o = {id, rcpt, kind, due, code, reply, 0, false};
+    struct queue_outcome o = {id, rcpt, kind, due, code, reply, 0, false, NULL, 0};
     assert_int_equal(queue_update_wait(q, &o, 1), 0);
 }
 
@@ -602,7 +603,7 @@ test_open_readonly(void **state)
         .id = queue_id_next(r1), .sender = "s@example.com", .nrcpt = 1, .rcpt = &rc};
     struct iovec iov = {"y\r\n", 3};
     assert_int_equal(queue_enqueue_wait(r1, &e, &iov, 1), -EROFS);
-    struct queue_outcome o = {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
+    struct queue_outcome o = {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0};
     assert_int_equal(queue_update_wait(r2, &o, 1), -EROFS);
     queue_close(r1);
     queue_close(r2);
@@ -691,6 +692,114 @@ test_truncated_refused(void **state)
     assert_int_equal(queue_open(&f->cfg, &q, err, sizeof(err)), QUEUE_ECORRUPT);
     assert_null(q);
     assert_non_null(strstr(err, "truncated"));
+}
+
+/* Cut by its last page only (the last commit's): refused too, whether the
+ * free list is whole (the page past the end is not in it) or was on that
+ * page (unreadable past the end, the fault taken): which one depends on
+ * where LMDB put the list in that commit. */
+static void
+test_truncated_tail_refused(void **state)
+{
+    struct fixture *f = *state;
+    size_t len = 256 * 1024;
+    char *body = make_body(len, 9);
+    struct iovec iov = {body, len};
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    free(body);
+    queue_close(f->q);
+    f->q = NULL;
+    char path[400];
+    snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(truncate(path, st.st_size - 4096), 0);
+    char err[512];
+    struct queue *q;
+    assert_int_equal(queue_open_readonly(&f->cfg, &q, err, sizeof(err)), QUEUE_ECORRUPT);
+    assert_null(q);
+    assert_non_null(strstr(err, "truncated"));
+    assert_int_equal(queue_open(&f->cfg, &q, err, sizeof(err)), QUEUE_ECORRUPT);
+    assert_null(q);
+}
+
+/* Leave data.mdb shorter than its meta page's pages in use, as LMDB
+ * does: with free pages to reuse (two updates of a record free the
+ * pages they copied), a value of 25 overflow pages takes them from the
+ * end of the file, and deleted in the same transaction they go to the
+ * free list, never written. Keys "test-..." in the meta database. */
+static void
+make_short_file(const char *dir)
+{
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 8), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, 256ULL << 20), 0);
+    assert_int_equal(mdb_env_open(env, dir, 0, 0600), 0);
+    static char val[100000];
+    memset(val, 'x', sizeof(val));
+    MDB_val small = {strlen("test-a"), "test-a"}, big = {strlen("test-b"), "test-b"};
+    for (size_t len = 10; len < 13; len++) {
+        MDB_val v = {len, val};
+        assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+        assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+        assert_int_equal(mdb_put(txn, dbi, &small, &v, 0), 0);
+        assert_int_equal(mdb_txn_commit(txn), 0);
+    }
+    MDB_val v = {sizeof(val), val};
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    assert_int_equal(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    assert_int_equal(mdb_put(txn, dbi, &big, &v, 0), 0);
+    assert_int_equal(mdb_del(txn, dbi, &big, NULL), 0);
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    MDB_envinfo info;
+    MDB_stat st;
+    struct stat fst;
+    char path[400];
+    snprintf(path, sizeof(path), "%s/data.mdb", dir);
+    assert_int_equal(mdb_env_info(env, &info), 0);
+    assert_int_equal(mdb_env_stat(env, &st), 0);
+    assert_int_equal(stat(path, &fst), 0);
+    assert_true((uint64_t)fst.st_size + 20 * st.ms_psize <=
+                ((uint64_t)info.me_last_pgno + 1) * st.ms_psize);
+    mdb_env_close(env);
+}
+
+/* A data file shorter than its pages in use, where the pages past its
+ * end are all free, is LMDB's own doing (a clean stop left one such in
+ * CI, and sluice-spool then refused the spool as truncated): it opens,
+ * for a reader and a writer, and a writer's next commits extend it. */
+static void
+test_short_file_with_free_tail_opens(void **state)
+{
+    struct fixture *f = *state;
+    queue_close(f->q);
+    f->q = NULL;
+    make_short_file(f->cfg.path);
+    char err[512] = "";
+    struct queue *q;
+    int rc = queue_open_readonly(&f->cfg, &q, err, sizeof(err));
+    assert_int_equal(rc, 0);
+    queue_close(q);
+    rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
+    if (rc != 0)
+        fail_msg("queue_open: %s", err);
+    size_t len = 256 * 1024;
+    char *body = make_body(len, 3);
+    struct iovec iov = {body, len};
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
+    free(body);
+    queue_close(f->q);
+    f->q = NULL;
+    fixture_open(f);
 }
 
 /* ---- writes and reads ---- */
@@ -914,8 +1023,8 @@ test_delete_with_last_rcpt(void **state)
 
     /* the last two in one update: the message goes */
     struct queue_outcome last[2] = {
-        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
-        {id, 3, QUEUE_BOUNCED, 0, 550, "no", 0, false},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
+        {id, 3, QUEUE_BOUNCED, 0, 550, "no", 0, false, NULL, 0},
     };
     assert_int_equal(queue_update_wait(f->q, last, 2), 0);
     assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
@@ -935,6 +1044,117 @@ test_delete_with_last_rcpt(void **state)
     struct queue_counts c;
     assert_int_equal(queue_counts(f->q, &c, NULL, NULL), 0);
     assert_true(c.messages == 1 && c.ready == 1 && c.deferred == 0);
+    assert_consistent(f->q);
+}
+
+/* A recipient deferred with QUEUE_TAG_HELD (its outcome final for the
+ * caller, reported later) is changed only by an outcome of that tag:
+ * others (a transaction that crossed the hold) are stale; a retime moves
+ * it; the held outcome removes it, the message with it. */
+static void
+test_held_recipient(void **state)
+{
+    struct fixture *f = *state;
+    uint64_t id = put_msg(f->q, 2, "example.com", "body\r\n", 6);
+    uint64_t now = clock_unix_ms();
+    struct queue_outcome held = {.id = id, .rcpt = 0, .kind = QUEUE_DEFERRED,
+                                 .due_ms = now + 60000, .code = 550,
+                                 .reply = "dsn-held 5.1.1 invalid_recipient - r 1 no such user",
+                                 .tag = QUEUE_TAG_HELD};
+    assert_int_equal(queue_update_wait(f->q, &held, 1), 0);
+    outcome(f->q, id, 0, QUEUE_DELIVERED, 0, 250, "2.0.0 ok");
+    outcome(f->q, id, 0, QUEUE_BOUNCED, 0, 550, "5.0.0 bounced by the operator");
+    outcome(f->q, id, 0, QUEUE_DEFERRED, now + 5000, 451, "4.3.0 later");
+    struct queue_stats st;
+    queue_stats(f->q, &st);
+    assert_int_equal(st.outcomes_stale, 3);
+    struct queue_envelope *e;
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->nrcpt, 2);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    assert_int_equal(e->rcpt[0].tag, QUEUE_TAG_HELD);
+    assert_int_equal(e->rcpt[0].due_ms, now + 60000);
+    queue_envelope_free(e);
+    outcome(f->q, id, 0, QUEUE_RETIME, now + 10, 0, NULL);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->rcpt[0].due_ms, now + 10);
+    assert_int_equal(e->rcpt[0].tag, QUEUE_TAG_HELD);
+    queue_envelope_free(e);
+    outcome(f->q, id, 1, QUEUE_DELIVERED, 0, 250, "2.0.0 ok");
+    struct queue_outcome end = {.id = id, .rcpt = 0, .kind = QUEUE_BOUNCED, .code = 550,
+                                .tag = QUEUE_TAG_HELD};
+    assert_int_equal(queue_update_wait(f->q, &end, 1), 0);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
+    assert_consistent(f->q);
+}
+
+/* QUEUE_WARNED marks a message (its delay warning went) once: the mark
+ * applies with the DSN it rides with, the body and recipients left as
+ * they were; a second one is stale, its DSN not stored, and with an
+ * outcome that applies the request is refused whole (QUEUE_ESTALE); a
+ * mark for a message gone is stale. */
+static void
+test_delay_warned_mark(void **state)
+{
+    struct fixture *f = *state;
+    char body[3000];
+    for (size_t i = 0; i < sizeof(body); i++)
+        body[i] = (char)('a' + i % 26);
+    uint64_t id = put_msg(f->q, 2, "example.com", body, sizeof(body));
+    struct queue_envelope *e = NULL;
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_false(e->delay_warned);
+    queue_envelope_free(e);
+    struct queue_rcpt dr = {.addr = "sender@sender.example"};
+    struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
+    struct iovec diov = {(void *)"the warning", 11};
+    struct queue_outcome mark = {.id = id, .kind = QUEUE_WARNED};
+    assert_int_equal(queue_update_enqueue_wait(f->q, &mark, 1, &denv, &diov, 1), 0);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_true(e->delay_warned);
+    assert_int_equal(e->nrcpt, 2);
+    assert_int_equal(e->body_len, sizeof(body));
+    queue_envelope_free(e);
+    assert_body(f->q, id, body, sizeof(body));
+    assert_int_equal(queue_envelope_get(f->q, denv.id, &e), 0);
+    queue_envelope_free(e);
+    /* a second warning, crossing the first: stale, not stored */
+    struct queue_stats s0, s1;
+    queue_stats(f->q, &s0);
+    struct queue_envelope d2 = denv;
+    d2.id = queue_id_next(f->q);
+    assert_int_equal(queue_update_enqueue_wait(f->q, &mark, 1, &d2, &diov, 1), 0);
+    queue_stats(f->q, &s1);
+    assert_int_equal(s1.outcomes_stale - s0.outcomes_stale, 1);
+    assert_int_equal(queue_envelope_get(f->q, d2.id, &e), QUEUE_ENOTFOUND);
+    /* with an outcome that applies: refused whole, the outcome too */
+    struct queue_outcome two[2] = {
+        {.id = id, .rcpt = 0, .kind = QUEUE_DEFERRED, .due_ms = clock_unix_ms() + 60000,
+         .code = 451, .reply = "4.3.0 later"},
+        mark};
+    d2.id = queue_id_next(f->q);
+    assert_int_equal(queue_update_enqueue_wait(f->q, two, 2, &d2, &diov, 1), QUEUE_ESTALE);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_READY);
+    queue_envelope_free(e);
+    /* the mark survives a reopen and is kept by later outcomes */
+    outcome(f->q, id, 0, QUEUE_DEFERRED, clock_unix_ms() + 60000, 451, "4.3.0 later");
+    reopen(f);
+    assert_int_equal(queue_envelope_get(f->q, id, &e), 0);
+    assert_true(e->delay_warned);
+    assert_int_equal(e->rcpt[0].state, QUEUE_RCPT_DEFERRED);
+    queue_envelope_free(e);
+    /* gone: stale */
+    outcome(f->q, id, 0, QUEUE_DELIVERED, 0, 250, "2.0.0 ok");
+    outcome(f->q, id, 1, QUEUE_DELIVERED, 0, 250, "2.0.0 ok");
+    assert_int_equal(queue_envelope_get(f->q, id, &e), QUEUE_ENOTFOUND);
+    queue_stats(f->q, &s0);
+    assert_int_equal(queue_update_wait(f->q, &mark, 1), 0);
+    queue_stats(f->q, &s1);
+    assert_int_equal(s1.outcomes_stale - s0.outcomes_stale, 1);
+    /* a kind past the last is refused */
+    struct queue_outcome bad = {.id = id, .kind = (enum queue_outcome_kind)(QUEUE_WARNED + 1)};
+    assert_int_equal(queue_update_wait(f->q, &bad, 1), -EINVAL);
     assert_consistent(f->q);
 }
 
@@ -969,10 +1189,10 @@ test_deferred_index(void **state)
     uint64_t b = put_msg(f->q, 2, "example.org", "b", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x", 0, false},
-        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x", 0, false},
-        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x", 0, false},
-        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x", 0, false},
+        {a, 0, QUEUE_DEFERRED, base + 300, 451, "x", 0, false, NULL, 0},
+        {a, 2, QUEUE_DEFERRED, base + 100, 451, "x", 0, false, NULL, 0},
+        {b, 1, QUEUE_DEFERRED, base + 200, 451, "x", 0, false, NULL, 0},
+        {b, 0, QUEUE_DEFERRED, base + 100, 451, "x", 0, false, NULL, 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 4), 0);
 
@@ -1033,7 +1253,7 @@ test_retime(void **state)
     queue_envelope_free(env);
     /* Nor a deferral of mail that was not tried (its destination rests):
      * the time, code and reply move, the attempts stay. */
-    struct queue_outcome u = {a, 0, QUEUE_DEFERRED, base + 20000, 0, "refused", 0, true};
+    struct queue_outcome u = {a, 0, QUEUE_DEFERRED, base + 20000, 0, "refused", 0, true, NULL, 0};
     assert_int_equal(queue_update_wait(f->q, &u, 1), 0);
     assert_int_equal(queue_envelope_get(f->q, a, &env), 0);
     assert_int_equal(env->rcpt[0].attempts, 1);
@@ -1065,7 +1285,7 @@ test_due_many_renews(void **state)
         struct queue_outcome o[100];
         for (unsigned i = 0; i < 100; i++)
             o[i] = (struct queue_outcome){id,  i,  QUEUE_DEFERRED, base + 100000 - m * 100 - i,
-                                          451, "z", 0, false};
+                                          451, "z", 0, false, NULL, 0};
         assert_int_equal(queue_update_wait(f->q, o, 100), 0);
     }
     struct seen s = {0};
@@ -1190,8 +1410,8 @@ test_large_body(void **state)
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 41);
-    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false},
-                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL, 0, false}};
+    struct queue_outcome o[2] = {{env.id, 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false, NULL, 0},
+                                 {env.id, 1, QUEUE_DELIVERED, 0, 250, NULL, 0, false, NULL, 0}};
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     assert_int_equal(queue_check(f->q, &rep), 0);
     assert_true(rep.body_chunks == 0 && rep.messages == 0);
@@ -1254,7 +1474,7 @@ test_port_async(void **state)
     /* an update through the same port */
     struct queue_outcome o[32];
     for (int i = 0; i < 32; i++)
-        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false};
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_DELIVERED, 0, 250, NULL, 0, false, NULL, 0};
     struct done_cookie uc = {&log, 100};
     assert_int_equal(queue_update(f->q, p, o, 32, on_done, &uc), 0);
     while (log.n < 33)
@@ -1316,7 +1536,7 @@ test_update_enqueue(void **state)
     struct queue_rcpt dr = {.addr = "bounce@sender.example"};
     struct queue_envelope denv = {.id = queue_id_next(f->q), .sender = "", .nrcpt = 1, .rcpt = &dr};
     struct iovec diov = {(void *)"the dsn", 7};
-    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false};
+    struct queue_outcome o = {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false, NULL, 0};
     struct queue_stats s0, s1;
     queue_stats(f->q, &s0);
     assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
@@ -1367,9 +1587,9 @@ test_due_take_clock_steps(void **state)
     uint64_t a = put_msg(f->q, 3, "example.com", "t", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy", 0, false},
-        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy", 0, false},
-        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy", 0, false},
+        {a, 0, QUEUE_DEFERRED, base + 100, 451, "busy", 0, false, NULL, 0},
+        {a, 1, QUEUE_DEFERRED, base + 200, 451, "busy", 0, false, NULL, 0},
+        {a, 2, QUEUE_DEFERRED, base + 86400000, 451, "busy", 0, false, NULL, 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 3), 0);
     struct seen s = {0};
@@ -1476,8 +1696,8 @@ test_owner_walk_and_due_take(void **state)
     uint64_t plain = put_msg(f->q, 1, "example.com", "x\r\n", 3);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later", 0, false},
-        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later", 0, false},
+        {owned, 1, QUEUE_DEFERRED, base + 10, 451, "later", 0, false, NULL, 0},
+        {plain, 0, QUEUE_DEFERRED, base + 20, 451, "later", 0, false, NULL, 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     reopen(f);
@@ -1562,8 +1782,8 @@ test_corrupt_skipped(void **state)
     uint64_t c = put_msg(f->q, 1, "c.example", "c", 1);
     uint64_t base = 1800000000000ULL;
     struct queue_outcome o[] = {
-        {b, 0, QUEUE_DEFERRED, base, 451, "x", 0, false},
-        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x", 0, false},
+        {b, 0, QUEUE_DEFERRED, base, 451, "x", 0, false, NULL, 0},
+        {c, 0, QUEUE_DEFERRED, base + 1, 451, "x", 0, false, NULL, 0},
     };
     assert_int_equal(queue_update_wait(f->q, o, 2), 0);
     queue_close(f->q);
@@ -1660,15 +1880,16 @@ test_update_enqueue_stale_refused(void **state)
     struct queue_port *port = queue_port_new();
     assert_non_null(port);
     uint64_t a = put_msg(q, 2, "example.com", "original", 8);
-    struct queue_outcome op = {a, 0, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0, false};
+    struct queue_outcome op = {a, 0, QUEUE_BOUNCED, 0, 550, "bounced by operator",
+                               0, false, NULL, 0};
     assert_int_equal(queue_update_wait(q, &op, 1), 0);
 
     struct queue_rcpt dr = {.addr = "bounce@sender.example"};
     struct queue_envelope denv = {.id = queue_id_next(q), .sender = "", .nrcpt = 1, .rcpt = &dr};
     struct iovec diov = {(void *)"the dsn", 7};
     struct queue_outcome o[2] = {
-        {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false},
-        {a, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false},
+        {a, 0, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false, NULL, 0},
+        {a, 1, QUEUE_BOUNCED, 0, 550, "5.1.1 unknown", 0, false, NULL, 0},
     };
     unsigned lines[2] = {1, 1};
     bool applied[2] = {true, false};
@@ -1738,6 +1959,110 @@ ev_collect(void *arg, uint64_t seq, const char *text, size_t len)
     return 0;
 }
 
+struct note_rec {
+    unsigned n;
+    uint64_t seq[8];
+    char text[8][32];
+};
+
+static int
+note_collect(void *arg, uint64_t seq, const void *note, size_t len)
+{
+    struct note_rec *r = arg;
+    assert_true(r->n < 8 && len < 32);
+    r->seq[r->n] = seq;
+    memcpy(r->text[r->n], note, len);
+    r->text[r->n][len] = '\0';
+    r->n++;
+    return 0;
+}
+
+static int hook_calls;
+
+static void
+note_hook(void *arg)
+{
+    (void)arg;
+    hook_calls++; /* the committer thread; read after a completion */
+}
+
+/* Notes: committed with an outcome only when it applies (not with a
+ * retry found stale), or alone with event lines or without; numbered in
+ * commit order; kept across a reopen (a crash) until trimmed. */
+static void
+test_notes_with_outcomes(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+    queue_notes_set_hook(q, note_hook, NULL);
+    hook_calls = 0;
+    char body[] = "body\r\n";
+    uint64_t id = put_msg(q, 3, "x.example", body, strlen(body));
+    struct queue_outcome o[2] = {
+        {id, 0, QUEUE_BOUNCED, 0, 550, "gone", 0, false, "n-bounce0", 9},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
+    };
+    assert_int_equal(queue_update_wait(q, o, 2), 0);
+    /* the same again: stale, no second note */
+    assert_int_equal(queue_update_wait(q, o, 2), 0);
+    struct ev_wait w = {0};
+    assert_int_equal(ev_finish(port, &w, queue_events_note_put(q, port, NULL, 0, "n-alone", 7,
+                                                               ev_done, &w)),
+                     0);
+    w = (struct ev_wait){0};
+    assert_int_equal(ev_finish(port, &w, queue_events_note_put(q, port, "l\n", 2, "n-lines", 7,
+                                                               ev_done, &w)),
+                     0);
+    assert_int_equal(hook_calls, 3); /* the first update and the two puts */
+    assert_int_equal(queue_events_note_put(q, port, NULL, 0, NULL, 0, ev_done, &w), -EINVAL);
+    char big[QUEUE_NOTE_MAX + 1] = {0};
+    assert_int_equal(queue_events_note_put(q, port, NULL, 0, big, sizeof(big), ev_done, &w),
+                     -EINVAL);
+    struct queue_outcome o2 = {id, 2, QUEUE_BOUNCED, 0, 550, "x", 0, false, big, sizeof(big)};
+    assert_int_equal(queue_update_wait(q, &o2, 1), -EINVAL);
+
+    reopen(f);
+    q = f->q;
+    struct queue_stats qs;
+    queue_stats(q, &qs);
+    assert_int_equal(qs.notes_kept, 3); /* counted at open */
+    struct note_rec r = {0};
+    assert_int_equal(queue_notes_read(q, 0, 0, note_collect, &r), 3);
+    assert_string_equal(r.text[0], "n-bounce0");
+    assert_string_equal(r.text[1], "n-alone");
+    assert_string_equal(r.text[2], "n-lines");
+    assert_true(r.seq[0] < r.seq[1] && r.seq[1] < r.seq[2]);
+    r = (struct note_rec){0};
+    assert_int_equal(queue_notes_read(q, r.seq[0], 1, note_collect, &r), 1);
+    assert_int_equal(queue_notes_trim_wait(q, r.seq[0] + 2), 0);
+    struct note_rec t = {0};
+    assert_int_equal(queue_notes_read(q, 0, 0, note_collect, &t), 1);
+    assert_string_equal(t.text[0], "n-lines");
+    queue_stats(q, &qs);
+    assert_int_equal(qs.notes_kept, 1); /* less the trimmed */
+    /* numbering goes on after a reopen */
+    uint64_t last = t.seq[0];
+    reopen(f);
+    q = f->q;
+    struct queue_outcome o3 = {id, 2, QUEUE_BOUNCED, 0, 550, "x", 0, false, "n-after", 7};
+    assert_int_equal(queue_update_wait(q, &o3, 1), 0);
+    t = (struct note_rec){0};
+    assert_int_equal(queue_notes_read(q, 0, 0, note_collect, &t), 2);
+    queue_stats(q, &qs);
+    assert_int_equal(qs.notes_kept, 2); /* and the written */
+    assert_true(t.seq[1] > last);
+    assert_string_equal(t.text[1], "n-after");
+    assert_int_equal(queue_notes_trim_wait(q, UINT64_MAX), 0);
+    t = (struct note_rec){0};
+    assert_int_equal(queue_notes_read(q, 0, 0, note_collect, &t), 0);
+    queue_stats(q, &qs);
+    assert_int_equal(qs.notes_kept, 0);
+    assert_consistent(q);
+    queue_port_free(port);
+}
+
 static void
 test_events_committed_and_numbered(void **state)
 {
@@ -1757,7 +2082,7 @@ test_events_committed_and_numbered(void **state)
                                                               ev_done, &w)),
                      0);
     /* two outcome lines with their outcome */
-    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
+    struct queue_outcome o = {env.id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0};
     w = (struct ev_wait){0};
     assert_int_equal(ev_finish(port, &w,
                                queue_update_enqueue_events(q, port, &o, 1, NULL, NULL, 0,
@@ -1845,7 +2170,8 @@ test_events_stale_outcome_untold(void **state)
     uint64_t id = put_msg(q, 3, "x.example", "body\r\n", 6);
 
     /* the operator's bounce of recipient 1, with its line */
-    struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator", 0, false};
+    struct queue_outcome b = {id, 1, QUEUE_BOUNCED, 0, 550, "bounced by operator",
+                              0, false, NULL, 0};
     unsigned one = 1;
     struct ev_wait w = {0};
     assert_int_equal(ev_finish(port, &w,
@@ -1855,9 +2181,9 @@ test_events_stale_outcome_untold(void **state)
     /* a transaction that started before it ends: all three delivered, a
      * line each, and a line of the update's own after them */
     struct queue_outcome o[3] = {
-        {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
-        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
-        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
+        {id, 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
+        {id, 2, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
     };
     unsigned lines[3] = {1, 1, 1};
     w = (struct ev_wait){0};
@@ -1904,8 +2230,8 @@ test_deferral_retried_counts_once(void **state)
     uint64_t id = put_msg(q, 2, "x.example", "body\r\n", 6);
     uint64_t due = queue_id_time_ms(id) + 600000;
     struct queue_outcome o[2] = {
-        {id, 0, QUEUE_DEFERRED, due, 451, "4.7.1 try later", 3, false},
-        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
+        {id, 0, QUEUE_DEFERRED, due, 451, "4.7.1 try later", 3, false, NULL, 0},
+        {id, 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0},
     };
     unsigned lines[2] = {1, 1};
     for (int i = 0; i < 2; i++) { /* the commit, then the caller's retry */
@@ -1963,12 +2289,16 @@ main(void)
         T(test_open_readonly),
         T(test_not_a_spool),
         T(test_truncated_refused),
+        T(test_truncated_tail_refused),
+        T(test_short_file_with_free_tail_opens),
         T(test_enqueue_read),
         T(test_enqueue_invalid),
         T(test_reopen_keeps_data),
         T(test_ids_survive_delete_and_reopen),
         T(test_hundred_rcpts_one_body),
         T(test_delete_with_last_rcpt),
+        T(test_held_recipient),
+        T(test_delay_warned_mark),
         T(test_deferred_index),
         T(test_retime),
         T(test_due_many_renews),
@@ -1985,6 +2315,7 @@ main(void)
         T(test_events_stale_outcome_untold),
         T(test_update_enqueue_stale_refused),
         T(test_deferral_retried_counts_once),
+        T(test_notes_with_outcomes),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

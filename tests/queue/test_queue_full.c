@@ -115,7 +115,8 @@ static void
 deliver(struct queue *q, const uint64_t *ids, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
-        struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, "2.0.0 ok", 0, false};
+        struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, "2.0.0 ok",
+                                  0, false, NULL, 0};
         assert_int_equal(queue_update_wait(q, &o, 1), 0);
     }
 }
@@ -212,7 +213,7 @@ test_mixed_batch(void **state)
     }
     struct queue_outcome o[8];
     for (int i = 0; i < 8; i++)
-        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_BOUNCED, 0, 550, "no", 0, false};
+        o[i] = (struct queue_outcome){ids[i], 0, QUEUE_BOUNCED, 0, 550, "no", 0, false, NULL, 0};
     assert_int_equal(queue_update(f->q, p, o, 8, on_done, &res[4]), 0);
     for (int i = 5; i < 9; i++) {
         struct queue_envelope env = {
@@ -339,7 +340,7 @@ disk_full_child(const char *dir)
     CHILD_CHECK(put(q, &x) == -ENOSPC);
     /* deletions commit on the full disk, and make room */
     for (size_t i = 0; i < n / 2; i++) {
-        struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
+        struct queue_outcome o = {ids[i], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0};
         CHILD_CHECK(queue_update_wait(q, &o, 1) == 0);
     }
     size_t m = 0;
@@ -429,7 +430,8 @@ test_dsn_through_reserve(void **state)
         struct queue_stats before, after;
         queue_stats(f->q, &before);
         denv.id = queue_id_next(f->q);
-        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user", 0, false};
+        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user",
+                                  0, false, NULL, 0};
         assert_int_equal(queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1), 0);
         queue_stats(f->q, &after);
         assert_int_equal(after.commits - before.commits, 1); /* one commit holds both */
@@ -451,7 +453,8 @@ test_dsn_through_reserve(void **state)
     int rc = 0;
     for (; i < n && rc == 0; i++) {
         denv.id = queue_id_next(f->q);
-        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user", 0, false};
+        struct queue_outcome o = {ids[i], 0, QUEUE_BOUNCED, 0, 550, "5.1.1 no such user",
+                                  0, false, NULL, 0};
         rc = queue_update_enqueue_wait(f->q, &o, 1, &denv, &diov, 1);
     }
     assert_int_equal(rc, QUEUE_EMAPFULL);
@@ -460,8 +463,10 @@ test_dsn_through_reserve(void **state)
     assert_int_equal(e->nrcpt, 2); /* its bounce was not committed either */
     queue_envelope_free(e);
     assert_int_equal(queue_envelope_get(f->q, denv.id, &e), QUEUE_ENOTFOUND);
-    struct queue_outcome del[2] = {{ids[i - 1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false},
-                                   {ids[i - 1], 1, QUEUE_DELIVERED, 0, 250, "ok", 0, false}};
+    struct queue_outcome del[2] = {{ids[i - 1], 0, QUEUE_DELIVERED, 0, 250, "ok",
+                                    0, false, NULL, 0},
+                                   {ids[i - 1], 1, QUEUE_DELIVERED, 0, 250, "ok",
+                                    0, false, NULL, 0}};
     assert_int_equal(queue_update_wait(f->q, del, 2), 0);
     struct queue_check_report rep;
     assert_int_equal(queue_check(f->q, &rep), 0);

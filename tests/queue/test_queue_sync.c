@@ -201,7 +201,7 @@ test_take_survives_a_failed_sync(void **state)
     struct iovec iov = {(void *)"body\r\n", 6};
     assert_int_equal(queue_enqueue_wait(q, &env, &iov, 1), 0);
     uint64_t due = queue_id_time_ms(env.id) + 1000;
-    struct queue_outcome o = {env.id, 0, QUEUE_DEFERRED, due, 451, "later", 0, false};
+    struct queue_outcome o = {env.id, 0, QUEUE_DEFERRED, due, 451, "later", 0, false, NULL, 0};
     assert_int_equal(queue_update_wait(q, &o, 1), 0);
 
     /* the take's commit syncs its data (1st), the idle committer then
@@ -277,6 +277,39 @@ test_events_put_survives_a_failed_sync(void **state)
     char text[64] = "";
     assert_int_equal(queue_events_read(q, 0, 1 << 20, lines_seen, text), 1);
     assert_string_equal(text, "e1\ne2\n");
+    queue_port_free(port);
+}
+
+/* The same with a note (the bounce listener's report): its caller must
+ * hear of the failed sync, since it answers 250 only for what a crash
+ * cannot lose, and the reporter sends a report answered 451 again. Its
+ * lines are not published: the report sent again commits them again, and
+ * the sinks had the event twice. */
+static void
+test_events_note_fails_with_a_failed_sync(void **state)
+{
+    struct fixture *f = *state;
+    struct queue *q = f->q;
+    struct queue_port *port = queue_port_new();
+    assert_non_null(port);
+
+    sync_fail_arm(2);
+    struct put_wait w = {0};
+    assert_int_equal(queue_events_note_put(q, port, "e1\n", 3, "n1", 2, put_done, &w), 0);
+    for (int i = 0; i < 100 && !w.done; i++)
+        queue_port_wait(port, 100);
+    assert_true(w.done);
+    assert_int_equal(atomic_load(&sync_fail_at), 0); /* the failure did happen */
+    assert_int_equal(w.rc, -EIO);
+    /* the reporter's retry: told once */
+    w = (struct put_wait){0};
+    assert_int_equal(queue_events_note_put(q, port, "e1\n", 3, "n1", 2, put_done, &w), 0);
+    for (int i = 0; i < 100 && !w.done; i++)
+        queue_port_wait(port, 100);
+    assert_int_equal(w.rc, 0);
+    char text[64] = "";
+    assert_true(queue_events_read(q, 0, 1 << 20, lines_seen, text) >= 0);
+    assert_string_equal(text, "e1\n");
     queue_port_free(port);
 }
 
@@ -599,8 +632,8 @@ test_unconfirmed_fails_without_a_space_error(void **state)
     struct put_wait x = {0}, u1 = {0}, u2 = {0};
     assert_int_equal(enqueue_one(q, port, &x, NULL), 0);
     sync_wait_held();
-    struct queue_outcome o1 = {ids[0], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
-    struct queue_outcome o2 = {ids[1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false};
+    struct queue_outcome o1 = {ids[0], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0};
+    struct queue_outcome o2 = {ids[1], 0, QUEUE_DELIVERED, 0, 250, "ok", 0, false, NULL, 0};
     assert_int_equal(queue_update(q, port, &o1, 1, put_done, &u1), 0);
     assert_int_equal(queue_update(q, port, &o2, 1, put_done, &u2), 0);
     sync_release();
@@ -630,6 +663,7 @@ main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_take_survives_a_failed_sync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_events_put_survives_a_failed_sync, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_events_note_fails_with_a_failed_sync, setup, teardown),
         cmocka_unit_test_setup_teardown(test_pending_fails_with_a_failed_commit_sync, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_unconfirmed_fails_without_a_space_error, setup,

@@ -1,8 +1,9 @@
 /*
- * Tests of engine/smtp_cmd.c: line framing, the command parser (a table of
- * valid and invalid lines with their error codes, then the fields of the
- * parsed commands), the character classes against their RFC definitions,
- * and MAIL/RCPT formatting with a parse round trip.
+ * Tests of engine/smtp_cmd.c and smtp_cmd_args.c: line framing, the
+ * command parser (a table of valid and invalid lines with their error
+ * codes, then the fields of the parsed commands), the character classes
+ * against their RFC definitions, and MAIL/RCPT formatting with a parse
+ * round trip.
  *
  * Threading: single-threaded test program.
  */
@@ -250,9 +251,18 @@ static const struct pcase pcases[] = {
     BAD("RCPT TO:<\"a\\\x01\"@example.com>", LOCAL_SYNTAX),
     BAD("RCPT TO:<\"a\x01\"@example.com>", LOCAL_SYNTAX),
     BAD("RCPT TO:<\"unterminated@example.com>", LOCAL_SYNTAX),
-    BAD("RCPT TO:<a..b@example.com>", LOCAL_SYNTAX),
-    BAD("RCPT TO:<.a@example.com>", LOCAL_SYNTAX),
-    BAD("RCPT TO:<a.@example.com>", LOCAL_SYNTAX),
+    /* no Dot-string, but taken as Postfix takes them (sent quoted) */
+    OK("RCPT TO:<a..b@example.com>", RCPT),
+    OK("RCPT TO:<.a@example.com>", RCPT),
+    OK("RCPT TO:<a.@docomo.ne.jp>", RCPT),
+    OK("RCPT TO:a.@docomo.ne.jp", RCPT),
+    OK("RCPT TO:.a@docomo.ne.jp", RCPT),
+    OK("RCPT TO:<aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.@x.jp>", RCPT),
+    BAD("RCPT TO:<aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.@x.jp>",
+        LOCAL_TOO_LONG),
+    BAD("RCPT TO:<.@example.com>", LOCAL_SYNTAX),
+    BAD("RCPT TO:<..@example.com>", LOCAL_SYNTAX),
+    BAD("RCPT TO:<a.\x01@example.com>", LOCAL_SYNTAX),
     BAD("RCPT TO:<a b@example.com>", LOCAL_SYNTAX),
     BAD("RCPT TO:<a(b)@example.com>", LOCAL_SYNTAX),
     BAD("RCPT TO:<@example.com>", ROUTE_SYNTAX),
@@ -267,7 +277,10 @@ static const struct pcase pcases[] = {
     BAD("RCPT TO:<a@example-.com>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@example.com.>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@.example.com>", DOMAIN_SYNTAX),
-    BAD("RCPT TO:<a@exa_mple.com>", DOMAIN_SYNTAX),
+    OK("RCPT TO:<a@exa_mple.com>", RCPT),
+    OK("RCPT TO:<a@_dmarc.example.com>", RCPT),
+    BAD("RCPT TO:<a@exa~mple.com>", DOMAIN_SYNTAX),
+    BAD("RCPT TO:<a@exa_mple-.com>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@>", DOMAIN_SYNTAX),
     BAD("RCPT TO:<a@b@c>", DOMAIN_SYNTAX),
     OK("RCPT TO:<a@[1.2.3.4]>", RCPT),
@@ -510,6 +523,8 @@ test_other_fields(void **state)
     assert_int_equal(smtp_cmd_parse(L("EHLO [192.0.2.300]"), 0, &c), 0);
     assert_false(c.helo_valid);
     assert_int_equal(smtp_cmd_parse(L("HELO my_host"), 0, &c), 0);
+    assert_true(c.helo_valid);
+    assert_int_equal(smtp_cmd_parse(L("HELO my!host"), 0, &c), 0);
     assert_false(c.helo_valid);
     assert_int_equal(smtp_cmd_parse(L("HELO two words"), 0, &c), 0);
     assert_false(c.helo_valid);
@@ -557,7 +572,7 @@ test_error_details(void **state)
                      SMTP_CMD_E_PARAM_VALUE);
     assert_span(c.err_param, "BODY");
     assert_int_equal(c.err_off, 23);
-    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<a@exa_mple.com>"), 0, &c),
+    assert_int_equal(smtp_cmd_parse(L("RCPT TO:<a@exa~mple.com>"), 0, &c),
                      SMTP_CMD_E_DOMAIN_SYNTAX);
     assert_int_equal(c.verb, SMTP_VERB_RCPT);
     assert_int_equal(c.err_off, 14);
@@ -591,7 +606,7 @@ test_error_details(void **state)
                      SMTP_CMD_E_PARAM_SYNTAX);
     assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@b.c> SIZE=1\x01"), np, &c),
                      SMTP_CMD_E_BAD_CHAR);
-    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@exa_mple.com> SIZE=1"), np, &c),
+    assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<a@exa~mple.com> SIZE=1"), np, &c),
                      SMTP_CMD_E_DOMAIN_SYNTAX);
     assert_int_equal(smtp_cmd_parse(L("MAIL FROM:<j\xc3\xb6rg@b.c>"), np, &c),
                      SMTP_CMD_E_UTF8_NOT_ALLOWED);
@@ -788,7 +803,7 @@ test_char_classes(void **state)
         assert_int_equal(smtp_cmd_parse(line, (size_t)n, 0, &c) == 0, ch >= 32 && ch <= 126);
         n = sprintf(line, "RCPT TO:<a@x%cy.example>", ch);
         assert_int_equal(smtp_cmd_parse(line, (size_t)n, 0, &c) == 0,
-                         alpha || digit || ch == '-' || ch == '.');
+                         alpha || digit || ch == '-' || ch == '.' || ch == '_');
         n = sprintf(line, "RCPT TO:<a@[x:a%cb]>", ch);
         assert_int_equal(smtp_cmd_parse(line, (size_t)n, 0, &c) == 0, is_dcontent);
         n = sprintf(line, "MAIL FROM:<> ENVID=a%cb", ch);
@@ -863,6 +878,27 @@ test_fmt(void **state)
     assert_true(n > 0);
     out[n] = '\0';
     assert_string_equal(out, "RCPT TO:<Postmaster> NOTIFY=NEVER\r\n");
+    /* a local part that is no Dot-string goes out as a quoted string */
+    static const struct {
+        const char *in, *out;
+    } dots[] = {
+        {"user.@docomo.ne.jp", "RCPT TO:<\"user.\"@docomo.ne.jp>\r\n"},
+        {".user@x.jp", "RCPT TO:<\".user\"@x.jp>\r\n"},
+        {"a..b@x_y.jp", "RCPT TO:<\"a..b\"@x_y.jp>\r\n"},
+        {"\"a..b\"@x.jp", "RCPT TO:<\"a..b\"@x.jp>\r\n"},
+        {"a.b@x.jp", "RCPT TO:<a.b@x.jp>\r\n"},
+    };
+    for (size_t i = 0; i < sizeof dots / sizeof dots[0]; i++) {
+        n = smtp_fmt_rcpt(out, sizeof out, dots[i].in, strlen(dots[i].in), NULL, false);
+        assert_true(n > 0);
+        out[n] = '\0';
+        assert_string_equal(out, dots[i].out);
+        assert_int_equal(smtp_cmd_parse(out, (size_t)n - 2, 0, &c), 0);
+    }
+    n = smtp_fmt_mail(out, sizeof out, L("news.@x.jp"), NULL);
+    assert_true(n > 0);
+    out[n] = '\0';
+    assert_string_equal(out, "MAIL FROM:<\"news.\"@x.jp>\r\n");
 
     /* refusals: nothing from the queue may inject a command */
     assert_int_equal(smtp_fmt_rcpt(out, sizeof out, L(""), NULL, false), SMTP_CMD_E_NULL_RCPT);
@@ -940,10 +976,11 @@ test_names(void **state)
     }
 }
 
-/* A quoted local part is its dot-string when it needs no quotes; any
- * other local part is left as it is. */
+/* A quoted local part is its dot-string when it needs no quotes, an
+ * unquoted one that is no dot-string its quoted string; any other local
+ * part is left as it is. */
 static void
-test_local_unquote(void **state)
+test_local_canon(void **state)
 {
     (void)state;
     static const struct {
@@ -958,6 +995,15 @@ test_local_unquote(void **state)
         {"\"x@y\"", NULL},
         {"\".john\"", NULL},
         {"\"john.\"", NULL},
+        {"john.", "\"john.\""},
+        {".john", "\".john\""},
+        {"jo..hn", "\"jo..hn\""},
+        {"jo.hn", NULL},
+        {".", "\".\""},
+        {"jo hn.", NULL},
+        {"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.", /* 62 + 2 */
+         "\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.\""},
+        {"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.", NULL},
         {"\"jo..hn\"", NULL},
         {"\"\"", NULL},
         {"\"", NULL},
@@ -970,7 +1016,7 @@ test_local_unquote(void **state)
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char buf[SMTP_LOCAL_MAX];
         const char *in = cases[i].in, *out = NULL;
-        size_t n = smtp_local_unquote(in, strlen(in), buf, &out);
+        size_t n = smtp_local_canon(in, strlen(in), buf, &out);
         const char *want = cases[i].out ? cases[i].out : in;
         if (cases[i].out == NULL)
             assert_ptr_equal(out, in);
@@ -988,7 +1034,7 @@ main(void)
         cmocka_unit_test(test_other_fields), cmocka_unit_test(test_error_details),
         cmocka_unit_test(test_limits),       cmocka_unit_test(test_char_classes),
         cmocka_unit_test(test_fmt),          cmocka_unit_test(test_xtext),
-        cmocka_unit_test(test_names),        cmocka_unit_test(test_local_unquote),
+        cmocka_unit_test(test_names),        cmocka_unit_test(test_local_canon),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -55,6 +55,58 @@ expect_error(const char *errs, unsigned line, const char *what)
         fail_msg("expected '%s' in:\n%s", want, errs);
 }
 
+/* hostname and dsn_from: names that go into EHLO and each DSN's
+ * Message-ID and From:. One with a space made every connection fail
+ * (client_init_failed), one with < or > every DSN (dsn_failed); both
+ * were taken. */
+static void
+test_host_names(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char *errs = load("[server]\n"                      /* 1 */
+                      "hostname = mx example.test\n"    /* 2 */
+                      "[bounce]\n"                      /* 3 */
+                      "dsn_from = MAILER DAEMON\n",     /* 4 */
+                      &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    assert_null(cfg);
+    expect_error(errs, 2, "hostname: \"mx example.test\" is no domain name: ");
+    expect_error(errs, 4, "dsn_from: \"MAILER DAEMON\" is no local part: ");
+    free(errs);
+    static const char *const bad[] = {"relay<1>.test", "b\303\274cher.test", "x..y", "-x.test",
+                                      "a..", "relay>.test"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char text[256];
+        snprintf(text, sizeof(text), "[server]\nhostname = %s\n", bad[i]);
+        errs = load(text, &cfg, &rc);
+        assert_int_equal(rc, -EINVAL);
+        expect_error(errs, 2, "hostname: \"");
+        free(errs);
+    }
+    static const char *const good[] = {"mx.example.test", "relay", "a_b.example", "[192.0.2.1]",
+                                       "xn--bcher-kva.test"};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        char text[256];
+        snprintf(text, sizeof(text), "[server]\nhostname = %s\n[bounce]\ndsn_from = bounce.\n",
+                 good[i]);
+        errs = load(text, &cfg, &rc);
+        if (rc != 0)
+            fail_msg("%s: %s", good[i], errs);
+        assert_string_equal(cfg->server.hostname, good[i]);
+        config_free(cfg);
+        free(errs);
+    }
+    /* a trailing dot, as DNS writes a name, is dropped */
+    errs = load("[server]\nhostname = mx.example.test.\n", &cfg, &rc);
+    if (rc != 0)
+        fail_msg("trailing dot: %s", errs);
+    assert_string_equal(cfg->server.hostname, "mx.example.test");
+    config_free(cfg);
+    free(errs);
+}
+
 static void
 test_errors_with_lines(void **state)
 {
@@ -723,6 +775,44 @@ test_bounce_listener_and_verp(void **state)
     unlink(key);
 }
 
+/* An address given to two listeners (submission and the bounce
+ * listener, or implicit TLS) is refused: each binds SO_REUSEPORT sockets,
+ * so both bound and the kernel spread the connections over them. */
+static void
+test_listeners_apart(void **state)
+{
+    (void)state;
+    struct config *cfg;
+    int rc;
+    char key[] = "/tmp/sluice-verp-key-XXXXXX";
+    int fd = mkstemp(key);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, "0123456789abcdef0123456789abcdef\n", 33), 33);
+    close(fd);
+    char text[512];
+    snprintf(text, sizeof(text),
+             "[server]\nlisten = 127.0.0.1:2525, [::1]:2525\n"
+             "[bounce]\nverp_domain = b.example\nverp_key_file = %s\n"
+             "listen = 127.0.0.1:2526, [::1]:2525\n",
+             key);
+    char *errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, -EINVAL);
+    expect_error(errs, 6, "[bounce] listen: [::1]:2525 is also listen's: each listener needs");
+    free(errs);
+    /* the same port on other addresses, and other ports, are apart */
+    snprintf(text, sizeof(text),
+             "[server]\nlisten = 127.0.0.1:2525, [::1]:2525\n"
+             "[bounce]\nverp_domain = b.example\nverp_key_file = %s\n"
+             "listen = 127.0.0.2:2525, [::1]:2526\n",
+             key);
+    errs = load(text, &cfg, &rc);
+    assert_int_equal(rc, 0);
+    assert_string_equal(errs, "");
+    config_free(cfg);
+    free(errs);
+    unlink(key);
+}
+
 static void
 test_domain_inheritance(void **state)
 {
@@ -865,11 +955,74 @@ test_reload_changes_named(void **state)
     config_free(b);
 }
 
+/* [events NAME], [warmup NAME] and [classify] were not compared: a
+ * reload that changed only them logged changed="none". */
+static void
+test_reload_changes_named_more(void **state)
+{
+    (void)state;
+    const char *base = "[queue]\npath = /tmp/x\n"
+                       "[events hook]\nurl = http://127.0.0.1:9/e\nbatch_max = 10\n"
+                       "[events gone]\nurl = http://127.0.0.1:9/g\n"
+                       "[warmup ramp]\nschedule = 50, 100\n"
+                       "[warmup same]\nschedule = 10\n"
+                       "[classify]\nmailbox_full = code:552\n";
+    const char *next = "[queue]\npath = /tmp/x\n"
+                       "[events hook]\nurl = http://127.0.0.1:9/e\nbatch_max = 20\n"
+                       "[warmup ramp]\nschedule = 50, 200\n"
+                       "[warmup same]\nschedule = 10\n"
+                       "[warmup new]\nschedule = 5\n"
+                       "[classify]\nmailbox_full = code:552\npolicy = enh:5.7.1\n";
+    struct config *a = NULL, *b = NULL;
+    int rc;
+    char *errs = load(base, &a, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    errs = load(next, &b, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    char out[512];
+    assert_int_equal(config_changes(a, a, out, sizeof(out)), 0);
+    assert_int_equal(config_changes(b, b, out, sizeof(out)), 0);
+    unsigned n = config_changes(a, b, out, sizeof(out));
+    assert_string_equal(out, "[events hook] batch_max, -[events gone], [warmup ramp], "
+                             "+[warmup new], [classify]");
+    assert_int_equal(n, 5);
+    config_free(a);
+    config_free(b);
+
+    /* a shaping rules file edited in place: same path, other rules */
+    char rules[64], conf[256];
+    snprintf(rules, sizeof(rules), "/tmp/sluice-rules-XXXXXX");
+    int fd = mkstemp(rules);
+    assert_true(fd >= 0);
+    assert_true(write(fd, "group g *.g.example\n", 20) == 20);
+    close(fd);
+    snprintf(conf, sizeof(conf), "[queue]\npath = /tmp/x\n[shaping]\nrules = %s\n", rules);
+    errs = load(conf, &a, &rc);
+    assert_int_equal(rc, 0);
+    free(errs);
+    FILE *f = fopen(rules, "a");
+    assert_non_null(f);
+    fputs("rule r group=g code=4xx match=\"slow down\" action=suspend scope=source for=1h\n", f);
+    fclose(f);
+    errs = load(conf, &b, &rc);
+    unlink(rules);
+    assert_int_equal(rc, 0);
+    free(errs);
+    assert_int_equal(config_changes(a, a, out, sizeof(out)), 0);
+    assert_int_equal(config_changes(a, b, out, sizeof(out)), 1);
+    assert_string_equal(out, "[shaping] rules (the file's contents)");
+    config_free(a);
+    config_free(b);
+}
+
 int
 main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors_with_lines),
+        cmocka_unit_test(test_host_names),
         cmocka_unit_test(test_unknown_names_suggest),
         cmocka_unit_test(test_long_lines),
         cmocka_unit_test(test_line_length_boundaries),
@@ -882,6 +1035,7 @@ main(void)
         cmocka_unit_test(test_bad_domain),
         cmocka_unit_test(test_body_memory_limit_below_message_size),
         cmocka_unit_test(test_bounce_listener_and_verp),
+        cmocka_unit_test(test_listeners_apart),
         cmocka_unit_test(test_limit_sections_key_twice),
         cmocka_unit_test(test_events_key_twice),
         cmocka_unit_test(test_indented_lines),
@@ -891,6 +1045,7 @@ main(void)
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_unreadable_file),
         cmocka_unit_test(test_reload_changes_named),
+        cmocka_unit_test(test_reload_changes_named_more),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

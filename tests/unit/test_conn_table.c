@@ -1,5 +1,5 @@
 /*
- * conn_table (engine.c): the key a client counts under against [server]
+ * conn_table (engine_conn.c): the key a client counts under against [server]
  * max_clients_per_ip. IPv4 per address, an IPv4-mapped IPv6 address as
  * that IPv4 address, IPv6 per max_clients_per_ip_v6_prefix (64 by
  * default): a host that owns a /64 cannot pass the limit by taking a new

@@ -472,6 +472,22 @@ test_format_full(void **state)
     assert_int_equal(dlog_format(&j, &bare, 4000), 0);
     assert_string_equal(j.buf, "{\"time\":\"1970-01-01T00:00:04.000Z\",\"event\":\"expiration\","
                                "\"attempt\":0,\"queue_time_ms\":0}\n");
+
+    /* A dsn event lists the recipients its DSN reports. */
+    const struct dlog_dsn_rcpt dr[] = {{"a@x.example", "failed", "5.1.1"},
+                                       {"b\"@x.example", "relayed", "2.0.0"}};
+    struct dlog_event dsn = {.kind = DLOG_DSN,
+                             .id = "0001A2B3C4D5E",
+                             .dsn_id = "0001A2B3C4D5F",
+                             .dsn_rcpt = dr,
+                             .ndsn_rcpt = 2,
+                             .size = 9};
+    assert_int_equal(dlog_format(&j, &dsn, 4000), 0);
+    assert_string_equal(j.buf, "{\"time\":\"1970-01-01T00:00:04.000Z\",\"event\":\"dsn\","
+                               "\"id\":\"0001A2B3C4D5E\",\"dsn_id\":\"0001A2B3C4D5F\","
+                               "\"recipients\":[{\"rcpt\":\"a@x.example\",\"action\":\"failed\","
+                               "\"status\":\"5.1.1\"},{\"rcpt\":\"b\\\"@x.example\","
+                               "\"action\":\"relayed\",\"status\":\"2.0.0\"}],\"size\":9}\n");
     json_fini(&j);
 
     assert_string_equal(dlog_kind_str(DLOG_TRANSIENT_FAILURE), "transient_failure");

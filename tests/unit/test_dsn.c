@@ -436,6 +436,30 @@ test_hostile_text(void **state)
     free(s);
 }
 
+/* The body of a quoted-printable part, decoded (malloc'd, *n its length). */
+static char *
+qp_decode(const char *s, size_t len, size_t *n)
+{
+    char *out = malloc(len + 1);
+    assert_non_null(out);
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] == '=' && i + 2 < len && s[i + 1] == '\r' && s[i + 2] == '\n') {
+            i += 2; /* a soft break */
+        } else if (s[i] == '=' && i + 2 < len) {
+            unsigned v;
+            assert_int_equal(sscanf(s + i + 1, "%2X", &v), 1);
+            out[o++] = (char)v;
+            i += 2;
+        } else {
+            out[o++] = s[i];
+        }
+    }
+    out[o] = '\0';
+    *n = o;
+    return out;
+}
+
 static void
 test_ret_modes(void **state)
 {
@@ -478,6 +502,19 @@ test_ret_modes(void **state)
     expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "message/rfc822");
     free(s);
 
+    /* only its start at hand (the spool read the headers of one over
+     * full_max): headers, and the human part says why */
+    in.full_max = 100;
+    in.orig_size = 5000;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "text/rfc822-headers");
+    assert_int_equal(m.parts[2].body_len, ORIG_HDR_LEN);
+    assert_non_null(memmem(m.parts[0].body, m.parts[0].body_len, "larger than 100 octets", 22));
+    free(s);
+    in.orig_size = 0;
+    in.full_max = 0;
+
     /* a message that cannot travel unchanged (bare LF, long line): headers */
     char bad[3000];
     int k = snprintf(bad, sizeof(bad), "Subject: x\r\n\r\nbare\nlf\r\n");
@@ -493,15 +530,37 @@ test_ret_modes(void **state)
     assert_non_null(memmem(m.parts[0].body, m.parts[0].body_len, "could not be attached", 21));
     free(s);
 
-    /* 8-bit original returned whole: declared 8bit, at both levels */
+    /* An 8-bit original is not returned whole (message/rfc822 may not be
+     * encoded, and an 8-bit DSN bounces at an MX without 8BITMIME, then
+     * is dropped): its headers, quoted-printable when 8-bit, and the
+     * human part says why; the DSN is 7-bit. */
     static const char o8[] = "Subject: caf\xc3\xa9\r\n\r\nna\xc3\xafve\r\n";
     in.orig = o8;
     in.orig_len = sizeof(o8) - 1;
     s = build(&in, &n);
-    parse(s, n, true, &m);
-    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Transfer-Encoding", "8bit");
-    expect_field(m.top, m.top_len, "Content-Transfer-Encoding", "8bit");
+    parse(s, n, false, &m);
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "text/rfc822-headers");
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Transfer-Encoding",
+                 "quoted-printable");
+    assert_null(hget(m.top, m.top_len, "Content-Transfer-Encoding"));
     assert_null(hget(m.parts[0].hdr, m.parts[0].hdr_len, "Content-Transfer-Encoding"));
+    size_t dn;
+    char *dec = qp_decode(m.parts[2].body, m.parts[2].body_len, &dn);
+    assert_int_equal(dn, 16);
+    assert_memory_equal(dec, "Subject: caf\xc3\xa9\r\n", 16);
+    free(dec);
+    assert_non_null(memmem(m.parts[0].body, m.parts[0].body_len, "has 8-bit content", 17));
+    free(s);
+    /* 8-bit in the body only: headers as they are */
+    static const char b8[] = "Subject: cafe\r\n\r\nna\xc3\xafve\r\n";
+    in.orig = b8;
+    in.orig_len = sizeof(b8) - 1;
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Type", "text/rfc822-headers");
+    assert_null(hget(m.parts[2].hdr, m.parts[2].hdr_len, "Content-Transfer-Encoding"));
+    assert_int_equal(m.parts[2].body_len, 15);
+    assert_memory_equal(m.parts[2].body, "Subject: cafe\r\n", 15);
     free(s);
 
     /* no original: two parts */
@@ -573,6 +632,140 @@ test_orig_shapes(void **state)
     assert_int_equal(m.nparts, 3);
     assert_null(memmem(s, n, "only a body", 11));
     free(s);
+}
+
+/* Local parts taken at MAIL and RCPT though no dot-atom (a dot leading,
+ * trailing or doubled: user.@docomo.ne.jp) are named quoted, as RFC 5322
+ * and 3464 want an address: in To:, Final-Recipient and the text.
+ * Others, a quoted one among them, as they are. */
+static void
+test_addr_quoted(void **state)
+{
+    (void)state;
+    struct dsn_rcpt r[5] = {rcpt_failed(), rcpt_failed(), rcpt_failed(), rcpt_failed(),
+                            rcpt_failed()};
+    r[0].addr = "user.@docomo.ne.jp";
+    r[1].addr = ".lead@example.com";
+    r[2].addr = "a..b@example.com";
+    r[3].addr = "\"x y\"@example.com";
+    r[4].addr = "plain.dot@example.com";
+    r[0].orcpt = "rfc822;user.@docomo.ne.jp"; /* as given: not ours to change */
+    struct dsn_input in = input(r, 5);
+    in.to_addr = "news.@example.com";
+    size_t n;
+    char *s = build(&in, &n);
+    struct parsed m;
+    parse(s, n, false, &m);
+    expect_field(m.top, m.top_len, "To", "<\"news.\"@example.com>");
+    struct part g[8];
+    assert_int_equal(groups(&m.parts[1], g, 8), 6);
+    static const char *const want[] = {
+        "rfc822; \"user.\"@docomo.ne.jp", "rfc822; \".lead\"@example.com",
+        "rfc822; \"a..b\"@example.com", "rfc822; \"x y\"@example.com",
+        "rfc822; plain.dot@example.com"};
+    for (int i = 0; i < 5; i++)
+        expect_field(g[i + 1].hdr, g[i + 1].hdr_len, "Final-Recipient", want[i]);
+    expect_field(g[1].hdr, g[1].hdr_len, "Original-Recipient", "rfc822;user.@docomo.ne.jp");
+    const struct part *h = &m.parts[0];
+    static const char w1[] = "<\"user.\"@docomo.ne.jp>: delivery failed";
+    static const char w2[] = "<\"a..b\"@example.com>: delivery failed";
+    assert_non_null(memmem(h->body, h->body_len, w1, sizeof(w1) - 1));
+    assert_non_null(memmem(h->body, h->body_len, w2, sizeof(w2) - 1));
+    assert_null(memmem(s, n, "<news.@", 7));
+    free(s);
+
+    /* a quoted local part's spaces are its own: "x  y" is not "x y", so
+     * they are kept, and folding leaves no line of spaces only */
+    static char far[300];
+    /* (over 64 octets of local part, so not from MAIL or RCPT: the
+     * builder's own guard) 20 spaces where the first fold falls */
+    snprintf(far, sizeof(far), "\"%.52s                    \"@%.60s.%.60s.%.60s.example",
+             "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",
+             "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd",
+             "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+             "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff");
+    struct dsn_rcpt sp[2] = {rcpt_failed(), rcpt_failed()};
+    sp[0].addr = "\"john  doe\"@example.com";
+    sp[1].addr = far;
+    in = input(sp, 2);
+    in.to_addr = "\"x  y\"@example.org";
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    expect_field(m.top, m.top_len, "To", "<\"x  y\"@example.org>");
+    assert_int_equal(groups(&m.parts[1], g, 8), 3);
+    expect_field(g[1].hdr, g[1].hdr_len, "Final-Recipient", "rfc822; \"john  doe\"@example.com");
+    char fwant[320];
+    snprintf(fwant, sizeof(fwant), "rfc822; %s", far);
+    expect_field(g[2].hdr, g[2].hdr_len, "Final-Recipient", fwant);
+    for (const char *l = s; l < s + n;) {
+        const char *e = memmem(l, (size_t)(s + n - l), "\r\n", 2);
+        size_t k = 0;
+        while (l + k < e && l[k] == ' ')
+            k++;
+        assert_true(k == 0 || l + k < e); /* no line of spaces only */
+        l = e + 2;
+    }
+    free(s);
+
+    /* SMTPUTF8: the utf-8 type (RFC 6533) takes a Mailbox, quoted alike */
+    struct dsn_rcpt u = rcpt_failed();
+    u.addr = "j\xc3\xb6rg.@example.de";
+    in = input(&u, 1);
+    in.smtputf8 = true;
+    s = build(&in, &n);
+    parse(s, n, true, &m);
+    assert_int_equal(groups(&m.parts[1], g, 8), 2);
+    /* the status part is quoted-printable then: look for the encoded form */
+    static const char w3[] = "Final-Recipient: utf-8; \"j=C3=B6rg.\"@example.de";
+    assert_non_null(memmem(m.parts[1].body, m.parts[1].body_len, w3, sizeof(w3) - 1));
+    free(s);
+}
+
+/* Headers over DSN_HEADERS_MAX, as the caller reads them
+ * (DSN_HEADERS_READ octets of the original): cut after the last whole
+ * line, and the text says so; a header section of exactly
+ * DSN_HEADERS_MAX, its empty line read, goes back whole. */
+static void
+test_headers_cut(void **state)
+{
+    (void)state;
+    struct dsn_rcpt r = rcpt_failed();
+    struct dsn_input in = input(&r, 1);
+    char *o = malloc(DSN_HEADERS_READ);
+    assert_non_null(o);
+    /* fields of 100 octets with CRLF: 262,144 is inside the 2,622nd */
+    for (size_t i = 0; i < DSN_HEADERS_READ; i += 100) {
+        size_t k = DSN_HEADERS_READ - i < 100 ? DSN_HEADERS_READ - i : 100;
+        char f[101];
+        snprintf(f, sizeof(f), "X-F%05zu: %0*d\r\n", i / 100, 88, 7);
+        memcpy(o + i, f, k);
+    }
+    in.orig = o;
+    in.orig_len = DSN_HEADERS_READ;
+    size_t n;
+    char *s = build(&in, &n);
+    struct parsed m;
+    parse(s, n, false, &m);
+    const struct part *p = &m.parts[2];
+    assert_int_equal(p->body_len, DSN_HEADERS_MAX / 100 * 100);
+    assert_memory_equal(p->body, o, p->body_len);
+    static const char note[] = "The headers were cut after 262144 octets.";
+    assert_non_null(memmem(m.parts[0].body, m.parts[0].body_len, note, sizeof(note) - 1));
+    free(s);
+
+    /* exactly DSN_HEADERS_MAX octets of header, then the empty line */
+    memset(o, 'h', DSN_HEADERS_MAX);
+    memcpy(o, "X-A: ", 5);
+    for (size_t i = 898; i < DSN_HEADERS_MAX - 4; i += 900)
+        memcpy(o + i, "\r\nX", 3);
+    memcpy(o + DSN_HEADERS_MAX - 2, "\r\n\r\n", 4);
+    s = build(&in, &n);
+    parse(s, n, false, &m);
+    assert_int_equal(m.parts[2].body_len, DSN_HEADERS_MAX);
+    assert_memory_equal(m.parts[2].body, o, DSN_HEADERS_MAX);
+    assert_null(memmem(s, n, "were cut", 8));
+    free(s);
+    free(o);
 }
 
 static void
@@ -739,30 +932,6 @@ test_delayed(void **state)
     assert_non_null(memmem(h->body, h->body_len, "Still trying until Fri, 27 Nov 2026", 35));
     assert_null(memmem(h->body, h->body_len, "could not be delivered", 22));
     free(s);
-}
-
-/* The body of a quoted-printable part, decoded (malloc'd, *n its length). */
-static char *
-qp_decode(const char *s, size_t len, size_t *n)
-{
-    char *out = malloc(len + 1);
-    assert_non_null(out);
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] == '=' && i + 2 < len && s[i + 1] == '\r' && s[i + 2] == '\n') {
-            i += 2; /* a soft break */
-        } else if (s[i] == '=' && i + 2 < len) {
-            unsigned v;
-            assert_int_equal(sscanf(s + i + 1, "%2X", &v), 1);
-            out[o++] = (char)v;
-            i += 2;
-        } else {
-            out[o++] = s[i];
-        }
-    }
-    out[o] = '\0';
-    *n = o;
-    return out;
 }
 
 /* The body of a base64 part, decoded (malloc'd, *n its length). */
@@ -1103,7 +1272,47 @@ test_random_text(void **state)
  * names a UTF-8 sender is 8BITMIME though its original was stored 7BIT
  * (declared SMTPUTF8, all ASCII), else it went out as 7BIT, 8-bit octets
  * and all; one all ASCII is 7BIT though its original was 8-bit (headers
- * only returned, all ASCII). */
+ * only returned, all ASCII), and so is one that returns an 8-bit
+ * original with RET=FULL (its headers, encoded). */
+/* dsn_msg_strerror: the log's text for a DSN that could not be made
+ * says which input was refused, not a bare -22. */
+static void
+test_msg_strerror(void **state)
+{
+    (void)state;
+    struct dsn_rcpt r = rcpt_failed();
+    struct dsn_input in = input(&r, 1);
+    struct queue_envelope orig = {.id = 7, .sender = "alice@example.org"};
+    struct dsn_msg *m = (struct dsn_msg *)1;
+
+    in.message_id = "Q1.dsn1.w0@relay<1>.test";
+    assert_int_equal(dsn_msg_new(&in, &orig, 8, &m), -EINVAL);
+    assert_null(m);
+    const char *why = dsn_msg_strerror(-EINVAL, &in, &orig);
+    assert_non_null(strstr(why, "Message-ID malformed"));
+    assert_non_null(strstr(why, "server hostname"));
+
+    in = input(&r, 1);
+    orig.sender = "";
+    assert_int_equal(dsn_msg_new(&in, &orig, 8, &m), -EINVAL);
+    assert_string_equal(dsn_msg_strerror(-EINVAL, &in, &orig), "the original has the null sender");
+    static char big[QUEUE_MAX_ADDR + 8];
+    memset(big, 'a', sizeof(big) - 1);
+    orig.sender = big;
+    assert_string_equal(dsn_msg_strerror(-EINVAL, &in, &orig), "the original's sender is too long");
+    orig.sender = "alice@example.org";
+    r.status = "5.1";
+    assert_string_equal(dsn_msg_strerror(-EINVAL, &in, &orig),
+                        "a recipient's status is no RFC 3463 code");
+    in.nrcpt = 0;
+    assert_string_equal(dsn_msg_strerror(-EINVAL, &in, &orig), "no recipients to report");
+    r = rcpt_failed();
+    in = input(&r, 1);
+    /* an input that is fine: the code's own text */
+    assert_string_equal(dsn_msg_strerror(-ENOMEM, &in, &orig), strerror(ENOMEM));
+    assert_string_equal(dsn_msg_strerror(-EINVAL, &in, &orig), strerror(EINVAL));
+}
+
 static void
 test_msg_body_type(void **state)
 {
@@ -1130,6 +1339,13 @@ test_msg_body_type(void **state)
     assert_int_equal(dsn_msg_new(&in, &orig, 9, &m), 0);
     assert_int_equal(m->body_type, QUEUE_BODY_7BIT);
     m = dsn_msg_free(m);
+    static const char o8[] = "Subject: caf\xc3\xa9\r\n\r\nna\xc3\xafve\r\n";
+    in.orig = o8;
+    in.orig_len = sizeof(o8) - 1;
+    in.ret_full = true;
+    assert_int_equal(dsn_msg_new(&in, &orig, 10, &m), 0);
+    assert_int_equal(m->body_type, QUEUE_BODY_7BIT);
+    m = dsn_msg_free(m);
 }
 
 int
@@ -1139,12 +1355,15 @@ main(void)
         cmocka_unit_test(test_failed_headers), cmocka_unit_test(test_xtext),
         cmocka_unit_test(test_hostile_text),   cmocka_unit_test(test_ret_modes),
         cmocka_unit_test(test_orig_shapes),    cmocka_unit_test(test_multi_rcpt),
+        cmocka_unit_test(test_addr_quoted),
+        cmocka_unit_test(test_headers_cut),
         cmocka_unit_test(test_delayed),        cmocka_unit_test(test_relayed),
         cmocka_unit_test(test_smtputf8),       cmocka_unit_test(test_long_fields),
         cmocka_unit_test(test_invalid),
         cmocka_unit_test(test_wanted),         cmocka_unit_test(test_status_format),
         cmocka_unit_test(test_random_text),
         cmocka_unit_test(test_msg_body_type),
+        cmocka_unit_test(test_msg_strerror),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

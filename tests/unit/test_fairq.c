@@ -2,7 +2,8 @@
  * A destination's fair queue (engine/outbound/fairq.h) alone: shares by
  * weight over many pops, a new tenant served within one round behind any
  * backlog, priority order and FIFO within a priority, a job put back in
- * front, removal while walking (sub-queues freed as they empty), a
+ * front, removal while walking (sub-queues freed as they empty), a walk
+ * that skips to the next tenant, a
  * reload's new weight, counts per tenant, and random operations checked
  * against a model.
  */
@@ -513,6 +514,56 @@ random_ops_against_a_model(void **state)
     free(m);
 }
 
+/* A walk that skips to the next tenant after the first two jobs of each
+ * (fairq_iter_next_tenant: a detour's connection looks at the heads only)
+ * sees two of each tenant in the serving order, takes one out where it
+ * is, and leaves the turns as they were: the pops after it go as before. */
+static void
+walk_skips_to_the_next_tenant(void **state)
+{
+    (void)state;
+    weights_reset();
+    struct fairq q;
+    fairq_init(&q, weight_of, NULL);
+    for (uint32_t t = 1; t <= 3; t++)
+        for (unsigned i = 0; i < 5; i++)
+            push(&q, t, 0, t * 10 + i, false);
+    uint32_t t;
+    struct item *first = item_of(fairq_pop(&q, &t)); /* tenant 1's turn: 2's next */
+    assert_int_equal(first->seq, 10);
+    free(first);
+    struct fairq_iter it;
+    fairq_iter_init(&q, &it);
+    unsigned got[8], n = 0, k = 0;
+    uint32_t at = 0;
+    for (struct fairq_node *x; (x = fairq_iter_next(&it)) != NULL;) {
+        if (it.tenant != at) {
+            at = it.tenant;
+            k = 0;
+        }
+        if (k++ >= 2) {
+            fairq_iter_next_tenant(&it);
+            continue;
+        }
+        assert_true(n < 8);
+        got[n++] = item_of(x)->seq;
+        if (item_of(x)->seq == 31) {
+            fairq_iter_remove(&it);
+            free(item_of(x));
+        }
+    }
+    const unsigned want[] = {20, 21, 30, 31, 11, 12};
+    assert_int_equal(n, 6);
+    assert_memory_equal(got, want, sizeof(want));
+    const unsigned pops[] = {20, 30, 11, 21, 32, 12};
+    for (unsigned i = 0; i < 6; i++) {
+        struct item *x = item_of(fairq_pop(&q, &t));
+        assert_int_equal(x->seq, pops[i]);
+        free(x);
+    }
+    drain(&q);
+}
+
 int
 main(void)
 {
@@ -522,6 +573,7 @@ main(void)
         cmocka_unit_test(priority_then_fifo),
         cmocka_unit_test(front_push_goes_first_of_its_tenant),
         cmocka_unit_test(remove_while_walking),
+        cmocka_unit_test(walk_skips_to_the_next_tenant),
         cmocka_unit_test(reload_changes_a_weight),
         cmocka_unit_test(counts_per_tenant),
         cmocka_unit_test(random_ops_against_a_model),

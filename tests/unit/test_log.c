@@ -20,18 +20,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <regex.h>
 #include <signal.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "common/fault.h"
 #include "common/log.h"
 
 struct fixture {
@@ -671,6 +677,129 @@ test_batch_to_a_pipe(void **state)
     log_close();
 }
 
+/* stderr sent to a file by `2>file` (no O_APPEND) and the file cut to
+ * nothing under it (logrotate's copytruncate): the next line goes at
+ * the start, not after a hole as long as what was cut (write(2) wrote at
+ * the descriptor's old position). */
+static void
+test_stderr_file_cut_under_it(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/sluice-test-log-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(fcntl(fd, F_GETFL) & O_APPEND, 0);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    assert_int_equal(dup2(fd, 2), 2);
+    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    log_msg(LOG_INFO, "event=before_cut pad=%0200d", 0);
+    assert_int_equal(ftruncate(fd, 0), 0);
+    log_msg(LOG_INFO, "event=after_cut");
+    assert_int_equal(dup2(saved, 2), 2);
+    close(saved);
+    log_close();
+    char buf[4096];
+    ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+    close(fd);
+    unlink(path);
+    assert_true(n > 0);
+    buf[n] = '\0';
+    assert_int_not_equal(buf[0], '\0'); /* no hole */
+    assert_non_null(strstr(buf, "event=after_cut"));
+    assert_null(strstr(buf, "event=before_cut"));
+}
+
+/* stderr sent to a file by `2>file` (no O_APPEND), and another writer
+ * on the same open file (assert(3)'s message, a sanitizer's report, the
+ * shell's next command after sluice): its write goes after the log's
+ * lines, not over the first of them. Appended without the descriptor's
+ * position, the log's lines left it at 0, where the other write landed. */
+static void
+test_stderr_file_shared_with_another_writer(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/sluice-test-log-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(fcntl(fd, F_GETFL) & O_APPEND, 0);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    assert_int_equal(dup2(fd, 2), 2);
+    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    log_msg(LOG_INFO, "event=first_line");
+    static const char other[] = "another writer\n";
+    assert_int_equal(write(2, other, sizeof(other) - 1), (ssize_t)sizeof(other) - 1);
+    log_msg(LOG_INFO, "event=last_line");
+    assert_int_equal(dup2(saved, 2), 2);
+    close(saved);
+    log_close();
+    char buf[4096];
+    ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
+    close(fd);
+    unlink(path);
+    assert_true(n > 0);
+    buf[n] = '\0';
+    const char *first = strstr(buf, "event=first_line\n");
+    const char *mid = strstr(buf, other);
+    const char *last = strstr(buf, "event=last_line\n");
+    assert_non_null(first);
+    assert_non_null(mid);
+    assert_non_null(last);
+    assert_true(first < mid && mid < last);
+}
+
+/* pwritev2 refused with EPERM, as a seccomp profile that does not know
+ * it refuses it (a container runtime's older default): the lines go out
+ * by write(2), not nowhere. In a child, whose filter stays there. */
+static void
+test_pwritev2_refused_by_seccomp(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/sluice-test-log-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct sock_filter f[] = {
+            {BPF_LD | BPF_W | BPF_ABS, 0, 0, offsetof(struct seccomp_data, nr)},
+            {BPF_JMP | BPF_JEQ | BPF_K, 0, 1, __NR_pwritev2},
+            {BPF_RET | BPF_K, 0, 0, SECCOMP_RET_ERRNO | EPERM},
+            {BPF_RET | BPF_K, 0, 0, SECCOMP_RET_ALLOW},
+        };
+        struct sock_fprog prog = {(unsigned short)(sizeof(f) / sizeof(f[0])), f};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+            prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0)
+            _exit(77);
+        if (log_open(path, LOG_DEBUG) < 0)
+            _exit(2);
+        log_msg(LOG_INFO, "event=first_line");
+        log_msg(LOG_INFO, "event=second_line");
+        log_close();
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    char buf[4096];
+    int rfd = open(path, O_RDONLY);
+    assert_true(rfd >= 0);
+    ssize_t n = read(rfd, buf, sizeof(buf) - 1);
+    close(rfd);
+    unlink(path);
+    if (WEXITSTATUS(status) == 77) {
+        skip(); /* no seccomp here */
+        return;
+    }
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_true(n > 0);
+    buf[n] = '\0';
+    assert_non_null(strstr(buf, "event=first_line"));
+    assert_non_null(strstr(buf, "event=second_line"));
+}
+
 /* ---- a fatal signal (log_catch_fatal) ---- */
 
 enum crash { CRASH_RAISE, CRASH_ABORT, CRASH_FAULT };
@@ -809,6 +938,53 @@ test_fatal_signal(void **state)
     size_t n;
     char *buf = slurp(fx, &n);
     assert_null(strstr(buf, "event=fatal_signal"));
+    free(buf);
+}
+
+/* log_catch_fatal after a fault guard was armed (its handler saved as
+ * the action before), then a guard armed again (that puts the guard's
+ * handler back over log_catch_fatal's): a fault no guard takes still
+ * writes the fatal line and dies of its signal, not handed back and
+ * forth between the two handlers for ever (each puts back the one it
+ * replaced, and the fault comes again on return). */
+static void
+test_fatal_signal_after_a_guard(void **state)
+{
+    struct fixture *fx = *state;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        struct rlimit none = {0, 0};
+        setrlimit(RLIMIT_CORE, &none);
+        alarm(5); /* the loop dies of SIGALRM */
+        signal(SIGSEGV, SIG_DFL);
+        signal(SIGBUS, SIG_DFL);
+        struct fault_guard g;
+        struct fault_guard *prev = fault_guard_arm(&g);
+        fault_guard_restore(prev);
+        if (log_catch_fatal() < 0)
+            _exit(3);
+        prev = fault_guard_arm(&g);
+        if (sigsetjmp(g.jb, 1) == 0) {
+            *crash_at = 1; /* taken by the guard */
+            _exit(4);
+        }
+        if (g.sig != SIGSEGV)
+            _exit(5);
+        fault_guard_restore(prev);
+        log_set_thread_name("crasher");
+        *crash_at = 1; /* no guard: the fatal line, then death */
+        _exit(7);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (WIFEXITED(status))
+        fail_msg("child exited %d", WEXITSTATUS(status));
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGSEGV);
+    size_t n;
+    char *buf = slurp(fx, &n);
+    assert_non_null(strstr(buf, "thread=crasher event=fatal_signal signal=SEGV"));
     free(buf);
 }
 
@@ -969,7 +1145,11 @@ main(void)
         cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header, setup, teardown),
         cmocka_unit_test(test_batch_to_a_pipe),
+        cmocka_unit_test(test_stderr_file_cut_under_it),
+        cmocka_unit_test(test_stderr_file_shared_with_another_writer),
+        cmocka_unit_test(test_pwritev2_refused_by_seccomp),
         cmocka_unit_test_setup_teardown(test_fatal_signal, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fatal_signal_after_a_guard, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stack_overflow, setup, teardown),
         cmocka_unit_test(test_stamp_format),
         cmocka_unit_test_setup_teardown(test_reopen_keeps_the_descriptor, setup, teardown),

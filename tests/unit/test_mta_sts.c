@@ -1,6 +1,6 @@
 /*
  * test_mta_sts: the MTA-STS policy parser, the TXT record parser and the
- * mx pattern match (engine/mta_sts.c), table-driven, plus every split of
+ * mx pattern match (engine/mta_sts_policy.c), table-driven, plus every split of
  * a policy at each byte (a policy body is parsed whole: a cut one must
  * fail or parse to a prefix, never crash), the TLS-RPT result types
  * read from OpenSSL's words, and the TLS report by mail (tlsrpt_mail_build):

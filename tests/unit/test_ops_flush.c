@@ -7,7 +7,7 @@
  * step of its schedule.
  *
  * Why here and not end to end: the wrong order shows only when a due
- * poll (once a second, on worker 0: engine/delivery.c) falls between the
+ * poll (once a second, on worker 0: engine/delivery_due.c) falls between the
  * retime's commit and the lift's message reaching the worker: a few
  * microseconds for one batch, the commits of FLUSH_BATCH recipients
  * each for more. Against a real spool such a test passes whichever the
@@ -21,6 +21,10 @@
  *
  * The command is reached as the stats thread reaches it: ops_start hands
  * the stats server its table (stats_server_new, wrapped to keep it).
+ *
+ * A flush that a stop overtakes (engine_stop sets e->stopping) is tried
+ * with a port of the test's own (queue_port_*, wrapped): the spool's
+ * answers come through it, at once or never (a dead disk).
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -57,7 +61,7 @@ struct frcpt {
     uint64_t due_ms;
 };
 
-#define MAXR 4096
+#define MAXR 8192
 #define MAXSTEP 64
 
 /* What the flush did, in order. */
@@ -77,7 +81,25 @@ static struct {
     unsigned due_while_resting; /* recipients made due before their rest ended */
     unsigned retimed;
     struct stats_ops ops; /* ops_start's table */
+    /* answers through the port (else done runs before queue_update
+     * returns); held: never (a dead disk) */
+    bool via_port, held;
+    unsigned stop_at;     /* the request at which the stop begins; 0: none */
+    unsigned requests;    /* queue_update calls */
+    struct engine *e;
+    struct fport *last;   /* the port of the last flush */
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* The test's port: the answers it holds until a wait drains them. */
+struct fans {
+    queue_done_fn *done;
+    void *cookie;
+};
+struct fport {
+    unsigned pending; /* submitted, callback not run */
+    size_t n;         /* answered, not drained */
+    struct fans ans[64];
+};
 
 int __wrap_stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
                             unsigned top_n, const struct stats_ops *ops,
@@ -88,6 +110,55 @@ int __wrap_queue_update(struct queue *q, struct queue_port *port,
                         void *cookie);
 unsigned __wrap_delivery_lift_holds(struct delivery *d, bool all, const char *const *domains,
                                     size_t n);
+struct queue_port *__wrap_queue_port_new(void);
+struct queue_port *__wrap_queue_port_free(struct queue_port *port);
+int __wrap_queue_port_wait(struct queue_port *port, int timeout_ms);
+unsigned __wrap_queue_port_pending(const struct queue_port *port);
+
+struct queue_port *
+__wrap_queue_port_new(void)
+{
+    struct fport *p = calloc(1, sizeof(*p));
+    S.last = p;
+    return (struct queue_port *)p;
+}
+
+/* Only with nothing pending, as the real one (which panics). */
+struct queue_port *
+__wrap_queue_port_free(struct queue_port *port)
+{
+    struct fport *p = (struct fport *)port;
+    if (p == NULL)
+        return NULL;
+    assert_int_equal(p->pending, 0);
+    if (S.last == p)
+        S.last = NULL;
+    free(p);
+    return NULL;
+}
+
+int
+__wrap_queue_port_wait(struct queue_port *port, int timeout_ms)
+{
+    struct fport *p = (struct fport *)port;
+    if (p->n == 0) {
+        struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+        return 0;
+    }
+    size_t n = p->n;
+    p->n = 0;
+    p->pending -= (unsigned)n;
+    for (size_t i = 0; i < n; i++)
+        p->ans[i].done(p->ans[i].cookie, 0);
+    return (int)n;
+}
+
+unsigned
+__wrap_queue_port_pending(const struct queue_port *port)
+{
+    return ((const struct fport *)port)->pending;
+}
 
 int
 __wrap_stats_server_new(const char *socket_path, unsigned socket_mode, const char *http_listen,
@@ -171,7 +242,17 @@ __wrap_queue_update(struct queue *q, struct queue_port *port, const struct queue
     if (S.nsteps < MAXSTEP)
         S.steps[S.nsteps++] = (struct step){.kind = 'R', .n = n};
     pthread_mutex_unlock(&S.lock);
-    done(cookie, 0);
+    if (++S.requests == S.stop_at)
+        atomic_store(&S.e->stopping, true); /* engine_stop, meanwhile */
+    if (!S.via_port) {
+        done(cookie, 0);
+        return 0;
+    }
+    struct fport *p = (struct fport *)port;
+    assert_true(p->n < 64);
+    p->pending++;
+    if (!S.held)
+        p->ans[p->n++] = (struct fans){done, cookie}; /* answered: drained by a wait */
     return 0;
 }
 
@@ -245,6 +326,10 @@ setup(void **state)
     S.nr = S.nsteps = 0;
     S.due_while_resting = S.retimed = 0;
     pthread_mutex_unlock(&S.lock);
+    S.via_port = S.held = false;
+    S.stop_at = S.requests = 0;
+    S.e = &f->e;
+    S.last = NULL;
     *state = f;
     return 0;
 }
@@ -253,6 +338,10 @@ static int
 teardown(void **state)
 {
     struct fx *f = *state;
+    if (S.last != NULL) { /* left to the exit by a flush cut: the exit's */
+        free(S.last);
+        S.last = NULL;
+    }
     ops_stop(&f->e);
     worker_stop(&f->w);
     assert_int_equal(worker_join(&f->w), 0);
@@ -282,6 +371,17 @@ spool_add(const char *domain, const char *tenant, size_t n)
                                      .tenant = tenant ? tenant : "", .deferred = true,
                                      .due_ms = unix_ms() + 3600 * 1000};
     }
+}
+
+/* Run "flush ARGS" as the stats thread does and fail it; its error. */
+static void
+flush_fails(const char *args, char *err, size_t cap)
+{
+    struct json out;
+    json_init(&out);
+    int rc = S.ops.command(S.ops.arg, "flush", args, &out, err, cap);
+    assert_int_not_equal(rc, 0);
+    json_fini(&out);
 }
 
 /* Run "flush ARGS" as the stats thread does; the answer's JSON. */
@@ -425,6 +525,49 @@ flush_counts_the_recipients_already_due(void **state)
     assert_non_null(strstr(answer, "\"already_due\":3"));
 }
 
+/* A stop begins while a flush's requests are in flight (the fourth
+ * fills the window) on a spool that answers: the four are waited for
+ * (told, the port freed, nothing left to the exit), none is submitted
+ * after, and the command says the stop cut it, not that the spool
+ * refused. The cut gave up at once, the port left with its four
+ * requests: "retimed 0 ... the spool refused: Operation canceled". */
+static void
+flush_overtaken_by_a_stop_waits_for_the_answers_in_flight(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 8000);
+    S.via_port = true;
+    S.stop_at = 4;
+    char err[256] = "";
+    flush_fails("", err, sizeof(err));
+    assert_int_equal(S.requests, 4);
+    assert_null(S.last); /* freed: every answer came */
+    assert_non_null(strstr(err, "flushed 4000 of 8000"));
+    assert_null(strstr(err, "refused"));
+}
+
+/* The same on a spool that does not answer (a dead disk): the flush
+ * gives up within a second of the stop, its port left to the exit. */
+static void
+flush_overtaken_by_a_stop_on_a_dead_spool_gives_up(void **state)
+{
+    (void)state;
+    spool_add("a.test", NULL, 8000);
+    S.via_port = S.held = true;
+    S.stop_at = 4;
+    char err[256] = "";
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    flush_fails("", err, sizeof(err));
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double took = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    assert_true(took < 2.5);
+    assert_int_equal(S.requests, 4);
+    assert_non_null(S.last);
+    assert_int_equal(S.last->pending, 4);
+    assert_non_null(strstr(err, "flushed 0 of 8000"));
+}
+
 int
 main(void)
 {
@@ -447,6 +590,10 @@ main(void)
                                         setup, teardown),
         cmocka_unit_test_setup_teardown(flush_of_nobody_ends_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(flush_counts_the_recipients_already_due, setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_overtaken_by_a_stop_waits_for_the_answers_in_flight,
+                                        setup, teardown),
+        cmocka_unit_test_setup_teardown(flush_overtaken_by_a_stop_on_a_dead_spool_gives_up, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <ftw.h>
+#include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <setjmp.h>
@@ -27,8 +28,10 @@
 #include "common/log.h"
 #include "engine/config.h"
 #include "engine/dlog.h"
+#include "engine/dsn.h"
 #include "engine/engine.h"
 #include "engine/outbound/internal.h"
+#include "engine/outbound/outcome_int.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
 
@@ -144,11 +147,15 @@ static void
 fx_free(struct fx *f)
 {
     struct delivery *d = f->d;
+    if (d == NULL) /* freed by the test (delivery_free) */
+        goto rest;
     d->stopping = true;
     while (queue_port_pending(d->port) > 0)
         queue_port_wait(d->port, 1000);
     outcome_retrying_cancel(d);
     outcome_retrying_free(d);
+    outcome_delay_cancel(d);
+    outcome_delay_free(d);
     sched_stop(d);
     sched_release_leases(d);
     sched_free_dests(d);
@@ -158,6 +165,7 @@ fx_free(struct fx *f)
     queue_port_free(d->port);
     stats_tenant_fini(&d->tenants);
     free(d);
+rest:
     dlog_writer_free(f->writers[0]);
     dlog_free(f->dlog);
     queue_close(f->e.queue);
@@ -646,6 +654,7 @@ dsns_of_two_processes_have_their_own_message_ids(void **state)
 {
     (void)state;
     struct fx *f = fx_new();
+    f->cfg->bounce.dsn_wait = 0; /* a DSN each, not one for the message */
     uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
     struct dest *t = dest_get(f->d, "example.test");
     assert_non_null(t);
@@ -709,6 +718,7 @@ stale_outcome_beside_a_dsn_keeps_the_dsn(void **state)
 {
     (void)state;
     struct fx *f = fx_new();
+    f->cfg->bounce.dsn_wait = 0; /* recipient 0's DSN at once (held_... below: held) */
     const unsigned idx[] = {0, 1};
     uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
     struct dest *t = dest_get(f->d, "example.test");
@@ -862,11 +872,13 @@ suppress_on(struct fx *f, struct suppress_config *sc)
     assert_int_equal(conf_set(suppress_conf_keys, sc, "path", path, err, sizeof(err)), 0);
     assert_int_equal(suppress_config_check(sc, f->dir, err, sizeof(err)), 0);
     assert_int_equal(suppress_open(sc, &f->e.suppress, err, sizeof(err)), 0);
+    assert_int_equal(suppress_attach_queue(f->e.suppress, f->e.queue), 0);
 }
 
 static void
 suppress_off(struct fx *f, struct suppress_config *sc)
 {
+    suppress_detach_queue(f->e.suppress);
     suppress_close(f->e.suppress);
     f->e.suppress = NULL;
     conf_free(suppress_conf_keys, sc);
@@ -922,8 +934,56 @@ sender_refused_at_rcpt_suppresses_nothing(void **state)
     fx_free(f);
 }
 
+static void mbox_drop(struct fx *f);
+
+static void fail_job(struct fx *f, struct dest *t, uint64_t id, const unsigned *idx,
+                     unsigned n, const struct smtp_client_rcpt *rc,
+                     const struct queue_envelope *old);
+
+/* Recipient 0 of id refused at RCPT with a 550 of enh and text, as a
+ * job of t's; the outcome committed (fail_job). */
+static void
+fail_rcpt0(struct fx *f, struct dest *t, uint64_t id, struct smtp_enh enh, const char *text)
+{
+    struct smtp_client_rcpt rc[1];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_PERMFAIL;
+    rc[0].out.code = 550;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    rc[0].out.stage = SMTP_CLIENT_S_RCPT;
+    rc[0].out.enh = enh;
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "%s", text);
+    const unsigned i0 = 0;
+    fail_job(f, t, id, &i0, 1, rc, NULL);
+}
+
+/* A held failure (its DSN waiting for the rest of its message) feeds the
+ * suppression list with the server's reply, not with the DSN entry the
+ * spool keeps in front of it ("dsn-held STATUS CLASS MX ..."). Before the
+ * fix the entry's note began with that. */
+static void
+held_failure_suppression_note_has_the_reply(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    struct suppress_config sc = {0};
+    suppress_on(f, &sc);
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    fail_rcpt0(f, t, id, (struct smtp_enh){5, 1, 1}, "5.1.1 <user0@example.test>: no such user");
+    assert_true(stored(f, id, 0)); /* held: recipient 1 is ready */
+    suppress_sync(f->e.suppress);
+    struct suppress_entry e;
+    assert_int_equal(suppress_check(f->e.suppress, NULL, "user0@example.test", &e), 1);
+    assert_string_equal(e.note, "bounce: 5.1.1 <user0@example.test>: no such user");
+    suppress_off(f, &sc);
+    mbox_drop(f);
+    fx_free(f);
+}
+
 /* Our own refusal to send a RCPT (an ORCPT too long to format: the
- * client's local 553 5.1.3, smtp_client.c) bounces the recipient as
+ * client's local 553 5.1.3, smtp_client_txn.c) bounces the recipient as
  * invalid_recipient, but no server said anything of the address: not
  * suppressed. Before the fix it was, on the global list. */
 static void
@@ -941,7 +1001,7 @@ local_rcpt_error_suppresses_nothing(void **state)
     assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
     struct smtp_client_rcpt rc[1];
     memset(rc, 0, sizeof(rc));
-    /* as smtp_client.c's txn_advance makes it */
+    /* as smtp_client_txn.c's smtp_client_txn_write makes it */
     rc[0].out.status = SMTP_STATUS_PERMFAIL;
     rc[0].out.scope = SMTP_SCOPE_RCPT;
     rc[0].out.reason = SMTP_REASON_ADDRESS;
@@ -1060,6 +1120,506 @@ rate_limited_job_backs_off_once(void **state)
     fx_free(f);
 }
 
+static void
+fail_job(struct fx *f, struct dest *t, uint64_t id, const unsigned *idx, unsigned n,
+         const struct smtp_client_rcpt *rc, const struct queue_envelope *old)
+{
+    struct queue_envelope *env = NULL;
+    if (old == NULL)
+        assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_outcome fail;
+    memset(&fail, 0, sizeof(fail));
+    fail.status = SMTP_STATUS_PERMFAIL;
+    fail.code = 550;
+    fail.reason = SMTP_REASON_REPLY;
+    fail.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(fail.text, sizeof(fail.text), "5.1.1 no such user");
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_CONNECT};
+    struct job *j = test_job(id, "example.test", idx, n);
+    job_finish(f->d, t, j, old != NULL ? old : env, rc, rc != NULL ? NULL : &fail, &where);
+    free(j);
+    queue_envelope_free(env);
+    settle(f);
+}
+
+static void
+mbox_drop(struct fx *f)
+{
+    for (struct worker_msg *m = f->w.mbox_head, *next; m != NULL; m = next) {
+        next = m->next;
+        assert_true(delivery_msg_free(m));
+    }
+    f->w.mbox_head = NULL;
+    f->w.mbox_tail = &f->w.mbox_head;
+}
+
+/* A message from sender@example.org to user0@one.test and user1@two.test,
+ * both asking for delay warnings, that arrived ten minutes ago. */
+static uint64_t
+store_delayed(struct fx *f)
+{
+    struct queue_rcpt r[2];
+    memset(r, 0, sizeof(r));
+    r[0].addr = "user0@one.test";
+    r[1].addr = "user1@two.test";
+    r[0].notify = r[1].notify = QUEUE_NOTIFY_DELAY | QUEUE_NOTIFY_FAILURE;
+    struct queue_envelope env = {
+        .id = queue_id_next(f->e.queue),
+        .sender = "sender@example.org",
+        .arrival_ms = clock_unix_ms() - 600000,
+        .nrcpt = 2,
+        .rcpt = r,
+    };
+    static const char body[] = "Subject: test\r\n\r\nhello\r\n";
+    struct iovec iov = {(void *)body, sizeof(body) - 1};
+    assert_int_equal(queue_enqueue_wait(f->e.queue, &env, &iov, 1), 0);
+    return env.id;
+}
+
+/* Recipient idx of id deferred (450) by a job of domain's, not settled. */
+static void
+defer_one(struct fx *f, uint64_t id, const char *domain, unsigned idx)
+{
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    struct smtp_client_rcpt rc[1];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_TEMPFAIL;
+    rc[0].out.code = 450;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    rc[0].out.stage = SMTP_CLIENT_S_RCPT;
+    rc[0].out.enh = (struct smtp_enh){4, 2, 0};
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "4.2.0 try again later");
+    struct dest *t = dest_get(f->d, domain);
+    assert_non_null(t);
+    struct outcome_where where = {.mx = "mx.example.test", .src = CLASSIFY_REPLY};
+    struct job *j = test_job(id, domain, &idx, 1);
+    job_finish(f->d, t, j, env, rc, NULL, &where);
+    free(j);
+    queue_envelope_free(env);
+}
+
+/* One delay warning per message ([bounce] delay_warning): two batches of
+ * one message (two domains) deferred past it, their commits durable
+ * together, give one warning naming both, and the message is marked;
+ * two checks that cross (both read the envelope before either's commit)
+ * store one. Before the fix each batch sent its own. */
+static void
+delay_warning_once_per_message(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    f->cfg->bounce.delay_warning = 60000;
+    uint64_t id = store_delayed(f);
+    struct hold h;
+    hold_start(f, &h);
+    defer_one(f, id, "one.test", 0);
+    defer_one(f, id, "two.test", 1);
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.deferred, 2);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_true(env->delay_warned);
+    queue_envelope_free(env);
+    /* deferred again: none more */
+    defer_one(f, id, "one.test", 0);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+
+    /* crossing checks, on a second message */
+    uint64_t id2 = store_delayed(f);
+    defer_one(f, id2, "one.test", 0);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 1); /* user1 still ready: it waits */
+    assert_non_null(f->d->delay_rechecks);       /* for dsn_wait at most */
+    defer_one(f, id2, "one.test", 0);            /* again: still one a message */
+    settle(f);
+    assert_int_equal(hash_count(&f->d->delay_recheck_ids), 1);
+    f->cfg->bounce.dsn_wait = 0;                 /* ... at most this long */
+    struct outcome_info info = {.now_ms = clock_unix_ms()};
+    hold_start(f, &h);
+    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id2, &info);
+    outcome_delay_check(f->d, dest_get(f->d, "two.test"), id2, &info);
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 2);
+    struct dsn_scan s2 = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s2) >= 0);
+    assert_int_equal(s2.n, 2);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A recipient still queued, never tried (its domain suspended, or behind
+ * a backlog), when its message's one delay warning goes (past dsn_wait
+ * after delay_warning) is named in it: it is delayed as much as the
+ * others, asked for a warning (NOTIFY=DELAY), and the message's mark
+ * keeps every later one from it. Before the fix it was left out, so that
+ * it never had a warning, where earlier versions warned it at its first
+ * deferral past delay_warning. */
+static void
+delay_warning_names_a_recipient_still_queued(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    f->cfg->bounce.delay_warning = 60000;
+    f->cfg->bounce.dsn_wait = 0; /* no wait for user1: it stays queued */
+    uint64_t id = store_delayed(f);
+    defer_one(f, id, "one.test", 0);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_true(env->delay_warned);
+    queue_envelope_free(env);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A deferral past delay_warning whose commit becomes durable once the
+ * worker stops (the drain ends when the last connection closes, and the
+ * stop can come before that connection's outcome is synced: a slow disk;
+ * or answered as delivery_free waits for the spool) sends its
+ * message's one warning as any: the commit works then (the DSN waits in
+ * the spool for the next start's walk), and the next outcome of the
+ * message may be its delivery, which warns nobody. Before the fix the
+ * check was skipped while stopping: the warning went only with a later
+ * deferral, and never if the message was delivered next, where earlier
+ * versions committed it with that deferral. No recheck is armed then
+ * (its timer would outlive the worker's heap). */
+static void
+delay_warning_of_a_deferral_in_the_stop(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    f->cfg->bounce.delay_warning = 60000;
+    uint64_t id = store_delayed(f);
+    uint64_t id2 = store_delayed(f);
+    f->d->stopping = true;
+    defer_one(f, id, "one.test", 0);
+    defer_one(f, id, "two.test", 1);
+    defer_one(f, id2, "one.test", 0); /* user1 ready: it would wait, no timer */
+    settle(f);
+    assert_null(f->d->delay_rechecks);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_true(env->delay_warned);
+    queue_envelope_free(env);
+    assert_int_equal(queue_envelope_get(f->e.queue, id2, &env), 0);
+    assert_false(env->delay_warned);
+    queue_envelope_free(env);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A stop whose spool does not answer logs each outcome still with it
+ * (outcome_pending_log, event=outcome_unanswered), so that the operator
+ * knows what may go twice. A delay warning's mark (QUEUE_WARNED) is no
+ * recipient's: before the fix it read "rcpt=<?> outcome=bounced" with
+ * "not stored is tried again", as a failure of an unknown recipient. */
+static void
+pending_log_says_a_delay_warning(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    char logpath[320];
+    snprintf(logpath, sizeof(logpath), "%s/log", f->dir);
+    assert_int_equal(log_open(logpath, LOG_INFO), 0);
+    f->cfg->bounce.delay_warning = 60000;
+    f->cfg->bounce.dsn_wait = 0;
+    uint64_t id = store_delayed(f);
+    struct hold h;
+    hold_start(f, &h);
+    struct outcome_info info = {.now_ms = clock_unix_ms()};
+    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id, &info);
+    assert_non_null(f->d->pending);
+    assert_int_equal(outcome_pending_log(f->d), 1);
+    hold_end(f, &h);
+    settle(f);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    log_open(NULL, LOG_INFO);
+    assert_int_equal(log_lines_with(logpath, "event=outcome_unanswered"), 1);
+    assert_int_equal(log_lines_with(logpath, "outcome=delay_warning"), 1);
+    assert_int_equal(log_lines_with(logpath, "outcome=bounced"), 0);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* One DSN per message ([bounce] dsn_wait): recipient 0 fails while 1 and
+ * 2 are ready (held: told bounced, kept in the spool, no DSN), 1 is
+ * delivered (2 still ready: no DSN), 2 fails: one DSN naming 0 and 2. */
+static void
+failures_of_one_message_give_one_dsn(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 3);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    const unsigned i0 = 0, i1 = 1, i2 = 2;
+    fail_job(f, t, id, &i0, 1, NULL, NULL);
+    assert_true(stored(f, id, 0)); /* held */
+    assert_int_equal(f->d->stats.bounced, 1);
+    assert_int_equal(f->d->stats.dsn_queued, 0);
+    struct smtp_client_rcpt ok;
+    memset(&ok, 0, sizeof(ok));
+    ok.out.status = SMTP_STATUS_DELIVERED;
+    ok.out.code = 250;
+    ok.out.reason = SMTP_REASON_REPLY;
+    snprintf(ok.out.text, sizeof(ok.out.text), "2.0.0 ok");
+    fail_job(f, t, id, &i1, 1, &ok, NULL);
+    assert_int_equal(f->d->stats.delivered, 1);
+    assert_int_equal(f->d->stats.dsn_queued, 0);
+    fail_job(f, t, id, &i2, 1, NULL, NULL);
+    assert_false(stored(f, id, 0));
+    assert_false(stored(f, id, 2));
+    assert_int_equal(f->d->stats.bounced, 2);
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
+    assert_int_equal(dsns_naming(f, &s, "user2@example.test"), 1);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A held failure crossed by a transaction that started before it was
+ * held (its envelope read then): that transaction's 250 for it is stale
+ * (queue.h, QUEUE_TAG_HELD), not a delivery that removes it, so that its
+ * DSN is not lost; it goes once nothing of the message is ready. */
+static void
+held_failure_crossed_by_a_delivery_keeps_its_dsn(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    struct queue_envelope *old = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &old), 0);
+    const unsigned i0 = 0, both[] = {0, 1};
+    fail_job(f, t, id, &i0, 1, NULL, NULL);
+    assert_true(stored(f, id, 0)); /* held */
+    struct smtp_client_rcpt rc[2];
+    memset(rc, 0, sizeof(rc));
+    rc[0].out.status = SMTP_STATUS_DELIVERED;
+    rc[0].out.code = 250;
+    rc[0].out.reason = SMTP_REASON_REPLY;
+    snprintf(rc[0].out.text, sizeof(rc[0].out.text), "2.0.0 ok");
+    rc[1].out.status = SMTP_STATUS_PERMFAIL;
+    rc[1].out.code = 550;
+    rc[1].out.reason = SMTP_REASON_REPLY;
+    rc[1].out.enh = (struct smtp_enh){5, 1, 1};
+    snprintf(rc[1].out.text, sizeof(rc[1].out.text), "5.1.1 no such user");
+    fail_job(f, t, id, both, 2, rc, old);
+    queue_envelope_free(old);
+    assert_false(stored(f, id, 0));
+    assert_false(stored(f, id, 1));
+    assert_int_equal(f->d->stats.delivered, 0);
+    assert_int_equal(f->d->stats.bounced, 2);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+static int
+take_none(void *arg, uint64_t id, const struct queue_rcpt *r)
+{
+    (void)arg;
+    (void)id;
+    (void)r;
+    return 0;
+}
+
+/* Every deferred recipient made ready, as the due poll does once due. */
+static void
+take_all(struct fx *f)
+{
+    assert_true(queue_due_take_wait(f->e.queue, UINT64_MAX / 2, 100, take_none, NULL) >= 0);
+}
+
+/* Recipient 0 of id refused with "550 2.0.0 ..." (a server that gets its
+ * enhanced code wrong) while recipient 1 is ready: held. */
+static void
+fail_odd_status(struct fx *f, struct dest *t, uint64_t id)
+{
+    fail_rcpt0(f, t, id, (struct smtp_enh){2, 0, 0}, "2.0.0 refused all the same");
+    assert_true(stored(f, id, 0)); /* held */
+}
+
+/* A held failure whose status is 2.X.X (a 550 with an enhanced code of
+ * 2): its DSN entry is read back as it was stored, not as damaged. Before
+ * the fix the DSN's Diagnostic-Code quoted the spool's "dsn-held ..."
+ * entry, and each check that held it again (another recipient ready)
+ * counted dsn_wait from then: while one stayed ready (a suspended
+ * domain), its DSN never went. */
+static void
+held_failure_with_a_2xx_status_goes_after_dsn_wait(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    f->cfg->bounce.dsn_wait = 2000;
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    fail_odd_status(f, t, id);
+    const unsigned i0 = 0;
+    usleep(1200 * 1000); /* the time passing is what is tested */
+    take_all(f); /* as the due poll takes it, 30 s after (dsn_wait 10m) */
+    struct job *j = test_job(id, "example.test", &i0, 1);
+    j->dsn_flush = true;
+    outcome_held_due(f->d, t, j); /* frees j */
+    settle(f);
+    assert_true(stored(f, id, 0)); /* held again: 1 is ready, dsn_wait not passed */
+    usleep(1200 * 1000);
+    take_all(f);
+    j = test_job(id, "example.test", &i0, 1);
+    j->dsn_flush = true;
+    outcome_held_due(f->d, t, j);
+    settle(f);
+    assert_false(stored(f, id, 0)); /* 2.4 s since it failed: its DSN went */
+    assert_true(stored(f, id, 1));
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "dsn-held"), 0);
+    assert_int_equal(dsns_naming(f, &s, "2.0.0 refused all the same"), 1);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A held failure comes due (outcome_held_due): while another recipient
+ * of its message is ready, and dsn_wait has not passed, it is held again
+ * (no DSN); once none is (here a deferral committed behind the worker's
+ * back, as when a crash came between a message's last commits and their
+ * check), its DSN goes. */
+static void
+held_failure_due_waits_for_ready_ones_then_goes(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    uint64_t id = store_from(f, "sender@example.org", "example.test", 2);
+    struct dest *t = dest_get(f->d, "example.test");
+    assert_non_null(t);
+    const unsigned i0 = 0;
+    fail_job(f, t, id, &i0, 1, NULL, NULL);
+    assert_true(stored(f, id, 0)); /* held: recipient 1 is ready */
+    struct job *j = test_job(id, "example.test", &i0, 1);
+    j->dsn_flush = true;
+    outcome_held_due(f->d, t, j); /* frees j */
+    settle(f);
+    assert_true(stored(f, id, 0)); /* held again */
+    assert_int_equal(f->d->stats.dsn_queued, 0);
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(env->rcpt[0].tag, DSN_HELD_TAG);
+    assert_true(env->rcpt[0].due_ms > clock_unix_ms());
+    queue_envelope_free(env);
+    struct queue_outcome later = {.id = id, .rcpt = 1, .kind = QUEUE_DEFERRED,
+                                  .due_ms = clock_unix_ms() + 3600000, .code = 451,
+                                  .reply = "4.3.0 later"};
+    assert_int_equal(queue_update_wait(f->e.queue, &later, 1), 0);
+    j = test_job(id, "example.test", &i0, 1);
+    j->dsn_flush = true;
+    outcome_held_due(f->d, t, j);
+    settle(f);
+    assert_false(stored(f, id, 0));
+    assert_true(stored(f, id, 1));
+    assert_int_equal(f->d->stats.dsn_queued, 1);
+    assert_int_equal(f->d->stats.bounced, 1); /* told once, when held */
+    struct dsn_scan s = {.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
+    assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* A worker whose ring failed is freed without delivery_on_stop (its loop
+ * ended before the stop's message), its destinations' limiter keys still
+ * linked in the worker's limiter: delivery_free took them out of it
+ * before freeing them. Before, limits_free walked and wrote the keys of
+ * destinations already freed (ASan: heap-use-after-free in limits_free,
+ * the stop of a daemon whose failed worker had delivered). */
+static void
+delivery_freed_without_its_stop_frees_its_keys_first(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0};
+    uint64_t id = store(f, "example.test", 1);
+    bounce(f, id, "example.test", idx, 1); /* a destination, with its key */
+    settle(f);
+    assert_int_equal(f->bounces, 1);
+    struct delivery *d = f->d;
+    f->d = f->dlv[0] = NULL;
+    assert_null(delivery_free(d)); /* no delivery_on_stop: as after a failed ring */
+    fx_free(f);
+}
+
+/* A stop whose bound for the spool's answers had run out before this
+ * worker's delivery was freed (another worker's wait took it all, on a
+ * spool that stalled after answering this one), the answer to one of its
+ * outcomes come after its loop ended, not drained: delivery_free tells
+ * it (stored: the bounce is out of the spool) and frees the delivery.
+ * Before, the wait was cut without a look at the port: the outcome was
+ * logged event=outcome_unanswered ("not stored, tried again after the
+ * restart"), its delivery log line never written, and the delivery left
+ * to the exit. */
+static void
+outcome_answered_before_the_bound_ran_out_is_told(void **state)
+{
+    (void)state;
+    struct fx *f = fx_new();
+    const unsigned idx[] = {0};
+    uint64_t id = store(f, "example.test", 1);
+    bounce(f, id, "example.test", idx, 1);
+    struct pollfd pfd = {.fd = queue_port_fd(f->d->port), .events = POLLIN};
+    assert_int_equal(poll(&pfd, 1, 10000), 1); /* answered, not drained */
+    assert_int_equal(queue_port_pending(f->d->port), 1);
+    assert_int_equal(f->bounces, 0);
+    assert_false(stored(f, id, 0));
+    f->e.stop_commit_until = clock_now_ns(); /* the stop's bound: over */
+    struct delivery *d = f->d;
+    f->d = f->dlv[0] = NULL;
+    assert_null(delivery_free(d));
+    assert_int_equal(f->bounces, 1); /* told */
+    fx_free(f);
+}
+
 int
 main(void)
 {
@@ -1072,11 +1632,22 @@ main(void)
         cmocka_unit_test(stale_outcome_in_no_dsn_and_no_counter),
         cmocka_unit_test(dsns_of_two_processes_have_their_own_message_ids),
         cmocka_unit_test(stale_outcome_beside_a_dsn_keeps_the_dsn),
+        cmocka_unit_test(failures_of_one_message_give_one_dsn),
+        cmocka_unit_test(delay_warning_once_per_message),
+        cmocka_unit_test(delay_warning_names_a_recipient_still_queued),
+        cmocka_unit_test(pending_log_says_a_delay_warning),
+        cmocka_unit_test(delay_warning_of_a_deferral_in_the_stop),
+        cmocka_unit_test(held_failure_crossed_by_a_delivery_keeps_its_dsn),
+        cmocka_unit_test(held_failure_due_waits_for_ready_ones_then_goes),
+        cmocka_unit_test(held_failure_with_a_2xx_status_goes_after_dsn_wait),
         cmocka_unit_test(stale_outcome_not_in_the_domains_view_nor_the_log),
         cmocka_unit_test(sender_refused_at_rcpt_suppresses_nothing),
         cmocka_unit_test(local_rcpt_error_suppresses_nothing),
+        cmocka_unit_test(held_failure_suppression_note_has_the_reply),
         cmocka_unit_test(rcpt_limit_552_is_deferred),
         cmocka_unit_test(rate_limited_job_backs_off_once),
+        cmocka_unit_test(delivery_freed_without_its_stop_frees_its_keys_first),
+        cmocka_unit_test(outcome_answered_before_the_bound_ran_out_is_told),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,7 +6,10 @@
  * connections that end (refused, greeting failed, 421, a 421 to an idle
  * connection, stopping, a failed handshake under opportunistic TLS), DNS
  * statuses, the retry schedule with jitter, and expiry; recipients
- * refused for the server's limit per transaction, sent next. No network.
+ * refused for the server's limit per transaction, sent next; a host's
+ * refusal before MAIL (no 8BITMIME, a smaller SIZE): the next MX host,
+ * a bounce once all refused, a deferral when the others were not heard.
+ * No network.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -180,6 +183,97 @@ failover(void **state)
     t.now_ms = 1000;
     m.scope = SMTP_SCOPE_RCPT;
     assert_false(policy_failover(&t));
+}
+
+/* A host's refusal decided before MAIL (no 8BITMIME, a smaller SIZE,
+ * no SMTPUTF8): the next MX host while one that has not refused is left,
+ * the bounce (this reply) once every host of the domain refused, a
+ * deferral when the job came back to a host that refused it (the others
+ * were not heard). A server's own reply, or a recipient's refusal, is
+ * reported as it is. */
+static struct smtp_outcome
+host_refusal(enum smtp_reason reason, unsigned code, uint16_t subject, uint16_t detail)
+{
+    struct smtp_outcome o = outcome(SMTP_STATUS_PERMFAIL, code, reason);
+    o.scope = SMTP_SCOPE_MESSAGE;
+    o.stage = SMTP_CLIENT_S_MAIL;
+    o.enh = (struct smtp_enh){5, subject, detail};
+    return o;
+}
+
+static void
+host_refusals(void **state)
+{
+    (void)state;
+    const enum smtp_reason reasons[] = {SMTP_REASON_NEED_8BITMIME, SMTP_REASON_SIZE,
+                                        SMTP_REASON_NEED_SMTPUTF8};
+    for (size_t i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++) {
+        struct smtp_outcome m = host_refusal(reasons[i], 554, 6, 3);
+        assert_true(policy_host_refusal(&m));
+        struct policy_host h = {.msg = &m, .hosts = 2};
+        assert_int_equal(policy_host(&h), POLICY_HOST_NEXT); /* MX 20 is left */
+        h.refused = 1;
+        assert_int_equal(policy_host(&h), POLICY_HOST_REPORT); /* both refused: bounce */
+        h.hosts = 3;
+        assert_int_equal(policy_host(&h), POLICY_HOST_NEXT);
+        h.hosts = 1;
+        h.refused = 0;
+        assert_int_equal(policy_host(&h), POLICY_HOST_REPORT); /* the only host */
+        h.hosts = 10;
+        h.refused = POLICY_HOSTS_REFUSED_MAX - 1;
+        assert_int_equal(policy_host(&h), POLICY_HOST_REPORT); /* bounded */
+        h.refused = 1;
+        h.again = true;
+        assert_int_equal(policy_host(&h), POLICY_HOST_DEFER); /* the others not heard */
+        h.hosts = 1;
+        assert_int_equal(policy_host(&h), POLICY_HOST_DEFER);
+    }
+    /* the server's own 552 5.3.4 to MAIL SIZE=: the message's, reported */
+    struct smtp_outcome m = refused(552, 5, 3, 4, "5.3.4 message too big");
+    m.scope = SMTP_SCOPE_MESSAGE;
+    m.stage = SMTP_CLIENT_S_MAIL;
+    struct policy_host h = {.msg = &m, .hosts = 2};
+    assert_false(policy_host_refusal(&m));
+    assert_int_equal(policy_host(&h), POLICY_HOST_REPORT);
+    /* a UTF-8 local part refused alone while others go: the recipient's */
+    m = host_refusal(SMTP_REASON_NEED_SMTPUTF8, 553, 6, 7);
+    m.scope = SMTP_SCOPE_RCPT;
+    m.stage = SMTP_CLIENT_S_RCPT;
+    assert_int_equal(policy_host(&h), POLICY_HOST_REPORT);
+    /* an address that cannot be sent is the message's anywhere */
+    m = host_refusal(SMTP_REASON_ADDRESS, 553, 1, 7);
+    assert_int_equal(policy_host(&h), POLICY_HOST_REPORT);
+    /* delivered, or a session failure: not this rule's */
+    m = outcome(SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY);
+    assert_int_equal(policy_host(&h), POLICY_HOST_REPORT);
+    m = outcome(SMTP_STATUS_TEMPFAIL, 0, SMTP_REASON_TLS_UNAVAILABLE);
+    m.scope = SMTP_SCOPE_SESSION;
+    assert_int_equal(policy_host(&h), POLICY_HOST_REPORT);
+
+    /* passed over at the host that refused it while another may come */
+    assert_true(policy_host_pass(0, false, true));
+    assert_false(policy_host_pass(0, false, false)); /* the others are down */
+    assert_false(policy_host_pass(0, true, true));   /* the detour's connect failed */
+    assert_true(policy_host_pass(POLICY_HOST_PASS_MAX - 1, false, true));
+    assert_false(policy_host_pass(POLICY_HOST_PASS_MAX, false, true)); /* bounded */
+
+    /* deferred: temporary, code and class alike, and so per policy_rcpt */
+    m = host_refusal(SMTP_REASON_NEED_8BITMIME, 554, 6, 3);
+    policy_host_defer(&m);
+    assert_int_equal(m.status, SMTP_STATUS_TEMPFAIL);
+    assert_int_equal(m.code, 454);
+    assert_int_equal(m.enh.cls, 4);
+    assert_int_equal(m.enh.subject, 6);
+    assert_int_equal(m.enh.detail, 3);
+    assert_false(policy_host_refusal(&m)); /* made temporary: no longer one */
+    struct policy_rcpt pr;
+    policy_rcpt(&m, BOUNCE_OTHER, CLASSIFY_REPLY, 1000, 100000, 5000, &pr);
+    assert_int_equal(pr.kind, POLICY_DEFER);
+    assert_int_equal(pr.due_ms, 6000);
+    m = outcome(SMTP_STATUS_DELIVERED, 250, SMTP_REASON_REPLY);
+    policy_host_defer(&m);
+    assert_int_equal(m.status, SMTP_STATUS_DELIVERED); /* only a refusal changes */
+    assert_int_equal(m.code, 250);
 }
 
 /* A transaction lost at its first command on a reused connection (a
@@ -411,27 +505,46 @@ dns_and_schedule(void **state)
 {
     (void)state;
     struct policy_fail f;
-    policy_dns(DNS_OK, false, false, &f);
+    policy_dns(DNS_OK, false, false, false, &f);
     assert_false(f.fail);
-    policy_dns(DNS_NOT_FOUND, false, false, &f);
+    policy_dns(DNS_NOT_FOUND, false, false, false, &f);
     assert_true(f.fail && f.permanent);
     assert_int_equal(f.enh.cls, 5);
     assert_int_equal(f.enh.subject, 1);
     assert_int_equal(f.enh.detail, 2);
-    policy_dns(DNS_NULL_MX, false, false, &f);
+    policy_dns(DNS_NULL_MX, false, false, false, &f);
     assert_int_equal(f.code, 556);
-    policy_dns(DNS_RETRY, false, false, &f);
+    policy_dns(DNS_RETRY, false, false, false, &f);
     assert_true(f.fail && !f.permanent && f.forget_answer);
     /* No MX host with an address: deferred; a name that can exist
      * nowhere: bounced as NXDOMAIN is. */
-    policy_dns(DNS_FAIL, false, false, &f);
+    policy_dns(DNS_FAIL, false, false, false, &f);
     assert_true(f.fail && !f.permanent);
-    policy_dns(DNS_FAIL, true, false, &f);
+    policy_dns(DNS_FAIL, true, false, false, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.enh.detail == 2);
     /* Every MX host's name NXDOMAIN: bounced 5.4.4 */
-    policy_dns(DNS_FAIL, false, true, &f);
+    policy_dns(DNS_FAIL, false, true, false, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.enh.subject == 4 &&
                 f.enh.detail == 4);
+    /* No MX record naming a host (MX 10 192.0.2.1): bounced 5.4.4 */
+    policy_dns(DNS_FAIL, false, false, true, &f);
+    assert_true(f.fail && f.permanent && f.code == 550 && f.enh.subject == 4 &&
+                f.enh.detail == 4 && f.src == CLASSIFY_DNS);
+    /* A name not found, said with the name asked; other answers by their why */
+    char buf[SMTP_OUTCOME_TEXT_MAX];
+    struct dns_mx_result mx = {.status = DNS_NOT_FOUND, .why = "NXDOMAIN", .domain = "nx.test"};
+    assert_string_equal(policy_dns_text(&mx, buf, sizeof(buf)),
+                        "Host or domain name not found. Name service error for name=nx.test "
+                        "type=MX: Host not found (NXDOMAIN)");
+    mx.why = "no MX and no address records";
+    assert_string_equal(policy_dns_text(&mx, buf, sizeof(buf)),
+                        "Host or domain name not found. Name service error for name=nx.test: "
+                        "no MX and no address records");
+    mx.status = DNS_RETRY;
+    mx.why = "timeout";
+    assert_string_equal(policy_dns_text(&mx, buf, sizeof(buf)), "timeout");
+    mx.status = DNS_NULL_MX;
+    assert_null(policy_dns_text(&mx, buf, sizeof(buf)));
     /* Jobs that fail without a session: the status is data, never text. */
     policy_job(POLICY_NO_TARGET, &f);
     assert_true(f.fail && f.permanent && f.code == 550 && f.src == CLASSIFY_TARGET);
@@ -553,6 +666,7 @@ main(void)
         cmocka_unit_test(greylisting),
         cmocka_unit_test(recipient_limit_goes_next),
         cmocka_unit_test(failover),
+        cmocka_unit_test(host_refusals),
         cmocka_unit_test(reuse_lost),
         cmocka_unit_test(connections),
         cmocka_unit_test(idle_421),

@@ -1,7 +1,7 @@
 /*
  * Sites without a network: the concurrency window from scripted events
- * (transactions that complete, failures of connections opened in a given
- * epoch) to the connections it allows; site keys from MX answers; the
+ * (transactions that complete, head latencies, failures of connections
+ * opened in a given epoch) to the connections it allows; site keys from MX answers; the
  * per-address table (a v4-mapped address counted as its IPv4 one; its
  * cap held for the node across workers, and under threads taking slots
  * at once); the hash table of common/ under inserts and removals.
@@ -101,6 +101,124 @@ window_raised_ceiling_keeps_slow_start(void **state)
         site_window_on_success(&w, site_window_allowed(&w));
     }
     assert_true(site_window_allowed(&w) <= 21); /* additive: about one per window */
+}
+
+/* While the connections queue by the head latency (MAIL sent to the go
+ * for the body: Vegas's test), mail that waits earns no connection: on a
+ * machine loaded by other work every job waited, and sites of 100 MX
+ * hosts grew to their cap of 20 connections each at a third of the rate.
+ * The wait stays noted: growth goes on once the latency is back. */
+static void
+window_holds_while_connections_queue(void **state)
+{
+    (void)state;
+    struct site_window w;
+    uint64_t now = 1000000000ULL, ms = 1000000ULL;
+    site_window_init(&w, 1, 20);
+    site_window_on_ready(&w, 1 * ms);
+    /* No head latency yet: the wait rule alone. */
+    assert_false(site_window_queues(&w, 20));
+    /* A base of 0.1 ms; transactions at the base: grows. */
+    for (unsigned i = 0; i < 3; i++) {
+        site_window_on_head(&w, ms / 10, now);
+        site_window_on_wait(&w, 50 * ms);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 4);
+    /* The latency climbs to 10 ms: 4 * (10 - 0.1) / 10 = 3.96 queued, not
+     * yet SITE_HEAD_QUEUED (4); at 5 connections it is. */
+    for (unsigned i = 0; i < 200; i++)
+        site_window_on_head(&w, 10 * ms, now);
+    assert_false(site_window_queues(&w, 4));
+    assert_true(site_window_queues(&w, 5));
+    site_window_on_wait(&w, 50 * ms);
+    site_window_on_success(&w, 4);
+    assert_int_equal(site_window_allowed(&w), 5);
+    for (unsigned i = 0; i < 20; i++) {
+        site_window_on_wait(&w, 50 * ms);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 5); /* held */
+    /* Back at the base: the wait noted above grows it at once. */
+    for (unsigned i = 0; i < 200; i++)
+        site_window_on_head(&w, ms / 10, now);
+    assert_false(site_window_queues(&w, 5));
+    site_window_on_success(&w, 5);
+    assert_int_equal(site_window_allowed(&w), 6);
+}
+
+/* The excess must also come to SITE_HEAD_SLACK_NS: a LAN's jitter of a
+ * worker's turn is no queue, whatever its ratio. And the base is the
+ * least of this period's and the last's: a path that got slower for good
+ * (a longer route) is the new base two periods on. */
+static void
+window_head_slack_and_base_periods(void **state)
+{
+    (void)state;
+    struct site_window w;
+    uint64_t now = 1000000000ULL, us = 1000ULL, ms = 1000000ULL;
+    site_window_init(&w, 1, 20);
+    site_window_on_head(&w, 10 * us, now);
+    for (unsigned i = 0; i < 200; i++)
+        site_window_on_head(&w, 900 * us, now);
+    assert_false(site_window_queues(&w, 20)); /* 0.89 ms over: under the slack */
+    for (unsigned i = 0; i < 200; i++)
+        site_window_on_head(&w, 30 * ms, now);
+    assert_true(site_window_queues(&w, 20));
+    /* 30 ms from now on: the 10 us of the first period is the base until
+     * the period after next. */
+    now += SITE_HEAD_PERIOD_NS;
+    site_window_on_head(&w, 30 * ms, now);
+    assert_true(site_window_queues(&w, 20));
+    now += SITE_HEAD_PERIOD_NS;
+    site_window_on_head(&w, 30 * ms, now);
+    assert_false(site_window_queues(&w, 20));
+}
+
+/* A receiver whose answers vary (10 to 90 ms, about 50 on average: its
+ * least a fifth of its average) is no queue at any count of connections:
+ * the average must be SITE_HEAD_RATIO times the least. The test on the
+ * least alone stopped such a site at 6 connections. */
+static void
+window_head_variance_is_no_queue(void **state)
+{
+    (void)state;
+    struct site_window w;
+    uint64_t now = 1000000000ULL, ms = 1000000ULL;
+    site_window_init(&w, 1, 40);
+    site_window_on_ready(&w, 30 * ms);
+    for (unsigned i = 0; i < 400; i++)
+        site_window_on_head(&w, (10 + (i * 37) % 81) * ms, now + i * ms);
+    assert_true(w.head_avg_ns > 3.0 * 10 * ms && w.head_avg_ns < SITE_HEAD_RATIO * 10 * ms);
+    assert_false(site_window_queues(&w, 40));
+    for (unsigned i = 0; i < 60; i++) {
+        site_window_on_wait(&w, 100 * ms);
+        site_window_on_success(&w, site_window_allowed(&w));
+    }
+    assert_int_equal(site_window_allowed(&w), 40);
+}
+
+/* After a lull with no transaction (no sample for two periods or more),
+ * the least head latency from before it is no base: what the path does
+ * now is. A site that was fast at 1 ms, idle for a minute, then at 50 ms
+ * steady does not count its connections as queued on a base of 1 ms. */
+static void
+window_head_base_forgets_a_lull(void **state)
+{
+    (void)state;
+    struct site_window w;
+    uint64_t now = 1000000000ULL, ms = 1000000ULL;
+    site_window_init(&w, 1, 20);
+    for (unsigned i = 0; i < 50; i++)
+        site_window_on_head(&w, 1 * ms, now);
+    now += 60 * 1000 * ms; /* a minute without mail for the site */
+    for (unsigned i = 0; i < 50; i++)
+        site_window_on_head(&w, 50 * ms, now + i * ms);
+    assert_false(site_window_queues(&w, 6)); /* 50 ms on a base of 50 ms: none queued */
+    /* One period's gap only: the last period's least still counts. */
+    now += SITE_HEAD_PERIOD_NS;
+    site_window_on_head(&w, 80 * ms, now);
+    assert_int_equal(w.head_base_ns[1], 50 * ms);
 }
 
 /* The window grows only for mail that waited longer than twice the
@@ -552,6 +670,10 @@ main(void)
         cmocka_unit_test(window_slow_start_then_additive),
         cmocka_unit_test(window_raised_ceiling_keeps_slow_start),
         cmocka_unit_test(window_grows_only_when_mail_waits),
+        cmocka_unit_test(window_holds_while_connections_queue),
+        cmocka_unit_test(window_head_slack_and_base_periods),
+        cmocka_unit_test(window_head_variance_is_no_queue),
+        cmocka_unit_test(window_head_base_forgets_a_lull),
         cmocka_unit_test(keys_name_the_hosts),
         cmocka_unit_test(keys_with_an_alias),
         cmocka_unit_test(sites_and_addresses),

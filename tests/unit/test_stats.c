@@ -705,6 +705,15 @@ test_rates(void **state)
     assert_true(fell);
     assert_true(rates_delivered(c, "1m", &m));
     assert_true(m > 0);
+    /* the span each is over: in the server's first minute the "1m" rates
+     * are over the time since its start, and say so */
+    struct jv *v = conn_ask(c, "stats");
+    struct jv *w1 = jget(v, "rates.1s.window_ms"), *w60 = jget(v, "rates.1m.window_ms");
+    assert_non_null(w1);
+    assert_non_null(w60);
+    assert_true(w1->num >= 900 && w1->num <= 5000);
+    assert_true(w60->num >= w1->num && w60->num < 59500);
+    jfree(v);
     conn_close(c);
 }
 

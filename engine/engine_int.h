@@ -1,0 +1,53 @@
+/*
+ * engine_int.h: what the files of the engine share (not a public header:
+ * engine/engine.c and engine/engine_reload.c include it; everyone else
+ * goes through engine/engine.h).
+ *
+ *   engine/engine.c        start, drain and stop; the users file and the
+ *                          TLS contexts loaded; the references any thread
+ *                          takes to what a reload replaces;
+ *   engine/engine_reload.c a reload: the workers parked, the config
+ *                          swapped, what changed and what is kept; the
+ *                          configs a reload left alive, collected;
+ *   engine/engine_conn.c   the connections per client address (engine.h).
+ *
+ * Threading: as engine.h says; the functions below run on the main
+ * thread (the one that starts and reloads).
+ */
+#ifndef SLUICE_ENGINE_ENGINE_INT_H
+#define SLUICE_ENGINE_ENGINE_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/engine.h"
+
+/* The files read again at every reload even under the same names (a
+ * certificate renewed, users added: the files are replaced in place),
+ * whose contents config_changes cannot see: their keys as the reload's
+ * changed list names them, and the path each has in a config. */
+enum reread { RR_CERT, RR_KEY, RR_CA, RR_USERS, RR_COUNT };
+
+/* engine.c */
+/* Both TLS contexts of a [tls] section: the client's always, the
+ * server's when a certificate is named. Returns 0, or an error with a
+ * message for the operator in err (nothing is left made). */
+int engine_tls_new(const struct tls_config *tc, struct tls_ctx **server, struct tls_ctx **client,
+                   char *err, size_t errlen);
+/* The users file loaded into e->users; *changed (may be NULL) says
+ * whether it holds other contents than at the last load that took. */
+int engine_load_users(struct engine *e, bool *changed, char *err, size_t errlen);
+/* Complaints kept under a tenant's tag ("tag:XXXXXXXX") moved to the
+ * list of the tenant cfg names (at start and after each reload). */
+void engine_suppress_fold_tags(struct engine *e, const struct config *cfg);
+/* A reload's MTA-STS: started when n turns it on; the allowed networks
+ * of n; settings that need a restart logged as kept. */
+void engine_mta_sts_reload(struct engine *e, const struct config *n);
+
+/* engine_reload.c */
+/* The digest of c's file i; 0: none named, or it cannot be read (the
+ * load that follows says why). */
+uint64_t engine_reread_digest(const struct config *c, enum reread i);
+
+#endif

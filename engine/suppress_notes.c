@@ -1,0 +1,223 @@
+/*
+ * suppress_notes: the suppression list's notes (see suppress.h, "Notes"):
+ * entries that must not be lost, committed in the spool's transaction
+ * with the outcome or the report that caused them (queue.h, "notes") and
+ * copied from there to the list, then trimmed from the spool. Making a
+ * note (suppress_note_bounce, suppress_note_complaint) is engine/suppress.c's
+ * entry encoding into the caller's buffer; copying them is sup_notes_pump,
+ * run by the list's writer thread (engine/suppress.c) when the spool wakes
+ * it (notes_wake) or a failed copy's retry time has come, by suppress_sync,
+ * and by suppress_attach_queue and suppress_detach_queue at start and stop.
+ *
+ * Threading: a note is made on any thread at once (workers, the bounce
+ * listener): it reads only the config and takes no lock (one that cannot
+ * be made is counted in an atomic). A pump runs on a
+ * thread that may block, one at a time (plock, which also guards the
+ * queue attached and the first note not yet copied); its writes take the
+ * list's writer mutex. notes_wake runs on the spool's committer thread
+ * and takes only the feeds' mutex.
+ */
+#include "engine/suppress.h"
+#include "engine/suppress_int.h"
+
+#include <endian.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "queue/queue.h"
+
+/* ---- notes (suppress.h) ---- */
+
+/* f as a note into buf (SUPPRESS_NOTE_BYTES): its lengths, then key and
+ * value as stored. Returns the note's length; frees f. */
+static int
+note_of(struct feed *f, void *buf)
+{
+    uint8_t *b = buf;
+    uint16_t kl = htole16(f->klen), vl = htole16(f->vlen);
+    memcpy(b, &kl, 2);
+    memcpy(b + 2, &vl, 2);
+    memcpy(b + 4, f->kv, (size_t)f->klen + f->vlen);
+    int len = 4 + f->klen + f->vlen;
+    free(f);
+    return len;
+}
+
+int
+suppress_note_bounce(struct suppress *s, const char *tenant, const char *addr,
+                     enum bounce_class cls, const char *text, void *buf)
+{
+    int rc = 0;
+    struct feed *f = sup_bounce_entry(s, tenant, addr, cls, text, &rc);
+    if (f != NULL)
+        return note_of(f, buf);
+    if (rc < 0)
+        atomic_fetch_add(&s->feed_dropped, 1);
+    return rc;
+}
+
+int
+suppress_note_complaint(struct suppress *s, const char *tenant, const char *addr, void *buf)
+{
+    int64_t until = suppress_complaint_expiry(s, (int64_t)clock_unix_ms());
+    if (until < 0)
+        return 0;
+    int rc = 0;
+    struct feed *f = sup_feed_make(s, tenant != NULL && tenant[0] != '\0' ? tenant : NULL, addr,
+                                   SUPPRESS_COMPLAINT, until, "complaint (feedback loop)", true,
+                                   &rc);
+    if (f != NULL)
+        return note_of(f, buf);
+    atomic_fetch_add(&s->feed_dropped, 1);
+    return rc;
+}
+
+struct note_take {
+    struct feed *head, **tail;
+    uint64_t last; /* the last note taken or skipped, when any */
+    bool any;
+    unsigned n;    /* taken */
+    unsigned damaged; /* skipped */
+};
+
+/* One note of the spool as a feed; a damaged one is skipped (and trimmed
+ * with the others). Out of memory: stop before it, for the next pump. */
+static int
+note_take(void *arg, uint64_t seq, const void *note, size_t len)
+{
+    struct note_take *t = arg;
+    const uint8_t *b = note;
+    uint16_t kl = 0, vl = 0;
+    if (len >= 4) {
+        memcpy(&kl, b, 2);
+        memcpy(&vl, b + 2, 2);
+        kl = le16toh(kl);
+        vl = le16toh(vl);
+    }
+    if (len < 4 || kl == 0 || kl > KEY_MAX || vl < VAL_HDR || vl > VAL_MAX ||
+        len != 4u + kl + vl || memchr(b + 4, '\0', kl) == NULL) {
+        log_msg(LOG_ERR, "event=suppress_note_damaged seq=%llu len=%zu",
+                (unsigned long long)seq, len);
+        t->last = seq;
+        t->any = true;
+        t->damaged++;
+        return 0;
+    }
+    struct feed *f = malloc(sizeof(*f) + (size_t)kl + vl);
+    if (f == NULL)
+        return 1;
+    t->last = seq;
+    t->any = true;
+    f->next = NULL;
+    f->klen = kl;
+    f->vlen = vl;
+    memcpy(f->kv, b + 4, (size_t)kl + vl);
+    *t->tail = f;
+    t->tail = &f->next;
+    t->n++;
+    return 0;
+}
+
+/* Copy the spool's notes to the list, then trim them there. Any thread
+ * that may block; one at a time. Returns how many were copied, or -errno
+ * (what was not copied stays in the spool). After a write that failed
+ * (the list's map full, say) the writer thread's pumps (force false) wait
+ * NOTES_RETRY_MS: each would try every note waiting again, and a bounce
+ * storm would make that once a bounce. */
+long
+sup_notes_pump(struct suppress *s, bool force)
+{
+    long total = 0;
+    uint64_t retry = atomic_load(&s->notes_retry_ms);
+    if (s->test_hold || (!force && retry != 0 && clock_mono_ms() < retry))
+        return 0;
+    pthread_mutex_lock(&s->plock);
+    while (s->queue != NULL) {
+        struct note_take t = {.tail = &t.head};
+        int n = queue_notes_read(s->queue, s->note_from, NOTES_BATCH, note_take, &t);
+        if (n <= 0) {
+            if (n < 0)
+                log_msg(LOG_ERR, "event=suppress_notes_read_failed err=\"%s\"",
+                        queue_strerror(n));
+            total = n < 0 && total == 0 ? n : total;
+            break;
+        }
+        int rc = 0;
+        if (t.head != NULL) {
+            pthread_mutex_lock(&s->wlock);
+            rc = sup_write_pairs(s, t.head);
+            pthread_mutex_unlock(&s->wlock);
+        }
+        while (t.head != NULL) {
+            struct feed *next = t.head->next;
+            free(t.head);
+            t.head = next;
+        }
+        if (rc != 0) {
+            /* kept in the spool: tried again NOTES_RETRY_MS later */
+            log_msg(LOG_ERR,
+                    "event=suppress_write_failed entries=%u source=spool err=\"%s\" "
+                    "retry_in_ms=%u",
+                    t.n, strerror(-rc), NOTES_RETRY_MS);
+            atomic_store(&s->notes_retry_ms, clock_mono_ms() + NOTES_RETRY_MS);
+            total = total == 0 ? rc : total;
+            break;
+        }
+        atomic_store(&s->notes_retry_ms, 0);
+        if (!t.any)
+            break; /* out of memory at the first: the next pump */
+        total += t.n;
+        atomic_fetch_add(&s->feed_dropped, t.damaged); /* trimmed with the others */
+        s->note_from = t.last + 1;
+        if ((rc = queue_notes_trim_wait(s->queue, s->note_from)) != 0)
+            /* in the list now; a later trim takes them with its own */
+            log_msg(LOG_WARN, "event=suppress_notes_trim_failed err=\"%s\"", queue_strerror(rc));
+        if ((unsigned)n < NOTES_BATCH)
+            break;
+    }
+    pthread_mutex_unlock(&s->plock);
+    return total;
+}
+
+/* The spool's hook, on its committer thread: wake the writer. */
+static void
+notes_wake(void *arg)
+{
+    struct suppress *s = arg;
+    pthread_mutex_lock(&s->flock);
+    s->notes_due = true;
+    pthread_cond_signal(&s->fcv);
+    pthread_mutex_unlock(&s->flock);
+}
+
+long
+suppress_attach_queue(struct suppress *s, struct queue *q)
+{
+    pthread_mutex_lock(&s->plock);
+    s->queue = q;
+    s->note_from = 0;
+    pthread_mutex_unlock(&s->plock);
+    long n = sup_notes_pump(s, true);
+    queue_notes_set_hook(q, notes_wake, s);
+    if (n < 0)
+        notes_wake(s); /* the writer's wait was set before the retry time: set it again */
+    if (n > 0)
+        log_msg(LOG_NOTICE, "event=suppress_notes_replayed entries=%ld", n);
+    return n;
+}
+
+void
+suppress_detach_queue(struct suppress *s)
+{
+    if (s == NULL || s->queue == NULL)
+        return;
+    queue_notes_set_hook(s->queue, NULL, NULL);
+    sup_notes_pump(s, true);
+    pthread_mutex_lock(&s->plock);
+    s->queue = NULL;
+    pthread_mutex_unlock(&s->plock);
+}
