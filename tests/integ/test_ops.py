@@ -1085,6 +1085,15 @@ def test_failing_a_dead_hosts_mail_does_not_stall_the_worker():
         doc = ctl_json(r, "stats")
         longest = doc["loop"]["longest_turn_ms"]
         assert doc["counters"]["deferred"] == n_msg * n_rcpt, doc["counters"]
+        # The delivery log's lines reach the file from its writer thread,
+        # a flush interval (50 ms, more under load) after the counters:
+        # wait for them (whole lines), then read them all
+        def tf_lines():
+            with open(r.dlog, "rb") as f:
+                data = f.read()
+            return data[:data.rfind(b"\n") + 1].count(b'"event":"transient_failure"')
+        wait_until(lambda: tf_lines() >= n_msg * n_rcpt, 60,
+                   "every deferral in the delivery log")
         tf = [e for e in raw_events(r.dlog) if e["event"] == "transient_failure"]
         assert len(tf) == n_msg * n_rcpt, len(tf)
         assert len({(e["id"], e["rcpt"]) for e in tf}) == n_msg * n_rcpt
