@@ -404,6 +404,9 @@ def test_held_destination_still_expires():
         # ... and who said it, although the held ones never had a connection
         assert all(e.get("mx") == "mx.test" and e.get("mx_addr") == f"127.0.0.1:{r.mx_port}"
                    for e in ex), ex
+        # each expiry's log line follows its delivery-log line (written by
+        # another thread, that may have flushed before it): wait for them
+        r.d.wait_log_count("event=expired", 3)
         assert r.d.count_log("event=expired") == 3
         assert r.d.count_log("mx=-") == 0, "an expiry logged without the MX that held it"
         # one answer to the backend: the event's enhanced code is the DSN's Status
