@@ -1162,7 +1162,7 @@ def test_rotation_loses_nothing():
         # the renamed file and the new one stay empty.
         wait_until(lambda: os.path.exists(r.dlog), 30, "the delivery log reopened")
         batch(1)
-        wait_until(lambda: len([e for e in events(r.dlog) + events(r.dlog + ".1")
+        wait_until(lambda: len([e for e in events(r.dlog, False) + events(r.dlog + ".1", False)
                                 if e["event"] == "delivery"]) >= 80, 60, "80 deliveries")
         assert r.d.stop_clean() == 0
         old, new = events(r.dlog + ".1"), events(r.dlog)
