@@ -364,7 +364,10 @@ def test_suspend_tenant_and_resume():
         n.inject(2, "acme", domains=DOMAINS[:20])
         recs = n.rx.wait(40)
         assert all(r["peer"] in ("127.0.0.2", "127.0.0.3") for r in recs), recs
-        # acme's 40 are in; globex's 40 were injected first and are parked
+        # acme's 40 are in; globex's 40 were injected first and are parked,
+        # each job as a connection of its destination (pool tx's, beside
+        # acme's) takes it up: wait for the first (bounded)
+        wait_until(lambda: n.ask("stats")["parked"] >= 1, 30, "a globex job parked")
         st = n.ask("stats")
         assert st["parked"] >= 1, st["parked"]
         assert len(n.rx.records()) == 40
