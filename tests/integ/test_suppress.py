@@ -513,6 +513,9 @@ def test_hard_bounce_feeds_the_list():
             "550 5.7.1 <gone1@gone.test> is on the do-not-mail list (hard_bounce)"
         assert c.cmd("RCPT TO:<here@gone.test>").startswith("250")
         c.close()
+        # the writer counts an entry once its commit returned, a moment
+        # after the entry shows (suppress.c sup_write_pairs): wait for it
+        wait_until(lambda: ctl_ok(r, "stats")["suppress"]["added"] >= 1, 15, "the entry counted")
         st = ctl_ok(r, "stats")["suppress"]
         assert st["added"] == 1 and st["feed_dropped"] == 0, st
         assert r.d.stop_clean() == 0
@@ -538,6 +541,8 @@ def test_entry_of_a_quoted_local_part_with_a_blank():
         wait_until(lambda: suppressed(r, "gone2@gone.test"), 15, "gone2 on the list")
         wait_until(lambda: suppressed(r, '"gone doe"@gone.test'), 15, '"gone doe" on the list')
         assert r.d.log_lines("event=suppress_feed_failed") == []
+        # counted once the commit returned, a moment after both show
+        wait_until(lambda: ctl_ok(r, "stats")["suppress"]["added"] >= 2, 15, "both counted")
         st = ctl_ok(r, "stats")["suppress"]
         assert st["feed_dropped"] == 0 and st["added"] == 2, st
         assert r.d.stop_clean() == 0
