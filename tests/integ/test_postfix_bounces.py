@@ -177,6 +177,10 @@ verp_key_file = {keyfile}
         # bounced them by mail to their VERP senders
         wait_until(lambda: len(events(r.dlog, "oob_bounce")) >= 2, 90,
                    "Postfix's DSNs as oob_bounce events (maillog:\n" + pf.log()[-3000:] + ")")
+        # sluice's own delivery events follow Postfix's 250 and its
+        # outcome's commit, not Postfix's DSNs: nothing orders them before
+        # the oob_bounce events (a loaded machine can commit late), so wait
+        wait_until(lambda: len(events(r.dlog, "delivery")) >= 2, 30, "the delivery events")
         dl = events(r.dlog, "delivery")
         assert sorted(e["rcpt"] for e in dl) == rcpts, dl
         evs = sorted(events(r.dlog, "oob_bounce"), key=lambda e: e["rcpt"])
