@@ -750,12 +750,13 @@ def test_a_resting_sites_other_domain_is_deferred_untried():
     r = Relay(records_for(doms), with_sink=False,
               domain_conf="[log]\ndelivery_log = @DLOG@\ndelivery_log_flush = 50ms\n")
     try:
-        def events(dom):
+        def events(dom):  # a last line not yet whole is left for the next read
             if not os.path.exists(r.dlog):
                 return []
-            with open(r.dlog) as f:
-                return [e for e in map(json.loads, f)
-                        if e.get("event") == "transient_failure" and e.get("domain") == dom]
+            with open(r.dlog, "rb") as f:
+                data = f.read()
+            return [e for e in map(json.loads, data[:data.rfind(b"\n") + 1].splitlines())
+                    if e.get("event") == "transient_failure" and e.get("domain") == dom]
         r.inject([("s@example.com", ["a@first.test"], b"Subject: 1\r\n\r\nx\r\n")])
         wait_until(lambda: events("first.test"), 30, "first.test deferred")
         r.d.wait_log("event=site_held", timeout=30)
