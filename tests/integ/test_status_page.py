@@ -220,6 +220,10 @@ def test_status_page_in_a_browser():
             assert not loader.is_alive(), "the injection did not end"
             want = 2 * injected[0] + 2  # and acme's two at a.test
             wait_sink(r, want, timeout=120)
+            # counted once each outcome's commit is durable, after the sink
+            # has the message: wait for the count too
+            wait_until(lambda: ctl_json(r, "stats")["counters"]["delivered"] >= want, 60,
+                       "the deliveries counted")
             wait_until(lambda: ctl_json(r, "stats")["connections"]["outbound_open"] == 0 and
                        ctl_json(r, "stats")["connections"]["inbound_open"] == 0,
                        30, "the relay to be idle")
