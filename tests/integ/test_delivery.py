@@ -410,6 +410,9 @@ def test_connect_failures_are_deferred_with_where_and_why():
                   ("s@example.com", ["b@silent.test"], b"Subject: s\r\n\r\nx\r\n")])
 
         wait_until(lambda: len(deferrals(r)) == 2, 30, "both recipients deferred")
+        # The delivery log's file is written by a thread of its own, its
+        # events then perhaps ahead of the worker's log lines of them
+        r.d.wait_log_count("event=deferred", 2)
         ev = deferrals(r)
         a, b = ev["a@refused.test"], ev["b@silent.test"]
         assert a["mx"] == "mx.test" and a["mx_addr"] == f"127.0.0.1:{r.mx_port}", a
@@ -701,6 +704,9 @@ def test_source_address_not_on_this_host_defers():
                   ("s@example.com", ["b@nobind2.test"], b"Subject: b\r\n\r\nx\r\n")])
 
         wait_until(lambda: len(deferrals(r)) == 2, 10, "both recipients deferred")
+        # (the delivery log's writer thread may show them before the
+        # worker's log lines of them are written)
+        r.d.wait_log_count("event=deferred", 2)
         for rcpt, ev in deferrals(r).items():
             assert ev["reply"] == ("cannot open a connection from 192.0.2.9: "
                                    "Cannot assign requested address"), ev
