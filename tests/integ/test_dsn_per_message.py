@@ -38,6 +38,16 @@ SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
 
 FINAL_RE = re.compile(r"Final-Recipient: rfc822;\s*(\S+)")
 MSGID_RE = re.compile(rb"^Message-ID: *(<[^>]+>)", re.M | re.I)
+BOUNDARY_RE = re.compile(rb'boundary="([^"]+)"')
+
+
+def whole(m):
+    """Whether smtp-sink has written this DSN whole: it creates the file
+    at MAIL and writes it through a 4 KB buffer until the final dot, so
+    a DSN of 10 recipients (5 KB) can be read with its Message-ID and
+    only 7 of them. Whole once the report's closing boundary is there."""
+    b = BOUNDARY_RE.search(m)
+    return b is not None and b"--" + b.group(1) + b"--" in m
 
 
 class Refuser:
@@ -207,11 +217,12 @@ retry_schedule = {retry}
 
     def dsns(self):
         """Message-ID -> the recipients its report names, over the DSNs
-        at the sender's MX (a copy delivered twice is one DSN)."""
+        at the sender's MX written whole (a copy delivered twice is one
+        DSN)."""
         out = {}
         for m in self.senders.messages():
             mid = MSGID_RE.search(m)
-            if mid is None:
+            if mid is None or not whole(m):
                 continue
             text = m.decode("utf-8", "replace").replace("\r\n", "\n")
             out[mid.group(1)] = sorted(FINAL_RE.findall(text))
@@ -464,12 +475,13 @@ def slow_domains(s, n):
 
 def delay_dsns(s):
     """Message-ID -> the recipients named, over the delay warnings at the
-    sender's MX (each checked to name delayed recipients only)."""
+    sender's MX written whole (each checked to name delayed recipients
+    only)."""
     out = {}
     for m in s.senders.messages():
         text = m.decode("utf-8", "replace").replace("\r\n", "\n")
         mid = MSGID_RE.search(m)
-        if mid is None or "Action: delayed" not in text:
+        if mid is None or not whole(m) or "Action: delayed" not in text:
             continue
         assert "Action: failed" not in text and "Action: relayed" not in text, text[:3000]
         assert "Subject: Delayed Mail" in text, text[:3000]
