@@ -1670,10 +1670,17 @@ cmd_sites(struct engine *e, const char *args, struct json *out, char *err, size_
 }
 
 static int
-ops_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
-            size_t errlen)
+ops_command(void *arg, const char *verb, const char *args, const struct stats_caller *who,
+            struct json *out, char *err, size_t errlen)
 {
     struct engine *e = arg;
+    static const struct stats_caller nobody = {.uid = STATS_UID_NONE, .fd = -1};
+    if (who == NULL)
+        who = &nobody;
+    if (who->fd >= 0 && strcmp(verb, "suppress") != 0) {
+        snprintf(err, errlen, "%s: a file descriptor came with it, and it takes none", verb);
+        return -1;
+    }
     if (strcmp(verb, "message") == 0)
         return cmd_message(e, args, out, err, errlen);
     if (strcmp(verb, "queue") == 0)
@@ -1687,7 +1694,7 @@ ops_command(void *arg, const char *verb, const char *args, struct json *out, cha
     if (strcmp(verb, "events") == 0)
         return cmd_events(e, args, out, err, errlen);
     if (strcmp(verb, "suppress") == 0)
-        return cmd_suppress(e, args, out, err, errlen);
+        return cmd_suppress(e, args, who, out, err, errlen);
     if (strcmp(verb, "warmup") == 0)
         return cmd_warmup(e, args, out, err, errlen);
     if (strcmp(verb, "shaping") == 0)
@@ -1754,11 +1761,11 @@ ops_domains_in(void *arg, struct stats_domain *out, size_t cap)
 }
 
 static int
-ops_command_in(void *arg, const char *verb, const char *args, struct json *out, char *err,
-               size_t errlen)
+ops_command_in(void *arg, const char *verb, const char *args, const struct stats_caller *who,
+               struct json *out, char *err, size_t errlen)
 {
     uint64_t g = engine_config_enter(arg);
-    int rc = ops_command(arg, verb, args, out, err, errlen);
+    int rc = ops_command(arg, verb, args, who, out, err, errlen);
     engine_config_leave(arg, g);
     return rc;
 }

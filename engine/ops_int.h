@@ -90,8 +90,11 @@ void wcall_unref(struct wcall *c);
 bool domain_arg_ok(const char *s);
 
 /* ops_suppress.c */
-/* "suppress add|remove|check|list|import|export|purge ...". */
-int cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, size_t errlen);
+/* "suppress add|remove|check|list|import|export|purge ...". who: never
+ * NULL; its fd, if any, is borrowed (the stats server closes it): the
+ * file that "suppress import" reads and "export" writes. */
+int cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who,
+                 struct json *out, char *err, size_t errlen);
 
 /* ops_views.c */
 /* The stats_ops callbacks of "stats" (and /metrics) and "domains". */

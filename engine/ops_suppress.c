@@ -5,6 +5,15 @@
  * a time, import and export CSV files, purge the expired entries. Scopes
  * are the list's business (suppress.h: folded to lowercase).
  *
+ * Import and export use the file the client passed with the command
+ * (SCM_RIGHTS: sluicectl opens it with its own rights, as postmap runs
+ * as its user): sluice opens no path for whoever the socket's mode lets
+ * in, which would read what only sluice may read (its DKIM keys: a line
+ * of base64 looks like an address enough to be listed, and first_error
+ * echoes one that is not) and create files where only sluice may write.
+ * A path is opened by sluice only for root and sluice's own user, who
+ * could open it themselves.
+ *
  * Threading: the stats thread.
  */
 #include <arpa/inet.h>
@@ -43,6 +52,88 @@
 #define SUPPRESS_EXPIRES_MAX_S 253402300799ULL          /* 9999-12-31T23:59:59Z */
 
 /* ---- the suppression list ---- */
+
+/* The caller's uid for the log; -1: unknown. */
+static long
+who_uid(const struct stats_caller *who)
+{
+    return who->uid == STATS_UID_NONE ? -1L : (long)who->uid;
+}
+
+/* May who have sluice open a path for it: root, or sluice's own user? */
+static bool
+may_name_path(const struct stats_caller *who)
+{
+    return who->uid == 0 || who->uid == geteuid();
+}
+
+/* The file of "suppress import" (wr false) or "export" (wr true), as a
+ * descriptor of its own (close-on-exec; the caller closes it): a dup of
+ * the one the client passed, or, for root and sluice's own user alone,
+ * word opened by sluice (export: created, never over an existing file).
+ * A regular file only: /dev/zero never ends (the command thread held, and
+ * a stop, which waits for an import), a FIFO or socket may never be read
+ * or drained; a FIFO named is opened without waiting for its writer.
+ * -1 with the reason in err. */
+static int
+sup_file(const struct stats_caller *who, const char *sub, const char *word, bool wr, char *err,
+         size_t errlen)
+{
+    int fd;
+    if (who->fd >= 0) {
+        fd = fcntl(who->fd, F_DUPFD_CLOEXEC, 3);
+        int fl = fd >= 0 ? fcntl(fd, F_GETFL) : -1;
+        if (fl < 0) {
+            snprintf(err, errlen, "suppress %s: the file descriptor passed: %s", sub,
+                     strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        if ((fl & O_PATH) != 0 || (fl & O_ACCMODE) == (wr ? O_RDONLY : O_WRONLY)) {
+            snprintf(err, errlen, "suppress %s: the file descriptor passed is not open for %s", sub,
+                     wr ? "writing" : "reading");
+            close(fd);
+            return -1;
+        }
+    } else if (!may_name_path(who)) {
+        log_msg(LOG_WARN,
+                "event=suppress_path_refused by=operator uid=%ld command=%s file=%s "
+                "note=a_path_without_the_file",
+                who_uid(who), sub, word);
+        snprintf(err, errlen,
+                 "suppress %s: pass the file (sluicectl does): sluice opens a path itself only "
+                 "for root and its own user",
+                 sub);
+        return -1;
+    } else {
+        if (word[0] != '/') {
+            snprintf(err, errlen, "suppress: %s needs an absolute path (%s by sluice)", sub,
+                     wr ? "written" : "read");
+            return -1;
+        }
+        /* export: never over an existing file, not even for root's
+         * request: the socket is no way to overwrite what sluice can */
+        fd = wr ? open(word, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640)
+                : open(word, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) {
+            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+            return -1;
+        }
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(err, errlen, "suppress: %s: not a regular file", word);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
 
 static void
 entry_json(struct json *out, const struct suppress_entry *x)
@@ -161,7 +252,8 @@ sup_opts_parse(const char *p, struct sup_opts *o, char *err, size_t errlen)
 }
 
 int
-cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, size_t errlen)
+cmd_suppress(struct engine *e, const char *args, const struct stats_caller *who, struct json *out,
+             char *err, size_t errlen)
 {
     struct suppress *sup = e->suppress;
     if (sup == NULL) {
@@ -177,16 +269,19 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
     const char *rest = args + used;
     while (*rest == ' ' || *rest == '\t')
         rest++;
-    bool takes_word = strcmp(sub, "add") == 0 || strcmp(sub, "remove") == 0 ||
-                      strcmp(sub, "check") == 0 || strcmp(sub, "import") == 0 ||
-                      strcmp(sub, "export") == 0;
+    bool file = strcmp(sub, "import") == 0 || strcmp(sub, "export") == 0;
+    bool takes_word =
+        strcmp(sub, "add") == 0 || strcmp(sub, "remove") == 0 || strcmp(sub, "check") == 0 || file;
+    if (who->fd >= 0 && !file) {
+        snprintf(err, errlen, "suppress %.15s: a file descriptor came with it, and it takes none",
+                 sub);
+        return -1;
+    }
     word[0] = '\0';
     if (takes_word) {
         size_t n = word_len(rest);
         if (n == 0 || n >= sizeof(word)) {
-            snprintf(err, errlen, "usage: suppress %s %s", sub,
-                     strcmp(sub, "import") == 0 || strcmp(sub, "export") == 0 ? "PATH"
-                                                                               : "ADDRESS");
+            snprintf(err, errlen, "usage: suppress %s %s", sub, file ? "PATH" : "ADDRESS");
             return -1;
         }
         memcpy(word, rest, n);
@@ -328,26 +423,9 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
         return 0;
     }
     if (strcmp(sub, "import") == 0) {
-        if (word[0] != '/') {
-            snprintf(err, errlen, "suppress: import needs an absolute path (read by sluice)");
+        int fd = sup_file(who, sub, word, false, err, errlen);
+        if (fd < 0)
             return -1;
-        }
-        /* A regular file only: /dev/zero or /dev/stdin never ends (the
-         * stats thread held and every stop waiting for the import, which
-         * a stop does), and opening a FIFO waits for a writer. */
-        int fd = open(word, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-        struct stat st;
-        if (fd < 0 || fstat(fd, &st) != 0) {
-            snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
-            if (fd >= 0)
-                close(fd);
-            return -1;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            snprintf(err, errlen, "suppress: %s: not a regular file", word);
-            close(fd);
-            return -1;
-        }
         FILE *f = fdopen(fd, "r");
         if (f == NULL) {
             snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
@@ -360,11 +438,11 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
         fclose(f);
         uint64_t ms = clock_mono_ms() - t0;
         log_msg(rc < 0 ? LOG_ERR : LOG_NOTICE,
-                "event=suppress_import by=operator file=%s lines=%llu imported=%llu "
-                "skipped=%llu ms=%llu%s%s",
-                word, (unsigned long long)r.lines, (unsigned long long)r.imported,
-                (unsigned long long)r.skipped, (unsigned long long)ms, rc < 0 ? " err=" : "",
-                rc < 0 ? strerror(-rc) : "");
+                "event=suppress_import by=operator uid=%ld file=%s passed=%s lines=%llu "
+                "imported=%llu skipped=%llu ms=%llu%s%s",
+                who_uid(who), word, who->fd >= 0 ? "yes" : "no", (unsigned long long)r.lines,
+                (unsigned long long)r.imported, (unsigned long long)r.skipped,
+                (unsigned long long)ms, rc < 0 ? " err=" : "", rc < 0 ? strerror(-rc) : "");
         if (rc < 0) {
             snprintf(err, errlen, "suppress: import of %s failed after %llu entries: %s", word,
                      (unsigned long long)r.imported, strerror(-rc));
@@ -381,23 +459,23 @@ cmd_suppress(struct engine *e, const char *args, struct json *out, char *err, si
         return 0;
     }
     if (strcmp(sub, "export") == 0) {
-        if (word[0] != '/') {
-            snprintf(err, errlen, "suppress: export needs an absolute path (written by sluice)");
+        int fd = sup_file(who, sub, word, true, err, errlen);
+        if (fd < 0)
             return -1;
-        }
-        /* Never over an existing file: the socket must not be a way to
-         * overwrite what sluice's user can write. */
-        int fd = open(word, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
-        FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+        FILE *f = fdopen(fd, "w");
         if (f == NULL) {
             snprintf(err, errlen, "suppress: %s: %s", word, strerror(errno));
-            if (fd >= 0)
-                close(fd);
+            close(fd);
             return -1;
         }
         long n = suppress_export_csv(sup, f, scope);
         if (fclose(f) != 0 && n >= 0)
             n = -EIO;
+        log_msg(n < 0 ? LOG_ERR : LOG_NOTICE,
+                "event=suppress_export by=operator uid=%ld file=%s passed=%s scope=%s "
+                "exported=%ld%s%s",
+                who_uid(who), word, who->fd >= 0 ? "yes" : "no", scope ? scope : "all",
+                n < 0 ? 0 : n, n < 0 ? " err=" : "", n < 0 ? strerror((int)-n) : "");
         if (n < 0) {
             snprintf(err, errlen, "suppress: export to %s failed: %s", word, strerror((int)-n));
             return -1;

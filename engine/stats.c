@@ -30,6 +30,16 @@
  * deadline is set. The socket and HTTP have pools of their own, and a
  * full pool makes room by closing its oldest waiting client.
  *
+ * A socket client may pass one descriptor with a command line
+ * (SCM_RIGHTS; stats.h, struct stats_caller): a file it opened with its
+ * own rights, which "suppress import" reads and "export" writes, so that
+ * sluice never opens a path for a client (engine/ops_suppress.c). It is
+ * received close-on-exec, held by the client until the line whose octets
+ * it came with ends (client_line_fd), then owned by the command's job.
+ * Anything else (two descriptors, a cut control message, a second one
+ * before the first was used) closes every descriptor received and the
+ * connection, with an error.
+ *
  * Threading: the struct is written by the stats thread only, after
  * stats_server_new() handed it over; stats_server_free() stops the
  * thread through an eventfd and joins it before touching anything.
@@ -65,6 +75,7 @@
 #define LINGER_MS    2000  /* how long a closing connection drains input */
 #define LINGER_BYTES 65536 /* and how much of it */
 #define STATS_PAGE_DOMAINS 25 /* destinations in the status page's table */
+#define PASS_FDS_ROOM      8  /* descriptors one recvmsg takes, to close those past the first */
 
 /* ---- rates ---- */
 
@@ -106,6 +117,10 @@ struct client {
     bool eof;      /* the peer shut its write side */
     bool waiting;  /* its command is with the command thread: not polled until answered */
     uint64_t gen;  /* which client of the slot: a late answer finds its own or none */
+    uid_t uid;     /* the peer's (SO_PEERCRED); STATS_UID_NONE: unknown, or HTTP */
+    int pass_fd;   /* owned: a descriptor passed, not yet given to its line; -1: none */
+    size_t pass_at;    /* where in in[] the octets that came with it end */
+    bool pass_refused; /* descriptors came as the protocol does not allow: error, close */
     size_t inlen, drained;
     uint64_t deadline;  /* monotonic ms: dropped then (client_rearm) */
     uint64_t req_start; /* the request under way began (accept or its first
@@ -329,10 +344,13 @@ static void client_rearm(const struct stats_server *s, struct client *c);
 /* Hand c's command to the command thread: c waits, unpolled for input,
  * until cmd_answers() gives it the answer. False without memory. */
 static bool
-cmd_submit(struct stats_server *s, struct client *c, const struct command *cmd, const char *args)
+cmd_submit(struct stats_server *s, struct client *c, const struct command *cmd, const char *args,
+           int *fd)
 {
-    if (!stats_cmd_submit(s->cmd, cmd->verb, args, (size_t)(c - s->clients), c->gen))
+    struct stats_caller who = {.uid = c->uid, .fd = *fd};
+    if (!stats_cmd_submit(s->cmd, cmd->verb, args, &who, (size_t)(c - s->clients), c->gen))
         return false;
+    *fd = -1; /* the job's */
     s->cmd_queued++;
     c->waiting = true;
     return true;
@@ -384,10 +402,11 @@ do_metrics(struct stats_server *s, struct json *out)
 
 /* Answer one command line (no newline) of c into out, newline included;
  * or, for a command of the engine's, hand it to the command thread and
- * return true: the answer comes later (cmd_answers). */
+ * return true: the answer comes later (cmd_answers). *fd: the descriptor
+ * that came with the line, or -1; set to -1 when the job took it. */
 static bool
-stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
-              struct json *out)
+line_answer(struct stats_server *s, struct client *c, char *line, size_t len, int *fd,
+            struct json *out)
 {
     if (memchr(line, '\0', len) != NULL) {
         stats_answer_error(out, "NUL octet in the command line");
@@ -421,12 +440,14 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
         answer_errorf(out, "unknown command \"%s\" (try help)", shown);
     } else if (count_words(args) < cmd->min_args || count_words(args) > cmd->max_args) {
         answer_errorf(out, "usage: %s%s%s", cmd->verb, cmd->args[0] ? " " : "", cmd->args);
+    } else if (*fd >= 0 && !cmd->engine) {
+        answer_errorf(out, "%s: a file descriptor came with it, and it takes none", cmd->verb);
     } else if (cmd->engine && s->cmd_queued > STATS_CMD_QUEUE_MAX) {
         answer_errorf(out, "busy: %u commands are queued behind the one under way (a flush or "
                            "bounce of a big queue takes a while); try again once they are answered",
                       s->cmd_queued - 1);
     } else if (cmd->engine) {
-        if (cmd_submit(s, c, cmd, args))
+        if (cmd_submit(s, c, cmd, args, fd))
             return true;
         stats_answer_error(out, "out of memory");
     } else if (strcmp(cmd->verb, "stats") == 0) {
@@ -458,6 +479,18 @@ stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len,
     }
     json_raw(out, "\n", 1);
     return false;
+}
+
+/* line_answer, and the descriptor that came with the line closed unless
+ * its command's job took it: on every path, none is left open. */
+static bool
+stats_on_line(struct stats_server *s, struct client *c, char *line, size_t len, int fd,
+              struct json *out)
+{
+    bool later = line_answer(s, c, line, len, &fd, out);
+    if (fd >= 0)
+        close(fd);
+    return later;
 }
 
 /* ---- HTTP ---- */
@@ -624,13 +657,40 @@ http_request_end(const char *in, size_t len)
 
 /* ---- clients ---- */
 
+/* The descriptor c holds for a line it will never send: closed. */
+static void
+client_drop_fd(struct client *c)
+{
+    if (c->pass_fd >= 0)
+        close(c->pass_fd);
+    c->pass_fd = -1;
+}
+
 static void
 client_close(struct client *c)
 {
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
+    client_drop_fd(c);
     json_fini(&c->out);
+}
+
+/* The line in[0..len) is taken (its newline at len, or the input's end):
+ * the descriptor whose octets end in it, if any, is its own (returned,
+ * the caller's now); one that came later stays, moved with the input. */
+static int
+client_line_fd(struct client *c, size_t len)
+{
+    if (c->pass_fd < 0)
+        return -1;
+    if (c->pass_at <= len) {
+        int fd = c->pass_fd;
+        c->pass_fd = -1;
+        return fd;
+    }
+    c->pass_at -= len + 1;
+    return -1;
 }
 
 static uint64_t
@@ -716,6 +776,13 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                 stats_on_http(s, c->in, end, &c->out);
             c->closing = true;
             c->inlen = 0;
+        } else if (c->pass_refused) {
+            stats_answer_error(&c->out, "one file descriptor at most, sent with the command "
+                                        "line that uses it: closing");
+            json_raw(&c->out, "\n", 1);
+            c->closing = true;
+            c->inlen = 0;
+            client_drop_fd(c);
         } else {
             char *nl = memchr(c->in, '\n', c->inlen);
             if (nl == NULL && c->inlen > STATS_LINE_MAX) {
@@ -723,13 +790,14 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                 json_raw(&c->out, "\n", 1);
                 c->closing = true;
                 c->inlen = 0;
+                client_drop_fd(c);
             } else if (nl == NULL && c->eof && c->inlen > 0) {
                 /* a last command without its newline ("printf stats | nc -U") */
                 char line[STATS_LINE_MAX + 1];
                 size_t len = c->inlen;
                 memcpy(line, c->in, len);
                 c->inlen = 0;
-                stats_on_line(s, c, line, len, &c->out);
+                stats_on_line(s, c, line, len, client_line_fd(c, len), &c->out);
                 c->closing = true;
             } else if (nl == NULL) {
                 if (c->eof)
@@ -744,11 +812,13 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
                     json_raw(&c->out, "\n", 1);
                     c->closing = true;
                     c->inlen = 0;
+                    client_drop_fd(c);
                 } else {
                     memcpy(line, c->in, len);
                     c->inlen -= len + 1;
                     memmove(c->in, nl + 1, c->inlen);
-                    stats_on_line(s, c, line, len, &c->out);
+                    int fd = client_line_fd(c, len);
+                    stats_on_line(s, c, line, len, fd, &c->out);
                 }
             }
         }
@@ -769,6 +839,58 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
     return 0;
 }
 
+/* Read what c sent into its input, room octets at most; for a socket
+ * client, with the descriptors that came with them (received
+ * close-on-exec): one is held for its line (client_line_fd); every other
+ * is closed at once and the connection refused (pass_refused). As recv. */
+static ssize_t
+client_recv(struct client *c, size_t room)
+{
+    if (c->kind == CLIENT_HTTP)
+        return recv(c->fd, c->in + c->inlen, room, MSG_DONTWAIT);
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(PASS_FDS_ROOM * sizeof(int))];
+    } ctl;
+    struct iovec iov = {.iov_base = c->in + c->inlen, .iov_len = room};
+    struct msghdr m = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof(ctl.b)};
+    ssize_t n = recvmsg(c->fd, &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return n;
+    /* Past PASS_FDS_ROOM the kernel closed the rest (MSG_CTRUNC). */
+    int fds[PASS_FDS_ROOM];
+    size_t nfds = 0;
+    bool bad = (m.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h != NULL; h = CMSG_NXTHDR(&m, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(h) + i * sizeof(int), sizeof(fd));
+            if (nfds < PASS_FDS_ROOM) {
+                fds[nfds++] = fd;
+            } else { /* not in the room asked: cannot be */
+                close(fd);
+                bad = true;
+            }
+        }
+    }
+    if (nfds == 0 && !bad)
+        return n;
+    if (!bad && nfds == 1 && n > 0 && c->pass_fd < 0 && !c->pass_refused) {
+        c->pass_fd = fds[0];
+        c->pass_at = c->inlen + (size_t)n - 1;
+        return n;
+    }
+    for (size_t i = 0; i < nfds; i++)
+        close(fds[i]);
+    client_drop_fd(c);
+    c->pass_refused = true;
+    return n;
+}
+
 static void
 client_on_readable(struct stats_server *s, struct client *c, uint64_t now)
 {
@@ -784,7 +906,7 @@ client_on_readable(struct stats_server *s, struct client *c, uint64_t now)
     size_t room = sizeof(c->in) - c->inlen;
     if (room == 0)
         return; /* client_process decides: it answers before reading more */
-    ssize_t n = recv(c->fd, c->in + c->inlen, room, MSG_DONTWAIT);
+    ssize_t n = client_recv(c, room);
     if (n < 0) {
         if (errno == EAGAIN || errno == EINTR)
             return;
@@ -880,7 +1002,16 @@ stats_on_accept(struct stats_server *s, int lfd, enum client_kind kind, uint64_t
         }
         c->fd = fd;
         c->kind = kind;
-        c->closing = c->draining = c->eof = c->waiting = false;
+        c->closing = c->draining = c->eof = c->waiting = c->pass_refused = false;
+        c->pass_fd = -1;
+        /* who asks, for the commands that care (ops_suppress.c: only root
+         * and sluice's own user may name a path for sluice to open) */
+        struct ucred cred;
+        socklen_t cl = sizeof(cred);
+        c->uid = STATS_UID_NONE;
+        if (kind == CLIENT_CTL && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0 &&
+            cl == sizeof(cred))
+            c->uid = cred.uid;
         c->gen = ++s->next_gen;
         c->inlen = c->drained = c->outoff = 0;
         json_init(&c->out);
@@ -1009,7 +1140,7 @@ stats_server_new(const char *socket_path, unsigned socket_mode, const char *http
     s->top_n = top_n;
     s->wake_fd = s->ctl_fd = s->http_fd = -1;
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
-        s->clients[i].fd = -1;
+        s->clients[i].fd = s->clients[i].pass_fd = -1;
     int rc;
     s->path = strdup(socket_path);
     if (s->path == NULL) {

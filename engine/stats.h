@@ -25,6 +25,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 struct json;
 
@@ -286,6 +287,21 @@ struct stats_domain {
     unsigned nwaiting_classes;
 };
 
+/* Who sent an engine command on the Unix socket, and the descriptor
+ * that came with its line (SCM_RIGHTS: a file the client opened with its
+ * own rights, as sluicectl passes for "suppress import" and "export").
+ * The octets sent with a descriptor end in the line it belongs to: a
+ * client sends the line and the descriptor in one sendmsg. More than one
+ * descriptor at a time, or a cut control message, closes the connection
+ * with an error; a descriptor sent with a command that the stats thread
+ * answers itself is refused. */
+struct stats_caller {
+    uid_t uid; /* the peer's, from SO_PEERCRED when it connected; STATS_UID_NONE: unknown */
+    int fd;    /* borrowed: closed by the server once the command returned; -1: none */
+};
+
+#define STATS_UID_NONE ((uid_t)-1)
+
 struct stats_ops {
     void *arg;
     /* Fill *out (zeroed before the call). The engine may block briefly
@@ -302,10 +318,12 @@ struct stats_ops {
      * line, trimmed ("" when none). Write one JSON object into *out (empty
      * on entry; the server puts "ok":true in front of its members) and
      * return 0, or return -1 with a one-line reason in err (sent as
-     * {"ok":false,"error":"..."}). NULL: every such command answers
+     * {"ok":false,"error":"..."}). who: the client that sent it (never
+     * NULL from the server; a caller of its own may pass NULL: no uid
+     * known, no descriptor). NULL command: every such command answers
      * "not available". */
-    int (*command)(void *arg, const char *verb, const char *args, struct json *out, char *err,
-                   size_t errlen);
+    int (*command)(void *arg, const char *verb, const char *args, const struct stats_caller *who,
+                   struct json *out, char *err, size_t errlen);
 };
 
 /* The N of "domains [N]" and "sites [N]": args empty gives

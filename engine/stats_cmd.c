@@ -10,7 +10,10 @@
  * Threading: stats_cmd_new, _submit, _take and _free are the stats
  * thread's; the command thread runs ops->command and writes only the job
  * it took and the scratch buffer. lock guards todo, done and stop.
- */
+ *
+ * A job owns the descriptor its client passed with the line, if any
+ * (stats.h, struct stats_caller): closed once its command ran, or with
+ * the job when sluice stops first. */
 #include "engine/stats_cmd.h"
 
 #include <errno.h>
@@ -40,7 +43,8 @@ struct stats_cmd {
 /* One engine command's answer, as the line protocol has it: its object
  * with "ok":true first, or {"ok":false,"error":...}. */
 static void
-do_engine(struct stats_cmd *q, const char *verb, const char *args, struct json *out)
+do_engine(struct stats_cmd *q, const char *verb, const char *args, const struct stats_caller *who,
+          struct json *out)
 {
     if (q->ops.command == NULL) {
         char b[64];
@@ -51,7 +55,7 @@ do_engine(struct stats_cmd *q, const char *verb, const char *args, struct json *
     char err[256] = "";
     struct json *r = &q->scratch;
     json_reset(r);
-    int rc = q->ops.command(q->ops.arg, verb, args, r, err, sizeof(err));
+    int rc = q->ops.command(q->ops.arg, verb, args, who, r, err, sizeof(err));
     if (rc != 0) {
         err[sizeof(err) - 1] = '\0';
         stats_answer_error(out, err[0] != '\0' ? err : "failed");
@@ -108,7 +112,12 @@ cmd_thread(void *arg)
         if (q->todo == NULL)
             q->todo_tail = &q->todo;
         pthread_mutex_unlock(&q->lock);
-        do_engine(q, j->verb, j->args, &j->out);
+        do_engine(q, j->verb, j->args, &j->who, &j->out);
+        /* The client's file is released before it hears the answer: an
+         * export it reads next is written whole, and closed. */
+        if (j->who.fd >= 0)
+            close(j->who.fd);
+        j->who.fd = -1;
         if (json_failed(&j->out)) {
             json_reset(&j->out);
             stats_answer_error(&j->out, "out of memory");
@@ -188,12 +197,13 @@ stats_cmd_fd(const struct stats_cmd *q)
 }
 
 bool
-stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args, size_t slot,
-                 uint64_t gen)
+stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args,
+                 const struct stats_caller *who, size_t slot, uint64_t gen)
 {
     struct stats_cmd_job *j = calloc(1, sizeof(*j));
     if (j == NULL)
         return false;
+    j->who = *who;
     j->verb = verb;
     j->slot = slot;
     j->gen = gen;
@@ -224,6 +234,8 @@ stats_cmd_jobs_free(struct stats_cmd_job *j)
 {
     while (j != NULL) {
         struct stats_cmd_job *next = j->next;
+        if (j->who.fd >= 0) /* queued, never run: sluice stops */
+            close(j->who.fd);
         json_fini(&j->out);
         free(j);
         j = next;

@@ -23,6 +23,7 @@ struct stats_cmd_job {
     size_t slot;      /* the client's index in the stats server's table */
     uint64_t gen;     /* that client's gen then */
     struct json out;  /* the answer line, newline included */
+    struct stats_caller who; /* its fd owned: closed once the command ran */
     char args[STATS_LINE_MAX + 1];
 };
 
@@ -35,10 +36,12 @@ int stats_cmd_new(const struct stats_ops *ops, struct stats_cmd **out, char *err
 struct stats_cmd *stats_cmd_free(struct stats_cmd *q);
 /* An eventfd, readable once answers wait in stats_cmd_take(). */
 int stats_cmd_fd(const struct stats_cmd *q);
-/* Queue verb (static) and args for the client at slot, gen. False
- * without memory. */
-bool stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args, size_t slot,
-                      uint64_t gen);
+/* Queue verb (static) and args, sent by who, for the client at slot,
+ * gen. who->fd, if any, is the job's from then on (closed once the
+ * command ran, or with the job). False without memory: who->fd stays the
+ * caller's. */
+bool stats_cmd_submit(struct stats_cmd *q, const char *verb, const char *args,
+                      const struct stats_caller *who, size_t slot, uint64_t gen);
 /* The answers made since the last call (the eventfd is read): a list the
  * caller frees with stats_cmd_jobs_free(). */
 struct stats_cmd_job *stats_cmd_take(struct stats_cmd *q);

@@ -379,7 +379,7 @@ flush_fails(const char *args, char *err, size_t cap)
 {
     struct json out;
     json_init(&out);
-    int rc = S.ops.command(S.ops.arg, "flush", args, &out, err, cap);
+    int rc = S.ops.command(S.ops.arg, "flush", args, NULL, &out, err, cap);
     assert_int_not_equal(rc, 0);
     json_fini(&out);
 }
@@ -391,7 +391,7 @@ flush(const char *args, char *answer, size_t cap)
     struct json out;
     json_init(&out);
     char err[256] = "";
-    int rc = S.ops.command(S.ops.arg, "flush", args, &out, err, sizeof(err));
+    int rc = S.ops.command(S.ops.arg, "flush", args, NULL, &out, err, sizeof(err));
     if (rc != 0)
         fprintf(stderr, "flush %s: %s\n", args, err);
     assert_int_equal(rc, 0);

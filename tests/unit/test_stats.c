@@ -4,7 +4,9 @@
  * are valid JSON with the values put in, rates move, commands reach the
  * engine, bad input gets {"ok":false}, a long line closes, /metrics is
  * accepted by promtool (when installed), the socket file has its mode
- * and goes away, and the built sluicectl answers with its exit codes.
+ * and goes away, and the built sluicectl answers with its exit codes. A
+ * descriptor passed with a line reaches that line's command, with the
+ * client's uid, and is closed by the server on every path.
  *
  * The JSON is read by a small strict parser below, so that this test
  * links with the engine alone.
@@ -24,6 +26,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,6 +376,9 @@ struct fake {
     size_t nd;
     unsigned commands;
     char last_verb[32], last_args[128];
+    bool fd_seen, fd_cloexec; /* of the last command: a descriptor came with it */
+    ino_t fd_ino;
+    uid_t uid;
 };
 
 static void
@@ -396,12 +402,17 @@ fake_domains(void *arg, struct stats_domain *out, size_t cap)
 }
 
 static int
-fake_command(void *arg, const char *verb, const char *args, struct json *out, char *err,
-             size_t errlen)
+fake_command(void *arg, const char *verb, const char *args, const struct stats_caller *who,
+             struct json *out, char *err, size_t errlen)
 {
     struct fake *f = arg;
     pthread_mutex_lock(&f->mu);
     f->commands++;
+    struct stat st;
+    f->fd_seen = who->fd >= 0 && fstat(who->fd, &st) == 0;
+    f->fd_ino = f->fd_seen ? st.st_ino : 0;
+    f->fd_cloexec = who->fd >= 0 && (fcntl(who->fd, F_GETFD) & FD_CLOEXEC) != 0;
+    f->uid = who->uid;
     snprintf(f->last_verb, sizeof(f->last_verb), "%s", verb);
     snprintf(f->last_args, sizeof(f->last_args), "%s", args);
     pthread_mutex_unlock(&f->mu);
@@ -850,6 +861,216 @@ test_long_line(void **state)
     assert_true(jbool(v, "ok"));
     jfree(v);
     conn_close(c);
+}
+
+/* Send text with the descriptors fds[0..n) in one sendmsg, as sluicectl
+ * sends a line with its file. */
+static void
+send_fds(int sock, const char *text, const int *fds, size_t n)
+{
+    union {
+        struct cmsghdr h;
+        char b[CMSG_SPACE(16 * sizeof(int))];
+    } u;
+    memset(&u, 0, sizeof(u));
+    struct iovec iov = {.iov_base = (void *)text, .iov_len = strlen(text)};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+    assert_true(n <= 16);
+    if (n > 0) {
+        m.msg_control = u.b;
+        m.msg_controllen = CMSG_SPACE(n * sizeof(int));
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(n * sizeof(int));
+        memcpy(CMSG_DATA(h), fds, n * sizeof(int));
+    }
+    assert_int_equal(sendmsg(sock, &m, MSG_NOSIGNAL), (ssize_t)strlen(text));
+}
+
+/* A pipe whose read end is to be passed: p[0] the read end, p[1] the
+ * write end (kept here), *ino the pipe's. */
+static void
+pipe_for_passing(int p[2], ino_t *ino)
+{
+    assert_int_equal(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    struct stat st;
+    assert_int_equal(fstat(p[0], &st), 0);
+    *ino = st.st_ino;
+}
+
+/* Every copy of the read end is closed (the one passed too, in the
+ * server): a write to the pipe fails with EPIPE. The server closes what
+ * it received before it answers. */
+static bool
+reader_gone(int w)
+{
+    return write(w, "x", 1) < 0 && errno == EPIPE;
+}
+
+static void
+test_passed_fds(void **state)
+{
+    struct fixture *fx = *state;
+    signal(SIGPIPE, SIG_IGN);
+    struct conn *c = conn_open(fx->path);
+    int p[2];
+    ino_t ino;
+
+    /* one descriptor with an engine command: its job gets it, received
+     * close-on-exec, with the client's uid; closed after the command */
+    pipe_for_passing(p, &ino);
+    send_fds(c->fd, "flush with.fd\n", p, 1);
+    close(p[0]);
+    char *line = conn_read_line(c);
+    assert_non_null(line);
+    struct jv *v = jparse(line);
+    free(line);
+    assert_true(jbool(v, "ok"));
+    jfree(v);
+    assert_string_equal(fx->f.last_args, "with.fd");
+    assert_true(fx->f.fd_seen);
+    assert_true(fx->f.fd_ino == ino);
+    assert_true(fx->f.fd_cloexec);
+    assert_true(fx->f.uid == getuid());
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+    /* the next line, sent without one, has none */
+    v = conn_ask(c, "flush without.fd");
+    assert_true(jbool(v, "ok"));
+    jfree(v);
+    assert_false(fx->f.fd_seen);
+    assert_true(fx->f.uid == getuid());
+
+    /* the descriptor belongs to the line its octets end in: "stats"
+     * before it in the same sendmsg gets none (nor an error) */
+    pipe_for_passing(p, &ino);
+    send_fds(c->fd, "stats\nflush second.line\n", p, 1);
+    close(p[0]);
+    for (int i = 0; i < 2; i++) {
+        line = conn_read_line(c);
+        assert_non_null(line);
+        v = jparse(line);
+        free(line);
+        if (!jbool(v, "ok"))
+            fail_msg("answer %d: %s", i, jstr(v, "error"));
+        jfree(v);
+    }
+    assert_string_equal(fx->f.last_args, "second.line");
+    assert_true(fx->f.fd_seen && fx->f.fd_ino == ino);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+
+    /* with a command the stats thread answers: refused, closed */
+    unsigned before = fx->f.commands;
+    pipe_for_passing(p, &ino);
+    send_fds(c->fd, "stats\n", p, 1);
+    close(p[0]);
+    line = conn_read_line(c);
+    assert_non_null(line);
+    v = jparse(line);
+    free(line);
+    assert_false(jbool(v, "ok"));
+    assert_non_null(strstr(jstr(v, "error"), "takes none"));
+    jfree(v);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+    /* the connection goes on */
+    v = conn_ask(c, "help");
+    assert_true(jbool(v, "ok"));
+    jfree(v);
+    assert_int_equal(fx->f.commands, before);
+
+    /* two at once: every one closed, the command not run, an error, and
+     * the connection closed */
+    int q[2];
+    ino_t ino2;
+    pipe_for_passing(p, &ino);
+    pipe_for_passing(q, &ino2);
+    int two[2] = {p[0], q[0]};
+    send_fds(c->fd, "flush two.fds\n", two, 2);
+    close(p[0]);
+    close(q[0]);
+    line = conn_read_line(c);
+    assert_non_null(line);
+    v = jparse(line);
+    free(line);
+    assert_false(jbool(v, "ok"));
+    assert_non_null(strstr(jstr(v, "error"), "one file descriptor at most"));
+    jfree(v);
+    assert_true(conn_closed(c));
+    conn_close(c);
+    assert_true(reader_gone(p[1]) && reader_gone(q[1]));
+    close(p[1]);
+    close(q[1]);
+    assert_int_equal(fx->f.commands, before);
+
+    /* more than the server makes room for (a cut control message):
+     * likewise */
+    c = conn_open(fx->path);
+    int many[16], w[16];
+    for (int i = 0; i < 16; i++) {
+        pipe_for_passing(p, &ino);
+        many[i] = p[0];
+        w[i] = p[1];
+    }
+    send_fds(c->fd, "flush many.fds\n", many, 16);
+    for (int i = 0; i < 16; i++)
+        close(many[i]);
+    line = conn_read_line(c);
+    assert_non_null(line);
+    v = jparse(line);
+    free(line);
+    assert_false(jbool(v, "ok"));
+    jfree(v);
+    assert_true(conn_closed(c));
+    conn_close(c);
+    for (int i = 0; i < 16; i++) {
+        assert_true(reader_gone(w[i]));
+        close(w[i]);
+    }
+    assert_int_equal(fx->f.commands, before);
+
+    /* a second one before the line of the first ended: likewise */
+    c = conn_open(fx->path);
+    pipe_for_passing(p, &ino);
+    pipe_for_passing(q, &ino2);
+    send_fds(c->fd, "flush ", p, 1);
+    send_fds(c->fd, "split.line\n", q, 1);
+    close(p[0]);
+    close(q[0]);
+    line = conn_read_line(c);
+    assert_non_null(line);
+    v = jparse(line);
+    free(line);
+    assert_false(jbool(v, "ok"));
+    jfree(v);
+    assert_true(conn_closed(c));
+    conn_close(c);
+    assert_true(reader_gone(p[1]) && reader_gone(q[1]));
+    close(p[1]);
+    close(q[1]);
+    assert_int_equal(fx->f.commands, before);
+
+    /* with a line too long: closed with it */
+    c = conn_open(fx->path);
+    pipe_for_passing(p, &ino);
+    char big[STATS_LINE_MAX + 64];
+    memset(big, 'x', sizeof(big) - 1);
+    memcpy(big, "flush ", 6);
+    big[sizeof(big) - 1] = '\0';
+    send_fds(c->fd, big, p, 1);
+    close(p[0]);
+    line = conn_read_line(c);
+    assert_non_null(line);
+    v = jparse(line);
+    free(line);
+    assert_non_null(strstr(jstr(v, "error"), "too long"));
+    jfree(v);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+    conn_close(c);
+    assert_int_equal(fx->f.commands, before);
 }
 
 static void
@@ -1608,6 +1829,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_domains, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_passed_fds, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_and_limits, setup, teardown),
         cmocka_unit_test_setup_teardown(test_http, setup, teardown),
         cmocka_unit_test_setup_teardown(test_metrics_render, setup, teardown),
