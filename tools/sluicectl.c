@@ -3,16 +3,23 @@
  * socket (engine/stats.h): one command line out, one JSON line back,
  * rendered for people as aligned tables, or printed raw with --json.
  *
- * Exit codes: 0 ok, 1 sluice answered {"ok":false}, 2 usage (bad command,
+ * Exit codes: 0 ok, 1 sluice answered {"ok":false} (or the file of a
+ * suppress import or export could not be opened), 2 usage (bad command,
  * argument or number: said on stderr in one line), 3 the socket cannot be
  * reached, closed, timed out (10 s) or answered something that is not a
  * JSON object. The answer is read field by field: unknown fields are
  * ignored and missing ones shown as "-", so that sluicectl and sluice
  * may be of different versions.
  *
+ * `suppress import` and `export` open their file here, with the rights
+ * of whoever runs sluicectl, and pass the descriptor to sluice with the
+ * command line (SCM_RIGHTS): sluice opens no path for a client of its
+ * socket (engine/ops_suppress.c), as postmap runs as its user.
+ *
  * Threading: one thread; `top` waits in poll(2) on the terminal.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <poll.h>
@@ -57,6 +64,11 @@ struct ctl {
     size_t len, cap;
     char *last; /* owned: the text of the last answer, for --json */
     unsigned timeout_ms; /* per request; 0: TIMEOUT_MS */
+    int pass_fd; /* owned: a file sent with the next request (SCM_RIGHTS), then closed; -1: none */
+    const char *created; /* borrowed (run_suppress's): a file made for an export, removed
+                            if sluice refuses the export; NULL: none */
+    dev_t created_dev;
+    ino_t created_ino;
 };
 
 static volatile sig_atomic_t interrupted;
@@ -189,7 +201,33 @@ ctl_request(struct ctl *c, const char *line, const char **raw)
     memcpy(msg, line, n);
     msg[n++] = '\n';
     for (size_t off = 0; off < n;) {
-        ssize_t w = send(c->fd, msg + off, n - off, MSG_NOSIGNAL);
+        ssize_t w;
+        if (c->pass_fd >= 0) {
+            /* the descriptor goes with the line's first octets: sluice
+             * gives it to the line those octets end in */
+            union {
+                struct cmsghdr h;
+                char b[CMSG_SPACE(sizeof(int))];
+            } u;
+            memset(&u, 0, sizeof(u));
+            struct iovec iov = {.iov_base = msg + off, .iov_len = n - off};
+            struct msghdr m = {.msg_iov = &iov,
+                               .msg_iovlen = 1,
+                               .msg_control = u.b,
+                               .msg_controllen = sizeof(u.b)};
+            struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+            h->cmsg_level = SOL_SOCKET;
+            h->cmsg_type = SCM_RIGHTS;
+            h->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(h), &c->pass_fd, sizeof(int));
+            w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+            if (w > 0) { /* sluice holds its own copy now */
+                close(c->pass_fd);
+                c->pass_fd = -1;
+            }
+        } else {
+            w = send(c->fd, msg + off, n - off, MSG_NOSIGNAL);
+        }
         if (w > 0) {
             off += (size_t)w;
             continue;
@@ -258,6 +296,9 @@ ctl_close(struct ctl *c)
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
+    if (c->pass_fd >= 0)
+        close(c->pass_fd);
+    c->pass_fd = -1;
     free(c->buf);
     c->buf = NULL;
     free(c->last);
@@ -286,6 +327,12 @@ ctl_ask(struct ctl *c, const char *line, const char **raw)
     bool usage = cJSON_IsString(e) && strncmp(e->valuestring, "usage: ", 7) == 0;
     cJSON_Delete(doc);
     ctl_close(c);
+    /* the export's file, made here, still the one made (sluice has
+     * answered: it writes no more) */
+    struct stat st;
+    if (c->created != NULL && lstat(c->created, &st) == 0 && st.st_dev == c->created_dev &&
+        st.st_ino == c->created_ino)
+        unlink(c->created);
     exit(usage ? EXIT_USAGE : EXIT_REFUSED);
 }
 
@@ -1666,10 +1713,21 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
         char path[PATH_MAX + 1];
         const char *w = argv[1];
         if (strcmp(sub, "import") == 0) {
-            /* sluice reads the file itself: give it an absolute path */
+            /* opened here, with the caller's rights, and passed to sluice;
+             * a regular file only (a FIFO opened without waiting for a
+             * writer, then refused): /dev/zero or a FIFO may never end.
+             * Exit 1 as when sluice opened it and refused. */
+            int fd = open(argv[1], O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+            struct stat st;
+            if (fd < 0 || fstat(fd, &st) != 0)
+                die(EXIT_REFUSED, "suppress import: cannot open %s: %s", argv[1], strerror(errno));
+            if (!S_ISREG(st.st_mode))
+                die(EXIT_REFUSED, "suppress import: %s: not a regular file", argv[1]);
+            /* its absolute path names it in sluice's log and answer */
             if (realpath(argv[1], path) == NULL)
                 die(EXIT_USAGE, "suppress import: %s: %s", argv[1], strerror(errno));
             w = path;
+            c->pass_fd = fd;
             c->timeout_ms = SUPPRESS_BULK_TIMEOUT_MS;
         } else if (strcmp(sub, "export") == 0) {
             char dir[PATH_MAX + 1], tmp[PATH_MAX + 1];
@@ -1743,6 +1801,24 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
             if (*p < ' ' || *p == 0x7f)
                 die(EXIT_USAGE, "suppress: --note may not hold control characters");
         line_add(line, sizeof(line), &n, " note=%s", note);
+    }
+    char export_path[PATH_MAX + 1];
+    if (strcmp(sub, "export") == 0) {
+        /* made here, with the caller's rights, never over a file (as
+         * sluice did), once sluice is reached: an unreachable sluice
+         * leaves no empty file behind */
+        snprintf(export_path, sizeof(export_path), "%s", argv[1]);
+        if (c->fd < 0)
+            ctl_connect(c);
+        int fd = open(export_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) != 0)
+            die(EXIT_REFUSED, "suppress export: cannot create %s: %s", export_path,
+                strerror(errno));
+        c->pass_fd = fd;
+        c->created = export_path;
+        c->created_dev = st.st_dev;
+        c->created_ino = st.st_ino;
     }
     if (!list) {
         const char *raw;
@@ -1936,8 +2012,9 @@ static const struct cmd cmds[] = {
      "  suppress remove ADDRESS [--scope S]\n"
      "  suppress check ADDRESS [--scope S]\n"
      "  suppress list [--scope S] [--limit N]\n"
-     "  suppress import FILE        (CSV; read by sluice: it must be able to open it)\n"
-     "  suppress export FILE [--scope S]  (CSV; written by sluice, never over a file)\n"
+     "  suppress import FILE        (CSV; opened by sluicectl, with your rights)\n"
+     "  suppress export FILE [--scope S]  (CSV; created by sluicectl, never over a\n"
+     "                              file; sluice writes it)\n"
      "  suppress purge              (delete expired entries now)\n\n"
      "ADDRESS is user@domain, or @domain (or domain) for the whole domain. The scope\n"
      "is \"global\" (the default) or a tenant's name. REASON: hard_bounce, complaint,\n"
@@ -2042,7 +2119,7 @@ near_command(const char *w)
 int
 main(int argc, char **argv)
 {
-    struct ctl c = {.fd = -1};
+    struct ctl c = {.fd = -1, .pass_fd = -1};
     c.path = getenv("SLUICE_SOCKET");
     c.path_from = "from $SLUICE_SOCKET";
     if (c.path == NULL || c.path[0] == '\0') {
