@@ -12,6 +12,11 @@ receiver on loopback, driven by sluicectl on its stats socket.
   refused MAIL FROM with such a code (a sender problem) puts no recipient
   on the list.
 - Import and export round-trip a 100,000-entry CSV.
+- Import and export use the file sluicectl opened with its user's rights
+  and passed to sluice: another user than sluice's cannot make sluice
+  read a file it cannot read itself (a request naming a path is refused,
+  sluicectl's own open fails), a pipe passed is refused, and an export
+  is that user's file.
 - The list survives a clean restart and a kill -9: every entry that
   sluicectl saw acknowledged is there afterwards.
 - Out of band (the bounce listener, engine/oob.h): an ARF complaint about a
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import threading
 
-from harness import Sluice, extra_env, main, preload, skip, wait_until
+from harness import Sluice, extra_env, main, preload, skip, stats_ask, wait_until
 import test_delivery
 from test_delivery import Relay, records_for
 from test_outcomes import log_conf_text
@@ -44,9 +49,9 @@ SOCK_SUFFIX = "-stats.sock"
 REPLY = "550 5.7.1 <{addr}> is on the do-not-mail list ({reason})"
 
 
-def conf(extra=""):
-    return (f"[stats]\nsocket = @DLOG@{SOCK_SUFFIX}\n[suppress]\nreply = {REPLY}\n" + extra +
-            "\n" + log_conf_text(""))
+def conf(extra="", stats=""):
+    return (f"[stats]\nsocket = @DLOG@{SOCK_SUFFIX}\n{stats}[suppress]\nreply = {REPLY}\n" +
+            extra + "\n" + log_conf_text(""))
 
 
 def ctl(r, *args):
@@ -587,7 +592,8 @@ def test_import_of_what_never_ends_is_refused():
     """suppress import of something that is no regular file is refused at
     once: /dev/zero (a line that never ends: the stats thread read it
     forever, and a stop, which waits for an import, never came), a FIFO
-    (opening it waited for a writer that never comes). The stats socket
+    (opening it waited for a writer that never comes): by sluicectl, which
+    opens the file, and by sluice for a path root names. The stats socket
     answers after, and sluice stops."""
     r = Relay(records_for(["bulk.test"]), with_sink=False, domain_conf=conf())
     fifo = os.path.join(r.wd.path, "list.fifo")
@@ -597,7 +603,148 @@ def test_import_of_what_never_ends_is_refused():
             p = subprocess.run([SLUICECTL, "-s", r.dlog + SOCK_SUFFIX, "--json", "suppress",
                                 "import", path], capture_output=True, text=True, timeout=20)
             assert p.returncode != 0 and "not a regular file" in p.stdout + p.stderr, p
+            got = stats_ask(r.dlog + SOCK_SUFFIX, f"suppress import {path}", timeout=20)
+            assert got["ok"] is False and "not a regular file" in got["error"], got
         assert ctl_ok(r, "stats")["suppress"]["entries"] == 0
+        assert r.d.stop_clean() == 0
+    finally:
+        r.close()
+
+
+NOBODY = 65534  # a user that is neither root nor sluice's (the tests run as root)
+
+# A raw client of the stats socket, run as NOBODY: one request line,
+# alone or with the read end of a pipe passed (SCM_RIGHTS) whose write
+# end stays open (a read of it never ends); prints the answer.
+RAW_CLIENT = r"""
+import json, os, socket, sys
+path, line, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+s.connect(path)
+data = (line + "\n").encode()
+if mode == "pipe":
+    r, w = os.pipe()
+    os.write(w, b"address,scope,reason,added,expires,note\npiped@pipe.test,,,,,\n")
+    socket.send_fds(s, [data], [r])
+    os.close(r)
+else:
+    s.sendall(data)
+buf = b""
+while not buf.endswith(b"\n"):
+    b = s.recv(65536)
+    if not b:
+        break
+    buf += b
+print(json.dumps({"uid": os.getuid(), "answer": json.loads(buf)}))
+"""
+
+
+def as_nobody(args, cwd):
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def raw_as_nobody(sock, line, cwd, mode="line"):
+    p = as_nobody([sys.executable, "-c", RAW_CLIENT, sock, line, mode], cwd)
+    assert p.returncode == 0, p
+    got = json.loads(p.stdout)
+    assert got["uid"] == NOBODY, got
+    return got["answer"]
+
+
+def test_import_export_with_the_callers_rights():
+    """suppress import and export open their file with the rights of the
+    one who asks, not sluice's: sluicectl opens it and passes it to sluice
+    with the command. A user other than root and sluice's own, let onto
+    the stats socket by its mode, cannot make sluice read a file that
+    only sluice's user can read (here a root-only file with the look of a
+    DKIM key and of addresses): a request naming a path is refused, and
+    nothing of it is listed or echoed; sluicectl's own open fails with
+    its reason. A pipe passed is refused at once (the import ends). What
+    that user can read imports; an export is a file that user owns, made
+    where that user may write, and not where only sluice may. Root may
+    still name a path for sluice to open."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        print("     not root, or no setpriv: no other user to be (skipped)")
+        return
+    r = Relay(records_for(["bulk.test"]), with_sink=False,
+              domain_conf=conf(stats="socket_mode = 0666\n"))
+    try:
+        sock = r.dlog + SOCK_SUFFIX
+        os.chmod(r.wd.path, 0o711)  # the socket reachable, the rest not listed
+        secret = os.path.join(r.wd.path, "secret.csv")
+        with open(secret, "w") as f:
+            f.write("MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n"
+                    "leak@secret.test,,,,,\nnot an address at all,,,,,\n")
+        os.chmod(secret, 0o600)
+        home = os.path.join(r.wd.path, "nobody")
+        os.mkdir(home, 0o700)
+        os.chown(home, NOBODY, NOBODY)
+        sluicectl = [os.path.abspath(SLUICECTL), "-s", sock, "--json"]  # run elsewhere
+
+        # a raw request naming a path, without a file passed: refused
+        for line in (f"suppress import {secret}",
+                     f"suppress export {os.path.join(home, 'by-sluice.csv')}"):
+            got = raw_as_nobody(sock, line, home)
+            assert got["ok"] is False and "pass the file" in got["error"], got
+            assert "MIIE" not in json.dumps(got) and "leak" not in json.dumps(got), got
+        assert not os.path.exists(os.path.join(home, "by-sluice.csv"))
+        assert ctl_ok(r, "stats")["suppress"]["entries"] == 0
+        assert not suppressed(r, "leak@secret.test")
+
+        # through sluicectl: its own open fails, with its reason
+        p = as_nobody([*sluicectl, "suppress", "import", secret], home)
+        assert p.returncode == 1, p
+        assert "cannot open" in p.stderr and "Permission denied" in p.stderr, p.stderr
+        assert "MIIE" not in p.stdout + p.stderr
+        assert ctl_ok(r, "stats")["suppress"]["entries"] == 0
+
+        # a pipe passed: refused at once, nothing of it imported
+        got = raw_as_nobody(sock, "suppress import pipe", home, mode="pipe")
+        assert got["ok"] is False and "not a regular file" in got["error"], got
+        assert not suppressed(r, "piped@pipe.test")
+
+        # what that user may read imports
+        mine = os.path.join(home, "mine.csv")
+        with open(mine, "w") as f:
+            f.write("a@mine.test,,,,,\nb@mine.test,acme,,,,\n")
+        os.chown(mine, NOBODY, NOBODY)
+        os.chmod(mine, 0o600)
+        p = as_nobody([*sluicectl, "suppress", "import", "mine.csv"], home)
+        assert p.returncode == 0, p
+        got = json.loads(p.stdout)
+        assert got["imported"] == 2 and got["skipped"] == 0, got
+        assert suppressed(r, "a@mine.test")
+
+        # an export is that user's file
+        out = os.path.join(home, "out.csv")
+        p = as_nobody([*sluicectl, "suppress", "export", "out.csv"], home)
+        assert p.returncode == 0, p
+        assert json.loads(p.stdout)["exported"] == 2, p.stdout
+        st = os.stat(out)
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), st
+        with open(out) as f:
+            lines = f.read().splitlines()
+        assert lines[0] == "address,scope,reason,added,expires,note", lines
+        assert sorted(x.split(",")[0] for x in lines[1:]) == ["a@mine.test", "b@mine.test"]
+        # never over a file, and not where only root (sluice) may write
+        p = as_nobody([*sluicectl, "suppress", "export", "out.csv"], home)
+        assert p.returncode == 1 and "File exists" in p.stderr, p
+        assert os.stat(out).st_size > 0
+        p = as_nobody([*sluicectl, "suppress", "export", os.path.join(r.wd.path, "x.csv")],
+                      home)
+        assert p.returncode == 1 and "Permission denied" in p.stderr, p
+        assert not os.path.exists(os.path.join(r.wd.path, "x.csv"))
+        # an export sluice refuses leaves no empty file behind
+        p = as_nobody([*sluicectl, "suppress", "export", "bad.csv", "--scope", "x" * 100], home)
+        assert p.returncode == 1 and "too long" in p.stderr, p
+        assert not os.path.exists(os.path.join(home, "bad.csv"))
+
+        # root may still have sluice open a path
+        got = stats_ask(sock, f"suppress import {secret}")
+        assert got["ok"] is True and got["imported"] >= 1, got
+        assert suppressed(r, "leak@secret.test")
         assert r.d.stop_clean() == 0
     finally:
         r.close()
@@ -1043,4 +1190,5 @@ if __name__ == "__main__":
           test_scope_for_a_tenant_configured_later, test_hard_bounce_entry_survives_kill9,
           test_report_entry_survives_kill9, test_start_with_notes_and_a_failing_list,
           test_entry_of_a_quoted_local_part_with_a_blank,
-          test_import_of_what_never_ends_is_refused])
+          test_import_of_what_never_ends_is_refused,
+          test_import_export_with_the_callers_rights])
