@@ -449,7 +449,10 @@ static const struct conf_key stats_keys[] = {
      "directory must exist; unset: no socket and no /metrics",
      NULL},
     {"socket_mode", CONF_STRING, STS(socket_mode_text), 1, 4, "0660",
-     "permissions of the socket file, octal: whoever may open it may steer sluice", NULL},
+     "permissions of the socket file, octal: whoever may open it may steer sluice (but not "
+     "have it open a file: an import or export uses the file sluicectl opened with its "
+     "user's rights, doc/sluicectl.md)",
+     NULL},
     {"http_listen", CONF_STRING, STS(http_listen), 1, 200, NULL,
      "address:port of the read-only HTTP listener: Prometheus metrics at GET /metrics, the "
      "status page at GET / and its JSON at GET /status.json (e.g. 127.0.0.1:9187; keep it on "
