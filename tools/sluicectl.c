@@ -65,13 +65,32 @@ struct ctl {
     char *last; /* owned: the text of the last answer, for --json */
     unsigned timeout_ms; /* per request; 0: TIMEOUT_MS */
     int pass_fd; /* owned: a file sent with the next request (SCM_RIGHTS), then closed; -1: none */
-    const char *created; /* borrowed (run_suppress's): a file made for an export, removed
-                            if sluice refuses the export; NULL: none */
-    dev_t created_dev;
-    ino_t created_ino;
 };
 
 static volatile sig_atomic_t interrupted;
+
+/* The file made for an export until sluice answered it ok: removed by
+ * every exit before that (a refusal, a closed connection, a timeout, an
+ * interrupt), as an export that failed leaves no file. Static because
+ * die() ends the process from anywhere. */
+static struct {
+    char path[PATH_MAX + 1]; /* "": none */
+    dev_t dev;
+    ino_t ino;
+} made;
+
+/* Remove the export's file if it is still the one made here (sluice,
+ * which may still write to it after a timeout, writes to an unlinked
+ * file then). */
+static void
+made_remove(void)
+{
+    struct stat st;
+    if (made.path[0] != '\0' && lstat(made.path, &st) == 0 && st.st_dev == made.dev &&
+        st.st_ino == made.ino)
+        unlink(made.path);
+    made.path[0] = '\0';
+}
 
 static void
 on_signal(int sig)
@@ -92,6 +111,7 @@ die(int code, const char *fmt, ...)
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
+    made_remove();
     exit(code);
 }
 
@@ -327,12 +347,7 @@ ctl_ask(struct ctl *c, const char *line, const char **raw)
     bool usage = cJSON_IsString(e) && strncmp(e->valuestring, "usage: ", 7) == 0;
     cJSON_Delete(doc);
     ctl_close(c);
-    /* the export's file, made here, still the one made (sluice has
-     * answered: it writes no more) */
-    struct stat st;
-    if (c->created != NULL && lstat(c->created, &st) == 0 && st.st_dev == c->created_dev &&
-        st.st_ino == c->created_ino)
-        unlink(c->created);
+    made_remove(); /* sluice has answered: it writes no more */
     exit(usage ? EXIT_USAGE : EXIT_REFUSED);
 }
 
@@ -1802,27 +1817,26 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
                 die(EXIT_USAGE, "suppress: --note may not hold control characters");
         line_add(line, sizeof(line), &n, " note=%s", note);
     }
-    char export_path[PATH_MAX + 1];
     if (strcmp(sub, "export") == 0) {
         /* made here, with the caller's rights, never over a file (as
          * sluice did), once sluice is reached: an unreachable sluice
          * leaves no empty file behind */
-        snprintf(export_path, sizeof(export_path), "%s", argv[1]);
         if (c->fd < 0)
             ctl_connect(c);
-        int fd = open(export_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640);
+        int fd = open(argv[1], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640);
         struct stat st;
         if (fd < 0 || fstat(fd, &st) != 0)
-            die(EXIT_REFUSED, "suppress export: cannot create %s: %s", export_path,
-                strerror(errno));
+            die(EXIT_REFUSED, "suppress export: cannot create %s: %s", argv[1], strerror(errno));
         c->pass_fd = fd;
-        c->created = export_path;
-        c->created_dev = st.st_dev;
-        c->created_ino = st.st_ino;
+        if (snprintf(made.path, sizeof(made.path), "%s", argv[1]) >= (int)sizeof(made.path))
+            made.path[0] = '\0'; /* cannot be: open() took it */
+        made.dev = st.st_dev;
+        made.ino = st.st_ino;
     }
     if (!list) {
         const char *raw;
         cJSON *doc = ctl_ask(c, line, &raw);
+        made.path[0] = '\0'; /* answered ok: the export is whole, whatever comes next */
         if (c->json) {
             printf("%s\n", raw);
         } else if (strcmp(sub, "check") == 0) {

@@ -750,6 +750,48 @@ def test_import_export_with_the_callers_rights():
         r.close()
 
 
+def test_export_file_removed_when_no_answer_comes():
+    """sluicectl creates the file of an export before it asks: a request
+    that ends without sluice's answer (the connection closed, an answer
+    that is no JSON) removes that file again, as a refused one does, so
+    that exit 3 leaves no empty or half-written file that looks like an
+    export. Here a stand-in for sluice's socket that takes the line and
+    its file and answers as told."""
+    wd = tempfile.mkdtemp(prefix="sluice-export-gone-")
+    try:
+        sock = os.path.join(wd, "stats.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(sock)
+        srv.listen(4)
+        srv.settimeout(20)
+
+        def serve(answer):
+            c, _ = srv.accept()
+            with c:
+                c.settimeout(20)
+                data, fds, _, _ = socket.recv_fds(c, 65536, 4)
+                for fd in fds:
+                    os.write(fd, b"address,scope,reason,added,expires,note\n")
+                    os.close(fd)
+                assert data.startswith(b"suppress export "), data
+                c.sendall(answer)
+
+        for answer, why in ((b"", "closed the connection"),
+                            (b"not json\n", "not a JSON object")):
+            out = os.path.join(wd, "out.csv")
+            t = threading.Thread(target=serve, args=(answer,))
+            t.start()
+            p = subprocess.run([SLUICECTL, "-s", sock, "suppress", "export", out],
+                               capture_output=True, text=True, timeout=60)
+            t.join(timeout=30)
+            assert not t.is_alive()
+            assert p.returncode == 3 and why in p.stderr, p
+            assert not os.path.exists(out), (why, os.listdir(wd))
+        srv.close()
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+
+
 def test_import_export_round_trip_100k():
     r = Relay(records_for(["bulk.test"]), domain_conf=conf())
     try:
@@ -1191,4 +1233,5 @@ if __name__ == "__main__":
           test_report_entry_survives_kill9, test_start_with_notes_and_a_failing_list,
           test_entry_of_a_quoted_local_part_with_a_blank,
           test_import_of_what_never_ends_is_refused,
-          test_import_export_with_the_callers_rights])
+          test_import_export_with_the_callers_rights,
+          test_export_file_removed_when_no_answer_comes])
