@@ -615,7 +615,9 @@ NOBODY = 65534  # a user that is neither root nor sluice's (the tests run as roo
 
 # A raw client of the stats socket, run as NOBODY: one request line,
 # alone or with the read end of a pipe passed (SCM_RIGHTS) whose write
-# end stays open (a read of it never ends); prints the answer.
+# end stays open (a read of it never ends), or with a file it opens as
+# mode says ("wronly:PATH", "rdonly:PATH", "rdwr:PATH", "opath:PATH");
+# prints the answer.
 RAW_CLIENT = r"""
 import json, os, socket, sys
 path, line, mode = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -628,6 +630,12 @@ if mode == "pipe":
     os.write(w, b"address,scope,reason,added,expires,note\npiped@pipe.test,,,,,\n")
     socket.send_fds(s, [data], [r])
     os.close(r)
+elif ":" in mode:
+    how, name = mode.split(":", 1)
+    fd = os.open(name, {"wronly": os.O_WRONLY, "rdonly": os.O_RDONLY, "rdwr": os.O_RDWR,
+                        "opath": os.O_PATH}[how])
+    socket.send_fds(s, [data], [fd])
+    os.close(fd)
 else:
     s.sendall(data)
 buf = b""
@@ -716,6 +724,17 @@ def test_import_export_with_the_callers_rights():
         got = json.loads(p.stdout)
         assert got["imported"] == 2 and got["skipped"] == 0, got
         assert suppressed(r, "a@mine.test")
+
+        # a file passed open the wrong way for its command: refused at
+        # once, nothing read from it or written to it
+        for how, sub, want in (("wronly", "import", "not open for reading"),
+                               ("opath", "import", "not open for reading"),
+                               ("rdonly", "export", "not open for writing"),
+                               ("opath", "export", "not open for writing")):
+            got = raw_as_nobody(sock, f"suppress {sub} mine.csv", home, mode=f"{how}:{mine}")
+            assert got["ok"] is False and want in got["error"], (how, sub, got)
+        with open(mine) as f:
+            assert f.read() == "a@mine.test,,,,,\nb@mine.test,acme,,,,\n"
 
         # an export is that user's file
         out = os.path.join(home, "out.csv")
