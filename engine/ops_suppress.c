@@ -70,7 +70,8 @@ may_name_path(const struct stats_caller *who)
 /* The file of "suppress import" (wr false) or "export" (wr true), as a
  * descriptor of its own (close-on-exec; the caller closes it): a dup of
  * the one the client passed, or, for root and sluice's own user alone,
- * word opened by sluice (export: created, never over an existing file).
+ * word opened by sluice (export: created, never over an existing file;
+ * one passed must be empty).
  * A regular file only: /dev/zero never ends (the command thread held, and
  * a stop, which waits for an import), a FIFO or socket may never be read
  * or drained; a FIFO named is opened without waiting for its writer.
@@ -129,6 +130,14 @@ sup_file(const struct stats_caller *who, const char *sub, const char *word, bool
     }
     if (!S_ISREG(st.st_mode)) {
         snprintf(err, errlen, "suppress: %s: not a regular file", word);
+        close(fd);
+        return -1;
+    }
+    /* an export is never written over a file (the one sluice creates is
+     * new): over one passed with content, written from its offset, it
+     * would leave the old tail after its lines */
+    if (wr && st.st_size != 0) {
+        snprintf(err, errlen, "suppress export: %s: the file passed is not empty", word);
         close(fd);
         return -1;
     }

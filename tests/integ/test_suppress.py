@@ -733,6 +733,11 @@ def test_import_export_with_the_callers_rights():
                                ("opath", "export", "not open for writing")):
             got = raw_as_nobody(sock, f"suppress {sub} mine.csv", home, mode=f"{how}:{mine}")
             assert got["ok"] is False and want in got["error"], (how, sub, got)
+        # an export to a file passed with content in it: refused, as sluice
+        # never exported over a file (written from its offset, the export
+        # left the old file's tail after its own lines)
+        got = raw_as_nobody(sock, "suppress export mine.csv", home, mode=f"rdwr:{mine}")
+        assert got["ok"] is False and "not empty" in got["error"], got
         with open(mine) as f:
             assert f.read() == "a@mine.test,,,,,\nb@mine.test,acme,,,,\n"
 
