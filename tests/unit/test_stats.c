@@ -377,6 +377,7 @@ struct fake {
     unsigned commands;
     char last_verb[32], last_args[128];
     bool fd_seen, fd_cloexec; /* of the last command: a descriptor came with it */
+    unsigned fds_seen;        /* commands that came with one */
     ino_t fd_ino;
     uid_t uid;
 };
@@ -411,6 +412,7 @@ fake_command(void *arg, const char *verb, const char *args, const struct stats_c
     struct stat st;
     f->fd_seen = who->fd >= 0 && fstat(who->fd, &st) == 0;
     f->fd_ino = f->fd_seen ? st.st_ino : 0;
+    f->fds_seen += f->fd_seen;
     f->fd_cloexec = who->fd >= 0 && (fcntl(who->fd, F_GETFD) & FD_CLOEXEC) != 0;
     f->uid = who->uid;
     snprintf(f->last_verb, sizeof(f->last_verb), "%s", verb);
@@ -1071,6 +1073,157 @@ test_passed_fds(void **state)
     close(p[1]);
     conn_close(c);
     assert_int_equal(fx->f.commands, before);
+}
+
+/* reader_gone, waited for up to 10 s (the server closes it in its own
+ * time: no answer tells when). */
+static bool
+wait_until_gone(int w)
+{
+    for (int i = 0; i < 1000; i++) {
+        if (reader_gone(w))
+            return true;
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return false;
+}
+
+/* One answer read, which must be ok. */
+static void
+read_ok(struct conn *c)
+{
+    char *line = conn_read_line(c);
+    assert_non_null(line);
+    struct jv *v = jparse(line);
+    free(line);
+    if (!jbool(v, "ok"))
+        fail_msg("%s", jstr(v, "error"));
+    jfree(v);
+}
+
+static void
+test_passed_fd_edges(void **state)
+{
+    struct fixture *fx = *state;
+    signal(SIGPIPE, SIG_IGN);
+    struct conn *c = conn_open(fx->path);
+    int p[2];
+    ino_t ino;
+
+    /* with the first octets of a line whose rest comes later: that
+     * line's (the kernel reads no further than a message's descriptors) */
+    pipe_for_passing(p, &ino);
+    send_fds(c->fd, "flush spl", p, 1);
+    close(p[0]);
+    send_all(c->fd, "it.line\n", 8);
+    read_ok(c);
+    assert_string_equal(fx->f.last_args, "split.line");
+    assert_true(fx->f.fd_seen && fx->f.fd_ino == ino);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+
+    /* sent with the line after a line sent without: the later one's */
+    unsigned seen = fx->f.fds_seen;
+    pipe_for_passing(p, &ino);
+    send_all(c->fd, "flush no.fd\n", 12);
+    send_fds(c->fd, "flush with.fd\n", p, 1);
+    close(p[0]);
+    read_ok(c);
+    read_ok(c);
+    assert_string_equal(fx->f.last_args, "with.fd");
+    assert_true(fx->f.fd_seen && fx->f.fd_ino == ino);
+    assert_int_equal(fx->f.fds_seen, seen + 1);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+
+    /* with the newline of a line sent before it: that line's, the
+     * octets sent with it end in it */
+    pipe_for_passing(p, &ino);
+    send_all(c->fd, "flush newline.later", 19);
+    send_fds(c->fd, "\n", p, 1);
+    close(p[0]);
+    read_ok(c);
+    assert_string_equal(fx->f.last_args, "newline.later");
+    assert_true(fx->f.fd_seen && fx->f.fd_ino == ino);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+
+    /* another kind of control message (SCM_CREDENTIALS: not asked for,
+     * the server has no SO_PASSCRED) beside a descriptor, or alone:
+     * the descriptor taken as ever, the credentials ignored */
+    for (int with_fd = 0; with_fd < 2; with_fd++) {
+        union {
+            struct cmsghdr h;
+            char b[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int))];
+        } u;
+        memset(&u, 0, sizeof(u));
+        const char *text = with_fd ? "flush creds.fd\n" : "flush creds\n";
+        struct iovec iov = {.iov_base = (void *)text, .iov_len = strlen(text)};
+        struct msghdr m = {.msg_iov = &iov,
+                           .msg_iovlen = 1,
+                           .msg_control = u.b,
+                           .msg_controllen =
+                               with_fd ? sizeof(u.b) : CMSG_SPACE(sizeof(struct ucred))};
+        struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+        struct ucred cred = {.pid = getpid(), .uid = geteuid(), .gid = getegid()};
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_CREDENTIALS;
+        h->cmsg_len = CMSG_LEN(sizeof(cred));
+        memcpy(CMSG_DATA(h), &cred, sizeof(cred));
+        if (with_fd) {
+            pipe_for_passing(p, &ino);
+            h = CMSG_NXTHDR(&m, h);
+            h->cmsg_level = SOL_SOCKET;
+            h->cmsg_type = SCM_RIGHTS;
+            h->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(h), &p[0], sizeof(int));
+        }
+        assert_int_equal(sendmsg(c->fd, &m, MSG_NOSIGNAL), (ssize_t)strlen(text));
+        if (with_fd)
+            close(p[0]);
+        read_ok(c);
+        assert_string_equal(fx->f.last_args, with_fd ? "creds.fd" : "creds");
+        assert_true(fx->f.fd_seen == (with_fd != 0));
+        if (with_fd) {
+            assert_true(fx->f.fd_ino == ino);
+            assert_true(reader_gone(p[1]));
+            close(p[1]);
+        }
+    }
+
+    /* a last line cut by the client's shutdown, its descriptor with it:
+     * run as a last line is, and its descriptor closed */
+    pipe_for_passing(p, &ino);
+    send_fds(c->fd, "flush last.line", p, 1);
+    close(p[0]);
+    shutdown(c->fd, SHUT_WR);
+    read_ok(c);
+    assert_string_equal(fx->f.last_args, "last.line");
+    assert_true(fx->f.fd_seen && fx->f.fd_ino == ino);
+    assert_true(reader_gone(p[1]));
+    close(p[1]);
+    conn_close(c);
+
+    /* held for a line not ended yet, then the client leaves */
+    c = conn_open(fx->path);
+    pipe_for_passing(p, &ino);
+    unsigned before = fx->f.commands;
+    send_fds(c->fd, "flush never.ends", p, 1);
+    close(p[0]);
+    /* "help" on another connection answered: the server read the first */
+    struct conn *c2 = conn_open(fx->path);
+    struct jv *v = conn_ask(c2, "help");
+    jfree(v);
+    conn_close(c2);
+    assert_false(reader_gone(p[1])); /* held for its line */
+    conn_close(c);
+    assert_true(wait_until_gone(p[1]));
+    close(p[1]);
+    /* the half line ran as a last line does (eof), with its descriptor;
+     * the server closed it once the command returned */
+    assert_int_equal(fx->f.commands - before, 1);
+    assert_string_equal(fx->f.last_args, "never.ends");
 }
 
 static void
@@ -1830,6 +1983,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line, setup, teardown),
         cmocka_unit_test_setup_teardown(test_passed_fds, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_passed_fd_edges, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_and_limits, setup, teardown),
         cmocka_unit_test_setup_teardown(test_http, setup, teardown),
         cmocka_unit_test_setup_teardown(test_metrics_render, setup, teardown),
