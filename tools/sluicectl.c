@@ -92,6 +92,33 @@ made_remove(void)
     made.path[0] = '\0';
 }
 
+/* SIGINT, SIGTERM or SIGHUP while an export's file is made and not yet
+ * answered: the file removed (lstat and unlink are async-signal-safe),
+ * then the signal's own end. */
+static void
+on_signal_made(int sig)
+{
+    made_remove();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* Hold (block true) or let through again the signals of on_signal_made,
+ * while made changes. */
+static void
+made_signals(bool block, sigset_t *old)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    if (block)
+        sigprocmask(SIG_BLOCK, &set, old);
+    else
+        sigprocmask(SIG_SETMASK, old, NULL);
+}
+
 static void
 on_signal(int sig)
 {
@@ -1823,20 +1850,36 @@ run_suppress(struct ctl *c, const struct cmd *cmd, int argc, char **argv)
          * leaves no empty file behind */
         if (c->fd < 0)
             ctl_connect(c);
+        /* a signal in between is held until made is whole and its
+         * handler in place: it then removes the file */
+        sigset_t old;
+        made_signals(true, &old);
         int fd = open(argv[1], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY, 0640);
         struct stat st;
         if (fd < 0 || fstat(fd, &st) != 0)
             die(EXIT_REFUSED, "suppress export: cannot create %s: %s", argv[1], strerror(errno));
         c->pass_fd = fd;
-        if (snprintf(made.path, sizeof(made.path), "%s", argv[1]) >= (int)sizeof(made.path))
-            made.path[0] = '\0'; /* cannot be: open() took it */
         made.dev = st.st_dev;
         made.ino = st.st_ino;
+        if (snprintf(made.path, sizeof(made.path), "%s", argv[1]) >= (int)sizeof(made.path))
+            made.path[0] = '\0'; /* cannot be: open() took it */
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = on_signal_made;
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        sigaction(SIGHUP, &sa, NULL);
+        made_signals(false, &old);
     }
     if (!list) {
         const char *raw;
         cJSON *doc = ctl_ask(c, line, &raw);
-        made.path[0] = '\0'; /* answered ok: the export is whole, whatever comes next */
+        /* answered ok: the export is whole, whatever comes next (a
+         * signal from now on leaves it) */
+        sigset_t old;
+        made_signals(true, &old);
+        made.path[0] = '\0';
+        made_signals(false, &old);
         if (c->json) {
             printf("%s\n", raw);
         } else if (strcmp(sub, "check") == 0) {

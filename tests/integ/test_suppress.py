@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import socketserver
@@ -777,9 +778,9 @@ def test_import_export_with_the_callers_rights():
 def test_export_file_removed_when_no_answer_comes():
     """sluicectl creates the file of an export before it asks: a request
     that ends without sluice's answer (the connection closed, an answer
-    that is no JSON) removes that file again, as a refused one does, so
-    that exit 3 leaves no empty or half-written file that looks like an
-    export. Here a stand-in for sluice's socket that takes the line and
+    that is no JSON, a signal that stops sluicectl) removes that file
+    again, as a refused one does, so that no empty or half-written file
+    that looks like an export is left. Here a stand-in for sluice's socket that takes the line and
     its file and answers as told."""
     wd = tempfile.mkdtemp(prefix="sluice-export-gone-")
     try:
@@ -788,6 +789,8 @@ def test_export_file_removed_when_no_answer_comes():
         srv.bind(sock)
         srv.listen(4)
         srv.settimeout(20)
+
+        asked = threading.Event()
 
         def serve(answer):
             c, _ = srv.accept()
@@ -798,7 +801,11 @@ def test_export_file_removed_when_no_answer_comes():
                     os.write(fd, b"address,scope,reason,added,expires,note\n")
                     os.close(fd)
                 assert data.startswith(b"suppress export "), data
-                c.sendall(answer)
+                if answer is None:  # none: sluicectl waits until it is stopped
+                    asked.set()
+                    assert c.recv(1) == b""
+                else:
+                    c.sendall(answer)
 
         for answer, why in ((b"", "closed the connection"),
                             (b"not json\n", "not a JSON object")):
@@ -811,6 +818,29 @@ def test_export_file_removed_when_no_answer_comes():
             assert not t.is_alive()
             assert p.returncode == 3 and why in p.stderr, p
             assert not os.path.exists(out), (why, os.listdir(wd))
+        # stopped by a signal (Ctrl-C, SIGTERM, a hang-up) while it waits:
+        # the file goes too (sluice, still writing, writes to no name)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            out = os.path.join(wd, "out.csv")
+            asked.clear()
+            t = threading.Thread(target=serve, args=(None,))
+            t.start()
+            p = subprocess.Popen([SLUICECTL, "-s", sock, "suppress", "export", out],
+                                 stderr=subprocess.PIPE, text=True)
+            try:
+                assert asked.wait(timeout=30)
+                assert os.path.exists(out)
+                p.send_signal(sig)
+                p.wait(timeout=30)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            t.join(timeout=30)
+            assert not t.is_alive()
+            assert p.returncode == -sig, (sig, p.returncode, p.stderr.read())
+            p.stderr.close()
+            assert not os.path.exists(out), (sig, os.listdir(wd))
         srv.close()
     finally:
         shutil.rmtree(wd, ignore_errors=True)
