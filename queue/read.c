@@ -29,6 +29,22 @@ read_begin(struct queue *q, MDB_txn **txn)
     return mdb_txn_begin(q->env, NULL, MDB_RDONLY, txn);
 }
 
+/* A read transaction and a cursor on dbi in it: 0, or the queue's error
+ * with nothing left open. The caller closes the cursor and aborts the
+ * transaction. */
+static int
+read_cursor(struct queue *q, MDB_dbi dbi, MDB_txn **txn, MDB_cursor **c)
+{
+    int rc = read_begin(q, txn);
+    if (rc != 0)
+        return queue_lmdb_err(rc);
+    if ((rc = mdb_cursor_open(*txn, dbi, c)) != 0) {
+        mdb_txn_abort(*txn);
+        return queue_lmdb_err(rc);
+    }
+    return 0;
+}
+
 /* A record that fails its checks: count and log it once per key and
  * process (see struct corrupt_seen); the caller skips it. db names the
  * database, key is its key (message id first for every database but
@@ -111,14 +127,10 @@ queue_events_read(struct queue *q, uint64_t from, size_t max_bytes, queue_events
     if (from >= durable)
         return 0;
     MDB_txn *txn;
-    int rc = mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn);
-    if (rc != 0)
-        return queue_lmdb_err(rc);
     MDB_cursor *c;
-    if ((rc = mdb_cursor_open(txn, q->dbi_events, &c)) != 0) {
-        mdb_txn_abort(txn);
-        return queue_lmdb_err(rc);
-    }
+    int rc = read_cursor(q, q->dbi_events, &txn, &c);
+    if (rc != 0)
+        return rc;
     unsigned char key[8];
     msg_key(key, from);
     MDB_val k = {8, key}, v;
@@ -165,14 +177,10 @@ queue_notes_read(struct queue *q, uint64_t from, unsigned max, queue_note_fn *cb
     if (!q->has_notes)
         return 0;
     MDB_txn *txn;
-    int rc = mdb_txn_begin(q->env, NULL, MDB_RDONLY, &txn);
-    if (rc != 0)
-        return queue_lmdb_err(rc);
     MDB_cursor *c;
-    if ((rc = mdb_cursor_open(txn, q->dbi_notes, &c)) != 0) {
-        mdb_txn_abort(txn);
-        return queue_lmdb_err(rc);
-    }
+    int rc = read_cursor(q, q->dbi_notes, &txn, &c);
+    if (rc != 0)
+        return rc;
     unsigned char key[8];
     msg_key(key, from);
     MDB_val k = {8, key}, v;
