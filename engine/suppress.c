@@ -425,6 +425,19 @@ sup_mdb_errno(int rc)
     }
 }
 
+int
+sup_cursor_open(struct suppress *s, unsigned flags, MDB_txn **txn, MDB_cursor **cur)
+{
+    int rc = mdb_txn_begin(s->env, NULL, flags, txn);
+    if (rc != 0)
+        return sup_mdb_errno(rc);
+    if ((rc = mdb_cursor_open(*txn, s->dbi, cur)) != 0) {
+        mdb_txn_abort(*txn);
+        return sup_mdb_errno(rc);
+    }
+    return 0;
+}
+
 /* ---- writing ---- */
 
 /* Commit n key/value pairs in one transaction (wlock held). */

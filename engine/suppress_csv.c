@@ -320,13 +320,9 @@ import_batch(struct suppress *s, const struct arena *a, size_t from, size_t to)
 {
     MDB_txn *txn;
     MDB_cursor *cur;
-    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    int rc = sup_cursor_open(s, 0, &txn, &cur);
     if (rc != 0)
-        return sup_mdb_errno(rc);
-    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
-        mdb_txn_abort(txn);
-        return sup_mdb_errno(rc);
-    }
+        return rc;
     /* MDB_APPEND when the batch's first key comes after the last stored. */
     MDB_val lk, lv, k, v;
     arena_rec(a, from, &k, &v);

@@ -87,6 +87,10 @@ size_t sup_val_make(uint8_t *v, enum suppress_reason reason, int64_t added, int6
                     const char *note);
 /* An LMDB code as -errno. */
 int sup_mdb_errno(int rc);
+/* A transaction (flags: 0 or MDB_RDONLY) and a cursor on the list in it:
+ * 0, or -errno with nothing left open. The caller closes the cursor and
+ * ends the transaction. */
+int sup_cursor_open(struct suppress *s, unsigned flags, MDB_txn **txn, MDB_cursor **cur);
 /* A stored value's expiry (Unix ms, 0: never; 0 for a value too short). */
 int64_t sup_val_expires(const MDB_val *v);
 /* Move the entries stored under scopes with capitals to the scope in

@@ -33,13 +33,9 @@ move_batch(struct suppress *s, const uint8_t *pfx, size_t pl, const char *to)
 {
     MDB_txn *txn;
     MDB_cursor *cur;
-    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    int rc = sup_cursor_open(s, 0, &txn, &cur);
     if (rc != 0)
-        return sup_mdb_errno(rc);
-    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
-        mdb_txn_abort(txn);
-        return sup_mdb_errno(rc);
-    }
+        return rc;
     /* Copied out first, then written: no put while a cursor walks the
      * same database (the values point into pages a put may move). */
     struct feed *head = NULL, **tail = &head;
