@@ -1122,13 +1122,9 @@ suppress_list(struct suppress *s, const char *scope, const char *after_scope,
     }
     MDB_txn *txn;
     MDB_cursor *cur;
-    int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+    int rc = sup_cursor_open(s, MDB_RDONLY, &txn, &cur);
     if (rc != 0)
-        return sup_mdb_errno(rc);
-    if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
-        mdb_txn_abort(txn);
-        return sup_mdb_errno(rc);
-    }
+        return rc;
     MDB_val k, v;
     bool skip_equal = false;
     if (after_addr != NULL) {

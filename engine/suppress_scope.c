@@ -142,13 +142,9 @@ sup_fold_stored_scopes(struct suppress *s)
         char found[SUPPRESS_SCOPE_MAX + 1] = "";
         MDB_txn *txn;
         MDB_cursor *cur;
-        int rc = mdb_txn_begin(s->env, NULL, MDB_RDONLY, &txn);
+        int rc = sup_cursor_open(s, MDB_RDONLY, &txn, &cur);
         if (rc != 0)
-            return sup_mdb_errno(rc);
-        if ((rc = mdb_cursor_open(txn, s->dbi, &cur)) != 0) {
-            mdb_txn_abort(txn);
-            return sup_mdb_errno(rc);
-        }
+            return rc;
         MDB_val k = {fl, from}, v;
         rc = mdb_cursor_get(cur, &k, &v, fl > 0 ? MDB_SET_RANGE : MDB_FIRST);
         while (rc == 0) {
