@@ -285,6 +285,28 @@ fold(struct out *o, const char *s, size_t n)
     out_put(o, "\r\n", 2);
 }
 
+/* A field's line begun: "Name: <prefix>". */
+static void
+field_begin(struct out *line, const char *name, const char *prefix)
+{
+    out_str(line, name);
+    out_put(line, ": ", 2);
+    out_str(line, prefix);
+}
+
+/* The field's line ended by suffix, folded into o (o marked when out of
+ * memory); line freed. */
+static void
+field_end(struct out *o, struct out *line, const char *suffix)
+{
+    out_str(line, suffix);
+    if (line->oom)
+        o->oom = true;
+    else
+        fold(o, line->p, line->len);
+    out_free(line);
+}
+
 /* "Name: <prefix><raw made clean><suffix>", folded. */
 static void
 put_field_sfx(struct out *o, const char *name, const char *prefix, const char *raw, size_t rawlen,
@@ -292,16 +314,9 @@ put_field_sfx(struct out *o, const char *name, const char *prefix, const char *r
 {
     struct out line = {0};
 
-    out_str(&line, name);
-    out_put(&line, ": ", 2);
-    out_str(&line, prefix);
+    field_begin(&line, name, prefix);
     clean(&line, raw, rawlen, utf8, max);
-    out_str(&line, suffix);
-    if (line.oom)
-        o->oom = true;
-    else
-        fold(o, line.p, line.len);
-    out_free(&line);
+    field_end(o, &line, suffix);
 }
 
 static void
@@ -354,16 +369,9 @@ put_addr(struct out *o, const char *name, const char *prefix, const char *addr,
 {
     struct out line = {0};
 
-    out_str(&line, name);
-    out_put(&line, ": ", 2);
-    out_str(&line, prefix);
+    field_begin(&line, name, prefix);
     clean_addr(&line, addr, utf8);
-    out_str(&line, suffix);
-    if (line.oom)
-        o->oom = true;
-    else
-        fold(o, line.p, line.len);
-    out_free(&line);
+    field_end(o, &line, suffix);
 }
 
 /* Our own field whose value is already safe (a keyword, a date). */
