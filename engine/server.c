@@ -1129,17 +1129,9 @@ session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce)
 struct server_worker *
 server_worker_new_detached(struct engine *e, struct worker *w)
 {
-    struct server_worker *sw = calloc(1, sizeof(*sw));
-    if (sw == NULL)
-        return NULL;
-    atomic_init(&sw->draining, false);
-    atomic_init(&sw->drain_posted, false);
-    atomic_init(&sw->drain_until, UINT64_MAX);
-    sw->e = e;
-    sw->w = w;
-    sw->cfg = &e->cfg->server;
-    sw->detached = true;
-    auth_cache_init(&sw->auth);
+    struct server_worker *sw = server_worker_alloc(e, w);
+    if (sw != NULL)
+        sw->detached = true;
     return sw;
 }
 

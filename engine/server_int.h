@@ -326,6 +326,9 @@ void session_free(struct session *s);
 void session_new(struct server_worker *sw, int fd, bool implicit_tls, bool bounce);
 
 /* server_worker.c: the worker's server */
+/* A worker's server zeroed, not draining, on e's [server] config (calloc'd,
+ * server_worker_free frees it); NULL when out of memory. */
+struct server_worker *server_worker_alloc(struct engine *e, struct worker *w);
 /* Stopping: s, idle (waiting for a command outside a transaction, or for
  * its greeting), is told 421 and closed. True when it was. */
 bool session_drain_close(struct session *s);

@@ -189,22 +189,31 @@ port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
 
 /* ---- the worker's server ---- */
 
-int
-server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,
-                  size_t errlen)
+struct server_worker *
+server_worker_alloc(struct engine *e, struct worker *w)
 {
-    *out = NULL;
     struct server_worker *sw = calloc(1, sizeof(*sw));
     if (sw == NULL)
-        return -ENOMEM;
+        return NULL;
     atomic_init(&sw->draining, false);
     atomic_init(&sw->drain_posted, false);
     atomic_init(&sw->drain_until, UINT64_MAX);
     sw->e = e;
     sw->w = w;
     sw->cfg = &e->cfg->server;
-    sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
     auth_cache_init(&sw->auth);
+    return sw;
+}
+
+int
+server_worker_new(struct engine *e, struct worker *w, struct server_worker **out, char *err,
+                  size_t errlen)
+{
+    *out = NULL;
+    struct server_worker *sw = server_worker_alloc(e, w);
+    if (sw == NULL)
+        return -ENOMEM;
+    sw->port_op = (struct op){OP_CALLBACK, port_on_ready};
 #ifdef SLUICE_TEST_HOOKS
     /* SLUICE_TEST_COMMIT_DELAY=MS: a slow spool (session_on_commit). */
     const char *delay = getenv("SLUICE_TEST_COMMIT_DELAY");
