@@ -1153,6 +1153,37 @@ mbox_drop(struct fx *f)
     f->w.mbox_tail = &f->w.mbox_head;
 }
 
+/* The end of a test: nothing left waiting for the spool, the worker's
+ * mailbox emptied, the fixture freed. */
+static void
+fx_end(struct fx *f)
+{
+    assert_null(f->d->pending);
+    mbox_drop(f);
+    fx_free(f);
+}
+
+/* Whether id's envelope carries its delay warning's mark. */
+static void
+assert_delay_warned(struct fx *f, uint64_t id, bool warned)
+{
+    struct queue_envelope *env = NULL;
+    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
+    assert_int_equal(env->delay_warned, warned);
+    queue_envelope_free(env);
+}
+
+/* Recipient idx of id's held failure come due (outcome_held_due, as a
+ * due poll's DSN flush), settled. */
+static void
+held_due(struct fx *f, struct dest *t, uint64_t id, unsigned idx)
+{
+    struct job *j = test_job(id, "example.test", &idx, 1);
+    j->dsn_flush = true;
+    outcome_held_due(f->d, t, j); /* frees j */
+    settle(f);
+}
+
 /* A message from sender@example.org to user0@one.test and user1@two.test,
  * both asking for delay warnings, that arrived ten minutes ago. */
 static uint64_t
@@ -1225,10 +1256,7 @@ delay_warning_once_per_message(void **state)
     assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
-    struct queue_envelope *env = NULL;
-    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
-    assert_true(env->delay_warned);
-    queue_envelope_free(env);
+    assert_delay_warned(f, id, true);
     /* deferred again: none more */
     defer_one(f, id, "one.test", 0);
     settle(f);
@@ -1254,9 +1282,7 @@ delay_warning_once_per_message(void **state)
     struct dsn_scan s2 = {.sender = "sender@example.org"};
     assert_true(queue_walk(f->e.queue, dsn_collect, &s2) >= 0);
     assert_int_equal(s2.n, 2);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    fx_end(f);
 }
 
 /* A recipient still queued, never tried (its domain suspended, or behind
@@ -1283,13 +1309,8 @@ delay_warning_names_a_recipient_still_queued(void **state)
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
     assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
-    struct queue_envelope *env = NULL;
-    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
-    assert_true(env->delay_warned);
-    queue_envelope_free(env);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    assert_delay_warned(f, id, true);
+    fx_end(f);
 }
 
 /* A deferral past delay_warning whose commit becomes durable once the
@@ -1321,16 +1342,9 @@ delay_warning_of_a_deferral_in_the_stop(void **state)
     assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
     assert_int_equal(s.n, 1);
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
-    struct queue_envelope *env = NULL;
-    assert_int_equal(queue_envelope_get(f->e.queue, id, &env), 0);
-    assert_true(env->delay_warned);
-    queue_envelope_free(env);
-    assert_int_equal(queue_envelope_get(f->e.queue, id2, &env), 0);
-    assert_false(env->delay_warned);
-    queue_envelope_free(env);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    assert_delay_warned(f, id, true);
+    assert_delay_warned(f, id2, false);
+    fx_end(f);
 }
 
 /* A stop whose spool does not answer logs each outcome still with it
@@ -1362,9 +1376,7 @@ pending_log_says_a_delay_warning(void **state)
     assert_int_equal(log_lines_with(logpath, "event=outcome_unanswered"), 1);
     assert_int_equal(log_lines_with(logpath, "outcome=delay_warning"), 1);
     assert_int_equal(log_lines_with(logpath, "outcome=bounced"), 0);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    fx_end(f);
 }
 
 /* One DSN per message ([bounce] dsn_wait): recipient 0 fails while 1 and
@@ -1403,9 +1415,7 @@ failures_of_one_message_give_one_dsn(void **state)
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
     assert_int_equal(dsns_naming(f, &s, "user2@example.test"), 1);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    fx_end(f);
 }
 
 /* A held failure crossed by a transaction that started before it was
@@ -1446,9 +1456,7 @@ held_failure_crossed_by_a_delivery_keeps_its_dsn(void **state)
     assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    fx_end(f);
 }
 
 static int
@@ -1495,17 +1503,11 @@ held_failure_with_a_2xx_status_goes_after_dsn_wait(void **state)
     const unsigned i0 = 0;
     usleep(1200 * 1000); /* the time passing is what is tested */
     take_all(f); /* as the due poll takes it, 30 s after (dsn_wait 10m) */
-    struct job *j = test_job(id, "example.test", &i0, 1);
-    j->dsn_flush = true;
-    outcome_held_due(f->d, t, j); /* frees j */
-    settle(f);
+    held_due(f, t, id, i0);
     assert_true(stored(f, id, 0)); /* held again: 1 is ready, dsn_wait not passed */
     usleep(1200 * 1000);
     take_all(f);
-    j = test_job(id, "example.test", &i0, 1);
-    j->dsn_flush = true;
-    outcome_held_due(f->d, t, j);
-    settle(f);
+    held_due(f, t, id, i0);
     assert_false(stored(f, id, 0)); /* 2.4 s since it failed: its DSN went */
     assert_true(stored(f, id, 1));
     assert_int_equal(f->d->stats.dsn_queued, 1);
@@ -1535,10 +1537,7 @@ held_failure_due_waits_for_ready_ones_then_goes(void **state)
     const unsigned i0 = 0;
     fail_job(f, t, id, &i0, 1, NULL, NULL);
     assert_true(stored(f, id, 0)); /* held: recipient 1 is ready */
-    struct job *j = test_job(id, "example.test", &i0, 1);
-    j->dsn_flush = true;
-    outcome_held_due(f->d, t, j); /* frees j */
-    settle(f);
+    held_due(f, t, id, i0);
     assert_true(stored(f, id, 0)); /* held again */
     assert_int_equal(f->d->stats.dsn_queued, 0);
     struct queue_envelope *env = NULL;
@@ -1550,10 +1549,7 @@ held_failure_due_waits_for_ready_ones_then_goes(void **state)
                                   .due_ms = clock_unix_ms() + 3600000, .code = 451,
                                   .reply = "4.3.0 later"};
     assert_int_equal(queue_update_wait(f->e.queue, &later, 1), 0);
-    j = test_job(id, "example.test", &i0, 1);
-    j->dsn_flush = true;
-    outcome_held_due(f->d, t, j);
-    settle(f);
+    held_due(f, t, id, i0);
     assert_false(stored(f, id, 0));
     assert_true(stored(f, id, 1));
     assert_int_equal(f->d->stats.dsn_queued, 1);
@@ -1563,9 +1559,7 @@ held_failure_due_waits_for_ready_ones_then_goes(void **state)
     assert_int_equal(s.n, 1);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
-    assert_null(f->d->pending);
-    mbox_drop(f);
-    fx_free(f);
+    fx_end(f);
 }
 
 /* A worker whose ring failed is freed without delivery_on_stop (its loop
