@@ -359,19 +359,21 @@ def test_8bit_deferred_when_the_mx_with_8bitmime_is_down():
     finally:
         r.close()
 
-def _size_receiver(got, limit, ext=b""):
-    """An MX that announces SIZE limit (and ext, "250-X\\r\\n" lines) and
-    takes what comes; got collects each message's X-Seq line."""
+def _seq_receiver(got, name, ehlo, delay=0):
+    """An MX that greets as name, answers EHLO with ehlo (its whole reply)
+    and takes what comes, each message's dot answered after delay seconds
+    (a receiver's filtering); got collects each message's X-Seq line."""
+    import time
+
     def script(c, rfile):
-        c.sendall(b"220 small ESMTP\r\n")
+        c.sendall(b"220 " + name + b" ESMTP\r\n")
         while True:
             line = rfile.readline()
             if not line:
                 return
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                c.sendall(b"250-small\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + ext +
-                          b"250 SIZE %d\r\n" % limit)
+                c.sendall(ehlo)
             elif verb == b"DATA":
                 c.sendall(b"354 go ahead\r\n")
                 seq = b""
@@ -383,6 +385,8 @@ def _size_receiver(got, limit, ext=b""):
                         seq = body.strip()
                 if not body:
                     return
+                if delay:
+                    time.sleep(delay)  # the receiver's own pace, not a wait of the test's
                 got.append(seq)
                 c.sendall(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
@@ -391,6 +395,13 @@ def _size_receiver(got, limit, ext=b""):
             else:
                 c.sendall(b"250 ok\r\n")
     return script
+
+
+def _size_receiver(got, limit, ext=b""):
+    """An MX that announces SIZE limit (and ext, "250-X\\r\\n" lines) and
+    takes what comes; got collects each message's X-Seq line."""
+    return _seq_receiver(got, b"small", b"250-small\r\n250-PIPELINING\r\n250-8BITMIME\r\n" +
+                         ext + b"250 SIZE %d\r\n" % limit)
 
 
 def test_message_over_one_mx_size_goes_to_the_next_mx():
@@ -626,37 +637,7 @@ def test_detour_spends_no_rate_token_on_passes():
 def _slow_receiver(got, delay):
     """An MX without 8BITMIME that answers each message's dot after delay
     seconds (a receiver's filtering); got collects the X-Seq lines."""
-    import time
-
-    def script(c, rfile):
-        c.sendall(b"220 slow ESMTP\r\n")
-        while True:
-            line = rfile.readline()
-            if not line:
-                return
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                c.sendall(b"250-slow\r\n250 PIPELINING\r\n")
-            elif verb == b"DATA":
-                c.sendall(b"354 go ahead\r\n")
-                seq = b""
-                while True:
-                    body = rfile.readline()
-                    if not body or body == b".\r\n":
-                        break
-                    if body.startswith(b"X-Seq:"):
-                        seq = body.strip()
-                if not body:
-                    return
-                time.sleep(delay)  # the receiver's own pace, not a wait of the test's
-                got.append(seq)
-                c.sendall(b"250 2.0.0 queued\r\n")
-            elif verb == b"QUIT":
-                c.sendall(b"221 bye\r\n")
-                return
-            else:
-                c.sendall(b"250 ok\r\n")
-    return script
+    return _seq_receiver(got, b"slow", b"250-slow\r\n250 PIPELINING\r\n", delay)
 
 
 def test_detour_waits_behind_busy_connections_to_the_first_mx():
