@@ -89,6 +89,31 @@ teardown(void **state)
     return 0;
 }
 
+/* The len octets of csv imported into the list (suppress_import_csv
+ * returns 0), its result in *r. */
+static void
+import_csv(struct fix *f, const void *csv, size_t len, struct suppress_import_result *r)
+{
+    FILE *in = fmemopen((void *)csv, len, "r");
+    assert_non_null(in);
+    assert_int_equal(suppress_import_csv(f->s, in, r), 0);
+    fclose(in);
+}
+
+/* The whole list exported as CSV, want entries (malloc'd, the caller
+ * frees it); its length in *len. */
+static char *
+export_csv(struct fix *f, size_t *len, long want)
+{
+    char *buf = NULL;
+    *len = 0;
+    FILE *out = open_memstream(&buf, len);
+    assert_non_null(out);
+    assert_int_equal(suppress_export_csv(f->s, out, NULL), want);
+    fclose(out);
+    return buf;
+}
+
 struct note_wait {
     int rc;
     int done;
@@ -480,11 +505,8 @@ test_purge_in_batches(void **state)
     for (unsigned i = 0; i < 25000; i++) /* every other one expired in 2001 */
         len += (size_t)snprintf(csv + len, cap - len, "u%05u@p.example,,manual,,%s,\n", i,
                                 i % 2 ? "1000000000" : "");
-    FILE *in = fmemopen(csv, len, "r");
-    assert_non_null(in);
     struct suppress_import_result res;
-    assert_int_equal(suppress_import_csv(f->s, in, &res), 0);
-    fclose(in);
+    import_csv(f, csv, len, &res);
     free(csv);
     assert_int_equal(res.imported, 25000);
     assert_int_equal(suppress_purge(f->s, now), 12500);
@@ -744,10 +766,8 @@ test_csv_round_trip(void **state)
                       "zzz@x.example,,unsubscribe,,,new\n"
                       "dup@x.example,,manual,,,first\n"
                       "dup@x.example,,manual,,,second\n";
-    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, strlen(csv), &r);
     assert_int_equal(r.lines, 9);
     assert_int_equal(r.imported, 5);
     assert_int_equal(r.skipped, 2);
@@ -766,11 +786,8 @@ test_csv_round_trip(void **state)
     assert_string_equal(e.note, "second");
     assert_int_equal(suppress_check(f->s, NULL, "keep@x.example", NULL), 1);
 
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *out = open_memstream(&buf, &len);
-    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
-    fclose(out);
+    size_t len;
+    char *buf = export_csv(f, &len, 6);
     assert_non_null(strstr(buf, "address,scope,reason,added,expires,note\n"));
     assert_non_null(strstr(buf, "b@x.example,global,hard_bounce,2026-01-31T12:00:00Z,,"
                                 "\"550, \"\"gone\"\"\"\n"));
@@ -782,15 +799,10 @@ test_csv_round_trip(void **state)
     snprintf(cmd, sizeof(cmd), "rm -rf %s/suppress", f->dir);
     assert_int_equal(system(cmd), 0);
     fix_open(f);
-    in = fmemopen(buf, len, "r");
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, buf, len, &r);
     assert_int_equal(r.imported, 6);
-    char *buf2 = NULL;
-    size_t len2 = 0;
-    out = open_memstream(&buf2, &len2);
-    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
-    fclose(out);
+    size_t len2;
+    char *buf2 = export_csv(f, &len2, 6);
     assert_int_equal(len, len2);
     assert_memory_equal(buf, buf2, len);
     free(buf);
@@ -820,10 +832,8 @@ test_csv_from_a_spreadsheet(void **state)
                       "seven@x.example,,manual,,,\r\n"
                       "eight@x.example,,unsubscribed,,,\"called in:\r\nnine@x.example\"\r\n"
                       "three@x.example,,manual,,,\"never closed\r\n";
-    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, strlen(csv), &r);
     /* four's and three's open quotes spoil their own lines only: the
      * lines after them are records (a comment's quote opens nothing, nor
      * one in a column past the sixth, which is not read); eight's record
@@ -846,15 +856,10 @@ test_csv_from_a_spreadsheet(void **state)
     assert_int_equal(suppress_check(f->s, NULL, "two@x.example", NULL), 1);
     assert_int_equal(suppress_check(f->s, NULL, "three@x.example", NULL), 0);
     /* the export imports again */
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *out = open_memstream(&buf, &len);
-    assert_int_equal(suppress_export_csv(f->s, out, NULL), 6);
-    fclose(out);
+    size_t len;
+    char *buf = export_csv(f, &len, 6);
     assert_int_equal(suppress_remove(f->s, NULL, "one@x.example"), 0);
-    in = fmemopen(buf, len, "r");
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, buf, len, &r);
     assert_int_equal(r.skipped, 0);
     assert_int_equal(r.imported, 6);
     assert_int_equal(suppress_check(f->s, NULL, "one@x.example", &e), 1);
@@ -875,10 +880,8 @@ test_csv_mac_line_ends(void **state)
                       "three@x.example\r"
                       "four@x.example,,manual,,,\"never closed\r"
                       "five@x.example\r";
-    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, strlen(csv), &r);
     /* four's open quote spoils its own line: five is read again */
     assert_int_equal(r.lines, 7);
     assert_int_equal(r.imported, 4);
@@ -903,19 +906,15 @@ test_csv_other_encodings(void **state)
     const char *csv = "m\xfcller@x.example,,manual,,,\n"
                       "ascii@x.example,,manual,,,caf\xe9\n"
                       "m\xc3\xbcller@x.example,,manual,,,\n";
-    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, strlen(csv), &r);
     assert_int_equal(r.imported, 2);
     assert_int_equal(r.skipped, 1);
     assert_string_equal(r.first_error, "line 1: address not UTF-8 (save the file as UTF-8)");
     assert_int_equal(suppress_check(f->s, NULL, "m\xc3\xbcller@x.example", NULL), 1);
     assert_int_equal(suppress_check(f->s, NULL, "ascii@x.example", NULL), 1);
     static const char utf16[] = "\xff\xfe" "a\0@\0x\0.\0t\0\n\0";
-    in = fmemopen((void *)utf16, sizeof(utf16) - 1, "r");
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, utf16, sizeof(utf16) - 1, &r);
     assert_int_equal(r.imported, 0);
     assert_string_equal(r.first_error, "line 1: UTF-16 (save the file as UTF-8)");
 }
@@ -943,10 +942,8 @@ test_csv_long_line(void **state)
     memset(csv + len, 'b', big); /* a record's next line, too long as well */
     len += big;
     len += (size_t)snprintf(csv + len, total - len, "\"\nlast@x.example\n");
-    FILE *in = fmemopen(csv, len, "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, len, &r);
     free(csv);
     assert_int_equal(r.imported, 2);
     assert_int_equal(r.skipped, 3); /* lines 1, 3 (its quote left open) and 4 */
@@ -996,10 +993,8 @@ test_scope_case(void **state)
     assert_int_equal(suppress_remove(f->s, "fOO", "a@x.example"), 0);
     assert_int_equal(suppress_check(f->s, "foo", "a@x.example", NULL), 0);
     const char *csv = "d@x.example,Acme,,,,\n";
-    FILE *in = fmemopen((void *)csv, strlen(csv), "r");
     struct suppress_import_result r;
-    assert_int_equal(suppress_import_csv(f->s, in, &r), 0);
-    fclose(in);
+    import_csv(f, csv, strlen(csv), &r);
     assert_int_equal(r.imported, 1);
     assert_int_equal(suppress_check(f->s, "ACME", "d@x.example", &e), 1);
     assert_string_equal(e.scope, "acme");
