@@ -373,6 +373,38 @@ def test_damaged_spool_refused_at_start():
         wd.cleanup()
 
 
+def fail_writes_shim():
+    """The fail-writes shim (argv[3]), or None when there is none (said)."""
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return None
+    return shim
+
+
+def shim_env(shim, trigger, stop_bound_ms=None):
+    """The environment of a sluice whose spool's disk fails its writes
+    (EIO) once trigger exists; with stop_bound_ms, stalls them instead,
+    the stop's last bound that long."""
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger}
+    if stop_bound_ms is not None:
+        asan = os.environ.get("ASAN_OPTIONS")
+        env.update({"FAIL_WRITES_MODE": "stall",
+                    "SLUICE_TEST_STOP_BOUND_MS": str(stop_bound_ms),
+                    # what a stop cut off stays allocated until the exit
+                    "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"})
+    return env
+
+
+def drain_timeout_1s(conf):
+    """The config file conf's [server] given drain_timeout = 1s."""
+    with open(conf) as f:
+        text = f.read()
+    with open(conf, "w") as f:
+        f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+
+
 def holding_mx(at_dot, release, got):
     """A HostileMx script that takes a message whole (got gets a 1), sets
     at_dot, and holds its 250 to the final dot until release is set."""
@@ -400,6 +432,17 @@ def holding_mx(at_dot, release, got):
     return script
 
 
+def delivered_again(node, qid, got):
+    """node, started again on the spool of message qid, whose delivery to
+    <a@c.test> (got at the MX once) was never stored, delivers it again
+    (at least once, never lost), then stops clean."""
+    node.wait_log("event=ready")
+    line = node.wait_log(f"id={qid} event=delivered", timeout=60)
+    assert "rcpt=<a@c.test>" in line, line
+    assert len(got) == 2, got  # sent again: its first delivery was never stored
+    assert node.stop_clean() == 0
+
+
 def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
     """SIGTERM while the spool's disk stalls (the fail-writes shim in
     stall mode, argv[3]) with a delivery's outcome on its way to it: the
@@ -414,9 +457,8 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
     stage spool, exit 70. After the restart the message, acknowledged
     with 250, is delivered again: at least once, never lost."""
     need("dnsmasq")
-    shim = sys.argv[3] if len(sys.argv) > 3 else None
-    if shim is None or not os.path.exists(shim):
-        print("     no fail-writes shim (argv[3]): not run")
+    shim = fail_writes_shim()
+    if shim is None:
         return
     wd = Workdir("sluice-stall-stop-")
     trigger = os.path.join(wd.path, "stall")
@@ -424,12 +466,7 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
     got = []
 
     dns = mx = node = None
-    asan = os.environ.get("ASAN_OPTIONS")
-    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
-           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
-           "SLUICE_TEST_STOP_BOUND_MS": "40000",
-           # what a stop cut off stays allocated until the exit
-           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    env = shim_env(shim, trigger, stop_bound_ms=40000)
     try:
         mx_port = free_port()
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
@@ -437,10 +474,7 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
         port = free_port()
         spool = os.path.join(wd.path, "spool")
         conf = node_conf(wd, port, mx_port, dns.port, spool, "64M")
-        with open(conf) as f:
-            text = f.read()
-        with open(conf, "w") as f:
-            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        drain_timeout_1s(conf)
         with extra_env(env):
             node = Sluice(SLUICE, conf)
         node.wait_log("event=ready")
@@ -473,11 +507,7 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
         node = None
         os.unlink(trigger)
         node = Sluice(SLUICE, conf)
-        node.wait_log("event=ready")
-        line = node.wait_log(f"id={qid} event=delivered", timeout=60)
-        assert "rcpt=<a@c.test>" in line, line
-        assert len(got) == 2, got  # sent again: its first delivery was never stored
-        assert node.stop_clean() == 0
+        delivered_again(node, qid, got)
         node = None
     finally:
         release.set()
@@ -502,18 +532,13 @@ def test_stop_ends_a_flush_waiting_for_a_stalled_spool():
     is given up past them (the bound 8 s here).
     The deferred message is in the spool at the next start."""
     need("dnsmasq")
-    shim = sys.argv[3] if len(sys.argv) > 3 else None
-    if shim is None or not os.path.exists(shim):
-        print("     no fail-writes shim (argv[3]): not run")
+    shim = fail_writes_shim()
+    if shim is None:
         return
     wd = Workdir("sluice-stall-flush-")
     trigger = os.path.join(wd.path, "stall")
     dns = node = flush = None
-    asan = os.environ.get("ASAN_OPTIONS")
-    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
-           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
-           "SLUICE_TEST_STOP_BOUND_MS": "8000",
-           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    env = shim_env(shim, trigger, stop_bound_ms=8000)
     try:
         mx_port = free_port()  # nobody listens: deferred
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
@@ -521,10 +546,7 @@ def test_stop_ends_a_flush_waiting_for_a_stalled_spool():
         spool = os.path.join(wd.path, "spool")
         conf = node_conf(wd, port, mx_port, dns.port, spool, "64M",
                          "[domain *]\nretry_schedule = 1h\n")
-        with open(conf) as f:
-            text = f.read()
-        with open(conf, "w") as f:
-            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        drain_timeout_1s(conf)
         with extra_env(env):
             node = Sluice(SLUICE, conf)
         node.wait_log("event=ready")
@@ -583,17 +605,15 @@ def test_outcome_commit_failure_names_its_message():
     message, taken by the MX, its "delivered" never stored, is delivered
     again after the restart."""
     need("dnsmasq")
-    shim = sys.argv[3] if len(sys.argv) > 3 else None
-    if shim is None or not os.path.exists(shim):
-        print("     no fail-writes shim (argv[3]): not run")
+    shim = fail_writes_shim()
+    if shim is None:
         return
     wd = Workdir("sluice-eio-outcome-")
     trigger = os.path.join(wd.path, "fail")
     at_dot, release = threading.Event(), threading.Event()
     got = []
     dns = mx = node = None
-    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
-           "FAIL_WRITES_TRIGGER": trigger}
+    env = shim_env(shim, trigger)
     try:
         mx_port = free_port()
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
@@ -618,11 +638,7 @@ def test_outcome_commit_failure_names_its_message():
         node = None
         os.unlink(trigger)
         node = Sluice(SLUICE, conf)
-        node.wait_log("event=ready")
-        line = node.wait_log(f"id={qid} event=delivered", timeout=60)
-        assert "rcpt=<a@c.test>" in line, line
-        assert len(got) == 2, got  # sent again: its first delivery was never stored
-        assert node.stop_clean() == 0
+        delivered_again(node, qid, got)
         node = None
     finally:
         release.set()
