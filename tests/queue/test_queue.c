@@ -662,15 +662,13 @@ test_not_a_spool(void **state)
     assert_non_null(strstr(err, other));
 }
 
-/* A data file cut short (a copy that stopped, a truncate by hand) is
- * refused at open with its reason, by a reader and a writer alike: the
- * pages past its end are in LMDB's map, and reading one was SIGBUS. */
+/* One message of a 256 KiB body (make_body's seed) to a@example.com
+ * stored, then the spool closed (f->q NULL). */
 static void
-test_truncated_refused(void **state)
+store_big_and_close(struct fixture *f, uint64_t seed)
 {
-    struct fixture *f = *state;
     size_t len = 256 * 1024;
-    char *body = make_body(len, 7);
+    char *body = make_body(len, seed);
     struct iovec iov = {body, len};
     struct queue_rcpt r = {.addr = "a@example.com"};
     struct queue_envelope env = {
@@ -679,6 +677,16 @@ test_truncated_refused(void **state)
     free(body);
     queue_close(f->q);
     f->q = NULL;
+}
+
+/* A data file cut short (a copy that stopped, a truncate by hand) is
+ * refused at open with its reason, by a reader and a writer alike: the
+ * pages past its end are in LMDB's map, and reading one was SIGBUS. */
+static void
+test_truncated_refused(void **state)
+{
+    struct fixture *f = *state;
+    store_big_and_close(f, 7);
     char path[400];
     snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
     /* the two meta pages stay: LMDB opens the file, the pages are gone */
@@ -702,16 +710,7 @@ static void
 test_truncated_tail_refused(void **state)
 {
     struct fixture *f = *state;
-    size_t len = 256 * 1024;
-    char *body = make_body(len, 9);
-    struct iovec iov = {body, len};
-    struct queue_rcpt r = {.addr = "a@example.com"};
-    struct queue_envelope env = {
-        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
-    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
-    free(body);
-    queue_close(f->q);
-    f->q = NULL;
+    store_big_and_close(f, 9);
     char path[400];
     snprintf(path, sizeof(path), "%s/data.mdb", f->cfg.path);
     struct stat st;
@@ -789,16 +788,7 @@ test_short_file_with_free_tail_opens(void **state)
     rc = queue_open(&f->cfg, &f->q, err, sizeof(err));
     if (rc != 0)
         fail_msg("queue_open: %s", err);
-    size_t len = 256 * 1024;
-    char *body = make_body(len, 3);
-    struct iovec iov = {body, len};
-    struct queue_rcpt r = {.addr = "a@example.com"};
-    struct queue_envelope env = {
-        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
-    assert_int_equal(queue_enqueue_wait(f->q, &env, &iov, 1), 0);
-    free(body);
-    queue_close(f->q);
-    f->q = NULL;
+    store_big_and_close(f, 3);
     fixture_open(f);
 }
 
