@@ -677,6 +677,37 @@ test_batch_to_a_pipe(void **state)
     log_close();
 }
 
+/* stderr sent to a new file as `2>file` does (no O_APPEND) and the log
+ * opened on it ("-"): path (a mkstemp template) named, the file's
+ * descriptor returned, the old stderr's copy in *saved. */
+static int
+stderr_to_file(char *path, int *saved)
+{
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(fcntl(fd, F_GETFL) & O_APPEND, 0);
+    *saved = dup(2);
+    assert_true(*saved >= 0);
+    assert_int_equal(dup2(fd, 2), 2);
+    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    return fd;
+}
+
+/* stderr_to_file() undone (stderr back, the log closed, the file
+ * removed), what the file holds into buf (not empty), NUL-terminated. */
+static void
+stderr_file_read(const char *path, int fd, int saved, char *buf, size_t cap)
+{
+    assert_int_equal(dup2(saved, 2), 2);
+    close(saved);
+    log_close();
+    ssize_t n = pread(fd, buf, cap - 1, 0);
+    close(fd);
+    unlink(path);
+    assert_true(n > 0);
+    buf[n] = '\0';
+}
+
 /* stderr sent to a file by `2>file` (no O_APPEND) and the file cut to
  * nothing under it (logrotate's copytruncate): the next line goes at
  * the start, not after a hole as long as what was cut (write(2) wrote at
@@ -686,25 +717,13 @@ test_stderr_file_cut_under_it(void **state)
 {
     (void)state;
     char path[] = "/tmp/sluice-test-log-XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    assert_int_equal(fcntl(fd, F_GETFL) & O_APPEND, 0);
-    int saved = dup(2);
-    assert_true(saved >= 0);
-    assert_int_equal(dup2(fd, 2), 2);
-    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    int saved;
+    int fd = stderr_to_file(path, &saved);
     log_msg(LOG_INFO, "event=before_cut pad=%0200d", 0);
     assert_int_equal(ftruncate(fd, 0), 0);
     log_msg(LOG_INFO, "event=after_cut");
-    assert_int_equal(dup2(saved, 2), 2);
-    close(saved);
-    log_close();
     char buf[4096];
-    ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
-    close(fd);
-    unlink(path);
-    assert_true(n > 0);
-    buf[n] = '\0';
+    stderr_file_read(path, fd, saved, buf, sizeof(buf));
     assert_int_not_equal(buf[0], '\0'); /* no hole */
     assert_non_null(strstr(buf, "event=after_cut"));
     assert_null(strstr(buf, "event=before_cut"));
@@ -720,26 +739,14 @@ test_stderr_file_shared_with_another_writer(void **state)
 {
     (void)state;
     char path[] = "/tmp/sluice-test-log-XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    assert_int_equal(fcntl(fd, F_GETFL) & O_APPEND, 0);
-    int saved = dup(2);
-    assert_true(saved >= 0);
-    assert_int_equal(dup2(fd, 2), 2);
-    assert_int_equal(log_open("-", LOG_DEBUG), 0);
+    int saved;
+    int fd = stderr_to_file(path, &saved);
     log_msg(LOG_INFO, "event=first_line");
     static const char other[] = "another writer\n";
     assert_int_equal(write(2, other, sizeof(other) - 1), (ssize_t)sizeof(other) - 1);
     log_msg(LOG_INFO, "event=last_line");
-    assert_int_equal(dup2(saved, 2), 2);
-    close(saved);
-    log_close();
     char buf[4096];
-    ssize_t n = pread(fd, buf, sizeof(buf) - 1, 0);
-    close(fd);
-    unlink(path);
-    assert_true(n > 0);
-    buf[n] = '\0';
+    stderr_file_read(path, fd, saved, buf, sizeof(buf));
     const char *first = strstr(buf, "event=first_line\n");
     const char *mid = strstr(buf, other);
     const char *last = strstr(buf, "event=last_line\n");
