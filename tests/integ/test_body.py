@@ -376,15 +376,13 @@ def _seq_receiver(got, name, ehlo, delay=0):
                 c.sendall(ehlo)
             elif verb == b"DATA":
                 c.sendall(b"354 go ahead\r\n")
+                lines = test_delivery.read_message(rfile)
+                if lines is None:
+                    return
                 seq = b""
-                while True:
-                    body = rfile.readline()
-                    if not body or body == b".\r\n":
-                        break
+                for body in lines:
                     if body.startswith(b"X-Seq:"):
                         seq = body.strip()
-                if not body:
-                    return
                 if delay:
                     time.sleep(delay)  # the receiver's own pace, not a wait of the test's
                 got.append(seq)

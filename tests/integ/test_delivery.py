@@ -780,6 +780,19 @@ def _read_until(rfile, prefix):
     return b""
 
 
+def read_message(rfile):
+    """The lines a client sends after 354, up to its final dot (not
+    among them); None when the connection closed first."""
+    lines = []
+    while True:
+        line = rfile.readline()
+        if not line:
+            return None
+        if line == b".\r\n":
+            return lines
+        lines.append(line)
+
+
 def _huge_greeting(c, rfile):
     c.sendall(b"220-" + b"x" * (1 << 20) + b"\r\n220 ok\r\n")
     rfile.readline()
@@ -858,11 +871,7 @@ def _limits_receiver(got, rcpt_max=0, mail_max=0, announce=True, refusal=b"452 4
                     c.sendall(b"503 5.5.1 no valid recipients\r\n")
                     continue
                 c.sendall(b"354 go ahead\r\n")
-                while True:
-                    body = rfile.readline()
-                    if not body or body == b".\r\n":
-                        break
-                if not body:
+                if read_message(rfile) is None:
                     return
                 got.append(list(rcpts))
                 c.sendall(b"250 2.0.0 queued\r\n")

@@ -1009,12 +1009,8 @@ def _data_451_once(txns):
                 c.sendall(b"250 2.1.5 ok\r\n")
             elif verb == b"DATA":
                 c.sendall(b"354 go ahead\r\n")
-                while True:
-                    body = rfile.readline()
-                    if not body:
-                        return
-                    if body == b".\r\n":
-                        break
+                if test_delivery.read_message(rfile) is None:
+                    return
                 with lock:
                     reply = b"451 4.3.0 try again" if not txns else b"250 2.0.0 queued"
                     txns.append((sorted(rcpts), reply))
