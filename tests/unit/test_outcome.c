@@ -554,6 +554,15 @@ dsn_collect(void *arg, uint64_t id, const struct queue_rcpt *r)
     return 0;
 }
 
+/* The DSNs to sender@example.org in the spool into *s: n of them. */
+static void
+dsns_expect(struct fx *f, struct dsn_scan *s, unsigned n)
+{
+    *s = (struct dsn_scan){.sender = "sender@example.org"};
+    assert_true(queue_walk(f->e.queue, dsn_collect, s) >= 0);
+    assert_int_equal(s->n, n);
+}
+
 static unsigned
 dsns_naming(struct fx *f, struct dsn_scan *s, const char *addr)
 {
@@ -624,9 +633,8 @@ stale_outcome_in_no_dsn_and_no_counter(void **state)
     assert_int_equal(f->d->stats.bounced, 1); /* recipient 1 only */
     assert_int_equal(f->bounces, 1);
     assert_int_equal(f->d->stats.dsn_queued, 1);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 0); /* delivered */
     struct dlog_stats ds;
@@ -679,9 +687,8 @@ dsns_of_two_processes_have_their_own_message_ids(void **state)
         f->d->dsn_seq = 0;
         f->e.started_ms += 30000;
     }
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 2);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 2);
     char mid[2][256];
     static char body[65536];
     for (unsigned i = 0; i < 2; i++) {
@@ -754,9 +761,8 @@ stale_outcome_beside_a_dsn_keeps_the_dsn(void **state)
     assert_int_equal(f->bounces, 2);
     assert_int_equal(f->lines, 4); /* two bounces, two DSNs */
     assert_int_equal(f->d->stats.dsn_queued, 2);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 2);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 2);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 1);
     for (struct worker_msg *m = f->w.mbox_head, *next; m != NULL; m = next) {
@@ -1250,9 +1256,8 @@ delay_warning_once_per_message(void **state)
     settle(f);
     assert_int_equal(f->d->stats.deferred, 2);
     assert_int_equal(f->d->stats.dsn_queued, 1);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
@@ -1279,9 +1284,8 @@ delay_warning_once_per_message(void **state)
     hold_end(f, &h);
     settle(f);
     assert_int_equal(f->d->stats.dsn_queued, 2);
-    struct dsn_scan s2 = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s2) >= 0);
-    assert_int_equal(s2.n, 2);
+    struct dsn_scan s2;
+    dsns_expect(f, &s2, 2);
     fx_end(f);
 }
 
@@ -1303,9 +1307,8 @@ delay_warning_names_a_recipient_still_queued(void **state)
     defer_one(f, id, "one.test", 0);
     settle(f);
     assert_int_equal(f->d->stats.dsn_queued, 1);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
     assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
@@ -1338,9 +1341,8 @@ delay_warning_of_a_deferral_in_the_stop(void **state)
     defer_one(f, id2, "one.test", 0); /* user1 ready: it would wait, no timer */
     settle(f);
     assert_null(f->d->delay_rechecks);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "Action: delayed"), 1);
     assert_delay_warned(f, id, true);
     assert_delay_warned(f, id2, false);
@@ -1409,9 +1411,8 @@ failures_of_one_message_give_one_dsn(void **state)
     assert_false(stored(f, id, 2));
     assert_int_equal(f->d->stats.bounced, 2);
     assert_int_equal(f->d->stats.dsn_queued, 1);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
     assert_int_equal(dsns_naming(f, &s, "user2@example.test"), 1);
@@ -1511,9 +1512,8 @@ held_failure_with_a_2xx_status_goes_after_dsn_wait(void **state)
     assert_false(stored(f, id, 0)); /* 2.4 s since it failed: its DSN went */
     assert_true(stored(f, id, 1));
     assert_int_equal(f->d->stats.dsn_queued, 1);
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "dsn-held"), 0);
     assert_int_equal(dsns_naming(f, &s, "2.0.0 refused all the same"), 1);
@@ -1554,9 +1554,8 @@ held_failure_due_waits_for_ready_ones_then_goes(void **state)
     assert_true(stored(f, id, 1));
     assert_int_equal(f->d->stats.dsn_queued, 1);
     assert_int_equal(f->d->stats.bounced, 1); /* told once, when held */
-    struct dsn_scan s = {.sender = "sender@example.org"};
-    assert_true(queue_walk(f->e.queue, dsn_collect, &s) >= 0);
-    assert_int_equal(s.n, 1);
+    struct dsn_scan s;
+    dsns_expect(f, &s, 1);
     assert_int_equal(dsns_naming(f, &s, "user0@example.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@example.test"), 0);
     fx_end(f);
