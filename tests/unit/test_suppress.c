@@ -1007,6 +1007,34 @@ test_scope_case(void **state)
     assert_int_equal(suppress_normalize_scope("", out, sizeof(out)), -EINVAL);
 }
 
+/* The list closed and its LMDB environment opened as it is, to write
+ * entries as an earlier version did: a write transaction begun in *txn
+ * on the entries' database (*dbi). raw_end() ends it. */
+static MDB_env *
+raw_begin(struct fix *f, MDB_txn **txn, MDB_dbi *dbi)
+{
+    suppress_close(f->s);
+    f->s = NULL;
+    MDB_env *env;
+    assert_int_equal(mdb_env_create(&env), 0);
+    assert_int_equal(mdb_env_set_maxdbs(env, 2), 0);
+    assert_int_equal(mdb_env_set_mapsize(env, 64 << 20), 0);
+    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
+    assert_int_equal(mdb_txn_begin(env, NULL, 0, txn), 0);
+    assert_int_equal(mdb_dbi_open(*txn, "entries", 0, dbi), 0);
+    return env;
+}
+
+/* raw_begin()'s transaction committed, its environment closed, the list
+ * opened again. */
+static void
+raw_end(struct fix *f, MDB_env *env, MDB_txn *txn)
+{
+    assert_int_equal(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    fix_open(f);
+}
+
 /* Write key scope NUL addr with a value as suppress.c stores it. */
 static void
 raw_put(MDB_txn *txn, MDB_dbi dbi, const char *scope, const char *addr, int64_t expires,
@@ -1040,25 +1068,14 @@ test_scope_case_folded_at_open(void **state)
                                   (int64_t)clock_unix_ms() + 3600000, "an hour"),
                      0);
     assert_int_equal(suppress_add(f->s, NULL, "g@x.example", SUPPRESS_MANUAL, 0, NULL), 0);
-    suppress_close(f->s);
-    f->s = NULL;
-    MDB_env *env;
     MDB_txn *txn;
     MDB_dbi dbi;
-    assert_int_equal(mdb_env_create(&env), 0);
-    assert_int_equal(mdb_env_set_maxdbs(env, 2), 0);
-    assert_int_equal(mdb_env_set_mapsize(env, 64 << 20), 0);
-    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
-    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    assert_int_equal(mdb_dbi_open(txn, "entries", 0, &dbi), 0);
+    MDB_env *env = raw_begin(f, &txn, &dbi);
     raw_put(txn, dbi, "Foo", "a@x.example", 0, "typed Foo");
     raw_put(txn, dbi, "Foo", "both@x.example", 0, "for ever");
     raw_put(txn, dbi, "BAR", "b@x.example", 0, "typed BAR");
     raw_put(txn, dbi, "FOO", "c@x.example", 0, "typed FOO");
-    assert_int_equal(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-
-    fix_open(f);
+    raw_end(f, env, txn);
     struct suppress_entry e;
     assert_int_equal(suppress_check(f->s, "foo", "a@x.example", &e), 1);
     assert_string_equal(e.scope, "foo");
@@ -1084,39 +1101,19 @@ static void
 test_unquoted_dots_stored_before(void **state)
 {
     struct fix *f = *state;
-    suppress_close(f->s);
-    f->s = NULL;
-    MDB_env *env;
     MDB_txn *txn;
     MDB_dbi dbi;
-    assert_int_equal(mdb_env_create(&env), 0);
-    assert_int_equal(mdb_env_set_maxdbs(env, 2), 0);
-    assert_int_equal(mdb_env_set_mapsize(env, 64 << 20), 0);
-    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
-    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    assert_int_equal(mdb_dbi_open(txn, "entries", 0, &dbi), 0);
+    MDB_env *env = raw_begin(f, &txn, &dbi);
     raw_put(txn, dbi, SUPPRESS_SCOPE_GLOBAL, "user.@docomo.example", 0, "imported");
-    assert_int_equal(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-
-    fix_open(f);
+    raw_end(f, env, txn);
     assert_int_equal(suppress_check(f->s, NULL, "user.@docomo.example", NULL), 1);
     assert_int_equal(suppress_remove(f->s, NULL, "user.@docomo.example"), 0);
     assert_int_equal(suppress_check(f->s, NULL, "user.@docomo.example", NULL), 0);
     /* both forms stored (the old entry, then a re-import's): one removal
      * takes both, or the address stayed suppressed */
-    suppress_close(f->s);
-    f->s = NULL;
-    assert_int_equal(mdb_env_create(&env), 0);
-    assert_int_equal(mdb_env_set_maxdbs(env, 2), 0);
-    assert_int_equal(mdb_env_set_mapsize(env, 64 << 20), 0);
-    assert_int_equal(mdb_env_open(env, f->cfg.path, 0, 0600), 0);
-    assert_int_equal(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    assert_int_equal(mdb_dbi_open(txn, "entries", 0, &dbi), 0);
+    env = raw_begin(f, &txn, &dbi);
     raw_put(txn, dbi, SUPPRESS_SCOPE_GLOBAL, "user.@docomo.example", 0, "imported");
-    assert_int_equal(mdb_txn_commit(txn), 0);
-    mdb_env_close(env);
-    fix_open(f);
+    raw_end(f, env, txn);
     assert_int_equal(suppress_add(f->s, NULL, "user.@docomo.example", SUPPRESS_MANUAL, 0, NULL), 0);
     assert_int_equal(suppress_remove(f->s, NULL, "user.@docomo.example"), 0);
     assert_int_equal(suppress_check(f->s, NULL, "user.@docomo.example", NULL), 0);
