@@ -203,7 +203,10 @@ def test_nxdomain_bounce_says_which_name_was_not_found():
             b = wait_events(r.dlog, lambda e: e["event"] == "bounce", 1)[0]
             assert b["reply"] == want and b["code"] == 550, b
             assert b["enhanced"] == "5.1.2" and b["class"] == "dns_failure", b
-            wait_until(lambda: len(s2.files()) >= 1, 30, "the DSN at the sender's MX")
+            # whole at the sink once sluice logged it delivered (smtp-sink
+            # writes the file as it comes in)
+            wait_until(lambda: len(s2.files()) >= 1 and r.d.count_log("event=delivered") >= 1,
+                       30, "the DSN at the sender's MX")
             text = " ".join(s2.messages()[0].decode("utf-8", "replace").split())
             assert "Reason: " + want in text, text
             assert "Diagnostic-Code: X-Sluice; " + want in text, text
