@@ -516,6 +516,7 @@ port_on_ready(struct worker *w, struct op *op, int res, uint32_t flags)
     queue_port_drain(d->port);
     if (!d->stopping)
         port_arm(d);
+    drain_check(d); /* the spool's last answer may be what the drain waited for */
 }
 
 void
@@ -673,14 +674,17 @@ delivery_idle(const struct delivery *d)
     return d->all == NULL;
 }
 
-/* Draining, no connection left and nothing held by the worker's
- * submission server (a message being stored, its answer leaving): tell
- * the engine, once. The server calls delivery_drain_recheck() when it
- * lets go. */
+/* Draining, no connection left, nothing of this worker's delivery with
+ * the spool (an outcome being committed: until its answer it may not be
+ * stored, and the drain is not done; port_on_ready looks again) and
+ * nothing held by the worker's submission server (a message being
+ * stored, its answer leaving): tell the engine, once. The server calls
+ * delivery_drain_recheck() when it lets go. */
 void
 drain_check(struct delivery *d)
 {
-    if (d == NULL || !d->draining || d->drained || d->all != NULL)
+    if (d == NULL || !d->draining || d->drained || d->all != NULL ||
+        (d->port != NULL && queue_port_pending(d->port) > 0))
         return;
     struct server_worker *sw = d->e->srv != NULL ? d->e->srv[d->w->id] : NULL;
     if (sw != NULL && !server_worker_drain_seal(sw))

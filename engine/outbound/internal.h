@@ -1291,7 +1291,8 @@ void outcome_delay_free(struct delivery *d);
 
 /* ---- engine/delivery.c ---- */
 
-/* Draining and no connection left: tell the engine, once. */
+/* Draining, no connection left and no request with the spool: tell the
+ * engine, once. */
 void drain_check(struct delivery *d);
 /* Stopping, and the resolver and every connection are gone: end the loop. */
 void delivery_check_done(struct delivery *d);
