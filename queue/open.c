@@ -22,6 +22,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/fs.h"
 #include "common/log.h"
 #include "queue/queue_int.h"
@@ -233,17 +234,30 @@ open_seed_ids(struct queue *q, MDB_txn *txn)
     return 0;
 }
 
+/* Join th, waiting up to the CLOCK_MONOTONIC time at (NULL: no bound).
+ * True when it ended. */
+static bool
+join_by(pthread_t th, const struct timespec *at)
+{
+    if (at == NULL)
+        return pthread_join(th, NULL) == 0;
+    return pthread_clockjoin_np(th, NULL, CLOCK_MONOTONIC, at) == 0;
+}
+
 /* Stop the committer once it has committed everything submitted, then
- * the notifier once it has pushed everything committed. */
-static void
-queue_stop(struct queue *q)
+ * the notifier once it has pushed everything committed; by at (NULL: no
+ * bound). False when one of them has not ended by then (a disk that
+ * does not answer): it still runs, and may be waited for again. */
+static bool
+queue_stop(struct queue *q, const struct timespec *at)
 {
     if (q->committer_started) {
         pthread_mutex_lock(&q->mu);
         q->stopping = true;
         pthread_cond_signal(&q->cond);
         pthread_mutex_unlock(&q->mu);
-        pthread_join(q->committer, NULL);
+        if (!join_by(q->committer, at))
+            return false;
         q->committer_started = false;
     }
     if (q->notifier_started) {
@@ -251,9 +265,11 @@ queue_stop(struct queue *q)
         q->n_stopping = true;
         pthread_cond_signal(&q->ncond);
         pthread_mutex_unlock(&q->nmu);
-        pthread_join(q->notifier, NULL);
+        if (!join_by(q->notifier, at))
+            return false;
         q->notifier_started = false;
     }
+    return true;
 }
 
 static void
@@ -631,7 +647,7 @@ open_spool(const struct queue_config *cfg, bool read_only, struct queue **out, c
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        queue_stop(q);
+        queue_stop(q, NULL);
         queue_destroy(q);
         return open_fail(err, errlen, -rc, "queue: cannot start the queue threads: %s",
                          strerror(rc));
@@ -659,8 +675,22 @@ queue_close(struct queue *q)
 {
     if (q == NULL)
         return;
-    queue_stop(q);
+    queue_stop(q, NULL);
     if (q->cfg.unsafe_no_sync && !q->read_only)
         mdb_env_sync(q->env, 1);
     queue_destroy(q);
+}
+
+bool
+queue_close_within(struct queue *q, uint64_t ms)
+{
+    if (q == NULL)
+        return true;
+    struct timespec at = clock_mono_deadline(ms);
+    if (!queue_stop(q, &at))
+        return false;
+    if (q->cfg.unsafe_no_sync && !q->read_only)
+        mdb_env_sync(q->env, 1);
+    queue_destroy(q);
+    return true;
 }

@@ -105,6 +105,13 @@ int queue_open_readonly(const struct queue_config *cfg, struct queue **out, char
  * to their ports, which the caller still drains), stop the committer and
  * close the spool. No other call on q may be in flight or follow. */
 void queue_close(struct queue *q);
+/* queue_close(), waiting at most ms for the committer to commit what was
+ * submitted (and the notifier to push it). True: closed. False: it did
+ * not end in that time (a disk that no longer answers): q is left open,
+ * stopping (a submit fails with QUEUE_ECLOSED), its threads running and
+ * nothing freed; queue_close() or queue_close_within() may be called
+ * again, or the process exits without touching q. */
+bool queue_close_within(struct queue *q, uint64_t ms);
 
 /* ---- message ids ----
  * 64 bits: 42 bits of milliseconds since 2024-01-01 UTC, 10 bits of node

@@ -1515,6 +1515,81 @@ test_close_finishes_queued(void **state)
 }
 
 
+/* The committer held in a commit (its events hook blocks, as a write to a
+ * disk that no longer answers would): queue_close_within gives up at its
+ * bound, leaves the queue open and refusing, and closes it once the
+ * committer is free again; the commits it had are done, their answers
+ * in the port. Before, the only close joined the committer with no bound
+ * (a stop cut at its wait for the spool then sat there until the stop's
+ * last resort). */
+struct stall {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool entered, released;
+};
+
+static void
+stall_hook(void *arg)
+{
+    struct stall *st = arg;
+    pthread_mutex_lock(&st->mu);
+    st->entered = true;
+    pthread_cond_broadcast(&st->cv);
+    while (!st->released)
+        pthread_cond_wait(&st->cv, &st->mu);
+    pthread_mutex_unlock(&st->mu);
+}
+
+static void
+test_close_within_gives_up_on_a_stuck_committer(void **state)
+{
+    struct fixture *f = *state;
+    struct stall st = {.entered = false, .released = false};
+    pthread_mutex_init(&st.mu, NULL);
+    pthread_cond_init(&st.cv, NULL);
+    struct queue_port *p = queue_port_new();
+    assert_non_null(p);
+    struct done_log log = {0};
+    struct done_cookie ck[2] = {{&log, 0}, {&log, 1}};
+    queue_events_set_hook(f->q, stall_hook, &st);
+    assert_int_equal(queue_events_put(f->q, p, "x\n", 2, on_done, &ck[0]), 0);
+    pthread_mutex_lock(&st.mu);
+    while (!st.entered)
+        pthread_cond_wait(&st.cv, &st.mu);
+    pthread_mutex_unlock(&st.mu);
+    /* one more, behind the held commit */
+    struct queue_rcpt r = {.addr = "a@example.com"};
+    struct iovec iov = {"y", 1};
+    struct queue_envelope env = {
+        .id = queue_id_next(f->q), .sender = "s@x", .nrcpt = 1, .rcpt = &r};
+    assert_int_equal(queue_enqueue(f->q, p, &env, &iov, 1, on_done, &ck[1]), 0);
+
+    uint64_t t0 = clock_mono_ms();
+    assert_false(queue_close_within(f->q, 200));
+    uint64_t took = clock_mono_ms() - t0;
+    assert_true(took >= 150 && took < 5000);
+    /* stopping: nothing more is taken */
+    struct queue_envelope env2 = env;
+    env2.id = queue_id_next(f->q);
+    assert_int_equal(queue_enqueue(f->q, p, &env2, &iov, 1, on_done, &ck[1]),
+                     QUEUE_ECLOSED);
+
+    pthread_mutex_lock(&st.mu);
+    st.released = true;
+    pthread_cond_broadcast(&st.cv);
+    pthread_mutex_unlock(&st.mu);
+    assert_true(queue_close_within(f->q, 30000));
+    f->q = NULL;
+    assert_int_equal(queue_port_drain(p), 2);
+    assert_int_equal(log.rc[0], 0);
+    assert_int_equal(log.rc[1], 0);
+    queue_port_free(p);
+    pthread_cond_destroy(&st.cv);
+    pthread_mutex_destroy(&st.mu);
+    fixture_open(f);
+    assert_body(f->q, env.id, "y", 1);
+}
+
 /* A DSN rides with the outcomes that cause it: one commit for both; left
  * out when every outcome is stale (the commit it belongs to happened
  * already), and a retry of one that did commit is not an error. */
@@ -2301,6 +2376,7 @@ main(void)
         T(test_large_body),
         T(test_port_async),
         T(test_close_finishes_queued),
+        T(test_close_within_gives_up_on_a_stuck_committer),
         T(test_events_committed_and_numbered),
         T(test_events_stale_outcome_untold),
         T(test_update_enqueue_stale_refused),
