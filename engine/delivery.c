@@ -1137,6 +1137,7 @@ outcomes_wait(struct delivery *d)
                     "event=stop_outcome_wait_cut pending=%u requests=%u waited_ms=%llu "
                     "note=spool_not_answering",
                     n, queue_port_pending(d->port), (unsigned long long)((now - start) / 1000000));
+            d->e->stop_cut = true; /* the spool's close: not waited for as long again */
             return false;
         }
         uint64_t ms = (end - now + 999999) / 1000000;

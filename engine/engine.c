@@ -795,6 +795,13 @@ engine_drain(struct engine *e, uint64_t timeout_ms, const sigset_t *cut)
 /* The stop's last bound (engine_stop): past it, the process exits. */
 #define STOP_BOUND_MS (SERVER_STOP_COMMIT_WAIT_MS + 30000)
 
+/* After a wait for the spool's answers was cut (it answered nothing for
+ * SERVER_STOP_COMMIT_WAIT_MS), the spool's close waits this long for its
+ * committer: one that answers now (a disk slow, not dead) is closed as
+ * always; one still stuck is not waited for what is left of
+ * STOP_BOUND_MS. */
+#define STOP_SPOOL_CLOSE_AFTER_CUT_MS 5000u
+
 struct stop_watch {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* on CLOCK_MONOTONIC */
@@ -1025,8 +1032,23 @@ engine_stop(struct engine *e)
     e->nworkers = 0;
     STOP_STAGE("spool");
     suppress_detach_queue(e->suppress); /* after every worker: the last notes */
-    if (e->queue != NULL)
+    if (e->queue != NULL && e->stop_cut) {
+        /* The spool answered nothing for the whole wait: its committer is
+         * most likely stuck in a write or sync that will not return (a
+         * dead disk). A short wait for one that answers now; past it the
+         * spool is left open to the exit (as after a kill -9: what it did
+         * not confirm was never acknowledged, what it did is on disk). */
+        uint64_t t0 = clock_now_ns();
+        if (!queue_close_within(e->queue, STOP_SPOOL_CLOSE_AFTER_CUT_MS)) {
+            e->stop_given_up = true;
+            log_msg(LOG_CRIT,
+                    "event=stop_spool_given_up waited_ms=%llu exit=%d "
+                    "note=spool_not_answering_what_it_did_not_confirm_was_never_acknowledged",
+                    (unsigned long long)((clock_now_ns() - t0) / 1000000), ENGINE_EXIT_FAILED);
+        }
+    } else if (e->queue != NULL) {
         queue_close(e->queue);
+    }
     e->queue = NULL;
     suppress_close(e->suppress); /* after the workers and the stats thread: nobody checks */
     e->suppress = NULL;

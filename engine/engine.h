@@ -158,6 +158,12 @@ struct engine {
                                  * spool's last commits, one bound for every worker
                                  * (engine_stop sets it, server_worker_free waits); 0:
                                  * not stopping */
+    bool stop_cut;              /* a wait of the stop for the spool's answers was cut
+                                 * (server_worker_free, delivery_free: the spool did not
+                                 * answer by stop_commit_until); main thread */
+    bool stop_given_up;         /* ... and the spool did not close within
+                                 * STOP_SPOOL_CLOSE_AFTER_CUT_MS either: left to the
+                                 * exit, which is ENGINE_EXIT_FAILED */
     struct conn_table per_ip;
     /* The bounce listener's seam to the suppression list (oob.h): set
      * before engine_start (tests), read by the workers; zero: the list's
@@ -186,7 +192,12 @@ enum engine_drain_end engine_drain(struct engine *e, uint64_t timeout_ms, const 
  * past SERVER_STOP_COMMIT_WAIT_MS and 30 s more (a spool that answers
  * nothing: a dead disk) it writes what the log's threads kept and the
  * delivery log's lines not yet written (log_flush_all), logs
- * event=stop_stuck and exits the process with ENGINE_EXIT_FAILED. */
+ * event=stop_stuck and exits the process with ENGINE_EXIT_FAILED. When a
+ * wait for the spool's answers was cut already (stop_cut), the spool's
+ * close waits STOP_SPOOL_CLOSE_AFTER_CUT_MS at most, not what is left of
+ * that bound: past it the spool is left open (event=stop_spool_given_up),
+ * the rest of the stop goes on, and stop_given_up says the exit must be
+ * ENGINE_EXIT_FAILED. */
 void engine_stop(struct engine *e);
 
 /* A worker whose ring fails at run time cannot serve its sessions or its

@@ -347,6 +347,8 @@ main(int argc, char **argv)
     /* A failed worker: exit non-zero, so that the supervisor restarts us. */
     int status = engine_failed_workers(&engine) > 0 ? ENGINE_EXIT_FAILED : 0;
     engine_stop(&engine);
+    if (engine.stop_given_up) /* the spool left open: event=stop_spool_given_up */
+        status = ENGINE_EXIT_FAILED;
     log_msg(status == 0 ? LOG_NOTICE : LOG_CRIT, "event=stopped exit=%d", status);
     log_close();
     config_free(cfg);

@@ -351,6 +351,8 @@ stop_commits_wait(struct server_worker *sw)
     log_msg(LOG_CRIT,
             "event=stop_commit_wait_cut pending=%u waited_ms=%llu note=spool_not_answering", n,
             (unsigned long long)((clock_now_ns() - began) / 1000000));
+    if (sw->e != NULL)
+        sw->e->stop_cut = true; /* the spool's close: not waited for as long again */
     return false;
 }
 

@@ -35,6 +35,13 @@ SLUICECTL = os.environ.get("SLUICECTL") or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(SLUICE)), "..", "tools", "sluicectl"))
 
 
+def log_time(line):
+    """The seconds of a log line's stamp (2026-12-06T10:00:56.020Z ...)."""
+    import datetime
+    stamp = line.split(" ", 1)[0]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
 def need(*tools):
     for tool in tools:
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
@@ -382,18 +389,19 @@ def fail_writes_shim():
     return shim
 
 
-def shim_env(shim, trigger, stop_bound_ms=None):
+def shim_env(shim, trigger, stall=False, stop_bound_ms=None):
     """The environment of a sluice whose spool's disk fails its writes
-    (EIO) once trigger exists; with stop_bound_ms, stalls them instead,
-    the stop's last bound that long."""
+    (EIO) once trigger exists; with stall, stalls them instead; with
+    stop_bound_ms, the stop's last bound that long."""
     env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
            "FAIL_WRITES_TRIGGER": trigger}
-    if stop_bound_ms is not None:
+    if stall:
         asan = os.environ.get("ASAN_OPTIONS")
         env.update({"FAIL_WRITES_MODE": "stall",
-                    "SLUICE_TEST_STOP_BOUND_MS": str(stop_bound_ms),
                     # what a stop cut off stays allocated until the exit
                     "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"})
+    if stop_bound_ms is not None:
+        env["SLUICE_TEST_STOP_BOUND_MS"] = str(stop_bound_ms)
     return env
 
 
@@ -446,16 +454,20 @@ def delivered_again(node, qid, got):
 def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
     """SIGTERM while the spool's disk stalls (the fail-writes shim in
     stall mode, argv[3]) with a delivery's outcome on its way to it: the
-    MX took the message, its "delivered" is not stored. The stop waits
-    for the spool's answers 30 s (SERVER_STOP_COMMIT_WAIT_MS), then logs
-    event=outcome_unanswered with the message's id and recipient and
-    goes on (before, that wait had no bound: the stop hung in the
-    delivery's free until its last bound gave it up, with nothing said of
-    the outcome and the later workers' commits never logged); the spool
-    still answers nothing where it closes, and the stop's last bound
-    (40 s here, SLUICE_TEST_STOP_BOUND_MS) gives it up: stop_stuck at
-    stage spool, exit 70. After the restart the message, acknowledged
-    with 250, is delivered again: at least once, never lost."""
+    MX took the message, its "delivered" is not stored. The drain is not
+    done while that outcome is with the spool: it times out (before, it
+    counted connections only and logged drain_done
+    note=nothing_in_flight). The stop waits for the spool's answers 30 s
+    (SERVER_STOP_COMMIT_WAIT_MS), then logs event=outcome_unanswered with
+    the message's id and recipient and goes on (before, that wait had no
+    bound: the stop hung in the delivery's free until its last bound gave
+    it up, with nothing said of the outcome and the later workers'
+    commits never logged); the spool still answers nothing where it
+    closes: after that cut its close is given up within seconds
+    (event=stop_spool_given_up, exit 70), not at the stop's last bound
+    60 s after the drain (before: stop_stuck stage=spool, half a minute
+    after the cut). After the restart the message, acknowledged with 250,
+    is delivered again: at least once, never lost."""
     need("dnsmasq")
     shim = fail_writes_shim()
     if shim is None:
@@ -466,7 +478,7 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
     got = []
 
     dns = mx = node = None
-    env = shim_env(shim, trigger, stop_bound_ms=40000)
+    env = shim_env(shim, trigger, stall=True)
     try:
         mx_port = free_port()
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
@@ -493,16 +505,26 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
         took = time.monotonic() - t0
         node.reader.join(10)
         assert rc == 70, (rc, node.lines[-20:])
-        assert took < 60, took  # the drain (1 s), then the bound (40 s)
+        # the outcome's commit held the drain: not "nothing_in_flight"
+        assert node.count_log("event=drain_done") == 0, node.log_lines("event=drain_")
+        assert node.count_log("event=drain_timed_out") == 1, node.lines[-20:]
         cut = node.log_lines("event=outcome_unanswered")
         assert len(cut) == 1, node.lines[-20:]
         f = dict(log_fields(cut[0]))
         assert f["id"] == qid and f["rcpt"] == "<a@c.test>" and f["outcome"] == "delivered", cut
-        assert "pending=1 " in node.wait_log("event=stop_outcome_wait_cut")
-        stuck = node.log_lines("event=stop_stuck")
-        # past every worker's free: given up where the spool closes
-        assert len(stuck) == 1 and "stage=spool " in stuck[0], stuck
-        assert node.lines.index(cut[0]) < node.lines.index(stuck[0])
+        (wait_cut,) = node.log_lines("event=stop_outcome_wait_cut")
+        assert "pending=1 " in wait_cut, wait_cut
+        # past every worker's free, the spool's close is given up soon
+        # after the cut, not at the stop's last bound (stop_stuck)
+        assert node.count_log("event=stop_stuck") == 0, node.lines[-20:]
+        (given_up,) = node.log_lines("event=stop_spool_given_up")
+        assert "exit=70 " in given_up, given_up
+        (stopped,) = node.log_lines("event=stopped")
+        assert "exit=70" in stopped, stopped
+        assert node.lines.index(cut[0]) < node.lines.index(given_up)
+        after_cut = log_time(stopped) - log_time(wait_cut)
+        assert after_cut < 20, after_cut  # the close's wait (5 s), not 30 s more
+        assert took < 55, took  # the drain (1 s), the wait (30 s), the close (5 s)
         assert node.count_log("event=delivered") == 0  # never stored: not told
         node = None
         os.unlink(trigger)
@@ -538,7 +560,7 @@ def test_stop_ends_a_flush_waiting_for_a_stalled_spool():
     wd = Workdir("sluice-stall-flush-")
     trigger = os.path.join(wd.path, "stall")
     dns = node = flush = None
-    env = shim_env(shim, trigger, stop_bound_ms=8000)
+    env = shim_env(shim, trigger, stall=True, stop_bound_ms=8000)
     try:
         mx_port = free_port()  # nobody listens: deferred
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
