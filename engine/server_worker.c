@@ -317,8 +317,15 @@ stop_commits_wait(struct server_worker *sw)
         unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
         if (pending == 0 && next == UINT64_MAX)
             return true;
-        if (now >= end)
+        if (now >= end) {
+            /* What came already is told, not cut: the bound is the
+             * stop's, and another worker's wait may have taken it all
+             * while answers to this one waited in its port since its
+             * loop ended (delivery.c's outcomes_wait does the same). */
+            if (pending > 0)
+                queue_port_drain(sw->port);
             break;
+        }
         uint64_t until = next < end ? next : end;
         uint64_t ms = (until - now + 999999) / 1000000;
         ms = ms > 1000 ? 1000 : ms;
@@ -330,6 +337,8 @@ stop_commits_wait(struct server_worker *sw)
         }
     }
     held_commits_release(sw, 0, true); /* stored already: the hook held only the answer */
+    if (sw->port == NULL || queue_port_pending(sw->port) == 0)
+        return true; /* every answer came, and was told */
     unsigned n = 0;
     for (const struct session *s = sw->sessions; s != NULL; s = s->next) {
         if (!s->committing)

@@ -544,6 +544,125 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
         wd.cleanup()
 
 
+def _reply(rfile):
+    """One SMTP reply (its lines), as bytes; b"" at the end."""
+    out = b""
+    while True:
+        line = rfile.readline()
+        out += line
+        if not line or line[3:4] != b"-":
+            return out
+
+
+def _message_to_the_dot(s, body):
+    """On the session s (greeted), one message whole, the final dot
+    included, without waiting for its reply."""
+    r = s.makefile("rb")
+    s.sendall(b"EHLO client.test\r\n")
+    assert _reply(r).startswith(b"250")
+    for cmd, want in ((b"MAIL FROM:<s@example.com>", b"250"), (b"RCPT TO:<a@c.test>", b"250"),
+                      (b"DATA", b"354")):
+        s.sendall(cmd + b"\r\n")
+        got = _reply(r)
+        assert got.startswith(want), (cmd, got)
+    s.sendall(body + b"\r\n.\r\n")
+
+
+def test_stop_tells_answers_that_came_after_another_workers_wait():
+    """The stop's wait for the spool's answers has one bound for every
+    worker (stop_commit_until): worker 0's wait may take all of it (here
+    a commit whose answer the test hook SLUICE_TEST_COMMIT_DELAY holds
+    two minutes), and the answer to worker 1's commit (held by the
+    spool's stalled disk, the fail-writes shim, until the test frees it
+    once the loops ended) then waits in worker 1's port when its turn
+    comes, past the bound. It is told (event=queued
+    unanswered=stopping), as delivery.c's outcomes_wait tells an outcome
+    found there; before, that wait broke out at once and logged the
+    stored message event=commit_unanswered, stop_commit_wait_cut."""
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    wd = Workdir("sluice-stall-port-")
+    trigger = os.path.join(wd.path, "stall")
+    asan = os.environ.get("ASAN_OPTIONS")
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
+           "SLUICE_TEST_COMMIT_DELAY": "120000",
+           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    node = None
+    socks = []
+    try:
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = wd.file("sluice.conf", f"""
+[server]
+workers = 2
+listen = 127.0.0.1:{port}
+trusted_networks = 127.0.0.0/8
+drain_timeout = 1s
+[queue]
+path = {spool}
+map_size = 64M
+[delivery]
+enabled = no
+""")
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+
+        sources = iter(range(2, 250))
+
+        def on_worker(want, body):
+            # a loopback address of its own per try (the log's
+            # event=connect names it), until the kernel gives one to want
+            import socket
+            for k in sources:
+                ip = f"127.0.0.{k}"
+                s = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                             source_address=(ip, 0))
+                assert s.recv(512).startswith(b"220")
+                line = node.wait_log(f"event=connect client={ip} ")
+                if f" thread={want} " in line:
+                    _message_to_the_dot(s, body)
+                    return s, dict(log_fields(line))["session"]
+                s.close()
+            raise AssertionError(f"no connection on {want}")
+
+        a, a_session = on_worker("w0", b"Subject: a\r\n\r\nheld by the hook")
+        socks.append(a)
+        node.wait_log(f"session={a_session} event=commit_held")
+        open(trigger, "w").close()  # the spool's disk stops answering
+        b, b_session = on_worker("w1", b"Subject: b\r\n\r\nheld by the disk")
+        socks.append(b)
+        wait_until(lambda: os.path.exists(trigger + ".held"), 30, "b's commit held")
+        node.signal(signal.SIGTERM)
+        node.wait_log("event=drain_timed_out", timeout=30)
+        # The loops end at once after the drain, and worker 0's wait
+        # lasts 30 s from there: b's answer comes between (no line marks
+        # a loop's end; 5 s is far inside that window).
+        time.sleep(5)
+        os.unlink(trigger)  # the disk answers: b's commit lands in w1's port
+        rc = node.proc.wait(90)
+        node.reader.join(10)
+        assert rc == 0, (rc, node.lines[-20:])
+        assert node.count_log("event=commit_unanswered") == 0, node.lines[-20:]
+        assert node.count_log("event=stop_commit_wait_cut") == 0, node.lines[-20:]
+        told = node.log_lines("unanswered=stopping")
+        assert sorted(dict(log_fields(t))["session"] for t in told) == \
+            sorted([a_session, b_session]), told
+        node = None
+        assert len(spool_messages(spool)) == 2
+    finally:
+        for s in socks:
+            s.close()
+        for path in (trigger, trigger + ".held"):  # first: the stop may need the disk
+            if os.path.exists(path):
+                os.unlink(path)
+        if node is not None:
+            node.stop_clean()
+        wd.cleanup()
+
 def test_stop_ends_a_flush_waiting_for_a_stalled_spool():
     """`sluicectl flush` while the spool's disk stalls (the fail-writes
     shim, argv[3]): its retime waits for the spool; a SIGTERM then must
@@ -678,5 +797,6 @@ if __name__ == "__main__":
     main([test_dsn_on_full_spool, test_full_spool_with_deferrals_recovers,
           test_corrupt_record_skipped, test_damaged_spool_refused_at_start,
           test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing,
+          test_stop_tells_answers_that_came_after_another_workers_wait,
           test_stop_ends_a_flush_waiting_for_a_stalled_spool,
           test_outcome_commit_failure_names_its_message])
