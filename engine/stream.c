@@ -154,6 +154,16 @@ stream_close(struct stream *st)
 {
     if (st->closed)
         return;
+    /* What is left to send: plain, the output (a send in flight holds
+     * the front of it until its completion); TLS, the plaintext not yet
+     * encrypted and the ciphertext (the in-flight send's included). */
+    size_t left = 0;
+    st->ops->output(st, &left);
+    if (st->tls != NULL)
+        left += tls_conn_pending(st->tls);
+    st->tail = left == 0                                ? STREAM_TAIL_LEFT
+               : st->send_busy && left == st->send_len ? STREAM_TAIL_IN_FLIGHT
+                                                        : STREAM_TAIL_HELD;
     st->closed = true;
     if (st->connecting) {
         /* shutdown() does not end a connect in progress; a cancel does */
@@ -453,6 +463,7 @@ stream_send(struct stream *st)
     struct io_uring_sqe *sqe = worker_sqe(st->w, &st->send_op);
     io_uring_prep_send(sqe, st->fd, p, len, MSG_NOSIGNAL);
     st->send_busy = true;
+    st->send_len = len;
 }
 
 bool
@@ -488,6 +499,9 @@ stream_on_send(struct worker *w, struct op *op, int res, uint32_t flags)
     struct stream *st = STREAM_OF(op, send_op);
     st->send_busy = false;
     if (st->closed) {
+        if (st->tail == STREAM_TAIL_IN_FLIGHT) /* all of it went, or the end did not */
+            st->tail = res > 0 && (size_t)res == st->send_len ? STREAM_TAIL_LEFT
+                                                               : STREAM_TAIL_HELD;
         st->ops->on_release(st);
     } else if (res <= 0) {
         st->ops->on_eof(st, res == 0 ? -EPIPE : res, true);

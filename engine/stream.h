@@ -171,6 +171,9 @@ struct stream {
     bool plain_peer : 1;         /* ... and it was: the peer spoke plaintext */
     int send_err;                /* a TLS write's error, for the kick's completion to
                                   * report (on_eof); 0: none */
+    size_t send_len;             /* octets of the send in flight (plain: of the output;
+                                  * TLS: of the ciphertext) */
+    uint8_t tail;                /* enum stream_tail, set by stream_close() */
 };
 
 /* Take fd (connected, or about to be with stream_connect()). w and ops
@@ -246,6 +249,23 @@ int stream_tls_drop(struct stream *st);
 /* Shut the socket down (and cancel a connect in progress) so that the ops
  * in flight come back; nothing more is read or sent. */
 void stream_close(struct stream *st);
+
+/* After stream_close(): whether the last octets the owner gave (output(),
+ * over TLS their ciphertext) left. A send completed for them: they are
+ * the kernel's (they may reach the peer). One still in flight at the
+ * close may have taken them to the kernel or not: its completion says
+ * (before on_release). Others were never sent, and never will be. */
+enum stream_tail {
+    STREAM_TAIL_LEFT,      /* everything given was sent */
+    STREAM_TAIL_IN_FLIGHT, /* the last octets are in the send in flight */
+    STREAM_TAIL_HELD,      /* the last octets never left */
+};
+
+static inline enum stream_tail
+stream_close_tail(const struct stream *st)
+{
+    return (enum stream_tail)st->tail;
+}
 
 static inline bool
 stream_busy(const struct stream *st)

@@ -33,6 +33,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
+#include "common/clock.h"
 #include "engine/stream.h"
 #include "engine/worker.h"
 #include "tests/tls/tls_test.h"
@@ -841,6 +842,78 @@ test_close_with_read_in_flight(void **state)
     assert_int_equal(f->a.eofs, 0); /* closed by its owner: no EOF reported */
 }
 
+/* ---- what left before the close (stream_close_tail) ---- */
+
+/* The stop cuts an outbound transaction at the dot (delivery's
+ * transaction_cut): the message may have arrived only if the dot left.
+ * a sends to b, which never reads; 300 ms later (step) a is closed. */
+static struct timer step_timer;
+static char *tail_data;
+static size_t tail_more; /* octets the owner adds to its output just before the close */
+static enum stream_tail tail_at_close;
+
+static void
+on_step(struct timer *t, void *ctx)
+{
+    (void)t;
+    (void)ctx;
+    struct fixture *f = F;
+    f->a.out_len += tail_more; /* given after the send in flight was posted */
+    end_close(&f->a);
+    tail_at_close = stream_close_tail(&f->a.st);
+    end_close(&f->b);
+}
+
+static void
+start_tail(struct fixture *f)
+{
+    stream_send(&f->a.st);
+    timer_init(&step_timer, on_step);
+    worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 300 * 1000000ULL);
+}
+
+static void
+tail_case(struct fixture *f, size_t len, size_t more, enum stream_tail at_close,
+          enum stream_tail at_end)
+{
+    tail_data = pattern(len + more, 3);
+    tail_more = more;
+    ends_init(f, false, 0);
+    f->a.out = tail_data;
+    f->a.out_len = len;
+    f->a.expect = SIZE_MAX; /* closed by the step, not when done */
+    f->b.expect = SIZE_MAX;
+    f->start = start_tail;
+    run(f);
+    assert_true(f->a.released);
+    assert_int_equal(tail_at_close, at_close);
+    assert_int_equal(stream_close_tail(&f->a.st), at_end);
+    free(tail_data);
+}
+
+/* All of it fitted in the socket: sent, it may reach the peer. */
+static void
+test_close_tail_sent(void **state)
+{
+    tail_case(*state, 100, 0, STREAM_TAIL_LEFT, STREAM_TAIL_LEFT);
+}
+
+/* More than the socket holds: the send in flight holds the last octets
+ * at the close, and the close makes it fail: they never left. */
+static void
+test_close_tail_in_flight_never_left(void **state)
+{
+    tail_case(*state, 8 << 20, 0, STREAM_TAIL_IN_FLIGHT, STREAM_TAIL_HELD);
+}
+
+/* The last octets given after the send in flight was posted (the dot
+ * behind a body's last chunk): not in any send, they never leave. */
+static void
+test_close_tail_behind_the_send(void **state)
+{
+    tail_case(*state, 8 << 20, 5, STREAM_TAIL_HELD, STREAM_TAIL_HELD);
+}
+
 int
 main(void)
 {
@@ -863,6 +936,9 @@ main(void)
         cmocka_unit_test_setup_teardown(test_tls_key_update_burst_from_server, setup, teardown),
         cmocka_unit_test_setup_teardown(test_tls_key_update_burst_from_client, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_with_read_in_flight, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_tail_sent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_tail_in_flight_never_left, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_tail_behind_the_send, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
