@@ -568,27 +568,6 @@ delivery_on_resolver_closed(struct worker *w, void *arg)
     delivery_check_done(d);
 }
 
-/* The stop ends c with a job in flight (a drain that timed out, or was
- * cut): said, with how far it got, as the drain's line says only that
- * something stayed queued. Its recipients stay in the spool and go after
- * the restart; a body whose end was sent, its reply never come, may have
- * arrived (RFC 1047) and then arrives twice. */
-static void
-stop_cut_log(const struct conn *c)
-{
-    if (c->job == NULL || c->closed)
-        return;
-    enum smtp_client_state st = smtp_client_state(&c->cli);
-    char qid[QUEUE_ID_STRLEN + 1];
-    queue_id_str(c->job->id, qid);
-    log_msg(LOG_NOTICE,
-            "id=%s event=transaction_cut conn=%llx domain=%s mx=%s addr=%s state=%s "
-            "recipients=%u note=%s",
-            qid, (unsigned long long)c->id, c->dest->name, c->mx != NULL ? c->mx : "-",
-            c->addr_str[0] != '\0' ? c->addr_str : "-", smtp_client_state_str(st), c->job->n,
-            st == SMTP_CLIENT_S_DOT ? "stays_queued_sent_whole_may_arrive_twice" : "stays_queued");
-}
-
 /* On the worker: drop the connections (their jobs stay in the spool),
  * close the resolver, and end the loop once both are done. */
 static void
@@ -599,10 +578,8 @@ delivery_on_stop(struct worker *w, struct worker_msg *m)
     worker_timer_cancel(w, &d->due_timer);
     worker_timer_cancel(w, &d->scope_timer);
     sched_stop(d);
-    for (struct conn *c = d->all; c != NULL; c = c->next_all) {
-        stop_cut_log(c);
-        conn_close(c, "stopping");
-    }
+    for (struct conn *c = d->all; c != NULL; c = c->next_all)
+        conn_stop_cut(c);
     /* Leases go back now, not after their ttl (the loop still turns). */
     sched_release_leases(d);
     if (d->res != NULL)

@@ -204,12 +204,19 @@ conn_tlsrpt(struct conn *c, enum tlsrpt_result res)
                        dane->tlsa_base);
 }
 
+static void conn_cut_log(const struct conn *c, enum smtp_client_state st);
+
 void
 conn_free(struct conn *c)
 {
     struct delivery *d = c->d;
     struct dest *t = c->dest;
     worker_timer_cancel(d->w, &c->timer);
+    /* the send that held the dot came back (or, the loop gone, never
+     * will: in flight, it may have left) */
+    if (c->cut_untold && c->job != NULL)
+        conn_cut_log(c, SMTP_CLIENT_S_DOT);
+    c->cut_untold = false;
     stream_fini(&c->st);
     if (c->job != NULL) {
         /* Not finished by the machine (cannot happen after EV_TXN_DONE):
@@ -252,6 +259,46 @@ conn_close(struct conn *c, const char *why)
     c->closed = true;
     worker_timer_cancel(c->d->w, &c->timer);
     stream_close(&c->st);
+}
+
+/* The stop ended c with a job in flight (a drain that timed out, or was
+ * cut): said, with how far it got, as the drain's line says only that
+ * something stayed queued. Its recipients stay in the spool and go after
+ * the restart. At the dot (the terminator given to the stream) the
+ * message may have arrived (RFC 1047), and then arrives twice, only if
+ * the dot left: its send completed, before the close or after it (a
+ * send in flight at the close may have handed it to the kernel). One
+ * whose dot never left cannot have been accepted. */
+static void
+conn_cut_log(const struct conn *c, enum smtp_client_state st)
+{
+    char qid[QUEUE_ID_STRLEN + 1];
+    queue_id_str(c->job->id, qid);
+    const char *note = "stays_queued";
+    if (st == SMTP_CLIENT_S_DOT)
+        note = stream_close_tail(&c->st) == STREAM_TAIL_HELD
+                   ? "stays_queued_dot_not_sent_not_accepted"
+                   : "stays_queued_sent_whole_may_arrive_twice";
+    log_msg(LOG_NOTICE,
+            "id=%s event=transaction_cut conn=%llx domain=%s mx=%s addr=%s state=%s "
+            "recipients=%u note=%s",
+            qid, (unsigned long long)c->id, c->dest->name, c->mx != NULL ? c->mx : "-",
+            c->addr_str[0] != '\0' ? c->addr_str : "-", smtp_client_state_str(st), c->job->n,
+            note);
+}
+
+void
+conn_stop_cut(struct conn *c)
+{
+    bool cut = c->job != NULL && !c->closed;
+    enum smtp_client_state st = smtp_client_state(&c->cli);
+    conn_close(c, "stopping");
+    if (!cut)
+        return;
+    if (st == SMTP_CLIENT_S_DOT && stream_close_tail(&c->st) == STREAM_TAIL_IN_FLIGHT)
+        c->cut_untold = true; /* told once that send is back: conn_free */
+    else
+        conn_cut_log(c, st);
 }
 
 static void

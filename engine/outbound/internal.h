@@ -222,6 +222,9 @@ struct conn {
     bool ready_once;      /* the session reached IDLE at least once */
     bool drain_cut;       /* closed by a drain before it was ready: an end of no
                            * meaning for the policy (as at a stop) */
+    bool cut_untold;      /* closed by the stop at the dot with the send that holds
+                           * it in flight: its transaction_cut line waits for that
+                           * send's end (conn_stop_cut, told in conn_free) */
     bool idled;           /* it waited on its site's idle list since its last transaction
                            * (or before its first): cleared as each one ends */
     bool over_cap;        /* told to end after its transaction: over its domain's
@@ -1218,6 +1221,9 @@ struct conn *conn_open(struct dest *t, const struct dns_mx_host *host, const uni
 /* An idle connection starts its next transaction (an outbound_ops resume). */
 void conn_resume(struct conn *c);
 void conn_close(struct conn *c, const char *why);
+/* The stop: close c, and log event=transaction_cut when a job was in
+ * flight on it (at the dot, once it is known whether the dot left). */
+void conn_stop_cut(struct conn *c);
 /* Keep in f (t's last failure, from c) the source address c left from
  * ("" when none was bound and it never connected) and the TLS c had: its policy, the protocol
  * and cipher of a completed handshake, the certificate check. */
