@@ -709,6 +709,83 @@ def test_stop_says_which_transaction_it_cut_at_the_dot():
         r.close()
 
 
+def test_stop_at_a_dot_that_never_left_says_it_was_not_accepted():
+    """The dot state begins when the final dot is given to the
+    connection, not when it was sent: a receiver that stops reading
+    after its 354 (a small receive buffer; sluice's send buffer small
+    and fixed, the small-sndbuf shim, argv[3]) holds a body of 24 KB
+    with its dot in sluice's own buffer. The stop then cuts it at
+    state=dot, and says that it cannot have been accepted
+    (note=stays_queued_dot_not_sent_not_accepted); before, it warned
+    that it may arrive twice. The receiver indeed never got the dot."""
+    import threading
+    from harness import Sluice, extra_env, log_fields, preload
+    from test_delivery import HostileMx
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no small-sndbuf shim (argv[3]): not run")
+        return
+    at_data, done, read_all = threading.Event(), threading.Event(), threading.Event()
+    got = bytearray()
+
+    def script(c, rfile):  # stops reading at the body; then takes what came, to the end
+        c.sendall(b"220 mx.test ESMTP\r\n")
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            cmd = line.upper()
+            if cmd.startswith(b"EHLO"):
+                c.sendall(b"250-mx.test\r\n250 PIPELINING\r\n")
+            elif cmd.startswith(b"DATA"):
+                c.sendall(b"354 go\r\n")
+                at_data.set()
+                if not done.wait(60):
+                    return
+                while True:  # what sluice sent before its stop closed
+                    chunk = rfile.read1(65536)
+                    if not chunk:
+                        break
+                    got.extend(chunk)
+                read_all.set()
+                return
+            else:
+                c.sendall(b"250 ok\r\n")
+
+    r = Relay(records_for(["held.test"]), with_sink=False, delivery_conf="data_timeout = 10m\n",
+              domain_conf=log_conf_text(""))
+    mx = None
+    try:
+        mx = HostileMx(r.mx_port, script, rcvbuf=4096)
+        conf = os.path.join(r.wd.path, "sluice.conf")
+        assert r.d.stop_clean() == 0
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 1s\n", 1))
+        with extra_env({"LD_PRELOAD": preload(test_delivery.SLUICE, shim),
+                        "SMALL_SNDBUF": "4096"}):
+            r.d = Sluice(test_delivery.SLUICE, conf)
+        r.d.wait_log("event=ready")
+        line = b"x" * 78 + b"\r\n"
+        body = b"Subject: h\r\n\r\n" + line * (24 * 1024 // len(line))
+        r.inject([("s@example.com", ["a@held.test"], body)], sessions=1)
+        qid = dict(log_fields(r.d.wait_log("event=queued")))["id"]
+        assert at_data.wait(30), "the body at the MX"
+        assert r.d.stop_clean() == 0  # the drain (1 s): sluice's buffers fill meanwhile
+        (cut,) = r.d.log_lines("event=transaction_cut")
+        f = dict(log_fields(cut))
+        assert f["id"] == qid and f["state"] == "dot", cut
+        assert f["note"] == "stays_queued_dot_not_sent_not_accepted", cut
+        done.set()
+        assert read_all.wait(30), "the MX's read to the end"
+        assert got and not bytes(got).endswith(b"\r\n.\r\n"), len(got)  # no dot came
+    finally:
+        done.set()
+        if mx is not None:
+            mx.stop()
+        r.close()
+
 def test_stop_does_not_wait_for_a_dns_server_that_does_not_answer():
     """A stop (SIGTERM) while the MX lookup of a message waits on a DNS
     server that never answers (a UDP socket that reads and says nothing):
@@ -1184,6 +1261,7 @@ if __name__ == "__main__":
           test_expiry_while_the_greeting_waits, test_expiry_behind_a_busy_connection,
           test_stop_does_not_wait_for_a_greeting,
           test_stop_says_which_transaction_it_cut_at_the_dot,
+          test_stop_at_a_dot_that_never_left_says_it_was_not_accepted,
           test_stop_does_not_wait_for_a_dns_server_that_does_not_answer,
           test_expiry_header_removed_and_headers_logged,
           test_logged_headers_unfolded_and_alike_in_every_event,
