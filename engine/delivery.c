@@ -653,14 +653,17 @@ delivery_idle(const struct delivery *d)
 
 /* Draining, no connection left, nothing of this worker's delivery with
  * the spool (an outcome being committed: until its answer it may not be
- * stored, and the drain is not done; port_on_ready looks again) and
- * nothing held by the worker's submission server (a message being
- * stored, its answer leaving): tell the engine, once. The server calls
- * delivery_drain_recheck() when it lets go. */
+ * stored, and the drain is not done; port_on_ready looks again), no
+ * outcome not durable yet (d->pending: one whose commit failed waits on
+ * d->retrying for its next try, the port empty meanwhile; that try's
+ * answer comes to port_on_ready) and nothing held by the worker's
+ * submission server (a message being stored, its answer leaving): tell
+ * the engine, once. The server calls delivery_drain_recheck() when it
+ * lets go. */
 void
 drain_check(struct delivery *d)
 {
-    if (d == NULL || !d->draining || d->drained || d->all != NULL ||
+    if (d == NULL || !d->draining || d->drained || d->all != NULL || d->pending != NULL ||
         (d->port != NULL && queue_port_pending(d->port) > 0))
         return;
     struct server_worker *sw = d->e->srv != NULL ? d->e->srv[d->w->id] : NULL;
