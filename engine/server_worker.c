@@ -311,12 +311,21 @@ stop_commits_wait(struct server_worker *sw)
                        ? sw->e->stop_commit_until
                        : start + MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
     uint64_t began = end - MS_TO_NS(SERVER_STOP_COMMIT_WAIT_MS);
+    bool said = false;
     for (;;) {
         uint64_t now = clock_now_ns();
         uint64_t next = held_commits_release(sw, now, false);
         unsigned pending = sw->port != NULL ? queue_port_pending(sw->port) : 0;
         if (pending == 0 && next == UINT64_MAX)
             return true;
+        if (!said) {
+            /* every worker's loop has ended (engine_stop joined them all
+             * first): what the stop waits for now, and where */
+            said = true;
+            log_msg(LOG_INFO, "event=stop_commit_wait worker=%u requests=%u held=%d left_ms=%llu",
+                    sw->w != NULL ? sw->w->id : 0u, pending, next != UINT64_MAX,
+                    (unsigned long long)(now < end ? (end - now) / 1000000 : 0));
+        }
         if (now >= end) {
             /* What came already is told, not cut: the bound is the
              * stop's, and another worker's wait may have taken it all

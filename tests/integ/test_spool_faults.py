@@ -638,10 +638,9 @@ enabled = no
         wait_until(lambda: os.path.exists(trigger + ".held"), 30, "b's commit held")
         node.signal(signal.SIGTERM)
         node.wait_log("event=drain_timed_out", timeout=30)
-        # The loops end at once after the drain, and worker 0's wait
-        # lasts 30 s from there: b's answer comes between (no line marks
-        # a loop's end; 5 s is far inside that window).
-        time.sleep(5)
+        # Worker 0's wait (every loop ended before it begins) lasts 30 s:
+        # b's answer comes meanwhile, to worker 1's port, not its loop.
+        node.wait_log("event=stop_commit_wait worker=0 ", timeout=30)
         os.unlink(trigger)  # the disk answers: b's commit lands in w1's port
         rc = node.proc.wait(90)
         node.reader.join(10)
