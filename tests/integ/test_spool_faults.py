@@ -544,6 +544,85 @@ def test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing():
         wd.cleanup()
 
 
+def test_drain_waits_for_an_outcome_with_the_spool():
+    """SIGTERM while a delivery's outcome is with the spool (its disk
+    stalls, the fail-writes shim, argv[3]) and its connection is gone:
+    the drain is not done then (before, it counted connections only and
+    logged drain_done note=nothing_in_flight with "delivered" not
+    stored). Once the disk answers, the outcome lands and the drain is
+    done at once, well inside drain_timeout (the answer's port looks
+    again), the message delivered once and gone from the spool."""
+    need("dnsmasq")
+    shim = sys.argv[3] if len(sys.argv) > 3 else None
+    if shim is None or not os.path.exists(shim):
+        print("     no fail-writes shim (argv[3]): not run")
+        return
+    wd = Workdir("sluice-stall-drain-")
+    trigger = os.path.join(wd.path, "stall")
+    at_dot, release = threading.Event(), threading.Event()
+    got = []
+    dns = mx = node = None
+    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
+           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall"}
+    try:
+        mx_port = free_port()
+        dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
+        mx = HostileMx(mx_port, holding_mx(at_dot, release, got))
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        conf = node_conf(wd, port, mx_port, dns.port, spool, "64M")
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, "w") as f:
+            f.write(text.replace("[server]\n", "[server]\ndrain_timeout = 60s\n", 1))
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        assert send(port, "s@example.com", ["a@c.test"], b"Subject: s\r\n\r\ndrained\r\n")
+        qid = dict(log_fields(node.wait_log("event=queued")))["id"]
+        assert at_dot.wait(30), "the message at the MX"
+        open(trigger, "w").close()  # the spool's disk stops answering
+        release.set()  # the MX takes it: its outcome goes to the spool
+        wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the outcome's commit held")
+        # idle_timeout (1 s) ends the connection: nothing but the outcome left
+        wait_until(lambda: stats(wd)["connections"]["outbound_open"] == 0, 30,
+                   "the connection gone")
+        node.signal(signal.SIGTERM)
+        node.wait_log("event=draining")
+        # not done while the outcome is with the spool (a look of 2 s:
+        # before, drain_done came at once)
+        look = time.monotonic() + 2
+        while time.monotonic() < look:
+            assert node.count_log("event=drain_done") == 0, node.lines[-10:]
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        os.unlink(trigger)  # the disk answers
+        rc = node.proc.wait(90)
+        took = time.monotonic() - t0
+        node.reader.join(10)
+        assert rc == 0, (rc, node.lines[-20:])
+        assert node.count_log("event=drain_timed_out") == 0, node.lines[-20:]
+        (done,) = node.log_lines("event=drain_done")
+        (delivered,) = node.log_lines("event=delivered")
+        assert dict(log_fields(delivered))["id"] == qid, delivered
+        assert node.lines.index(delivered) < node.lines.index(done), node.lines[-20:]
+        assert took < 30, took  # not the drain's 60 s
+        node = None
+        assert got == [1]
+        assert len(spool_messages(spool)) == 0
+    finally:
+        release.set()
+        if os.path.exists(trigger):
+            os.unlink(trigger)
+        if node is not None:
+            node.stop_clean()
+        if mx is not None:
+            mx.stop()
+        if dns is not None:
+            dns.stop()
+        wd.cleanup()
+
+
 def _reply(rfile):
     """One SMTP reply (its lines), as bytes; b"" at the end."""
     out = b""
@@ -797,5 +876,6 @@ if __name__ == "__main__":
           test_corrupt_record_skipped, test_damaged_spool_refused_at_start,
           test_stop_on_a_stalled_spool_is_bounded_and_loses_nothing,
           test_stop_tells_answers_that_came_after_another_workers_wait,
+          test_drain_waits_for_an_outcome_with_the_spool,
           test_stop_ends_a_flush_waiting_for_a_stalled_spool,
           test_outcome_commit_failure_names_its_message])
