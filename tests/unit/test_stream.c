@@ -62,6 +62,7 @@ struct end {
     size_t fail_write_len;     /* once the handshake is done, output this much with
                                 * OpenSSL's allocations failing (0: never) */
     bool peer_eof, ending, closed, released;
+    bool deaf;                 /* reads nothing more once its TLS handshake is done */
 };
 
 struct fixture {
@@ -216,7 +217,8 @@ t_on_readable(struct stream *st)
         crypto_fail = false;
     }
     stream_send(st);
-    stream_recv(st);
+    if (!(e->deaf && stream_tls_ready(st)))
+        stream_recv(st);
     if (e->check_idle_buf && stream_busy(st) && st->recv_busy && st->cin_len == 0) {
         assert_null(st->buf);
         e->idle_checks++;
@@ -858,6 +860,10 @@ on_step(struct timer *t, void *ctx)
     (void)t;
     (void)ctx;
     struct fixture *f = F;
+    if (f->a.st.tls != NULL && !stream_tls_ready(&f->a.st)) { /* a slow handshake: later */
+        worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 50 * 1000000ULL);
+        return;
+    }
     f->a.out_len += tail_more; /* given after the send in flight was posted */
     end_close(&f->a);
     tail_at_close = stream_close_tail(&f->a.st);
@@ -914,6 +920,59 @@ test_close_tail_behind_the_send(void **state)
     tail_case(*state, 8 << 20, 5, STREAM_TAIL_HELD, STREAM_TAIL_HELD);
 }
 
+/* Over TLS what is left counts the ciphertext too: the plaintext all
+ * taken by TLS (a small message), it left only once its records did. b
+ * reads nothing after its handshake. */
+static void
+start_tail_tls(struct fixture *f)
+{
+    start_tls(f);
+    timer_init(&step_timer, on_step);
+    worker_timer_arm(&f->w, &step_timer, clock_now_ns() + 300 * 1000000ULL);
+}
+
+static void
+tail_case_tls(struct fixture *f, size_t len, enum stream_tail *at_close, enum stream_tail *at_end)
+{
+    if (stream_bufs_init(&f->bufs, &f->w, 16, 3) < 0)
+        skip();
+    tail_data = pattern(len, 4);
+    tail_more = 0;
+    ends_init(f, true, 0);
+    f->a.out = tail_data;
+    f->a.out_len = len;
+    f->a.expect = SIZE_MAX;
+    f->b.expect = SIZE_MAX;
+    f->b.deaf = true;
+    f->start = start_tail_tls;
+    run(f);
+    assert_true(f->a.released);
+    assert_int_equal(f->a.handshakes, 1);
+    *at_close = tail_at_close;
+    *at_end = stream_close_tail(&f->a.st);
+    free(tail_data);
+}
+
+static void
+test_close_tail_tls_sent(void **state)
+{
+    enum stream_tail at_close, at_end;
+    tail_case_tls(*state, 100, &at_close, &at_end);
+    assert_int_equal(at_close, STREAM_TAIL_LEFT);
+    assert_int_equal(at_end, STREAM_TAIL_LEFT);
+}
+
+/* More than the socket holds: records still to send at the close, in
+ * flight or not, never leave. */
+static void
+test_close_tail_tls_records_held(void **state)
+{
+    enum stream_tail at_close, at_end;
+    tail_case_tls(*state, 8 << 20, &at_close, &at_end);
+    assert_int_not_equal(at_close, STREAM_TAIL_LEFT);
+    assert_int_equal(at_end, STREAM_TAIL_HELD);
+}
+
 int
 main(void)
 {
@@ -939,6 +998,8 @@ main(void)
         cmocka_unit_test_setup_teardown(test_close_tail_sent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_tail_in_flight_never_left, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_tail_behind_the_send, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_tail_tls_sent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_tail_tls_records_held, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
