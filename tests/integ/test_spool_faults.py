@@ -389,17 +389,19 @@ def fail_writes_shim():
     return shim
 
 
-def shim_env(shim, trigger, stall=False, stop_bound_ms=None):
+def shim_env(shim, trigger, stall=False, stop_bound_ms=None, leaks_checked=False):
     """The environment of a sluice whose spool's disk fails its writes
-    (EIO) once trigger exists; with stall, stalls them instead; with
-    stop_bound_ms, the stop's last bound that long."""
+    (EIO) once trigger exists; with stall, stalls them instead (and,
+    unless leaks_checked, what a stop cut off stays allocated until the
+    exit: no leak check); with stop_bound_ms, the stop's last bound that
+    long."""
     env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
            "FAIL_WRITES_TRIGGER": trigger}
     if stall:
+        env["FAIL_WRITES_MODE"] = "stall"
+    if stall and not leaks_checked:
         asan = os.environ.get("ASAN_OPTIONS")
-        env.update({"FAIL_WRITES_MODE": "stall",
-                    # what a stop cut off stays allocated until the exit
-                    "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"})
+        env["ASAN_OPTIONS"] = (asan + ":" if asan else "") + "detect_leaks=0"
     if stop_bound_ms is not None:
         env["SLUICE_TEST_STOP_BOUND_MS"] = str(stop_bound_ms)
     return env
@@ -553,17 +555,15 @@ def test_drain_waits_for_an_outcome_with_the_spool():
     done at once, well inside drain_timeout (the answer's port looks
     again), the message delivered once and gone from the spool."""
     need("dnsmasq")
-    shim = sys.argv[3] if len(sys.argv) > 3 else None
-    if shim is None or not os.path.exists(shim):
-        print("     no fail-writes shim (argv[3]): not run")
+    shim = fail_writes_shim()
+    if shim is None:
         return
     wd = Workdir("sluice-stall-drain-")
     trigger = os.path.join(wd.path, "stall")
     at_dot, release = threading.Event(), threading.Event()
     got = []
     dns = mx = node = None
-    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
-           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall"}
+    env = shim_env(shim, trigger, stall=True, leaks_checked=True)
     try:
         mx_port = free_port()
         dns = Dns(wd, ["host-record=mx.test,127.0.0.1", "mx-host=c.test,mx.test,10"])
@@ -658,17 +658,13 @@ def test_stop_tells_answers_that_came_after_another_workers_wait():
     unanswered=stopping), as delivery.c's outcomes_wait tells an outcome
     found there; before, that wait broke out at once and logged the
     stored message event=commit_unanswered, stop_commit_wait_cut."""
-    shim = sys.argv[3] if len(sys.argv) > 3 else None
-    if shim is None or not os.path.exists(shim):
-        print("     no fail-writes shim (argv[3]): not run")
+    shim = fail_writes_shim()
+    if shim is None:
         return
     wd = Workdir("sluice-stall-port-")
     trigger = os.path.join(wd.path, "stall")
-    asan = os.environ.get("ASAN_OPTIONS")
-    env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": "/spool/data.mdb",
-           "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall",
-           "SLUICE_TEST_COMMIT_DELAY": "120000",
-           "ASAN_OPTIONS": (asan + ":" if asan else "") + "detect_leaks=0"}
+    env = shim_env(shim, trigger, stall=True)
+    env["SLUICE_TEST_COMMIT_DELAY"] = "120000"
     node = None
     socks = []
     try:
