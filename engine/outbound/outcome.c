@@ -364,7 +364,7 @@ outcome_done(void *cookie, int rc)
          * waits in the spool for the next start), not left to a later
          * outcome that may be the message's delivery */
         if (b->info.delay_check && b->n > 0)
-            outcome_delay_check(d, b->t, b->o[0].id, &b->info);
+            outcome_delay_check(d, b->t, b->o[0].id, &b->info, b);
         outcome_batch_free(b);
         return;
     }
@@ -730,6 +730,20 @@ outcome_dsn_make(struct delivery *d, const struct queue_envelope *env, const str
     return m;
 }
 
+const char *
+outcome_batch_deferred_mx(const struct outcome_batch *b, unsigned rcpt, unsigned code)
+{
+    if (b == NULL || b->info.mx[0] == '\0')
+        return NULL;
+    for (size_t i = 0; i < b->n; i++) {
+        const struct queue_outcome *o = &b->o[i];
+        if (o->rcpt == rcpt && b->applied[i] && o->kind == QUEUE_DEFERRED && !o->untried &&
+            o->tag != DSN_HELD_TAG && o->code == code && b->tell[i].session)
+            return b->info.mx;
+    }
+    return NULL;
+}
+
 /* The DSN's entry for the outcome told by tl (reply: its reply). */
 void
 outcome_dsn_rcpt_of(struct dsn_rcpt *x, const struct outcome_tell *tl, const char *reply,
@@ -1061,6 +1075,8 @@ job_finish(struct delivery *d, struct dest *t, struct job *j, const struct queue
          * with the MX host whose session gave it (the held destination's
          * expiries name both, dest_on_sweep). */
         bool answered = mta_answered(o);
+        /* a deferral's too: its delay warning's Remote-MTA (outcome_delay_check) */
+        tl->session = answered && !where->untried;
         if (kind != DLOG_DELIVERY && (o->code != 0 || where->src != CLASSIFY_EXPIRED)) {
             if (o->code != 0)
                 snprintf(t->last_reply, sizeof(t->last_reply), "%u %.150s", o->code, o->text);

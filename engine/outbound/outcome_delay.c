@@ -86,7 +86,7 @@ recheck_on_timer(struct timer *tm, void *ctx)
     if (t != NULL) {
         struct outcome_info info = {.now_ms = clock_unix_ms()};
         snprintf(info.tenant, sizeof(info.tenant), "%s", x->tenant);
-        outcome_delay_check(d, t, x->id, &info);
+        outcome_delay_check(d, t, x->id, &info, NULL);
     }
     free(x);
 }
@@ -183,7 +183,7 @@ delay_enh(const char *text)
 
 void
 outcome_delay_check(struct delivery *d, struct dest *t, uint64_t id,
-                    const struct outcome_info *info)
+                    const struct outcome_info *info, const struct outcome_batch *b)
 {
     const struct config *cfg = d->e->cfg;
     struct queue_envelope *env = NULL;
@@ -237,6 +237,9 @@ outcome_delay_check(struct delivery *d, struct dest *t, uint64_t id,
             .status = status[n],
             .code = r->last_code,
             .text = r->last_reply != NULL && r->last_reply[0] != '\0' ? r->last_reply : NULL,
+            /* the MX whose session deferred it, known only to the batch that
+             * did (the spool keeps none): none for one never tried */
+            .remote_mta = outcome_batch_deferred_mx(b, r->index, r->last_code),
             .last_attempt_ms = r->last_ms,
             .retry_until_ms =
                 policy_expiry(env->arrival_ms, pol != NULL ? pol->max_age : 0, env->expire_ms),

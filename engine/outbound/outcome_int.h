@@ -57,6 +57,10 @@ struct outcome_info {
 /* ---- outcome.c ---- */
 
 struct outcome_batch; /* outcome.c's: the outcomes of one job on their way to the spool */
+/* The MX host whose session deferred recipient rcpt (its index) of b's
+ * message by b, with reply code code (the spool's last of it), when an
+ * MTA answered and that outcome applied; else NULL. b may be NULL. */
+const char *outcome_batch_deferred_mx(const struct outcome_batch *b, unsigned rcpt, unsigned code);
 
 /* Copy qo[0..n), their replies, what telling them takes (tl) and their
  * delivery log lines (ev[0..evlen): lines[i] of them tell qo[i], the
@@ -121,8 +125,11 @@ bool outcome_delay_due(const struct delivery *d, const struct queue_envelope *en
 /* A deferral of message id (by the batch whose info is given, on t) is
  * durable: when its delay warning is due and has not gone, it goes, and
  * the message is marked warned in the same commit (QUEUE_WARNED): one
- * warning per message, whichever of its batches comes first. */
+ * warning per message, whichever of its batches comes first. b: that
+ * batch, or NULL (a recheck): the recipients it deferred after an MTA
+ * answered name its MX as their Remote-MTA (the spool keeps no MX of a
+ * deferral: the others name none). */
 void outcome_delay_check(struct delivery *d, struct dest *t, uint64_t id,
-                         const struct outcome_info *info);
+                         const struct outcome_info *info, const struct outcome_batch *b);
 
 #endif

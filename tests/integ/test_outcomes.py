@@ -341,6 +341,18 @@ def test_delay_warning_only_when_asked():
             assert "Action: delayed" in text and "Action: failed" not in text, text[:2000]
             assert "asked@soft.test" in text and "silent@soft.test" not in text, text[:2000]
             assert "Will-Retry-Until:" in text, text[:2000]
+            # The recipient's block names its last attempt's MX and reply
+            # (RFC 3464 2.3.5, 2.3.6), as Postfix's delay notices do.
+            # Before the fix it named no Remote-MTA.
+            msg = email.message_from_bytes(dump, policy=email.policy.default)
+            ds = [p for p in msg.iter_parts() if p.get_content_type() == "message/delivery-status"]
+            assert len(ds) == 1, [p.get_content_type() for p in msg.iter_parts()]
+            blocks = [b for b in ds[0].get_payload()[1:]
+                      if "asked@soft.test" in str(b["Final-Recipient"])]
+            assert len(blocks) == 1, text[:3000]
+            assert str(blocks[0]["Action"]) == "delayed", text[:3000]
+            assert str(blocks[0]["Remote-MTA"]) == "dns; mx.test", text[:3000]
+            assert re.match(r"smtp; 4\d\d ", str(blocks[0]["Diagnostic-Code"])), text[:3000]
             # Once: more attempts pass, no second warning.
             wait_events(r.dlog, lambda e: e["event"] == "transient_failure", 6, timeout=30)
             assert len([e for e in events(r.dlog) if e["event"] == "dsn"]) == 1

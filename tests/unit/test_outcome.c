@@ -1279,14 +1279,35 @@ delay_warning_once_per_message(void **state)
     f->cfg->bounce.dsn_wait = 0;                 /* ... at most this long */
     struct outcome_info info = {.now_ms = clock_unix_ms()};
     hold_start(f, &h);
-    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id2, &info);
-    outcome_delay_check(f->d, dest_get(f->d, "two.test"), id2, &info);
+    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id2, &info, NULL);
+    outcome_delay_check(f->d, dest_get(f->d, "two.test"), id2, &info, NULL);
     hold_end(f, &h);
     settle(f);
     assert_int_equal(f->d->stats.dsn_queued, 2);
     struct dsn_scan s2;
     dsns_expect(f, &s2, 2);
     fx_end(f);
+}
+
+/* The per-recipient fields of addr in the one DSN of s (its block of
+ * the message/delivery-status part, up to the blank line), into out. */
+static void
+dsn_rcpt_fields(struct fx *f, struct dsn_scan *s, const char *addr, char *out, size_t cap)
+{
+    static char body[65536];
+    size_t len = 0;
+    assert_int_equal(s->n, 1);
+    assert_int_equal(queue_body_read(f->e.queue, s->ids[0], 0, body, sizeof(body) - 1, &len), 0);
+    body[len] = '\0';
+    char want[300];
+    snprintf(want, sizeof(want), "Final-Recipient: rfc822; %s\r\n", addr);
+    const char *p = strstr(body, want);
+    assert_non_null(p);
+    const char *e = strstr(p, "\r\n\r\n");
+    size_t n = e != NULL ? (size_t)(e - p) : strlen(p);
+    assert_true(n < cap);
+    memcpy(out, p, n);
+    out[n] = '\0';
 }
 
 /* A recipient still queued, never tried (its domain suspended, or behind
@@ -1313,6 +1334,18 @@ delay_warning_names_a_recipient_still_queued(void **state)
     assert_int_equal(dsns_naming(f, &s, "user0@one.test"), 1);
     assert_int_equal(dsns_naming(f, &s, "user1@two.test"), 1);
     assert_delay_warned(f, id, true);
+    /* the deferred one names its last attempt's MX and reply (RFC 3464
+     * 2.3.5, 2.3.6), as Postfix's delay notices do; the one never tried
+     * neither. Before the fix the warning named no Remote-MTA. */
+    char fl[2048];
+    dsn_rcpt_fields(f, &s, "user0@one.test", fl, sizeof(fl));
+    assert_non_null(strstr(fl, "\r\nStatus: 4.2.0\r\n"));
+    assert_non_null(strstr(fl, "\r\nRemote-MTA: dns; mx.example.test\r\n"));
+    assert_non_null(strstr(fl, "\r\nDiagnostic-Code: smtp; 450 4.2.0 try again later\r\n"));
+    dsn_rcpt_fields(f, &s, "user1@two.test", fl, sizeof(fl));
+    assert_non_null(strstr(fl, "\r\nStatus: 4.0.0\r\n"));
+    assert_null(strstr(fl, "Remote-MTA"));
+    assert_null(strstr(fl, "Diagnostic-Code"));
     fx_end(f);
 }
 
@@ -1368,7 +1401,7 @@ pending_log_says_a_delay_warning(void **state)
     struct hold h;
     hold_start(f, &h);
     struct outcome_info info = {.now_ms = clock_unix_ms()};
-    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id, &info);
+    outcome_delay_check(f->d, dest_get(f->d, "one.test"), id, &info, NULL);
     assert_non_null(f->d->pending);
     assert_int_equal(outcome_pending_log(f->d), 1);
     hold_end(f, &h);
