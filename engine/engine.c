@@ -1016,7 +1016,13 @@ engine_stop(struct engine *e)
     /* After every worker: what they logged is written out. */
     STOP_STAGE("delivery_log");
     e->dlog = dlog_free(e->dlog);
-    e->events = events_free(e->events); /* after every writer, before the spool */
+    bool events_busy = false;
+    e->events = events_free_busy(e->events, &events_busy); /* after every writer, before the spool */
+    if (events_busy)
+        /* the pump's requests went unanswered for its last wait (10 s,
+         * events_port_busy_at_stop): the spool's committer is as stuck as
+         * after a cut, its close is not waited for longer either */
+        e->stop_cut = true;
     free(e->dlogw);
     e->dlogw = NULL;
     free(e->workers);

@@ -160,7 +160,9 @@ struct engine {
                                  * not stopping */
     bool stop_cut;              /* a wait of the stop for the spool's answers was cut
                                  * (server_worker_free, delivery_free: the spool did not
-                                 * answer by stop_commit_until); main thread */
+                                 * answer by stop_commit_until), or the events pump's
+                                 * requests were left with it (events_free_busy);
+                                 * main thread */
     bool stop_given_up;         /* ... and the spool did not close within
                                  * STOP_SPOOL_CLOSE_AFTER_CUT_MS either: left to the
                                  * exit, which is ENGINE_EXIT_FAILED */

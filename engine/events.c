@@ -1070,6 +1070,14 @@ fail:
 struct events *
 events_free(struct events *ev)
 {
+    return events_free_busy(ev, NULL);
+}
+
+struct events *
+events_free_busy(struct events *ev, bool *spool_busy)
+{
+    if (spool_busy != NULL)
+        *spool_busy = false;
     if (ev == NULL)
         return NULL;
     atomic_store(&ev->stopping, true);
@@ -1086,10 +1094,12 @@ events_free(struct events *ev)
         pthread_join(ev->pump, NULL);
     if (ev->queue != NULL)
         queue_events_set_hook(ev->queue, NULL, NULL);
-    if (ev->port != NULL && queue_port_pending(ev->port) > 0)
+    if (ev->port != NULL && queue_port_pending(ev->port) > 0) {
         log_msg(LOG_ERR, "event=events_port_busy_at_stop pending=%u note=left_to_the_exit",
                 queue_port_pending(ev->port)); /* the spool did not answer: freeing would panic */
-    else
+        if (spool_busy != NULL)
+            *spool_busy = true;
+    } else
         queue_port_free(ev->port);
     for (unsigned i = 0; i < ev->nsinks; i++) {
         sink_fini(ev->sinks[i]);

@@ -137,6 +137,11 @@ int events_new(const struct events_sink_config *sinks, unsigned n, const char *d
  * sent again from the cursor on the next start; only a Redis connect in
  * progress runs to its timeout) and close. Returns NULL. */
 struct events *events_free(struct events *ev);
+/* events_free, and *spool_busy (when not NULL) says whether the pump's
+ * requests were still with the spool (event=events_port_busy_at_stop:
+ * the spool answered none of them in the pump's last wait, 10 s; its port
+ * is left allocated to the exit). */
+struct events *events_free_busy(struct events *ev, bool *spool_busy);
 
 /* The delivery log's hook (dlog_set_hook) for events logged outside a
  * spool transaction (suppressed, rejection, oob_bounce, complaint): the line is

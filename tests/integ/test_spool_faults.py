@@ -867,6 +867,74 @@ def test_outcome_commit_failure_names_its_message():
         wd.cleanup()
 
 
+def test_stop_with_the_events_pumps_request_stuck_is_bounded():
+    """SIGTERM while the spool's disk stalls (the fail-writes shim, argv[3])
+    with only the events pump's request waiting for it: a recipient
+    refused at RCPT (an address literal sluice cannot deliver to) is an
+    event put alone, not with a worker's commit, so no wait of the stop
+    for the spool's answers is cut. The pump gives its request up at the
+    stop (event=events_port_busy_at_stop); the spool's close then waits 5 s
+    at most, as after a cut (event=stop_spool_given_up, exit 70). Before,
+    the close waited with no bound until the stop's last bound gave it up
+    (stop_stuck stage=spool; 30 s here, SLUICE_TEST_STOP_BOUND_MS)."""
+    shim = fail_writes_shim()
+    if shim is None:
+        return
+    wd = Workdir("sluice-stall-events-")
+    trigger = os.path.join(wd.path, "stall")
+    node = None
+    env = shim_env(shim, trigger, stall=True, stop_bound_ms=30000)
+    try:
+        port = free_port()
+        spool = os.path.join(wd.path, "spool")
+        hook = (f"[events hook]\nurl = http://127.0.0.1:{free_port()}/events\n"
+                "secret = s3cret-for-tests\ntimeout = 1s\n")
+        conf = node_conf(wd, port, free_port(), free_port(), spool, "64M", hook)
+        drain_timeout_1s(conf)
+        with extra_env(env):
+            node = Sluice(SLUICE, conf)
+        node.wait_log("event=ready")
+        open(trigger, "w").close()  # the spool's disk stops answering
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("client.test")
+            assert c.mail("s@example.com")[0] == 250
+            code, _ = c.rcpt("a@[test:x]")
+            assert code == 553, code
+            c.rset()  # the event of a refused RCPT: once the transaction ends
+            wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the event's put held")
+            c.quit()
+        node.wait_log("event=rcpt_rejected")
+        t0 = time.monotonic()
+        node.signal(signal.SIGTERM)
+        try:
+            rc = node.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop was not bounded:\n" + "\n".join(node.lines[-20:]))
+        took = time.monotonic() - t0
+        node.reader.join(10)
+        d, node = node, None  # ended: nothing to stop
+        assert rc == 70, (rc, d.lines[-20:])
+        # nothing of a worker's waited: no cut, the pump's request alone
+        assert d.count_log("event=stop_commit_wait_cut") == 0, d.lines[-20:]
+        (busy,) = d.log_lines("event=events_port_busy_at_stop")
+        assert d.count_log("event=stop_stuck") == 0, d.lines[-20:]
+        (given_up,) = d.log_lines("event=stop_spool_given_up")
+        assert "exit=70 " in given_up, given_up
+        assert d.lines.index(busy) < d.lines.index(given_up)
+        (stopped,) = d.log_lines("event=stopped")
+        assert "exit=70" in stopped, stopped
+        after_busy = log_time(stopped) - log_time(busy)
+        assert after_busy < 15, after_busy  # the close's wait (5 s)
+        assert took < 28, took  # the pump's last wait (10 s), the close (5 s)
+    finally:
+        for path in (trigger, trigger + ".held"):  # first: the stop may need the disk
+            if os.path.exists(path):
+                os.unlink(path)
+        if node is not None:
+            node.stop_clean()
+        wd.cleanup()
+
+
 if __name__ == "__main__":
     main([test_dsn_on_full_spool, test_full_spool_with_deferrals_recovers,
           test_corrupt_record_skipped, test_damaged_spool_refused_at_start,
@@ -874,4 +942,5 @@ if __name__ == "__main__":
           test_stop_tells_answers_that_came_after_another_workers_wait,
           test_drain_waits_for_an_outcome_with_the_spool,
           test_stop_ends_a_flush_waiting_for_a_stalled_spool,
+          test_stop_with_the_events_pumps_request_stuck_is_bounded,
           test_outcome_commit_failure_names_its_message])
