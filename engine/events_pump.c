@@ -117,6 +117,32 @@ pump_put_done(void *cookie, int rc)
     }
 }
 
+/* The journal's end moved (an append, or numbers skipped): the sinks
+ * waiting for a change look again. A skip told to nobody left a sink
+ * whose cursor lay before the skipped numbers waiting for the next
+ * append, with them counted as pending (events_stats) until then. */
+static void
+pump_tell_sinks(struct events *ev, bool appended)
+{
+    pthread_mutex_lock(&ev->mu);
+    if (appended)
+        ev->pump_failing_ms = 0;
+    ev->appends++;
+    pthread_cond_broadcast(&ev->cond);
+    pthread_mutex_unlock(&ev->mu);
+}
+
+/* Number the journal on from seq; the sinks are told. */
+static int
+pump_skip(struct events *ev, uint64_t seq)
+{
+    int rc = journal_skip_to(ev->journal, seq);
+    if (rc < 0)
+        return rc;
+    pump_tell_sinks(ev, false);
+    return 1;
+}
+
 /*
  * Move every durable spool record past the journal's end to the journal
  * (fsynced), under the spool's numbers, then ask the spool to trim what
@@ -146,14 +172,12 @@ pump_move(struct events *ev)
          * Numbered on from there, else a sink's pending (counted to the
          * spool's last number, events_stats) kept them until the next
          * event came. */
-        int rc = journal_skip_to(ev->journal, durable);
-        return rc < 0 ? rc : 1;
+        return pump_skip(ev, durable);
     }
     if (ev->pskip > ev->pfrom) {
         /* the spool holds nothing from pfrom to pskip: a journal made anew
          * beside an older spool, or records lost; number on from there */
-        int rc = journal_skip_to(ev->journal, ev->pskip);
-        return rc < 0 ? rc : 1;
+        return pump_skip(ev, ev->pskip);
     }
     if (ev->plen == 0) {
         pump_trim(ev); /* records a crash left between a copy and its trim */
@@ -170,11 +194,7 @@ pump_move(struct events *ev)
         pthread_mutex_unlock(&ev->mu);
         return rc;
     }
-    pthread_mutex_lock(&ev->mu);
-    ev->pump_failing_ms = 0;
-    ev->appends++;
-    pthread_cond_broadcast(&ev->cond);
-    pthread_mutex_unlock(&ev->mu);
+    pump_tell_sinks(ev, true);
     /* Sinks trim as their cursors move; with none left (a reload removed
      * the last), nobody else would, and every segment stayed on disk. */
     events_trim(ev);

@@ -4,9 +4,11 @@
  * pwrite(2), writev(2) and pwritev(2) to a file whose path ends with
  * FAIL_WRITES_PATH fail with EIO (LMDB writes its pages and meta pages
  * with the first three, so a commit of that environment fails; the event
- * journal appends with pwritev); every other call passes through.
+ * journal appends with pwritev), and so does rename(2) of a file whose
+ * path ends so (the journal numbers on past a gap by renaming an empty
+ * segment); every other call passes through.
  * With FAIL_WRITES_MODE=stall they wait instead, for as long as the
- * trigger exists (at most ten minutes), then write: a disk that stops
+ * trigger exists (at most ten minutes), then go on: a disk that stops
  * answering. The first to wait creates the trigger's name + ".held", for
  * the test to know.
  *
@@ -26,21 +28,17 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Whether a call on the file at target fails (true), or goes on after
+ * a stall while the trigger exists (false). */
 static bool
-failing(int fd)
+failing_path(const char *target)
 {
     const char *trigger = getenv("FAIL_WRITES_TRIGGER");
     const char *path = getenv("FAIL_WRITES_PATH");
     if (trigger == NULL || path == NULL || access(trigger, F_OK) != 0)
         return false;
-    char link[64], target[4096];
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, target, sizeof(target) - 1);
-    size_t pl = strlen(path);
-    if (n <= 0 || (size_t)n < pl)
-        return false;
-    target[n] = '\0';
-    if (strcmp(target + n - pl, path) != 0)
+    size_t n = strlen(target), pl = strlen(path);
+    if (n < pl || strcmp(target + n - pl, path) != 0)
         return false;
     const char *mode = getenv("FAIL_WRITES_MODE");
     if (mode == NULL || strcmp(mode, "stall") != 0)
@@ -54,6 +52,31 @@ failing(int fd)
     for (int i = 0; i < 60000 && access(trigger, F_OK) == 0; i++)
         nanosleep(&tick, NULL);
     return false;
+}
+
+static bool
+failing(int fd)
+{
+    char link[64], target[4096];
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof(target) - 1);
+    if (n <= 0)
+        return false;
+    target[n] = '\0';
+    return failing_path(target);
+}
+
+int
+rename(const char *from, const char *to)
+{
+    static int (*next)(const char *, const char *);
+    if (next == NULL)
+        next = (int (*)(const char *, const char *))dlsym(RTLD_NEXT, "rename");
+    if (failing_path(from)) {
+        errno = EIO;
+        return -1;
+    }
+    return next(from, to);
 }
 
 ssize_t

@@ -831,7 +831,20 @@ def test_pending_0_after_the_journal_made_anew():
     spool's numbers from the journal's end to its last are in neither,
     and a sink's pending, counted up to the spool's last number, showed
     them as pending until the next event came (for ever on an idle
-    node). The pump moves the journal on past them at once."""
+    node). The pump moves the journal on past them at once, and tells
+    the sinks: one already waiting for an append, its cursor before the
+    skipped numbers, kept counting them until the next event. The
+    fail-writes shim holds the pump's skip (the rename of the empty
+    segment) until the node is ready, its sink waiting; without the shim
+    the test runs in whichever order the threads take."""
+    shim = sys.argv[4] if len(sys.argv) > 4 else None
+    import tempfile
+    from harness import preload
+    trigger = tempfile.mktemp(prefix="sluice-fail-writes-")
+    env = {}
+    if shim is not None and os.path.exists(shim):
+        env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": ".seg",
+               "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall"}
     rec = Receiver()
     node = Node(hook_conf(rec.port, "batch_wait = 10ms"))
     try:
@@ -841,7 +854,14 @@ def test_pending_0_after_the_journal_made_anew():
                    "the first message's two events at the receiver")
         assert node.d.stop_clean() == 0
         shutil.rmtree(os.path.join(node.spool, "events"))
-        node.start()
+        if env:
+            open(trigger, "w").close()
+        with extra_env(env):
+            node.start()
+        if env:
+            wait_until(lambda: os.path.exists(trigger + ".held"), 30, "the pump's skip held")
+            assert node.sink_stats("hook")["pending"] > 0, node.sink_stats("hook")
+            os.unlink(trigger)
         wait_until(lambda: node.sink_stats("hook")["pending"] == 0, 10,
                    "pending 0 with nothing to send")
         assert node.sink_stats("hook")["dropped"] == 0, node.sink_stats("hook")
@@ -852,6 +872,9 @@ def test_pending_0_after_the_journal_made_anew():
         with rec.lock:
             assert not rec.clashes, f"one event_id, two events: {rec.clashes[:2]}"
     finally:
+        for f in (trigger, trigger + ".held"):
+            if os.path.exists(f):
+                os.unlink(f)
         node.close()
         rec.stop()
 
