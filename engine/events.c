@@ -631,8 +631,14 @@ sink_main(void *arg)
         while (!SINK_STOP(s) && (s->st.paused || end.seq <= s->cursor.seq)) {
             first_seen = 0;
             uint64_t seen = ev->appends;
-            while (!SINK_STOP(s) && seen == ev->appends && !s->st.paused)
+            while (!SINK_STOP(s) && seen == ev->appends && !s->st.paused) {
                 events_wait_until(ev, events_mono_ms() + 1000);
+                /* a move of the journal's end told to nobody waits a
+                 * second at most */
+                journal_end(ev->journal, &end);
+                if (end.seq > s->cursor.seq)
+                    break;
+            }
             if (s->st.paused && !SINK_STOP(s))
                 events_wait_until(ev, events_mono_ms() + 1000);
             journal_end(ev->journal, &end);
