@@ -1105,8 +1105,9 @@ events_free_busy(struct events *ev, bool *spool_busy)
                 queue_port_pending(ev->port)); /* the spool did not answer: freeing would panic */
         if (spool_busy != NULL)
             *spool_busy = true;
-    } else
+    } else {
         queue_port_free(ev->port);
+    }
     for (unsigned i = 0; i < ev->nsinks; i++) {
         sink_fini(ev->sinks[i]);
         free(ev->sinks[i]);

@@ -778,7 +778,8 @@ client_process(struct stats_server *s, struct client *c, uint64_t now)
             c->inlen = 0;
         } else if (c->pass_refused) {
             stats_answer_error(&c->out, "one file descriptor at most, sent with the command "
-                                        "line that uses it: closing");
+                                        "line that uses it (or sluice is out of descriptors): "
+                                        "closing");
             json_raw(&c->out, "\n", 1);
             c->closing = true;
             c->inlen = 0;
