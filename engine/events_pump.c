@@ -132,15 +132,15 @@ pump_tell_sinks(struct events *ev, bool appended)
     pthread_mutex_unlock(&ev->mu);
 }
 
-/* Number the journal on from seq; the sinks are told. */
+/* Number the journal on from seq; the sinks are told, also when it
+ * failed: a skip whose directory sync failed (journal_skip_to) moved the
+ * end all the same, and the retry finds nothing to skip, or to append. */
 static int
 pump_skip(struct events *ev, uint64_t seq)
 {
     int rc = journal_skip_to(ev->journal, seq);
-    if (rc < 0)
-        return rc;
     pump_tell_sinks(ev, false);
-    return 1;
+    return rc < 0 ? rc : 1;
 }
 
 /*

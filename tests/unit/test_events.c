@@ -667,6 +667,83 @@ test_sink_whose_thread_fails_is_left_out(void **state)
     sink_cfg_fini(&c[1]);
 }
 
+/* While set, a thread that renames a segment (journal_skip_to numbering
+ * a journal made anew on: its empty last segment takes the new name)
+ * fails its next fsync(2) of a directory with EIO: the sync of the
+ * rename. Every call of the binary comes here (it defines the symbols). */
+static atomic_bool skip_sync_fails;
+static _Thread_local bool dir_sync_fails;
+
+int
+rename(const char *from, const char *to)
+{
+    static int (*real)(const char *, const char *);
+    if (real == NULL)
+        *(void **)&real = dlsym(RTLD_NEXT, "rename");
+    size_t n = strlen(from);
+    if (atomic_load(&skip_sync_fails) && n > 4 && strcmp(from + n - 4, ".seg") == 0)
+        dir_sync_fails = true;
+    return real(from, to);
+}
+
+int
+fsync(int fd)
+{
+    static int (*real)(int);
+    if (real == NULL)
+        *(void **)&real = dlsym(RTLD_NEXT, "fsync");
+    struct stat st;
+    if (dir_sync_fails && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        dir_sync_fails = false;
+        errno = EIO;
+        return -1;
+    }
+    return real(fd);
+}
+
+/* A journal made anew beside a spool that numbered events before: the
+ * pump numbers it on past them and tells the sinks, as after an append.
+ * When the sync of the rename that does it failed, the end had moved all
+ * the same, but the pump told nobody (the skip returned the error), and
+ * its retry found nothing to skip or append: a sink waiting for an
+ * append, its cursor before the skipped numbers, counted them as pending
+ * until its wait timed out (a second), where it looks at the end again. */
+static void
+test_skip_whose_sync_failed_is_told(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 1, 20);
+    for (int i = 0; i < 10000 && spool_records() > 0; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_int_equal(spool_records(), 0);
+    events_free(ev);
+    rm_tree(evdir); /* the journal made anew, the spool's events trimmed */
+    atomic_store(&skip_sync_fails, true);
+    ev = start(&c, 1);
+    struct journal_pos end = {0, 0};
+    for (int i = 0; i < 10000 && end.seq < 20; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        journal_end(ev->journal, &end);
+    }
+    uint64_t told = 0;
+    for (int i = 0; i < 3000 && told == 0; i++) { /* the pump's retry came long before */
+        pthread_mutex_lock(&ev->mu);
+        told = ev->appends;
+        pthread_mutex_unlock(&ev->mu);
+        if (told == 0)
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    atomic_store(&skip_sync_fails, false);
+    events_free(ev);
+    sink_cfg_fini(&c);
+    assert_int_equal(end.seq, 20);
+    if (told == 0)
+        fail_msg("the journal numbered on to 20 (its directory's sync failed), the sinks "
+                 "never told");
+}
+
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
 static int
 listen_local(int *port_out)
@@ -2008,6 +2085,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_trim_keeps_what_a_restart_resumes_from, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_skip_whose_sync_failed_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
