@@ -138,6 +138,7 @@ struct events {
     uint64_t pseq;    /* the number after the copied lines */
     uint64_t pskip;   /* non-zero: the spool's next record starts there, past pfrom */
     bool trimming;    /* a trim is in flight */
+    bool trim_failed; /* the last trim failed: asked again after PUMP_RETRY_MS */
     uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 

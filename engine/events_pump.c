@@ -86,10 +86,12 @@ pump_trim(struct events *ev)
     if (ev->trimming || end.seq <= ev->trim_to)
         return;
     ev->trimming = true;
-    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0)
+    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0) {
         ev->trimming = false;
-    else
+    } else {
         ev->trim_to = end.seq;
+        ev->trim_failed = false;
+    }
 }
 
 static void
@@ -100,7 +102,8 @@ pump_trim_done(void *cookie, int rc)
     if (rc < 0) {
         log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
                 queue_strerror(rc));
-        ev->trim_to = 0; /* asked again with the next append */
+        ev->trim_to = 0; /* asked again with the next append, or after PUMP_RETRY_MS */
+        ev->trim_failed = true;
         return;
     }
     pump_trim(ev); /* what was appended while it ran */
@@ -224,7 +227,14 @@ events_pump_main(void *arg)
              * stays in the spool until the next commit. */
             while (!ev->stop && seen == ev->committed) {
                 if (!ev->trimming) {
-                    events_wait_until(ev, events_mono_ms() + 1000);
+                    /* A trim that failed is asked again (pump_move)
+                     * after PUMP_RETRY_MS: waiting for the next commit
+                     * left what the journal holds in the spool for as
+                     * long as no event came. */
+                    events_wait_until(ev,
+                                      events_mono_ms() + (ev->trim_failed ? PUMP_RETRY_MS : 1000));
+                    if (ev->trim_failed)
+                        break;
                     continue;
                 }
                 pthread_mutex_unlock(&ev->mu);

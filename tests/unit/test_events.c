@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -742,6 +743,98 @@ test_skip_whose_sync_failed_is_told(void **state)
     if (told == 0)
         fail_msg("the journal numbered on to 20 (its directory's sync failed), the sinks "
                  "never told");
+}
+
+/* Whether fd's file name ends with suffix. */
+static bool
+fd_path_ends(int fd, const char *suffix)
+{
+    char link[64], target[512];
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof(target) - 1);
+    size_t sl = strlen(suffix);
+    if (n <= 0 || (size_t)n < sl)
+        return false;
+    target[n] = '\0';
+    return strcmp(target + n - sl, suffix) == 0;
+}
+
+/* While hold_append is set, a pwritev(2) to a journal segment (the
+ * pump's append) waits until it is cleared, append_held set meanwhile.
+ * While fail_spool_writes is set, pwrite(2) and writev(2) to the spool's
+ * data file (LMDB writes its pages with them) fail with EIO, counted. */
+static atomic_bool hold_append, append_held, fail_spool_writes;
+static atomic_uint spool_writes_failed;
+
+ssize_t
+pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
+{
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (real == NULL)
+        *(void **)&real = dlsym(RTLD_NEXT, "pwritev");
+    if (atomic_load(&hold_append) && fd_path_ends(fd, ".seg")) {
+        atomic_store(&append_held, true);
+        for (int i = 0; i < 60000 && atomic_load(&hold_append); i++)
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
+    return real(fd, iov, cnt, off);
+}
+
+ssize_t
+pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+    if (atomic_load(&fail_spool_writes) && fd_path_ends(fd, "/spool/data.mdb")) {
+        atomic_fetch_add(&spool_writes_failed, 1);
+        errno = EIO;
+        return -1;
+    }
+    return syscall(SYS_pwrite64, fd, buf, n, off);
+}
+
+ssize_t
+writev(int fd, const struct iovec *iov, int cnt)
+{
+    if (atomic_load(&fail_spool_writes) && fd_path_ends(fd, "/spool/data.mdb")) {
+        atomic_fetch_add(&spool_writes_failed, 1);
+        errno = EIO;
+        return -1;
+    }
+    return syscall(SYS_writev, fd, iov, cnt);
+}
+
+/* The pump trims from the spool what it copied to the journal; a trim
+ * that failed (the spool's disk failing its writes a moment) was asked
+ * again with the next append only: on a node with no event to come, the
+ * events stayed in the spool (its events_kept) for good. The test holds
+ * the pump's append until the spool fails its writes, so that its trim,
+ * the spool's next write, fails. */
+static void
+test_trim_that_failed_is_asked_again(void **state)
+{
+    (void)state;
+    put_lines(0, 20); /* before the start: the pump's first copy takes them all */
+    atomic_store(&hold_append, true);
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    for (int i = 0; i < 10000 && !atomic_load(&append_held); i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_true(atomic_load(&append_held));
+    atomic_store(&fail_spool_writes, true);
+    atomic_store(&hold_append, false);
+    wait_written(20);
+    for (int i = 0; i < 10000 && atomic_load(&spool_writes_failed) == 0; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    atomic_store(&fail_spool_writes, false);
+    assert_true(atomic_load(&spool_writes_failed) > 0);
+    unsigned left = spool_records();
+    for (int i = 0; i < 10000 && left > 0; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        left = spool_records();
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    if (left > 0)
+        fail_msg("%u event records left in the spool, their trim failed once", left);
 }
 
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
@@ -2086,6 +2179,7 @@ main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_skip_whose_sync_failed_is_told, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_trim_that_failed_is_asked_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
