@@ -224,9 +224,12 @@ events_pump_main(void *arg)
              * that one append (one fsync) carries several commits. A
              * trim in flight is waited for meanwhile: its completion
              * trims what was appended since it was asked, else that
-             * stays in the spool until the next commit. */
+             * stays in the spool until the next commit. So is a line
+             * put alone (events_put): the spool's refusal of it commits
+             * nothing, and its completion (event=events_lost) waited in
+             * the port for the next commit. */
             while (!ev->stop && seen == ev->committed) {
-                if (!ev->trimming) {
+                if (!ev->trimming && queue_port_pending(ev->port) == 0) {
                     /* A trim that failed is asked again (pump_move)
                      * after PUMP_RETRY_MS: waiting for the next commit
                      * left what the journal holds in the spool for as

@@ -837,6 +837,44 @@ test_trim_that_failed_is_asked_again(void **state)
         fail_msg("%u event records left in the spool, their trim failed once", left);
 }
 
+/* A line put alone (the delivery log's hook: events_put) that the spool
+ * refuses is counted and logged (event=events_lost) by its completion,
+ * which comes to the pump's port; the idle pump drained that port only
+ * when a commit woke it, and a refusal commits nothing: on a node with
+ * no event to come, the loss was never said. */
+static void
+test_line_put_alone_refused_is_told(void **state)
+{
+    (void)state;
+    struct events_sink_config c = sink_cfg("a", "http://127.0.0.1:9/events", true);
+    struct events *ev = start(&c, 1);
+    put_rounds(0, 1, 20);
+    for (int i = 0; i < 10000 && spool_records() > 0; i++) /* the pump's trim: it is idle */
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    assert_int_equal(spool_records(), 0);
+    unsigned failed = atomic_load(&spool_writes_failed);
+    atomic_store(&fail_spool_writes, true);
+    static const char line[] = "{\"time\":\"2026-01-02T03:04:05.678Z\",\"event\":\"delivery\","
+                               "\"id\":\"lost\"}\n";
+    events_put(ev, line, sizeof(line) - 1);
+    for (int i = 0; i < 10000 && atomic_load(&spool_writes_failed) == failed; i++)
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    /* the spool's removal of what it did not confirm works again, and
+     * the refusal is answered */
+    atomic_store(&fail_spool_writes, false);
+    assert_true(atomic_load(&spool_writes_failed) > failed);
+    uint64_t lost = 0;
+    for (int i = 0; i < 10000 && lost == 0; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        lost = atomic_load(&ev->put_failed);
+    }
+    events_free(ev);
+    sink_cfg_fini(&c);
+    if (lost != 1)
+        fail_msg("the line put alone the spool refused counted %llu times as lost",
+                 (unsigned long long)lost);
+}
+
 /* A listening socket on loopback that answers nothing: a Redis that hung. */
 static int
 listen_local(int *port_out)
@@ -2180,6 +2218,7 @@ main(void)
         cmocka_unit_test_setup_teardown(test_missed_events_are_counted_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_skip_whose_sync_failed_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_trim_that_failed_is_asked_again, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_line_put_alone_refused_is_told, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_readonly_connects_again, setup, teardown),
         cmocka_unit_test_setup_teardown(test_redis_user_with_xadd_alone, setup, teardown),
     };
