@@ -366,6 +366,11 @@ count(struct shaping *s)
     return n;
 }
 
+/* The bound on a wait for what another thread (a keeper, Redis) does:
+ * generous, for ASan on a loaded machine; only a failure waits it out.
+ * What is timed is timed apart (test_two_nodes_through_redis). */
+#define WAIT_MS 20000
+
 static bool
 wait_count(struct shaping *s, size_t want, unsigned ms)
 {
@@ -376,6 +381,20 @@ wait_count(struct shaping *s, size_t want, unsigned ms)
         nanosleep(&ts, NULL);
     }
     return count(s) == want;
+}
+
+/* The ms from t0 (clock_mono_ms) until s holds want actions, or
+ * UINT64_MAX after WAIT_MS. */
+static uint64_t
+count_reached(struct shaping *s, size_t want, uint64_t t0)
+{
+    while (count(s) != want) {
+        if (clock_mono_ms() - t0 > WAIT_MS)
+            return UINT64_MAX;
+        struct timespec ts = {0, 2 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return clock_mono_ms() - t0;
 }
 
 static void
@@ -457,11 +476,13 @@ test_state_file_and_check(void **state)
     /* an operator's short action ends on time; clear by selector */
     struct shaping_action a = {.kind = SHAPING_BACKOFF, .scope = SHAPING_SCOPE_DOMAIN};
     snprintf(a.domain, sizeof(a.domain), "example.org");
-    a.until_ms = clock_unix_ms() + 300;
+    /* (2 s: the check below comes before the keeper ends it, however
+     * slow the machine between the two) */
+    a.until_ms = clock_unix_ms() + 2000;
     assert_int_equal(shaping_add(s, &a), 0);
     assert_true(shaping_check(s, r, "", "mx.example.org", "example.org", clock_unix_ms(), &v));
     assert_true(v.one_txn && v.cap == 1 && !v.suspended);
-    assert_true(wait_count(s, 1, 3000));
+    assert_true(wait_count(s, 1, WAIT_MS));
     assert_int_equal(shaping_clear(s, "source=192.0.2.1"), 1);
     assert_int_equal(count(s), 0);
     s = shaping_close(s);
@@ -660,7 +681,7 @@ test_unknown_kind_from_redis(void **state)
     struct shaping_rules *r = load(NULL, err, sizeof(err), true);
     struct shaping *a = open_node(dir, "a", port);
     struct shaping_stats st;
-    for (int i = 0; i < 300; i++) { /* connected */
+    for (int i = 0; i < WAIT_MS / 10; i++) { /* connected */
         shaping_stats(a, &st);
         if (st.redis_up)
             break;
@@ -694,7 +715,7 @@ test_unknown_kind_from_redis(void **state)
         assert_true(x != NULL && x->type == REDIS_REPLY_STRING);
         freeReplyObject(x);
     }
-    for (int i = 0; i < 300; i++) { /* read from the stream */
+    for (int i = 0; i < WAIT_MS / 10; i++) { /* read from the stream */
         shaping_stats(a, &st);
         if (st.ignored >= 3)
             break;
@@ -709,7 +730,7 @@ test_unknown_kind_from_redis(void **state)
     redisReply *k = redisCommand(rc, "CLIENT KILL SKIPME yes TYPE normal");
     assert_true(k != NULL && k->type == REDIS_REPLY_INTEGER && k->integer >= 1);
     freeReplyObject(k);
-    for (int i = 0; i < 500; i++) { /* the keeper is back (it logs after the catch-up) */
+    for (int i = 0; i < WAIT_MS / 10; i++) { /* the keeper is back (it logs after the catch-up) */
         if (log_lines_with(logpath, "event=shaping_redis_up") > ups)
             break;
         struct timespec ts = {0, 10 * 1000000};
@@ -734,7 +755,7 @@ test_unknown_kind_from_redis(void **state)
      * process (kind and scope) */
     a = shaping_close(a);
     a = open_node(dir, "a", port);
-    for (int i = 0; i < 300; i++) {
+    for (int i = 0; i < WAIT_MS / 10; i++) {
         shaping_stats(a, &st);
         if (st.redis_up && st.ignored >= 3)
             break;
@@ -773,35 +794,56 @@ test_two_nodes_through_redis(void **state)
     struct shaping_rules *r = load(NULL, err, sizeof(err), true);
     struct shaping *a = open_node(dir, "a", port), *b = open_node(dir, "b", port);
     struct shaping_stats st;
-    for (int i = 0; i < 300; i++) { /* both connected */
+    bool up = false;
+    for (int i = 0; i < WAIT_MS / 10 && !up; i++) { /* both connected */
         shaping_stats(a, &st);
         bool ua = st.redis_up;
         shaping_stats(b, &st);
-        if (ua && st.redis_up)
-            break;
-        struct timespec ts = {0, 10 * 1000000};
-        nanosleep(&ts, NULL);
+        up = ua && st.redis_up;
+        if (!up) {
+            struct timespec ts = {0, 10 * 1000000};
+            nanosleep(&ts, NULL);
+        }
     }
+    assert_true(up);
     struct shaping_reply rep = {.code = 550, .enh_cls = 5, .enh_subject = 7, .enh_detail = 1,
                                 .text = "Unfortunately, messages from [192.0.2.9] weren't sent. "
                                         "(S3150)",
                                 .mx = "x.mail.protection.outlook.com", .domain = "hotmail.com"};
+    /* Each change reaches the others through the stream; the time each
+     * took is kept, the wait itself bounded generously (WAIT_MS). */
+    uint64_t took[3];
     uint64_t t0 = clock_mono_ms();
     assert_true(shaping_on_reply(a, r, &rep, "192.0.2.9", NULL) >= 0);
-    assert_true(wait_count(b, 1, 1000)); /* within a second */
-    uint64_t took = clock_mono_ms() - t0;
-    print_message("action on the second instance after %llu ms\n", (unsigned long long)took);
+    took[0] = count_reached(b, 1, t0);
+    assert_true(took[0] != UINT64_MAX);
     struct shaping_verdict v;
     assert_true(shaping_check(b, r, "192.0.2.9", "y.mail.protection.outlook.com", "outlook.com",
                               clock_unix_ms(), &v));
     assert_true(v.suspended);
     /* a third starts late: the hash catches it up */
     struct shaping *c = open_node(dir, "c", port);
-    assert_true(wait_count(c, 1, 2000));
+    assert_true(wait_count(c, 1, WAIT_MS));
     /* a clear on b reaches a and c */
+    t0 = clock_mono_ms();
     assert_int_equal(shaping_clear(b, "group=microsoft"), 1);
-    assert_true(wait_count(a, 0, 1000));
-    assert_true(wait_count(c, 0, 1000));
+    took[1] = count_reached(a, 0, t0);
+    took[2] = count_reached(c, 0, t0);
+    assert_true(took[1] != UINT64_MAX && took[2] != UINT64_MAX);
+    print_message("changes on the other instances after %llu, %llu and %llu ms\n",
+                  (unsigned long long)took[0], (unsigned long long)took[1],
+                  (unsigned long long)took[2]);
+    /* Within a second (a few tens of ms: the stream is read every
+     * READ_POLL_MS): asked of the quickest of the three, so that one
+     * change that met a machine stalled under load does not fail it,
+     * while a stream read late (a blocking read, a tick of seconds) or
+     * not at all (a change seen only at a reconnect) delays all three. */
+    uint64_t best = took[0] < took[1] ? took[0] : took[1];
+    best = took[2] < best ? took[2] : best;
+    if (best >= 1000)
+        fail_msg("no change reached another instance within a second: %llu, %llu, %llu ms",
+                 (unsigned long long)took[0], (unsigned long long)took[1],
+                 (unsigned long long)took[2]);
     shaping_close(c);
     shaping_close(b);
     shaping_close(a);
@@ -854,7 +896,7 @@ test_outbox_bounded_while_redis_away(void **state)
             fail_msg("redis-server: %s", err);
         struct shaping *b = open_node(dir, "b", port);
         /* a reconnects (backoff: at most 5 s) and publishes what waited */
-        assert_true(wait_count(b, 2, 10000));
+        assert_true(wait_count(b, 2, WAIT_MS));
         shaping_stats(a, &st);
         assert_true(st.redis_up);
         assert_int_equal(st.outbox, 0);
@@ -914,8 +956,8 @@ test_operator_changes_value(void **state)
     assert_int_equal(v.cap, 3);
     assert_int_equal(v.rate_interval_ns, 100000000ULL);
     if (b != NULL) {
-        assert_true(wait_count(b, 2, 2000));
-        for (int i = 0; i < 200; i++) {
+        assert_true(wait_count(b, 2, WAIT_MS));
+        for (int i = 0; i < WAIT_MS / 10; i++) {
             shaping_check(b, r, "", mx, "example.net", clock_unix_ms(), &v);
             if (v.cap == 3)
                 break;
@@ -933,7 +975,7 @@ test_operator_changes_value(void **state)
     assert_int_equal(v.rate_interval_ns, 20000000ULL);
     assert_int_equal(count(a), 2);
     if (b != NULL) {
-        for (int i = 0; i < 200; i++) {
+        for (int i = 0; i < WAIT_MS / 10; i++) {
             shaping_check(b, r, "", mx, "example.net", clock_unix_ms(), &v);
             if (v.cap == 10 && v.rate_interval_ns == 20000000ULL)
                 break;
@@ -956,7 +998,7 @@ test_operator_changes_value(void **state)
 /* The keeper's waits do not follow the wall clock: stepped back by an hour
  * (seen here as the keepers' wall clock an hour ahead of the kernel's),
  * a keeper still connects to Redis and applies another node's action
- * within a second, not an hour later. */
+ * in seconds (WAIT_MS at most), not an hour later. */
 static void
 test_keeper_wall_clock_step(void **state)
 {
@@ -976,11 +1018,11 @@ test_keeper_wall_clock_step(void **state)
                                .until_ms = clock_unix_ms() + 2 * 3600000ULL};
     snprintf(x.domain, sizeof(x.domain), "step.example");
     assert_int_equal(shaping_add(b, &x), 0);
-    bool reached = wait_count(a, 1, 3000);
+    bool reached = wait_count(a, 1, WAIT_MS);
     /* "up" once its catch-up is whole: just after the action it applied */
     struct shaping_stats st;
     shaping_stats(a, &st);
-    for (int i = 0; i < 300 && !st.redis_up; i++) {
+    for (int i = 0; i < WAIT_MS / 10 && !st.redis_up; i++) {
         struct timespec ts = {0, 10 * 1000000};
         nanosleep(&ts, NULL);
         shaping_stats(a, &st);
@@ -1048,7 +1090,7 @@ test_ended_actions_leave_the_hash(void **state)
     assert_non_null(mkdtemp(dir));
     struct shaping *a = open_node(dir, "a", port);
     struct shaping_stats st;
-    for (int i = 0; i < 300; i++) {
+    for (int i = 0; i < WAIT_MS / 10; i++) {
         shaping_stats(a, &st);
         if (st.redis_up)
             break;
@@ -1074,7 +1116,7 @@ test_ended_actions_leave_the_hash(void **state)
     memcpy(ids[1], strcmp(v[0].domain, "short.example") == 0 ? v[1].id : v[0].id, 17);
     free(v);
     long long hlen = 0;
-    for (int i = 0; i < 300 && hlen != 2; i++) { /* both published */
+    for (int i = 0; i < WAIT_MS / 10 && hlen != 2; i++) { /* both published */
         redisReply *h = redisCommand(rc, "HLEN t:shaping:active");
         assert_non_null(h);
         hlen = h->integer;
@@ -1094,9 +1136,9 @@ test_ended_actions_leave_the_hash(void **state)
     redisReply *h = redisCommand(rc, "HSET t:shaping:active %s %s", ids[1], line);
     assert_non_null(h);
     freeReplyObject(h);
-    assert_true(wait_count(a, 0, 3000)); /* both ended here */
+    assert_true(wait_count(a, 0, WAIT_MS)); /* both ended here */
     long long short_left = 1;
-    for (int i = 0; i < 300 && short_left != 0; i++) {
+    for (int i = 0; i < WAIT_MS / 10 && short_left != 0; i++) {
         h = redisCommand(rc, "HEXISTS t:shaping:active %s", ids[0]);
         assert_non_null(h);
         short_left = h->integer;
