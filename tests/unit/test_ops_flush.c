@@ -86,6 +86,8 @@ static struct {
     bool via_port, held;
     unsigned stop_at;     /* the request at which the stop begins; 0: none */
     unsigned requests;    /* queue_update calls */
+    unsigned waited_ms;   /* what the waits on a port that had nothing asked for, once
+                           * the stop began (each sleeps that long) */
     struct engine *e;
     struct fport *last;   /* the port of the last flush */
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -142,6 +144,8 @@ __wrap_queue_port_wait(struct queue_port *port, int timeout_ms)
 {
     struct fport *p = (struct fport *)port;
     if (p->n == 0) {
+        if (S.e != NULL && atomic_load(&S.e->stopping))
+            S.waited_ms += (unsigned)timeout_ms;
         struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000};
         nanosleep(&ts, NULL);
         return 0;
@@ -327,7 +331,7 @@ setup(void **state)
     S.due_while_resting = S.retimed = 0;
     pthread_mutex_unlock(&S.lock);
     S.via_port = S.held = false;
-    S.stop_at = S.requests = 0;
+    S.stop_at = S.requests = S.waited_ms = 0;
     S.e = &f->e;
     S.last = NULL;
     *state = f;
@@ -556,12 +560,13 @@ flush_overtaken_by_a_stop_on_a_dead_spool_gives_up(void **state)
     S.via_port = S.held = true;
     S.stop_at = 4;
     char err[256] = "";
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
     flush_fails("", err, sizeof(err));
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double took = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    assert_true(took < 2.5);
+    /* It gave up (else the waits went on for ever), and within a second
+     * of the stop: the waits it asked for after the stop began add up to
+     * FLUSH_STOP_GRACE_MS (1 s) at most. What the machine took besides,
+     * a loaded one more, is not the flush's. */
+    print_message("waited %u ms after the stop began\n", S.waited_ms);
+    assert_true(S.waited_ms > 0 && S.waited_ms <= 1000);
     assert_int_equal(S.requests, 4);
     assert_non_null(S.last);
     assert_int_equal(S.last->pending, 4);
