@@ -1536,13 +1536,16 @@ test_vanished_node_leases_expire(void **state)
     uint64_t gone = clock_now_ns();
     assert_int_equal(redis_zcard("sluice:{vanish.test}:l"), 3);
     assert_false(node_until(&b, until_acquired, &one, 300));
-    assert_true(node_until(&b, until_acquired, &one, 3000));
+    assert_true(node_until(&b, until_acquired, &one, 20000));
     uint64_t waited = clock_now_ns() - gone;
     print_message("leases of a vanished node (ttl 900 ms) freed after %llu ms\n",
                   (unsigned long long)(waited / MSEC));
     /* a refreshed them at most ttl/3 before it vanished */
     assert_true(waited >= 600 * MSEC - 50 * MSEC);
-    assert_true(waited <= 900 * MSEC + 1500 * MSEC);
+    /* and after the ttl asked for, not the default's 30 s: b's asks again
+     * (the refusal's poll, Redis's round trip) come on a worker's timers,
+     * late by as much as the machine is loaded (5 s of room) */
+    assert_true(waited <= 900 * MSEC + 5000 * MSEC);
     node_stop(&b, true);
 }
 
