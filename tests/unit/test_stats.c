@@ -692,9 +692,10 @@ test_rates(void **state)
     struct fixture *fx = *state;
     struct conn *c = conn_open(fx->path);
     double r = 0;
-    /* the thread samples every second: poll until the rate shows the change */
+    /* the thread samples every second: poll until the rate shows the
+     * change (20 s: a loaded machine may run the thread late) */
     bool moved = false;
-    for (int i = 0; i < 100 && !moved; i++) {
+    for (int i = 0; i < 400 && !moved; i++) {
         pthread_mutex_lock(&fx->f.mu);
         fx->f.c.delivered += 10;
         fx->f.c.received_msgs += 3;
@@ -710,7 +711,7 @@ test_rates(void **state)
     /* counters stand still: the last second's rate falls back to 0, the
      * minute's stays above it */
     bool fell = false;
-    for (int i = 0; i < 100 && !fell; i++) {
+    for (int i = 0; i < 400 && !fell; i++) {
         fell = rates_delivered(c, "1s", &r) && r == 0;
         if (!fell)
             sleep_ms(50);
@@ -724,8 +725,14 @@ test_rates(void **state)
     struct jv *w1 = jget(v, "rates.1s.window_ms"), *w60 = jget(v, "rates.1m.window_ms");
     assert_non_null(w1);
     assert_non_null(w60);
-    assert_true(w1->num >= 900 && w1->num <= 5000);
-    assert_true(w60->num >= w1->num && w60->num < 59500);
+    /* The last second's: between the two newest samples. The samples keep
+     * their schedule (one a second from the start), so one the thread
+     * took late leaves a shorter window to the next: more than 0, and not
+     * always 900 ms. The minute's: since the start, which is at least
+     * one schedule's second behind the newest (two samples at least: the
+     * rate moved). */
+    assert_true(w1->num > 0 && w1->num <= 5000);
+    assert_true(w60->num >= 1000 && w60->num >= w1->num && w60->num < 59500);
     jfree(v);
     conn_close(c);
 }
