@@ -30,7 +30,7 @@ class Server:
     short handshake deadline (2 s) beside a long command deadline (60 s),
     so that a session closed in between was closed by the former."""
 
-    def __init__(self, extra="", tls_extra="", stats=True):
+    def __init__(self, extra="", tls_extra="", stats=True, handshake="2s"):
         self.wd = Workdir("sluice-tlsh-")
         p = self.wd.path
         r = run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
@@ -60,7 +60,7 @@ enabled = no
 [tls]
 cert_file = {p}/cert.pem
 key_file = {p}/key.pem
-handshake_timeout = 2s
+handshake_timeout = {handshake}
 {tls_extra}
 """)
         self.d = Sluice(SLUICE, conf)
@@ -415,16 +415,19 @@ def test_plaintext_client_on_the_implicit_tls_port():
     said only tls_timeout or "wrong version number". Both now get one
     plaintext line, 554 5.7.0 TLS required on this port, and the log
     says plaintext_on_tls_port with a hint; TLS clients are untouched."""
-    srv = Server()
+    # The handshake deadline far from "at once" (8 s, not 2 s: half a
+    # second of room was too little for a loaded machine); swaks, which
+    # says nothing, is answered at it, within its own timeout of 20 s
+    srv = Server(handshake="8s")
     try:
         for first in (b"EHLO client.example\r\n", b"ehlo x\r\n", b"QUIT\r\n"):
             s = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=30)
             s.sendall(first)
             t0 = time.monotonic()
-            got = raw_closed(s, timeout=10)
+            got = raw_closed(s, timeout=30)
             s.close()
             assert got == b"554 5.7.0 TLS required on this port\r\n", (first, got)
-            assert time.monotonic() - t0 < 1.5, "answered at the deadline, not at once"
+            assert time.monotonic() - t0 < 4, "answered at the deadline, not at once"
         srv.d.wait_log_count("event=plaintext_on_tls_port client=127.0.0.1 said=plaintext", 3)
         line = srv.d.log_lines("event=plaintext_on_tls_port")[0]
         assert 'hint="this port (listen_tls) is implicit TLS' in line, line
