@@ -79,12 +79,15 @@ def test_drain_timeout_is_a_time_on_the_clock():
     counted 20 ms per sleep, so each sleep's lateness added up (32 s for
     the 30 s default on a loaded machine) and a process stopped
     meanwhile (SIGSTOP here, as a paused VM or an overloaded host) went
-    on draining for all of drain_timeout after it resumed: 2 s + 3 s. A
-    commit held 8 s (SLUICE_TEST_COMMIT_DELAY) holds the drain; once the
-    process resumes 3 s after the stop, the drain has timed out."""
-    drain_s, paused_s = 2, 3
+    on draining for all of drain_timeout after it resumed: 3 s + 5 s. A
+    commit held 12 s (SLUICE_TEST_COMMIT_DELAY) holds the drain; once the
+    process resumes 5 s after the stop, the drain has timed out: at once,
+    not drain_timeout later (timed from the resume, which the test knows,
+    so that the latency of its look at the log before the pause is not
+    counted)."""
+    drain_s, paused_s = 3, 5
     with sluice(f"drain_timeout = {drain_s}s\n",
-                env={"SLUICE_TEST_COMMIT_DELAY": "8000"}) as d:
+                env={"SLUICE_TEST_COMMIT_DELAY": "12000"}) as d:
         d.wait_log("event=test_hook name=SLUICE_TEST_COMMIT_DELAY")
         pending = held_message(d, b"Subject: held\r\n\r\nheld by the spool\r\n.\r\n")
         try:
@@ -94,16 +97,19 @@ def test_drain_timeout_is_a_time_on_the_clock():
             d.signal(signal.SIGSTOP)
             # the pause under test (not a wait for anything to happen)
             time.sleep(paused_s)
+            resumed = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
             d.signal(signal.SIGCONT)
             timed_out = d.wait_log("event=drain_timed_out", timeout=30)
         finally:
             d.signal(signal.SIGCONT)
             pending.close()
         took = (stamp(timed_out) - stamp(stopping)).total_seconds()
-        print(f"     drain ended {took:.2f}s after the stop (drain_timeout {drain_s}s, "
-              f"stopped for {paused_s}s)")
-        assert took < paused_s + 0.9, \
-            f"the drain ended {took:.2f}s after the stop: drain_timeout counted past the pause"
+        after = (stamp(timed_out) - resumed).total_seconds()
+        print(f"     drain ended {took:.2f}s after the stop, {after:.2f}s after the resume "
+              f"(drain_timeout {drain_s}s, stopped for {paused_s}s)")
+        assert after < drain_s / 2, \
+            f"the drain ended {after:.2f}s after the resume ({took:.2f}s after the stop): " \
+            "drain_timeout counted past the pause"
 
 
 def test_a_second_sigterm_ends_the_drain():
