@@ -356,10 +356,15 @@ def test_busy_domain_follows_an_mx_move_at_its_ttl():
         asked = time.monotonic()  # its answer is good for 5 s from a moment before
         assert len(r.sink.files()) == 1
         r.dns.restart([*hosts, "mx-host=busy.test,mx2.test,10"])
-        assert time.monotonic() < asked + 4, "dnsmasq took too long to restart"
         send(1)
-        if time.monotonic() < asked + 4:  # within the TTL: the open connection, to mx1
+        # Within the TTL: the open connection, to mx1. Asked only when the
+        # restart and the send left time in it (a loaded machine may not:
+        # what follows, past the TTL, is asked either way).
+        if time.monotonic() < asked + 4:
             assert len(r.sink.files()) == 2 and sink2.files() == []
+        else:
+            print(f"     (dnsmasq's restart and a send took "
+                  f"{time.monotonic() - asked:.1f}s: the check within the TTL left out)")
         time.sleep(max(0.0, asked + 5.5 - time.monotonic()))
         # Past the TTL: the first message may still go over the old answer
         # while the new one is asked; within a few it goes to mx2.
