@@ -7,7 +7,9 @@ that throttles a sending address). With --greylist it greylists as
 Postgrey does, by exact address: a recipient's first RCPT from a peer
 gets "450 4.2.0 ... Greylisted" (a line {"peer", "rcpt", "greylisted":
 true} in RECORDS), the next one from that peer is accepted; a DATA with
-no recipient accepted gets 554.
+no recipient accepted gets 554. Each connection also gets a line
+{"peer", "conn": "open"} when accepted and {"peer", "conn": "closed"}
+when it ends, for a test to know which are still open.
 
     python3 pool_receiver.py HOST PORT RECORDS [--refuse ADDR,...] [--greylist]
 
@@ -30,6 +32,13 @@ def main():
 
     async def session(reader, writer):
         peer = writer.get_extra_info("peername")[0]
+        out.write(json.dumps({"peer": peer, "conn": "open"}) + "\n")
+        try:
+            await conversation(reader, writer, peer)
+        finally:
+            out.write(json.dumps({"peer": peer, "conn": "closed"}) + "\n")
+
+    async def conversation(reader, writer, peer):
         if peer in refuse:
             writer.write(b"421 4.7.0 too many connections from your address\r\n")
             await writer.drain()

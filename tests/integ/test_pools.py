@@ -57,7 +57,16 @@ class Receiver:
             return []
         with open(self.path) as f:
             recs = [json.loads(ln) for ln in f if ln.endswith("\n")]
-        return [r for r in recs if r.get("greylisted", False) == greylisted]
+        return [r for r in recs if "conn" not in r and r.get("greylisted", False) == greylisted]
+
+    def open_from(self, peers):
+        """How many connections from peers are open at the receiver."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            recs = [json.loads(ln) for ln in f if ln.endswith("\n")]
+        return sum(1 if r["conn"] == "open" else -1 for r in recs
+                   if r.get("conn") and r["peer"] in peers)
 
     def wait(self, n, timeout=240):
         return wait_until(lambda: self.records() if len(self.records()) >= n else None,
@@ -561,7 +570,13 @@ def test_reload_moves_a_pools_mail_to_its_new_sources():
         with open(conf, "w") as f:
             f.write(text.replace(old, "[pool bulk]\nsources = 127.0.0.4\n"))
         assert n.ask("reload")["ok"]
-        time.sleep(1.5)  # the transactions under way end; then only the new source
+        # the new source carries mail, and the connections from the old
+        # ones have ended (after their transaction under way): from then
+        # on, only the new source (one the old opened meanwhile ends
+        # without a transaction)
+        wait_until(lambda: any(r["peer"] == "127.0.0.4" for r in n.rx.records()) and
+                   n.rx.open_from(("127.0.0.2", "127.0.0.3")) == 0, 60,
+                   "mail from 127.0.0.4, none of the old sources' connections open")
         settled = len(n.rx.records())
         recs = n.rx.wait(400)
         assert len(recs) == 400, len(recs)
