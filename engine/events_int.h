@@ -34,7 +34,8 @@
 #define HTTP_REFUSED   (-3)           /* sink_http_send: a 4xx that refuses the events (sink_http_refuses) */
 #define PUMP_BYTES     (4u * 1024 * 1024) /* spool records moved per journal append */
 #define PUMP_GATHER_MS 20u            /* the pump lets a few commits gather first */
-#define PUMP_RETRY_MS  1000u          /* after a failed append */
+#define PUMP_RETRY_MS  1000u          /* after a failed append, or a first failed trim */
+#define PUMP_TRIM_RETRY_MAX_MS 60000u /* trims failing in a row: the longest wait */
 #define HTTP_ANSWER_MAX (64u * 1024)  /* octets of an endpoint's answer read; past them, closed */
 
 enum sink_kind { SINK_HTTP, SINK_REDIS };
@@ -138,7 +139,8 @@ struct events {
     uint64_t pseq;    /* the number after the copied lines */
     uint64_t pskip;   /* non-zero: the spool's next record starts there, past pfrom */
     bool trimming;    /* a trim is in flight */
-    bool trim_failed; /* the last trim failed: asked again after PUMP_RETRY_MS */
+    uint64_t trim_retry_at;   /* mono ms a failed trim is asked again at; 0: none failed */
+    unsigned trim_backoff_ms; /* the wait after the last failure in a row (pump_trim_failed) */
     uint64_t trim_to; /* the number the spool was (or is being) trimmed up to */
 };
 

@@ -78,20 +78,41 @@ static void pump_trim_done(void *cookie, int rc);
 /* Ask the spool to trim what the journal holds, unless a trim is in
  * flight: its completion asks again for what came meanwhile. Pump
  * thread. */
+static void pump_trim_failed(struct events *ev, int rc);
+
 static void
 pump_trim(struct events *ev)
 {
     struct journal_pos end;
     journal_end(ev->journal, &end);
-    if (ev->trimming || end.seq <= ev->trim_to)
+    if (ev->trimming || end.seq <= ev->trim_to ||
+        (ev->trim_retry_at != 0 && events_mono_ms() < ev->trim_retry_at))
         return;
     ev->trimming = true;
-    if (queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev) < 0) {
+    int rc = queue_events_trim(ev->queue, ev->port, end.seq, pump_trim_done, ev);
+    if (rc < 0) {
         ev->trimming = false;
+        pump_trim_failed(ev, rc);
     } else {
         ev->trim_to = end.seq;
-        ev->trim_failed = false;
     }
+}
+
+/* A trim refused, at once or by its completion: asked again after
+ * PUMP_RETRY_MS, doubled on each failure in a row up to
+ * PUMP_TRIM_RETRY_MAX_MS (a spool whose disk stays full or broken gets a
+ * write transaction and a log line that often, not each second). */
+static void
+pump_trim_failed(struct events *ev, int rc)
+{
+    ev->trim_to = 0;
+    ev->trim_backoff_ms = ev->trim_backoff_ms == 0 ? PUMP_RETRY_MS
+                          : ev->trim_backoff_ms * 2 > PUMP_TRIM_RETRY_MAX_MS
+                              ? PUMP_TRIM_RETRY_MAX_MS
+                              : ev->trim_backoff_ms * 2;
+    ev->trim_retry_at = events_mono_ms() + ev->trim_backoff_ms;
+    log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" retry_ms=%u note=retried",
+            queue_strerror(rc), ev->trim_backoff_ms);
 }
 
 static void
@@ -100,12 +121,13 @@ pump_trim_done(void *cookie, int rc)
     struct events *ev = cookie;
     ev->trimming = false;
     if (rc < 0) {
-        log_msg(LOG_WARN, "event=events_spool_trim_failed err=\"%s\" note=retried",
-                queue_strerror(rc));
-        ev->trim_to = 0; /* asked again with the next append, or after PUMP_RETRY_MS */
-        ev->trim_failed = true;
+        pump_trim_failed(ev, rc);
         return;
     }
+    if (ev->trim_backoff_ms != 0)
+        log_msg(LOG_NOTICE, "event=events_spool_trim_recovered");
+    ev->trim_backoff_ms = 0;
+    ev->trim_retry_at = 0;
     pump_trim(ev); /* what was appended while it ran */
 }
 
@@ -136,13 +158,19 @@ pump_tell_sinks(struct events *ev, bool appended)
 }
 
 /* Number the journal on from seq; the sinks are told, also when it
- * failed: a skip whose directory sync failed (journal_skip_to) moved the
- * end all the same, and the retry finds nothing to skip, or to append. */
+ * failed: a skip of an empty last segment whose directory sync failed
+ * (journal_skip_to's rename) moved the end all the same, and the retry
+ * finds nothing to skip, or to append (elsewhere a failure leaves the
+ * end where it was: the tell is spurious, and harmless). */
 static int
 pump_skip(struct events *ev, uint64_t seq)
 {
     int rc = journal_skip_to(ev->journal, seq);
     pump_tell_sinks(ev, false);
+    if (rc < 0)
+        log_msg(LOG_ERR,
+                "event=events_journal_skip_failed to_seq=%" PRIu64 " err=\"%s\" note=retried", seq,
+                strerror(-rc));
     return rc < 0 ? rc : 1;
 }
 
@@ -230,14 +258,17 @@ events_pump_main(void *arg)
              * the port for the next commit. */
             while (!ev->stop && seen == ev->committed) {
                 if (!ev->trimming && queue_port_pending(ev->port) == 0) {
-                    /* A trim that failed is asked again (pump_move)
-                     * after PUMP_RETRY_MS: waiting for the next commit
-                     * left what the journal holds in the spool for as
-                     * long as no event came. */
-                    events_wait_until(ev,
-                                      events_mono_ms() + (ev->trim_failed ? PUMP_RETRY_MS : 1000));
-                    if (ev->trim_failed)
+                    /* A trim that failed is asked again (pump_move) at
+                     * its retry time: waiting for the next commit left
+                     * what the journal holds in the spool for as long
+                     * as no event came. */
+                    uint64_t now = events_mono_ms();
+                    if (ev->trim_retry_at != 0 && now >= ev->trim_retry_at)
                         break;
+                    uint64_t until = now + 1000;
+                    if (ev->trim_retry_at != 0 && ev->trim_retry_at < until)
+                        until = ev->trim_retry_at;
+                    events_wait_until(ev, until);
                     continue;
                 }
                 pthread_mutex_unlock(&ev->mu);
