@@ -355,7 +355,7 @@ def test_redis_away_then_back_and_expiry():
         wait_until(lambda: a.actions() == [] and b.actions() == [], 30, "the action's end")
         took = time.monotonic() - t0
         print(f"the 2 s action gone from both nodes {took:.2f}s after it was given")
-        assert took >= 1.9, took
+        assert 1.9 <= took < 15, took  # an end 13 s late is a fault, not a loaded machine
         for n in (a, b):
             n.d.wait_log("reason=expired")
     finally:
