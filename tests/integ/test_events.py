@@ -836,7 +836,10 @@ def test_pending_0_after_the_journal_made_anew():
     skipped numbers, kept counting them until the next event. The
     fail-writes shim holds the pump's skip (the rename of the empty
     segment) until the node is ready, its sink waiting; without the shim
-    the test runs in whichever order the threads take."""
+    the test runs in whichever order the threads take. The symptom is
+    asked here (pending 0 soon): a sink also looks at the journal's end
+    each second it waits, so the tell itself is test_events' (unit)
+    test_skip_whose_sync_failed_is_told to pin."""
     shim = sys.argv[4] if len(sys.argv) > 4 else None
     import tempfile
     from harness import preload
@@ -845,6 +848,8 @@ def test_pending_0_after_the_journal_made_anew():
     if shim is not None and os.path.exists(shim):
         env = {"LD_PRELOAD": preload(SLUICE, shim), "FAIL_WRITES_PATH": ".seg",
                "FAIL_WRITES_TRIGGER": trigger, "FAIL_WRITES_MODE": "stall"}
+    else:
+        print("     no fail-writes shim (argv[4]): the threads' order not forced")
     rec = Receiver()
     node = Node(hook_conf(rec.port, "batch_wait = 10ms"))
     try:
