@@ -74,12 +74,11 @@ pump_record(void *arg, uint64_t seq, const char *text, size_t len)
 }
 
 static void pump_trim_done(void *cookie, int rc);
-
-/* Ask the spool to trim what the journal holds, unless a trim is in
- * flight: its completion asks again for what came meanwhile. Pump
- * thread. */
 static void pump_trim_failed(struct events *ev, int rc);
 
+/* Ask the spool to trim what the journal holds, unless a trim is in
+ * flight (its completion asks again for what came meanwhile) or one
+ * failed and its retry time has not come. Pump thread. */
 static void
 pump_trim(struct events *ev)
 {
