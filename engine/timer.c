@@ -10,7 +10,7 @@
 static inline bool
 before(const struct timer *a, const struct timer *b)
 {
-    return a->deadline < b->deadline || (a->deadline == b->deadline && a->seq < b->seq);
+    return a->key < b->key || (a->key == b->key && a->key_seq < b->key_seq);
 }
 
 static inline void
@@ -91,6 +91,12 @@ remove_at(struct timer_heap *h, uint32_t i)
 int
 timer_arm(struct timer_heap *h, struct timer *t, uint64_t deadline)
 {
+    if (t->slot != 0 && deadline >= t->key) {
+        /* in place: its key comes due first, and the run moves it */
+        t->deadline = deadline;
+        t->seq = h->seq++;
+        return 0;
+    }
     if (t->slot != 0)
         remove_at(h, t->slot - 1);
     if (h->n == h->cap) {
@@ -101,8 +107,8 @@ timer_arm(struct timer_heap *h, struct timer *t, uint64_t deadline)
         h->v = v;
         h->cap = cap;
     }
-    t->deadline = deadline;
-    t->seq = h->seq++;
+    t->deadline = t->key = deadline;
+    t->seq = t->key_seq = h->seq++;
     h->v[h->n] = t;
     h->n++;
     sift_up(h, h->n - 1);
@@ -119,7 +125,7 @@ timer_cancel(struct timer_heap *h, struct timer *t)
 uint64_t
 timer_next(const struct timer_heap *h)
 {
-    return h->n ? h->v[0]->deadline : UINT64_MAX;
+    return h->n ? h->v[0]->key : UINT64_MAX;
 }
 
 unsigned
@@ -130,8 +136,16 @@ timer_run_until(struct timer_heap *h, uint64_t now, void *ctx, uint64_t (*clock)
      * next turn, so that one run always ends. */
     uint64_t seq_end = h->seq;
     unsigned fired = 0;
-    while (h->n != 0 && h->v[0]->deadline <= now && h->v[0]->seq < seq_end) {
+    while (h->n != 0 && h->v[0]->key <= now && h->v[0]->key_seq < seq_end) {
         struct timer *t = h->v[0];
+        if (t->key != t->deadline || t->key_seq != t->seq) {
+            /* re-armed in place: to its deadline (later; at most once a
+             * re-arm, so the run ends) */
+            t->key = t->deadline;
+            t->key_seq = t->seq;
+            sift_down(h, 0);
+            continue;
+        }
         remove_at(h, 0);
         fired++;
         t->fire(t, ctx);

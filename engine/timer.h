@@ -4,6 +4,15 @@
  * are O(log n) with the heap slot kept in the timer itself; the loop asks
  * timer_next() for how long it may sleep and timer_run() fires what is due.
  *
+ * A re-arm of an armed timer for a later deadline (a connection's
+ * timeout pushed on at each step of a transaction: several a message)
+ * leaves the heap as it is: the timer keeps its place under the earlier
+ * key, and when that key comes due the run moves it to its deadline
+ * instead of firing it (one sift from the top, once per such key). With
+ * thousands of destinations' timers in the heap, each such re-arm took a
+ * removal and an insertion through it (the sites grid's 10,000-domain
+ * lines).
+ *
  * Ties fire in arming order (a sequence number), so equal deadlines are
  * deterministic. A timer is embedded in its owner; the heap only borrows it.
  *
@@ -19,8 +28,11 @@ struct timer;
 typedef void timer_fn(struct timer *t, void *ctx);
 
 struct timer {
-    uint64_t deadline; /* CLOCK_MONOTONIC nanoseconds */
+    uint64_t deadline; /* CLOCK_MONOTONIC nanoseconds: when it fires */
     uint64_t seq;      /* arming order, breaks ties */
+    uint64_t key;      /* the heap's: the deadline, or an earlier one (a re-arm
+                        * for later left it in place) */
+    uint64_t key_seq;  /* the heap's tie-break for key */
     uint32_t slot;     /* heap index + 1; 0 when not armed */
     timer_fn *fire;    /* called once when due, after the timer was disarmed */
 };
@@ -34,8 +46,8 @@ struct timer_heap {
 static inline void
 timer_init(struct timer *t, timer_fn *fire)
 {
-    t->deadline = 0;
-    t->seq = 0;
+    t->deadline = t->key = 0;
+    t->seq = t->key_seq = 0;
     t->slot = 0;
     t->fire = fire;
 }
@@ -52,7 +64,8 @@ void timer_heap_fini(struct timer_heap *h);
 int timer_arm(struct timer_heap *h, struct timer *t, uint64_t deadline);
 /* Disarm t if armed; a cancelled timer never fires. */
 void timer_cancel(struct timer_heap *h, struct timer *t);
-/* The earliest deadline, or UINT64_MAX when none is armed. */
+/* The earliest key (a deadline, or earlier: a run then moves the timers
+ * re-armed for later), or UINT64_MAX when none is armed. */
 uint64_t timer_next(const struct timer_heap *h);
 /* Fire every timer whose deadline <= now, earliest first; a fire callback
  * may arm or cancel any timer (including itself); a timer armed during

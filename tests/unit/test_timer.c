@@ -115,6 +115,52 @@ test_heap_fake_clock(void **state)
     free(r.order);
 }
 
+/* Re-armed for later, a timer keeps its place in the heap (no removal
+ * and insertion): the run at its old key moves it instead of firing it;
+ * it fires at its new deadline, never early. Re-armed for sooner, it
+ * moves at once. Ties keep the order of the last arms. */
+static void
+test_rearm_later_in_place(void **state)
+{
+    (void)state;
+    struct timer_heap h;
+    assert_int_equal(timer_heap_init(&h, 4), 0);
+    struct run r = {.v = calloc(3, sizeof(struct tt)), .order = calloc(3, sizeof(unsigned))};
+    cur = &r;
+    for (unsigned i = 0; i < 3; i++) {
+        r.v[i].id = i;
+        timer_init(&r.v[i].t, on_fire);
+    }
+    assert_int_equal(timer_arm(&h, &r.v[0].t, 100), 0);
+    assert_int_equal(timer_arm(&h, &r.v[1].t, 300), 0);
+    assert_int_equal(timer_arm(&h, &r.v[0].t, 300), 0); /* later: in place */
+    assert_int_equal(timer_next(&h), 100);
+    assert_int_equal(r.v[0].t.deadline, 300);
+    r.now = 100;
+    assert_int_equal(timer_run(&h, r.now, NULL), 0); /* moved, not fired */
+    assert_int_equal(timer_next(&h), 300);
+    assert_int_equal(timer_arm(&h, &r.v[2].t, 500), 0);
+    assert_int_equal(timer_arm(&h, &r.v[2].t, 200), 0); /* sooner: moved at once */
+    assert_int_equal(timer_next(&h), 200);
+    r.now = 200;
+    assert_int_equal(timer_run(&h, r.now, NULL), 1);
+    r.now = 299;
+    assert_int_equal(timer_run(&h, r.now, NULL), 0);
+    r.now = 300;
+    assert_int_equal(timer_run(&h, r.now, NULL), 2);
+    assert_int_equal(r.nfired, 3);
+    for (unsigned i = 0; i < 3; i++)
+        assert_true(r.v[i].fired == 1 && r.v[i].fired_at >= r.v[i].t.deadline);
+    /* 1 was armed for 300 before 0's re-arm for 300: it fires first */
+    assert_int_equal(r.order[0], 2);
+    assert_int_equal(r.order[1], 1);
+    assert_int_equal(r.order[2], 0);
+    assert_int_equal(timer_next(&h), UINT64_MAX);
+    timer_heap_fini(&h);
+    free(r.v);
+    free(r.order);
+}
+
 struct self_rearm {
     struct timer_heap *h;
     struct timer t;
@@ -260,6 +306,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_heap_fake_clock),
+        cmocka_unit_test(test_rearm_later_in_place),
         cmocka_unit_test(test_rearm_in_callback_terminates),
         cmocka_unit_test(test_loop_timers),
         cmocka_unit_test(test_loop_slices_a_storm_of_timers),
