@@ -29,7 +29,11 @@ its own, mx<i mod M>-<i>.test on host i mod M's address, as Microsoft
 own.
 
 With --before, each line runs with the other binary first, then with
---sluice: the ratio of each is to its own one-domain line.
+--sluice: the ratio of each is to its own one-domain line. With --rounds
+N, the line shows the best run, and the line under it every run and the
+median of their ratios: on two cores shared by sluice, the sink, the
+injector and the responder, runs of one line differ by several percent,
+and the median says where the line stands, the best what it can reach.
 
 Each line: messages/s from the first injection to the last delivery, the
 ratio to one domain on one MX in the same run, connections opened per
@@ -461,7 +465,8 @@ def main():
                     help="deliver the line's messages once before timing it: DNS answers, "
                          "MTA-STS answers and destinations are then held (a repeat campaign)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each line; the best is shown, "
-                    "every run's rate after it (the worst hides nothing)")
+                    "every run's rate after it (the worst hides nothing) and the median of their "
+                    "ratios")
     ap.add_argument("--keep", action="store_true",
                     help="keep each run's directory (sluice.log, the spool) under --spool and "
                          "print its path; with --relay-conf '[log]\\nlevel = debug' the log "
@@ -556,7 +561,10 @@ def main():
                     f"{x['msgs']:.0f} ({100 * x['msgs'] / (y['msgs'] if y else b0):.0f}%, "
                     f"{x['secs']:.1f} s, {x['delivered']} delivered, {x['cpu']:.4f} cpu-s/1k)"
                     for x, y in runs)
-                print(f"    every run, msg/s: {every}", flush=True)
+                ratios = sorted(x["msgs"] / (y["msgs"] if y else b0) for x, y in runs)
+                mid = len(ratios) // 2
+                median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+                print(f"    every run, msg/s: {every}; median ratio {100 * median:.0f}%", flush=True)
             if a.stat:
                 print("    perf stat, per message delivered: " + ", ".join(
                     f"{k} {v / max(1, r['delivered']):.3f}" for k, v in r["counts"].items()),
