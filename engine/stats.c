@@ -212,6 +212,23 @@ rates_sample(struct stats_server *s, uint64_t now)
         s->ring_n++;
 }
 
+/* The back-th newest sample (1: the newest; at most ring_n). */
+static const struct rate_sample *
+rates_back(const struct stats_server *s, unsigned back)
+{
+    return &s->ring[(s->ring_head + RATE_SAMPLES - back) % RATE_SAMPLES];
+}
+
+/* The last second's rates are from the newest sample and the newest one
+ * at least half a period (SAMPLE_MS / 2) before it, not always the one
+ * before: the samples keep their schedule, so one the thread took late
+ * (a callback or an answer held it) is followed by the next a moment
+ * after, and a rate over those few ms is noise (one delivery in 5 ms
+ * reads as 200 a second). Two samples apart are more than SAMPLE_MS
+ * apart (each is taken at its time or later, and the next is due a
+ * period after that time or after a late one; the second is due a
+ * period after the first), so the walk goes back two samples at most.
+ * The minute's: from the oldest kept. */
 static void
 rates_get(const struct stats_server *s, struct stats_rates *r1s, struct stats_rates *r1m)
 {
@@ -219,12 +236,15 @@ rates_get(const struct stats_server *s, struct stats_rates *r1s, struct stats_ra
     memset(r1m, 0, sizeof(*r1m));
     if (s->ring_n < 2)
         return;
-    const struct rate_sample *newest = &s->ring[(s->ring_head + RATE_SAMPLES - 1) % RATE_SAMPLES];
-    const struct rate_sample *prev = &s->ring[(s->ring_head + RATE_SAMPLES - 2) % RATE_SAMPLES];
-    const struct rate_sample *oldest =
-        &s->ring[(s->ring_head + RATE_SAMPLES - s->ring_n) % RATE_SAMPLES];
-    rates_between(prev, newest, r1s);
-    rates_between(oldest, newest, r1m);
+    const struct rate_sample *newest = rates_back(s, 1);
+    for (unsigned back = 2; back <= s->ring_n; back++) {
+        const struct rate_sample *p = rates_back(s, back);
+        if (newest->t_ms - p->t_ms >= SAMPLE_MS / 2) {
+            rates_between(p, newest, r1s);
+            break;
+        }
+    }
+    rates_between(rates_back(s, s->ring_n), newest, r1m);
 }
 
 /* ---- the line protocol ---- */

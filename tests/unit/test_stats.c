@@ -1,7 +1,8 @@
 /*
  * test_stats: a stats server on a socket in a temporary directory, driven
  * by fake engine callbacks whose counters the test changes: the answers
- * are valid JSON with the values put in, rates move, commands reach the
+ * are valid JSON with the values put in, rates move (the last second's
+ * over half a second at least, a sample taken late or not), commands reach the
  * engine, bad input gets {"ok":false}, a long line closes, /metrics is
  * accepted by promtool (when installed), the socket file has its mode
  * and goes away, and the built sluicectl answers with its exit codes. A
@@ -380,6 +381,8 @@ struct fake {
     unsigned fds_seen;        /* commands that came with one */
     ino_t fd_ino;
     uid_t uid;
+    unsigned stall_ms; /* the next counters call returns this much later */
+    unsigned stalls;   /* calls that did */
 };
 
 static void
@@ -388,7 +391,16 @@ fake_counters(void *arg, struct stats_counters *out)
     struct fake *f = arg;
     pthread_mutex_lock(&f->mu);
     *out = f->c;
+    unsigned stall = f->stall_ms;
+    f->stall_ms = 0;
     pthread_mutex_unlock(&f->mu);
+    if (stall != 0) { /* outside the lock: the test reads on meanwhile */
+        struct timespec ts = {.tv_sec = stall / 1000, .tv_nsec = (long)(stall % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&f->mu);
+        f->stalls++;
+        pthread_mutex_unlock(&f->mu);
+    }
 }
 
 static size_t
@@ -686,6 +698,14 @@ sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 static void
 test_rates(void **state)
 {
@@ -725,15 +745,69 @@ test_rates(void **state)
     struct jv *w1 = jget(v, "rates.1s.window_ms"), *w60 = jget(v, "rates.1m.window_ms");
     assert_non_null(w1);
     assert_non_null(w60);
-    /* The last second's: between the two newest samples. The samples keep
-     * their schedule (one a second from the start), so one the thread
-     * took late leaves a shorter window to the next: more than 0, and not
-     * always 900 ms. The minute's: since the start, which is at least
-     * one schedule's second behind the newest (two samples at least: the
-     * rate moved). */
-    assert_true(w1->num > 0 && w1->num <= 5000);
-    assert_true(w60->num >= 1000 && w60->num >= w1->num && w60->num < 59500);
+    /* The last second's: from the newest sample back to the newest one
+     * at least half a period (500 ms) before it; how much more than that
+     * is the machine's (a sample taken late), so no more is asked of it
+     * than to be shorter than the minute's: the rate fell to 0 after it
+     * moved, so the sample it starts from is past the oldest. The
+     * minute's: since the start, which is at least one schedule's second
+     * behind the newest (two samples at least: the rate moved). */
+    print_message("windows: %.0f ms and %.0f ms\n", w1->num, w60->num);
+    assert_true(w1->num >= 500 && w1->num < w60->num);
+    assert_true(w60->num >= 1000 && w60->num < 59500);
     jfree(v);
+    conn_close(c);
+}
+
+/* A sample the thread took late is followed by the next a moment after
+ * (the samples keep their schedule): the last second's rate is then not
+ * the one over that moment. The counters' callback holds the thread
+ * 1.7 s at a sample (the next call after the rates are known is one: no
+ * question is asked meanwhile), so the sample due 1 s after it is taken
+ * 0.7 s late and the next 0.3 s after that, on time. Every answer for
+ * 2.5 s after the hold has a window of half a period (500 ms) at least;
+ * over the two samples 0.3 s apart it was 300 ms. A thread that the
+ * machine holds past the next one's time too takes no sample 0.3 s
+ * after another: the test then passes without having shown it. */
+static void
+test_rates_window_after_a_late_sample(void **state)
+{
+    struct fixture *fx = *state;
+    struct conn *c = conn_open(fx->path);
+    double r = 0;
+    bool known = false;
+    for (int i = 0; i < 400 && !known; i++) { /* two samples: 20 s at most */
+        known = rates_delivered(c, "1s", &r);
+        if (!known)
+            sleep_ms(50);
+    }
+    assert_true(known);
+    pthread_mutex_lock(&fx->f.mu);
+    unsigned stalls = fx->f.stalls;
+    fx->f.stall_ms = 1700;
+    pthread_mutex_unlock(&fx->f.mu);
+    bool held = false;
+    for (int i = 0; i < 2000 && !held; i++) { /* the next sample: 20 s at most */
+        sleep_ms(10);
+        pthread_mutex_lock(&fx->f.mu);
+        held = fx->f.stalls != stalls;
+        pthread_mutex_unlock(&fx->f.mu);
+    }
+    assert_true(held);
+    double shortest = 1e9;
+    unsigned answers = 0;
+    for (uint64_t until = mono_ms() + 2500; mono_ms() < until; answers++) {
+        struct jv *v = conn_ask(c, "stats");
+        struct jv *w1 = jget(v, "rates.1s.window_ms");
+        assert_non_null(w1);
+        if (w1->num < shortest)
+            shortest = w1->num;
+        jfree(v);
+        sleep_ms(20);
+    }
+    print_message("shortest last-second window in %u answers after the hold: %.0f ms\n", answers,
+                  shortest);
+    assert_true(shortest >= 500);
     conn_close(c);
 }
 
@@ -1847,14 +1921,6 @@ struct trickle_run {
     uint64_t until; /* stop trickling then, closed or not */
 };
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* One octet of a request that never ends, every 50 ms, on every trickler
  * still open; a close (EOF or reset) is noted with what came before it. */
 static void *
@@ -1986,6 +2052,7 @@ main(void)
         cmocka_unit_test(test_reader),
         cmocka_unit_test_setup_teardown(test_stats_fields, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rates, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rates_window_after_a_late_sample, setup, teardown),
         cmocka_unit_test_setup_teardown(test_domains, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commands, setup, teardown),
         cmocka_unit_test_setup_teardown(test_long_line, setup, teardown),
