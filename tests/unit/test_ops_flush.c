@@ -28,6 +28,7 @@
  */
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -529,6 +530,47 @@ flush_counts_the_recipients_already_due(void **state)
     assert_non_null(strstr(answer, "\"already_due\":3"));
 }
 
+/* The wall-clock backstop of a flush that a stop overtakes: one that
+ * does not give up (its waits go on, or it never waits) fails the test
+ * within BACKSTOP_S, not at ctest's timeout minutes later. What it bounds
+ * is the whole flush on a loaded machine under ASan (a second or two),
+ * so it is generous; the flush's own bound is asked apart (waited_ms). */
+#define BACKSTOP_S 30
+#define STR_(x)    #x
+#define STR(x)     STR_(x)
+
+static const char *backstop_what = "";
+
+static void
+backstop_fired(int sig)
+{
+    (void)sig;
+    static const char head[] = "\nbackstop: ";
+    static const char tail[] = ": no end within " STR(BACKSTOP_S) " s of wall time\n";
+    (void)!write(2, head, sizeof(head) - 1);
+    (void)!write(2, backstop_what, strlen(backstop_what));
+    (void)!write(2, tail, sizeof(tail) - 1);
+    _exit(1);
+}
+
+/* Fail the process (its exit 1 a failed test to ctest) unless
+ * backstop_clear comes within BACKSTOP_S. */
+static void
+backstop_arm(const char *what)
+{
+    backstop_what = what;
+    struct sigaction sa = {.sa_handler = backstop_fired};
+    sigemptyset(&sa.sa_mask);
+    assert_int_equal(sigaction(SIGALRM, &sa, NULL), 0);
+    alarm(BACKSTOP_S);
+}
+
+static void
+backstop_clear(void)
+{
+    alarm(0);
+}
+
 /* A stop begins while a flush's requests are in flight (the fourth
  * fills the window) on a spool that answers: the four are waited for
  * (told, the port freed, nothing left to the exit), none is submitted
@@ -543,7 +585,9 @@ flush_overtaken_by_a_stop_waits_for_the_answers_in_flight(void **state)
     S.via_port = true;
     S.stop_at = 4;
     char err[256] = "";
+    backstop_arm("a flush overtaken by a stop, its answers in flight");
     flush_fails("", err, sizeof(err));
+    backstop_clear();
     assert_int_equal(S.requests, 4);
     assert_null(S.last); /* freed: every answer came */
     assert_non_null(strstr(err, "flushed 4000 of 8000"));
@@ -560,11 +604,14 @@ flush_overtaken_by_a_stop_on_a_dead_spool_gives_up(void **state)
     S.via_port = S.held = true;
     S.stop_at = 4;
     char err[256] = "";
+    backstop_arm("a flush overtaken by a stop on a dead spool");
     flush_fails("", err, sizeof(err));
-    /* It gave up (else the waits went on for ever), and within a second
-     * of the stop: the waits it asked for after the stop began add up to
-     * FLUSH_STOP_GRACE_MS (1 s) at most. What the machine took besides,
-     * a loaded one more, is not the flush's. */
+    backstop_clear();
+    /* It gave up (else the waits went on for ever: the backstop ends
+     * the test then), and within a second of the stop: the waits it
+     * asked for after the stop began add up to FLUSH_STOP_GRACE_MS (1 s)
+     * at most. What the machine took besides, a loaded one more, is not
+     * the flush's. */
     print_message("waited %u ms after the stop began\n", S.waited_ms);
     assert_true(S.waited_ms > 0 && S.waited_ms <= 1000);
     assert_int_equal(S.requests, 4);
