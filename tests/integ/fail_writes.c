@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/support/fd_path.h"
+
 /* Whether a call on the file at target fails (true), or goes on after
  * a stall while the trigger exists (false). */
 static bool
@@ -57,13 +59,8 @@ failing_path(const char *target)
 static bool
 failing(int fd)
 {
-    char link[64], target[4096];
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, target, sizeof(target) - 1);
-    if (n <= 0)
-        return false;
-    target[n] = '\0';
-    return failing_path(target);
+    char target[4096];
+    return fd_path_read(fd, target, sizeof(target)) > 0 && failing_path(target);
 }
 
 int

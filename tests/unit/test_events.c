@@ -39,6 +39,7 @@
 #include "engine/events_int.h"
 #include "engine/events_journal.h"
 #include "queue/queue.h"
+#include "tests/support/fd_path.h"
 #include "tests/support/redis_server.h"
 
 #define SEGMENT 1024 /* octets: a few lines a segment */
@@ -749,20 +750,6 @@ test_skip_whose_sync_failed_is_told(void **state)
     if (told == 0)
         fail_msg("the journal numbered on to 20 (its directory's sync failed), the sinks "
                  "never told");
-}
-
-/* Whether fd's file name ends with suffix. */
-static bool
-fd_path_ends(int fd, const char *suffix)
-{
-    char link[64], target[512];
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, target, sizeof(target) - 1);
-    size_t sl = strlen(suffix);
-    if (n <= 0 || (size_t)n < sl)
-        return false;
-    target[n] = '\0';
-    return strcmp(target + n - sl, suffix) == 0;
 }
 
 /* While hold_append is set, a pwritev(2) to a journal segment (the

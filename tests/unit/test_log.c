@@ -39,6 +39,7 @@
 
 #include "common/fault.h"
 #include "common/log.h"
+#include "tests/support/fd_path.h"
 
 struct fixture {
     char dir[64];
@@ -543,13 +544,8 @@ test_reopen_keeps_the_descriptor(void **state)
     int fds[256], found = 0;
     size_t k = open_fds(fds, 256);
     for (size_t i = 0; i < k; i++) {
-        char link[64], target[256];
-        snprintf(link, sizeof(link), "/proc/self/fd/%d", fds[i]);
-        ssize_t tl = readlink(link, target, sizeof(target) - 1);
-        if (tl <= 0)
-            continue;
-        target[tl] = '\0';
-        if (strcmp(target, fx->path) == 0) {
+        char target[256];
+        if (fd_path_read(fds[i], target, sizeof(target)) > 0 && strcmp(target, fx->path) == 0) {
             assert_true((fcntl(fds[i], F_GETFD) & FD_CLOEXEC) != 0);
             found++;
         }

@@ -31,6 +31,7 @@
 #include "common/clock.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
+#include "tests/support/fd_path.h"
 
 struct fix {
     char dir[64];
@@ -142,13 +143,7 @@ static atomic_bool fail_list_writes;
 static bool
 list_fd(int fd)
 {
-    char link[64], target[512];
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, target, sizeof(target) - 1);
-    if (n <= 0)
-        return false;
-    target[n] = '\0';
-    return strstr(target, "/suppress/data.mdb") != NULL;
+    return fd_path_ends(fd, "/suppress/data.mdb");
 }
 
 ssize_t
