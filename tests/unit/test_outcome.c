@@ -20,7 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -36,36 +35,17 @@
 #include "engine/outbound/outcome_int.h"
 #include "engine/suppress.h"
 #include "queue/queue.h"
+#include "tests/support/wall_clock.h"
 
-/* The wall clock as this binary reads it, ahead of the kernel's by this
- * much (0: the real one): a test whose subject is wall time passing (a
- * held failure's dsn_wait, counted from the time stored with it) moves
- * it forward (wall_pass) instead of sleeping, so that no stall of a
- * loaded machine adds to what it passed. Every call of the binary comes
- * here (it defines the symbol), and goes to the kernel; deadlines and
- * waits are on CLOCK_MONOTONIC (common/clock.h), which it leaves be, as
- * it leaves time(2), gettimeofday(2) and the _COARSE clocks. Each
- * fixture starts it at 0 (fx_new): a test that failed half-way leaves
- * the next the real clock. */
-static _Atomic long long wall_ahead_ms;
-
-int
-clock_gettime(clockid_t clk, struct timespec *ts)
-{
-    int rc = (int)syscall(SYS_clock_gettime, clk, ts);
-    long long ahead = wall_ahead_ms;
-    if (rc == 0 && clk == CLOCK_REALTIME && ahead != 0) {
-        long long ns = (long long)ts->tv_nsec + ahead % 1000 * 1000000LL;
-        ts->tv_sec += (time_t)(ahead / 1000 + ns / 1000000000LL);
-        ts->tv_nsec = (long)(ns % 1000000000LL);
-    }
-    return rc;
-}
-
+/* A test whose subject is wall time passing (a held failure's dsn_wait,
+ * counted from the time stored with it) moves the binary's wall clock
+ * forward (wall_pass, tests/support/wall_clock.h) instead of sleeping.
+ * Each fixture starts it at 0 (fx_new): a test that failed half-way
+ * leaves the next the real clock. */
 static void
 wall_pass(long long ms)
 {
-    wall_ahead_ms += ms;
+    wall_clock_ahead_ms += ms;
 }
 
 struct fx {
@@ -101,7 +81,7 @@ rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 static struct fx *
 fx_new(void)
 {
-    wall_ahead_ms = 0;
+    wall_clock_ahead_ms = 0;
     struct fx *f = calloc(1, sizeof(*f));
     assert_non_null(f);
     const char *tmp = getenv("TMPDIR");
@@ -1589,7 +1569,7 @@ held_failure_with_a_2xx_status_goes_after_dsn_wait(void **state)
     assert_int_equal(dsns_naming(f, &s, "2.0.0 refused all the same"), 1);
     mbox_drop(f);
     fx_free(f);
-    wall_ahead_ms = 0;
+    wall_clock_ahead_ms = 0;
 }
 
 /* A held failure comes due (outcome_held_due): while another recipient

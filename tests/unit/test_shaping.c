@@ -18,7 +18,6 @@
  * (the child calls only async-signal-safe functions before its exec).
  */
 #include <errno.h>
-#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,7 +25,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -37,26 +35,13 @@
 #include "engine/limits.h"
 #include "engine/shaping.h"
 #include "tests/support/redis_server.h"
+#include "tests/support/wall_clock.h"
 
-/* The wall clock as the keeper threads read it, ahead of the kernel's by
- * this much (0: the real one; the main thread always reads the real one).
- * A deadline computed from that clock and handed to a wait on
+/* The keepers' wall clock is moved ahead of the kernel's (the binary's
+ * clock_gettime(), tests/support/wall_clock.h; the main thread reads the
+ * real one). A deadline computed from that clock and handed to a wait on
  * CLOCK_REALTIME ends as late as after a step back of the wall clock by
- * as much: what test_keeper_wall_clock_step shows. Every call of the
- * binary comes here (it defines the symbol), and goes to the kernel. */
-static _Atomic long long keeper_wall_ahead_ms;
-static pthread_t main_thread;
-
-int
-clock_gettime(clockid_t clk, struct timespec *ts)
-{
-    int rc = (int)syscall(SYS_clock_gettime, clk, ts);
-    long long ahead = keeper_wall_ahead_ms;
-    if (rc == 0 && clk == CLOCK_REALTIME && ahead != 0 &&
-        !pthread_equal(pthread_self(), main_thread))
-        ts->tv_sec += (time_t)(ahead / 1000);
-    return rc;
-}
+ * as much: what test_keeper_wall_clock_step shows. */
 
 static struct shaping_rules *
 load(const char *text, char *err, size_t errlen, bool builtin)
@@ -1025,7 +1010,7 @@ test_keeper_wall_clock_step(void **state)
         fail_msg("redis-server: %s", err);
     char dir[] = "/tmp/sluice-shaping-step-XXXXXX";
     assert_non_null(mkdtemp(dir));
-    keeper_wall_ahead_ms = 3600000;
+    wall_clock_ahead_ms = 3600000;
     struct shaping *a = open_node(dir, "a", port), *b = open_node(dir, "b", port);
     struct shaping_action x = {.kind = SHAPING_SUSPEND, .scope = SHAPING_SCOPE_DOMAIN,
                                .until_ms = clock_unix_ms() + 2 * 3600000ULL};
@@ -1042,7 +1027,7 @@ test_keeper_wall_clock_step(void **state)
     }
     shaping_close(b);
     shaping_close(a);
-    keeper_wall_ahead_ms = 0;
+    wall_clock_ahead_ms = 0;
     redis_server_kill(pid);
     char cmdline[600];
     snprintf(cmdline, sizeof(cmdline), "rm -rf %s", dir);
@@ -1175,7 +1160,7 @@ test_ended_actions_leave_the_hash(void **state)
 int
 main(void)
 {
-    main_thread = pthread_self();
+    wall_clock_keep_real();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_builtin_replies),
         cmocka_unit_test(test_operator_first_and_errors),
